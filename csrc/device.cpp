@@ -1,0 +1,40 @@
+// Build facts and CUDA availability, as seen from inside the extension.
+#include <pybind11/stl.h>
+
+#include <string>
+
+#include "bindings.h"
+#include "common.h"
+
+namespace r1fast {
+
+#ifdef R1FAST_WITH_CUDA
+int cuda_device_count_or_throw();  // cuda_device.cu
+std::string cuda_runtime_error_string();
+#endif
+
+void register_device(pybind11::module_& m) {
+  m.def("build_info", []() {
+    pybind11::dict d;
+    d["with_cuda"] = kWithCuda;
+#ifdef R1FAST_WITH_CUDA
+    d["cuda_archs"] = std::string(R1FAST_CUDA_ARCHS);
+    d["cuda_version"] = std::string(R1FAST_CUDA_VERSION);
+#else
+    d["cuda_archs"] = std::string();
+    d["cuda_version"] = std::string();
+#endif
+    d["cxx"] = std::string(__VERSION__);
+    return d;
+  }, "How this module was compiled: with_cuda, cuda_archs, cuda_version, cxx.");
+
+  m.def("cuda_device_count", []() -> int {
+#ifdef R1FAST_WITH_CUDA
+    return cuda_device_count_or_throw();
+#else
+    require_cuda("cuda_device_count");
+#endif
+  }, "Number of CUDA devices the extension's runtime sees; raises RuntimeError without a usable driver.");
+}
+
+}  // namespace r1fast

@@ -1,0 +1,110 @@
+"""Backend dispatch: every op has up to four implementations, picked per call.
+
+    reference  plain torch, materialises everything, float64-capable: the test oracle
+    torch      memory-safe (chunked) torch: the CPU path
+    triton     Triton kernels: the GPU fast path (on CPU only under TRITON_INTERPRET=1)
+    cuda       kernels in r1fast._C
+
+Choice order: the `backend=` argument, else the R1FAST_BACKEND environment variable, else the
+fastest available one for the tensors' device (cuda > triton > torch > reference on a GPU,
+torch > reference on the CPU). Asking for an unknown or unavailable backend is a ValueError that
+lists what this op can use here.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from typing import Callable
+
+import torch
+
+BACKENDS = ("reference", "torch", "triton", "cuda")
+_GPU_ORDER = ("cuda", "triton", "torch", "reference")
+_CPU_ORDER = ("torch", "reference")
+
+_REGISTRY: dict[str, dict[str, Callable]] = {}
+
+
+def register(op: str, backend: str):
+    """Decorator: register `fn` as `op`'s implementation for `backend`."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; backends are {BACKENDS}")
+
+    def deco(fn):
+        _REGISTRY.setdefault(op, {})[backend] = fn
+        return fn
+
+    return deco
+
+
+def triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=None)
+def triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def backend_available(backend: str, device: torch.device) -> tuple[bool, str]:
+    """(usable, reason-if-not) for `backend` on tensors living on `device`."""
+    if backend in ("reference", "torch"):
+        return True, ""
+    if backend == "triton":
+        if not triton_importable():
+            return False, "triton is not installed"
+        if device.type == "cuda" or (device.type == "cpu" and triton_interpreted()):
+            return True, ""
+        return False, "triton runs on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1"
+    if backend == "cuda":
+        from r1fast import _ext
+
+        info = _ext.build_info()
+        if not info["built"]:
+            return False, "r1fast._C is not built"
+        if not info["with_cuda"]:
+            return False, "r1fast._C was built without CUDA"
+        if device.type != "cuda":
+            return False, "the cuda backend needs CUDA tensors"
+        return True, ""
+    return False, f"unknown backend {backend!r}"
+
+
+def implementations(op: str) -> dict[str, Callable]:
+    if op not in _REGISTRY:
+        raise KeyError(f"no op named {op!r} is registered; ops: {sorted(_REGISTRY)}")
+    return _REGISTRY[op]
+
+
+def available(op: str, device: torch.device | str) -> list[str]:
+    device = torch.device(device)
+    return [b for b in BACKENDS if b in implementations(op) and backend_available(b, device)[0]]
+
+
+def resolve(op: str, device: torch.device | str, backend: str | None = None) -> tuple[str, Callable]:
+    """The (backend name, function) to run `op` on `device`."""
+    device = torch.device(device)
+    impls = implementations(op)
+    requested, source = backend, "backend="
+    if requested is None:
+        requested, source = os.environ.get("R1FAST_BACKEND") or None, "R1FAST_BACKEND="
+    if requested is not None:
+        if requested not in BACKENDS:
+            raise ValueError(f"{source}{requested!r} is not a backend; backends are {', '.join(BACKENDS)}")
+        ok, why = (True, "") if requested in impls else (False, f"{op} has no {requested} implementation")
+        if ok:
+            ok, why = backend_available(requested, device)
+        if not ok:
+            raise ValueError(
+                f"{op}: backend {requested!r} ({source}{requested}) is unavailable on {device.type}: {why}; "
+                f"available: {', '.join(available(op, device)) or 'none'}"
+            )
+        return requested, impls[requested]
+    for b in _GPU_ORDER if device.type == "cuda" else _CPU_ORDER:
+        if b in impls and backend_available(b, device)[0]:
+            return b, impls[b]
+    raise ValueError(f"{op}: no implementation is available on {device.type}; registered: {sorted(impls)}")

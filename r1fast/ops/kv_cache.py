@@ -1,0 +1,113 @@
+"""ops.store_kv: write new K/V rows into the paged KV cache.
+
+Cache layout (every backend): k_cache, v_cache are [num_blocks, block_size, num_kv_heads, head_dim],
+contiguous; token slot = block_id * block_size + offset_in_block; slot -1 means skip.
+"""
+from __future__ import annotations
+
+import torch
+
+from r1fast import _ext, backends
+from r1fast.reference import kv_cache as reference
+
+
+def _validate(key, value, k_cache, v_cache, slot_mapping, check_slots: bool):
+    tensors = {"key": key, "value": value, "k_cache": k_cache, "v_cache": v_cache, "slot_mapping": slot_mapping}
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"store_kv: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if key.dim() != 3:
+        raise ValueError(f"store_kv: key must be [num_tokens, num_kv_heads, head_dim], got shape {tuple(key.shape)}")
+    if value.shape != key.shape:
+        raise ValueError(f"store_kv: value shape {tuple(value.shape)} != key shape {tuple(key.shape)}")
+    if k_cache.dim() != 4 or k_cache.shape[2:] != key.shape[1:]:
+        raise ValueError(
+            f"store_kv: k_cache must be [num_blocks, block_size, {key.shape[1]}, {key.shape[2]}], "
+            f"got {tuple(k_cache.shape)}"
+        )
+    if v_cache.shape != k_cache.shape:
+        raise ValueError(f"store_kv: v_cache shape {tuple(v_cache.shape)} != k_cache shape {tuple(k_cache.shape)}")
+    if slot_mapping.dim() != 1 or slot_mapping.shape[0] != key.shape[0]:
+        raise ValueError(
+            f"store_kv: slot_mapping must be [num_tokens={key.shape[0]}], got shape {tuple(slot_mapping.shape)}"
+        )
+    if slot_mapping.dtype != torch.int64:
+        raise ValueError(f"store_kv: slot_mapping must be int64, got {slot_mapping.dtype}")
+    dtypes = {key.dtype, value.dtype, k_cache.dtype, v_cache.dtype}
+    if len(dtypes) != 1:
+        raise ValueError(
+            f"store_kv: key, value, k_cache, v_cache must share a dtype, got "
+            f"{key.dtype}, {value.dtype}, {k_cache.dtype}, {v_cache.dtype}"
+        )
+    devices = {t.device for t in tensors.values()}
+    if len(devices) != 1:
+        raise ValueError(f"store_kv: all tensors must be on one device, got {sorted(map(str, devices))}")
+    for name in ("key", "value"):
+        t = tensors[name]
+        if t.shape[0] > 0 and not (t[0].is_contiguous()):
+            raise ValueError(f"store_kv: each token's row of {name} must be contiguous (stride {t.stride()})")
+    for name in ("k_cache", "v_cache", "slot_mapping"):
+        if not tensors[name].is_contiguous():
+            raise ValueError(f"store_kv: {name} must be contiguous")
+    if check_slots and slot_mapping.numel():
+        num_slots = k_cache.shape[0] * k_cache.shape[1]
+        lo, hi = int(slot_mapping.min()), int(slot_mapping.max())
+        if lo < -1 or hi >= num_slots:
+            raise ValueError(f"store_kv: slot_mapping values must lie in [-1, {num_slots}), got min {lo}, max {hi}")
+
+
+
+@backends.register("store_kv", "reference")
+def _store_kv_reference(key, value, k_cache, v_cache, slot_mapping):
+    reference.store_kv(key, value, k_cache, v_cache, slot_mapping)
+
+
+@backends.register("store_kv", "torch")
+def _store_kv_torch(key, value, k_cache, v_cache, slot_mapping):
+    if k_cache.device.type == "cpu" and _ext.load() is not None:
+        ext = _ext.load()
+        es = key.element_size()
+        ext.store_kv_cpu(key.data_ptr(), value.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+                         slot_mapping.data_ptr(), key.shape[0], key.shape[1] * key.shape[2] * es,
+                         key.stride(0) * es, value.stride(0) * es, k_cache.shape[0] * k_cache.shape[1])
+    else:
+        reference.store_kv(key, value, k_cache, v_cache, slot_mapping)
+
+
+@backends.register("store_kv", "triton")
+def _store_kv_triton(key, value, k_cache, v_cache, slot_mapping):
+    from r1fast.kernels import kv_cache as kernel
+
+    kernel.store_kv(key, value, k_cache, v_cache, slot_mapping)
+
+
+@torch.library.custom_op("r1fast::store_kv_cuda", mutates_args=("k_cache", "v_cache"))
+def _store_kv_cuda_op(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      slot_mapping: torch.Tensor) -> None:
+    ext = _ext.require()
+    es = key.element_size()
+    stream = torch.cuda.current_stream(key.device).cuda_stream
+    ext.store_kv_cuda(key.data_ptr(), value.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+                      slot_mapping.data_ptr(), key.shape[0], key.shape[1] * key.shape[2] * es,
+                      key.stride(0) * es, value.stride(0) * es, k_cache.shape[0] * k_cache.shape[1], stream)
+
+
+@_store_kv_cuda_op.register_fake
+def _(key, value, k_cache, v_cache, slot_mapping):
+    return None
+
+
+@backends.register("store_kv", "cuda")
+def _store_kv_cuda(key, value, k_cache, v_cache, slot_mapping):
+    _store_kv_cuda_op(key, value, k_cache, v_cache, slot_mapping)
+
+
+def store_kv(key, value, k_cache, v_cache, slot_mapping, *, backend: str | None = None, check_slots: bool = True):
+    """Copy key/value rows [N, num_kv_heads, head_dim] into the cache slots given by slot_mapping [N] (int64).
+
+    `check_slots=False` skips the bounds check of the slot values (one device sync); the rollout engine
+    uses it for mappings it built itself and checked once per step.
+    """
+    _validate(key, value, k_cache, v_cache, slot_mapping, check_slots)
+    _, fn = backends.resolve("store_kv", k_cache.device, backend)
+    fn(key, value, k_cache, v_cache, slot_mapping)

@@ -1,0 +1,31 @@
+import os
+
+# Triton must see TRITON_INTERPRET before it is first imported: on a machine without CUDA the
+# Triton kernels run under the interpreter, on CPU tensors.
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords and not HAS_CUDA:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture
+def device():
+    """Where kernel tests run: the GPU when present, else the CPU (Triton under the interpreter)."""
+    return torch.device("cuda" if HAS_CUDA else "cpu")
+
+
+@pytest.fixture(autouse=True)
+def _no_backend_override(monkeypatch):
+    # A developer's R1FAST_BACKEND must not change which implementation a test exercises.
+    monkeypatch.delenv("R1FAST_BACKEND", raising=False)

@@ -1,0 +1,48 @@
+import pytest
+import torch
+
+from r1fast import backends, ops  # noqa: F401  (ops registers the store_kv implementations)
+
+
+def test_default_cpu_choice_is_torch():
+    name, _ = backends.resolve("store_kv", "cpu")
+    assert name == "torch"
+
+
+def test_explicit_backend_wins(monkeypatch):
+    monkeypatch.setenv("R1FAST_BACKEND", "torch")
+    assert backends.resolve("store_kv", "cpu", "reference")[0] == "reference"
+
+
+def test_environment_override(monkeypatch):
+    monkeypatch.setenv("R1FAST_BACKEND", "reference")
+    assert backends.resolve("store_kv", "cpu")[0] == "reference"
+
+
+def test_unknown_backend_lists_choices(monkeypatch):
+    with pytest.raises(ValueError, match="not a backend; backends are reference, torch, triton, cuda"):
+        backends.resolve("store_kv", "cpu", "fast")
+    monkeypatch.setenv("R1FAST_BACKEND", "cudnn")
+    with pytest.raises(ValueError, match="R1FAST_BACKEND='cudnn'"):
+        backends.resolve("store_kv", "cpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-only check")
+def test_unavailable_backend_says_why_and_lists_available():
+    with pytest.raises(ValueError, match=r"backend 'cuda'.*needs CUDA tensors|backend 'cuda'.*without CUDA|not built"):
+        backends.resolve("store_kv", "cpu", "cuda")
+    with pytest.raises(ValueError, match="available: reference, torch"):
+        backends.resolve("store_kv", "cpu", "cuda")
+
+
+def test_unknown_op():
+    with pytest.raises(KeyError, match="no op named"):
+        backends.resolve("no_such_op", "cpu")
+
+
+def test_triton_on_cpu_only_under_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    ok, why = backends.backend_available("triton", torch.device("cpu"))
+    assert not ok and "TRITON_INTERPRET" in why
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert backends.backend_available("triton", torch.device("cpu"))[0] == backends.triton_importable()
