@@ -5,4 +5,6 @@
 namespace r1fast {
 void register_device(pybind11::module_& m);
 void register_kv_cache(pybind11::module_& m);
+void register_block_manager(pybind11::module_& m);
+void register_decode_attention(pybind11::module_& m);
 }  // namespace r1fast

@@ -8,4 +8,6 @@ PYBIND11_MODULE(_C, m) {
   py::register_exception<r1fast::InvalidArgument>(m, "InvalidArgument", PyExc_ValueError);
   r1fast::register_device(m);
   r1fast::register_kv_cache(m);
+  r1fast::register_block_manager(m);
+  r1fast::register_decode_attention(m);
 }

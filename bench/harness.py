@@ -1,0 +1,428 @@
+"""The bench harness: suites register cases, the harness times them and compares with the floor.
+
+A case has the r1fast implementation and its peers (each run only when importable), and a floor
+model: its FLOPs and bytes, turned into a time at this machine's peak matmul rate and copy
+bandwidth, both measured once per run. Every row has the same schema (DESIGN.md, "Bench results"),
+so results from different days and cards compare.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import datetime as _dt
+import functools
+import importlib
+import importlib.util
+import json
+import math
+import os
+import pkgutil
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+
+SIZES = ("smoke", "gpu")
+COLUMNS = ["suite", "case", "provider", "backend", "mode", "size", "dtype", "metric", "p50", "p20", "p80",
+           "floor", "pct_of_floor", "device", "torch", "triton", "r1fast", "git_commit", "timestamp"]
+
+
+class Skip(Exception):
+    """Raised by an Impl's setup when it cannot run here (the reason is printed)."""
+
+
+@dataclasses.dataclass
+class Impl:
+    provider: str                      # "r1fast" or a peer's name
+    backend: str                       # reference | torch | triton | cuda | a peer's own label
+    setup: Callable[[], Callable[[], object]]   # builds inputs, returns the zero-argument callable to time
+    requires: tuple[str, ...] = ()     # importable modules this impl needs
+
+
+@dataclasses.dataclass
+class Case:
+    name: str
+    mode: str                          # fwd | fwd_bwd | step
+    dtype: str
+    impls: list[Impl]
+    flops: float = 0.0
+    bytes: float = 0.0
+    items: float | None = None         # work units per call, for throughput (tokens, sequences...)
+    item_name: str = "tokens"
+    matmul_dtype: str | None = None    # dtype whose matmul rate sets the FLOP floor (default: dtype)
+
+
+@dataclasses.dataclass
+class Suite:
+    name: str
+    cases: Callable[[str, torch.device], list[Case]]
+    description: str = ""
+
+
+_SUITES: dict[str, Suite] = {}
+
+
+def suite(name: str, description: str = ""):
+    def deco(fn):
+        _SUITES[name] = Suite(name, fn, description or (fn.__doc__ or "").strip().split("\n")[0])
+        return fn
+    return deco
+
+
+def load_suites() -> dict[str, Suite]:
+    from r1fast.bench import suites as pkg
+
+    for mod in pkgutil.iter_modules(pkg.__path__):
+        importlib.import_module(f"{pkg.__name__}.{mod.name}")
+    return dict(sorted(_SUITES.items()))
+
+
+# ---------------------------------------------------------------- timing
+
+
+def _sync(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclasses.dataclass
+class Timing:
+    p50: float
+    p20: float
+    p80: float
+    reps: int
+
+
+def _percentile(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    k = (len(xs) - 1) * q
+    lo, hi = math.floor(k), math.ceil(k)
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
+class Timer:
+    """Median-of-repeats timer: CUDA events on a GPU (L2 flushed between repeats), wall clock on CPU."""
+
+    def __init__(self, device: torch.device, warmup: int = 3, min_reps: int = 5, max_reps: int = 100,
+                 budget_s: float = 1.0):
+        self.device, self.warmup, self.min_reps, self.max_reps, self.budget_s = device, warmup, min_reps, max_reps, budget_s
+        self._flush = None
+        if device.type == "cuda":
+            # Bigger than any L2 (H100/H200: 50 MB) so each repeat starts cold, as it would in a training step.
+            self._flush = torch.empty(256 * 2**20, dtype=torch.uint8, device=device)
+
+    def __call__(self, fn: Callable[[], object]) -> Timing:
+        for _ in range(self.warmup):
+            fn()
+        _sync(self.device)
+        times: list[float] = []
+        start = time.perf_counter()
+        while len(times) < self.max_reps and (len(times) < self.min_reps or time.perf_counter() - start < self.budget_s):
+            if self.device.type == "cuda":
+                self._flush.zero_()
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                fn()
+                b.record()
+                b.synchronize()
+                times.append(a.elapsed_time(b))
+            else:
+                t0 = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - t0) * 1e3)
+        return Timing(statistics.median(times), _percentile(times, 0.2), _percentile(times, 0.8), len(times))
+
+
+def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> float:
+    """Extra memory allocated at the peak of one call, in MB (CUDA only; NaN on CPU)."""
+    if device.type != "cuda":
+        return float("nan")
+    _sync(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    fn()
+    _sync(device)
+    return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+
+
+# ---------------------------------------------------------------- the machine's floor
+
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+class Machine:
+    """Peak matmul rate (per dtype) and copy bandwidth, measured once per run, lazily."""
+
+    def __init__(self, device: torch.device, size: str):
+        self.device, self.size = device, size
+        self._rates: dict[str, float] = {}
+        self._bandwidth: float | None = None
+
+    def matmul_flops_per_s(self, dtype: str) -> float:
+        if dtype not in self._rates:
+            self._rates[dtype] = self._measure_matmul(dtype)
+        return self._rates[dtype]
+
+    def _measure_matmul(self, dtype: str) -> float:
+        n = 8192 if self.device.type == "cuda" else 512
+        if dtype in ("float8", "float8_e4m3fn"):
+            return self._measure_fp8(n)
+        dt = _DTYPES.get(dtype, torch.float32)
+        if self.device.type == "cpu" and dt in (torch.float16, torch.bfloat16):
+            dt = torch.float32  # CPU half matmuls are emulated; fp32 is the honest peak there
+        a = torch.randn(n, n, device=self.device).to(dt)
+        b = torch.randn(n, n, device=self.device).to(dt)
+        t = Timer(self.device, warmup=2, min_reps=5, budget_s=0.5)(lambda: a @ b)
+        return 2 * n**3 / (t.p50 / 1e3)
+
+    def _measure_fp8(self, n: int) -> float:
+        if self.device.type != "cuda" or not hasattr(torch, "_scaled_mm"):
+            return float("nan")
+        try:
+            a = torch.randn(n, n, device=self.device).to(torch.float8_e4m3fn)
+            b = torch.randn(n, n, device=self.device).to(torch.float8_e4m3fn).t()
+            one = torch.ones((), device=self.device)
+            fn = lambda: torch._scaled_mm(a, b, scale_a=one, scale_b=one, out_dtype=torch.bfloat16)  # noqa: E731
+            t = Timer(self.device, warmup=2, min_reps=5, budget_s=0.5)(fn)
+        except Exception:
+            return float("nan")
+        return 2 * n**3 / (t.p50 / 1e3)
+
+    def copy_bytes_per_s(self) -> float:
+        if self._bandwidth is None:
+            numel = (512 if self.device.type == "cuda" else 32) * 2**20 // 4
+            src = torch.randn(numel, device=self.device)
+            dst = torch.empty_like(src)
+            t = Timer(self.device, warmup=2, min_reps=5, budget_s=0.5)(lambda: dst.copy_(src))
+            self._bandwidth = 2 * src.numel() * 4 / (t.p50 / 1e3)  # read + write
+        return self._bandwidth
+
+    def floor_ms(self, case: Case) -> float:
+        t = 0.0
+        if case.flops:
+            t = max(t, case.flops / self.matmul_flops_per_s(case.matmul_dtype or case.dtype))
+        if case.bytes:
+            t = max(t, case.bytes / self.copy_bytes_per_s())
+        return t * 1e3 if t > 0 and math.isfinite(t) else float("nan")
+
+
+# ---------------------------------------------------------------- running
+
+
+def _describe_device(device: torch.device) -> str:
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return f"{torch.cuda.get_device_name(device)} (sm_{major}{minor})"
+    return f"cpu {platform.processor() or platform.machine()} x{os.cpu_count()}"
+
+
+@functools.lru_cache(maxsize=None)
+def _git_commit() -> str:
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or "unknown"
+    except Exception:
+        return "unknown"
+
+
+def _versions() -> dict[str, str]:
+    import r1fast
+
+    try:
+        import triton
+
+        tv = triton.__version__
+    except Exception:
+        tv = "none"
+    return {"torch": torch.__version__, "triton": tv, "r1fast": r1fast.__version__, "git_commit": _git_commit()}
+
+
+def _missing(requires: Iterable[str]) -> list[str]:
+    return [m for m in requires if importlib.util.find_spec(m) is None]
+
+
+def run_suite(s: Suite, size: str, device: torch.device, machine: Machine, timer: Timer, log=print) -> list[dict]:
+    versions = _versions()
+    stamp = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    dev = _describe_device(device)
+    rows: list[dict] = []
+    for case in s.cases(size, device):
+        floor = machine.floor_ms(case)
+        for impl in case.impls:
+            base = dict(suite=s.name, case=case.name, provider=impl.provider, backend=impl.backend, mode=case.mode,
+                        size=size, dtype=case.dtype, device=dev, timestamp=stamp, **versions)
+            missing = _missing(impl.requires)
+            if missing:
+                log(f"  skip {s.name}/{case.name} {impl.provider}: {', '.join(missing)} not installed")
+                continue
+            try:
+                fn = impl.setup()
+                timing = timer(fn)
+                mem = peak_memory_mb(fn, device)
+            except Skip as e:
+                log(f"  skip {s.name}/{case.name} {impl.provider}: {e}")
+                continue
+            except torch.OutOfMemoryError:
+                log(f"  skip {s.name}/{case.name} {impl.provider}: out of memory")
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                continue
+            finally:
+                fn = None
+            pct = floor / timing.p50 * 100 if math.isfinite(floor) else float("nan")
+            rows.append(dict(base, metric="time_ms", p50=timing.p50, p20=timing.p20, p80=timing.p80,
+                             floor=floor, pct_of_floor=pct))
+            if case.items:
+                tput = lambda ms: case.items / (ms / 1e3)  # noqa: E731
+                rows.append(dict(base, metric=f"{case.item_name}_per_s", p50=tput(timing.p50), p20=tput(timing.p80),
+                                 p80=tput(timing.p20), floor=tput(floor) if math.isfinite(floor) else float("nan"),
+                                 pct_of_floor=pct))
+            if math.isfinite(mem):
+                rows.append(dict(base, metric="peak_mem_mb", p50=mem, p20=mem, p80=mem, floor=float("nan"),
+                                 pct_of_floor=float("nan")))
+    return rows
+
+
+# ---------------------------------------------------------------- output
+
+
+def _fmt(x: float, digits: int = 3) -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "-"
+    if abs(x) >= 1e6 or (abs(x) < 1e-2 and x != 0):
+        return f"{x:.{digits - 1}e}"
+    return f"{x:.{digits}g}" if abs(x) < 1000 else f"{x:,.0f}"
+
+
+def format_table(rows: list[dict]) -> str:
+    """One line per (case, provider): time, throughput, % of floor, peak memory, r1fast's speed-up over it."""
+    by_key: dict[tuple, dict] = {}
+    for r in rows:
+        key = (r["suite"], r["case"], r["mode"], r["dtype"], r["provider"], r["backend"])
+        by_key.setdefault(key, {})[r["metric"]] = r
+    r1 = {k[:4]: v["time_ms"]["p50"] for k, v in by_key.items() if k[4] == "r1fast" and "time_ms" in v}
+    header = ["suite", "case", "mode", "dtype", "provider", "backend", "time_ms", "throughput", "%floor", "peak_MB",
+              "r1fast_speedup"]
+    lines = [header]
+    for key, metrics in by_key.items():
+        t = metrics.get("time_ms")
+        if t is None:
+            continue
+        tput = next((f"{_fmt(m['p50'])} {name.removesuffix('_per_s')}/s" for name, m in metrics.items()
+                     if name.endswith("_per_s")), "-")
+        mem = metrics.get("peak_mem_mb", {}).get("p50", float("nan"))
+        mine = r1.get(key[:4])
+        speedup = "-" if key[4] == "r1fast" or mine is None else f"{t['p50'] / mine:.2f}x"
+        lines.append([key[0], key[1], key[2], key[3], key[4], key[5], _fmt(t["p50"]), tput,
+                      _fmt(t["pct_of_floor"]), _fmt(mem), speedup])
+    widths = [max(len(str(l[i])) for l in lines) for i in range(len(header))]
+    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(l, widths)).rstrip() for l in lines)
+
+
+def write_results(rows: list[dict], out_dir: Path, device: torch.device, meta: dict) -> tuple[Path, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    card = _describe_device(device).split(" (")[0].replace(" ", "-").lower()
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H%M%S")
+    csv_path, json_path = out_dir / f"{card}-{stamp}.csv", out_dir / f"{card}-{stamp}.json"
+    with open(csv_path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: r.get(k) for k in COLUMNS})
+    json_path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1, default=str))
+    return csv_path, json_path
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        for k in ("p50", "p20", "p80", "floor", "pct_of_floor"):
+            r[k] = float(r[k]) if r.get(k) not in (None, "") else float("nan")
+    return rows
+
+
+def plot(csv_paths: list[Path], out_png: Path) -> Path:
+    """One panel per suite: time per case, one bar per provider, % of floor written on r1fast's bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for p in csv_paths for r in read_csv(p) if r["metric"] == "time_ms"]
+    if not rows:
+        raise ValueError(f"no time_ms rows in {', '.join(map(str, csv_paths))}")
+    suites = sorted({r["suite"] for r in rows})
+    fig, axes = plt.subplots(len(suites), 1, figsize=(10, 3.2 * len(suites)), squeeze=False)
+    for ax, name in zip(axes[:, 0], suites):
+        sr = [r for r in rows if r["suite"] == name]
+        cases = list(dict.fromkeys(f"{r['case']} {r['mode']}" for r in sr))
+        providers = list(dict.fromkeys(f"{r['provider']}/{r['backend']}" for r in sr))
+        width = 0.8 / len(providers)
+        for j, prov in enumerate(providers):
+            xs, ys, pcts = [], [], []
+            for i, c in enumerate(cases):
+                m = [r for r in sr if f"{r['case']} {r['mode']}" == c and f"{r['provider']}/{r['backend']}" == prov]
+                if m:
+                    xs.append(i + j * width)
+                    ys.append(m[0]["p50"])
+                    pcts.append(m[0]["pct_of_floor"])
+            bars = ax.bar(xs, ys, width, label=prov)
+            if prov.startswith("r1fast"):
+                for b, p in zip(bars, pcts):
+                    if math.isfinite(p):
+                        ax.annotate(f"{p:.0f}%", (b.get_x() + b.get_width() / 2, b.get_height()), ha="center",
+                                    va="bottom", fontsize=7)
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(cases))], cases, rotation=20, ha="right", fontsize=7)
+        ax.set_yscale("log")
+        ax.set_ylabel("time (ms, log)")
+        ax.set_title(f"{name} ({sr[0]['device']})", fontsize=9)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=120)
+    plt.close(fig)
+    return out_png
+
+
+def main(suite_names: list[str], size: str = "smoke", out_dir: str | None = None, device: str | None = None,
+         budget_s: float | None = None, min_reps: int = 5, log=print) -> list[dict]:
+    if size not in SIZES:
+        raise ValueError(f"--size must be one of {SIZES}, got {size!r}")
+    suites = load_suites()
+    unknown = [n for n in suite_names if n not in suites]
+    if unknown:
+        raise ValueError(f"unknown suite(s) {', '.join(unknown)}; suites: {', '.join(suites)}")
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if size == "gpu" and dev.type != "cuda":
+        raise ValueError("--size gpu needs a CUDA device; use --size smoke on CPU")
+    machine = Machine(dev, size)
+    timer = Timer(dev, budget_s=budget_s if budget_s is not None else (2.0 if dev.type == "cuda" else 0.5),
+                  warmup=min(3, min_reps), min_reps=min_reps)
+    rows: list[dict] = []
+    for name in suite_names or list(suites):
+        log(f"[bench] {name} ({size}, {_describe_device(dev)})")
+        t0 = time.perf_counter()
+        try:
+            rows += run_suite(suites[name], size, dev, machine, timer, log=log)
+        except Exception as e:  # one broken suite must not lose the others' results
+            log(f"  FAILED {name}: {type(e).__name__}: {e}")
+        log(f"[bench] {name} done in {time.perf_counter() - t0:.1f}s")
+    meta = dict(device=_describe_device(dev), size=size, **_versions(),
+                matmul_tflops={k: v / 1e12 for k, v in machine._rates.items()},
+                copy_gb_s=(machine._bandwidth or float("nan")) / 1e9)
+    log(f"[bench] machine: matmul {', '.join(f'{k} {v:.1f} TFLOP/s' for k, v in meta['matmul_tflops'].items()) or '-'}"
+        f"; copy {meta['copy_gb_s']:.1f} GB/s")
+    if rows:
+        csv_path, json_path = write_results(rows, Path(out_dir or "bench-results"), dev, meta)
+        log(format_table(rows))
+        log(f"[bench] wrote {csv_path} and {json_path}")
+    else:
+        log("[bench] no rows (every case was skipped)")
+    return rows

@@ -1,0 +1,354 @@
+#include "block_manager.h"
+
+#include <pybind11/numpy.h>
+#include <pybind11/stl.h>
+
+#include <algorithm>
+#include <cstring>
+
+#include "bindings.h"
+#include "common.h"
+
+namespace r1fast {
+
+BlockManager::BlockManager(std::int64_t num_blocks, std::int64_t block_size, bool enable_prefix_caching)
+    : block_size_(block_size), prefix_caching_(enable_prefix_caching) {
+  if (num_blocks <= 0) fail("BlockManager: num_blocks must be > 0, got ", num_blocks);
+  if (num_blocks > INT32_MAX) fail("BlockManager: num_blocks must fit in int32, got ", num_blocks);
+  if (block_size <= 0) fail("BlockManager: block_size must be > 0, got ", block_size);
+  blocks_.resize(num_blocks);
+  for (std::int32_t b = 0; b < static_cast<std::int32_t>(num_blocks); ++b) {
+    blocks_[b].free_pos = free_.insert(free_.end(), b);
+    blocks_[b].in_free = true;
+  }
+}
+
+const BlockManager::Seq& BlockManager::get(std::int64_t seq) const {
+  auto it = seqs_.find(seq);
+  if (it == seqs_.end()) fail("BlockManager: unknown sequence id ", seq);
+  return it->second;
+}
+
+BlockManager::Seq& BlockManager::get(std::int64_t seq) {
+  auto it = seqs_.find(seq);
+  if (it == seqs_.end()) fail("BlockManager: unknown sequence id ", seq);
+  return it->second;
+}
+
+std::int32_t BlockManager::ref_count(std::int64_t block) const {
+  if (block < 0 || block >= num_blocks()) fail("BlockManager: block id ", block, " outside [0, ", num_blocks(), ")");
+  return blocks_[block].ref;
+}
+
+std::vector<std::int64_t> BlockManager::seq_ids() const {
+  std::vector<std::int64_t> ids;
+  for (const auto& kv : seqs_) ids.push_back(kv.first);
+  std::sort(ids.begin(), ids.end());
+  return ids;
+}
+
+// FNV-1a over the chain key and the block's tokens, then a splitmix finaliser.
+std::uint64_t BlockManager::block_hash(std::uint64_t prev, const std::int32_t* tokens) const {
+  std::uint64_t h = 1469598103934665603ULL ^ prev;
+  for (std::int64_t i = 0; i < block_size_; ++i) {
+    h ^= static_cast<std::uint32_t>(tokens[i]);
+    h *= 1099511628211ULL;
+  }
+  h ^= h >> 30; h *= 0xbf58476d1ce4e5b9ULL;
+  h ^= h >> 27; h *= 0x94d049bb133111ebULL;
+  return h ^ (h >> 31);
+}
+
+std::int32_t BlockManager::lookup(std::uint64_t key, const std::int32_t* tokens) const {
+  auto it = cache_.find(key);
+  if (it == cache_.end()) return -1;
+  const Block& b = blocks_[it->second];
+  if (!std::equal(b.tokens.begin(), b.tokens.end(), tokens)) return -1;
+  return it->second;
+}
+
+std::int32_t BlockManager::take_free() {
+  if (free_.empty()) fail("BlockManager: no free KV blocks (check blocks_to_allocate/blocks_to_append first)");
+  const std::int32_t b = free_.front();
+  free_.pop_front();
+  Block& blk = blocks_[b];
+  blk.in_free = false;
+  if (blk.hashed) {  // its old content is overwritten: forget the key
+    auto it = cache_.find(blk.hash);
+    if (it != cache_.end() && it->second == b) cache_.erase(it);
+    blk.hashed = false;
+    blk.tokens.clear();
+  }
+  blk.ref = 1;
+  return b;
+}
+
+void BlockManager::take_cached(std::int32_t b) {
+  Block& blk = blocks_[b];
+  if (blk.in_free) {
+    free_.erase(blk.free_pos);
+    blk.in_free = false;
+  }
+  blk.ref += 1;
+}
+
+void BlockManager::release(std::int32_t b) {
+  Block& blk = blocks_[b];
+  if (blk.ref <= 0) fail("BlockManager: double free of block ", b);
+  if (--blk.ref == 0) {
+    blk.free_pos = free_.insert(free_.end(), b);
+    blk.in_free = true;
+  }
+}
+
+std::int64_t BlockManager::blocks_to_allocate(const std::int32_t* tokens, std::int64_t n) const {
+  if (n <= 0) fail("BlockManager: a sequence needs at least one token, got ", n);
+  const std::int64_t total = (n + block_size_ - 1) / block_size_;
+  if (!prefix_caching_) return total;
+  std::int64_t in_use_hits = 0;
+  std::uint64_t key = 0;
+  const std::int64_t max_hits = (n - 1) / block_size_;
+  for (std::int64_t i = 0; i < max_hits; ++i) {
+    key = block_hash(key, tokens + i * block_size_);
+    const std::int32_t b = lookup(key, tokens + i * block_size_);
+    if (b < 0) break;
+    if (blocks_[b].ref > 0) ++in_use_hits;
+  }
+  return total - in_use_hits;
+}
+
+std::int64_t BlockManager::allocate(std::int64_t seq, const std::int32_t* tokens, std::int64_t n) {
+  if (seqs_.count(seq)) fail("BlockManager: sequence id ", seq, " is already allocated");
+  const std::int64_t need = blocks_to_allocate(tokens, n);
+  if (need > num_free_blocks())
+    fail("BlockManager: allocate needs ", need, " free blocks, ", num_free_blocks(), " are free");
+  Seq s;
+  s.tokens.assign(tokens, tokens + n);
+  const std::int64_t total = (n + block_size_ - 1) / block_size_;
+  std::int64_t i = 0;
+  if (prefix_caching_) {
+    const std::int64_t max_hits = (n - 1) / block_size_;
+    std::uint64_t key = 0;
+    for (; i < max_hits; ++i) {
+      const std::uint64_t next = block_hash(key, tokens + i * block_size_);
+      const std::int32_t b = lookup(next, tokens + i * block_size_);
+      if (b < 0) break;
+      take_cached(b);
+      s.table.push_back(b);
+      key = next;
+    }
+    s.num_hashed = i;
+    s.last_hash = key;
+  }
+  const std::int64_t cached_tokens = i * block_size_;
+  for (; i < total; ++i) s.table.push_back(take_free());
+  seqs_.emplace(seq, std::move(s));
+  return cached_tokens;
+}
+
+void BlockManager::fork(std::int64_t parent, std::int64_t child) {
+  if (seqs_.count(child)) fail("BlockManager: fork target id ", child, " is already allocated");
+  Seq s = get(parent);
+  for (std::int32_t b : s.table) blocks_[b].ref += 1;
+  seqs_.emplace(child, std::move(s));
+}
+
+std::int64_t BlockManager::blocks_to_append(std::int64_t seq) const {
+  const Seq& s = get(seq);
+  const std::int64_t pos = static_cast<std::int64_t>(s.tokens.size());
+  if (pos % block_size_ == 0) return 1;
+  return blocks_[s.table.back()].ref > 1 ? 1 : 0;
+}
+
+std::int64_t BlockManager::append(std::int64_t seq, std::int32_t token, std::int32_t* copy_src,
+                                  std::int32_t* copy_dst) {
+  Seq& s = get(seq);
+  *copy_src = *copy_dst = -1;
+  const std::int64_t pos = static_cast<std::int64_t>(s.tokens.size());
+  if (pos % block_size_ == 0) {
+    s.table.push_back(take_free());
+  } else {
+    const std::int32_t last = s.table.back();
+    if (blocks_[last].ref > 1) {  // copy-on-write of a shared partial block
+      const std::int32_t fresh = take_free();
+      release(last);
+      s.table.back() = fresh;
+      *copy_src = last;
+      *copy_dst = fresh;
+    }
+  }
+  s.tokens.push_back(token);
+  return static_cast<std::int64_t>(s.table[pos / block_size_]) * block_size_ + pos % block_size_;
+}
+
+void BlockManager::mark_computed(std::int64_t seq, std::int64_t n) {
+  Seq& s = get(seq);
+  if (n < 0 || n > static_cast<std::int64_t>(s.tokens.size()))
+    fail("BlockManager: mark_computed(", n, ") outside [0, ", s.tokens.size(), "] tokens of sequence ", seq);
+  if (!prefix_caching_) return;
+  while ((s.num_hashed + 1) * block_size_ <= n) {
+    const std::int32_t* toks = s.tokens.data() + s.num_hashed * block_size_;
+    const std::uint64_t key = block_hash(s.last_hash, toks);
+    const std::int32_t b = s.table[s.num_hashed];
+    if (!cache_.count(key) && !blocks_[b].hashed) {
+      Block& blk = blocks_[b];
+      blk.hashed = true;
+      blk.hash = key;
+      blk.tokens.assign(toks, toks + block_size_);
+      cache_.emplace(key, b);
+    }
+    s.last_hash = key;
+    s.num_hashed += 1;
+  }
+}
+
+void BlockManager::free(std::int64_t seq) {
+  Seq& s = get(seq);
+  for (auto it = s.table.rbegin(); it != s.table.rend(); ++it) release(*it);
+  seqs_.erase(seq);
+}
+
+void BlockManager::reset_prefix_cache() {
+  for (auto& kv : cache_) {
+    Block& blk = blocks_[kv.second];
+    blk.hashed = false;
+    blk.tokens.clear();
+  }
+  cache_.clear();
+}
+
+void BlockManager::check_invariants() const {
+  std::vector<std::int32_t> refs(blocks_.size(), 0);
+  for (const auto& kv : seqs_) {
+    const Seq& s = kv.second;
+    const std::int64_t need = (static_cast<std::int64_t>(s.tokens.size()) + block_size_ - 1) / block_size_;
+    if (static_cast<std::int64_t>(s.table.size()) != need)
+      fail("invariant: sequence ", kv.first, " has ", s.table.size(), " blocks for ", s.tokens.size(), " tokens");
+    for (std::int32_t b : s.table) refs[b] += 1;
+  }
+  std::int64_t free_count = 0;
+  for (std::size_t b = 0; b < blocks_.size(); ++b) {
+    if (refs[b] != blocks_[b].ref) fail("invariant: block ", b, " count ", blocks_[b].ref, " != ", refs[b], " users");
+    if (blocks_[b].in_free != (refs[b] == 0)) fail("invariant: block ", b, " free-queue membership is wrong");
+    free_count += refs[b] == 0;
+  }
+  if (free_count != num_free_blocks()) fail("invariant: free queue holds ", num_free_blocks(), ", expected ", free_count);
+  for (const auto& kv : cache_) {
+    const Block& blk = blocks_[kv.second];
+    if (!blk.hashed || blk.hash != kv.first) fail("invariant: cache entry for block ", kv.second, " is stale");
+  }
+}
+
+namespace {
+namespace py = pybind11;
+using I32 = py::array_t<std::int32_t, py::array::c_style | py::array::forcecast>;
+using I64 = py::array_t<std::int64_t, py::array::c_style | py::array::forcecast>;
+
+void expect_1d(const py::array& a, const char* name) {
+  if (a.ndim() != 1) fail("BlockManager: ", name, " must be 1-D, got ", a.ndim(), " dimensions");
+}
+}  // namespace
+
+void register_block_manager(py::module_& m) {
+  py::class_<BlockManager>(m, "BlockManager",
+                           "Paged KV-cache block manager (rules in csrc/block_manager.h). Used by r1fast.rollout.")
+      .def(py::init<std::int64_t, std::int64_t, bool>(), py::arg("num_blocks"), py::arg("block_size"),
+           py::arg("enable_prefix_caching") = true)
+      .def_property_readonly("num_blocks", &BlockManager::num_blocks)
+      .def_property_readonly("block_size", &BlockManager::block_size)
+      .def_property_readonly("prefix_caching", &BlockManager::prefix_caching)
+      .def_property_readonly("num_free_blocks", &BlockManager::num_free_blocks)
+      .def_property_readonly("num_cached_blocks", &BlockManager::num_cached_blocks)
+      .def("has_seq", &BlockManager::has_seq)
+      .def("seq_ids", &BlockManager::seq_ids)
+      .def("blocks_to_allocate", [](const BlockManager& bm, I32 tokens) {
+        expect_1d(tokens, "tokens");
+        return bm.blocks_to_allocate(tokens.data(), tokens.shape(0));
+      }, py::arg("tokens"))
+      .def("allocate", [](BlockManager& bm, std::int64_t seq, I32 tokens) {
+        expect_1d(tokens, "tokens");
+        return bm.allocate(seq, tokens.data(), tokens.shape(0));
+      }, py::arg("seq_id"), py::arg("tokens"), "Allocate blocks for all tokens; returns the number of cached tokens.")
+      .def("fork", &BlockManager::fork, py::arg("parent"), py::arg("child"))
+      .def("blocks_to_append", &BlockManager::blocks_to_append, py::arg("seq_id"))
+      .def("append", [](BlockManager& bm, std::int64_t seq, std::int32_t token) {
+        std::int32_t src, dst;
+        const std::int64_t slot = bm.append(seq, token, &src, &dst);
+        return py::make_tuple(slot, src, dst);
+      }, py::arg("seq_id"), py::arg("token"), "Returns (slot, copy_src, copy_dst); copy ids are -1 without a copy.")
+      .def("append_batch", [](BlockManager& bm, I64 seqs, I32 tokens) {
+        expect_1d(seqs, "seq_ids");
+        expect_1d(tokens, "tokens");
+        const auto n = seqs.shape(0);
+        if (tokens.shape(0) != n) fail("BlockManager.append_batch: ", n, " seq_ids but ", tokens.shape(0), " tokens");
+        std::int64_t need = 0;
+        for (py::ssize_t i = 0; i < n; ++i) need += bm.blocks_to_append(seqs.data()[i]);
+        if (need > bm.num_free_blocks())
+          fail("BlockManager.append_batch: needs ", need, " free blocks, ", bm.num_free_blocks(), " are free");
+        I64 slots(n);
+        std::vector<std::int32_t> copies;
+        for (py::ssize_t i = 0; i < n; ++i) {
+          std::int32_t src, dst;
+          slots.mutable_data()[i] = bm.append(seqs.data()[i], tokens.data()[i], &src, &dst);
+          if (src >= 0) { copies.push_back(src); copies.push_back(dst); }
+        }
+        I32 out(std::vector<py::ssize_t>{static_cast<py::ssize_t>(copies.size() / 2), 2});
+        if (!copies.empty()) std::memcpy(out.mutable_data(), copies.data(), copies.size() * sizeof(std::int32_t));
+        return py::make_tuple(slots, out);
+      }, py::arg("seq_ids"), py::arg("tokens"),
+         "Append one token to each sequence (all or nothing): (slots int64[B], copies int32[K, 2] of (src, dst)).")
+      .def("mark_computed", &BlockManager::mark_computed, py::arg("seq_id"), py::arg("num_tokens"))
+      .def("free", &BlockManager::free, py::arg("seq_id"))
+      .def("preempt", &BlockManager::free, py::arg("seq_id"),
+           "Preemption by recompute: drop the sequence's blocks (same as free; it is re-allocated later).")
+      .def("reset_prefix_cache", &BlockManager::reset_prefix_cache)
+      .def("num_tokens", &BlockManager::num_tokens, py::arg("seq_id"))
+      .def("ref_count", &BlockManager::ref_count, py::arg("block"))
+      .def("check_invariants", &BlockManager::check_invariants)
+      .def("block_table", [](const BlockManager& bm, std::int64_t seq) {
+        const auto& t = bm.table(seq);
+        I32 out(static_cast<py::ssize_t>(t.size()));
+        if (!t.empty()) std::memcpy(out.mutable_data(), t.data(), t.size() * sizeof(std::int32_t));
+        return out;
+      }, py::arg("seq_id"))
+      .def("block_tables", [](const BlockManager& bm, I64 seqs, std::int64_t width, std::int32_t pad) {
+        expect_1d(seqs, "seq_ids");
+        const auto n = seqs.shape(0);
+        for (py::ssize_t i = 0; i < n; ++i)
+          width = std::max<std::int64_t>(width, bm.table(seqs.data()[i]).size());
+        I32 out(std::vector<py::ssize_t>{n, static_cast<py::ssize_t>(width)});
+        std::int32_t* o = out.mutable_data();
+        std::fill(o, o + n * width, pad);
+        for (py::ssize_t i = 0; i < n; ++i) {
+          const auto& t = bm.table(seqs.data()[i]);
+          std::copy(t.begin(), t.end(), o + i * width);
+        }
+        return out;
+      }, py::arg("seq_ids"), py::arg("width") = 0, py::arg("pad") = 0,
+         "int32 [B, max(width, longest table)] block tables, padded with `pad`.")
+      .def("slot_mapping", [](const BlockManager& bm, I64 seqs, I64 starts, I64 ends) {
+        expect_1d(seqs, "seq_ids");
+        const auto n = seqs.shape(0);
+        if (starts.ndim() != 1 || ends.ndim() != 1 || starts.shape(0) != n || ends.shape(0) != n)
+          fail("BlockManager.slot_mapping: seq_ids, starts, ends must be 1-D of one length");
+        std::int64_t total = 0;
+        for (py::ssize_t i = 0; i < n; ++i) {
+          const std::int64_t len = bm.num_tokens(seqs.data()[i]);
+          if (starts.data()[i] < 0 || starts.data()[i] > ends.data()[i] || ends.data()[i] > len)
+            fail("BlockManager.slot_mapping: range [", starts.data()[i], ", ", ends.data()[i], ") outside sequence ",
+                 seqs.data()[i], " of ", len, " tokens");
+          total += ends.data()[i] - starts.data()[i];
+        }
+        I64 out(static_cast<py::ssize_t>(total));
+        std::int64_t* o = out.mutable_data();
+        const std::int64_t bs = bm.block_size();
+        for (py::ssize_t i = 0; i < n; ++i) {
+          const auto& t = bm.table(seqs.data()[i]);
+          for (std::int64_t p = starts.data()[i]; p < ends.data()[i]; ++p) *o++ = t[p / bs] * bs + p % bs;
+        }
+        return out;
+      }, py::arg("seq_ids"), py::arg("starts"), py::arg("ends"),
+         "Concatenated int64 cache slots of positions [start, end) of each sequence.");
+}
+
+}  // namespace r1fast

@@ -1,0 +1,55 @@
+#include "decode_attention.h"
+
+#include "bindings.h"
+#include "common.h"
+
+namespace r1fast {
+
+static void check_args(const DecodeAttentionArgs& a) {
+  if (a.num_seqs < 0) fail("decode_attention: num_seqs must be >= 0, got ", a.num_seqs);
+  if (a.num_heads <= 0 || a.num_kv_heads <= 0 || a.num_heads % a.num_kv_heads != 0)
+    fail("decode_attention: num_heads (", a.num_heads, ") must be a positive multiple of num_kv_heads (",
+         a.num_kv_heads, ")");
+  if (a.num_heads / a.num_kv_heads > 64)
+    fail("decode_attention: at most 64 query heads per KV head, got ", a.num_heads / a.num_kv_heads);
+  if (a.head_dim <= 0 || a.head_dim > 256 || a.head_dim % 8 != 0)
+    fail("decode_attention: head_dim must be a multiple of 8 in [8, 256], got ", a.head_dim);
+  if (a.num_blocks <= 0 || a.block_size <= 0 || a.max_blocks_per_seq <= 0)
+    fail("decode_attention: num_blocks, block_size, max_blocks_per_seq must be > 0");
+  if (a.num_splits <= 0 || a.partition_size <= 0 || a.partition_size % a.block_size != 0)
+    fail("decode_attention: num_splits must be > 0 and partition_size a positive multiple of block_size, got ",
+         a.num_splits, ", ", a.partition_size);
+  if (a.num_splits > 1 && (!a.workspace_acc || !a.workspace_ml))
+    fail("decode_attention: num_splits > 1 needs both workspaces");
+  if (a.dtype < 0 || a.dtype > 2) fail("decode_attention: dtype code must be 0, 1 or 2, got ", a.dtype);
+  if (a.num_seqs > 0 && (!a.out || !a.q || !a.k_cache || !a.v_cache || !a.block_tables || !a.context_lens))
+    fail("decode_attention: null pointer");
+}
+
+void register_decode_attention(pybind11::module_& m) {
+  namespace py = pybind11;
+  m.def("decode_attention_cuda",
+        [](std::uintptr_t out, std::uintptr_t q, std::uintptr_t kc, std::uintptr_t vc, std::uintptr_t bt,
+           std::uintptr_t cl, std::uintptr_t ws_acc, std::uintptr_t ws_ml, std::int64_t num_seqs, std::int64_t num_heads,
+           std::int64_t num_kv_heads, std::int64_t head_dim, std::int64_t num_blocks, std::int64_t block_size,
+           std::int64_t max_blocks, std::int64_t num_splits, std::int64_t partition_size, float scale, int dtype,
+           std::uintptr_t stream) {
+          DecodeAttentionArgs a{out, q, kc, vc, bt, cl, ws_acc, ws_ml, num_seqs, num_heads, num_kv_heads, head_dim,
+                                num_blocks, block_size, max_blocks, num_splits, partition_size, scale, dtype};
+          check_args(a);
+#ifdef R1FAST_WITH_CUDA
+          decode_attention_cuda(a, stream);
+#else
+          (void)stream;
+          require_cuda("decode_attention_cuda");
+#endif
+        },
+        py::arg("out"), py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("block_tables"),
+        py::arg("context_lens"), py::arg("workspace_acc"), py::arg("workspace_ml"), py::arg("num_seqs"),
+        py::arg("num_heads"), py::arg("num_kv_heads"), py::arg("head_dim"), py::arg("num_blocks"),
+        py::arg("block_size"), py::arg("max_blocks_per_seq"), py::arg("num_splits"), py::arg("partition_size"),
+        py::arg("scale"), py::arg("dtype"), py::arg("stream"),
+        "Paged decode attention on the given stream (use r1fast.ops.paged_decode_attention, which validates).");
+}
+
+}  // namespace r1fast

@@ -1,0 +1,30 @@
+// Paged decode attention: one new query token per sequence against its cached context.
+//   q        [num_seqs, num_heads, head_dim]            (contiguous)
+//   k/v cache [num_blocks, block_size, num_kv_heads, head_dim] (layout of kv_cache.h)
+//   block_tables int32 [num_seqs, max_blocks_per_seq]; context_lens int32 [num_seqs] (>= 1, KV of the
+//   current token already stored)
+//   out      [num_seqs, num_heads, head_dim]
+// Query head h reads KV head h / (num_heads / num_kv_heads) (GQA). The context is cut into
+// `num_splits` partitions of `partition_size` tokens (split-K); with more than one split each
+// partition writes (max, sum, acc) to float32 workspaces and a second kernel merges them.
+#pragma once
+#include <cstdint>
+
+namespace r1fast {
+
+struct DecodeAttentionArgs {
+  std::uintptr_t out, q, k_cache, v_cache, block_tables, context_lens;
+  std::uintptr_t workspace_acc;  // float32 [num_seqs, num_heads, num_splits, head_dim] (num_splits > 1)
+  std::uintptr_t workspace_ml;   // float32 [num_seqs, num_heads, num_splits, 2]
+  std::int64_t num_seqs, num_heads, num_kv_heads, head_dim;
+  std::int64_t num_blocks, block_size, max_blocks_per_seq;
+  std::int64_t num_splits, partition_size;
+  float scale;
+  int dtype;  // 0 float32, 1 float16, 2 bfloat16
+};
+
+#ifdef R1FAST_WITH_CUDA
+void decode_attention_cuda(const DecodeAttentionArgs& a, std::uintptr_t stream);
+#endif
+
+}  // namespace r1fast

@@ -1,0 +1,82 @@
+"""The `r1fast` command. `info` and `bench` live here; the training commands come from r1fast.trainer.cli."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _cmd_info(args):
+    from r1fast import info
+
+    print(info.render(info.collect()))
+
+
+def _cmd_bench(args):
+    from pathlib import Path
+
+    from r1fast.bench import harness
+
+    if args.list:
+        for name, s in harness.load_suites().items():
+            print(f"{name:<18} {s.description}")
+        return
+    if args.table:
+        for p in args.suites:
+            print(harness.format_table(harness.read_csv(Path(p))))
+        return
+    if args.plot:
+        paths = [Path(p) for p in args.suites] or sorted(Path(args.out or "bench-results").glob("*.csv"))[-1:]
+        if not paths:
+            raise SystemExit("r1fast bench --plot: no CSV given and none found under --out")
+        for p in paths:
+            if not p.is_file():
+                raise SystemExit(f"r1fast bench --plot: {p} is not a file")
+        png = harness.plot(paths, paths[-1].with_suffix(".png"))
+        print(f"wrote {png}")
+        return
+    try:
+        harness.main(args.suites, size=args.size, out_dir=args.out, device=args.device, budget_s=args.budget)
+    except ValueError as e:
+        raise SystemExit(f"r1fast bench: {e}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="r1fast", description="GRPO engine with fused Triton and CUDA kernels")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    info = sub.add_parser("info", help="versions, GPU, what r1fast._C was built with, optional packages")
+    info.set_defaults(func=_cmd_info)
+
+    bench = sub.add_parser("bench", help="run benchmark suites (r1fast bench --list)")
+    bench.add_argument("suites", nargs="*", help="suite names (default: all); with --plot, CSV files")
+    bench.add_argument("--size", choices=["smoke", "gpu"], default="smoke")
+    bench.add_argument("--out", default=None, help="results directory (default ./bench-results)")
+    bench.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    bench.add_argument("--budget", type=float, default=None, help="seconds of repeats per implementation")
+    bench.add_argument("--list", action="store_true", help="list suites and exit")
+    bench.add_argument("--plot", action="store_true", help="draw a PNG from result CSVs (default: the newest)")
+    bench.add_argument("--table", action="store_true", help="print the summary table of result CSVs and exit")
+    bench.set_defaults(func=_cmd_bench)
+
+    try:
+        from r1fast.trainer.cli import add_commands
+    except ImportError as e:
+        if "r1fast.trainer" not in str(e):
+            raise
+    else:
+        add_commands(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "func", None) is None:
+        parser.print_help()
+        return 2
+    return args.func(args) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

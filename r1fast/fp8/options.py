@@ -1,0 +1,66 @@
+"""The FP8 switch's option values, validated in one place so every entry point says the same thing."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+MODES = ("off", "emulate", "torch", "te")
+# Transformer Engine recipes: "current" = per-tensor scale from this step's amax (TE's
+# Float8CurrentScaling), "delayed" = scale from an amax history (DelayedScaling), "block" = 1x128 /
+# 128x128 block scales (Float8BlockScaling, Hopper+), "mxfp8" = 32-element E8M0 blocks (Blackwell).
+RECIPES = ("current", "delayed", "block", "mxfp8")
+GRAD_DTYPES = ("e5m2", "e4m3")
+# Scaling granularity of our own path ("torch" / "emulate"): one scale per row of each GEMM operand
+# (along the non-reduced dimension) or one per tensor.
+SCALINGS = ("rowwise", "tensorwise")
+
+FP8_DTYPES = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
+
+
+@dataclass(frozen=True)
+class Fp8Options:
+    mode: str
+    recipe: str | None = None      # "te" only
+    grad_dtype: str = "e5m2"
+    scaling: str | None = None     # "torch" / "emulate" only
+
+    @property
+    def grad_fp8_dtype(self) -> torch.dtype:
+        return FP8_DTYPES[self.grad_dtype]
+
+    @property
+    def rowwise(self) -> bool:
+        return self.scaling == "rowwise"
+
+
+def _check_choice(name: str, value, choices) -> None:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"fp8 {name}={value!r} is not valid; choose one of {', '.join(map(repr, choices))}")
+
+
+def make_options(mode, recipe=None, grad_dtype="e5m2", scaling=None) -> Fp8Options:
+    """Validate the FP8 options and fill the defaults that depend on the mode."""
+    if mode is None or mode is False:
+        mode = "off"
+    _check_choice("mode", mode, MODES)
+    _check_choice("grad_dtype", grad_dtype, GRAD_DTYPES)
+    if recipe is not None:
+        _check_choice("recipe", recipe, RECIPES)
+    if scaling is not None:
+        _check_choice("scaling", scaling, SCALINGS)
+    if mode == "te":
+        if scaling is not None:
+            raise ValueError(
+                f"fp8 scaling={scaling!r} applies to the 'torch' and 'emulate' modes; with mode='te' the "
+                f"scaling granularity is set by recipe= ({', '.join(RECIPES)})"
+            )
+        return Fp8Options(mode, recipe or "current", grad_dtype, None)
+    if recipe is not None:
+        raise ValueError(
+            f"fp8 recipe={recipe!r} applies to mode='te' only (Transformer Engine); mode={mode!r} uses "
+            f"scaling= ({', '.join(SCALINGS)}) instead"
+        )
+    if mode == "off":
+        return Fp8Options("off", None, grad_dtype, None)
+    return Fp8Options(mode, None, grad_dtype, scaling or "rowwise")

@@ -1,0 +1,61 @@
+"""`r1fast info`: what this installation can run."""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import platform
+
+
+def _version(module: str) -> str | None:
+    if importlib.util.find_spec(module) is None:
+        return None
+    try:
+        return getattr(importlib.import_module(module), "__version__", "installed")
+    except Exception as e:  # importable on paper but broken: say so rather than crash
+        return f"broken ({type(e).__name__}: {e})"
+
+
+def collect() -> dict:
+    import torch
+
+    from r1fast import __version__, _ext
+
+    info: dict = {"r1fast": __version__, "python": platform.python_version(), "torch": torch.__version__,
+                  "torch_cuda": torch.version.cuda or "none (CPU build)", "triton": _version("triton") or "not installed"}
+    gpus = []
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            major, minor = torch.cuda.get_device_capability(i)
+            gpus.append(f"{torch.cuda.get_device_name(i)} (compute capability {major}.{minor})")
+    info["gpus"] = gpus or ["none"]
+    build = _ext.build_info()
+    if not build["built"]:
+        info["r1fast._C"] = "NOT BUILT (pip install -e . builds it)"
+    elif build["with_cuda"]:
+        info["r1fast._C"] = f"built with CUDA {build['cuda_version']} for archs {build['cuda_archs']}"
+    else:
+        info["r1fast._C"] = "built CPU-only (no nvcc at build time, or R1FAST_CUDA=0)"
+    info["optional"] = {name: _version(mod) or "not installed" for name, mod in [
+        ("flash-attn", "flash_attn"), ("transformer_engine", "transformer_engine"), ("liger-kernel", "liger_kernel"),
+        ("trl", "trl"), ("transformers", "transformers"), ("math-verify", "math_verify")]}
+    try:
+        from r1fast import fp8
+
+        info["fp8"] = {k: ("usable" if ok else f"unavailable: {why}") for k, (ok, why) in fp8.available_paths().items()}
+    except ImportError:
+        pass
+    return info
+
+
+def render(info: dict) -> str:
+    lines = []
+    for k, v in info.items():
+        if isinstance(v, dict):
+            lines.append(f"{k}:")
+            lines += [f"  {kk:<20} {vv}" for kk, vv in v.items()]
+        elif isinstance(v, list):
+            lines.append(f"{k + ':':<22} {v[0]}")
+            lines += [f"{'':<22} {x}" for x in v[1:]]
+        else:
+            lines.append(f"{k + ':':<22} {v}")
+    return "\n".join(lines)

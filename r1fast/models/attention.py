@@ -1,0 +1,107 @@
+"""Packed (unpadded) batches and the training attention over them.
+
+A packed batch is T tokens of B sequences laid end to end; `cu_seqlens` (int32 [B+1], 0 first, T
+last) marks where each sequence starts. Attention is causal inside each sequence and never crosses
+a boundary. On CUDA with flash-attn importable (fp16/bf16) this is flash-attn's varlen kernel; else
+torch SDPA, one call per sequence (exact, memory-light; the CPU path and the fallback on GPU).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import torch
+from torch.nn import functional as F
+
+
+@dataclasses.dataclass
+class PackedBatch:
+    cu_seqlens: torch.Tensor     # int32 [B+1] on the tokens' device
+    lengths: list[int]           # host copy of the B sequence lengths
+    max_seqlen: int
+
+    @property
+    def starts(self) -> list[int]:
+        out, s = [], 0
+        for n in self.lengths:
+            out.append(s)
+            s += n
+        return out
+
+
+def check_cu_seqlens(cu_seqlens: torch.Tensor, num_tokens: int, device: torch.device) -> PackedBatch:
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise TypeError(f"cu_seqlens must be a tensor, got {type(cu_seqlens).__name__}")
+    if cu_seqlens.dtype not in (torch.int32, torch.int64) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(f"cu_seqlens must be a 1-D int32 tensor [B+1] with B >= 1, got dtype {cu_seqlens.dtype} "
+                         f"shape {tuple(cu_seqlens.shape)}")
+    if cu_seqlens.device != device:
+        raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but input_ids on {device}")
+    host = cu_seqlens.tolist()
+    if host[0] != 0 or host[-1] != num_tokens:
+        raise ValueError(f"cu_seqlens must start at 0 and end at the token count {num_tokens}, "
+                         f"got first {host[0]} last {host[-1]}")
+    lengths = [b - a for a, b in zip(host[:-1], host[1:])]
+    if min(lengths) <= 0:
+        raise ValueError(f"cu_seqlens must be strictly increasing (no empty sequences), got {host}")
+    return PackedBatch(cu_seqlens.to(torch.int32), lengths, max(lengths))
+
+
+def packed_from_lengths(lengths: list[int], device: torch.device) -> PackedBatch:
+    cu = torch.tensor([0] + list(_cumsum(lengths)), dtype=torch.int32, device=device)
+    return PackedBatch(cu, list(lengths), max(lengths))
+
+
+def packed_from_positions(position_ids: torch.Tensor) -> PackedBatch:
+    """Sequence boundaries where the positions restart at 0 (the first token always starts one)."""
+    host = position_ids.tolist()
+    starts = [0] + [i for i in range(1, len(host)) if host[i] == 0]
+    lengths = [b - a for a, b in zip(starts, starts[1:] + [len(host)])]
+    return packed_from_lengths(lengths, position_ids.device)
+
+
+def positions_of(packed: PackedBatch, device: torch.device) -> torch.Tensor:
+    """Position of every token within its own sequence: int64 [T]."""
+    return torch.cat([torch.arange(n, device=device) for n in packed.lengths])
+
+
+def _cumsum(xs):
+    s = 0
+    for x in xs:
+        s += x
+        yield s
+
+
+@functools.lru_cache(maxsize=None)
+def _flash_attn_varlen():
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except Exception:
+        return None
+    return flash_attn_varlen_func
+
+
+def varlen_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packed: PackedBatch,
+                            scale: float) -> torch.Tensor:
+    """q [T, Hq, D], k/v [T, Hkv, D] -> [T, Hq, D], causal within each packed sequence."""
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        flash = _flash_attn_varlen()
+        if flash is not None:
+            return flash(q, k, v, packed.cu_seqlens, packed.cu_seqlens, packed.max_seqlen, packed.max_seqlen,
+                         dropout_p=0.0, softmax_scale=scale, causal=True)
+    return sdpa_per_sequence(q, k, v, packed, scale)
+
+
+def sdpa_per_sequence(q, k, v, packed: PackedBatch, scale: float) -> torch.Tensor:
+    groups = q.shape[1] // k.shape[1]
+    outs = []
+    for start, n in zip(packed.starts, packed.lengths):
+        qs = q[start:start + n].transpose(0, 1)[None]       # [1, Hq, n, D]
+        ks = k[start:start + n].transpose(0, 1)[None]
+        vs = v[start:start + n].transpose(0, 1)[None]
+        if groups > 1:
+            ks = ks.repeat_interleave(groups, dim=1)
+            vs = vs.repeat_interleave(groups, dim=1)
+        o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale)
+        outs.append(o[0].transpose(0, 1))                    # [n, Hq, D]
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)

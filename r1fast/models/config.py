@@ -1,0 +1,301 @@
+"""ModelConfig: the decoder's shape, read from (and written back to) a Hugging Face config.json.
+
+One dataclass covers the three supported families; the differences between them are flags:
+    LlamaForCausalLM   optional bias on q/k/v/o (`attention_bias`) and on the MLP (`mlp_bias`)
+    Qwen2ForCausalLM   bias on q/k/v only (always), none on o
+    Qwen3ForCausalLM   RMSNorm on each head of q and k (`qk_norm`), optional bias on q/k/v/o
+Anything the model code does not implement (other architectures, activations, sliding-window
+attention, rope types) is a ValueError that names it, never a silently different model.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import torch
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+_MODEL_TYPE_TO_ARCH = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+_ARCH_TO_MODEL_TYPE = {v: k for k, v in _MODEL_TYPE_TO_ARCH.items()}
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+_ROPE_REQUIRED_KEYS = {
+    "default": (),
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
+_FLOAT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+                 "float64": torch.float64}
+
+# transformers' defaults per family for keys a config.json may omit.
+_FAMILY_DEFAULTS = {
+    "LlamaForCausalLM": dict(rms_norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=2048,
+                             tie_word_embeddings=False, bos_token_id=1, eos_token_id=2),
+    "Qwen2ForCausalLM": dict(rms_norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=32768,
+                             tie_word_embeddings=False, bos_token_id=None, eos_token_id=None),
+    "Qwen3ForCausalLM": dict(rms_norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=32768,
+                             tie_word_embeddings=False, bos_token_id=None, eos_token_id=None, head_dim=128),
+}
+
+# Keys this module writes itself; everything else in a loaded config.json is carried through `extra`.
+_OWN_KEYS = {
+    "architectures", "model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+    "num_attention_heads", "num_key_value_heads", "head_dim", "rms_norm_eps", "rope_theta", "rope_scaling",
+    "rope_parameters", "max_position_embeddings", "tie_word_embeddings", "attention_bias", "mlp_bias",
+    "bos_token_id", "eos_token_id", "torch_dtype", "dtype", "hidden_act", "initializer_range",
+}
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    architecture: str = "LlamaForCausalLM"
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int | None = None        # None: same as num_attention_heads (no GQA)
+    head_dim: int | None = None                   # None: hidden_size // num_attention_heads
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None              # None or {"rope_type": "linear" | "llama3", ...}
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    attention_bias: bool | None = None            # None: the family's default (Qwen2: True, else False)
+    qk_norm: bool | None = None                   # None: the family's default (Qwen3: True, else False)
+    mlp_bias: bool = False                        # Llama only
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    torch_dtype: str | None = None                # the checkpoint's dtype name, e.g. "bfloat16"
+    initializer_range: float = 0.02
+    extra: dict = dataclasses.field(default_factory=dict, repr=False)  # other config.json keys, kept for saving
+
+    def __post_init__(self):
+        if self.architecture not in SUPPORTED_ARCHITECTURES:
+            raise ValueError(f"unsupported architecture {self.architecture!r}; r1fast.models supports "
+                             f"{', '.join(SUPPORTED_ARCHITECTURES)}")
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+            _check_positive_int(name, getattr(self, name))
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        _check_positive_int("num_key_value_heads", self.num_key_value_heads)
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                             f"num_key_value_heads ({self.num_key_value_heads})")
+        if self.head_dim is None:
+            if self.hidden_size % self.num_attention_heads:
+                raise ValueError(f"hidden_size ({self.hidden_size}) is not a multiple of num_attention_heads "
+                                 f"({self.num_attention_heads}); give head_dim explicitly")
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        _check_positive_int("head_dim", self.head_dim)
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
+        if not (isinstance(self.rms_norm_eps, (int, float)) and self.rms_norm_eps > 0):
+            raise ValueError(f"rms_norm_eps must be a positive number, got {self.rms_norm_eps!r}")
+        if not (isinstance(self.rope_theta, (int, float)) and self.rope_theta > 0):
+            raise ValueError(f"rope_theta must be a positive number, got {self.rope_theta!r}")
+        self.rope_scaling = _normalize_rope_scaling(self.rope_scaling)
+        is_qwen2, is_qwen3 = self.architecture == "Qwen2ForCausalLM", self.architecture == "Qwen3ForCausalLM"
+        if self.attention_bias is None:
+            self.attention_bias = is_qwen2
+        if self.qk_norm is None:
+            self.qk_norm = is_qwen3
+        # Flags transformers' classes cannot express would make a checkpoint it loads differently.
+        if is_qwen2 and not self.attention_bias:
+            raise ValueError("Qwen2ForCausalLM always has q/k/v bias; attention_bias=False is not representable")
+        if bool(self.qk_norm) != is_qwen3:
+            raise ValueError(f"qk_norm={self.qk_norm} does not match {self.architecture} "
+                             "(q/k norm exists exactly in Qwen3ForCausalLM)")
+        if self.mlp_bias and self.architecture != "LlamaForCausalLM":
+            raise ValueError(f"mlp_bias is only supported for LlamaForCausalLM, not {self.architecture}")
+        if self.torch_dtype is not None and self.torch_dtype not in _FLOAT_DTYPES:
+            raise ValueError(f"torch_dtype {self.torch_dtype!r} is not one of {sorted(_FLOAT_DTYPES)}")
+
+    # -- derived -------------------------------------------------------------------------------
+    @property
+    def model_type(self) -> str:
+        return _ARCH_TO_MODEL_TYPE[self.architecture]
+
+    @property
+    def o_proj_bias(self) -> bool:
+        # Llama and Qwen3 put attention_bias on all four projections; Qwen2 never on o_proj.
+        return bool(self.attention_bias) and self.architecture != "Qwen2ForCausalLM"
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        return _FLOAT_DTYPES[self.torch_dtype] if self.torch_dtype else None
+
+    # -- Hugging Face config.json ----------------------------------------------------------------
+    @classmethod
+    def from_hf_config(cls, config: dict | str | os.PathLike) -> "ModelConfig":
+        """From a config.json dict, a config.json path, or a checkpoint folder holding one."""
+        if isinstance(config, (str, os.PathLike)):
+            config = read_config_json(config)
+        if not isinstance(config, dict):
+            raise TypeError(f"from_hf_config takes a dict or a path, got {type(config).__name__}")
+        hf = dict(config)
+        arch = _architecture_of(hf)
+        defaults = _FAMILY_DEFAULTS[arch]
+        missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                               "num_attention_heads") if hf.get(k) is None]
+        if missing:
+            raise ValueError(f"config.json lacks required key(s) {missing} for {arch}")
+        act = hf.get("hidden_act", "silu")
+        if act != "silu":
+            raise ValueError(f"unsupported hidden_act {act!r}; only 'silu' (SwiGLU) is implemented")
+        if hf.get("use_sliding_window"):
+            raise ValueError("sliding-window attention (use_sliding_window=true) is not supported")
+        rope_params = hf.get("rope_parameters")
+        if isinstance(rope_params, dict) and any(isinstance(v, dict) for v in rope_params.values()):
+            raise ValueError("per-layer-type rope_parameters are not supported")
+        rope_theta = (rope_params or {}).get("rope_theta", hf.get("rope_theta", defaults["rope_theta"]))
+        partial = (rope_params or {}).get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+        if partial != 1.0:
+            raise ValueError(f"partial_rotary_factor={partial} is not supported (only full rotary)")
+        rope_scaling = hf.get("rope_scaling") or rope_params
+        dtype_name = hf.get("dtype", hf.get("torch_dtype"))
+        if dtype_name in ("auto",):
+            dtype_name = None
+        head_dim = hf.get("head_dim", defaults.get("head_dim"))
+        return cls(
+            architecture=arch,
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"],
+            num_hidden_layers=hf["num_hidden_layers"],
+            num_attention_heads=hf["num_attention_heads"],
+            num_key_value_heads=hf.get("num_key_value_heads"),
+            head_dim=head_dim,
+            rms_norm_eps=hf.get("rms_norm_eps", defaults["rms_norm_eps"]),
+            rope_theta=float(rope_theta),
+            rope_scaling=rope_scaling,
+            max_position_embeddings=hf.get("max_position_embeddings", defaults["max_position_embeddings"]),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", defaults["tie_word_embeddings"])),
+            attention_bias=True if arch == "Qwen2ForCausalLM" else bool(hf.get("attention_bias", False)),
+            qk_norm=arch == "Qwen3ForCausalLM",
+            mlp_bias=bool(hf.get("mlp_bias", False)),
+            bos_token_id=hf.get("bos_token_id", defaults["bos_token_id"]),
+            eos_token_id=hf.get("eos_token_id", defaults["eos_token_id"]),
+            torch_dtype=dtype_name,
+            initializer_range=hf.get("initializer_range", 0.02),
+            extra={k: v for k, v in hf.items() if k not in _OWN_KEYS},
+        )
+
+    def to_hf_config(self, dtype: torch.dtype | None = None) -> dict[str, Any]:
+        """A config.json dict that transformers (4.x legacy rope keys and 5.x rope_parameters) loads."""
+        dtype_name = _dtype_name(dtype) if dtype is not None else self.torch_dtype
+        rope_parameters = {"rope_type": "default", "rope_theta": self.rope_theta}
+        if self.rope_scaling:
+            rope_parameters = {**self.rope_scaling, "rope_theta": self.rope_theta}
+        out = dict(self.extra)
+        out.update({
+            "architectures": [self.architecture],
+            "model_type": self.model_type,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_scaling": dict(self.rope_scaling) if self.rope_scaling else None,
+            "rope_parameters": rope_parameters,
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+            "initializer_range": self.initializer_range,
+        })
+        if self.architecture != "Qwen2ForCausalLM":
+            out["attention_bias"] = bool(self.attention_bias)
+        if self.architecture == "LlamaForCausalLM":
+            out["mlp_bias"] = bool(self.mlp_bias)
+        if dtype_name:
+            out["torch_dtype"] = dtype_name
+            out["dtype"] = dtype_name
+        return out
+
+
+def read_config_json(path: str | os.PathLike) -> dict:
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        path = os.path.join(path, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no config.json at {path}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            cfg = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(cfg).__name__}")
+    return cfg
+
+
+def _architecture_of(hf: dict) -> str:
+    archs = hf.get("architectures")
+    if archs:
+        if not isinstance(archs, list) or len(archs) != 1:
+            raise ValueError(f"config.json 'architectures' must list exactly one class, got {archs!r}")
+        arch = archs[0]
+    elif hf.get("model_type") in _MODEL_TYPE_TO_ARCH:
+        arch = _MODEL_TYPE_TO_ARCH[hf["model_type"]]
+    else:
+        raise ValueError(f"config.json names no architecture (architectures={archs!r}, "
+                         f"model_type={hf.get('model_type')!r}); supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise ValueError(f"unsupported architecture {arch!r}; r1fast.models supports "
+                         f"{', '.join(SUPPORTED_ARCHITECTURES)}")
+    return arch
+
+
+def _normalize_rope_scaling(scaling) -> dict | None:
+    if scaling is None:
+        return None
+    if not isinstance(scaling, dict):
+        raise ValueError(f"rope_scaling must be a dict or None, got {type(scaling).__name__}")
+    scaling = dict(scaling)
+    scaling.pop("rope_theta", None)  # kept in ModelConfig.rope_theta
+    rope_type = scaling.pop("rope_type", None) or scaling.pop("type", None) or "default"
+    scaling.pop("type", None)
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise ValueError(f"unsupported rope type {rope_type!r}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
+    if rope_type == "default":
+        return None
+    missing = [k for k in _ROPE_REQUIRED_KEYS[rope_type] if k not in scaling]
+    if missing:
+        raise ValueError(f"rope_scaling of type {rope_type!r} lacks key(s) {missing}")
+    if not scaling["factor"] > 0:
+        raise ValueError(f"rope_scaling factor must be positive, got {scaling['factor']}")
+    if rope_type == "llama3" and not scaling["high_freq_factor"] > scaling["low_freq_factor"]:
+        raise ValueError("llama3 rope_scaling needs high_freq_factor > low_freq_factor")
+    return {"rope_type": rope_type, **scaling}
+
+
+def _check_positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    for name, d in _FLOAT_DTYPES.items():
+        if d == dtype:
+            return name
+    raise ValueError(f"unsupported model dtype {dtype}; supported: {sorted(_FLOAT_DTYPES)}")
+
+
+def resolve_dtype(dtype) -> torch.dtype | None:
+    """None, a torch floating dtype, or its name ("bfloat16", "bf16", "fp32"...) -> torch.dtype."""
+    if dtype is None or isinstance(dtype, torch.dtype) and dtype in _FLOAT_DTYPES.values():
+        return dtype
+    if isinstance(dtype, str):
+        aliases = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32",
+                   "float": "float32", "fp64": "float64", "double": "float64"}
+        name = aliases.get(dtype, dtype.replace("torch.", ""))
+        if name in _FLOAT_DTYPES:
+            return _FLOAT_DTYPES[name]
+    raise ValueError(f"unsupported dtype {dtype!r}; use one of {sorted(_FLOAT_DTYPES)}")

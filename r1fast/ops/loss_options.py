@@ -1,0 +1,86 @@
+"""LossOptions: the GRPO loss knobs, one validated dataclass shared by the ops, the trainer and TRL glue.
+
+Names and defaults follow TRL 1.16's GRPOConfig where the meaning is the same (beta=0.0, epsilon=0.2,
+epsilon_high=None -> epsilon, delta=None, loss_type="dapo", importance_sampling_level="token",
+max_completion_length=512, temperature=1.0, entropy_coef=0.0); the truncated-importance-sampling
+knobs map TRL's `vllm_importance_sampling_*` onto LOSS_SPEC's `tis_mode` / `tis_cap` (TRL's default
+is correction on, masked, cap 3.0, per sequence). See /work/shared/LOSS_SPEC.md for the formulas.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, fields
+
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo")
+IS_LEVELS = ("token", "sequence")
+KL_ESTIMATORS = ("k1", "k2", "k3")
+TIS_MODES = ("truncate", "mask", None)
+TIS_LEVELS = ("token", "sequence")
+
+
+@dataclass(frozen=True)
+class LossOptions:
+    beta: float = 0.0
+    epsilon: float = 0.2
+    epsilon_high: float | None = None
+    delta: float | None = None
+    loss_type: str = "dapo"
+    importance_sampling_level: str = "token"
+    max_completion_length: int | None = 512
+    temperature: float = 1.0
+    kl_estimator: str = "k3"
+    tis_mode: str | None = "mask"
+    tis_cap: float = 3.0
+    tis_level: str = "sequence"
+    entropy_coef: float = 0.0
+    num_items: float | None = None
+
+    def __post_init__(self):
+        def num(name, lo=None, lo_open=False, allow_none=False):
+            v = getattr(self, name)
+            if v is None and allow_none:
+                return
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ValueError(f"LossOptions.{name} must be a finite number, got {v!r}")
+            if lo is not None and (v <= lo if lo_open else v < lo):
+                raise ValueError(f"LossOptions.{name} must be {'>' if lo_open else '>='} {lo}, got {v!r}")
+
+        num("beta", 0.0)
+        num("epsilon", 0.0)
+        num("epsilon_high", 0.0, allow_none=True)
+        num("delta", 1.0, lo_open=True, allow_none=True)
+        num("temperature", 0.0, lo_open=True)
+        num("tis_cap", 1.0)
+        num("entropy_coef")
+        num("num_items", 0.0, lo_open=True, allow_none=True)
+        if self.max_completion_length is not None and (
+            isinstance(self.max_completion_length, bool) or not isinstance(self.max_completion_length, int)
+            or self.max_completion_length < 1
+        ):
+            raise ValueError(f"LossOptions.max_completion_length must be a positive int, got {self.max_completion_length!r}")
+        for name, allowed in (("loss_type", LOSS_TYPES), ("importance_sampling_level", IS_LEVELS),
+                              ("kl_estimator", KL_ESTIMATORS), ("tis_mode", TIS_MODES), ("tis_level", TIS_LEVELS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"LossOptions.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.loss_type == "dr_grpo" and self.max_completion_length is None:
+            raise ValueError("LossOptions: loss_type='dr_grpo' needs max_completion_length")
+        if self.loss_type != "cispo" and self.epsilon >= 1.0:
+            raise ValueError(f"LossOptions.epsilon must be < 1 (the lower clip bound is 1 - epsilon), got {self.epsilon}")
+
+    @property
+    def eps_high(self) -> float:
+        return self.epsilon if self.epsilon_high is None else self.epsilon_high
+
+    @classmethod
+    def from_kwargs(cls, options: "LossOptions | None" = None, **kwargs) -> "LossOptions":
+        """Build from keyword arguments (or update `options`), naming any unknown key."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise ValueError(f"unknown loss option(s) {unknown}; known options: {sorted(known)}")
+        if options is None:
+            return cls(**kwargs)
+        if not isinstance(options, LossOptions):
+            raise TypeError(f"options must be a LossOptions, got {type(options).__name__}")
+        return dataclasses.replace(options, **kwargs)

@@ -1,0 +1,119 @@
+"""Plain-torch oracles for the loss side (LOSS_SPEC.md): obvious code, float64-capable, autograd for gradients.
+
+`logprob` materialises the full [N, V] logits; everything else works on [B, T] per-token tensors.
+The `torch` backend of ops.grpo_loss runs `grpo_loss` below in fp32 (the per-token work is O(B*T)).
+"""
+from __future__ import annotations
+
+import torch
+
+from r1fast.ops.loss_options import LossOptions
+
+
+def logprob(hidden, weight, targets, temperature=1.0, return_entropy=False, dtype=None):
+    """logp [N] of targets under softmax(hidden @ weight.T / temperature), computed in `dtype` (default fp32)."""
+    dtype = dtype or (torch.float64 if hidden.dtype == torch.float64 else torch.float32)
+    z = (hidden.to(dtype) @ weight.to(dtype).T) / temperature
+    lse = torch.logsumexp(z, dim=-1)
+    logp = z.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1) - lse
+    if not return_entropy:
+        return logp
+    p = torch.softmax(z, dim=-1)
+    entropy = lse - (p * z).sum(-1)
+    return logp, entropy
+
+
+def group_advantages(rewards, group_size, estimator="grpo", scale_rewards="group", eps=1e-4):
+    """Advantages [B] from rewards [B] in consecutive groups of `group_size`. NaN rewards mean 'no reward'."""
+    r = rewards.reshape(-1, group_size)
+    mean = r.mean(-1, keepdim=True)
+    centred = r - mean
+    if estimator == "rloo":
+        return (centred * group_size / (group_size - 1)).reshape(-1)
+    if scale_rewards == "group":
+        centred = centred / (r.std(-1, keepdim=True, unbiased=True) + eps)
+    elif scale_rewards == "batch":
+        centred = centred / (rewards.std(unbiased=True) + eps)
+    return centred.reshape(-1)
+
+
+def kl_penalty(logp, ref_logp, kind="k3"):
+    if kind == "k1":
+        return logp - ref_logp
+    if kind == "k2":
+        return 0.5 * (logp - ref_logp) ** 2
+    d = ref_logp - logp
+    return torch.exp(d) - d - 1.0
+
+
+def _row_mean(x, mask):
+    """Σ_t m·x / max(Σ_t m, 1) per row, shape [B, 1]."""
+    return (x * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp_min(1.0)
+
+
+def grpo_loss(logp, old_logp, ref_logp, advantages, mask, opts: LossOptions, entropy=None, sampler_logp=None):
+    """(loss, stats) exactly as LOSS_SPEC.md; all tensors [B, T] except advantages [B]. Computes in logp's dtype."""
+    dt = logp.dtype
+    m = mask.to(dt)
+    A = advantages.to(dt).unsqueeze(-1)
+    old = logp.detach() if old_logp is None else old_logp.to(dt)
+    log_ratio = logp - old
+    lw = log_ratio if opts.importance_sampling_level == "token" else _row_mean(log_ratio, m)
+    c1 = torch.exp(lw)
+    eps_low, eps_high = opts.epsilon, opts.eps_high
+    if opts.loss_type == "cispo":
+        per_tok = -torch.clamp(c1, max=eps_high).detach() * A * logp
+        low = torch.zeros_like(c1, dtype=torch.bool)
+        high = (c1 > eps_high) & (A > 0)
+    else:
+        c2 = torch.clamp(c1, 1 - eps_low, 1 + eps_high)
+        low = (c1 < 1 - eps_low) & (A < 0)
+        high = (c1 > 1 + eps_high) & (A > 0)
+        c1d = torch.clamp(c1, max=opts.delta) if opts.delta is not None else c1
+        per_tok = -torch.minimum(c1d * A, c2 * A)
+    per_tok = per_tok.expand_as(logp)
+
+    stats = {}
+    n_tok = m.sum()
+    denom = n_tok.clamp_min(1.0)
+    if sampler_logp is not None:
+        d = (old - sampler_logp.to(dt)) * m
+        w = torch.exp(d.sum(-1, keepdim=True) if opts.tis_level == "sequence" else d).detach()
+        wb = w.expand_as(logp)
+        stats["is_weight/mean"] = (wb * m).sum() / denom
+        big = torch.finfo(dt).max
+        stats["is_weight/min"] = torch.where(m > 0, wb, big).min() if n_tok > 0 else wb.new_zeros(())
+        stats["is_weight/max"] = torch.where(m > 0, wb, -big).max() if n_tok > 0 else wb.new_zeros(())
+        if opts.tis_mode == "truncate":
+            per_tok = per_tok * torch.clamp(w, max=opts.tis_cap)
+        elif opts.tis_mode == "mask":
+            keep = ((w >= 1.0 / opts.tis_cap) & (w <= opts.tis_cap)).to(dt)
+            per_tok = per_tok * keep
+            stats["is_weight/masked_frac"] = ((1 - keep).expand_as(logp) * m).sum() / denom
+
+    if ref_logp is not None:
+        kl = kl_penalty(logp, ref_logp.to(dt), opts.kl_estimator)
+        if opts.beta != 0.0:
+            per_tok = per_tok + opts.beta * kl
+        stats["kl"] = (kl.detach() * m).sum() / denom
+    if entropy is not None:
+        if opts.entropy_coef != 0.0:
+            per_tok = per_tok - opts.entropy_coef * entropy.to(dt)
+        stats["entropy"] = (entropy.detach().to(dt) * m).sum() / denom
+
+    B = logp.shape[0]
+    lt = opts.loss_type
+    if lt == "grpo":
+        loss = _row_mean(per_tok, m).sum() / B
+    elif lt == "bnpo":
+        loss = (per_tok * m).sum() / denom
+    elif lt == "dr_grpo":
+        loss = (per_tok * m).sum() / (B * opts.max_completion_length)
+    else:  # dapo, cispo
+        loss = (per_tok * m).sum() / (opts.num_items if opts.num_items is not None else denom)
+
+    stats["clip_ratio/low_mean"] = (low.expand_as(logp).to(dt) * m).sum() / denom
+    stats["clip_ratio/high_mean"] = (high.expand_as(logp).to(dt) * m).sum() / denom
+    stats["clip_ratio/region_mean"] = ((low | high).expand_as(logp).to(dt) * m).sum() / denom
+    stats["num_tokens"] = n_tok.detach()
+    return loss, {k: v.detach() for k, v in stats.items()}

@@ -1,0 +1,144 @@
+"""Resolving reward functions by name and summing their weighted outputs, row by row.
+
+A function may return None for a row: it is then left out of that row's sum. A row that no
+function scores gets reward NaN, which the trainer turns into advantage 0. A function that raises,
+returns the wrong number of values, or returns a non-finite value is an error naming the function
+and the row; a step is never trained on a silently wrong reward.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+from typing import Any, Callable, Optional, Sequence
+
+from r1fast.rewards.builtin import (
+    accuracy_reward,
+    completion_text,
+    is_finite_number,
+    make_format_reward,
+    make_language_reward,
+    make_length_penalty,
+)
+
+BUILTIN_NAMES = ("accuracy", "format", "language", "length")
+
+
+class RewardError(RuntimeError):
+    """A reward function failed or returned something unusable; the message names it and the row."""
+
+
+def load_function(spec: str) -> Callable:
+    """`package.module:function` or `path/to/file.py:function` → the function."""
+    if ":" not in spec:
+        raise ValueError(f"reward function {spec!r}: expected a built-in name ({', '.join(BUILTIN_NAMES)}) "
+                         f"or 'module:function'")
+    mod_name, fn_name = spec.rsplit(":", 1)
+    if mod_name.endswith(".py"):
+        if not os.path.isfile(mod_name):
+            raise ValueError(f"reward function {spec!r}: file {mod_name!r} does not exist")
+        mspec = importlib.util.spec_from_file_location(f"r1fast_user_reward_{abs(hash(mod_name))}", mod_name)
+        module = importlib.util.module_from_spec(mspec)
+        mspec.loader.exec_module(module)
+    else:
+        try:
+            module = importlib.import_module(mod_name)
+        except ImportError as e:
+            raise ValueError(f"reward function {spec!r}: cannot import module {mod_name!r}: {e}") from None
+    fn = getattr(module, fn_name, None)
+    if fn is None or not callable(fn):
+        raise ValueError(f"reward function {spec!r}: module {mod_name!r} has no function {fn_name!r}")
+    return fn
+
+
+def resolve(spec: str | Callable, *, format_pattern=None, language="en", length_target=None) -> tuple[str, Callable]:
+    if callable(spec):
+        return getattr(spec, "__name__", type(spec).__name__), spec
+    if spec == "accuracy":
+        return "accuracy", accuracy_reward
+    if spec == "format":
+        return "format", make_format_reward(format_pattern)
+    if spec == "language":
+        return "language", make_language_reward(language)
+    if spec == "length":
+        if length_target is None:
+            raise ValueError("reward 'length' needs length_penalty_target set")
+        return "length", make_length_penalty(length_target)
+    return spec, load_function(spec)
+
+
+class RewardSet:
+    """Named, weighted reward functions evaluated together."""
+
+    def __init__(self, funcs: Sequence[str | Callable], weights: Optional[Sequence[float]] = None, **options):
+        if not funcs:
+            raise ValueError("at least one reward function is required")
+        resolved = [resolve(f, **options) for f in funcs]
+        self.names = [n for n, _ in resolved]
+        self.funcs = [f for _, f in resolved]
+        if weights is None:
+            weights = [1.0] * len(self.funcs)
+        if len(weights) != len(self.funcs):
+            raise ValueError(f"{len(weights)} reward weights for {len(self.funcs)} reward functions")
+        self.weights = [float(w) for w in weights]
+
+    def __len__(self):
+        return len(self.funcs)
+
+    def score(self, prompts: list, completions: list, columns: dict[str, list], **extra) -> list[list[Optional[float]]]:
+        """Per function, per row: float or None."""
+        n = len(completions)
+        table = []
+        for name, fn in zip(self.names, self.funcs):
+            values = self._call(name, fn, prompts, completions, columns, extra, n)
+            table.append(values)
+        return table
+
+    def total(self, table: list[list[Optional[float]]]) -> list[float]:
+        out = []
+        for row in range(len(table[0]) if table else 0):
+            parts = [w * t[row] for w, t in zip(self.weights, table) if t[row] is not None]
+            out.append(sum(parts) if parts else float("nan"))
+        return out
+
+    def _call(self, name, fn, prompts, completions, columns, extra, n):
+        try:
+            values = fn(prompts=prompts, completions=completions, **columns, **extra)
+        except Exception as e:
+            row = _find_failing_row(fn, prompts, completions, columns, extra)
+            where = f" on row {row} (prompt {_snippet(prompts[row])}, completion {_snippet(completions[row])})" if row is not None else ""
+            raise RewardError(f"reward function {name!r} raised {type(e).__name__}: {e}{where}") from e
+        if values is None or not hasattr(values, "__len__") or len(values) != n:
+            got = "None" if values is None else (f"{len(values)} values" if hasattr(values, "__len__") else type(values).__name__)
+            raise RewardError(f"reward function {name!r} must return a list of {n} floats (or None); got {got}")
+        out = []
+        for i, v in enumerate(values):
+            if v is None:
+                out.append(None)
+                continue
+            if hasattr(v, "item"):
+                v = v.item()
+            if not is_finite_number(v):
+                raise RewardError(f"reward function {name!r} returned {v!r} for row {i} "
+                                  f"(prompt {_snippet(prompts[i])}); rewards must be finite numbers or None")
+            out.append(float(v))
+        return out
+
+
+def _find_failing_row(fn, prompts, completions, columns, extra) -> Optional[int]:
+    for i in range(len(completions)):
+        one_cols = {k: v[i:i + 1] for k, v in columns.items()}
+        one_extra = {k: (v[i:i + 1] if isinstance(v, list) else v) for k, v in extra.items()}
+        try:
+            fn(prompts=prompts[i:i + 1], completions=completions[i:i + 1], **one_cols, **one_extra)
+        except Exception:
+            return i
+    return None
+
+
+def _snippet(x: Any, n: int = 60) -> str:
+    try:
+        s = completion_text(x)
+    except TypeError:
+        s = str(x)
+    return repr(s if len(s) <= n else s[:n] + "…")

@@ -1,0 +1,409 @@
+"""Run configuration: dataclasses with TRL's names, loadable from YAML, overridable from the CLI.
+
+Every field is typed; `from_dict` rejects unknown keys (with a close-match hint) and values of the
+wrong type, and `validate` rejects values out of range, so a typo never trains silently on defaults.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo")
+SCALE_REWARDS = ("group", "batch", "none")
+IS_LEVELS = ("token", "sequence")
+ESTIMATORS = ("grpo", "rloo")
+KL_ESTIMATORS = ("k1", "k2", "k3")
+SCHEDULERS = ("constant", "linear", "cosine")
+TIS_MODES = ("none", "truncate", "mask")
+TIS_LEVELS = ("token", "sequence")
+
+
+class ConfigError(ValueError):
+    """A configuration key or value that cannot be used; the message names it."""
+
+
+@dataclass
+class _Base:
+    """Shared loading/overriding/validation for every config dataclass."""
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, source: str = "config"):
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: expected a mapping of option names to values, got {type(data).__name__}")
+        cfg = cls()
+        cfg.update(data, source=source)
+        return cfg
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike, overrides: Optional[list[str]] = None):
+        data = load_yaml(path)
+        cfg = cls.from_dict(data, source=str(path))
+        if overrides:
+            cfg.update(parse_overrides(overrides), source="command line")
+        return cfg
+
+    def update(self, data: dict[str, Any], *, source: str = "config"):
+        hints = typing.get_type_hints(type(self))
+        names = self.field_names()
+        for key, value in data.items():
+            key = str(key).replace("-", "_")
+            if key not in names:
+                close = difflib.get_close_matches(key, names, n=3)
+                hint = f"; did you mean {', '.join(close)}?" if close else ""
+                raise ConfigError(f"{source}: unknown option {key!r} for {type(self).__name__}{hint}")
+            setattr(self, key, _coerce(key, value, hints[key], source))
+        self.validate()
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def validate(self):  # overridden
+        pass
+
+
+def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    import yaml
+
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    with open(path, encoding="utf-8") as f:
+        try:
+            data = yaml.safe_load(f)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def parse_overrides(args: list[str]) -> dict[str, Any]:
+    """`--key value`, `--key=value` and `key=value` → {key: value} (values parsed as YAML scalars)."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        a = args[i]
+        if a.startswith("--"):
+            a = a[2:]
+            if "=" in a:
+                key, raw = a.split("=", 1)
+            else:
+                if i + 1 >= len(args) or args[i + 1].startswith("--"):
+                    raise ConfigError(f"command line: option --{a} needs a value")
+                key, raw = a, args[i + 1]
+                i += 1
+        elif "=" in a:
+            key, raw = a.split("=", 1)
+        else:
+            raise ConfigError(f"command line: cannot read {a!r}; write --key value or key=value")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        out[key.replace("-", "_")] = value
+        i += 1
+    return out
+
+
+def _coerce(key: str, value: Any, hint: Any, source: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin is typing.Union:
+        inner = [a for a in args if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in args:
+                return None
+        return _coerce(key, value, inner[0], source)
+    bad = ConfigError(f"{source}: option {key!r} expects {getattr(hint, '__name__', hint)}, got {value!r}")
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise bad
+    if hint is int:
+        if isinstance(value, bool):
+            raise bad
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                raise bad from None
+        raise bad
+    if hint is float:
+        if isinstance(value, bool):
+            raise bad
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                raise bad from None
+        raise bad
+    if hint is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise bad
+    if origin in (list, tuple):
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v]
+        if not isinstance(value, (list, tuple)):
+            raise bad
+        return [_coerce(key, v, args[0], source) for v in value] if args else list(value)
+    if origin is dict or hint is dict:
+        if not isinstance(value, dict):
+            raise bad
+        return dict(value)
+    return value
+
+
+def _check(cond: bool, msg: str):
+    if not cond:
+        raise ConfigError(msg)
+
+
+def _one_of(name: str, value, choices):
+    _check(value in choices, f"option {name!r} must be one of {', '.join(map(str, choices))}; got {value!r}")
+
+
+@dataclass
+class GRPOConfig(_Base):
+    """GRPO hyper-parameters. Names follow TRL's GRPOConfig where the meaning is the same.
+
+    One rollout draws `per_device_train_batch_size * gradient_accumulation_steps` completions
+    (that many / `num_generations` prompts); each of `num_iterations` passes over it is one
+    optimizer step made of `gradient_accumulation_steps` micro-batches. `max_steps` and
+    `save_steps` count optimizer steps, as in TRL.
+    """
+
+    # model / data
+    model_name_or_path: Optional[str] = None
+    dataset: Optional[str] = None            # path (jsonl/parquet/saved dataset) or "builtin:<task>"
+    dataset_split: Optional[str] = None
+    prompt_column: str = "prompt"
+    answer_column: str = "answer"
+    eval_dataset: Optional[str] = None
+    eval_size: int = 64
+    eval_steps: int = 0                      # 0: evaluate only at the start and at the end
+    eval_temperature: float = 1.0
+    eval_samples_per_prompt: int = 1
+    system_prompt: Optional[str] = None
+    # optimisation
+    learning_rate: float = 1e-6
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.99
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    lr_scheduler_type: str = "constant"
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.0
+    per_device_train_batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    max_steps: int = -1
+    num_train_epochs: float = 1.0
+    seed: int = 42
+    # GRPO
+    num_generations: int = 8
+    num_iterations: int = 1
+    beta: float = 0.0
+    epsilon: float = 0.2
+    epsilon_high: Optional[float] = None
+    delta: Optional[float] = None
+    loss_type: str = "dapo"
+    scale_rewards: str = "group"
+    advantage_estimator: str = "grpo"
+    importance_sampling_level: str = "token"
+    kl_estimator: str = "k3"
+    entropy_coef: float = 0.0
+    tis_mode: str = "mask"                   # truncated importance sampling against the sampler (TRL's default)
+    tis_cap: float = 3.0
+    tis_level: str = "sequence"
+    mask_truncated_completions: bool = False
+    # sampling
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    min_p: float = 0.0
+    max_completion_length: int = 256
+    max_prompt_length: int = 512
+    # rollout engine
+    engine_block_size: int = 16
+    engine_max_num_seqs: int = 256
+    engine_max_num_batched_tokens: int = 8192
+    engine_num_blocks: Optional[int] = None
+    # rewards
+    reward_funcs: list[str] = field(default_factory=lambda: ["accuracy", "format"])
+    reward_weights: Optional[list[float]] = None
+    format_pattern: Optional[str] = None
+    language: str = "en"
+    length_penalty_target: Optional[int] = None
+    # output
+    output_dir: Optional[str] = None         # default: ./runs/<run_name>
+    run_name: Optional[str] = None
+    save_steps: int = 0                      # 0: only at the end
+    save_total_limit: int = 2
+    logging_steps: int = 1
+    log_completions: int = 2                 # sample completions written to the log per logging step
+    report_to: list[str] = field(default_factory=list)   # "tensorboard", "wandb"
+    progress_bar: bool = True
+    # precision / device
+    device: Optional[str] = None             # default: cuda when present, else cpu
+    dtype: str = "float32"
+    fp8: str = "off"
+    max_nonfinite_steps: int = 10            # abort after this many skipped steps in a row
+
+    def validate(self):
+        _check(self.learning_rate >= 0, f"option 'learning_rate' must be >= 0; got {self.learning_rate}")
+        _check(self.beta >= 0, f"option 'beta' must be >= 0; got {self.beta}")
+        _check(self.epsilon >= 0, f"option 'epsilon' must be >= 0; got {self.epsilon}")
+        _check(self.epsilon_high is None or self.epsilon_high >= 0,
+               f"option 'epsilon_high' must be >= 0; got {self.epsilon_high}")
+        _check(self.delta is None or self.delta > 1.0, f"option 'delta' must be > 1 when set; got {self.delta}")
+        _one_of("loss_type", self.loss_type, LOSS_TYPES)
+        _one_of("scale_rewards", self.scale_rewards, SCALE_REWARDS)
+        _one_of("advantage_estimator", self.advantage_estimator, ESTIMATORS)
+        _one_of("importance_sampling_level", self.importance_sampling_level, IS_LEVELS)
+        _one_of("kl_estimator", self.kl_estimator, KL_ESTIMATORS)
+        _one_of("lr_scheduler_type", self.lr_scheduler_type, SCHEDULERS)
+        _one_of("tis_mode", self.tis_mode, TIS_MODES)
+        _one_of("tis_level", self.tis_level, TIS_LEVELS)
+        _one_of("dtype", self.dtype, ("float32", "bfloat16", "float16"))
+        _one_of("fp8", self.fp8, ("off", "on", "auto"))
+        _check(self.num_generations >= 2, f"option 'num_generations' must be >= 2 (GRPO compares samples within a group); got {self.num_generations}")
+        _check(self.per_device_train_batch_size >= 1, "option 'per_device_train_batch_size' must be >= 1")
+        _check(self.gradient_accumulation_steps >= 1, "option 'gradient_accumulation_steps' must be >= 1")
+        gen = self.per_device_train_batch_size * self.gradient_accumulation_steps
+        _check(gen % self.num_generations == 0,
+               f"per_device_train_batch_size * gradient_accumulation_steps = {gen} completions per rollout "
+               f"must be divisible by num_generations = {self.num_generations}")
+        _check(self.num_iterations >= 1, f"option 'num_iterations' must be >= 1; got {self.num_iterations}")
+        _check(self.temperature > 0, f"option 'temperature' must be > 0; got {self.temperature}")
+        _check(0 < self.top_p <= 1, f"option 'top_p' must be in (0, 1]; got {self.top_p}")
+        _check(self.top_k == -1 or self.top_k >= 1, f"option 'top_k' must be -1 (off) or >= 1; got {self.top_k}")
+        _check(0 <= self.min_p < 1, f"option 'min_p' must be in [0, 1); got {self.min_p}")
+        _check(self.max_completion_length >= 1, "option 'max_completion_length' must be >= 1")
+        _check(self.max_prompt_length >= 1, "option 'max_prompt_length' must be >= 1")
+        _check(self.max_steps != 0, "option 'max_steps' must be positive, or -1 to use num_train_epochs")
+        _check(self.max_steps > 0 or self.num_train_epochs > 0, "option 'num_train_epochs' must be > 0")
+        _check(self.save_steps >= 0 and self.logging_steps >= 1 and self.save_total_limit >= 1,
+               "options 'save_steps' >= 0, 'logging_steps' >= 1 and 'save_total_limit' >= 1 are required")
+        _check(self.tis_cap > 1, f"option 'tis_cap' must be > 1; got {self.tis_cap}")
+        _check(0 <= self.warmup_ratio < 1, f"option 'warmup_ratio' must be in [0, 1); got {self.warmup_ratio}")
+        _check(self.eval_samples_per_prompt >= 1 and self.eval_size >= 0, "eval_size >= 0 and eval_samples_per_prompt >= 1 required")
+        _check(self.eval_temperature >= 0, "option 'eval_temperature' must be >= 0 (0 = greedy)")
+        if self.reward_weights is not None:
+            _check(len(self.reward_weights) == len(self.reward_funcs),
+                   f"reward_weights has {len(self.reward_weights)} entries but reward_funcs has {len(self.reward_funcs)}")
+        for r in self.report_to:
+            _one_of("report_to", r, ("tensorboard", "wandb"))
+
+    @property
+    def completions_per_rollout(self) -> int:
+        return self.per_device_train_batch_size * self.gradient_accumulation_steps
+
+    @property
+    def prompts_per_rollout(self) -> int:
+        return self.completions_per_rollout // self.num_generations
+
+
+@dataclass
+class SFTConfig(_Base):
+    """Supervised fine-tuning (cold start, rejection-sampled data, distillation)."""
+
+    model_name_or_path: Optional[str] = None
+    dataset: Optional[str] = None            # JSONL/parquet/saved dataset with prompt + completion, or builtin:<task>
+    prompt_column: str = "prompt"
+    completion_column: str = "completion"
+    system_prompt: Optional[str] = None
+    learning_rate: float = 1e-5
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    lr_scheduler_type: str = "cosine"
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.0
+    per_device_train_batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    max_steps: int = -1
+    num_train_epochs: float = 1.0
+    max_length: int = 1024
+    seed: int = 42
+    output_dir: Optional[str] = None
+    run_name: Optional[str] = None
+    save_steps: int = 0
+    save_total_limit: int = 2
+    logging_steps: int = 10
+    report_to: list[str] = field(default_factory=list)
+    progress_bar: bool = True
+    device: Optional[str] = None
+    dtype: str = "float32"
+
+    def validate(self):
+        _check(self.learning_rate >= 0, f"option 'learning_rate' must be >= 0; got {self.learning_rate}")
+        _one_of("lr_scheduler_type", self.lr_scheduler_type, SCHEDULERS)
+        _one_of("dtype", self.dtype, ("float32", "bfloat16", "float16"))
+        _check(self.per_device_train_batch_size >= 1, "option 'per_device_train_batch_size' must be >= 1")
+        _check(self.gradient_accumulation_steps >= 1, "option 'gradient_accumulation_steps' must be >= 1")
+        _check(self.max_steps != 0, "option 'max_steps' must be positive, or -1 to use num_train_epochs")
+        _check(self.max_length >= 2, "option 'max_length' must be >= 2")
+        _check(0 <= self.warmup_ratio < 1, f"option 'warmup_ratio' must be in [0, 1); got {self.warmup_ratio}")
+        _check(self.save_steps >= 0 and self.logging_steps >= 1 and self.save_total_limit >= 1,
+               "options 'save_steps' >= 0, 'logging_steps' >= 1 and 'save_total_limit' >= 1 are required")
+        for r in self.report_to:
+            _one_of("report_to", r, ("tensorboard", "wandb"))
+
+
+@dataclass
+class SampleConfig(_Base):
+    """Rejection sampling: n samples per prompt, keep those whose rewards pass the thresholds."""
+
+    model_name_or_path: Optional[str] = None
+    dataset: Optional[str] = None
+    prompt_column: str = "prompt"
+    answer_column: str = "answer"
+    system_prompt: Optional[str] = None
+    output_file: Optional[str] = None
+    num_samples: int = 4
+    max_prompts: int = -1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    max_completion_length: int = 256
+    reward_funcs: list[str] = field(default_factory=lambda: ["accuracy", "format"])
+    reward_thresholds: Optional[list[float]] = None   # per reward function; default: each must be >= 1.0
+    keep_per_prompt: int = 1
+    format_pattern: Optional[str] = None
+    language: str = "en"
+    seed: int = 42
+    batch_prompts: int = 64
+    device: Optional[str] = None
+    dtype: str = "float32"
+
+    def validate(self):
+        _check(self.num_samples >= 1, "option 'num_samples' must be >= 1")
+        _check(self.keep_per_prompt >= 1, "option 'keep_per_prompt' must be >= 1")
+        _check(self.temperature >= 0, "option 'temperature' must be >= 0")
+        _check(self.batch_prompts >= 1, "option 'batch_prompts' must be >= 1")
+        if self.reward_thresholds is not None:
+            _check(len(self.reward_thresholds) == len(self.reward_funcs),
+                   f"reward_thresholds has {len(self.reward_thresholds)} entries but reward_funcs has {len(self.reward_funcs)}")

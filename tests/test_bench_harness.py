@@ -1,0 +1,51 @@
+import csv
+import math
+
+import pytest
+import torch
+
+from r1fast.bench import harness
+from r1fast.cli import main as cli_main
+
+
+def test_kv_cache_suite_rows_follow_the_schema(tmp_path):
+    rows = harness.main(["kv_cache"], size="smoke", out_dir=str(tmp_path), budget_s=0.0, min_reps=2, log=lambda *_: None)
+    providers = {r["provider"] for r in rows}
+    assert {"r1fast", "torch"} <= providers
+    for r in rows:
+        assert set(harness.COLUMNS) <= set(r)
+    times = [r for r in rows if r["metric"] == "time_ms"]
+    assert all(r["p50"] > 0 and r["p20"] <= r["p50"] <= r["p80"] for r in times)
+    # The floor is bytes / measured bandwidth: positive and finite for a copy.
+    assert all(math.isfinite(r["floor"]) and r["floor"] > 0 for r in times)
+    (csv_path,) = tmp_path.glob("*.csv")
+    with open(csv_path) as f:
+        assert list(csv.DictReader(f))[0].keys() == set(harness.COLUMNS)
+    assert "r1fast_speedup" in harness.format_table(rows)
+    png = harness.plot([csv_path], tmp_path / "plot.png")
+    assert png.stat().st_size > 1000
+
+
+def test_unknown_suite_and_size_are_clear_errors():
+    with pytest.raises(ValueError, match="unknown suite"):
+        harness.main(["no_such_suite"], log=lambda *_: None)
+    with pytest.raises(ValueError, match="--size must be"):
+        harness.main(["kv_cache"], size="huge", log=lambda *_: None)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="needs a CUDA device"):
+            harness.main(["kv_cache"], size="gpu", log=lambda *_: None)
+
+
+def test_floor_takes_the_larger_of_compute_and_bandwidth():
+    m = harness.Machine(torch.device("cpu"), "smoke")
+    m._rates["float32"], m._bandwidth = 1e12, 1e11
+    case = harness.Case("c", "fwd", "float32", [], flops=2e9, bytes=1e9)
+    assert m.floor_ms(case) == pytest.approx(max(2e9 / 1e12, 1e9 / 1e11) * 1e3)
+
+
+def test_info_and_bench_list_commands(capsys):
+    assert cli_main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "torch:" in out and "r1fast._C:" in out and "transformer_engine" in out
+    assert cli_main(["bench", "--list"]) == 0
+    assert "kv_cache" in capsys.readouterr().out
