@@ -5,7 +5,8 @@ from dataclasses import dataclass
 
 import torch
 
-MODES = ("off", "emulate", "torch", "te")
+# "auto": "te" where Transformer Engine can run, else "torch" on an FP8 GPU, else "off" (silently).
+MODES = ("off", "emulate", "torch", "te", "auto")
 # Transformer Engine recipes: "current" = per-tensor scale from this step's amax (TE's
 # Float8CurrentScaling), "delayed" = scale from an amax history (DelayedScaling), "block" = 1x128 /
 # 128x128 block scales (Float8BlockScaling, Hopper+), "mxfp8" = 32-element E8M0 blocks (Blackwell).
@@ -49,6 +50,9 @@ def make_options(mode, recipe=None, grad_dtype="e5m2", scaling=None) -> Fp8Optio
         _check_choice("recipe", recipe, RECIPES)
     if scaling is not None:
         _check_choice("scaling", scaling, SCALINGS)
+    if mode == "auto":
+        # recipe and scaling both stay as given: each applies if its path is the one chosen
+        return Fp8Options("auto", recipe, grad_dtype, scaling)
     if mode == "te":
         if scaling is not None:
             raise ValueError(

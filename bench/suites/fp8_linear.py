@@ -1,0 +1,162 @@
+"""fp8_linear: FP8 linear layers (each usable path) against the bf16 nn.Linear GEMM.
+
+GEMM shapes are the MLP projections of 1.5B- and 7B-shaped models (Qwen2.5: hidden 1536 /
+intermediate 8960, hidden 3584 / intermediate 18944) over 16384 tokens. The floor is the GEMM FLOPs
+(2MKN forward, 6MKN forward+backward) at the measured FP8 rate on a GPU, so the bf16 row's % of
+floor shows how far bf16 is from what FP8 hardware allows; on the CPU (smoke) it is the fp32 rate.
+"""
+import torch
+import torch.nn.functional as F
+
+from r1fast.bench.harness import Case, Impl, Skip, suite
+
+
+def _tensors(m, k, n, dtype, device, grad):
+    x = (torch.randn(m, k, device=device) * 0.5).to(dtype).requires_grad_(grad)
+    w = (torch.randn(n, k, device=device) * k ** -0.5).to(dtype).requires_grad_(grad)
+    dy = torch.randn(m, n, device=device).to(dtype)
+    return x, w, dy
+
+
+def _timed(layer, x, w, dy, mode):
+    if mode == "fwd":
+        def run():
+            with torch.no_grad():
+                return layer(x)
+    else:
+        def run():
+            x.grad = w.grad = None
+            layer(x).backward(dy)
+    try:  # one call up front: an FP8 kernel this card/build lacks is a skip with its reason, not a crash
+        run()
+    except RuntimeError as e:
+        raise Skip(f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+    return run
+
+
+def _dense(shape, dtype, device, mode):
+    def setup():
+        x, w, dy = _tensors(*shape, dtype, device, mode != "fwd")
+        return _timed(lambda t: F.linear(t, w), x, w, dy, mode)
+    return setup
+
+
+def _ours(impl, scaling, shape, dtype, device, mode):
+    def setup():
+        from r1fast.fp8 import fp8_linear
+        from r1fast.fp8.support import torch_path
+
+        if impl == "torch":
+            ok, why = torch_path(device)
+            if not ok:
+                raise Skip(why)
+        x, w, dy = _tensors(*shape, dtype, device, mode != "fwd")
+        return _timed(lambda t: fp8_linear(t, w, impl=impl, scaling=scaling), x, w, dy, mode)
+    return setup
+
+
+def _te(recipe, shape, dtype, device, mode):
+    def setup():
+        from r1fast.fp8.support import te_recipe_support
+        from r1fast.fp8.te import te_linear_from
+
+        if device.type != "cuda":
+            raise Skip("Transformer Engine needs a CUDA device")
+        ok, why = te_recipe_support(recipe)
+        if not ok:
+            raise Skip(why)
+        m, k, n = shape
+        x, w, dy = _tensors(m, k, n, dtype, device, mode != "fwd")
+        base = torch.nn.Linear(k, n, bias=False, device=device, dtype=dtype)
+        layer = te_linear_from(base, recipe, "e5m2")
+        return _timed(layer, x, layer.weight, dy, mode)
+    return setup
+
+
+@suite("fp8_linear")
+def cases(size, device):
+    """FP8 linear (torch._scaled_mm rowwise/tensorwise, Transformer Engine) vs bf16 F.linear."""
+    if size == "gpu":
+        shapes = {"1.5B mlp_up": (16384, 1536, 8960), "1.5B mlp_down": (16384, 8960, 1536),
+                  "7B mlp_up": (16384, 3584, 18944)}
+        dtype, matmul_dtype = torch.bfloat16, "float8"
+    else:
+        shapes = {"tiny": (64, 64, 128)}
+        dtype, matmul_dtype = torch.float32, None
+    out = []
+    for label, shape in shapes.items():
+        m, k, n = shape
+        for mode, gemms in (("fwd", 1), ("fwd_bwd", 3)):
+            impls = []
+            if device.type == "cuda":
+                impls += [Impl("transformer_engine", f"fp8-te-{r}", _te(r, shape, dtype, device, mode),
+                               requires=("transformer_engine",)) for r in ("current", "delayed")]
+            else:
+                impls.append(Impl("r1fast", "fp8-emulate", _ours("emulate", "rowwise", shape, dtype, device, mode)))
+            # the default (rowwise) last: the table's speed-up column compares peers with the last r1fast row
+            impls += [Impl("r1fast", "fp8-torch-tensorwise", _ours("torch", "tensorwise", shape, dtype, device, mode)),
+                      Impl("r1fast", "fp8-torch-rowwise", _ours("torch", "rowwise", shape, dtype, device, mode)),
+                      Impl("torch", f"{str(dtype).removeprefix('torch.')}-linear", _dense(shape, dtype, device, mode))]
+            out.append(Case(f"{label} M={m} K={k} N={n}", mode, str(dtype).removeprefix("torch."), impls,
+                            flops=2 * gemms * m * k * n, items=m, item_name="tokens", matmul_dtype=matmul_dtype))
+    out.append(_step_case(size, device, dtype, matmul_dtype))
+    return out
+
+
+# ---------------------------------------------------------------- a model's training step
+
+
+def _model_config(size):
+    from r1fast.models import ModelConfig
+
+    if size == "gpu":  # two decoder layers of Qwen2.5-1.5B's shape
+        return ModelConfig(architecture="Qwen2ForCausalLM", vocab_size=151936, hidden_size=1536,
+                           intermediate_size=8960, num_hidden_layers=2, num_attention_heads=12,
+                           num_key_value_heads=2), 4, 2048
+    return ModelConfig(architecture="Qwen2ForCausalLM", vocab_size=64, hidden_size=32, intermediate_size=64,
+                       num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2), 2, 16
+
+
+def _step(size, device, dtype, fp8_mode):
+    def setup():
+        try:
+            from r1fast.fp8 import apply_fp8
+            from r1fast.models import CausalLM
+
+            cfg, seqs, seqlen = _model_config(size)
+            model = CausalLM(cfg).to(device=device, dtype=dtype)
+            if fp8_mode != "off":
+                ok = apply_fp8(model, fp8_mode).fp8_report.effective_mode == fp8_mode
+                if not ok:
+                    raise Skip(f"fp8 mode {fp8_mode} unavailable: {model.fp8_report.fallback_reason}")
+            opt = torch.optim.SGD(model.parameters(), lr=1e-6)
+            ids = torch.randint(0, cfg.vocab_size, (seqs * seqlen,), device=device)
+            cu = torch.arange(0, seqs + 1, device=device, dtype=torch.int32) * seqlen
+
+            def run():
+                opt.zero_grad(set_to_none=True)
+                model(ids, cu_seqlens=cu).float().square().mean().backward()
+                opt.step()
+            run()
+        except Skip:
+            raise
+        except Exception as e:  # the model package is another area: report, don't crash the suite
+            raise Skip(f"model step failed: {type(e).__name__}: {e}")
+        return run
+    return setup
+
+
+def _step_case(size, device, dtype, matmul_dtype):
+    cfg, seqs, seqlen = _model_config(size)
+    tokens, h, i = seqs * seqlen, cfg.hidden_size, cfg.intermediate_size
+    kv = cfg.num_key_value_heads * (h // cfg.num_attention_heads)
+    proj = h * h * 2 + h * kv * 2 + 3 * h * i          # q, o, k, v, gate, up, down
+    flops = 6 * tokens * proj * cfg.num_hidden_layers   # the linear layers' GEMMs only
+    impls = [Impl("r1fast", "fp8-emulate" if device.type != "cuda" else "fp8-torch-rowwise",
+                  _step(size, device, dtype, "emulate" if device.type != "cuda" else "torch"))]
+    if device.type == "cuda":
+        impls.insert(0, Impl("transformer_engine", "fp8-te-current", _step(size, device, dtype, "te"),
+                             requires=("transformer_engine",)))
+    impls.append(Impl("torch", f"{str(dtype).removeprefix('torch.')}-model", _step(size, device, dtype, "off")))
+    return Case(f"decoder step {cfg.num_hidden_layers}L h={h} i={i} T={tokens}", "step",
+                str(dtype).removeprefix("torch."), impls, flops=flops, items=tokens, matmul_dtype=matmul_dtype)

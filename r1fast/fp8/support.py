@@ -1,0 +1,126 @@
+"""Which FP8 paths can run here, and why not when they can't (`r1fast info` prints this)."""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+# FP8 tensor cores: Ada (sm_89) and Hopper (sm_90) onwards.
+MIN_FP8_CAPABILITY = (8, 9)
+
+
+@functools.lru_cache(maxsize=None)
+def scaled_mm_runs_on_cpu() -> bool:
+    if not hasattr(torch, "_scaled_mm"):
+        return False
+    try:
+        a = torch.ones(16, 16).to(torch.float8_e4m3fn)
+        one = torch.tensor(1.0)
+        torch._scaled_mm(a, a.t(), scale_a=one, scale_b=one, out_dtype=torch.float32)
+    except Exception:
+        return False
+    return True
+
+
+def cuda_fp8_support(device: torch.device | None = None) -> tuple[bool, str]:
+    """(FP8 GEMMs usable on this CUDA device, reason)."""
+    if not torch.cuda.is_available():
+        return False, "no CUDA device"
+    cap = torch.cuda.get_device_capability(device)
+    name = torch.cuda.get_device_name(device)
+    if cap < MIN_FP8_CAPABILITY:
+        return False, f"{name} is sm_{cap[0]}{cap[1]}; FP8 GEMMs need compute capability >= 8.9 (Ada/Hopper)"
+    return True, f"{name} (sm_{cap[0]}{cap[1]})"
+
+
+def torch_path(device: torch.device) -> tuple[bool, str]:
+    """Can the "torch" path (torch._scaled_mm) run on tensors living on `device`?"""
+    if not hasattr(torch, "_scaled_mm"):
+        return False, f"torch {torch.__version__} has no torch._scaled_mm"
+    if device.type == "cuda":
+        ok, why = cuda_fp8_support(device)
+        return ok, (f"torch._scaled_mm on {why}" if ok else why)
+    if device.type == "cpu":
+        if scaled_mm_runs_on_cpu():
+            return True, "torch._scaled_mm on the CPU (a reference kernel: correct, not faster than bf16)"
+        return False, f"torch {torch.__version__} has no CPU torch._scaled_mm"
+    return False, f"torch._scaled_mm is not used on {device.type}"
+
+
+@functools.lru_cache(maxsize=None)
+def te_module():
+    """transformer_engine.pytorch, or None when Transformer Engine is not installed or fails to load."""
+    try:
+        import transformer_engine.pytorch as te  # noqa: F401
+    except Exception:
+        return None
+    return te
+
+
+def _te_check(names: tuple[str, ...]) -> tuple[bool, str] | None:
+    # TE moved its support probes between releases: try the known homes, newest first.
+    te = te_module()
+    for name in names:
+        for owner in (te, getattr(te, "fp8", None), getattr(te, "quantization", None)):
+            fn = getattr(owner, name, None) if owner is not None else None
+            if fn is None:
+                continue
+            try:
+                res = fn(return_reason=True) if name.startswith("is_") else fn()
+            except TypeError:
+                res = fn()
+            except Exception as e:  # a probe failing means "not usable", with its message
+                return False, str(e)
+            if isinstance(res, tuple):
+                return bool(res[0]), str(res[1] or "")
+            return bool(res), ""
+    return None
+
+
+def te_recipe_support(recipe: str) -> tuple[bool, str]:
+    """Is Transformer Engine usable with `recipe` on the current CUDA device?"""
+    te = te_module()
+    if te is None:
+        return False, "transformer_engine is not installed (pip install transformer_engine[pytorch])"
+    if not torch.cuda.is_available():
+        return False, "Transformer Engine FP8 needs a CUDA device"
+    ok, why = cuda_fp8_support()
+    if not ok:
+        return False, why
+    probes = {
+        "current": ("is_fp8_available", "check_fp8_support"),
+        "delayed": ("is_fp8_available", "check_fp8_support"),
+        "block": ("is_fp8_block_scaling_available", "check_fp8_block_scaling_support"),
+        "mxfp8": ("is_mxfp8_available", "check_mxfp8_support"),
+    }[recipe]
+    res = _te_check(probes)
+    if res is None:
+        if recipe in ("current", "delayed"):
+            return True, why
+        return False, f"the installed Transformer Engine has no {recipe} scaling"
+    return res[0], (why if res[0] else res[1] or f"{recipe} scaling unsupported here")
+
+
+def _te_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("transformer_engine")
+    except Exception:
+        return "(unknown version)"
+
+
+def available_paths() -> dict[str, tuple[bool, str]]:
+    """{mode: (usable, explanation)} for the FP8 modes, as seen from the default device."""
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    paths = {
+        "off": (True, "linear layers in their own precision"),
+        "emulate": (True, "FP8 numerics in plain torch (quantise, fp32 matmul, dequantise): for tests, no speedup"),
+        "torch": torch_path(dev),
+    }
+    ok, why = te_recipe_support("current")
+    if ok:
+        usable = [r for r in ("current", "delayed", "block", "mxfp8") if te_recipe_support(r)[0]]
+        why = f"Transformer Engine {_te_version()} on {why}; recipes: {', '.join(usable)}"
+    paths["te"] = (ok, why)
+    return paths

@@ -1,0 +1,267 @@
+"""apply_fp8: which layers change, option checking, fallbacks, and a few training steps in FP8."""
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import r1fast.fp8.apply as fp8_apply
+from r1fast.fp8 import Fp8FallbackWarning, Fp8Linear, apply_fp8, available_paths, make_options
+from r1fast.testing import randn
+
+try:
+    from r1fast.models import CausalLM, Linear as ModelLinear, ModelConfig
+except ImportError:  # the models package is optional for these tests
+    CausalLM = ModelLinear = ModelConfig = None
+
+
+class Tiny(nn.Module):
+    """An embedding, an MLP with one unaligned layer, and an lm_head (untied, and one tied copy)."""
+
+    def __init__(self, vocab=40, h=32, tie=False):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, h)
+        self.up = nn.Linear(h, 64)
+        self.down = nn.Linear(64, h, bias=False)
+        self.odd = nn.Linear(h, 24)         # 24 is not a multiple of 16
+        self.back = nn.Linear(24, h)
+        self.norm = nn.LayerNorm(h)
+        self.lm_head = nn.Linear(h, vocab, bias=False)
+        self.tied = nn.Linear(h, vocab, bias=False)
+        self.tied.weight = self.embed.weight
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        x = x + self.down(torch.relu(self.up(x)))
+        x = x + self.back(torch.tanh(self.odd(x)))
+        return self.lm_head(self.norm(x))
+
+
+def test_options_reject_bad_values_and_combinations():
+    for kwargs, msg in [(dict(mode="fp8"), "mode='fp8'"), (dict(mode="torch", grad_dtype="e4m2"), "grad_dtype"),
+                        (dict(mode="torch", scaling="block"), "scaling='block'"),
+                        (dict(mode="te", recipe="hybrid"), "recipe='hybrid'"),
+                        (dict(mode="torch", recipe="delayed"), "applies to mode='te' only"),
+                        (dict(mode="emulate", recipe="current"), "applies to mode='te' only"),
+                        (dict(mode="te", scaling="rowwise"), "with mode='te'"),
+                        (dict(mode=True), "mode=True")]:
+        with pytest.raises(ValueError, match=msg):
+            make_options(**kwargs)
+        with pytest.raises(ValueError, match=msg):
+            apply_fp8(Tiny(), **kwargs)
+    assert make_options("te").recipe == "current"
+    assert make_options("torch").scaling == "rowwise"
+    assert make_options(None).mode == "off"
+    with pytest.raises(TypeError, match="nn.Module"):
+        apply_fp8("model", "emulate")
+
+
+def test_available_paths_shape():
+    paths = available_paths()
+    assert set(paths) == {"off", "emulate", "torch", "te"}
+    for ok, why in paths.values():
+        assert isinstance(ok, bool) and isinstance(why, str) and why
+    assert paths["emulate"][0] and paths["off"][0]
+
+
+def test_plain_module_swaps_aligned_linears_only():
+    torch.manual_seed(0)
+    model = Tiny()
+    params_before = {n: p for n, p in model.named_parameters()}
+    keys_before = list(model.state_dict())
+    ids = torch.randint(0, 40, (3, 7))
+    ref = model(ids)
+    out = apply_fp8(model, "emulate", grad_dtype="e4m3", scaling="tensorwise")
+    assert out is model
+    assert isinstance(model.up, Fp8Linear) and isinstance(model.down, Fp8Linear)
+    assert model.up.fp8_grad_dtype == "e4m3" and model.up.fp8_scaling == "tensorwise"
+    for name in ("odd", "back", "lm_head", "tied"):
+        assert type(getattr(model, name)) is nn.Linear, name
+    rep = model.fp8_report
+    assert rep.effective_mode == "emulate" and sorted(rep.converted) == ["down", "up"]
+    assert "odd" in rep.kept and "back" in rep.kept and "lm_head" not in rep.converted
+    # same Parameter objects, same dtypes, same checkpoint keys
+    assert all(p is params_before[n] for n, p in model.named_parameters())
+    assert list(model.state_dict()) == keys_before
+    # FP8 output close to, but not identical with, the high-precision one
+    got = model(ids)
+    rel = ((got - ref).norm() / ref.norm()).item()
+    assert 0 < rel < 0.05
+    with pytest.raises(ValueError, match="already has FP8 layers"):
+        apply_fp8(model, "emulate")
+
+
+def test_off_changes_nothing_and_root_linear_is_returned():
+    model = Tiny()
+    assert apply_fp8(model, "off") is model and model.fp8_report.effective_mode == "off"
+    assert not any(isinstance(m, Fp8Linear) for m in model.modules())
+    lin = nn.Linear(32, 16)
+    new = apply_fp8(lin, "emulate")
+    assert isinstance(new, Fp8Linear) and new.weight is lin.weight
+
+
+def test_fallback_warns_once_and_keeps_high_precision(monkeypatch):
+    # A GPU without FP8: simulate the capability check failing for the torch path.
+    monkeypatch.setattr(fp8_apply, "torch_path",
+                        lambda device: (False, "NVIDIA A100 is sm_80; FP8 GEMMs need compute capability >= 8.9"))
+    model = Tiny().to(torch.bfloat16)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        apply_fp8(model, "torch")
+    fw = [w for w in caught if issubclass(w.category, Fp8FallbackWarning)]
+    assert len(fw) == 1 and "sm_80" in str(fw[0].message) and "bfloat16" in str(fw[0].message)
+    assert not any(isinstance(m, Fp8Linear) for m in model.modules())
+    assert model.fp8_report.effective_mode == "off" and "sm_80" in model.fp8_report.fallback_reason
+
+
+def test_te_missing_or_no_cuda_falls_back_with_one_warning(monkeypatch):
+    model = Tiny()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        apply_fp8(model, "te", recipe="delayed")
+    fw = [w for w in caught if issubclass(w.category, Fp8FallbackWarning)]
+    if available_paths()["te"][0] and torch.cuda.is_available():
+        pytest.skip("Transformer Engine is usable here: no fallback to test")
+    assert len(fw) == 1 and "mode='te'" in str(fw[0].message)
+    assert model.fp8_report.effective_mode == "off"
+
+
+def test_torch_mode_runs_where_scaled_mm_does():
+    ok, why = available_paths()["torch"]
+    if not ok:
+        pytest.skip(why)
+    torch.manual_seed(0)
+    a, b = Tiny(), Tiny()
+    b.load_state_dict(a.state_dict())
+    apply_fp8(a, "torch")
+    apply_fp8(b, "emulate")
+    ids = torch.randint(0, 40, (2, 9))
+    ya, yb = a(ids), b(ids)
+    torch.testing.assert_close(ya, yb, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(ModelLinear is None, reason="r1fast.models is not available")
+def test_causal_lm_converts_only_its_projection_layers():
+    cfg = ModelConfig(architecture="Qwen2ForCausalLM", vocab_size=50, hidden_size=32, intermediate_size=64,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    model = CausalLM(cfg)
+    projections = [n for n, m in model.named_modules() if isinstance(m, ModelLinear)]
+    apply_fp8(model, "emulate")
+    converted = model.fp8_report.converted
+    # k/v projections are 32 -> 16 (2 kv heads x 8): aligned, so every projection converts
+    assert sorted(converted) == sorted(projections) and len(converted) == 14
+    assert isinstance(model.lm_head, nn.Linear) and not isinstance(model.lm_head, Fp8Linear)
+    assert isinstance(model.embed_tokens, nn.Embedding)
+
+
+def test_only_model_linear_class_is_replaced_when_present(monkeypatch):
+    class ProjLinear(nn.Linear):
+        pass
+
+    monkeypatch.setattr(fp8_apply, "_model_linear_class", lambda: ProjLinear)
+    model = nn.Sequential(ProjLinear(32, 32), nn.Linear(32, 32), ProjLinear(32, 16))
+    apply_fp8(model, "emulate")
+    assert [type(m).__name__ for m in model] == ["Fp8Linear", "Linear", "Fp8Linear"]
+
+
+def _train(model, steps, seed=0):
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(seed)
+    losses = []
+    for _ in range(steps):
+        ids = torch.randint(0, 40, (4, 12), generator=g)
+        # a learnable target: a fixed permutation of the input token
+        logits = model(ids)
+        loss = nn.functional.cross_entropy(logits.reshape(-1, 40), ((7 * ids + 3) % 40).reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("grad_dtype,scaling", [("e5m2", "rowwise"), ("e4m3", "tensorwise")])
+def test_training_in_emulated_fp8_tracks_fp32(grad_dtype, scaling):
+    torch.manual_seed(0)
+    ref = Tiny()
+    fp8 = Tiny()
+    fp8.load_state_dict(ref.state_dict())
+    apply_fp8(fp8, "emulate", grad_dtype=grad_dtype, scaling=scaling)
+    assert fp8.fp8_report.converted
+    a, b = _train(ref, 25), _train(fp8, 25)
+    assert a[-1] < 0.8 * a[0]                 # the task is learnable in fp32
+    for step, (la, lb) in enumerate(zip(a, b)):
+        assert abs(la - lb) <= 0.03 * la, f"step {step}: fp32 loss {la:.4f} vs FP8 {lb:.4f}"
+    assert a != b                             # and the FP8 run really did differ
+
+
+@pytest.mark.skipif(CausalLM is None, reason="r1fast.models is not available")
+def test_causal_lm_training_in_emulated_fp8_tracks_fp32():
+    cfg = ModelConfig(architecture="LlamaForCausalLM", vocab_size=48, hidden_size=32, intermediate_size=64,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(0)
+    ref = CausalLM(cfg)
+    ref.reset_parameters(seed=0)
+    fp8 = CausalLM(cfg)
+    fp8.load_state_dict(ref.state_dict())
+    apply_fp8(fp8, "emulate")
+
+    def losses(model):
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        g = torch.Generator().manual_seed(1)
+        out = []
+        for _ in range(12):
+            ids = torch.randint(0, 48, (40,), generator=g)
+            cu = torch.tensor([0, 17, 40], dtype=torch.int32)
+            logits = model.logits(model(ids, cu_seqlens=cu))
+            # a learnable target: a fixed permutation of the input token
+            loss = nn.functional.cross_entropy(logits, (5 * ids + 1) % 48)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            out.append(loss.item())
+        return out
+
+    a, b = losses(ref), losses(fp8)
+    assert a[-1] < 0.8 * a[0]
+    for step, (la, lb) in enumerate(zip(a, b)):
+        assert abs(la - lb) <= 0.03 * la, f"step {step}: fp32 loss {la:.4f} vs FP8 {lb:.4f}"
+    assert a != b
+
+
+def test_fp8_disabled_context_restores_high_precision():
+    from r1fast.fp8 import fp8_disabled, fp8_enabled
+
+    torch.manual_seed(0)
+    ref = Tiny()
+    model = Tiny()
+    model.load_state_dict(ref.state_dict())
+    apply_fp8(model, "emulate")
+    ids = torch.randint(0, 40, (2, 5))
+    with fp8_disabled():
+        assert not fp8_enabled()
+        torch.testing.assert_close(model(ids), ref(ids), rtol=0, atol=0)
+    assert fp8_enabled()
+    assert not torch.equal(model(ids), ref(ids))
+
+
+def test_auto_mode(monkeypatch):
+    model = Tiny()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")          # "auto" falls back silently
+        apply_fp8(model, "auto")
+    assert model.fp8_report.effective_mode == "off" and not model.fp8_report.converted
+    assert "no FP8 speed-up on cpu" in model.fp8_report.fallback_reason
+    # on a CUDA device: TE when usable, else torch._scaled_mm when the card has FP8, else off
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(fp8_apply, "te_module", lambda: None)
+    monkeypatch.setattr(fp8_apply, "torch_path", lambda device: (True, "sm_90"))
+    opts, why = fp8_apply._resolve_auto(make_options("auto", scaling="tensorwise"), cuda)
+    assert (opts.mode, opts.scaling, why) == ("torch", "tensorwise", None)
+    monkeypatch.setattr(fp8_apply, "torch_path", lambda device: (False, "A100 is sm_80"))
+    opts, why = fp8_apply._resolve_auto(make_options("auto"), cuda)
+    assert opts.mode == "off" and "sm_80" in why
+    monkeypatch.setattr(fp8_apply, "te_module", lambda: object())
+    monkeypatch.setattr(fp8_apply, "te_recipe_support", lambda recipe: (True, ""))
+    opts, _ = fp8_apply._resolve_auto(make_options("auto", recipe="delayed"), cuda)
+    assert (opts.mode, opts.recipe) == ("te", "delayed")

@@ -1,0 +1,253 @@
+"""FP8 numerics: quantisation against a float64 oracle built without the float8 dtypes, the FP8
+linear's forward and backward against that oracle, signal-to-noise floors, and the torch._scaled_mm
+path against the emulation."""
+import pytest
+import torch
+
+from r1fast.fp8 import fp8_linear, quantize
+from r1fast.fp8.reference import reference_fp8_linear, reference_quantize, round_to_fp8_grid
+from r1fast.testing import assert_close, max_rel_err, randn
+
+E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
+FP8 = [E4M3, E5M2]
+GRADS = {"e5m2": E5M2, "e4m3": E4M3}
+
+# SQNR floors (dB) on Gaussian data, a few dB under what this scheme measures (forward ~31.7;
+# gradients ~25 with E5M2, ~29 with E4M3), so a lost mantissa bit or a wrong scale fails them.
+SQNR_FWD_DB = 29.0
+SQNR_BWD_DB = {"e5m2": 22.5, "e4m3": 26.5}
+
+
+def sqnr_db(approx: torch.Tensor, exact: torch.Tensor) -> float:
+    exact, approx = exact.detach().double(), approx.detach().double()
+    return float(10 * torch.log10(exact.pow(2).sum() / (approx - exact).pow(2).sum()))
+
+
+def finite_values(dtype):
+    v = torch.arange(256, dtype=torch.uint8).view(dtype).double()
+    return v[torch.isfinite(v)].unique()
+
+
+# ---------------------------------------------------------------- the oracle itself
+
+
+@pytest.mark.parametrize("dtype", FP8)
+def test_grid_rounding_matches_torch_casts(dtype):
+    grid = finite_values(dtype)
+    mids = (grid[1:] + grid[:-1]) / 2  # exact ties: round half to even
+    g = torch.Generator().manual_seed(1)
+    wide = torch.randn(20000, generator=g, dtype=torch.float64) * torch.exp(4 * torch.randn(20000, generator=g, dtype=torch.float64))
+    fmax = torch.finfo(dtype).max
+    for v in (grid, mids, wide.clamp(-fmax, fmax)):
+        v32 = v.float()
+        got = round_to_fp8_grid(v32.double(), dtype)
+        assert torch.equal(got, v32.to(dtype).double())
+    # saturation (our quantiser clamps before the cast; the oracle saturates on its own)
+    big = torch.tensor([fmax * 1.5, -fmax * 40, 1e30], dtype=torch.float64)
+    assert torch.equal(round_to_fp8_grid(big, dtype), torch.tensor([fmax, -fmax, fmax], dtype=torch.float64))
+
+
+# ---------------------------------------------------------------- quantisation
+
+
+@pytest.mark.parametrize("dtype", FP8)
+@pytest.mark.parametrize("rowwise", [True, False], ids=["rowwise", "tensorwise"])
+def test_quantize_matches_reference_exactly(dtype, rowwise):
+    x = randn(24, 48, seed=3) * torch.exp(3 * randn(24, 1, seed=4))  # rows spanning many decades
+    x[5] = 0.0          # an all-zero row must not divide by zero
+    x[7, 3] = 1e-30     # deep underflow
+    q, s = quantize(x, dtype, rowwise)
+    rq, rs = reference_quantize(x, dtype, rowwise)
+    assert q.dtype == dtype and s.dtype == torch.float32
+    assert s.shape == ((24, 1) if rowwise else ())
+    assert torch.equal(s.double(), rs)
+    assert torch.equal(q.double(), rq)
+    assert torch.isfinite(q.float()).all()
+    # the largest element of each row / of the tensor maps to the format's largest value
+    fmax = torch.finfo(dtype).max
+    peak = q.float().abs().amax(dim=-1) if rowwise else q.float().abs().amax()
+    nonzero = x.abs().amax(dim=-1) > 0 if rowwise else torch.tensor(True)
+    assert torch.all(peak[nonzero] == fmax)
+
+
+@pytest.mark.parametrize("dtype", FP8)
+def test_quantize_saturates_with_a_given_scale(dtype):
+    fmax = torch.finfo(dtype).max
+    x = randn(8, 32, seed=5) * fmax
+    scale = torch.tensor(0.25)  # 4x too small: most values overflow and must clamp, not become inf/NaN
+    q, _ = quantize(x, dtype, rowwise=False, scale=scale)
+    rq, _ = reference_quantize(x, dtype, rowwise=False, scale=scale)
+    assert torch.equal(q.double(), rq)
+    assert (q.float().abs() == fmax).float().mean() > 0.5
+    assert torch.isfinite(q.float()).all()
+
+
+def test_quantize_rejects_bad_arguments():
+    with pytest.raises(TypeError, match="float8"):
+        quantize(randn(4, 4), torch.float16, rowwise=True)
+    with pytest.raises(ValueError, match="2-D"):
+        quantize(randn(2, 4, 4), E4M3, rowwise=True)
+
+
+# ---------------------------------------------------------------- the linear layer
+
+
+def _run(impl, x, w, b, dy, grad_dtype, scaling):
+    x, w = x.clone().requires_grad_(), w.clone().requires_grad_()
+    b = b.clone().requires_grad_() if b is not None else None
+    y = fp8_linear(x, w, b, impl=impl, grad_dtype=grad_dtype, scaling=scaling)
+    y.backward(dy)
+    return y.detach(), x.grad, w.grad, (b.grad if b is not None else None)
+
+
+def _inputs(shape, k, n, bias, seed=0):
+    x = randn(*shape, k, seed=seed)
+    w = randn(n, k, seed=seed + 1, scale=k ** -0.5)
+    b = randn(n, seed=seed + 2) if bias else None
+    dy = randn(*shape, n, seed=seed + 3) * torch.exp(randn(*shape, 1, seed=seed + 4))  # uneven token scales
+    return x, w, b, dy
+
+
+@pytest.mark.parametrize("scaling", ["rowwise", "tensorwise"])
+@pytest.mark.parametrize("grad_dtype", ["e5m2", "e4m3"])
+@pytest.mark.parametrize("shape,bias", [((37,), True), ((3, 13), False)])  # token counts not multiples of 16
+def test_emulated_linear_matches_reference_forward_and_backward(scaling, grad_dtype, shape, bias):
+    k, n = 64, 48
+    x, w, b, dy = _inputs(shape, k, n, bias)
+    y, dx, dw, db = _run("emulate", x, w, b, dy, grad_dtype, scaling)
+    ry, rdx, rdw, rdb = reference_fp8_linear(x, w, b, dy, grad_dtype=GRADS[grad_dtype], rowwise=scaling == "rowwise")
+    # Same quantised operands, so only fp32 accumulation separates the two: fp32 tolerances. A single
+    # element quantised differently moves an output by ~1e-2 of its scale and fails these.
+    assert_close(y, ry, torch.float32, name="y")
+    assert_close(dx, rdx, torch.float32, name="dx")
+    assert_close(dw, rdw, torch.float32, name="dweight")
+    if bias:
+        assert_close(db, rdb, torch.float32, name="dbias")
+    # ... and the comparison can tell FP8 from full precision at all:
+    exact = torch.nn.functional.linear(x.double(), w.double(), None if b is None else b.double())
+    with pytest.raises(AssertionError):
+        assert_close(exact, ry, torch.float32)
+
+
+@pytest.mark.parametrize("scaling", ["rowwise", "tensorwise"])
+@pytest.mark.parametrize("grad_dtype", ["e5m2", "e4m3"])
+def test_emulated_linear_sqnr_against_fp32(scaling, grad_dtype):
+    x, w, b, dy = _inputs((2, 40), 128, 96, True, seed=10)
+    dy = randn(2, 40, 96, seed=20)
+    y, dx, dw, _ = _run("emulate", x, w, b, dy, grad_dtype, scaling)
+    x64, w64 = x.double().requires_grad_(), w.double().requires_grad_()
+    y64 = torch.nn.functional.linear(x64, w64, b.double())
+    y64.backward(dy.double())
+    assert sqnr_db(y, y64) > SQNR_FWD_DB
+    assert sqnr_db(dx, x64.grad) > SQNR_BWD_DB[grad_dtype]
+    assert sqnr_db(dw, w64.grad) > SQNR_BWD_DB[grad_dtype]
+
+
+def test_master_weight_dtype_is_kept():
+    x = randn(20, 32, seed=1).to(torch.bfloat16).requires_grad_()
+    w = randn(16, 32, seed=2, scale=0.2).requires_grad_()         # fp32 master weight, bf16 activations
+    b = randn(16, seed=3).to(torch.float64).requires_grad_()
+    y = fp8_linear(x, w, b, impl="emulate")
+    assert y.dtype == torch.bfloat16
+    y.float().square().sum().backward()
+    assert x.grad.dtype == torch.bfloat16 and w.grad.dtype == torch.float32 and b.grad.dtype == torch.float64
+    assert torch.isfinite(w.grad).all() and w.grad.abs().sum() > 0
+
+
+def _scaled_mm_on_cpu():
+    from r1fast.fp8.support import scaled_mm_runs_on_cpu
+
+    return scaled_mm_runs_on_cpu()
+
+
+@pytest.mark.skipif(not _scaled_mm_on_cpu() and not torch.cuda.is_available(),
+                    reason="torch._scaled_mm runs neither on this CPU build nor on a GPU")
+@pytest.mark.parametrize("scaling", ["rowwise", "tensorwise"])
+@pytest.mark.parametrize("grad_dtype", ["e5m2", "e4m3"])
+def test_scaled_mm_path_matches_emulation(scaling, grad_dtype):
+    # On the CPU, torch 2.13's _scaled_mm is a plain kernel: it must agree with the emulation to fp32
+    # rounding, including the weight-gradient GEMM whose reduced (token) dimension, 29, is padded to 32.
+    x, w, b, dy = _inputs((29,), 64, 32, True, seed=7)
+    got = _run("torch", x, w, b, dy, grad_dtype, scaling)
+    want = _run("emulate", x, w, b, dy, grad_dtype, scaling)
+    for name, g, e in zip(("y", "dx", "dweight", "dbias"), got, want):
+        assert_close(g, e.double(), torch.float32, rtol=2e-5, name=name)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("scaling", ["rowwise", "tensorwise"])
+def test_scaled_mm_path_on_gpu_bf16(scaling):
+    from r1fast.fp8.support import cuda_fp8_support
+
+    if not cuda_fp8_support()[0]:
+        pytest.skip(cuda_fp8_support()[1])
+    dev = "cuda"
+    x, w, b, dy = (t.to(dev, torch.bfloat16) if t is not None else None for t in _inputs((300,), 256, 512, True))
+    got = _run("torch", x, w, b, dy, "e5m2", scaling)
+    want = _run("emulate", x, w, b, dy, "e5m2", scaling)
+    for g, e in zip(got, want):
+        # bf16 outputs and a different summation order: agree to a few bf16 ulps of the output scale
+        assert_close(g.float(), e.double(), torch.bfloat16, rtol=3e-2)
+
+
+def test_fp8_linear_rejects_bad_arguments():
+    x, w = randn(4, 32), randn(16, 32)
+    with pytest.raises(ValueError, match="impl"):
+        fp8_linear(x, w, impl="cuda")
+    with pytest.raises(ValueError, match="grad_dtype"):
+        fp8_linear(x, w, grad_dtype="e3m4")
+    with pytest.raises(ValueError, match="scaling"):
+        fp8_linear(x, w, scaling="blockwise")
+    with pytest.raises(ValueError, match="in_features 32"):
+        fp8_linear(randn(4, 31), w)
+    with pytest.raises(ValueError, match="bias"):
+        fp8_linear(x, w, randn(15))
+    with pytest.raises(TypeError, match="floating point"):
+        fp8_linear(x.long(), w)
+
+
+def test_torch_impl_rejects_unaligned_weights():
+    with pytest.raises(ValueError, match="multiples of 16"):
+        fp8_linear(randn(4, 24), randn(16, 24), impl="torch")
+
+
+def test_autocast_sets_the_output_dtype_but_not_the_numerics():
+    x, w, b, dy = _inputs((20,), 32, 16, True, seed=30)
+    dy = dy.bfloat16().float()  # the gradient reaching a bf16 output is bf16
+    want = _run("emulate", x, w, b, dy, "e5m2", "rowwise")
+    x1, w1 = x.clone().requires_grad_(), w.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = fp8_linear(x1, w1, b, impl="emulate")
+    assert y.dtype == torch.bfloat16
+    y.backward(dy.bfloat16())
+    # same numerics as without autocast: only the bf16 rounding of the output and of the bias add
+    # differ in forward; the gradients are the emulation's to fp32 accuracy
+    assert max_rel_err(y.detach(), want[0]) < 8e-3
+    assert max_rel_err(w1.grad, want[2]) < 1e-5
+    assert x1.grad.dtype == torch.float32
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", FP8)
+@pytest.mark.parametrize("rowwise", [True, False], ids=["rowwise", "tensorwise"])
+def test_cuda_quantizer_matches_reference_exactly(dtype, rowwise):
+    # On CUDA quantize() is the torch.compile'd kernel: it must still be bit-exact.
+    x = (randn(300, 256, seed=40) * torch.exp(2 * randn(300, 1, seed=41))).to(torch.bfloat16)
+    q, s = quantize(x.cuda(), dtype, rowwise)
+    rq, rs = reference_quantize(x, dtype, rowwise)
+    assert torch.equal(s.cpu().double(), rs) and torch.equal(q.cpu().double(), rq)
+
+
+@pytest.mark.slow
+def test_compiled_quantizer_matches_reference_on_cpu():
+    # The fused (torch.compile) quantiser that CUDA uses, compiled here by inductor's CPU backend
+    # (~20 s of compile): the same bits as the oracle.
+    import r1fast.fp8.quantization as qmod
+
+    x = (randn(40, 64, seed=50) * torch.exp(2 * randn(40, 1, seed=51))).to(torch.bfloat16)
+    for rowwise in (True, False):
+        for dtype in FP8:
+            q, s = qmod._fused_quantize(x, dtype, rowwise)
+            assert not qmod._compile_failed
+            rq, rs = reference_quantize(x, dtype, rowwise)
+            assert torch.equal(s.double(), rs) and torch.equal(q.double(), rq)
