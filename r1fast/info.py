@@ -41,7 +41,7 @@ def collect() -> dict:
     try:
         from r1fast import fp8
 
-        info["fp8"] = {k: (f"usable{": " + why if why else ""}" if ok else f"unavailable: {why}") for k, (ok, why) in fp8.available_paths().items()}
+        info["fp8"] = {k: ("usable: " if ok else "unavailable: ") + why for k, (ok, why) in fp8.available_paths().items()}
     except ImportError:
         pass
     return info
