@@ -54,6 +54,9 @@ class Case:
     items: float | None = None         # work units per call, for throughput (tokens, sequences...)
     item_name: str = "tokens"
     matmul_dtype: str | None = None    # dtype whose matmul rate sets the FLOP floor (default: dtype)
+    # Whole-generation or whole-step cases take seconds per call: they set fewer repeats here.
+    warmup: int | None = None
+    reps: int | None = None
 
 
 @dataclasses.dataclass
@@ -95,6 +98,7 @@ class Timing:
     p20: float
     p80: float
     reps: int
+    peak_mem_mb: float = float("nan")   # extra memory at the peak of the first call (CUDA only)
 
 
 def _percentile(xs: list[float], q: float) -> float:
@@ -115,13 +119,18 @@ class Timer:
             # Bigger than any L2 (H100/H200: 50 MB) so each repeat starts cold, as it would in a training step.
             self._flush = torch.empty(256 * 2**20, dtype=torch.uint8, device=device)
 
-    def __call__(self, fn: Callable[[], object]) -> Timing:
-        for _ in range(self.warmup):
+    def __call__(self, fn: Callable[[], object], warmup: int | None = None, reps: int | None = None) -> Timing:
+        """Time fn; `reps` fixes the number of repeats (else min_reps, then more while the budget lasts)."""
+        peak = _PeakMemory(self.device)
+        with peak:
+            fn()  # the first call is a warm-up too; its peak memory is the one reported
+        for _ in range((self.warmup if warmup is None else warmup) - 1):
             fn()
         _sync(self.device)
         times: list[float] = []
         start = time.perf_counter()
-        while len(times) < self.max_reps and (len(times) < self.min_reps or time.perf_counter() - start < self.budget_s):
+        lo, hi = (reps, reps) if reps else (self.min_reps, self.max_reps)
+        while len(times) < hi and (len(times) < lo or time.perf_counter() - start < self.budget_s):
             if self.device.type == "cuda":
                 self._flush.zero_()
                 a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -134,19 +143,27 @@ class Timer:
                 t0 = time.perf_counter()
                 fn()
                 times.append((time.perf_counter() - t0) * 1e3)
-        return Timing(statistics.median(times), _percentile(times, 0.2), _percentile(times, 0.8), len(times))
+        return Timing(statistics.median(times), _percentile(times, 0.2), _percentile(times, 0.8), len(times),
+                      peak.mb)
 
 
-def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> float:
-    """Extra memory allocated at the peak of one call, in MB (CUDA only; NaN on CPU)."""
-    if device.type != "cuda":
-        return float("nan")
-    _sync(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    base = torch.cuda.memory_allocated(device)
-    fn()
-    _sync(device)
-    return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+class _PeakMemory:
+    """Extra memory allocated at the peak inside the block, in MB (CUDA only; NaN on CPU)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.mb = device, float("nan")
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            _sync(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda" and exc[0] is None:
+            _sync(self.device)
+            self.mb = (torch.cuda.max_memory_allocated(self.device) - self._base) / 2**20
 
 
 # ---------------------------------------------------------------- the machine's floor
@@ -263,8 +280,7 @@ def run_suite(s: Suite, size: str, device: torch.device, machine: Machine, timer
                 continue
             try:
                 fn = impl.setup()
-                timing = timer(fn)
-                mem = peak_memory_mb(fn, device)
+                timing = timer(fn, warmup=case.warmup, reps=case.reps)
             except Skip as e:
                 log(f"  skip {s.name}/{case.name} {impl.provider}: {e}")
                 continue
@@ -283,6 +299,7 @@ def run_suite(s: Suite, size: str, device: torch.device, machine: Machine, timer
                 rows.append(dict(base, metric=f"{case.item_name}_per_s", p50=tput(timing.p50), p20=tput(timing.p80),
                                  p80=tput(timing.p20), floor=tput(floor) if math.isfinite(floor) else float("nan"),
                                  pct_of_floor=pct))
+            mem = timing.peak_mem_mb
             if math.isfinite(mem):
                 rows.append(dict(base, metric="peak_mem_mb", p50=mem, p20=mem, p80=mem, floor=float("nan"),
                                  pct_of_floor=float("nan")))

@@ -1,0 +1,150 @@
+"""rollout: generation with r1fast.rollout.Engine vs transformers generate on the same random model.
+
+Cases:
+- "generate": prompts x G samples, fixed prompt and completion lengths (stop tokens ignored);
+  items = generated tokens. Floor: every decode step reads the weights once plus the KV of every
+  sequence (bytes), over the measured bandwidth.
+- "decode step": one engine decode step (batch of B sequences at context C: embedding -> layers ->
+  logits -> sampling), as the engine runs it (CUDA graphs on GPU). Floor: weight bytes + KV bytes.
+"""
+import math
+
+import torch
+
+from r1fast.bench.harness import Case, Impl, Skip, suite
+
+QWEN25_15B = dict(architecture="Qwen2ForCausalLM", vocab_size=151936, hidden_size=1536, intermediate_size=8960,
+                  num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2, rope_theta=1e6,
+                  max_position_embeddings=32768, tie_word_embeddings=True)
+TINY = dict(architecture="Qwen2ForCausalLM", vocab_size=256, hidden_size=64, intermediate_size=128,
+            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+
+
+def _model(cfg_kwargs, dtype, device):
+    from r1fast.models import CausalLM, ModelConfig
+
+    with torch.device(device):
+        model = CausalLM(ModelConfig(**cfg_kwargs)).to(dtype).eval()
+    return model
+
+
+def _prompts(num, length, vocab):
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(0, vocab, (num, length), generator=g).tolist()
+
+
+def _weight_bytes(model):
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def _kv_bytes_per_token(cfg, dtype):
+    return cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * cfg.head_dim * (torch.finfo(dtype).bits // 8)
+
+
+def _r1fast_generate(cfg_kwargs, shape, dtype, device):
+    def setup():
+        from r1fast.rollout import Engine, SamplingParams
+
+        prompts_n, g, plen, new = shape
+        model = _model(cfg_kwargs, dtype, device)
+        engine = Engine(model, max_num_seqs=prompts_n * g, max_model_len=plen + new + 1,
+                        max_num_batched_tokens=max(8192, plen))
+        prompts = _prompts(prompts_n, plen, model.config.vocab_size)
+        params = SamplingParams(n=g, temperature=1.0, max_tokens=new, seed=0, ignore_eos=True)
+        return lambda: engine.generate(prompts, params)
+    return setup
+
+
+def _transformers_generate(cfg_kwargs, shape, dtype, device):
+    def setup():
+        import transformers
+
+        from r1fast.models import ModelConfig
+
+        prompts_n, g, plen, new = shape
+        cfg = ModelConfig(**cfg_kwargs)
+        hf_cfg = transformers.AutoConfig.for_model(cfg.model_type, **{
+            k: v for k, v in cfg.to_hf_config(dtype).items() if k != "model_type"})
+        hf_cfg._attn_implementation = "sdpa"
+        with torch.device(device):
+            model = transformers.AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype).eval()
+        ids = torch.tensor(_prompts(prompts_n, plen, cfg.vocab_size), device=device)
+        mask = torch.ones_like(ids)
+
+        def run():
+            with torch.no_grad():
+                return model.generate(ids, attention_mask=mask, do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
+                                      num_return_sequences=g, max_new_tokens=new, min_new_tokens=new,
+                                      pad_token_id=0, eos_token_id=None)
+        return run
+    return setup
+
+
+def _r1fast_decode_step(cfg_kwargs, batch, ctx, dtype, device):
+    def setup():
+        import numpy as np
+
+        from r1fast.rollout import Engine, SamplingParams
+
+        model = _model(cfg_kwargs, dtype, device)
+        engine = Engine(model, max_num_seqs=batch, max_model_len=ctx + 1,
+                        num_blocks=batch * math.ceil((ctx + 1) / 16) + 1)
+        bm, runner = engine.block_manager, engine.runner
+        vocab = model.config.vocab_size
+        ids = np.arange(batch, dtype=np.int64)
+        rng = np.random.default_rng(0)
+        for i in ids:
+            bm.allocate(int(i), rng.integers(0, vocab, ctx - 1, dtype=np.int32))
+        slots, _ = bm.append_batch(ids, rng.integers(0, vocab, batch, dtype=np.int32))
+        runner.kv.normal_()
+        last = rng.integers(0, vocab, batch).tolist()
+        positions = [ctx - 1] * batch
+        params = SamplingParams(temperature=1.0, seed=0)
+        keys = torch.arange(batch, device=device)
+        pos_t = torch.full((batch,), ctx, device=device)
+        from r1fast.rollout import sampler
+        from r1fast.rollout.runner import lm_logits
+
+        def step():
+            hidden = runner.decode(bm, ids, last, positions, slots)
+            return sampler.sample(lm_logits(hidden, model.lm_head_weight), params, keys, pos_t)
+        return step
+    return setup
+
+
+@suite("rollout", "Engine.generate vs transformers generate; floor = (weights + KV read) per decode step")
+def cases(size, device):
+    if size == "gpu":
+        cfg, dtype = QWEN25_15B, torch.bfloat16
+        gen_shape = (64, 8, 256, 512)          # prompts, G, prompt tokens, new tokens
+        step_shapes = [(512, 512), (512, 768)]  # batch, context
+    else:
+        cfg, dtype = TINY, torch.float32
+        gen_shape = (4, 2, 16, 16)
+        step_shapes = [(8, 32)]
+    from r1fast.models import ModelConfig
+
+    mcfg = ModelConfig(**cfg)
+    es = torch.finfo(dtype).bits // 8
+    wbytes = sum(p.numel() for p in _model(cfg, dtype, "meta").parameters()) * es
+    kv_tok = _kv_bytes_per_token(mcfg, dtype)
+    prompts_n, g, plen, new = gen_shape
+    seqs = prompts_n * g
+    # every decode step: weights once + the KV of every sequence's context so far
+    gen_bytes = new * wbytes + seqs * kv_tok * sum(plen + t for t in range(new))
+    params = wbytes / es
+    gen_flops = 2 * params * (prompts_n * plen + seqs * new)
+    dt = str(dtype).removeprefix("torch.")
+    out = [Case(f"generate {prompts_n}x{g} prompt={plen} new={new}", "step", dt,
+                [Impl("r1fast", "engine", _r1fast_generate(cfg, gen_shape, dtype, device)),
+                 Impl("transformers", "generate", _transformers_generate(cfg, gen_shape, dtype, device),
+                      requires=("transformers",))],
+                flops=gen_flops, bytes=gen_bytes, items=seqs * new, item_name="tokens",
+                # A whole generation takes seconds at GPU size: one warm-up, three timed calls.
+                warmup=1, reps=3)]
+    for batch, ctx in step_shapes:
+        out.append(Case(f"decode step batch={batch} ctx={ctx}", "step", dt,
+                        [Impl("r1fast", "engine", _r1fast_decode_step(cfg, batch, ctx, dtype, device))],
+                        flops=2 * params * batch, bytes=wbytes + batch * ctx * kv_tok, items=batch,
+                        item_name="tokens"))
+    return out

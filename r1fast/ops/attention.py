@@ -1,0 +1,273 @@
+"""Attention ops of the rollout engine, over the paged KV cache of ops.store_kv.
+
+paged_decode_attention: one query token per sequence against its cached context (the decode step).
+    backends: reference (per-sequence loop, float64-capable), torch (one batched gather), triton, cuda.
+paged_prefill_attention: causal attention of each sequence's new tokens over its cached prefix and
+    themselves (chunked prefill and prefix-cache hits). flash-attn varlen when importable on CUDA,
+    torch SDPA otherwise.
+
+Cache layout: k_cache, v_cache [num_blocks, block_size, num_kv_heads, head_dim]; block_tables int32
+[num_seqs, max_blocks_per_seq]; context_lens int32 [num_seqs], each in [1, max_blocks_per_seq * block_size],
+counting the current token, whose KV is already stored.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+from r1fast import _ext, backends
+from r1fast.reference import attention as reference
+
+PARTITION_SIZE = 512  # tokens per split-K partition of the decode kernels
+_DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+def _validate_decode(q, k_cache, v_cache, block_tables, context_lens, check_bounds):
+    tensors = {"q": q, "k_cache": k_cache, "v_cache": v_cache, "block_tables": block_tables,
+               "context_lens": context_lens}
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"paged_decode_attention: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if q.dim() != 3:
+        raise ValueError(f"paged_decode_attention: q must be [num_seqs, num_heads, head_dim], got {tuple(q.shape)}")
+    if k_cache.dim() != 4 or k_cache.shape[3] != q.shape[2]:
+        raise ValueError(f"paged_decode_attention: k_cache must be [num_blocks, block_size, num_kv_heads, "
+                         f"{q.shape[2]}], got {tuple(k_cache.shape)}")
+    if v_cache.shape != k_cache.shape:
+        raise ValueError(f"paged_decode_attention: v_cache shape {tuple(v_cache.shape)} != k_cache shape "
+                         f"{tuple(k_cache.shape)}")
+    if q.shape[1] % k_cache.shape[2] != 0:
+        raise ValueError(f"paged_decode_attention: num_heads {q.shape[1]} is not a multiple of num_kv_heads "
+                         f"{k_cache.shape[2]}")
+    if block_tables.dim() != 2 or block_tables.shape[0] != q.shape[0] or block_tables.shape[1] == 0:
+        raise ValueError(f"paged_decode_attention: block_tables must be [num_seqs={q.shape[0]}, max_blocks >= 1], "
+                         f"got {tuple(block_tables.shape)}")
+    if context_lens.shape != (q.shape[0],):
+        raise ValueError(f"paged_decode_attention: context_lens must be [num_seqs={q.shape[0]}], "
+                         f"got {tuple(context_lens.shape)}")
+    if block_tables.dtype != torch.int32 or context_lens.dtype != torch.int32:
+        raise ValueError(f"paged_decode_attention: block_tables and context_lens must be int32, got "
+                         f"{block_tables.dtype}, {context_lens.dtype}")
+    if not (q.dtype == k_cache.dtype == v_cache.dtype) or q.dtype not in (*_DTYPE_CODE, torch.float64):
+        raise ValueError(f"paged_decode_attention: q, k_cache, v_cache must share a float dtype, got "
+                         f"{q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
+    devices = {t.device for t in tensors.values()}
+    if len(devices) != 1:
+        raise ValueError(f"paged_decode_attention: all tensors must be on one device, got {sorted(map(str, devices))}")
+    for name, t in tensors.items():
+        if not t.is_contiguous():
+            raise ValueError(f"paged_decode_attention: {name} must be contiguous")
+    if check_bounds and q.shape[0]:
+        max_ctx = block_tables.shape[1] * k_cache.shape[1]
+        lo, hi = int(context_lens.min()), int(context_lens.max())
+        if lo < 1 or hi > max_ctx:
+            raise ValueError(f"paged_decode_attention: context_lens must lie in [1, {max_ctx}] "
+                             f"(max_blocks * block_size), got min {lo}, max {hi}")
+        # only the entries a sequence actually reads must be valid block ids
+        nb = (context_lens.long() + k_cache.shape[1] - 1) // k_cache.shape[1]
+        used = torch.arange(block_tables.shape[1], device=q.device)[None, :] < nb[:, None]
+        ids = block_tables[used]
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= k_cache.shape[0]):
+            raise ValueError(f"paged_decode_attention: block_tables entries in use must lie in "
+                             f"[0, {k_cache.shape[0]}), got min {int(ids.min())}, max {int(ids.max())}")
+
+
+def default_num_splits(num_seqs: int, num_kv_heads: int, max_context: int, partition_size: int = PARTITION_SIZE):
+    """Split the context only when (sequence, KV head) pairs alone would leave SMs idle."""
+    parts = max(1, math.ceil(max_context / partition_size))
+    if parts == 1 or num_seqs * num_kv_heads >= 256:
+        return 1
+    return min(parts, 64)
+
+
+@backends.register("paged_decode_attention", "reference")
+def _decode_reference(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits, partition):
+    return reference.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale)
+
+
+@backends.register("paged_decode_attention", "torch")
+def _decode_torch(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits, partition):
+    b, h, d = q.shape
+    hkv, bs = k_cache.shape[2], k_cache.shape[1]
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    k = k_cache[block_tables.long()].reshape(b, -1, hkv, d).to(compute)  # [B, L, Hkv, D]
+    v = v_cache[block_tables.long()].reshape(b, -1, hkv, d).to(compute)
+    qg = q.to(compute).view(b, hkv, h // hkv, d)
+    scores = torch.einsum("bkgd,blkd->bkgl", qg, k) * scale
+    pos = torch.arange(k.shape[1], device=q.device)
+    scores = scores.masked_fill((pos[None, :] >= context_lens[:, None].long())[:, None, None, :], float("-inf"))
+    out = torch.einsum("bkgl,blkd->bkgd", scores.softmax(dim=-1), v)
+    return out.reshape(b, h, d).to(q.dtype)
+
+
+def _workspaces(q, num_splits):
+    b, h, d = q.shape
+    if num_splits == 1:
+        dummy = torch.empty(2, device=q.device, dtype=torch.float32)
+        return dummy, dummy
+    return (torch.empty(b, h, num_splits, 2, device=q.device, dtype=torch.float32),
+            torch.empty(b, h, num_splits, d, device=q.device, dtype=torch.float32))
+
+
+@backends.register("paged_decode_attention", "triton")
+def _decode_triton(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits, partition):
+    from r1fast.kernels import decode_attention as kernel
+
+    out = torch.empty_like(q)
+    ws_ml, ws_acc = _workspaces(q, num_splits)
+    kernel.paged_decode_attention(out, q, k_cache, v_cache, block_tables, context_lens, scale, num_splits,
+                                  partition, ws_ml, ws_acc)
+    return out
+
+
+@torch.library.custom_op("r1fast::paged_decode_attention_cuda", mutates_args=())
+def _decode_cuda_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                    context_lens: torch.Tensor, scale: float, num_splits: int, partition: int) -> torch.Tensor:
+    ext = _ext.require()
+    out = torch.empty_like(q)
+    ws_ml, ws_acc = _workspaces(q, num_splits)
+    b, h, d = q.shape
+    stream = torch.cuda.current_stream(q.device).cuda_stream
+    ext.decode_attention_cuda(out.data_ptr(), q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+                              block_tables.data_ptr(), context_lens.data_ptr(), ws_acc.data_ptr(), ws_ml.data_ptr(),
+                              b, h, k_cache.shape[2], d, k_cache.shape[0], k_cache.shape[1], block_tables.shape[1],
+                              num_splits, partition, float(scale), _DTYPE_CODE[q.dtype], stream)
+    return out
+
+
+@_decode_cuda_op.register_fake
+def _(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits, partition):
+    return torch.empty_like(q)
+
+
+@backends.register("paged_decode_attention", "cuda")
+def _decode_cuda(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits, partition):
+    if q.dtype == torch.float64:
+        raise ValueError("paged_decode_attention: the cuda backend takes float32/float16/bfloat16, not float64")
+    d = q.shape[2]
+    if d % 8 != 0 or d > 256:
+        raise ValueError(f"paged_decode_attention: the cuda backend needs head_dim a multiple of 8 up to 256, got {d}")
+    if q.shape[1] // k_cache.shape[2] > 64:
+        raise ValueError("paged_decode_attention: the cuda backend takes at most 64 query heads per KV head")
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        if t.data_ptr() % 16:
+            raise ValueError(f"paged_decode_attention: {name} must be 16-byte aligned for the cuda backend")
+    return _decode_cuda_op(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits, partition)
+
+
+def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, *, scale: float | None = None,
+                           num_splits: int | None = None, backend: str | None = None, check_bounds: bool = True):
+    """Attention of q [num_seqs, num_heads, head_dim] over each sequence's paged context -> [num_seqs, num_heads, head_dim].
+
+    num_splits: equal context partitions (split-K) for the triton/cuda kernels; None picks one from
+    the shapes alone (about PARTITION_SIZE tokens each, no device sync). `check_bounds=False` skips the checks of
+    context_lens and block ids (host syncs); the engine uses it on tables it built itself.
+    """
+    _validate_decode(q, k_cache, v_cache, block_tables, context_lens, check_bounds)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    bs = k_cache.shape[1]
+    max_ctx = block_tables.shape[1] * bs
+    if num_splits is None:
+        num_splits = default_num_splits(q.shape[0], k_cache.shape[2], max_ctx, PARTITION_SIZE)
+    if not isinstance(num_splits, int) or num_splits < 1:
+        raise ValueError(f"paged_decode_attention: num_splits must be a positive int, got {num_splits!r}")
+    # equal partitions of whole blocks covering the longest possible context
+    partition = -(-max_ctx // num_splits)
+    partition = -(-partition // bs) * bs
+    num_splits = -(-max_ctx // partition)
+    _, fn = backends.resolve("paged_decode_attention", q.device, backend)
+    return fn(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits, partition)
+
+
+# ----------------------------------------------------------------------------------------------
+# prefill
+
+
+@functools.lru_cache(maxsize=None)
+def flash_attn_varlen():
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except Exception:
+        return None
+    return flash_attn_varlen_func
+
+
+@backends.register("paged_prefill_attention", "reference")
+def _prefill_reference(q, k_cache, v_cache, context_slots, query_lens, context_lens, scale):
+    bs = k_cache.shape[1]
+    out = torch.empty_like(q)
+    qs = ks = 0
+    for n, ctx in zip(query_lens, context_lens):
+        slots = context_slots[ks : ks + ctx]
+        k, v = k_cache[slots // bs, slots % bs], v_cache[slots // bs, slots % bs]
+        out[qs : qs + n] = reference.attention(q[qs : qs + n], k, v, scale, causal_offset=ctx - n)
+        qs, ks = qs + n, ks + ctx
+    return out
+
+
+@backends.register("paged_prefill_attention", "torch")
+def _prefill_torch(q, k_cache, v_cache, context_slots, query_lens, context_lens, scale):
+    hkv, d = k_cache.shape[2], k_cache.shape[3]
+    k_all = k_cache.view(-1, hkv, d).index_select(0, context_slots)
+    v_all = v_cache.view(-1, hkv, d).index_select(0, context_slots)
+    flash = flash_attn_varlen() if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) else None
+    if flash is not None:
+        cu_q = torch.tensor([0, *itertools_accumulate(query_lens)], device=q.device, dtype=torch.int32)
+        cu_k = torch.tensor([0, *itertools_accumulate(context_lens)], device=q.device, dtype=torch.int32)
+        # flash-attn aligns the causal mask to the bottom right: query i of n sees keys <= ctx - n + i
+        return flash(q, k_all, v_all, cu_q, cu_k, max(query_lens), max(context_lens), softmax_scale=scale,
+                     causal=True)
+    group = q.shape[1] // hkv
+    out = torch.empty_like(q)
+    qs = ks = 0
+    for n, ctx in zip(query_lens, context_lens):
+        qq = q[qs : qs + n].transpose(0, 1)  # [H, n, D]
+        kk = k_all[ks : ks + ctx].transpose(0, 1).repeat_interleave(group, dim=0)
+        vv = v_all[ks : ks + ctx].transpose(0, 1).repeat_interleave(group, dim=0)
+        if n == ctx:
+            o = torch.nn.functional.scaled_dot_product_attention(qq, kk, vv, is_causal=True, scale=scale)
+        else:
+            mask = torch.ones(n, ctx, dtype=torch.bool, device=q.device).tril(diagonal=ctx - n)
+            o = torch.nn.functional.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask, scale=scale)
+        out[qs : qs + n] = o.transpose(0, 1)
+        qs, ks = qs + n, ks + ctx
+    return out
+
+
+def itertools_accumulate(xs):
+    total = 0
+    for x in xs:
+        total += x
+        yield total
+
+
+def paged_prefill_attention(q, k_cache, v_cache, context_slots, query_lens, context_lens, *,
+                            scale: float | None = None, backend: str | None = None):
+    """Causal attention for a packed batch of prefill chunks -> [sum(query_lens), num_heads, head_dim].
+
+    q [sum(query_lens), H, D]; sequence b's queries are the last query_lens[b] of its context_lens[b]
+    tokens, all of whose KV is already stored; context_slots int64 [sum(context_lens)] lists the cache
+    slots of every sequence's context in order. query_lens, context_lens: host lists of ints.
+    """
+    if not isinstance(q, torch.Tensor) or q.dim() != 3:
+        raise ValueError(f"paged_prefill_attention: q must be a [tokens, heads, head_dim] tensor")
+    if k_cache.dim() != 4 or v_cache.shape != k_cache.shape or k_cache.shape[3] != q.shape[2]:
+        raise ValueError(f"paged_prefill_attention: caches must be [num_blocks, block_size, num_kv_heads, "
+                         f"{q.shape[2]}], got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
+    if q.shape[1] % k_cache.shape[2]:
+        raise ValueError(f"paged_prefill_attention: num_heads {q.shape[1]} not a multiple of num_kv_heads "
+                         f"{k_cache.shape[2]}")
+    query_lens, context_lens = [int(x) for x in query_lens], [int(x) for x in context_lens]
+    if len(query_lens) != len(context_lens) or any(n < 1 or n > c for n, c in zip(query_lens, context_lens)):
+        raise ValueError(f"paged_prefill_attention: need 1 <= query_len <= context_len per sequence, got "
+                         f"{query_lens} and {context_lens}")
+    if sum(query_lens) != q.shape[0]:
+        raise ValueError(f"paged_prefill_attention: q has {q.shape[0]} tokens, query_lens sum to {sum(query_lens)}")
+    if context_slots.dtype != torch.int64 or context_slots.shape != (sum(context_lens),):
+        raise ValueError(f"paged_prefill_attention: context_slots must be int64 [{sum(context_lens)}], got "
+                         f"{context_slots.dtype} {tuple(context_slots.shape)}")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    _, fn = backends.resolve("paged_prefill_attention", q.device, backend)
+    return fn(q, k_cache, v_cache, context_slots, query_lens, context_lens, scale)

@@ -1,0 +1,240 @@
+"""Engine: GRPO-shaped generation (n completions per prompt) over a paged KV cache.
+
+    engine = Engine(model, block_size=16, memory_fraction=0.5)
+    results = engine.generate(prompt_token_ids, SamplingParams(n=8, temperature=1.0, max_tokens=512, seed=0))
+    results[i].completions[j].token_ids / .logprobs / .finish_reason
+    engine.reset_prefix_cache()        # after every weight update
+
+The engine reads the model's parameters in place (no copy): after an optimizer step the next
+generate() sees the new weights; only the prefix cache must be reset (its KV is stale).
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+
+import numpy as np
+import torch
+
+from r1fast import _ext
+from r1fast.rollout import sampler
+from r1fast.rollout.params import Completion, RequestOutput, SamplingParams
+from r1fast.rollout.runner import ModelRunner, lm_logits
+from r1fast.rollout.scheduler import DecodeBatch, Scheduler
+from r1fast.rollout.sequence import Sequence
+
+
+def _eos_ids(config) -> set[int]:
+    eos = getattr(config, "eos_token_id", None)
+    if eos is None:
+        return set()
+    return {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])}
+
+
+def _check_positive_int(name, value):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"Engine: {name} must be an int >= 1, got {value!r}")
+
+
+class Engine:
+    def __init__(self, model, num_blocks: int | None = None, block_size: int = 16, memory_fraction: float = 0.5,
+                 max_num_seqs: int = 256, max_num_batched_tokens: int = 8192, max_model_len: int | None = None,
+                 enable_prefix_caching: bool = True, use_cuda_graphs: bool = True,
+                 decode_backend: str | None = None):
+        cfg = getattr(model, "config", None)
+        for attr in ("num_hidden_layers", "num_key_value_heads", "head_dim", "vocab_size", "max_position_embeddings"):
+            if getattr(cfg, attr, None) is None:
+                raise TypeError(f"Engine: model.config must define {attr} (an r1fast.models.CausalLM)")
+        for name, value in (("block_size", block_size), ("max_num_seqs", max_num_seqs),
+                            ("max_num_batched_tokens", max_num_batched_tokens)):
+            _check_positive_int(name, value)
+        if not isinstance(memory_fraction, (int, float)) or not 0 < memory_fraction <= 1:
+            raise ValueError(f"Engine: memory_fraction must lie in (0, 1], got {memory_fraction!r}")
+        self.model = model
+        self.config = cfg
+        self.max_model_len = cfg.max_position_embeddings if max_model_len is None else max_model_len
+        _check_positive_int("max_model_len", self.max_model_len)
+        if self.max_model_len > cfg.max_position_embeddings:
+            raise ValueError(f"Engine: max_model_len {self.max_model_len} exceeds the model's "
+                             f"max_position_embeddings {cfg.max_position_embeddings}")
+        self.block_size = block_size
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        if num_blocks is None:
+            num_blocks = self._blocks_from_memory(memory_fraction)
+        _check_positive_int("num_blocks", num_blocks)
+        ext = _ext.require()
+        self.block_manager = ext.BlockManager(num_blocks, block_size, bool(enable_prefix_caching))
+        self.runner = ModelRunner(model, num_blocks, block_size, max_num_seqs, self.max_model_len,
+                                  use_cuda_graphs=use_cuda_graphs, decode_backend=decode_backend)
+        self.eos_ids = _eos_ids(cfg)
+        self._next_seq_id = 0
+        self.last_stats: dict = {}
+
+    def _blocks_from_memory(self, fraction: float) -> int:
+        per_block = ModelRunner.kv_bytes_per_block(self.config, self.block_size, self.model.dtype)
+        # never more than the most this engine can use at once
+        cap = self.max_num_seqs * math.ceil(self.max_model_len / self.block_size) + 1
+        device = self.model.device
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            budget = free * fraction
+        else:
+            budget = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") * fraction
+        return max(1, min(cap, int(budget // per_block)))
+
+    @property
+    def num_blocks(self) -> int:
+        return self.block_manager.num_blocks
+
+    def reset_prefix_cache(self):
+        """Forget every cached prompt block (call after each weight update: their KV is stale)."""
+        self.block_manager.reset_prefix_cache()
+
+    # -- validation --------------------------------------------------------------------------------
+    def _validate(self, prompts, params: SamplingParams):
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"generate: params must be a SamplingParams, got {type(params).__name__}")
+        if isinstance(prompts, (str, bytes)) or not isinstance(prompts, (list, tuple)):
+            raise TypeError("generate: prompt_token_ids must be a list of token-id lists")
+        vocab = self.config.vocab_size
+        bad_stop = [t for t in params.stop_token_ids if not 0 <= t < vocab]
+        if bad_stop:
+            raise ValueError(f"generate: stop_token_ids {bad_stop} are not in the vocabulary [0, {vocab})")
+        if params.n > self.max_num_seqs:
+            raise ValueError(f"generate: n={params.n} samples exceed max_num_seqs={self.max_num_seqs}")
+        out = []
+        for i, p in enumerate(prompts):
+            if isinstance(p, torch.Tensor):
+                p = p.tolist()
+            if isinstance(p, (str, bytes)) or not isinstance(p, (list, tuple)):
+                raise TypeError(f"generate: prompt {i} must be a list of ints, got {type(p).__name__}")
+            if len(p) == 0:
+                raise ValueError(f"generate: prompt {i} is empty")
+            if not all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in p):
+                raise TypeError(f"generate: prompt {i} must hold ints only")
+            p = [int(t) for t in p]
+            lo, hi = min(p), max(p)
+            if lo < 0 or hi >= vocab:
+                raise ValueError(f"generate: prompt {i} has token ids outside [0, {vocab}) (min {lo}, max {hi})")
+            if len(p) >= self.max_model_len:
+                raise ValueError(f"generate: prompt {i} has {len(p)} tokens; max_model_len is {self.max_model_len} "
+                                 "(a prompt must leave room for at least one new token)")
+            longest = min(len(p) + params.max_tokens, self.max_model_len)
+            need = math.ceil(longest / self.block_size)
+            if need > self.num_blocks:
+                raise ValueError(f"generate: prompt {i} with max_tokens={params.max_tokens} needs {need} KV blocks; "
+                                 f"the pool has {self.num_blocks} (raise num_blocks or memory_fraction)")
+            out.append(p)
+        return out
+
+    # -- generation ------------------------------------------------------------------------------
+    def _keys(self, prompts, seed: int):
+        """Random stream key of (prompt i, sample j): from the seed, the prompt's tokens and how many
+        identical prompts came before it in this call, so a prompt's samples are the same alone or in
+        any batch, and repeated prompts still get different samples."""
+        seen: dict[bytes, int] = {}
+        keys = []
+        for p in prompts:
+            digest = hashlib.blake2b(np.asarray(p, dtype=np.int64).tobytes(), digest_size=8).digest()
+            occurrence = seen.get(digest, 0)
+            seen[digest] = occurrence + 1
+            keys.append((int.from_bytes(digest, "little"), occurrence))
+        return [lambda j, h=h, o=o: sampler.stream_key(seed, h, o, j) for h, o in keys]
+
+    @torch.no_grad()
+    def generate(self, prompt_token_ids, params: SamplingParams | None = None, progress: bool = False):
+        params = SamplingParams() if params is None else params
+        prompts = self._validate(prompt_token_ids, params)
+        if not prompts:
+            return []
+        seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, ()).item())
+        key_of = self._keys(prompts, seed)
+        stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_ids)
+        sched = Scheduler(self.block_manager, self.max_num_seqs, self.max_num_batched_tokens)
+        done: dict[int, list[Sequence]] = {i: [] for i in range(len(prompts))}
+        for i, p in enumerate(prompts):
+            sched.add(Sequence(self._new_id(), i, 0, key_of[i](0), p, fork_into=params.n))
+        weight = self.model.lm_head_weight
+        bar = _progress(len(prompts) * params.n) if progress else None
+        steps = {"prefill": 0, "decode": 0}
+        try:
+            while sched.has_work():
+                batch = sched.schedule()
+                if isinstance(batch, DecodeBatch):
+                    steps["decode"] += 1
+                    self.runner.copy_blocks(batch.copies)
+                    seqs = batch.seqs
+                    hidden = self.runner.decode(self.block_manager, [s.seq_id for s in seqs],
+                                                [s.tokens[-1] for s in seqs], [len(s) - 1 for s in seqs], batch.slots)
+                    for s in seqs:
+                        s.num_computed = len(s)
+                    rows = seqs
+                else:
+                    steps["prefill"] += 1
+                    hidden = self.runner.prefill(self.block_manager, [s.seq_id for s in batch.seqs],
+                                                 [s.tokens for s in batch.seqs], batch.starts, batch.ends)
+                    keep, rows = [], []
+                    for r, (s, end) in enumerate(zip(batch.seqs, batch.ends)):
+                        s.num_computed = end
+                        self.block_manager.mark_computed(s.seq_id, end)
+                        if end == len(s):  # the prompt (or recomputed sequence) is complete: sample
+                            children = [s.child(self._new_id(), j, key_of[s.request](j)) for j in range(1, s.fork_into)]
+                            for c in children:
+                                self.block_manager.fork(s.seq_id, c.seq_id)
+                            sched.prefill_done(s, children)
+                            for c in [s, *children]:
+                                keep.append(r)
+                                rows.append(c)
+                    if not rows:
+                        continue
+                    hidden = hidden.index_select(0, torch.tensor(keep, device=hidden.device))
+                tokens, logprobs = self._sample(hidden, weight, rows, params)
+                for s, tok, lp in zip(rows, tokens, logprobs):
+                    s.tokens.append(tok)
+                    s.logprobs.append(lp)
+                    reason = None
+                    if tok in stop_ids:
+                        reason = "stop"
+                    elif s.num_generated >= params.max_tokens or len(s) >= self.max_model_len:
+                        reason = "length"
+                    if reason:
+                        sched.finish(s, reason)
+                        done[s.request].append(s)
+                        if bar is not None:
+                            bar.update(1)
+        finally:
+            for s in [*sched.running, *sched.prefilling]:
+                if self.block_manager.has_seq(s.seq_id):
+                    self.block_manager.free(s.seq_id)
+            if bar is not None:
+                bar.close()
+        self.last_stats = {**steps, "preemptions": sched.num_preemptions, "cached_tokens": sched.num_cached_tokens}
+        results = []
+        for i, p in enumerate(prompts):
+            seqs = sorted(done[i], key=lambda s: s.sample)
+            results.append(RequestOutput(p, [Completion(s.tokens[s.prompt_len:], s.logprobs, s.finish_reason)
+                                             for s in seqs]))
+        return results
+
+    def _new_id(self) -> int:
+        self._next_seq_id += 1
+        return self._next_seq_id
+
+    def _sample(self, hidden, weight, rows, params):
+        logits = lm_logits(hidden, weight)
+        device = logits.device
+        keys = torch.tensor([s.key for s in rows], dtype=torch.long).to(device, non_blocking=True)
+        positions = torch.tensor([len(s) for s in rows], dtype=torch.long).to(device, non_blocking=True)
+        tokens, logprobs = sampler.sample(logits, params, keys, positions)
+        # the one device->host transfer of the step
+        return tokens.tolist(), logprobs.float().tolist()
+
+
+def _progress(total):
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc="generate", unit="seq")

@@ -1,0 +1,68 @@
+"""SamplingParams and the result types of Engine.generate."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """How each prompt's `n` completions are drawn.
+
+    temperature 0 is greedy. top_k -1 (or 0) keeps every token; top_p in (0, 1]; min_p in [0, 1]
+    keeps tokens whose probability is at least min_p times the most likely one's. Generation of a
+    completion stops at a stop token (stop_token_ids, plus the model's eos ids unless ignore_eos),
+    after max_tokens tokens, or at the engine's max_model_len. seed=None draws a fresh seed per call.
+    """
+
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    min_p: float = 0.0
+    max_tokens: int = 16
+    stop_token_ids: Sequence[int] = ()
+    seed: int | None = None
+    ignore_eos: bool = False
+
+    def __post_init__(self):
+        def is_int(x):
+            return isinstance(x, int) and not isinstance(x, bool)
+
+        def is_num(x):
+            return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+        if not is_int(self.n) or self.n < 1:
+            raise ValueError(f"SamplingParams: n must be an int >= 1, got {self.n!r}")
+        if not is_num(self.temperature) or not self.temperature >= 0 or self.temperature == float("inf"):
+            raise ValueError(f"SamplingParams: temperature must be a finite number >= 0, got {self.temperature!r}")
+        if not is_num(self.top_p) or not 0 < self.top_p <= 1:
+            raise ValueError(f"SamplingParams: top_p must lie in (0, 1], got {self.top_p!r}")
+        if not is_int(self.top_k) or self.top_k < -1:
+            raise ValueError(f"SamplingParams: top_k must be an int >= 1, or -1/0 for no limit, got {self.top_k!r}")
+        if not is_num(self.min_p) or not 0 <= self.min_p <= 1:
+            raise ValueError(f"SamplingParams: min_p must lie in [0, 1], got {self.min_p!r}")
+        if not is_int(self.max_tokens) or self.max_tokens < 1:
+            raise ValueError(f"SamplingParams: max_tokens must be an int >= 1, got {self.max_tokens!r}")
+        if isinstance(self.stop_token_ids, (str, bytes)) or not all(is_int(t) for t in self.stop_token_ids):
+            raise ValueError(f"SamplingParams: stop_token_ids must be a sequence of ints, got {self.stop_token_ids!r}")
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        if self.seed is not None and not is_int(self.seed):
+            raise ValueError(f"SamplingParams: seed must be an int or None, got {self.seed!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclasses.dataclass
+class Completion:
+    token_ids: list[int]
+    logprobs: list[float]     # log_softmax(logits / temperature) at each sampled token (see docs/rollout.md)
+    finish_reason: str        # "stop" (a stop/eos token, included in token_ids) or "length"
+
+
+@dataclasses.dataclass
+class RequestOutput:
+    prompt_token_ids: list[int]
+    completions: list[Completion]

@@ -1,0 +1,171 @@
+"""Runs the model over the paged KV cache: prefill chunks, decode steps (CUDA graphs on GPU), logits.
+
+The cache is one tensor [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]; layer l's
+keys are kv[l, 0] and values kv[l, 1], each contiguous in the layout of ops.store_kv.
+"""
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+import torch
+
+from r1fast import ops
+
+log = logging.getLogger(__name__)
+
+
+class PrefillContext:
+    """attend(): store the chunk's K/V, then causal attention over cached prefix + chunk."""
+
+    def __init__(self, kv, slots, context_slots, query_lens, context_lens, scale):
+        self.kv, self.slots, self.context_slots = kv, slots, context_slots
+        self.query_lens, self.context_lens, self.scale = query_lens, context_lens, scale
+
+    def attend(self, layer: int, q, k, v):
+        kc, vc = self.kv[layer, 0], self.kv[layer, 1]
+        ops.store_kv(k, v, kc, vc, self.slots, check_slots=False)
+        return ops.paged_prefill_attention(q, kc, vc, self.context_slots, self.query_lens, self.context_lens,
+                                           scale=self.scale)
+
+
+class DecodeContext:
+    """attend(): store the new token's K/V, then paged decode attention (no host sync: graph-safe)."""
+
+    def __init__(self, kv, slots, block_tables, context_lens, scale, backend=None):
+        self.kv, self.slots, self.block_tables, self.context_lens = kv, slots, block_tables, context_lens
+        self.scale, self.backend = scale, backend
+
+    def attend(self, layer: int, q, k, v):
+        kc, vc = self.kv[layer, 0], self.kv[layer, 1]
+        ops.store_kv(k, v, kc, vc, self.slots, check_slots=False)
+        return ops.paged_decode_attention(q.contiguous(), kc, vc, self.block_tables, self.context_lens,
+                                          scale=self.scale, backend=self.backend, check_bounds=False)
+
+
+def lm_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """fp32 logits [B, V] with fp32 accumulation, like ops.grouped_logprob."""
+    if hidden.dtype in (torch.float16, torch.bfloat16) and hidden.is_cuda:
+        try:
+            return torch.mm(hidden, weight.t(), out_dtype=torch.float32)
+        except (TypeError, RuntimeError):
+            pass
+    return torch.mm(hidden.float(), weight.float().t())
+
+
+class ModelRunner:
+    def __init__(self, model, num_blocks: int, block_size: int, max_num_seqs: int, max_model_len: int,
+                 use_cuda_graphs: bool = True, decode_backend: str | None = None):
+        cfg = model.config
+        self.model = model
+        self.device, self.dtype = model.device, model.dtype
+        self.block_size = block_size
+        self.max_blocks_per_seq = math.ceil(max_model_len / block_size)
+        self.num_kv_heads = cfg.num_key_value_heads
+        self.head_dim = cfg.head_dim
+        self.scale = 1.0 / math.sqrt(self.head_dim)
+        self.decode_backend = decode_backend
+        self.kv = torch.zeros(cfg.num_hidden_layers, 2, num_blocks, block_size, self.num_kv_heads, self.head_dim,
+                              device=self.device, dtype=self.dtype)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, dict]] = {}
+        if use_cuda_graphs and self.device.type == "cuda":
+            self._capture_graphs(max_num_seqs)
+
+    @staticmethod
+    def kv_bytes_per_block(cfg, block_size: int, dtype: torch.dtype) -> int:
+        return cfg.num_hidden_layers * 2 * block_size * cfg.num_key_value_heads * cfg.head_dim * \
+            torch.empty((), dtype=dtype).element_size()
+
+    def copy_blocks(self, copies: np.ndarray):
+        if len(copies):
+            c = torch.from_numpy(copies).to(self.device, torch.long)
+            self.kv[:, :, c[:, 1]] = self.kv[:, :, c[:, 0]]
+
+    def _h2d(self, array, dtype):
+        t = torch.from_numpy(np.ascontiguousarray(array)).to(dtype)
+        return t.to(self.device, non_blocking=True) if self.device.type == "cuda" else t
+
+    # -- prefill ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def prefill(self, bm, seq_ids, tokens_per_seq, starts, ends) -> torch.Tensor:
+        """Hidden states [B, H] of the last token of each chunk."""
+        ids = np.asarray(seq_ids, dtype=np.int64)
+        input_ids = np.concatenate([np.asarray(t[s:e], dtype=np.int64) for t, s, e in
+                                    zip(tokens_per_seq, starts, ends)])
+        positions = np.concatenate([np.arange(s, e, dtype=np.int64) for s, e in zip(starts, ends)])
+        slots = bm.slot_mapping(ids, np.asarray(starts, dtype=np.int64), np.asarray(ends, dtype=np.int64))
+        context_slots = bm.slot_mapping(ids, np.zeros(len(ids), dtype=np.int64), np.asarray(ends, dtype=np.int64))
+        query_lens = [e - s for s, e in zip(starts, ends)]
+        ctx = PrefillContext(self.kv, self._h2d(slots, torch.long), self._h2d(context_slots, torch.long),
+                             query_lens, list(ends), self.scale)
+        hidden = self.model(self._h2d(input_ids, torch.long), self._h2d(positions, torch.long), attn=ctx)
+        last = torch.tensor(np.cumsum(query_lens) - 1, device=self.device)
+        return hidden.index_select(0, last)
+
+    # -- decode ----------------------------------------------------------------------------------
+    def _decode_inputs(self, bm, seq_ids, last_tokens, positions, slots, batch_size, width=0):
+        """Host arrays of a decode step, padded to batch_size rows and at least `width` table columns."""
+        b = len(seq_ids)
+        tables = bm.block_tables(np.asarray(seq_ids, dtype=np.int64), width, 0)
+        inputs = {
+            "input_ids": np.zeros(batch_size, dtype=np.int64),
+            "positions": np.zeros(batch_size, dtype=np.int64),
+            "slots": np.full(batch_size, -1, dtype=np.int64),   # padding rows write nothing
+            "context_lens": np.ones(batch_size, dtype=np.int32),  # and read one (ignored) slot
+            "block_tables": np.zeros((batch_size, tables.shape[1]), dtype=np.int32),
+        }
+        inputs["input_ids"][:b] = last_tokens
+        inputs["positions"][:b] = positions
+        inputs["slots"][:b] = slots
+        inputs["context_lens"][:b] = np.asarray(positions) + 1
+        inputs["block_tables"][:b] = tables
+        return inputs
+
+    def _run_decode(self, t):
+        ctx = DecodeContext(self.kv, t["slots"], t["block_tables"], t["context_lens"], self.scale,
+                            self.decode_backend)
+        return self.model(t["input_ids"], t["positions"], attn=ctx)
+
+    @torch.no_grad()
+    def decode(self, bm, seq_ids, last_tokens, positions, slots) -> torch.Tensor:
+        """Hidden states [B, H] of each sequence's new token."""
+        b = len(seq_ids)
+        bucket = next((s for s in sorted(self.graphs) if s >= b), None)
+        if bucket is None:
+            host = self._decode_inputs(bm, seq_ids, last_tokens, positions, slots, b)
+            dtypes = {"block_tables": torch.int32, "context_lens": torch.int32}
+            t = {k: self._h2d(v, dtypes.get(k, torch.long)) for k, v in host.items()}
+            return self._run_decode(t)
+        graph, static = self.graphs[bucket]
+        host = self._decode_inputs(bm, seq_ids, last_tokens, positions, slots, bucket, self.max_blocks_per_seq)
+        for k, v in host.items():
+            static[k].copy_(torch.from_numpy(v), non_blocking=True)
+        graph.replay()
+        return static["hidden"][:b]
+
+    def _capture_graphs(self, max_num_seqs: int):
+        """One graph per batch-size bucket; any failure leaves eager decode in place."""
+        buckets = sorted({b for b in (1, 2, 4, 8) if b <= max_num_seqs} |
+                         set(range(16, max_num_seqs + 1, 16)) | {max_num_seqs})
+        width = self.max_blocks_per_seq
+        try:
+            pool = None
+            for b in reversed(buckets):
+                static = {"input_ids": torch.zeros(b, dtype=torch.long, device=self.device),
+                          "positions": torch.zeros(b, dtype=torch.long, device=self.device),
+                          "slots": torch.full((b,), -1, dtype=torch.long, device=self.device),
+                          "context_lens": torch.ones(b, dtype=torch.int32, device=self.device),
+                          "block_tables": torch.zeros(b, width, dtype=torch.int32, device=self.device)}
+                with torch.no_grad():
+                    self._run_decode(static)  # warm-up: compiles kernels outside capture
+                    torch.cuda.synchronize(self.device)
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph, pool=pool):
+                        static["hidden"] = self._run_decode(static)
+                pool = graph.pool()
+                self.graphs[b] = (graph, static)
+        except Exception as e:  # noqa: BLE001 - any capture problem means: run eagerly
+            log.warning("CUDA graph capture failed (%s); decoding eagerly", e)
+            self.graphs.clear()
+        torch.cuda.synchronize(self.device)

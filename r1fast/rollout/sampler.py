@@ -1,0 +1,109 @@
+"""Token sampling on device, without host synchronisation.
+
+Randomness is counter-based: each completion has a 32-bit stream key (from the call's seed, its
+prompt and its sample index j, see Engine) and the uniform for the token at position p is a hash of
+(key, p). A sample therefore never depends on which other requests share its batch, on the batch
+order, or on preemption (a recomputed sequence draws the same numbers at the same positions).
+
+A token is drawn by inverse CDF: one uniform per row against the cumulative sum of the filtered
+probabilities (vocabulary order when no top-k/top-p is set, else sorted order).
+
+Log-probability of a sampled token (what `Completion.logprobs` holds): log_softmax(logits / T) at
+that token, with T the temperature (T = 1 for greedy), before top-k/top-p/min-p filtering. This is
+exactly ops.grouped_logprob(hidden, lm_head, targets, temperature=T).
+"""
+from __future__ import annotations
+
+import torch
+
+from r1fast.rollout.params import SamplingParams
+
+_MASK32 = 0xFFFFFFFF
+
+
+def fmix32(x: torch.Tensor) -> torch.Tensor:
+    """murmur3's 32-bit finaliser on int64 tensors holding values in [0, 2^32)."""
+    x = x ^ (x >> 16)
+    x = (x * 0x85EBCA6B) & _MASK32
+    x = x ^ (x >> 13)
+    x = (x * 0xC2B2AE35) & _MASK32
+    return x ^ (x >> 16)
+
+
+def fmix32_int(x: int) -> int:
+    """The same finaliser on a Python int (host-side key derivation)."""
+    x &= _MASK32
+    x ^= x >> 16
+    x = (x * 0x85EBCA6B) & _MASK32
+    x ^= x >> 13
+    x = (x * 0xC2B2AE35) & _MASK32
+    return x ^ (x >> 16)
+
+
+def stream_key(*parts: int) -> int:
+    """A 32-bit key from integers of any size (seed, prompt hash, occurrence, sample index)."""
+    h = 0x9E3779B9
+    for p in parts:
+        p = int(p)
+        for _ in range(3):  # fold 96 bits of each part, enough for a 64-bit seed and a sign
+            h = fmix32_int(h ^ fmix32_int((p & _MASK32) + 0x632BE5AB))
+            p >>= 32
+    return h
+
+
+def uniforms(keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """float64 uniforms in [0, 1), 53 bits, one per (key, position) row; keys/positions int64."""
+    base = fmix32((positions.long() * 2) & _MASK32)
+    h1 = fmix32(keys ^ base)
+    h2 = fmix32(h1 ^ fmix32((positions.long() * 2 + 1) & _MASK32))
+    return ((h1 << 21) + (h2 >> 11)).double() * (2.0 ** -53)
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
+    t = temperature if temperature > 0 else 1.0
+    return torch.log_softmax(logits.float() / t, dim=-1).gather(1, tokens[:, None]).squeeze(1)
+
+
+def filtered_probs(logits: torch.Tensor, params: SamplingParams):
+    """(probs [B, K], ids [B, K] or None): the renormalisable sampling distribution after filtering.
+
+    ids is None when the probabilities are in vocabulary order; else probs[b, i] belongs to token
+    ids[b, i] (descending order: top-k/top-p need the ranking).
+    """
+    probs = torch.softmax(logits.float() / params.temperature, dim=-1)
+    vocab = probs.shape[-1]
+    ids = None
+    top_k = params.top_k if 0 < params.top_k < vocab else 0
+    if top_k or params.top_p < 1:
+        if top_k:
+            probs, ids = probs.topk(top_k, dim=-1)
+        else:
+            probs, ids = probs.sort(dim=-1, descending=True)
+        if params.top_p < 1:
+            # keep the smallest prefix whose mass reaches top_p (the first token always stays);
+            # the mass is measured after top-k, as in vLLM and transformers
+            mass = probs.cumsum(dim=-1) / probs.sum(dim=-1, keepdim=True)
+            drop = (mass - probs / probs.sum(dim=-1, keepdim=True)) >= params.top_p
+            probs = probs.masked_fill(drop, 0.0)
+    if params.min_p > 0:
+        peak = probs.amax(dim=-1, keepdim=True)
+        probs = probs.masked_fill(probs < params.min_p * peak, 0.0)
+    return probs, ids
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, keys: torch.Tensor, positions: torch.Tensor):
+    """(tokens int64 [B], logprobs float32 [B]) for fp32 logits [B, V], stream keys and positions [B]."""
+    if params.greedy:
+        tokens = logits.argmax(dim=-1)
+        return tokens, token_logprobs(logits, tokens, 0.0)
+    probs, ids = filtered_probs(logits, params)
+    cdf = probs.cumsum(dim=-1)
+    u = uniforms(keys, positions)
+    target = (u * cdf[:, -1].double()).to(cdf.dtype)[:, None]
+    idx = torch.searchsorted(cdf, target, right=True).clamp_max(cdf.shape[-1] - 1)
+    # a rounding step past the last kept token lands on a zero-probability entry: step back to a kept one
+    kept = probs.gather(1, idx) > 0
+    last_kept = (probs > 0).long().cumsum(dim=-1).argmax(dim=-1, keepdim=True)
+    idx = torch.where(kept, idx, last_kept)
+    tokens = (idx if ids is None else ids.gather(1, idx)).squeeze(1)
+    return tokens, token_logprobs(logits, tokens, params.temperature)

@@ -1,0 +1,51 @@
+"""One completion being generated (or, before its prompt is prefilled, a whole group)."""
+from __future__ import annotations
+
+import enum
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"      # not holding KV blocks: new, or preempted (recomputed on readmission)
+    PREFILL = "prefill"      # blocks allocated; its tokens' KV is being computed, chunk by chunk
+    RUNNING = "running"      # decoding one token per step
+    FINISHED = "finished"
+
+
+class Sequence:
+    """tokens = prompt + generated; the KV of tokens[:num_computed] is in the cache.
+
+    A group is admitted as one sequence with `fork_into` = n: its prompt is prefilled once, and
+    when the prompt's last logits are ready it is forked into n sequences (sample 0 is itself)
+    that share the prompt's KV blocks.
+    """
+
+    __slots__ = ("seq_id", "request", "sample", "key", "tokens", "prompt_len", "logprobs", "num_computed",
+                 "status", "fork_into", "finish_reason")
+
+    def __init__(self, seq_id: int, request: int, sample: int, key: int, prompt: list[int], fork_into: int = 1):
+        self.seq_id = seq_id
+        self.request = request          # index of the prompt in the generate() call
+        self.sample = sample            # index j of the completion within its group
+        self.key = key                  # 32-bit random stream key (see sampler.py)
+        self.tokens = list(prompt)
+        self.prompt_len = len(prompt)
+        self.logprobs: list[float] = []
+        self.num_computed = 0
+        self.status = Status.WAITING
+        self.fork_into = fork_into
+        self.finish_reason: str | None = None
+
+    def __len__(self):
+        return len(self.tokens)
+
+    @property
+    def num_generated(self) -> int:
+        return len(self.tokens) - self.prompt_len
+
+    def child(self, seq_id: int, sample: int, key: int) -> "Sequence":
+        """A fork: same tokens and computed KV, its own sample index and random stream."""
+        s = Sequence(seq_id, self.request, sample, key, self.tokens)
+        s.prompt_len = self.prompt_len
+        s.num_computed = self.num_computed
+        s.status = self.status
+        return s

@@ -1,0 +1,285 @@
+"""The C++ block manager (r1fast._C.BlockManager) against a plain-Python model of the same rules.
+
+The model keys its prefix cache by the whole token prefix (exact), where the C++ side chains 64-bit
+hashes and compares block tokens; block ids, reference counts, free-queue order and cache
+contents must agree after every operation of a random program.
+"""
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, settings, strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+_C = pytest.importorskip("r1fast._C")
+BlockManager = _C.BlockManager
+
+
+class ModelBlockManager:
+    def __init__(self, num_blocks, block_size, prefix_caching):
+        self.bs, self.pc = block_size, prefix_caching
+        self.ref = [0] * num_blocks
+        self.free_queue = list(range(num_blocks))
+        self.key = [None] * num_blocks  # the full token prefix a cached block ends
+        self.cache = {}
+        self.seqs = {}  # id -> {"table", "tokens", "hashed"}
+
+    def _take_free(self):
+        if not self.free_queue:
+            raise ValueError("no free KV blocks")
+        b = self.free_queue.pop(0)
+        if self.key[b] is not None:
+            if self.cache.get(self.key[b]) == b:
+                del self.cache[self.key[b]]
+            self.key[b] = None
+        self.ref[b] = 1
+        return b
+
+    def _release(self, b):
+        self.ref[b] -= 1
+        if self.ref[b] == 0:
+            self.free_queue.append(b)
+
+    def _hits(self, tokens):
+        hits = []
+        if self.pc:
+            for i in range((len(tokens) - 1) // self.bs):
+                b = self.cache.get(tuple(tokens[: (i + 1) * self.bs]))
+                if b is None:
+                    break
+                hits.append(b)
+        return hits
+
+    def blocks_to_allocate(self, tokens):
+        total = -(-len(tokens) // self.bs)
+        return total - sum(self.ref[b] > 0 for b in self._hits(tokens))
+
+    def allocate(self, seq, tokens):
+        if self.blocks_to_allocate(tokens) > len(self.free_queue):
+            raise ValueError("not enough blocks")
+        hits = self._hits(tokens)
+        table = []
+        for b in hits:
+            if self.ref[b] == 0:
+                self.free_queue.remove(b)
+            self.ref[b] += 1
+            table.append(b)
+        while len(table) < -(-len(tokens) // self.bs):
+            table.append(self._take_free())
+        self.seqs[seq] = {"table": table, "tokens": list(tokens), "hashed": len(hits)}
+        return len(hits) * self.bs
+
+    def fork(self, parent, child):
+        s = self.seqs[parent]
+        for b in s["table"]:
+            self.ref[b] += 1
+        self.seqs[child] = {"table": list(s["table"]), "tokens": list(s["tokens"]), "hashed": s["hashed"]}
+
+    def blocks_to_append(self, seq):
+        s = self.seqs[seq]
+        if len(s["tokens"]) % self.bs == 0:
+            return 1
+        return int(self.ref[s["table"][-1]] > 1)
+
+    def append(self, seq, token):
+        s = self.seqs[seq]
+        pos = len(s["tokens"])
+        src = dst = -1
+        if pos % self.bs == 0:
+            s["table"].append(self._take_free())
+        elif self.ref[s["table"][-1]] > 1:
+            fresh = self._take_free()
+            src, dst = s["table"][-1], fresh
+            self._release(src)
+            s["table"][-1] = fresh
+        s["tokens"].append(token)
+        return s["table"][pos // self.bs] * self.bs + pos % self.bs, src, dst
+
+    def mark_computed(self, seq, n):
+        s = self.seqs[seq]
+        if not self.pc:
+            return
+        while (s["hashed"] + 1) * self.bs <= n:
+            key = tuple(s["tokens"][: (s["hashed"] + 1) * self.bs])
+            b = s["table"][s["hashed"]]
+            if key not in self.cache and self.key[b] is None:
+                self.cache[key] = b
+                self.key[b] = key
+            s["hashed"] += 1
+
+    def free(self, seq):
+        for b in reversed(self.seqs.pop(seq)["table"]):
+            self._release(b)
+
+    def reset_prefix_cache(self):
+        self.cache.clear()
+        self.key = [None] * len(self.key)
+
+
+PREFIXES = ([1, 2, 3, 4, 5, 6, 7], [1, 2, 3, 4, 9, 9], [8, 8, 8, 8, 8, 8, 8, 8, 8])
+
+
+class BlockManagerMachine(RuleBasedStateMachine):
+    def __init__(self):
+        super().__init__()
+        self.configured = False
+
+    @precondition(lambda self: not self.configured)
+    @rule(num_blocks=st.integers(1, 12), block_size=st.sampled_from([1, 2, 4]), pc=st.booleans())
+    def configure(self, num_blocks, block_size, pc):
+        self.real = BlockManager(num_blocks, block_size, pc)
+        self.model = ModelBlockManager(num_blocks, block_size, pc)
+        self.next_id = 0
+        self.configured = True
+
+    def _both(self, fn_real, fn_model):
+        """Run an op on both; they must agree on the result or on raising ValueError."""
+        try:
+            expected = fn_model()
+        except ValueError:
+            with pytest.raises(ValueError):
+                fn_real()
+            return None
+        got = fn_real()
+        assert got == expected, (got, expected)
+        return got
+
+    @precondition(lambda self: self.configured)
+    @rule(prefix=st.sampled_from(PREFIXES), cut=st.integers(1, 9), suffix=st.lists(st.integers(0, 5), max_size=4))
+    def allocate(self, prefix, cut, suffix):
+        tokens = prefix[:cut] + suffix
+        arr = np.array(tokens, dtype=np.int32)
+        assert self.real.blocks_to_allocate(arr) == self.model.blocks_to_allocate(tokens)
+        sid = self.next_id
+        self.next_id += 1
+        self._both(lambda: self.real.allocate(sid, arr), lambda: self.model.allocate(sid, tokens))
+
+    def _pick(self, i):
+        ids = sorted(self.model.seqs)
+        return ids[i % len(ids)]
+
+    @precondition(lambda self: self.configured and self.model.seqs)
+    @rule(i=st.integers(0, 50))
+    def fork(self, i):
+        parent, child = self._pick(i), self.next_id
+        self.next_id += 1
+        self.real.fork(parent, child)
+        self.model.fork(parent, child)
+
+    @precondition(lambda self: self.configured and self.model.seqs)
+    @rule(i=st.integers(0, 50), token=st.integers(0, 9))
+    def append(self, i, token):
+        sid = self._pick(i)
+        assert self.real.blocks_to_append(sid) == self.model.blocks_to_append(sid)
+        self._both(lambda: tuple(self.real.append(sid, token)), lambda: self.model.append(sid, token))
+
+    @precondition(lambda self: self.configured and self.model.seqs)
+    @rule(i=st.integers(0, 50), frac=st.floats(0, 1))
+    def mark_computed(self, i, frac):
+        sid = self._pick(i)
+        n = int(frac * len(self.model.seqs[sid]["tokens"]))
+        self.real.mark_computed(sid, n)
+        self.model.mark_computed(sid, n)
+
+    @precondition(lambda self: self.configured and self.model.seqs)
+    @rule(i=st.integers(0, 50), preempt=st.booleans())
+    def free(self, i, preempt):
+        sid = self._pick(i)
+        (self.real.preempt if preempt else self.real.free)(sid)
+        self.model.free(sid)
+
+    @precondition(lambda self: self.configured)
+    @rule()
+    def reset(self):
+        self.real.reset_prefix_cache()
+        self.model.reset_prefix_cache()
+
+    @invariant()
+    def agree(self):
+        if not self.configured:
+            return
+        self.real.check_invariants()
+        m = self.model
+        assert self.real.num_free_blocks == len(m.free_queue)
+        assert self.real.num_cached_blocks == len(m.cache)
+        assert [self.real.ref_count(b) for b in range(len(m.ref))] == m.ref
+        assert self.real.seq_ids() == sorted(m.seqs)
+        for sid, s in m.seqs.items():
+            assert self.real.block_table(sid).tolist() == s["table"]
+            assert self.real.num_tokens(sid) == len(s["tokens"])
+        # no leak: with every sequence freed, every block is free
+        assert sum(r > 0 for r in m.ref) + len(m.free_queue) == len(m.ref)
+
+
+TestBlockManagerProperties = BlockManagerMachine.TestCase
+TestBlockManagerProperties.settings = settings(max_examples=60, stateful_step_count=40, deadline=None,
+                                               suppress_health_check=list(HealthCheck))
+
+
+def test_group_fork_shares_prompt_blocks_and_copies_partial_block_on_write():
+    bm = BlockManager(16, 4, False)
+    prompt = np.arange(10, dtype=np.int32)  # 3 blocks, the last one partial
+    bm.allocate(0, prompt)
+    for child in range(1, 4):
+        bm.fork(0, child)
+    assert 16 - bm.num_free_blocks == 3  # G = 4 samples, the prompt's blocks once
+    copies = []
+    for sid in range(4):
+        slot, src, dst = bm.append(sid, 100 + sid)
+        if src >= 0:
+            copies.append((src, dst))
+        assert slot // 4 == bm.block_table(sid)[2] and slot % 4 == 2
+    # the first three writers copy the shared partial block; the last one owns it
+    assert [c[0] for c in copies] == [2, 2, 2] and len({c[1] for c in copies}) == 3
+    assert bm.block_table(3)[2] == 2
+    assert all(bm.block_table(s)[:2].tolist() == [0, 1] for s in range(4))
+    assert bm.ref_count(0) == 4 and bm.ref_count(2) == 1
+    bm.check_invariants()
+    for sid in range(4):
+        bm.free(sid)
+    assert bm.num_free_blocks == 16
+
+
+def test_prefix_cache_hits_only_computed_full_blocks_and_reset_forgets_them():
+    bm = BlockManager(8, 4, True)
+    tokens = np.arange(9, dtype=np.int32)
+    assert bm.allocate(0, tokens) == 0
+    assert bm.allocate(1, tokens) == 0  # not computed yet: no hit
+    bm.mark_computed(0, 9)
+    assert bm.num_cached_blocks == 2
+    assert bm.allocate(2, tokens) == 8
+    assert bm.block_table(2)[:2].tolist() == bm.block_table(0)[:2].tolist()
+    # a prompt that is exactly two blocks never hits its last block: its logits must be computed
+    assert bm.allocate(3, tokens[:8]) == 4
+    bm.reset_prefix_cache()
+    assert bm.num_cached_blocks == 0
+    assert bm.allocate(4, tokens) == 0 if bm.num_free_blocks >= 3 else True
+
+
+def test_block_tables_and_slot_mapping_are_int_arrays():
+    bm = BlockManager(8, 2, False)
+    bm.allocate(7, np.array([1, 2, 3], dtype=np.int32))
+    bm.allocate(9, np.array([4], dtype=np.int32))
+    tables = bm.block_tables(np.array([7, 9]), 4, -1)
+    assert tables.dtype == np.int32 and tables.tolist() == [[0, 1, -1, -1], [2, -1, -1, -1]]
+    slots = bm.slot_mapping(np.array([7, 9]), np.array([1, 0]), np.array([3, 1]))
+    assert slots.dtype == np.int64 and slots.tolist() == [1, 2, 4]
+
+
+def test_misuse_raises_value_errors():
+    with pytest.raises(ValueError, match="num_blocks"):
+        BlockManager(0, 4, True)
+    with pytest.raises(ValueError, match="block_size"):
+        BlockManager(4, 0, True)
+    bm = BlockManager(2, 2, False)
+    with pytest.raises(ValueError, match="at least one token"):
+        bm.allocate(0, np.array([], dtype=np.int32))
+    with pytest.raises(ValueError, match="needs 3 free blocks"):
+        bm.allocate(0, np.arange(5, dtype=np.int32))
+    bm.allocate(0, np.arange(2, dtype=np.int32))
+    with pytest.raises(ValueError, match="already allocated"):
+        bm.allocate(0, np.arange(2, dtype=np.int32))
+    with pytest.raises(ValueError, match="unknown sequence"):
+        bm.free(5)
+    with pytest.raises(ValueError, match="outside"):
+        bm.slot_mapping(np.array([0]), np.array([0]), np.array([3]))
+    with pytest.raises(ValueError, match="1-D"):
+        bm.allocate(1, np.zeros((1, 2), dtype=np.int32))

@@ -1,0 +1,291 @@
+"""Engine end to end on a tiny random model: greedy parity with transformers, scheduling, seeds."""
+import math
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("r1fast._C")
+
+from r1fast.models import ModelConfig, from_pretrained  # noqa: E402
+from r1fast.rollout import Engine, SamplingParams  # noqa: E402
+
+CFG = dict(architecture="Qwen2ForCausalLM", vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+PROMPT_LENS = [3, 4, 5, 9, 13]  # block_size 4: inside, on, and across block boundaries
+MAX_NEW = 10
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """(transformers model, r1fast model) with the same random weights, through a checkpoint."""
+    cfg = ModelConfig(**CFG)
+    hf_config = transformers.AutoConfig.for_model(cfg.model_type, **{
+        k: v for k, v in cfg.to_hf_config(torch.float32).items() if k != "model_type"})
+    hf_config._attn_implementation = "eager"
+    hf = transformers.AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32).eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            p.copy_((1.0 + 0.2 * torch.randn(p.shape, generator=g)) if name.endswith("norm.weight")
+                    else 0.3 * torch.randn(p.shape, generator=g))
+    path = tmp_path_factory.mktemp("tiny") / "ck"
+    hf.save_pretrained(path)
+    return hf, from_pretrained(path).eval()
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    g = torch.Generator().manual_seed(7)
+    return [torch.randint(0, CFG["vocab_size"], (n,), generator=g).tolist() for n in PROMPT_LENS]
+
+
+@pytest.fixture(scope="module")
+def hf_greedy(models, prompts):
+    hf, _ = models
+    outs = []
+    for p in prompts:
+        ids = torch.tensor([p])
+        out = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=MAX_NEW,
+                          min_new_tokens=MAX_NEW, pad_token_id=0, eos_token_id=None)
+        outs.append(out[0, len(p):].tolist())
+    return outs
+
+
+@pytest.mark.parametrize("opts,expect", [
+    (dict(num_blocks=64), "plain"),
+    (dict(num_blocks=64, max_num_batched_tokens=5), "chunked"),
+    (dict(num_blocks=9, max_num_seqs=4), "preempted"),
+    (dict(num_blocks=64, max_num_seqs=2, enable_prefix_caching=False), "few seats"),
+])
+def test_greedy_matches_transformers(models, prompts, hf_greedy, opts, expect):
+    _, model = models
+    engine = Engine(model, block_size=4, **opts)
+    results = engine.generate(prompts, SamplingParams(n=2, temperature=0, max_tokens=MAX_NEW))
+    for p, res, want in zip(prompts, results, hf_greedy):
+        assert res.prompt_token_ids == p
+        assert len(res.completions) == 2
+        for c in res.completions:
+            assert c.token_ids == want
+            assert c.finish_reason == "length" and len(c.logprobs) == MAX_NEW
+    stats = engine.last_stats
+    if expect == "chunked":
+        assert stats["prefill"] >= sum(PROMPT_LENS) // 5
+    if expect == "preempted":
+        assert stats["preemptions"] > 0
+    assert engine.block_manager.num_free_blocks == engine.num_blocks  # nothing leaked
+
+
+def test_greedy_logprobs_match_transformers_scores(models, prompts):
+    hf, model = models
+    engine = Engine(model, block_size=4, num_blocks=32)
+    res = engine.generate([prompts[3]], SamplingParams(temperature=0, max_tokens=4))[0].completions[0]
+    ids = torch.tensor([prompts[3] + res.token_ids])
+    with torch.no_grad():
+        logp = torch.log_softmax(hf(ids).logits[0].double(), -1)
+    n = len(prompts[3])
+    want = [logp[n - 1 + i, t].item() for i, t in enumerate(res.token_ids)]
+    assert res.logprobs == pytest.approx(want, abs=1e-4)
+
+
+def test_seeded_samples_do_not_depend_on_batch_or_preemption(models, prompts):
+    _, model = models
+    params = SamplingParams(n=3, temperature=1.0, top_p=0.95, max_tokens=8, seed=123)
+    alone = Engine(model, block_size=4, num_blocks=64).generate([prompts[2]], params)[0]
+    engine = Engine(model, block_size=4, num_blocks=10, max_num_seqs=6)
+    batch = engine.generate([prompts[0], prompts[2], prompts[4], prompts[2]], params)
+    assert engine.last_stats["preemptions"] > 0
+    tokens = [c.token_ids for c in alone.completions]
+    assert [c.token_ids for c in batch[1].completions] == tokens
+    for a, b in zip(alone.completions, batch[1].completions):
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-5)
+    assert len({tuple(t) for t in tokens}) > 1  # the samples of a group differ
+    assert [c.token_ids for c in batch[3].completions] != tokens  # a repeated prompt gets fresh samples
+    other_seed = Engine(model, block_size=4, num_blocks=64).generate(
+        [prompts[2]], SamplingParams(n=3, temperature=1.0, top_p=0.95, max_tokens=8, seed=124))[0]
+    assert [c.token_ids for c in other_seed.completions] != tokens
+
+
+class RecordingBlockManager:
+    """Wraps the C++ block manager and records how many blocks are in use after each call."""
+
+    def __init__(self, real):
+        self.real, self.used = real, []
+
+    def __getattr__(self, name):
+        attr = getattr(self.real, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args, **kwargs):
+            out = attr(*args, **kwargs)
+            self.used.append((name, self.real.num_blocks - self.real.num_free_blocks))
+            return out
+        return call
+
+
+def test_group_samples_share_prompt_blocks(models):
+    _, model = models
+    engine = Engine(model, block_size=4, num_blocks=32)
+    rec = engine.block_manager = RecordingBlockManager(engine.block_manager)
+    prompt = list(range(9))  # 3 blocks, the last one partial
+    engine.generate([prompt], SamplingParams(n=4, temperature=1.0, max_tokens=2, seed=0))
+    forks = [u for name, u in rec.used if name == "fork"]
+    assert forks == [3, 3, 3]  # 4 samples hold the prompt's 3 blocks once
+    appends = [u for name, u in rec.used if name == "append_batch"]
+    assert appends[0] == 3 + 3  # then 3 copy-on-writes of the shared partial block, not 4 x 3 blocks
+
+
+def test_prefix_cache_reuses_prompt_blocks_until_reset(models, prompts):
+    _, model = models
+    engine = Engine(model, block_size=4, num_blocks=64)
+    params = SamplingParams(temperature=0, max_tokens=3)
+    first = engine.generate([prompts[4]], params)
+    assert engine.last_stats["cached_tokens"] == 0
+    again = engine.generate([prompts[4]], params)
+    assert engine.last_stats["cached_tokens"] == 12
+    assert again[0].completions[0].token_ids == first[0].completions[0].token_ids
+    engine.reset_prefix_cache()
+    engine.generate([prompts[4]], params)
+    assert engine.last_stats["cached_tokens"] == 0
+
+
+def test_stop_tokens_and_eos_finish_with_stop(models, prompts):
+    _, model = models
+    engine = Engine(model, block_size=4, num_blocks=64)
+    greedy = engine.generate([prompts[1]], SamplingParams(temperature=0, max_tokens=MAX_NEW))[0].completions[0]
+    stop = greedy.token_ids[3]
+    first = greedy.token_ids.index(stop)
+    res = engine.generate([prompts[1]], SamplingParams(temperature=0, max_tokens=MAX_NEW, stop_token_ids=[stop]))
+    c = res[0].completions[0]
+    assert c.finish_reason == "stop" and c.token_ids == greedy.token_ids[: first + 1]
+    model.config.eos_token_id = stop
+    try:
+        c = Engine(model, block_size=4, num_blocks=64).generate([prompts[1]], SamplingParams(temperature=0,
+                                                                                             max_tokens=MAX_NEW))
+        assert c[0].completions[0].finish_reason == "stop"
+        c = Engine(model, block_size=4, num_blocks=64).generate(
+            [prompts[1]], SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True))
+        assert c[0].completions[0].token_ids == greedy.token_ids
+    finally:
+        model.config.eos_token_id = None
+
+
+def test_max_model_len_ends_with_length(models, prompts):
+    _, model = models
+    engine = Engine(model, block_size=4, num_blocks=64, max_model_len=16)
+    c = engine.generate([prompts[4]], SamplingParams(temperature=0, max_tokens=50))[0].completions[0]
+    assert len(prompts[4]) + len(c.token_ids) == 16 and c.finish_reason == "length"
+
+
+def test_engine_reads_weights_in_place(models, prompts):
+    _, model = models
+    engine = Engine(model, block_size=4, num_blocks=64, enable_prefix_caching=False)
+    params = SamplingParams(temperature=0, max_tokens=6)
+    before = engine.generate([prompts[3]], params)[0].completions[0].token_ids
+    w = model.lm_head_weight
+    saved = w.detach().clone()
+    with torch.no_grad():
+        w.mul_(-1.0)
+    try:
+        after = engine.generate([prompts[3]], params)[0].completions[0].token_ids
+    finally:
+        with torch.no_grad():
+            w.copy_(saved)
+    assert after != before
+
+
+def test_bad_requests_raise_clear_errors(models, prompts):
+    _, model = models
+    engine = Engine(model, block_size=4, num_blocks=16, max_model_len=20)
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        engine.generate([[1, 2], []], SamplingParams())
+    with pytest.raises(ValueError, match="max_model_len"):
+        engine.generate([list(range(20))], SamplingParams())
+    with pytest.raises(ValueError, match="n must"):
+        engine.generate([[1]], SamplingParams(n=0))
+    with pytest.raises(ValueError, match="top_p"):
+        engine.generate([[1]], SamplingParams(top_p=0))
+    with pytest.raises(ValueError, match="stop_token_ids"):
+        engine.generate([[1]], SamplingParams(stop_token_ids=[50]))
+    with pytest.raises(ValueError, match="outside"):
+        engine.generate([[1, 99]], SamplingParams())
+    with pytest.raises(ValueError, match="exceed max_num_seqs"):
+        Engine(model, block_size=4, num_blocks=16, max_num_seqs=2).generate([[1]], SamplingParams(n=3))
+    with pytest.raises(ValueError, match="KV blocks"):
+        Engine(model, block_size=4, num_blocks=2).generate([[1, 2, 3]], SamplingParams(max_tokens=30))
+    with pytest.raises(TypeError, match="SamplingParams"):
+        engine.generate([[1]], dict(n=1))
+    with pytest.raises(ValueError, match="block_size"):
+        Engine(model, block_size=0)
+    with pytest.raises(ValueError, match="memory_fraction"):
+        Engine(model, memory_fraction=1.5)
+    assert engine.generate([], SamplingParams()) == []
+
+
+def test_group_too_large_for_the_pool_decodes_by_preemption_with_unchanged_samples(models):
+    _, model = models
+    prompt = [list(range(1, 10))]
+    params = SamplingParams(n=8, temperature=1.0, max_tokens=6, seed=5)
+    roomy = Engine(model, block_size=4, num_blocks=64).generate(prompt, params)
+    tight = Engine(model, block_size=4, num_blocks=6)
+    squeezed = tight.generate(prompt, params)
+    assert tight.last_stats["preemptions"] > 0
+    assert [c.token_ids for c in squeezed[0].completions] == [c.token_ids for c in roomy[0].completions]
+
+
+@pytest.mark.gpu
+def test_cuda_engine_graphs_and_backends_match_cpu(models, prompts):
+    _, model = models
+    params = SamplingParams(n=2, temperature=0.8, top_k=20, max_tokens=MAX_NEW, seed=11)
+    cpu = Engine(model, block_size=4, num_blocks=64).generate(prompts, params)
+    gpu_model = from_pretrained_copy(model, "cuda")
+    try:
+        for opts in (dict(), dict(use_cuda_graphs=False), dict(decode_backend="triton"),
+                     dict(decode_backend="cuda", max_num_batched_tokens=5)):
+            engine = Engine(gpu_model, block_size=4, num_blocks=64, max_num_seqs=16, **opts)
+            if opts.get("use_cuda_graphs", True):
+                assert engine.runner.graphs, "CUDA graph capture fell back to eager"
+            out = engine.generate(prompts, params)
+            for a, b in zip(cpu, out):
+                assert [c.token_ids for c in a.completions] == [c.token_ids for c in b.completions], opts
+                for ca, cb in zip(a.completions, b.completions):
+                    assert ca.logprobs == pytest.approx(cb.logprobs, abs=1e-3)
+        bf16 = from_pretrained_copy(model, "cuda", torch.bfloat16)
+        res = Engine(bf16, block_size=16, max_num_seqs=16).generate(prompts, params)
+        assert all(len(c.token_ids) == MAX_NEW for r in res for c in r.completions)
+    finally:
+        del gpu_model
+
+
+def from_pretrained_copy(model, device, dtype=None):
+    import copy
+
+    m = copy.deepcopy(model).to(device)
+    return m.to(dtype) if dtype is not None else m
+
+
+def test_random_engine_limits_never_change_seeded_outputs(models):
+    """Pool size, batch-token budget and seat count change the schedule, never the samples."""
+    from hypothesis import HealthCheck, given, settings, strategies as st
+
+    _, model = models
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, CFG["vocab_size"], (n,), generator=g).tolist() for n in (2, 7, 12)]
+    params = SamplingParams(n=3, temperature=1.0, min_p=0.05, max_tokens=7, seed=99)
+    want = [[c.token_ids for c in r.completions] for r in Engine(model, block_size=4, num_blocks=64).generate(
+        prompts, params)]
+
+    @settings(max_examples=6, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(num_blocks=st.integers(5, 20), budget=st.integers(1, 16), seats=st.integers(3, 9),
+           block_size=st.sampled_from([2, 4, 8]), prefix=st.booleans())
+    def check(num_blocks, budget, seats, block_size, prefix):
+        if math.ceil((12 + 7) / block_size) > num_blocks:
+            num_blocks = math.ceil((12 + 7) / block_size)
+        engine = Engine(model, block_size=block_size, num_blocks=num_blocks, max_num_batched_tokens=budget,
+                        max_num_seqs=seats, enable_prefix_caching=prefix)
+        got = [[c.token_ids for c in r.completions] for r in engine.generate(prompts, params)]
+        assert got == want, engine.last_stats
+        assert engine.block_manager.num_free_blocks == num_blocks
+
+    check()

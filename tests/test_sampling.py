@@ -1,0 +1,115 @@
+"""The rollout sampler: filtered distributions, frequencies over many draws, logprob definition."""
+import math
+
+import pytest
+import torch
+
+from r1fast.rollout import SamplingParams
+from r1fast.rollout import sampler
+
+LOGITS = torch.tensor([2.0, 1.5, 1.2, 0.3, 0.0, -0.5, -1.0, -3.0])
+
+
+def expected_distribution(logits, temperature=1.0, top_k=-1, top_p=1.0, min_p=0.0):
+    """Written independently of sampler.py: plain loops over the sorted probabilities."""
+    p = torch.softmax(logits.double() / temperature, dim=-1)
+    order = sorted(range(len(p)), key=lambda i: -p[i].item())
+    keep = set(order if top_k <= 0 else order[:top_k])
+    kept_mass = sum(p[i].item() for i in keep)
+    acc, nucleus = 0.0, set()
+    for i in order:
+        if i not in keep:
+            continue
+        if acc >= top_p - 1e-12:
+            break
+        nucleus.add(i)
+        acc += p[i].item() / kept_mass
+    peak = max(p[i].item() for i in nucleus)
+    final = {i for i in nucleus if p[i].item() >= min_p * peak}
+    q = torch.zeros_like(p)
+    for i in final:
+        q[i] = p[i]
+    return q / q.sum()
+
+
+def chi2_critical(df, z=3.72):  # Wilson-Hilferty, one-sided p ~ 1e-4
+    return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
+
+
+def draw(params, n=20000, seed=3):
+    logits = LOGITS[None].expand(n, -1).contiguous()
+    keys = torch.tensor([sampler.stream_key(seed, i) for i in range(n)], dtype=torch.long)
+    positions = torch.arange(n, dtype=torch.long) % 7 + 5
+    tokens, logprobs = sampler.sample(logits, params, keys, positions)
+    return tokens, logprobs
+
+
+@pytest.mark.parametrize("kw", [dict(temperature=1.0), dict(temperature=0.6), dict(temperature=1.3, top_k=3),
+                                dict(top_p=0.7), dict(min_p=0.3), dict(temperature=0.8, top_k=5, top_p=0.9, min_p=0.1)])
+def test_sampling_frequencies_match_target(kw):
+    params = SamplingParams(**kw)
+    tokens, logprobs = draw(params)
+    want = expected_distribution(LOGITS, **kw)
+    counts = torch.bincount(tokens, minlength=len(LOGITS)).double()
+    n = counts.sum()
+    support = want > 0
+    assert counts[~support].sum() == 0, f"sampled a filtered-out token: {counts.tolist()} vs {want.tolist()}"
+    exp = want[support] * n
+    chi2 = float(((counts[support] - exp) ** 2 / exp).sum())
+    df = int(support.sum()) - 1
+    if df > 0:
+        assert chi2 < chi2_critical(df), f"chi2 {chi2:.1f} (df {df}); counts {counts.tolist()}, want {exp.tolist()}"
+    # the documented log-prob: log_softmax(logits / T) before filtering, at the sampled token
+    full = torch.log_softmax(LOGITS / params.temperature, dim=-1)
+    torch.testing.assert_close(logprobs, full[tokens], rtol=1e-6, atol=1e-6)
+
+
+def test_sampling_frequencies_detect_a_wrong_distribution():
+    """The chi-square check above has teeth: draws at T=1 fail against the T=0.6 target."""
+    tokens, _ = draw(SamplingParams(temperature=1.0))
+    want = expected_distribution(LOGITS, temperature=0.6)
+    counts = torch.bincount(tokens, minlength=len(LOGITS)).double()
+    exp = want * counts.sum()
+    assert float(((counts - exp) ** 2 / exp).sum()) > chi2_critical(len(LOGITS) - 1)
+
+
+def test_greedy_is_argmax_with_temperature_one_logprob():
+    logits = torch.randn(5, 30, generator=torch.Generator().manual_seed(0))
+    tokens, logprobs = sampler.sample(logits, SamplingParams(temperature=0), torch.zeros(5, dtype=torch.long),
+                                      torch.zeros(5, dtype=torch.long))
+    assert tokens.tolist() == logits.argmax(-1).tolist()
+    torch.testing.assert_close(logprobs, torch.log_softmax(logits, -1).gather(1, tokens[:, None])[:, 0])
+
+
+def test_logprob_matches_trainer_grouped_logprob():
+    from r1fast import ops
+
+    g = torch.Generator().manual_seed(1)
+    hidden, weight = torch.randn(6, 16, generator=g), torch.randn(40, 16, generator=g)
+    from r1fast.rollout.runner import lm_logits
+
+    keys = torch.tensor([sampler.stream_key(9, i) for i in range(6)])
+    tokens, logprobs = sampler.sample(lm_logits(hidden, weight), SamplingParams(temperature=0.7, top_p=0.8), keys,
+                                      torch.arange(6))
+    trainer = ops.grouped_logprob(hidden, weight, tokens, temperature=0.7)
+    torch.testing.assert_close(logprobs, trainer.float(), rtol=1e-5, atol=1e-5)
+
+
+def test_uniforms_are_deterministic_and_spread():
+    keys = torch.tensor([sampler.stream_key(0, i) for i in range(4000)])
+    pos = torch.arange(4000)
+    u = sampler.uniforms(keys, pos)
+    assert torch.equal(u, sampler.uniforms(keys.flip(0), pos.flip(0)).flip(0))  # row order is irrelevant
+    assert 0 <= float(u.min()) and float(u.max()) < 1
+    hist = torch.histc(u.float(), bins=10, min=0, max=1)
+    assert float(((hist - 400) ** 2 / 400).sum()) < chi2_critical(9)
+    assert sampler.stream_key(1, 2) != sampler.stream_key(2, 1)
+
+
+@pytest.mark.parametrize("bad,match", [(dict(n=0), "n must"), (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"),
+                                       (dict(temperature=-1), "temperature"), (dict(top_k=-2), "top_k"),
+                                       (dict(min_p=2), "min_p"), (dict(max_tokens=0), "max_tokens"),
+                                       (dict(stop_token_ids="ab"), "stop_token_ids"), (dict(seed=1.5), "seed")])
+def test_bad_sampling_params_raise(bad, match):
+    with pytest.raises(ValueError, match=match):
+        SamplingParams(**bad)
