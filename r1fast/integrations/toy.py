@@ -40,8 +40,13 @@ def qwen2_config(*, vocab_size: int, hidden_size: int = 32, layers: int = 2, hea
     )
 
 
-def save_tiny_qwen2(path: str | Path, *, seed: int = 0, tie_word_embeddings: bool = False, **config_overrides) -> Path:
-    """Write a random tiny Qwen2 model and its char tokenizer to `path`; returns the path."""
+def save_tiny_qwen2(path: str | Path, *, seed: int = 0, tie_word_embeddings: bool = False,
+                    head_scale: float | None = None, **config_overrides) -> Path:
+    """Write a random tiny Qwen2 model and its char tokenizer to `path`; returns the path.
+
+    `head_scale` multiplies the initial lm_head weight (default 20 untied, 4 tied: a tied head
+    also scales the embeddings, and too large a scale makes the sampler repeat one token).
+    """
     import torch
     from transformers import Qwen2ForCausalLM
 
@@ -53,7 +58,7 @@ def save_tiny_qwen2(path: str | Path, *, seed: int = 0, tie_word_embeddings: boo
     # Random init gives near-uniform next-token distributions; larger output weights give the
     # sampler and the loss something to work with (distinct probabilities, non-trivial ratios).
     with torch.no_grad():
-        model.lm_head.weight.mul_(20.0)
+        model.lm_head.weight.mul_(head_scale or (4.0 if tie_word_embeddings else 20.0))
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path

@@ -1,0 +1,397 @@
+"""r1fast as the loss backend of TRL's GRPOTrainer: change one import, keep the training numbers.
+
+    from r1fast.integrations.trl import GRPOTrainer      # instead of: from trl import GRPOTrainer
+
+The subclass keeps everything TRL does (generation, rewards, advantages, logging, checkpoints) and
+replaces the two places where TRL turns hidden states into log-probabilities:
+
+- `_get_per_token_logps_and_entropies` (old-policy and reference log-probs, computed once per
+  generation batch) runs the backbone, then `ops.grouped_logprob` on the final hidden states and
+  the lm_head weight;
+- `_compute_loss` runs the backbone, then `ops.fused_linear_grpo_loss`, which computes the
+  policy log-probs, the GRPO objective and its aggregation in one pass.
+
+Neither materialises the [tokens, vocab] logits. Any option whose numbers r1fast does not
+reproduce exactly is refused in `__init__` with a ValueError naming it (see `unsupported_options`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import types
+from typing import Any
+
+import torch
+from torch import nn
+
+try:
+    import trl
+    from trl import GRPOConfig
+except ImportError as exc:  # pragma: no cover - exercised only without trl
+    raise ImportError(
+        "r1fast.integrations.trl needs TRL: pip install 'trl>=1.16' (it subclasses trl.GRPOTrainer)"
+    ) from exc
+
+from r1fast import backends, ops
+
+__all__ = ["GRPOTrainer", "GRPOConfig", "SUPPORTED_LOSS_TYPES", "unsupported_options"]
+
+# Loss types whose per-token objective and aggregation LOSS_SPEC defines identically to TRL's.
+SUPPORTED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo")
+
+# Loss types whose loss TRL divides by the gradient-accumulation steps afterwards; the others
+# (dapo, cispo) fold accumulation into their token normaliser `num_items`.
+_MEAN_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo")
+
+# accelerate's mixed-precision modes and the dtype their autocast runs matmuls in.
+_AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+# Marker set on a model whose forward accepts `r1fast_hidden_states=True`.
+_PATCHED = "_r1fast_hidden_states_forward"
+
+
+def unsupported_options(args: Any) -> list[str]:
+    """Every GRPOConfig setting in `args` the r1fast loss path would not reproduce, each with why.
+
+    Empty when r1fast can take over the loss exactly. Used by GRPOTrainer.__init__; exposed so a
+    caller can check a config before building a trainer.
+    """
+    problems = []
+
+    def refuse(option, why):
+        problems.append(f"{option}={getattr(args, option, None)!r}: {why}")
+
+    if args.loss_type not in SUPPORTED_LOSS_TYPES:
+        refuse("loss_type", f"r1fast implements {SUPPORTED_LOSS_TYPES}; use trl.GRPOTrainer for the others")
+    if args.importance_sampling_level not in ("token", "sequence"):
+        refuse("importance_sampling_level", "r1fast implements 'token' and 'sequence'")
+    if getattr(args, "use_liger_kernel", False):
+        refuse("use_liger_kernel", "Liger's kernels and r1fast's would both patch the model; pick one")
+    if getattr(args, "top_entropy_quantile", 1.0) < 1.0:
+        refuse("top_entropy_quantile", "the high-entropy token mask is not implemented by r1fast's fused loss")
+    if getattr(args, "entropy_coef", 0.0) != 0.0:
+        refuse("entropy_coef", "TRL's entropy bonus (a token mean outside the loss normaliser) is not implemented")
+    if getattr(args, "use_adaptive_entropy", False):
+        refuse("use_adaptive_entropy", "adaptive entropy control is not implemented by r1fast's fused loss")
+    if getattr(args, "off_policy_mask_threshold", None) is not None:
+        refuse("off_policy_mask_threshold", "the off-policy sequence mask is not implemented by r1fast's fused loss")
+    if getattr(args, "use_vllm", False) and getattr(args, "vllm_importance_sampling_correction", False):
+        refuse(
+            "vllm_importance_sampling_correction",
+            "TRL's vLLM importance-sampling ratio (clip_min/clip_max) is not wired to r1fast's tis_mode/tis_cap yet; "
+            "set it to False or use trl.GRPOTrainer",
+        )
+    if args.loss_type == "dr_grpo" and not args.max_completion_length:
+        refuse("max_completion_length", "loss_type='dr_grpo' normalises by it, so it must be set")
+    return problems
+
+
+def _backbone(model: nn.Module) -> nn.Module:
+    """The decoder stack under a causal-LM head: it returns the final (normed) hidden states."""
+    prefix = getattr(model, "base_model_prefix", None)
+    backbone = getattr(model, prefix, None) if prefix else None
+    if backbone is None or backbone is model:
+        get_decoder = getattr(model, "get_decoder", None)
+        backbone = get_decoder() if callable(get_decoder) else None
+    if backbone is None or backbone is model:
+        raise ValueError(
+            f"r1fast's TRL integration needs a causal LM with a backbone attribute (base_model_prefix) "
+            f"and an lm_head; {type(model).__name__} has none"
+        )
+    return backbone
+
+
+def install_hidden_states_forward(model: nn.Module) -> None:
+    """Let `model(..., r1fast_hidden_states=True)` return the backbone's last hidden state [B, L, H].
+
+    Going through the model's own forward (rather than calling the backbone directly) keeps
+    wrappers that hook the forward call (DDP, accelerate's autocast/device hooks) in the path.
+    Without the flag the forward is the previous one, so generation and TRL's calls are unchanged.
+    """
+    if getattr(model, _PATCHED, False):
+        return
+    previous_forward = model.forward
+
+    # Keep the original signature: `generate` validates its model kwargs against it.
+    @functools.wraps(type(model).forward)
+    def forward(self, *args, r1fast_hidden_states: bool = False, **kwargs):
+        if not r1fast_hidden_states:
+            return previous_forward(*args, **kwargs)
+        kwargs["use_cache"] = False
+        return _backbone(self)(*args, **kwargs).last_hidden_state
+
+    model.forward = types.MethodType(forward, model)
+    setattr(model, _PATCHED, True)
+
+
+def _check_model(model: nn.Module, what: str) -> None:
+    config = getattr(model, "config", None)
+    if config is None:
+        raise ValueError(f"r1fast's TRL integration needs a transformers model as {what}, got {type(model).__name__}")
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if text_config is not config:
+        raise ValueError(
+            f"r1fast's TRL integration supports text-only causal LMs; {what} ({type(model).__name__}) is a "
+            "vision-language model: use trl.GRPOTrainer"
+        )
+    for name in ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling"):
+        value = getattr(text_config, name, None)
+        if value is not None and value != 1.0:
+            raise ValueError(
+                f"{what}'s config sets {name}={value!r}: r1fast's fused log-prob computes hidden @ lm_head.T / "
+                "temperature only; use trl.GRPOTrainer for this model"
+            )
+    head = model.get_output_embeddings()
+    if not isinstance(head, nn.Linear):
+        raise ValueError(
+            f"{what}'s output embedding must be a plain nn.Linear for r1fast's fused head, got {type(head).__name__}"
+        )
+    if head.bias is not None:
+        raise ValueError(f"{what}'s lm_head has a bias, which r1fast's fused log-prob does not add")
+    _backbone(model)
+
+
+class GRPOTrainer(trl.GRPOTrainer):
+    """TRL's GRPOTrainer with r1fast's fused log-prob and GRPO loss kernels.
+
+    Takes TRL's arguments, plus `r1fast_backend` ("torch", "triton", "reference"; default: the
+    fastest available for the model's device, or the R1FAST_BACKEND environment variable).
+    """
+
+    def __init__(self, model, reward_funcs=None, args: GRPOConfig | None = None, *pos, r1fast_backend=None, **kw):
+        # Refuse before TRL loads anything, so a wrong option costs nothing.
+        if args is not None:
+            self._refuse(unsupported_options(args))
+        if kw.get("peft_config") is not None or _is_peft(model):
+            raise ValueError(
+                "peft_config / PEFT models are not supported by r1fast's TRL integration yet (the reference "
+                "log-probs come from disabling the adapter): use trl.GRPOTrainer"
+            )
+        self.r1fast_backend = r1fast_backend
+        super().__init__(model, reward_funcs, args, *pos, **kw)
+        self._refuse(unsupported_options(self.args))
+        if self._is_vlm:
+            raise ValueError("r1fast's TRL integration supports text-only models; this is a vision-language setup")
+        if self.aux_loss_enabled:
+            raise ValueError(
+                "router_aux_loss_coef != 0 on an MoE model: the load-balancing loss is not wired into r1fast's "
+                "loss path yet; set router_aux_loss_coef=0.0 or use trl.GRPOTrainer"
+            )
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled:
+            raise ValueError(
+                "FSDP and DeepSpeed are not supported by r1fast's TRL integration yet (sharded lm_head weight): "
+                "use trl.GRPOTrainer or DDP"
+            )
+        # Resolve now so a backend that cannot run here (or a bad R1FAST_BACKEND) fails at construction.
+        backends.resolve("grouped_logprob", self.accelerator.device, r1fast_backend)
+        for what, m in (("model", self.model), ("ref_model", self.ref_model)):
+            if m is None:
+                continue
+            m = self.accelerator.unwrap_model(m)
+            _check_model(m, what)
+            install_hidden_states_forward(m)
+
+    @staticmethod
+    def _refuse(problems: list[str]) -> None:
+        if problems:
+            raise ValueError(
+                "r1fast.integrations.trl.GRPOTrainer cannot reproduce these GRPOConfig settings: "
+                + "; ".join(problems)
+            )
+
+    # ---- shared pieces -------------------------------------------------------------------------
+
+    def _loss_backend_kwargs(self) -> dict:
+        return {} if self.r1fast_backend is None else {"backend": self.r1fast_backend}
+
+    def _completion_hidden_and_weight(self, model, input_ids, attention_mask, logits_to_keep):
+        """Hidden states that predict the last `logits_to_keep` tokens [B, K, H], and the lm_head weight.
+
+        Hidden position t predicts token t + 1, so the completion tokens input_ids[:, -K:] are
+        predicted by hidden[:, -K-1:-1]. Both come back in the dtype TRL's head matmul would run
+        in: fp32 when TRL casts the head to fp32, the autocast dtype under bf16/fp16 mixed
+        precision (TRL's head runs inside autocast), else the backbone's output dtype. The
+        log-prob reductions are fp32 either way.
+        """
+        with self.accelerator.autocast():
+            hidden = model(input_ids=input_ids, attention_mask=attention_mask, r1fast_hidden_states=True)
+        hidden = hidden[:, -logits_to_keep - 1 : -1]
+        weight = self.accelerator.unwrap_model(model).get_output_embeddings().weight
+        dtype = _AUTOCAST_DTYPES.get(str(self.accelerator.mixed_precision), hidden.dtype)
+        if self.args.cast_lm_head_to_fp32:
+            dtype = torch.float32
+        return hidden.to(device=weight.device, dtype=dtype), weight.to(dtype)
+
+    # ---- TRL hooks -----------------------------------------------------------------------------
+
+    def _get_per_token_logps_and_entropies(
+        self,
+        model,
+        input_ids,
+        attention_mask,
+        logits_to_keep,
+        batch_size=None,
+        compute_entropy=False,
+        compute_aux_loss=False,
+        **multimodal,
+    ):
+        """Same contract as TRL's: log-probs [B, K] (0 at padding), entropies or None, aux loss None."""
+        present = sorted(k for k, v in multimodal.items() if v is not None)
+        if present:
+            raise ValueError(f"r1fast's TRL integration supports text-only inputs; got {present}")
+        if compute_aux_loss:
+            raise ValueError("the MoE load-balancing loss is not supported by r1fast's TRL integration")
+        batch_size = batch_size or input_ids.size(0)
+        all_logps, all_entropies = [], []
+        for start in range(0, input_ids.size(0), batch_size):
+            ids = input_ids[start : start + batch_size]
+            am = attention_mask[start : start + batch_size]
+            hidden, weight = self._completion_hidden_and_weight(model, ids, am, logits_to_keep)
+            targets = ids[:, -logits_to_keep:]
+            # Score only real tokens, like TRL (labels are -100 at padding): less work, and the
+            # zeros at padding keep the outputs interchangeable with TRL's.
+            valid = am[:, -logits_to_keep:].bool().to(hidden.device)
+            result = ops.grouped_logprob(
+                hidden[valid], weight, targets.to(hidden.device)[valid], temperature=self.temperature,
+                return_entropy=compute_entropy, forward_only=not torch.is_grad_enabled(),
+                **self._loss_backend_kwargs(),
+            )
+            logp, entropy = result if compute_entropy else (result, None)
+            all_logps.append(logp.new_zeros(valid.shape).masked_scatter(valid, logp))
+            if compute_entropy:
+                all_entropies.append(entropy.new_zeros(valid.shape).masked_scatter(valid, entropy))
+        logps = torch.cat(all_logps, dim=0)
+        entropies = torch.cat(all_entropies, dim=0) if compute_entropy else None
+        return logps, entropies, None
+
+    def _compute_loss(self, model, inputs):
+        prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
+        completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
+        input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+        attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
+        logits_to_keep = completion_ids.size(1)
+        mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
+        present = sorted(k for k in ("pixel_values", "image_grid_thw", "token_type_ids", "mm_token_type_ids")
+                         if inputs.get(k) is not None)
+        if present:
+            raise ValueError(f"r1fast's TRL integration supports text-only inputs; got {present}")
+        advantages = inputs["advantages"]
+        if advantages.dim() != 1:
+            raise ValueError(
+                f"r1fast's fused GRPO loss takes one advantage per completion [B]; got shape {tuple(advantages.shape)}"
+            )
+
+        mode = "train" if self.model.training else "eval"
+        accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1
+        options = ops.LossOptions(
+            beta=self.beta,
+            epsilon=self.epsilon_low,
+            epsilon_high=self.epsilon_high,
+            delta=self.args.delta,
+            loss_type=self.loss_type,
+            importance_sampling_level=self.importance_sampling_level,
+            max_completion_length=self.max_completion_length,
+            temperature=self.temperature,
+            num_items=self._num_items(inputs, mode, accumulation),
+        )
+
+        hidden, weight = self._completion_hidden_and_weight(model, input_ids, attention_mask, logits_to_keep)
+        device = hidden.device
+        targets, mask, advantages = completion_ids.to(device), mask.to(device), advantages.to(device)
+        old_logp = _maybe_to(inputs.get("old_per_token_logps"), device)
+        ref_logp = _maybe_to(inputs.get("ref_per_token_logps"), device) if self.beta != 0.0 else None
+
+        if self.beta != 0.0 and self.args.use_bias_correction_kl:
+            loss, stats = self._loss_with_weighted_kl(hidden, weight, targets, mask, advantages, old_logp, ref_logp,
+                                                      options)
+        else:
+            loss, stats = ops.fused_linear_grpo_loss(
+                hidden, weight, targets, mask, advantages, old_logp=old_logp, ref_logp=ref_logp, options=options,
+                **self._loss_backend_kwargs(),
+            )
+        if self.loss_type in _MEAN_LOSS_TYPES:
+            loss = loss / accumulation
+        self._log_loss_stats(mode, stats, mask)
+        return loss
+
+    def _num_items(self, inputs, mode, accumulation):
+        """TRL's dapo/cispo normaliser: the generation batch's active tokens per process, for one accumulation window."""
+        if self.loss_type in _MEAN_LOSS_TYPES:
+            return None
+        num_items = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
+        if mode == "train":
+            num_items = num_items * accumulation / self.args.steps_per_generation
+        return float(num_items)
+
+    def _loss_with_weighted_kl(self, hidden, weight, targets, mask, advantages, old_logp, ref_logp, options):
+        """The GRPO loss with TRL's bias-corrected KL (use_bias_correction_kl, its default when beta != 0).
+
+        TRL multiplies the per-token KL by the (differentiable) importance ratio, which
+        LossOptions has no knob for. So the log-probs come from one fused grouped_logprob pass
+        (no logits), the clipped objective from ops.grpo_loss with beta=0, and the weighted KL
+        term is aggregated here with the loss type's normaliser.
+        """
+        active = mask.bool()
+        logp_act, ent_act = ops.grouped_logprob(
+            hidden[active], weight, targets[active], temperature=options.temperature, return_entropy=True,
+            **self._loss_backend_kwargs(),
+        )
+        logp = logp_act.new_zeros(active.shape).masked_scatter(active, logp_act)
+        entropy = ent_act.detach().new_zeros(active.shape).masked_scatter(active, ent_act.detach())
+        loss, stats = ops.grpo_loss(logp, old_logp, None, advantages, mask, entropy=entropy,
+                                    options=dataclasses.replace(options, beta=0.0))
+        m = mask.to(logp.dtype)
+        old = logp.detach() if old_logp is None else old_logp
+        log_ratio = logp - old
+        if options.importance_sampling_level == "sequence":
+            log_ratio = ((log_ratio * m).sum(-1) / m.sum(-1).clamp(min=1.0)).unsqueeze(-1)
+        # Zero at padding (logp, old and ref are all 0 there): no inf * 0 can arise.
+        weighted_kl = ops.kl_penalty(logp, torch.where(active, ref_logp, 0.0), kind="k3") * torch.exp(log_ratio)
+        loss = loss + options.beta * _aggregate(weighted_kl, m, options)
+        stats["kl"] = ((weighted_kl.detach() * m).sum() / m.sum().clamp(min=1.0)).detach()
+        return loss, stats
+
+    def _log_loss_stats(self, mode: str, stats: dict, mask: torch.Tensor) -> None:
+        """Log the op's statistics under TRL's metric names (token means across processes)."""
+        tokens = mask.sum().float()
+
+        def global_mean(value):
+            local = torch.as_tensor(value, dtype=torch.float32, device=tokens.device)
+            totals = self.accelerator.reduce(torch.stack([local * tokens, tokens]), reduction="sum")
+            return (totals[0] / totals[1].clamp(min=1.0)).item()
+
+        names = {"entropy": "entropy"}
+        if self.beta != 0.0:
+            names["kl"] = "kl"
+        if self.loss_type == "cispo":
+            names["clip_ratio/high_mean"] = "cispo_clip_ratio"
+        else:
+            names.update({k: k for k in ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean")})
+        for key, metric in names.items():
+            if key in stats:
+                self._metrics[mode][metric].append(global_mean(stats[key]))
+
+
+def _aggregate(per_token: torch.Tensor, m: torch.Tensor, options) -> torch.Tensor:
+    """LOSS_SPEC's aggregation of a [B, T] per-token term for options.loss_type (m: float mask)."""
+    per_token = per_token.expand_as(m)
+    if options.loss_type == "grpo":
+        return ((per_token * m).sum(-1) / m.sum(-1).clamp(min=1.0)).mean()
+    if options.loss_type == "bnpo":
+        return (per_token * m).sum() / m.sum().clamp(min=1.0)
+    if options.loss_type == "dr_grpo":
+        return (per_token * m).sum() / (m.shape[0] * options.max_completion_length)
+    normaliser = options.num_items if options.num_items is not None else m.sum().clamp(min=1.0)
+    return (per_token * m).sum() / normaliser
+
+
+def _maybe_to(t, device):
+    return None if t is None else t.to(device)
+
+
+def _is_peft(model) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:
+        return False
+    return isinstance(model, PeftModel)

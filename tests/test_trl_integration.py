@@ -1,0 +1,303 @@
+"""r1fast.integrations.trl.GRPOTrainer against stock trl.GRPOTrainer on a tiny local Qwen2.
+
+Both trainers start from the same weights and seed and generate the same completions (asserted),
+so per-step loss, gradient norm and the weights after three optimizer steps must agree up to
+float32 rounding: the only difference is how log-probs and the loss are computed.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+trl = pytest.importorskip("trl")
+pytest.importorskip("transformers")
+
+from datasets import Dataset  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+
+from r1fast.integrations import trl as r1trl  # noqa: E402
+from r1fast.integrations.toy import save_tiny_qwen2  # noqa: E402
+
+PROMPTS = ["ab 1+2=", "what is 3?", "hello", "x=y+z", "q", "9-4=", "abc", "zz top"]
+
+
+def char_reward(completions, **kwargs):
+    # Deterministic and spread out within a group, so advantages are non-zero.
+    return [c.count("a") + 0.3 * c.count("b") + 0.1 * len(c) for c in completions]
+
+
+def _recording(cls):
+    class Recording(cls):
+        """Records what was generated and the loss of every micro-step."""
+
+        def _generate_and_score_completions(self, inputs):
+            out = super()._generate_and_score_completions(inputs)
+            self.recorded_completions.append(out["completion_ids"].detach().clone())
+            return out
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            self.recorded_losses.append(loss.detach().double().item())
+            return loss
+
+    return Recording
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny_qwen2")
+    return {
+        "untied": save_tiny_qwen2(root / "untied", seed=0),
+        "tied": save_tiny_qwen2(root / "tied", seed=1, tie_word_embeddings=True),
+    }
+
+
+def _config(out_dir, **overrides):
+    options = dict(
+        output_dir=str(out_dir), per_device_train_batch_size=4, num_generations=4, max_completion_length=5,
+        max_steps=3, logging_steps=1, bf16=False, gradient_checkpointing=False, learning_rate=0.05, optim="sgd",
+        report_to="none", seed=0, save_strategy="no", loss_type="grpo", beta=0.0, num_iterations=1,
+        dataloader_num_workers=0, disable_tqdm=True,
+    )
+    options.update(overrides)
+    return trl.GRPOConfig(**options)
+
+
+def _train(trainer_cls, model_dir, out_dir, trainer_kwargs=None, **overrides):
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    trainer_cls = _recording(trainer_cls)
+    trainer = trainer_cls(
+        model=model, reward_funcs=char_reward, args=_config(out_dir, **overrides),
+        train_dataset=Dataset.from_dict({"prompt": PROMPTS * 4}), processing_class=tokenizer, **(trainer_kwargs or {}),
+    )
+    trainer.recorded_completions, trainer.recorded_losses = [], []
+    initial = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h and "train_runtime" not in h]
+    return {
+        "completions": trainer.recorded_completions,
+        "losses": torch.tensor(trainer.recorded_losses, dtype=torch.float64),
+        "grad_norms": torch.tensor([h["grad_norm"] for h in logs], dtype=torch.float64),
+        "metrics": logs,
+        "weights": {k: v.detach().clone() for k, v in trainer.model.state_dict().items()},
+        "initial": initial,
+    }
+
+
+def _compare(tmp_path, model_dirs, model="untied", backend=None, **overrides):
+    stock = _train(trl.GRPOTrainer, model_dirs[model], tmp_path / "stock", **overrides)
+    fast = _train(r1trl.GRPOTrainer, model_dirs[model], tmp_path / "r1fast", {"r1fast_backend": backend}, **overrides)
+    # Same completions: otherwise the comparison below would compare different problems.
+    assert len(stock["completions"]) == len(fast["completions"]) > 0
+    for a, b in zip(stock["completions"], fast["completions"]):
+        assert torch.equal(a, b), "stock and r1fast runs generated different completions"
+    assert len(stock["losses"]) == len(fast["losses"]) >= 3
+    torch.testing.assert_close(fast["losses"], stock["losses"], rtol=1e-4, atol=1e-6)
+    assert len(stock["grad_norms"]) == len(fast["grad_norms"]) == 3
+    torch.testing.assert_close(fast["grad_norms"], stock["grad_norms"], rtol=1e-4, atol=1e-6)
+    for name, w in stock["weights"].items():
+        torch.testing.assert_close(fast["weights"][name], w, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+    # The run must have trained: non-zero loss gradients reached the weights.
+    assert (stock["grad_norms"] > 0).any()
+    assert any(not torch.equal(w, stock["initial"][name]) for name, w in stock["weights"].items())
+    return stock, fast
+
+
+LOSS_TYPES = r1trl.SUPPORTED_LOSS_TYPES
+
+
+@pytest.mark.parametrize("num_iterations", [1, 2])
+@pytest.mark.parametrize("beta", [0.0, 0.04])
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_matches_stock_trl(tmp_path, model_dirs, loss_type, beta, num_iterations):
+    stock, fast = _compare(tmp_path, model_dirs, loss_type=loss_type, beta=beta, num_iterations=num_iterations)
+    # The logged statistics are TRL's too (token-level means over the completion tokens).
+    metrics = ["entropy"] + (["kl"] if beta else [])
+    metrics += ["cispo_clip_ratio"] if loss_type == "cispo" else ["clip_ratio/low_mean", "clip_ratio/region_mean"]
+    for name in metrics:
+        got = torch.tensor([h[name] for h in fast["metrics"]], dtype=torch.float64)
+        want = torch.tensor([h[name] for h in stock["metrics"]], dtype=torch.float64)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(loss_type="grpo", importance_sampling_level="sequence", num_iterations=2),
+        dict(loss_type="dapo", epsilon=0.1, epsilon_high=0.28, delta=1.5, num_iterations=2, beta=0.04),
+        dict(loss_type="dapo", gradient_accumulation_steps=2, steps_per_generation=1),
+        dict(loss_type="grpo", gradient_accumulation_steps=2, steps_per_generation=4, beta=0.04),
+        dict(loss_type="bnpo", temperature=0.7, beta=0.04, num_iterations=2),
+        dict(loss_type="grpo", beta=0.04, use_bias_correction_kl=False, num_iterations=2),
+        dict(loss_type="dapo", beta=0.04, importance_sampling_level="sequence", num_iterations=2),
+        dict(loss_type="dr_grpo", scale_rewards="none", mask_truncated_completions=True, num_iterations=2,
+             max_completion_length=10),
+        dict(loss_type="cispo", epsilon_high=1.1, num_iterations=2),
+        dict(loss_type="bnpo", gradient_checkpointing=True, beta=0.04, num_iterations=2),
+    ],
+    ids=["gspo", "dapo-delta", "dapo-accum", "grpo-accum", "bnpo-temperature", "grpo-plain-kl", "gspo-kl", "dr_grpo-truncmask", "cispo-cap", "bnpo-checkpointing"],
+)
+def test_matches_stock_trl_options(tmp_path, model_dirs, overrides):
+    _compare(tmp_path, model_dirs, **overrides)
+
+
+def test_matches_stock_trl_bf16_autocast(tmp_path, model_dirs):
+    """Under bf16 mixed precision both heads run their matmul in bf16: TRL's numbers up to bf16 rounding.
+
+    One optimizer step: after it, bf16 rounding differences can change what gets sampled next.
+    """
+    stock = _train(trl.GRPOTrainer, model_dirs["untied"], tmp_path / "stock", bf16=True, use_cpu=True, loss_type="dapo",
+                   beta=0.04, num_iterations=2, max_steps=1)
+    fast = _train(r1trl.GRPOTrainer, model_dirs["untied"], tmp_path / "r1fast", bf16=True, use_cpu=True, loss_type="dapo",
+                  beta=0.04, num_iterations=2, max_steps=1)
+    for a, b in zip(stock["completions"], fast["completions"]):
+        assert torch.equal(a, b), "stock and r1fast runs generated different completions"
+    assert len(fast["losses"]) == len(stock["losses"]) == 1
+    torch.testing.assert_close(fast["losses"], stock["losses"], rtol=2e-2, atol=2e-3)
+    torch.testing.assert_close(fast["grad_norms"], stock["grad_norms"], rtol=2e-2, atol=2e-3)
+    for name, w in stock["weights"].items():
+        torch.testing.assert_close(fast["weights"][name], w, rtol=2e-2, atol=2e-3, msg=lambda m: f"{name}: {m}")
+
+
+def test_matches_stock_trl_tied_embeddings(tmp_path, model_dirs):
+    _compare(tmp_path, model_dirs, model="tied", loss_type="dapo", beta=0.04, num_iterations=2)
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_matches_stock_trl_other_backends(tmp_path, model_dirs, backend):
+    """The Triton kernels (under the interpreter on CPU) and the reference backend give TRL's numbers too."""
+    _compare(tmp_path, model_dirs, backend=backend, loss_type="dapo", beta=0.04, num_iterations=2)
+
+
+def test_unavailable_backend_refused(tmp_path, model_dirs):
+    tokenizer = AutoTokenizer.from_pretrained(model_dirs["untied"])
+    with pytest.raises(ValueError, match="cuda"):
+        r1trl.GRPOTrainer(model=str(model_dirs["untied"]), reward_funcs=char_reward, args=_config(tmp_path),
+                          train_dataset=Dataset.from_dict({"prompt": PROMPTS}), processing_class=tokenizer,
+                          r1fast_backend="cuda" if not torch.cuda.is_available() else "no-such-backend")
+
+
+def test_per_token_logps_match_trl(tmp_path, model_dirs):
+    """The old/ref log-prob hook returns TRL's numbers (zeros at padding) and entropies."""
+    tokenizer = AutoTokenizer.from_pretrained(model_dirs["untied"])
+    kwargs = dict(reward_funcs=char_reward, train_dataset=Dataset.from_dict({"prompt": PROMPTS}),
+                  processing_class=tokenizer)
+    stock = trl.GRPOTrainer(model=AutoModelForCausalLM.from_pretrained(model_dirs["untied"]),
+                            args=_config(tmp_path / "a", temperature=0.8), **kwargs)
+    fast = r1trl.GRPOTrainer(model=AutoModelForCausalLM.from_pretrained(model_dirs["untied"]),
+                             args=_config(tmp_path / "b", temperature=0.8), **kwargs)
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(4, len(tokenizer), (3, 9), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0  # left padding in the prompt
+    mask[1, -2:] = 0  # padding after an early end of the completion
+    with torch.no_grad():
+        ref_lp, ref_ent, _ = stock._get_per_token_logps_and_entropies(stock.model, ids, mask, 4, compute_entropy=True)
+        lp, ent, aux = fast._get_per_token_logps_and_entropies(fast.model, ids, mask, 4, batch_size=2,
+                                                               compute_entropy=True)
+    assert aux is None
+    assert (lp[1, -2:] == 0).all() and (ent[1, -2:] == 0).all()
+    assert (ref_lp != 0).sum() > 6  # something real was scored
+    torch.testing.assert_close(lp, ref_lp, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ent, ref_ent, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "option, value, message",
+    [
+        ("loss_type", "sapo", "loss_type='sapo'"),
+        ("loss_type", "vespo", "loss_type='vespo'"),
+        ("loss_type", "luspo", "loss_type='luspo'"),
+        ("use_liger_kernel", True, "use_liger_kernel=True"),
+        ("top_entropy_quantile", 0.2, "top_entropy_quantile=0.2"),
+        ("entropy_coef", 0.01, "entropy_coef=0.01"),
+        ("use_adaptive_entropy", True, "use_adaptive_entropy=True"),
+        ("off_policy_mask_threshold", 0.5, "off_policy_mask_threshold=0.5"),
+    ],
+)
+def test_unsupported_options_refused(tmp_path, model_dirs, option, value, message):
+    tokenizer = AutoTokenizer.from_pretrained(model_dirs["untied"])
+    extra = {"importance_sampling_level": "sequence"} if value == "luspo" else {}
+    args = _config(tmp_path, **{option: value}, **extra)
+    assert r1trl.unsupported_options(args)
+    with pytest.raises(ValueError, match="cannot reproduce") as info:
+        r1trl.GRPOTrainer(model=str(model_dirs["untied"]), reward_funcs=char_reward, args=args,
+                          train_dataset=Dataset.from_dict({"prompt": PROMPTS}), processing_class=tokenizer)
+    assert message in str(info.value)
+
+
+def test_peft_refused(tmp_path, model_dirs):
+    tokenizer = AutoTokenizer.from_pretrained(model_dirs["untied"])
+    with pytest.raises(ValueError, match="peft_config"):
+        r1trl.GRPOTrainer(model=str(model_dirs["untied"]), reward_funcs=char_reward, args=_config(tmp_path),
+                          train_dataset=Dataset.from_dict({"prompt": PROMPTS}), processing_class=tokenizer,
+                          peft_config=object())
+
+
+def test_supported_config_has_no_objections(tmp_path):
+    assert r1trl.unsupported_options(_config(tmp_path)) == []
+    for loss_type in LOSS_TYPES:
+        assert r1trl.unsupported_options(_config(tmp_path, loss_type=loss_type, beta=0.1, delta=2.0)) == []
+
+
+def test_unsupported_model_refused(tmp_path, model_dirs):
+    """A model whose logits are not hidden @ lm_head.T (here: a softcapped head) is refused."""
+    from transformers import Qwen2ForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dirs["untied"])
+    model = Qwen2ForCausalLM.from_pretrained(model_dirs["untied"])
+    model.config.final_logit_softcapping = 30.0
+    with pytest.raises(ValueError, match="final_logit_softcapping"):
+        r1trl.GRPOTrainer(model=model, reward_funcs=char_reward, args=_config(tmp_path),
+                          train_dataset=Dataset.from_dict({"prompt": PROMPTS}), processing_class=tokenizer)
+    biased = Qwen2ForCausalLM.from_pretrained(model_dirs["untied"])
+    old = biased.lm_head
+    biased.lm_head = torch.nn.Linear(old.in_features, old.out_features, bias=True)
+    with pytest.raises(ValueError, match="bias"):
+        r1trl.GRPOTrainer(model=biased, reward_funcs=char_reward, args=_config(tmp_path),
+                          train_dataset=Dataset.from_dict({"prompt": PROMPTS}), processing_class=tokenizer)
+
+
+def test_logits_never_materialised(tmp_path, model_dirs, monkeypatch):
+    """Outside generation, neither the lm_head module nor TRL's own chunked head runs: every
+    log-prob comes from r1fast's ops (old-policy pass and loss)."""
+    from trl.trainer import utils as trl_utils
+
+    def trl_head(*args, **kwargs):
+        raise AssertionError("TRL's chunked log-prob head ran in the r1fast trainer")
+
+    monkeypatch.setattr(trl_utils._ChunkedLogProbFunction, "apply", trl_head)
+    calls = {"grouped_logprob": 0, "fused_linear_grpo_loss": 0}
+    for name in calls:
+        original = getattr(r1trl.ops, name)
+
+        def counted(*args, _original=original, _name=name, **kwargs):
+            calls[_name] += 1
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(r1trl.ops, name, counted)
+    tokenizer = AutoTokenizer.from_pretrained(model_dirs["untied"])
+    model = AutoModelForCausalLM.from_pretrained(model_dirs["untied"])
+    trainer = r1trl.GRPOTrainer(model=model, reward_funcs=char_reward,
+                                args=_config(tmp_path, max_steps=2, num_iterations=2, loss_type="dapo"),
+                                train_dataset=Dataset.from_dict({"prompt": PROMPTS * 2}), processing_class=tokenizer)
+    head_calls, generating = [], [False]
+    model.lm_head.register_forward_hook(lambda *a: None if generating[0] else head_calls.append(1))
+    original_generate = trainer.model.generate
+
+    def generate(*args, **kwargs):
+        # Sampling legitimately computes logits for the next position.
+        generating[0] = True
+        try:
+            return original_generate(*args, **kwargs)
+        finally:
+            generating[0] = False
+
+    trainer.model.generate = generate
+    trainer.train()
+    assert trainer.state.global_step == 2
+    assert head_calls == []
+    # One old-policy pass (num_iterations=2) and one loss per step.
+    assert calls == {"grouped_logprob": 1, "fused_linear_grpo_loss": 2}
