@@ -19,6 +19,17 @@ class PackedBatch:
     cu_seqlens: torch.Tensor     # int32 [B+1] on the tokens' device
     lengths: list[int]           # host copy of the B sequence lengths
     max_seqlen: int
+    _mask: torch.Tensor | None = dataclasses.field(default=None, repr=False)
+
+    def block_diagonal_causal_mask(self, device) -> torch.Tensor:
+        """bool [T, T]: token i sees token j iff j <= i within the same sequence (built once, shared by layers)."""
+        if self._mask is None or self._mask.device != torch.device(device):
+            seq_of = torch.repeat_interleave(torch.arange(len(self.lengths), device=device),
+                                             torch.tensor(self.lengths, device=device))
+            t = seq_of.shape[0]
+            causal = torch.ones(t, t, dtype=torch.bool, device=device).tril()
+            self._mask = causal & (seq_of[:, None] == seq_of[None, :])
+        return self._mask
 
     @property
     def starts(self) -> list[int]:
@@ -54,15 +65,19 @@ def packed_from_lengths(lengths: list[int], device: torch.device) -> PackedBatch
 
 def packed_from_positions(position_ids: torch.Tensor) -> PackedBatch:
     """Sequence boundaries where the positions restart at 0 (the first token always starts one)."""
-    host = position_ids.tolist()
-    starts = [0] + [i for i in range(1, len(host)) if host[i] == 0]
-    lengths = [b - a for a, b in zip(starts, starts[1:] + [len(host)])]
+    is_start = position_ids == 0
+    is_start[0] = True
+    starts = is_start.nonzero().flatten().tolist()
+    lengths = [b - a for a, b in zip(starts, starts[1:] + [position_ids.shape[0]])]
     return packed_from_lengths(lengths, position_ids.device)
 
 
 def positions_of(packed: PackedBatch, device: torch.device) -> torch.Tensor:
     """Position of every token within its own sequence: int64 [T]."""
-    return torch.cat([torch.arange(n, device=device) for n in packed.lengths])
+    t = sum(packed.lengths)
+    starts = packed.cu_seqlens[:-1].to(torch.int64)
+    lengths = torch.tensor(packed.lengths, device=device)
+    return torch.arange(t, device=device) - torch.repeat_interleave(starts, lengths, output_size=t)
 
 
 def _cumsum(xs):
@@ -70,6 +85,9 @@ def _cumsum(xs):
     for x in xs:
         s += x
         yield s
+
+
+_SDPA_HAS_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)  # enable_gqa= appeared in 2.5
 
 
 @functools.lru_cache(maxsize=None)
@@ -89,16 +107,44 @@ def varlen_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p
         if flash is not None:
             return flash(q, k, v, packed.cu_seqlens, packed.cu_seqlens, packed.max_seqlen, packed.max_seqlen,
                          dropout_p=0.0, softmax_scale=scale, causal=True)
+    if not q.is_cuda and (len(packed.lengths) == 1 or q.shape[0] <= _MASKED_MAX_TOKENS):
+        return sdpa_block_diagonal(q, k, v, packed, scale)
     return sdpa_per_sequence(q, k, v, packed, scale)
 
 
-def sdpa_per_sequence(q, k, v, packed: PackedBatch, scale: float) -> torch.Tensor:
+# Up to this many tokens one masked SDPA call over the whole batch (a T x T bool mask, 4 MB at the
+# limit) beats a Python loop of small calls on the CPU; beyond it the loop avoids the T^2 work.
+_MASKED_MAX_TOKENS = 2048
+
+
+def sdpa_block_diagonal(q, k, v, packed: PackedBatch, scale: float) -> torch.Tensor:
+    """One SDPA call over all T tokens: causal for one sequence, else a block-diagonal causal mask."""
     groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    qt, kt, vt = (x.transpose(0, 1)[None] for x in (q, k, v))  # [1, H, T, D]
+    if len(packed.lengths) == 1:
+        out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale)
+    else:
+        mask = packed.block_diagonal_causal_mask(q.device)
+        out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale)
+    return out[0].transpose(0, 1)
+
+
+def sdpa_per_sequence(q, k, v, packed: PackedBatch, scale: float) -> torch.Tensor:
+    """One causal SDPA call per sequence: exact, no T x T mask, the fast kernels on CUDA."""
+    groups = q.shape[1] // k.shape[1]
+    # SDPA's flash kernel reads grouped K/V in place (no copy of K/V per query head); elsewhere expand.
+    native_gqa = groups > 1 and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and _SDPA_HAS_GQA
     outs = []
     for start, n in zip(packed.starts, packed.lengths):
         qs = q[start:start + n].transpose(0, 1)[None]       # [1, Hq, n, D]
         ks = k[start:start + n].transpose(0, 1)[None]
         vs = v[start:start + n].transpose(0, 1)[None]
+        if native_gqa:
+            o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=True)
+            outs.append(o[0].transpose(0, 1))
+            continue
         if groups > 1:
             ks = ks.repeat_interleave(groups, dim=1)
             vs = vs.repeat_interleave(groups, dim=1)

@@ -1,0 +1,246 @@
+"""Local Hugging Face checkpoints: config.json + safetensors (one file, or shards with an index).
+
+Loading builds the model on the meta device, allocates it once at the target dtype/device, then
+copies tensors in one shard at a time, so peak memory stays near one copy of the weights. Every
+tensor is checked (known name, floating dtype, exact shape) and the set must be complete. Pickled
+formats (*.bin, *.pt) are refused: they can run code when read.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+
+import torch
+
+from r1fast.models.config import ModelConfig, read_config_json, resolve_dtype
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+_WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# Keys some checkpoints carry that hold nothing to load (older Llama exports saved rotary caches).
+_IGNORED_KEY = re.compile(r"^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$")
+
+
+def from_pretrained(path, dtype=None, device=None, fp8: str = "off"):
+    """Load a local checkpoint folder into a CausalLM.
+
+    dtype: None keeps the checkpoint's dtype (config.json's torch_dtype/dtype, else the stored tensors');
+    device: where the weights live (default CPU); fp8: anything but "off" hands the model to
+    `r1fast.fp8.apply_fp8(model, fp8)` after loading.
+    """
+    from r1fast.models.decoder import CausalLM
+
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"checkpoint folder {path!r} does not exist")
+    if not isinstance(fp8, str):
+        raise TypeError(f"fp8 must be a string mode such as 'off', got {type(fp8).__name__}")
+    config = ModelConfig.from_hf_config(read_config_json(path))
+    shards = _shard_files(path)
+    dtype = resolve_dtype(dtype) or config.dtype or _stored_dtype(shards[0]) or torch.float32
+    device = torch.device(device) if device is not None else torch.device("cpu")
+
+    with torch.device("meta"):
+        model = CausalLM(config)
+    model = model.to(dtype).to_empty(device=device)
+    expected = {model.hf_name(n): p for n, p in model.named_parameters()}
+    tied = config.tie_word_embeddings
+    loaded: set[str] = set()
+    for shard in shards:
+        for key, tensor in _iter_tensors(shard):
+            if _IGNORED_KEY.match(key) or (tied and key == "lm_head.weight"):
+                continue
+            param = expected.get(key)
+            if param is None:
+                raise ValueError(f"{shard}: unexpected tensor {key!r} for a {config.architecture} with this "
+                                 f"config (is config.json from another model?)")
+            if key in loaded:
+                raise ValueError(f"{shard}: tensor {key!r} appears in more than one file")
+            if tensor.dtype not in _WEIGHT_DTYPES:
+                raise ValueError(f"{shard}: tensor {key!r} has dtype {tensor.dtype}; weights must be float16, "
+                                 "bfloat16, float32 or float64 (quantized checkpoints are not supported)")
+            if tuple(tensor.shape) != tuple(param.shape):
+                raise ValueError(f"{shard}: tensor {key!r} has shape {tuple(tensor.shape)}, the config implies "
+                                 f"{tuple(param.shape)}")
+            with torch.no_grad():
+                param.copy_(tensor)
+            loaded.add(key)
+    missing = sorted(set(expected) - loaded)
+    if missing:
+        more = f" and {len(missing) - 8} more" if len(missing) > 8 else ""
+        raise ValueError(f"checkpoint {path!r} is incomplete: missing {missing[:8]}{more}")
+    config.torch_dtype = _dtype_str(dtype)
+    if fp8 != "off":
+        from r1fast.fp8 import apply_fp8
+
+        model = apply_fp8(model, fp8) or model
+    return model
+
+
+def _dtype_str(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _shard_files(path: str) -> list[str]:
+    index = os.path.join(path, INDEX_NAME)
+    if os.path.isfile(index):
+        try:
+            with open(index, encoding="utf-8") as f:
+                weight_map = json.load(f)["weight_map"]
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise ValueError("weight_map is empty or not an object")
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{index} is not a valid safetensors index ({e})") from e
+        files = []
+        for name in weight_map.values():
+            if not isinstance(name, str) or os.path.basename(name) != name:
+                raise ValueError(f"{index}: bad shard file name {name!r}")
+            if name not in files:
+                files.append(name)
+        paths = [os.path.join(path, f) for f in files]
+        absent = [f for f, p in zip(files, paths) if not os.path.isfile(p)]
+        if absent:
+            raise FileNotFoundError(f"checkpoint {path!r} is incomplete: shard(s) {absent} named in {INDEX_NAME} "
+                                    "are missing")
+        return paths
+    single = os.path.join(path, SINGLE_NAME)
+    if os.path.isfile(single):
+        return [single]
+    others = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    if others:
+        return [os.path.join(path, f) for f in others]
+    pickled = sorted(f for f in os.listdir(path) if f.endswith((".bin", ".pt", ".pth", ".ckpt")))
+    if pickled:
+        raise ValueError(f"checkpoint {path!r} has only pickled weights ({pickled[0]}...); r1fast loads "
+                         "safetensors only. Convert it (e.g. load with transformers and save_pretrained "
+                         "with safe_serialization) from a source you trust")
+    raise FileNotFoundError(f"no *.safetensors weights in {path!r}")
+
+
+def _open(shard: str):
+    from safetensors import safe_open
+
+    try:
+        return safe_open(shard, framework="pt", device="cpu")
+    except Exception as e:  # SafetensorError for truncated/garbled headers, OSError for unreadable files
+        raise ValueError(f"cannot read safetensors file {shard}: {e}") from e
+
+
+def _iter_tensors(shard: str):
+    with _open(shard) as f:
+        for key in f.keys():
+            try:
+                yield key, f.get_tensor(key)
+            except Exception as e:
+                raise ValueError(f"{shard}: tensor {key!r} cannot be read (corrupt or truncated file?): {e}") from e
+
+
+def _stored_dtype(shard: str) -> torch.dtype | None:
+    with _open(shard) as f:
+        for key in f.keys():
+            sl = f.get_slice(key)
+            name = sl.get_dtype()
+            table = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+            if name in table:
+                return table[name]
+    return None
+
+
+# -- saving --------------------------------------------------------------------------------------
+_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+_OWN_FILE = re.compile(r"^(config\.json|model\.safetensors|model\.safetensors\.index\.json|"
+                       r"model-\d+-of-\d+\.safetensors)$")
+
+
+def parse_size(size) -> int:
+    if isinstance(size, int) and not isinstance(size, bool) and size > 0:
+        return size
+    if isinstance(size, str):
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]I?B|B)\s*", size.upper())
+        if m:
+            return int(float(m.group(1)) * _UNITS[m.group(2)])
+    raise ValueError(f"max_shard_size must be a positive int (bytes) or a string like '5GB', got {size!r}")
+
+
+def save_pretrained(model, path, max_shard_size="5GB") -> None:
+    """Write config.json + safetensors (sharded past max_shard_size) that transformers loads.
+
+    Atomic for the folder's model files: everything is written to a temporary sibling folder, other
+    files already in `path` (tokenizer, generation config...) are carried over, then the folder is
+    swapped in by rename; an interrupted save leaves the old checkpoint intact.
+    """
+    from safetensors.torch import save_file
+
+    limit = parse_size(max_shard_size)
+    path = os.path.abspath(os.fspath(path))
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"save_pretrained target {path!r} exists and is not a folder")
+
+    names = [(n, p) for n, p in model.named_parameters()]
+    shards, current, size = [], [], 0
+    for name, p in names:
+        nbytes = p.numel() * p.element_size()
+        if current and size + nbytes > limit:
+            shards.append(current)
+            current, size = [], 0
+        current.append((name, p))
+        size += nbytes
+    if current:
+        shards.append(current)
+
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+    try:
+        weight_map, total = {}, 0
+        for i, shard in enumerate(shards):
+            fname = SINGLE_NAME if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            # One shard on the host at a time.
+            tensors = {model.hf_name(n): p.detach().to("cpu").contiguous() for n, p in shard}
+            save_file(tensors, os.path.join(tmp, fname), metadata={"format": "pt"})
+            for k, t in tensors.items():
+                weight_map[k] = fname
+                total += t.numel() * t.element_size()
+            del tensors
+        if len(shards) > 1:
+            with open(os.path.join(tmp, INDEX_NAME), "w", encoding="utf-8") as f:
+                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+        with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
+            json.dump(model.config.to_hf_config(model.dtype), f, indent=2, sort_keys=True)
+        if os.path.isdir(path):
+            for entry in os.listdir(path):
+                if _OWN_FILE.match(entry):
+                    continue
+                src, dst = os.path.join(path, entry), os.path.join(tmp, entry)
+                if os.path.isdir(src):
+                    shutil.copytree(src, dst, symlinks=True)
+                else:
+                    shutil.copy2(src, dst)
+        _fsync_folder(tmp)
+        _swap_in(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _fsync_folder(folder: str) -> None:
+    for entry in os.listdir(folder):
+        p = os.path.join(folder, entry)
+        if os.path.isfile(p):
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+
+
+def _swap_in(tmp: str, path: str) -> None:
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private
+    if not os.path.exists(path):
+        os.rename(tmp, path)
+        return
+    old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-", dir=os.path.dirname(path))
+    os.rmdir(old)
+    os.rename(path, old)
+    os.rename(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,213 @@
+"""The decoder: Llama / Qwen2 / Qwen3 as one module tree, forward over packed token batches.
+
+Parameter names match transformers' checkpoints minus the "model." prefix (see `hf_name`), so a
+checkpoint maps onto this tree one tensor at a time.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
+
+from r1fast.models.attention import (PackedBatch, check_cu_seqlens, packed_from_lengths, packed_from_positions,
+                                     positions_of, varlen_causal_attention)
+from r1fast.models.config import ModelConfig
+from r1fast.models.linear import Linear
+from r1fast.models.rotary import RotaryEmbedding, apply_rotary
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, normalised in fp32 and cast back before the weight (as transformers does)."""
+
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.to(torch.float32)
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.scale = config.head_dim ** -0.5
+        h, qd, kvd = config.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.q_proj = Linear(h, qd, bias=config.attention_bias)
+        self.k_proj = Linear(h, kvd, bias=config.attention_bias)
+        self.v_proj = Linear(h, kvd, bias=config.attention_bias)
+        self.o_proj = Linear(qd, h, bias=config.o_proj_bias)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def forward(self, x, cos, sin, packed: PackedBatch | None, attn=None):
+        t = x.shape[0]
+        q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if attn is not None:
+            out = attn.attend(self.layer_idx, q, k, v)
+        else:
+            out = varlen_causal_attention(q, k, v, packed, self.scale)
+        return self.o_proj(out.reshape(t, self.num_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        h, i, b = config.hidden_size, config.intermediate_size, config.mlp_bias
+        self.gate_proj = Linear(h, i, bias=b)
+        self.up_proj = Linear(h, i, bias=b)
+        self.down_proj = Linear(i, h, bias=b)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer_idx)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, packed, attn=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, packed, attn)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class CausalLM(nn.Module):
+    """Decoder-only LM. `forward` returns the final (normed) hidden states [T, H] of a packed batch;
+    the vocabulary projection is left to the caller (`lm_head_weight`, `logits`)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        if not isinstance(config, ModelConfig):
+            raise TypeError(f"CausalLM takes a ModelConfig, got {type(config).__name__} "
+                            "(use ModelConfig.from_hf_config for a config.json)")
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size,
+                                                                           bias=False)
+        self.rotary = RotaryEmbedding(config)
+        self.gradient_checkpointing = False
+        if not any(p.is_meta for p in self.parameters()):
+            self.reset_parameters()
+
+    def _apply(self, fn, *args, **kwargs):
+        # Put the rotary frequencies on the weights' device whenever the model moves, so no forward
+        # (in particular one being captured into a CUDA graph) has to copy them from the host.
+        out = super()._apply(fn, *args, **kwargs)
+        if not self.embed_tokens.weight.is_meta:
+            self.rotary.inv_freq(self.embed_tokens.weight.device)
+        return out
+
+    # -- parameters ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def reset_parameters(self, seed: int | None = None):
+        """Random init like transformers': N(0, initializer_range) matrices, zero biases, unit norms."""
+        gen = None
+        if seed is not None:
+            gen = torch.Generator(device="cpu")
+            gen.manual_seed(seed)
+        std = self.config.initializer_range
+        for name, p in self.named_parameters():
+            if name.endswith("bias"):
+                p.zero_()
+            elif name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif gen is not None:  # seeded: drawn on the CPU so every device gets the same weights
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32, device="cpu") * std)
+            else:
+                p.normal_(0.0, std)
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        """[V, H]: the output projection (the embedding matrix when tied)."""
+        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    @staticmethod
+    def hf_name(name: str) -> str:
+        """This module's parameter name -> the transformers checkpoint key."""
+        return name if name.startswith("lm_head.") else "model." + name
+
+    # -- forward ---------------------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
+                cu_seqlens: torch.Tensor | None = None, attn=None) -> torch.Tensor:
+        device = self.device
+        if not isinstance(input_ids, torch.Tensor):
+            raise TypeError(f"input_ids must be a tensor, got {type(input_ids).__name__}")
+        if input_ids.dim() != 1 or input_ids.dtype not in (torch.int32, torch.int64) or input_ids.numel() == 0:
+            raise ValueError(f"input_ids must be a non-empty 1-D int tensor of packed tokens [T], got dtype "
+                             f"{input_ids.dtype} shape {tuple(input_ids.shape)}")
+        if input_ids.device != device:
+            raise ValueError(f"input_ids are on {input_ids.device} but the model is on {device}")
+        t = input_ids.shape[0]
+        if attn is None:
+            # The rollout engine (attn given) owns its ids; training batches are checked, since an
+            # out-of-range id is a device assert on CUDA.
+            lo, hi = torch.stack(torch.aminmax(input_ids)).tolist()  # one host sync
+            if lo < 0 or hi >= self.config.vocab_size:
+                raise ValueError(f"input_ids must lie in [0, {self.config.vocab_size}), got min {lo} max {hi}")
+        if position_ids is not None:
+            if not isinstance(position_ids, torch.Tensor) or position_ids.shape != (t,) or \
+                    position_ids.dtype not in (torch.int32, torch.int64):
+                raise ValueError(f"position_ids must be an int tensor of shape [{t}] like input_ids, got "
+                                 f"{getattr(position_ids, 'dtype', type(position_ids))} "
+                                 f"{tuple(getattr(position_ids, 'shape', ()))}")
+            if position_ids.device != device:
+                raise ValueError(f"position_ids are on {position_ids.device} but the model is on {device}")
+        packed = None
+        if cu_seqlens is not None:
+            packed = check_cu_seqlens(cu_seqlens, t, device)
+        elif attn is None:
+            packed = packed_from_positions(position_ids) if position_ids is not None else \
+                packed_from_lengths([t], device)
+        if position_ids is None:
+            position_ids = positions_of(packed, device) if packed is not None else torch.arange(t, device=device)
+
+        x = self.embed_tokens(input_ids)
+        cos, sin = self.rotary.cos_sin(position_ids, x.dtype)
+        use_ckpt = self.gradient_checkpointing and attn is None and torch.is_grad_enabled()
+        for layer in self.layers:
+            if use_ckpt:
+                x = checkpoint(layer, x, cos, sin, packed, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, packed, attn)
+        return self.norm(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[T, V] fp32 logits from final hidden states (materialises the vocabulary: small uses only)."""
+        return F.linear(hidden, self.lm_head_weight).float()
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    def save_pretrained(self, path, max_shard_size="5GB") -> None:
+        from r1fast.models.checkpoint import save_pretrained
+
+        save_pretrained(self, path, max_shard_size=max_shard_size)

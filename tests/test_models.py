@@ -1,0 +1,334 @@
+"""r1fast.models against transformers' own Llama/Qwen2/Qwen3 on tiny random fp32 models."""
+import json
+import os
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from r1fast.models import CausalLM, Linear, ModelConfig, from_pretrained  # noqa: E402
+from r1fast.testing import max_rel_err  # noqa: E402
+
+RTOL = 1e-4
+
+# Each config exercises a different corner: tied/untied, GQA ratio, rope scaling, biases, odd sizes.
+CONFIGS = {
+    "llama-mha-untied": dict(architecture="LlamaForCausalLM", vocab_size=61, hidden_size=32, intermediate_size=48,
+                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4),
+    "llama-gqa4-tied-llama3rope-bias": dict(
+        architecture="LlamaForCausalLM", vocab_size=53, hidden_size=32, intermediate_size=40, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=1, tie_word_embeddings=True, attention_bias=True, mlp_bias=True,
+        rope_theta=500000.0, rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                           "high_freq_factor": 4.0, "original_max_position_embeddings": 16}),
+    "llama-linear-rope": dict(architecture="LlamaForCausalLM", vocab_size=40, hidden_size=24, intermediate_size=30,
+                              num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                              rope_scaling={"rope_type": "linear", "factor": 2.5}),
+    "qwen2-gqa3-tied-odd": dict(architecture="Qwen2ForCausalLM", vocab_size=97, hidden_size=24, intermediate_size=37,
+                                num_hidden_layers=2, num_attention_heads=3, num_key_value_heads=1,
+                                tie_word_embeddings=True, rope_theta=1e6),
+    "qwen2-gqa2-untied": dict(architecture="Qwen2ForCausalLM", vocab_size=50, hidden_size=32, intermediate_size=64,
+                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
+    "qwen3-headdim12-untied-bias": dict(architecture="Qwen3ForCausalLM", vocab_size=71, hidden_size=40,
+                                        intermediate_size=52, num_hidden_layers=2, num_attention_heads=4,
+                                        num_key_value_heads=2, head_dim=12, attention_bias=True),
+    "qwen3-yarn": dict(architecture="Qwen3ForCausalLM", vocab_size=30, hidden_size=32, intermediate_size=32,
+                       num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                       max_position_embeddings=64, rope_scaling={"rope_type": "yarn", "factor": 4.0,
+                                                                 "original_max_position_embeddings": 16}),
+    "qwen3-tied": dict(architecture="Qwen3ForCausalLM", vocab_size=64, hidden_size=32, intermediate_size=48,
+                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, head_dim=8,
+                       tie_word_embeddings=True),
+}
+LENGTHS = [5, 11, 1, 8]
+
+
+def hf_model(cfg: ModelConfig, seed: int):
+    """transformers' model for cfg in fp32, with every parameter (norms and biases too) random."""
+    hf_config = transformers.AutoConfig.for_model(cfg.model_type, **{
+        k: v for k, v in cfg.to_hf_config(torch.float32).items() if k not in ("model_type",)})
+    hf_config._attn_implementation = "eager"
+    model = transformers.AutoModelForCausalLM.from_config(hf_config).float().eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(0.15 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def pair(tmp_path, name, seed=0):
+    """(transformers model, r1fast model loaded from the checkpoint transformers wrote)."""
+    cfg = ModelConfig(**CONFIGS[name])
+    ref = hf_model(cfg, seed)
+    ref.save_pretrained(tmp_path / name)
+    return ref, from_pretrained(tmp_path / name)
+
+
+def packed_batch(vocab, lengths=LENGTHS, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (sum(lengths),), generator=g)
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
+    return ids, cu
+
+
+def ref_logits_per_sequence(ref, ids, cu):
+    outs = []
+    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        outs.append(ref(input_ids=ids[a:b][None]).logits[0])
+    return torch.cat(outs)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_logits_match_transformers(tmp_path, name):
+    ref, model = pair(tmp_path, name)
+    assert model.dtype == torch.float32 and isinstance(model.layers[0].mlp.up_proj, Linear)
+    ids, cu = packed_batch(model.config.vocab_size)
+    with torch.no_grad():
+        expected = ref_logits_per_sequence(ref, ids, cu)
+        got = model.logits(model(ids, cu_seqlens=cu))
+    assert got.dtype == torch.float32 and got.shape == expected.shape
+    assert expected.abs().max() > 0.1  # random weights large enough that a wrong term shows
+    assert max_rel_err(got, expected) <= RTOL, max_rel_err(got, expected)
+
+
+def test_hidden_is_after_final_norm_and_lm_head_weight(tmp_path):
+    ref, model = pair(tmp_path, "qwen2-gqa2-untied")
+    ids, _ = packed_batch(model.config.vocab_size, [7])
+    with torch.no_grad():
+        expected = ref.model(input_ids=ids[None]).last_hidden_state[0]
+        got = model(ids)
+    assert max_rel_err(got, expected) <= RTOL
+    assert torch.equal(model.lm_head_weight, ref.lm_head.weight)
+    tied = pair(tmp_path, "qwen3-tied")[1]
+    assert tied.lm_head_weight is tied.embed_tokens.weight
+
+
+def test_packed_equals_each_sequence_alone_and_positions_imply_boundaries():
+    torch.manual_seed(0)
+    cfg = ModelConfig(**CONFIGS["llama-gqa4-tied-llama3rope-bias"])
+    model = CausalLM(cfg)
+    ids, cu = packed_batch(cfg.vocab_size)
+    with torch.no_grad():
+        packed = model(ids, cu_seqlens=cu)
+        alone = torch.cat([model(ids[a:b]) for a, b in zip(cu[:-1].tolist(), cu[1:].tolist())])
+        positions = torch.cat([torch.arange(n) for n in LENGTHS])
+        from_positions = model(ids, position_ids=positions)
+        unpacked = model(ids)  # one long sequence: must differ, else the boundaries were ignored
+    assert max_rel_err(packed, alone) <= 1e-5
+    assert max_rel_err(from_positions, alone) <= 1e-5
+    assert max_rel_err(unpacked, alone) > 1e-2
+
+
+def test_position_offsets_shift_rotary():
+    # RoPE is relative: a uniform shift of the positions leaves the output unchanged, a gap does not.
+    cfg = ModelConfig(**CONFIGS["qwen2-gqa2-untied"])
+    model = CausalLM(cfg)
+    ids, _ = packed_batch(cfg.vocab_size, [6])
+    one = torch.tensor([0, 6], dtype=torch.int32)
+    with torch.no_grad():
+        a = model(ids, position_ids=torch.arange(6))
+        shifted = model(ids, position_ids=torch.arange(6) + 3, cu_seqlens=one)
+        gapped = model(ids, position_ids=torch.tensor([0, 1, 2, 7, 8, 9]), cu_seqlens=one)
+    assert max_rel_err(shifted, a) <= 1e-5
+    assert max_rel_err(gapped, a) > 1e-3
+
+
+@pytest.mark.parametrize("name", ["llama-gqa4-tied-llama3rope-bias", "qwen2-gqa3-tied-odd",
+                                  "qwen3-headdim12-untied-bias"])
+def test_gradients_match_transformers(tmp_path, name):
+    ref, model = pair(tmp_path, name, seed=3)
+    ids, cu = packed_batch(model.config.vocab_size, [4, 9, 3])
+    w = torch.randn(ids.shape[0], model.config.vocab_size, generator=torch.Generator().manual_seed(5))
+    (ref_logits_per_sequence(ref, ids, cu) * w).sum().backward()
+    model.gradient_checkpointing = name.startswith("qwen3")  # checkpointing must not change gradients
+    (model.logits(model(ids, cu_seqlens=cu)) * w).sum().backward()
+    ref_params = dict(ref.named_parameters())
+    checked = 0
+    for n, p in model.named_parameters():
+        key = model.hf_name(n)
+        if key not in ref_params:  # transformers registers a tied lm_head only under the embedding
+            continue
+        assert p.grad is not None, n
+        err = max_rel_err(p.grad, ref_params[key].grad)
+        assert err <= RTOL, f"{n}: {err}"
+        checked += 1
+    assert checked == len(ref_params)
+
+
+def test_gradient_checkpointing_same_grads():
+    cfg = ModelConfig(**CONFIGS["qwen2-gqa2-untied"])
+    model = CausalLM(cfg)
+    model.reset_parameters(seed=4)
+    ids, cu = packed_batch(cfg.vocab_size)
+    grads = []
+    for ckpt in (False, True):
+        model.zero_grad()
+        model.gradient_checkpointing = ckpt
+        model.logits(model(ids, cu_seqlens=cu)).logsumexp(-1).sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+class RecordingAttention:
+    """A stand-in for the rollout engine's attention context: plain causal attention, one sequence."""
+
+    def __init__(self):
+        self.calls = []
+
+    def attend(self, layer_idx, q, k, v):
+        self.calls.append((layer_idx, tuple(q.shape), tuple(k.shape), tuple(v.shape)))
+        groups = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+        scores = torch.einsum("thd,shd->hts", q, k) / q.shape[-1] ** 0.5
+        mask = torch.ones(q.shape[0], k.shape[0], dtype=torch.bool).tril()
+        probs = scores.masked_fill(~mask, float("-inf")).softmax(-1)
+        return torch.einsum("hts,shd->thd", probs, v)
+
+
+def test_attention_context_is_used():
+    cfg = ModelConfig(**CONFIGS["qwen3-headdim12-untied-bias"])
+    model = CausalLM(cfg)
+    ids, _ = packed_batch(cfg.vocab_size, [9])
+    ctx = RecordingAttention()
+    with torch.no_grad():
+        got = model(ids, position_ids=torch.arange(9), attn=ctx)
+        expected = model(ids)
+    assert [c[0] for c in ctx.calls] == list(range(cfg.num_hidden_layers))
+    assert ctx.calls[0][1:] == ((9, 4, 12), (9, 2, 12), (9, 2, 12))
+    assert max_rel_err(got, expected) <= 1e-5
+
+
+def test_save_pretrained_loads_in_transformers(tmp_path):
+    cfg = ModelConfig(**CONFIGS["llama-gqa4-tied-llama3rope-bias"])
+    model = CausalLM(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    out = tmp_path / "saved"
+    out.mkdir()
+    (out / "tokenizer_config.json").write_text("{}")          # unrelated files survive a save
+    (out / "model-00009-of-00009.safetensors").write_text("stale")  # stale shards do not
+    model.save_pretrained(out, max_shard_size="8KB")
+    files = sorted(os.listdir(out))
+    assert "model.safetensors.index.json" in files and "tokenizer_config.json" in files
+    assert "model-00009-of-00009.safetensors" not in files
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".saved")]  # temp folders cleaned up
+    ref = transformers.AutoModelForCausalLM.from_pretrained(out).float().eval()
+    assert type(ref).__name__ == cfg.architecture
+    ids, cu = packed_batch(cfg.vocab_size)
+    with torch.no_grad():
+        assert max_rel_err(model.logits(model(ids, cu_seqlens=cu)), ref_logits_per_sequence(ref, ids, cu)) <= RTOL
+    again = from_pretrained(out)
+    for (n, a), (_, b) in zip(model.named_parameters(), again.named_parameters()):
+        assert torch.equal(a, b), n
+    assert ModelConfig.from_hf_config(out).rope_scaling == cfg.rope_scaling
+
+
+def test_sharded_checkpoint_from_transformers_loads(tmp_path):
+    cfg = ModelConfig(**CONFIGS["qwen3-headdim12-untied-bias"])
+    ref = hf_model(cfg, seed=7)
+    ref.save_pretrained(tmp_path / "ck", max_shard_size="20KB")
+    index = json.loads((tmp_path / "ck" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 2
+    model = from_pretrained(tmp_path / "ck")
+    ids, cu = packed_batch(cfg.vocab_size)
+    with torch.no_grad():
+        assert max_rel_err(model.logits(model(ids, cu_seqlens=cu)), ref_logits_per_sequence(ref, ids, cu)) <= RTOL
+
+
+def test_dtype_choice(tmp_path):
+    cfg = ModelConfig(**CONFIGS["qwen2-gqa2-untied"])
+    CausalLM(cfg).to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    assert from_pretrained(tmp_path / "bf16").dtype == torch.bfloat16
+    m = from_pretrained(tmp_path / "bf16", dtype="float32")
+    assert m.dtype == torch.float32 and all(p.dtype == torch.float32 for p in m.parameters())
+    with pytest.raises(ValueError, match="unsupported dtype"):
+        from_pretrained(tmp_path / "bf16", dtype=torch.int8)
+
+
+def test_fp8_hook_called(tmp_path, monkeypatch):
+    import sys
+    import types
+
+    seen = []
+    fake = types.ModuleType("r1fast.fp8")
+    fake.apply_fp8 = lambda model, mode: seen.append((type(model).__name__, mode))
+    monkeypatch.setitem(sys.modules, "r1fast.fp8", fake)
+    CausalLM(ModelConfig(**CONFIGS["llama-linear-rope"])).save_pretrained(tmp_path / "m")
+    from_pretrained(tmp_path / "m")
+    assert seen == []
+    from_pretrained(tmp_path / "m", fp8="e4m3")
+    assert seen == [("CausalLM", "e4m3")]
+
+
+
+@pytest.mark.parametrize("name", ["qwen2-gqa2-untied", "qwen3-headdim12-untied-bias"])
+def test_bf16_within_lowp_rule(tmp_path, name, device):
+    """bf16 (on CUDA: flash-attn varlen when installed, else SDPA): the error against a float64 run of the
+    same weights is at most 2x transformers' own bf16 error."""
+    from r1fast.testing import assert_within_lowp_rule
+
+    cfg = ModelConfig(**CONFIGS[name])
+    ref = hf_model(cfg, seed=11)
+    ref.save_pretrained(tmp_path / "ck")
+    ids, cu = packed_batch(cfg.vocab_size, [37, 64, 5, 90])
+    with torch.no_grad():
+        exact_model = from_pretrained(tmp_path / "ck", dtype=torch.float64)
+        exact = exact_model.logits(exact_model(ids, cu_seqlens=cu))
+        ref_out = ref_logits_per_sequence(ref.to(device, torch.bfloat16), ids.to(device), cu.to(device))
+        model = from_pretrained(tmp_path / "ck", dtype="bfloat16", device=device)
+        got = model.logits(model(ids.to(device), cu_seqlens=cu.to(device)))
+    assert got.dtype == torch.float32 and model.dtype == torch.bfloat16
+    assert_within_lowp_rule(got, ref_out, exact, name=name)
+
+
+def naive_packed_attention(q, k, v, lengths, scale):
+    """float64 softmax(q k^T) v, causal within each sequence, written out the obvious way."""
+    out, start = [], 0
+    groups = q.shape[1] // k.shape[1]
+    for n in lengths:
+        qs, ks, vs = (x[start:start + n].double() for x in (q, k, v))
+        ks, vs = ks.repeat_interleave(groups, 1), vs.repeat_interleave(groups, 1)
+        scores = torch.einsum("thd,shd->hts", qs, ks) * scale
+        scores = scores.masked_fill(~torch.ones(n, n, dtype=torch.bool).tril(), float("-inf"))
+        out.append(torch.einsum("hts,shd->thd", scores.softmax(-1), vs))
+        start += n
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("lengths, heads, kv_heads", [([6, 1, 13, 4], 4, 2), ([9], 3, 3), ([2, 2, 30], 6, 1)])
+def test_attention_paths_equal_naive_reference(lengths, heads, kv_heads):
+    from r1fast.models.attention import packed_from_lengths, sdpa_block_diagonal, sdpa_per_sequence
+
+    t, d = sum(lengths), 8
+    q = torch.randn(t, heads, d, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    k = torch.randn(t, kv_heads, d, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    v = torch.randn(t, kv_heads, d, generator=torch.Generator().manual_seed(2), requires_grad=True)
+    packed = packed_from_lengths(lengths, torch.device("cpu"))
+    expected = naive_packed_attention(q, k, v, lengths, 0.3)
+    dy = torch.randn(t, heads, d, generator=torch.Generator().manual_seed(3))
+    ref_grads = torch.autograd.grad((expected * dy.double()).sum(), (q, k, v))
+    for fn in (sdpa_block_diagonal, sdpa_per_sequence):
+        out = fn(q, k, v, packed, 0.3)
+        assert max_rel_err(out.detach(), expected.detach()) <= 1e-5, fn.__name__
+        grads = torch.autograd.grad((out * dy).sum(), (q, k, v))
+        for g, r in zip(grads, ref_grads):
+            assert max_rel_err(g, r) <= 1e-5, fn.__name__
+
+
+def test_from_pretrained_with_real_fp8_emulation(tmp_path):
+    pytest.importorskip("r1fast.fp8")
+    cfg = ModelConfig(architecture="LlamaForCausalLM", vocab_size=40, hidden_size=32, intermediate_size=48,
+                      num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1)
+    CausalLM(cfg).save_pretrained(tmp_path / "m")
+    plain, fp8 = from_pretrained(tmp_path / "m"), from_pretrained(tmp_path / "m", fp8="emulate")
+    assert len(fp8.fp8_report.converted) == 7 * cfg.num_hidden_layers  # q, k, v, o, gate, up, down
+    ids, cu = packed_batch(cfg.vocab_size, [5, 9])
+    with torch.no_grad():
+        a, b = plain(ids, cu_seqlens=cu), fp8(ids, cu_seqlens=cu)
+    assert torch.isfinite(b).all() and 0 < max_rel_err(b, a) < 0.2

@@ -1,0 +1,112 @@
+"""ModelConfig from real-world config.json files, and rotary tables against transformers' at full size."""
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from r1fast.models import CausalLM, ModelConfig  # noqa: E402
+from r1fast.models.rotary import RotaryEmbedding  # noqa: E402
+from r1fast.testing import max_rel_err  # noqa: E402
+
+# Abridged from the published config.json files (transformers 4.x layout: rope_theta / rope_scaling).
+QWEN25_15B_INSTRUCT = {
+    "architectures": ["Qwen2ForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 151643,
+    "eos_token_id": 151645, "hidden_act": "silu", "hidden_size": 1536, "initializer_range": 0.02,
+    "intermediate_size": 8960, "max_position_embeddings": 32768, "max_window_layers": 21, "model_type": "qwen2",
+    "num_attention_heads": 12, "num_hidden_layers": 28, "num_key_value_heads": 2, "rms_norm_eps": 1e-06,
+    "rope_theta": 1000000.0, "sliding_window": 32768, "tie_word_embeddings": True, "torch_dtype": "bfloat16",
+    "transformers_version": "4.43.1", "use_cache": True, "use_sliding_window": False, "vocab_size": 151936}
+LLAMA32_1B = {
+    "architectures": ["LlamaForCausalLM"], "attention_bias": False, "attention_dropout": 0.0, "bos_token_id": 128000,
+    "eos_token_id": [128001, 128008, 128009], "head_dim": 64, "hidden_act": "silu", "hidden_size": 2048,
+    "initializer_range": 0.02, "intermediate_size": 8192, "max_position_embeddings": 131072, "mlp_bias": False,
+    "model_type": "llama", "num_attention_heads": 32, "num_hidden_layers": 16, "num_key_value_heads": 8,
+    "pretraining_tp": 1, "rms_norm_eps": 1e-05,
+    "rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                     "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+    "rope_theta": 500000.0, "tie_word_embeddings": True, "torch_dtype": "bfloat16", "vocab_size": 128256}
+QWEN3_06B = {
+    "architectures": ["Qwen3ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0, "bos_token_id": 151643,
+    "eos_token_id": 151645, "head_dim": 128, "hidden_act": "silu", "hidden_size": 1024, "initializer_range": 0.02,
+    "intermediate_size": 3072, "max_position_embeddings": 40960, "max_window_layers": 28, "model_type": "qwen3",
+    "num_attention_heads": 16, "num_hidden_layers": 28, "num_key_value_heads": 8, "rms_norm_eps": 1e-06,
+    "rope_scaling": None, "rope_theta": 1000000, "sliding_window": None, "tie_word_embeddings": True,
+    "torch_dtype": "bfloat16", "use_cache": True, "use_sliding_window": False, "vocab_size": 151936}
+# Qwen's documented long-context setting (legacy "type" key), and a YaRN with DeepSeek-style mscale.
+QWEN25_YARN = {**QWEN25_15B_INSTRUCT, "max_position_embeddings": 131072,
+               "rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}}
+QWEN3_YARN_MSCALE = {**QWEN3_06B, "rope_scaling": {"rope_type": "yarn", "factor": 8.0, "beta_fast": 16,
+                                                    "original_max_position_embeddings": 4096, "mscale": 1.0,
+                                                    "mscale_all_dim": 0.5, "truncate": False}}
+REAL = {"qwen2.5-1.5b": QWEN25_15B_INSTRUCT, "llama3.2-1b": LLAMA32_1B, "qwen3-0.6b": QWEN3_06B,
+        "qwen2.5-yarn": QWEN25_YARN, "qwen3-yarn-mscale": QWEN3_YARN_MSCALE}
+
+
+def test_real_configs_read():
+    q = ModelConfig.from_hf_config(QWEN25_15B_INSTRUCT)
+    assert (q.head_dim, q.num_key_value_heads, q.attention_bias, q.o_proj_bias, q.qk_norm) == (128, 2, True, False, False)
+    assert q.tie_word_embeddings and q.rope_scaling is None and q.rope_theta == 1e6 and q.dtype == torch.bfloat16
+    assert q.extra["max_window_layers"] == 21  # carried through for saving
+    ll = ModelConfig.from_hf_config(LLAMA32_1B)
+    assert ll.rope_scaling["rope_type"] == "llama3" and ll.eos_token_id == [128001, 128008, 128009]
+    assert ll.rms_norm_eps == 1e-5 and ll.head_dim == 64
+    q3 = ModelConfig.from_hf_config(QWEN3_06B)
+    assert q3.qk_norm and q3.head_dim == 128 and q3.hidden_size // q3.num_attention_heads == 64
+
+
+@pytest.mark.parametrize("name", list(REAL))
+def test_config_survives_transformers_round_trip(name):
+    cfg = ModelConfig.from_hf_config(REAL[name])
+    hf = transformers.AutoConfig.for_model(cfg.model_type, **{k: v for k, v in cfg.to_hf_config().items()
+                                                              if k != "model_type"})
+    again = ModelConfig.from_hf_config(hf.to_dict())
+    for field in ("architecture", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                  "num_attention_heads", "num_key_value_heads", "head_dim", "rms_norm_eps", "rope_theta",
+                  "rope_scaling", "tie_word_embeddings", "attention_bias", "qk_norm", "eos_token_id"):
+        assert getattr(again, field) == getattr(cfg, field), field
+
+
+@pytest.mark.parametrize("name", list(REAL))
+def test_rotary_tables_match_transformers_at_full_size(name):
+    cfg = ModelConfig.from_hf_config(REAL[name])
+    hf_cfg = transformers.AutoConfig.for_model(cfg.model_type, **{k: v for k, v in cfg.to_hf_config().items()
+                                                                  if k != "model_type"})
+    module = {"llama": transformers.models.llama.modeling_llama.LlamaRotaryEmbedding,
+              "qwen2": transformers.models.qwen2.modeling_qwen2.Qwen2RotaryEmbedding,
+              "qwen3": transformers.models.qwen3.modeling_qwen3.Qwen3RotaryEmbedding}[cfg.model_type](hf_cfg)
+    positions = torch.tensor([0, 1, 7, 100, 4095, 8191, 8192, 30000, 100000])
+    x = torch.zeros(1, dtype=torch.float32)
+    ref_cos, ref_sin = module(x, positions[None])
+    cos, sin = RotaryEmbedding(cfg).cos_sin(positions, torch.float32)
+    assert torch.equal(cos, ref_cos[0]) and torch.equal(sin, ref_sin[0])
+
+
+@settings(max_examples=12, deadline=None)
+@given(lengths=st.lists(st.integers(1, 9), min_size=1, max_size=5), seed=st.integers(0, 2**16))
+def test_packing_property(lengths, seed):
+    """Any packing of any lengths equals running each sequence alone."""
+    cfg = ModelConfig(architecture="Qwen3ForCausalLM", vocab_size=20, hidden_size=16, intermediate_size=20,
+                      num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, head_dim=6)
+    model = _model(cfg)
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 20, (sum(lengths),), generator=g)
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
+    with torch.no_grad():
+        packed = model(ids, cu_seqlens=cu)
+        alone = torch.cat([model(ids[a:b]) for a, b in zip(cu[:-1].tolist(), cu[1:].tolist())])
+    assert max_rel_err(packed, alone) <= 1e-5
+
+
+_MODELS = {}
+
+
+def _model(cfg):
+    if "m" not in _MODELS:
+        model = _MODELS["m"] = CausalLM(cfg)
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():  # weights large enough that attention is far from uniform
+            for p in model.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    return _MODELS["m"]

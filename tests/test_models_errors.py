@@ -1,0 +1,199 @@
+"""r1fast.models: bad configs, checkpoints and inputs are clear errors naming the problem."""
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from r1fast.models import CausalLM, ModelConfig, from_pretrained, load_tokenizer
+
+TINY = dict(architecture="Qwen2ForCausalLM", vocab_size=32, hidden_size=16, intermediate_size=24,
+            num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1)
+
+
+@pytest.fixture
+def ckpt(tmp_path):
+    """A valid tiny checkpoint written by r1fast, sharded so that shard-level damage can be tested."""
+    model = CausalLM(ModelConfig(**TINY))
+    model.save_pretrained(tmp_path / "ck", max_shard_size="4KB")
+    return tmp_path / "ck"
+
+
+def _index(ck):
+    return json.loads((ck / "model.safetensors.index.json").read_text())
+
+
+def _shard_of(ck, key):
+    return ck / _index(ck)["weight_map"][key]
+
+
+def _rewrite_shard(ck, key, fn):
+    shard = _shard_of(ck, key)
+    tensors = load_file(shard)
+    fn(tensors)
+    save_file(tensors, shard, metadata={"format": "pt"})
+
+
+def test_valid_fixture_loads(ckpt):
+    assert len(set(_index(ckpt)["weight_map"].values())) > 2
+    assert from_pretrained(ckpt).config.architecture == "Qwen2ForCausalLM"
+
+
+@pytest.mark.parametrize("arch", ["MistralForCausalLM", "GPT2LMHeadModel"])
+def test_unsupported_architecture_is_named(ckpt, arch):
+    cfg = json.loads((ckpt / "config.json").read_text())
+    cfg["architectures"] = [arch]
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=f"unsupported architecture '{arch}'"):
+        from_pretrained(ckpt)
+    with pytest.raises(ValueError, match="unsupported architecture 'Phi3ForCausalLM'"):
+        ModelConfig(architecture="Phi3ForCausalLM")
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"hidden_act": "gelu"}, "unsupported hidden_act 'gelu'"),
+    ({"use_sliding_window": True}, "sliding-window"),
+    ({"rope_scaling": {"rope_type": "dynamic", "factor": 4.0}}, "unsupported rope type 'dynamic'"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "lacks key.*original_max_position_embeddings"),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "lacks key"),
+    ({"num_key_value_heads": 3, "num_attention_heads": 4}, "multiple of num_key_value_heads"),
+    ({"hidden_size": None}, "lacks required key"),
+    ({"vocab_size": -3}, "vocab_size must be a positive int"),
+    ({"architectures": None, "model_type": "gpt2"}, "names no architecture"),
+    ({"quantization_config": {"quant_method": "fp8"}}, "quantized checkpoints .*'fp8'"),
+])
+def test_bad_config_values(change, message):
+    hf = ModelConfig(**TINY).to_hf_config(torch.float32)
+    hf.pop("rope_parameters")
+    hf.update(change)
+    with pytest.raises(ValueError, match=message):
+        ModelConfig.from_hf_config(hf)
+
+
+def test_bad_config_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        ModelConfig.from_hf_config(tmp_path)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        from_pretrained(tmp_path / "nowhere")
+
+
+def test_missing_tensor(ckpt):
+    _rewrite_shard(ckpt, "model.norm.weight", lambda t: t.pop("model.norm.weight"))
+    with pytest.raises(ValueError, match=r"incomplete: missing \['model.norm.weight'\]"):
+        from_pretrained(ckpt)
+
+
+def test_unexpected_tensor(ckpt):
+    _rewrite_shard(ckpt, "model.norm.weight", lambda t: t.update({"model.layers.7.mlp.up_proj.weight": torch.ones(2)}))
+    with pytest.raises(ValueError, match="unexpected tensor 'model.layers.7.mlp.up_proj.weight'"):
+        from_pretrained(ckpt)
+
+
+def test_misshaped_tensor(ckpt):
+    key = "model.layers.1.self_attn.k_proj.weight"
+    _rewrite_shard(ckpt, key, lambda t: t.update({key: torch.randn(16, 16)}))
+    with pytest.raises(ValueError, match=r"'model.layers.1.self_attn.k_proj.weight' has shape \(16, 16\).*\(8, 16\)"):
+        from_pretrained(ckpt)
+
+
+def test_integer_tensor(ckpt):
+    key = "model.layers.0.mlp.down_proj.weight"
+    _rewrite_shard(ckpt, key, lambda t: t.update({key: torch.ones(16, 24, dtype=torch.int32)}))
+    with pytest.raises(ValueError, match="has dtype torch.int32; weights must be float16"):
+        from_pretrained(ckpt)
+
+
+def test_float8_tensor_refused(ckpt):
+    key = "model.layers.0.mlp.up_proj.weight"
+    _rewrite_shard(ckpt, key, lambda t: t.update({key: torch.randn(24, 16).to(torch.float8_e4m3fn)}))
+    with pytest.raises(ValueError, match="float8_e4m3fn.*quantized checkpoints are not supported"):
+        from_pretrained(ckpt)
+
+
+def test_truncated_shard(ckpt):
+    shard = _shard_of(ckpt, "model.layers.1.mlp.up_proj.weight")
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="cannot read safetensors file|cannot be read"):
+        from_pretrained(ckpt)
+
+
+def test_garbage_shard(ckpt):
+    _shard_of(ckpt, "model.norm.weight").write_bytes(b"\x00" * 7)
+    with pytest.raises(ValueError, match="cannot read safetensors file"):
+        from_pretrained(ckpt)
+
+
+def test_missing_shard_and_bad_index(ckpt):
+    shard = _shard_of(ckpt, "model.norm.weight")
+    os.remove(shard)
+    with pytest.raises(FileNotFoundError, match=f"{shard.name}.*missing"):
+        from_pretrained(ckpt)
+    (ckpt / "model.safetensors.index.json").write_text('{"weight_map": {}}')
+    with pytest.raises(ValueError, match="not a valid safetensors index"):
+        from_pretrained(ckpt)
+
+
+def test_pickled_weights_refused(tmp_path):
+    CausalLM(ModelConfig(**TINY)).save_pretrained(tmp_path)
+    os.remove(tmp_path / "model.safetensors")
+    (tmp_path / "pytorch_model.bin").write_bytes(b"pickle bytes that must never be loaded")
+    with pytest.raises(ValueError, match="only pickled weights.*safetensors only"):
+        from_pretrained(tmp_path)
+    os.remove(tmp_path / "pytorch_model.bin")
+    with pytest.raises(FileNotFoundError, match="no \\*.safetensors"):
+        from_pretrained(tmp_path)
+
+
+def test_bad_save_arguments(tmp_path):
+    model = CausalLM(ModelConfig(**TINY))
+    with pytest.raises(ValueError, match="max_shard_size"):
+        model.save_pretrained(tmp_path / "x", max_shard_size="lots")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match="not a folder"):
+        model.save_pretrained(tmp_path / "file")
+
+
+def test_forward_input_errors():
+    model = CausalLM(ModelConfig(**TINY))
+    ids = torch.randint(0, 32, (10,))
+    cases = [
+        (lambda: model(ids.float()), "input_ids must be a non-empty 1-D int tensor"),
+        (lambda: model(ids[None]), "input_ids must be a non-empty 1-D int tensor"),
+        (lambda: model(ids[:0]), "input_ids must be a non-empty 1-D int tensor"),
+        (lambda: model(ids + 32), r"input_ids must lie in \[0, 32\)"),
+        (lambda: model(ids, position_ids=torch.arange(9)), "position_ids must be an int tensor of shape"),
+        (lambda: model(ids, cu_seqlens=torch.tensor([0, 4, 9], dtype=torch.int32)), "end at the token count 10"),
+        (lambda: model(ids, cu_seqlens=torch.tensor([0, 4, 4, 10], dtype=torch.int32)), "strictly increasing"),
+        (lambda: model(ids, cu_seqlens=torch.tensor([0.0, 10.0])), "cu_seqlens must be a 1-D int32"),
+    ]
+    for call, message in cases:
+        with pytest.raises(ValueError, match=message):
+            call()
+    with pytest.raises(TypeError, match="input_ids must be a tensor"):
+        model([1, 2, 3])
+    with pytest.raises(TypeError, match="takes a ModelConfig"):
+        CausalLM({"vocab_size": 3})
+
+
+def test_tokenizer_loads_with_chat_template(tmp_path):
+    tokenizers = pytest.importorskip("tokenizers")
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<unk>", "<eos>", "hello", "world", "user", "assistant", ":"])}
+    core = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", eos_token="<eos>")
+    tok.chat_template = "{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} {% endfor %}"
+    tok.save_pretrained(tmp_path / "tok")
+    loaded = load_tokenizer(tmp_path / "tok")
+    text = loaded.apply_chat_template([{"role": "user", "content": "hello world"}], tokenize=False)
+    assert text.strip() == "user : hello world"
+    assert loaded("hello world")["input_ids"] == [2, 3]
+    assert loaded.eos_token_id == 1
+    with pytest.raises(FileNotFoundError, match="no tokenizer files"):
+        load_tokenizer(tmp_path)
