@@ -1,15 +1,20 @@
 """Triton grouped log-prob: token tiles x vocabulary tiles, fp32-accumulated tl.dot, online logsumexp.
 
-Two kernels, no [N, V] tensor ever:
-- `_logprob_fwd_kernel` (grid: token tiles) walks the whole vocabulary for its tokens and keeps a
-  running max / sum-of-exp (and Σ p·z for the entropy), so it writes only lse, the target logit and
-  the entropy: O(N) memory.
+No [N, V] tensor ever; at most one [chunk, V] tile:
+- `_logprob_fwd_kernel` (grid: token tiles x vocabulary slices) walks its slice of the vocabulary
+  for its tokens and keeps a running max / sum-of-exp (and Σ p·z for the entropy), so it writes
+  only those partials per slice (merged in torch into lse, target logit, entropy): O(N) memory.
 - `_dlogits_kernel` (grid: token tiles x vocab tiles, over one chunk of tokens) recomputes a logits
   tile from hidden and weight, turns it into d loss / d logits with the saved lse/entropy, and
   writes that [chunk, V] tile; the caller (r1fast.ops.logprob) multiplies it into grad_hidden and
   grad_weight with two matmuls per chunk, so the backward is deterministic (no atomics) and the
   extra memory is chunk x V.
+- `_logits_kernel` writes one chunk's fp32 logits for the single-pass fused loss
+  (r1fast.ops.fused_loss); the two kernels above then read that tile (LOAD_Z) instead of
+  recomputing it, so the fused loss costs 6·N·H·V FLOPs rather than 8.
 """
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -22,6 +27,13 @@ CPU_CONFIG = dict(BLOCK_N=16, BLOCK_V=32, BLOCK_H=16, num_warps=1, num_stages=1)
 
 def _config(device):
     return GPU_CONFIG if device.type == "cuda" else CPU_CONFIG
+
+
+def _poisoned(t):
+    # Under the interpreter (tests) outputs start as NaN, so a tile the kernel fails to write shows.
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        t.fill_(float("nan"))
+    return t
 
 
 def _precision(dtype):
@@ -46,49 +58,83 @@ def _logits_tile(h_ptr, w_ptr, rn, rv, n_ok, v_ok, H, stride_h, stride_w, inv_te
 
 
 @triton.jit
-def _logprob_fwd_kernel(h_ptr, w_ptr, t_ptr, lse_ptr, zt_ptr, ent_ptr,
-                        N, V, H, stride_h, stride_w, inv_temp,
-                        BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-                        WITH_ENTROPY: tl.constexpr, PRECISION: tl.constexpr):
-    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = rn < N
-    tgt = tl.load(t_ptr + rn, mask=n_ok, other=0)
-    run_max = tl.full([BLOCK_N], float("-inf"), tl.float32)
-    run_sum = tl.zeros([BLOCK_N], dtype=tl.float32)
-    run_pz = tl.zeros([BLOCK_N], dtype=tl.float32)
-    z_tgt = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for v0 in range(0, V, BLOCK_V):
-        rv = v0 + tl.arange(0, BLOCK_V)
-        v_ok = rv < V
+def _load_or_compute_logits(z_ptr, h_ptr, w_ptr, rn, rv, n_ok, v_ok, H, stride_h, stride_w, inv_temp,
+                            BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+                            PRECISION: tl.constexpr, LOAD_Z: tl.constexpr, V):
+    if LOAD_Z:  # fp32 logits (already / temperature) written by _logits_kernel, row stride V
+        z = tl.load(z_ptr + rn[:, None].to(tl.int64) * V + rv[None, :], mask=n_ok[:, None] & v_ok[None, :],
+                    other=0.0)
+    else:
         z = _logits_tile(h_ptr, w_ptr, rn, rv, n_ok, v_ok, H, stride_h, stride_w, inv_temp,
                          BLOCK_N, BLOCK_V, BLOCK_H, PRECISION)
-        z_tgt += tl.sum(tl.where(rv[None, :] == tgt[:, None], z, 0.0), 1)
-        z = tl.where(v_ok[None, :], z, float("-inf"))
-        new_max = tl.maximum(run_max, tl.max(z, 1))
-        alpha = tl.exp(run_max - new_max)
-        p = tl.exp(z - new_max[:, None])
-        run_sum = run_sum * alpha + tl.sum(p, 1)
-        if WITH_ENTROPY:
-            run_pz = run_pz * alpha + tl.sum(tl.where(v_ok[None, :], p * z, 0.0), 1)
-        run_max = new_max
-    lse = run_max + tl.log(run_sum)
-    tl.store(lse_ptr + rn, lse, mask=n_ok)
-    tl.store(zt_ptr + rn, z_tgt, mask=n_ok)
-    if WITH_ENTROPY:
-        tl.store(ent_ptr + rn, lse - run_pz / run_sum, mask=n_ok)
+    return z
 
 
 @triton.jit
-def _dlogits_kernel(h_ptr, w_ptr, t_ptr, lse_ptr, ent_ptr, g_logp_ptr, g_ent_ptr, dl_ptr,
-                    N, V, H, stride_h, stride_w, stride_dl, inv_temp,
-                    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-                    WITH_ENTROPY: tl.constexpr, PRECISION: tl.constexpr):
+def _logits_kernel(h_ptr, w_ptr, z_ptr, N, V, H, stride_h, stride_w, inv_temp,
+                   BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, PRECISION: tl.constexpr):
+    """fp32 logits tile of one chunk of tokens, for the single-pass fused loss (kept, not recomputed)."""
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rv = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     n_ok = rn < N
     v_ok = rv < V
     z = _logits_tile(h_ptr, w_ptr, rn, rv, n_ok, v_ok, H, stride_h, stride_w, inv_temp,
                      BLOCK_N, BLOCK_V, BLOCK_H, PRECISION)
+    tl.store(z_ptr + rn[:, None].to(tl.int64) * V + rv[None, :], z, mask=n_ok[:, None] & v_ok[None, :])
+
+
+@triton.jit
+def _logprob_fwd_kernel(h_ptr, w_ptr, z_ptr, t_ptr, part_ptr,
+                        N, V, H, stride_h, stride_w, inv_temp, v_per_split,
+                        BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+                        WITH_ENTROPY: tl.constexpr, PRECISION: tl.constexpr, LOAD_Z: tl.constexpr):
+    # grid: (token tiles, vocabulary splits). Each program reduces its slice of the vocabulary and
+    # writes partial (max, Σexp, Σexp·z, target logit) rows of part [4, splits, N]; splitting V keeps
+    # the GPU full when there are few token tiles. logprob_forward merges the splits.
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    split = tl.program_id(1)
+    n_splits = tl.num_programs(1)
+    n_ok = rn < N
+    tgt = tl.load(t_ptr + rn, mask=n_ok, other=0)
+    run_max = tl.full([BLOCK_N], float("-inf"), tl.float32)
+    run_sum = tl.zeros([BLOCK_N], dtype=tl.float32)
+    run_pz = tl.zeros([BLOCK_N], dtype=tl.float32)
+    z_tgt = tl.zeros([BLOCK_N], dtype=tl.float32)
+    v_lo = split * v_per_split
+    v_hi = tl.minimum(v_lo + v_per_split, V)
+    for v0 in range(v_lo, v_hi, BLOCK_V):
+        rv = v0 + tl.arange(0, BLOCK_V)
+        v_ok = rv < v_hi
+        z = _load_or_compute_logits(z_ptr, h_ptr, w_ptr, rn, rv, n_ok, v_ok, H, stride_h, stride_w, inv_temp,
+                                    BLOCK_N, BLOCK_V, BLOCK_H, PRECISION, LOAD_Z, V)
+        z_tgt += tl.sum(tl.where((rv[None, :] == tgt[:, None]) & v_ok[None, :], z, 0.0), 1)
+        z = tl.where(v_ok[None, :], z, float("-inf"))
+        new_max = tl.maximum(run_max, tl.max(z, 1))
+        alpha = tl.exp(run_max - new_max)
+        p = tl.exp(z - new_max[:, None])
+        run_sum = run_sum * alpha + tl.sum(p, 1)
+        if WITH_ENTROPY:
+            run_pz = run_pz * alpha + tl.sum(p * tl.where(v_ok[None, :], z, 0.0), 1)
+        run_max = new_max
+    plane = n_splits.to(tl.int64) * N
+    row = part_ptr + split.to(tl.int64) * N + rn
+    tl.store(row, run_max, mask=n_ok)
+    tl.store(row + plane, run_sum, mask=n_ok)
+    tl.store(row + 2 * plane, run_pz, mask=n_ok)
+    tl.store(row + 3 * plane, z_tgt, mask=n_ok)
+
+
+@triton.jit
+def _dlogits_kernel(h_ptr, w_ptr, z_ptr, t_ptr, lse_ptr, ent_ptr, g_logp_ptr, g_ent_ptr, dl_ptr,
+                    N, V, H, stride_h, stride_w, stride_dl, inv_temp,
+                    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+                    WITH_ENTROPY: tl.constexpr, PRECISION: tl.constexpr, LOAD_Z: tl.constexpr):
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rv = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    n_ok = rn < N
+    v_ok = rv < V
+    z = _load_or_compute_logits(z_ptr, h_ptr, w_ptr, rn, rv, n_ok, v_ok, H, stride_h, stride_w, inv_temp,
+                                BLOCK_N, BLOCK_V, BLOCK_H, PRECISION, LOAD_Z, V)
     tgt = tl.load(t_ptr + rn, mask=n_ok, other=0)
     lse = tl.load(lse_ptr + rn, mask=n_ok, other=0.0)
     g = tl.load(g_logp_ptr + rn, mask=n_ok, other=0.0)
@@ -105,30 +151,73 @@ def _dlogits_kernel(h_ptr, w_ptr, t_ptr, lse_ptr, ent_ptr, g_logp_ptr, g_ent_ptr
              mask=n_ok[:, None] & v_ok[None, :])
 
 
-def logprob_forward(hidden, weight, targets, inv_temp: float, with_entropy: bool):
-    """(lse, target_logit, entropy-or-None), each fp32 [N]. hidden [N, H] and weight [V, H] row-contiguous."""
+def logits(hidden, weight, inv_temp: float):
+    """fp32 [N, V] logits / temperature of one chunk of tokens (fp32 accumulation whatever the input dtype)."""
     n, h = hidden.shape
     v = weight.shape[0]
     cfg = _config(hidden.device)
-    lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
-    zt = torch.empty_like(lse)
-    ent = torch.empty_like(lse) if with_entropy else lse
-    grid = (triton.cdiv(n, cfg["BLOCK_N"]),)
-    _logprob_fwd_kernel[grid](hidden, weight, targets, lse, zt, ent, n, v, h, hidden.stride(0), weight.stride(0),
-                              inv_temp, WITH_ENTROPY=with_entropy, PRECISION=_precision(hidden.dtype), **cfg)
-    return lse, zt, (ent if with_entropy else None)
+    z = _poisoned(torch.empty(n, v, dtype=torch.float32, device=hidden.device))
+    grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(v, cfg["BLOCK_V"]))
+    _logits_kernel[grid](hidden, weight, z, n, v, h, hidden.stride(0), weight.stride(0), inv_temp,
+                         PRECISION=_precision(hidden.dtype), **cfg)
+    return z
 
 
-def dlogits(hidden, weight, targets, lse, entropy, g_logp, g_ent, inv_temp: float, out_dtype):
-    """d loss / d raw logits [N, V] (temperature folded in) for one chunk of tokens, in out_dtype."""
+def logprob_forward(hidden, weight, targets, inv_temp: float, with_entropy: bool, z=None):
+    """(lse, target_logit, entropy-or-None), each fp32 [N]. hidden [N, H] and weight [V, H] row-contiguous.
+
+    With `z` (fp32 [N, V] from `logits`), reads the logits instead of recomputing them.
+    """
     n, h = hidden.shape
     v = weight.shape[0]
     cfg = _config(hidden.device)
-    out = torch.empty(n, v, dtype=out_dtype, device=hidden.device)
+    n_tiles = triton.cdiv(n, cfg["BLOCK_N"])
+    splits = vocab_splits(n_tiles, v, cfg["BLOCK_V"], hidden.device)
+    v_per_split = triton.cdiv(triton.cdiv(v, splits), cfg["BLOCK_V"]) * cfg["BLOCK_V"]
+    splits = triton.cdiv(v, v_per_split)
+    part = _poisoned(torch.empty(4, splits, n, dtype=torch.float32, device=hidden.device))
+    _logprob_fwd_kernel[(n_tiles, splits)](hidden, weight, part if z is None else z, targets, part, n, v, h,
+                                           hidden.stride(0), weight.stride(0), inv_temp, v_per_split,
+                                           WITH_ENTROPY=with_entropy, PRECISION=_precision(hidden.dtype),
+                                           LOAD_Z=z is not None, **cfg)
+    run_max, run_sum, run_pz, z_tgt = part.unbind(0)
+    top = run_max.max(0).values
+    scale = torch.exp(run_max - top)  # splits merge like online-softmax steps
+    total = (run_sum * scale).sum(0)
+    lse = top + torch.log(total)
+    ent = lse - (run_pz * scale).sum(0) / total if with_entropy else None
+    return lse, z_tgt.sum(0), ent
+
+
+# Aim for about this many programs in flight on a GPU (2 waves of 132 SMs) before splitting V.
+_TARGET_PROGRAMS = 264
+# Tests set this to force vocabulary splits under the interpreter.
+FORCE_SPLITS = None
+
+
+def vocab_splits(n_tiles: int, v: int, block_v: int, device) -> int:
+    """How many vocabulary slices the forward kernel's grid gets for `n_tiles` token tiles."""
+    if FORCE_SPLITS is not None:
+        return max(1, min(FORCE_SPLITS, triton.cdiv(v, block_v)))
+    if device.type != "cuda":
+        return 1
+    # each slice keeps at least 8 vocabulary tiles so the partial rows stay small next to the work
+    return max(1, min(triton.cdiv(_TARGET_PROGRAMS, n_tiles), triton.cdiv(v, 8 * block_v)))
+
+
+def dlogits(hidden, weight, targets, lse, entropy, g_logp, g_ent, inv_temp: float, out_dtype, z=None):
+    """d loss / d raw logits [N, V] (temperature folded in) for one chunk of tokens, in out_dtype.
+
+    With `z` (fp32 [N, V] from `logits`), reads the logits instead of recomputing them.
+    """
+    n, h = hidden.shape
+    v = weight.shape[0]
+    cfg = _config(hidden.device)
+    out = _poisoned(torch.empty(n, v, dtype=out_dtype, device=hidden.device))
     with_entropy = g_ent is not None
     grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(v, cfg["BLOCK_V"]))
-    _dlogits_kernel[grid](hidden, weight, targets, lse, entropy if with_entropy else lse, g_logp,
-                          g_ent if with_entropy else g_logp, out, n, v, h, hidden.stride(0), weight.stride(0),
+    _dlogits_kernel[grid](hidden, weight, lse if z is None else z, targets, lse, entropy if with_entropy else lse,
+                          g_logp, g_ent if with_entropy else g_logp, out, n, v, h, hidden.stride(0), weight.stride(0),
                           out.stride(0), inv_temp, WITH_ENTROPY=with_entropy, PRECISION=_precision(hidden.dtype),
-                          **cfg)
+                          LOAD_Z=z is not None, **cfg)
     return out

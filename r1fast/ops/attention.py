@@ -12,6 +12,7 @@ counting the current token, whose KV is already stored.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 
@@ -21,6 +22,7 @@ from r1fast import _ext, backends
 from r1fast.reference import attention as reference
 
 PARTITION_SIZE = 512  # tokens per split-K partition of the decode kernels
+MAX_GRID_YZ = 65535  # CUDA's limit on grid dims y and z: splits and KV heads are launched there
 _DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
@@ -102,6 +104,11 @@ def _decode_torch(q, k_cache, v_cache, block_tables, context_lens, scale, num_sp
     return out.reshape(b, h, d).to(q.dtype)
 
 
+def _on_device(device: torch.device):
+    """Make `device` current for a kernel launch (CUDA), a no-op elsewhere (CPU / interpreter)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def _workspaces(q, num_splits):
     b, h, d = q.shape
     if num_splits == 1:
@@ -117,8 +124,10 @@ def _decode_triton(q, k_cache, v_cache, block_tables, context_lens, scale, num_s
 
     out = torch.empty_like(q)
     ws_ml, ws_acc = _workspaces(q, num_splits)
-    kernel.paged_decode_attention(out, q, k_cache, v_cache, block_tables, context_lens, scale, num_splits,
-                                  partition, ws_ml, ws_acc)
+    # Triton launches on the *current* device: make it q's (a cache on cuda:1 under cuda:0 would fault).
+    with _on_device(q.device):
+        kernel.paged_decode_attention(out, q, k_cache, v_cache, block_tables, context_lens, scale, num_splits,
+                                      partition, ws_ml, ws_acc)
     return out
 
 
@@ -126,14 +135,22 @@ def _decode_triton(q, k_cache, v_cache, block_tables, context_lens, scale, num_s
 def _decode_cuda_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                     context_lens: torch.Tensor, scale: float, num_splits: int, partition: int) -> torch.Tensor:
     ext = _ext.require()
+    # Checked here, on real tensors: data_ptr() does not exist on the fake tensors of torch.compile.
+    # The kernel's vector loads need 16-byte aligned bases.
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        if t.data_ptr() % 16:
+            raise ValueError(f"paged_decode_attention: {name} must be 16-byte aligned for the cuda backend")
     out = torch.empty_like(q)
     ws_ml, ws_acc = _workspaces(q, num_splits)
     b, h, d = q.shape
-    stream = torch.cuda.current_stream(q.device).cuda_stream
-    ext.decode_attention_cuda(out.data_ptr(), q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
-                              block_tables.data_ptr(), context_lens.data_ptr(), ws_acc.data_ptr(), ws_ml.data_ptr(),
-                              b, h, k_cache.shape[2], d, k_cache.shape[0], k_cache.shape[1], block_tables.shape[1],
-                              num_splits, partition, float(scale), _DTYPE_CODE[q.dtype], stream)
+    # The extension launches on the current device with the stream given: both must be q's.
+    with torch.cuda.device(q.device):
+        stream = torch.cuda.current_stream(q.device).cuda_stream
+        ext.decode_attention_cuda(out.data_ptr(), q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+                                  block_tables.data_ptr(), context_lens.data_ptr(), ws_acc.data_ptr(),
+                                  ws_ml.data_ptr(), b, h, k_cache.shape[2], d, k_cache.shape[0], k_cache.shape[1],
+                                  block_tables.shape[1], num_splits, partition, float(scale), _DTYPE_CODE[q.dtype],
+                                  stream)
     return out
 
 
@@ -151,9 +168,6 @@ def _decode_cuda(q, k_cache, v_cache, block_tables, context_lens, scale, num_spl
         raise ValueError(f"paged_decode_attention: the cuda backend needs head_dim a multiple of 8 up to 256, got {d}")
     if q.shape[1] // k_cache.shape[2] > 64:
         raise ValueError("paged_decode_attention: the cuda backend takes at most 64 query heads per KV head")
-    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
-        if t.data_ptr() % 16:
-            raise ValueError(f"paged_decode_attention: {name} must be 16-byte aligned for the cuda backend")
     return _decode_cuda_op(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits, partition)
 
 
@@ -177,6 +191,12 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, *, s
     partition = -(-max_ctx // num_splits)
     partition = -(-partition // bs) * bs
     num_splits = -(-max_ctx // partition)
+    if num_splits > MAX_GRID_YZ:
+        raise ValueError(f"paged_decode_attention: num_splits {num_splits} exceeds the launch grid limit "
+                         f"{MAX_GRID_YZ}; ask for fewer splits")
+    if k_cache.shape[2] > MAX_GRID_YZ:
+        raise ValueError(f"paged_decode_attention: {k_cache.shape[2]} KV heads exceed the launch grid limit "
+                         f"{MAX_GRID_YZ}")
     _, fn = backends.resolve("paged_decode_attention", q.device, backend)
     return fn(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits, partition)
 

@@ -78,7 +78,12 @@ def _store_kv_torch(key, value, k_cache, v_cache, slot_mapping):
 def _store_kv_triton(key, value, k_cache, v_cache, slot_mapping):
     from r1fast.kernels import kv_cache as kernel
 
-    kernel.store_kv(key, value, k_cache, v_cache, slot_mapping)
+    # Triton launches on the *current* device: make it the cache's.
+    if k_cache.is_cuda:
+        with torch.cuda.device(k_cache.device):
+            kernel.store_kv(key, value, k_cache, v_cache, slot_mapping)
+    else:
+        kernel.store_kv(key, value, k_cache, v_cache, slot_mapping)
 
 
 @torch.library.custom_op("r1fast::store_kv_cuda", mutates_args=("k_cache", "v_cache"))
@@ -86,10 +91,12 @@ def _store_kv_cuda_op(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Ten
                       slot_mapping: torch.Tensor) -> None:
     ext = _ext.require()
     es = key.element_size()
-    stream = torch.cuda.current_stream(key.device).cuda_stream
-    ext.store_kv_cuda(key.data_ptr(), value.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
-                      slot_mapping.data_ptr(), key.shape[0], key.shape[1] * key.shape[2] * es,
-                      key.stride(0) * es, value.stride(0) * es, k_cache.shape[0] * k_cache.shape[1], stream)
+    # The extension launches on the current device with the stream given: both must be the cache's.
+    with torch.cuda.device(k_cache.device):
+        stream = torch.cuda.current_stream(k_cache.device).cuda_stream
+        ext.store_kv_cuda(key.data_ptr(), value.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+                          slot_mapping.data_ptr(), key.shape[0], key.shape[1] * key.shape[2] * es,
+                          key.stride(0) * es, value.stride(0) * es, k_cache.shape[0] * k_cache.shape[1], stream)
 
 
 @_store_kv_cuda_op.register_fake

@@ -24,7 +24,7 @@ def logprob(hidden, weight, targets, temperature=1.0, return_entropy=False, dtyp
 
 
 def group_advantages(rewards, group_size, estimator="grpo", scale_rewards="group", eps=1e-4):
-    """Advantages [B] from rewards [B] in consecutive groups of `group_size`. NaN rewards mean 'no reward'."""
+    """Advantages [B] from rewards [B] in consecutive groups of `group_size` (LOSS_SPEC.md, Advantages)."""
     r = rewards.reshape(-1, group_size)
     mean = r.mean(-1, keepdim=True)
     centred = r - mean
@@ -51,8 +51,16 @@ def _row_mean(x, mask):
     return (x * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp_min(1.0)
 
 
-def grpo_loss(logp, old_logp, ref_logp, advantages, mask, opts: LossOptions, entropy=None, sampler_logp=None):
-    """(loss, stats) exactly as LOSS_SPEC.md; all tensors [B, T] except advantages [B]. Computes in logp's dtype."""
+def grpo_loss(logp, old_logp, ref_logp, advantages, mask, opts: LossOptions, entropy=None, sampler_logp=None,
+              totals=None):
+    """(loss, stats) exactly as LOSS_SPEC.md; all tensors [B, T] except advantages [B]. Computes in logp's dtype.
+
+    `totals=(rows, tokens[, row_counts])` evaluates one slice of a larger batch: the aggregation and
+    the statistics' means use the whole batch's row and active-token counts, so the slices' losses
+    and mean statistics add up to the batch's (is_weight/min|max combine by min|max, an empty slice
+    giving +-inf; num_tokens is the slice's own count). `row_counts` [B] (the full rows' active
+    token counts) lets a slice hold only part of a row's tokens; only valid with token-level ratios.
+    """
     dt = logp.dtype
     m = mask.to(dt)
     A = advantages.to(dt).unsqueeze(-1)
@@ -75,15 +83,25 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, opts: LossOptions, ent
 
     stats = {}
     n_tok = m.sum()
-    denom = n_tok.clamp_min(1.0)
+    B = logp.shape[0]
+    row_counts = None
+    if totals is not None:
+        B, denom = totals[0], max(float(totals[1]), 1.0)
+        row_counts = totals[2] if len(totals) > 2 else None
+    else:
+        denom = n_tok.clamp_min(1.0)
     if sampler_logp is not None:
         d = (old - sampler_logp.to(dt)) * m
         w = torch.exp(d.sum(-1, keepdim=True) if opts.tis_level == "sequence" else d).detach()
         wb = w.expand_as(logp)
         stats["is_weight/mean"] = (wb * m).sum() / denom
-        big = torch.finfo(dt).max
-        stats["is_weight/min"] = torch.where(m > 0, wb, big).min() if n_tok > 0 else wb.new_zeros(())
-        stats["is_weight/max"] = torch.where(m > 0, wb, -big).max() if n_tok > 0 else wb.new_zeros(())
+        if totals is not None:
+            stats["is_weight/min"] = torch.where(m > 0, wb, float("inf")).min()
+            stats["is_weight/max"] = torch.where(m > 0, wb, float("-inf")).max()
+        else:
+            big = torch.finfo(dt).max
+            stats["is_weight/min"] = torch.where(m > 0, wb, big).min() if n_tok > 0 else wb.new_zeros(())
+            stats["is_weight/max"] = torch.where(m > 0, wb, -big).max() if n_tok > 0 else wb.new_zeros(())
         if opts.tis_mode == "truncate":
             per_tok = per_tok * torch.clamp(w, max=opts.tis_cap)
         elif opts.tis_mode == "mask":
@@ -101,10 +119,12 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, opts: LossOptions, ent
             per_tok = per_tok - opts.entropy_coef * entropy.to(dt)
         stats["entropy"] = (entropy.detach().to(dt) * m).sum() / denom
 
-    B = logp.shape[0]
     lt = opts.loss_type
     if lt == "grpo":
-        loss = _row_mean(per_tok, m).sum() / B
+        if row_counts is not None:
+            loss = ((per_tok * m).sum(-1) / row_counts.to(dt).clamp_min(1.0)).sum() / B
+        else:
+            loss = _row_mean(per_tok, m).sum() / B
     elif lt == "bnpo":
         loss = (per_tok * m).sum() / denom
     elif lt == "dr_grpo":

@@ -1,0 +1,117 @@
+"""grpo_loss: the GRPO loss from hidden states (ops.fused_linear_grpo_loss), forward + backward.
+
+Peers: plain torch as TRL does it (logits -> log_softmax -> gather -> per-token loss) and Liger's
+LigerFusedLinearGRPOLoss when importable. Floor: 6·N·H·V FLOPs at the measured matmul rate.
+A second case times the per-token part alone (ops.grpo_loss on [B, T] log-probs, bandwidth-bound).
+"""
+import torch
+
+from r1fast import backends, ops
+from r1fast.bench.harness import Case, Impl, Skip, suite
+
+OPTS = dict(loss_type="dapo", beta=0.04, epsilon=0.2, epsilon_high=0.28)
+
+
+def _inputs(b, t, h, v, dtype, device):
+    g = torch.Generator(device="cpu").manual_seed(0)
+    hidden = (torch.randn(b, t, h, generator=g) / h ** 0.25).to(device=device, dtype=dtype).requires_grad_()
+    weight = (torch.randn(v, h, generator=g) / h ** 0.25).to(device=device, dtype=dtype).requires_grad_()
+    targets = torch.randint(0, v, (b, t), generator=g).to(device)
+    lens = torch.randint(t // 2, t + 1, (b,), generator=g)
+    mask = (torch.arange(t)[None, :] < lens[:, None]).to(device=device, dtype=torch.float32)
+    adv = torch.randn(b, generator=g).to(device)
+    with torch.no_grad():
+        logp = ops.grouped_logprob(hidden, weight, targets, check_targets=False)
+    old = (logp + 0.05 * torch.randn(b, t, device=device)).float()
+    ref = (logp + 0.05 * torch.randn(b, t, device=device)).float()
+    return hidden, weight, targets, mask, adv, old, ref
+
+
+def _r1fast(backend, shape, dtype, device):
+    def setup():
+        if backend not in backends.available("grouped_logprob", device) or (
+                backend == "triton" and device.type != "cuda"):
+            raise Skip(f"backend {backend} is not a fast path on {device.type}")
+        hidden, weight, targets, mask, adv, old, ref = _inputs(*shape, dtype, device)
+
+        def run():
+            hidden.grad = weight.grad = None
+            loss, _ = ops.fused_linear_grpo_loss(hidden, weight, targets, mask, adv, old_logp=old, ref_logp=ref,
+                                                 backend=backend, **OPTS)
+            loss.backward()
+        return run
+    return setup
+
+
+def _torch_trl(shape, dtype, device):
+    def setup():
+        hidden, weight, targets, mask, adv, old, ref = _inputs(*shape, dtype, device)
+
+        def run():
+            hidden.grad = weight.grad = None
+            logits = (hidden @ weight.T).float()
+            logp = torch.log_softmax(logits, -1).gather(-1, targets[..., None]).squeeze(-1)
+            loss, _ = ops.grpo_loss(logp, old, ref, adv, mask, backend="torch", **OPTS)
+            loss.backward()
+        return run
+    return setup
+
+
+def _liger(shape, dtype, device):
+    def setup():
+        from liger_kernel.chunked_loss.grpo_loss import LigerFusedLinearGRPOLoss
+
+        hidden, weight, targets, mask, adv, old, ref = _inputs(*shape, dtype, device)
+        # compiled=False: torch.compile only wraps Liger's small loss math (the matmuls dominate) and
+        # its warm-up would eat a short GPU window.
+        fn = LigerFusedLinearGRPOLoss(beta=OPTS["beta"], compiled=False, chunk_size=1,
+                                      epsilon_low=0.2, epsilon_high=0.28, loss_type="dapo")
+
+        def run():
+            hidden.grad = weight.grad = None
+            loss, _ = fn(hidden, weight, targets, mask.long(), adv, ref_per_token_logps=ref, old_per_token_logps=old)
+            loss.backward()
+        return run
+    return setup
+
+
+def _per_token(b, t, device):
+    def setup():
+        g = torch.Generator(device="cpu").manual_seed(1)
+        logp = (-torch.rand(b, t, generator=g)).to(device).requires_grad_()
+        old = logp.detach() + 0.05 * torch.randn(b, t, generator=g).to(device)
+        ref = logp.detach() + 0.05 * torch.randn(b, t, generator=g).to(device)
+        mask = torch.ones(b, t, device=device)
+        adv = torch.randn(b, generator=g).to(device)
+
+        def run():
+            logp.grad = None
+            loss, _ = ops.grpo_loss(logp, old, ref, adv, mask, **OPTS)
+            loss.backward()
+        return run
+    return setup
+
+
+@suite("grpo_loss")
+def cases(size, device):
+    """GRPO loss from hidden states, fwd+bwd, vs plain torch (TRL) and Liger's chunked GRPO loss."""
+    if size == "gpu":
+        b, t, h, v, dtype = 16, 1024, 4096, 151936, torch.bfloat16
+        pb, pt = 256, 4096
+    else:
+        b, t, h, v, dtype = 4, 32, 64, 1000, torch.float32
+        pb, pt = 64, 256
+    es = torch.finfo(dtype).bits // 8
+    n = b * t
+    shape = (b, t, h, v)
+    impls = [Impl("r1fast", bk, _r1fast(bk, shape, dtype, device))
+             for bk in (("triton", "torch") if device.type == "cuda" else ("torch",))]
+    impls += [Impl("torch", "logits+log_softmax", _torch_trl(shape, dtype, device)),
+              Impl("liger", "chunked", _liger(shape, dtype, device), requires=("liger_kernel",))]
+    return [
+        Case(f"B={b} T={t} H={h} V={v} dapo beta=0.04", "fwd_bwd", str(dtype).removeprefix("torch."), impls,
+             flops=6 * n * h * v, bytes=2 * (n * h + v * h) * es, items=n, item_name="tokens"),
+        Case(f"per-token loss B={pb} T={pt}", "fwd_bwd", "float32",
+             [Impl("r1fast", "torch", _per_token(pb, pt, device))],
+             bytes=4 * pb * pt * 4 * 2, items=pb * pt, item_name="tokens"),
+    ]

@@ -1,0 +1,98 @@
+"""logprob: log-probs of target tokens from hidden states x lm_head (ops.grouped_logprob), fwd and fwd+bwd.
+
+Peers: plain torch as TRL does it (logits -> log_softmax -> gather, materialising [N, V]) and
+Liger-Kernel's chunked selective log-prob when importable. Floor: 2·N·H·V FLOPs forward,
+6·N·H·V forward+backward at the measured matmul rate. The GPU size sweeps N to show r1fast's
+peak memory flat in N while the peers' grows with N·V.
+"""
+import torch
+
+from r1fast import backends, ops
+from r1fast.bench.harness import Case, Impl, Skip, suite
+
+
+def _inputs(n, h, v, dtype, device, grad):
+    g = torch.Generator(device="cpu").manual_seed(0)
+    hidden = (torch.randn(n, h, generator=g) / h ** 0.25).to(device=device, dtype=dtype).requires_grad_(grad)
+    weight = (torch.randn(v, h, generator=g) / h ** 0.25).to(device=device, dtype=dtype).requires_grad_(grad)
+    targets = torch.randint(0, v, (n,), generator=g).to(device)
+    return hidden, weight, targets
+
+
+def _timed(fn_logp, n, h, v, dtype, device, mode):
+    """A setup whose timed callable runs fn_logp forward (no grad) or forward + backward."""
+    def setup():
+        hidden, weight, targets = _inputs(n, h, v, dtype, device, grad=mode == "fwd_bwd")
+        if mode == "fwd":
+            def run():
+                with torch.no_grad():
+                    return fn_logp(hidden, weight, targets)
+            return run
+        upstream = torch.randn(n, device=device)
+
+        def run():
+            hidden.grad = weight.grad = None
+            (fn_logp(hidden, weight, targets) * upstream).sum().backward()
+        return run
+    return setup
+
+
+def _r1fast(backend, device):
+    def fn(hidden, weight, targets):
+        return ops.grouped_logprob(hidden, weight, targets, backend=backend, check_targets=False)
+
+    def check():
+        if backend not in backends.available("grouped_logprob", device) or (
+                backend == "triton" and device.type != "cuda"):
+            raise Skip(f"backend {backend} is not a fast path on {device.type}")
+    return fn, check
+
+
+def _torch_trl(hidden, weight, targets):
+    logits = (hidden @ weight.T).float()
+    return torch.log_softmax(logits, -1).gather(-1, targets[:, None]).squeeze(-1)
+
+
+def _liger(hidden, weight, targets):
+    from liger_kernel.chunked_loss.fused_linear_ppo import _ChunkedSelectiveLogProbFunction
+
+    return _ChunkedSelectiveLogProbFunction.apply(hidden, weight, targets, None, 1.0, 4096)
+
+
+def _impls(n, h, v, dtype, device, mode, peers=True):
+    out = []
+    for b in (("triton", "torch") if device.type == "cuda" else ("torch",)):
+        fn, check = _r1fast(b, device)
+
+        def setup(fn=fn, check=check):
+            check()
+            return _timed(fn, n, h, v, dtype, device, mode)()
+        out.append(Impl("r1fast", b, setup))
+    if peers:
+        out.append(Impl("torch", "logits+log_softmax", _timed(_torch_trl, n, h, v, dtype, device, mode)))
+        out.append(Impl("liger", "chunked", _timed(_liger, n, h, v, dtype, device, mode), requires=("liger_kernel",)))
+    return out
+
+
+@suite("logprob")
+def cases(size, device):
+    """Fused log-prob of target tokens (hidden x lm_head, never the logits) vs torch and Liger."""
+    if size == "gpu":
+        h, v, dtype, sizes = 4096, 151936, torch.bfloat16, [16384]
+        sweep = [2048, 4096, 8192]
+    else:
+        h, v, dtype, sizes = 64, 1000, torch.float32, [256]
+        sweep = [128, 512]
+    dname = str(dtype).removeprefix("torch.")
+    es = torch.finfo(dtype).bits // 8
+    out = []
+    for n in sizes + sweep:
+        main = n in sizes
+        for mode, k in (("fwd", 2), ("fwd_bwd", 6)):
+            if not main and mode == "fwd":
+                continue
+            nbytes = (n * h + v * h) * es * (1 if mode == "fwd" else 2)  # read hidden + weight (+ write grads)
+            out.append(Case(f"N={n} H={h} V={v}" + ("" if main else " (memory sweep)"), mode, dname,
+                            _impls(n, h, v, dtype, device, mode, peers=main or n <= 4096),
+                            flops=k * n * h * v, bytes=nbytes, items=n, item_name="tokens"))
+    return out

@@ -1,0 +1,265 @@
+"""Triton per-token GRPO loss: loss, d loss / d logp, d loss / d entropy and the statistics in one launch.
+
+One program per completion (row). Pass 1 over the row's tokens gathers the row sums the
+objective needs (active-token count, Σ m·log_ratio for sequence-level ratios, Σ m·(old − sampler)
+for sequence-level truncated IS). Pass 2 computes every token's loss and its local gradient and
+the row's statistic sums; pass 3 (sequence-level ratios only) adds the gradient that flows through
+the row-mean log-ratio to every active token. The forward therefore writes the gradients as well
+(as Liger does): the autograd wrapper's backward only scales them by the incoming gradient.
+Per-row partial sums are reduced in torch afterwards, so the result is deterministic.
+Formulas: LOSS_SPEC.md; the torch twin is r1fast.reference.loss.grpo_loss.
+"""
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOSS_TYPE_IDS = {"grpo": 0, "bnpo": 1, "dr_grpo": 2, "dapo": 3, "cispo": 4}
+KL_IDS = {"k1": 1, "k2": 2, "k3": 3}
+TIS_IDS = {None: 0, "truncate": 1, "mask": 2}
+# Per-row statistic sums, columns of the [B, N_STATS] output.
+STATS = ("count", "kl", "entropy", "low", "high", "region", "w_sum", "w_min", "w_max", "masked")
+N_STATS = 16  # padded to a power of two
+
+
+@triton.jit
+def _grpo_loss_kernel(logp_ptr, old_ptr, ref_ptr, smp_ptr, ent_ptr, mask_ptr, adv_ptr, denom_ptr, row_cnt_ptr,
+                      row_loss_ptr, g_logp_ptr, g_ent_ptr, stats_ptr,
+                      T, n_rows, epsilon, eps_high, delta, beta, tis_cap, entropy_coef, max_len,
+                      LOSS_TYPE: tl.constexpr, SEQ_LEVEL: tl.constexpr, HAS_DELTA: tl.constexpr,
+                      KL: tl.constexpr, USE_KL: tl.constexpr, TIS: tl.constexpr, TIS_SEQ: tl.constexpr,
+                      HAS_SMP: tl.constexpr, HAS_ENT: tl.constexpr, BLOCK_T: tl.constexpr, N_STATS: tl.constexpr,
+                      HAS_ROW_CNT: tl.constexpr):
+    row = tl.program_id(0)
+    base = row.to(tl.int64) * T
+    adv = tl.load(adv_ptr + row)
+    # sign flags as floats: the interpreter rejects `&` between a scalar and a block comparison
+    a_pos = tl.where(adv > 0.0, 1.0, 0.0)
+    a_neg = tl.where(adv < 0.0, 1.0, 0.0)
+
+    # pass 1: row sums
+    cnt = 0.0
+    sum_lr = 0.0
+    sum_is = 0.0
+    for t0 in range(0, T, BLOCK_T):
+        offs = t0 + tl.arange(0, BLOCK_T)
+        ok = offs < T
+        m = tl.load(mask_ptr + base + offs, mask=ok, other=0.0)
+        act = m > 0
+        lp = tl.where(act, tl.load(logp_ptr + base + offs, mask=ok, other=0.0), 0.0)
+        old = tl.where(act, tl.load(old_ptr + base + offs, mask=ok, other=0.0), 0.0)
+        cnt += tl.sum(m, 0)
+        sum_lr += tl.sum(m * (lp - old), 0)
+        if HAS_SMP:
+            smp = tl.where(act, tl.load(smp_ptr + base + offs, mask=ok, other=0.0), 0.0)
+            sum_is += tl.sum(m * (old - smp), 0)
+    cnt_c = tl.maximum(cnt, 1.0)
+
+    # the row's weight in the aggregated loss
+    if LOSS_TYPE == 0:
+        if HAS_ROW_CNT:  # this slice holds part of the row: weight by the full row's token count
+            coef = 1.0 / (tl.maximum(tl.load(row_cnt_ptr + row), 1.0) * n_rows)
+        else:
+            coef = 1.0 / (cnt_c * n_rows)
+    elif LOSS_TYPE == 2:
+        coef = 1.0 / (n_rows * max_len)
+    else:
+        coef = 1.0 / tl.load(denom_ptr)
+
+    seq_c1 = tl.exp(sum_lr / cnt_c)
+    seq_w = tl.exp(sum_is)
+
+    # pass 2: per-token loss, local gradients and statistic sums
+    loss_sum = 0.0
+    g_lw_sum = 0.0
+    s_kl = 0.0
+    s_ent = 0.0
+    s_low = 0.0
+    s_high = 0.0
+    s_reg = 0.0
+    s_w = 0.0
+    s_masked = 0.0
+    w_min = float("inf")
+    w_max = float("-inf")
+    for t0 in range(0, T, BLOCK_T):
+        offs = t0 + tl.arange(0, BLOCK_T)
+        ok = offs < T
+        m = tl.load(mask_ptr + base + offs, mask=ok, other=0.0)
+        act = m > 0
+        lp = tl.where(act, tl.load(logp_ptr + base + offs, mask=ok, other=0.0), 0.0)
+        old = tl.where(act, tl.load(old_ptr + base + offs, mask=ok, other=0.0), 0.0)
+        if SEQ_LEVEL:
+            c1 = tl.zeros([BLOCK_T], dtype=tl.float32) + seq_c1
+        else:
+            c1 = tl.exp(lp - old)
+        if LOSS_TYPE == 4:  # cispo: -min(c1, eps_high).detach() * A * logp
+            wc = tl.minimum(c1, eps_high)
+            L = -wc * adv * lp
+            g_lp = -wc * adv
+            g_lw = tl.zeros([BLOCK_T], dtype=tl.float32)
+            low = tl.zeros([BLOCK_T], dtype=tl.float32)
+            high = tl.where(c1 > eps_high, a_pos, 0.0)
+        else:
+            c2 = tl.minimum(tl.maximum(c1, 1.0 - epsilon), 1.0 + eps_high)
+            if HAS_DELTA:
+                c1d = tl.minimum(c1, delta)
+                g1 = tl.where(c1 <= delta, -adv * c1, 0.0)
+            else:
+                c1d = c1
+                g1 = -adv * c1
+            g2 = tl.where(c1 >= 1.0 - epsilon, tl.where(c1 <= 1.0 + eps_high, -adv * c1, 0.0), 0.0)
+            t1 = c1d * adv
+            t2 = c2 * adv
+            L = -tl.minimum(t1, t2)
+            # torch.minimum splits the gradient evenly on ties; match it
+            g_lw = tl.where(t1 < t2, g1, tl.where(t1 > t2, g2, 0.5 * (g1 + g2)))
+            g_lp = tl.zeros([BLOCK_T], dtype=tl.float32)
+            low = tl.where(c1 < 1.0 - epsilon, a_neg, 0.0)
+            high = tl.where(c1 > 1.0 + eps_high, a_pos, 0.0)
+        if HAS_SMP:
+            smp = tl.where(act, tl.load(smp_ptr + base + offs, mask=ok, other=0.0), 0.0)
+            if TIS_SEQ:
+                w = tl.zeros([BLOCK_T], dtype=tl.float32) + seq_w
+            else:
+                w = tl.exp(old - smp)
+            if TIS == 1:
+                f = tl.minimum(w, tis_cap)
+            elif TIS == 2:
+                f = tl.where(w >= 1.0 / tis_cap, tl.where(w <= tis_cap, 1.0, 0.0), 0.0)
+            else:
+                f = tl.zeros([BLOCK_T], dtype=tl.float32) + 1.0
+            L = L * f
+            g_lp = g_lp * f
+            g_lw = g_lw * f
+            s_w += tl.sum(m * w, 0)
+            w_min = tl.minimum(w_min, tl.min(tl.where(act, w, float("inf")), 0))
+            w_max = tl.maximum(w_max, tl.max(tl.where(act, w, float("-inf")), 0))
+            s_masked += tl.sum(m * (1.0 - f), 0)
+        if KL != 0:
+            ref = tl.where(act, tl.load(ref_ptr + base + offs, mask=ok, other=0.0), 0.0)
+            x = lp - ref
+            if KL == 1:
+                kl = x
+                g_kl = tl.zeros([BLOCK_T], dtype=tl.float32) + 1.0
+            elif KL == 2:
+                kl = 0.5 * x * x
+                g_kl = x
+            else:
+                e = tl.exp(-x)
+                kl = e + x - 1.0
+                g_kl = 1.0 - e
+            if USE_KL:
+                L += beta * kl
+                g_lp += beta * g_kl
+            s_kl += tl.sum(m * kl, 0)
+        if HAS_ENT:
+            ent = tl.where(act, tl.load(ent_ptr + base + offs, mask=ok, other=0.0), 0.0)
+            L -= entropy_coef * ent
+            s_ent += tl.sum(m * ent, 0)
+            tl.store(g_ent_ptr + base + offs, -entropy_coef * coef * m, mask=ok)
+        loss_sum += tl.sum(m * L, 0)
+        if SEQ_LEVEL:
+            g_lw_sum += tl.sum(m * g_lw, 0)
+            g_tok = g_lp
+        else:
+            g_tok = g_lp + g_lw
+        tl.store(g_logp_ptr + base + offs, coef * m * g_tok, mask=ok)
+        s_low += tl.sum(m * low, 0)
+        s_high += tl.sum(m * high, 0)
+        s_reg += tl.sum(m * tl.maximum(low, high), 0)
+
+    # pass 3: the row-mean log-ratio spreads its gradient evenly over the row's active tokens
+    if SEQ_LEVEL:
+        extra = coef * g_lw_sum / cnt_c
+        for t0 in range(0, T, BLOCK_T):
+            offs = t0 + tl.arange(0, BLOCK_T)
+            ok = offs < T
+            m = tl.load(mask_ptr + base + offs, mask=ok, other=0.0)
+            g = tl.load(g_logp_ptr + base + offs, mask=ok, other=0.0)
+            tl.store(g_logp_ptr + base + offs, g + extra * m, mask=ok)
+
+    tl.store(row_loss_ptr + row, coef * loss_sum)
+    idx = tl.arange(0, N_STATS)
+    vals = tl.where(idx == 0, cnt, 0.0)
+    vals = tl.where(idx == 1, s_kl, vals)
+    vals = tl.where(idx == 2, s_ent, vals)
+    vals = tl.where(idx == 3, s_low, vals)
+    vals = tl.where(idx == 4, s_high, vals)
+    vals = tl.where(idx == 5, s_reg, vals)
+    vals = tl.where(idx == 6, s_w, vals)
+    vals = tl.where(idx == 7, w_min, vals)
+    vals = tl.where(idx == 8, w_max, vals)
+    vals = tl.where(idx == 9, s_masked, vals)
+    tl.store(stats_ptr + row * N_STATS + idx, vals)
+
+
+def _poisoned(t):
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        t.fill_(float("nan"))
+    return t
+
+
+def grpo_loss_fwd(logp, old, ref, smp, ent, mask, adv, opts, totals=None):
+    """(row_loss [B], grad_logp [B, T], grad_entropy [B, T] or None, row_stats [B, N_STATS]), fp32.
+
+    `old` may be None (ratio 1: logp stands in); ref/smp/ent None when absent. `totals=(rows,
+    tokens[, row_counts])`: these B rows are a slice of a batch with that many rows and active
+    tokens, whose normalisers the aggregation uses (the fused single pass evaluates the loss chunk
+    by chunk); `row_counts` [B] are the full rows' token counts when the slice cuts rows.
+    """
+    b, t = logp.shape
+    dev = logp.device
+    f32 = lambda x: None if x is None else x.to(torch.float32).contiguous()  # noqa: E731
+    logp_, old_, ref_, smp_, ent_ = f32(logp), f32(old), f32(ref), f32(smp), f32(ent)
+    mask_ = mask.to(torch.float32).contiguous()
+    old_ = logp_ if old_ is None else old_
+    if opts.num_items is not None and opts.loss_type in ("dapo", "cispo"):
+        denom = torch.tensor([float(opts.num_items)], device=dev)
+    elif totals is not None:
+        denom = torch.tensor([max(float(totals[1]), 1.0)], device=dev)
+    else:
+        denom = mask_.sum().clamp_min(1.0).reshape(1)
+    n_rows = b if totals is None else int(totals[0])
+    row_cnt = totals[2].to(torch.float32).contiguous() if totals is not None and len(totals) > 2 else None
+    row_loss = _poisoned(torch.empty(b, dtype=torch.float32, device=dev))
+    g_logp = _poisoned(torch.empty(b, t, dtype=torch.float32, device=dev))
+    g_ent = _poisoned(torch.empty(b, t, dtype=torch.float32, device=dev)) if ent is not None else None
+    stats = _poisoned(torch.empty(b, N_STATS, dtype=torch.float32, device=dev))
+    block_t = min(1024 if dev.type == "cuda" else 32, triton.next_power_of_2(max(t, 1)))
+    kl_id = KL_IDS[opts.kl_estimator] if ref is not None else 0
+    _grpo_loss_kernel[(b,)](
+        logp_, old_, ref_ if ref_ is not None else logp_, smp_ if smp_ is not None else logp_,
+        ent_ if ent_ is not None else logp_, mask_, adv.to(torch.float32).contiguous(), denom,
+        row_cnt if row_cnt is not None else denom,
+        row_loss, g_logp, g_ent if g_ent is not None else g_logp, stats,
+        t, n_rows, float(opts.epsilon), float(opts.eps_high), float(opts.delta or 0.0), float(opts.beta),
+        float(opts.tis_cap), float(opts.entropy_coef), float(opts.max_completion_length or 1),
+        LOSS_TYPE=LOSS_TYPE_IDS[opts.loss_type], SEQ_LEVEL=opts.importance_sampling_level == "sequence",
+        HAS_DELTA=opts.delta is not None and opts.loss_type != "cispo", KL=kl_id, USE_KL=opts.beta != 0.0,
+        TIS=TIS_IDS[opts.tis_mode], TIS_SEQ=opts.tis_level == "sequence", HAS_SMP=smp is not None,
+        HAS_ENT=ent is not None, BLOCK_T=block_t, N_STATS=N_STATS, HAS_ROW_CNT=row_cnt is not None,
+        num_warps=4 if dev.type == "cuda" else 1)
+    return row_loss, g_logp, g_ent, stats
+
+
+def stats_from_rows(rows, has_ref: bool, has_ent: bool, has_smp: bool, tis_mode):
+    """The op's statistics dict from the kernel's per-row sums [B, N_STATS] (whole batch)."""
+    col = {name: i for i, name in enumerate(STATS)}
+    tot = rows.sum(0)
+    n_tok = tot[col["count"]]
+    denom = n_tok.clamp_min(1.0)
+    stats = {"clip_ratio/low_mean": tot[col["low"]] / denom, "clip_ratio/high_mean": tot[col["high"]] / denom,
+             "clip_ratio/region_mean": tot[col["region"]] / denom, "num_tokens": n_tok}
+    if has_ref:
+        stats["kl"] = tot[col["kl"]] / denom
+    if has_ent:
+        stats["entropy"] = tot[col["entropy"]] / denom
+    if has_smp:
+        has = n_tok > 0
+        stats["is_weight/mean"] = tot[col["w_sum"]] / denom
+        stats["is_weight/min"] = torch.where(has, rows[:, col["w_min"]].min(), 0.0)
+        stats["is_weight/max"] = torch.where(has, rows[:, col["w_max"]].max(), 0.0)
+        if tis_mode == "mask":
+            stats["is_weight/masked_frac"] = tot[col["masked"]] / denom
+    return stats

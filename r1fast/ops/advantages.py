@@ -1,0 +1,66 @@
+"""ops.group_advantages and ops.kl_penalty (LOSS_SPEC.md: Advantages, kl).
+
+Both are O(B) / O(B*T) elementwise work: the torch code is the fast path on every device (a kernel
+would only save a launch or two); the reference twin lives in r1fast.reference.loss.
+"""
+from __future__ import annotations
+
+import torch
+
+from r1fast import backends
+from r1fast.reference import loss as reference
+
+ESTIMATORS = ("grpo", "rloo")
+SCALES = ("group", "batch", "none")
+
+
+@backends.register("group_advantages", "reference")
+def _advantages_reference(rewards, group_size, estimator, scale_rewards, eps):
+    return reference.group_advantages(rewards.double(), group_size, estimator, scale_rewards, eps)
+
+
+@backends.register("group_advantages", "torch")
+def _advantages_torch(rewards, group_size, estimator, scale_rewards, eps):
+    return reference.group_advantages(rewards.float(), group_size, estimator, scale_rewards, eps).float()
+
+
+def group_advantages(rewards, group_size, *, estimator="grpo", scale_rewards="group", eps=1e-4, backend=None):
+    """Advantages [B] fp32 for rewards [B] laid out as B/G consecutive groups of G completions of one prompt."""
+    if not isinstance(rewards, torch.Tensor):
+        raise TypeError(f"group_advantages: rewards must be a torch.Tensor, got {type(rewards).__name__}")
+    if rewards.dim() != 1:
+        raise ValueError(f"group_advantages: rewards must be 1-D [B], got shape {tuple(rewards.shape)}")
+    if not rewards.is_floating_point():
+        raise TypeError(f"group_advantages: rewards must be a float tensor, got {rewards.dtype}")
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 2:
+        raise ValueError(f"group_advantages: group_size must be an int >= 2 (a group needs a baseline), got {group_size!r}")
+    if rewards.numel() % group_size:
+        raise ValueError(f"group_advantages: batch size {rewards.numel()} is not divisible by group_size {group_size}")
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"group_advantages: estimator must be one of {ESTIMATORS}, got {estimator!r}")
+    if scale_rewards not in SCALES:
+        raise ValueError(f"group_advantages: scale_rewards must be one of {SCALES}, got {scale_rewards!r}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+        raise ValueError(f"group_advantages: eps must be a number >= 0, got {eps!r}")
+    if not bool(torch.isfinite(rewards).all()):
+        bad = (~torch.isfinite(rewards)).nonzero().flatten().tolist()[:8]
+        raise ValueError(f"group_advantages: rewards contain NaN/inf at rows {bad} (a row with no reward should "
+                         f"be given reward 0 by the caller)")
+    _, fn = backends.resolve("group_advantages", rewards.device, backend)
+    return fn(rewards, group_size, estimator, scale_rewards, eps).float()
+
+
+KL_KINDS = ("k1", "k2", "k3")
+
+
+def kl_penalty(logp, ref_logp, kind="k3"):
+    """Per-token KL estimate of KL(pi || pi_ref) from log-probs: k1 = logp - ref, k2 = ½(logp - ref)², k3 (default)."""
+    for name, t in (("logp", logp), ("ref_logp", ref_logp)):
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            raise TypeError(f"kl_penalty: {name} must be a float tensor")
+    if logp.shape != ref_logp.shape:
+        raise ValueError(f"kl_penalty: logp shape {tuple(logp.shape)} != ref_logp shape {tuple(ref_logp.shape)}")
+    if kind not in KL_KINDS:
+        raise ValueError(f"kl_penalty: kind must be one of {KL_KINDS}, got {kind!r}")
+    dt = torch.promote_types(torch.promote_types(logp.dtype, ref_logp.dtype), torch.float32)
+    return reference.kl_penalty(logp.to(dt), ref_logp.to(dt), kind)

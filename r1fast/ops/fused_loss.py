@@ -1,0 +1,303 @@
+"""ops.fused_linear_grpo_loss: the GRPO loss straight from the last hidden states and the lm_head weight.
+
+Never builds [tokens, V] logits. Two ways to get there, both from the active (mask=1) tokens only:
+
+- single pass (torch and triton backends, the default): the active tokens are cut into chunks of
+  at most `chunk` tokens. For each chunk the [chunk, V] fp32 logits are formed once, reduced to
+  log-prob and entropy, the per-token loss of those tokens is evaluated with the whole batch's
+  normalisers (LOSS_SPEC's aggregation only needs global counts and each row's token count, all
+  known up front) and differentiated, and the same logits tile becomes d loss / d logits, which
+  two matmuls turn into grad_hidden and grad_weight (fp32 accumulation). 6·N·H·V FLOPs, the
+  matmul floor; the gradients are computed in the forward (as Liger does) and scaled in the
+  backward. With token-level ratios a chunk may cut a completion; sequence-level ratios (GSPO) or
+  sequence-level truncated IS need a whole completion's log-probs, so chunks hold whole rows.
+- two pass (reference backend, or a sequence-level completion longer than one chunk):
+  ops.grouped_logprob then ops.grpo_loss; grouped_logprob's backward recomputes the logits
+  (8·N·H·V FLOPs).
+"""
+from __future__ import annotations
+
+import bisect
+
+import torch
+
+from r1fast import backends
+from r1fast.ops.logprob import (accumulate_weight_grad, engine_for, float64_backend, grouped_logprob,
+                                validate as validate_logprob)
+from r1fast.ops.loss import _options, _validate_loss_inputs, grpo_loss
+from r1fast.ops.loss_options import LossOptions
+from r1fast.reference import loss as reference
+
+OP = "fused_linear_grpo_loss"
+# Single-pass budget for one chunk's vocabulary-wide buffers (fp32 logits + d logits in the input
+# dtype on the GPU; the torch engine also keeps a softmax temporary). A whole completion must fit:
+# at V = 151936 the GPU budget holds ~1,600 tokens.
+_SINGLE_PASS_BYTES = {"cuda": 3 << 29, "cpu": 64 << 20}
+_BYTES_PER_LOGIT = {"cuda": 6, "cpu": 16}
+
+
+def single_pass_chunk(vocab: int, device: torch.device) -> int:
+    budget = _SINGLE_PASS_BYTES.get(device.type, 64 << 20)
+    return max(1, budget // (_BYTES_PER_LOGIT.get(device.type, 16) * vocab))
+
+
+def _packed_positions(cu_seqlens, n):
+    """(row, position) of every packed token, the longest sequence and the sequence count, from cu_seqlens."""
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{OP}: cu_seqlens must be an int32/int64 tensor")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(f"{OP}: cu_seqlens must be [S+1] with S >= 1, got shape {tuple(cu_seqlens.shape)}")
+    cu = cu_seqlens.long()
+    lens = cu[1:] - cu[:-1]
+    if int(cu[0]) != 0 or int(cu[-1]) != n or bool((lens < 0).any()):
+        raise ValueError(f"{OP}: cu_seqlens must start at 0, be non-decreasing and end at the token count {n}, "
+                         f"got {cu.tolist()[:8]}{'...' if cu.numel() > 8 else ''}")
+    tok = torch.arange(n, device=cu.device)
+    row = torch.searchsorted(cu[1:], tok, right=True)
+    return row, tok - cu[row], max(int(lens.max()), 1), lens.numel()
+
+
+class _Layout:
+    """Where each active token sits: flat index, (row, position) in the [rows, T] per-token layout."""
+
+    def __init__(self, targets, mask, cu_seqlens):
+        n = targets.numel()
+        if cu_seqlens is not None:
+            if targets.dim() != 1:
+                raise ValueError(f"{OP}: with cu_seqlens, hidden must be [N, H] and targets [N], got targets "
+                                 f"{tuple(targets.shape)}")
+            row, pos, t_max, rows = _packed_positions(cu_seqlens, n)
+            self.shape2d = (rows, t_max)
+        else:
+            if targets.dim() != 2:
+                raise ValueError(f"{OP}: the padded layout needs hidden [B, T, H] and targets [B, T], got targets "
+                                 f"{tuple(targets.shape)} (pass cu_seqlens for a packed [N, H] layout)")
+            self.shape2d = tuple(targets.shape)
+            flat = torch.arange(n, device=targets.device)
+            row, pos = flat // self.shape2d[1], flat % self.shape2d[1]
+        self.packed = cu_seqlens is not None
+        active = mask.reshape(-1).bool()
+        self.all_active = bool(active.all())
+        self.idx = None if self.all_active else active.nonzero().squeeze(-1)
+        self.row = row if self.all_active else row[self.idx]
+        self.pos = pos if self.all_active else pos[self.idx]
+        self.row_counts = torch.bincount(self.row, minlength=self.shape2d[0])
+
+    def active(self, flat):
+        return flat if self.all_active else flat[self.idx]
+
+    def to2d(self, x, active_only=False):
+        """flat-layout tensor (or active-token values) -> [rows, T], zero where no active token sits."""
+        if x is None:
+            return None
+        x = x.reshape(-1)
+        if not active_only:
+            if not self.packed and self.all_active:
+                return x.reshape(self.shape2d)
+            x = self.active(x)
+        return x.new_zeros(self.shape2d).index_put((self.row, self.pos), x)
+
+
+def plan_chunks(row_counts, budget: int, split_rows: bool):
+    """Token ranges [(start, end)] over the active tokens (rows one after another), each <= budget.
+
+    With `split_rows` (token-level ratios: every token's loss needs only its own row's token count,
+    known up front) a range may cut a completion, so any length fits the single pass. Otherwise
+    ranges hold whole completions, and None means one completion alone exceeds the budget.
+    """
+    counts = row_counts.tolist()
+    total = sum(counts)
+    if split_rows:
+        return [(s, min(s + budget, total)) for s in range(0, total, budget)]
+    if max(counts, default=0) > budget:
+        return None
+    chunks, start, used = [], 0, 0
+    for c in counts:
+        if used + c > budget and used > 0:
+            chunks.append((start, start + used))
+            start, used = start + used, 0
+        used += c
+    if used:
+        chunks.append((start, start + used))
+    return chunks
+
+
+_MINMAX = {"is_weight/min": torch.minimum, "is_weight/max": torch.maximum}
+
+
+class _SinglePass(torch.autograd.Function):
+    """Loss forward that also forms grad_hidden / grad_weight; backward scales them by d out / d loss."""
+
+    @staticmethod
+    def forward(ctx, h_act, weight, run):
+        loss, grad_h, grad_w, stats = run(h_act, weight)
+        ctx.save_for_backward(grad_h, grad_w)
+        run.stats = stats
+        return loss
+
+    @staticmethod
+    def backward(ctx, g):
+        grad_h, grad_w = ctx.saved_tensors
+        # A python float keeps the scale exact for bf16 gradients (a bf16-rounded scale would bias
+        # every gradient by up to 0.4%); the one sync this costs is per backward, not per chunk.
+        scale = float(g)
+        return (None if grad_h is None else grad_h * scale, None if grad_w is None else grad_w * scale, None)
+
+
+class _SinglePassRun:
+    def __init__(self, layout, t_act, chunks, per_token, opts, engine, need_h, need_w):
+        self.layout, self.t_act, self.chunks, self.per_token = layout, t_act, chunks, per_token
+        self.opts, self.engine, self.need_h, self.need_w = opts, engine, need_h, need_w
+        self.stats = None
+        # The triton engine also evaluates the per-token loss with the Triton kernel (fp32), whose
+        # per-row statistic sums are collected here; the torch engine (and fp64) uses the torch twin.
+        self.kernel_rows = [] if engine is engine_for("triton") and per_token[4].dtype == torch.float32 else None
+
+    def __call__(self, h, w):
+        lay, opts, eng = self.layout, self.opts, self.engine
+        inv_temp = 1.0 / opts.temperature
+        wide = torch.float64 if h.dtype == torch.float64 else torch.float32
+        old2, ref2, smp2, adv, mask2 = self.per_token
+        starts = [0] + lay.row_counts.cumsum(0).tolist()
+        row_counts = lay.row_counts.to(wide)
+        grad_h = torch.empty_like(h) if self.need_h else None
+        grad_w = torch.zeros(w.shape, dtype=wide, device=w.device) if self.need_w else None
+        loss = torch.zeros((), dtype=wide, device=h.device)
+        stats = {}
+        use_ent = opts.entropy_coef != 0.0
+        for s, e in self.chunks:
+            # the rows this token range touches (a row may continue into the next range)
+            r0, r1 = bisect.bisect_right(starts, s) - 1, bisect.bisect_right(starts, e - 1)
+            totals = (lay.shape2d[0], starts[-1], row_counts[r0:r1])
+            h_c, t_c = h[s:e], self.t_act[s:e]
+            z, lse, zt, ent = eng.forward_keep(h_c, w, t_c, inv_temp)
+            rr, pp = lay.row[s:e] - r0, lay.pos[s:e]
+            shape = (r1 - r0, lay.shape2d[1])
+            lp2 = torch.zeros(shape, dtype=wide, device=h.device).index_put((rr, pp), (zt - lse).to(wide))
+            en2 = torch.zeros(shape, dtype=wide, device=h.device).index_put((rr, pp), ent.to(wide))
+            m2 = torch.zeros(shape, dtype=wide, device=h.device).index_put((rr, pp), torch.ones_like(lse, dtype=wide))
+            lp2.requires_grad_()
+            en2.requires_grad_(use_ent)
+            sl = lambda x: None if x is None else x[r0:r1]  # noqa: E731
+            if self.kernel_rows is not None:  # Triton per-token kernel: loss, gradients, row stats at once
+                from r1fast.kernels import grpo_loss as loss_kernel
+
+                row_loss, g2, ge2, row_stats = loss_kernel.grpo_loss_fwd(
+                    lp2.detach(), sl(old2), sl(ref2), sl(smp2), en2.detach(), m2, adv[r0:r1], opts, totals=totals)
+                self.kernel_rows.append(row_stats)
+                loss = loss + row_loss.sum()
+                g_logp = g2[rr, pp]
+                g_ent = ge2[rr, pp] if use_ent else None
+            else:
+                with torch.enable_grad():
+                    loss_c, st = reference.grpo_loss(lp2, sl(old2), sl(ref2), adv[r0:r1], m2, opts,
+                                                     entropy=en2, sampler_logp=sl(smp2), totals=totals)
+                    grads = torch.autograd.grad(loss_c, [lp2, en2] if use_ent else [lp2])
+                g_logp = grads[0][rr, pp]
+                g_ent = grads[1][rr, pp] if use_ent else None
+                loss = loss + loss_c.detach()
+                for k, v in st.items():
+                    stats[k] = v if k not in stats else _MINMAX.get(k, torch.add)(stats[k], v)
+            if self.need_h or self.need_w:
+                dl = eng.dlogits(h_c, w, t_c, lse, ent, g_logp, g_ent, inv_temp, h.dtype, z=z)
+                del z
+                if self.need_h:
+                    torch.mm(dl, w, out=grad_h[s:e])
+                if self.need_w:
+                    accumulate_weight_grad(grad_w, dl, h_c)
+        totals = (lay.shape2d[0], starts[-1])
+        if self.kernel_rows:
+            from r1fast.kernels import grpo_loss as loss_kernel
+
+            stats = loss_kernel.stats_from_rows(torch.cat(self.kernel_rows), ref2 is not None, True,
+                                                smp2 is not None, opts.tis_mode)
+        if totals[1] == 0:
+            for k in _MINMAX:
+                if k in stats:
+                    stats[k] = torch.zeros_like(stats[k])
+        if not stats:  # no active token at all: the statistics of an empty batch
+            _, stats = reference.grpo_loss(mask2.to(wide), old2, ref2, adv, mask2, opts, sampler_logp=smp2,
+                                           entropy=mask2.to(wide))
+        return loss, grad_h, (grad_w.to(w.dtype) if grad_w is not None else None), stats
+
+
+def fused_linear_grpo_loss(hidden, weight, targets, mask, advantages, *, old_logp=None, ref_logp=None,
+                           sampler_logp=None, cu_seqlens=None, options: LossOptions | None = None,
+                           backend: str | None = None, chunk_size: int | None = None, single_pass: bool = True,
+                           **loss_options):
+    """GRPO loss straight from the last hidden states and the lm_head weight; never builds the logits.
+
+    Padded layout: hidden [B, T, H], targets / mask / old / ref / sampler [B, T], advantages [B].
+    Packed layout (cu_seqlens [S+1]): hidden [N, H], targets / mask / ... [N], advantages [S].
+    Returns (loss, stats) as ops.grpo_loss, with the mean `entropy` always in stats; gradients flow
+    to hidden and weight. `backend` picks the log-prob engine (reference | torch | triton);
+    `chunk_size` caps the tokens whose logits exist at once; `single_pass=False` forces the
+    grouped_logprob + grpo_loss composition.
+    """
+    opts = _options(options, loss_options)
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{OP}: mask must be a tensor")
+    validate_logprob(hidden, weight, targets, opts.temperature, op=OP, check_targets=False)
+    if mask.shape != targets.shape:
+        raise ValueError(f"{OP}: mask shape {tuple(mask.shape)} != targets shape {tuple(targets.shape)}")
+    for name, t in (("old_logp", old_logp), ("ref_logp", ref_logp), ("sampler_logp", sampler_logp)):
+        if t is not None and (not isinstance(t, torch.Tensor) or t.shape != targets.shape):
+            raise ValueError(f"{OP}: {name} must have the targets' shape {tuple(targets.shape)}")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"{OP}: chunk_size must be a positive int, got {chunk_size!r}")
+    lay = _Layout(targets, mask, cu_seqlens)
+    rows = lay.shape2d[0]
+    if not isinstance(advantages, torch.Tensor) or advantages.shape != (rows,):
+        raise ValueError(f"{OP}: advantages must be [{'S' if lay.packed else 'B'}={rows}], got "
+                         f"{tuple(advantages.shape) if isinstance(advantages, torch.Tensor) else advantages!r}")
+    t_act = lay.active(targets.reshape(-1))
+    if t_act.numel():
+        lo, hi = int(t_act.min()), int(t_act.max())
+        if lo < 0 or hi >= weight.shape[0]:
+            raise ValueError(f"{OP}: targets at active tokens must lie in [0, {weight.shape[0]}) (the vocabulary), "
+                             f"got min {lo}, max {hi}")
+    h_act = lay.active(hidden.reshape(-1, hidden.shape[-1]))
+    lb, _ = backends.resolve("grouped_logprob", hidden.device, float64_backend(backend, hidden.dtype))
+    if lb == "triton" and hidden.dtype == torch.float64:
+        raise ValueError(f"{OP}: the triton backend takes fp16/bf16/fp32 inputs, got float64 "
+                         f"(use backend='torch' or 'reference')")
+    chunk = chunk_size or single_pass_chunk(weight.shape[0], hidden.device)
+    # sequence-level sampler weights (even as a statistic only) need a whole row's tokens
+    split_rows = opts.importance_sampling_level == "token" and (sampler_logp is None or opts.tis_level == "token")
+    chunks = plan_chunks(lay.row_counts, max(chunk, 1), split_rows) if single_pass and lb in ("torch", "triton") \
+        else None
+
+    if chunks is None:  # two pass: grouped_logprob (recomputing backward) then grpo_loss
+        logp_act, ent_act = grouped_logprob(h_act, weight, t_act, temperature=opts.temperature,
+                                            return_entropy=True, backend=lb, chunk_size=chunk_size,
+                                            check_targets=False)
+        if not bool(torch.isfinite(logp_act).all() & torch.isfinite(ent_act).all()):
+            raise ValueError(f"{OP}: hidden/weight give non-finite log-probs (NaN/inf in hidden or weight?)")
+        if opts.entropy_coef == 0.0:
+            ent_act = ent_act.detach()  # statistic only: keep it out of the backward
+        return grpo_loss(lay.to2d(logp_act, active_only=True), lay.to2d(old_logp), lay.to2d(ref_logp), advantages,
+                         lay.to2d(mask.to(torch.float32)), entropy=lay.to2d(ent_act, active_only=True),
+                         sampler_logp=lay.to2d(sampler_logp), options=opts,
+                         backend=lb if lb in ("reference", "torch") else None)
+
+    wide = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    mask2 = lay.to2d(mask.to(wide))
+    old2, ref2, smp2 = lay.to2d(old_logp), lay.to2d(ref_logp), lay.to2d(sampler_logp)
+    _validate_loss_inputs(OP, torch.zeros_like(mask2), old2, ref2, advantages, mask2, smp2, None, opts)
+    active2 = mask2 > 0
+    clean = lambda x: None if x is None else torch.where(active2, x.to(wide), 0.0)  # noqa: E731
+    need = torch.is_grad_enabled()
+    run = _SinglePassRun(lay, t_act.contiguous(), chunks, (clean(old2), clean(ref2), clean(smp2), advantages.to(wide),
+                                                           mask2),
+                         opts, engine_for(lb), need and hidden.requires_grad, need and weight.requires_grad)
+    w = weight if weight.stride(-1) == 1 else weight.contiguous()
+    h = h_act if h_act.stride(-1) == 1 else h_act.contiguous()
+    if run.need_h or run.need_w:
+        loss = _SinglePass.apply(h, w, run)
+    else:
+        loss, _, _, run.stats = run(h.detach(), w.detach())
+    stats = run.stats
+    bad = [k for k in ("entropy",) if k in stats and not bool(torch.isfinite(stats[k]))]
+    if not bool(torch.isfinite(loss)) or bad:
+        raise ValueError(f"{OP}: hidden/weight give non-finite log-probs (NaN/inf in hidden or weight?)")
+    return loss, stats

@@ -1,0 +1,250 @@
+"""ops.grouped_logprob: log-probabilities (and entropies) of target tokens straight from hidden states.
+
+    z = hidden @ weight.T / temperature        (fp32 accumulation)
+    logp = z[target] - logsumexp(z)            entropy = logsumexp(z) - Σ softmax(z)·z
+
+Backends: `reference` materialises [N, V] logits (float64-capable, the oracle); `torch` walks token
+chunks so extra memory is chunk x V (the CPU path); `triton` keeps only O(N) state in the forward
+and a chunk x V gradient tile in the backward (kernels/logprob.py). torch and triton share one
+autograd.Function: the forward saves hidden, weight, targets, lse and entropy (no logits), the
+backward recomputes each chunk's logits, forms d loss / d logits and multiplies it into
+grad_hidden and grad_weight (fp32 accumulation across chunks, deterministic).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from r1fast import backends
+from r1fast.reference import loss as reference
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# Extra-memory budget for one chunk's [chunk, V] fp32 tile.
+_CHUNK_BYTES = {"cpu": 64 << 20, "cuda": 1 << 30}
+
+
+def float64_backend(backend, dtype):
+    """float64 inputs default to the torch backend (Triton's tl.dot has no fp64 path)."""
+    if backend is None and dtype == torch.float64 and not os.environ.get("R1FAST_BACKEND"):
+        return "torch"
+    return backend
+
+
+def default_chunk(n: int, v: int, device: torch.device) -> int:
+    budget = _CHUNK_BYTES.get(device.type, 64 << 20)
+    return max(1, min(n, budget // (4 * max(v, 1))))
+
+
+def validate(hidden, weight, targets, temperature, op="grouped_logprob", check_targets=True):
+    for name, t in (("hidden", hidden), ("weight", weight), ("targets", targets)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if hidden.dtype not in _FLOATS:
+        raise TypeError(f"{op}: hidden must be a float tensor (fp16/bf16/fp32/fp64), got {hidden.dtype}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"{op}: weight dtype {weight.dtype} != hidden dtype {hidden.dtype}")
+    if targets.dtype != torch.int64:
+        raise TypeError(f"{op}: targets must be int64 token ids, got {targets.dtype}")
+    if hidden.dim() < 1 or weight.dim() != 2:
+        raise ValueError(f"{op}: hidden must be [..., H] and weight [V, H], got {tuple(hidden.shape)}, "
+                         f"{tuple(weight.shape)}")
+    if hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(f"{op}: hidden size {hidden.shape[-1]} != weight's {weight.shape[1]} "
+                         f"(hidden {tuple(hidden.shape)}, weight {tuple(weight.shape)})")
+    if targets.shape != hidden.shape[:-1]:
+        raise ValueError(f"{op}: targets shape {tuple(targets.shape)} must equal hidden's leading shape "
+                         f"{tuple(hidden.shape[:-1])}")
+    if weight.shape[0] < 1:
+        raise ValueError(f"{op}: weight has an empty vocabulary")
+    if len({hidden.device, weight.device, targets.device}) != 1:
+        raise ValueError(f"{op}: hidden, weight, targets must be on one device, got "
+                         f"{hidden.device}, {weight.device}, {targets.device}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
+        raise ValueError(f"{op}: temperature must be a positive number, got {temperature!r}")
+    if check_targets and targets.numel():
+        lo, hi = int(targets.min()), int(targets.max())
+        if lo < 0 or hi >= weight.shape[0]:
+            raise ValueError(f"{op}: targets must lie in [0, {weight.shape[0]}) (the vocabulary), got min {lo}, max {hi}")
+
+
+# --- the two chunked engines: forward (lse, target logit, entropy) and d loss / d logits per chunk ----------
+
+class _TorchEngine:
+    @staticmethod
+    def _logits(h, w, inv_temp):
+        acc = torch.float64 if h.dtype == torch.float64 else torch.float32
+        return (h.to(acc) @ w.to(acc).T) * inv_temp
+
+    @classmethod
+    def forward(cls, h, w, t, inv_temp, with_entropy, chunk):
+        n = h.shape[0]
+        acc = torch.float64 if h.dtype == torch.float64 else torch.float32
+        lse = torch.empty(n, dtype=acc, device=h.device)
+        zt = torch.empty_like(lse)
+        ent = torch.empty_like(lse) if with_entropy else None
+        for s in range(0, n, chunk):
+            z = cls._logits(h[s:s + chunk], w, inv_temp)
+            lse_c = torch.logsumexp(z, -1)
+            lse[s:s + chunk] = lse_c
+            zt[s:s + chunk] = z.gather(-1, t[s:s + chunk, None]).squeeze(-1)
+            if with_entropy:
+                z.sub_(lse_c[:, None])  # z <- log p, in place: the chunk tile is the only big buffer
+                ent[s:s + chunk] = -(z.exp() * z).sum(-1)
+        return lse, zt, ent
+
+    @classmethod
+    def forward_keep(cls, h, w, t, inv_temp):
+        """(z, lse, target logit, entropy) of one chunk, keeping its [chunk, V] logits for dlogits(z=...)."""
+        z = cls._logits(h, w, inv_temp)
+        lse = torch.logsumexp(z, -1)
+        ent = lse - (torch.softmax(z, -1) * z).sum(-1)
+        return z, lse, z.gather(-1, t[:, None]).squeeze(-1), ent
+
+    @classmethod
+    def dlogits(cls, h, w, t, lse, ent, g_logp, g_ent, inv_temp, out_dtype, z=None):
+        z = cls._logits(h, w, inv_temp) if z is None else z
+        p = torch.exp(z - lse[:, None])
+        dz = -p * g_logp[:, None]
+        dz.scatter_add_(1, t[:, None], g_logp[:, None].to(dz.dtype))
+        if g_ent is not None:
+            dz -= g_ent[:, None] * p * (z - (lse - ent)[:, None])
+        return (dz * inv_temp).to(out_dtype)
+
+
+class _TritonEngine:
+    @staticmethod
+    def forward(h, w, t, inv_temp, with_entropy, chunk):
+        from r1fast.kernels import logprob as kernel
+
+        return kernel.logprob_forward(h, w, t, inv_temp, with_entropy)
+
+    @staticmethod
+    def forward_keep(h, w, t, inv_temp):
+        from r1fast.kernels import logprob as kernel
+
+        z = kernel.logits(h, w, inv_temp)
+        lse, zt, ent = kernel.logprob_forward(h, w, t, inv_temp, True, z=z)
+        return z, lse, zt, ent
+
+    @staticmethod
+    def dlogits(h, w, t, lse, ent, g_logp, g_ent, inv_temp, out_dtype, z=None):
+        from r1fast.kernels import logprob as kernel
+
+        return kernel.dlogits(h, w, t, lse, ent, g_logp.float().contiguous(),
+                              None if g_ent is None else g_ent.float().contiguous(), inv_temp, out_dtype, z=z)
+
+
+def engine_for(backend: str):
+    """The chunk engine (forward, forward_keep, dlogits) behind a grouped_logprob backend."""
+    return {"torch": _TorchEngine, "triton": _TritonEngine}[backend]
+
+
+def accumulate_weight_grad(acc, dl, h):
+    """acc (fp32 or fp64) += dl.T @ h: the product rounds once per chunk, the running sum stays wide."""
+    acc += dl.T @ h
+
+
+def _contig_rows(x):
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+class _GroupedLogprob(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, inv_temp, with_entropy, engine, chunk):
+        ctx.set_materialize_grads(False)  # an unused entropy output then costs nothing in the backward
+        lse, zt, ent = engine.forward(hidden, weight, targets, inv_temp, with_entropy, chunk)
+        logp = zt - lse
+        ctx.save_for_backward(hidden, weight, targets, lse, ent if with_entropy else lse)
+        ctx.cfg = (inv_temp, with_entropy, engine, chunk)
+        if with_entropy:
+            return logp, ent
+        return logp
+
+    @staticmethod
+    def backward(ctx, g_logp, g_ent=None):
+        hidden, weight, targets, lse, ent = ctx.saved_tensors
+        inv_temp, with_entropy, engine, chunk = ctx.cfg
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        n = hidden.shape[0]
+        if g_logp is None:
+            g_logp = torch.zeros_like(lse)
+        if not with_entropy:
+            g_ent = None
+        grad_h = torch.empty_like(hidden) if need_h else None
+        acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        for s in range(0, n, chunk):
+            e = s + chunk
+            dl = engine.dlogits(hidden[s:e], weight, targets[s:e], lse[s:e], ent[s:e] if with_entropy else None,
+                                g_logp[s:e], None if g_ent is None else g_ent[s:e], inv_temp, hidden.dtype)
+            if need_h:
+                torch.mm(dl, weight, out=grad_h[s:e])
+            if need_w:
+                accumulate_weight_grad(grad_w, dl, hidden[s:e])
+        if need_w:
+            grad_w = grad_w.to(weight.dtype)
+        return grad_h, grad_w, None, None, None, None, None
+
+
+def _run(hidden, weight, targets, temperature, return_entropy, chunk, engine):
+    lead = hidden.shape[:-1]
+    h = _contig_rows(hidden.reshape(-1, hidden.shape[-1]))
+    w = _contig_rows(weight)
+    t = targets.reshape(-1).contiguous()
+    inv_temp = 1.0 / float(temperature)
+    chunk = chunk or default_chunk(h.shape[0], w.shape[0], h.device)
+    needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    if h.shape[0] == 0:
+        out = hidden.new_zeros(lead, dtype=torch.float32) + 0.0 * hidden.sum() + 0.0 * weight.sum()
+        return (out, out.clone()) if return_entropy else out
+    if needs_grad:
+        out = _GroupedLogprob.apply(h, w, t, inv_temp, return_entropy, engine, chunk)
+    else:  # forward only (old-policy / reference passes): nothing saved
+        lse, zt, ent = engine.forward(h.detach(), w.detach(), t, inv_temp, return_entropy, chunk)
+        out = (zt - lse, ent) if return_entropy else zt - lse
+    if return_entropy:
+        return out[0].reshape(lead), out[1].reshape(lead)
+    return out.reshape(lead)
+
+
+@backends.register("grouped_logprob", "reference")
+def _grouped_logprob_reference(hidden, weight, targets, temperature, return_entropy, chunk):
+    out = reference.logprob(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1), temperature,
+                            return_entropy)
+    lead = hidden.shape[:-1]
+    return (out[0].reshape(lead), out[1].reshape(lead)) if return_entropy else out.reshape(lead)
+
+
+@backends.register("grouped_logprob", "torch")
+def _grouped_logprob_torch(hidden, weight, targets, temperature, return_entropy, chunk):
+    return _run(hidden, weight, targets, temperature, return_entropy, chunk, _TorchEngine)
+
+
+@backends.register("grouped_logprob", "triton")
+def _grouped_logprob_triton(hidden, weight, targets, temperature, return_entropy, chunk):
+    if hidden.dtype == torch.float64:
+        raise ValueError("grouped_logprob: the triton backend takes fp16/bf16/fp32 inputs, got float64 "
+                         "(use backend='torch' or 'reference')")
+    return _run(hidden, weight, targets, temperature, return_entropy, chunk, _TritonEngine)
+
+
+def grouped_logprob(hidden, weight, targets, *, temperature: float = 1.0, return_entropy: bool = False,
+                    backend: str | None = None, forward_only: bool = False, chunk_size: int | None = None,
+                    check_targets: bool = True):
+    """Log-probabilities [...] (fp32; fp64 for fp64 inputs) of `targets` [...] under hidden [..., H] @ weight[V, H].T.
+
+    Differentiable with respect to hidden and weight; with return_entropy, returns (logp, entropy),
+    both differentiable. `forward_only=True` (or running under torch.no_grad) saves nothing for a
+    backward pass: the mode for old-policy and reference-model passes. `chunk_size` caps the tokens
+    whose [chunk, V] logits tile exists at once (default: a memory budget per device).
+    `check_targets=False` skips the vocabulary bounds check (one device sync).
+    """
+    validate(hidden, weight, targets, temperature, check_targets=check_targets)
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"grouped_logprob: chunk_size must be a positive int, got {chunk_size!r}")
+    _, fn = backends.resolve("grouped_logprob", hidden.device, float64_backend(backend, hidden.dtype))
+    if forward_only:
+        with torch.no_grad():
+            return fn(hidden, weight, targets, temperature, return_entropy, chunk_size)
+    return fn(hidden, weight, targets, temperature, return_entropy, chunk_size)

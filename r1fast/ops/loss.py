@@ -1,0 +1,133 @@
+"""ops.grpo_loss: per-token log-probs [B, T] -> (loss, stats), LOSS_SPEC.md's objective and aggregation.
+
+Options are r1fast.ops.LossOptions (TRL's names and defaults). Statistics come back as detached
+0-d tensors computed in the same pass as the loss. Backends: reference (float64), torch (fp32,
+the CPU path), triton (kernels/grpo_loss.py: loss, gradients and statistics in one launch).
+The hidden-states entry point, fused_linear_grpo_loss, lives in r1fast.ops.fused_loss.
+"""
+from __future__ import annotations
+
+import torch
+
+from r1fast import backends
+from r1fast.ops.logprob import float64_backend
+from r1fast.ops.loss_options import LossOptions
+from r1fast.reference import loss as reference
+
+
+def _check_finite(name, t, active, op):
+    bad = ~torch.isfinite(t) & active
+    if bool(bad.any()):
+        where = bad.nonzero()[0].tolist()
+        raise ValueError(f"{op}: {name} has {int(bad.sum())} NaN/inf value(s) at active tokens (first at {where})")
+
+
+def _validate_loss_inputs(op, logp, old_logp, ref_logp, advantages, mask, sampler_logp, entropy, opts):
+    if not isinstance(logp, torch.Tensor) or not logp.is_floating_point():
+        raise TypeError(f"{op}: logp must be a float tensor")
+    if logp.dim() != 2:
+        raise ValueError(f"{op}: logp must be [B, T], got shape {tuple(logp.shape)}")
+    B = logp.shape[0]
+    for name, t in (("old_logp", old_logp), ("ref_logp", ref_logp), ("sampler_logp", sampler_logp),
+                    ("entropy", entropy)):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            raise TypeError(f"{op}: {name} must be a float tensor or None")
+        if t.shape != logp.shape:
+            raise ValueError(f"{op}: {name} shape {tuple(t.shape)} != logp shape {tuple(logp.shape)}")
+    if not isinstance(mask, torch.Tensor) or mask.shape != logp.shape:
+        raise ValueError(f"{op}: mask must be a tensor of shape {tuple(logp.shape)}, got "
+                         f"{tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__}")
+    if mask.is_floating_point() and not bool(((mask == 0) | (mask == 1)).all()):
+        raise ValueError(f"{op}: a float mask must hold only 0 and 1")
+    if not isinstance(advantages, torch.Tensor) or not advantages.is_floating_point():
+        raise TypeError(f"{op}: advantages must be a float tensor [B]")
+    if advantages.shape != (B,):
+        raise ValueError(f"{op}: advantages must be [B={B}], got shape {tuple(advantages.shape)}")
+    devices = {t.device for t in (logp, old_logp, ref_logp, sampler_logp, entropy, mask, advantages) if t is not None}
+    if len(devices) != 1:
+        raise ValueError(f"{op}: all tensors must be on one device, got {sorted(map(str, devices))}")
+    if opts.beta != 0.0 and ref_logp is None:
+        raise ValueError(f"{op}: beta={opts.beta} needs ref_logp (or set beta=0)")
+    active = mask.bool()
+    for name, t in (("logp", logp), ("old_logp", old_logp), ("ref_logp", ref_logp),
+                    ("sampler_logp", sampler_logp), ("entropy", entropy)):
+        if t is not None:
+            _check_finite(name, t.detach(), active, op)
+    _check_finite("advantages", advantages, torch.ones_like(advantages, dtype=torch.bool), op)
+
+
+@backends.register("grpo_loss", "reference")
+def _grpo_loss_reference(logp, old_logp, ref_logp, advantages, mask, opts, entropy, sampler_logp):
+    active = mask.bool()
+    f64 = lambda t: None if t is None else torch.where(active, t.double(), 0.0)  # noqa: E731
+    return reference.grpo_loss(f64(logp), f64(old_logp), f64(ref_logp), advantages.double(), mask, opts,
+                               f64(entropy), f64(sampler_logp))
+
+
+@backends.register("grpo_loss", "torch")
+def _grpo_loss_torch(logp, old_logp, ref_logp, advantages, mask, opts, entropy, sampler_logp):
+    # All reductions in fp32 (fp64 inputs stay fp64); the per-token work is O(B*T), so plain torch
+    # elementwise code is already bandwidth-bound on any device.
+    dt = torch.float64 if logp.dtype == torch.float64 else torch.float32
+    up = lambda t: None if t is None else t.to(dt)  # noqa: E731
+    # Masked positions may hold anything (padding); zero them so no NaN leaks through 0 * NaN.
+    active = mask.bool()
+    clean = lambda t: None if t is None else torch.where(active, up(t), 0.0)  # noqa: E731
+    return reference.grpo_loss(clean(logp), clean(old_logp), clean(ref_logp), up(advantages), mask, opts,
+                               clean(entropy), clean(sampler_logp))
+
+
+class _TritonGRPOLoss(torch.autograd.Function):
+    """The kernel writes d loss / d logp and d loss / d entropy in the forward; backward scales them."""
+
+    @staticmethod
+    def forward(ctx, logp, entropy, old_logp, ref_logp, sampler_logp, advantages, mask, opts):
+        from r1fast.kernels import grpo_loss as kernel
+
+        row_loss, g_logp, g_ent, row_stats = kernel.grpo_loss_fwd(logp.detach(), old_logp, ref_logp, sampler_logp,
+                                                                  None if entropy is None else entropy.detach(),
+                                                                  mask, advantages, opts)
+        ctx.save_for_backward(g_logp, g_ent if g_ent is not None else g_logp)
+        ctx.has_ent = g_ent is not None
+        ctx.dtypes = (logp.dtype, None if entropy is None else entropy.dtype)
+        return row_loss.sum(), row_stats.detach()
+
+    @staticmethod
+    def backward(ctx, g_loss, _g_stats):
+        g_logp, g_ent = ctx.saved_tensors
+        grad_logp = (g_logp * g_loss).to(ctx.dtypes[0])
+        grad_ent = (g_ent * g_loss).to(ctx.dtypes[1]) if ctx.has_ent else None
+        return grad_logp, grad_ent, None, None, None, None, None, None
+
+
+@backends.register("grpo_loss", "triton")
+def _grpo_loss_triton(logp, old_logp, ref_logp, advantages, mask, opts, entropy, sampler_logp):
+    from r1fast.kernels import grpo_loss as kernel
+
+    if logp.dtype == torch.float64:
+        raise ValueError("grpo_loss: the triton backend computes in fp32; float64 inputs need backend='torch'")
+    loss, rows = _TritonGRPOLoss.apply(logp, entropy, old_logp, ref_logp, sampler_logp, advantages, mask, opts)
+    stats = kernel.stats_from_rows(rows, ref_logp is not None, entropy is not None, sampler_logp is not None,
+                                   opts.tis_mode)
+    return loss, stats
+
+
+def _options(options, loss_options) -> LossOptions:
+    return LossOptions.from_kwargs(options, **loss_options)
+
+
+def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, entropy=None, sampler_logp=None,
+              options: LossOptions | None = None, backend: str | None = None, **loss_options):
+    """(loss, stats) for per-token log-probs logp [B, T] (differentiable), old/ref/sampler log-probs [B, T] or
+    None, advantages [B], mask [B, T]; entropy [B, T] enables the entropy bonus / statistic.
+
+    Options: a LossOptions via `options=` and/or its fields as keywords (beta, epsilon, loss_type, ...).
+    Stats: kl (with ref_logp), entropy (with entropy), clip_ratio/{low,high,region}_mean,
+    is_weight/{mean,min,max} (with sampler_logp), num_tokens, as detached 0-d tensors.
+    """
+    opts = _options(options, loss_options)
+    _validate_loss_inputs("grpo_loss", logp, old_logp, ref_logp, advantages, mask, sampler_logp, entropy, opts)
+    _, fn = backends.resolve("grpo_loss", logp.device, float64_backend(backend, logp.dtype))
+    return fn(logp, old_logp, ref_logp, advantages, mask, opts, entropy, sampler_logp)

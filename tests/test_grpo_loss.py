@@ -1,0 +1,505 @@
+"""ops.grpo_loss and ops.fused_linear_grpo_loss against the float64 reference (and the reference against
+a scalar, token-by-token reading of LOSS_SPEC.md)."""
+import dataclasses
+import itertools
+import math
+
+import pytest
+import torch
+
+from r1fast import ops
+from r1fast.ops import LossOptions
+from r1fast.reference import loss as reference
+from r1fast.testing import assert_close, assert_within_lowp_rule, generator, randn
+
+B, T = 6, 7
+
+
+def _batch(seed, b=B, t=T, tis=True):
+    """Per-token tensors with ratios that cross both clip bounds, a fully masked row and padding."""
+    logp = -randn(b, t, dtype=torch.float64, seed=seed).abs() - 0.1
+    old = logp + 0.3 * randn(b, t, dtype=torch.float64, seed=seed + 1)
+    ref = logp + 0.4 * randn(b, t, dtype=torch.float64, seed=seed + 2)
+    sampler = old + 0.15 * randn(b, t, dtype=torch.float64, seed=seed + 3) if tis else None
+    ent = randn(b, t, dtype=torch.float64, seed=seed + 4).abs() + 0.5
+    adv = randn(b, dtype=torch.float64, seed=seed + 5)
+    lens = torch.randint(1, t + 1, (b,), generator=generator(seed + 6))
+    lens[1] = 0  # a fully masked row
+    lens[2] = t
+    mask = (torch.arange(t)[None, :] < lens[:, None]).double()
+    return dict(logp=logp, old=old, ref=ref, sampler=sampler, ent=ent, adv=adv, mask=mask)
+
+
+def _scalar_loss(d, o: LossOptions):
+    """LOSS_SPEC.md read literally, one python float at a time (no autograd)."""
+    lp, old, ref, smp, ent, adv, m = (d[k].tolist() if d[k] is not None else None
+                                      for k in ("logp", "old", "ref", "sampler", "ent", "adv", "mask"))
+    b, t = len(lp), len(lp[0])
+    eh = o.eps_high
+    rows, total, n_tok = [], 0.0, sum(map(sum, m))
+    for i in range(b):
+        cnt = sum(m[i])
+        seq_lr = sum(m[i][j] * (lp[i][j] - old[i][j]) for j in range(t)) / max(cnt, 1)
+        seq_w = math.exp(sum(m[i][j] * (old[i][j] - smp[i][j]) for j in range(t))) if smp else None
+        row = 0.0
+        for j in range(t):
+            lw = lp[i][j] - old[i][j] if o.importance_sampling_level == "token" else seq_lr
+            c1 = math.exp(lw)
+            A = adv[i]
+            if o.loss_type == "cispo":
+                L = -min(c1, eh) * A * lp[i][j]
+            else:
+                c2 = min(max(c1, 1 - o.epsilon), 1 + eh)
+                if o.delta is not None:
+                    c1 = min(c1, o.delta)
+                L = -min(c1 * A, c2 * A)
+            if smp is not None and o.tis_mode is not None:
+                w = math.exp(old[i][j] - smp[i][j]) if o.tis_level == "token" else seq_w
+                L *= min(w, o.tis_cap) if o.tis_mode == "truncate" else float(1 / o.tis_cap <= w <= o.tis_cap)
+            if ref is not None and o.beta:
+                x = lp[i][j] - ref[i][j]
+                L += o.beta * {"k1": x, "k2": 0.5 * x * x, "k3": math.exp(-x) + x - 1}[o.kl_estimator]
+            if ent is not None:
+                L -= o.entropy_coef * ent[i][j]
+            row += m[i][j] * L
+        rows.append(row / max(cnt, 1))
+        total += row
+    return {"grpo": sum(rows) / b, "bnpo": total / max(n_tok, 1),
+            "dr_grpo": total / (b * (o.max_completion_length or 0) or 1),
+            "dapo": total / (o.num_items or n_tok), "cispo": total / (o.num_items or n_tok)}[o.loss_type]
+
+
+SCALAR_CASES = [
+    dict(loss_type="grpo", beta=0.04, tis_mode=None),
+    dict(loss_type="bnpo", importance_sampling_level="sequence", tis_mode="truncate", tis_level="token"),
+    dict(loss_type="dr_grpo", beta=0.1, kl_estimator="k1", delta=1.1, tis_mode="mask", tis_level="token",
+         max_completion_length=9),
+    dict(loss_type="dapo", importance_sampling_level="sequence", beta=0.1, kl_estimator="k2", epsilon_high=0.28,
+         entropy_coef=0.01, num_items=50.0),
+    dict(loss_type="cispo", epsilon_high=1.1, beta=0.05, tis_mode="truncate", tis_level="sequence", tis_cap=1.2),
+    dict(loss_type="grpo", importance_sampling_level="sequence", delta=1.05, tis_mode="mask", entropy_coef=0.05,
+         tis_cap=1.5),
+    dict(),  # TRL's defaults
+]
+
+
+@pytest.mark.parametrize("opts", SCALAR_CASES, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()) or "defaults")
+def test_reference_matches_scalar_reading_of_spec(opts):
+    d = _batch(seed=len(opts) * 7)
+    o = LossOptions(**opts)
+    loss, stats = reference.grpo_loss(d["logp"], d["old"], d["ref"], d["adv"], d["mask"], o, entropy=d["ent"],
+                                      sampler_logp=d["sampler"])
+    assert abs(loss.item() - _scalar_loss(d, o)) <= 1e-12 * max(1.0, abs(loss.item()))
+    assert stats["num_tokens"].item() == d["mask"].sum().item()
+
+
+def test_reference_tis_actually_changes_the_loss():
+    # Guard against a test that cannot fail: the chosen inputs must make each option matter.
+    d = _batch(seed=3)
+    base = LossOptions(tis_mode=None)
+    val = lambda o: reference.grpo_loss(d["logp"], d["old"], d["ref"], d["adv"], d["mask"], o,  # noqa: E731
+                                        entropy=d["ent"], sampler_logp=d["sampler"])[0].item()
+    b = val(base)
+    for change in (dict(tis_mode="truncate", tis_level="token", tis_cap=1.05), dict(tis_mode="mask", tis_cap=1.2),
+                   dict(delta=1.01), dict(beta=0.1), dict(entropy_coef=0.1), dict(epsilon_high=0.5),
+                   dict(importance_sampling_level="sequence")):
+        assert val(dataclasses.replace(base, **change)) != b, change
+    _, stats = reference.grpo_loss(d["logp"], d["old"], d["ref"], d["adv"], d["mask"], base)
+    assert 0 < stats["clip_ratio/low_mean"] < 1 and 0 < stats["clip_ratio/high_mean"] < 1
+
+
+def _grads(fn, d, keys=("logp", "ent")):
+    leaves = {k: d[k].clone().requires_grad_() for k in keys}
+    loss, stats = fn({**d, **leaves})
+    grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
+    return loss.detach(), stats, dict(zip(keys, grads))
+
+
+def _call_ops(d, dtype, backend, opts):
+    c = lambda t: None if t is None else t.to(dtype)  # noqa: E731
+    return ops.grpo_loss(c(d["logp"]), c(d["old"]), c(d["ref"]), c(d["adv"]), d["mask"], entropy=c(d["ent"]),
+                         sampler_logp=c(d["sampler"]), backend=backend, **opts)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo", "cispo"])
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("beta", [0.0, 0.04])
+def test_grpo_loss_matches_reference(device, backend, loss_type, level, beta):
+    d = _batch(seed=17 * len(loss_type) + len(level))
+    # NaN in padding must not leak into the loss or its gradient.
+    d["old"] = torch.where(d["mask"] > 0, d["old"], float("nan"))
+    combos = list(itertools.product([None, 1.3], [None, "truncate", "mask"], ["k3", "k1", "k2"], ["token", "sequence"]))
+    if backend == "triton":  # interpreter time: a rotating eighth of the combinations per parametrisation
+        combos = combos[(3 * len(loss_type) + 5 * (beta > 0) + 7 * (level == "sequence")) % 8::8]
+    for delta, tis, kl, tis_level in combos:
+        opts = dict(loss_type=loss_type, importance_sampling_level=level, beta=beta, delta=delta, tis_mode=tis,
+                    kl_estimator=kl, tis_level=tis_level, entropy_coef=0.02,
+                    epsilon_high=1.2 if loss_type == "cispo" else 0.25)
+        e_loss, e_stats, e_g = _grads(lambda x: _call_ops(x, torch.float64, "reference", opts), d)
+        loss, stats, g = _grads(lambda x: _call_ops(x, torch.float32, backend, opts),
+                                {k: (v.float().to(device) if v is not None else None) for k, v in d.items()})
+        tag = f"{opts}"
+        assert loss.dtype == torch.float32
+        assert_close(loss, e_loss, torch.float32, name=f"loss {tag}")
+        assert_close(g["logp"], e_g["logp"], torch.float32, name=f"grad logp {tag}")
+        assert_close(g["ent"], e_g["ent"], torch.float32, name=f"grad entropy {tag}")
+        assert g["logp"][1].abs().sum() == 0  # the fully masked row gets no gradient
+        assert set(stats) == set(e_stats)
+        for k in e_stats:
+            assert_close(stats[k], e_stats[k], torch.float32, name=f"stat {k} {tag}")
+
+
+def test_stats_keys_and_values():
+    d = _batch(seed=11)
+    _, stats = ops.grpo_loss(d["logp"].float(), d["old"].float(), d["ref"].float(), d["adv"].float(), d["mask"],
+                             entropy=d["ent"].float(), sampler_logp=d["sampler"].float(), beta=0.1, tis_level="token")
+    for k in ("kl", "entropy", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean",
+              "is_weight/mean", "is_weight/min", "is_weight/max", "num_tokens"):
+        assert k in stats and stats[k].dim() == 0 and not stats[k].requires_grad, k
+    m = d["mask"] > 0
+    w = torch.exp(d["old"] - d["sampler"])[m]
+    assert_close(stats["is_weight/min"], w.min(), torch.float32)
+    assert_close(stats["is_weight/max"], w.max(), torch.float32)
+    assert_close(stats["entropy"], d["ent"][m].mean(), torch.float32)
+    assert stats["clip_ratio/region_mean"] == stats["clip_ratio/low_mean"] + stats["clip_ratio/high_mean"]
+    _, stats = ops.grpo_loss(d["logp"].float(), None, None, d["adv"].float(), d["mask"])
+    assert "kl" not in stats and "entropy" not in stats and "is_weight/mean" not in stats
+
+
+def test_old_logp_none_means_ratio_one_with_gradient():
+    d = _batch(seed=5)
+    lp = d["logp"].clone().requires_grad_()
+    loss, stats = ops.grpo_loss(lp, None, None, d["adv"], d["mask"], loss_type="bnpo")
+    (g,) = torch.autograd.grad(loss, lp)
+    # ratio 1 everywhere: loss = -Σ m·A / Σ m, gradient -A·m/Σm (policy gradient kept)
+    m = d["mask"]
+    assert_close(loss, -(m * d["adv"][:, None]).sum() / m.sum(), torch.float64)
+    assert_close(g, -m * d["adv"][:, None] / m.sum(), torch.float64)
+    assert stats["clip_ratio/region_mean"] == 0
+
+
+@pytest.mark.parametrize(
+    "mutate, err, match",
+    [
+        (lambda a: a.update(old_logp=a["old_logp"][:, :-1]), ValueError, "old_logp shape"),
+        (lambda a: a.update(advantages=a["advantages"][:-1]), ValueError, "advantages"),
+        (lambda a: a.update(mask=a["mask"][:-1]), ValueError, "mask"),
+        (lambda a: a.update(logp=a["logp"].flatten()), ValueError, r"\[B, T\]"),
+        (lambda a: a.update(ref_logp=None, beta=0.1), ValueError, "ref_logp"),
+        (lambda a: a["old_logp"].__setitem__((0, 0), float("nan")), ValueError, "NaN"),
+        (lambda a: a["advantages"].__setitem__(0, float("inf")), ValueError, "advantages"),
+        (lambda a: a.update(bogus=1), ValueError, "unknown loss option"),
+        (lambda a: a.update(epsilon=-0.1), ValueError, "epsilon"),
+        (lambda a: a.update(loss_type="ppo"), ValueError, "loss_type"),
+        (lambda a: a.update(importance_sampling_level="row"), ValueError, "importance_sampling_level"),
+        (lambda a: a.update(tis_mode="clip"), ValueError, "tis_mode"),
+        (lambda a: a.update(delta=0.5), ValueError, "delta"),
+        (lambda a: a.update(loss_type="dr_grpo", max_completion_length=None), ValueError, "max_completion_length"),
+    ],
+)
+def test_grpo_loss_bad_input(mutate, err, match):
+    d = _batch(seed=2)
+    d["mask"][0, 0] = 1.0
+    args = dict(logp=d["logp"].float(), old_logp=d["old"].float(), ref_logp=d["ref"].float(),
+                advantages=d["adv"].float(), mask=d["mask"])
+    mutate(args)
+    with pytest.raises(err, match=match):
+        ops.grpo_loss(**args)
+
+
+def test_loss_options_defaults_follow_trl():
+    trl_config = pytest.importorskip("trl.trainer.grpo_config")
+    trl = {f.name: f.default for f in dataclasses.fields(trl_config.GRPOConfig)}
+    o = LossOptions()
+    for name in ("beta", "epsilon", "epsilon_high", "delta", "loss_type", "importance_sampling_level",
+                 "max_completion_length", "temperature", "entropy_coef"):
+        assert getattr(o, name) == trl[name], name
+    assert o.tis_cap == trl["vllm_importance_sampling_clip_max"]
+    assert f"{o.tis_level}_{o.tis_mode}" == trl["vllm_importance_sampling_mode"]
+
+
+# --- fused_linear_grpo_loss: hidden states -> loss, against the materialised float64 composition -----------
+
+H, V = 24, 37
+
+
+def _fused_case(seed, b=4, t=5):
+    d = _batch(seed, b, t)
+    hidden = randn(b, t, H, dtype=torch.float64, seed=seed + 10)
+    weight = randn(V, H, dtype=torch.float64, seed=seed + 11, scale=2 / H ** 0.5)
+    targets = torch.randint(0, V, (b, t), generator=generator(seed + 12))
+    targets[d["mask"] == 0] = V + 5  # padding ids may lie outside the vocabulary: never read
+    return d, hidden, weight, targets
+
+
+def _fused_expected(d, hidden, weight, targets, opts, vocab=V):
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    safe_t = torch.where(d["mask"] > 0, targets, 0)
+    lp, ent = reference.logprob(h.reshape(-1, h.shape[-1]), w, safe_t.reshape(-1), opts.temperature, True)
+    lp, ent = lp.reshape(targets.shape), ent.reshape(targets.shape)
+    m = d["mask"] > 0
+    lp, ent = torch.where(m, lp, 0.0), torch.where(m, ent, 0.0)
+    loss, stats = reference.grpo_loss(lp, d["old"], d["ref"], d["adv"], d["mask"], opts, entropy=ent,
+                                      sampler_logp=d["sampler"])
+    gh, gw = torch.autograd.grad(loss, (h, w))
+    return loss.detach(), stats, gh, gw
+
+
+FUSED_CASES = [  # dimensions combined so each value appears, without the full product
+    dict(loss_type="grpo", beta=0.04, tis_mode=None, temperature=0.8),
+    dict(loss_type="bnpo", importance_sampling_level="sequence", delta=1.3, tis_mode="truncate"),
+    dict(loss_type="dr_grpo", beta=0.1, kl_estimator="k2", tis_mode="mask", tis_level="token",
+         max_completion_length=8, entropy_coef=0.03),
+    dict(loss_type="dapo", importance_sampling_level="sequence", beta=0.02, num_items=40.0, temperature=1.5),
+    dict(loss_type="cispo", epsilon_high=1.2, tis_mode="truncate", tis_level="token", entropy_coef=0.01),
+]
+
+
+# (chunk_size, single_pass): rows grouped into several chunks; one chunk; a row longer than the chunk
+# (falls back to two passes); two passes forced.
+PATHS = [(8, True), (None, True), (3, True), (4, False)]
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("opts", FUSED_CASES, ids=lambda o: o["loss_type"])
+@pytest.mark.parametrize("path", PATHS, ids=lambda p: f"chunk{p[0]}-{'single' if p[1] else 'two'}")
+def test_fused_linear_grpo_loss_matches_reference(device, backend, opts, path):
+    if backend == "triton" and PATHS.index(path) != (FUSED_CASES.index(opts) + 2) % len(PATHS):
+        pytest.skip("interpreter time: each triton case runs one rotating path")
+    chunk, single = path
+    d, hidden, weight, targets = _fused_case(seed=len(opts))
+    o = LossOptions(**opts)
+    e_loss, e_stats, e_gh, e_gw = _fused_expected(d, hidden, weight, targets, o)
+    h = hidden.float().to(device).requires_grad_()
+    w = weight.float().to(device).requires_grad_()
+    f = lambda t: t.float().to(device)  # noqa: E731
+    loss, stats = ops.fused_linear_grpo_loss(h, w, targets.to(device), d["mask"].to(device), f(d["adv"]),
+                                             old_logp=f(d["old"]), ref_logp=f(d["ref"]),
+                                             sampler_logp=f(d["sampler"]), backend=backend, chunk_size=chunk,
+                                             single_pass=single, **opts)
+    gh, gw = torch.autograd.grad(loss, (h, w))
+    assert_close(loss, e_loss, torch.float32, name="loss")
+    assert_close(gh, e_gh, torch.float32, rtol=3e-5, atol=1e-6, name="grad_hidden")
+    assert_close(gw, e_gw, torch.float32, rtol=3e-5, atol=1e-6, name="grad_weight")
+    assert gh[1].abs().sum() == 0  # fully masked row
+    for k in e_stats:
+        assert_close(stats[k], e_stats[k], torch.float32, name=f"stat {k}")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_fused_single_pass_cuts_long_completions(device, backend):
+    # token-level ratios: chunks of 2 tokens cut every completion, and grpo's per-row mean must
+    # still divide by the whole row's token count
+    opts = dict(loss_type="grpo", beta=0.05, tis_mode="truncate", tis_level="token", entropy_coef=0.02)
+    d, hidden, weight, targets = _fused_case(seed=13)
+    e_loss, e_stats, e_gh, e_gw = _fused_expected(d, hidden, weight, targets, LossOptions(**opts))
+    h, w = hidden.float().to(device).requires_grad_(), weight.float().to(device).requires_grad_()
+    f = lambda t: t.float().to(device)  # noqa: E731
+    loss, stats = ops.fused_linear_grpo_loss(h, w, targets.to(device), d["mask"].to(device), f(d["adv"]),
+                                             old_logp=f(d["old"]), ref_logp=f(d["ref"]), sampler_logp=f(d["sampler"]),
+                                             backend=backend, chunk_size=2, **opts)
+    gh, gw = torch.autograd.grad(loss, (h, w))
+    assert_close(loss, e_loss, torch.float32, name="loss")
+    assert_close(gh, e_gh, torch.float32, rtol=3e-5, atol=1e-6, name="grad_hidden")
+    assert_close(gw, e_gw, torch.float32, rtol=3e-5, atol=1e-6, name="grad_weight")
+    for k in e_stats:
+        assert_close(stats[k], e_stats[k], torch.float32, name=f"stat {k}")
+
+
+def test_plan_chunks():
+    from r1fast.ops.fused_loss import plan_chunks
+
+    counts = torch.tensor([3, 0, 5, 1])
+    assert plan_chunks(counts, 4, split_rows=True) == [(0, 4), (4, 8), (8, 9)]
+    assert plan_chunks(counts, 4, split_rows=False) is None
+    assert plan_chunks(counts, 6, split_rows=False) == [(0, 3), (3, 9)]
+    assert plan_chunks(torch.tensor([0, 0]), 4, split_rows=False) == []
+
+
+def test_fused_without_grad_and_all_masked():
+    d, hidden, weight, targets = _fused_case(seed=6)
+    args = dict(old_logp=d["old"].float(), ref_logp=d["ref"].float(), sampler_logp=d["sampler"].float(), beta=0.1)
+    with torch.no_grad():
+        loss, stats = ops.fused_linear_grpo_loss(hidden.float(), weight.float(), targets, d["mask"], d["adv"].float(),
+                                                 **args)
+    e_loss, e_stats, _, _ = _fused_expected(d, hidden, weight, targets, LossOptions(beta=0.1))
+    assert_close(loss, e_loss, torch.float32, name="loss")
+    h = hidden.float().requires_grad_()
+    zero = torch.zeros_like(d["mask"])
+    loss, stats = ops.fused_linear_grpo_loss(h, weight.float(), targets, zero, d["adv"].float(), **args)
+    (g,) = torch.autograd.grad(loss, h)
+    assert loss.item() == 0 and stats["num_tokens"] == 0 and g.abs().sum() == 0
+    assert stats["is_weight/min"] == 0 and stats["is_weight/max"] == 0
+
+
+@pytest.mark.parametrize("single_pass", [True, False])
+def test_fused_backward_scales_with_upstream_gradient(single_pass):
+    d, hidden, weight, targets = _fused_case(seed=8)
+    grads = []
+    for scale in (1.0, -2.5):
+        h, w = hidden.float().requires_grad_(), weight.float().requires_grad_()
+        loss, _ = ops.fused_linear_grpo_loss(h, w, targets, d["mask"], d["adv"].float(), old_logp=d["old"].float(),
+                                             single_pass=single_pass, chunk_size=6)
+        (loss * scale).backward()
+        grads.append((h.grad, w.grad))
+    assert grads[0][0].abs().sum() > 0
+    assert_close(grads[1][0], -2.5 * grads[0][0], torch.float32, name="grad_hidden")
+    assert_close(grads[1][1], -2.5 * grads[0][1], torch.float32, name="grad_weight")
+
+
+def test_fused_packed_layout_equals_padded():
+    opts = dict(loss_type="grpo", beta=0.05, importance_sampling_level="sequence", tis_mode="truncate")
+    d, hidden, weight, targets = _fused_case(seed=9)
+    m = d["mask"] > 0
+    lens = m.sum(1)
+    cu = torch.cat([torch.zeros(1, dtype=torch.int64), lens.cumsum(0)])
+    pk = lambda t: t[m]  # noqa: E731 (row-major: sequences one after another)
+    hp = hidden.float()[m].requires_grad_()
+    wp = weight.float().requires_grad_()
+    loss_p, stats_p = ops.fused_linear_grpo_loss(hp, wp, targets[m], torch.ones(int(lens.sum())), d["adv"].float(),
+                                                 old_logp=pk(d["old"]).float(), ref_logp=pk(d["ref"]).float(),
+                                                 sampler_logp=pk(d["sampler"]).float(), cu_seqlens=cu, **opts)
+    gp = torch.autograd.grad(loss_p, (hp, wp))
+    hd = hidden.float().requires_grad_()
+    wd = weight.float().requires_grad_()
+    loss_d, stats_d = ops.fused_linear_grpo_loss(hd, wd, targets, d["mask"], d["adv"].float(),
+                                                 old_logp=d["old"].float(), ref_logp=d["ref"].float(),
+                                                 sampler_logp=d["sampler"].float(), **opts)
+    gd = torch.autograd.grad(loss_d, (hd, wd))
+    assert_close(loss_p, loss_d, torch.float32, name="loss")
+    assert_close(gp[0], gd[0][m], torch.float32, name="grad_hidden")
+    assert_close(gp[1], gd[1], torch.float32, name="grad_weight")
+    for k in stats_d:
+        assert_close(stats_p[k], stats_d[k], torch.float32, name=k)
+
+
+@pytest.mark.parametrize(
+    "mutate, err, match",
+    [
+        (lambda a: a.update(targets=a["targets"].float()), TypeError, "int64"),
+        (lambda a: a["targets"].__setitem__((0, 0), V), ValueError, "vocabulary"),
+        (lambda a: a.update(mask=a["mask"][:, :-1]), ValueError, "mask shape"),
+        (lambda a: a.update(advantages=a["advantages"][:-1]), ValueError, "advantages"),
+        (lambda a: a.update(old_logp=a["old_logp"][:-1]), ValueError, "old_logp"),
+        (lambda a: a.update(weight=a["weight"][:, :3]), ValueError, "hidden size"),
+        (lambda a: a.update(cu_seqlens=torch.tensor([0, 3])), ValueError, "packed|cu_seqlens"),
+        (lambda a: a["hidden"].data.__setitem__((0, 0, 0), float("nan")), ValueError, "non-finite"),
+        (lambda a: a.update(temperature=-1.0), ValueError, "temperature"),
+    ],
+)
+def test_fused_bad_input(mutate, err, match):
+    d, hidden, weight, targets = _fused_case(seed=4)
+    d["mask"][0, 0] = 1.0
+    targets[0, 0] = 1
+    args = dict(hidden=hidden.float(), weight=weight.float(), targets=targets, mask=d["mask"],
+                advantages=d["adv"].float(), old_logp=d["old"].float())
+    mutate(args)
+    with pytest.raises(err, match=match):
+        ops.fused_linear_grpo_loss(**args)
+
+
+def test_packed_bad_cu_seqlens():
+    h = torch.randn(5, H)
+    w = torch.randn(V, H)
+    t = torch.randint(0, V, (5,))
+    for cu, match in ((torch.tensor([0, 2, 4]), "end at"), (torch.tensor([1, 5]), "start at"),
+                      (torch.tensor([0, 3, 2, 5]), "non-decreasing"), (torch.tensor([0.0, 5.0]), "int32")):
+        with pytest.raises((ValueError, TypeError), match=match):
+            ops.fused_linear_grpo_loss(h, w, t, torch.ones(5), torch.zeros(cu.numel() - 1), cu_seqlens=cu)
+
+
+hypothesis = pytest.importorskip("hypothesis")
+st = hypothesis.strategies
+
+
+@hypothesis.settings(max_examples=25, deadline=None)
+@hypothesis.given(b=st.integers(1, 5), t=st.integers(1, 6), chunk=st.integers(1, 9), seed=st.integers(0, 10_000),
+                  loss_type=st.sampled_from(["grpo", "bnpo", "dr_grpo", "dapo", "cispo"]),
+                  level=st.sampled_from(["token", "sequence"]), packed=st.booleans())
+def test_fused_property_any_mask_and_chunking(b, t, chunk, seed, loss_type, level, packed):
+    """Any mask pattern (empty rows, empty batch), any chunk size, both layouts: equal to the reference."""
+    g = generator(seed)
+    mask = (torch.rand(b, t, generator=g) < 0.7).double()
+    hidden = randn(b, t, 8, dtype=torch.float64, seed=seed)
+    weight = randn(11, 8, dtype=torch.float64, seed=seed + 1)
+    targets = torch.randint(0, 11, (b, t), generator=g)
+    adv = randn(b, dtype=torch.float64, seed=seed + 2)
+    old = -randn(b, t, dtype=torch.float64, seed=seed + 3).abs() - 1
+    sampler = old + 0.1 * randn(b, t, dtype=torch.float64, seed=seed + 4)
+    opts = LossOptions(loss_type=loss_type, importance_sampling_level=level, epsilon_high=1.5 if loss_type == "cispo"
+                       else 0.3, tis_mode="truncate", tis_level="token", max_completion_length=7)
+    d = dict(old=old, ref=None, sampler=sampler, adv=adv, mask=mask)
+    e_loss, e_stats, e_gh, e_gw = _fused_expected_general(d, hidden, weight, targets, opts)
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    if packed:  # every row becomes one packed sequence of its full length T (mask carried along)
+        cu = torch.arange(0, (b + 1) * t, t)
+        loss, stats = ops.fused_linear_grpo_loss(h.reshape(-1, 8), w, targets.reshape(-1), mask.reshape(-1), adv,
+                                                 old_logp=old.reshape(-1), sampler_logp=sampler.reshape(-1),
+                                                 cu_seqlens=cu, options=opts, backend="torch", chunk_size=chunk)
+    else:
+        loss, stats = ops.fused_linear_grpo_loss(h, w, targets, mask, adv, old_logp=old, sampler_logp=sampler,
+                                                 options=opts, backend="torch", chunk_size=chunk)
+    if mask.sum() == 0:
+        assert loss.item() == 0
+        return
+    gh, gw = torch.autograd.grad(loss, (h, w))
+    assert_close(loss, e_loss, torch.float64, name="loss")
+    assert_close(gh, e_gh, torch.float64, name="grad_hidden")
+    assert_close(gw, e_gw, torch.float64, name="grad_weight")
+    for k in e_stats:
+        assert_close(stats[k], e_stats[k], torch.float64, name=k)
+
+
+def _fused_expected_general(d, hidden, weight, targets, opts):
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    lp, ent = reference.logprob(h.reshape(-1, h.shape[-1]), w, targets.reshape(-1), opts.temperature, True)
+    m = d["mask"] > 0
+    lp = torch.where(m, lp.reshape(targets.shape), 0.0)
+    ent = torch.where(m, ent.reshape(targets.shape), 0.0)
+    loss, stats = reference.grpo_loss(lp, d["old"], d["ref"], d["adv"], d["mask"], opts, entropy=ent,
+                                      sampler_logp=d["sampler"])
+    if not loss.requires_grad:
+        return loss.detach(), stats, None, None
+    gh, gw = torch.autograd.grad(loss, (h, w), allow_unused=True)
+    return loss.detach(), stats, gh, gw
+
+
+@pytest.mark.gpu
+def test_gpu_grpo_loss_triton_large():
+    b, t = 64, 2048
+    d = _batch(seed=31, b=b, t=t)
+    opts = dict(loss_type="grpo", importance_sampling_level="sequence", beta=0.04, delta=1.5, tis_mode="truncate",
+                entropy_coef=0.01)
+    e_loss, e_stats, e_g = _grads(lambda x: _call_ops(x, torch.float64, "reference", opts), d)
+    loss, stats, g = _grads(lambda x: _call_ops(x, torch.float32, "triton", opts),
+                            {k: (v.float().cuda() if v is not None else None) for k, v in d.items()})
+    assert_close(loss, e_loss, torch.float32, rtol=1e-4, name="loss")
+    assert_close(g["logp"], e_g["logp"], torch.float32, rtol=1e-4, name="grad logp")
+    for k in e_stats:
+        assert_close(stats[k], e_stats[k], torch.float32, rtol=1e-4, name=k)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("single_pass", [True, False])
+def test_gpu_fused_bf16_within_low_precision_rule(single_pass):
+    b, t, h, v = 8, 96, 256, 4000
+    d = _batch(seed=41, b=b, t=t)
+    hidden = randn(b, t, h, dtype=torch.float64, seed=42)
+    weight = randn(v, h, dtype=torch.float64, seed=43, scale=4 / h ** 0.5)
+    targets = torch.randint(0, v, (b, t), generator=generator(44))
+    o = LossOptions(loss_type="dapo", beta=0.04, epsilon_high=0.28, tis_mode="mask", entropy_coef=0.01)
+    e_loss, _, e_gh, e_gw = _fused_expected(d, hidden, weight, targets, o, vocab=v)
+    hb, wb = hidden.bfloat16().double(), weight.bfloat16().double()
+    r_loss, _, r_gh, r_gw = _fused_expected(d, hb, wb, targets, o, vocab=v)  # bf16 inputs, exact math
+    hc, wc = hidden.bfloat16().cuda().requires_grad_(), weight.bfloat16().cuda().requires_grad_()
+    c = lambda x: x.float().cuda()  # noqa: E731
+    loss, _ = ops.fused_linear_grpo_loss(hc, wc, targets.cuda(), d["mask"].cuda(), c(d["adv"]), old_logp=c(d["old"]),
+                                         ref_logp=c(d["ref"]), sampler_logp=c(d["sampler"]), options=o,
+                                         backend="triton", chunk_size=200, single_pass=single_pass)
+    gh, gw = torch.autograd.grad(loss, (hc, wc))
+    # the rounding of the inputs to bf16 bounds what any bf16 kernel can do; allow 2x that, plus the
+    # bf16 rounding of the gradients themselves
+    assert_within_lowp_rule(loss, r_loss, e_loss, floor=1e-4, name="loss")
+    assert_within_lowp_rule(gh, r_gh.bfloat16(), e_gh, floor=2e-3 * e_gh.abs().max().item(), name="grad_hidden")
+    assert_within_lowp_rule(gw, r_gw.bfloat16(), e_gw, floor=2e-3 * e_gw.abs().max().item(), name="grad_weight")

@@ -1,0 +1,214 @@
+"""ops.grouped_logprob: every backend against the float64 reference, forward and backward."""
+import pytest
+import torch
+
+from r1fast import backends, ops
+from r1fast.reference import loss as reference
+from r1fast.testing import assert_close, assert_within_lowp_rule, generator, randn
+
+FAST_BACKENDS = ["torch", "triton"]
+
+
+def _inputs(n, h, v, seed, scale=1.0, lead=None):
+    hidden = randn(*(lead or (n,)), h, dtype=torch.float64, seed=seed)
+    weight = randn(v, h, dtype=torch.float64, seed=seed + 1, scale=scale / h ** 0.5)
+    targets = torch.randint(0, v, lead or (n,), generator=generator(seed + 2))
+    return hidden, weight, targets
+
+
+def _expected(hidden, weight, targets, temperature, entropy, g_logp, g_ent):
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    lp, ent = reference.logprob(h.reshape(-1, h.shape[-1]), w, targets.reshape(-1), temperature, True)
+    lp, ent = lp.reshape(targets.shape), ent.reshape(targets.shape)
+    obj = (lp * g_logp).sum() + ((ent * g_ent).sum() if entropy else 0.0)
+    gh, gw = torch.autograd.grad(obj, (h, w))
+    return lp.detach(), ent.detach(), gh, gw
+
+
+# (N, H, V, temperature, entropy, chunk, logit scale, leading shape): vocab never a multiple of the
+# tile, one token, several chunks, large-magnitude logits, temperature != 1, a [B, T] leading shape.
+CASES = [
+    (37, 40, 75, 0.7, True, 8, 1.0, None),
+    (1, 16, 33, 1.0, False, None, 1.0, None),
+    (20, 24, 50, 1.3, True, None, 60.0, None),
+    (15, 17, 40, 1.0, True, 4, 3.0, (3, 5)),
+]
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"N{c[0]}H{c[1]}V{c[2]}T{c[3]}")
+def test_grouped_logprob_matches_reference(device, backend, case):
+    n, h, v, temp, entropy, chunk, scale, lead = case
+    hidden, weight, targets = _inputs(n, h, v, seed=n + v, scale=scale, lead=lead)
+    g_logp = randn(*targets.shape, dtype=torch.float64, seed=5)
+    g_ent = randn(*targets.shape, dtype=torch.float64, seed=6)
+    e_lp, e_ent, e_gh, e_gw = _expected(hidden, weight, targets, temp, entropy, g_logp, g_ent)
+
+    h32 = hidden.float().to(device).requires_grad_()
+    w32 = weight.float().to(device).requires_grad_()
+    out = ops.grouped_logprob(h32, w32, targets.to(device), temperature=temp, return_entropy=entropy,
+                              backend=backend, chunk_size=chunk)
+    lp, ent = out if entropy else (out, None)
+    assert lp.dtype == torch.float32 and lp.shape == targets.shape
+    obj = (lp * g_logp.float().to(device)).sum() + ((ent * g_ent.float().to(device)).sum() if entropy else 0.0)
+    gh, gw = torch.autograd.grad(obj, (h32, w32))
+    if scale <= 4:
+        for a, e, name in ((lp, e_lp, "logp"), (ent, e_ent, "entropy"), (gh, e_gh, "grad_hidden"),
+                           (gw, e_gw, "grad_weight")):
+            if a is not None:
+                assert_close(a, e, torch.float32, rtol=2e-5, atol=1e-5, name=name)
+    else:
+        # Logits of magnitude ~50 carry fp32 rounding that near-one-hot softmaxes amplify: hold the
+        # kernel to the error of the reference itself run in fp32 (the low-precision rule).
+        r_lp, r_ent, r_gh, r_gw = _expected(hidden.float(), weight.float(), targets, temp, entropy,
+                                            g_logp.float(), g_ent.float())
+        for a, r, e, name in ((lp, r_lp, e_lp, "logp"), (ent, r_ent, e_ent, "entropy"),
+                              (gh, r_gh, e_gh, "grad_hidden"), (gw, r_gw, e_gw, "grad_weight")):
+            if a is not None:
+                assert_within_lowp_rule(a, r, e, factor=2.0, floor=1e-5, name=name)
+    assert gh.dtype == torch.float32 and gw.dtype == torch.float32
+
+
+@pytest.mark.parametrize("splits", [2, 3])
+def test_triton_forward_merges_vocabulary_splits(device, monkeypatch, splits):
+    if "triton" not in backends.available("grouped_logprob", device):
+        pytest.skip("triton unavailable here")
+    from r1fast.kernels import logprob as kernel
+
+    monkeypatch.setattr(kernel, "FORCE_SPLITS", splits)
+    hidden, weight, targets = _inputs(21, 24, 75 + 64 * (device.type == "cuda"), seed=splits, scale=3.0)
+    g = randn(21, dtype=torch.float64, seed=4)
+    e_lp, e_ent, e_gh, e_gw = _expected(hidden, weight, targets, 0.9, True, g, g)
+    h = hidden.float().to(device).requires_grad_()
+    lp, ent = ops.grouped_logprob(h, weight.float().to(device), targets.to(device), temperature=0.9,
+                                  return_entropy=True, backend="triton")
+    (gh,) = torch.autograd.grad((lp * g.float().to(device)).sum() + (ent * g.float().to(device)).sum(), (h,))
+    assert_close(lp, e_lp, torch.float32, rtol=2e-5, atol=1e-5, name="logp")
+    assert_close(ent, e_ent, torch.float32, rtol=2e-5, atol=1e-5, name="entropy")
+    assert_close(gh, e_gh, torch.float32, rtol=2e-5, atol=1e-5, name="grad_hidden")
+
+
+def test_torch_backend_float64_is_exact_to_reference():
+    hidden, weight, targets = _inputs(9, 12, 21, seed=3)
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    lp, ent = ops.grouped_logprob(h, w, targets, return_entropy=True, backend="torch", chunk_size=4, temperature=0.9)
+    assert lp.dtype == torch.float64
+    g = randn(9, dtype=torch.float64, seed=1)
+    gh, gw = torch.autograd.grad((lp * g).sum() + ent.sum(), (h, w))
+    e_lp, e_ent, e_gh, e_gw = _expected(hidden, weight, targets, 0.9, True, g, torch.ones(9, dtype=torch.float64))
+    for a, e, name in ((lp, e_lp, "logp"), (ent, e_ent, "entropy"), (gh, e_gh, "gh"), (gw, e_gw, "gw")):
+        assert_close(a, e, torch.float64, name=name)
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_fp16_within_low_precision_rule(device, backend):
+    hidden, weight, targets = _inputs(19, 32, 45, seed=8, scale=4.0)
+    g = randn(19, dtype=torch.float64, seed=9)
+    e_lp, _, e_gh, e_gw = _expected(hidden, weight, targets, 1.0, False, g, g)
+    # The reference itself run from fp16-rounded inputs: the error fp16 storage alone causes.
+    r_lp, _, r_gh, r_gw = _expected(hidden.half().double(), weight.half().double(), targets, 1.0, False, g, g)
+    h16 = hidden.half().to(device).requires_grad_()
+    w16 = weight.half().to(device).requires_grad_()
+    lp = ops.grouped_logprob(h16, w16, targets.to(device), backend=backend)
+    gh, gw = torch.autograd.grad((lp * g.float().to(device)).sum(), (h16, w16))
+    assert gh.dtype == torch.float16 and gw.dtype == torch.float16
+    assert_within_lowp_rule(lp, r_lp, e_lp, floor=1e-5, name="logp")
+    assert_within_lowp_rule(gh, r_gh.half(), e_gh, floor=1e-3, name="grad_hidden")
+    assert_within_lowp_rule(gw, r_gw.half(), e_gw, floor=1e-3, name="grad_weight")
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_forward_only_saves_nothing_and_matches(device, backend):
+    hidden, weight, targets = _inputs(10, 16, 30, seed=4)
+    h, w = hidden.float().to(device).requires_grad_(), weight.float().to(device).requires_grad_()
+    with_grad = ops.grouped_logprob(h, w, targets.to(device), backend=backend)
+    assert with_grad.requires_grad
+    flag = ops.grouped_logprob(h, w, targets.to(device), backend=backend, forward_only=True)
+    with torch.no_grad():
+        nograd = ops.grouped_logprob(h, w, targets.to(device), backend=backend)
+    assert flag.grad_fn is None and nograd.grad_fn is None
+    assert torch.equal(flag, with_grad.detach()) and torch.equal(nograd, flag)
+
+
+def test_entropy_output_unused_in_backward():
+    hidden, weight, targets = _inputs(6, 16, 20, seed=12)
+    h = hidden.clone().requires_grad_()
+    lp, ent = ops.grouped_logprob(h, weight, targets, return_entropy=True, backend="torch")
+    (gh,) = torch.autograd.grad(lp.sum(), (h,))
+    e_lp, _, e_gh, _ = _expected(hidden, weight, targets, 1.0, False, torch.ones(6, dtype=torch.float64), None)
+    assert_close(gh, e_gh, torch.float64, name="grad_hidden")
+
+
+def test_default_backend_on_cpu_is_torch():
+    assert backends.resolve("grouped_logprob", "cpu")[0] == "torch"
+
+
+def test_default_chunk_bounds_the_logits_tile():
+    from r1fast.ops.logprob import default_chunk
+
+    assert default_chunk(16384, 151936, torch.device("cpu")) * 151936 * 4 <= 64 << 20
+    assert default_chunk(3, 10, torch.device("cpu")) == 3
+
+
+@pytest.mark.parametrize(
+    "mutate, err, match",
+    [
+        (lambda a: a.update(targets=a["targets"].float()), TypeError, "int64"),
+        (lambda a: a["targets"].__setitem__(2, 30), ValueError, "vocabulary"),
+        (lambda a: a["targets"].__setitem__(0, -1), ValueError, "vocabulary"),
+        (lambda a: a.update(weight=a["weight"][:, :8]), ValueError, "hidden size"),
+        (lambda a: a.update(weight=a["weight"].double()), TypeError, "dtype"),
+        (lambda a: a.update(targets=a["targets"][:-1]), ValueError, "targets shape"),
+        (lambda a: a.update(hidden=a["hidden"].long()), TypeError, "float"),
+        (lambda a: a.update(temperature=0.0), ValueError, "temperature"),
+        (lambda a: a.update(chunk_size=0), ValueError, "chunk_size"),
+        (lambda a: a.update(backend="nope"), ValueError, "not a backend"),
+    ],
+)
+def test_bad_input_is_a_clear_error(mutate, err, match):
+    hidden, weight, targets = _inputs(5, 16, 30, seed=1)
+    args = dict(hidden=hidden.float(), weight=weight.float(), targets=targets)
+    mutate(args)
+    with pytest.raises(err, match=match):
+        ops.grouped_logprob(**args)
+
+
+def test_triton_rejects_float64():
+    hidden, weight, targets = _inputs(5, 16, 30, seed=1)
+    if "triton" not in backends.available("grouped_logprob", hidden.device):
+        pytest.skip("triton unavailable here")
+    with pytest.raises(ValueError, match="float64"):
+        ops.grouped_logprob(hidden, weight, targets, backend="triton")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_low_precision_large(dtype):
+    n, h, v = 300, 256, 5000
+    hidden, weight, targets = _inputs(n, h, v, seed=21, scale=8.0)
+    g = randn(n, dtype=torch.float64, seed=2)
+    e_lp, e_ent, e_gh, e_gw = _expected(hidden, weight, targets, 1.0, True, g, g)
+    r_lp, r_ent, r_gh, r_gw = _expected(hidden.to(dtype).double(), weight.to(dtype).double(), targets, 1.0, True, g, g)
+    hd, wd = hidden.to(dtype).cuda().requires_grad_(), weight.to(dtype).cuda().requires_grad_()
+    lp, ent = ops.grouped_logprob(hd, wd, targets.cuda(), return_entropy=True, backend="triton", chunk_size=128)
+    gc = g.float().cuda()
+    gh, gw = torch.autograd.grad((lp * gc).sum() + (ent * gc).sum(), (hd, wd))
+    assert_within_lowp_rule(lp, r_lp, e_lp, floor=1e-4, name="logp")
+    assert_within_lowp_rule(ent, r_ent, e_ent, floor=1e-4, name="entropy")
+    assert_within_lowp_rule(gh, r_gh.to(dtype), e_gh, floor=1e-3, name="grad_hidden")
+    assert_within_lowp_rule(gw, r_gw.to(dtype), e_gw, floor=1e-3, name="grad_weight")
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_hopper_without_a_gpu():
+    # The interpreter never runs Triton's real compiler; this does, for sm_90 (H100/H200).
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-m", "r1fast.kernels.compile_check", "90"], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.count("compiled:") == 4, out.stdout
