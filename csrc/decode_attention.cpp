@@ -21,6 +21,14 @@ static void check_args(const DecodeAttentionArgs& a) {
          a.num_splits, ", ", a.partition_size);
   if (a.num_splits > 1 && (!a.workspace_acc || !a.workspace_ml))
     fail("decode_attention: num_splits > 1 needs both workspaces");
+  // Launch grid: x = sequences (< 2^31), y = KV heads x head tiles (<= num_heads) and the merge's
+  // heads, z = splits; CUDA caps y and z at 65535. Sizes are passed to the kernel as int.
+  if (a.num_seqs > 2147483647LL) fail("decode_attention: num_seqs ", a.num_seqs, " exceeds 2^31 - 1");
+  if (a.num_heads > 65535) fail("decode_attention: num_heads ", a.num_heads, " exceeds the grid limit 65535");
+  if (a.num_splits > 65535) fail("decode_attention: num_splits ", a.num_splits, " exceeds the grid limit 65535");
+  if (a.block_size > 2147483647LL || a.max_blocks_per_seq > 2147483647LL || a.partition_size > 2147483647LL ||
+      a.max_blocks_per_seq * a.block_size > 2147483647LL)
+    fail("decode_attention: block_size, max_blocks_per_seq and the context they span must fit in int32");
   if (a.dtype < 0 || a.dtype > 2) fail("decode_attention: dtype code must be 0, 1 or 2, got ", a.dtype);
   if (a.num_seqs > 0 && (!a.out || !a.q || !a.k_cache || !a.v_cache || !a.block_tables || !a.context_lens))
     fail("decode_attention: null pointer");

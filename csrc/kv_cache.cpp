@@ -9,6 +9,8 @@ namespace r1fast {
 
 static void check_args(const StoreKVArgs& a) {
   if (a.num_tokens < 0) fail("store_kv: num_tokens must be >= 0, got ", a.num_tokens);
+  // one CUDA block per token on grid.x
+  if (a.num_tokens > 2147483647LL) fail("store_kv: num_tokens ", a.num_tokens, " exceeds 2^31 - 1");
   if (a.row_bytes <= 0) fail("store_kv: row_bytes must be > 0, got ", a.row_bytes);
   if (a.key_stride_bytes < a.row_bytes || a.value_stride_bytes < a.row_bytes)
     fail("store_kv: token strides (", a.key_stride_bytes, ", ", a.value_stride_bytes, ") are smaller than a row (",

@@ -15,7 +15,9 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, cl_ptr, out_ptr, ml_ptr, acc_ptr
                    num_heads, num_kv_heads, head_dim, block_size, max_blocks, num_splits, partition_size, scale,
                    GROUP: tl.constexpr, G_PAD: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
                    FP32: tl.constexpr):
-    seq = tl.program_id(0)
+    # int64 so every offset computed from seq (q, block table, workspaces) is 64-bit; cache offsets
+    # are made 64-bit from the loaded block id below.
+    seq = tl.program_id(0).to(tl.int64)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
     ctx = tl.load(cl_ptr + seq)

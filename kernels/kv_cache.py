@@ -7,7 +7,8 @@ import triton.language as tl
 def _store_kv_kernel(key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
                      key_stride, value_stride, row_size,
                      BLOCK: tl.constexpr):
-    token = tl.program_id(0)
+    # int64 before any multiply: token * stride and slot * row pass 2^31 elements in real caches.
+    token = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
     slot = tl.load(slot_ptr + token)
     offs = chunk * BLOCK + tl.arange(0, BLOCK)

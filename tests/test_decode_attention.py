@@ -124,3 +124,167 @@ def test_prefill_over_cached_prefix_matches_reference(backend):
     assert_close(got, want, dtype=torch.float32, name=f"{backend} prefill")
     with pytest.raises(ValueError, match="query_len <= context_len"):
         ops.paged_prefill_attention(q, kc, vc, slots, [3, 6], [9, 5])
+
+
+def test_decode_split_count_beyond_the_grid_limit_is_a_clear_error():
+    # splits run on launch-grid dim z, which CUDA caps at 65535
+    q, kc, vc, _, _ = make_case(1, 2, 1, 8, 1, [3])
+    tables = torch.zeros(1, 70_000, dtype=torch.int32)
+    ctx = torch.tensor([3], dtype=torch.int32)
+    with pytest.raises(ValueError, match="grid limit"):
+        ops.paged_decode_attention(q, kc, vc, tables, ctx, num_splits=70_000, check_bounds=False, backend="torch")
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU checks at real sizes (skipped without CUDA); each takes seconds at most.
+
+def _gpu_decode_backends():
+    names = [b for b in ("cuda", "triton") if b in backends.available("paged_decode_attention", "cuda")]
+    assert "triton" in names
+    return names
+
+
+@pytest.mark.gpu
+def test_decode_reads_blocks_past_2_31_elements():
+    # bf16 caches of 2^31 + elements (8.6 GB for K and V). The sequences' blocks mix ids near 0 with
+    # ids whose rows start at or past element 2^31, where 32-bit offset arithmetic wraps. The float64
+    # reference runs on a compact copy of just those blocks.
+    from r1fast.testing import assert_within_lowp_rule
+
+    heads, kv_heads, dim, bs = 32, 8, 128, 16
+    first_big = 2**31 // (bs * kv_heads * dim)  # block whose first row starts at element 2^31
+    num_blocks = first_big + 72
+    cache_bytes = 2 * num_blocks * bs * kv_heads * dim * 2
+    if torch.cuda.mem_get_info()[0] < cache_bytes + 4 * 2**30:
+        pytest.skip(f"needs {cache_bytes / 2**30 + 4:.0f} GiB free on the GPU")
+    lens = [1, 37, 300, 1025]
+    need = [-(-c // bs) for c in lens]
+    g = torch.Generator().manual_seed(5)
+    cand = torch.cat([torch.arange(32), torch.arange(first_big - 8, num_blocks)])
+    cand = cand[torch.randperm(cand.numel(), generator=g)][: sum(need)]
+    local = torch.zeros(len(lens), max(need), dtype=torch.int32)  # indices into the compact copy
+    used = 0
+    for b, n in enumerate(need):
+        local[b, :n] = torch.arange(used, used + n, dtype=torch.int32)
+        used += n
+    tables = cand[local.long()].int().cuda()
+    small_k = randn(sum(need), bs, kv_heads, dim, seed=6, dtype=torch.bfloat16, device="cuda")
+    small_v = randn(sum(need), bs, kv_heads, dim, seed=7, dtype=torch.bfloat16, device="cuda")
+    # NaN everywhere else: a read from a wrong (wrapped) address poisons the output
+    kc = torch.full((num_blocks, bs, kv_heads, dim), float("nan"), dtype=torch.bfloat16, device="cuda")
+    vc = torch.full_like(kc, float("nan"))
+    try:
+        kc[cand.cuda()] = small_k
+        vc[cand.cuda()] = small_v
+        q = randn(len(lens), heads, dim, seed=8, dtype=torch.bfloat16, device="cuda")
+        ctx = torch.tensor(lens, dtype=torch.int32, device="cuda")
+        want = expected(q, small_k, small_v, local, ctx)
+        ref_lowp = ref.paged_decode_attention(q, small_k, small_v, local.cuda(), ctx).cpu()
+        for name in _gpu_decode_backends():
+            for splits in (None, 4):
+                got = ops.paged_decode_attention(q, kc, vc, tables, ctx, num_splits=splits, backend=name)
+                assert_within_lowp_rule(got, ref_lowp, want, factor=2.0, floor=1e-5, name=f"{name} x{splits}")
+    finally:
+        del kc, vc
+        torch.cuda.empty_cache()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["cuda", "triton"])
+def test_store_and_decode_replay_in_a_cuda_graph(name):
+    # The rollout runner's decode step: store_kv + decode with the host checks off, captured once
+    # and replayed on new inputs copied into the static buffers.
+    if name not in backends.available("paged_decode_attention", "cuda"):
+        pytest.skip(f"{name} backend unavailable")
+    q, kc, vc, tables, ctx = make_case(6, 16, 4, 128, 16, [1, 40, 333, 700, 17, 64], dtype=torch.bfloat16,
+                                       device="cuda")
+    tables = tables.clamp_min(0)
+    key = randn(6, 4, 128, seed=50, dtype=torch.bfloat16, device="cuda")
+    value = randn(6, 4, 128, seed=51, dtype=torch.bfloat16, device="cuda")
+    slots = (tables[:, 0].long() * 16 + 3).contiguous()
+
+    def step():
+        ops.store_kv(key, value, kc, vc, slots, check_slots=False)
+        return ops.paged_decode_attention(q, kc, vc, tables, ctx, backend=name, check_bounds=False)
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()  # warm-up (compiles / loads the kernels) outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    previous = None
+    for seed in (60, 70):
+        q.copy_(randn(*q.shape, seed=seed, dtype=q.dtype))
+        key.copy_(randn(*key.shape, seed=seed + 1, dtype=key.dtype))
+        ctx.copy_(torch.tensor([5, 17, 300, 650, 2, 64], dtype=torch.int32))
+        graph.replay()
+        torch.cuda.synchronize()
+        replayed = out.clone()
+        assert previous is None or not torch.equal(replayed, previous)  # the replay saw the new inputs
+        eager = step()  # same inputs again (store_kv rewrites the same rows): same kernels, same bits
+        assert torch.equal(replayed, eager), f"{name}: graph replay differs from eager"
+        want = expected(q, kc, vc, tables, ctx)
+        assert (replayed.double().cpu() - want).abs().max() < 2e-2
+        previous = replayed
+
+
+@pytest.mark.gpu
+def test_decode_cuda_op_passes_opcheck_and_checks_alignment():
+    if "cuda" not in backends.available("paged_decode_attention", "cuda"):
+        pytest.skip("r1fast._C was built without CUDA")
+    from r1fast.ops.attention import _decode_cuda_op
+
+    q, kc, vc, tables, ctx = make_case(3, 8, 2, 64, 16, [5, 40, 200], dtype=torch.bfloat16, device="cuda")
+    tables = tables.clamp_min(0)
+    torch.library.opcheck(_decode_cuda_op, (q, kc, vc, tables, ctx, 0.125, 2, 128))
+    buf = torch.empty(q.numel() + 1, dtype=q.dtype, device="cuda")
+    shifted = buf[1:].view(q.shape)  # contiguous, 2 bytes past a 16-byte boundary
+    shifted.copy_(q)
+    with pytest.raises(ValueError, match="16-byte aligned"):
+        ops.paged_decode_attention(shifted, kc, vc, tables, ctx, backend="cuda")
+    got = ops.paged_decode_attention(shifted, kc, vc, tables, ctx, backend="triton")  # no such limit
+    assert (got.double().cpu() - expected(q, kc, vc, tables, ctx)).abs().max() < 2e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_decode_runs_on_the_tensors_device_not_the_current_one():
+    q, kc, vc, tables, ctx = make_case(3, 8, 2, 64, 16, [5, 40, 200], device="cuda:1")
+    want = expected(q, kc, vc, tables, ctx)
+    for name in _gpu_decode_backends():
+        with torch.cuda.device(0):
+            got = ops.paged_decode_attention(q, kc, vc, tables, ctx, backend=name)
+        assert_close(got, want, dtype=torch.float32, rtol=1e-4, name=f"{name} on cuda:1")
+
+
+_AOT_SCRIPT = """
+from r1fast.kernels.compile_check import compile_for
+from r1fast.kernels import decode_attention as da, kv_cache as kv
+for dt in ("bf16", "fp16", "fp32"):
+    types = {"q_ptr": f"*{dt}", "k_ptr": f"*{dt}", "v_ptr": f"*{dt}", "bt_ptr": "*i32", "cl_ptr": "*i32",
+             "out_ptr": f"*{dt}", "ml_ptr": "*fp32", "acc_ptr": "*fp32", "scale": "fp32"}
+    for group, d in ((1, 64), (6, 128), (8, 256)):
+        g_pad, d_pad = max(16, 1 << (group - 1).bit_length()), max(16, d)
+        compile_for(da._decode_kernel, types, dict(GROUP=group, G_PAD=g_pad, D_PAD=d_pad,
+                    BLOCK_N=32 if d_pad <= 128 else 16, FP32=dt == "fp32"), 90, num_warps=4)
+    types = {"key_ptr": f"*{dt}", "value_ptr": f"*{dt}", "k_cache_ptr": f"*{dt}", "v_cache_ptr": f"*{dt}",
+             "slot_ptr": "*i64"}
+    compile_for(kv._store_kv_kernel, types, dict(BLOCK=1024), 90, num_warps=4)
+print("ok")
+"""
+
+
+@pytest.mark.slow
+def test_triton_rollout_kernels_compile_for_sm90():
+    # The real compiler (no GPU needed): catches tl.dot shape/dtype and bf16 lowering errors that the
+    # interpreter hides. ~12 s of CPU.
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-3000:]

@@ -40,12 +40,15 @@ def _fake_te():
     class Linear(nn.Linear):
         def __init__(self, in_features, out_features, bias=True, params_dtype=None, device=None):
             super().__init__(in_features, out_features, bias=bias, dtype=params_dtype, device=device)
+            if not bias:  # like TE: a bias-free layer holds an empty tensor, not None
+                del self._parameters["bias"]
+                self.bias = torch.Tensor().to(dtype=params_dtype, device=device)
 
         def forward(self, x):
             assert active, "TE linear called outside fp8_autocast"
             assert x.dim() == 2 and x.shape[0] % 16 == 0, f"TE FP8 needs rows % 16 == 0, got {tuple(x.shape)}"
             calls["rows"].append(x.shape[0])
-            return F.linear(x, self.weight, self.bias)
+            return F.linear(x, self.weight, self.bias if self.bias.numel() else None)
 
     @contextlib.contextmanager
     def fp8_autocast(enabled, fp8_recipe):
@@ -113,13 +116,15 @@ def test_apply_fp8_te_mode_converts_with_the_stand_in(fake_te, monkeypatch):
         apply_fp8(model, "emulate")
 
 
-def test_te_linear_honours_fp8_disabled(fake_te):
+@pytest.mark.parametrize("bias", [True, False])
+def test_te_linear_honours_fp8_disabled(fake_te, bias):
     from r1fast.fp8 import fp8_disabled
 
     calls, _ = fake_te
-    lin = nn.Linear(32, 16)
+    lin = nn.Linear(32, 16, bias=bias)
     te_lin = fp8_te.te_linear_from(lin, "current", "e5m2")
     x = randn(5, 32, seed=2)
     with fp8_disabled():
         torch.testing.assert_close(te_lin(x), lin(x))
     assert calls["autocast"] == []
+    torch.testing.assert_close(te_lin(x), lin(x))  # and the FP8 (stand-in) path without a bias

@@ -289,3 +289,22 @@ def test_random_engine_limits_never_change_seeded_outputs(models):
         assert engine.block_manager.num_free_blocks == num_blocks
 
     check()
+
+
+def test_decode_steps_run_with_fp8_layers_disabled(models, monkeypatch):
+    # Decode (and so every captured CUDA graph) runs FP8 layers in high precision; prefill does not.
+    from r1fast.fp8 import fp8_enabled
+
+    _, model = models
+    seen = []
+    forward = type(model).forward
+
+    def spy(self, *args, attn=None, **kwargs):
+        seen.append((type(attn).__name__, fp8_enabled()))
+        return forward(self, *args, attn=attn, **kwargs)
+
+    monkeypatch.setattr(type(model), "forward", spy)
+    Engine(model, block_size=4, num_blocks=64).generate([[1, 2, 3]], SamplingParams(max_tokens=4, seed=0))
+    assert ("PrefillContext", True) in seen
+    decode = [enabled for kind, enabled in seen if kind == "DecodeContext"]
+    assert decode and not any(decode)

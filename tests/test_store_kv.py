@@ -100,3 +100,101 @@ def test_cuda_build_imports_without_driver_and_says_so():
     ext = _ext.load()
     with pytest.raises(RuntimeError, match="CUDA"):
         ext.store_kv_cuda(1, 1, 1, 1, 1, 1, 4, 4, 4, 1, 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU checks at real sizes (skipped without CUDA). Each runs in well under a second of GPU time.
+
+def _free_bytes():
+    return torch.cuda.mem_get_info()[0]
+
+
+def _gpu_backends():
+    return [b for b in ("triton", "cuda") if b in backends.available("store_kv", "cuda")]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("offset", [0, 1, 2, 4], ids=["align16", "align2", "align4", "align8"])
+def test_store_kv_bf16_strided_rows_every_alignment(offset):
+    # Rows sliced out of a fused qkv buffer at an element offset: the CUDA kernel must drop from
+    # 16-byte to 8/4/2-byte copies instead of issuing misaligned vector loads. bf16 is copied bit
+    # for bit (the interpreter cannot run bf16, so this is its only check).
+    heads, dim, n, blocks, bs = 8, 128, 257, 40, 16
+    assert "triton" in _gpu_backends()
+    for i, backend in enumerate(_gpu_backends()):
+        qkv = randn(n, 3 * heads * dim + offset, seed=20 + i, dtype=torch.bfloat16, device="cuda")
+        key = qkv[:, offset : offset + heads * dim].view(n, heads, dim)
+        value = qkv[:, offset + heads * dim : offset + 2 * heads * dim].view(n, heads, dim)
+        slots = torch.randperm(blocks * bs, generator=torch.Generator().manual_seed(i))[:n]
+        slots[::5] = -1
+        slots = slots.cuda()
+        kc = poison(torch.empty(blocks, bs, heads, dim, dtype=torch.bfloat16, device="cuda"))
+        vc = poison(torch.empty_like(kc))
+        ek, ev = _expected(key, value, kc, vc, slots)
+        ops.store_kv(key, value, kc, vc, slots, backend=backend)
+        torch.cuda.synchronize()
+        for got, want in ((kc, ek), (vc, ev)):
+            assert torch.equal(got.isnan(), want.isnan()), (backend, offset)
+            assert torch.equal(got.nan_to_num(), want.nan_to_num()), (backend, offset)
+
+
+@pytest.mark.gpu
+def test_store_kv_slots_past_2_31_elements():
+    # A cache of more than 2^31 elements (8.6 GB bf16 for K and V): slot 2^21 of 1024-element rows
+    # starts exactly at element 2^31, where 32-bit offset arithmetic wraps.
+    heads, dim, bs = 8, 128, 16
+    row = heads * dim
+    first_big = 2**31 // row
+    num_blocks = first_big // bs + 8
+    cache_bytes = 2 * num_blocks * bs * row * 2
+    if _free_bytes() < cache_bytes + 4 * 2**30:
+        pytest.skip(f"needs {cache_bytes / 2**30 + 4:.0f} GiB free on the GPU")
+    shape = (num_blocks, bs, heads, dim)
+    kc = torch.empty(shape, dtype=torch.bfloat16, device="cuda")
+    vc = torch.empty_like(kc)
+    num_slots = num_blocks * bs
+    slots = torch.tensor([num_slots - 1, first_big, first_big - 1, first_big + 77, 3, -1, num_slots - bs],
+                         dtype=torch.long, device="cuda")
+    n = slots.numel()
+    key = randn(n, heads, dim, seed=31, dtype=torch.bfloat16, device="cuda")
+    value = randn(n, heads, dim, seed=32, dtype=torch.bfloat16, device="cuda")
+    keep = (slots >= 0).cpu()
+    try:
+        for backend in _gpu_backends():
+            poison(kc), poison(vc)
+            ops.store_kv(key, value, kc, vc, slots, backend=backend, check_slots=False)
+            torch.cuda.synchronize()
+            for cache, src in ((kc, key), (vc, value)):
+                flat = cache.view(-1, heads, dim)
+                assert torch.equal(flat[slots[keep.cuda()]], src[keep.cuda()]), backend
+                # nothing else written (a wrapped offset would land somewhere below 2^31)
+                written = sum(int((~chunk.isnan()).any(-1).sum()) for chunk in cache.view(-1, row).split(2**20))
+                assert written == int(keep.sum()), backend
+    finally:
+        del kc, vc
+        torch.cuda.empty_cache()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_store_kv_runs_on_the_cache_device_not_the_current_one():
+    for backend in _gpu_backends():
+        key, value, kc, vc, slots = _case(33, 4, 16, 12, 16, torch.float16, "cuda:1", seed=40)
+        ek, ev = _expected(key, value, kc, vc, slots)
+        with torch.cuda.device(0):
+            ops.store_kv(key, value, kc, vc, slots, backend=backend)
+        torch.cuda.synchronize(1)
+        assert torch.equal(kc.nan_to_num(), ek.nan_to_num()) and torch.equal(vc.nan_to_num(), ev.nan_to_num())
+
+
+@pytest.mark.gpu
+def test_store_kv_cuda_op_passes_opcheck():
+    # schema (declared mutations), fake-tensor impl and AOT dispatch: what torch.compile and CUDA
+    # graphs rely on
+    if "cuda" not in backends.available("store_kv", "cuda"):
+        pytest.skip("r1fast._C was built without CUDA")
+    from r1fast.ops.kv_cache import _store_kv_cuda_op
+
+    key, value, kc, vc, slots = _case(9, 2, 16, 4, 4, torch.bfloat16, "cuda", seed=41)
+    kc.normal_(), vc.normal_()
+    torch.library.opcheck(_store_kv_cuda_op, (key, value, kc, vc, slots))

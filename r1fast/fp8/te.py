@@ -50,7 +50,9 @@ def te_linear_class():
 
         def forward(self, x: torch.Tensor, *args, **kwargs):
             if not fp8_enabled():
-                return F.linear(x, self.weight, self.bias)
+                # TE keeps a bias-free layer's `bias` as an empty tensor, not None.
+                bias = self.bias if isinstance(self.bias, torch.Tensor) and self.bias.numel() else None
+                return F.linear(x, self.weight, bias)
             lead, k = x.shape[:-1], x.shape[-1]
             x2 = x.reshape(-1, k)
             rows = x2.shape[0]

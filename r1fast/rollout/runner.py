@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from r1fast import ops
+from r1fast.fp8 import fp8_disabled
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +126,10 @@ class ModelRunner:
     def _run_decode(self, t):
         ctx = DecodeContext(self.kv, t["slots"], t["block_tables"], t["context_lens"], self.scale,
                             self.decode_backend)
-        return self.model(t["input_ids"], t["positions"], attn=ctx)
+        # FP8 layers decode in their parameters' precision: one-token GEMMs are too thin for FP8 to
+        # pay, and the FP8 quantiser (torch.compile) and TE's scaling state do not belong in a graph.
+        with fp8_disabled():
+            return self.model(t["input_ids"], t["positions"], attn=ctx)
 
     @torch.no_grad()
     def decode(self, bm, seq_ids, last_tokens, positions, slots) -> torch.Tensor:
@@ -141,7 +145,8 @@ class ModelRunner:
         host = self._decode_inputs(bm, seq_ids, last_tokens, positions, slots, bucket, self.max_blocks_per_seq)
         for k, v in host.items():
             static[k].copy_(torch.from_numpy(v), non_blocking=True)
-        graph.replay()
+        with torch.cuda.device(self.device):
+            graph.replay()
         return static["hidden"][:b]
 
     def _capture_graphs(self, max_num_seqs: int):
@@ -149,6 +154,12 @@ class ModelRunner:
         buckets = sorted({b for b in (1, 2, 4, 8) if b <= max_num_seqs} |
                          set(range(16, max_num_seqs + 1, 16)) | {max_num_seqs})
         width = self.max_blocks_per_seq
+        # torch.cuda.graph captures on a side stream of the *current* device: make it the model's.
+        with torch.cuda.device(self.device):
+            self._capture_buckets(buckets, width)
+        torch.cuda.synchronize(self.device)
+
+    def _capture_buckets(self, buckets, width):
         try:
             pool = None
             for b in reversed(buckets):
@@ -168,4 +179,3 @@ class ModelRunner:
         except Exception as e:  # noqa: BLE001 - any capture problem means: run eagerly
             log.warning("CUDA graph capture failed (%s); decoding eagerly", e)
             self.graphs.clear()
-        torch.cuda.synchronize(self.device)
