@@ -342,11 +342,15 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(l, widths)).rstrip() for l in lines)
 
 
-def write_results(rows: list[dict], out_dir: Path, device: torch.device, meta: dict) -> tuple[Path, Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    card = _describe_device(device).split(" (")[0].replace(" ", "-").lower()
-    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H%M%S")
-    csv_path, json_path = out_dir / f"{card}-{stamp}.csv", out_dir / f"{card}-{stamp}.json"
+def write_results(rows: list[dict], out_dir: Path, device: torch.device, meta: dict,
+                  paths: tuple[Path, Path] | None = None) -> tuple[Path, Path]:
+    """Write rows as <card>-<time>.csv and .json (or over `paths`, to update a run's files)."""
+    if paths is None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        card = _describe_device(device).split(" (")[0].replace(" ", "-").lower()
+        stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H%M%S")
+        paths = out_dir / f"{card}-{stamp}.csv", out_dir / f"{card}-{stamp}.json"
+    csv_path, json_path = paths
     with open(csv_path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=COLUMNS)
         w.writeheader()
@@ -422,6 +426,8 @@ def main(suite_names: list[str], size: str = "smoke", out_dir: str | None = None
     machine = Machine(dev, size)
     timer = Timer(dev, budget_s=budget_s if budget_s is not None else (2.0 if dev.type == "cuda" else 0.5),
                   warmup=min(3, min_reps), min_reps=min_reps)
+    out = Path(out_dir or "bench-results")
+    paths = None
     rows: list[dict] = []
     for name in suite_names or list(suites):
         log(f"[bench] {name} ({size}, {_describe_device(dev)})")
@@ -431,15 +437,19 @@ def main(suite_names: list[str], size: str = "smoke", out_dir: str | None = None
         except Exception as e:  # one broken suite must not lose the others' results
             log(f"  FAILED {name}: {type(e).__name__}: {e}")
         log(f"[bench] {name} done in {time.perf_counter() - t0:.1f}s")
-    meta = dict(device=_describe_device(dev), size=size, **_versions(),
-                matmul_tflops={k: v / 1e12 for k, v in machine._rates.items()},
-                copy_gb_s=(machine._bandwidth or float("nan")) / 1e9)
-    log(f"[bench] machine: matmul {', '.join(f'{k} {v:.1f} TFLOP/s' for k, v in meta['matmul_tflops'].items()) or '-'}"
-        f"; copy {meta['copy_gb_s']:.1f} GB/s")
+        if rows:  # rewritten after every suite, so a run cut short by a timeout keeps what it measured
+            paths = write_results(rows, out, dev, _meta(dev, size, machine), paths)
+    log(f"[bench] machine: matmul {', '.join(f'{k} {v / 1e12:.1f} TFLOP/s' for k, v in machine._rates.items()) or '-'}"
+        f"; copy {(machine._bandwidth or float('nan')) / 1e9:.1f} GB/s")
     if rows:
-        csv_path, json_path = write_results(rows, Path(out_dir or "bench-results"), dev, meta)
         log(format_table(rows))
-        log(f"[bench] wrote {csv_path} and {json_path}")
+        log(f"[bench] wrote {paths[0]} and {paths[1]}")
     else:
         log("[bench] no rows (every case was skipped)")
     return rows
+
+
+def _meta(dev: torch.device, size: str, machine: Machine) -> dict:
+    return dict(device=_describe_device(dev), size=size, **_versions(),
+                matmul_tflops={k: v / 1e12 for k, v in machine._rates.items()},
+                copy_gb_s=(machine._bandwidth or float("nan")) / 1e9)
