@@ -2,12 +2,19 @@
 
 Catches what the CPU interpreter cannot: Triton front-end/type errors, unsupported ops and
 layout failures in the real compiler. Used by tests (marked slow) and runnable by hand:
-    python -m r1fast.kernels.compile_check 90 [--full]
+    python -m r1fast.kernels.compile_check 90 [--full] [--resources]
+`--resources` prints registers / spill bytes / shared memory per kernel (ptxas -v): spills are
+what the interpreter can never show and what makes a memory-bound kernel slow on the GPU.
 Needs TRITON_INTERPRET unset (under the interpreter @triton.jit yields interpreted functions).
 """
 import inspect
+import os
+import re
+import subprocess
 import sys
+import tempfile
 
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -16,33 +23,83 @@ from r1fast.kernels import grpo_loss as grpo_kernels
 from r1fast.kernels import logprob as logprob_kernels
 
 
+# Integer arguments that are multiples of 16 at the GPU size (H=4096, V=151936): the JIT marks such
+# values (and 16-byte aligned pointers) tt.divisibility=16 when it specialises, which is what lets
+# loads vectorise and the pipeliner issue cp.async. Without the hints, the compiled code is not
+# what runs (no software pipelining at all).
+DIVISIBLE_INTS = ("H", "V", "stride_h", "stride_w", "stride_dl")
+
+
 def compile_for(jitfn, types: dict, constexprs: dict, arch: int, num_warps: int = 8, num_stages: int = 3):
-    """triton.compile `jitfn` for sm_<arch>; unnamed non-constexpr arguments are i32 scalars."""
+    """triton.compile `jitfn` for sm_<arch>; unnamed non-constexpr arguments are i32 scalars.
+    Pointers and DIVISIBLE_INTS get the divisibility-by-16 hint the JIT would give them."""
     names = list(inspect.signature(jitfn.fn).parameters)
-    sig, consts = {}, {}
+    sig, consts, attrs = {}, {}, {}
     for i, name in enumerate(names):
         if name in constexprs:
             sig[name], consts[(i,)] = "constexpr", constexprs[name]
         else:
             sig[name] = types.get(name, "i32")
-    src = ASTSource(fn=jitfn, signature=sig, constexprs=consts)
+            if sig[name].startswith("*") or name in DIVISIBLE_INTS:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    src = ASTSource(fn=jitfn, signature=sig, constexprs=consts, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32),
                           options=dict(num_warps=num_warps, num_stages=num_stages))
 
 
-def compile_all(arch: int = 90, full: bool = False):
-    """Every kernel in its GPU configuration; `full` also walks every grpo_loss specialisation."""
+def ptxas_usage(kernel, arch: int):
+    """(registers, spill-store bytes, shared bytes) of a compiled kernel, from `ptxas -v` on its PTX
+    with the ptxas Triton itself uses; None where that ptxas cannot be found (e.g. another Triton)."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        ptxas = get_ptxas(arch).path
+    except Exception:  # noqa: BLE001 - only a report, never a failure
+        return None
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "k.ptx")
+        with open(path, "w") as f:
+            f.write(kernel.asm["ptx"])
+        sm = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
+        out = subprocess.run([ptxas, "-v", f"-arch={sm}", path, "-o", os.devnull], capture_output=True, text=True)
+    regs = re.search(r"Used (\d+) registers", out.stderr)
+    spill = re.search(r"(\d+) bytes spill stores", out.stderr)
+    if not regs or not spill:
+        return None
+    return int(regs.group(1)), int(spill.group(1)), kernel.metadata.shared
+
+
+# sm_90's limit on shared memory per block (227 KB): a config above it compiles but fails at launch.
+SHARED_LIMIT = {90: 232448, 80: 166912}
+
+
+def _compile(jitfn, types, constexprs, arch, cfg, report, name):
+    k = compile_for(jitfn, types, dict(constexprs, **{n: v for n, v in cfg.items() if n.startswith("BLOCK")}), arch,
+                    num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    limit = SHARED_LIMIT.get(arch)
+    if limit is not None and k.metadata.shared > limit:
+        raise RuntimeError(f"{name}: {k.metadata.shared} bytes of shared memory > sm_{arch}'s {limit}")
+    if report is not None:
+        report.append((name, ptxas_usage(k, arch)))
+    return k
+
+
+def compile_all(arch: int = 90, full: bool = False, report=None):
+    """Every kernel in its GPU configuration; `full` also walks every grpo_loss specialisation.
+    With a `report` list, appends (name, (registers, spill bytes, shared bytes) or None) per kernel."""
     done = []
-    cfg = {k: v for k, v in logprob_kernels.GPU_CONFIG.items() if k.startswith("BLOCK")}
     for dt in ("bf16", "fp16", "fp32"):
         types = {"h_ptr": f"*{dt}", "w_ptr": f"*{dt}", "dl_ptr": f"*{dt}", "t_ptr": "*i64", "inv_temp": "fp32"}
         types.update({n: "*fp32" for n in ("z_ptr", "part_ptr", "lse_ptr", "zt_ptr", "ent_ptr", "g_logp_ptr", "g_ent_ptr")})
         prec = "ieee" if dt == "fp32" else "tf32"
-        compile_for(logprob_kernels._logits_kernel, types, dict(cfg, PRECISION=prec), arch)
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dt]
+        _compile(logprob_kernels._logits_kernel, types, dict(PRECISION=prec), arch,
+                 logprob_kernels.gpu_config(dtype), report, f"_logits_kernel {dt}")
         for load_z in (False, True):
-            c = dict(cfg, WITH_ENTROPY=True, PRECISION=prec, LOAD_Z=load_z)
-            compile_for(logprob_kernels._logprob_fwd_kernel, types, c, arch)
-            compile_for(logprob_kernels._dlogits_kernel, types, c, arch)
+            cfg = logprob_kernels.gpu_config(dtype, load_z)
+            c = dict(WITH_ENTROPY=True, PRECISION=prec, LOAD_Z=load_z)
+            for kern in (logprob_kernels._logprob_fwd_kernel, logprob_kernels._dlogits_kernel):
+                _compile(kern, types, c, arch, cfg, report, f"{kern.fn.__name__} {dt} LOAD_Z={load_z}")
         done.append(f"logprob kernels {dt}")
     types = {n: "*fp32" for n in ("logp_ptr", "old_ptr", "ref_ptr", "smp_ptr", "ent_ptr", "mask_ptr", "adv_ptr",
                                   "denom_ptr", "row_cnt_ptr", "row_loss_ptr", "g_logp_ptr", "g_ent_ptr", "stats_ptr")}
@@ -53,12 +110,17 @@ def compile_all(arch: int = 90, full: bool = False):
         c = dict(LOSS_TYPE=lt, SEQ_LEVEL=seq, HAS_DELTA=True, KL=3, USE_KL=True, TIS=tis, TIS_SEQ=seq,
                  HAS_SMP=tis != 0, HAS_ENT=True, BLOCK_T=1024, N_STATS=grpo_kernels.N_STATS,
                  HAS_ROW_CNT=not seq)
-        compile_for(grpo_kernels._grpo_loss_kernel, types, c, arch, num_warps=4)
+        _compile(grpo_kernels._grpo_loss_kernel, types, c, arch, dict(num_warps=4, num_stages=3), report,
+                 f"_grpo_loss_kernel {lt}/{seq}/{tis}")
     done.append(f"grpo_loss kernel ({len(variants)} specialisations)")
     return done
 
 
 if __name__ == "__main__":
     args = [a for a in sys.argv[1:] if not a.startswith("--")]
-    for line in compile_all(int(args[0]) if args else 90, full="--full" in sys.argv):
+    report = [] if "--resources" in sys.argv else None
+    for line in compile_all(int(args[0]) if args else 90, full="--full" in sys.argv, report=report):
         print("compiled:", line)
+    for name, usage in report or ():
+        print(f"  {name}: " + ("ptxas unavailable" if usage is None else
+                               "{} registers, {} bytes spilled, {} bytes shared".format(*usage)))

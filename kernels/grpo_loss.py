@@ -214,10 +214,12 @@ def grpo_loss_fwd(logp, old, ref, smp, ent, mask, adv, opts, totals=None):
     logp_, old_, ref_, smp_, ent_ = f32(logp), f32(old), f32(ref), f32(smp), f32(ent)
     mask_ = mask.to(torch.float32).contiguous()
     old_ = logp_ if old_ is None else old_
+    # torch.full, not torch.tensor([...], device=dev): the latter is a host-to-device copy that
+    # synchronises the stream (once per chunk in the fused single pass) and breaks CUDA graphs.
     if opts.num_items is not None and opts.loss_type in ("dapo", "cispo"):
-        denom = torch.tensor([float(opts.num_items)], device=dev)
+        denom = torch.full((1,), float(opts.num_items), dtype=torch.float32, device=dev)
     elif totals is not None:
-        denom = torch.tensor([max(float(totals[1]), 1.0)], device=dev)
+        denom = torch.full((1,), max(float(totals[1]), 1.0), dtype=torch.float32, device=dev)
     else:
         denom = mask_.sum().clamp_min(1.0).reshape(1)
     n_rows = b if totals is None else int(totals[0])

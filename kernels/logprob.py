@@ -19,14 +19,28 @@ import torch
 import triton
 import triton.language as tl
 
-# Tile shapes. GPU: sized for H100/H200 (128x128 output tile, 64-wide K steps). Interpreter: tiny
-# tiles keep numpy work small and make test shapes cross tile edges. tl.dot needs every dim >= 16.
+# Tile shapes. GPU: sized for H100/H200 (128x128 output tile, 64-wide K steps: wgmma on sm_90, 3
+# cp.async stages, 96 KB of shared memory). Interpreter: tiny tiles keep numpy work small and make
+# test shapes cross tile edges. tl.dot needs every dim >= 16. The kernels that read stored logits
+# (LOAD_Z, memory-bound, no tl.dot) get their own tile: at 128x128 the forward one spills ~6 KB per
+# thread (ptxas -v: `python -m r1fast.kernels.compile_check 90 --resources`), at 16x256 none.
+# fp32 inputs take the exact (ieee, FMA) tl.dot, whose 128x128x64 tile spills ~11 KB per thread
+# in the forward kernel; 64x128x32 spills nothing.
 GPU_CONFIG = dict(BLOCK_N=128, BLOCK_V=128, BLOCK_H=64, num_warps=8, num_stages=3)
+GPU_FP32_CONFIG = dict(BLOCK_N=64, BLOCK_V=128, BLOCK_H=32, num_warps=8, num_stages=3)
+GPU_LOAD_Z_CONFIG = dict(BLOCK_N=16, BLOCK_V=256, BLOCK_H=16, num_warps=4, num_stages=1)
 CPU_CONFIG = dict(BLOCK_N=16, BLOCK_V=32, BLOCK_H=16, num_warps=1, num_stages=1)
 
 
-def _config(device):
-    return GPU_CONFIG if device.type == "cuda" else CPU_CONFIG
+def gpu_config(dtype, load_z=False):
+    """Tile config of the kernels that form logits with tl.dot from `dtype` inputs, or (load_z) read them."""
+    if load_z:
+        return GPU_LOAD_Z_CONFIG
+    return GPU_FP32_CONFIG if dtype == torch.float32 else GPU_CONFIG
+
+
+def _config(hidden, load_z=False):
+    return gpu_config(hidden.dtype, load_z) if hidden.device.type == "cuda" else CPU_CONFIG
 
 
 def _poisoned(t):
@@ -155,7 +169,7 @@ def logits(hidden, weight, inv_temp: float):
     """fp32 [N, V] logits / temperature of one chunk of tokens (fp32 accumulation whatever the input dtype)."""
     n, h = hidden.shape
     v = weight.shape[0]
-    cfg = _config(hidden.device)
+    cfg = _config(hidden)
     z = _poisoned(torch.empty(n, v, dtype=torch.float32, device=hidden.device))
     grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(v, cfg["BLOCK_V"]))
     _logits_kernel[grid](hidden, weight, z, n, v, h, hidden.stride(0), weight.stride(0), inv_temp,
@@ -170,7 +184,7 @@ def logprob_forward(hidden, weight, targets, inv_temp: float, with_entropy: bool
     """
     n, h = hidden.shape
     v = weight.shape[0]
-    cfg = _config(hidden.device)
+    cfg = _config(hidden, load_z=z is not None)
     n_tiles = triton.cdiv(n, cfg["BLOCK_N"])
     splits = vocab_splits(n_tiles, v, cfg["BLOCK_V"], hidden.device)
     v_per_split = triton.cdiv(triton.cdiv(v, splits), cfg["BLOCK_V"]) * cfg["BLOCK_V"]
@@ -212,7 +226,7 @@ def dlogits(hidden, weight, targets, lse, entropy, g_logp, g_ent, inv_temp: floa
     """
     n, h = hidden.shape
     v = weight.shape[0]
-    cfg = _config(hidden.device)
+    cfg = _config(hidden, load_z=z is not None)
     out = _poisoned(torch.empty(n, v, dtype=out_dtype, device=hidden.device))
     with_entropy = g_ent is not None
     grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(v, cfg["BLOCK_V"]))

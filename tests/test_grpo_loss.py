@@ -503,3 +503,152 @@ def test_gpu_fused_bf16_within_low_precision_rule(single_pass):
     assert_within_lowp_rule(loss, r_loss, e_loss, floor=1e-4, name="loss")
     assert_within_lowp_rule(gh, r_gh.bfloat16(), e_gh, floor=2e-3 * e_gh.abs().max().item(), name="grad_hidden")
     assert_within_lowp_rule(gw, r_gw.bfloat16(), e_gw, floor=2e-3 * e_gw.abs().max().item(), name="grad_weight")
+
+
+def test_fused_backward_runs_once():
+    # the single pass scales its stored gradients in place: a second backward must fail loudly
+    d, hidden, weight, targets = _fused_case(seed=9)
+    h = hidden.float().requires_grad_()
+    loss, _ = ops.fused_linear_grpo_loss(h, weight.float(), targets, d["mask"], d["adv"].float(),
+                                         old_logp=d["old"].float(), backend="torch")
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="runs once"):
+        loss.backward()
+
+
+def test_scale_in_place_rounds_once_without_a_host_sync():
+    from r1fast.ops.fused_loss import scale_
+
+    x = randn(1000, dtype=torch.float64, seed=3).bfloat16()
+    g = torch.tensor(1.0 / 3.0)  # bf16(1/3) = 0.33398: rounding g first would bias every entry by +0.2%
+    exact = x.double() / 3.0
+    y = scale_(x.clone(), g, slice_elems=64)  # 16 slices
+    rel = (y.double() - exact) / exact
+    assert rel.abs().max() <= 2 ** -8 and abs(rel.mean()) < 2e-4
+    naive = x * g.bfloat16()
+    assert abs(((naive.double() - exact) / exact).mean()) > 1e-3  # what the test would catch
+    z = randn(5, 3, dtype=torch.float32, seed=4)
+    assert torch.equal(scale_(z.clone(), torch.tensor(-2.5)), z * -2.5)
+
+
+def _fused_expected_chunked(d, hidden, weight, targets, opts, rows=1024):
+    """The float64 reference composed chunk by chunk on hidden's device (no [N, V] tensor at once):
+    log-probs and entropies per row chunk, the loss on them (reference.grpo_loss), then the chain
+    rule back through each chunk's reference.logprob."""
+    b, t, hd = hidden.shape
+    m = d["mask"] > 0
+    h2 = hidden.reshape(-1, hd).double()
+    w = weight.double().requires_grad_()
+    tt = torch.where(m, targets, 0).reshape(-1)
+    with torch.no_grad():
+        parts = [reference.logprob(h2[s:s + rows], w, tt[s:s + rows], opts.temperature, True)
+                 for s in range(0, tt.numel(), rows)]
+    lp = torch.where(m, torch.cat([p[0] for p in parts]).reshape(b, t), 0.0).requires_grad_()
+    ent = torch.where(m, torch.cat([p[1] for p in parts]).reshape(b, t), 0.0).requires_grad_()
+    loss, _ = reference.grpo_loss(lp, d["old"], d["ref"], d["adv"], d["mask"], opts, entropy=ent,
+                                  sampler_logp=d["sampler"])
+    g_lp, g_ent = torch.autograd.grad(loss, (lp, ent), allow_unused=True)
+    g_lp, g_ent = g_lp.reshape(-1), (torch.zeros_like(lp) if g_ent is None else g_ent).reshape(-1)
+    ghs, gw = [], torch.zeros_like(w)
+    for s in range(0, tt.numel(), rows):
+        hc = h2[s:s + rows].clone().requires_grad_()
+        lp_c, ent_c = reference.logprob(hc, w, tt[s:s + rows], opts.temperature, True)
+        gh_c, gw_c = torch.autograd.grad((lp_c * g_lp[s:s + rows]).sum() + (ent_c * g_ent[s:s + rows]).sum(), (hc, w))
+        ghs.append(gh_c)
+        gw += gw_c
+    return loss.detach(), torch.cat(ghs).reshape(hidden.shape), gw
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("chunk", [None, 16384], ids=["default-chunks", "one-chunk-beyond-int32"])
+def test_gpu_fused_bf16_vocab_152k(chunk):
+    # V = 151936 bf16, ~16k active tokens. Default chunks (~515 tokens): grad_weight summed in bf16
+    # over ~30 chunks must stay within the low-precision rule. One chunk of all tokens: the stored
+    # fp32 logits tile has 2.4e9 > 2^31 elements, so an int32 offset anywhere shows.
+    b, t, h, v = 16, 1024, 64, 151936
+    dev = torch.device("cuda")
+    d = _batch(seed=71, b=b, t=t)
+    lens = t - torch.randint(0, 64, (b,), generator=generator(72))
+    d["mask"] = (torch.arange(t)[None, :] < lens[:, None]).double()
+    assert d["mask"].sum() * v > 2 ** 31
+    d = {k: (x.to(dev) if x is not None else None) for k, x in d.items()}
+    hidden = randn(b, t, h, dtype=torch.float64, seed=73).to(dev)
+    weight = randn(v, h, dtype=torch.float64, seed=74, scale=4 / h ** 0.5).to(dev)
+    targets = torch.randint(0, v, (b, t), generator=generator(75)).to(dev)
+    o = LossOptions(loss_type="dapo", beta=0.04, epsilon_high=0.28, tis_mode="truncate", tis_level="token",
+                    entropy_coef=0.01)
+    e_loss, e_gh, e_gw = _fused_expected_chunked(d, hidden, weight, targets, o)
+    r_loss, r_gh, r_gw = _fused_expected_chunked(d, hidden.bfloat16(), weight.bfloat16(), targets, o)
+    hc, wc = hidden.bfloat16().requires_grad_(), weight.bfloat16().requires_grad_()
+    f = lambda x: x.float()  # noqa: E731
+    loss, _ = ops.fused_linear_grpo_loss(hc, wc, targets, d["mask"], f(d["adv"]), old_logp=f(d["old"]),
+                                         ref_logp=f(d["ref"]), sampler_logp=f(d["sampler"]), options=o,
+                                         backend="triton", chunk_size=chunk)
+    gh, gw = torch.autograd.grad(loss, (hc, wc))
+    assert_within_lowp_rule(loss, r_loss, e_loss, floor=1e-4, name="loss")
+    assert_within_lowp_rule(gh, r_gh.bfloat16(), e_gh, floor=2e-3 * e_gh.abs().max().item(), name="grad_hidden")
+    assert_within_lowp_rule(gw, r_gw.bfloat16(), e_gw, floor=2e-3 * e_gw.abs().max().item(), name="grad_weight")
+    last = slice(-2, None)  # the rows whose offsets are largest
+    assert_within_lowp_rule(gh[last], r_gh[last].bfloat16(), e_gh[last], floor=2e-3 * e_gh.abs().max().item(),
+                            name="grad_hidden (last rows)")
+
+
+@pytest.mark.gpu
+def test_gpu_fused_target_size_peak_memory():
+    # The issue's size: N=16384 tokens, H=4096, V=151936 bf16, fwd+bwd < 2 GB of extra memory with the
+    # gradients counted (as the bench harness counts them). fp32 [V, H] accumulation alone is 2.5 GB.
+    b, t, h, v = 16, 1024, 4096, 151936
+    g = torch.Generator(device="cuda").manual_seed(0)
+    hidden = torch.randn(b, t, h, device="cuda", dtype=torch.bfloat16, generator=g).mul_(h ** -0.25)
+    weight = torch.randn(v, h, device="cuda", dtype=torch.bfloat16, generator=g).mul_(h ** -0.25)
+    targets = torch.randint(0, v, (b, t), device="cuda", generator=g)
+    lens = torch.randint(t // 2, t + 1, (b,), device="cuda", generator=g)
+    mask = (torch.arange(t, device="cuda")[None, :] < lens[:, None]).float()
+    old = -torch.rand(b, t, device="cuda", generator=g) * 5
+    ref = old + 0.05 * torch.randn(b, t, device="cuda", generator=g)
+    adv = torch.randn(b, device="cuda", generator=g)
+
+    def step():
+        hh, ww = hidden.detach().requires_grad_(), weight.detach().requires_grad_()
+        loss, stats = ops.fused_linear_grpo_loss(hh, ww, targets, mask, adv, old_logp=old, ref_logp=ref,
+                                                 backend="triton", loss_type="dapo", beta=0.04)
+        loss.backward()
+        return loss.detach(), hh.grad, ww.grad
+
+    step()  # compile, cuBLAS workspaces
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    loss, gh, gw = step()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    assert peak < 2e9, f"fwd+bwd peak extra memory {peak / 1e9:.2f} GB"
+    assert gw.dtype == torch.bfloat16 and bool(torch.isfinite(loss))
+    assert bool(torch.isfinite(gw).all()) and bool(torch.isfinite(gh).all()) and gw.abs().sum() > 0
+    assert gh[mask == 0].abs().sum() == 0  # padding gets no gradient
+
+
+@pytest.mark.gpu
+def test_gpu_backward_passes_never_sync_the_host():
+    # CUDA graphs / torch.compile: the fused op's backward and grpo_loss (check_values=False) must not sync
+    b, t, h, v = 4, 64, 64, 3000
+    d = _batch(seed=81, b=b, t=t)
+    d["mask"] = torch.ones(b, t, dtype=torch.float64)
+    c = {k: (x.float().cuda() if x is not None else None) for k, x in d.items()}
+    hidden = randn(b, t, h, seed=82).bfloat16().cuda().requires_grad_()
+    weight = randn(v, h, seed=83, scale=2 / h ** 0.5).bfloat16().cuda().requires_grad_()
+    targets = torch.randint(0, v, (b, t), generator=generator(84)).cuda()
+    kw = dict(old_logp=c["old"], ref_logp=c["ref"], beta=0.04, backend="triton", chunk_size=100)
+    ops.fused_linear_grpo_loss(hidden, weight, targets, c["mask"], c["adv"], **kw)[0].backward()  # warm-up
+    logp = c["logp"].clone().requires_grad_()
+    per_token = lambda: ops.grpo_loss(logp, c["old"], c["ref"], c["adv"], c["mask"], beta=0.04,  # noqa: E731
+                                      backend="triton", check_values=False)
+    per_token()[0].backward()  # warm-up
+    loss, _ = ops.fused_linear_grpo_loss(hidden, weight, targets, c["mask"], c["adv"], **kw)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss.backward()
+        loss2, stats = per_token()
+        loss2.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)

@@ -100,8 +100,10 @@ def test_torch_backend_float64_is_exact_to_reference():
         assert_close(a, e, torch.float64, name=name)
 
 
+@pytest.mark.parametrize("chunk", [None, 5], ids=["one-chunk", "4-chunks"])
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
-def test_fp16_within_low_precision_rule(device, backend):
+def test_fp16_within_low_precision_rule(device, backend, chunk):
+    # 4 chunks: grad_weight is summed in place in fp16 (no fp32 [V, H] buffer), rounding per chunk
     hidden, weight, targets = _inputs(19, 32, 45, seed=8, scale=4.0)
     g = randn(19, dtype=torch.float64, seed=9)
     e_lp, _, e_gh, e_gw = _expected(hidden, weight, targets, 1.0, False, g, g)
@@ -109,7 +111,7 @@ def test_fp16_within_low_precision_rule(device, backend):
     r_lp, _, r_gh, r_gw = _expected(hidden.half().double(), weight.half().double(), targets, 1.0, False, g, g)
     h16 = hidden.half().to(device).requires_grad_()
     w16 = weight.half().to(device).requires_grad_()
-    lp = ops.grouped_logprob(h16, w16, targets.to(device), backend=backend)
+    lp = ops.grouped_logprob(h16, w16, targets.to(device), backend=backend, chunk_size=chunk)
     gh, gw = torch.autograd.grad((lp * g.float().to(device)).sum(), (h16, w16))
     assert gh.dtype == torch.float16 and gw.dtype == torch.float16
     assert_within_lowp_rule(lp, r_lp, e_lp, floor=1e-5, name="logp")
@@ -197,6 +199,104 @@ def test_gpu_low_precision_large(dtype):
     assert_within_lowp_rule(ent, r_ent, e_ent, floor=1e-4, name="entropy")
     assert_within_lowp_rule(gh, r_gh.to(dtype), e_gh, floor=1e-3, name="grad_hidden")
     assert_within_lowp_rule(gw, r_gw.to(dtype), e_gw, floor=1e-3, name="grad_weight")
+
+
+def _chunked_expected(hidden, weight, targets, temperature, g_logp, g_ent, rows=1024):
+    """The float64 reference, run over row chunks on hidden's device (no [N, V] tensor at once):
+    (logp, entropy, grad_hidden, grad_weight) of sum(logp * g_logp + entropy * g_ent)."""
+    w = weight.double().requires_grad_()
+    lps, ents, ghs = [], [], []
+    gw = torch.zeros_like(w)
+    for s in range(0, targets.numel(), rows):
+        hc = hidden[s:s + rows].double().requires_grad_()
+        lp, ent = reference.logprob(hc, w, targets[s:s + rows], temperature, True)
+        gh_c, gw_c = torch.autograd.grad((lp * g_logp[s:s + rows]).sum() + (ent * g_ent[s:s + rows]).sum(), (hc, w))
+        lps.append(lp.detach()), ents.append(ent.detach()), ghs.append(gh_c)
+        gw += gw_c
+    return torch.cat(lps), torch.cat(ents), torch.cat(ghs), gw
+
+
+@pytest.mark.gpu
+def test_gpu_logprob_offsets_beyond_int32():
+    # N·V = 2.5e9 > 2^31 and one chunk of all N tokens: the backward's [N, V] d-logits tile has
+    # offsets past 2^31, so any int32 row * V in the kernels shows up as garbage rows at the end.
+    n, h, v, dtype = 16384, 64, 151936, torch.bfloat16
+    assert n * v > 2 ** 31
+    dev = torch.device("cuda")
+    hidden = randn(n, h, dtype=torch.float64, seed=51).to(dev)
+    weight = randn(v, h, dtype=torch.float64, seed=52, scale=4.0 / h ** 0.5).to(dev)
+    targets = torch.randint(0, v, (n,), generator=generator(53)).to(dev)
+    g = randn(n, dtype=torch.float64, seed=54).to(dev)
+    e = _chunked_expected(hidden, weight, targets, 0.9, g, g)
+    r = _chunked_expected(hidden.to(dtype), weight.to(dtype), targets, 0.9, g, g)
+    hd, wd = hidden.to(dtype).requires_grad_(), weight.to(dtype).requires_grad_()
+    lp, ent = ops.grouped_logprob(hd, wd, targets, temperature=0.9, return_entropy=True, backend="triton",
+                                  chunk_size=n)
+    gh, gw = torch.autograd.grad((lp * g.float()).sum() + (ent * g.float()).sum(), (hd, wd))
+    for a, rr, ee, name, floor in ((lp, r[0], e[0], "logp", 1e-4), (ent, r[1], e[1], "entropy", 1e-4),
+                                   (gh, r[2].to(dtype), e[2], "grad_hidden", 1e-3),
+                                   (gw, r[3].to(dtype), e[3], "grad_weight", 2e-3 * e[3].abs().max().item())):
+        assert_within_lowp_rule(a, rr, ee, floor=floor, name=name)
+        assert_within_lowp_rule(a[-1000:], rr[-1000:], ee[-1000:], floor=floor, name=name + " (last rows)")
+
+
+def _target_size_inputs(n=16384, h=4096, v=151936):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    hidden = torch.randn(n, h, device="cuda", dtype=torch.bfloat16, generator=g).mul_(h ** -0.25)
+    weight = torch.randn(v, h, device="cuda", dtype=torch.bfloat16, generator=g).mul_(h ** -0.25)
+    targets = torch.randint(0, v, (n,), device="cuda", generator=g)
+    return hidden, weight, targets
+
+
+def _peak_extra_bytes(fn):
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    out = fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base, out
+
+
+@pytest.mark.gpu
+def test_gpu_target_size_memory():
+    # The issue's size (N=16384, H=4096, V=151936 bf16): fwd+bwd (gradients included) < 2 GB of extra
+    # memory (an fp32 [V, H] grad_weight accumulator alone is 2.5 GB); forward-only keeps O(N).
+    hidden, weight, targets = _target_size_inputs()
+
+    def fwd_bwd():
+        h, w = hidden.detach().requires_grad_(), weight.detach().requires_grad_()
+        lp = ops.grouped_logprob(h, w, targets, backend="triton", check_targets=False)
+        lp.sum().backward()
+        return h.grad, w.grad
+
+    fwd_bwd()  # compile, cuBLAS workspaces
+    peak, (gh, gw) = _peak_extra_bytes(fwd_bwd)
+    assert peak < 2e9, f"fwd+bwd peak extra memory {peak / 1e9:.2f} GB"
+    assert gw.dtype == torch.bfloat16 and bool(torch.isfinite(gw).all()) and bool(torch.isfinite(gh).all())
+    del gh, gw
+    with torch.no_grad():
+        peak, lp = _peak_extra_bytes(lambda: ops.grouped_logprob(hidden, weight, targets, backend="triton",
+                                                                 check_targets=False))
+    assert peak < 64e6, f"forward-only peak extra memory {peak / 1e6:.0f} MB"
+    assert bool(torch.isfinite(lp).all()) and bool((lp <= 0).all())
+
+
+@pytest.mark.gpu
+def test_gpu_fwd_bwd_never_syncs_the_host():
+    # CUDA graphs / torch.compile need a sync-free op: with check_targets=False neither pass may sync.
+    hidden, weight, targets = _inputs(300, 64, 3000, seed=61)
+    h = hidden.to(torch.bfloat16).cuda().requires_grad_()
+    w = weight.to(torch.bfloat16).cuda().requires_grad_()
+    t = targets.cuda()
+    run = lambda: ops.grouped_logprob(h, w, t, return_entropy=True, backend="triton", chunk_size=128,  # noqa: E731
+                                      check_targets=False)
+    sum(x.sum() for x in run()).backward()  # warm-up (compiles)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        lp, ent = run()
+        (lp.sum() + ent.sum()).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
 
 
 @pytest.mark.slow

@@ -7,7 +7,8 @@ Never builds [tokens, V] logits. Two ways to get there, both from the active (ma
   log-prob and entropy, the per-token loss of those tokens is evaluated with the whole batch's
   normalisers (LOSS_SPEC's aggregation only needs global counts and each row's token count, all
   known up front) and differentiated, and the same logits tile becomes d loss / d logits, which
-  two matmuls turn into grad_hidden and grad_weight (fp32 accumulation). 6·N·H·V FLOPs, the
+  two matmuls turn into grad_hidden and grad_weight (summed in place in the weight's dtype, fp32
+  inside each matmul). 6·N·H·V FLOPs, the
   matmul floor; the gradients are computed in the forward (as Liger does) and scaled in the
   backward. With token-level ratios a chunk may cut a completion; sequence-level ratios (GSPO) or
   sequence-level truncated IS need a whole completion's log-probs, so chunks hold whole rows.
@@ -30,9 +31,11 @@ from r1fast.reference import loss as reference
 
 OP = "fused_linear_grpo_loss"
 # Single-pass budget for one chunk's vocabulary-wide buffers (fp32 logits + d logits in the input
-# dtype on the GPU; the torch engine also keeps a softmax temporary). A whole completion must fit:
-# at V = 151936 the GPU budget holds ~1,600 tokens.
-_SINGLE_PASS_BYTES = {"cuda": 3 << 29, "cpu": 64 << 20}
+# dtype on the GPU; the torch engine also keeps a softmax temporary). With grad_weight in the
+# weight's dtype (1.24 GB at V=152k, H=4096) and grad_hidden (0.13 GB at N=16k), 448 MiB keeps the
+# whole fwd+bwd under 2 GB (1e9) of extra memory; it holds ~515 tokens at V = 151936 (a
+# sequence-level completion must fit, else the call takes the two-pass path).
+_SINGLE_PASS_BYTES = {"cuda": 448 << 20, "cpu": 64 << 20}
 _BYTES_PER_LOGIT = {"cuda": 6, "cpu": 16}
 
 
@@ -129,19 +132,39 @@ class _SinglePass(torch.autograd.Function):
     """Loss forward that also forms grad_hidden / grad_weight; backward scales them by d out / d loss."""
 
     @staticmethod
-    def forward(ctx, h_act, weight, run):
-        loss, grad_h, grad_w, stats = run(h_act, weight)
+    def forward(ctx, h_all, weight, run):
+        loss, grad_h, grad_w, stats = run(h_all, weight)
         ctx.save_for_backward(grad_h, grad_w)
+        ctx.used = False
         run.stats = stats
         return loss
 
     @staticmethod
     def backward(ctx, g):
+        if ctx.used:
+            raise RuntimeError(f"{OP}: the single-pass backward runs once per forward (its gradients are "
+                               f"scaled in place); call the op again instead of retain_graph=True")
+        ctx.used = True
         grad_h, grad_w = ctx.saved_tensors
-        # A python float keeps the scale exact for bf16 gradients (a bf16-rounded scale would bias
-        # every gradient by up to 0.4%); the one sync this costs is per backward, not per chunk.
-        scale = float(g)
-        return (None if grad_h is None else grad_h * scale, None if grad_w is None else grad_w * scale, None)
+        # In place: a scaled copy of grad_weight would double its memory at the peak. No host sync
+        # (float(g) would break CUDA graphs and stall the stream).
+        return (None if grad_h is None else scale_(grad_h, g), None if grad_w is None else scale_(grad_w, g), None)
+
+
+def scale_(x, g, slice_elems: int = 1 << 22):
+    """x *= g (a 0-d tensor) in place, on the device, the product rounded once to x's dtype.
+
+    bf16/fp16 x times a device scalar would round g to x's dtype first (a bias of up to 0.4% on
+    every gradient), so those go through fp32 in slices (16 MB of temporary, not a copy of x).
+    """
+    if x.dtype in (torch.float32, torch.float64):
+        return x.mul_(g)
+    g32 = g.to(torch.float32)
+    if not x.is_contiguous():
+        return x.copy_(x.float().mul_(g32))
+    for part in x.view(-1).split(slice_elems):
+        part.copy_(part.float().mul_(g32))
+    return x
 
 
 class _SinglePassRun:
@@ -160,8 +183,10 @@ class _SinglePassRun:
         old2, ref2, smp2, adv, mask2 = self.per_token
         starts = [0] + lay.row_counts.cumsum(0).tolist()
         row_counts = lay.row_counts.to(wide)
-        grad_h = torch.empty_like(h) if self.need_h else None
-        grad_w = torch.zeros(w.shape, dtype=wide, device=w.device) if self.need_w else None
+        # h holds every token (padding too): gathering the active rows per chunk instead of up front
+        # saves a copy of the active hidden states and its gradient (~250 MB at N=16k, H=4096).
+        grad_h = (torch.empty_like(h) if lay.all_active else torch.zeros_like(h)) if self.need_h else None
+        grad_w = torch.zeros_like(w) if self.need_w else None  # summed in place in w's dtype: no [V, H] fp32
         loss = torch.zeros((), dtype=wide, device=h.device)
         stats = {}
         use_ent = opts.entropy_coef != 0.0
@@ -169,7 +194,7 @@ class _SinglePassRun:
             # the rows this token range touches (a row may continue into the next range)
             r0, r1 = bisect.bisect_right(starts, s) - 1, bisect.bisect_right(starts, e - 1)
             totals = (lay.shape2d[0], starts[-1], row_counts[r0:r1])
-            h_c, t_c = h[s:e], self.t_act[s:e]
+            h_c, t_c = (h[s:e] if lay.all_active else h[lay.idx[s:e]]), self.t_act[s:e]
             z, lse, zt, ent = eng.forward_keep(h_c, w, t_c, inv_temp)
             rr, pp = lay.row[s:e] - r0, lay.pos[s:e]
             shape = (r1 - r0, lay.shape2d[1])
@@ -201,8 +226,10 @@ class _SinglePassRun:
             if self.need_h or self.need_w:
                 dl = eng.dlogits(h_c, w, t_c, lse, ent, g_logp, g_ent, inv_temp, h.dtype, z=z)
                 del z
-                if self.need_h:
+                if self.need_h and lay.all_active:
                     torch.mm(dl, w, out=grad_h[s:e])
+                elif self.need_h:
+                    grad_h.index_copy_(0, lay.idx[s:e], dl @ w)
                 if self.need_w:
                     accumulate_weight_grad(grad_w, dl, h_c)
         totals = (lay.shape2d[0], starts[-1])
@@ -218,7 +245,7 @@ class _SinglePassRun:
         if not stats:  # no active token at all: the statistics of an empty batch
             _, stats = reference.grpo_loss(mask2.to(wide), old2, ref2, adv, mask2, opts, sampler_logp=smp2,
                                            entropy=mask2.to(wide))
-        return loss, grad_h, (grad_w.to(w.dtype) if grad_w is not None else None), stats
+        return loss, grad_h, grad_w, stats
 
 
 def fused_linear_grpo_loss(hidden, weight, targets, mask, advantages, *, old_logp=None, ref_logp=None,
@@ -256,7 +283,6 @@ def fused_linear_grpo_loss(hidden, weight, targets, mask, advantages, *, old_log
         if lo < 0 or hi >= weight.shape[0]:
             raise ValueError(f"{OP}: targets at active tokens must lie in [0, {weight.shape[0]}) (the vocabulary), "
                              f"got min {lo}, max {hi}")
-    h_act = lay.active(hidden.reshape(-1, hidden.shape[-1]))
     lb, _ = backends.resolve("grouped_logprob", hidden.device, float64_backend(backend, hidden.dtype))
     if lb == "triton" and hidden.dtype == torch.float64:
         raise ValueError(f"{OP}: the triton backend takes fp16/bf16/fp32 inputs, got float64 "
@@ -268,6 +294,7 @@ def fused_linear_grpo_loss(hidden, weight, targets, mask, advantages, *, old_log
         else None
 
     if chunks is None:  # two pass: grouped_logprob (recomputing backward) then grpo_loss
+        h_act = lay.active(hidden.reshape(-1, hidden.shape[-1]))
         logp_act, ent_act = grouped_logprob(h_act, weight, t_act, temperature=opts.temperature,
                                             return_entropy=True, backend=lb, chunk_size=chunk_size,
                                             check_targets=False)
@@ -291,7 +318,8 @@ def fused_linear_grpo_loss(hidden, weight, targets, mask, advantages, *, old_log
                                                            mask2),
                          opts, engine_for(lb), need and hidden.requires_grad, need and weight.requires_grad)
     w = weight if weight.stride(-1) == 1 else weight.contiguous()
-    h = h_act if h_act.stride(-1) == 1 else h_act.contiguous()
+    h_all = hidden.reshape(-1, hidden.shape[-1])
+    h = h_all if h_all.stride(-1) == 1 else h_all.contiguous()
     if run.need_h or run.need_w:
         loss = _SinglePass.apply(h, w, run)
     else:

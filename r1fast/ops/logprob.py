@@ -8,7 +8,7 @@ chunks so extra memory is chunk x V (the CPU path); `triton` keeps only O(N) sta
 and a chunk x V gradient tile in the backward (kernels/logprob.py). torch and triton share one
 autograd.Function: the forward saves hidden, weight, targets, lse and entropy (no logits), the
 backward recomputes each chunk's logits, forms d loss / d logits and multiplies it into
-grad_hidden and grad_weight (fp32 accumulation across chunks, deterministic).
+grad_hidden and grad_weight (summed over chunks in place in the weight's dtype, deterministic).
 """
 from __future__ import annotations
 
@@ -20,8 +20,10 @@ from r1fast import backends
 from r1fast.reference import loss as reference
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-# Extra-memory budget for one chunk's [chunk, V] fp32 tile.
-_CHUNK_BYTES = {"cpu": 64 << 20, "cuda": 1 << 30}
+# Extra-memory budget for one chunk's [chunk, V] fp32 tile. On the GPU the backward's bf16 d logits
+# tile is half of it: with grad_weight (V·H·2) and grad_hidden that keeps fwd+bwd under 2 GB of extra
+# memory at N=16k, H=4096, V=152k (~880-token chunks).
+_CHUNK_BYTES = {"cpu": 64 << 20, "cuda": 512 << 20}
 
 
 def float64_backend(backend, dtype):
@@ -140,9 +142,16 @@ def engine_for(backend: str):
     return {"torch": _TorchEngine, "triton": _TritonEngine}[backend]
 
 
-def accumulate_weight_grad(acc, dl, h):
-    """acc (fp32 or fp64) += dl.T @ h: the product rounds once per chunk, the running sum stays wide."""
-    acc += dl.T @ h
+def accumulate_weight_grad(grad_w, dl, h):
+    """grad_w += dl.T @ h in place, in grad_w's own dtype (the weight's).
+
+    A wide [V, H] accumulator would cost V·H·4 bytes (2.5 GB at V=152k, H=4096), more than the
+    whole extra-memory budget. addmm accumulates the product in fp32 and adds the running sum in
+    its fp32 epilogue on the GPU, so bf16/fp16 round once per chunk: with ~20 chunks that stays
+    within 1.4x of the error that rounding the inputs to bf16 already causes (docs/loss.md).
+    No [V, H] temporary either (acc += dl.T @ h would make one).
+    """
+    grad_w.addmm_(dl.T, h)
 
 
 def _contig_rows(x):
@@ -172,8 +181,7 @@ class _GroupedLogprob(torch.autograd.Function):
         if not with_entropy:
             g_ent = None
         grad_h = torch.empty_like(hidden) if need_h else None
-        acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        grad_w = torch.zeros_like(weight) if need_w else None
         for s in range(0, n, chunk):
             e = s + chunk
             dl = engine.dlogits(hidden[s:e], weight, targets[s:e], lse[s:e], ent[s:e] if with_entropy else None,
@@ -182,8 +190,6 @@ class _GroupedLogprob(torch.autograd.Function):
                 torch.mm(dl, weight, out=grad_h[s:e])
             if need_w:
                 accumulate_weight_grad(grad_w, dl, hidden[s:e])
-        if need_w:
-            grad_w = grad_w.to(weight.dtype)
         return grad_h, grad_w, None, None, None, None, None
 
 

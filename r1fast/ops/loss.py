@@ -22,7 +22,8 @@ def _check_finite(name, t, active, op):
         raise ValueError(f"{op}: {name} has {int(bad.sum())} NaN/inf value(s) at active tokens (first at {where})")
 
 
-def _validate_loss_inputs(op, logp, old_logp, ref_logp, advantages, mask, sampler_logp, entropy, opts):
+def _validate_loss_inputs(op, logp, old_logp, ref_logp, advantages, mask, sampler_logp, entropy, opts,
+                          check_values=True):
     if not isinstance(logp, torch.Tensor) or not logp.is_floating_point():
         raise TypeError(f"{op}: logp must be a float tensor")
     if logp.dim() != 2:
@@ -39,7 +40,7 @@ def _validate_loss_inputs(op, logp, old_logp, ref_logp, advantages, mask, sample
     if not isinstance(mask, torch.Tensor) or mask.shape != logp.shape:
         raise ValueError(f"{op}: mask must be a tensor of shape {tuple(logp.shape)}, got "
                          f"{tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__}")
-    if mask.is_floating_point() and not bool(((mask == 0) | (mask == 1)).all()):
+    if check_values and mask.is_floating_point() and not bool(((mask == 0) | (mask == 1)).all()):
         raise ValueError(f"{op}: a float mask must hold only 0 and 1")
     if not isinstance(advantages, torch.Tensor) or not advantages.is_floating_point():
         raise TypeError(f"{op}: advantages must be a float tensor [B]")
@@ -50,6 +51,8 @@ def _validate_loss_inputs(op, logp, old_logp, ref_logp, advantages, mask, sample
         raise ValueError(f"{op}: all tensors must be on one device, got {sorted(map(str, devices))}")
     if opts.beta != 0.0 and ref_logp is None:
         raise ValueError(f"{op}: beta={opts.beta} needs ref_logp (or set beta=0)")
+    if not check_values:  # the checks below read values: each one is a device sync
+        return
     active = mask.bool()
     for name, t in (("logp", logp), ("old_logp", old_logp), ("ref_logp", ref_logp),
                     ("sampler_logp", sampler_logp), ("entropy", entropy)):
@@ -119,15 +122,20 @@ def _options(options, loss_options) -> LossOptions:
 
 
 def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, entropy=None, sampler_logp=None,
-              options: LossOptions | None = None, backend: str | None = None, **loss_options):
+              options: LossOptions | None = None, backend: str | None = None, check_values: bool = True,
+              **loss_options):
     """(loss, stats) for per-token log-probs logp [B, T] (differentiable), old/ref/sampler log-probs [B, T] or
     None, advantages [B], mask [B, T]; entropy [B, T] enables the entropy bonus / statistic.
 
     Options: a LossOptions via `options=` and/or its fields as keywords (beta, epsilon, loss_type, ...).
     Stats: kl (with ref_logp), entropy (with entropy), clip_ratio/{low,high,region}_mean,
     is_weight/{mean,min,max} (with sampler_logp), num_tokens, as detached 0-d tensors.
+    `check_values=False` skips the checks that read values (NaN/inf at active tokens, a float mask
+    holding only 0/1): they sync the host, which CUDA graphs and torch.compile cannot take; a NaN
+    input then shows as a NaN loss. Shapes, dtypes and devices are always checked.
     """
     opts = _options(options, loss_options)
-    _validate_loss_inputs("grpo_loss", logp, old_logp, ref_logp, advantages, mask, sampler_logp, entropy, opts)
+    _validate_loss_inputs("grpo_loss", logp, old_logp, ref_logp, advantages, mask, sampler_logp, entropy, opts,
+                          check_values=check_values)
     _, fn = backends.resolve("grpo_loss", logp.device, float64_backend(backend, logp.dtype))
     return fn(logp, old_logp, ref_logp, advantages, mask, opts, entropy, sampler_logp)
