@@ -1,0 +1,182 @@
+"""grpo_step: one whole GRPO step (rollout, rewards, log-probs, loss+backward, optimizer), r1fast's
+GRPOTrainer vs TRL's GRPOTrainer on the same model weights, batch and lengths, plus r1fast's step
+broken into its phases.
+
+Both trainers sample `prompts × G` completions of exactly `new` tokens (the stop token is never
+sampled: a reward-free constant-length setup, so both do the same work), score them with the same
+reward function, and take one AdamW step (loss_type dapo, beta 0, num_iterations 1). TRL generates
+with transformers' `generate` (no vLLM here). GPU size: a Qwen2.5-1.5B-shaped model (random
+weights, bf16), 64 prompts × G = 8, 512 new tokens.
+"""
+from __future__ import annotations
+
+import tempfile
+
+import torch
+
+from r1fast.bench.harness import Case, Impl, Skip, suite
+
+QWEN25_15B = dict(architecture="Qwen2ForCausalLM", hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                  num_attention_heads=12, num_key_value_heads=2, rope_theta=1e6, max_position_embeddings=4096,
+                  tie_word_embeddings=True)
+TINY = dict(architecture="Qwen2ForCausalLM", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+
+
+def _length_reward(prompts, completions, **kw):
+    return [float(len(c) % 7) for c in completions]
+
+
+def _checkpoint(shape, dtype, device):
+    """An HF-format folder (weights + the built-in char tokenizer) both trainers load."""
+    from r1fast.data import build_char_tokenizer
+    from r1fast.models import CausalLM, ModelConfig
+
+    tok = build_char_tokenizer()
+    # no eos: every completion runs to max length in both trainers
+    cfg = ModelConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=None, **shape)
+    model = CausalLM(cfg)
+    model.reset_parameters(seed=0)
+    path = tempfile.mkdtemp(prefix="r1fast-bench-grpo-")
+    model.to(dtype).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path, tok
+
+
+def _prompts(n):
+    return [{"prompt": f"{i}+{i + 1}=", "answer": str(2 * i + 1)} for i in range(n)]
+
+
+def _r1fast_trainer(shape, prompts, G, new, dtype, device):
+    from r1fast.models import from_pretrained
+    from r1fast.trainer import GRPOConfig, GRPOTrainer
+
+    path, tok = _checkpoint(shape, dtype, device)
+    model = from_pretrained(path, dtype=dtype, device=device)
+    cfg = GRPOConfig(per_device_train_batch_size=prompts * G, num_generations=G, max_completion_length=new,
+                     max_prompt_length=32, learning_rate=1e-5, loss_type="dapo", beta=0.0, progress_bar=False,
+                     output_dir=tempfile.mkdtemp(prefix="r1fast-bench-grpo-run-"), tis_mode="none",
+                     dtype={torch.float32: "float32", torch.bfloat16: "bfloat16"}[dtype])
+    tr = GRPOTrainer(model, [_length_reward], _prompts(max(prompts, 64)), cfg, tokenizer=tok)
+    tr.stop_ids = []      # run every completion to `new` tokens, like TRL below
+    return tr
+
+
+def _r1fast_step(*spec):
+    def setup():
+        tr = _r1fast_trainer(*spec)
+        tr.step()   # warm the engine
+
+        def step():
+            tr.step()
+        return step
+    return setup
+
+
+def _r1fast_phase(phase, shape, prompts, G, new, dtype, device):
+    """One phase of r1fast's step on a fixed rollout, to show where a step's time goes."""
+    def setup():
+        from r1fast import ops
+        from r1fast.data import decode_completion
+        from r1fast.trainer.common import grad_norm_and_clip, pack
+
+        tr = _r1fast_trainer(shape, prompts, G, new, dtype, device)
+        rows, keys = tr.train_rows[:prompts], list(range(prompts))
+        p_ids, c_ids, c_logp, _ = tr.generate(rows, keys, G, 1.0, 0)
+        if phase == "rollout":
+            def run():
+                tr.generate(rows, keys, G, 1.0, 0)
+                tr.engine.reset_prefix_cache()
+            return run
+        texts = [decode_completion(tr.tokenizer, c) for c in c_ids]
+        if phase == "rewards":
+            return lambda: tr.score(rows, G, texts, c_ids)
+        batch = pack(p_ids, c_ids, tr.device)
+        if phase == "logprobs":
+            return lambda: tr._forward_logp(tr.model, batch)
+        _, totals = tr.score(rows, G, texts, c_ids)
+        adv = tr._advantages(totals).to(tr.device)
+        mask = torch.ones(batch.targets.shape[0], device=tr.device)
+        opts = tr._loss_options(float(mask.sum()))
+
+        def loss_backward():
+            tr.optimizer.zero_grad(set_to_none=True)
+            hidden = tr.model(batch.input_ids, cu_seqlens=batch.cu_seqlens)
+            loss, _ = ops.fused_linear_grpo_loss(hidden[batch.select], tr.model.lm_head_weight, batch.targets, mask,
+                                                 adv, cu_seqlens=batch.completion_cu, options=opts)
+            loss.backward()
+        if phase == "loss+backward":
+            return loss_backward
+        loss_backward()
+
+        def optimizer():
+            grad_norm_and_clip(tr.model.parameters(), 1.0)
+            tr.optimizer.step()
+        return optimizer
+    return setup
+
+
+def _trl_step(shape, prompts, G, new, dtype, device):
+    def setup():
+        import datasets
+        import trl
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        path, _ = _checkpoint(shape, dtype, device)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+        tok = AutoTokenizer.from_pretrained(path)
+        args = trl.GRPOConfig(
+            output_dir=tempfile.mkdtemp(prefix="r1fast-bench-trl-"), per_device_train_batch_size=prompts * G,
+            num_generations=G, max_completion_length=new, learning_rate=1e-5, loss_type="dapo", beta=0.0,
+            bf16=dtype == torch.bfloat16, report_to="none", use_cpu=device.type == "cpu", disable_tqdm=True,
+            save_strategy="no", max_steps=10**6, logging_steps=10**6,
+            generation_kwargs={"min_new_tokens": new},
+        )
+        trainer = trl.GRPOTrainer(model=model, reward_funcs=_length_reward, args=args, processing_class=tok,
+                                  train_dataset=datasets.Dataset.from_list(_prompts(max(prompts, 64))))
+        if trainer.accelerator.device.type != device.type:
+            raise Skip(f"TRL placed itself on {trainer.accelerator.device}, not {device}")
+        trainer.create_optimizer()
+        trainer.current_gradient_accumulation_steps = 1
+        batches = iter(trainer.get_train_dataloader())
+
+        def step():
+            nonlocal batches
+            try:
+                batch = next(batches)
+            except StopIteration:
+                batches = iter(trainer.get_train_dataloader())
+                batch = next(batches)
+            trainer.training_step(trainer.model, batch, None)
+            torch.nn.utils.clip_grad_norm_(trainer.model.parameters(), 1.0)
+            trainer.optimizer.step()
+            trainer.optimizer.zero_grad(set_to_none=True)
+
+        step()  # warm-up (first generation compiles nothing but allocates)
+        return step
+    return setup
+
+
+@suite("grpo_step")
+def cases(size, device):
+    """Whole GRPO step (rollout+rewards+logprobs+loss+optimizer) vs TRL's GRPOTrainer, and its phases."""
+    if size == "gpu":
+        if device.type != "cuda":
+            raise Skip("the gpu size needs a CUDA device")
+        shape, prompts, G, new, dtype = QWEN25_15B, 64, 8, 512, torch.bfloat16
+    else:
+        shape, prompts, G, new, dtype = TINY, 4, 4, 16, torch.float32
+    spec = (shape, prompts, G, new, dtype, device)
+    dname = str(dtype).removeprefix("torch.")
+    name = f"Qwen2 h={shape['hidden_size']} L={shape['num_hidden_layers']} {prompts}x{G} new={new}"
+    tokens = prompts * G * new
+    # setups already take one warm-up step; a GPU-size step takes seconds (TRL: minutes)
+    reps = dict(warmup=0, reps=2) if size == "gpu" else dict(warmup=1, reps=5)
+    out = [Case(name, "step", dname, [Impl("r1fast", "engine+fused", _r1fast_step(*spec)),
+                                      Impl("trl", "hf-generate", _trl_step(*spec), requires=("trl", "datasets"))],
+                items=tokens, item_name="tokens", **reps)]
+    for phase in ("rollout", "rewards", "logprobs", "loss+backward", "optimizer"):
+        out.append(Case(f"{name} phase={phase}", "step", dname,
+                        [Impl("r1fast", "engine+fused", _r1fast_phase(phase, *spec))], items=tokens,
+                        item_name="tokens", **reps))
+    return out

@@ -1,0 +1,106 @@
+"""Reading prompt datasets and turning rows into token ids.
+
+Sources: a local JSONL/JSON file, a parquet file, a folder written by `datasets.save_to_disk`, or
+`builtin:<task>`. Rows stay dicts of columns; the prompt column is a string or a list of chat
+messages, and the tokenizer's chat template (when it has one) is applied to it.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Optional, Sequence
+
+from r1fast.data.tasks import builtin_rows
+
+
+def load_rows(spec: str, *, split: Optional[str] = None, n_builtin: int = 1000, seed: int = 0,
+              required_columns: Sequence[str] = ()) -> list[dict]:
+    """A dataset as a list of row dicts (`required_columns` must all be present)."""
+    if not isinstance(spec, str) or not spec:
+        raise ValueError(f"dataset must be a path or builtin:<task>; got {spec!r}")
+    if spec.startswith("builtin:"):
+        rows = builtin_rows(spec, n_builtin, seed)
+    else:
+        rows = _load_hf(spec, split)
+    if not rows:
+        raise ValueError(f"dataset {spec!r} is empty")
+    missing = [c for c in required_columns if c not in rows[0]]
+    if missing:
+        raise ValueError(f"dataset {spec!r} lacks column(s) {missing}; it has {sorted(rows[0])}")
+    return rows
+
+
+def _load_hf(path: str, split: Optional[str]) -> list[dict]:
+    if not os.path.exists(path):
+        raise ValueError(f"dataset {path!r} does not exist (give a .jsonl/.json/.parquet file, a folder saved "
+                         f"with datasets' save_to_disk, or builtin:arithmetic)")
+    import datasets
+
+    if os.path.isdir(path):
+        try:
+            ds = datasets.load_from_disk(path)
+        except FileNotFoundError as e:
+            raise ValueError(f"dataset folder {path!r} was not written by datasets' save_to_disk: {e}") from None
+        if isinstance(ds, datasets.DatasetDict):
+            split = split or ("train" if "train" in ds else next(iter(ds)))
+            if split not in ds:
+                raise ValueError(f"dataset {path!r} has no split {split!r}; splits: {list(ds)}")
+            ds = ds[split]
+    else:
+        ext = path.rsplit(".", 1)[-1].lower()
+        builder = {"jsonl": "json", "json": "json", "parquet": "parquet", "csv": "csv"}.get(ext)
+        if builder is None:
+            raise ValueError(f"dataset {path!r}: unknown file type .{ext} (use .jsonl, .json, .parquet or .csv)")
+        ds = datasets.load_dataset(builder, data_files=path, split="train")
+    return [dict(r) for r in ds]
+
+
+def prompt_messages(prompt: Any, system_prompt: Optional[str]) -> list[dict]:
+    if isinstance(prompt, str):
+        msgs = [{"role": "user", "content": prompt}]
+    elif isinstance(prompt, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in prompt):
+        msgs = list(prompt)
+    else:
+        raise ValueError(f"a prompt must be a string or a list of {{'role', 'content'}} messages; got {prompt!r:.80}")
+    if system_prompt and not any(m["role"] == "system" for m in msgs):
+        msgs = [{"role": "system", "content": system_prompt}] + msgs
+    return msgs
+
+
+def prompt_text(tokenizer, prompt: Any, system_prompt: Optional[str] = None) -> str:
+    """The text the model sees before its completion: the chat template when the tokenizer has one."""
+    msgs = prompt_messages(prompt, system_prompt)
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    return "\n".join(m["content"] for m in msgs)
+
+
+def encode_prompt(tokenizer, prompt: Any, system_prompt: Optional[str] = None, max_length: Optional[int] = None) -> list[int]:
+    text = prompt_text(tokenizer, prompt, system_prompt)
+    ids = tokenizer(text, add_special_tokens=not getattr(tokenizer, "chat_template", None)).input_ids
+    if max_length is not None and len(ids) > max_length:
+        ids = ids[-max_length:]  # keep the end: the question and the generation prompt
+    return ids
+
+
+def encode_completion(tokenizer, completion: Any) -> list[int]:
+    """Token ids of a target completion, ending with the end-of-sequence token."""
+    if isinstance(completion, list):
+        completion = completion[-1]["content"]
+    ids = tokenizer(str(completion), add_special_tokens=False).input_ids
+    if tokenizer.eos_token_id is not None:
+        ids = ids + [tokenizer.eos_token_id]
+    return ids
+
+
+def decode_completion(tokenizer, ids: Sequence[int]) -> str:
+    """Completion text with end/padding tokens removed but reasoning tags (special or not) kept."""
+    drop = {t for t in (tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.bos_token_id) if t is not None}
+    return tokenizer.decode([i for i in ids if i not in drop], skip_special_tokens=False)
+
+
+def stop_token_ids(tokenizer) -> list[int]:
+    ids = []
+    for t in (tokenizer.eos_token_id,):
+        if t is not None:
+            ids.extend(t if isinstance(t, list) else [t])
+    return ids

@@ -1,0 +1,81 @@
+"""Built-in procedurally generated reasoning tasks.
+
+`arithmetic`: a chain of single-digit additions/subtractions, e.g. prompt "7+5-3+8=", with a worked
+chain of thought "<think>7+5=12 12-3=9 9+8=17</think><answer>17</answer>". Each row carries the
+prompt, the reference answer, and a teacher completion for the cold-start SFT.
+
+Imperfect cold-start data, as R1's is: `teacher_noise` makes the teacher slip (each intermediate
+result off by one with that probability, the chain carrying on from the wrong value), and
+`answer_noise` makes its final answer disagree with its own chain by one. A model cloned from such
+a teacher samples the same slips; GRPO with an accuracy reward is what removes them.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ArithmeticTask:
+    min_terms: int = 3
+    max_terms: int = 4
+    max_operand: int = 9
+    teacher_noise: float = 0.0
+    answer_noise: float = 0.0
+
+    def __post_init__(self):
+        if not 2 <= self.min_terms <= self.max_terms:
+            raise ValueError(f"arithmetic task: need 2 <= min_terms <= max_terms; got {self.min_terms}, {self.max_terms}")
+        if self.max_operand < 1:
+            raise ValueError(f"arithmetic task: max_operand must be >= 1; got {self.max_operand}")
+        if not 0.0 <= self.teacher_noise < 1.0:
+            raise ValueError(f"arithmetic task: teacher_noise must be in [0, 1); got {self.teacher_noise}")
+        if not 0.0 <= self.answer_noise < 1.0:
+            raise ValueError(f"arithmetic task: answer_noise must be in [0, 1); got {self.answer_noise}")
+
+    def row(self, rng: random.Random) -> dict:
+        n = rng.randint(self.min_terms, self.max_terms)
+        terms = [rng.randint(1, self.max_operand) for _ in range(n)]
+        ops = [rng.choice("+-") for _ in range(n - 1)]
+        prompt = str(terms[0]) + "".join(o + str(t) for o, t in zip(ops, terms[1:])) + "="
+        exact = terms[0]
+        shown = terms[0]
+        steps = []
+        for o, t in zip(ops, terms[1:]):
+            exact = exact + t if o == "+" else exact - t
+            value = shown + t if o == "+" else shown - t
+            if rng.random() < self.teacher_noise:
+                value += rng.choice((-1, 1))
+            steps.append(f"{shown}{o}{t}={value}")
+            shown = value
+        answer = shown + rng.choice((-1, 1)) if rng.random() < self.answer_noise else shown
+        completion = f"<think>{' '.join(steps)}</think><answer>{answer}</answer>"
+        return {"prompt": prompt, "answer": str(exact), "completion": completion}
+
+    def rows(self, n: int, seed: int) -> list[dict]:
+        rng = random.Random(seed)
+        return [self.row(rng) for _ in range(n)]
+
+
+TASKS = {"arithmetic": ArithmeticTask}
+
+
+def builtin_rows(spec: str, n: int, seed: int, **overrides) -> list[dict]:
+    """`builtin:arithmetic` (optionally `builtin:arithmetic?max_terms=5&teacher_noise=0.2`) → rows."""
+    name = spec.split(":", 1)[1] if spec.startswith("builtin:") else spec
+    params: dict = {}
+    if "?" in name:
+        name, query = name.split("?", 1)
+        for part in filter(None, query.split("&")):
+            if "=" not in part:
+                raise ValueError(f"built-in task {spec!r}: cannot read parameter {part!r} (write key=value)")
+            k, v = part.split("=", 1)
+            params[k] = float(v) if "." in v else int(v)
+    if name not in TASKS:
+        raise ValueError(f"unknown built-in task {name!r}; built-in tasks: {', '.join(TASKS)}")
+    params.update(overrides)
+    try:
+        task = TASKS[name](**params)
+    except TypeError as e:
+        raise ValueError(f"built-in task {name!r}: {e}") from None
+    return task.rows(n, seed)

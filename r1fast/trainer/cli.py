@@ -1,0 +1,207 @@
+"""`r1fast train | sft | sample | pipeline | plot`: added to the `r1fast` command by r1fast.cli.
+
+    r1fast train                              the embedded default (configs/default.yaml), CPU, minutes
+    r1fast train run.yaml --max_steps 50      GRPO from a GRPOConfig YAML (or a pipeline YAML), overridden
+    r1fast train --resume                     continue the newest checkpoint of that run
+    r1fast sft sft.yaml model_name_or_path=builtin:tiny dataset=data.jsonl
+    r1fast sample sample.yaml output_file=kept.jsonl
+    r1fast pipeline r1fast/configs/r1_pipeline.yaml
+    r1fast plot runs/default
+Options after the config file are `--key value`, `--key=value` or `key=value`; for a pipeline,
+`<stage>.<key>=value` sets one stage's option.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from r1fast.trainer.config import ConfigError
+
+_EPILOG = ("options: --key value | --key=value | key=value (GRPOConfig / SFTConfig / SampleConfig fields; "
+           "<stage>.<key>=value for a pipeline). --resume [PATH] continues from the newest checkpoint.")
+
+
+def _split(rest: list[str]) -> tuple[str | None, list[str], str | bool | None]:
+    """→ (config path or None, overrides, resume)."""
+    config = None
+    if rest and not rest[0].startswith("-") and "=" not in rest[0]:
+        config = rest[0]
+        rest = rest[1:]
+    overrides, resume = [], None
+    i = 0
+    while i < len(rest):
+        a = rest[i]
+        if a == "--resume":
+            if i + 1 < len(rest) and not rest[i + 1].startswith("-") and "=" not in rest[i + 1]:
+                resume = rest[i + 1]
+                i += 2
+            else:
+                resume = True
+                i += 1
+            continue
+        if a.startswith("--resume="):
+            resume = a.split("=", 1)[1] or True
+            i += 1
+            continue
+        overrides.append(a)
+        i += 1
+    if config is not None and not os.path.isfile(config):
+        raise ConfigError(f"config file {config!r} does not exist")
+    return config, overrides, resume
+
+
+def _fail(cmd: str, e: Exception):
+    raise SystemExit(f"r1fast {cmd}: {e}")
+
+
+def _cmd_train(args):
+    from r1fast.trainer.pipeline import DEFAULT_CONFIG, is_pipeline_file, run_pipeline
+
+    try:
+        config, overrides, resume = _split(args.rest)
+        if config is None or is_pipeline_file(config):
+            run_pipeline(config or DEFAULT_CONFIG, overrides, resume=bool(resume))
+            return 0
+        return _run_grpo(config, overrides, resume)
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        _fail("train", e)
+    except KeyboardInterrupt:
+        print("r1fast train: stopped; continue with --resume", file=sys.stderr)
+        return 130
+
+
+def _run_grpo(config: str, overrides: list[str], resume):
+    from r1fast.trainer.common import load_model_and_tokenizer, resolve_device
+    from r1fast.trainer.config import GRPOConfig
+    from r1fast.trainer.grpo import GRPOTrainer
+
+    cfg = GRPOConfig.from_yaml(config, overrides)
+    if cfg.model_name_or_path is None or cfg.dataset is None:
+        raise ConfigError("a GRPO config needs model_name_or_path and dataset")
+    model, tok = load_model_and_tokenizer(cfg.model_name_or_path, device=resolve_device(cfg.device), dtype=cfg.dtype,
+                                          seed=cfg.seed, fp8=cfg.fp8)
+    trainer = GRPOTrainer(model, None, cfg.dataset, cfg, tokenizer=tok)
+    res = trainer.train(resume=resume)
+    _print_result(res)
+    return 130 if res.get("interrupted") else 0
+
+
+def _print_result(res: dict):
+    for key in ("initial", "final"):
+        if key in res:
+            print(f"{key} held-out accuracy: {res[key]['eval/accuracy']:.3f}")
+    if "checkpoint" in res:
+        print(f"checkpoint: {res['checkpoint']}")
+    if res.get("nonfinite_skipped"):
+        print(f"steps skipped for a NaN/inf loss or gradient: {res['nonfinite_skipped']}")
+
+
+def _cmd_sft(args):
+    from r1fast.data import load_rows
+    from r1fast.trainer.common import load_model_and_tokenizer, resolve_device
+    from r1fast.trainer.config import SFTConfig, parse_overrides
+    from r1fast.trainer.sft import SFTTrainer
+
+    try:
+        config, overrides, resume = _split(args.rest)
+        cfg = SFTConfig.from_yaml(config, overrides) if config else SFTConfig().update(
+            parse_overrides(overrides), source="command line")
+        if cfg.model_name_or_path is None or cfg.dataset is None:
+            raise ConfigError("sft needs model_name_or_path and dataset (JSONL/parquet/saved dataset with "
+                              f"{cfg.prompt_column!r} and {cfg.completion_column!r} columns)")
+        model, tok = load_model_and_tokenizer(cfg.model_name_or_path, device=resolve_device(cfg.device),
+                                              dtype=cfg.dtype, seed=cfg.seed)
+        rows = load_rows(cfg.dataset, seed=cfg.seed, required_columns=(cfg.prompt_column, cfg.completion_column))
+        res = SFTTrainer(model, tok, rows, cfg).train(resume=resume)
+        print(f"checkpoint: {res['checkpoint']}")
+        if res.get("interrupted"):
+            return 130
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        _fail("sft", e)
+    return 0
+
+
+def _cmd_sample(args):
+    from r1fast.data import load_rows
+    from r1fast.trainer.common import load_model_and_tokenizer, resolve_device
+    from r1fast.trainer.config import SampleConfig, parse_overrides
+    from r1fast.trainer.sampling import rejection_sample, write_jsonl
+
+    try:
+        config, overrides, _ = _split(args.rest)
+        cfg = SampleConfig.from_yaml(config, overrides) if config else SampleConfig().update(
+            parse_overrides(overrides), source="command line")
+        if cfg.model_name_or_path is None or cfg.dataset is None:
+            raise ConfigError("sample needs model_name_or_path and dataset")
+        model, tok = load_model_and_tokenizer(cfg.model_name_or_path, device=resolve_device(cfg.device),
+                                              dtype=cfg.dtype, seed=cfg.seed)
+        rows = load_rows(cfg.dataset, seed=cfg.seed, required_columns=(cfg.prompt_column,))
+        kept, stats = rejection_sample(model, tok, rows, cfg)
+        out = cfg.output_file or os.path.join("runs", "sample", "samples.jsonl")
+        write_jsonl(kept, out)
+        print(f"kept {stats['kept']} of {stats['samples']} samples from {stats['prompts']} prompts "
+              f"(pass rate {stats['pass_rate']:.3f}) → {out}")
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        _fail("sample", e)
+    return 0
+
+
+def _cmd_pipeline(args):
+    from r1fast.trainer.pipeline import run_pipeline
+
+    try:
+        config, overrides, resume = _split(args.rest)
+        if config is None:
+            raise ConfigError("pipeline needs a config file (see r1fast/configs/r1_pipeline.yaml)")
+        run_pipeline(config, overrides, resume=bool(resume))
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        _fail("pipeline", e)
+    except KeyboardInterrupt:
+        print("r1fast pipeline: stopped; continue with --resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _cmd_plot(args):
+    from r1fast.trainer.plot import plot_run
+
+    try:
+        path = plot_run(args.run_dir, args.out)
+    except ValueError as e:
+        _fail("plot", e)
+    print(f"wrote {path}")
+    return 0
+
+
+def _with_help(parser, func):
+    def run(args):
+        if any(a in ("-h", "--help") for a in args.rest):
+            parser.print_help()
+            return 0
+        return func(args)
+    return run
+
+
+def add_commands(subparsers):
+    def add(name, help_, func, usage):
+        # "--key value" overrides are free-form, so argparse must not read "-" as an option prefix
+        # here; -h/--help is handled by _with_help.
+        p = subparsers.add_parser(name, help=help_, description=help_, epilog=_EPILOG, usage=usage,
+                                  prefix_chars="+", add_help=False)
+        p.add_argument("rest", nargs="*", help=argparse.SUPPRESS)
+        p.set_defaults(func=_with_help(p, func))
+        return p
+
+    add("train", "GRPO training; with no arguments, the embedded default (cold-start SFT then GRPO on CPU)",
+        _cmd_train, "r1fast train [CONFIG.yaml] [--resume [PATH]] [--key value ...]")
+    add("sft", "supervised fine-tuning: cold start, rejection-sampled data, distillation",
+        _cmd_sft, "r1fast sft [CONFIG.yaml] [--resume [PATH]] [--key value ...]")
+    add("sample", "rejection sampling: n samples per prompt, keep those passing the reward thresholds, write JSONL",
+        _cmd_sample, "r1fast sample [CONFIG.yaml] [--key value ...]")
+    add("pipeline", "multi-stage run: cold start -> RL -> rejection sampling + SFT -> RL, distillation",
+        _cmd_pipeline, "r1fast pipeline CONFIG.yaml [--resume] [<stage>.<key>=value ...]")
+    plot = subparsers.add_parser("plot", help="PNG curves (reward, accuracy, KL, length, entropy) of a run")
+    plot.add_argument("run_dir", help="a run folder holding metrics.jsonl")
+    plot.add_argument("--out", default=None, help="PNG path (default RUN_DIR/curves.png)")
+    plot.set_defaults(func=_cmd_plot)

@@ -1,0 +1,165 @@
+"""Pieces shared by the GRPO and SFT loops: models by name, optimizer and schedule, packing."""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+# The embedded default's model: small enough for a 2-core CPU, deep enough to learn carries.
+BUILTIN_MODELS = {
+    "micro": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                  num_key_value_heads=2, max_position_embeddings=128),   # tests
+    "tiny": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=256),
+    "small": dict(hidden_size=192, intermediate_size=512, num_hidden_layers=3, num_attention_heads=6,
+                  num_key_value_heads=2, max_position_embeddings=512),
+}
+
+
+def resolve_device(name: Optional[str]) -> torch.device:
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for but CUDA is not available")
+    return dev
+
+
+def run_dir_for(output_dir: Optional[str], run_name: Optional[str], default_name: str) -> str:
+    if output_dir:
+        return output_dir
+    return os.path.join(os.getcwd(), "runs", run_name or default_name)
+
+
+def load_model_and_tokenizer(spec: Optional[str], *, device, dtype: str = "float32", seed: int = 0, fp8: str = "off",
+                             tokenizer=None):
+    """`builtin:<size>` (random init, built-in char tokenizer) or a local Hugging Face folder."""
+    from r1fast.models import CausalLM, ModelConfig, from_pretrained, load_tokenizer
+
+    if spec is None:
+        raise ValueError("model_name_or_path is required (a local Hugging Face folder or builtin:tiny)")
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    if spec.startswith("builtin:"):
+        size = spec.split(":", 1)[1]
+        if size not in BUILTIN_MODELS:
+            raise ValueError(f"unknown built-in model {spec!r}; choose from "
+                             f"{', '.join('builtin:' + k for k in BUILTIN_MODELS)}")
+        from r1fast.data.tokenizer import build_char_tokenizer
+
+        tok = tokenizer or build_char_tokenizer()
+        cfg = ModelConfig(architecture="LlamaForCausalLM", vocab_size=len(tok), bos_token_id=tok.bos_token_id,
+                          eos_token_id=tok.eos_token_id, **BUILTIN_MODELS[size])
+        torch.manual_seed(seed)
+        model = CausalLM(cfg)
+        model.reset_parameters(seed=seed)
+        return model.to(device=device, dtype=torch_dtype), tok
+    if not os.path.isdir(spec):
+        raise ValueError(f"model {spec!r} is not a folder (give a local Hugging Face checkpoint or builtin:tiny)")
+    model = from_pretrained(spec, dtype=torch_dtype, device=device, fp8=fp8)
+    tok = tokenizer or load_tokenizer(spec)
+    return model, tok
+
+
+def make_optimizer(model, cfg) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters")
+    return torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                             eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay)
+
+
+def make_scheduler(opt, kind: str, total_steps: int, warmup_steps: int):
+    def factor(step: int) -> float:
+        if warmup_steps and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if kind == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        if kind == "linear":
+            return max(0.0, 1.0 - progress)
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def warmup_steps_of(cfg, total_steps: int) -> int:
+    return cfg.warmup_steps or int(math.ceil(cfg.warmup_ratio * total_steps))
+
+
+@dataclass
+class PackedBatch:
+    """Prompt+completion sequences packed into one row, and where their completion tokens sit.
+
+    input_ids [T] and cu_seqlens [S+1] feed the model; `select` [N] picks the hidden states that
+    predict the completion tokens `targets` [N], whose own boundaries are `completion_cu` [S+1].
+    """
+
+    input_ids: torch.Tensor
+    cu_seqlens: torch.Tensor
+    select: torch.Tensor
+    targets: torch.Tensor
+    completion_cu: torch.Tensor
+
+
+def pack(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], device) -> PackedBatch:
+    ids, cu, sel, tgt, ccu = [], [0], [], [], [0]
+    offset = 0
+    for p, c in zip(prompts, completions):
+        if len(p) == 0 or len(c) == 0:
+            raise ValueError("pack: every prompt and completion needs at least one token")
+        seq = list(p) + list(c)
+        ids.extend(seq)
+        # hidden state at position t predicts token t+1: the completion is predicted from p-1 .. p+c-2
+        sel.extend(range(offset + len(p) - 1, offset + len(seq) - 1))
+        tgt.extend(c)
+        offset += len(seq)
+        cu.append(offset)
+        ccu.append(ccu[-1] + len(c))
+    as_long = lambda x: torch.tensor(x, dtype=torch.long, device=device)  # noqa: E731
+    return PackedBatch(as_long(ids), torch.tensor(cu, dtype=torch.int32, device=device), as_long(sel), as_long(tgt),
+                       torch.tensor(ccu, dtype=torch.int32, device=device))
+
+
+def grad_norm_and_clip(params, max_norm: float) -> float:
+    params = [p for p in params if p.grad is not None]
+    if not params:
+        return 0.0
+    if max_norm and max_norm > 0:
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    else:
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.float()) for p in params]))
+    return float(norm)
+
+
+class DataCursor:
+    """A deterministic walk over a dataset in seeded per-epoch permutations; its position is two ints."""
+
+    def __init__(self, n: int, seed: int, epoch: int = 0, index: int = 0):
+        if n <= 0:
+            raise ValueError("the training dataset is empty")
+        self.n, self.seed, self.epoch, self.index = n, seed, epoch, index
+        self._perm_epoch = None
+        self._perm: list[int] = []
+
+    def _perm_for(self, epoch: int) -> list[int]:
+        if self._perm_epoch != epoch:
+            g = torch.Generator().manual_seed(self.seed * 7919 + epoch)
+            self._perm = torch.randperm(self.n, generator=g).tolist()
+            self._perm_epoch = epoch
+        return self._perm
+
+    def take(self, k: int) -> list[int]:
+        out = []
+        while len(out) < k:
+            perm = self._perm_for(self.epoch)
+            out.append(perm[self.index])
+            self.index += 1
+            if self.index == self.n:
+                self.epoch, self.index = self.epoch + 1, 0
+        return out
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index}

@@ -1,0 +1,49 @@
+"""Held-out accuracy: sample completions for held-out prompts, score them with the accuracy and
+format rewards. With temperature > 0 and k samples per prompt this is R1's pass@1 estimate."""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+from r1fast.data.loading import decode_completion, encode_prompt, stop_token_ids
+
+
+def evaluate_accuracy(model, tokenizer, rows: Sequence[dict], *, samples_per_prompt: int = 1, temperature: float = 1.0,
+                      max_tokens: int = 256, seed: int = 0, prompt_column: str = "prompt",
+                      answer_column: str = "answer", system_prompt: Optional[str] = None, engine=None,
+                      return_samples: bool = False):
+    from r1fast.rewards import accuracy_reward, format_reward
+    from r1fast.rollout import Engine, SamplingParams
+
+    rows = list(rows)
+    if not rows:
+        raise ValueError("evaluation: no held-out rows")
+    if answer_column not in rows[0]:
+        raise ValueError(f"evaluation: held-out rows lack the answer column {answer_column!r}; they have {sorted(rows[0])}")
+    prompt_ids = [encode_prompt(tokenizer, r[prompt_column], system_prompt) for r in rows]
+    if engine is None:
+        engine = Engine(model, max_model_len=min(model.config.max_position_embeddings,
+                                                 max(map(len, prompt_ids)) + max_tokens))
+    was_training = model.training
+    model.eval()
+    params = SamplingParams(n=samples_per_prompt, temperature=temperature, max_tokens=max_tokens,
+                            stop_token_ids=stop_token_ids(tokenizer), seed=seed)
+    results = engine.generate(prompt_ids, params)
+    engine.reset_prefix_cache()
+    model.train(was_training)
+    texts, lengths = [], []
+    for res in results:
+        for c in res.completions:
+            texts.append(decode_completion(tokenizer, c.token_ids))
+            lengths.append(len(c.token_ids))
+    n = samples_per_prompt
+    prompts = [r[prompt_column] for r in rows for _ in range(n)]
+    answers = [r.get(answer_column) for r in rows for _ in range(n)]
+    acc = accuracy_reward(prompts, texts, answer=answers)
+    fmt = format_reward(prompts, texts)
+    scored = [a for a in acc if a is not None]
+    out = {"eval/accuracy": sum(scored) / max(len(scored), 1), "eval/format": sum(fmt) / len(fmt),
+           "eval/completion_length": sum(lengths) / len(lengths), "eval/num_samples": len(texts)}
+    if return_samples:
+        return out, [{"prompt": p if isinstance(p, str) else str(p), "completion": t, "accuracy": a}
+                     for p, t, a in zip(prompts, texts, acc)]
+    return out

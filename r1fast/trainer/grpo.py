@@ -1,0 +1,505 @@
+"""GRPOTrainer: DeepSeek-R1's reinforcement-learning step on r1fast's engine and fused loss.
+
+One rollout step:
+    prompts ─► Engine.generate (G samples each, sampler log-probs) ─► rewards ─► group advantages
+    ─► old-policy log-probs once, forward-only (only when the batch is reused: num_iterations > 1)
+    ─► reference log-probs from a frozen copy (only when beta > 0)
+    ─► num_iterations × (gradient_accumulation_steps micro-batches of the fused loss, packed layout,
+       backward) ─► clip, AdamW, LR schedule ─► engine.reset_prefix_cache() ─► metrics
+The engine reads the policy's weights in place, so an optimizer step is visible to the next rollout
+without a copy; only its prefix cache (KV of the old weights) must be dropped.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import os
+import signal
+import time
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+
+from r1fast.data.loading import decode_completion, encode_prompt, load_rows, stop_token_ids
+from r1fast.rewards import RewardSet
+from r1fast.trainer import checkpoints as ckpt
+from r1fast.trainer.common import (
+    DataCursor,
+    grad_norm_and_clip,
+    make_optimizer,
+    make_scheduler,
+    pack,
+    run_dir_for,
+    warmup_steps_of,
+)
+from r1fast.trainer.config import GRPOConfig
+from r1fast.trainer.metrics import MetricsLogger
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+class GRPOTrainer:
+    """`GRPOTrainer(model, reward_funcs, train_dataset, config, tokenizer=None).train()`.
+
+    model:          an r1fast CausalLM (or a local Hugging Face folder)
+    reward_funcs:   a RewardSet, or a list of built-in names / "module:function" / callables
+                    with TRL's signature `(prompts, completions, **columns) -> list[float | None]`
+    train_dataset:  rows with a prompt column (string or chat messages) and the columns the rewards
+                    read (e.g. "answer"): a list of dicts, a datasets.Dataset, or a path / builtin:<task>
+    """
+
+    def __init__(self, model, reward_funcs=None, train_dataset=None, config: Optional[GRPOConfig] = None,
+                 tokenizer=None, eval_dataset=None, *, run_dir: Optional[str] = None,
+                 stage_name: str = "grpo", step_offset: int = 0):
+        self.cfg = config or GRPOConfig()
+        if not isinstance(self.cfg, GRPOConfig):
+            raise TypeError(f"config must be a GRPOConfig, got {type(self.cfg).__name__}")
+        self.cfg.validate()
+        cfg = self.cfg
+        if isinstance(model, (str, os.PathLike)):
+            from r1fast.trainer.common import load_model_and_tokenizer, resolve_device
+
+            model, tokenizer = load_model_and_tokenizer(str(model), device=resolve_device(cfg.device),
+                                                        dtype=cfg.dtype, seed=cfg.seed, fp8=cfg.fp8,
+                                                        tokenizer=tokenizer)
+        if not hasattr(model, "lm_head_weight"):
+            raise TypeError("model must be an r1fast CausalLM (r1fast.models); wrap a transformers model "
+                            "with r1fast.models.from_pretrained(path)")
+        if tokenizer is None:
+            raise ValueError("a tokenizer is required to decode completions for the reward functions")
+        self.model, self.tokenizer = model, tokenizer
+        self.device = model.device
+        if reward_funcs is None:
+            reward_funcs = cfg.reward_funcs
+        if isinstance(reward_funcs, RewardSet):
+            self.rewards = reward_funcs
+        else:
+            if callable(reward_funcs) or isinstance(reward_funcs, str):
+                reward_funcs = [reward_funcs]
+            weights = cfg.reward_weights if cfg.reward_weights and len(cfg.reward_weights) == len(reward_funcs) else None
+            self.rewards = RewardSet(reward_funcs, weights, format_pattern=cfg.format_pattern,
+                                     language=cfg.language, length_target=cfg.length_penalty_target)
+        self.train_rows = self._rows(train_dataset if train_dataset is not None else cfg.dataset, cfg.seed, "train")
+        if cfg.prompt_column not in self.train_rows[0]:
+            raise ValueError(f"train dataset lacks the prompt column {cfg.prompt_column!r}; it has {sorted(self.train_rows[0])}")
+        self.eval_rows = self._rows(eval_dataset if eval_dataset is not None else cfg.eval_dataset, cfg.seed + 1, "eval") \
+            if (eval_dataset is not None or cfg.eval_dataset) else None
+        if self.eval_rows is not None and cfg.eval_size:
+            self.eval_rows = self.eval_rows[:cfg.eval_size]
+        self.run_dir = run_dir or run_dir_for(cfg.output_dir, cfg.run_name, "grpo")
+        self.stage = stage_name
+        self.step_offset = step_offset
+        self.stop_ids = stop_token_ids(tokenizer)
+        self._prompt_cache: dict[int, list[int]] = {}
+        self.ref_model = None
+        if cfg.beta > 0:
+            self.ref_model = copy.deepcopy(model).eval()
+            for p in self.ref_model.parameters():
+                p.requires_grad_(False)
+        self.optimizer = make_optimizer(model, cfg)
+        self.total_steps = self._total_steps()
+        self.scheduler = make_scheduler(self.optimizer, cfg.lr_scheduler_type, self.total_steps,
+                                        warmup_steps_of(cfg, self.total_steps))
+        self.global_step = 0
+        self.rollout_index = 0
+        self.cursor = DataCursor(len(self.train_rows), cfg.seed)
+        self.nonfinite_skipped = 0
+        self._nonfinite_streak = 0
+        self._engine = None
+        self.history: list[dict] = []
+        self._stop_requested = False
+
+    # -- setup -------------------------------------------------------------------------------------
+    def _rows(self, data, seed, what) -> list[dict]:
+        if data is None:
+            raise ValueError(f"no {what} dataset: pass one or set config.dataset")
+        if isinstance(data, (str, os.PathLike)):
+            return load_rows(str(data), split=self.cfg.dataset_split, seed=seed,
+                             n_builtin=1000 if what == "train" else max(self.cfg.eval_size, 1))
+        if isinstance(data, list):
+            if not data or not isinstance(data[0], dict):
+                raise ValueError(f"{what} dataset must be a non-empty list of row dicts")
+            return data
+        if hasattr(data, "__getitem__") and hasattr(data, "__len__"):   # datasets.Dataset
+            return [dict(data[i]) for i in range(len(data))]
+        raise TypeError(f"{what} dataset must be a list of dicts, a datasets.Dataset or a path; got {type(data).__name__}")
+
+    def _total_steps(self) -> int:
+        cfg = self.cfg
+        if cfg.max_steps > 0:
+            return cfg.max_steps
+        rollouts = math.ceil(cfg.num_train_epochs * len(self.train_rows) / cfg.prompts_per_rollout)
+        return max(1, rollouts * cfg.num_iterations)
+
+    @property
+    def engine(self):
+        if self._engine is None:
+            from r1fast.rollout import Engine
+
+            cfg = self.cfg
+            self._engine = Engine(self.model, num_blocks=cfg.engine_num_blocks, block_size=cfg.engine_block_size,
+                                  max_num_seqs=cfg.engine_max_num_seqs,
+                                  max_num_batched_tokens=cfg.engine_max_num_batched_tokens,
+                                  max_model_len=min(self.model.config.max_position_embeddings,
+                                                    cfg.max_prompt_length + cfg.max_completion_length))
+        return self._engine
+
+    def _prompt_ids(self, rows: Sequence[dict], keys: Sequence[int]) -> list[list[int]]:
+        out = []
+        for key, row in zip(keys, rows):
+            if key not in self._prompt_cache:
+                self._prompt_cache[key] = encode_prompt(self.tokenizer, row[self.cfg.prompt_column],
+                                                        self.cfg.system_prompt, self.cfg.max_prompt_length)
+            out.append(self._prompt_cache[key])
+        return out
+
+    def _seed(self, kind: int, index: int) -> int:
+        # Generation depends only on (seed, step), never on global RNG state, so a resumed run draws
+        # exactly the samples the uninterrupted run drew.
+        return (self.cfg.seed * 1_000_003 + kind * 7_919 + index) % (2**31 - 1)
+
+    def _sampling_params(self, n: int, temperature: float, seed: int):
+        from r1fast.rollout import SamplingParams
+
+        cfg = self.cfg
+        return SamplingParams(n=n, temperature=temperature, top_p=cfg.top_p, top_k=cfg.top_k, min_p=cfg.min_p,
+                              max_tokens=cfg.max_completion_length, stop_token_ids=self.stop_ids, seed=seed)
+
+    # -- one rollout -----------------------------------------------------------------------------
+    def generate(self, rows: Sequence[dict], keys: Sequence[int], n: int, temperature: float, seed: int):
+        """→ prompt ids per completion, completion ids, sampler log-probs, finish reasons (prompt-major)."""
+        prompt_ids = self._prompt_ids(rows, keys)
+        results = self.engine.generate(prompt_ids, self._sampling_params(n, temperature, seed))
+        p_ids, c_ids, c_logp, finish = [], [], [], []
+        for pid, res in zip(prompt_ids, results):
+            if len(res.completions) != n:
+                raise RuntimeError(f"rollout engine returned {len(res.completions)} completions for a prompt, expected {n}")
+            for comp in res.completions:
+                ids = list(comp.token_ids)
+                lps = list(comp.logprobs) if comp.logprobs is not None else None
+                if not ids:   # an immediate stop: train on the stop token itself
+                    ids = [self.stop_ids[0]] if self.stop_ids else [self.tokenizer.pad_token_id or 0]
+                    lps = None
+                p_ids.append(pid)
+                c_ids.append(ids)
+                c_logp.append(lps)
+                finish.append(comp.finish_reason)
+        return p_ids, c_ids, c_logp, finish
+
+    def score(self, rows: Sequence[dict], n: int, completions_text: list[str], completion_ids: list[list[int]]):
+        cfg = self.cfg
+        prompts = [r[cfg.prompt_column] for r in rows for _ in range(n)]
+        columns = {k: [r.get(k) for r in rows for _ in range(n)] for k in rows[0] if k != cfg.prompt_column}
+        table = self.rewards.score(prompts, completions_text, columns, completion_ids=completion_ids)
+        return table, self.rewards.total(table)
+
+    def _advantages(self, totals: list[float]) -> torch.Tensor:
+        from r1fast import ops
+
+        G = self.cfg.num_generations
+        r = torch.tensor(totals, dtype=torch.float32)
+        missing = torch.isnan(r)
+        if bool(missing.any()):
+            # A row no reward function scored gets the mean of its group (its advantage is then
+            # forced to 0 below), so it neither teaches anything nor shifts its group's baseline.
+            g = r.view(-1, G)
+            filled = torch.where(torch.isnan(g), torch.nanmean(g, dim=1, keepdim=True).nan_to_num(0.0), g)
+            r = filled.reshape(-1)
+        adv = ops.group_advantages(r, G, estimator=self.cfg.advantage_estimator, scale_rewards=self.cfg.scale_rewards)
+        return torch.where(missing, torch.zeros_like(adv), adv)
+
+    def _loss_options(self, num_items: Optional[float]):
+        from r1fast.ops import LossOptions
+
+        cfg = self.cfg
+        return LossOptions(beta=cfg.beta, epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high, delta=cfg.delta,
+                           loss_type=cfg.loss_type, importance_sampling_level=cfg.importance_sampling_level,
+                           max_completion_length=cfg.max_completion_length, temperature=cfg.temperature,
+                           kl_estimator=cfg.kl_estimator, tis_mode=None if cfg.tis_mode == "none" else cfg.tis_mode,
+                           tis_cap=cfg.tis_cap, tis_level=cfg.tis_level, entropy_coef=cfg.entropy_coef,
+                           num_items=num_items if cfg.loss_type in ("dapo", "cispo") else None)
+
+    @torch.no_grad()
+    def _forward_logp(self, model, batch) -> torch.Tensor:
+        from r1fast import ops
+
+        hidden = model(batch.input_ids, cu_seqlens=batch.cu_seqlens)
+        return ops.grouped_logprob(hidden[batch.select], model.lm_head_weight, batch.targets,
+                                   temperature=self.cfg.temperature, forward_only=True)
+
+    def step(self) -> dict[str, Any]:
+        """One rollout and its `num_iterations` optimizer steps; returns the step's metrics."""
+        from r1fast import ops
+
+        cfg, G = self.cfg, self.cfg.num_generations
+        t0 = time.perf_counter()
+        keys = self.cursor.take(cfg.prompts_per_rollout)
+        rows = [self.train_rows[k] for k in keys]
+        self.model.eval()
+        p_ids, c_ids, c_logp, finish = self.generate(rows, keys, G, cfg.temperature, self._seed(0, self.rollout_index))
+        t_rollout = time.perf_counter()
+        texts = [decode_completion(self.tokenizer, ids) for ids in c_ids]
+        table, totals = self.score(rows, G, texts, c_ids)
+        adv = self._advantages(totals).to(self.device)
+        t_rewards = time.perf_counter()
+
+        B = len(c_ids)
+        mb = cfg.per_device_train_batch_size
+        micro = [list(range(i, min(i + mb, B))) for i in range(0, B, mb)]
+        masks = []
+        for i in range(B):
+            keep = not (cfg.mask_truncated_completions and finish[i] == "length")
+            masks.append(torch.full((len(c_ids[i]),), 1.0 if keep else 0.0, device=self.device))
+        num_items = float(sum(float(m.sum()) for m in masks)) or 1.0
+        batches = [pack([p_ids[i] for i in idx], [c_ids[i] for i in idx], self.device) for idx in micro]
+        sampler = []
+        for idx in micro:
+            if all(c_logp[i] is not None and len(c_logp[i]) == len(c_ids[i]) for i in idx):
+                sampler.append(torch.tensor([x for i in idx for x in c_logp[i]], dtype=torch.float32, device=self.device))
+            else:
+                sampler.append(None)
+        old = [self._forward_logp(self.model, b) if cfg.num_iterations > 1 else None for b in batches]
+        ref = [self._forward_logp(self.ref_model, b) if self.ref_model is not None else None for b in batches]
+        t_logp = time.perf_counter()
+
+        opts = self._loss_options(num_items)
+        # Loss types normalised per micro-batch are averaged over the accumulation steps; dapo/cispo
+        # already divide by the whole generation batch's token count.
+        scale = 1.0 if opts.loss_type in ("dapo", "cispo") else 1.0 / len(micro)
+        self.model.train()
+        stats_acc: dict[str, float] = {}
+        losses, grad_norms, t_loss, t_opt = [], [], 0.0, 0.0
+        for _ in range(cfg.num_iterations):
+            ta = time.perf_counter()
+            self.optimizer.zero_grad(set_to_none=True)
+            finite = True
+            total_loss = 0.0
+            for j, (idx, b) in enumerate(zip(micro, batches)):
+                mask = torch.cat([masks[i] for i in idx])
+                hidden = self.model(b.input_ids, cu_seqlens=b.cu_seqlens)
+                try:
+                    loss, stats = ops.fused_linear_grpo_loss(
+                        hidden[b.select], self.model.lm_head_weight, b.targets, mask, adv[idx],
+                        old_logp=old[j], ref_logp=ref[j], sampler_logp=sampler[j], cu_seqlens=b.completion_cu,
+                        options=opts)
+                except ValueError as e:
+                    if "non-finite" in str(e) or "NaN" in str(e):
+                        finite = False
+                        break
+                    raise
+                if not bool(torch.isfinite(loss)):
+                    finite = False
+                    break
+                (loss * scale).backward()
+                total_loss += float(loss.detach()) * scale
+                for k, v in stats.items():
+                    v = float(v)
+                    if math.isfinite(v):
+                        stats_acc[k] = stats_acc.get(k, 0.0) + v / (len(micro) * cfg.num_iterations)
+            tb = time.perf_counter()
+            gn = grad_norm_and_clip(self.model.parameters(), cfg.max_grad_norm) if finite else float("nan")
+            if finite and math.isfinite(gn):
+                self.optimizer.step()
+                self._nonfinite_streak = 0
+            else:
+                # Never apply a NaN/inf update: drop the gradients, count the step, carry on.
+                self.optimizer.zero_grad(set_to_none=True)
+                self.nonfinite_skipped += 1
+                self._nonfinite_streak += 1
+                if self._nonfinite_streak >= cfg.max_nonfinite_steps:
+                    raise NonFiniteLoss(f"{self._nonfinite_streak} optimizer steps in a row had a NaN/inf loss or "
+                                        f"gradient; stopping (max_nonfinite_steps={cfg.max_nonfinite_steps})")
+            self.scheduler.step()
+            self.global_step += 1
+            losses.append(total_loss)
+            grad_norms.append(gn)
+            t_loss += tb - ta
+            t_opt += time.perf_counter() - tb
+        self.optimizer.zero_grad(set_to_none=True)
+        self.engine.reset_prefix_cache()
+        self.rollout_index += 1
+        t_end = time.perf_counter()
+
+        gen_tokens = sum(len(c) for c in c_ids)
+        lengths = torch.tensor([len(c) for c in c_ids], dtype=torch.float32)
+        metrics: dict[str, Any] = {
+            "reward": _nanmean(totals),
+            "reward_std": _nanstd(totals),
+            "frac_reward_zero_std": _frac_zero_std(totals, G),
+            **{f"rewards/{n}": _nanmean([x if x is not None else float("nan") for x in t])
+               for n, t in zip(self.rewards.names, table)},
+            "completion_length": float(lengths.mean()),
+            "completion_length_max": float(lengths.max()),
+            "truncated_ratio": sum(f == "length" for f in finish) / B,
+            "loss": sum(losses) / len(losses),
+            "grad_norm": _nanmean(grad_norms),
+            "lr": self.scheduler.get_last_lr()[0],
+            "nonfinite_skipped": self.nonfinite_skipped,
+            **stats_acc,
+            "tokens_per_s": gen_tokens / max(t_rollout - t0, 1e-9),
+            "time/rollout": t_rollout - t0,
+            "time/rewards": t_rewards - t_rollout,
+            "time/logprobs": t_logp - t_rewards,
+            "time/loss_backward": t_loss,
+            "time/optimizer": t_opt,
+            "step_time_s": t_end - t0,
+        }
+        metrics.pop("num_tokens", None)
+        samples = [{"prompt": _short(rows[i // G][cfg.prompt_column]), "completion": texts[i], "reward": totals[i]}
+                   for i in range(0, min(B, cfg.log_completions * G), G)]
+        return {"metrics": metrics, "samples": samples}
+
+    # -- evaluation ------------------------------------------------------------------------------
+    def evaluate(self, rows: Optional[Sequence[dict]] = None) -> dict[str, float]:
+        """Held-out accuracy (mean of the accuracy reward) and format rate over sampled completions."""
+        from r1fast.trainer.evaluate import evaluate_accuracy
+
+        rows = list(rows if rows is not None else (self.eval_rows or []))
+        if not rows:
+            return {}
+        cfg = self.cfg
+        return evaluate_accuracy(self.model, self.tokenizer, rows, samples_per_prompt=cfg.eval_samples_per_prompt,
+                                 temperature=cfg.eval_temperature, max_tokens=cfg.max_completion_length,
+                                 seed=self._seed(1, 0), prompt_column=cfg.prompt_column,
+                                 answer_column=cfg.answer_column, system_prompt=cfg.system_prompt, engine=self.engine)
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    def save(self) -> str:
+        state = {
+            "stage": self.stage,
+            "rollout_index": self.rollout_index,
+            "data": self.cursor.state(),
+            "nonfinite_skipped": self.nonfinite_skipped,
+            "config": self.cfg.to_dict(),
+        }
+        path = ckpt.save_checkpoint(self.run_dir, self.global_step, model=self.model, optimizer=self.optimizer,
+                                    scheduler=self.scheduler, tokenizer=self.tokenizer, state=state,
+                                    keep=self.cfg.save_total_limit)
+        if self.ref_model is not None:
+            from safetensors.torch import save_model
+
+            save_model(self.ref_model, os.path.join(path, "reference.safetensors"))
+        return path
+
+    def load(self, path: str):
+        state = ckpt.load_checkpoint(path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
+        self.global_step = state["global_step"]
+        self.rollout_index = state["rollout_index"]
+        self.cursor.epoch, self.cursor.index = state["data"]["epoch"], state["data"]["index"]
+        self.nonfinite_skipped = state.get("nonfinite_skipped", 0)
+        if self.ref_model is not None:
+            ref_file = os.path.join(path, "reference.safetensors")
+            if not os.path.isfile(ref_file):
+                raise ValueError(f"checkpoint {path!r} has no reference.safetensors but beta > 0 needs the reference model")
+            from safetensors.torch import load_model
+
+            load_model(self.ref_model, ref_file, device=str(self.device))
+        if self._engine is not None:
+            self._engine.reset_prefix_cache()
+        return state
+
+    # -- the loop --------------------------------------------------------------------------------
+    def train(self, resume: str | bool | None = None, callback: Optional[Callable[[int, dict], None]] = None) -> dict:
+        cfg = self.cfg
+        resume_path = ckpt.resolve_resume(resume, self.run_dir)
+        if resume_path:
+            self.load(resume_path)
+        logger = MetricsLogger(self.run_dir, cfg.report_to, resume_step=self.global_step if resume_path else None,
+                               run_name=cfg.run_name, config=cfg.to_dict())
+        pbar = None
+        if cfg.progress_bar:
+            from tqdm.auto import tqdm
+
+            pbar = tqdm(total=self.total_steps, initial=self.global_step, desc=self.stage, dynamic_ncols=True)
+        previous_handler = _install_sigint(self)
+        result: dict[str, Any] = {}
+        try:
+            if self.eval_rows and not resume_path:
+                ev = self.evaluate()
+                logger.log(self.step_offset + self.global_step, self.stage, ev)
+                result["initial"] = ev
+            last_saved = self.global_step
+            while self.global_step < self.total_steps:
+                before = self.global_step
+                out = self.step()
+                m = out["metrics"]
+                step = self.global_step
+                eval_now = cfg.eval_steps and self.eval_rows and (step // cfg.eval_steps) > (before // cfg.eval_steps) \
+                    and step < self.total_steps
+                if eval_now:
+                    m.update(self.evaluate())
+                self.history.append({"step": step, **m})
+                if (step // cfg.logging_steps) > (before // cfg.logging_steps) or step >= self.total_steps:
+                    logger.log(self.step_offset + step, self.stage, m)
+                    if cfg.log_completions:
+                        logger.log_completions(self.step_offset + step, self.stage, out["samples"])
+                if pbar is not None:
+                    pbar.update(step - before)
+                    pbar.set_postfix(reward=f"{m['reward']:.3f}", kl=f"{m.get('kl', 0.0):.4f}",
+                                     len=f"{m['completion_length']:.1f}", tok_s=f"{m['tokens_per_s']:.0f}")
+                if callback is not None:
+                    callback(step, m)
+                if cfg.save_steps and (step // cfg.save_steps) > (before // cfg.save_steps) and step < self.total_steps:
+                    self.save()
+                    last_saved = step
+                if self._stop_requested:
+                    path = self.save() if last_saved != step else ckpt.latest_checkpoint(self.run_dir)
+                    print(f"\nr1fast: interrupted at step {step}; resumable checkpoint: {path}")
+                    result["interrupted"] = True
+                    break
+            else:
+                if self.eval_rows:
+                    ev = self.evaluate()
+                    logger.log(self.step_offset + self.global_step, self.stage, ev)
+                    result["final"] = ev
+                result["checkpoint"] = self.save()
+        finally:
+            signal.signal(signal.SIGINT, previous_handler) if previous_handler is not None else None
+            if pbar is not None:
+                pbar.close()
+            logger.close()
+        result.update(global_step=self.global_step, nonfinite_skipped=self.nonfinite_skipped, run_dir=self.run_dir)
+        return result
+
+
+def _install_sigint(trainer):
+    """First Ctrl-C: finish the current step, write a checkpoint, stop. Second: stop at once."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum, frame):
+        if trainer._stop_requested:
+            raise KeyboardInterrupt
+        trainer._stop_requested = True
+        print("\nr1fast: Ctrl-C: finishing this step and writing a checkpoint (Ctrl-C again to abort)")
+
+    previous = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, handler)
+    return previous
+
+
+def _nanmean(xs) -> float:
+    vals = [float(x) for x in xs if x is not None and not math.isnan(float(x))]
+    return sum(vals) / len(vals) if vals else float("nan")
+
+
+def _nanstd(xs) -> float:
+    vals = [float(x) for x in xs if x is not None and not math.isnan(float(x))]
+    if len(vals) < 2:
+        return 0.0
+    m = sum(vals) / len(vals)
+    return math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1))
+
+
+def _frac_zero_std(totals, G) -> float:
+    groups = [totals[i:i + G] for i in range(0, len(totals), G)]
+    return sum(1 for g in groups if _nanstd(g) == 0.0) / max(len(groups), 1)
+
+
+def _short(prompt, n: int = 200) -> str:
+    s = prompt if isinstance(prompt, str) else str(prompt[-1].get("content", prompt)) if isinstance(prompt, list) else str(prompt)
+    return s if len(s) <= n else s[:n] + "…"

@@ -1,0 +1,93 @@
+"""Run metrics: one JSON object per line in <run>/metrics.jsonl, sample completions in
+<run>/completions.jsonl, and TensorBoard / W&B when installed and asked for."""
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any, Optional
+
+# Keys that change between otherwise identical runs (wall clock); resume comparisons skip them.
+TIMING_KEYS = ("time_s", "tokens_per_s", "step_time_s", "elapsed_s")
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: str, report_to: tuple[str, ...] | list[str] = (), *, resume_step: Optional[int] = None,
+                 run_name: Optional[str] = None, config: Optional[dict] = None):
+        os.makedirs(run_dir, exist_ok=True)
+        self.path = os.path.join(run_dir, "metrics.jsonl")
+        self.completions_path = os.path.join(run_dir, "completions.jsonl")
+        if resume_step is not None:
+            # Lines written after the checkpoint belong to a future that resuming replaces.
+            _truncate_after(self.path, resume_step)
+            _truncate_after(self.completions_path, resume_step)
+        else:
+            for p in (self.path, self.completions_path):
+                if os.path.exists(p):
+                    os.remove(p)
+        self._tb = None
+        self._wandb = None
+        if "tensorboard" in report_to:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                print("r1fast: report_to tensorboard asked for but tensorboard is not installed; skipping")
+            else:
+                self._tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+        if "wandb" in report_to:
+            try:
+                import wandb
+            except ImportError:
+                print("r1fast: report_to wandb asked for but wandb is not installed; skipping")
+            else:
+                self._wandb = wandb.init(name=run_name, config=config, dir=run_dir, resume="allow")
+
+    def log(self, step: int, stage: str, metrics: dict[str, Any]):
+        row = {"step": step, "stage": stage, **{k: _plain(v) for k, v in metrics.items()}}
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+        numeric = {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}
+        if self._tb is not None:
+            for k, v in numeric.items():
+                self._tb.add_scalar(f"{stage}/{k}", v, step)
+            self._tb.flush()
+        if self._wandb is not None:
+            self._wandb.log({f"{stage}/{k}": v for k, v in numeric.items()}, step=step)
+
+    def log_completions(self, step: int, stage: str, samples: list[dict]):
+        with open(self.completions_path, "a", encoding="utf-8") as f:
+            for s in samples:
+                f.write(json.dumps({"step": step, "stage": stage, **s}) + "\n")
+
+    def close(self):
+        if self._tb is not None:
+            self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def read_metrics(run_dir: str) -> list[dict]:
+    path = os.path.join(run_dir, "metrics.jsonl") if os.path.isdir(run_dir) else run_dir
+    if not os.path.isfile(path):
+        raise ValueError(f"no metrics.jsonl in {run_dir!r}")
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _plain(v):
+    if hasattr(v, "item"):
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return None if math.isnan(v) else (1e308 if v > 0 else -1e308)
+    return v
+
+
+def _truncate_after(path: str, step: int):
+    if not os.path.exists(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(keep)
+    os.replace(tmp, path)

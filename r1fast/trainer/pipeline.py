@@ -1,0 +1,352 @@
+"""Multi-stage runs from one YAML: DeepSeek-R1's cold start → RL → rejection sampling + SFT → RL, and
+teacher → student distillation. `r1fast train` with no arguments runs configs/default.yaml.
+
+    name: default                 # run folder: ./runs/<name> unless output_dir is given
+    seed: 0
+    model: builtin:tiny           # or a local Hugging Face folder
+    eval_dataset: builtin:arithmetic
+    stages:
+      - {name: cold_start, type: sft,    dataset: "builtin:arithmetic?teacher_noise=0.25", config: {...}}
+      - {name: rl,         type: grpo,   dataset: builtin:arithmetic, config: {...}}
+      - {name: rejection,  type: sample, dataset: builtin:arithmetic, config: {...}}
+      - {name: sft2,       type: sft,    dataset: "@rejection", config: {...}}
+      - {name: student,    type: sft,    model: builtin:tiny, dataset: "@rejection"}   # distillation
+
+A stage trains the previous stage's model unless it names its own `model` (a path, builtin:<size>,
+or "@stage" for that stage's result). "@stage" as a dataset is what a sample stage kept. Each stage
+writes into <run>/<stage>/; <run>/metrics.jsonl gathers every stage's metrics and the held-out
+accuracy after each training stage; <run>/summary.json has the table printed at the end.
+`--resume` skips finished stages and resumes the unfinished one from its last checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from r1fast.trainer.config import ConfigError, GRPOConfig, SampleConfig, SFTConfig, load_yaml, parse_overrides
+
+STAGE_TYPES = {"sft": SFTConfig, "grpo": GRPOConfig, "sample": SampleConfig}
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "default.yaml")
+_TOP_KEYS = {"name", "seed", "output_dir", "model", "device", "dtype", "eval_dataset", "eval_size",
+             "eval_samples_per_prompt", "eval_temperature", "eval_max_tokens", "stages", "progress_bar",
+             "description", "num_threads"}
+_STAGE_KEYS = {"name", "type", "model", "dataset", "num_rows", "config", "evaluate"}
+
+
+@dataclass
+class Stage:
+    name: str
+    type: str
+    config: Any
+    model: Optional[str] = None
+    dataset: Optional[str] = None
+    num_rows: int = 2000
+    evaluate: bool = True
+
+
+@dataclass
+class Pipeline:
+    name: str = "run"
+    seed: int = 0
+    output_dir: Optional[str] = None
+    model: Optional[str] = None
+    device: Optional[str] = None
+    dtype: str = "float32"
+    eval_dataset: Optional[str] = None
+    eval_size: int = 128
+    eval_samples_per_prompt: int = 4
+    eval_temperature: float = 1.0
+    eval_max_tokens: int = 64
+    progress_bar: bool = True
+    num_threads: Optional[int] = None    # torch CPU threads (1 avoids stalls on a busy small CPU)
+    stages: list[Stage] = field(default_factory=list)
+
+    @property
+    def run_dir(self) -> str:
+        return self.output_dir or os.path.join(os.getcwd(), "runs", self.name)
+
+
+def is_pipeline_file(path: str) -> bool:
+    return "stages" in load_yaml(path)
+
+
+def load_pipeline(source: str | dict, overrides: Optional[list[str]] = None) -> Pipeline:
+    data = load_yaml(source) if isinstance(source, (str, os.PathLike)) else dict(source)
+    where = str(source) if isinstance(source, (str, os.PathLike)) else "pipeline"
+    ov = parse_overrides(overrides or [])
+    # "stage.key=value" sets a stage's option; other keys are pipeline keys
+    stage_ov: dict[str, dict] = {}
+    for k, v in ov.items():
+        if "." in k:
+            st, key = k.split(".", 1)
+            stage_ov.setdefault(st, {})[key] = v
+        else:
+            data[k] = v
+    unknown = set(data) - _TOP_KEYS
+    if unknown:
+        raise ConfigError(f"{where}: unknown pipeline key(s) {sorted(unknown)}; known: {sorted(_TOP_KEYS)} "
+                          f"(set a stage's option with <stage>.<option>=value)")
+    stages_raw = data.pop("stages", None)
+    if not isinstance(stages_raw, list) or not stages_raw:
+        raise ConfigError(f"{where}: 'stages' must be a non-empty list")
+    data.pop("description", None)
+    p = Pipeline(**{k: v for k, v in data.items()})
+    if not isinstance(p.seed, int):
+        raise ConfigError(f"{where}: seed must be an int; got {p.seed!r}")
+    names = set()
+    for i, raw in enumerate(stages_raw):
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{where}: stage {i} must be a mapping")
+        bad = set(raw) - _STAGE_KEYS
+        if bad:
+            raise ConfigError(f"{where}: stage {i}: unknown key(s) {sorted(bad)}; known: {sorted(_STAGE_KEYS)}")
+        name = raw.get("name") or f"stage{i}"
+        if name in names:
+            raise ConfigError(f"{where}: two stages are named {name!r}")
+        names.add(name)
+        typ = raw.get("type")
+        if typ not in STAGE_TYPES:
+            raise ConfigError(f"{where}: stage {name!r}: type must be one of {sorted(STAGE_TYPES)}; got {typ!r}")
+        conf = dict(raw.get("config") or {})
+        conf.update(stage_ov.pop(name, {}))
+        conf.setdefault("seed", p.seed + i)
+        try:
+            cfg = STAGE_TYPES[typ].from_dict(conf, source=f"{where}: stage {name!r}")
+        except ConfigError:
+            raise
+        p.stages.append(Stage(name=name, type=typ, config=cfg, model=raw.get("model"), dataset=raw.get("dataset"),
+                              num_rows=int(raw.get("num_rows", 2000)), evaluate=bool(raw.get("evaluate", True))))
+    if stage_ov:
+        raise ConfigError(f"command line: no stage named {sorted(stage_ov)}; stages: {[s.name for s in p.stages]}")
+    for s in p.stages:
+        for ref in (s.model, s.dataset):
+            if isinstance(ref, str) and ref.startswith("@") and ref[1:] not in names:
+                raise ConfigError(f"{where}: stage {s.name!r} refers to unknown stage {ref!r}")
+    return p
+
+
+class PipelineRunner:
+    def __init__(self, p: Pipeline):
+        from r1fast.trainer.common import resolve_device
+
+        self.p = p
+        self.run_dir = p.run_dir
+        self.device = resolve_device(p.device)
+        self.state_path = os.path.join(self.run_dir, "pipeline_state.json")
+        self.state: dict[str, Any] = {"stages": {}}
+        self.samples: dict[str, list[dict]] = {}
+        self._eval_rows = None
+
+    # -- helpers -----------------------------------------------------------------------------------
+    def eval_rows(self) -> Optional[list[dict]]:
+        from r1fast.data import load_rows
+
+        if self.p.eval_dataset is None:
+            return None
+        if self._eval_rows is None:
+            rows = load_rows(self.p.eval_dataset, n_builtin=self.p.eval_size, seed=self.p.seed * 100 + 99)
+            self._eval_rows = rows[:self.p.eval_size]
+        return self._eval_rows
+
+    def stage_rows(self, stage: Stage, index: int, need: tuple[str, ...]) -> list[dict]:
+        from r1fast.data import load_rows
+
+        if stage.dataset is None:
+            raise ConfigError(f"stage {stage.name!r} needs a dataset")
+        if stage.dataset.startswith("@"):
+            src = stage.dataset[1:]
+            if src not in self.samples:
+                path = self.state["stages"].get(src, {}).get("samples")
+                if not path or not os.path.isfile(path):
+                    raise ValueError(f"stage {stage.name!r}: stage {src!r} has not produced samples yet")
+                with open(path, encoding="utf-8") as f:
+                    self.samples[src] = [json.loads(line) for line in f if line.strip()]
+            rows = self.samples[src]
+            if not rows:
+                raise ValueError(f"stage {stage.name!r}: stage {src!r} kept no samples (lower its thresholds or "
+                                 f"sample more)")
+        else:
+            rows = load_rows(stage.dataset, n_builtin=stage.num_rows, seed=self.p.seed * 100 + index + 1)
+            held_out = self.eval_rows()
+            if held_out and stage.dataset.startswith("builtin:"):
+                # keep held-out prompts out of training so the reported accuracy is truly held out
+                seen = {str(r.get("prompt")) for r in held_out}
+                rows = [r for r in rows if str(r.get("prompt")) not in seen]
+        missing = [c for c in need if c not in rows[0]]
+        if missing:
+            raise ValueError(f"stage {stage.name!r}: dataset lacks column(s) {missing}; it has {sorted(rows[0])}")
+        return rows
+
+    def load_model(self, spec: str, seed: int):
+        from r1fast.trainer.common import load_model_and_tokenizer
+
+        if spec.startswith("@"):
+            path = self.state["stages"].get(spec[1:], {}).get("checkpoint")
+            if not path:
+                raise ValueError(f"model {spec!r}: that stage has not finished yet")
+            spec = path
+        return load_model_and_tokenizer(spec, device=self.device, dtype=self.p.dtype, seed=seed)
+
+    def save_state(self):
+        os.makedirs(self.run_dir, exist_ok=True)
+        tmp = self.state_path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(self.state, f, indent=1)
+        os.replace(tmp, self.state_path)
+
+    def evaluate(self, model, tokenizer, seed: int) -> dict:
+        from r1fast.trainer.evaluate import evaluate_accuracy
+
+        rows = self.eval_rows()
+        if not rows:
+            return {}
+        res, samples = evaluate_accuracy(model, tokenizer, rows, samples_per_prompt=self.p.eval_samples_per_prompt,
+                                         temperature=self.p.eval_temperature, max_tokens=self.p.eval_max_tokens,
+                                         seed=seed, return_samples=True)
+        return {**res, "_samples": samples[:4]}
+
+    def write_metrics(self):
+        """<run>/metrics.jsonl = every finished stage's metrics, then its held-out evaluation."""
+        out = []
+        for name in self.state["order"]:
+            st = self.state["stages"].get(name)
+            if not st:
+                continue
+            mpath = os.path.join(self.run_dir, name, "metrics.jsonl")
+            if os.path.isfile(mpath):
+                with open(mpath, encoding="utf-8") as f:
+                    out.extend(line for line in f if line.strip())
+            if st.get("eval"):
+                out.append(json.dumps({"step": st["step_end"], "stage": name, **st["eval"]}) + "\n")
+        with open(os.path.join(self.run_dir, "metrics.jsonl"), "w", encoding="utf-8") as f:
+            f.writelines(out)
+
+    # -- the run -----------------------------------------------------------------------------------
+    def run(self, resume: bool = False) -> dict:
+        from r1fast.trainer.checkpoints import latest_checkpoint
+
+        p = self.p
+        os.makedirs(self.run_dir, exist_ok=True)
+        if p.num_threads and self.device.type == "cpu":
+            import torch
+
+            torch.set_num_threads(p.num_threads)
+        if resume and os.path.isfile(self.state_path):
+            with open(self.state_path, encoding="utf-8") as f:
+                self.state = json.load(f)
+        elif os.path.isfile(self.state_path) and not resume:
+            print(f"r1fast: {self.run_dir} holds an earlier run; starting over (use --resume to continue it)")
+        self.state["order"] = [s.name for s in p.stages]
+        self.state["seed"] = p.seed
+        t_start = time.perf_counter()
+        model = tokenizer = None
+        step = 0
+        for i, stage in enumerate(p.stages):
+            done = self.state["stages"].get(stage.name)
+            if done and done.get("finished"):
+                step = done.get("step_end", step)
+                if done.get("checkpoint"):
+                    model = tokenizer = None   # reload lazily from the last finished stage's checkpoint
+                    self._last_ckpt = done["checkpoint"]
+                continue
+            if stage.model:
+                model, tokenizer = self.load_model(stage.model, p.seed + i)
+            elif model is None:
+                last = getattr(self, "_last_ckpt", None)
+                if last:
+                    model, tokenizer = self.load_model(last, p.seed + i)
+                elif p.model:
+                    model, tokenizer = self.load_model(p.model, p.seed)
+                else:
+                    raise ConfigError(f"stage {stage.name!r}: no model (set the pipeline's 'model' or the stage's)")
+            stage_dir = os.path.join(self.run_dir, stage.name)
+            resume_stage = bool(resume and latest_checkpoint(stage_dir))
+            t0 = time.perf_counter()
+            print(f"\n== stage {i + 1}/{len(p.stages)}: {stage.name} ({stage.type}) ==", flush=True)
+            record: dict[str, Any] = {"type": stage.type, "step_start": step}
+            cfg = stage.config
+            if hasattr(cfg, "progress_bar"):
+                cfg.progress_bar = p.progress_bar and cfg.progress_bar
+            if stage.type == "sft":
+                from r1fast.trainer.sft import SFTTrainer
+
+                rows = self.stage_rows(stage, i, (cfg.prompt_column, cfg.completion_column))
+                tr = SFTTrainer(model, tokenizer, rows, cfg, run_dir=stage_dir, stage_name=stage.name, step_offset=step)
+                res = tr.train(resume=True if resume_stage else None)
+                if res.get("interrupted"):
+                    self.save_state()
+                    raise KeyboardInterrupt
+                step += tr.global_step
+                record["checkpoint"] = res["checkpoint"]
+            elif stage.type == "grpo":
+                from r1fast.trainer.grpo import GRPOTrainer
+
+                rows = self.stage_rows(stage, i, (cfg.prompt_column,))
+                tr = GRPOTrainer(model, cfg.reward_funcs, rows, cfg, tokenizer=tokenizer, run_dir=stage_dir,
+                                 stage_name=stage.name, step_offset=step)
+                res = tr.train(resume=True if resume_stage else None)
+                if res.get("interrupted"):
+                    self.save_state()
+                    raise KeyboardInterrupt
+                step += tr.global_step
+                record["checkpoint"] = res["checkpoint"]
+                record["nonfinite_skipped"] = res["nonfinite_skipped"]
+            else:
+                from r1fast.trainer.sampling import rejection_sample, write_jsonl
+
+                rows = self.stage_rows(stage, i, (cfg.prompt_column,))
+                kept, stats = rejection_sample(model, tokenizer, rows, cfg, progress=p.progress_bar)
+                path = cfg.output_file or os.path.join(stage_dir, "samples.jsonl")
+                write_jsonl(kept, path)
+                self.samples[stage.name] = kept
+                record.update(samples=path, sample_stats=stats)
+                print(f"kept {stats['kept']} of {stats['samples']} samples (pass rate {stats['pass_rate']:.2f}) → {path}")
+            if stage.type != "sample" and stage.evaluate and self.eval_rows():
+                ev = self.evaluate(model, tokenizer, seed=p.seed * 1000 + 7)
+                samples = ev.pop("_samples")
+                record["eval"] = ev
+                record["eval_samples"] = samples
+                print(f"held-out accuracy after {stage.name}: {ev['eval/accuracy']:.3f} "
+                      f"(format {ev['eval/format']:.3f}, {ev['eval/num_samples']} samples)")
+            record.update(step_end=step, wall_s=time.perf_counter() - t0, finished=True)
+            if "checkpoint" in record:
+                self._last_ckpt = record["checkpoint"]
+            self.state["stages"][stage.name] = record
+            self.save_state()
+            self.write_metrics()
+        summary = self.summary(time.perf_counter() - t_start)
+        with open(os.path.join(self.run_dir, "summary.json"), "w", encoding="utf-8") as f:
+            json.dump(summary, f, indent=1)
+        print(render_summary(summary))
+        return summary
+
+    def summary(self, wall_s: float) -> dict:
+        rows = []
+        for name in self.state["order"]:
+            st = self.state["stages"].get(name, {})
+            rows.append({"stage": name, "type": st.get("type"), "steps": st.get("step_end", 0) - st.get("step_start", 0),
+                         "held_out_accuracy": (st.get("eval") or {}).get("eval/accuracy"),
+                         "format": (st.get("eval") or {}).get("eval/format"), "wall_s": round(st.get("wall_s", 0.0), 1)})
+        return {"name": self.p.name, "seed": self.p.seed, "run_dir": self.run_dir, "wall_s_this_invocation": round(wall_s, 1),
+                "eval": {"dataset": self.p.eval_dataset, "prompts": self.p.eval_size,
+                         "samples_per_prompt": self.p.eval_samples_per_prompt, "temperature": self.p.eval_temperature},
+                "stages": rows}
+
+
+def render_summary(s: dict) -> str:
+    lines = [f"\nrun {s['name']} (seed {s['seed']}) in {s['run_dir']}",
+             f"held-out: {s['eval']['prompts']} prompts × {s['eval']['samples_per_prompt']} samples at "
+             f"temperature {s['eval']['temperature']}",
+             f"{'stage':<18}{'type':<8}{'steps':>7}{'accuracy':>10}{'format':>8}{'time':>8}"]
+    for r in s["stages"]:
+        acc = "-" if r["held_out_accuracy"] is None else f"{r['held_out_accuracy']:.3f}"
+        fmt = "-" if r["format"] is None else f"{r['format']:.3f}"
+        lines.append(f"{r['stage']:<18}{r['type'] or '-':<8}{r['steps']:>7}{acc:>10}{fmt:>8}{r['wall_s']:>7.0f}s")
+    return "\n".join(lines)
+
+
+def run_pipeline(source: str | dict = DEFAULT_CONFIG, overrides: Optional[list[str]] = None, resume: bool = False) -> dict:
+    return PipelineRunner(load_pipeline(source, overrides)).run(resume=resume)

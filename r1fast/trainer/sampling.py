@@ -1,0 +1,90 @@
+"""Rejection sampling (R1 §2.3.3): n samples per prompt, keep those whose rewards pass the thresholds.
+
+The kept rows ({prompt, completion, <the dataset's other columns>, rewards}) are the SFT data of
+the next stage; sampled from a teacher and trained into a smaller model they are distillation data.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Sequence
+
+from r1fast.data.loading import decode_completion, encode_prompt, stop_token_ids
+from r1fast.rewards import RewardSet
+from r1fast.trainer.config import SampleConfig
+
+
+def rejection_sample(model, tokenizer, rows: Sequence[dict], cfg: SampleConfig, *, progress: bool = True) -> tuple[list[dict], dict]:
+    """→ (kept rows, statistics)."""
+    from r1fast.rollout import Engine, SamplingParams
+
+    cfg.validate()
+    if not rows:
+        raise ValueError("rejection sampling: the prompt dataset is empty")
+    if cfg.prompt_column not in rows[0]:
+        raise ValueError(f"rejection sampling: dataset lacks the prompt column {cfg.prompt_column!r}; it has {sorted(rows[0])}")
+    rows = list(rows if cfg.max_prompts < 0 else rows[:cfg.max_prompts])
+    rewards = RewardSet(cfg.reward_funcs, format_pattern=cfg.format_pattern, language=cfg.language)
+    thresholds = cfg.reward_thresholds or [1.0] * len(rewards)
+    prompt_ids = [encode_prompt(tokenizer, r[cfg.prompt_column], cfg.system_prompt) for r in rows]
+    engine = Engine(model, max_num_seqs=max(256, cfg.num_samples), max_model_len=max(map(len, prompt_ids)) + cfg.max_completion_length)
+    stops = stop_token_ids(tokenizer)
+    kept: list[dict] = []
+    n_total = n_pass = 0
+    prompts_with_any = 0
+    model.eval()
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(rows), desc="sample", dynamic_ncols=True)
+    for start in range(0, len(rows), cfg.batch_prompts):
+        chunk = rows[start:start + cfg.batch_prompts]
+        params = SamplingParams(n=cfg.num_samples, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+                                max_tokens=cfg.max_completion_length, stop_token_ids=stops,
+                                seed=(cfg.seed * 1_000_003 + start) % (2**31 - 1))
+        results = engine.generate(prompt_ids[start:start + len(chunk)], params)
+        texts, owners = [], []
+        for i, res in enumerate(results):
+            for comp in res.completions:
+                texts.append(decode_completion(tokenizer, comp.token_ids))
+                owners.append(i)
+        prompts = [chunk[i][cfg.prompt_column] for i in owners]
+        columns = {k: [chunk[i].get(k) for i in owners] for k in chunk[0] if k != cfg.prompt_column}
+        table = rewards.score(prompts, texts, columns)
+        per_prompt: dict[int, list[dict]] = {}
+        seen: dict[int, set] = {}
+        for j, text in enumerate(texts):
+            n_total += 1
+            values = [t[j] for t in table]
+            if not all(v is None or v >= th for v, th in zip(values, thresholds)):
+                continue
+            n_pass += 1
+            i = owners[j]
+            if text in seen.setdefault(i, set()) or len(per_prompt.get(i, [])) >= cfg.keep_per_prompt:
+                continue
+            seen[i].add(text)
+            row = {k: v for k, v in chunk[i].items() if k != "completion"}
+            row["completion"] = text
+            row["rewards"] = dict(zip(rewards.names, values))
+            per_prompt.setdefault(i, []).append(row)
+        prompts_with_any += len(per_prompt)
+        for i in sorted(per_prompt):
+            kept.extend(per_prompt[i])
+        if bar is not None:
+            bar.update(len(chunk))
+            bar.set_postfix(pass_rate=f"{n_pass / max(n_total, 1):.2f}", kept=len(kept))
+    if bar is not None:
+        bar.close()
+    stats = {"prompts": len(rows), "samples": n_total, "passed": n_pass, "pass_rate": n_pass / max(n_total, 1),
+             "kept": len(kept), "prompts_kept": prompts_with_any}
+    return kept, stats
+
+
+def write_jsonl(rows: Sequence[dict], path: str):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)

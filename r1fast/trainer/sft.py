@@ -1,0 +1,146 @@
+"""Supervised fine-tuning on (prompt, completion) rows: R1's cold start, the SFT on rejection-sampled
+data, and distillation of a teacher's samples into a student. The loss is the mean negative
+log-likelihood of the completion tokens (prompt tokens are context only), computed with the fused
+log-prob op on packed sequences, so the [tokens, vocab] logits are never built."""
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Optional, Sequence
+
+
+from r1fast.data.loading import encode_completion, encode_prompt
+from r1fast.trainer import checkpoints as ckpt
+from r1fast.trainer.common import (
+    DataCursor,
+    grad_norm_and_clip,
+    make_optimizer,
+    make_scheduler,
+    pack,
+    run_dir_for,
+    warmup_steps_of,
+)
+from r1fast.trainer.config import SFTConfig
+from r1fast.trainer.metrics import MetricsLogger
+
+
+class SFTTrainer:
+    def __init__(self, model, tokenizer, rows: Sequence[dict], config: Optional[SFTConfig] = None, *,
+                 run_dir: Optional[str] = None, stage_name: str = "sft", step_offset: int = 0):
+        self.cfg = config or SFTConfig()
+        self.cfg.validate()
+        cfg = self.cfg
+        if not rows:
+            raise ValueError("SFT dataset is empty")
+        for col in (cfg.prompt_column, cfg.completion_column):
+            if col not in rows[0]:
+                raise ValueError(f"SFT dataset lacks column {col!r}; it has {sorted(rows[0])}")
+        self.model, self.tokenizer, self.device = model, tokenizer, model.device
+        self.examples = []
+        for r in rows:
+            p = encode_prompt(tokenizer, r[cfg.prompt_column], cfg.system_prompt)
+            c = encode_completion(tokenizer, r[cfg.completion_column])
+            if len(p) + len(c) > cfg.max_length:   # keep the completion whole; trim the prompt's start
+                p = p[-max(1, cfg.max_length - len(c)):]
+                c = c[:cfg.max_length - len(p)]
+            self.examples.append((p, c))
+        self.run_dir = run_dir or run_dir_for(cfg.output_dir, cfg.run_name, "sft")
+        self.stage, self.step_offset = stage_name, step_offset
+        self.optimizer = make_optimizer(model, cfg)
+        per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
+        self.total_steps = cfg.max_steps if cfg.max_steps > 0 else \
+            max(1, math.ceil(cfg.num_train_epochs * len(self.examples) / per_step))
+        self.scheduler = make_scheduler(self.optimizer, cfg.lr_scheduler_type, self.total_steps,
+                                        warmup_steps_of(cfg, self.total_steps))
+        self.cursor = DataCursor(len(self.examples), cfg.seed)
+        self.global_step = 0
+
+    def step(self) -> dict[str, float]:
+        from r1fast import ops
+
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        micro = [self.cursor.take(cfg.per_device_train_batch_size) for _ in range(cfg.gradient_accumulation_steps)]
+        n_tokens = sum(len(self.examples[i][1]) for idx in micro for i in idx)
+        total = 0.0
+        for idx in micro:
+            b = pack([self.examples[i][0] for i in idx], [self.examples[i][1] for i in idx], self.device)
+            hidden = self.model(b.input_ids, cu_seqlens=b.cu_seqlens)
+            logp = ops.grouped_logprob(hidden[b.select], self.model.lm_head_weight, b.targets)
+            loss = -logp.sum() / n_tokens   # token mean over the whole accumulated batch
+            loss.backward()
+            total += float(loss.detach())
+        gn = grad_norm_and_clip(self.model.parameters(), cfg.max_grad_norm)
+        skipped = not (math.isfinite(total) and math.isfinite(gn))
+        if skipped:
+            self.optimizer.zero_grad(set_to_none=True)
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.global_step += 1
+        dt = time.perf_counter() - t0
+        return {"loss": total, "grad_norm": gn, "lr": self.scheduler.get_last_lr()[0], "skipped": int(skipped),
+                "tokens_per_s": n_tokens / max(dt, 1e-9), "step_time_s": dt}
+
+    def save(self) -> str:
+        return ckpt.save_checkpoint(self.run_dir, self.global_step, model=self.model, optimizer=self.optimizer,
+                                    scheduler=self.scheduler, tokenizer=self.tokenizer,
+                                    state={"stage": self.stage, "data": self.cursor.state(),
+                                           "config": self.cfg.to_dict()},
+                                    keep=self.cfg.save_total_limit)
+
+    def load(self, path: str):
+        state = ckpt.load_checkpoint(path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
+        self.global_step = state["global_step"]
+        self.cursor.epoch, self.cursor.index = state["data"]["epoch"], state["data"]["index"]
+
+    def train(self, resume: str | bool | None = None) -> dict[str, Any]:
+        cfg = self.cfg
+        resume_path = ckpt.resolve_resume(resume, self.run_dir)
+        if resume_path:
+            self.load(resume_path)
+        logger = MetricsLogger(self.run_dir, cfg.report_to, resume_step=self.global_step if resume_path else None,
+                               run_name=cfg.run_name, config=cfg.to_dict())
+        pbar = None
+        if cfg.progress_bar:
+            from tqdm.auto import tqdm
+
+            pbar = tqdm(total=self.total_steps, initial=self.global_step, desc=self.stage, dynamic_ncols=True)
+        window: list[float] = []
+        from r1fast.trainer.grpo import _install_sigint
+
+        self._stop_requested = False
+        previous_handler = _install_sigint(self)
+        interrupted = False
+        try:
+            while self.global_step < self.total_steps:
+                m = self.step()
+                window.append(m["loss"])
+                step = self.global_step
+                if step % cfg.logging_steps == 0 or step == self.total_steps:
+                    m["loss"] = sum(window) / len(window)
+                    window = []
+                    logger.log(self.step_offset + step, self.stage, m)
+                if pbar is not None:
+                    pbar.update(1)
+                    pbar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{m['tokens_per_s']:.0f}")
+                if cfg.save_steps and step % cfg.save_steps == 0 and step < self.total_steps:
+                    self.save()
+                if self._stop_requested:
+                    interrupted = True
+                    break
+            path = self.save()
+            if interrupted:
+                print(f"\nr1fast: interrupted at step {self.global_step}; resumable checkpoint: {path}")
+        finally:
+            if previous_handler is not None:
+                import signal
+
+                signal.signal(signal.SIGINT, previous_handler)
+            if pbar is not None:
+                pbar.close()
+            logger.close()
+        return {"checkpoint": path, "global_step": self.global_step, "run_dir": self.run_dir,
+                "interrupted": interrupted}

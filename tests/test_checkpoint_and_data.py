@@ -1,0 +1,135 @@
+"""Checkpoint files (safetensors + JSON, atomic) and dataset loading (JSONL, parquet, saved HF
+dataset, built-in tasks, chat template)."""
+import json
+import os
+import random
+
+import pytest
+import torch
+
+from r1fast.data import (
+    ArithmeticTask,
+    build_char_tokenizer,
+    decode_completion,
+    encode_completion,
+    encode_prompt,
+    load_rows,
+)
+from r1fast.models import CausalLM, ModelConfig
+from r1fast.trainer import checkpoints as ckpt
+
+
+def _model(tok):
+    cfg = ModelConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, max_position_embeddings=32)
+    return CausalLM(cfg)
+
+
+def test_checkpoint_roundtrip_restores_everything(tmp_path):
+    tok = build_char_tokenizer()
+    model = _model(tok)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (s + 1))
+    model(torch.arange(10)).sum().backward()
+    opt.step()
+    sched.step()
+    torch.manual_seed(123)
+    random.seed(5)
+    path = ckpt.save_checkpoint(str(tmp_path), 7, model=model, optimizer=opt, scheduler=sched, tokenizer=tok,
+                                state={"data": {"epoch": 1, "index": 3}})
+    expect_torch, expect_py = torch.rand(3), random.random()
+    files = set(os.listdir(path))
+    assert {"model.safetensors", "config.json", "optimizer.safetensors", "rng.safetensors", "trainer_state.json"} <= files
+    assert not [f for f in files if f.endswith((".pt", ".bin", ".pkl"))]   # nothing pickled
+
+    model2 = _model(tok)
+    model2.reset_parameters(seed=1)
+    opt2 = torch.optim.AdamW(model2.parameters(), lr=1e-3)
+    sched2 = torch.optim.lr_scheduler.LambdaLR(opt2, lambda s: 1.0 / (s + 1))
+    state = ckpt.load_checkpoint(path, model=model2, optimizer=opt2, scheduler=sched2)
+    assert state["global_step"] == 7 and state["data"] == {"epoch": 1, "index": 3}
+    assert torch.equal(torch.rand(3), expect_torch) and random.random() == expect_py
+    for p, q in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(p, q)
+        if "exp_avg" in opt.state[p]:   # lm_head gets no gradient from this toy loss
+            assert torch.equal(opt.state[p]["exp_avg"], opt2.state[q]["exp_avg"])
+    assert sum("exp_avg" in opt2.state[q] for q in model2.parameters()) > 3
+    assert sched2.last_epoch == sched.last_epoch and opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
+
+
+def test_failed_write_leaves_no_checkpoint(tmp_path, monkeypatch):
+    tok = build_char_tokenizer()
+    model = _model(tok)
+
+    def crash(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ckpt, "save_file", crash)
+    with pytest.raises(OSError, match="disk full"):
+        ckpt.save_checkpoint(str(tmp_path), 1, model=model)
+    assert os.listdir(tmp_path) == []
+    assert ckpt.latest_checkpoint(str(tmp_path)) is None
+    with pytest.raises(ValueError, match="no checkpoint"):
+        ckpt.resolve_resume(True, str(tmp_path))
+    with pytest.raises(ValueError, match="not a checkpoint"):
+        ckpt.load_checkpoint(str(tmp_path), model=model)
+
+
+def test_char_tokenizer_roundtrip_and_save(tmp_path):
+    from r1fast.models import load_tokenizer
+
+    tok = build_char_tokenizer()
+    ids = encode_prompt(tok, "12+3=")
+    assert tok.decode(ids, skip_special_tokens=False) == "<bos><|user|>12+3=<|assistant|>"
+    comp = "<think>12+3=15</think><answer>15</answer>"
+    cids = encode_completion(tok, comp)
+    assert cids[-1] == tok.eos_token_id and decode_completion(tok, cids) == comp
+    tok.save_pretrained(tmp_path)
+    again = load_tokenizer(str(tmp_path))
+    assert encode_prompt(again, "12+3=") == ids and encode_completion(again, comp) == cids
+
+
+def test_arithmetic_task_is_consistent_and_seeded():
+    rows = ArithmeticTask(teacher_noise=0.0).rows(50, seed=1)
+    assert rows == ArithmeticTask().rows(50, seed=1)
+    for r in rows:
+        expr = r["prompt"].rstrip("=")
+        assert str(eval(expr)) == r["answer"]   # noqa: S307 (digits and +/- only)
+        assert r["completion"].endswith(f"<answer>{r['answer']}</answer>")
+    noisy = ArithmeticTask(answer_noise=0.5).rows(200, seed=2)
+    wrong = sum(r["completion"].split("<answer>")[1].split("<")[0] != r["answer"] for r in noisy)
+    assert 60 < wrong < 140
+    with pytest.raises(ValueError, match="teacher_noise"):
+        ArithmeticTask(teacher_noise=1.5)
+
+
+def test_load_rows_from_files(tmp_path):
+    import datasets
+
+    rows = [{"prompt": "1+1=", "answer": "2"}, {"prompt": "2+2=", "answer": "4"}]
+    jl = tmp_path / "d.jsonl"
+    jl.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert load_rows(str(jl)) == rows
+    ds = datasets.Dataset.from_list(rows)
+    ds.to_parquet(str(tmp_path / "d.parquet"))
+    assert load_rows(str(tmp_path / "d.parquet")) == rows
+    ds.save_to_disk(str(tmp_path / "saved"))
+    assert load_rows(str(tmp_path / "saved")) == rows
+    assert len(load_rows("builtin:arithmetic?max_terms=5", n_builtin=7)) == 7
+    with pytest.raises(ValueError, match="does not exist"):
+        load_rows(str(tmp_path / "missing.jsonl"))
+    with pytest.raises(ValueError, match="lacks column"):
+        load_rows(str(jl), required_columns=("completion",))
+    with pytest.raises(ValueError, match="unknown built-in task"):
+        load_rows("builtin:chess")
+    with pytest.raises(ValueError, match="unknown file type"):
+        (tmp_path / "d.txt").write_text("x")
+        load_rows(str(tmp_path / "d.txt"))
+
+
+def test_chat_messages_and_system_prompt():
+    tok = build_char_tokenizer()
+    ids = encode_prompt(tok, [{"role": "user", "content": "3+4="}], system_prompt="Be brief.")
+    assert tok.decode(ids, skip_special_tokens=False) == "<bos>Be brief.\n<|user|>3+4=<|assistant|>"
+    with pytest.raises(ValueError, match="prompt must be"):
+        encode_prompt(tok, 42)

@@ -1,0 +1,90 @@
+"""GRPOConfig / SFTConfig / pipelines: YAML loading, command-line overrides, clear errors."""
+import pytest
+
+from r1fast.trainer.config import ConfigError, GRPOConfig, SFTConfig, parse_overrides
+from r1fast.trainer.pipeline import DEFAULT_CONFIG, load_pipeline
+
+
+def test_defaults_follow_trl_names():
+    cfg = GRPOConfig()
+    for name in ("learning_rate", "beta", "epsilon", "epsilon_high", "delta", "loss_type", "scale_rewards",
+                 "importance_sampling_level", "num_generations", "num_iterations", "temperature", "top_p",
+                 "top_k", "max_completion_length", "max_prompt_length", "per_device_train_batch_size",
+                 "gradient_accumulation_steps", "max_steps", "num_train_epochs", "seed", "output_dir",
+                 "save_steps", "logging_steps"):
+        assert hasattr(cfg, name)
+
+
+def test_yaml_and_overrides(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("learning_rate: 1.0e-5\nbeta: 0.04\nnum_generations: 4\nreward_funcs: [accuracy]\n")
+    cfg = GRPOConfig.from_yaml(p, ["--beta", "0.1", "--loss_type=grpo", "top_k=5", "reward_weights=[2.0]",
+                                   "--epsilon-high", "0.28", "delta=none"])
+    assert cfg.learning_rate == 1e-5 and cfg.beta == 0.1 and cfg.loss_type == "grpo" and cfg.top_k == 5
+    assert cfg.num_generations == 4 and cfg.reward_weights == [2.0] and cfg.epsilon_high == 0.28 and cfg.delta is None
+
+
+def test_parse_overrides_forms():
+    assert parse_overrides(["--a", "1", "--b=x", "c=true", "d=1e-3"]) == {"a": 1, "b": "x", "c": True, "d": 1e-3}
+    with pytest.raises(ConfigError, match="needs a value"):
+        parse_overrides(["--a"])
+    with pytest.raises(ConfigError, match="cannot read"):
+        parse_overrides(["loose"])
+
+
+@pytest.mark.parametrize("data,match", [
+    ({"learnin_rate": 1e-3}, "unknown option 'learnin_rate'.*learning_rate"),
+    ({"beta": "lots"}, "'beta' expects float"),
+    ({"num_generations": 1}, "num_generations"),
+    ({"loss_type": "ppo"}, "loss_type.*one of"),
+    ({"per_device_train_batch_size": 6, "num_generations": 4}, "divisible by num_generations"),
+    ({"top_p": 1.5}, "top_p"),
+    ({"temperature": 0}, "temperature"),
+    ({"delta": 0.5}, "delta"),
+    ({"max_steps": 0}, "max_steps"),
+    ({"progress_bar": "maybe"}, "progress_bar"),
+    ({"reward_funcs": ["accuracy"], "reward_weights": [1.0, 2.0]}, "reward_weights"),
+    ({"report_to": ["mlflow"]}, "report_to"),
+])
+def test_bad_values_are_clear_errors(data, match):
+    with pytest.raises(ConfigError, match=match):
+        GRPOConfig.from_dict(data)
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        GRPOConfig.from_yaml(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        GRPOConfig.from_yaml(bad)
+    with pytest.raises(ConfigError, match="unknown option"):
+        SFTConfig.from_dict({"beta": 0.1})
+
+
+def test_default_pipeline_loads_and_rejects_bad_stage_options():
+    p = load_pipeline(DEFAULT_CONFIG)
+    assert [s.type for s in p.stages] == ["sft", "grpo"]
+    p2 = load_pipeline(DEFAULT_CONFIG, ["grpo.max_steps=3", "seed=5"])
+    assert p2.stages[1].config.max_steps == 3 and p2.seed == 5
+    with pytest.raises(ConfigError, match="no stage named"):
+        load_pipeline(DEFAULT_CONFIG, ["nostage.max_steps=3"])
+    with pytest.raises(ConfigError, match="unknown option 'max_stepz'"):
+        load_pipeline(DEFAULT_CONFIG, ["grpo.max_stepz=3"])
+    with pytest.raises(ConfigError, match="unknown pipeline key"):
+        load_pipeline(DEFAULT_CONFIG, ["colour=red"])
+
+
+def test_every_shipped_config_loads():
+    import glob
+    import os
+
+    from r1fast.trainer.pipeline import is_pipeline_file
+
+    files = glob.glob(os.path.join(os.path.dirname(DEFAULT_CONFIG), "*.yaml"))
+    assert files
+    for f in files:
+        if is_pipeline_file(f):
+            load_pipeline(f)
+        else:
+            GRPOConfig.from_yaml(f)

@@ -1,0 +1,86 @@
+"""Multi-stage pipelines and the CLI on a tiny budget: stages chain, '@stage' data flows, a student
+can start fresh, resume skips finished stages, and the commands report bad input clearly."""
+import json
+import os
+
+import pytest
+
+from r1fast.cli import main
+from r1fast.trainer.pipeline import load_pipeline, run_pipeline
+
+
+def tiny_pipeline(tmp_path):
+    return {
+        "name": "t", "seed": 0, "output_dir": str(tmp_path / "run"), "model": "builtin:micro",
+        "eval_dataset": "builtin:arithmetic?min_terms=2&max_terms=2", "eval_size": 4, "eval_samples_per_prompt": 2,
+        "eval_max_tokens": 12, "progress_bar": False,
+        "stages": [
+            {"name": "cold", "type": "sft", "dataset": "builtin:arithmetic?min_terms=2&max_terms=2", "num_rows": 64,
+             "config": {"max_steps": 3, "per_device_train_batch_size": 8, "learning_rate": 1e-3}},
+            {"name": "rl", "type": "grpo", "dataset": "builtin:arithmetic?min_terms=2&max_terms=2", "num_rows": 64,
+             "config": {"max_steps": 2, "per_device_train_batch_size": 8, "num_generations": 4,
+                        "max_completion_length": 12, "max_prompt_length": 16}},
+            {"name": "rs", "type": "sample", "dataset": "builtin:arithmetic?min_terms=2&max_terms=2", "num_rows": 4,
+             "config": {"num_samples": 2, "max_completion_length": 12, "reward_funcs": ["format"],
+                        "reward_thresholds": [0.0]}},
+            {"name": "student", "type": "sft", "model": "builtin:micro", "dataset": "@rs",
+             "config": {"max_steps": 2, "per_device_train_batch_size": 4}},
+        ],
+    }
+
+
+def test_pipeline_chains_stages_and_resumes(tmp_path):
+    spec = tiny_pipeline(tmp_path)
+    summary = run_pipeline(spec)
+    run = tmp_path / "run"
+    assert [s["stage"] for s in summary["stages"]] == ["cold", "rl", "rs", "student"]
+    assert all(s["held_out_accuracy"] is not None for s in summary["stages"] if s["type"] != "sample")
+    kept = [json.loads(line) for line in open(run / "rs" / "samples.jsonl")]
+    assert len(kept) == 4 and all("completion" in r and "rewards" in r for r in kept)
+    rows = [json.loads(line) for line in open(run / "metrics.jsonl")]
+    assert {r["stage"] for r in rows} == {"cold", "rl", "student"}
+    steps = [r["step"] for r in rows if r["stage"] == "rl" and "reward" in r]
+    assert steps == [4, 5]   # global steps continue across stages
+    # resuming a finished pipeline skips every stage
+    again = run_pipeline(spec, resume=True)
+    assert again["stages"] == summary["stages"]
+
+
+def test_pipeline_config_errors(tmp_path):
+    spec = tiny_pipeline(tmp_path)
+    spec["stages"][3]["dataset"] = "@nothing"
+    with pytest.raises(ValueError, match="unknown stage '@nothing'"):
+        load_pipeline(spec)
+    spec = tiny_pipeline(tmp_path)
+    spec["stages"][0]["type"] = "rlhf"
+    with pytest.raises(ValueError, match="type must be one of"):
+        load_pipeline(spec)
+
+
+def test_cli_errors_are_clear(tmp_path, capsys):
+    with pytest.raises(SystemExit, match="does not exist"):
+        main(["train", str(tmp_path / "missing.yaml")])
+    with pytest.raises(SystemExit, match="unknown option 'learnin_rate'"):
+        main(["sft", "learnin_rate=1"])
+    with pytest.raises(SystemExit, match="needs model_name_or_path"):
+        main(["sample", "num_samples=2"])
+    with pytest.raises(SystemExit, match="no metrics.jsonl"):
+        main(["plot", str(tmp_path)])
+    with pytest.raises(SystemExit, match=r"unknown pipeline key.*bogus.*<stage>\.<option>"):
+        main(["train", "--bogus", "1"])
+    assert main(["train", "--help"]) == 0
+
+
+def test_cli_grpo_yaml_and_plot(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = tmp_path / "g.yaml"
+    cfg.write_text("model_name_or_path: builtin:micro\ndataset: builtin:arithmetic?min_terms=2&max_terms=2\n"
+                   "per_device_train_batch_size: 8\nnum_generations: 4\nmax_completion_length: 8\n"
+                   "max_prompt_length: 16\nprogress_bar: false\n")
+    assert main(["train", str(cfg), "--max_steps", "2", "run_name=cli"]) == 0
+    run = tmp_path / "runs" / "cli"
+    assert os.path.isdir(run / "checkpoint-2")
+    assert main(["train", str(cfg), "--max_steps", "3", "run_name=cli", "--resume"]) == 0
+    assert [json.loads(line)["step"] for line in open(run / "metrics.jsonl")] == [1, 2, 3]
+    assert main(["plot", str(run)]) == 0
+    assert (run / "curves.png").stat().st_size > 1000

@@ -1,0 +1,165 @@
+"""GRPOTrainer end to end on a tiny model (CPU, seconds): it improves a simple reward, resume is
+bit-identical to an uninterrupted run, a NaN step is skipped and counted, KL runs with beta > 0."""
+import json
+import os
+
+import pytest
+import torch
+
+from r1fast.data import build_char_tokenizer
+from r1fast.models import CausalLM, ModelConfig
+from r1fast.trainer import GRPOConfig, GRPOTrainer
+from r1fast.trainer.metrics import TIMING_KEYS
+
+
+def tiny_model(seed=0, tok=None):
+    tok = tok or build_char_tokenizer()
+    cfg = ModelConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, max_position_embeddings=64, eos_token_id=tok.eos_token_id,
+                      bos_token_id=tok.bos_token_id)
+    model = CausalLM(cfg)
+    model.reset_parameters(seed=seed)
+    return model, tok
+
+
+def sevens(prompts, completions, **kw):
+    """Share of the completion's characters that are '7'."""
+    return [c.count("7") / max(len(c), 1) for c in completions]
+
+
+ROWS = [{"prompt": str(i), "answer": "7"} for i in range(32)]
+
+
+def make(tmp_path, name="run", **over):
+    model, tok = tiny_model()
+    base = dict(learning_rate=3e-2, per_device_train_batch_size=32, num_generations=8, max_steps=12,
+                max_completion_length=6, output_dir=str(tmp_path / name), progress_bar=False, seed=3,
+                logging_steps=1, log_completions=1)
+    base.update(over)
+    return GRPOTrainer(model, [sevens], ROWS, GRPOConfig(**base), tokenizer=tok)
+
+
+def test_short_grpo_run_improves_a_simple_reward(tmp_path):
+    tr = make(tmp_path)
+    res = tr.train()
+    rewards = [h["reward"] for h in tr.history]
+    assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.3, rewards
+    # what a run leaves behind: metrics, sample completions, an HF-format checkpoint
+    run = tmp_path / "run"
+    rows = [json.loads(line) for line in open(run / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == list(range(1, 13))
+    for key in ("reward", "completion_length", "entropy", "tokens_per_s", "time/rollout", "time/loss_backward"):
+        assert key in rows[0]
+    assert (run / "completions.jsonl").stat().st_size > 0
+    ck = res["checkpoint"]
+    assert os.path.isfile(os.path.join(ck, "model.safetensors")) and os.path.isfile(os.path.join(ck, "config.json"))
+
+
+def _metrics(path):
+    rows = [json.loads(line) for line in open(path)]
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS and not k.startswith("time/")} for r in rows]
+
+
+def test_resume_is_bit_identical(tmp_path):
+    kw = dict(max_steps=6, save_steps=2, learning_rate=3e-3, num_iterations=2, gradient_accumulation_steps=2,
+              per_device_train_batch_size=8, lr_scheduler_type="cosine", warmup_steps=2, beta=0.05)
+    full = make(tmp_path, "full", **kw)
+    full.train()
+
+    first = make(tmp_path, "split", **kw)
+    first.train(callback=lambda step, m: setattr(first, "_stop_requested", step >= 2))
+    assert first.global_step == 2
+    second = make(tmp_path, "split", **kw)
+    second.model.reset_parameters(seed=99)          # resume must overwrite every weight
+    second.train(resume=True)
+    assert second.global_step == 6
+    a, b = _metrics(tmp_path / "full" / "metrics.jsonl"), _metrics(tmp_path / "split" / "metrics.jsonl")
+    assert a == b
+    for (n, p), (_, q) in zip(full.model.named_parameters(), second.model.named_parameters()):
+        assert torch.equal(p, q), n
+    for p, q in zip(full.model.parameters(), second.model.parameters()):
+        s1, s2 = full.optimizer.state[p], second.optimizer.state[q]
+        assert torch.equal(s1["exp_avg_sq"], s2["exp_avg_sq"]) and torch.equal(s1["exp_avg"], s2["exp_avg"])
+
+
+def test_checkpoints_keep_last_k(tmp_path):
+    tr = make(tmp_path, "keep", max_steps=6, save_steps=1, save_total_limit=2)
+    tr.train()
+    names = sorted(os.listdir(tmp_path / "keep"))
+    assert [n for n in names if n.startswith("checkpoint-")] == ["checkpoint-5", "checkpoint-6"]
+    assert not [n for n in names if n.startswith(".tmp")]
+
+
+def test_nonfinite_step_is_skipped_and_counted(tmp_path):
+    tr = make(tmp_path, "nan", max_steps=3)
+    calls = {"n": 0}
+
+    def poison(module, args, out):
+        if module.training:
+            calls["n"] += 1
+            if calls["n"] == 2:
+                return out * float("nan")
+        return out
+
+    handle = tr.model.norm.register_forward_hook(poison)
+    snapshot = {}
+
+    def cb(step, m):
+        snapshot[step] = {n: p.detach().clone() for n, p in tr.model.named_parameters()}
+
+    res = tr.train(callback=cb)
+    handle.remove()
+    assert res["nonfinite_skipped"] == 1
+    assert tr.history[1]["nonfinite_skipped"] == 1
+    for n in snapshot[1]:   # the poisoned step changed nothing
+        assert torch.equal(snapshot[1][n], snapshot[2][n])
+    assert all(torch.isfinite(p).all() for p in tr.model.parameters())
+
+
+def test_reference_model_and_kl(tmp_path):
+    tr = make(tmp_path, "kl", max_steps=3, beta=0.1)
+    assert tr.ref_model is not None
+    tr.train()
+    assert tr.history[-1]["kl"] > 0.0
+    assert tr.history[0]["kl"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_trainer_input_errors(tmp_path):
+    model, tok = tiny_model()
+    cfg = GRPOConfig(per_device_train_batch_size=8, num_generations=4, output_dir=str(tmp_path / "e"))
+    with pytest.raises(ValueError, match="tokenizer"):
+        GRPOTrainer(model, [sevens], ROWS, cfg)
+    with pytest.raises(ValueError, match="prompt column"):
+        GRPOTrainer(model, [sevens], [{"question": "1"}], cfg, tokenizer=tok)
+    with pytest.raises(TypeError, match="GRPOConfig"):
+        GRPOTrainer(model, [sevens], ROWS, {"beta": 0.1}, tokenizer=tok)
+
+
+def test_failing_reward_names_function_and_row(tmp_path):
+    from r1fast.rewards import RewardError
+
+    def broken(prompts, completions, **kw):
+        if len(completions) > 1:
+            raise KeyError("boom")
+        return [0.0]
+
+    model, tok = tiny_model()
+    tr = GRPOTrainer(model, [broken], ROWS, GRPOConfig(per_device_train_batch_size=8, num_generations=4, max_steps=1,
+                                                       max_completion_length=4, output_dir=str(tmp_path / "r"),
+                                                       progress_bar=False), tokenizer=tok)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RewardError, match="'broken' raised KeyError"):
+        tr.train()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_ctrl_c_leaves_a_resumable_checkpoint(tmp_path):
+    import signal
+
+    tr = make(tmp_path, "sigint", max_steps=6)
+    res = tr.train(callback=lambda step, m: os.kill(os.getpid(), signal.SIGINT) if step == 2 else None)
+    assert res.get("interrupted") and tr.global_step == 2
+    assert os.path.isfile(tmp_path / "sigint" / "checkpoint-2" / "trainer_state.json")
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler   # handler restored
+    again = make(tmp_path, "sigint", max_steps=6)
+    assert again.train(resume=True)["global_step"] == 6
