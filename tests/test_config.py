@@ -1,6 +1,8 @@
 """GRPOConfig / SFTConfig / pipelines: YAML loading, command-line overrides, clear errors."""
 import pytest
 
+from r1fast.models.linear import Linear
+from r1fast.trainer.common import load_model_and_tokenizer
 from r1fast.trainer.config import ConfigError, GRPOConfig, SFTConfig, parse_overrides
 from r1fast.trainer.pipeline import DEFAULT_CONFIG, load_pipeline
 
@@ -88,3 +90,14 @@ def test_every_shipped_config_loads():
             load_pipeline(f)
         else:
             GRPOConfig.from_yaml(f)
+
+
+def test_fp8_option_accepts_the_fp8_modes_and_rejects_others():
+    GRPOConfig(fp8="emulate").validate()
+    with pytest.raises(ValueError, match="fp8"):
+        GRPOConfig(fp8="on").validate()
+
+def test_builtin_model_gets_fp8_layers():
+    model, _ = load_model_and_tokenizer("builtin:micro", device="cpu", fp8="emulate")
+    assert model.fp8_report.converted
+    assert not any(type(m) is Linear for m in model.modules())

@@ -55,7 +55,12 @@ def load_model_and_tokenizer(spec: Optional[str], *, device, dtype: str = "float
         torch.manual_seed(seed)
         model = CausalLM(cfg)
         model.reset_parameters(seed=seed)
-        return model.to(device=device, dtype=torch_dtype), tok
+        model = model.to(device=device, dtype=torch_dtype)
+        if fp8 != "off":
+            from r1fast.fp8 import apply_fp8
+
+            model = apply_fp8(model, fp8)
+        return model, tok
     if not os.path.isdir(spec):
         raise ValueError(f"model {spec!r} is not a folder (give a local Hugging Face checkpoint or builtin:tiny)")
     model = from_pretrained(spec, dtype=torch_dtype, device=device, fp8=fp8)

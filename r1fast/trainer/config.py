@@ -291,7 +291,9 @@ class GRPOConfig(_Base):
         _one_of("tis_mode", self.tis_mode, TIS_MODES)
         _one_of("tis_level", self.tis_level, TIS_LEVELS)
         _one_of("dtype", self.dtype, ("float32", "bfloat16", "float16"))
-        _one_of("fp8", self.fp8, ("off", "on", "auto"))
+        from r1fast.fp8 import MODES as FP8_MODES
+
+        _one_of("fp8", self.fp8, FP8_MODES)
         _check(self.num_generations >= 2, f"option 'num_generations' must be >= 2 (GRPO compares samples within a group); got {self.num_generations}")
         _check(self.per_device_train_batch_size >= 1, "option 'per_device_train_batch_size' must be >= 1")
         _check(self.gradient_accumulation_steps >= 1, "option 'gradient_accumulation_steps' must be >= 1")
