@@ -49,3 +49,15 @@ def test_info_and_bench_list_commands(capsys):
     assert "torch:" in out and "r1fast._C:" in out and "transformer_engine" in out
     assert cli_main(["bench", "--list"]) == 0
     assert "kv_cache" in capsys.readouterr().out
+
+
+def test_every_suite_runs_at_smoke_size(tmp_path):
+    # Keeps the suites from rotting: each must time r1fast and at least one peer on this machine.
+    log = []
+    suites = list(harness.load_suites())
+    rows = harness.main(suites, size="smoke", out_dir=str(tmp_path), budget_s=0.0, min_reps=1, log=log.append)
+    assert not [line for line in log if "FAILED" in line], log
+    for name in suites:
+        providers = {r["provider"] for r in rows if r["suite"] == name and r["metric"] == "time_ms"}
+        assert "r1fast" in providers, (name, providers)
+        assert len(providers) >= 2, (name, providers)

@@ -26,7 +26,7 @@ def _model(shape, dtype, device):
     from r1fast.integrations.toy import char_tokenizer, qwen2_config
 
     tokenizer = char_tokenizer()
-    cfg = qwen2_config(**{**shape, "vocab_size": shape["vocab_size"] or len(tokenizer)})
+    cfg = qwen2_config(tokenizer=tokenizer, **shape)
     cfg.max_position_embeddings = 4096
     cfg._attn_implementation = "sdpa"
     torch.manual_seed(0)

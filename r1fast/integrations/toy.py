@@ -17,12 +17,13 @@ def char_tokenizer():
     return tokenizer
 
 
-def qwen2_config(*, tokenizer, hidden_size: int = 32, layers: int = 2, heads: int = 4, kv_heads: int = 2,
+def qwen2_config(*, tokenizer, vocab_size: int | None = None, hidden_size: int = 32, layers: int = 2, heads: int = 4, kv_heads: int = 2,
                  intermediate_size: int = 64, tie_word_embeddings: bool = False, **extra):
+    """A tiny Qwen2Config over `tokenizer` (a larger `vocab_size` pads the vocabulary, as real models do)."""
     from transformers import Qwen2Config
 
     return Qwen2Config(
-        vocab_size=len(tokenizer), hidden_size=hidden_size, num_hidden_layers=layers, num_attention_heads=heads,
+        vocab_size=vocab_size or len(tokenizer), hidden_size=hidden_size, num_hidden_layers=layers, num_attention_heads=heads,
         num_key_value_heads=kv_heads, intermediate_size=intermediate_size, max_position_embeddings=512,
         tie_word_embeddings=tie_word_embeddings, pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id, **extra,
