@@ -7,7 +7,6 @@ from torch import nn
 
 import r1fast.fp8.apply as fp8_apply
 from r1fast.fp8 import Fp8FallbackWarning, Fp8Linear, apply_fp8, available_paths, make_options
-from r1fast.testing import randn
 
 try:
     from r1fast.models import CausalLM, Linear as ModelLinear, ModelConfig

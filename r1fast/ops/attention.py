@@ -92,7 +92,7 @@ def _decode_reference(q, k_cache, v_cache, block_tables, context_lens, scale, nu
 @backends.register("paged_decode_attention", "torch")
 def _decode_torch(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits, partition):
     b, h, d = q.shape
-    hkv, bs = k_cache.shape[2], k_cache.shape[1]
+    hkv = k_cache.shape[2]
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     k = k_cache[block_tables.long()].reshape(b, -1, hkv, d).to(compute)  # [B, L, Hkv, D]
     v = v_cache[block_tables.long()].reshape(b, -1, hkv, d).to(compute)

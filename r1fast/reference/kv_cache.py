@@ -1,6 +1,3 @@
-import torch
-
-
 def store_kv(key, value, k_cache, v_cache, slot_mapping):
     """Scatter each token's K/V row into its cache slot; slot -1 skips the token."""
     keep = slot_mapping >= 0

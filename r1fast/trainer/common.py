@@ -168,3 +168,24 @@ class DataCursor:
 
     def state(self) -> dict:
         return {"epoch": self.epoch, "index": self.index}
+
+
+def start_run(trainer, resume):
+    """Resume `trainer` from a checkpoint when asked, then open its metrics log and progress bar.
+
+    Returns (logger, progress bar or None, the checkpoint resumed from or None)."""
+    from r1fast.trainer import checkpoints as ckpt
+    from r1fast.trainer.metrics import MetricsLogger
+
+    cfg = trainer.cfg
+    resume_path = ckpt.resolve_resume(resume, trainer.run_dir)
+    if resume_path:
+        trainer.load(resume_path)
+    logger = MetricsLogger(trainer.run_dir, cfg.report_to, resume_step=trainer.global_step if resume_path else None,
+                           run_name=cfg.run_name, config=cfg.to_dict())
+    pbar = None
+    if cfg.progress_bar:
+        from tqdm.auto import tqdm
+
+        pbar = tqdm(total=trainer.total_steps, initial=trainer.global_step, desc=trainer.stage, dynamic_ncols=True)
+    return logger, pbar, resume_path

@@ -24,6 +24,7 @@ from r1fast.data.loading import decode_completion, encode_prompt, load_rows, sto
 from r1fast.rewards import RewardSet
 from r1fast.trainer import checkpoints as ckpt
 from r1fast.trainer.common import (
+    start_run,
     DataCursor,
     grad_norm_and_clip,
     make_optimizer,
@@ -33,7 +34,6 @@ from r1fast.trainer.common import (
     warmup_steps_of,
 )
 from r1fast.trainer.config import GRPOConfig
-from r1fast.trainer.metrics import MetricsLogger
 
 
 class NonFiniteLoss(RuntimeError):
@@ -403,16 +403,7 @@ class GRPOTrainer:
     # -- the loop --------------------------------------------------------------------------------
     def train(self, resume: str | bool | None = None, callback: Optional[Callable[[int, dict], None]] = None) -> dict:
         cfg = self.cfg
-        resume_path = ckpt.resolve_resume(resume, self.run_dir)
-        if resume_path:
-            self.load(resume_path)
-        logger = MetricsLogger(self.run_dir, cfg.report_to, resume_step=self.global_step if resume_path else None,
-                               run_name=cfg.run_name, config=cfg.to_dict())
-        pbar = None
-        if cfg.progress_bar:
-            from tqdm.auto import tqdm
-
-            pbar = tqdm(total=self.total_steps, initial=self.global_step, desc=self.stage, dynamic_ncols=True)
+        logger, pbar, resume_path = start_run(self, resume)
         previous_handler = _install_sigint(self)
         result: dict[str, Any] = {}
         try:

@@ -12,6 +12,7 @@ from typing import Any, Optional, Sequence
 from r1fast.data.loading import encode_completion, encode_prompt
 from r1fast.trainer import checkpoints as ckpt
 from r1fast.trainer.common import (
+    start_run,
     DataCursor,
     grad_norm_and_clip,
     make_optimizer,
@@ -21,7 +22,6 @@ from r1fast.trainer.common import (
     warmup_steps_of,
 )
 from r1fast.trainer.config import SFTConfig
-from r1fast.trainer.metrics import MetricsLogger
 
 
 class SFTTrainer:
@@ -98,16 +98,7 @@ class SFTTrainer:
 
     def train(self, resume: str | bool | None = None) -> dict[str, Any]:
         cfg = self.cfg
-        resume_path = ckpt.resolve_resume(resume, self.run_dir)
-        if resume_path:
-            self.load(resume_path)
-        logger = MetricsLogger(self.run_dir, cfg.report_to, resume_step=self.global_step if resume_path else None,
-                               run_name=cfg.run_name, config=cfg.to_dict())
-        pbar = None
-        if cfg.progress_bar:
-            from tqdm.auto import tqdm
-
-            pbar = tqdm(total=self.total_steps, initial=self.global_step, desc=self.stage, dynamic_ncols=True)
+        logger, pbar, _ = start_run(self, resume)
         window: list[float] = []
         from r1fast.trainer.grpo import _install_sigint
 
