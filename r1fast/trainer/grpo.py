@@ -248,11 +248,10 @@ class GRPOTrainer:
         B = len(c_ids)
         mb = cfg.per_device_train_batch_size
         micro = [list(range(i, min(i + mb, B))) for i in range(0, B, mb)]
-        masks = []
-        for i in range(B):
-            keep = not (cfg.mask_truncated_completions and finish[i] == "length")
-            masks.append(torch.full((len(c_ids[i]),), 1.0 if keep else 0.0, device=self.device))
-        num_items = float(sum(float(m.sum()) for m in masks)) or 1.0
+        keep = [not (cfg.mask_truncated_completions and finish[i] == "length") for i in range(B)]
+        masks = [torch.full((len(c_ids[i]),), 1.0 if keep[i] else 0.0, device=self.device) for i in range(B)]
+        # Counted on the host: summing the device masks would sync once per completion.
+        num_items = float(sum(len(c_ids[i]) for i in range(B) if keep[i])) or 1.0
         batches = [pack([p_ids[i] for i in idx], [c_ids[i] for i in idx], self.device) for idx in micro]
         sampler = []
         for idx in micro:
