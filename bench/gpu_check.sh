@@ -13,7 +13,10 @@ cd "$(dirname "$0")/.."
 t0=$(date +%s)
 stage() { echo "== [$(( $(date +%s) - t0 ))s] $*"; }
 export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16}
-export R1FAST_CUDA=1 R1FAST_CUDA_ARCHS=${R1FAST_CUDA_ARCHS:-90a}
+# Build for the card present: compute capability 9.0 -> 90a (wgmma), 8.0 -> 80, and so on.
+cap=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1 | tr -d ' .')
+[ "$cap" = "90" ] && cap=90a
+export R1FAST_CUDA=1 R1FAST_CUDA_ARCHS=${R1FAST_CUDA_ARCHS:-${cap:-90a}}
 
 python3 -c 'import os, sysconfig; h = sysconfig.get_paths()["include"] + "/Python.h"; print("Python.h", "found" if os.path.exists(h) else "MISSING: the build will fail", h)'
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null

@@ -44,8 +44,8 @@ def group_advantages(rewards, group_size, *, estimator="grpo", scale_rewards="gr
         raise ValueError(f"group_advantages: eps must be a number >= 0, got {eps!r}")
     if not bool(torch.isfinite(rewards).all()):
         bad = (~torch.isfinite(rewards)).nonzero().flatten().tolist()[:8]
-        raise ValueError(f"group_advantages: rewards contain NaN/inf at rows {bad} (a row with no reward should "
-                         f"be given reward 0 by the caller)")
+        raise ValueError(f"group_advantages: rewards contain NaN/inf at rows {bad} (give a row with no reward its "
+                         f"group's mean reward and set its advantage to 0 afterwards, as the trainer does)")
     _, fn = backends.resolve("group_advantages", rewards.device, backend)
     return fn(rewards, group_size, estimator, scale_rewards, eps).float()
 
