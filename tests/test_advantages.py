@@ -7,7 +7,7 @@ import torch
 
 from r1fast import ops
 from r1fast.reference import loss as reference
-from r1fast.testing import assert_close, randn
+from r1fast.testing import assert_close, poison, randn
 
 
 def _loop_advantages(rewards, g, estimator, scale, eps):
@@ -49,6 +49,57 @@ def test_constant_group_gets_zero_advantage():
     out = ops.group_advantages(rewards, 3)
     assert torch.equal(out[:3], torch.zeros(3))
     assert out[3] < 0 < out[4]
+
+
+def _rewards_with_constant_groups(b, g, seed, device):
+    """Fresh random rewards [b] (never zeros), the first and one middle group made constant (std 0 -> eps)."""
+    r = randn(b, seed=seed, scale=2.0) + 0.5
+    for grp in {0, (b // g) // 2}:
+        r[grp * g:(grp + 1) * g] = r[grp * g]
+    return r.to(device)
+
+
+# Odd and even G, one and many groups, B up to a few hundred; tile=8 shrinks the kernel's tile so
+# each program holds one or two groups: many programs and a partial last block.
+TRITON_SHAPES = [(2, 2, None), (9, 3, None), (21, 7, None), (294, 7, None), (384, 3, None), (256, 2, None),
+                 (21, 3, 8), (294, 7, 8), (30, 2, 8)]
+
+
+@pytest.mark.parametrize("estimator", ["grpo", "rloo"])
+@pytest.mark.parametrize("scale", ["group", "batch", "none"])
+def test_triton_advantages_match_float64_reference(estimator, scale, device, monkeypatch):
+    from r1fast.kernels import advantages as kernel
+
+    default_tile = kernel.TILE
+    for i, (b, g, tile) in enumerate(TRITON_SHAPES):
+        monkeypatch.setattr(kernel, "TILE", tile or default_tile)
+        rewards = _rewards_with_constant_groups(b, g, seed=100 * b + g + i, device=device)
+        expected = reference.group_advantages(rewards.double(), g, estimator, scale, 1e-4)
+        where = f"triton B={b} G={g} tile={tile} {estimator}/{scale}"
+        out = poison(torch.empty(b, dtype=torch.float32, device=device))
+        assert kernel.group_advantages(rewards, g, estimator, scale, 1e-4, out=out) is out
+        assert_close(out, expected, torch.float32, name=where)
+        assert torch.equal(out[:g].cpu(), torch.zeros(g)), f"{where}: constant group must get A = 0 exactly"
+        via_op = ops.group_advantages(rewards, g, estimator=estimator, scale_rewards=scale, backend="triton")
+        assert via_op.dtype == torch.float32 and via_op.shape == (b,)
+        assert_close(via_op, expected, torch.float32, name=where + " via ops")
+
+
+def test_triton_advantages_cast_and_strided_input(device):
+    """float64 rewards are rounded to fp32 once; a strided view is made contiguous, not misread."""
+    base = randn(2 * 42, dtype=torch.float64, seed=7, device=device) + 1.0
+    rewards = base[::2]
+    out = ops.group_advantages(rewards, 7, eps=0.5, backend="triton")
+    expected = reference.group_advantages(rewards.float().double(), 7, "grpo", "group", 0.5)
+    assert_close(out, expected, torch.float32, name="strided float64")
+
+
+def test_triton_advantages_group_too_wide():
+    from r1fast.kernels import advantages as kernel
+
+    g = kernel.MAX_GROUP + 1
+    with pytest.raises(ValueError, match="group_size"):
+        ops.group_advantages(randn(g), g, backend="triton")
 
 
 @pytest.mark.parametrize(

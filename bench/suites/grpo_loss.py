@@ -2,7 +2,8 @@
 
 Peers: plain torch as TRL does it (logits -> log_softmax -> gather -> per-token loss) and Liger's
 LigerFusedLinearGRPOLoss when importable. Floor: 6·N·H·V FLOPs at the measured matmul rate.
-A second case times the per-token part alone (ops.grpo_loss on [B, T] log-probs, bandwidth-bound).
+A second case times the per-token part alone (ops.grpo_loss on [B, T] log-probs, bandwidth-bound),
+a third ops.group_advantages (rewards [B] -> advantages [B]: 8·B bytes, launch-bound) against its torch backend.
 """
 import torch
 
@@ -92,15 +93,26 @@ def _per_token(b, t, device):
     return setup
 
 
+def _advantages(backend, b, g, device):
+    def setup():
+        if backend not in backends.available("group_advantages", device):
+            raise Skip(f"backend {backend} unavailable on {device.type}")
+        rewards = torch.randn(b, generator=torch.Generator(device="cpu").manual_seed(2)).to(device)
+        return lambda: ops.group_advantages(rewards, g, backend=backend)
+    return setup
+
+
 @suite("grpo_loss")
 def cases(size, device):
     """GRPO loss from hidden states, fwd+bwd, vs plain torch (TRL) and Liger's chunked GRPO loss."""
     if size == "gpu":
         b, t, h, v, dtype = 16, 1024, 4096, 151936, torch.bfloat16
         pb, pt = 256, 4096
+        ab, ag = 8192, 8
     else:
         b, t, h, v, dtype = 4, 32, 64, 1000, torch.float32
         pb, pt = 64, 256
+        ab, ag = 64, 8
     es = torch.finfo(dtype).bits // 8
     n = b * t
     shape = (b, t, h, v)
@@ -114,4 +126,9 @@ def cases(size, device):
         Case(f"per-token loss B={pb} T={pt}", "fwd_bwd", "float32",
              [Impl("r1fast", "torch", _per_token(pb, pt, device))],
              bytes=4 * pb * pt * 4 * 2, items=pb * pt, item_name="tokens"),
+        Case(f"group_advantages B={ab} G={ag} grpo/group", "fwd", "float32",
+             [Impl("r1fast", "triton" if device.type == "cuda" else "torch", _advantages(
+                 "triton" if device.type == "cuda" else "torch", ab, ag, device)),
+              Impl("torch", "torch", _advantages("torch", ab, ag, device))],
+             bytes=8 * ab, items=ab, item_name="completions"),
     ]

@@ -1,7 +1,8 @@
 """ops.group_advantages and ops.kl_penalty (LOSS_SPEC.md: Advantages, kl).
 
-Both are O(B) / O(B*T) elementwise work: the torch code is the fast path on every device (a kernel
-would only save a launch or two); the reference twin lives in r1fast.reference.loss.
+Both are O(B) / O(B*T) elementwise work; the reference twin lives in r1fast.reference.loss.
+group_advantages also has a triton backend (kernels/advantages.py: one launch, the default on a GPU,
+where the torch code launches several small kernels); kl_penalty is torch everywhere.
 """
 from __future__ import annotations
 
@@ -22,6 +23,14 @@ def _advantages_reference(rewards, group_size, estimator, scale_rewards, eps):
 @backends.register("group_advantages", "torch")
 def _advantages_torch(rewards, group_size, estimator, scale_rewards, eps):
     return reference.group_advantages(rewards.float(), group_size, estimator, scale_rewards, eps).float()
+
+
+@backends.register("group_advantages", "triton")
+def _advantages_triton(rewards, group_size, estimator, scale_rewards, eps):
+    from r1fast.kernels import advantages as kernel
+
+    # fp32 in and out, as the torch backend: float64 rewards are rounded once on the way in.
+    return kernel.group_advantages(rewards.float().contiguous(), group_size, estimator, scale_rewards, eps)
 
 
 def group_advantages(rewards, group_size, *, estimator="grpo", scale_rewards="group", eps=1e-4, backend=None):

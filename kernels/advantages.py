@@ -1,0 +1,82 @@
+"""Triton group advantages (LOSS_SPEC.md, Advantages): one program per block of whole groups.
+
+Rewards [B] are B/G consecutive groups of G. A program loads a [BLOCK_GROUPS, BLOCK_G] tile (one
+group per row), centres each row on its mean and scales it as the estimator asks, all in fp32.
+The batch std of scale_rewards="batch" is a global reduction: the caller computes it (one torch
+reduction, left on the device) and passes a pointer to it, so no second kernel and no host sync.
+"""
+import torch
+import triton
+import triton.language as tl
+
+# MODE constexpr values, one per (estimator, scale_rewards) behaviour.
+GRPO_GROUP, GRPO_BATCH, GRPO_NONE, RLOO = 0, 1, 2, 3
+# Elements per program: the whole op moves 8·B bytes, so it is launch-bound; a tile this size keeps
+# registers low (no spills) while still giving a few programs per SM-worth of work at B=8192.
+TILE = 1024
+# One group must fit in a tile row held in registers; GRPO groups are 2..64 in practice.
+MAX_GROUP = 16384
+
+
+def mode_of(estimator: str, scale_rewards: str) -> int:
+    if estimator == "rloo":
+        return RLOO  # rloo's scale is G/(G-1) whatever scale_rewards says (as the reference)
+    return {"group": GRPO_GROUP, "batch": GRPO_BATCH, "none": GRPO_NONE}[scale_rewards]
+
+
+def launch_config(group_size: int) -> dict:
+    """BLOCK_GROUPS, BLOCK_G and num_warps for groups of `group_size`: ~32 elements per thread at
+    most (a group wider than TILE gets more warps rather than spilling)."""
+    block_g = triton.next_power_of_2(group_size)
+    return dict(BLOCK_GROUPS=max(1, TILE // block_g), BLOCK_G=block_g, num_warps=min(16, max(4, block_g // 1024)))
+
+
+@triton.jit
+def _group_advantages_kernel(r_ptr, out_ptr, batch_std_ptr, n_groups, G, eps,
+                             MODE: tl.constexpr, BLOCK_GROUPS: tl.constexpr, BLOCK_G: tl.constexpr):
+    groups = tl.program_id(0) * BLOCK_GROUPS + tl.arange(0, BLOCK_GROUPS)
+    cols = tl.arange(0, BLOCK_G)
+    row_ok = groups < n_groups
+    valid = row_ok[:, None] & (cols[None, :] < G)
+    # int64 before the multiply: group * G passes 2^31 only at absurd B, but it costs nothing.
+    starts = groups.to(tl.int64) * G
+    r = tl.load(r_ptr + starts[:, None] + cols[None, :], mask=valid, other=0.0).to(tl.float32)
+    # Shift by the group's first reward before averaging: a group of identical rewards then centres
+    # to exactly 0 (its fp32 sum/G could be an ulp off the value, and ulp/eps is not small), and the
+    # variance loses less to cancellation when rewards sit far from 0.
+    first = tl.load(r_ptr + starts, mask=row_ok, other=0.0).to(tl.float32)
+    d = tl.where(valid, r - first[:, None], 0.0)
+    g_f = G * 1.0
+    centred = tl.where(valid, d - (tl.sum(d, axis=1) / g_f)[:, None], 0.0)
+    if MODE == 0:    # GRPO_GROUP: Bessel-corrected group std
+        std = tl.sqrt(tl.sum(centred * centred, axis=1) / (g_f - 1.0))
+        adv = centred / (std[:, None] + eps)
+    elif MODE == 1:  # GRPO_BATCH
+        adv = centred / (tl.load(batch_std_ptr) + eps)
+    elif MODE == 2:  # GRPO_NONE (Dr. GRPO)
+        adv = centred
+    else:            # RLOO: r - mean of the other G-1 = G/(G-1) · (r - mean)
+        adv = centred * (g_f / (g_f - 1.0))
+    tl.store(out_ptr + starts[:, None] + cols[None, :], adv, mask=valid)
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, estimator: str, scale_rewards: str, eps: float,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
+    """fp32 advantages [B] of contiguous fp32 rewards [B] (validated by r1fast.ops.group_advantages).
+    `out` (fp32 [B], contiguous) receives them when given (tests pass a poisoned buffer)."""
+    if group_size > MAX_GROUP:
+        raise ValueError(f"group_advantages: the triton backend holds a group in registers, group_size "
+                         f"{group_size} > {MAX_GROUP}; use backend='torch'")
+    n = rewards.numel()
+    if out is None:
+        out = torch.empty(n, dtype=torch.float32, device=rewards.device)
+    if n == 0:
+        return out
+    mode = mode_of(estimator, scale_rewards)
+    # Only read when MODE is GRPO_BATCH; otherwise any fp32 pointer does.
+    batch_std = rewards.std().reshape(1) if mode == GRPO_BATCH else rewards
+    cfg = launch_config(group_size)
+    n_groups = n // group_size
+    grid = (triton.cdiv(n_groups, cfg["BLOCK_GROUPS"]),)
+    _group_advantages_kernel[grid](rewards, out, batch_std, n_groups, group_size, float(eps), MODE=mode, **cfg)
+    return out
