@@ -106,6 +106,25 @@ def test_uniforms_are_deterministic_and_spread():
     assert sampler.stream_key(1, 2) != sampler.stream_key(2, 1)
 
 
+def test_host_uniforms_equal_the_device_hash_bit_for_bit():
+    # the engine draws its uniforms on the host (numpy, tabulated positions): they must be the same bits
+    g = torch.Generator().manual_seed(0)
+    keys = torch.cat([torch.randint(0, 2**32, (3000,), generator=g), torch.tensor([0, 2**32 - 1, 2**32 - 1])])
+    pos = torch.cat([torch.randint(0, 900, (3000,), generator=g), torch.tensor([0, 499, 899])])
+    host = sampler.HostUniforms(500)   # positions >= 500 take the untabulated fallback
+    u = torch.from_numpy(host(keys.tolist(), pos.tolist()))
+    assert u.dtype == torch.float64
+    assert torch.equal(u, sampler.uniforms(keys, pos))
+    assert torch.equal(torch.from_numpy(host(keys[pos < 500].tolist(), pos[pos < 500].tolist())),
+                       sampler.uniforms(keys[pos < 500], pos[pos < 500]))
+    # sample() with those uniforms draws exactly what it draws from keys and positions
+    logits = torch.randn(64, 50, generator=g)
+    params = SamplingParams(temperature=0.9, top_p=0.95)
+    a = sampler.sample(logits, params, keys[:64], pos[:64])
+    b = sampler.sample(logits, params, None, None, u=u[:64])
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
 @pytest.mark.parametrize("bad,match", [(dict(n=0), "n must"), (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"),
                                        (dict(temperature=-1), "temperature"), (dict(top_k=-2), "top_k"),
                                        (dict(min_p=2), "min_p"), (dict(max_tokens=0), "max_tokens"),

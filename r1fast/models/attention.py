@@ -137,10 +137,17 @@ def sdpa_per_sequence(q, k, v, packed: PackedBatch, scale: float) -> torch.Tenso
     # SDPA's flash kernel reads grouped K/V in place (no copy of K/V per query head); elsewhere expand.
     native_gqa = groups > 1 and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and _SDPA_HAS_GQA
     outs = []
-    for start, n in zip(packed.starts, packed.lengths):
-        qs = q[start:start + n].transpose(0, 1)[None]       # [1, Hq, n, D]
-        ks = k[start:start + n].transpose(0, 1)[None]
-        vs = v[start:start + n].transpose(0, 1)[None]
+    # torch.split, not one slice per sequence: each slice's backward is a zero-filled [T, H, D]
+    # gradient summed into the others (O(B·T) work per layer); split's backward is one concatenation.
+    # The sequences tile [0, T) (cu_seqlens starts at 0 and ends at T), so the pieces are the slices.
+    if sum(packed.lengths) == q.shape[0]:
+        pieces = zip(q.split(packed.lengths), k.split(packed.lengths), v.split(packed.lengths))
+    else:
+        pieces = ((q[s:s + n], k[s:s + n], v[s:s + n]) for s, n in zip(packed.starts, packed.lengths))
+    for q_seq, k_seq, v_seq in pieces:
+        qs = q_seq.transpose(0, 1)[None]       # [1, Hq, n, D]
+        ks = k_seq.transpose(0, 1)[None]
+        vs = v_seq.transpose(0, 1)[None]
         if native_gqa:
             o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=True)
             outs.append(o[0].transpose(0, 1))

@@ -73,26 +73,39 @@ def validate(hidden, weight, targets, temperature, op="grouped_logprob", check_t
 # --- the two chunked engines: forward (lse, target logit, entropy) and d loss / d logits per chunk ----------
 
 class _TorchEngine:
+    # x * 1.0 == x exactly, so the temperature pass over a [chunk, V] tile is skipped at T = 1; the
+    # remaining in-place updates and negated vectors give the same bits as the out-of-place forms.
     @staticmethod
     def _logits(h, w, inv_temp):
         acc = torch.float64 if h.dtype == torch.float64 else torch.float32
-        return (h.to(acc) @ w.to(acc).T) * inv_temp
+        z = h.to(acc) @ w.to(acc).T
+        return z if inv_temp == 1.0 else z.mul_(inv_temp)
+
+    @staticmethod
+    def _reduce(z, t, with_entropy):
+        """(lse, target logit, entropy or None) of one chunk's logits; z is overwritten with log p."""
+        lse = torch.logsumexp(z, -1)
+        zt = z.gather(-1, t[:, None]).squeeze(-1)
+        if not with_entropy:
+            return lse, zt, None
+        z.sub_(lse[:, None])  # z <- log p, in place: the chunk tile is the only big buffer
+        return lse, zt, -(z.exp().mul_(z).sum(-1))
 
     @classmethod
     def forward(cls, h, w, t, inv_temp, with_entropy, chunk):
         n = h.shape[0]
+        if n <= chunk:  # one chunk: no per-chunk copies into preallocated outputs
+            return cls._reduce(cls._logits(h, w, inv_temp), t, with_entropy)
         acc = torch.float64 if h.dtype == torch.float64 else torch.float32
         lse = torch.empty(n, dtype=acc, device=h.device)
         zt = torch.empty_like(lse)
         ent = torch.empty_like(lse) if with_entropy else None
         for s in range(0, n, chunk):
-            z = cls._logits(h[s:s + chunk], w, inv_temp)
-            lse_c = torch.logsumexp(z, -1)
+            lse_c, zt_c, ent_c = cls._reduce(cls._logits(h[s:s + chunk], w, inv_temp), t[s:s + chunk], with_entropy)
             lse[s:s + chunk] = lse_c
-            zt[s:s + chunk] = z.gather(-1, t[s:s + chunk, None]).squeeze(-1)
+            zt[s:s + chunk] = zt_c
             if with_entropy:
-                z.sub_(lse_c[:, None])  # z <- log p, in place: the chunk tile is the only big buffer
-                ent[s:s + chunk] = -(z.exp() * z).sum(-1)
+                ent[s:s + chunk] = ent_c
         return lse, zt, ent
 
     @classmethod
@@ -100,18 +113,22 @@ class _TorchEngine:
         """(z, lse, target logit, entropy) of one chunk, keeping its [chunk, V] logits for dlogits(z=...)."""
         z = cls._logits(h, w, inv_temp)
         lse = torch.logsumexp(z, -1)
-        ent = lse - (torch.softmax(z, -1) * z).sum(-1)
+        ent = lse - torch.softmax(z, -1).mul_(z).sum(-1)
         return z, lse, z.gather(-1, t[:, None]).squeeze(-1), ent
 
     @classmethod
     def dlogits(cls, h, w, t, lse, ent, g_logp, g_ent, inv_temp, out_dtype, z=None):
         z = cls._logits(h, w, inv_temp) if z is None else z
-        p = torch.exp(z - lse[:, None])
-        dz = -p * g_logp[:, None]
+        p = torch.sub(z, lse[:, None]).exp_()
+        neg_g = g_logp.neg()[:, None]
+        # (-p) * g == p * (-g) bit for bit; p itself is only needed again by the entropy term
+        dz = p.mul_(neg_g) if g_ent is None and torch.result_type(p, neg_g) == p.dtype else p * neg_g
         dz.scatter_add_(1, t[:, None], g_logp[:, None].to(dz.dtype))
         if g_ent is not None:
             dz -= g_ent[:, None] * p * (z - (lse - ent)[:, None])
-        return (dz * inv_temp).to(out_dtype)
+        if inv_temp != 1.0:
+            dz.mul_(inv_temp)
+        return dz.to(out_dtype)
 
 
 class _TritonEngine:

@@ -69,6 +69,7 @@ class Engine:
         self.runner = ModelRunner(model, num_blocks, block_size, max_num_seqs, self.max_model_len,
                                   use_cuda_graphs=use_cuda_graphs, decode_backend=decode_backend)
         self.eos_ids = _eos_ids(cfg)
+        self._uniforms = sampler.HostUniforms(self.max_model_len + 1)
         self._next_seq_id = 0
         self.last_stats: dict = {}
 
@@ -159,6 +160,7 @@ class Engine:
         weight = self.model.lm_head_weight
         bar = _progress(len(prompts) * params.n) if progress else None
         steps = {"prefill": 0, "decode": 0}
+        max_tokens, max_len = params.max_tokens, self.max_model_len
         try:
             while sched.has_work():
                 batch = sched.schedule()
@@ -166,10 +168,11 @@ class Engine:
                     steps["decode"] += 1
                     self.runner.copy_blocks(batch.copies)
                     seqs = batch.seqs
+                    lens = [len(s.tokens) for s in seqs]
                     hidden = self.runner.decode(self.block_manager, [s.seq_id for s in seqs],
-                                                [s.tokens[-1] for s in seqs], [len(s) - 1 for s in seqs], batch.slots)
-                    for s in seqs:
-                        s.num_computed = len(s)
+                                                [s.tokens[-1] for s in seqs], [n - 1 for n in lens], batch.slots)
+                    for s, n in zip(seqs, lens):
+                        s.num_computed = n
                     rows = seqs
                 else:
                     steps["prefill"] += 1
@@ -195,9 +198,10 @@ class Engine:
                     s.tokens.append(tok)
                     s.logprobs.append(lp)
                     reason = None
+                    n = len(s.tokens)
                     if tok in stop_ids:
                         reason = "stop"
-                    elif s.num_generated >= params.max_tokens or len(s) >= self.max_model_len:
+                    elif n - s.prompt_len >= max_tokens or n >= max_len:
                         reason = "length"
                     if reason:
                         sched.finish(s, reason)
@@ -225,9 +229,11 @@ class Engine:
     def _sample(self, hidden, weight, rows, params):
         logits = lm_logits(hidden, weight)
         device = logits.device
-        keys = torch.tensor([s.key for s in rows], dtype=torch.long).to(device, non_blocking=True)
-        positions = torch.tensor([len(s) for s in rows], dtype=torch.long).to(device, non_blocking=True)
-        tokens, logprobs = sampler.sample(logits, params, keys, positions)
+        u = None
+        if not params.greedy:  # the step's random numbers, hashed on the host (see HostUniforms)
+            u = torch.from_numpy(self._uniforms([s.key for s in rows], [len(s.tokens) for s in rows]))
+            u = u.to(device, non_blocking=True) if device.type != "cpu" else u
+        tokens, logprobs = sampler.sample(logits, params, None, None, u=u)
         # the one device->host transfer of the step
         return tokens.tolist(), logprobs.float().tolist()
 

@@ -14,6 +14,7 @@ exactly ops.grouped_logprob(hidden, lm_head, targets, temperature=T).
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from r1fast.rollout.params import SamplingParams
@@ -53,15 +54,53 @@ def stream_key(*parts: int) -> int:
 
 def uniforms(keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """float64 uniforms in [0, 1), 53 bits, one per (key, position) row; keys/positions int64."""
-    base = fmix32((positions.long() * 2) & _MASK32)
+    twice = positions.long() * 2
+    base = fmix32(twice & _MASK32)
     h1 = fmix32(keys ^ base)
-    h2 = fmix32(h1 ^ fmix32((positions.long() * 2 + 1) & _MASK32))
+    h2 = fmix32(h1 ^ fmix32((twice + 1) & _MASK32))
     return ((h1 << 21) + (h2 >> 11)).double() * (2.0 ** -53)
+
+
+def _fmix32_np(x: np.ndarray) -> np.ndarray:
+    """fmix32 on uint64 arrays holding values in [0, 2^32): the same low 32 bits as the torch version."""
+    x = x ^ (x >> np.uint64(16))
+    x = (x * np.uint64(0x85EBCA6B)) & np.uint64(_MASK32)
+    x ^= x >> np.uint64(13)
+    x = (x * np.uint64(0xC2B2AE35)) & np.uint64(_MASK32)
+    x ^= x >> np.uint64(16)
+    return x
+
+
+class HostUniforms:
+    """uniforms(keys, positions) computed on the host with numpy, bit for bit: a decode step's keys
+    and positions live on the host anyway, and ~30 one-element-per-row integer ops cost far less in
+    numpy than as device launches. The position halves of the hash are tabulated once."""
+
+    def __init__(self, max_positions: int):
+        twice = np.arange(max(int(max_positions), 1), dtype=np.uint64) * np.uint64(2)
+        self._even = _fmix32_np(twice & np.uint64(_MASK32))
+        self._odd = _fmix32_np((twice + np.uint64(1)) & np.uint64(_MASK32))
+
+    def __call__(self, keys, positions) -> np.ndarray:
+        """float64 [B] uniforms for int sequences keys (in [0, 2^32)) and positions (>= 0)."""
+        k = np.asarray(keys, dtype=np.uint64)
+        p = np.asarray(positions, dtype=np.int64)
+        if p.size and (int(p.max()) >= self._even.size or int(p.min()) < 0):  # outside the table
+            return uniforms(torch.from_numpy(k.astype(np.int64)), torch.from_numpy(p)).numpy()
+        h1 = _fmix32_np(k ^ self._even[p])
+        h2 = _fmix32_np(h1 ^ self._odd[p])
+        return ((h1 << np.uint64(21)) + (h2 >> np.uint64(11))).astype(np.float64) * (2.0 ** -53)
+
+
+def _scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """fp32 logits / T; x / 1.0 == x exactly, so T = 1 skips the [B, V] pass."""
+    logits = logits.float()
+    return logits if temperature == 1.0 else logits / temperature
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
     t = temperature if temperature > 0 else 1.0
-    return torch.log_softmax(logits.float() / t, dim=-1).gather(1, tokens[:, None]).squeeze(1)
+    return torch.log_softmax(_scaled(logits, t), dim=-1).gather(1, tokens[:, None]).squeeze(1)
 
 
 def filtered_probs(logits: torch.Tensor, params: SamplingParams):
@@ -70,7 +109,7 @@ def filtered_probs(logits: torch.Tensor, params: SamplingParams):
     ids is None when the probabilities are in vocabulary order; else probs[b, i] belongs to token
     ids[b, i] (descending order: top-k/top-p need the ranking).
     """
-    probs = torch.softmax(logits.float() / params.temperature, dim=-1)
+    probs = torch.softmax(_scaled(logits, params.temperature), dim=-1)
     vocab = probs.shape[-1]
     ids = None
     top_k = params.top_k if 0 < params.top_k < vocab else 0
@@ -91,19 +130,25 @@ def filtered_probs(logits: torch.Tensor, params: SamplingParams):
     return probs, ids
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, keys: torch.Tensor, positions: torch.Tensor):
-    """(tokens int64 [B], logprobs float32 [B]) for fp32 logits [B, V], stream keys and positions [B]."""
+def sample(logits: torch.Tensor, params: SamplingParams, keys: torch.Tensor | None, positions: torch.Tensor | None,
+           u: torch.Tensor | None = None):
+    """(tokens int64 [B], logprobs float32 [B]) for fp32 logits [B, V], stream keys and positions [B].
+
+    `u` (float64 [B], optional) holds uniforms(keys, positions) already computed (HostUniforms).
+    """
     if params.greedy:
         tokens = logits.argmax(dim=-1)
         return tokens, token_logprobs(logits, tokens, 0.0)
     probs, ids = filtered_probs(logits, params)
     cdf = probs.cumsum(dim=-1)
-    u = uniforms(keys, positions)
+    u = uniforms(keys, positions) if u is None else u
     target = (u * cdf[:, -1].double()).to(cdf.dtype)[:, None]
     idx = torch.searchsorted(cdf, target, right=True).clamp_max(cdf.shape[-1] - 1)
     # a rounding step past the last kept token lands on a zero-probability entry: step back to a kept one
     kept = probs.gather(1, idx) > 0
-    last_kept = (probs > 0).long().cumsum(dim=-1).argmax(dim=-1, keepdim=True)
-    idx = torch.where(kept, idx, last_kept)
+    # on the CPU, reading `kept` costs nothing and the fix-up ([B, V] passes) is almost never needed
+    if probs.device.type != "cpu" or not bool(kept.all()):
+        last_kept = (probs > 0).long().cumsum(dim=-1).argmax(dim=-1, keepdim=True)
+        idx = torch.where(kept, idx, last_kept)
     tokens = (idx if ids is None else ids.gather(1, idx)).squeeze(1)
     return tokens, token_logprobs(logits, tokens, params.temperature)
