@@ -311,4 +311,6 @@ def test_kernels_compile_for_hopper_without_a_gpu():
     out = subprocess.run([sys.executable, "-m", "r1fast.kernels.compile_check", "90"], env=env,
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.count("compiled:") == 4, out.stdout
+    for family in ("logprob kernels bf16", "logprob kernels fp16", "logprob kernels fp32", "grpo_loss kernel",
+                   "group_advantages kernel"):
+        assert f"compiled: {family}" in out.stdout, out.stdout
