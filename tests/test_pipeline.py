@@ -84,3 +84,13 @@ def test_cli_grpo_yaml_and_plot(tmp_path, monkeypatch):
     assert [json.loads(line)["step"] for line in open(run / "metrics.jsonl")] == [1, 2, 3]
     assert main(["plot", str(run)]) == 0
     assert (run / "curves.png").stat().st_size > 1000
+
+
+def test_cli_sample_with_default_lengths_fits_the_models_positions(tmp_path, monkeypatch, capsys):
+    # The default max_completion_length (256) plus a prompt exceeds builtin:micro's 128 positions:
+    # the engine is capped at the model's length, as in GRPO and evaluation, instead of refusing.
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "kept.jsonl"
+    assert main(["sample", "model_name_or_path=builtin:micro", "dataset=builtin:arithmetic", "max_prompts=2",
+                 "num_samples=2", f"output_file={out}"]) == 0
+    assert "kept" in capsys.readouterr().out and out.exists()

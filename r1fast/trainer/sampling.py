@@ -27,7 +27,9 @@ def rejection_sample(model, tokenizer, rows: Sequence[dict], cfg: SampleConfig, 
     rewards = RewardSet(cfg.reward_funcs, format_pattern=cfg.format_pattern, language=cfg.language)
     thresholds = cfg.reward_thresholds or [1.0] * len(rewards)
     prompt_ids = [encode_prompt(tokenizer, r[cfg.prompt_column], cfg.system_prompt) for r in rows]
-    engine = Engine(model, max_num_seqs=max(256, cfg.num_samples), max_model_len=max(map(len, prompt_ids)) + cfg.max_completion_length)
+    # Capped at the model's positions, as in GRPO and evaluation: a sample reaching it ends as "length".
+    max_model_len = min(model.config.max_position_embeddings, max(map(len, prompt_ids)) + cfg.max_completion_length)
+    engine = Engine(model, max_num_seqs=max(256, cfg.num_samples), max_model_len=max_model_len)
     stops = stop_token_ids(tokenizer)
     kept: list[dict] = []
     n_total = n_pass = 0
