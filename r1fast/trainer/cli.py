@@ -97,21 +97,30 @@ def _print_result(res: dict):
         print(f"steps skipped for a NaN/inf loss or gradient: {res['nonfinite_skipped']}")
 
 
+def _config_and_model(config_cls, rest: list[str], command: str, dataset_hint=lambda cfg: ""):
+    """A stage's config (YAML file and/or key=value overrides), its model and tokenizer, and --resume."""
+    from r1fast.trainer.common import load_model_and_tokenizer, resolve_device
+    from r1fast.trainer.config import parse_overrides
+
+    config, overrides, resume = _split(rest)
+    cfg = config_cls.from_yaml(config, overrides) if config else config_cls().update(
+        parse_overrides(overrides), source="command line")
+    if cfg.model_name_or_path is None or cfg.dataset is None:
+        raise ConfigError(f"{command} needs model_name_or_path and dataset{dataset_hint(cfg)}")
+    model, tok = load_model_and_tokenizer(cfg.model_name_or_path, device=resolve_device(cfg.device),
+                                          dtype=cfg.dtype, seed=cfg.seed)
+    return cfg, model, tok, resume
+
+
 def _cmd_sft(args):
     from r1fast.data import load_rows
-    from r1fast.trainer.common import load_model_and_tokenizer, resolve_device
-    from r1fast.trainer.config import SFTConfig, parse_overrides
+    from r1fast.trainer.config import SFTConfig
     from r1fast.trainer.sft import SFTTrainer
 
     try:
-        config, overrides, resume = _split(args.rest)
-        cfg = SFTConfig.from_yaml(config, overrides) if config else SFTConfig().update(
-            parse_overrides(overrides), source="command line")
-        if cfg.model_name_or_path is None or cfg.dataset is None:
-            raise ConfigError("sft needs model_name_or_path and dataset (JSONL/parquet/saved dataset with "
-                              f"{cfg.prompt_column!r} and {cfg.completion_column!r} columns)")
-        model, tok = load_model_and_tokenizer(cfg.model_name_or_path, device=resolve_device(cfg.device),
-                                              dtype=cfg.dtype, seed=cfg.seed)
+        cfg, model, tok, resume = _config_and_model(
+            SFTConfig, args.rest, "sft", lambda c: f" (JSONL/parquet/saved dataset with {c.prompt_column!r} and "
+                                                   f"{c.completion_column!r} columns)")
         rows = load_rows(cfg.dataset, seed=cfg.seed, required_columns=(cfg.prompt_column, cfg.completion_column))
         res = SFTTrainer(model, tok, rows, cfg).train(resume=resume)
         print(f"checkpoint: {res['checkpoint']}")
@@ -124,18 +133,11 @@ def _cmd_sft(args):
 
 def _cmd_sample(args):
     from r1fast.data import load_rows
-    from r1fast.trainer.common import load_model_and_tokenizer, resolve_device
-    from r1fast.trainer.config import SampleConfig, parse_overrides
+    from r1fast.trainer.config import SampleConfig
     from r1fast.trainer.sampling import rejection_sample, write_jsonl
 
     try:
-        config, overrides, _ = _split(args.rest)
-        cfg = SampleConfig.from_yaml(config, overrides) if config else SampleConfig().update(
-            parse_overrides(overrides), source="command line")
-        if cfg.model_name_or_path is None or cfg.dataset is None:
-            raise ConfigError("sample needs model_name_or_path and dataset")
-        model, tok = load_model_and_tokenizer(cfg.model_name_or_path, device=resolve_device(cfg.device),
-                                              dtype=cfg.dtype, seed=cfg.seed)
+        cfg, model, tok, _ = _config_and_model(SampleConfig, args.rest, "sample")
         rows = load_rows(cfg.dataset, seed=cfg.seed, required_columns=(cfg.prompt_column,))
         kept, stats = rejection_sample(model, tok, rows, cfg)
         out = cfg.output_file or os.path.join("runs", "sample", "samples.jsonl")
