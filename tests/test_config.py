@@ -53,6 +53,25 @@ def test_bad_values_are_clear_errors(data, match):
         GRPOConfig.from_dict(data)
 
 
+@pytest.mark.parametrize("data,match", [
+    ({"max_length": 1}, "max_length"),
+    ({"lr_scheduler_type": "step"}, "lr_scheduler_type"),
+    ({"num_train_epochs": 0}, "num_train_epochs"),
+    ({"warmup_ratio": 1.0}, "warmup_ratio"),
+    ({"report_to": ["mlflow"]}, "report_to"),
+])
+def test_sft_bad_values_are_clear_errors(data, match):
+    """SFTConfig shares the optimiser / output checks with GRPOConfig and adds its own."""
+    with pytest.raises(ConfigError, match=match):
+        SFTConfig.from_dict(data)
+
+
+def test_sft_and_grpo_keep_their_own_optimiser_defaults():
+    grpo, sft = GRPOConfig(), SFTConfig()
+    assert (grpo.learning_rate, grpo.adam_beta2, grpo.lr_scheduler_type, grpo.logging_steps) == (1e-6, 0.99, "constant", 1)
+    assert (sft.learning_rate, sft.adam_beta2, sft.lr_scheduler_type, sft.logging_steps) == (1e-5, 0.999, "cosine", 10)
+
+
 def test_missing_and_malformed_files(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         GRPOConfig.from_yaml(tmp_path / "nope.yaml")

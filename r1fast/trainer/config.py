@@ -189,7 +189,53 @@ def _one_of(name: str, value, choices):
 
 
 @dataclass
-class GRPOConfig(_Base):
+class _TrainingConfig(_Base):
+    """Optimiser, schedule, batch, output and device options that GRPO and SFT share (TRL's names).
+
+    Subclasses override the defaults that differ (learning rate, Adam's beta2, schedule, logging).
+    """
+
+    learning_rate: float = 1e-5
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    lr_scheduler_type: str = "constant"
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.0
+    per_device_train_batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    max_steps: int = -1
+    num_train_epochs: float = 1.0
+    seed: int = 42
+    output_dir: Optional[str] = None         # default: ./runs/<run_name>
+    run_name: Optional[str] = None
+    save_steps: int = 0                      # 0: only at the end
+    save_total_limit: int = 2
+    logging_steps: int = 10
+    report_to: list[str] = field(default_factory=list)   # "tensorboard", "wandb"
+    progress_bar: bool = True
+    device: Optional[str] = None             # default: cuda when present, else cpu
+    dtype: str = "float32"
+
+    def validate(self):
+        _check(self.learning_rate >= 0, f"option 'learning_rate' must be >= 0; got {self.learning_rate}")
+        _one_of("lr_scheduler_type", self.lr_scheduler_type, SCHEDULERS)
+        _one_of("dtype", self.dtype, ("float32", "bfloat16", "float16"))
+        _check(self.per_device_train_batch_size >= 1, "option 'per_device_train_batch_size' must be >= 1")
+        _check(self.gradient_accumulation_steps >= 1, "option 'gradient_accumulation_steps' must be >= 1")
+        _check(self.max_steps != 0, "option 'max_steps' must be positive, or -1 to use num_train_epochs")
+        _check(self.max_steps > 0 or self.num_train_epochs > 0, "option 'num_train_epochs' must be > 0")
+        _check(0 <= self.warmup_ratio < 1, f"option 'warmup_ratio' must be in [0, 1); got {self.warmup_ratio}")
+        _check(self.save_steps >= 0 and self.logging_steps >= 1 and self.save_total_limit >= 1,
+               "options 'save_steps' >= 0, 'logging_steps' >= 1 and 'save_total_limit' >= 1 are required")
+        for r in self.report_to:
+            _one_of("report_to", r, ("tensorboard", "wandb"))
+
+
+@dataclass
+class GRPOConfig(_TrainingConfig):
     """GRPO hyper-parameters. Names follow TRL's GRPOConfig where the meaning is the same.
 
     One rollout draws `per_device_train_batch_size * gradient_accumulation_steps` completions
@@ -210,21 +256,10 @@ class GRPOConfig(_Base):
     eval_temperature: float = 1.0
     eval_samples_per_prompt: int = 1
     system_prompt: Optional[str] = None
-    # optimisation
+    # optimisation (the rest: _TrainingConfig)
     learning_rate: float = 1e-6
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
     adam_beta2: float = 0.99
-    adam_epsilon: float = 1e-8
-    max_grad_norm: float = 1.0
-    lr_scheduler_type: str = "constant"
-    warmup_steps: int = 0
-    warmup_ratio: float = 0.0
-    per_device_train_batch_size: int = 8
-    gradient_accumulation_steps: int = 1
-    max_steps: int = -1
-    num_train_epochs: float = 1.0
-    seed: int = 42
+    logging_steps: int = 1
     # GRPO
     num_generations: int = 8
     num_iterations: int = 1
@@ -260,23 +295,14 @@ class GRPOConfig(_Base):
     format_pattern: Optional[str] = None
     language: str = "en"
     length_penalty_target: Optional[int] = None
-    # output
-    output_dir: Optional[str] = None         # default: ./runs/<run_name>
-    run_name: Optional[str] = None
-    save_steps: int = 0                      # 0: only at the end
-    save_total_limit: int = 2
-    logging_steps: int = 1
+    # output (output_dir, run_name, save_steps, ...: _TrainingConfig)
     log_completions: int = 2                 # sample completions written to the log per logging step
-    report_to: list[str] = field(default_factory=list)   # "tensorboard", "wandb"
-    progress_bar: bool = True
-    # precision / device
-    device: Optional[str] = None             # default: cuda when present, else cpu
-    dtype: str = "float32"
+    # precision (device, dtype: _TrainingConfig)
     fp8: str = "off"
     max_nonfinite_steps: int = 10            # abort after this many skipped steps in a row
 
     def validate(self):
-        _check(self.learning_rate >= 0, f"option 'learning_rate' must be >= 0; got {self.learning_rate}")
+        super().validate()
         _check(self.beta >= 0, f"option 'beta' must be >= 0; got {self.beta}")
         _check(self.epsilon >= 0, f"option 'epsilon' must be >= 0; got {self.epsilon}")
         _check(self.epsilon_high is None or self.epsilon_high >= 0,
@@ -287,16 +313,12 @@ class GRPOConfig(_Base):
         _one_of("advantage_estimator", self.advantage_estimator, ESTIMATORS)
         _one_of("importance_sampling_level", self.importance_sampling_level, IS_LEVELS)
         _one_of("kl_estimator", self.kl_estimator, KL_ESTIMATORS)
-        _one_of("lr_scheduler_type", self.lr_scheduler_type, SCHEDULERS)
         _one_of("tis_mode", self.tis_mode, TIS_MODES)
         _one_of("tis_level", self.tis_level, TIS_LEVELS)
-        _one_of("dtype", self.dtype, ("float32", "bfloat16", "float16"))
         from r1fast.fp8 import MODES as FP8_MODES
 
         _one_of("fp8", self.fp8, FP8_MODES)
         _check(self.num_generations >= 2, f"option 'num_generations' must be >= 2 (GRPO compares samples within a group); got {self.num_generations}")
-        _check(self.per_device_train_batch_size >= 1, "option 'per_device_train_batch_size' must be >= 1")
-        _check(self.gradient_accumulation_steps >= 1, "option 'gradient_accumulation_steps' must be >= 1")
         gen = self.per_device_train_batch_size * self.gradient_accumulation_steps
         _check(gen % self.num_generations == 0,
                f"per_device_train_batch_size * gradient_accumulation_steps = {gen} completions per rollout "
@@ -308,19 +330,12 @@ class GRPOConfig(_Base):
         _check(0 <= self.min_p < 1, f"option 'min_p' must be in [0, 1); got {self.min_p}")
         _check(self.max_completion_length >= 1, "option 'max_completion_length' must be >= 1")
         _check(self.max_prompt_length >= 1, "option 'max_prompt_length' must be >= 1")
-        _check(self.max_steps != 0, "option 'max_steps' must be positive, or -1 to use num_train_epochs")
-        _check(self.max_steps > 0 or self.num_train_epochs > 0, "option 'num_train_epochs' must be > 0")
-        _check(self.save_steps >= 0 and self.logging_steps >= 1 and self.save_total_limit >= 1,
-               "options 'save_steps' >= 0, 'logging_steps' >= 1 and 'save_total_limit' >= 1 are required")
         _check(self.tis_cap > 1, f"option 'tis_cap' must be > 1; got {self.tis_cap}")
-        _check(0 <= self.warmup_ratio < 1, f"option 'warmup_ratio' must be in [0, 1); got {self.warmup_ratio}")
         _check(self.eval_samples_per_prompt >= 1 and self.eval_size >= 0, "eval_size >= 0 and eval_samples_per_prompt >= 1 required")
         _check(self.eval_temperature >= 0, "option 'eval_temperature' must be >= 0 (0 = greedy)")
         if self.reward_weights is not None:
             _check(len(self.reward_weights) == len(self.reward_funcs),
                    f"reward_weights has {len(self.reward_weights)} entries but reward_funcs has {len(self.reward_funcs)}")
-        for r in self.report_to:
-            _one_of("report_to", r, ("tensorboard", "wandb"))
 
     @property
     def completions_per_rollout(self) -> int:
@@ -332,7 +347,7 @@ class GRPOConfig(_Base):
 
 
 @dataclass
-class SFTConfig(_Base):
+class SFTConfig(_TrainingConfig):
     """Supervised fine-tuning (cold start, rejection-sampled data, distillation)."""
 
     model_name_or_path: Optional[str] = None
@@ -340,44 +355,12 @@ class SFTConfig(_Base):
     prompt_column: str = "prompt"
     completion_column: str = "completion"
     system_prompt: Optional[str] = None
-    learning_rate: float = 1e-5
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_epsilon: float = 1e-8
-    max_grad_norm: float = 1.0
     lr_scheduler_type: str = "cosine"
-    warmup_steps: int = 0
-    warmup_ratio: float = 0.0
-    per_device_train_batch_size: int = 8
-    gradient_accumulation_steps: int = 1
-    max_steps: int = -1
-    num_train_epochs: float = 1.0
     max_length: int = 1024
-    seed: int = 42
-    output_dir: Optional[str] = None
-    run_name: Optional[str] = None
-    save_steps: int = 0
-    save_total_limit: int = 2
-    logging_steps: int = 10
-    report_to: list[str] = field(default_factory=list)
-    progress_bar: bool = True
-    device: Optional[str] = None
-    dtype: str = "float32"
 
     def validate(self):
-        _check(self.learning_rate >= 0, f"option 'learning_rate' must be >= 0; got {self.learning_rate}")
-        _one_of("lr_scheduler_type", self.lr_scheduler_type, SCHEDULERS)
-        _one_of("dtype", self.dtype, ("float32", "bfloat16", "float16"))
-        _check(self.per_device_train_batch_size >= 1, "option 'per_device_train_batch_size' must be >= 1")
-        _check(self.gradient_accumulation_steps >= 1, "option 'gradient_accumulation_steps' must be >= 1")
-        _check(self.max_steps != 0, "option 'max_steps' must be positive, or -1 to use num_train_epochs")
+        super().validate()
         _check(self.max_length >= 2, "option 'max_length' must be >= 2")
-        _check(0 <= self.warmup_ratio < 1, f"option 'warmup_ratio' must be in [0, 1); got {self.warmup_ratio}")
-        _check(self.save_steps >= 0 and self.logging_steps >= 1 and self.save_total_limit >= 1,
-               "options 'save_steps' >= 0, 'logging_steps' >= 1 and 'save_total_limit' >= 1 are required")
-        for r in self.report_to:
-            _one_of("report_to", r, ("tensorboard", "wandb"))
 
 
 @dataclass
