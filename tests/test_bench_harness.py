@@ -61,3 +61,23 @@ def test_every_suite_runs_at_smoke_size(tmp_path):
         providers = {r["provider"] for r in rows if r["suite"] == name and r["metric"] == "time_ms"}
         assert "r1fast" in providers, (name, providers)
         assert len(providers) >= 2, (name, providers)
+
+
+def test_gpu_check_script_parses_and_names_existing_tests():
+    """bench/gpu_check.sh runs in a scarce GPU window: a syntax error or a renamed test file would
+    waste it, so both are caught here on the CPU."""
+    import pathlib
+    import re
+    import subprocess
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    script = root / "bench" / "gpu_check.sh"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    named = re.findall(r"tests/test_\w+\.py", script.read_text())
+    assert named, "gpu_check.sh names no test file"
+    missing = [n for n in named if not (root / n).is_file()]
+    assert not missing, f"gpu_check.sh names missing test files: {missing}"
+    # every file with GPU-marked tests runs there
+    marker = "@pytest.mark." + "gpu"  # split so this file does not count itself
+    gpu_files = {p.relative_to(root).as_posix() for p in (root / "tests").glob("test_*.py") if marker in p.read_text()}
+    assert gpu_files <= set(named), f"GPU tests not run by gpu_check.sh: {sorted(gpu_files - set(named))}"
