@@ -4,7 +4,8 @@ One program per completion (row). Pass 1 over the row's tokens gathers the row s
 objective needs (active-token count, Σ m·log_ratio for sequence-level ratios, Σ m·(old − sampler)
 for sequence-level truncated IS). Pass 2 computes every token's loss and its local gradient and
 the row's statistic sums; pass 3 (sequence-level ratios only) adds the gradient that flows through
-the row-mean log-ratio to every active token. The forward therefore writes the gradients as well
+the row-mean log-ratio to every active token (the clipped objective's and, with
+use_bias_correction_kl, the weighted KL's). The forward therefore writes the gradients as well
 (as Liger does): the autograd wrapper's backward only scales them by the incoming gradient.
 Per-row partial sums are reduced in torch afterwards, so the result is deterministic.
 Formulas: LOSS_SPEC.md; the torch twin is r1fast.reference.loss.grpo_loss.
@@ -30,7 +31,7 @@ def _grpo_loss_kernel(logp_ptr, old_ptr, ref_ptr, smp_ptr, ent_ptr, mask_ptr, ad
                       LOSS_TYPE: tl.constexpr, SEQ_LEVEL: tl.constexpr, HAS_DELTA: tl.constexpr,
                       KL: tl.constexpr, USE_KL: tl.constexpr, TIS: tl.constexpr, TIS_SEQ: tl.constexpr,
                       HAS_SMP: tl.constexpr, HAS_ENT: tl.constexpr, BLOCK_T: tl.constexpr, N_STATS: tl.constexpr,
-                      HAS_ROW_CNT: tl.constexpr):
+                      HAS_ROW_CNT: tl.constexpr, KL_WEIGHTED: tl.constexpr):
     row = tl.program_id(0)
     base = row.to(tl.int64) * T
     adv = tl.load(adv_ptr + row)
@@ -149,9 +150,17 @@ def _grpo_loss_kernel(logp_ptr, old_ptr, ref_ptr, smp_ptr, ent_ptr, mask_ptr, ad
                 e = tl.exp(-x)
                 kl = e + x - 1.0
                 g_kl = 1.0 - e
+            if KL_WEIGHTED:
+                # TRL's bias-corrected KL, kl * c1 with c1 = exp(lw) unclipped and differentiable:
+                # d/dlogp = g_kl * c1 on the token's own logp, plus kl * c1 through lw (added after
+                # the TIS factor, which multiplies the policy term only)
+                g_kl = g_kl * c1
+                kl = kl * c1
             if USE_KL:
                 L += beta * kl
                 g_lp += beta * g_kl
+                if KL_WEIGHTED:
+                    g_lw += beta * kl
             s_kl += tl.sum(m * kl, 0)
         if HAS_ENT:
             ent = tl.where(act, tl.load(ent_ptr + base + offs, mask=ok, other=0.0), 0.0)
@@ -241,7 +250,7 @@ def grpo_loss_fwd(logp, old, ref, smp, ent, mask, adv, opts, totals=None):
         HAS_DELTA=opts.delta is not None and opts.loss_type != "cispo", KL=kl_id, USE_KL=opts.beta != 0.0,
         TIS=TIS_IDS[opts.tis_mode], TIS_SEQ=opts.tis_level == "sequence", HAS_SMP=smp is not None,
         HAS_ENT=ent is not None, BLOCK_T=block_t, N_STATS=N_STATS, HAS_ROW_CNT=row_cnt is not None,
-        num_warps=4 if dev.type == "cuda" else 1)
+        KL_WEIGHTED=kl_id != 0 and opts.use_bias_correction_kl, num_warps=4 if dev.type == "cuda" else 1)
     return row_loss, g_logp, g_ent, stats
 
 

@@ -58,7 +58,8 @@ def _scalar_loss(d, o: LossOptions):
                 L *= min(w, o.tis_cap) if o.tis_mode == "truncate" else float(1 / o.tis_cap <= w <= o.tis_cap)
             if ref is not None and o.beta:
                 x = lp[i][j] - ref[i][j]
-                L += o.beta * {"k1": x, "k2": 0.5 * x * x, "k3": math.exp(-x) + x - 1}[o.kl_estimator]
+                kl = {"k1": x, "k2": 0.5 * x * x, "k3": math.exp(-x) + x - 1}[o.kl_estimator]
+                L += o.beta * kl * (math.exp(lw) if o.use_bias_correction_kl else 1.0)
             if ent is not None:
                 L -= o.entropy_coef * ent[i][j]
             row += m[i][j] * L
@@ -79,6 +80,9 @@ SCALAR_CASES = [
     dict(loss_type="cispo", epsilon_high=1.1, beta=0.05, tis_mode="truncate", tis_level="sequence", tis_cap=1.2),
     dict(loss_type="grpo", importance_sampling_level="sequence", delta=1.05, tis_mode="mask", entropy_coef=0.05,
          tis_cap=1.5),
+    dict(loss_type="dapo", beta=0.1, use_bias_correction_kl=True, delta=1.1, tis_mode="truncate", tis_level="token"),
+    dict(loss_type="cispo", importance_sampling_level="sequence", epsilon_high=1.1, beta=0.05,
+         use_bias_correction_kl=True, kl_estimator="k2", tis_mode="mask"),
     dict(),  # TRL's defaults
 ]
 
@@ -129,13 +133,15 @@ def test_grpo_loss_matches_reference(device, backend, loss_type, level, beta):
     d = _batch(seed=17 * len(loss_type) + len(level))
     # NaN in padding must not leak into the loss or its gradient.
     d["old"] = torch.where(d["mask"] > 0, d["old"], float("nan"))
-    combos = list(itertools.product([None, 1.3], [None, "truncate", "mask"], ["k3", "k1", "k2"], ["token", "sequence"]))
-    if backend == "triton":  # interpreter time: a rotating eighth of the combinations per parametrisation
-        combos = combos[(3 * len(loss_type) + 5 * (beta > 0) + 7 * (level == "sequence")) % 8::8]
-    for delta, tis, kl, tis_level in combos:
+    combos = list(itertools.product([False, True], [None, 1.3], [None, "truncate", "mask"], ["k3", "k1", "k2"],
+                                    ["token", "sequence"]))
+    if backend == "triton":  # interpreter time: a rotating sixteenth of the combinations per parametrisation
+        # (the stride walks both use_bias_correction_kl halves, each at a stride of 8)
+        combos = combos[(3 * len(loss_type) + 5 * (beta > 0) + 7 * (level == "sequence")) % 16::16]
+    for bias_kl, delta, tis, kl, tis_level in combos:
         opts = dict(loss_type=loss_type, importance_sampling_level=level, beta=beta, delta=delta, tis_mode=tis,
                     kl_estimator=kl, tis_level=tis_level, entropy_coef=0.02,
-                    epsilon_high=1.2 if loss_type == "cispo" else 0.25)
+                    epsilon_high=1.2 if loss_type == "cispo" else 0.25, use_bias_correction_kl=bias_kl)
         e_loss, e_stats, e_g = _grads(lambda x: _call_ops(x, torch.float64, "reference", opts), d)
         loss, stats, g = _grads(lambda x: _call_ops(x, torch.float32, backend, opts),
                                 {k: (v.float().to(device) if v is not None else None) for k, v in d.items()})
@@ -196,6 +202,9 @@ def test_old_logp_none_means_ratio_one_with_gradient():
         (lambda a: a.update(tis_mode="clip"), ValueError, "tis_mode"),
         (lambda a: a.update(delta=0.5), ValueError, "delta"),
         (lambda a: a.update(loss_type="dr_grpo", max_completion_length=None), ValueError, "max_completion_length"),
+        (lambda a: a.update(use_bias_correction_kl=1), ValueError, "use_bias_correction_kl must be a bool"),
+        (lambda a: a.update(use_bias_correction_kl="yes"), ValueError, "use_bias_correction_kl must be a bool"),
+        (lambda a: a.update(use_bias_correction_kl=None), ValueError, "use_bias_correction_kl must be a bool"),
     ],
 )
 def test_grpo_loss_bad_input(mutate, err, match):
@@ -217,6 +226,61 @@ def test_loss_options_defaults_follow_trl():
         assert getattr(o, name) == trl[name], name
     assert o.tis_cap == trl["vllm_importance_sampling_clip_max"]
     assert f"{o.tis_level}_{o.tis_mode}" == trl["vllm_importance_sampling_mode"]
+    # the one documented deviation: LOSS_SPEC's plain KL by default, TRL's bias-corrected KL on request
+    assert o.use_bias_correction_kl is False and trl["use_bias_correction_kl"] is True
+
+
+def _hand_weighted_kl(logp, old, ref, mask, level, kind):
+    """TRL's bias-corrected KL written out independently: kl * exp(lw), lw the token log-ratio or the
+    row-mean log-ratio over the active tokens, with its gradient."""
+    x = logp - ref
+    kl = {"k1": x, "k2": 0.5 * x ** 2, "k3": torch.exp(-x) + x - 1}[kind]
+    lr = logp - old
+    if level == "sequence":
+        lr = (lr * mask).sum(1, keepdim=True) / mask.sum(1, keepdim=True).clamp_min(1)
+    return kl * torch.exp(lr)
+
+
+def _hand_aggregate(per_token, mask, o):
+    b = mask.shape[0]
+    if o.loss_type == "grpo":
+        return sum((per_token[i] * mask[i]).sum() / max(mask[i].sum(), 1) for i in range(b)) / b
+    total = (per_token * mask).sum()
+    if o.loss_type == "bnpo":
+        return total / max(mask.sum(), 1)
+    if o.loss_type == "dr_grpo":
+        return total / (b * o.max_completion_length)
+    return total / (o.num_items or mask.sum())
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo", "cispo"])
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_reference_bias_corrected_kl_is_hand_formula(loss_type, level):
+    """With use_bias_correction_kl the reference adds beta * kl * exp(lw) (float64, autograd gradients);
+    delta clips the policy ratio only, TIS weights the policy term only."""
+    for seed, (kind, delta, tis) in enumerate([("k3", None, None), ("k1", 1.1, "truncate"), ("k2", 1.3, "mask")]):
+        d = _batch(seed=100 + 9 * seed + len(loss_type) + 3 * (level == "sequence"))
+        extra = dict(tis_mode=tis, tis_level="token", tis_cap=1.2, delta=delta, kl_estimator=kind,
+                     loss_type=loss_type, importance_sampling_level=level,
+                     epsilon_high=1.2 if loss_type == "cispo" else 0.25, max_completion_length=9)
+        on = LossOptions(beta=0.3, use_bias_correction_kl=True, **extra)
+        policy_only = LossOptions(beta=0.0, **extra)
+        lp = d["logp"].clone().requires_grad_()
+        loss, stats = reference.grpo_loss(lp, d["old"], d["ref"], d["adv"], d["mask"], on, sampler_logp=d["sampler"])
+        (g,) = torch.autograd.grad(loss, lp)
+        lp2 = d["logp"].clone().requires_grad_()
+        base, _ = reference.grpo_loss(lp2, d["old"], None, d["adv"], d["mask"], policy_only, sampler_logp=d["sampler"])
+        wkl = _hand_weighted_kl(lp2, d["old"], d["ref"], d["mask"], level, kind)
+        expected = base + 0.3 * _hand_aggregate(wkl, d["mask"], on)
+        (e_g,) = torch.autograd.grad(expected, lp2)
+        tag = f"{kind} delta={delta} tis={tis}"
+        assert_close(loss, expected, torch.float64, name=f"loss {tag}")
+        assert_close(g, e_g, torch.float64, name=f"grad {tag}")
+        assert_close(stats["kl"], (wkl.detach() * d["mask"]).sum() / d["mask"].sum(), torch.float64, name="kl stat")
+        plain, plain_stats = reference.grpo_loss(d["logp"], d["old"], d["ref"], d["adv"], d["mask"],
+                                                 dataclasses.replace(on, use_bias_correction_kl=False),
+                                                 sampler_logp=d["sampler"])
+        assert abs(plain.item() - loss.item()) > 1e-6 and plain_stats["kl"] != stats["kl"]  # the option matters
 
 
 # --- fused_linear_grpo_loss: hidden states -> loss, against the materialised float64 composition -----------
@@ -253,6 +317,9 @@ FUSED_CASES = [  # dimensions combined so each value appears, without the full p
          max_completion_length=8, entropy_coef=0.03),
     dict(loss_type="dapo", importance_sampling_level="sequence", beta=0.02, num_items=40.0, temperature=1.5),
     dict(loss_type="cispo", epsilon_high=1.2, tis_mode="truncate", tis_level="token", entropy_coef=0.01),
+    dict(loss_type="grpo", beta=0.05, use_bias_correction_kl=True, delta=1.3, tis_mode="truncate", tis_level="token"),
+    dict(loss_type="cispo", importance_sampling_level="sequence", epsilon_high=1.2, beta=0.04,
+         use_bias_correction_kl=True, tis_mode="mask", kl_estimator="k2"),
 ]
 
 
@@ -262,7 +329,8 @@ PATHS = [(8, True), (None, True), (3, True), (4, False)]
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-@pytest.mark.parametrize("opts", FUSED_CASES, ids=lambda o: o["loss_type"])
+@pytest.mark.parametrize("opts", FUSED_CASES,
+                         ids=lambda o: o["loss_type"] + ("-bias_kl" if o.get("use_bias_correction_kl") else ""))
 @pytest.mark.parametrize("path", PATHS, ids=lambda p: f"chunk{p[0]}-{'single' if p[1] else 'two'}")
 def test_fused_linear_grpo_loss_matches_reference(device, backend, opts, path):
     if backend == "triton" and PATHS.index(path) != (FUSED_CASES.index(opts) + 2) % len(PATHS):
@@ -288,10 +356,12 @@ def test_fused_linear_grpo_loss_matches_reference(device, backend, opts, path):
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_fused_single_pass_cuts_long_completions(device, backend):
+@pytest.mark.parametrize("bias_kl", [False, True])
+def test_fused_single_pass_cuts_long_completions(device, backend, bias_kl):
     # token-level ratios: chunks of 2 tokens cut every completion, and grpo's per-row mean must
-    # still divide by the whole row's token count
-    opts = dict(loss_type="grpo", beta=0.05, tis_mode="truncate", tis_level="token", entropy_coef=0.02)
+    # still divide by the whole row's token count (the bias-corrected KL's weight is per token)
+    opts = dict(loss_type="grpo", beta=0.05, tis_mode="truncate", tis_level="token", entropy_coef=0.02,
+                use_bias_correction_kl=bias_kl)
     d, hidden, weight, targets = _fused_case(seed=13)
     e_loss, e_stats, e_gh, e_gw = _fused_expected(d, hidden, weight, targets, LossOptions(**opts))
     h, w = hidden.float().to(device).requires_grad_(), weight.float().to(device).requires_grad_()

@@ -124,6 +124,14 @@ def test_reference_model_and_kl(tmp_path):
     assert tr.history[0]["kl"] == pytest.approx(0.0, abs=1e-6)
 
 
+def test_bias_corrected_kl_reaches_the_loss(tmp_path):
+    assert make(tmp_path, "plain", beta=0.1)._loss_options(None).use_bias_correction_kl is False
+    tr = make(tmp_path, "weighted", max_steps=2, beta=0.1, use_bias_correction_kl=True)
+    assert tr._loss_options(None).use_bias_correction_kl is True
+    tr.train()
+    assert tr.history[-1]["kl"] > 0.0
+
+
 def test_trainer_input_errors(tmp_path):
     model, tok = tiny_model()
     cfg = GRPOConfig(per_device_train_batch_size=8, num_generations=4, output_dir=str(tmp_path / "e"))

@@ -301,3 +301,28 @@ def test_logits_never_materialised(tmp_path, model_dirs, monkeypatch):
     assert head_calls == []
     # One old-policy pass (num_iterations=2) and one loss per step.
     assert calls == {"grouped_logprob": 1, "fused_linear_grpo_loss": 2}
+
+
+@pytest.mark.parametrize("bias_kl", [True, False])
+def test_bias_corrected_kl_goes_through_the_fused_op(tmp_path, model_dirs, monkeypatch, bias_kl):
+    """GRPOConfig.use_bias_correction_kl reaches LossOptions, and the loss is one fused call per micro-step
+    (no separate log-prob pass or grpo_loss for the weighted KL)."""
+    seen = {"fused_linear_grpo_loss": [], "grpo_loss": []}
+    for name in seen:
+        original = getattr(r1trl.ops, name)
+
+        def recorded(*args, _original=original, _name=name, **kwargs):
+            seen[_name].append(kwargs.get("options"))
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(r1trl.ops, name, recorded)
+    tokenizer = AutoTokenizer.from_pretrained(model_dirs["untied"])
+    trainer = r1trl.GRPOTrainer(
+        model=AutoModelForCausalLM.from_pretrained(model_dirs["untied"]), reward_funcs=char_reward,
+        args=_config(tmp_path, max_steps=2, num_iterations=2, loss_type="dapo", beta=0.04,
+                     use_bias_correction_kl=bias_kl),
+        train_dataset=Dataset.from_dict({"prompt": PROMPTS * 2}), processing_class=tokenizer)
+    trainer.train()
+    assert seen["grpo_loss"] == []
+    assert len(seen["fused_linear_grpo_loss"]) == 2
+    assert all(o.use_bias_correction_kl is bias_kl and o.beta == 0.04 for o in seen["fused_linear_grpo_loss"])

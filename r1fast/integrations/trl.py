@@ -16,7 +16,6 @@ reproduce exactly is refused in `__init__` with a ValueError naming it (see `uns
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import types
 from typing import Any
@@ -293,6 +292,7 @@ class GRPOTrainer(trl.GRPOTrainer):
             max_completion_length=self.max_completion_length,
             temperature=self.temperature,
             num_items=self._num_items(inputs, mode, accumulation),
+            use_bias_correction_kl=self.args.use_bias_correction_kl,
         )
 
         hidden, weight = self._completion_hidden_and_weight(model, input_ids, attention_mask, logits_to_keep)
@@ -301,14 +301,10 @@ class GRPOTrainer(trl.GRPOTrainer):
         old_logp = _maybe_to(inputs.get("old_per_token_logps"), device)
         ref_logp = _maybe_to(inputs.get("ref_per_token_logps"), device) if self.beta != 0.0 else None
 
-        if self.beta != 0.0 and self.args.use_bias_correction_kl:
-            loss, stats = self._loss_with_weighted_kl(hidden, weight, targets, mask, advantages, old_logp, ref_logp,
-                                                      options)
-        else:
-            loss, stats = ops.fused_linear_grpo_loss(
-                hidden, weight, targets, mask, advantages, old_logp=old_logp, ref_logp=ref_logp, options=options,
-                **self._loss_backend_kwargs(),
-            )
+        loss, stats = ops.fused_linear_grpo_loss(
+            hidden, weight, targets, mask, advantages, old_logp=old_logp, ref_logp=ref_logp, options=options,
+            **self._loss_backend_kwargs(),
+        )
         if self.loss_type in _MEAN_LOSS_TYPES:
             loss = loss / accumulation
         self._log_loss_stats(mode, stats, mask)
@@ -322,34 +318,6 @@ class GRPOTrainer(trl.GRPOTrainer):
         if mode == "train":
             num_items = num_items * accumulation / self.args.steps_per_generation
         return float(num_items)
-
-    def _loss_with_weighted_kl(self, hidden, weight, targets, mask, advantages, old_logp, ref_logp, options):
-        """The GRPO loss with TRL's bias-corrected KL (use_bias_correction_kl, its default when beta != 0).
-
-        TRL multiplies the per-token KL by the (differentiable) importance ratio, which
-        LossOptions has no knob for. So the log-probs come from one fused grouped_logprob pass
-        (no logits), the clipped objective from ops.grpo_loss with beta=0, and the weighted KL
-        term is aggregated here with the loss type's normaliser.
-        """
-        active = mask.bool()
-        logp_act, ent_act = ops.grouped_logprob(
-            hidden[active], weight, targets[active], temperature=options.temperature, return_entropy=True,
-            **self._loss_backend_kwargs(),
-        )
-        logp = logp_act.new_zeros(active.shape).masked_scatter(active, logp_act)
-        entropy = ent_act.detach().new_zeros(active.shape).masked_scatter(active, ent_act.detach())
-        loss, stats = ops.grpo_loss(logp, old_logp, None, advantages, mask, entropy=entropy,
-                                    options=dataclasses.replace(options, beta=0.0))
-        m = mask.to(logp.dtype)
-        old = logp.detach() if old_logp is None else old_logp
-        log_ratio = logp - old
-        if options.importance_sampling_level == "sequence":
-            log_ratio = ((log_ratio * m).sum(-1) / m.sum(-1).clamp(min=1.0)).unsqueeze(-1)
-        # Zero at padding (logp, old and ref are all 0 there): no inf * 0 can arise.
-        weighted_kl = ops.kl_penalty(logp, torch.where(active, ref_logp, 0.0), kind="k3") * torch.exp(log_ratio)
-        loss = loss + options.beta * _aggregate(weighted_kl, m, options)
-        stats["kl"] = ((weighted_kl.detach() * m).sum() / m.sum().clamp(min=1.0)).detach()
-        return loss, stats
 
     def _log_loss_stats(self, mode: str, stats: dict, mask: torch.Tensor) -> None:
         """Log the op's statistics under TRL's metric names (token means across processes)."""
@@ -370,19 +338,6 @@ class GRPOTrainer(trl.GRPOTrainer):
         for key, metric in names.items():
             if key in stats:
                 self._metrics[mode][metric].append(global_mean(stats[key]))
-
-
-def _aggregate(per_token: torch.Tensor, m: torch.Tensor, options) -> torch.Tensor:
-    """LOSS_SPEC's aggregation of a [B, T] per-token term for options.loss_type (m: float mask)."""
-    per_token = per_token.expand_as(m)
-    if options.loss_type == "grpo":
-        return ((per_token * m).sum(-1) / m.sum(-1).clamp(min=1.0)).mean()
-    if options.loss_type == "bnpo":
-        return (per_token * m).sum() / m.sum().clamp(min=1.0)
-    if options.loss_type == "dr_grpo":
-        return (per_token * m).sum() / (m.shape[0] * options.max_completion_length)
-    normaliser = options.num_items if options.num_items is not None else m.sum().clamp(min=1.0)
-    return (per_token * m).sum() / normaliser
 
 
 def _maybe_to(t, device):

@@ -5,6 +5,13 @@ epsilon_high=None -> epsilon, delta=None, loss_type="dapo", importance_sampling_
 max_completion_length=512, temperature=1.0, entropy_coef=0.0); the truncated-importance-sampling
 knobs map TRL's `vllm_importance_sampling_*` onto LOSS_SPEC's `tis_mode` / `tis_cap` (TRL's default
 is correction on, masked, cap 3.0, per sequence). See /work/shared/LOSS_SPEC.md for the formulas.
+
+`use_bias_correction_kl` (TRL's name): multiply the per-token KL by the unclipped, differentiable
+importance ratio exp(lw) (lw the token log-ratio, or the row-mean log-ratio for sequence-level
+ratios; taken before the `delta` clip), so `L += beta * kl * exp(lw)`; the `kl` statistic is then
+the mean of that weighted KL, as TRL logs it. It is the one default that differs from TRL's
+(TRL: True, here: False): LOSS_SPEC's objective is the plain `L += beta * kl` (verl's form as
+well), and r1fast's own trainer keeps it unless asked. The TRL drop-in passes TRL's value through.
 """
 from __future__ import annotations
 
@@ -35,6 +42,7 @@ class LossOptions:
     tis_level: str = "sequence"
     entropy_coef: float = 0.0
     num_items: float | None = None
+    use_bias_correction_kl: bool = False
 
     def __post_init__(self):
         def num(name, lo=None, lo_open=False, allow_none=False):
@@ -54,6 +62,8 @@ class LossOptions:
         num("tis_cap", 1.0)
         num("entropy_coef")
         num("num_items", 0.0, lo_open=True, allow_none=True)
+        if not isinstance(self.use_bias_correction_kl, bool):
+            raise ValueError(f"LossOptions.use_bias_correction_kl must be a bool, got {self.use_bias_correction_kl!r}")
         if self.max_completion_length is not None and (
             isinstance(self.max_completion_length, bool) or not isinstance(self.max_completion_length, int)
             or self.max_completion_length < 1

@@ -60,6 +60,9 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, opts: LossOptions, ent
     and mean statistics add up to the batch's (is_weight/min|max combine by min|max, an empty slice
     giving +-inf; num_tokens is the slice's own count). `row_counts` [B] (the full rows' active
     token counts) lets a slice hold only part of a row's tokens; only valid with token-level ratios.
+
+    `opts.use_bias_correction_kl` multiplies the KL by exp(lw) (lw before the delta clip, with its
+    gradient) in the loss and in the `kl` statistic.
     """
     dt = logp.dtype
     m = mask.to(dt)
@@ -111,6 +114,8 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, opts: LossOptions, ent
 
     if ref_logp is not None:
         kl = kl_penalty(logp, ref_logp.to(dt), opts.kl_estimator)
+        if opts.use_bias_correction_kl:  # TRL's bias-corrected KL: weighted by the unclipped ratio, differentiably
+            kl = kl * torch.exp(lw)
         if opts.beta != 0.0:
             per_tok = per_tok + opts.beta * kl
         stats["kl"] = (kl.detach() * m).sum() / denom

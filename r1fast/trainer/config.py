@@ -272,6 +272,7 @@ class GRPOConfig(_TrainingConfig):
     advantage_estimator: str = "grpo"
     importance_sampling_level: str = "token"
     kl_estimator: str = "k3"
+    use_bias_correction_kl: bool = False     # KL weighted by the importance ratio (TRL's default is True)
     entropy_coef: float = 0.0
     tis_mode: str = "mask"                   # truncated importance sampling against the sampler (TRL's default)
     tis_cap: float = 3.0

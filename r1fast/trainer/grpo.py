@@ -219,7 +219,8 @@ class GRPOTrainer:
                            max_completion_length=cfg.max_completion_length, temperature=cfg.temperature,
                            kl_estimator=cfg.kl_estimator, tis_mode=None if cfg.tis_mode == "none" else cfg.tis_mode,
                            tis_cap=cfg.tis_cap, tis_level=cfg.tis_level, entropy_coef=cfg.entropy_coef,
-                           num_items=num_items if cfg.loss_type in ("dapo", "cispo") else None)
+                           num_items=num_items if cfg.loss_type in ("dapo", "cispo") else None,
+                           use_bias_correction_kl=cfg.use_bias_correction_kl)
 
     @torch.no_grad()
     def _forward_logp(self, model, batch) -> torch.Tensor:
