@@ -271,6 +271,12 @@ void register_block_manager(py::module_& m) {
       }, py::arg("seq_id"), py::arg("tokens"), "Allocate blocks for all tokens; returns the number of cached tokens.")
       .def("fork", &BlockManager::fork, py::arg("parent"), py::arg("child"))
       .def("blocks_to_append", &BlockManager::blocks_to_append, py::arg("seq_id"))
+      .def("blocks_to_append", [](const BlockManager& bm, I64 seqs) {
+        expect_1d(seqs, "seq_ids");
+        std::int64_t need = 0;
+        for (py::ssize_t i = 0; i < seqs.shape(0); ++i) need += bm.blocks_to_append(seqs.data()[i]);
+        return need;
+      }, py::arg("seq_ids"), "The blocks that appending one token to each of these sequences needs, in total.")
       .def("append", [](BlockManager& bm, std::int64_t seq, std::int32_t token) {
         std::int32_t src, dst;
         const std::int64_t slot = bm.append(seq, token, &src, &dst);

@@ -169,6 +169,9 @@ class BlockManagerMachine(RuleBasedStateMachine):
     def append(self, i, token):
         sid = self._pick(i)
         assert self.real.blocks_to_append(sid) == self.model.blocks_to_append(sid)
+        every = sorted(self.model.seqs)
+        assert self.real.blocks_to_append(np.asarray(every, dtype=np.int64)) == \
+            sum(self.model.blocks_to_append(s) for s in every)
         self._both(lambda: tuple(self.real.append(sid, token)), lambda: self.model.append(sid, token))
 
     @precondition(lambda self: self.configured and self.model.seqs)

@@ -90,15 +90,13 @@ class Scheduler:
                 f"the KV pool ({self.bm.num_blocks} blocks of {self.bm.block_size}) cannot hold the next waiting "
                 f"sequence ({len(self.waiting[0])} tokens, {self.waiting[0].fork_into} samples)"
             )
-        while True:
-            need = sum(self.bm.blocks_to_append(s.seq_id) for s in self.running)
-            if need <= self.bm.num_free_blocks:
-                break
+        ids = np.fromiter((s.seq_id for s in self.running), dtype=np.int64, count=len(self.running))
+        while self.bm.blocks_to_append(ids) > self.bm.num_free_blocks:
             if len(self.running) == 1:
                 raise RuntimeError(f"the KV pool ({self.bm.num_blocks} blocks) cannot hold one sequence of "
                                    f"{len(self.running[0])} tokens")
             self.preempt(self.running.pop())
-        ids = np.fromiter((s.seq_id for s in self.running), dtype=np.int64, count=len(self.running))
+            ids = ids[:-1]
         last = np.fromiter((s.tokens[-1] for s in self.running), dtype=np.int32, count=len(self.running))
         slots, copies = self.bm.append_batch(ids, last)
         return DecodeBatch(list(self.running), slots, copies)
