@@ -4,9 +4,10 @@
 #
 #   device run:  bash bench/gpu_check.sh      (carry [".whl"] when peers' wheels travel, see bench/README.md)
 #
-# $OUT receives at most 6 files (the device tool returns 8): build.log, info.txt, tests.log,
-# bench.log and the results CSV + JSON, which the harness rewrites after every suite so a stage cut
-# short still returns what it measured. Commit the CSV as bench/results/<card>-<date>.csv.
+# $OUT receives at most 7 files (the device tool returns 8): build.log, info.txt, tests.log,
+# bench.log, the results CSV + JSON (rewritten after every suite, so a stage cut short still returns
+# what it measured) and profile.txt (the top kernels of a decode step and of the fused loss).
+# Commit the CSV as bench/results/<card>-<date>.csv.
 set -uo pipefail
 OUT=${OUT:-$(mktemp -d)}
 cd "$(dirname "$0")/.."
@@ -37,7 +38,7 @@ python3 -m r1fast.cli info | tee "$OUT/info.txt"
 # GPU-marked tests first, then the kernel files whose `device` fixture puts them on the GPU.
 stage "tests on the GPU"
 xdist=$(python3 -c 'import xdist' 2>/dev/null && echo "-n 4")
-timeout 150 python3 -m pytest -q --maxfail=20 -p no:cacheprovider $xdist -m "gpu or not slow" \
+timeout 140 python3 -m pytest -q --maxfail=20 -p no:cacheprovider $xdist -m "gpu or not slow" \
   tests/test_store_kv.py tests/test_decode_attention.py tests/test_logprob.py tests/test_grpo_loss.py \
   tests/test_advantages.py tests/test_fp8_numerics.py tests/test_fp8_apply.py tests/test_models.py \
   tests/test_rollout.py >"$OUT/tests.log" 2>&1
@@ -51,8 +52,12 @@ order="logprob grpo_loss decode_attention rollout sampling fp8_linear grpo_step 
 known=$(python3 -m r1fast.cli bench --list 2>/dev/null | awk '{print $1}')
 suites=$(for s in $order; do grep -qx "$s" <<<"$known" && echo "$s"; done
          for s in $known; do grep -qw "$s" <<<"$order" || echo "$s"; done)
-timeout 180 python3 -m r1fast.cli bench $suites --size gpu --out "$OUT" --budget 0.5 >"$OUT/bench.log" 2>&1
+timeout 170 python3 -m r1fast.cli bench $suites --size gpu --out "$OUT" --budget 0.5 >"$OUT/bench.log" 2>&1
 echo "bench exit $?"; grep -E "FAILED|skip" "$OUT/bench.log" | head -20
+
+stage "profile: where a decode step and the fused loss spend their time"
+timeout 40 python3 -m r1fast.bench.gpu_profile >"$OUT/profile.txt" 2>&1
+echo "profile exit $?"
 
 stage "summary"
 for f in "$OUT"/*.csv; do [ -f "$f" ] && python3 -m r1fast.cli bench --table "$f"; done
