@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Download the peers' wheels that the GPU image lacks into .whl/, for `device run` to carry
+# (carry [".whl"]); bench/gpu_check.sh installs them there with --no-deps.
+#
+# The GPU image (Python 3.12; see /work/.library/device/KINDS.md) already has torch, triton,
+# transformers, accelerate, pandas, pyarrow and xxhash; it lacks liger-kernel (the logprob /
+# grpo_loss peer) and trl with datasets' pure-Python pieces (the grpo_step / trl peers).
+# datasets 4.x: it asks for pyarrow >= 21 where 5.x asks for >= 24. About 3 MB in all, well inside the 64 MiB a run may carry.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
+rm -rf .whl && mkdir .whl
+python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+  --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl \
+  liger-kernel "trl==1.16.*" "datasets>=4.7,<5" dill multiprocess 2>&1 | grep -v '^WARNING: Location' || true
+ls -l .whl
