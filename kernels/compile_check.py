@@ -124,6 +124,39 @@ def compile_all(arch: int = 90, full: bool = False, report=None):
             _compile(advantages_kernels._group_advantages_kernel, types, dict(MODE=mode), arch, cfg, report,
                      f"_group_advantages_kernel G={g} MODE={mode}")
     done.append(f"group_advantages kernel ({len(group_sizes) * len(modes)} specialisations)")
+    # rollout kernels: token sampling (fp32 logits from lm_logits; bf16 too with `full`), paged
+    # decode attention and the KV-cache write, as their wrappers launch them
+    from r1fast.kernels import decode_attention as decode_kernels
+    from r1fast.kernels import kv_cache as kv_kernels
+    from r1fast.kernels import sampling as sampling_kernels
+
+    blk, nb_pad, warps, stages = sampling_kernels.launch_config(151936, "cuda")
+    modes = (("greedy", True, False), ("temperature", False, False), ("min_p", False, True))
+    dts = ("fp32", "bf16") if full else ("fp32",)
+    for dt in dts:
+        types = {"logits_ptr": f"*{dt}", "u_ptr": "*fp64", "tok_ptr": "*i64", "lp_ptr": "*fp32", "scale": "fp32",
+                 "inv_temp": "fp32", "min_p": "fp32"}
+        for mode, greedy, min_p in modes:
+            _compile(sampling_kernels._sample_kernel, types, dict(GREEDY=greedy, MIN_P=min_p, NB_PAD=nb_pad), arch,
+                     dict(BLOCK=blk, num_warps=warps, num_stages=stages), report, f"_sample_kernel {dt} {mode}")
+    done.append(f"sampling kernel ({len(dts) * len(modes)} specialisations)")
+    shapes = ((1, 64), (6, 128), (8, 256)) if full else ((6, 128),)  # (query heads per KV head, head_dim)
+    dts = ("bf16", "fp16", "fp32") if full else ("bf16", "fp32")
+    for dt in dts:
+        types = {"q_ptr": f"*{dt}", "k_ptr": f"*{dt}", "v_ptr": f"*{dt}", "bt_ptr": "*i32", "cl_ptr": "*i32",
+                 "out_ptr": f"*{dt}", "ml_ptr": "*fp32", "acc_ptr": "*fp32", "scale": "fp32"}
+        for group, d in shapes:
+            g_pad, d_pad = max(16, triton.next_power_of_2(group)), max(16, triton.next_power_of_2(d))
+            c = dict(GROUP=group, G_PAD=g_pad, D_PAD=d_pad, FP32=dt == "fp32")
+            cfg = dict(BLOCK_N=32 if d_pad <= 128 else 16, num_warps=4, num_stages=3)  # the launch's defaults
+            _compile(decode_kernels._decode_kernel, types, c, arch, cfg, report,
+                     f"_decode_kernel {dt} group={group} dim={d}")
+        types = {"key_ptr": f"*{dt}", "value_ptr": f"*{dt}", "k_cache_ptr": f"*{dt}", "v_cache_ptr": f"*{dt}",
+                 "slot_ptr": "*i64"}
+        _compile(kv_kernels._store_kv_kernel, types, {}, arch, dict(BLOCK=1024, num_warps=4, num_stages=3), report,
+                 f"_store_kv_kernel {dt}")
+    done.append(f"decode_attention kernel ({len(dts) * len(shapes)} specialisations)")
+    done.append(f"store_kv kernel ({len(dts)} specialisations)")
     return done
 
 

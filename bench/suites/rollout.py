@@ -100,14 +100,16 @@ def _r1fast_decode_step(cfg_kwargs, batch, ctx, dtype, device):
         last = rng.integers(0, vocab, batch).tolist()
         positions = [ctx - 1] * batch
         params = SamplingParams(temperature=1.0, seed=0)
-        keys = torch.arange(batch, device=device)
-        pos_t = torch.full((batch,), ctx, device=device)
+        from r1fast import ops
         from r1fast.rollout import sampler
         from r1fast.rollout.runner import lm_logits
 
+        # the step's uniforms, as the engine hashes them (on the host, then one copy)
+        u = torch.from_numpy(sampler.HostUniforms(ctx + 1)(np.arange(batch), np.full(batch, ctx))).to(device)
+
         def step():
             hidden = runner.decode(bm, ids, last, positions, slots)
-            return sampler.sample(lm_logits(hidden, model.lm_head_weight), params, keys, pos_t)
+            return ops.sample_tokens(lm_logits(hidden, model.lm_head_weight), params, u, check_uniforms=False)
         return step
     return setup
 

@@ -13,3 +13,6 @@ __all__ += ["LossOptions", "grouped_logprob", "group_advantages", "kl_penalty", 
 from r1fast.ops.attention import paged_decode_attention, paged_prefill_attention
 
 __all__ += ["paged_decode_attention", "paged_prefill_attention"]
+from r1fast.ops.sampling import sample_tokens
+
+__all__ += ["sample_tokens"]

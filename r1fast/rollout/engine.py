@@ -233,7 +233,10 @@ class Engine:
         if not params.greedy:  # the step's random numbers, hashed on the host (see HostUniforms)
             u = torch.from_numpy(self._uniforms([s.key for s in rows], [len(s.tokens) for s in rows]))
             u = u.to(device, non_blocking=True) if device.type != "cpu" else u
-        tokens, logprobs = sampler.sample(logits, params, None, None, u=u)
+        from r1fast.ops.sampling import sample_tokens
+
+        # backend: torch (sampler.sample) on the CPU, the Triton kernel on a GPU (top-k/top-p: torch)
+        tokens, logprobs = sample_tokens(logits, params, u, check_uniforms=False)
         # the one device->host transfer of the step
         return tokens.tolist(), logprobs.float().tolist()
 
