@@ -8,6 +8,10 @@ the row-mean log-ratio to every active token (the clipped objective's and, with
 use_bias_correction_kl, the weighted KL's). The forward therefore writes the gradients as well
 (as Liger does): the autograd wrapper's backward only scales them by the incoming gradient.
 Per-row partial sums are reduced in torch afterwards, so the result is deterministic.
+Importance weights: either computed from the sampler's log-probs (HAS_SMP: truncated IS, TIS /
+TIS_SEQ / tis_cap) or given precomputed by the caller (HAS_ISW, e.g. TRL's vLLM ratio). Both
+come through `smp_ptr` (the op refuses both at once); either way the factor multiplies the policy
+term (and its gradients) before the KL and the entropy bonus are added.
 Formulas: LOSS_SPEC.md; the torch twin is r1fast.reference.loss.grpo_loss.
 """
 import os
@@ -31,7 +35,7 @@ def _grpo_loss_kernel(logp_ptr, old_ptr, ref_ptr, smp_ptr, ent_ptr, mask_ptr, ad
                       LOSS_TYPE: tl.constexpr, SEQ_LEVEL: tl.constexpr, HAS_DELTA: tl.constexpr,
                       KL: tl.constexpr, USE_KL: tl.constexpr, TIS: tl.constexpr, TIS_SEQ: tl.constexpr,
                       HAS_SMP: tl.constexpr, HAS_ENT: tl.constexpr, BLOCK_T: tl.constexpr, N_STATS: tl.constexpr,
-                      HAS_ROW_CNT: tl.constexpr, KL_WEIGHTED: tl.constexpr):
+                      HAS_ROW_CNT: tl.constexpr, KL_WEIGHTED: tl.constexpr, HAS_ISW: tl.constexpr):
     row = tl.program_id(0)
     base = row.to(tl.int64) * T
     adv = tl.load(adv_ptr + row)
@@ -118,25 +122,31 @@ def _grpo_loss_kernel(logp_ptr, old_ptr, ref_ptr, smp_ptr, ent_ptr, mask_ptr, ad
             g_lp = tl.zeros([BLOCK_T], dtype=tl.float32)
             low = tl.where(c1 < 1.0 - epsilon, a_neg, 0.0)
             high = tl.where(c1 > 1.0 + eps_high, a_pos, 0.0)
-        if HAS_SMP:
-            smp = tl.where(act, tl.load(smp_ptr + base + offs, mask=ok, other=0.0), 0.0)
-            if TIS_SEQ:
-                w = tl.zeros([BLOCK_T], dtype=tl.float32) + seq_w
+        if HAS_SMP or HAS_ISW:
+            # smp_ptr holds the sampler's log-probs (HAS_SMP: weight w = exp(old - smp), factor f from
+            # the TIS mode) or the caller's weights (HAS_ISW: f = w as given); no gradient either way
+            x = tl.where(act, tl.load(smp_ptr + base + offs, mask=ok, other=0.0), 0.0)
+            if HAS_ISW:
+                w = x
+                f = x
             else:
-                w = tl.exp(old - smp)
-            if TIS == 1:
-                f = tl.minimum(w, tis_cap)
-            elif TIS == 2:
-                f = tl.where(w >= 1.0 / tis_cap, tl.where(w <= tis_cap, 1.0, 0.0), 0.0)
-            else:
-                f = tl.zeros([BLOCK_T], dtype=tl.float32) + 1.0
+                if TIS_SEQ:
+                    w = tl.zeros([BLOCK_T], dtype=tl.float32) + seq_w
+                else:
+                    w = tl.exp(old - x)
+                if TIS == 1:
+                    f = tl.minimum(w, tis_cap)
+                elif TIS == 2:
+                    f = tl.where(w >= 1.0 / tis_cap, tl.where(w <= tis_cap, 1.0, 0.0), 0.0)
+                else:
+                    f = tl.zeros([BLOCK_T], dtype=tl.float32) + 1.0
+                s_masked += tl.sum(m * (1.0 - f), 0)
             L = L * f
             g_lp = g_lp * f
             g_lw = g_lw * f
             s_w += tl.sum(m * w, 0)
             w_min = tl.minimum(w_min, tl.min(tl.where(act, w, float("inf")), 0))
             w_max = tl.maximum(w_max, tl.max(tl.where(act, w, float("-inf")), 0))
-            s_masked += tl.sum(m * (1.0 - f), 0)
         if KL != 0:
             ref = tl.where(act, tl.load(ref_ptr + base + offs, mask=ok, other=0.0), 0.0)
             x = lp - ref
@@ -209,18 +219,22 @@ def _poisoned(t):
     return t
 
 
-def grpo_loss_fwd(logp, old, ref, smp, ent, mask, adv, opts, totals=None):
+def grpo_loss_fwd(logp, old, ref, smp, ent, mask, adv, opts, totals=None, isw=None):
     """(row_loss [B], grad_logp [B, T], grad_entropy [B, T] or None, row_stats [B, N_STATS]), fp32.
 
-    `old` may be None (ratio 1: logp stands in); ref/smp/ent None when absent. `totals=(rows,
+    `old` may be None (ratio 1: logp stands in); ref/smp/ent None when absent. `isw` [B, T]: the
+    caller's importance weights (excludes `smp`), multiplying the policy term. `totals=(rows,
     tokens[, row_counts])`: these B rows are a slice of a batch with that many rows and active
     tokens, whose normalisers the aggregation uses (the fused single pass evaluates the loss chunk
     by chunk); `row_counts` [B] are the full rows' token counts when the slice cuts rows.
     """
     b, t = logp.shape
     dev = logp.device
+    if smp is not None and isw is not None:
+        raise ValueError("grpo_loss_fwd: sampler log-probs or importance weights, not both")
     f32 = lambda x: None if x is None else x.to(torch.float32).contiguous()  # noqa: E731
-    logp_, old_, ref_, smp_, ent_ = f32(logp), f32(old), f32(ref), f32(smp), f32(ent)
+    logp_, old_, ref_, ent_ = f32(logp), f32(old), f32(ref), f32(ent)
+    smp_ = f32(smp) if isw is None else f32(isw)  # one pointer: the kernel reads it per HAS_SMP / HAS_ISW
     mask_ = mask.to(torch.float32).contiguous()
     old_ = logp_ if old_ is None else old_
     # torch.full, not torch.tensor([...], device=dev): the latter is a host-to-device copy that
@@ -250,11 +264,12 @@ def grpo_loss_fwd(logp, old, ref, smp, ent, mask, adv, opts, totals=None):
         HAS_DELTA=opts.delta is not None and opts.loss_type != "cispo", KL=kl_id, USE_KL=opts.beta != 0.0,
         TIS=TIS_IDS[opts.tis_mode], TIS_SEQ=opts.tis_level == "sequence", HAS_SMP=smp is not None,
         HAS_ENT=ent is not None, BLOCK_T=block_t, N_STATS=N_STATS, HAS_ROW_CNT=row_cnt is not None,
-        KL_WEIGHTED=kl_id != 0 and opts.use_bias_correction_kl, num_warps=4 if dev.type == "cuda" else 1)
+        KL_WEIGHTED=kl_id != 0 and opts.use_bias_correction_kl, HAS_ISW=isw is not None,
+        num_warps=4 if dev.type == "cuda" else 1)
     return row_loss, g_logp, g_ent, stats
 
 
-def stats_from_rows(rows, has_ref: bool, has_ent: bool, has_smp: bool, tis_mode):
+def stats_from_rows(rows, has_ref: bool, has_ent: bool, has_smp: bool, tis_mode, has_isw: bool = False):
     """The op's statistics dict from the kernel's per-row sums [B, N_STATS] (whole batch)."""
     col = {name: i for i, name in enumerate(STATS)}
     tot = rows.sum(0)
@@ -266,11 +281,11 @@ def stats_from_rows(rows, has_ref: bool, has_ent: bool, has_smp: bool, tis_mode)
         stats["kl"] = tot[col["kl"]] / denom
     if has_ent:
         stats["entropy"] = tot[col["entropy"]] / denom
-    if has_smp:
+    if has_smp or has_isw:
         has = n_tok > 0
         stats["is_weight/mean"] = tot[col["w_sum"]] / denom
         stats["is_weight/min"] = torch.where(has, rows[:, col["w_min"]].min(), 0.0)
         stats["is_weight/max"] = torch.where(has, rows[:, col["w_max"]].max(), 0.0)
-        if tis_mode == "mask":
+        if has_smp and tis_mode == "mask":
             stats["is_weight/masked_frac"] = tot[col["masked"]] / denom
     return stats

@@ -304,8 +304,10 @@ def _fused_expected(d, hidden, weight, targets, opts, vocab=V):
     lp, ent = lp.reshape(targets.shape), ent.reshape(targets.shape)
     m = d["mask"] > 0
     lp, ent = torch.where(m, lp, 0.0), torch.where(m, ent, 0.0)
+    isw = d.get("isw")  # importance weights, [B, T] or [B, 1]; anything where no token is active
+    isw = None if isw is None else torch.where(m, isw.expand_as(lp), 0.0)
     loss, stats = reference.grpo_loss(lp, d["old"], d["ref"], d["adv"], d["mask"], opts, entropy=ent,
-                                      sampler_logp=d["sampler"])
+                                      sampler_logp=d["sampler"], importance_weights=isw)
     gh, gw = torch.autograd.grad(loss, (h, w))
     return loss.detach(), stats, gh, gw
 
@@ -477,6 +479,271 @@ def test_packed_bad_cu_seqlens():
                       (torch.tensor([0, 3, 2, 5]), "non-decreasing"), (torch.tensor([0.0, 5.0]), "int32")):
         with pytest.raises((ValueError, TypeError), match=match):
             ops.fused_linear_grpo_loss(h, w, t, torch.ones(5), torch.zeros(cu.numel() - 1), cu_seqlens=cu)
+
+
+# --- importance_weights: precomputed per-token weights on the policy term (TRL's vLLM ratio) ---------------
+
+
+def _weights(seed, b=B, t=T, per_row=False):
+    """Non-negative weights in [0, 2) with exact zeros (as TRL's *_mask modes give)."""
+    w = 2.0 * torch.rand(b, 1 if per_row else t, generator=generator(seed), dtype=torch.float64)
+    w[0, 0] = 0.0
+    if not per_row:
+        w[3, 1] = 0.0
+    return w
+
+
+def _with_weights(d, w):
+    """d plus importance weights `w` ([B, T] or [B, 1]) and NaN where no token is active (padding and
+    the fully masked row 1 may hold anything)."""
+    if w.shape[1] > 1:
+        w = torch.where(d["mask"] > 0, w, float("nan"))
+    else:
+        w = w.clone()
+        w[1] = float("nan")
+    return {**d, "sampler": None, "isw": w}
+
+
+def _call_ops_w(d, dtype, backend, opts):
+    c = lambda t: None if t is None else t.to(dtype)  # noqa: E731
+    return ops.grpo_loss(c(d["logp"]), c(d["old"]), c(d["ref"]), c(d["adv"]), d["mask"], entropy=c(d["ent"]),
+                         importance_weights=c(d["isw"]), backend=backend, **opts)
+
+
+def _hand_is_loss(d, w, o):
+    """aggregate(-min(c1·A, c2·A)·w + beta·kl - entropy_coef·entropy), written out in float64 from the
+    formula (cispo: -min(c1, eps_high).detach()·A·logp·w), w broadcast over the row when [B, 1]."""
+    lp, m, A = d["logp"], d["mask"], d["adv"][:, None]
+    lr = lp - d["old"]
+    if o.importance_sampling_level == "sequence":
+        lr = (lr * m).sum(1, keepdim=True) / m.sum(1, keepdim=True).clamp_min(1)
+    c1 = torch.exp(lr)
+    if o.loss_type == "cispo":
+        pol = -torch.clamp(c1, max=o.eps_high).detach() * A * lp
+    else:
+        c2 = torch.clamp(c1, 1 - o.epsilon, 1 + o.eps_high)
+        pol = -torch.min(c1 * A, c2 * A)
+    x = lp - d["ref"]
+    kl = torch.exp(-x) + x - 1
+    per_token = pol * torch.where(m > 0, w, 0.0) + o.beta * kl - o.entropy_coef * d["ent"]
+    return _hand_aggregate(per_token, m, o)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("per_row", [False, True], ids=["BxT", "Bx1"])
+def test_importance_weights_match_reference(device, backend, level, per_row):
+    d = _with_weights(_batch(seed=61 + 2 * per_row + (level == "sequence")), _weights(7, per_row=per_row))
+    d["old"] = torch.where(d["mask"] > 0, d["old"], float("nan"))  # padding must not leak
+    for i, loss_type in enumerate(["grpo", "bnpo", "dr_grpo", "dapo", "cispo"]):
+        opts = dict(loss_type=loss_type, importance_sampling_level=level, beta=0.04, entropy_coef=0.02,
+                    epsilon_high=1.2 if loss_type == "cispo" else 0.25, use_bias_correction_kl=i % 2 == 1,
+                    delta=1.3 if i == 2 else None, max_completion_length=9)
+        e_loss, e_stats, e_g = _grads(lambda x: _call_ops_w(x, torch.float64, "reference", opts), d)
+        loss, stats, g = _grads(lambda x: _call_ops_w(x, torch.float32, backend, opts),
+                                {k: (v.float().to(device) if v is not None else None) for k, v in d.items()})
+        tag = f"{opts}"
+        assert_close(loss, e_loss, torch.float32, name=f"loss {tag}")
+        assert_close(g["logp"], e_g["logp"], torch.float32, name=f"grad logp {tag}")
+        assert_close(g["ent"], e_g["ent"], torch.float32, name=f"grad entropy {tag}")
+        assert torch.isfinite(g["logp"]).all() and g["logp"][1].abs().sum() == 0
+        assert set(stats) == set(e_stats) and "is_weight/mean" in stats and "is_weight/masked_frac" not in stats
+        for k in e_stats:
+            assert_close(stats[k], e_stats[k], torch.float32, name=f"stat {k} {tag}")
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo", "cispo"])
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("shape", ["BxT", "Bx1", "B"])
+def test_importance_weights_hand_formula(loss_type, level, shape):
+    """float64: loss = aggregate(-min(c1·A, c2·A)·w + beta·kl - coef·entropy): the weight multiplies the
+    policy term only (not the KL, not the entropy bonus), with the hand formula's autograd gradients."""
+    d = _batch(seed=80 + len(loss_type) + len(shape))
+    w = _weights(11, per_row=shape != "BxT")
+    given = w[:, 0] if shape == "B" else w
+    o = LossOptions(loss_type=loss_type, importance_sampling_level=level, beta=0.3, entropy_coef=0.05,
+                    epsilon_high=1.2 if loss_type == "cispo" else 0.25, max_completion_length=9)
+    lp, ent = d["logp"].clone().requires_grad_(), d["ent"].clone().requires_grad_()
+    for backend in ("reference", "torch"):
+        loss, stats = ops.grpo_loss(lp, d["old"], d["ref"], d["adv"], d["mask"], entropy=ent,
+                                    importance_weights=given, options=o, backend=backend)
+        g = torch.autograd.grad(loss, (lp, ent))
+        expected = _hand_is_loss({**d, "logp": lp, "ent": ent}, w, o)
+        e_g = torch.autograd.grad(expected, (lp, ent))
+        assert_close(loss, expected, torch.float64, name=f"loss {backend}")
+        assert_close(g[0], e_g[0], torch.float64, name=f"grad logp {backend}")
+        assert_close(g[1], e_g[1], torch.float64, name=f"grad entropy {backend}")
+    wb, m = w.expand_as(d["mask"]), d["mask"] > 0
+    assert_close(stats["is_weight/mean"], wb[m].mean(), torch.float64, name="is_weight/mean")
+    assert stats["is_weight/min"] == wb[m].min() and stats["is_weight/max"] == wb[m].max()
+    # guards: the weights matter, and weights of 1 are no weights at all
+    plain, plain_stats = ops.grpo_loss(d["logp"], d["old"], d["ref"], d["adv"], d["mask"], entropy=d["ent"], options=o)
+    assert abs(plain.item() - loss.item()) > 1e-6 and "is_weight/mean" not in plain_stats
+    ones, _ = ops.grpo_loss(d["logp"], d["old"], d["ref"], d["adv"], d["mask"], entropy=d["ent"], options=o,
+                            importance_weights=torch.ones_like(d["logp"]))
+    assert_close(ones, plain, torch.float64, name="weights of one")
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch", "triton"])
+@pytest.mark.parametrize("tis_level", ["token", "sequence"])
+def test_importance_weights_reproduce_truncated_is(device, backend, tis_level):
+    """min(w, cap) passed as importance_weights gives sampler_logp + tis_mode='truncate' exactly."""
+    d = _batch(seed=91)
+    o = LossOptions(loss_type="dapo", beta=0.04, tis_mode="truncate", tis_level=tis_level, tis_cap=1.1,
+                    entropy_coef=0.01)
+    diff = (d["old"] - d["sampler"]) * d["mask"]
+    w = torch.exp(diff.sum(1, keepdim=True) if tis_level == "sequence" else diff).clamp(max=1.1)
+    dt = torch.float64 if backend == "reference" else torch.float32
+    c = lambda t: t.to(dtype=dt, device=device)  # noqa: E731
+    args = (c(d["logp"]), c(d["old"]), c(d["ref"]), c(d["adv"]), d["mask"].to(device))
+    a, _ = ops.grpo_loss(*args, entropy=c(d["ent"]), sampler_logp=c(d["sampler"]), options=o, backend=backend)
+    b, _ = ops.grpo_loss(*args, entropy=c(d["ent"]), importance_weights=c(w), options=o, backend=backend)
+    assert_close(b, a, dt, name="loss")
+    assert 0 < (w.expand_as(d["mask"])[d["mask"] > 0] < 1.1).double().mean() < 1  # the cap bites, not everywhere
+
+
+def _packed(d, hidden, targets, per_token):
+    m = d["mask"] > 0
+    lens = m.sum(1)
+    cu = torch.cat([torch.zeros(1, dtype=torch.int64), lens.cumsum(0)])
+    return m, cu, hidden[m], targets[m], per_token[m] if per_token.shape[1] > 1 else per_token  # [N] or [S, 1]
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("per_row", [False, True], ids=["per-token", "per-row"])
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_fused_importance_weights_match_reference(device, backend, level, per_row, layout):
+    opts = dict(loss_type="grpo" if per_row else "dapo", importance_sampling_level=level, beta=0.05,
+                entropy_coef=0.02, use_bias_correction_kl=per_row)
+    d, hidden, weight, targets = _fused_case(seed=21 + per_row)
+    d = _with_weights(d, _weights(5, b=4, t=5, per_row=per_row))
+    e_loss, e_stats, e_gh, e_gw = _fused_expected(d, hidden, weight, targets, LossOptions(**opts))
+    f = lambda t: t.float().to(device)  # noqa: E731
+    # chunk 2 cuts rows (token level; sequence level: rows longer than 2 take the two-pass path), 3
+    # holds whole rows where they fit, None is one chunk, and single_pass=False the two-pass
+    # composition; the triton backend runs the two where its per-token kernel always runs
+    paths = [(2, True), (3, True), (None, True), (4, False)]
+    if backend == "triton":
+        paths = [(2, True), (None, True)] if level == "token" else [(None, True)]
+    for chunk, single in paths:
+        h = f(hidden).requires_grad_()
+        wt = f(weight).requires_grad_()
+        if layout == "padded":
+            loss, stats = ops.fused_linear_grpo_loss(h, wt, targets.to(device), d["mask"].to(device), f(d["adv"]),
+                                                     old_logp=f(d["old"]), ref_logp=f(d["ref"]),
+                                                     importance_weights=f(d["isw"]), backend=backend,
+                                                     chunk_size=chunk, single_pass=single, **opts)
+            gh, gw = torch.autograd.grad(loss, (h, wt))
+        else:
+            m, cu, _, t_p, w_p = _packed(d, hidden, targets, d["isw"])
+            hp = f(hidden)[m.to(device)].detach().requires_grad_()
+            loss, stats = ops.fused_linear_grpo_loss(hp, wt, t_p.to(device), torch.ones(int(m.sum()), device=device),
+                                                     f(d["adv"]), old_logp=f(d["old"][m]), ref_logp=f(d["ref"][m]),
+                                                     importance_weights=f(w_p), cu_seqlens=cu.to(device),
+                                                     backend=backend, chunk_size=chunk, single_pass=single, **opts)
+            ghp, gw = torch.autograd.grad(loss, (hp, wt))
+            gh = torch.zeros_like(h).index_put(m.to(device).nonzero(as_tuple=True), ghp)
+        tag = f"{layout} chunk={chunk} single={single}"
+        assert_close(loss, e_loss, torch.float32, name=f"loss {tag}")
+        assert_close(gh, e_gh, torch.float32, rtol=3e-5, atol=1e-6, name=f"grad_hidden {tag}")
+        assert_close(gw, e_gw, torch.float32, rtol=3e-5, atol=1e-6, name=f"grad_weight {tag}")
+        assert "is_weight/mean" in e_stats and "is_weight/masked_frac" not in stats
+        for k in e_stats:
+            assert_close(stats[k], e_stats[k], torch.float32, name=f"stat {k} {tag}")
+
+
+def test_fused_importance_weights_all_masked():
+    d, hidden, weight, targets = _fused_case(seed=6)
+    h = hidden.float().requires_grad_()
+    loss, stats = ops.fused_linear_grpo_loss(h, weight.float(), targets, torch.zeros_like(d["mask"]), d["adv"].float(),
+                                             importance_weights=torch.full((4, 1), float("nan")))
+    assert loss.item() == 0 and stats["is_weight/min"] == 0 and stats["is_weight/max"] == 0
+
+
+def _bad_weights(kind, shape, mask):
+    w = torch.rand(shape, generator=generator(3)) + 0.5
+    r, c = mask.nonzero()[0].tolist()
+    first = (r, c if shape[1] > 1 else 0)  # an active token
+    if kind == "nan":
+        w[first] = float("nan")
+    elif kind == "inf":
+        w[first] = float("inf")
+    elif kind == "neg":
+        w[first] = -0.5
+    elif kind == "int":
+        w = torch.ones(shape, dtype=torch.int64)
+    return w
+
+
+IW_BAD = [("both", "not both"), ("shape", "importance_weights must have shape"), ("nan", "NaN/inf"),
+          ("inf", "NaN/inf"), ("neg", "negative"), ("int", "float tensor")]
+
+
+@pytest.mark.parametrize("kind, match", IW_BAD, ids=[k for k, _ in IW_BAD])
+@pytest.mark.parametrize("per_row", [False, True], ids=["BxT", "Bx1"])
+def test_grpo_loss_bad_importance_weights(kind, match, per_row):
+    d = _batch(seed=2)
+    shape = (B, 1) if per_row else (B, T)
+    if kind == "shape":
+        shape = (B, 2) if per_row else (B, T + 1)
+    w = _bad_weights(kind, shape, d["mask"])
+    smp = d["sampler"].float() if kind == "both" else None
+    err = TypeError if kind == "int" else ValueError
+    with pytest.raises(err, match=match):
+        ops.grpo_loss(d["logp"].float(), d["old"].float(), None, d["adv"].float(), d["mask"], sampler_logp=smp,
+                      importance_weights=w.float() if kind != "int" else w)
+
+
+@pytest.mark.parametrize("kind, match", IW_BAD, ids=[k for k, _ in IW_BAD])
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_fused_bad_importance_weights(kind, match, layout):
+    d, hidden, weight, targets = _fused_case(seed=4)
+    d["mask"][0, 0] = 1.0
+    w = _bad_weights(kind, (4, 5), d["mask"])
+    args = dict(hidden=hidden.float(), weight=weight.float(), targets=targets.clamp(max=V - 1), mask=d["mask"],
+                advantages=d["adv"].float(), old_logp=d["old"].float(), importance_weights=w)
+    if kind == "both":
+        args["sampler_logp"] = d["sampler"].float()
+    if layout == "packed":
+        m, cu, h_p, t_p, w_p = _packed(d, hidden, targets, w)
+        args.update(hidden=h_p.float(), targets=t_p.clamp(max=V - 1), mask=torch.ones(int(m.sum())), cu_seqlens=cu,
+                    old_logp=d["old"][m].float(), importance_weights=w_p if kind != "shape" else w[:, :2],
+                    sampler_logp=d["sampler"][m].float() if kind == "both" else None)
+    elif kind == "shape":
+        args["importance_weights"] = w[:, :2]
+    match = "importance_weights must have" if kind == "shape" else match
+    with pytest.raises(TypeError if kind == "int" else ValueError, match=match):
+        ops.fused_linear_grpo_loss(**args)
+
+
+def test_fused_per_row_weight_shapes():
+    """Padded: [B] equals [B, 1]. Packed: per-row weights are [S, 1]; a 1-D tensor is per token ([N])."""
+    d, hidden, weight, targets = _fused_case(seed=3)
+    w = _weights(9, b=4, per_row=True).float()
+    run = lambda **kw: ops.fused_linear_grpo_loss(hidden.float(), weight.float(), targets, d["mask"],  # noqa: E731
+                                                  d["adv"].float(), old_logp=d["old"].float(), **kw)[0]
+    assert_close(run(importance_weights=w[:, 0]), run(importance_weights=w), torch.float32, name="[B] vs [B, 1]")
+    m, cu, h_p, t_p, _ = _packed(d, hidden, targets, w)
+    assert m.sum() != 4
+
+    def packed(iw):
+        return ops.fused_linear_grpo_loss(h_p.float(), weight.float(), t_p, torch.ones(int(m.sum())), d["adv"].float(),
+                                          old_logp=d["old"][m].float(), cu_seqlens=cu, importance_weights=iw)[0]
+
+    assert_close(packed(w), run(importance_weights=w), torch.float32, name="packed [S, 1]")
+    with pytest.raises(ValueError, match=r"\[4, 1\] \(one per packed sequence\)"):
+        packed(w[:, 0])
+
+
+def test_importance_weights_need_only_be_valid_at_active_tokens():
+    d = _batch(seed=2)
+    w = torch.where(d["mask"] > 0, 0.5, float("nan"))
+    w[1] = -1.0  # the fully masked row
+    loss, stats = ops.grpo_loss(d["logp"].float(), d["old"].float(), None, d["adv"].float(), d["mask"],
+                                importance_weights=w.float())
+    assert torch.isfinite(loss) and stats["is_weight/min"] == stats["is_weight/max"] == 0.5
+
 
 
 hypothesis = pytest.importorskip("hypothesis")

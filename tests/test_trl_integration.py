@@ -326,3 +326,85 @@ def test_bias_corrected_kl_goes_through_the_fused_op(tmp_path, model_dirs, monke
     assert seen["grpo_loss"] == []
     assert len(seen["fused_linear_grpo_loss"]) == 2
     assert all(o.use_bias_correction_kl is bias_kl and o.beta == 0.04 for o in seen["fused_linear_grpo_loss"])
+
+
+def _loss_inputs(tokenizer, model, beta, is_shape, seed=0):
+    """A hand-built generation-batch slice as TRL's _generate_and_score_completions returns it with vLLM's
+    importance-sampling correction on: padded prompts and completions, old/ref log-probs near the model's,
+    and a random `importance_sampling_ratio` ((B, T) for token_* modes, (B, 1) for sequence_*) with zeros
+    where TRL's *_mask modes drop a token or a sequence."""
+    g = torch.Generator().manual_seed(seed)
+    b, p, c = 4, 5, 6
+    prompt_ids = torch.randint(4, len(tokenizer), (b, p), generator=g)
+    prompt_mask = torch.ones(b, p, dtype=torch.long)
+    prompt_mask[0, :2] = 0  # left padding
+    completion_ids = torch.randint(4, len(tokenizer), (b, c), generator=g)
+    completion_mask = torch.ones(b, c, dtype=torch.long)
+    completion_mask[1, 3:] = 0  # early end
+    completion_mask[2, 5:] = 0
+    with torch.no_grad():
+        logits = model(input_ids=torch.cat([prompt_ids, completion_ids], 1),
+                       attention_mask=torch.cat([prompt_mask, completion_mask], 1)).logits[:, p - 1 : -1]
+        logps = torch.log_softmax(logits.float(), -1).gather(-1, completion_ids[..., None]).squeeze(-1)
+    noise = lambda scale: scale * torch.randn(b, c, generator=g)  # noqa: E731
+    ratio = 0.5 + 2.0 * torch.rand(b, c if is_shape == "token" else 1, generator=g)
+    ratio[0, 0] = 0.0
+    ratio[3, -1] = 0.0  # a whole sequence masked out in the (B, 1) case
+    inputs = {
+        "prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "completion_ids": completion_ids,
+        "completion_mask": completion_mask, "advantages": torch.randn(b, generator=g),
+        "num_items_in_batch": completion_mask.sum(), "old_per_token_logps": (logps + noise(0.3)) * completion_mask,
+        "importance_sampling_ratio": ratio,
+    }
+    if beta:
+        inputs["ref_per_token_logps"] = (logps + noise(0.2)) * completion_mask
+    return inputs
+
+
+def _vllm_loss_and_grads(trainer, inputs):
+    trainer.model.train()
+    trainer.model.zero_grad()
+    loss = trainer.compute_loss(trainer.model, {k: v.clone() for k, v in inputs.items()})
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("is_shape", ["token", "sequence"])
+@pytest.mark.parametrize("beta", [0.0, 0.04])
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_vllm_importance_sampling_correction_matches_stock_trl(tmp_path, model_dirs, loss_type, beta, is_shape):
+    """TRL's vLLM importance-sampling ratio weights r1fast's fused loss exactly as it weights TRL's.
+
+    vLLM is not installed: both trainers are built without it, then switched to use_vllm with the
+    correction on (the attributes _compute_loss reads), and given the same inputs, ratio included."""
+    tokenizer = AutoTokenizer.from_pretrained(model_dirs["untied"])
+    cfg = dict(loss_type=loss_type, beta=beta, epsilon_high=1.1 if loss_type == "cispo" else None,
+               importance_sampling_level="sequence" if loss_type == "grpo" and beta else "token")
+    kwargs = dict(reward_funcs=char_reward, train_dataset=Dataset.from_dict({"prompt": PROMPTS}),
+                  processing_class=tokenizer)
+    trainers = [cls(model=AutoModelForCausalLM.from_pretrained(model_dirs["untied"]),
+                    args=_config(tmp_path / name, **cfg), **kwargs)
+                for name, cls in (("stock", trl.GRPOTrainer), ("r1fast", r1trl.GRPOTrainer))]
+    inputs = _loss_inputs(tokenizer, trainers[0].model, beta, is_shape)
+    results = []
+    for trainer in trainers:
+        trainer.use_vllm = trainer.vllm_importance_sampling_correction = True
+        trainer.current_gradient_accumulation_steps = 1
+        results.append(_vllm_loss_and_grads(trainer, inputs))
+    (want, want_g), (got, got_g) = results
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    assert want_g.keys() == got_g.keys() and len(want_g) > 0
+    for name, g in want_g.items():
+        torch.testing.assert_close(got_g[name], g, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+    # the ratio matters: stock TRL without the correction gives another loss
+    trainers[0].vllm_importance_sampling_correction = False
+    plain, _ = _vllm_loss_and_grads(trainers[0], inputs)
+    assert abs(plain.item() - want.item()) > 1e-5
+
+
+def test_vllm_importance_sampling_correction_not_refused(tmp_path):
+    """TRL's default (use_vllm with vllm_importance_sampling_correction=True) is accepted, every mode."""
+    for mode in ("sequence_mask", "sequence_truncate", "token_mask", "token_truncate"):
+        args = _config(tmp_path, use_vllm=True, vllm_importance_sampling_mode=mode)
+        assert args.vllm_importance_sampling_correction is True
+        assert r1trl.unsupported_options(args) == []

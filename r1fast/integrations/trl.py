@@ -13,6 +13,9 @@ replaces the two places where TRL turns hidden states into log-probabilities:
 
 Neither materialises the [tokens, vocab] logits. Any option whose numbers r1fast does not
 reproduce exactly is refused in `__init__` with a ValueError naming it (see `unsupported_options`).
+With vLLM and `vllm_importance_sampling_correction` (TRL's default), TRL's own
+`importance_sampling_ratio` (whatever its mode, clip_min/clip_max) goes into the fused loss as
+`importance_weights`, multiplying the policy term where TRL does.
 """
 from __future__ import annotations
 
@@ -74,12 +77,6 @@ def unsupported_options(args: Any) -> list[str]:
         refuse("use_adaptive_entropy", "adaptive entropy control is not implemented by r1fast's fused loss")
     if getattr(args, "off_policy_mask_threshold", None) is not None:
         refuse("off_policy_mask_threshold", "the off-policy sequence mask is not implemented by r1fast's fused loss")
-    if getattr(args, "use_vllm", False) and getattr(args, "vllm_importance_sampling_correction", False):
-        refuse(
-            "vllm_importance_sampling_correction",
-            "TRL's vLLM importance-sampling ratio (clip_min/clip_max) is not wired to r1fast's tis_mode/tis_cap yet; "
-            "set it to False or use trl.GRPOTrainer",
-        )
     if args.loss_type == "dr_grpo" and not args.max_completion_length:
         refuse("max_completion_length", "loss_type='dr_grpo' normalises by it, so it must be set")
     return problems
@@ -300,10 +297,15 @@ class GRPOTrainer(trl.GRPOTrainer):
         targets, mask, advantages = completion_ids.to(device), mask.to(device), advantages.to(device)
         old_logp = _maybe_to(inputs.get("old_per_token_logps"), device)
         ref_logp = _maybe_to(inputs.get("ref_per_token_logps"), device) if self.beta != 0.0 else None
+        # TRL's vLLM correction, computed in _generate_and_score_completions ((B, T) for the token_* modes,
+        # (B, 1) for sequence_*): it multiplies the policy term after the clipped objective, before beta * kl.
+        is_ratio = None
+        if self.use_vllm and self.vllm_importance_sampling_correction:
+            is_ratio = _maybe_to(inputs["importance_sampling_ratio"], device)
 
         loss, stats = ops.fused_linear_grpo_loss(
-            hidden, weight, targets, mask, advantages, old_logp=old_logp, ref_logp=ref_logp, options=options,
-            **self._loss_backend_kwargs(),
+            hidden, weight, targets, mask, advantages, old_logp=old_logp, ref_logp=ref_logp,
+            importance_weights=is_ratio, options=options, **self._loss_backend_kwargs(),
         )
         if self.loss_type in _MEAN_LOSS_TYPES:
             loss = loss / accumulation

@@ -25,7 +25,7 @@ import torch
 from r1fast import backends
 from r1fast.ops.logprob import (accumulate_weight_grad, engine_for, float64_backend, grouped_logprob,
                                 validate as validate_logprob)
-from r1fast.ops.loss import _options, _validate_loss_inputs, grpo_loss
+from r1fast.ops.loss import _options, _validate_loss_inputs, grpo_loss, per_token_weights
 from r1fast.ops.loss_options import LossOptions
 from r1fast.reference import loss as reference
 
@@ -128,6 +128,26 @@ def plan_chunks(row_counts, budget: int, split_rows: bool):
 _MINMAX = {"is_weight/min": torch.minimum, "is_weight/max": torch.maximum}
 
 
+def _weights2d(lay, weights, targets):
+    """importance_weights in the [rows, T] per-token layout: one weight per token (the targets' shape,
+    [B, T] padded or [N] packed) or one per row ([B, 1] / [B] padded, [S, 1] packed: a 1-D [S] would
+    read as [N] whenever S == N), broadcast over the row up front so that chunks may cut rows as for
+    any per-token input."""
+    if weights is None:
+        return None
+    if not lay.packed:
+        return per_token_weights(OP, weights, targets.shape)  # [B, T] view (to2d reshapes it)
+    if not isinstance(weights, torch.Tensor) or not weights.is_floating_point():
+        raise TypeError(f"{OP}: importance_weights must be a float tensor or None")
+    rows = lay.shape2d[0]
+    if weights.shape == targets.shape:
+        return lay.to2d(weights.detach())
+    if tuple(weights.shape) == (rows, 1):
+        return weights.detach().expand(lay.shape2d)
+    raise ValueError(f"{OP}: importance_weights must have the targets' shape {tuple(targets.shape)} (one weight per "
+                     f"token) or [{rows}, 1] (one per packed sequence), got {tuple(weights.shape)}")
+
+
 class _SinglePass(torch.autograd.Function):
     """Loss forward that also forms grad_hidden / grad_weight; backward scales them by d out / d loss."""
 
@@ -180,7 +200,7 @@ class _SinglePassRun:
         lay, opts, eng = self.layout, self.opts, self.engine
         inv_temp = 1.0 / opts.temperature
         wide = torch.float64 if h.dtype == torch.float64 else torch.float32
-        old2, ref2, smp2, adv, mask2 = self.per_token
+        old2, ref2, smp2, adv, mask2, isw2 = self.per_token
         starts = [0] + lay.row_counts.cumsum(0).tolist()
         row_counts = lay.row_counts.to(wide)
         # h holds every token (padding too): gathering the active rows per chunk instead of up front
@@ -208,7 +228,8 @@ class _SinglePassRun:
                 from r1fast.kernels import grpo_loss as loss_kernel
 
                 row_loss, g2, ge2, row_stats = loss_kernel.grpo_loss_fwd(
-                    lp2.detach(), sl(old2), sl(ref2), sl(smp2), en2.detach(), m2, adv[r0:r1], opts, totals=totals)
+                    lp2.detach(), sl(old2), sl(ref2), sl(smp2), en2.detach(), m2, adv[r0:r1], opts, totals=totals,
+                    isw=sl(isw2))
                 self.kernel_rows.append(row_stats)
                 loss = loss + row_loss.sum()
                 g_logp = g2[rr, pp]
@@ -216,7 +237,8 @@ class _SinglePassRun:
             else:
                 with torch.enable_grad():
                     loss_c, st = reference.grpo_loss(lp2, sl(old2), sl(ref2), adv[r0:r1], m2, opts,
-                                                     entropy=en2, sampler_logp=sl(smp2), totals=totals)
+                                                     entropy=en2, sampler_logp=sl(smp2), totals=totals,
+                                                     importance_weights=sl(isw2))
                     grads = torch.autograd.grad(loss_c, [lp2, en2] if use_ent else [lp2])
                 g_logp = grads[0][rr, pp]
                 g_ent = grads[1][rr, pp] if use_ent else None
@@ -237,25 +259,29 @@ class _SinglePassRun:
             from r1fast.kernels import grpo_loss as loss_kernel
 
             stats = loss_kernel.stats_from_rows(torch.cat(self.kernel_rows), ref2 is not None, True,
-                                                smp2 is not None, opts.tis_mode)
+                                                smp2 is not None, opts.tis_mode, has_isw=isw2 is not None)
         if totals[1] == 0:
             for k in _MINMAX:
                 if k in stats:
                     stats[k] = torch.zeros_like(stats[k])
         if not stats:  # no active token at all: the statistics of an empty batch
             _, stats = reference.grpo_loss(mask2.to(wide), old2, ref2, adv, mask2, opts, sampler_logp=smp2,
-                                           entropy=mask2.to(wide))
+                                           entropy=mask2.to(wide), importance_weights=isw2)
         return loss, grad_h, grad_w, stats
 
 
 def fused_linear_grpo_loss(hidden, weight, targets, mask, advantages, *, old_logp=None, ref_logp=None,
-                           sampler_logp=None, cu_seqlens=None, options: LossOptions | None = None,
+                           sampler_logp=None, importance_weights=None, cu_seqlens=None,
+                           options: LossOptions | None = None,
                            backend: str | None = None, chunk_size: int | None = None, single_pass: bool = True,
                            **loss_options):
     """GRPO loss straight from the last hidden states and the lm_head weight; never builds the logits.
 
     Padded layout: hidden [B, T, H], targets / mask / old / ref / sampler [B, T], advantages [B].
     Packed layout (cu_seqlens [S+1]): hidden [N, H], targets / mask / ... [N], advantages [S].
+    `importance_weights`: precomputed per-token weights on the policy term, as in ops.grpo_loss
+    (e.g. TRL's vLLM `importance_sampling_ratio`), no gradient, excluding sampler_logp. Shapes:
+    the targets' ([B, T] padded, [N] packed), or one per row: [B, 1] / [B] padded, [S, 1] packed.
     Returns (loss, stats) as ops.grpo_loss, with the mean `entropy` always in stats; gradients flow
     to hidden and weight. `backend` picks the log-prob engine (reference | torch | triton);
     `chunk_size` caps the tokens whose logits exist at once; `single_pass=False` forces the
@@ -272,8 +298,12 @@ def fused_linear_grpo_loss(hidden, weight, targets, mask, advantages, *, old_log
             raise ValueError(f"{OP}: {name} must have the targets' shape {tuple(targets.shape)}")
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"{OP}: chunk_size must be a positive int, got {chunk_size!r}")
+    if sampler_logp is not None and importance_weights is not None:
+        raise ValueError(f"{OP}: pass sampler_logp (r1fast's truncated IS, tis_mode/tis_cap) or importance_weights "
+                         f"(precomputed per-token weights), not both")
     lay = _Layout(targets, mask, cu_seqlens)
     rows = lay.shape2d[0]
+    isw2 = _weights2d(lay, importance_weights, targets)
     if not isinstance(advantages, torch.Tensor) or advantages.shape != (rows,):
         raise ValueError(f"{OP}: advantages must be [{'S' if lay.packed else 'B'}={rows}], got "
                          f"{tuple(advantages.shape) if isinstance(advantages, torch.Tensor) else advantages!r}")
@@ -304,18 +334,19 @@ def fused_linear_grpo_loss(hidden, weight, targets, mask, advantages, *, old_log
             ent_act = ent_act.detach()  # statistic only: keep it out of the backward
         return grpo_loss(lay.to2d(logp_act, active_only=True), lay.to2d(old_logp), lay.to2d(ref_logp), advantages,
                          lay.to2d(mask.to(torch.float32)), entropy=lay.to2d(ent_act, active_only=True),
-                         sampler_logp=lay.to2d(sampler_logp), options=opts,
+                         sampler_logp=lay.to2d(sampler_logp), importance_weights=isw2, options=opts,
                          backend=lb if lb in ("reference", "torch") else None)
 
     wide = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     mask2 = lay.to2d(mask.to(wide))
     old2, ref2, smp2 = lay.to2d(old_logp), lay.to2d(ref_logp), lay.to2d(sampler_logp)
-    _validate_loss_inputs(OP, torch.zeros_like(mask2), old2, ref2, advantages, mask2, smp2, None, opts)
+    isw2 = _validate_loss_inputs(OP, torch.zeros_like(mask2), old2, ref2, advantages, mask2, smp2, None, opts,
+                                 importance_weights=isw2)
     active2 = mask2 > 0
     clean = lambda x: None if x is None else torch.where(active2, x.to(wide), 0.0)  # noqa: E731
     need = torch.is_grad_enabled()
     run = _SinglePassRun(lay, t_act.contiguous(), chunks, (clean(old2), clean(ref2), clean(smp2), advantages.to(wide),
-                                                           mask2),
+                                                           mask2, clean(isw2)),
                          opts, engine_for(lb), need and hidden.requires_grad, need and weight.requires_grad)
     w = weight if weight.stride(-1) == 1 else weight.contiguous()
     h_all = hidden.reshape(-1, hidden.shape[-1])

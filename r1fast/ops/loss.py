@@ -22,15 +22,36 @@ def _check_finite(name, t, active, op):
         raise ValueError(f"{op}: {name} has {int(bad.sum())} NaN/inf value(s) at active tokens (first at {where})")
 
 
+def per_token_weights(op, weights, shape):
+    """importance_weights as a detached [B, T] view (per-row weights broadcast over their row), after
+    the type and shape checks. Accepted: [B, T] = `shape` (one weight per token), [B, 1] or [B] (one per row)."""
+    if weights is None:
+        return None
+    if not isinstance(weights, torch.Tensor) or not weights.is_floating_point():
+        raise TypeError(f"{op}: importance_weights must be a float tensor or None")
+    b = shape[0]
+    if tuple(weights.shape) == tuple(shape):
+        return weights.detach()
+    if tuple(weights.shape) in ((b, 1), (b,)):
+        return weights.detach().reshape(b, 1).expand(shape)
+    raise ValueError(f"{op}: importance_weights must have shape {tuple(shape)} (one weight per token) or "
+                     f"[{b}, 1] / [{b}] (one per row), got {tuple(weights.shape)}")
+
+
 def _validate_loss_inputs(op, logp, old_logp, ref_logp, advantages, mask, sampler_logp, entropy, opts,
-                          check_values=True):
+                          check_values=True, importance_weights=None):
+    """Raises on a bad input; returns importance_weights as a [B, T] view (None when not given)."""
     if not isinstance(logp, torch.Tensor) or not logp.is_floating_point():
         raise TypeError(f"{op}: logp must be a float tensor")
     if logp.dim() != 2:
         raise ValueError(f"{op}: logp must be [B, T], got shape {tuple(logp.shape)}")
     B = logp.shape[0]
+    if sampler_logp is not None and importance_weights is not None:
+        raise ValueError(f"{op}: pass sampler_logp (r1fast's truncated IS, tis_mode/tis_cap) or importance_weights "
+                         f"(precomputed per-token weights), not both")
+    importance_weights = per_token_weights(op, importance_weights, logp.shape)
     for name, t in (("old_logp", old_logp), ("ref_logp", ref_logp), ("sampler_logp", sampler_logp),
-                    ("entropy", entropy)):
+                    ("entropy", entropy), ("importance_weights", importance_weights)):
         if t is None:
             continue
         if not isinstance(t, torch.Tensor) or not t.is_floating_point():
@@ -46,31 +67,40 @@ def _validate_loss_inputs(op, logp, old_logp, ref_logp, advantages, mask, sample
         raise TypeError(f"{op}: advantages must be a float tensor [B]")
     if advantages.shape != (B,):
         raise ValueError(f"{op}: advantages must be [B={B}], got shape {tuple(advantages.shape)}")
-    devices = {t.device for t in (logp, old_logp, ref_logp, sampler_logp, entropy, mask, advantages) if t is not None}
+    devices = {t.device for t in (logp, old_logp, ref_logp, sampler_logp, entropy, mask, advantages,
+                                  importance_weights) if t is not None}
     if len(devices) != 1:
         raise ValueError(f"{op}: all tensors must be on one device, got {sorted(map(str, devices))}")
     if opts.beta != 0.0 and ref_logp is None:
         raise ValueError(f"{op}: beta={opts.beta} needs ref_logp (or set beta=0)")
     if not check_values:  # the checks below read values: each one is a device sync
-        return
+        return importance_weights
     active = mask.bool()
     for name, t in (("logp", logp), ("old_logp", old_logp), ("ref_logp", ref_logp),
-                    ("sampler_logp", sampler_logp), ("entropy", entropy)):
+                    ("sampler_logp", sampler_logp), ("entropy", entropy), ("importance_weights", importance_weights)):
         if t is not None:
             _check_finite(name, t.detach(), active, op)
+    if importance_weights is not None:
+        neg = (importance_weights.detach() < 0) & active
+        if bool(neg.any()):
+            raise ValueError(f"{op}: importance_weights has {int(neg.sum())} negative value(s) at active tokens "
+                             f"(first at {neg.nonzero()[0].tolist()}); weights must be >= 0")
     _check_finite("advantages", advantages, torch.ones_like(advantages, dtype=torch.bool), op)
+    return importance_weights
 
 
 @backends.register("grpo_loss", "reference")
-def _grpo_loss_reference(logp, old_logp, ref_logp, advantages, mask, opts, entropy, sampler_logp):
+def _grpo_loss_reference(logp, old_logp, ref_logp, advantages, mask, opts, entropy, sampler_logp,
+                         importance_weights=None):
     active = mask.bool()
     f64 = lambda t: None if t is None else torch.where(active, t.double(), 0.0)  # noqa: E731
     return reference.grpo_loss(f64(logp), f64(old_logp), f64(ref_logp), advantages.double(), mask, opts,
-                               f64(entropy), f64(sampler_logp))
+                               f64(entropy), f64(sampler_logp), importance_weights=f64(importance_weights))
 
 
 @backends.register("grpo_loss", "torch")
-def _grpo_loss_torch(logp, old_logp, ref_logp, advantages, mask, opts, entropy, sampler_logp):
+def _grpo_loss_torch(logp, old_logp, ref_logp, advantages, mask, opts, entropy, sampler_logp,
+                     importance_weights=None):
     # All reductions in fp32 (fp64 inputs stay fp64); the per-token work is O(B*T), so plain torch
     # elementwise code is already bandwidth-bound on any device.
     dt = torch.float64 if logp.dtype == torch.float64 else torch.float32
@@ -79,19 +109,19 @@ def _grpo_loss_torch(logp, old_logp, ref_logp, advantages, mask, opts, entropy, 
     active = mask.bool()
     clean = lambda t: None if t is None else torch.where(active, up(t), 0.0)  # noqa: E731
     return reference.grpo_loss(clean(logp), clean(old_logp), clean(ref_logp), up(advantages), mask, opts,
-                               clean(entropy), clean(sampler_logp))
+                               clean(entropy), clean(sampler_logp), importance_weights=clean(importance_weights))
 
 
 class _TritonGRPOLoss(torch.autograd.Function):
     """The kernel writes d loss / d logp and d loss / d entropy in the forward; backward scales them."""
 
     @staticmethod
-    def forward(ctx, logp, entropy, old_logp, ref_logp, sampler_logp, advantages, mask, opts):
+    def forward(ctx, logp, entropy, old_logp, ref_logp, sampler_logp, advantages, mask, opts, importance_weights):
         from r1fast.kernels import grpo_loss as kernel
 
         row_loss, g_logp, g_ent, row_stats = kernel.grpo_loss_fwd(logp.detach(), old_logp, ref_logp, sampler_logp,
                                                                   None if entropy is None else entropy.detach(),
-                                                                  mask, advantages, opts)
+                                                                  mask, advantages, opts, isw=importance_weights)
         ctx.save_for_backward(g_logp, g_ent if g_ent is not None else g_logp)
         ctx.has_ent = g_ent is not None
         ctx.dtypes = (logp.dtype, None if entropy is None else entropy.dtype)
@@ -102,18 +132,20 @@ class _TritonGRPOLoss(torch.autograd.Function):
         g_logp, g_ent = ctx.saved_tensors
         grad_logp = (g_logp * g_loss).to(ctx.dtypes[0])
         grad_ent = (g_ent * g_loss).to(ctx.dtypes[1]) if ctx.has_ent else None
-        return grad_logp, grad_ent, None, None, None, None, None, None
+        return grad_logp, grad_ent, None, None, None, None, None, None, None
 
 
 @backends.register("grpo_loss", "triton")
-def _grpo_loss_triton(logp, old_logp, ref_logp, advantages, mask, opts, entropy, sampler_logp):
+def _grpo_loss_triton(logp, old_logp, ref_logp, advantages, mask, opts, entropy, sampler_logp,
+                      importance_weights=None):
     from r1fast.kernels import grpo_loss as kernel
 
     if logp.dtype == torch.float64:
         raise ValueError("grpo_loss: the triton backend computes in fp32; float64 inputs need backend='torch'")
-    loss, rows = _TritonGRPOLoss.apply(logp, entropy, old_logp, ref_logp, sampler_logp, advantages, mask, opts)
+    loss, rows = _TritonGRPOLoss.apply(logp, entropy, old_logp, ref_logp, sampler_logp, advantages, mask, opts,
+                                       importance_weights)
     stats = kernel.stats_from_rows(rows, ref_logp is not None, entropy is not None, sampler_logp is not None,
-                                   opts.tis_mode)
+                                   opts.tis_mode, has_isw=importance_weights is not None)
     return loss, stats
 
 
@@ -122,20 +154,28 @@ def _options(options, loss_options) -> LossOptions:
 
 
 def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, entropy=None, sampler_logp=None,
-              options: LossOptions | None = None, backend: str | None = None, check_values: bool = True,
-              **loss_options):
+              importance_weights=None, options: LossOptions | None = None, backend: str | None = None,
+              check_values: bool = True, **loss_options):
     """(loss, stats) for per-token log-probs logp [B, T] (differentiable), old/ref/sampler log-probs [B, T] or
     None, advantages [B], mask [B, T]; entropy [B, T] enables the entropy bonus / statistic.
 
+    `importance_weights`: precomputed importance weights, one per token [B, T] or one per row [B, 1]
+    or [B] (broadcast over the row), e.g. TRL's vLLM `importance_sampling_ratio`. They multiply the
+    policy term only (before beta·kl is added and the entropy bonus subtracted), carry no gradient
+    (detached), must be finite and >= 0 at active tokens, and exclude `sampler_logp` (r1fast's own
+    truncated IS): pass one or the other.
+
     Options: a LossOptions via `options=` and/or its fields as keywords (beta, epsilon, loss_type, ...).
     Stats: kl (with ref_logp), entropy (with entropy), clip_ratio/{low,high,region}_mean,
-    is_weight/{mean,min,max} (with sampler_logp), num_tokens, as detached 0-d tensors.
+    is_weight/{mean,min,max} (with sampler_logp or importance_weights), num_tokens, as detached 0-d tensors.
     `check_values=False` skips the checks that read values (NaN/inf at active tokens, a float mask
     holding only 0/1): they sync the host, which CUDA graphs and torch.compile cannot take; a NaN
     input then shows as a NaN loss. Shapes, dtypes and devices are always checked.
     """
     opts = _options(options, loss_options)
-    _validate_loss_inputs("grpo_loss", logp, old_logp, ref_logp, advantages, mask, sampler_logp, entropy, opts,
-                          check_values=check_values)
+    iw = _validate_loss_inputs("grpo_loss", logp, old_logp, ref_logp, advantages, mask, sampler_logp, entropy, opts,
+                               check_values=check_values, importance_weights=importance_weights)
     _, fn = backends.resolve("grpo_loss", logp.device, float64_backend(backend, logp.dtype))
-    return fn(logp, old_logp, ref_logp, advantages, mask, opts, entropy, sampler_logp)
+    if iw is None:
+        return fn(logp, old_logp, ref_logp, advantages, mask, opts, entropy, sampler_logp)
+    return fn(logp, old_logp, ref_logp, advantages, mask, opts, entropy, sampler_logp, importance_weights=iw)

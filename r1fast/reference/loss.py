@@ -51,9 +51,26 @@ def _row_mean(x, mask):
     return (x * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp_min(1.0)
 
 
+def _weight_stats(stats, wb, m, denom, n_tok, totals):
+    """is_weight/mean|min|max of the per-token weights wb [B, T] over the active tokens."""
+    stats["is_weight/mean"] = (wb * m).sum() / denom
+    if totals is not None:
+        stats["is_weight/min"] = torch.where(m > 0, wb, float("inf")).min()
+        stats["is_weight/max"] = torch.where(m > 0, wb, float("-inf")).max()
+    else:
+        big = torch.finfo(wb.dtype).max
+        stats["is_weight/min"] = torch.where(m > 0, wb, big).min() if n_tok > 0 else wb.new_zeros(())
+        stats["is_weight/max"] = torch.where(m > 0, wb, -big).max() if n_tok > 0 else wb.new_zeros(())
+
+
 def grpo_loss(logp, old_logp, ref_logp, advantages, mask, opts: LossOptions, entropy=None, sampler_logp=None,
-              totals=None):
+              totals=None, importance_weights=None):
     """(loss, stats) exactly as LOSS_SPEC.md; all tensors [B, T] except advantages [B]. Computes in logp's dtype.
+
+    `importance_weights` [B, T] (or [B, 1], broadcast over the row): precomputed per-token weights
+    (e.g. TRL's vLLM importance-sampling ratio) that multiply the policy term L exactly where the
+    truncated-IS factor would (before the KL and the entropy bonus are added), without gradient.
+    It replaces sampler_logp's correction: passing both is an error.
 
     `totals=(rows, tokens[, row_counts])` evaluates one slice of a larger batch: the aggregation and
     the statistics' means use the whole batch's row and active-token counts, so the slices' losses
@@ -93,24 +110,23 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, opts: LossOptions, ent
         row_counts = totals[2] if len(totals) > 2 else None
     else:
         denom = n_tok.clamp_min(1.0)
+    if sampler_logp is not None and importance_weights is not None:
+        raise ValueError("grpo_loss: pass sampler_logp (truncated IS from log-probs) or importance_weights "
+                         "(precomputed weights), not both")
     if sampler_logp is not None:
         d = (old - sampler_logp.to(dt)) * m
         w = torch.exp(d.sum(-1, keepdim=True) if opts.tis_level == "sequence" else d).detach()
-        wb = w.expand_as(logp)
-        stats["is_weight/mean"] = (wb * m).sum() / denom
-        if totals is not None:
-            stats["is_weight/min"] = torch.where(m > 0, wb, float("inf")).min()
-            stats["is_weight/max"] = torch.where(m > 0, wb, float("-inf")).max()
-        else:
-            big = torch.finfo(dt).max
-            stats["is_weight/min"] = torch.where(m > 0, wb, big).min() if n_tok > 0 else wb.new_zeros(())
-            stats["is_weight/max"] = torch.where(m > 0, wb, -big).max() if n_tok > 0 else wb.new_zeros(())
+        _weight_stats(stats, w.expand_as(logp), m, denom, n_tok, totals)
         if opts.tis_mode == "truncate":
             per_tok = per_tok * torch.clamp(w, max=opts.tis_cap)
         elif opts.tis_mode == "mask":
             keep = ((w >= 1.0 / opts.tis_cap) & (w <= opts.tis_cap)).to(dt)
             per_tok = per_tok * keep
             stats["is_weight/masked_frac"] = ((1 - keep).expand_as(logp) * m).sum() / denom
+    if importance_weights is not None:  # the caller's weights: the policy term only, no gradient
+        w = importance_weights.to(dt).detach().expand_as(logp)
+        _weight_stats(stats, w, m, denom, n_tok, totals)
+        per_tok = per_tok * w
 
     if ref_logp is not None:
         kl = kl_penalty(logp, ref_logp.to(dt), opts.kl_estimator)
