@@ -148,7 +148,7 @@ def compile_all(arch: int = 90, full: bool = False, report=None):
         for group, d in shapes:
             g_pad, d_pad = max(16, triton.next_power_of_2(group)), max(16, triton.next_power_of_2(d))
             c = dict(GROUP=group, G_PAD=g_pad, D_PAD=d_pad, FP32=dt == "fp32")
-            cfg = dict(BLOCK_N=32 if d_pad <= 128 else 16, num_warps=4, num_stages=3)  # the launch's defaults
+            cfg = dict(BLOCK_N=decode_kernels.block_n_for(d_pad, dt == "fp32"), num_warps=4, num_stages=3)
             _compile(decode_kernels._decode_kernel, types, c, arch, cfg, report,
                      f"_decode_kernel {dt} group={group} dim={d}")
         types = {"key_ptr": f"*{dt}", "value_ptr": f"*{dt}", "k_cache_ptr": f"*{dt}", "v_cache_ptr": f"*{dt}",

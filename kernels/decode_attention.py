@@ -82,6 +82,12 @@ def merge_partitions(out, ml, acc):
     out.copy_((num / den).to(out.dtype))
 
 
+def block_n_for(d_pad: int, fp32: bool) -> int:
+    """Tokens per step of the context loop: 32 (16 for head_dim > 128, or fp32, whose tiles are
+    twice the bytes: at 32, group 6 x head_dim 128 in fp32 spills ~6 KB per thread on sm_90)."""
+    return 16 if d_pad > 128 or fp32 else 32
+
+
 def paged_decode_attention(out, q, k_cache, v_cache, block_tables, context_lens, scale, num_splits, partition_size,
                            ws_ml=None, ws_acc=None):
     """Inputs validated by r1fast.ops.paged_decode_attention; writes `out`."""
@@ -92,7 +98,7 @@ def paged_decode_attention(out, q, k_cache, v_cache, block_tables, context_lens,
     group = num_heads // num_kv_heads
     g_pad = max(16, triton.next_power_of_2(group))
     d_pad = max(16, triton.next_power_of_2(head_dim))
-    block_n = 32 if d_pad <= 128 else 16
+    block_n = block_n_for(d_pad, q.dtype == torch.float32)
     grid = (num_seqs, num_kv_heads, num_splits)
     _decode_kernel[grid](q, k_cache, v_cache, block_tables, context_lens, out, ws_ml, ws_acc,
                          num_heads, num_kv_heads, head_dim, k_cache.shape[1], block_tables.shape[1], num_splits,
