@@ -69,6 +69,53 @@ def test_grouped_logprob_matches_reference(device, backend, case):
     assert gh.dtype == torch.float32 and gw.dtype == torch.float32
 
 
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_padded_batch_with_mask_matches_reference_on_active_tokens(device, backend):
+    """A padded [B, T] batch: only active tokens are computed; padding (target -100) comes back 0,
+    its hidden states get no gradient; active tokens match the reference, forward and backward."""
+    b, t, h, v = 3, 7, 20, 45
+    hidden, weight, targets = _inputs(b * t, h, v, seed=11, lead=(b, t))
+    lens = torch.tensor([7, 3, 1])
+    mask = torch.arange(t)[None, :] < lens[:, None]
+    targets = torch.where(mask, targets, -100)
+    g_logp = randn(b, t, dtype=torch.float64, seed=12)
+    g_ent = randn(b, t, dtype=torch.float64, seed=13)
+    safe = torch.where(mask, targets, 0)
+    e_lp, e_ent, e_gh, e_gw = _expected(hidden, weight, safe, 1.0, True, g_logp * mask, g_ent * mask)
+
+    h32 = hidden.float().to(device).requires_grad_()
+    w32 = weight.float().to(device).requires_grad_()
+    for m in (mask, mask.float()):  # bool or 0/1 float
+        lp, ent = ops.grouped_logprob(h32, w32, targets.to(device), mask=m.to(device), return_entropy=True,
+                                      backend=backend, chunk_size=4)
+        assert lp.shape == (b, t) and bool((lp[~mask.to(device)] == 0).all())
+        obj = (lp * g_logp.float().to(device)).sum() + (ent * g_ent.float().to(device)).sum()
+        gh, gw = torch.autograd.grad(obj, (h32, w32))
+        m_d = mask.to(device)
+        assert_close(lp[m_d], e_lp[mask], torch.float32, rtol=2e-5, atol=1e-5, name="logp")
+        assert_close(ent[m_d], e_ent[mask], torch.float32, rtol=2e-5, atol=1e-5, name="entropy")
+        assert_close(gh, e_gh, torch.float32, rtol=2e-5, atol=1e-5, name="grad_hidden")
+        assert_close(gw, e_gw, torch.float32, rtol=2e-5, atol=1e-5, name="grad_weight")
+        assert bool((gh[~m_d] == 0).all())
+
+
+def test_mask_errors_and_empty_mask():
+    hidden, weight, targets = _inputs(6, 8, 10, seed=3, lead=(2, 3))
+    with pytest.raises(ValueError, match="mask shape"):
+        ops.grouped_logprob(hidden, weight, targets, mask=torch.ones(3, 2, dtype=torch.bool))
+    with pytest.raises(ValueError, match="only 0 and 1"):
+        ops.grouped_logprob(hidden, weight, targets, mask=torch.full((2, 3), 0.5))
+    with pytest.raises(TypeError, match="mask must be a torch.Tensor"):
+        ops.grouped_logprob(hidden, weight, targets, mask=[[1, 1, 1], [1, 1, 1]])
+    bad = targets.clone()
+    bad[0, 0] = 10  # outside the vocabulary at an active token: still an error
+    with pytest.raises(ValueError, match="vocabulary"):
+        ops.grouped_logprob(hidden, weight, bad, mask=torch.ones(2, 3, dtype=torch.bool))
+    none = ops.grouped_logprob(hidden, weight, torch.full_like(targets, -1), mask=torch.zeros(2, 3, dtype=torch.bool))
+    assert none.shape == (2, 3) and bool((none == 0).all())
+
+
 @pytest.mark.parametrize("splits", [2, 3])
 def test_triton_forward_merges_vocabulary_splits(device, monkeypatch, splits):
     if "triton" not in backends.available("grouped_logprob", device):

@@ -252,22 +252,47 @@ def _grouped_logprob_triton(hidden, weight, targets, temperature, return_entropy
     return _run(hidden, weight, targets, temperature, return_entropy, chunk, _TritonEngine)
 
 
-def grouped_logprob(hidden, weight, targets, *, temperature: float = 1.0, return_entropy: bool = False,
+def grouped_logprob(hidden, weight, targets, *, mask=None, temperature: float = 1.0, return_entropy: bool = False,
                     backend: str | None = None, forward_only: bool = False, chunk_size: int | None = None,
                     check_targets: bool = True):
     """Log-probabilities [...] (fp32; fp64 for fp64 inputs) of `targets` [...] under hidden [..., H] @ weight[V, H].T.
 
     Differentiable with respect to hidden and weight; with return_entropy, returns (logp, entropy),
-    both differentiable. `forward_only=True` (or running under torch.no_grad) saves nothing for a
-    backward pass: the mode for old-policy and reference-model passes. `chunk_size` caps the tokens
-    whose [chunk, V] logits tile exists at once (default: a memory budget per device).
-    `check_targets=False` skips the vocabulary bounds check (one device sync).
+    both differentiable. `mask` (bool or 0/1, targets' shape, e.g. a padded [B, T] batch): only
+    the active tokens are computed; masked positions come back as 0 with no gradient, and their
+    targets (padding ids such as -100) are never read. `forward_only=True` (or running under
+    torch.no_grad) saves nothing for a backward pass: the mode for old-policy and reference-model
+    passes. `chunk_size` caps the tokens whose [chunk, V] logits tile exists at once (default: a
+    memory budget per device). `check_targets=False` skips the vocabulary bounds check (one device sync).
     """
-    validate(hidden, weight, targets, temperature, check_targets=check_targets)
+    validate(hidden, weight, targets, temperature, check_targets=check_targets and mask is None)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"grouped_logprob: chunk_size must be a positive int, got {chunk_size!r}")
+    if mask is not None:
+        active = _active(mask, targets)
+        out = grouped_logprob(hidden[active], weight, targets[active], temperature=temperature,
+                              return_entropy=return_entropy, backend=backend, forward_only=forward_only,
+                              chunk_size=chunk_size, check_targets=check_targets)
+        if not return_entropy:
+            return out.new_zeros(targets.shape).masked_scatter(active, out)
+        return tuple(x.new_zeros(targets.shape).masked_scatter(active, x) for x in out)
     _, fn = backends.resolve("grouped_logprob", hidden.device, float64_backend(backend, hidden.dtype))
     if forward_only:
         with torch.no_grad():
             return fn(hidden, weight, targets, temperature, return_entropy, chunk_size)
     return fn(hidden, weight, targets, temperature, return_entropy, chunk_size)
+
+
+def _active(mask, targets) -> torch.Tensor:
+    """The bool mask of active tokens, after checking it against targets."""
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"grouped_logprob: mask must be a torch.Tensor, got {type(mask).__name__}")
+    if mask.shape != targets.shape:
+        raise ValueError(f"grouped_logprob: mask shape {tuple(mask.shape)} != targets shape {tuple(targets.shape)}")
+    if mask.device != targets.device:
+        raise ValueError(f"grouped_logprob: mask is on {mask.device}, targets on {targets.device}")
+    if mask.dtype == torch.bool:
+        return mask
+    if mask.is_complex() or not bool(((mask == 0) | (mask == 1)).all()):
+        raise ValueError("grouped_logprob: mask must be bool or hold only 0 and 1")
+    return mask != 0
