@@ -104,7 +104,19 @@ def resolve(op: str, device: torch.device | str, backend: str | None = None) -> 
                 f"available: {', '.join(available(op, device)) or 'none'}"
             )
         return requested, impls[requested]
-    for b in _GPU_ORDER if device.type == "cuda" else _CPU_ORDER:
-        if b in impls and backend_available(b, device)[0]:
-            return b, impls[b]
-    raise ValueError(f"{op}: no implementation is available on {device.type}; registered: {sorted(impls)}")
+    b = default(op, device)
+    if b is None:
+        raise ValueError(f"{op}: no implementation is available on {device.type}; registered: {sorted(impls)}")
+    return b, impls[b]
+
+
+def default(op: str, device: torch.device | str) -> str | None:
+    """The backend `op` runs on `device` when nothing is requested (None if none is usable)."""
+    device = torch.device(device)
+    usable = available(op, device)
+    return next((b for b in (_GPU_ORDER if device.type == "cuda" else _CPU_ORDER) if b in usable), None)
+
+
+def ops() -> list[str]:
+    """Every registered op's name."""
+    return sorted(_REGISTRY)

@@ -38,6 +38,7 @@ def collect() -> dict:
     info["optional"] = {name: _version(mod) or "not installed" for name, mod in [
         ("flash-attn", "flash_attn"), ("transformer_engine", "transformer_engine"), ("liger-kernel", "liger_kernel"),
         ("trl", "trl"), ("transformers", "transformers"), ("math-verify", "math_verify")]}
+    info["ops"] = _op_backends(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     try:
         from r1fast import fp8
 
@@ -47,12 +48,30 @@ def collect() -> dict:
     return info
 
 
+def _op_backends(device) -> dict:
+    """Per op: the backend it runs by default on `device`, then the others usable there."""
+    import os
+
+    import r1fast.ops  # noqa: F401 - registers every op's backends
+    from r1fast import backends
+
+    out = {}
+    for op in backends.ops():
+        best = backends.default(op, device)
+        others = ", ".join(b for b in backends.available(op, device) if b != best)
+        out[op] = f"{best} on {device.type}" + (f" (also: {others})" if others else "")
+    if os.environ.get("R1FAST_BACKEND"):
+        out["R1FAST_BACKEND"] = f"{os.environ['R1FAST_BACKEND']} (overrides the defaults above)"
+    return out
+
+
 def render(info: dict) -> str:
     lines = []
     for k, v in info.items():
         if isinstance(v, dict):
             lines.append(f"{k}:")
-            lines += [f"  {kk:<20} {vv}" for kk, vv in v.items()]
+            width = max([20, *map(len, v)])
+            lines += [f"  {kk:<{width}} {vv}" for kk, vv in v.items()]
         elif isinstance(v, list):
             lines.append(f"{k + ':':<22} {v[0]}")
             lines += [f"{'':<22} {x}" for x in v[1:]]

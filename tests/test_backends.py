@@ -46,3 +46,16 @@ def test_triton_on_cpu_only_under_interpreter(monkeypatch):
     assert not ok and "TRITON_INTERPRET" in why
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert backends.backend_available("triton", torch.device("cpu"))[0] == backends.triton_importable()
+
+
+def test_default_ignores_the_override_and_info_lists_every_op(monkeypatch, capsys):
+    from r1fast.cli import main as cli_main
+
+    monkeypatch.setenv("R1FAST_BACKEND", "reference")
+    assert backends.default("grpo_loss", "cpu") == "torch"  # the choice without the override
+    assert {"grouped_logprob", "grpo_loss", "store_kv", "paged_decode_attention", "sample_tokens"} <= set(backends.ops())
+    assert cli_main(["info"]) == 0
+    out = capsys.readouterr().out
+    for op in backends.ops():
+        assert f"{op} " in out and "torch on cpu" in out
+    assert "R1FAST_BACKEND" in out and "overrides" in out
