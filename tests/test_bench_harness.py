@@ -81,3 +81,21 @@ def test_gpu_check_script_parses_and_names_existing_tests():
     marker = "@pytest.mark." + "gpu"  # split so this file does not count itself
     gpu_files = {p.relative_to(root).as_posix() for p in (root / "tests").glob("test_*.py") if marker in p.read_text()}
     assert gpu_files <= set(named), f"GPU tests not run by gpu_check.sh: {sorted(gpu_files - set(named))}"
+
+
+def test_table_compares_peers_with_the_fastest_r1fast_backend():
+    def row(provider, backend, ms):
+        return dict(suite="s", case="c", mode="fwd", dtype="bf16", provider=provider, backend=backend,
+                    metric="time_ms", p50=ms, pct_of_floor=50.0)
+    table = harness.format_table([row("r1fast", "triton", 2.0), row("r1fast", "torch", 8.0),
+                                  row("torch", "eager", 6.0)])
+    peer = next(line for line in table.splitlines() if line.startswith("s ") and " eager " in line)
+    assert peer.rstrip().endswith("3.00x")  # 6 ms / r1fast's best 2 ms, not / its torch backend's 8 ms
+
+
+def test_with_env_sets_the_variable_for_each_call_only(monkeypatch):
+    import os
+
+    monkeypatch.delenv("R1FAST_LOGITS_GEMM", raising=False)
+    run = harness.with_env(lambda: (lambda: os.environ.get("R1FAST_LOGITS_GEMM")), R1FAST_LOGITS_GEMM="cublas")()
+    assert run() == "cublas" and "R1FAST_LOGITS_GEMM" not in os.environ

@@ -357,9 +357,12 @@ def test_fused_linear_grpo_loss_matches_reference(device, backend, opts, path):
         assert_close(stats[k], e_stats[k], torch.float32, name=f"stat {k}")
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "triton", "triton+cublas"])
 @pytest.mark.parametrize("bias_kl", [False, True])
-def test_fused_single_pass_cuts_long_completions(device, backend, bias_kl):
+def test_fused_single_pass_cuts_long_completions(device, backend, bias_kl, monkeypatch):
+    if backend == "triton+cublas":  # torch.mm forms the kept logits tiles (plain fp32 mm on the CPU)
+        monkeypatch.setenv("R1FAST_LOGITS_GEMM", "cublas")
+        backend = "triton"
     # token-level ratios: chunks of 2 tokens cut every completion, and grpo's per-row mean must
     # still divide by the whole row's token count (the bias-corrected KL's weight is per token)
     opts = dict(loss_type="grpo", beta=0.05, tis_mode="truncate", tis_level="token", entropy_coef=0.02,

@@ -231,8 +231,10 @@ def test_triton_rejects_float64():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("gemm", ["triton", "cublas"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_gpu_low_precision_large(dtype):
+def test_gpu_low_precision_large(dtype, gemm, monkeypatch):
+    monkeypatch.setenv("R1FAST_LOGITS_GEMM", gemm)
     n, h, v = 300, 256, 5000
     hidden, weight, targets = _inputs(n, h, v, seed=21, scale=8.0)
     g = randn(n, dtype=torch.float64, seed=2)
@@ -361,3 +363,37 @@ def test_kernels_compile_for_hopper_without_a_gpu():
     for family in ("logprob kernels bf16", "logprob kernels fp16", "logprob kernels fp32", "grpo_loss kernel",
                    "group_advantages kernel", "sampling kernel", "decode_attention kernel", "store_kv kernel"):
         assert f"compiled: {family}" in out.stdout, out.stdout
+
+
+@pytest.mark.parametrize("entropy", [False, True])
+def test_cublas_logits_path_matches_reference(device, monkeypatch, entropy):
+    """R1FAST_LOGITS_GEMM=cublas: torch.mm forms the fp32 logits tiles (chunked forward, backward per
+    chunk) and the Triton reductions read them. fp32 inputs take plain torch.mm, so on the CPU this
+    runs the same code path with the interpreter's reductions."""
+    monkeypatch.setenv("R1FAST_LOGITS_GEMM", "cublas")
+    n, h, v = 23, 16, 45
+    hidden, weight, targets = _inputs(n, h, v, seed=31)
+    g_logp, g_ent = randn(n, dtype=torch.float64, seed=32), randn(n, dtype=torch.float64, seed=33)
+    e_lp, e_ent, e_gh, e_gw = _expected(hidden, weight, targets, 0.8, entropy, g_logp, g_ent)
+    h32 = hidden.float().to(device).requires_grad_()
+    w32 = weight.float().to(device).requires_grad_()
+    out = ops.grouped_logprob(h32, w32, targets.to(device), temperature=0.8, return_entropy=entropy,
+                              backend="triton", chunk_size=7)
+    lp, ent = out if entropy else (out, None)
+    obj = (lp * g_logp.float().to(device)).sum() + ((ent * g_ent.float().to(device)).sum() if entropy else 0.0)
+    gh, gw = torch.autograd.grad(obj, (h32, w32))
+    for a, e, name in ((lp, e_lp, "logp"), (ent, e_ent, "entropy"), (gh, e_gh, "grad_hidden"), (gw, e_gw, "grad_weight")):
+        if a is not None:
+            assert_close(a, e, torch.float32, rtol=2e-5, atol=1e-5, name=name)
+    with torch.no_grad():  # forward only: the chunked cuBLAS forward
+        lp_fo = ops.grouped_logprob(h32, w32, targets.to(device), temperature=0.8, backend="triton", chunk_size=5)
+    assert_close(lp_fo, e_lp, torch.float32, rtol=2e-5, atol=1e-5, name="forward-only logp")
+
+
+def test_logits_gemm_choice_is_checked(monkeypatch):
+    from r1fast.ops.logprob import logits_gemm
+
+    assert logits_gemm() == "triton"
+    monkeypatch.setenv("R1FAST_LOGITS_GEMM", "cutlass")
+    with pytest.raises(ValueError, match="R1FAST_LOGITS_GEMM='cutlass'.*triton, cublas"):
+        logits_gemm()

@@ -8,7 +8,7 @@ a third ops.group_advantages (rewards [B] -> advantages [B]: 8·B bytes, launch-
 import torch
 
 from r1fast import backends, ops
-from r1fast.bench.harness import Case, Impl, Skip, suite
+from r1fast.bench.harness import Case, Impl, Skip, suite, with_env
 
 OPTS = dict(loss_type="dapo", beta=0.04, epsilon=0.2, epsilon_high=0.28)
 
@@ -118,6 +118,9 @@ def cases(size, device):
     shape = (b, t, h, v)
     impls = [Impl("r1fast", bk, _r1fast(bk, shape, dtype, device))
              for bk in (("triton", "torch") if device.type == "cuda" else ("torch",))]
+    if device.type == "cuda":  # the same kernels with cuBLAS forming the logits tiles
+        impls.insert(1, Impl("r1fast", "triton+cublas", with_env(_r1fast("triton", shape, dtype, device),
+                                                                 R1FAST_LOGITS_GEMM="cublas")))
     impls += [Impl("torch", "logits+log_softmax", _torch_trl(shape, dtype, device)),
               Impl("liger", "chunked", _liger(shape, dtype, device), requires=("liger_kernel",))]
     return [

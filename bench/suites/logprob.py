@@ -2,13 +2,14 @@
 
 Peers: plain torch as TRL does it (logits -> log_softmax -> gather, materialising [N, V]) and
 Liger-Kernel's chunked selective log-prob when importable. Floor: 2·N·H·V FLOPs forward,
-6·N·H·V forward+backward at the measured matmul rate. The GPU size sweeps N to show r1fast's
+6·N·H·V forward+backward at the measured matmul rate. On a GPU the triton backend also runs with
+R1FAST_LOGITS_GEMM=cublas ("triton+cublas": torch.mm forms the logits tiles). The GPU size sweeps N to show r1fast's
 peak memory flat in N while the peers' grows with N·V.
 """
 import torch
 
 from r1fast import backends, ops
-from r1fast.bench.harness import Case, Impl, Skip, suite
+from r1fast.bench.harness import Case, Impl, Skip, suite, with_env
 
 
 def _inputs(n, h, v, dtype, device, grad):
@@ -68,6 +69,8 @@ def _impls(n, h, v, dtype, device, mode, peers=True):
             check()
             return _timed(fn, n, h, v, dtype, device, mode)()
         out.append(Impl("r1fast", b, setup))
+        if b == "triton" and peers:  # the same kernels with cuBLAS forming the logits tiles
+            out.append(Impl("r1fast", "triton+cublas", with_env(setup, R1FAST_LOGITS_GEMM="cublas")))
     if peers:
         out.append(Impl("torch", "logits+log_softmax", _timed(_torch_trl, n, h, v, dtype, device, mode)))
         out.append(Impl("liger", "chunked", _timed(_liger, n, h, v, dtype, device, mode), requires=("liger_kernel",)))

@@ -131,18 +131,45 @@ class _TorchEngine:
         return dz.to(out_dtype)
 
 
+LOGITS_GEMMS = ("triton", "cublas")
+
+
+def logits_gemm() -> str:
+    """Who forms the logits tiles on the triton backend: R1FAST_LOGITS_GEMM=triton (default: the
+    Triton kernels, fused with the reductions where no tile is kept) or cublas (torch.mm with fp32
+    output, then the Triton reductions read the tile: LOAD_Z). Both accumulate in fp32; the bench
+    suites time both, so a GPU run says which is faster on that card."""
+    choice = os.environ.get("R1FAST_LOGITS_GEMM", "triton") or "triton"
+    if choice not in LOGITS_GEMMS:
+        raise ValueError(f"R1FAST_LOGITS_GEMM={choice!r}: must be one of {', '.join(LOGITS_GEMMS)}")
+    return choice
+
+
+def cublas_logits(h, w, inv_temp):
+    """fp32 logits / temperature [n, V] from torch.mm: fp16/bf16 inputs accumulate and come out in fp32
+    (out_dtype), fp32 inputs run in fp32; never a low-precision [n, V] tile."""
+    z = torch.mm(h, w.t()) if h.dtype == torch.float32 else torch.mm(h, w.t(), out_dtype=torch.float32)
+    return z if inv_temp == 1.0 else z.mul_(inv_temp)
+
+
 class _TritonEngine:
     @staticmethod
     def forward(h, w, t, inv_temp, with_entropy, chunk):
         from r1fast.kernels import logprob as kernel
 
-        return kernel.logprob_forward(h, w, t, inv_temp, with_entropy)
+        if logits_gemm() == "triton":  # one launch: the logits never leave the kernel
+            return kernel.logprob_forward(h, w, t, inv_temp, with_entropy)
+        parts = [kernel.logprob_forward(h[s:s + chunk], w, t[s:s + chunk], inv_temp, with_entropy,
+                                        z=cublas_logits(h[s:s + chunk], w, inv_temp))
+                 for s in range(0, h.shape[0], chunk)]
+        lse, zt, ent = (torch.cat(x) if x[0] is not None else None for x in zip(*parts))
+        return lse, zt, ent
 
     @staticmethod
     def forward_keep(h, w, t, inv_temp):
         from r1fast.kernels import logprob as kernel
 
-        z = kernel.logits(h, w, inv_temp)
+        z = kernel.logits(h, w, inv_temp) if logits_gemm() == "triton" else cublas_logits(h, w, inv_temp)
         lse, zt, ent = kernel.logprob_forward(h, w, t, inv_temp, True, z=z)
         return z, lse, zt, ent
 
@@ -150,6 +177,8 @@ class _TritonEngine:
     def dlogits(h, w, t, lse, ent, g_logp, g_ent, inv_temp, out_dtype, z=None):
         from r1fast.kernels import logprob as kernel
 
+        if z is None and logits_gemm() == "cublas":
+            z = cublas_logits(h, w, inv_temp)
         return kernel.dlogits(h, w, t, lse, ent, g_logp.float().contiguous(),
                               None if g_ent is None else g_ent.float().contiguous(), inv_temp, out_dtype, z=z)
 
