@@ -321,6 +321,82 @@ def test_attention_paths_equal_naive_reference(lengths, heads, kv_heads):
             assert max_rel_err(g, r) <= 1e-5, fn.__name__
 
 
+def _fake_varlen_attn(new_api: bool, gqa_param: bool):
+    """A CPU stand-in with torch's varlen_attn signature (2.10: is_causal; 2.11+: window_size and
+    enable_gqa): it checks what it is called with and computes the naive packed attention."""
+    def check(query, key, cu_seq_q, cu_seq_k, max_q, max_k, scale, causal_ok, enable_gqa):
+        assert causal_ok, "varlen_attn must be asked for causal attention"
+        assert torch.equal(cu_seq_q, cu_seq_k) and cu_seq_q.dtype == torch.int32 and max_q == max_k
+        assert scale == 0.3
+        assert (key.shape[1] != query.shape[1]) == enable_gqa, "GQA: native flag, or K/V expanded"
+
+    def run(query, key, value, cu_seq_q, max_q):
+        lengths = (cu_seq_q[1:] - cu_seq_q[:-1]).tolist()
+        assert max(lengths) == max_q
+        return naive_packed_attention(query, key, value, lengths, 0.3).to(query.dtype)
+
+    if new_api and gqa_param:
+        def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                        window_size=(-1, -1), enable_gqa=False):
+            check(query, key, cu_seq_q, cu_seq_k, max_q, max_k, scale, tuple(window_size) == (-1, 0), enable_gqa)
+            return run(query, key, value, cu_seq_q, max_q)
+    elif new_api:
+        def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                        window_size=(-1, -1)):
+            check(query, key, cu_seq_q, cu_seq_k, max_q, max_k, scale, tuple(window_size) == (-1, 0), False)
+            return run(query, key, value, cu_seq_q, max_q)
+    else:
+        def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, is_causal=False,
+                        scale=None):
+            check(query, key, cu_seq_q, cu_seq_k, max_q, max_k, scale, is_causal, False)
+            return run(query, key, value, cu_seq_q, max_q)
+    return varlen_attn
+
+
+@pytest.mark.parametrize("new_api, gqa_param", [(True, True), (True, False), (False, False)])
+def test_torch_varlen_attn_is_called_causal_with_gqa_handled(monkeypatch, new_api, gqa_param):
+    """The adapter over torch's varlen_attn across its signature changes (the kernel itself is CUDA-only:
+    the GPU test below runs it)."""
+    import torch.nn.attention.varlen as tv
+
+    from r1fast.models import attention
+
+    monkeypatch.setattr(tv, "varlen_attn", _fake_varlen_attn(new_api, gqa_param))
+    attention._torch_varlen_attn.cache_clear()
+    try:
+        attend = attention._torch_varlen_attn()
+        lengths, t, d = [5, 1, 9], 15, 8
+        q = torch.randn(t, 4, d, generator=torch.Generator().manual_seed(0))
+        k = torch.randn(t, 2, d, generator=torch.Generator().manual_seed(1))
+        v = torch.randn(t, 2, d, generator=torch.Generator().manual_seed(2))
+        packed = attention.packed_from_lengths(lengths, torch.device("cpu"))
+        out = attend(q, k, v, packed.cu_seqlens, packed.max_seqlen, 0.3)
+        assert max_rel_err(out, naive_packed_attention(q, k, v, lengths, 0.3).float()) <= 1e-5
+    finally:
+        attention._torch_varlen_attn.cache_clear()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_varlen_attention_matches_per_sequence_sdpa():
+    from r1fast.models import attention
+
+    lengths, heads, kv_heads, d = [300, 7, 129, 64], 12, 2, 128
+    t = sum(lengths)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    q, k, v = (torch.randn(t, h, d, generator=g).cuda().bfloat16().requires_grad_() for h in (heads, kv_heads, kv_heads))
+    packed = attention.packed_from_lengths(lengths, q.device)
+    dy = torch.randn(t, heads, d, generator=g).cuda().bfloat16()
+    ref = attention.sdpa_per_sequence(q, k, v, packed, 0.1)
+    ref_grads = torch.autograd.grad((ref.float() * dy.float()).sum(), (q, k, v))
+    out = attention.varlen_causal_attention(q, k, v, packed, 0.1)
+    assert not attention._varlen_broken, attention._varlen_broken
+    grads = torch.autograd.grad((out.float() * dy.float()).sum(), (q, k, v))
+    assert max_rel_err(out.float(), ref.float()) <= 2e-2
+    for a, b in zip(grads, ref_grads):
+        assert max_rel_err(a.float(), b.float()) <= 5e-2
+
+
 def test_from_pretrained_with_real_fp8_emulation(tmp_path):
     pytest.importorskip("r1fast.fp8")
     cfg = ModelConfig(architecture="LlamaForCausalLM", vocab_size=40, hidden_size=32, intermediate_size=48,

@@ -2,13 +2,17 @@
 
 A packed batch is T tokens of B sequences laid end to end; `cu_seqlens` (int32 [B+1], 0 first, T
 last) marks where each sequence starts. Attention is causal inside each sequence and never crosses
-a boundary. On CUDA with flash-attn importable (fp16/bf16) this is flash-attn's varlen kernel; else
-torch SDPA, one call per sequence (exact, memory-light; the CPU path and the fallback on GPU).
+a boundary. On CUDA (fp16/bf16) this is one varlen flash-attention call: flash-attn's when it is
+importable, else torch's own (`torch.nn.attention.varlen.varlen_attn`, torch >= 2.10). Otherwise
+torch SDPA, one call per sequence (exact, memory-light; the CPU path and the last fallback on GPU:
+a loop of B calls per layer, launch-bound for many short sequences).
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
+import logging
 
 import torch
 from torch.nn import functional as F
@@ -99,6 +103,38 @@ def _flash_attn_varlen():
     return flash_attn_varlen_func
 
 
+@functools.lru_cache(maxsize=None)
+def _torch_varlen_attn():
+    """torch's varlen flash attention as f(q, k, v, cu_seqlens, max_seqlen, scale), or None. Its causal
+    switch moved from `is_causal=True` (torch 2.10) to `window_size=(-1, 0)` (2.11+); GQA is native
+    where `enable_gqa` exists, else K/V are expanded to the query heads."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except Exception:
+        return None
+    params = inspect.signature(varlen_attn).parameters
+    if "window_size" in params:
+        causal = {"window_size": (-1, 0)}
+    elif "is_causal" in params:
+        causal = {"is_causal": True}
+    else:
+        return None
+    native_gqa = "enable_gqa" in params
+
+    def attend(q, k, v, cu_seqlens, max_seqlen, scale):
+        groups = q.shape[1] // k.shape[1]
+        extra = dict(causal)
+        if groups > 1 and native_gqa:
+            extra["enable_gqa"] = True
+        elif groups > 1:
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, scale=scale, **extra)
+    return attend
+
+
+_varlen_broken: list[str] = []  # set once torch's varlen kernel failed here: the loop of SDPA calls takes over
+
+
 def varlen_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packed: PackedBatch,
                             scale: float) -> torch.Tensor:
     """q [T, Hq, D], k/v [T, Hkv, D] -> [T, Hq, D], causal within each packed sequence."""
@@ -107,6 +143,14 @@ def varlen_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p
         if flash is not None:
             return flash(q, k, v, packed.cu_seqlens, packed.cu_seqlens, packed.max_seqlen, packed.max_seqlen,
                          dropout_p=0.0, softmax_scale=scale, causal=True)
+        attend = _torch_varlen_attn()
+        if attend is not None and not _varlen_broken:
+            try:
+                return attend(q, k, v, packed.cu_seqlens, packed.max_seqlen, scale)
+            except (RuntimeError, TypeError, NotImplementedError) as e:  # e.g. a head_dim or card it lacks
+                _varlen_broken.append(f"{type(e).__name__}: {e}")
+                logging.getLogger(__name__).warning(
+                    "torch varlen attention failed (%s); using one SDPA call per sequence", _varlen_broken[0])
     if not q.is_cuda and (len(packed.lengths) == 1 or q.shape[0] <= _MASKED_MAX_TOKENS):
         return sdpa_block_diagonal(q, k, v, packed, scale)
     return sdpa_per_sequence(q, k, v, packed, scale)
