@@ -41,6 +41,9 @@ class Impl:
     backend: str                       # reference | torch | triton | cuda | a peer's own label
     setup: Callable[[], Callable[[], object]]   # builds inputs, returns the zero-argument callable to time
     requires: tuple[str, ...] = ()     # importable modules this impl needs
+    # Override the case's warmup / reps for this impl (a slow peer: warmup=0, reps=1 times one call).
+    warmup: int | None = None
+    reps: int | None = None
 
 
 def with_env(setup: Callable[[], Callable[[], object]], **env: str) -> Callable[[], Callable[[], object]]:
@@ -142,31 +145,38 @@ class Timer:
             self._flush = torch.empty(256 * 2**20, dtype=torch.uint8, device=device)
 
     def __call__(self, fn: Callable[[], object], warmup: int | None = None, reps: int | None = None) -> Timing:
-        """Time fn; `reps` fixes the number of repeats (else min_reps, then more while the budget lasts)."""
+        """Time fn; `reps` fixes the number of repeats (else min_reps, then more while the budget lasts).
+        warmup=0 times the first call too (for calls that take seconds and compile nothing)."""
         peak = _PeakMemory(self.device)
-        with peak:
-            fn()  # the first call is a warm-up too; its peak memory is the one reported
+        times: list[float] = []
+        with peak:  # the first call's peak memory is the one reported
+            if warmup == 0:
+                times.append(self._timed(fn))
+            else:
+                fn()
         for _ in range((self.warmup if warmup is None else warmup) - 1):
             fn()
         _sync(self.device)
-        times: list[float] = []
         start = time.perf_counter()
         lo, hi = (reps, reps) if reps else (self.min_reps, self.max_reps)
         while len(times) < hi and (len(times) < lo or time.perf_counter() - start < self.budget_s):
-            if self.device.type == "cuda":
-                self._flush.zero_()
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-                fn()
-                b.record()
-                b.synchronize()
-                times.append(a.elapsed_time(b))
-            else:
-                t0 = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t0) * 1e3)
+            times.append(self._timed(fn))
         return Timing(statistics.median(times), _percentile(times, 0.2), _percentile(times, 0.8), len(times),
                       peak.mb)
+
+    def _timed(self, fn) -> float:
+        """One call's time in ms: CUDA events after an L2 flush on a GPU, wall clock on the CPU."""
+        if self.device.type != "cuda":
+            t0 = time.perf_counter()
+            fn()
+            return (time.perf_counter() - t0) * 1e3
+        self._flush.zero_()
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        return a.elapsed_time(b)
 
 
 class _PeakMemory:
@@ -302,7 +312,8 @@ def run_suite(s: Suite, size: str, device: torch.device, machine: Machine, timer
                 continue
             try:
                 fn = impl.setup()
-                timing = timer(fn, warmup=case.warmup, reps=case.reps)
+                timing = timer(fn, warmup=impl.warmup if impl.warmup is not None else case.warmup,
+                               reps=impl.reps if impl.reps is not None else case.reps)
             except Skip as e:
                 log(f"  skip {s.name}/{case.name} {impl.provider}: {e}")
                 continue

@@ -99,3 +99,25 @@ def test_with_env_sets_the_variable_for_each_call_only(monkeypatch):
     monkeypatch.delenv("R1FAST_LOGITS_GEMM", raising=False)
     run = harness.with_env(lambda: (lambda: os.environ.get("R1FAST_LOGITS_GEMM")), R1FAST_LOGITS_GEMM="cublas")()
     assert run() == "cublas" and "R1FAST_LOGITS_GEMM" not in os.environ
+
+
+def test_timer_warmup_zero_times_the_first_call_and_impl_overrides_the_case(tmp_path):
+    calls = []
+    timer = harness.Timer(torch.device("cpu"), warmup=3, min_reps=5, budget_s=0.0)
+    t = timer(lambda: calls.append(1), warmup=0, reps=1)
+    assert len(calls) == 1 and t.reps == 1  # one call, and it is the timed one
+    calls.clear()
+    timer(lambda: calls.append(1), warmup=2, reps=2)
+    assert len(calls) == 4  # two warm-up calls, two timed
+
+    counted = []
+
+    def setup():
+        return lambda: counted.append(1)
+    case = harness.Case("c", "fwd", "float32", [harness.Impl("r1fast", "torch", setup),
+                                                harness.Impl("peer", "slow", setup, warmup=0, reps=1)],
+                        warmup=2, reps=3)
+    s = harness.Suite("t", lambda size, device: [case])
+    harness.run_suite(s, "smoke", torch.device("cpu"), harness.Machine(torch.device("cpu"), "smoke"), timer,
+                      log=lambda *_: None)
+    assert len(counted) == (2 + 3) + 1

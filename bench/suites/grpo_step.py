@@ -172,8 +172,11 @@ def cases(size, device):
     tokens = prompts * G * new
     # setups already take one warm-up step; a GPU-size step takes seconds (TRL: minutes)
     reps = dict(warmup=0, reps=2) if size == "gpu" else dict(warmup=1, reps=5)
+    # TRL's GPU-size step takes about a minute: its setup's step warms it, one timed step follows
+    slow_peer = dict(reps=1) if size == "gpu" else {}
     out = [Case(name, "step", dname, [Impl("r1fast", "engine+fused", _r1fast_step(*spec)),
-                                      Impl("trl", "hf-generate", _trl_step(*spec), requires=("trl", "datasets"))],
+                                      Impl("trl", "hf-generate", _trl_step(*spec), requires=("trl", "datasets"),
+                                           **slow_peer)],
                 items=tokens, item_name="tokens", **reps)]
     for phase in ("rollout", "rewards", "logprobs", "loss+backward", "optimizer"):
         out.append(Case(f"{name} phase={phase}", "step", dname,

@@ -139,8 +139,9 @@ def cases(size, device):
     dt = str(dtype).removeprefix("torch.")
     out = [Case(f"generate {prompts_n}x{g} prompt={plen} new={new}", "step", dt,
                 [Impl("r1fast", "engine", _r1fast_generate(cfg, gen_shape, dtype, device)),
+                 # a GPU-size transformers generation takes tens of seconds and compiles nothing: one timed call
                  Impl("transformers", "generate", _transformers_generate(cfg, gen_shape, dtype, device),
-                      requires=("transformers",))],
+                      requires=("transformers",), **(dict(warmup=0, reps=1) if size == "gpu" else {}))],
                 flops=gen_flops, bytes=gen_bytes, items=seqs * new, item_name="tokens",
                 # A whole generation takes seconds at GPU size: one warm-up, three timed calls.
                 warmup=1, reps=3)]
