@@ -322,6 +322,9 @@ def run_suite(s: Suite, size: str, device: torch.device, machine: Machine, timer
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
                 continue
+            except Exception as e:  # noqa: BLE001 - one broken impl must not lose the case's other rows
+                log(f"  FAILED {s.name}/{case.name} {impl.provider}/{impl.backend}: {type(e).__name__}: {e}")
+                continue
             finally:
                 fn = None
             pct = floor / timing.p50 * 100 if math.isfinite(floor) else float("nan")

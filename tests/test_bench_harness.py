@@ -121,3 +121,17 @@ def test_timer_warmup_zero_times_the_first_call_and_impl_overrides_the_case(tmp_
     harness.run_suite(s, "smoke", torch.device("cpu"), harness.Machine(torch.device("cpu"), "smoke"), timer,
                       log=lambda *_: None)
     assert len(counted) == (2 + 3) + 1
+
+
+def test_a_failing_impl_is_reported_and_the_others_still_run():
+    def broken():
+        raise RuntimeError("no such kernel here")
+    log = []
+    case = harness.Case("c", "fwd", "float32", [harness.Impl("r1fast", "x", broken),
+                                                harness.Impl("peer", "y", lambda: (lambda: None))])
+    s = harness.Suite("t", lambda size, device: [case])
+    timer = harness.Timer(torch.device("cpu"), min_reps=1, budget_s=0.0)
+    rows = harness.run_suite(s, "smoke", torch.device("cpu"), harness.Machine(torch.device("cpu"), "smoke"), timer,
+                             log=log.append)
+    assert any("FAILED t/c r1fast/x: RuntimeError: no such kernel here" in line for line in log)
+    assert {r["provider"] for r in rows} == {"peer"}

@@ -397,3 +397,18 @@ def test_logits_gemm_choice_is_checked(monkeypatch):
     monkeypatch.setenv("R1FAST_LOGITS_GEMM", "cutlass")
     with pytest.raises(ValueError, match="R1FAST_LOGITS_GEMM='cutlass'.*triton, cublas"):
         logits_gemm()
+
+
+def test_cublas_logits_without_out_dtype_is_a_clear_error(monkeypatch):
+    from r1fast.ops.logprob import cublas_logits
+
+    real_mm = torch.mm
+
+    def old_mm(a, b, **kw):  # a torch whose mm has no out_dtype
+        if kw:
+            raise TypeError("mm() got an unexpected keyword argument 'out_dtype'")
+        return real_mm(a, b)
+    monkeypatch.setattr(torch, "mm", old_mm)
+    h, w = torch.randn(3, 4, dtype=torch.bfloat16), torch.randn(5, 4, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="R1FAST_LOGITS_GEMM=cublas needs torch.mm"):
+        cublas_logits(h, w, 1.0)

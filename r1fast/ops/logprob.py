@@ -148,7 +148,14 @@ def logits_gemm() -> str:
 def cublas_logits(h, w, inv_temp):
     """fp32 logits / temperature [n, V] from torch.mm: fp16/bf16 inputs accumulate and come out in fp32
     (out_dtype), fp32 inputs run in fp32; never a low-precision [n, V] tile."""
-    z = torch.mm(h, w.t()) if h.dtype == torch.float32 else torch.mm(h, w.t(), out_dtype=torch.float32)
+    if h.dtype == torch.float32:
+        z = torch.mm(h, w.t())
+    else:
+        try:
+            z = torch.mm(h, w.t(), out_dtype=torch.float32)
+        except (TypeError, RuntimeError, NotImplementedError) as e:
+            raise RuntimeError(f"R1FAST_LOGITS_GEMM=cublas needs torch.mm(..., out_dtype=torch.float32) for "
+                               f"{h.dtype} on {h.device.type}, which this torch lacks ({e}); unset it") from None
     return z if inv_temp == 1.0 else z.mul_(inv_temp)
 
 
