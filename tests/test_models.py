@@ -322,34 +322,34 @@ def test_attention_paths_equal_naive_reference(lengths, heads, kv_heads):
 
 
 def _fake_varlen_attn(new_api: bool, gqa_param: bool):
-    """A CPU stand-in with torch's varlen_attn signature (2.10: is_causal; 2.11+: window_size and
-    enable_gqa): it checks what it is called with and computes the naive packed attention."""
-    def check(query, key, cu_seq_q, cu_seq_k, max_q, max_k, scale, causal_ok, enable_gqa):
+    """CPU stand-ins with torch's varlen_attn signatures: 2.10's (is_causal, no scale: the kernel uses
+    1/sqrt(D)) and 2.11+'s (window_size, scale, with or without enable_gqa). Each checks what it is
+    called with and computes the naive packed attention."""
+    def check(query, key, cu_seq_q, cu_seq_k, max_q, max_k, causal_ok, enable_gqa):
         assert causal_ok, "varlen_attn must be asked for causal attention"
         assert torch.equal(cu_seq_q, cu_seq_k) and cu_seq_q.dtype == torch.int32 and max_q == max_k
-        assert scale == 0.3
         assert (key.shape[1] != query.shape[1]) == enable_gqa, "GQA: native flag, or K/V expanded"
 
-    def run(query, key, value, cu_seq_q, max_q):
+    def run(query, key, value, cu_seq_q, max_q, scale):
         lengths = (cu_seq_q[1:] - cu_seq_q[:-1]).tolist()
         assert max(lengths) == max_q
-        return naive_packed_attention(query, key, value, lengths, 0.3).to(query.dtype)
+        scale = query.shape[-1] ** -0.5 if scale is None else scale
+        return naive_packed_attention(query, key, value, lengths, scale).to(query.dtype)
 
     if new_api and gqa_param:
         def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
                         window_size=(-1, -1), enable_gqa=False):
-            check(query, key, cu_seq_q, cu_seq_k, max_q, max_k, scale, tuple(window_size) == (-1, 0), enable_gqa)
-            return run(query, key, value, cu_seq_q, max_q)
+            check(query, key, cu_seq_q, cu_seq_k, max_q, max_k, tuple(window_size) == (-1, 0), enable_gqa)
+            return run(query, key, value, cu_seq_q, max_q, scale)
     elif new_api:
         def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
                         window_size=(-1, -1)):
-            check(query, key, cu_seq_q, cu_seq_k, max_q, max_k, scale, tuple(window_size) == (-1, 0), False)
-            return run(query, key, value, cu_seq_q, max_q)
+            check(query, key, cu_seq_q, cu_seq_k, max_q, max_k, tuple(window_size) == (-1, 0), False)
+            return run(query, key, value, cu_seq_q, max_q, scale)
     else:
-        def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, is_causal=False,
-                        scale=None):
-            check(query, key, cu_seq_q, cu_seq_k, max_q, max_k, scale, is_causal, False)
-            return run(query, key, value, cu_seq_q, max_q)
+        def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, return_aux=None):
+            check(query, key, cu_seq_q, cu_seq_k, max_q, max_k, is_causal, False)
+            return run(query, key, value, cu_seq_q, max_q, None)
     return varlen_attn
 
 
@@ -376,6 +376,35 @@ def test_torch_varlen_attn_is_called_causal_with_gqa_handled(monkeypatch, new_ap
         attention._torch_varlen_attn.cache_clear()
 
 
+def test_varlen_probe_falls_back_on_a_backward_failure_and_reraises_oom(monkeypatch):
+    from r1fast.models import attention
+
+    monkeypatch.setattr(attention, "_varlen_broken", [])
+    monkeypatch.setattr(attention, "_varlen_ok", set())
+    q, k = torch.randn(5, 4, 8), torch.randn(5, 2, 8)
+
+    class BadBackward(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            raise RuntimeError("no backward kernel for this head_dim")
+
+    def oom(q_, k_, v_, cu, max_len, scale):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+    with pytest.raises(torch.OutOfMemoryError):
+        attention._varlen_works(oom, q, k)
+    assert not attention._varlen_broken  # a transient OOM does not disable the fast path
+    good = lambda q_, k_, v_, cu, max_len, scale: q_ * 2  # noqa: E731
+    with torch.inference_mode():  # the probe still gets gradients
+        assert attention._varlen_works(good, q, k)
+    assert attention._varlen_works(lambda q_, *a: BadBackward.apply(q_), q[:, :, :4], k[:, :, :4]) is False
+    assert "no backward kernel" in attention._varlen_broken[0]
+    assert attention._varlen_works(good, q, k) is False  # once broken, the loop for the rest of the process
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_gpu_varlen_attention_matches_per_sequence_sdpa():
@@ -389,8 +418,10 @@ def test_gpu_varlen_attention_matches_per_sequence_sdpa():
     dy = torch.randn(t, heads, d, generator=g).cuda().bfloat16()
     ref = attention.sdpa_per_sequence(q, k, v, packed, 0.1)
     ref_grads = torch.autograd.grad((ref.float() * dy.float()).sum(), (q, k, v))
-    out = attention.varlen_causal_attention(q, k, v, packed, 0.1)
-    assert not attention._varlen_broken, attention._varlen_broken
+    attend = attention._torch_varlen_attn()
+    assert attend is not None, "torch >= 2.10 has torch.nn.attention.varlen"
+    assert attention._varlen_works(attend, q, k), attention._varlen_broken
+    out = attend(q, k, v, packed.cu_seqlens, packed.max_seqlen, 0.1)
     grads = torch.autograd.grad((out.float() * dy.float()).sum(), (q, k, v))
     assert max_rel_err(out.float(), ref.float()) <= 2e-2
     for a, b in zip(grads, ref_grads):
