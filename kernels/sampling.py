@@ -102,7 +102,9 @@ def _sample_kernel(logits_ptr, u_ptr, tok_ptr, lp_ptr, V, scale, inv_temp, min_p
         last = tl.max(tl.where(sums64 > 0, bids, -1), axis=0)
         blk = tl.where(cross < NB_PAD, cross, last)
         blk = tl.minimum(tl.maximum(blk, 0), (V - 1) // BLOCK)
-        prefix = tl.sum(tl.where(bids < blk, sums64, 0.0), axis=0)
+        # the same prefix sums that chose the block (a separate tree sum could round differently and
+        # make the rest negative): cum[blk - 1] <= target < cum[blk]
+        prefix = tl.sum(tl.where(bids == blk - 1, cum, 0.0), axis=0)
         # ---- that block again: the first kept entry whose running sum exceeds the target
         idx = blk * BLOCK + offs
         z = tl.load(base + idx, mask=idx < V, other=float("-inf")).to(tl.float32)
