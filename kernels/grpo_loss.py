@@ -230,8 +230,6 @@ def grpo_loss_fwd(logp, old, ref, smp, ent, mask, adv, opts, totals=None, isw=No
     """
     b, t = logp.shape
     dev = logp.device
-    if smp is not None and isw is not None:
-        raise ValueError("grpo_loss_fwd: sampler log-probs or importance weights, not both")
     f32 = lambda x: None if x is None else x.to(torch.float32).contiguous()  # noqa: E731
     logp_, old_, ref_, ent_ = f32(logp), f32(old), f32(ref), f32(ent)
     smp_ = f32(smp) if isw is None else f32(isw)  # one pointer: the kernel reads it per HAS_SMP / HAS_ISW

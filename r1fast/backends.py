@@ -113,8 +113,10 @@ def resolve(op: str, device: torch.device | str, backend: str | None = None) -> 
 def default(op: str, device: torch.device | str) -> str | None:
     """The backend `op` runs on `device` when nothing is requested (None if none is usable)."""
     device = torch.device(device)
-    usable = available(op, device)
-    return next((b for b in (_GPU_ORDER if device.type == "cuda" else _CPU_ORDER) if b in usable), None)
+    impls = implementations(op)
+    # first usable in preference order, checked lazily: resolve() runs per layer per decode step
+    return next((b for b in (_GPU_ORDER if device.type == "cuda" else _CPU_ORDER)
+                 if b in impls and backend_available(b, device)[0]), None)
 
 
 def ops() -> list[str]:

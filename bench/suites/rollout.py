@@ -104,11 +104,13 @@ def _r1fast_decode_step(cfg_kwargs, batch, ctx, dtype, device):
         from r1fast.rollout import sampler
         from r1fast.rollout.runner import lm_logits
 
-        # the step's uniforms, as the engine hashes them (on the host, then one copy)
-        u = torch.from_numpy(sampler.HostUniforms(ctx + 1)(np.arange(batch), np.full(batch, ctx))).to(device)
+        host_uniforms = sampler.HostUniforms(ctx + 1)
+        keys, pos = np.arange(batch), np.full(batch, ctx)
 
         def step():
             hidden = runner.decode(bm, ids, last, positions, slots)
+            # the step's uniforms as the engine makes them: hashed on the host, one copy
+            u = torch.from_numpy(host_uniforms(keys, pos)).to(device, non_blocking=True)
             return ops.sample_tokens(lm_logits(hidden, model.lm_head_weight), params, u, check_uniforms=False)
         return step
     return setup

@@ -246,16 +246,15 @@ class GRPOTrainer(trl.GRPOTrainer):
             targets = ids[:, -logits_to_keep:]
             # Score only real tokens, like TRL (labels are -100 at padding): less work, and the
             # zeros at padding keep the outputs interchangeable with TRL's.
-            valid = am[:, -logits_to_keep:].bool().to(hidden.device)
             result = ops.grouped_logprob(
-                hidden[valid], weight, targets.to(hidden.device)[valid], temperature=self.temperature,
-                return_entropy=compute_entropy, forward_only=not torch.is_grad_enabled(),
-                **self._loss_backend_kwargs(),
+                hidden, weight, targets.to(hidden.device), mask=am[:, -logits_to_keep:].bool().to(hidden.device),
+                temperature=self.temperature, return_entropy=compute_entropy,
+                forward_only=not torch.is_grad_enabled(), **self._loss_backend_kwargs(),
             )
             logp, entropy = result if compute_entropy else (result, None)
-            all_logps.append(logp.new_zeros(valid.shape).masked_scatter(valid, logp))
+            all_logps.append(logp)
             if compute_entropy:
-                all_entropies.append(entropy.new_zeros(valid.shape).masked_scatter(valid, entropy))
+                all_entropies.append(entropy)
         logps = torch.cat(all_logps, dim=0)
         entropies = torch.cat(all_entropies, dim=0) if compute_entropy else None
         return logps, entropies, None

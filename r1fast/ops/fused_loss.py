@@ -298,9 +298,6 @@ def fused_linear_grpo_loss(hidden, weight, targets, mask, advantages, *, old_log
             raise ValueError(f"{OP}: {name} must have the targets' shape {tuple(targets.shape)}")
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"{OP}: chunk_size must be a positive int, got {chunk_size!r}")
-    if sampler_logp is not None and importance_weights is not None:
-        raise ValueError(f"{OP}: pass sampler_logp (r1fast's truncated IS, tis_mode/tis_cap) or importance_weights "
-                         f"(precomputed per-token weights), not both")
     lay = _Layout(targets, mask, cu_seqlens)
     rows = lay.shape2d[0]
     isw2 = _weights2d(lay, importance_weights, targets)

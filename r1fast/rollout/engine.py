@@ -17,7 +17,7 @@ import os
 import numpy as np
 import torch
 
-from r1fast import _ext
+from r1fast import _ext, ops
 from r1fast.rollout import sampler
 from r1fast.rollout.params import Completion, RequestOutput, SamplingParams
 from r1fast.rollout.runner import ModelRunner, lm_logits
@@ -233,10 +233,9 @@ class Engine:
         if not params.greedy:  # the step's random numbers, hashed on the host (see HostUniforms)
             u = torch.from_numpy(self._uniforms([s.key for s in rows], [len(s.tokens) for s in rows]))
             u = u.to(device, non_blocking=True) if device.type != "cpu" else u
-        from r1fast.ops.sampling import sample_tokens
-
-        # backend: torch (sampler.sample) on the CPU, the Triton kernel on a GPU (top-k/top-p: torch)
-        tokens, logprobs = sample_tokens(logits, params, u, check_uniforms=False)
+        # backend: torch (sampler.sample) on the CPU, the Triton kernel on a GPU (top-k/top-p: torch);
+        # R1FAST_BACKEND overrides it as for every op (reference: float64 sampling, for debugging)
+        tokens, logprobs = ops.sample_tokens(logits, params, u, check_uniforms=False)
         # the one device->host transfer of the step
         return tokens.tolist(), logprobs.float().tolist()
 
