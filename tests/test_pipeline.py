@@ -64,6 +64,10 @@ def test_cli_errors_are_clear(tmp_path, capsys):
         main(["sft", "learnin_rate=1"])
     with pytest.raises(SystemExit, match="needs model_name_or_path"):
         main(["sample", "num_samples=2"])
+    with pytest.raises(SystemExit, match="sample has no --resume"):
+        main(["sample", "model_name_or_path=builtin:tiny", "dataset=builtin:arithmetic", "--resume"])
+    assert main(["sample", "--help"]) == 0
+    assert "--resume" not in capsys.readouterr().out  # only train, sft and pipeline resume
     with pytest.raises(SystemExit, match="no metrics.jsonl"):
         main(["plot", str(tmp_path)])
     with pytest.raises(SystemExit, match=r"unknown pipeline key.*bogus.*<stage>\.<option>"):

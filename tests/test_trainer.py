@@ -125,11 +125,32 @@ def test_reference_model_and_kl(tmp_path):
 
 
 def test_bias_corrected_kl_reaches_the_loss(tmp_path):
-    assert make(tmp_path, "plain", beta=0.1)._loss_options(None).use_bias_correction_kl is False
-    tr = make(tmp_path, "weighted", max_steps=2, beta=0.1, use_bias_correction_kl=True)
-    assert tr._loss_options(None).use_bias_correction_kl is True
-    tr.train()
-    assert tr.history[-1]["kl"] > 0.0
+    plain = make(tmp_path, "plain", max_steps=3, beta=0.5)
+    weighted = make(tmp_path, "weighted", max_steps=3, beta=0.5, use_bias_correction_kl=True)
+    assert plain._loss_options(None).use_bias_correction_kl is False
+    assert weighted._loss_options(None).use_bias_correction_kl is True
+    plain.train()
+    weighted.train()
+    # on-policy the ratio is 1, so the first step's numbers agree; its gradient (kl * d ratio) does
+    # not, so later steps differ
+    assert weighted.history[0]["kl"] == pytest.approx(plain.history[0]["kl"], abs=1e-9)
+    assert weighted.history[-1]["kl"] > 0.0
+    assert weighted.history[-1]["kl"] != pytest.approx(plain.history[-1]["kl"], rel=1e-6)
+
+
+def test_fp8_and_device_options_apply_to_a_model_object(tmp_path):
+    from r1fast.fp8 import apply_fp8
+    from r1fast.trainer.config import ConfigError
+
+    tr = make(tmp_path, "fp8", fp8="emulate")  # a model object, not a path: the option still applies
+    assert tr.model.fp8_report.options.mode == "emulate" and tr.model.fp8_report.converted
+    model, tok = tiny_model()
+    apply_fp8(model, "emulate")
+    GRPOTrainer(model, [sevens], ROWS, GRPOConfig(per_device_train_batch_size=32, fp8="emulate"), tokenizer=tok)
+    with pytest.raises(ConfigError, match="already converted with fp8='emulate'"):
+        GRPOTrainer(model, [sevens], ROWS, GRPOConfig(per_device_train_batch_size=32, fp8="torch"), tokenizer=tok)
+    with pytest.raises(ConfigError, match="option 'device' is 'meta' but the model is on cpu"):
+        make(tmp_path, "dev", device="meta")
 
 
 def test_trainer_input_errors(tmp_path):

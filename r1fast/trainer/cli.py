@@ -19,7 +19,10 @@ import sys
 from r1fast.trainer.config import ConfigError
 
 _EPILOG = ("options: --key value | --key=value | key=value (GRPOConfig / SFTConfig / SampleConfig fields; "
-           "<stage>.<key>=value for a pipeline). --resume [PATH] continues from the newest checkpoint.")
+           "<stage>.<key>=value for a pipeline).")
+_RESUME = {"train": " --resume [PATH] continues from the newest checkpoint (or PATH).",
+           "sft": " --resume [PATH] continues from the newest checkpoint (or PATH).",
+           "pipeline": " --resume skips finished stages and resumes the unfinished one from its last checkpoint."}
 
 
 def _split(rest: list[str]) -> tuple[str | None, list[str], str | bool | None]:
@@ -137,7 +140,9 @@ def _cmd_sample(args):
     from r1fast.trainer.sampling import rejection_sample, write_jsonl
 
     try:
-        cfg, model, tok, _ = _config_and_model(SampleConfig, args.rest, "sample")
+        cfg, model, tok, resume = _config_and_model(SampleConfig, args.rest, "sample")
+        if resume:
+            raise ConfigError("sample has no --resume: it samples every prompt again and rewrites its output file")
         rows = load_rows(cfg.dataset, seed=cfg.seed, required_columns=(cfg.prompt_column,))
         kept, stats = rejection_sample(model, tok, rows, cfg)
         out = cfg.output_file or os.path.join("runs", "sample", "samples.jsonl")
@@ -189,7 +194,8 @@ def add_commands(subparsers):
     def add(name, help_, func, usage):
         # "--key value" overrides are free-form, so argparse must not read "-" as an option prefix
         # here; -h/--help is handled by _with_help.
-        p = subparsers.add_parser(name, help=help_, description=help_, epilog=_EPILOG, usage=usage,
+        p = subparsers.add_parser(name, help=help_, description=help_, epilog=_EPILOG + _RESUME.get(name, ""),
+                                  usage=usage,
                                   prefix_chars="+", add_help=False)
         p.add_argument("rest", nargs="*", help=argparse.SUPPRESS)
         p.set_defaults(func=_with_help(p, func))

@@ -67,6 +67,7 @@ class GRPOTrainer:
         if not hasattr(model, "lm_head_weight"):
             raise TypeError("model must be an r1fast CausalLM (r1fast.models); wrap a transformers model "
                             "with r1fast.models.from_pretrained(path)")
+        _apply_config_to_model(model, cfg)
         if tokenizer is None:
             raise ValueError("a tokenizer is required to decode completions for the reward functions")
         self.model, self.tokenizer = model, tokenizer
@@ -494,3 +495,22 @@ def _frac_zero_std(totals, G) -> float:
 def _short(prompt, n: int = 200) -> str:
     s = prompt if isinstance(prompt, str) else str(prompt[-1].get("content", prompt)) if isinstance(prompt, list) else str(prompt)
     return s if len(s) <= n else s[:n] + "…"
+
+
+def _apply_config_to_model(model, cfg: GRPOConfig) -> None:
+    """The config's fp8 and device options for a model passed in as an object (a path or builtin:
+    name is loaded with them): fp8 is applied unless the model already went through apply_fp8 (a
+    different mode there is an error), and an explicit device must be the model's."""
+    from r1fast.trainer.config import ConfigError
+
+    report = getattr(model, "fp8_report", None)
+    if cfg.fp8 != "off" and report is None:
+        from r1fast.fp8 import apply_fp8
+
+        apply_fp8(model, cfg.fp8)
+    elif cfg.fp8 != "off" and report.options.mode != cfg.fp8:
+        raise ConfigError(f"option 'fp8' is {cfg.fp8!r} but the model was already converted with "
+                          f"fp8={report.options.mode!r}; pass a high-precision model or use the same mode")
+    if cfg.device is not None and torch.device(cfg.device).type != model.device.type:
+        raise ConfigError(f"option 'device' is {cfg.device!r} but the model is on {model.device}; move the model "
+                          f"(model.to(...)) or drop the option")
