@@ -195,6 +195,23 @@ def test_engine_reads_weights_in_place(models, prompts):
     assert after != before
 
 
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_nan_weights_are_a_clear_error_not_garbage_tokens(models, prompts, temperature):
+    _, model = models
+    engine = Engine(model, block_size=4, num_blocks=64, enable_prefix_caching=False)
+    w = model.lm_head_weight
+    saved = w.detach().clone()
+    with torch.no_grad():
+        w[3, 0] = float("nan")
+    try:
+        with pytest.raises(RuntimeError, match="NaN logits"):
+            engine.generate([prompts[0]], SamplingParams(temperature=temperature, max_tokens=4, seed=0))
+    finally:
+        with torch.no_grad():
+            w.copy_(saved)
+    assert engine.block_manager.num_free_blocks == engine.num_blocks  # nothing leaked by the failed call
+
+
 def test_bad_requests_raise_clear_errors(models, prompts):
     _, model = models
     engine = Engine(model, block_size=4, num_blocks=16, max_model_len=20)

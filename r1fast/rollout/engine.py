@@ -237,7 +237,12 @@ class Engine:
         # R1FAST_BACKEND overrides it as for every op (reference: float64 sampling, for debugging)
         tokens, logprobs = ops.sample_tokens(logits, params, u, check_uniforms=False)
         # the one device->host transfer of the step
-        return tokens.tolist(), logprobs.float().tolist()
+        tokens, logprobs = tokens.tolist(), logprobs.float().tolist()
+        bad = sum(lp != lp for lp in logprobs)  # NaN, checked on the host copy: no extra sync
+        if bad:
+            raise RuntimeError(f"generate: the model produced NaN logits for {bad} of {len(rows)} sequences "
+                               f"(NaN/inf weights or activations?); no token can be sampled from them")
+        return tokens, logprobs
 
 
 def _progress(total):
