@@ -50,7 +50,7 @@ else
   timeout 140 python3 -m pytest -q --maxfail=20 -p no:cacheprovider $xdist -m "gpu or not slow" \
     tests/test_store_kv.py tests/test_decode_attention.py tests/test_logprob.py tests/test_grpo_loss.py \
     tests/test_advantages.py tests/test_fp8_numerics.py tests/test_fp8_apply.py tests/test_models.py \
-    tests/test_rollout.py tests/test_sampling_kernel.py >"$OUT/tests.log" 2>&1
+    tests/test_rollout.py tests/test_sampling_kernel.py tests/test_rollout_self_check.py >"$OUT/tests.log" 2>&1
   echo "pytest exit $?"; grep -E "passed|failed|error" "$OUT/tests.log" | tail -3; grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -20
 fi
 

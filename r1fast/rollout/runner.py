@@ -20,13 +20,14 @@ log = logging.getLogger(__name__)
 class PrefillContext:
     """attend(): store the chunk's K/V, then causal attention over cached prefix + chunk."""
 
-    def __init__(self, kv, slots, context_slots, query_lens, context_lens, scale):
+    def __init__(self, kv, slots, context_slots, query_lens, context_lens, scale, store_backend=None):
         self.kv, self.slots, self.context_slots = kv, slots, context_slots
         self.query_lens, self.context_lens, self.scale = query_lens, context_lens, scale
+        self.store_backend = store_backend
 
     def attend(self, layer: int, q, k, v):
         kc, vc = self.kv[layer, 0], self.kv[layer, 1]
-        ops.store_kv(k, v, kc, vc, self.slots, check_slots=False)
+        ops.store_kv(k, v, kc, vc, self.slots, check_slots=False, backend=self.store_backend)
         return ops.paged_prefill_attention(q, kc, vc, self.context_slots, self.query_lens, self.context_lens,
                                            scale=self.scale)
 
@@ -34,13 +35,13 @@ class PrefillContext:
 class DecodeContext:
     """attend(): store the new token's K/V, then paged decode attention (no host sync: graph-safe)."""
 
-    def __init__(self, kv, slots, block_tables, context_lens, scale, backend=None):
+    def __init__(self, kv, slots, block_tables, context_lens, scale, backend=None, store_backend=None):
         self.kv, self.slots, self.block_tables, self.context_lens = kv, slots, block_tables, context_lens
-        self.scale, self.backend = scale, backend
+        self.scale, self.backend, self.store_backend = scale, backend, store_backend
 
     def attend(self, layer: int, q, k, v):
         kc, vc = self.kv[layer, 0], self.kv[layer, 1]
-        ops.store_kv(k, v, kc, vc, self.slots, check_slots=False)
+        ops.store_kv(k, v, kc, vc, self.slots, check_slots=False, backend=self.store_backend)
         return ops.paged_decode_attention(q.contiguous(), kc, vc, self.block_tables, self.context_lens,
                                           scale=self.scale, backend=self.backend, check_bounds=False)
 
@@ -66,7 +67,14 @@ class ModelRunner:
         self.num_kv_heads = cfg.num_key_value_heads
         self.head_dim = cfg.head_dim
         self.scale = 1.0 / math.sqrt(self.head_dim)
-        self.decode_backend = decode_backend
+        self.decode_backend, self.store_backend = decode_backend, None
+        if self.device.type == "cuda" and decode_backend is None:
+            # kernels that never ran on this card are checked against the reference before any graph holds them
+            from r1fast.rollout.self_check import select_backends
+
+            chosen = select_backends(self.device, self.dtype, cfg.num_attention_heads, self.num_kv_heads,
+                                     self.head_dim)
+            self.decode_backend, self.store_backend = chosen["paged_decode_attention"], chosen["store_kv"]
         self.kv = torch.zeros(cfg.num_hidden_layers, 2, num_blocks, block_size, self.num_kv_heads, self.head_dim,
                               device=self.device, dtype=self.dtype)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, dict]] = {}
@@ -99,7 +107,7 @@ class ModelRunner:
         context_slots = bm.slot_mapping(ids, np.zeros(len(ids), dtype=np.int64), np.asarray(ends, dtype=np.int64))
         query_lens = [e - s for s, e in zip(starts, ends)]
         ctx = PrefillContext(self.kv, self._h2d(slots, torch.long), self._h2d(context_slots, torch.long),
-                             query_lens, list(ends), self.scale)
+                             query_lens, list(ends), self.scale, self.store_backend)
         hidden = self.model(self._h2d(input_ids, torch.long), self._h2d(positions, torch.long), attn=ctx)
         last = torch.tensor(np.cumsum(query_lens) - 1, device=self.device)
         return hidden.index_select(0, last)
@@ -125,7 +133,7 @@ class ModelRunner:
 
     def _run_decode(self, t):
         ctx = DecodeContext(self.kv, t["slots"], t["block_tables"], t["context_lens"], self.scale,
-                            self.decode_backend)
+                            self.decode_backend, self.store_backend)
         # FP8 layers decode in their parameters' precision: one-token GEMMs are too thin for FP8 to
         # pay, and the FP8 quantiser (torch.compile) and TE's scaling state do not belong in a graph.
         with fp8_disabled():
