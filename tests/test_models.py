@@ -321,67 +321,95 @@ def test_attention_paths_equal_naive_reference(lengths, heads, kv_heads):
             assert max_rel_err(g, r) <= 1e-5, fn.__name__
 
 
-def _fake_varlen_attn(new_api: bool, gqa_param: bool):
+def _fake_varlen_attn(new_api: bool, gqa_param: bool, aligned: str = "bottom_right"):
     """CPU stand-ins with torch's varlen_attn signatures: 2.10's (is_causal, no scale: the kernel uses
     1/sqrt(D)) and 2.11+'s (window_size, scale, with or without enable_gqa). Each checks what it is
-    called with and computes the naive packed attention."""
-    def check(query, key, cu_seq_q, cu_seq_k, max_q, max_k, causal_ok, enable_gqa):
+    called with and computes the naive causal attention, its mask aligned bottom-right (query i of n
+    over c keys sees keys <= c - n + i) or, to test the probe, top-left."""
+    def check(query, key, max_q, max_k, causal_ok, enable_gqa):
         assert causal_ok, "varlen_attn must be asked for causal attention"
-        assert torch.equal(cu_seq_q, cu_seq_k) and cu_seq_q.dtype == torch.int32 and max_q == max_k
         assert (key.shape[1] != query.shape[1]) == enable_gqa, "GQA: native flag, or K/V expanded"
 
-    def run(query, key, value, cu_seq_q, max_q, scale):
-        lengths = (cu_seq_q[1:] - cu_seq_q[:-1]).tolist()
-        assert max(lengths) == max_q
+    def run(query, key, value, cu_q, cu_k, max_q, max_k, scale):
+        q_lens, k_lens = (cu_q[1:] - cu_q[:-1]).tolist(), (cu_k[1:] - cu_k[:-1]).tolist()
+        assert max(q_lens) == max_q and max(k_lens) == max_k and cu_q.dtype == cu_k.dtype == torch.int32
         scale = query.shape[-1] ** -0.5 if scale is None else scale
-        return naive_packed_attention(query, key, value, lengths, scale).to(query.dtype)
+        groups = query.shape[1] // key.shape[1]
+        out, qs, ks = [], 0, 0
+        for n, c in zip(q_lens, k_lens):
+            q_, k_, v_ = query[qs:qs + n].double(), key[ks:ks + c].double(), value[ks:ks + c].double()
+            k_, v_ = k_.repeat_interleave(groups, 1), v_.repeat_interleave(groups, 1)
+            scores = torch.einsum("thd,shd->hts", q_, k_) * scale
+            shift = c - n if aligned == "bottom_right" else 0
+            seen = torch.arange(c)[None, :] <= torch.arange(n)[:, None] + shift
+            out.append(torch.einsum("hts,shd->thd", scores.masked_fill(~seen, float("-inf")).softmax(-1), v_))
+            qs, ks = qs + n, ks + c
+        return torch.cat(out).to(query.dtype)
 
     if new_api and gqa_param:
         def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
                         window_size=(-1, -1), enable_gqa=False):
-            check(query, key, cu_seq_q, cu_seq_k, max_q, max_k, tuple(window_size) == (-1, 0), enable_gqa)
-            return run(query, key, value, cu_seq_q, max_q, scale)
+            check(query, key, max_q, max_k, tuple(window_size) == (-1, 0), enable_gqa)
+            return run(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale)
     elif new_api:
         def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
                         window_size=(-1, -1)):
-            check(query, key, cu_seq_q, cu_seq_k, max_q, max_k, tuple(window_size) == (-1, 0), False)
-            return run(query, key, value, cu_seq_q, max_q, scale)
+            check(query, key, max_q, max_k, tuple(window_size) == (-1, 0), False)
+            return run(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale)
     else:
         def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, return_aux=None):
-            check(query, key, cu_seq_q, cu_seq_k, max_q, max_k, is_causal, False)
-            return run(query, key, value, cu_seq_q, max_q, None)
+            check(query, key, max_q, max_k, is_causal, False)
+            return run(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, None)
     return varlen_attn
 
 
-@pytest.mark.parametrize("new_api, gqa_param", [(True, True), (True, False), (False, False)])
-def test_torch_varlen_attn_is_called_causal_with_gqa_handled(monkeypatch, new_api, gqa_param):
-    """The adapter over torch's varlen_attn across its signature changes (the kernel itself is CUDA-only:
-    the GPU test below runs it)."""
+@pytest.fixture
+def fake_varlen(monkeypatch):
+    """Install a fake torch varlen_attn (and fresh probe state); returns the installer."""
     import torch.nn.attention.varlen as tv
 
+    from r1fast.ops import attention as ops_attention
+
+    monkeypatch.setattr(ops_attention, "_varlen_broken", {})
+    monkeypatch.setattr(ops_attention, "_varlen_ok", set())
+
+    def install(fn):
+        monkeypatch.setattr(tv, "varlen_attn", fn)
+        ops_attention.torch_varlen_attn.cache_clear()
+        return ops_attention
+    yield install
+    ops_attention.torch_varlen_attn.cache_clear()
+
+
+@pytest.mark.parametrize("new_api, gqa_param", [(True, True), (True, False), (False, False)])
+def test_torch_varlen_attn_is_called_causal_with_gqa_handled(fake_varlen, new_api, gqa_param):
+    """The adapter over torch's varlen_attn across its signature changes (the kernel itself is CUDA-only:
+    the GPU test below runs it)."""
     from r1fast.models import attention
 
-    monkeypatch.setattr(tv, "varlen_attn", _fake_varlen_attn(new_api, gqa_param))
-    attention._torch_varlen_attn.cache_clear()
-    try:
-        attend = attention._torch_varlen_attn()
-        lengths, t, d = [5, 1, 9], 15, 8
-        q = torch.randn(t, 4, d, generator=torch.Generator().manual_seed(0))
-        k = torch.randn(t, 2, d, generator=torch.Generator().manual_seed(1))
-        v = torch.randn(t, 2, d, generator=torch.Generator().manual_seed(2))
-        packed = attention.packed_from_lengths(lengths, torch.device("cpu"))
-        out = attend(q, k, v, packed.cu_seqlens, packed.max_seqlen, 0.3)
-        assert max_rel_err(out, naive_packed_attention(q, k, v, lengths, 0.3).float()) <= 1e-5
-    finally:
-        attention._torch_varlen_attn.cache_clear()
+    ops_attention = fake_varlen(_fake_varlen_attn(new_api, gqa_param))
+    attend = ops_attention.torch_varlen_attn()
+    lengths, t, d = [5, 1, 9], 15, 8
+    q = torch.randn(t, 4, d, generator=torch.Generator().manual_seed(0))
+    k = torch.randn(t, 2, d, generator=torch.Generator().manual_seed(1))
+    v = torch.randn(t, 2, d, generator=torch.Generator().manual_seed(2))
+    packed = attention.packed_from_lengths(lengths, torch.device("cpu"))
+    out = attend(q, k, v, packed.cu_seqlens, packed.cu_seqlens, packed.max_seqlen, packed.max_seqlen, 0.3)
+    assert max_rel_err(out, naive_packed_attention(q, k, v, lengths, 0.3).float()) <= 1e-5
 
 
-def test_varlen_probe_falls_back_on_a_backward_failure_and_reraises_oom(monkeypatch):
-    from r1fast.models import attention
-
-    monkeypatch.setattr(attention, "_varlen_broken", [])
-    monkeypatch.setattr(attention, "_varlen_ok", set())
+def test_varlen_probe_checks_alignment_backward_and_reraises_oom(fake_varlen, monkeypatch):
     q, k = torch.randn(5, 4, 8), torch.randn(5, 2, 8)
+    ops_attention = fake_varlen(_fake_varlen_attn(True, True, aligned="top_left"))
+    assert ops_attention.varlen_ready(q, k)  # same query and key lengths: alignment cannot matter
+    assert not ops_attention.varlen_ready(q, k, prefix=True)  # over a cached prefix it does: caught
+    assert "wrong numbers" in ops_attention._varlen_broken[True]
+    assert ops_attention.varlen_ready(q, k)  # training keeps the fast path
+
+    ops_attention = fake_varlen(_fake_varlen_attn(True, True))
+    monkeypatch.setattr(ops_attention, "_varlen_broken", {})
+    with torch.inference_mode():  # the probe still gets its gradients
+        assert ops_attention.varlen_ready(q, k, prefix=True) and ops_attention.varlen_ready(q[:, :, :4], k[:, :, :4])
 
     class BadBackward(torch.autograd.Function):
         @staticmethod
@@ -391,24 +419,30 @@ def test_varlen_probe_falls_back_on_a_backward_failure_and_reraises_oom(monkeypa
         @staticmethod
         def backward(ctx, g):
             raise RuntimeError("no backward kernel for this head_dim")
+    good = _fake_varlen_attn(True, True)
 
-    def oom(q_, k_, v_, cu, max_len, scale):
+    def bad_backward(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, window_size=(-1, -1),
+                     enable_gqa=False):
+        return BadBackward.apply(good(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale=scale,
+                                      window_size=window_size, enable_gqa=enable_gqa))
+    fake_varlen(bad_backward)
+    assert not ops_attention.varlen_ready(q[:, :, :2], k[:, :, :2])
+    assert "no backward kernel" in ops_attention._varlen_broken[False]
+
+    def oom(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, window_size=(-1, -1)):
         raise torch.OutOfMemoryError("CUDA out of memory")
+    fake_varlen(oom)
+    monkeypatch.setattr(ops_attention, "_varlen_broken", {})
     with pytest.raises(torch.OutOfMemoryError):
-        attention._varlen_works(oom, q, k)
-    assert not attention._varlen_broken  # a transient OOM does not disable the fast path
-    good = lambda q_, k_, v_, cu, max_len, scale: q_ * 2  # noqa: E731
-    with torch.inference_mode():  # the probe still gets gradients
-        assert attention._varlen_works(good, q, k)
-    assert attention._varlen_works(lambda q_, *a: BadBackward.apply(q_), q[:, :, :4], k[:, :, :4]) is False
-    assert "no backward kernel" in attention._varlen_broken[0]
-    assert attention._varlen_works(good, q, k) is False  # once broken, the loop for the rest of the process
+        ops_attention.varlen_ready(q[:, :, :6], k[:, :, :6])
+    assert not ops_attention._varlen_broken  # a transient OOM does not disable the fast path
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_gpu_varlen_attention_matches_per_sequence_sdpa():
     from r1fast.models import attention
+    from r1fast.ops import attention as ops_attention
 
     lengths, heads, kv_heads, d = [300, 7, 129, 64], 12, 2, 128
     t = sum(lengths)
@@ -418,10 +452,10 @@ def test_gpu_varlen_attention_matches_per_sequence_sdpa():
     dy = torch.randn(t, heads, d, generator=g).cuda().bfloat16()
     ref = attention.sdpa_per_sequence(q, k, v, packed, 0.1)
     ref_grads = torch.autograd.grad((ref.float() * dy.float()).sum(), (q, k, v))
-    attend = attention._torch_varlen_attn()
-    assert attend is not None, "torch >= 2.10 has torch.nn.attention.varlen"
-    assert attention._varlen_works(attend, q, k), attention._varlen_broken
-    out = attend(q, k, v, packed.cu_seqlens, packed.max_seqlen, 0.1)
+    assert ops_attention.varlen_ready(q, k), ops_attention._varlen_broken
+    assert ops_attention.varlen_ready(q, k, prefix=True), ops_attention._varlen_broken
+    out = ops_attention.torch_varlen_attn()(q, k, v, packed.cu_seqlens, packed.cu_seqlens, packed.max_seqlen,
+                                            packed.max_seqlen, 0.1)
     grads = torch.autograd.grad((out.float() * dy.float()).sum(), (q, k, v))
     assert max_rel_err(out.float(), ref.float()) <= 2e-2
     for a, b in zip(grads, ref_grads):

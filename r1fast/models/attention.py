@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import inspect
-import logging
 
 import torch
 from torch.nn import functional as F
+
+from r1fast.ops.attention import torch_varlen_attn, varlen_ready
 
 
 @dataclasses.dataclass
@@ -103,69 +103,6 @@ def _flash_attn_varlen():
     return flash_attn_varlen_func
 
 
-@functools.lru_cache(maxsize=None)
-def _torch_varlen_attn():
-    """torch's varlen flash attention as f(q, k, v, cu_seqlens, max_seqlen, scale), or None. Its
-    signature moved between releases: the causal switch from `is_causal=True` (torch 2.10) to
-    `window_size=(-1, 0)` (2.11+); `scale` and `enable_gqa` are used where they exist (else q is
-    pre-scaled against the kernel's 1/sqrt(D), and K/V are expanded to the query heads)."""
-    try:
-        from torch.nn.attention.varlen import varlen_attn
-    except Exception:
-        return None
-    params = inspect.signature(varlen_attn).parameters
-    if "window_size" in params:
-        causal = {"window_size": (-1, 0)}
-    elif "is_causal" in params:
-        causal = {"is_causal": True}
-    else:
-        return None
-    native_gqa, has_scale = "enable_gqa" in params, "scale" in params
-
-    def attend(q, k, v, cu_seqlens, max_seqlen, scale):
-        groups = q.shape[1] // k.shape[1]
-        extra = dict(causal)
-        if groups > 1 and native_gqa:
-            extra["enable_gqa"] = True
-        elif groups > 1:
-            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-        if has_scale:
-            extra["scale"] = scale
-        elif abs(scale * q.shape[-1] ** 0.5 - 1.0) > 1e-12:
-            q = q * (scale * q.shape[-1] ** 0.5)
-        return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **extra)
-    return attend
-
-
-_varlen_broken: list[str] = []  # set once torch's varlen kernel failed here: the loop of SDPA calls takes over
-_varlen_ok: set = set()         # (device, dtype, heads, kv_heads, head_dim) that passed the probe
-
-
-def _varlen_works(attend, q, k) -> bool:
-    """One tiny forward + backward through torch's varlen kernel for this device, dtype and head
-    shape, once per process: a failure inside the training step's backward could not be caught."""
-    key = (q.device, q.dtype, q.shape[1], k.shape[1], q.shape[2])
-    if _varlen_broken:
-        return False
-    if key in _varlen_ok:
-        return True
-    try:
-        with torch.inference_mode(False), torch.enable_grad():
-            qp = torch.randn(6, q.shape[1], q.shape[2], device=q.device, dtype=q.dtype, requires_grad=True)
-            kp = torch.randn(6, k.shape[1], q.shape[2], device=q.device, dtype=q.dtype, requires_grad=True)
-            cu = torch.tensor([0, 2, 6], dtype=torch.int32, device=q.device)
-            attend(qp, kp, kp, cu, 4, q.shape[2] ** -0.5).float().sum().backward()
-    except torch.OutOfMemoryError:
-        raise
-    except Exception as e:  # noqa: BLE001 - any failure means: use the per-sequence loop
-        _varlen_broken.append(f"{type(e).__name__}: {e}")
-        logging.getLogger(__name__).warning(
-            "torch varlen attention does not run here (%s); using one SDPA call per sequence", _varlen_broken[0])
-        return False
-    _varlen_ok.add(key)
-    return True
-
-
 def varlen_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packed: PackedBatch,
                             scale: float) -> torch.Tensor:
     """q [T, Hq, D], k/v [T, Hkv, D] -> [T, Hq, D], causal within each packed sequence."""
@@ -174,9 +111,9 @@ def varlen_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p
         if flash is not None:
             return flash(q, k, v, packed.cu_seqlens, packed.cu_seqlens, packed.max_seqlen, packed.max_seqlen,
                          dropout_p=0.0, softmax_scale=scale, causal=True)
-        attend = _torch_varlen_attn()
-        if attend is not None and _varlen_works(attend, q, k):
-            return attend(q, k, v, packed.cu_seqlens, packed.max_seqlen, scale)
+        if varlen_ready(q, k):
+            return torch_varlen_attn()(q, k, v, packed.cu_seqlens, packed.cu_seqlens, packed.max_seqlen,
+                                       packed.max_seqlen, scale)
     if not q.is_cuda and (len(packed.lengths) == 1 or q.shape[0] <= _MASKED_MAX_TOKENS):
         return sdpa_block_diagonal(q, k, v, packed, scale)
     return sdpa_per_sequence(q, k, v, packed, scale)

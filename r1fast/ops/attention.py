@@ -3,8 +3,13 @@
 paged_decode_attention: one query token per sequence against its cached context (the decode step).
     backends: reference (per-sequence loop, float64-capable), torch (one batched gather), triton, cuda.
 paged_prefill_attention: causal attention of each sequence's new tokens over its cached prefix and
-    themselves (chunked prefill and prefix-cache hits). flash-attn varlen when importable on CUDA,
-    torch SDPA otherwise.
+    themselves (chunked prefill and prefix-cache hits). On CUDA: flash-attn varlen when importable,
+    else torch's varlen kernel once a probe shows it aligns the causal mask as required, else torch
+    SDPA per sequence.
+
+torch_varlen_attn / varlen_ready: torch's own varlen flash attention (torch >= 2.10) behind one
+signature, and a once-per-shape probe that it runs (and gives the right numbers) on this device;
+the packed training attention of r1fast.models uses them too.
 
 Cache layout: k_cache, v_cache [num_blocks, block_size, num_kv_heads, head_dim]; block_tables int32
 [num_seqs, max_blocks_per_seq]; context_lens int32 [num_seqs], each in [1, max_blocks_per_seq * block_size],
@@ -14,6 +19,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
+import logging
 import math
 
 import torch
@@ -206,6 +213,91 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, *, s
 
 
 @functools.lru_cache(maxsize=None)
+def torch_varlen_attn():
+    """torch's varlen flash attention as f(q, k, v, cu_q, cu_k, max_q, max_k, scale), causal, or None.
+    Its signature moved between releases: the causal switch from `is_causal=True` (torch 2.10) to
+    `window_size=(-1, 0)` (2.11+); `scale` and `enable_gqa` are used where they exist (else q is
+    pre-scaled against the kernel's 1/sqrt(D), and K/V are expanded to the query heads). Whether it
+    runs here, and aligns the mask bottom-right when queries are the last of a longer context, is
+    what varlen_ready() checks."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except Exception:
+        return None
+    params = inspect.signature(varlen_attn).parameters
+    if "window_size" in params:
+        causal = {"window_size": (-1, 0)}
+    elif "is_causal" in params:
+        causal = {"is_causal": True}
+    else:
+        return None
+    native_gqa, has_scale = "enable_gqa" in params, "scale" in params
+
+    def attend(q, k, v, cu_q, cu_k, max_q, max_k, scale):
+        groups = q.shape[1] // k.shape[1]
+        extra = dict(causal)
+        if groups > 1 and native_gqa:
+            extra["enable_gqa"] = True
+        elif groups > 1:
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        if has_scale:
+            extra["scale"] = scale
+        elif abs(scale * q.shape[-1] ** 0.5 - 1.0) > 1e-12:
+            q = q * (scale * q.shape[-1] ** 0.5)
+        return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, **extra)
+    return attend
+
+
+_varlen_broken: dict[bool, str] = {}  # prefix? -> why torch's varlen kernel failed its probe here
+_varlen_ok: set = set()               # probe keys that passed
+
+
+def varlen_ready(q, k, prefix: bool = False) -> bool:
+    """Whether torch_varlen_attn() can serve q / k's device, dtype and head shape: probed once per key
+    on two tiny sequences against the float64 reference. Training (`prefix=False`: as many keys as
+    queries) also runs a backward; prefill (`prefix=True`: queries are the last of a longer context)
+    also checks the causal mask is aligned bottom-right. A failure logs one warning and the callers
+    use their per-sequence paths for the rest of the process; an out-of-memory error is raised."""
+    attend = torch_varlen_attn()
+    if attend is None or prefix in _varlen_broken:
+        return False
+    key = (q.device, q.dtype, q.shape[1], k.shape[1], q.shape[2], prefix)
+    if key in _varlen_ok:
+        return True
+    heads, kv_heads, d = q.shape[1], k.shape[1], q.shape[2]
+    q_lens, k_lens = ([2, 3], [5, 3]) if prefix else ([2, 4], [2, 4])
+    cu = lambda lens: torch.tensor([0, lens[0], sum(lens)], dtype=torch.int32, device=q.device)  # noqa: E731
+    try:
+        with torch.inference_mode(False), torch.enable_grad():  # a caller in inference mode still gets gradients
+            g = torch.Generator(device="cpu").manual_seed(0)
+            qp = torch.randn(sum(q_lens), heads, d, generator=g)
+            kp, vp = (torch.randn(sum(k_lens), kv_heads, d, generator=g) for _ in range(2))
+            qd, kd, vd = (x.to(q.device, q.dtype).requires_grad_(not prefix) for x in (qp, kp, vp))
+            out = attend(qd, kd, vd, cu(q_lens), cu(k_lens), max(q_lens), max(k_lens), d ** -0.5)
+            if not prefix:
+                out.float().sum().backward()
+        want, qs, ks = [], 0, 0
+        for n, c in zip(q_lens, k_lens):
+            want.append(reference.attention(qp[qs:qs + n].double(), kp[ks:ks + c].double(), vp[ks:ks + c].double(),
+                                            d ** -0.5, causal_offset=c - n))
+            qs, ks = qs + n, ks + c
+        want = torch.cat(want)
+        err = float((out.detach().double().cpu() - want).abs().max() / want.abs().max())
+        if not err <= (1e-4 if q.dtype == torch.float32 else 3e-2):
+            raise RuntimeError(f"wrong numbers (relative error {err:.2e}): causal mask not aligned as needed?")
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any failure means: use the per-sequence paths
+        _varlen_broken[prefix] = f"{type(e).__name__}: {e}"
+        logging.getLogger(__name__).warning(
+            "torch varlen attention does not serve %s here (%s); using one SDPA call per sequence",
+            "prefill" if prefix else "training", _varlen_broken[prefix])
+        return False
+    _varlen_ok.add(key)
+    return True
+
+
+@functools.lru_cache(maxsize=None)
 def flash_attn_varlen():
     try:
         from flash_attn import flash_attn_varlen_func
@@ -232,10 +324,13 @@ def _prefill_torch(q, k_cache, v_cache, context_slots, query_lens, context_lens,
     hkv, d = k_cache.shape[2], k_cache.shape[3]
     k_all = k_cache.view(-1, hkv, d).index_select(0, context_slots)
     v_all = v_cache.view(-1, hkv, d).index_select(0, context_slots)
-    flash = flash_attn_varlen() if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) else None
-    if flash is not None:
+    half_on_gpu = q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+    flash = flash_attn_varlen() if half_on_gpu else None
+    if flash is not None or (half_on_gpu and varlen_ready(q, k_all, prefix=True)):
         cu_q = torch.tensor([0, *itertools_accumulate(query_lens)], device=q.device, dtype=torch.int32)
         cu_k = torch.tensor([0, *itertools_accumulate(context_lens)], device=q.device, dtype=torch.int32)
+        if flash is None:  # torch's kernel, probed to align the mask as flash-attn does
+            return torch_varlen_attn()(q, k_all, v_all, cu_q, cu_k, max(query_lens), max(context_lens), scale)
         # flash-attn aligns the causal mask to the bottom right: query i of n sees keys <= ctx - n + i
         return flash(q, k_all, v_all, cu_q, cu_k, max(query_lens), max(context_lens), softmax_scale=scale,
                      causal=True)
