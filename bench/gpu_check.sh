@@ -50,7 +50,8 @@ else
   timeout 140 python3 -m pytest -q --maxfail=20 -p no:cacheprovider $xdist -m "gpu or not slow" \
     tests/test_store_kv.py tests/test_decode_attention.py tests/test_logprob.py tests/test_grpo_loss.py \
     tests/test_advantages.py tests/test_fp8_numerics.py tests/test_fp8_apply.py tests/test_models.py \
-    tests/test_rollout.py tests/test_sampling_kernel.py tests/test_rollout_self_check.py >"$OUT/tests.log" 2>&1
+    tests/test_rollout.py tests/test_sampling_kernel.py tests/test_rollout_self_check.py tests/test_layers_kernels.py \
+    >"$OUT/tests.log" 2>&1
   echo "pytest exit $?"; grep -E "passed|failed|error" "$OUT/tests.log" | tail -3; grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -20
 fi
 
@@ -58,7 +59,7 @@ stage "bench, every suite at GPU size"
 # Most wanted first (the open issues' targets): a suite the time box cuts off loses only itself and
 # the ones after it, since the results files are rewritten after every suite. Suites not named here
 # (new ones) run last.
-order=${SUITES:-"logprob grpo_loss decode_attention rollout sampling fp8_linear grpo_step model kv_cache trl"}
+order=${SUITES:-"logprob grpo_loss decode_attention rollout sampling layers fp8_linear grpo_step model kv_cache trl"}
 known=$(python3 -m r1fast.cli bench --list 2>/dev/null | awk '{print $1}')
 suites=$(for s in $order; do grep -qx "$s" <<<"$known" && echo "$s"; done
          [ -n "${SUITES:-}" ] || for s in $known; do grep -qw "$s" <<<"$order" || echo "$s"; done)

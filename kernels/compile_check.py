@@ -157,6 +157,33 @@ def compile_all(arch: int = 90, full: bool = False, report=None):
                  f"_store_kv_kernel {dt}")
     done.append(f"decode_attention kernel ({len(dts) * len(shapes)} specialisations)")
     done.append(f"store_kv kernel ({len(dts)} specialisations)")
+    # fused decoder layers, as ops.rms_norm / ops.swiglu launch them: RMSNorm over hidden sizes
+    # (Qwen2.5-1.5B 1536, 4096, 8192: the widest row kept in registers) and Qwen3's per-head q/k
+    # norm (head_dim 128, 16 rows per tile), plus a row wider than a block with `full`; SwiGLU at
+    # Qwen2.5-1.5B's intermediate size 8960 (a tile shape that does not depend on the width past 2048)
+    from r1fast.kernels import rmsnorm as rmsnorm_kernels
+    from r1fast.kernels import swiglu as swiglu_kernels
+
+    widths = (128, 1536, 4096, 8192, 16384) if full else (128, 1536)
+    dts = ("bf16", "fp16", "fp32") if full else ("bf16", "fp32")
+    for dt in dts:
+        types = {"x_ptr": f"*{dt}", "w_ptr": f"*{dt}", "out_ptr": f"*{dt}", "dy_ptr": f"*{dt}", "dx_ptr": f"*{dt}",
+                 "rstd_ptr": "*fp32", "dw_ptr": "*fp32", "eps": "fp32", "inv_h": "fp32"}
+        for h in widths:
+            cfg = rmsnorm_kernels.launch_config(h, "cuda", elem_bytes=4 if dt == "fp32" else 2)
+            c = dict(N_BLOCKS=cfg["N_BLOCKS"])
+            _compile(rmsnorm_kernels._rmsnorm_fwd_kernel, types, c, arch, cfg, report, f"_rmsnorm_fwd_kernel {dt} H={h}")
+            for has_dx, has_dw in ((True, True), (True, False)) if full else ((True, True),):
+                _compile(rmsnorm_kernels._rmsnorm_bwd_kernel, types, dict(c, HAS_DX=has_dx, HAS_DW=has_dw), arch, cfg,
+                         report, f"_rmsnorm_bwd_kernel {dt} H={h}" + ("" if has_dw else " no dw"))
+    n_bwd = 2 if full else 1
+    done.append(f"rmsnorm kernels ({len(dts) * len(widths) * (1 + n_bwd)} specialisations)")
+    for dt in dts:
+        types = {n: f"*{dt}" for n in ("g_ptr", "u_ptr", "out_ptr", "dy_ptr", "dg_ptr", "du_ptr")}
+        cfg = swiglu_kernels.launch_config(8960, "cuda")
+        for kern in (swiglu_kernels._swiglu_fwd_kernel, swiglu_kernels._swiglu_bwd_kernel):
+            _compile(kern, types, dict(PRECISE=True), arch, cfg, report, f"{kern.fn.__name__} {dt}")
+    done.append(f"swiglu kernels ({2 * len(dts)} specialisations)")
     return done
 
 

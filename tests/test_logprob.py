@@ -361,7 +361,8 @@ def test_kernels_compile_for_hopper_without_a_gpu():
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     for family in ("logprob kernels bf16", "logprob kernels fp16", "logprob kernels fp32", "grpo_loss kernel",
-                   "group_advantages kernel", "sampling kernel", "decode_attention kernel", "store_kv kernel"):
+                   "group_advantages kernel", "sampling kernel", "decode_attention kernel", "store_kv kernel",
+                   "rmsnorm kernels", "swiglu kernels"):
         assert f"compiled: {family}" in out.stdout, out.stdout
 
 

@@ -15,6 +15,7 @@ from r1fast.models.attention import (PackedBatch, check_cu_seqlens, packed_from_
 from r1fast.models.config import ModelConfig
 from r1fast.models.linear import Linear
 from r1fast.models.rotary import RotaryEmbedding, apply_rotary
+from r1fast.ops.layers import rms_norm, swiglu
 
 
 class RMSNorm(nn.Module):
@@ -26,9 +27,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.to(torch.float32)
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        # ops.rms_norm: transformers' expression on the CPU (torch backend, bit for bit), fused Triton on CUDA
+        return rms_norm(x, self.weight, self.eps)
 
 
 class Attention(nn.Module):
@@ -76,7 +76,8 @@ class MLP(nn.Module):
         self.down_proj = Linear(i, h, bias=b)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        # ops.swiglu: F.silu(gate) * up on the CPU (torch backend), fused Triton on CUDA
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
 class DecoderLayer(nn.Module):

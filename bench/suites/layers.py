@@ -1,0 +1,129 @@
+"""layers: the decoder's RMSNorm and SwiGLU activation (ops.rms_norm, ops.swiglu), fwd and fwd+bwd.
+
+Memory-bound elementwise / row-reduction work: the floor is the bytes a fused kernel must move over
+the measured copy bandwidth:
+    rms_norm  fwd: read x, write y (2·T·H elements);  fwd+bwd: + read dy and x, write dx (5·T·H)
+    swiglu    fwd: read gate and up, write out (3·T·I);  fwd+bwd: + read dy, gate, up, write both
+              gradients (8·T·I)
+(the weight, rstd and dw partials are O(H + T): left out). GPU size: Qwen2.5-1.5B's hidden 1536
+and intermediate 8960 over 16k tokens, bf16.
+r1fast: the triton backend (the fused kernels) and the torch backend (the decoder's plain
+expressions: transformers' RMSNorm, F.silu(g) * u). Peers: torch's own F.rms_norm (a fused kernel
+on CUDA) and eager F.silu(g) * u, torch.compile of the torch expressions (CUDA only), and Liger's
+LigerRMSNorm (casting_mode="llama", the same numerics) / LigerSiLUMulFunction when importable.
+"""
+import torch
+import torch.nn.functional as F
+
+from r1fast import backends, ops
+from r1fast.bench.harness import Case, Impl, Skip, suite
+
+EPS = 1e-6
+
+
+def _norm_inputs(t, h, dtype, device):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(t, h, generator=g).to(device=device, dtype=dtype).requires_grad_()
+    w = (1 + 0.1 * torch.randn(h, generator=g)).to(device=device, dtype=dtype).requires_grad_()
+    dy = torch.randn(t, h, generator=g).to(device=device, dtype=dtype)
+    return x, w, dy
+
+
+def _swiglu_inputs(t, i, dtype, device):
+    g = torch.Generator().manual_seed(1)
+    gate = (2 * torch.randn(t, i, generator=g)).to(device=device, dtype=dtype).requires_grad_()
+    up = torch.randn(t, i, generator=g).to(device=device, dtype=dtype).requires_grad_()
+    dy = torch.randn(t, i, generator=g).to(device=device, dtype=dtype)
+    return gate, up, dy
+
+
+def _timed(make_fn, inputs, mode):
+    """The callable to time: forward (no autograd graph) or forward + backward from a fixed cotangent."""
+    *args, dy = inputs
+    fn = make_fn(*args)
+    if mode == "fwd":
+        def run():
+            with torch.no_grad():
+                return fn(*args)
+        return run
+
+    def run_bwd():
+        return torch.autograd.grad(fn(*args), args, dy)
+    return run_bwd
+
+
+def _r1fast(op, backend, inputs, mode, device):
+    def setup():
+        if backend not in backends.available(op, device):
+            raise Skip(f"backend {backend} unavailable on {device.type}")
+        if op == "rms_norm":
+            return _timed(lambda x, w: lambda a, b: ops.rms_norm(a, b, EPS, backend=backend), inputs(), mode)
+        return _timed(lambda g, u: lambda a, b: ops.swiglu(a, b, backend=backend), inputs(), mode)
+    return setup
+
+
+def _peer(make_fn, inputs, mode, device, cuda_only=False):
+    def setup():
+        if cuda_only and device.type != "cuda":
+            raise Skip(f"CUDA only, not {device.type}")
+        return _timed(make_fn, inputs(), mode)
+    return setup
+
+
+def _torch_rms_norm(x, w):
+    return lambda a, b: F.rms_norm(a, (a.shape[-1],), b, EPS)
+
+
+def _compiled_rms_norm(x, w):
+    from r1fast.ops.layers import _rms_norm_torch  # the torch backend's expression, without the dispatch
+
+    return torch.compile(lambda a, b: _rms_norm_torch(a, b, EPS), dynamic=False)
+
+
+def _liger_rms_norm(x, w):
+    from liger_kernel.ops.rms_norm import LigerRMSNormFunction
+
+    # what LigerRMSNorm(casting_mode="llama") runs, on our weight leaf (in_place=False: dy stays intact)
+    return lambda a, b: LigerRMSNormFunction.apply(a, b, EPS, 0.0, "llama", False)
+
+
+def _torch_swiglu(g, u):
+    return lambda a, b: F.silu(a) * b
+
+
+def _compiled_swiglu(g, u):
+    return torch.compile(lambda a, b: F.silu(a) * b, dynamic=False)
+
+
+def _liger_swiglu(g, u):
+    from liger_kernel.ops.swiglu import LigerSiLUMulFunction
+
+    return lambda a, b: LigerSiLUMulFunction.apply(a, b)
+
+
+@suite("layers")
+def cases(size, device):
+    """Fused RMSNorm and SwiGLU (fwd, fwd+bwd) vs the torch expressions, torch.compile and Liger."""
+    if size == "gpu":
+        t, h, i, dtype = 16384, 1536, 8960, torch.bfloat16
+    else:
+        t, h, i, dtype = 64, 48, 80, torch.float32
+    es = torch.finfo(dtype).bits // 8
+    dt = str(dtype).removeprefix("torch.")
+    out = []
+    for mode, norm_elems, swiglu_elems in (("fwd", 2, 3), ("fwd_bwd", 5, 8)):
+        norm = lambda: _norm_inputs(t, h, dtype, device)  # noqa: E731
+        impls = [Impl("r1fast", b, _r1fast("rms_norm", b, norm, mode, device)) for b in ("triton", "torch")]
+        impls += [Impl("torch", "F.rms_norm", _peer(_torch_rms_norm, norm, mode, device)),
+                  Impl("torch", "compile", _peer(_compiled_rms_norm, norm, mode, device, cuda_only=True)),
+                  Impl("liger", "LigerRMSNorm", _peer(_liger_rms_norm, norm, mode, device, cuda_only=True),
+                       requires=("liger_kernel",))]
+        out.append(Case(f"rms_norm T={t} H={h}", mode, dt, impls, bytes=norm_elems * t * h * es, items=t))
+        sw = lambda: _swiglu_inputs(t, i, dtype, device)  # noqa: E731
+        impls = [Impl("r1fast", b, _r1fast("swiglu", b, sw, mode, device)) for b in ("triton", "torch")]
+        impls += [Impl("torch", "eager", _peer(_torch_swiglu, sw, mode, device)),
+                  Impl("torch", "compile", _peer(_compiled_swiglu, sw, mode, device, cuda_only=True)),
+                  Impl("liger", "LigerSiLUMulFunction", _peer(_liger_swiglu, sw, mode, device, cuda_only=True),
+                       requires=("liger_kernel",))]
+        out.append(Case(f"swiglu T={t} I={i}", mode, dt, impls, bytes=swiglu_elems * t * i * es, items=t))
+    return out

@@ -1,0 +1,121 @@
+"""Triton SwiGLU activation, forward and backward: out = silu(gate) * up, the decoder MLP's
+elementwise step between gate/up and down projections (tensors [tokens, intermediate], the largest
+activations of a training step).
+
+Forward (gate, up fp16 / bf16 / fp32 of one dtype; fp32 math; out in the input dtype):
+    s   = round(gate / (1 + exp(-gate)))        silu in fp32, rounded to the input dtype
+    out = round(s * up)                         one fp32 product (exact for 16-bit inputs), rounded
+These are torch's own operations for `F.silu(g) * u` on CUDA (its silu kernel computes
+x / (1 + exp(-x)) in fp32 with expf and an IEEE division, then rounds; the product of two
+16-bit floats is exact in fp32 and rounded once), and the kernel uses libdevice's expf and
+div_rn for them, so on CUDA the forward is meant to equal torch's bit for bit (a gpu-marked test
+checks it; not yet run on a GPU. Subnormal gates may differ: Triton links libdevice in its
+flush-to-zero mode; and both compilers may contract expf's last multiply with the + 1 into an FMA,
+which the test would reveal). Under the interpreter exp is numpy's:
+close to torch's CPU result, not claimed bit-equal.
+
+Backward from d_out, recomputing silu (only gate and up are saved; torch's path saves silu(gate)
+as well):
+    sig    = 1 / (1 + exp(-gate))
+    d_up   = round(d_out * s)                   s rounded as the forward used it: torch's exact result
+    d_gate = round(d_out * up * sig * (1 + gate * (1 - sig)))   all fp32, rounded once
+torch rounds d_out * up to the input dtype before its silu backward; this kernel does not, so
+d_gate is at least as accurate as torch's and not bit-equal to it.
+
+Layout: rows [R, H] (H = the last dimension, contiguous), a [BLOCK_R, BLOCK_N] tile per program on a
+(row tiles, column blocks) grid; every offset is int64 (393k tokens x 8960 passes 2^31 elements).
+The interpreter cannot call libdevice: PRECISE=False (CPU tensors) uses tl.exp and is otherwise the
+same code.
+"""
+import contextlib
+
+import torch
+import triton
+import triton.language as tl
+from triton.language.extra import libdevice
+
+# elements per program: 8 per thread over 8 warps (16-byte bf16 vectors). ptxas, sm_90, Triton 3.6
+# and 3.9: forward <= 40 registers, backward <= 56, no spills. Not yet tuned on a GPU (`r1fast bench layers`).
+TILE = 2048
+CPU_TILE = 256       # interpreter: small tiles so test shapes cross tile edges
+
+
+def launch_config(H: int, device_type: str = "cuda") -> dict:
+    tile = TILE if device_type == "cuda" else CPU_TILE
+    block_n = min(triton.next_power_of_2(H), tile)
+    block_r = max(1, tile // block_n)
+    return dict(BLOCK_R=block_r, BLOCK_N=block_n, num_warps=8 if device_type == "cuda" else 1, num_stages=1)
+
+
+@triton.jit
+def _exp(x, PRECISE: tl.constexpr):
+    if PRECISE:
+        return libdevice.exp(x)  # expf, as torch's CUDA silu (tl.exp is the faster ex2.approx form)
+    else:
+        return tl.exp(x)
+
+
+@triton.jit
+def _tile(n_rows, H, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs = rows.to(tl.int64)[:, None] * H + cols[None, :]
+    return offs, (rows < n_rows)[:, None] & (cols < H)[None, :]
+
+
+@triton.jit
+def _swiglu_fwd_kernel(g_ptr, u_ptr, out_ptr, n_rows, H,
+                       PRECISE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
+    offs, m = _tile(n_rows, H, BLOCK_R, BLOCK_N)
+    g = tl.load(g_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    u = tl.load(u_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    s = tl.math.div_rn(g, 1.0 + _exp(-g, PRECISE)).to(g_ptr.dtype.element_ty).to(tl.float32)
+    tl.store(out_ptr + offs, (s * u).to(out_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _swiglu_bwd_kernel(dy_ptr, g_ptr, u_ptr, dg_ptr, du_ptr, n_rows, H,
+                       PRECISE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
+    offs, m = _tile(n_rows, H, BLOCK_R, BLOCK_N)
+    dy = tl.load(dy_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    u = tl.load(u_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    den = 1.0 + _exp(-g, PRECISE)
+    s = tl.math.div_rn(g, den).to(g_ptr.dtype.element_ty).to(tl.float32)
+    sig = tl.math.div_rn(tl.full(den.shape, 1.0, tl.float32), den)
+    tl.store(du_ptr + offs, (dy * s).to(du_ptr.dtype.element_ty), mask=m)
+    dg = dy * u * (sig * (1.0 + g * (1.0 - sig)))
+    tl.store(dg_ptr + offs, dg.to(dg_ptr.dtype.element_ty), mask=m)
+
+
+def _grid(rows, h, cfg):
+    return (triton.cdiv(rows, cfg["BLOCK_R"]), triton.cdiv(h, cfg["BLOCK_N"]))
+
+
+def swiglu_fwd(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """gate, up [rows, H] contiguous, one dtype -> silu(gate) * up [rows, H]."""
+    rows, h = gate.shape
+    out = torch.empty_like(gate)
+    if out.numel() == 0:
+        return out
+    cfg = launch_config(h, gate.device.type)
+    with _launch_device(gate):
+        _swiglu_fwd_kernel[_grid(rows, h, cfg)](gate, up, out, rows, h, PRECISE=gate.is_cuda, **cfg)
+    return out
+
+
+def swiglu_bwd(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor):
+    """dy, gate, up [rows, H] contiguous -> (d_gate, d_up) in gate's dtype."""
+    rows, h = gate.shape
+    dg, du = torch.empty_like(gate), torch.empty_like(up)
+    if dg.numel() == 0:
+        return dg, du
+    cfg = launch_config(h, gate.device.type)
+    with _launch_device(gate):
+        _swiglu_bwd_kernel[_grid(rows, h, cfg)](dy, gate, up, dg, du, rows, h, PRECISE=gate.is_cuda, **cfg)
+    return dg, du
+
+
+def _launch_device(t: torch.Tensor):
+    """Triton launches on the current device: make it the tensors'."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()

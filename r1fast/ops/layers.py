@@ -1,0 +1,169 @@
+"""ops.rms_norm and ops.swiglu: the decoder's RMSNorm and SwiGLU activation (r1fast.models.decoder).
+
+backends (both ops):
+    reference  float64 torch (r1fast.reference.layers), result rounded to the output dtype: the oracle
+    torch      the decoder's own expressions, exactly (what runs on the CPU, bit for bit as before):
+                   rms_norm: x32 = x.float(); weight * (x32 * rsqrt(mean(x32^2) + eps)).to(x.dtype)
+                   swiglu:   F.silu(gate) * up
+    triton     fused kernels (kernels/rmsnorm.py, kernels/swiglu.py) in autograd Functions: one read
+               and one write per tensor forward, the backward recomputes what it needs (RMSNorm
+               saves x, weight and a per-row fp32 rstd; SwiGLU saves gate and up only). Their
+               docstrings say where they equal the torch path bit for bit and where not.
+               float64 inputs go to the torch backend (the kernels compute in fp32).
+Default: triton on CUDA, torch on the CPU (r1fast.backends).
+
+Output dtypes are torch's: rms_norm returns promote(x.dtype, weight.dtype) (x's dtype when the weight
+has it, as in a model), swiglu the inputs' dtype.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.nn import functional as F
+
+from r1fast import backends
+from r1fast.reference import layers as reference
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check_tensor(op, name, t):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in _FLOATS:
+        raise ValueError(f"{op}: {name} must be a float tensor (fp16, bf16, fp32, fp64), got {t.dtype}")
+
+
+def _validate_rms_norm(x, weight, eps):
+    _check_tensor("rms_norm", "x", x)
+    _check_tensor("rms_norm", "weight", weight)
+    if x.dim() < 1 or x.shape[-1] < 1:
+        raise ValueError(f"rms_norm: x must be [..., H] with H >= 1, got shape {tuple(x.shape)}")
+    if weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
+        raise ValueError(f"rms_norm: weight must be [H={x.shape[-1]}] (x's last dimension), "
+                         f"got shape {tuple(weight.shape)}")
+    if x.device != weight.device:
+        raise ValueError(f"rms_norm: x and weight must be on one device, got {x.device} and {weight.device}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
+        raise ValueError(f"rms_norm: eps must be a finite number > 0, got {eps!r}")
+
+
+def _validate_swiglu(gate, up):
+    _check_tensor("swiglu", "gate", gate)
+    _check_tensor("swiglu", "up", up)
+    if gate.dim() < 1:
+        raise ValueError(f"swiglu: gate must have at least one dimension, got shape {tuple(gate.shape)}")
+    if gate.shape != up.shape:
+        raise ValueError(f"swiglu: gate shape {tuple(gate.shape)} != up shape {tuple(up.shape)}")
+    if gate.dtype != up.dtype:
+        raise ValueError(f"swiglu: gate and up must share a dtype, got {gate.dtype} and {up.dtype}")
+    if gate.device != up.device:
+        raise ValueError(f"swiglu: gate and up must be on one device, got {gate.device} and {up.device}")
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """t as contiguous rows [R, last dim] (a view when it already is)."""
+    t2 = t.reshape(-1, t.shape[-1])
+    return t2 if t2.is_contiguous() else t2.contiguous()
+
+
+# ---------------------------------------------------------------- rms_norm
+
+
+@backends.register("rms_norm", "reference")
+def _rms_norm_reference(x, weight, eps):
+    out = reference.rms_norm(x.double(), weight.double(), eps)
+    return out.to(torch.promote_types(x.dtype, weight.dtype))
+
+
+@backends.register("rms_norm", "torch")
+def _rms_norm_torch(x, weight, eps):
+    # transformers' Llama/Qwen2 RMSNorm, as the decoder has always computed it
+    x32 = x.to(torch.float32)
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
+
+
+class _TritonRMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        from r1fast.kernels import rmsnorm as kernel
+
+        x2 = _rows(x)
+        w = weight.contiguous()
+        out, rstd = kernel.rms_norm_fwd(x2, w, float(eps), torch.promote_types(x.dtype, weight.dtype))
+        ctx.save_for_backward(x2, w, rstd)
+        ctx.x_shape = x.shape
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dy):
+        from r1fast.kernels import rmsnorm as kernel
+
+        x2, w, rstd = ctx.saved_tensors
+        need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        dx, dw = kernel.rms_norm_bwd(_rows(dy), x2, w, rstd, need_dx, need_dw)
+        return (dx.view(ctx.x_shape) if dx is not None else None), dw, None
+
+
+@backends.register("rms_norm", "triton")
+def _rms_norm_triton(x, weight, eps):
+    if torch.float64 in (x.dtype, weight.dtype):
+        return _rms_norm_torch(x, weight, eps)
+    return _TritonRMSNorm.apply(x, weight, eps)
+
+
+def rms_norm(x, weight, eps, *, backend=None):
+    """RMSNorm over the last dimension of x [..., H] with weight [H], as the decoder (and transformers'
+    Llama/Qwen2/Qwen3 RMSNorm) computes it: normalise in fp32, round to x's dtype, multiply by weight."""
+    _validate_rms_norm(x, weight, eps)
+    _, fn = backends.resolve("rms_norm", x.device, backend)
+    return fn(x, weight, eps)
+
+
+# ---------------------------------------------------------------- swiglu
+
+
+@backends.register("swiglu", "reference")
+def _swiglu_reference(gate, up):
+    return reference.swiglu(gate.double(), up.double()).to(gate.dtype)
+
+
+@backends.register("swiglu", "torch")
+def _swiglu_torch(gate, up):
+    return F.silu(gate) * up
+
+
+class _TritonSwiGLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate, up):
+        from r1fast.kernels import swiglu as kernel
+
+        g2, u2 = _rows(gate), _rows(up)
+        out = kernel.swiglu_fwd(g2, u2)
+        ctx.save_for_backward(g2, u2)
+        ctx.shape = gate.shape
+        return out.view(gate.shape)
+
+    @staticmethod
+    def backward(ctx, dy):
+        from r1fast.kernels import swiglu as kernel
+
+        g2, u2 = ctx.saved_tensors
+        dg, du = kernel.swiglu_bwd(_rows(dy.to(g2.dtype)), g2, u2)
+        return dg.view(ctx.shape), du.view(ctx.shape)
+
+
+@backends.register("swiglu", "triton")
+def _swiglu_triton(gate, up):
+    if gate.dtype == torch.float64:
+        return _swiglu_torch(gate, up)
+    return _TritonSwiGLU.apply(gate, up)
+
+
+def swiglu(gate, up, *, backend=None):
+    """silu(gate) * up (the SwiGLU MLP's activation), gate and up of one shape and dtype."""
+    _validate_swiglu(gate, up)
+    _, fn = backends.resolve("swiglu", gate.device, backend)
+    return fn(gate, up)

@@ -1,0 +1,351 @@
+"""ops.rms_norm and ops.swiglu: every backend against the float64 reference, forward and backward.
+
+On the CPU the triton backend runs under the interpreter in fp32 (small shapes; widths past the
+interpreter's 64-wide block walk the row in several blocks); the gpu-marked tests run bf16/fp16 at
+Qwen2.5-1.5B sizes against the low-precision rule, and check the bit-equality the kernels claim.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from r1fast import backends, ops
+from r1fast.reference import layers as reference
+from r1fast.testing import assert_close, assert_within_lowp_rule, randn
+
+CPU_BACKENDS = ("torch", "triton")
+
+
+@pytest.fixture
+def poisoned_alloc(monkeypatch):
+    """Every torch.empty / empty_like while the test runs comes back NaN-filled: an output element
+    (or a dw partial row) a kernel forgets to write shows up as NaN."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def nan_empty(*args, **kwargs):
+        t = empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    def nan_empty_like(*args, **kwargs):
+        t = empty_like(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+    monkeypatch.setattr(torch, "empty", nan_empty)
+    monkeypatch.setattr(torch, "empty_like", nan_empty_like)
+
+
+def _grads(fn, inputs, cotangent):
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    out = fn(*leaves)
+    return (out, *torch.autograd.grad(out, leaves, cotangent))
+
+
+def _rms_case(shape, seed, scale=1.0):
+    x = randn(*shape, dtype=torch.float64, seed=seed, scale=scale)
+    w = 1.0 + randn(shape[-1], dtype=torch.float64, seed=seed + 1, scale=0.5)  # random, never all ones
+    dy = randn(*shape, dtype=torch.float64, seed=seed + 2)
+    return x, w, dy
+
+
+# (shape, eps, scale of x): odd widths, one row, rows walked in several blocks under the interpreter
+# (widths past 64 go in 32-wide blocks: 200 is seven, the last partial; 11 rows over 3 programs),
+# Qwen3's per-head norm [T, heads, head_dim], 16-row tiles with several tiles per program, a width
+# of one (large eps: at H = 1 dx is eps-dominated and cancels), large and small magnitudes.
+RMS_CASES = [((5, 37), 1e-6, 1.0), ((1, 53), 1e-6, 1.0), ((11, 200), 1e-6, 1.0), ((6, 3, 16), 1e-6, 1.0),
+             ((100, 8), 1e-5, 1.0), ((4, 1), 0.5, 1.0), ((3, 70), 1e-6, 1e4), ((7, 24), 1e-6, 1e-2)]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("shape, eps, scale", RMS_CASES)
+def test_rms_norm_matches_reference(device, poisoned_alloc, backend, shape, eps, scale):
+    x, w, dy = _rms_case(shape, seed=len(shape) * 100 + shape[-1], scale=scale)
+    e_out, e_dx, e_dw = _grads(lambda a, b: reference.rms_norm(a, b, eps), (x, w), dy)
+    out, dx, dw = _grads(lambda a, b: ops.rms_norm(a, b, eps, backend=backend),
+                         (x.float().to(device), w.float().to(device)), dy.float().to(device))
+    assert out.dtype == dx.dtype == dw.dtype == torch.float32
+    for a, e, name in ((out, e_out, "out"), (dx, e_dx, "dx"), (dw, e_dw, "dweight")):
+        assert_close(a, e, torch.float32, rtol=2e-5, atol=1e-6, name=f"{backend} {name}")
+
+
+@pytest.mark.parametrize("needs", ["x", "weight"])
+def test_rms_norm_triton_frozen_input_or_weight(device, poisoned_alloc, needs):
+    """Only the gradient asked for is computed (the kernel's HAS_DX / HAS_DW switches)."""
+    x, w, dy = _rms_case((9, 40), seed=7)
+    e_out, e_dx, e_dw = _grads(lambda a, b: reference.rms_norm(a, b, 1e-6), (x, w), dy)
+    xf, wf = x.float().to(device), w.float().to(device)
+    (xf if needs == "x" else wf).requires_grad_()
+    out = ops.rms_norm(xf, wf, 1e-6, backend="triton")
+    (g,) = torch.autograd.grad(out, (xf if needs == "x" else wf), dy.float().to(device))
+    assert_close(g, e_dx if needs == "x" else e_dw, torch.float32, rtol=2e-5, name=f"d{needs}")
+
+
+def test_rms_norm_triton_strided_input_and_mixed_dtypes(device):
+    """A non-contiguous x (a column slice) and an fp32 weight with fp16 x: out is fp32 as torch's
+    promotion gives, and equals the torch backend up to rsqrt rounding."""
+    base = randn(6, 80, dtype=torch.float32, seed=21).to(device)
+    x = base[:, 3:40]
+    w = randn(37, dtype=torch.float32, seed=22).to(device)
+    e = reference.rms_norm(x.double(), w.double(), 1e-6)
+    assert_close(ops.rms_norm(x, w, 1e-6, backend="triton"), e, torch.float32, name="strided")
+    xh = x.half()
+    out = ops.rms_norm(xh, w, 1e-6, backend="triton")
+    ref = ops.rms_norm(xh, w, 1e-6, backend="torch")
+    assert out.dtype == ref.dtype == torch.float32
+    # both round x * rstd to fp16 before the weight: one fp16 rounding step apart at most
+    assert ((out - ref).abs() <= w.abs() * (ref / w).abs() * 2 ** -10 + 1e-6).all()
+    # and the rounding comes BEFORE the weight: with power-of-two weights out / w is x * rstd as stored
+    w2 = torch.exp2(torch.randint(-3, 4, (37,), generator=torch.Generator().manual_seed(23)).float()).to(device)
+    xn = ops.rms_norm(xh, w2, 1e-6, backend="triton") / w2
+    assert torch.equal(xn, xn.half().float())
+
+
+def _swiglu_case(shape, seed, scale=1.0):
+    g = randn(*shape, dtype=torch.float64, seed=seed, scale=scale)
+    u = randn(*shape, dtype=torch.float64, seed=seed + 1)
+    dy = randn(*shape, dtype=torch.float64, seed=seed + 2)
+    return g, u, dy
+
+
+# odd widths, one row, wider than the interpreter's 256-element tile, 3-D, and gates far into
+# exp's overflow (|gate| up to ~300: exp(-gate) = inf in fp32, silu -> -0 and its slope -> 0)
+SWIGLU_CASES = [((5, 37), 1.0), ((1, 19), 1.0), ((2, 300), 1.0), ((2, 3, 20), 1.0), ((4, 33), 80.0)]
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp")  # numpy's exp under the interpreter
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("shape, scale", SWIGLU_CASES)
+def test_swiglu_matches_reference(device, poisoned_alloc, backend, shape, scale):
+    g, u, dy = _swiglu_case(shape, seed=shape[-1] * 7 + len(shape), scale=scale)
+    e_out, e_dg, e_du = _grads(reference.swiglu, (g, u), dy)
+    out, dg, du = _grads(lambda a, b: ops.swiglu(a, b, backend=backend),
+                         (g.float().to(device), u.float().to(device)), dy.float().to(device))
+    assert out.dtype == dg.dtype == du.dtype == torch.float32
+    for a, e, name in ((out, e_out, "out"), (dg, e_dg, "d_gate"), (du, e_du, "d_up")):
+        assert_close(a, e, torch.float32, rtol=2e-5, atol=1e-6, name=f"{backend} {name}")
+
+
+def test_fp16_under_the_low_precision_rule(device):
+    """fp16 through the kernels (the interpreter handles fp16, not bf16) against the rule, with the
+    torch backend (the decoder's own mixed-precision expressions) as the low-precision reference."""
+    x, w, dy = _rms_case((8, 48), seed=31)
+    exp = _grads(lambda a, b: reference.rms_norm(a, b, 1e-6), (x, w), dy)
+    h = lambda t: t.half().to(device)  # noqa: E731
+    for b in CPU_BACKENDS:
+        got = _grads(lambda a, c: ops.rms_norm(a, c, 1e-6, backend=b), (h(x), h(w)), h(dy))
+        if b == "torch":
+            lowp = got
+            continue
+        for k, l, e, name in zip(got, lowp, exp, ("out", "dx", "dw")):
+            assert_within_lowp_rule(k, l, e, name=f"rms_norm fp16 {name}")
+    g, u, dy = _swiglu_case((8, 48), seed=32, scale=3.0)
+    exp = _grads(reference.swiglu, (g, u), dy)
+    lowp = _grads(lambda a, c: ops.swiglu(a, c, backend="torch"), (h(g), h(u)), h(dy))
+    got = _grads(lambda a, c: ops.swiglu(a, c, backend="triton"), (h(g), h(u)), h(dy))
+    for k, l, e, name in zip(got, lowp, exp, ("out", "d_gate", "d_up")):
+        assert_within_lowp_rule(k, l, e, name=f"swiglu fp16 {name}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_torch_backend_is_the_decoders_old_expression(dtype):
+    """Bit for bit what r1fast.models.decoder computed before the ops existed (forward and backward)."""
+    def old_norm(x, weight, eps):
+        x32 = x.to(torch.float32)
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+        return weight * x32.to(x.dtype)
+
+    x, w, dy = (t.to(dtype) for t in _rms_case((6, 40), seed=41))
+    for a, b in zip(_grads(lambda p, q: old_norm(p, q, 1e-6), (x, w), dy),
+                    _grads(lambda p, q: ops.rms_norm(p, q, 1e-6), (x, w), dy)):
+        assert torch.equal(a, b)
+    # the eps argument is a real argument: the old expression with another eps is not equal
+    assert not torch.equal(old_norm(x, w, 1e-6), ops.rms_norm(x, w, 0.5))
+    g, u, dy = (t.to(dtype) for t in _swiglu_case((6, 40), seed=42, scale=2.0))
+    old_mlp_act = lambda a, b: F.silu(a) * b  # noqa: E731
+    for a, b in zip(_grads(old_mlp_act, (g, u), dy), _grads(lambda p, q: ops.swiglu(p, q), (g, u), dy)):
+        assert torch.equal(a, b)
+
+
+def test_reference_backend_and_float64_inputs(device):
+    x, w, _ = _rms_case((3, 10), seed=51)
+    g, u, _ = _swiglu_case((3, 10), seed=52)
+    x, w, g, u = (t.to(device) for t in (x, w, g, u))
+    assert torch.equal(ops.rms_norm(x, w, 1e-6, backend="reference"), reference.rms_norm(x, w, 1e-6))
+    assert torch.equal(ops.swiglu(g, u, backend="reference"), reference.swiglu(g, u))
+    # fp32 in: the reference computes in float64 and rounds once
+    assert torch.equal(ops.swiglu(g.float(), u.float(), backend="reference"), reference.swiglu(g, u).float())
+    # float64 through the triton backend runs the torch expressions (the kernels compute in fp32)
+    assert torch.equal(ops.rms_norm(x, w, 1e-6, backend="triton"), ops.rms_norm(x, w, 1e-6, backend="torch"))
+    assert torch.equal(ops.swiglu(g, u, backend="triton"), ops.swiglu(g, u, backend="torch"))
+
+
+def test_default_backends():
+    for op in ("rms_norm", "swiglu"):
+        assert backends.default(op, "cpu") == "torch"
+        assert backends.default(op, torch.device("cuda")) == "triton"
+        assert set(backends.implementations(op)) == {"reference", "torch", "triton"}
+
+
+def test_empty_batch(device):
+    x = torch.empty(0, 16, device=device, requires_grad=True)
+    w = torch.ones(16, device=device, requires_grad=True)
+    out = ops.rms_norm(x, w, 1e-6, backend="triton")
+    dx, dw = torch.autograd.grad(out, (x, w), torch.ones_like(out))
+    assert out.shape == dx.shape == (0, 16) and torch.equal(dw, torch.zeros(16, device=device))
+    g = torch.empty(0, 7, device=device)
+    assert ops.swiglu(g, g, backend="triton").shape == (0, 7)
+
+
+def test_model_forward_and_backward_on_the_triton_backend(device, monkeypatch):
+    """A tiny fp32 Qwen3 (hidden norms, per-head q/k norm, SwiGLU MLP) run with each backend preferred
+    (triton is what a GPU picks; on the CPU it runs under the interpreter): hidden states and every
+    gradient agree to fp32 rounding."""
+    from r1fast.models import CausalLM, ModelConfig
+
+    cfg = ModelConfig(architecture="Qwen3ForCausalLM", vocab_size=50, hidden_size=24, intermediate_size=40,
+                      num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=12)
+    model = CausalLM(cfg)
+    model.reset_parameters(seed=0)
+    model.to(device)
+    with torch.no_grad():  # random norm weights (init is ones)
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.add_(randn(*p.shape, seed=len(name), scale=0.3, device=device))
+    ids = torch.randint(0, 50, (11,), generator=torch.Generator().manual_seed(0)).to(device)
+    cu = torch.tensor([0, 4, 11], dtype=torch.int32, device=device)
+    cot = randn(11, 24, seed=5, device=device)
+
+    def prefer(first):
+        order = (first,) + tuple(b for b in ("torch", "triton", "reference") if b != first)
+        monkeypatch.setattr(backends, "_CPU_ORDER", order)
+        monkeypatch.setattr(backends, "_GPU_ORDER", order)
+        assert backends.default("rms_norm", device) == backends.default("swiglu", device) == first
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        hidden = model(ids, cu_seqlens=cu)
+        hidden.backward(cot)
+        # every parameter but the (untied) lm_head, which the hidden states do not reach
+        return hidden.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    prefer("torch")
+    h_torch, g_torch = run()
+    prefer("triton")
+    h_triton, g_triton = run()
+    assert any("q_norm" in n for n in g_torch) and any("gate_proj" in n for n in g_torch)
+    assert_close(h_triton, h_torch, torch.float32, rtol=1e-4, atol=1e-5, name="hidden")
+    for n in g_torch:
+        assert_close(g_triton[n], g_torch[n], torch.float32, rtol=1e-4, atol=1e-5, name=f"grad {n}")
+
+
+def _bad_rms(**kw):
+    args = dict(x=torch.randn(3, 8), weight=torch.randn(8), eps=1e-6)
+    args.update(kw)
+    return lambda: ops.rms_norm(args["x"], args["weight"], args["eps"])
+
+
+def _bad_swiglu(**kw):
+    args = dict(gate=torch.randn(3, 8), up=torch.randn(3, 8))
+    args.update(kw)
+    return lambda: ops.swiglu(args["gate"], args["up"])
+
+
+@pytest.mark.parametrize("call, err, match", [
+    (_bad_rms(x=[1.0, 2.0]), TypeError, "x must be a torch.Tensor"),
+    (_bad_rms(x=torch.ones(3, 8, dtype=torch.int32)), ValueError, "x must be a float tensor"),
+    (_bad_rms(weight=torch.randn(7)), ValueError, r"weight must be \[H=8\]"),
+    (_bad_rms(weight=torch.randn(1, 8)), ValueError, r"weight must be \[H=8\]"),
+    (_bad_rms(x=torch.randn(3, 0), weight=torch.randn(0)), ValueError, "H >= 1"),
+    (_bad_rms(x=torch.tensor(1.0)), ValueError, "H >= 1"),
+    (_bad_rms(weight=torch.randn(8, device="meta")), ValueError, "one device"),
+    (_bad_rms(eps=0.0), ValueError, "eps must be a finite number > 0"),
+    (_bad_rms(eps=-1e-6), ValueError, "eps must be"),
+    (_bad_rms(eps=float("nan")), ValueError, "eps must be"),
+    (_bad_rms(eps=True), ValueError, "eps must be"),
+    (_bad_rms(eps="1e-6"), ValueError, "eps must be"),
+    (_bad_swiglu(up=torch.randn(3, 9)), ValueError, r"gate shape \(3, 8\) != up shape \(3, 9\)"),
+    (_bad_swiglu(up=torch.randn(3, 8).half()), ValueError, "share a dtype"),
+    (_bad_swiglu(gate=torch.ones(3, 8, dtype=torch.int64)), ValueError, "gate must be a float tensor"),
+    (_bad_swiglu(up=None), TypeError, "up must be a torch.Tensor"),
+    (_bad_swiglu(up=torch.randn(3, 8, device="meta")), ValueError, "one device"),
+    (_bad_swiglu(gate=torch.tensor(1.0), up=torch.tensor(1.0)), ValueError, "at least one dimension"),
+])
+def test_bad_inputs_are_clear_errors(call, err, match):
+    with pytest.raises(err, match=match):
+        call()
+
+
+def test_unavailable_backend_is_an_error(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="rms_norm: backend 'triton'"):
+        ops.rms_norm(torch.randn(2, 4), torch.randn(4), 1e-6, backend="triton")
+    with pytest.raises(ValueError, match="swiglu has no cuda implementation"):
+        ops.swiglu(torch.randn(2, 4), torch.randn(2, 4), backend="cuda")
+
+
+# ---------------------------------------------------------------- GPU: realistic sizes, bf16 / fp16
+
+
+def _ulp(t: torch.Tensor) -> torch.Tensor:
+    """One unit in the last place of each element of a bf16/fp16 tensor (as float64)."""
+    mant = {torch.bfloat16: 7, torch.float16: 10}[t.dtype]
+    a = t.double().abs().clamp_min(torch.finfo(t.dtype).tiny)
+    return torch.exp2(torch.floor(torch.log2(a)) - mant)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(4096, 1536), (2048, 16, 128)])  # Qwen2.5-1.5B hidden; Qwen3 q-norm
+def test_rms_norm_gpu_low_precision_rule(dtype, shape):
+    x, w, dy = _rms_case(shape, seed=61)
+    x, w, dy = x.cuda(), w.cuda(), dy.cuda()
+    exp = _grads(lambda a, b: reference.rms_norm(a, b, 1e-6), (x, w), dy)
+    lo = lambda t: t.to(dtype)  # noqa: E731
+    lowp = _grads(lambda a, b: ops.rms_norm(a, b, 1e-6, backend="torch"), (lo(x), lo(w)), lo(dy))
+    got = _grads(lambda a, b: ops.rms_norm(a, b, 1e-6, backend="triton"), (lo(x), lo(w)), lo(dy))
+    for k, l, e, name in zip(got, lowp, exp, ("out", "dx", "dweight")):
+        assert k.dtype == dtype
+        assert_within_lowp_rule(k, l, e, name=f"rms_norm {dtype} {name}")
+    # dweight is deterministic: per-program partials summed by torch, no atomics
+    again = _grads(lambda a, b: ops.rms_norm(a, b, 1e-6, backend="triton"), (lo(x), lo(w)), lo(dy))
+    assert torch.equal(got[2], again[2]) and torch.equal(got[1], again[1])
+
+
+@pytest.mark.gpu
+def test_rms_norm_gpu_bf16_forward_bit_equal_to_torch():
+    """The kernel docstring's claim. Bit-equal when the fp32 sum of squares is the same: x = k/16
+    with |k| < 16 has exact squares and exact partial sums in any order, and a power-of-two width
+    makes the mean exact too. On random inputs the summation order differs: few outputs differ, by
+    one rounding step of x * rstd (times the weight)."""
+    g = torch.Generator().manual_seed(71)
+    k = torch.randint(-15, 16, (4096, 2048), generator=g)
+    k[k == 0] = 1
+    x = (k.double() / 16).to(torch.bfloat16).cuda()
+    w = (1.0 + randn(2048, seed=72, scale=0.5)).to(torch.bfloat16).cuda()
+    for eps in (1e-6, 1e-5):
+        assert torch.equal(ops.rms_norm(x, w, eps, backend="triton"), ops.rms_norm(x, w, eps, backend="torch"))
+    x = randn(4096, 1536, seed=73).to(torch.bfloat16).cuda()
+    w = (1.0 + randn(1536, seed=74, scale=0.5)).to(torch.bfloat16).cuda()
+    out = ops.rms_norm(x, w, 1e-6, backend="triton")
+    ref = ops.rms_norm(x, w, 1e-6, backend="torch")
+    diff = out != ref
+    assert diff.double().mean().item() < 1e-3, f"{int(diff.sum())} of {diff.numel()} outputs differ"
+    xn = (ref.double() / w.double()).to(torch.bfloat16)  # ~ the torch path's rounded x * rstd
+    bound = w.double().abs() * _ulp(xn) + _ulp(ref)
+    assert ((out.double() - ref.double()).abs() <= bound).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_swiglu_gpu_low_precision_rule_and_bit_equal_to_torch(dtype):
+    """Qwen2.5-1.5B's MLP: 4096 tokens x 8960. Forward and d_up equal torch's F.silu(g) * u bit for
+    bit (same fp32 operations, expf and IEEE division, same roundings); d_gate is computed in fp32
+    with one rounding (torch rounds d_out * up first) and meets the low-precision rule."""
+    g, u, dy = _swiglu_case((4096, 8960), seed=81, scale=3.0)
+    g, u, dy = g.cuda(), u.cuda(), dy.cuda()
+    exp = _grads(reference.swiglu, (g, u), dy)
+    lo = lambda t: t.to(dtype)  # noqa: E731
+    lowp = _grads(lambda a, b: ops.swiglu(a, b, backend="torch"), (lo(g), lo(u)), lo(dy))
+    got = _grads(lambda a, b: ops.swiglu(a, b, backend="triton"), (lo(g), lo(u)), lo(dy))
+    for k, l, e, name in zip(got, lowp, exp, ("out", "d_gate", "d_up")):
+        assert k.dtype == dtype
+        assert_within_lowp_rule(k, l, e, name=f"swiglu {dtype} {name}")
+    assert torch.equal(got[0], lowp[0]), "forward differs from F.silu(g) * u"
+    assert torch.equal(got[2], lowp[2]), "d_up differs from torch's"
