@@ -8,7 +8,9 @@
 Choice order: the `backend=` argument, else the R1FAST_BACKEND environment variable, else the
 fastest available one for the tensors' device (cuda > triton > torch > reference on a GPU,
 torch > reference on the CPU). Asking for an unknown or unavailable backend is a ValueError that
-lists what this op can use here.
+lists what this op can use here. R1FAST_BACKEND is process-wide, so an op that has no
+implementation of that backend at all (e.g. prefill attention under R1FAST_BACKEND=triton) keeps
+its default instead of failing; one that has it but cannot run it here is still an error.
 """
 from __future__ import annotations
 
@@ -92,6 +94,8 @@ def resolve(op: str, device: torch.device | str, backend: str | None = None) -> 
     requested, source = backend, "backend="
     if requested is None:
         requested, source = os.environ.get("R1FAST_BACKEND") or None, "R1FAST_BACKEND="
+        if requested in BACKENDS and requested not in impls:
+            requested = None  # this op has no such implementation: the override is not about it
     if requested is not None:
         if requested not in BACKENDS:
             raise ValueError(f"{source}{requested!r} is not a backend; backends are {', '.join(BACKENDS)}")

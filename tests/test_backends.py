@@ -59,3 +59,14 @@ def test_default_ignores_the_override_and_info_lists_every_op(monkeypatch, capsy
     for op in backends.ops():
         assert f"{op} " in out and "torch on cpu" in out
     assert "R1FAST_BACKEND" in out and "overrides" in out
+
+
+def test_environment_override_skips_ops_without_that_backend(monkeypatch):
+    monkeypatch.setenv("R1FAST_BACKEND", "triton")  # paged_prefill_attention has no triton implementation
+    assert "triton" not in backends.implementations("paged_prefill_attention")
+    assert backends.resolve("paged_prefill_attention", "cpu")[0] == "torch"
+    monkeypatch.setenv("R1FAST_BACKEND", "cuda")  # store_kv has one, but it cannot run on the CPU: an error
+    with pytest.raises(ValueError, match="R1FAST_BACKEND=cuda.*unavailable"):
+        backends.resolve("store_kv", "cpu")
+    with pytest.raises(ValueError, match="paged_prefill_attention has no cuda implementation"):
+        backends.resolve("paged_prefill_attention", "cpu", "cuda")  # backend= is a per-call demand: still an error
