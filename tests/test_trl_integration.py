@@ -86,9 +86,10 @@ def _train(trainer_cls, model_dir, out_dir, trainer_kwargs=None, **overrides):
     }
 
 
-def _compare(tmp_path, model_dirs, model="untied", backend=None, **overrides):
-    stock = _train(trl.GRPOTrainer, model_dirs[model], tmp_path / "stock", **overrides)
-    fast = _train(r1trl.GRPOTrainer, model_dirs[model], tmp_path / "r1fast", {"r1fast_backend": backend}, **overrides)
+def _compare(tmp_path, model_dirs, model="untied", backend=None, stock_cls=trl.GRPOTrainer, fast_cls=r1trl.GRPOTrainer,
+             **overrides):
+    stock = _train(stock_cls, model_dirs[model], tmp_path / "stock", **overrides)
+    fast = _train(fast_cls, model_dirs[model], tmp_path / "r1fast", {"r1fast_backend": backend}, **overrides)
     # Same completions: otherwise the comparison below would compare different problems.
     assert len(stock["completions"]) == len(fast["completions"]) > 0
     for a, b in zip(stock["completions"], fast["completions"]):
@@ -211,10 +212,8 @@ def test_per_token_logps_match_trl(tmp_path, model_dirs):
         ("loss_type", "vespo", "loss_type='vespo'"),
         ("loss_type", "luspo", "loss_type='luspo'"),
         ("use_liger_kernel", True, "use_liger_kernel=True"),
-        ("top_entropy_quantile", 0.2, "top_entropy_quantile=0.2"),
         ("entropy_coef", 0.01, "entropy_coef=0.01"),
         ("use_adaptive_entropy", True, "use_adaptive_entropy=True"),
-        ("off_policy_mask_threshold", 0.5, "off_policy_mask_threshold=0.5"),
     ],
 )
 def test_unsupported_options_refused(tmp_path, model_dirs, option, value, message):
@@ -408,3 +407,214 @@ def test_vllm_importance_sampling_correction_not_refused(tmp_path):
         args = _config(tmp_path, use_vllm=True, vllm_importance_sampling_mode=mode)
         assert args.vllm_importance_sampling_correction is True
         assert r1trl.unsupported_options(args) == []
+
+
+# ---- TRL's high-entropy token mask (top_entropy_quantile) and off-policy sequence mask ----------------------------
+
+
+def _mask_recording(cls):
+    """Records every mask TRL's helpers return (stock TRL calls them in _compute_loss, the drop-in in its pre-pass)."""
+
+    class MaskRecording(cls):
+        def get_high_entropy_mask(self, entropies, mask, threshold):
+            out = super().get_high_entropy_mask(entropies, mask, threshold)
+            self.recorded_masks.append(("entropy", out.detach().clone(), mask.bool().clone()))
+            return out
+
+        def get_off_policy_mask(self, advantages, per_token_logps, sampling_per_token_logps, mask,
+                                off_policy_threshold):
+            out = cls.get_off_policy_mask(advantages=advantages, per_token_logps=per_token_logps,
+                                          sampling_per_token_logps=sampling_per_token_logps, mask=mask,
+                                          off_policy_threshold=off_policy_threshold)
+            self.recorded_masks.append(("off_policy", out.detach().clone(), None))
+            return out
+
+    MaskRecording.recorded_masks = []
+    return MaskRecording
+
+
+def _assert_same_masks_that_mask_something(stock_masks, fast_masks, kinds):
+    """Both trainers built the same masks, and stock TRL's masks drop something (else the test could not fail)."""
+    assert [k for k, _, _ in fast_masks] == [k for k, _, _ in stock_masks]
+    assert {k for k, _, _ in stock_masks} == set(kinds)
+    for (kind, want, _), (_, got, _) in zip(stock_masks, fast_masks):
+        assert torch.equal(got.bool(), want.bool()), f"{kind} masks differ"
+    for kind in kinds:
+        if kind == "entropy":  # some real token is left out of the policy loss
+            assert any((valid & ~m).any() for k, m, valid in stock_masks if k == kind)
+        else:  # some sequence is dropped
+            assert any((m == 0).any() for k, m, _ in stock_masks if k == kind)
+
+
+MASK_OPTIONS = {
+    "entropy0.2": dict(top_entropy_quantile=0.2),
+    "entropy0.8": dict(top_entropy_quantile=0.8),
+    # num_iterations=2: the second pass over a batch runs on updated weights, so the KL to the old policy is
+    # ~0.5 per sequence and 0.5 drops some of the negative-advantage sequences (asserted).
+    "off_policy": dict(off_policy_mask_threshold=0.5),
+    "entropy0.2+off_policy": dict(top_entropy_quantile=0.2, off_policy_mask_threshold=0.5),
+    "entropy0.8+off_policy": dict(top_entropy_quantile=0.8, off_policy_mask_threshold=0.5),
+}
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.04])
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
+@pytest.mark.parametrize("masks", list(MASK_OPTIONS))
+def test_entropy_and_off_policy_masks_match_stock_trl(tmp_path, model_dirs, masks, loss_type, beta):
+    """Training with top_entropy_quantile and/or off_policy_mask_threshold: TRL's loss, grads and weights."""
+    stock_cls, fast_cls = _mask_recording(trl.GRPOTrainer), _mask_recording(r1trl.GRPOTrainer)
+    _compare(tmp_path, model_dirs, stock_cls=stock_cls, fast_cls=fast_cls, loss_type=loss_type, beta=beta,
+             num_iterations=2, **MASK_OPTIONS[masks])
+    kinds = (["off_policy"] if "off_policy" in masks else []) + (["entropy"] if "entropy" in masks else [])
+    _assert_same_masks_that_mask_something(stock_cls.recorded_masks, fast_cls.recorded_masks, kinds)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(loss_type="grpo", beta=0.04, importance_sampling_level="sequence", temperature=0.7,
+             gradient_accumulation_steps=2, steps_per_generation=4, top_entropy_quantile=0.5,
+             off_policy_mask_threshold=0.5),
+        # num_iterations=1: no old-policy log-probs, TRL judges the current policy against itself (KL 0); a
+        # negative threshold then drops every negative-advantage sequence. Alone, the drop-in runs no pre-pass.
+        dict(loss_type="dapo", beta=0.04, num_iterations=1, off_policy_mask_threshold=-0.1),
+        dict(loss_type="grpo", num_iterations=1, off_policy_mask_threshold=-0.1, top_entropy_quantile=0.8),
+    ],
+    ids=["gspo-accum-temperature", "on-policy-off_policy", "on-policy-both"],
+)
+def test_masks_match_stock_trl_options(tmp_path, model_dirs, overrides):
+    """The same with GSPO (sequence-level ratio), gradient accumulation and a temperature, and on-policy."""
+    stock_cls, fast_cls = _mask_recording(trl.GRPOTrainer), _mask_recording(r1trl.GRPOTrainer)
+    _compare(tmp_path, model_dirs, stock_cls=stock_cls, fast_cls=fast_cls, **overrides)
+    kinds = ["off_policy"] + (["entropy"] if "top_entropy_quantile" in overrides else [])
+    _assert_same_masks_that_mask_something(stock_cls.recorded_masks, fast_cls.recorded_masks, kinds)
+
+
+def _masked_loss_inputs(tokenizer, model, beta, case):
+    """_loss_inputs with known per-sequence drift: the old policy sits 0.6 nats/token above the model on rows 0
+    and 2, vLLM's sampling policy on rows 1 and 2, and rows 0-2 have negative advantages. With threshold 0.3,
+    TRL's off-policy mask drops rows 0 and 2 when it judges against the old policy, rows 1 and 2 against vLLM's."""
+    inputs = _loss_inputs(tokenizer, model, beta, "token", seed=1)
+    mask = inputs["completion_mask"]
+    p = inputs["prompt_ids"].size(1)
+    with torch.no_grad():
+        logits = model(input_ids=torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1),
+                       attention_mask=torch.cat([inputs["prompt_mask"], mask], 1)).logits[:, p - 1 : -1]
+        logps = torch.log_softmax(logits.float(), -1).gather(-1, inputs["completion_ids"][..., None]).squeeze(-1)
+    g = torch.Generator().manual_seed(2)
+    noise = lambda: 0.05 * torch.randn(logps.shape, generator=g)  # noqa: E731
+    inputs["advantages"] = torch.tensor([-1.0, -0.5, -0.8, 1.5])
+    inputs["old_per_token_logps"] = (logps + noise() + torch.tensor([[0.6], [0.0], [0.6], [0.0]])) * mask
+    if "vllm" in case:
+        inputs["sampling_per_token_logps"] = (logps + noise() + torch.tensor([[0.0], [0.6], [0.6], [0.0]])) * mask
+        inputs["sampling_per_token_logps"][0, 1] = float("nan")  # a token vLLM could not score: TRL ignores it
+    else:
+        del inputs["importance_sampling_ratio"]
+    if "tool" in case:
+        tool_mask = torch.ones_like(mask)
+        tool_mask[0, 2:4] = 0
+        tool_mask[3, 1] = 0
+        inputs["tool_mask"] = tool_mask
+    return inputs
+
+
+MASK_CASES = {
+    "entropy0.2": dict(top_entropy_quantile=0.2),
+    "off_policy": dict(off_policy_mask_threshold=0.3),
+    "both": dict(top_entropy_quantile=0.8, off_policy_mask_threshold=0.3),
+    "both+tool": dict(top_entropy_quantile=0.5, off_policy_mask_threshold=0.3),
+    "both+vllm": dict(top_entropy_quantile=0.5, off_policy_mask_threshold=0.3),
+}
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.04])
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+@pytest.mark.parametrize("case", list(MASK_CASES))
+def test_masks_loss_and_grads_match_stock_trl(tmp_path, model_dirs, case, loss_type, beta):
+    """One micro-step on hand-built inputs, every shared loss type: the drop-in's loss and gradients are TRL's with
+    the entropy and/or off-policy masks on, alone, with a tool mask, and with vLLM's sampling log-probs and
+    importance-sampling ratio (which the off-policy mask judges against, and which multiplies the masks)."""
+    tokenizer = AutoTokenizer.from_pretrained(model_dirs["untied"])
+    cfg = dict(loss_type=loss_type, beta=beta, epsilon_high=1.1 if loss_type == "cispo" else None,
+               importance_sampling_level="sequence" if loss_type == "grpo" and beta else "token", **MASK_CASES[case])
+    kwargs = dict(reward_funcs=char_reward, train_dataset=Dataset.from_dict({"prompt": PROMPTS}),
+                  processing_class=tokenizer)
+    trainers = [_mask_recording(cls)(model=AutoModelForCausalLM.from_pretrained(model_dirs["untied"]),
+                                     args=_config(tmp_path / name, **cfg), **kwargs)
+                for name, cls in (("stock", trl.GRPOTrainer), ("r1fast", r1trl.GRPOTrainer))]
+    inputs = _masked_loss_inputs(tokenizer, trainers[0].model, beta, case)
+    results = []
+    for trainer in trainers:
+        trainer.use_vllm = trainer.vllm_importance_sampling_correction = "vllm" in case
+        trainer.current_gradient_accumulation_steps = 1
+        results.append(_vllm_loss_and_grads(trainer, inputs))
+    (want, want_g), (got, got_g) = results
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    assert want_g.keys() == got_g.keys() and len(want_g) > 0
+    for name, g in want_g.items():
+        torch.testing.assert_close(got_g[name], g, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+    stock_masks, fast_masks = (type(t).recorded_masks for t in trainers)
+    kinds = (["off_policy"] if "off_policy_mask_threshold" in cfg else []) + \
+        (["entropy"] if "top_entropy_quantile" in cfg else [])
+    _assert_same_masks_that_mask_something(stock_masks, fast_masks, kinds)
+    if "off_policy_mask_threshold" in cfg:  # judged against vLLM's log-probs when TRL has them, else the old policy's
+        (kept,) = [m for kind, m, _ in stock_masks if kind == "off_policy"]
+        assert kept.squeeze(1).tolist() == ([1, 0, 0, 1] if "vllm" in case else [0, 1, 0, 1])
+
+
+@pytest.mark.parametrize("masks", ["top_entropy_quantile", "off_policy_mask_threshold"])
+def test_masks_are_accepted(tmp_path, model_dirs, masks):
+    """The two masks used to be refused; now a trainer builds with either (and entropy_coef is still refused)."""
+    args = _config(tmp_path, **{masks: 0.2})
+    assert r1trl.unsupported_options(args) == []
+    assert any("entropy_coef" in p for p in r1trl.unsupported_options(_config(tmp_path, **{masks: 0.2},
+                                                                              entropy_coef=0.1)))
+    tokenizer = AutoTokenizer.from_pretrained(model_dirs["untied"])
+    trainer = r1trl.GRPOTrainer(model=str(model_dirs["untied"]), reward_funcs=char_reward, args=args,
+                                train_dataset=Dataset.from_dict({"prompt": PROMPTS}), processing_class=tokenizer)
+    assert getattr(trainer, masks) == 0.2
+
+
+@pytest.mark.parametrize(
+    "overrides, pre_passes",
+    [
+        (dict(top_entropy_quantile=0.5, num_iterations=2), 2),
+        (dict(off_policy_mask_threshold=0.5, num_iterations=2), 2),
+        # no old-policy log-probs: TRL judges the current policy against itself (KL exactly 0), so the mask needs
+        # no current log-probs and no pre-pass runs
+        (dict(off_policy_mask_threshold=0.5, num_iterations=1), 0),
+    ],
+    ids=["entropy", "off_policy", "off_policy-on-policy"],
+)
+def test_mask_pre_pass_is_forward_only_without_logits(tmp_path, model_dirs, monkeypatch, overrides, pre_passes):
+    """The masks' pre-pass is one forward-only grouped_logprob with entropies per micro-step; the lm_head never runs."""
+    seen = []
+    original = r1trl.ops.grouped_logprob
+
+    def recorded(*args, **kwargs):
+        seen.append((kwargs.get("return_entropy"), kwargs.get("forward_only"), torch.is_grad_enabled()))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(r1trl.ops, "grouped_logprob", recorded)
+    tokenizer = AutoTokenizer.from_pretrained(model_dirs["untied"])
+    model = AutoModelForCausalLM.from_pretrained(model_dirs["untied"])
+    trainer = r1trl.GRPOTrainer(model=model, reward_funcs=char_reward,
+                                args=_config(tmp_path, max_steps=2, loss_type="dapo", **overrides),
+                                train_dataset=Dataset.from_dict({"prompt": PROMPTS * 2}), processing_class=tokenizer)
+    head_calls, generating = [], [False]
+    model.lm_head.register_forward_hook(lambda *a: None if generating[0] else head_calls.append(1))
+    original_generate = trainer.model.generate
+
+    def generate(*args, **kwargs):
+        generating[0] = True
+        try:
+            return original_generate(*args, **kwargs)
+        finally:
+            generating[0] = False
+
+    trainer.model.generate = generate
+    trainer.train()
+    assert head_calls == []
+    old_passes = 1 if overrides["num_iterations"] == 2 else 0  # one generation batch, scored once
+    assert len(seen) == old_passes + pre_passes
+    assert seen.count((True, True, False)) == pre_passes  # entropies, forward-only, no autograd graph

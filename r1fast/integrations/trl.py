@@ -15,7 +15,10 @@ Neither materialises the [tokens, vocab] logits. Any option whose numbers r1fast
 reproduce exactly is refused in `__init__` with a ValueError naming it (see `unsupported_options`).
 With vLLM and `vllm_importance_sampling_correction` (TRL's default), TRL's own
 `importance_sampling_ratio` (whatever its mode, clip_min/clip_max) goes into the fused loss as
-`importance_weights`, multiplying the policy term where TRL does.
+`importance_weights`, multiplying the policy term where TRL does. TRL's high-entropy token mask
+(`top_entropy_quantile < 1`) and off-policy sequence mask (`off_policy_mask_threshold`) are built by
+TRL's own helpers from a forward-only `grouped_logprob` pre-pass (current log-probs and entropies,
+no logits kept) and join that same factor.
 """
 from __future__ import annotations
 
@@ -69,14 +72,10 @@ def unsupported_options(args: Any) -> list[str]:
         refuse("importance_sampling_level", "r1fast implements 'token' and 'sequence'")
     if getattr(args, "use_liger_kernel", False):
         refuse("use_liger_kernel", "Liger's kernels and r1fast's would both patch the model; pick one")
-    if getattr(args, "top_entropy_quantile", 1.0) < 1.0:
-        refuse("top_entropy_quantile", "the high-entropy token mask is not implemented by r1fast's fused loss")
     if getattr(args, "entropy_coef", 0.0) != 0.0:
         refuse("entropy_coef", "TRL's entropy bonus (a token mean outside the loss normaliser) is not implemented")
     if getattr(args, "use_adaptive_entropy", False):
         refuse("use_adaptive_entropy", "adaptive entropy control is not implemented by r1fast's fused loss")
-    if getattr(args, "off_policy_mask_threshold", None) is not None:
-        refuse("off_policy_mask_threshold", "the off-policy sequence mask is not implemented by r1fast's fused loss")
     if args.loss_type == "dr_grpo" and not args.max_completion_length:
         refuse("max_completion_length", "loss_type='dr_grpo' normalises by it, so it must be set")
     return problems
@@ -301,15 +300,65 @@ class GRPOTrainer(trl.GRPOTrainer):
         is_ratio = None
         if self.use_vllm and self.vllm_importance_sampling_correction:
             is_ratio = _maybe_to(inputs["importance_sampling_ratio"], device)
+        weights = self._policy_weights(inputs, hidden, weight, targets, mask, advantages, old_logp, is_ratio)
 
         loss, stats = ops.fused_linear_grpo_loss(
             hidden, weight, targets, mask, advantages, old_logp=old_logp, ref_logp=ref_logp,
-            importance_weights=is_ratio, options=options, **self._loss_backend_kwargs(),
+            importance_weights=weights, options=options, **self._loss_backend_kwargs(),
         )
         if self.loss_type in _MEAN_LOSS_TYPES:
             loss = loss / accumulation
         self._log_loss_stats(mode, stats, mask)
         return loss
+
+    def _policy_weights(self, inputs, hidden, weight, targets, mask, advantages, old_logp, is_ratio):
+        """The no-gradient factor TRL's _compute_loss puts on the per-token policy loss, before `+ beta * kl`.
+
+        TRL multiplies the clipped objective by its off-policy sequence mask (`off_policy_mask_threshold`),
+        then its high-entropy token mask (`top_entropy_quantile < 1`), then the vLLM
+        `importance_sampling_ratio`, for every loss type r1fast supports (vespo, where the ratio is not
+        applied, is refused). Both masks are built by TRL's own helpers from the *current* policy's
+        per-token log-probs and entropies, which the fused loss only has inside its own pass; so when
+        either mask is on, a forward-only `grouped_logprob` pre-pass (no logits kept, no autograd graph)
+        computes them first (skipped for the off-policy mask alone when TRL has no behaviour log-probs).
+        The masks are 0/1, so the product is exact and only multiplies the policy term: the normalisers
+        (mask, num_items) and the KL stay TRL's. None when no factor applies.
+        """
+        use_entropy = self.top_entropy_quantile < 1.0
+        use_off_policy = self.off_policy_mask_threshold is not None
+        if not (use_entropy or use_off_policy):
+            return is_ratio
+        # TRL's behaviour policy for the off-policy mask: vLLM's sampling log-probs when present, else the
+        # old-policy log-probs, else (old_per_token_logps is None) the current log-probs themselves.
+        behaviour_logp = _maybe_to(inputs.get("sampling_per_token_logps"), hidden.device)
+        if behaviour_logp is None:
+            behaviour_logp = old_logp
+        logp = entropies = None
+        if use_entropy or behaviour_logp is not None:
+            with torch.no_grad():
+                logp, entropies = ops.grouped_logprob(
+                    hidden.detach(), weight.detach(), targets, mask=mask.bool(), temperature=self.temperature,
+                    return_entropy=True, forward_only=True, **self._loss_backend_kwargs(),
+                )
+        entropy_mask = off_policy_mask = None
+        if use_entropy:  # built first, as in TRL (a collective under multi-process training: TRL gathers every
+            # rank's entropies for the quantile)
+            entropy_mask = self.get_high_entropy_mask(entropies, mask, 1 - self.top_entropy_quantile)  # (B, T)
+        if use_off_policy:
+            # Without a behaviour policy TRL judges the current one against itself: its KL is logp - logp = 0
+            # for any finite logp, so a stand-in gives its mask exactly (this mask alone needs no pre-pass then).
+            logp_now = logp if logp is not None else torch.zeros(targets.shape, device=hidden.device)
+            off_policy_mask = self.get_off_policy_mask(
+                advantages=advantages.unsqueeze(1), per_token_logps=logp_now,
+                sampling_per_token_logps=logp_now if behaviour_logp is None else behaviour_logp,
+                mask=mask, off_policy_threshold=self.off_policy_mask_threshold,
+            )  # (B, 1)
+        # TRL's order: per_token_loss * off_policy_mask * entropy_mask * importance_sampling_ratio.
+        factors = [f for f in (off_policy_mask, entropy_mask, is_ratio) if f is not None]
+        product = factors[0].float()
+        for factor in factors[1:]:
+            product = product * factor.float()
+        return product
 
     def _num_items(self, inputs, mode, accumulation):
         """TRL's dapo/cispo normaliser: the generation batch's active tokens per process, for one accumulation window."""
