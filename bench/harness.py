@@ -46,6 +46,13 @@ class Impl:
     reps: int | None = None
 
 
+def generator(device, seed: int) -> torch.Generator:
+    """A seeded generator on `device`. Bench inputs are drawn on the device itself (randn(...,
+    generator=g, device=g.device)): a GPU-size lm_head weight (152k x 4096) drawn on the CPU takes
+    seconds per Impl setup, on the GPU milliseconds."""
+    return torch.Generator(device=torch.device(device)).manual_seed(seed)
+
+
 def with_env(setup: Callable[[], Callable[[], object]], **env: str) -> Callable[[], Callable[[], object]]:
     """An Impl setup whose timed callable runs with these environment variables set (restored after
     each call), e.g. R1FAST_LOGITS_GEMM=cublas for one variant of a backend; the backward runs inside

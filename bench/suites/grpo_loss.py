@@ -8,19 +8,19 @@ a third ops.group_advantages (rewards [B] -> advantages [B]: 8·B bytes, launch-
 import torch
 
 from r1fast import backends, ops
-from r1fast.bench.harness import Case, Impl, Skip, suite, with_env
+from r1fast.bench.harness import Case, Impl, Skip, generator, suite, with_env
 
 OPTS = dict(loss_type="dapo", beta=0.04, epsilon=0.2, epsilon_high=0.28)
 
 
 def _inputs(b, t, h, v, dtype, device):
-    g = torch.Generator(device="cpu").manual_seed(0)
-    hidden = (torch.randn(b, t, h, generator=g) / h ** 0.25).to(device=device, dtype=dtype).requires_grad_()
-    weight = (torch.randn(v, h, generator=g) / h ** 0.25).to(device=device, dtype=dtype).requires_grad_()
-    targets = torch.randint(0, v, (b, t), generator=g).to(device)
-    lens = torch.randint(t // 2, t + 1, (b,), generator=g)
-    mask = (torch.arange(t)[None, :] < lens[:, None]).to(device=device, dtype=torch.float32)
-    adv = torch.randn(b, generator=g).to(device)
+    g = generator(device, 0)  # drawn on the device: a 152k x 4096 weight takes seconds on the CPU
+    hidden = (torch.randn(b, t, h, generator=g, device=device) / h ** 0.25).to(dtype).requires_grad_()
+    weight = (torch.randn(v, h, generator=g, device=device) / h ** 0.25).to(dtype).requires_grad_()
+    targets = torch.randint(0, v, (b, t), generator=g, device=device)
+    lens = torch.randint(t // 2, t + 1, (b,), generator=g, device=device)
+    mask = (torch.arange(t, device=device)[None, :] < lens[:, None]).to(torch.float32)
+    adv = torch.randn(b, generator=g, device=device)
     with torch.no_grad():
         logp = ops.grouped_logprob(hidden, weight, targets, check_targets=False)
     old = (logp + 0.05 * torch.randn(b, t, device=device)).float()

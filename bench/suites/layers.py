@@ -16,24 +16,24 @@ import torch
 import torch.nn.functional as F
 
 from r1fast import backends, ops
-from r1fast.bench.harness import Case, Impl, Skip, suite
+from r1fast.bench.harness import Case, Impl, Skip, generator, suite
 
 EPS = 1e-6
 
 
 def _norm_inputs(t, h, dtype, device):
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(t, h, generator=g).to(device=device, dtype=dtype).requires_grad_()
-    w = (1 + 0.1 * torch.randn(h, generator=g)).to(device=device, dtype=dtype).requires_grad_()
-    dy = torch.randn(t, h, generator=g).to(device=device, dtype=dtype)
+    g = generator(device, 0)  # drawn on the device: seconds on the CPU at GPU size
+    x = torch.randn(t, h, generator=g, device=device).to(dtype).requires_grad_()
+    w = (1 + 0.1 * torch.randn(h, generator=g, device=device)).to(dtype).requires_grad_()
+    dy = torch.randn(t, h, generator=g, device=device).to(dtype)
     return x, w, dy
 
 
 def _swiglu_inputs(t, i, dtype, device):
-    g = torch.Generator().manual_seed(1)
-    gate = (2 * torch.randn(t, i, generator=g)).to(device=device, dtype=dtype).requires_grad_()
-    up = torch.randn(t, i, generator=g).to(device=device, dtype=dtype).requires_grad_()
-    dy = torch.randn(t, i, generator=g).to(device=device, dtype=dtype)
+    g = generator(device, 1)
+    gate = (2 * torch.randn(t, i, generator=g, device=device)).to(dtype).requires_grad_()
+    up = torch.randn(t, i, generator=g, device=device).to(dtype).requires_grad_()
+    dy = torch.randn(t, i, generator=g, device=device).to(dtype)
     return gate, up, dy
 
 

@@ -9,14 +9,14 @@ peak memory flat in N while the peers' grows with N·V.
 import torch
 
 from r1fast import backends, ops
-from r1fast.bench.harness import Case, Impl, Skip, suite, with_env
+from r1fast.bench.harness import Case, Impl, Skip, generator, suite, with_env
 
 
 def _inputs(n, h, v, dtype, device, grad):
-    g = torch.Generator(device="cpu").manual_seed(0)
-    hidden = (torch.randn(n, h, generator=g) / h ** 0.25).to(device=device, dtype=dtype).requires_grad_(grad)
-    weight = (torch.randn(v, h, generator=g) / h ** 0.25).to(device=device, dtype=dtype).requires_grad_(grad)
-    targets = torch.randint(0, v, (n,), generator=g).to(device)
+    g = generator(device, 0)  # drawn on the device: a 152k x 4096 weight takes seconds on the CPU
+    hidden = (torch.randn(n, h, generator=g, device=device) / h ** 0.25).to(dtype).requires_grad_(grad)
+    weight = (torch.randn(v, h, generator=g, device=device) / h ** 0.25).to(dtype).requires_grad_(grad)
+    targets = torch.randint(0, v, (n,), generator=g, device=device)
     return hidden, weight, targets
 
 
