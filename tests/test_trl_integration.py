@@ -259,6 +259,29 @@ def test_unsupported_model_refused(tmp_path, model_dirs):
                           train_dataset=Dataset.from_dict({"prompt": PROMPTS}), processing_class=tokenizer)
 
 
+def _train_counting_head_calls(model_dirs, tmp_path, **overrides):
+    """Train r1fast's drop-in for a few steps; returns (trainer, the lm_head's calls outside generation)."""
+    tokenizer = AutoTokenizer.from_pretrained(model_dirs["untied"])
+    model = AutoModelForCausalLM.from_pretrained(model_dirs["untied"])
+    trainer = r1trl.GRPOTrainer(model=model, reward_funcs=char_reward, args=_config(tmp_path, **overrides),
+                                train_dataset=Dataset.from_dict({"prompt": PROMPTS * 2}), processing_class=tokenizer)
+    head_calls, generating = [], [False]
+    model.lm_head.register_forward_hook(lambda *a: None if generating[0] else head_calls.append(1))
+    original_generate = trainer.model.generate
+
+    def generate(*args, **kwargs):
+        # Sampling legitimately computes logits for the next position.
+        generating[0] = True
+        try:
+            return original_generate(*args, **kwargs)
+        finally:
+            generating[0] = False
+
+    trainer.model.generate = generate
+    trainer.train()
+    return trainer, head_calls
+
+
 def test_logits_never_materialised(tmp_path, model_dirs, monkeypatch):
     """Outside generation, neither the lm_head module nor TRL's own chunked head runs: every
     log-prob comes from r1fast's ops (old-policy pass and loss)."""
@@ -277,25 +300,8 @@ def test_logits_never_materialised(tmp_path, model_dirs, monkeypatch):
             return _original(*args, **kwargs)
 
         monkeypatch.setattr(r1trl.ops, name, counted)
-    tokenizer = AutoTokenizer.from_pretrained(model_dirs["untied"])
-    model = AutoModelForCausalLM.from_pretrained(model_dirs["untied"])
-    trainer = r1trl.GRPOTrainer(model=model, reward_funcs=char_reward,
-                                args=_config(tmp_path, max_steps=2, num_iterations=2, loss_type="dapo"),
-                                train_dataset=Dataset.from_dict({"prompt": PROMPTS * 2}), processing_class=tokenizer)
-    head_calls, generating = [], [False]
-    model.lm_head.register_forward_hook(lambda *a: None if generating[0] else head_calls.append(1))
-    original_generate = trainer.model.generate
-
-    def generate(*args, **kwargs):
-        # Sampling legitimately computes logits for the next position.
-        generating[0] = True
-        try:
-            return original_generate(*args, **kwargs)
-        finally:
-            generating[0] = False
-
-    trainer.model.generate = generate
-    trainer.train()
+    trainer, head_calls = _train_counting_head_calls(model_dirs, tmp_path, max_steps=2, num_iterations=2,
+                                                     loss_type="dapo")
     assert trainer.state.global_step == 2
     assert head_calls == []
     # One old-policy pass (num_iterations=2) and one loss per step.
@@ -596,24 +602,7 @@ def test_mask_pre_pass_is_forward_only_without_logits(tmp_path, model_dirs, monk
         return original(*args, **kwargs)
 
     monkeypatch.setattr(r1trl.ops, "grouped_logprob", recorded)
-    tokenizer = AutoTokenizer.from_pretrained(model_dirs["untied"])
-    model = AutoModelForCausalLM.from_pretrained(model_dirs["untied"])
-    trainer = r1trl.GRPOTrainer(model=model, reward_funcs=char_reward,
-                                args=_config(tmp_path, max_steps=2, loss_type="dapo", **overrides),
-                                train_dataset=Dataset.from_dict({"prompt": PROMPTS * 2}), processing_class=tokenizer)
-    head_calls, generating = [], [False]
-    model.lm_head.register_forward_hook(lambda *a: None if generating[0] else head_calls.append(1))
-    original_generate = trainer.model.generate
-
-    def generate(*args, **kwargs):
-        generating[0] = True
-        try:
-            return original_generate(*args, **kwargs)
-        finally:
-            generating[0] = False
-
-    trainer.model.generate = generate
-    trainer.train()
+    _, head_calls = _train_counting_head_calls(model_dirs, tmp_path, max_steps=2, loss_type="dapo", **overrides)
     assert head_calls == []
     old_passes = 1 if overrides["num_iterations"] == 2 else 0  # one generation batch, scored once
     assert len(seen) == old_passes + pre_passes
