@@ -34,12 +34,13 @@ the interpreter, so the CPU tests cover it) is walked in N_BLOCKS column blocks 
 keeps its dw partial row in global memory (read-modify-write of the program's own row).
 Every row offset is int64. Interpreter-safe: no libdevice, no inline asm.
 """
-import contextlib
 import functools
 
 import torch
 import triton
 import triton.language as tl
+
+from r1fast.backends import on_device
 
 # GPU: the whole row in registers up to 8192 (every Llama / Qwen hidden size up to 70B);
 # one 16-byte vector per thread and tensor, BLOCK_R rows per tile for narrow rows.
@@ -179,10 +180,6 @@ def _rmsnorm_bwd_kernel(dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_ptr, n_rows, 
                     tl.store(dw_row + cb, part, mask=col_ok)
 
 
-def _launch_device(t: torch.Tensor):
-    """Triton launches on the current device: make it the tensors'."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
 
 def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype,
                  max_block: int | None = None):
@@ -194,7 +191,7 @@ def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: t
         return out, rstd
     cfg = launch_config(h, x.device.type, max_block, x.element_size())
     grid = (triton.cdiv(rows, cfg["BLOCK_R"]),)
-    with _launch_device(x):
+    with on_device(x.device):
         _rmsnorm_fwd_kernel[grid](x, weight, out, rstd, rows, h, eps, 1.0 / h, **cfg)
     return out, rstd
 
@@ -218,7 +215,7 @@ def rms_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: 
     # Single-block rows: every program writes its whole partial row. Several blocks: read-modify-write.
     alloc = torch.zeros if cfg["N_BLOCKS"] > 1 else torch.empty
     part = alloc((p, h), dtype=torch.float32, device=x.device) if need_dw else rstd  # rstd: an unused pointer
-    with _launch_device(x):
+    with on_device(x.device):
         _rmsnorm_bwd_kernel[(p,)](dy, x, weight, rstd, dx if need_dx else x, part, rows, h, 1.0 / h, per_prog,
                                   HAS_DX=need_dx, HAS_DW=need_dw, **cfg)
     dw = part.sum(0).to(weight.dtype) if need_dw else None

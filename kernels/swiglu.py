@@ -27,12 +27,12 @@ Layout: rows [R, H] (H = the last dimension, contiguous), a [BLOCK_R, BLOCK_N] t
 The interpreter cannot call libdevice: PRECISE=False (CPU tensors) uses tl.exp and is otherwise the
 same code.
 """
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
 from triton.language.extra import libdevice
+
+from r1fast.backends import on_device
 
 # elements per program: 8 per thread over 8 warps (16-byte bf16 vectors). ptxas, sm_90, Triton 3.6
 # and 3.9: forward <= 40 registers, backward <= 56, no spills. Not yet tuned on a GPU (`r1fast bench layers`).
@@ -99,7 +99,7 @@ def swiglu_fwd(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     if out.numel() == 0:
         return out
     cfg = launch_config(h, gate.device.type)
-    with _launch_device(gate):
+    with on_device(gate.device):
         _swiglu_fwd_kernel[_grid(rows, h, cfg)](gate, up, out, rows, h, PRECISE=gate.is_cuda, **cfg)
     return out
 
@@ -111,11 +111,6 @@ def swiglu_bwd(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor):
     if dg.numel() == 0:
         return dg, du
     cfg = launch_config(h, gate.device.type)
-    with _launch_device(gate):
+    with on_device(gate.device):
         _swiglu_bwd_kernel[_grid(rows, h, cfg)](dy, gate, up, dg, du, rows, h, PRECISE=gate.is_cuda, **cfg)
     return dg, du
-
-
-def _launch_device(t: torch.Tensor):
-    """Triton launches on the current device: make it the tensors'."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()

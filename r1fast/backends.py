@@ -14,6 +14,7 @@ its default instead of failing; one that has it but cannot run it here is still 
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from typing import Callable
@@ -126,3 +127,10 @@ def default(op: str, device: torch.device | str) -> str | None:
 def ops() -> list[str]:
     """Every registered op's name."""
     return sorted(_REGISTRY)
+
+
+def on_device(device: torch.device | str):
+    """Make `device` current for a kernel launch (Triton launches on the current CUDA device, so a
+    tensor on cuda:1 under cuda:0 would fault); a no-op on the CPU / under the interpreter."""
+    device = torch.device(device)
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()

@@ -17,7 +17,6 @@ counting the current token, whose KV is already stored.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import inspect
 import logging
@@ -111,11 +110,6 @@ def _decode_torch(q, k_cache, v_cache, block_tables, context_lens, scale, num_sp
     return out.reshape(b, h, d).to(q.dtype)
 
 
-def _on_device(device: torch.device):
-    """Make `device` current for a kernel launch (CUDA), a no-op elsewhere (CPU / interpreter)."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-
-
 def _workspaces(q, num_splits):
     b, h, d = q.shape
     if num_splits == 1:
@@ -132,7 +126,7 @@ def _decode_triton(q, k_cache, v_cache, block_tables, context_lens, scale, num_s
     out = torch.empty_like(q)
     ws_ml, ws_acc = _workspaces(q, num_splits)
     # Triton launches on the *current* device: make it q's (a cache on cuda:1 under cuda:0 would fault).
-    with _on_device(q.device):
+    with backends.on_device(q.device):
         kernel.paged_decode_attention(out, q, k_cache, v_cache, block_tables, context_lens, scale, num_splits,
                                       partition, ws_ml, ws_acc)
     return out
