@@ -171,6 +171,28 @@ def test_stop_tokens_and_eos_finish_with_stop(models, prompts):
         model.config.eos_token_id = None
 
 
+def test_rows_stopping_mid_batch_leave_the_other_rows_unchanged(models, prompts):
+    """Sequences leave the decode batch at different steps; the rows that stay keep their own
+    tokens, positions and random streams: each completion is the stop-free one cut at its first stop."""
+    _, model = models
+    params = dict(n=4, temperature=1.0, max_tokens=12, seed=5)
+    free = Engine(model, block_size=4, num_blocks=128).generate(prompts, SamplingParams(**params))
+    firsts = [t for r in free for c in r.completions for t in c.token_ids[:6]]
+    stop = max(set(firsts), key=firsts.count)  # a token many completions draw early
+    engine = Engine(model, block_size=4, num_blocks=128)
+    got = engine.generate(prompts, SamplingParams(**params, stop_token_ids=[stop]))
+    lengths = set()
+    for want_req, got_req in zip(free, got):
+        for want, c in zip(want_req.completions, got_req.completions):
+            cut = want.token_ids.index(stop) + 1 if stop in want.token_ids else len(want.token_ids)
+            assert c.token_ids == want.token_ids[:cut]
+            assert c.logprobs == pytest.approx(want.logprobs[:cut], abs=1e-5)
+            assert c.finish_reason == ("stop" if stop in want.token_ids else "length")
+            lengths.add(cut)
+    assert len(lengths) > 2  # rows really did leave at different steps
+    assert engine.block_manager.num_free_blocks == 128
+
+
 def test_max_model_len_ends_with_length(models, prompts):
     _, model = models
     engine = Engine(model, block_size=4, num_blocks=64, max_model_len=16)

@@ -4,6 +4,10 @@ Cases:
 - "generate": prompts x G samples, fixed prompt and completion lengths (stop tokens ignored);
   items = generated tokens. Floor: every decode step reads the weights once plus the KV of every
   sequence (bytes), over the measured bandwidth.
+- "engine loop": the same generate() on a 2-layer model with a 256-token vocabulary, whose compute
+  is negligible on a GPU: time per decode step is the engine's host work (scheduling, block tables,
+  sampling, bookkeeping) and launch latency, which a real model's step pays on top of its kernels
+  unless they hide it. No floor: items = decode steps.
 - "decode step": one engine decode step (batch of B sequences at context C: embedding -> layers ->
   logits -> sampling), as the engine runs it (CUDA graphs on GPU). Floor: weight bytes + KV bytes.
 """
@@ -147,6 +151,10 @@ def cases(size, device):
                 flops=gen_flops, bytes=gen_bytes, items=seqs * new, item_name="tokens",
                 # A whole generation takes seconds at GPU size: one warm-up, three timed calls.
                 warmup=1, reps=3)]
+    tiny_shape = (prompts_n, g, 16, 128) if size == "gpu" else (4, 2, 16, 16)
+    out.append(Case(f"engine loop {tiny_shape[0]}x{tiny_shape[1]} tiny model new={tiny_shape[3]}", "step", dt,
+                    [Impl("r1fast", "engine", _r1fast_generate(TINY, tiny_shape, dtype, device))],
+                    items=tiny_shape[3], item_name="steps", warmup=1, reps=3))
     for batch, ctx in step_shapes:
         out.append(Case(f"decode step batch={batch} ctx={ctx}", "step", dt,
                         [Impl("r1fast", "engine", _r1fast_decode_step(cfg, batch, ctx, dtype, device))],

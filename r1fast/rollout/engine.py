@@ -10,6 +10,8 @@ generate() sees the new weights; only the prefix cache must be reset (its KV is 
 """
 from __future__ import annotations
 
+import contextlib
+import gc
 import hashlib
 import math
 import os
@@ -153,61 +155,16 @@ class Engine:
         seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, ()).item())
         key_of = self._keys(prompts, seed)
         stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_ids)
+        stop_ids = np.fromiter(sorted(stop_ids), dtype=np.int64, count=len(stop_ids))
         sched = Scheduler(self.block_manager, self.max_num_seqs, self.max_num_batched_tokens)
         done: dict[int, list[Sequence]] = {i: [] for i in range(len(prompts))}
         for i, p in enumerate(prompts):
-            sched.add(Sequence(self._new_id(), i, 0, key_of[i](0), p, fork_into=params.n))
-        weight = self.model.lm_head_weight
+            sched.add(Sequence(self._new_id(), i, 0, key_of[i](0), p, fork_into=params.n,
+                               max_len=min(len(p) + params.max_tokens, self.max_model_len)))
         bar = _progress(len(prompts) * params.n) if progress else None
-        steps = {"prefill": 0, "decode": 0}
-        max_tokens, max_len = params.max_tokens, self.max_model_len
         try:
-            while sched.has_work():
-                batch = sched.schedule()
-                if isinstance(batch, DecodeBatch):
-                    steps["decode"] += 1
-                    self.runner.copy_blocks(batch.copies)
-                    seqs = batch.seqs
-                    lens = [len(s.tokens) for s in seqs]
-                    hidden = self.runner.decode(self.block_manager, [s.seq_id for s in seqs],
-                                                [s.tokens[-1] for s in seqs], [n - 1 for n in lens], batch.slots)
-                    for s, n in zip(seqs, lens):
-                        s.num_computed = n
-                    rows = seqs
-                else:
-                    steps["prefill"] += 1
-                    hidden = self.runner.prefill(self.block_manager, [s.seq_id for s in batch.seqs],
-                                                 [s.tokens for s in batch.seqs], batch.starts, batch.ends)
-                    keep, rows = [], []
-                    for r, (s, end) in enumerate(zip(batch.seqs, batch.ends)):
-                        s.num_computed = end
-                        self.block_manager.mark_computed(s.seq_id, end)
-                        if end == len(s):  # the prompt (or recomputed sequence) is complete: sample
-                            children = [s.child(self._new_id(), j, key_of[s.request](j)) for j in range(1, s.fork_into)]
-                            for c in children:
-                                self.block_manager.fork(s.seq_id, c.seq_id)
-                            sched.prefill_done(s, children)
-                            for c in [s, *children]:
-                                keep.append(r)
-                                rows.append(c)
-                    if not rows:
-                        continue
-                    hidden = hidden.index_select(0, torch.tensor(keep, device=hidden.device))
-                tokens, logprobs = self._sample(hidden, weight, rows, params)
-                for s, tok, lp in zip(rows, tokens, logprobs):
-                    s.tokens.append(tok)
-                    s.logprobs.append(lp)
-                    reason = None
-                    n = len(s.tokens)
-                    if tok in stop_ids:
-                        reason = "stop"
-                    elif n - s.prompt_len >= max_tokens or n >= max_len:
-                        reason = "length"
-                    if reason:
-                        sched.finish(s, reason)
-                        done[s.request].append(s)
-                        if bar is not None:
-                            bar.update(1)
+            with _cyclic_gc_paused():
+                steps = self._run(sched, params, key_of, stop_ids, done, bar)
         finally:
             for s in [*sched.running, *sched.prefilling]:
                 if self.block_manager.has_seq(s.seq_id):
@@ -222,27 +179,91 @@ class Engine:
                                              for s in seqs]))
         return results
 
+    def _run(self, sched: Scheduler, params, key_of, stop_ids: np.ndarray, done, bar) -> dict:
+        """Steps until every sequence has finished (into done[request]); returns the step counts."""
+        weight = self.model.lm_head_weight
+        running = sched.running
+        steps = {"prefill": 0, "decode": 0}
+        while sched.has_work():
+            batch = sched.schedule()
+            if isinstance(batch, DecodeBatch):
+                steps["decode"] += 1
+                self.runner.copy_blocks(batch.copies)
+                hidden = self.runner.decode(self.block_manager, running.array("ids"), running.array("last"),
+                                            running.array("lens") - 1, batch.slots)
+                start = 0
+            else:
+                steps["prefill"] += 1
+                hidden = self._prefill(batch, sched, key_of)
+                if hidden is None:
+                    continue
+                start = len(running) - hidden.shape[0]  # the sequences whose prompts completed: the newest rows
+            tokens, logprobs = self._sample(hidden, weight, running, start, params)
+            running.advance(tokens, logprobs, start)
+            stopped = np.isin(tokens, stop_ids)
+            ended = stopped | (running.array("lens")[start:] >= running.array("max_lens")[start:])
+            if ended.any():
+                for s in sched.finish(start, ended, stopped):
+                    done[s.request].append(s)
+                if bar is not None:
+                    bar.update(int(ended.sum()))
+        return steps
+
     def _new_id(self) -> int:
         self._next_seq_id += 1
         return self._next_seq_id
 
-    def _sample(self, hidden, weight, rows, params):
+    def _prefill(self, batch, sched: Scheduler, key_of):
+        """Runs a prefill step; forks each group whose prompt completed and returns the hidden
+        states of the sequences that sample now (in the order they joined `sched.running`), or None."""
+        hidden = self.runner.prefill(self.block_manager, [s.seq_id for s in batch.seqs],
+                                     [s.tokens for s in batch.seqs], batch.starts, batch.ends)
+        keep = []
+        for r, (s, end) in enumerate(zip(batch.seqs, batch.ends)):
+            s.num_computed = end
+            self.block_manager.mark_computed(s.seq_id, end)
+            if end == len(s):  # the prompt (or recomputed sequence) is complete: sample
+                children = [s.child(self._new_id(), j, key_of[s.request](j)) for j in range(1, s.fork_into)]
+                for c in children:
+                    self.block_manager.fork(s.seq_id, c.seq_id)
+                sched.prefill_done(s, children)
+                keep += [r] * (1 + len(children))
+        if not keep:
+            return None
+        return hidden.index_select(0, torch.tensor(keep, device=hidden.device))
+
+    def _sample(self, hidden, weight, running, start: int, params):
+        """(tokens int64 [B], logprobs float32 [B]) as numpy arrays for the running rows from `start` on."""
         logits = lm_logits(hidden, weight)
         device = logits.device
         u = None
         if not params.greedy:  # the step's random numbers, hashed on the host (see HostUniforms)
-            u = torch.from_numpy(self._uniforms([s.key for s in rows], [len(s.tokens) for s in rows]))
+            u = torch.from_numpy(self._uniforms(running.array("keys")[start:], running.array("lens")[start:]))
             u = u.to(device, non_blocking=True) if device.type != "cpu" else u
         # backend: torch (sampler.sample) on the CPU, the Triton kernel on a GPU (top-k/top-p: torch);
         # R1FAST_BACKEND overrides it as for every op (reference: float64 sampling, for debugging)
         tokens, logprobs = ops.sample_tokens(logits, params, u, check_uniforms=False)
-        # the one device->host transfer of the step
-        tokens, logprobs = tokens.tolist(), logprobs.float().tolist()
-        bad = sum(lp != lp for lp in logprobs)  # NaN, checked on the host copy: no extra sync
+        # the device->host transfers of the step
+        tokens, logprobs = tokens.cpu().numpy(), logprobs.float().cpu().numpy()
+        bad = int(np.isnan(logprobs).sum())
         if bad:
-            raise RuntimeError(f"generate: the model produced NaN logits for {bad} of {len(rows)} sequences "
+            raise RuntimeError(f"generate: the model produced NaN logits for {bad} of {len(logprobs)} sequences "
                                f"(NaN/inf weights or activations?); no token can be sampled from them")
         return tokens, logprobs
+
+
+@contextlib.contextmanager
+def _cyclic_gc_paused():
+    """Python's cyclic collector walks every tracked object (torch's, the model's, each Sequence)
+    and stalled decode steps for up to a millisecond at random; the loop makes no reference
+    cycles, so the collector waits until generate() returns."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def _progress(total):

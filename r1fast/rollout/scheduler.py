@@ -29,9 +29,70 @@ class PrefillBatch:
 
 @dataclasses.dataclass
 class DecodeBatch:
-    seqs: list[Sequence]
+    """One token for every running sequence, in the order of Scheduler.running."""
     slots: np.ndarray        # int64 [B]: cache slot of each sequence's last token
     copies: np.ndarray       # int32 [K, 2]: (src, dst) blocks to copy before the step (copy-on-write)
+
+
+class Running:
+    """The decoding sequences in batch order, with their per-row numbers as arrays.
+
+    A decode step over hundreds of sequences reads ids, lens (tokens so far), last (last token),
+    max_lens and keys, and advance() updates them with a few numpy ops: Python loops over the rows
+    were most of the engine's host time per step. The arrays are rebuilt from the sequences after
+    a sequence joins (rare: once per group) and compacted when sequences leave.
+    """
+
+    _FIELDS = (("ids", "seq_id", np.int64), ("max_lens", "max_len", np.int64), ("keys", "key", np.uint64))
+
+    def __init__(self):
+        self.seqs: list[Sequence] = []
+        self._arrays: dict[str, np.ndarray] | None = None
+
+    def __len__(self):
+        return len(self.seqs)
+
+    def __iter__(self):
+        return iter(self.seqs)
+
+    def __getitem__(self, i):
+        return self.seqs[i]
+
+    def add(self, seq: Sequence):
+        self.seqs.append(seq)
+        self._arrays = None
+
+    def pop(self) -> Sequence:
+        if self._arrays is not None:
+            self._arrays = {k: v[:-1] for k, v in self._arrays.items()}
+        return self.seqs.pop()
+
+    def remove(self, leaving: np.ndarray) -> list[Sequence]:
+        """Drops the rows where the bool mask `leaving` is set; returns their sequences."""
+        gone = [self.seqs[i] for i in np.flatnonzero(leaving).tolist()]
+        self.seqs = [s for s, out in zip(self.seqs, leaving.tolist()) if not out]
+        if self._arrays is not None:
+            self._arrays = {k: v[~leaving] for k, v in self._arrays.items()}
+        return gone
+
+    def array(self, name: str) -> np.ndarray:
+        if self._arrays is None:
+            n = len(self.seqs)
+            a = {key: np.fromiter((getattr(s, attr) for s in self.seqs), dtype=dt, count=n)
+                 for key, attr, dt in self._FIELDS}
+            a["lens"] = np.fromiter((len(s.tokens) for s in self.seqs), dtype=np.int64, count=n)
+            a["last"] = np.fromiter((s.tokens[-1] for s in self.seqs), dtype=np.int32, count=n)
+            self._arrays = a
+        return self._arrays[name]
+
+    def advance(self, tokens: np.ndarray, logprobs: np.ndarray, start: int = 0):
+        """Appends one sampled token (and its log-probability) to each row from `start` on."""
+        for s, t, lp in zip(self.seqs[start:], tokens.tolist(), logprobs.tolist()):
+            s.tokens.append(t)
+            s.logprobs.append(lp)
+        if self._arrays is not None:
+            self._arrays["lens"][start:] += 1
+            self._arrays["last"][start:] = tokens
 
 
 class Scheduler:
@@ -41,7 +102,7 @@ class Scheduler:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.prefilling: list[Sequence] = []
-        self.running: list[Sequence] = []
+        self.running = Running()
         self.num_preemptions = 0
         self.num_cached_tokens = 0  # prompt tokens whose KV came from the prefix cache
 
@@ -90,16 +151,13 @@ class Scheduler:
                 f"the KV pool ({self.bm.num_blocks} blocks of {self.bm.block_size}) cannot hold the next waiting "
                 f"sequence ({len(self.waiting[0])} tokens, {self.waiting[0].fork_into} samples)"
             )
-        ids = np.fromiter((s.seq_id for s in self.running), dtype=np.int64, count=len(self.running))
-        while self.bm.blocks_to_append(ids) > self.bm.num_free_blocks:
+        while self.bm.blocks_to_append(self.running.array("ids")) > self.bm.num_free_blocks:
             if len(self.running) == 1:
                 raise RuntimeError(f"the KV pool ({self.bm.num_blocks} blocks) cannot hold one sequence of "
                                    f"{len(self.running[0])} tokens")
             self.preempt(self.running.pop())
-            ids = ids[:-1]
-        last = np.fromiter((s.tokens[-1] for s in self.running), dtype=np.int32, count=len(self.running))
-        slots, copies = self.bm.append_batch(ids, last)
-        return DecodeBatch(list(self.running), slots, copies)
+        slots, copies = self.bm.append_batch(self.running.array("ids"), self.running.array("last"))
+        return DecodeBatch(slots, copies)
 
     def preempt(self, seq: Sequence):
         self.bm.preempt(seq.seq_id)
@@ -114,10 +172,15 @@ class Scheduler:
         for s in [seq, *children]:
             s.status = Status.RUNNING
             s.fork_into = 1
-            self.running.append(s)
+            self.running.add(s)
 
-    def finish(self, seq: Sequence, reason: str):
-        self.bm.free(seq.seq_id)
-        seq.status = Status.FINISHED
-        seq.finish_reason = reason
-        self.running.remove(seq)
+    def finish(self, start: int, ended: np.ndarray, stopped: np.ndarray) -> list[Sequence]:
+        """Retires the running rows start + i where ended[i] (reason "stop" where stopped[i], else "length")."""
+        for i in np.flatnonzero(ended).tolist():
+            seq = self.running[start + i]
+            self.bm.free(seq.seq_id)
+            seq.status = Status.FINISHED
+            seq.finish_reason = "stop" if stopped[i] else "length"
+        leaving = np.zeros(len(self.running), dtype=bool)
+        leaving[start:] = ended
+        return self.running.remove(leaving)

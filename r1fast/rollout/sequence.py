@@ -12,23 +12,26 @@ class Status(enum.Enum):
 
 
 class Sequence:
-    """tokens = prompt + generated; the KV of tokens[:num_computed] is in the cache.
+    """tokens = prompt + generated; the KV of tokens[:num_computed] is in the cache (num_computed is
+    kept while a sequence is prefilled; a running sequence has the KV of all its tokens but the last).
 
     A group is admitted as one sequence with `fork_into` = n: its prompt is prefilled once, and
     when the prompt's last logits are ready it is forked into n sequences (sample 0 is itself)
     that share the prompt's KV blocks.
     """
 
-    __slots__ = ("seq_id", "request", "sample", "key", "tokens", "prompt_len", "logprobs", "num_computed",
-                 "status", "fork_into", "finish_reason")
+    __slots__ = ("seq_id", "request", "sample", "key", "tokens", "prompt_len", "max_len", "logprobs",
+                 "num_computed", "status", "fork_into", "finish_reason")
 
-    def __init__(self, seq_id: int, request: int, sample: int, key: int, prompt: list[int], fork_into: int = 1):
+    def __init__(self, seq_id: int, request: int, sample: int, key: int, prompt: list[int], fork_into: int = 1,
+                 max_len: int | None = None):
         self.seq_id = seq_id
         self.request = request          # index of the prompt in the generate() call
         self.sample = sample            # index j of the completion within its group
         self.key = key                  # 32-bit random stream key (see sampler.py)
         self.tokens = list(prompt)
         self.prompt_len = len(prompt)
+        self.max_len = max_len          # total length at which it finishes with reason "length"
         self.logprobs: list[float] = []
         self.num_computed = 0
         self.status = Status.WAITING
@@ -44,7 +47,7 @@ class Sequence:
 
     def child(self, seq_id: int, sample: int, key: int) -> "Sequence":
         """A fork: same tokens and computed KV, its own sample index and random stream."""
-        s = Sequence(seq_id, self.request, sample, key, self.tokens)
+        s = Sequence(seq_id, self.request, sample, key, self.tokens, max_len=self.max_len)
         s.prompt_len = self.prompt_len
         s.num_computed = self.num_computed
         s.status = self.status
