@@ -184,6 +184,18 @@ def compile_all(arch: int = 90, full: bool = False, report=None):
         for kern in (swiglu_kernels._swiglu_fwd_kernel, swiglu_kernels._swiglu_bwd_kernel):
             _compile(kern, types, dict(PRECISE=True), arch, cfg, report, f"{kern.fn.__name__} {dt}")
     done.append(f"swiglu kernels ({2 * len(dts)} specialisations)")
+    # rotary of q and k, as ops.rotary launches it: Qwen2.5-1.5B (12 q heads, 2 k heads, head_dim 128),
+    # forward (rounding like torch for 16-bit) and backward
+    from r1fast.kernels import rotary as rotary_kernels
+
+    for dt in dts:
+        types = {n: f"*{dt}" for n in ("q_ptr", "k_ptr", "qo_ptr", "ko_ptr", "cos_ptr", "sin_ptr")}
+        cfg = rotary_kernels.launch_config(12, 64, "cuda")
+        for backward in (False, True):
+            c = dict(BACKWARD=backward, ROUND=dt != "fp32")
+            _compile(rotary_kernels._rotary_kernel, types, c, arch, cfg, report,
+                     f"_rotary_kernel {dt}" + (" backward" if backward else ""))
+    done.append(f"rotary kernel ({2 * len(dts)} specialisations)")
     return done
 
 

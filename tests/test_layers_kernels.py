@@ -1,4 +1,4 @@
-"""ops.rms_norm and ops.swiglu: every backend against the float64 reference, forward and backward.
+"""ops.rms_norm, ops.swiglu and ops.rotary: every backend against the float64 reference, forward and backward.
 
 On the CPU the triton backend runs under the interpreter in fp32 (small shapes; widths past the
 interpreter's 64-wide block walk the row in several blocks); the gpu-marked tests run bf16/fp16 at
@@ -177,7 +177,7 @@ def test_reference_backend_and_float64_inputs(device):
 
 
 def test_default_backends():
-    for op in ("rms_norm", "swiglu"):
+    for op in ("rms_norm", "swiglu", "rotary"):
         assert backends.default(op, "cpu") == "torch"
         assert backends.default(op, torch.device("cuda")) == "triton"
         assert set(backends.implementations(op)) == {"reference", "torch", "triton"}
@@ -216,7 +216,7 @@ def test_model_forward_and_backward_on_the_triton_backend(device, monkeypatch):
         order = (first,) + tuple(b for b in ("torch", "triton", "reference") if b != first)
         monkeypatch.setattr(backends, "_CPU_ORDER", order)
         monkeypatch.setattr(backends, "_GPU_ORDER", order)
-        assert backends.default("rms_norm", device) == backends.default("swiglu", device) == first
+        assert {backends.default(op, device) for op in ("rms_norm", "swiglu", "rotary")} == {first}
 
     def run():
         model.zero_grad(set_to_none=True)
@@ -235,10 +235,123 @@ def test_model_forward_and_backward_on_the_triton_backend(device, monkeypatch):
         assert_close(g_triton[n], g_torch[n], torch.float32, rtol=1e-4, atol=1e-5, name=f"grad {n}")
 
 
+def _rotary_case(t, hq, hk, d, seed, angles=False):
+    """float64 q, k, cos, sin and cotangents. angles=False: arbitrary tables whose two halves differ
+    (the kernel reads both halves; a table from real angles would hide a swapped half)."""
+    q = randn(t, hq, d, dtype=torch.float64, seed=seed)
+    k = randn(t, hk, d, dtype=torch.float64, seed=seed + 1)
+    if angles:
+        theta = torch.rand(t, d // 2, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)) * 50
+        theta = torch.cat((theta, theta), dim=-1)
+        cos, sin = theta.cos(), theta.sin()
+    else:
+        cos, sin = randn(t, d, dtype=torch.float64, seed=seed + 2), randn(t, d, dtype=torch.float64, seed=seed + 3)
+    return q, k, cos, sin, randn(t, hq, d, dtype=torch.float64, seed=seed + 4), \
+        randn(t, hk, d, dtype=torch.float64, seed=seed + 5)
+
+
+def _rotary_grads(fn, q, k, cos, sin, dq, dk):
+    q, k = q.detach().clone().requires_grad_(), k.detach().clone().requires_grad_()
+    oq, ok = fn(q, k, cos, sin)
+    gq, gk = torch.autograd.grad((oq, ok), (q, k), (dq, dk))
+    return oq, ok, gq, gk
+
+
+def _rotary_reference(q, k, cos, sin):
+    return reference.rotary(q, cos, sin), reference.rotary(k, cos, sin)
+
+
+# (tokens, q heads, k heads, head_dim): GQA, more k heads than q heads, head counts crossing the
+# interpreter's 2-head blocks, a half not a power of two, the smallest head_dim, one token
+ROTARY_CASES = [(5, 4, 2, 16), (3, 1, 3, 12), (6, 5, 5, 20), (4, 3, 1, 2), (1, 7, 2, 8)]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("t, hq, hk, d", ROTARY_CASES)
+def test_rotary_matches_reference(device, poisoned_alloc, backend, t, hq, hk, d):
+    case = _rotary_case(t, hq, hk, d, seed=t * 100 + hq * 10 + d)
+    expect = _rotary_grads(_rotary_reference, *case)
+    f = lambda x: x.float().to(device)  # noqa: E731
+    got = _rotary_grads(lambda *a: ops.rotary(*a, backend=backend), *(f(x) for x in case))
+    for a, e, name in zip(got, expect, ("q", "k", "dq", "dk")):
+        assert a.dtype == torch.float32
+        assert_close(a, e, torch.float32, rtol=2e-5, atol=1e-6, name=f"{backend} {name}")
+
+
+def test_rotary_triton_strided_q_k_and_tables(device):
+    """q and k as head slices of one fused qkv tensor (token stride > heads x head_dim), and cos/sin
+    as column slices of a wider table: the kernel takes strides, no copies needed."""
+    t, hq, hk, d = 6, 4, 2, 16
+    qkv = randn(t, hq + 2 * hk, d, seed=91, device=device)
+    table = randn(t, 2 * d, seed=92, device=device)
+    q, k = qkv[:, :hq], qkv[:, hq:hq + hk]
+    cos, sin = table[:, :d], table[:, d:]
+    assert not q.is_contiguous() and not cos.is_contiguous()
+    got = ops.rotary(q, k, cos, sin, backend="triton")
+    want = _rotary_reference(q.double(), k.double(), cos.double(), sin.double())
+    for a, e, name in zip(got, want, ("q", "k")):
+        assert_close(a, e, torch.float32, rtol=2e-5, atol=1e-6, name=name)
+
+
+def test_rotary_fp16_rounds_like_torch(device):
+    """fp16 (the interpreter has no bf16): each product and the sum rounded to fp16, as torch's three
+    operations do: the forward equals the torch backend bit for bit; the gradients meet the
+    low-precision rule."""
+    case = _rotary_case(9, 4, 2, 32, seed=95, angles=True)
+    expect = _rotary_grads(_rotary_reference, *case)
+    h = lambda x: x.half().to(device)  # noqa: E731
+    lowp = _rotary_grads(lambda *a: ops.rotary(*a, backend="torch"), *(h(x) for x in case))
+    got = _rotary_grads(lambda *a: ops.rotary(*a, backend="triton"), *(h(x) for x in case))
+    assert torch.equal(got[0], lowp[0]) and torch.equal(got[1], lowp[1])
+    for k, l, e, name in zip(got[2:], lowp[2:], expect[2:], ("dq", "dk")):
+        assert k.dtype == torch.float16
+        assert_within_lowp_rule(k, l, e, name=f"rotary fp16 {name}")
+
+
+def test_rotary_tables_with_gradient_and_mixed_dtypes(device):
+    """Tables that require a gradient take the torch path (the kernel gives none to them); fp16 q/k
+    with fp32 tables come out in fp32, as torch promotes."""
+    q, k, cos, sin, dq, dk = (x.float().to(device) for x in _rotary_case(4, 2, 1, 8, seed=97))
+    cos.requires_grad_()
+    oq, ok = ops.rotary(q, k, cos, sin, backend="triton")
+    (gc,) = torch.autograd.grad((oq, ok), (cos,), (dq, dk))
+    c64 = cos.detach().double().requires_grad_()
+    (want,) = torch.autograd.grad(_rotary_reference(q.double(), k.double(), c64, sin.double()), (c64,),
+                                  (dq.double(), dk.double()))
+    assert_close(gc, want, torch.float32, rtol=2e-5, atol=1e-6, name="dcos")
+    oq, ok = ops.rotary(q.half(), k.half(), cos.detach(), sin, backend="triton")
+    assert oq.dtype == ok.dtype == torch.float32
+    assert_close(oq, reference.rotary(q.half().double(), cos.double(), sin.double()), torch.float32,
+                 rtol=2e-5, atol=1e-6, name="mixed q")
+
+
+def test_rotary_empty_and_only_k_used(device):
+    """No tokens; and a loss that uses only k (q's output gradient is None in the backward)."""
+    z = torch.empty(0, 2, 8, device=device)
+    tab = torch.empty(0, 8, device=device)
+    oq, ok = ops.rotary(z, z[:, :1], tab, tab, backend="triton")
+    assert oq.shape == (0, 2, 8) and ok.shape == (0, 1, 8)
+    q, k, cos, sin, _, dk = (x.float().to(device) for x in _rotary_case(3, 2, 1, 8, seed=99))
+    q.requires_grad_()
+    k.requires_grad_()
+    _, ok = ops.rotary(q, k, cos, sin, backend="triton")
+    gq, gk = torch.autograd.grad(ok, (q, k), dk, allow_unused=True)
+    k64 = k.detach().double().requires_grad_()
+    (want,) = torch.autograd.grad(reference.rotary(k64, cos.double(), sin.double()), (k64,), dk.double())
+    assert_close(gk, want, torch.float32, rtol=2e-5, atol=1e-6, name="dk")
+    assert gq is None or torch.equal(gq, torch.zeros_like(gq))
+
+
 def _bad_rms(**kw):
     args = dict(x=torch.randn(3, 8), weight=torch.randn(8), eps=1e-6)
     args.update(kw)
     return lambda: ops.rms_norm(args["x"], args["weight"], args["eps"])
+
+
+def _bad_rotary(**kw):
+    args = dict(q=torch.randn(3, 4, 8), k=torch.randn(3, 2, 8), cos=torch.randn(3, 8), sin=torch.randn(3, 8))
+    args.update(kw)
+    return lambda: ops.rotary(args["q"], args["k"], args["cos"], args["sin"])
 
 
 def _bad_swiglu(**kw):
@@ -266,6 +379,16 @@ def _bad_swiglu(**kw):
     (_bad_swiglu(up=None), TypeError, "up must be a torch.Tensor"),
     (_bad_swiglu(up=torch.randn(3, 8, device="meta")), ValueError, "one device"),
     (_bad_swiglu(gate=torch.tensor(1.0), up=torch.tensor(1.0)), ValueError, "at least one dimension"),
+    (_bad_rotary(q=torch.randn(3, 32)), ValueError, r"q and k must be \[T, heads, head_dim\]"),
+    (_bad_rotary(k=torch.randn(4, 2, 8)), ValueError, "must have q's tokens and head_dim"),
+    (_bad_rotary(q=torch.randn(3, 4, 7), k=torch.randn(3, 2, 7), cos=torch.randn(3, 7), sin=torch.randn(3, 7)),
+     ValueError, "head_dim must be even"),
+    (_bad_rotary(cos=torch.randn(3, 4)), ValueError, r"cos and sin must be \[T=3, head_dim=8\]"),
+    (_bad_rotary(k=torch.randn(3, 2, 8).half()), ValueError, "share a dtype"),
+    (_bad_rotary(sin=torch.randn(3, 8, dtype=torch.float64)), ValueError, "share a dtype"),
+    (_bad_rotary(sin=torch.ones(3, 8, dtype=torch.int32)), ValueError, "sin must be a float tensor"),
+    (_bad_rotary(cos=None), TypeError, "cos must be a torch.Tensor"),
+    (_bad_rotary(cos=torch.randn(3, 8, device="meta")), ValueError, "one device"),
 ])
 def test_bad_inputs_are_clear_errors(call, err, match):
     with pytest.raises(err, match=match):
@@ -349,3 +472,20 @@ def test_swiglu_gpu_low_precision_rule_and_bit_equal_to_torch(dtype):
         assert_within_lowp_rule(k, l, e, name=f"swiglu {dtype} {name}")
     assert torch.equal(got[0], lowp[0]), "forward differs from F.silu(g) * u"
     assert torch.equal(got[2], lowp[2]), "d_up differs from torch's"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_rotary_gpu_bit_equal_forward_and_low_precision_backward(dtype):
+    """Qwen2.5-1.5B's attention: 4096 tokens, 12 q heads, 2 k heads, head_dim 128, real angles. The
+    forward equals torch's x * cos + rotate_half(x) * sin bit for bit (the same three roundings);
+    the gradients (fp32, one rounding) meet the low-precision rule."""
+    case = [x.cuda() for x in _rotary_case(4096, 12, 2, 128, seed=101, angles=True)]
+    expect = _rotary_grads(_rotary_reference, *case)
+    lo = lambda x: x.to(dtype)  # noqa: E731
+    lowp = _rotary_grads(lambda *a: ops.rotary(*a, backend="torch"), *(lo(x) for x in case))
+    got = _rotary_grads(lambda *a: ops.rotary(*a, backend="triton"), *(lo(x) for x in case))
+    assert torch.equal(got[0], lowp[0]) and torch.equal(got[1], lowp[1]), "forward differs from torch's"
+    for k, l, e, name in zip(got[2:], lowp[2:], expect[2:], ("dq", "dk")):
+        assert k.dtype == dtype
+        assert_within_lowp_rule(k, l, e, name=f"rotary {dtype} {name}")

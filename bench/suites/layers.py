@@ -1,16 +1,20 @@
-"""layers: the decoder's RMSNorm and SwiGLU activation (ops.rms_norm, ops.swiglu), fwd and fwd+bwd.
+"""layers: the decoder's RMSNorm, SwiGLU activation and rotary embedding (ops.rms_norm, ops.swiglu,
+ops.rotary), fwd and fwd+bwd.
 
 Memory-bound elementwise / row-reduction work: the floor is the bytes a fused kernel must move over
 the measured copy bandwidth:
     rms_norm  fwd: read x, write y (2·T·H elements);  fwd+bwd: + read dy and x, write dx (5·T·H)
     swiglu    fwd: read gate and up, write out (3·T·I);  fwd+bwd: + read dy, gate, up, write both
               gradients (8·T·I)
-(the weight, rstd and dw partials are O(H + T): left out). GPU size: Qwen2.5-1.5B's hidden 1536
-and intermediate 8960 over 16k tokens, bf16.
+    rotary    fwd: read q and k, write both (2·T·(Hq+Hk)·D) + cos/sin (2·T·D);  fwd+bwd: twice that
+(the weight, rstd and dw partials are O(H + T): left out). GPU size: Qwen2.5-1.5B's hidden 1536,
+intermediate 8960 and attention (12 q heads, 2 k heads, head_dim 128) over 16k tokens, bf16.
 r1fast: the triton backend (the fused kernels) and the torch backend (the decoder's plain
 expressions: transformers' RMSNorm, F.silu(g) * u). Peers: torch's own F.rms_norm (a fused kernel
 on CUDA) and eager F.silu(g) * u, torch.compile of the torch expressions (CUDA only), and Liger's
 LigerRMSNorm (casting_mode="llama", the same numerics) / LigerSiLUMulFunction when importable.
+Rotary: the triton backend (q and k in one launch) and the torch backend (transformers' expression,
+five kernels per tensor on CUDA) beside torch.compile of that expression.
 """
 import torch
 import torch.nn.functional as F
@@ -35,6 +39,45 @@ def _swiglu_inputs(t, i, dtype, device):
     up = torch.randn(t, i, generator=g, device=device).to(dtype).requires_grad_()
     dy = torch.randn(t, i, generator=g, device=device).to(dtype)
     return gate, up, dy
+
+
+def _rotary_inputs(t, hq, hk, d, dtype, device):
+    g = generator(device, 2)
+    q = torch.randn(t, hq, d, generator=g, device=device).to(dtype).requires_grad_()
+    k = torch.randn(t, hk, d, generator=g, device=device).to(dtype).requires_grad_()
+    theta = torch.rand(t, d // 2, generator=g, device=device) * 1000
+    theta = torch.cat((theta, theta), dim=-1)
+    dq = torch.randn(t, hq, d, generator=g, device=device).to(dtype)
+    dk = torch.randn(t, hk, d, generator=g, device=device).to(dtype)
+    return q, k, theta.cos().to(dtype), theta.sin().to(dtype), dq, dk
+
+
+def _rotary_timed(fn, inputs, mode):
+    q, k, cos, sin, dq, dk = inputs
+    if mode == "fwd":
+        def run():
+            with torch.no_grad():
+                return fn(q, k, cos, sin)
+        return run
+    return lambda: torch.autograd.grad(fn(q, k, cos, sin), (q, k), (dq, dk))
+
+
+def _r1fast_rotary(backend, inputs, mode, device):
+    def setup():
+        if backend not in backends.available("rotary", device):
+            raise Skip(f"backend {backend} unavailable on {device.type}")
+        return _rotary_timed(lambda *a: ops.rotary(*a, backend=backend), inputs(), mode)
+    return setup
+
+
+def _compiled_rotary(inputs, mode, device):
+    def setup():
+        if device.type != "cuda":
+            raise Skip(f"CUDA only, not {device.type}")
+        from r1fast.ops.layers import _rotary_torch  # the torch backend's expression, without the dispatch
+
+        return _rotary_timed(torch.compile(_rotary_torch, dynamic=False), inputs(), mode)
+    return setup
 
 
 def _timed(make_fn, inputs, mode):
@@ -103,11 +146,12 @@ def _liger_swiglu(g, u):
 
 @suite("layers")
 def cases(size, device):
-    """Fused RMSNorm and SwiGLU (fwd, fwd+bwd) vs the torch expressions, torch.compile and Liger."""
+    """Fused RMSNorm, SwiGLU and rotary (fwd, fwd+bwd) vs the torch expressions, torch.compile and Liger."""
     if size == "gpu":
         t, h, i, dtype = 16384, 1536, 8960, torch.bfloat16
     else:
         t, h, i, dtype = 64, 48, 80, torch.float32
+    hq, hk, d = 12, 2, 128
     es = torch.finfo(dtype).bits // 8
     dt = str(dtype).removeprefix("torch.")
     out = []
@@ -126,4 +170,10 @@ def cases(size, device):
                   Impl("liger", "LigerSiLUMulFunction", _peer(_liger_swiglu, sw, mode, device, cuda_only=True),
                        requires=("liger_kernel",))]
         out.append(Case(f"swiglu T={t} I={i}", mode, dt, impls, bytes=swiglu_elems * t * i * es, items=t))
+        rot = lambda: _rotary_inputs(t, hq, hk, d, dtype, device)  # noqa: E731
+        impls = [Impl("r1fast", b, _r1fast_rotary(b, rot, mode, device)) for b in ("triton", "torch")]
+        impls.append(Impl("torch", "compile", _compiled_rotary(rot, mode, device)))
+        passes = 1 if mode == "fwd" else 2
+        out.append(Case(f"rotary T={t} heads={hq}+{hk} D={d}", mode, dt, impls,
+                        bytes=passes * 2 * t * ((hq + hk) * d + d) * es, items=t))
     return out

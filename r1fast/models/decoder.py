@@ -14,8 +14,8 @@ from r1fast.models.attention import (PackedBatch, check_cu_seqlens, packed_from_
                                      positions_of, varlen_causal_attention)
 from r1fast.models.config import ModelConfig
 from r1fast.models.linear import Linear
-from r1fast.models.rotary import RotaryEmbedding, apply_rotary
-from r1fast.ops.layers import rms_norm, swiglu
+from r1fast.models.rotary import RotaryEmbedding
+from r1fast.ops.layers import rms_norm, rotary, swiglu
 
 
 class RMSNorm(nn.Module):
@@ -57,7 +57,8 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        # ops.rotary: transformers' expression on the CPU (torch backend), one fused Triton launch on CUDA
+        q, k = rotary(q, k, cos, sin)
         if attn is not None:
             out = attn.attend(self.layer_idx, q, k, v)
         else:

@@ -1,7 +1,7 @@
 """Rotary position embeddings, computed once per forward for the positions given and shared by all layers.
 
 Numerics follow transformers: inverse frequencies and angles in fp32, cos/sin cast to the
-activations' dtype, then x*cos + rotate_half(x)*sin in that dtype. Rope scaling: "linear"
+activations' dtype, then x*cos + rotate_half(x)*sin in that dtype (ops.rotary). Rope scaling: "linear"
 (positions divided by factor), Llama-3's frequency-dependent scaling, and YaRN.
 """
 from __future__ import annotations
@@ -99,14 +99,3 @@ class RotaryEmbedding:
         if self.attention_scaling != 1.0:
             cos, sin = cos * self.attention_scaling, sin * self.attention_scaling
         return cos.to(dtype), sin.to(dtype)
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [T, heads, head_dim], cos/sin [T, head_dim] -> x rotated by each token's angle."""
-    cos, sin = cos[:, None, :], sin[:, None, :]
-    return x * cos + rotate_half(x) * sin

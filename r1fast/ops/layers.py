@@ -1,19 +1,22 @@
-"""ops.rms_norm and ops.swiglu: the decoder's RMSNorm and SwiGLU activation (r1fast.models.decoder).
+"""ops.rms_norm, ops.swiglu and ops.rotary: the decoder's RMSNorm, SwiGLU activation and rotary
+position embedding of q and k (r1fast.models.decoder).
 
-backends (both ops):
+backends (every op):
     reference  float64 torch (r1fast.reference.layers), result rounded to the output dtype: the oracle
     torch      the decoder's own expressions, exactly (what runs on the CPU, bit for bit as before):
                    rms_norm: x32 = x.float(); weight * (x32 * rsqrt(mean(x32^2) + eps)).to(x.dtype)
                    swiglu:   F.silu(gate) * up
-    triton     fused kernels (kernels/rmsnorm.py, kernels/swiglu.py) in autograd Functions: one read
-               and one write per tensor forward, the backward recomputes what it needs (RMSNorm
-               saves x, weight and a per-row fp32 rstd; SwiGLU saves gate and up only). Their
-               docstrings say where they equal the torch path bit for bit and where not.
-               float64 inputs go to the torch backend (the kernels compute in fp32).
+                   rotary:   x * cos + rotate_half(x) * sin, for q and for k
+    triton     fused kernels (kernels/rmsnorm.py, kernels/swiglu.py, kernels/rotary.py) in autograd
+               Functions: one read and one write per tensor forward, the backward recomputes what
+               it needs (RMSNorm saves x, weight and a per-row fp32 rstd; SwiGLU saves gate and up
+               only; rotary saves cos and sin). Their docstrings say where they equal the torch
+               path bit for bit and where not. float64 inputs go to the torch backend (the kernels
+               compute in fp32), and so do rotary tables that require a gradient.
 Default: triton on CUDA, torch on the CPU (r1fast.backends).
 
 Output dtypes are torch's: rms_norm returns promote(x.dtype, weight.dtype) (x's dtype when the weight
-has it, as in a model), swiglu the inputs' dtype.
+has it, as in a model), swiglu the inputs' dtype, rotary promote(x.dtype, cos.dtype).
 """
 from __future__ import annotations
 
@@ -167,3 +170,88 @@ def swiglu(gate, up, *, backend=None):
     _validate_swiglu(gate, up)
     _, fn = backends.resolve("swiglu", gate.device, backend)
     return fn(gate, up)
+
+
+# ---------------------------------------------------------------- rotary
+
+
+def _validate_rotary(q, k, cos, sin):
+    for name, t in (("q", q), ("k", k), ("cos", cos), ("sin", sin)):
+        _check_tensor("rotary", name, t)
+    if q.dim() != 3 or k.dim() != 3:
+        raise ValueError(f"rotary: q and k must be [T, heads, head_dim], got shapes {tuple(q.shape)} and "
+                         f"{tuple(k.shape)}")
+    t, _, d = q.shape
+    if k.shape[0] != t or k.shape[2] != d:
+        raise ValueError(f"rotary: k {tuple(k.shape)} must have q's tokens and head_dim ({t}, {d})")
+    if d % 2:
+        raise ValueError(f"rotary: head_dim must be even (the halves rotate together), got {d}")
+    if cos.shape != (t, d) or sin.shape != (t, d):
+        raise ValueError(f"rotary: cos and sin must be [T={t}, head_dim={d}], got {tuple(cos.shape)} and "
+                         f"{tuple(sin.shape)}")
+    if q.dtype != k.dtype or cos.dtype != sin.dtype:
+        raise ValueError(f"rotary: q and k must share a dtype, and cos and sin: got {q.dtype}, {k.dtype}, "
+                         f"{cos.dtype}, {sin.dtype}")
+    if len({q.device, k.device, cos.device, sin.device}) != 1:
+        raise ValueError(f"rotary: q, k, cos and sin must be on one device, got {q.device}, {k.device}, "
+                         f"{cos.device}, {sin.device}")
+
+
+@backends.register("rotary", "reference")
+def _rotary_reference(q, k, cos, sin):
+    out_dtype = torch.promote_types(q.dtype, cos.dtype)
+    c, s = cos.double(), sin.double()
+    return (reference.rotary(q.double(), c, s).to(out_dtype), reference.rotary(k.double(), c, s).to(out_dtype))
+
+
+def _rotate_half(x):
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+@backends.register("rotary", "torch")
+def _rotary_torch(q, k, cos, sin):
+    # transformers' apply_rotary_pos_emb, as the decoder has always computed it
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+def _last_dim_contiguous(t):
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+class _TritonRotary(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, cos, sin):
+        from r1fast.kernels import rotary as kernel
+
+        cos, sin = _last_dim_contiguous(cos), _last_dim_contiguous(sin)
+        ctx.save_for_backward(cos, sin)
+        ctx.dtype, ctx.shapes = q.dtype, (q.shape, k.shape)
+        return kernel.rotary(_last_dim_contiguous(q), _last_dim_contiguous(k), cos, sin,
+                             torch.promote_types(q.dtype, cos.dtype))
+
+    @staticmethod
+    def backward(ctx, dq, dk):
+        from r1fast.kernels import rotary as kernel
+
+        cos, sin = ctx.saved_tensors
+        dq, dk = (torch.zeros(shape, dtype=cos.dtype, device=cos.device) if g is None else _last_dim_contiguous(g)
+                  for g, shape in zip((dq, dk), ctx.shapes))
+        gq, gk = kernel.rotary(dq, dk, cos, sin, ctx.dtype, backward=True)
+        return gq, gk, None, None
+
+
+@backends.register("rotary", "triton")
+def _rotary_triton(q, k, cos, sin):
+    if torch.float64 in (q.dtype, cos.dtype) or cos.requires_grad or sin.requires_grad:
+        return _rotary_torch(q, k, cos, sin)
+    return _TritonRotary.apply(q, k, cos, sin)
+
+
+def rotary(q, k, cos, sin, *, backend=None):
+    """(q, k) rotated by each token's angles: q [T, Hq, D], k [T, Hk, D], cos/sin [T, D] (both halves of
+    the head dimension; r1fast.models.rotary builds them), as transformers' Llama/Qwen apply them."""
+    _validate_rotary(q, k, cos, sin)
+    _, fn = backends.resolve("rotary", q.device, backend)
+    return fn(q, k, cos, sin)
