@@ -5,6 +5,9 @@
 
 #include <algorithm>
 #include <cstring>
+#include <limits>
+#include <string>
+#include <unordered_set>
 
 #include "bindings.h"
 #include "common.h"
@@ -16,6 +19,8 @@ BlockManager::BlockManager(std::int64_t num_blocks, std::int64_t block_size, boo
   if (num_blocks <= 0) fail("BlockManager: num_blocks must be > 0, got ", num_blocks);
   if (num_blocks > INT32_MAX) fail("BlockManager: num_blocks must fit in int32, got ", num_blocks);
   if (block_size <= 0) fail("BlockManager: block_size must be > 0, got ", block_size);
+  // slots (block id x block_size) must fit in int64; the kernels take block_size as int32
+  if (block_size > INT32_MAX) fail("BlockManager: block_size must fit in int32, got ", block_size);
   blocks_.resize(num_blocks);
   for (std::int32_t b = 0; b < static_cast<std::int32_t>(num_blocks); ++b) {
     blocks_[b].free_pos = free_.insert(free_.end(), b);
@@ -185,7 +190,7 @@ void BlockManager::mark_computed(std::int64_t seq, std::int64_t n) {
   Seq& s = get(seq);
   if (n < 0 || n > static_cast<std::int64_t>(s.tokens.size()))
     fail("BlockManager: mark_computed(", n, ") outside [0, ", s.tokens.size(), "] tokens of sequence ", seq);
-  if (!prefix_caching_) return;
+  if (!prefix_caching_ || !s.cacheable) return;
   while ((s.num_hashed + 1) * block_size_ <= n) {
     const std::int32_t* toks = s.tokens.data() + s.num_hashed * block_size_;
     const std::uint64_t key = block_hash(s.last_hash, toks);
@@ -215,6 +220,7 @@ void BlockManager::reset_prefix_cache() {
     blk.tokens.clear();
   }
   cache_.clear();
+  for (auto& kv : seqs_) kv.second.cacheable = false;
 }
 
 void BlockManager::check_invariants() const {
@@ -244,9 +250,41 @@ namespace py = pybind11;
 using I32 = py::array_t<std::int32_t, py::array::c_style | py::array::forcecast>;
 using I64 = py::array_t<std::int64_t, py::array::c_style | py::array::forcecast>;
 
-void expect_1d(const py::array& a, const char* name) {
+// A 1-D integer array (or list of ints) as a C-contiguous array of T. Taking py::object instead of
+// a forcecast array_t: forcecast would silently truncate floats and wrap int64 -> int32. An array
+// already of type T is passed through without a copy.
+template <typename T>
+py::array_t<T, py::array::c_style | py::array::forcecast> int_array(const py::object& obj, const char* name) {
+  py::array a = py::array::ensure(obj);
+  if (!a) fail("BlockManager: ", name, " must be a 1-D integer array");
   if (a.ndim() != 1) fail("BlockManager: ", name, " must be 1-D, got ", a.ndim(), " dimensions");
+  const char kind = a.dtype().kind();
+  if (a.size() > 0 && kind != 'i' && kind != 'u')
+    fail("BlockManager: ", name, " must hold integers, got dtype ", std::string(py::str(a.dtype())));
+  const bool may_overflow = a.size() > 0 && (static_cast<std::size_t>(a.itemsize()) > sizeof(T) ||
+                                             (kind == 'u' && static_cast<std::size_t>(a.itemsize()) >= sizeof(T)));
+  if (may_overflow) {
+    constexpr auto lo = static_cast<std::int64_t>(std::numeric_limits<T>::min());
+    constexpr auto hi = static_cast<std::uint64_t>(std::numeric_limits<T>::max());
+    if (kind == 'u') {
+      auto u = py::array_t<std::uint64_t, py::array::c_style | py::array::forcecast>::ensure(a);
+      const auto mx = *std::max_element(u.data(), u.data() + u.size());
+      if (mx > hi) fail("BlockManager: ", name, " value ", mx, " does not fit in ", sizeof(T) * 8, "-bit ints");
+    } else {
+      auto w = py::array_t<std::int64_t, py::array::c_style | py::array::forcecast>::ensure(a);
+      const auto mm = std::minmax_element(w.data(), w.data() + w.size());
+      if (*mm.first < lo || static_cast<std::uint64_t>(*mm.second) > hi)
+        fail("BlockManager: ", name, " values [", *mm.first, ", ", *mm.second, "] do not fit in ", sizeof(T) * 8,
+             "-bit ints");
+    }
+  }
+  auto out = py::array_t<T, py::array::c_style | py::array::forcecast>::ensure(a);
+  if (!out) fail("BlockManager: ", name, " cannot be read as ", sizeof(T) * 8, "-bit ints");
+  return out;
 }
+I32 i32_array(const py::object& o, const char* name) { return int_array<std::int32_t>(o, name); }
+I64 i64_array(const py::object& o, const char* name) { return int_array<std::int64_t>(o, name); }
+
 }  // namespace
 
 void register_block_manager(py::module_& m) {
@@ -261,18 +299,18 @@ void register_block_manager(py::module_& m) {
       .def_property_readonly("num_cached_blocks", &BlockManager::num_cached_blocks)
       .def("has_seq", &BlockManager::has_seq)
       .def("seq_ids", &BlockManager::seq_ids)
-      .def("blocks_to_allocate", [](const BlockManager& bm, I32 tokens) {
-        expect_1d(tokens, "tokens");
+      .def("blocks_to_allocate", [](const BlockManager& bm, const py::object& obj) {
+        const I32 tokens = i32_array(obj, "tokens");
         return bm.blocks_to_allocate(tokens.data(), tokens.shape(0));
       }, py::arg("tokens"))
-      .def("allocate", [](BlockManager& bm, std::int64_t seq, I32 tokens) {
-        expect_1d(tokens, "tokens");
+      .def("allocate", [](BlockManager& bm, std::int64_t seq, const py::object& obj) {
+        const I32 tokens = i32_array(obj, "tokens");
         return bm.allocate(seq, tokens.data(), tokens.shape(0));
       }, py::arg("seq_id"), py::arg("tokens"), "Allocate blocks for all tokens; returns the number of cached tokens.")
       .def("fork", &BlockManager::fork, py::arg("parent"), py::arg("child"))
       .def("blocks_to_append", &BlockManager::blocks_to_append, py::arg("seq_id"))
-      .def("blocks_to_append", [](const BlockManager& bm, I64 seqs) {
-        expect_1d(seqs, "seq_ids");
+      .def("blocks_to_append", [](const BlockManager& bm, const py::object& obj) {
+        const I64 seqs = i64_array(obj, "seq_ids");
         std::int64_t need = 0;
         for (py::ssize_t i = 0; i < seqs.shape(0); ++i) need += bm.blocks_to_append(seqs.data()[i]);
         return need;
@@ -282,11 +320,17 @@ void register_block_manager(py::module_& m) {
         const std::int64_t slot = bm.append(seq, token, &src, &dst);
         return py::make_tuple(slot, src, dst);
       }, py::arg("seq_id"), py::arg("token"), "Returns (slot, copy_src, copy_dst); copy ids are -1 without a copy.")
-      .def("append_batch", [](BlockManager& bm, I64 seqs, I32 tokens) {
-        expect_1d(seqs, "seq_ids");
-        expect_1d(tokens, "tokens");
+      .def("append_batch", [](BlockManager& bm, const py::object& seq_obj, const py::object& tok_obj) {
+        const I64 seqs = i64_array(seq_obj, "seq_ids");
+        const I32 tokens = i32_array(tok_obj, "tokens");
         const auto n = seqs.shape(0);
         if (tokens.shape(0) != n) fail("BlockManager.append_batch: ", n, " seq_ids but ", tokens.shape(0), " tokens");
+        // A repeated id would make the count below too small (its second token may need a block its
+        // first did not) and the batch fail half-way, breaking all-or-nothing.
+        std::unordered_set<std::int64_t> seen;
+        for (py::ssize_t i = 0; i < n; ++i)
+          if (!seen.insert(seqs.data()[i]).second)
+            fail("BlockManager.append_batch: sequence id ", seqs.data()[i], " appears more than once");
         std::int64_t need = 0;
         for (py::ssize_t i = 0; i < n; ++i) need += bm.blocks_to_append(seqs.data()[i]);
         if (need > bm.num_free_blocks())
@@ -317,8 +361,9 @@ void register_block_manager(py::module_& m) {
         if (!t.empty()) std::memcpy(out.mutable_data(), t.data(), t.size() * sizeof(std::int32_t));
         return out;
       }, py::arg("seq_id"))
-      .def("block_tables", [](const BlockManager& bm, I64 seqs, std::int64_t width, std::int32_t pad) {
-        expect_1d(seqs, "seq_ids");
+      .def("block_tables", [](const BlockManager& bm, const py::object& obj, std::int64_t width, std::int32_t pad) {
+        const I64 seqs = i64_array(obj, "seq_ids");
+        if (width < 0) fail("BlockManager.block_tables: width must be >= 0, got ", width);
         const auto n = seqs.shape(0);
         for (py::ssize_t i = 0; i < n; ++i)
           width = std::max<std::int64_t>(width, bm.table(seqs.data()[i]).size());
@@ -332,10 +377,12 @@ void register_block_manager(py::module_& m) {
         return out;
       }, py::arg("seq_ids"), py::arg("width") = 0, py::arg("pad") = 0,
          "int32 [B, max(width, longest table)] block tables, padded with `pad`.")
-      .def("slot_mapping", [](const BlockManager& bm, I64 seqs, I64 starts, I64 ends) {
-        expect_1d(seqs, "seq_ids");
+      .def("slot_mapping", [](const BlockManager& bm, const py::object& seq_obj, const py::object& start_obj,
+                              const py::object& end_obj) {
+        const I64 seqs = i64_array(seq_obj, "seq_ids"), starts = i64_array(start_obj, "starts"),
+                  ends = i64_array(end_obj, "ends");
         const auto n = seqs.shape(0);
-        if (starts.ndim() != 1 || ends.ndim() != 1 || starts.shape(0) != n || ends.shape(0) != n)
+        if (starts.shape(0) != n || ends.shape(0) != n)
           fail("BlockManager.slot_mapping: seq_ids, starts, ends must be 1-D of one length");
         std::int64_t total = 0;
         for (py::ssize_t i = 0; i < n; ++i) {

@@ -21,6 +21,10 @@
 //   logits must be computed). Cached blocks stay reusable while free, until the LRU queue hands
 //   them out again. reset_prefix_cache() forgets every key: after a weight update no stale KV is
 //   ever reused. A hit also compares the block's tokens, so a 64-bit collision cannot alias.
+//   Sequences alive at a reset never register blocks afterwards: their KV chains back to stale
+//   blocks (a later block's KV attended to them), so it must not be handed to new sequences.
+// - threads: no internal locking. Every method runs under the GIL (the bindings never release it),
+//   which serialises callers; do not share one instance across free-threaded interpreters.
 #pragma once
 #include <cstdint>
 #include <list>
@@ -76,6 +80,7 @@ class BlockManager {
     std::vector<std::int32_t> tokens;
     std::int64_t num_hashed = 0;  // leading blocks whose key is known (registered or hit)
     std::uint64_t last_hash = 0;  // key of block num_hashed - 1
+    bool cacheable = true;        // false once a reset_prefix_cache() happened while it was alive
   };
 
   const Seq& get(std::int64_t seq) const;

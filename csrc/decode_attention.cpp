@@ -29,6 +29,14 @@ static void check_args(const DecodeAttentionArgs& a) {
   if (a.block_size > 2147483647LL || a.max_blocks_per_seq > 2147483647LL || a.partition_size > 2147483647LL ||
       a.max_blocks_per_seq * a.block_size > 2147483647LL)
     fail("decode_attention: block_size, max_blocks_per_seq and the context they span must fit in int32");
+  // The kernel walks tokens [split * partition_size, (split + 1) * partition_size) in int, up to 16
+  // past the end; tokens past num_splits * partition_size would be silently left out.
+  if (a.num_splits * a.partition_size < a.max_blocks_per_seq * a.block_size)
+    fail("decode_attention: num_splits (", a.num_splits, ") x partition_size (", a.partition_size,
+         ") does not cover max_blocks_per_seq x block_size (", a.max_blocks_per_seq * a.block_size, " tokens)");
+  if (a.num_splits * a.partition_size > 2147483647LL - 64)
+    fail("decode_attention: num_splits x partition_size (", a.num_splits * a.partition_size,
+         ") must stay below 2^31 - 64");
   if (a.dtype < 0 || a.dtype > 2) fail("decode_attention: dtype code must be 0, 1 or 2, got ", a.dtype);
   if (a.num_seqs > 0 && (!a.out || !a.q || !a.k_cache || !a.v_cache || !a.block_tables || !a.context_lens))
     fail("decode_attention: null pointer");

@@ -32,8 +32,14 @@ def build_info() -> dict:
 
 @functools.lru_cache(maxsize=None)
 def cuda_kernels_usable() -> bool:
-    """True when the extension has CUDA kernels and a CUDA device is usable from torch."""
+    """True when the extension has CUDA kernels and a CUDA device is usable from torch and from the
+    extension's own (static) CUDA runtime, which can need a newer driver than torch's."""
     import torch
 
     info = build_info()
-    return bool(info["with_cuda"]) and torch.cuda.is_available()
+    if not (info["with_cuda"] and torch.cuda.is_available()):
+        return False
+    try:
+        return load().cuda_device_count() > 0
+    except RuntimeError:
+        return False

@@ -73,6 +73,9 @@ def backend_available(backend: str, device: torch.device) -> tuple[bool, str]:
             return False, "r1fast._C was built without CUDA"
         if device.type != "cuda":
             return False, "the cuda backend needs CUDA tensors"
+        if not _ext.cuda_kernels_usable():
+            return False, ("r1fast._C's CUDA runtime sees no device (a driver older than the CUDA it was built "
+                           "with?): `r1fast info` shows both")
         return True, ""
     return False, f"unknown backend {backend!r}"
 

@@ -71,7 +71,8 @@ class ModelBlockManager:
         s = self.seqs[parent]
         for b in s["table"]:
             self.ref[b] += 1
-        self.seqs[child] = {"table": list(s["table"]), "tokens": list(s["tokens"]), "hashed": s["hashed"]}
+        self.seqs[child] = {"table": list(s["table"]), "tokens": list(s["tokens"]), "hashed": s["hashed"],
+                            "stale": s.get("stale", False)}
 
     def blocks_to_append(self, seq):
         s = self.seqs[seq]
@@ -95,7 +96,7 @@ class ModelBlockManager:
 
     def mark_computed(self, seq, n):
         s = self.seqs[seq]
-        if not self.pc:
+        if not self.pc or s.get("stale"):  # alive at a reset: its KV chains back to stale blocks
             return
         while (s["hashed"] + 1) * self.bs <= n:
             key = tuple(s["tokens"][: (s["hashed"] + 1) * self.bs])
@@ -112,6 +113,8 @@ class ModelBlockManager:
     def reset_prefix_cache(self):
         self.cache.clear()
         self.key = [None] * len(self.key)
+        for s in self.seqs.values():
+            s["stale"] = True
 
 
 PREFIXES = ([1, 2, 3, 4, 5, 6, 7], [1, 2, 3, 4, 9, 9], [8, 8, 8, 8, 8, 8, 8, 8, 8])
@@ -286,3 +289,57 @@ def test_misuse_raises_value_errors():
         bm.slot_mapping(np.array([0]), np.array([0]), np.array([3]))
     with pytest.raises(ValueError, match="1-D"):
         bm.allocate(1, np.zeros((1, 2), dtype=np.int32))
+
+
+def test_sequences_alive_at_a_reset_never_register_blocks():
+    # A's block 1 holds KV computed over A's block 0 from before the reset (old weights). Once B
+    # re-registers block 0's key, a new prompt must not chain from B's block 0 into A's block 1.
+    bm = BlockManager(8, 2, True)
+    bm.allocate(0, np.array([1, 2, 3], dtype=np.int32))
+    bm.mark_computed(0, 3)
+    bm.append(0, 4)
+    bm.reset_prefix_cache()
+    bm.allocate(1, np.array([1, 2, 3], dtype=np.int32))
+    bm.mark_computed(1, 3)
+    bm.mark_computed(0, 4)  # A's token 4 computed after the reset: its block still must not register
+    assert bm.num_cached_blocks == 1
+    assert bm.allocate(2, np.array([1, 2, 3, 4, 5], dtype=np.int32)) == 2  # B's block 0 only
+    bm.fork(0, 3)  # a fork of a stale sequence is stale too
+    bm.append(3, 9)
+    bm.mark_computed(3, 5)
+    assert bm.num_cached_blocks == 1
+    bm.check_invariants()
+
+
+def test_append_batch_rejects_repeated_ids_and_changes_nothing():
+    bm = BlockManager(2, 2, False)
+    bm.allocate(0, np.array([1], dtype=np.int32))  # one token: the next fits, the one after needs a block
+    bm.allocate(1, np.array([1, 2], dtype=np.int32))  # no block left
+    with pytest.raises(ValueError, match="more than once"):
+        bm.append_batch(np.array([0, 0], dtype=np.int64), np.array([5, 6], dtype=np.int32))
+    assert bm.num_tokens(0) == 1 and bm.num_free_blocks == 0
+    bm.check_invariants()
+
+
+def test_integer_arrays_are_checked_not_silently_cast():
+    bm = BlockManager(8, 2, True)
+    with pytest.raises(ValueError, match="integers"):
+        bm.allocate(0, np.array([1.7, 2.0]))
+    with pytest.raises(ValueError, match="fit in 32-bit"):
+        bm.allocate(0, np.array([1, 2**40], dtype=np.int64))
+    with pytest.raises(ValueError, match="fit in 32-bit"):
+        bm.blocks_to_allocate(np.array([2**32 - 1], dtype=np.uint32))
+    with pytest.raises(ValueError, match="fit in 64-bit"):
+        bm.block_tables(np.array([2**63], dtype=np.uint64))
+    with pytest.raises(ValueError, match="block_size must fit"):
+        BlockManager(4, 2**40, True)
+    with pytest.raises(ValueError, match="width"):
+        bm.block_tables(np.array([], dtype=np.int64), -1)
+    assert not bm.has_seq(0)
+    # any integer dtype (or a list) whose values fit is fine
+    assert bm.allocate(0, np.array([1, 2, 3], dtype=np.int64)) == 0
+    assert bm.allocate(1, [1, 2, 3]) == 0
+    assert bm.block_tables(np.array([0, 1], dtype=np.int32)).shape == (2, 2)
+    assert bm.slot_mapping([0], [0], [3]).tolist() == bm.slot_mapping(np.array([0], dtype=np.uint8),
+                                                                       np.array([0], dtype=np.int16), [3]).tolist()
+    assert bm.blocks_to_append(np.int64(0)) == 0 and bm.blocks_to_append([0, 1]) == 0

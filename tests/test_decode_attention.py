@@ -125,6 +125,31 @@ def test_prefill_over_cached_prefix_matches_reference(backend):
         ops.paged_prefill_attention(q, kc, vc, slots, [3, 6], [9, 5])
 
 
+def test_decode_degenerate_cache_shapes_are_clear_errors():
+    q, kc, vc, tables, ctx = make_case(2, 4, 2, 16, 8, [5, 9])
+    with pytest.raises(ValueError, match="num_kv_heads must be >= 1"):
+        ops.paged_decode_attention(q, kc[:, :, :0], vc[:, :, :0], tables, ctx, backend="torch")
+    with pytest.raises(ValueError, match="block_size and num_kv_heads"):
+        ops.paged_decode_attention(q, kc[:, :0], vc[:, :0], tables, ctx, check_bounds=False, backend="torch")
+
+
+@pytest.mark.skipif(not __import__("r1fast._ext", fromlist=["x"]).build_info()["built"], reason="r1fast._C not built")
+def test_decode_extension_checks_the_split_cover_before_any_launch():
+    # Raw r1fast._C call (argument checks run before the CUDA check, so this works on any machine):
+    # 2 splits x 16 tokens do not cover a 5-block x 8-token table; tokens 32..39 would be skipped.
+    from r1fast import _ext
+
+    ext = _ext.require()
+    args = dict(out=16, q=16, k_cache=16, v_cache=16, block_tables=16, context_lens=16, workspace_acc=16,
+                workspace_ml=16, num_seqs=1, num_heads=4, num_kv_heads=2, head_dim=16, num_blocks=10, block_size=8,
+                max_blocks_per_seq=5, num_splits=2, partition_size=16, scale=0.25, dtype=0, stream=0)
+    with pytest.raises(ValueError, match="does not cover"):
+        ext.decode_attention_cuda(**args)
+    with pytest.raises(ValueError, match="below 2\\^31"):
+        ext.decode_attention_cuda(**{**args, "max_blocks_per_seq": 2**19, "block_size": 2**11,
+                                     "num_splits": 2**9, "partition_size": 2**22})
+
+
 def test_decode_split_count_beyond_the_grid_limit_is_a_clear_error():
     # splits run on launch-grid dim z, which CUDA caps at 65535
     q, kc, vc, _, _ = make_case(1, 2, 1, 8, 1, [3])
@@ -141,6 +166,37 @@ def _gpu_decode_backends():
     names = [b for b in ("cuda", "triton") if b in backends.available("paged_decode_attention", "cuda")]
     assert "triton" in names
     return names
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("heads,kv_heads,head_dim,block_size", [
+    (2, 1, 8, 1),      # GQA 2 (tile of 2), 1 element per lane, one token per block
+    (6, 2, 40, 5),     # GQA 3 in a tile of 4, head_dim not a power of two, odd block size
+    (24, 2, 72, 16),   # GQA 12: two head tiles (8 + 4)
+    (64, 1, 96, 32),   # GQA 64: eight full tiles
+    (10, 2, 136, 16),  # GQA 5 in a tile of 8, 8 elements per lane with lanes idle
+    (4, 4, 256, 8),    # MHA at the largest head_dim
+])
+def test_decode_cuda_every_tile_and_lane_layout(dtype, heads, kv_heads, head_dim, block_size):
+    # The cuda kernel picks (elements per lane, query-head tile) from head_dim and the GQA ratio;
+    # this covers every tile, partial tiles, idle lanes and odd block sizes, with contexts of 1,
+    # exactly one block, a partition boundary (10 blocks = 5 partitions of 2 for 7 splits, 2 of 5
+    # for 3) and splits left empty by short sequences.
+    if "cuda" not in backends.available("paged_decode_attention", "cuda"):
+        pytest.skip("r1fast._C was built without CUDA")
+    from r1fast.testing import assert_within_lowp_rule
+
+    bs = block_size
+    lens = [1, bs, 3 * bs + 1, 10 * bs, 13 * bs]
+    q, kc, vc, tables, ctx = make_case(len(lens), heads, kv_heads, head_dim, bs, lens, dtype=dtype, device="cuda")
+    tables[0, 1:] = 0  # a padded graph row: context 1, table of zeros
+    want = expected(q, kc, vc, tables, ctx)
+    ref_lowp = ref.paged_decode_attention(q, kc, vc, tables.clamp_min(0), ctx).cpu()
+    for splits in (None, 1, 3, 7):
+        got = ops.paged_decode_attention(q, kc, vc, tables, ctx, num_splits=splits, backend="cuda")
+        assert torch.isfinite(got).all(), f"{dtype} x{splits}: non-finite output"
+        assert_within_lowp_rule(got, ref_lowp, want, factor=2.0, floor=1e-5, name=f"cuda {dtype} x{splits}")
 
 
 @pytest.mark.gpu

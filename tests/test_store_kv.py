@@ -198,3 +198,18 @@ def test_store_kv_cuda_op_passes_opcheck():
     key, value, kc, vc, slots = _case(9, 2, 16, 4, 4, torch.bfloat16, "cuda", seed=41)
     kc.normal_(), vc.normal_()
     torch.library.opcheck(_store_kv_cuda_op, (key, value, kc, vc, slots))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_store_kv_one_token_with_arbitrary_token_stride(backend):
+    # One token: torch leaves the stride of dim 0 arbitrary (1 here, after a permute) and the rows are
+    # still contiguous; the C++ twin must not read it as an overlapping token stride.
+    key = randn(2, 8, 1, seed=60).permute(2, 0, 1)  # [1, 2, 8], strides (1, 8, 1)
+    value = randn(2, 8, 1, seed=61).permute(2, 0, 1)
+    assert key.is_contiguous() and key.stride(0) == 1
+    kc = poison(torch.empty(3, 2, 2, 8))
+    vc = poison(torch.empty(3, 2, 2, 8))
+    slots = torch.tensor([3])
+    ek, ev = _expected(key, value, kc, vc, slots)
+    ops.store_kv(key, value, kc, vc, slots, backend=backend)
+    assert torch.equal(kc.nan_to_num(), ek.nan_to_num()) and torch.equal(vc.nan_to_num(), ev.nan_to_num())

@@ -46,6 +46,9 @@ def _validate_decode(q, k_cache, v_cache, block_tables, context_lens, check_boun
     if v_cache.shape != k_cache.shape:
         raise ValueError(f"paged_decode_attention: v_cache shape {tuple(v_cache.shape)} != k_cache shape "
                          f"{tuple(k_cache.shape)}")
+    if k_cache.shape[1] < 1 or k_cache.shape[2] < 1:
+        raise ValueError(f"paged_decode_attention: block_size and num_kv_heads must be >= 1, got k_cache shape "
+                         f"{tuple(k_cache.shape)}")
     if q.shape[1] % k_cache.shape[2] != 0:
         raise ValueError(f"paged_decode_attention: num_heads {q.shape[1]} is not a multiple of num_kv_heads "
                          f"{k_cache.shape[2]}")

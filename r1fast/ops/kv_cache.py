@@ -57,6 +57,16 @@ def _validate(key, value, k_cache, v_cache, slot_mapping, check_slots: bool):
 
 
 
+def _row_and_strides(key, value):
+    """(row bytes, key token stride bytes, value token stride bytes) for r1fast._C. With one token the
+    stride of dim 0 is never used, and torch leaves it arbitrary (e.g. 1 after a permute): pass the row."""
+    es = key.element_size()
+    row = key.shape[1] * key.shape[2] * es
+    if key.shape[0] <= 1:
+        return row, row, row
+    return row, key.stride(0) * es, value.stride(0) * es
+
+
 @backends.register("store_kv", "reference")
 def _store_kv_reference(key, value, k_cache, v_cache, slot_mapping):
     reference.store_kv(key, value, k_cache, v_cache, slot_mapping)
@@ -66,10 +76,9 @@ def _store_kv_reference(key, value, k_cache, v_cache, slot_mapping):
 def _store_kv_torch(key, value, k_cache, v_cache, slot_mapping):
     if k_cache.device.type == "cpu" and _ext.load() is not None:
         ext = _ext.load()
-        es = key.element_size()
+        row, ks, vs = _row_and_strides(key, value)
         ext.store_kv_cpu(key.data_ptr(), value.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
-                         slot_mapping.data_ptr(), key.shape[0], key.shape[1] * key.shape[2] * es,
-                         key.stride(0) * es, value.stride(0) * es, k_cache.shape[0] * k_cache.shape[1])
+                         slot_mapping.data_ptr(), key.shape[0], row, ks, vs, k_cache.shape[0] * k_cache.shape[1])
     else:
         reference.store_kv(key, value, k_cache, v_cache, slot_mapping)
 
@@ -90,13 +99,13 @@ def _store_kv_triton(key, value, k_cache, v_cache, slot_mapping):
 def _store_kv_cuda_op(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                       slot_mapping: torch.Tensor) -> None:
     ext = _ext.require()
-    es = key.element_size()
+    row, ks, vs = _row_and_strides(key, value)
     # The extension launches on the current device with the stream given: both must be the cache's.
     with torch.cuda.device(k_cache.device):
         stream = torch.cuda.current_stream(k_cache.device).cuda_stream
         ext.store_kv_cuda(key.data_ptr(), value.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
-                          slot_mapping.data_ptr(), key.shape[0], key.shape[1] * key.shape[2] * es,
-                          key.stride(0) * es, value.stride(0) * es, k_cache.shape[0] * k_cache.shape[1], stream)
+                          slot_mapping.data_ptr(), key.shape[0], row, ks, vs, k_cache.shape[0] * k_cache.shape[1],
+                          stream)
 
 
 @_store_kv_cuda_op.register_fake
