@@ -167,17 +167,22 @@ def compile_all(arch: int = 90, full: bool = False, report=None):
     widths = (128, 1536, 4096, 8192, 16384) if full else (128, 1536)
     dts = ("bf16", "fp16", "fp32") if full else ("bf16", "fp32")
     for dt in dts:
-        types = {"x_ptr": f"*{dt}", "w_ptr": f"*{dt}", "out_ptr": f"*{dt}", "dy_ptr": f"*{dt}", "dx_ptr": f"*{dt}",
-                 "rstd_ptr": "*fp32", "dw_ptr": "*fp32", "eps": "fp32", "inv_h": "fp32"}
+        types = {n: f"*{dt}" for n in ("x_ptr", "r_ptr", "s_ptr", "w_ptr", "out_ptr", "dy_ptr", "dx_ptr", "ds_ptr")}
+        types.update({"rstd_ptr": "*fp32", "dw_ptr": "*fp32", "eps": "fp32", "inv_h": "fp32"})
         for h in widths:
             cfg = rmsnorm_kernels.launch_config(h, "cuda", elem_bytes=4 if dt == "fp32" else 2)
             c = dict(N_BLOCKS=cfg["N_BLOCKS"])
-            _compile(rmsnorm_kernels._rmsnorm_fwd_kernel, types, c, arch, cfg, report, f"_rmsnorm_fwd_kernel {dt} H={h}")
-            for has_dx, has_dw in ((True, True), (True, False)) if full else ((True, True),):
-                _compile(rmsnorm_kernels._rmsnorm_bwd_kernel, types, dict(c, HAS_DX=has_dx, HAS_DW=has_dw), arch, cfg,
-                         report, f"_rmsnorm_bwd_kernel {dt} H={h}" + ("" if has_dw else " no dw"))
-    n_bwd = 2 if full else 1
-    done.append(f"rmsnorm kernels ({len(dts) * len(widths) * (1 + n_bwd)} specialisations)")
+            for res in (False, True):  # plain, and with the residual add (ops.add_rms_norm)
+                _compile(rmsnorm_kernels._rmsnorm_fwd_kernel, types, dict(c, HAS_RES=res), arch, cfg, report,
+                         f"_rmsnorm_fwd_kernel {dt} H={h}" + (" residual" if res else ""))
+            bwd = ((True, True, False), (True, True, True), (True, False, False)) if full else \
+                ((True, True, False), (True, True, True))
+            for has_dx, has_dw, has_ds in bwd:
+                _compile(rmsnorm_kernels._rmsnorm_bwd_kernel, types, dict(c, HAS_DX=has_dx, HAS_DW=has_dw, HAS_DS=has_ds),
+                         arch, cfg, report, f"_rmsnorm_bwd_kernel {dt} H={h}" + ("" if has_dw else " no dw") +
+                         (" residual" if has_ds else ""))
+    n_bwd = 3 if full else 2
+    done.append(f"rmsnorm kernels ({len(dts) * len(widths) * (2 + n_bwd)} specialisations)")
     for dt in dts:
         types = {n: f"*{dt}" for n in ("g_ptr", "u_ptr", "out_ptr", "dy_ptr", "dg_ptr", "du_ptr")}
         cfg = swiglu_kernels.launch_config(8960, "cuda")

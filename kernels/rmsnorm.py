@@ -20,6 +20,11 @@ one rounding step of xn (the gpu test bounds that fraction and size). Not yet ru
 are design claims until `pytest -m gpu tests/test_layers_kernels.py` has passed there. Not claimed
 under the interpreter (numpy's 1/sqrt is not rsqrt.approx): the CPU tests compare with tolerances.
 
+Residual form (ops.add_rms_norm, the decoder's residual add fused into the next norm): the kernel
+reads x and r, writes s = round(x + r) (torch's add: an fp32 sum rounded once) and normalises s as
+above; the backward adds the gradient reaching s from the residual stream (ds) to dx in fp32, and
+that sum is the gradient of both x and r.
+
 Backward (fp32 inside; the cast to x's dtype is passed straight through, as autograd does):
     g  = dy * w,   c = sum(g * x * rstd) / H
     dx = rstd * (g - x * rstd * c)                      rounded to x's dtype
@@ -77,8 +82,19 @@ def _sm_count(index: int) -> int:
 
 
 @triton.jit
-def _rmsnorm_fwd_kernel(x_ptr, w_ptr, out_ptr, rstd_ptr, n_rows, H, eps, inv_h,
-                        BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, N_BLOCKS: tl.constexpr):
+def _load_sum(x_ptr, r_ptr, offs, m, HAS_RES: tl.constexpr):
+    """x, or with a residual the sum x + r rounded to x's dtype as torch's add rounds it, in fp32."""
+    x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    if HAS_RES:
+        r = tl.load(r_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        x = (x + r).to(x_ptr.dtype.element_ty).to(tl.float32)
+    return x
+
+
+@triton.jit
+def _rmsnorm_fwd_kernel(x_ptr, r_ptr, s_ptr, w_ptr, out_ptr, rstd_ptr, n_rows, H, eps, inv_h,
+                        HAS_RES: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+                        N_BLOCKS: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < n_rows
     base = rows.to(tl.int64) * H  # rows are contiguous: row stride H
@@ -87,7 +103,9 @@ def _rmsnorm_fwd_kernel(x_ptr, w_ptr, out_ptr, rstd_ptr, n_rows, H, eps, inv_h,
         col_ok = cols < H
         m = row_ok[:, None] & col_ok[None, :]
         offs = base[:, None] + cols[None, :]
-        x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        x = _load_sum(x_ptr, r_ptr, offs, m, HAS_RES)
+        if HAS_RES:
+            tl.store(s_ptr + offs, x.to(s_ptr.dtype.element_ty), mask=m)
         rstd = tl.math.rsqrt(tl.sum(x * x, axis=1) * inv_h + eps)
         xn = (x * rstd[:, None]).to(x_ptr.dtype.element_ty).to(tl.float32)
         w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
@@ -97,7 +115,10 @@ def _rmsnorm_fwd_kernel(x_ptr, w_ptr, out_ptr, rstd_ptr, n_rows, H, eps, inv_h,
         for b in range(N_BLOCKS):
             c = b * BLOCK_N + cols
             m = row_ok[:, None] & (c < H)[None, :]
-            x = tl.load(x_ptr + base[:, None] + c[None, :], mask=m, other=0.0).to(tl.float32)
+            offs = base[:, None] + c[None, :]
+            x = _load_sum(x_ptr, r_ptr, offs, m, HAS_RES)
+            if HAS_RES:
+                tl.store(s_ptr + offs, x.to(s_ptr.dtype.element_ty), mask=m)
             acc += x * x
         rstd = tl.math.rsqrt(tl.sum(acc, axis=1) * inv_h + eps)
         for b in range(N_BLOCKS):
@@ -105,7 +126,7 @@ def _rmsnorm_fwd_kernel(x_ptr, w_ptr, out_ptr, rstd_ptr, n_rows, H, eps, inv_h,
             col_ok = c < H
             m = row_ok[:, None] & col_ok[None, :]
             offs = base[:, None] + c[None, :]
-            x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
+            x = _load_sum(x_ptr, r_ptr, offs, m, HAS_RES)  # recomputed, not re-read from s: the same rounding
             xn = (x * rstd[:, None]).to(x_ptr.dtype.element_ty).to(tl.float32)
             w = tl.load(w_ptr + c, mask=col_ok, other=0.0).to(tl.float32)
             tl.store(out_ptr + offs, (w[None, :] * xn).to(out_ptr.dtype.element_ty), mask=m)
@@ -113,8 +134,8 @@ def _rmsnorm_fwd_kernel(x_ptr, w_ptr, out_ptr, rstd_ptr, n_rows, H, eps, inv_h,
 
 
 @triton.jit
-def _rmsnorm_bwd_kernel(dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_ptr, n_rows, H, inv_h, tiles_per_prog,
-                        HAS_DX: tl.constexpr, HAS_DW: tl.constexpr,
+def _rmsnorm_bwd_kernel(dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_ptr, ds_ptr, n_rows, H, inv_h, tiles_per_prog,
+                        HAS_DX: tl.constexpr, HAS_DW: tl.constexpr, HAS_DS: tl.constexpr,
                         BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, N_BLOCKS: tl.constexpr):
     """Program p handles tiles [p * tiles_per_prog, (p + 1) * tiles_per_prog) and writes dw partial
     row p; the last program's tiles past the end have no rows (every access is masked)."""
@@ -139,6 +160,8 @@ def _rmsnorm_bwd_kernel(dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_ptr, n_rows, 
                 g = dy * w[None, :]
                 c = tl.sum(g * xn, axis=1) * inv_h
                 dx = rstd[:, None] * (g - xn * c[:, None])
+                if HAS_DS:
+                    dx += tl.load(ds_ptr + offs, mask=m, other=0.0).to(tl.float32)
                 tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=m)
             if HAS_DW:
                 dw_acc += tl.sum(dy * xn.to(x_ptr.dtype.element_ty).to(tl.float32), axis=0)
@@ -173,6 +196,8 @@ def _rmsnorm_bwd_kernel(dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_ptr, n_rows, 
                 if HAS_DX:
                     w = tl.load(w_ptr + cb, mask=col_ok, other=0.0).to(tl.float32)
                     dx = rstd[:, None] * (dy * w[None, :] - xn * c[:, None])
+                    if HAS_DS:
+                        dx += tl.load(ds_ptr + offs, mask=m, other=0.0).to(tl.float32)
                     tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=m)
                 if HAS_DW:
                     part = tl.load(dw_row + cb, mask=col_ok, other=0.0)
@@ -182,25 +207,30 @@ def _rmsnorm_bwd_kernel(dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_ptr, n_rows, 
 
 
 def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype,
-                 max_block: int | None = None):
-    """x [rows, H] contiguous (fp16/bf16/fp32), weight [H] contiguous -> (out [rows, H] out_dtype, rstd [rows] fp32)."""
+                 max_block: int | None = None, residual: torch.Tensor | None = None):
+    """x [rows, H] contiguous (fp16/bf16/fp32), weight [H] contiguous -> (out [rows, H] out_dtype, rstd [rows] fp32).
+    With a residual (x's shape and dtype, contiguous): the norm of s = x + residual, and s itself ->
+    (out, rstd, s)."""
     rows, h = x.shape
     out = torch.empty((rows, h), dtype=out_dtype, device=x.device)
     rstd = torch.empty((rows,), dtype=torch.float32, device=x.device)
-    if rows == 0:
-        return out, rstd
-    cfg = launch_config(h, x.device.type, max_block, x.element_size())
-    grid = (triton.cdiv(rows, cfg["BLOCK_R"]),)
-    with on_device(x.device):
-        _rmsnorm_fwd_kernel[grid](x, weight, out, rstd, rows, h, eps, 1.0 / h, **cfg)
-    return out, rstd
+    s = torch.empty_like(x) if residual is not None else None
+    if rows > 0:
+        cfg = launch_config(h, x.device.type, max_block, x.element_size())
+        grid = (triton.cdiv(rows, cfg["BLOCK_R"]),)
+        res = (residual, s) if residual is not None else (x, x)  # unused pointers without a residual
+        with on_device(x.device):
+            _rmsnorm_fwd_kernel[grid](x, *res, weight, out, rstd, rows, h, eps, 1.0 / h,
+                                      HAS_RES=residual is not None, **cfg)
+    return (out, rstd) if residual is None else (out, rstd, s)
 
 
 def rms_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
                  need_dx: bool = True, need_dw: bool = True, max_block: int | None = None,
-                 programs: int | None = None):
+                 programs: int | None = None, ds: torch.Tensor | None = None):
     """Gradients of rms_norm_fwd: dy, x [rows, H] contiguous, rstd [rows] fp32 from the forward ->
-    (dx [rows, H] in x's dtype or None, dw [H] in weight's dtype or None)."""
+    (dx [rows, H] in x's dtype or None, dw [H] in weight's dtype or None). With the residual form,
+    x is the saved sum s and ds (the gradient reaching s from its other uses) is added to dx."""
     rows, h = x.shape
     dx = torch.empty_like(x) if need_dx else None
     if rows == 0 or not (need_dx or need_dw):
@@ -216,7 +246,8 @@ def rms_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: 
     alloc = torch.zeros if cfg["N_BLOCKS"] > 1 else torch.empty
     part = alloc((p, h), dtype=torch.float32, device=x.device) if need_dw else rstd  # rstd: an unused pointer
     with on_device(x.device):
-        _rmsnorm_bwd_kernel[(p,)](dy, x, weight, rstd, dx if need_dx else x, part, rows, h, 1.0 / h, per_prog,
-                                  HAS_DX=need_dx, HAS_DW=need_dw, **cfg)
+        _rmsnorm_bwd_kernel[(p,)](dy, x, weight, rstd, dx if need_dx else x, part, ds if ds is not None else x,
+                                  rows, h, 1.0 / h, per_prog, HAS_DX=need_dx, HAS_DW=need_dw,
+                                  HAS_DS=ds is not None and need_dx, **cfg)
     dw = part.sum(0).to(weight.dtype) if need_dw else None
     return dx, dw

@@ -1,4 +1,4 @@
-"""ops.rms_norm, ops.swiglu and ops.rotary: every backend against the float64 reference, forward and backward.
+"""ops.rms_norm, ops.add_rms_norm, ops.swiglu and ops.rotary: every backend against the float64 reference, forward and backward.
 
 On the CPU the triton backend runs under the interpreter in fp32 (small shapes; widths past the
 interpreter's 64-wide block walk the row in several blocks); the gpu-marked tests run bf16/fp16 at
@@ -63,6 +63,59 @@ def test_rms_norm_matches_reference(device, poisoned_alloc, backend, shape, eps,
     assert out.dtype == dx.dtype == dw.dtype == torch.float32
     for a, e, name in ((out, e_out, "out"), (dx, e_dx, "dx"), (dw, e_dw, "dweight")):
         assert_close(a, e, torch.float32, rtol=2e-5, atol=1e-6, name=f"{backend} {name}")
+
+
+def _add_rms_reference(x, r, w, eps):
+    s = x + r
+    return reference.rms_norm(s, w, eps), s
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("shape, eps, scale", RMS_CASES)
+@pytest.mark.parametrize("sum_used", [True, False], ids=["sum_used", "sum_unused"])
+def test_add_rms_norm_matches_reference(device, poisoned_alloc, backend, shape, eps, scale, sum_used):
+    """Gradients of x, residual and weight, with the sum's own gradient (the residual stream going
+    on) or without it (the final norm)."""
+    x, w, dy = _rms_case(shape, seed=len(shape) * 100 + shape[-1] + 7, scale=scale)
+    r = randn(*shape, dtype=torch.float64, seed=shape[-1] + 11, scale=scale)
+    ds = randn(*shape, dtype=torch.float64, seed=shape[-1] + 13)
+
+    def grads(fn, inputs, dy, ds):
+        leaves = [t.detach().clone().requires_grad_() for t in inputs]
+        out, s = fn(*leaves)
+        outs, cots = ((out, s), (dy, ds)) if sum_used else ((out,), (dy,))
+        return (out, s, *torch.autograd.grad(outs, leaves, cots))
+
+    expect = grads(lambda a, b, c: _add_rms_reference(a, b, c, eps), (x, r, w), dy, ds)
+    f = lambda t: t.float().to(device)  # noqa: E731
+    got = grads(lambda a, b, c: ops.add_rms_norm(a, b, c, eps, backend=backend), (f(x), f(r), f(w)), f(dy), f(ds))
+    for a, e, name in zip(got, expect, ("out", "sum", "dx", "dresidual", "dweight")):
+        assert a.dtype == torch.float32
+        assert_close(a, e, torch.float32, rtol=2e-5, atol=1e-6, name=f"{backend} {name}")
+
+
+def test_add_rms_norm_fp16_sum_rounds_like_torch(device):
+    """fp16 (the interpreter has no bf16): the sum is torch's x + r exactly; the norm and the
+    gradients meet the low-precision rule against the float64 reference."""
+    x, w, dy = _rms_case((8, 96), seed=33)
+    r = randn(8, 96, dtype=torch.float64, seed=34)
+    ds = randn(8, 96, dtype=torch.float64, seed=35)
+
+    def grads(fn, inputs):
+        leaves = [t.detach().clone().requires_grad_() for t in inputs]
+        out, s = fn(*leaves)
+        return (out, s, *torch.autograd.grad((out, s), leaves, (dy.to(out.dtype), ds.to(out.dtype))))
+
+    expect = grads(lambda a, b, c: _add_rms_reference(a, b, c, 1e-6), (x, r, w))
+    h = lambda t: t.half().to(device)  # noqa: E731
+    lowp = grads(lambda a, b, c: ops.add_rms_norm(a, b, c, 1e-6, backend="torch"), (h(x), h(r), h(w)))
+    got = grads(lambda a, b, c: ops.add_rms_norm(a, b, c, 1e-6, backend="triton"), (h(x), h(r), h(w)))
+    assert torch.equal(got[1], lowp[1]), "x + residual differs from torch's"
+    # the norm is taken of the rounded sum: exactly the fused RMSNorm of torch's x + r
+    assert torch.equal(got[0], ops.rms_norm(lowp[1].detach(), h(w), 1e-6, backend="triton"))
+    for k, l, e, name in zip(got, lowp, expect, ("out", "sum", "dx", "dresidual", "dweight")):
+        assert k.dtype == torch.float16
+        assert_within_lowp_rule(k, l, e, name=f"add_rms_norm fp16 {name}")
 
 
 @pytest.mark.parametrize("needs", ["x", "weight"])
@@ -177,7 +230,7 @@ def test_reference_backend_and_float64_inputs(device):
 
 
 def test_default_backends():
-    for op in ("rms_norm", "swiglu", "rotary"):
+    for op in ("rms_norm", "add_rms_norm", "swiglu", "rotary"):
         assert backends.default(op, "cpu") == "torch"
         assert backends.default(op, torch.device("cuda")) == "triton"
         assert set(backends.implementations(op)) == {"reference", "torch", "triton"}
@@ -216,7 +269,7 @@ def test_model_forward_and_backward_on_the_triton_backend(device, monkeypatch):
         order = (first,) + tuple(b for b in ("torch", "triton", "reference") if b != first)
         monkeypatch.setattr(backends, "_CPU_ORDER", order)
         monkeypatch.setattr(backends, "_GPU_ORDER", order)
-        assert {backends.default(op, device) for op in ("rms_norm", "swiglu", "rotary")} == {first}
+        assert {backends.default(op, device) for op in ("rms_norm", "add_rms_norm", "swiglu", "rotary")} == {first}
 
     def run():
         model.zero_grad(set_to_none=True)
@@ -354,6 +407,12 @@ def _bad_rotary(**kw):
     return lambda: ops.rotary(args["q"], args["k"], args["cos"], args["sin"])
 
 
+def _bad_add_rms(**kw):
+    args = dict(x=torch.randn(3, 8), residual=torch.randn(3, 8), weight=torch.randn(8), eps=1e-6)
+    args.update(kw)
+    return lambda: ops.add_rms_norm(args["x"], args["residual"], args["weight"], args["eps"])
+
+
 def _bad_swiglu(**kw):
     args = dict(gate=torch.randn(3, 8), up=torch.randn(3, 8))
     args.update(kw)
@@ -379,6 +438,10 @@ def _bad_swiglu(**kw):
     (_bad_swiglu(up=None), TypeError, "up must be a torch.Tensor"),
     (_bad_swiglu(up=torch.randn(3, 8, device="meta")), ValueError, "one device"),
     (_bad_swiglu(gate=torch.tensor(1.0), up=torch.tensor(1.0)), ValueError, "at least one dimension"),
+    (_bad_add_rms(residual=torch.randn(3, 9)), ValueError, "residual must match x's shape, dtype and device"),
+    (_bad_add_rms(residual=torch.randn(3, 8).half()), ValueError, "residual must match"),
+    (_bad_add_rms(residual=None), TypeError, "residual must be a torch.Tensor"),
+    (_bad_add_rms(weight=torch.randn(9)), ValueError, r"weight must be \[H=8\]"),
     (_bad_rotary(q=torch.randn(3, 32)), ValueError, r"q and k must be \[T, heads, head_dim\]"),
     (_bad_rotary(k=torch.randn(4, 2, 8)), ValueError, "must have q's tokens and head_dim"),
     (_bad_rotary(q=torch.randn(3, 4, 7), k=torch.randn(3, 2, 7), cos=torch.randn(3, 7), sin=torch.randn(3, 7)),
@@ -489,3 +552,28 @@ def test_rotary_gpu_bit_equal_forward_and_low_precision_backward(dtype):
     for k, l, e, name in zip(got[2:], lowp[2:], expect[2:], ("dq", "dk")):
         assert k.dtype == dtype
         assert_within_lowp_rule(k, l, e, name=f"rotary {dtype} {name}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_add_rms_norm_gpu_sum_bit_equal_and_low_precision_rule(dtype):
+    """Qwen2.5-1.5B's hidden size over 4096 tokens: the sum equals torch's x + r bit for bit; the
+    norm, and every gradient with the residual stream's own gradient, meet the low-precision rule."""
+    x, w, dy = _rms_case((4096, 1536), seed=111)
+    r = randn(4096, 1536, dtype=torch.float64, seed=112)
+    ds = randn(4096, 1536, dtype=torch.float64, seed=113)
+    x, w, dy, r, ds = (t.cuda() for t in (x, w, dy, r, ds))
+
+    def grads(fn, inputs, cast):
+        leaves = [cast(t).detach().clone().requires_grad_() for t in inputs]
+        out, s = fn(*leaves)
+        return (out, s, *torch.autograd.grad((out, s), leaves, (cast(dy), cast(ds))))
+
+    expect = grads(lambda a, b, c: _add_rms_reference(a, b, c, 1e-6), (x, r, w), lambda t: t)
+    lo = lambda t: t.to(dtype)  # noqa: E731
+    lowp = grads(lambda a, b, c: ops.add_rms_norm(a, b, c, 1e-6, backend="torch"), (x, r, w), lo)
+    got = grads(lambda a, b, c: ops.add_rms_norm(a, b, c, 1e-6, backend="triton"), (x, r, w), lo)
+    assert torch.equal(got[1], lowp[1]), "x + residual differs from torch's"
+    for k, l, e, name in zip(got, lowp, expect, ("out", "sum", "dx", "dresidual", "dweight")):
+        assert k.dtype == dtype
+        assert_within_lowp_rule(k, l, e, name=f"add_rms_norm {dtype} {name}")

@@ -1,9 +1,10 @@
-"""layers: the decoder's RMSNorm, SwiGLU activation and rotary embedding (ops.rms_norm, ops.swiglu,
-ops.rotary), fwd and fwd+bwd.
+"""layers: the decoder's RMSNorm (alone and with the residual add before it), SwiGLU activation and
+rotary embedding (ops.rms_norm, ops.add_rms_norm, ops.swiglu, ops.rotary), fwd and fwd+bwd.
 
 Memory-bound elementwise / row-reduction work: the floor is the bytes a fused kernel must move over
 the measured copy bandwidth:
     rms_norm  fwd: read x, write y (2·T·H elements);  fwd+bwd: + read dy and x, write dx (5·T·H)
+    add_rms_norm  fwd: read x and r, write s and y (4·T·H);  fwd+bwd: + read dy, ds and s, write dx (8·T·H)
     swiglu    fwd: read gate and up, write out (3·T·I);  fwd+bwd: + read dy, gate, up, write both
               gradients (8·T·I)
     rotary    fwd: read q and k, write both (2·T·(Hq+Hk)·D) + cos/sin (2·T·D);  fwd+bwd: twice that
@@ -39,6 +40,36 @@ def _swiglu_inputs(t, i, dtype, device):
     up = torch.randn(t, i, generator=g, device=device).to(dtype).requires_grad_()
     dy = torch.randn(t, i, generator=g, device=device).to(dtype)
     return gate, up, dy
+
+
+def _add_norm_timed(fn, inputs, mode):
+    x, r, w, dy, ds = inputs
+    if mode == "fwd":
+        def run():
+            with torch.no_grad():
+                return fn(x, r, w)
+        return run
+    return lambda: torch.autograd.grad(fn(x, r, w), (x, r, w), (dy, ds))
+
+
+def _add_norm_impl(make_fn, inputs, mode, device, backend=None, cuda_only=False):
+    def setup():
+        if backend is not None and backend not in backends.available("add_rms_norm", device):
+            raise Skip(f"backend {backend} unavailable on {device.type}")
+        if cuda_only and device.type != "cuda":
+            raise Skip(f"CUDA only, not {device.type}")
+        x, w, dy = _norm_inputs(*inputs)
+        g = generator(device, 3)
+        r = torch.randn(x.shape, generator=g, device=x.device).to(x.dtype).requires_grad_()
+        ds = torch.randn(x.shape, generator=g, device=x.device).to(x.dtype)
+        return _add_norm_timed(make_fn(), (x, r, w, dy, ds), mode)
+    return setup
+
+
+def _compiled_add_norm():
+    from r1fast.ops.layers import _add_rms_norm_torch
+
+    return torch.compile(lambda a, b, c: _add_rms_norm_torch(a, b, c, EPS), dynamic=False)
 
 
 def _rotary_inputs(t, hq, hk, d, dtype, device):
@@ -146,7 +177,8 @@ def _liger_swiglu(g, u):
 
 @suite("layers")
 def cases(size, device):
-    """Fused RMSNorm, SwiGLU and rotary (fwd, fwd+bwd) vs the torch expressions, torch.compile and Liger."""
+    """Fused RMSNorm (+ residual add), SwiGLU and rotary (fwd, fwd+bwd) vs the torch expressions,
+    torch.compile and Liger."""
     if size == "gpu":
         t, h, i, dtype = 16384, 1536, 8960, torch.bfloat16
     else:
@@ -163,6 +195,12 @@ def cases(size, device):
                   Impl("liger", "LigerRMSNorm", _peer(_liger_rms_norm, norm, mode, device, cuda_only=True),
                        requires=("liger_kernel",))]
         out.append(Case(f"rms_norm T={t} H={h}", mode, dt, impls, bytes=norm_elems * t * h * es, items=t))
+        shape = (t, h, dtype, device)
+        impls = [Impl("r1fast", b, _add_norm_impl(lambda b=b: lambda x, r, w: ops.add_rms_norm(x, r, w, EPS, backend=b),
+                                                  shape, mode, device, backend=b)) for b in ("triton", "torch")]
+        impls.append(Impl("torch", "compile", _add_norm_impl(_compiled_add_norm, shape, mode, device, cuda_only=True)))
+        out.append(Case(f"add_rms_norm T={t} H={h}", mode, dt, impls, bytes=(4 if mode == "fwd" else 8) * t * h * es,
+                        items=t))
         sw = lambda: _swiglu_inputs(t, i, dtype, device)  # noqa: E731
         impls = [Impl("r1fast", b, _r1fast("swiglu", b, sw, mode, device)) for b in ("triton", "torch")]
         impls += [Impl("torch", "eager", _peer(_torch_swiglu, sw, mode, device)),

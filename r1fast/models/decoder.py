@@ -15,7 +15,7 @@ from r1fast.models.attention import (PackedBatch, check_cu_seqlens, packed_from_
 from r1fast.models.config import ModelConfig
 from r1fast.models.linear import Linear
 from r1fast.models.rotary import RotaryEmbedding
-from r1fast.ops.layers import rms_norm, rotary, swiglu
+from r1fast.ops.layers import add_rms_norm, rms_norm, rotary, swiglu
 
 
 class RMSNorm(nn.Module):
@@ -26,9 +26,13 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(size))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # ops.rms_norm: transformers' expression on the CPU (torch backend, bit for bit), fused Triton on CUDA
-        return rms_norm(x, self.weight, self.eps)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """norm(x); with a residual, (norm(residual + x), residual + x): the residual add before this
+        norm in the same kernel. ops.rms_norm / ops.add_rms_norm: transformers' expressions on the CPU
+        (torch backend, bit for bit), fused Triton on CUDA."""
+        if residual is None:
+            return rms_norm(x, self.weight, self.eps)
+        return add_rms_norm(x, residual, self.weight, self.eps)
 
 
 class Attention(nn.Module):
@@ -89,9 +93,17 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, packed, attn=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, packed, attn)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, pending, cos, sin, packed, attn=None):
+        """The residual stream is x + pending: `pending` is the previous layer's MLP output (None
+        before the first layer), added here inside this layer's first norm. Returns (stream, this
+        layer's MLP output), which the next layer's first norm adds the same way: each residual add
+        but the last shares a kernel with the norm after it."""
+        if pending is None:
+            h = self.input_layernorm(x)
+        else:
+            h, x = self.input_layernorm(pending, residual=x)
+        h, x = self.post_attention_layernorm(self.self_attn(h, cos, sin, packed, attn), residual=x)
+        return x, self.mlp(h)
 
 
 class CausalLM(nn.Module):
@@ -197,12 +209,14 @@ class CausalLM(nn.Module):
         x = self.embed_tokens(input_ids)
         cos, sin = self.rotary.cos_sin(position_ids, x.dtype)
         use_ckpt = self.gradient_checkpointing and attn is None and torch.is_grad_enabled()
+        pending = None
         for layer in self.layers:
             if use_ckpt:
-                x = checkpoint(layer, x, cos, sin, packed, use_reentrant=False)
+                x, pending = checkpoint(layer, x, pending, cos, sin, packed, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, packed, attn)
-        return self.norm(x)
+                x, pending = layer(x, pending, cos, sin, packed, attn)
+        # the final norm stays a plain call (its output is the model's: forward hooks on it see a tensor)
+        return self.norm(x if pending is None else x + pending)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[T, V] fp32 logits from final hidden states (materialises the vocabulary: small uses only)."""

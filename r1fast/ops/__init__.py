@@ -16,6 +16,6 @@ __all__ += ["paged_decode_attention", "paged_prefill_attention"]
 from r1fast.ops.sampling import sample_tokens
 
 __all__ += ["sample_tokens"]
-from r1fast.ops.layers import rms_norm, rotary, swiglu
+from r1fast.ops.layers import add_rms_norm, rms_norm, rotary, swiglu
 
-__all__ += ["rms_norm", "rotary", "swiglu"]
+__all__ += ["add_rms_norm", "rms_norm", "rotary", "swiglu"]

@@ -1,10 +1,12 @@
-"""ops.rms_norm, ops.swiglu and ops.rotary: the decoder's RMSNorm, SwiGLU activation and rotary
-position embedding of q and k (r1fast.models.decoder).
+"""ops.rms_norm, ops.add_rms_norm, ops.swiglu and ops.rotary: the decoder's RMSNorm (alone, or
+fused with the residual add before it), SwiGLU activation and rotary position embedding of q and k
+(r1fast.models.decoder).
 
 backends (every op):
     reference  float64 torch (r1fast.reference.layers), result rounded to the output dtype: the oracle
     torch      the decoder's own expressions, exactly (what runs on the CPU, bit for bit as before):
                    rms_norm: x32 = x.float(); weight * (x32 * rsqrt(mean(x32^2) + eps)).to(x.dtype)
+                   add_rms_norm: s = residual + x; (rms_norm(s), s)
                    swiglu:   F.silu(gate) * up
                    rotary:   x * cos + rotate_half(x) * sin, for q and for k
     triton     fused kernels (kernels/rmsnorm.py, kernels/swiglu.py, kernels/rotary.py) in autograd
@@ -123,6 +125,70 @@ def rms_norm(x, weight, eps, *, backend=None):
     _validate_rms_norm(x, weight, eps)
     _, fn = backends.resolve("rms_norm", x.device, backend)
     return fn(x, weight, eps)
+
+
+# ---------------------------------------------------------------- add_rms_norm
+
+
+def _validate_add_rms_norm(x, residual, weight, eps):
+    _validate_rms_norm(x, weight, eps)
+    _check_tensor("add_rms_norm", "residual", residual)
+    if residual.shape != x.shape or residual.dtype != x.dtype or residual.device != x.device:
+        raise ValueError(f"add_rms_norm: residual must match x's shape, dtype and device: got "
+                         f"{tuple(residual.shape)} {residual.dtype} {residual.device} for x "
+                         f"{tuple(x.shape)} {x.dtype} {x.device}")
+
+
+@backends.register("add_rms_norm", "reference")
+def _add_rms_norm_reference(x, residual, weight, eps):
+    s = x.double() + residual.double()
+    return (reference.rms_norm(s, weight.double(), eps).to(torch.promote_types(x.dtype, weight.dtype)),
+            s.to(x.dtype))
+
+
+@backends.register("add_rms_norm", "torch")
+def _add_rms_norm_torch(x, residual, weight, eps):
+    s = residual + x  # the decoder's residual add, then its RMSNorm
+    return _rms_norm_torch(s, weight, eps), s
+
+
+class _TritonAddRMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, residual, weight, eps):
+        from r1fast.kernels import rmsnorm as kernel
+
+        w = weight.contiguous()
+        out, rstd, s = kernel.rms_norm_fwd(_rows(x), w, float(eps), torch.promote_types(x.dtype, weight.dtype),
+                                           residual=_rows(residual))
+        ctx.save_for_backward(s, w, rstd)
+        ctx.x_shape = x.shape
+        return out.view(*x.shape[:-1], out.shape[-1]), s.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, dy, ds):
+        from r1fast.kernels import rmsnorm as kernel
+
+        s, w, rstd = ctx.saved_tensors
+        need_dx = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        dx, dw = kernel.rms_norm_bwd(_rows(dy), s, w, rstd, need_dx, ctx.needs_input_grad[2],
+                                     ds=_rows(ds) if ds is not None else None)
+        dx = dx.view(ctx.x_shape) if dx is not None else None
+        return (dx if ctx.needs_input_grad[0] else None), (dx if ctx.needs_input_grad[1] else None), dw, None
+
+
+@backends.register("add_rms_norm", "triton")
+def _add_rms_norm_triton(x, residual, weight, eps):
+    if torch.float64 in (x.dtype, weight.dtype):
+        return _add_rms_norm_torch(x, residual, weight, eps)
+    return _TritonAddRMSNorm.apply(x, residual, weight, eps)
+
+
+def add_rms_norm(x, residual, weight, eps, *, backend=None):
+    """(rms_norm(residual + x), residual + x): a decoder's residual add fused into the RMSNorm that
+    follows it (x [..., H] a sublayer's output, residual the stream it is added to, one shape and dtype)."""
+    _validate_add_rms_norm(x, residual, weight, eps)
+    _, fn = backends.resolve("add_rms_norm", x.device, backend)
+    return fn(x, residual, weight, eps)
 
 
 # ---------------------------------------------------------------- swiglu
