@@ -57,6 +57,28 @@ def test_checkpoint_roundtrip_restores_everything(tmp_path):
     assert sched2.last_epoch == sched.last_epoch and opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
 
 
+@pytest.mark.parametrize("damage,match", [
+    (lambda d: (d / "optimizer.safetensors").write_bytes(b"\x08\x00"), "cannot read optimizer.safetensors"),
+    (lambda d: (d / "rng.safetensors").write_bytes(b"\xff" * 10), "cannot read rng.safetensors"),
+    (lambda d: (d / "rng.safetensors").unlink(), "lacks rng.safetensors"),
+    (lambda d: (d / "model.safetensors").unlink(), "lacks the model weights"),
+    (lambda d: (d / "trainer_state.json").write_text('{"global_st'), "trainer_state.json is not valid JSON"),
+])
+def test_damaged_checkpoint_is_a_clear_error(tmp_path, damage, match):
+    # Truncated optimizer/rng files raised safetensors' own SafetensorError (a traceback from the
+    # CLI); without model.safetensors the loader read optimizer.safetensors as the weights.
+    tok = build_char_tokenizer()
+    model = _model(tok)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.arange(10)).sum().backward()
+    opt.step()
+    path = ckpt.save_checkpoint(str(tmp_path), 3, model=model, optimizer=opt)
+    damage(tmp_path / "checkpoint-3")
+    model2 = _model(tok)
+    with pytest.raises(ValueError, match=match):
+        ckpt.load_checkpoint(path, model=model2, optimizer=torch.optim.AdamW(model2.parameters(), lr=1e-3))
+
+
 def test_failed_write_leaves_no_checkpoint(tmp_path, monkeypatch):
     tok = build_char_tokenizer()
     model = _model(tok)
@@ -133,3 +155,42 @@ def test_chat_messages_and_system_prompt():
     assert tok.decode(ids, skip_special_tokens=False) == "<bos>Be brief.\n<|user|>3+4=<|assistant|>"
     with pytest.raises(ValueError, match="prompt must be"):
         encode_prompt(tok, 42)
+
+
+def test_bad_jsonl_lines_and_empty_files_are_named(tmp_path):
+    # datasets raised a bare DatasetGenerationError for a bad line and StopIteration for an empty file.
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "1+1=", "answer": "2"}\n{"prompt": "2+2="\n')
+    with pytest.raises(ValueError, match="bad.jsonl' line 2: not valid JSON"):
+        load_rows(str(bad))
+    (tmp_path / "list.jsonl").write_text('["1+1="]\n')
+    with pytest.raises(ValueError, match="line 1: expected a JSON object"):
+        load_rows(str(tmp_path / "list.jsonl"))
+    for name in ("empty.jsonl", "empty.json"):
+        (tmp_path / name).write_text("")
+        with pytest.raises(ValueError, match=f"{name}'"):
+            load_rows(str(tmp_path / name))
+
+
+def test_a_row_without_a_required_value_is_named():
+    # A JSONL row lacking "completion" became None, and SFT trained on the text "None".
+    from r1fast.data import check_columns
+
+    rows = [{"prompt": "1+1=", "completion": "2"}, {"prompt": "2+2=", "completion": None}]
+    with pytest.raises(ValueError, match=r"row 1 has no value for column\(s\) \['completion'\]"):
+        check_columns(rows, ("prompt", "completion"), "dataset 'd.jsonl'")
+
+
+def test_jsonl_rows_get_every_column(tmp_path):
+    f = tmp_path / "d.jsonl"
+    f.write_text('{"prompt": "1+1=", "answer": "2"}\n\n{"prompt": "2+2=", "extra": 1}\n')
+    assert load_rows(str(f)) == [{"prompt": "1+1=", "answer": "2", "extra": None},
+                                 {"prompt": "2+2=", "answer": None, "extra": 1}]
+    with pytest.raises(ValueError, match=r"row 1 has no value for column\(s\) \['answer'\]"):
+        load_rows(str(f), required_columns=("prompt", "answer"))
+
+
+def test_builtin_task_parameter_errors_name_the_parameter():
+    assert len(load_rows("builtin:arithmetic?answer_noise=1e-1", n_builtin=3)) == 3   # was int("1e-1")
+    with pytest.raises(ValueError, match="parameter 'max_terms' must be a number; got 'abc'"):
+        load_rows("builtin:arithmetic?max_terms=abc")

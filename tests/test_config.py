@@ -3,7 +3,7 @@ import pytest
 
 from r1fast.models.linear import Linear
 from r1fast.trainer.common import load_model_and_tokenizer
-from r1fast.trainer.config import ConfigError, GRPOConfig, SFTConfig, parse_overrides
+from r1fast.trainer.config import ConfigError, GRPOConfig, SampleConfig, SFTConfig, parse_overrides
 from r1fast.trainer.pipeline import DEFAULT_CONFIG, load_pipeline
 
 
@@ -47,6 +47,11 @@ def test_parse_overrides_forms():
     ({"progress_bar": "maybe"}, "progress_bar"),
     ({"reward_funcs": ["accuracy"], "reward_weights": [1.0, 2.0]}, "reward_weights"),
     ({"report_to": ["mlflow"]}, "report_to"),
+    ({"device": "gpu"}, "option 'device' must be a torch device"),
+    ({"format_pattern": "(<think>"}, "'format_pattern' is not a valid regular expression"),
+    ({"warmup_steps": -5}, "warmup_steps"),
+    ({"eval_steps": -1}, "eval_steps"),
+    ({"max_nonfinite_steps": 0}, "max_nonfinite_steps"),
 ])
 def test_bad_values_are_clear_errors(data, match):
     with pytest.raises(ConfigError, match=match):
@@ -64,6 +69,62 @@ def test_sft_bad_values_are_clear_errors(data, match):
     """SFTConfig shares the optimiser / output checks with GRPOConfig and adds its own."""
     with pytest.raises(ConfigError, match=match):
         SFTConfig.from_dict(data)
+
+
+@pytest.mark.parametrize("data,match", [
+    ({"dtype": "float64"}, "dtype.*one of"),          # was a KeyError when the model was built
+    ({"device": "gpu"}, "option 'device'"),           # was torch's RuntimeError
+    ({"max_prompts": 0}, "max_prompts"),             # was "max() arg is an empty sequence"
+    ({"top_p": 0}, "top_p"),
+    ({"max_completion_length": 0}, "max_completion_length"),
+])
+def test_sample_bad_values_are_clear_errors(data, match):
+    with pytest.raises(ConfigError, match=match):
+        SampleConfig.from_dict(data)
+
+
+@pytest.mark.parametrize("override,match", [
+    ("dtype=float64", "dtype must be one of"),
+    ("device=gpu", "option 'device'"),
+    ("eval_size=abc", "'eval_size' expects int"),
+    ("eval_size=0", "eval_size must be >= 1"),
+    ("eval_temperature=hot", "'eval_temperature' expects float"),
+    ("eval_max_tokens=0", "eval_max_tokens"),
+    ("eval_samples_per_prompt=0", "eval_samples_per_prompt"),
+    ("num_threads=abc", "'num_threads' expects int"),
+    ("progress_bar=maybe", "'progress_bar' expects bool"),
+    ("name=", "name must not be empty"),
+])
+def test_pipeline_keys_are_checked_before_any_stage_runs(override, match):
+    # These used to pass load_pipeline and fail after a stage had trained (or train silently).
+    with pytest.raises(ConfigError, match=match):
+        load_pipeline(DEFAULT_CONFIG, [override])
+
+
+def test_pipeline_stage_fields_are_typed():
+    spec = {"model": "builtin:micro", "stages": [{"name": "a", "type": "sft", "dataset": "builtin:arithmetic",
+                                                  "num_rows": "8", "evaluate": "false"}]}
+    st = load_pipeline(spec).stages[0]
+    assert st.num_rows == 8 and st.evaluate is False      # bool("false") used to be True
+    spec["stages"][0]["num_rows"] = "lots"
+    with pytest.raises(ConfigError, match="stage 'a'.*'num_rows' expects int"):
+        load_pipeline(spec)
+
+
+@pytest.mark.parametrize("override", ["cold_start.dtype=bfloat16", "cold_start.device=meta", "grpo.device=meta"])
+def test_a_stage_cannot_move_off_the_pipelines_device_or_dtype(override):
+    # An SFT stage ignored them; a GRPO stage's device failed only after the earlier stages ran.
+    with pytest.raises(ConfigError, match="differs from the pipeline's"):
+        load_pipeline(DEFAULT_CONFIG, [override, "device=cpu"])
+    load_pipeline(DEFAULT_CONFIG, ["grpo.dtype=float32", "grpo.device=cpu", "device=cpu"])
+
+
+def test_a_later_stage_without_a_dataset_is_refused_at_load():
+    # It used to fail only when that stage began, after the stages before it had trained.
+    spec = {"model": "builtin:micro", "stages": [{"name": "a", "type": "sft", "dataset": "builtin:arithmetic"},
+                                                 {"name": "b", "type": "grpo"}]}
+    with pytest.raises(ConfigError, match="stage 'b' needs a dataset"):
+        load_pipeline(spec)
 
 
 def test_sft_and_grpo_keep_their_own_optimiser_defaults():

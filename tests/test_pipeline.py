@@ -98,3 +98,39 @@ def test_cli_sample_with_default_lengths_fits_the_models_positions(tmp_path, mon
     assert main(["sample", "model_name_or_path=builtin:micro", "dataset=builtin:arithmetic", "max_prompts=2",
                  "num_samples=2", f"output_file={out}"]) == 0
     assert "kept" in capsys.readouterr().out and out.exists()
+
+
+def test_cli_reports_a_failing_reward_function_without_a_traceback(tmp_path, monkeypatch):
+    # RewardError is not a ValueError: it escaped the CLI as a traceback.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "boom.py").write_text("def f(prompts, completions, **kw):\n    raise KeyError('gold')\n")
+    cfg = tmp_path / "g.yaml"
+    cfg.write_text("model_name_or_path: builtin:micro\ndataset: builtin:arithmetic?min_terms=2&max_terms=2\n"
+                   "per_device_train_batch_size: 4\nnum_generations: 4\nmax_completion_length: 4\n"
+                   "max_prompt_length: 16\nmax_steps: 1\nprogress_bar: false\nreward_funcs: [boom.py:f]\n")
+    with pytest.raises(SystemExit, match=r"r1fast train: reward function 'boom.py:f' raised KeyError"):
+        main(["train", str(cfg)])
+
+
+def test_pipeline_resume_path_names_the_run_folder(tmp_path, monkeypatch):
+    # `--resume PATH` used to be read as plain --resume: a fresh run started in ./runs/<name>.
+    spec = tmp_path / "p.yaml"
+    spec.write_text("name: p\nmodel: builtin:micro\nprogress_bar: false\nstages:\n"
+                    "  - {name: s, type: sft, dataset: builtin:arithmetic, num_rows: 8,\n"
+                    "     config: {max_steps: 1, per_device_train_batch_size: 4}}\n")
+    run = tmp_path / "first"
+    assert main(["pipeline", str(spec), f"output_dir={run}"]) == 0
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert main(["pipeline", str(spec), "--resume", str(run)]) == 0
+    assert not (elsewhere / "runs").exists()
+    assert json.load(open(run / "summary.json"))["run_dir"] == str(run)
+    with pytest.raises(SystemExit, match="not a pipeline run folder"):
+        main(["train", str(spec), "--resume", str(elsewhere)])
+
+
+def test_plot_names_a_bad_metrics_line(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo\n')
+    with pytest.raises(SystemExit, match=r"metrics.jsonl line 2: not valid JSON"):
+        main(["plot", str(tmp_path)])

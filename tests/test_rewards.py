@@ -109,3 +109,30 @@ def test_user_function_by_module_path(tmp_path):
         RewardSet(["no_such_module_xyz:fn"])
     with pytest.raises(ValueError, match="built-in name"):
         RewardSet(["accurracy"])
+
+
+def test_user_module_that_fails_to_import_is_a_clear_error(tmp_path, monkeypatch):
+    # A SyntaxError or an exception at import time used to escape as a bare traceback.
+    (tmp_path / "r1fast_bad_syntax.py").write_text("def f(:\n")
+    (tmp_path / "r1fast_raises.py").write_text("raise RuntimeError('no GPU here')\n")
+    for name, what in (("r1fast_bad_syntax", "SyntaxError"), ("r1fast_raises", "RuntimeError: no GPU here")):
+        with pytest.raises(ValueError, match=f"reward function '.*{name}.py:f'.*raised {what}"):
+            RewardSet([f"{tmp_path / name}.py:f"])
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ValueError, match="importing module 'r1fast_raises' raised RuntimeError"):
+        RewardSet(["r1fast_raises:f"])
+
+
+def test_user_module_in_the_working_directory_is_found(tmp_path, monkeypatch):
+    # `r1fast train` runs from a console script, whose sys.path lacks the working directory, so
+    # "my_rewards:brevity" (as docs/training.md writes it) failed for a my_rewards.py right there.
+    import sys
+
+    (tmp_path / "r1fast_cwd_rewards.py").write_text(
+        "def brevity(prompts, completions, **kw):\n    return [-float(len(c)) for c in completions]\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    rs = RewardSet(["r1fast_cwd_rewards:brevity"])
+    assert rs.score(["p"], ["abc"], {}) == [[-3.0]]
+    with pytest.raises(ValueError, match="cannot import module 'r1fast_nowhere_xyz'"):
+        RewardSet(["r1fast_nowhere_xyz:f"])

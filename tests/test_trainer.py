@@ -82,6 +82,20 @@ def test_resume_is_bit_identical(tmp_path):
         assert torch.equal(s1["exp_avg_sq"], s2["exp_avg_sq"]) and torch.equal(s1["exp_avg"], s2["exp_avg"])
 
 
+def test_resume_of_a_later_pipeline_stage_keeps_its_logged_steps(tmp_path):
+    # A pipeline stage logs global steps (step_offset + its own): resuming it must keep the lines
+    # written before the interruption instead of truncating them on the stage's local step.
+    def stage(**over):
+        model, tok = tiny_model()
+        cfg = GRPOConfig(per_device_train_batch_size=8, num_generations=4, max_completion_length=4,
+                         output_dir=str(tmp_path / "st"), progress_bar=False, **over)
+        return GRPOTrainer(model, [sevens], ROWS, cfg, tokenizer=tok, step_offset=100)
+
+    stage(max_steps=2).train()
+    stage(max_steps=3).train(resume=True)
+    assert [r["step"] for r in _metrics(tmp_path / "st" / "metrics.jsonl")] == [101, 102, 103]
+
+
 def test_checkpoints_keep_last_k(tmp_path):
     tr = make(tmp_path, "keep", max_steps=6, save_steps=1, save_total_limit=2)
     tr.train()
@@ -193,3 +207,46 @@ def test_ctrl_c_leaves_a_resumable_checkpoint(tmp_path):
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler   # handler restored
     again = make(tmp_path, "sigint", max_steps=6)
     assert again.train(resume=True)["global_step"] == 6
+
+
+def test_answer_column_reaches_the_accuracy_reward(tmp_path):
+    # answer_column only reached the evaluation: training with the accuracy reward on a dataset
+    # whose reference is under another name failed after the first rollout.
+    model, tok = tiny_model()
+    rows = [{"prompt": str(i), "ref": "7"} for i in range(8)]
+    cfg = GRPOConfig(per_device_train_batch_size=8, num_generations=4, answer_column="ref",
+                     output_dir=str(tmp_path / "a"), progress_bar=False)
+    tr = GRPOTrainer(model, ["accuracy"], rows, cfg, tokenizer=tok)
+    _, totals = tr.score(rows[:2], 4, ["<answer>7</answer>"] * 4 + ["<answer>6</answer>"] * 4, [[1]] * 8)
+    assert totals == [1.0] * 4 + [0.0] * 4
+    with pytest.raises(ValueError, match="reward 'accuracy' needs the answer column 'answer'"):
+        GRPOTrainer(model, ["accuracy"], rows, GRPOConfig(per_device_train_batch_size=8, num_generations=4),
+                    tokenizer=tok)
+
+
+def test_reward_weights_that_do_not_fit_the_functions_are_an_error(tmp_path):
+    # They were dropped without a word when the trainer got a different number of functions.
+    model, tok = tiny_model()
+    cfg = GRPOConfig(per_device_train_batch_size=8, num_generations=4, reward_weights=[1.0, 2.0])
+    with pytest.raises(ValueError, match="reward_weights has 2 entries but 1 reward functions"):
+        GRPOTrainer(model, [sevens], ROWS, cfg, tokenizer=tok)
+
+
+def test_sft_rejects_a_row_without_a_completion():
+    # The row's None was encoded as the text "None" and trained on.
+    from r1fast.trainer.config import SFTConfig
+    from r1fast.trainer.sft import SFTTrainer
+
+    model, tok = tiny_model()
+    rows = [{"prompt": "1", "completion": "7"}, {"prompt": "2", "completion": None}]
+    with pytest.raises(ValueError, match=r"row 1 has no value for column\(s\) \['completion'\]"):
+        SFTTrainer(model, tok, rows, SFTConfig(progress_bar=False))
+
+
+def test_resume_drops_a_metrics_line_cut_short_by_a_crash(tmp_path):
+    # A process killed mid-write leaves half a line; resuming failed on it with a JSONDecodeError.
+    from r1fast.trainer.metrics import MetricsLogger
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n{"step": 2, "loss": 0.5}\n{"step": 3, "lo')
+    MetricsLogger(str(tmp_path), resume_step=2).close()
+    assert [r["step"] for r in _metrics(tmp_path / "metrics.jsonl")] == [1, 2]

@@ -6,6 +6,7 @@ messages, and the tokenizer's chat template (when it has one) is applied to it.
 """
 from __future__ import annotations
 
+import json
 import os
 from typing import Any, Optional, Sequence
 
@@ -23,10 +24,22 @@ def load_rows(spec: str, *, split: Optional[str] = None, n_builtin: int = 1000, 
         rows = _load_hf(spec, split)
     if not rows:
         raise ValueError(f"dataset {spec!r} is empty")
-    missing = [c for c in required_columns if c not in rows[0]]
-    if missing:
-        raise ValueError(f"dataset {spec!r} lacks column(s) {missing}; it has {sorted(rows[0])}")
+    check_columns(rows, required_columns, f"dataset {spec!r}")
     return rows
+
+
+def check_columns(rows: Sequence[dict], columns: Sequence[str], where: str = "dataset"):
+    """Every row has a value (not None) in every one of `columns`.
+
+    All rows are checked, not just the first: a row with a hole would otherwise train on the text
+    "None" (SFT) or fail with a KeyError in the middle of a run."""
+    missing = [c for c in columns if c not in rows[0]]
+    if missing:
+        raise ValueError(f"{where} lacks column(s) {missing}; it has {sorted(rows[0])}")
+    for i, row in enumerate(rows):
+        holes = [c for c in columns if row.get(c) is None]
+        if holes:
+            raise ValueError(f"{where}: row {i} has no value for column(s) {holes}")
 
 
 def _load_hf(path: str, split: Optional[str]) -> list[dict]:
@@ -50,8 +63,46 @@ def _load_hf(path: str, split: Optional[str]) -> list[dict]:
         builder = {"jsonl": "json", "json": "json", "parquet": "parquet", "csv": "csv"}.get(ext)
         if builder is None:
             raise ValueError(f"dataset {path!r}: unknown file type .{ext} (use .jsonl, .json, .parquet or .csv)")
-        ds = datasets.load_dataset(builder, data_files=path, split="train")
+        if ext == "jsonl":
+            return _read_jsonl(path)
+        try:
+            ds = datasets.load_dataset(builder, data_files=path, split="train")
+        except Exception as e:   # datasets wraps the parser's error; its innermost cause says what is wrong
+            raise ValueError(f"dataset {path!r}: cannot read it as .{ext}: {_root_cause(e)}") from None
     return [dict(r) for r in ds]
+
+
+def read_json_objects(path: str, what: str) -> list[dict]:
+    """The JSON objects of a JSON-lines file (blank lines skipped); a line that is not one is a
+    ValueError naming `what` and the line number."""
+    rows: list[dict] = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:   # e.g. a line cut short when a run was killed
+                raise ValueError(f"{what} line {n}: not valid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{what} line {n}: expected a JSON object, got {type(row).__name__}")
+            rows.append(row)
+    return rows
+
+
+def _read_jsonl(path: str) -> list[dict]:
+    """JSON lines read directly, so a bad line is reported by number (datasets raises a bare
+    DatasetGenerationError, and StopIteration for an empty file). Keys missing from a row are None,
+    as datasets makes them."""
+    rows = read_json_objects(path, f"dataset {path!r}")
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    return [{k: r.get(k) for k in keys} for r in rows]
+
+
+def _root_cause(e: BaseException) -> str:
+    while (e.__cause__ or e.__context__) is not None:
+        e = e.__cause__ or e.__context__
+    return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
 
 
 def prompt_messages(prompt: Any, system_prompt: Optional[str]) -> list[dict]:

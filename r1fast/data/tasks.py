@@ -60,6 +60,17 @@ class ArithmeticTask:
 TASKS = {"arithmetic": ArithmeticTask}
 
 
+def _number(spec: str, key: str, raw: str) -> int | float:
+    try:
+        return int(raw)
+    except ValueError:
+        pass
+    try:
+        return float(raw)   # 0.1, 1e-1
+    except ValueError:
+        raise ValueError(f"built-in task {spec!r}: parameter {key!r} must be a number; got {raw!r}") from None
+
+
 def builtin_rows(spec: str, n: int, seed: int, **overrides) -> list[dict]:
     """`builtin:arithmetic` (optionally `builtin:arithmetic?max_terms=5&teacher_noise=0.2`) → rows."""
     name = spec.split(":", 1)[1] if spec.startswith("builtin:") else spec
@@ -70,7 +81,7 @@ def builtin_rows(spec: str, n: int, seed: int, **overrides) -> list[dict]:
             if "=" not in part:
                 raise ValueError(f"built-in task {spec!r}: cannot read parameter {part!r} (write key=value)")
             k, v = part.split("=", 1)
-            params[k] = float(v) if "." in v else int(v)
+            params[k] = _number(spec, k, v)
     if name not in TASKS:
         raise ValueError(f"unknown built-in task {name!r}; built-in tasks: {', '.join(TASKS)}")
     params.update(overrides)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import sys
 from typing import Any, Callable, Optional, Sequence
 
 from r1fast.rewards.builtin import (
@@ -39,16 +40,34 @@ def load_function(spec: str) -> Callable:
             raise ValueError(f"reward function {spec!r}: file {mod_name!r} does not exist")
         mspec = importlib.util.spec_from_file_location(f"r1fast_user_reward_{abs(hash(mod_name))}", mod_name)
         module = importlib.util.module_from_spec(mspec)
-        mspec.loader.exec_module(module)
-    else:
         try:
-            module = importlib.import_module(mod_name)
-        except ImportError as e:
-            raise ValueError(f"reward function {spec!r}: cannot import module {mod_name!r}: {e}") from None
+            mspec.loader.exec_module(module)
+        except Exception as e:   # a SyntaxError or an exception at import: the user's file, not r1fast
+            raise ValueError(f"reward function {spec!r}: importing {mod_name!r} raised {type(e).__name__}: {e}") from e
+    else:
+        module = _import_user_module(spec, mod_name)
     fn = getattr(module, fn_name, None)
     if fn is None or not callable(fn):
         raise ValueError(f"reward function {spec!r}: module {mod_name!r} has no function {fn_name!r}")
     return fn
+
+
+def _import_user_module(spec: str, mod_name: str):
+    """Import `mod_name`, also from the current directory: the `r1fast` console script does not put
+    it on sys.path (`python -c` would), and a `my_rewards.py` beside the config is the usual case."""
+    try:
+        return importlib.import_module(mod_name)
+    except ModuleNotFoundError as e:
+        cwd = os.getcwd()
+        top = mod_name.split(".")[0]
+        here = os.path.isfile(os.path.join(cwd, top + ".py")) or os.path.isdir(os.path.join(cwd, top))
+        if e.name != top or not here or cwd in sys.path:
+            raise ValueError(f"reward function {spec!r}: cannot import module {mod_name!r}: {e}") from None
+        sys.path.append(cwd)   # appended, so a file here never shadows an installed module
+        return _import_user_module(spec, mod_name)
+    except Exception as e:   # a SyntaxError, or an exception raised while the module runs
+        raise ValueError(f"reward function {spec!r}: importing module {mod_name!r} raised "
+                         f"{type(e).__name__}: {e}") from e
 
 
 def resolve(spec: str | Callable, *, format_pattern=None, language="en", length_target=None) -> tuple[str, Callable]:

@@ -178,27 +178,51 @@ def load_checkpoint(path: str, *, model, optimizer=None, scheduler=None, restore
     if not os.path.isfile(state_path):
         raise ValueError(f"{path!r} is not a checkpoint (no {STATE_FILE})")
     with open(state_path, encoding="utf-8") as f:
-        state = json.load(f)
+        try:
+            state = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"checkpoint {path!r}: {STATE_FILE} is not valid JSON ({e}); "
+                             f"resume from an earlier checkpoint") from None
+    if not isinstance(state, dict) or not isinstance(state.get("global_step"), int):
+        raise ValueError(f"checkpoint {path!r}: {STATE_FILE} has no 'global_step'")
     load_weights(model, path)
     if optimizer is not None:
-        opt_file = os.path.join(path, "optimizer.safetensors")
-        if not os.path.isfile(opt_file) or "optimizer" not in state:
+        if "optimizer" not in state:
             raise ValueError(f"checkpoint {path!r} has no optimizer state")
-        load_optimizer_state(optimizer, load_file(opt_file), state["optimizer"])
+        load_optimizer_state(optimizer, _read_tensors(path, "optimizer.safetensors"), state["optimizer"])
     if scheduler is not None and "scheduler" in state:
         sd = scheduler.state_dict()
         sd.update(state["scheduler"])
         scheduler.load_state_dict(sd)
     if restore_rng:
-        set_rng_state(load_file(os.path.join(path, "rng.safetensors")), state["rng"])
+        if "rng" not in state:
+            raise ValueError(f"checkpoint {path!r}: {STATE_FILE} has no RNG state")
+        set_rng_state(_read_tensors(path, "rng.safetensors"), state["rng"])
     return state
+
+
+def _read_tensors(path: str, name: str) -> dict[str, torch.Tensor]:
+    """A checkpoint's safetensors file, or a ValueError naming it (safetensors raises its own
+    SafetensorError, not a ValueError, for a truncated file)."""
+    file = os.path.join(path, name)
+    if not os.path.isfile(file):
+        raise ValueError(f"checkpoint {path!r} lacks {name}")
+    try:
+        return load_file(file)
+    except Exception as e:
+        raise ValueError(f"checkpoint {path!r}: cannot read {name} (truncated or damaged?): {e}") from None
 
 
 def load_weights(model, path: str):
     """Copy a Hugging Face safetensors checkpoint's tensors into `model`'s parameters, in place
     (so a rollout engine holding references to them sees the new values)."""
     from r1fast.models import from_pretrained
+    from r1fast.models.checkpoint import INDEX_NAME, SINGLE_NAME
 
+    # Checked here: from_pretrained falls back to any *.safetensors in the folder, and a training
+    # checkpoint also holds optimizer.safetensors and rng.safetensors.
+    if not any(os.path.isfile(os.path.join(path, f)) for f in (SINGLE_NAME, INDEX_NAME)):
+        raise ValueError(f"checkpoint {path!r} lacks the model weights ({SINGLE_NAME} or {INDEX_NAME})")
     loaded = from_pretrained(path, dtype=model.dtype, device="cpu")
     src = dict(loaded.named_parameters())
     with torch.no_grad():

@@ -20,9 +20,11 @@ from r1fast.trainer.config import ConfigError
 
 _EPILOG = ("options: --key value | --key=value | key=value (GRPOConfig / SFTConfig / SampleConfig fields; "
            "<stage>.<key>=value for a pipeline).")
-_RESUME = {"train": " --resume [PATH] continues from the newest checkpoint (or PATH).",
+_RESUME = {"train": " --resume [PATH] continues from the newest checkpoint (or PATH: a checkpoint or run folder; "
+                    "for a pipeline, its run folder).",
            "sft": " --resume [PATH] continues from the newest checkpoint (or PATH).",
-           "pipeline": " --resume skips finished stages and resumes the unfinished one from its last checkpoint."}
+           "pipeline": " --resume [RUN_DIR] skips finished stages and resumes the unfinished one from its last "
+                       "checkpoint (RUN_DIR: default ./runs/<name>)."}
 
 
 def _split(rest: list[str]) -> tuple[str | None, list[str], str | bool | None]:
@@ -58,20 +60,50 @@ def _fail(cmd: str, e: Exception):
     raise SystemExit(f"r1fast {cmd}: {e}")
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors whose message names the problem (bad option, data, reward function, checkpoint, a run
+    of NaN steps): printed as one line, never as a traceback."""
+    from r1fast.rewards import RewardError
+    from r1fast.trainer.grpo import NonFiniteLoss
+
+    return ConfigError, ValueError, FileNotFoundError, RewardError, NonFiniteLoss
+
+
+def _guarded(cmd: str, func, resumable: bool = True):
+    """Run a command: a user error exits with its message; Ctrl-C (the second one, or one outside
+    a training loop) exits with status 130 and a one-line note instead of a traceback."""
+    def run(args):
+        try:
+            return func(args)
+        except KeyboardInterrupt:
+            hint = "; continue with --resume" if resumable else ""
+            print(f"r1fast {cmd}: stopped{hint}", file=sys.stderr)
+            return 130
+        except _user_errors() as e:
+            _fail(cmd, e)
+    return run
+
+
+def _resume_pipeline(resume, overrides: list[str]) -> tuple[bool, list[str]]:
+    """A pipeline resumes its own run folder; `--resume PATH` names that folder (it was silently
+    ignored before, and a fresh run started in ./runs/<name>)."""
+    if not isinstance(resume, str) or resume in ("latest", "true", "True"):
+        return bool(resume), overrides
+    if not os.path.isfile(os.path.join(resume, "pipeline_state.json")):
+        raise ConfigError(f"--resume {resume!r}: not a pipeline run folder (no pipeline_state.json); "
+                          f"give the folder holding it, or --resume alone for ./runs/<name>")
+    return True, overrides + [f"output_dir={os.path.abspath(resume)}"]
+
+
 def _cmd_train(args):
     from r1fast.trainer.pipeline import DEFAULT_CONFIG, is_pipeline_file, run_pipeline
 
-    try:
-        config, overrides, resume = _split(args.rest)
-        if config is None or is_pipeline_file(config):
-            run_pipeline(config or DEFAULT_CONFIG, overrides, resume=bool(resume))
-            return 0
-        return _run_grpo(config, overrides, resume)
-    except (ConfigError, ValueError, FileNotFoundError) as e:
-        _fail("train", e)
-    except KeyboardInterrupt:
-        print("r1fast train: stopped; continue with --resume", file=sys.stderr)
-        return 130
+    config, overrides, resume = _split(args.rest)
+    if config is None or is_pipeline_file(config):
+        resume, overrides = _resume_pipeline(resume, overrides)
+        run_pipeline(config or DEFAULT_CONFIG, overrides, resume=resume)
+        return 0
+    return _run_grpo(config, overrides, resume)
 
 
 def _run_grpo(config: str, overrides: list[str], resume):
@@ -87,7 +119,10 @@ def _run_grpo(config: str, overrides: list[str], resume):
     trainer = GRPOTrainer(model, None, cfg.dataset, cfg, tokenizer=tok)
     res = trainer.train(resume=resume)
     _print_result(res)
-    return 130 if res.get("interrupted") else 0
+    if res.get("interrupted"):
+        print("r1fast train: stopped; continue with --resume", file=sys.stderr)
+        return 130
+    return 0
 
 
 def _print_result(res: dict):
@@ -120,17 +155,15 @@ def _cmd_sft(args):
     from r1fast.trainer.config import SFTConfig
     from r1fast.trainer.sft import SFTTrainer
 
-    try:
-        cfg, model, tok, resume = _config_and_model(
-            SFTConfig, args.rest, "sft", lambda c: f" (JSONL/parquet/saved dataset with {c.prompt_column!r} and "
-                                                   f"{c.completion_column!r} columns)")
-        rows = load_rows(cfg.dataset, seed=cfg.seed, required_columns=(cfg.prompt_column, cfg.completion_column))
-        res = SFTTrainer(model, tok, rows, cfg).train(resume=resume)
-        print(f"checkpoint: {res['checkpoint']}")
-        if res.get("interrupted"):
-            return 130
-    except (ConfigError, ValueError, FileNotFoundError) as e:
-        _fail("sft", e)
+    cfg, model, tok, resume = _config_and_model(
+        SFTConfig, args.rest, "sft", lambda c: f" (JSONL/parquet/saved dataset with {c.prompt_column!r} and "
+                                               f"{c.completion_column!r} columns)")
+    rows = load_rows(cfg.dataset, seed=cfg.seed, required_columns=(cfg.prompt_column, cfg.completion_column))
+    res = SFTTrainer(model, tok, rows, cfg).train(resume=resume)
+    print(f"checkpoint: {res['checkpoint']}")
+    if res.get("interrupted"):
+        print("r1fast sft: stopped; continue with --resume", file=sys.stderr)
+        return 130
     return 0
 
 
@@ -139,44 +172,33 @@ def _cmd_sample(args):
     from r1fast.trainer.config import SampleConfig
     from r1fast.trainer.sampling import rejection_sample, write_jsonl
 
-    try:
-        cfg, model, tok, resume = _config_and_model(SampleConfig, args.rest, "sample")
-        if resume:
-            raise ConfigError("sample has no --resume: it samples every prompt again and rewrites its output file")
-        rows = load_rows(cfg.dataset, seed=cfg.seed, required_columns=(cfg.prompt_column,))
-        kept, stats = rejection_sample(model, tok, rows, cfg)
-        out = cfg.output_file or os.path.join("runs", "sample", "samples.jsonl")
-        write_jsonl(kept, out)
-        print(f"kept {stats['kept']} of {stats['samples']} samples from {stats['prompts']} prompts "
-              f"(pass rate {stats['pass_rate']:.3f}) → {out}")
-    except (ConfigError, ValueError, FileNotFoundError) as e:
-        _fail("sample", e)
+    cfg, model, tok, resume = _config_and_model(SampleConfig, args.rest, "sample")
+    if resume:
+        raise ConfigError("sample has no --resume: it samples every prompt again and rewrites its output file")
+    rows = load_rows(cfg.dataset, seed=cfg.seed, required_columns=(cfg.prompt_column,))
+    kept, stats = rejection_sample(model, tok, rows, cfg)
+    out = cfg.output_file or os.path.join("runs", "sample", "samples.jsonl")
+    write_jsonl(kept, out)
+    print(f"kept {stats['kept']} of {stats['samples']} samples from {stats['prompts']} prompts "
+          f"(pass rate {stats['pass_rate']:.3f}) → {out}")
     return 0
 
 
 def _cmd_pipeline(args):
     from r1fast.trainer.pipeline import run_pipeline
 
-    try:
-        config, overrides, resume = _split(args.rest)
-        if config is None:
-            raise ConfigError("pipeline needs a config file (see r1fast/configs/r1_pipeline.yaml)")
-        run_pipeline(config, overrides, resume=bool(resume))
-    except (ConfigError, ValueError, FileNotFoundError) as e:
-        _fail("pipeline", e)
-    except KeyboardInterrupt:
-        print("r1fast pipeline: stopped; continue with --resume", file=sys.stderr)
-        return 130
+    config, overrides, resume = _split(args.rest)
+    if config is None:
+        raise ConfigError("pipeline needs a config file (see r1fast/configs/r1_pipeline.yaml)")
+    resume, overrides = _resume_pipeline(resume, overrides)
+    run_pipeline(config, overrides, resume=resume)
     return 0
 
 
 def _cmd_plot(args):
     from r1fast.trainer.plot import plot_run
 
-    try:
-        path = plot_run(args.run_dir, args.out)
-    except ValueError as e:
-        _fail("plot", e)
+    path = plot_run(args.run_dir, args.out)
     print(f"wrote {path}")
     return 0
 
@@ -198,7 +220,7 @@ def add_commands(subparsers):
                                   usage=usage,
                                   prefix_chars="+", add_help=False)
         p.add_argument("rest", nargs="*", help=argparse.SUPPRESS)
-        p.set_defaults(func=_with_help(p, func))
+        p.set_defaults(func=_with_help(p, _guarded(name, func, resumable=name in _RESUME)))
         return p
 
     add("train", "GRPO training; with no arguments, the embedded default (cold-start SFT then GRPO on CPU)",
@@ -208,8 +230,8 @@ def add_commands(subparsers):
     add("sample", "rejection sampling: n samples per prompt, keep those passing the reward thresholds, write JSONL",
         _cmd_sample, "r1fast sample [CONFIG.yaml] [--key value ...]")
     add("pipeline", "multi-stage run: cold start -> RL -> rejection sampling + SFT -> RL, distillation",
-        _cmd_pipeline, "r1fast pipeline CONFIG.yaml [--resume] [<stage>.<key>=value ...]")
+        _cmd_pipeline, "r1fast pipeline CONFIG.yaml [--resume [RUN_DIR]] [<stage>.<key>=value ...]")
     plot = subparsers.add_parser("plot", help="PNG curves (reward, accuracy, KL, length, entropy) of a run")
     plot.add_argument("run_dir", help="a run folder holding metrics.jsonl")
     plot.add_argument("--out", default=None, help="PNG path (default RUN_DIR/curves.png)")
-    plot.set_defaults(func=_cmd_plot)
+    plot.set_defaults(func=_guarded("plot", _cmd_plot, resumable=False))

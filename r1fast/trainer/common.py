@@ -22,7 +22,10 @@ BUILTIN_MODELS = {
 def resolve_device(name: Optional[str]) -> torch.device:
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
+    try:
+        dev = torch.device(name)
+    except RuntimeError:   # torch's own message lists every device type; name the option instead
+        raise ValueError(f"device {name!r} is not a torch device (cpu, cuda, cuda:0...)") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} asked for but CUDA is not available")
     return dev
@@ -139,6 +142,24 @@ def grad_norm_and_clip(params, max_norm: float) -> float:
     return float(norm)
 
 
+def reward_columns(rows: Sequence[dict], owners: Sequence[int], prompt_column: str,
+                   answer_column: str = "answer") -> dict[str, list]:
+    """The dataset's columns, one entry per completion (`owners[j]` is completion j's row), as the
+    reward functions' keyword arguments. `answer_column` is also passed as `answer`, the column
+    the accuracy reward reads, so a dataset whose reference sits under another name is scored."""
+    cols = {k: [rows[i].get(k) for i in owners] for k in rows[0] if k != prompt_column}
+    if answer_column != "answer" and answer_column in cols:
+        cols["answer"] = cols[answer_column]
+    return cols
+
+
+def check_answer_column(reward_names: Sequence[str], rows: Sequence[dict], answer_column: str, where: str):
+    """The accuracy reward needs a reference answer: say so before the first rollout, not after it."""
+    if "accuracy" in reward_names and answer_column not in rows[0] and "solution" not in rows[0]:
+        raise ValueError(f"reward 'accuracy' needs the answer column {answer_column!r} (option 'answer_column') "
+                         f"or 'solution'; the {where} has {sorted(rows[0])}")
+
+
 class DataCursor:
     """A deterministic walk over a dataset in seeded per-epoch permutations; its position is two ints."""
 
@@ -181,8 +202,11 @@ def start_run(trainer, resume):
     resume_path = ckpt.resolve_resume(resume, trainer.run_dir)
     if resume_path:
         trainer.load(resume_path)
-    logger = MetricsLogger(trainer.run_dir, cfg.report_to, resume_step=trainer.global_step if resume_path else None,
-                           run_name=cfg.run_name, config=cfg.to_dict())
+    # The log holds global steps (a pipeline stage's start at step_offset included): truncate on that scale,
+    # or a resumed later stage would drop every line it wrote before the interruption.
+    resume_step = trainer.step_offset + trainer.global_step if resume_path else None
+    logger = MetricsLogger(trainer.run_dir, cfg.report_to, resume_step=resume_step, run_name=cfg.run_name,
+                           config=cfg.to_dict())
     pbar = None
     if cfg.progress_bar:
         from tqdm.auto import tqdm

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -188,6 +189,32 @@ def _one_of(name: str, value, choices):
     _check(value in choices, f"option {name!r} must be one of {', '.join(map(str, choices))}; got {value!r}")
 
 
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _check_device(value: Optional[str]):
+    """A device string torch can parse (`cpu`, `cuda`, `cuda:1`...), checked here so a typo is a
+    ConfigError before any model is built rather than a RuntimeError from deep in torch."""
+    if value is None:
+        return
+    import torch
+
+    try:
+        torch.device(value)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"option 'device' must be a torch device such as cpu, cuda or cuda:0; "
+                          f"got {value!r}") from None
+
+
+def _check_regex(name: str, value: Optional[str]):
+    if value is None:
+        return
+    try:
+        re.compile(value)
+    except re.error as e:
+        raise ConfigError(f"option {name!r} is not a valid regular expression ({e}): {value!r}") from None
+
+
 @dataclass
 class _TrainingConfig(_Base):
     """Optimiser, schedule, batch, output and device options that GRPO and SFT share (TRL's names).
@@ -222,7 +249,9 @@ class _TrainingConfig(_Base):
     def validate(self):
         _check(self.learning_rate >= 0, f"option 'learning_rate' must be >= 0; got {self.learning_rate}")
         _one_of("lr_scheduler_type", self.lr_scheduler_type, SCHEDULERS)
-        _one_of("dtype", self.dtype, ("float32", "bfloat16", "float16"))
+        _one_of("dtype", self.dtype, DTYPES)
+        _check_device(self.device)
+        _check(self.warmup_steps >= 0, f"option 'warmup_steps' must be >= 0; got {self.warmup_steps}")
         _check(self.per_device_train_batch_size >= 1, "option 'per_device_train_batch_size' must be >= 1")
         _check(self.gradient_accumulation_steps >= 1, "option 'gradient_accumulation_steps' must be >= 1")
         _check(self.max_steps != 0, "option 'max_steps' must be positive, or -1 to use num_train_epochs")
@@ -334,6 +363,12 @@ class GRPOConfig(_TrainingConfig):
         _check(self.tis_cap > 1, f"option 'tis_cap' must be > 1; got {self.tis_cap}")
         _check(self.eval_samples_per_prompt >= 1 and self.eval_size >= 0, "eval_size >= 0 and eval_samples_per_prompt >= 1 required")
         _check(self.eval_temperature >= 0, "option 'eval_temperature' must be >= 0 (0 = greedy)")
+        _check(self.eval_steps >= 0,
+               f"option 'eval_steps' must be >= 0 (0: only at the start and end); got {self.eval_steps}")
+        _check(self.log_completions >= 0, f"option 'log_completions' must be >= 0; got {self.log_completions}")
+        _check(self.max_nonfinite_steps >= 1,
+               f"option 'max_nonfinite_steps' must be >= 1; got {self.max_nonfinite_steps}")
+        _check_regex("format_pattern", self.format_pattern)
         if self.reward_weights is not None:
             _check(len(self.reward_weights) == len(self.reward_funcs),
                    f"reward_weights has {len(self.reward_weights)} entries but reward_funcs has {len(self.reward_funcs)}")
@@ -393,8 +428,16 @@ class SampleConfig(_Base):
     def validate(self):
         _check(self.num_samples >= 1, "option 'num_samples' must be >= 1")
         _check(self.keep_per_prompt >= 1, "option 'keep_per_prompt' must be >= 1")
+        _check(self.max_prompts == -1 or self.max_prompts >= 1,
+               f"option 'max_prompts' must be -1 (all) or >= 1; got {self.max_prompts}")
         _check(self.temperature >= 0, "option 'temperature' must be >= 0")
+        _check(0 < self.top_p <= 1, f"option 'top_p' must be in (0, 1]; got {self.top_p}")
+        _check(self.top_k == -1 or self.top_k >= 1, f"option 'top_k' must be -1 (off) or >= 1; got {self.top_k}")
+        _check(self.max_completion_length >= 1, "option 'max_completion_length' must be >= 1")
         _check(self.batch_prompts >= 1, "option 'batch_prompts' must be >= 1")
+        _one_of("dtype", self.dtype, DTYPES)
+        _check_device(self.device)
+        _check_regex("format_pattern", self.format_pattern)
         if self.reward_thresholds is not None:
             _check(len(self.reward_thresholds) == len(self.reward_funcs),
                    f"reward_thresholds has {len(self.reward_thresholds)} entries but reward_funcs has {len(self.reward_funcs)}")

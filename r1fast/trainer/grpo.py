@@ -20,16 +20,18 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from r1fast.data.loading import decode_completion, encode_prompt, load_rows, stop_token_ids
+from r1fast.data.loading import check_columns, decode_completion, encode_prompt, load_rows, stop_token_ids
 from r1fast.rewards import RewardSet
 from r1fast.trainer import checkpoints as ckpt
 from r1fast.trainer.common import (
     start_run,
+    check_answer_column,
     DataCursor,
     grad_norm_and_clip,
     make_optimizer,
     make_scheduler,
     pack,
+    reward_columns,
     run_dir_for,
     warmup_steps_of,
 )
@@ -79,12 +81,17 @@ class GRPOTrainer:
         else:
             if callable(reward_funcs) or isinstance(reward_funcs, str):
                 reward_funcs = [reward_funcs]
-            weights = cfg.reward_weights if cfg.reward_weights and len(cfg.reward_weights) == len(reward_funcs) else None
-            self.rewards = RewardSet(reward_funcs, weights, format_pattern=cfg.format_pattern,
+            if cfg.reward_weights is not None and len(cfg.reward_weights) != len(reward_funcs):
+                # dropping them would train on unweighted rewards without a word
+                raise ValueError(f"config.reward_weights has {len(cfg.reward_weights)} entries but "
+                                 f"{len(reward_funcs)} reward functions were given")
+            self.rewards = RewardSet(reward_funcs, cfg.reward_weights, format_pattern=cfg.format_pattern,
                                      language=cfg.language, length_target=cfg.length_penalty_target)
         self.train_rows = self._rows(train_dataset if train_dataset is not None else cfg.dataset, cfg.seed, "train")
         if cfg.prompt_column not in self.train_rows[0]:
             raise ValueError(f"train dataset lacks the prompt column {cfg.prompt_column!r}; it has {sorted(self.train_rows[0])}")
+        check_columns(self.train_rows, (cfg.prompt_column,), "train dataset")
+        check_answer_column(self.rewards.names, self.train_rows, cfg.answer_column, "train dataset")
         self.eval_rows = self._rows(eval_dataset if eval_dataset is not None else cfg.eval_dataset, cfg.seed + 1, "eval") \
             if (eval_dataset is not None or cfg.eval_dataset) else None
         if self.eval_rows is not None and cfg.eval_size:
@@ -192,7 +199,8 @@ class GRPOTrainer:
     def score(self, rows: Sequence[dict], n: int, completions_text: list[str], completion_ids: list[list[int]]):
         cfg = self.cfg
         prompts = [r[cfg.prompt_column] for r in rows for _ in range(n)]
-        columns = {k: [r.get(k) for r in rows for _ in range(n)] for k in rows[0] if k != cfg.prompt_column}
+        owners = [i for i in range(len(rows)) for _ in range(n)]
+        columns = reward_columns(rows, owners, cfg.prompt_column, cfg.answer_column)
         table = self.rewards.score(prompts, completions_text, columns, completion_ids=completion_ids)
         return table, self.rewards.total(table)
 
@@ -396,7 +404,10 @@ class GRPOTrainer:
                 raise ValueError(f"checkpoint {path!r} has no reference.safetensors but beta > 0 needs the reference model")
             from safetensors.torch import load_model
 
-            load_model(self.ref_model, ref_file, device=str(self.device))
+            try:
+                load_model(self.ref_model, ref_file, device=str(self.device))
+            except Exception as e:   # SafetensorError (truncated file) or missing/unexpected keys
+                raise ValueError(f"checkpoint {path!r}: cannot load reference.safetensors: {e}") from None
         if self._engine is not None:
             self._engine.reset_prefix_cache()
         return state

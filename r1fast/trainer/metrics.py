@@ -70,8 +70,13 @@ def read_metrics(run_dir: str) -> list[dict]:
     path = os.path.join(run_dir, "metrics.jsonl") if os.path.isdir(run_dir) else run_dir
     if not os.path.isfile(path):
         raise ValueError(f"no metrics.jsonl in {run_dir!r}")
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    from r1fast.data.loading import read_json_objects
+
+    rows = read_json_objects(path, path)
+    for n, row in enumerate(rows, 1):
+        if not isinstance(row.get("step"), (int, float)):
+            raise ValueError(f"{path}: record {n} has no numeric 'step'")
+    return rows
 
 
 def _plain(v):
@@ -86,7 +91,10 @@ def _truncate_after(path: str, step: int):
     if not os.path.exists(path):
         return
     with open(path, encoding="utf-8") as f:
-        keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+        lines = f.readlines()
+    if lines and not lines[-1].endswith("\n"):
+        lines.pop()   # cut short by a crash mid-write; its step is after the checkpoint anyway
+    keep = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         f.writelines(keep)

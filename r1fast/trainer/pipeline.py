@@ -26,7 +26,17 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from r1fast.trainer.config import ConfigError, GRPOConfig, SampleConfig, SFTConfig, load_yaml, parse_overrides
+from r1fast.trainer.config import (
+    DTYPES,
+    ConfigError,
+    GRPOConfig,
+    SampleConfig,
+    SFTConfig,
+    _check_device,
+    _coerce,
+    load_yaml,
+    parse_overrides,
+)
 
 STAGE_TYPES = {"sft": SFTConfig, "grpo": GRPOConfig, "sample": SampleConfig}
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "default.yaml")
@@ -93,9 +103,8 @@ def load_pipeline(source: str | dict, overrides: Optional[list[str]] = None) -> 
     if not isinstance(stages_raw, list) or not stages_raw:
         raise ConfigError(f"{where}: 'stages' must be a non-empty list")
     data.pop("description", None)
-    p = Pipeline(**{k: v for k, v in data.items()})
-    if not isinstance(p.seed, int):
-        raise ConfigError(f"{where}: seed must be an int; got {p.seed!r}")
+    p = Pipeline(**_typed(Pipeline, data, where))
+    _validate(p, where)
     names = set()
     for i, raw in enumerate(stages_raw):
         if not isinstance(raw, dict):
@@ -110,22 +119,68 @@ def load_pipeline(source: str | dict, overrides: Optional[list[str]] = None) -> 
         typ = raw.get("type")
         if typ not in STAGE_TYPES:
             raise ConfigError(f"{where}: stage {name!r}: type must be one of {sorted(STAGE_TYPES)}; got {typ!r}")
+        fields = _typed(Stage, {k: v for k, v in raw.items() if k in ("model", "dataset", "num_rows", "evaluate")},
+                        f"{where}: stage {name!r}")
+        if fields.get("num_rows", 1) < 1:
+            raise ConfigError(f"{where}: stage {name!r}: num_rows must be >= 1; got {fields['num_rows']}")
+        if not fields.get("dataset"):   # found here, not once the stages before it have trained
+            raise ConfigError(f"{where}: stage {name!r} needs a dataset (a path, builtin:<task> or \"@stage\")")
         conf = dict(raw.get("config") or {})
         conf.update(stage_ov.pop(name, {}))
         conf.setdefault("seed", p.seed + i)
-        try:
-            cfg = STAGE_TYPES[typ].from_dict(conf, source=f"{where}: stage {name!r}")
-        except ConfigError:
-            raise
-        p.stages.append(Stage(name=name, type=typ, config=cfg, model=raw.get("model"), dataset=raw.get("dataset"),
-                              num_rows=int(raw.get("num_rows", 2000)), evaluate=bool(raw.get("evaluate", True))))
+        cfg = STAGE_TYPES[typ].from_dict(conf, source=f"{where}: stage {name!r}")
+        _check_placement(p, conf, f"{where}: stage {name!r}")
+        p.stages.append(Stage(name=name, type=typ, config=cfg, **fields))
     if stage_ov:
         raise ConfigError(f"command line: no stage named {sorted(stage_ov)}; stages: {[s.name for s in p.stages]}")
+    if not p.model and not p.stages[0].model:
+        raise ConfigError(f"{where}: no model for stage {p.stages[0].name!r}; set the pipeline's 'model' or the stage's")
     for s in p.stages:
         for ref in (s.model, s.dataset):
             if isinstance(ref, str) and ref.startswith("@") and ref[1:] not in names:
                 raise ConfigError(f"{where}: stage {s.name!r} refers to unknown stage {ref!r}")
     return p
+
+
+def _typed(cls, data: dict, where: str) -> dict:
+    """`data`'s values coerced to `cls`'s field types (a YAML or command-line string like "4" or
+    "false" becomes the int or bool), or a ConfigError naming the key; a wrong type would otherwise
+    surface as a TypeError deep inside a stage, after the earlier stages had trained."""
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    return {k: _coerce(k, v, hints[k], where) for k, v in data.items()}
+
+
+def _validate(p: Pipeline, where: str):
+    def check(ok: bool, msg: str):
+        if not ok:
+            raise ConfigError(f"{where}: {msg}")
+
+    check(bool(p.name.strip()), "name must not be empty (it names the run folder runs/<name>)")
+    check(p.dtype in DTYPES, f"dtype must be one of {', '.join(DTYPES)}; got {p.dtype!r}")
+    _check_device(p.device)
+    check(p.eval_size >= 1, f"eval_size must be >= 1; got {p.eval_size}")
+    check(p.eval_samples_per_prompt >= 1, f"eval_samples_per_prompt must be >= 1; got {p.eval_samples_per_prompt}")
+    check(p.eval_temperature >= 0, f"eval_temperature must be >= 0 (0 = greedy); got {p.eval_temperature}")
+    check(p.eval_max_tokens >= 1, f"eval_max_tokens must be >= 1; got {p.eval_max_tokens}")
+    check(p.num_threads is None or p.num_threads >= 1, f"num_threads must be >= 1; got {p.num_threads}")
+
+
+def _check_placement(p: Pipeline, conf: dict, where: str):
+    """Every stage runs on the pipeline's device and dtype (one model goes from stage to stage). A
+    stage that sets another is refused here, before any stage trains: an SFT stage used to ignore
+    it, and a GRPO stage to fail only once the stages before it had run."""
+    from r1fast.trainer.common import resolve_device
+
+    if conf.get("dtype") is not None and conf["dtype"] != p.dtype:
+        raise ConfigError(f"{where}: dtype {conf['dtype']!r} differs from the pipeline's {p.dtype!r}; "
+                          f"set the pipeline's dtype instead")
+    if conf.get("device") is not None:
+        here = resolve_device(p.device)
+        if resolve_device(str(conf["device"])).type != here.type:
+            raise ConfigError(f"{where}: device {conf['device']!r} differs from the pipeline's ({here}); "
+                              f"set the pipeline's device instead")
 
 
 class PipelineRunner:
@@ -152,7 +207,7 @@ class PipelineRunner:
         return self._eval_rows
 
     def stage_rows(self, stage: Stage, index: int, need: tuple[str, ...]) -> list[dict]:
-        from r1fast.data import load_rows
+        from r1fast.data import check_columns, load_rows
 
         if stage.dataset is None:
             raise ConfigError(f"stage {stage.name!r} needs a dataset")
@@ -175,9 +230,7 @@ class PipelineRunner:
                 # keep held-out prompts out of training so the reported accuracy is truly held out
                 seen = {str(r.get("prompt")) for r in held_out}
                 rows = [r for r in rows if str(r.get("prompt")) not in seen]
-        missing = [c for c in need if c not in rows[0]]
-        if missing:
-            raise ValueError(f"stage {stage.name!r}: dataset lacks column(s) {missing}; it has {sorted(rows[0])}")
+        check_columns(rows, need, f"stage {stage.name!r}: dataset")
         return rows
 
     def load_model(self, spec: str, seed: int):

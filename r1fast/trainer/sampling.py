@@ -9,8 +9,9 @@ import json
 import os
 from typing import Sequence
 
-from r1fast.data.loading import decode_completion, encode_prompt, stop_token_ids
+from r1fast.data.loading import check_columns, decode_completion, encode_prompt, stop_token_ids
 from r1fast.rewards import RewardSet
+from r1fast.trainer.common import check_answer_column, reward_columns
 from r1fast.trainer.config import SampleConfig
 
 
@@ -21,10 +22,10 @@ def rejection_sample(model, tokenizer, rows: Sequence[dict], cfg: SampleConfig, 
     cfg.validate()
     if not rows:
         raise ValueError("rejection sampling: the prompt dataset is empty")
-    if cfg.prompt_column not in rows[0]:
-        raise ValueError(f"rejection sampling: dataset lacks the prompt column {cfg.prompt_column!r}; it has {sorted(rows[0])}")
+    check_columns(rows, (cfg.prompt_column,), "rejection sampling: dataset")
     rows = list(rows if cfg.max_prompts < 0 else rows[:cfg.max_prompts])
     rewards = RewardSet(cfg.reward_funcs, format_pattern=cfg.format_pattern, language=cfg.language)
+    check_answer_column(rewards.names, rows, cfg.answer_column, "prompt dataset")
     thresholds = cfg.reward_thresholds or [1.0] * len(rewards)
     prompt_ids = [encode_prompt(tokenizer, r[cfg.prompt_column], cfg.system_prompt) for r in rows]
     # Capped at the model's positions, as in GRPO and evaluation: a sample reaching it ends as "length".
@@ -52,7 +53,7 @@ def rejection_sample(model, tokenizer, rows: Sequence[dict], cfg: SampleConfig, 
                 texts.append(decode_completion(tokenizer, comp.token_ids))
                 owners.append(i)
         prompts = [chunk[i][cfg.prompt_column] for i in owners]
-        columns = {k: [chunk[i].get(k) for i in owners] for k in chunk[0] if k != cfg.prompt_column}
+        columns = reward_columns(chunk, owners, cfg.prompt_column, cfg.answer_column)
         table = rewards.score(prompts, texts, columns)
         per_prompt: dict[int, list[dict]] = {}
         seen: dict[int, set] = {}

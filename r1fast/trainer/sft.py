@@ -9,7 +9,7 @@ import time
 from typing import Any, Optional, Sequence
 
 
-from r1fast.data.loading import encode_completion, encode_prompt
+from r1fast.data.loading import check_columns, encode_completion, encode_prompt
 from r1fast.trainer import checkpoints as ckpt
 from r1fast.trainer.common import (
     start_run,
@@ -32,9 +32,7 @@ class SFTTrainer:
         cfg = self.cfg
         if not rows:
             raise ValueError("SFT dataset is empty")
-        for col in (cfg.prompt_column, cfg.completion_column):
-            if col not in rows[0]:
-                raise ValueError(f"SFT dataset lacks column {col!r}; it has {sorted(rows[0])}")
+        check_columns(rows, (cfg.prompt_column, cfg.completion_column), "SFT dataset")
         self.model, self.tokenizer, self.device = model, tokenizer, model.device
         self.examples = []
         for r in rows:
