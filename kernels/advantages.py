@@ -48,11 +48,14 @@ def _group_advantages_kernel(r_ptr, out_ptr, batch_std_ptr, n_groups, G, eps,
     d = tl.where(valid, r - first[:, None], 0.0)
     g_f = G * 1.0
     centred = tl.where(valid, d - (tl.sum(d, axis=1) / g_f)[:, None], 0.0)
+    # A scale of 0 (std 0 with eps=0: only a constant group, centred exactly 0) divides by 1 instead:
+    # that group gets A = 0, not 0/0.
     if MODE == 0:    # GRPO_GROUP: Bessel-corrected group std
-        std = tl.sqrt(tl.sum(centred * centred, axis=1) / (g_f - 1.0))
-        adv = centred / (std[:, None] + eps)
+        scale = tl.sqrt(tl.sum(centred * centred, axis=1) / (g_f - 1.0)) + eps
+        adv = centred / tl.where(scale > 0.0, scale, 1.0)[:, None]
     elif MODE == 1:  # GRPO_BATCH
-        adv = centred / (tl.load(batch_std_ptr) + eps)
+        scale = tl.load(batch_std_ptr) + eps
+        adv = centred / tl.where(scale > 0.0, scale, 1.0)
     elif MODE == 2:  # GRPO_NONE (Dr. GRPO)
         adv = centred
     else:            # RLOO: r - mean of the other G-1 = G/(G-1) · (r - mean)

@@ -99,16 +99,19 @@ def _grpo_loss_kernel(logp_ptr, old_ptr, ref_ptr, smp_ptr, ent_ptr, mask_ptr, ad
         else:
             c1 = tl.exp(lp - old)
         if LOSS_TYPE == 4:  # cispo: -min(c1, eps_high).detach() * A * logp
-            wc = tl.minimum(c1, eps_high)
+            wc = tl.minimum(c1, eps_high, propagate_nan=tl.PropagateNan.ALL)
             L = -wc * adv * lp
             g_lp = -wc * adv
             g_lw = tl.zeros([BLOCK_T], dtype=tl.float32)
             low = tl.zeros([BLOCK_T], dtype=tl.float32)
             high = tl.where(c1 > eps_high, a_pos, 0.0)
         else:
-            c2 = tl.minimum(tl.maximum(c1, 1.0 - epsilon), 1.0 + eps_high)
+            # min/max propagate NaN as torch does: the default (fminf/fmaxf) would clamp a NaN ratio
+            # into [1 - eps, 1 + eps_high] and pick the finite side, hiding a NaN input (check_values=False)
+            c2 = tl.minimum(tl.maximum(c1, 1.0 - epsilon, propagate_nan=tl.PropagateNan.ALL), 1.0 + eps_high,
+                            propagate_nan=tl.PropagateNan.ALL)
             if HAS_DELTA:
-                c1d = tl.minimum(c1, delta)
+                c1d = tl.minimum(c1, delta, propagate_nan=tl.PropagateNan.ALL)
                 g1 = tl.where(c1 <= delta, -adv * c1, 0.0)
             else:
                 c1d = c1
@@ -116,7 +119,7 @@ def _grpo_loss_kernel(logp_ptr, old_ptr, ref_ptr, smp_ptr, ent_ptr, mask_ptr, ad
             g2 = tl.where(c1 >= 1.0 - epsilon, tl.where(c1 <= 1.0 + eps_high, -adv * c1, 0.0), 0.0)
             t1 = c1d * adv
             t2 = c2 * adv
-            L = -tl.minimum(t1, t2)
+            L = -tl.minimum(t1, t2, propagate_nan=tl.PropagateNan.ALL)
             # torch.minimum splits the gradient evenly on ties; match it
             g_lw = tl.where(t1 < t2, g1, tl.where(t1 > t2, g2, 0.5 * (g1 + g2)))
             g_lp = tl.zeros([BLOCK_T], dtype=tl.float32)
@@ -135,7 +138,7 @@ def _grpo_loss_kernel(logp_ptr, old_ptr, ref_ptr, smp_ptr, ent_ptr, mask_ptr, ad
                 else:
                     w = tl.exp(old - x)
                 if TIS == 1:
-                    f = tl.minimum(w, tis_cap)
+                    f = tl.minimum(w, tis_cap, propagate_nan=tl.PropagateNan.ALL)
                 elif TIS == 2:
                     f = tl.where(w >= 1.0 / tis_cap, tl.where(w <= tis_cap, 1.0, 0.0), 0.0)
                 else:

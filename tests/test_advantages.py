@@ -51,6 +51,31 @@ def test_constant_group_gets_zero_advantage():
     assert out[3] < 0 < out[4]
 
 
+@pytest.mark.parametrize("backend", ["reference", "torch", "triton"])
+@pytest.mark.parametrize("estimator, scale", [("grpo", "group"), ("grpo", "batch"), ("grpo", "none"),
+                                              ("rloo", "group")])
+def test_constant_group_of_inexact_rewards_gets_exactly_zero(backend, estimator, scale):
+    # 0.1 and 1/3 are not exact in binary: an fp32 mean of 7 copies can be an ulp off, and ulp/eps
+    # (eps=1e-4) once gave the torch backend |A| ~ 6e-4 on a group that carries no signal.
+    rewards = torch.tensor([0.1] * 7 + [1 / 3] * 7 + [0.7] * 6 + [0.2])
+    out = ops.group_advantages(rewards, 7, estimator=estimator, scale_rewards=scale, backend=backend)
+    assert torch.equal(out[:14], torch.zeros(14)), out[:14]
+    assert out[20] < 0 < out[14]
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch", "triton"])
+@pytest.mark.parametrize("scale", ["group", "batch"])
+def test_eps_zero_constant_group_is_zero_not_nan(backend, scale):
+    # eps=0 is accepted: a constant group (std 0) must give A = 0, not 0/0 = NaN (or ±inf)
+    rewards = torch.tensor([0.1, 0.1, 0.1, 0.0, 2.0, 1.0])
+    out = ops.group_advantages(rewards, 3, eps=0.0, scale_rewards=scale, backend=backend)
+    assert torch.equal(out[:3], torch.zeros(3)), out
+    r = rewards.double().tolist()
+    std = statistics.stdev(r[3:] if scale == "group" else r)
+    assert_close(out[3:], torch.tensor([(x - 1.0) / std for x in r[3:]], dtype=torch.float64), torch.float32,
+                 name=backend)
+
+
 def _rewards_with_constant_groups(b, g, seed, device):
     """Fresh random rewards [b] (never zeros), the first and one middle group made constant (std 0 -> eps)."""
     r = randn(b, seed=seed, scale=2.0) + 0.5

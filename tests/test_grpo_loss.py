@@ -185,6 +185,24 @@ def test_old_logp_none_means_ratio_one_with_gradient():
     assert stats["clip_ratio/region_mean"] == 0
 
 
+@pytest.mark.parametrize("backend", ["reference", "torch", "triton"])
+def test_old_and_ref_logp_are_constants(device, backend):
+    # old_logp / ref_logp still attached to logp's graph (old_logp=logp without .detach()) must act as
+    # the numbers they hold, as in the triton kernel: the torch twin once differentiated through them,
+    # which cancels the policy gradient (log_ratio = logp - logp) and the KL's (ref = logp - c).
+    d = _batch(seed=5)
+    f = lambda t: t.float().to(device)  # noqa: E731
+    grads = []
+    for detach in (True, False):
+        lp = f(d["logp"]).requires_grad_()
+        c = lambda t: t.detach() if detach else t  # noqa: E731
+        loss, _ = ops.grpo_loss(lp, c(lp), c(lp - 0.3), f(d["adv"]), d["mask"].to(device), beta=0.1,
+                                kl_estimator="k1", backend=backend)
+        grads.append(torch.autograd.grad(loss, lp)[0])
+    assert grads[0].abs().sum() > 0
+    assert_close(grads[1], grads[0], torch.float32, name="grad logp")
+
+
 @pytest.mark.parametrize(
     "mutate, err, match",
     [
@@ -205,6 +223,11 @@ def test_old_logp_none_means_ratio_one_with_gradient():
         (lambda a: a.update(use_bias_correction_kl=1), ValueError, "use_bias_correction_kl must be a bool"),
         (lambda a: a.update(use_bias_correction_kl="yes"), ValueError, "use_bias_correction_kl must be a bool"),
         (lambda a: a.update(use_bias_correction_kl=None), ValueError, "use_bias_correction_kl must be a bool"),
+        # an integer mask is a weight in every backend: a 2 would silently count its token twice
+        (lambda a: a.update(mask=a["mask"].long() * 2), ValueError, "only 0 and 1"),
+        # grpo's mean over rows: NaN on the torch backends, a RuntimeError in the triton stats
+        (lambda a: a.update(**{k: a[k][:0] for k in ("logp", "old_logp", "ref_logp", "advantages", "mask")}),
+         ValueError, "B=0"),
     ],
 )
 def test_grpo_loss_bad_input(mutate, err, match):
@@ -215,6 +238,22 @@ def test_grpo_loss_bad_input(mutate, err, match):
     mutate(args)
     with pytest.raises(err, match=match):
         ops.grpo_loss(**args)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("where, opts", [("logp", dict(loss_type="dapo")), ("old", dict(loss_type="grpo", delta=1.5)),
+                                         ("old", dict(loss_type="cispo", epsilon_high=1.5)),
+                                         ("sampler", dict(tis_mode="truncate", tis_level="token"))])
+def test_unchecked_nan_input_shows_as_nan_loss(device, backend, where, opts):
+    # check_values=False: a NaN at an active token must give a NaN loss, not vanish. Triton's default
+    # min/max (fminf/fmaxf, np.fmin under the interpreter) drop NaN: clamp(NaN) lands inside [1-eps,
+    # 1+eps_high] and min(NaN·A, c2·A) picks the finite side.
+    d = _batch(seed=21)
+    d[where][0, 0] = float("nan")
+    f = lambda t: t.float().to(device)  # noqa: E731
+    loss, _ = ops.grpo_loss(f(d["logp"]), f(d["old"]), None, f(d["adv"]), d["mask"].to(device),
+                            sampler_logp=f(d["sampler"]), backend=backend, check_values=False, **opts)
+    assert torch.isnan(loss), loss
 
 
 def test_loss_options_defaults_follow_trl():
@@ -461,6 +500,8 @@ def test_fused_packed_layout_equals_padded():
         (lambda a: a.update(cu_seqlens=torch.tensor([0, 3])), ValueError, "packed|cu_seqlens"),
         (lambda a: a["hidden"].data.__setitem__((0, 0, 0), float("nan")), ValueError, "non-finite"),
         (lambda a: a.update(temperature=-1.0), ValueError, "temperature"),
+        (lambda a: a.update(**{k: a[k][:0] for k in ("hidden", "targets", "mask", "advantages", "old_logp")}),
+         ValueError, "B=0"),
     ],
 )
 def test_fused_bad_input(mutate, err, match):

@@ -140,6 +140,9 @@ def test_torch_backend_float64_is_exact_to_reference():
     h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
     lp, ent = ops.grouped_logprob(h, w, targets, return_entropy=True, backend="torch", chunk_size=4, temperature=0.9)
     assert lp.dtype == torch.float64
+    # an all-masked (empty) call keeps fp64 too, as the reference does
+    empty = ops.grouped_logprob(hidden[:2], weight, targets[:2], mask=torch.zeros(2, dtype=torch.bool), backend="torch")
+    assert empty.dtype == torch.float64
     g = randn(9, dtype=torch.float64, seed=1)
     gh, gw = torch.autograd.grad((lp * g).sum() + ent.sum(), (h, w))
     e_lp, e_ent, e_gh, e_gw = _expected(hidden, weight, targets, 0.9, True, g, torch.ones(9, dtype=torch.float64))

@@ -255,7 +255,9 @@ def _run(hidden, weight, targets, temperature, return_entropy, chunk, engine):
     chunk = chunk or default_chunk(h.shape[0], w.shape[0], h.device)
     needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     if h.shape[0] == 0:
-        out = hidden.new_zeros(lead, dtype=torch.float32) + 0.0 * hidden.sum() + 0.0 * weight.sum()
+        # the dtype a non-empty call returns (fp64 stays fp64): an all-masked batch must not change it
+        acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        out = hidden.new_zeros(lead, dtype=acc) + 0.0 * hidden.sum() + 0.0 * weight.sum()
         return (out, out.clone()) if return_entropy else out
     if needs_grad:
         out = _GroupedLogprob.apply(h, w, t, inv_temp, return_entropy, engine, chunk)

@@ -46,6 +46,8 @@ def _validate_loss_inputs(op, logp, old_logp, ref_logp, advantages, mask, sample
     if logp.dim() != 2:
         raise ValueError(f"{op}: logp must be [B, T], got shape {tuple(logp.shape)}")
     B = logp.shape[0]
+    if B == 0:  # grpo / dr_grpo divide by B: NaN on some paths, a crash in the kernel's stats on others
+        raise ValueError(f"{op}: the batch has no completions (B=0)")
     if sampler_logp is not None and importance_weights is not None:
         raise ValueError(f"{op}: pass sampler_logp (r1fast's truncated IS, tis_mode/tis_cap) or importance_weights "
                          f"(precomputed per-token weights), not both")
@@ -61,8 +63,9 @@ def _validate_loss_inputs(op, logp, old_logp, ref_logp, advantages, mask, sample
     if not isinstance(mask, torch.Tensor) or mask.shape != logp.shape:
         raise ValueError(f"{op}: mask must be a tensor of shape {tuple(logp.shape)}, got "
                          f"{tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__}")
-    if check_values and mask.is_floating_point() and not bool(((mask == 0) | (mask == 1)).all()):
-        raise ValueError(f"{op}: a float mask must hold only 0 and 1")
+    # integer masks too: every backend weights a token by its mask value, so a 2 would count it twice
+    if check_values and mask.dtype != torch.bool and not bool(((mask == 0) | (mask == 1)).all()):
+        raise ValueError(f"{op}: mask must be bool or hold only 0 and 1")
     if not isinstance(advantages, torch.Tensor) or not advantages.is_floating_point():
         raise TypeError(f"{op}: advantages must be a float tensor [B]")
     if advantages.shape != (B,):

@@ -26,15 +26,23 @@ def logprob(hidden, weight, targets, temperature=1.0, return_entropy=False, dtyp
 def group_advantages(rewards, group_size, estimator="grpo", scale_rewards="group", eps=1e-4):
     """Advantages [B] from rewards [B] in consecutive groups of `group_size` (LOSS_SPEC.md, Advantages)."""
     r = rewards.reshape(-1, group_size)
-    mean = r.mean(-1, keepdim=True)
-    centred = r - mean
+    # Centre on the group's first reward before averaging: a group of identical rewards then centres
+    # to exactly 0 (its sum/G can be an ulp off the value, and ulp/eps is not small), as the kernel does.
+    d = r - r[:, :1]
+    centred = d - d.mean(-1, keepdim=True)
     if estimator == "rloo":
         return (centred * group_size / (group_size - 1)).reshape(-1)
     if scale_rewards == "group":
-        centred = centred / (r.std(-1, keepdim=True, unbiased=True) + eps)
+        centred = centred / _nonzero(d.std(-1, keepdim=True, unbiased=True) + eps)
     elif scale_rewards == "batch":
-        centred = centred / (rewards.std(unbiased=True) + eps)
+        centred = centred / _nonzero(rewards.std(unbiased=True) + eps)
     return centred.reshape(-1)
+
+
+def _nonzero(scale):
+    """std + eps with 0 replaced by 1: only a constant group (centred exactly 0) has std 0, and with
+    eps=0 it must get A = 0, not 0/0."""
+    return torch.where(scale > 0, scale, torch.ones_like(scale))
 
 
 def kl_penalty(logp, ref_logp, kind="k3"):
@@ -84,7 +92,9 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, opts: LossOptions, ent
     dt = logp.dtype
     m = mask.to(dt)
     A = advantages.to(dt).unsqueeze(-1)
-    old = logp.detach() if old_logp is None else old_logp.to(dt)
+    # old / ref / sampler log-probs are fixed policies' numbers: detached, so old_logp=logp (not detached)
+    # still means ratio 1 with the policy gradient kept, as in the triton kernel, not a zero gradient
+    old = logp.detach() if old_logp is None else old_logp.detach().to(dt)
     log_ratio = logp - old
     lw = log_ratio if opts.importance_sampling_level == "token" else _row_mean(log_ratio, m)
     c1 = torch.exp(lw)
@@ -129,7 +139,7 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, opts: LossOptions, ent
         per_tok = per_tok * w
 
     if ref_logp is not None:
-        kl = kl_penalty(logp, ref_logp.to(dt), opts.kl_estimator)
+        kl = kl_penalty(logp, ref_logp.detach().to(dt), opts.kl_estimator)
         if opts.use_bias_correction_kl:  # TRL's bias-corrected KL: weighted by the unclipped ratio, differentiably
             kl = kl * torch.exp(lw)
         if opts.beta != 0.0:
