@@ -118,6 +118,27 @@ def test_add_rms_norm_fp16_sum_rounds_like_torch(device):
         assert_within_lowp_rule(k, l, e, name=f"add_rms_norm fp16 {name}")
 
 
+def test_add_rms_norm_mixed_dtypes_promote_like_torch(device):
+    """Under autocast a bf16 sublayer output meets the fp32 residual stream: the sum is torch's promoted
+    residual + x, and the model runs forward and backward there as it did before the fusion."""
+    x, w, _ = _rms_case((5, 24), seed=37)
+    r = randn(5, 24, dtype=torch.float64, seed=38)
+    for backend in CPU_BACKENDS:
+        out, s = ops.add_rms_norm(x.half().to(device), r.float().to(device), w.float().to(device), 1e-6,
+                                  backend=backend)
+        assert s.dtype == out.dtype == torch.float32
+        assert torch.equal(s, r.float().to(device) + x.half().to(device))
+        assert_close(out, reference.rms_norm(s.double(), w, 1e-6), torch.float32, rtol=2e-5, atol=1e-6, name="out")
+    from r1fast.models import CausalLM, ModelConfig
+
+    model = CausalLM(ModelConfig(architecture="Qwen2ForCausalLM", vocab_size=40, hidden_size=16, intermediate_size=32,
+                                 num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        hidden = model(torch.arange(9))
+    hidden.float().sum().backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if "lm_head" not in n)
+
+
 @pytest.mark.parametrize("needs", ["x", "weight"])
 def test_rms_norm_triton_frozen_input_or_weight(device, poisoned_alloc, needs):
     """Only the gradient asked for is computed (the kernel's HAS_DX / HAS_DW switches)."""
@@ -438,8 +459,8 @@ def _bad_swiglu(**kw):
     (_bad_swiglu(up=None), TypeError, "up must be a torch.Tensor"),
     (_bad_swiglu(up=torch.randn(3, 8, device="meta")), ValueError, "one device"),
     (_bad_swiglu(gate=torch.tensor(1.0), up=torch.tensor(1.0)), ValueError, "at least one dimension"),
-    (_bad_add_rms(residual=torch.randn(3, 9)), ValueError, "residual must match x's shape, dtype and device"),
-    (_bad_add_rms(residual=torch.randn(3, 8).half()), ValueError, "residual must match"),
+    (_bad_add_rms(residual=torch.randn(3, 9)), ValueError, "residual must match x's shape and device"),
+    (_bad_add_rms(residual=torch.randn(3, 8, device="meta")), ValueError, "residual must match"),
     (_bad_add_rms(residual=None), TypeError, "residual must be a torch.Tensor"),
     (_bad_add_rms(weight=torch.randn(9)), ValueError, r"weight must be \[H=8\]"),
     (_bad_rotary(q=torch.randn(3, 32)), ValueError, r"q and k must be \[T, heads, head_dim\]"),

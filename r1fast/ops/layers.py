@@ -133,17 +133,17 @@ def rms_norm(x, weight, eps, *, backend=None):
 def _validate_add_rms_norm(x, residual, weight, eps):
     _validate_rms_norm(x, weight, eps)
     _check_tensor("add_rms_norm", "residual", residual)
-    if residual.shape != x.shape or residual.dtype != x.dtype or residual.device != x.device:
-        raise ValueError(f"add_rms_norm: residual must match x's shape, dtype and device: got "
-                         f"{tuple(residual.shape)} {residual.dtype} {residual.device} for x "
-                         f"{tuple(x.shape)} {x.dtype} {x.device}")
+    if residual.shape != x.shape or residual.device != x.device:
+        raise ValueError(f"add_rms_norm: residual must match x's shape and device: got "
+                         f"{tuple(residual.shape)} {residual.device} for x {tuple(x.shape)} {x.device}")
 
 
 @backends.register("add_rms_norm", "reference")
 def _add_rms_norm_reference(x, residual, weight, eps):
+    s_dtype = torch.promote_types(x.dtype, residual.dtype)
     s = x.double() + residual.double()
-    return (reference.rms_norm(s, weight.double(), eps).to(torch.promote_types(x.dtype, weight.dtype)),
-            s.to(x.dtype))
+    return (reference.rms_norm(s, weight.double(), eps).to(torch.promote_types(s_dtype, weight.dtype)),
+            s.to(s_dtype))
 
 
 @backends.register("add_rms_norm", "torch")
@@ -178,14 +178,16 @@ class _TritonAddRMSNorm(torch.autograd.Function):
 
 @backends.register("add_rms_norm", "triton")
 def _add_rms_norm_triton(x, residual, weight, eps):
-    if torch.float64 in (x.dtype, weight.dtype):
+    # mixed dtypes (under autocast a bf16 sublayer output meets an fp32 stream) take torch's promoting add
+    if torch.float64 in (x.dtype, weight.dtype) or residual.dtype != x.dtype:
         return _add_rms_norm_torch(x, residual, weight, eps)
     return _TritonAddRMSNorm.apply(x, residual, weight, eps)
 
 
 def add_rms_norm(x, residual, weight, eps, *, backend=None):
     """(rms_norm(residual + x), residual + x): a decoder's residual add fused into the RMSNorm that
-    follows it (x [..., H] a sublayer's output, residual the stream it is added to, one shape and dtype)."""
+    follows it (x [..., H] a sublayer's output, residual the stream it is added to, one shape; the
+    sum takes torch's promoted dtype, and only equal dtypes run fused)."""
     _validate_add_rms_norm(x, residual, weight, eps)
     _, fn = backends.resolve("add_rms_norm", x.device, backend)
     return fn(x, residual, weight, eps)
