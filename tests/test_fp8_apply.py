@@ -99,6 +99,14 @@ def test_off_changes_nothing_and_root_linear_is_returned():
     assert isinstance(new, Fp8Linear) and new.weight is lin.weight
 
 
+@pytest.mark.parametrize("mode", ["emulate", "auto"])
+def test_nothing_to_convert_reports_off(mode):
+    model = nn.Sequential(nn.Linear(24, 40), nn.Linear(40, 24))   # no dimension pair aligned to 16
+    apply_fp8(model, mode)
+    rep = model.fp8_report
+    assert rep.effective_mode == "off" and not rep.converted and sorted(rep.kept) == ["0", "1"]
+
+
 def test_fallback_warns_once_and_keeps_high_precision(monkeypatch):
     # A GPU without FP8: simulate the capability check failing for the torch path.
     monkeypatch.setattr(fp8_apply, "torch_path",

@@ -154,6 +154,19 @@ def test_master_weight_dtype_is_kept():
     assert torch.isfinite(w.grad).all() and w.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("scaling", ["rowwise", "tensorwise"])
+def test_zero_tokens_behave_like_nn_linear(scaling):
+    # An empty batch: an empty output, an empty input gradient and a zero weight gradient, as F.linear
+    # gives (the inf-norm of an empty operand has no identity and used to raise).
+    x = torch.zeros(0, 32, requires_grad=True)
+    w = randn(16, 32, seed=2).requires_grad_()
+    b = randn(16, seed=3).requires_grad_()
+    y = fp8_linear(x, w, b, impl="emulate", scaling=scaling)
+    assert y.shape == (0, 16)
+    y.sum().backward()
+    assert x.grad.shape == (0, 32) and torch.equal(w.grad, torch.zeros_like(w)) and torch.equal(b.grad, torch.zeros_like(b))
+
+
 def _scaled_mm_on_cpu():
     from r1fast.fp8.support import scaled_mm_runs_on_cpu
 
@@ -172,6 +185,20 @@ def test_scaled_mm_path_matches_emulation(scaling, grad_dtype):
     want = _run("emulate", x, w, b, dy, grad_dtype, scaling)
     for name, g, e in zip(("y", "dx", "dweight", "dbias"), got, want):
         assert_close(g, e.double(), torch.float32, rtol=2e-5, name=name)
+
+
+@pytest.mark.skipif(not _scaled_mm_on_cpu(), reason="torch._scaled_mm does not run on this CPU build")
+@pytest.mark.parametrize("scaling", ["rowwise", "tensorwise"])
+def test_scaled_mm_path_float64_layer(scaling):
+    # _scaled_mm cannot write float64 (tensorwise used to fail inside it): it writes fp32, then casts.
+    x = randn(9, 32, seed=1).double().requires_grad_()
+    w = randn(16, 32, seed=2).double().requires_grad_()
+    y = fp8_linear(x, w, impl="torch", scaling=scaling)
+    want = fp8_linear(x.detach(), w.detach(), impl="emulate", scaling=scaling)
+    assert y.dtype == torch.float64
+    assert_close(y, want, torch.float32, rtol=2e-5, name="y")
+    y.sum().backward()
+    assert x.grad.dtype == w.grad.dtype == torch.float64
 
 
 @pytest.mark.gpu

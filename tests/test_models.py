@@ -240,6 +240,36 @@ def test_sharded_checkpoint_from_transformers_loads(tmp_path):
         assert max_rel_err(model.logits(model(ids, cu_seqlens=cu)), ref_logits_per_sequence(ref, ids, cu)) <= RTOL
 
 
+@pytest.mark.parametrize("keep_embed", [False, True])
+def test_tied_checkpoint_storing_only_lm_head_loads(tmp_path, keep_embed):
+    """Some tied exports keep lm_head.weight instead of the embedding; transformers ties it the other way
+    round, so it loads. When both are stored, the embedding wins, in whichever order the shards hold them."""
+    from safetensors.torch import save_file
+
+    cfg = ModelConfig(**CONFIGS["qwen3-tied"])
+    model = CausalLM(cfg)
+    model.save_pretrained(tmp_path / "ck")
+    embed = model.embed_tokens.weight.detach().clone()
+    head = {"lm_head.weight": embed if not keep_embed else torch.randn_like(embed)}
+    rest = {model.hf_name(n): p.detach() for n, p in model.named_parameters()}
+    if not keep_embed:
+        del rest["model.embed_tokens.weight"]
+    os.remove(tmp_path / "ck" / "model.safetensors")
+    shards = {"model-00001-of-00002.safetensors": head, "model-00002-of-00002.safetensors": rest}  # head first
+    for fname, tensors in shards.items():
+        save_file(tensors, tmp_path / "ck" / fname, metadata={"format": "pt"})
+    weight_map = {k: fname for fname, tensors in shards.items() for k in tensors}
+    (tmp_path / "ck" / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    loaded = from_pretrained(tmp_path / "ck")
+    assert torch.equal(loaded.embed_tokens.weight, embed) and loaded.lm_head_weight is loaded.embed_tokens.weight
+    if not keep_embed:
+        ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ck").float().eval()
+        ids, cu = packed_batch(cfg.vocab_size)
+        with torch.no_grad():
+            got = loaded.logits(loaded(ids, cu_seqlens=cu))
+            assert max_rel_err(got, ref_logits_per_sequence(ref, ids, cu)) <= RTOL
+
+
 def test_dtype_choice(tmp_path):
     cfg = ModelConfig(**CONFIGS["qwen2-gqa2-untied"])
     CausalLM(cfg).to(torch.bfloat16).save_pretrained(tmp_path / "bf16")

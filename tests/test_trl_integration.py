@@ -227,6 +227,17 @@ def test_unsupported_options_refused(tmp_path, model_dirs, option, value, messag
     assert message in str(info.value)
 
 
+@pytest.mark.parametrize("option, value", [("epsilon", 1.0), ("delta", 1.0), ("epsilon_high", -0.1)])
+def test_values_the_fused_loss_rejects_are_refused_in_init(tmp_path, model_dirs, option, value):
+    """TRL accepts these; r1fast's LossOptions does not. The refusal must come from __init__, not from
+    the first training step after the model is loaded and a batch generated."""
+    args = _config(tmp_path, **{option: value})
+    assert any(f"LossOptions.{option}" in p for p in r1trl.unsupported_options(args))
+    with pytest.raises(ValueError, match=f"cannot reproduce.*LossOptions.{option}"):
+        r1trl.GRPOTrainer(model=str(model_dirs["untied"]), reward_funcs=char_reward, args=args,
+                          train_dataset=Dataset.from_dict({"prompt": PROMPTS}), processing_class=None)
+
+
 def test_peft_refused(tmp_path, model_dirs):
     tokenizer = AutoTokenizer.from_pretrained(model_dirs["untied"])
     with pytest.raises(ValueError, match="peft_config"):

@@ -131,6 +131,9 @@ def apply_fp8(model: nn.Module, mode: str, recipe: str | None = None, grad_dtype
         else:
             layers.append((name, lin))
     if not layers:
+        # Nothing runs in FP8 (each layer's reason is in `kept`): say so rather than echo the request,
+        # which for "auto" is not even a mode.
+        report.effective_mode = "off"
         return _attach(model, report)
 
     device = layers[0][1].weight.device

@@ -53,7 +53,8 @@ def _scaled_mm_nt(a, a_dtype, b, b_dtype, *, rowwise, out_dtype, fast_accum):
     b = _pad_last_to_16(b)
     qa, sa = quantize(a, a_dtype, rowwise)
     qb, sb = quantize(b, b_dtype, rowwise)
-    mm_dtype = out_dtype
+    # _scaled_mm writes fp32/bf16/fp16 only (a float64 layer would fail inside it): cast afterwards.
+    mm_dtype = out_dtype if out_dtype in (torch.float32, torch.bfloat16, torch.float16) else torch.float32
     if rowwise:
         # _scaled_mm wants scale_a (M, 1) and scale_b (1, N) with unit inner stride; the strides of a
         # reduction's size-1 dim are arbitrary, so rebuild both from 1-D.

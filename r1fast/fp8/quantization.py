@@ -29,6 +29,11 @@ def compute_scale(t: torch.Tensor, dtype: torch.dtype, rowwise: bool) -> torch.T
     """The dequantisation scale of `t` (fp32): shape (rows, 1) when rowwise, else a 0-d tensor."""
     # The inf-norm is max|t| in one read, without an |t| temporary; a max is exact in any dtype.
     t = t.detach()
+    if t.numel() == 0:
+        # No tokens (an empty batch, or the weight-gradient GEMM's reduction over zero tokens): the
+        # inf-norm has no identity and would raise, where nn.Linear returns an empty / zero result.
+        amax = t.new_zeros((*t.shape[:-1], 1) if rowwise else (), dtype=torch.float32)
+        return amax.clamp_min(AMAX_EPS) / fp8_max(dtype)
     amax = torch.linalg.vector_norm(t, float("inf"), dim=-1, keepdim=True) if rowwise else \
         torch.linalg.vector_norm(t, float("inf"))
     return amax.float().clamp_min(AMAX_EPS) / fp8_max(dtype)

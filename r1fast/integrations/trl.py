@@ -78,7 +78,31 @@ def unsupported_options(args: Any) -> list[str]:
         refuse("use_adaptive_entropy", "adaptive entropy control is not implemented by r1fast's fused loss")
     if args.loss_type == "dr_grpo" and not args.max_completion_length:
         refuse("max_completion_length", "loss_type='dr_grpo' normalises by it, so it must be set")
+    elif args.loss_type in SUPPORTED_LOSS_TYPES and args.importance_sampling_level in ("token", "sequence"):
+        # The fused loss validates its options only when _compute_loss builds them, i.e. after the
+        # model is loaded and the first batch generated; values TRL accepts but LossOptions refuses
+        # (epsilon >= 1, delta <= 1, ...) must fail here instead.
+        try:
+            ops.LossOptions(**_config_loss_options(args))
+        except ValueError as e:
+            problems.append(f"{e} (r1fast's fused GRPO loss does not take this value)")
     return problems
+
+
+def _config_loss_options(args: Any) -> dict:
+    """The LossOptions fields that come straight from the GRPOConfig (TRL's own mapping, e.g.
+    epsilon_high defaulting to epsilon); `_compute_loss` adds the per-batch `num_items`."""
+    return dict(
+        beta=args.beta,
+        epsilon=args.epsilon,
+        epsilon_high=args.epsilon_high if args.epsilon_high is not None else args.epsilon,
+        delta=args.delta,
+        loss_type=args.loss_type,
+        importance_sampling_level=args.importance_sampling_level,
+        max_completion_length=args.max_completion_length,
+        temperature=args.temperature,
+        use_bias_correction_kl=args.use_bias_correction_kl,
+    )
 
 
 def _backbone(model: nn.Module) -> nn.Module:

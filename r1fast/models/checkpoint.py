@@ -22,6 +22,7 @@ SINGLE_NAME = "model.safetensors"
 _WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # Keys some checkpoints carry that hold nothing to load (older Llama exports saved rotary caches).
 _IGNORED_KEY = re.compile(r"^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$")
+_EMBED_KEY = "model.embed_tokens.weight"
 
 
 def from_pretrained(path, dtype=None, device=None, fp8: str = "off"):
@@ -49,9 +50,20 @@ def from_pretrained(path, dtype=None, device=None, fp8: str = "off"):
     expected = {model.hf_name(n): p for n, p in model.named_parameters()}
     tied = config.tie_word_embeddings
     loaded: set[str] = set()
+    embed_from_head = False
     for shard in shards:
         for key, tensor in _iter_tensors(shard):
-            if _IGNORED_KEY.match(key) or (tied and key == "lm_head.weight"):
+            if _IGNORED_KEY.match(key):
+                continue
+            if tied and key == "lm_head.weight":
+                # Tied: the head is the embedding. Most exports drop lm_head.weight, some keep only it;
+                # transformers then ties the other way round, so fill the embedding from it unless the
+                # embedding itself is stored (then that one wins, wherever it comes in the files).
+                if _EMBED_KEY not in loaded:
+                    _check_tensor(shard, key, tensor, expected[_EMBED_KEY])
+                    with torch.no_grad():
+                        expected[_EMBED_KEY].copy_(tensor)
+                    embed_from_head = True
                 continue
             param = expected.get(key)
             if param is None:
@@ -59,15 +71,12 @@ def from_pretrained(path, dtype=None, device=None, fp8: str = "off"):
                                  f"config (is config.json from another model?)")
             if key in loaded:
                 raise ValueError(f"{shard}: tensor {key!r} appears in more than one file")
-            if tensor.dtype not in _WEIGHT_DTYPES:
-                raise ValueError(f"{shard}: tensor {key!r} has dtype {tensor.dtype}; weights must be float16, "
-                                 "bfloat16, float32 or float64 (quantized checkpoints are not supported)")
-            if tuple(tensor.shape) != tuple(param.shape):
-                raise ValueError(f"{shard}: tensor {key!r} has shape {tuple(tensor.shape)}, the config implies "
-                                 f"{tuple(param.shape)}")
+            _check_tensor(shard, key, tensor, param)
             with torch.no_grad():
                 param.copy_(tensor)
             loaded.add(key)
+    if embed_from_head:
+        loaded.add(_EMBED_KEY)
     missing = sorted(set(expected) - loaded)
     if missing:
         more = f" and {len(missing) - 8} more" if len(missing) > 8 else ""
@@ -78,6 +87,15 @@ def from_pretrained(path, dtype=None, device=None, fp8: str = "off"):
 
         model = apply_fp8(model, fp8) or model
     return model
+
+
+def _check_tensor(shard: str, key: str, tensor: torch.Tensor, param: torch.Tensor) -> None:
+    if tensor.dtype not in _WEIGHT_DTYPES:
+        raise ValueError(f"{shard}: tensor {key!r} has dtype {tensor.dtype}; weights must be float16, "
+                         "bfloat16, float32 or float64 (quantized checkpoints are not supported)")
+    if tuple(tensor.shape) != tuple(param.shape):
+        raise ValueError(f"{shard}: tensor {key!r} has shape {tuple(tensor.shape)}, the config implies "
+                         f"{tuple(param.shape)}")
 
 
 def _dtype_str(dtype: torch.dtype) -> str:
