@@ -278,3 +278,17 @@ def test_compiled_quantizer_matches_reference_on_cpu():
             assert not qmod._compile_failed
             rq, rs = reference_quantize(x, dtype, rowwise)
             assert torch.equal(s.double(), rs) and torch.equal(q.double(), rq)
+
+
+def test_torch_path_on_a_device_without_scaled_mm_is_a_clear_error(monkeypatch):
+    """A model converted where _scaled_mm runs, then moved where it cannot (e.g. an A100): a clear
+    error naming the device, not a failure inside _scaled_mm."""
+    from r1fast.fp8 import linear as fp8_linear_mod
+
+    fp8_linear_mod._torch_path_on.cache_clear()
+    monkeypatch.setattr("r1fast.fp8.support.torch_path", lambda device: (False, "no FP8 tensor cores here"))
+    try:
+        with pytest.raises(RuntimeError, match="impl='torch' cannot run on cpu: no FP8 tensor cores here"):
+            fp8_linear_mod.fp8_linear(torch.randn(4, 32), torch.randn(16, 32), impl="torch")
+    finally:
+        fp8_linear_mod._torch_path_on.cache_clear()
