@@ -6,11 +6,13 @@
 # transformers, accelerate, pandas, pyarrow and xxhash; it lacks liger-kernel (the logprob /
 # grpo_loss peer) and trl with datasets' pure-Python pieces (the grpo_step / trl peers).
 # datasets 4.x: it asks for pyarrow >= 21 where 5.x asks for >= 24. About 3 MB in all, well inside the 64 MiB a run may carry.
+# Pinned: the logprob suite calls Liger's private _ChunkedSelectiveLogProbFunction (checked against 0.8.5),
+# and --no-deps resolves nothing, so dill / multiprocess are held to what datasets 4.x accepts.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
 rm -rf .whl && mkdir .whl
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl \
-  liger-kernel "trl==1.16.*" "datasets>=4.7,<5" dill multiprocess 2>&1 | grep -v '^WARNING: Location' || true
+  liger-kernel==0.8.5 "trl==1.16.*" "datasets>=4.7,<5" "dill>=0.3,<0.4.2" "multiprocess<0.70.20" 2>&1 | grep -v '^WARNING: Location' || true
 ls -l .whl

@@ -11,6 +11,7 @@ import csv
 import dataclasses
 import datetime as _dt
 import functools
+import gc
 import importlib
 import importlib.util
 import json
@@ -44,6 +45,9 @@ class Impl:
     # Override the case's warmup / reps for this impl (a slow peer: warmup=0, reps=1 times one call).
     warmup: int | None = None
     reps: int | None = None
+    # dtype whose matmul rate sets this impl's FLOP floor (default: the case's), e.g. the bf16 row of
+    # an FP8 case is held to the bf16 rate, the FP8 rows to the FP8 rate.
+    matmul_dtype: str | None = None
 
 
 def generator(device, seed: int) -> torch.Generator:
@@ -258,10 +262,10 @@ class Machine:
             self._bandwidth = 2 * src.numel() * 4 / (t.p50 / 1e3)  # read + write
         return self._bandwidth
 
-    def floor_ms(self, case: Case) -> float:
+    def floor_ms(self, case: Case, matmul_dtype: str | None = None) -> float:
         t = 0.0
         if case.flops:
-            t = max(t, case.flops / self.matmul_flops_per_s(case.matmul_dtype or case.dtype))
+            t = max(t, case.flops / self.matmul_flops_per_s(matmul_dtype or case.matmul_dtype or case.dtype))
         if case.bytes:
             t = max(t, case.bytes / self.copy_bytes_per_s())
         return t * 1e3 if t > 0 and math.isfinite(t) else float("nan")
@@ -299,24 +303,33 @@ def _versions() -> dict[str, str]:
     return {"torch": torch.__version__, "triton": tv, "r1fast": r1fast.__version__, "git_commit": _git_commit()}
 
 
+def _allocated(device: torch.device) -> int:
+    """Bytes of tensors alive on `device` (CUDA; 0 elsewhere, where nothing is freed between impls)."""
+    return torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+
+
 def _missing(requires: Iterable[str]) -> list[str]:
     return [m for m in requires if importlib.util.find_spec(m) is None]
 
 
-def run_suite(s: Suite, size: str, device: torch.device, machine: Machine, timer: Timer, log=print) -> list[dict]:
+def run_suite(s: Suite, size: str, device: torch.device, machine: Machine, timer: Timer, log=print,
+              on_case: Callable[[list[dict]], object] | None = None) -> list[dict]:
+    """Time every impl of every case of `s`; `on_case(rows so far)` after each case (main() rewrites
+    the results files there, so a run killed by a time box keeps every case it finished)."""
     versions = _versions()
     stamp = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     dev = _describe_device(device)
     rows: list[dict] = []
     for case in s.cases(size, device):
-        floor = machine.floor_ms(case)
         for impl in case.impls:
+            floor = machine.floor_ms(case, impl.matmul_dtype)
             base = dict(suite=s.name, case=case.name, provider=impl.provider, backend=impl.backend, mode=case.mode,
                         size=size, dtype=case.dtype, device=dev, timestamp=stamp, **versions)
             missing = _missing(impl.requires)
             if missing:
                 log(f"  skip {s.name}/{case.name} {impl.provider}: {', '.join(missing)} not installed")
                 continue
+            held = _allocated(device)
             try:
                 fn = impl.setup()
                 timing = timer(fn, warmup=impl.warmup if impl.warmup is not None else case.warmup,
@@ -326,14 +339,20 @@ def run_suite(s: Suite, size: str, device: torch.device, machine: Machine, timer
                 continue
             except torch.OutOfMemoryError:
                 log(f"  skip {s.name}/{case.name} {impl.provider}: out of memory")
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
                 continue
             except Exception as e:  # noqa: BLE001 - one broken impl must not lose the case's other rows
                 log(f"  FAILED {s.name}/{case.name} {impl.provider}/{impl.backend}: {type(e).__name__}: {e}")
                 continue
             finally:
+                # Free this impl's inputs and state before the next one. Trainers and engines sit in
+                # reference cycles that only the cycle collector frees (a GPU-size grpo_step builds
+                # seven of them, tens of GB each): collect when memory outlives the impl (a full
+                # collection costs tens of ms, so not after every impl).
                 fn = None
+                if _allocated(device) > held:
+                    gc.collect()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
             pct = floor / timing.p50 * 100 if math.isfinite(floor) else float("nan")
             rows.append(dict(base, metric="time_ms", p50=timing.p50, p20=timing.p20, p80=timing.p80,
                              floor=floor, pct_of_floor=pct))
@@ -346,6 +365,8 @@ def run_suite(s: Suite, size: str, device: torch.device, machine: Machine, timer
             if math.isfinite(mem):
                 rows.append(dict(base, metric="peak_mem_mb", p50=mem, p20=mem, p80=mem, floor=float("nan"),
                                  pct_of_floor=float("nan")))
+        if on_case is not None and rows:
+            on_case(rows)
     return rows
 
 
@@ -398,12 +419,17 @@ def write_results(rows: list[dict], out_dir: Path, device: torch.device, meta: d
         stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H%M%S")
         paths = out_dir / f"{card}-{stamp}.csv", out_dir / f"{card}-{stamp}.json"
     csv_path, json_path = paths
-    with open(csv_path, "w", newline="") as f:
+    # Written beside and renamed over: a run killed mid-write (a time box) leaves the previous whole file.
+    tmp = csv_path.with_name(csv_path.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=COLUMNS)
         w.writeheader()
         for r in rows:
             w.writerow({k: r.get(k) for k in COLUMNS})
-    json_path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1, default=str))
+    os.replace(tmp, csv_path)
+    tmp = json_path.with_name(json_path.name + ".tmp")
+    tmp.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1, default=str))
+    os.replace(tmp, json_path)
     return csv_path, json_path
 
 
@@ -476,16 +502,22 @@ def main(suite_names: list[str], size: str = "smoke", out_dir: str | None = None
     out = Path(out_dir or "bench-results")
     paths = None
     rows: list[dict] = []
+
+    def save(all_rows):  # rewritten after every case, so a run cut short by a timeout keeps what it measured
+        nonlocal paths
+        if all_rows:
+            paths = write_results(all_rows, out, dev, _meta(dev, size, machine), paths)
+
     for name in suite_names or list(suites):
         log(f"[bench] {name} ({size}, {_describe_device(dev)})")
         t0 = time.perf_counter()
         try:
-            rows += run_suite(suites[name], size, dev, machine, timer, log=log)
+            rows += run_suite(suites[name], size, dev, machine, timer, log=log,
+                              on_case=lambda part: save(rows + part))
         except Exception as e:  # one broken suite must not lose the others' results
             log(f"  FAILED {name}: {type(e).__name__}: {e}")
         log(f"[bench] {name} done in {time.perf_counter() - t0:.1f}s")
-        if rows:  # rewritten after every suite, so a run cut short by a timeout keeps what it measured
-            paths = write_results(rows, out, dev, _meta(dev, size, machine), paths)
+        save(rows)
     log(f"[bench] machine: matmul {', '.join(f'{k} {v / 1e12:.1f} TFLOP/s' for k, v in machine._rates.items()) or '-'}"
         f"; copy {(machine._bandwidth or float('nan')) / 1e9:.1f} GB/s")
     if rows:

@@ -135,3 +135,155 @@ def test_a_failing_impl_is_reported_and_the_others_still_run():
                              log=log.append)
     assert any("FAILED t/c r1fast/x: RuntimeError: no such kernel here" in line for line in log)
     assert {r["provider"] for r in rows} == {"peer"}
+
+
+def test_an_impl_kept_alive_by_a_reference_cycle_is_freed_before_the_next_impl(monkeypatch):
+    """Trainers and engines sit in reference cycles: at GPU size grpo_step builds seven of them (tens
+    of GB each), so the harness must collect them between impls, not wait for the cycle collector."""
+    import gc
+    import weakref
+
+    class Trainer:
+        pass
+
+    refs, alive_at_next_setup = [], []
+
+    def setup():
+        t = Trainer()
+        t.me = t  # a cycle: refcounting alone never frees it
+        refs.append(weakref.ref(t))
+        return lambda: t
+
+    def next_setup():
+        alive_at_next_setup.append(refs[0]() is not None)
+        return lambda: None
+    # stands in for torch.cuda.memory_allocated: "memory" is held while the trainer lives
+    monkeypatch.setattr(harness, "_allocated", lambda device: sum(r() is not None for r in refs))
+    case = harness.Case("c", "step", "float32", [harness.Impl("r1fast", "a", setup), harness.Impl("peer", "b", next_setup)])
+    timer = harness.Timer(torch.device("cpu"), warmup=1, min_reps=1, budget_s=0.0)
+    gc.disable()
+    try:
+        harness.run_suite(harness.Suite("t", lambda size, device: [case]), "smoke", torch.device("cpu"),
+                          harness.Machine(torch.device("cpu"), "smoke"), timer, log=lambda *_: None)
+    finally:
+        gc.enable()
+    assert alive_at_next_setup == [False]
+
+
+def test_results_are_written_after_every_case_so_a_killed_run_keeps_them(tmp_path, monkeypatch):
+    """gpu_check.sh's time box kills the bench mid-suite: the cases it finished must be on disk."""
+    class Killed(BaseException):  # like the SIGTERM of `timeout`: no `except Exception` stops it
+        pass
+
+    def killed():
+        raise Killed
+
+    cases = [harness.Case("done", "fwd", "float32", [harness.Impl("r1fast", "x", lambda: (lambda: None))]),
+             harness.Case("cut", "fwd", "float32", [harness.Impl("r1fast", "x", killed)])]
+    monkeypatch.setitem(harness._SUITES, "fake_killed", harness.Suite("fake_killed", lambda size, device: cases))
+    monkeypatch.setattr(harness, "load_suites", lambda: dict(harness._SUITES))
+    with pytest.raises(Killed):
+        harness.main(["fake_killed"], out_dir=str(tmp_path), budget_s=0.0, min_reps=1, log=lambda *_: None)
+    (csv_path,) = tmp_path.glob("*.csv")
+    assert {r["case"] for r in harness.read_csv(csv_path)} == {"done"}
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_fp8_rows_use_the_fp8_rate_and_the_bf16_row_the_bf16_rate():
+    """Issue 6: the floor is the GEMM FLOPs at the measured FP8 *and* bf16 rates."""
+    suite = harness.load_suites()["fp8_linear"]
+    m = harness.Machine(torch.device("cuda"), "gpu")  # no CUDA touched: the rates are preset
+    m._rates.update({"float8": 1600e12, "bfloat16": 800e12})
+    gemm_cases = [c for c in suite.cases("gpu", torch.device("cuda")) if c.mode != "step"]
+    assert gemm_cases
+    for case in gemm_cases:
+        for impl in case.impls:
+            rate = 800e12 if impl.backend == "bfloat16-linear" else 1600e12
+            assert m.floor_ms(case, impl.matmul_dtype) == pytest.approx(case.flops / rate * 1e3), impl.backend
+
+
+def test_grpo_loss_floor_counts_the_active_tokens_and_each_row_runs_its_backend(monkeypatch):
+    """r1fast's fused loss never touches a masked token: a floor over all B·T tokens would flatter it."""
+    from r1fast import backends, ops
+    from r1fast.bench.suites import grpo_loss
+
+    case = harness.load_suites()["grpo_loss"].cases("smoke", torch.device("cpu"))[0]
+    b, t, h, v = 4, 32, 64, 1000
+    mask = grpo_loss._inputs(b, t, h, v, torch.float32, torch.device("cpu"))[3]
+    assert 0 < mask.sum() < b * t
+    assert case.flops == 6 * int(mask.sum()) * h * v and case.items == int(mask.sum())
+    # the per-token rows pass their label as the backend (on a GPU the default would be triton)
+    seen = []
+    monkeypatch.setattr(backends, "available", lambda op, device: ["torch", "triton"])
+    monkeypatch.setattr(ops, "grpo_loss", lambda *a, backend=None, **kw: seen.append(backend) or
+                        (a[0].sum(), {}))
+    gpu_case = harness.load_suites()["grpo_loss"].cases("gpu", torch.device("cuda"))[1]
+    assert [i.backend for i in gpu_case.impls] == ["triton", "torch"]
+    for bk in ("triton", "torch"):
+        grpo_loss._per_token(bk, 2, 4, torch.device("cpu"))()()
+    assert seen == ["triton", "torch"]
+
+
+def _fake_gpu_machine(tmp_path, bench_rc):
+    """A PATH where nvidia-smi and python3 are stubs that record what gpu_check.sh asks of them."""
+    import os
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "nvidia-smi").write_text("#!/bin/bash\necho 9.0\n")
+    (bin_dir / "python3").write_text(f"""#!/bin/bash
+case "$*" in
+  *"bench --list"*) printf '%s  desc\\n' decode_attention fp8_linear grpo_loss grpo_step kv_cache layers logprob \\
+                      model rollout sampling trl new_suite;;
+  *"bench --table"*) echo "TABLE OF $3";;
+  *"r1fast.cli bench"*) echo "$*" > "{tmp_path}/bench_args"; echo x > "$OUT/card.csv"; exit {bench_rc};;
+  *) exit 0;;
+esac
+""")
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    return dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", OUT=str(tmp_path / "out"), SKIP_TESTS="1")
+
+
+@pytest.mark.parametrize("bench_rc", [0, 124])
+def test_gpu_check_orders_suites_reports_failure_and_prints_the_table_last(tmp_path, bench_rc):
+    import pathlib
+    import subprocess
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    env = _fake_gpu_machine(tmp_path, bench_rc)
+    (tmp_path / "out").mkdir()
+    p = subprocess.run(["bash", str(root / "bench" / "gpu_check.sh")], env=env, capture_output=True, text=True,
+                       timeout=60)
+    suites = (tmp_path / "bench_args").read_text().split("bench ")[1].split(" --size")[0].split()
+    # the minutes-long grpo_step and trl (a second window's work) come after every other known suite
+    assert suites[:2] == ["logprob", "grpo_loss"] and suites[-3:] == ["grpo_step", "trl", "new_suite"], suites
+    assert {"model", "kv_cache", "fp8_linear"} <= set(suites[:suites.index("grpo_step")])
+    assert p.stdout.rstrip().splitlines()[-1].startswith("TABLE OF"), p.stdout[-500:]
+    # a cut or failed bench is exit 1, never 124 (the device tool reads 124 as its own time limit)
+    assert p.returncode == (0 if bench_rc == 0 else 1), p.stdout[-500:]
+
+
+def test_gpu_check_runs_nothing_when_suites_names_no_suite(tmp_path):
+    import pathlib
+    import subprocess
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    env = dict(_fake_gpu_machine(tmp_path, 0), SUITES="grpo-step")  # a typo must not run every suite
+    (tmp_path / "out").mkdir()
+    p = subprocess.run(["bash", str(root / "bench" / "gpu_check.sh")], env=env, capture_output=True, text=True,
+                       timeout=60)
+    assert not (tmp_path / "bench_args").exists()
+    assert "unknown suite 'grpo-step'" in p.stdout and p.returncode == 1
+
+
+def test_grpo_step_trains_r1fast_in_micro_batches(monkeypatch):
+    """At GPU size one 512-completion backward would save ~840 GB of activations: the r1fast trainer
+    and its phase cases take the rollout in micro-batches of MICRO completions."""
+    from r1fast.bench.suites import grpo_step as gs
+
+    monkeypatch.setattr(gs, "MICRO", 8)
+    cpu = torch.device("cpu")
+    tr = gs._r1fast_trainer(gs.TINY, 4, 4, 16, torch.float32, cpu)
+    assert (tr.cfg.per_device_train_batch_size, tr.cfg.gradient_accumulation_steps) == (8, 2)
+    gs._r1fast_phase("loss+backward", gs.TINY, 4, 4, 16, torch.float32, cpu)()()

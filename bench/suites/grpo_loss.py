@@ -1,7 +1,9 @@
 """grpo_loss: the GRPO loss from hidden states (ops.fused_linear_grpo_loss), forward + backward.
 
 Peers: plain torch as TRL does it (logits -> log_softmax -> gather -> per-token loss) and Liger's
-LigerFusedLinearGRPOLoss when importable. Floor: 6·N·H·V FLOPs at the measured matmul rate.
+LigerFusedLinearGRPOLoss when importable. Floor: 6·N·H·V FLOPs at the measured matmul rate, N the
+active (mask = 1) tokens: completion lengths are fixed (T/2 to T) so the case knows N, and r1fast
+never touches a padded token (the peers compute every one of the B·T, as TRL and Liger do).
 A second case times the per-token part alone (ops.grpo_loss on [B, T] log-probs, bandwidth-bound),
 a third ops.group_advantages (rewards [B] -> advantages [B]: 8·B bytes, launch-bound) against its torch backend.
 """
@@ -13,12 +15,17 @@ from r1fast.bench.harness import Case, Impl, Skip, generator, suite, with_env
 OPTS = dict(loss_type="dapo", beta=0.04, epsilon=0.2, epsilon_high=0.28)
 
 
+def _lengths(b, t):
+    """Completion lengths spread evenly over [t/2, t]: fixed, so the floor counts the active tokens."""
+    return [t - (i * (t - t // 2)) // max(b - 1, 1) for i in range(b)]
+
+
 def _inputs(b, t, h, v, dtype, device):
     g = generator(device, 0)  # drawn on the device: a 152k x 4096 weight takes seconds on the CPU
     hidden = (torch.randn(b, t, h, generator=g, device=device) / h ** 0.25).to(dtype).requires_grad_()
     weight = (torch.randn(v, h, generator=g, device=device) / h ** 0.25).to(dtype).requires_grad_()
     targets = torch.randint(0, v, (b, t), generator=g, device=device)
-    lens = torch.randint(t // 2, t + 1, (b,), generator=g, device=device)
+    lens = torch.tensor(_lengths(b, t), device=device)
     mask = (torch.arange(t, device=device)[None, :] < lens[:, None]).to(torch.float32)
     adv = torch.randn(b, generator=g, device=device)
     with torch.no_grad():
@@ -76,8 +83,10 @@ def _liger(shape, dtype, device):
     return setup
 
 
-def _per_token(b, t, device):
+def _per_token(backend, b, t, device):
     def setup():
+        if backend not in backends.available("grpo_loss", device):
+            raise Skip(f"backend {backend} unavailable on {device.type}")
         g = torch.Generator(device="cpu").manual_seed(1)
         logp = (-torch.rand(b, t, generator=g)).to(device).requires_grad_()
         old = logp.detach() + 0.05 * torch.randn(b, t, generator=g).to(device)
@@ -87,7 +96,7 @@ def _per_token(b, t, device):
 
         def run():
             logp.grad = None
-            loss, _ = ops.grpo_loss(logp, old, ref, adv, mask, **OPTS)
+            loss, _ = ops.grpo_loss(logp, old, ref, adv, mask, backend=backend, **OPTS)
             loss.backward()
         return run
     return setup
@@ -114,7 +123,7 @@ def cases(size, device):
         pb, pt = 64, 256
         ab, ag = 64, 8
     es = torch.finfo(dtype).bits // 8
-    n = b * t
+    n = sum(_lengths(b, t))  # active tokens: the work the loss needs (mask = 0 tokens need none)
     shape = (b, t, h, v)
     impls = [Impl("r1fast", bk, _r1fast(bk, shape, dtype, device))
              for bk in (("triton", "torch") if device.type == "cuda" else ("torch",))]
@@ -124,10 +133,11 @@ def cases(size, device):
     impls += [Impl("torch", "logits+log_softmax", _torch_trl(shape, dtype, device)),
               Impl("liger", "chunked", _liger(shape, dtype, device), requires=("liger_kernel",))]
     return [
-        Case(f"B={b} T={t} H={h} V={v} dapo beta=0.04", "fwd_bwd", str(dtype).removeprefix("torch."), impls,
+        Case(f"B={b} T={t} H={h} V={v} tokens={n} dapo beta=0.04", "fwd_bwd", str(dtype).removeprefix("torch."), impls,
              flops=6 * n * h * v, bytes=2 * (n * h + v * h) * es, items=n, item_name="tokens"),
         Case(f"per-token loss B={pb} T={pt}", "fwd_bwd", "float32",
-             [Impl("r1fast", "torch", _per_token(pb, pt, device))],
+             [Impl("r1fast", bk, _per_token(bk, pb, pt, device))
+              for bk in (("triton", "torch") if device.type == "cuda" else ("torch",))],
              bytes=4 * pb * pt * 4 * 2, items=pb * pt, item_name="tokens"),
         Case(f"group_advantages B={ab} G={ag} grpo/group", "fwd", "float32",
              [Impl("r1fast", "triton" if device.type == "cuda" else "torch", _advantages(

@@ -23,6 +23,9 @@ TINY = dict(architecture="Qwen2ForCausalLM", hidden_size=64, intermediate_size=1
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
 
 
+MICRO = 32  # completions per r1fast micro-batch: ~17k tokens, ~50 GB of saved activations at GPU size
+
+
 def _length_reward(prompts, completions, **kw):
     return [float(len(c) % 7) for c in completions]
 
@@ -53,7 +56,12 @@ def _r1fast_trainer(shape, prompts, G, new, dtype, device):
 
     path, tok = _checkpoint(shape, dtype, device)
     model = from_pretrained(path, dtype=dtype, device=device)
-    cfg = GRPOConfig(per_device_train_batch_size=prompts * G, num_generations=G, max_completion_length=new,
+    # One rollout of prompts x G completions, trained as micro-batches of at most MICRO completions: the
+    # GPU size's 512 x ~520 tokens in one backward would save ~113 KB per token per layer (~840 GB).
+    # TRL below keeps them in one batch under its default gradient checkpointing instead.
+    mb = min(prompts * G, MICRO)
+    cfg = GRPOConfig(per_device_train_batch_size=mb, gradient_accumulation_steps=prompts * G // mb,
+                     num_generations=G, max_completion_length=new,
                      max_prompt_length=32, learning_rate=1e-5, loss_type="dapo", beta=0.0, progress_bar=False,
                      output_dir=tempfile.mkdtemp(prefix="r1fast-bench-grpo-run-"), tis_mode="none",
                      dtype={torch.float32: "float32", torch.bfloat16: "bfloat16"}[dtype])
@@ -91,20 +99,24 @@ def _r1fast_phase(phase, shape, prompts, G, new, dtype, device):
         texts = [decode_completion(tr.tokenizer, c) for c in c_ids]
         if phase == "rewards":
             return lambda: tr.score(rows, G, texts, c_ids)
-        batch = pack(p_ids, c_ids, tr.device)
+        # the trainer's micro-batches (see _r1fast_trainer), as its step runs them
+        mb = tr.cfg.per_device_train_batch_size
+        micro = [list(range(i, min(i + mb, len(c_ids)))) for i in range(0, len(c_ids), mb)]
+        batches = [pack([p_ids[i] for i in idx], [c_ids[i] for i in idx], tr.device) for idx in micro]
         if phase == "logprobs":
-            return lambda: tr._forward_logp(tr.model, batch)
+            return lambda: [tr._forward_logp(tr.model, b) for b in batches]
         _, totals = tr.score(rows, G, texts, c_ids)
         adv = tr._advantages(totals).to(tr.device)
-        mask = torch.ones(batch.targets.shape[0], device=tr.device)
-        opts = tr._loss_options(float(mask.sum()))
+        opts = tr._loss_options(float(sum(len(c) for c in c_ids)))
 
         def loss_backward():
             tr.optimizer.zero_grad(set_to_none=True)
-            hidden = tr.model(batch.input_ids, cu_seqlens=batch.cu_seqlens)
-            loss, _ = ops.fused_linear_grpo_loss(hidden[batch.select], tr.model.lm_head_weight, batch.targets, mask,
-                                                 adv, cu_seqlens=batch.completion_cu, options=opts)
-            loss.backward()
+            for idx, b in zip(micro, batches):
+                mask = torch.ones(b.targets.shape[0], device=tr.device)
+                hidden = tr.model(b.input_ids, cu_seqlens=b.cu_seqlens)
+                loss, _ = ops.fused_linear_grpo_loss(hidden[b.select], tr.model.lm_head_weight, b.targets, mask,
+                                                     adv[idx], cu_seqlens=b.completion_cu, options=opts)
+                loss.backward()
         if phase == "loss+backward":
             return loss_backward
         loss_backward()
