@@ -234,6 +234,12 @@ def test_nan_weights_are_a_clear_error_not_garbage_tokens(models, prompts, tempe
     assert engine.block_manager.num_free_blocks == engine.num_blocks  # nothing leaked by the failed call
 
 
+def test_unknown_decode_backend_is_refused_when_the_engine_is_built(models):
+    _, model = models
+    with pytest.raises(ValueError, match="'trition' is not a backend"):
+        Engine(model, block_size=4, num_blocks=8, decode_backend="trition")
+
+
 def test_bad_requests_raise_clear_errors(models, prompts):
     _, model = models
     engine = Engine(model, block_size=4, num_blocks=16, max_model_len=20)
@@ -260,6 +266,44 @@ def test_bad_requests_raise_clear_errors(models, prompts):
     with pytest.raises(ValueError, match="memory_fraction"):
         Engine(model, memory_fraction=1.5)
     assert engine.generate([], SamplingParams()) == []
+
+
+def test_a_pool_of_exactly_one_sequences_kv_is_accepted(models):
+    # 10 prompt + 7 new tokens: the 17th token is sampled and never stored, so 16 slots (4 blocks) suffice
+    _, model = models
+    prompt, params = [list(range(1, 11))], SamplingParams(max_tokens=7, seed=0)
+    roomy = Engine(model, block_size=4, num_blocks=64).generate(prompt, params)
+    exact = Engine(model, block_size=4, num_blocks=4)
+    got = exact.generate(prompt, params)
+    assert got[0].completions[0].token_ids == roomy[0].completions[0].token_ids
+    assert exact.block_manager.num_free_blocks == 4
+    with pytest.raises(ValueError, match="needs 4 KV blocks"):
+        Engine(model, block_size=4, num_blocks=3).generate(prompt, params)
+
+
+def test_an_exception_between_fork_and_running_leaks_no_blocks(models):
+    """A child forked in the block manager but not yet in any scheduler list (the window before
+    prefill_done; likewise allocate before prefilling.append, preempt after running.pop) is freed."""
+    _, model = models
+    engine = Engine(model, block_size=4, num_blocks=32)
+    real = engine.block_manager
+
+    class InterruptedFork:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def fork(self, parent, child):
+            real.fork(parent, child)
+            if len(real.seq_ids()) == 3:  # the parent and two children: interrupt the group's fork
+                raise KeyboardInterrupt
+
+    engine.block_manager = InterruptedFork()
+    params = SamplingParams(n=4, max_tokens=3, seed=0)
+    with pytest.raises(KeyboardInterrupt):
+        engine.generate([list(range(9))], params)
+    engine.block_manager = real
+    assert real.seq_ids() == [] and real.num_free_blocks == 32
+    assert len(engine.generate([list(range(9))], params)[0].completions) == 4
 
 
 def test_group_too_large_for_the_pool_decodes_by_preemption_with_unchanged_samples(models):
@@ -347,3 +391,39 @@ def test_decode_steps_run_with_fp8_layers_disabled(models, monkeypatch):
     assert ("PrefillContext", True) in seen
     decode = [enabled for kind, enabled in seen if kind == "DecodeContext"]
     assert decode and not any(decode)
+
+
+def test_random_limits_and_stops_equal_the_free_run_cut_at_the_first_stop(models):
+    """The Running rows' bookkeeping under stress: random stop tokens, max_tokens, max_model_len, pool,
+    batch-token budget and seats; every completion is the stop-free, limit-free one cut at its first
+    stop (reason "stop"), else at max_tokens or max_model_len (reason "length")."""
+    from hypothesis import HealthCheck, given, settings, strategies as st
+
+    _, model = models
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(0, CFG["vocab_size"], (n,), generator=g).tolist() for n in (1, 4, 9, 4)]
+    prompts[3] = list(prompts[1])  # a repeated prompt: its own random streams
+    free_params = dict(n=3, temperature=1.3, seed=17)
+    free = Engine(model, block_size=4, num_blocks=128).generate(prompts, SamplingParams(**free_params, max_tokens=12))
+
+    @settings(max_examples=10, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(stops=st.lists(st.integers(0, CFG["vocab_size"] - 1), max_size=3), max_tokens=st.integers(1, 12),
+           max_model_len=st.integers(10, 64), num_blocks=st.integers(1, 24), budget=st.integers(1, 12),
+           seats=st.integers(3, 10), block_size=st.sampled_from([1, 2, 4]), prefix=st.booleans())
+    def check(stops, max_tokens, max_model_len, num_blocks, budget, seats, block_size, prefix):
+        longest = min(9 + max_tokens, max_model_len)
+        num_blocks = max(num_blocks, math.ceil((longest - 1) / block_size))
+        engine = Engine(model, block_size=block_size, num_blocks=num_blocks, max_num_batched_tokens=budget,
+                        max_num_seqs=seats, max_model_len=max_model_len, enable_prefix_caching=prefix)
+        got = engine.generate(prompts, SamplingParams(**free_params, max_tokens=max_tokens, stop_token_ids=stops))
+        for p, want_req, got_req in zip(prompts, free, got):
+            for want, c in zip(want_req.completions, got_req.completions):
+                limit = min(max_tokens, max_model_len - len(p))
+                hit = next((i for i, t in enumerate(want.token_ids[:limit]) if t in stops), None)
+                cut = limit if hit is None else hit + 1
+                assert c.token_ids == want.token_ids[:cut], engine.last_stats
+                assert c.logprobs == pytest.approx(want.logprobs[:cut], abs=1e-5)
+                assert c.finish_reason == ("length" if hit is None else "stop")
+        assert engine.block_manager.num_free_blocks == num_blocks
+
+    check()

@@ -125,7 +125,8 @@ class Engine:
                 raise ValueError(f"generate: prompt {i} has {len(p)} tokens; max_model_len is {self.max_model_len} "
                                  "(a prompt must leave room for at least one new token)")
             longest = min(len(p) + params.max_tokens, self.max_model_len)
-            need = math.ceil(longest / self.block_size)
+            # the last token is sampled, never fed back: a sequence holds the KV of longest - 1 tokens at most
+            need = math.ceil((longest - 1) / self.block_size)
             if need > self.num_blocks:
                 raise ValueError(f"generate: prompt {i} with max_tokens={params.max_tokens} needs {need} KV blocks; "
                                  f"the pool has {self.num_blocks} (raise num_blocks or memory_fraction)")
@@ -166,9 +167,11 @@ class Engine:
             with _cyclic_gc_paused():
                 steps = self._run(sched, params, key_of, stop_ids, done, bar)
         finally:
-            for s in [*sched.running, *sched.prefilling]:
-                if self.block_manager.has_seq(s.seq_id):
-                    self.block_manager.free(s.seq_id)
+            # the engine holds no sequence between calls: free whatever an exception left behind, also
+            # blocks taken in a window where no scheduler list holds the sequence (a fork before
+            # prefill_done, an allocate before prefilling.append, a preempt after running.pop)
+            for seq_id in self.block_manager.seq_ids():
+                self.block_manager.free(seq_id)
             if bar is not None:
                 bar.close()
         self.last_stats = {**steps, "preemptions": sched.num_preemptions, "cached_tokens": sched.num_cached_tokens}

@@ -11,7 +11,7 @@ import math
 import numpy as np
 import torch
 
-from r1fast import ops
+from r1fast import backends, ops
 from r1fast.fp8 import fp8_disabled
 
 log = logging.getLogger(__name__)
@@ -68,6 +68,8 @@ class ModelRunner:
         self.head_dim = cfg.head_dim
         self.scale = 1.0 / math.sqrt(self.head_dim)
         self.decode_backend, self.store_backend = decode_backend, None
+        if decode_backend is not None:  # a misspelt or unusable backend: said now, not at the first decode step
+            backends.resolve("paged_decode_attention", self.device, decode_backend)
         if self.device.type == "cuda" and decode_backend is None:
             # kernels that never ran on this card are checked against the reference before any graph holds them
             from r1fast.rollout.self_check import select_backends
