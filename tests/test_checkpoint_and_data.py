@@ -194,3 +194,34 @@ def test_builtin_task_parameter_errors_name_the_parameter():
     assert len(load_rows("builtin:arithmetic?answer_noise=1e-1", n_builtin=3)) == 3   # was int("1e-1")
     with pytest.raises(ValueError, match="parameter 'max_terms' must be a number; got 'abc'"):
         load_rows("builtin:arithmetic?max_terms=abc")
+
+
+def test_char_tokenizer_keeps_blank_lines_and_names_unknown_characters():
+    # The pre-tokenizer split on ".", which skips "\n" in Oniguruma: "\n\n" stayed one piece and
+    # became a single <unk>, so a blank line in a prompt or a re-encoded sample was lost.
+    import warnings
+
+    from r1fast.data.tokenizer import CHARACTERS
+
+    tok = build_char_tokenizer()
+    text = "a\n\nb\n\n\n" + CHARACTERS + CHARACTERS[::-1]
+    ids = tok(text, add_special_tokens=False).input_ids
+    assert len(ids) == len(text) and tok.unk_token_id not in ids
+    assert tok.decode(ids, skip_special_tokens=False) == text
+    # characters outside the vocabulary become <unk>: a warning names them
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ids = encode_prompt(tok, "7\u00d72\t=")
+    assert ids.count(tok.unk_token_id) == 2
+    assert any("'\\t', '\u00d7'" in str(w.message) and "<unk>" in str(w.message) for w in caught)
+
+
+def test_arithmetic_task_integer_parameters_are_checked():
+    # max_terms=4.5 passed the checks and failed later in random.randrange with an unnamed message.
+    with pytest.raises(ValueError, match="max_terms must be a whole number; got 4.5"):
+        load_rows("builtin:arithmetic?max_terms=4.5", n_builtin=3)
+    with pytest.raises(ValueError, match="max_operand must be a whole number"):
+        ArithmeticTask(max_operand=9.5)
+    assert ArithmeticTask(max_terms=1e1).max_terms == 10   # "1e1" in a query string reads as a float
+    rows = load_rows("builtin:arithmetic?max_terms=1e1&min_terms=10", n_builtin=5)
+    assert all(r["prompt"].count("+") + r["prompt"].count("-") == 9 for r in rows)

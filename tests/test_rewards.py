@@ -1,4 +1,6 @@
 """Each reward function on crafted completions, and the weighted combination's error handling."""
+import importlib.util
+
 import pytest
 
 from r1fast.rewards import (
@@ -136,3 +138,97 @@ def test_user_module_in_the_working_directory_is_found(tmp_path, monkeypatch):
     assert rs.score(["p"], ["abc"], {}) == [[-3.0]]
     with pytest.raises(ValueError, match="cannot import module 'r1fast_nowhere_xyz'"):
         RewardSet(["r1fast_nowhere_xyz:f"])
+
+
+def test_tag_matching_is_linear_on_adversarial_completions():
+    # A lazy `<answer>(.*?)</answer>` rescanned the rest of the text from every unclosed tag: ~5 s
+    # for one 100k-character completion of repeated "<answer>" (a degenerate sample), per reward.
+    import time
+
+    lang = make_language_reward("en")
+    accuracy_reward(["p"], ["<answer></answer>"], answer=["5"])   # warm-up: math-verify's import
+    n = 100_000
+    for text in ("<answer>" * (n // 8), "<think>" * (n // 7), "<think>" + "</think><answer></answer>x" * (n // 26)):
+        t = time.perf_counter()
+        accuracy_reward(["p"], [text], answer=["5"])
+        format_reward(["p"], [text])
+        lang(["p"], [text])
+        assert time.perf_counter() - t < 0.5, text[:30]
+
+
+def test_format_reward_wants_one_think_block_then_one_answer_block():
+    comps = ["<think>a</think><answer>1</answer><answer>2</answer>",
+             "<think>a</think><think>b</think><answer>1</answer>",
+             "<think>a</think><answer>1</answer><think>b</think><answer>2</answer>",
+             "<think>a <answer>draft</answer></think><answer>1</answer>", GOOD]
+    assert format_reward(None, comps) == [0.0, 0.0, 0.0, 1.0, 1.0]
+
+
+def test_accuracy_reads_the_answer_after_the_reasoning():
+    # An <answer> written inside <think> (or in reasoning that never closed) is not the final answer.
+    comps = ["<think>maybe <answer>5</answer></think><answer>6</answer>",
+             "<think>7-2=<answer>5</answer> wait, let me check",
+             "<think>3+4=7</think><answer>5</answer><think>more",
+             "3+4=7 7-2=5</think><answer>5</answer>"]   # the prompt opened <think> (Qwen3 / R1 templates)
+    assert accuracy_reward(["p"] * 4, comps, answer=["5"] * 4) == [0.0, 0.0, 1.0, 1.0]
+
+
+def test_boxed_answer_with_nested_braces():
+    assert extract_answer("so \\boxed{\\frac{1}{2}}.") == "\\frac{1}{2}"
+    assert extract_answer("\\boxed{1} then \\boxed{2^{10}} {") == "2^{10}"
+    assert accuracy_reward(["p"], ["the answer is \\boxed{{12}}"], answer=["12"]) == [1.0]
+
+
+@pytest.mark.parametrize("pred,gold,ok", [
+    ("1,5", "15", False), ("1 2", "12", False), ("12", "1,2", False), ("10,00", "1000", False),
+    ("1,000", "1000", True), ("1,000.5", "1000.5", True), ("\u22123", "-3", True), ("- 3", "-3", True),
+    ("\\boxed{5}", "5", True), ("{5}", "5", True), ("$-5$", "-5", True), ("5,", "5", True),
+    ("1/-2", "-0.5", True), ("2/4", "1/2", True), ("7", "1e9999999", False),
+])
+def test_numeric_fallback_agrees_with_math_verify(pred, gold, ok, monkeypatch):
+    # Commas were stripped anywhere ("1,5" == 15, a list to math-verify), a Unicode minus or \boxed{}
+    # was not read, and "1e9999999" built a ten-million-digit integer (5 s). Without math-verify installed
+    # (simulated) the numeric path alone decides; with it, math-verify must give the same verdict.
+    import sys
+    import time
+
+    t = time.perf_counter()
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, "math_verify", None)   # `import math_verify` raises ImportError
+        assert answers_match(pred, gold) is ok
+    assert time.perf_counter() - t < 0.5
+    if importlib.util.find_spec("math_verify") is not None:
+        assert answers_match(pred, gold) is ok
+
+
+def test_math_verify_reads_bare_latex_and_runs_off_the_main_thread():
+    pytest.importorskip("math_verify")
+    import threading
+
+    # Without $…$ math-verify parsed "\dfrac{1}{2}" to nothing; off the main thread its SIGALRM
+    # timeout raised, and every LaTeX answer scored 0.
+    assert answers_match("\\dfrac{1}{2}", "0.5") and answers_match("\\sqrt{4}", "2")
+    got = []
+    t = threading.Thread(target=lambda: got.append((answers_match("\\frac{1}{2}", "0.5"),
+                                                    answers_match("\\frac{1}{3}", "0.5"))))
+    t.start()
+    t.join()
+    assert got == [(True, False)]
+
+
+def test_language_reward_ignores_tags_and_counts_kana_marks():
+    zh, ja = make_language_reward("zh"), make_language_reward("ja")
+    # the tags' letters counted as Latin: "你好<answer>5</answer>" scored 2/14 for zh
+    assert zh(None, ["\u4f60\u597d<answer>5</answer>", "<think>\u4f60\u597d",
+                     "<think>\u4eba\u3005</think>"]) == [1.0, 1.0, 1.0]
+    # ー (KATAKANA-HIRAGANA PROLONGED SOUND MARK) is a letter of Japanese text: コンピューター scored 5/7
+    assert ja(None, ["<think>\u30b3\u30f3\u30d4\u30e5\u30fc\u30bf\u30fc</think>"]) == [1.0]
+
+
+def test_reward_set_takes_bools_and_refuses_non_finite_weights():
+    # TRL sums a function's `pred == gold` as 1.0 / 0.0; r1fast raised RewardError.
+    rs = RewardSet([lambda prompts, completions, **kw: [c == "a" for c in completions]])
+    assert rs.score(["p", "p"], ["a", "b"], {}) == [[1.0, 0.0]]
+    # a NaN weight made every total NaN (advantage 0 everywhere) without a word
+    with pytest.raises(ValueError, match="finite"):
+        RewardSet(["format"], weights=[float("nan")])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from typing import Any, Optional, Sequence
 
 from r1fast.data.tasks import builtin_rows
@@ -128,6 +129,7 @@ def prompt_text(tokenizer, prompt: Any, system_prompt: Optional[str] = None) -> 
 def encode_prompt(tokenizer, prompt: Any, system_prompt: Optional[str] = None, max_length: Optional[int] = None) -> list[int]:
     text = prompt_text(tokenizer, prompt, system_prompt)
     ids = tokenizer(text, add_special_tokens=not getattr(tokenizer, "chat_template", None)).input_ids
+    _warn_unknown(tokenizer, text, ids)
     if max_length is not None and len(ids) > max_length:
         ids = ids[-max_length:]  # keep the end: the question and the generation prompt
     return ids
@@ -138,9 +140,31 @@ def encode_completion(tokenizer, completion: Any) -> list[int]:
     if isinstance(completion, list):
         completion = completion[-1]["content"]
     ids = tokenizer(str(completion), add_special_tokens=False).input_ids
+    _warn_unknown(tokenizer, str(completion), ids)
     if tokenizer.eos_token_id is not None:
         ids = ids + [tokenizer.eos_token_id]
     return ids
+
+
+_WARNED_UNKNOWN: set[str] = set()
+
+
+def _warn_unknown(tokenizer, text: str, ids: Sequence[int]):
+    """Characters the tokenizer maps to its unknown token (the built-in character tokenizer knows
+    printable ASCII only) are read and written by the model as <unk>: say which, once each."""
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is None or unk not in ids:
+        return
+    try:
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        chars = {text[a:b] for i, (a, b) in zip(enc.input_ids, enc.offset_mapping) if i == unk}
+    except Exception:   # a slow tokenizer has no offsets
+        chars = {"?"}
+    chars -= {tokenizer.unk_token} | _WARNED_UNKNOWN   # the literal text "<unk>" is the token itself
+    if chars:
+        _WARNED_UNKNOWN.update(chars)
+        warnings.warn(f"the tokenizer has no token for {', '.join(map(repr, sorted(chars)))} (in {text[:60]!r}): "
+                      f"the model sees and writes {tokenizer.unk_token} instead", stacklevel=3)
 
 
 def decode_completion(tokenizer, ids: Sequence[int]) -> str:

@@ -24,6 +24,11 @@ class ArithmeticTask:
     answer_noise: float = 0.0
 
     def __post_init__(self):
+        for name in ("min_terms", "max_terms", "max_operand"):   # 4.5 failed later in randrange, unnamed
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not float(v).is_integer():
+                raise ValueError(f"arithmetic task: {name} must be a whole number; got {v!r}")
+            object.__setattr__(self, name, int(v))   # 1e1 from a query string is 10
         if not 2 <= self.min_terms <= self.max_terms:
             raise ValueError(f"arithmetic task: need 2 <= min_terms <= max_terms; got {self.min_terms}, {self.max_terms}")
         if self.max_operand < 1:

@@ -1,5 +1,8 @@
 """The built-in tokenizer: one token per character plus the reasoning tags, built in code.
 
+Its characters are printable ASCII, space and newline; any other character (a tab, "é", "×") is
+<unk>, which `r1fast.data.encode_prompt` / `encode_completion` warn about, naming the characters.
+
 It is a `tokenizers` WordLevel model over single characters, wrapped as a transformers
 PreTrainedTokenizerFast with a chat template, so the rest of r1fast treats it exactly like a
 Hugging Face tokenizer (and `save_pretrained` writes a folder `AutoTokenizer` loads). Nothing is
@@ -33,7 +36,9 @@ def build_char_tokenizer():
 
     vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + TAG_TOKENS + list(CHARACTERS))}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    # "[\s\S]", not ".": Oniguruma's "." skips "\n", so a run of newlines stayed one piece and "\n\n"
+    # became a single <unk>.
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     tok.decoder = decoders.Fuse()
     tok.add_special_tokens(SPECIAL_TOKENS + TAG_TOKENS)
     wrapped = PreTrainedTokenizerFast(

@@ -7,14 +7,22 @@ from __future__ import annotations
 
 import math
 import re
+import threading
 import unicodedata
 from fractions import Fraction
 from typing import Any, Optional
 
-THINK_ANSWER_PATTERN = r"^\s*<think>.*?</think>\s*<answer>.*?</answer>\s*$"
-_ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
-_THINK_RE = re.compile(r"<think>(.*?)</think>", re.DOTALL)
-_BOXED_RE = re.compile(r"\\boxed\{([^{}]*)\}")
+# Spans are matched with a tempered body ("any character that does not start a tag"): one block
+# cannot swallow another, and matching stays linear in the text. A lazy `.*?` rescanned the rest of
+# the text from every unclosed tag: seconds for a 100k-character completion of repeated tags.
+_NOT_THINK = r"(?:(?!</?think>).)*"
+_NOT_TAG = r"(?:(?!</?(?:think|answer)>).)*"
+# Exactly one reasoning block, then exactly one answer block.
+THINK_ANSWER_PATTERN = rf"^\s*<think>{_NOT_THINK}</think>\s*<answer>{_NOT_TAG}</answer>\s*$"
+_ANSWER_RE = re.compile(r"<answer>((?:(?!</?answer>).)*)</answer>", re.DOTALL)
+_THINK_RE = re.compile(rf"<think>({_NOT_THINK})</think>", re.DOTALL)
+_TAG_RE = re.compile(r"</?(?:think|answer)>")
+_BOXED_TOKEN_RE = re.compile(r"\\boxed\s*\{|\{|\}")
 
 
 def completion_text(c: Any) -> str:
@@ -28,27 +36,72 @@ def completion_text(c: Any) -> str:
 
 
 def extract_answer(text: str) -> Optional[str]:
-    """The last <answer>…</answer> span, else the last \\boxed{…}; None when neither is present."""
+    """The last <answer>…</answer> span, else the last \\boxed{…} (nested braces included); None when
+    neither is present."""
     found = _ANSWER_RE.findall(text)
     if found:
         return found[-1].strip()
-    boxed = _BOXED_RE.findall(text)
-    if boxed:
-        return boxed[-1].strip()
-    return None
+    boxed = _last_boxed(text)
+    return boxed.strip() if boxed is not None else None
+
+
+def _last_boxed(text: str) -> Optional[str]:
+    """The content of the \\boxed{…} that closes last, braces matched (`\\boxed{\\frac{1}{2}}`), in one pass."""
+    stack: list[tuple[bool, int]] = []
+    last = None
+    for m in _BOXED_TOKEN_RE.finditer(text):
+        if m.group() == "}":
+            if stack:
+                is_box, start = stack.pop()
+                if is_box:
+                    last = text[start:m.start()]
+        else:
+            stack.append((m.group() != "{", m.end()))
+    return last
+
+
+def final_part(text: str) -> str:
+    """What follows the reasoning: the text after the last </think>, cut where a <think> is opened and
+    never closed. An <answer> written while still thinking is not the model's final answer."""
+    end = text.rfind("</think>")
+    if end >= 0:
+        text = text[end + len("</think>"):]
+    start = text.find("<think>")
+    return text[:start] if start >= 0 else text
+
+
+_NUMBER_RE = re.compile(
+    r"([+-]?)\s*((?:[0-9]{1,3}(?:,[0-9]{3})+|[0-9]+)(?:\.[0-9]*)?|\.[0-9]+)(?:[eE]([+-]?[0-9]{1,3}))?")
+_RATIO_RE = re.compile(r"([+-]?)\s*([0-9]+)\s*/\s*([+-]?)\s*([0-9]+)")
+_WRAPPED_RE = re.compile(r"\\boxed\s*\{(.*)\}|\{(.*)\}", re.DOTALL)
 
 
 def _as_number(s: str) -> Optional[Fraction]:
-    s = s.strip().replace(",", "").replace(" ", "").rstrip(".")
-    if s.startswith("$") and s.endswith("$") and len(s) > 1:
-        s = s[1:-1]
+    """A plain number: an integer, a decimal (optionally with a short exponent), or a ratio of
+    integers; a comma only as a thousands separator (1,000 but not 1,5, a list to math-verify).
+    `$…$`, `\\boxed{…}` and `{…}` around it are removed."""
+    s = s.strip().replace("\u2212", "-")
+    for _ in range(4):
+        if len(s) > 1 and s[0] == "$" and s[-1] == "$":
+            s = s.strip("$").strip()
+            continue
+        m = _WRAPPED_RE.fullmatch(s)
+        if m is None:
+            break
+        s = (m.group(1) if m.group(1) is not None else m.group(2)).strip()
+    s = s.rstrip(".,").strip()   # a sentence's full stop or comma
     try:
-        if "/" in s:
-            num, den = s.split("/", 1)
-            return Fraction(int(num), int(den))
-        return Fraction(s)
-    except (ValueError, ZeroDivisionError):
-        return None
+        m = _NUMBER_RE.fullmatch(s)
+        if m:
+            sign, digits, exp = m.groups()
+            return Fraction(sign + digits.replace(",", "") + (f"e{exp}" if exp else ""))
+        m = _RATIO_RE.fullmatch(s)
+        if m:
+            value = Fraction(int(m.group(2)), int(m.group(4)))
+            return -value if (m.group(1) == "-") != (m.group(3) == "-") else value
+    except (ValueError, ZeroDivisionError):   # 1/0, or more digits than int() reads
+        pass
+    return None
 
 
 def answers_match(predicted: str, gold: str) -> bool:
@@ -62,16 +115,33 @@ def answers_match(predicted: str, gold: str) -> bool:
         from math_verify import parse, verify
     except ImportError:
         return False
+    # math-verify's timeouts use SIGALRM, which only the main thread may set: elsewhere every call
+    # raised ValueError and each LaTeX answer silently scored 0. Off the main thread they are off.
+    main = threading.current_thread() is threading.main_thread()
     try:
-        gold_parsed = parse(gold if "$" in gold or "\\" in gold else f"${gold}$")
-        pred_parsed = parse(predicted if "$" in predicted or "\\" in predicted else f"${predicted}$")
-        return bool(gold_parsed) and bool(pred_parsed) and bool(verify(gold_parsed, pred_parsed))
+        gold_parsed = _mv_parse(parse, gold, main)
+        pred_parsed = _mv_parse(parse, predicted, main)
+        return bool(gold_parsed) and bool(pred_parsed) and bool(
+            verify(gold_parsed, pred_parsed, **({} if main else {"timeout_seconds": None})))
     except Exception:
         return False  # math-verify failing to parse a model's answer means the answer is not verifiable
 
 
+def _mv_parse(parse, s: str, main: bool):
+    """math-verify reads LaTeX between delimiters: bare `\\dfrac{1}{2}` or `\\sqrt{2}` parses to nothing, so
+    text without `$` is also tried as `$…$`."""
+    kw = {} if main else {"parsing_timeout": None}
+    tries = [s] if "$" in s else ([s, f"${s}$"] if "\\" in s else [f"${s}$"])
+    for t in tries:
+        parsed = parse(t, **kw)
+        if parsed:
+            return parsed
+    return []
+
+
 def accuracy_reward(prompts, completions, answer=None, solution=None, **_) -> list[Optional[float]]:
-    """1.0 when the completion's final answer equals the reference answer, else 0.0.
+    """1.0 when the completion's final answer (the last <answer> or \\boxed{} after the reasoning, see
+    `final_part`) equals the reference answer, else 0.0.
 
     The reference comes from the `answer` column (or `solution`, TRL's convention); a row without
     a reference returns None, so this function is left out of that row's reward.
@@ -86,7 +156,7 @@ def accuracy_reward(prompts, completions, answer=None, solution=None, **_) -> li
             continue
         g = str(g)
         g_extracted = extract_answer(g) or g
-        pred = extract_answer(completion_text(c))
+        pred = extract_answer(final_part(completion_text(c)))
         out.append(1.0 if pred is not None and answers_match(pred, g_extracted) else 0.0)
     return out
 
@@ -103,19 +173,20 @@ def make_format_reward(pattern: Optional[str] = None):
 
 format_reward = make_format_reward()
 
-# Unicode script (first word of the character's name) counted as "in the language".
+# Unicode character-name prefixes counted as "in the language": a script, plus the marks written
+# with it that are letters too (ー KATAKANA-HIRAGANA PROLONGED SOUND MARK, 々 IDEOGRAPHIC ITERATION
+# MARK) and its full/half-width forms.
+_LATIN = ("LATIN", "FULLWIDTH LATIN")
 _LANGUAGE_SCRIPTS = {
-    "en": ("LATIN",), "fr": ("LATIN",), "de": ("LATIN",), "es": ("LATIN",), "it": ("LATIN",),
-    "pt": ("LATIN",), "zh": ("CJK",), "ja": ("CJK", "HIRAGANA", "KATAKANA"), "ko": ("HANGUL",),
-    "ru": ("CYRILLIC",), "ar": ("ARABIC",), "el": ("GREEK",), "he": ("HEBREW",),
+    "en": _LATIN, "fr": _LATIN, "de": _LATIN, "es": _LATIN, "it": _LATIN, "pt": _LATIN,
+    "zh": ("CJK", "IDEOGRAPHIC"), "ja": ("CJK", "IDEOGRAPHIC", "HIRAGANA", "KATAKANA", "HALFWIDTH KATAKANA"),
+    "ko": ("HANGUL", "HALFWIDTH HANGUL"), "ru": ("CYRILLIC",), "ar": ("ARABIC",), "el": ("GREEK",),
+    "he": ("HEBREW",),
 }
 
 
-def _script(ch: str) -> str:
-    try:
-        return unicodedata.name(ch).split(" ")[0]
-    except ValueError:
-        return "UNKNOWN"
+def _in_script(ch: str, prefixes: tuple[str, ...]) -> bool:
+    return unicodedata.name(ch, "").startswith(prefixes)
 
 
 def make_language_reward(language: str = "en"):
@@ -130,12 +201,12 @@ def make_language_reward(language: str = "en"):
         for c in completions:
             text = completion_text(c)
             thinks = _THINK_RE.findall(text)
-            body = " ".join(thinks) if thinks else text
+            body = _TAG_RE.sub(" ", " ".join(thinks) if thinks else text)   # the tags' own letters are no evidence
             letters = [ch for ch in body if ch.isalpha()]
             if not letters:
                 out.append(None)
                 continue
-            out.append(sum(_script(ch) in scripts for ch in letters) / len(letters))
+            out.append(sum(_in_script(ch, scripts) for ch in letters) / len(letters))
         return out
 
     return language_reward

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import math
 import os
 import sys
 from typing import Any, Callable, Optional, Sequence
@@ -100,6 +101,9 @@ class RewardSet:
         if len(weights) != len(self.funcs):
             raise ValueError(f"{len(weights)} reward weights for {len(self.funcs)} reward functions")
         self.weights = [float(w) for w in weights]
+        bad = [(n, w) for n, w in zip(self.names, self.weights) if not math.isfinite(w)]
+        if bad:   # a NaN weight made every row's total NaN: advantage 0 everywhere, nothing learnt, no error
+            raise ValueError(f"reward weights must be finite numbers; got {bad[0][1]} for {bad[0][0]!r}")
 
     def __len__(self):
         return len(self.funcs)
@@ -137,6 +141,8 @@ class RewardSet:
                 continue
             if hasattr(v, "item"):
                 v = v.item()
+            if isinstance(v, bool):   # `pred == gold`: TRL takes it as 1.0 / 0.0
+                v = float(v)
             if not is_finite_number(v):
                 raise RewardError(f"reward function {name!r} returned {v!r} for row {i} "
                                   f"(prompt {_snippet(prompts[i])}); rewards must be finite numbers or None")
