@@ -250,3 +250,39 @@ def test_resume_drops_a_metrics_line_cut_short_by_a_crash(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n{"step": 2, "loss": 0.5}\n{"step": 3, "lo')
     MetricsLogger(str(tmp_path), resume_step=2).close()
     assert [r["step"] for r in _metrics(tmp_path / "metrics.jsonl")] == [1, 2]
+
+
+def test_reward_functions_get_completions_as_trl_gives_them(tmp_path):
+    """Conversational prompts (message lists): completions arrive as assistant message lists, as TRL
+    passes them, so a TRL reward function reading c[0]["content"] works; plain prompts: strings. The
+    trainer's own arguments never come from same-named dataset columns."""
+    model, tok = tiny_model()
+    seen = {}
+
+    def trl_style(prompts, completions, **kw):
+        seen["completions"], seen["keys"] = completions, set(kw)
+        return [c[0]["content"].count("7") / 8 if isinstance(c, list) else c.count("7") / 8 for c in completions]
+
+    chat = [{"prompt": [{"role": "user", "content": str(i)}], "completion_ids": "x", "completion": "y"}
+            for i in range(4)]
+    cfg = GRPOConfig(per_device_train_batch_size=4, num_generations=2, output_dir=str(tmp_path / "c"),
+                     progress_bar=False)
+    tr = GRPOTrainer(model, [trl_style], chat, cfg, tokenizer=tok)
+    _, totals = tr.score(chat[:1], 2, ["77", "1"], [[1], [2]])
+    assert seen["completions"] == [[{"role": "assistant", "content": "77"}], [{"role": "assistant", "content": "1"}]]
+    assert totals == [0.25, 0.0]
+    assert "completion" not in seen["keys"] and "completion_ids" in seen["keys"]  # the trainer's ids, not the column
+    tr = GRPOTrainer(model, [trl_style], ROWS, cfg, tokenizer=tok)
+    tr.score(ROWS[:1], 2, ["77", "1"], [[1], [2]])
+    assert seen["completions"] == ["77", "1"]
+
+
+def test_standalone_builtin_eval_prompts_are_kept_out_of_training(tmp_path):
+    """Two draws of the built-in task share prompts; the held-out ones must not be trained on."""
+    model, tok = tiny_model()
+    cfg = GRPOConfig(dataset="builtin:arithmetic", eval_dataset="builtin:arithmetic", eval_size=128,
+                     per_device_train_batch_size=8, num_generations=4, output_dir=str(tmp_path / "e"),
+                     progress_bar=False)
+    tr = GRPOTrainer(model, ["format"], None, cfg, tokenizer=tok)
+    held = {r["prompt"] for r in tr.eval_rows}
+    assert len(held) > 0 and not held & {r["prompt"] for r in tr.train_rows}

@@ -147,10 +147,18 @@ def reward_columns(rows: Sequence[dict], owners: Sequence[int], prompt_column: s
     """The dataset's columns, one entry per completion (`owners[j]` is completion j's row), as the
     reward functions' keyword arguments. `answer_column` is also passed as `answer`, the column
     the accuracy reward reads, so a dataset whose reference sits under another name is scored."""
-    cols = {k: [rows[i].get(k) for i in owners] for k in rows[0] if k != prompt_column}
+    # as TRL: the prompt and any completion columns are the trainer's own arguments, not the dataset's
+    cols = {k: [rows[i].get(k) for i in owners] for k in rows[0]
+            if k not in (prompt_column, "completion", "completion_ids")}
     if answer_column != "answer" and answer_column in cols:
         cols["answer"] = cols[answer_column]
     return cols
+
+
+def reward_completions(prompts: Sequence, texts: Sequence[str]) -> list:
+    """Completions as TRL hands them to reward functions: for a conversational prompt (a list of
+    messages) the assistant message list [{"role": "assistant", "content": text}], else the text."""
+    return [[{"role": "assistant", "content": t}] if isinstance(p, list) else t for p, t in zip(prompts, texts)]
 
 
 def check_answer_column(reward_names: Sequence[str], rows: Sequence[dict], answer_column: str, where: str):

@@ -32,6 +32,7 @@ from r1fast.trainer.common import (
     make_scheduler,
     pack,
     reward_columns,
+    reward_completions,
     run_dir_for,
     warmup_steps_of,
 )
@@ -96,6 +97,13 @@ class GRPOTrainer:
             if (eval_dataset is not None or cfg.eval_dataset) else None
         if self.eval_rows is not None and cfg.eval_size:
             self.eval_rows = self.eval_rows[:cfg.eval_size]
+        if self.eval_rows and train_dataset is None and str(cfg.dataset).startswith("builtin:"):
+            # two draws of a built-in task share prompts: keep the held-out ones out of training (as
+            # the pipeline does), so the accuracy reported on them is truly held out
+            seen = {str(r.get(cfg.prompt_column)) for r in self.eval_rows}
+            self.train_rows = [r for r in self.train_rows if str(r.get(cfg.prompt_column)) not in seen]
+            if not self.train_rows:
+                raise ValueError("every training prompt is also an eval prompt: nothing left to train on")
         self.run_dir = run_dir or run_dir_for(cfg.output_dir, cfg.run_name, "grpo")
         self.stage = stage_name
         self.step_offset = step_offset
@@ -201,7 +209,8 @@ class GRPOTrainer:
         prompts = [r[cfg.prompt_column] for r in rows for _ in range(n)]
         owners = [i for i in range(len(rows)) for _ in range(n)]
         columns = reward_columns(rows, owners, cfg.prompt_column, cfg.answer_column)
-        table = self.rewards.score(prompts, completions_text, columns, completion_ids=completion_ids)
+        table = self.rewards.score(prompts, reward_completions(prompts, completions_text), columns,
+                                   completion_ids=completion_ids)
         return table, self.rewards.total(table)
 
     def _advantages(self, totals: list[float]) -> torch.Tensor:

@@ -11,7 +11,7 @@ from typing import Sequence
 
 from r1fast.data.loading import check_columns, decode_completion, encode_prompt, stop_token_ids
 from r1fast.rewards import RewardSet
-from r1fast.trainer.common import check_answer_column, reward_columns
+from r1fast.trainer.common import check_answer_column, reward_columns, reward_completions
 from r1fast.trainer.config import SampleConfig
 
 
@@ -54,7 +54,7 @@ def rejection_sample(model, tokenizer, rows: Sequence[dict], cfg: SampleConfig, 
                 owners.append(i)
         prompts = [chunk[i][cfg.prompt_column] for i in owners]
         columns = reward_columns(chunk, owners, cfg.prompt_column, cfg.answer_column)
-        table = rewards.score(prompts, texts, columns)
+        table = rewards.score(prompts, reward_completions(prompts, texts), columns)
         per_prompt: dict[int, list[dict]] = {}
         seen: dict[int, set] = {}
         for j, text in enumerate(texts):
