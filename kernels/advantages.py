@@ -9,6 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
+from r1fast.backends import on_device
+
 # MODE constexpr values, one per (estimator, scale_rewards) behaviour.
 GRPO_GROUP, GRPO_BATCH, GRPO_NONE, RLOO = 0, 1, 2, 3
 # Elements per program: the whole op moves 8·B bytes, so it is launch-bound; a tile this size keeps
@@ -81,5 +83,6 @@ def group_advantages(rewards: torch.Tensor, group_size: int, estimator: str, sca
     cfg = launch_config(group_size)
     n_groups = n // group_size
     grid = (triton.cdiv(n_groups, cfg["BLOCK_GROUPS"]),)
-    _group_advantages_kernel[grid](rewards, out, batch_std, n_groups, group_size, float(eps), MODE=mode, **cfg)
+    with on_device(rewards.device):  # Triton launches on the current device: make it the rewards'
+        _group_advantages_kernel[grid](rewards, out, batch_std, n_groups, group_size, float(eps), MODE=mode, **cfg)
     return out

@@ -140,7 +140,7 @@ def compile_all(arch: int = 90, full: bool = False, report=None):
             _compile(sampling_kernels._sample_kernel, types, dict(GREEDY=greedy, MIN_P=min_p, NB_PAD=nb_pad), arch,
                      dict(BLOCK=blk, num_warps=warps, num_stages=stages), report, f"_sample_kernel {dt} {mode}")
     done.append(f"sampling kernel ({len(dts) * len(modes)} specialisations)")
-    shapes = ((1, 64), (6, 128), (8, 256)) if full else ((6, 128),)  # (query heads per KV head, head_dim)
+    shapes = ((1, 64), (6, 128), (8, 256), (32, 128)) if full else ((6, 128),)  # (query heads per KV head, head_dim)
     dts = ("bf16", "fp16", "fp32") if full else ("bf16", "fp32")
     for dt in dts:
         types = {"q_ptr": f"*{dt}", "k_ptr": f"*{dt}", "v_ptr": f"*{dt}", "bt_ptr": "*i32", "cl_ptr": "*i32",
@@ -148,7 +148,8 @@ def compile_all(arch: int = 90, full: bool = False, report=None):
         for group, d in shapes:
             g_pad, d_pad = max(16, triton.next_power_of_2(group)), max(16, triton.next_power_of_2(d))
             c = dict(GROUP=group, G_PAD=g_pad, D_PAD=d_pad, FP32=dt == "fp32")
-            cfg = dict(BLOCK_N=decode_kernels.block_n_for(d_pad, dt == "fp32"), num_warps=4, num_stages=3)
+            cfg = dict(BLOCK_N=decode_kernels.block_n_for(d_pad, dt == "fp32"),
+                       num_warps=decode_kernels.num_warps_for(g_pad), num_stages=3)
             _compile(decode_kernels._decode_kernel, types, c, arch, cfg, report,
                      f"_decode_kernel {dt} group={group} dim={d}")
         types = {"key_ptr": f"*{dt}", "value_ptr": f"*{dt}", "k_cache_ptr": f"*{dt}", "v_cache_ptr": f"*{dt}",

@@ -88,6 +88,13 @@ def block_n_for(d_pad: int, fp32: bool) -> int:
     return 16 if d_pad > 128 or fp32 else 32
 
 
+def num_warps_for(g_pad: int) -> int:
+    """4 warps; 8 from 32 query heads per KV head (G_PAD >= 32), where 4 spill on sm_90 (ptxas,
+    Triton 3.6 / 3.9: group 32 x head_dim 128 spills 160-900 bytes per thread, group 64 up to 12 KB
+    in fp32; 8 warps spill nothing at head_dim 128 in bf16/fp16, nor at group 32 in fp32)."""
+    return 8 if g_pad >= 32 else 4
+
+
 def paged_decode_attention(out, q, k_cache, v_cache, block_tables, context_lens, scale, num_splits, partition_size,
                            ws_ml=None, ws_acc=None):
     """Inputs validated by r1fast.ops.paged_decode_attention; writes `out`."""
@@ -103,6 +110,6 @@ def paged_decode_attention(out, q, k_cache, v_cache, block_tables, context_lens,
     _decode_kernel[grid](q, k_cache, v_cache, block_tables, context_lens, out, ws_ml, ws_acc,
                          num_heads, num_kv_heads, head_dim, k_cache.shape[1], block_tables.shape[1], num_splits,
                          partition_size, scale, GROUP=group, G_PAD=g_pad, D_PAD=d_pad, BLOCK_N=block_n,
-                         FP32=q.dtype == torch.float32)
+                         FP32=q.dtype == torch.float32, num_warps=num_warps_for(g_pad))
     if num_splits > 1:
         merge_partitions(out, ws_ml, ws_acc)

@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from r1fast.backends import on_device
+
 LOSS_TYPE_IDS = {"grpo": 0, "bnpo": 1, "dr_grpo": 2, "dapo": 3, "cispo": 4}
 KL_IDS = {"k1": 1, "k2": 2, "k3": 3}
 TIS_IDS = {None: 0, "truncate": 1, "mask": 2}
@@ -254,19 +256,20 @@ def grpo_loss_fwd(logp, old, ref, smp, ent, mask, adv, opts, totals=None, isw=No
     stats = _poisoned(torch.empty(b, N_STATS, dtype=torch.float32, device=dev))
     block_t = min(1024 if dev.type == "cuda" else 32, triton.next_power_of_2(max(t, 1)))
     kl_id = KL_IDS[opts.kl_estimator] if ref is not None else 0
-    _grpo_loss_kernel[(b,)](
-        logp_, old_, ref_ if ref_ is not None else logp_, smp_ if smp_ is not None else logp_,
-        ent_ if ent_ is not None else logp_, mask_, adv.to(torch.float32).contiguous(), denom,
-        row_cnt if row_cnt is not None else denom,
-        row_loss, g_logp, g_ent if g_ent is not None else g_logp, stats,
-        t, n_rows, float(opts.epsilon), float(opts.eps_high), float(opts.delta or 0.0), float(opts.beta),
-        float(opts.tis_cap), float(opts.entropy_coef), float(opts.max_completion_length or 1),
-        LOSS_TYPE=LOSS_TYPE_IDS[opts.loss_type], SEQ_LEVEL=opts.importance_sampling_level == "sequence",
-        HAS_DELTA=opts.delta is not None and opts.loss_type != "cispo", KL=kl_id, USE_KL=opts.beta != 0.0,
-        TIS=TIS_IDS[opts.tis_mode], TIS_SEQ=opts.tis_level == "sequence", HAS_SMP=smp is not None,
-        HAS_ENT=ent is not None, BLOCK_T=block_t, N_STATS=N_STATS, HAS_ROW_CNT=row_cnt is not None,
-        KL_WEIGHTED=kl_id != 0 and opts.use_bias_correction_kl, HAS_ISW=isw is not None,
-        num_warps=4 if dev.type == "cuda" else 1)
+    with on_device(dev):  # Triton launches on the current device: make it the inputs'
+        _grpo_loss_kernel[(b,)](
+            logp_, old_, ref_ if ref_ is not None else logp_, smp_ if smp_ is not None else logp_,
+            ent_ if ent_ is not None else logp_, mask_, adv.to(torch.float32).contiguous(), denom,
+            row_cnt if row_cnt is not None else denom,
+            row_loss, g_logp, g_ent if g_ent is not None else g_logp, stats,
+            t, n_rows, float(opts.epsilon), float(opts.eps_high), float(opts.delta or 0.0), float(opts.beta),
+            float(opts.tis_cap), float(opts.entropy_coef), float(opts.max_completion_length or 1),
+            LOSS_TYPE=LOSS_TYPE_IDS[opts.loss_type], SEQ_LEVEL=opts.importance_sampling_level == "sequence",
+            HAS_DELTA=opts.delta is not None and opts.loss_type != "cispo", KL=kl_id, USE_KL=opts.beta != 0.0,
+            TIS=TIS_IDS[opts.tis_mode], TIS_SEQ=opts.tis_level == "sequence", HAS_SMP=smp is not None,
+            HAS_ENT=ent is not None, BLOCK_T=block_t, N_STATS=N_STATS, HAS_ROW_CNT=row_cnt is not None,
+            KL_WEIGHTED=kl_id != 0 and opts.use_bias_correction_kl, HAS_ISW=isw is not None,
+            num_warps=4 if dev.type == "cuda" else 1)
     return row_loss, g_logp, g_ent, stats
 
 

@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from r1fast.backends import on_device
+
 # Tile shapes. GPU: sized for H100/H200 (128x128 output tile, 64-wide K steps: wgmma on sm_90, 3
 # cp.async stages, 96 KB of shared memory). Interpreter: tiny tiles keep numpy work small and make
 # test shapes cross tile edges. tl.dot needs every dim >= 16. The kernels that read stored logits
@@ -172,8 +174,9 @@ def logits(hidden, weight, inv_temp: float):
     cfg = _config(hidden)
     z = _poisoned(torch.empty(n, v, dtype=torch.float32, device=hidden.device))
     grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(v, cfg["BLOCK_V"]))
-    _logits_kernel[grid](hidden, weight, z, n, v, h, hidden.stride(0), weight.stride(0), inv_temp,
-                         PRECISION=_precision(hidden.dtype), **cfg)
+    with on_device(hidden.device):  # Triton launches on the current device: make it hidden's
+        _logits_kernel[grid](hidden, weight, z, n, v, h, hidden.stride(0), weight.stride(0), inv_temp,
+                             PRECISION=_precision(hidden.dtype), **cfg)
     return z
 
 
@@ -190,10 +193,11 @@ def logprob_forward(hidden, weight, targets, inv_temp: float, with_entropy: bool
     v_per_split = triton.cdiv(triton.cdiv(v, splits), cfg["BLOCK_V"]) * cfg["BLOCK_V"]
     splits = triton.cdiv(v, v_per_split)
     part = _poisoned(torch.empty(4, splits, n, dtype=torch.float32, device=hidden.device))
-    _logprob_fwd_kernel[(n_tiles, splits)](hidden, weight, part if z is None else z, targets, part, n, v, h,
-                                           hidden.stride(0), weight.stride(0), inv_temp, v_per_split,
-                                           WITH_ENTROPY=with_entropy, PRECISION=_precision(hidden.dtype),
-                                           LOAD_Z=z is not None, **cfg)
+    with on_device(hidden.device):
+        _logprob_fwd_kernel[(n_tiles, splits)](hidden, weight, part if z is None else z, targets, part, n, v, h,
+                                               hidden.stride(0), weight.stride(0), inv_temp, v_per_split,
+                                               WITH_ENTROPY=with_entropy, PRECISION=_precision(hidden.dtype),
+                                               LOAD_Z=z is not None, **cfg)
     run_max, run_sum, run_pz, z_tgt = part.unbind(0)
     top = run_max.max(0).values
     scale = torch.exp(run_max - top)  # splits merge like online-softmax steps
@@ -230,8 +234,9 @@ def dlogits(hidden, weight, targets, lse, entropy, g_logp, g_ent, inv_temp: floa
     out = _poisoned(torch.empty(n, v, dtype=out_dtype, device=hidden.device))
     with_entropy = g_ent is not None
     grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(v, cfg["BLOCK_V"]))
-    _dlogits_kernel[grid](hidden, weight, lse if z is None else z, targets, lse, entropy if with_entropy else lse,
-                          g_logp, g_ent if with_entropy else g_logp, out, n, v, h, hidden.stride(0), weight.stride(0),
-                          out.stride(0), inv_temp, WITH_ENTROPY=with_entropy, PRECISION=_precision(hidden.dtype),
-                          LOAD_Z=z is not None, **cfg)
+    with on_device(hidden.device):
+        _dlogits_kernel[grid](hidden, weight, lse if z is None else z, targets, lse,
+                              entropy if with_entropy else lse, g_logp, g_ent if with_entropy else g_logp, out, n, v, h,
+                              hidden.stride(0), weight.stride(0), out.stride(0), inv_temp, WITH_ENTROPY=with_entropy,
+                              PRECISION=_precision(hidden.dtype), LOAD_Z=z is not None, **cfg)
     return out

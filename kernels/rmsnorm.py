@@ -62,7 +62,7 @@ def launch_config(H: int, device_type: str = "cuda", max_block: int | None = Non
     """BLOCK_R, BLOCK_N, N_BLOCKS, num_warps, num_stages for rows of width H of `elem_bytes`-byte
     elements: one 16-byte vector per thread per tensor (8 elements of 16 bits, 4 of fp32), up to
     32 warps. ptxas, sm_90, Triton 3.6 and 3.9 (`python -m r1fast.kernels.compile_check 90 --full
-    --resources`): forward <= 32 registers, backward <= 64, no spills (with 8 elements per thread an
+    --resources`): forward <= 40 registers, backward <= 64, no spills (with 8 elements per thread an
     fp32 4096-wide backward spilled). Launch sizes are not yet tuned on a GPU (`r1fast bench layers`)."""
     if max_block is None:
         max_block = MAX_BLOCK if device_type == "cuda" else CPU_MAX_BLOCK

@@ -164,3 +164,46 @@ def test_kl_penalty_bad_input():
         ops.kl_penalty(torch.zeros(3), torch.zeros(4))
     with pytest.raises(ValueError, match="kind"):
         ops.kl_penalty(torch.zeros(3), torch.zeros(3), kind="k4")
+
+
+def test_triton_advantages_launch_on_the_rewards_device(device, monkeypatch):
+    """Triton launches on the *current* CUDA device: rewards on cuda:1 under cuda:0 would run on
+    the wrong device and fault. The launch must sit inside on_device(rewards.device)."""
+    import contextlib
+
+    from r1fast.kernels import advantages as kernel
+
+    current, seen = [None], []
+
+    @contextlib.contextmanager
+    def guard(dev):
+        prev, current[0] = current[0], torch.device(dev)
+        try:
+            yield
+        finally:
+            current[0] = prev
+
+    real = kernel._group_advantages_kernel
+
+    class _Launch:
+        def __getitem__(self, grid):
+            def run(*args, **kwargs):
+                seen.append(current[0])
+                return real[grid](*args, **kwargs)
+            return run
+    monkeypatch.setattr(kernel, "on_device", guard, raising=False)
+    monkeypatch.setattr(kernel, "_group_advantages_kernel", _Launch())
+    rewards = randn(24, seed=3, device=device)
+    ops.group_advantages(rewards, 4, scale_rewards="batch", backend="triton")
+    assert seen == [rewards.device], f"launch outside on_device({rewards.device}): {seen}"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_triton_advantages_run_on_the_tensors_device_not_the_current_one():
+    rewards = randn(64, seed=5)
+    want = reference.group_advantages(rewards.double(), 8, "grpo", "group", 1e-4)
+    with torch.cuda.device(0):
+        got = ops.group_advantages(rewards.to("cuda:1"), 8, backend="triton")
+    assert got.device == torch.device("cuda:1")
+    assert_close(got, want, torch.float32, name="advantages on cuda:1")

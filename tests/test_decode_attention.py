@@ -343,3 +343,35 @@ def test_triton_rollout_kernels_compile_for_sm90():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-3000:]
+
+
+_SPILL_SCRIPT = """
+import triton
+from r1fast.kernels.compile_check import compile_for, ptxas_usage
+from r1fast.kernels import decode_attention as da
+for dt, group in (("bf16", 32), ("bf16", 64), ("fp16", 64), ("fp32", 32)):
+    types = {"q_ptr": f"*{dt}", "k_ptr": f"*{dt}", "v_ptr": f"*{dt}", "bt_ptr": "*i32", "cl_ptr": "*i32",
+             "out_ptr": f"*{dt}", "ml_ptr": "*fp32", "acc_ptr": "*fp32", "scale": "fp32"}
+    g_pad, d_pad = max(16, triton.next_power_of_2(group)), 128
+    k = compile_for(da._decode_kernel, types, dict(GROUP=group, G_PAD=g_pad, D_PAD=d_pad, FP32=dt == "fp32",
+                    BLOCK_N=da.block_n_for(d_pad, dt == "fp32")), 90, num_warps=da.num_warps_for(g_pad))
+    usage = ptxas_usage(k, 90)
+    if usage is not None:
+        assert usage[1] == 0, f"{dt} group {group}: {usage[1]} bytes spilled at {da.num_warps_for(g_pad)} warps"
+print("ok")
+"""
+
+
+@pytest.mark.slow
+def test_decode_kernel_wide_groups_do_not_spill():
+    # 32 / 64 query heads per KV head at head_dim 128: with 4 warps the [G_PAD, 128] tiles spill
+    # (160 bytes per thread in bf16 at group 32, 12 KB in fp32 at group 64); the wrapper's warp count
+    # must keep them in registers. ptxas -v on the sm_90 build, no GPU needed.
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", _SPILL_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-3000:]

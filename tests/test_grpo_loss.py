@@ -1033,3 +1033,63 @@ def test_gpu_backward_passes_never_sync_the_host():
         loss2.backward()
     finally:
         torch.cuda.set_sync_debug_mode(0)
+
+
+def _record_launch_devices(monkeypatch, module, kernel_names):
+    """Swap module.on_device and the module's kernels for recorders: each launch notes the device
+    that was made current around it (None when launched outside any device guard)."""
+    import contextlib
+
+    current, seen = [None], []
+
+    @contextlib.contextmanager
+    def guard(device):
+        prev, current[0] = current[0], torch.device(device)
+        try:
+            yield
+        finally:
+            current[0] = prev
+
+    monkeypatch.setattr(module, "on_device", guard, raising=False)
+    for name in kernel_names:
+        real = getattr(module, name)
+
+        class _Launch:
+            def __getitem__(self, grid, real=real):
+                def run(*args, **kwargs):
+                    seen.append(current[0])
+                    return real[grid](*args, **kwargs)
+                return run
+        monkeypatch.setattr(module, name, _Launch())
+    return seen
+
+
+def test_grpo_loss_kernel_launches_on_the_tensors_device(device, monkeypatch):
+    """Triton launches on the *current* CUDA device: per-token inputs on cuda:1 under cuda:0 would
+    run on the wrong device and fault. The op and the fused single pass must launch inside
+    on_device(inputs' device)."""
+    from r1fast.kernels import grpo_loss as kernel
+
+    seen = _record_launch_devices(monkeypatch, kernel, ("_grpo_loss_kernel",))
+    d = {k: None if v is None else v.to(device) for k, v in _batch(seed=41).items()}
+    loss, _ = _call_ops(d, torch.float32, "triton", dict(beta=0.04))
+    n_op = len(seen)
+    d, hidden, weight, targets = _fused_case(seed=42)
+    d = {k: None if v is None else v.to(device) for k, v in d.items()}
+    ops.fused_linear_grpo_loss(hidden.float().to(device), weight.float().to(device), targets.to(device), d["mask"],
+                               d["adv"].float(), old_logp=d["old"].float(), backend="triton")
+    assert n_op and len(seen) > n_op, seen
+    assert all(s == torch.device(device) or (s is not None and s.type == device.type == "cuda") for s in seen), \
+        f"launches outside on_device({device}): {seen}"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_grpo_loss_runs_on_the_tensors_device_not_the_current_one():
+    d = _batch(seed=43)
+    want, _ = _call_ops(d, torch.float32, "torch", dict(beta=0.04))
+    d1 = {k: None if v is None else v.to("cuda:1") for k, v in d.items()}
+    with torch.cuda.device(0):
+        got, _ = _call_ops(d1, torch.float32, "triton", dict(beta=0.04))
+    assert got.device == torch.device("cuda:1")
+    assert_close(got, want, torch.float32, rtol=1e-4, name="loss on cuda:1")

@@ -416,3 +416,64 @@ def test_cublas_logits_without_out_dtype_is_a_clear_error(monkeypatch):
     h, w = torch.randn(3, 4, dtype=torch.bfloat16), torch.randn(5, 4, dtype=torch.bfloat16)
     with pytest.raises(RuntimeError, match="R1FAST_LOGITS_GEMM=cublas needs torch.mm"):
         cublas_logits(h, w, 1.0)
+
+
+def _record_launch_devices(monkeypatch, module, kernel_names):
+    """Swap module.on_device and the module's kernels for recorders: each launch notes the device
+    that was made current around it (None when launched outside any device guard)."""
+    import contextlib
+
+    current, seen = [None], []
+
+    @contextlib.contextmanager
+    def guard(device):
+        prev, current[0] = current[0], torch.device(device)
+        try:
+            yield
+        finally:
+            current[0] = prev
+
+    monkeypatch.setattr(module, "on_device", guard, raising=False)
+    for name in kernel_names:
+        real = getattr(module, name)
+
+        class _Launch:
+            def __getitem__(self, grid, real=real):
+                def run(*args, **kwargs):
+                    seen.append(current[0])
+                    return real[grid](*args, **kwargs)
+                return run
+        monkeypatch.setattr(module, name, _Launch())
+    return seen
+
+
+@pytest.mark.parametrize("gemm", ["triton", "cublas"])
+def test_logprob_kernels_launch_on_the_tensors_device(device, monkeypatch, gemm):
+    """Triton launches on the *current* CUDA device: hidden on cuda:1 under cuda:0 (trainer
+    device='cuda:1', no set_device) would run on the wrong device and fault. Every launch of the
+    three kernels must sit inside on_device(hidden.device)."""
+    from r1fast.kernels import logprob as kernel
+
+    monkeypatch.setenv("R1FAST_LOGITS_GEMM", gemm)
+    if gemm == "cublas" and device.type == "cpu":
+        monkeypatch.setattr("r1fast.ops.logprob.cublas_logits", lambda h, w, t: (h.float() @ w.float().T) * t)
+    seen = _record_launch_devices(monkeypatch, kernel, ("_logits_kernel", "_logprob_fwd_kernel", "_dlogits_kernel"))
+    hidden, weight, targets = _inputs(9, 16, 40, seed=3)
+    h = hidden.float().to(device).requires_grad_()
+    w = weight.float().to(device).requires_grad_()
+    lp, ent = ops.grouped_logprob(h, w, targets.to(device), return_entropy=True, backend="triton", chunk_size=4)
+    (lp.sum() + ent.sum()).backward()
+    assert seen and all(d == h.device for d in seen), f"launches outside on_device({h.device}): {seen}"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_logprob_runs_on_the_tensors_device_not_the_current_one():
+    hidden, weight, targets = _inputs(37, 40, 75, seed=9)
+    want = ops.grouped_logprob(hidden.float(), weight.float(), targets, return_entropy=True, backend="torch")
+    with torch.cuda.device(0):
+        got = ops.grouped_logprob(hidden.float().to("cuda:1"), weight.float().to("cuda:1"), targets.to("cuda:1"),
+                                  return_entropy=True, backend="triton")
+    for g, e, name in zip(got, want, ("logp", "entropy")):
+        assert g.device == torch.device("cuda:1")
+        assert_close(g, e, torch.float32, rtol=2e-5, atol=1e-5, name=f"{name} on cuda:1")
