@@ -77,3 +77,33 @@ def assert_within_lowp_rule(kernel_out: torch.Tensor, ref_lowp_out: torch.Tensor
         raise AssertionError(
             f"{name}: kernel error {k_err:.3g} exceeds {factor}x the reference's own low-precision error {r_err:.3g}"
         )
+
+
+def record_launch_devices(monkeypatch, module, kernel_names) -> list:
+    """Swap module.on_device and the module's Triton kernels for recorders: each launch appends the
+    device made current around it (None when launched outside any device guard). Triton launches
+    on the *current* CUDA device, so a launch outside on_device(tensor.device) runs on the wrong GPU."""
+    import contextlib
+
+    current, seen = [None], []
+
+    @contextlib.contextmanager
+    def guard(device):
+        prev, current[0] = current[0], torch.device(device)
+        try:
+            yield
+        finally:
+            current[0] = prev
+
+    monkeypatch.setattr(module, "on_device", guard, raising=False)
+    for name in kernel_names:
+        real = getattr(module, name)
+
+        class _Launch:
+            def __getitem__(self, grid, real=real):
+                def run(*args, **kwargs):
+                    seen.append(current[0])
+                    return real[grid](*args, **kwargs)
+                return run
+        monkeypatch.setattr(module, name, _Launch())
+    return seen

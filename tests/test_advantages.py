@@ -7,7 +7,7 @@ import torch
 
 from r1fast import ops
 from r1fast.reference import loss as reference
-from r1fast.testing import assert_close, poison, randn
+from r1fast.testing import assert_close, poison, randn, record_launch_devices
 
 
 def _loop_advantages(rewards, g, estimator, scale, eps):
@@ -169,30 +169,9 @@ def test_kl_penalty_bad_input():
 def test_triton_advantages_launch_on_the_rewards_device(device, monkeypatch):
     """Triton launches on the *current* CUDA device: rewards on cuda:1 under cuda:0 would run on
     the wrong device and fault. The launch must sit inside on_device(rewards.device)."""
-    import contextlib
-
     from r1fast.kernels import advantages as kernel
 
-    current, seen = [None], []
-
-    @contextlib.contextmanager
-    def guard(dev):
-        prev, current[0] = current[0], torch.device(dev)
-        try:
-            yield
-        finally:
-            current[0] = prev
-
-    real = kernel._group_advantages_kernel
-
-    class _Launch:
-        def __getitem__(self, grid):
-            def run(*args, **kwargs):
-                seen.append(current[0])
-                return real[grid](*args, **kwargs)
-            return run
-    monkeypatch.setattr(kernel, "on_device", guard, raising=False)
-    monkeypatch.setattr(kernel, "_group_advantages_kernel", _Launch())
+    seen = record_launch_devices(monkeypatch, kernel, ["_group_advantages_kernel"])
     rewards = randn(24, seed=3, device=device)
     ops.group_advantages(rewards, 4, scale_rewards="batch", backend="triton")
     assert seen == [rewards.device], f"launch outside on_device({rewards.device}): {seen}"

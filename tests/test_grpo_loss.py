@@ -10,7 +10,7 @@ import torch
 from r1fast import ops
 from r1fast.ops import LossOptions
 from r1fast.reference import loss as reference
-from r1fast.testing import assert_close, assert_within_lowp_rule, generator, randn
+from r1fast.testing import assert_close, assert_within_lowp_rule, generator, randn, record_launch_devices
 
 B, T = 6, 7
 
@@ -1035,42 +1035,13 @@ def test_gpu_backward_passes_never_sync_the_host():
         torch.cuda.set_sync_debug_mode(0)
 
 
-def _record_launch_devices(monkeypatch, module, kernel_names):
-    """Swap module.on_device and the module's kernels for recorders: each launch notes the device
-    that was made current around it (None when launched outside any device guard)."""
-    import contextlib
-
-    current, seen = [None], []
-
-    @contextlib.contextmanager
-    def guard(device):
-        prev, current[0] = current[0], torch.device(device)
-        try:
-            yield
-        finally:
-            current[0] = prev
-
-    monkeypatch.setattr(module, "on_device", guard, raising=False)
-    for name in kernel_names:
-        real = getattr(module, name)
-
-        class _Launch:
-            def __getitem__(self, grid, real=real):
-                def run(*args, **kwargs):
-                    seen.append(current[0])
-                    return real[grid](*args, **kwargs)
-                return run
-        monkeypatch.setattr(module, name, _Launch())
-    return seen
-
-
 def test_grpo_loss_kernel_launches_on_the_tensors_device(device, monkeypatch):
     """Triton launches on the *current* CUDA device: per-token inputs on cuda:1 under cuda:0 would
     run on the wrong device and fault. The op and the fused single pass must launch inside
     on_device(inputs' device)."""
     from r1fast.kernels import grpo_loss as kernel
 
-    seen = _record_launch_devices(monkeypatch, kernel, ("_grpo_loss_kernel",))
+    seen = record_launch_devices(monkeypatch, kernel, ("_grpo_loss_kernel",))
     d = {k: None if v is None else v.to(device) for k, v in _batch(seed=41).items()}
     loss, _ = _call_ops(d, torch.float32, "triton", dict(beta=0.04))
     n_op = len(seen)

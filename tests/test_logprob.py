@@ -4,7 +4,7 @@ import torch
 
 from r1fast import backends, ops
 from r1fast.reference import loss as reference
-from r1fast.testing import assert_close, assert_within_lowp_rule, generator, randn
+from r1fast.testing import assert_close, assert_within_lowp_rule, generator, randn, record_launch_devices
 
 FAST_BACKENDS = ["torch", "triton"]
 
@@ -418,35 +418,6 @@ def test_cublas_logits_without_out_dtype_is_a_clear_error(monkeypatch):
         cublas_logits(h, w, 1.0)
 
 
-def _record_launch_devices(monkeypatch, module, kernel_names):
-    """Swap module.on_device and the module's kernels for recorders: each launch notes the device
-    that was made current around it (None when launched outside any device guard)."""
-    import contextlib
-
-    current, seen = [None], []
-
-    @contextlib.contextmanager
-    def guard(device):
-        prev, current[0] = current[0], torch.device(device)
-        try:
-            yield
-        finally:
-            current[0] = prev
-
-    monkeypatch.setattr(module, "on_device", guard, raising=False)
-    for name in kernel_names:
-        real = getattr(module, name)
-
-        class _Launch:
-            def __getitem__(self, grid, real=real):
-                def run(*args, **kwargs):
-                    seen.append(current[0])
-                    return real[grid](*args, **kwargs)
-                return run
-        monkeypatch.setattr(module, name, _Launch())
-    return seen
-
-
 @pytest.mark.parametrize("gemm", ["triton", "cublas"])
 def test_logprob_kernels_launch_on_the_tensors_device(device, monkeypatch, gemm):
     """Triton launches on the *current* CUDA device: hidden on cuda:1 under cuda:0 (trainer
@@ -457,7 +428,7 @@ def test_logprob_kernels_launch_on_the_tensors_device(device, monkeypatch, gemm)
     monkeypatch.setenv("R1FAST_LOGITS_GEMM", gemm)
     if gemm == "cublas" and device.type == "cpu":
         monkeypatch.setattr("r1fast.ops.logprob.cublas_logits", lambda h, w, t: (h.float() @ w.float().T) * t)
-    seen = _record_launch_devices(monkeypatch, kernel, ("_logits_kernel", "_logprob_fwd_kernel", "_dlogits_kernel"))
+    seen = record_launch_devices(monkeypatch, kernel, ("_logits_kernel", "_logprob_fwd_kernel", "_dlogits_kernel"))
     hidden, weight, targets = _inputs(9, 16, 40, seed=3)
     h = hidden.float().to(device).requires_grad_()
     w = weight.float().to(device).requires_grad_()
