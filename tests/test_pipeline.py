@@ -97,7 +97,11 @@ def test_cli_sample_with_default_lengths_fits_the_models_positions(tmp_path, mon
     out = tmp_path / "kept.jsonl"
     assert main(["sample", "model_name_or_path=builtin:micro", "dataset=builtin:arithmetic", "max_prompts=2",
                  "num_samples=2", f"output_file={out}"]) == 0
-    assert "kept" in capsys.readouterr().out and out.exists()
+    captured = capsys.readouterr()
+    assert "kept" in captured.out and out.exists() and "sample" in captured.err  # the progress bar
+    assert main(["sample", "model_name_or_path=builtin:micro", "dataset=builtin:arithmetic", "max_prompts=2",
+                 "num_samples=2", f"output_file={out}", "progress_bar=false"]) == 0
+    assert "sample:" not in capsys.readouterr().err
 
 
 def test_cli_reports_a_failing_reward_function_without_a_traceback(tmp_path, monkeypatch):
@@ -128,6 +132,15 @@ def test_pipeline_resume_path_names_the_run_folder(tmp_path, monkeypatch):
     assert json.load(open(run / "summary.json"))["run_dir"] == str(run)
     with pytest.raises(SystemExit, match="not a pipeline run folder"):
         main(["train", str(spec), "--resume", str(elsewhere)])
+
+
+def test_resume_without_an_earlier_run_says_it_starts_fresh(tmp_path, capsys):
+    spec = tmp_path / "p.yaml"
+    spec.write_text("name: p\nmodel: builtin:micro\nprogress_bar: false\nstages:\n"
+                    "  - {name: s, type: sft, dataset: builtin:arithmetic, num_rows: 8,\n"
+                    "     config: {max_steps: 1, per_device_train_batch_size: 4}}\n")
+    assert main(["pipeline", str(spec), f"output_dir={tmp_path / 'new'}", "--resume"]) == 0
+    assert "--resume: no earlier run in" in capsys.readouterr().out
 
 
 def test_plot_names_a_bad_metrics_line(tmp_path):

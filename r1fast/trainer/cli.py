@@ -176,7 +176,7 @@ def _cmd_sample(args):
     if resume:
         raise ConfigError("sample has no --resume: it samples every prompt again and rewrites its output file")
     rows = load_rows(cfg.dataset, seed=cfg.seed, required_columns=(cfg.prompt_column,))
-    kept, stats = rejection_sample(model, tok, rows, cfg)
+    kept, stats = rejection_sample(model, tok, rows, cfg, progress=cfg.progress_bar)
     out = cfg.output_file or os.path.join("runs", "sample", "samples.jsonl")
     write_jsonl(kept, out)
     print(f"kept {stats['kept']} of {stats['samples']} samples from {stats['prompts']} prompts "

@@ -424,6 +424,7 @@ class SampleConfig(_Base):
     batch_prompts: int = 64
     device: Optional[str] = None
     dtype: str = "float32"
+    progress_bar: bool = True
 
     def validate(self):
         _check(self.num_samples >= 1, "option 'num_samples' must be >= 1")

@@ -292,6 +292,8 @@ class PipelineRunner:
                 self.state = json.load(f)
         elif os.path.isfile(self.state_path) and not resume:
             print(f"r1fast: {self.run_dir} holds an earlier run; starting over (use --resume to continue it)")
+        elif resume:
+            print(f"r1fast: --resume: no earlier run in {self.run_dir}; starting from the first stage")
         self.state["order"] = [s.name for s in p.stages]
         self.state["seed"] = p.seed
         t_start = time.perf_counter()
@@ -351,7 +353,7 @@ class PipelineRunner:
                 from r1fast.trainer.sampling import rejection_sample, write_jsonl
 
                 rows = self.stage_rows(stage, i, (cfg.prompt_column,))
-                kept, stats = rejection_sample(model, tokenizer, rows, cfg, progress=p.progress_bar)
+                kept, stats = rejection_sample(model, tokenizer, rows, cfg, progress=p.progress_bar and cfg.progress_bar)
                 path = cfg.output_file or os.path.join(stage_dir, "samples.jsonl")
                 write_jsonl(kept, path)
                 self.samples[stage.name] = kept
