@@ -125,8 +125,8 @@ def cases(size, device):
     es = torch.finfo(dtype).bits // 8
     n = sum(_lengths(b, t))  # active tokens: the work the loss needs (mask = 0 tokens need none)
     shape = (b, t, h, v)
-    impls = [Impl("r1fast", bk, _r1fast(bk, shape, dtype, device))
-             for bk in (("triton", "torch") if device.type == "cuda" else ("torch",))]
+    ours = ("triton", "torch") if device.type == "cuda" else ("torch",)  # r1fast backends timed here
+    impls = [Impl("r1fast", bk, _r1fast(bk, shape, dtype, device)) for bk in ours]
     if device.type == "cuda":  # the same kernels with cuBLAS forming the logits tiles
         impls.insert(1, Impl("r1fast", "triton+cublas", with_env(_r1fast("triton", shape, dtype, device),
                                                                  R1FAST_LOGITS_GEMM="cublas")))
@@ -136,8 +136,7 @@ def cases(size, device):
         Case(f"B={b} T={t} H={h} V={v} tokens={n} dapo beta=0.04", "fwd_bwd", str(dtype).removeprefix("torch."), impls,
              flops=6 * n * h * v, bytes=2 * (n * h + v * h) * es, items=n, item_name="tokens"),
         Case(f"per-token loss B={pb} T={pt}", "fwd_bwd", "float32",
-             [Impl("r1fast", bk, _per_token(bk, pb, pt, device))
-              for bk in (("triton", "torch") if device.type == "cuda" else ("torch",))],
+             [Impl("r1fast", bk, _per_token(bk, pb, pt, device)) for bk in ours],
              bytes=4 * pb * pt * 4 * 2, items=pb * pt, item_name="tokens"),
         Case(f"group_advantages B={ab} G={ag} grpo/group", "fwd", "float32",
              [Impl("r1fast", "triton" if device.type == "cuda" else "torch", _advantages(
