@@ -34,9 +34,13 @@ static void check_args(const DecodeAttentionArgs& a) {
   if (a.num_splits * a.partition_size < a.max_blocks_per_seq * a.block_size)
     fail("decode_attention: num_splits (", a.num_splits, ") x partition_size (", a.partition_size,
          ") does not cover max_blocks_per_seq x block_size (", a.max_blocks_per_seq * a.block_size, " tokens)");
-  if (a.num_splits * a.partition_size > 2147483647LL - 64)
+  // (twice with a shared prefix: a row's partitions start at its row_start, below the table's span)
+  const std::int64_t span = a.num_splits * a.partition_size * (a.row_start ? 2 : 1);
+  if (span > 2147483647LL - 64)
     fail("decode_attention: num_splits x partition_size (", a.num_splits * a.partition_size,
-         ") must stay below 2^31 - 64");
+         a.row_start ? ", doubled with a shared prefix" : "", ") must stay below 2^31 - 64");
+  if ((a.row_start != 0) != (a.prefix_ml != 0) || (a.row_start != 0) != (a.prefix_acc != 0))
+    fail("decode_attention: row_start, prefix_ml and prefix_acc are given together or not at all");
   if (a.dtype < 0 || a.dtype > 2) fail("decode_attention: dtype code must be 0, 1 or 2, got ", a.dtype);
   if (a.num_seqs > 0 && (!a.out || !a.q || !a.k_cache || !a.v_cache || !a.block_tables || !a.context_lens))
     fail("decode_attention: null pointer");
@@ -46,11 +50,12 @@ void register_decode_attention(pybind11::module_& m) {
   namespace py = pybind11;
   m.def("decode_attention_cuda",
         [](std::uintptr_t out, std::uintptr_t q, std::uintptr_t kc, std::uintptr_t vc, std::uintptr_t bt,
-           std::uintptr_t cl, std::uintptr_t ws_acc, std::uintptr_t ws_ml, std::int64_t num_seqs, std::int64_t num_heads,
+           std::uintptr_t cl, std::uintptr_t ws_acc, std::uintptr_t ws_ml, std::uintptr_t row_start,
+           std::uintptr_t prefix_ml, std::uintptr_t prefix_acc, std::int64_t num_seqs, std::int64_t num_heads,
            std::int64_t num_kv_heads, std::int64_t head_dim, std::int64_t num_blocks, std::int64_t block_size,
            std::int64_t max_blocks, std::int64_t num_splits, std::int64_t partition_size, float scale, int dtype,
            std::uintptr_t stream) {
-          DecodeAttentionArgs a{out, q, kc, vc, bt, cl, ws_acc, ws_ml, num_seqs, num_heads, num_kv_heads, head_dim,
+          DecodeAttentionArgs a{out, q, kc, vc, bt, cl, ws_acc, ws_ml, row_start, prefix_ml, prefix_acc, num_seqs, num_heads, num_kv_heads, head_dim,
                                 num_blocks, block_size, max_blocks, num_splits, partition_size, scale, dtype};
           check_args(a);
 #ifdef R1FAST_WITH_CUDA
@@ -61,7 +66,8 @@ void register_decode_attention(pybind11::module_& m) {
 #endif
         },
         py::arg("out"), py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("block_tables"),
-        py::arg("context_lens"), py::arg("workspace_acc"), py::arg("workspace_ml"), py::arg("num_seqs"),
+        py::arg("context_lens"), py::arg("workspace_acc"), py::arg("workspace_ml"), py::arg("row_start"),
+        py::arg("prefix_ml"), py::arg("prefix_acc"), py::arg("num_seqs"),
         py::arg("num_heads"), py::arg("num_kv_heads"), py::arg("head_dim"), py::arg("num_blocks"),
         py::arg("block_size"), py::arg("max_blocks_per_seq"), py::arg("num_splits"), py::arg("partition_size"),
         py::arg("scale"), py::arg("dtype"), py::arg("stream"),

@@ -50,8 +50,9 @@ __global__ void __launch_bounds__(kWarps * 32)
 decode_partition_kernel(T* __restrict__ out, const T* __restrict__ q, const T* __restrict__ k_cache,
                         const T* __restrict__ v_cache, const int* __restrict__ block_tables,
                         const int* __restrict__ context_lens, float* __restrict__ ws_acc, float* __restrict__ ws_ml,
-                        int num_heads, int num_kv_heads, int head_dim, int block_size, int max_blocks,
-                        int num_splits, int partition_size, float scale) {
+                        const int* __restrict__ row_start, const float* __restrict__ prefix_ml,
+                        const float* __restrict__ prefix_acc, int num_heads, int num_kv_heads, int head_dim,
+                        int block_size, int max_blocks, int num_splits, int partition_size, float scale) {
   const int seq = blockIdx.x;
   const int group = num_heads / num_kv_heads;
   const int head_tiles = (group + GQ_TILE - 1) / GQ_TILE;
@@ -61,7 +62,9 @@ decode_partition_kernel(T* __restrict__ out, const T* __restrict__ q, const T* _
   const int split = blockIdx.z;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int ctx = context_lens[seq];
-  const int start = split * partition_size;
+  // with a shared prefix, tokens [0, rs) were attended by the prefix kernel: walk [rs, ctx) only
+  const int rs = row_start ? row_start[seq] : 0;
+  const int start = rs + split * partition_size;
   const int end = min(ctx, start + partition_size);
   const bool lane_on = lane * VPL < head_dim;
 
@@ -85,6 +88,20 @@ decode_partition_kernel(T* __restrict__ out, const T* __restrict__ q, const T* _
       load_row<T, VPL>(q + ((long)seq * num_heads + h0 + g) * head_dim + lane * VPL, qv[g]);
 #pragma unroll
       for (int i = 0; i < VPL; ++i) qv[g][i] *= scale;
+    }
+  }
+  // Warp 0 of split 0 starts from the prefix's (max, sum, acc); the warp merge below folds it in.
+  if (rs > 0 && split == 0 && warp == 0) {
+#pragma unroll
+    for (int g = 0; g < GQ_TILE; ++g) {
+      if (g >= nh) break;
+      const long hrow = (long)seq * num_heads + h0 + g;
+      m[g] = prefix_ml[hrow * 2];
+      l[g] = prefix_ml[hrow * 2 + 1];
+      if (lane_on) {
+#pragma unroll
+        for (int i = 0; i < VPL; ++i) acc[g][i] = prefix_acc[hrow * head_dim + lane * VPL + i];
+      }
     }
   }
 
@@ -192,7 +209,8 @@ void launch(const DecodeAttentionArgs& a, cudaStream_t stream) {
   decode_partition_kernel<T, VPL, GQ_TILE><<<grid, kWarps * 32, 0, stream>>>(
       as_ptr<T>(a.out), as_ptr<const T>(a.q), as_ptr<const T>(a.k_cache), as_ptr<const T>(a.v_cache),
       as_ptr<const int>(a.block_tables), as_ptr<const int>(a.context_lens), as_ptr<float>(a.workspace_acc),
-      as_ptr<float>(a.workspace_ml), static_cast<int>(a.num_heads), static_cast<int>(a.num_kv_heads),
+      as_ptr<float>(a.workspace_ml), as_ptr<const int>(a.row_start), as_ptr<const float>(a.prefix_ml),
+      as_ptr<const float>(a.prefix_acc), static_cast<int>(a.num_heads), static_cast<int>(a.num_kv_heads),
       static_cast<int>(a.head_dim), static_cast<int>(a.block_size), static_cast<int>(a.max_blocks_per_seq),
       static_cast<int>(a.num_splits), static_cast<int>(a.partition_size), a.scale);
   if (a.num_splits > 1) {

@@ -144,14 +144,23 @@ def compile_all(arch: int = 90, full: bool = False, report=None):
     dts = ("bf16", "fp16", "fp32") if full else ("bf16", "fp32")
     for dt in dts:
         types = {"q_ptr": f"*{dt}", "k_ptr": f"*{dt}", "v_ptr": f"*{dt}", "bt_ptr": "*i32", "cl_ptr": "*i32",
-                 "out_ptr": f"*{dt}", "ml_ptr": "*fp32", "acc_ptr": "*fp32", "scale": "fp32"}
+                 "out_ptr": f"*{dt}", "ml_ptr": "*fp32", "acc_ptr": "*fp32", "rs_ptr": "*i32", "pml_ptr": "*fp32",
+                 "pacc_ptr": "*fp32", "tile_ptr": "*i32", "rows_ptr": "*i32", "prefix_ptr": "*i32", "scale": "fp32"}
         for group, d in shapes:
             g_pad, d_pad = max(16, triton.next_power_of_2(group)), max(16, triton.next_power_of_2(d))
-            c = dict(GROUP=group, G_PAD=g_pad, D_PAD=d_pad, FP32=dt == "fp32")
-            cfg = dict(BLOCK_N=decode_kernels.block_n_for(d_pad, dt == "fp32"),
-                       num_warps=decode_kernels.num_warps_for(g_pad), num_stages=3)
-            _compile(decode_kernels._decode_kernel, types, c, arch, cfg, report,
-                     f"_decode_kernel {dt} group={group} dim={d}")
+            fp32 = dt == "fp32"
+            cfg = dict(BLOCK_N=decode_kernels.block_n_for(d_pad, fp32), num_warps=decode_kernels.num_warps_for(g_pad),
+                       num_stages=3)
+            for has_prefix in (False, True):
+                c = dict(GROUP=group, G_PAD=g_pad, D_PAD=d_pad, FP32=fp32, HAS_PREFIX=has_prefix)
+                _compile(decode_kernels._decode_kernel, types, c, arch, cfg, report,
+                         f"_decode_kernel {dt} group={group} dim={d}{' suffix' if has_prefix else ''}")
+            if decode_kernels.prefix_tile_rows(group, d) >= 2:
+                m_pad = decode_kernels.prefix_m_pad(group, d)
+                _compile(decode_kernels._prefix_kernel, types, dict(GROUP=group, M_PAD=m_pad, D_PAD=d_pad, FP32=fp32),
+                         arch, dict(BLOCK_N=decode_kernels.prefix_block_n(d_pad, fp32),
+                                    num_warps=decode_kernels.num_warps_for(m_pad), num_stages=3), report,
+                         f"_prefix_kernel {dt} group={group} dim={d}")
         types = {"key_ptr": f"*{dt}", "value_ptr": f"*{dt}", "k_cache_ptr": f"*{dt}", "v_cache_ptr": f"*{dt}",
                  "slot_ptr": "*i64"}
         _compile(kv_kernels._store_kv_kernel, types, {}, arch, dict(BLOCK=1024, num_warps=4, num_stages=3), report,

@@ -4,43 +4,29 @@ One program = one (sequence, KV head, context partition). It loads the whole que
 that KV head as one [G_PAD, D_PAD] tile, so each K/V row is read once for all of them (GQA), and
 walks the partition BLOCK_N tokens at a time with an online softmax. With more than one partition
 (split-K) it writes unnormalised (max, sum, acc) partials that `merge_partitions` combines.
+
+Shared prefixes (cascade): the G samples of a GRPO group share their prompt's KV blocks. Read per
+sequence, those blocks cross HBM G times a step. `_prefix_kernel` reads them once per tile of
+member sequences: one program = one (tile, KV head), whose queries are every member's query-head
+group stacked into one [M_PAD, D_PAD] tile (a real matrix product, not G thin ones). It leaves the
+unnormalised (max, sum, acc) of each (member, head) over the prefix; `_decode_kernel` then walks
+only the sequence's own tokens [row_start, ctx) and starts its online softmax from that state.
 """
 import torch
 import triton
 import triton.language as tl
 
+from r1fast.ops.attention import prefix_tile_rows
+
 
 @triton.jit
-def _decode_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, cl_ptr, out_ptr, ml_ptr, acc_ptr,
-                   num_heads, num_kv_heads, head_dim, block_size, max_blocks, num_splits, partition_size, scale,
-                   GROUP: tl.constexpr, G_PAD: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-                   FP32: tl.constexpr):
-    # int64 so every offset computed from seq (q, block table, workspaces) is 64-bit; cache offsets
-    # are made 64-bit from the loaded block id below.
-    seq = tl.program_id(0).to(tl.int64)
-    kvh = tl.program_id(1)
-    split = tl.program_id(2)
-    ctx = tl.load(cl_ptr + seq)
-    start = split * partition_size
-    end = tl.minimum(ctx, start + partition_size)
-
-    g = tl.arange(0, G_PAD)
-    d = tl.arange(0, D_PAD)
-    hmask = g < GROUP
-    dmask = d < head_dim
-    heads = kvh * GROUP + g
-    q_off = (seq * num_heads + heads)[:, None] * head_dim + d[None, :]
-    q = tl.load(q_ptr + q_off, mask=hmask[:, None] & dmask[None, :], other=0.0).to(tl.float32) * scale
-    if not FP32:
-        q = q.to(k_ptr.dtype.element_ty)
-
-    m = tl.full([G_PAD], float("-inf"), tl.float32)
-    l = tl.zeros([G_PAD], tl.float32)
-    acc = tl.zeros([G_PAD, D_PAD], tl.float32)
+def _attend_tokens(q, m, l, acc, k_ptr, v_ptr, table_ptr, start, end, kvh, num_kv_heads, head_dim, block_size,
+                   d, dmask, BLOCK_N: tl.constexpr, FP32: tl.constexpr):
+    """Online softmax of the query tile q [M, D_PAD] over tokens [start, end) of one block table."""
     for t0 in range(start, end, BLOCK_N):
         t = t0 + tl.arange(0, BLOCK_N)
         tmask = t < end
-        blk = tl.load(bt_ptr + seq * max_blocks + t // block_size, mask=tmask, other=0).to(tl.int64)
+        blk = tl.load(table_ptr + t // block_size, mask=tmask, other=0).to(tl.int64)
         row = ((blk * block_size + t % block_size) * num_kv_heads + kvh) * head_dim
         kv_mask = tmask[:, None] & dmask[None, :]
         k = tl.load(k_ptr + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
@@ -60,6 +46,87 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, cl_ptr, out_ptr, ml_ptr, acc_ptr
             pv = tl.dot(p.to(v.dtype), v)
         acc = acc * corr[:, None] + pv
         m = m_new
+    return m, l, acc
+
+
+@triton.jit
+def _prefix_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, tile_ptr, rows_ptr, prefix_ptr, pml_ptr, pacc_ptr,
+                   num_heads, num_kv_heads, head_dim, block_size, max_blocks, scale,
+                   GROUP: tl.constexpr, M_PAD: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+                   FP32: tl.constexpr):
+    tile = tl.program_id(0)
+    kvh = tl.program_id(1)
+    first = tl.load(tile_ptr + tile)
+    count = tl.load(tile_ptr + tile + 1) - first  # 0 for the padding tiles of a CUDA graph
+    prefix = tl.load(prefix_ptr + tile)
+    leader = tl.load(rows_ptr + first, mask=count > 0, other=0).to(tl.int64)  # all members share these blocks
+
+    i = tl.arange(0, M_PAD)
+    d = tl.arange(0, D_PAD)
+    dmask = d < head_dim
+    heads = kvh * GROUP + i % GROUP
+    # M_PAD // GROUP members per pass: a tile larger than the host's tiling still gets every member
+    for c0 in range(0, count, M_PAD // GROUP):
+        member = c0 + i // GROUP
+        live = (member < count) & (i < (M_PAD // GROUP) * GROUP)
+        row = tl.load(rows_ptr + first + member, mask=live, other=0).to(tl.int64)
+        q_off = (row * num_heads + heads)[:, None] * head_dim + d[None, :]
+        q = tl.load(q_ptr + q_off, mask=live[:, None] & dmask[None, :], other=0.0).to(tl.float32) * scale
+        if not FP32:
+            q = q.to(k_ptr.dtype.element_ty)
+        m = tl.full([M_PAD], float("-inf"), tl.float32)
+        l = tl.zeros([M_PAD], tl.float32)
+        acc = tl.zeros([M_PAD, D_PAD], tl.float32)
+        m, l, acc = _attend_tokens(q, m, l, acc, k_ptr, v_ptr, bt_ptr + leader * max_blocks, 0, prefix, kvh,
+                                   num_kv_heads, head_dim, block_size, d, dmask, BLOCK_N, FP32)
+        part = row * num_heads + heads
+        tl.store(pml_ptr + part * 2, m, mask=live)
+        tl.store(pml_ptr + part * 2 + 1, l, mask=live)
+        tl.store(pacc_ptr + part[:, None] * head_dim + d[None, :], acc, mask=live[:, None] & dmask[None, :])
+
+
+@triton.jit
+def _decode_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, cl_ptr, out_ptr, ml_ptr, acc_ptr, rs_ptr, pml_ptr, pacc_ptr,
+                   num_heads, num_kv_heads, head_dim, block_size, max_blocks, num_splits, partition_size, scale,
+                   GROUP: tl.constexpr, G_PAD: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+                   FP32: tl.constexpr, HAS_PREFIX: tl.constexpr):
+    # int64 so every offset computed from seq (q, block table, workspaces) is 64-bit; cache offsets
+    # are made 64-bit from the loaded block id below.
+    seq = tl.program_id(0).to(tl.int64)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    ctx = tl.load(cl_ptr + seq)
+    row_start = 0
+    if HAS_PREFIX:
+        row_start = tl.load(rs_ptr + seq)  # tokens before it are covered by the prefix kernel's state
+    start = row_start + split * partition_size
+    end = tl.minimum(ctx, start + partition_size)
+
+    g = tl.arange(0, G_PAD)
+    d = tl.arange(0, D_PAD)
+    hmask = g < GROUP
+    dmask = d < head_dim
+    heads = kvh * GROUP + g
+    q_off = (seq * num_heads + heads)[:, None] * head_dim + d[None, :]
+    q = tl.load(q_ptr + q_off, mask=hmask[:, None] & dmask[None, :], other=0.0).to(tl.float32) * scale
+    if not FP32:
+        q = q.to(k_ptr.dtype.element_ty)
+
+    if HAS_PREFIX:
+        # split 0 of a row with a shared prefix starts from the prefix's state; the rest from empty
+        # (a bound, not `hmask & scalar_bool`: the interpreter cannot mask with the latter)
+        folded = g < GROUP * (split == 0).to(tl.int32) * (row_start > 0).to(tl.int32)
+        pre = seq * num_heads + heads
+        m = tl.load(pml_ptr + pre * 2, mask=folded, other=float("-inf"))
+        l = tl.load(pml_ptr + pre * 2 + 1, mask=folded, other=0.0)
+        acc = tl.load(pacc_ptr + pre[:, None] * head_dim + d[None, :], mask=folded[:, None] & dmask[None, :],
+                      other=0.0)
+    else:
+        m = tl.full([G_PAD], float("-inf"), tl.float32)
+        l = tl.zeros([G_PAD], tl.float32)
+        acc = tl.zeros([G_PAD, D_PAD], tl.float32)
+    m, l, acc = _attend_tokens(q, m, l, acc, k_ptr, v_ptr, bt_ptr + seq * max_blocks, start, end, kvh,
+                               num_kv_heads, head_dim, block_size, d, dmask, BLOCK_N, FP32)
 
     if num_splits == 1:
         out = acc / l[:, None]
@@ -95,9 +162,39 @@ def num_warps_for(g_pad: int) -> int:
     return 8 if g_pad >= 32 else 4
 
 
+def prefix_m_pad(group: int, head_dim: int) -> int:
+    """Query rows of the prefix kernel's tile: prefix_tile_rows() members x group, padded."""
+    return max(16, triton.next_power_of_2(prefix_tile_rows(group, head_dim) * group))
+
+
+def prefix_block_n(d_pad: int, fp32: bool) -> int:
+    """Tokens per step of the prefix kernel: its query tile is up to 4x the decode kernel's."""
+    return 16 if fp32 else block_n_for(d_pad, fp32)
+
+
+def prefix_attention(q, k_cache, v_cache, block_tables, scale, shared):
+    """The prefix kernel over an ops.attention.SharedPrefix -> float32 (max, sum) [B, H, 2], acc [B, H, D],
+    set for the rows of its tiles (the others are left unwritten: their row_start is 0)."""
+    num_seqs, num_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    d_pad = max(16, triton.next_power_of_2(head_dim))
+    fp32 = q.dtype == torch.float32
+    m_pad = prefix_m_pad(group, head_dim)
+    pml = torch.empty(num_seqs, num_heads, 2, device=q.device, dtype=torch.float32)
+    pacc = torch.empty(num_seqs, num_heads, head_dim, device=q.device, dtype=torch.float32)
+    _prefix_kernel[(shared.tile_prefix.shape[0], num_kv_heads)](
+        q, k_cache, v_cache, block_tables, shared.tile_ptr, shared.tile_rows, shared.tile_prefix, pml, pacc,
+        num_heads, num_kv_heads, head_dim, k_cache.shape[1], block_tables.shape[1], scale,
+        GROUP=group, M_PAD=m_pad, D_PAD=d_pad, BLOCK_N=prefix_block_n(d_pad, fp32), FP32=fp32,
+        num_warps=num_warps_for(m_pad))
+    return pml, pacc
+
+
 def paged_decode_attention(out, q, k_cache, v_cache, block_tables, context_lens, scale, num_splits, partition_size,
-                           ws_ml=None, ws_acc=None):
-    """Inputs validated by r1fast.ops.paged_decode_attention; writes `out`."""
+                           ws_ml=None, ws_acc=None, shared=None):
+    """Inputs validated by r1fast.ops.paged_decode_attention; writes `out`. `shared`: an
+    ops.attention.SharedPrefix, whose prefix partials are computed first and folded in."""
     num_seqs, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
     if num_seqs == 0:
@@ -105,11 +202,16 @@ def paged_decode_attention(out, q, k_cache, v_cache, block_tables, context_lens,
     group = num_heads // num_kv_heads
     g_pad = max(16, triton.next_power_of_2(group))
     d_pad = max(16, triton.next_power_of_2(head_dim))
-    block_n = block_n_for(d_pad, q.dtype == torch.float32)
+    fp32 = q.dtype == torch.float32
+    block_n = block_n_for(d_pad, fp32)
+    row_start = pml = pacc = ws_ml  # unused pointers when there is no shared prefix
+    if shared is not None:
+        row_start = shared.row_start
+        pml, pacc = prefix_attention(q, k_cache, v_cache, block_tables, scale, shared)
     grid = (num_seqs, num_kv_heads, num_splits)
-    _decode_kernel[grid](q, k_cache, v_cache, block_tables, context_lens, out, ws_ml, ws_acc,
+    _decode_kernel[grid](q, k_cache, v_cache, block_tables, context_lens, out, ws_ml, ws_acc, row_start, pml, pacc,
                          num_heads, num_kv_heads, head_dim, k_cache.shape[1], block_tables.shape[1], num_splits,
                          partition_size, scale, GROUP=group, G_PAD=g_pad, D_PAD=d_pad, BLOCK_N=block_n,
-                         FP32=q.dtype == torch.float32, num_warps=num_warps_for(g_pad))
+                         FP32=fp32, HAS_PREFIX=shared is not None, num_warps=num_warps_for(g_pad))
     if num_splits > 1:
         merge_partitions(out, ws_ml, ws_acc)

@@ -1,4 +1,5 @@
 """Paged decode and prefill attention: every backend against the float64 reference."""
+import numpy as np
 import pytest
 import torch
 
@@ -141,13 +142,15 @@ def test_decode_extension_checks_the_split_cover_before_any_launch():
 
     ext = _ext.require()
     args = dict(out=16, q=16, k_cache=16, v_cache=16, block_tables=16, context_lens=16, workspace_acc=16,
-                workspace_ml=16, num_seqs=1, num_heads=4, num_kv_heads=2, head_dim=16, num_blocks=10, block_size=8,
+                workspace_ml=16, row_start=0, prefix_ml=0, prefix_acc=0, num_seqs=1, num_heads=4, num_kv_heads=2, head_dim=16, num_blocks=10, block_size=8,
                 max_blocks_per_seq=5, num_splits=2, partition_size=16, scale=0.25, dtype=0, stream=0)
     with pytest.raises(ValueError, match="does not cover"):
         ext.decode_attention_cuda(**args)
     with pytest.raises(ValueError, match="below 2\\^31"):
         ext.decode_attention_cuda(**{**args, "max_blocks_per_seq": 2**19, "block_size": 2**11,
                                      "num_splits": 2**9, "partition_size": 2**22})
+    with pytest.raises(ValueError, match="together or not at all"):
+        ext.decode_attention_cuda(**{**args, "num_splits": 3, "row_start": 16})
 
 
 def test_decode_split_count_beyond_the_grid_limit_is_a_clear_error():
@@ -160,12 +163,176 @@ def test_decode_split_count_beyond_the_grid_limit_is_a_clear_error():
 
 
 # ----------------------------------------------------------------------------------------------
+# shared prefixes: the G samples of a group read their prompt's blocks once
+
+
+def make_shared_case(groups, num_heads=6, num_kv_heads=2, head_dim=16, block_size=4, seed=0, dtype=torch.float32,
+                     device="cpu"):
+    """groups: (shared_blocks, [context length of each member]); rows of the groups interleaved, each
+    member's blocks past the shared ones its own, unused table entries a bad id."""
+    g = torch.Generator().manual_seed(seed)
+    rows = [(gi, n) for gi, (_, lens) in enumerate(groups) for n in lens]
+    rows = [rows[i] for i in torch.randperm(len(rows), generator=g).tolist()]
+    width = max(-(-n // block_size) for _, n in rows) + 1
+    num_blocks = sum(sb for sb, _ in groups) + sum(-(-n // block_size) for _, n in rows) + 2
+    ids = iter(torch.randperm(num_blocks, generator=g).tolist())
+    shared = [[next(ids) for _ in range(sb)] for sb, _ in groups]
+    tables = torch.full((len(rows), width), -7, dtype=torch.int32)
+    for r, (gi, n) in enumerate(rows):
+        own = [next(ids) for _ in range(-(-n // block_size) - len(shared[gi]))]
+        tables[r, : len(shared[gi]) + len(own)] = torch.tensor(shared[gi] + own, dtype=torch.int32)
+    ctx = torch.tensor([n for _, n in rows], dtype=torch.int32)
+    q = randn(len(rows), num_heads, head_dim, seed=seed + 1, dtype=dtype, device=device)
+    kc = randn(num_blocks, block_size, num_kv_heads, head_dim, seed=seed + 2, dtype=dtype, device=device)
+    vc = randn(num_blocks, block_size, num_kv_heads, head_dim, seed=seed + 3, dtype=dtype, device=device)
+    return q, kc, vc, tables.to(device), ctx.to(device)
+
+
+def find_shared(tables, ctx, q, kc):
+    from r1fast.ops.attention import find_shared_prefixes
+
+    return find_shared_prefixes(tables.cpu().numpy(), ctx.cpu().numpy(), kc.shape[1], q.shape[1], kc.shape[2],
+                                q.shape[2])
+
+
+def test_find_shared_prefixes_groups_tiles_and_cuts():
+    from r1fast.ops.attention import shared_block_tiles, shared_prefix_at
+
+    # three groups: 11 rows sharing 2 blocks (group 6 x head_dim 16: 10 rows per tile -> tiles of 6 and 5),
+    # 2 rows sharing 3 blocks, one of them at a context that keeps only 2 of them (and its last token)
+    # to itself; a row alone
+    q, kc, vc, tables, ctx = make_shared_case([(2, [13] * 11), (3, [14, 12]), (0, [6])], num_heads=12)
+    sp = find_shared(tables, ctx, q, kc)
+    counts = np.diff(sp.tile_ptr).tolist()
+    prefix = dict(zip(counts, sp.tile_prefix.tolist()))
+    assert sorted(counts) == [2, 5, 6] and prefix[6] == prefix[5] == 8 and prefix[2] == 11
+    for t, (a, b) in enumerate(zip(sp.tile_ptr[:-1], sp.tile_ptr[1:])):
+        members = sp.tile_rows[a:b]
+        assert (tables[members, : -(-sp.tile_prefix[t] // 4)] == tables[members[0], : -(-sp.tile_prefix[t] // 4)]).all()
+        assert (sp.row_start[members] == sp.tile_prefix[t]).all()
+    alone = int(np.flatnonzero(ctx.numpy() == 6)[0])
+    assert sp.row_start[alone] == 0 and alone not in sp.tile_rows
+    # the same tiles at shorter contexts are cut so every row keeps its current token to itself
+    tiles = shared_block_tiles(tables.numpy(), ctx.numpy(), 4, 6, 16)
+    assert shared_prefix_at(tiles, np.minimum(ctx.numpy(), 5)).tile_prefix.max() == 4
+    # padding that happens to match is not a shared block: only blocks inside every context count
+    t2 = torch.zeros(2, 4, dtype=torch.int32)
+    t2[:, 0] = 3
+    t2[0, 1], t2[1, 1] = 5, 6
+    assert find_shared(t2, torch.tensor([6, 6], dtype=torch.int32), q, kc).tile_prefix.tolist() == [4]
+    # a chat template's header: every row's first block is the same one; each group's samples still
+    # share their own deeper prompt blocks, so the tiles stay one group each (not one group of all rows)
+    headed = tables.clone()
+    headed[:, 0] = tables[0, 0]
+    sp = find_shared(headed, ctx, q, kc)
+    assert sorted(np.diff(sp.tile_ptr).tolist()) == [2, 5, 6] and sorted(set(sp.tile_prefix.tolist())) == [8, 11]
+    assert find_shared(tables[:1], ctx[:1], q, kc) is None
+    assert find_shared(torch.arange(8, dtype=torch.int32).view(4, 2), torch.tensor([5] * 4), q, kc) is None
+
+
+def test_rows_leaving_shrink_the_tiles_like_a_fresh_search():
+    from r1fast.ops.attention import drop_tile_rows, shared_block_tiles
+
+    q, kc, vc, tables, ctx = make_shared_case([(2, [13] * 11), (3, [14, 12, 15]), (1, [6, 7])], num_heads=12)
+    tiles = shared_block_tiles(tables.numpy(), ctx.numpy(), 4, 6, 16)
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        keep = rng.random(len(ctx)) < 0.6
+        got = drop_tile_rows(tiles, keep)
+        fresh = shared_block_tiles(tables.numpy()[keep], ctx.numpy()[keep], 4, 6, 16)
+        if fresh is None:
+            assert got is None
+            continue
+        # every row still tiled shares what a fresh search finds; a row is dropped only when its tile
+        # was left with it alone (a fresh search may regroup it with rows of a sibling tile)
+        def members(t):
+            return {int(r): int(tok) for a, b, tok in zip(t[0][:-1], t[0][1:], t[2]) for r in t[1][a:b]}
+        kept, want = members(got) if got else {}, members(fresh)
+        assert all(want[r] == tok for r, tok in kept.items())
+        new_index = np.cumsum(keep) - 1
+        for a, b in zip(tiles[0][:-1], tiles[0][1:]):
+            survivors = [int(new_index[r]) for r in tiles[1][a:b] if keep[r]]
+            assert all(r in kept for r in survivors) == (len(survivors) >= 2) or not survivors
+        if got:
+            assert (np.diff(got[0]) >= 2).all()
+
+
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(6, 2, 16), (4, 4, 24), (16, 2, 32)])
+def test_decode_with_shared_prefix_matches_reference(device, heads, kv_heads, head_dim):
+    from r1fast.ops.attention import pad_shared_prefix
+
+    # 8 samples of one prompt (5 blocks shared), 3 of another (a partial block of its own), a lone row
+    groups = [(5, [21, 29, 23, 40, 22, 25, 33, 21]), (1, [5, 7, 9]), (0, [17])]
+    q, kc, vc, tables, ctx = make_shared_case(groups, heads, kv_heads, head_dim, device=device)
+    want = expected(q, kc, vc, tables, ctx)
+    sp = find_shared(tables, ctx, q, kc)
+    # as found, and in a CUDA graph's fixed-size buffers (one tile per row, the trailing ones empty)
+    for shared in (sp.to(device), pad_shared_prefix(sp, len(ctx), len(ctx)).to(device)):
+        for name in decode_backends(torch.device(device)):
+            for splits in (1, 3):
+                got = ops.paged_decode_attention(q, kc, vc, tables, ctx, num_splits=splits, backend=name,
+                                                 shared_prefix=shared)
+                assert_close(got, want, dtype=torch.float32, rtol=1e-5, name=f"{name} shared prefix x{splits}")
+
+
+def test_decode_shared_prefix_bad_inputs_raise():
+    q, kc, vc, tables, ctx = make_shared_case([(2, [9, 10, 11])])
+    sp = find_shared(tables, ctx, q, kc).to("cpu")
+    with pytest.raises(TypeError, match="SharedPrefix"):
+        ops.paged_decode_attention(q, kc, vc, tables, ctx, shared_prefix=tuple(sp))
+    with pytest.raises(ValueError, match="1-D int32"):
+        ops.paged_decode_attention(q, kc, vc, tables, ctx, shared_prefix=sp._replace(row_start=sp.row_start.long()))
+    with pytest.raises(ValueError, match="row_start \\[num_seqs=3\\]"):
+        ops.paged_decode_attention(q, kc, vc, tables, ctx, shared_prefix=sp._replace(row_start=sp.row_start[:2]))
+    not_shared = tables.clone()
+    not_shared[int(sp.tile_rows[1]), 1] = int(tables.max()) + 1  # a member's second block is its own
+    kc2, vc2 = (torch.cat([c, c[:1]]) for c in (kc, vc))
+    with pytest.raises(ValueError, match="do not share the blocks"):
+        ops.paged_decode_attention(q, kc2, vc2, not_shared, ctx, shared_prefix=sp)
+    with pytest.raises(ValueError, match="shortest member context"):
+        ops.paged_decode_attention(q, kc, vc, tables, ctx, shared_prefix=sp._replace(
+            tile_prefix=torch.full_like(sp.tile_prefix, 9)))
+    with pytest.raises(ValueError, match="row_start must be"):
+        ops.paged_decode_attention(q, kc, vc, tables, ctx, shared_prefix=sp._replace(
+            row_start=torch.zeros_like(sp.row_start)))
+    with pytest.raises(ValueError, match="distinct rows"):
+        ops.paged_decode_attention(q, kc, vc, tables, ctx, shared_prefix=sp._replace(
+            tile_rows=torch.full_like(sp.tile_rows, 1)))
+
+
+# ----------------------------------------------------------------------------------------------
 # GPU checks at real sizes (skipped without CUDA); each takes seconds at most.
 
 def _gpu_decode_backends():
     names = [b for b in ("cuda", "triton") if b in backends.available("paged_decode_attention", "cuda")]
     assert "triton" in names
     return names
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(12, 2, 128), (28, 4, 128), (16, 16, 64), (8, 1, 256)])
+def test_decode_shared_prefix_gpu(dtype, heads, kv_heads, head_dim):
+    # GRPO's shape: groups of 8 and 16 samples over a 256-token prompt (16 blocks of 16), their own
+    # tokens past it, a lone row; every backend, one split and several, the engine's graph padding
+    # (empty trailing tiles) too.
+    from r1fast.ops.attention import pad_shared_prefix
+    from r1fast.testing import assert_within_lowp_rule
+
+    groups = [(16, [257 + 37 * i for i in range(8)]), (16, [300 + 11 * i for i in range(16)]), (0, [700])]
+    q, kc, vc, tables, ctx = make_shared_case(groups, heads, kv_heads, head_dim, block_size=16, dtype=dtype,
+                                              device="cuda")
+    want = expected(q, kc, vc, tables, ctx)
+    ref_lowp = ref.paged_decode_attention(q, kc, vc, tables.clamp_min(0), ctx).cpu()
+    sp = find_shared(tables, ctx, q, kc)
+    assert sp is not None and int(sp.tile_prefix.min()) == 256
+    for shared in (sp.to("cuda"), pad_shared_prefix(sp, len(ctx), len(ctx)).to("cuda")):
+        for name in _gpu_decode_backends():
+            for splits in (1, 3):
+                got = ops.paged_decode_attention(q, kc, vc, tables, ctx, num_splits=splits, backend=name,
+                                                 shared_prefix=shared)
+                assert_within_lowp_rule(got, ref_lowp, want, factor=2.0, floor=1e-5,
+                                        name=f"{name} {dtype} shared prefix x{splits}")
 
 
 @pytest.mark.gpu
@@ -320,11 +487,16 @@ from r1fast.kernels.compile_check import compile_for
 from r1fast.kernels import decode_attention as da, kv_cache as kv
 for dt in ("bf16", "fp16", "fp32"):
     types = {"q_ptr": f"*{dt}", "k_ptr": f"*{dt}", "v_ptr": f"*{dt}", "bt_ptr": "*i32", "cl_ptr": "*i32",
-             "out_ptr": f"*{dt}", "ml_ptr": "*fp32", "acc_ptr": "*fp32", "scale": "fp32"}
+             "out_ptr": f"*{dt}", "ml_ptr": "*fp32", "acc_ptr": "*fp32", "rs_ptr": "*i32", "pml_ptr": "*fp32",
+             "pacc_ptr": "*fp32", "tile_ptr": "*i32", "rows_ptr": "*i32", "prefix_ptr": "*i32", "scale": "fp32"}
     for group, d in ((1, 64), (6, 128), (8, 256)):
         g_pad, d_pad = max(16, 1 << (group - 1).bit_length()), max(16, d)
-        compile_for(da._decode_kernel, types, dict(GROUP=group, G_PAD=g_pad, D_PAD=d_pad,
-                    BLOCK_N=32 if d_pad <= 128 else 16, FP32=dt == "fp32"), 90, num_warps=4)
+        for has_prefix in (False, True):
+            compile_for(da._decode_kernel, types, dict(GROUP=group, G_PAD=g_pad, D_PAD=d_pad, HAS_PREFIX=has_prefix,
+                        BLOCK_N=32 if d_pad <= 128 else 16, FP32=dt == "fp32"), 90, num_warps=4)
+        m_pad = da.prefix_m_pad(group, d)
+        compile_for(da._prefix_kernel, types, dict(GROUP=group, M_PAD=m_pad, D_PAD=d_pad, FP32=dt == "fp32",
+                    BLOCK_N=da.prefix_block_n(d_pad, dt == "fp32")), 90, num_warps=da.num_warps_for(m_pad))
     types = {"key_ptr": f"*{dt}", "value_ptr": f"*{dt}", "k_cache_ptr": f"*{dt}", "v_cache_ptr": f"*{dt}",
              "slot_ptr": "*i64"}
     compile_for(kv._store_kv_kernel, types, dict(BLOCK=1024), 90, num_warps=4)
@@ -354,7 +526,8 @@ for dt, group in (("bf16", 32), ("bf16", 64), ("fp16", 64), ("fp32", 32)):
              "out_ptr": f"*{dt}", "ml_ptr": "*fp32", "acc_ptr": "*fp32", "scale": "fp32"}
     g_pad, d_pad = max(16, triton.next_power_of_2(group)), 128
     k = compile_for(da._decode_kernel, types, dict(GROUP=group, G_PAD=g_pad, D_PAD=d_pad, FP32=dt == "fp32",
-                    BLOCK_N=da.block_n_for(d_pad, dt == "fp32")), 90, num_warps=da.num_warps_for(g_pad))
+                    HAS_PREFIX=False, BLOCK_N=da.block_n_for(d_pad, dt == "fp32")), 90,
+                    num_warps=da.num_warps_for(g_pad))
     usage = ptxas_usage(k, 90)
     if usage is not None:
         assert usage[1] == 0, f"{dt} group {group}: {usage[1]} bytes spilled at {da.num_warps_for(g_pad)} warps"

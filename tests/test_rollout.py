@@ -427,3 +427,29 @@ def test_random_limits_and_stops_equal_the_free_run_cut_at_the_first_stop(models
         assert engine.block_manager.num_free_blocks == num_blocks
 
     check()
+
+
+@pytest.mark.parametrize("opts", [dict(num_blocks=64), dict(num_blocks=12, max_num_seqs=6)])
+def test_shared_prefix_decode_matches_transformers(models, prompts, hf_greedy, opts, monkeypatch):
+    """The triton decode path with shared-prefix tiles (the G samples read their prompt's blocks once):
+    greedy tokens still equal transformers', with and without preemption, and the tiles were used."""
+    from r1fast import ops
+
+    _, model = models
+    seen = []
+    real = ops.paged_decode_attention
+
+    def recording(*args, shared_prefix=None, **kwargs):
+        if shared_prefix is not None:
+            seen.append(int(shared_prefix.tile_prefix.max()))
+        return real(*args, shared_prefix=shared_prefix, **kwargs)
+
+    monkeypatch.setattr(ops, "paged_decode_attention", recording)
+    engine = Engine(model, block_size=4, decode_backend="triton", **opts)
+    assert engine.runner.shared_prefix
+    results = engine.generate(prompts, SamplingParams(n=3, temperature=0, max_tokens=MAX_NEW))
+    for res, want in zip(results, hf_greedy):
+        assert [c.token_ids for c in res.completions] == [want] * 3
+    assert seen and max(seen) >= 8  # prompts of 9 and 13 tokens share 2 and 3 whole blocks
+    if opts["num_blocks"] == 12:
+        assert engine.last_stats["preemptions"] > 0

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from r1fast import backends
-from r1fast.rollout.self_check import select_backends
+from r1fast.rollout.self_check import select_backends, shared_prefix_ok
 
 SHAPES = dict(num_heads=6, num_kv_heads=2, head_dim=32)
 
@@ -45,6 +45,23 @@ def test_a_wrong_or_failing_backend_is_skipped_with_a_warning(monkeypatch, caplo
     assert "store_kv: the triton backend disagrees" in text
 
 
+def test_the_shared_prefix_path_is_checked_on_its_own(monkeypatch, caplog):
+    assert shared_prefix_ok("triton", "cpu", torch.float32, **SHAPES)
+    impls = backends.implementations("paged_decode_attention")
+    good = impls["triton"]
+
+    def prefix_dropped(*args):  # right without tiles, wrong with them
+        out = good(*args)
+        return out if args[-1] is None else out * 0.99
+    monkeypatch.setitem(impls, "triton", prefix_dropped)
+    with caplog.at_level(logging.WARNING):
+        assert not shared_prefix_ok("triton", "cpu", torch.float32, **SHAPES)
+    assert "shared-prefix path disagrees" in caplog.text
+    assert select_backends("cpu", torch.float32, **SHAPES, candidates={"paged_decode_attention": ["triton"],
+                                                                       "store_kv": ["torch"]}) == \
+        {"paged_decode_attention": "triton", "store_kv": "torch"}
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_low_precision_tolerance_accepts_the_torch_backend(dtype):
     chosen = select_backends("cpu", dtype, **SHAPES, candidates={"paged_decode_attention": ["torch"],
@@ -63,3 +80,5 @@ def test_gpu_kernels_pass_their_start_up_check(dtype):
             chosen = select_backends("cuda", dtype, num_heads=12, num_kv_heads=2, head_dim=128,
                                      candidates={op: [name]})
             assert chosen[op] == name, f"{op}: the {name} backend fails its check on {torch.cuda.get_device_name()}"
+            if op == "paged_decode_attention":
+                assert shared_prefix_ok(name, "cuda", dtype, num_heads=12, num_kv_heads=2, head_dim=128)

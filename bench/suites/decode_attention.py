@@ -2,12 +2,17 @@
 
 Memory-bound: the floor is the K/V bytes read (plus q and out) over the measured copy bandwidth.
 Peer: the same math in plain torch (gather the pages, einsum, softmax).
+
+The `shared prefix` case is GRPO's: groups of G samples whose contexts begin with the same prompt
+blocks. Its floor counts each distinct block once; the rows "+shared" pass the SharedPrefix tiles
+(the prompt's blocks read once per tile), the others read them once per sample.
 """
 import math
 
 import torch
 
 from r1fast import backends, ops
+from r1fast.ops.attention import find_shared_prefixes
 from r1fast.bench.harness import Case, Impl, Skip, suite
 
 
@@ -33,6 +38,47 @@ def _r1fast(backend, shape, dtype, device):
     return setup
 
 
+def _shared_inputs(groups, samples, heads, kv_heads, dim, prompt, ctx, block_size, dtype, device):
+    """groups x samples rows; each group's rows share the blocks of its `prompt` tokens, then own theirs."""
+    q, kc, vc, tables, lens = _inputs(groups * samples, heads, kv_heads, dim, ctx, block_size, dtype, device)
+    shared_blocks = prompt // block_size
+    t = tables.view(groups, samples, -1)
+    t[:, 1:, :shared_blocks] = t[:, :1, :shared_blocks]
+    return q, kc, vc, tables, lens
+
+
+def _r1fast_shared(backend, shape, dtype, device, use_tiles):
+    def setup():
+        if backend not in backends.available("paged_decode_attention", device):
+            raise Skip(f"backend {backend} unavailable on {device.type}")
+        groups, samples, heads, kv_heads, dim, prompt, ctx, bs = shape
+        q, kc, vc, tables, lens = _shared_inputs(*shape, dtype, device)
+        tiles = None
+        if use_tiles:
+            tiles = find_shared_prefixes(tables.cpu().numpy(), lens.cpu().numpy(), bs, heads, kv_heads,
+                                         dim).to(device)
+        return lambda: ops.paged_decode_attention(q, kc, vc, tables, lens, backend=backend, check_bounds=False,
+                                                  shared_prefix=tiles)
+    return setup
+
+
+def _shared_case(shape, dtype, device):
+    groups, samples, heads, kv_heads, dim, prompt, ctx, bs = shape
+    b = groups * samples
+    es = torch.finfo(dtype).bits // 8
+    distinct_tokens = groups * prompt + b * (ctx - prompt)
+    nbytes = es * (2 * distinct_tokens * kv_heads * dim + 2 * b * heads * dim)
+    gpu = device.type == "cuda"
+    names = ("cuda", "triton") if gpu else ("triton",)
+    impls = [Impl("r1fast", f"{name}+shared", _r1fast_shared(name, shape, dtype, device, True)) for name in names]
+    impls += [Impl("r1fast", name, _r1fast_shared(name, shape, dtype, device, False)) for name in names]
+    impls.append(Impl("torch", "gather+einsum" if gpu else "reference",
+                      _r1fast_shared("torch" if gpu else "reference", shape, dtype, device, False)))
+    return Case(f"shared prefix: {groups} groups x {samples} samples heads={heads}/{kv_heads} dim={dim} "
+                f"prompt={prompt} ctx={ctx}", "fwd", str(dtype).removeprefix("torch."), impls,
+                flops=4 * b * heads * ctx * dim, bytes=nbytes, items=b, item_name="seqs")
+
+
 @suite("decode_attention", "paged decode attention vs plain torch; floor = KV bytes / bandwidth")
 def cases(size, device):
     # (num_seqs, heads, kv_heads, head_dim, context, block_size): Qwen2.5-1.5B heads at GPU size
@@ -54,4 +100,7 @@ def cases(size, device):
                      Impl("torch", "reference", _r1fast("reference", shape, dtype, device)))
         out.append(Case(f"seqs={b} heads={h}/{hkv} dim={d} ctx={ctx}", "fwd", str(dtype).removeprefix("torch."),
                         impls, flops=flops, bytes=nbytes, items=b, item_name="seqs"))
+    # (groups, samples, heads, kv_heads, head_dim, prompt, context, block_size): the rollout's step
+    shared = (64, 8, 12, 2, 128, 256, 512, 16) if size == "gpu" else (2, 4, 4, 2, 32, 32, 48, 16)
+    out.append(_shared_case(shared, dtype, device))
     return out

@@ -2,8 +2,8 @@
 
 Cases:
 - "generate": prompts x G samples, fixed prompt and completion lengths (stop tokens ignored);
-  items = generated tokens. Floor: every decode step reads the weights once plus the KV of every
-  sequence (bytes), over the measured bandwidth.
+  items = generated tokens. Floor: every decode step reads the weights once plus every distinct KV
+  block in use (a prompt's, shared by its G samples, once), over the measured bandwidth.
 - "engine loop": the same generate() on a 2-layer model with a 256-token vocabulary, whose compute
   is negligible on a GPU: time per decode step is the engine's host work (scheduling, block tables,
   sampling, bookkeeping) and launch latency, which a real model's step pays on top of its kernels
@@ -138,8 +138,8 @@ def cases(size, device):
     kv_tok = _kv_bytes_per_token(mcfg, dtype)
     prompts_n, g, plen, new = gen_shape
     seqs = prompts_n * g
-    # every decode step: weights once + the KV of every sequence's context so far
-    gen_bytes = new * wbytes + seqs * kv_tok * sum(plen + t for t in range(new))
+    # every decode step: weights once + each prompt's KV once + every sample's own tokens so far
+    gen_bytes = new * wbytes + kv_tok * sum(prompts_n * plen + seqs * t for t in range(new))
     params = wbytes / es
     gen_flops = 2 * params * (prompts_n * plen + seqs * new)
     dt = str(dtype).removeprefix("torch.")

@@ -2,6 +2,9 @@
 
 paged_decode_attention: one query token per sequence against its cached context (the decode step).
     backends: reference (per-sequence loop, float64-capable), torch (one batched gather), triton, cuda.
+    An optional SharedPrefix (find_shared_prefixes) says which sequences share their leading blocks
+    (the G samples of a group share their prompt's): triton and cuda then read those blocks once per
+    tile of sequences instead of once per sequence. The numbers are the same as without it.
 paged_prefill_attention: causal attention of each sequence's new tokens over its cached prefix and
     themselves (chunked prefill and prefix-cache hits). On CUDA: flash-attn varlen when importable,
     else torch's varlen kernel once a probe shows it aligns the causal mask as required, else torch
@@ -21,7 +24,9 @@ import functools
 import inspect
 import logging
 import math
+from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from r1fast import _ext, backends
@@ -30,6 +35,185 @@ from r1fast.reference import attention as reference
 PARTITION_SIZE = 512  # tokens per split-K partition of the decode kernels
 MAX_GRID_YZ = 65535  # CUDA's limit on grid dims y and z: splits and KV heads are launched there
 _DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+class SharedPrefix(NamedTuple):
+    """Sequences of a decode batch that share their leading KV blocks, cut into tiles (int32 arrays).
+
+    Tile t holds rows tile_rows[tile_ptr[t]:tile_ptr[t+1]] of the batch, whose block tables agree on
+    the blocks covering their first tile_prefix[t] tokens (0 <= tile_prefix[t] < each member's context
+    length). row_start[b] is the prefix length of row b's tile, 0 for a row in no tile. Trailing tiles
+    may be empty (tile_ptr repeats, prefix 0): a CUDA graph's fixed-size buffers.
+    """
+    tile_ptr: object
+    tile_rows: object
+    tile_prefix: object
+    row_start: object
+
+    def to(self, device) -> "SharedPrefix":
+        """int32 tensors on `device` (from numpy arrays or tensors)."""
+        return SharedPrefix(*(torch.as_tensor(a).to(device=device, dtype=torch.int32) for a in self))
+
+
+def prefix_tile_rows(group: int, head_dim: int) -> int:
+    """Member sequences per tile of the prefix kernel, whose query tile stacks `group` query heads per
+    member: 64 rows, 32 past head_dim 128 (a 64 x 256 fp32 accumulator spills on sm_90)."""
+    return (64 if head_dim <= 128 else 32) // group
+
+
+def shared_block_tiles(block_tables: np.ndarray, context_lens: np.ndarray, block_size: int, group: int,
+                       head_dim: int):
+    """Tiles of decode rows that share leading blocks: (tile_ptr, tile_rows, tile_tokens) int arrays, or None.
+
+    A block is one piece of storage, and rows come to hold one in common only by forking or by a
+    prefix-cache hit, both of which share every block before it too. So each row is keyed by its
+    deepest block (inside its context) that another row of the batch also holds, and rows with the
+    same key share every block up to it. Keying by the deepest rather than the first shared block
+    matters: prompts under one chat template share their header's blocks across groups, and only
+    the deeper blocks single out a prompt's G samples. tile_tokens is the run of leading blocks all
+    members hold (checked against the first member's table), in tokens. Groups are split evenly into
+    tiles of at most prefix_tile_rows() rows. A few numpy passes, no loop over rows; the engine keeps
+    the result while its running set is unchanged (a running row's leading blocks never change).
+    """
+    tables = np.asarray(block_tables)
+    ctx = np.asarray(context_lens, dtype=np.int64)
+    per_tile = prefix_tile_rows(group, head_dim)
+    b = tables.shape[0]
+    if b < 2 or per_tile < 2:
+        return None
+    cols = -(-int(ctx.max()) // block_size)
+    t = tables[:, :cols]
+    inside = np.arange(cols) < (-(-ctx // block_size))[:, None]
+    ids = t[inside]
+    if ids.min() < 0:
+        raise ValueError("find_shared_prefixes: block_tables hold negative block ids inside the contexts")
+    held = np.bincount(ids)  # rows holding each block
+    shared = np.zeros((b, cols + 1), dtype=bool)  # the extra False column ends every run
+    shared[:, :cols][inside] = held[ids] >= 2
+    run = shared.argmin(axis=1)
+    cand = np.flatnonzero(run > 0)
+    key = t[cand, run[cand] - 1]
+    order = cand[np.argsort(key, kind="stable")]
+    key = t[order, run[order] - 1]
+    new = np.ones(len(order), dtype=bool)
+    np.not_equal(key[1:], key[:-1], out=new[1:])
+    starts = np.flatnonzero(new)
+    sizes = np.diff(starts, append=len(order))
+    gid = np.cumsum(new) - 1
+    pos = np.flatnonzero(sizes[gid] >= 2)  # a row whose deepest shared block's partners go deeper is left out
+    if not len(pos):
+        return None
+    rows, lead = order[pos], order[starts[gid[pos]]]
+    same = np.zeros((len(pos), cols + 1), dtype=bool)
+    same[:, :cols] = (t[rows] == t[lead]) & inside[rows]
+    common = same.argmin(axis=1)
+    gstart = np.flatnonzero(np.diff(gid[pos], prepend=-1))  # where each group begins within pos
+    gsize = np.diff(gstart, append=len(pos))
+    num_tiles = -(-gsize // per_tile)
+    tile_size = -(-gsize // num_tiles)                  # even tiles: 11 rows at 10 per tile -> 6 + 5
+    rank = np.arange(len(pos)) - np.repeat(gstart, gsize)
+    tile_first = np.flatnonzero(rank % np.repeat(tile_size, gsize) == 0)
+    tokens = np.repeat(np.minimum.reduceat(common, gstart), gsize) * block_size
+    return np.append(tile_first, len(pos)), rows, tokens[tile_first]
+
+
+def drop_tile_rows(tiles, keep: np.ndarray):
+    """shared_block_tiles() after the rows where `keep` is False left the batch (the others keep their
+    order): members renumbered, tiles left with fewer than two members dropped. A subset of a tile
+    still holds its blocks, so no table is read again."""
+    if tiles is None:
+        return None
+    tile_ptr, rows, tokens = tiles
+    new_index = np.cumsum(keep) - 1
+    counts = np.diff(tile_ptr)
+    stays = keep[rows]
+    left = np.add.reduceat(stays.astype(np.int64), tile_ptr[:-1])  # tiles are never empty here
+    live = left >= 2
+    if not live.any():
+        return None
+    member = stays & np.repeat(live, counts)
+    return np.append(0, np.cumsum(left[live])), new_index[rows[member]], tokens[live]
+
+
+def shared_prefix_at(tiles, context_lens: np.ndarray) -> SharedPrefix | None:
+    """The SharedPrefix of shared_block_tiles() at these context lengths: each tile's run, cut so every
+    member keeps at least its current token to itself (a tile cut to 0 tokens does nothing)."""
+    if tiles is None:
+        return None
+    tile_ptr, rows, tokens = tiles
+    ctx = np.asarray(context_lens, dtype=np.int64)
+    prefix = np.maximum(np.minimum(tokens, np.minimum.reduceat(ctx[rows], tile_ptr[:-1]) - 1), 0)
+    row_start = np.zeros(len(ctx), dtype=np.int32)
+    row_start[rows] = np.repeat(prefix, np.diff(tile_ptr))
+    return SharedPrefix(tile_ptr.astype(np.int32), rows.astype(np.int32), prefix.astype(np.int32), row_start)
+
+
+def pad_shared_prefix(shared: SharedPrefix | None, rows: int, batch_size: int) -> SharedPrefix:
+    """`shared` (None: no tiles) for a step padded from `rows` to batch_size rows, in buffers of fixed
+    size (a CUDA graph's): batch_size tiles, those past `shared`'s empty; row_start 0 on padding rows."""
+    ptr = np.zeros(batch_size + 1, dtype=np.int32)
+    members = np.zeros(batch_size, dtype=np.int32)
+    prefix = np.zeros(batch_size, dtype=np.int32)
+    row_start = np.zeros(batch_size, dtype=np.int32)
+    if shared is not None:
+        n = len(shared.tile_prefix)
+        ptr[: n + 1] = shared.tile_ptr
+        ptr[n + 1:] = shared.tile_ptr[-1]
+        members[: len(shared.tile_rows)] = shared.tile_rows
+        prefix[:n] = shared.tile_prefix
+        row_start[:rows] = shared.row_start
+    return SharedPrefix(ptr, members, prefix, row_start)
+
+
+def find_shared_prefixes(block_tables: np.ndarray, context_lens: np.ndarray, block_size: int, num_heads: int,
+                         num_kv_heads: int, head_dim: int) -> SharedPrefix | None:
+    """The SharedPrefix of a decode batch (host numpy arrays in and out), or None when no rows share a block."""
+    tiles = shared_block_tiles(block_tables, context_lens, block_size, num_heads // num_kv_heads, head_dim)
+    return shared_prefix_at(tiles, context_lens)
+
+
+def _validate_shared(shared, q, block_tables, context_lens, k_cache, check_bounds):
+    if not isinstance(shared, SharedPrefix):
+        raise TypeError(f"paged_decode_attention: shared_prefix must be an ops.attention.SharedPrefix, got "
+                        f"{type(shared).__name__}")
+    n = q.shape[0]
+    for name, t in shared._asdict().items():
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.int32 or t.dim() != 1 or t.device != q.device:
+            raise ValueError(f"paged_decode_attention: shared_prefix.{name} must be a 1-D int32 tensor on {q.device}")
+    if shared.tile_ptr.shape[0] != shared.tile_prefix.shape[0] + 1 or shared.row_start.shape[0] != n:
+        raise ValueError(f"paged_decode_attention: shared_prefix needs tile_ptr [num_tiles + 1], tile_prefix "
+                         f"[num_tiles] and row_start [num_seqs={n}], got {tuple(shared.tile_ptr.shape)}, "
+                         f"{tuple(shared.tile_prefix.shape)}, {tuple(shared.row_start.shape)}")
+    if prefix_tile_rows(q.shape[1] // k_cache.shape[2], q.shape[2]) < 1:
+        raise ValueError(f"paged_decode_attention: shared prefixes take at most "
+                         f"{(64 if q.shape[2] <= 128 else 32)} query heads per KV head at head_dim {q.shape[2]}")
+    if not check_bounds:
+        return
+    ptr, rows, prefix, row_start = (t.cpu().numpy().astype(np.int64) for t in shared)
+    tables, ctx = block_tables.cpu().numpy(), context_lens.cpu().numpy().astype(np.int64)
+    if ptr[0] != 0 or (np.diff(ptr) < 0).any() or ptr[-1] > len(rows):
+        raise ValueError("paged_decode_attention: shared_prefix.tile_ptr must rise from 0 to at most len(tile_rows)")
+    members = rows[: ptr[-1]]
+    if len(members) and (members.min() < 0 or members.max() >= n or len(np.unique(members)) != len(members)):
+        raise ValueError(f"paged_decode_attention: shared_prefix.tile_rows must be distinct rows in [0, {n})")
+    want_start = np.zeros(n, dtype=np.int64)
+    bs = k_cache.shape[1]
+    for t in range(len(prefix)):
+        tile = rows[ptr[t]: ptr[t + 1]]
+        if not len(tile):
+            continue
+        p = prefix[t]
+        if p < 0 or p >= ctx[tile].min():
+            raise ValueError(f"paged_decode_attention: shared_prefix tile {t}: prefix {p} must lie in "
+                             f"[0, shortest member context {ctx[tile].min()})")
+        nb = -(-p // bs)
+        if (tables[tile, :nb] != tables[tile[0], :nb]).any():
+            raise ValueError(f"paged_decode_attention: shared_prefix tile {t}: its rows do not share the blocks "
+                             f"of their first {p} tokens")
+        want_start[tile] = p
+    if (row_start != want_start).any():
+        raise ValueError("paged_decode_attention: shared_prefix.row_start must be each row's tile prefix (0 outside "
+                         "tiles)")
 
 
 def _validate_decode(q, k_cache, v_cache, block_tables, context_lens, check_bounds):
@@ -94,12 +278,12 @@ def default_num_splits(num_seqs: int, num_kv_heads: int, max_context: int, parti
 
 
 @backends.register("paged_decode_attention", "reference")
-def _decode_reference(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits, partition):
+def _decode_reference(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits, partition, shared=None):
     return reference.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale)
 
 
 @backends.register("paged_decode_attention", "torch")
-def _decode_torch(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits, partition):
+def _decode_torch(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits, partition, shared=None):
     b, h, d = q.shape
     hkv = k_cache.shape[2]
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -123,7 +307,7 @@ def _workspaces(q, num_splits):
 
 
 @backends.register("paged_decode_attention", "triton")
-def _decode_triton(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits, partition):
+def _decode_triton(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits, partition, shared=None):
     from r1fast.kernels import decode_attention as kernel
 
     out = torch.empty_like(q)
@@ -131,13 +315,15 @@ def _decode_triton(q, k_cache, v_cache, block_tables, context_lens, scale, num_s
     # Triton launches on the *current* device: make it q's (a cache on cuda:1 under cuda:0 would fault).
     with backends.on_device(q.device):
         kernel.paged_decode_attention(out, q, k_cache, v_cache, block_tables, context_lens, scale, num_splits,
-                                      partition, ws_ml, ws_acc)
+                                      partition, ws_ml, ws_acc, shared)
     return out
 
 
 @torch.library.custom_op("r1fast::paged_decode_attention_cuda", mutates_args=())
 def _decode_cuda_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                    context_lens: torch.Tensor, scale: float, num_splits: int, partition: int) -> torch.Tensor:
+                    context_lens: torch.Tensor, scale: float, num_splits: int, partition: int,
+                    row_start: torch.Tensor | None = None, prefix_ml: torch.Tensor | None = None,
+                    prefix_acc: torch.Tensor | None = None) -> torch.Tensor:
     ext = _ext.require()
     # Checked here, on real tensors: data_ptr() does not exist on the fake tensors of torch.compile.
     # The kernel's vector loads need 16-byte aligned bases.
@@ -147,24 +333,26 @@ def _decode_cuda_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     out = torch.empty_like(q)
     ws_ml, ws_acc = _workspaces(q, num_splits)
     b, h, d = q.shape
+    prefix = [0, 0, 0] if row_start is None else [row_start.data_ptr(), prefix_ml.data_ptr(), prefix_acc.data_ptr()]
     # The extension launches on the current device with the stream given: both must be q's.
     with torch.cuda.device(q.device):
         stream = torch.cuda.current_stream(q.device).cuda_stream
         ext.decode_attention_cuda(out.data_ptr(), q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
                                   block_tables.data_ptr(), context_lens.data_ptr(), ws_acc.data_ptr(),
-                                  ws_ml.data_ptr(), b, h, k_cache.shape[2], d, k_cache.shape[0], k_cache.shape[1],
+                                  ws_ml.data_ptr(), *prefix, b, h, k_cache.shape[2], d, k_cache.shape[0], k_cache.shape[1],
                                   block_tables.shape[1], num_splits, partition, float(scale), _DTYPE_CODE[q.dtype],
                                   stream)
     return out
 
 
 @_decode_cuda_op.register_fake
-def _(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits, partition):
+def _(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits, partition, row_start=None,
+      prefix_ml=None, prefix_acc=None):
     return torch.empty_like(q)
 
 
 @backends.register("paged_decode_attention", "cuda")
-def _decode_cuda(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits, partition):
+def _decode_cuda(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits, partition, shared=None):
     if q.dtype == torch.float64:
         raise ValueError("paged_decode_attention: the cuda backend takes float32/float16/bfloat16, not float64")
     d = q.shape[2]
@@ -172,18 +360,29 @@ def _decode_cuda(q, k_cache, v_cache, block_tables, context_lens, scale, num_spl
         raise ValueError(f"paged_decode_attention: the cuda backend needs head_dim a multiple of 8 up to 256, got {d}")
     if q.shape[1] // k_cache.shape[2] > 64:
         raise ValueError("paged_decode_attention: the cuda backend takes at most 64 query heads per KV head")
-    return _decode_cuda_op(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits, partition)
+    if shared is None or not backends.backend_available("triton", q.device)[0]:
+        return _decode_cuda_op(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits, partition)
+    from r1fast.kernels import decode_attention as kernel
+
+    with backends.on_device(q.device):  # the prefix kernel is Triton's; the rest of the walk is CUDA's
+        pml, pacc = kernel.prefix_attention(q, k_cache, v_cache, block_tables, scale, shared)
+    return _decode_cuda_op(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits, partition,
+                           shared.row_start, pml, pacc)
 
 
 def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, *, scale: float | None = None,
-                           num_splits: int | None = None, backend: str | None = None, check_bounds: bool = True):
+                           num_splits: int | None = None, backend: str | None = None, check_bounds: bool = True,
+                           shared_prefix: SharedPrefix | None = None):
     """Attention of q [num_seqs, num_heads, head_dim] over each sequence's paged context -> [num_seqs, num_heads, head_dim].
 
     num_splits: equal context partitions (split-K) for the triton/cuda kernels; None picks one from
     the shapes alone (about PARTITION_SIZE tokens each, no device sync). `check_bounds=False` skips the checks of
-    context_lens and block ids (host syncs); the engine uses it on tables it built itself.
+    context_lens, block ids and the shared prefix's contents (host syncs); the engine uses it on tables it
+    built itself. shared_prefix: a SharedPrefix on q's device (find_shared_prefixes(...).to(device)).
     """
     _validate_decode(q, k_cache, v_cache, block_tables, context_lens, check_bounds)
+    if shared_prefix is not None:
+        _validate_shared(shared_prefix, q, block_tables, context_lens, k_cache, check_bounds)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     bs = k_cache.shape[1]
     max_ctx = block_tables.shape[1] * bs
@@ -202,7 +401,7 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, *, s
         raise ValueError(f"paged_decode_attention: {k_cache.shape[2]} KV heads exceed the launch grid limit "
                          f"{MAX_GRID_YZ}")
     _, fn = backends.resolve("paged_decode_attention", q.device, backend)
-    return fn(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits, partition)
+    return fn(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits, partition, shared_prefix)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -43,7 +43,7 @@ class Engine:
     def __init__(self, model, num_blocks: int | None = None, block_size: int = 16, memory_fraction: float = 0.5,
                  max_num_seqs: int = 256, max_num_batched_tokens: int = 8192, max_model_len: int | None = None,
                  enable_prefix_caching: bool = True, use_cuda_graphs: bool = True,
-                 decode_backend: str | None = None):
+                 decode_backend: str | None = None, shared_prefix_attention: bool = True):
         cfg = getattr(model, "config", None)
         for attr in ("num_hidden_layers", "num_key_value_heads", "head_dim", "vocab_size", "max_position_embeddings"):
             if getattr(cfg, attr, None) is None:
@@ -69,7 +69,8 @@ class Engine:
         ext = _ext.require()
         self.block_manager = ext.BlockManager(num_blocks, block_size, bool(enable_prefix_caching))
         self.runner = ModelRunner(model, num_blocks, block_size, max_num_seqs, self.max_model_len,
-                                  use_cuda_graphs=use_cuda_graphs, decode_backend=decode_backend)
+                                  use_cuda_graphs=use_cuda_graphs, decode_backend=decode_backend,
+                                  shared_prefix=shared_prefix_attention)
         self.eos_ids = _eos_ids(cfg)
         self._uniforms = sampler.HostUniforms(self.max_model_len + 1)
         self._next_seq_id = 0

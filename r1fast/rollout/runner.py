@@ -2,6 +2,11 @@
 
 The cache is one tensor [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]; layer l's
 keys are kv[l, 0] and values kv[l, 1], each contiguous in the layout of ops.store_kv.
+
+Shared prefixes: the G samples of a group hold their prompt's blocks in common. With a triton or
+cuda decode backend each decode step passes ops.paged_decode_attention a SharedPrefix, so those
+blocks are read once per tile of samples, not once per sample. The tiles come from the block tables
+(ops.attention.shared_block_tiles) and are kept while the running set is unchanged.
 """
 from __future__ import annotations
 
@@ -13,6 +18,8 @@ import torch
 
 from r1fast import backends, ops
 from r1fast.fp8 import fp8_disabled
+from r1fast.ops.attention import (SharedPrefix, drop_tile_rows, pad_shared_prefix, prefix_tile_rows,
+                                  shared_block_tiles, shared_prefix_at)
 
 log = logging.getLogger(__name__)
 
@@ -35,15 +42,21 @@ class PrefillContext:
 class DecodeContext:
     """attend(): store the new token's K/V, then paged decode attention (no host sync: graph-safe)."""
 
-    def __init__(self, kv, slots, block_tables, context_lens, scale, backend=None, store_backend=None):
+    def __init__(self, kv, slots, block_tables, context_lens, scale, backend=None, store_backend=None,
+                 shared_prefix=None):
         self.kv, self.slots, self.block_tables, self.context_lens = kv, slots, block_tables, context_lens
         self.scale, self.backend, self.store_backend = scale, backend, store_backend
+        self.shared_prefix = shared_prefix
 
     def attend(self, layer: int, q, k, v):
         kc, vc = self.kv[layer, 0], self.kv[layer, 1]
         ops.store_kv(k, v, kc, vc, self.slots, check_slots=False, backend=self.store_backend)
         return ops.paged_decode_attention(q.contiguous(), kc, vc, self.block_tables, self.context_lens,
-                                          scale=self.scale, backend=self.backend, check_bounds=False)
+                                          scale=self.scale, backend=self.backend, check_bounds=False,
+                                          shared_prefix=self.shared_prefix)
+
+
+_INT64_INPUTS = ("input_ids", "positions", "slots")
 
 
 def lm_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -58,7 +71,7 @@ def lm_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 class ModelRunner:
     def __init__(self, model, num_blocks: int, block_size: int, max_num_seqs: int, max_model_len: int,
-                 use_cuda_graphs: bool = True, decode_backend: str | None = None):
+                 use_cuda_graphs: bool = True, decode_backend: str | None = None, shared_prefix: bool = True):
         cfg = model.config
         self.model = model
         self.device, self.dtype = model.device, model.dtype
@@ -77,6 +90,17 @@ class ModelRunner:
             chosen = select_backends(self.device, self.dtype, cfg.num_attention_heads, self.num_kv_heads,
                                      self.head_dim)
             self.decode_backend, self.store_backend = chosen["paged_decode_attention"], chosen["store_kv"]
+        group = cfg.num_attention_heads // self.num_kv_heads
+        # only the triton and cuda kernels read shared blocks once; the others would ignore the tiles
+        self.shared_prefix = bool(shared_prefix) and self.decode_backend in ("triton", "cuda") and \
+            prefix_tile_rows(group, self.head_dim) >= 2
+        if self.shared_prefix and self.device.type == "cuda" and decode_backend is None:
+            from r1fast.rollout.self_check import shared_prefix_ok
+
+            self.shared_prefix = shared_prefix_ok(self.decode_backend, self.device, self.dtype,
+                                                  cfg.num_attention_heads, self.num_kv_heads, self.head_dim)
+        self._tiles_of = None  # the running ids array the cached tiles were found for
+        self._tiles = None
         self.kv = torch.zeros(cfg.num_hidden_layers, 2, num_blocks, block_size, self.num_kv_heads, self.head_dim,
                               device=self.device, dtype=self.dtype)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, dict]] = {}
@@ -115,8 +139,9 @@ class ModelRunner:
         return hidden.index_select(0, last)
 
     # -- decode ----------------------------------------------------------------------------------
-    def _decode_inputs(self, bm, seq_ids, last_tokens, positions, slots, batch_size, width=0):
-        """Host arrays of a decode step, padded to batch_size rows and at least `width` table columns."""
+    def _decode_inputs(self, bm, seq_ids, last_tokens, positions, slots, batch_size, width=0, graph=False):
+        """Host arrays of a decode step, padded to batch_size rows and at least `width` table columns
+        (and, for a CUDA graph, the shared-prefix buffers always present at their fixed sizes)."""
         b = len(seq_ids)
         tables = bm.block_tables(np.asarray(seq_ids, dtype=np.int64), width, 0)
         inputs = {
@@ -131,11 +156,33 @@ class ModelRunner:
         inputs["slots"][:b] = slots
         inputs["context_lens"][:b] = np.asarray(positions) + 1
         inputs["block_tables"][:b] = tables
+        if self.shared_prefix:
+            shared = self._shared_prefix(seq_ids, tables, inputs["context_lens"][:b])
+            if graph:  # fixed-size buffers: the extra tiles are empty and do nothing
+                shared = pad_shared_prefix(shared, b, batch_size)
+            if shared is not None:
+                inputs.update(shared._asdict())
         return inputs
 
+    def _shared_prefix(self, seq_ids, tables, context_lens) -> SharedPrefix | None:
+        # The running set's ids array is replaced whenever a row joins or leaves, and a running row's
+        # leading blocks never change: the tiles found for this array stay valid (only the cut to the
+        # current context lengths is redone). When rows only left, their tiles just lose them.
+        old = self._tiles_of
+        if old is not seq_ids:
+            keep = np.isin(old, seq_ids, assume_unique=True) if old is not None and len(seq_ids) < len(old) else None
+            if keep is not None and keep.sum() == len(seq_ids) and (old[keep] == seq_ids).all():
+                self._tiles = drop_tile_rows(self._tiles, keep)
+            else:
+                group = self.model.config.num_attention_heads // self.num_kv_heads
+                self._tiles = shared_block_tiles(tables, context_lens, self.block_size, group, self.head_dim)
+            self._tiles_of = seq_ids
+        return shared_prefix_at(self._tiles, context_lens)
+
     def _run_decode(self, t):
+        shared = SharedPrefix(*(t[k] for k in SharedPrefix._fields)) if "row_start" in t else None
         ctx = DecodeContext(self.kv, t["slots"], t["block_tables"], t["context_lens"], self.scale,
-                            self.decode_backend, self.store_backend)
+                            self.decode_backend, self.store_backend, shared)
         # FP8 layers decode in their parameters' precision: one-token GEMMs are too thin for FP8 to
         # pay, and the FP8 quantiser (torch.compile) and TE's scaling state do not belong in a graph.
         with fp8_disabled():
@@ -148,11 +195,11 @@ class ModelRunner:
         bucket = next((s for s in sorted(self.graphs) if s >= b), None)
         if bucket is None:
             host = self._decode_inputs(bm, seq_ids, last_tokens, positions, slots, b)
-            dtypes = {"block_tables": torch.int32, "context_lens": torch.int32}
-            t = {k: self._h2d(v, dtypes.get(k, torch.long)) for k, v in host.items()}
+            t = {k: self._h2d(v, torch.long if k in _INT64_INPUTS else torch.int32) for k, v in host.items()}
             return self._run_decode(t)
         graph, static = self.graphs[bucket]
-        host = self._decode_inputs(bm, seq_ids, last_tokens, positions, slots, bucket, self.max_blocks_per_seq)
+        host = self._decode_inputs(bm, seq_ids, last_tokens, positions, slots, bucket, self.max_blocks_per_seq,
+                                   graph=True)
         for k, v in host.items():
             static[k].copy_(torch.from_numpy(v), non_blocking=True)
         with torch.cuda.device(self.device):
@@ -178,6 +225,9 @@ class ModelRunner:
                           "slots": torch.full((b,), -1, dtype=torch.long, device=self.device),
                           "context_lens": torch.ones(b, dtype=torch.int32, device=self.device),
                           "block_tables": torch.zeros(b, width, dtype=torch.int32, device=self.device)}
+                if self.shared_prefix:
+                    static.update({k: torch.from_numpy(v).to(self.device)
+                                   for k, v in pad_shared_prefix(None, 0, b)._asdict().items()})
                 with torch.no_grad():
                     self._run_decode(static)  # warm-up: compiles kernels outside capture
                     torch.cuda.synchronize(self.device)

@@ -5,7 +5,9 @@ backends (CUDA C++, then Triton) inside CUDA graphs, where a wrong number would 
 the rewards drift. So before capturing its graphs the engine runs each candidate once on a small
 random case in the model's shapes and dtype (several context lengths, one and several splits)
 against the float64 reference, and uses the first that agrees; one that does not is skipped with a
-warning naming the error. The cost is a few small launches per engine.
+warning naming the error. The shared-prefix path of the chosen decode backend is checked the same
+way (shared_prefix_ok); where it disagrees the engine decodes without it. The cost is a few small
+launches per engine.
 """
 from __future__ import annotations
 
@@ -38,6 +40,45 @@ def _decode_error(backend: str, device, dtype, num_heads: int, num_kv_heads: int
                                          ctx.to(device), num_splits=splits, backend=backend)
         err = max(err, float((got.double().cpu() - want).abs().max() / want.abs().max()))
     return err
+
+
+def _shared_prefix_error(backend: str, device, dtype, num_heads: int, num_kv_heads: int, head_dim: int) -> float:
+    """Three samples sharing 2 blocks of a prompt and a lone row, through the shared-prefix tiles."""
+    from r1fast.ops.attention import find_shared_prefixes
+
+    g = torch.Generator(device="cpu").manual_seed(2)
+    block_size, lens, shared = 16, [40, 47, 90, 33], 2
+    width = -(-max(lens) // block_size)
+    num_blocks = len(lens) * width + 3
+    k, v = (torch.randn(num_blocks, block_size, num_kv_heads, head_dim, generator=g) for _ in range(2))
+    q = torch.randn(len(lens), num_heads, head_dim, generator=g)
+    tables = torch.randperm(num_blocks, generator=g)[: len(lens) * width].reshape(len(lens), width).to(torch.int32)
+    tables[1:3, :shared] = tables[0, :shared]
+    ctx = torch.tensor(lens, dtype=torch.int32)
+    tiles = find_shared_prefixes(tables.numpy(), ctx.numpy(), block_size, num_heads, num_kv_heads, head_dim)
+    want = ops.paged_decode_attention(q.double(), k.double(), v.double(), tables, ctx, backend="reference")
+    err = 0.0
+    for splits in (1, 4):
+        got = ops.paged_decode_attention(*(x.to(device, dtype) for x in (q, k, v)), tables.to(device),
+                                         ctx.to(device), num_splits=splits, backend=backend,
+                                         shared_prefix=tiles.to(device))
+        err = max(err, float((got.double().cpu() - want).abs().max() / want.abs().max()))
+    return err
+
+
+def shared_prefix_ok(backend: str, device, dtype, num_heads: int, num_kv_heads: int, head_dim: int) -> bool:
+    """Whether `backend`'s shared-prefix path matches the reference on `device` (a warning if not)."""
+    try:
+        err = _shared_prefix_error(backend, torch.device(device), dtype, num_heads, num_kv_heads, head_dim)
+    except Exception as e:  # noqa: BLE001 - a path that cannot run here is not used, the same way
+        log.warning("paged_decode_attention: the %s backend's shared-prefix path fails its start-up check on %s "
+                    "(%s: %s); decoding without it", backend, device, type(e).__name__, e)
+        return False
+    if err <= _TOLERANCE.get(dtype, 1e-4):
+        return True
+    log.warning("paged_decode_attention: the %s backend's shared-prefix path disagrees with the reference on %s "
+                "(relative error %.2e); decoding without it", backend, device, err)
+    return False
 
 
 def _store_error(backend: str, device, dtype, num_kv_heads: int, head_dim: int) -> float:
