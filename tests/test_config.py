@@ -32,6 +32,22 @@ def test_parse_overrides_forms():
         parse_overrides(["--a"])
     with pytest.raises(ConfigError, match="cannot read"):
         parse_overrides(["loose"])
+    # a forgotten value: the next override is not taken as the value, unless written --key=...
+    with pytest.raises(ConfigError, match="--output_dir needs a value; 'beta=0.1' is an override of its own"):
+        parse_overrides(["--output_dir", "beta=0.1"])
+    assert parse_overrides(["--output_dir=beta=0.1", "--system_prompt", "Answer = 42"]) == \
+        {"output_dir": "beta=0.1", "system_prompt": "Answer = 42"}
+
+
+def test_resume_with_other_schedule_settings_says_what_happens():
+    from r1fast.trainer.common import schedule_change_note
+
+    old = {"config": {"max_steps": 6, "learning_rate": 1e-3, "warmup_steps": 2, "lr_scheduler_type": "cosine"}}
+    assert schedule_change_note(old, dict(old["config"]), 2) is None
+    note = schedule_change_note(old, {**old["config"], "max_steps": 10, "learning_rate": 5e-4}, 2)
+    assert "resuming at step 2 with max_steps 6 -> 10" in note and "schedule is recomputed" in note
+    assert "learning_rate 0.0005 is not applied" in note and "keeps the checkpoint's 0.001" in note
+    assert schedule_change_note({}, old["config"], 2) is None  # an old checkpoint without its config
 
 
 @pytest.mark.parametrize("data,match", [

@@ -286,3 +286,12 @@ def test_standalone_builtin_eval_prompts_are_kept_out_of_training(tmp_path):
     tr = GRPOTrainer(model, ["format"], None, cfg, tokenizer=tok)
     held = {r["prompt"] for r in tr.eval_rows}
     assert len(held) > 0 and not held & {r["prompt"] for r in tr.train_rows}
+
+
+def test_resume_with_a_longer_run_says_the_schedule_is_recomputed(tmp_path, capsys):
+    make(tmp_path, "r", max_steps=2, save_steps=2, per_device_train_batch_size=8).train()
+    longer = make(tmp_path, "r", max_steps=3, save_steps=2, per_device_train_batch_size=8)
+    longer.train(resume=True)
+    assert longer.global_step == 3
+    err = capsys.readouterr().err
+    assert "resuming at step 2 with max_steps 2 -> 3" in err and "schedule is recomputed" in err

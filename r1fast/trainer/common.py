@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -199,6 +200,25 @@ class DataCursor:
         return {"epoch": self.epoch, "index": self.index}
 
 
+_SCHEDULE_SHAPE = ("max_steps", "num_train_epochs", "lr_scheduler_type", "warmup_steps", "warmup_ratio")
+
+
+def schedule_change_note(state, new_config: dict, step: int) -> str | None:
+    """What a resume with other schedule settings than the checkpoint's does, or None when unchanged:
+    the schedule's shape is recomputed from the new values, while the base learning rate stays the
+    checkpoint's (the scheduler's state holds it)."""
+    old = (state or {}).get("config") or {}
+    shape = [f"{k} {old[k]!r} -> {new_config[k]!r}" for k in _SCHEDULE_SHAPE
+             if k in old and k in new_config and old[k] != new_config[k]]
+    notes = []
+    if shape:
+        notes.append(f"{', '.join(shape)}: the learning-rate schedule is recomputed for the new values from here on")
+    if "learning_rate" in old and old["learning_rate"] != new_config.get("learning_rate", old["learning_rate"]):
+        notes.append(f"learning_rate {new_config['learning_rate']!r} is not applied: a resumed run keeps the "
+                     f"checkpoint's {old['learning_rate']!r} (start a new run to change it)")
+    return f"r1fast: resuming at step {step} with " + "; ".join(notes) if notes else None
+
+
 def start_run(trainer, resume):
     """Resume `trainer` from a checkpoint when asked, then open its metrics log and progress bar.
 
@@ -209,7 +229,9 @@ def start_run(trainer, resume):
     cfg = trainer.cfg
     resume_path = ckpt.resolve_resume(resume, trainer.run_dir)
     if resume_path:
-        trainer.load(resume_path)
+        note = schedule_change_note(trainer.load(resume_path), cfg.to_dict(), trainer.global_step)
+        if note:
+            print(note, file=sys.stderr)
     # The log holds global steps (a pipeline stage's start at step_offset included): truncate on that scale,
     # or a resumed later stage would drop every line it wrote before the interruption.
     resume_step = trainer.step_offset + trainer.global_step if resume_path else None

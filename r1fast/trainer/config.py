@@ -88,6 +88,9 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
+_OVERRIDE = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*=")
+
+
 def parse_overrides(args: list[str]) -> dict[str, Any]:
     """`--key value`, `--key=value` and `key=value` → {key: value} (values parsed as YAML scalars)."""
     import yaml
@@ -103,6 +106,9 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
             else:
                 if i + 1 >= len(args) or args[i + 1].startswith("--"):
                     raise ConfigError(f"command line: option --{a} needs a value")
+                if _OVERRIDE.match(args[i + 1]):  # `--lr beta=0.1`: a forgotten value, not the value "beta=0.1"
+                    raise ConfigError(f"command line: option --{a} needs a value; {args[i + 1]!r} is an override of "
+                                      f"its own (write --{a}={args[i + 1]} if that is the value)")
                 key, raw = a, args[i + 1]
                 i += 1
         elif "=" in a:

@@ -93,6 +93,7 @@ class SFTTrainer:
         state = ckpt.load_checkpoint(path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
         self.global_step = state["global_step"]
         self.cursor.epoch, self.cursor.index = state["data"]["epoch"], state["data"]["index"]
+        return state
 
     def train(self, resume: str | bool | None = None) -> dict[str, Any]:
         cfg = self.cfg
