@@ -35,6 +35,8 @@ def test_parse_overrides_forms():
     # a forgotten value: the next override is not taken as the value, unless written --key=...
     with pytest.raises(ConfigError, match="--output_dir needs a value; 'beta=0.1' is an override of its own"):
         parse_overrides(["--output_dir", "beta=0.1"])
+    with pytest.raises(ConfigError, match="--seed needs a value"):
+        parse_overrides(["--seed", "grpo.max_steps=5"])  # a pipeline stage's override
     assert parse_overrides(["--output_dir=beta=0.1", "--system_prompt", "Answer = 42"]) == \
         {"output_dir": "beta=0.1", "system_prompt": "Answer = 42"}
 

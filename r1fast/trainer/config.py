@@ -88,7 +88,7 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
-_OVERRIDE = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*=")
+_OVERRIDE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*=")  # key=value, or stage.key=value in a pipeline
 
 
 def parse_overrides(args: list[str]) -> dict[str, Any]:
