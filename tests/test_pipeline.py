@@ -147,3 +147,19 @@ def test_plot_names_a_bad_metrics_line(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo\n')
     with pytest.raises(SystemExit, match=r"metrics.jsonl line 2: not valid JSON"):
         main(["plot", str(tmp_path)])
+
+
+def test_resumed_summary_marks_stages_evaluated_under_earlier_settings(tmp_path, capsys):
+    spec = tmp_path / "p.yaml"
+    spec.write_text("name: p\nmodel: builtin:micro\nprogress_bar: false\neval_dataset: builtin:arithmetic\n"
+                    "eval_size: 4\neval_samples_per_prompt: 1\n"
+                    "stages:\n"
+                    "  - {name: a, type: sft, dataset: builtin:arithmetic, num_rows: 8,\n"
+                    "     config: {max_steps: 1, per_device_train_batch_size: 4}}\n")
+    run = tmp_path / "run"
+    assert main(["pipeline", str(spec), f"output_dir={run}"]) == 0
+    capsys.readouterr()
+    assert main(["pipeline", str(spec), f"output_dir={run}", "eval_size=3", "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert "held-out: 3 prompts" in out and "* a: evaluated by an earlier invocation on 4 prompts" in out
+    assert json.load(open(run / "summary.json"))["stages"][0]["eval_settings"]["prompts"] == 4

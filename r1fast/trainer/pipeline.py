@@ -363,6 +363,7 @@ class PipelineRunner:
                 ev = self.evaluate(model, tokenizer, seed=p.seed * 1000 + 7)
                 samples = ev.pop("_samples")
                 record["eval"] = ev
+                record["eval_settings"] = self._eval_settings()
                 record["eval_samples"] = samples
                 print(f"held-out accuracy after {stage.name}: {ev['eval/accuracy']:.3f} "
                       f"(format {ev['eval/format']:.3f}, {ev['eval/num_samples']} samples)")
@@ -378,17 +379,24 @@ class PipelineRunner:
         print(render_summary(summary))
         return summary
 
+    def _eval_settings(self) -> dict:
+        return {"dataset": self.p.eval_dataset, "prompts": self.p.eval_size,
+                "samples_per_prompt": self.p.eval_samples_per_prompt, "temperature": self.p.eval_temperature}
+
     def summary(self, wall_s: float) -> dict:
         rows = []
+        current = self._eval_settings()
         for name in self.state["order"]:
             st = self.state["stages"].get(name, {})
-            rows.append({"stage": name, "type": st.get("type"), "steps": st.get("step_end", 0) - st.get("step_start", 0),
-                         "held_out_accuracy": (st.get("eval") or {}).get("eval/accuracy"),
-                         "format": (st.get("eval") or {}).get("eval/format"), "wall_s": round(st.get("wall_s", 0.0), 1)})
+            row = {"stage": name, "type": st.get("type"), "steps": st.get("step_end", 0) - st.get("step_start", 0),
+                   "held_out_accuracy": (st.get("eval") or {}).get("eval/accuracy"),
+                   "format": (st.get("eval") or {}).get("eval/format"), "wall_s": round(st.get("wall_s", 0.0), 1)}
+            # a stage finished by an earlier invocation may have been evaluated under other settings
+            if st.get("eval") and st.get("eval_settings", current) != current:
+                row["eval_settings"] = st["eval_settings"]
+            rows.append(row)
         return {"name": self.p.name, "seed": self.p.seed, "run_dir": self.run_dir, "wall_s_this_invocation": round(wall_s, 1),
-                "eval": {"dataset": self.p.eval_dataset, "prompts": self.p.eval_size,
-                         "samples_per_prompt": self.p.eval_samples_per_prompt, "temperature": self.p.eval_temperature},
-                "stages": rows}
+                "eval": current, "stages": rows}
 
 
 def render_summary(s: dict) -> str:
@@ -399,7 +407,13 @@ def render_summary(s: dict) -> str:
     for r in s["stages"]:
         acc = "-" if r["held_out_accuracy"] is None else f"{r['held_out_accuracy']:.3f}"
         fmt = "-" if r["format"] is None else f"{r['format']:.3f}"
-        lines.append(f"{r['stage']:<18}{r['type'] or '-':<8}{r['steps']:>7}{acc:>10}{fmt:>8}{r['wall_s']:>7.0f}s")
+        mark = " *" if "eval_settings" in r else ""
+        lines.append(f"{r['stage']:<18}{r['type'] or '-':<8}{r['steps']:>7}{acc:>10}{fmt:>8}{r['wall_s']:>7.0f}s{mark}")
+    for r in s["stages"]:
+        if "eval_settings" in r:
+            e = r["eval_settings"]
+            lines.append(f"* {r['stage']}: evaluated by an earlier invocation on {e['prompts']} prompts × "
+                         f"{e['samples_per_prompt']} samples at temperature {e['temperature']}")
     return "\n".join(lines)
 
 
