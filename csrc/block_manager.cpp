@@ -165,6 +165,21 @@ std::int64_t BlockManager::blocks_to_append(std::int64_t seq) const {
   return blocks_[s.table.back()].ref > 1 ? 1 : 0;
 }
 
+std::int64_t BlockManager::blocks_to_append(const std::int64_t* seqs, std::int64_t n) const {
+  std::int64_t need = 0;
+  std::unordered_map<std::int32_t, std::int64_t> holders;  // shared partial block -> holders appending
+  for (std::int64_t i = 0; i < n; ++i) {
+    const Seq& s = get(seqs[i]);
+    if (s.tokens.size() % block_size_ == 0) {
+      need += 1;
+    } else if (blocks_[s.table.back()].ref > 1) {
+      holders[s.table.back()] += 1;
+    }
+  }
+  for (const auto& [block, k] : holders) need += std::min<std::int64_t>(k, blocks_[block].ref - 1);
+  return need;
+}
+
 std::int64_t BlockManager::append(std::int64_t seq, std::int32_t token, std::int32_t* copy_src,
                                   std::int32_t* copy_dst) {
   Seq& s = get(seq);
@@ -308,13 +323,12 @@ void register_block_manager(py::module_& m) {
         return bm.allocate(seq, tokens.data(), tokens.shape(0));
       }, py::arg("seq_id"), py::arg("tokens"), "Allocate blocks for all tokens; returns the number of cached tokens.")
       .def("fork", &BlockManager::fork, py::arg("parent"), py::arg("child"))
-      .def("blocks_to_append", &BlockManager::blocks_to_append, py::arg("seq_id"))
+      .def("blocks_to_append", py::overload_cast<std::int64_t>(&BlockManager::blocks_to_append, py::const_),
+           py::arg("seq_id"))
       .def("blocks_to_append", [](const BlockManager& bm, const py::object& obj) {
         const I64 seqs = i64_array(obj, "seq_ids");
-        std::int64_t need = 0;
-        for (py::ssize_t i = 0; i < seqs.shape(0); ++i) need += bm.blocks_to_append(seqs.data()[i]);
-        return need;
-      }, py::arg("seq_ids"), "The blocks that appending one token to each of these sequences needs, in total.")
+        return bm.blocks_to_append(seqs.data(), seqs.shape(0));
+      }, py::arg("seq_ids"), "The blocks that appending one token to each of these distinct sequences needs, in total.")
       .def("append", [](BlockManager& bm, std::int64_t seq, std::int32_t token) {
         std::int32_t src, dst;
         const std::int64_t slot = bm.append(seq, token, &src, &dst);
@@ -331,8 +345,7 @@ void register_block_manager(py::module_& m) {
         for (py::ssize_t i = 0; i < n; ++i)
           if (!seen.insert(seqs.data()[i]).second)
             fail("BlockManager.append_batch: sequence id ", seqs.data()[i], " appears more than once");
-        std::int64_t need = 0;
-        for (py::ssize_t i = 0; i < n; ++i) need += bm.blocks_to_append(seqs.data()[i]);
+        const std::int64_t need = bm.blocks_to_append(seqs.data(), n);
         if (need > bm.num_free_blocks())
           fail("BlockManager.append_batch: needs ", need, " free blocks, ", bm.num_free_blocks(), " are free");
         I64 slots(n);

@@ -20,7 +20,8 @@
 //   for the leading full blocks of a new sequence, never the block holding the last token (its
 //   logits must be computed). Cached blocks stay reusable while free, until the LRU queue hands
 //   them out again. reset_prefix_cache() forgets every key: after a weight update no stale KV is
-//   ever reused. A hit also compares the block's tokens, so a 64-bit collision cannot alias.
+//   ever reused. A hit also compares the block's own tokens, so a 64-bit collision would have to match
+//   those too; the earlier blocks of the chain are compared only through the chained key.
 //   Sequences alive at a reset never register blocks afterwards: their KV chains back to stale
 //   blocks (a later block's KV attended to them), so it must not be handed to new sequences.
 // - threads: no internal locking. Every method runs under the GIL (the bindings never release it),
@@ -52,6 +53,10 @@ class BlockManager {
   void fork(std::int64_t parent, std::int64_t child);
   // Blocks append(seq) would take now (0 or 1).
   std::int64_t blocks_to_append(std::int64_t seq) const;
+  // Blocks appending one token to each of these (distinct) sequences, in order, would take: a shared
+  // partial block held by k of them and r sequences in all is copied min(k, r - 1) times (the last
+  // holder writes it in place), so G forks of a prompt need G - 1 copies, not G.
+  std::int64_t blocks_to_append(const std::int64_t* seqs, std::int64_t n) const;
   // Returns the slot of the new token; *copy_src/*copy_dst = -1 unless a copy-on-write happened.
   std::int64_t append(std::int64_t seq, std::int32_t token, std::int32_t* copy_src, std::int32_t* copy_dst);
   // The first n tokens of seq have their KV in the cache: register its full blocks for reuse.
