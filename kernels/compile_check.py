@@ -156,7 +156,7 @@ def compile_all(arch: int = 90, full: bool = False, report=None):
                 _compile(decode_kernels._decode_kernel, types, c, arch, cfg, report,
                          f"_decode_kernel {dt} group={group} dim={d}{' suffix' if has_prefix else ''}")
             if decode_kernels.prefix_tile_rows(group, d) >= 2:
-                m_pad = decode_kernels.prefix_m_pad(group, d)
+                m_pad = decode_kernels.prefix_m_pad(group, d, fp32)
                 _compile(decode_kernels._prefix_kernel, types, dict(GROUP=group, M_PAD=m_pad, D_PAD=d_pad, FP32=fp32),
                          arch, dict(BLOCK_N=decode_kernels.prefix_block_n(d_pad, fp32),
                                     num_warps=decode_kernels.num_warps_for(m_pad), num_stages=3), report,

@@ -162,9 +162,14 @@ def num_warps_for(g_pad: int) -> int:
     return 8 if g_pad >= 32 else 4
 
 
-def prefix_m_pad(group: int, head_dim: int) -> int:
-    """Query rows of the prefix kernel's tile: prefix_tile_rows() members x group, padded."""
-    return max(16, triton.next_power_of_2(prefix_tile_rows(group, head_dim) * group))
+def prefix_m_pad(group: int, head_dim: int, fp32: bool = False) -> int:
+    """Query rows of the prefix kernel's tile: prefix_tile_rows() members x group, padded; in fp32 half
+    as many (32, 16 past head_dim 128), whose larger tiles spill on sm_90 (the kernel then takes a
+    tile's members in passes)."""
+    members = prefix_tile_rows(group, head_dim)
+    if fp32:
+        members = max(1, min(members, (32 if head_dim <= 128 else 16) // group))
+    return max(16, triton.next_power_of_2(members * group))
 
 
 def prefix_block_n(d_pad: int, fp32: bool) -> int:
@@ -180,7 +185,7 @@ def prefix_attention(q, k_cache, v_cache, block_tables, scale, shared):
     group = num_heads // num_kv_heads
     d_pad = max(16, triton.next_power_of_2(head_dim))
     fp32 = q.dtype == torch.float32
-    m_pad = prefix_m_pad(group, head_dim)
+    m_pad = prefix_m_pad(group, head_dim, fp32)
     pml = torch.empty(num_seqs, num_heads, 2, device=q.device, dtype=torch.float32)
     pacc = torch.empty(num_seqs, num_heads, head_dim, device=q.device, dtype=torch.float32)
     _prefix_kernel[(shared.tile_prefix.shape[0], num_kv_heads)](

@@ -226,6 +226,15 @@ def test_find_shared_prefixes_groups_tiles_and_cuts():
     headed[:, 0] = tables[0, 0]
     sp = find_shared(headed, ctx, q, kc)
     assert sorted(np.diff(sp.tile_ptr).tolist()) == [2, 5, 6] and sorted(set(sp.tile_prefix.tolist())) == [8, 11]
+    # sparse (huge) block ids are counted by sorting, not by a count array as long as the largest id
+    far = tables.clone()
+    far[far >= 0] += 2**30
+    assert [a.tolist() for a in find_shared(far, ctx, q, kc)] == [a.tolist() for a in find_shared(tables, ctx, q, kc)]
+    # tiles as even as they go: 13 rows at 4 per tile (group 16) -> 3 + 3 + 3 + 4, never a lone row
+    q16, kc16, _, t16, c16 = make_shared_case([(2, [13] * 13)], num_heads=32, num_kv_heads=2)
+    assert sorted(np.diff(find_shared(t16, c16, q16, kc16).tile_ptr).tolist()) == [3, 3, 3, 4]
+    with pytest.raises(ValueError, match="context lengths must lie"):
+        find_shared(tables[:, :2], ctx, q, kc)
     assert find_shared(tables[:1], ctx[:1], q, kc) is None
     assert find_shared(torch.arange(8, dtype=torch.int32).view(4, 2), torch.tensor([5] * 4), q, kc) is None
 
@@ -282,6 +291,9 @@ def test_decode_shared_prefix_bad_inputs_raise():
         ops.paged_decode_attention(q, kc, vc, tables, ctx, shared_prefix=tuple(sp))
     with pytest.raises(ValueError, match="1-D int32"):
         ops.paged_decode_attention(q, kc, vc, tables, ctx, shared_prefix=sp._replace(row_start=sp.row_start.long()))
+    strided = torch.stack([sp.row_start, sp.row_start], dim=1)[:, 0]  # same values, stride 2: kernels read stride 1
+    with pytest.raises(ValueError, match="contiguous 1-D int32"):
+        ops.paged_decode_attention(q, kc, vc, tables, ctx, shared_prefix=sp._replace(row_start=strided))
     with pytest.raises(ValueError, match="row_start \\[num_seqs=3\\]"):
         ops.paged_decode_attention(q, kc, vc, tables, ctx, shared_prefix=sp._replace(row_start=sp.row_start[:2]))
     not_shared = tables.clone()
@@ -494,7 +506,7 @@ for dt in ("bf16", "fp16", "fp32"):
         for has_prefix in (False, True):
             compile_for(da._decode_kernel, types, dict(GROUP=group, G_PAD=g_pad, D_PAD=d_pad, HAS_PREFIX=has_prefix,
                         BLOCK_N=32 if d_pad <= 128 else 16, FP32=dt == "fp32"), 90, num_warps=4)
-        m_pad = da.prefix_m_pad(group, d)
+        m_pad = da.prefix_m_pad(group, d, dt == "fp32")
         compile_for(da._prefix_kernel, types, dict(GROUP=group, M_PAD=m_pad, D_PAD=d_pad, FP32=dt == "fp32",
                     BLOCK_N=da.prefix_block_n(d_pad, dt == "fp32")), 90, num_warps=da.num_warps_for(m_pad))
     types = {"key_ptr": f"*{dt}", "value_ptr": f"*{dt}", "k_cache_ptr": f"*{dt}", "v_cache_ptr": f"*{dt}",
@@ -531,6 +543,16 @@ for dt, group in (("bf16", 32), ("bf16", 64), ("fp16", 64), ("fp32", 32)):
     usage = ptxas_usage(k, 90)
     if usage is not None:
         assert usage[1] == 0, f"{dt} group {group}: {usage[1]} bytes spilled at {da.num_warps_for(g_pad)} warps"
+# the shared-prefix kernel at Qwen2.5-1.5B's heads and a head_dim-256 model, in bf16 and fp32
+for dt, group, d in (("bf16", 6, 128), ("fp32", 6, 128), ("bf16", 8, 256), ("fp32", 8, 256)):
+    types = {"q_ptr": f"*{dt}", "k_ptr": f"*{dt}", "v_ptr": f"*{dt}", "bt_ptr": "*i32", "tile_ptr": "*i32",
+             "rows_ptr": "*i32", "prefix_ptr": "*i32", "pml_ptr": "*fp32", "pacc_ptr": "*fp32", "scale": "fp32"}
+    m_pad = da.prefix_m_pad(group, d, dt == "fp32")
+    k = compile_for(da._prefix_kernel, types, dict(GROUP=group, M_PAD=m_pad, D_PAD=d, FP32=dt == "fp32",
+                    BLOCK_N=da.prefix_block_n(d, dt == "fp32")), 90, num_warps=da.num_warps_for(m_pad))
+    usage = ptxas_usage(k, 90)
+    if usage is not None:
+        assert usage[1] == 0, f"prefix kernel {dt} group {group} dim {d}: {usage[1]} bytes spilled"
 print("ok")
 """
 

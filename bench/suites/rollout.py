@@ -17,6 +17,8 @@ import torch
 
 from r1fast.bench.harness import Case, Impl, suite
 
+ENGINE_BLOCK_SIZE = 16
+
 QWEN25_15B = dict(architecture="Qwen2ForCausalLM", vocab_size=151936, hidden_size=1536, intermediate_size=8960,
                   num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2, rope_theta=1e6,
                   max_position_embeddings=32768, tie_word_embeddings=True)
@@ -51,8 +53,8 @@ def _r1fast_generate(cfg_kwargs, shape, dtype, device):
 
         prompts_n, g, plen, new = shape
         model = _model(cfg_kwargs, dtype, device)
-        engine = Engine(model, max_num_seqs=prompts_n * g, max_model_len=plen + new + 1,
-                        max_num_batched_tokens=max(8192, plen))
+        engine = Engine(model, block_size=ENGINE_BLOCK_SIZE, max_num_seqs=prompts_n * g,
+                        max_model_len=plen + new + 1, max_num_batched_tokens=max(8192, plen))
         prompts = _prompts(prompts_n, plen, model.config.vocab_size)
         params = SamplingParams(n=g, temperature=1.0, max_tokens=new, seed=0, ignore_eos=True)
         return lambda: engine.generate(prompts, params)
@@ -91,8 +93,8 @@ def _r1fast_decode_step(cfg_kwargs, batch, ctx, dtype, device):
         from r1fast.rollout import Engine, SamplingParams
 
         model = _model(cfg_kwargs, dtype, device)
-        engine = Engine(model, max_num_seqs=batch, max_model_len=ctx + 1,
-                        num_blocks=batch * math.ceil((ctx + 1) / 16) + 1)
+        engine = Engine(model, block_size=ENGINE_BLOCK_SIZE, max_num_seqs=batch, max_model_len=ctx + 1,
+                        num_blocks=batch * math.ceil((ctx + 1) / ENGINE_BLOCK_SIZE) + 1)
         bm, runner = engine.block_manager, engine.runner
         vocab = model.config.vocab_size
         ids = np.arange(batch, dtype=np.int64)
@@ -138,8 +140,10 @@ def cases(size, device):
     kv_tok = _kv_bytes_per_token(mcfg, dtype)
     prompts_n, g, plen, new = gen_shape
     seqs = prompts_n * g
-    # every decode step: weights once + each prompt's KV once + every sample's own tokens so far
-    gen_bytes = new * wbytes + kv_tok * sum(prompts_n * plen + seqs * t for t in range(new))
+    # every decode step: weights once + each prompt's full blocks once + every sample's own tokens so far
+    # (a partial last prompt block is copied to each sample on its first decode step)
+    shared = plen // ENGINE_BLOCK_SIZE * ENGINE_BLOCK_SIZE
+    gen_bytes = new * wbytes + kv_tok * sum(prompts_n * shared + seqs * (plen - shared + t) for t in range(new))
     params = wbytes / es
     gen_flops = 2 * params * (prompts_n * plen + seqs * new)
     dt = str(dtype).removeprefix("torch.")

@@ -82,14 +82,22 @@ def shared_block_tiles(block_tables: np.ndarray, context_lens: np.ndarray, block
     if b < 2 or per_tile < 2:
         return None
     cols = -(-int(ctx.max()) // block_size)
+    if ctx.min() < 1 or cols > tables.shape[1]:
+        raise ValueError(f"find_shared_prefixes: context lengths must lie in [1, {tables.shape[1] * block_size}] "
+                         f"(table width x block_size), got {int(ctx.min())}..{int(ctx.max())}")
     t = tables[:, :cols]
     inside = np.arange(cols) < (-(-ctx // block_size))[:, None]
     ids = t[inside]
     if ids.min() < 0:
         raise ValueError("find_shared_prefixes: block_tables hold negative block ids inside the contexts")
-    held = np.bincount(ids)  # rows holding each block
+    # rows holding each entry's block: a count per id when ids are as dense as a real pool's, else by sorting
+    if ids.max() <= 16 * ids.size + 4096:
+        held = np.bincount(ids)[ids]
+    else:
+        uniq, counts = np.unique(ids, return_counts=True)
+        held = counts[np.searchsorted(uniq, ids)]
     shared = np.zeros((b, cols + 1), dtype=bool)  # the extra False column ends every run
-    shared[:, :cols][inside] = held[ids] >= 2
+    shared[:, :cols][inside] = held >= 2
     run = shared.argmin(axis=1)
     cand = np.flatnonzero(run > 0)
     key = t[cand, run[cand] - 1]
@@ -110,9 +118,10 @@ def shared_block_tiles(block_tables: np.ndarray, context_lens: np.ndarray, block
     gstart = np.flatnonzero(np.diff(gid[pos], prepend=-1))  # where each group begins within pos
     gsize = np.diff(gstart, append=len(pos))
     num_tiles = -(-gsize // per_tile)
-    tile_size = -(-gsize // num_tiles)                  # even tiles: 11 rows at 10 per tile -> 6 + 5
     rank = np.arange(len(pos)) - np.repeat(gstart, gsize)
-    tile_first = np.flatnonzero(rank % np.repeat(tile_size, gsize) == 0)
+    # even tiles (sizes differ by at most one): 11 rows at 10 per tile -> 5 + 6, 13 at 4 -> 3 + 3 + 3 + 4
+    tile = rank * np.repeat(num_tiles, gsize) // np.repeat(gsize, gsize)
+    tile_first = np.flatnonzero((rank == 0) | (tile != np.roll(tile, 1)))
     tokens = np.repeat(np.minimum.reduceat(common, gstart), gsize) * block_size
     return np.append(tile_first, len(pos)), rows, tokens[tile_first]
 
@@ -178,8 +187,10 @@ def _validate_shared(shared, q, block_tables, context_lens, k_cache, check_bound
                         f"{type(shared).__name__}")
     n = q.shape[0]
     for name, t in shared._asdict().items():
-        if not isinstance(t, torch.Tensor) or t.dtype != torch.int32 or t.dim() != 1 or t.device != q.device:
-            raise ValueError(f"paged_decode_attention: shared_prefix.{name} must be a 1-D int32 tensor on {q.device}")
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.int32 or t.dim() != 1 or t.device != q.device or \
+                not t.is_contiguous():
+            raise ValueError(f"paged_decode_attention: shared_prefix.{name} must be a contiguous 1-D int32 tensor on "
+                             f"{q.device}")
     if shared.tile_ptr.shape[0] != shared.tile_prefix.shape[0] + 1 or shared.row_start.shape[0] != n:
         raise ValueError(f"paged_decode_attention: shared_prefix needs tile_ptr [num_tiles + 1], tile_prefix "
                          f"[num_tiles] and row_start [num_seqs={n}], got {tuple(shared.tile_ptr.shape)}, "

@@ -91,9 +91,10 @@ class ModelRunner:
                                      self.head_dim)
             self.decode_backend, self.store_backend = chosen["paged_decode_attention"], chosen["store_kv"]
         group = cfg.num_attention_heads // self.num_kv_heads
-        # only the triton and cuda kernels read shared blocks once; the others would ignore the tiles
+        # only the triton and cuda kernels read shared blocks once (both through Triton's prefix kernel);
+        # the others would ignore the tiles
         self.shared_prefix = bool(shared_prefix) and self.decode_backend in ("triton", "cuda") and \
-            prefix_tile_rows(group, self.head_dim) >= 2
+            backends.backend_available("triton", self.device)[0] and prefix_tile_rows(group, self.head_dim) >= 2
         if self.shared_prefix and self.device.type == "cuda" and decode_backend is None:
             from r1fast.rollout.self_check import shared_prefix_ok
 
@@ -190,7 +191,11 @@ class ModelRunner:
 
     @torch.no_grad()
     def decode(self, bm, seq_ids, last_tokens, positions, slots) -> torch.Tensor:
-        """Hidden states [B, H] of each sequence's new token."""
+        """Hidden states [B, H] of each sequence's new token.
+
+        seq_ids: an int64 array whose identity stands for the running set: pass the same array object
+        only while it names the same live sequences (scheduler.Running replaces it when a row joins or
+        leaves); the shared-prefix tiles found for it are kept until then."""
         b = len(seq_ids)
         bucket = next((s for s in sorted(self.graphs) if s >= b), None)
         if bucket is None:
