@@ -374,13 +374,29 @@ void register_block_manager(py::module_& m) {
         if (!t.empty()) std::memcpy(out.mutable_data(), t.data(), t.size() * sizeof(std::int32_t));
         return out;
       }, py::arg("seq_id"))
-      .def("block_tables", [](const BlockManager& bm, const py::object& obj, std::int64_t width, std::int32_t pad) {
+      .def("block_tables", [](const BlockManager& bm, const py::object& obj, std::int64_t width, std::int32_t pad,
+                              const py::object& out_obj) -> py::object {
         const I64 seqs = i64_array(obj, "seq_ids");
         if (width < 0) fail("BlockManager.block_tables: width must be >= 0, got ", width);
         const auto n = seqs.shape(0);
         for (py::ssize_t i = 0; i < n; ++i)
           width = std::max<std::int64_t>(width, bm.table(seqs.data()[i]).size());
-        I32 out(std::vector<py::ssize_t>{n, static_cast<py::ssize_t>(width)});
+        py::array_t<std::int32_t> out;
+        if (out_obj.is_none()) {
+          out = I32(std::vector<py::ssize_t>{n, static_cast<py::ssize_t>(width)});
+        } else {
+          // the caller's buffer (a staging area the decode step copies to the GPU in one go): written
+          // in place, so it must be exactly an int32, C-contiguous, writeable [rows >= n, cols >= width]
+          if (!py::isinstance<py::array_t<std::int32_t>>(out_obj))
+            fail("BlockManager.block_tables: out must be an int32 numpy array");
+          out = py::reinterpret_borrow<py::array_t<std::int32_t>>(out_obj);
+          if (out.ndim() != 2 || !(out.flags() & py::array::c_style) || !out.writeable())
+            fail("BlockManager.block_tables: out must be a writeable, C-contiguous 2-D array");
+          if (out.shape(0) < n || out.shape(1) < width)
+            fail("BlockManager.block_tables: out is [", out.shape(0), ", ", out.shape(1), "], needs at least [",
+                 n, ", ", width, "]");
+          width = out.shape(1);
+        }
         std::int32_t* o = out.mutable_data();
         std::fill(o, o + n * width, pad);
         for (py::ssize_t i = 0; i < n; ++i) {
@@ -388,8 +404,9 @@ void register_block_manager(py::module_& m) {
           std::copy(t.begin(), t.end(), o + i * width);
         }
         return out;
-      }, py::arg("seq_ids"), py::arg("width") = 0, py::arg("pad") = 0,
-         "int32 [B, max(width, longest table)] block tables, padded with `pad`.")
+      }, py::arg("seq_ids"), py::arg("width") = 0, py::arg("pad") = 0, py::arg("out") = py::none(),
+         "int32 [B, max(width, longest table)] block tables, padded with `pad`; with `out`, its first B rows "
+         "are written in place (and `out` returned).")
       .def("slot_mapping", [](const BlockManager& bm, const py::object& seq_obj, const py::object& start_obj,
                               const py::object& end_obj) {
         const I64 seqs = i64_array(seq_obj, "seq_ids"), starts = i64_array(start_obj, "starts"),

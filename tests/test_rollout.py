@@ -453,3 +453,53 @@ def test_shared_prefix_decode_matches_transformers(models, prompts, hf_greedy, o
     assert seen and max(seen) >= 8  # prompts of 9 and 13 tokens share 2 and 3 whole blocks
     if opts["num_blocks"] == 12:
         assert engine.last_stats["preemptions"] > 0
+
+
+def test_graph_inputs_staged_in_one_buffer_match_the_eager_inputs(models):
+    """A CUDA-graph decode step fills one host buffer (typed views at 16-byte aligned offsets) and copies
+    it in one go; here the same layout over CPU bytes: what the graph's tensor views read back equals
+    the eager step's inputs on the batch rows, and the padding rows and tiles are the graph's."""
+    import numpy as np
+
+    from r1fast.ops.attention import pad_shared_prefix
+    from r1fast.rollout.runner import _layout, _views
+
+    _, model = models
+    engine = Engine(model, block_size=4, num_blocks=64, decode_backend="triton")
+    runner, bm = engine.runner, engine.block_manager
+    bm.allocate(0, list(range(10)))
+    for child in (1, 2):
+        bm.fork(0, child)
+    bm.allocate(3, [7, 7, 7, 7, 7])
+    ids = np.array([0, 3, 1, 2], dtype=np.int64)
+    slots, _ = bm.append_batch(ids, np.array([1, 2, 3, 4], dtype=np.int32))
+    last, positions = np.array([1, 2, 3, 4]), np.array([10, 5, 10, 10])
+
+    eager = {n: np.empty(shape, dt) for n, dt, shape in runner._decode_fields(4, 0)}
+    eager["block_tables"] = bm.block_tables(ids)
+    runner._fill_decode_inputs(eager, ids, last, positions, slots, graph=False)
+    assert eager["row_start"].tolist() == [8, 0, 8, 8]  # the forks share 2 whole blocks
+
+    layout, nbytes = _layout(runner._decode_fields(8, runner.max_blocks_per_seq))
+    assert all(off % 16 == 0 for *_, off in layout)
+    host, dev = torch.zeros(nbytes, dtype=torch.uint8), torch.zeros(nbytes, dtype=torch.uint8)
+    staged, static = _views(host, layout, as_numpy=True), _views(dev, layout, as_numpy=False)
+    bm.block_tables(ids, 0, 0, out=staged["block_tables"])
+    runner._fill_decode_inputs(staged, ids, last, positions, slots, graph=True)
+    dev.copy_(host)  # the one copy a GPU step makes
+    got = {k: v.numpy() for k, v in static.items()}
+    for name in ("input_ids", "positions", "slots", "context_lens"):
+        assert got[name][:4].tolist() == eager[name].tolist(), name
+    assert (got["block_tables"][:4, : eager["block_tables"].shape[1]] == eager["block_tables"]).all()
+    assert (got["block_tables"][:4, eager["block_tables"].shape[1]:] == 0).all() and (got["block_tables"][4:] == 0).all()
+    assert got["slots"][4:].tolist() == [-1] * 4 and got["context_lens"][4:].tolist() == [1] * 4
+    want = pad_shared_prefix(engine.runner._shared_prefix(ids, eager["block_tables"], eager["context_lens"]), 4, 8)
+    for name, arr in want._asdict().items():
+        assert got[name].tolist() == arr.tolist(), name
+    # the tables are written in place only into a buffer that fits them
+    with pytest.raises(ValueError, match="int32 numpy array"):
+        bm.block_tables(ids, 0, 0, out=np.zeros((4, 20), dtype=np.int64))
+    with pytest.raises(ValueError, match="needs at least"):
+        bm.block_tables(ids, 0, 0, out=np.zeros((4, 2), dtype=np.int32))
+    with pytest.raises(ValueError, match="C-contiguous"):
+        bm.block_tables(ids, 0, 0, out=np.zeros((4, 40), dtype=np.int32)[:, ::2])

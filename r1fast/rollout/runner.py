@@ -56,7 +56,26 @@ class DecodeContext:
                                           shared_prefix=self.shared_prefix)
 
 
-_INT64_INPUTS = ("input_ids", "positions", "slots")
+_TORCH_INT = {np.dtype(np.int64): torch.int64, np.dtype(np.int32): torch.int32}
+
+
+def _layout(fields):
+    """Byte offsets of `fields` (name, dtype, shape) packed one after another, each 16-byte aligned (as
+    a fresh allocation would be: kernels may vectorise their loads): ([(name, dtype, shape, offset)], total bytes)."""
+    out, off = [], 0
+    for name, dt, shape in fields:
+        out.append((name, dt, shape, off))
+        off += -(-np.dtype(dt).itemsize * math.prod(shape) // 16) * 16
+    return out, off
+
+
+def _views(buf: torch.Tensor, layout, as_numpy: bool) -> dict:
+    """Typed views of the uint8 tensor `buf` at a _layout(): numpy arrays (the host side) or tensors."""
+    out = {}
+    for name, dt, shape, off in layout:
+        raw = buf[off: off + np.dtype(dt).itemsize * math.prod(shape)]
+        out[name] = raw.numpy().view(dt).reshape(shape) if as_numpy else raw.view(_TORCH_INT[np.dtype(dt)]).view(shape)
+    return out
 
 
 def lm_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -140,30 +159,37 @@ class ModelRunner:
         return hidden.index_select(0, last)
 
     # -- decode ----------------------------------------------------------------------------------
-    def _decode_inputs(self, bm, seq_ids, last_tokens, positions, slots, batch_size, width=0, graph=False):
-        """Host arrays of a decode step, padded to batch_size rows and at least `width` table columns
-        (and, for a CUDA graph, the shared-prefix buffers always present at their fixed sizes)."""
-        b = len(seq_ids)
-        tables = bm.block_tables(np.asarray(seq_ids, dtype=np.int64), width, 0)
-        inputs = {
-            "input_ids": np.zeros(batch_size, dtype=np.int64),
-            "positions": np.zeros(batch_size, dtype=np.int64),
-            "slots": np.full(batch_size, -1, dtype=np.int64),   # padding rows write nothing
-            "context_lens": np.ones(batch_size, dtype=np.int32),  # and read one (ignored) slot
-            "block_tables": np.zeros((batch_size, tables.shape[1]), dtype=np.int32),
-        }
-        inputs["input_ids"][:b] = last_tokens
-        inputs["positions"][:b] = positions
-        inputs["slots"][:b] = slots
-        inputs["context_lens"][:b] = np.asarray(positions) + 1
-        inputs["block_tables"][:b] = tables
+    def _decode_fields(self, rows: int, width: int) -> list[tuple[str, type, tuple]]:
+        """(name, numpy dtype, shape) of a decode step's integer inputs at `rows` rows."""
+        fields = [("input_ids", np.int64, (rows,)), ("positions", np.int64, (rows,)), ("slots", np.int64, (rows,)),
+                  ("context_lens", np.int32, (rows,)), ("block_tables", np.int32, (rows, width))]
         if self.shared_prefix:
-            shared = self._shared_prefix(seq_ids, tables, inputs["context_lens"][:b])
-            if graph:  # fixed-size buffers: the extra tiles are empty and do nothing
-                shared = pad_shared_prefix(shared, b, batch_size)
-            if shared is not None:
-                inputs.update(shared._asdict())
-        return inputs
+            fields += [("tile_ptr", np.int32, (rows + 1,)), ("tile_rows", np.int32, (rows,)),
+                       ("tile_prefix", np.int32, (rows,)), ("row_start", np.int32, (rows,))]
+        return fields
+
+    def _fill_decode_inputs(self, out, seq_ids, last_tokens, positions, slots, graph):
+        """Writes a decode step's inputs into the host arrays `out`, whose block_tables rows 0..B-1
+        already hold the batch's tables. Rows past the batch are padding: they write to slot -1 and
+        read one slot. For a CUDA graph the shared-prefix arrays are always filled (the extra tiles
+        empty); otherwise they are dropped from `out` when no rows share blocks."""
+        b = len(seq_ids)
+        out["block_tables"][b:] = 0
+        out["input_ids"][:b] = last_tokens
+        out["positions"][:b] = positions
+        out["slots"][:b] = slots
+        out["context_lens"][:b] = out["positions"][:b] + 1
+        out["input_ids"][b:], out["positions"][b:], out["slots"][b:], out["context_lens"][b:] = 0, 0, -1, 1
+        if self.shared_prefix:
+            shared = self._shared_prefix(seq_ids, out["block_tables"][:b], out["context_lens"][:b]) if b else None
+            if graph:
+                for name, arr in pad_shared_prefix(shared, b, len(out["input_ids"]))._asdict().items():
+                    out[name][:] = arr
+            elif shared is None:
+                for name in SharedPrefix._fields:
+                    out.pop(name)
+            else:
+                out.update(shared._asdict())
 
     def _shared_prefix(self, seq_ids, tables, context_lens) -> SharedPrefix | None:
         # The running set's ids array is replaced whenever a row joins or leaves, and a running row's
@@ -198,49 +224,61 @@ class ModelRunner:
         leaves); the shared-prefix tiles found for it are kept until then."""
         b = len(seq_ids)
         bucket = next((s for s in sorted(self.graphs) if s >= b), None)
+        ids = np.asarray(seq_ids, dtype=np.int64)
         if bucket is None:
-            host = self._decode_inputs(bm, seq_ids, last_tokens, positions, slots, b)
-            t = {k: self._h2d(v, torch.long if k in _INT64_INPUTS else torch.int32) for k, v in host.items()}
-            return self._run_decode(t)
+            host = {name: np.empty(shape, dtype) for name, dtype, shape in self._decode_fields(b, 0)}
+            host["block_tables"] = bm.block_tables(ids)
+            self._fill_decode_inputs(host, seq_ids, last_tokens, positions, slots, graph=False)
+            return self._run_decode({k: self._h2d(v, _TORCH_INT[v.dtype]) for k, v in host.items()})
         graph, static = self.graphs[bucket]
-        host = self._decode_inputs(bm, seq_ids, last_tokens, positions, slots, bucket, self.max_blocks_per_seq,
-                                   graph=True)
-        for k, v in host.items():
-            static[k].copy_(torch.from_numpy(v), non_blocking=True)
+        staged = self._staged[bucket]
+        self._staging_free.synchronize()  # the previous step's copy has left the host buffer
+        bm.block_tables(ids, 0, 0, out=staged["block_tables"])
+        self._fill_decode_inputs(staged, seq_ids, last_tokens, positions, slots, graph=True)
+        n = self._staged_bytes[bucket]
         with torch.cuda.device(self.device):
+            self._staging_dev[:n].copy_(self._staging_host[:n], non_blocking=True)
+            self._staging_free.record(torch.cuda.current_stream(self.device))
             graph.replay()
         return static["hidden"][:b]
 
     def _capture_graphs(self, max_num_seqs: int):
-        """One graph per batch-size bucket; any failure leaves eager decode in place."""
+        """One graph per batch-size bucket; any failure leaves eager decode in place.
+
+        Every bucket's integer inputs live in one device buffer, laid out for that bucket (one graph
+        replays at a time), mirrored by one pinned host buffer: a step fills the host side through
+        numpy views and moves it with a single copy (one small pageable copy per input would block
+        the host for each)."""
         buckets = sorted({b for b in (1, 2, 4, 8) if b <= max_num_seqs} |
                          set(range(16, max_num_seqs + 1, 16)) | {max_num_seqs})
-        width = self.max_blocks_per_seq
-        # torch.cuda.graph captures on a side stream of the *current* device: make it the model's.
-        with torch.cuda.device(self.device):
-            self._capture_buckets(buckets, width)
-        torch.cuda.synchronize(self.device)
-
-    def _capture_buckets(self, buckets, width):
+        layouts = {b: _layout(self._decode_fields(b, self.max_blocks_per_seq)) for b in buckets}
         try:
-            pool = None
-            for b in reversed(buckets):
-                static = {"input_ids": torch.zeros(b, dtype=torch.long, device=self.device),
-                          "positions": torch.zeros(b, dtype=torch.long, device=self.device),
-                          "slots": torch.full((b,), -1, dtype=torch.long, device=self.device),
-                          "context_lens": torch.ones(b, dtype=torch.int32, device=self.device),
-                          "block_tables": torch.zeros(b, width, dtype=torch.int32, device=self.device)}
-                if self.shared_prefix:
-                    static.update({k: torch.from_numpy(v).to(self.device)
-                                   for k, v in pad_shared_prefix(None, 0, b)._asdict().items()})
-                with torch.no_grad():
-                    self._run_decode(static)  # warm-up: compiles kernels outside capture
-                    torch.cuda.synchronize(self.device)
-                    graph = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(graph, pool=pool):
-                        static["hidden"] = self._run_decode(static)
-                pool = graph.pool()
-                self.graphs[b] = (graph, static)
+            self._staged_bytes = {b: nbytes for b, (_, nbytes) in layouts.items()}
+            total = max(self._staged_bytes.values())
+            self._staging_host = torch.empty(total, dtype=torch.uint8, pin_memory=True)
+            self._staging_dev = torch.empty(total, dtype=torch.uint8, device=self.device)
+            self._staging_free = torch.cuda.Event()
+            self._staged = {b: _views(self._staging_host, fields, as_numpy=True) for b, (fields, _) in layouts.items()}
+            # torch.cuda.graph captures on a side stream of the *current* device: make it the model's.
+            with torch.cuda.device(self.device):
+                self._capture_buckets(buckets, layouts)
+            torch.cuda.synchronize(self.device)
         except Exception as e:  # noqa: BLE001 - any capture problem means: run eagerly
             log.warning("CUDA graph capture failed (%s); decoding eagerly", e)
             self.graphs.clear()
+
+    def _capture_buckets(self, buckets, layouts):
+        pool = None
+        for b in reversed(buckets):
+            static = _views(self._staging_dev, layouts[b][0], as_numpy=False)
+            # a valid empty step (every row padding) for the warm-up and the capture
+            self._fill_decode_inputs(self._staged[b], np.zeros(0, dtype=np.int64), [], [], [], graph=True)
+            self._staging_dev[: self._staged_bytes[b]].copy_(self._staging_host[: self._staged_bytes[b]])
+            with torch.no_grad():
+                self._run_decode(static)  # warm-up: compiles kernels outside capture
+                torch.cuda.synchronize(self.device)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    static["hidden"] = self._run_decode(static)
+            pool = graph.pool()
+            self.graphs[b] = (graph, static)
