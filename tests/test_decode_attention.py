@@ -233,6 +233,10 @@ def test_find_shared_prefixes_groups_tiles_and_cuts():
     # tiles as even as they go: 13 rows at 4 per tile (group 16) -> 3 + 3 + 3 + 4, never a lone row
     q16, kc16, _, t16, c16 = make_shared_case([(2, [13] * 13)], num_heads=32, num_kv_heads=2)
     assert sorted(np.diff(find_shared(t16, c16, q16, kc16).tile_ptr).tolist()) == [3, 3, 3, 4]
+    # 3 rows at 2 per tile (group 32): a one-row tile would save nothing, so that row reads its own prefix
+    q32, kc32, _, t32, c32 = make_shared_case([(2, [13] * 3)], num_heads=32, num_kv_heads=1)
+    sp32 = find_shared(t32, c32, q32, kc32)
+    assert np.diff(sp32.tile_ptr).tolist() == [2] and sorted(sp32.row_start.tolist()) == [0, 8, 8]
     with pytest.raises(ValueError, match="context lengths must lie"):
         find_shared(tables[:, :2], ctx, q, kc)
     assert find_shared(tables[:1], ctx[:1], q, kc) is None
@@ -275,7 +279,7 @@ def test_decode_with_shared_prefix_matches_reference(device, heads, kv_heads, he
     q, kc, vc, tables, ctx = make_shared_case(groups, heads, kv_heads, head_dim, device=device)
     want = expected(q, kc, vc, tables, ctx)
     sp = find_shared(tables, ctx, q, kc)
-    # as found, and in a CUDA graph's fixed-size buffers (one tile per row, the trailing ones empty)
+    # as found, and in a CUDA graph's fixed-size buffers (rows // 2 tiles, the trailing ones empty)
     for shared in (sp.to(device), pad_shared_prefix(sp, len(ctx), len(ctx)).to(device)):
         for name in decode_backends(torch.device(device)):
             for splits in (1, 3):

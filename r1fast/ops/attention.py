@@ -43,7 +43,7 @@ class SharedPrefix(NamedTuple):
     Tile t holds rows tile_rows[tile_ptr[t]:tile_ptr[t+1]] of the batch, whose block tables agree on
     the blocks covering their first tile_prefix[t] tokens (0 <= tile_prefix[t] < each member's context
     length). row_start[b] is the prefix length of row b's tile, 0 for a row in no tile. Trailing tiles
-    may be empty (tile_ptr repeats, prefix 0): a CUDA graph's fixed-size buffers.
+    may be empty (tile_ptr repeats, prefix 0): a CUDA graph's fixed-size buffers (pad_shared_prefix).
     """
     tile_ptr: object
     tile_rows: object
@@ -121,9 +121,18 @@ def shared_block_tiles(block_tables: np.ndarray, context_lens: np.ndarray, block
     rank = np.arange(len(pos)) - np.repeat(gstart, gsize)
     # even tiles (sizes differ by at most one): 11 rows at 10 per tile -> 5 + 6, 13 at 4 -> 3 + 3 + 3 + 4
     tile = rank * np.repeat(num_tiles, gsize) // np.repeat(gsize, gsize)
-    tile_first = np.flatnonzero((rank == 0) | (tile != np.roll(tile, 1)))
+    first = (rank == 0) | (tile != np.roll(tile, 1))
     tokens = np.repeat(np.minimum.reduceat(common, gstart), gsize) * block_size
-    return np.append(tile_first, len(pos)), rows, tokens[tile_first]
+    # a one-row tile saves nothing (3 rows at 2 per tile -> 2 + 1): that row reads its prefix itself,
+    # so every tile has two rows or more and a batch of B rows never has more than B // 2 tiles
+    tile_id = np.cumsum(first) - 1
+    size = np.bincount(tile_id)
+    keep = size[tile_id] >= 2
+    if not keep.any():
+        return None
+    rows, tokens, first = rows[keep], tokens[keep], first[keep]
+    tile_first = np.flatnonzero(first)
+    return np.append(tile_first, len(rows)), rows, tokens[tile_first]
 
 
 def drop_tile_rows(tiles, keep: np.ndarray):
@@ -159,13 +168,18 @@ def shared_prefix_at(tiles, context_lens: np.ndarray) -> SharedPrefix | None:
 
 def pad_shared_prefix(shared: SharedPrefix | None, rows: int, batch_size: int) -> SharedPrefix:
     """`shared` (None: no tiles) for a step padded from `rows` to batch_size rows, in buffers of fixed
-    size (a CUDA graph's): batch_size tiles, those past `shared`'s empty; row_start 0 on padding rows."""
-    ptr = np.zeros(batch_size + 1, dtype=np.int32)
+    size (a CUDA graph's): batch_size // 2 tiles (tiles have two rows or more), those past `shared`'s
+    empty; row_start 0 on padding rows."""
+    max_tiles = batch_size // 2
+    ptr = np.zeros(max_tiles + 1, dtype=np.int32)
     members = np.zeros(batch_size, dtype=np.int32)
-    prefix = np.zeros(batch_size, dtype=np.int32)
+    prefix = np.zeros(max_tiles, dtype=np.int32)
     row_start = np.zeros(batch_size, dtype=np.int32)
     if shared is not None:
         n = len(shared.tile_prefix)
+        if n > max_tiles:
+            raise ValueError(f"pad_shared_prefix: {n} tiles do not fit the {max_tiles} of a {batch_size}-row step "
+                             f"(tiles need two rows or more)")
         ptr[: n + 1] = shared.tile_ptr
         ptr[n + 1:] = shared.tile_ptr[-1]
         members[: len(shared.tile_rows)] = shared.tile_rows

@@ -164,8 +164,8 @@ class ModelRunner:
         fields = [("input_ids", np.int64, (rows,)), ("positions", np.int64, (rows,)), ("slots", np.int64, (rows,)),
                   ("context_lens", np.int32, (rows,)), ("block_tables", np.int32, (rows, width))]
         if self.shared_prefix:
-            fields += [("tile_ptr", np.int32, (rows + 1,)), ("tile_rows", np.int32, (rows,)),
-                       ("tile_prefix", np.int32, (rows,)), ("row_start", np.int32, (rows,))]
+            fields += [("tile_ptr", np.int32, (rows // 2 + 1,)), ("tile_rows", np.int32, (rows,)),
+                       ("tile_prefix", np.int32, (rows // 2,)), ("row_start", np.int32, (rows,))]
         return fields
 
     def _fill_decode_inputs(self, out, seq_ids, last_tokens, positions, slots, graph):
