@@ -327,6 +327,10 @@ void register_block_manager(py::module_& m) {
            py::arg("seq_id"))
       .def("blocks_to_append", [](const BlockManager& bm, const py::object& obj) {
         const I64 seqs = i64_array(obj, "seq_ids");
+        std::unordered_set<std::int64_t> seen;  // a repeated id has no count that appending would match
+        for (py::ssize_t i = 0; i < seqs.shape(0); ++i)
+          if (!seen.insert(seqs.data()[i]).second)
+            fail("BlockManager.blocks_to_append: sequence id ", seqs.data()[i], " appears more than once");
         return bm.blocks_to_append(seqs.data(), seqs.shape(0));
       }, py::arg("seq_ids"), "The blocks that appending one token to each of these distinct sequences needs, in total.")
       .def("append", [](BlockManager& bm, std::int64_t seq, std::int32_t token) {

@@ -366,6 +366,8 @@ def test_forks_of_a_partial_block_need_one_copy_fewer_than_forks():
         bm.fork(0, child)
     ids = np.arange(8, dtype=np.int64)
     assert bm.blocks_to_append(ids) == 7 and bm.blocks_to_append(ids[:3]) == 3
+    with pytest.raises(ValueError, match="appears more than once"):
+        bm.blocks_to_append(np.array([1, 1], dtype=np.int64))
     free = bm.num_free_blocks
     slots, copies = bm.append_batch(ids, np.zeros(8, dtype=np.int32))
     assert free - bm.num_free_blocks == 7 and len(copies) == 7

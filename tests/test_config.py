@@ -47,7 +47,7 @@ def test_resume_with_other_schedule_settings_says_what_happens():
     old = {"config": {"max_steps": 6, "learning_rate": 1e-3, "warmup_steps": 2, "lr_scheduler_type": "cosine"}}
     assert schedule_change_note(old, dict(old["config"]), 2) is None
     note = schedule_change_note(old, {**old["config"], "max_steps": 10, "learning_rate": 5e-4}, 2)
-    assert "resuming at step 2 with max_steps 6 -> 10" in note and "schedule is recomputed" in note
+    assert "resuming at step 2 with max_steps 6 -> 10" in note and "follows the new values" in note
     assert "learning_rate 0.0005 is not applied" in note and "keeps the checkpoint's 0.001" in note
     assert schedule_change_note({}, old["config"], 2) is None  # an old checkpoint without its config
 

@@ -161,5 +161,8 @@ def test_resumed_summary_marks_stages_evaluated_under_earlier_settings(tmp_path,
     capsys.readouterr()
     assert main(["pipeline", str(spec), f"output_dir={run}", "eval_size=3", "--resume"]) == 0
     out = capsys.readouterr().out
-    assert "held-out: 3 prompts" in out and "* a: evaluated by an earlier invocation on 4 prompts" in out
+    assert "held-out: 3 prompts" in out and "* a: evaluated by an earlier invocation with prompts=4 (now 3)" in out
     assert json.load(open(run / "summary.json"))["stages"][0]["eval_settings"]["prompts"] == 4
+    # the token budget and the seed (which picks the rows and the samples) count as well
+    assert main(["pipeline", str(spec), f"output_dir={run}", "eval_size=4", "eval_max_tokens=8", "--resume"]) == 0
+    assert "with max_tokens=64 (now 8)" in capsys.readouterr().out

@@ -288,10 +288,17 @@ def test_standalone_builtin_eval_prompts_are_kept_out_of_training(tmp_path):
     assert len(held) > 0 and not held & {r["prompt"] for r in tr.train_rows}
 
 
-def test_resume_with_a_longer_run_says_the_schedule_is_recomputed(tmp_path, capsys):
-    make(tmp_path, "r", max_steps=2, save_steps=2, per_device_train_batch_size=8).train()
-    longer = make(tmp_path, "r", max_steps=3, save_steps=2, per_device_train_batch_size=8)
+def test_resume_with_a_longer_run_follows_the_new_schedule(tmp_path, capsys):
+    # A finished linear run ends at rate 0. Extended from 2 to 3 steps, its step 3 must train at the new
+    # schedule's rate (1 - 2/3 of the peak): the restored optimizer rate (0) would leave the weights as
+    # they were.
+    kw = dict(save_steps=2, per_device_train_batch_size=8, lr_scheduler_type="linear", learning_rate=1e-2)
+    first = make(tmp_path, "r", max_steps=2, **kw)
+    first.train()
+    longer = make(tmp_path, "r", max_steps=3, **kw)
     longer.train(resume=True)
     assert longer.global_step == 3
+    moved = [not torch.equal(p, q) for p, q in zip(first.model.parameters(), longer.model.parameters())]
+    assert any(moved)
     err = capsys.readouterr().err
-    assert "resuming at step 2 with max_steps 2 -> 3" in err and "schedule is recomputed" in err
+    assert "resuming at step 2 with max_steps 2 -> 3" in err and "follows the new values" in err

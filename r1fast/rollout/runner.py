@@ -247,8 +247,8 @@ class ModelRunner:
 
         Every bucket's integer inputs live in one device buffer, laid out for that bucket (one graph
         replays at a time), mirrored by one pinned host buffer: a step fills the host side through
-        numpy views and moves it with a single copy (one small pageable copy per input would block
-        the host for each)."""
+        numpy views and moves it with a single copy (instead of a staged pageable copy, and a call,
+        per input)."""
         buckets = sorted({b for b in (1, 2, 4, 8) if b <= max_num_seqs} |
                          set(range(16, max_num_seqs + 1, 16)) | {max_num_seqs})
         layouts = {b: _layout(self._decode_fields(b, self.max_blocks_per_seq)) for b in buckets}

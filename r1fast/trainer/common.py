@@ -212,7 +212,7 @@ def schedule_change_note(state, new_config: dict, step: int) -> str | None:
              if k in old and k in new_config and old[k] != new_config[k]]
     notes = []
     if shape:
-        notes.append(f"{', '.join(shape)}: the learning-rate schedule is recomputed for the new values from here on")
+        notes.append(f"{', '.join(shape)}: the learning-rate schedule follows the new values from this step on")
     if "learning_rate" in old and old["learning_rate"] != new_config.get("learning_rate", old["learning_rate"]):
         notes.append(f"learning_rate {new_config['learning_rate']!r} is not applied: a resumed run keeps the "
                      f"checkpoint's {old['learning_rate']!r} (start a new run to change it)")
@@ -229,9 +229,16 @@ def start_run(trainer, resume):
     cfg = trainer.cfg
     resume_path = ckpt.resolve_resume(resume, trainer.run_dir)
     if resume_path:
-        note = schedule_change_note(trainer.load(resume_path), cfg.to_dict(), trainer.global_step)
+        state = trainer.load(resume_path)
+        note = schedule_change_note(state, cfg.to_dict(), trainer.global_step)
         if note:
             print(note, file=sys.stderr)
+            # the optimizer's restored rate is the old schedule's: the next step takes the new one's
+            sched = trainer.scheduler
+            lrs = [base * factor(sched.last_epoch) for base, factor in zip(sched.base_lrs, sched.lr_lambdas)]
+            for group, lr in zip(trainer.optimizer.param_groups, lrs):
+                group["lr"] = lr
+            sched._last_lr = lrs
     # The log holds global steps (a pipeline stage's start at step_offset included): truncate on that scale,
     # or a resumed later stage would drop every line it wrote before the interruption.
     resume_step = trainer.step_offset + trainer.global_step if resume_path else None

@@ -9,6 +9,7 @@ import dataclasses
 import difflib
 import os
 import re
+import shlex
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -108,7 +109,7 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
                     raise ConfigError(f"command line: option --{a} needs a value")
                 if _OVERRIDE.match(args[i + 1]):  # `--lr beta=0.1`: a forgotten value, not the value "beta=0.1"
                     raise ConfigError(f"command line: option --{a} needs a value; {args[i + 1]!r} is an override of "
-                                      f"its own (write --{a}={args[i + 1]} if that is the value)")
+                                      f"its own (write {shlex.quote(f'--{a}={args[i + 1]}')} if that is the value)")
                 key, raw = a, args[i + 1]
                 i += 1
         elif "=" in a:

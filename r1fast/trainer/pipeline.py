@@ -380,8 +380,11 @@ class PipelineRunner:
         return summary
 
     def _eval_settings(self) -> dict:
+        """What a held-out accuracy depends on besides the model: the rows (dataset, size, seed) and
+        the sampling (samples per prompt, temperature, token budget)."""
         return {"dataset": self.p.eval_dataset, "prompts": self.p.eval_size,
-                "samples_per_prompt": self.p.eval_samples_per_prompt, "temperature": self.p.eval_temperature}
+                "samples_per_prompt": self.p.eval_samples_per_prompt, "temperature": self.p.eval_temperature,
+                "max_tokens": self.p.eval_max_tokens, "seed": self.p.seed}
 
     def summary(self, wall_s: float) -> dict:
         rows = []
@@ -411,9 +414,9 @@ def render_summary(s: dict) -> str:
         lines.append(f"{r['stage']:<18}{r['type'] or '-':<8}{r['steps']:>7}{acc:>10}{fmt:>8}{r['wall_s']:>7.0f}s{mark}")
     for r in s["stages"]:
         if "eval_settings" in r:
-            e = r["eval_settings"]
-            lines.append(f"* {r['stage']}: evaluated by an earlier invocation on {e['prompts']} prompts × "
-                         f"{e['samples_per_prompt']} samples at temperature {e['temperature']}")
+            then = r["eval_settings"]
+            diff = ", ".join(f"{k}={then.get(k)!r} (now {v!r})" for k, v in s["eval"].items() if then.get(k) != v)
+            lines.append(f"* {r['stage']}: evaluated by an earlier invocation with {diff}")
     return "\n".join(lines)
 
 
