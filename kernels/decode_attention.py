@@ -188,6 +188,8 @@ def prefix_attention(q, k_cache, v_cache, block_tables, scale, shared):
     m_pad = prefix_m_pad(group, head_dim, fp32)
     pml = torch.empty(num_seqs, num_heads, 2, device=q.device, dtype=torch.float32)
     pacc = torch.empty(num_seqs, num_heads, head_dim, device=q.device, dtype=torch.float32)
+    if shared.tile_prefix.shape[0] == 0:  # e.g. a one-row graph step's buffers: no tile, no launch
+        return pml, pacc
     _prefix_kernel[(shared.tile_prefix.shape[0], num_kv_heads)](
         q, k_cache, v_cache, block_tables, shared.tile_ptr, shared.tile_rows, shared.tile_prefix, pml, pacc,
         num_heads, num_kv_heads, head_dim, k_cache.shape[1], block_tables.shape[1], scale,

@@ -286,6 +286,11 @@ def test_decode_with_shared_prefix_matches_reference(device, heads, kv_heads, he
                 got = ops.paged_decode_attention(q, kc, vc, tables, ctx, num_splits=splits, backend=name,
                                                  shared_prefix=shared)
                 assert_close(got, want, dtype=torch.float32, rtol=1e-5, name=f"{name} shared prefix x{splits}")
+    # a one-row graph step: its buffers hold no tile at all (nothing to launch)
+    one = pad_shared_prefix(None, 1, 1).to(device)
+    for name in decode_backends(torch.device(device)):
+        got = ops.paged_decode_attention(q[:1], kc, vc, tables[:1], ctx[:1], backend=name, shared_prefix=one)
+        assert_close(got, want[:1], dtype=torch.float32, rtol=1e-5, name=f"{name} zero tiles")
 
 
 def test_decode_shared_prefix_bad_inputs_raise():
