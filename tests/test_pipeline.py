@@ -116,12 +116,18 @@ def test_cli_reports_a_failing_reward_function_without_a_traceback(tmp_path, mon
         main(["train", str(cfg)])
 
 
-def test_pipeline_resume_path_names_the_run_folder(tmp_path, monkeypatch):
-    # `--resume PATH` used to be read as plain --resume: a fresh run started in ./runs/<name>.
+def one_sft_stage_spec(tmp_path, top: str = ""):
+    """A pipeline YAML of one 1-step SFT stage `s` on the built-in micro model; `top`: more top-level keys."""
     spec = tmp_path / "p.yaml"
-    spec.write_text("name: p\nmodel: builtin:micro\nprogress_bar: false\nstages:\n"
+    spec.write_text("name: p\nmodel: builtin:micro\nprogress_bar: false\n" + top + "stages:\n"
                     "  - {name: s, type: sft, dataset: builtin:arithmetic, num_rows: 8,\n"
                     "     config: {max_steps: 1, per_device_train_batch_size: 4}}\n")
+    return spec
+
+
+def test_pipeline_resume_path_names_the_run_folder(tmp_path, monkeypatch):
+    # `--resume PATH` used to be read as plain --resume: a fresh run started in ./runs/<name>.
+    spec = one_sft_stage_spec(tmp_path)
     run = tmp_path / "first"
     assert main(["pipeline", str(spec), f"output_dir={run}"]) == 0
     elsewhere = tmp_path / "elsewhere"
@@ -135,10 +141,7 @@ def test_pipeline_resume_path_names_the_run_folder(tmp_path, monkeypatch):
 
 
 def test_resume_without_an_earlier_run_says_it_starts_fresh(tmp_path, capsys):
-    spec = tmp_path / "p.yaml"
-    spec.write_text("name: p\nmodel: builtin:micro\nprogress_bar: false\nstages:\n"
-                    "  - {name: s, type: sft, dataset: builtin:arithmetic, num_rows: 8,\n"
-                    "     config: {max_steps: 1, per_device_train_batch_size: 4}}\n")
+    spec = one_sft_stage_spec(tmp_path)
     assert main(["pipeline", str(spec), f"output_dir={tmp_path / 'new'}", "--resume"]) == 0
     assert "--resume: no earlier run in" in capsys.readouterr().out
 
@@ -150,18 +153,13 @@ def test_plot_names_a_bad_metrics_line(tmp_path):
 
 
 def test_resumed_summary_marks_stages_evaluated_under_earlier_settings(tmp_path, capsys):
-    spec = tmp_path / "p.yaml"
-    spec.write_text("name: p\nmodel: builtin:micro\nprogress_bar: false\neval_dataset: builtin:arithmetic\n"
-                    "eval_size: 4\neval_samples_per_prompt: 1\n"
-                    "stages:\n"
-                    "  - {name: a, type: sft, dataset: builtin:arithmetic, num_rows: 8,\n"
-                    "     config: {max_steps: 1, per_device_train_batch_size: 4}}\n")
+    spec = one_sft_stage_spec(tmp_path, "eval_dataset: builtin:arithmetic\neval_size: 4\neval_samples_per_prompt: 1\n")
     run = tmp_path / "run"
     assert main(["pipeline", str(spec), f"output_dir={run}"]) == 0
     capsys.readouterr()
     assert main(["pipeline", str(spec), f"output_dir={run}", "eval_size=3", "--resume"]) == 0
     out = capsys.readouterr().out
-    assert "held-out: 3 prompts" in out and "* a: evaluated by an earlier invocation with prompts=4 (now 3)" in out
+    assert "held-out: 3 prompts" in out and "* s: evaluated by an earlier invocation with prompts=4 (now 3)" in out
     assert json.load(open(run / "summary.json"))["stages"][0]["eval_settings"]["prompts"] == 4
     # the token budget and the seed (which picks the rows and the samples) count as well
     assert main(["pipeline", str(spec), f"output_dir={run}", "eval_size=4", "eval_max_tokens=8", "--resume"]) == 0
