@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from r1fast.ops.attention import prefix_tile_rows
+from r1fast.ops.shared_prefix import prefix_tile_rows
 
 
 @triton.jit
@@ -178,7 +178,7 @@ def prefix_block_n(d_pad: int, fp32: bool) -> int:
 
 
 def prefix_attention(q, k_cache, v_cache, block_tables, scale, shared):
-    """The prefix kernel over an ops.attention.SharedPrefix -> float32 (max, sum) [B, H, 2], acc [B, H, D],
+    """The prefix kernel over an ops.shared_prefix.SharedPrefix -> float32 (max, sum) [B, H, 2], acc [B, H, D],
     set for the rows of its tiles (the others are left unwritten: their row_start is 0)."""
     num_seqs, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
@@ -201,7 +201,7 @@ def prefix_attention(q, k_cache, v_cache, block_tables, scale, shared):
 def paged_decode_attention(out, q, k_cache, v_cache, block_tables, context_lens, scale, num_splits, partition_size,
                            ws_ml=None, ws_acc=None, shared=None):
     """Inputs validated by r1fast.ops.paged_decode_attention; writes `out`. `shared`: an
-    ops.attention.SharedPrefix, whose prefix partials are computed first and folded in."""
+    ops.shared_prefix.SharedPrefix, whose prefix partials are computed first and folded in."""
     num_seqs, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
     if num_seqs == 0:

@@ -189,14 +189,14 @@ def make_shared_case(groups, num_heads=6, num_kv_heads=2, head_dim=16, block_siz
 
 
 def find_shared(tables, ctx, q, kc):
-    from r1fast.ops.attention import find_shared_prefixes
+    from r1fast.ops.shared_prefix import find_shared_prefixes
 
     return find_shared_prefixes(tables.cpu().numpy(), ctx.cpu().numpy(), kc.shape[1], q.shape[1], kc.shape[2],
                                 q.shape[2])
 
 
 def test_find_shared_prefixes_groups_tiles_and_cuts():
-    from r1fast.ops.attention import shared_block_tiles, shared_prefix_at
+    from r1fast.ops.shared_prefix import shared_block_tiles, shared_prefix_at
 
     # three groups: 11 rows sharing 2 blocks (group 6 x head_dim 16: 10 rows per tile -> tiles of 6 and 5),
     # 2 rows sharing 3 blocks, one of them at a context that keeps only 2 of them (and its last token)
@@ -244,7 +244,7 @@ def test_find_shared_prefixes_groups_tiles_and_cuts():
 
 
 def test_rows_leaving_shrink_the_tiles_like_a_fresh_search():
-    from r1fast.ops.attention import drop_tile_rows, shared_block_tiles
+    from r1fast.ops.shared_prefix import drop_tile_rows, shared_block_tiles
 
     q, kc, vc, tables, ctx = make_shared_case([(2, [13] * 11), (3, [14, 12, 15]), (1, [6, 7])], num_heads=12)
     tiles = shared_block_tiles(tables.numpy(), ctx.numpy(), 4, 6, 16)
@@ -272,7 +272,7 @@ def test_rows_leaving_shrink_the_tiles_like_a_fresh_search():
 
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(6, 2, 16), (4, 4, 24), (16, 2, 32)])
 def test_decode_with_shared_prefix_matches_reference(device, heads, kv_heads, head_dim):
-    from r1fast.ops.attention import pad_shared_prefix
+    from r1fast.ops.shared_prefix import pad_shared_prefix
 
     # 8 samples of one prompt (5 blocks shared), 3 of another (a partial block of its own), a lone row
     groups = [(5, [21, 29, 23, 40, 22, 25, 33, 21]), (1, [5, 7, 9]), (0, [17])]
@@ -337,7 +337,7 @@ def test_decode_shared_prefix_gpu(dtype, heads, kv_heads, head_dim):
     # GRPO's shape: groups of 8 and 16 samples over a 256-token prompt (16 blocks of 16), their own
     # tokens past it, a lone row; every backend, one split and several, the engine's graph padding
     # (empty trailing tiles) too.
-    from r1fast.ops.attention import pad_shared_prefix
+    from r1fast.ops.shared_prefix import pad_shared_prefix
     from r1fast.testing import assert_within_lowp_rule
 
     groups = [(16, [257 + 37 * i for i in range(8)]), (16, [300 + 11 * i for i in range(16)]), (0, [700])]

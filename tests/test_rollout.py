@@ -461,7 +461,7 @@ def test_graph_inputs_staged_in_one_buffer_match_the_eager_inputs(models):
     the eager step's inputs on the batch rows, and the padding rows and tiles are the graph's."""
     import numpy as np
 
-    from r1fast.ops.attention import pad_shared_prefix
+    from r1fast.ops.shared_prefix import pad_shared_prefix
     from r1fast.rollout.runner import _layout, _views
 
     _, model = models

@@ -12,7 +12,7 @@ import math
 import torch
 
 from r1fast import backends, ops
-from r1fast.ops.attention import find_shared_prefixes
+from r1fast.ops.shared_prefix import find_shared_prefixes
 from r1fast.bench.harness import Case, Impl, Skip, suite
 
 

@@ -6,7 +6,7 @@ keys are kv[l, 0] and values kv[l, 1], each contiguous in the layout of ops.stor
 Shared prefixes: the G samples of a group hold their prompt's blocks in common. With a triton or
 cuda decode backend each decode step passes ops.paged_decode_attention a SharedPrefix, so those
 blocks are read once per tile of samples, not once per sample. The tiles come from the block tables
-(ops.attention.shared_block_tiles) and are kept while the running set is unchanged.
+(r1fast.ops.shared_prefix) and are kept while the running set is unchanged.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import torch
 
 from r1fast import backends, ops
 from r1fast.fp8 import fp8_disabled
-from r1fast.ops.attention import (SharedPrefix, drop_tile_rows, pad_shared_prefix, prefix_tile_rows,
+from r1fast.ops.shared_prefix import (SharedPrefix, drop_tile_rows, pad_shared_prefix, prefix_tile_rows,
                                   shared_block_tiles, shared_prefix_at)
 
 log = logging.getLogger(__name__)

@@ -44,7 +44,7 @@ def _decode_error(backend: str, device, dtype, num_heads: int, num_kv_heads: int
 
 def _shared_prefix_error(backend: str, device, dtype, num_heads: int, num_kv_heads: int, head_dim: int) -> float:
     """Three samples sharing 2 blocks of a prompt and a lone row, through the shared-prefix tiles."""
-    from r1fast.ops.attention import find_shared_prefixes, pad_shared_prefix
+    from r1fast.ops.shared_prefix import find_shared_prefixes, pad_shared_prefix
 
     g = torch.Generator(device="cpu").manual_seed(2)
     block_size, lens, shared = 16, [40, 47, 90, 33], 2
