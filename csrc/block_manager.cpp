@@ -208,6 +208,8 @@ void BlockManager::mark_computed(std::int64_t seq, std::int64_t n) {
   if (!prefix_caching_ || !s.cacheable) return;
   while ((s.num_hashed + 1) * block_size_ <= n) {
     const std::int32_t* toks = s.tokens.data() + s.num_hashed * block_size_;
+    // a token appended unknown (still being sampled) has no key: neither its block nor any after it
+    if (std::any_of(toks, toks + block_size_, [](std::int32_t t) { return t < 0; })) return;
     const std::uint64_t key = block_hash(s.last_hash, toks);
     const std::int32_t b = s.table[s.num_hashed];
     if (!cache_.count(key) && !blocks_[b].hashed) {
@@ -340,8 +342,11 @@ void register_block_manager(py::module_& m) {
       }, py::arg("seq_id"), py::arg("token"), "Returns (slot, copy_src, copy_dst); copy ids are -1 without a copy.")
       .def("append_batch", [](BlockManager& bm, const py::object& seq_obj, const py::object& tok_obj) {
         const I64 seqs = i64_array(seq_obj, "seq_ids");
-        const I32 tokens = i32_array(tok_obj, "tokens");
         const auto n = seqs.shape(0);
+        // tokens=None: the tokens are still being sampled on the device (the engine schedules the next
+        // decode step before the last one's tokens reach the host); they are recorded as unknown (-1)
+        I32 tokens = tok_obj.is_none() ? I32(n) : i32_array(tok_obj, "tokens");
+        if (tok_obj.is_none()) std::fill_n(tokens.mutable_data(), n, kUnknownToken);
         if (tokens.shape(0) != n) fail("BlockManager.append_batch: ", n, " seq_ids but ", tokens.shape(0), " tokens");
         // A repeated id would make the count below too small (its second token may need a block its
         // first did not) and the batch fail half-way, breaking all-or-nothing.
@@ -362,8 +367,9 @@ void register_block_manager(py::module_& m) {
         I32 out(std::vector<py::ssize_t>{static_cast<py::ssize_t>(copies.size() / 2), 2});
         if (!copies.empty()) std::memcpy(out.mutable_data(), copies.data(), copies.size() * sizeof(std::int32_t));
         return py::make_tuple(slots, out);
-      }, py::arg("seq_ids"), py::arg("tokens"),
-         "Append one token to each sequence (all or nothing): (slots int64[B], copies int32[K, 2] of (src, dst)).")
+      }, py::arg("seq_ids"), py::arg("tokens") = py::none(),
+         "Append one token to each sequence (all or nothing): (slots int64[B], copies int32[K, 2] of (src, dst)).\n"
+         "tokens=None appends tokens not known yet: their blocks never enter the prefix cache.")
       .def("mark_computed", &BlockManager::mark_computed, py::arg("seq_id"), py::arg("num_tokens"))
       .def("free", &BlockManager::free, py::arg("seq_id"))
       .def("preempt", &BlockManager::free, py::arg("seq_id"),

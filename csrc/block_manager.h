@@ -22,6 +22,8 @@
 //   them out again. reset_prefix_cache() forgets every key: after a weight update no stale KV is
 //   ever reused. A hit also compares the block's own tokens, so a 64-bit collision would have to match
 //   those too; the earlier blocks of the chain are compared only through the chained key.
+//   A block holding a token appended as unknown (kUnknownToken: the engine appends a decode step's
+//   slots before its tokens are sampled) is never registered, nor any block after it.
 //   Sequences alive at a reset never register blocks afterwards: their KV chains back to stale
 //   blocks (a later block's KV attended to them), so it must not be handed to new sequences.
 // - threads: no internal locking. Every method runs under the GIL (the bindings never release it),
@@ -33,6 +35,8 @@
 #include <vector>
 
 namespace r1fast {
+
+constexpr std::int32_t kUnknownToken = -1;
 
 class BlockManager {
  public:

@@ -102,6 +102,8 @@ class ModelBlockManager:
             return
         while (s["hashed"] + 1) * self.bs <= n:
             key = tuple(s["tokens"][: (s["hashed"] + 1) * self.bs])
+            if min(key[-self.bs:]) < 0:  # a token appended unknown: no key for this block or any after
+                return
             b = s["table"][s["hashed"]]
             if key not in self.cache and self.key[b] is None:
                 self.cache[key] = b
@@ -320,6 +322,19 @@ def test_sequences_alive_at_a_reset_never_register_blocks():
     bm.append(3, 9)
     bm.mark_computed(3, 5)
     assert bm.num_cached_blocks == 1
+    bm.check_invariants()
+
+
+def test_tokens_appended_unknown_never_enter_the_prefix_cache():
+    bm = BlockManager(8, 2, True)
+    bm.allocate(0, np.array([1, 2, 3], dtype=np.int32))
+    slots, copies = bm.append_batch(np.array([0], dtype=np.int64), None)  # token 4 still on the device
+    assert slots.tolist() == [bm.block_table(0)[1] * 2 + 1] and copies.shape == (0, 2)
+    bm.append(0, 5)
+    bm.append(0, 6)
+    bm.mark_computed(0, 6)
+    assert bm.num_cached_blocks == 1  # block 0 ([1, 2]); not [3, ?] nor [5, 6], which chains from it
+    assert bm.allocate(1, np.array([1, 2, 3, 4, 5, 6, 7], dtype=np.int32)) == 2
     bm.check_invariants()
 
 

@@ -320,25 +320,27 @@ def test_group_too_large_for_the_pool_decodes_by_preemption_with_unchanged_sampl
 @pytest.mark.gpu
 def test_cuda_engine_graphs_and_backends_match_cpu(models, prompts):
     _, model = models
-    params = SamplingParams(n=2, temperature=0.8, top_k=20, max_tokens=MAX_NEW, seed=11)
-    cpu = Engine(model, block_size=4, num_blocks=64).generate(prompts, params)
+    # top-k: the torch sampler; min-p with stop ids: the Triton sampler, rows stopping mid-run while the
+    # next step is already launched (async_decode)
+    top_k = SamplingParams(n=2, temperature=0.8, top_k=20, max_tokens=MAX_NEW, seed=11)
+    min_p = SamplingParams(n=2, temperature=1.0, min_p=0.02, max_tokens=MAX_NEW, seed=12, stop_token_ids=[3, 11, 20])
     gpu_model = from_pretrained_copy(model, "cuda")
-    try:
-        for opts in (dict(), dict(use_cuda_graphs=False), dict(decode_backend="triton"),
+    for params in (top_k, min_p):
+        cpu = Engine(model, block_size=4, num_blocks=64).generate(prompts, params)
+        for opts in (dict(), dict(async_decode=False), dict(use_cuda_graphs=False), dict(decode_backend="triton"),
                      dict(decode_backend="cuda", max_num_batched_tokens=5)):
             engine = Engine(gpu_model, block_size=4, num_blocks=64, max_num_seqs=16, **opts)
             if opts.get("use_cuda_graphs", True):
                 assert engine.runner.graphs, "CUDA graph capture fell back to eager"
             out = engine.generate(prompts, params)
             for a, b in zip(cpu, out):
-                assert [c.token_ids for c in a.completions] == [c.token_ids for c in b.completions], opts
+                assert [(c.token_ids, c.finish_reason) for c in a.completions] == \
+                    [(c.token_ids, c.finish_reason) for c in b.completions], opts
                 for ca, cb in zip(a.completions, b.completions):
                     assert ca.logprobs == pytest.approx(cb.logprobs, abs=1e-3)
-        bf16 = from_pretrained_copy(model, "cuda", torch.bfloat16)
-        res = Engine(bf16, block_size=16, max_num_seqs=16).generate(prompts, params)
-        assert all(len(c.token_ids) == MAX_NEW for r in res for c in r.completions)
-    finally:
-        del gpu_model
+    bf16 = from_pretrained_copy(model, "cuda", torch.bfloat16)
+    res = Engine(bf16, block_size=16, max_num_seqs=16).generate(prompts, top_k)
+    assert all(len(c.token_ids) == MAX_NEW for r in res for c in r.completions)
 
 
 def from_pretrained_copy(model, device, dtype=None):
@@ -409,12 +411,14 @@ def test_random_limits_and_stops_equal_the_free_run_cut_at_the_first_stop(models
     @settings(max_examples=10, deadline=None, suppress_health_check=list(HealthCheck))
     @given(stops=st.lists(st.integers(0, CFG["vocab_size"] - 1), max_size=3), max_tokens=st.integers(1, 12),
            max_model_len=st.integers(10, 64), num_blocks=st.integers(1, 24), budget=st.integers(1, 12),
-           seats=st.integers(3, 10), block_size=st.sampled_from([1, 2, 4]), prefix=st.booleans())
-    def check(stops, max_tokens, max_model_len, num_blocks, budget, seats, block_size, prefix):
+           seats=st.integers(3, 10), block_size=st.sampled_from([1, 2, 4]), prefix=st.booleans(),
+           ahead=st.booleans())
+    def check(stops, max_tokens, max_model_len, num_blocks, budget, seats, block_size, prefix, ahead):
         longest = min(9 + max_tokens, max_model_len)
         num_blocks = max(num_blocks, math.ceil((longest - 1) / block_size))
         engine = Engine(model, block_size=block_size, num_blocks=num_blocks, max_num_batched_tokens=budget,
-                        max_num_seqs=seats, max_model_len=max_model_len, enable_prefix_caching=prefix)
+                        max_num_seqs=seats, max_model_len=max_model_len, enable_prefix_caching=prefix,
+                        async_decode=ahead)
         got = engine.generate(prompts, SamplingParams(**free_params, max_tokens=max_tokens, stop_token_ids=stops))
         for p, want_req, got_req in zip(prompts, free, got):
             for want, c in zip(want_req.completions, got_req.completions):
@@ -427,6 +431,65 @@ def test_random_limits_and_stops_equal_the_free_run_cut_at_the_first_stop(models
         assert engine.block_manager.num_free_blocks == num_blocks
 
     check()
+
+
+@pytest.mark.parametrize("opts", [dict(num_blocks=64), dict(num_blocks=8, max_num_seqs=5)])
+def test_decoding_one_step_ahead_changes_no_output(models, prompts, opts, monkeypatch):
+    """async_decode launches step k+1 from step k's samples still on the device, then reads step k's
+    tokens: completions, log-probs and finish reasons equal the step-by-step engine's, also with
+    stops mid-run, seats freed by finishing rows and preemption; only the discarded rows differ."""
+    _, model = models
+    params = SamplingParams(n=3, temperature=1.2, max_tokens=9, seed=5, stop_token_ids=[3, 11, 20, 41])
+    runs = {}
+    for ahead in (False, True):
+        engine = Engine(model, block_size=4, async_decode=ahead, **opts)
+        calls = []
+        decode = engine.runner.decode
+        monkeypatch.setattr(engine.runner, "decode", lambda *a, **k: calls.append(sorted(k)) or decode(*a, **k))
+        out = engine.generate(prompts, params)
+        runs[ahead] = ([[(c.token_ids, c.finish_reason) for c in r.completions] for r in out],
+                       [[c.logprobs for c in r.completions] for r in out], engine.last_stats, calls)
+        assert engine.block_manager.num_free_blocks == engine.num_blocks
+    (tokens, logprobs, stats, calls), (tokens_a, logprobs_a, stats_a, calls_a) = runs[False], runs[True]
+    assert tokens_a == tokens
+    assert {r for req in tokens for _, r in req} == {"stop", "length"}
+    for want, got in zip(logprobs, logprobs_a):
+        for w, g in zip(want, got):
+            assert g == pytest.approx(w, abs=1e-5)
+    assert stats["discarded_tokens"] == 0 and all(c == ["last_tokens"] for c in calls)
+    assert ["tokens_from"] in calls_a and stats_a["discarded_tokens"] > 0
+    if "max_num_seqs" in opts:
+        assert stats["preemptions"] > 0 and stats_a["preemptions"] > 0
+
+
+def test_pinned_buffers_of_steps_in_flight_are_not_overwritten_before_they_are_read(models, prompts, monkeypatch):
+    """The GPU engine's two alternating sets of host buffers (uniforms in, samples out), run here over
+    plain CPU tensors with a stand-in event: a step's samples are read from its own set after the next
+    step has filled the other, and the outputs equal the CPU engine's."""
+    _, model = models
+    params = SamplingParams(n=3, temperature=1.0, max_tokens=8, seed=3, stop_token_ids=[5, 17])
+    want = Engine(model, block_size=4, num_blocks=64).generate(prompts, params)
+
+    class Event:
+        def record(self, stream):
+            pass
+
+        def synchronize(self):
+            pass
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: None)
+    engine = Engine(model, block_size=4, num_blocks=64, max_num_seqs=16)
+    engine._pinned = [{name: torch.full((16,), -1, dtype=dt) for name, dt in
+                       (("uniforms", torch.float64), ("tokens", torch.int64), ("logprobs", torch.float32))}
+                      for _ in range(2)]
+    got = engine.generate(prompts, params)
+    assert engine.last_stats["discarded_tokens"] > 0
+    for a, b in zip(want, got):
+        assert [(c.token_ids, c.finish_reason) for c in a.completions] == \
+            [(c.token_ids, c.finish_reason) for c in b.completions]
+        for ca, cb in zip(a.completions, b.completions):
+            assert cb.logprobs == pytest.approx(ca.logprobs, abs=1e-6)
 
 
 @pytest.mark.parametrize("opts", [dict(num_blocks=64), dict(num_blocks=12, max_num_seqs=6)])
@@ -477,7 +540,7 @@ def test_graph_inputs_staged_in_one_buffer_match_the_eager_inputs(models):
 
     eager = {n: np.empty(shape, dt) for n, dt, shape in runner._decode_fields(4, 0)}
     eager["block_tables"] = bm.block_tables(ids)
-    runner._fill_decode_inputs(eager, ids, last, positions, slots, graph=False)
+    runner._fill_decode_inputs(eager, ids, positions, slots, False, last_tokens=last)
     assert eager["row_start"].tolist() == [8, 0, 8, 8]  # the forks share 2 whole blocks
 
     layout, nbytes = _layout(runner._decode_fields(8, runner.max_blocks_per_seq))
@@ -485,11 +548,16 @@ def test_graph_inputs_staged_in_one_buffer_match_the_eager_inputs(models):
     host, dev = torch.zeros(nbytes, dtype=torch.uint8), torch.zeros(nbytes, dtype=torch.uint8)
     staged, static = _views(host, layout, as_numpy=True), _views(dev, layout, as_numpy=False)
     bm.block_tables(ids, 0, 0, out=staged["block_tables"])
-    runner._fill_decode_inputs(staged, ids, last, positions, slots, graph=True)
+    runner._fill_decode_inputs(staged, ids, positions, slots, True, last_tokens=last)
     dev.copy_(host)  # the one copy a GPU step makes
     got = {k: v.numpy() for k, v in static.items()}
     for name in ("input_ids", "positions", "slots", "context_lens"):
         assert got[name][:4].tolist() == eager[name].tolist(), name
+    # a step one ahead takes its tokens from the last step's samples on the device instead
+    runner._fill_decode_inputs(staged, ids, positions, slots, True, source_rows=np.array([3, 0, 2, 1]))
+    dev.copy_(host)
+    assert static["source_rows"].tolist() == [3, 0, 2, 1, 0, 0, 0, 0]
+    assert static["input_ids"].tolist() == [0] * 8
     assert (got["block_tables"][:4, : eager["block_tables"].shape[1]] == eager["block_tables"]).all()
     assert (got["block_tables"][:4, eager["block_tables"].shape[1]:] == 0).all() and (got["block_tables"][4:] == 0).all()
     assert got["slots"][4:].tolist() == [-1] * 4 and got["context_lens"][4:].tolist() == [1] * 4

@@ -4,6 +4,8 @@ Cases:
 - "generate": prompts x G samples, fixed prompt and completion lengths (stop tokens ignored);
   items = generated tokens. Floor: every decode step reads the weights once plus every distinct KV
   block in use (a prompt's, shared by its G samples, once), over the measured bandwidth.
+  "engine, step by step" is the same engine with async_decode=False: each decode step waits for
+  the last one's tokens before it is planned.
 - "engine loop": the same generate() on a 2-layer model with a 256-token vocabulary, whose compute
   is negligible on a GPU: time per decode step is the engine's host work (scheduling, block tables,
   sampling, bookkeeping) and launch latency, which a real model's step pays on top of its kernels
@@ -47,17 +49,28 @@ def _kv_bytes_per_token(cfg, dtype):
     return cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * cfg.head_dim * (torch.finfo(dtype).bits // 8)
 
 
-def _r1fast_generate(cfg_kwargs, shape, dtype, device):
+_engines = {}  # the step-by-step impl reuses the engine (model, KV pool, graphs) of the default one
+
+
+def _r1fast_generate(cfg_kwargs, shape, dtype, device, async_decode=True):
     def setup():
         from r1fast.rollout import Engine, SamplingParams
 
         prompts_n, g, plen, new = shape
-        model = _model(cfg_kwargs, dtype, device)
-        engine = Engine(model, block_size=ENGINE_BLOCK_SIZE, max_num_seqs=prompts_n * g,
-                        max_model_len=plen + new + 1, max_num_batched_tokens=max(8192, plen))
-        prompts = _prompts(prompts_n, plen, model.config.vocab_size)
+        key = (repr(sorted(cfg_kwargs.items())), shape, dtype, str(device))
+        if key not in _engines:
+            _engines.clear()  # one engine alive at a time
+            model = _model(cfg_kwargs, dtype, device)
+            _engines[key] = Engine(model, block_size=ENGINE_BLOCK_SIZE, max_num_seqs=prompts_n * g,
+                                   max_model_len=plen + new + 1, max_num_batched_tokens=max(8192, plen))
+        engine = _engines[key]
+        prompts = _prompts(prompts_n, plen, engine.config.vocab_size)
         params = SamplingParams(n=g, temperature=1.0, max_tokens=new, seed=0, ignore_eos=True)
-        return lambda: engine.generate(prompts, params)
+
+        def run():
+            engine.async_decode = async_decode
+            return engine.generate(prompts, params)
+        return run
     return setup
 
 
@@ -114,7 +127,7 @@ def _r1fast_decode_step(cfg_kwargs, batch, ctx, dtype, device):
         keys, pos = np.arange(batch), np.full(batch, ctx)
 
         def step():
-            hidden = runner.decode(bm, ids, last, positions, slots)
+            hidden = runner.decode(bm, ids, positions, slots, last_tokens=last)
             # the step's uniforms as the engine makes them: hashed on the host, one copy
             u = torch.from_numpy(host_uniforms(keys, pos)).to(device, non_blocking=True)
             return ops.sample_tokens(lm_logits(hidden, model.lm_head_weight), params, u, check_uniforms=False)
@@ -149,6 +162,8 @@ def cases(size, device):
     dt = str(dtype).removeprefix("torch.")
     out = [Case(f"generate {prompts_n}x{g} prompt={plen} new={new}", "step", dt,
                 [Impl("r1fast", "engine", _r1fast_generate(cfg, gen_shape, dtype, device)),
+                 # decode steps not planned ahead: what overlapping the host's work with the GPU's saves
+                 Impl("r1fast", "engine, step by step", _r1fast_generate(cfg, gen_shape, dtype, device, False)),
                  # a GPU-size transformers generation takes tens of seconds and compiles nothing: one timed call
                  Impl("transformers", "generate", _transformers_generate(cfg, gen_shape, dtype, device),
                       requires=("transformers",), **(dict(warmup=0, reps=1) if size == "gpu" else {}))],
@@ -157,7 +172,8 @@ def cases(size, device):
                 warmup=1, reps=3)]
     tiny_shape = (prompts_n, g, 16, 128) if size == "gpu" else (4, 2, 16, 16)
     out.append(Case(f"engine loop {tiny_shape[0]}x{tiny_shape[1]} tiny model new={tiny_shape[3]}", "step", dt,
-                    [Impl("r1fast", "engine", _r1fast_generate(TINY, tiny_shape, dtype, device))],
+                    [Impl("r1fast", "engine", _r1fast_generate(TINY, tiny_shape, dtype, device)),
+                     Impl("r1fast", "engine, step by step", _r1fast_generate(TINY, tiny_shape, dtype, device, False))],
                     items=tiny_shape[3], item_name="steps", warmup=1, reps=3))
     for batch, ctx in step_shapes:
         out.append(Case(f"decode step batch={batch} ctx={ctx}", "step", dt,

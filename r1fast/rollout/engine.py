@@ -7,10 +7,19 @@
 
 The engine reads the model's parameters in place (no copy): after an optimizer step the next
 generate() sees the new weights; only the prefix cache must be reset (its KV is stale).
+
+Decode steps run one ahead of the host (async_decode=True): step k+1 is planned and launched, its
+input tokens gathered on the device from step k's samples, before step k's tokens are copied back
+and checked for stop ids. The host's work per step (scheduling, block tables, finish checks) then
+overlaps the GPU's instead of following it. A sequence that stops at step k is still decoded at step
+k+1 and that token discarded (counted in last_stats["discarded_tokens"]); steps that admit, prefill
+or preempt wait for the tokens first. The tokens are the same either way: each depends only on its
+sequence's own stream and position.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import hashlib
 import math
@@ -24,7 +33,7 @@ from r1fast.rollout import sampler
 from r1fast.rollout.params import Completion, RequestOutput, SamplingParams
 from r1fast.rollout.runner import ModelRunner, lm_logits
 from r1fast.rollout.scheduler import DecodeBatch, Scheduler
-from r1fast.rollout.sequence import Sequence
+from r1fast.rollout.sequence import Sequence, Status
 
 
 def _eos_ids(config) -> set[int]:
@@ -43,7 +52,8 @@ class Engine:
     def __init__(self, model, num_blocks: int | None = None, block_size: int = 16, memory_fraction: float = 0.5,
                  max_num_seqs: int = 256, max_num_batched_tokens: int = 8192, max_model_len: int | None = None,
                  enable_prefix_caching: bool = True, use_cuda_graphs: bool = True,
-                 decode_backend: str | None = None, shared_prefix_attention: bool = True):
+                 decode_backend: str | None = None, shared_prefix_attention: bool = True,
+                 async_decode: bool = True):
         cfg = getattr(model, "config", None)
         for attr in ("num_hidden_layers", "num_key_value_heads", "head_dim", "vocab_size", "max_position_embeddings"):
             if getattr(cfg, attr, None) is None:
@@ -72,7 +82,15 @@ class Engine:
                                   use_cuda_graphs=use_cuda_graphs, decode_backend=decode_backend,
                                   shared_prefix=shared_prefix_attention)
         self.eos_ids = _eos_ids(cfg)
+        self.async_decode = bool(async_decode)
         self._uniforms = sampler.HostUniforms(self.max_model_len + 1)
+        # Two sets of pinned buffers for a step's uniforms (in) and samples (out): step k+1 uses one while
+        # the host still reads step k's from the other. Pinned, because a copy from pageable memory may
+        # wait for the stream, which would undo running a step ahead.
+        self._pinned = [{name: torch.empty(max_num_seqs, dtype=dt, pin_memory=True) for name, dt in
+                         (("uniforms", torch.float64), ("tokens", torch.int64), ("logprobs", torch.float32))}
+                        for _ in range(2)] if model.device.type == "cuda" else None
+        self._pinned_turn = 0
         self._next_seq_id = 0
         self.last_stats: dict = {}
 
@@ -187,31 +205,103 @@ class Engine:
         """Steps until every sequence has finished (into done[request]); returns the step counts."""
         weight = self.model.lm_head_weight
         running = sched.running
-        steps = {"prefill": 0, "decode": 0}
-        while sched.has_work():
-            batch = sched.schedule()
-            if isinstance(batch, DecodeBatch):
+        steps = {"prefill": 0, "decode": 0, "discarded_tokens": 0}
+        pending = None  # the decode step whose tokens are still on the device
+        while sched.has_work() or pending is not None:
+            batch = sched.schedule() if pending is None else sched.schedule_ahead()
+            if batch is None:  # planning needs the tokens in flight (or nothing is left to decode)
+                steps["discarded_tokens"] += self._collect(pending, sched, stop_ids, done, bar)
+                pending = None
+            elif isinstance(batch, DecodeBatch):
                 steps["decode"] += 1
-                self.runner.copy_blocks(batch.copies)
-                hidden = self.runner.decode(self.block_manager, running.array("ids"), running.array("last"),
-                                            running.array("lens") - 1, batch.slots)
-                start = 0
+                step = self._launch_decode(batch, running, params, weight, pending)
+                if pending is not None:  # its tokens are in step's inputs already; now the host reads them
+                    steps["discarded_tokens"] += self._collect(pending, sched, stop_ids, done, bar)
+                pending = step
+                if not self.async_decode:
+                    steps["discarded_tokens"] += self._collect(pending, sched, stop_ids, done, bar)
+                    pending = None
             else:
                 steps["prefill"] += 1
                 hidden = self._prefill(batch, sched, key_of)
-                if hidden is None:
-                    continue
-                start = len(running) - hidden.shape[0]  # the sequences whose prompts completed: the newest rows
-            tokens, logprobs = self._sample(hidden, weight, running, start, params)
-            running.advance(tokens, logprobs, start)
-            stopped = np.isin(tokens, stop_ids)
-            ended = stopped | (running.array("lens")[start:] >= running.array("max_lens")[start:])
-            if ended.any():
-                for s in sched.finish(start, ended, stopped):
-                    done[s.request].append(s)
-                if bar is not None:
-                    bar.update(int(ended.sum()))
+                if hidden is not None:
+                    self._sample_first_tokens(hidden, running, params, weight, sched, stop_ids, done, bar)
         return steps
+
+    def _sample_first_tokens(self, hidden, running, params, weight, sched, stop_ids, done, bar):
+        """Samples (and waits for) the first token of the sequences whose prompts a prefill completed:
+        the newest running rows."""
+        start = len(running) - hidden.shape[0]
+        keys, lens = running.array("keys")[start:], running.array("lens")[start:]
+        tokens, logprobs = self._sample(hidden, weight, keys, lens, params, self._next_pinned())
+        tokens, logprobs = tokens.cpu().numpy(), logprobs.cpu().numpy()
+        _check_finite(logprobs)
+        running.advance(tokens, logprobs, start)
+        stopped = np.isin(tokens, stop_ids)
+        ended = stopped | (running.array("lens")[start:] >= running.array("max_lens")[start:])
+        if ended.any():
+            self._retire([running[start + i] for i in np.flatnonzero(ended).tolist()], stopped[ended].tolist(),
+                         sched, done, bar)
+
+    def _launch_decode(self, batch: DecodeBatch, running, params, weight, pending: _DecodeStep | None) -> _DecodeStep:
+        """Queues a decode step and its sampling on the device; returns it in flight. With `pending`
+        (the step before, not collected yet) each row's input token is gathered from its samples."""
+        ids, lens = running.array("ids"), running.array("lens")
+        if pending is None:
+            inputs = {"last_tokens": running.array("last")}
+        else:  # running rows are pending's rows less those that left, in the same order
+            rows = np.arange(len(ids)) if ids is pending.ids else \
+                np.flatnonzero(np.isin(pending.ids, ids, assume_unique=True))
+            inputs = {"tokens_from": (pending.tokens, rows)}
+        self.runner.copy_blocks(batch.copies)
+        hidden = self.runner.decode(self.block_manager, ids, lens - 1, batch.slots, **inputs)
+        pinned = self._next_pinned()
+        tokens, logprobs = self._sample(hidden, weight, running.array("keys"), lens, params, pinned)
+        step = _DecodeStep(list(running.seqs), ids, lens.copy(), running.array("max_lens"), tokens)
+        step.fetch(logprobs, pinned)
+        running.count_in_flight()
+        # a row whose token in flight reaches its length limit is done: the next step leaves it out
+        at_limit = running.array("lens") >= running.array("max_lens")
+        if at_limit.any():
+            running.remove(at_limit)
+        return step
+
+    def _collect(self, step: _DecodeStep, sched: Scheduler, stop_ids: np.ndarray, done, bar) -> int:
+        """Waits for a decode step's tokens and hands them to their sequences; finishes those that
+        stopped or reached their length. Returns how many rows it discarded: their sequences had
+        stopped in the step before."""
+        tokens, logprobs = step.wait()
+        live = np.fromiter((s.status is Status.RUNNING for s in step.seqs), dtype=bool, count=len(step.seqs))
+        _check_finite(logprobs[live])
+        for s, t, lp, keep in zip(step.seqs, tokens.tolist(), logprobs.tolist(), live.tolist()):
+            if keep:
+                s.tokens.append(t)
+                s.logprobs.append(lp)
+        running = sched.running
+        ids = running.array("ids")
+        rows = np.arange(len(ids)) if ids is step.ids else np.flatnonzero(np.isin(step.ids, ids, assume_unique=True))
+        if len(rows) != len(ids):
+            raise RuntimeError("generate: a running sequence joined while a decode step was in flight (engine bug)")
+        running.array("last")[:] = tokens[rows]
+        stopped = live & np.isin(tokens, stop_ids)
+        ended = stopped | (live & (step.lens + 1 >= step.max_lens))
+        if ended.any():
+            self._retire([step.seqs[i] for i in np.flatnonzero(ended).tolist()], stopped[ended].tolist(),
+                         sched, done, bar)
+        return int(len(live) - live.sum())
+
+    def _retire(self, seqs, stopped, sched: Scheduler, done, bar):
+        sched.retire(seqs, stopped)
+        for s in seqs:
+            done[s.request].append(s)
+        if bar is not None:
+            bar.update(len(seqs))
+
+    def _next_pinned(self) -> dict | None:
+        if self._pinned is None:
+            return None
+        self._pinned_turn ^= 1
+        return self._pinned[self._pinned_turn]
 
     def _new_id(self) -> int:
         self._next_seq_id += 1
@@ -236,24 +326,58 @@ class Engine:
             return None
         return hidden.index_select(0, torch.tensor(keep, device=hidden.device))
 
-    def _sample(self, hidden, weight, running, start: int, params):
-        """(tokens int64 [B], logprobs float32 [B]) as numpy arrays for the running rows from `start` on."""
+    def _sample(self, hidden, weight, keys: np.ndarray, lens: np.ndarray, params, pinned: dict | None):
+        """(tokens int64 [B], logprobs float32 [B]) on the device for rows with these stream keys and
+        lengths; queued only: nothing here waits for the device."""
         logits = lm_logits(hidden, weight)
-        device = logits.device
         u = None
         if not params.greedy:  # the step's random numbers, hashed on the host (see HostUniforms)
-            u = torch.from_numpy(self._uniforms(running.array("keys")[start:], running.array("lens")[start:]))
-            u = u.to(device, non_blocking=True) if device.type != "cpu" else u
+            u = torch.from_numpy(self._uniforms(keys, lens))
+            if pinned is not None:
+                staged = pinned["uniforms"][: len(u)]
+                staged.copy_(u)
+                u = staged.to(logits.device, non_blocking=True)
         # backend: torch (sampler.sample) on the CPU, the Triton kernel on a GPU (top-k/top-p: torch);
         # R1FAST_BACKEND overrides it as for every op (reference: float64 sampling, for debugging)
         tokens, logprobs = ops.sample_tokens(logits, params, u, check_uniforms=False)
-        # the device->host transfers of the step
-        tokens, logprobs = tokens.cpu().numpy(), logprobs.float().cpu().numpy()
-        bad = int(np.isnan(logprobs).sum())
-        if bad:
-            raise RuntimeError(f"generate: the model produced NaN logits for {bad} of {len(logprobs)} sequences "
-                               f"(NaN/inf weights or activations?); no token can be sampled from them")
-        return tokens, logprobs
+        return tokens, logprobs.float()
+
+
+@dataclasses.dataclass
+class _DecodeStep:
+    """A launched decode step: its rows as they were at launch, and its samples on their way to the host."""
+    seqs: list[Sequence]
+    ids: np.ndarray          # the running ids array it was launched with
+    lens: np.ndarray         # each row's length before this step's token
+    max_lens: np.ndarray
+    tokens: torch.Tensor     # int64 [B] on the device: the next step's inputs
+    _host: tuple | None = None
+    _ready: torch.cuda.Event | None = None
+
+    def fetch(self, logprobs: torch.Tensor, pinned: dict | None):
+        """Starts copying (tokens, logprobs) into the pinned host buffers, or to the host now on a CPU."""
+        if pinned is None:
+            self._host = (self.tokens.cpu(), logprobs.cpu())
+            return
+        b = len(self.tokens)
+        host = (pinned["tokens"][:b], pinned["logprobs"][:b])
+        host[0].copy_(self.tokens, non_blocking=True)
+        host[1].copy_(logprobs, non_blocking=True)
+        self._ready = torch.cuda.Event()
+        self._ready.record(torch.cuda.current_stream(self.tokens.device))
+        self._host = host
+
+    def wait(self) -> tuple[np.ndarray, np.ndarray]:
+        if self._ready is not None:
+            self._ready.synchronize()
+        return self._host[0].numpy(), self._host[1].numpy()
+
+
+def _check_finite(logprobs: np.ndarray):
+    bad = int(np.isnan(logprobs).sum())
+    if bad:
+        raise RuntimeError(f"generate: the model produced NaN logits for {bad} of {len(logprobs)} sequences "
+                           f"(NaN/inf weights or activations?); no token can be sampled from them")
 
 
 @contextlib.contextmanager

@@ -161,21 +161,24 @@ class ModelRunner:
     # -- decode ----------------------------------------------------------------------------------
     def _decode_fields(self, rows: int, width: int) -> list[tuple[str, type, tuple]]:
         """(name, numpy dtype, shape) of a decode step's integer inputs at `rows` rows."""
-        fields = [("input_ids", np.int64, (rows,)), ("positions", np.int64, (rows,)), ("slots", np.int64, (rows,)),
-                  ("context_lens", np.int32, (rows,)), ("block_tables", np.int32, (rows, width))]
+        fields = [("input_ids", np.int64, (rows,)), ("source_rows", np.int64, (rows,)), ("positions", np.int64, (rows,)),
+                  ("slots", np.int64, (rows,)), ("context_lens", np.int32, (rows,)),
+                  ("block_tables", np.int32, (rows, width))]
         if self.shared_prefix:
             fields += [("tile_ptr", np.int32, (rows // 2 + 1,)), ("tile_rows", np.int32, (rows,)),
                        ("tile_prefix", np.int32, (rows // 2,)), ("row_start", np.int32, (rows,))]
         return fields
 
-    def _fill_decode_inputs(self, out, seq_ids, last_tokens, positions, slots, graph):
+    def _fill_decode_inputs(self, out, seq_ids, positions, slots, graph, last_tokens=None, source_rows=None):
         """Writes a decode step's inputs into the host arrays `out`, whose block_tables rows 0..B-1
         already hold the batch's tables. Rows past the batch are padding: they write to slot -1 and
         read one slot. For a CUDA graph the shared-prefix arrays are always filled (the extra tiles
         empty); otherwise they are dropped from `out` when no rows share blocks."""
         b = len(seq_ids)
         out["block_tables"][b:] = 0
-        out["input_ids"][:b] = last_tokens
+        out["input_ids"][:b] = 0 if last_tokens is None else last_tokens
+        out["source_rows"][:b] = 0 if source_rows is None else source_rows
+        out["source_rows"][b:] = 0
         out["positions"][:b] = positions
         out["slots"][:b] = slots
         out["context_lens"][:b] = out["positions"][:b] + 1
@@ -216,29 +219,39 @@ class ModelRunner:
             return self.model(t["input_ids"], t["positions"], attn=ctx)
 
     @torch.no_grad()
-    def decode(self, bm, seq_ids, last_tokens, positions, slots) -> torch.Tensor:
+    def decode(self, bm, seq_ids, positions, slots, last_tokens=None, tokens_from=None) -> torch.Tensor:
         """Hidden states [B, H] of each sequence's new token.
 
         seq_ids: an int64 array whose identity stands for the running set: pass the same array object
         only while it names the same live sequences (scheduler.Running replaces it when a row joins or
-        leaves); the shared-prefix tiles found for it are kept until then."""
+        leaves); the shared-prefix tiles found for it are kept until then.
+        The input tokens: last_tokens (a host array), or tokens_from = (tokens, rows): row i feeds
+        tokens[rows[i]] of a device tensor, the last step's samples, which need not reach the host first."""
+        if (last_tokens is None) == (tokens_from is None):
+            raise ValueError("ModelRunner.decode: pass exactly one of last_tokens and tokens_from")
+        source, rows = tokens_from if tokens_from is not None else (None, None)
         b = len(seq_ids)
         bucket = next((s for s in sorted(self.graphs) if s >= b), None)
         ids = np.asarray(seq_ids, dtype=np.int64)
         if bucket is None:
             host = {name: np.empty(shape, dtype) for name, dtype, shape in self._decode_fields(b, 0)}
             host["block_tables"] = bm.block_tables(ids)
-            self._fill_decode_inputs(host, seq_ids, last_tokens, positions, slots, graph=False)
-            return self._run_decode({k: self._h2d(v, _TORCH_INT[v.dtype]) for k, v in host.items()})
+            self._fill_decode_inputs(host, seq_ids, positions, slots, False, last_tokens, rows)
+            t = {k: self._h2d(v, _TORCH_INT[v.dtype]) for k, v in host.items()}
+            if source is not None:
+                t["input_ids"] = source.index_select(0, t["source_rows"])
+            return self._run_decode(t)
         graph, static = self.graphs[bucket]
         staged = self._staged[bucket]
         self._staging_free.synchronize()  # the previous step's copy has left the host buffer
         bm.block_tables(ids, 0, 0, out=staged["block_tables"])
-        self._fill_decode_inputs(staged, seq_ids, last_tokens, positions, slots, graph=True)
+        self._fill_decode_inputs(staged, seq_ids, positions, slots, True, last_tokens, rows)
         n = self._staged_bytes[bucket]
         with torch.cuda.device(self.device):
             self._staging_dev[:n].copy_(self._staging_host[:n], non_blocking=True)
             self._staging_free.record(torch.cuda.current_stream(self.device))
+            if source is not None:  # stream-ordered after the sampler that wrote `source`: no host sync
+                torch.index_select(source, 0, static["source_rows"][:b], out=static["input_ids"][:b])
             graph.replay()
         return static["hidden"][:b]
 
@@ -272,7 +285,7 @@ class ModelRunner:
         for b in reversed(buckets):
             static = _views(self._staging_dev, layouts[b][0], as_numpy=False)
             # a valid empty step (every row padding) for the warm-up and the capture
-            self._fill_decode_inputs(self._staged[b], np.zeros(0, dtype=np.int64), [], [], [], graph=True)
+            self._fill_decode_inputs(self._staged[b], np.zeros(0, dtype=np.int64), [], [], True, last_tokens=[])
             self._staging_dev[: self._staged_bytes[b]].copy_(self._staging_host[: self._staged_bytes[b]])
             with torch.no_grad():
                 self._run_decode(static)  # warm-up: compiles kernels outside capture

@@ -7,6 +7,9 @@ Each step is a prefill step or a decode step:
 - otherwise decode every running sequence by one token; when the pool cannot hold the new tokens,
   the most recently admitted sequences are preempted (blocks dropped, requeued at the front,
   recomputed later: the counter-based sampler makes their outputs unchanged).
+schedule_ahead() plans a decode step while the previous one's tokens are still on the device (the
+engine overlaps its host work with the GPU); it declines whenever the step would need them: to
+admit or prefill a sequence, or to preempt one.
 A group (the n samples of a prompt) is admitted as one sequence whose prompt is prefilled once; it
 counts n against max_num_seqs from admission on.
 """
@@ -41,6 +44,9 @@ class Running:
     max_lens and keys, and advance() updates them with a few numpy ops: Python loops over the rows
     were most of the engine's host time per step. The arrays are rebuilt from the sequences after
     a sequence joins (rare: once per group) and compacted when sequences leave.
+
+    While a decode step is in flight, lens already counts its token (count_in_flight()) and last
+    is stale: the sequences' own token lists lag until the engine collects the step.
     """
 
     _FIELDS = (("ids", "seq_id", np.int64), ("max_lens", "max_len", np.int64), ("keys", "key", np.uint64))
@@ -94,6 +100,10 @@ class Running:
             self._arrays["lens"][start:] += 1
             self._arrays["last"][start:] = tokens
 
+    def count_in_flight(self):
+        """Every row's next token has been launched (its value not known yet): lens += 1."""
+        self.array("lens")[:] += 1
+
 
 class Scheduler:
     def __init__(self, block_manager, max_num_seqs: int, max_num_batched_tokens: int):
@@ -115,16 +125,19 @@ class Scheduler:
     def _seats_taken(self) -> int:
         return len(self.running) + sum(s.fork_into for s in self.prefilling)
 
+    def _admissible(self, seq: Sequence, tokens: np.ndarray) -> bool:
+        if self._seats_taken() + seq.fork_into > self.max_num_seqs:
+            return False
+        # room for the prompt plus one block per sample for the first decoded tokens, unless the
+        # engine is idle (then preemption sorts out a group too large to decode at once)
+        headroom = seq.fork_into if (self.running or self.prefilling) else 0
+        return self.bm.blocks_to_allocate(tokens) + headroom <= self.bm.num_free_blocks
+
     def _admit(self):
         while self.waiting:
             seq = self.waiting[0]
-            if self._seats_taken() + seq.fork_into > self.max_num_seqs:
-                return
             tokens = np.asarray(seq.tokens, dtype=np.int32)
-            # room for the prompt plus one block per sample for the first decoded tokens, unless the
-            # engine is idle (then preemption sorts out a group too large to decode at once)
-            headroom = seq.fork_into if (self.running or self.prefilling) else 0
-            if self.bm.blocks_to_allocate(tokens) + headroom > self.bm.num_free_blocks:
+            if not self._admissible(seq, tokens):
                 return
             self.waiting.popleft()
             seq.num_computed = self.bm.allocate(seq.seq_id, tokens)
@@ -156,7 +169,24 @@ class Scheduler:
                 raise RuntimeError(f"the KV pool ({self.bm.num_blocks} blocks) cannot hold one sequence of "
                                    f"{len(self.running[0])} tokens")
             self.preempt(self.running.pop())
-        slots, copies = self.bm.append_batch(self.running.array("ids"), self.running.array("last"))
+        return self._append()
+
+    def schedule_ahead(self) -> DecodeBatch | None:
+        """The next decode step of the running rows, planned while the last step's tokens are still on
+        the device; None when planning needs them first: a sequence can be admitted or is prefilling,
+        the pool must preempt, or no row is left."""
+        if not self.running or self.prefilling:
+            return None
+        if self.waiting and self._admissible(self.waiting[0], np.asarray(self.waiting[0].tokens, dtype=np.int32)):
+            return None
+        if self.bm.blocks_to_append(self.running.array("ids")) > self.bm.num_free_blocks:
+            return None
+        return self._append()
+
+    def _append(self) -> DecodeBatch:
+        # the tokens are not passed: decoded blocks never enter the prefix cache, and while a step is in
+        # flight its tokens are not known yet
+        slots, copies = self.bm.append_batch(self.running.array("ids"), None)
         return DecodeBatch(slots, copies)
 
     def preempt(self, seq: Sequence):
@@ -174,13 +204,15 @@ class Scheduler:
             s.fork_into = 1
             self.running.add(s)
 
-    def finish(self, start: int, ended: np.ndarray, stopped: np.ndarray) -> list[Sequence]:
-        """Retires the running rows start + i where ended[i] (reason "stop" where stopped[i], else "length")."""
-        for i in np.flatnonzero(ended).tolist():
-            seq = self.running[start + i]
+    def retire(self, seqs: list[Sequence], stopped: list[bool]):
+        """Finishes seqs (reason "stop" where stopped, else "length"): frees their blocks and drops those
+        still running. A sequence dropped earlier (it reached its length limit in a step still in flight)
+        only needs the first two."""
+        for seq, stop in zip(seqs, stopped):
             self.bm.free(seq.seq_id)
             seq.status = Status.FINISHED
-            seq.finish_reason = "stop" if stopped[i] else "length"
-        leaving = np.zeros(len(self.running), dtype=bool)
-        leaving[start:] = ended
-        return self.running.remove(leaving)
+            seq.finish_reason = "stop" if stop else "length"
+        ids = self.running.array("ids")
+        leaving = np.isin(ids, np.fromiter((s.seq_id for s in seqs), dtype=np.int64, count=len(seqs)))
+        if leaving.any():
+            self.running.remove(leaving)
