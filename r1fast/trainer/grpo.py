@@ -293,7 +293,10 @@ class GRPOTrainer:
             ta = time.perf_counter()
             self.optimizer.zero_grad(set_to_none=True)
             finite = True
-            total_loss = 0.0
+            # Summed on the device and read once per iteration: reading a micro-batch's loss would wait
+            # for its backward before the next forward could be queued.
+            total_loss = torch.zeros((), dtype=torch.float32, device=self.device)
+            stat_sums: dict[str, torch.Tensor] = {}
             for j, (idx, b) in enumerate(zip(micro, batches)):
                 mask = torch.cat([masks[i] for i in idx])
                 hidden = self.model(b.input_ids, cu_seqlens=b.cu_seqlens)
@@ -307,15 +310,17 @@ class GRPOTrainer:
                         finite = False
                         break
                     raise
-                if not bool(torch.isfinite(loss)):
-                    finite = False
-                    break
+                # a non-finite loss (the op raises on one) would still be caught below: NaN gradients
                 (loss * scale).backward()
-                total_loss += float(loss.detach()) * scale
+                total_loss = total_loss + loss.detach().float() * scale
                 for k, v in stats.items():
-                    v = float(v)
-                    if math.isfinite(v):
-                        stats_acc[k] = stats_acc.get(k, 0.0) + v / (len(micro) * cfg.num_iterations)
+                    v = torch.as_tensor(v, dtype=torch.float32, device=self.device).detach()
+                    stat_sums[k] = stat_sums.get(k, 0.0) + torch.where(torch.isfinite(v), v, 0.0)
+            names = sorted(stat_sums)
+            total_loss, *values = torch.stack([total_loss, *(stat_sums[k] for k in names)]).tolist()
+            finite = finite and math.isfinite(total_loss)
+            for k, v in zip(names, values):
+                stats_acc[k] = stats_acc.get(k, 0.0) + v / (len(micro) * cfg.num_iterations)
             tb = time.perf_counter()
             gn = grad_norm_and_clip(self.model.parameters(), cfg.max_grad_norm) if finite else float("nan")
             if finite and math.isfinite(gn):
