@@ -24,6 +24,9 @@ d_gate is at least as accurate as torch's and not bit-equal to it.
 
 Layout: rows [R, H] (H = the last dimension, contiguous), a [BLOCK_R, BLOCK_N] tile per program on a
 (row tiles, column blocks) grid; every offset is int64 (393k tokens x 8960 passes 2^31 elements).
+gate and up (and d_gate and d_up) may be the two halves of one [R, 2H] tensor, the output of the
+decoder's fused gate/up projection: they share a row stride (IN_STRIDE, 2H there) and the backward
+writes both halves of that projection's gradient in place, so neither direction copies a half out.
 The interpreter cannot call libdevice: PRECISE=False (CPU tensors) uses tl.exp and is otherwise the
 same code.
 """
@@ -56,28 +59,29 @@ def _exp(x, PRECISE: tl.constexpr):
 
 
 @triton.jit
-def _tile(n_rows, H, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
+def _tile(n_rows, H, IN_STRIDE, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(offsets into gate/up rows, offsets into the contiguous [R, H] rows of out/dy, mask)."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs = rows.to(tl.int64)[:, None] * H + cols[None, :]
-    return offs, (rows < n_rows)[:, None] & (cols < H)[None, :]
+    r64 = rows.to(tl.int64)[:, None]
+    return r64 * IN_STRIDE + cols[None, :], r64 * H + cols[None, :], (rows < n_rows)[:, None] & (cols < H)[None, :]
 
 
 @triton.jit
-def _swiglu_fwd_kernel(g_ptr, u_ptr, out_ptr, n_rows, H,
+def _swiglu_fwd_kernel(g_ptr, u_ptr, out_ptr, n_rows, H, IN_STRIDE,
                        PRECISE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
-    offs, m = _tile(n_rows, H, BLOCK_R, BLOCK_N)
+    offs, out_offs, m = _tile(n_rows, H, IN_STRIDE, BLOCK_R, BLOCK_N)
     g = tl.load(g_ptr + offs, mask=m, other=0.0).to(tl.float32)
     u = tl.load(u_ptr + offs, mask=m, other=0.0).to(tl.float32)
     s = tl.math.div_rn(g, 1.0 + _exp(-g, PRECISE)).to(g_ptr.dtype.element_ty).to(tl.float32)
-    tl.store(out_ptr + offs, (s * u).to(out_ptr.dtype.element_ty), mask=m)
+    tl.store(out_ptr + out_offs, (s * u).to(out_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
-def _swiglu_bwd_kernel(dy_ptr, g_ptr, u_ptr, dg_ptr, du_ptr, n_rows, H,
+def _swiglu_bwd_kernel(dy_ptr, g_ptr, u_ptr, dg_ptr, du_ptr, n_rows, H, IN_STRIDE,
                        PRECISE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
-    offs, m = _tile(n_rows, H, BLOCK_R, BLOCK_N)
-    dy = tl.load(dy_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    offs, out_offs, m = _tile(n_rows, H, IN_STRIDE, BLOCK_R, BLOCK_N)
+    dy = tl.load(dy_ptr + out_offs, mask=m, other=0.0).to(tl.float32)
     g = tl.load(g_ptr + offs, mask=m, other=0.0).to(tl.float32)
     u = tl.load(u_ptr + offs, mask=m, other=0.0).to(tl.float32)
     den = 1.0 + _exp(-g, PRECISE)
@@ -92,25 +96,41 @@ def _grid(rows, h, cfg):
     return (triton.cdiv(rows, cfg["BLOCK_R"]), triton.cdiv(h, cfg["BLOCK_N"]))
 
 
+def _row_stride(gate: torch.Tensor, up: torch.Tensor) -> int:
+    if gate.stride(-1) != 1 or up.stride(-1) != 1 or gate.stride(0) != up.stride(0) or gate.stride(0) < gate.shape[1]:
+        raise ValueError(f"swiglu kernel: gate and up need unit column strides and one row stride, got "
+                         f"{gate.stride()} and {up.stride()}")
+    return gate.stride(0)
+
+
 def swiglu_fwd(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """gate, up [rows, H] contiguous, one dtype -> silu(gate) * up [rows, H]."""
+    """gate, up [rows, H] (one dtype and row stride, unit column stride) -> silu(gate) * up [rows, H]."""
     rows, h = gate.shape
-    out = torch.empty_like(gate)
+    out = torch.empty((rows, h), dtype=gate.dtype, device=gate.device)
     if out.numel() == 0:
         return out
+    stride = _row_stride(gate, up)
     cfg = launch_config(h, gate.device.type)
     with on_device(gate.device):
-        _swiglu_fwd_kernel[_grid(rows, h, cfg)](gate, up, out, rows, h, PRECISE=gate.is_cuda, **cfg)
+        _swiglu_fwd_kernel[_grid(rows, h, cfg)](gate, up, out, rows, h, stride, PRECISE=gate.is_cuda, **cfg)
     return out
 
 
-def swiglu_bwd(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor):
-    """dy, gate, up [rows, H] contiguous -> (d_gate, d_up) in gate's dtype."""
+def swiglu_bwd(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, d_in: torch.Tensor | None = None):
+    """dy [rows, H] contiguous, gate and up as swiglu_fwd's -> (d_gate, d_up) in gate's dtype. With
+    d_in [rows, 2H] (contiguous) the two are written into its halves (the gradient of a fused gate/up
+    output) and returned as views of it."""
     rows, h = gate.shape
-    dg, du = torch.empty_like(gate), torch.empty_like(up)
+    if d_in is None:
+        dg, du = torch.empty((rows, h), dtype=gate.dtype, device=gate.device), torch.empty_like(dy, dtype=gate.dtype)
+    else:
+        dg, du = d_in[:, :h], d_in[:, h:]
     if dg.numel() == 0:
         return dg, du
+    stride = _row_stride(gate, up)
+    if _row_stride(dg, du) != stride:
+        raise ValueError("swiglu kernel: the gradients must share gate's row stride")
     cfg = launch_config(h, gate.device.type)
     with on_device(gate.device):
-        _swiglu_bwd_kernel[_grid(rows, h, cfg)](dy, gate, up, dg, du, rows, h, PRECISE=gate.is_cuda, **cfg)
+        _swiglu_bwd_kernel[_grid(rows, h, cfg)](dy, gate, up, dg, du, rows, h, stride, PRECISE=gate.is_cuda, **cfg)
     return dg, du

@@ -155,8 +155,8 @@ def test_causal_lm_converts_only_its_projection_layers():
     projections = [n for n, m in model.named_modules() if isinstance(m, ModelLinear)]
     apply_fp8(model, "emulate")
     converted = model.fp8_report.converted
-    # k/v projections are 32 -> 16 (2 kv heads x 8): aligned, so every projection converts
-    assert sorted(converted) == sorted(projections) and len(converted) == 14
+    # qkv 32 -> 64 (4 + 2 x 2 heads of 8), gate_up 32 -> 128, o and down: aligned, so every projection converts
+    assert sorted(converted) == sorted(projections) and len(converted) == 8
     assert isinstance(model.lm_head, nn.Linear) and not isinstance(model.lm_head, Fp8Linear)
     assert isinstance(model.embed_tokens, nn.Embedding)
 

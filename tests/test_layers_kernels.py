@@ -196,6 +196,32 @@ def test_swiglu_matches_reference(device, poisoned_alloc, backend, shape, scale)
         assert_close(a, e, torch.float32, rtol=2e-5, atol=1e-6, name=f"{backend} {name}")
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp")
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("shape, scale", SWIGLU_CASES)
+def test_packed_swiglu_matches_reference(device, poisoned_alloc, backend, shape, scale):
+    """ops.swiglu(gate_up): the two halves of one [..., 2I] tensor (the fused gate/up projection's output),
+    the gradient written as one tensor."""
+    g, u, dy = _swiglu_case(shape, seed=shape[-1] * 11 + len(shape), scale=scale)
+    e_out, e_dg, e_du = _grads(reference.swiglu, (g, u), dy)
+    out, d_in = _grads(lambda x: ops.swiglu(x, backend=backend), (torch.cat((g, u), -1).float().to(device),),
+                       dy.float().to(device))
+    assert out.shape == g.shape and d_in.shape == (*g.shape[:-1], 2 * g.shape[-1])
+    half = g.shape[-1]
+    for a, e, name in ((out, e_out, "out"), (d_in[..., :half], e_dg, "d_gate"), (d_in[..., half:], e_du, "d_up")):
+        assert_close(a, e, torch.float32, rtol=2e-5, atol=1e-6, name=f"{backend} packed {name}")
+
+
+def test_packed_swiglu_bad_input_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"packed gate_up must be \[\.\.\., 2I\]"):
+        ops.swiglu(torch.randn(3, 7))
+    with pytest.raises(ValueError, match="row stride"):
+        from r1fast.kernels import swiglu as kernel
+
+        x = torch.randn(4, 10)
+        kernel.swiglu_fwd(x[:, :5], torch.randn(4, 5))  # halves of different tensors: no shared row stride
+
+
 def test_fp16_under_the_low_precision_rule(device):
     """fp16 through the kernels (the interpreter handles fp16, not bf16) against the rule, with the
     torch backend (the decoder's own mixed-precision expressions) as the low-precision reference."""
@@ -303,7 +329,7 @@ def test_model_forward_and_backward_on_the_triton_backend(device, monkeypatch):
     h_torch, g_torch = run()
     prefer("triton")
     h_triton, g_triton = run()
-    assert any("q_norm" in n for n in g_torch) and any("gate_proj" in n for n in g_torch)
+    assert any("q_norm" in n for n in g_torch) and any("gate_up_proj" in n for n in g_torch)
     assert_close(h_triton, h_torch, torch.float32, rtol=1e-4, atol=1e-5, name="hidden")
     for n in g_torch:
         assert_close(g_triton[n], g_torch[n], torch.float32, rtol=1e-4, atol=1e-5, name=f"grad {n}")
@@ -456,7 +482,7 @@ def _bad_swiglu(**kw):
     (_bad_swiglu(up=torch.randn(3, 9)), ValueError, r"gate shape \(3, 8\) != up shape \(3, 9\)"),
     (_bad_swiglu(up=torch.randn(3, 8).half()), ValueError, "share a dtype"),
     (_bad_swiglu(gate=torch.ones(3, 8, dtype=torch.int64)), ValueError, "gate must be a float tensor"),
-    (_bad_swiglu(up=None), TypeError, "up must be a torch.Tensor"),
+    (_bad_swiglu(up=[1.0] * 8), TypeError, "up must be a torch.Tensor"),
     (_bad_swiglu(up=torch.randn(3, 8, device="meta")), ValueError, "one device"),
     (_bad_swiglu(gate=torch.tensor(1.0), up=torch.tensor(1.0)), ValueError, "at least one dimension"),
     (_bad_add_rms(residual=torch.randn(3, 9)), ValueError, "residual must match x's shape and device"),

@@ -47,7 +47,7 @@ def from_pretrained(path, dtype=None, device=None, fp8: str = "off"):
     with torch.device("meta"):
         model = CausalLM(config)
     model = model.to(dtype).to_empty(device=device)
-    expected = {model.hf_name(n): p for n, p in model.named_parameters()}
+    expected = model.hf_tensors()  # views: the fused q/k/v and gate/up projections fill row by row
     tied = config.tie_word_embeddings
     loaded: set[str] = set()
     embed_from_head = False
@@ -199,7 +199,7 @@ def save_pretrained(model, path, max_shard_size="5GB") -> None:
     if os.path.exists(path) and not os.path.isdir(path):
         raise ValueError(f"save_pretrained target {path!r} exists and is not a folder")
 
-    names = [(n, p) for n, p in model.named_parameters()]
+    names = list(model.hf_tensors().items())  # transformers' keys and tensors (rows of fused projections)
     shards, current, size = [], [], 0
     for name, p in names:
         nbytes = p.numel() * p.element_size()
@@ -217,7 +217,8 @@ def save_pretrained(model, path, max_shard_size="5GB") -> None:
         for i, shard in enumerate(shards):
             fname = SINGLE_NAME if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
             # One shard on the host at a time.
-            tensors = {model.hf_name(n): p.detach().to("cpu").contiguous() for n, p in shard}
+            # copies: rows of a fused projection share its storage, which safetensors refuses
+            tensors = {key: p.detach().to("cpu", copy=True).contiguous() for key, p in shard}
             save_file(tensors, os.path.join(tmp, fname), metadata={"format": "pt"})
             for k, t in tensors.items():
                 weight_map[k] = fname

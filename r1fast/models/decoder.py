@@ -1,7 +1,10 @@
 """The decoder: Llama / Qwen2 / Qwen3 as one module tree, forward over packed token batches.
 
-Parameter names match transformers' checkpoints minus the "model." prefix (see `hf_name`), so a
-checkpoint maps onto this tree one tensor at a time.
+Parameter names match transformers' checkpoints minus the "model." prefix, except two fused
+projections: q/k/v are one `qkv_proj` and gate/up one `gate_up_proj`, each a single GEMM (at a
+rollout's few hundred rows, k and v alone are too thin to fill the GPU, and two GEMMs over the same
+input read it twice). `hf_tensors` maps checkpoint keys to views of these parameters (row slices of
+the fused ones), so a checkpoint still loads and saves one transformers tensor at a time.
 """
 from __future__ import annotations
 
@@ -44,9 +47,8 @@ class Attention(nn.Module):
         self.head_dim = config.head_dim
         self.scale = config.head_dim ** -0.5
         h, qd, kvd = config.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        self.q_proj = Linear(h, qd, bias=config.attention_bias)
-        self.k_proj = Linear(h, kvd, bias=config.attention_bias)
-        self.v_proj = Linear(h, kvd, bias=config.attention_bias)
+        self.split_sizes = [qd, kvd, kvd]
+        self.qkv_proj = Linear(h, qd + 2 * kvd, bias=config.attention_bias)  # rows: q, then k, then v
         self.o_proj = Linear(qd, h, bias=config.o_proj_bias)
         if config.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
@@ -56,9 +58,11 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, packed: PackedBatch | None, attn=None):
         t = x.shape[0]
-        q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        # column slices of one GEMM's output: rotary and store_kv read such strided rows in place
+        q, k, v = self.qkv_proj(x).split(self.split_sizes, dim=-1)
+        q = q.view(t, self.num_heads, self.head_dim)
+        k = k.view(t, self.num_kv_heads, self.head_dim)
+        v = v.view(t, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         # ops.rotary: transformers' expression on the CPU (torch backend), one fused Triton launch on CUDA
@@ -71,18 +75,18 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x))."""
+    """SwiGLU: down(silu(gate(x)) * up(x)), gate and up as one GEMM (gate_up_proj: rows gate, then up)."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         h, i, b = config.hidden_size, config.intermediate_size, config.mlp_bias
-        self.gate_proj = Linear(h, i, bias=b)
-        self.up_proj = Linear(h, i, bias=b)
+        self.gate_up_proj = Linear(h, 2 * i, bias=b)
         self.down_proj = Linear(i, h, bias=b)
 
     def forward(self, x):
-        # ops.swiglu: F.silu(gate) * up on the CPU (torch backend), fused Triton on CUDA
-        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+        # ops.swiglu on the packed [T, 2I]: F.silu(gate) * up on the CPU (torch backend), fused Triton on
+        # CUDA reading both halves in place and writing their gradient as one tensor
+        return self.down_proj(swiglu(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -168,8 +172,39 @@ class CausalLM(nn.Module):
 
     @staticmethod
     def hf_name(name: str) -> str:
-        """This module's parameter name -> the transformers checkpoint key."""
+        """A parameter name in transformers' layout (q_proj, gate_proj...) -> its checkpoint key."""
         return name if name.startswith("lm_head.") else "model." + name
+
+    def _fused_parts(self, module: str) -> list[tuple[str, int, int]] | None:
+        """(transformers' module name, first row, end row) of each part of a fused projection."""
+        cfg = self.config
+        if module == "qkv_proj":
+            q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+            return [("q_proj", 0, q), ("k_proj", q, q + kv), ("v_proj", q + kv, q + 2 * kv)]
+        if module == "gate_up_proj":
+            i = cfg.intermediate_size
+            return [("gate_proj", 0, i), ("up_proj", i, 2 * i)]
+        return None
+
+    def hf_layout(self) -> list[tuple[str, str, slice | None]]:
+        """(checkpoint key, parameter name, rows) for every tensor of a transformers checkpoint: the
+        key's tensor is that parameter's rows (rows None: the whole parameter)."""
+        out = []
+        for name, _ in self.named_parameters():
+            owner, _, leaf = name.rpartition(".")
+            parent, _, module = owner.rpartition(".")
+            parts = self._fused_parts(module)
+            if parts is None:
+                out.append((self.hf_name(name), name, None))
+            else:
+                out += [(self.hf_name(f"{parent}.{part}.{leaf}"), name, slice(a, b)) for part, a, b in parts]
+        return out
+
+    def hf_tensors(self) -> dict[str, torch.Tensor]:
+        """Checkpoint key -> a view of this model's parameter (rows of a fused one): loading copies into
+        these views, saving reads them."""
+        params = dict(self.named_parameters())
+        return {key: params[name] if rows is None else params[name][rows] for key, name, rows in self.hf_layout()}
 
     # -- forward ---------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,

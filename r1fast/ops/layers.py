@@ -55,6 +55,11 @@ def _validate_rms_norm(x, weight, eps):
 
 
 def _validate_swiglu(gate, up):
+    if up is None:  # packed: gate holds [..., gate | up]
+        _check_tensor("swiglu", "gate_up", gate)
+        if gate.dim() < 1 or gate.shape[-1] % 2:
+            raise ValueError(f"swiglu: a packed gate_up must be [..., 2I] (gate then up), got shape {tuple(gate.shape)}")
+        return
     _check_tensor("swiglu", "gate", gate)
     _check_tensor("swiglu", "up", up)
     if gate.dim() < 1:
@@ -196,13 +201,21 @@ def add_rms_norm(x, residual, weight, eps, *, backend=None):
 # ---------------------------------------------------------------- swiglu
 
 
+def _halves(gate_up):
+    return gate_up.chunk(2, dim=-1)
+
+
 @backends.register("swiglu", "reference")
 def _swiglu_reference(gate, up):
+    if up is None:
+        gate, up = _halves(gate)
     return reference.swiglu(gate.double(), up.double()).to(gate.dtype)
 
 
 @backends.register("swiglu", "torch")
 def _swiglu_torch(gate, up):
+    if up is None:
+        gate, up = _halves(gate)
     return F.silu(gate) * up
 
 
@@ -226,15 +239,45 @@ class _TritonSwiGLU(torch.autograd.Function):
         return dg.view(ctx.shape), du.view(ctx.shape)
 
 
+class _TritonPackedSwiGLU(torch.autograd.Function):
+    """gate and up read as the halves of one [R, 2I] tensor, its gradient written whole: no half is
+    copied out in either direction."""
+
+    @staticmethod
+    def forward(ctx, gate_up):
+        from r1fast.kernels import swiglu as kernel
+
+        x = _rows(gate_up)
+        g, u = _halves(x)
+        out = kernel.swiglu_fwd(g, u)
+        ctx.save_for_backward(x)
+        ctx.shape = gate_up.shape
+        return out.view(*gate_up.shape[:-1], g.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dy):
+        from r1fast.kernels import swiglu as kernel
+
+        (x,) = ctx.saved_tensors
+        g, u = _halves(x)
+        d_in = torch.empty_like(x)
+        kernel.swiglu_bwd(_rows(dy.to(x.dtype)), g, u, d_in)
+        return d_in.view(ctx.shape)
+
+
 @backends.register("swiglu", "triton")
 def _swiglu_triton(gate, up):
     if gate.dtype == torch.float64:
         return _swiglu_torch(gate, up)
+    if up is None:
+        return _TritonPackedSwiGLU.apply(gate)
     return _TritonSwiGLU.apply(gate, up)
 
 
-def swiglu(gate, up, *, backend=None):
-    """silu(gate) * up (the SwiGLU MLP's activation), gate and up of one shape and dtype."""
+def swiglu(gate, up=None, *, backend=None):
+    """silu(gate) * up (the SwiGLU MLP's activation), gate and up of one shape and dtype; or, with one
+    argument, a packed gate_up [..., 2I] (gate then up along the last dimension, the output of the
+    decoder's fused gate/up projection) -> [..., I]."""
     _validate_swiglu(gate, up)
     _, fn = backends.resolve("swiglu", gate.device, backend)
     return fn(gate, up)
