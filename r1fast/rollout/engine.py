@@ -177,86 +177,82 @@ class Engine:
         stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_ids)
         stop_ids = np.fromiter(sorted(stop_ids), dtype=np.int64, count=len(stop_ids))
         sched = Scheduler(self.block_manager, self.max_num_seqs, self.max_num_batched_tokens)
-        done: dict[int, list[Sequence]] = {i: [] for i in range(len(prompts))}
         for i, p in enumerate(prompts):
             sched.add(Sequence(self._new_id(), i, 0, key_of[i](0), p, fork_into=params.n,
                                max_len=min(len(p) + params.max_tokens, self.max_model_len)))
-        bar = _progress(len(prompts) * params.n) if progress else None
+        call = _Call(sched, params, key_of, stop_ids, {i: [] for i in range(len(prompts))},
+                     _progress(len(prompts) * params.n) if progress else None)
         try:
             with _cyclic_gc_paused():
-                steps = self._run(sched, params, key_of, stop_ids, done, bar)
+                self._run(call)
         finally:
             # the engine holds no sequence between calls: free whatever an exception left behind, also
             # blocks taken in a window where no scheduler list holds the sequence (a fork before
             # prefill_done, an allocate before prefilling.append, a preempt after running.pop)
             for seq_id in self.block_manager.seq_ids():
                 self.block_manager.free(seq_id)
-            if bar is not None:
-                bar.close()
-        self.last_stats = {**steps, "preemptions": sched.num_preemptions, "cached_tokens": sched.num_cached_tokens}
+            if call.bar is not None:
+                call.bar.close()
+        self.last_stats = {**call.steps, "preemptions": sched.num_preemptions, "cached_tokens": sched.num_cached_tokens}
         results = []
         for i, p in enumerate(prompts):
-            seqs = sorted(done[i], key=lambda s: s.sample)
+            seqs = sorted(call.done[i], key=lambda s: s.sample)
             results.append(RequestOutput(p, [Completion(s.tokens[s.prompt_len:], s.logprobs, s.finish_reason)
                                              for s in seqs]))
         return results
 
-    def _run(self, sched: Scheduler, params, key_of, stop_ids: np.ndarray, done, bar) -> dict:
-        """Steps until every sequence has finished (into done[request]); returns the step counts."""
-        weight = self.model.lm_head_weight
-        running = sched.running
-        steps = {"prefill": 0, "decode": 0, "discarded_tokens": 0}
+    def _run(self, call: _Call):
+        """Steps until every sequence has finished (into call.done[request])."""
+        sched, steps = call.sched, call.steps
         pending = None  # the decode step whose tokens are still on the device
         while sched.has_work() or pending is not None:
             batch = sched.schedule() if pending is None else sched.schedule_ahead()
             if batch is None:  # planning needs the tokens in flight (or nothing is left to decode)
-                steps["discarded_tokens"] += self._collect(pending, sched, stop_ids, done, bar)
+                self._collect(pending, call)
                 pending = None
             elif isinstance(batch, DecodeBatch):
                 steps["decode"] += 1
-                step = self._launch_decode(batch, running, params, weight, pending)
+                step = self._launch_decode(batch, call, pending)
                 if pending is not None:  # its tokens are in step's inputs already; now the host reads them
-                    steps["discarded_tokens"] += self._collect(pending, sched, stop_ids, done, bar)
+                    self._collect(pending, call)
                 pending = step
                 if not self.async_decode:
-                    steps["discarded_tokens"] += self._collect(pending, sched, stop_ids, done, bar)
+                    self._collect(pending, call)
                     pending = None
             else:
                 steps["prefill"] += 1
-                hidden = self._prefill(batch, sched, key_of)
+                hidden = self._prefill(batch, sched, call.key_of)
                 if hidden is not None:
-                    self._sample_first_tokens(hidden, running, params, weight, sched, stop_ids, done, bar)
-        return steps
+                    self._sample_first_tokens(hidden, call)
 
-    def _sample_first_tokens(self, hidden, running, params, weight, sched, stop_ids, done, bar):
+    def _sample_first_tokens(self, hidden, call: _Call):
         """Samples (and waits for) the first token of the sequences whose prompts a prefill completed:
         the newest running rows."""
+        running = call.sched.running
         start = len(running) - hidden.shape[0]
         keys, lens = running.array("keys")[start:], running.array("lens")[start:]
-        tokens, logprobs = self._sample(hidden, weight, keys, lens, params, self._next_pinned())
+        tokens, logprobs = self._sample(hidden, keys, lens, call.params, self._next_pinned())
         tokens, logprobs = tokens.cpu().numpy(), logprobs.cpu().numpy()
         _check_finite(logprobs)
         running.advance(tokens, logprobs, start)
-        stopped = np.isin(tokens, stop_ids)
+        stopped = np.isin(tokens, call.stop_ids)
         ended = stopped | (running.array("lens")[start:] >= running.array("max_lens")[start:])
         if ended.any():
-            self._retire([running[start + i] for i in np.flatnonzero(ended).tolist()], stopped[ended].tolist(),
-                         sched, done, bar)
+            call.retire([running[start + i] for i in np.flatnonzero(ended).tolist()], stopped[ended].tolist())
 
-    def _launch_decode(self, batch: DecodeBatch, running, params, weight, pending: _DecodeStep | None) -> _DecodeStep:
+    def _launch_decode(self, batch: DecodeBatch, call: _Call, pending: _DecodeStep | None) -> _DecodeStep:
         """Queues a decode step and its sampling on the device; returns it in flight. With `pending`
         (the step before, not collected yet) each row's input token is gathered from its samples."""
+        running = call.sched.running
         ids, lens = running.array("ids"), running.array("lens")
         if pending is None:
             inputs = {"last_tokens": running.array("last")}
         else:  # running rows are pending's rows less those that left, in the same order
-            rows = np.arange(len(ids)) if ids is pending.ids else \
-                np.flatnonzero(np.isin(pending.ids, ids, assume_unique=True))
-            inputs = {"tokens_from": (pending.tokens, rows)}
+            inputs = {"tokens_from": (pending.tokens, _rows_in(pending.ids, ids))}
         self.runner.copy_blocks(batch.copies)
         hidden = self.runner.decode(self.block_manager, ids, lens - 1, batch.slots, **inputs)
         pinned = self._next_pinned()
-        tokens, logprobs = self._sample(hidden, weight, running.array("keys"), lens, params, pinned)
+        tokens, logprobs = self._sample(hidden, running.array("keys"), lens, call.params, pinned)
         step = _DecodeStep(list(running.seqs), ids, lens.copy(), running.array("max_lens"), tokens)
         step.fetch(logprobs, pinned)
         running.count_in_flight()
@@ -266,10 +262,10 @@ class Engine:
             running.remove(at_limit)
         return step
 
-    def _collect(self, step: _DecodeStep, sched: Scheduler, stop_ids: np.ndarray, done, bar) -> int:
+    def _collect(self, step: _DecodeStep, call: _Call):
         """Waits for a decode step's tokens and hands them to their sequences; finishes those that
-        stopped or reached their length. Returns how many rows it discarded: their sequences had
-        stopped in the step before."""
+        stopped or reached their length. Rows whose sequences stopped in the step before are dropped
+        (counted as discarded tokens)."""
         tokens, logprobs = step.wait()
         live = np.fromiter((s.status is Status.RUNNING for s in step.seqs), dtype=bool, count=len(step.seqs))
         _check_finite(logprobs[live])
@@ -277,25 +273,17 @@ class Engine:
             if keep:
                 s.tokens.append(t)
                 s.logprobs.append(lp)
-        running = sched.running
+        running = call.sched.running
         ids = running.array("ids")
-        rows = np.arange(len(ids)) if ids is step.ids else np.flatnonzero(np.isin(step.ids, ids, assume_unique=True))
+        rows = _rows_in(step.ids, ids)
         if len(rows) != len(ids):
             raise RuntimeError("generate: a running sequence joined while a decode step was in flight (engine bug)")
         running.array("last")[:] = tokens[rows]
-        stopped = live & np.isin(tokens, stop_ids)
+        stopped = live & np.isin(tokens, call.stop_ids)
         ended = stopped | (live & (step.lens + 1 >= step.max_lens))
         if ended.any():
-            self._retire([step.seqs[i] for i in np.flatnonzero(ended).tolist()], stopped[ended].tolist(),
-                         sched, done, bar)
-        return int(len(live) - live.sum())
-
-    def _retire(self, seqs, stopped, sched: Scheduler, done, bar):
-        sched.retire(seqs, stopped)
-        for s in seqs:
-            done[s.request].append(s)
-        if bar is not None:
-            bar.update(len(seqs))
+            call.retire([step.seqs[i] for i in np.flatnonzero(ended).tolist()], stopped[ended].tolist())
+        call.steps["discarded_tokens"] += int(len(live) - live.sum())
 
     def _next_pinned(self) -> dict | None:
         if self._pinned is None:
@@ -326,10 +314,10 @@ class Engine:
             return None
         return hidden.index_select(0, torch.tensor(keep, device=hidden.device))
 
-    def _sample(self, hidden, weight, keys: np.ndarray, lens: np.ndarray, params, pinned: dict | None):
+    def _sample(self, hidden, keys: np.ndarray, lens: np.ndarray, params, pinned: dict | None):
         """(tokens int64 [B], logprobs float32 [B]) on the device for rows with these stream keys and
         lengths; queued only: nothing here waits for the device."""
-        logits = lm_logits(hidden, weight)
+        logits = lm_logits(hidden, self.model.lm_head_weight)
         u = None
         if not params.greedy:  # the step's random numbers, hashed on the host (see HostUniforms)
             u = torch.from_numpy(self._uniforms(keys, lens))
@@ -341,6 +329,30 @@ class Engine:
         # R1FAST_BACKEND overrides it as for every op (reference: float64 sampling, for debugging)
         tokens, logprobs = ops.sample_tokens(logits, params, u, check_uniforms=False)
         return tokens, logprobs.float()
+
+
+@dataclasses.dataclass
+class _Call:
+    """What the steps of one generate() call share."""
+    sched: Scheduler
+    params: SamplingParams
+    key_of: list
+    stop_ids: np.ndarray
+    done: dict[int, list[Sequence]]    # request -> its finished sequences
+    bar: object | None
+    steps: dict = dataclasses.field(default_factory=lambda: {"prefill": 0, "decode": 0, "discarded_tokens": 0})
+
+    def retire(self, seqs: list[Sequence], stopped: list[bool]):
+        self.sched.retire(seqs, stopped)
+        for s in seqs:
+            self.done[s.request].append(s)
+        if self.bar is not None:
+            self.bar.update(len(seqs))
+
+
+def _rows_in(launched: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Where the running ids sit among the ids a step was launched with (rows only ever leave)."""
+    return np.arange(len(ids)) if ids is launched else np.flatnonzero(np.isin(launched, ids, assume_unique=True))
 
 
 @dataclasses.dataclass
