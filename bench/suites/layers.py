@@ -6,7 +6,8 @@ the measured copy bandwidth:
     rms_norm  fwd: read x, write y (2·T·H elements);  fwd+bwd: + read dy and x, write dx (5·T·H)
     add_rms_norm  fwd: read x and r, write s and y (4·T·H);  fwd+bwd: + read dy, ds and s, write dx (8·T·H)
     swiglu    fwd: read gate and up, write out (3·T·I);  fwd+bwd: + read dy, gate, up, write both
-              gradients (8·T·I)
+              gradients (8·T·I); "triton packed" reads gate and up as the halves of one [T, 2I]
+              tensor and writes its gradient whole, as the decoder's fused gate/up projection needs
     rotary    fwd: read q and k, write both (2·T·(Hq+Hk)·D) + cos/sin (2·T·D);  fwd+bwd: twice that
 (the weight, rstd and dw partials are O(H + T): left out). GPU size: Qwen2.5-1.5B's hidden 1536,
 intermediate 8960 and attention (12 q heads, 2 k heads, head_dim 128) over 16k tokens, bf16.
@@ -128,10 +129,14 @@ def _timed(make_fn, inputs, mode):
 
 def _r1fast(op, backend, inputs, mode, device):
     def setup():
-        if backend not in backends.available(op, device):
+        if backend not in backends.available(op.removesuffix("_packed"), device):
             raise Skip(f"backend {backend} unavailable on {device.type}")
         if op == "rms_norm":
             return _timed(lambda x, w: lambda a, b: ops.rms_norm(a, b, EPS, backend=backend), inputs(), mode)
+        if op == "swiglu_packed":  # gate and up as the halves of one [T, 2I] tensor, as the decoder's MLP runs it
+            gate, up, dy = inputs()
+            packed = torch.cat((gate, up), -1).detach().requires_grad_()
+            return _timed(lambda x: lambda a: ops.swiglu(a, backend=backend), (packed, dy), mode)
         return _timed(lambda g, u: lambda a, b: ops.swiglu(a, b, backend=backend), inputs(), mode)
     return setup
 
@@ -203,6 +208,7 @@ def cases(size, device):
                         items=t))
         sw = lambda: _swiglu_inputs(t, i, dtype, device)  # noqa: E731
         impls = [Impl("r1fast", b, _r1fast("swiglu", b, sw, mode, device)) for b in ("triton", "torch")]
+        impls.append(Impl("r1fast", "triton packed", _r1fast("swiglu_packed", "triton", sw, mode, device)))
         impls += [Impl("torch", "eager", _peer(_torch_swiglu, sw, mode, device)),
                   Impl("torch", "compile", _peer(_compiled_swiglu, sw, mode, device, cuda_only=True)),
                   Impl("liger", "LigerSiLUMulFunction", _peer(_liger_swiglu, sw, mode, device, cuda_only=True),
