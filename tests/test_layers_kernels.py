@@ -582,6 +582,9 @@ def test_swiglu_gpu_low_precision_rule_and_bit_equal_to_torch(dtype):
         assert_within_lowp_rule(k, l, e, name=f"swiglu {dtype} {name}")
     assert torch.equal(got[0], lowp[0]), "forward differs from F.silu(g) * u"
     assert torch.equal(got[2], lowp[2]), "d_up differs from torch's"
+    # the packed form (the decoder's fused gate/up output) runs the same kernels on strided halves
+    out, d_in = _grads(lambda x: ops.swiglu(x, backend="triton"), (torch.cat((lo(g), lo(u)), -1),), lo(dy))
+    assert torch.equal(out, got[0]) and torch.equal(d_in, torch.cat((got[1], got[2]), -1))
 
 
 @pytest.mark.gpu
