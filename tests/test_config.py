@@ -17,6 +17,12 @@ def test_defaults_follow_trl_names():
         assert hasattr(cfg, name)
 
 
+def test_the_engine_decodes_a_whole_rollout_at_once_unless_told():
+    assert GRPOConfig(per_device_train_batch_size=64, gradient_accumulation_steps=8).rollout_max_num_seqs == 512
+    assert GRPOConfig(per_device_train_batch_size=512, gradient_accumulation_steps=4).rollout_max_num_seqs == 1024
+    assert GRPOConfig(per_device_train_batch_size=8, engine_max_num_seqs=64).rollout_max_num_seqs == 64
+
+
 def test_yaml_and_overrides(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text("learning_rate: 1.0e-5\nbeta: 0.04\nnum_generations: 4\nreward_funcs: [accuracy]\n")
@@ -70,6 +76,7 @@ def test_resume_with_other_schedule_settings_says_what_happens():
     ({"warmup_steps": -5}, "warmup_steps"),
     ({"eval_steps": -1}, "eval_steps"),
     ({"max_nonfinite_steps": 0}, "max_nonfinite_steps"),
+    ({"engine_max_num_seqs": 4}, "'engine_max_num_seqs' must be >= num_generations = 8"),
 ])
 def test_bad_values_are_clear_errors(data, match):
     with pytest.raises(ConfigError, match=match):

@@ -323,7 +323,7 @@ class GRPOConfig(_TrainingConfig):
     max_prompt_length: int = 512
     # rollout engine
     engine_block_size: int = 16
-    engine_max_num_seqs: int = 256
+    engine_max_num_seqs: Optional[int] = None   # None: a whole rollout decodes at once (at most 1024 rows)
     engine_max_num_batched_tokens: int = 8192
     engine_num_blocks: Optional[int] = None
     # rewards
@@ -361,6 +361,9 @@ class GRPOConfig(_TrainingConfig):
                f"per_device_train_batch_size * gradient_accumulation_steps = {gen} completions per rollout "
                f"must be divisible by num_generations = {self.num_generations}")
         _check(self.num_iterations >= 1, f"option 'num_iterations' must be >= 1; got {self.num_iterations}")
+        _check(self.engine_max_num_seqs is None or self.engine_max_num_seqs >= self.num_generations,
+               f"option 'engine_max_num_seqs' must be >= num_generations = {self.num_generations} (a group is "
+               f"decoded together); got {self.engine_max_num_seqs}")
         _check(self.temperature > 0, f"option 'temperature' must be > 0; got {self.temperature}")
         _check(0 < self.top_p <= 1, f"option 'top_p' must be in (0, 1]; got {self.top_p}")
         _check(self.top_k == -1 or self.top_k >= 1, f"option 'top_k' must be -1 (off) or >= 1; got {self.top_k}")
@@ -387,6 +390,15 @@ class GRPOConfig(_TrainingConfig):
     @property
     def prompts_per_rollout(self) -> int:
         return self.completions_per_rollout // self.num_generations
+
+    @property
+    def rollout_max_num_seqs(self) -> int:
+        """The engine's max_num_seqs: engine_max_num_seqs, else one rollout's completions (every row of a
+        decode step reads the weights once, so a rollout in one wave is fastest), at most 1024 (CUDA
+        graphs are captured per batch size up to it)."""
+        if self.engine_max_num_seqs is not None:
+            return self.engine_max_num_seqs
+        return max(self.num_generations, min(self.completions_per_rollout, 1024))
 
 
 @dataclass

@@ -156,7 +156,7 @@ class GRPOTrainer:
 
             cfg = self.cfg
             self._engine = Engine(self.model, num_blocks=cfg.engine_num_blocks, block_size=cfg.engine_block_size,
-                                  max_num_seqs=cfg.engine_max_num_seqs,
+                                  max_num_seqs=cfg.rollout_max_num_seqs,
                                   max_num_batched_tokens=cfg.engine_max_num_batched_tokens,
                                   max_model_len=min(self.model.config.max_position_embeddings,
                                                     cfg.max_prompt_length + cfg.max_completion_length))
