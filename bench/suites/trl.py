@@ -2,9 +2,12 @@
 
 Both trainers get the same model weights and the same generated batch; what is timed is the part
 the swap changes: one training micro-step (`compute_loss` + backward, mode "step") and the
-old-policy log-prob pass over the batch (mode "fwd"). Generation and rewards are identical in the
-two trainers and are left out. GPU size: Qwen2.5-1.5B's shape (vocab 151936, tied head, random
-weights), bf16, 8 completions of 1024 tokens after 128-token prompts.
+old-policy log-prob pass over the batch (mode "fwd"). GPU size: Qwen2.5-1.5B's shape (vocab 151936,
+tied head, random weights), bf16, 8 completions of 1024 tokens after 128-token prompts.
+Mode "generate" times one generation batch (`_generate_single_turn`: one prompt, 8 samples of 256
+tokens at GPU size) with transformers' generate, as stock TRL runs it, and with r1fast's rollout
+engine (`r1fast_generation=True`); rewards are left out. Items count every sample at full length;
+a sample that draws an eos early ends sooner in both (rare with random weights and a large vocabulary).
 """
 from __future__ import annotations
 
@@ -52,7 +55,7 @@ def _batch(vocab, batch, prompt_len, completion_len, device):
     }
 
 
-def _trainer(provider, shape, batch, prompt_len, completion_len, dtype, device):
+def _trainer(provider, shape, batch, prompt_len, completion_len, dtype, device, generation=False):
     """A trainer (stock or r1fast) on a fresh model, and a generated-looking batch with old log-probs."""
     import datasets
     import trl
@@ -66,9 +69,10 @@ def _trainer(provider, shape, batch, prompt_len, completion_len, dtype, device):
         report_to="none", loss_type="dapo", beta=0.0, num_iterations=2, use_cpu=device.type == "cpu",
         disable_tqdm=True, save_strategy="no",
     )
-    cls = r1trl.GRPOTrainer if provider == "r1fast" else trl.GRPOTrainer
+    cls, extra = (r1trl.GRPOTrainer, {"r1fast_generation": generation}) if provider == "r1fast" else (trl.GRPOTrainer, {})
     trainer = cls(model=model, reward_funcs=lambda completions, **kw: [0.0] * len(completions), args=args,
-                  train_dataset=datasets.Dataset.from_dict({"prompt": ["a"] * batch}), processing_class=tokenizer)
+                  train_dataset=datasets.Dataset.from_dict({"prompt": ["a"] * batch}), processing_class=tokenizer,
+                  **extra)
     if trainer.accelerator.device.type != device.type:
         raise Skip(f"the trainer placed itself on {trainer.accelerator.device}, not {device}")
     trainer.current_gradient_accumulation_steps = 1  # set by Trainer.train(); the bench calls compute_loss directly
@@ -104,6 +108,19 @@ def _old_logps(provider, *spec):
     return setup
 
 
+def _generate(provider, *spec):
+    def setup():
+        trainer, model, inputs, _, _ = _trainer(provider, *spec, generation=provider == "r1fast")
+        batch = inputs["prompt_ids"].shape[0]
+        prompts = [inputs["prompt_ids"][0].tolist()] * batch  # one prompt, once per sample, as TRL batches it
+        model.eval()
+
+        def run():
+            return trainer._generate_single_turn(prompts, None, {}, batch)
+        return run
+    return setup
+
+
 def _flops(shape, vocab, tokens, completion_tokens, backward):
     h, i, layers = shape["hidden_size"], shape["intermediate_size"], shape["layers"]
     hd = h // shape["heads"]
@@ -135,4 +152,12 @@ def cases(size, device):
                  Impl("trl", "trl", make("trl", *spec), requires=("trl",))]
         out.append(Case(name, mode, str(dtype).removeprefix("torch."), impls, flops=flops,
                         bytes=(3 if backward else 1) * params * elt, items=completion_tokens, item_name="tokens"))
+    gen_len = 256 if size == "gpu" else completion_len
+    gen_spec = (shape, batch, prompt_len, gen_len, dtype, device)
+    slow = dict(warmup=0, reps=1) if size == "gpu" else {}  # transformers' generate: seconds per call at GPU size
+    out.append(Case(f"Qwen2 h={shape['hidden_size']} L={shape['layers']} V={vocab} 1 prompt x {batch} T={prompt_len}+{gen_len}",
+                    "generate", str(dtype).removeprefix("torch."),
+                    [Impl("r1fast", "trl+r1fast engine", _generate("r1fast", *gen_spec), requires=("trl",)),
+                     Impl("trl", "trl generate", _generate("trl", *gen_spec), requires=("trl",), **slow)],
+                    items=batch * gen_len, item_name="tokens"))
     return out

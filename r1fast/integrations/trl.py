@@ -170,17 +170,38 @@ def _check_model(model: nn.Module, what: str) -> None:
     _backbone(model)
 
 
+def generation_problems(args: Any) -> list[str]:
+    """The GRPOConfig settings r1fast's rollout engine (r1fast_generation=True) cannot honour."""
+    problems = []
+    for option, bad, why in (
+        ("use_vllm", bool(getattr(args, "use_vllm", False)), "r1fast_generation replaces vLLM; pick one"),
+        ("use_transformers_continuous_batching", bool(getattr(args, "use_transformers_continuous_batching", False)),
+         "r1fast_generation replaces transformers' generation; pick one"),
+        ("repetition_penalty", getattr(args, "repetition_penalty", 1.0) != 1.0,
+         "the engine's sampler has no repetition penalty"),
+        ("generation_kwargs", bool(getattr(args, "generation_kwargs", None)),
+         "extra generation options cannot be passed to the engine"),
+    ):
+        if bad:
+            problems.append(f"{option}={getattr(args, option, None)!r}: {why}")
+    return problems
+
+
 class GRPOTrainer(trl.GRPOTrainer):
     """TRL's GRPOTrainer with r1fast's fused log-prob and GRPO loss kernels.
 
     Takes TRL's arguments, plus `r1fast_backend` ("torch", "triton", "reference"; default: the
-    fastest available for the model's device, or the R1FAST_BACKEND environment variable).
+    fastest available for the model's device, or the R1FAST_BACKEND environment variable) and
+    `r1fast_generation` (default False): True generates the completions with r1fast's rollout
+    engine (paged KV cache, the samples of a prompt sharing its prefill, CUDA graphs) instead of
+    transformers' `generate`, reading the model's weights (r1fast.integrations.hf_rollout).
     """
 
-    def __init__(self, model, reward_funcs=None, args: GRPOConfig | None = None, *pos, r1fast_backend=None, **kw):
+    def __init__(self, model, reward_funcs=None, args: GRPOConfig | None = None, *pos, r1fast_backend=None,
+                 r1fast_generation: bool = False, **kw):
         # Refuse before TRL loads anything, so a wrong option costs nothing.
         if args is not None:
-            self._refuse(unsupported_options(args))
+            self._refuse(unsupported_options(args) + (generation_problems(args) if r1fast_generation else []))
         if kw.get("peft_config") is not None or _is_peft(model):
             raise ValueError(
                 "peft_config / PEFT models are not supported by r1fast's TRL integration yet (the reference "
@@ -209,6 +230,20 @@ class GRPOTrainer(trl.GRPOTrainer):
             m = self.accelerator.unwrap_model(m)
             _check_model(m, what)
             install_hidden_states_forward(m)
+        self.r1fast_rollout = self._make_rollout() if r1fast_generation else None
+
+    def _make_rollout(self):
+        from r1fast.integrations.hf_rollout import HFRollout
+
+        self._refuse(generation_problems(self.args))
+        model = self.accelerator.unwrap_model(self.model)
+        on_gpu = next(model.parameters()).is_cuda
+        # decode in the autocast dtype TRL's forward computes in (fp32 master weights are then copied)
+        dtype = _AUTOCAST_DTYPES.get(str(self.accelerator.mixed_precision)) if on_gpu else None
+        groups = max(self.num_generations, self.num_generations_eval or 0)
+        seats = max(groups, min(self.args.generation_batch_size or groups, 1024))
+        return HFRollout(model, dtype=dtype, max_num_seqs=seats,
+                         max_model_len=model.config.max_position_embeddings)
 
     @staticmethod
     def _refuse(problems: list[str]) -> None:
@@ -242,6 +277,27 @@ class GRPOTrainer(trl.GRPOTrainer):
         return hidden.to(device=weight.device, dtype=dtype), weight.to(dtype)
 
     # ---- TRL hooks -----------------------------------------------------------------------------
+
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+        """With r1fast_generation: the completions from r1fast's engine, cut as TRL's own path cuts them
+        (up to and including the first eos, at most max_completion_length tokens); no sampler
+        log-probs, as with transformers' generate."""
+        if self.r1fast_rollout is None:
+            return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations,
+                                                 has_tool_images)
+        if images is not None or any(v is not None for v in (multimodal_fields or {}).values()):
+            raise ValueError("r1fast_generation supports text-only prompts")
+        from r1fast.rollout import SamplingParams
+
+        # copies the fused projections from the trained weights (about a millisecond on a GPU for a
+        # 1.5B model): cheaper than tracking every way the weights can change between generations
+        self.r1fast_rollout.sync()
+        params = SamplingParams(
+            n=num_generations, temperature=self.temperature, top_p=self.top_p,
+            top_k=self.top_k if self.top_k and self.top_k > 0 else -1, min_p=self.min_p or 0.0,
+            max_tokens=self.max_completion_length, stop_token_ids=list(self.eos_token_ids), ignore_eos=True,
+            seed=int(torch.randint(0, 2**62, ())))  # from torch's generator: TRL's seed makes runs repeat
+        return self.r1fast_rollout.generate([list(p) for p in prompt_ids], params), None
 
     def _get_per_token_logps_and_entropies(
         self,

@@ -1,0 +1,103 @@
+"""r1fast's rollout engine generating for a transformers causal LM (Llama, Qwen2, Qwen3).
+
+    rollout = HFRollout(hf_model, max_num_seqs=512, max_model_len=1024)
+    completion_ids = rollout.generate(prompt_ids, SamplingParams(n=..., temperature=...))
+    ...optimizer step on hf_model...
+    rollout.sync()            # before the next generation
+
+The engine decodes an r1fast `CausalLM` built around the transformers model's own parameters: the
+embedding, norms, o/down projections and lm_head are the same tensors, so an optimizer step on the
+transformers model is seen without a copy. The decoder's two fused projections per layer (q/k/v and
+gate/up, one GEMM each) are copies of their parts; `sync()` refreshes them in place (about two
+thirds of the weights, one device copy) and resets the prefix cache, whose KV is stale after a
+weight update. With `dtype` other than the parameters' (e.g. bf16 decoding of fp32 master weights
+under autocast), every parameter is such a copy.
+
+TRL's GRPOTrainer uses it through `r1fast.integrations.trl.GRPOTrainer(..., r1fast_generation=True)`.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from r1fast.models import CausalLM, ModelConfig
+from r1fast.rollout import Engine, SamplingParams
+
+__all__ = ["HFRollout"]
+
+
+def _set_param(root: nn.Module, name: str, value: nn.Parameter) -> None:
+    owner, _, leaf = name.rpartition(".")
+    setattr(root.get_submodule(owner) if owner else root, leaf, value)
+
+
+class HFRollout:
+    def __init__(self, hf_model: nn.Module, dtype: torch.dtype | None = None, **engine_kwargs):
+        config = getattr(hf_model, "config", None)
+        if config is None or not hasattr(config, "to_dict"):
+            raise TypeError(f"HFRollout takes a transformers causal LM, got {type(hf_model).__name__}")
+        try:
+            cfg = ModelConfig.from_hf_config(config.to_dict())
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"r1fast's rollout engine cannot run {type(hf_model).__name__}: {e}") from e
+        hf = dict(hf_model.named_parameters())
+        ref = next(iter(hf.values()))
+        dtype = dtype or ref.dtype
+        with torch.device("meta"):
+            model = CausalLM(cfg)
+        # (r1fast parameter, [(rows or None, transformers tensor)]): aliased when one whole tensor of
+        # the right dtype, else a copy that sync() refreshes
+        self._copies: list[tuple[torch.Tensor, list]] = []
+        parts: dict[str, list] = {}
+        for key, name, rows in model.hf_layout():
+            if key not in hf:
+                raise ValueError(f"{type(hf_model).__name__} has no parameter {key!r}, which r1fast's "
+                                 f"{cfg.architecture} decoder needs")
+            parts.setdefault(name, []).append((rows, hf.pop(key)))
+        if hf:
+            raise ValueError(f"{type(hf_model).__name__} has parameters r1fast's decoder would not use: "
+                             f"{sorted(hf)[:4]}: its generations would differ from the model's")
+        shapes = dict(model.named_parameters())
+        for name, sources in parts.items():
+            whole = sources[0][1]
+            if len(sources) == 1 and sources[0][0] is None and whole.dtype == dtype:
+                if whole.shape != shapes[name].shape:
+                    raise ValueError(f"{name}: the transformers tensor has shape {tuple(whole.shape)}, r1fast's "
+                                     f"config implies {tuple(shapes[name].shape)}")
+                _set_param(model, name, whole)  # the same tensor: optimizer steps are seen as they happen
+                continue
+            buf = torch.empty(shapes[name].shape, dtype=dtype, device=whole.device)
+            for rows, src in sources:
+                if (buf if rows is None else buf[rows]).shape != src.shape:
+                    raise ValueError(f"{name}: a transformers part has shape {tuple(src.shape)}, r1fast's config "
+                                     f"implies {tuple((buf if rows is None else buf[rows]).shape)}")
+            _set_param(model, name, nn.Parameter(buf, requires_grad=False))
+            self._copies.append((buf, sources))
+        self.model = model.eval()
+        self.sync(reset_cache=False)
+        self.engine = Engine(model, **engine_kwargs)
+
+    @torch.no_grad()
+    def sync(self, reset_cache: bool = True):
+        """Copies the transformers weights into the fused (and recast) parameters; call after every
+        weight update, before generating."""
+        for buf, sources in self._copies:
+            for rows, src in sources:
+                (buf if rows is None else buf[rows]).copy_(src)
+        if reset_cache:
+            self.engine.reset_prefix_cache()
+
+    def generate(self, prompt_ids: list[list[int]], params: SamplingParams) -> list[list[int]]:
+        """Completion token ids, one list per prompt in `prompt_ids` and per sample: prompts that come in
+        runs of params.n identical ones (as a GRPO batch lists each prompt once per sample) are
+        prefilled once and forked; otherwise each prompt gets one sample."""
+        n = params.n
+        grouped = len(prompt_ids) % n == 0 and all(
+            prompt_ids[i] == prompt_ids[i - i % n] for i in range(len(prompt_ids)))
+        if grouped:
+            results = self.engine.generate(list(prompt_ids[::n]), params)
+        else:
+            results = self.engine.generate(list(prompt_ids), dataclasses.replace(params, n=1))
+        return [list(c.token_ids) for r in results for c in r.completions]

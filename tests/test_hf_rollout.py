@@ -1,0 +1,171 @@
+"""r1fast's rollout engine generating for a transformers model (r1fast.integrations.hf_rollout), and
+through it for TRL's GRPOTrainer (r1fast_generation=True)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("r1fast._C")
+
+from r1fast.integrations.hf_rollout import HFRollout  # noqa: E402
+from r1fast.integrations.toy import save_tiny_qwen2  # noqa: E402
+from r1fast.rollout import SamplingParams  # noqa: E402
+
+PROMPTS = [[1, 5, 7], [3, 4, 9, 10, 11], [2]]
+
+
+@pytest.fixture(scope="module", params=["untied", "tied"])
+def hf_model(request, tmp_path_factory):
+    path = save_tiny_qwen2(tmp_path_factory.mktemp(request.param), seed=3,
+                           tie_word_embeddings=request.param == "tied")
+    return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def _hf_greedy(model, prompt, new):
+    ids = torch.tensor([prompt])
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new,
+                         min_new_tokens=new, pad_token_id=0, eos_token_id=None)
+    return out[0, len(prompt):].tolist()
+
+
+def test_greedy_tokens_equal_transformers_generate(hf_model):
+    rollout = HFRollout(hf_model, block_size=4, num_blocks=64)
+    batch = [p for p in PROMPTS for _ in range(2)]  # each prompt once per sample, as a GRPO batch lists them
+    got = rollout.generate(batch, SamplingParams(n=2, temperature=0, max_tokens=7, ignore_eos=True))
+    assert got == [_hf_greedy(hf_model, p, 7) for p in batch]
+    assert rollout.engine.last_stats["prefill"] >= 1
+    # a batch that is not in runs of n identical prompts: one sample each
+    mixed = [PROMPTS[0], PROMPTS[1]]
+    assert rollout.generate(mixed, SamplingParams(n=2, temperature=0, max_tokens=3, ignore_eos=True)) == \
+        [_hf_greedy(hf_model, p, 3) for p in mixed]
+
+
+def test_weight_updates_are_read_in_place_or_after_sync(hf_model):
+    """The engine's model aliases every transformers tensor it can (updates seen at once); the fused
+    q/k/v and gate/up copies follow after sync()."""
+    import copy
+
+    model = copy.deepcopy(hf_model)
+    rollout = HFRollout(model, block_size=4, num_blocks=64)
+    ids = torch.tensor(PROMPTS[1])
+    cu = torch.tensor([0, len(ids)], dtype=torch.int32)
+
+    def hidden_of_both():
+        with torch.no_grad():
+            ours = rollout.model(ids, cu_seqlens=cu)
+            theirs = model.model(input_ids=ids[None]).last_hidden_state[0]
+        return ours, theirs
+
+    ours, theirs = hidden_of_both()
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+    assert rollout.model.embed_tokens.weight is model.model.embed_tokens.weight  # the same tensor
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # an "optimizer step"
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    ours, theirs = hidden_of_both()
+    assert not torch.allclose(ours, theirs, rtol=1e-3, atol=1e-3)  # the fused copies are stale
+    rollout.sync()
+    ours, theirs = hidden_of_both()
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+
+
+def test_bf16_decoding_of_fp32_weights_copies_every_parameter(hf_model):
+    rollout = HFRollout(hf_model, dtype=torch.bfloat16, block_size=4, num_blocks=64)
+    assert all(p.dtype == torch.bfloat16 for p in rollout.model.parameters())
+    assert rollout.model.embed_tokens.weight is not hf_model.model.embed_tokens.weight
+    torch.testing.assert_close(rollout.model.embed_tokens.weight.float(), hf_model.model.embed_tokens.weight,
+                               rtol=1e-2, atol=1e-2)
+
+
+def test_unsupported_models_are_clear_errors():
+    with pytest.raises(TypeError, match="transformers causal LM"):
+        HFRollout(torch.nn.Linear(3, 3))
+
+
+# ---- TRL's GRPOTrainer with r1fast_generation=True ----------------------------------------------
+
+
+def _trainer(path, tmp_path, **overrides):
+    trl = pytest.importorskip("trl")
+    from datasets import Dataset
+
+    from r1fast.integrations import trl as r1trl
+
+    options = dict(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=4,
+                   max_completion_length=6, max_steps=3, logging_steps=1, bf16=False, learning_rate=0.05, optim="sgd",
+                   report_to="none", seed=0, save_strategy="no", loss_type="dapo", beta=0.0,
+                   dataloader_num_workers=0, disable_tqdm=True)
+    options.update(overrides)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    return r1trl.GRPOTrainer(
+        model=model, reward_funcs=lambda completions, **kw: [c.count("a") + 0.1 * len(c) for c in completions],
+        args=trl.GRPOConfig(**options), train_dataset=Dataset.from_dict({"prompt": ["ab 1+2=", "hello", "q", "zz"] * 4}),
+        processing_class=tokenizer, r1fast_generation=True)
+
+
+def test_trl_trainer_generates_with_the_engine_and_trains(tmp_path, monkeypatch):
+    path = save_tiny_qwen2(tmp_path / "m", seed=0)
+    trainer = _trainer(path, tmp_path / "run")
+    calls = []
+    generate = HFRollout.generate
+
+    def spy(self, prompt_ids, params):
+        out = generate(self, prompt_ids, params)
+        calls.append((len(prompt_ids), params, out))
+        return out
+
+    monkeypatch.setattr(HFRollout, "generate", spy)
+    before = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+    trainer.train()
+    assert len(calls) == 3  # one generation batch per step
+    eos = set(trainer.eos_token_ids)
+    for n, params, out in calls:
+        assert n == 4 and params.n == 4 and params.max_tokens == 6 and set(params.stop_token_ids) == eos
+        # TRL's own cut: up to and including the first eos, at most max_completion_length tokens
+        assert len(out) == 4 and all(1 <= len(c) <= 6 and not (set(c[:-1]) & eos) for c in out)
+    logs = [h for h in trainer.state.log_history if "loss" in h and "train_runtime" not in h]
+    assert len(logs) == 3 and all(torch.isfinite(torch.tensor(h["loss"])) for h in logs)
+    after = trainer.model.state_dict()
+    assert any(not torch.equal(after[k], v) for k, v in before.items())
+    # the engine decodes the trained weights: its fused copies follow the optimizer after a sync
+    trainer.r1fast_rollout.sync()
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    ids = torch.tensor([5, 6, 7, 8])
+    with torch.no_grad():
+        ours = trainer.r1fast_rollout.model(ids, cu_seqlens=torch.tensor([0, 4], dtype=torch.int32))
+        theirs = model.model(input_ids=ids[None]).last_hidden_state[0]
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("option,value", [("repetition_penalty", 1.2), ("generation_kwargs", {"do_sample": True})])
+def test_trl_options_the_engine_cannot_honour_are_refused(tmp_path, option, value):
+    path = save_tiny_qwen2(tmp_path / "m", seed=0)
+    with pytest.raises(ValueError, match=option):
+        _trainer(path, tmp_path / "run", **{option: value})
+
+
+@pytest.mark.gpu
+def test_cuda_greedy_tokens_equal_transformers_and_bf16_decoding_runs(tmp_path):
+    """On the GPU: CUDA graphs, the engine's kernels and the fused copies on the device; fp32 greedy
+    equals transformers' greedy, and a bf16 rollout of the fp32 model (TRL's autocast case) runs."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    path = save_tiny_qwen2(tmp_path / "m", seed=3)
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).cuda().eval()
+    rollout = HFRollout(model, block_size=16, max_num_seqs=16)
+    batch = [p for p in PROMPTS for _ in range(2)]
+    got = rollout.generate(batch, SamplingParams(n=2, temperature=0, max_tokens=7, ignore_eos=True))
+
+    def hf(prompt):
+        ids = torch.tensor([prompt], device="cuda")
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=7,
+                             min_new_tokens=7, pad_token_id=0, eos_token_id=None)
+        return out[0, len(prompt):].tolist()
+
+    assert got == [hf(p) for p in batch]
+    half = HFRollout(model, dtype=torch.bfloat16, block_size=16, max_num_seqs=16)
+    out = half.generate(batch, SamplingParams(n=2, temperature=1.0, max_tokens=7, ignore_eos=True, seed=0))
+    assert [len(c) for c in out] == [7] * len(batch)
