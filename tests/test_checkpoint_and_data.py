@@ -225,3 +225,17 @@ def test_arithmetic_task_integer_parameters_are_checked():
     assert ArithmeticTask(max_terms=1e1).max_terms == 10   # "1e1" in a query string reads as a float
     rows = load_rows("builtin:arithmetic?max_terms=1e1&min_terms=10", n_builtin=5)
     assert all(r["prompt"].count("+") + r["prompt"].count("-") == 9 for r in rows)
+
+
+def test_optimizer_state_of_another_parameter_layout_is_a_clear_error():
+    """E.g. a training checkpoint from before the decoder fused q/k/v and gate/up: more parameters."""
+    from r1fast.trainer.checkpoints import load_optimizer_state, optimizer_state
+
+    old = [torch.nn.Parameter(torch.randn(4, 3)) for _ in range(3)]
+    opt = torch.optim.AdamW(old)
+    sum(p.sum() for p in old).backward()
+    opt.step()
+    tensors, meta = optimizer_state(opt)
+    new = torch.optim.AdamW([torch.nn.Parameter(torch.randn(12, 3)), torch.nn.Parameter(torch.randn(4, 3))])
+    with pytest.raises(ValueError, match="3 parameters but the model has 2.*fused q/k/v"):
+        load_optimizer_state(new, tensors, meta[0])

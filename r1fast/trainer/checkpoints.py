@@ -128,7 +128,9 @@ def load_optimizer_state(opt: torch.optim.Optimizer, tensors: dict[str, torch.Te
     n_saved = sum(len(g["params"]) for g in groups)
     if n_params != n_saved:
         raise ValueError(f"checkpoint optimizer has {n_saved} parameters but the model has {n_params}: "
-                         f"is this checkpoint from a different model?")
+                         f"is this checkpoint from a different model, or from an r1fast before its decoder fused "
+                         f"q/k/v and gate/up into one parameter each? (its model weights still load: start a "
+                         f"new run from them)")
     opt.load_state_dict({"state": state, "param_groups": groups})
 
 
