@@ -79,9 +79,19 @@ def test_bf16_decoding_of_fp32_weights_copies_every_parameter(hf_model):
                                rtol=1e-2, atol=1e-2)
 
 
-def test_unsupported_models_are_clear_errors():
+def test_unsupported_models_are_clear_errors(hf_model):
+    import copy
+
     with pytest.raises(TypeError, match="transformers causal LM"):
         HFRollout(torch.nn.Linear(3, 3))
+    spread = copy.deepcopy(hf_model)
+    spread.model.norm.weight = torch.nn.Parameter(spread.model.norm.weight.detach().to("meta"))
+    with pytest.raises(ValueError, match="on one device"):
+        HFRollout(spread)
+    extra = copy.deepcopy(hf_model)
+    extra.model.layers[0].mlp.register_parameter("scale", torch.nn.Parameter(torch.ones(3)))
+    with pytest.raises(ValueError, match="would not use.*mlp.scale"):
+        HFRollout(extra)
 
 
 # ---- TRL's GRPOTrainer with r1fast_generation=True ----------------------------------------------

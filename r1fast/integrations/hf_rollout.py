@@ -43,8 +43,11 @@ class HFRollout:
         except (ValueError, TypeError) as e:
             raise ValueError(f"r1fast's rollout engine cannot run {type(hf_model).__name__}: {e}") from e
         hf = dict(hf_model.named_parameters())
-        ref = next(iter(hf.values()))
-        dtype = dtype or ref.dtype
+        devices = {p.device for p in hf.values()}
+        if len(devices) != 1:
+            raise ValueError(f"HFRollout needs the model on one device, found {sorted(map(str, devices))} "
+                             f"(a device_map spreading it over several is not supported)")
+        dtype = dtype or next(iter(hf.values())).dtype
         with torch.device("meta"):
             model = CausalLM(cfg)
         # (r1fast parameter, [(rows or None, transformers tensor)]): aliased when one whole tensor of
