@@ -78,6 +78,7 @@ class HFRollout:
                                      f"implies {tuple((buf if rows is None else buf[rows]).shape)}")
             _set_param(model, name, nn.Parameter(buf, requires_grad=False))
             self._copies.append((buf, sources))
+        model.rotary.inv_freq(model.device)  # on the device before any CUDA graph is captured
         self.model = model.eval()
         self.sync(reset_cache=False)
         self.engine = Engine(model, **engine_kwargs)
