@@ -434,7 +434,7 @@ def test_varlen_probe_checks_alignment_backward_and_reraises_oom(fake_varlen, mo
     ops_attention = fake_varlen(_fake_varlen_attn(True, True, aligned="top_left"))
     assert ops_attention.varlen_ready(q, k)  # same query and key lengths: alignment cannot matter
     assert not ops_attention.varlen_ready(q, k, prefix=True)  # over a cached prefix it does: caught
-    assert "wrong numbers" in ops_attention._varlen_broken[True]
+    assert "wrong numbers" in ops_attention._varlen_broken[(True, False)]
     assert ops_attention.varlen_ready(q, k)  # training keeps the fast path
 
     ops_attention = fake_varlen(_fake_varlen_attn(True, True))
@@ -458,7 +458,7 @@ def test_varlen_probe_checks_alignment_backward_and_reraises_oom(fake_varlen, mo
                                       window_size=window_size, enable_gqa=enable_gqa))
     fake_varlen(bad_backward)
     assert not ops_attention.varlen_ready(q[:, :, :2], k[:, :, :2])
-    assert "no backward kernel" in ops_attention._varlen_broken[False]
+    assert "no backward kernel" in ops_attention._varlen_broken[(False, True)]
 
     def oom(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, window_size=(-1, -1)):
         raise torch.OutOfMemoryError("CUDA out of memory")
@@ -493,6 +493,59 @@ def test_gpu_varlen_attention_matches_per_sequence_sdpa():
         assert max_rel_err(a.float(), b.float()) <= 5e-2
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_attention_over_shared_prefixes_matches_the_copied_layout():
+    """bf16 on the GPU: prompts of 256 and 40 tokens, 3 and 2 continuations; the gathered-key varlen call
+    (torch varlen, causal bottom-right, with its backward) against per-sequence SDPA over copied prompts."""
+    from r1fast.models import attention
+    from r1fast.ops import attention as ops_attention
+
+    heads, kv_heads, d = 12, 2, 128
+    prompts, conts, owner = [256, 40], [100, 7, 64, 33, 1], [0, 0, 0, 1, 1]
+    g = torch.Generator(device="cpu").manual_seed(0)
+    mk = lambda n, h: torch.randn(n, h, d, generator=g).cuda().bfloat16()  # noqa: E731
+    pq, pk, pv = ([mk(n, h) for n in prompts] for h in (heads, kv_heads, kv_heads))
+    cq, ck, cv = ([mk(n, h) for n in conts] for h in (heads, kv_heads, kv_heads))
+    # shared layout: prompt 0, its continuations, prompt 1, its continuations
+    order, prefix_of = [], []
+    for o in (0, 1):
+        order.append(("p", o))
+        prefix_of.append(-1)
+        head = len(prefix_of) - 1
+        for i, oo in enumerate(owner):
+            if oo == o:
+                order.append(("c", i))
+                prefix_of.append(head)
+    pick = lambda parts_p, parts_c: torch.cat([parts_p[i] if k == "p" else parts_c[i] for k, i in order])  # noqa: E731
+    q, k, v = (pick(a, b).requires_grad_() for a, b in ((pq, cq), (pk, ck), (pv, cv)))
+    lengths = [prompts[i] if kind == "p" else conts[i] for kind, i in order]
+    packed = attention.check_prefix_of(prefix_of, attention.packed_from_lengths(lengths, q.device))
+    out = attention.varlen_causal_attention(q, k, v, packed, 0.1)
+    assert ops_attention.varlen_ready(q, k, prefix=True, grad=True), ops_attention._varlen_broken
+    # copied layout, fp32 per-sequence SDPA: each continuation after its own copy of its prompt
+    q32, k32, v32 = (x.detach().float().requires_grad_() for x in (q, k, v))
+    starts = dict(zip(order, packed.starts))
+    copies, rows, keep, at = [], [], [], 0
+    for i, o in enumerate(owner):
+        ps, cs = starts[("p", o)], starts[("c", i)]
+        copies.append(torch.cat([torch.arange(ps, ps + prompts[o]), torch.arange(cs, cs + conts[i])]))
+        rows.append(torch.arange(cs, cs + conts[i]))
+        keep.append(torch.arange(at + prompts[o], at + prompts[o] + conts[i]))
+        at += prompts[o] + conts[i]
+    copies, rows, keep = (torch.cat(x).cuda() for x in (copies, rows, keep))
+    ref = attention.sdpa_per_sequence(q32[copies], k32[copies], v32[copies],
+                                      attention.packed_from_lengths([prompts[o] + conts[i] for i, o in enumerate(owner)],
+                                                                    q.device), 0.1)
+    assert max_rel_err(out.float()[rows], ref[keep]) <= 2e-2
+    # the continuations' outputs only: the gradients reach the prompts through their keys and values
+    dy = torch.randn(len(rows), heads, d, generator=g).cuda()
+    grads = torch.autograd.grad((out.float()[rows] * dy).sum(), (q, k, v))
+    ref_grads = torch.autograd.grad((ref[keep] * dy).sum(), (q32, k32, v32))
+    for a, b in zip(grads, ref_grads):
+        assert max_rel_err(a.float(), b) <= 5e-2
+
+
 def test_from_pretrained_with_real_fp8_emulation(tmp_path):
     pytest.importorskip("r1fast.fp8")
     cfg = ModelConfig(architecture="LlamaForCausalLM", vocab_size=40, hidden_size=32, intermediate_size=48,
@@ -504,3 +557,62 @@ def test_from_pretrained_with_real_fp8_emulation(tmp_path):
     with torch.no_grad():
         a, b = plain(ids, cu_seqlens=cu), fp8(ids, cu_seqlens=cu)
     assert torch.isfinite(b).all() and 0 < max_rel_err(b, a) < 0.2
+
+
+@pytest.mark.parametrize("path", ["one masked call", "per sequence"])
+def test_sequences_continuing_a_shared_prefix_equal_the_copied_layout(monkeypatch, path):
+    """prefix_of: completions packed after one copy of their prompt give, in float64, the hidden states
+    and gradients of each completion packed after its own copy of the prompt."""
+    from r1fast.models import attention as model_attention
+
+    if path == "per sequence":
+        monkeypatch.setattr(model_attention, "_MASKED_MAX_TOKENS", 0)
+    cfg = ModelConfig(architecture="Qwen3ForCausalLM", vocab_size=40, hidden_size=32, intermediate_size=48,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8, qk_norm=True,
+                      max_position_embeddings=64)
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 40, (n,), generator=g) for n in (5, 3)]
+    comps = [torch.randint(0, 40, (n,), generator=g) for n in (3, 4, 1, 6)]
+    owner = [0, 0, 1, 1]  # completion -> prompt
+
+    def grads_of(model, ids, cu, rows, **kw):
+        model.zero_grad()
+        h = model(ids, cu_seqlens=torch.tensor(cu, dtype=torch.int32), **kw)
+        picked = h[torch.tensor(rows)]
+        w = torch.randn(picked.shape, generator=torch.Generator().manual_seed(2), dtype=picked.dtype)
+        (picked * w).sum().backward()
+        return picked.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    model = CausalLM(cfg).double()
+    # copied: [prompt, completion] per completion; rows = each completion's tokens
+    ids, cu, rows = [], [0], []
+    for c, o in zip(comps, owner):
+        ids += [prompts[o], c]
+        rows += range(cu[-1] + len(prompts[o]), cu[-1] + len(prompts[o]) + len(c))
+        cu.append(cu[-1] + len(prompts[o]) + len(c))
+    want_h, want_g = grads_of(model, torch.cat(ids), cu, rows)
+    # shared: prompt 0, its 2 completions, prompt 1, its 2 completions
+    ids, cu, rows, prefix_of = [], [0], [], []
+    for o in (0, 1):
+        ids.append(prompts[o])
+        cu.append(cu[-1] + len(prompts[o]))
+        prefix_of.append(-1)
+        head = len(prefix_of) - 1
+        for c, oo in zip(comps, owner):
+            if oo == o:
+                ids.append(c)
+                rows += range(cu[-1], cu[-1] + len(c))
+                cu.append(cu[-1] + len(c))
+                prefix_of.append(head)
+    got_h, got_g = grads_of(model, torch.cat(ids), cu, rows, prefix_of=prefix_of)
+    torch.testing.assert_close(got_h, want_h, rtol=1e-10, atol=1e-12)
+    # The RMSNorms compute in fp32 whatever the dtype (transformers' expression): a prompt's gradient
+    # summed before its norms' backward, not after, differs by fp32 rounding, ~1e-7 of the largest entry.
+    for n in want_g:
+        scale = float(want_g[n].abs().max())
+        torch.testing.assert_close(got_g[n], want_g[n], rtol=1e-5, atol=1e-6 * scale, msg=lambda m: f"{n}: {m}")
+    with pytest.raises(ValueError, match="prefix_of"):
+        model(torch.cat(ids), cu_seqlens=torch.tensor(cu, dtype=torch.int32), prefix_of=[-1, 0, 1, -1, 3, 3])
+    with pytest.raises(ValueError, match="prefix_of must be a list of 6 ints"):
+        model(torch.cat(ids), cu_seqlens=torch.tensor(cu, dtype=torch.int32), prefix_of=[-1, 0])

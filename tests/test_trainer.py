@@ -302,3 +302,45 @@ def test_resume_with_a_longer_run_follows_the_new_schedule(tmp_path, capsys):
     assert any(moved)
     err = capsys.readouterr().err
     assert "resuming at step 2 with max_steps 2 -> 3" in err and "follows the new values" in err
+
+
+@pytest.mark.parametrize("micro", [32, 4])  # whole groups of 8 per micro-batch, and groups split across them
+def test_shared_prompts_give_the_numbers_of_the_unshared_layout(tmp_path, micro, monkeypatch):
+    """share_prompts packs a group's prompt once and its completions after it: one step's loss, statistics
+    and updated weights equal those of the plain layout (prompt copied into every completion's row)."""
+    from r1fast.trainer import grpo
+
+    runs, tokens = {}, {}
+    pack = grpo.pack
+
+    def counting_pack(*a, **kw):
+        b = pack(*a, **kw)
+        tokens[kw["share_prompts"]] = tokens.get(kw["share_prompts"], 0) + b.input_ids.numel()
+        return b
+
+    monkeypatch.setattr(grpo, "pack", counting_pack)
+    for share in (True, False):
+        tr = make(tmp_path, f"s{share}{micro}", share_prompts=share, max_steps=1, per_device_train_batch_size=micro,
+                  gradient_accumulation_steps=32 // micro)
+        out = tr.step()["metrics"]
+        runs[share] = (out, {n: p.detach().clone() for n, p in tr.model.named_parameters()})
+    assert tokens[True] < tokens[False]  # the prompts went through the model fewer times
+    (m_shared, w_shared), (m_plain, w_plain) = runs[True], runs[False]
+    for key in ("loss", "grad_norm", "entropy", "reward"):
+        assert m_shared[key] == pytest.approx(m_plain[key], rel=1e-4, abs=1e-6), key
+    # AdamW's first step moves each weight by about lr * g / (|g| + eps): fp32 rounding in g shows where |g|
+    # is near eps, up to ~1e-3 of lr there (a real difference would move weights by ~lr)
+    for n, w in w_plain.items():
+        torch.testing.assert_close(w_shared[n], w, rtol=1e-4, atol=1e-4, msg=lambda m: f"{n}: {m}")
+
+
+def test_pack_shares_each_runs_prompt():
+    from r1fast.trainer.common import pack
+
+    p1, p2 = [1, 2, 3], [4, 5]
+    b = pack([p1, p1, p2, p1], [[7, 8], [9], [6, 6, 6], [5]], "cpu", share_prompts=True)
+    assert b.input_ids.tolist() == [1, 2, 3, 7, 8, 9, 4, 5, 6, 6, 6, 1, 2, 3, 5]
+    assert b.cu_seqlens.tolist() == [0, 3, 5, 6, 8, 11, 14, 15] and b.prefix_of == [-1, 0, 0, -1, 3, -1, 5]
+    # the prompt's last hidden state predicts each completion's first token
+    assert b.select.tolist() == [2, 3, 2, 7, 8, 9, 13] and b.targets.tolist() == [7, 8, 9, 6, 6, 6, 5]
+    assert b.completion_cu.tolist() == [0, 2, 3, 6, 7]

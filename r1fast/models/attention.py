@@ -6,6 +6,13 @@ a boundary. On CUDA (fp16/bf16) this is one varlen flash-attention call: flash-a
 importable, else torch's own (`torch.nn.attention.varlen.varlen_attn`, torch >= 2.10). Otherwise
 torch SDPA, one call per sequence (exact, memory-light; the CPU path and the last fallback on GPU:
 a loop of B calls per layer, launch-bound for many short sequences).
+
+Shared prefixes (`prefix_of`): a sequence may continue another one, e.g. the G completions of a GRPO
+group each continue their prompt, packed once. Its tokens attend to the whole prefix sequence and
+then causally to themselves, its positions continue the prefix's, and the prefix's own tokens see
+only themselves. Attention then runs over gathered keys: each sequence's queries against [its
+prefix's keys, its own keys], causal aligned bottom-right, in one varlen call (the prompt's K/V are
+read once per sample, its MLP and projections computed once).
 """
 from __future__ import annotations
 
@@ -24,6 +31,42 @@ class PackedBatch:
     lengths: list[int]           # host copy of the B sequence lengths
     max_seqlen: int
     _mask: torch.Tensor | None = dataclasses.field(default=None, repr=False)
+    prefix_of: list[int] | None = None   # per sequence: the index of the sequence it continues, or -1
+    _keys: tuple | None = dataclasses.field(default=None, repr=False)
+
+    @property
+    def has_prefixes(self) -> bool:
+        return self.prefix_of is not None and any(p >= 0 for p in self.prefix_of)
+
+    def key_layout(self, device) -> tuple[torch.Tensor, torch.Tensor, list[int], int]:
+        """With shared prefixes: (token index of every gathered key, int32 cu_seqlens of the keys, key
+        lengths, longest): sequence b's keys are its prefix's tokens then its own."""
+        if self._keys is None or self._keys[0].device != torch.device(device):
+            starts, index, k_lens = self.starts, [], []
+            for b, (s, n) in enumerate(zip(starts, self.lengths)):
+                p = self.prefix_of[b]
+                if p >= 0:
+                    index.append(torch.arange(starts[p], starts[p] + self.lengths[p]))
+                index.append(torch.arange(s, s + n))
+                k_lens.append(n + (self.lengths[p] if p >= 0 else 0))
+            cu_k = torch.tensor([0] + list(_cumsum(k_lens)), dtype=torch.int32, device=device)
+            self._keys = (torch.cat(index).to(device), cu_k, k_lens, max(k_lens))
+        return self._keys
+
+    def prefix_mask(self, device) -> torch.Tensor:
+        """bool [T, keys] over key_layout's gathered keys: a query sees its own sequence's keys up to its
+        place, counting the prefix's first (built once, shared by layers)."""
+        if self._mask is None or self._mask.device != torch.device(device):
+            _, cu_k, k_lens, _ = self.key_layout(device)
+            seqs = torch.arange(len(k_lens), device=device)
+            q_lens, k_lens = torch.tensor(self.lengths, device=device), torch.tensor(k_lens, device=device)
+            seq_q, seq_k = torch.repeat_interleave(seqs, q_lens), torch.repeat_interleave(seqs, k_lens)
+            # a query's place among its sequence's keys: its own position plus the prefix's length
+            pos_q = torch.arange(seq_q.shape[0], device=device) - self.cu_seqlens[:-1].to(torch.int64)[seq_q] \
+                + (k_lens - q_lens)[seq_q]
+            pos_k = torch.arange(seq_k.shape[0], device=device) - cu_k[:-1].to(torch.int64)[seq_k]
+            self._mask = (seq_q[:, None] == seq_k[None, :]) & (pos_k[None, :] <= pos_q[:, None])
+        return self._mask
 
     def block_diagonal_causal_mask(self, device) -> torch.Tensor:
         """bool [T, T]: token i sees token j iff j <= i within the same sequence (built once, shared by layers)."""
@@ -42,6 +85,24 @@ class PackedBatch:
             out.append(s)
             s += n
         return out
+
+
+def check_prefix_of(prefix_of, packed: PackedBatch) -> PackedBatch:
+    """Attach `prefix_of` (a list of ints, one per sequence: -1, or an earlier sequence that has no prefix
+    itself) to `packed`."""
+    if prefix_of is None:
+        return packed
+    if isinstance(prefix_of, torch.Tensor):
+        prefix_of = prefix_of.tolist()
+    n = len(packed.lengths)
+    if not isinstance(prefix_of, (list, tuple)) or len(prefix_of) != n or \
+            not all(isinstance(p, int) and not isinstance(p, bool) for p in prefix_of):
+        raise ValueError(f"prefix_of must be a list of {n} ints (one per packed sequence), got {prefix_of!r}")
+    for b, p in enumerate(prefix_of):
+        if p >= b or p < -1 or (p >= 0 and prefix_of[p] != -1):
+            raise ValueError(f"prefix_of[{b}] = {p}: a sequence continues an earlier sequence (index < {b}) that "
+                             f"continues none itself, or -1")
+    return dataclasses.replace(packed, prefix_of=list(prefix_of), _mask=None, _keys=None)
 
 
 def check_cu_seqlens(cu_seqlens: torch.Tensor, num_tokens: int, device: torch.device) -> PackedBatch:
@@ -77,9 +138,12 @@ def packed_from_positions(position_ids: torch.Tensor) -> PackedBatch:
 
 
 def positions_of(packed: PackedBatch, device: torch.device) -> torch.Tensor:
-    """Position of every token within its own sequence: int64 [T]."""
+    """Position of every token within its own sequence (after its prefix's, if it has one): int64 [T]."""
     t = sum(packed.lengths)
     starts = packed.cu_seqlens[:-1].to(torch.int64)
+    if packed.has_prefixes:  # a continuation starts where its prefix ends
+        offsets = [0 if p < 0 else packed.lengths[p] for p in packed.prefix_of]
+        starts = starts - torch.tensor(offsets, dtype=torch.int64, device=device)
     lengths = torch.tensor(packed.lengths, device=device)
     return torch.arange(t, device=device) - torch.repeat_interleave(starts, lengths, output_size=t)
 
@@ -105,7 +169,10 @@ def _flash_attn_varlen():
 
 def varlen_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packed: PackedBatch,
                             scale: float) -> torch.Tensor:
-    """q [T, Hq, D], k/v [T, Hkv, D] -> [T, Hq, D], causal within each packed sequence."""
+    """q [T, Hq, D], k/v [T, Hkv, D] -> [T, Hq, D], causal within each packed sequence (after its
+    prefix, for a sequence that continues another)."""
+    if packed.has_prefixes:
+        return _attention_over_prefixes(q, k, v, packed, scale)
     if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
         flash = _flash_attn_varlen()
         if flash is not None:
@@ -165,3 +232,33 @@ def sdpa_per_sequence(q, k, v, packed: PackedBatch, scale: float) -> torch.Tenso
         o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale)
         outs.append(o[0].transpose(0, 1))                    # [n, Hq, D]
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
+
+
+def _attention_over_prefixes(q, k, v, packed: PackedBatch, scale: float) -> torch.Tensor:
+    """Each sequence's queries against [its prefix's keys, its own keys], causal aligned bottom-right.
+    The gather's backward sums every continuation's gradient into the prefix's K/V."""
+    index, cu_k, k_lens, max_k = packed.key_layout(q.device)
+    k2, v2 = k.index_select(0, index), v.index_select(0, index)
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        flash = _flash_attn_varlen()
+        if flash is not None:
+            return flash(q, k2, v2, packed.cu_seqlens, cu_k, packed.max_seqlen, max_k, dropout_p=0.0,
+                         softmax_scale=scale, causal=True)
+        if varlen_ready(q, k, prefix=True, grad=True):
+            return torch_varlen_attn()(q, k2, v2, packed.cu_seqlens, cu_k, packed.max_seqlen, max_k, scale)
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        k2, v2 = k2.repeat_interleave(groups, dim=1), v2.repeat_interleave(groups, dim=1)
+    if not q.is_cuda and q.shape[0] <= _MASKED_MAX_TOKENS:  # one call, a [T, keys] mask
+        out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k2.transpose(0, 1)[None],
+                                             v2.transpose(0, 1)[None], attn_mask=packed.prefix_mask(q.device),
+                                             scale=scale)
+        return out[0].transpose(0, 1)
+    outs = []
+    for q_seq, k_seq, v_seq in zip(q.split(packed.lengths), k2.split(k_lens), v2.split(k_lens)):
+        n, m = q_seq.shape[0], k_seq.shape[0]
+        mask = torch.ones(n, m, dtype=torch.bool, device=q.device).tril(diagonal=m - n)
+        o = F.scaled_dot_product_attention(q_seq.transpose(0, 1)[None], k_seq.transpose(0, 1)[None],
+                                           v_seq.transpose(0, 1)[None], attn_mask=mask, scale=scale)
+        outs.append(o[0].transpose(0, 1))
+    return torch.cat(outs, dim=0)

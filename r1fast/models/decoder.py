@@ -13,8 +13,8 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
-from r1fast.models.attention import (PackedBatch, check_cu_seqlens, packed_from_lengths, packed_from_positions,
-                                     positions_of, varlen_causal_attention)
+from r1fast.models.attention import (PackedBatch, check_cu_seqlens, check_prefix_of, packed_from_lengths,
+                                     packed_from_positions, positions_of, varlen_causal_attention)
 from r1fast.models.config import ModelConfig
 from r1fast.models.linear import Linear
 from r1fast.models.rotary import RotaryEmbedding
@@ -208,7 +208,10 @@ class CausalLM(nn.Module):
 
     # -- forward ---------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
-                cu_seqlens: torch.Tensor | None = None, attn=None) -> torch.Tensor:
+                cu_seqlens: torch.Tensor | None = None, attn=None, prefix_of: list[int] | None = None) -> torch.Tensor:
+        """Final hidden states [T, H] of a packed batch (cu_seqlens; one sequence without it). prefix_of
+        (one int per sequence, -1 for none) lets a sequence continue an earlier one: it attends to all of
+        that sequence's tokens first and its positions follow them (GRPO: G completions after one prompt)."""
         device = self.device
         if not isinstance(input_ids, torch.Tensor):
             raise TypeError(f"input_ids must be a tensor, got {type(input_ids).__name__}")
@@ -233,8 +236,10 @@ class CausalLM(nn.Module):
             if position_ids.device != device:
                 raise ValueError(f"position_ids are on {position_ids.device} but the model is on {device}")
         packed = None
+        if prefix_of is not None and (cu_seqlens is None or attn is not None):
+            raise ValueError("prefix_of needs cu_seqlens (the packed sequences it refers to), and no attn")
         if cu_seqlens is not None:
-            packed = check_cu_seqlens(cu_seqlens, t, device)
+            packed = check_prefix_of(prefix_of, check_cu_seqlens(cu_seqlens, t, device))
         elif attn is None:
             packed = packed_from_positions(position_ids) if position_ids is not None else \
                 packed_from_lengths([t], device)

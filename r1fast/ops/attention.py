@@ -311,20 +311,23 @@ def torch_varlen_attn():
     return attend
 
 
-_varlen_broken: dict[bool, str] = {}  # prefix? -> why torch's varlen kernel failed its probe here
+_varlen_broken: dict[tuple[bool, bool], str] = {}  # (prefix?, grad?) -> why torch's varlen kernel failed its probe here
 _varlen_ok: set = set()               # probe keys that passed
 
 
-def varlen_ready(q, k, prefix: bool = False) -> bool:
+def varlen_ready(q, k, prefix: bool = False, grad: bool | None = None) -> bool:
     """Whether torch_varlen_attn() can serve q / k's device, dtype and head shape: probed once per key
     on two tiny sequences against the float64 reference. Training (`prefix=False`: as many keys as
     queries) also runs a backward; prefill (`prefix=True`: queries are the last of a longer context)
-    also checks the causal mask is aligned bottom-right. A failure logs one warning and the callers
-    use their per-sequence paths for the rest of the process; an out-of-memory error is raised."""
+    also checks the causal mask is aligned bottom-right; training over shared prompts needs both
+    (`prefix=True, grad=True`). A failure logs one warning and the callers use their per-sequence
+    paths for the rest of the process; an out-of-memory error is raised."""
+    grad = not prefix if grad is None else grad
     attend = torch_varlen_attn()
-    if attend is None or prefix in _varlen_broken:
+    mode = (prefix, grad)
+    if attend is None or mode in _varlen_broken:
         return False
-    key = (q.device, q.dtype, q.shape[1], k.shape[1], q.shape[2], prefix)
+    key = (q.device, q.dtype, q.shape[1], k.shape[1], q.shape[2], prefix, grad)
     if key in _varlen_ok:
         return True
     heads, kv_heads, d = q.shape[1], k.shape[1], q.shape[2]
@@ -335,9 +338,9 @@ def varlen_ready(q, k, prefix: bool = False) -> bool:
             g = torch.Generator(device="cpu").manual_seed(0)
             qp = torch.randn(sum(q_lens), heads, d, generator=g)
             kp, vp = (torch.randn(sum(k_lens), kv_heads, d, generator=g) for _ in range(2))
-            qd, kd, vd = (x.to(q.device, q.dtype).requires_grad_(not prefix) for x in (qp, kp, vp))
+            qd, kd, vd = (x.to(q.device, q.dtype).requires_grad_(grad) for x in (qp, kp, vp))
             out = attend(qd, kd, vd, cu(q_lens), cu(k_lens), max(q_lens), max(k_lens), d ** -0.5)
-            if not prefix:
+            if grad:
                 out.float().sum().backward()
         want, qs, ks = [], 0, 0
         for n, c in zip(q_lens, k_lens):
@@ -351,10 +354,11 @@ def varlen_ready(q, k, prefix: bool = False) -> bool:
     except torch.OutOfMemoryError:
         raise
     except Exception as e:  # noqa: BLE001 - any failure means: use the per-sequence paths
-        _varlen_broken[prefix] = f"{type(e).__name__}: {e}"
+        _varlen_broken[mode] = f"{type(e).__name__}: {e}"
         logging.getLogger(__name__).warning(
             "torch varlen attention does not serve %s here (%s); using one SDPA call per sequence",
-            "prefill" if prefix else "training", _varlen_broken[prefix])
+            {(True, False): "prefill", (False, True): "training"}.get(mode, "training over shared prompts"),
+            _varlen_broken[mode])
         return False
     _varlen_ok.add(key)
     return True

@@ -102,8 +102,9 @@ def warmup_steps_of(cfg, total_steps: int) -> int:
 class PackedBatch:
     """Prompt+completion sequences packed into one row, and where their completion tokens sit.
 
-    input_ids [T] and cu_seqlens [S+1] feed the model; `select` [N] picks the hidden states that
-    predict the completion tokens `targets` [N], whose own boundaries are `completion_cu` [S+1].
+    input_ids [T], cu_seqlens and prefix_of feed the model (`model(input_ids, cu_seqlens=...,
+    prefix_of=...)`); `select` [N] picks the hidden states that predict the completion tokens
+    `targets` [N], whose own boundaries are `completion_cu` [S+1] (one entry per completion).
     """
 
     input_ids: torch.Tensor
@@ -111,25 +112,50 @@ class PackedBatch:
     select: torch.Tensor
     targets: torch.Tensor
     completion_cu: torch.Tensor
+    prefix_of: list[int] | None = None
+
+    def hidden(self, model) -> torch.Tensor:
+        """The model's final hidden states for this batch."""
+        return model(self.input_ids, cu_seqlens=self.cu_seqlens, prefix_of=self.prefix_of)
 
 
-def pack(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], device) -> PackedBatch:
-    ids, cu, sel, tgt, ccu = [], [0], [], [], [0]
+def pack(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], device,
+         share_prompts: bool = False) -> PackedBatch:
+    """share_prompts: consecutive completions of one prompt (a GRPO group) follow a single copy of it,
+    as sequences that continue it (`prefix_of`): the prompt's tokens go through the model once, not
+    once per completion. The numbers are those of the unshared layout."""
+    ids, cu, sel, tgt, ccu, prefix_of = [], [0], [], [], [0], []
     offset = 0
+    last_prompt, prompt_seq, prompt_end = None, -1, 0  # the prompt shared by the current run of completions
     for p, c in zip(prompts, completions):
         if len(p) == 0 or len(c) == 0:
             raise ValueError("pack: every prompt and completion needs at least one token")
-        seq = list(p) + list(c)
-        ids.extend(seq)
-        # hidden state at position t predicts token t+1: the completion is predicted from p-1 .. p+c-2
-        sel.extend(range(offset + len(p) - 1, offset + len(seq) - 1))
+        if share_prompts:
+            p = list(p)
+            if p != last_prompt:  # a new group: its prompt once, as a sequence of its own
+                ids.extend(p)
+                offset += len(p)
+                cu.append(offset)
+                prefix_of.append(-1)
+                last_prompt, prompt_seq, prompt_end = p, len(prefix_of) - 1, offset
+            prefix_of.append(prompt_seq)
+            # the prompt's last hidden state predicts the first token, the completion's own the rest
+            sel.append(prompt_end - 1)
+            sel.extend(range(offset, offset + len(c) - 1))
+            ids.extend(c)
+            offset += len(c)
+        else:
+            seq = list(p) + list(c)
+            ids.extend(seq)
+            # hidden state at position t predicts token t+1: the completion is predicted from p-1 .. p+c-2
+            sel.extend(range(offset + len(p) - 1, offset + len(seq) - 1))
+            offset += len(seq)
         tgt.extend(c)
-        offset += len(seq)
         cu.append(offset)
         ccu.append(ccu[-1] + len(c))
     as_long = lambda x: torch.tensor(x, dtype=torch.long, device=device)  # noqa: E731
     return PackedBatch(as_long(ids), torch.tensor(cu, dtype=torch.int32, device=device), as_long(sel), as_long(tgt),
-                       torch.tensor(ccu, dtype=torch.int32, device=device))
+                       torch.tensor(ccu, dtype=torch.int32, device=device), prefix_of if share_prompts else None)
 
 
 def grad_norm_and_clip(params, max_norm: float) -> float:

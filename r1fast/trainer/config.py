@@ -324,6 +324,8 @@ class GRPOConfig(_TrainingConfig):
     # rollout engine
     engine_block_size: int = 16
     engine_max_num_seqs: Optional[int] = None   # None: a whole rollout decodes at once (at most 1024 rows)
+    # training: a group's prompt goes through the model once per micro-batch, its completions continue it
+    share_prompts: bool = True
     engine_max_num_batched_tokens: int = 8192
     engine_num_blocks: Optional[int] = None
     # rewards

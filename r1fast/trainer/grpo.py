@@ -244,7 +244,7 @@ class GRPOTrainer:
     def _forward_logp(self, model, batch) -> torch.Tensor:
         from r1fast import ops
 
-        hidden = model(batch.input_ids, cu_seqlens=batch.cu_seqlens)
+        hidden = batch.hidden(model)
         return ops.grouped_logprob(hidden[batch.select], model.lm_head_weight, batch.targets,
                                    temperature=self.cfg.temperature, forward_only=True)
 
@@ -271,7 +271,8 @@ class GRPOTrainer:
         masks = [torch.full((len(c_ids[i]),), 1.0 if keep[i] else 0.0, device=self.device) for i in range(B)]
         # Counted on the host: summing the device masks would sync once per completion.
         num_items = float(sum(len(c_ids[i]) for i in range(B) if keep[i])) or 1.0
-        batches = [pack([p_ids[i] for i in idx], [c_ids[i] for i in idx], self.device) for idx in micro]
+        batches = [pack([p_ids[i] for i in idx], [c_ids[i] for i in idx], self.device, share_prompts=cfg.share_prompts)
+                   for idx in micro]
         sampler = []
         for idx in micro:
             if all(c_logp[i] is not None and len(c_logp[i]) == len(c_ids[i]) for i in idx):
@@ -299,7 +300,7 @@ class GRPOTrainer:
             stat_sums: dict[str, torch.Tensor] = {}
             for j, (idx, b) in enumerate(zip(micro, batches)):
                 mask = torch.cat([masks[i] for i in idx])
-                hidden = self.model(b.input_ids, cu_seqlens=b.cu_seqlens)
+                hidden = b.hidden(self.model)
                 try:
                     loss, stats = ops.fused_linear_grpo_loss(
                         hidden[b.select], self.model.lm_head_weight, b.targets, mask, adv[idx],
