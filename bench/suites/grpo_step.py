@@ -102,7 +102,8 @@ def _r1fast_phase(phase, shape, prompts, G, new, dtype, device):
         # the trainer's micro-batches (see _r1fast_trainer), as its step runs them
         mb = tr.cfg.per_device_train_batch_size
         micro = [list(range(i, min(i + mb, len(c_ids)))) for i in range(0, len(c_ids), mb)]
-        batches = [pack([p_ids[i] for i in idx], [c_ids[i] for i in idx], tr.device) for idx in micro]
+        batches = [pack([p_ids[i] for i in idx], [c_ids[i] for i in idx], tr.device, share_prompts=tr.cfg.share_prompts)
+                   for idx in micro]
         if phase == "logprobs":
             return lambda: [tr._forward_logp(tr.model, b) for b in batches]
         _, totals = tr.score(rows, G, texts, c_ids)
@@ -113,7 +114,7 @@ def _r1fast_phase(phase, shape, prompts, G, new, dtype, device):
             tr.optimizer.zero_grad(set_to_none=True)
             for idx, b in zip(micro, batches):
                 mask = torch.ones(b.targets.shape[0], device=tr.device)
-                hidden = tr.model(b.input_ids, cu_seqlens=b.cu_seqlens)
+                hidden = b.hidden(tr.model)
                 loss, _ = ops.fused_linear_grpo_loss(hidden[b.select], tr.model.lm_head_weight, b.targets, mask,
                                                      adv[idx], cu_seqlens=b.completion_cu, options=opts)
                 loss.backward()
