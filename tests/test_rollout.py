@@ -265,6 +265,8 @@ def test_bad_requests_raise_clear_errors(models, prompts):
         Engine(model, block_size=0)
     with pytest.raises(ValueError, match="memory_fraction"):
         Engine(model, memory_fraction=1.5)
+    with pytest.raises(TypeError, match="async_decode must be True or False, got 'no'"):
+        Engine(model, block_size=4, num_blocks=16, async_decode="no")
     assert engine.generate([], SamplingParams()) == []
 
 

@@ -63,6 +63,10 @@ class Engine:
             _check_positive_int(name, value)
         if not isinstance(memory_fraction, (int, float)) or not 0 < memory_fraction <= 1:
             raise ValueError(f"Engine: memory_fraction must lie in (0, 1], got {memory_fraction!r}")
+        for name, value in (("enable_prefix_caching", enable_prefix_caching), ("use_cuda_graphs", use_cuda_graphs),
+                            ("shared_prefix_attention", shared_prefix_attention), ("async_decode", async_decode)):
+            if not isinstance(value, bool):  # bool("no") is True: a string here would silently mean on
+                raise TypeError(f"Engine: {name} must be True or False, got {value!r}")
         self.model = model
         self.config = cfg
         self.max_model_len = cfg.max_position_embeddings if max_model_len is None else max_model_len
@@ -82,7 +86,7 @@ class Engine:
                                   use_cuda_graphs=use_cuda_graphs, decode_backend=decode_backend,
                                   shared_prefix=shared_prefix_attention)
         self.eos_ids = _eos_ids(cfg)
-        self.async_decode = bool(async_decode)
+        self.async_decode = async_decode
         self._uniforms = sampler.HostUniforms(self.max_model_len + 1)
         # Two sets of pinned buffers for a step's uniforms (in) and samples (out): step k+1 uses one while
         # the host still reads step k's from the other. Pinned, because a copy from pageable memory may
