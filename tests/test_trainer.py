@@ -344,3 +344,16 @@ def test_pack_shares_each_runs_prompt():
     # the prompt's last hidden state predicts each completion's first token
     assert b.select.tolist() == [2, 3, 2, 7, 8, 9, 13] and b.targets.tolist() == [7, 8, 9, 6, 6, 6, 5]
     assert b.completion_cu.tolist() == [0, 2, 3, 6, 7]
+
+
+def test_share_prompts_is_turned_off_where_attention_has_no_fast_path_for_it(tmp_path, monkeypatch, caplog):
+    from r1fast.models import attention
+
+    monkeypatch.setattr(attention, "prefix_attention_keeps_pace", lambda *a: False)
+    tr = make(tmp_path, max_steps=1)
+    with caplog.at_level("WARNING"):
+        assert tr.share_prompts is False
+    assert "share_prompts is off" in caplog.text
+    assert make(tmp_path, "off", max_steps=1, share_prompts=False).share_prompts is False
+    monkeypatch.undo()
+    assert make(tmp_path, "on", max_steps=1).share_prompts is True

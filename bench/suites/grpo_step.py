@@ -102,7 +102,7 @@ def _r1fast_phase(phase, shape, prompts, G, new, dtype, device):
         # the trainer's micro-batches (see _r1fast_trainer), as its step runs them
         mb = tr.cfg.per_device_train_batch_size
         micro = [list(range(i, min(i + mb, len(c_ids)))) for i in range(0, len(c_ids), mb)]
-        batches = [pack([p_ids[i] for i in idx], [c_ids[i] for i in idx], tr.device, share_prompts=tr.cfg.share_prompts)
+        batches = [pack([p_ids[i] for i in idx], [c_ids[i] for i in idx], tr.device, share_prompts=tr.share_prompts)
                    for idx in micro]
         if phase == "logprobs":
             return lambda: [tr._forward_logp(tr.model, b) for b in batches]

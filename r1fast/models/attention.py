@@ -234,6 +234,18 @@ def sdpa_per_sequence(q, k, v, packed: PackedBatch, scale: float) -> torch.Tenso
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
 
 
+def prefix_attention_keeps_pace(device, dtype, heads: int, kv_heads: int, head_dim: int) -> bool:
+    """Whether attention over shared prefixes is as fast a path here as plain packed attention: false
+    only on a GPU whose torch varlen kernel serves training but not queries shorter than their keys
+    (there the prefix path would loop over sequences while the plain one makes one call)."""
+    device = torch.device(device)
+    if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16) or _flash_attn_varlen() is not None:
+        return True
+    q = torch.empty(1, heads, head_dim, device=device, dtype=dtype)
+    k = torch.empty(1, kv_heads, head_dim, device=device, dtype=dtype)
+    return varlen_ready(q, k, prefix=True, grad=True) or not varlen_ready(q, k)
+
+
 def _attention_over_prefixes(q, k, v, packed: PackedBatch, scale: float) -> torch.Tensor:
     """Each sequence's queries against [its prefix's keys, its own keys], causal aligned bottom-right.
     The gather's backward sums every continuation's gradient into the prefix's K/V."""

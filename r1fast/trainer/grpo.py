@@ -12,6 +12,7 @@ without a copy; only its prefix cache (KV of the old weights) must be dropped.
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import os
 import signal
@@ -37,6 +38,8 @@ from r1fast.trainer.common import (
     warmup_steps_of,
 )
 from r1fast.trainer.config import GRPOConfig
+
+log = logging.getLogger(__name__)
 
 
 class NonFiniteLoss(RuntimeError):
@@ -124,6 +127,7 @@ class GRPOTrainer:
         self.nonfinite_skipped = 0
         self._nonfinite_streak = 0
         self._engine = None
+        self._share_prompts = None
         self.history: list[dict] = []
         self._stop_requested = False
 
@@ -148,6 +152,20 @@ class GRPOTrainer:
             return cfg.max_steps
         rollouts = math.ceil(cfg.num_train_epochs * len(self.train_rows) / cfg.prompts_per_rollout)
         return max(1, rollouts * cfg.num_iterations)
+
+    @property
+    def share_prompts(self) -> bool:
+        """cfg.share_prompts, unless this GPU's attention has no fast path for it (then said once)."""
+        if self._share_prompts is None:
+            from r1fast.models.attention import prefix_attention_keeps_pace
+
+            c = self.model.config
+            self._share_prompts = self.cfg.share_prompts and prefix_attention_keeps_pace(
+                self.device, self.model.dtype, c.num_attention_heads, c.num_key_value_heads, c.head_dim)
+            if self.cfg.share_prompts and not self._share_prompts:
+                log.warning("share_prompts is off: torch's varlen attention here serves plain packed batches but "
+                            "not shared prompts, which would take one attention call per sequence")
+        return self._share_prompts
 
     @property
     def engine(self):
@@ -271,7 +289,7 @@ class GRPOTrainer:
         masks = [torch.full((len(c_ids[i]),), 1.0 if keep[i] else 0.0, device=self.device) for i in range(B)]
         # Counted on the host: summing the device masks would sync once per completion.
         num_items = float(sum(len(c_ids[i]) for i in range(B) if keep[i])) or 1.0
-        batches = [pack([p_ids[i] for i in idx], [c_ids[i] for i in idx], self.device, share_prompts=cfg.share_prompts)
+        batches = [pack([p_ids[i] for i in idx], [c_ids[i] for i in idx], self.device, share_prompts=self.share_prompts)
                    for idx in micro]
         sampler = []
         for idx in micro:
