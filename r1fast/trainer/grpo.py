@@ -312,8 +312,9 @@ class GRPOTrainer:
             ta = time.perf_counter()
             self.optimizer.zero_grad(set_to_none=True)
             finite = True
-            # Summed on the device and read once per iteration: reading a micro-batch's loss would wait
-            # for its backward before the next forward could be queued.
+            # Summed on the device and read once per iteration, not once per micro-batch and statistic:
+            # each read waits for everything queued before it (the forward's own input checks still read
+            # the device once per micro-batch)
             total_loss = torch.zeros((), dtype=torch.float32, device=self.device)
             stat_sums: dict[str, torch.Tensor] = {}
             for j, (idx, b) in enumerate(zip(micro, batches)):
