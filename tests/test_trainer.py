@@ -357,3 +357,38 @@ def test_share_prompts_is_turned_off_where_attention_has_no_fast_path_for_it(tmp
     assert make(tmp_path, "off", max_steps=1, share_prompts=False).share_prompts is False
     monkeypatch.undo()
     assert make(tmp_path, "on", max_steps=1).share_prompts is True
+
+
+def test_sft_packs_a_prompt_once_for_its_completions_with_the_same_numbers(tmp_path, monkeypatch):
+    """Rejection-sampled data: several completions per prompt. A micro-batch holding them packs the
+    prompt once; one step's loss and weights equal the unshared step's. Distinct prompts stay unshared."""
+    from r1fast.trainer import sft
+    from r1fast.trainer.config import SFTConfig
+
+    rows = [{"prompt": str(i % 3), "completion": c} for i, c in enumerate(["77", "7a", "123", "7", "x7", "99"])]
+    shared_flags, tokens = [], []
+    pack = sft.pack
+
+    def spy(*a, **kw):
+        b = pack(*a, **kw)
+        shared_flags.append(kw["share_prompts"])
+        tokens.append(b.input_ids.numel())
+        return b
+
+    monkeypatch.setattr(sft, "pack", spy)
+    out = {}
+    for share in (True, False):
+        model, tok = tiny_model()
+        tr = sft.SFTTrainer(model, tok, rows, SFTConfig(per_device_train_batch_size=6, learning_rate=1e-2,
+                                                        share_prompts=share, progress_bar=False,
+                                                        output_dir=str(tmp_path / str(share))))
+        out[share] = (tr.step(), {n: p.detach().clone() for n, p in model.named_parameters()})
+    assert shared_flags == [True, False] and tokens[0] < tokens[1]  # each of the 3 prompts packed once, not twice
+    assert out[True][0]["loss"] == pytest.approx(out[False][0]["loss"], rel=1e-5)
+    for n, w in out[False][1].items():
+        torch.testing.assert_close(out[True][1][n], w, rtol=1e-4, atol=1e-4, msg=lambda m: f"{n}: {m}")
+    distinct = [{"prompt": str(i), "completion": "7"} for i in range(6)]
+    model, tok = tiny_model()
+    sft.SFTTrainer(model, tok, distinct, SFTConfig(per_device_train_batch_size=6, progress_bar=False,
+                                                   output_dir=str(tmp_path / "d"))).step()
+    assert shared_flags[-1] is False

@@ -1,6 +1,7 @@
 """Pieces shared by the GRPO and SFT loops: models by name, optimizer and schedule, packing."""
 from __future__ import annotations
 
+import logging
 import math
 import os
 import sys
@@ -117,6 +118,22 @@ class PackedBatch:
     def hidden(self, model) -> torch.Tensor:
         """The model's final hidden states for this batch."""
         return model(self.input_ids, cu_seqlens=self.cu_seqlens, prefix_of=self.prefix_of)
+
+
+def prompt_sharing_pays(model, wanted: bool) -> bool:
+    """`wanted`, unless the model's GPU attention has no fast path for shared prompts (said once)."""
+    if not wanted:
+        return False
+    from r1fast.models.attention import prefix_attention_keeps_pace
+
+    c = model.config
+    if prefix_attention_keeps_pace(model.device, model.dtype, c.num_attention_heads, c.num_key_value_heads,
+                                   c.head_dim):
+        return True
+    logging.getLogger(__name__).warning(
+        "share_prompts is off: torch's varlen attention here serves plain packed batches but not shared "
+        "prompts, which would take one attention call per sequence")
+    return False
 
 
 def pack(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], device,

@@ -414,6 +414,8 @@ class SFTConfig(_TrainingConfig):
     system_prompt: Optional[str] = None
     lr_scheduler_type: str = "cosine"
     max_length: int = 1024
+    # a micro-batch's completions of one prompt follow a single copy of it (see GRPOConfig.share_prompts)
+    share_prompts: bool = True
 
     def validate(self):
         super().validate()

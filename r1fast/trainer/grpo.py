@@ -12,7 +12,6 @@ without a copy; only its prefix cache (KV of the old weights) must be dropped.
 from __future__ import annotations
 
 import copy
-import logging
 import math
 import os
 import signal
@@ -32,14 +31,13 @@ from r1fast.trainer.common import (
     make_optimizer,
     make_scheduler,
     pack,
+    prompt_sharing_pays,
     reward_columns,
     reward_completions,
     run_dir_for,
     warmup_steps_of,
 )
 from r1fast.trainer.config import GRPOConfig
-
-log = logging.getLogger(__name__)
 
 
 class NonFiniteLoss(RuntimeError):
@@ -157,14 +155,7 @@ class GRPOTrainer:
     def share_prompts(self) -> bool:
         """cfg.share_prompts, unless this GPU's attention has no fast path for it (then said once)."""
         if self._share_prompts is None:
-            from r1fast.models.attention import prefix_attention_keeps_pace
-
-            c = self.model.config
-            self._share_prompts = self.cfg.share_prompts and prefix_attention_keeps_pace(
-                self.device, self.model.dtype, c.num_attention_heads, c.num_key_value_heads, c.head_dim)
-            if self.cfg.share_prompts and not self._share_prompts:
-                log.warning("share_prompts is off: torch's varlen attention here serves plain packed batches but "
-                            "not shared prompts, which would take one attention call per sequence")
+            self._share_prompts = prompt_sharing_pays(self.model, self.cfg.share_prompts)
         return self._share_prompts
 
     @property

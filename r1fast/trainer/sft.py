@@ -18,6 +18,7 @@ from r1fast.trainer.common import (
     make_optimizer,
     make_scheduler,
     pack,
+    prompt_sharing_pays,
     run_dir_for,
     warmup_steps_of,
 )
@@ -52,6 +53,7 @@ class SFTTrainer:
                                         warmup_steps_of(cfg, self.total_steps))
         self.cursor = DataCursor(len(self.examples), cfg.seed)
         self.global_step = 0
+        self.share_prompts = prompt_sharing_pays(model, cfg.share_prompts)
 
     def step(self) -> dict[str, float]:
         from r1fast import ops
@@ -64,8 +66,14 @@ class SFTTrainer:
         n_tokens = sum(len(self.examples[i][1]) for idx in micro for i in idx)
         total = 0.0
         for idx in micro:
-            b = pack([self.examples[i][0] for i in idx], [self.examples[i][1] for i in idx], self.device)
-            hidden = self.model(b.input_ids, cu_seqlens=b.cu_seqlens)
+            prompts = [self.examples[i][0] for i in idx]
+            share = self.share_prompts and len({tuple(p) for p in prompts}) < len(prompts)
+            if share:  # completions of one prompt (rejection-sampled or distilled data) side by side: the
+                # prompt is packed once, its completions continuing it (the loss is a token sum: order is free)
+                idx = sorted(idx, key=lambda i: self.examples[i][0])
+                prompts = [self.examples[i][0] for i in idx]
+            b = pack(prompts, [self.examples[i][1] for i in idx], self.device, share_prompts=share)
+            hidden = b.hidden(self.model)
             logp = ops.grouped_logprob(hidden[b.select], self.model.lm_head_weight, b.targets)
             loss = -logp.sum() / n_tokens   # token mean over the whole accumulated batch
             loss.backward()
