@@ -239,10 +239,7 @@ class Engine:
         tokens, logprobs = tokens.cpu().numpy(), logprobs.cpu().numpy()
         _check_finite(logprobs)
         running.advance(tokens, logprobs, start)
-        stopped = np.isin(tokens, call.stop_ids)
-        ended = stopped | (running.array("lens")[start:] >= running.array("max_lens")[start:])
-        if ended.any():
-            call.retire([running[start + i] for i in np.flatnonzero(ended).tolist()], stopped[ended].tolist())
+        call.finish(running.seqs[start:], tokens, running.array("lens")[start:], running.array("max_lens")[start:])
 
     def _launch_decode(self, batch: DecodeBatch, call: _Call, pending: _DecodeStep | None) -> _DecodeStep:
         """Queues a decode step and its sampling on the device; returns it in flight. With `pending`
@@ -283,10 +280,7 @@ class Engine:
         if len(rows) != len(ids):
             raise RuntimeError("generate: a running sequence joined while a decode step was in flight (engine bug)")
         running.array("last")[:] = tokens[rows]
-        stopped = live & np.isin(tokens, call.stop_ids)
-        ended = stopped | (live & (step.lens + 1 >= step.max_lens))
-        if ended.any():
-            call.retire([step.seqs[i] for i in np.flatnonzero(ended).tolist()], stopped[ended].tolist())
+        call.finish(step.seqs, tokens, step.lens + 1, step.max_lens, live)
         call.steps["discarded_tokens"] += int(len(live) - live.sum())
 
     def _next_pinned(self) -> dict | None:
@@ -346,12 +340,20 @@ class _Call:
     bar: object | None
     steps: dict = dataclasses.field(default_factory=lambda: {"prefill": 0, "decode": 0, "discarded_tokens": 0})
 
-    def retire(self, seqs: list[Sequence], stopped: list[bool]):
-        self.sched.retire(seqs, stopped)
-        for s in seqs:
+    def finish(self, seqs: list[Sequence], tokens: np.ndarray, lens: np.ndarray, max_lens: np.ndarray,
+               live: np.ndarray | bool = True):
+        """Retires the sequences (where live) whose new token is a stop id, or which now hold `lens`
+        tokens, their limit or more."""
+        stopped = live & np.isin(tokens, self.stop_ids)
+        ended = stopped | (live & (lens >= max_lens))
+        if not ended.any():
+            return
+        done = [seqs[i] for i in np.flatnonzero(ended).tolist()]
+        self.sched.retire(done, stopped[ended].tolist())
+        for s in done:
             self.done[s.request].append(s)
         if self.bar is not None:
-            self.bar.update(len(seqs))
+            self.bar.update(len(done))
 
 
 def _rows_in(launched: np.ndarray, ids: np.ndarray) -> np.ndarray:
