@@ -173,14 +173,10 @@ def varlen_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p
     prefix, for a sequence that continues another)."""
     if packed.has_prefixes:
         return _attention_over_prefixes(q, k, v, packed, scale)
-    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
-        flash = _flash_attn_varlen()
-        if flash is not None:
-            return flash(q, k, v, packed.cu_seqlens, packed.cu_seqlens, packed.max_seqlen, packed.max_seqlen,
-                         dropout_p=0.0, softmax_scale=scale, causal=True)
-        if varlen_ready(q, k):
-            return torch_varlen_attn()(q, k, v, packed.cu_seqlens, packed.cu_seqlens, packed.max_seqlen,
-                                       packed.max_seqlen, scale)
+    out = _one_varlen_call(q, k, v, packed.cu_seqlens, packed.cu_seqlens, packed.max_seqlen, packed.max_seqlen,
+                           scale, prefix=False)
+    if out is not None:
+        return out
     if not q.is_cuda and (len(packed.lengths) == 1 or q.shape[0] <= _MASKED_MAX_TOKENS):
         return sdpa_block_diagonal(q, k, v, packed, scale)
     return sdpa_per_sequence(q, k, v, packed, scale)
@@ -246,18 +242,28 @@ def prefix_attention_keeps_pace(device, dtype, heads: int, kv_heads: int, head_d
     return varlen_ready(q, k, prefix=True, grad=True) or not varlen_ready(q, k)
 
 
+def _one_varlen_call(q, k, v, cu_q, cu_k, max_q, max_k, scale, prefix: bool):
+    """Causal varlen flash attention (aligned bottom-right where a sequence has more keys than queries)
+    in one call, with its backward: flash-attn's, else torch's where its probe passes (`prefix`: some
+    sequences have more keys than queries); None where neither serves (CPU, fp32, no kernel)."""
+    if not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
+        return None
+    flash = _flash_attn_varlen()
+    if flash is not None:
+        return flash(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p=0.0, softmax_scale=scale, causal=True)
+    if varlen_ready(q, k, prefix=prefix, grad=True):
+        return torch_varlen_attn()(q, k, v, cu_q, cu_k, max_q, max_k, scale)
+    return None
+
+
 def _attention_over_prefixes(q, k, v, packed: PackedBatch, scale: float) -> torch.Tensor:
     """Each sequence's queries against [its prefix's keys, its own keys], causal aligned bottom-right.
     The gather's backward sums every continuation's gradient into the prefix's K/V."""
     index, cu_k, k_lens, max_k = packed.key_layout(q.device)
     k2, v2 = k.index_select(0, index), v.index_select(0, index)
-    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
-        flash = _flash_attn_varlen()
-        if flash is not None:
-            return flash(q, k2, v2, packed.cu_seqlens, cu_k, packed.max_seqlen, max_k, dropout_p=0.0,
-                         softmax_scale=scale, causal=True)
-        if varlen_ready(q, k, prefix=True, grad=True):
-            return torch_varlen_attn()(q, k2, v2, packed.cu_seqlens, cu_k, packed.max_seqlen, max_k, scale)
+    out = _one_varlen_call(q, k2, v2, packed.cu_seqlens, cu_k, packed.max_seqlen, max_k, scale, prefix=True)
+    if out is not None:
+        return out
     groups = q.shape[1] // k.shape[1]
     if groups > 1:
         k2, v2 = k2.repeat_interleave(groups, dim=1), v2.repeat_interleave(groups, dim=1)
