@@ -350,9 +350,8 @@ def test_share_prompts_is_turned_off_where_attention_has_no_fast_path_for_it(tmp
     from r1fast.models import attention
 
     monkeypatch.setattr(attention, "prefix_attention_keeps_pace", lambda *a: False)
-    tr = make(tmp_path, max_steps=1)
     with caplog.at_level("WARNING"):
-        assert tr.share_prompts is False
+        assert make(tmp_path, max_steps=1).share_prompts is False
     assert "share_prompts is off" in caplog.text
     assert make(tmp_path, "off", max_steps=1, share_prompts=False).share_prompts is False
     monkeypatch.undo()

@@ -125,7 +125,7 @@ class GRPOTrainer:
         self.nonfinite_skipped = 0
         self._nonfinite_streak = 0
         self._engine = None
-        self._share_prompts = None
+        self.share_prompts = prompt_sharing_pays(self.model, self.cfg.share_prompts)
         self.history: list[dict] = []
         self._stop_requested = False
 
@@ -150,13 +150,6 @@ class GRPOTrainer:
             return cfg.max_steps
         rollouts = math.ceil(cfg.num_train_epochs * len(self.train_rows) / cfg.prompts_per_rollout)
         return max(1, rollouts * cfg.num_iterations)
-
-    @property
-    def share_prompts(self) -> bool:
-        """cfg.share_prompts, unless this GPU's attention has no fast path for it (then said once)."""
-        if self._share_prompts is None:
-            self._share_prompts = prompt_sharing_pays(self.model, self.cfg.share_prompts)
-        return self._share_prompts
 
     @property
     def engine(self):
