@@ -26,6 +26,9 @@ _GPU_ORDER = ("cuda", "triton", "torch", "reference")
 _CPU_ORDER = ("torch", "reference")
 
 _REGISTRY: dict[str, dict[str, Callable]] = {}
+# Ops whose Triton kernels multiply with tl.dot, which the Triton interpreter gets wrong for bfloat16
+# (errors ~1e10 on Triton 3.6 and 3.9; float16 and float32 are exact): refused there, not run.
+_INTERPRETER_BF16_DOT_OPS = ("grouped_logprob", "paged_decode_attention")
 
 
 def register(op: str, backend: str):
@@ -91,8 +94,9 @@ def available(op: str, device: torch.device | str) -> list[str]:
     return [b for b in BACKENDS if b in implementations(op) and backend_available(b, device)[0]]
 
 
-def resolve(op: str, device: torch.device | str, backend: str | None = None) -> tuple[str, Callable]:
-    """The (backend name, function) to run `op` on `device`."""
+def resolve(op: str, device: torch.device | str, backend: str | None = None, *,
+            dtype: torch.dtype | None = None) -> tuple[str, Callable]:
+    """The (backend name, function) to run `op` on `device` (with inputs of `dtype`, where that matters)."""
     device = torch.device(device)
     impls = implementations(op)
     requested, source = backend, "backend="
@@ -111,6 +115,9 @@ def resolve(op: str, device: torch.device | str, backend: str | None = None) -> 
                 f"{op}: backend {requested!r} ({source}{requested}) is unavailable on {device.type}: {why}; "
                 f"available: {', '.join(available(op, device)) or 'none'}"
             )
+        if requested == "triton" and device.type == "cpu" and dtype == torch.bfloat16 and op in _INTERPRETER_BF16_DOT_OPS:
+            raise ValueError(f"{op}: the Triton interpreter (TRITON_INTERPRET=1) computes bfloat16 matrix products "
+                             f"wrongly; on the CPU use float32 or float16 inputs, or backend='torch'")
         return requested, impls[requested]
     b = default(op, device)
     if b is None:

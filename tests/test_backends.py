@@ -70,3 +70,16 @@ def test_environment_override_skips_ops_without_that_backend(monkeypatch):
         backends.resolve("store_kv", "cpu")
     with pytest.raises(ValueError, match="paged_prefill_attention has no cuda implementation"):
         backends.resolve("paged_prefill_attention", "cpu", "cuda")  # backend= is a per-call demand: still an error
+
+
+def test_interpreted_triton_refuses_bf16_matrix_products(monkeypatch):
+    """The Triton interpreter's tl.dot returns garbage for bfloat16 (not float16): refused, not run."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    h, w, t = torch.randn(5, 16), torch.randn(40, 16), torch.randint(0, 40, (5,))
+    with pytest.raises(ValueError, match="grouped_logprob: the Triton interpreter .* bfloat16"):
+        ops.grouped_logprob(h.bfloat16(), w.bfloat16(), t, backend="triton")
+    got = ops.grouped_logprob(h.half(), w.half(), t, backend="triton")
+    want = torch.log_softmax(h.half().double() @ w.half().double().T, -1).gather(1, t[:, None])[:, 0]
+    assert torch.allclose(got.double(), want, atol=1e-3)
+    assert backends.resolve("grouped_logprob", "cpu", "torch", dtype=torch.bfloat16)[0] == "torch"

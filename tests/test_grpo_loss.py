@@ -228,6 +228,9 @@ def test_old_and_ref_logp_are_constants(device, backend):
         # grpo's mean over rows: NaN on the torch backends, a RuntimeError in the triton stats
         (lambda a: a.update(**{k: a[k][:0] for k in ("logp", "old_logp", "ref_logp", "advantages", "mask")}),
          ValueError, "B=0"),
+        # devices are compared before any value is read (a value check on the wrong device fails obscurely)
+        (lambda a: a.update(mask=a["mask"].to("meta")), ValueError, "one device"),
+        (lambda a: a["advantages"].__setitem__(1, float("nan")), ValueError, r"advantages .* \(first at row 1\)"),
     ],
 )
 def test_grpo_loss_bad_input(mutate, err, match):
@@ -502,6 +505,8 @@ def test_fused_packed_layout_equals_padded():
         (lambda a: a.update(temperature=-1.0), ValueError, "temperature"),
         (lambda a: a.update(**{k: a[k][:0] for k in ("hidden", "targets", "mask", "advantages", "old_logp")}),
          ValueError, "B=0"),
+        (lambda a: a.update(mask=a["mask"].to("meta")), ValueError, "mask on meta"),
+        (lambda a: a.update(advantages=a["advantages"].to("meta")), ValueError, "hidden's device cpu.*advantages on meta"),
     ],
 )
 def test_fused_bad_input(mutate, err, match):

@@ -267,7 +267,7 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, *, s
     if k_cache.shape[2] > MAX_GRID_YZ:
         raise ValueError(f"paged_decode_attention: {k_cache.shape[2]} KV heads exceed the launch grid limit "
                          f"{MAX_GRID_YZ}")
-    _, fn = backends.resolve("paged_decode_attention", q.device, backend)
+    _, fn = backends.resolve("paged_decode_attention", q.device, backend, dtype=q.dtype)
     return fn(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits, partition, shared_prefix)
 
 

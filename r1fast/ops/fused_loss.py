@@ -298,6 +298,12 @@ def fused_linear_grpo_loss(hidden, weight, targets, mask, advantages, *, old_log
             raise ValueError(f"{OP}: {name} must have the targets' shape {tuple(targets.shape)}")
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"{OP}: chunk_size must be a positive int, got {chunk_size!r}")
+    elsewhere = [f"{name} on {t.device}" for name, t in (
+        ("mask", mask), ("cu_seqlens", cu_seqlens), ("advantages", advantages), ("old_logp", old_logp),
+        ("ref_logp", ref_logp), ("sampler_logp", sampler_logp), ("importance_weights", importance_weights))
+        if isinstance(t, torch.Tensor) and t.device != hidden.device]
+    if elsewhere:
+        raise ValueError(f"{OP}: every tensor must be on hidden's device {hidden.device}; got {', '.join(elsewhere)}")
     lay = _Layout(targets, mask, cu_seqlens)
     rows = lay.shape2d[0]
     isw2 = _weights2d(lay, importance_weights, targets)
@@ -310,7 +316,7 @@ def fused_linear_grpo_loss(hidden, weight, targets, mask, advantages, *, old_log
         if lo < 0 or hi >= weight.shape[0]:
             raise ValueError(f"{OP}: targets at active tokens must lie in [0, {weight.shape[0]}) (the vocabulary), "
                              f"got min {lo}, max {hi}")
-    lb, _ = backends.resolve("grouped_logprob", hidden.device, float64_backend(backend, hidden.dtype))
+    lb, _ = backends.resolve("grouped_logprob", hidden.device, float64_backend(backend, hidden.dtype), dtype=hidden.dtype)
     if lb == "triton" and hidden.dtype == torch.float64:
         raise ValueError(f"{OP}: the triton backend takes fp16/bf16/fp32 inputs, got float64 "
                          f"(use backend='torch' or 'reference')")

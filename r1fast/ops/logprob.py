@@ -12,6 +12,7 @@ grad_hidden and grad_weight (summed over chunks in place in the weight's dtype, 
 """
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -62,8 +63,8 @@ def validate(hidden, weight, targets, temperature, op="grouped_logprob", check_t
     if len({hidden.device, weight.device, targets.device}) != 1:
         raise ValueError(f"{op}: hidden, weight, targets must be on one device, got "
                          f"{hidden.device}, {weight.device}, {targets.device}")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
-        raise ValueError(f"{op}: temperature must be a positive number, got {temperature!r}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 < temperature < math.inf:
+        raise ValueError(f"{op}: temperature must be a positive finite number, got {temperature!r}")
     if check_targets and targets.numel():
         lo, hi = int(targets.min()), int(targets.max())
         if lo < 0 or hi >= weight.shape[0]:
@@ -314,7 +315,7 @@ def grouped_logprob(hidden, weight, targets, *, mask=None, temperature: float = 
         if not return_entropy:
             return out.new_zeros(targets.shape).masked_scatter(active, out)
         return tuple(x.new_zeros(targets.shape).masked_scatter(active, x) for x in out)
-    _, fn = backends.resolve("grouped_logprob", hidden.device, float64_backend(backend, hidden.dtype))
+    _, fn = backends.resolve("grouped_logprob", hidden.device, float64_backend(backend, hidden.dtype), dtype=hidden.dtype)
     if forward_only:
         with torch.no_grad():
             return fn(hidden, weight, targets, temperature, return_entropy, chunk_size)

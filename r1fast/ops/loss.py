@@ -19,7 +19,8 @@ def _check_finite(name, t, active, op):
     bad = ~torch.isfinite(t) & active
     if bool(bad.any()):
         where = bad.nonzero()[0].tolist()
-        raise ValueError(f"{op}: {name} has {int(bad.sum())} NaN/inf value(s) at active tokens (first at {where})")
+        at = f"row {where[0]}" if t.dim() == 1 else f"[row, position] {where}"
+        raise ValueError(f"{op}: {name} has {int(bad.sum())} NaN/inf value(s) at active tokens (first at {at})")
 
 
 def per_token_weights(op, weights, shape):
@@ -63,9 +64,6 @@ def _validate_loss_inputs(op, logp, old_logp, ref_logp, advantages, mask, sample
     if not isinstance(mask, torch.Tensor) or mask.shape != logp.shape:
         raise ValueError(f"{op}: mask must be a tensor of shape {tuple(logp.shape)}, got "
                          f"{tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__}")
-    # integer masks too: every backend weights a token by its mask value, so a 2 would count it twice
-    if check_values and mask.dtype != torch.bool and not bool(((mask == 0) | (mask == 1)).all()):
-        raise ValueError(f"{op}: mask must be bool or hold only 0 and 1")
     if not isinstance(advantages, torch.Tensor) or not advantages.is_floating_point():
         raise TypeError(f"{op}: advantages must be a float tensor [B]")
     if advantages.shape != (B,):
@@ -74,6 +72,9 @@ def _validate_loss_inputs(op, logp, old_logp, ref_logp, advantages, mask, sample
                                   importance_weights) if t is not None}
     if len(devices) != 1:
         raise ValueError(f"{op}: all tensors must be on one device, got {sorted(map(str, devices))}")
+    # integer masks too: every backend weights a token by its mask value, so a 2 would count it twice
+    if check_values and mask.dtype != torch.bool and not bool(((mask == 0) | (mask == 1)).all()):
+        raise ValueError(f"{op}: mask must be bool or hold only 0 and 1")
     if opts.beta != 0.0 and ref_logp is None:
         raise ValueError(f"{op}: beta={opts.beta} needs ref_logp (or set beta=0)")
     if not check_values:  # the checks below read values: each one is a device sync
