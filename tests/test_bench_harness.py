@@ -224,6 +224,73 @@ def test_grpo_loss_floor_counts_the_active_tokens_and_each_row_runs_its_backend(
     assert seen == ["triton", "torch"]
 
 
+
+# LossOptions the Liger Triton peer's mapping passes on besides the suite's own (dapo, beta 0.04, 0.2/0.28).
+LIGER_TRITON_OPTS = [
+    dict(loss_type="grpo", beta=0.04, temperature=0.7),
+    dict(loss_type="bnpo", beta=0.0, importance_sampling_level="sequence"),
+    dict(loss_type="dr_grpo", beta=0.1, max_completion_length=8, delta=1.25),
+    dict(loss_type="dapo", beta=0.05, epsilon_high=0.28, use_bias_correction_kl=True, num_items=30),
+    dict(loss_type="cispo", beta=0.0, epsilon_high=1.3),
+]
+
+
+@pytest.mark.parametrize("opts", [None] + LIGER_TRITON_OPTS,
+                         ids=lambda o: "suite-case" if o is None else "-".join(f"{k}={v}" for k, v in o.items()))
+def test_grpo_loss_liger_triton_peer_computes_r1fasts_loss(device, opts):
+    """The Liger Triton peer (logits of T+1 positions -> liger's triton_grpo_loss, r1fast's options mapped
+    onto Liger's) gives r1fast's loss and gradients: on the suite's own case at smoke size, and on small
+    inputs whose old/ref are far enough from the policy to clip, for the other options it maps. On a
+    CPU Liger's kernels run under TRITON_INTERPRET=1 (conftest), in fp32."""
+    pytest.importorskip("liger_kernel.transformers.grpo_loss")
+    from r1fast import backends, ops
+    from r1fast.bench.suites import grpo_loss
+    from r1fast.testing import assert_close, generator, randn
+
+    if device.type == "cpu":  # the timed peer itself is CUDA only
+        with pytest.raises(harness.Skip, match="CUDA only"):
+            grpo_loss._liger_triton((2, 4, 8, 16), torch.float32, device)()
+        if not backends.triton_interpreted():
+            pytest.skip("Liger's Triton kernels need CUDA or TRITON_INTERPRET=1")
+    if opts is None:
+        opts = grpo_loss.OPTS
+        hidden, weight, targets, mask, adv, old, ref = grpo_loss._inputs(4, 32, 64, 1000, torch.float32, device)
+    else:
+        b, t, h, v = 4, 6, 16, 29
+        hidden = randn(b, t, h, device=device, seed=1).requires_grad_()
+        weight = randn(v, h, device=device, seed=2, scale=2 / h ** 0.5).requires_grad_()
+        targets = torch.randint(0, v, (b, t), generator=generator(3)).to(device)
+        mask = (torch.arange(t)[None, :] < torch.tensor([t, 3, 1, 5])[:, None]).float().to(device)
+        adv = randn(b, device=device, seed=4)
+        with torch.no_grad():
+            logp = ops.grouped_logprob(hidden, weight, targets, backend="torch",
+                                       temperature=opts.get("temperature", 1.0))
+        old, ref = (logp + 0.3 * randn(b, t, device=device, seed=s) for s in (5, 6))
+    t = targets.shape[1]
+
+    hidden1 = grpo_loss._with_extra_row(hidden)
+    weight_l = weight.detach().clone().requires_grad_()
+    l_loss = grpo_loss._liger_triton_loss(hidden1, weight_l, targets, mask, adv, old, ref,
+                                          **grpo_loss._liger_triton_options(ops.LossOptions(**opts)))
+    l_gh, l_gw = torch.autograd.grad(l_loss, (hidden1, weight_l))
+    r_loss, _ = ops.fused_linear_grpo_loss(hidden, weight, targets, mask, adv, old_logp=old, ref_logp=ref,
+                                           backend="torch", **opts)
+    r_gh, r_gw = torch.autograd.grad(r_loss, (hidden, weight))
+    tol = dict(rtol=3e-5, atol=1e-6)
+    assert_close(l_loss, r_loss, torch.float32, name="loss", **tol)
+    assert_close(l_gh[:, :t], r_gh, torch.float32, name="grad_hidden", **tol)
+    assert not l_gh[:, t].any()  # the extra position is handed to Liger's kernel but never scored
+    assert_close(l_gw, r_gw, torch.float32, name="grad_weight", **tol)
+
+
+def test_grpo_loss_liger_triton_mapping_refuses_what_liger_cannot_compute():
+    from r1fast import ops
+    from r1fast.bench.suites import grpo_loss
+
+    for bad in (dict(kl_estimator="k1"), dict(entropy_coef=0.01)):
+        with pytest.raises(ValueError, match="k3 KL and no entropy bonus"):
+            grpo_loss._liger_triton_options(ops.LossOptions(**grpo_loss.OPTS, **bad))
+
 def _fake_gpu_machine(tmp_path, bench_rc):
     """A PATH where nvidia-smi and python3 are stubs that record what gpu_check.sh asks of them."""
     import os

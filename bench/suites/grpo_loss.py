@@ -1,9 +1,12 @@
 """grpo_loss: the GRPO loss from hidden states (ops.fused_linear_grpo_loss), forward + backward.
 
-Peers: plain torch as TRL does it (logits -> log_softmax -> gather -> per-token loss) and Liger's
-LigerFusedLinearGRPOLoss when importable. Floor: 6·N·H·V FLOPs at the measured matmul rate, N the
-active (mask = 1) tokens: completion lengths are fixed (T/2 to T) so the case knows N, and r1fast
-never touches a padded token (the peers compute every one of the B·T, as TRL and Liger do).
+Peers: plain torch as TRL does it (logits -> log_softmax -> gather -> per-token loss), Liger's
+LigerFusedLinearGRPOLoss when importable, and (CUDA only) Liger's Triton GRPO loss from logits
+(liger_kernel.transformers.grpo_loss.triton_grpo_loss: the logits of T+1 positions in the model's
+dtype, one Triton program per token for the loss and one for its dlogits, written over the logits).
+Floor: 6·N·H·V FLOPs at the measured matmul rate, N the active (mask = 1) tokens: completion
+lengths are fixed (T/2 to T) so the case knows N, and r1fast never touches a padded token (the
+peers compute every one of the B·T, as TRL and Liger do).
 A second case times the per-token part alone (ops.grpo_loss on [B, T] log-probs, bandwidth-bound),
 a third ops.group_advantages (rewards [B] -> advantages [B]: 8·B bytes, launch-bound) against its torch backend.
 """
@@ -83,6 +86,54 @@ def _liger(shape, dtype, device):
     return setup
 
 
+def _liger_triton_options(opts):
+    """Liger's triton_grpo_loss keywords computing r1fast's loss under LossOptions `opts`, or ValueError
+    naming what Liger's kernel cannot express (it has the k3 KL only, no entropy bonus, no r1fast TIS;
+    its own temperature default is 0.9, r1fast's 1.0, so it is always passed)."""
+    if opts.kl_estimator != "k3" or opts.entropy_coef != 0.0:
+        raise ValueError(f"Liger's Triton GRPO loss has the k3 KL and no entropy bonus (got "
+                         f"kl_estimator={opts.kl_estimator!r}, entropy_coef={opts.entropy_coef})")
+    return dict(temperature=opts.temperature, beta=opts.beta, eps_low=opts.epsilon, eps_high=opts.eps_high,
+                loss_type=opts.loss_type, importance_sampling_level=opts.importance_sampling_level,
+                max_completion_length=opts.max_completion_length,  # read by dr_grpo only
+                delta=opts.delta, use_bias_correction_kl=opts.use_bias_correction_kl,
+                num_items_in_batch=opts.num_items)
+
+
+def _liger_triton_loss(hidden1, weight, targets, mask, adv, old, ref, **liger_opts):
+    """Liger's Triton GRPO loss (reduced, as r1fast's) from hidden states for T+1 positions [B, T+1, H]:
+    its kernel reads logits [B, T+1, V], position t scoring targets[:, t] and the last row unused,
+    as TRL asks the model for logits_to_keep + 1 positions. The logits stay in the model's dtype (the
+    kernel reads them in fp32) and its backward writes dlogits over them (inplace, its default)."""
+    from liger_kernel.transformers.grpo_loss import triton_grpo_loss
+
+    loss, _ = triton_grpo_loss(hidden1 @ weight.T, old, ref, targets, adv, mask, inplace=True, reduce=True,
+                               **liger_opts)
+    return loss
+
+
+def _with_extra_row(hidden):
+    """hidden [B, T, H] and one more position (zeros) as a new leaf [B, T+1, H]: the position whose
+    logits Liger's kernel is handed but never scores."""
+    pad = torch.zeros_like(hidden[:, :1])
+    return torch.cat((hidden.detach(), pad), 1).requires_grad_()
+
+
+def _liger_triton(shape, dtype, device):
+    def setup():
+        if device.type != "cuda":
+            raise Skip(f"CUDA only, not {device.type} (Liger's Triton kernels)")
+        hidden, weight, targets, mask, adv, old, ref = _inputs(*shape, dtype, device)
+        hidden1 = _with_extra_row(hidden)
+        liger_opts = _liger_triton_options(ops.LossOptions(**OPTS))
+
+        def run():
+            hidden1.grad = weight.grad = None
+            _liger_triton_loss(hidden1, weight, targets, mask, adv, old, ref, **liger_opts).backward()
+        return run
+    return setup
+
+
 def _per_token(backend, b, t, device):
     def setup():
         if backend not in backends.available("grpo_loss", device):
@@ -113,7 +164,7 @@ def _advantages(backend, b, g, device):
 
 @suite("grpo_loss")
 def cases(size, device):
-    """GRPO loss from hidden states, fwd+bwd, vs plain torch (TRL) and Liger's chunked GRPO loss."""
+    """GRPO loss from hidden states, fwd+bwd, vs plain torch (TRL), Liger's chunked and Triton GRPO losses."""
     if size == "gpu":
         b, t, h, v, dtype = 16, 1024, 4096, 151936, torch.bfloat16
         pb, pt = 256, 4096
@@ -131,7 +182,10 @@ def cases(size, device):
         impls.insert(1, Impl("r1fast", "triton+cublas", with_env(_r1fast("triton", shape, dtype, device),
                                                                  R1FAST_LOGITS_GEMM="cublas")))
     impls += [Impl("torch", "logits+log_softmax", _torch_trl(shape, dtype, device)),
-              Impl("liger", "chunked", _liger(shape, dtype, device), requires=("liger_kernel",))]
+              Impl("liger", "chunked", _liger(shape, dtype, device), requires=("liger_kernel",)),
+              # logits (T+1 positions) -> Liger's Triton loss; its op takes logits, so it has no place
+              # in the per-token case (log-probs in) or the group_advantages one
+              Impl("liger", "triton_from_logits", _liger_triton(shape, dtype, device), requires=("liger_kernel",))]
     return [
         Case(f"B={b} T={t} H={h} V={v} tokens={n} dapo beta=0.04", "fwd_bwd", str(dtype).removeprefix("torch."), impls,
              flops=6 * n * h * v, bytes=2 * (n * h + v * h) * es, items=n, item_name="tokens"),
