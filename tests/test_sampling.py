@@ -128,7 +128,18 @@ def test_host_uniforms_equal_the_device_hash_bit_for_bit():
 @pytest.mark.parametrize("bad,match", [(dict(n=0), "n must"), (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"),
                                        (dict(temperature=-1), "temperature"), (dict(top_k=-2), "top_k"),
                                        (dict(min_p=2), "min_p"), (dict(max_tokens=0), "max_tokens"),
-                                       (dict(stop_token_ids="ab"), "stop_token_ids"), (dict(seed=1.5), "seed")])
+                                       (dict(stop_token_ids="ab"), "stop_token_ids"), (dict(stop_token_ids=5), "stop_token_ids"),
+                                       (dict(seed=1.5), "seed"), (dict(temperature=1e-45), "temperature must be 0 .greedy."),
+                                       (dict(temperature=float("nan")), "temperature")])
 def test_bad_sampling_params_raise(bad, match):
     with pytest.raises(ValueError, match=match):
         SamplingParams(**bad)
+
+
+def test_sampling_params_take_numpy_ints_as_ints():
+    import numpy as np
+
+    p = SamplingParams(n=np.int64(3), top_k=np.int32(5), max_tokens=np.int64(7), seed=np.uint32(9),
+                       stop_token_ids=np.array([1, 2]))
+    assert (p.n, p.top_k, p.max_tokens, p.seed, p.stop_token_ids) == (3, 5, 7, 9, (1, 2))
+    assert all(type(v) is int for v in (p.n, p.top_k, p.max_tokens, p.seed, *p.stop_token_ids))

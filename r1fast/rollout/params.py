@@ -2,14 +2,18 @@
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from typing import Sequence
+
+# Below this a temperature is no longer a sampling distribution in fp32: logits / T overflow.
+MIN_TEMPERATURE = 1e-5
 
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
     """How each prompt's `n` completions are drawn.
 
-    temperature 0 is greedy. top_k -1 (or 0) keeps every token; top_p in (0, 1]; min_p in [0, 1]
+    temperature 0 is greedy (else at least MIN_TEMPERATURE). top_k -1 (or 0) keeps every token; top_p in (0, 1]; min_p in [0, 1]
     keeps tokens whose probability is at least min_p times the most likely one's. Generation of a
     completion stops at a stop token (stop_token_ids, plus the model's eos ids unless ignore_eos),
     after max_tokens tokens, or at the engine's max_model_len. seed=None draws a fresh seed per call.
@@ -26,16 +30,21 @@ class SamplingParams:
     ignore_eos: bool = False
 
     def __post_init__(self):
-        def is_int(x):
-            return isinstance(x, int) and not isinstance(x, bool)
+        def is_int(x):  # numpy ints too (numbers.Integral)
+            return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
         def is_num(x):
-            return isinstance(x, (int, float)) and not isinstance(x, bool)
+            return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+        for name in ("n", "top_k", "max_tokens", "seed"):  # numpy ints as plain ints (hashing, C++ calls)
+            if is_int(getattr(self, name)):
+                object.__setattr__(self, name, int(getattr(self, name)))
 
         if not is_int(self.n) or self.n < 1:
             raise ValueError(f"SamplingParams: n must be an int >= 1, got {self.n!r}")
-        if not is_num(self.temperature) or not self.temperature >= 0 or self.temperature == float("inf"):
-            raise ValueError(f"SamplingParams: temperature must be a finite number >= 0, got {self.temperature!r}")
+        if not is_num(self.temperature) or not (self.temperature == 0 or MIN_TEMPERATURE <= self.temperature < float("inf")):
+            raise ValueError(f"SamplingParams: temperature must be 0 (greedy) or a finite number >= {MIN_TEMPERATURE}, "
+                             f"got {self.temperature!r}")
         if not is_num(self.top_p) or not 0 < self.top_p <= 1:
             raise ValueError(f"SamplingParams: top_p must lie in (0, 1], got {self.top_p!r}")
         if not is_int(self.top_k) or self.top_k < -1:
@@ -44,9 +53,10 @@ class SamplingParams:
             raise ValueError(f"SamplingParams: min_p must lie in [0, 1], got {self.min_p!r}")
         if not is_int(self.max_tokens) or self.max_tokens < 1:
             raise ValueError(f"SamplingParams: max_tokens must be an int >= 1, got {self.max_tokens!r}")
-        if isinstance(self.stop_token_ids, (str, bytes)) or not all(is_int(t) for t in self.stop_token_ids):
+        if isinstance(self.stop_token_ids, (str, bytes)) or not hasattr(self.stop_token_ids, "__iter__") or \
+                not all(is_int(t) for t in self.stop_token_ids):
             raise ValueError(f"SamplingParams: stop_token_ids must be a sequence of ints, got {self.stop_token_ids!r}")
-        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
         if self.seed is not None and not is_int(self.seed):
             raise ValueError(f"SamplingParams: seed must be an int or None, got {self.seed!r}")
 
