@@ -54,6 +54,9 @@ def test_format_reward_crafted():
     assert format_reward(None, comps) == [1.0, 1.0, 0.0, 0.0, 0.0]
     custom = make_format_reward(r"^Answer: \d+$")
     assert custom(None, ["Answer: 12", GOOD]) == [1.0, 0.0]
+    # a configured pattern must match the whole completion, anchored or not
+    loose = make_format_reward(r"<answer>\d+</answer>")
+    assert loose(None, ["<answer>5</answer>", "<answer>5</answer> lots of junk", "Answer: 12\n"]) == [1.0, 0.0, 0.0]
 
 
 def test_language_reward_share_of_target_script():

@@ -166,7 +166,7 @@ def make_format_reward(pattern: Optional[str] = None):
     regex = re.compile(pattern or THINK_ANSWER_PATTERN, re.DOTALL)
 
     def format_reward(prompts, completions, **_) -> list[float]:
-        return [1.0 if regex.match(completion_text(c)) else 0.0 for c in completions]
+        return [1.0 if regex.fullmatch(completion_text(c)) else 0.0 for c in completions]
 
     return format_reward
 
