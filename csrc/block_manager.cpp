@@ -290,7 +290,7 @@ py::array_t<T, py::array::c_style | py::array::forcecast> int_array(const py::ob
     } else {
       auto w = py::array_t<std::int64_t, py::array::c_style | py::array::forcecast>::ensure(a);
       const auto mm = std::minmax_element(w.data(), w.data() + w.size());
-      if (*mm.first < lo || static_cast<std::uint64_t>(*mm.second) > hi)
+      if (*mm.first < lo || (*mm.second > 0 && static_cast<std::uint64_t>(*mm.second) > hi))
         fail("BlockManager: ", name, " values [", *mm.first, ", ", *mm.second, "] do not fit in ", sizeof(T) * 8,
              "-bit ints");
     }
@@ -408,6 +408,11 @@ void register_block_manager(py::module_& m) {
           width = out.shape(1);
         }
         std::int32_t* o = out.mutable_data();
+        // the ids are read while `out` is written: they must not live in it
+        const auto* ids = reinterpret_cast<const char*>(seqs.data());
+        const auto* dst = reinterpret_cast<const char*>(o);
+        if (n > 0 && ids < dst + out.nbytes() && dst < ids + seqs.nbytes())
+          fail("BlockManager.block_tables: seq_ids overlap the out buffer");
         std::fill(o, o + n * width, pad);
         for (py::ssize_t i = 0; i < n; ++i) {
           const auto& t = bm.table(seqs.data()[i]);

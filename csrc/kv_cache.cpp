@@ -1,6 +1,8 @@
 #include "kv_cache.h"
 
+#include <algorithm>
 #include <cstring>
+#include <limits>
 
 #include "bindings.h"
 #include "common.h"
@@ -16,6 +18,11 @@ static void check_args(const StoreKVArgs& a) {
     fail("store_kv: token strides (", a.key_stride_bytes, ", ", a.value_stride_bytes, ") are smaller than a row (",
          a.row_bytes, " bytes)");
   if (a.num_slots <= 0) fail("store_kv: num_slots must be > 0, got ", a.num_slots);
+  // byte offsets (slot * row, token * stride) are int64 on both paths
+  constexpr std::int64_t kMax = std::numeric_limits<std::int64_t>::max();
+  if (a.row_bytes > kMax / a.num_slots ||
+      (a.num_tokens > 0 && std::max(a.key_stride_bytes, a.value_stride_bytes) > kMax / a.num_tokens))
+    fail("store_kv: cache or token sizes overflow 64-bit byte offsets");
   if (a.num_tokens > 0 && (!a.key || !a.value || !a.k_cache || !a.v_cache || !a.slot_mapping))
     fail("store_kv: null pointer");
 }

@@ -370,6 +370,23 @@ def test_integer_arrays_are_checked_not_silently_cast():
     assert bm.slot_mapping([0], [0], [3]).tolist() == bm.slot_mapping(np.array([0], dtype=np.uint8),
                                                                        np.array([0], dtype=np.int16), [3]).tolist()
     assert bm.blocks_to_append(np.int64(0)) == 0 and bm.blocks_to_append([0, 1]) == 0
+    # negative values that fit (the unknown token -1) are not mistaken for overflow
+    assert bm.allocate(2, np.array([-1, -1], dtype=np.int64)) == 0
+
+
+def test_block_tables_refuses_ids_inside_its_out_buffer():
+    """The ids are read while `out` is written: ids living in `out` would be overwritten first."""
+    bm = BlockManager(16, 4, True)
+    bm.allocate(0, [1])
+    bm.allocate(1, list(range(9)))
+    out = np.zeros((2, 4), np.int32)
+    ids = out.reshape(-1).view(np.int64)[:2]
+    ids[:] = [1, 0]
+    with pytest.raises(ValueError, match="overlap the out buffer"):
+        bm.block_tables(ids, 0, 0, out=out)
+    ok = np.zeros((2, 4), np.int32)
+    bm.block_tables(ids.copy(), 0, 0, out=ok)
+    assert ok[1, 0] == bm.block_table(0)[0] and ok[0, :3].tolist() == bm.block_table(1).tolist()
 
 
 def test_forks_of_a_partial_block_need_one_copy_fewer_than_forks():

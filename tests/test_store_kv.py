@@ -70,6 +70,9 @@ def test_cpu_twin_rejects_out_of_range_slot_in_cpp():
         ext.store_kv_cpu(key.data_ptr(), value.data_ptr(), kc.data_ptr(), vc.data_ptr(), slots.data_ptr(),
                          4, 16, 16, 16, 4)
     assert torch.equal(kc.isnan(), before.isnan())
+    with pytest.raises(ValueError, match="overflow 64-bit byte offsets"):  # sizes no tensor has: raw pointers
+        ext.store_kv_cpu(key.data_ptr(), value.data_ptr(), kc.data_ptr(), vc.data_ptr(), slots.data_ptr(),
+                         1, 2**62, 2**62, 2**62, 4)
 
 
 @pytest.mark.parametrize(
@@ -77,13 +80,17 @@ def test_cpu_twin_rejects_out_of_range_slot_in_cpp():
     [
         (lambda a: a.update(slot_mapping=a["slot_mapping"].int()), "int64"),
         (lambda a: a.update(slot_mapping=a["slot_mapping"][:-1]), "slot_mapping must be"),
-        (lambda a: a.update(value=a["value"].half()), "share a dtype"),
+        (lambda a: a.update(value=a["value"].half()), "share a float dtype"),
         (lambda a: a.update(key=a["key"][:, :1]), "value shape"),
         (lambda a: a.update(k_cache=a["k_cache"][..., :2]), "k_cache must be"),
         (lambda a: a["slot_mapping"].__setitem__(0, 12), "must lie in"),
         (lambda a: a["slot_mapping"].__setitem__(0, -2), "must lie in"),
         (lambda a: a.update(key=a["key"].flatten(1)), "key must be"),
         (lambda a: a.update(v_cache=a["v_cache"].transpose(0, 1)), "v_cache shape|contiguous"),
+        (lambda a: a.update(key=a["key"][:1].expand(4, -1, -1)), "token rows of key overlap"),
+        (lambda a: a.update(key=torch._neg_view(a["key"])), "lazily negated"),
+        (lambda a: a.update(**{k: a[k].to(torch.complex64) for k in ("key", "value", "k_cache", "v_cache")}),
+         "float dtype"),
     ],
 )
 def test_store_kv_bad_input_is_a_clear_error(mutate, match):

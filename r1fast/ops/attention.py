@@ -186,11 +186,27 @@ def _decode_triton(q, k_cache, v_cache, block_tables, context_lens, scale, num_s
     return out
 
 
+def _check_cuda_shapes(q, k_cache):
+    if q.dtype not in _DTYPE_CODE:
+        raise ValueError(f"paged_decode_attention: the cuda backend takes float32/float16/bfloat16, not {q.dtype}")
+    d = q.shape[2]
+    if d % 8 != 0 or d > 256:
+        raise ValueError(f"paged_decode_attention: the cuda backend needs head_dim a multiple of 8 up to 256, got {d}")
+    if q.shape[1] // k_cache.shape[2] > 64:
+        raise ValueError("paged_decode_attention: the cuda backend takes at most 64 query heads per KV head")
+
+
 @torch.library.custom_op("r1fast::paged_decode_attention_cuda", mutates_args=())
 def _decode_cuda_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                     context_lens: torch.Tensor, scale: float, num_splits: int, partition: int,
                     row_start: torch.Tensor | None = None, prefix_ml: torch.Tensor | None = None,
                     prefix_acc: torch.Tensor | None = None) -> torch.Tensor:
+    # reachable as torch.ops.r1fast.paged_decode_attention_cuda: the pointers' tensors are checked here
+    # too (not their values: block ids and context lengths are the caller's, as with check_bounds=False)
+    _validate_decode(q, k_cache, v_cache, block_tables, context_lens, check_bounds=False)
+    _check_cuda_shapes(q, k_cache)
+    if (row_start is None) != (prefix_ml is None) or (prefix_ml is None) != (prefix_acc is None):
+        raise ValueError("paged_decode_attention: row_start, prefix_ml and prefix_acc come together")
     ext = _ext.require()
     # Checked here, on real tensors: data_ptr() does not exist on the fake tensors of torch.compile.
     # The kernel's vector loads need 16-byte aligned bases.
@@ -220,13 +236,7 @@ def _(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits, partit
 
 @backends.register("paged_decode_attention", "cuda")
 def _decode_cuda(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits, partition, shared=None):
-    if q.dtype == torch.float64:
-        raise ValueError("paged_decode_attention: the cuda backend takes float32/float16/bfloat16, not float64")
-    d = q.shape[2]
-    if d % 8 != 0 or d > 256:
-        raise ValueError(f"paged_decode_attention: the cuda backend needs head_dim a multiple of 8 up to 256, got {d}")
-    if q.shape[1] // k_cache.shape[2] > 64:
-        raise ValueError("paged_decode_attention: the cuda backend takes at most 64 query heads per KV head")
+    _check_cuda_shapes(q, k_cache)
     if shared is None or not backends.backend_available("triton", q.device)[0]:
         return _decode_cuda_op(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits, partition)
     from r1fast.kernels import decode_attention as kernel
@@ -245,7 +255,8 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, *, s
     num_splits: equal context partitions (split-K) for the triton/cuda kernels; None picks one from
     the shapes alone (about PARTITION_SIZE tokens each, no device sync). `check_bounds=False` skips the checks of
     context_lens, block ids and the shared prefix's contents (host syncs); the engine uses it on tables it
-    built itself. shared_prefix: a SharedPrefix on q's device (find_shared_prefixes(...).to(device)).
+    built itself. Unsafe otherwise: the GPU kernels do not check them again (a bad block id reads outside
+    the cache, a context length < 1 leaves its row unwritten). shared_prefix: a SharedPrefix on q's device (find_shared_prefixes(...).to(device)).
     """
     _validate_decode(q, k_cache, v_cache, block_tables, context_lens, check_bounds)
     if shared_prefix is not None:

@@ -34,11 +34,13 @@ def _validate(key, value, k_cache, v_cache, slot_mapping, check_slots: bool):
     if slot_mapping.dtype != torch.int64:
         raise ValueError(f"store_kv: slot_mapping must be int64, got {slot_mapping.dtype}")
     dtypes = {key.dtype, value.dtype, k_cache.dtype, v_cache.dtype}
-    if len(dtypes) != 1:
+    if len(dtypes) != 1 or not key.dtype.is_floating_point:
         raise ValueError(
-            f"store_kv: key, value, k_cache, v_cache must share a dtype, got "
+            f"store_kv: key, value, k_cache, v_cache must share a float dtype, got "
             f"{key.dtype}, {value.dtype}, {k_cache.dtype}, {v_cache.dtype}"
         )
+    if key.is_neg() or value.is_neg():  # a lazy negation: the memory does not hold the values
+        raise ValueError("store_kv: key/value is a lazily negated view; pass .resolve_neg() of it")
     devices = {t.device for t in tensors.values()}
     if len(devices) != 1:
         raise ValueError(f"store_kv: all tensors must be on one device, got {sorted(map(str, devices))}")
@@ -46,6 +48,9 @@ def _validate(key, value, k_cache, v_cache, slot_mapping, check_slots: bool):
         t = tensors[name]
         if t.shape[0] > 0 and not (t[0].is_contiguous()):
             raise ValueError(f"store_kv: each token's row of {name} must be contiguous (stride {t.stride()})")
+        if t.shape[0] > 1 and t.stride(0) < t[0].numel():
+            raise ValueError(f"store_kv: the token rows of {name} overlap (stride {t.stride()}, e.g. an expand()); "
+                             f"pass {name}.contiguous()")
     for name in ("k_cache", "v_cache", "slot_mapping"):
         if not tensors[name].is_contiguous():
             raise ValueError(f"store_kv: {name} must be contiguous")
@@ -98,6 +103,9 @@ def _store_kv_triton(key, value, k_cache, v_cache, slot_mapping):
 @torch.library.custom_op("r1fast::store_kv_cuda", mutates_args=("k_cache", "v_cache"))
 def _store_kv_cuda_op(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                       slot_mapping: torch.Tensor) -> None:
+    # reachable as torch.ops.r1fast.store_kv_cuda: nothing reaches the pointers unchecked (slot values
+    # too: the kernel skips an out-of-range slot)
+    _validate(key, value, k_cache, v_cache, slot_mapping, check_slots=False)
     ext = _ext.require()
     row, ks, vs = _row_and_strides(key, value)
     # The extension launches on the current device with the stream given: both must be the cache's.
@@ -122,7 +130,8 @@ def store_kv(key, value, k_cache, v_cache, slot_mapping, *, backend: str | None 
     """Copy key/value rows [N, num_kv_heads, head_dim] into the cache slots given by slot_mapping [N] (int64).
 
     `check_slots=False` skips the bounds check of the slot values (one device sync); the rollout engine
-    uses it for mappings it built itself and checked once per step.
+    uses it for mappings it built itself and checked once per step. The CUDA kernel then skips an
+    out-of-range slot (nothing written), the CPU path still raises.
     """
     _validate(key, value, k_cache, v_cache, slot_mapping, check_slots)
     _, fn = backends.resolve("store_kv", k_cache.device, backend)
