@@ -125,8 +125,8 @@ def _grpo_loss_kernel(logp_ptr, old_ptr, ref_ptr, smp_ptr, ent_ptr, mask_ptr, ad
             # torch.minimum splits the gradient evenly on ties; match it
             g_lw = tl.where(t1 < t2, g1, tl.where(t1 > t2, g2, 0.5 * (g1 + g2)))
             g_lp = tl.zeros([BLOCK_T], dtype=tl.float32)
-            low = tl.where(c1 < 1.0 - epsilon, a_neg, 0.0)
-            high = tl.where(c1 > 1.0 + eps_high, a_pos, 0.0)
+            low = tl.where(c1d < 1.0 - epsilon, a_neg, 0.0)
+            high = tl.where(c1d > 1.0 + eps_high, a_pos, 0.0)  # after the delta clip, as LOSS_SPEC
         if HAS_SMP or HAS_ISW:
             # smp_ptr holds the sampler's log-probs (HAS_SMP: weight w = exp(old - smp), factor f from
             # the TIS mode) or the caller's weights (HAS_ISW: f = w as given); no gradient either way

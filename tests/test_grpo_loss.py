@@ -1069,3 +1069,24 @@ def test_grpo_loss_runs_on_the_tensors_device_not_the_current_one():
         got, _ = _call_ops(d1, torch.float32, "triton", dict(beta=0.04))
     assert got.device == torch.device("cuda:1")
     assert_close(got, want, torch.float32, rtol=1e-4, name="loss on cuda:1")
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch", "triton"])
+def test_clip_fractions_read_the_ratio_after_the_delta_clip(backend):
+    """LOSS_SPEC (and TRL): c1 = min(c1, delta) comes before the clip fractions, so a delta at or under
+    1 + epsilon_high leaves nothing clipped high, and one above it changes nothing."""
+    from r1fast import backends
+
+    if backend not in backends.available("grpo_loss", "cpu"):
+        pytest.skip(f"{backend} is not available here")
+    d = _batch(seed=21, b=8, t=9, tis=False)
+    args = dict(logp=d["logp"].float(), old_logp=d["old"].float(), ref_logp=None, advantages=d["adv"].float(),
+                mask=d["mask"], loss_type="dapo", epsilon=0.2, epsilon_high=0.28, backend=backend)
+    _, plain = ops.grpo_loss(**args)
+    _, low_delta = ops.grpo_loss(**args, delta=1.1)
+    _, high_delta = ops.grpo_loss(**args, delta=1.5)
+    assert float(plain["clip_ratio/high_mean"]) > 0
+    assert float(low_delta["clip_ratio/high_mean"]) == 0
+    assert float(low_delta["clip_ratio/region_mean"]) == float(low_delta["clip_ratio/low_mean"]) > 0
+    for k in ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"):
+        assert float(high_delta[k]) == float(plain[k])

@@ -105,9 +105,11 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, opts: LossOptions, ent
         high = (c1 > eps_high) & (A > 0)
     else:
         c2 = torch.clamp(c1, 1 - eps_low, 1 + eps_high)
-        low = (c1 < 1 - eps_low) & (A < 0)
-        high = (c1 > 1 + eps_high) & (A > 0)
         c1d = torch.clamp(c1, max=opts.delta) if opts.delta is not None else c1
+        # the clip fractions read c1 after the delta clip (LOSS_SPEC, TRL): a delta at or under
+        # 1 + epsilon_high leaves nothing to clip high (delta > 1, so low is the same either way)
+        low = (c1d < 1 - eps_low) & (A < 0)
+        high = (c1d > 1 + eps_high) & (A > 0)
         per_tok = -torch.minimum(c1d * A, c2 * A)
     per_tok = per_tok.expand_as(logp)
 
