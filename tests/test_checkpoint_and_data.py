@@ -97,6 +97,18 @@ def test_failed_write_leaves_no_checkpoint(tmp_path, monkeypatch):
         ckpt.load_checkpoint(str(tmp_path), model=model)
 
 
+def test_pruning_keeps_the_checkpoint_just_written(tmp_path):
+    # save_total_limit kept the highest step numbers: a run resumed from an older checkpoint beside
+    # newer ones deleted the checkpoint it had just written.
+    model = _model(build_char_tokenizer())
+    ckpt.save_checkpoint(str(tmp_path), 6, model=model, keep=1)
+    path = ckpt.save_checkpoint(str(tmp_path), 3, model=model, keep=1)
+    assert ckpt.list_checkpoints(str(tmp_path)) == [(3, path)]
+    for step in (4, 5):
+        ckpt.save_checkpoint(str(tmp_path), step, model=model, keep=None)   # None: keep every one
+    assert [s for s, _ in ckpt.list_checkpoints(str(tmp_path))] == [3, 4, 5]
+
+
 def test_char_tokenizer_roundtrip_and_save(tmp_path):
     from r1fast.models import load_tokenizer
 
@@ -179,6 +191,17 @@ def test_a_row_without_a_required_value_is_named():
     rows = [{"prompt": "1+1=", "completion": "2"}, {"prompt": "2+2=", "completion": None}]
     with pytest.raises(ValueError, match=r"row 1 has no value for column\(s\) \['completion'\]"):
         check_columns(rows, ("prompt", "completion"), "dataset 'd.jsonl'")
+
+
+def test_jsonl_needs_no_datasets_package_and_other_files_say_they_do(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "datasets", None)  # `import datasets` now raises ImportError
+    (tmp_path / "d.jsonl").write_text('{"prompt": "1+1=", "answer": "2"}\n')
+    assert load_rows(str(tmp_path / "d.jsonl")) == [{"prompt": "1+1=", "answer": "2"}]
+    (tmp_path / "d.parquet").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"reading \.parquet needs the `datasets` package"):
+        load_rows(str(tmp_path / "d.parquet"))
 
 
 def test_jsonl_rows_get_every_column(tmp_path):

@@ -77,6 +77,25 @@ def test_resume_with_other_schedule_settings_says_what_happens():
     ({"eval_steps": -1}, "eval_steps"),
     ({"max_nonfinite_steps": 0}, "max_nonfinite_steps"),
     ({"engine_max_num_seqs": 4}, "'engine_max_num_seqs' must be >= num_generations = 8"),
+    # non-finite numbers pass range checks like >= 0 and would train on garbage
+    ({"learning_rate": "inf"}, "'learning_rate' must be a finite number"),
+    ({"entropy_coef": float("nan")}, "'entropy_coef' must be a finite number"),
+    ({"reward_weights": [1.0, float("inf")]}, "'reward_weights' must be a finite number"),
+    ({"max_grad_norm": -1}, "max_grad_norm"),
+    ({"max_steps": -5}, "'max_steps' must be positive, or -1"),
+    ({"weight_decay": -0.1}, "weight_decay"),
+    ({"adam_beta1": 1.5}, "adam_beta1"),
+    ({"adam_epsilon": 0}, "adam_epsilon"),
+    ({"engine_max_num_batched_tokens": 0}, "engine_max_num_batched_tokens"),
+    ({"engine_num_blocks": 0}, "engine_num_blocks"),
+    ({"reward_funcs": ["acuracy"]}, "reward_funcs.*'acuracy'.*built-in name"),
+    ({"reward_funcs": ["no_such_module_xyz:f"]}, "reward_funcs.*cannot import"),
+    ({"reward_funcs": ["missing.py:f"]}, "file 'missing.py'.*does not exist"),
+    ({"reward_funcs": ["length"]}, "length_penalty_target"),
+    ({"eval_dataset": "builtin:arithmetic", "eval_size": 0}, "builtin: eval set is generated"),
+    ({"fp8": "torch", "fp8_recipe": "block"}, "fp8_recipe.*recipe='block' applies to mode='te' only"),
+    ({"fp8": "te", "fp8_scaling": "rowwise"}, "fp8_scaling"),
+    ({"fp8_grad_dtype": "e4m2"}, "grad_dtype='e4m2' is not valid"),
 ])
 def test_bad_values_are_clear_errors(data, match):
     with pytest.raises(ConfigError, match=match):
@@ -106,6 +125,28 @@ def test_sft_bad_values_are_clear_errors(data, match):
 def test_sample_bad_values_are_clear_errors(data, match):
     with pytest.raises(ConfigError, match=match):
         SampleConfig.from_dict(data)
+
+
+def test_trl_spellings_load():
+    """Values a TRL GRPOConfig YAML carries, with TRL's meaning."""
+    cfg = GRPOConfig.from_dict({"top_k": 0, "report_to": "none", "save_total_limit": None, "eval_steps": None,
+                                "log_completions": True})
+    assert (cfg.top_k, cfg.report_to, cfg.save_total_limit, cfg.eval_steps, cfg.log_completions) == (0, [], None, None, 2)
+    assert GRPOConfig.from_dict({"log_completions": False}).log_completions == 0
+    assert GRPOConfig.from_dict({"report_to": ["none", "tensorboard"]}).report_to == ["tensorboard"]
+    assert SampleConfig.from_dict({"top_k": 0}).top_k == 0
+
+
+def test_fp8_sub_options_reach_the_model(tmp_path):
+    from r1fast.fp8 import make_options
+
+    cfg = GRPOConfig.from_dict({"fp8": "emulate", "fp8_scaling": "tensorwise", "fp8_grad_dtype": "e4m3"})
+    assert cfg.fp8_options() == make_options("emulate", scaling="tensorwise", grad_dtype="e4m3")
+    # switching FP8 off is one override, whatever sub-options the file sets
+    assert GRPOConfig.from_dict({"fp8_recipe": "block", "fp8_scaling": "rowwise"}).fp8_options().mode == "off"
+    model, _ = load_model_and_tokenizer("builtin:micro", device="cpu", fp8=cfg.fp8_options())
+    assert model.fp8_report.options.scaling == "tensorwise"
+    assert {m.fp8_grad_dtype for m in model.modules() if hasattr(m, "fp8_grad_dtype")} == {"e4m3"}
 
 
 @pytest.mark.parametrize("override,match", [

@@ -282,19 +282,21 @@ def test_dtype_choice(tmp_path):
         from_pretrained(tmp_path / "bf16", dtype=torch.int8)
 
 
-def test_fp8_hook_called(tmp_path, monkeypatch):
-    import sys
-    import types
+def test_fp8_options_are_checked_before_loading_and_reach_the_layers(tmp_path):
+    from r1fast.fp8 import make_options
 
-    seen = []
-    fake = types.ModuleType("r1fast.fp8")
-    fake.apply_fp8 = lambda model, mode: seen.append((type(model).__name__, mode))
-    monkeypatch.setitem(sys.modules, "r1fast.fp8", fake)
-    CausalLM(ModelConfig(**CONFIGS["llama-linear-rope"])).save_pretrained(tmp_path / "m")
-    from_pretrained(tmp_path / "m")
-    assert seen == []
-    from_pretrained(tmp_path / "m", fp8="e4m3")
-    assert seen == [("CausalLM", "e4m3")]
+    cfg = ModelConfig(architecture="LlamaForCausalLM", vocab_size=40, hidden_size=32, intermediate_size=48,
+                      num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)
+    CausalLM(cfg).save_pretrained(tmp_path / "m")
+    (tmp_path / "no_weights").mkdir()
+    (tmp_path / "no_weights" / "config.json").write_text((tmp_path / "m" / "config.json").read_text())
+    # a bad option is said before a (possibly long) load, not after: here nothing could load at all
+    with pytest.raises(ValueError, match="fp8 mode='e4m3' is not valid"):
+        from_pretrained(tmp_path / "no_weights", fp8="e4m3")
+    assert not hasattr(from_pretrained(tmp_path / "m"), "fp8_report")
+    model = from_pretrained(tmp_path / "m", fp8=make_options("emulate", grad_dtype="e4m3", scaling="tensorwise"))
+    layer = model.layers[0].mlp.down_proj
+    assert (layer.fp8_scaling, layer.fp8_grad_dtype) == ("tensorwise", "e4m3")
 
 
 

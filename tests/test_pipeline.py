@@ -164,3 +164,126 @@ def test_resumed_summary_marks_stages_evaluated_under_earlier_settings(tmp_path,
     # the token budget and the seed (which picks the rows and the samples) count as well
     assert main(["pipeline", str(spec), f"output_dir={run}", "eval_size=4", "eval_max_tokens=8", "--resume"]) == 0
     assert "with max_tokens=64 (now 8)" in capsys.readouterr().out
+
+
+def test_a_new_run_into_an_earlier_runs_folder_says_what_to_type(tmp_path, capsys):
+    # A pipeline run again without --resume "started over" beside the earlier run's checkpoints, and
+    # pruning by step number could delete the new run's own; pipeline_state.json then named them.
+    spec = one_sft_stage_spec(tmp_path)
+    run = tmp_path / "run"
+    cmd = ["pipeline", str(spec), f"output_dir={run}"]
+    assert main(cmd) == 0
+    with pytest.raises(SystemExit) as e:
+        main(cmd)
+    msg = str(e.value)
+    typed = f"r1fast pipeline {spec} output_dir={run}"
+    assert f"{run} holds an earlier run (pipeline_state.json; finished stages: s)" in msg
+    for choice in ("--resume", "overwrite_output_dir=true", "output_dir=NEW_FOLDER"):
+        assert f"  {typed} {choice} " in msg
+    assert main(cmd + ["--resume"]) == 0
+    (run / "s" / "notes.txt").write_text("mine")
+    assert main(cmd + ["overwrite_output_dir=true"]) == 0
+    assert sorted(os.listdir(run / "s")) == ["checkpoint-1", "metrics.jsonl", "notes.txt"]
+    # a single GRPO run says the same, with its own command
+    g = tmp_path / "g.yaml"
+    g.write_text(f"model_name_or_path: builtin:micro\ndataset: builtin:arithmetic\noutput_dir: {tmp_path / 'g'}\n"
+                 "per_device_train_batch_size: 4\nnum_generations: 4\nmax_completion_length: 4\n"
+                 "max_prompt_length: 16\nmax_steps: 1\nprogress_bar: false\n")
+    assert main(["train", str(g)]) == 0
+    with pytest.raises(SystemExit, match=rf"(?s)holds an earlier run \(checkpoints checkpoint-1\).*"
+                                         rf"  r1fast train {g} --resume +to continue it"):
+        main(["train", str(g)])
+
+
+def test_pipeline_checks_every_stage_when_loaded(tmp_path):
+    """Errors a stage found only when it started, after the stages before it had trained."""
+    from r1fast.trainer.config import ConfigError
+
+    def fails(match, edit=None, overrides=None):
+        spec = tiny_pipeline(tmp_path)
+        if edit:
+            edit(spec["stages"])
+        with pytest.raises(ConfigError, match=match):
+            load_pipeline(spec, overrides)
+
+    # validate()'s range errors now name the file and the stage
+    fails(r"^pipeline: stage 'rl': option 'beta' must be >= 0", overrides=["rl.beta=-1"])
+    with pytest.raises(ConfigError, match=r"^.*p\.yaml: stage 's': option 'max_length' must be >= 2"):
+        load_pipeline(str(one_sft_stage_spec(tmp_path)), ["s.max_length=1"])
+    fails(r"stage 'rl': .*reward function 'acuracy'",
+          lambda st: st[1]["config"].update(reward_funcs=["acuracy"]))
+    fails(r"stage 'rs': .*reward function 'nowhere_mod:f': cannot import",
+          lambda st: st[2]["config"].update(reward_funcs=["nowhere_mod:f"]))
+    fails(r"stage 'rl': dataset: unknown built-in task 'arithmetc'",
+          lambda st: st[1].update(dataset="builtin:arithmetc"))
+    fails(r"stage 'cold': dataset: .*missing\.jsonl' does not exist",
+          lambda st: st[0].update(dataset=str(tmp_path / "missing.jsonl")))
+    fails(r"stage 'student': model: unknown built-in model 'builtin:huge'",
+          lambda st: st[3].update(model="builtin:huge"))
+    fails(r"stage 'student': dataset '@rl' is a grpo stage", lambda st: st[3].update(dataset="@rl"))
+    fails(r"stage 'student': model '@rs' is a sample stage", lambda st: st[3].update(model="@rs"))
+    fails(r"stage 'rl': model '@student' names a stage that runs after it", lambda st: st[1].update(model="@student"))
+    # a file an earlier sample stage writes is no missing dataset
+    spec = tiny_pipeline(tmp_path)
+    spec["stages"][2]["config"]["output_file"] = str(tmp_path / "kept.jsonl")
+    spec["stages"][3]["dataset"] = str(tmp_path / "kept.jsonl")
+    load_pipeline(spec)
+
+
+@pytest.mark.parametrize("key,where", [("dataset", "the stage's own 'dataset:' key"),
+                                       ("model_name_or_path", "the stage's own 'model:' key"),
+                                       ("output_dir", "the pipeline's output_dir")])
+def test_stage_options_the_pipeline_supplies_are_refused(tmp_path, key, where):
+    # They were accepted and silently ignored: the pipeline gives each stage its data, model and folder.
+    spec = tiny_pipeline(tmp_path)
+    spec["stages"][1]["config"][key] = "builtin:micro"
+    with pytest.raises(ValueError, match=rf"stage 'rl': option '{key}' is not read in a pipeline; set {where}"):
+        load_pipeline(spec)
+    # on the command line, <stage>.dataset and <stage>.model set the stage's own keys
+    p = load_pipeline(tiny_pipeline(tmp_path), ["rl.dataset=builtin:arithmetic?max_terms=3", "rl.model=@cold"])
+    assert (p.stages[1].dataset, p.stages[1].model) == ("builtin:arithmetic?max_terms=3", "@cold")
+
+
+def test_a_grpo_stage_evaluates_at_its_eval_steps(tmp_path, monkeypatch):
+    # The pipeline gave a GRPO stage no eval rows, so its eval_steps did nothing, and a stage's own
+    # eval_dataset prompts were not kept out of its training data.
+    from r1fast.trainer.grpo import GRPOTrainer
+
+    seen = {}
+    init = GRPOTrainer.__init__
+
+    def spy(self, model, reward_funcs=None, train_dataset=None, config=None, tokenizer=None, eval_dataset=None, **kw):
+        seen["train"], seen["eval"] = train_dataset, eval_dataset
+        init(self, model, reward_funcs, train_dataset, config, tokenizer, eval_dataset, **kw)
+
+    monkeypatch.setattr(GRPOTrainer, "__init__", spy)
+    spec = tiny_pipeline(tmp_path)
+    spec["stages"] = spec["stages"][:2]
+    spec["stages"][1]["config"]["eval_steps"] = 1
+    run_pipeline(spec)
+    rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    evals = [r for r in rows if r["stage"] == "rl" and "eval/accuracy" in r]
+    # step 4 the stage's (the pipeline's eval settings: 4 prompts x 2), step 5 the pipeline's after it
+    assert [r["step"] for r in evals] == [4, 5] and evals[0]["eval/num_samples"] == 8
+    assert seen["eval"] and len(seen["eval"]) == 4
+
+    spec = tiny_pipeline(tmp_path)
+    spec["output_dir"] = str(tmp_path / "own")
+    spec["stages"] = spec["stages"][:2]
+    spec["stages"][1]["config"].update(eval_steps=1, eval_dataset="builtin:arithmetic?min_terms=2&max_terms=2",
+                                       eval_size=64)
+    run_pipeline(spec)
+    held = {r["prompt"] for r in seen["eval"]}
+    assert len(seen["eval"]) == 64 and not held & {r["prompt"] for r in seen["train"]}
+    spec["stages"][1]["config"]["eval_steps"] = 0
+    with pytest.raises(ValueError, match="stage 'rl': eval_dataset is used at eval_steps, which is 0"):
+        load_pipeline(spec)
+
+
+def test_summary_shows_steps_skipped_for_nonfinite_losses(tmp_path):
+    from r1fast.trainer.pipeline import PipelineRunner, render_summary
+
+    runner = PipelineRunner(load_pipeline(tiny_pipeline(tmp_path)))
+    runner.state = {"order": ["rl"], "stages": {"rl": {"type": "grpo", "step_start": 0, "step_end": 2,
+                                                        "nonfinite_skipped": 2, "finished": True}}}
+    assert "rl: 2 steps skipped for a NaN/inf loss or gradient" in render_summary(runner.summary(0.0))

@@ -163,6 +163,10 @@ def test_fp8_and_device_options_apply_to_a_model_object(tmp_path):
     GRPOTrainer(model, [sevens], ROWS, GRPOConfig(per_device_train_batch_size=32, fp8="emulate"), tokenizer=tok)
     with pytest.raises(ConfigError, match="already converted with fp8='emulate'"):
         GRPOTrainer(model, [sevens], ROWS, GRPOConfig(per_device_train_batch_size=32, fp8="torch"), tokenizer=tok)
+    with pytest.raises(ConfigError, match="asks for fp8='emulate', fp8_scaling='tensorwise'.*"
+                                          "converted with fp8='emulate', fp8_scaling='rowwise'"):
+        GRPOTrainer(model, [sevens], ROWS, GRPOConfig(per_device_train_batch_size=32, fp8="emulate",
+                                                      fp8_scaling="tensorwise"), tokenizer=tok)
     with pytest.raises(ConfigError, match="option 'device' is 'meta' but the model is on cpu"):
         make(tmp_path, "dev", device="meta")
 
@@ -391,3 +395,68 @@ def test_sft_packs_a_prompt_once_for_its_completions_with_the_same_numbers(tmp_p
     sft.SFTTrainer(model, tok, distinct, SFTConfig(per_device_train_batch_size=6, progress_bar=False,
                                                    output_dir=str(tmp_path / "d"))).step()
     assert shared_flags[-1] is False
+
+
+def _ckpts(run):
+    return sorted(n for n in os.listdir(run) if n.startswith("checkpoint-"))
+
+
+def test_a_new_run_refuses_a_folder_holding_an_earlier_runs_checkpoints(tmp_path):
+    # Pruning kept the highest step numbers of both runs: a 2-step run after a 4-step one deleted its
+    # own checkpoint-2, and --resume then resumed the old run.
+    make(tmp_path, "r", max_steps=4, save_total_limit=1).train()
+    (tmp_path / "r" / "notes.txt").write_text("mine")
+    again = make(tmp_path, "r", max_steps=2, save_total_limit=1)
+    with pytest.raises(ValueError, match=r"r holds an earlier run \(checkpoints checkpoint-4\); continue it with "
+                                         r"--resume.*overwrite_output_dir=true"):
+        again.train()
+    assert _ckpts(tmp_path / "r") == ["checkpoint-4"] and again.global_step == 0
+    again.cfg.overwrite_output_dir = True
+    assert again.train()["checkpoint"].endswith("checkpoint-2")
+    assert _ckpts(tmp_path / "r") == ["checkpoint-2"]
+    assert [r["step"] for r in _metrics(tmp_path / "r" / "metrics.jsonl")] == [1, 2]
+    assert (tmp_path / "r" / "notes.txt").read_text() == "mine"   # only what a run writes is deleted
+
+
+def test_evaluations_between_logging_steps_are_logged(tmp_path):
+    # An evaluation at eval_steps reached metrics.jsonl only when its step was also a logging step.
+    model, tok = tiny_model()
+    cfg = GRPOConfig(per_device_train_batch_size=8, num_generations=4, max_completion_length=4, max_steps=6,
+                     eval_steps=2, logging_steps=3, output_dir=str(tmp_path / "e"), progress_bar=False)
+    GRPOTrainer(model, [sevens], ROWS, cfg, tokenizer=tok, eval_dataset=ROWS[:2]).train()
+    rows = _metrics(tmp_path / "e" / "metrics.jsonl")
+    assert [r["step"] for r in rows if "eval/accuracy" in r] == [0, 2, 4, 6]
+    assert [r["step"] for r in rows if "reward" in r] == [3, 6]
+
+
+def _sft(tmp_path, poison_steps, **over):
+    from r1fast.trainer.config import SFTConfig
+    from r1fast.trainer.sft import SFTTrainer
+
+    model, tok = tiny_model()
+    rows = [{"prompt": str(i), "completion": "7"} for i in range(8)]
+    cfg = SFTConfig(per_device_train_batch_size=4, progress_bar=False, output_dir=str(tmp_path / "sft"), **over)
+    tr = SFTTrainer(model, tok, rows, cfg)
+    calls = {"n": 0}
+
+    def poison(module, args, out):
+        calls["n"] += 1
+        return out * float("nan") if calls["n"] in poison_steps else out
+
+    model.norm.register_forward_hook(poison)
+    return tr
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")   # a skipped first step
+def test_sft_counts_nonfinite_steps_and_stops_after_too_many(tmp_path):
+    # SFT logged a per-step `skipped` flag, so a skipped step between logging steps was lost, and it
+    # never stopped however many steps in a row were NaN.
+    from r1fast.trainer.grpo import NonFiniteLoss
+
+    res = _sft(tmp_path / "a", {2}, max_steps=3, logging_steps=3).train()
+    assert res["nonfinite_skipped"] == 1
+    assert [r["nonfinite_skipped"] for r in _metrics(tmp_path / "a" / "sft" / "metrics.jsonl")] == [1]
+    tr = _sft(tmp_path / "b", set(range(1, 100)), max_steps=20, max_nonfinite_steps=3)
+    with pytest.raises(NonFiniteLoss, match="3 optimizer steps in a row.*max_nonfinite_steps=3"):
+        tr.train()
+    assert tr.global_step == 2   # the third NaN step stops the run

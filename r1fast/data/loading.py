@@ -43,13 +43,24 @@ def check_columns(rows: Sequence[dict], columns: Sequence[str], where: str = "da
             raise ValueError(f"{where}: row {i} has no value for column(s) {holes}")
 
 
+_BUILDERS = {"json": "json", "parquet": "parquet", "csv": "csv"}  # file type -> datasets' loader
+
+
 def _load_hf(path: str, split: Optional[str]) -> list[dict]:
     if not os.path.exists(path):
         raise ValueError(f"dataset {path!r} does not exist (give a .jsonl/.json/.parquet file, a folder saved "
                          f"with datasets' save_to_disk, or builtin:arithmetic)")
-    import datasets
-
-    if os.path.isdir(path):
+    ext = path.rsplit(".", 1)[-1].lower() if not os.path.isdir(path) else None
+    if ext == "jsonl":  # read directly: no `datasets` needed
+        return _read_jsonl(path)
+    if ext is not None and ext not in _BUILDERS:
+        raise ValueError(f"dataset {path!r}: unknown file type .{ext} (use .jsonl, .json, .parquet or .csv)")
+    try:
+        import datasets
+    except ImportError:
+        raise ValueError(f"dataset {path!r}: reading {'a saved dataset folder' if ext is None else '.' + ext} "
+                         f"needs the `datasets` package (pip install datasets), or give a .jsonl file") from None
+    if ext is None:
         try:
             ds = datasets.load_from_disk(path)
         except FileNotFoundError as e:
@@ -60,12 +71,7 @@ def _load_hf(path: str, split: Optional[str]) -> list[dict]:
                 raise ValueError(f"dataset {path!r} has no split {split!r}; splits: {list(ds)}")
             ds = ds[split]
     else:
-        ext = path.rsplit(".", 1)[-1].lower()
-        builder = {"jsonl": "json", "json": "json", "parquet": "parquet", "csv": "csv"}.get(ext)
-        if builder is None:
-            raise ValueError(f"dataset {path!r}: unknown file type .{ext} (use .jsonl, .json, .parquet or .csv)")
-        if ext == "jsonl":
-            return _read_jsonl(path)
+        builder = _BUILDERS[ext]
         try:
             ds = datasets.load_dataset(builder, data_files=path, split="train")
         except Exception as e:   # datasets wraps the parser's error; its innermost cause says what is wrong

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from r1fast.fp8.linear import Fp8Linear
-from r1fast.fp8.options import Fp8Options, make_options
+from r1fast.fp8.options import Fp8Options, as_options
 from r1fast.fp8.support import te_module, te_recipe_support, torch_path
 
 # FP8 GEMMs need both matrix dimensions in multiples of 16 (cuBLAS / TE alignment).
@@ -96,7 +96,7 @@ def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, attr, new)
 
 
-def apply_fp8(model: nn.Module, mode: str, recipe: str | None = None, grad_dtype: str = "e5m2",
+def apply_fp8(model: nn.Module, mode: str | Fp8Options, recipe: str | None = None, grad_dtype: str = "e5m2",
               scaling: str | None = None) -> nn.Module:
     """Run `model`'s attention/MLP linear layers in FP8; returns the model (changed in place).
 
@@ -108,10 +108,11 @@ def apply_fp8(model: nn.Module, mode: str, recipe: str | None = None, grad_dtype
     norms are untouched, master weights keep their dtype, and a layer whose dimensions are not
     multiples of 16 stays in high precision. Where the mode cannot run (a GPU without FP8, TE
     missing) the layers stay in high precision and one Fp8FallbackWarning says why.
+    mode may also be an Fp8Options (`make_options(...)`) holding all of these.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"apply_fp8: model must be a torch.nn.Module, got {type(model).__name__}")
-    opts = make_options(mode, recipe=recipe, grad_dtype=grad_dtype, scaling=scaling)
+    opts = as_options(mode, recipe=recipe, grad_dtype=grad_dtype, scaling=scaling)
     already = [n or "<root>" for n, m in model.named_modules() if _is_converted(m)]
     if already:
         raise ValueError(f"apply_fp8: the model already has FP8 layers ({', '.join(already[:3])}...); "

@@ -50,6 +50,8 @@ def make_options(mode, recipe=None, grad_dtype="e5m2", scaling=None) -> Fp8Optio
         _check_choice("recipe", recipe, RECIPES)
     if scaling is not None:
         _check_choice("scaling", scaling, SCALINGS)
+    if mode == "off":  # nothing runs in FP8: the other options are moot (switching off is one override)
+        return Fp8Options("off", None, grad_dtype, None)
     if mode == "auto":
         # recipe and scaling both stay as given: each applies if its path is the one chosen
         return Fp8Options("auto", recipe, grad_dtype, scaling)
@@ -65,6 +67,14 @@ def make_options(mode, recipe=None, grad_dtype="e5m2", scaling=None) -> Fp8Optio
             f"fp8 recipe={recipe!r} applies to mode='te' only (Transformer Engine); mode={mode!r} uses "
             f"scaling= ({', '.join(SCALINGS)}) instead"
         )
-    if mode == "off":
-        return Fp8Options("off", None, grad_dtype, None)
     return Fp8Options(mode, None, grad_dtype, scaling or "rowwise")
+
+
+def as_options(fp8, recipe=None, grad_dtype="e5m2", scaling=None) -> Fp8Options:
+    """`fp8` as validated Fp8Options: a mode with the other options as keywords, or an Fp8Options
+    (from make_options, or built by hand: checked again) with no keywords beside it."""
+    if isinstance(fp8, Fp8Options):
+        if recipe is not None or scaling is not None or grad_dtype != "e5m2":
+            raise ValueError("fp8: pass either an Fp8Options or a mode with recipe/grad_dtype/scaling, not both")
+        return make_options(fp8.mode, fp8.recipe, fp8.grad_dtype, fp8.scaling)
+    return make_options(fp8, recipe, grad_dtype, scaling)

@@ -25,20 +25,21 @@ _IGNORED_KEY = re.compile(r"^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq
 _EMBED_KEY = "model.embed_tokens.weight"
 
 
-def from_pretrained(path, dtype=None, device=None, fp8: str = "off"):
+def from_pretrained(path, dtype=None, device=None, fp8="off"):
     """Load a local checkpoint folder into a CausalLM.
 
     dtype: None keeps the checkpoint's dtype (config.json's torch_dtype/dtype, else the stored tensors');
-    device: where the weights live (default CPU); fp8: anything but "off" hands the model to
-    `r1fast.fp8.apply_fp8(model, fp8)` after loading.
+    device: where the weights live (default CPU); fp8: a mode, or `r1fast.fp8.make_options(mode,
+    recipe=, grad_dtype=, scaling=)`; anything but "off" hands the model to `r1fast.fp8.apply_fp8`
+    after loading (the options are checked before anything loads).
     """
+    from r1fast.fp8.options import as_options
     from r1fast.models.decoder import CausalLM
 
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"checkpoint folder {path!r} does not exist")
-    if not isinstance(fp8, str):
-        raise TypeError(f"fp8 must be a string mode such as 'off', got {type(fp8).__name__}")
+    fp8 = as_options(fp8)
     config = ModelConfig.from_hf_config(read_config_json(path))
     shards = _shard_files(path)
     dtype = resolve_dtype(dtype) or config.dtype or _stored_dtype(shards[0]) or torch.float32
@@ -82,7 +83,7 @@ def from_pretrained(path, dtype=None, device=None, fp8: str = "off"):
         more = f" and {len(missing) - 8} more" if len(missing) > 8 else ""
         raise ValueError(f"checkpoint {path!r} is incomplete: missing {missing[:8]}{more}")
     config.torch_dtype = _dtype_str(dtype)
-    if fp8 != "off":
+    if fp8.mode != "off":
         from r1fast.fp8 import apply_fp8
 
         model = apply_fp8(model, fp8) or model

@@ -66,6 +66,41 @@ def resolve_resume(resume: str | bool | None, run_dir: str) -> Optional[str]:
     return path
 
 
+class RunFolderInUse(ValueError):
+    """A new run (not `--resume`) pointed at a folder holding an earlier run's checkpoints."""
+
+    def __init__(self, run_dir: str, holds: str):
+        self.run_dir, self.holds = run_dir, holds
+        super().__init__(f"{run_dir} holds an earlier run ({holds}); continue it with --resume (resume=True), "
+                         f"start over with overwrite_output_dir=true (deletes its checkpoints and metrics "
+                         f"first), or give another output_dir")
+
+
+def start_fresh(run_dir: str, overwrite: bool):
+    """Before a new run: an earlier run's checkpoints in `run_dir` would be pruned together with the
+    new run's by step number (deleting the new run's own) and `--resume` would pick the newest of
+    either. So they are an error, or with `overwrite` deleted first."""
+    ckpts = list_checkpoints(run_dir)
+    if not ckpts:
+        return
+    if not overwrite:
+        raise RunFolderInUse(run_dir, "checkpoints " + ", ".join(os.path.basename(p) for _, p in ckpts))
+    clear_run(run_dir)
+
+
+def clear_run(run_dir: str):
+    """Delete what a training run writes into `run_dir`, and nothing else: an output_dir may also
+    hold the user's own files."""
+    if not os.path.isdir(run_dir):
+        return
+    for name in os.listdir(run_dir):
+        path = os.path.join(run_dir, name)
+        if _CKPT_RE.match(name.split(".old-")[0]) or name.startswith(".tmp-checkpoint-") or name == "tensorboard":
+            shutil.rmtree(path, ignore_errors=True)
+        elif name in ("metrics.jsonl", "completions.jsonl", "metrics.jsonl.tmp", "completions.jsonl.tmp"):
+            os.remove(path)
+
+
 # -- RNG ---------------------------------------------------------------------------------------
 def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     tensors = {"torch_cpu": torch.get_rng_state()}
@@ -136,8 +171,9 @@ def load_optimizer_state(opt: torch.optim.Optimizer, tensors: dict[str, torch.Te
 
 # -- save / load -------------------------------------------------------------------------------
 def save_checkpoint(run_dir: str, step: int, *, model, optimizer=None, scheduler=None, tokenizer=None,
-                    state: Optional[dict] = None, keep: int = 2) -> str:
-    """Write checkpoint-<step> atomically and delete all but the newest `keep` checkpoints."""
+                    state: Optional[dict] = None, keep: Optional[int] = 2) -> str:
+    """Write checkpoint-<step> atomically and delete all but it and the newest `keep` - 1 others
+    (keep=None: delete none)."""
     os.makedirs(run_dir, exist_ok=True)
     final = os.path.join(run_dir, f"checkpoint-{step}")
     tmp = tempfile.mkdtemp(prefix=f".tmp-checkpoint-{step}-", dir=run_dir)
@@ -169,7 +205,10 @@ def save_checkpoint(run_dir: str, step: int, *, model, optimizer=None, scheduler
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    for _, path in list_checkpoints(run_dir)[:-keep]:
+    # the checkpoint just written is kept even where higher step numbers sit beside it (a run resumed
+    # from an older checkpoint): deleting it would leave `--resume` another run's state
+    others = [path for _, path in list_checkpoints(run_dir) if path != final]
+    for path in others[:max(0, len(others) - (keep - 1))] if keep is not None else []:
         shutil.rmtree(path, ignore_errors=True)
     return final
 

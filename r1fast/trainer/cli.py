@@ -8,7 +8,7 @@
     r1fast pipeline r1fast/configs/r1_pipeline.yaml
     r1fast plot runs/default
 Options after the config file are `--key value`, `--key=value` or `key=value`; for a pipeline,
-`<stage>.<key>=value` sets one stage's option.
+`<stage>.<key>=value` sets one stage's option (or its own model, dataset, num_rows, evaluate).
 """
 from __future__ import annotations
 
@@ -80,8 +80,25 @@ def _guarded(cmd: str, func, resumable: bool = True):
             print(f"r1fast {cmd}: stopped{hint}", file=sys.stderr)
             return 130
         except _user_errors() as e:
+            from r1fast.trainer.checkpoints import RunFolderInUse
+
+            if isinstance(e, RunFolderInUse):
+                raise SystemExit(_in_use_message(cmd, args.rest, e)) from None
             _fail(cmd, e)
     return run
+
+
+def _in_use_message(cmd: str, rest: list[str], e) -> str:
+    """A new run refused for an earlier run in its folder, with the exact commands to type."""
+    import shlex
+
+    again = shlex.join(["r1fast", cmd, *rest])
+    choices = [(f"{again} --resume", "to continue it"),
+               (f"{again} overwrite_output_dir=true", "to start over (deletes its checkpoints and metrics)"),
+               (f"{again} output_dir=NEW_FOLDER", "to keep it and write the new run elsewhere")]
+    width = max(len(c) for c, _ in choices)
+    return (f"r1fast {cmd}: {e.run_dir} holds an earlier run ({e.holds}). Type\n"
+            + "\n".join(f"  {c:<{width}}  {why}" for c, why in choices))
 
 
 def _resume_pipeline(resume, overrides: list[str]) -> tuple[bool, list[str]]:
@@ -115,7 +132,7 @@ def _run_grpo(config: str, overrides: list[str], resume):
     if cfg.model_name_or_path is None or cfg.dataset is None:
         raise ConfigError("a GRPO config needs model_name_or_path and dataset")
     model, tok = load_model_and_tokenizer(cfg.model_name_or_path, device=resolve_device(cfg.device), dtype=cfg.dtype,
-                                          seed=cfg.seed, fp8=cfg.fp8)
+                                          seed=cfg.seed, fp8=cfg.fp8_options())
     trainer = GRPOTrainer(model, None, cfg.dataset, cfg, tokenizer=tok)
     res = trainer.train(resume=resume)
     _print_result(res)
@@ -160,7 +177,7 @@ def _cmd_sft(args):
                                                f"{c.completion_column!r} columns)")
     rows = load_rows(cfg.dataset, seed=cfg.seed, required_columns=(cfg.prompt_column, cfg.completion_column))
     res = SFTTrainer(model, tok, rows, cfg).train(resume=resume)
-    print(f"checkpoint: {res['checkpoint']}")
+    _print_result(res)
     if res.get("interrupted"):
         print("r1fast sft: stopped; continue with --resume", file=sys.stderr)
         return 130

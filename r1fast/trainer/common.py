@@ -39,9 +39,10 @@ def run_dir_for(output_dir: Optional[str], run_name: Optional[str], default_name
     return os.path.join(os.getcwd(), "runs", run_name or default_name)
 
 
-def load_model_and_tokenizer(spec: Optional[str], *, device, dtype: str = "float32", seed: int = 0, fp8: str = "off",
+def load_model_and_tokenizer(spec: Optional[str], *, device, dtype: str = "float32", seed: int = 0, fp8="off",
                              tokenizer=None):
-    """`builtin:<size>` (random init, built-in char tokenizer) or a local Hugging Face folder."""
+    """`builtin:<size>` (random init, built-in char tokenizer) or a local Hugging Face folder. fp8: a
+    mode or r1fast.fp8.Fp8Options (GRPOConfig.fp8_options())."""
     from r1fast.models import CausalLM, ModelConfig, from_pretrained, load_tokenizer
 
     if spec is None:
@@ -61,9 +62,9 @@ def load_model_and_tokenizer(spec: Optional[str], *, device, dtype: str = "float
         model = CausalLM(cfg)
         model.reset_parameters(seed=seed)
         model = model.to(device=device, dtype=torch_dtype)
-        if fp8 != "off":
-            from r1fast.fp8 import apply_fp8
+        from r1fast.fp8 import apply_fp8, as_options
 
+        if as_options(fp8).mode != "off":
             model = apply_fp8(model, fp8)
         return model, tok
     if not os.path.isdir(spec):

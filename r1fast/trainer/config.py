@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import re
 import shlex
@@ -31,6 +32,9 @@ class ConfigError(ValueError):
 @dataclass
 class _Base:
     """Shared loading/overriding/validation for every config dataclass."""
+
+    # int options that TRL spells as a bool: true -> this count, false -> 0 (not dataclass fields)
+    _BOOL_COUNTS: typing.ClassVar[dict[str, int]] = {}
 
     @classmethod
     def field_names(cls) -> list[str]:
@@ -61,6 +65,8 @@ class _Base:
                 close = difflib.get_close_matches(key, names, n=3)
                 hint = f"; did you mean {', '.join(close)}?" if close else ""
                 raise ConfigError(f"{source}: unknown option {key!r} for {type(self).__name__}{hint}")
+            if key in self._BOOL_COUNTS and isinstance(value, bool):
+                value = self._BOOL_COUNTS[key] if value else 0
             setattr(self, key, _coerce(key, value, hints[key], source))
         self.validate()
         return self
@@ -160,16 +166,15 @@ def _coerce(key: str, value: Any, hint: Any, source: str) -> Any:
                 raise bad from None
         raise bad
     if hint is float:
-        if isinstance(value, bool):
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
             raise bad
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                raise bad from None
-        raise bad
+        try:
+            number = float(value)
+        except ValueError:
+            raise bad from None
+        if not math.isfinite(number):  # inf/nan would pass most range checks and train on garbage
+            raise ConfigError(f"{source}: option {key!r} must be a finite number, got {value!r}")
+        return number
     if hint is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
@@ -213,6 +218,27 @@ def _check_device(value: Optional[str]):
                           f"got {value!r}") from None
 
 
+def _check_rewards(names: list[str], length_target: Optional[int]):
+    """Reward names resolve now (a built-in, an importable module:function, an existing file.py:function),
+    so a typo fails at load, not when the stage that uses it starts. A file is only run when used."""
+    from r1fast.rewards.combine import BUILTIN_NAMES, load_function
+
+    _check(len(names) >= 1, "option 'reward_funcs' needs at least one reward function")
+    for name in names:
+        if name in BUILTIN_NAMES:
+            continue
+        path = name.rpartition(":")[0]
+        if path.endswith(".py"):
+            _check(os.path.isfile(path), f"option 'reward_funcs': file {path!r} of {name!r} does not exist")
+            continue
+        try:
+            load_function(name)
+        except ValueError as e:
+            raise ConfigError(f"option 'reward_funcs': {e}") from None
+    _check("length" not in names or (length_target or 0) >= 1,
+           "reward 'length' needs option 'length_penalty_target' (a token count >= 1)")
+
+
 def _check_regex(name: str, value: Optional[str]):
     if value is None:
         return
@@ -246,28 +272,41 @@ class _TrainingConfig(_Base):
     output_dir: Optional[str] = None         # default: ./runs/<run_name>
     run_name: Optional[str] = None
     save_steps: int = 0                      # 0: only at the end
-    save_total_limit: int = 2
+    save_total_limit: Optional[int] = 2      # None: keep every checkpoint
+    # a new run into an output_dir holding an earlier run's checkpoints: delete them (and its metrics)
+    # first; default: refuse (--resume continues that run instead)
+    overwrite_output_dir: bool = False
     logging_steps: int = 10
-    report_to: list[str] = field(default_factory=list)   # "tensorboard", "wandb"
+    report_to: list[str] = field(default_factory=list)   # "tensorboard", "wandb" ("none" as in TRL: nothing)
     progress_bar: bool = True
     device: Optional[str] = None             # default: cuda when present, else cpu
     dtype: str = "float32"
+    max_nonfinite_steps: int = 10            # abort after this many skipped (NaN/inf) steps in a row
 
     def validate(self):
+        _check(self.max_nonfinite_steps >= 1,
+               f"option 'max_nonfinite_steps' must be >= 1; got {self.max_nonfinite_steps}")
         _check(self.learning_rate >= 0, f"option 'learning_rate' must be >= 0; got {self.learning_rate}")
+        _check(self.weight_decay >= 0, f"option 'weight_decay' must be >= 0; got {self.weight_decay}")
+        for name in ("adam_beta1", "adam_beta2"):
+            _check(0 <= getattr(self, name) < 1, f"option {name!r} must be in [0, 1); got {getattr(self, name)}")
+        _check(self.adam_epsilon > 0, f"option 'adam_epsilon' must be > 0; got {self.adam_epsilon}")
+        _check(self.max_grad_norm >= 0, f"option 'max_grad_norm' must be >= 0 (0: no clipping); got {self.max_grad_norm}")
         _one_of("lr_scheduler_type", self.lr_scheduler_type, SCHEDULERS)
         _one_of("dtype", self.dtype, DTYPES)
         _check_device(self.device)
         _check(self.warmup_steps >= 0, f"option 'warmup_steps' must be >= 0; got {self.warmup_steps}")
         _check(self.per_device_train_batch_size >= 1, "option 'per_device_train_batch_size' must be >= 1")
         _check(self.gradient_accumulation_steps >= 1, "option 'gradient_accumulation_steps' must be >= 1")
-        _check(self.max_steps != 0, "option 'max_steps' must be positive, or -1 to use num_train_epochs")
+        _check(self.max_steps == -1 or self.max_steps >= 1,
+               f"option 'max_steps' must be positive, or -1 to use num_train_epochs; got {self.max_steps}")
         _check(self.max_steps > 0 or self.num_train_epochs > 0, "option 'num_train_epochs' must be > 0")
         _check(0 <= self.warmup_ratio < 1, f"option 'warmup_ratio' must be in [0, 1); got {self.warmup_ratio}")
-        _check(self.save_steps >= 0 and self.logging_steps >= 1 and self.save_total_limit >= 1,
-               "options 'save_steps' >= 0, 'logging_steps' >= 1 and 'save_total_limit' >= 1 are required")
+        _check(self.save_steps >= 0 and self.logging_steps >= 1 and (self.save_total_limit or 1) >= 1,
+               "options 'save_steps' >= 0, 'logging_steps' >= 1 and 'save_total_limit' >= 1 (or null) are required")
+        self.report_to = [r for r in self.report_to if r != "none"]  # TRL's way of saying "no tracker"
         for r in self.report_to:
-            _one_of("report_to", r, ("tensorboard", "wandb"))
+            _one_of("report_to", r, ("tensorboard", "wandb", "none"))
 
 
 @dataclass
@@ -287,8 +326,8 @@ class GRPOConfig(_TrainingConfig):
     prompt_column: str = "prompt"
     answer_column: str = "answer"
     eval_dataset: Optional[str] = None
-    eval_size: int = 64
-    eval_steps: int = 0                      # 0: evaluate only at the start and at the end
+    eval_size: int = 64                      # held-out prompts used; 0: every row of an eval_dataset file
+    eval_steps: Optional[int] = 0            # 0 or null: evaluate only at the start and at the end
     eval_temperature: float = 1.0
     eval_samples_per_prompt: int = 1
     system_prompt: Optional[str] = None
@@ -317,7 +356,7 @@ class GRPOConfig(_TrainingConfig):
     # sampling
     temperature: float = 1.0
     top_p: float = 1.0
-    top_k: int = -1
+    top_k: int = -1                          # -1 or 0: no limit
     min_p: float = 0.0
     max_completion_length: int = 256
     max_prompt_length: int = 512
@@ -336,9 +375,22 @@ class GRPOConfig(_TrainingConfig):
     length_penalty_target: Optional[int] = None
     # output (output_dir, run_name, save_steps, ...: _TrainingConfig)
     log_completions: int = 2                 # sample completions written to the log per logging step
+    _BOOL_COUNTS = {"log_completions": 2}    # TRL's log_completions is a bool
     # precision (device, dtype: _TrainingConfig)
-    fp8: str = "off"
-    max_nonfinite_steps: int = 10            # abort after this many skipped steps in a row
+    fp8: str = "off"                         # off | emulate | torch | te | auto (docs/fp8.md)
+    fp8_recipe: Optional[str] = None         # te: current (default) | delayed | block | mxfp8
+    fp8_scaling: Optional[str] = None        # torch / emulate: rowwise (default) | tensorwise
+    fp8_grad_dtype: str = "e5m2"             # FP8 format of the gradients: e5m2 | e4m3
+
+    def fp8_options(self):
+        """fp8 and its sub-options as validated r1fast.fp8.Fp8Options."""
+        from r1fast.fp8 import MODES, as_options
+
+        _one_of("fp8", self.fp8, MODES)
+        try:
+            return as_options(self.fp8, self.fp8_recipe, self.fp8_grad_dtype, self.fp8_scaling)
+        except ValueError as e:  # name the config options, not make_options' keywords
+            raise ConfigError(f"options fp8 / fp8_recipe / fp8_scaling / fp8_grad_dtype: {e}") from None
 
     def validate(self):
         super().validate()
@@ -354,9 +406,7 @@ class GRPOConfig(_TrainingConfig):
         _one_of("kl_estimator", self.kl_estimator, KL_ESTIMATORS)
         _one_of("tis_mode", self.tis_mode, TIS_MODES)
         _one_of("tis_level", self.tis_level, TIS_LEVELS)
-        from r1fast.fp8 import MODES as FP8_MODES
-
-        _one_of("fp8", self.fp8, FP8_MODES)
+        self.fp8_options()
         _check(self.num_generations >= 2, f"option 'num_generations' must be >= 2 (GRPO compares samples within a group); got {self.num_generations}")
         gen = self.per_device_train_batch_size * self.gradient_accumulation_steps
         _check(gen % self.num_generations == 0,
@@ -368,19 +418,24 @@ class GRPOConfig(_TrainingConfig):
                f"decoded together); got {self.engine_max_num_seqs}")
         _check(self.temperature > 0, f"option 'temperature' must be > 0; got {self.temperature}")
         _check(0 < self.top_p <= 1, f"option 'top_p' must be in (0, 1]; got {self.top_p}")
-        _check(self.top_k == -1 or self.top_k >= 1, f"option 'top_k' must be -1 (off) or >= 1; got {self.top_k}")
+        _check(self.top_k >= -1, f"option 'top_k' must be -1 or 0 (off) or >= 1; got {self.top_k}")
         _check(0 <= self.min_p < 1, f"option 'min_p' must be in [0, 1); got {self.min_p}")
         _check(self.max_completion_length >= 1, "option 'max_completion_length' must be >= 1")
         _check(self.max_prompt_length >= 1, "option 'max_prompt_length' must be >= 1")
         _check(self.tis_cap > 1, f"option 'tis_cap' must be > 1; got {self.tis_cap}")
         _check(self.eval_samples_per_prompt >= 1 and self.eval_size >= 0, "eval_size >= 0 and eval_samples_per_prompt >= 1 required")
+        _check(self.eval_size >= 1 or not str(self.eval_dataset).startswith("builtin:"),
+               "option 'eval_size' 0 means every row of an eval_dataset file; a builtin: eval set is generated, "
+               "so give its size (>= 1)")
         _check(self.eval_temperature >= 0, "option 'eval_temperature' must be >= 0 (0 = greedy)")
-        _check(self.eval_steps >= 0,
+        _check((self.eval_steps or 0) >= 0,
                f"option 'eval_steps' must be >= 0 (0: only at the start and end); got {self.eval_steps}")
+        _check(self.engine_block_size >= 1 and self.engine_max_num_batched_tokens >= 1 and
+               (self.engine_num_blocks is None or self.engine_num_blocks >= 1),
+               "options 'engine_block_size', 'engine_max_num_batched_tokens' and 'engine_num_blocks' must be >= 1")
         _check(self.log_completions >= 0, f"option 'log_completions' must be >= 0; got {self.log_completions}")
-        _check(self.max_nonfinite_steps >= 1,
-               f"option 'max_nonfinite_steps' must be >= 1; got {self.max_nonfinite_steps}")
         _check_regex("format_pattern", self.format_pattern)
+        _check_rewards(self.reward_funcs, self.length_penalty_target)
         if self.reward_weights is not None:
             _check(len(self.reward_weights) == len(self.reward_funcs),
                    f"reward_weights has {len(self.reward_weights)} entries but reward_funcs has {len(self.reward_funcs)}")
@@ -456,12 +511,13 @@ class SampleConfig(_Base):
                f"option 'max_prompts' must be -1 (all) or >= 1; got {self.max_prompts}")
         _check(self.temperature >= 0, "option 'temperature' must be >= 0")
         _check(0 < self.top_p <= 1, f"option 'top_p' must be in (0, 1]; got {self.top_p}")
-        _check(self.top_k == -1 or self.top_k >= 1, f"option 'top_k' must be -1 (off) or >= 1; got {self.top_k}")
+        _check(self.top_k >= -1, f"option 'top_k' must be -1 or 0 (off) or >= 1; got {self.top_k}")
         _check(self.max_completion_length >= 1, "option 'max_completion_length' must be >= 1")
         _check(self.batch_prompts >= 1, "option 'batch_prompts' must be >= 1")
         _one_of("dtype", self.dtype, DTYPES)
         _check_device(self.device)
         _check_regex("format_pattern", self.format_pattern)
+        _check_rewards(self.reward_funcs, None)
         if self.reward_thresholds is not None:
             _check(len(self.reward_thresholds) == len(self.reward_funcs),
                    f"reward_thresholds has {len(self.reward_thresholds)} entries but reward_funcs has {len(self.reward_funcs)}")

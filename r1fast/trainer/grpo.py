@@ -56,7 +56,7 @@ class GRPOTrainer:
 
     def __init__(self, model, reward_funcs=None, train_dataset=None, config: Optional[GRPOConfig] = None,
                  tokenizer=None, eval_dataset=None, *, run_dir: Optional[str] = None,
-                 stage_name: str = "grpo", step_offset: int = 0):
+                 stage_name: str = "grpo", step_offset: int = 0, eval_at_ends: bool = True):
         self.cfg = config or GRPOConfig()
         if not isinstance(self.cfg, GRPOConfig):
             raise TypeError(f"config must be a GRPOConfig, got {type(self.cfg).__name__}")
@@ -66,7 +66,7 @@ class GRPOTrainer:
             from r1fast.trainer.common import load_model_and_tokenizer, resolve_device
 
             model, tokenizer = load_model_and_tokenizer(str(model), device=resolve_device(cfg.device),
-                                                        dtype=cfg.dtype, seed=cfg.seed, fp8=cfg.fp8,
+                                                        dtype=cfg.dtype, seed=cfg.seed, fp8=cfg.fp8_options(),
                                                         tokenizer=tokenizer)
         if not hasattr(model, "lm_head_weight"):
             raise TypeError("model must be an r1fast CausalLM (r1fast.models); wrap a transformers model "
@@ -108,6 +108,8 @@ class GRPOTrainer:
         self.run_dir = run_dir or run_dir_for(cfg.output_dir, cfg.run_name, "grpo")
         self.stage = stage_name
         self.step_offset = step_offset
+        # False in a pipeline, which evaluates its held-out prompts between stages itself
+        self.eval_at_ends = eval_at_ends
         self.stop_ids = stop_token_ids(tokenizer)
         self._prompt_cache: dict[int, list[int]] = {}
         self.ref_model = None
@@ -433,11 +435,13 @@ class GRPOTrainer:
     # -- the loop --------------------------------------------------------------------------------
     def train(self, resume: str | bool | None = None, callback: Optional[Callable[[int, dict], None]] = None) -> dict:
         cfg = self.cfg
+        if not resume:
+            ckpt.start_fresh(self.run_dir, cfg.overwrite_output_dir)
         logger, pbar, resume_path = start_run(self, resume)
         previous_handler = _install_sigint(self)
         result: dict[str, Any] = {}
         try:
-            if self.eval_rows and not resume_path:
+            if self.eval_rows and self.eval_at_ends and not resume_path:
                 ev = self.evaluate()
                 logger.log(self.step_offset + self.global_step, self.stage, ev)
                 result["initial"] = ev
@@ -449,13 +453,15 @@ class GRPOTrainer:
                 step = self.global_step
                 eval_now = cfg.eval_steps and self.eval_rows and (step // cfg.eval_steps) > (before // cfg.eval_steps) \
                     and step < self.total_steps
-                if eval_now:
-                    m.update(self.evaluate())
+                ev = self.evaluate() if eval_now else {}
+                m.update(ev)
                 self.history.append({"step": step, **m})
                 if (step // cfg.logging_steps) > (before // cfg.logging_steps) or step >= self.total_steps:
                     logger.log(self.step_offset + step, self.stage, m)
                     if cfg.log_completions:
                         logger.log_completions(self.step_offset + step, self.stage, out["samples"])
+                elif ev:   # not a logging step: the evaluation is logged on its own
+                    logger.log(self.step_offset + step, self.stage, ev)
                 if pbar is not None:
                     pbar.update(step - before)
                     pbar.set_postfix(reward=f"{m['reward']:.3f}", kl=f"{m.get('kl', 0.0):.4f}",
@@ -471,7 +477,7 @@ class GRPOTrainer:
                     result["interrupted"] = True
                     break
             else:
-                if self.eval_rows:
+                if self.eval_rows and self.eval_at_ends:
                     ev = self.evaluate()
                     logger.log(self.step_offset + self.global_step, self.stage, ev)
                     result["final"] = ev
@@ -532,14 +538,17 @@ def _apply_config_to_model(model, cfg: GRPOConfig) -> None:
     different mode there is an error), and an explicit device must be the model's."""
     from r1fast.trainer.config import ConfigError
 
-    report = getattr(model, "fp8_report", None)
-    if cfg.fp8 != "off" and report is None:
+    report, wanted = getattr(model, "fp8_report", None), cfg.fp8_options()
+    if wanted.mode != "off" and report is None:
         from r1fast.fp8 import apply_fp8
 
-        apply_fp8(model, cfg.fp8)
-    elif cfg.fp8 != "off" and report.options.mode != cfg.fp8:
-        raise ConfigError(f"option 'fp8' is {cfg.fp8!r} but the model was already converted with "
-                          f"fp8={report.options.mode!r}; pass a high-precision model or use the same mode")
+        apply_fp8(model, wanted)
+    elif wanted.mode != "off" and report.options != wanted:
+        def says(o):
+            return f"fp8={o.mode!r}" + "".join(f", fp8_{k}={v!r}" for k, v in
+                                               (("recipe", o.recipe), ("scaling", o.scaling), ("grad_dtype", o.grad_dtype)) if v)
+        raise ConfigError(f"the config asks for {says(wanted)} but the model was already converted with "
+                          f"{says(report.options)}; pass a high-precision model or use the same options")
     if cfg.device is not None and torch.device(cfg.device).type != model.device.type:
         raise ConfigError(f"option 'device' is {cfg.device!r} but the model is on {model.device}; move the model "
                           f"(model.to(...)) or drop the option")

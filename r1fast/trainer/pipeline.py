@@ -42,8 +42,17 @@ STAGE_TYPES = {"sft": SFTConfig, "grpo": GRPOConfig, "sample": SampleConfig}
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "default.yaml")
 _TOP_KEYS = {"name", "seed", "output_dir", "model", "device", "dtype", "eval_dataset", "eval_size",
              "eval_samples_per_prompt", "eval_temperature", "eval_max_tokens", "stages", "progress_bar",
-             "description", "num_threads"}
-_STAGE_KEYS = {"name", "type", "model", "dataset", "num_rows", "config", "evaluate"}
+             "description", "num_threads", "overwrite_output_dir"}
+_STAGE_FIELDS = ("model", "dataset", "num_rows", "evaluate")
+_STAGE_KEYS = {"name", "type", "config", *_STAGE_FIELDS}
+# Config options a pipeline sets for its stages itself: in a stage's config they would be ignored.
+_SUPPLIED = {"model_name_or_path": "the stage's own 'model:' key, beside 'config:' ({stage}.model=... on the command "
+                                   "line); by default a stage trains the previous stage's model",
+             "dataset": "the stage's own 'dataset:' key, beside 'config:' ({stage}.dataset=... on the command line)",
+             "output_dir": "the pipeline's output_dir (a stage writes into <output_dir>/{stage})",
+             "overwrite_output_dir": "the pipeline's overwrite_output_dir"}
+# A GRPO stage's evaluations at its eval_steps default to the pipeline's held-out settings.
+_EVAL_DEFAULTS = ("eval_size", "eval_samples_per_prompt", "eval_temperature")
 
 
 @dataclass
@@ -72,6 +81,7 @@ class Pipeline:
     eval_max_tokens: int = 64
     progress_bar: bool = True
     num_threads: Optional[int] = None    # torch CPU threads (1 avoids stalls on a busy small CPU)
+    overwrite_output_dir: bool = False   # a new run into a folder holding an earlier one: delete it first
     stages: list[Stage] = field(default_factory=list)
 
     @property
@@ -119,27 +129,104 @@ def load_pipeline(source: str | dict, overrides: Optional[list[str]] = None) -> 
         typ = raw.get("type")
         if typ not in STAGE_TYPES:
             raise ConfigError(f"{where}: stage {name!r}: type must be one of {sorted(STAGE_TYPES)}; got {typ!r}")
-        fields = _typed(Stage, {k: v for k, v in raw.items() if k in ("model", "dataset", "num_rows", "evaluate")},
-                        f"{where}: stage {name!r}")
+        ov = stage_ov.pop(name, {})
+        # <stage>.model / dataset / num_rows / evaluate on the command line set the stage's own keys
+        own = {k: v for k, v in {**raw, **ov}.items() if k in _STAGE_FIELDS}
+        fields = _typed(Stage, own, f"{where}: stage {name!r}")
         if fields.get("num_rows", 1) < 1:
             raise ConfigError(f"{where}: stage {name!r}: num_rows must be >= 1; got {fields['num_rows']}")
         if not fields.get("dataset"):   # found here, not once the stages before it have trained
             raise ConfigError(f"{where}: stage {name!r} needs a dataset (a path, builtin:<task> or \"@stage\")")
         conf = dict(raw.get("config") or {})
-        conf.update(stage_ov.pop(name, {}))
+        conf.update({k: v for k, v in ov.items() if k not in _STAGE_FIELDS})
+        at = f"{where}: stage {name!r}"
+        for key in conf:
+            if key in _SUPPLIED:
+                raise ConfigError(f"{at}: option {key!r} is not read in a pipeline; set "
+                                  f"{_SUPPLIED[key].format(stage=name)}")
         conf.setdefault("seed", p.seed + i)
-        cfg = STAGE_TYPES[typ].from_dict(conf, source=f"{where}: stage {name!r}")
-        _check_placement(p, conf, f"{where}: stage {name!r}")
+        if typ == "grpo":
+            for key in _EVAL_DEFAULTS:
+                conf.setdefault(key, getattr(p, key))
+        try:
+            cfg = STAGE_TYPES[typ].from_dict(conf, source=at)
+        except ConfigError as e:   # validate()'s range errors name the option but not the file or stage
+            raise (e if str(e).startswith(at) else ConfigError(f"{at}: {e}")) from None
+        _check_placement(p, conf, at)
         p.stages.append(Stage(name=name, type=typ, config=cfg, **fields))
     if stage_ov:
         raise ConfigError(f"command line: no stage named {sorted(stage_ov)}; stages: {[s.name for s in p.stages]}")
     if not p.model and not p.stages[0].model:
         raise ConfigError(f"{where}: no model for stage {p.stages[0].name!r}; set the pipeline's 'model' or the stage's")
-    for s in p.stages:
-        for ref in (s.model, s.dataset):
-            if isinstance(ref, str) and ref.startswith("@") and ref[1:] not in names:
-                raise ConfigError(f"{where}: stage {s.name!r} refers to unknown stage {ref!r}")
+    _check_stages(p, where)
     return p
+
+
+def _check_stages(p: Pipeline, where: str):
+    """What a stage would otherwise find wrong only when it starts, after the stages before it have
+    trained: its "@stage" references, models and datasets (its config's validate() has checked its
+    options, reward functions included)."""
+    names = {s.name for s in p.stages}
+    earlier: dict[str, str] = {}   # stage name -> type, of the stages before this one
+    written: set[str] = set()      # files that earlier sample stages write
+    _check_dataset(p.eval_dataset, f"{where}: eval_dataset", written)
+    _check_model(p.model, f"{where}: model")
+    for s in p.stages:
+        at = f"{where}: stage {s.name!r}"
+        for ref, role in ((s.model, "model"), (s.dataset, "dataset")):
+            if not (isinstance(ref, str) and ref.startswith("@")):
+                continue
+            src = ref[1:]
+            if src not in names:
+                raise ConfigError(f"{at} refers to unknown stage {ref!r}")
+            if src not in earlier:
+                raise ConfigError(f"{at}: {role} {ref!r} names a stage that runs after it (or itself)")
+            if role == "model" and earlier[src] == "sample":
+                raise ConfigError(f"{at}: model {ref!r} is a sample stage, which trains no model")
+            if role == "dataset" and earlier[src] != "sample":
+                raise ConfigError(f"{at}: dataset {ref!r} is a {earlier[src]} stage; \"@stage\" data is what a "
+                                  f"sample stage kept")
+        if not str(s.model or "").startswith("@"):
+            _check_model(s.model, f"{at}: model")
+        if not s.dataset.startswith("@"):
+            _check_dataset(s.dataset, f"{at}: dataset", written)
+        cfg = s.config
+        if s.type == "grpo":
+            if cfg.eval_dataset is not None and not cfg.eval_steps:
+                raise ConfigError(f"{at}: eval_dataset is used at eval_steps, which is 0; set eval_steps (the "
+                                  f"pipeline's own eval_dataset is evaluated after every training stage)")
+            _check_dataset(cfg.eval_dataset, f"{at}: eval_dataset", written)
+        if s.type == "sample" and cfg.output_file:
+            written.add(os.path.abspath(cfg.output_file))
+        earlier[s.name] = s.type
+
+
+def _check_model(spec: Optional[str], where: str):
+    from r1fast.trainer.common import BUILTIN_MODELS
+
+    if spec is None:
+        return
+    if spec.startswith("builtin:"):
+        if spec.split(":", 1)[1] not in BUILTIN_MODELS:
+            raise ConfigError(f"{where}: unknown built-in model {spec!r}; choose from "
+                              f"{', '.join('builtin:' + k for k in BUILTIN_MODELS)}")
+    elif not os.path.isdir(spec):
+        raise ConfigError(f"{where}: {spec!r} is not a folder (give a local Hugging Face checkpoint or builtin:tiny)")
+
+
+def _check_dataset(spec: Optional[str], where: str, written: set[str]):
+    from r1fast.data.tasks import builtin_rows
+
+    if spec is None:
+        return
+    if spec.startswith("builtin:"):
+        try:
+            builtin_rows(spec, 1, 0)   # the task's name and parameters
+        except ValueError as e:
+            raise ConfigError(f"{where}: {e}") from None
+    elif not os.path.exists(spec) and os.path.abspath(spec) not in written:
+        raise ConfigError(f"{where}: {spec!r} does not exist (a .jsonl/.json/.parquet/.csv file, a folder saved "
+                          f"with datasets' save_to_disk, builtin:<task>, or \"@stage\" for a sample stage's rows)")
 
 
 def _typed(cls, data: dict, where: str) -> dict:
@@ -206,7 +293,22 @@ class PipelineRunner:
             self._eval_rows = rows[:self.p.eval_size]
         return self._eval_rows
 
-    def stage_rows(self, stage: Stage, index: int, need: tuple[str, ...]) -> list[dict]:
+    def stage_eval_rows(self, stage: Stage) -> Optional[list[dict]]:
+        """A GRPO stage's prompts for its evaluations at eval_steps: its own eval_dataset, else the
+        pipeline's held-out prompts."""
+        from r1fast.data import load_rows
+
+        cfg = stage.config
+        if cfg.eval_dataset is None:
+            return self.eval_rows()
+        rows = load_rows(cfg.eval_dataset, split=cfg.dataset_split, n_builtin=max(cfg.eval_size, 1),
+                         seed=self.p.seed * 100 + 99)
+        return rows[:cfg.eval_size] if cfg.eval_size else rows
+
+    def stage_rows(self, stage: Stage, index: int, need: tuple[str, ...],
+                   held_out: Optional[list[dict]] = None) -> list[dict]:
+        """`held_out`: the stage's own evaluation prompts, kept out of its training data as the
+        pipeline's are."""
         from r1fast.data import check_columns, load_rows
 
         if stage.dataset is None:
@@ -224,12 +326,15 @@ class PipelineRunner:
                 raise ValueError(f"stage {stage.name!r}: stage {src!r} kept no samples (lower its thresholds or "
                                  f"sample more)")
         else:
-            rows = load_rows(stage.dataset, n_builtin=stage.num_rows, seed=self.p.seed * 100 + index + 1)
-            held_out = self.eval_rows()
+            rows = load_rows(stage.dataset, split=getattr(stage.config, "dataset_split", None),
+                             n_builtin=stage.num_rows, seed=self.p.seed * 100 + index + 1)
+            held_out = (self.eval_rows() or []) + (held_out or [])
             if held_out and stage.dataset.startswith("builtin:"):
                 # keep held-out prompts out of training so the reported accuracy is truly held out
                 seen = {str(r.get("prompt")) for r in held_out}
                 rows = [r for r in rows if str(r.get("prompt")) not in seen]
+                if not rows:
+                    raise ValueError(f"stage {stage.name!r}: every training prompt is also a held-out prompt")
         check_columns(rows, need, f"stage {stage.name!r}: dataset")
         return rows
 
@@ -290,10 +395,10 @@ class PipelineRunner:
         if resume and os.path.isfile(self.state_path):
             with open(self.state_path, encoding="utf-8") as f:
                 self.state = json.load(f)
-        elif os.path.isfile(self.state_path) and not resume:
-            print(f"r1fast: {self.run_dir} holds an earlier run; starting over (use --resume to continue it)")
         elif resume:
             print(f"r1fast: --resume: no earlier run in {self.run_dir}; starting from the first stage")
+        else:
+            self.start_fresh()
         self.state["order"] = [s.name for s in p.stages]
         self.state["seed"] = p.seed
         t_start = time.perf_counter()
@@ -336,12 +441,16 @@ class PipelineRunner:
                     raise KeyboardInterrupt
                 step += tr.global_step
                 record["checkpoint"] = res["checkpoint"]
+                record["nonfinite_skipped"] = res["nonfinite_skipped"]
             elif stage.type == "grpo":
                 from r1fast.trainer.grpo import GRPOTrainer
 
-                rows = self.stage_rows(stage, i, (cfg.prompt_column,))
-                tr = GRPOTrainer(model, cfg.reward_funcs, rows, cfg, tokenizer=tokenizer, run_dir=stage_dir,
-                                 stage_name=stage.name, step_offset=step)
+                # evaluated at its eval_steps, as in a single run; at its start and end the pipeline
+                # evaluates between stages instead
+                eval_rows = self.stage_eval_rows(stage) if cfg.eval_steps else None
+                rows = self.stage_rows(stage, i, (cfg.prompt_column,), held_out=eval_rows)
+                tr = GRPOTrainer(model, cfg.reward_funcs, rows, cfg, tokenizer=tokenizer, eval_dataset=eval_rows,
+                                 run_dir=stage_dir, stage_name=stage.name, step_offset=step, eval_at_ends=False)
                 res = tr.train(resume=True if resume_stage else None)
                 if res.get("interrupted"):
                     self.save_state()
@@ -379,6 +488,38 @@ class PipelineRunner:
         print(render_summary(summary))
         return summary
 
+    def start_fresh(self):
+        """A new run must not mix with an earlier one in its folder (see checkpoints.start_fresh): an
+        earlier run there is an error, or with overwrite_output_dir deleted first."""
+        from r1fast.trainer.checkpoints import RunFolderInUse, clear_run, list_checkpoints
+
+        names = [s.name for s in self.p.stages]
+        if os.path.isfile(self.state_path):
+            try:
+                with open(self.state_path, encoding="utf-8") as f:
+                    old = json.load(f)
+            except ValueError:
+                old = {}
+            names += [n for n in old.get("order", []) if n not in names]
+            done = [n for n, st in old.get("stages", {}).items() if st.get("finished")]
+            holds = f"pipeline_state.json; finished stages: {', '.join(done) or 'none'}"
+        else:
+            trained = [n for n in names if list_checkpoints(os.path.join(self.run_dir, n))]
+            holds = f"checkpoints of stage(s) {', '.join(trained)}" if trained else None
+        if holds is None:
+            return
+        if not self.p.overwrite_output_dir:
+            raise RunFolderInUse(self.run_dir, holds)
+        print(f"r1fast: overwrite_output_dir: deleting the earlier run in {self.run_dir}")
+        for name in names:
+            stage_dir = os.path.join(self.run_dir, name)
+            clear_run(stage_dir)
+            if os.path.isfile(os.path.join(stage_dir, "samples.jsonl")):
+                os.remove(os.path.join(stage_dir, "samples.jsonl"))
+        for name in ("pipeline_state.json", "summary.json", "metrics.jsonl"):
+            if os.path.isfile(os.path.join(self.run_dir, name)):
+                os.remove(os.path.join(self.run_dir, name))
+
     def _eval_settings(self) -> dict:
         """What a held-out accuracy depends on besides the model: the rows (dataset, size, seed) and
         the sampling (samples per prompt, temperature, token budget)."""
@@ -394,6 +535,8 @@ class PipelineRunner:
             row = {"stage": name, "type": st.get("type"), "steps": st.get("step_end", 0) - st.get("step_start", 0),
                    "held_out_accuracy": (st.get("eval") or {}).get("eval/accuracy"),
                    "format": (st.get("eval") or {}).get("eval/format"), "wall_s": round(st.get("wall_s", 0.0), 1)}
+            if st.get("nonfinite_skipped"):
+                row["nonfinite_skipped"] = st["nonfinite_skipped"]
             # a stage finished by an earlier invocation may have been evaluated under other settings
             if st.get("eval") and st.get("eval_settings", current) != current:
                 row["eval_settings"] = st["eval_settings"]
@@ -417,6 +560,9 @@ def render_summary(s: dict) -> str:
             then = r["eval_settings"]
             diff = ", ".join(f"{k}={then.get(k)!r} (now {v!r})" for k, v in s["eval"].items() if then.get(k) != v)
             lines.append(f"* {r['stage']}: evaluated by an earlier invocation with {diff}")
+    for r in s["stages"]:
+        if r.get("nonfinite_skipped"):
+            lines.append(f"{r['stage']}: {r['nonfinite_skipped']} steps skipped for a NaN/inf loss or gradient")
     return "\n".join(lines)
 
 

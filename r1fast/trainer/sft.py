@@ -23,6 +23,7 @@ from r1fast.trainer.common import (
     warmup_steps_of,
 )
 from r1fast.trainer.config import SFTConfig
+from r1fast.trainer.grpo import NonFiniteLoss, _install_sigint
 
 
 class SFTTrainer:
@@ -53,6 +54,8 @@ class SFTTrainer:
                                         warmup_steps_of(cfg, self.total_steps))
         self.cursor = DataCursor(len(self.examples), cfg.seed)
         self.global_step = 0
+        self.nonfinite_skipped = 0
+        self._nonfinite_streak = 0
         self.share_prompts = prompt_sharing_pays(model, cfg.share_prompts)
 
     def step(self) -> dict[str, float]:
@@ -79,36 +82,44 @@ class SFTTrainer:
             loss.backward()
             total += float(loss.detach())
         gn = grad_norm_and_clip(self.model.parameters(), cfg.max_grad_norm)
-        skipped = not (math.isfinite(total) and math.isfinite(gn))
-        if skipped:
-            self.optimizer.zero_grad(set_to_none=True)
-        else:
+        if math.isfinite(total) and math.isfinite(gn):
             self.optimizer.step()
+            self._nonfinite_streak = 0
+        else:   # as GRPO: never apply a NaN/inf update; count it, and stop after too many in a row
+            self.optimizer.zero_grad(set_to_none=True)
+            self.nonfinite_skipped += 1
+            self._nonfinite_streak += 1
+            limit = cfg.max_nonfinite_steps
+            if self._nonfinite_streak >= limit:
+                raise NonFiniteLoss(f"{self._nonfinite_streak} optimizer steps in a row had a NaN/inf loss or "
+                                    f"gradient; stopping (max_nonfinite_steps={limit})")
         self.scheduler.step()
         self.global_step += 1
         dt = time.perf_counter() - t0
-        return {"loss": total, "grad_norm": gn, "lr": self.scheduler.get_last_lr()[0], "skipped": int(skipped),
+        return {"loss": total, "grad_norm": gn, "lr": self.scheduler.get_last_lr()[0],
+                "nonfinite_skipped": self.nonfinite_skipped,
                 "tokens_per_s": n_tokens / max(dt, 1e-9), "step_time_s": dt}
 
     def save(self) -> str:
         return ckpt.save_checkpoint(self.run_dir, self.global_step, model=self.model, optimizer=self.optimizer,
                                     scheduler=self.scheduler, tokenizer=self.tokenizer,
                                     state={"stage": self.stage, "data": self.cursor.state(),
-                                           "config": self.cfg.to_dict()},
+                                           "nonfinite_skipped": self.nonfinite_skipped, "config": self.cfg.to_dict()},
                                     keep=self.cfg.save_total_limit)
 
     def load(self, path: str):
         state = ckpt.load_checkpoint(path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
         self.global_step = state["global_step"]
         self.cursor.epoch, self.cursor.index = state["data"]["epoch"], state["data"]["index"]
+        self.nonfinite_skipped = state.get("nonfinite_skipped", 0)
         return state
 
     def train(self, resume: str | bool | None = None) -> dict[str, Any]:
         cfg = self.cfg
+        if not resume:
+            ckpt.start_fresh(self.run_dir, cfg.overwrite_output_dir)
         logger, pbar, _ = start_run(self, resume)
         window: list[float] = []
-        from r1fast.trainer.grpo import _install_sigint
-
         self._stop_requested = False
         previous_handler = _install_sigint(self)
         interrupted = False
@@ -141,4 +152,4 @@ class SFTTrainer:
                 pbar.close()
             logger.close()
         return {"checkpoint": path, "global_step": self.global_step, "run_dir": self.run_dir,
-                "interrupted": interrupted}
+                "interrupted": interrupted, "nonfinite_skipped": self.nonfinite_skipped}
