@@ -97,7 +97,7 @@ def test_unsupported_models_are_clear_errors(hf_model):
 # ---- TRL's GRPOTrainer with r1fast_generation=True ----------------------------------------------
 
 
-def _trainer(path, tmp_path, **overrides):
+def _trainer(path, tmp_path, trainer_kwargs=None, model_setup=None, **overrides):
     trl = pytest.importorskip("trl")
     from datasets import Dataset
 
@@ -110,10 +110,12 @@ def _trainer(path, tmp_path, **overrides):
     options.update(overrides)
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
     model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    if model_setup is not None:
+        model_setup(model)
     return r1trl.GRPOTrainer(
         model=model, reward_funcs=lambda completions, **kw: [c.count("a") + 0.1 * len(c) for c in completions],
         args=trl.GRPOConfig(**options), train_dataset=Dataset.from_dict({"prompt": ["ab 1+2=", "hello", "q", "zz"] * 4}),
-        processing_class=tokenizer, r1fast_generation=True)
+        processing_class=tokenizer, r1fast_generation=True, **(trainer_kwargs or {}))
 
 
 def test_trl_trainer_generates_with_the_engine_and_trains(tmp_path, monkeypatch):
@@ -150,11 +152,39 @@ def test_trl_trainer_generates_with_the_engine_and_trains(tmp_path, monkeypatch)
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("option,value", [("repetition_penalty", 1.2), ("generation_kwargs", {"do_sample": True})])
+@pytest.mark.parametrize("option,value", [("repetition_penalty", 1.2), ("generation_kwargs", {"do_sample": True}),
+                                          ("max_completion_length", None)])
 def test_trl_options_the_engine_cannot_honour_are_refused(tmp_path, option, value):
     path = save_tiny_qwen2(tmp_path / "m", seed=0)
     with pytest.raises(ValueError, match=option):
         _trainer(path, tmp_path / "run", **{option: value})
+
+
+@pytest.mark.parametrize("field,value", [("no_repeat_ngram_size", 2), ("suppress_tokens", [5]),
+                                         ("bad_words_ids", [[7]])])
+def test_model_generation_config_the_engine_cannot_honour_is_refused(tmp_path, field, value):
+    """transformers' generate applies these from the model's generation_config (TRL sets none of them)."""
+    path = save_tiny_qwen2(tmp_path / "m", seed=0)
+    with pytest.raises(ValueError, match=f"generation_config.{field}"):
+        _trainer(path, tmp_path / "run", model_setup=lambda m: setattr(m.generation_config, field, value))
+
+
+def test_rollout_func_and_engine_kwargs(tmp_path):
+    path = save_tiny_qwen2(tmp_path / "m", seed=0)
+    with pytest.raises(ValueError, match="rollout_func replaces TRL's generation"):
+        _trainer(path, tmp_path / "a", trainer_kwargs=dict(rollout_func=lambda *a, **k: None))
+    with pytest.raises(ValueError, match="r1fast_engine_kwargs"):
+        _trainer(path, tmp_path / "b", trainer_kwargs=dict(r1fast_engine_kwargs=["num_blocks", 8]))
+    # the KV pool is sized for each seat's completion after a prompt of PROMPT_TOKENS_PER_SEAT, not
+    # for the model's whole context; r1fast_engine_kwargs reach the engine
+    from r1fast.integrations.trl import PROMPT_TOKENS_PER_SEAT
+
+    trainer = _trainer(path, tmp_path / "c")
+    engine = trainer.r1fast_rollout.engine
+    assert engine.max_model_len == trainer.model.config.max_position_embeddings
+    assert engine.num_blocks <= engine.max_num_seqs * -(-(6 + PROMPT_TOKENS_PER_SEAT) // engine.block_size) + 1
+    trainer = _trainer(path, tmp_path / "d", trainer_kwargs=dict(r1fast_engine_kwargs={"num_blocks": 9}))
+    assert trainer.r1fast_rollout.engine.num_blocks == 9
 
 
 @pytest.mark.gpu

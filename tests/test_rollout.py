@@ -265,6 +265,11 @@ def test_bad_requests_raise_clear_errors(models, prompts):
         Engine(model, block_size=0)
     with pytest.raises(ValueError, match="memory_fraction"):
         Engine(model, memory_fraction=1.5)
+    with pytest.raises(ValueError, match="pool_tokens_per_seq must be an int >= 1"):
+        Engine(model, pool_tokens_per_seq=0)
+    # the pool is sized for max_num_seqs sequences of pool_tokens_per_seq, not of max_model_len
+    small = Engine(model, block_size=4, max_num_seqs=3, pool_tokens_per_seq=10)
+    assert small.num_blocks == 3 * 3 + 1 and small.max_model_len == model.config.max_position_embeddings
     with pytest.raises(TypeError, match="async_decode must be True or False, got 'no'"):
         Engine(model, block_size=4, num_blocks=16, async_decode="no")
     assert engine.generate([], SamplingParams()) == []

@@ -170,9 +170,33 @@ def _check_model(model: nn.Module, what: str) -> None:
     _backbone(model)
 
 
-def generation_problems(args: Any) -> list[str]:
-    """The GRPOConfig settings r1fast's rollout engine (r1fast_generation=True) cannot honour."""
+# transformers' generate applies these from the model's generation_config (TRL sets none of them);
+# the engine's sampler has no such logits processors
+_HF_GENERATION_EXTRAS = ("no_repeat_ngram_size", "encoder_no_repeat_ngram_size", "bad_words_ids", "suppress_tokens",
+                         "begin_suppress_tokens", "forced_bos_token_id", "forced_eos_token_id", "sequence_bias",
+                         "min_length", "min_new_tokens", "typical_p", "epsilon_cutoff", "eta_cutoff",
+                         "exponential_decay_length_penalty", "num_beams", "diversity_penalty", "penalty_alpha")
+
+
+PROMPT_TOKENS_PER_SEAT = 1024  # prompt tokens the rollout engine's KV pool is sized for, per seat
+
+
+def generation_problems(args: Any, model: nn.Module | None = None) -> list[str]:
+    """The GRPOConfig settings (and the model's generation_config fields) r1fast's rollout engine
+    (r1fast_generation=True) cannot honour."""
     problems = []
+    if getattr(args, "max_completion_length", 1) is None:
+        problems.append("max_completion_length=None: the engine needs a completion length limit")
+    gen = getattr(model, "generation_config", None)
+    if gen is not None:
+        from transformers import GenerationConfig
+
+        default = GenerationConfig()
+        for name in _HF_GENERATION_EXTRAS:
+            value = getattr(gen, name, None)
+            if value is not None and value != getattr(default, name, None):
+                problems.append(f"the model's generation_config.{name}={value!r}: the engine's sampler does not "
+                                f"apply it (transformers' generate would)")
     for option, bad, why in (
         ("use_vllm", bool(getattr(args, "use_vllm", False)), "r1fast_generation replaces vLLM; pick one"),
         ("use_transformers_continuous_batching", bool(getattr(args, "use_transformers_continuous_batching", False)),
@@ -198,10 +222,17 @@ class GRPOTrainer(trl.GRPOTrainer):
     """
 
     def __init__(self, model, reward_funcs=None, args: GRPOConfig | None = None, *pos, r1fast_backend=None,
-                 r1fast_generation: bool = False, **kw):
+                 r1fast_generation: bool = False, r1fast_engine_kwargs: dict | None = None, **kw):
         # Refuse before TRL loads anything, so a wrong option costs nothing.
         if args is not None:
             self._refuse(unsupported_options(args) + (generation_problems(args) if r1fast_generation else []))
+        if r1fast_generation and kw.get("rollout_func") is not None:
+            raise ValueError("rollout_func replaces TRL's generation, so r1fast_generation=True would never run: "
+                             "pass one of them")
+        if r1fast_engine_kwargs is not None and (not r1fast_generation or not isinstance(r1fast_engine_kwargs, dict)):
+            raise ValueError("r1fast_engine_kwargs (a dict of r1fast.rollout.Engine options) goes with "
+                             f"r1fast_generation=True; got {r1fast_engine_kwargs!r}")
+        self.r1fast_engine_kwargs = dict(r1fast_engine_kwargs or {})
         if kw.get("peft_config") is not None or _is_peft(model):
             raise ValueError(
                 "peft_config / PEFT models are not supported by r1fast's TRL integration yet (the reference "
@@ -235,15 +266,21 @@ class GRPOTrainer(trl.GRPOTrainer):
     def _make_rollout(self):
         from r1fast.integrations.hf_rollout import HFRollout
 
-        self._refuse(generation_problems(self.args))
         model = self.accelerator.unwrap_model(self.model)
+        self._refuse(generation_problems(self.args, model))
         on_gpu = next(model.parameters()).is_cuda
         # decode in the autocast dtype TRL's forward computes in (fp32 master weights are then copied)
         dtype = _AUTOCAST_DTYPES.get(str(self.accelerator.mixed_precision)) if on_gpu else None
         groups = max(self.num_generations, self.num_generations_eval or 0)
-        seats = max(groups, min(self.args.generation_batch_size or groups, 1024))
-        return HFRollout(model, dtype=dtype, max_num_seqs=seats,
-                         max_model_len=model.config.max_position_embeddings)
+        # generation_batch_size is global: this process generates its share of it
+        share = (self.args.generation_batch_size or groups) // max(self.accelerator.num_processes, 1)
+        engine = dict(max_num_seqs=max(groups, min(share, 1024)), max_model_len=model.config.max_position_embeddings,
+                      # The KV pool is made now, before the optimizer's state exists: sized for every seat's
+                      # completion after a prompt of up to PROMPT_TOKENS_PER_SEAT, not for the model's whole
+                      # context (longer prompts preempt: slower, same outputs)
+                      pool_tokens_per_seq=self.args.max_completion_length + PROMPT_TOKENS_PER_SEAT)
+        engine.update(self.r1fast_engine_kwargs)
+        return HFRollout(model, dtype=dtype, **engine)
 
     @staticmethod
     def _refuse(problems: list[str]) -> None:

@@ -53,7 +53,7 @@ class Engine:
                  max_num_seqs: int = 256, max_num_batched_tokens: int = 8192, max_model_len: int | None = None,
                  enable_prefix_caching: bool = True, use_cuda_graphs: bool = True,
                  decode_backend: str | None = None, shared_prefix_attention: bool = True,
-                 async_decode: bool = True):
+                 async_decode: bool = True, pool_tokens_per_seq: int | None = None):
         cfg = getattr(model, "config", None)
         for attr in ("num_hidden_layers", "num_key_value_heads", "head_dim", "vocab_size", "max_position_embeddings"):
             if getattr(cfg, attr, None) is None:
@@ -77,8 +77,11 @@ class Engine:
         self.block_size = block_size
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        if pool_tokens_per_seq is not None:
+            _check_positive_int("pool_tokens_per_seq", pool_tokens_per_seq)
         if num_blocks is None:
-            num_blocks = self._blocks_from_memory(memory_fraction)
+            num_blocks = self._blocks_from_memory(memory_fraction, min(pool_tokens_per_seq or self.max_model_len,
+                                                                      self.max_model_len))
         _check_positive_int("num_blocks", num_blocks)
         ext = _ext.require()
         self.block_manager = ext.BlockManager(num_blocks, block_size, bool(enable_prefix_caching))
@@ -98,10 +101,10 @@ class Engine:
         self._next_seq_id = 0
         self.last_stats: dict = {}
 
-    def _blocks_from_memory(self, fraction: float) -> int:
+    def _blocks_from_memory(self, fraction: float, tokens_per_seq: int) -> int:
         per_block = ModelRunner.kv_bytes_per_block(self.config, self.block_size, self.model.dtype)
-        # never more than the most this engine can use at once
-        cap = self.max_num_seqs * math.ceil(self.max_model_len / self.block_size) + 1
+        # never more than max_num_seqs sequences of tokens_per_seq use at once (longer ones preempt)
+        cap = self.max_num_seqs * math.ceil(tokens_per_seq / self.block_size) + 1
         device = self.model.device
         if device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(device)
