@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from r1fast.fp8.linear import Fp8Linear
-from r1fast.fp8.options import Fp8Options, as_options
+from r1fast.fp8.options import Fp8Options, as_options, make_options
 from r1fast.fp8.support import te_module, te_recipe_support, torch_path
 
 # FP8 GEMMs need both matrix dimensions in multiples of 16 (cuBLAS / TE alignment).
