@@ -2,7 +2,7 @@
 
 - fresh random inputs (never zeros), seeded per test so failures reproduce;
 - poisoned outputs, so a kernel that skips a write is caught;
-- tolerances by dtype, and the low-precision rule of DESIGN.md: the kernel's error against the
+- tolerances by dtype, and the low-precision rule: the kernel's error against the
   float64 reference may be at most `factor` (2) times the error of the reference itself run in
   that precision.
 """

@@ -200,7 +200,7 @@ def test_sft_and_grpo_keep_their_own_optimiser_defaults():
 
 
 def test_missing_and_malformed_files(tmp_path):
-    with pytest.raises(ConfigError, match="does not exist"):
+    with pytest.raises(ConfigError, match="does not exist.*r1fast's own configs: default, distill"):
         GRPOConfig.from_yaml(tmp_path / "nope.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("- a\n- b\n")
@@ -247,3 +247,14 @@ def test_builtin_model_gets_fp8_layers():
     model, _ = load_model_and_tokenizer("builtin:micro", device="cpu", fp8="emulate")
     assert model.fp8_report.converted
     assert not any(type(m) is Linear for m in model.modules())
+
+
+def test_shipped_configs_load_by_name_from_any_directory(tmp_path, monkeypatch):
+    """The docs' `r1fast pipeline r1fast/configs/r1_pipeline.yaml` works outside the repository too."""
+    monkeypatch.chdir(tmp_path)
+    by_name, by_path = load_pipeline("r1_pipeline"), load_pipeline("r1fast/configs/r1_pipeline.yaml")
+    assert [s.name for s in by_name.stages] == [s.name for s in by_path.stages] and len(by_name.stages) >= 3
+    assert GRPOConfig.from_yaml("grpo_example.yaml").num_generations >= 2
+    (tmp_path / "r1_pipeline.yaml").write_text("name: mine\nmodel: builtin:micro\nstages:\n"
+                                               "  - {name: s, type: sft, dataset: builtin:arithmetic}\n")
+    assert load_pipeline("r1_pipeline.yaml").name == "mine"   # a file of that name here comes first

@@ -50,7 +50,9 @@ def test_short_grpo_run_improves_a_simple_reward(tmp_path):
     assert [r["step"] for r in rows] == list(range(1, 13))
     for key in ("reward", "completion_length", "entropy", "tokens_per_s", "time/rollout", "time/loss_backward"):
         assert key in rows[0]
-    assert (run / "completions.jsonl").stat().st_size > 0
+    samples = [json.loads(line) for line in open(run / "completions.jsonl")]
+    assert samples and all(set(s["rewards"]) == set(tr.rewards.names) for s in samples)
+    assert all(s["reward"] == pytest.approx(sum(s["rewards"].values())) for s in samples)   # unit weights
     ck = res["checkpoint"]
     assert os.path.isfile(os.path.join(ck, "model.safetensors")) and os.path.isfile(os.path.join(ck, "config.json"))
 

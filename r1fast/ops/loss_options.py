@@ -4,7 +4,7 @@ Names and defaults follow TRL 1.16's GRPOConfig where the meaning is the same (b
 epsilon_high=None -> epsilon, delta=None, loss_type="dapo", importance_sampling_level="token",
 max_completion_length=512, temperature=1.0, entropy_coef=0.0); the truncated-importance-sampling
 knobs map TRL's `vllm_importance_sampling_*` onto LOSS_SPEC's `tis_mode` / `tis_cap` (TRL's default
-is correction on, masked, cap 3.0, per sequence). See /work/shared/LOSS_SPEC.md for the formulas.
+is correction on, masked, cap 3.0, per sequence). See docs/loss_spec.md for the formulas.
 
 `use_bias_correction_kl` (TRL's name): multiply the per-token KL by the unclipped, differentiable
 importance ratio exp(lw) (lw the token log-ratio, or the row-mean log-ratio for sequence-level

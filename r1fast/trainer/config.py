@@ -78,11 +78,27 @@ class _Base:
         pass
 
 
+PACKAGED_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+def resolve_config_path(path: str | os.PathLike) -> str:
+    """`path`, or where it does not exist, the config r1fast ships under that file name
+    (`r1_pipeline`, `r1_pipeline.yaml` or `r1fast/configs/r1_pipeline.yaml` from any directory)."""
+    path = os.fspath(path)
+    if os.path.isfile(path):
+        return path
+    name = os.path.basename(path)
+    packaged = os.path.join(PACKAGED_CONFIGS, name if name.endswith((".yaml", ".yml")) else name + ".yaml")
+    if os.path.isfile(packaged):
+        return packaged
+    shipped = ", ".join(sorted(f[:-5] for f in os.listdir(PACKAGED_CONFIGS) if f.endswith(".yaml")))
+    raise ConfigError(f"config file {path!r} does not exist (r1fast's own configs: {shipped})")
+
+
 def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
     import yaml
 
-    if not os.path.isfile(path):
-        raise ConfigError(f"config file {str(path)!r} does not exist")
+    path = resolve_config_path(path)
     with open(path, encoding="utf-8") as f:
         try:
             data = yaml.safe_load(f)

@@ -376,7 +376,9 @@ class GRPOTrainer:
             "step_time_s": t_end - t0,
         }
         metrics.pop("num_tokens", None)
-        samples = [{"prompt": _short(rows[i // G][cfg.prompt_column]), "completion": texts[i], "reward": totals[i]}
+        # the total (weighted sum) and each function's own score: a total of 1.0 may be format 1 + accuracy 0
+        samples = [{"prompt": _short(rows[i // G][cfg.prompt_column]), "completion": texts[i], "reward": totals[i],
+                    "rewards": {n: t[i] for n, t in zip(self.rewards.names, table)}}
                    for i in range(0, min(B, cfg.log_completions * G), G)]
         return {"metrics": metrics, "samples": samples}
 
