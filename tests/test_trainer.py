@@ -84,6 +84,22 @@ def test_resume_is_bit_identical(tmp_path):
         assert torch.equal(s1["exp_avg_sq"], s2["exp_avg_sq"]) and torch.equal(s1["exp_avg"], s2["exp_avg"])
 
 
+def test_resuming_from_an_older_checkpoint_sets_the_later_ones_aside(tmp_path, capsys):
+    """The later checkpoints belong to the abandoned steps: a bare --resume afterwards must not pick them."""
+    kw = dict(max_steps=4, save_steps=1, save_total_limit=None, per_device_train_batch_size=8)
+    make(tmp_path, **kw).train()
+    run = tmp_path / "run"
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == [f"checkpoint-{i}" for i in range(1, 5)]
+    again = make(tmp_path, **{**kw, "max_steps": 2})
+    again.train(resume=str(run / "checkpoint-1"))
+    assert "the later" in capsys.readouterr().err
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    assert sorted(p.name for p in run.glob("abandoned-*")) == ["abandoned-checkpoint-2", "abandoned-checkpoint-3",
+                                                               "abandoned-checkpoint-4"]
+    assert [r["step"] for r in _metrics(run / "metrics.jsonl")] == [1, 2]
+    assert make(tmp_path, **kw).train(resume=True)["global_step"] == 4   # continues from the new checkpoint-2
+
+
 def test_resume_of_a_later_pipeline_stage_keeps_its_logged_steps(tmp_path):
     # A pipeline stage logs global steps (step_offset + its own): resuming it must keep the lines
     # written before the interruption instead of truncating them on the stage's local step.

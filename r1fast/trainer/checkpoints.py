@@ -66,6 +66,24 @@ def resolve_resume(resume: str | bool | None, run_dir: str) -> Optional[str]:
     return path
 
 
+def set_aside_newer(run_dir: str, resume_path: str) -> list[str]:
+    """Resuming from a checkpoint older than the newest in its folder abandons the steps after it:
+    rename those newer checkpoints to abandoned-checkpoint-<step> (kept, never resumed or pruned),
+    or a later bare --resume would continue the abandoned steps. Returns the new names."""
+    if os.path.dirname(os.path.abspath(resume_path)) != os.path.abspath(run_dir):
+        return []
+    m = _CKPT_RE.match(os.path.basename(os.path.normpath(resume_path)))
+    moved = []
+    for step, path in list_checkpoints(run_dir):
+        if m and step > int(m.group(1)):
+            target = os.path.join(run_dir, "abandoned-" + os.path.basename(path))
+            if os.path.exists(target):
+                target += f".{os.getpid()}"
+            os.rename(path, target)
+            moved.append(target)
+    return moved
+
+
 class RunFolderInUse(ValueError):
     """A new run (not `--resume`) pointed at a folder holding an earlier run's checkpoints."""
 
@@ -95,7 +113,8 @@ def clear_run(run_dir: str):
         return
     for name in os.listdir(run_dir):
         path = os.path.join(run_dir, name)
-        if _CKPT_RE.match(name.split(".old-")[0]) or name.startswith(".tmp-checkpoint-") or name == "tensorboard":
+        if _CKPT_RE.match(name.split(".old-")[0]) or name.startswith((".tmp-checkpoint-", "abandoned-checkpoint-")) \
+                or name == "tensorboard":
             shutil.rmtree(path, ignore_errors=True)
         elif name in ("metrics.jsonl", "completions.jsonl", "metrics.jsonl.tmp", "completions.jsonl.tmp"):
             os.remove(path)
