@@ -327,7 +327,8 @@ def run_suite(s: Suite, size: str, device: torch.device, machine: Machine, timer
                         size=size, dtype=case.dtype, device=dev, timestamp=stamp, **versions)
             missing = _missing(impl.requires)
             if missing:
-                log(f"  skip {s.name}/{case.name} {impl.provider}: {', '.join(missing)} not installed")
+                log(f"  skip {s.name}/{case.name} {case.mode} {impl.provider}/{impl.backend}: {', '.join(missing)} "
+                    f"not installed")
                 continue
             held = _allocated(device)
             try:
@@ -335,13 +336,13 @@ def run_suite(s: Suite, size: str, device: torch.device, machine: Machine, timer
                 timing = timer(fn, warmup=impl.warmup if impl.warmup is not None else case.warmup,
                                reps=impl.reps if impl.reps is not None else case.reps)
             except Skip as e:
-                log(f"  skip {s.name}/{case.name} {impl.provider}: {e}")
+                log(f"  skip {s.name}/{case.name} {case.mode} {impl.provider}/{impl.backend}: {e}")
                 continue
             except torch.OutOfMemoryError:
-                log(f"  skip {s.name}/{case.name} {impl.provider}: out of memory")
+                log(f"  skip {s.name}/{case.name} {case.mode} {impl.provider}/{impl.backend}: out of memory")
                 continue
             except Exception as e:  # noqa: BLE001 - one broken impl must not lose the case's other rows
-                log(f"  FAILED {s.name}/{case.name} {impl.provider}/{impl.backend}: {type(e).__name__}: {e}")
+                log(f"  FAILED {s.name}/{case.name} {case.mode} {impl.provider}/{impl.backend}: {type(e).__name__}: {e}")
                 continue
             finally:
                 # Free this impl's inputs and state before the next one. Trainers and engines sit in

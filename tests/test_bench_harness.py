@@ -133,7 +133,7 @@ def test_a_failing_impl_is_reported_and_the_others_still_run():
     timer = harness.Timer(torch.device("cpu"), min_reps=1, budget_s=0.0)
     rows = harness.run_suite(s, "smoke", torch.device("cpu"), harness.Machine(torch.device("cpu"), "smoke"), timer,
                              log=log.append)
-    assert any("FAILED t/c r1fast/x: RuntimeError: no such kernel here" in line for line in log)
+    assert any("FAILED t/c fwd r1fast/x: RuntimeError: no such kernel here" in line for line in log)
     assert {r["provider"] for r in rows} == {"peer"}
 
 
