@@ -241,26 +241,33 @@ def test_sharded_checkpoint_from_transformers_loads(tmp_path):
         assert max_rel_err(model.logits(model(ids, cu_seqlens=cu)), ref_logits_per_sequence(ref, ids, cu)) <= RTOL
 
 
-@pytest.mark.parametrize("keep_embed", [False, True])
-def test_tied_checkpoint_storing_only_lm_head_loads(tmp_path, keep_embed):
+@pytest.mark.parametrize("stored", ["head only", "both, equal", "both, head first differs", "both, embed first differs"])
+def test_tied_checkpoint_storing_only_lm_head_loads(tmp_path, stored):
     """Some tied exports keep lm_head.weight instead of the embedding; transformers ties it the other way
-    round, so it loads. When both are stored, the embedding wins, in whichever order the shards hold them."""
+    round, so it loads. Both stored and equal loads too; both stored and different is refused (transformers
+    5 keeps such a head untied: tying it would drop it), in whichever order the shards hold them."""
     from safetensors.torch import save_file
 
     cfg = ModelConfig(**CONFIGS["qwen3-tied"])
     model = CausalLM(cfg)
     model.save_pretrained(tmp_path / "ck")
     embed = model.embed_tokens.weight.detach().clone()
-    head = {"lm_head.weight": embed if not keep_embed else torch.randn_like(embed)}
+    keep_embed = stored != "head only"
+    head = {"lm_head.weight": embed.clone() if "differs" not in stored else torch.randn_like(embed)}
     rest = {k: p.detach().clone() for k, p in model.hf_tensors().items()}
     if not keep_embed:
         del rest["model.embed_tokens.weight"]
     os.remove(tmp_path / "ck" / "model.safetensors")
-    shards = {"model-00001-of-00002.safetensors": head, "model-00002-of-00002.safetensors": rest}  # head first
+    shards = {"model-00001-of-00002.safetensors": head, "model-00002-of-00002.safetensors": rest}
     for fname, tensors in shards.items():
         save_file(tensors, tmp_path / "ck" / fname, metadata={"format": "pt"})
-    weight_map = {k: fname for fname, tensors in shards.items() for k in tensors}
+    order = list(shards.items())[::-1] if stored == "both, embed first differs" else list(shards.items())
+    weight_map = {k: fname for fname, tensors in order for k in tensors}   # shards load in this order
     (tmp_path / "ck" / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    if "differs" in stored:
+        with pytest.raises(ValueError, match="stored lm_head.weight differs .* tie_word_embeddings: false"):
+            from_pretrained(tmp_path / "ck")
+        return
     loaded = from_pretrained(tmp_path / "ck")
     assert torch.equal(loaded.embed_tokens.weight, embed) and loaded.lm_head_weight is loaded.embed_tokens.weight
     if not keep_embed:

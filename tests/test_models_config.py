@@ -83,6 +83,51 @@ def test_rotary_tables_match_transformers_at_full_size(name):
     assert torch.equal(cos, ref_cos[0]) and torch.equal(sin, ref_sin[0])
 
 
+# config.json files that lean on transformers' fallbacks: yarn without original_max_position_embeddings
+# (-> max_position_embeddings), yarn with factor null (-> max / original), llama3 with the original length
+# at the top level (Phi-3 style), "swish" for SiLU, and sliding-window flags that slide no layer.
+FALLBACKS = {
+    "yarn-no-original": {**QWEN3_06B, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}},
+    "yarn-null-factor": {**QWEN25_YARN, "rope_scaling": {"type": "yarn", "factor": None,
+                                                         "original_max_position_embeddings": 32768}},
+    "llama3-top-level-original": {**LLAMA32_1B, "original_max_position_embeddings": 4096,
+                                  "rope_scaling": {**LLAMA32_1B["rope_scaling"], "original_max_position_embeddings": 8192}},
+    "swish-no-sliding-layer": {**QWEN25_15B_INSTRUCT, "hidden_act": "swish", "use_sliding_window": True,
+                               "max_window_layers": 28},
+}
+
+
+@pytest.mark.parametrize("name", list(FALLBACKS))
+def test_configs_relying_on_transformers_fallbacks_rotate_as_transformers_does(name):
+    raw = FALLBACKS[name]
+    cfg = ModelConfig.from_hf_config(raw)
+    hf_cfg = transformers.AutoConfig.for_model(raw["model_type"], **{k: v for k, v in raw.items() if k != "model_type"})
+    module = {"llama": transformers.models.llama.modeling_llama.LlamaRotaryEmbedding,
+              "qwen2": transformers.models.qwen2.modeling_qwen2.Qwen2RotaryEmbedding,
+              "qwen3": transformers.models.qwen3.modeling_qwen3.Qwen3RotaryEmbedding}[cfg.model_type](hf_cfg)
+    positions = torch.tensor([0, 1, 7, 100, 4095, 8191, 8192, 30000, 100000])
+    ref_cos, ref_sin = module(torch.zeros(1, dtype=torch.float32), positions[None])
+    cos, sin = RotaryEmbedding(cfg).cos_sin(positions, torch.float32)
+    assert torch.equal(cos, ref_cos[0]) and torch.equal(sin, ref_sin[0])
+
+
+def test_configs_transformers_would_read_otherwise_are_refused():
+    with pytest.raises(ValueError, match="model_type='mistral'"):
+        ModelConfig.from_hf_config({**LLAMA32_1B, "model_type": "mistral"})
+    # transformers 5 takes rope_scaling in place of rope_parameters: a different theta there is ambiguous
+    with pytest.raises(ValueError, match="rope settings disagree: rope_theta is 1000000.0 here but transformers "
+                                         "would read 10000"):
+        ModelConfig.from_hf_config({**{k: v for k, v in QWEN3_06B.items() if k != "rope_theta"},
+                                    "rope_parameters": {"rope_type": "default", "rope_theta": 1e6},
+                                    "rope_scaling": {"rope_type": "yarn", "factor": 4.0,
+                                                     "original_max_position_embeddings": 32768}})
+    with pytest.raises(ValueError, match="rope settings disagree"):
+        ModelConfig.from_hf_config({**LLAMA32_1B, "rope_scaling": {"rope_type": "linear", "factor": 2.0,
+                                                                   "rope_theta": 500.0}})
+    # keys transformers ignores for Qwen2 are ignored here too
+    assert not ModelConfig.from_hf_config({**QWEN25_15B_INSTRUCT, "mlp_bias": True}).mlp_bias
+
+
 @settings(max_examples=12, deadline=None)
 @given(lengths=st.lists(st.integers(1, 9), min_size=1, max_size=5), seed=st.integers(0, 2**16))
 def test_packing_property(lengths, seed):

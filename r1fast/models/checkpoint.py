@@ -60,12 +60,16 @@ def from_pretrained(path, dtype=None, device=None, fp8="off"):
                 # Tied: the head is the embedding. Most exports drop lm_head.weight, some keep only it;
                 # transformers then ties the other way round, so fill the embedding from it unless the
                 # embedding itself is stored (then that one wins, wherever it comes in the files).
+                _check_tensor(shard, key, tensor, expected[_EMBED_KEY])
                 if _EMBED_KEY not in loaded:
-                    _check_tensor(shard, key, tensor, expected[_EMBED_KEY])
                     with torch.no_grad():
                         expected[_EMBED_KEY].copy_(tensor)
                     embed_from_head = True
+                else:
+                    _check_tied(path, expected[_EMBED_KEY], tensor)
                 continue
+            if tied and key == _EMBED_KEY and embed_from_head:
+                _check_tied(path, tensor, expected[_EMBED_KEY])
             param = expected.get(key)
             if param is None:
                 raise ValueError(f"{shard}: unexpected tensor {key!r} for a {config.architecture} with this "
@@ -88,6 +92,16 @@ def from_pretrained(path, dtype=None, device=None, fp8="off"):
 
         model = apply_fp8(model, fp8) or model
     return model
+
+
+def _check_tied(path: str, embed: torch.Tensor, head: torch.Tensor) -> None:
+    """Both tensors stored under tie_word_embeddings: transformers 5 keeps a different head untied, r1fast
+    ties it; refused rather than dropping the head."""
+    dtype = embed.dtype if embed.element_size() <= head.element_size() else head.dtype  # as loaded
+    if not torch.equal(embed.to(head.device, dtype), head.to(dtype)):
+        raise ValueError(f"checkpoint {path!r}: config.json ties the word embeddings, but the stored lm_head.weight "
+                         f"differs from model.embed_tokens.weight; set tie_word_embeddings: false in its "
+                         f"config.json to load the head as stored")
 
 
 def _check_tensor(shard: str, key: str, tensor: torch.Tensor, param: torch.Tensor) -> None:

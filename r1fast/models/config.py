@@ -143,14 +143,15 @@ class ModelConfig:
         if missing:
             raise ValueError(f"config.json lacks required key(s) {missing} for {arch}")
         act = hf.get("hidden_act", "silu")
-        if act != "silu":
+        if act not in ("silu", "swish"):  # transformers' "swish" is SiLU
             raise ValueError(f"unsupported hidden_act {act!r}; only 'silu' (SwiGLU) is implemented")
         if hf.get("quantization_config"):
             method = hf["quantization_config"].get("quant_method", "?") if isinstance(
                 hf["quantization_config"], dict) else "?"
             raise ValueError(f"quantized checkpoints (quantization_config, quant_method={method!r}) are not "
                              "supported; load the bf16/fp32 checkpoint (FP8 training is from_pretrained(fp8=...))")
-        if hf.get("use_sliding_window"):
+        # Qwen2/3 slide only in layers from max_window_layers on: none when that is past the last layer
+        if hf.get("use_sliding_window") and hf.get("max_window_layers", 0) < hf["num_hidden_layers"]:
             raise ValueError("sliding-window attention (use_sliding_window=true) is not supported")
         rope_params = hf.get("rope_parameters")
         if isinstance(rope_params, dict) and any(isinstance(v, dict) for v in rope_params.values()):
@@ -160,6 +161,8 @@ class ModelConfig:
         if partial != 1.0:
             raise ValueError(f"partial_rotary_factor={partial} is not supported (only full rotary)")
         rope_scaling = hf.get("rope_scaling") or rope_params
+        _check_rope_agrees(hf, rope_theta, defaults["rope_theta"])
+        rope_scaling = _fill_rope_lengths(rope_scaling, hf, defaults)
         dtype_name = hf.get("dtype", hf.get("torch_dtype"))
         if dtype_name in ("auto",):
             dtype_name = None
@@ -180,7 +183,8 @@ class ModelConfig:
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", defaults["tie_word_embeddings"])),
             attention_bias=True if arch == "Qwen2ForCausalLM" else bool(hf.get("attention_bias", False)),
             qk_norm=arch == "Qwen3ForCausalLM",
-            mlp_bias=bool(hf.get("mlp_bias", False)),
+            # only Llama's MLP reads mlp_bias in transformers (Qwen2/3 ignore the key)
+            mlp_bias=bool(hf.get("mlp_bias", False)) if arch == "LlamaForCausalLM" else False,
             bos_token_id=hf.get("bos_token_id", defaults["bos_token_id"]),
             eos_token_id=hf.get("eos_token_id", defaults["eos_token_id"]),
             torch_dtype=dtype_name,
@@ -242,12 +246,49 @@ def read_config_json(path: str | os.PathLike) -> dict:
     return cfg
 
 
+def _check_rope_agrees(hf: dict, rope_theta, default_theta) -> None:
+    """transformers 5 reads rope_scaling, when present, in place of rope_parameters (its rope_theta, else
+    the top-level one): a config.json where the two disagree would give r1fast and transformers
+    different rotations, so it is refused."""
+    scaling, params = hf.get("rope_scaling"), hf.get("rope_parameters")
+    if not isinstance(scaling, dict):
+        return
+    theirs = scaling.get("rope_theta", hf.get("rope_theta", default_theta))
+    if float(theirs) != float(rope_theta):
+        raise ValueError(f"config.json's rope settings disagree: rope_theta is {rope_theta} here but transformers "
+                         f"would read {theirs} (rope_scaling replaces rope_parameters there); put the same "
+                         f"rope_theta in rope_scaling, or keep only one of rope_scaling / rope_parameters")
+    if isinstance(params, dict) and _normalize_rope_scaling(scaling) != _normalize_rope_scaling(params):
+        raise ValueError(f"config.json's rope_scaling {scaling} and rope_parameters {params} disagree; keep one")
+
+
+def _fill_rope_lengths(scaling, hf: dict, defaults: dict):
+    """transformers' fallbacks for llama3/yarn: original_max_position_embeddings from the top level
+    (Phi-3 style) or max_position_embeddings, and yarn's factor max / original when null."""
+    if not isinstance(scaling, dict) or (scaling.get("rope_type") or scaling.get("type")) not in ("llama3", "yarn"):
+        return scaling
+    scaling = dict(scaling)
+    max_pos = hf.get("max_position_embeddings", defaults["max_position_embeddings"])
+    if hf.get("original_max_position_embeddings") is not None:
+        scaling["original_max_position_embeddings"] = hf["original_max_position_embeddings"]
+    elif scaling.get("original_max_position_embeddings") is None:
+        scaling["original_max_position_embeddings"] = max_pos
+    if scaling.get("factor") is None and (scaling.get("rope_type") or scaling.get("type")) == "yarn":
+        scaling["factor"] = max_pos / scaling["original_max_position_embeddings"]
+    return scaling
+
+
 def _architecture_of(hf: dict) -> str:
     archs = hf.get("architectures")
     if archs:
         if not isinstance(archs, list) or len(archs) != 1:
             raise ValueError(f"config.json 'architectures' must list exactly one class, got {archs!r}")
         arch = archs[0]
+        mt = hf.get("model_type")
+        if mt is not None and arch in _ARCH_TO_MODEL_TYPE and mt != _ARCH_TO_MODEL_TYPE[arch]:
+            # transformers' Auto classes follow model_type
+            raise ValueError(f"config.json says architectures={archs!r} but model_type={mt!r} (transformers "
+                             f"builds the model from model_type); make them agree")
     elif hf.get("model_type") in _MODEL_TYPE_TO_ARCH:
         arch = _MODEL_TYPE_TO_ARCH[hf["model_type"]]
     else:
