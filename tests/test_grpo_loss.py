@@ -135,12 +135,14 @@ def test_grpo_loss_matches_reference(device, backend, loss_type, level, beta):
     d["old"] = torch.where(d["mask"] > 0, d["old"], float("nan"))
     combos = list(itertools.product([False, True], [None, 1.3], [None, "truncate", "mask"], ["k3", "k1", "k2"],
                                     ["token", "sequence"]))
-    if backend == "triton":  # interpreter time: a rotating sixteenth of the combinations per parametrisation
-        # (the stride walks both use_bias_correction_kl halves, each at a stride of 8)
-        combos = combos[(3 * len(loss_type) + 5 * (beta > 0) + 7 * (level == "sequence")) % 16::16]
+    if backend == "triton":  # interpreter time: a rotating sixteenth of the combinations per parametrisation;
+        # the 20 parametrisations take every offset (the stride walks both use_bias_correction_kl halves)
+        index = 4 * ["grpo", "bnpo", "dr_grpo", "dapo", "cispo"].index(loss_type) + 2 * (beta > 0) + (level == "sequence")
+        combos = combos[index % 16::16]
     for bias_kl, delta, tis, kl, tis_level in combos:
+        # tis_cap 1.2: the sampler ratios (about 0.55 to 1.8) cross both bounds, so mask and truncate bind
         opts = dict(loss_type=loss_type, importance_sampling_level=level, beta=beta, delta=delta, tis_mode=tis,
-                    kl_estimator=kl, tis_level=tis_level, entropy_coef=0.02,
+                    kl_estimator=kl, tis_level=tis_level, tis_cap=1.2, entropy_coef=0.02,
                     epsilon_high=1.2 if loss_type == "cispo" else 0.25, use_bias_correction_kl=bias_kl)
         e_loss, e_stats, e_g = _grads(lambda x: _call_ops(x, torch.float64, "reference", opts), d)
         loss, stats, g = _grads(lambda x: _call_ops(x, torch.float32, backend, opts),
@@ -356,15 +358,15 @@ def _fused_expected(d, hidden, weight, targets, opts, vocab=V):
 
 FUSED_CASES = [  # dimensions combined so each value appears, without the full product
     dict(loss_type="grpo", beta=0.04, tis_mode=None, temperature=0.8),
-    dict(loss_type="bnpo", importance_sampling_level="sequence", delta=1.3, tis_mode="truncate"),
-    dict(loss_type="dr_grpo", beta=0.1, kl_estimator="k2", tis_mode="mask", tis_level="token",
+    dict(loss_type="bnpo", importance_sampling_level="sequence", delta=1.3, tis_mode="truncate", tis_cap=1.2),
+    dict(loss_type="dr_grpo", beta=0.1, kl_estimator="k2", tis_mode="mask", tis_level="token", tis_cap=1.2,
          max_completion_length=8, entropy_coef=0.03),
     dict(loss_type="dapo", importance_sampling_level="sequence", beta=0.02, num_items=40.0, temperature=1.5),
-    dict(loss_type="cispo", epsilon_high=1.2, tis_mode="truncate", tis_level="token", entropy_coef=0.01),
+    dict(loss_type="cispo", epsilon_high=1.2, tis_mode="truncate", tis_level="token", tis_cap=1.2, entropy_coef=0.01),
     dict(loss_type="grpo", beta=0.05, use_bias_correction_kl=True, delta=1.3, tis_mode="truncate", tis_level="token"),
     dict(loss_type="cispo", importance_sampling_level="sequence", epsilon_high=1.2, beta=0.04,
-         use_bias_correction_kl=True, tis_mode="mask", kl_estimator="k2"),
-]
+         use_bias_correction_kl=True, tis_mode="mask", tis_cap=1.2, kl_estimator="k2"),
+]  # tis_cap 1.2 where set: the sampler ratios cross both bounds, so mask and truncate bind
 
 
 # (chunk_size, single_pass): rows grouped into several chunks; one chunk; a row longer than the chunk

@@ -406,6 +406,10 @@ def test_rotary_fp16_rounds_like_torch(device):
     for k, l, e, name in zip(got[2:], lowp[2:], expect[2:], ("dq", "dk")):
         assert k.dtype == torch.float16
         assert_within_lowp_rule(k, l, e, name=f"rotary fp16 {name}")
+    # and over tables whose halves differ (real angles repeat them: a swapped half would pass above)
+    q, k, cos, sin = (h(x) for x in _rotary_case(9, 4, 2, 32, seed=96)[:4])
+    got, lowp = ops.rotary(q, k, cos, sin, backend="triton"), ops.rotary(q, k, cos, sin, backend="torch")
+    assert torch.equal(got[0], lowp[0]) and torch.equal(got[1], lowp[1])
 
 
 def test_rotary_tables_with_gradient_and_mixed_dtypes(device):

@@ -578,3 +578,31 @@ def test_graph_inputs_staged_in_one_buffer_match_the_eager_inputs(models):
         bm.block_tables(ids, 0, 0, out=np.zeros((4, 2), dtype=np.int32))
     with pytest.raises(ValueError, match="C-contiguous"):
         bm.block_tables(ids, 0, 0, out=np.zeros((4, 40), dtype=np.int32)[:, ::2])
+
+
+def test_sampled_tokens_obey_the_filters_and_logprobs_follow_the_temperature(models, prompts):
+    """End to end through the engine (not just the sampling op): each token lies in the top-k / top-p /
+    min-p support of the tempered distribution, and its logprob is log_softmax(logits / T) before the
+    filters, as the model scores the finished sequence (docs/rollout.md)."""
+    _, model = models
+    t, top_k, top_p, min_p = 0.7, 5, 0.8, 0.1
+    params = SamplingParams(n=4, temperature=t, top_k=top_k, top_p=top_p, min_p=min_p, max_tokens=8, seed=3,
+                            ignore_eos=True)
+    out = Engine(model, block_size=4, num_blocks=64).generate(prompts[:3], params)
+    checked = 0
+    for prompt, res in zip(prompts[:3], out):
+        for c in res.completions:
+            ids = torch.tensor(prompt + c.token_ids)
+            with torch.no_grad():
+                logits = model.logits(model(ids))[len(prompt) - 1:-1].double() / t
+            logp = torch.log_softmax(logits, -1)
+            for pos, (tok, lp) in enumerate(zip(c.token_ids, c.logprobs)):
+                row = logp[pos]
+                assert lp == pytest.approx(row[tok].item(), abs=2e-4)
+                better = row > row[tok]
+                # loose bounds valid in any order of the filters: rank, mass above the token, ratio to the best
+                assert int(better.sum()) < top_k
+                assert float(row[better].exp().sum()) < top_p + 1e-6
+                assert row[tok].exp() >= min_p * row.max().exp() - 1e-9
+                checked += 1
+    assert checked == 3 * 4 * 8

@@ -148,12 +148,17 @@ def test_nonfinite_step_is_skipped_and_counted(tmp_path):
     assert all(torch.isfinite(p).all() for p in tr.model.parameters())
 
 
-def test_reference_model_and_kl(tmp_path):
-    tr = make(tmp_path, "kl", max_steps=3, beta=0.1)
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_reference_model_and_kl(tmp_path, temperature):
+    """Before the first update policy, old and reference log-probs agree: at any sampling temperature,
+    since all three are taken at it (one at another temperature would show as kl and clipping here)."""
+    tr = make(tmp_path, "kl", max_steps=3, beta=0.1, temperature=temperature)
     assert tr.ref_model is not None
     tr.train()
-    assert tr.history[-1]["kl"] > 0.0
     assert tr.history[0]["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert tr.history[0]["clip_ratio/region_mean"] == 0.0
+    if temperature == 1.0:  # (at 0.7 the first rewards of this tiny task are all 0: nothing moves)
+        assert tr.history[-1]["kl"] > 0.0
 
 
 def test_bias_corrected_kl_reaches_the_loss(tmp_path):
