@@ -95,6 +95,25 @@ def test_reference_matches_scalar_reading_of_spec(opts):
                                       sampler_logp=d["sampler"])
     assert abs(loss.item() - _scalar_loss(d, o)) <= 1e-12 * max(1.0, abs(loss.item()))
     assert stats["num_tokens"].item() == d["mask"].sum().item()
+    if o.loss_type == "cispo":  # its weight is detached by definition: a finite difference would not see that
+        return
+    # the reference's gradient against central differences of the scalar reading, at active tokens (the
+    # torch backend is the reference in fp32: this is the check of its gradient that shares no code)
+    logp = d["logp"].clone().requires_grad_()
+    ent = d["ent"].clone().requires_grad_()
+    loss = reference.grpo_loss(logp, d["old"], d["ref"], d["adv"], d["mask"], o, entropy=ent,
+                               sampler_logp=d["sampler"])[0]
+    g_logp, g_ent = torch.autograd.grad(loss, (logp, ent), allow_unused=True)
+    g_ent = torch.zeros_like(ent) if g_ent is None else g_ent   # entropy_coef 0: no entropy term
+    active = d["mask"].nonzero().tolist()
+    for i, j in active[:: max(1, len(active) // 6)]:
+        for name, grad in (("logp", g_logp), ("ent", g_ent)):
+            fd = []
+            for h in (1e-6, -1e-6):
+                moved = {**d, name: d[name].clone()}
+                moved[name][i, j] += h
+                fd.append(_scalar_loss(moved, o))
+            assert (fd[0] - fd[1]) / 2e-6 == pytest.approx(grad[i, j].item(), rel=1e-5, abs=1e-8), (name, i, j)
 
 
 def test_reference_tis_actually_changes_the_loss():
