@@ -14,5 +14,6 @@ grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/ex
 rm -rf .whl && mkdir .whl
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl \
-  liger-kernel==0.8.5 "trl==1.16.*" "datasets>=4.7,<5" "dill>=0.3,<0.4.2" "multiprocess<0.70.20" 2>&1 | grep -v '^WARNING: Location' || true
+  liger-kernel==0.8.5 "trl==1.16.*" "datasets>=4.7,<5" "dill>=0.3,<0.4.2" "multiprocess<0.70.20" 2>&1 \
+  | { grep -v '^WARNING: Location' || true; }   # pipefail: a failed download still fails the script
 ls -l .whl

@@ -27,31 +27,48 @@ export R1FAST_CUDA=1 R1FAST_CUDA_ARCHS=${R1FAST_CUDA_ARCHS:-${cap:-90a}}
 python3 -c 'import os, sysconfig; h = sysconfig.get_paths()["include"] + "/Python.h"; print("Python.h", "found" if os.path.exists(h) else "MISSING: the build will fail", h)'
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null
 
+failed=""
 # Peers that the GPU image lacks (liger-kernel...) travel as wheels in .whl/.
 if compgen -G ".whl/*.whl" >/dev/null; then
   stage "installing carried wheels"
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+  if python3 -m pip install -q --no-index --disable-pip-version-check --no-deps --no-compile --no-cache-dir \
+      --upgrade --target /tmp/site .whl/*.whl; then
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+  else
+    failed="$failed wheels"; echo "carried wheels did not install: the Liger / TRL peers will skip"
+  fi
 fi
 
 stage "build (sm_${R1FAST_CUDA_ARCHS})"
-if ! timeout 100 python3 -m pip install --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1; then
-  tail -40 "$OUT/build.log"; echo "BUILD FAILED"; exit 1
+python3 - <<'PY'
+import importlib.metadata as m
+def version(name):
+    try:
+        return m.version(name)
+    except m.PackageNotFoundError:
+        return "missing"
+print("build tools:", ", ".join(f"{n} {version(n)}" for n in ("setuptools", "pybind11", "cmake", "ninja", "torch", "triton")))
+PY
+pip_e() { timeout -k 10 100 python3 -m pip install --no-index --disable-pip-version-check --no-build-isolation --no-deps -e . ; }
+if ! pip_e >"$OUT/build.log" 2>&1; then
+  # Only the rollout engine needs r1fast._C's CUDA kernels: the Triton tests and suites still have
+  # something to say. A CPU-only extension keeps the engine (block manager) on Triton attention.
+  tail -25 "$OUT/build.log"; echo "CUDA BUILD FAILED: retrying without CUDA kernels"; failed="$failed build"
+  R1FAST_CUDA=0 pip_e >>"$OUT/build.log" 2>&1 || { tail -10 "$OUT/build.log"; echo "BUILD FAILED: going on without r1fast._C"; }
 fi
-python3 -m r1fast.cli info | tee "$OUT/info.txt"
+timeout -k 10 60 python3 -m r1fast.cli info | tee "$OUT/info.txt"
 
 # GPU-marked tests first, then the kernel files whose `device` fixture puts them on the GPU.
-failed=""
 if [ "${SKIP_TESTS:-0}" = 1 ]; then
   stage "tests skipped (SKIP_TESTS=1): the bench gets their time"
 else
   stage "tests on the GPU"
   xdist=$(python3 -c 'import xdist' 2>/dev/null && echo "-n 4")
-  timeout 140 python3 -m pytest -q --maxfail=20 -p no:cacheprovider $xdist -m "gpu or not slow" \
+  timeout -k 10 140 python3 -m pytest -q --maxfail=20 -p no:cacheprovider $xdist -m "gpu or not slow" \
     tests/test_store_kv.py tests/test_decode_attention.py tests/test_logprob.py tests/test_grpo_loss.py \
     tests/test_advantages.py tests/test_fp8_numerics.py tests/test_fp8_apply.py tests/test_models.py \
     tests/test_rollout.py tests/test_sampling_kernel.py tests/test_rollout_self_check.py tests/test_layers_kernels.py \
-    tests/test_hf_rollout.py \
+    tests/test_hf_rollout.py tests/test_liger_parity.py \
     >"$OUT/tests.log" 2>&1
   rc=$?; echo "pytest exit $rc"; [ $rc = 0 ] || failed="$failed tests($rc)"
   grep -E "passed|failed|error" "$OUT/tests.log" | tail -3; grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -20
@@ -64,19 +81,19 @@ stage "bench, every suite at GPU size"
 # and the suites after it: the results files are rewritten after every case. Suites not named here
 # (new ones) run last; a name in SUITES that is not a suite is reported and left out.
 order=${SUITES:-"logprob grpo_loss decode_attention rollout sampling fp8_linear kv_cache model layers grpo_step trl"}
-known=$(python3 -m r1fast.cli bench --list 2>/dev/null | awk '{print $1}')
+known=$(timeout -k 10 60 python3 -m r1fast.cli bench --list 2>/dev/null | awk '$1 ~ /^[a-z0-9_]+$/ {print $1}')
 suites=$(for s in $order; do grep -qx "$s" <<<"$known" && echo "$s"; done
          [ -n "${SUITES:-}" ] || for s in $known; do grep -qw "$s" <<<"$order" || echo "$s"; done)
 for s in $order; do grep -qx "$s" <<<"$known" || echo "unknown suite '$s': left out"; done
 # The bench gets whatever the earlier stages left of the script's 8 minutes (ENDS_BY seconds), less
-# the profile's 40 s and a margin for the summary.
-bench_box=$(( ${ENDS_BY:-480} - ($(date +%s) - t0) - 40 - 20 ))
+# the profile's 75 s and a margin for the summary.
+bench_box=$(( ${ENDS_BY:-480} - ($(date +%s) - t0) - 75 - 20 ))
 [ "$bench_box" -ge 60 ] || bench_box=60
 if [ -z "$suites" ]; then
   echo "no suite to run (SUITES=${SUITES:-}; r1fast bench --list gave: $(echo $known))"; failed="$failed bench(no-suites)"
 else
   echo "suites: $(echo $suites); time box ${bench_box}s"
-  timeout $bench_box python3 -m r1fast.cli bench $suites --size gpu --out "$OUT" --budget 0.5 >"$OUT/bench.log" 2>&1
+  timeout -k 10 $bench_box python3 -m r1fast.cli bench $suites --size gpu --out "$OUT" --budget 0.5 >"$OUT/bench.log" 2>&1
   rc=$?; echo "bench exit $rc$([ $rc = 124 ] && echo ' (time box: the suites after the last one done did not run)')"
   [ $rc = 0 ] || failed="$failed bench($rc)"
   grep -E "FAILED|skip|done in" "$OUT/bench.log" | head -40
@@ -84,11 +101,13 @@ else
 fi
 
 stage "profile: where a decode step and the fused loss spend their time"
-timeout 40 python3 -m r1fast.bench.gpu_profile >"$OUT/profile.txt" 2>&1
+timeout -k 10 75 python3 -m r1fast.bench.gpu_profile >"$OUT/profile.txt" 2>&1
 rc=$?; echo "profile exit $rc"; [ $rc = 0 ] || failed="$failed profile($rc)"
 
 # Exit status: 0 when every stage passed, else 1 (never 124: the device tool reads 124 as its own
 # time limit). The table comes last, where the tool's output tail shows it.
 stage "done; ${failed:+stages that failed or were cut:$failed; }summary:"
 for f in "$OUT"/*.csv; do [ -f "$f" ] && python3 -m r1fast.cli bench --table "$f"; done
+# again after the table, which can be longer than the tail the device tool returns
+echo "gpu_check: ${failed:+stages that failed or were cut:$failed}${failed:-every stage passed}; files in \$OUT"
 [ -z "$failed" ]

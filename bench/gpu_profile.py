@@ -4,8 +4,8 @@
 
 The bench suites say how far each case is from its floor; this says which kernels make up the
 gap, so a session without a GPU can work on the right one. It profiles, after a warm-up,
-- one rollout decode step (Qwen2.5-1.5B shape, 512 sequences at context 768, sampling included),
 - one fused GRPO loss forward+backward (N = 16384 tokens, H = 4096, V = 151936, bf16),
+- one rollout decode step (Qwen2.5-1.5B shape, 512 sequences at context 768, sampling included),
 each through the same setup code as the `rollout` and `grpo_loss` suites, and prints the top kernels
 by total CUDA time. Run by bench/gpu_check.sh; needs a CUDA device.
 """
@@ -42,11 +42,13 @@ def main(argv=None) -> None:
     from r1fast.bench.suites import grpo_loss, rollout
 
     dev = torch.device("cuda")
+    # the loss first: the decode step's engine captures a CUDA graph per batch-size bucket, the
+    # longer setup, and a time box that cuts it keeps the loss's table
     jobs = [
-        ("rollout decode step B=512 ctx=768 (Qwen2.5-1.5B shape, bf16)",
-         lambda: rollout._r1fast_decode_step(rollout.QWEN25_15B, 512, 768, torch.bfloat16, dev)(), 5),
         ("fused GRPO loss fwd+bwd B=16 T=1024 H=4096 V=151936 (bf16, triton)",
          lambda: grpo_loss._r1fast("triton", (16, 1024, 4096, 151936), torch.bfloat16, dev)(), 2),
+        ("rollout decode step B=512 ctx=768 (Qwen2.5-1.5B shape, bf16)",
+         lambda: rollout._r1fast_decode_step(rollout.QWEN25_15B, 512, 768, torch.bfloat16, dev)(), 5),
     ]
     for name, setup, steps in jobs:
         try:
