@@ -124,6 +124,11 @@ def test_prefill_over_cached_prefix_matches_reference(backend):
     assert_close(got, want, dtype=torch.float32, name=f"{backend} prefill")
     with pytest.raises(ValueError, match="query_len <= context_len"):
         ops.paged_prefill_attention(q, kc, vc, slots, [3, 6], [9, 5])
+    cu = (torch.tensor([0, 3, 8], dtype=torch.int32), torch.tensor([0, 9, 14], dtype=torch.int32))
+    again = ops.paged_prefill_attention(q, kc, vc, slots, query_lens, context_lens, backend=backend, cu_seqlens=cu)
+    assert torch.equal(again, got)
+    with pytest.raises(ValueError, match="cu_seqlens must be two int32 \\[3\\] tensors"):
+        ops.paged_prefill_attention(q, kc, vc, slots, query_lens, context_lens, cu_seqlens=(cu[0], cu[1].long()))
 
 
 def test_decode_degenerate_cache_shapes_are_clear_errors():

@@ -398,15 +398,17 @@ def _prefill_reference(q, k_cache, v_cache, context_slots, query_lens, context_l
 
 
 @backends.register("paged_prefill_attention", "torch")
-def _prefill_torch(q, k_cache, v_cache, context_slots, query_lens, context_lens, scale):
+def _prefill_torch(q, k_cache, v_cache, context_slots, query_lens, context_lens, scale, cu_seqlens=None):
     hkv, d = k_cache.shape[2], k_cache.shape[3]
     k_all = k_cache.view(-1, hkv, d).index_select(0, context_slots)
     v_all = v_cache.view(-1, hkv, d).index_select(0, context_slots)
     half_on_gpu = q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
     flash = flash_attn_varlen() if half_on_gpu else None
     if flash is not None or (half_on_gpu and varlen_ready(q, k_all, prefix=True)):
-        cu_q = torch.tensor([0, *itertools_accumulate(query_lens)], device=q.device, dtype=torch.int32)
-        cu_k = torch.tensor([0, *itertools_accumulate(context_lens)], device=q.device, dtype=torch.int32)
+        # a list-built device tensor is a blocking copy: per layer, the host would wait for each layer
+        cu_q, cu_k = cu_seqlens if cu_seqlens is not None else (
+            torch.tensor([0, *itertools_accumulate(lens)], device=q.device, dtype=torch.int32)
+            for lens in (query_lens, context_lens))
         if flash is None:  # torch's kernel, probed to align the mask as flash-attn does
             return torch_varlen_attn()(q, k_all, v_all, cu_q, cu_k, max(query_lens), max(context_lens), scale)
         # flash-attn aligns the causal mask to the bottom right: query i of n sees keys <= ctx - n + i
@@ -437,12 +439,14 @@ def itertools_accumulate(xs):
 
 
 def paged_prefill_attention(q, k_cache, v_cache, context_slots, query_lens, context_lens, *,
-                            scale: float | None = None, backend: str | None = None):
+                            scale: float | None = None, backend: str | None = None, cu_seqlens=None):
     """Causal attention for a packed batch of prefill chunks -> [sum(query_lens), num_heads, head_dim].
 
     q [sum(query_lens), H, D]; sequence b's queries are the last query_lens[b] of its context_lens[b]
     tokens, all of whose KV is already stored; context_slots int64 [sum(context_lens)] lists the cache
     slots of every sequence's context in order. query_lens, context_lens: host lists of ints.
+    cu_seqlens: (cu_q, cu_k), their int32 prefix sums [B+1] on q's device, when the caller already has
+    them (the engine, once per prefill step rather than once per layer).
     """
     if not isinstance(q, torch.Tensor) or q.dim() != 3:
         raise ValueError(f"paged_prefill_attention: q must be a [tokens, heads, head_dim] tensor")
@@ -462,5 +466,11 @@ def paged_prefill_attention(q, k_cache, v_cache, context_slots, query_lens, cont
         raise ValueError(f"paged_prefill_attention: context_slots must be int64 [{sum(context_lens)}], got "
                          f"{context_slots.dtype} {tuple(context_slots.shape)}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    _, fn = backends.resolve("paged_prefill_attention", q.device, backend)
-    return fn(q, k_cache, v_cache, context_slots, query_lens, context_lens, scale)
+    if cu_seqlens is not None:
+        n = len(query_lens) + 1
+        if len(cu_seqlens) != 2 or any(not isinstance(c, torch.Tensor) or c.dtype != torch.int32 or c.shape != (n,)
+                                       or c.device != q.device for c in cu_seqlens):
+            raise ValueError(f"paged_prefill_attention: cu_seqlens must be two int32 [{n}] tensors on {q.device}")
+    name, fn = backends.resolve("paged_prefill_attention", q.device, backend)
+    extra = {"cu_seqlens": cu_seqlens} if name == "torch" else {}
+    return fn(q, k_cache, v_cache, context_slots, query_lens, context_lens, scale, **extra)

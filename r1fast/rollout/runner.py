@@ -27,16 +27,16 @@ log = logging.getLogger(__name__)
 class PrefillContext:
     """attend(): store the chunk's K/V, then causal attention over cached prefix + chunk."""
 
-    def __init__(self, kv, slots, context_slots, query_lens, context_lens, scale, store_backend=None):
+    def __init__(self, kv, slots, context_slots, query_lens, context_lens, scale, store_backend=None, cu_seqlens=None):
         self.kv, self.slots, self.context_slots = kv, slots, context_slots
         self.query_lens, self.context_lens, self.scale = query_lens, context_lens, scale
-        self.store_backend = store_backend
+        self.store_backend, self.cu_seqlens = store_backend, cu_seqlens
 
     def attend(self, layer: int, q, k, v):
         kc, vc = self.kv[layer, 0], self.kv[layer, 1]
         ops.store_kv(k, v, kc, vc, self.slots, check_slots=False, backend=self.store_backend)
         return ops.paged_prefill_attention(q, kc, vc, self.context_slots, self.query_lens, self.context_lens,
-                                           scale=self.scale)
+                                           scale=self.scale, cu_seqlens=self.cu_seqlens)
 
 
 class DecodeContext:
@@ -152,10 +152,11 @@ class ModelRunner:
         slots = bm.slot_mapping(ids, np.asarray(starts, dtype=np.int64), np.asarray(ends, dtype=np.int64))
         context_slots = bm.slot_mapping(ids, np.zeros(len(ids), dtype=np.int64), np.asarray(ends, dtype=np.int64))
         query_lens = [e - s for s, e in zip(starts, ends)]
+        cu = tuple(self._h2d(np.concatenate(([0], np.cumsum(lens))), torch.int32) for lens in (query_lens, ends))
         ctx = PrefillContext(self.kv, self._h2d(slots, torch.long), self._h2d(context_slots, torch.long),
-                             query_lens, list(ends), self.scale, self.store_backend)
+                             query_lens, list(ends), self.scale, self.store_backend, cu_seqlens=cu)
+        last = self._h2d(np.cumsum(query_lens) - 1, torch.long)  # before the forward: a copy may wait for the stream
         hidden = self.model(self._h2d(input_ids, torch.long), self._h2d(positions, torch.long), attn=ctx)
-        last = torch.tensor(np.cumsum(query_lens) - 1, device=self.device)
         return hidden.index_select(0, last)
 
     # -- decode ----------------------------------------------------------------------------------
