@@ -483,3 +483,17 @@ def test_sft_counts_nonfinite_steps_and_stops_after_too_many(tmp_path):
     with pytest.raises(NonFiniteLoss, match="3 optimizer steps in a row.*max_nonfinite_steps=3"):
         tr.train()
     assert tr.global_step == 2   # the third NaN step stops the run
+
+
+def test_sixteen_bit_parameters_are_warned_about(tmp_path, caplog):
+    """bf16 weights trained as they are round away AdamW steps near the usual GRPO learning rates."""
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="r1fast.trainer.common"):
+        make(tmp_path, "fp32")
+        assert "rounded away" not in caplog.text
+        model, tok = tiny_model()
+        GRPOTrainer(model.to(torch.bfloat16), [sevens], ROWS,
+                    GRPOConfig(per_device_train_batch_size=32, learning_rate=1e-6, output_dir=str(tmp_path / "bf16")),
+                    tokenizer=tok)
+    assert "torch.bfloat16 and are trained as they are" in caplog.text and "learning_rate=1e-06" in caplog.text

@@ -78,6 +78,15 @@ def make_optimizer(model, cfg) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters")
+    low = {p.dtype for p in params} & {torch.bfloat16, torch.float16}
+    if low:
+        # AdamW's step is about learning_rate per weight; a 16-bit weight of magnitude ~0.02 moves only by
+        # multiples of ~1e-4 (bf16), so smaller steps round away and the run learns nothing, silently
+        eps = torch.finfo(next(iter(low))).eps
+        logging.getLogger(__name__).warning(
+            "the model's parameters are %s and are trained as they are (no fp32 master copy): an update "
+            "smaller than about %.1g of a weight's size is rounded away (learning_rate=%g). Train with "
+            "dtype: float32 unless the learning rate is large.", next(iter(low)), eps / 2, cfg.learning_rate)
     return torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
                              eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay)
 
