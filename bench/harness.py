@@ -90,6 +90,10 @@ class Case:
     items: float | None = None         # work units per call, for throughput (tokens, sequences...)
     item_name: str = "tokens"
     matmul_dtype: str | None = None    # dtype whose matmul rate sets the FLOP floor (default: dtype)
+    # Work that runs in phases one after another (a decode step: compute-bound GEMMs, then memory-bound
+    # attention): [(flops, bytes), ...], the floor is the sum of each phase's max(flops time, bytes time)
+    # instead of one max over the totals (flops / bytes above are then the totals, for the throughput).
+    phases: list[tuple[float, float]] | None = None
     # Whole-generation or whole-step cases take seconds per call: they set fewer repeats here.
     warmup: int | None = None
     reps: int | None = None
@@ -247,7 +251,9 @@ class Machine:
             a = torch.randn(n, n, device=self.device).to(torch.float8_e4m3fn)
             b = torch.randn(n, n, device=self.device).to(torch.float8_e4m3fn).t()
             one = torch.ones((), device=self.device)
-            fn = lambda: torch._scaled_mm(a, b, scale_a=one, scale_b=one, out_dtype=torch.bfloat16)  # noqa: E731
+            # fast accumulation, as r1fast's FP8 forward uses: the ceiling of what that path can reach
+            fn = lambda: torch._scaled_mm(a, b, scale_a=one, scale_b=one, out_dtype=torch.bfloat16,  # noqa: E731
+                                          use_fast_accum=True)
             t = Timer(self.device, warmup=2, min_reps=5, budget_s=0.5)(fn)
         except Exception:
             return float("nan")
@@ -263,11 +269,11 @@ class Machine:
         return self._bandwidth
 
     def floor_ms(self, case: Case, matmul_dtype: str | None = None) -> float:
+        rate = self.matmul_flops_per_s(matmul_dtype or case.matmul_dtype or case.dtype) \
+            if case.flops or case.phases else float("nan")
         t = 0.0
-        if case.flops:
-            t = max(t, case.flops / self.matmul_flops_per_s(matmul_dtype or case.matmul_dtype or case.dtype))
-        if case.bytes:
-            t = max(t, case.bytes / self.copy_bytes_per_s())
+        for flops, nbytes in case.phases or [(case.flops, case.bytes)]:
+            t += max(flops / rate if flops else 0.0, nbytes / self.copy_bytes_per_s() if nbytes else 0.0)
         return t * 1e3 if t > 0 and math.isfinite(t) else float("nan")
 
 

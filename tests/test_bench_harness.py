@@ -41,6 +41,10 @@ def test_floor_takes_the_larger_of_compute_and_bandwidth():
     m._rates["float32"], m._bandwidth = 1e12, 1e11
     case = harness.Case("c", "fwd", "float32", [], flops=2e9, bytes=1e9)
     assert m.floor_ms(case) == pytest.approx(max(2e9 / 1e12, 1e9 / 1e11) * 1e3)
+    # phases that run one after the other (GEMMs, then attention) add up: one max over totals is too low
+    steps = harness.Case("d", "step", "float32", [], flops=3e9, bytes=2e9, phases=[(2e9, 1e8), (1e9, 1.9e9)])
+    assert m.floor_ms(steps) == pytest.approx((2e9 / 1e12 + 1.9e9 / 1e11) * 1e3)
+    assert m.floor_ms(steps) > m.floor_ms(harness.Case("d", "step", "float32", [], flops=3e9, bytes=2e9))
 
 
 def test_info_and_bench_list_commands(capsys):

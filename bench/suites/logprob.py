@@ -91,7 +91,10 @@ def cases(size, device):
     out = []
     for n in sizes + sweep:
         main = n in sizes
-        for mode, k in (("fwd", 2), ("fwd_bwd", 6)):
+        # fwd+bwd: 8·N·H·V, the least a log-prob op can do in O(N) memory with any upstream gradient: the
+        # backward recomputes the logits (2) before dlogits @ weight (2) and dlogits.T @ hidden (2). The
+        # fused loss (grpo_loss suite) knows its gradient in the forward: 6·N·H·V there.
+        for mode, k in (("fwd", 2), ("fwd_bwd", 8)):
             if not main and mode == "fwd":
                 continue
             nbytes = (n * h + v * h) * es * (1 if mode == "fwd" else 2)  # read hidden + weight (+ write grads)

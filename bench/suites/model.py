@@ -2,8 +2,9 @@
 
 Both sides run the decoder body only (embedding, layers, final norm) and backpropagate a fixed
 random cotangent from the final hidden states; the vocabulary projection belongs to the logprob
-suite. transformers gets the same packed batch as one row with restarting position_ids, its own
-packed-sequence path (flash-attn varlen when installed, else SDPA with a block-diagonal mask).
+suite. transformers gets the same sequences twice: as one packed row with restarting position_ids,
+its own packed-sequence path (flash-attn varlen when installed, else SDPA with a block-diagonal mask
+over all the tokens), and as a right-padded batch with an attention mask, as TRL feeds it.
 """
 import torch
 
@@ -48,7 +49,10 @@ def _r1fast(cfg_kwargs, lengths, dtype, device, checkpointing=False):
     return setup
 
 
-def _transformers(cfg_kwargs, lengths, dtype, device):
+def _transformers(cfg_kwargs, lengths, dtype, device, padded=False):
+    """padded: the sequences as rows of a right-padded [B, longest] batch with an attention mask, as TRL
+    feeds transformers (the padding's tokens are computed too); else one packed row (without flash-attn
+    transformers' SDPA then gets a tokens x tokens block-diagonal mask)."""
     def setup():
         import transformers
 
@@ -72,11 +76,20 @@ def _transformers(cfg_kwargs, lengths, dtype, device):
         model.train()
         ids, _, pos = _batch(lengths, cfg.vocab_size, device)
         dy = _cotangent(ids.numel(), cfg.hidden_size, dtype, device)[None]
+        kwargs = dict(input_ids=ids[None], position_ids=pos[None])
+        if padded:
+            width = max(lengths)
+            keep = torch.arange(width, device=device)[None, :] < torch.tensor(lengths, device=device)[:, None]
+            rows = torch.zeros(len(lengths), width, dtype=ids.dtype, device=device)
+            rows[keep] = ids
+            kwargs = dict(input_ids=rows, attention_mask=keep.long())
+            grad = torch.zeros(len(lengths), width, cfg.hidden_size, dtype=dtype, device=device)
+            grad[keep] = dy[0]
+            dy = grad
 
         def step():
             model.zero_grad(set_to_none=True)
-            out = model(input_ids=ids[None], position_ids=pos[None], use_cache=False).last_hidden_state
-            out.backward(dy)
+            model(**kwargs, use_cache=False).last_hidden_state.backward(dy)
         return step
     return setup
 
@@ -108,7 +121,9 @@ def cases(size, device):
 
     attention = "flash-attn" if device.type == "cuda" and _flash_attn_varlen() is not None else "sdpa"
     impls = [Impl("r1fast", attention, _r1fast(cfg, lengths, dtype, device)),
-             Impl("transformers", "hf", _transformers(cfg, lengths, dtype, device), requires=("transformers",))]
+             Impl("transformers", "hf packed", _transformers(cfg, lengths, dtype, device), requires=("transformers",)),
+             Impl("transformers", "hf padded", _transformers(cfg, lengths, dtype, device, padded=True),
+                  requires=("transformers",))]
     name = f"{cfg['architecture']} h={cfg['hidden_size']} L={cfg['num_hidden_layers']} tokens={sum(lengths)}"
     return [Case(name, "fwd_bwd", str(dtype).removeprefix("torch."), impls, flops=flops, bytes=nbytes,
                  items=sum(lengths), item_name="tokens")]

@@ -170,6 +170,8 @@ def cases(size, device):
                  Impl("transformers", "generate", _transformers_generate(cfg, gen_shape, dtype, device),
                       requires=("transformers",), **(dict(warmup=0, reps=1) if size == "gpu" else {}))],
                 flops=gen_flops, bytes=gen_bytes, items=seqs * new, item_name="tokens",
+                # each step's GEMMs (compute-bound at these batches), then its attention (KV reads)
+                phases=[(gen_flops, new * wbytes), (0.0, gen_bytes - new * wbytes)],
                 # A whole generation takes seconds at GPU size: one warm-up, three timed calls.
                 warmup=1, reps=3)]
     tiny_shape = (prompts_n, g, 16, 128) if size == "gpu" else (4, 2, 16, 16)
@@ -178,8 +180,12 @@ def cases(size, device):
                      Impl("r1fast", "engine, step by step", _r1fast_generate(TINY, tiny_shape, dtype, device, False))],
                     items=tiny_shape[3], item_name="steps", warmup=1, reps=3))
     for batch, ctx in step_shapes:
+        # Two phases one after the other: the GEMMs (weights read once, 2·params FLOPs per row), then
+        # attention over each row's context (its KV read) and the sampler (fp32 logits written and read).
+        attn_flops = 4 * batch * ctx * mcfg.num_attention_heads * mcfg.head_dim * mcfg.num_hidden_layers
+        attn_bytes = batch * ctx * kv_tok + 2 * batch * mcfg.vocab_size * 4
         out.append(Case(f"decode step batch={batch} ctx={ctx}", "step", dt,
                         [Impl("r1fast", "engine", _r1fast_decode_step(cfg, batch, ctx, dtype, device))],
-                        flops=2 * params * batch, bytes=wbytes + batch * ctx * kv_tok, items=batch,
-                        item_name="tokens"))
+                        flops=2 * params * batch + attn_flops, bytes=wbytes + attn_bytes, items=batch,
+                        item_name="tokens", phases=[(2 * params * batch, wbytes), (attn_flops, attn_bytes)]))
     return out
