@@ -1111,3 +1111,35 @@ def test_clip_fractions_read_the_ratio_after_the_delta_clip(backend):
     assert float(low_delta["clip_ratio/region_mean"]) == float(low_delta["clip_ratio/low_mean"]) > 0
     for k in ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"):
         assert float(high_delta[k]) == float(plain[k])
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("tis_mode", ["mask", "truncate", None])
+def test_sequence_level_tis_with_old_logp_keeps_the_single_pass(backend, tis_mode, monkeypatch):
+    """A row's sequence-level sampler weight depends on old_logp and sampler_logp only: chunks may cut
+    the row (no two-pass fallback, which recomputes the logits), with the reference's numbers."""
+    import r1fast.ops.fused_loss as fused
+
+    d, hidden, weight, targets = _fused_case(seed=31, b=4, t=9)
+    opts = dict(loss_type="dapo", tis_mode=tis_mode, tis_level="sequence", tis_cap=1.2, beta=0.04)
+    e_loss, e_stats, e_gh, e_gw = _fused_expected(d, hidden, weight, targets, LossOptions(**opts))
+    assert tis_mode is None or e_stats["is_weight/mean"] != 1.0
+
+    def no_two_pass(*a, **k):
+        raise AssertionError("took the two-pass path")
+
+    monkeypatch.setattr(fused, "grouped_logprob", no_two_pass)
+    h, w = hidden.float().requires_grad_(), weight.float().requires_grad_()
+    loss, stats = ops.fused_linear_grpo_loss(h, w, targets, d["mask"], d["adv"].float(), old_logp=d["old"].float(),
+                                             ref_logp=d["ref"].float(), sampler_logp=d["sampler"].float(),
+                                             backend=backend, chunk_size=4, **opts)   # rows of 9 > chunks of 4
+    gh, gw = torch.autograd.grad(loss, (h, w))
+    assert_close(loss, e_loss, torch.float32, name="loss")
+    assert_close(gh, e_gh, torch.float32, name="grad_hidden")
+    assert_close(gw, e_gw, torch.float32, name="grad_weight")
+    for k in e_stats:
+        assert_close(stats[k], e_stats[k], torch.float32, name=k)
+    # without old_logp the weight reads the policy's own log-probs of the whole row: two passes
+    with pytest.raises(AssertionError, match="two-pass"):
+        ops.fused_linear_grpo_loss(h, w, targets, d["mask"], d["adv"].float(), sampler_logp=d["sampler"].float(),
+                                   backend=backend, chunk_size=4, **opts)

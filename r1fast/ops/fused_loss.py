@@ -10,8 +10,10 @@ Never builds [tokens, V] logits. Two ways to get there, both from the active (ma
   two matmuls turn into grad_hidden and grad_weight (summed in place in the weight's dtype, fp32
   inside each matmul). 6·N·H·V FLOPs, the
   matmul floor; the gradients are computed in the forward (as Liger does) and scaled in the
-  backward. With token-level ratios a chunk may cut a completion; sequence-level ratios (GSPO) or
-  sequence-level truncated IS need a whole completion's log-probs, so chunks hold whole rows.
+  backward. With token-level ratios a chunk may cut a completion (sequence-level truncated IS too,
+  when old_logp is given: its weight is restated per token); sequence-level ratios (GSPO), or
+  sequence-level truncated IS against the policy's own log-probs, need a whole completion's
+  log-probs, so chunks hold whole rows.
 - two pass (reference backend, or a sequence-level completion longer than one chunk):
   ops.grouped_logprob then ops.grpo_loss; grouped_logprob's backward recomputes the logits
   (8·N·H·V FLOPs).
@@ -19,6 +21,7 @@ Never builds [tokens, V] logits. Two ways to get there, both from the active (ma
 from __future__ import annotations
 
 import bisect
+import dataclasses
 
 import torch
 
@@ -321,8 +324,12 @@ def fused_linear_grpo_loss(hidden, weight, targets, mask, advantages, *, old_log
         raise ValueError(f"{OP}: the triton backend takes fp16/bf16/fp32 inputs, got float64 "
                          f"(use backend='torch' or 'reference')")
     chunk = chunk_size or single_pass_chunk(weight.shape[0], hidden.device)
-    # sequence-level sampler weights (even as a statistic only) need a whole row's tokens
-    split_rows = opts.importance_sampling_level == "token" and (sampler_logp is None or opts.tis_level == "token")
+    # A sequence-level sampler weight exp(sum of the row's old - sampler) depends on inputs only when old_logp
+    # is given: restated per token below, chunks may then cut the row. Computed from the policy's own
+    # log-probs (no old_logp) it needs the whole row first, as sequence-level ratios (GSPO) do.
+    restate_seq_tis = sampler_logp is not None and old_logp is not None and opts.tis_level == "sequence"
+    split_rows = opts.importance_sampling_level == "token" and (
+        sampler_logp is None or opts.tis_level == "token" or restate_seq_tis)
     chunks = plan_chunks(lay.row_counts, max(chunk, 1), split_rows) if single_pass and lb in ("torch", "triton") \
         else None
 
@@ -347,8 +354,14 @@ def fused_linear_grpo_loss(hidden, weight, targets, mask, advantages, *, old_log
                                  importance_weights=isw2)
     active2 = mask2 > 0
     clean = lambda x: None if x is None else torch.where(active2, x.to(wide), 0.0)  # noqa: E731
+    old_c, smp_c = clean(old2), clean(smp2)
+    if restate_seq_tis:
+        # sampler' = old - (the row's sum of old - sampler) at each token: the token-level weight
+        # exp(old - sampler') is then the row's sequence-level weight at every one of its tokens
+        smp_c = old_c - (old_c - smp_c).sum(-1, keepdim=True)
+        opts = dataclasses.replace(opts, tis_level="token")
     need = torch.is_grad_enabled()
-    run = _SinglePassRun(lay, t_act.contiguous(), chunks, (clean(old2), clean(ref2), clean(smp2), advantages.to(wide),
+    run = _SinglePassRun(lay, t_act.contiguous(), chunks, (old_c, clean(ref2), smp_c, advantages.to(wide),
                                                            mask2, clean(isw2)),
                          opts, engine_for(lb), need and hidden.requires_grad, need and weight.requires_grad)
     w = weight if weight.stride(-1) == 1 else weight.contiguous()
