@@ -211,6 +211,13 @@ def compile_all(arch: int = 90, full: bool = False, report=None):
             _compile(rotary_kernels._rotary_kernel, types, c, arch, cfg, report,
                      f"_rotary_kernel {dt}" + (" backward" if backward else ""))
     done.append(f"rotary kernel ({2 * len(dts)} specialisations)")
+    # the fused loss's in-place gradient scale (bf16 / fp16 gradients, a device fp32 scalar)
+    from r1fast.kernels import scale as scale_kernels
+
+    for dt in ("bf16", "fp16"):
+        _compile(scale_kernels._scale_kernel, {"x_ptr": f"*{dt}", "g_ptr": "*fp32"}, {}, arch,
+                 {"BLOCK": 8192, "num_warps": 8, "num_stages": 1}, report, f"_scale_kernel {dt}")
+    done.append("scale kernel (2 specialisations)")
     return done
 
 

@@ -1143,3 +1143,34 @@ def test_sequence_level_tis_with_old_logp_keeps_the_single_pass(backend, tis_mod
     with pytest.raises(AssertionError, match="two-pass"):
         ops.fused_linear_grpo_loss(h, w, targets, d["mask"], d["adv"].float(), sampler_logp=d["sampler"].float(),
                                    backend=backend, chunk_size=4, **opts)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_scale_kernel_equals_the_fp32_slices_bit_for_bit(dtype):
+    """The fused loss's backward scale: the Triton pass the GPU takes and the torch slices the CPU
+    takes both round the fp32 product once, so they agree exactly (an odd length: a ragged last block)."""
+    pytest.importorskip("triton")
+    from r1fast.kernels import scale as kernel
+    from r1fast.ops.fused_loss import scale_
+
+    x = randn(3 * 1024 + 17, dtype=torch.float32, seed=5).to(dtype)
+    g = torch.tensor(0.7312345, dtype=torch.float32)
+    want = scale_(x.clone(), g, slice_elems=1000)
+    got = kernel.scale_inplace(x.clone(), g)
+    assert not torch.equal(want, x * g.to(dtype))   # rounding g to the 16-bit dtype first differs
+    if dtype == torch.float16:
+        assert torch.equal(got, want)
+    else:  # the interpreter rounds fp32 -> bf16 toward zero whatever the kernel asks (rtne on a GPU: gpu test)
+        assert ((got.float() - want.float()).abs() <= want.float().abs() * 2 ** -7).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_scale_kernel_bf16_equals_the_fp32_slices():
+    from r1fast.ops.fused_loss import scale_
+
+    x = randn(5 * 8192 + 3, dtype=torch.float32, seed=6).to(torch.bfloat16)
+    g = torch.tensor(0.7312345, dtype=torch.float32)
+    want = scale_(x.clone(), g, slice_elems=1000)                 # CPU: the fp32 slices
+    got = scale_(x.cuda(), g.cuda())                                # CUDA: the Triton pass
+    assert torch.equal(got.cpu(), want)

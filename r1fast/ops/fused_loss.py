@@ -178,10 +178,16 @@ def scale_(x, g, slice_elems: int = 1 << 22):
     """x *= g (a 0-d tensor) in place, on the device, the product rounded once to x's dtype.
 
     bf16/fp16 x times a device scalar would round g to x's dtype first (a bias of up to 0.4% on
-    every gradient), so those go through fp32 in slices (16 MB of temporary, not a copy of x).
+    every gradient): on a GPU one Triton pass (kernels/scale.py), elsewhere through fp32 in slices
+    (16 MB of temporary, not a copy of x).
     """
     if x.dtype in (torch.float32, torch.float64):
         return x.mul_(g)
+    if x.is_cuda and x.is_contiguous() and backends.triton_importable():
+        from r1fast.kernels import scale as kernel
+
+        with backends.on_device(x.device):
+            return kernel.scale_inplace(x, g)
     g32 = g.to(torch.float32)
     if not x.is_contiguous():
         return x.copy_(x.float().mul_(g32))
