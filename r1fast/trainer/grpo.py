@@ -249,8 +249,9 @@ class GRPOTrainer:
         from r1fast import ops
 
         hidden = batch.hidden(model)
+        # the targets are the batch's own tokens, which the model's forward has range-checked
         return ops.grouped_logprob(hidden[batch.select], model.lm_head_weight, batch.targets,
-                                   temperature=self.cfg.temperature, forward_only=True)
+                                   temperature=self.cfg.temperature, forward_only=True, check_targets=False)
 
     def step(self) -> dict[str, Any]:
         """One rollout and its `num_iterations` optimizer steps; returns the step's metrics."""
@@ -308,7 +309,7 @@ class GRPOTrainer:
                 hidden = b.hidden(self.model)
                 try:
                     loss, stats = ops.fused_linear_grpo_loss(
-                        hidden[b.select], self.model.lm_head_weight, b.targets, mask, adv[idx],
+                        hidden[b.select], self.model.lm_head_weight, b.targets, mask, adv[idx[0]:idx[-1] + 1],
                         old_logp=old[j], ref_logp=ref[j], sampler_logp=sampler[j], cu_seqlens=b.completion_cu,
                         options=opts)
                 except ValueError as e:
