@@ -7,6 +7,12 @@ sampled: a reward-free constant-length setup, so both do the same work), score t
 reward function, and take one AdamW step (loss_type dapo, beta 0, num_iterations 1). TRL generates
 with transformers' `generate` (no vLLM here). GPU size: a Qwen2.5-1.5B-shaped model (random
 weights, bf16), 64 prompts × G = 8, 512 new tokens.
+
+Not Qwen2.5-1.5B's vocabulary: the model has the built-in character tokenizer's (about a hundred
+tokens), which both trainers need to decode completions. So the lm_head, sampling over 152k tokens
+and the logits' memory are missing from both steps; with them TRL's single micro-batch of 512
+completions (as configured here) would hold ~80 GB of bf16 logits. A ratio read here is for the
+body of the model, not the issue's whole model.
 """
 from __future__ import annotations
 
