@@ -485,15 +485,64 @@ def test_sft_counts_nonfinite_steps_and_stops_after_too_many(tmp_path):
     assert tr.global_step == 2   # the third NaN step stops the run
 
 
-def test_sixteen_bit_parameters_are_warned_about(tmp_path, caplog):
-    """bf16 weights trained as they are round away AdamW steps near the usual GRPO learning rates."""
+def test_sixteen_bit_parameters_step_through_fp32_master_weights(tmp_path, caplog):
+    """bf16 weights stepped directly round away AdamW steps near the usual GRPO learning rates; the
+    trainer steps fp32 copies instead (or, with fp32_master_weights off, warns)."""
     import logging
 
-    with caplog.at_level(logging.WARNING, logger="r1fast.trainer.common"):
-        make(tmp_path, "fp32")
-        assert "rounded away" not in caplog.text
+    from r1fast.trainer.master_weights import MasterWeightAdamW
+
+    def bf16_trainer(name, **over):
         model, tok = tiny_model()
-        GRPOTrainer(model.to(torch.bfloat16), [sevens], ROWS,
-                    GRPOConfig(per_device_train_batch_size=32, learning_rate=1e-6, output_dir=str(tmp_path / "bf16")),
-                    tokenizer=tok)
-    assert "torch.bfloat16 and are trained as they are" in caplog.text and "learning_rate=1e-06" in caplog.text
+        return GRPOTrainer(model.to(torch.bfloat16), [sevens], ROWS,
+                           GRPOConfig(per_device_train_batch_size=32, learning_rate=1e-6,
+                                      output_dir=str(tmp_path / name), **over), tokenizer=tok)
+
+    with caplog.at_level(logging.WARNING, logger="r1fast.trainer.common"):
+        assert isinstance(bf16_trainer("master").optimizer, MasterWeightAdamW)
+        assert type(make(tmp_path, "fp32").optimizer) is torch.optim.AdamW
+        assert "rounded away" not in caplog.text
+        assert type(bf16_trainer("plain", fp32_master_weights=False).optimizer) is torch.optim.AdamW
+    assert "torch.bfloat16 and fp32_master_weights is off" in caplog.text and "learning_rate=1e-06" in caplog.text
+
+
+def test_master_weights_keep_the_steps_bf16_rounds_away():
+    from r1fast.trainer.master_weights import MasterWeightAdamW
+
+    w = torch.nn.Parameter(torch.ones(4, dtype=torch.bfloat16))
+    plain, master = w.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    opts = [torch.optim.AdamW([plain], lr=1e-4, weight_decay=0.0), MasterWeightAdamW([master], lr=1e-4,
+                                                                                       weight_decay=0.0)]
+    ref = torch.ones(4, dtype=torch.float32, requires_grad=True)   # fp32 AdamW: the numbers wanted
+    ref_opt = torch.optim.AdamW([ref], lr=1e-4, weight_decay=0.0)
+    for _ in range(100):
+        for p, o in ((plain, opts[0]), (master, opts[1]), (ref, ref_opt)):
+            o.zero_grad()
+            p.grad = torch.ones_like(p)
+            o.step()
+    assert torch.equal(plain, torch.ones_like(plain))               # each 1e-4 step rounded away
+    assert torch.equal(opts[1].masters[0], ref.detach())            # the fp32 copy took every step
+    assert torch.equal(master, ref.detach().to(torch.bfloat16)) and not torch.equal(master, plain)
+
+
+def test_master_weights_resume_exactly(tmp_path):
+    """A bf16 run split by a checkpoint equals the run in one go: the fp32 copies are in the checkpoint."""
+    def bf16(name):
+        model, tok = tiny_model()
+        cfg = GRPOConfig(per_device_train_batch_size=32, max_steps=4, save_steps=2, learning_rate=3e-2, seed=3,
+                         max_completion_length=6, output_dir=str(tmp_path / name), progress_bar=False)
+        return GRPOTrainer(model.to(torch.bfloat16), [sevens], ROWS, cfg, tokenizer=tok)
+
+    full = bf16("full")
+    full.train()
+    first = bf16("split")
+    first.train(callback=lambda step, m: setattr(first, "_stop_requested", step >= 2))
+    # the copies hold what bf16 cannot: a resume from the bf16 weights alone would differ
+    assert any(not torch.equal(m, p.float()) for m, p in zip(first.optimizer.masters, first.optimizer.model_params))
+    second = bf16("split")
+    second.train(resume=True)
+    assert second.global_step == 4
+    for a, b in zip(full.optimizer.masters, second.optimizer.masters):
+        assert a.dtype == torch.float32 and torch.equal(a, b)
+    for (n, p), (_, q) in zip(full.model.named_parameters(), second.model.named_parameters()):
+        assert torch.equal(p, q), n

@@ -78,17 +78,20 @@ def make_optimizer(model, cfg) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters")
-    low = {p.dtype for p in params} & {torch.bfloat16, torch.float16}
+    kwargs = dict(lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
+                  weight_decay=cfg.weight_decay)
+    low = sorted({str(p.dtype) for p in params if p.dtype in (torch.bfloat16, torch.float16)})
+    if low and cfg.fp32_master_weights:
+        from r1fast.trainer.master_weights import MasterWeightAdamW
+
+        return MasterWeightAdamW(params, **kwargs)
     if low:
         # AdamW's step is about learning_rate per weight; a 16-bit weight of magnitude ~0.02 moves only by
         # multiples of ~1e-4 (bf16), so smaller steps round away and the run learns nothing, silently
-        eps = torch.finfo(next(iter(low))).eps
         logging.getLogger(__name__).warning(
-            "the model's parameters are %s and are trained as they are (no fp32 master copy): an update "
-            "smaller than about %.1g of a weight's size is rounded away (learning_rate=%g). Train with "
-            "dtype: float32 unless the learning rate is large.", next(iter(low)), eps / 2, cfg.learning_rate)
-    return torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                             eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay)
+            "the model's parameters are %s and fp32_master_weights is off: an update smaller than about 0.2%% "
+            "of a weight's size is rounded away (learning_rate=%g)", "/".join(low), cfg.learning_rate)
+    return torch.optim.AdamW(params, **kwargs)
 
 
 def make_scheduler(opt, kind: str, total_steps: int, warmup_steps: int):

@@ -1,0 +1,64 @@
+"""AdamW over fp32 master copies of 16-bit parameters.
+
+A bf16 weight of magnitude 0.02 moves only in steps of about 1e-4, so AdamW's steps near the GRPO
+learning rates (about 1e-6 per weight) round away when applied to the weight itself: the run learns
+nothing and says nothing. Here the optimizer owns an fp32 copy of every 16-bit parameter and steps
+that; after each step the model's parameter is the copy rounded to its dtype. The model keeps
+computing (and the rollout engine keeps reading it in place) in 16 bits.
+
+The copies travel in the optimizer's state_dict (state "master"), so a checkpoint resumes them
+exactly; a checkpoint without them (written before, or in fp32) starts them from the model's weights.
+"""
+from __future__ import annotations
+
+import torch
+
+
+class MasterWeightAdamW(torch.optim.AdamW):
+    def __init__(self, params, **kwargs):
+        self.model_params = list(params)
+        # fp32 leaves the AdamW below steps; fp32 model parameters are their own master
+        self.masters = [p if p.dtype in (torch.float32, torch.float64) else
+                        torch.nn.Parameter(p.detach().float().clone()) for p in self.model_params]
+        super().__init__(self.masters, **kwargs)
+
+    def _pairs(self):
+        return ((p, m) for p, m in zip(self.model_params, self.masters) if m is not p)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if closure is not None:
+            raise ValueError("MasterWeightAdamW.step takes no closure")
+        for p, m in self._pairs():
+            m.grad = None if p.grad is None else p.grad.to(torch.float32)
+        super().step()
+        for p, m in self._pairs():
+            m.grad = None  # the fp32 gradient copies live for the step only
+            p.copy_(m)
+
+    def zero_grad(self, set_to_none: bool = True):
+        for p in self.model_params:
+            if p.grad is not None:
+                if set_to_none:
+                    p.grad = None
+                else:
+                    p.grad.zero_()
+        super().zero_grad(set_to_none)
+
+    def state_dict(self):
+        sd = super().state_dict()
+        for i, (p, m) in enumerate(zip(self.model_params, self.masters)):
+            if m is not p:
+                sd["state"].setdefault(i, {})["master"] = m.detach()
+        return sd
+
+    @torch.no_grad()
+    def load_state_dict(self, state_dict):
+        state = {i: dict(s) for i, s in state_dict["state"].items()}
+        saved = {i: s.pop("master") for i, s in state.items() if "master" in s}
+        super().load_state_dict({**state_dict, "state": {i: s for i, s in state.items() if s}})
+        for i, (p, m) in enumerate(zip(self.model_params, self.masters)):
+            if m is p:
+                continue
+            m.copy_(saved[i] if i in saved else p)  # no copy saved: the model's (just loaded) weights
+            p.copy_(m)
