@@ -360,6 +360,16 @@ def _fused_case(seed, b=4, t=5):
     return d, hidden, weight, targets
 
 
+def _assert_fused_matches(loss, stats, grads, expected, dtype):
+    """The fused op's loss, statistics and (grad_hidden, grad_weight) against _fused_expected's."""
+    e_loss, e_stats, e_gh, e_gw = expected
+    assert_close(loss, e_loss, dtype, name="loss")
+    assert_close(grads[0], e_gh, dtype, name="grad_hidden")
+    assert_close(grads[1], e_gw, dtype, name="grad_weight")
+    for k in e_stats:
+        assert_close(stats[k], e_stats[k], dtype, name=k)
+
+
 def _fused_expected(d, hidden, weight, targets, opts, vocab=V):
     h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
     safe_t = torch.where(d["mask"] > 0, targets, 0)
@@ -850,12 +860,7 @@ def test_fused_property_any_mask_and_chunking(b, t, chunk, seed, loss_type, leve
     if mask.sum() == 0:
         assert loss.item() == 0
         return
-    gh, gw = torch.autograd.grad(loss, (h, w))
-    assert_close(loss, e_loss, torch.float64, name="loss")
-    assert_close(gh, e_gh, torch.float64, name="grad_hidden")
-    assert_close(gw, e_gw, torch.float64, name="grad_weight")
-    for k in e_stats:
-        assert_close(stats[k], e_stats[k], torch.float64, name=k)
+    _assert_fused_matches(loss, stats, torch.autograd.grad(loss, (h, w)), (e_loss, e_stats, e_gh, e_gw), torch.float64)
 
 
 def _fused_expected_general(d, hidden, weight, targets, opts):
@@ -1133,12 +1138,7 @@ def test_sequence_level_tis_with_old_logp_keeps_the_single_pass(backend, tis_mod
     loss, stats = ops.fused_linear_grpo_loss(h, w, targets, d["mask"], d["adv"].float(), old_logp=d["old"].float(),
                                              ref_logp=d["ref"].float(), sampler_logp=d["sampler"].float(),
                                              backend=backend, chunk_size=4, **opts)   # rows of 9 > chunks of 4
-    gh, gw = torch.autograd.grad(loss, (h, w))
-    assert_close(loss, e_loss, torch.float32, name="loss")
-    assert_close(gh, e_gh, torch.float32, name="grad_hidden")
-    assert_close(gw, e_gw, torch.float32, name="grad_weight")
-    for k in e_stats:
-        assert_close(stats[k], e_stats[k], torch.float32, name=k)
+    _assert_fused_matches(loss, stats, torch.autograd.grad(loss, (h, w)), (e_loss, e_stats, e_gh, e_gw), torch.float32)
     # without old_logp the weight reads the policy's own log-probs of the whole row: two passes
     with pytest.raises(AssertionError, match="two-pass"):
         ops.fused_linear_grpo_loss(h, w, targets, d["mask"], d["adv"].float(), sampler_logp=d["sampler"].float(),
