@@ -93,6 +93,7 @@ def test_resume_with_other_schedule_settings_says_what_happens():
     ({"reward_funcs": ["missing.py:f"]}, "file 'missing.py'.*does not exist"),
     ({"reward_funcs": ["length"]}, "length_penalty_target"),
     ({"eval_dataset": "builtin:arithmetic", "eval_size": 0}, "builtin: eval set is generated"),
+    ({"save_total_limit": 0}, "'save_total_limit' >= 1 \\(or null: keep every checkpoint\\)"),
     ({"fp8": "torch", "fp8_recipe": "block"}, "fp8_recipe.*recipe='block' applies to mode='te' only"),
     ({"fp8": "te", "fp8_scaling": "rowwise"}, "fp8_scaling"),
     ({"fp8_grad_dtype": "e4m2"}, "grad_dtype='e4m2' is not valid"),
@@ -135,6 +136,8 @@ def test_trl_spellings_load():
     assert GRPOConfig.from_dict({"log_completions": False}).log_completions == 0
     assert GRPOConfig.from_dict({"report_to": ["none", "tensorboard"]}).report_to == ["tensorboard"]
     assert SampleConfig.from_dict({"top_k": 0}).top_k == 0
+    # functions passed from Python are not names to resolve
+    GRPOConfig(reward_funcs=[lambda prompts, completions, **kw: [0.0] * len(completions)]).validate()
 
 
 def test_fp8_sub_options_reach_the_model(tmp_path):

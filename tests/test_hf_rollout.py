@@ -169,6 +169,20 @@ def test_model_generation_config_the_engine_cannot_honour_is_refused(tmp_path, f
         _trainer(path, tmp_path / "run", model_setup=lambda m: setattr(m.generation_config, field, value))
 
 
+def test_explicit_no_op_generation_config_values_are_not_refused():
+    """transformers 4.x wrote the neutral values out (num_beams 1, no_repeat_ngram_size 0...): they do nothing."""
+    from transformers import GenerationConfig
+
+    from r1fast.integrations.trl import generation_problems
+
+    model = torch.nn.Module()
+    model.generation_config = GenerationConfig(num_beams=1, no_repeat_ngram_size=0, min_length=0, typical_p=1.0,
+                                               epsilon_cutoff=0.0, bad_words_ids=None)
+    assert generation_problems(object(), model) == []
+    model.generation_config = GenerationConfig(no_repeat_ngram_size=3)
+    assert len(generation_problems(object(), model)) == 1
+
+
 def test_rollout_func_and_engine_kwargs(tmp_path):
     path = save_tiny_qwen2(tmp_path / "m", seed=0)
     with pytest.raises(ValueError, match="rollout_func replaces TRL's generation"):

@@ -124,6 +124,10 @@ def test_configs_transformers_would_read_otherwise_are_refused():
     with pytest.raises(ValueError, match="rope settings disagree"):
         ModelConfig.from_hf_config({**LLAMA32_1B, "rope_scaling": {"rope_type": "linear", "factor": 2.0,
                                                                    "rope_theta": 500.0}})
+    # an empty rope_scaling is no rope_scaling (transformers then reads rope_parameters)
+    q3 = {k: v for k, v in QWEN3_06B.items() if k != "rope_theta"}
+    assert ModelConfig.from_hf_config({**q3, "rope_scaling": {}, "rope_parameters": {"rope_type": "default",
+                                                                                    "rope_theta": 1e6}}).rope_theta == 1e6
     # keys transformers ignores for Qwen2 are ignored here too
     assert not ModelConfig.from_hf_config({**QWEN25_15B_INSTRUCT, "mlp_bias": True}).mlp_bias
 

@@ -98,6 +98,11 @@ def test_resuming_from_an_older_checkpoint_sets_the_later_ones_aside(tmp_path, c
                                                                "abandoned-checkpoint-4"]
     assert [r["step"] for r in _metrics(run / "metrics.jsonl")] == [1, 2]
     assert make(tmp_path, **kw).train(resume=True)["global_step"] == 4   # continues from the new checkpoint-2
+    # a checkpoint that fails to load leaves the later ones where they were
+    os.remove(run / "checkpoint-1" / "optimizer.safetensors")
+    with pytest.raises(Exception):
+        make(tmp_path, **kw).train(resume=str(run / "checkpoint-1"))
+    assert (run / "checkpoint-4").is_dir()
 
 
 def test_resume_of_a_later_pipeline_stage_keeps_its_logged_steps(tmp_path):
@@ -523,6 +528,31 @@ def test_master_weights_keep_the_steps_bf16_rounds_away():
     assert torch.equal(plain, torch.ones_like(plain))               # each 1e-4 step rounded away
     assert torch.equal(opts[1].masters[0], ref.detach())            # the fp32 copy took every step
     assert torch.equal(master, ref.detach().to(torch.bfloat16)) and not torch.equal(master, plain)
+
+
+def test_master_weights_state_is_a_copy_and_a_stale_one_is_not_used():
+    from r1fast.trainer.master_weights import MasterWeightAdamW
+
+    p = torch.nn.Parameter(torch.ones(3, dtype=torch.bfloat16))
+    opt = MasterWeightAdamW([p], lr=1e-2)
+    p.grad = torch.ones_like(p)
+    opt.step()
+    sd = opt.state_dict()
+    assert "master" in sd["state"][0] and "master" not in opt.state[opt.masters[0]]   # the live state untouched
+    # a saved copy the loaded weights were not rounded from (a later run without master weights moved them)
+    with torch.no_grad():
+        p.fill_(0.5)
+    fresh = MasterWeightAdamW([p], lr=1e-2)
+    fresh.load_state_dict(sd)
+    assert torch.equal(fresh.masters[0], torch.full((3,), 0.5)) and torch.equal(p, torch.full_like(p, 0.5))
+    # and a plain AdamW resuming such a checkpoint keeps no fp32 copy in its state
+    from r1fast.trainer import checkpoints as ckpt
+
+    tensors, (meta,) = ckpt.optimizer_state(opt)
+    assert "0.master" in tensors
+    plain = torch.optim.AdamW([p], lr=1e-2)
+    ckpt.load_optimizer_state(plain, tensors, meta)
+    assert "master" not in plain.state[p]
 
 
 def test_master_weights_resume_exactly(tmp_path):

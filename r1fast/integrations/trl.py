@@ -171,11 +171,15 @@ def _check_model(model: nn.Module, what: str) -> None:
 
 
 # transformers' generate applies these from the model's generation_config (TRL sets none of them);
-# the engine's sampler has no such logits processors
-_HF_GENERATION_EXTRAS = ("no_repeat_ngram_size", "encoder_no_repeat_ngram_size", "bad_words_ids", "suppress_tokens",
-                         "begin_suppress_tokens", "forced_bos_token_id", "forced_eos_token_id", "sequence_bias",
-                         "min_length", "min_new_tokens", "typical_p", "epsilon_cutoff", "eta_cutoff",
-                         "exponential_decay_length_penalty", "num_beams", "diversity_penalty", "penalty_alpha")
+# the engine's sampler has no such logits processors. Each with the values that do nothing (older
+# transformers wrote them out explicitly, transformers 5 leaves them None).
+_HF_GENERATION_EXTRAS = {
+    "no_repeat_ngram_size": (None, 0), "encoder_no_repeat_ngram_size": (None, 0), "bad_words_ids": (None, []),
+    "suppress_tokens": (None, []), "begin_suppress_tokens": (None, []), "forced_bos_token_id": (None,),
+    "forced_eos_token_id": (None,), "sequence_bias": (None, {}), "min_length": (None, 0),
+    "min_new_tokens": (None, 0), "typical_p": (None, 1.0), "epsilon_cutoff": (None, 0.0), "eta_cutoff": (None, 0.0),
+    "exponential_decay_length_penalty": (None,), "num_beams": (None, 1), "diversity_penalty": (None, 0.0),
+    "penalty_alpha": (None, 0.0)}
 
 
 PROMPT_TOKENS_PER_SEAT = 1024  # prompt tokens the rollout engine's KV pool is sized for, per seat
@@ -188,15 +192,11 @@ def generation_problems(args: Any, model: nn.Module | None = None) -> list[str]:
     if getattr(args, "max_completion_length", 1) is None:
         problems.append("max_completion_length=None: the engine needs a completion length limit")
     gen = getattr(model, "generation_config", None)
-    if gen is not None:
-        from transformers import GenerationConfig
-
-        default = GenerationConfig()
-        for name in _HF_GENERATION_EXTRAS:
-            value = getattr(gen, name, None)
-            if value is not None and value != getattr(default, name, None):
-                problems.append(f"the model's generation_config.{name}={value!r}: the engine's sampler does not "
-                                f"apply it (transformers' generate would)")
+    for name, no_ops in _HF_GENERATION_EXTRAS.items() if gen is not None else ():
+        value = getattr(gen, name, None)
+        if value not in no_ops:
+            problems.append(f"the model's generation_config.{name}={value!r}: the engine's sampler does not "
+                            f"apply it (transformers' generate would)")
     for option, bad, why in (
         ("use_vllm", bool(getattr(args, "use_vllm", False)), "r1fast_generation replaces vLLM; pick one"),
         ("use_transformers_continuous_batching", bool(getattr(args, "use_transformers_continuous_batching", False)),

@@ -251,7 +251,7 @@ def _check_rope_agrees(hf: dict, rope_theta, default_theta) -> None:
     the top-level one): a config.json where the two disagree would give r1fast and transformers
     different rotations, so it is refused."""
     scaling, params = hf.get("rope_scaling"), hf.get("rope_parameters")
-    if not isinstance(scaling, dict):
+    if not scaling or not isinstance(scaling, dict):  # {} as null: transformers then reads rope_parameters
         return
     theirs = scaling.get("rope_theta", hf.get("rope_theta", default_theta))
     if float(theirs) != float(rope_theta):

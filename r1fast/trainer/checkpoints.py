@@ -166,9 +166,13 @@ def optimizer_state(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor]
 
 
 def load_optimizer_state(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict):
+    from r1fast.trainer.master_weights import MasterWeightAdamW
+
     state: dict[int, dict[str, Any]] = {}
     for key, v in tensors.items():
         idx, name = key.split(".", 1)
+        if name == "master" and not isinstance(opt, MasterWeightAdamW):
+            continue  # fp32 master weights of a run that had them: this optimizer keeps none
         state.setdefault(int(idx), {})[name] = v
     for key, v in meta.get("scalars", {}).items():
         idx, name = key.split(".", 1)

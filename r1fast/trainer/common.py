@@ -285,10 +285,11 @@ def start_run(trainer, resume):
     cfg = trainer.cfg
     resume_path = ckpt.resolve_resume(resume, trainer.run_dir)
     if resume_path:
+        state = trainer.load(resume_path)
+        # after the load: a checkpoint that fails to load must not have moved the ones after it aside
         for path in ckpt.set_aside_newer(trainer.run_dir, resume_path):
             print(f"r1fast: resuming from {os.path.basename(resume_path)}: the later {path} is set aside",
                   file=sys.stderr)
-        state = trainer.load(resume_path)
         note = schedule_change_note(state, cfg.to_dict(), trainer.global_step)
         if note:
             print(note, file=sys.stderr)

@@ -241,7 +241,7 @@ def _check_rewards(names: list[str], length_target: Optional[int]):
 
     _check(len(names) >= 1, "option 'reward_funcs' needs at least one reward function")
     for name in names:
-        if name in BUILTIN_NAMES:
+        if callable(name) or name in BUILTIN_NAMES:  # a function passed in Python is checked when called
             continue
         path = name.rpartition(":")[0]
         if path.endswith(".py"):
@@ -298,7 +298,8 @@ class _TrainingConfig(_Base):
     device: Optional[str] = None             # default: cuda when present, else cpu
     dtype: str = "float32"
     # 16-bit parameters are stepped through fp32 copies the optimizer keeps (AdamW's small steps would
-    # round away on the 16-bit weights themselves); off saves 4 bytes per parameter
+    # round away on the 16-bit weights themselves): 4 bytes per parameter for the copy, 4 more for
+    # AdamW's moments in fp32, and 4 for fp32 gradients during the step
     fp32_master_weights: bool = True
     max_nonfinite_steps: int = 10            # abort after this many skipped (NaN/inf) steps in a row
 
@@ -321,8 +322,10 @@ class _TrainingConfig(_Base):
                f"option 'max_steps' must be positive, or -1 to use num_train_epochs; got {self.max_steps}")
         _check(self.max_steps > 0 or self.num_train_epochs > 0, "option 'num_train_epochs' must be > 0")
         _check(0 <= self.warmup_ratio < 1, f"option 'warmup_ratio' must be in [0, 1); got {self.warmup_ratio}")
-        _check(self.save_steps >= 0 and self.logging_steps >= 1 and (self.save_total_limit or 1) >= 1,
-               "options 'save_steps' >= 0, 'logging_steps' >= 1 and 'save_total_limit' >= 1 (or null) are required")
+        _check(self.save_steps >= 0 and self.logging_steps >= 1 and
+               (self.save_total_limit is None or self.save_total_limit >= 1),
+               "options 'save_steps' >= 0, 'logging_steps' >= 1 and 'save_total_limit' >= 1 (or null: keep every "
+               "checkpoint) are required")
         self.report_to = [r for r in self.report_to if r != "none"]  # TRL's way of saying "no tracker"
         for r in self.report_to:
             _one_of("report_to", r, ("tensorboard", "wandb", "none"))

@@ -47,6 +47,8 @@ class MasterWeightAdamW(torch.optim.AdamW):
 
     def state_dict(self):
         sd = super().state_dict()
+        # torch hands out its live per-parameter dicts: copies, or "master" would join the live state
+        sd["state"] = {i: dict(s) for i, s in sd["state"].items()}
         for i, (p, m) in enumerate(zip(self.model_params, self.masters)):
             if m is not p:
                 sd["state"].setdefault(i, {})["master"] = m.detach()
@@ -60,5 +62,8 @@ class MasterWeightAdamW(torch.optim.AdamW):
         for i, (p, m) in enumerate(zip(self.model_params, self.masters)):
             if m is p:
                 continue
-            m.copy_(saved[i] if i in saved else p)  # no copy saved: the model's (just loaded) weights
+            # the saved copy, when it is the one the model's (just loaded) weights were rounded from; else
+            # (none saved, or a stale one a run without master weights carried along) those weights
+            good = i in saved and torch.equal(saved[i].to(device=p.device, dtype=p.dtype), p)
+            m.copy_(saved[i] if good else p)
             p.copy_(m)

@@ -448,7 +448,8 @@ class PipelineRunner:
                 # evaluated at its eval_steps, as in a single run; at its start and end the pipeline
                 # evaluates between stages instead
                 eval_rows = self.stage_eval_rows(stage) if cfg.eval_steps else None
-                rows = self.stage_rows(stage, i, (cfg.prompt_column,), held_out=eval_rows)
+                rows = self.stage_rows(stage, i, (cfg.prompt_column,),
+                                       held_out=eval_rows if cfg.eval_dataset is not None else None)
                 tr = GRPOTrainer(model, cfg.reward_funcs, rows, cfg, tokenizer=tokenizer, eval_dataset=eval_rows,
                                  run_dir=stage_dir, stage_name=stage.name, step_offset=step, eval_at_ends=False)
                 res = tr.train(resume=True if resume_stage else None)
