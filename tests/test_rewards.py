@@ -235,3 +235,11 @@ def test_reward_set_takes_bools_and_refuses_non_finite_weights():
     # a NaN weight made every total NaN (advantage 0 everywhere) without a word
     with pytest.raises(ValueError, match="finite"):
         RewardSet(["format"], weights=[float("nan")])
+
+
+def test_reward_names_are_unique():
+    """Metrics (rewards/<name>) and logged samples are keyed by name: two lambdas must not merge."""
+    from r1fast.rewards.combine import RewardSet
+
+    r = RewardSet([lambda p, c, **k: [0.0] * len(c), lambda p, c, **k: [1.0] * len(c), "format", "format"])
+    assert r.names == ["<lambda>", "<lambda>_2", "format", "format_2"]

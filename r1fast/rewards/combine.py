@@ -94,7 +94,11 @@ class RewardSet:
         if not funcs:
             raise ValueError("at least one reward function is required")
         resolved = [resolve(f, **options) for f in funcs]
-        self.names = [n for n, _ in resolved]
+        # unique names (two lambdas, one function twice): metrics and logged samples are keyed by them
+        self.names, seen = [], {}
+        for name, _ in resolved:
+            seen[name] = seen.get(name, 0) + 1
+            self.names.append(name if seen[name] == 1 else f"{name}_{seen[name]}")
         self.funcs = [f for _, f in resolved]
         if weights is None:
             weights = [1.0] * len(self.funcs)
