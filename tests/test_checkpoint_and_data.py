@@ -121,6 +121,12 @@ def test_char_tokenizer_roundtrip_and_save(tmp_path):
     tok.save_pretrained(tmp_path)
     again = load_tokenizer(str(tmp_path))
     assert encode_prompt(again, "12+3=") == ids and encode_completion(again, comp) == cids
+    # padded to a real model's vocabulary (benchmarks): text encodes as before, any id decodes
+    wide = build_char_tokenizer(vocab_size=1000)
+    assert len(wide) == 1000 and encode_prompt(wide, "12+3=") == ids and encode_completion(wide, comp) == cids
+    assert wide.decode([999, 998]) == "<v999><v998>"
+    with pytest.raises(ValueError, match="vocab_size must be >= "):
+        build_char_tokenizer(vocab_size=10)
 
 
 def test_arithmetic_task_is_consistent_and_seeded():

@@ -8,11 +8,11 @@ reward function, and take one AdamW step (loss_type dapo, beta 0, num_iterations
 with transformers' `generate` (no vLLM here). GPU size: a Qwen2.5-1.5B-shaped model (random
 weights, bf16), 64 prompts × G = 8, 512 new tokens.
 
-Not Qwen2.5-1.5B's vocabulary: the model has the built-in character tokenizer's (about a hundred
-tokens), which both trainers need to decode completions. So the lm_head, sampling over 152k tokens
-and the logits' memory are missing from both steps; with them TRL's single micro-batch of 512
-completions (as configured here) would hold ~80 GB of bf16 logits. A ratio read here is for the
-body of the model, not the issue's whole model.
+The GPU size has Qwen's vocabulary (151936: the built-in character tokenizer padded with filler
+tokens, so both trainers decode whatever is sampled), so the lm_head, sampling over it and the
+logits are in both steps. Both train the rollout in micro-batches of the same size (TRL:
+per_device_train_batch_size with gradient accumulation, one generation per step), where one
+micro-batch of all 512 completions would hold ~80 GB of TRL's bf16 logits.
 """
 from __future__ import annotations
 
@@ -22,14 +22,17 @@ import torch
 
 from r1fast.bench.harness import Case, Impl, Skip, suite
 
-QWEN25_15B = dict(architecture="Qwen2ForCausalLM", hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-                  num_attention_heads=12, num_key_value_heads=2, rope_theta=1e6, max_position_embeddings=4096,
-                  tie_word_embeddings=True)
+QWEN25_15B = dict(architecture="Qwen2ForCausalLM", vocab_size=151936, hidden_size=1536, intermediate_size=8960,
+                  num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2, rope_theta=1e6,
+                  max_position_embeddings=4096, tie_word_embeddings=True)
 TINY = dict(architecture="Qwen2ForCausalLM", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
 
 
-MICRO = 32  # completions per r1fast micro-batch: ~17k tokens, ~50 GB of saved activations at GPU size
+# Completions per micro-batch, both trainers: at GPU size ~17k tokens, ~50 GB of saved activations (the
+# GPU size's 512 x ~520 tokens in one backward would save ~113 KB per token per layer, ~840 GB). The
+# smoke size takes two micro-batches, so the accumulation paths run on a CPU too.
+MICRO = {"gpu": 32, "smoke": 8}
 
 
 def _length_reward(prompts, completions, **kw):
@@ -41,9 +44,9 @@ def _checkpoint(shape, dtype, device):
     from r1fast.data import build_char_tokenizer
     from r1fast.models import CausalLM, ModelConfig
 
-    tok = build_char_tokenizer()
+    tok = build_char_tokenizer(vocab_size=shape.get("vocab_size"))
     # no eos: every completion runs to max length in both trainers
-    cfg = ModelConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=None, **shape)
+    cfg = ModelConfig(**{**shape, "vocab_size": len(tok)}, bos_token_id=tok.bos_token_id, eos_token_id=None)
     model = CausalLM(cfg)
     model.reset_parameters(seed=0)
     path = tempfile.mkdtemp(prefix="r1fast-bench-grpo-")
@@ -56,16 +59,13 @@ def _prompts(n):
     return [{"prompt": f"{i}+{i + 1}=", "answer": str(2 * i + 1)} for i in range(n)]
 
 
-def _r1fast_trainer(shape, prompts, G, new, dtype, device):
+def _r1fast_trainer(shape, prompts, G, new, dtype, device, mb):
     from r1fast.models import from_pretrained
     from r1fast.trainer import GRPOConfig, GRPOTrainer
 
     path, tok = _checkpoint(shape, dtype, device)
     model = from_pretrained(path, dtype=dtype, device=device)
-    # One rollout of prompts x G completions, trained as micro-batches of at most MICRO completions: the
-    # GPU size's 512 x ~520 tokens in one backward would save ~113 KB per token per layer (~840 GB).
-    # TRL below keeps them in one batch under its default gradient checkpointing instead.
-    mb = min(prompts * G, MICRO)
+    # one rollout of prompts x G completions, trained as micro-batches of mb completions
     cfg = GRPOConfig(per_device_train_batch_size=mb, gradient_accumulation_steps=prompts * G // mb,
                      num_generations=G, max_completion_length=new,
                      max_prompt_length=32, learning_rate=1e-5, loss_type="dapo", beta=0.0, progress_bar=False,
@@ -87,14 +87,14 @@ def _r1fast_step(*spec):
     return setup
 
 
-def _r1fast_phase(phase, shape, prompts, G, new, dtype, device):
+def _r1fast_phase(phase, shape, prompts, G, new, dtype, device, mb):
     """One phase of r1fast's step on a fixed rollout, to show where a step's time goes."""
     def setup():
         from r1fast import ops
         from r1fast.data import decode_completion
         from r1fast.trainer.common import grad_norm_and_clip, pack
 
-        tr = _r1fast_trainer(shape, prompts, G, new, dtype, device)
+        tr = _r1fast_trainer(shape, prompts, G, new, dtype, device, mb)
         rows, keys = tr.train_rows[:prompts], list(range(prompts))
         p_ids, c_ids, c_logp, _ = tr.generate(rows, keys, G, 1.0, 0)
         if phase == "rollout":
@@ -106,7 +106,6 @@ def _r1fast_phase(phase, shape, prompts, G, new, dtype, device):
         if phase == "rewards":
             return lambda: tr.score(rows, G, texts, c_ids)
         # the trainer's micro-batches (see _r1fast_trainer), as its step runs them
-        mb = tr.cfg.per_device_train_batch_size
         micro = [list(range(i, min(i + mb, len(c_ids)))) for i in range(0, len(c_ids), mb)]
         batches = [pack([p_ids[i] for i in idx], [c_ids[i] for i in idx], tr.device, share_prompts=tr.share_prompts)
                    for idx in micro]
@@ -135,7 +134,7 @@ def _r1fast_phase(phase, shape, prompts, G, new, dtype, device):
     return setup
 
 
-def _trl_step(shape, prompts, G, new, dtype, device):
+def _trl_step(shape, prompts, G, new, dtype, device, mb):
     def setup():
         import datasets
         import trl
@@ -145,7 +144,8 @@ def _trl_step(shape, prompts, G, new, dtype, device):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
         tok = AutoTokenizer.from_pretrained(path)
         args = trl.GRPOConfig(
-            output_dir=tempfile.mkdtemp(prefix="r1fast-bench-trl-"), per_device_train_batch_size=prompts * G,
+            output_dir=tempfile.mkdtemp(prefix="r1fast-bench-trl-"), per_device_train_batch_size=mb,
+            gradient_accumulation_steps=prompts * G // mb,   # one generation of prompts x G per optimizer step
             num_generations=G, max_completion_length=new, learning_rate=1e-5, loss_type="dapo", beta=0.0,
             bf16=dtype == torch.bfloat16, report_to="none", use_cpu=device.type == "cpu", disable_tqdm=True,
             save_strategy="no", max_steps=10**6, logging_steps=10**6,
@@ -156,17 +156,20 @@ def _trl_step(shape, prompts, G, new, dtype, device):
         if trainer.accelerator.device.type != device.type:
             raise Skip(f"TRL placed itself on {trainer.accelerator.device}, not {device}")
         trainer.create_optimizer()
-        trainer.current_gradient_accumulation_steps = 1
+        accumulation = trainer.current_gradient_accumulation_steps = args.gradient_accumulation_steps
         batches = iter(trainer.get_train_dataloader())
 
         def step():
+            # as Trainer's loop: one dataloader item per accumulation step (TRL's sampler repeats the
+            # generation batch that many times; it generates on the first and slices its buffer after)
             nonlocal batches
-            try:
-                batch = next(batches)
-            except StopIteration:
-                batches = iter(trainer.get_train_dataloader())
-                batch = next(batches)
-            trainer.training_step(trainer.model, batch, None)
+            for _ in range(accumulation):
+                try:
+                    batch = next(batches)
+                except StopIteration:
+                    batches = iter(trainer.get_train_dataloader())
+                    batch = next(batches)
+                trainer.training_step(trainer.model, batch, None)
             torch.nn.utils.clip_grad_norm_(trainer.model.parameters(), 1.0)
             trainer.optimizer.step()
             trainer.optimizer.zero_grad(set_to_none=True)
@@ -185,9 +188,10 @@ def cases(size, device):
         shape, prompts, G, new, dtype = QWEN25_15B, 64, 8, 512, torch.bfloat16
     else:
         shape, prompts, G, new, dtype = TINY, 4, 4, 16, torch.float32
-    spec = (shape, prompts, G, new, dtype, device)
+    spec = (shape, prompts, G, new, dtype, device, min(prompts * G, MICRO[size]))
     dname = str(dtype).removeprefix("torch.")
-    name = f"Qwen2 h={shape['hidden_size']} L={shape['num_hidden_layers']} {prompts}x{G} new={new}"
+    name = (f"Qwen2 h={shape['hidden_size']} L={shape['num_hidden_layers']} V={shape.get('vocab_size', 'chars')} "
+            f"{prompts}x{G} new={new} micro={spec[-1]}")
     tokens = prompts * G * new
     # setups already take one warm-up step; a GPU-size step takes seconds (TRL: minutes)
     reps = dict(warmup=0, reps=2) if size == "gpu" else dict(warmup=1, reps=5)

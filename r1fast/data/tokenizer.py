@@ -29,12 +29,19 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_char_tokenizer():
-    """A PreTrainedTokenizerFast with ids: specials, tags, then printable ASCII characters."""
+def build_char_tokenizer(vocab_size: int | None = None):
+    """A PreTrainedTokenizerFast with ids: specials, tags, then printable ASCII characters.
+
+    vocab_size: pad the vocabulary to this size with filler tokens "<v{id}>" that text never encodes
+    to but that decode (benchmarks: a model with a real-sized vocabulary, e.g. Qwen's 151936)."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + TAG_TOKENS + list(CHARACTERS))}
+    if vocab_size is not None:
+        if vocab_size < len(vocab):
+            raise ValueError(f"build_char_tokenizer: vocab_size must be >= {len(vocab)}, got {vocab_size}")
+        vocab.update({f"<v{i}>": i for i in range(len(vocab), vocab_size)})
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     # "[\s\S]", not ".": Oniguruma's "." skips "\n", so a run of newlines stayed one piece and "\n\n"
     # became a single <unk>.
