@@ -369,13 +369,27 @@ def test_gpu_check_runs_nothing_when_suites_names_no_suite(tmp_path):
     assert "unknown suite 'grpo-step'" in p.stdout and p.returncode == 1
 
 
-def test_grpo_step_trains_r1fast_in_micro_batches(monkeypatch):
-    """At GPU size one 512-completion backward would save ~840 GB of activations: the r1fast trainer
-    and its phase cases take the rollout in micro-batches of MICRO completions."""
+def test_grpo_step_trains_both_trainers_in_micro_batches():
+    """At GPU size one 512-completion backward would save ~840 GB of activations (and TRL's logits ~80 GB):
+    both trainers, and r1fast's phase cases, take the rollout in micro-batches; TRL still generates once
+    per step."""
     from r1fast.bench.suites import grpo_step as gs
 
-    monkeypatch.setattr(gs, "MICRO", 8)
     cpu = torch.device("cpu")
-    tr = gs._r1fast_trainer(gs.TINY, 4, 4, 16, torch.float32, cpu)
+    spec = (gs.TINY, 4, 4, 16, torch.float32, cpu, gs.MICRO["smoke"])
+    tr = gs._r1fast_trainer(*spec)
     assert (tr.cfg.per_device_train_batch_size, tr.cfg.gradient_accumulation_steps) == (8, 2)
-    gs._r1fast_phase("loss+backward", gs.TINY, 4, 4, 16, torch.float32, cpu)()()
+    gs._r1fast_phase("loss+backward", *spec)()()
+    trl = pytest.importorskip("trl")
+    calls = []
+    generate = trl.GRPOTrainer._generate_and_score_completions
+
+    def counted(self, *a, **k):
+        calls.append(self.args.gradient_accumulation_steps)
+        return generate(self, *a, **k)
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(trl.GRPOTrainer, "_generate_and_score_completions", counted)
+        step = gs._trl_step(*spec)()   # its setup takes one step
+        step()
+    assert calls == [2, 2]
