@@ -223,6 +223,17 @@ def test_pipeline_checks_every_stage_when_loaded(tmp_path):
     fails(r"stage 'student': dataset '@rl' is a grpo stage", lambda st: st[3].update(dataset="@rl"))
     fails(r"stage 'student': model '@rs' is a sample stage", lambda st: st[3].update(model="@rs"))
     fails(r"stage 'rl': model '@student' names a stage that runs after it", lambda st: st[1].update(model="@student"))
+
+    def two_fp8_rl_stages(st, second_model=None):
+        st[1]["config"]["fp8"] = "emulate"
+        st.insert(2, {**st[1], "name": "rl2", "config": {**st[1]["config"], "fp8": "torch"}})
+        if second_model:
+            st[2]["model"] = second_model
+    # a GRPO stage continuing a model an earlier one converted with other fp8 options failed when it started
+    fails(r"stage 'rl2': its fp8 options differ .*'emulate' vs 'torch'", two_fp8_rl_stages)
+    spec = tiny_pipeline(tmp_path)
+    two_fp8_rl_stages(spec["stages"], second_model="builtin:micro")   # its own model: nothing to clash with
+    load_pipeline(spec)
     # a file an earlier sample stage writes is no missing dataset
     spec = tiny_pipeline(tmp_path)
     spec["stages"][2]["config"]["output_file"] = str(tmp_path / "kept.jsonl")
