@@ -511,6 +511,31 @@ def test_sixteen_bit_parameters_step_through_fp32_master_weights(tmp_path, caplo
     assert "torch.bfloat16 and fp32_master_weights is off" in caplog.text and "learning_rate=1e-06" in caplog.text
 
 
+def test_master_weights_step_in_groups_as_plain_adamw_steps_all_at_once(monkeypatch):
+    """The step converts gradients to fp32 a group at a time (a bounded peak): the same update as one
+    fp32 AdamW step over every parameter, fp32 parameters among them included."""
+    from r1fast.testing import randn
+    from r1fast.trainer.master_weights import MasterWeightAdamW
+
+    monkeypatch.setattr(MasterWeightAdamW, "STEP_CHUNK_ELEMENTS", 5)   # several groups
+    shapes, dtypes = [(3,), (4, 2), (1,), (6,)], [torch.bfloat16, torch.float32, torch.bfloat16, torch.bfloat16]
+    params = [torch.nn.Parameter(randn(*s, seed=i).to(d)) for i, (s, d) in enumerate(zip(shapes, dtypes))]
+    ref = [torch.nn.Parameter(p.detach().float().clone()) for p in params]
+    opt = MasterWeightAdamW(params, lr=1e-2, weight_decay=0.1)
+    ref_opt = torch.optim.AdamW(ref, lr=1e-2, weight_decay=0.1)
+    for step in range(3):
+        for i, (p, r) in enumerate(zip(params, ref)):
+            g = randn(*p.shape, seed=100 * step + i)
+            p.grad, r.grad = g.to(p.dtype), g.to(p.dtype).float()
+        if step == 1:   # a parameter without a gradient this step
+            params[2].grad = ref[2].grad = None
+        opt.step()
+        ref_opt.step()
+    for p, m, r in zip(params, opt.masters, ref):
+        assert torch.equal(m, r.detach()) and torch.equal(p, r.detach().to(p.dtype))
+    assert params[1].grad is not None   # an fp32 parameter's gradient is left as AdamW leaves it
+
+
 def test_master_weights_keep_the_steps_bf16_rounds_away():
     from r1fast.trainer.master_weights import MasterWeightAdamW
 

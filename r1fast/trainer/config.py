@@ -298,8 +298,8 @@ class _TrainingConfig(_Base):
     device: Optional[str] = None             # default: cuda when present, else cpu
     dtype: str = "float32"
     # 16-bit parameters are stepped through fp32 copies the optimizer keeps (AdamW's small steps would
-    # round away on the 16-bit weights themselves): 4 bytes per parameter for the copy, 4 more for
-    # AdamW's moments in fp32, and 4 for fp32 gradients during the step
+    # round away on the 16-bit weights themselves): 4 bytes per parameter for the copy and 4 more for
+    # AdamW's moments in fp32 (the step's fp32 gradients exist 256 MB at a time)
     fp32_master_weights: bool = True
     max_nonfinite_steps: int = 10            # abort after this many skipped (NaN/inf) steps in a row
 

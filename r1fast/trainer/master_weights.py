@@ -15,6 +15,10 @@ import torch
 
 
 class MasterWeightAdamW(torch.optim.AdamW):
+    # fp32 gradient copies exist for this many elements at a time (256 MB): the step goes through the
+    # parameters in groups of about this size rather than holding 4 bytes per parameter at once
+    STEP_CHUNK_ELEMENTS = 1 << 26
+
     def __init__(self, params, **kwargs):
         self.model_params = list(params)
         # fp32 leaves the AdamW below steps; fp32 model parameters are their own master
@@ -22,19 +26,27 @@ class MasterWeightAdamW(torch.optim.AdamW):
                         torch.nn.Parameter(p.detach().float().clone()) for p in self.model_params]
         super().__init__(self.masters, **kwargs)
 
-    def _pairs(self):
-        return ((p, m) for p, m in zip(self.model_params, self.masters) if m is not p)
-
     @torch.no_grad()
     def step(self, closure=None):
         if closure is not None:
             raise ValueError("MasterWeightAdamW.step takes no closure")
-        for p, m in self._pairs():
-            m.grad = None if p.grad is None else p.grad.to(torch.float32)
-        super().step()
-        for p, m in self._pairs():
-            m.grad = None  # the fp32 gradient copies live for the step only
-            p.copy_(m)
+        # AdamW steps exactly the parameters that have a gradient, each keeping its own step count: a
+        # group at a time, the others' gradients hidden, is the same update as all at once
+        todo = [(p, m) for p, m in zip(self.model_params, self.masters) if p.grad is not None]
+        own = {id(p): p.grad for p, m in todo if m is p}  # fp32 parameters step on their own gradient
+        for p in (p for p, m in todo if m is p):
+            p.grad = None
+        for group in _groups(todo, self.STEP_CHUNK_ELEMENTS):
+            for p, m in group:
+                m.grad = own[id(p)] if m is p else p.grad.to(torch.float32)
+            super().step()
+            for p, m in group:
+                m.grad = None  # hidden from the next groups' steps (an fp32 copy: gone)
+                if m is not p:
+                    p.copy_(m)
+        for p, m in todo:
+            if m is p:
+                p.grad = own[id(p)]  # as a plain AdamW leaves it
 
     def zero_grad(self, set_to_none: bool = True):
         for p in self.model_params:
@@ -67,3 +79,16 @@ class MasterWeightAdamW(torch.optim.AdamW):
             good = i in saved and torch.equal(saved[i].to(device=p.device, dtype=p.dtype), p)
             m.copy_(saved[i] if good else p)
             p.copy_(m)
+
+
+def _groups(pairs, elements: int):
+    """Consecutive runs of (parameter, master) pairs of about `elements` elements each."""
+    group, size = [], 0
+    for pair in pairs:
+        group.append(pair)
+        size += pair[1].numel()
+        if size >= elements:
+            yield group
+            group, size = [], 0
+    if group:
+        yield group
