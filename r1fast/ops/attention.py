@@ -236,7 +236,6 @@ def _(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits, partit
 
 @backends.register("paged_decode_attention", "cuda")
 def _decode_cuda(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits, partition, shared=None):
-    _check_cuda_shapes(q, k_cache)
     if shared is None or not backends.backend_available("triton", q.device)[0]:
         return _decode_cuda_op(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits, partition)
     from r1fast.kernels import decode_attention as kernel
@@ -449,7 +448,7 @@ def paged_prefill_attention(q, k_cache, v_cache, context_slots, query_lens, cont
     them (the engine, once per prefill step rather than once per layer).
     """
     if not isinstance(q, torch.Tensor) or q.dim() != 3:
-        raise ValueError(f"paged_prefill_attention: q must be a [tokens, heads, head_dim] tensor")
+        raise ValueError("paged_prefill_attention: q must be a [tokens, heads, head_dim] tensor")
     if k_cache.dim() != 4 or v_cache.shape != k_cache.shape or k_cache.shape[3] != q.shape[2]:
         raise ValueError(f"paged_prefill_attention: caches must be [num_blocks, block_size, num_kv_heads, "
                          f"{q.shape[2]}], got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}")

@@ -64,7 +64,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors whose message names the problem (bad option, data, reward function, checkpoint, a run
     of NaN steps): printed as one line, never as a traceback."""
     from r1fast.rewards import RewardError
-    from r1fast.trainer.grpo import NonFiniteLoss
+    from r1fast.trainer.common import NonFiniteLoss
 
     return ConfigError, ValueError, FileNotFoundError, RewardError, NonFiniteLoss
 

@@ -94,6 +94,26 @@ def make_optimizer(model, cfg) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, **kwargs)
 
 
+class NonFiniteLoss(RuntimeError):
+    """Too many optimizer steps in a row had a NaN/inf loss or gradient (max_nonfinite_steps)."""
+
+
+def step_if_finite(trainer, finite: bool) -> None:
+    """The optimizer step, or for a NaN/inf loss or gradient none: the gradients dropped, the step counted
+    (trainer.nonfinite_skipped) and the run stopped after max_nonfinite_steps of them in a row."""
+    if finite:
+        trainer.optimizer.step()
+        trainer._nonfinite_streak = 0
+        return
+    trainer.optimizer.zero_grad(set_to_none=True)
+    trainer.nonfinite_skipped += 1
+    trainer._nonfinite_streak += 1
+    limit = trainer.cfg.max_nonfinite_steps
+    if trainer._nonfinite_streak >= limit:
+        raise NonFiniteLoss(f"{trainer._nonfinite_streak} optimizer steps in a row had a NaN/inf loss or "
+                            f"gradient; stopping (max_nonfinite_steps={limit})")
+
+
 def make_scheduler(opt, kind: str, total_steps: int, warmup_steps: int):
     def factor(step: int) -> float:
         if warmup_steps and step < warmup_steps:
@@ -283,6 +303,8 @@ def start_run(trainer, resume):
     from r1fast.trainer.metrics import MetricsLogger
 
     cfg = trainer.cfg
+    if not resume:
+        ckpt.start_fresh(trainer.run_dir, cfg.overwrite_output_dir)
     resume_path = ckpt.resolve_resume(resume, trainer.run_dir)
     if resume_path:
         state = trainer.load(resume_path)

@@ -328,7 +328,7 @@ class _TrainingConfig(_Base):
                "checkpoint) are required")
         self.report_to = [r for r in self.report_to if r != "none"]  # TRL's way of saying "no tracker"
         for r in self.report_to:
-            _one_of("report_to", r, ("tensorboard", "wandb", "none"))
+            _one_of("report_to", r, ("tensorboard", "wandb"))
 
 
 @dataclass

@@ -23,8 +23,10 @@ import torch
 from r1fast.data.loading import check_columns, decode_completion, encode_prompt, load_rows, stop_token_ids
 from r1fast.rewards import RewardSet
 from r1fast.trainer import checkpoints as ckpt
-from r1fast.trainer.common import (
+from r1fast.trainer.common import (  # noqa: F401  (NonFiniteLoss: also importable from here)
+    NonFiniteLoss,
     start_run,
+    step_if_finite,
     check_answer_column,
     DataCursor,
     grad_norm_and_clip,
@@ -38,10 +40,6 @@ from r1fast.trainer.common import (
     warmup_steps_of,
 )
 from r1fast.trainer.config import GRPOConfig
-
-
-class NonFiniteLoss(RuntimeError):
-    pass
 
 
 class GRPOTrainer:
@@ -330,17 +328,7 @@ class GRPOTrainer:
                 stats_acc[k] = stats_acc.get(k, 0.0) + v / (len(micro) * cfg.num_iterations)
             tb = time.perf_counter()
             gn = grad_norm_and_clip(self.model.parameters(), cfg.max_grad_norm) if finite else float("nan")
-            if finite and math.isfinite(gn):
-                self.optimizer.step()
-                self._nonfinite_streak = 0
-            else:
-                # Never apply a NaN/inf update: drop the gradients, count the step, carry on.
-                self.optimizer.zero_grad(set_to_none=True)
-                self.nonfinite_skipped += 1
-                self._nonfinite_streak += 1
-                if self._nonfinite_streak >= cfg.max_nonfinite_steps:
-                    raise NonFiniteLoss(f"{self._nonfinite_streak} optimizer steps in a row had a NaN/inf loss or "
-                                        f"gradient; stopping (max_nonfinite_steps={cfg.max_nonfinite_steps})")
+            step_if_finite(self, finite and math.isfinite(gn))  # never a NaN/inf update
             self.scheduler.step()
             self.global_step += 1
             losses.append(total_loss)
@@ -438,8 +426,6 @@ class GRPOTrainer:
     # -- the loop --------------------------------------------------------------------------------
     def train(self, resume: str | bool | None = None, callback: Optional[Callable[[int, dict], None]] = None) -> dict:
         cfg = self.cfg
-        if not resume:
-            ckpt.start_fresh(self.run_dir, cfg.overwrite_output_dir)
         logger, pbar, resume_path = start_run(self, resume)
         previous_handler = _install_sigint(self)
         result: dict[str, Any] = {}

@@ -13,6 +13,7 @@ from r1fast.data.loading import check_columns, encode_completion, encode_prompt
 from r1fast.trainer import checkpoints as ckpt
 from r1fast.trainer.common import (
     start_run,
+    step_if_finite,
     DataCursor,
     grad_norm_and_clip,
     make_optimizer,
@@ -23,7 +24,7 @@ from r1fast.trainer.common import (
     warmup_steps_of,
 )
 from r1fast.trainer.config import SFTConfig
-from r1fast.trainer.grpo import NonFiniteLoss, _install_sigint
+from r1fast.trainer.grpo import _install_sigint
 
 
 class SFTTrainer:
@@ -82,17 +83,7 @@ class SFTTrainer:
             loss.backward()
             total += float(loss.detach())
         gn = grad_norm_and_clip(self.model.parameters(), cfg.max_grad_norm)
-        if math.isfinite(total) and math.isfinite(gn):
-            self.optimizer.step()
-            self._nonfinite_streak = 0
-        else:   # as GRPO: never apply a NaN/inf update; count it, and stop after too many in a row
-            self.optimizer.zero_grad(set_to_none=True)
-            self.nonfinite_skipped += 1
-            self._nonfinite_streak += 1
-            limit = cfg.max_nonfinite_steps
-            if self._nonfinite_streak >= limit:
-                raise NonFiniteLoss(f"{self._nonfinite_streak} optimizer steps in a row had a NaN/inf loss or "
-                                    f"gradient; stopping (max_nonfinite_steps={limit})")
+        step_if_finite(self, math.isfinite(total) and math.isfinite(gn))  # as GRPO: never a NaN/inf update
         self.scheduler.step()
         self.global_step += 1
         dt = time.perf_counter() - t0
@@ -116,8 +107,6 @@ class SFTTrainer:
 
     def train(self, resume: str | bool | None = None) -> dict[str, Any]:
         cfg = self.cfg
-        if not resume:
-            ckpt.start_fresh(self.run_dir, cfg.overwrite_output_dir)
         logger, pbar, _ = start_run(self, resume)
         window: list[float] = []
         self._stop_requested = False
