@@ -265,7 +265,8 @@ def _check_rope_agrees(hf: dict, rope_theta, default_theta) -> None:
 def _fill_rope_lengths(scaling, hf: dict, defaults: dict):
     """transformers' fallbacks for llama3/yarn: original_max_position_embeddings from the top level
     (Phi-3 style) or max_position_embeddings, and yarn's factor max / original when null."""
-    if not isinstance(scaling, dict) or (scaling.get("rope_type") or scaling.get("type")) not in ("llama3", "yarn"):
+    kind = (scaling.get("rope_type") or scaling.get("type")) if isinstance(scaling, dict) else None
+    if kind not in ("llama3", "yarn"):
         return scaling
     scaling = dict(scaling)
     max_pos = hf.get("max_position_embeddings", defaults["max_position_embeddings"])
@@ -273,7 +274,7 @@ def _fill_rope_lengths(scaling, hf: dict, defaults: dict):
         scaling["original_max_position_embeddings"] = hf["original_max_position_embeddings"]
     elif scaling.get("original_max_position_embeddings") is None:
         scaling["original_max_position_embeddings"] = max_pos
-    if scaling.get("factor") is None and (scaling.get("rope_type") or scaling.get("type")) == "yarn":
+    if scaling.get("factor") is None and kind == "yarn":
         scaling["factor"] = max_pos / scaling["original_max_position_embeddings"]
     return scaling
 
