@@ -83,3 +83,53 @@ def test_interpreted_triton_refuses_bf16_matrix_products(monkeypatch):
     want = torch.log_softmax(h.half().double() @ w.half().double().T, -1).gather(1, t[:, None])[:, 0]
     assert torch.allclose(got.double(), want, atol=1e-3)
     assert backends.resolve("grouped_logprob", "cpu", "torch", dtype=torch.bfloat16)[0] == "torch"
+
+
+def _interpreter_patch_with_the_numpy_bug(tensor, scope):
+    # the shape of Triton 3.6's interpreter patch: int() of what may be a 1-element array
+    scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data))
+
+
+def test_old_interpreters_get_a_numpy_safe_index(monkeypatch):
+    """Triton 3.6's interpreter feeds 1-element arrays to int(), which NumPy >= 2.4 refuses: every
+    kernel with a computed loop bound failed on the CPU there. r1fast wraps that patch (only it)."""
+    import operator
+
+    import numpy as np
+
+    interpreter = pytest.importorskip("triton.runtime.interpreter")
+    from r1fast.kernels._interpreter_compat import patch_interpreter_index
+
+    class Scope:  # the interpreter's patch scope: set, then restore in reverse order
+        def __init__(self):
+            self.changes = []
+
+        def set_attr(self, obj, name, value):
+            self.changes.append((obj, name, getattr(obj, name, None)))
+            setattr(obj, name, value)
+
+        def restore(self):
+            while self.changes:
+                obj, name, old = self.changes.pop()
+                setattr(obj, name, old) if old is not None else delattr(obj, name)
+
+    class Handle:
+        data = np.array([7], dtype=np.int32)
+
+    class Tensor:
+        handle = Handle()
+
+    monkeypatch.setattr(interpreter, "_patch_lang_tensor", _interpreter_patch_with_the_numpy_bug)
+    assert patch_interpreter_index()
+    assert not patch_interpreter_index()  # wrapped once, not twice
+    scope = Scope()
+    interpreter._patch_lang_tensor(Tensor, scope)
+    assert operator.index(Tensor()) == 7
+    scope.restore()
+    assert not hasattr(Tensor, "__index__")
+
+    def fixed(tensor, scope):
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    monkeypatch.setattr(interpreter, "_patch_lang_tensor", fixed)
+    assert not patch_interpreter_index() and interpreter._patch_lang_tensor is fixed  # fixed upstream: untouched
