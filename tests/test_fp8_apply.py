@@ -7,6 +7,7 @@ from torch import nn
 
 import r1fast.fp8.apply as fp8_apply
 from r1fast.fp8 import Fp8FallbackWarning, Fp8Linear, apply_fp8, available_paths, make_options
+from r1fast.fp8.support import torch_path
 
 try:
     from r1fast.models import CausalLM, Linear as ModelLinear, ModelConfig
@@ -110,7 +111,7 @@ def test_nothing_to_convert_reports_off(mode):
 def test_fallback_warns_once_and_keeps_high_precision(monkeypatch):
     # A GPU without FP8: simulate the capability check failing for the torch path.
     monkeypatch.setattr(fp8_apply, "torch_path",
-                        lambda device: (False, "NVIDIA A100 is sm_80; FP8 GEMMs need compute capability >= 8.9"))
+                        lambda device, scaling="rowwise": (False, "NVIDIA A100 is sm_80; FP8 GEMMs need compute capability >= 8.9"))
     model = Tiny().to(torch.bfloat16)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -133,15 +134,17 @@ def test_te_missing_or_no_cuda_falls_back_with_one_warning(monkeypatch):
     assert model.fp8_report.effective_mode == "off"
 
 
-def test_torch_mode_runs_where_scaled_mm_does():
-    ok, why = available_paths()["torch"]
+@pytest.mark.parametrize("scaling", ["rowwise", "tensorwise"])
+def test_torch_mode_runs_where_scaled_mm_does(scaling):
+    ok, why = torch_path(torch.device("cpu"), scaling)  # Tiny lives on the CPU
     if not ok:
         pytest.skip(why)
     torch.manual_seed(0)
     a, b = Tiny(), Tiny()
     b.load_state_dict(a.state_dict())
-    apply_fp8(a, "torch")
-    apply_fp8(b, "emulate")
+    apply_fp8(a, "torch", scaling=scaling)
+    apply_fp8(b, "emulate", scaling=scaling)
+    assert a.fp8_report.effective_mode == "torch"
     ids = torch.randint(0, 40, (2, 9))
     ya, yb = a(ids), b(ids)
     torch.testing.assert_close(ya, yb, rtol=1e-4, atol=1e-5)
@@ -262,10 +265,10 @@ def test_auto_mode(monkeypatch):
     # on a CUDA device: TE when usable, else torch._scaled_mm when the card has FP8, else off
     cuda = torch.device("cuda")
     monkeypatch.setattr(fp8_apply, "te_module", lambda: None)
-    monkeypatch.setattr(fp8_apply, "torch_path", lambda device: (True, "sm_90"))
+    monkeypatch.setattr(fp8_apply, "torch_path", lambda device, scaling="rowwise": (True, "sm_90"))
     opts, why = fp8_apply._resolve_auto(make_options("auto", scaling="tensorwise"), cuda)
     assert (opts.mode, opts.scaling, why) == ("torch", "tensorwise", None)
-    monkeypatch.setattr(fp8_apply, "torch_path", lambda device: (False, "A100 is sm_80"))
+    monkeypatch.setattr(fp8_apply, "torch_path", lambda device, scaling="rowwise": (False, "A100 is sm_80"))
     opts, why = fp8_apply._resolve_auto(make_options("auto"), cuda)
     assert opts.mode == "off" and "sm_80" in why
     monkeypatch.setattr(fp8_apply, "te_module", lambda: object())

@@ -167,19 +167,21 @@ def test_zero_tokens_behave_like_nn_linear(scaling):
     assert x.grad.shape == (0, 32) and torch.equal(w.grad, torch.zeros_like(w)) and torch.equal(b.grad, torch.zeros_like(b))
 
 
-def _scaled_mm_on_cpu():
-    from r1fast.fp8.support import scaled_mm_runs_on_cpu
+def _skip_without_cpu_scaled_mm(scaling):
+    from r1fast.fp8.support import torch_path
 
-    return scaled_mm_runs_on_cpu()
+    ok, why = torch_path(torch.device("cpu"), scaling)
+    if not ok:
+        pytest.skip(why)
 
 
-@pytest.mark.skipif(not _scaled_mm_on_cpu() and not torch.cuda.is_available(),
-                    reason="torch._scaled_mm runs neither on this CPU build nor on a GPU")
 @pytest.mark.parametrize("scaling", ["rowwise", "tensorwise"])
 @pytest.mark.parametrize("grad_dtype", ["e5m2", "e4m3"])
 def test_scaled_mm_path_matches_emulation(scaling, grad_dtype):
     # On the CPU, torch 2.13's _scaled_mm is a plain kernel: it must agree with the emulation to fp32
     # rounding, including the weight-gradient GEMM whose reduced (token) dimension, 29, is padded to 32.
+    # (torch 2.11's CPU kernel takes tensorwise scales only: rowwise is skipped there.)
+    _skip_without_cpu_scaled_mm(scaling)
     x, w, b, dy = _inputs((29,), 64, 32, True, seed=7)
     got = _run("torch", x, w, b, dy, grad_dtype, scaling)
     want = _run("emulate", x, w, b, dy, grad_dtype, scaling)
@@ -187,9 +189,9 @@ def test_scaled_mm_path_matches_emulation(scaling, grad_dtype):
         assert_close(g, e.double(), torch.float32, rtol=2e-5, name=name)
 
 
-@pytest.mark.skipif(not _scaled_mm_on_cpu(), reason="torch._scaled_mm does not run on this CPU build")
 @pytest.mark.parametrize("scaling", ["rowwise", "tensorwise"])
 def test_scaled_mm_path_float64_layer(scaling):
+    _skip_without_cpu_scaled_mm(scaling)
     # _scaled_mm cannot write float64 (tensorwise used to fail inside it): it writes fp32, then casts.
     x = randn(9, 32, seed=1).double().requires_grad_()
     w = randn(16, 32, seed=2).double().requires_grad_()
@@ -286,7 +288,7 @@ def test_torch_path_on_a_device_without_scaled_mm_is_a_clear_error(monkeypatch):
     from r1fast.fp8 import linear as fp8_linear_mod
 
     fp8_linear_mod._torch_path_on.cache_clear()
-    monkeypatch.setattr("r1fast.fp8.support.torch_path", lambda device: (False, "no FP8 tensor cores here"))
+    monkeypatch.setattr("r1fast.fp8.support.torch_path", lambda device, scaling="rowwise": (False, "no FP8 tensor cores here"))
     try:
         with pytest.raises(RuntimeError, match="impl='torch' cannot run on cpu: no FP8 tensor cores here"):
             fp8_linear_mod.fp8_linear(torch.randn(4, 32), torch.randn(16, 32), impl="torch")

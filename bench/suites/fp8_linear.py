@@ -50,7 +50,7 @@ def _ours(impl, scaling, shape, dtype, device, mode):
         from r1fast.fp8.support import torch_path
 
         if impl == "torch":
-            ok, why = torch_path(device)
+            ok, why = torch_path(device, scaling)
             if not ok:
                 raise Skip(why)
         x, w, dy = _tensors(*shape, dtype, device, mode != "fwd")

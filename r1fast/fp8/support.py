@@ -10,13 +10,18 @@ MIN_FP8_CAPABILITY = (8, 9)
 
 
 @functools.lru_cache(maxsize=None)
-def scaled_mm_runs_on_cpu() -> bool:
+def scaled_mm_runs_on_cpu(scaling: str = "tensorwise") -> bool:
+    """Does this torch build's CPU torch._scaled_mm take `scaling` ("tensorwise" or "rowwise") scales?
+    (torch 2.11's CPU kernel takes one scale per operand only; 2.13's takes rows too.)"""
     if not hasattr(torch, "_scaled_mm"):
         return False
     try:
         a = torch.ones(16, 16).to(torch.float8_e4m3fn)
-        one = torch.tensor(1.0)
-        torch._scaled_mm(a, a.t(), scale_a=one, scale_b=one, out_dtype=torch.float32)
+        if scaling == "rowwise":
+            scale_a, scale_b = torch.ones(16, 1), torch.ones(1, 16)
+        else:
+            scale_a = scale_b = torch.tensor(1.0)
+        torch._scaled_mm(a, a.t(), scale_a=scale_a, scale_b=scale_b, out_dtype=torch.float32)
     except Exception:
         return False
     return True
@@ -33,16 +38,19 @@ def cuda_fp8_support(device: torch.device | None = None) -> tuple[bool, str]:
     return True, f"{name} (sm_{cap[0]}{cap[1]})"
 
 
-def torch_path(device: torch.device) -> tuple[bool, str]:
-    """Can the "torch" path (torch._scaled_mm) run on tensors living on `device`?"""
+def torch_path(device: torch.device, scaling: str = "rowwise") -> tuple[bool, str]:
+    """Can the "torch" path (torch._scaled_mm) run on tensors living on `device` with `scaling` scales?"""
     if not hasattr(torch, "_scaled_mm"):
         return False, f"torch {torch.__version__} has no torch._scaled_mm"
     if device.type == "cuda":
         ok, why = cuda_fp8_support(device)
         return ok, (f"torch._scaled_mm on {why}" if ok else why)
     if device.type == "cpu":
-        if scaled_mm_runs_on_cpu():
+        if scaled_mm_runs_on_cpu(scaling):
             return True, "torch._scaled_mm on the CPU (a reference kernel: correct, not faster than bf16)"
+        if scaled_mm_runs_on_cpu("tensorwise"):
+            return False, (f"torch {torch.__version__}'s CPU torch._scaled_mm takes tensorwise scales only, "
+                           f"not {scaling}")
         return False, f"torch {torch.__version__} has no CPU torch._scaled_mm"
     return False, f"torch._scaled_mm is not used on {device.type}"
 
