@@ -352,13 +352,14 @@ def varlen_ready(q, k, prefix: bool = False, grad: bool | None = None) -> bool:
             out = attend(qd, kd, vd, cu(q_lens), cu(k_lens), max(q_lens), max(k_lens), d ** -0.5)
             if grad:
                 out.float().sum().backward()
-        want, qs, ks = [], 0, 0
-        for n, c in zip(q_lens, k_lens):
-            want.append(reference.attention(qp[qs:qs + n].double(), kp[ks:ks + c].double(), vp[ks:ks + c].double(),
-                                            d ** -0.5, causal_offset=c - n))
-            qs, ks = qs + n, ks + c
-        want = torch.cat(want)
-        err = float((out.detach().double().cpu() - want).abs().max() / want.abs().max())
+        with torch.no_grad():
+            want, qs, ks = [], 0, 0
+            for n, c in zip(q_lens, k_lens):
+                want.append(reference.attention(qp[qs:qs + n].double(), kp[ks:ks + c].double(),
+                                                vp[ks:ks + c].double(), d ** -0.5, causal_offset=c - n))
+                qs, ks = qs + n, ks + c
+            want = torch.cat(want)
+            err = float((out.detach().double().cpu() - want).abs().max() / want.abs().max())
         if not err <= (1e-4 if q.dtype == torch.float32 else 3e-2):
             raise RuntimeError(f"wrong numbers (relative error {err:.2e}): causal mask not aligned as needed?")
     except torch.OutOfMemoryError:
