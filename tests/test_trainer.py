@@ -284,6 +284,21 @@ def test_resume_drops_a_metrics_line_cut_short_by_a_crash(tmp_path):
     assert [r["step"] for r in _metrics(tmp_path / "metrics.jsonl")] == [1, 2]
 
 
+def test_report_to_tensorboard_gets_every_logged_metric(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tr = make(tmp_path, "tb", max_steps=3, report_to=["tensorboard"])
+    tr.train()
+    events = EventAccumulator(str(tmp_path / "tb" / "tensorboard"))
+    events.Reload()
+    rows = [json.loads(line) for line in open(tmp_path / "tb" / "metrics.jsonl")]
+    assert [e.step for e in events.Scalars("grpo/reward")] == [r["step"] for r in rows] == [1, 2, 3]
+    assert [e.value for e in events.Scalars("grpo/reward")] == pytest.approx([r["reward"] for r in rows])
+    numeric = {k for r in rows for k, v in r.items() if isinstance(v, (int, float)) and k != "step"}
+    assert set(events.Tags()["scalars"]) == {f"grpo/{k}" for k in numeric}
+
+
 def test_reward_functions_get_completions_as_trl_gives_them(tmp_path):
     """Conversational prompts (message lists): completions arrive as assistant message lists, as TRL
     passes them, so a TRL reward function reading c[0]["content"] works; plain prompts: strings. The
