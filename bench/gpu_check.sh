@@ -70,6 +70,7 @@ else
     tests/test_advantages.py tests/test_fp8_numerics.py tests/test_fp8_apply.py tests/test_models.py \
     tests/test_rollout.py tests/test_sampling_kernel.py tests/test_rollout_self_check.py tests/test_layers_kernels.py \
     tests/test_hf_rollout.py tests/test_liger_parity.py \
+    tests/test_bench_harness.py::test_logprob_verl_peer_computes_r1fasts_logprobs \
     >"$OUT/tests.log" 2>&1
   rc=$?; echo "pytest exit $rc"; [ $rc = 0 ] || failed="$failed tests($rc)"
   grep -E "passed|failed|error" "$OUT/tests.log" | tail -3; grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -20

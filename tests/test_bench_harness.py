@@ -287,6 +287,31 @@ def test_grpo_loss_liger_triton_peer_computes_r1fasts_loss(device, opts):
     assert_close(l_gw, r_gw, torch.float32, name="grad_weight", **tol)
 
 
+def test_logprob_verl_peer_computes_r1fasts_logprobs(device):
+    """The verl peer (verl's FusedLinearForPPOFunction, loaded from its file as the suite loads it)
+    gives r1fast's log-probs, entropies and gradients, so the suite times the same quantity."""
+    from r1fast import ops
+    from r1fast.bench.suites import logprob
+    from r1fast.testing import assert_close, randn
+
+    try:
+        verl_fn = logprob.verl_fused_linear_for_ppo()
+    except harness.Skip as e:
+        pytest.skip(f"{e} (bench/fetch_wheels.sh carries verl to the GPU)")
+    hidden, weight, targets = logprob._inputs(37, 16, 29, torch.float32, device, grad=True)
+    upstream = randn(37, device=device, seed=5)
+    got, got_entropy = verl_fn.apply(hidden, weight, targets, 1.0, 8)  # chunks of 8: the chunk loop runs
+    v_gh, v_gw = torch.autograd.grad((got * upstream).sum(), (hidden, weight))
+    want, want_entropy = ops.grouped_logprob(hidden, weight, targets, backend="reference", return_entropy=True)
+    r_gh, r_gw = torch.autograd.grad((want * upstream).sum(), (hidden, weight))
+    tol = dict(rtol=3e-5, atol=1e-6)
+    assert_close(got, want, torch.float32, name="logprob", **tol)
+    assert_close(got_entropy, want_entropy, torch.float32, name="entropy", **tol)
+    assert_close(v_gh, r_gh, torch.float32, name="grad_hidden", **tol)
+    assert_close(v_gw, r_gw, torch.float32, name="grad_weight", **tol)
+    assert_close(logprob._verl(hidden, weight, targets), want, torch.float32, name="timed call", **tol)
+
+
 def test_grpo_loss_liger_triton_mapping_refuses_what_liger_cannot_compute():
     from r1fast import ops
     from r1fast.bench.suites import grpo_loss

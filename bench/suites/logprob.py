@@ -1,11 +1,17 @@
 """logprob: log-probs of target tokens from hidden states x lm_head (ops.grouped_logprob), fwd and fwd+bwd.
 
-Peers: plain torch as TRL does it (logits -> log_softmax -> gather, materialising [N, V]) and
-Liger-Kernel's chunked selective log-prob when importable. Floor: 2·N·H·V FLOPs forward,
+Peers: plain torch as TRL does it (logits -> log_softmax -> gather, materialising [N, V]);
+when installed, Liger-Kernel's chunked selective log-prob and verl's FusedLinearForPPO (chunks of
+512 tokens in torch, the logits recomputed in the backward; it always returns the entropy too, as
+verl's actor uses it). Floor: 2·N·H·V FLOPs forward,
 6·N·H·V forward+backward at the measured matmul rate. On a GPU the triton backend also runs with
 R1FAST_LOGITS_GEMM=cublas ("triton+cublas": torch.mm forms the logits tiles). The GPU size sweeps N to show r1fast's
 peak memory flat in N while the peers' grows with N·V.
 """
+import functools
+import importlib.util
+import os
+
 import torch
 
 from r1fast import backends, ops
@@ -60,6 +66,33 @@ def _liger(hidden, weight, targets):
     return _ChunkedSelectiveLogProbFunction.apply(hidden, weight, targets, None, 1.0, 4096)
 
 
+@functools.lru_cache(maxsize=None)
+def verl_fused_linear_for_ppo():
+    """verl's FusedLinearForPPOFunction, read from its own file: `import verl` needs ray and tensordict
+    (verl's package __init__), the file only torch."""
+    spec = importlib.util.find_spec("verl")
+    if spec is None or spec.origin is None:
+        raise Skip("verl is not installed")
+    path = os.path.join(os.path.dirname(spec.origin), "utils", "experimental", "torch_functional.py")
+    if not os.path.isfile(path):
+        raise Skip(f"this verl has no {path} (FusedLinearForPPO)")
+    file_spec = importlib.util.spec_from_file_location("r1fast_bench_verl_torch_functional", path)
+    module = importlib.util.module_from_spec(file_spec)
+    file_spec.loader.exec_module(module)
+    return module.FusedLinearForPPOFunction
+
+
+def _verl(hidden, weight, targets):
+    return verl_fused_linear_for_ppo().apply(hidden, weight, targets, 1.0, 512)[0]  # (logp, entropy)[0]
+
+
+def _verl_setup(n, h, v, dtype, device, mode):
+    def setup():
+        verl_fused_linear_for_ppo()  # loaded, or the peer skipped, before anything is timed
+        return _timed(_verl, n, h, v, dtype, device, mode)()
+    return setup
+
+
 def _impls(n, h, v, dtype, device, mode, peers=True):
     out = []
     for b in (("triton", "torch") if device.type == "cuda" else ("torch",)):
@@ -74,12 +107,14 @@ def _impls(n, h, v, dtype, device, mode, peers=True):
     if peers:
         out.append(Impl("torch", "logits+log_softmax", _timed(_torch_trl, n, h, v, dtype, device, mode)))
         out.append(Impl("liger", "chunked", _timed(_liger, n, h, v, dtype, device, mode), requires=("liger_kernel",)))
+        out.append(Impl("verl", "fused_linear_ppo+entropy", _verl_setup(n, h, v, dtype, device, mode),
+                        requires=("verl",)))
     return out
 
 
 @suite("logprob")
 def cases(size, device):
-    """Fused log-prob of target tokens (hidden x lm_head, never the logits) vs torch and Liger."""
+    """Fused log-prob of target tokens (hidden x lm_head, never the logits) vs torch, Liger and verl."""
     if size == "gpu":
         h, v, dtype, sizes = 4096, 151936, torch.bfloat16, [16384]
         sweep = [2048, 4096, 8192]
