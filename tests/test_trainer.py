@@ -551,6 +551,99 @@ def test_master_weights_step_in_groups_as_plain_adamw_steps_all_at_once(monkeypa
     assert params[1].grad is not None   # an fp32 parameter's gradient is left as AdamW leaves it
 
 
+def test_master_weights_sum_micro_batch_gradients_in_fp32():
+    """Inside accumulating() each backward's bf16 gradient joins the fp32 copy's gradient (an fp32 sum of
+    the micro-batches' gradients, not a bf16 one) and is freed; a backward outside the block is folded
+    in before clipping or stepping; the step is fp32 AdamW's on that sum."""
+    from r1fast.testing import randn
+    from r1fast.trainer.common import accumulating_gradients, gradient_holders
+    from r1fast.trainer.master_weights import MasterWeightAdamW
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4)).to(torch.bfloat16)
+    params = list(model.parameters())
+    opt = MasterWeightAdamW(params, accumulate_fp32=True, lr=1e-2, weight_decay=0.1)
+    xs = [randn(5, 8, seed=s).to(torch.bfloat16) for s in range(9)]
+    loss = lambda x: model(x).float().square().sum()  # noqa: E731
+    per_batch = [torch.autograd.grad(loss(x), params) for x in xs]   # each micro-batch's bf16 gradient alone
+    want = [sum(g[i].float() for g in per_batch) for i in range(len(params))]
+    in_bf16 = [sum(g[i] for g in per_batch) for i in range(len(params))]
+    assert any(not torch.equal(b.float(), w) for b, w in zip(in_bf16, want))   # bf16 sums do round here
+
+    opt.zero_grad()
+    with accumulating_gradients(opt):
+        for x in xs[:-1]:
+            loss(x).backward()
+            assert all(p.grad is None for p in params)
+    loss(xs[-1]).backward()   # outside the block: a bf16 gradient, folded in by gradient_holders
+    holders = gradient_holders(opt, model)
+    assert all(p.grad is None for p in params)
+    for h, w in zip(holders, want):
+        assert h.dtype == torch.float32 and torch.equal(h.grad, w)
+
+    ref = [torch.nn.Parameter(p.detach().float().clone()) for p in params]
+    for r, w in zip(ref, want):
+        r.grad = w.clone()
+    opt.step()
+    torch.optim.AdamW(ref, lr=1e-2, weight_decay=0.1).step()
+    for p, m, r in zip(params, opt.masters, ref):
+        assert torch.equal(m, r.detach()) and torch.equal(p, r.detach().to(p.dtype))
+
+
+def test_fp32_accumulation_hooks_hold_their_optimizer_weakly_and_act_only_inside_its_block():
+    """A pipeline hands one model from stage to stage, each with a new optimizer: an earlier one's
+    hooks neither keep it (and its fp32 copies) alive nor take a later optimizer's gradients."""
+    import gc
+    import weakref
+
+    from r1fast.trainer.master_weights import MasterWeightAdamW
+
+    model = torch.nn.Linear(16, 16).to(torch.bfloat16)
+    x = torch.randn(3, 16).to(torch.bfloat16)
+    first = MasterWeightAdamW(list(model.parameters()), accumulate_fp32=True, lr=1e-2)
+    second = MasterWeightAdamW(list(model.parameters()), accumulate_fp32=True, lr=1e-2)
+    with second.accumulating():
+        model(x).sum().backward()
+    assert model.weight.grad is None and second.masters[0].grad is not None and first.masters[0].grad is None
+    model(x).sum().backward()   # outside every block: a plain gradient, as any optimizer expects
+    assert model.weight.grad is not None and model.weight.grad.dtype == torch.bfloat16
+    gone = weakref.ref(first)
+    del first
+    gc.collect()
+    assert gone() is None
+
+
+@pytest.mark.parametrize("stage", ["grpo", "sft"])
+def test_trainers_sum_micro_batch_gradients_in_fp32(tmp_path, monkeypatch, stage):
+    """Each micro-batch's bf16 gradients are folded into the fp32 copies inside the step's accumulation
+    block (fp32_grad_accumulation, on by default); turned off, the optimizer sums in bf16."""
+    from r1fast.trainer import SFTConfig, sft
+    from r1fast.trainer.master_weights import MasterWeightAdamW
+
+    folds = []
+    fold = MasterWeightAdamW._fold
+    monkeypatch.setattr(MasterWeightAdamW, "_fold", lambda self, i: (folds.append(self._accumulating), fold(self, i)))
+
+    def trainer(**over):
+        model, tok = tiny_model()
+        model = model.to(torch.bfloat16)
+        common = dict(per_device_train_batch_size=8, gradient_accumulation_steps=3, learning_rate=1e-3,
+                      progress_bar=False, output_dir=str(tmp_path / str(len(folds))), **over)
+        if stage == "grpo":
+            return GRPOTrainer(model, [sevens], ROWS, GRPOConfig(max_completion_length=6, **common), tokenizer=tok)
+        rows = [{"prompt": str(i), "completion": "7" * (1 + i % 3)} for i in range(24)]
+        return sft.SFTTrainer(model, tok, rows, SFTConfig(**common))
+
+    tr = trainer()
+    tr.step()
+    n = sum(1 for p in tr.model.parameters())
+    assert tr.optimizer.accumulate_fp32 and folds == [True] * (3 * n)
+    folds.clear()
+    tr = trainer(fp32_grad_accumulation=False)
+    tr.step()
+    assert not tr.optimizer.accumulate_fp32 and folds == []
+
+
 def test_master_weights_keep_the_steps_bf16_rounds_away():
     from r1fast.trainer.master_weights import MasterWeightAdamW
 

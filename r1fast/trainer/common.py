@@ -1,6 +1,7 @@
 """Pieces shared by the GRPO and SFT loops: models by name, optimizer and schedule, packing."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -84,7 +85,7 @@ def make_optimizer(model, cfg) -> torch.optim.Optimizer:
     if low and cfg.fp32_master_weights:
         from r1fast.trainer.master_weights import MasterWeightAdamW
 
-        return MasterWeightAdamW(params, **kwargs)
+        return MasterWeightAdamW(params, accumulate_fp32=cfg.fp32_grad_accumulation, **kwargs)
     if low:
         # AdamW's step is about learning_rate per weight; a 16-bit weight of magnitude ~0.02 moves only by
         # multiples of ~1e-4 (bf16), so smaller steps round away and the run learns nothing, silently
@@ -206,6 +207,19 @@ def pack(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],
     as_long = lambda x: torch.tensor(x, dtype=torch.long, device=device)  # noqa: E731
     return PackedBatch(as_long(ids), torch.tensor(cu, dtype=torch.int32, device=device), as_long(sel), as_long(tgt),
                        torch.tensor(ccu, dtype=torch.int32, device=device), prefix_of if share_prompts else None)
+
+
+def gradient_holders(optimizer, model) -> list:
+    """The tensors whose gradients the optimizer's next step applies (what clipping must see): the
+    fp32 copies when MasterWeightAdamW accumulates in fp32, else the model's parameters."""
+    holders = getattr(optimizer, "grad_tensors", None)
+    return holders() if holders is not None else list(model.parameters())
+
+
+def accumulating_gradients(optimizer):
+    """The block holding a step's backward passes: gradients summed in fp32 where the optimizer does that."""
+    block = getattr(optimizer, "accumulating", None)
+    return block() if block is not None else contextlib.nullcontext()
 
 
 def grad_norm_and_clip(params, max_norm: float) -> float:

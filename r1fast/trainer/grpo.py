@@ -29,7 +29,9 @@ from r1fast.trainer.common import (  # noqa: F401  (NonFiniteLoss: also importab
     step_if_finite,
     check_answer_column,
     DataCursor,
+    accumulating_gradients,
     grad_norm_and_clip,
+    gradient_holders,
     make_optimizer,
     make_scheduler,
     pack,
@@ -302,32 +304,34 @@ class GRPOTrainer:
             # the device once per micro-batch)
             total_loss = torch.zeros((), dtype=torch.float32, device=self.device)
             stat_sums: dict[str, torch.Tensor] = {}
-            for j, (idx, b) in enumerate(zip(micro, batches)):
-                mask = torch.cat([masks[i] for i in idx])
-                hidden = b.hidden(self.model)
-                try:
-                    loss, stats = ops.fused_linear_grpo_loss(
-                        hidden[b.select], self.model.lm_head_weight, b.targets, mask, adv[idx[0]:idx[-1] + 1],
-                        old_logp=old[j], ref_logp=ref[j], sampler_logp=sampler[j], cu_seqlens=b.completion_cu,
-                        options=opts)
-                except ValueError as e:
-                    if "non-finite" in str(e) or "NaN" in str(e):
-                        finite = False
-                        break
-                    raise
-                # a non-finite loss (the op raises on one) would still be caught below: NaN gradients
-                (loss * scale).backward()
-                total_loss = total_loss + loss.detach().float() * scale
-                for k, v in stats.items():
-                    v = torch.as_tensor(v, dtype=torch.float32, device=self.device).detach()
-                    stat_sums[k] = stat_sums.get(k, 0.0) + torch.where(torch.isfinite(v), v, 0.0)
+            with accumulating_gradients(self.optimizer):  # fp32 sums of the micro-batches' gradients
+                for j, (idx, b) in enumerate(zip(micro, batches)):
+                    mask = torch.cat([masks[i] for i in idx])
+                    hidden = b.hidden(self.model)
+                    try:
+                        loss, stats = ops.fused_linear_grpo_loss(
+                            hidden[b.select], self.model.lm_head_weight, b.targets, mask, adv[idx[0]:idx[-1] + 1],
+                            old_logp=old[j], ref_logp=ref[j], sampler_logp=sampler[j], cu_seqlens=b.completion_cu,
+                            options=opts)
+                    except ValueError as e:
+                        if "non-finite" in str(e) or "NaN" in str(e):
+                            finite = False
+                            break
+                        raise
+                    # a non-finite loss (the op raises on one) would still be caught below: NaN gradients
+                    (loss * scale).backward()
+                    total_loss = total_loss + loss.detach().float() * scale
+                    for k, v in stats.items():
+                        v = torch.as_tensor(v, dtype=torch.float32, device=self.device).detach()
+                        stat_sums[k] = stat_sums.get(k, 0.0) + torch.where(torch.isfinite(v), v, 0.0)
             names = sorted(stat_sums)
             total_loss, *values = torch.stack([total_loss, *(stat_sums[k] for k in names)]).tolist()
             finite = finite and math.isfinite(total_loss)
             for k, v in zip(names, values):
                 stats_acc[k] = stats_acc.get(k, 0.0) + v / (len(micro) * cfg.num_iterations)
             tb = time.perf_counter()
-            gn = grad_norm_and_clip(self.model.parameters(), cfg.max_grad_norm) if finite else float("nan")
+            gn = grad_norm_and_clip(gradient_holders(self.optimizer, self.model), cfg.max_grad_norm) \
+                if finite else float("nan")
             step_if_finite(self, finite and math.isfinite(gn))  # never a NaN/inf update
             self.scheduler.step()
             self.global_step += 1

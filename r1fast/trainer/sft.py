@@ -15,7 +15,9 @@ from r1fast.trainer.common import (
     start_run,
     step_if_finite,
     DataCursor,
+    accumulating_gradients,
     grad_norm_and_clip,
+    gradient_holders,
     make_optimizer,
     make_scheduler,
     pack,
@@ -60,8 +62,6 @@ class SFTTrainer:
         self.share_prompts = prompt_sharing_pays(model, cfg.share_prompts)
 
     def step(self) -> dict[str, float]:
-        from r1fast import ops
-
         cfg = self.cfg
         t0 = time.perf_counter()
         self.model.train()
@@ -69,20 +69,10 @@ class SFTTrainer:
         micro = [self.cursor.take(cfg.per_device_train_batch_size) for _ in range(cfg.gradient_accumulation_steps)]
         n_tokens = sum(len(self.examples[i][1]) for idx in micro for i in idx)
         total = 0.0
-        for idx in micro:
-            prompts = [self.examples[i][0] for i in idx]
-            share = self.share_prompts and len({tuple(p) for p in prompts}) < len(prompts)
-            if share:  # completions of one prompt (rejection-sampled or distilled data) side by side: the
-                # prompt is packed once, its completions continuing it (the loss is a token sum: order is free)
-                idx = sorted(idx, key=lambda i: self.examples[i][0])
-                prompts = [self.examples[i][0] for i in idx]
-            b = pack(prompts, [self.examples[i][1] for i in idx], self.device, share_prompts=share)
-            hidden = b.hidden(self.model)
-            logp = ops.grouped_logprob(hidden[b.select], self.model.lm_head_weight, b.targets)
-            loss = -logp.sum() / n_tokens   # token mean over the whole accumulated batch
-            loss.backward()
-            total += float(loss.detach())
-        gn = grad_norm_and_clip(self.model.parameters(), cfg.max_grad_norm)
+        with accumulating_gradients(self.optimizer):
+            for idx in micro:
+                total += self._micro_batch(idx, n_tokens)
+        gn = grad_norm_and_clip(gradient_holders(self.optimizer, self.model), cfg.max_grad_norm)
         step_if_finite(self, math.isfinite(total) and math.isfinite(gn))  # as GRPO: never a NaN/inf update
         self.scheduler.step()
         self.global_step += 1
@@ -90,6 +80,23 @@ class SFTTrainer:
         return {"loss": total, "grad_norm": gn, "lr": self.scheduler.get_last_lr()[0],
                 "nonfinite_skipped": self.nonfinite_skipped,
                 "tokens_per_s": n_tokens / max(dt, 1e-9), "step_time_s": dt}
+
+    def _micro_batch(self, idx, n_tokens: int) -> float:
+        """Forward and backward of one micro-batch (examples idx); its share of the step's token-mean loss."""
+        from r1fast import ops
+
+        prompts = [self.examples[i][0] for i in idx]
+        share = self.share_prompts and len({tuple(p) for p in prompts}) < len(prompts)
+        if share:  # completions of one prompt (rejection-sampled or distilled data) side by side: the
+            # prompt is packed once, its completions continuing it (the loss is a token sum: order is free)
+            idx = sorted(idx, key=lambda i: self.examples[i][0])
+            prompts = [self.examples[i][0] for i in idx]
+        b = pack(prompts, [self.examples[i][1] for i in idx], self.device, share_prompts=share)
+        hidden = b.hidden(self.model)
+        logp = ops.grouped_logprob(hidden[b.select], self.model.lm_head_weight, b.targets)
+        loss = -logp.sum() / n_tokens   # token mean over the whole accumulated batch
+        loss.backward()
+        return float(loss.detach())
 
     def save(self) -> str:
         return ckpt.save_checkpoint(self.run_dir, self.global_step, model=self.model, optimizer=self.optimizer,
