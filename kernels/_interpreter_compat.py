@@ -1,10 +1,15 @@
-"""Triton 3.6's interpreter under NumPy >= 2.4: scalars made from program ids are 1-element arrays,
+"""Triton <= 3.6's interpreter under NumPy >= 2.4: scalars made from program ids are 1-element arrays,
 and the interpreter turns them into loop bounds with int(array), which NumPy 2.4 refuses ("only
 0-dimensional arrays can be converted to Python scalars"), so every kernel with a `range(lo, hi)`
-over computed bounds fails on the CPU. Triton 3.9 squeezes the array first; this gives older
-interpreters the same __index__. Compiled kernels (the GPU) never go through this code.
+over computed bounds fails on the CPU. Triton 3.9 squeezes the array first (a block of several
+elements is still refused); this gives older interpreters the same __index__. Compiled kernels (the
+GPU) never go through this code.
 """
 import inspect
+
+
+def _index(self):
+    return int(self.handle.data.squeeze())
 
 
 def patch_interpreter_index() -> bool:
@@ -23,10 +28,14 @@ def patch_interpreter_index() -> bool:
     if "int(self.handle.data)" not in source:  # fixed upstream (Triton >= 3.9) or changed shape
         return False
 
-    def patch_lang_tensor(tensor, scope):
-        original(tensor, scope)
-        # set through the scope: restored with the rest when the kernel call ends
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+    def patch_lang_tensor(tensor, *scope):
+        # Triton 3.6 passes a patch scope (its changes are undone when the kernel call ends); 3.2 to
+        # 3.5 call with the class alone and set its attributes for good
+        original(tensor, *scope)
+        if scope:
+            scope[0].set_attr(tensor, "__index__", _index)
+        else:
+            tensor.__index__ = _index
 
     patch_lang_tensor._r1fast_index_fix = True
     interpreter._patch_lang_tensor = patch_lang_tensor

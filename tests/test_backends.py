@@ -90,9 +90,15 @@ def _interpreter_patch_with_the_numpy_bug(tensor, scope):
     scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data))
 
 
+def _older_interpreter_patch_with_the_numpy_bug(tensor):
+    # Triton 3.2 to 3.5: the class alone, patched for good
+    tensor.__index__ = lambda self: int(self.handle.data)
+
+
 def test_old_interpreters_get_a_numpy_safe_index(monkeypatch):
-    """Triton 3.6's interpreter feeds 1-element arrays to int(), which NumPy >= 2.4 refuses: every
-    kernel with a computed loop bound failed on the CPU there. r1fast wraps that patch (only it)."""
+    """Triton <= 3.6's interpreter feeds 1-element arrays to int(), which NumPy >= 2.4 refuses: every
+    kernel with a computed loop bound failed on the CPU there. r1fast wraps that patch (only it), in
+    both its call forms, and still refuses a block of several elements as a scalar, as Triton 3.9 does."""
     import operator
 
     import numpy as np
@@ -114,19 +120,31 @@ def test_old_interpreters_get_a_numpy_safe_index(monkeypatch):
                 setattr(obj, name, old) if old is not None else delattr(obj, name)
 
     class Handle:
-        data = np.array([7], dtype=np.int32)
+        def __init__(self, *values):
+            self.data = np.array(values, dtype=np.int32)
 
-    class Tensor:
-        handle = Handle()
+    def tensor_class():
+        class Tensor:
+            def __init__(self, *values):
+                self.handle = Handle(*values)
+        return Tensor
 
     monkeypatch.setattr(interpreter, "_patch_lang_tensor", _interpreter_patch_with_the_numpy_bug)
     assert patch_interpreter_index()
     assert not patch_interpreter_index()  # wrapped once, not twice
-    scope = Scope()
+    scope, Tensor = Scope(), tensor_class()
     interpreter._patch_lang_tensor(Tensor, scope)
-    assert operator.index(Tensor()) == 7
+    assert operator.index(Tensor(7)) == 7
+    with pytest.raises(TypeError):
+        operator.index(Tensor(7, 8))
     scope.restore()
     assert not hasattr(Tensor, "__index__")
+
+    monkeypatch.setattr(interpreter, "_patch_lang_tensor", _older_interpreter_patch_with_the_numpy_bug)
+    assert patch_interpreter_index()
+    Tensor = tensor_class()
+    interpreter._patch_lang_tensor(Tensor)
+    assert operator.index(Tensor(5)) == 5
 
     def fixed(tensor, scope):
         scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
