@@ -588,6 +588,7 @@ def test_master_weights_sum_micro_batch_gradients_in_fp32():
     torch.optim.AdamW(ref, lr=1e-2, weight_decay=0.1).step()
     for p, m, r in zip(params, opt.masters, ref):
         assert torch.equal(m, r.detach()) and torch.equal(p, r.detach().to(p.dtype))
+        assert m.grad is None   # the fp32 gradients do not outlive the step
 
 
 def test_fp32_accumulation_hooks_hold_their_optimizer_weakly_and_act_only_inside_its_block():
@@ -610,7 +611,7 @@ def test_fp32_accumulation_hooks_hold_their_optimizer_weakly_and_act_only_inside
     gone = weakref.ref(first)
     del first
     gc.collect()
-    assert gone() is None
+    assert gone() is None and len(model.weight._post_accumulate_grad_hooks) == 1   # second's own hook only
 
 
 @pytest.mark.parametrize("stage", ["grpo", "sft"])

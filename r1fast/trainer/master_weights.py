@@ -34,6 +34,11 @@ def _into_master(optimizer_ref, index: int, param: torch.Tensor) -> None:
     opt._fold(index)
 
 
+def _remove_hooks(handles) -> None:
+    for h in handles:
+        h.remove()
+
+
 class MasterWeightAdamW(torch.optim.AdamW):
     # without accumulate_fp32, fp32 gradient copies exist for this many elements at a time (256 MB):
     # the step goes through the parameters in groups of about this size rather than holding 4 bytes
@@ -50,9 +55,10 @@ class MasterWeightAdamW(torch.optim.AdamW):
         self._accumulating = False
         if self.accumulate_fp32:
             me = weakref.ref(self)
-            for i, (p, m) in enumerate(zip(self.model_params, self.masters)):
-                if m is not p:
-                    p.register_post_accumulate_grad_hook(lambda param, i=i: _into_master(me, i, param))
+            hooks = [p.register_post_accumulate_grad_hook(lambda param, i=i: _into_master(me, i, param))
+                     for i, (p, m) in enumerate(zip(self.model_params, self.masters)) if m is not p]
+            # gone with the optimizer: a model handed through many stages does not gather dead hooks
+            weakref.finalize(self, _remove_hooks, hooks)
 
     @contextlib.contextmanager
     def accumulating(self):
@@ -92,6 +98,7 @@ class MasterWeightAdamW(torch.optim.AdamW):
             for p, m in stepped:
                 if m is not p:
                     p.copy_(m)
+                    m.grad = None  # 4 bytes per parameter, not kept past the step that used them
             return
         # AdamW steps exactly the parameters that have a gradient, each keeping its own step count: a
         # group at a time, the others' gradients hidden, is the same update as all at once
