@@ -64,6 +64,20 @@ def test_available_paths_shape():
     assert paths["emulate"][0] and paths["off"][0]
 
 
+def test_torch_path_on_a_gpu_probes_the_scaling_asked_for(monkeypatch):
+    """An FP8 card whose torch._scaled_mm takes no rowwise scales (Ada before torch 2.7, say): the torch
+    path is unusable for rowwise, with the card, the scaling and the error named, and usable for tensorwise."""
+    import r1fast.fp8.support as support
+
+    monkeypatch.setattr(support, "cuda_fp8_support", lambda device=None: (True, "NVIDIA L4 (sm_89)"))
+    monkeypatch.setattr(support, "scaled_mm_error",
+                        lambda device, scaling: "RuntimeError: rowwise scaling needs sm_90" if scaling == "rowwise"
+                        else None)
+    ok, why = support.torch_path(torch.device("cuda"), "rowwise")
+    assert not ok and "rowwise scales fails on NVIDIA L4 (sm_89): RuntimeError: rowwise scaling needs sm_90" in why
+    assert support.torch_path(torch.device("cuda"), "tensorwise") == (True, "torch._scaled_mm on NVIDIA L4 (sm_89)")
+
+
 def test_plain_module_swaps_aligned_linears_only():
     torch.manual_seed(0)
     model = Tiny()

@@ -10,21 +10,23 @@ MIN_FP8_CAPABILITY = (8, 9)
 
 
 @functools.lru_cache(maxsize=None)
-def scaled_mm_runs_on_cpu(scaling: str = "tensorwise") -> bool:
-    """Does this torch build's CPU torch._scaled_mm take `scaling` ("tensorwise" or "rowwise") scales?
-    (torch 2.11's CPU kernel takes one scale per operand only; 2.13's takes rows too.)"""
-    if not hasattr(torch, "_scaled_mm"):
-        return False
+def scaled_mm_error(device: torch.device, scaling: str) -> str | None:
+    """None when a 16 x 16 torch._scaled_mm with `scaling` ("tensorwise" or "rowwise") scales runs on
+    `device`, else what it raised. Support differs by build and card: torch 2.11's CPU kernel takes one
+    scale per operand only (2.13's takes rows too); rowwise scales on CUDA need Hopper, or Ada with
+    torch >= 2.7, and cuBLAS's own rowwise kernels on newer cards."""
     try:
-        a = torch.ones(16, 16).to(torch.float8_e4m3fn)
+        a = torch.ones(16, 16, device=device).to(torch.float8_e4m3fn)
         if scaling == "rowwise":
-            scale_a, scale_b = torch.ones(16, 1), torch.ones(1, 16)
+            scale_a, scale_b = torch.ones(16, 1, device=device), torch.ones(1, 16, device=device)
         else:
-            scale_a = scale_b = torch.tensor(1.0)
-        torch._scaled_mm(a, a.t(), scale_a=scale_a, scale_b=scale_b, out_dtype=torch.float32)
-    except Exception:
-        return False
-    return True
+            scale_a = scale_b = torch.tensor(1.0, device=device)
+        # the rowwise CUDA kernel writes bf16 only (see gemm._scaled_mm_nt)
+        out_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        torch._scaled_mm(a, a.t(), scale_a=scale_a, scale_b=scale_b, out_dtype=out_dtype)
+    except Exception as e:  # noqa: BLE001 - any failure means: this path does not run here
+        return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:160]}"
+    return None
 
 
 def cuda_fp8_support(device: torch.device | None = None) -> tuple[bool, str]:
@@ -44,13 +46,18 @@ def torch_path(device: torch.device, scaling: str = "rowwise") -> tuple[bool, st
         return False, f"torch {torch.__version__} has no torch._scaled_mm"
     if device.type == "cuda":
         ok, why = cuda_fp8_support(device)
-        return ok, (f"torch._scaled_mm on {why}" if ok else why)
+        if not ok:
+            return False, why
+        err = scaled_mm_error(device, scaling)
+        if err is not None:
+            return False, f"torch {torch.__version__}'s torch._scaled_mm with {scaling} scales fails on {why}: {err}"
+        return True, f"torch._scaled_mm on {why}"
     if device.type == "cpu":
-        if scaled_mm_runs_on_cpu(scaling):
+        if scaled_mm_error(device, scaling) is None:
             return True, "torch._scaled_mm on the CPU (a reference kernel: correct, not faster than bf16)"
-        if scaled_mm_runs_on_cpu("tensorwise"):
+        if scaled_mm_error(device, "tensorwise") is None:
             return False, (f"torch {torch.__version__}'s CPU torch._scaled_mm takes tensorwise scales only, "
-                           f"not {scaling}")
+                           f"not {scaling} (scaling='tensorwise', fp8_scaling in a config, runs)")
         return False, f"torch {torch.__version__} has no CPU torch._scaled_mm"
     return False, f"torch._scaled_mm is not used on {device.type}"
 
