@@ -57,7 +57,8 @@ def test_pipeline_config_errors(tmp_path):
         load_pipeline(spec)
 
 
-def test_cli_errors_are_clear(tmp_path, capsys):
+def test_cli_errors_are_clear(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit, match="does not exist"):
         main(["train", str(tmp_path / "missing.yaml")])
     with pytest.raises(SystemExit, match="unknown option 'learnin_rate'"):
@@ -73,6 +74,12 @@ def test_cli_errors_are_clear(tmp_path, capsys):
     with pytest.raises(SystemExit, match=r"unknown pipeline key.*bogus.*<stage>\.<option>"):
         main(["train", "--bogus", "1"])
     assert main(["train", "--help"]) == 0
+    # the configs r1fast ships, by name from any directory (found: the run stops at the bad key instead)
+    for cmd, name in (("train", "r1_pipeline"), ("pipeline", "distill.yaml"), ("train", "r1fast/configs/default.yaml")):
+        with pytest.raises(SystemExit, match=r"unknown pipeline key.*bogus"):
+            main([cmd, name, "--bogus", "1"])
+    with pytest.raises(SystemExit, match="'r1_pipelin' does not exist.*r1fast's own configs: default, distill"):
+        main(["train", "r1_pipelin"])
 
 
 def test_cli_grpo_yaml_and_plot(tmp_path, monkeypatch):

@@ -16,7 +16,7 @@ import argparse
 import os
 import sys
 
-from r1fast.trainer.config import ConfigError
+from r1fast.trainer.config import ConfigError, resolve_config_path
 
 _EPILOG = ("options: --key value | --key=value | key=value (GRPOConfig / SFTConfig / SampleConfig fields; "
            "<stage>.<key>=value for a pipeline).")
@@ -51,8 +51,8 @@ def _split(rest: list[str]) -> tuple[str | None, list[str], str | bool | None]:
             continue
         overrides.append(a)
         i += 1
-    if config is not None and not os.path.isfile(config):
-        raise ConfigError(f"config file {config!r} does not exist")
+    if config is not None:  # a file, or a config r1fast ships named from any directory ("r1_pipeline")
+        config = resolve_config_path(config)
     return config, overrides, resume
 
 
