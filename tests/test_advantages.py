@@ -140,6 +140,9 @@ def test_triton_advantages_group_too_wide():
         (torch.ones(4), 2, {"estimator": "ppo"}, ValueError, "estimator"),
         (torch.ones(4), 2, {"scale_rewards": "row"}, ValueError, "scale_rewards"),
         (torch.ones(4), 2, {"eps": -1.0}, ValueError, "eps"),
+        (torch.ones(4), 2, {"eps": float("inf")}, ValueError, "eps must be a finite number"),
+        # finite in float64, past float32's range where the backends compute: was all-NaN advantages
+        (torch.tensor([1.0, 1e39, 0.0, 1.0], dtype=torch.float64), 2, {}, ValueError, r"float32's range\) at rows \[1\]"),
     ],
 )
 def test_advantages_bad_input(rewards, g, kwargs, err, match):

@@ -213,7 +213,8 @@ def test_default_chunk_bounds_the_logits_tile():
         (lambda a: a.update(targets=a["targets"][:-1]), ValueError, "targets shape"),
         (lambda a: a.update(hidden=a["hidden"].long()), TypeError, "float"),
         (lambda a: a.update(temperature=0.0), ValueError, "temperature"),
-        (lambda a: a.update(temperature=float("inf")), ValueError, "positive finite"),
+        (lambda a: a.update(temperature=float("inf")), ValueError, "finite number"),
+        (lambda a: a.update(temperature=1e-320), ValueError, r"1 / T must be a float32"),   # was -inf/NaN log-probs
         (lambda a: a.update(chunk_size=0), ValueError, "chunk_size"),
         (lambda a: a.update(backend="nope"), ValueError, "not a backend"),
     ],

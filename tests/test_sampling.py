@@ -130,7 +130,9 @@ def test_host_uniforms_equal_the_device_hash_bit_for_bit():
                                        (dict(min_p=2), "min_p"), (dict(max_tokens=0), "max_tokens"),
                                        (dict(stop_token_ids="ab"), "stop_token_ids"), (dict(stop_token_ids=5), "stop_token_ids"),
                                        (dict(seed=1.5), "seed"), (dict(temperature=1e-45), "temperature must be 0 .greedy."),
-                                       (dict(temperature=float("nan")), "temperature")])
+                                       (dict(temperature=float("nan")), "temperature"),
+                                       (dict(stop_token_ids=[1, 2.5]), "stop_token_ids"),
+                                       (dict(ignore_eos="no"), "ignore_eos must be a bool")])
 def test_bad_sampling_params_raise(bad, match):
     with pytest.raises(ValueError, match=match):
         SamplingParams(**bad)
@@ -143,3 +145,4 @@ def test_sampling_params_take_numpy_ints_as_ints():
                        stop_token_ids=np.array([1, 2]))
     assert (p.n, p.top_k, p.max_tokens, p.seed, p.stop_token_ids) == (3, 5, 7, 9, (1, 2))
     assert all(type(v) is int for v in (p.n, p.top_k, p.max_tokens, p.seed, *p.stop_token_ids))
+    assert SamplingParams(stop_token_ids=(t for t in [5, 6])).stop_token_ids == (5, 6)  # a generator, read once

@@ -305,10 +305,32 @@ def test_bad_argument_types_and_backend():
         ops.sample_tokens(z.tolist(), SamplingParams(), u)
     with pytest.raises(ValueError, match="not a backend"):
         ops.sample_tokens(z, SamplingParams(), u, backend="fast")
-    # greedy needs no uniforms; check_uniforms=False skips the range check only
+    # greedy needs no uniforms; check_inputs=False skips the value checks only
     assert ops.sample_tokens(z, SamplingParams(temperature=0), None)[0].tolist() == z.argmax(-1).tolist()
     with pytest.raises(ValueError, match="float64"):
-        ops.sample_tokens(z, SamplingParams(), u.float(), check_uniforms=False)
+        ops.sample_tokens(z, SamplingParams(), u.float(), check_inputs=False)
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch", "triton"])
+def test_logits_without_a_distribution_are_refused(backend):
+    """A NaN or inf logit, or logits / T past float32's range: no distribution to draw from (the torch
+    path returned token 0 with a NaN log-prob, the reference failed on an index)."""
+    z, u = make_logits("normal", 4, 20, 0, "cpu"), make_u(4, 0, "cpu")
+    for row, value, temperature in ((2, float("nan"), 1.0), (1, float("inf"), 1.0), (3, float("inf"), 0.0),
+                                    (0, 3.0e38, 0.5)):
+        bad = z.clone()
+        bad[row, 5] = value
+        with pytest.raises(ValueError, match=rf"rows \[{row}\] have no distribution"):
+            ops.sample_tokens(bad, SamplingParams(temperature=temperature), u, backend=backend)
+    bad = z.clone()
+    bad[1] = -float("inf")
+    with pytest.raises(ValueError, match=r"rows \[1\] have no distribution.*every logit -inf"):
+        ops.sample_tokens(bad, SamplingParams(), u, backend=backend)
+    # -inf logits are masked tokens, and large but representable logits / T still sample
+    masked = z * 1e3
+    masked[:, :10] = -float("inf")
+    tokens, logprobs = ops.sample_tokens(masked, SamplingParams(temperature=0.5), u, backend=backend)
+    assert torch.isfinite(logprobs).all() and (tokens >= 10).all()
 
 
 def test_triton_at_device_size_matches_the_reference(device):

@@ -130,7 +130,7 @@ def _r1fast_decode_step(cfg_kwargs, batch, ctx, dtype, device):
             hidden = runner.decode(bm, ids, positions, slots, last_tokens=last)
             # the step's uniforms as the engine makes them: hashed on the host, one copy
             u = torch.from_numpy(host_uniforms(keys, pos)).to(device, non_blocking=True)
-            return ops.sample_tokens(lm_logits(hidden, model.lm_head_weight), params, u, check_uniforms=False)
+            return ops.sample_tokens(lm_logits(hidden, model.lm_head_weight), params, u, check_inputs=False)
         return step
     return setup
 

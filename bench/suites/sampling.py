@@ -25,7 +25,7 @@ def _r1fast(backend, shape, params, device):
             raise Skip(f"backend {backend} unavailable on {device.type}")
         logits, u = _inputs(*shape, device)
         u = None if params.greedy else u
-        return lambda: ops.sample_tokens(logits, params, u, backend=backend, check_uniforms=False)
+        return lambda: ops.sample_tokens(logits, params, u, backend=backend, check_inputs=False)
     return setup
 
 

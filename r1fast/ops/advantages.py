@@ -6,6 +6,8 @@ where the torch code launches several small kernels); kl_penalty is torch everyw
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from r1fast import backends
@@ -49,12 +51,15 @@ def group_advantages(rewards, group_size, *, estimator="grpo", scale_rewards="gr
         raise ValueError(f"group_advantages: estimator must be one of {ESTIMATORS}, got {estimator!r}")
     if scale_rewards not in SCALES:
         raise ValueError(f"group_advantages: scale_rewards must be one of {SCALES}, got {scale_rewards!r}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
-        raise ValueError(f"group_advantages: eps must be a number >= 0, got {eps!r}")
-    if not bool(torch.isfinite(rewards).all()):
-        bad = (~torch.isfinite(rewards)).nonzero().flatten().tolist()[:8]
-        raise ValueError(f"group_advantages: rewards contain NaN/inf at rows {bad} (give a row with no reward its "
-                         f"group's mean reward and set its advantage to 0 afterwards, as the trainer does)")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < math.inf:
+        raise ValueError(f"group_advantages: eps must be a finite number >= 0, got {eps!r}")
+    # the backends compute in float32: a float64 reward past its range would turn every advantage NaN
+    finite = torch.isfinite(rewards.float())
+    if not bool(finite.all()):
+        bad = (~finite).nonzero().flatten().tolist()[:8]
+        raise ValueError(f"group_advantages: rewards contain NaN/inf (or values beyond float32's range) at rows "
+                         f"{bad} (give a row with no reward its group's mean reward and set its advantage to 0 "
+                         f"afterwards, as the trainer does)")
     _, fn = backends.resolve("group_advantages", rewards.device, backend)
     return fn(rewards, group_size, estimator, scale_rewards, eps).float()
 

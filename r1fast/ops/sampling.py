@@ -27,7 +27,7 @@ from r1fast import backends
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def _validate(logits, params, u, check_uniforms: bool):
+def _validate(logits, params, u, check_inputs: bool):
     from r1fast.rollout.params import SamplingParams
 
     if not isinstance(params, SamplingParams):
@@ -38,9 +38,21 @@ def _validate(logits, params, u, check_uniforms: bool):
         raise ValueError(f"sample_tokens: logits must be [B >= 1, V >= 1], got shape {tuple(logits.shape)}")
     if logits.dtype not in _FLOATS:
         raise ValueError(f"sample_tokens: logits must be a float tensor (fp32, fp16, bf16, fp64), got {logits.dtype}")
+    if u is None and not params.greedy:
+        raise ValueError("sample_tokens: u (float64 uniforms [B]) is required unless temperature is 0 (greedy)")
+    if check_inputs:
+        # A row with a NaN or +inf (also logits / T above float32's range), or with every token at -inf,
+        # has no distribution to draw from: the backends returned some token (token 0 on the torch path)
+        # with a NaN log-prob. -inf alone is a masked token, and fine.
+        scaled = logits.double() if params.greedy else logits.double() / params.temperature
+        big = torch.finfo(torch.float32).max
+        bad = (torch.isnan(scaled) | (scaled > big)).any(dim=1) | ~(scaled >= -big).any(dim=1)
+        if bool(bad.any()):
+            rows = bad.nonzero().flatten().tolist()[:8]
+            raise ValueError(f"sample_tokens: rows {rows} have no distribution: a NaN or +inf in logits"
+                             f"{'' if params.greedy else ' / temperature'} (or above float32's range), or "
+                             f"every logit -inf")
     if u is None:
-        if not params.greedy:
-            raise ValueError("sample_tokens: u (float64 uniforms [B]) is required unless temperature is 0 (greedy)")
         return
     if not isinstance(u, torch.Tensor):
         raise TypeError(f"sample_tokens: u must be a torch.Tensor, got {type(u).__name__}")
@@ -50,7 +62,7 @@ def _validate(logits, params, u, check_uniforms: bool):
         raise ValueError(f"sample_tokens: u must be float64 (53-bit uniforms), got {u.dtype}")
     if u.device != logits.device:
         raise ValueError(f"sample_tokens: logits and u must be on one device, got {logits.device} and {u.device}")
-    if check_uniforms and not bool(((u >= 0) & (u < 1)).all()):  # NaN fails too
+    if check_inputs and not bool(((u >= 0) & (u < 1)).all()):  # NaN fails too
         bad = u[~((u >= 0) & (u < 1))]
         raise ValueError(f"sample_tokens: u values must lie in [0, 1), got e.g. {bad[0].item()!r}")
 
@@ -113,12 +125,13 @@ def _sample_triton(logits, params, u):
 
 
 def sample_tokens(logits, params, u=None, *, backend: str | None = None,
-                  check_uniforms: bool = True):
+                  check_inputs: bool = True):
     """(tokens int64 [B], logprobs float32 [B]) drawn from float logits [B, V] with `params`
     (temperature, top_k, top_p, min_p; temperature 0 is greedy) and float64 uniforms u [B] in [0, 1)
-    on the logits' device (None for greedy). `check_uniforms=False` skips the range check of u (a
-    device sync on a GPU); the rollout engine passes it for uniforms it hashed itself.
+    on the logits' device (None for greedy). `check_inputs=False` skips the value checks (logits / T
+    finite in float32, u in [0, 1): a [B, V] pass and device syncs on a GPU); the rollout engine
+    passes it for uniforms it hashed itself, and reads a NaN log-prob as a broken model.
     """
-    _validate(logits, params, u, check_uniforms)
+    _validate(logits, params, u, check_inputs)
     _, fn = backends.resolve("sample_tokens", logits.device, backend)
     return fn(logits, params, u)

@@ -328,7 +328,7 @@ class Engine:
                 u = staged.to(logits.device, non_blocking=True)
         # backend: torch (sampler.sample) on the CPU, the Triton kernel on a GPU (top-k/top-p: torch);
         # R1FAST_BACKEND overrides it as for every op (reference: float64 sampling, for debugging)
-        tokens, logprobs = ops.sample_tokens(logits, params, u, check_uniforms=False)
+        tokens, logprobs = ops.sample_tokens(logits, params, u, check_inputs=False)
         return tokens, logprobs.float()
 
 

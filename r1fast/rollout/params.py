@@ -53,10 +53,14 @@ class SamplingParams:
             raise ValueError(f"SamplingParams: min_p must lie in [0, 1], got {self.min_p!r}")
         if not is_int(self.max_tokens) or self.max_tokens < 1:
             raise ValueError(f"SamplingParams: max_tokens must be an int >= 1, got {self.max_tokens!r}")
-        if isinstance(self.stop_token_ids, (str, bytes)) or not hasattr(self.stop_token_ids, "__iter__") or \
-                not all(is_int(t) for t in self.stop_token_ids):
+        if isinstance(self.stop_token_ids, (str, bytes)) or not hasattr(self.stop_token_ids, "__iter__"):
             raise ValueError(f"SamplingParams: stop_token_ids must be a sequence of ints, got {self.stop_token_ids!r}")
-        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        stops = tuple(self.stop_token_ids)  # once: a generator would be used up by the check below
+        if not all(is_int(t) for t in stops):
+            raise ValueError(f"SamplingParams: stop_token_ids must be a sequence of ints, got {stops!r}")
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in stops))
+        if not isinstance(self.ignore_eos, bool):  # a truthy string such as 'no' would ignore the eos
+            raise ValueError(f"SamplingParams: ignore_eos must be a bool, got {self.ignore_eos!r}")
         if self.seed is not None and not is_int(self.seed):
             raise ValueError(f"SamplingParams: seed must be an int or None, got {self.seed!r}")
 
