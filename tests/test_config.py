@@ -261,3 +261,75 @@ def test_shipped_configs_load_by_name_from_any_directory(tmp_path, monkeypatch):
     (tmp_path / "r1_pipeline.yaml").write_text("name: mine\nmodel: builtin:micro\nstages:\n"
                                                "  - {name: s, type: sft, dataset: builtin:arithmetic}\n")
     assert load_pipeline("r1_pipeline.yaml").name == "mine"   # a file of that name here comes first
+
+
+@pytest.mark.parametrize("cls", [GRPOConfig, SFTConfig, SampleConfig])
+@pytest.mark.parametrize("seed", [-1, 2**32, 2**62])
+def test_seed_out_of_range_is_refused_at_load(cls, seed):
+    # 2**62 used to load and then fail at the first data fetch: "Overflow when unpacking long long"
+    with pytest.raises(ConfigError, match=r"option 'seed' must be in \[0, 2\*\*32\); got " + str(seed)):
+        cls.from_dict({"seed": seed})
+
+
+def test_every_seed_the_config_accepts_works_where_seeds_are_used():
+    import numpy as np
+
+    from r1fast.trainer.common import DataCursor
+
+    for seed in (0, 2**32 - 1):
+        cfg = GRPOConfig.from_dict({"seed": seed})
+        assert len(DataCursor(10, cfg.seed, epoch=10**6).take(3)) == 3
+        np.random.RandomState(cfg.seed)
+        load_model_and_tokenizer("builtin:micro", device="cpu", seed=cfg.seed)
+
+
+def test_config_file_that_is_not_utf8_or_is_a_directory(tmp_path):
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes("system_prompt: 'r\u00e9ponds'\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin1\.yaml: not UTF-8 text"):
+        GRPOConfig.from_yaml(latin1)
+    folder = tmp_path / "configs"
+    folder.mkdir()
+    with pytest.raises(ConfigError, match=r"'.*configs' is a directory, not a YAML file"):
+        GRPOConfig.from_yaml(folder)
+
+
+def test_temperatures_follow_the_rollouts_rule_at_load():
+    from r1fast.rollout.params import MIN_TEMPERATURE, SamplingParams
+
+    for data, match in [({"temperature": 1e-9}, "option 'temperature' must be >= 1e-05"),
+                        ({"temperature": 0}, "option 'temperature' must be >= 1e-05"),
+                        ({"eval_temperature": 1e-9}, r"option 'eval_temperature' must be 0 \(greedy\) or >= 1e-05")]:
+        with pytest.raises(ConfigError, match=match):
+            GRPOConfig.from_dict(data)
+    with pytest.raises(ConfigError, match=r"option 'temperature' must be 0 \(greedy\) or >= 1e-05"):
+        SampleConfig.from_dict({"temperature": 1e-9})
+    # what loads, the rollout takes
+    cfg = GRPOConfig.from_dict({"temperature": MIN_TEMPERATURE, "eval_temperature": 0})
+    SamplingParams(temperature=cfg.temperature)
+    SamplingParams(temperature=cfg.eval_temperature)
+    SamplingParams(temperature=SampleConfig.from_dict({"temperature": 0}).temperature)
+
+
+def test_loss_options_are_checked_at_load():
+    with pytest.raises(ConfigError, match=r"option 'epsilon' must be < 1 .*got 1\.5 \(loss_type 'dapo'\)"):
+        GRPOConfig.from_dict({"epsilon": 1.5})
+    with pytest.raises(ConfigError, match=r"option 'epsilon' must be < 1 .*\(loss_type 'grpo'\)"):
+        GRPOConfig.from_dict({"epsilon": 1.0, "loss_type": "grpo"})
+    # cispo clips the ratio only from above: any epsilon >= 0 is a valid lower bound for it
+    cfg = GRPOConfig.from_dict({"epsilon": 1.5, "loss_type": "cispo"})
+    opts = cfg.loss_options(num_items=64.0)
+    assert (opts.epsilon, opts.loss_type, opts.num_items) == (1.5, "cispo", 64.0)
+    assert GRPOConfig.from_dict({"loss_type": "grpo"}).loss_options(num_items=64.0).num_items is None
+
+
+@pytest.mark.parametrize("bad", [{"beta": 0.5, "top_p": 2.0}, {"beta": 0.5, "no_such_option": 1},
+                                 {"beta": 0.5, "seed": "x"}, {"beta": 0.5, "epsilon": 1.5}])
+def test_a_failed_update_leaves_the_config_as_it_was(bad):
+    cfg = GRPOConfig.from_dict({"top_p": 0.9})
+    before = cfg.to_dict()
+    with pytest.raises(ConfigError):
+        cfg.update(bad)
+    assert cfg.to_dict() == before
+    cfg.update({"beta": 0.5})
+    assert cfg.beta == 0.5 and cfg.top_p == 0.9

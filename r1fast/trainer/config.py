@@ -5,6 +5,7 @@ wrong type, and `validate` rejects values out of range, so a typo never trains s
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import math
@@ -57,6 +58,9 @@ class _Base:
         return cfg
 
     def update(self, data: dict[str, Any], *, source: str = "config"):
+        # Applied to a copy and taken over only once it validates: a caller that catches the error
+        # (an interactive session, a sweep trying overrides) keeps a config that is still valid.
+        new = copy.copy(self)
         hints = typing.get_type_hints(type(self))
         names = self.field_names()
         for key, value in data.items():
@@ -67,8 +71,9 @@ class _Base:
                 raise ConfigError(f"{source}: unknown option {key!r} for {type(self).__name__}{hint}")
             if key in self._BOOL_COUNTS and isinstance(value, bool):
                 value = self._BOOL_COUNTS[key] if value else 0
-            setattr(self, key, _coerce(key, value, hints[key], source))
-        self.validate()
+            setattr(new, key, _coerce(key, value, hints[key], source))
+        new.validate()
+        vars(self).update(vars(new))
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -91,6 +96,8 @@ def resolve_config_path(path: str | os.PathLike) -> str:
     packaged = os.path.join(PACKAGED_CONFIGS, name if name.endswith((".yaml", ".yml")) else name + ".yaml")
     if os.path.isfile(packaged):
         return packaged
+    if os.path.isdir(path):  # it exists, so "does not exist" would send the user looking in the wrong place
+        raise ConfigError(f"config file {path!r} is a directory, not a YAML file")
     shipped = ", ".join(sorted(f[:-5] for f in os.listdir(PACKAGED_CONFIGS) if f.endswith(".yaml")))
     raise ConfigError(f"config file {path!r} does not exist (r1fast's own configs: {shipped})")
 
@@ -104,6 +111,9 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
             data = yaml.safe_load(f)
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        except UnicodeDecodeError as e:  # decoding happens as yaml reads, and its error names no file
+            raise ConfigError(f"{path}: not UTF-8 text (byte {e.object[e.start:e.start + 1]!r} at offset "
+                              f"{e.start}); save the config as UTF-8") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -255,6 +265,25 @@ def _check_rewards(names: list[str], length_target: Optional[int]):
            "reward 'length' needs option 'length_penalty_target' (a token count >= 1)")
 
 
+def _check_seed(seed: int):
+    # [0, 2**32) is numpy's seed range (and so the usual one, as in transformers' set_seed); torch's
+    # generators take uint64, but r1fast derives seeds from this one (DataCursor: seed * 7919 + epoch,
+    # the pipeline's seed * 1000 + 7), and 2**32 keeps those far below 2**64.
+    _check(0 <= seed < 2**32, f"option 'seed' must be in [0, 2**32); got {seed}")
+
+
+def _check_temperature(name: str, value: float, greedy_ok: bool):
+    """The rollout's own rule (SamplingParams), applied at load so a bad value fails before any model
+    is built rather than at the first generate."""
+    from r1fast.rollout.params import MIN_TEMPERATURE
+
+    if greedy_ok:
+        _check(value == 0 or value >= MIN_TEMPERATURE,
+               f"option {name!r} must be 0 (greedy) or >= {MIN_TEMPERATURE}; got {value}")
+    else:  # GRPO's loss divides the logits by it: greedy has no log-probabilities to train on
+        _check(value >= MIN_TEMPERATURE, f"option {name!r} must be >= {MIN_TEMPERATURE}; got {value}")
+
+
 def _check_regex(name: str, value: Optional[str]):
     if value is None:
         return
@@ -308,6 +337,7 @@ class _TrainingConfig(_Base):
     max_nonfinite_steps: int = 10            # abort after this many skipped (NaN/inf) steps in a row
 
     def validate(self):
+        _check_seed(self.seed)
         _check(self.max_nonfinite_steps >= 1,
                f"option 'max_nonfinite_steps' must be >= 1; got {self.max_nonfinite_steps}")
         _check(self.learning_rate >= 0, f"option 'learning_rate' must be >= 0; got {self.learning_rate}")
@@ -418,6 +448,24 @@ class GRPOConfig(_TrainingConfig):
         except ValueError as e:  # name the config options, not make_options' keywords
             raise ConfigError(f"options fp8 / fp8_recipe / fp8_scaling / fp8_grad_dtype: {e}") from None
 
+    def loss_options(self, num_items: Optional[float] = None):
+        """The r1fast.ops.LossOptions of these options (`num_items`: the generation batch's token count,
+        which dapo/cispo divide by). validate() builds them too, so the loss's own rules (epsilon < 1
+        unless cispo, ...) fail at load rather than at the first step."""
+        from r1fast.ops.loss_options import LossOptions
+
+        try:
+            return LossOptions(beta=self.beta, epsilon=self.epsilon, epsilon_high=self.epsilon_high, delta=self.delta,
+                               loss_type=self.loss_type, importance_sampling_level=self.importance_sampling_level,
+                               max_completion_length=self.max_completion_length, temperature=self.temperature,
+                               kl_estimator=self.kl_estimator, tis_mode=None if self.tis_mode == "none" else self.tis_mode,
+                               tis_cap=self.tis_cap, tis_level=self.tis_level, entropy_coef=self.entropy_coef,
+                               num_items=num_items if self.loss_type in ("dapo", "cispo") else None,
+                               use_bias_correction_kl=self.use_bias_correction_kl)
+        except ValueError as e:  # its messages say LossOptions.<field>; the fields are this config's options
+            msg = re.sub(r"LossOptions\.(\w+)", r"option '\1'", str(e))
+            raise ConfigError(f"{msg} (loss_type {self.loss_type!r})") from None
+
     def validate(self):
         super().validate()
         _check(self.beta >= 0, f"option 'beta' must be >= 0; got {self.beta}")
@@ -442,18 +490,19 @@ class GRPOConfig(_TrainingConfig):
         _check(self.engine_max_num_seqs is None or self.engine_max_num_seqs >= self.num_generations,
                f"option 'engine_max_num_seqs' must be >= num_generations = {self.num_generations} (a group is "
                f"decoded together); got {self.engine_max_num_seqs}")
-        _check(self.temperature > 0, f"option 'temperature' must be > 0; got {self.temperature}")
+        _check_temperature("temperature", self.temperature, greedy_ok=False)
         _check(0 < self.top_p <= 1, f"option 'top_p' must be in (0, 1]; got {self.top_p}")
         _check(self.top_k >= -1, f"option 'top_k' must be -1 or 0 (off) or >= 1; got {self.top_k}")
         _check(0 <= self.min_p < 1, f"option 'min_p' must be in [0, 1); got {self.min_p}")
         _check(self.max_completion_length >= 1, "option 'max_completion_length' must be >= 1")
         _check(self.max_prompt_length >= 1, "option 'max_prompt_length' must be >= 1")
         _check(self.tis_cap > 1, f"option 'tis_cap' must be > 1; got {self.tis_cap}")
+        self.loss_options()
         _check(self.eval_samples_per_prompt >= 1 and self.eval_size >= 0, "eval_size >= 0 and eval_samples_per_prompt >= 1 required")
         _check(self.eval_size >= 1 or not str(self.eval_dataset).startswith("builtin:"),
                "option 'eval_size' 0 means every row of an eval_dataset file; a builtin: eval set is generated, "
                "so give its size (>= 1)")
-        _check(self.eval_temperature >= 0, "option 'eval_temperature' must be >= 0 (0 = greedy)")
+        _check_temperature("eval_temperature", self.eval_temperature, greedy_ok=True)
         _check((self.eval_steps or 0) >= 0,
                f"option 'eval_steps' must be >= 0 (0: only at the start and end); got {self.eval_steps}")
         _check(self.engine_block_size >= 1 and self.engine_max_num_batched_tokens >= 1 and
@@ -535,7 +584,8 @@ class SampleConfig(_Base):
         _check(self.keep_per_prompt >= 1, "option 'keep_per_prompt' must be >= 1")
         _check(self.max_prompts == -1 or self.max_prompts >= 1,
                f"option 'max_prompts' must be -1 (all) or >= 1; got {self.max_prompts}")
-        _check(self.temperature >= 0, "option 'temperature' must be >= 0")
+        _check_seed(self.seed)
+        _check_temperature("temperature", self.temperature, greedy_ok=True)
         _check(0 < self.top_p <= 1, f"option 'top_p' must be in (0, 1]; got {self.top_p}")
         _check(self.top_k >= -1, f"option 'top_k' must be -1 or 0 (off) or >= 1; got {self.top_k}")
         _check(self.max_completion_length >= 1, "option 'max_completion_length' must be >= 1")

@@ -233,16 +233,7 @@ class GRPOTrainer:
         return torch.where(missing, torch.zeros_like(adv), adv)
 
     def _loss_options(self, num_items: Optional[float]):
-        from r1fast.ops import LossOptions
-
-        cfg = self.cfg
-        return LossOptions(beta=cfg.beta, epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high, delta=cfg.delta,
-                           loss_type=cfg.loss_type, importance_sampling_level=cfg.importance_sampling_level,
-                           max_completion_length=cfg.max_completion_length, temperature=cfg.temperature,
-                           kl_estimator=cfg.kl_estimator, tis_mode=None if cfg.tis_mode == "none" else cfg.tis_mode,
-                           tis_cap=cfg.tis_cap, tis_level=cfg.tis_level, entropy_coef=cfg.entropy_coef,
-                           num_items=num_items if cfg.loss_type in ("dapo", "cispo") else None,
-                           use_bias_correction_kl=cfg.use_bias_correction_kl)
+        return self.cfg.loss_options(num_items)
 
     @torch.no_grad()
     def _forward_logp(self, model, batch) -> torch.Tensor:
