@@ -106,6 +106,73 @@ def test_decode_bad_inputs_raise():
         ops.paged_decode_attention(q, kc, vc, tables, ctx, backend="cuda")
 
 
+def make_prefill_case():
+    """Two sequences in a 12-block cache (block_size 4): 6 cached tokens + 3 new, and a fresh prompt of 5."""
+    bs, hkv, h, d = 4, 2, 4, 16
+    kc, vc = randn(12, bs, hkv, d, seed=13), randn(12, bs, hkv, d, seed=14)
+    tables = [[5, 2, 9], [0, 7]]
+    query_lens, context_lens = [3, 5], [9, 5]
+    slots = torch.tensor([tables[b][p // bs] * bs + p % bs for b, c in enumerate(context_lens) for p in range(c)])
+    return randn(8, h, d, seed=15), kc, vc, slots, query_lens, context_lens
+
+
+def _meta(t):
+    return t.to("meta")
+
+
+def _as(dtype):
+    return lambda a: a.update(**{k: a[k].to(dtype) for k in ("q", "k_cache", "v_cache")})
+
+
+def _set_slot(i, value):
+    def mutate(a):
+        a["context_slots"] = a["context_slots"].clone()
+        a["context_slots"][i] = value
+    return mutate
+
+
+@pytest.mark.parametrize("mutate, error, match", [
+    (lambda a: a.update(context_slots=_meta(a["context_slots"])), ValueError, "one device"),
+    (lambda a: a.update(k_cache=_meta(a["k_cache"]), v_cache=_meta(a["v_cache"])), ValueError, "one device"),
+    (_set_slot(4, 48), ValueError, "context_slots must lie in \\[0, 48\\)"),
+    (_set_slot(0, -1), ValueError, "context_slots must lie in"),
+    (lambda a: a.update(q=a["q"].half()), ValueError, "share a float dtype"),
+    (_as(torch.int64), ValueError, "share a float dtype"),
+    (lambda a: a.update(k_cache=a["k_cache"].transpose(0, 1).contiguous().transpose(0, 1)), ValueError,
+     "k_cache must be contiguous"),
+    (lambda a: a.update(context_slots=a["context_slots"].tolist()), TypeError, "context_slots must be a torch.Tensor"),
+    (lambda a: a.update(v_cache=a["v_cache"].tolist()), TypeError, "v_cache must be a torch.Tensor"),
+    (lambda a: a.update(k_cache=a["k_cache"][:, :, :0], v_cache=a["v_cache"][:, :, :0]), ValueError,
+     "num_kv_heads must be >= 1"),
+    (lambda a: a.update(q=a["q"][..., :0], k_cache=a["k_cache"][..., :0], v_cache=a["v_cache"][..., :0]),
+     ValueError, "head_dim must be >= 1"),
+    (lambda a: a.update(query_lens=[2.7, 5.3]), TypeError, "query_lens must hold ints, got 2.7"),
+    (lambda a: a.update(context_lens=["9", "5"]), TypeError, "context_lens must hold ints"),
+    (lambda a: a.update(query_lens=8), TypeError, "query_lens must be a host list of ints"),
+    (lambda a: a.update(scale="x"), TypeError, "scale must be a real number"),
+])
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_prefill_bad_inputs_are_clear_errors(backend, mutate, error, match):
+    q, kc, vc, slots, query_lens, context_lens = make_prefill_case()
+    args = dict(q=q, k_cache=kc, v_cache=vc, context_slots=slots, query_lens=query_lens, context_lens=context_lens)
+    mutate(args)
+    with pytest.raises(error, match=f"paged_prefill_attention: .*{match}"):
+        ops.paged_prefill_attention(**args, backend=backend)
+
+
+def test_prefill_bounds_check_is_skippable_and_no_sequences_give_an_empty_result():
+    q, kc, vc, slots, query_lens, context_lens = make_prefill_case()
+    checked = ops.paged_prefill_attention(q, kc, vc, slots, query_lens, context_lens)
+    # the engine's call: its slots come from the block manager, so the host sync is skipped
+    assert torch.equal(ops.paged_prefill_attention(q, kc, vc, slots, query_lens, context_lens, check_bounds=False),
+                       checked)
+    assert torch.equal(ops.paged_prefill_attention(q, kc, vc, slots, tuple(query_lens),
+                                                   np.array(context_lens)), checked)
+    for backend in ("reference", "torch"):
+        out = ops.paged_prefill_attention(q[:0], kc, vc, slots[:0], [], [], backend=backend)
+        assert out.shape == (0, 4, 16), backend
+
+
 @pytest.mark.parametrize("backend", ["reference", "torch"])
 def test_prefill_over_cached_prefix_matches_reference(backend):
     torch.manual_seed(0)
@@ -129,6 +196,42 @@ def test_prefill_over_cached_prefix_matches_reference(backend):
     assert torch.equal(again, got)
     with pytest.raises(ValueError, match="cu_seqlens must be two int32 \\[3\\] tensors"):
         ops.paged_prefill_attention(q, kc, vc, slots, query_lens, context_lens, cu_seqlens=(cu[0], cu[1].long()))
+
+
+def test_decode_ignores_inf_and_nan_past_the_context_in_used_blocks(device):
+    # Stale rows of a used block (an earlier sequence's, here inf/NaN) weigh 0: 0 * inf must not reach
+    # the output. The unused table entries hold ids outside the cache, which no backend may read.
+    q, kc, vc, tables, ctx = make_case(3, 4, 2, 16, 8, [5, 9, 14], device=device)
+    want = expected(q, kc, vc, tables, ctx)
+    stale = torch.tensor([float("inf"), float("nan"), -float("inf")] * 3, device=device)
+    for b, c in enumerate(ctx.tolist()):
+        block = int(tables[b, (c - 1) // 8])
+        for cache in (kc, vc):
+            cache[block, c % 8:] = stale[: 8 - c % 8, None, None]
+    bad = tables.clone()
+    bad[:, -1] = torch.tensor([10_000, 2**31 - 1, -2**31], dtype=torch.int32)
+    for name in decode_backends(torch.device(device)):
+        for t in (tables, bad):
+            got = ops.paged_decode_attention(q, kc, vc, t, ctx, backend=name)
+            assert_close(got, want, dtype=torch.float32, rtol=1e-5, name=f"{name} decode over stale rows")
+
+
+def test_decode_of_no_sequences_is_empty_on_every_backend(device):
+    q = randn(0, 4, 16, seed=90, device=device)
+    kc, vc = randn(6, 8, 2, 16, seed=91, device=device), randn(6, 8, 2, 16, seed=92, device=device)
+    tables = torch.zeros(0, 3, dtype=torch.int32, device=device)
+    ctx = torch.zeros(0, dtype=torch.int32, device=device)
+    for name in backends.available("paged_decode_attention", torch.device(device)):
+        out = ops.paged_decode_attention(q, kc, vc, tables, ctx, backend=name)
+        assert out.shape == (0, 4, 16) and out.dtype == q.dtype, name
+
+
+def test_decode_scale_of_the_wrong_type_is_a_clear_error():
+    q, kc, vc, tables, ctx = make_case(2, 4, 2, 16, 8, [5, 9])
+    with pytest.raises(TypeError, match="paged_decode_attention: scale must be a real number"):
+        ops.paged_decode_attention(q, kc, vc, tables, ctx, scale="x")
+    with pytest.raises(ValueError, match="paged_decode_attention: head_dim must be >= 1"):
+        ops.paged_decode_attention(q[..., :0], kc[..., :0], vc[..., :0], tables, ctx, backend="torch")
 
 
 def test_decode_degenerate_cache_shapes_are_clear_errors():

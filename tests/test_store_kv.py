@@ -102,6 +102,39 @@ def test_store_kv_bad_input_is_a_clear_error(mutate, match):
         ops.store_kv(**args)
 
 
+def test_unchecked_slots_past_the_cache_are_skipped_by_the_kernels(device):
+    # check_slots=False: the Triton and CUDA kernels skip a slot >= num_slots as they skip -1. The cache
+    # is the front of a larger buffer, so a write past it lands in the guard rows, where it shows.
+    blocks, bs, heads, dim = 5, 4, 2, 4
+    num_slots = blocks * bs
+    slots = torch.tensor([0, num_slots, 7, num_slots + 3, -1, num_slots - 1], device=device)
+    key = randn(6, heads, dim, seed=70, device=device)
+    value = randn(6, heads, dim, seed=71, device=device)
+    keep = torch.tensor([True, False, True, False, False, True], device=device)
+    names = [b for b in ("triton", "cuda") if b in backends.available("store_kv", device)]
+    assert "triton" in names
+    for name in names:
+        k_buf = randn(num_slots + 8, heads, dim, seed=72, device=device)
+        v_buf = randn(num_slots + 8, heads, dim, seed=73, device=device)
+        kc, vc = (buf[:num_slots].view(blocks, bs, heads, dim) for buf in (k_buf, v_buf))
+        want_k, want_v = k_buf.clone(), v_buf.clone()
+        want_k[slots[keep]], want_v[slots[keep]] = key[keep], value[keep]
+        ops.store_kv(key, value, kc, vc, slots, backend=name, check_slots=False)
+        assert torch.equal(k_buf, want_k) and torch.equal(v_buf, want_v), name
+    if device.type == "cpu" and _ext.load() is not None:  # the C++ CPU twin raises instead
+        kc, vc = randn(blocks, bs, heads, dim, seed=74), randn(blocks, bs, heads, dim, seed=75)
+        with pytest.raises(ValueError, match=f"slot_mapping\\[1\\] = {num_slots}"):
+            ops.store_kv(key, value, kc, vc, slots, backend="torch", check_slots=False)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_store_kv_rows_of_zero_elements_are_a_clear_error(backend):
+    key, value = randn(3, 2, 0, seed=80), randn(3, 2, 0, seed=81)
+    kc, vc = randn(5, 4, 2, 0, seed=82), randn(5, 4, 2, 0, seed=83)
+    with pytest.raises(ValueError, match="store_kv: key has 0 elements per token row"):
+        ops.store_kv(key, value, kc, vc, torch.tensor([0, 5, 9]), backend=backend)
+
+
 @pytest.mark.skipif(_ext.load() is None or not _ext.build_info()["with_cuda"] or torch.cuda.is_available(),
                     reason="needs a CUDA-built extension on a machine without a GPU")
 def test_cuda_build_imports_without_driver_and_says_so():

@@ -24,6 +24,8 @@ import functools
 import inspect
 import logging
 import math
+import numbers
+import operator
 
 import numpy as np
 import torch
@@ -83,57 +85,133 @@ def _validate_shared(shared, q, block_tables, context_lens, k_cache, check_bound
                          "tiles)")
 
 
-def _validate_decode(q, k_cache, v_cache, block_tables, context_lens, check_bounds):
-    tensors = {"q": q, "k_cache": k_cache, "v_cache": v_cache, "block_tables": block_tables,
-               "context_lens": context_lens}
+def _check_tensors(op, tensors):
     for name, t in tensors.items():
         if not isinstance(t, torch.Tensor):
-            raise TypeError(f"paged_decode_attention: {name} must be a torch.Tensor, got {type(t).__name__}")
-    if q.dim() != 3:
-        raise ValueError(f"paged_decode_attention: q must be [num_seqs, num_heads, head_dim], got {tuple(q.shape)}")
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+
+
+def _check_caches(op, q, k_cache, v_cache):
+    """The caches' shape against q [rows, num_heads, head_dim], and the dtype all three share."""
     if k_cache.dim() != 4 or k_cache.shape[3] != q.shape[2]:
-        raise ValueError(f"paged_decode_attention: k_cache must be [num_blocks, block_size, num_kv_heads, "
-                         f"{q.shape[2]}], got {tuple(k_cache.shape)}")
+        raise ValueError(f"{op}: k_cache must be [num_blocks, block_size, num_kv_heads, {q.shape[2]}], got "
+                         f"{tuple(k_cache.shape)}")
     if v_cache.shape != k_cache.shape:
-        raise ValueError(f"paged_decode_attention: v_cache shape {tuple(v_cache.shape)} != k_cache shape "
-                         f"{tuple(k_cache.shape)}")
+        raise ValueError(f"{op}: v_cache shape {tuple(v_cache.shape)} != k_cache shape {tuple(k_cache.shape)}")
     if k_cache.shape[1] < 1 or k_cache.shape[2] < 1:
-        raise ValueError(f"paged_decode_attention: block_size and num_kv_heads must be >= 1, got k_cache shape "
-                         f"{tuple(k_cache.shape)}")
+        raise ValueError(f"{op}: block_size and num_kv_heads must be >= 1, got k_cache shape {tuple(k_cache.shape)}")
+    if q.shape[2] < 1:  # the default scale is 1 / sqrt(head_dim)
+        raise ValueError(f"{op}: head_dim must be >= 1, got q shape {tuple(q.shape)}")
     if q.shape[1] % k_cache.shape[2] != 0:
-        raise ValueError(f"paged_decode_attention: num_heads {q.shape[1]} is not a multiple of num_kv_heads "
-                         f"{k_cache.shape[2]}")
-    if block_tables.dim() != 2 or block_tables.shape[0] != q.shape[0] or block_tables.shape[1] == 0:
-        raise ValueError(f"paged_decode_attention: block_tables must be [num_seqs={q.shape[0]}, max_blocks >= 1], "
-                         f"got {tuple(block_tables.shape)}")
-    if context_lens.shape != (q.shape[0],):
-        raise ValueError(f"paged_decode_attention: context_lens must be [num_seqs={q.shape[0]}], "
-                         f"got {tuple(context_lens.shape)}")
-    if block_tables.dtype != torch.int32 or context_lens.dtype != torch.int32:
-        raise ValueError(f"paged_decode_attention: block_tables and context_lens must be int32, got "
-                         f"{block_tables.dtype}, {context_lens.dtype}")
+        raise ValueError(f"{op}: num_heads {q.shape[1]} is not a multiple of num_kv_heads {k_cache.shape[2]}")
     if not (q.dtype == k_cache.dtype == v_cache.dtype) or q.dtype not in (*_DTYPE_CODE, torch.float64):
-        raise ValueError(f"paged_decode_attention: q, k_cache, v_cache must share a float dtype, got "
-                         f"{q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
+        raise ValueError(f"{op}: q, k_cache, v_cache must share a float dtype, got {q.dtype}, {k_cache.dtype}, "
+                         f"{v_cache.dtype}")
+
+
+def _check_one_device(op, tensors):
     devices = {t.device for t in tensors.values()}
     if len(devices) != 1:
-        raise ValueError(f"paged_decode_attention: all tensors must be on one device, got {sorted(map(str, devices))}")
+        raise ValueError(f"{op}: all tensors must be on one device, got {sorted(map(str, devices))}")
+
+
+def _check_contiguous(op, tensors):
     for name, t in tensors.items():
         if not t.is_contiguous():
-            raise ValueError(f"paged_decode_attention: {name} must be contiguous")
+            raise ValueError(f"{op}: {name} must be contiguous")
+
+
+def _scale(op, scale, head_dim):
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    # float() would take a string, or read a GPU tensor back (a host sync)
+    if not isinstance(scale, numbers.Real):
+        raise TypeError(f"{op}: scale must be a real number or None, got {type(scale).__name__}")
+    return float(scale)
+
+
+def _validate_decode(q, k_cache, v_cache, block_tables, context_lens, check_bounds):
+    op = "paged_decode_attention"
+    tensors = {"q": q, "k_cache": k_cache, "v_cache": v_cache, "block_tables": block_tables,
+               "context_lens": context_lens}
+    _check_tensors(op, tensors)
+    if q.dim() != 3:
+        raise ValueError(f"{op}: q must be [num_seqs, num_heads, head_dim], got {tuple(q.shape)}")
+    _check_caches(op, q, k_cache, v_cache)
+    if block_tables.dim() != 2 or block_tables.shape[0] != q.shape[0] or block_tables.shape[1] == 0:
+        raise ValueError(f"{op}: block_tables must be [num_seqs={q.shape[0]}, max_blocks >= 1], "
+                         f"got {tuple(block_tables.shape)}")
+    if context_lens.shape != (q.shape[0],):
+        raise ValueError(f"{op}: context_lens must be [num_seqs={q.shape[0]}], got {tuple(context_lens.shape)}")
+    if block_tables.dtype != torch.int32 or context_lens.dtype != torch.int32:
+        raise ValueError(f"{op}: block_tables and context_lens must be int32, got "
+                         f"{block_tables.dtype}, {context_lens.dtype}")
+    _check_one_device(op, tensors)
+    _check_contiguous(op, tensors)
     if check_bounds and q.shape[0]:
         max_ctx = block_tables.shape[1] * k_cache.shape[1]
         lo, hi = int(context_lens.min()), int(context_lens.max())
         if lo < 1 or hi > max_ctx:
-            raise ValueError(f"paged_decode_attention: context_lens must lie in [1, {max_ctx}] "
+            raise ValueError(f"{op}: context_lens must lie in [1, {max_ctx}] "
                              f"(max_blocks * block_size), got min {lo}, max {hi}")
         # only the entries a sequence actually reads must be valid block ids
-        nb = (context_lens.long() + k_cache.shape[1] - 1) // k_cache.shape[1]
-        used = torch.arange(block_tables.shape[1], device=q.device)[None, :] < nb[:, None]
-        ids = block_tables[used]
+        ids = block_tables[_used_blocks(block_tables, context_lens, k_cache.shape[1])]
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= k_cache.shape[0]):
-            raise ValueError(f"paged_decode_attention: block_tables entries in use must lie in "
+            raise ValueError(f"{op}: block_tables entries in use must lie in "
                              f"[0, {k_cache.shape[0]}), got min {int(ids.min())}, max {int(ids.max())}")
+
+
+def _used_blocks(block_tables, context_lens, block_size):
+    """Bool [num_seqs, max_blocks]: the table entries each sequence's context reads."""
+    nb = (context_lens.long() + block_size - 1) // block_size
+    return torch.arange(block_tables.shape[1], device=block_tables.device)[None, :] < nb[:, None]
+
+
+def _host_lens(op, name, lens):
+    """A host sequence of ints as a list; int() would silently truncate 2.7 and accept '3'."""
+    if isinstance(lens, (str, bytes, torch.Tensor)) or not hasattr(lens, "__iter__"):
+        raise TypeError(f"{op}: {name} must be a host list of ints, got {type(lens).__name__}")
+    out = []
+    for x in lens:
+        try:
+            out.append(operator.index(x))
+        except TypeError:
+            raise TypeError(f"{op}: {name} must hold ints, got {x!r} ({type(x).__name__})") from None
+    return out
+
+
+def _validate_prefill(q, k_cache, v_cache, context_slots, query_lens, context_lens, cu_seqlens, check_bounds):
+    """Checks paged_prefill_attention's inputs -> query_lens, context_lens as lists of ints."""
+    op = "paged_prefill_attention"
+    tensors = {"q": q, "k_cache": k_cache, "v_cache": v_cache, "context_slots": context_slots}
+    _check_tensors(op, tensors)
+    if q.dim() != 3:
+        raise ValueError(f"{op}: q must be [tokens, num_heads, head_dim], got {tuple(q.shape)}")
+    _check_caches(op, q, k_cache, v_cache)
+    query_lens, context_lens = _host_lens(op, "query_lens", query_lens), _host_lens(op, "context_lens", context_lens)
+    if len(query_lens) != len(context_lens) or any(n < 1 or n > c for n, c in zip(query_lens, context_lens)):
+        raise ValueError(f"{op}: need 1 <= query_len <= context_len per sequence, got {query_lens} and {context_lens}")
+    if sum(query_lens) != q.shape[0]:
+        raise ValueError(f"{op}: q has {q.shape[0]} tokens, query_lens sum to {sum(query_lens)}")
+    if context_slots.dtype != torch.int64 or context_slots.shape != (sum(context_lens),):
+        raise ValueError(f"{op}: context_slots must be int64 [{sum(context_lens)}], got "
+                         f"{context_slots.dtype} {tuple(context_slots.shape)}")
+    # q may be a strided view (a column slice of the fused qkv projection); the caches are read flat
+    _check_one_device(op, tensors)
+    _check_contiguous(op, {"k_cache": k_cache, "v_cache": v_cache})
+    if cu_seqlens is not None:
+        n = len(query_lens) + 1
+        if len(cu_seqlens) != 2 or any(not isinstance(c, torch.Tensor) or c.dtype != torch.int32 or c.shape != (n,)
+                                       or c.device != q.device for c in cu_seqlens):
+            raise ValueError(f"{op}: cu_seqlens must be two int32 [{n}] tensors on {q.device}")
+    if check_bounds and context_slots.numel():
+        # the reference would read slot -1 as the last one, the kernels outside the cache
+        num_slots = k_cache.shape[0] * k_cache.shape[1]
+        lo, hi = int(context_slots.min()), int(context_slots.max())
+        if lo < 0 or hi >= num_slots:
+            raise ValueError(f"{op}: context_slots must lie in [0, {num_slots}) (num_blocks * block_size), "
+                             f"got min {lo}, max {hi}")
+    return query_lens, context_lens
 
 
 def default_num_splits(num_seqs: int, num_kv_heads: int, max_context: int, partition_size: int = PARTITION_SIZE):
@@ -152,14 +230,20 @@ def _decode_reference(q, k_cache, v_cache, block_tables, context_lens, scale, nu
 @backends.register("paged_decode_attention", "torch")
 def _decode_torch(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits, partition, shared=None):
     b, h, d = q.shape
-    hkv = k_cache.shape[2]
+    bs, hkv = k_cache.shape[1], k_cache.shape[2]
+    length = block_tables.shape[1] * bs  # explicit: a -1 cannot be inferred when there are no sequences
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
-    k = k_cache[block_tables.long()].reshape(b, -1, hkv, d).to(compute)  # [B, L, Hkv, D]
-    v = v_cache[block_tables.long()].reshape(b, -1, hkv, d).to(compute)
+    # entries past a sequence's context may hold anything (the validator does not check them): read block 0
+    tables = torch.where(_used_blocks(block_tables, context_lens, bs), block_tables, 0).long()
+    k = k_cache[tables].reshape(b, length, hkv, d).to(compute)  # [B, L, Hkv, D]
+    v = v_cache[tables].reshape(b, length, hkv, d).to(compute)
+    valid = torch.arange(length, device=q.device)[None, :] < context_lens[:, None].long()  # [B, L]
+    # stale rows past the context (an earlier sequence's, or inf/NaN) weigh 0, but 0 * inf is NaN in the
+    # einsum: zero them (in place: v is the gather's own copy). The scores' -inf below covers K.
+    v.masked_fill_(~valid[:, :, None, None], 0)
     qg = q.to(compute).view(b, hkv, h // hkv, d)
     scores = torch.einsum("bkgd,blkd->bkgl", qg, k) * scale
-    pos = torch.arange(k.shape[1], device=q.device)
-    scores = scores.masked_fill((pos[None, :] >= context_lens[:, None].long())[:, None, None, :], float("-inf"))
+    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
     out = torch.einsum("bkgl,blkd->bkgd", scores.softmax(dim=-1), v)
     return out.reshape(b, h, d).to(q.dtype)
 
@@ -260,7 +344,7 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, *, s
     _validate_decode(q, k_cache, v_cache, block_tables, context_lens, check_bounds)
     if shared_prefix is not None:
         _validate_shared(shared_prefix, q, block_tables, context_lens, k_cache, check_bounds)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    scale = _scale("paged_decode_attention", scale, q.shape[-1])
     bs = k_cache.shape[1]
     max_ctx = block_tables.shape[1] * bs
     if num_splits is None:
@@ -439,38 +523,23 @@ def itertools_accumulate(xs):
 
 
 def paged_prefill_attention(q, k_cache, v_cache, context_slots, query_lens, context_lens, *,
-                            scale: float | None = None, backend: str | None = None, cu_seqlens=None):
+                            scale: float | None = None, backend: str | None = None, cu_seqlens=None,
+                            check_bounds: bool = True):
     """Causal attention for a packed batch of prefill chunks -> [sum(query_lens), num_heads, head_dim].
 
     q [sum(query_lens), H, D]; sequence b's queries are the last query_lens[b] of its context_lens[b]
     tokens, all of whose KV is already stored; context_slots int64 [sum(context_lens)] lists the cache
     slots of every sequence's context in order. query_lens, context_lens: host lists of ints.
     cu_seqlens: (cu_q, cu_k), their int32 prefix sums [B+1] on q's device, when the caller already has
-    them (the engine, once per prefill step rather than once per layer).
+    them (the engine, once per prefill step rather than once per layer). `check_bounds=False` skips the
+    range check of context_slots (a host sync); the engine uses it on the slots it built itself. Unsafe
+    otherwise: a slot outside the cache is then read as is (the last slot for -1, or an indexing error).
     """
-    if not isinstance(q, torch.Tensor) or q.dim() != 3:
-        raise ValueError("paged_prefill_attention: q must be a [tokens, heads, head_dim] tensor")
-    if k_cache.dim() != 4 or v_cache.shape != k_cache.shape or k_cache.shape[3] != q.shape[2]:
-        raise ValueError(f"paged_prefill_attention: caches must be [num_blocks, block_size, num_kv_heads, "
-                         f"{q.shape[2]}], got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
-    if q.shape[1] % k_cache.shape[2]:
-        raise ValueError(f"paged_prefill_attention: num_heads {q.shape[1]} not a multiple of num_kv_heads "
-                         f"{k_cache.shape[2]}")
-    query_lens, context_lens = [int(x) for x in query_lens], [int(x) for x in context_lens]
-    if len(query_lens) != len(context_lens) or any(n < 1 or n > c for n, c in zip(query_lens, context_lens)):
-        raise ValueError(f"paged_prefill_attention: need 1 <= query_len <= context_len per sequence, got "
-                         f"{query_lens} and {context_lens}")
-    if sum(query_lens) != q.shape[0]:
-        raise ValueError(f"paged_prefill_attention: q has {q.shape[0]} tokens, query_lens sum to {sum(query_lens)}")
-    if context_slots.dtype != torch.int64 or context_slots.shape != (sum(context_lens),):
-        raise ValueError(f"paged_prefill_attention: context_slots must be int64 [{sum(context_lens)}], got "
-                         f"{context_slots.dtype} {tuple(context_slots.shape)}")
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    if cu_seqlens is not None:
-        n = len(query_lens) + 1
-        if len(cu_seqlens) != 2 or any(not isinstance(c, torch.Tensor) or c.dtype != torch.int32 or c.shape != (n,)
-                                       or c.device != q.device for c in cu_seqlens):
-            raise ValueError(f"paged_prefill_attention: cu_seqlens must be two int32 [{n}] tensors on {q.device}")
+    query_lens, context_lens = _validate_prefill(q, k_cache, v_cache, context_slots, query_lens, context_lens,
+                                                 cu_seqlens, check_bounds)
+    scale = _scale("paged_prefill_attention", scale, q.shape[-1])
     name, fn = backends.resolve("paged_prefill_attention", q.device, backend)
+    if not query_lens:  # every backend's answer, and flash / varlen would take max() of nothing
+        return torch.empty_like(q)
     extra = {"cu_seqlens": cu_seqlens} if name == "torch" else {}
     return fn(q, k_cache, v_cache, context_slots, query_lens, context_lens, scale, **extra)

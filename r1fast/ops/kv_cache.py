@@ -27,6 +27,9 @@ def _validate(key, value, k_cache, v_cache, slot_mapping, check_slots: bool):
         )
     if v_cache.shape != k_cache.shape:
         raise ValueError(f"store_kv: v_cache shape {tuple(v_cache.shape)} != k_cache shape {tuple(k_cache.shape)}")
+    if key.shape[1] * key.shape[2] == 0:  # nothing to copy per token, and the kernels divide by the row size
+        raise ValueError(f"store_kv: key has 0 elements per token row (num_kv_heads * head_dim), got shape "
+                         f"{tuple(key.shape)}")
     if slot_mapping.dim() != 1 or slot_mapping.shape[0] != key.shape[0]:
         raise ValueError(
             f"store_kv: slot_mapping must be [num_tokens={key.shape[0]}], got shape {tuple(slot_mapping.shape)}"
@@ -130,8 +133,9 @@ def store_kv(key, value, k_cache, v_cache, slot_mapping, *, backend: str | None 
     """Copy key/value rows [N, num_kv_heads, head_dim] into the cache slots given by slot_mapping [N] (int64).
 
     `check_slots=False` skips the bounds check of the slot values (one device sync); the rollout engine
-    uses it for mappings it built itself and checked once per step. The CUDA kernel then skips an
-    out-of-range slot (nothing written), the CPU path still raises.
+    uses it for mappings it built itself and checked once per step. A slot outside [-1, num_blocks *
+    block_size) is then skipped like -1 (nothing written) by the CUDA and Triton kernels; the C++ CPU
+    twin still raises, and so does the reference's indexing on a slot past the cache.
     """
     _validate(key, value, k_cache, v_cache, slot_mapping, check_slots)
     _, fn = backends.resolve("store_kv", k_cache.device, backend)

@@ -35,8 +35,9 @@ class PrefillContext:
     def attend(self, layer: int, q, k, v):
         kc, vc = self.kv[layer, 0], self.kv[layer, 1]
         ops.store_kv(k, v, kc, vc, self.slots, check_slots=False, backend=self.store_backend)
+        # the block manager built context_slots: in range, and checking them would sync once per layer
         return ops.paged_prefill_attention(q, kc, vc, self.context_slots, self.query_lens, self.context_lens,
-                                           scale=self.scale, cu_seqlens=self.cu_seqlens)
+                                           scale=self.scale, cu_seqlens=self.cu_seqlens, check_bounds=False)
 
 
 class DecodeContext:
