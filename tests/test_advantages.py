@@ -167,6 +167,8 @@ def test_kl_penalty_bad_input():
         ops.kl_penalty(torch.zeros(3), torch.zeros(4))
     with pytest.raises(ValueError, match="kind"):
         ops.kl_penalty(torch.zeros(3), torch.zeros(3), kind="k4")
+    with pytest.raises(ValueError, match="one device, got cpu and meta"):
+        ops.kl_penalty(torch.zeros(3), torch.zeros(3, device="meta"))
 
 
 def test_triton_advantages_launch_on_the_rewards_device(device, monkeypatch):

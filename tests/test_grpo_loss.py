@@ -236,6 +236,8 @@ def test_old_and_ref_logp_are_constants(device, backend):
         (lambda a: a["advantages"].__setitem__(0, float("inf")), ValueError, "advantages"),
         (lambda a: a.update(bogus=1), ValueError, "unknown loss option"),
         (lambda a: a.update(epsilon=-0.1), ValueError, "epsilon"),
+        # finite, but not a float32 (the kernels' scalars): was an overflow error from deep in torch
+        (lambda a: a.update(epsilon_high=1e308), ValueError, r"epsilon_high must be a finite float32 number"),
         (lambda a: a.update(loss_type="ppo"), ValueError, "loss_type"),
         (lambda a: a.update(importance_sampling_level="row"), ValueError, "importance_sampling_level"),
         (lambda a: a.update(tis_mode="clip"), ValueError, "tis_mode"),

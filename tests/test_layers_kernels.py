@@ -213,8 +213,9 @@ def test_packed_swiglu_matches_reference(device, poisoned_alloc, backend, shape,
 
 
 def test_packed_swiglu_bad_input_is_a_clear_error():
-    with pytest.raises(ValueError, match=r"packed gate_up must be \[\.\.\., 2I\]"):
-        ops.swiglu(torch.randn(3, 7))
+    for bad in (torch.randn(3, 7), torch.randn(3, 0)):
+        with pytest.raises(ValueError, match=r"packed gate_up must be \[\.\.\., 2I\] with I >= 1"):
+            ops.swiglu(bad)
     with pytest.raises(ValueError, match="row stride"):
         from r1fast.kernels import swiglu as kernel
 
@@ -488,7 +489,8 @@ def _bad_swiglu(**kw):
     (_bad_swiglu(gate=torch.ones(3, 8, dtype=torch.int64)), ValueError, "gate must be a float tensor"),
     (_bad_swiglu(up=[1.0] * 8), TypeError, "up must be a torch.Tensor"),
     (_bad_swiglu(up=torch.randn(3, 8, device="meta")), ValueError, "one device"),
-    (_bad_swiglu(gate=torch.tensor(1.0), up=torch.tensor(1.0)), ValueError, "at least one dimension"),
+    (_bad_swiglu(gate=torch.tensor(1.0), up=torch.tensor(1.0)), ValueError, r"gate must be \[\.\.\., I\] with I >= 1"),
+    (_bad_swiglu(gate=torch.randn(3, 0), up=torch.randn(3, 0)), ValueError, "I >= 1"),   # the kernel's reshape failed
     (_bad_add_rms(residual=torch.randn(3, 9)), ValueError, "residual must match x's shape and device"),
     (_bad_add_rms(residual=torch.randn(3, 8, device="meta")), ValueError, "residual must match"),
     (_bad_add_rms(residual=None), TypeError, "residual must be a torch.Tensor"),
@@ -497,6 +499,8 @@ def _bad_swiglu(**kw):
     (_bad_rotary(k=torch.randn(4, 2, 8)), ValueError, "must have q's tokens and head_dim"),
     (_bad_rotary(q=torch.randn(3, 4, 7), k=torch.randn(3, 2, 7), cos=torch.randn(3, 7), sin=torch.randn(3, 7)),
      ValueError, "head_dim must be even"),
+    (_bad_rotary(q=torch.randn(3, 4, 0), k=torch.randn(3, 2, 0), cos=torch.randn(3, 0), sin=torch.randn(3, 0)),
+     ValueError, "head_dim must be even and >= 2"),
     (_bad_rotary(cos=torch.randn(3, 4)), ValueError, r"cos and sin must be \[T=3, head_dim=8\]"),
     (_bad_rotary(k=torch.randn(3, 2, 8).half()), ValueError, "share a dtype"),
     (_bad_rotary(sin=torch.randn(3, 8, dtype=torch.float64)), ValueError, "share a dtype"),

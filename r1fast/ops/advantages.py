@@ -74,6 +74,8 @@ def kl_penalty(logp, ref_logp, kind="k3"):
             raise TypeError(f"kl_penalty: {name} must be a float tensor")
     if logp.shape != ref_logp.shape:
         raise ValueError(f"kl_penalty: logp shape {tuple(logp.shape)} != ref_logp shape {tuple(ref_logp.shape)}")
+    if logp.device != ref_logp.device:
+        raise ValueError(f"kl_penalty: logp and ref_logp must be on one device, got {logp.device} and {ref_logp.device}")
     if kind not in KL_KINDS:
         raise ValueError(f"kl_penalty: kind must be one of {KL_KINDS}, got {kind!r}")
     dt = torch.promote_types(torch.promote_types(logp.dtype, ref_logp.dtype), torch.float32)

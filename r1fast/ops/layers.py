@@ -57,13 +57,14 @@ def _validate_rms_norm(x, weight, eps):
 def _validate_swiglu(gate, up):
     if up is None:  # packed: gate holds [..., gate | up]
         _check_tensor("swiglu", "gate_up", gate)
-        if gate.dim() < 1 or gate.shape[-1] % 2:
-            raise ValueError(f"swiglu: a packed gate_up must be [..., 2I] (gate then up), got shape {tuple(gate.shape)}")
+        if gate.dim() < 1 or gate.shape[-1] % 2 or gate.shape[-1] == 0:
+            raise ValueError(f"swiglu: a packed gate_up must be [..., 2I] with I >= 1 (gate then up), got shape "
+                             f"{tuple(gate.shape)}")
         return
     _check_tensor("swiglu", "gate", gate)
     _check_tensor("swiglu", "up", up)
-    if gate.dim() < 1:
-        raise ValueError(f"swiglu: gate must have at least one dimension, got shape {tuple(gate.shape)}")
+    if gate.dim() < 1 or gate.shape[-1] == 0:
+        raise ValueError(f"swiglu: gate must be [..., I] with I >= 1, got shape {tuple(gate.shape)}")
     if gate.shape != up.shape:
         raise ValueError(f"swiglu: gate shape {tuple(gate.shape)} != up shape {tuple(up.shape)}")
     if gate.dtype != up.dtype:
@@ -295,8 +296,8 @@ def _validate_rotary(q, k, cos, sin):
     t, _, d = q.shape
     if k.shape[0] != t or k.shape[2] != d:
         raise ValueError(f"rotary: k {tuple(k.shape)} must have q's tokens and head_dim ({t}, {d})")
-    if d % 2:
-        raise ValueError(f"rotary: head_dim must be even (the halves rotate together), got {d}")
+    if d % 2 or d == 0:
+        raise ValueError(f"rotary: head_dim must be even and >= 2 (the halves rotate together), got {d}")
     if cos.shape != (t, d) or sin.shape != (t, d):
         raise ValueError(f"rotary: cos and sin must be [T={t}, head_dim={d}], got {tuple(cos.shape)} and "
                          f"{tuple(sin.shape)}")

@@ -16,8 +16,9 @@ well), and r1fast's own trainer keeps it unless asked. The TRL drop-in passes TR
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, fields
+
+_FLOAT32_MAX = 3.4028234663852886e38
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo")
 IS_LEVELS = ("token", "sequence")
@@ -49,8 +50,9 @@ class LossOptions:
             v = getattr(self, name)
             if v is None and allow_none:
                 return
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                raise ValueError(f"LossOptions.{name} must be a finite number, got {v!r}")
+            # the kernels take these as float32 scalars
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not abs(v) <= _FLOAT32_MAX:
+                raise ValueError(f"LossOptions.{name} must be a finite float32 number (|x| <= 3.4e38), got {v!r}")
             if lo is not None and (v <= lo if lo_open else v < lo):
                 raise ValueError(f"LossOptions.{name} must be {'>' if lo_open else '>='} {lo}, got {v!r}")
 
