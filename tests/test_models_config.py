@@ -159,3 +159,40 @@ def _model(cfg):
             for p in model.parameters():
                 p.copy_(torch.randn(p.shape, generator=g) * 0.5)
     return _MODELS["m"]
+
+
+def _base(**change):
+    hf = {k: v for k, v in QWEN3_06B.items()}
+    hf.update(change)
+    return hf
+
+
+LLAMA3_ROPE = LLAMA32_1B["rope_scaling"]
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"rope_parameters": [1, 2]}, "config.json: rope_parameters must be an object or null, got \\[1, 2\\]"),
+    ({"rope_parameters": "default"}, "config.json: rope_parameters must be an object"),
+    ({"rope_scaling": "linear"}, "config.json: rope_scaling must be an object"),
+    ({"rope_scaling": {"rope_type": "linear", "factor": "2"}}, "config.json: rope_scaling factor must be a positive"),
+    ({"rope_scaling": {"rope_type": "linear", "factor": float("nan")}}, "config.json: rope_scaling factor"),
+    ({"rope_scaling": {**LLAMA3_ROPE, "low_freq_factor": "1"}}, "config.json: rope_scaling low_freq_factor"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 0}},
+     "config.json: rope_scaling original_max_position_embeddings must be a positive int, got 0"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": None, "original_max_position_embeddings": 0}},
+     "original_max_position_embeddings must be a positive int"),
+    ({"num_hidden_layers": "2", "use_sliding_window": True}, "config.json: num_hidden_layers must be a positive int"),
+    ({"max_window_layers": "x", "use_sliding_window": True}, "config.json: max_window_layers must be a non-negative"),
+    ({"dtype": ["float32"]}, "config.json: dtype/torch_dtype must be a dtype name"),
+    ({"torch_dtype": ["float32"]}, "config.json: dtype/torch_dtype must be a dtype name"),
+    ({"rope_theta": "abc"}, "config.json: rope_theta must be a positive finite number, got 'abc'"),
+    ({"rope_theta": float("inf")}, "config.json: rope_theta must be a positive finite"),
+    ({"rms_norm_eps": float("inf")}, "config.json: rms_norm_eps must be a positive finite number, got inf"),
+    ({"max_position_embeddings": -5}, "config.json: max_position_embeddings must be a positive int, got -5"),
+    ({"max_position_embeddings": "abc"}, "config.json: max_position_embeddings must be a positive int"),
+    ({"partial_rotary_factor": "1.0"}, "config.json: partial_rotary_factor must be a positive finite number, got '1.0'"),
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": "1e6"}}, "config.json: rope_theta must be"),
+])
+def test_mistyped_config_values_name_config_json_and_the_key(change, message):
+    with pytest.raises(ValueError, match=message):
+        ModelConfig.from_hf_config(_base(**change))

@@ -197,3 +197,71 @@ def test_tokenizer_loads_with_chat_template(tmp_path):
     assert loaded.eos_token_id == 1
     with pytest.raises(FileNotFoundError, match="no tokenizer files"):
         load_tokenizer(tmp_path)
+
+
+def _set_config(ck, **change):
+    cfg = json.loads((ck / "config.json").read_text())
+    cfg.update(change)
+    (ck / "config.json").write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_config_implying_more_layers_than_stored_is_refused_before_building(tmp_path, sharded):
+    # used to build 10**6 layers on the meta device (minutes) before any tensor was looked at
+    ck = tmp_path / "ck"
+    CausalLM(ModelConfig(**TINY)).save_pretrained(ck, max_shard_size="4KB" if sharded else "5GB")
+    _set_config(ck, num_hidden_layers=10**6)
+    weights = "model.safetensors.index.json" if sharded else "model.safetensors"
+    with pytest.raises(ValueError, match=f"config.json: num_hidden_layers=1000000 but .*{weights} holds layers 0..1"):
+        from_pretrained(ck)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"vocab_size": 10**12}, r"'model.embed_tokens.weight' has shape \(32, 16\), but .*config.json implies "
+                             r"\(1000000000000, 16\) \(vocab_size, hidden_size\)"),
+    ({"hidden_size": 10**12}, r"'model.embed_tokens.weight' has shape \(32, 16\), but .*config.json implies"),
+    ({"intermediate_size": 10**12}, r"'model.layers.0.mlp.gate_proj.weight' has shape \(24, 16\).*intermediate_size"),
+    ({"num_attention_heads": 10**12, "num_key_value_heads": 10**12},
+     r"'model.layers.0.self_attn.q_proj.weight' has shape \(16, 16\).*num_attention_heads x head_dim"),
+    ({"head_dim": 10**12}, r"'model.layers.0.self_attn.q_proj.weight' has shape \(16, 16\).*head_dim"),
+])
+def test_huge_config_sizes_are_refused_from_the_headers(ckpt, change, message):
+    # used to try allocating terabytes, failing with the allocator's message
+    _set_config(ckpt, **change)
+    with pytest.raises(ValueError, match=message):
+        from_pretrained(ckpt)
+
+
+def test_header_check_agrees_with_the_model_layout():
+    from r1fast.models.checkpoint import _expected_shapes
+
+    for arch in ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"):
+        cfg = ModelConfig(**{**TINY, "architecture": arch, "head_dim": 6})
+        shapes = {k: tuple(v.shape) for k, v in CausalLM(cfg).hf_tensors().items()}
+        for key, shape in _expected_shapes(cfg).items():
+            assert shapes[key] == shape, (arch, key)
+
+
+def _save_tokenizer(folder):
+    tokenizers = pytest.importorskip("tokenizers")
+    from transformers import PreTrainedTokenizerFast
+
+    core = tokenizers.Tokenizer(tokenizers.models.WordLevel({"<unk>": 0, "hi": 1}, unk_token="<unk>"))
+    PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>").save_pretrained(folder)
+
+
+@pytest.mark.parametrize("file, data, message", [
+    ("tokenizer.json", b"{oops", "tokenizer.json is not valid UTF-8 JSON"),
+    ("tokenizer.json", b'{"a": "\xff"}', "tokenizer.json is not valid UTF-8 JSON"),
+    ("tokenizer.json", b"[]", "tokenizer.json must hold a JSON object, got list"),
+    ("tokenizer_config.json", b"[1]", "tokenizer_config.json must hold a JSON object, got list"),
+    ("tokenizer.json", json.dumps({"version": "1.0", "model": {"type": "Nope"}}).encode(),
+     r"tokenizer folder '.*tok' cannot be loaded .*KeyError"),
+])
+def test_broken_tokenizer_files_are_named(tmp_path, file, data, message):
+    _save_tokenizer(tmp_path / "tok")
+    (tmp_path / "tok" / file).write_bytes(data)
+    with pytest.raises(ValueError, match=message) as info:
+        load_tokenizer(tmp_path / "tok")
+    if "cannot be loaded" in message:
+        assert isinstance(info.value.__cause__, KeyError)

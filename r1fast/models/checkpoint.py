@@ -42,6 +42,7 @@ def from_pretrained(path, dtype=None, device=None, fp8="off"):
     fp8 = as_options(fp8)
     config = ModelConfig.from_hf_config(read_config_json(path))
     shards = _shard_files(path)
+    _check_headers(path, config, shards)
     dtype = resolve_dtype(dtype) or config.dtype or _stored_dtype(shards[0]) or torch.float32
     device = torch.device(device) if device is not None else torch.device("cpu")
 
@@ -92,6 +93,76 @@ def from_pretrained(path, dtype=None, device=None, fp8="off"):
 
         model = apply_fp8(model, fp8) or model
     return model
+
+
+_LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+def _expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Shapes the config implies for the embedding and one layer's projections (layer index 0), by
+    arithmetic: building even a meta model first would take forever for a huge num_hidden_layers, and
+    allocating it would fail with the allocator's message for a huge vocab_size."""
+    h, inter, hd = config.hidden_size, config.intermediate_size, config.head_dim
+    q, kv = config.num_attention_heads * hd, config.num_key_value_heads * hd
+    return {
+        _EMBED_KEY: (config.vocab_size, h),
+        "model.layers.0.self_attn.q_proj.weight": (q, h),
+        "model.layers.0.self_attn.k_proj.weight": (kv, h),
+        "model.layers.0.self_attn.v_proj.weight": (kv, h),
+        "model.layers.0.self_attn.o_proj.weight": (h, q),
+        "model.layers.0.mlp.gate_proj.weight": (inter, h),
+        "model.layers.0.mlp.up_proj.weight": (inter, h),
+        "model.layers.0.mlp.down_proj.weight": (h, inter),
+    }
+
+
+_SHAPE_KEYS = {"embed_tokens": "vocab_size, hidden_size", "q_proj": "num_attention_heads x head_dim, hidden_size",
+               "k_proj": "num_key_value_heads x head_dim, hidden_size",
+               "v_proj": "num_key_value_heads x head_dim, hidden_size",
+               "o_proj": "hidden_size, num_attention_heads x head_dim", "gate_proj": "intermediate_size, hidden_size",
+               "up_proj": "intermediate_size, hidden_size", "down_proj": "hidden_size, intermediate_size"}
+
+
+def _check_headers(path: str, config: ModelConfig, shards: list[str]) -> None:
+    """The stored keys and shapes (safetensors headers only, no tensor data) against config.json, before
+    anything is built or allocated from it."""
+    shapes: dict[str, tuple[tuple[int, ...], str]] = {}
+    for shard in shards:
+        with _open(shard) as f:
+            for key in f.keys():
+                try:
+                    shapes.setdefault(key, (tuple(f.get_slice(key).get_shape()), shard))
+                except Exception as e:
+                    raise ValueError(f"{shard}: tensor {key!r} cannot be read (corrupt header?): {e}") from e
+    cfg_file = os.path.join(path, "config.json")
+    weights = shards[0] if len(shards) == 1 else os.path.join(path, INDEX_NAME)
+    layers = sorted({int(m.group(1)) for k in shapes if (m := _LAYER_KEY.match(k)) and not _IGNORED_KEY.match(k)})
+    n = config.num_hidden_layers
+    if not layers or layers[-1] + 1 < n:
+        held = "no layers" if not layers else (f"layers 0..{layers[-1]}" if layers == list(range(len(layers)))
+                                               else f"layers {layers[:8]}{'...' if len(layers) > 8 else ''}")
+        raise ValueError(f"{cfg_file}: num_hidden_layers={n} but {weights} holds {held}")
+    expected = _expected_shapes(config)
+    embed = expected.pop(_EMBED_KEY)
+    embed_keys = [_EMBED_KEY, "lm_head.weight"] if config.tie_word_embeddings else [_EMBED_KEY]
+    if not any(k in shapes for k in embed_keys):
+        raise ValueError(f"checkpoint {path!r} is incomplete: missing [{_EMBED_KEY!r}]")
+    todo = [(_EMBED_KEY, embed), ("lm_head.weight", embed)]
+    todo += [(k.replace(".0.", f".{i}.", 1), shape) for i in range(n) for k, shape in expected.items()]
+    missing = []
+    for key, want in todo:
+        if key not in shapes:
+            if ".layers." in key:
+                missing.append(key)
+            continue
+        got, shard = shapes[key]
+        if got != want:
+            names = _SHAPE_KEYS[key.split(".")[-2]] if key != "lm_head.weight" else _SHAPE_KEYS["embed_tokens"]
+            raise ValueError(f"{shard}: tensor {key!r} has shape {got}, but {cfg_file} implies {want} "
+                             f"({names}); is config.json from another model?")
+    if missing:
+        more = f" and {len(missing) - 8} more" if len(missing) > 8 else ""
+        raise ValueError(f"checkpoint {path!r} is incomplete: missing {missing[:8]}{more}")
 
 
 def _check_tied(path: str, embed: torch.Tensor, head: torch.Tensor) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from typing import Any
 
@@ -92,10 +93,10 @@ class ModelConfig:
         _check_positive_int("head_dim", self.head_dim)
         if self.head_dim % 2:
             raise ValueError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
-        if not (isinstance(self.rms_norm_eps, (int, float)) and self.rms_norm_eps > 0):
-            raise ValueError(f"rms_norm_eps must be a positive number, got {self.rms_norm_eps!r}")
-        if not (isinstance(self.rope_theta, (int, float)) and self.rope_theta > 0):
-            raise ValueError(f"rope_theta must be a positive number, got {self.rope_theta!r}")
+        # finite: an infinite eps zeroes every norm's output, an infinite theta every rotation
+        _check_positive_number("rms_norm_eps", self.rms_norm_eps)
+        _check_positive_number("rope_theta", self.rope_theta)
+        _check_positive_int("max_position_embeddings", self.max_position_embeddings)
         self.rope_scaling = _normalize_rope_scaling(self.rope_scaling)
         is_qwen2, is_qwen3 = self.architecture == "Qwen2ForCausalLM", self.architecture == "Qwen3ForCausalLM"
         if self.attention_bias is None:
@@ -110,7 +111,8 @@ class ModelConfig:
                              "(q/k norm exists exactly in Qwen3ForCausalLM)")
         if self.mlp_bias and self.architecture != "LlamaForCausalLM":
             raise ValueError(f"mlp_bias is only supported for LlamaForCausalLM, not {self.architecture}")
-        if self.torch_dtype is not None and self.torch_dtype not in _FLOAT_DTYPES:
+        if self.torch_dtype is not None and (not isinstance(self.torch_dtype, str)
+                                             or self.torch_dtype not in _FLOAT_DTYPES):
             raise ValueError(f"torch_dtype {self.torch_dtype!r} is not one of {sorted(_FLOAT_DTYPES)}")
 
     # -- derived -------------------------------------------------------------------------------
@@ -135,13 +137,28 @@ class ModelConfig:
             config = read_config_json(config)
         if not isinstance(config, dict):
             raise TypeError(f"from_hf_config takes a dict or a path, got {type(config).__name__}")
-        hf = dict(config)
+        try:
+            return cls._from_hf_dict(dict(config))
+        except ValueError as e:
+            if "config.json" in str(e):
+                raise
+            # the checks shared with ModelConfig(...) do not know their values came from a file
+            raise ValueError(f"config.json: {e}") from e
+
+    @classmethod
+    def _from_hf_dict(cls, hf: dict) -> "ModelConfig":
         arch = _architecture_of(hf)
         defaults = _FAMILY_DEFAULTS[arch]
         missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                                "num_attention_heads") if hf.get(k) is None]
         if missing:
             raise ValueError(f"config.json lacks required key(s) {missing} for {arch}")
+        # Checked here, not only in __post_init__, because the sliding-window and rope checks below
+        # compare and divide them first.
+        for key in ("num_hidden_layers", "max_position_embeddings", "max_window_layers",
+                    "original_max_position_embeddings"):
+            if hf.get(key) is not None:
+                _check_positive_int(key, hf[key], zero_ok=key == "max_window_layers")
         act = hf.get("hidden_act", "silu")
         if act not in ("silu", "swish"):  # transformers' "swish" is SiLU
             raise ValueError(f"unsupported hidden_act {act!r}; only 'silu' (SwiGLU) is implemented")
@@ -154,16 +171,23 @@ class ModelConfig:
         if hf.get("use_sliding_window") and hf.get("max_window_layers", 0) < hf["num_hidden_layers"]:
             raise ValueError("sliding-window attention (use_sliding_window=true) is not supported")
         rope_params = hf.get("rope_parameters")
+        for key in ("rope_parameters", "rope_scaling"):
+            if hf.get(key) is not None and not isinstance(hf[key], dict):
+                raise ValueError(f"{key} must be an object or null, got {hf[key]!r}")
         if isinstance(rope_params, dict) and any(isinstance(v, dict) for v in rope_params.values()):
             raise ValueError("per-layer-type rope_parameters are not supported")
         rope_theta = (rope_params or {}).get("rope_theta", hf.get("rope_theta", defaults["rope_theta"]))
+        _check_positive_number("rope_theta", rope_theta)
         partial = (rope_params or {}).get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+        _check_positive_number("partial_rotary_factor", partial)
         if partial != 1.0:
             raise ValueError(f"partial_rotary_factor={partial} is not supported (only full rotary)")
         rope_scaling = hf.get("rope_scaling") or rope_params
         _check_rope_agrees(hf, rope_theta, defaults["rope_theta"])
         rope_scaling = _fill_rope_lengths(rope_scaling, hf, defaults)
         dtype_name = hf.get("dtype", hf.get("torch_dtype"))
+        if dtype_name is not None and not isinstance(dtype_name, str):
+            raise ValueError(f"dtype/torch_dtype must be a dtype name like 'bfloat16', got {dtype_name!r}")
         if dtype_name in ("auto",):
             dtype_name = None
         head_dim = hf.get("head_dim", defaults.get("head_dim"))
@@ -254,6 +278,7 @@ def _check_rope_agrees(hf: dict, rope_theta, default_theta) -> None:
     if not scaling or not isinstance(scaling, dict):  # {} as null: transformers then reads rope_parameters
         return
     theirs = scaling.get("rope_theta", hf.get("rope_theta", default_theta))
+    _check_positive_number("rope_scaling rope_theta", theirs)
     if float(theirs) != float(rope_theta):
         raise ValueError(f"config.json's rope settings disagree: rope_theta is {rope_theta} here but transformers "
                          f"would read {theirs} (rope_scaling replaces rope_parameters there); put the same "
@@ -269,6 +294,9 @@ def _fill_rope_lengths(scaling, hf: dict, defaults: dict):
     if kind not in ("llama3", "yarn"):
         return scaling
     scaling = dict(scaling)
+    if scaling.get("original_max_position_embeddings") is not None:  # divided by just below
+        _check_positive_int("rope_scaling original_max_position_embeddings",
+                            scaling["original_max_position_embeddings"])
     max_pos = hf.get("max_position_embeddings", defaults["max_position_embeddings"])
     if hf.get("original_max_position_embeddings") is not None:
         scaling["original_max_position_embeddings"] = hf["original_max_position_embeddings"]
@@ -317,16 +345,27 @@ def _normalize_rope_scaling(scaling) -> dict | None:
     missing = [k for k in _ROPE_REQUIRED_KEYS[rope_type] if k not in scaling]
     if missing:
         raise ValueError(f"rope_scaling of type {rope_type!r} lacks key(s) {missing}")
-    if not scaling["factor"] > 0:
-        raise ValueError(f"rope_scaling factor must be positive, got {scaling['factor']}")
+    for key in ("factor", "low_freq_factor", "high_freq_factor", "attention_factor", "beta_fast", "beta_slow",
+                "mscale", "mscale_all_dim"):
+        if scaling.get(key) is not None:  # yarn reads an mscale of 0 as absent
+            _check_positive_number(f"rope_scaling {key}", scaling[key], zero_ok=key.startswith("mscale"))
+    if scaling.get("original_max_position_embeddings") is not None:
+        _check_positive_int("rope_scaling original_max_position_embeddings",
+                            scaling["original_max_position_embeddings"])
     if rope_type == "llama3" and not scaling["high_freq_factor"] > scaling["low_freq_factor"]:
         raise ValueError("llama3 rope_scaling needs high_freq_factor > low_freq_factor")
     return {"rope_type": rope_type, **scaling}
 
 
-def _check_positive_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
+def _check_positive_int(name: str, value, zero_ok: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < (0 if zero_ok else 1):
+        raise ValueError(f"{name} must be a {'non-negative' if zero_ok else 'positive'} int, got {value!r}")
+
+
+def _check_positive_number(name: str, value, zero_ok: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or \
+            not (value >= 0 if zero_ok else value > 0):
+        raise ValueError(f"{name} must be a {'non-negative' if zero_ok else 'positive'} finite number, got {value!r}")
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
