@@ -3,6 +3,7 @@ dataset, built-in tasks, chat template)."""
 import json
 import os
 import random
+import re
 
 import pytest
 import torch
@@ -268,3 +269,247 @@ def test_optimizer_state_of_another_parameter_layout_is_a_clear_error():
     new = torch.optim.AdamW([torch.nn.Parameter(torch.randn(12, 3)), torch.nn.Parameter(torch.randn(4, 3))])
     with pytest.raises(ValueError, match="3 parameters but the model has 2.*fused q/k/v"):
         load_optimizer_state(new, tensors, meta[0])
+
+
+def _stepped_checkpoint(tmp_path, opt_cls=torch.optim.AdamW, **opt_kw):
+    """checkpoint-3 of a model every parameter of which has optimizer state; a loader for it."""
+    tok = build_char_tokenizer()
+    model = _model(tok)
+    opt = opt_cls(list(model.parameters()), lr=1e-3, **opt_kw)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    path = ckpt.save_checkpoint(str(tmp_path), 3, model=model, optimizer=opt, scheduler=sched,
+                                state={"data": {"epoch": 0, "index": 1}})
+
+    def load(**kw):
+        m = _model(tok)
+        o = opt_cls(list(m.parameters()), lr=1e-3, **opt_kw)
+        ckpt.load_checkpoint(path, model=m, optimizer=o,
+                             scheduler=torch.optim.lr_scheduler.LambdaLR(o, lambda s: 1.0), **kw)
+        return o
+    return path, load
+
+
+def _edit_tensors(path, name, edit):
+    from safetensors.torch import load_file, save_file
+
+    file = os.path.join(path, name)
+    save_file(edit(load_file(file)), file)
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda t: {}, r"optimizer.safetensors lacks '0.exp_avg'.*and \d+ more"),
+    (lambda t: {k: v for k, v in t.items() if not k.startswith("1.")}, r"lacks '1.exp_avg', '1.exp_avg_sq', '1.step'"),
+    (lambda t: {**t, "999.exp_avg": torch.zeros(3)}, r"'999.exp_avg' is not '<parameter index>.<name>'"),
+    (lambda t: {**t, "nodot": torch.zeros(3)}, r"'nodot' is not '<parameter index>.<name>'"),
+    (lambda t: {**t, "0.exp_avg": t["0.exp_avg"][:, :-1].contiguous()},
+     r"optimizer.safetensors: '0.exp_avg' has shape \(\d+, 15\), parameter 0 is \(\d+, 16\)"),
+    (lambda t: {**t, "1.exp_avg_sq": torch.zeros(1)}, r"'1.exp_avg_sq' has shape \(1,\), parameter 1 is"),
+    (lambda t: {**t, "1.exp_avg": t["1.exp_avg"].long()}, r"'1.exp_avg' is torch.int64, not a floating-point"),
+])
+def test_optimizer_state_that_is_incomplete_or_misshapen_is_an_error(tmp_path, edit, match):
+    # torch's load_state_dict took all of these: an empty or partial state silently restarted Adam's
+    # moments and step counts, a stray entry was ignored, a (1,)-shaped moment broadcast
+    path, load = _stepped_checkpoint(tmp_path)
+    _edit_tensors(path, "optimizer.safetensors", edit)
+    with pytest.raises(ValueError, match=match) as e:
+        load()
+    assert str(e.value).startswith(f"checkpoint {path!r}: ")
+
+
+def test_optimizer_state_is_checked_against_what_was_saved(tmp_path):
+    # a never-stepped optimizer's empty state loads: the checkpoint says it had none
+    tok = build_char_tokenizer()
+    model = _model(tok)
+    path = ckpt.save_checkpoint(str(tmp_path), 0, model=model, optimizer=torch.optim.AdamW(model.parameters()))
+    fresh = torch.optim.AdamW(_model(tok).parameters())
+    ckpt.load_checkpoint(path, model=_model(tok), optimizer=fresh)
+    assert not fresh.state
+    # an entry whose keys are complete for AdamW but which the checkpoint did not save
+    path, load = _stepped_checkpoint(tmp_path / "b")
+    state = json.loads(open(os.path.join(path, "trainer_state.json")).read())
+    del state["optimizer"]["state_keys"]["2"]
+    open(os.path.join(path, "trainer_state.json"), "w").write(json.dumps(state))
+    with pytest.raises(ValueError, match=r"optimizer.safetensors holds '2.exp_avg'.*state_keys does not list"):
+        load()
+
+
+def test_master_weights_in_the_optimizer_state_are_checked(tmp_path):
+    from r1fast.trainer.master_weights import MasterWeightAdamW
+
+    tok = build_char_tokenizer()
+    model = _model(tok).to(torch.bfloat16)
+    opt = MasterWeightAdamW(list(model.parameters()), lr=1e-3)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()
+    path = ckpt.save_checkpoint(str(tmp_path), 1, model=model, optimizer=opt)
+    _edit_tensors(path, "optimizer.safetensors", lambda t: {**t, "0.master": t["0.master"].bfloat16()})
+    m2 = _model(tok).to(torch.bfloat16)
+    with pytest.raises(ValueError, match=r"'0.master' is torch.bfloat16, an fp32 master copy is torch.float32"):
+        ckpt.load_checkpoint(path, model=m2, optimizer=MasterWeightAdamW(list(m2.parameters()), lr=1e-3))
+
+
+def _set(keys, value):
+    def edit(state):
+        o = state
+        for k in keys[:-1]:
+            o = o[k]
+        if value is _DEL:
+            del o[keys[-1]]
+        else:
+            o[keys[-1]] = value
+        return state
+    return edit
+
+
+_DEL = object()
+
+
+@pytest.mark.parametrize("edit,match", [
+    (_set(["global_step"], -5), r"global_step is -5, not a step count"),
+    (_set(["global_step"], 10 ** 9), r"global_step is 1000000000, but the checkpoint was saved as checkpoint-3"),
+    (_set(["optimizer", "param_groups"], "x"), r"optimizer.param_groups is 'x', not a list"),
+    (_set(["optimizer", "param_groups"], _DEL), r"optimizer.param_groups is None"),
+    (_set(["optimizer", "param_groups", 0, "betas"], [0.9]), r"param_groups\[0\].betas is \[0.9\], where this run has"),
+    (_set(["scheduler", "last_epoch"], "abc"), r"scheduler.last_epoch is 'abc'"),
+    (_set(["scheduler", "base_lrs"], [1.0, 2.0, 3.0]), r"scheduler.base_lrs is \[1.0, 2.0, 3.0\], where this run has"),
+    (_set(["rng", "python"], [3, [1, 2], None]), r"rng.python is not a Python random state"),
+    (_set(["rng", "numpy"], ["MT19937", [1, 2], 0, 0, 0.0]), r"rng.numpy is not a numpy random state"),
+    (_set(["rng"], "x"), r"rng is 'x', not an object"),
+])
+def test_malformed_trainer_state_is_an_error_naming_the_file(tmp_path, edit, match):
+    # these raised KeyError/TypeError/ValueError from deep in torch, random or numpy, or (global_step
+    # -5 or 10**9) resumed and ran the wrong number of steps
+    path, load = _stepped_checkpoint(tmp_path)
+    file = os.path.join(path, "trainer_state.json")
+    state = edit(json.loads(open(file).read()))
+    open(file, "w").write(json.dumps(state))
+    rng_before = random.getstate()
+    with pytest.raises(ValueError, match=f"^checkpoint {re.escape(repr(path))}: trainer_state.json.*{match}"):
+        load()
+    assert random.getstate() == rng_before   # checked before anything was applied
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda t: {"other": t["torch_cpu"]}, r"rng.safetensors lacks 'torch_cpu'"),
+    (lambda t: {"torch_cpu": t["torch_cpu"][:100].contiguous()}, r"rng.safetensors: 'torch_cpu' is not a torch generator"),
+])
+def test_damaged_rng_file_is_an_error_naming_it(tmp_path, edit, match):
+    path, load = _stepped_checkpoint(tmp_path)
+    _edit_tensors(path, "rng.safetensors", edit)
+    with pytest.raises(ValueError, match=match):
+        load()
+
+
+def test_trainer_state_that_is_not_utf8_is_a_clear_error(tmp_path):
+    path, load = _stepped_checkpoint(tmp_path)
+    open(os.path.join(path, "trainer_state.json"), "wb").write(b'{"global_step": 3, "x": "\xff"}')
+    with pytest.raises(ValueError, match="trainer_state.json is not valid JSON"):
+        load()
+
+
+def test_an_error_applying_the_state_names_the_checkpoint_and_keeps_the_original(tmp_path, monkeypatch):
+    path, load = _stepped_checkpoint(tmp_path)
+    boom = RuntimeError("boom")
+
+    def fail(self, sd):
+        raise boom
+
+    monkeypatch.setattr(torch.optim.AdamW, "load_state_dict", fail)
+    with pytest.raises(ValueError, match=r"checkpoint .*: cannot load the optimizer state \(optimizer.safetensors"
+                                         r".*RuntimeError: boom") as e:
+        load()
+    assert e.value.__cause__ is boom
+
+
+def test_a_check_of_the_callers_state_runs_before_anything_is_loaded(tmp_path):
+    from r1fast.trainer.common import DataCursor
+
+    path, load = _stepped_checkpoint(tmp_path)
+    cursor = DataCursor(1, seed=0)   # the checkpoint's data index 1 is past a 1-row dataset
+    with pytest.raises(ValueError, match=r"trainer_state.json: data is \{'epoch': 0, 'index': 1\}, not a position "
+                                         r"in the training dataset's 1 rows"):
+        load(check=lambda s: cursor.check_state(s["data"]))
+    for bad in ({"epoch": 0, "index": -1}, {"epoch": 0, "index": "1"}, {"epoch": -1, "index": 0}, None):
+        with pytest.raises(ValueError, match="not a position"):
+            DataCursor(5, seed=0).load_state(bad)
+
+
+_KILLED_SAVE = """
+import os, signal, sys
+import safetensors.torch
+from r1fast.data import build_char_tokenizer
+from r1fast.models import CausalLM, ModelConfig
+from r1fast.trainer import checkpoints as ckpt
+
+tok = build_char_tokenizer()
+model = CausalLM(ModelConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                             num_attention_heads=2, max_position_embeddings=32))
+safetensors.torch.save_file = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)   # mid save_pretrained
+ckpt.save_checkpoint(sys.argv[1], 3, model=model)
+"""
+
+
+def _killed_save(run):
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "-c", _KILLED_SAVE, str(run)], capture_output=True, text=True,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert p.returncode == -9, p.stderr
+
+
+def test_folders_of_a_killed_save_are_removed_by_clear_run(tmp_path):
+    # save_pretrained writes beside save_checkpoint's ".tmp-checkpoint-3-*" folder, so a SIGKILL mid-save
+    # also left "..tmp-checkpoint-3-*.tmp-*", which clear_run (matching ".tmp-checkpoint-") kept
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "notes.txt").write_text("the user's")
+    _killed_save(run)
+    left = sorted(os.listdir(run))
+    assert any(n.startswith("..tmp-checkpoint-3-") for n in left) and any(n.startswith(".tmp-checkpoint-3-")
+                                                                         for n in left), left
+    ckpt.clear_run(str(run))
+    assert os.listdir(run) == ["notes.txt"]
+
+
+def test_grpo_resume_checks_its_own_state_and_removes_a_killed_saves_folders(tmp_path):
+    from test_trainer import make
+
+    make(tmp_path, max_steps=2, save_steps=2).train()
+    ck = tmp_path / "run" / "checkpoint-2"
+    good = (ck / "trainer_state.json").read_text()
+    for edit, match in [(lambda s: s.pop("rollout_index"), "rollout_index is None"),
+                        (lambda s: s["data"].update(index=-1), r"data is \{'epoch': 0, 'index': -1\}, not a position")]:
+        state = json.loads(good)
+        edit(state)
+        (ck / "trainer_state.json").write_text(json.dumps(state))
+        with pytest.raises(ValueError, match=f"checkpoint .*checkpoint-2': trainer_state.json: {match}"):
+            make(tmp_path, max_steps=3).train(resume=True)
+    (ck / "trainer_state.json").write_text(good)
+    _killed_save(tmp_path / "run")
+    assert make(tmp_path, max_steps=3).train(resume=True)["global_step"] == 3
+    assert not [n for n in os.listdir(tmp_path / "run") if "tmp-checkpoint" in n]
+
+
+def test_chat_messages_with_unknown_roles_or_non_text_content_are_refused():
+    # the built-in template renders system/user/assistant only: "User" used to vanish, question and all
+    tok = build_char_tokenizer()
+    for bad in ([{"role": "User", "content": "3+4="}], [{"role": 5, "content": "3+4="}],
+                [{"role": "user", "content": ["3+4="]}]):
+        with pytest.raises(ValueError, match="a prompt message needs a role among .* and a string content"):
+            encode_prompt(tok, bad)
+
+
+def test_jsonl_that_is_not_utf8_or_nested_too_deep_is_named(tmp_path):
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes('{"prompt": "1+1="}\n'.encode() + '{"prompt": "caf\u00e9"}\n'.encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin.jsonl': not UTF-8 text .*save it as UTF-8"):
+        load_rows(str(latin))
+    deep = tmp_path / "deep.jsonl"
+    deep.write_text('{"prompt": ' + "[" * 100000 + "]" * 100000 + "}\n")
+    with pytest.raises(ValueError, match="deep.jsonl' line 1: JSON nested too deeply"):
+        load_rows(str(deep))

@@ -83,17 +83,24 @@ def read_json_objects(path: str, what: str) -> list[dict]:
     """The JSON objects of a JSON-lines file (blank lines skipped); a line that is not one is a
     ValueError naming `what` and the line number."""
     rows: list[dict] = []
+    n = 0
     with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:   # e.g. a line cut short when a run was killed
-                raise ValueError(f"{what} line {n}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{what} line {n}: expected a JSON object, got {type(row).__name__}")
-            rows.append(row)
+        try:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:   # e.g. a line cut short when a run was killed
+                    raise ValueError(f"{what} line {n}: not valid JSON ({e.msg} at column {e.colno})") from None
+                except RecursionError:
+                    raise ValueError(f"{what} line {n}: JSON nested too deeply to read") from None
+                if not isinstance(row, dict):
+                    raise ValueError(f"{what} line {n}: expected a JSON object, got {type(row).__name__}")
+                rows.append(row)
+        except UnicodeDecodeError as e:  # decoded as it is read, a block at a time: the line is approximate
+            raise ValueError(f"{what}: not UTF-8 text (byte {e.object[e.start:e.start + 1]!r}, near line "
+                             f"{n + 1}); save it as UTF-8") from None
     return rows
 
 
@@ -112,11 +119,20 @@ def _root_cause(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
 
 
+# The chat roles templates know (r1fast's built-in one renders the first three): any other role,
+# "User" included, would be rendered as nothing, and the prompt's question silently lost.
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+
+
 def prompt_messages(prompt: Any, system_prompt: Optional[str]) -> list[dict]:
     if isinstance(prompt, str):
         msgs = [{"role": "user", "content": prompt}]
     elif isinstance(prompt, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in prompt):
         msgs = list(prompt)
+        for m in msgs:
+            if m["role"] not in CHAT_ROLES or not isinstance(m["content"], str):
+                raise ValueError(f"a prompt message needs a role among {CHAT_ROLES} and a string content; got "
+                                 f"{m!r:.80}")
     else:
         raise ValueError(f"a prompt must be a string or a list of {{'role', 'content'}} messages; got {prompt!r:.80}")
     if system_prompt and not any(m["role"] == "system" for m in msgs):

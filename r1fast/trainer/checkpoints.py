@@ -13,19 +13,23 @@ so a crash or Ctrl-C mid-write never leaves a half checkpoint that `--resume` wo
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import re
 import shutil
 import tempfile
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
 _CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
+# save_checkpoint's temporary folder, and the ones save_pretrained makes beside it (".<its name>.tmp-...",
+# ".<its name>.old-..."): a save killed mid-way leaves any of them behind
+_SAVE_TEMP_RE = re.compile(r"^\.\.?tmp-checkpoint-\d+-")
 STATE_FILE = "trainer_state.json"
 
 
@@ -113,11 +117,20 @@ def clear_run(run_dir: str):
         return
     for name in os.listdir(run_dir):
         path = os.path.join(run_dir, name)
-        if _CKPT_RE.match(name.split(".old-")[0]) or name.startswith((".tmp-checkpoint-", "abandoned-checkpoint-")) \
-                or name == "tensorboard":
+        if _CKPT_RE.match(name.split(".old-")[0]) or _SAVE_TEMP_RE.match(name) \
+                or name.startswith("abandoned-checkpoint-") or name == "tensorboard":
             shutil.rmtree(path, ignore_errors=True)
         elif name in ("metrics.jsonl", "completions.jsonl", "metrics.jsonl.tmp", "completions.jsonl.tmp"):
             os.remove(path)
+
+
+def remove_save_leftovers(run_dir: str):
+    """Delete the temporary folders of saves that were killed mid-way (they are never resumed)."""
+    if not os.path.isdir(run_dir):
+        return
+    for name in os.listdir(run_dir):
+        if _SAVE_TEMP_RE.match(name):
+            shutil.rmtree(os.path.join(run_dir, name), ignore_errors=True)
 
 
 # -- RNG ---------------------------------------------------------------------------------------
@@ -135,19 +148,47 @@ def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     return tensors, meta
 
 
+def _rng_states(tensors: dict[str, torch.Tensor], meta: Any) -> tuple:
+    """The Python and numpy states to set, each first set on a generator of its own, so that a damaged
+    one is an error naming it before any of the run's generators has changed."""
+    if "torch_cpu" not in tensors:
+        raise _BadState(f"rng.safetensors lacks 'torch_cpu' (it holds {sorted(tensors)})")
+    try:
+        torch.Generator().set_state(tensors["torch_cpu"])
+    except Exception as e:
+        raise _BadState(f"rng.safetensors: 'torch_cpu' is not a torch generator state ({e})") from e
+    if not isinstance(meta, dict):
+        raise _BadState(f"{STATE_FILE}: rng is {_short(meta)}, not an object")
+    try:
+        v, state, gauss = meta["python"]
+        py = (v, tuple(state), gauss)
+        random.Random().setstate(py)
+    except Exception as e:
+        raise _BadState(f"{STATE_FILE}: rng.python is not a Python random state ({type(e).__name__}: {e})") from e
+    try:
+        name, keys, pos, has_gauss, cached = meta["numpy"]
+        np_state = (name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached)
+        np.random.RandomState().set_state(np_state)
+    except Exception as e:
+        raise _BadState(f"{STATE_FILE}: rng.numpy is not a numpy random state ({type(e).__name__}: {e})") from e
+    return py, np_state
+
+
 def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]):
+    py, np_state = _rng_states(tensors, meta)
     torch.set_rng_state(tensors["torch_cpu"])
     if torch.cuda.is_available():
         states = [tensors[k] for k in sorted(k for k in tensors if k.startswith("torch_cuda_"))]
         if states:
             torch.cuda.set_rng_state_all(states)
-    v, state, gauss = meta["python"]
-    random.setstate((v, tuple(state), gauss))
-    name, keys, pos, has_gauss, cached = meta["numpy"]
-    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    random.setstate(py)
+    np.random.set_state(np_state)
 
 
 # -- optimizer ---------------------------------------------------------------------------------
+_ADAM_STATE = ("step", "exp_avg", "exp_avg_sq")
+
+
 def optimizer_state(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
     sd = opt.state_dict()
     tensors, scalars = {}, {}
@@ -162,34 +203,112 @@ def optimizer_state(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor]
         for k, v in list(g.items()):
             if isinstance(v, tuple):
                 g[k] = list(v)
-    return tensors, [{"param_groups": groups, "scalars": scalars}]
+    # What each parameter had: an optimizer.safetensors that lost some or all of it is then an error, not
+    # Adam moments silently restarted from zero, while a never-stepped optimizer's empty state still loads.
+    state_keys = {str(idx): sorted(st) for idx, st in sd["state"].items()}
+    return tensors, [{"param_groups": groups, "scalars": scalars, "state_keys": state_keys}]
 
 
 def load_optimizer_state(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict):
+    opt.load_state_dict(_optimizer_state_dict(opt, tensors, meta))
+
+
+def _optimizer_state_dict(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: Any) -> dict:
+    """The state_dict that optimizer.safetensors (`tensors`) and trainer_state.json's 'optimizer' (`meta`)
+    make for `opt`, checked against its parameters: torch's load_state_dict takes an empty or partial
+    state, or moments of another shape, without a word."""
     from r1fast.trainer.master_weights import MasterWeightAdamW
 
-    state: dict[int, dict[str, Any]] = {}
-    for key, v in tensors.items():
-        idx, name = key.split(".", 1)
-        if name == "master" and not isinstance(opt, MasterWeightAdamW):
-            continue  # fp32 master weights of a run that had them: this optimizer keeps none
-        state.setdefault(int(idx), {})[name] = v
-    for key, v in meta.get("scalars", {}).items():
-        idx, name = key.split(".", 1)
-        state.setdefault(int(idx), {})[name] = v
-    groups = meta["param_groups"]
-    for g in groups:
-        for k in ("betas",):
-            if k in g and isinstance(g[k], list):
-                g[k] = tuple(g[k])
+    where = f"{STATE_FILE}: optimizer"
+    groups = meta.get("param_groups") if isinstance(meta, dict) else None
+    if not isinstance(groups, list) or not all(isinstance(g, dict) and isinstance(g.get("params"), list)
+                                               and all(type(i) is int for i in g["params"]) for g in groups):
+        raise _BadState(f"{where}.param_groups is {_short(groups)}, not a list of groups each with its "
+                        f"'params' indices")
     n_params = sum(len(g["params"]) for g in opt.param_groups)
     n_saved = sum(len(g["params"]) for g in groups)
     if n_params != n_saved:
-        raise ValueError(f"checkpoint optimizer has {n_saved} parameters but the model has {n_params}: "
-                         f"is this checkpoint from a different model, or from an r1fast before its decoder fused "
-                         f"q/k/v and gate/up into one parameter each? (its model weights still load: start a "
-                         f"new run from them)")
-    opt.load_state_dict({"state": state, "param_groups": groups})
+        raise _BadState(f"{where} has {n_saved} parameters but the model has {n_params}: "
+                        f"is this checkpoint from a different model, or from an r1fast before its decoder fused "
+                        f"q/k/v and gate/up into one parameter each? (its model weights still load: start a "
+                        f"new run from them)")
+    sizes = [len(g["params"]) for g in groups]
+    if sizes != [len(g["params"]) for g in opt.param_groups]:
+        raise _BadState(f"{where}.param_groups hold {sizes} parameters, this optimizer's "
+                        f"{[len(g['params']) for g in opt.param_groups]}")
+    groups = [dict(g) for g in groups]
+    params = {}   # saved index -> (this optimizer's parameter, its saved group)
+    for gi, (saved, live) in enumerate(zip(groups, opt.param_groups)):
+        for k, v in live.items():
+            if k in saved and k != "params":
+                _check_like(saved[k], v, f"{where}.param_groups[{gi}].{k}")
+            elif k in ("lr", "betas", "eps", "weight_decay"):   # torch would fail at the first step
+                raise _BadState(f"{where}.param_groups[{gi}] lacks {k!r}")
+        if isinstance(saved.get("betas"), list):
+            saved["betas"] = tuple(saved["betas"])
+        params.update((i, (p, saved)) for i, p in zip(saved["params"], live["params"]))
+    if len(params) != n_saved:
+        raise _BadState(f"{where}.param_groups name a parameter index twice")
+
+    state: dict[int, dict[str, Any]] = {}
+
+    def add(key: str, value, file: str):
+        idx, dot, name = key.partition(".")
+        if not (dot and name and idx.isascii() and idx.isdigit() and int(idx) in params):
+            raise _BadState(f"{file}: {key!r} is not '<parameter index>.<name>' for one of this optimizer's "
+                            f"{n_params} parameters")
+        state.setdefault(int(idx), {})[name] = value
+
+    for key, v in tensors.items():
+        add(key, v, "optimizer.safetensors")
+    scalars = meta.get("scalars", {})
+    if not isinstance(scalars, dict):
+        raise _BadState(f"{where}.scalars is {_short(scalars)}, not an object")
+    for key, v in scalars.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise _BadState(f"{where}.scalars: {key!r} is {_short(v)}, not a number")
+        add(key, v, f"{where}.scalars")
+
+    listed = meta.get("state_keys")
+    if listed is not None:   # None: written before r1fast recorded it, so only each entry is checked below
+        if not isinstance(listed, dict) or not all(isinstance(v, list) for v in listed.values()):
+            raise _BadState(f"{where}.state_keys is {_short(listed)}, not an object of name lists")
+        want = {f"{i}.{n}" for i, names in listed.items() for n in names}
+        have = {f"{i}.{n}" for i, s in state.items() for n in s}
+        if want - have:
+            raise _BadState(f"optimizer.safetensors lacks {_some(want - have)}, which {STATE_FILE}'s optimizer.state_keys lists "
+                            f"(the optimizer state is incomplete: resume from an earlier checkpoint)")
+        if have - want:
+            raise _BadState(f"optimizer.safetensors holds {_some(have - want)}, which {STATE_FILE}'s optimizer.state_keys "
+                            f"does not list")
+
+    if not isinstance(opt, (torch.optim.Adam, torch.optim.AdamW)):
+        return {"state": state, "param_groups": groups}
+    keep_master = isinstance(opt, MasterWeightAdamW)
+    for i, s in state.items():
+        p, group = params[i]
+        moments = set(s) - {"master"}   # "master": MasterWeightAdamW's fp32 copy, apart from Adam's own
+        need = set(_ADAM_STATE) | ({"max_exp_avg_sq"} if group.get("amsgrad") else set())
+        if moments and moments != need:
+            raise _BadState(f"optimizer.safetensors: parameter {i} has state {sorted(moments)}; AdamW keeps "
+                            f"{sorted(need)}")
+        for name, v in s.items():
+            if not isinstance(v, torch.Tensor):
+                continue   # a scalar step (older torch), checked above
+            key = f"'{i}.{name}'"
+            if not v.is_floating_point():
+                raise _BadState(f"optimizer.safetensors: {key} is {v.dtype}, not a floating-point tensor")
+            if name == "step":
+                if v.dim() != 0:
+                    raise _BadState(f"optimizer.safetensors: {key} has shape {tuple(v.shape)}, not a single count")
+            elif v.shape != p.shape:
+                raise _BadState(f"optimizer.safetensors: {key} has shape {tuple(v.shape)}, parameter {i} is "
+                                f"{tuple(p.shape)}")
+            elif name == "master" and v.dtype != torch.float32:
+                raise _BadState(f"optimizer.safetensors: {key} is {v.dtype}, an fp32 master copy is torch.float32")
+        if "master" in s and not keep_master:
+            del s["master"]   # fp32 master weights of a run that had them: this optimizer keeps none
+    return {"state": {i: s for i, s in state.items() if s}, "param_groups": groups}
 
 
 # -- save / load -------------------------------------------------------------------------------
@@ -236,32 +355,48 @@ def save_checkpoint(run_dir: str, step: int, *, model, optimizer=None, scheduler
     return final
 
 
-def load_checkpoint(path: str, *, model, optimizer=None, scheduler=None, restore_rng: bool = True) -> dict:
-    """Load weights (in place), optimizer, scheduler and RNG from `path`; return the trainer state."""
+def load_checkpoint(path: str, *, model, optimizer=None, scheduler=None, restore_rng: bool = True,
+                    check: Optional[Callable[[dict], None]] = None) -> dict:
+    """Load weights (in place), optimizer, scheduler and RNG from `path`; return the trainer state.
+
+    `check(state)` raises ValueError for a trainer state its caller cannot use. The state is checked
+    before anything is loaded, and every error is a ValueError naming the checkpoint and its file."""
     state_path = os.path.join(path, STATE_FILE)
     if not os.path.isfile(state_path):
         raise ValueError(f"{path!r} is not a checkpoint (no {STATE_FILE})")
-    with open(state_path, encoding="utf-8") as f:
-        try:
+    try:
+        with open(state_path, encoding="utf-8") as f:
             state = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"checkpoint {path!r}: {STATE_FILE} is not valid JSON ({e}); "
-                             f"resume from an earlier checkpoint") from None
-    if not isinstance(state, dict) or not isinstance(state.get("global_step"), int):
-        raise ValueError(f"checkpoint {path!r}: {STATE_FILE} has no 'global_step'")
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"checkpoint {path!r}: {STATE_FILE} is not valid JSON ({e}); "
+                         f"resume from an earlier checkpoint") from None
+    opt_tensors = _read_tensors(path, "optimizer.safetensors") if optimizer is not None else None
+    rng_tensors = _read_tensors(path, "rng.safetensors") if restore_rng else None
+    with _naming(path, STATE_FILE):
+        sched_sd = _check_state(path, state, scheduler)
+        if check is not None:
+            try:
+                check(state)
+            except ValueError as e:
+                raise _BadState(f"{STATE_FILE}: {e}") from None
+        if optimizer is not None:
+            if "optimizer" not in state:
+                raise _BadState(f"{STATE_FILE} has no optimizer state")
+            opt_sd = _optimizer_state_dict(optimizer, opt_tensors, state["optimizer"])
+        if restore_rng:
+            if "rng" not in state:
+                raise _BadState(f"{STATE_FILE} has no RNG state")
+            _rng_states(rng_tensors, state["rng"])
     load_weights(model, path)
     if optimizer is not None:
-        if "optimizer" not in state:
-            raise ValueError(f"checkpoint {path!r} has no optimizer state")
-        load_optimizer_state(optimizer, _read_tensors(path, "optimizer.safetensors"), state["optimizer"])
-    if scheduler is not None and "scheduler" in state:
-        sd = scheduler.state_dict()
-        sd.update(state["scheduler"])
-        scheduler.load_state_dict(sd)
+        with _naming(path, f"the optimizer state (optimizer.safetensors, {STATE_FILE} 'optimizer')"):
+            optimizer.load_state_dict(opt_sd)
+    if sched_sd is not None:
+        with _naming(path, f"{STATE_FILE} 'scheduler'"):
+            scheduler.load_state_dict(sched_sd)
     if restore_rng:
-        if "rng" not in state:
-            raise ValueError(f"checkpoint {path!r}: {STATE_FILE} has no RNG state")
-        set_rng_state(_read_tensors(path, "rng.safetensors"), state["rng"])
+        with _naming(path, f"the RNG state (rng.safetensors, {STATE_FILE} 'rng')"):
+            set_rng_state(rng_tensors, state["rng"])
     return state
 
 
@@ -297,6 +432,77 @@ def load_weights(model, path: str):
                 raise ValueError(f"checkpoint {path!r}: {name} has shape {tuple(src[name].shape)}, "
                                  f"the model expects {tuple(p.shape)}")
             p.copy_(src[name].to(p.device))
+
+
+class _BadState(ValueError):
+    """A checkpoint's content that cannot be this run's state; the message names the file and the problem
+    (load_checkpoint puts the checkpoint's path before it)."""
+
+
+@contextlib.contextmanager
+def _naming(path: str, what: str):
+    """Errors inside become a ValueError naming the checkpoint and `what`: torch, random and numpy fail
+    on a damaged state with errors that name neither."""
+    try:
+        yield
+    except _BadState as e:
+        raise ValueError(f"checkpoint {path!r}: {e}") from e.__cause__
+    except Exception as e:
+        raise ValueError(f"checkpoint {path!r}: cannot load {what} ({type(e).__name__}: {e})") from e
+
+
+def _short(v: Any, limit: int = 60) -> str:
+    r = repr(v)
+    return r if len(r) <= limit else r[:limit] + "..."
+
+
+def _some(keys) -> str:
+    keys = sorted(keys)
+    return ", ".join(map(repr, keys[:4])) + (f" and {len(keys) - 4} more" if len(keys) > 4 else "")
+
+
+def _check_like(value: Any, like: Any, where: str):
+    """`value`, read from JSON, must be of the kind the live optimizer or scheduler holds there (a
+    number for a number, a list as long as its list...): torch fails deep inside otherwise."""
+    if like is None or isinstance(like, bool):
+        ok = value is None or isinstance(value, bool)
+    elif isinstance(like, (int, float)):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif isinstance(like, str):
+        ok = isinstance(value, str)
+    elif isinstance(like, (list, tuple)):
+        ok = isinstance(value, (list, tuple)) and len(value) == len(like)
+        for i, (v, l) in enumerate(zip(value, like) if ok else ()):
+            _check_like(v, l, f"{where}[{i}]")
+    else:
+        ok = True
+    if not ok:
+        raise _BadState(f"{where} is {_short(value)}, where this run has {_short(like)}")
+
+
+def _check_state(path: str, state: Any, scheduler) -> Optional[dict]:
+    """The parts of trainer_state.json that every checkpoint has; returns the scheduler's state_dict to load."""
+    step = state.get("global_step") if isinstance(state, dict) else None
+    if type(step) is not int or step < 0:
+        raise _BadState(f"{STATE_FILE}: global_step is {_short(step)}, not a step count (a whole number >= 0)")
+    m = re.match(r"^(?:abandoned-)?checkpoint-(\d+)$", os.path.basename(os.path.normpath(path)))
+    if m and int(m.group(1)) != step:   # save_checkpoint names the folder after the step
+        raise _BadState(f"{STATE_FILE}: global_step is {step}, but the checkpoint was saved as "
+                        f"checkpoint-{m.group(1)}")
+    if scheduler is None or "scheduler" not in state:
+        return None
+    saved = state["scheduler"]
+    if not isinstance(saved, dict):
+        raise _BadState(f"{STATE_FILE}: scheduler is {_short(saved)}, not an object")
+    sd = scheduler.state_dict()
+    for k, v in saved.items():
+        if k in sd and k != "lr_lambdas":
+            _check_like(v, sd[k], f"{STATE_FILE}: scheduler.{k}")
+    for k in ("last_epoch", "_step_count"):
+        if k in saved and (type(saved[k]) is not int or saved[k] < 0):
+            raise _BadState(f"{STATE_FILE}: scheduler.{k} is {_short(saved[k])}, not a whole number >= 0")
+    sd.update((k, v) for k, v in saved.items() if k != "lr_lambdas")
+    return sd
 
 
 def _write_json(path: str, obj):

@@ -289,6 +289,18 @@ class DataCursor:
     def state(self) -> dict:
         return {"epoch": self.epoch, "index": self.index}
 
+    def check_state(self, state) -> tuple[int, int]:
+        """(epoch, index) of a saved state(), or a ValueError when it is no position in this dataset (a
+        damaged checkpoint, or one of a run over another dataset)."""
+        ok = isinstance(state, dict) and all(type(state.get(k)) is int for k in ("epoch", "index"))
+        if not ok or state["epoch"] < 0 or not 0 <= state["index"] < self.n:
+            raise ValueError(f"data is {state!r:.80}, not a position in the training dataset's {self.n} rows "
+                             f"(epoch >= 0, index 0..{self.n - 1})")
+        return state["epoch"], state["index"]
+
+    def load_state(self, state):
+        self.epoch, self.index = self.check_state(state)
+
 
 _SCHEDULE_SHAPE = ("max_steps", "num_train_epochs", "lr_scheduler_type", "warmup_steps", "warmup_ratio")
 
@@ -322,6 +334,8 @@ def start_run(trainer, resume):
     resume_path = ckpt.resolve_resume(resume, trainer.run_dir)
     if resume_path:
         state = trainer.load(resume_path)
+        # this run owns the folder again: nothing else will remove what its own killed saves left
+        ckpt.remove_save_leftovers(trainer.run_dir)
         # after the load: a checkpoint that fails to load must not have moved the ones after it aside
         for path in ckpt.set_aside_newer(trainer.run_dir, resume_path):
             print(f"r1fast: resuming from {os.path.basename(resume_path)}: the later {path} is set aside",

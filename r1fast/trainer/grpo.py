@@ -399,10 +399,18 @@ class GRPOTrainer:
         return path
 
     def load(self, path: str):
-        state = ckpt.load_checkpoint(path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
+        def check(state):
+            for k in ("rollout_index", "nonfinite_skipped"):
+                v = state.get(k, 0 if k == "nonfinite_skipped" else None)
+                if type(v) is not int or v < 0:
+                    raise ValueError(f"{k} is {v!r:.80}, not a whole number >= 0")
+            self.cursor.check_state(state.get("data"))
+
+        state = ckpt.load_checkpoint(path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
+                                     check=check)
         self.global_step = state["global_step"]
         self.rollout_index = state["rollout_index"]
-        self.cursor.epoch, self.cursor.index = state["data"]["epoch"], state["data"]["index"]
+        self.cursor.load_state(state["data"])
         self.nonfinite_skipped = state.get("nonfinite_skipped", 0)
         if self.ref_model is not None:
             ref_file = os.path.join(path, "reference.safetensors")

@@ -106,9 +106,16 @@ class SFTTrainer:
                                     keep=self.cfg.save_total_limit)
 
     def load(self, path: str):
-        state = ckpt.load_checkpoint(path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
+        def check(state):
+            v = state.get("nonfinite_skipped", 0)
+            if type(v) is not int or v < 0:
+                raise ValueError(f"nonfinite_skipped is {v!r:.80}, not a whole number >= 0")
+            self.cursor.check_state(state.get("data"))
+
+        state = ckpt.load_checkpoint(path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
+                                     check=check)
         self.global_step = state["global_step"]
-        self.cursor.epoch, self.cursor.index = state["data"]["epoch"], state["data"]["index"]
+        self.cursor.load_state(state["data"])
         self.nonfinite_skipped = state.get("nonfinite_skipped", 0)
         return state
 
