@@ -251,8 +251,8 @@ def _save_tokenizer(folder):
 
 
 @pytest.mark.parametrize("file, data, message", [
-    ("tokenizer.json", b"{oops", "tokenizer.json is not valid UTF-8 JSON"),
-    ("tokenizer.json", b'{"a": "\xff"}', "tokenizer.json is not valid UTF-8 JSON"),
+    ("tokenizer.json", b"{oops", "tokenizer.json is not valid JSON"),
+    ("tokenizer.json", b'{"a": "\xff"}', "tokenizer.json is not valid JSON"),
     ("tokenizer.json", b"[]", "tokenizer.json must hold a JSON object, got list"),
     ("tokenizer_config.json", b"[1]", "tokenizer_config.json must hold a JSON object, got list"),
     ("tokenizer.json", json.dumps({"version": "1.0", "model": {"type": "Nope"}}).encode(),

@@ -260,14 +260,19 @@ def read_config_json(path: str | os.PathLike) -> dict:
         path = os.path.join(path, "config.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no config.json at {path}")
+    return read_json_object(path)
+
+
+def read_json_object(path: str) -> dict:
+    """The JSON object in the file at `path`; anything else (bad JSON, not UTF-8, a list) names the file."""
     try:
         with open(path, encoding="utf-8") as f:
-            cfg = json.load(f)
+            data = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from e
-    if not isinstance(cfg, dict):
-        raise ValueError(f"{path} must hold a JSON object, got {type(cfg).__name__}")
-    return cfg
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
+    return data
 
 
 def _check_rope_agrees(hf: dict, rope_theta, default_theta) -> None:

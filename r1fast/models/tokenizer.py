@@ -1,8 +1,9 @@
 """Tokenizers from local folders, through transformers.AutoTokenizer (its chat template kept)."""
 from __future__ import annotations
 
-import json
 import os
+
+from r1fast.models.config import read_json_object
 
 # The JSON files AutoTokenizer reads; transformers reports a broken one with no file name, or as an
 # unrelated TypeError/KeyError deep inside, so each is read here first.
@@ -19,7 +20,7 @@ def load_tokenizer(path):
         raise FileNotFoundError(f"no tokenizer files (tokenizer.json, tokenizer_config.json, ...) in {path!r}")
     for name in _JSON_FILES:
         if name in files:
-            _check_json_object(os.path.join(path, name))
+            read_json_object(os.path.join(path, name))
     from transformers import AutoTokenizer
 
     try:
@@ -31,12 +32,3 @@ def load_tokenizer(path):
                          f"tokenizers version, and tokenizer_config.json consistent with it?): "
                          f"{type(e).__name__}: {e}") from e
 
-
-def _check_json_object(file: str) -> None:
-    try:
-        with open(file, encoding="utf-8") as f:
-            data = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{file} is not valid UTF-8 JSON: {e}") from e
-    if not isinstance(data, dict):
-        raise ValueError(f"{file} must hold a JSON object, got {type(data).__name__}")
