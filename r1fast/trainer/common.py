@@ -216,6 +216,18 @@ def gradient_holders(optimizer, model) -> list:
     return holders() if holders is not None else list(model.parameters())
 
 
+def resume_check(cursor: "DataCursor", counters: dict[str, Optional[int]]):
+    """check= for checkpoints.load_checkpoint: each counter (name -> its value when absent; None: required)
+    a whole number >= 0, and the data position one of `cursor`'s dataset."""
+    def check(state):
+        for k, default in counters.items():
+            v = state.get(k, default)
+            if type(v) is not int or v < 0:
+                raise ValueError(f"{k} is {v!r:.80}, not a whole number >= 0")
+        cursor.check_state(state.get("data"))
+    return check
+
+
 def accumulating_gradients(optimizer):
     """The block holding a step's backward passes: gradients summed in fp32 where the optimizer does that."""
     block = getattr(optimizer, "accumulating", None)

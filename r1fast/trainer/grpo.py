@@ -32,6 +32,7 @@ from r1fast.trainer.common import (  # noqa: F401  (NonFiniteLoss: also importab
     accumulating_gradients,
     grad_norm_and_clip,
     gradient_holders,
+    resume_check,
     make_optimizer,
     make_scheduler,
     pack,
@@ -399,13 +400,7 @@ class GRPOTrainer:
         return path
 
     def load(self, path: str):
-        def check(state):
-            for k in ("rollout_index", "nonfinite_skipped"):
-                v = state.get(k, 0 if k == "nonfinite_skipped" else None)
-                if type(v) is not int or v < 0:
-                    raise ValueError(f"{k} is {v!r:.80}, not a whole number >= 0")
-            self.cursor.check_state(state.get("data"))
-
+        check = resume_check(self.cursor, {"rollout_index": None, "nonfinite_skipped": 0})
         state = ckpt.load_checkpoint(path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
                                      check=check)
         self.global_step = state["global_step"]

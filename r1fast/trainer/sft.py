@@ -18,6 +18,7 @@ from r1fast.trainer.common import (
     accumulating_gradients,
     grad_norm_and_clip,
     gradient_holders,
+    resume_check,
     make_optimizer,
     make_scheduler,
     pack,
@@ -106,14 +107,8 @@ class SFTTrainer:
                                     keep=self.cfg.save_total_limit)
 
     def load(self, path: str):
-        def check(state):
-            v = state.get("nonfinite_skipped", 0)
-            if type(v) is not int or v < 0:
-                raise ValueError(f"nonfinite_skipped is {v!r:.80}, not a whole number >= 0")
-            self.cursor.check_state(state.get("data"))
-
         state = ckpt.load_checkpoint(path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
-                                     check=check)
+                                     check=resume_check(self.cursor, {"nonfinite_skipped": 0}))
         self.global_step = state["global_step"]
         self.cursor.load_state(state["data"])
         self.nonfinite_skipped = state.get("nonfinite_skipped", 0)
