@@ -192,7 +192,21 @@ LLAMA3_ROPE = LLAMA32_1B["rope_scaling"]
     ({"max_position_embeddings": "abc"}, "config.json: max_position_embeddings must be a positive int"),
     ({"partial_rotary_factor": "1.0"}, "config.json: partial_rotary_factor must be a positive finite number, got '1.0'"),
     ({"rope_parameters": {"rope_type": "default", "rope_theta": "1e6"}}, "config.json: rope_theta must be"),
+    # a string "false" is truthy: read as a flag it would tie the embeddings it says not to
+    ({"tie_word_embeddings": "false"}, "config.json: tie_word_embeddings must be true or false .*got 'false'"),
+    ({"tie_word_embeddings": 0}, "config.json: tie_word_embeddings must be true or false"),
+    ({"bos_token_id": "1"}, "config.json: bos_token_id must be a non-negative int or null, got '1'"),
+    ({"bos_token_id": [1]}, "config.json: bos_token_id must be a non-negative int or null"),
+    ({"eos_token_id": -1}, "config.json: eos_token_id must be a non-negative int, a list of them, or null"),
+    ({"eos_token_id": [2, "3"]}, "config.json: eos_token_id must be"),
+    ({"eos_token_id": True}, "config.json: eos_token_id must be"),
 ])
 def test_mistyped_config_values_name_config_json_and_the_key(change, message):
     with pytest.raises(ValueError, match=message):
         ModelConfig.from_hf_config(_base(**change))
+
+
+def test_flags_and_token_ids_that_are_well_typed_are_read():
+    cfg = ModelConfig.from_hf_config(_base(tie_word_embeddings=None, bos_token_id=None, eos_token_id=[2, 7]))
+    assert cfg.tie_word_embeddings is False and cfg.bos_token_id is None and cfg.eos_token_id == [2, 7]
+    assert ModelConfig.from_hf_config(_base(tie_word_embeddings=True, eos_token_id=3)).tie_word_embeddings is True

@@ -111,6 +111,12 @@ class ModelConfig:
                              "(q/k norm exists exactly in Qwen3ForCausalLM)")
         if self.mlp_bias and self.architecture != "LlamaForCausalLM":
             raise ValueError(f"mlp_bias is only supported for LlamaForCausalLM, not {self.architecture}")
+        for name in ("tie_word_embeddings", "mlp_bias", "attention_bias", "qk_norm"):
+            # a string "false" would be truthy: the flag would silently mean the opposite
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false (a JSON boolean), got {getattr(self, name)!r}")
+        _check_token_ids("bos_token_id", self.bos_token_id, many=False)
+        _check_token_ids("eos_token_id", self.eos_token_id, many=True)
         if self.torch_dtype is not None and (not isinstance(self.torch_dtype, str)
                                              or self.torch_dtype not in _FLOAT_DTYPES):
             raise ValueError(f"torch_dtype {self.torch_dtype!r} is not one of {sorted(_FLOAT_DTYPES)}")
@@ -204,11 +210,11 @@ class ModelConfig:
             rope_theta=float(rope_theta),
             rope_scaling=rope_scaling,
             max_position_embeddings=hf.get("max_position_embeddings", defaults["max_position_embeddings"]),
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", defaults["tie_word_embeddings"])),
-            attention_bias=True if arch == "Qwen2ForCausalLM" else bool(hf.get("attention_bias", False)),
+            tie_word_embeddings=_flag(hf, "tie_word_embeddings", defaults["tie_word_embeddings"]),
+            attention_bias=True if arch == "Qwen2ForCausalLM" else _flag(hf, "attention_bias", False),
             qk_norm=arch == "Qwen3ForCausalLM",
             # only Llama's MLP reads mlp_bias in transformers (Qwen2/3 ignore the key)
-            mlp_bias=bool(hf.get("mlp_bias", False)) if arch == "LlamaForCausalLM" else False,
+            mlp_bias=_flag(hf, "mlp_bias", False) if arch == "LlamaForCausalLM" else False,
             bos_token_id=hf.get("bos_token_id", defaults["bos_token_id"]),
             eos_token_id=hf.get("eos_token_id", defaults["eos_token_id"]),
             torch_dtype=dtype_name,
@@ -365,6 +371,20 @@ def _normalize_rope_scaling(scaling) -> dict | None:
 def _check_positive_int(name: str, value, zero_ok: bool = False) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < (0 if zero_ok else 1):
         raise ValueError(f"{name} must be a {'non-negative' if zero_ok else 'positive'} int, got {value!r}")
+
+
+def _flag(hf: dict, key: str, default: bool):
+    """A boolean config.json key; null means the default, as in transformers."""
+    value = hf.get(key)
+    return default if value is None else value
+
+
+def _check_token_ids(name: str, value, many: bool) -> None:
+    ids = value if many and isinstance(value, list) else [value]
+    if value is None or all((not isinstance(i, bool) and isinstance(i, int) and i >= 0 for i in ids)):
+        return
+    kind = "a non-negative int, a list of them, or null" if many else "a non-negative int or null"
+    raise ValueError(f"{name} must be {kind}, got {value!r}")
 
 
 def _check_positive_number(name: str, value, zero_ok: bool = False) -> None:
