@@ -100,7 +100,7 @@ def test_resuming_from_an_older_checkpoint_sets_the_later_ones_aside(tmp_path, c
     assert make(tmp_path, **kw).train(resume=True)["global_step"] == 4   # continues from the new checkpoint-2
     # a checkpoint that fails to load leaves the later ones where they were
     os.remove(run / "checkpoint-1" / "optimizer.safetensors")
-    with pytest.raises(Exception):
+    with pytest.raises(ValueError, match="checkpoint-1.* lacks optimizer.safetensors"):
         make(tmp_path, **kw).train(resume=str(run / "checkpoint-1"))
     assert (run / "checkpoint-4").is_dir()
 
