@@ -1,4 +1,6 @@
 """Paged decode and prefill attention: every backend against the float64 reference."""
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -493,6 +495,56 @@ def test_decode_cuda_every_tile_and_lane_layout(dtype, heads, kv_heads, head_dim
         got = ops.paged_decode_attention(q, kc, vc, tables, ctx, num_splits=splits, backend="cuda")
         assert torch.isfinite(got).all(), f"{dtype} x{splits}: non-finite output"
         assert_within_lowp_rule(got, ref_lowp, want, factor=2.0, floor=1e-5, name=f"cuda {dtype} x{splits}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,heads,kv_heads,head_dim", [
+    (torch.float64, 4, 2, 32),     # a dtype the cuda kernel does not take
+    (torch.bfloat16, 4, 2, 12),    # head_dim not a multiple of 8
+    (torch.float32, 4, 1, 264),    # head_dim past 256
+    (torch.float16, 130, 2, 16),   # more than 64 query heads per KV head
+])
+def test_decode_default_backend_passes_over_cuda_for_shapes_it_cannot_take(monkeypatch, dtype, heads, kv_heads,
+                                                                           head_dim):
+    # With no backend asked for, inputs outside the CUDA kernel's shapes run on the next backend;
+    # asking for cuda by name stays an error.
+    from r1fast.testing import assert_within_lowp_rule
+
+    monkeypatch.delenv("R1FAST_BACKEND", raising=False)
+    q, kc, vc, tables, ctx = make_case(3, heads, kv_heads, head_dim, 16, [1, 17, 40], dtype=dtype, device="cuda")
+    want = expected(q, kc, vc, tables, ctx)
+    ref_lowp = ref.paged_decode_attention(q, kc, vc, tables.clamp_min(0), ctx).cpu()
+    got = ops.paged_decode_attention(q, kc, vc, tables, ctx)
+    assert_within_lowp_rule(got, ref_lowp, want, factor=2.0, floor=1e-5, name=f"default {dtype} d={head_dim}")
+    if "cuda" in backends.available("paged_decode_attention", "cuda"):
+        with pytest.raises(ValueError, match="the cuda backend"):
+            ops.paged_decode_attention(q, kc, vc, tables, ctx, backend="cuda")
+
+
+def test_decode_default_backend_passes_over_cuda_for_shapes_it_cannot_take_cpu(monkeypatch):
+    # The same choice on the CPU, with the cuda backend stood in for: it must never be called.
+    from r1fast.ops import attention
+
+    def cuda_stand_in(*args):
+        raise AssertionError("the cuda backend was given inputs it cannot take")
+
+    real_resolve, asked = backends.resolve, []
+
+    def resolve(op, device, backend=None, **kw):
+        asked.append(backend)
+        if backend is None and op == "paged_decode_attention" and not os.environ.get("R1FAST_BACKEND"):
+            return "cuda", cuda_stand_in
+        return real_resolve(op, device, backend, **kw)
+
+    monkeypatch.delenv("R1FAST_BACKEND", raising=False)
+    monkeypatch.setattr(attention.backends, "resolve", resolve)
+    q, kc, vc, tables, ctx = make_case(2, 4, 2, 12, 8, [3, 9])
+    assert_close(ops.paged_decode_attention(q, kc, vc, tables, ctx), expected(q, kc, vc, tables, ctx),
+                 dtype=torch.float32, rtol=1e-5, name="default decode, head_dim 12")
+    assert asked == [None, "triton"]  # the next fastest, not the first registered (reference)
+    q, kc, vc, tables, ctx = make_case(2, 4, 2, 16, 8, [3, 9])
+    with pytest.raises(AssertionError, match="the cuda backend was given"):  # shapes it takes still go to cuda
+        ops.paged_decode_attention(q, kc, vc, tables, ctx)
 
 
 @pytest.mark.gpu

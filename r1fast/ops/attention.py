@@ -26,6 +26,7 @@ import logging
 import math
 import numbers
 import operator
+import os
 
 import numpy as np
 import torch
@@ -270,14 +271,22 @@ def _decode_triton(q, k_cache, v_cache, block_tables, context_lens, scale, num_s
     return out
 
 
-def _check_cuda_shapes(q, k_cache):
+def _cuda_shape_problem(q, k_cache) -> str | None:
+    """Why the CUDA kernel cannot take these inputs (None when it can)."""
     if q.dtype not in _DTYPE_CODE:
-        raise ValueError(f"paged_decode_attention: the cuda backend takes float32/float16/bfloat16, not {q.dtype}")
+        return f"the cuda backend takes float32/float16/bfloat16, not {q.dtype}"
     d = q.shape[2]
     if d % 8 != 0 or d > 256:
-        raise ValueError(f"paged_decode_attention: the cuda backend needs head_dim a multiple of 8 up to 256, got {d}")
+        return f"the cuda backend needs head_dim a multiple of 8 up to 256, got {d}"
     if q.shape[1] // k_cache.shape[2] > 64:
-        raise ValueError("paged_decode_attention: the cuda backend takes at most 64 query heads per KV head")
+        return "the cuda backend takes at most 64 query heads per KV head"
+    return None
+
+
+def _check_cuda_shapes(q, k_cache):
+    problem = _cuda_shape_problem(q, k_cache)
+    if problem:
+        raise ValueError(f"paged_decode_attention: {problem}")
 
 
 @torch.library.custom_op("r1fast::paged_decode_attention_cuda", mutates_args=())
@@ -361,7 +370,13 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, *, s
     if k_cache.shape[2] > MAX_GRID_YZ:
         raise ValueError(f"paged_decode_attention: {k_cache.shape[2]} KV heads exceed the launch grid limit "
                          f"{MAX_GRID_YZ}")
-    _, fn = backends.resolve("paged_decode_attention", q.device, backend, dtype=q.dtype)
+    name, fn = backends.resolve("paged_decode_attention", q.device, backend, dtype=q.dtype)
+    if name == "cuda" and backend is None and os.environ.get("R1FAST_BACKEND") != "cuda" and \
+            _cuda_shape_problem(q, k_cache):
+        # the default is the fastest backend that takes these inputs: Triton pads any head_dim and group
+        usable = backends.available("paged_decode_attention", q.device)
+        name, fn = backends.resolve("paged_decode_attention", q.device,
+                                    "triton" if "triton" in usable else "torch", dtype=q.dtype)
     return fn(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits, partition, shared_prefix)
 
 
