@@ -96,8 +96,23 @@ elif [ -z "$suites" ]; then
   echo "no suite to run (SUITES=${SUITES:-}; r1fast bench --list gave: $(echo $known))"; failed="$failed bench(no-suites)"
 else
   echo "suites: $(echo $suites); time box ${bench_box}s"
+  bench_end=$(( $(date +%s) + bench_box ))
   timeout -k 10 $bench_box python3 -m r1fast.cli bench $suites --size gpu --out "$OUT" --budget 0.5 >"$OUT/bench.log" 2>&1
-  rc=$?; echo "bench exit $rc$([ $rc = 124 ] && echo ' (time box: the suites after the last one done did not run)')"
+  rc=$?
+  # Exit 3: a kernel fault left the process's CUDA context unusable (the error is sticky). The suites
+  # not run yet go on in a fresh process, their rows added to the same results files.
+  while [ $rc = 3 ]; do
+    failed="$failed bench(cuda-fault)"
+    left=$(sed -n 's/^r1fast bench: the CUDA context is lost.*; suites not run: *//p' "$OUT/bench.log" | tail -1)
+    csv=$(ls -t "$OUT"/*.csv 2>/dev/null | head -1)
+    box=$(( bench_end - $(date +%s) ))
+    [ -n "$left" ] && [ "$box" -ge 30 ] || break
+    echo "a kernel fault lost the CUDA context: going on with $left in a fresh process (${box}s left)"
+    timeout -k 10 $box python3 -m r1fast.cli bench $left --size gpu --out "$OUT" --budget 0.5 \
+      ${csv:+--append "$csv"} >>"$OUT/bench.log" 2>&1
+    rc=$?
+  done
+  echo "bench exit $rc$([ $rc = 124 ] && echo ' (time box: the suites after the last one done did not run)')"
   [ $rc = 0 ] || failed="$failed bench($rc)"
   grep -E "FAILED|skip|done in" "$OUT/bench.log" | head -40
   case $rc in 0|124) ;; *) tail -5 "$OUT/bench.log";; esac

@@ -36,6 +36,27 @@ class Skip(Exception):
     """Raised by an Impl's setup when it cannot run here (the reason is printed)."""
 
 
+class DeviceLost(RuntimeError):
+    """The CUDA context is unusable (a kernel faulted: illegal address, device assert). Errors of
+    this kind are sticky, so nothing more can run in this process; a new process can go on with
+    `remaining` (main(..., append_to=) adds its rows to the same results files)."""
+
+    def __init__(self, why: str, rows: list[dict] | None = None, remaining: list[str] | None = None):
+        super().__init__(why)
+        self.rows, self.remaining = rows or [], remaining or []
+
+
+def device_lost(device: torch.device) -> str | None:
+    """Why `device` can run nothing more in this process, or None while it can."""
+    if device.type != "cuda":
+        return None
+    try:
+        torch.cuda.synchronize(device)
+    except Exception as e:  # noqa: BLE001 - any error here means the context is gone
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
 @dataclasses.dataclass
 class Impl:
     provider: str                      # "r1fast" or a peer's name
@@ -349,6 +370,9 @@ def run_suite(s: Suite, size: str, device: torch.device, machine: Machine, timer
                 continue
             except Exception as e:  # noqa: BLE001 - one broken impl must not lose the case's other rows
                 log(f"  FAILED {s.name}/{case.name} {case.mode} {impl.provider}/{impl.backend}: {type(e).__name__}: {e}")
+                lost = device_lost(device)
+                if lost:
+                    raise DeviceLost(lost, rows) from None
                 continue
             finally:
                 # Free this impl's inputs and state before the next one. Trainers and engines sit in
@@ -358,7 +382,7 @@ def run_suite(s: Suite, size: str, device: torch.device, machine: Machine, timer
                 fn = None
                 if _allocated(device) > held:
                     gc.collect()
-                if device.type == "cuda":
+                if device.type == "cuda" and not device_lost(device):
                     torch.cuda.empty_cache()
             pct = floor / timing.p50 * 100 if math.isfinite(floor) else float("nan")
             rows.append(dict(base, metric="time_ms", p50=timing.p50, p20=timing.p20, p80=timing.p80,
@@ -493,7 +517,11 @@ def plot(csv_paths: list[Path], out_png: Path) -> Path:
 
 
 def main(suite_names: list[str], size: str = "smoke", out_dir: str | None = None, device: str | None = None,
-         budget_s: float | None = None, min_reps: int = 5, log=print) -> list[dict]:
+         budget_s: float | None = None, min_reps: int = 5, log=print, append_to: str | None = None) -> list[dict]:
+    """Run the suites; results go to new <card>-<time>.csv/.json files under `out_dir`, or with
+    `append_to` (an earlier run's CSV) into that run's files, after its rows. Raises DeviceLost,
+    after saving, when a kernel fault leaves the CUDA context unusable (its `remaining` suites did
+    not run)."""
     if size not in SIZES:
         raise ValueError(f"--size must be one of {SIZES}, got {size!r}")
     suites = load_suites()
@@ -507,24 +535,32 @@ def main(suite_names: list[str], size: str = "smoke", out_dir: str | None = None
     timer = Timer(dev, budget_s=budget_s if budget_s is not None else (2.0 if dev.type == "cuda" else 0.5),
                   warmup=min(3, min_reps), min_reps=min_reps)
     out = Path(out_dir or "bench-results")
-    paths = None
-    rows: list[dict] = []
+    paths, rows = _earlier_run(append_to) if append_to else (None, [])
 
     def save(all_rows):  # rewritten after every case, so a run cut short by a timeout keeps what it measured
         nonlocal paths
         if all_rows:
             paths = write_results(all_rows, out, dev, _meta(dev, size, machine), paths)
 
-    for name in suite_names or list(suites):
+    names, lost = suite_names or list(suites), None
+    for i, name in enumerate(names):
         log(f"[bench] {name} ({size}, {_describe_device(dev)})")
         t0 = time.perf_counter()
         try:
             rows += run_suite(suites[name], size, dev, machine, timer, log=log,
                               on_case=lambda part: save(rows + part))
+        except DeviceLost as e:
+            rows += e.rows
+            lost = DeviceLost(str(e), remaining=names[i + 1:])
         except Exception as e:  # one broken suite must not lose the others' results
             log(f"  FAILED {name}: {type(e).__name__}: {e}")
+            why = device_lost(dev)
+            lost = DeviceLost(why, remaining=names[i + 1:]) if why else None
         log(f"[bench] {name} done in {time.perf_counter() - t0:.1f}s")
         save(rows)
+        if lost:
+            log(f"[bench] the CUDA context is lost ({lost}); suites not run: {' '.join(lost.remaining) or '-'}")
+            break
     log(f"[bench] machine: matmul {', '.join(f'{k} {v / 1e12:.1f} TFLOP/s' for k, v in machine._rates.items()) or '-'}"
         f"; copy {(machine._bandwidth or float('nan')) / 1e9:.1f} GB/s")
     if rows:
@@ -532,7 +568,22 @@ def main(suite_names: list[str], size: str = "smoke", out_dir: str | None = None
         log(f"[bench] wrote {paths[0]} and {paths[1]}")
     else:
         log("[bench] no rows (every case was skipped)")
+    if lost:
+        lost.rows = rows
+        raise lost
     return rows
+
+
+def _earlier_run(csv_path: str) -> tuple[tuple[Path, Path], list[dict]]:
+    """The results files of the run that wrote `csv_path`, and its rows (from the JSON beside it)."""
+    paths = Path(csv_path), Path(csv_path).with_suffix(".json")
+    if paths[0].suffix != ".csv" or not paths[0].is_file() or not paths[1].is_file():
+        raise ValueError(f"--append {csv_path}: not a results CSV with its .json beside it")
+    try:
+        rows = json.loads(paths[1].read_text())["rows"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"--append {csv_path}: cannot read the rows of {paths[1]} ({e})") from None
+    return paths, rows
 
 
 def _meta(dev: torch.device, size: str, machine: Machine) -> dict:

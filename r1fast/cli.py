@@ -35,7 +35,13 @@ def _cmd_bench(args):
         print(f"wrote {png}")
         return
     try:
-        harness.main(args.suites, size=args.size, out_dir=args.out, device=args.device, budget_s=args.budget)
+        harness.main(args.suites, size=args.size, out_dir=args.out, device=args.device, budget_s=args.budget,
+                     append_to=args.append)
+    except harness.DeviceLost as e:
+        # exit status 3: bench/gpu_check.sh goes on with the suites left, in a fresh process
+        print(f"r1fast bench: the CUDA context is lost ({e}); suites not run: {' '.join(e.remaining)}",
+              file=sys.stderr)
+        raise SystemExit(3)
     except ValueError as e:
         raise SystemExit(f"r1fast bench: {e}")
 
@@ -56,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--list", action="store_true", help="list suites and exit")
     bench.add_argument("--plot", action="store_true", help="draw a PNG from result CSVs (default: the newest)")
     bench.add_argument("--table", action="store_true", help="print the summary table of result CSVs and exit")
+    bench.add_argument("--append", default=None, metavar="CSV",
+                       help="add the rows to an earlier run's results files (that CSV and the JSON beside it)")
     bench.set_defaults(func=_cmd_bench)
 
     try:

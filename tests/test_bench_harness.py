@@ -193,6 +193,46 @@ def test_results_are_written_after_every_case_so_a_killed_run_keeps_them(tmp_pat
     assert not list(tmp_path.glob("*.tmp"))
 
 
+def test_a_kernel_fault_stops_the_run_and_a_fresh_run_appends_the_suites_left(tmp_path, monkeypatch):
+    """A faulted kernel leaves the CUDA context unusable for the rest of the process (the error is
+    sticky): the run stops, keeps what it measured and names the suites left, which a new process
+    adds to the same results files."""
+    faulted = []
+
+    def fault():
+        faulted.append(True)
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    fine = harness.Impl("r1fast", "x", lambda: (lambda: None))
+    suites = {"first": [harness.Case("ok", "fwd", "float32", [fine]),
+                        harness.Case("bad", "fwd", "float32", [harness.Impl("r1fast", "cuda", fault), fine])],
+              "second": [harness.Case("later", "fwd", "float32", [fine])],
+              "third": [harness.Case("last", "fwd", "float32", [fine])]}
+    for name, cases in suites.items():
+        monkeypatch.setitem(harness._SUITES, name, harness.Suite(name, lambda size, device, c=cases: c))
+    monkeypatch.setattr(harness, "load_suites", lambda: dict(harness._SUITES))
+    # stands in for torch.cuda.synchronize raising once the context is gone (the CPU never faults)
+    monkeypatch.setattr(harness, "device_lost", lambda device: "AcceleratorError: illegal address" if faulted else None)
+    log, kw = [], dict(out_dir=str(tmp_path), budget_s=0.0, min_reps=1)
+    with pytest.raises(harness.DeviceLost) as lost:
+        harness.main(["first", "second", "third"], log=log.append, **kw)
+    assert lost.value.remaining == ["second", "third"]
+    assert any("suites not run: second third" in line for line in log)
+    (csv_path,) = tmp_path.glob("*.csv")
+    # the fault's case lost its other impl too (nothing can run after it); the case before is kept
+    assert [r["case"] for r in harness.read_csv(csv_path)] == ["ok"]
+    faulted.clear()
+    harness.main(lost.value.remaining, append_to=str(csv_path), log=lambda *_: None, **kw)
+    assert list(tmp_path.glob("*.csv")) == [csv_path]
+    assert [r["case"] for r in harness.read_csv(csv_path)] == ["ok", "later", "last"]
+    with pytest.raises(ValueError, match="not a results CSV with its .json beside it"):
+        harness.main(["second"], append_to=str(tmp_path / "none.csv"), log=lambda *_: None, **kw)
+
+
+def test_device_lost_is_none_on_the_cpu():
+    assert harness.device_lost(torch.device("cpu")) is None
+
+
 def test_fp8_rows_use_the_fp8_rate_and_the_bf16_row_the_bf16_rate():
     """Issue 6: the floor is the GEMM FLOPs at the measured FP8 *and* bf16 rates."""
     suite = harness.load_suites()["fp8_linear"]
@@ -379,6 +419,27 @@ def test_gpu_check_goes_on_without_cuda_kernels_when_the_build_fails(tmp_path):
     assert (tmp_path / "builds").read_text().split() == ["1", "0"]   # with CUDA, then without
     assert (tmp_path / "bench_args").exists(), p.stdout[-800:]        # the bench still ran
     assert "stages that failed or were cut: build" in p.stdout and p.returncode == 1
+
+
+def test_gpu_check_goes_on_in_a_fresh_process_after_a_kernel_fault(tmp_path):
+    import pathlib
+    import subprocess
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    env = _fake_gpu_machine(tmp_path, 0)
+    stub = pathlib.Path(env["PATH"].split(":")[0]) / "python3"
+    # the first bench process faults in decode_attention; the second, given what was left, finishes
+    fault = (f'  *"r1fast.cli bench"*"--append"*) echo "$*" > "{tmp_path}/bench_args2"; exit 0;;\n'
+             f'  *"r1fast.cli bench"*) echo x > "$OUT/card.csv"; echo "r1fast bench: the CUDA context is lost '
+             f'(boom); suites not run: rollout sampling" >&2; exit 3;;\n  *"never"*)')
+    stub.write_text(stub.read_text().replace('  *"r1fast.cli bench"*)', fault, 1))
+    (tmp_path / "out").mkdir()
+    p = subprocess.run(["bash", str(root / "bench" / "gpu_check.sh")], env=env, capture_output=True, text=True,
+                       timeout=60)
+    again = (tmp_path / "bench_args2").read_text().split()
+    assert again[again.index("bench") + 1:again.index("--size")] == ["rollout", "sampling"], again
+    assert again[again.index("--append") + 1] == str(tmp_path / "out" / "card.csv")
+    assert "stages that failed or were cut: bench(cuda-fault)" in p.stdout and p.returncode == 1, p.stdout[-800:]
 
 
 def test_gpu_check_runs_nothing_when_suites_names_no_suite(tmp_path):
