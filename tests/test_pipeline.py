@@ -111,6 +111,31 @@ def test_cli_sample_with_default_lengths_fits_the_models_positions(tmp_path, mon
     assert "sample:" not in capsys.readouterr().err
 
 
+def test_sft_and_sample_read_the_named_split_of_a_saved_dataset(tmp_path, monkeypatch, capsys):
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.chdir(tmp_path)
+    train = [{"prompt": "1+1=", "answer": "2", "completion": "2"}]
+    test = [{"prompt": f"{i}+1=", "answer": str(i + 1), "completion": str(i + 1)} for i in range(3)]
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(train),
+                          "test": datasets.Dataset.from_list(test)}).save_to_disk(str(tmp_path / "dd"))
+    out = tmp_path / "kept.jsonl"
+    base = ["model_name_or_path=builtin:micro", f"dataset={tmp_path / 'dd'}", "num_samples=1", "max_completion_length=4",
+            f"output_file={out}", "progress_bar=false", "reward_thresholds=[-1,-1]"]
+    assert main(["sample", *base, "dataset_split=test"]) == 0
+    assert sorted(json.loads(line)["prompt"] for line in open(out)) == sorted(r["prompt"] for r in test)
+    assert main(["sample", *base]) == 0   # no split named: train
+    assert [json.loads(line)["prompt"] for line in open(out)] == ["1+1="]
+    with pytest.raises(SystemExit, match="no split 'dev'; splits: \\['train', 'test'\\]"):
+        main(["sample", *base, "dataset_split=dev"])
+    import r1fast.data
+
+    read, load_rows_ = [], r1fast.data.load_rows
+    monkeypatch.setattr(r1fast.data, "load_rows", lambda *a, **k: read.append(k["split"]) or load_rows_(*a, **k))
+    assert main(["sft", "model_name_or_path=builtin:micro", f"dataset={tmp_path / 'dd'}", "dataset_split=test",
+                 "max_steps=1", "per_device_train_batch_size=3", "output_dir=sft", "progress_bar=false"]) == 0
+    assert read == ["test"]
+
+
 def test_cli_reports_a_failing_reward_function_without_a_traceback(tmp_path, monkeypatch):
     # RewardError is not a ValueError: it escaped the CLI as a traceback.
     monkeypatch.chdir(tmp_path)

@@ -175,7 +175,8 @@ def _cmd_sft(args):
     cfg, model, tok, resume = _config_and_model(
         SFTConfig, args.rest, "sft", lambda c: f" (JSONL/parquet/saved dataset with {c.prompt_column!r} and "
                                                f"{c.completion_column!r} columns)")
-    rows = load_rows(cfg.dataset, seed=cfg.seed, required_columns=(cfg.prompt_column, cfg.completion_column))
+    rows = load_rows(cfg.dataset, split=cfg.dataset_split, seed=cfg.seed,
+                     required_columns=(cfg.prompt_column, cfg.completion_column))
     res = SFTTrainer(model, tok, rows, cfg).train(resume=resume)
     _print_result(res)
     if res.get("interrupted"):
@@ -192,7 +193,7 @@ def _cmd_sample(args):
     cfg, model, tok, resume = _config_and_model(SampleConfig, args.rest, "sample")
     if resume:
         raise ConfigError("sample has no --resume: it samples every prompt again and rewrites its output file")
-    rows = load_rows(cfg.dataset, seed=cfg.seed, required_columns=(cfg.prompt_column,))
+    rows = load_rows(cfg.dataset, split=cfg.dataset_split, seed=cfg.seed, required_columns=(cfg.prompt_column,))
     kept, stats = rejection_sample(model, tok, rows, cfg, progress=cfg.progress_bar)
     out = cfg.output_file or os.path.join("runs", "sample", "samples.jsonl")
     write_jsonl(kept, out)

@@ -539,6 +539,7 @@ class SFTConfig(_TrainingConfig):
 
     model_name_or_path: Optional[str] = None
     dataset: Optional[str] = None            # JSONL/parquet/saved dataset with prompt + completion, or builtin:<task>
+    dataset_split: Optional[str] = None
     prompt_column: str = "prompt"
     completion_column: str = "completion"
     system_prompt: Optional[str] = None
@@ -558,6 +559,7 @@ class SampleConfig(_Base):
 
     model_name_or_path: Optional[str] = None
     dataset: Optional[str] = None
+    dataset_split: Optional[str] = None
     prompt_column: str = "prompt"
     answer_column: str = "answer"
     system_prompt: Optional[str] = None
