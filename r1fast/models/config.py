@@ -381,7 +381,7 @@ def _flag(hf: dict, key: str, default: bool):
 
 def _check_token_ids(name: str, value, many: bool) -> None:
     ids = value if many and isinstance(value, list) else [value]
-    if value is None or all((not isinstance(i, bool) and isinstance(i, int) and i >= 0 for i in ids)):
+    if value is None or all(not isinstance(i, bool) and isinstance(i, int) and i >= 0 for i in ids):
         return
     kind = "a non-negative int, a list of them, or null" if many else "a non-negative int or null"
     raise ValueError(f"{name} must be {kind}, got {value!r}")
