@@ -473,7 +473,8 @@ def test_decode_shared_prefix_gpu(dtype, heads, kv_heads, head_dim):
     (6, 2, 40, 5),     # GQA 3 in a tile of 4, head_dim not a power of two, odd block size
     (24, 2, 72, 16),   # GQA 12: two head tiles (8 + 4)
     (64, 1, 96, 32),   # GQA 64: eight full tiles
-    (10, 2, 136, 16),  # GQA 5 in a tile of 8, 8 elements per lane with lanes idle
+    (10, 2, 136, 16),  # GQA 5 in a tile of 6, 8 elements per lane with lanes idle
+    (20, 4, 64, 16),   # GQA 5 at head_dim 64: a tile of 8 (no 6-tile below 4 elements per lane)
     (4, 4, 256, 8),    # MHA at the largest head_dim
 ])
 def test_decode_cuda_every_tile_and_lane_layout(dtype, heads, kv_heads, head_dim, block_size):
