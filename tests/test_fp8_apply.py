@@ -78,6 +78,52 @@ def test_torch_path_on_a_gpu_probes_the_scaling_asked_for(monkeypatch):
     assert support.torch_path(torch.device("cuda"), "tensorwise") == (True, "torch._scaled_mm on NVIDIA L4 (sm_89)")
 
 
+def test_torch_path_on_the_cpu_follows_what_its_scaled_mm_takes(monkeypatch):
+    """torch 2.11's CPU kernel takes tensorwise scales only, 2.13's rows too: the path follows the probe."""
+    import r1fast.fp8.support as support
+
+    takes = {"tensorwise"}
+    monkeypatch.setattr(support, "scaled_mm_error", lambda device, scaling: None if scaling in takes else "RuntimeError: no")
+    ok, why = support.torch_path(torch.device("cpu"), "rowwise")
+    assert not ok and "takes tensorwise scales only, not rowwise" in why
+    assert support.torch_path(torch.device("cpu"), "tensorwise")[0]
+    takes.clear()
+    assert support.torch_path(torch.device("cpu"), "tensorwise") == (
+        False, f"torch {torch.__version__} has no CPU torch._scaled_mm")
+
+
+def test_cuda_fp8_support_needs_ada_or_later_and_probes_nothing_before(monkeypatch):
+    import r1fast.fp8.support as support
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "card")
+    monkeypatch.setattr(support, "scaled_mm_error", lambda device, scaling: pytest.fail("probed a card without FP8"))
+    for cap, ok in (((8, 0), False), ((8, 9), True), ((9, 0), True)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=cap: c)
+        assert support.cuda_fp8_support()[0] is ok, cap
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    ok, why = support.torch_path(torch.device("cuda"), "rowwise")
+    assert not ok and "card is sm_80; FP8 GEMMs need compute capability >= 8.9" in why
+
+
+def test_scaled_mm_probe_passes_the_scales_of_the_scaling_asked_for(monkeypatch):
+    import r1fast.fp8.support as support
+
+    seen = []
+
+    def scaled_mm(a, b, scale_a, scale_b, out_dtype):
+        seen.append((tuple(scale_a.shape), tuple(scale_b.shape), out_dtype))
+        return torch.zeros(16, 16, dtype=out_dtype)
+    monkeypatch.setattr(torch, "_scaled_mm", scaled_mm)
+    support.scaled_mm_error.cache_clear()
+    try:
+        assert support.scaled_mm_error(torch.device("cpu"), "rowwise") is None
+        assert support.scaled_mm_error(torch.device("cpu"), "tensorwise") is None
+    finally:
+        support.scaled_mm_error.cache_clear()
+    assert seen == [((16, 1), (1, 16), torch.float32), ((), (), torch.float32)]
+
+
 def test_plain_module_swaps_aligned_linears_only():
     torch.manual_seed(0)
     model = Tiny()
@@ -289,3 +335,14 @@ def test_auto_mode(monkeypatch):
     monkeypatch.setattr(fp8_apply, "te_recipe_support", lambda recipe: (True, ""))
     opts, _ = fp8_apply._resolve_auto(make_options("auto", recipe="delayed"), cuda)
     assert (opts.mode, opts.recipe) == ("te", "delayed")
+
+
+@pytest.mark.gpu
+def test_scaled_mm_probe_passes_on_hopper():
+    # the probe's own arguments (shapes, bf16 output on CUDA) must be ones Hopper's kernels take
+    from r1fast.fp8.support import scaled_mm_error
+
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("rowwise torch._scaled_mm is only promised on sm_90+")
+    assert scaled_mm_error(torch.device("cuda"), "rowwise") is None
+    assert scaled_mm_error(torch.device("cuda"), "tensorwise") is None

@@ -206,6 +206,16 @@ def test_mistyped_config_values_name_config_json_and_the_key(change, message):
         ModelConfig.from_hf_config(_base(**change))
 
 
+@pytest.mark.parametrize("change, message", [
+    ({"mlp_bias": "false"}, "config.json: mlp_bias must be true or false .*got 'false'"),
+    ({"attention_bias": "false"}, "config.json: attention_bias must be true or false"),
+    ({"torch_dtype": "int8"}, "config.json: torch_dtype 'int8' is not one of"),
+])
+def test_mistyped_llama_flags_and_dtype_are_clear_errors(change, message):
+    with pytest.raises(ValueError, match=message):
+        ModelConfig.from_hf_config({**LLAMA32_1B, **change})
+
+
 def test_flags_and_token_ids_that_are_well_typed_are_read():
     cfg = ModelConfig.from_hf_config(_base(tie_word_embeddings=None, bos_token_id=None, eos_token_id=[2, 7]))
     assert cfg.tie_word_embeddings is False and cfg.bos_token_id is None and cfg.eos_token_id == [2, 7]

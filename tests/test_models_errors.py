@@ -242,6 +242,44 @@ def test_header_check_agrees_with_the_model_layout():
             assert shapes[key] == shape, (arch, key)
 
 
+def _refuse_building(monkeypatch):
+    import r1fast.models.decoder as decoder
+
+    def build(*a, **k):
+        raise AssertionError("the model was built before the checkpoint's headers were checked")
+    monkeypatch.setattr(decoder, "CausalLM", build)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda t: t.pop("model.embed_tokens.weight"), r"incomplete: missing \['model.embed_tokens.weight'\]"),
+    (lambda t: t.pop("model.layers.1.mlp.up_proj.weight"), r"incomplete: missing \['model.layers.1.mlp.up_proj"),
+    (lambda t: t.update({"lm_head.weight": torch.randn(31, 16)}),
+     r"'lm_head.weight' has shape \(31, 16\), but .*config.json implies \(32, 16\)"),
+])
+def test_header_damage_is_refused_before_anything_is_built(tmp_path, monkeypatch, damage, message):
+    ck = tmp_path / "ck"
+    CausalLM(ModelConfig(**TINY)).save_pretrained(ck)
+    tensors = load_file(ck / "model.safetensors")
+    damage(tensors)
+    save_file(tensors, ck / "model.safetensors", metadata={"format": "pt"})
+    _refuse_building(monkeypatch)
+    with pytest.raises(ValueError, match=message):
+        from_pretrained(ck)
+
+
+def test_tied_checkpoint_holding_only_the_head_and_stale_inv_freq_buffers_loads(tmp_path):
+    # transformers writes a tied model's shared tensor under either name; old exports kept rotary buffers
+    model = CausalLM(ModelConfig(**TINY, tie_word_embeddings=True))
+    ck = tmp_path / "ck"
+    model.save_pretrained(ck)
+    tensors = load_file(ck / "model.safetensors")
+    tensors["lm_head.weight"] = tensors.pop("model.embed_tokens.weight")
+    tensors["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(4)
+    save_file(tensors, ck / "model.safetensors", metadata={"format": "pt"})
+    loaded = from_pretrained(ck)
+    assert torch.equal(loaded.hf_tensors()["model.embed_tokens.weight"], tensors["lm_head.weight"])
+
+
 def _save_tokenizer(folder):
     tokenizers = pytest.importorskip("tokenizers")
     from transformers import PreTrainedTokenizerFast
