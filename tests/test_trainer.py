@@ -232,11 +232,12 @@ def test_ctrl_c_leaves_a_resumable_checkpoint(tmp_path):
     import signal
 
     tr = make(tmp_path, "sigint", max_steps=6)
+    before = signal.getsignal(signal.SIGINT)  # SIG_IGN where the tests run in a background job
     # raise_signal delivers to this (the main) thread at once, not to whichever thread the OS picks.
     res = tr.train(callback=lambda step, m: signal.raise_signal(signal.SIGINT) if step == 2 else None)
     assert res.get("interrupted") and tr.global_step == 2
     assert os.path.isfile(tmp_path / "sigint" / "checkpoint-2" / "trainer_state.json")
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler   # handler restored
+    assert signal.getsignal(signal.SIGINT) is before   # handler restored
     again = make(tmp_path, "sigint", max_steps=6)
     assert again.train(resume=True)["global_step"] == 6
 
@@ -710,3 +711,127 @@ def test_master_weights_resume_exactly(tmp_path):
         assert a.dtype == torch.float32 and torch.equal(a, b)
     for (n, p), (_, q) in zip(full.model.named_parameters(), second.model.named_parameters()):
         assert torch.equal(p, q), n
+
+
+def _lengths(prompts, completions, **kw):
+    """A reward that varies within a group from the first step on (completion length)."""
+    return [float(len(c)) for c in completions]
+
+
+@pytest.mark.parametrize("stage", ["grpo", "sft"])
+def test_bf16_runs_clip_and_log_the_fp32_gradients_they_step(tmp_path, monkeypatch, stage):
+    """With fp32 gradient accumulation the step's gradients sit on the fp32 copies, the bf16 parameters'
+    .grad is None: clipping the model's parameters logged a norm of 0.0 and clipped nothing."""
+    import math
+
+    from r1fast.trainer import SFTConfig, sft
+    from r1fast.trainer.master_weights import MasterWeightAdamW
+
+    stepped = []   # the norm of the gradients each optimizer step applies, taken as it starts
+    step = MasterWeightAdamW.step
+
+    def spy(self, closure=None):
+        grads = [m.grad.float() for m in self.masters if m.grad is not None]
+        stepped.append(float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))) if grads else 0.0)
+        return step(self, closure)
+
+    monkeypatch.setattr(MasterWeightAdamW, "step", spy)
+
+    def grad_norm(max_grad_norm):
+        model, tok = tiny_model()
+        common = dict(per_device_train_batch_size=8, learning_rate=1e-3, max_grad_norm=max_grad_norm,
+                      progress_bar=False, output_dir=str(tmp_path / f"{stage}{max_grad_norm}"))
+        if stage == "grpo":
+            tr = GRPOTrainer(model.to(torch.bfloat16), [_lengths], ROWS,
+                             GRPOConfig(max_completion_length=6, **common), tokenizer=tok)
+            out = tr.step()["metrics"]["grad_norm"]
+        else:
+            rows = [{"prompt": str(i), "completion": "7" * (1 + i % 3)} for i in range(24)]
+            tr = sft.SFTTrainer(model.to(torch.bfloat16), tok, rows, SFTConfig(**common))
+            out = tr.step()["grad_norm"]
+        assert tr.optimizer.accumulate_fp32   # the default for a bf16 model
+        return out
+
+    free = grad_norm(0.0)   # no clipping
+    assert math.isfinite(free) and free > 1e-2 and stepped[-1] == pytest.approx(free, rel=1e-3)
+    limit = free / 100
+    clipped = grad_norm(limit)
+    assert clipped == pytest.approx(free, rel=1e-3)   # the logged norm is the one before clipping
+    assert stepped[-1] <= limit * (1 + 1e-4)           # and the step applied the clipped gradients
+
+
+def test_fp32_parameters_beside_bf16_ones_keep_their_gradients_under_fp32_accumulation():
+    """Only 16-bit parameters fold their gradients into fp32 copies; an fp32 parameter (a LayerNorm kept in
+    fp32) is its own copy and keeps its gradient: folding it into itself dropped it, so it never trained."""
+    from r1fast.testing import randn
+    from r1fast.trainer.common import gradient_holders
+    from r1fast.trainer.master_weights import MasterWeightAdamW
+
+    lin = torch.nn.Linear(4, 4).to(torch.bfloat16)
+    norm = torch.nn.LayerNorm(4)   # fp32
+    model = torch.nn.Sequential(lin, norm)
+    opt = MasterWeightAdamW(list(model.parameters()), accumulate_fp32=True, lr=1e-1)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with opt.accumulating():
+        for s in range(2):
+            norm(lin(randn(3, 4, seed=s).to(torch.bfloat16)).float()).square().mul(randn(3, 4, seed=9 + s)).sum().backward()
+    assert norm.weight.grad is not None and norm.bias.grad is not None
+    assert lin.weight.grad is None   # the bf16 gradient went to its fp32 copy
+    holders = gradient_holders(opt, model)
+    assert all(h.grad is not None and h.grad.dtype == torch.float32 for h in holders)
+    opt.step()
+    for n, p in model.named_parameters():
+        assert not torch.equal(p, before[n]), n   # every parameter, fp32 ones included, moved
+
+
+def test_without_fp32_accumulation_the_model_parameters_hold_the_gradients():
+    """accumulate_fp32 off: the bf16 parameters' own gradients are what the step applies, so they are what
+    clipping sees (the fp32 copies have none until the step)."""
+    from r1fast.testing import randn
+    from r1fast.trainer.common import grad_norm_and_clip, gradient_holders
+    from r1fast.trainer.master_weights import MasterWeightAdamW
+
+    model = torch.nn.Linear(8, 4).to(torch.bfloat16)
+    params = list(model.parameters())
+    opt = MasterWeightAdamW(params, accumulate_fp32=False, lr=1e-2)
+    with opt.accumulating():   # a no-op without accumulate_fp32
+        model(randn(5, 8, seed=1).to(torch.bfloat16)).float().square().sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.bfloat16 for p in params)
+    holders = gradient_holders(opt, model)
+    assert len(holders) == len(params) and all(h is p for h, p in zip(holders, params))
+    assert all(h is p for h, p in zip(opt.grad_tensors(), params))
+    want = float(torch.linalg.vector_norm(torch.stack([p.grad.float().norm() for p in params])))
+    assert want > 0 and grad_norm_and_clip(holders, 0.0) == pytest.approx(want, rel=1e-5)
+
+
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_master_weights_zero_grad_clears_the_fp32_gradients(set_to_none):
+    """Gradients folded into the fp32 copies are dropped by zero_grad (a skipped NaN step relies on it): kept,
+    they would join the next step's."""
+    from r1fast.testing import randn
+    from r1fast.trainer.master_weights import MasterWeightAdamW
+
+    model = torch.nn.Linear(8, 4).to(torch.bfloat16)
+    opt = MasterWeightAdamW(list(model.parameters()), accumulate_fp32=True, lr=1e-2)
+    with opt.accumulating():
+        model(randn(5, 8, seed=2).to(torch.bfloat16)).float().square().sum().backward()
+    assert all(m.grad is not None and m.grad.abs().sum() > 0 for m in opt.masters)
+    opt.zero_grad(set_to_none=set_to_none)
+    for m in opt.masters:
+        assert m.grad is None if set_to_none else not m.grad.any()
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_resuming_twice_from_the_same_older_checkpoint(tmp_path):
+    """The second resume sets aside a checkpoint-2 whose abandoned-checkpoint-2 name the first one took: it
+    gets a suffix of its own instead of failing to rename onto the existing folder."""
+    kw = dict(max_steps=3, save_steps=1, save_total_limit=None, per_device_train_batch_size=8)
+    make(tmp_path, **kw).train()
+    run = tmp_path / "run"
+    for _ in range(2):
+        assert make(tmp_path, **{**kw, "max_steps": 2}).train(resume=str(run / "checkpoint-1"))["global_step"] == 2
+    assert _ckpts(run) == ["checkpoint-1", "checkpoint-2"]
+    aside = sorted(p.name for p in run.glob("abandoned-*"))
+    assert aside == ["abandoned-checkpoint-2", f"abandoned-checkpoint-2.{os.getpid()}", "abandoned-checkpoint-3"]
+    assert all((run / n / "trainer_state.json").is_file() for n in aside)
+    assert make(tmp_path, **kw).train(resume=True)["global_step"] == 3   # continues the newest checkpoint-2
