@@ -308,6 +308,7 @@ def _edit_tensors(path, name, edit):
      r"optimizer.safetensors: '0.exp_avg' has shape \(\d+, 15\), parameter 0 is \(\d+, 16\)"),
     (lambda t: {**t, "1.exp_avg_sq": torch.zeros(1)}, r"'1.exp_avg_sq' has shape \(1,\), parameter 1 is"),
     (lambda t: {**t, "1.exp_avg": t["1.exp_avg"].long()}, r"'1.exp_avg' is torch.int64, not a floating-point"),
+    (lambda t: {**t, "0.step": t["0.step"].reshape(1)}, r"'0.step' has shape \(1,\), not a single count"),
 ])
 def test_optimizer_state_that_is_incomplete_or_misshapen_is_an_error(tmp_path, edit, match):
     # torch's load_state_dict took all of these: an empty or partial state silently restarted Adam's
@@ -333,6 +334,11 @@ def test_optimizer_state_is_checked_against_what_was_saved(tmp_path):
     del state["optimizer"]["state_keys"]["2"]
     open(os.path.join(path, "trainer_state.json"), "w").write(json.dumps(state))
     with pytest.raises(ValueError, match=r"optimizer.safetensors holds '2.exp_avg'.*state_keys does not list"):
+        load()
+    # an empty list of what was saved, against a file that holds state
+    state["optimizer"]["state_keys"] = {}
+    (tmp_path / "b" / "checkpoint-3" / "trainer_state.json").write_text(json.dumps(state))
+    with pytest.raises(ValueError, match=r"optimizer.safetensors holds '0.exp_avg'.*state_keys does not list"):
         load()
 
 
@@ -379,6 +385,14 @@ _DEL = object()
     (_set(["rng", "python"], [3, [1, 2], None]), r"rng.python is not a Python random state"),
     (_set(["rng", "numpy"], ["MT19937", [1, 2], 0, 0, 0.0]), r"rng.numpy is not a numpy random state"),
     (_set(["rng"], "x"), r"rng is 'x', not an object"),
+    (_set(["optimizer", "param_groups", 0, "lr"], _DEL), r"optimizer.param_groups\[0\] lacks 'lr'"),
+    (_set(["optimizer", "param_groups", 0, "lr"], True), r"param_groups\[0\].lr is True, where this run has 0.001"),
+    (_set(["optimizer", "param_groups", 0, "maximize"], "false"),
+     r"param_groups\[0\].maximize is 'false', where this run has False"),
+    (_set(["optimizer", "param_groups", 0, "params", 1], 0), r"optimizer.param_groups name a parameter index twice"),
+    (_set(["optimizer", "scalars"], {"0.step": True}), r"optimizer.scalars: '0.step' is True, not a number"),
+    (_set(["optimizer", "state_keys"], []), r"optimizer.state_keys is \[\], not an object of name lists"),
+    (_set(["scheduler", "last_epoch"], -3), r"scheduler.last_epoch is -3, not a whole number >= 0"),
 ])
 def test_malformed_trainer_state_is_an_error_naming_the_file(tmp_path, edit, match):
     # these raised KeyError/TypeError/ValueError from deep in torch, random or numpy, or (global_step
@@ -483,6 +497,8 @@ def test_grpo_resume_checks_its_own_state_and_removes_a_killed_saves_folders(tmp
     ck = tmp_path / "run" / "checkpoint-2"
     good = (ck / "trainer_state.json").read_text()
     for edit, match in [(lambda s: s.pop("rollout_index"), "rollout_index is None"),
+                        (lambda s: s.update(rollout_index=-1), "rollout_index is -1, not a whole number >= 0"),
+                        (lambda s: s.update(nonfinite_skipped=2.5), "nonfinite_skipped is 2.5, not a whole number"),
                         (lambda s: s["data"].update(index=-1), r"data is \{'epoch': 0, 'index': -1\}, not a position")]:
         state = json.loads(good)
         edit(state)
@@ -513,3 +529,119 @@ def test_jsonl_that_is_not_utf8_or_nested_too_deep_is_named(tmp_path):
     deep.write_text('{"prompt": ' + "[" * 100000 + "]" * 100000 + "}\n")
     with pytest.raises(ValueError, match="deep.jsonl' line 1: JSON nested too deeply"):
         load_rows(str(deep))
+
+
+def test_amsgrad_state_resumes_and_a_state_without_its_key_list_is_still_checked(tmp_path):
+    # AdamW(amsgrad=True) keeps max_exp_avg_sq beside the moments; a checkpoint from before state_keys
+    # was recorded is checked per parameter against what AdamW keeps
+    from safetensors.torch import load_file
+
+    path, load = _stepped_checkpoint(tmp_path / "ams", amsgrad=True)
+    saved = load_file(os.path.join(path, "optimizer.safetensors"))
+    o = load()
+    assert len(o.state) == 9
+    for i, p in enumerate(o.param_groups[0]["params"]):
+        assert set(o.state[p]) == {"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"}
+        assert torch.equal(o.state[p]["max_exp_avg_sq"], saved[f"{i}.max_exp_avg_sq"])
+    for kw, drop, keeps in [({}, "0.exp_avg_sq", "'exp_avg', 'exp_avg_sq', 'step'"),
+                            ({"amsgrad": True}, "0.max_exp_avg_sq", "'exp_avg', 'exp_avg_sq', 'max_exp_avg_sq', 'step'")]:
+        path, load = _stepped_checkpoint(tmp_path / f"old{len(kw)}", **kw)
+        file = tmp_path / f"old{len(kw)}" / "checkpoint-3" / "trainer_state.json"
+        state = json.loads(file.read_text())
+        del state["optimizer"]["state_keys"]   # the older format
+        file.write_text(json.dumps(state))
+        load()   # complete: loads
+        _edit_tensors(path, "optimizer.safetensors", lambda t, drop=drop: {k: v for k, v in t.items() if k != drop})
+        with pytest.raises(ValueError, match=rf"parameter 0 has state \[.*\]; AdamW keeps \[{keeps}\]"):
+            load()
+
+
+def test_optimizer_param_groups_of_other_sizes_are_an_error_before_the_weights_load(tmp_path):
+    tok = build_char_tokenizer()
+    model = _model(tok)
+    params = list(model.parameters())
+    opt = torch.optim.AdamW([{"params": params[:1]}, {"params": params[1:]}], lr=1e-3)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    path = ckpt.save_checkpoint(str(tmp_path), 1, model=model, optimizer=opt)
+    m2 = _model(tok)
+    m2.reset_parameters(seed=1)
+    before = {n: p.detach().clone() for n, p in m2.named_parameters()}
+    assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters())
+    p2 = list(m2.parameters())
+    o2 = torch.optim.AdamW([{"params": p2[:-1]}, {"params": p2[-1:]}], lr=1e-3)
+    n = len(params)
+    with pytest.raises(ValueError, match=rf"optimizer.param_groups hold \[1, {n - 1}\] parameters, this "
+                                         rf"optimizer's \[{n - 1}, 1\]"):
+        ckpt.load_checkpoint(path, model=m2, optimizer=o2)
+    assert all(torch.equal(p, before[n]) for n, p in m2.named_parameters()) and not o2.state
+
+
+def test_clear_run_removes_what_a_run_writes_and_nothing_else(tmp_path):
+    run = tmp_path / "run"
+    pid = os.getpid()
+    ours = ["checkpoint-4", f"checkpoint-4.old-{pid}", "abandoned-checkpoint-2", f"abandoned-checkpoint-2.{pid}",
+            "tensorboard", ".tmp-checkpoint-5-x1", "..tmp-checkpoint-5-x1.tmp-y2"]
+    theirs = ["checkpoints", "checkpoint-x.old-1", "my-checkpoint-3", "tensorboard-2", "abandoned"]
+    for name in ours + theirs:
+        (run / name).mkdir(parents=True)
+        (run / name / "f").write_text(name)
+    ours_files = ["metrics.jsonl", "completions.jsonl", "metrics.jsonl.tmp", "completions.jsonl.tmp"]
+    theirs_files = ["notes.txt", "completions.json", "metrics.jsonl.bak", "abandoned-checkpoint.txt"]
+    for name in ours_files + theirs_files:
+        (run / name).write_text(name)
+    ckpt.clear_run(str(run))
+    assert sorted(os.listdir(run)) == sorted(theirs + theirs_files)
+    assert all((run / n / "f").read_text() == n for n in theirs)
+    ckpt.clear_run(str(tmp_path / "missing"))   # no folder: nothing to do
+
+
+def test_set_aside_newer_moves_only_the_later_checkpoints_of_the_resumed_ones_folder(tmp_path):
+    def checkpoint(folder, step):
+        d = folder / f"checkpoint-{step}"
+        d.mkdir(parents=True)
+        (d / ckpt.STATE_FILE).write_text("{}")
+        return str(d)
+
+    run, other = tmp_path / "run", tmp_path / "other"
+    for step in (1, 2, 3):
+        checkpoint(run, step)
+    elsewhere = checkpoint(other, 1)
+    # a checkpoint from another folder abandons nothing here
+    assert ckpt.set_aside_newer(str(run), elsewhere) == []
+    assert [s for s, _ in ckpt.list_checkpoints(str(run))] == [1, 2, 3] and os.listdir(other) == ["checkpoint-1"]
+    # a name an earlier resume took gets a suffix, the earlier folder is kept as it was
+    (run / "abandoned-checkpoint-3").mkdir()
+    (run / "abandoned-checkpoint-3" / "mine").write_text("earlier")
+    moved = ckpt.set_aside_newer(str(run), str(run / "checkpoint-1"))
+    assert moved == [str(run / "abandoned-checkpoint-2"), str(run / f"abandoned-checkpoint-3.{os.getpid()}")]
+    assert [s for s, _ in ckpt.list_checkpoints(str(run))] == [1]
+    assert (run / "abandoned-checkpoint-3" / "mine").read_text() == "earlier"
+    assert (run / f"abandoned-checkpoint-3.{os.getpid()}" / ckpt.STATE_FILE).is_file()
+
+
+def test_tool_messages_are_accepted_and_a_prompts_own_system_message_is_kept_alone():
+    import types
+
+    from r1fast.data.loading import prompt_messages, prompt_text
+
+    tok = build_char_tokenizer()
+    msgs = [{"role": "user", "content": "3+4="}, {"role": "tool", "content": "calc: 7"}]
+    assert prompt_messages(msgs, None) == msgs
+    assert prompt_text(types.SimpleNamespace(chat_template=None), msgs) == "3+4=\ncalc: 7"   # no template: joined
+    encode_prompt(tok, msgs)   # the built-in template renders no tool message, but takes one
+    # a prompt with its own system message gets no second one from system_prompt
+    own = [{"role": "system", "content": "Own rules."}, {"role": "user", "content": "3+4="}]
+    assert prompt_messages(own, "Be brief.") == own
+    ids = encode_prompt(tok, own, system_prompt="Be brief.")
+    assert tok.decode(ids, skip_special_tokens=False) == "<bos>Own rules.\n<|user|>3+4=<|assistant|>"
+
+
+def test_jsonl_that_is_not_utf8_names_the_line_read_when_it_failed(tmp_path):
+    # decoded a block at a time: a bad byte far into line 2 is met after line 1 was read whole
+    late = tmp_path / "late.jsonl"
+    line2 = '{"prompt": "' + "1+1=" * 100_000 + 'caf\u00e9"}\n'
+    late.write_bytes(b'{"prompt": "2+2="}\n' + line2.encode("latin-1"))
+    with pytest.raises(ValueError, match=r"late.jsonl': not UTF-8 text \(byte b'\\xe9', near line 2\); save it"):
+        load_rows(str(late))
