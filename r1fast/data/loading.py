@@ -98,10 +98,22 @@ def read_json_objects(path: str, what: str) -> list[dict]:
                 if not isinstance(row, dict):
                     raise ValueError(f"{what} line {n}: expected a JSON object, got {type(row).__name__}")
                 rows.append(row)
-        except UnicodeDecodeError as e:  # decoded as it is read, a block at a time: the line is approximate
-            raise ValueError(f"{what}: not UTF-8 text (byte {e.object[e.start:e.start + 1]!r}, near line "
-                             f"{n + 1}); save it as UTF-8") from None
+        except UnicodeDecodeError:  # text mode decodes a block at a time: find the line in the bytes
+            line, byte = _first_non_utf8_line(path)
+            raise ValueError(f"{what} line {line}: not UTF-8 text (byte {byte!r}); save it as UTF-8") from None
     return rows
+
+
+def _first_non_utf8_line(path: str) -> tuple[int, bytes]:
+    """(line number, offending byte) of the first line of `path` that is not valid UTF-8."""
+    n = 0
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                return n, raw[e.start:e.start + 1]
+    return n, b""  # not reached when text mode failed to decode the same bytes
 
 
 def _read_jsonl(path: str) -> list[dict]:
