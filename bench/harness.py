@@ -53,7 +53,7 @@ def device_lost(device: torch.device) -> str | None:
     try:
         torch.cuda.synchronize(device)
     except Exception as e:  # noqa: BLE001 - any error here means the context is gone
-        return f"{type(e).__name__}: {e}"
+        return " ".join(f"{type(e).__name__}: {e}".split())  # one line: torch's message spans several
     return None
 
 

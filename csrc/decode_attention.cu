@@ -228,11 +228,15 @@ void dispatch_group(const DecodeAttentionArgs& a, cudaStream_t stream) {
   if (group == 1) launch<T, VPL, 1>(a, stream);
   else if (group == 2) launch<T, VPL, 2>(a, stream);
   else if (group <= 4) launch<T, VPL, 4>(a, stream);
-  // A tile of 6 (Qwen2.5-1.5B's group) at head_dim > 64 needs 123 registers on sm_90a against the
-  // 8-tile's 146: four CTAs per SM instead of three, more K/V bytes in flight. Narrower heads would
-  // spill with it, and gain little (they hold fewer registers anyway).
-  else if (VPL >= 4 && group <= 6) launch<T, VPL, (VPL >= 4 ? 6 : 8)>(a, stream);
-  else launch<T, VPL, 8>(a, stream);
+  else {
+    // A tile of 6 (Qwen2.5-1.5B's group) at head_dim 128 needs 123 registers on sm_90a against the
+    // 8-tile's 146 (ptxas -v): four CTAs per SM instead of three, more K/V bytes in flight. At
+    // head_dim <= 64 both tiles fit anyway, and ptxas spills a few bytes in the 6-tile build there.
+    if constexpr (VPL >= 4) {
+      if (group <= 6) return launch<T, VPL, 6>(a, stream);
+    }
+    launch<T, VPL, 8>(a, stream);
+  }
 }
 
 template <typename T>

@@ -39,8 +39,8 @@ def _cmd_bench(args):
                      append_to=args.append)
     except harness.DeviceLost as e:
         # exit status 3: bench/gpu_check.sh goes on with the suites left, in a fresh process
-        print(f"r1fast bench: the CUDA context is lost ({e}); suites not run: {' '.join(e.remaining)}",
-              file=sys.stderr)
+        print(f"r1fast bench: the CUDA context is lost ({e})", file=sys.stderr)
+        print(f"r1fast bench: suites not run: {' '.join(e.remaining)}", file=sys.stderr)
         raise SystemExit(3)
     except ValueError as e:
         raise SystemExit(f"r1fast bench: {e}")

@@ -646,3 +646,8 @@ def test_jsonl_that_is_not_utf8_names_the_line_read_when_it_failed(tmp_path):
     late.write_bytes(b'{"prompt": "2+2="}\n' + line2.encode("latin-1") + b'{"prompt": "\xff"}\n')
     with pytest.raises(ValueError, match=r"late.jsonl' line 2: not UTF-8 text \(byte b'\\xe9'\); save it"):
         load_rows(str(late))
+    # lines ended by \r alone (old Mac files) are lines too, as in text mode
+    cr = tmp_path / "cr.jsonl"
+    cr.write_bytes(b'{"prompt": "1"}\r{"prompt": "2"}\r\n\r{"prompt": "caf\xe9"}\n')
+    with pytest.raises(ValueError, match=r"cr.jsonl' line 4: not UTF-8 text"):
+        load_rows(str(cr))

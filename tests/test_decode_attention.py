@@ -474,6 +474,7 @@ def test_decode_shared_prefix_gpu(dtype, heads, kv_heads, head_dim):
     (24, 2, 72, 16),   # GQA 12: two head tiles (8 + 4)
     (64, 1, 96, 32),   # GQA 64: eight full tiles
     (10, 2, 136, 16),  # GQA 5 in a tile of 6, 8 elements per lane with lanes idle
+    (10, 2, 96, 16),   # GQA 5 in a tile of 6, 4 elements per lane
     (20, 4, 64, 16),   # GQA 5 at head_dim 64: a tile of 8 (no 6-tile below 4 elements per lane)
     (4, 4, 256, 8),    # MHA at the largest head_dim
 ])
@@ -505,13 +506,11 @@ def test_decode_cuda_every_tile_and_lane_layout(dtype, heads, kv_heads, head_dim
     (torch.float32, 4, 1, 264),    # head_dim past 256
     (torch.float16, 130, 2, 16),   # more than 64 query heads per KV head
 ])
-def test_decode_default_backend_passes_over_cuda_for_shapes_it_cannot_take(monkeypatch, dtype, heads, kv_heads,
-                                                                           head_dim):
+def test_decode_default_backend_passes_over_cuda_for_shapes_it_cannot_take(dtype, heads, kv_heads, head_dim):
     # With no backend asked for, inputs outside the CUDA kernel's shapes run on the next backend;
     # asking for cuda by name stays an error.
     from r1fast.testing import assert_within_lowp_rule
 
-    monkeypatch.delenv("R1FAST_BACKEND", raising=False)
     q, kc, vc, tables, ctx = make_case(3, heads, kv_heads, head_dim, 16, [1, 17, 40], dtype=dtype, device="cuda")
     want = expected(q, kc, vc, tables, ctx)
     ref_lowp = ref.paged_decode_attention(q, kc, vc, tables.clamp_min(0), ctx).cpu()
@@ -537,12 +536,17 @@ def test_decode_default_backend_passes_over_cuda_for_shapes_it_cannot_take_cpu(m
             return "cuda", cuda_stand_in
         return real_resolve(op, device, backend, **kw)
 
-    monkeypatch.delenv("R1FAST_BACKEND", raising=False)
     monkeypatch.setattr(attention.backends, "resolve", resolve)
     q, kc, vc, tables, ctx = make_case(2, 4, 2, 12, 8, [3, 9])
     assert_close(ops.paged_decode_attention(q, kc, vc, tables, ctx), expected(q, kc, vc, tables, ctx),
                  dtype=torch.float32, rtol=1e-5, name="default decode, head_dim 12")
-    assert asked == [None, "triton"]  # the next fastest, not the first registered (reference)
+    # the next fastest, not the first registered (reference); triton on the CPU only under the interpreter
+    assert asked == [None, "triton" if backends.backend_available("triton", torch.device("cpu"))[0] else "torch"]
+    asked.clear()
+    q, kc, vc, tables, ctx = make_case(2, 4, 2, 16, 8, [3, 9], dtype=torch.float64)
+    assert_close(ops.paged_decode_attention(q, kc, vc, tables, ctx), expected(q, kc, vc, tables, ctx),
+                 dtype=torch.float64, name="default decode, float64")
+    assert asked == [None, "torch"]  # Triton's kernel keeps fp32 state: float64 goes to torch
     q, kc, vc, tables, ctx = make_case(2, 4, 2, 16, 8, [3, 9])
     with pytest.raises(AssertionError, match="the cuda backend was given"):  # shapes it takes still go to cuda
         ops.paged_decode_attention(q, kc, vc, tables, ctx)

@@ -108,11 +108,13 @@ def _first_non_utf8_line(path: str) -> tuple[int, bytes]:
     """(line number, offending byte) of the first line of `path` that is not valid UTF-8."""
     n = 0
     with open(path, "rb") as f:
-        for n, raw in enumerate(f, 1):
-            try:
-                raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                return n, raw[e.start:e.start + 1]
+        for chunk in f:
+            for raw in chunk.splitlines():  # \r, \n and \r\n end a line, as in text mode
+                n += 1
+                try:
+                    raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    return n, raw[e.start:e.start + 1]
     return n, b""  # not reached when text mode failed to decode the same bytes
 
 

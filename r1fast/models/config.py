@@ -103,6 +103,10 @@ class ModelConfig:
             self.attention_bias = is_qwen2
         if self.qk_norm is None:
             self.qk_norm = is_qwen3
+        for name in ("tie_word_embeddings", "mlp_bias", "attention_bias", "qk_norm"):
+            # a string "false" would be truthy: the flag would silently mean the opposite
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false (a JSON boolean), got {getattr(self, name)!r}")
         # Flags transformers' classes cannot express would make a checkpoint it loads differently.
         if is_qwen2 and not self.attention_bias:
             raise ValueError("Qwen2ForCausalLM always has q/k/v bias; attention_bias=False is not representable")
@@ -111,10 +115,6 @@ class ModelConfig:
                              "(q/k norm exists exactly in Qwen3ForCausalLM)")
         if self.mlp_bias and self.architecture != "LlamaForCausalLM":
             raise ValueError(f"mlp_bias is only supported for LlamaForCausalLM, not {self.architecture}")
-        for name in ("tie_word_embeddings", "mlp_bias", "attention_bias", "qk_norm"):
-            # a string "false" would be truthy: the flag would silently mean the opposite
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be true or false (a JSON boolean), got {getattr(self, name)!r}")
         _check_token_ids("bos_token_id", self.bos_token_id, many=False)
         _check_token_ids("eos_token_id", self.eos_token_id, many=True)
         if self.torch_dtype is not None and (not isinstance(self.torch_dtype, str)

@@ -373,10 +373,11 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, *, s
     name, fn = backends.resolve("paged_decode_attention", q.device, backend, dtype=q.dtype)
     if name == "cuda" and backend is None and os.environ.get("R1FAST_BACKEND") != "cuda" and \
             _cuda_shape_problem(q, k_cache):
-        # the default is the fastest backend that takes these inputs: Triton pads any head_dim and group
-        usable = backends.available("paged_decode_attention", q.device)
-        name, fn = backends.resolve("paged_decode_attention", q.device,
-                                    "triton" if "triton" in usable else "torch", dtype=q.dtype)
+        # the default is the fastest backend that takes these inputs: Triton pads any head_dim and
+        # group, but its kernel keeps fp32 softmax state (no float64)
+        triton_ok = q.dtype != torch.float64 and backends.backend_available("triton", q.device)[0]
+        name, fn = backends.resolve("paged_decode_attention", q.device, "triton" if triton_ok else "torch",
+                                    dtype=q.dtype)
     return fn(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits, partition, shared_prefix)
 
 
