@@ -41,9 +41,9 @@ class DeviceLost(RuntimeError):
     this kind are sticky, so nothing more can run in this process; a new process can go on with
     `remaining` (main(..., append_to=) adds its rows to the same results files)."""
 
-    def __init__(self, why: str, rows: list[dict] | None = None, remaining: list[str] | None = None):
+    def __init__(self, why: str, rows: list[dict] | None = None):
         super().__init__(why)
-        self.rows, self.remaining = rows or [], remaining or []
+        self.rows, self.remaining = rows or [], []
 
 
 def device_lost(device: torch.device) -> str | None:
@@ -551,14 +551,15 @@ def main(suite_names: list[str], size: str = "smoke", out_dir: str | None = None
                               on_case=lambda part: save(rows + part))
         except DeviceLost as e:
             rows += e.rows
-            lost = DeviceLost(str(e), remaining=names[i + 1:])
+            lost = e
         except Exception as e:  # one broken suite must not lose the others' results
             log(f"  FAILED {name}: {type(e).__name__}: {e}")
             why = device_lost(dev)
-            lost = DeviceLost(why, remaining=names[i + 1:]) if why else None
+            lost = DeviceLost(why) if why else None
         log(f"[bench] {name} done in {time.perf_counter() - t0:.1f}s")
         save(rows)
         if lost:
+            lost.remaining = names[i + 1:]
             log(f"[bench] the CUDA context is lost ({lost}); suites not run: {' '.join(lost.remaining) or '-'}")
             break
     log(f"[bench] machine: matmul {', '.join(f'{k} {v / 1e12:.1f} TFLOP/s' for k, v in machine._rates.items()) or '-'}"

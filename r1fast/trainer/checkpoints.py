@@ -485,7 +485,7 @@ def _check_state(path: str, state: Any, scheduler) -> Optional[dict]:
     step = state.get("global_step") if isinstance(state, dict) else None
     if type(step) is not int or step < 0:
         raise _BadState(f"{STATE_FILE}: global_step is {_short(step)}, not a step count (a whole number >= 0)")
-    m = re.match(r"^(?:abandoned-)?checkpoint-(\d+)$", os.path.basename(os.path.normpath(path)))
+    m = _CKPT_RE.match(os.path.basename(os.path.normpath(path)).removeprefix("abandoned-"))
     if m and int(m.group(1)) != step:   # save_checkpoint names the folder after the step
         raise _BadState(f"{STATE_FILE}: global_step is {step}, but the checkpoint was saved as "
                         f"checkpoint-{m.group(1)}")
