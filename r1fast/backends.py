@@ -95,8 +95,11 @@ def available(op: str, device: torch.device | str) -> list[str]:
 
 
 def resolve(op: str, device: torch.device | str, backend: str | None = None, *,
-            dtype: torch.dtype | None = None) -> tuple[str, Callable]:
-    """The (backend name, function) to run `op` on `device` (with inputs of `dtype`, where that matters)."""
+            dtype: torch.dtype | None = None, accepts: Callable[[str], bool] | None = None) -> tuple[str, Callable]:
+    """The (backend name, function) to run `op` on `device` (with inputs of `dtype`, where that matters).
+    `accepts(name)` says whether a backend's kernel takes these particular inputs (a dtype or shape it
+    lacks): the default passes over one that does not; a backend asked for by name is run regardless
+    and raises its own error."""
     device = torch.device(device)
     impls = implementations(op)
     requested, source = backend, "backend="
@@ -119,19 +122,23 @@ def resolve(op: str, device: torch.device | str, backend: str | None = None, *,
             raise ValueError(f"{op}: the Triton interpreter (TRITON_INTERPRET=1) computes bfloat16 matrix products "
                              f"wrongly; on the CPU use float32 or float16 inputs, or backend='torch'")
         return requested, impls[requested]
-    b = default(op, device)
+    b = default(op, device, accepts)
     if b is None:
+        usable = available(op, device)
+        if usable:
+            raise ValueError(f"{op}: none of the backends usable on {device.type} ({', '.join(usable)}) takes "
+                             f"these inputs")
         raise ValueError(f"{op}: no implementation is available on {device.type}; registered: {sorted(impls)}")
     return b, impls[b]
 
 
-def default(op: str, device: torch.device | str) -> str | None:
+def default(op: str, device: torch.device | str, accepts: Callable[[str], bool] | None = None) -> str | None:
     """The backend `op` runs on `device` when nothing is requested (None if none is usable)."""
     device = torch.device(device)
     impls = implementations(op)
     # first usable in preference order, checked lazily: resolve() runs per layer per decode step
     return next((b for b in (_GPU_ORDER if device.type == "cuda" else _CPU_ORDER)
-                 if b in impls and backend_available(b, device)[0]), None)
+                 if b in impls and backend_available(b, device)[0] and (accepts is None or accepts(b))), None)
 
 
 def ops() -> list[str]:

@@ -522,33 +522,36 @@ def test_decode_default_backend_passes_over_cuda_for_shapes_it_cannot_take(dtype
 
 
 def test_decode_default_backend_passes_over_cuda_for_shapes_it_cannot_take_cpu(monkeypatch):
-    # The same choice on the CPU, with the cuda backend stood in for: it must never be called.
-    from r1fast.ops import attention
-
+    # The same choice on the CPU through the real backends.resolve, with a cuda backend stood in for
+    # and the GPU's preference order: the stand-in must be called only with inputs it takes.
     def cuda_stand_in(*args):
         raise AssertionError("the cuda backend was given inputs it cannot take")
 
-    real_resolve, asked = backends.resolve, []
-
-    def resolve(op, device, backend=None, **kw):
-        asked.append(backend)
-        if backend is None and op == "paged_decode_attention" and not os.environ.get("R1FAST_BACKEND"):
-            return "cuda", cuda_stand_in
-        return real_resolve(op, device, backend, **kw)
-
-    monkeypatch.setattr(attention.backends, "resolve", resolve)
+    real_available, chosen = backends.backend_available, []
+    monkeypatch.setitem(backends._REGISTRY["paged_decode_attention"], "cuda", cuda_stand_in)
+    monkeypatch.setattr(backends, "_CPU_ORDER", backends._GPU_ORDER)
+    monkeypatch.setattr(backends, "backend_available",
+                        lambda b, device: (True, "") if b == "cuda" else real_available(b, device))
+    for b, fn in list(backends._REGISTRY["paged_decode_attention"].items()):
+        if b != "cuda":
+            monkeypatch.setitem(backends._REGISTRY["paged_decode_attention"], b,
+                                lambda *a, _b=b, _fn=fn: chosen.append(_b) or _fn(*a))
     q, kc, vc, tables, ctx = make_case(2, 4, 2, 12, 8, [3, 9])
     assert_close(ops.paged_decode_attention(q, kc, vc, tables, ctx), expected(q, kc, vc, tables, ctx),
                  dtype=torch.float32, rtol=1e-5, name="default decode, head_dim 12")
     # the next fastest, not the first registered (reference); triton on the CPU only under the interpreter
-    assert asked == [None, "triton" if backends.backend_available("triton", torch.device("cpu"))[0] else "torch"]
-    asked.clear()
+    assert chosen == ["triton" if real_available("triton", torch.device("cpu"))[0] else "torch"]
+    chosen.clear()
     q, kc, vc, tables, ctx = make_case(2, 4, 2, 16, 8, [3, 9], dtype=torch.float64)
     assert_close(ops.paged_decode_attention(q, kc, vc, tables, ctx), expected(q, kc, vc, tables, ctx),
                  dtype=torch.float64, name="default decode, float64")
-    assert asked == [None, "torch"]  # Triton's kernel keeps fp32 state: float64 goes to torch
+    assert chosen == ["torch"]  # Triton's kernel keeps fp32 state: float64 goes to torch
     q, kc, vc, tables, ctx = make_case(2, 4, 2, 16, 8, [3, 9])
     with pytest.raises(AssertionError, match="the cuda backend was given"):  # shapes it takes still go to cuda
+        ops.paged_decode_attention(q, kc, vc, tables, ctx)
+    monkeypatch.setenv("R1FAST_BACKEND", "cuda")  # asked for by name, cuda gets what it cannot take, and raises
+    q, kc, vc, tables, ctx = make_case(2, 4, 2, 12, 8, [3, 9])
+    with pytest.raises(AssertionError, match="the cuda backend was given"):
         ops.paged_decode_attention(q, kc, vc, tables, ctx)
 
 

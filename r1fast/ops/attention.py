@@ -26,7 +26,6 @@ import logging
 import math
 import numbers
 import operator
-import os
 
 import numpy as np
 import torch
@@ -283,6 +282,14 @@ def _cuda_shape_problem(q, k_cache) -> str | None:
     return None
 
 
+def _backend_takes(name, q, k_cache) -> bool:
+    """Whether a backend's decode kernel takes these inputs: Triton pads any head_dim and group, but its
+    kernel keeps fp32 softmax state (no float64); see _cuda_shape_problem for CUDA's limits."""
+    if name == "cuda":
+        return _cuda_shape_problem(q, k_cache) is None
+    return name != "triton" or q.dtype != torch.float64
+
+
 def _check_cuda_shapes(q, k_cache):
     problem = _cuda_shape_problem(q, k_cache)
     if problem:
@@ -370,14 +377,8 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, *, s
     if k_cache.shape[2] > MAX_GRID_YZ:
         raise ValueError(f"paged_decode_attention: {k_cache.shape[2]} KV heads exceed the launch grid limit "
                          f"{MAX_GRID_YZ}")
-    name, fn = backends.resolve("paged_decode_attention", q.device, backend, dtype=q.dtype)
-    if name == "cuda" and backend is None and os.environ.get("R1FAST_BACKEND") != "cuda" and \
-            _cuda_shape_problem(q, k_cache):
-        # the default is the fastest backend that takes these inputs: Triton pads any head_dim and
-        # group, but its kernel keeps fp32 softmax state (no float64)
-        triton_ok = q.dtype != torch.float64 and backends.backend_available("triton", q.device)[0]
-        name, fn = backends.resolve("paged_decode_attention", q.device, "triton" if triton_ok else "torch",
-                                    dtype=q.dtype)
+    _, fn = backends.resolve("paged_decode_attention", q.device, backend, dtype=q.dtype,
+                             accepts=lambda name: _backend_takes(name, q, k_cache))
     return fn(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits, partition, shared_prefix)
 
 
