@@ -114,7 +114,7 @@ else
   done
   echo "bench exit $rc$([ $rc = 124 ] && echo ' (time box: the suites after the last one done did not run)')"
   [ $rc = 0 ] || [ $rc = 3 ] || failed="$failed bench($rc)"
-  grep -E "FAILED|skip|done in" "$OUT/bench.log" | head -40
+  grep -E "FAILED|skip|done in|engine start-up" "$OUT/bench.log" | head -40
   case $rc in 0|124) ;; *) tail -5 "$OUT/bench.log";; esac
 fi
 
@@ -126,6 +126,7 @@ rc=$?; echo "profile exit $rc"; [ $rc = 0 ] || failed="$failed profile($rc)"
 # time limit). The table comes last, where the tool's output tail shows it.
 stage "done; ${failed:+stages that failed or were cut:$failed; }summary:"
 for f in "$OUT"/*.csv; do [ -f "$f" ] && python3 -m r1fast.cli bench --table "$f"; done
+grep -h "engine start-up: paged_decode_attention" "$OUT/bench.log" 2>/dev/null | sort -u | head -4
 # again after the table, which can be longer than the tail the device tool returns
 if [ -n "$failed" ]; then echo "gpu_check: stages that failed or were cut:$failed; files in \$OUT"
 else echo "gpu_check: every stage passed; files in \$OUT"; fi

@@ -11,6 +11,20 @@ def _cmd_info(args):
     print(info.render(info.collect()))
 
 
+def _show_engine_start_up():
+    """Which decode kernel the engine's start-up timing picked, and by how much, belongs in a bench log."""
+    import logging
+
+    class ToStdout(logging.Handler):  # today's sys.stdout at each record, not the one at set-up
+        def emit(self, record):
+            print(f"[bench] engine start-up: {self.format(record)}", flush=True)
+
+    picks = logging.getLogger("r1fast.rollout.self_check")
+    picks.setLevel(logging.INFO)
+    if not any(type(h).__name__ == "ToStdout" for h in picks.handlers):
+        picks.addHandler(ToStdout())
+
+
 def _cmd_bench(args):
     from pathlib import Path
 
@@ -34,6 +48,7 @@ def _cmd_bench(args):
         png = harness.plot(paths, paths[-1].with_suffix(".png"))
         print(f"wrote {png}")
         return
+    _show_engine_start_up()
     try:
         harness.main(args.suites, size=args.size, out_dir=args.out, device=args.device, budget_s=args.budget,
                      append_to=args.append)

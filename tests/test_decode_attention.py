@@ -1,5 +1,4 @@
 """Paged decode and prefill attention: every backend against the float64 reference."""
-import os
 
 import numpy as np
 import pytest

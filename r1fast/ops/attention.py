@@ -282,7 +282,7 @@ def _cuda_shape_problem(q, k_cache) -> str | None:
     return None
 
 
-def _backend_takes(name, q, k_cache) -> bool:
+def decode_backend_takes(name, q, k_cache) -> bool:
     """Whether a backend's decode kernel takes these inputs: Triton pads any head_dim and group, but its
     kernel keeps fp32 softmax state (no float64); see _cuda_shape_problem for CUDA's limits."""
     if name == "cuda":
@@ -378,7 +378,7 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, *, s
         raise ValueError(f"paged_decode_attention: {k_cache.shape[2]} KV heads exceed the launch grid limit "
                          f"{MAX_GRID_YZ}")
     _, fn = backends.resolve("paged_decode_attention", q.device, backend, dtype=q.dtype,
-                             accepts=lambda name: _backend_takes(name, q, k_cache))
+                             accepts=lambda name: decode_backend_takes(name, q, k_cache))
     return fn(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits, partition, shared_prefix)
 
 

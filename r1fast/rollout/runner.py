@@ -108,7 +108,7 @@ class ModelRunner:
             from r1fast.rollout.self_check import select_backends
 
             chosen = select_backends(self.device, self.dtype, cfg.num_attention_heads, self.num_kv_heads,
-                                     self.head_dim)
+                                     self.head_dim, timing_batch=max_num_seqs)
             self.decode_backend, self.store_backend = chosen["paged_decode_attention"], chosen["store_kv"]
         group = cfg.num_attention_heads // self.num_kv_heads
         # only the triton and cuda kernels read shared blocks once (both through Triton's prefix kernel);

@@ -5,13 +5,18 @@ backends (CUDA C++, then Triton) inside CUDA graphs, where a wrong number would 
 the rewards drift. So before capturing its graphs the engine runs each candidate once on a small
 random case in the model's shapes and dtype (several context lengths, one and several splits)
 against the float64 reference, and uses the first that agrees; one that does not is skipped with a
-warning naming the error. The shared-prefix path of the chosen decode backend is checked the same
-way (shared_prefix_ok); where it disagrees the engine decodes without it. The cost is a few small
-launches per engine.
+warning naming the error. Where more than one decode backend agrees, each is timed on a decode step
+of the rollout's batch (replayed from a CUDA graph, as the engine runs it) and the faster one is
+used: which of the CUDA and Triton kernels wins depends on the card and the head shapes. The
+shared-prefix path of the chosen decode backend is checked the same way (shared_prefix_ok); where
+it disagrees the engine decodes without it. The cost is a few small launches and two short graph
+replays per engine.
 """
 from __future__ import annotations
 
 import logging
+import math
+import time
 
 import torch
 
@@ -96,11 +101,83 @@ def _store_error(backend: str, device, dtype, num_kv_heads: int, head_dim: int) 
                for a, b in zip(got, want))
 
 
+# The K/V caches of the timing case take at most this much memory (the context shrinks to fit).
+_TIMING_BYTES = 256 << 20
+
+
+def decode_seconds(backend: str, device, dtype, num_heads: int, num_kv_heads: int, head_dim: int,
+                   batch: int = 64, context: int = 1024, repeats: int = 10) -> float:
+    """Seconds per call of `backend`'s decode attention for `batch` sequences of `context` tokens (the
+    best of three rounds). On a GPU the calls are replayed from a CUDA graph, as the engine runs them,
+    so Python's launch overhead (the same for every backend) does not hide the kernels' difference."""
+    device, block_size = torch.device(device), 16
+    token_bytes = 2 * num_kv_heads * head_dim * dtype.itemsize
+    context = max(block_size, min(context, _TIMING_BYTES // (batch * token_bytes)))
+    width = math.ceil(context / block_size)
+    g = torch.Generator(device="cpu").manual_seed(3)
+    k, v = (torch.randn(batch * width, block_size, num_kv_heads, head_dim, generator=g).to(device, dtype)
+            for _ in range(2))
+    q = torch.randn(batch, num_heads, head_dim, generator=g).to(device, dtype)
+    tables = torch.randperm(batch * width, generator=g).reshape(batch, width).to(device, torch.int32)
+    ctx = torch.full((batch,), context, dtype=torch.int32, device=device)
+
+    def step():
+        for _ in range(repeats):
+            ops.paged_decode_attention(q, k, v, tables, ctx, backend=backend, check_bounds=False)
+
+    if device.type != "cuda":
+        step()  # warm-up: compiles
+        best = math.inf
+        for _ in range(3):
+            start = time.perf_counter()
+            step()
+            best = min(best, time.perf_counter() - start)
+        return best / repeats
+    with torch.cuda.device(device):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            step()  # warm-up outside the capture: compiles and autotunes
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+        graph.replay()
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        best = math.inf
+        for _ in range(3):
+            begin.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            best = min(best, begin.elapsed_time(end) / 1e3)
+        del graph
+    return best / repeats
+
+
+def _fastest(names: list[str], device, dtype, num_heads: int, num_kv_heads: int, head_dim: int,
+             batch: int) -> str:
+    """The fastest decode backend of `names` (all correct here); the first of them if timing fails."""
+    try:
+        seconds = {n: decode_seconds(n, device, dtype, num_heads, num_kv_heads, head_dim, batch=batch)
+                   for n in names}
+    except Exception as e:  # noqa: BLE001 - the kernels were checked: only the choice between them is lost
+        log.warning("paged_decode_attention: timing %s on %s failed (%s: %s); using %s",
+                    " and ".join(names), device, type(e).__name__, e, names[0])
+        return names[0]
+    best = min(names, key=seconds.__getitem__)  # min keeps the earlier (preferred) one on a tie
+    log.info("paged_decode_attention on %s at batch %d: %s; using %s", device, batch,
+             ", ".join(f"{n} {s * 1e6:.1f} us" for n, s in seconds.items()), best)
+    return best
+
+
 def select_backends(device, dtype, num_heads: int, num_kv_heads: int, head_dim: int,
-                    candidates: dict[str, list[str]] | None = None) -> dict[str, str]:
-    """{op: backend} for paged_decode_attention and store_kv on `device`: the first candidate (default:
-    the usable ones in preference order, cuda before triton) that matches the reference here;
-    "torch" when none does."""
+                    candidates: dict[str, list[str]] | None = None, timing_batch: int | None = None
+                    ) -> dict[str, str]:
+    """{op: backend} for paged_decode_attention and store_kv on `device`: of the candidates (default: the
+    usable ones that take these shapes, cuda before triton) that match the reference here, the first,
+    or, for decode attention with `timing_batch` given, the fastest at that batch; "torch" when none
+    matches."""
     device = torch.device(device)
     checks = {
         "paged_decode_attention": lambda b: _decode_error(b, device, dtype, num_heads, num_kv_heads, head_dim),
@@ -108,8 +185,9 @@ def select_backends(device, dtype, num_heads: int, num_kv_heads: int, head_dim: 
     }
     chosen = {}
     for op, error_of in checks.items():
-        names = (candidates or {}).get(op) or [b for b in ("cuda", "triton") if b in backends.available(op, device)]
-        chosen[op] = "torch"
+        names = (candidates or {}).get(op) or [b for b in ("cuda", "triton") if b in backends.available(op, device)
+                                               and _takes_shapes(op, b, dtype, num_heads, num_kv_heads, head_dim)]
+        correct = []
         for name in names:
             try:
                 err = error_of(name)
@@ -118,8 +196,26 @@ def select_backends(device, dtype, num_heads: int, num_kv_heads: int, head_dim: 
                             op, name, device, type(e).__name__, e)
                 continue
             if err <= _TOLERANCE.get(dtype, 1e-4):
-                chosen[op] = name
-                break
-            log.warning("%s: the %s backend disagrees with the reference on %s (relative error %.2e); not "
-                        "using it", op, name, device, err)
+                correct.append(name)
+                if op != "paged_decode_attention" or timing_batch is None:
+                    break
+            else:
+                log.warning("%s: the %s backend disagrees with the reference on %s (relative error %.2e); not "
+                            "using it", op, name, device, err)
+        if len(correct) > 1:
+            chosen[op] = _fastest(correct, device, dtype, num_heads, num_kv_heads, head_dim, timing_batch)
+        else:
+            chosen[op] = correct[0] if correct else "torch"
     return chosen
+
+
+def _takes_shapes(op: str, backend: str, dtype, num_heads: int, num_kv_heads: int, head_dim: int) -> bool:
+    """Whether `backend`'s kernel takes a model of these shapes at all (the CUDA decode kernel has
+    head_dim and group limits): one that does not is passed over without a warning."""
+    if op != "paged_decode_attention":
+        return True
+    from r1fast.ops.attention import decode_backend_takes
+
+    q = torch.empty(1, num_heads, head_dim, dtype=dtype, device="meta")
+    k = torch.empty(1, 1, num_kv_heads, head_dim, dtype=dtype, device="meta")
+    return decode_backend_takes(backend, q, k)
