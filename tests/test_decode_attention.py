@@ -107,6 +107,17 @@ def test_decode_bad_inputs_raise():
         ops.paged_decode_attention(q, kc, vc, tables, ctx, backend="cuda")
 
 
+def test_decode_block_id_equal_to_num_blocks_is_out_of_range():
+    # the first id past the cache (num_blocks itself), in the partial last block a context reads
+    q, kc, vc, tables, ctx = make_case(2, 4, 2, 16, 8, [5, 9])
+    bad = tables.clone()
+    bad[1, 1] = kc.shape[0]
+    with pytest.raises(ValueError, match="block_tables entries in use must lie in \\[0, %d\\)" % kc.shape[0]):
+        ops.paged_decode_attention(q, kc, vc, bad, ctx)
+    bad[1, 1] = kc.shape[0] - 1  # the last block is in range
+    ops.paged_decode_attention(q, kc, vc, bad, ctx)
+
+
 def make_prefill_case():
     """Two sequences in a 12-block cache (block_size 4): 6 cached tokens + 3 new, and a fresh prompt of 5."""
     bs, hkv, h, d = 4, 2, 4, 16
@@ -192,6 +203,8 @@ def test_prefill_over_cached_prefix_matches_reference(backend):
     assert_close(got, want, dtype=torch.float32, name=f"{backend} prefill")
     with pytest.raises(ValueError, match="query_len <= context_len"):
         ops.paged_prefill_attention(q, kc, vc, slots, [3, 6], [9, 5])
+    with pytest.raises(ValueError, match="need 1 <= query_len"):  # a sequence with no new token
+        ops.paged_prefill_attention(q[:5], kc, vc, slots, [0, 5], [9, 5])
     cu = (torch.tensor([0, 3, 8], dtype=torch.int32), torch.tensor([0, 9, 14], dtype=torch.int32))
     again = ops.paged_prefill_attention(q, kc, vc, slots, query_lens, context_lens, backend=backend, cu_seqlens=cu)
     assert torch.equal(again, got)
@@ -428,6 +441,23 @@ def test_decode_shared_prefix_bad_inputs_raise():
     with pytest.raises(ValueError, match="distinct rows"):
         ops.paged_decode_attention(q, kc, vc, tables, ctx, shared_prefix=sp._replace(
             tile_rows=torch.full_like(sp.tile_rows, 1)))
+    # the tile arrays' lengths are checked even without the bounds checks (the kernels read tile_ptr[t + 1])
+    with pytest.raises(ValueError, match="tile_ptr \\[num_tiles \\+ 1\\]"):
+        ops.paged_decode_attention(q, kc, vc, tables, ctx, check_bounds=False,
+                                   shared_prefix=sp._replace(tile_ptr=sp.tile_ptr[:-1].contiguous()))
+    # tile_ptr must not fall: two tiles [0, 2) and [2, 0) would hand the kernel a negative member count
+    two = make_shared_case([(2, [9, 10]), (1, [6, 7])])
+    sp2 = find_shared(two[3], two[4], two[0], two[1]).to("cpu")
+    assert sp2.tile_ptr.tolist() == [0, 2, 4]
+    with pytest.raises(ValueError, match="tile_ptr must rise"):
+        ops.paged_decode_attention(*two, shared_prefix=sp2._replace(tile_ptr=torch.tensor([0, 4, 2], dtype=torch.int32)))
+    # a prefix ending inside a block: that partial block must be shared too (its tokens are read from
+    # the tile's first member's table for every member)
+    part = sp._replace(tile_prefix=torch.full_like(sp.tile_prefix, 6),
+                       row_start=torch.where(sp.row_start > 0, 6, 0).to(torch.int32))
+    ops.paged_decode_attention(q, kc, vc, tables, ctx, shared_prefix=part)  # 2 whole blocks shared: fine
+    with pytest.raises(ValueError, match="do not share the blocks"):
+        ops.paged_decode_attention(q, kc2, vc2, not_shared, ctx, shared_prefix=part)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -69,6 +69,8 @@ def test_greedy_matches_transformers(models, prompts, hf_greedy, opts, expect):
             assert c.token_ids == want
             assert c.finish_reason == "length" and len(c.logprobs) == MAX_NEW
     stats = engine.last_stats
+    # no stop tokens: a row leaves at launch of the step that reaches its limit, and no token is discarded
+    assert stats["discarded_tokens"] == 0
     if expect == "chunked":
         assert stats["prefill"] >= sum(PROMPT_LENS) // 5
     if expect == "preempted":
@@ -145,6 +147,9 @@ def test_prefix_cache_reuses_prompt_blocks_until_reset(models, prompts):
     again = engine.generate([prompts[4]], params)
     assert engine.last_stats["cached_tokens"] == 12
     assert again[0].completions[0].token_ids == first[0].completions[0].token_ids
+    twice = engine.generate([prompts[4], prompts[4]], params)  # the count covers every request of the call
+    assert engine.last_stats["cached_tokens"] == 24
+    assert [r.completions[0].token_ids for r in twice] == [first[0].completions[0].token_ids] * 2
     engine.reset_prefix_cache()
     engine.generate([prompts[4]], params)
     assert engine.last_stats["cached_tokens"] == 0
@@ -234,6 +239,32 @@ def test_nan_weights_are_a_clear_error_not_garbage_tokens(models, prompts, tempe
     assert engine.block_manager.num_free_blocks == engine.num_blocks  # nothing leaked by the failed call
 
 
+@pytest.mark.parametrize("ahead", [True, False])
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_nan_only_in_decode_steps_is_a_clear_error(models, temperature, ahead):
+    """NaN embeddings for every token but the prompt's: the prompt's logits (the first token) are finite,
+    the first decode step that feeds a generated token produces NaN logits, seen when its tokens arrive."""
+    _, model = models
+    prompt = [4, 9, 9, 17]
+    engine = Engine(model, block_size=4, num_blocks=64, enable_prefix_caching=False, async_decode=ahead)
+    w = model.embed_tokens.weight
+    saved = w.detach().clone()
+    with torch.no_grad():
+        others = torch.ones(w.shape[0], dtype=torch.bool)
+        others[prompt] = False
+        w[others] = float("nan")
+    try:
+        params = SamplingParams(n=2, temperature=temperature, max_tokens=6, seed=0, ignore_eos=True)
+        first = engine.generate([prompt], SamplingParams(n=2, temperature=temperature, max_tokens=1, seed=0))
+        assert all(math.isfinite(c.logprobs[0]) for c in first[0].completions)
+        with pytest.raises(RuntimeError, match="NaN logits"):
+            engine.generate([prompt], params)
+    finally:
+        with torch.no_grad():
+            w.copy_(saved)
+    assert engine.block_manager.num_free_blocks == engine.num_blocks
+
+
 def test_unknown_decode_backend_is_refused_when_the_engine_is_built(models):
     _, model = models
     with pytest.raises(ValueError, match="'trition' is not a backend"):
@@ -280,10 +311,11 @@ def test_a_pool_of_exactly_one_sequences_kv_is_accepted(models):
     _, model = models
     prompt, params = [list(range(1, 11))], SamplingParams(max_tokens=7, seed=0)
     roomy = Engine(model, block_size=4, num_blocks=64).generate(prompt, params)
-    exact = Engine(model, block_size=4, num_blocks=4)
-    got = exact.generate(prompt, params)
-    assert got[0].completions[0].token_ids == roomy[0].completions[0].token_ids
-    assert exact.block_manager.num_free_blocks == 4
+    for ahead in (True, False):  # the step-by-step engine schedules every decode step with schedule()
+        exact = Engine(model, block_size=4, num_blocks=4, async_decode=ahead)
+        got = exact.generate(prompt, params)
+        assert got[0].completions[0].token_ids == roomy[0].completions[0].token_ids
+        assert exact.block_manager.num_free_blocks == 4 and exact.last_stats["preemptions"] == 0
     with pytest.raises(ValueError, match="needs 4 KV blocks"):
         Engine(model, block_size=4, num_blocks=3).generate(prompt, params)
 

@@ -45,6 +45,22 @@ def test_a_wrong_or_failing_backend_is_skipped_with_a_warning(monkeypatch, caplo
     assert "store_kv: the triton backend disagrees" in text
 
 
+def test_a_backend_wrong_only_with_split_k_is_skipped(monkeypatch, caplog):
+    # the check runs one split and several: a kernel whose partition merge is broken is caught too
+    impls = backends.implementations("paged_decode_attention")
+    good = impls["triton"]
+
+    def bad_merge(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits, *rest):
+        out = good(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits, *rest)
+        return out if num_splits == 1 else out * 1.01
+    monkeypatch.setitem(impls, "triton", bad_merge)
+    with caplog.at_level(logging.WARNING):
+        chosen = select_backends("cpu", torch.float32, **SHAPES,
+                                 candidates={"paged_decode_attention": ["triton"], "store_kv": ["torch"]})
+    assert chosen["paged_decode_attention"] == "torch"
+    assert "triton backend disagrees with the reference" in caplog.text
+
+
 def test_the_shared_prefix_path_is_checked_on_its_own(monkeypatch, caplog):
     assert shared_prefix_ok("triton", "cpu", torch.float32, **SHAPES)
     impls = backends.implementations("paged_decode_attention")

@@ -81,6 +81,21 @@ def test_greedy_is_argmax_with_temperature_one_logprob():
     torch.testing.assert_close(logprobs, torch.log_softmax(logits, -1).gather(1, tokens[:, None])[:, 0])
 
 
+def test_top_k_one_keeps_only_the_most_likely_token():
+    # top_k = 1 is a real limit (only -1 and 0 mean none): every draw is the argmax, at any temperature
+    from r1fast import ops
+
+    logits = torch.randn(64, 30, generator=torch.Generator().manual_seed(2)) * 0.3
+    keys = torch.tensor([sampler.stream_key(5, i) for i in range(64)])
+    params = SamplingParams(temperature=1.5, top_k=1)
+    tokens, logprobs = sampler.sample(logits, params, keys, torch.arange(64))
+    assert tokens.tolist() == logits.argmax(-1).tolist()
+    torch.testing.assert_close(logprobs, torch.log_softmax(logits / 1.5, -1).gather(1, tokens[:, None])[:, 0])
+    u = sampler.uniforms(keys, torch.arange(64))
+    for backend in ("reference", "torch", "triton"):
+        assert ops.sample_tokens(logits, params, u, backend=backend)[0].tolist() == tokens.tolist(), backend
+
+
 def test_logprob_matches_trainer_grouped_logprob():
     from r1fast import ops
 
@@ -125,12 +140,21 @@ def test_host_uniforms_equal_the_device_hash_bit_for_bit():
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
+def test_host_uniforms_at_the_first_position_past_the_table():
+    # HostUniforms(n) tabulates positions 0..n-1; position n itself takes the fallback, never an index error
+    keys = [sampler.stream_key(4, i) for i in range(6)]
+    pos = [0, 9, 10, 10, 2, 3]
+    u = torch.from_numpy(sampler.HostUniforms(10)(keys, pos))
+    assert torch.equal(u, sampler.uniforms(torch.tensor(keys), torch.tensor(pos)))
+
+
 @pytest.mark.parametrize("bad,match", [(dict(n=0), "n must"), (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"),
                                        (dict(temperature=-1), "temperature"), (dict(top_k=-2), "top_k"),
                                        (dict(min_p=2), "min_p"), (dict(max_tokens=0), "max_tokens"),
                                        (dict(stop_token_ids="ab"), "stop_token_ids"), (dict(stop_token_ids=5), "stop_token_ids"),
                                        (dict(seed=1.5), "seed"), (dict(temperature=1e-45), "temperature must be 0 .greedy."),
                                        (dict(temperature=float("nan")), "temperature"),
+                                       (dict(temperature=float("inf")), "temperature must be 0 .greedy. or a finite"),
                                        (dict(stop_token_ids=[1, 2.5]), "stop_token_ids"),
                                        (dict(ignore_eos="no"), "ignore_eos must be a bool")])
 def test_bad_sampling_params_raise(bad, match):

@@ -202,6 +202,24 @@ def test_never_a_dropped_token_even_at_interval_edges(impl, device):
     assert got[last].tolist() == [257, 299, 298, 96]  # the largest u: the last kept token
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+def test_the_largest_u_past_every_block_sum_takes_the_last_block_with_mass(impl, device):
+    # One token holds ~all the mass; eight tokens of ~1e-16 each sit in later blocks, none in the last
+    # block of the row. Sequential float64 prefix sums of the block sums absorb them (1 + e == 1) while the
+    # total does not, so u = the largest uniform lands past every prefix sum: the draw must then come from
+    # the last block with kept mass (one of the tiny tokens, whose CDF intervals hold that u), never wrap
+    # to the first token.
+    z = torch.full((2, V), -float("inf"))
+    tiny = [40, 70, 100, 130, 160, 190, 220, 250]
+    z[:, 5] = 0.0
+    z[:, tiny] = -36.8  # exp(-36.8) ~ 1.05e-16, under half an ulp of 1.0
+    u = torch.tensor([U_LAST, 0.5], dtype=torch.float64)
+    params = SamplingParams(temperature=1.0)
+    got, lp = _impls(device)[impl](z.to(device), params, u.to(device))
+    assert int(got[0]) in tiny and int(got[1]) == 5, got.tolist()
+    assert_logprobs_ok(lp.cpu(), got.cpu(), z, params, impl)
+
+
 @pytest.mark.parametrize("impl", [i for i in IMPLS if i != "triton_block32"])  # V = 8: one block either way
 def test_stratified_uniforms_give_the_target_frequencies(impl, device):
     # u_i = (i + 1/2) / N: token k is drawn floor or ceil of N * q_k times, so every empirical
@@ -235,6 +253,25 @@ def test_a_row_draws_the_same_alone_and_in_any_batch(impl, device):
     for b in (0, 3, 6):
         t1, l1 = fn(z[b:b + 1], params, u[b:b + 1])
         assert torch.equal(t1, tokens[b:b + 1]) and torch.equal(l1, lps[b:b + 1])
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_leading_blocks_of_masked_logits(impl, device):
+    # whole blocks of -inf before the first finite logit (a vocabulary masked at its start): the running
+    # max is -inf there, and exp(-inf - -inf) must not turn the sums and log-probs into NaN
+    z = make_logits("normal", 4, V, 6, "cpu")
+    z[:, :70] = -float("inf")
+    z[1, :200] = -float("inf")
+    z, u = z.to(device), make_u(4, 6, device)
+    for params in PARAMS:
+        uu = None if params.greedy else u
+        want, _ = ops.sample_tokens(z, params, uu, backend="reference")
+        got, lp = _impls(device)[impl](z, params, uu)
+        if params.greedy:
+            assert torch.equal(got.cpu(), want.cpu()), str(params)
+        else:
+            assert_tokens_ok(got.cpu(), want.cpu(), z.cpu(), params, u.cpu(), name=f"{impl} {params}")
+        assert_logprobs_ok(lp.cpu(), got.cpu(), z.cpu(), params, f"{impl} {params}")
 
 
 @pytest.mark.parametrize("impl", IMPLS)
