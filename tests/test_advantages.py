@@ -191,3 +191,15 @@ def test_triton_advantages_run_on_the_tensors_device_not_the_current_one():
         got = ops.group_advantages(rewards.to("cuda:1"), 8, backend="triton")
     assert got.device == torch.device("cuda:1")
     assert_close(got, want, torch.float32, name="advantages on cuda:1")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_kl_penalty_low_precision_inputs_compute_in_fp32(dtype):
+    """bf16/fp16 log-probs: the estimate is formed in fp32 (never in the 16-bit dtype, whose rounding of
+    exp(d) - d - 1 near d = 0 would swamp the KL) and comes back fp32."""
+    logp = (randn(4, 6, seed=3, scale=0.1) - 2).to(dtype)
+    ref = (logp.float() + randn(4, 6, seed=4, scale=0.05)).to(dtype)
+    for kind in ("k1", "k2", "k3"):
+        out = ops.kl_penalty(logp, ref, kind=kind)
+        assert out.dtype == torch.float32, kind
+        assert_close(out, reference.kl_penalty(logp.double(), ref.double(), kind), torch.float32, name=kind)

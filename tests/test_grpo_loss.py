@@ -818,14 +818,162 @@ def test_fused_per_row_weight_shapes():
         packed(w[:, 0])
 
 
-def test_importance_weights_need_only_be_valid_at_active_tokens():
+@pytest.mark.parametrize("backend", ["reference", "torch", "triton"])
+def test_importance_weights_need_only_be_valid_at_active_tokens(backend):
+    # is_weight/min|max read active tokens only: padding (zeroed before the kernel) must not pull the min to 0
     d = _batch(seed=2)
     w = torch.where(d["mask"] > 0, 0.5, float("nan"))
     w[1] = -1.0  # the fully masked row
     loss, stats = ops.grpo_loss(d["logp"].float(), d["old"].float(), None, d["adv"].float(), d["mask"],
-                                importance_weights=w.float())
+                                importance_weights=w.float(), backend=backend)
     assert torch.isfinite(loss) and stats["is_weight/min"] == stats["is_weight/max"] == 0.5
 
+
+# --- option bounds, every backend's input checks, the triton backward (gaps a mutation pass found) ---------
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(delta=1.0), r"delta must be > 1\.0"),                 # delta=1 would cap every ratio at 1
+    (dict(tis_cap=0.5), r"tis_cap must be >= 1\.0"),            # an empty [1/cap, cap] masks every token
+    (dict(temperature=0.0), r"temperature must be > 0\.0"),
+    (dict(num_items=0.0), r"num_items must be > 0\.0"),         # dapo/cispo divide by it
+    (dict(epsilon=1.0), "epsilon must be < 1"),                 # lower clip bound 1 - epsilon = 0
+    (dict(entropy_coef=-1e39), "entropy_coef must be a finite float32"),
+    (dict(entropy_coef=float("-inf")), "entropy_coef must be a finite float32"),
+    (dict(beta=True), "beta must be a finite float32"),
+    (dict(max_completion_length=0), "max_completion_length must be a positive int"),
+], ids=lambda x: str(x) if isinstance(x, dict) else "")
+def test_loss_options_refuse_out_of_range(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        LossOptions(**kwargs)
+
+
+def test_loss_options_accept_the_boundaries():
+    LossOptions(delta=1.0 + 1e-6)
+    LossOptions(tis_cap=1.0)
+    LossOptions(epsilon=1.5, loss_type="cispo")  # cispo clips from above only
+    LossOptions(max_completion_length=1)
+    LossOptions(entropy_coef=-0.01)
+    LossOptions(temperature=1e-3)
+
+
+def test_options_and_keywords_combine():
+    """options= and keyword fields together: the keywords update the options (validated again), never
+    silently dropped, and the frozen original is left as it was."""
+    base = LossOptions(loss_type="bnpo", epsilon=0.1)
+    o = LossOptions.from_kwargs(base, beta=0.2, kl_estimator="k2")
+    assert o == LossOptions(loss_type="bnpo", epsilon=0.1, beta=0.2, kl_estimator="k2") and base.beta == 0.0
+    d = _batch(seed=4)
+    args = (d["logp"], d["old"], d["ref"], d["adv"], d["mask"])
+    both, _ = ops.grpo_loss(*args, options=base, beta=0.2, kl_estimator="k2")
+    assert both == ops.grpo_loss(*args, options=o)[0] != ops.grpo_loss(*args, options=base)[0]
+    with pytest.raises(ValueError, match="delta"):
+        ops.grpo_loss(*args, options=base, delta=0.5)
+    with pytest.raises(TypeError, match="options must be a LossOptions"):
+        LossOptions.from_kwargs({"beta": 0.1})
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch", "triton"])
+@pytest.mark.parametrize("name", ["ref_logp", "sampler_logp", "entropy"])
+def test_every_backend_checks_each_per_token_shape(backend, name):
+    # the triton kernel reads each per-token input through a raw [B, T] pointer: a short one would be
+    # read out of bounds, so the op checks every one of them before any backend runs
+    d = _batch(seed=2)
+    kw = dict(ref_logp=d["ref"].float(), sampler_logp=d["sampler"].float(), entropy=d["ent"].float())
+    kw[name] = kw[name][:, :-1]
+    with pytest.raises(ValueError, match=f"{name} shape"):
+        ops.grpo_loss(d["logp"].float(), d["old"].float(), advantages=d["adv"].float(), mask=d["mask"], beta=0.1,
+                      backend=backend, **kw)
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch", "triton"])
+def test_sampler_logp_and_importance_weights_refused_on_every_backend(backend):
+    # the kernel takes both through one pointer: given both, it would silently use one
+    d = _batch(seed=2)
+    with pytest.raises(ValueError, match="not both"):
+        ops.grpo_loss(d["logp"].float(), d["old"].float(), None, d["adv"].float(), d["mask"],
+                      sampler_logp=d["sampler"].float(), importance_weights=torch.ones(B, T), backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch", "triton"])
+def test_grpo_loss_backward_scales_with_upstream_gradient(backend):
+    # the triton backend writes its gradients in the forward: the backward must scale both by d out / d loss
+    d = _batch(seed=12)
+    dt = torch.float64 if backend == "reference" else torch.float32
+    opts = dict(loss_type="grpo", beta=0.04, entropy_coef=0.05, tis_mode="truncate", tis_level="token", tis_cap=1.2)
+    grads = []
+    for scale in (1.0, -2.5):
+        lp, ent = d["logp"].to(dt).clone().requires_grad_(), d["ent"].to(dt).clone().requires_grad_()
+        loss, _ = ops.grpo_loss(lp, d["old"].to(dt), d["ref"].to(dt), d["adv"].to(dt), d["mask"], entropy=ent,
+                                sampler_logp=d["sampler"].to(dt), backend=backend, **opts)
+        (loss * scale).backward()
+        grads.append((lp.grad, ent.grad))
+    assert grads[0][0].abs().sum() > 0 and grads[0][1].abs().sum() > 0
+    assert_close(grads[1][0], -2.5 * grads[0][0], dt, name="grad logp")
+    assert_close(grads[1][1], -2.5 * grads[0][1], dt, name="grad entropy")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_grpo_loss_low_precision_inputs_reduce_in_fp32(backend, dtype):
+    """LOSS_SPEC Numerics: bf16/fp16 inputs are reduced in fp32 (an fp32 loss, to fp32 accuracy against the
+    float64 reference on the same rounded inputs) and the gradients come back in the input dtype."""
+    d = {k: (v.to(dtype).double() if v is not None and k != "mask" else v) for k, v in _batch(seed=14).items()}
+    opts = dict(loss_type="grpo", beta=0.04, entropy_coef=0.05, tis_mode="mask", tis_level="token", tis_cap=1.2)
+    e_loss, e_stats, e_g = _grads(lambda x: _call_ops(x, torch.float64, "reference", opts), d)
+    loss, stats, g = _grads(lambda x: _call_ops(x, dtype, backend, opts),
+                            {k: (v.to(dtype) if v is not None and k != "mask" else v) for k, v in d.items()})
+    assert loss.dtype == torch.float32 and g["logp"].dtype == dtype and g["ent"].dtype == dtype
+    assert_close(loss, e_loss, torch.float32, name="loss")
+    assert_close(g["logp"], e_g["logp"], dtype, name="grad logp")
+    assert_close(g["ent"], e_g["ent"], dtype, name="grad entropy")
+    for k in e_stats:
+        assert_close(stats[k], e_stats[k], torch.float32, name=f"stat {k}")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("loss_type", ["dapo", "cispo"])
+def test_num_items_normalises_dapo_and_cispo(backend, loss_type):
+    d = _batch(seed=33)
+    o = LossOptions(loss_type=loss_type, num_items=57.0, beta=0.04, tis_mode=None,
+                    epsilon_high=1.2 if loss_type == "cispo" else 0.28)
+    expected = _scalar_loss(d, o)
+    assert abs(expected - _scalar_loss(d, dataclasses.replace(o, num_items=None))) > 1e-3  # the option matters
+    e_loss, _, e_g = _grads(lambda x: _call_ops(x, torch.float64, "reference", {"options": o}), d)
+    assert abs(e_loss.item() - expected) <= 1e-12
+    loss, _, g = _grads(lambda x: _call_ops(x, torch.float32, backend, {"options": o}),
+                        {k: (v.float() if v is not None else None) for k, v in d.items()})
+    assert_close(loss, e_loss, torch.float32, name="loss")
+    assert_close(g["logp"], e_g["logp"], torch.float32, name="grad logp")
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch", "triton"])
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo", "cispo"])
+def test_all_masked_batch_gives_zero_loss_and_finite_stats(backend, loss_type):
+    d = _batch(seed=7)
+    dt = torch.float64 if backend == "reference" else torch.float32
+    lp, ent = d["logp"].to(dt).clone().requires_grad_(), d["ent"].to(dt).clone().requires_grad_()
+    loss, stats = ops.grpo_loss(lp, d["old"].to(dt), d["ref"].to(dt), d["adv"].to(dt), torch.zeros_like(d["mask"]),
+                                entropy=ent, sampler_logp=d["sampler"].to(dt), beta=0.04, entropy_coef=0.02,
+                                loss_type=loss_type, tis_level="token", epsilon_high=1.2 if loss_type == "cispo" else None,
+                                backend=backend)
+    g = torch.autograd.grad(loss, (lp, ent))
+    assert loss.item() == 0 and g[0].abs().sum() == 0 and g[1].abs().sum() == 0
+    assert stats["num_tokens"] == 0 and stats["is_weight/min"] == 0 and stats["is_weight/max"] == 0
+    for k, v in stats.items():
+        assert torch.isfinite(v) and v == 0, (k, v)
+
+
+def test_scale_kernel_writes_nothing_past_the_tensor():
+    pytest.importorskip("triton")
+    from r1fast.kernels import scale as kernel
+
+    n = 1024 + 17  # a ragged last block
+    buf = randn(n + 8, seed=7).to(torch.float16)
+    x, tail = buf[:n], buf[n:].clone()
+    want = (x.float() * 0.5).to(torch.float16)
+    kernel.scale_inplace(x, torch.tensor(0.5))
+    assert torch.equal(x, want) and torch.equal(buf[n:], tail)
 
 
 hypothesis = pytest.importorskip("hypothesis")

@@ -69,7 +69,6 @@ def test_grouped_logprob_matches_reference(device, backend, case):
     assert gh.dtype == torch.float32 and gw.dtype == torch.float32
 
 
-
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
 def test_padded_batch_with_mask_matches_reference_on_active_tokens(device, backend):
     """A padded [B, T] batch: only active tokens are computed; padding (target -100) comes back 0,
@@ -450,3 +449,27 @@ def test_logprob_runs_on_the_tensors_device_not_the_current_one():
     for g, e, name in zip(got, want, ("logp", "entropy")):
         assert g.device == torch.device("cuda:1")
         assert_close(g, e, torch.float32, rtol=2e-5, atol=1e-5, name=f"{name} on cuda:1")
+
+
+@pytest.mark.parametrize("gemm", ["triton", "cublas"])
+def test_triton_kernels_read_nothing_past_hidden_and_weight(monkeypatch, gemm):
+    """H not a multiple of the tile's K step: the kernels' loads must stop at each row's end. hidden and
+    weight are views into buffers whose tail is NaN, so a load past the last row (a masked-out lane
+    read anyway, multiplied by a zero) would turn the last token's logits NaN."""
+    monkeypatch.setenv("R1FAST_LOGITS_GEMM", gemm)
+    n, h, v = 19, 20, 41
+    hidden, weight, targets = _inputs(n, h, v, seed=41)
+    g_logp, g_ent = randn(n, dtype=torch.float64, seed=42), randn(n, dtype=torch.float64, seed=43)
+    e_lp, e_ent, e_gh, e_gw = _expected(hidden, weight, targets, 0.9, True, g_logp, g_ent)
+
+    def nan_tailed(x):
+        buf = torch.full((x.numel() + 64,), float("nan"))
+        buf[:x.numel()] = x.reshape(-1).float()
+        return buf[:x.numel()].view(x.shape).requires_grad_()
+
+    h32, w32 = nan_tailed(hidden), nan_tailed(weight)
+    lp, ent = ops.grouped_logprob(h32, w32, targets, temperature=0.9, return_entropy=True, backend="triton",
+                                  chunk_size=8)
+    gh, gw = torch.autograd.grad((lp * g_logp.float()).sum() + (ent * g_ent.float()).sum(), (h32, w32))
+    for a, e, name in ((lp, e_lp, "logp"), (ent, e_ent, "entropy"), (gh, e_gh, "grad_hidden"), (gw, e_gw, "grad_weight")):
+        assert_close(a, e, torch.float32, rtol=2e-5, atol=1e-5, name=name)
