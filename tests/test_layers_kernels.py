@@ -48,9 +48,11 @@ def _rms_case(shape, seed, scale=1.0):
 # (shape, eps, scale of x): odd widths, one row, rows walked in several blocks under the interpreter
 # (widths past 64 go in 32-wide blocks: 200 is seven, the last partial; 11 rows over 3 programs),
 # Qwen3's per-head norm [T, heads, head_dim], 16-row tiles with several tiles per program, a width
-# of one (large eps: at H = 1 dx is eps-dominated and cancels), large and small magnitudes.
+# of one (large eps: at H = 1 dx is eps-dominated and cancels), large and small magnitudes, and a
+# large eps on a row walked in blocks (the multi-block path adds eps on its own).
 RMS_CASES = [((5, 37), 1e-6, 1.0), ((1, 53), 1e-6, 1.0), ((11, 200), 1e-6, 1.0), ((6, 3, 16), 1e-6, 1.0),
-             ((100, 8), 1e-5, 1.0), ((4, 1), 0.5, 1.0), ((3, 70), 1e-6, 1e4), ((7, 24), 1e-6, 1e-2)]
+             ((100, 8), 1e-5, 1.0), ((4, 1), 0.5, 1.0), ((3, 70), 1e-6, 1e4), ((7, 24), 1e-6, 1e-2),
+             ((5, 130), 0.3, 1.0)]
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -502,6 +504,9 @@ def _bad_swiglu(**kw):
     (_bad_rotary(q=torch.randn(3, 4, 0), k=torch.randn(3, 2, 0), cos=torch.randn(3, 0), sin=torch.randn(3, 0)),
      ValueError, "head_dim must be even and >= 2"),
     (_bad_rotary(cos=torch.randn(3, 4)), ValueError, r"cos and sin must be \[T=3, head_dim=8\]"),
+    (_bad_rotary(sin=torch.randn(3, 4)), ValueError, r"cos and sin must be \[T=3, head_dim=8\]"),
+    (_bad_rotary(sin=torch.randn(2, 8)), ValueError, r"cos and sin must be \[T=3, head_dim=8\]"),
+    (_bad_rotary(k=torch.randn(3, 2, 6)), ValueError, "must have q's tokens and head_dim"),
     (_bad_rotary(k=torch.randn(3, 2, 8).half()), ValueError, "share a dtype"),
     (_bad_rotary(sin=torch.randn(3, 8, dtype=torch.float64)), ValueError, "share a dtype"),
     (_bad_rotary(sin=torch.ones(3, 8, dtype=torch.int32)), ValueError, "sin must be a float tensor"),
@@ -635,3 +640,74 @@ def test_add_rms_norm_gpu_sum_bit_equal_and_low_precision_rule(dtype):
     for k, l, e, name in zip(got, lowp, expect, ("out", "sum", "dx", "dresidual", "dweight")):
         assert k.dtype == dtype
         assert_within_lowp_rule(k, l, e, name=f"add_rms_norm {dtype} {name}")
+
+
+@pytest.mark.parametrize("needs", ["x", "residual"])
+def test_add_rms_norm_triton_gradient_of_one_addend_only(device, poisoned_alloc, needs):
+    """Only x, or only the residual, requires a gradient (a frozen sublayer, or a detached stream): the one
+    asked for is still the full gradient of the sum, with the sum's own gradient added."""
+    x, w, dy = _rms_case((7, 40), seed=121)
+    r = randn(7, 40, dtype=torch.float64, seed=122)
+    ds = randn(7, 40, dtype=torch.float64, seed=123)
+    leaf = (x if needs == "x" else r).clone().requires_grad_()
+    out, s = _add_rms_reference(leaf if needs == "x" else x, leaf if needs == "residual" else r, w, 1e-6)
+    (want,) = torch.autograd.grad((out, s), (leaf,), (dy, ds))
+    f = lambda t: t.float().to(device)  # noqa: E731
+    xf, rf = f(x), f(r)
+    (xf if needs == "x" else rf).requires_grad_()
+    out, s = ops.add_rms_norm(xf, rf, f(w), 1e-6, backend="triton")
+    (got,) = torch.autograd.grad((out, s), (xf if needs == "x" else rf,), (f(dy), f(ds)))
+    assert_close(got, want, torch.float32, rtol=2e-5, atol=1e-6, name=f"d{needs}")
+
+
+@pytest.mark.parametrize("table", ["cos", "sin"])
+def test_rotary_either_table_with_gradient_gets_it(device, table):
+    """A table that requires a gradient (cos or sin) takes the torch path and receives its gradient."""
+    q, k, cos, sin, dq, dk = (x.float().to(device) for x in _rotary_case(4, 2, 1, 8, seed=131))
+    t = (cos if table == "cos" else sin).requires_grad_()
+    oq, ok = ops.rotary(q, k, cos, sin, backend="triton")
+    (got,) = torch.autograd.grad((oq, ok), (t,), (dq, dk))
+    c64, s64 = cos.detach().double(), sin.detach().double()
+    t64 = (c64 if table == "cos" else s64).requires_grad_()
+    (want,) = torch.autograd.grad(_rotary_reference(q.double(), k.double(), c64, s64), (t64,),
+                                  (dq.double(), dk.double()))
+    assert_close(got, want, torch.float32, rtol=2e-5, atol=1e-6, name=f"d{table}")
+
+
+def test_rotary_triton_tables_with_different_row_strides(device):
+    """cos contiguous and sin a column slice of a wider table: each table is read with its own row stride."""
+    q, k, cos, _, dq, dk = (x.float().to(device) for x in _rotary_case(5, 3, 2, 8, seed=141))
+    wide = randn(5, 24, seed=142, device=device)
+    sin = wide[:, 8:16]
+    assert sin.stride(0) != cos.stride(0)
+    got = _rotary_grads(lambda *a: ops.rotary(*a, backend="triton"), q, k, cos, sin, dq, dk)
+    want = _rotary_grads(_rotary_reference, *(x.double() for x in (q, k, cos, sin, dq, dk)))
+    for a, e, name in zip(got, want, ("q", "k", "dq", "dk")):
+        assert_close(a, e, torch.float32, rtol=2e-5, atol=1e-6, name=name)
+
+
+def test_rotary_triton_inputs_with_a_strided_last_dimension(device):
+    """q, k, cos or sin whose last dimension is not contiguous (every other element of a wider tensor):
+    the kernel assumes a unit stride there, so the op must hand it contiguous copies."""
+    t, hq, hk, d = 4, 3, 2, 8
+    q = randn(t, hq, 2 * d, seed=151, device=device)[..., ::2]
+    k = randn(t, hk, 2 * d, seed=152, device=device)[..., 1::2]
+    cos = randn(t, 2 * d, seed=153, device=device)[:, ::2]
+    sin = randn(t, 2 * d, seed=154, device=device)[:, 1::2]
+    assert q.stride(-1) == k.stride(-1) == cos.stride(-1) == sin.stride(-1) == 2
+    got = ops.rotary(q, k, cos, sin, backend="triton")
+    want = _rotary_reference(q.double(), k.double(), cos.double(), sin.double())
+    for a, e, name in zip(got, want, ("q", "k")):
+        assert_close(a, e, torch.float32, rtol=2e-5, atol=1e-6, name=name)
+
+
+def test_rms_norm_triton_rounds_before_the_weight_on_rows_walked_in_blocks(device):
+    """fp16 x with fp32 weights on a row wider than the interpreter's block (walked in several blocks):
+    x * rstd is rounded to fp16 before the weight, as in the single-block path and the torch backend."""
+    x = randn(5, 100, seed=161, device=device).half()
+    w2 = torch.exp2(torch.randint(-3, 4, (100,), generator=torch.Generator().manual_seed(162)).float()).to(device)
+    out = ops.rms_norm(x, w2, 1e-6, backend="triton")
+    assert out.dtype == torch.float32
+    xn = out / w2
+    assert torch.equal(xn, xn.half().float())
+    assert_close(out, reference.rms_norm(x.double(), w2.double(), 1e-6), torch.float16, name="out")

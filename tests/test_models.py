@@ -39,6 +39,10 @@ CONFIGS = {
     "qwen3-tied": dict(architecture="Qwen3ForCausalLM", vocab_size=64, hidden_size=32, intermediate_size=48,
                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, head_dim=8,
                        tie_word_embeddings=True),
+    # a large eps, so that every RMSNorm (hidden and per-head q/k) must use the configured one
+    "qwen3-large-eps": dict(architecture="Qwen3ForCausalLM", vocab_size=45, hidden_size=32, intermediate_size=40,
+                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                            rms_norm_eps=0.1),
 }
 LENGTHS = [5, 11, 1, 8]
 
@@ -304,7 +308,6 @@ def test_fp8_options_are_checked_before_loading_and_reach_the_layers(tmp_path):
     model = from_pretrained(tmp_path / "m", fp8=make_options("emulate", grad_dtype="e4m3", scaling="tensorwise"))
     layer = model.layers[0].mlp.down_proj
     assert (layer.fp8_scaling, layer.fp8_grad_dtype) == ("tensorwise", "e4m3")
-
 
 
 @pytest.mark.parametrize("name", ["qwen2-gqa2-untied", "qwen3-headdim12-untied-bias"])
@@ -625,3 +628,63 @@ def test_sequences_continuing_a_shared_prefix_equal_the_copied_layout(monkeypatc
         model(torch.cat(ids), cu_seqlens=torch.tensor(cu, dtype=torch.int32), prefix_of=[-1, 0, 1, -1, 3, 3])
     with pytest.raises(ValueError, match="prefix_of must be a list of 6 ints"):
         model(torch.cat(ids), cu_seqlens=torch.tensor(cu, dtype=torch.int32), prefix_of=[-1, 0])
+
+
+def test_position_ids_not_starting_at_zero_imply_one_sequence_from_there():
+    """Positions alone (no cu_seqlens): a restart at 0 starts a sequence, and the first token always does,
+    wherever its positions begin (a continuation after a cached prefix)."""
+    cfg = ModelConfig(**CONFIGS["qwen2-gqa2-untied"])
+    model = CausalLM(cfg)
+    model.reset_parameters(seed=6)
+    ids, _ = packed_batch(cfg.vocab_size, [9])
+    with torch.no_grad():
+        whole = model(ids)
+        shifted = model(ids, position_ids=torch.arange(9) + 4)          # RoPE is relative: same output
+        two = model(ids, position_ids=torch.tensor([3, 4, 5, 6, 0, 1, 2, 3, 4]))
+        alone = torch.cat([model(ids[:4]), model(ids[4:])])
+    assert max_rel_err(shifted, whole) <= 1e-5
+    assert max_rel_err(two, alone) <= 1e-5
+
+
+@pytest.mark.parametrize("seed", [None, 3])
+def test_reset_parameters_like_transformers(seed):
+    """N(0, initializer_range) matrices, zero biases, unit norm weights: seeded (drawn on the CPU) or not."""
+    cfg = ModelConfig(**CONFIGS["qwen3-headdim12-untied-bias"])
+    model = CausalLM(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(7.0)   # whatever was there before is overwritten
+    model.reset_parameters(seed=seed)
+    std = cfg.initializer_range
+    for name, p in model.named_parameters():
+        if name.endswith("bias"):
+            assert torch.equal(p, torch.zeros_like(p)), name
+        elif name.endswith("norm.weight"):
+            assert torch.equal(p, torch.ones_like(p)), name
+        else:
+            assert abs(p.mean().item()) < 0.2 * std and 0.8 * std < p.std().item() < 1.2 * std, name
+    if seed is not None:
+        again = CausalLM(cfg)
+        again.reset_parameters(seed=seed)
+        for (n, a), (_, b) in zip(model.named_parameters(), again.named_parameters()):
+            assert torch.equal(a, b), n
+
+
+def test_input_ids_equal_to_the_vocab_size_are_refused():
+    cfg = ModelConfig(**CONFIGS["qwen2-gqa2-untied"])
+    model = CausalLM(cfg)
+    with pytest.raises(ValueError, match=r"input_ids must lie in \[0, 50\), got min 0 max 50"):
+        model(torch.tensor([0, 3, cfg.vocab_size]))
+    with pytest.raises(ValueError, match=r"got min -1"):
+        model(torch.tensor([-1, 3]))
+    assert model(torch.tensor([0, cfg.vocab_size - 1])).shape == (2, cfg.hidden_size)
+
+
+def test_prefix_of_without_cu_seqlens_is_refused():
+    cfg = ModelConfig(**CONFIGS["qwen2-gqa2-untied"])
+    model = CausalLM(cfg)
+    ids = torch.arange(6)
+    with pytest.raises(ValueError, match="prefix_of needs cu_seqlens"):
+        model(ids, prefix_of=[-1])
+    with pytest.raises(ValueError, match="prefix_of needs cu_seqlens"):
+        model(ids, position_ids=torch.tensor([0, 1, 2, 0, 1, 2]), prefix_of=[-1, 0])

@@ -243,3 +243,93 @@ def test_reward_names_are_unique():
 
     r = RewardSet([lambda p, c, **k: [0.0] * len(c), lambda p, c, **k: [1.0] * len(c), "format", "format"])
     assert r.names == ["<lambda>", "<lambda>_2", "format", "format_2"]
+
+
+def test_accuracy_reads_after_the_last_closed_think_and_before_the_first_reopened_one():
+    # The final part starts after the LAST </think> (an earlier block closed, then more reasoning) and
+    # ends at the FIRST <think> opened after it and never closed (its drafts are not the answer).
+    comps = ["<think>a</think>draft<think>b <answer>5</answer></think><answer>6</answer>",
+             "<think>x</think><answer>5</answer><think>y <answer>6</answer><think>z"]
+    assert accuracy_reward(["p"] * 2, comps, answer=["6", "5"]) == [1.0, 1.0]
+
+
+def test_numeric_fallback_unwraps_nested_delimiters(monkeypatch):
+    # `$…$`, \boxed{} and {} around a number may nest: each layer is peeled (math-verify not installed).
+    import sys
+
+    monkeypatch.setitem(sys.modules, "math_verify", None)
+    for pred in ("$\\boxed{5}$", "\\boxed{{5}}", "$\\boxed{ {5} }$"):
+        assert answers_match(pred, "5"), pred
+    assert not answers_match("$\\boxed{6}$", "5")
+
+
+def test_accuracy_reward_extracts_the_reference_answer_too():
+    # A reference column holding a tagged or boxed answer is compared by its answer, not its full text.
+    comps = ["<think>x</think><answer>12</answer>"] * 3
+    gold = ["<answer>12</answer>", "so \\boxed{12}", "<answer>13</answer>"]
+    assert accuracy_reward(["p"] * 3, comps, answer=gold) == [1.0, 1.0, 0.0]
+
+
+def test_language_reward_scores_only_the_reasoning_when_there_is_one():
+    # The answer's letters (an English number word after Chinese reasoning) are not the chain of thought's.
+    zh = make_language_reward("zh")
+    assert zh(None, ["<think>\u4f60\u597d</think><answer>five</answer>"]) == [1.0]
+    assert make_language_reward("en")(None, ["<think>ab</think><answer>\u4f60\u597d</answer>"]) == [1.0]
+
+
+def test_length_penalty_refuses_a_target_below_one():
+    for bad in (0, -3, None):
+        with pytest.raises(ValueError, match="target must be a positive length"):
+            make_length_penalty(bad)
+
+
+def test_chat_completion_is_read_from_its_last_message():
+    # A completion of several messages (e.g. a tool call, then the final reply): the last one is scored.
+    chat = [{"role": "assistant", "content": "<answer>1</answer>"}, {"role": "assistant", "content": GOOD}]
+    assert accuracy_reward(["p"], [chat], answer=["5"]) == [1.0]
+    assert format_reward(None, [chat]) == [1.0]
+
+
+def test_reward_set_refuses_more_weights_than_functions():
+    with pytest.raises(ValueError, match="2 reward weights for 1 reward functions"):
+        RewardSet(["format"], weights=[1.0, 2.0])
+    with pytest.raises(ValueError, match="1 reward weights for 2 reward functions"):
+        RewardSet(["format", "format"], weights=[1.0])
+
+
+def test_reward_set_refuses_infinite_weights():
+    for w in (float("inf"), float("-inf")):
+        with pytest.raises(ValueError, match="finite"):
+            RewardSet(["format", "format"], weights=[1.0, w])
+
+
+def test_reward_set_takes_tensor_and_numpy_values():
+    # A function returning a torch tensor (or numpy array) of rewards: each element is read as a float.
+    import numpy as np
+    import torch
+
+    rs = RewardSet([lambda prompts, completions, **kw: torch.tensor([1.0, 0.5]),
+                    lambda prompts, completions, **kw: [np.float32(0.25), torch.tensor(2.0)]])
+    assert rs.score(["p", "p"], ["a", "b"], {}) == [[1.0, 0.5], [0.25, 2.0]]
+
+
+def test_reward_set_passes_its_options_to_the_builtins():
+    # format_pattern and language reach the built-in functions resolved by name
+    rs = RewardSet(["format", "language"], format_pattern=r"^Answer: \d+$", language="zh")
+    table = rs.score(["p", "p"], ["Answer: 12", "<think>\u4f60\u597d</think><answer>1</answer>"], {})
+    assert table == [[1.0, 0.0], [0.0, 1.0]]   # "Answer" has no Chinese letter
+
+
+def test_reward_set_names_the_row_whose_own_columns_fail():
+    # The failing row is found by calling the function on each row alone, with that row's columns only.
+    def as_int(prompts, completions, answer, **kw):
+        return [float(int(a)) for a in answer]
+
+    rs = RewardSet([as_int])
+    with pytest.raises(RewardError, match=r"'as_int'.*ValueError.*row 1 \(prompt 'q1'"):
+        rs.score(["q0", "q1", "q2"], ["a", "b", "c"], {"answer": ["1", "x", "3"]})
+
+
+def test_boxed_answer_with_a_space_before_the_brace():
+    assert extract_answer("so \\boxed {7}.") == "7"
+    assert accuracy_reward(["p"], ["the answer is \\boxed {12}"], answer=["12"]) == [1.0]

@@ -835,3 +835,105 @@ def test_resuming_twice_from_the_same_older_checkpoint(tmp_path):
     assert aside == ["abandoned-checkpoint-2", f"abandoned-checkpoint-2.{os.getpid()}", "abandoned-checkpoint-3"]
     assert all((run / n / "trainer_state.json").is_file() for n in aside)
     assert make(tmp_path, **kw).train(resume=True)["global_step"] == 3   # continues the newest checkpoint-2
+
+
+def test_advantages_of_rows_no_reward_scored(tmp_path):
+    """A NaN total (no function scored the row) is filled with its own group's mean before the group
+    advantages, so it does not shift its group's baseline, and its own advantage is 0."""
+    from r1fast import ops
+
+    tr = make(tmp_path, num_generations=4, per_device_train_batch_size=12)
+    nan = float("nan")
+    totals = [1.0, 0.0, nan, 2.0, 5.0, nan, 3.0, 1.0, nan, nan, nan, nan]
+    adv = tr._advantages(totals)
+    filled = torch.tensor([1.0, 0.0, 1.0, 2.0, 5.0, 3.0, 3.0, 1.0, 0.0, 0.0, 0.0, 0.0])
+    want = ops.group_advantages(filled, 4, estimator=tr.cfg.advantage_estimator, scale_rewards=tr.cfg.scale_rewards)
+    want[[2, 5, 8, 9, 10, 11]] = 0.0
+    torch.testing.assert_close(adv, want)
+    assert adv[[0, 1, 3]].sum().abs() < 1e-6 and adv[[4, 6, 7]].sum().abs() < 1e-6  # the baseline is unchanged
+    assert torch.equal(tr._advantages([1.0, 0.0, 2.0, 5.0]), ops.group_advantages(
+        torch.tensor([1.0, 0.0, 2.0, 5.0]), 4, estimator=tr.cfg.advantage_estimator, scale_rewards=tr.cfg.scale_rewards))
+    # exactly 0, not a rounding step off it (a filled mean is not the group's mean to the last bit)
+    r = torch.rand(64, 4, generator=torch.Generator().manual_seed(0))
+    r[:, 2] = nan
+    assert torch.equal(tr._advantages(r.flatten().tolist()).view(64, 4)[:, 2], torch.zeros(64))
+
+
+def test_rewards_reach_the_rows_of_their_own_prompt(tmp_path):
+    """Completions are prompt-major (the G samples of prompt 0, then of prompt 1): each is scored with its
+    own prompt and its own row's columns."""
+    model, tok = tiny_model()
+    rows = [{"prompt": "a", "answer": "1"}, {"prompt": "b", "answer": "2"}]
+    seen = []
+
+    def echo(prompts, completions, answer, **kw):
+        seen.append((list(prompts), list(answer)))
+        return [float(c == p + a) for p, c, a in zip(prompts, completions, answer)]
+
+    cfg = GRPOConfig(per_device_train_batch_size=6, num_generations=3, output_dir=str(tmp_path / "o"),
+                     progress_bar=False)
+    tr = GRPOTrainer(model, ["accuracy", echo], rows, cfg, tokenizer=tok)
+    texts = ["<answer>1</answer>", "a1", "x", "<answer>2</answer>", "b2", "y"]
+    table, totals = tr.score(rows, 3, texts, [[1]] * 6)
+    assert seen == [(["a"] * 3 + ["b"] * 3, ["1"] * 3 + ["2"] * 3)]
+    assert table == [[1.0, 0.0, 0.0, 1.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0, 1.0, 0.0]]
+    assert totals == [1.0, 1.0, 0.0, 1.0, 1.0, 0.0]
+
+
+@pytest.mark.parametrize("mask_truncated", [True, False])
+def test_truncated_completions_are_masked_out_of_the_loss(tmp_path, monkeypatch, mask_truncated):
+    """mask_truncated_completions: a completion that hit max_completion_length ("length") gets a zero
+    mask, and dapo's normaliser counts only the kept completions' tokens."""
+    from r1fast import ops
+
+    tr = make(tmp_path, max_steps=1, num_generations=4, per_device_train_batch_size=4, gradient_accumulation_steps=2,
+              mask_truncated_completions=mask_truncated)
+    generated, calls = {}, []
+    generate, loss = tr.generate, ops.fused_linear_grpo_loss
+
+    def every_third_truncated(*a, **kw):
+        p_ids, c_ids, c_logp, finish = generate(*a, **kw)
+        finish = ["length" if i % 3 == 0 else "stop" for i in range(len(c_ids))]
+        generated.update(c_ids=c_ids, finish=finish)
+        return p_ids, c_ids, c_logp, finish
+
+    def spy(hidden, weight, targets, mask, advantages, **kw):
+        calls.append((mask.clone(), kw["options"].num_items))
+        return loss(hidden, weight, targets, mask, advantages, **kw)
+
+    monkeypatch.setattr(tr, "generate", every_third_truncated)
+    monkeypatch.setattr(ops, "fused_linear_grpo_loss", spy)
+    tr.step()
+    c_ids, finish = generated["c_ids"], generated["finish"]
+    keep = [not (mask_truncated and f == "length") for f in finish]
+    want = torch.cat([torch.full((len(c),), float(k)) for c, k in zip(c_ids, keep)])
+    assert torch.equal(torch.cat([m for m, _ in calls]).cpu(), want)
+    assert {n for _, n in calls} == {float(sum(len(c) for c, k in zip(c_ids, keep) if k))}
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo"])  # bnpo divides by the micro-batch's tokens
+def test_micro_batches_average_to_the_whole_batch_loss(tmp_path, loss_type):
+    """Loss types normalised per micro-batch are averaged over the accumulation steps: four micro-batches
+    of 8 give the loss and the update of one batch of 32 (same rollout)."""
+    runs = {}
+    for micro in (32, 8):
+        tr = make(tmp_path, f"{loss_type}{micro}", loss_type=loss_type, max_steps=1, per_device_train_batch_size=micro,
+                  gradient_accumulation_steps=32 // micro)
+        out = tr.step()["metrics"]
+        runs[micro] = (out["loss"], out["grad_norm"], {n: p.detach().clone() for n, p in tr.model.named_parameters()})
+    (l1, g1, w1), (l4, g4, w4) = runs[32], runs[8]
+    assert l1 != 0.0 and l4 == pytest.approx(l1, rel=1e-4, abs=1e-7) and g4 == pytest.approx(g1, rel=1e-3)
+    for n, w in w1.items():
+        torch.testing.assert_close(w4[n], w, rtol=1e-4, atol=1e-4, msg=lambda m: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("estimator, scale", [("grpo", "none"), ("grpo", "batch"), ("rloo", "group")])
+def test_advantage_options_reach_the_advantages(tmp_path, estimator, scale):
+    from r1fast import ops
+
+    tr = make(tmp_path, num_generations=4, per_device_train_batch_size=8, advantage_estimator=estimator,
+              scale_rewards=scale)
+    totals = [1.0, 0.0, 3.0, 2.0, 5.0, 4.0, 3.0, 1.0]
+    want = ops.group_advantages(torch.tensor(totals), 4, estimator=estimator, scale_rewards=scale)
+    assert torch.equal(tr._advantages(totals), want)
+    assert not torch.allclose(want, ops.group_advantages(torch.tensor(totals), 4))   # the options matter here
