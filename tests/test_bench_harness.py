@@ -264,7 +264,6 @@ def test_grpo_loss_floor_counts_the_active_tokens_and_each_row_runs_its_backend(
     assert seen == ["triton", "torch"]
 
 
-
 # LossOptions the Liger Triton peer's mapping passes on besides the suite's own (dapo, beta 0.04, 0.2/0.28).
 LIGER_TRITON_OPTS = [
     dict(loss_type="grpo", beta=0.04, temperature=0.7),
@@ -355,6 +354,7 @@ def test_grpo_loss_liger_triton_mapping_refuses_what_liger_cannot_compute():
     for bad in (dict(kl_estimator="k1"), dict(entropy_coef=0.01)):
         with pytest.raises(ValueError, match="k3 KL and no entropy bonus"):
             grpo_loss._liger_triton_options(ops.LossOptions(**grpo_loss.OPTS, **bad))
+
 
 def _fake_gpu_machine(tmp_path, bench_rc):
     """A PATH where nvidia-smi and python3 are stubs that record what gpu_check.sh asks of them."""
@@ -477,3 +477,193 @@ def test_grpo_step_trains_both_trainers_in_micro_batches():
         step = gs._trl_step(*spec)()   # its setup takes one step
         step()
     assert calls == [2, 2]
+
+
+class _FixedTimer:
+    """A Timer stand-in: calls fn once and reports a fixed timing."""
+
+    def __init__(self, p50, p20, p80):
+        self.timing = harness.Timing(p50, p20, p80, reps=5)
+
+    def __call__(self, fn, warmup=None, reps=None):
+        fn()
+        return self.timing
+
+
+def test_rows_carry_the_floor_its_percentage_and_the_throughput_of_each_impl():
+    cpu = torch.device("cpu")
+    m = harness.Machine(cpu, "smoke")
+    m._rates.update({"float32": 1e12, "bfloat16": 2e12, "float8": 4e12})
+    m._bandwidth = 1e11
+
+    def setup():
+        return lambda: None
+    # 8 GFLOP and 0.1 GB: at 4 TFLOP/s (FP8) 2 ms, at the case's 2 TFLOP/s (bf16) 4 ms; bytes 1 ms
+    case = harness.Case("c", "fwd", "float32", [harness.Impl("r1fast", "fp8", setup, matmul_dtype="float8"),
+                                                harness.Impl("torch", "eager", setup)],
+                        flops=8e9, bytes=1e8, items=1000, matmul_dtype="bfloat16")
+    rows = harness.run_suite(harness.Suite("t", lambda size, device: [case]), "smoke", cpu, m,
+                             _FixedTimer(4.0, 2.0, 8.0), log=lambda *_: None)
+    got = {(r["provider"], r["metric"]): r for r in rows}
+    fp8, bf16 = got["r1fast", "time_ms"], got["torch", "time_ms"]
+    assert (fp8["floor"], fp8["pct_of_floor"]) == (pytest.approx(2.0), pytest.approx(50.0))
+    assert (bf16["floor"], bf16["pct_of_floor"]) == (pytest.approx(4.0), pytest.approx(100.0))
+    tput = got["r1fast", "tokens_per_s"]
+    # 1000 tokens per call: the fast (p20) time is the high (p80) throughput
+    assert (tput["p50"], tput["p20"], tput["p80"]) == (pytest.approx(250e3), pytest.approx(125e3), pytest.approx(500e3))
+    assert (tput["floor"], tput["pct_of_floor"]) == (pytest.approx(500e3), pytest.approx(50.0))
+
+
+def test_machine_rates_count_two_flops_per_multiply_add_and_read_plus_write(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(harness, "Timer", lambda *a, **k: _FixedTimer(2.0, 1.0, 3.0))
+    m = harness.Machine(cpu, "smoke")
+    assert m.matmul_flops_per_s("float32") == pytest.approx(2 * 512 ** 3 / 2e-3)     # n = 512 on a CPU
+    assert m.copy_bytes_per_s() == pytest.approx(2 * 32 * 2 ** 20 / 2e-3)            # a 32 MB fp32 copy
+    # no FP8 GEMMs on a CPU: its rate (either name) is unknown, and so is an FP8 case's FLOP floor
+    assert math.isnan(m.matmul_flops_per_s("float8")) and math.isnan(m.matmul_flops_per_s("float8_e4m3fn"))
+    assert math.isnan(m.floor_ms(harness.Case("c", "fwd", "float8", [], flops=1e9)))
+
+
+def test_a_case_with_no_work_has_no_floor():
+    m = harness.Machine(torch.device("cpu"), "smoke")
+    assert math.isnan(m.floor_ms(harness.Case("c", "fwd", "float32", [])))
+
+
+def test_percentiles_interpolate_between_neighbours():
+    xs = [4.0, 1.0, 3.0, 2.0]
+    assert harness._percentile(xs, 0.2) == pytest.approx(1.6)
+    assert harness._percentile(xs, 0.8) == pytest.approx(3.4)
+    assert harness._percentile(xs, 0.5) == pytest.approx(2.5)
+
+
+def test_timer_stops_at_max_reps_within_its_budget():
+    t = harness.Timer(torch.device("cpu"), warmup=1, min_reps=1, max_reps=3, budget_s=5.0)(lambda: None)
+    assert t.reps == 3
+
+
+def test_table_speedup_is_below_one_when_a_peer_is_faster():
+    def row(provider, backend, ms):
+        return dict(suite="s", case="c", mode="fwd", dtype="bf16", provider=provider, backend=backend,
+                    metric="time_ms", p50=ms, pct_of_floor=50.0)
+    table = harness.format_table([row("r1fast", "triton", 4.0), row("torch", "eager", 2.0)])
+    peer = next(line for line in table.splitlines() if " eager " in line)
+    assert peer.rstrip().endswith("0.50x")
+
+
+def test_append_needs_an_earlier_runs_csv_and_its_json(tmp_path):
+    kw = dict(out_dir=str(tmp_path), budget_s=0.0, min_reps=1, log=lambda *_: None)
+    csv_path = tmp_path / "run.csv"
+    csv_path.write_text(",".join(harness.COLUMNS) + "\n")
+    with pytest.raises(ValueError, match="not a results CSV with its .json beside it"):
+        harness.main(["kv_cache"], append_to=str(csv_path), **kw)          # no JSON beside it
+    json_path = tmp_path / "run.json"
+    json_path.write_text('{"meta": {}, "rows": []}')
+    with pytest.raises(ValueError, match="not a results CSV"):
+        harness.main(["kv_cache"], append_to=str(json_path), **kw)         # the JSON named instead
+    json_path.write_text('{"meta": {}}')
+    with pytest.raises(ValueError, match="cannot read the rows"):
+        harness.main(["kv_cache"], append_to=str(csv_path), **kw)
+    json_path.write_text('[1, 2]')
+    with pytest.raises(ValueError, match="cannot read the rows"):
+        harness.main(["kv_cache"], append_to=str(csv_path), **kw)
+    assert json_path.read_text() == '[1, 2]'                               # nothing written over
+
+
+def test_a_suite_that_fails_with_the_device_lost_stops_the_run(tmp_path, monkeypatch):
+    def cases(size, device):
+        raise RuntimeError("CUDA error: unspecified launch failure")
+    fine = [harness.Case("ok", "fwd", "float32", [harness.Impl("r1fast", "x", lambda: (lambda: None))])]
+    monkeypatch.setitem(harness._SUITES, "broken", harness.Suite("broken", cases))
+    monkeypatch.setitem(harness._SUITES, "after", harness.Suite("after", lambda size, device: fine))
+    monkeypatch.setattr(harness, "load_suites", lambda: dict(harness._SUITES))
+    monkeypatch.setattr(harness, "device_lost", lambda device: "AcceleratorError: launch failure")
+    with pytest.raises(harness.DeviceLost) as lost:
+        harness.main(["broken", "after"], out_dir=str(tmp_path), budget_s=0.0, min_reps=1, log=lambda *_: None)
+    assert lost.value.remaining == ["after"] and lost.value.rows == []
+
+
+def test_a_fault_in_a_later_suite_keeps_every_row_measured_before_it(tmp_path, monkeypatch):
+    faulted = []
+
+    def fault():
+        faulted.append(True)
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+    fine = harness.Impl("r1fast", "x", lambda: (lambda: None))
+    suites = {"first": [harness.Case("a", "fwd", "float32", [fine])],
+              "second": [harness.Case("b", "fwd", "float32", [fine]),
+                         harness.Case("bad", "fwd", "float32", [harness.Impl("r1fast", "cuda", fault)])]}
+    for name, cases in suites.items():
+        monkeypatch.setitem(harness._SUITES, name, harness.Suite(name, lambda size, device, c=cases: c))
+    monkeypatch.setattr(harness, "load_suites", lambda: dict(harness._SUITES))
+    monkeypatch.setattr(harness, "device_lost", lambda device: "AcceleratorError: illegal address" if faulted else None)
+    with pytest.raises(harness.DeviceLost) as lost:
+        harness.main(["first", "second"], out_dir=str(tmp_path), budget_s=0.0, min_reps=1, log=lambda *_: None)
+    assert [r["case"] for r in lost.value.rows] == ["a", "b"]
+    (csv_path,) = tmp_path.glob("*.csv")
+    assert [r["case"] for r in harness.read_csv(csv_path)] == ["a", "b"]
+
+
+def test_results_files_hold_every_column_of_every_row(tmp_path):
+    row = {c: f"v-{c}" for c in harness.COLUMNS}
+    row.update(p50=1.5, p20=1.0, p80=2.0, floor=0.5, pct_of_floor=33.3)
+    csv_path, json_path = harness.write_results([row], tmp_path, torch.device("cpu"), {"size": "smoke"})
+    (back,) = harness.read_csv(csv_path)
+    assert back == row
+    import json
+
+    assert json.loads(json_path.read_text()) == {"meta": {"size": "smoke"}, "rows": [row]}
+
+
+def test_with_env_restores_a_variable_that_was_set(monkeypatch):
+    import os
+
+    monkeypatch.setenv("R1FAST_LOGITS_GEMM", "triton")
+    run = harness.with_env(lambda: (lambda: os.environ.get("R1FAST_LOGITS_GEMM")), R1FAST_LOGITS_GEMM="cublas")()
+    assert run() == "cublas" and os.environ["R1FAST_LOGITS_GEMM"] == "triton"
+
+
+def test_main_warms_up_at_most_min_reps_times_and_keeps_a_zero_budget(tmp_path, monkeypatch):
+    calls = []
+    case = harness.Case("c", "fwd", "float32", [harness.Impl("r1fast", "x", lambda: (lambda: calls.append(1)))])
+    monkeypatch.setitem(harness._SUITES, "counted", harness.Suite("counted", lambda size, device: [case]))
+    monkeypatch.setattr(harness, "load_suites", lambda: dict(harness._SUITES))
+    harness.main(["counted"], out_dir=str(tmp_path), budget_s=0.0, min_reps=1, log=lambda *_: None)
+    assert len(calls) == 2   # one warm-up call (min(3, min_reps)), one timed call (no time budget)
+
+
+def test_impls_missing_a_module_or_skipping_are_skipped_not_failed():
+    setups = []
+
+    def skipping():
+        raise harness.Skip("CUDA only")
+    case = harness.Case("c", "fwd", "float32", [
+        harness.Impl("peer", "absent", lambda: setups.append(1) or (lambda: None), requires=("no_such_module_r1fast",)),
+        harness.Impl("peer", "gpu", skipping), harness.Impl("r1fast", "x", lambda: (lambda: None))])
+    log = []
+    rows = harness.run_suite(harness.Suite("t", lambda size, device: [case]), "smoke", torch.device("cpu"),
+                             harness.Machine(torch.device("cpu"), "smoke"),
+                             harness.Timer(torch.device("cpu"), min_reps=1, budget_s=0.0), log=log.append)
+    assert setups == [] and [r["backend"] for r in rows] == ["x"]
+    assert any("skip t/c fwd peer/absent: no_such_module_r1fast not installed" in line for line in log)
+    assert any("skip t/c fwd peer/gpu: CUDA only" in line for line in log)
+    assert not any("FAILED" in line for line in log)
+
+
+def test_a_compute_only_case_floor_is_its_flops_at_the_matmul_rate():
+    m = harness.Machine(torch.device("cpu"), "smoke")
+    m._rates["float32"], m._bandwidth = 1e12, 1e11
+    assert m.floor_ms(harness.Case("c", "fwd", "float32", [], flops=3e9)) == pytest.approx(3.0)
+    assert m.floor_ms(harness.Case("c", "fwd", "float32", [], bytes=2e8)) == pytest.approx(2.0)
+
+
+def test_timer_reports_milliseconds_and_the_median(monkeypatch):
+    import time
+
+    t = harness.Timer(torch.device("cpu"), warmup=1, min_reps=1, budget_s=0.0)(lambda: time.sleep(0.02), reps=1)
+    assert 15 <= t.p50 < 500
+    timer = harness.Timer(torch.device("cpu"), warmup=1, min_reps=3, budget_s=0.0)
+    times = iter([1.0, 2.0, 9.0])
+    monkeypatch.setattr(timer, "_timed", lambda fn: next(times))
+    t = timer(lambda: None, reps=3)
+    assert (t.p50, t.p20, t.p80, t.reps) == (2.0, pytest.approx(1.4), pytest.approx(6.2), 3)

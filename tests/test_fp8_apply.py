@@ -346,3 +346,45 @@ def test_scaled_mm_probe_passes_on_hopper():
         pytest.skip("rowwise torch._scaled_mm is only promised on sm_90+")
     assert scaled_mm_error(torch.device("cuda"), "rowwise") is None
     assert scaled_mm_error(torch.device("cuda"), "tensorwise") is None
+
+
+def test_options_defaults_and_hand_built_options_are_checked():
+    from r1fast.fp8 import Fp8Options, as_options
+
+    assert make_options(False).mode == "off"                    # fp8=False in a config means off
+    # "off" drops the other options: nothing runs in FP8, so they cannot apply
+    assert make_options("off", scaling="tensorwise") == Fp8Options("off", None, "e5m2", None)
+    assert make_options("off", recipe="delayed", grad_dtype="e4m3") == Fp8Options("off", None, "e4m3", None)
+    # an Fp8Options built by hand is validated and completed like a mode string
+    with pytest.raises(ValueError, match="applies to mode='te' only"):
+        as_options(Fp8Options("torch", recipe="delayed"))
+    assert as_options(Fp8Options("te")).recipe == "current"
+    assert as_options(Fp8Options("emulate")).scaling == "rowwise"
+    # ... and never together with keywords, grad_dtype included
+    for kw in (dict(grad_dtype="e4m3"), dict(scaling="tensorwise"), dict(recipe="current")):
+        with pytest.raises(ValueError, match="not both"):
+            as_options(make_options("torch"), **kw)
+    assert make_options("emulate").rowwise and not make_options("torch", scaling="tensorwise").rowwise
+    assert not make_options("te").rowwise and not make_options("off").rowwise
+
+
+def test_fp8_disabled_nests_and_restores_on_exit():
+    from r1fast.fp8 import fp8_disabled, fp8_enabled
+
+    with fp8_disabled():
+        with fp8_disabled():
+            assert not fp8_enabled()
+        assert not fp8_enabled()              # leaving the inner block keeps the outer one's setting
+    assert fp8_enabled()
+    with pytest.raises(KeyError):
+        with fp8_disabled():
+            raise KeyError("x")
+    assert fp8_enabled()
+
+
+def test_converted_layers_keep_the_training_mode():
+    model = Tiny().eval()
+    apply_fp8(model, "emulate")
+    assert isinstance(model.up, Fp8Linear) and not model.up.training
+    lin = nn.Linear(32, 16).train()
+    assert Fp8Linear.from_linear(lin, impl="emulate").training

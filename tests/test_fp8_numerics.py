@@ -294,3 +294,188 @@ def test_torch_path_on_a_device_without_scaled_mm_is_a_clear_error(monkeypatch):
             fp8_linear_mod.fp8_linear(torch.randn(4, 32), torch.randn(16, 32), impl="torch")
     finally:
         fp8_linear_mod._torch_path_on.cache_clear()
+
+
+# ---------------------------------------------------------------- scales, dtypes and options end to end
+
+
+@pytest.mark.parametrize("dtype", FP8)
+@pytest.mark.parametrize("rowwise", [True, False], ids=["rowwise", "tensorwise"])
+def test_tiny_magnitudes_get_their_own_scale_and_dequantize_back(dtype, rowwise):
+    # Late-training gradients of ~1e-9: the scale is amax / FP8_MAX, not the all-zero row's AMAX_EPS
+    # floor, and dequantize(quantize(x)) is x to the format's precision (both checked without the oracle,
+    # which shares AMAX_EPS with the code under test).
+    from r1fast.fp8 import dequantize
+
+    x = randn(6, 32, seed=60) * 1e-9 * torch.exp(randn(6, 1, seed=61))
+    q, s = quantize(x, dtype, rowwise)
+    amax = x.abs().amax(dim=-1, keepdim=True) if rowwise else x.abs().amax()
+    assert torch.equal(s, amax / torch.finfo(dtype).max)
+    back = dequantize(q, s)
+    assert back.dtype == torch.float32
+    rel = {E4M3: 2.0 ** -4, E5M2: 2.0 ** -3}[dtype]   # half a mantissa step, plus one scale unit for subnormals
+    assert torch.all((back - x).abs() <= rel * x.abs() + s)
+    assert sqnr_db(back, x) > 20
+
+
+@pytest.mark.parametrize("src", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", FP8)
+@pytest.mark.parametrize("rowwise", [True, False], ids=["rowwise", "tensorwise"])
+def test_half_precision_inputs_are_divided_in_fp32(src, dtype, rowwise):
+    # bf16/fp16 activations: t / scale must be an fp32 quotient (a bf16 one loses 16 bits before the cast)
+    x = (randn(24, 48, seed=62) * torch.exp(2 * randn(24, 1, seed=63))).to(src)
+    q, s = quantize(x, dtype, rowwise)
+    rq, rs = reference_quantize(x, dtype, rowwise)
+    assert torch.equal(s.double(), rs) and torch.equal(q.double(), rq)
+
+
+@pytest.mark.parametrize("dtype", FP8)
+def test_quotients_next_to_a_rounding_tie_round_as_fp32_division_does(dtype):
+    # t = fp32(mid * s) for every tie `mid` of the grid (and the fp32 neighbours of t): whether t / s
+    # lands on the tie (then to even) or just past it depends on the quotient being rounded to fp32
+    # first, which both the quantiser and the oracle must do.
+    grid = finite_values(dtype)
+    mids = (grid[1:] + grid[:-1]) / 2
+    mids = mids[mids > 0]
+    for sv in (0.1, 0.7, 1.3):
+        s = torch.tensor(sv)
+        t = (mids * sv).float()
+        t = torch.cat([t, torch.nextafter(t, torch.zeros_like(t)), torch.nextafter(t, torch.full_like(t, 1e30))])
+        t = t[(t / s).abs() <= torch.finfo(dtype).max]
+        q, _ = quantize(t, dtype, rowwise=False, scale=s)
+        rq, _ = reference_quantize(t, dtype, rowwise=False, scale=s)
+        assert torch.equal(q.double(), rq)
+
+
+def test_empty_operands_get_one_scale_per_row():
+    # the weight-gradient GEMM of an empty batch quantises dy^T / x^T of shape (features, 0)
+    from r1fast.fp8.quantization import AMAX_EPS
+
+    for shape in [(0, 32), (16, 0)]:
+        for dtype in FP8:
+            q, s = quantize(torch.zeros(shape), dtype, rowwise=True)
+            assert q.shape == shape and q.dtype == dtype
+            assert s.shape == (shape[0], 1) and s.dtype == torch.float32
+            assert torch.equal(s, torch.full((shape[0], 1), AMAX_EPS / torch.finfo(dtype).max))
+            assert quantize(torch.zeros(shape), dtype, rowwise=False)[1].shape == ()
+
+
+def test_a_failed_compile_falls_back_to_eager_and_is_remembered(monkeypatch):
+    import r1fast.fp8.quantization as qmod
+
+    def broken(*args):
+        raise RuntimeError("no C compiler")
+    monkeypatch.setattr(qmod, "_compiled", broken)
+    monkeypatch.setattr(qmod, "_compile_failed", False)
+    x = randn(8, 32, seed=64)
+    for rowwise in (True, False):
+        with pytest.warns(UserWarning, match="torch.compile of the FP8 quantiser failed"):
+            q, s = qmod._fused_quantize(x, E5M2, rowwise)
+        rq, rs = reference_quantize(x, E5M2, rowwise)
+        assert s.shape == rs.shape and torch.equal(s.double(), rs) and torch.equal(q.double(), rq)
+    assert qmod._compile_failed   # quantize() takes the eager path from now on, without retrying
+
+
+def test_mixed_precision_layer_keeps_fp32_accuracy_in_the_master_gradients():
+    # bf16 activations and gradients, an fp32 master weight, a float64 bias: dW is written in the
+    # weight's dtype and db summed in fp32, so both match the float64 oracle to fp32 accuracy.
+    x = randn(20, 32, seed=65).bfloat16()
+    w = randn(16, 32, seed=66, scale=0.2)
+    b = randn(16, seed=67).double()
+    dy = (randn(20, 16, seed=68) * torch.exp(randn(20, 1, seed=69))).bfloat16()
+    _, dx, dw, db = _run("emulate", x, w, b, dy, "e5m2", "rowwise")
+    _, rdx, rdw, rdb = reference_fp8_linear(x, w, b, dy, grad_dtype=E5M2, rowwise=True)
+    assert dx.dtype == torch.bfloat16 and dw.dtype == torch.float32 and db.dtype == torch.float64
+    assert_close(dw, rdw, torch.float32, name="dweight")
+    assert_close(db, rdb, torch.float32, name="dbias")
+    assert_close(dx.float(), rdx, torch.bfloat16, name="dx")
+
+
+def test_each_gradient_is_computed_when_only_it_is_needed():
+    x, w, b, dy = _inputs((10,), 32, 16, True, seed=70)
+    _, full_dx, full_dw, _ = _run("emulate", x, w, b, dy, "e5m2", "rowwise")
+    w1 = w.clone().requires_grad_()                 # a layer fed by a frozen input
+    fp8_linear(x, w1, b, impl="emulate").backward(dy)
+    assert torch.equal(w1.grad, full_dw)
+    x1 = x.clone().requires_grad_()                 # a frozen weight
+    fp8_linear(x1, w, b, impl="emulate").backward(dy)
+    assert torch.equal(x1.grad, full_dx)
+
+
+def test_autocast_keeps_the_fp32_gemm_bit_for_bit():
+    # The FP8 GEMM's fp32 matmul must not be autocast to bf16: without a bias, the autocast output is
+    # the plain fp32 output rounded once to bf16.
+    x, w, _, _ = _inputs((24,), 64, 32, False, seed=71)
+    want = fp8_linear(x, w, impl="emulate")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = fp8_linear(x, w, impl="emulate")
+    assert got.dtype == torch.bfloat16
+    assert torch.equal(got, want.bfloat16())
+
+
+@pytest.mark.parametrize("grad_dtype,scaling", [("e4m3", "tensorwise"), ("e5m2", "tensorwise"), ("e4m3", "rowwise")])
+def test_fp8_linear_module_runs_with_its_own_grad_dtype_and_scaling(grad_dtype, scaling):
+    from r1fast.fp8 import Fp8Linear
+
+    x, w, b, dy = _inputs((21,), 64, 48, True, seed=72)
+    lin = torch.nn.Linear(64, 48)
+    with torch.no_grad():
+        lin.weight.copy_(w)
+        lin.bias.copy_(b)
+    layer = Fp8Linear.from_linear(lin, impl="emulate", grad_dtype=grad_dtype, scaling=scaling)
+    x1 = x.clone().requires_grad_()
+    y = layer(x1)
+    y.backward(dy)
+    ry, rdx, rdw, _ = reference_fp8_linear(x, w, b, dy, grad_dtype=GRADS[grad_dtype], rowwise=scaling == "rowwise")
+    assert_close(y, ry, torch.float32, name="y")
+    assert_close(x1.grad, rdx, torch.float32, name="dx")
+    assert_close(lin.weight.grad, rdw, torch.float32, name="dweight")
+
+
+def test_fp8_linear_rejects_a_scalar_input_and_a_tensor_on_another_device():
+    w = randn(16, 32)
+    with pytest.raises(ValueError, match="in_features 32"):
+        fp8_linear(torch.tensor(1.0), w)
+    with pytest.raises(ValueError, match="x is on meta but weight is on cpu"):
+        fp8_linear(torch.empty(4, 32, device="meta"), w)
+
+
+def test_torch_impl_rejects_unaligned_output_features():
+    with pytest.raises(ValueError, match="multiples of 16"):
+        fp8_linear(randn(4, 32), randn(24, 32), impl="torch")
+
+
+def test_torch_path_check_asks_about_the_scaling_in_use(monkeypatch):
+    """A CPU/GPU whose _scaled_mm takes tensorwise scales only: the tensorwise layer runs, the rowwise
+    one is refused, each for its own scaling."""
+    _skip_without_cpu_scaled_mm("tensorwise")
+    from r1fast.fp8 import linear as fp8_linear_mod
+
+    fp8_linear_mod._torch_path_on.cache_clear()
+    monkeypatch.setattr("r1fast.fp8.support.torch_path",
+                        lambda device, scaling="rowwise": (scaling == "tensorwise", f"no {scaling} scales"))
+    try:
+        x, w = randn(4, 32, seed=73), randn(16, 32, seed=74)
+        y = fp8_linear(x, w, impl="torch", scaling="tensorwise")
+        assert_close(y, fp8_linear(x, w, impl="emulate", scaling="tensorwise").double(), torch.float32, rtol=2e-5)
+        with pytest.raises(RuntimeError, match="no rowwise scales"):
+            fp8_linear(x, w, impl="torch", scaling="rowwise")
+    finally:
+        fp8_linear_mod._torch_path_on.cache_clear()
+
+
+def test_fp8_linear_rejects_an_integer_weight_and_the_gemm_an_unknown_impl():
+    from r1fast.fp8.gemm import fp8_gemm_nt
+
+    with pytest.raises(TypeError, match="floating point"):
+        fp8_linear(randn(4, 32), randn(16, 32).long())
+    with pytest.raises(ValueError, match="impl must be one of"):
+        fp8_gemm_nt(randn(4, 32), E4M3, randn(16, 32), E4M3, rowwise=True, out_dtype=torch.float32, impl="cuda")
+
+
+def test_autocast_output_takes_the_autocast_dtype_fp16_too():
+    x, w, b, _ = _inputs((8,), 32, 16, True, seed=75)
+    with torch.autocast("cpu", dtype=torch.float16):
+        y = fp8_linear(x, w, b, impl="emulate")
+    assert y.dtype == torch.float16
+    assert max_rel_err(y.float(), fp8_linear(x, w, b, impl="emulate")) < 2e-3

@@ -128,3 +128,92 @@ def test_te_linear_honours_fp8_disabled(fake_te, bias):
         torch.testing.assert_close(te_lin(x), lin(x))
     assert calls["autocast"] == []
     torch.testing.assert_close(te_lin(x), lin(x))  # and the FP8 (stand-in) path without a bias
+
+
+def test_te_linear_copies_dtype_requires_grad_and_training_mode(fake_te):
+    lin = nn.Linear(32, 16, dtype=torch.bfloat16).eval()
+    lin.weight.requires_grad_(False)          # a frozen layer stays frozen
+    te_lin = fp8_te.te_linear_from(lin, "current", "e5m2")
+    assert te_lin.weight.dtype == te_lin.bias.dtype == torch.bfloat16
+    assert torch.equal(te_lin.weight, lin.weight) and torch.equal(te_lin.bias, lin.bias)
+    assert not te_lin.weight.requires_grad and te_lin.bias.requires_grad
+    assert not te_lin.training
+    assert fp8_te.te_linear_from(nn.Linear(32, 16).train(), "current", "e5m2").training
+
+
+def test_delayed_recipe_keeps_a_short_max_amax_history(fake_te):
+    _, Format = fake_te
+    r = fp8_te.make_recipe("delayed", "e5m2")
+    assert (r.fp8_format, r.amax_history_len, r.amax_compute_algo) == (Format.HYBRID, 16, "max")
+
+
+def test_a_recipe_the_installed_te_lacks_is_a_clear_error(fake_te):
+    del sys.modules["transformer_engine.common.recipe"].MXFP8BlockScaling
+    with pytest.raises(ValueError, match="recipe='mxfp8': the installed Transformer Engine has no MXFP8BlockScaling"):
+        fp8_te.make_recipe("mxfp8", "e4m3")
+
+
+def test_te_2_8_autocast_gets_the_layers_recipe(fake_te):
+    """TE 2.8 renamed fp8_autocast(enabled, fp8_recipe) to autocast(enabled, recipe): the new name is
+    preferred where it exists, with the layer's recipe."""
+    calls, _ = fake_te
+    pt = sys.modules["transformer_engine.pytorch"]
+    seen = []
+
+    @contextlib.contextmanager
+    def autocast(enabled, recipe):
+        seen.append((enabled, recipe))
+        with pt.fp8_autocast(enabled=enabled, fp8_recipe=recipe):   # the stand-in's layer checks for it
+            yield
+    pt.autocast = autocast
+    te_lin = fp8_te.te_linear_from(nn.Linear(32, 16), "delayed", "e4m3")
+    te_lin(randn(5, 32, seed=3))
+    assert seen == [(True, te_lin._fp8_recipe)] and type(seen[0][1]).__name__ == "DelayedScaling"
+
+
+def test_te_pads_only_a_token_count_that_needs_it(fake_te):
+    calls, _ = fake_te
+    te_lin = fp8_te.te_linear_from(nn.Linear(32, 16), "current", "e5m2")
+    assert te_lin(randn(2, 16, 32, seed=4)).shape == (2, 16, 16)
+    assert calls["rows"] == [32]
+
+
+@pytest.fixture
+def fake_fp8_gpu(fake_te, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(support, "cuda_fp8_support", lambda device=None: (True, "H100 (sm_90)"))
+    return sys.modules["transformer_engine.pytorch"]
+
+
+def test_te_recipe_support_asks_each_recipes_own_probe(fake_fp8_gpu):
+    pt = fake_fp8_gpu
+    assert support.te_recipe_support("current") == (True, "H100 (sm_90)")
+    # a probe that answers with a reason, found on te.quantization (where newer TEs keep them)
+    pt.quantization = types.SimpleNamespace(
+        is_fp8_block_scaling_available=lambda return_reason=False: (False, "block scaling needs sm_90+") if return_reason
+        else False)
+    assert support.te_recipe_support("block") == (False, "block scaling needs sm_90+")
+    # only asked with return_reason=True does this probe give its reason
+    pt.is_mxfp8_available = lambda return_reason=False: (False, "MXFP8 needs Blackwell") if return_reason else False
+    assert support.te_recipe_support("mxfp8") == (False, "MXFP8 needs Blackwell")
+    # an older TE's check_* probe takes no arguments; one that raises means "not usable", with its message
+    del pt.is_mxfp8_available
+
+    def check():
+        raise RuntimeError("no MXFP8 kernels in this build")
+    pt.check_mxfp8_support = check
+    assert support.te_recipe_support("mxfp8") == (False, "no MXFP8 kernels in this build")
+    pt.is_mxfp8_available = lambda return_reason=False: (True, "") if return_reason else True
+    assert support.te_recipe_support("mxfp8") == (True, "H100 (sm_90)")
+
+
+def test_te_recipe_support_without_probes_trusts_the_fp8_gpu_for_per_tensor_recipes_only(fake_fp8_gpu):
+    del fake_fp8_gpu.is_fp8_available
+    assert support.te_recipe_support("current") == (True, "H100 (sm_90)")
+    assert support.te_recipe_support("delayed") == (True, "H100 (sm_90)")
+    assert support.te_recipe_support("block") == (False, "the installed Transformer Engine has no block scaling")
+
+
+def test_te_recipe_support_needs_cuda(fake_te, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert support.te_recipe_support("current") == (False, "Transformer Engine FP8 needs a CUDA device")
