@@ -97,6 +97,17 @@ def test_resume_with_other_schedule_settings_says_what_happens():
     ({"fp8": "torch", "fp8_recipe": "block"}, "fp8_recipe.*recipe='block' applies to mode='te' only"),
     ({"fp8": "te", "fp8_scaling": "rowwise"}, "fp8_scaling"),
     ({"fp8_grad_dtype": "e4m2"}, "grad_dtype='e4m2' is not valid"),
+    ({"learning_rate": -1e-5}, "option 'learning_rate' must be >= 0"),
+    ({"adam_beta2": 1.0}, r"option 'adam_beta2' must be in \[0, 1\)"),
+    ({"save_steps": -1}, "'save_steps' >= 0"),
+    ({"logging_steps": 0}, "'logging_steps' >= 1"),
+    ({"num_iterations": 0}, "option 'num_iterations' must be >= 1"),
+    ({"min_p": 1.0}, r"option 'min_p' must be in \[0, 1\)"),
+    ({"max_prompt_length": 0}, "option 'max_prompt_length' must be >= 1"),
+    ({"eval_samples_per_prompt": 0}, "eval_samples_per_prompt >= 1 required"),
+    ({"log_completions": -1}, "option 'log_completions' must be >= 0"),
+    ({"epsilon": -0.1}, "option 'epsilon' must be >= 0"),
+    ({"top_k": -2}, "option 'top_k' must be -1 or 0"),
 ])
 def test_bad_values_are_clear_errors(data, match):
     with pytest.raises(ConfigError, match=match):
@@ -109,6 +120,8 @@ def test_bad_values_are_clear_errors(data, match):
     ({"num_train_epochs": 0}, "num_train_epochs"),
     ({"warmup_ratio": 1.0}, "warmup_ratio"),
     ({"report_to": ["mlflow"]}, "report_to"),
+    ({"per_device_train_batch_size": 0}, "option 'per_device_train_batch_size' must be >= 1"),
+    ({"gradient_accumulation_steps": 0}, "option 'gradient_accumulation_steps' must be >= 1"),
 ])
 def test_sft_bad_values_are_clear_errors(data, match):
     """SFTConfig shares the optimiser / output checks with GRPOConfig and adds its own."""
@@ -122,6 +135,10 @@ def test_sft_bad_values_are_clear_errors(data, match):
     ({"max_prompts": 0}, "max_prompts"),             # was "max() arg is an empty sequence"
     ({"top_p": 0}, "top_p"),
     ({"max_completion_length": 0}, "max_completion_length"),
+    ({"num_samples": 0}, "option 'num_samples' must be >= 1"),
+    ({"keep_per_prompt": 0}, "option 'keep_per_prompt' must be >= 1"),
+    ({"batch_prompts": 0}, "option 'batch_prompts' must be >= 1"),
+    ({"reward_thresholds": [1.0]}, "reward_thresholds has 1 entries but reward_funcs has 2"),
 ])
 def test_sample_bad_values_are_clear_errors(data, match):
     with pytest.raises(ConfigError, match=match):
@@ -246,6 +263,7 @@ def test_fp8_option_accepts_the_fp8_modes_and_rejects_others():
     with pytest.raises(ValueError, match="fp8"):
         GRPOConfig(fp8="on").validate()
 
+
 def test_builtin_model_gets_fp8_layers():
     model, _ = load_model_and_tokenizer("builtin:micro", device="cpu", fp8="emulate")
     assert model.fp8_report.converted
@@ -333,3 +351,21 @@ def test_a_failed_update_leaves_the_config_as_it_was(bad):
     assert cfg.to_dict() == before
     cfg.update({"beta": 0.5})
     assert cfg.beta == 0.5 and cfg.top_p == 0.9
+
+
+def test_values_are_coerced_to_the_options_type_or_named():
+    """YAML and command-line spellings become the option's type; a value of another type is an error
+    naming the option, never a bool read as a number or a number as a string."""
+    cfg = SFTConfig.from_dict({"max-steps": "4", "num_train_epochs": 0, "progress_bar": "1", "share_prompts": "no",
+                               "warmup_steps": 2.0, "system_prompt": 12, "report_to": "tensorboard,wandb"})
+    assert (cfg.max_steps, cfg.progress_bar, cfg.share_prompts, cfg.warmup_steps) == (4, True, False, 2)
+    assert cfg.system_prompt == "12" and cfg.report_to == ["tensorboard", "wandb"]   # epochs unused with max_steps
+    assert SampleConfig.from_dict({"reward_funcs": "accuracy,format"}).reward_funcs == ["accuracy", "format"]
+    assert GRPOConfig.from_dict({"epsilon_high": "None", "delta": "null"}).epsilon_high is None
+    for data, match in [({"max_steps": True}, "'max_steps' expects int, got True"),
+                        ({"warmup_steps": 2.5}, "'warmup_steps' expects int, got 2.5"),
+                        ({"learning_rate": True}, "'learning_rate' expects float, got True"),
+                        ({"system_prompt": False}, "'system_prompt' expects str, got False"),
+                        ({"progress_bar": 2}, "'progress_bar' expects bool, got 2")]:
+        with pytest.raises(ConfigError, match=match):
+            SFTConfig.from_dict(data)

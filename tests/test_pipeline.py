@@ -330,3 +330,348 @@ def test_summary_shows_steps_skipped_for_nonfinite_losses(tmp_path):
     runner.state = {"order": ["rl"], "stages": {"rl": {"type": "grpo", "step_start": 0, "step_end": 2,
                                                         "nonfinite_skipped": 2, "finished": True}}}
     assert "rl: 2 steps skipped for a NaN/inf loss or gradient" in render_summary(runner.summary(0.0))
+
+
+class ScriptedEngine:
+    """Stands in for r1fast.rollout.Engine: each prompt gets the completions scripted for the first
+    key found in its text, so which samples pass is known exactly."""
+    calls: list = []
+
+    def __init__(self, model=None, tok=None, script=None, **kw):
+        self.tok, self.script = tok, script
+        ScriptedEngine.kw = kw
+
+    def generate(self, prompt_ids, params):
+        from r1fast.rollout.params import Completion, RequestOutput
+
+        ScriptedEngine.calls.append((len(prompt_ids), params.n, params.seed))
+        out = []
+        for ids in prompt_ids:
+            text = self.tok.decode(ids)
+            key = next(k for k in self.script if k in text)
+            comps = [Completion(self.tok(t, add_special_tokens=False).input_ids + [self.tok.eos_token_id], [], "stop")
+                     for t in self.script[key][:params.n]]
+            out.append(RequestOutput(list(ids), comps))
+        return out
+
+    def reset_prefix_cache(self):
+        pass
+
+
+GOOD_A, GOOD_B, GOOD_C = ("<think>a</think><answer>4</answer>", "<think>b</think><answer>4</answer>",
+                          "<think>c</think><answer>4</answer>")
+
+
+def scripted(monkeypatch, script):
+    import r1fast.rollout
+    from r1fast.trainer.common import load_model_and_tokenizer
+
+    model, tok = load_model_and_tokenizer("builtin:micro", device="cpu", seed=0)
+    ScriptedEngine.calls = []
+    monkeypatch.setattr(r1fast.rollout, "Engine", lambda m, **kw: ScriptedEngine(m, tok, script, **kw))
+    return model, tok
+
+
+def test_rejection_sampling_keeps_correct_well_formed_distinct_samples_up_to_keep_per_prompt(monkeypatch):
+    from r1fast.trainer.config import SampleConfig
+    from r1fast.trainer.sampling import rejection_sample
+
+    script = {"2+2": ["<answer>4</answer>", "<think>w</think><answer>5</answer>", GOOD_A, GOOD_A, GOOD_B, GOOD_C],
+              "3+3": ["<think>w</think><answer>5</answer>", "<answer>6</answer>", "6", "", "", ""],
+              "5+5": ["<think>z</think><answer>1</answer>", "<answer>1</answer>", "", "", "", ""]}
+    model, tok = scripted(monkeypatch, script)
+    rows = [{"prompt": "2+2", "answer": "4", "level": 1}, {"prompt": "3+3", "answer": "6", "level": 2},
+            {"prompt": "5+5", "answer": None, "level": 3}]
+    cfg = SampleConfig(num_samples=6, keep_per_prompt=2, batch_prompts=2, progress_bar=False)
+    kept, stats = rejection_sample(model, tok, rows, cfg, progress=False)
+    # wrong format or wrong answer: out; GOOD_A's copy: out; GOOD_C: over keep_per_prompt.
+    # A row without an answer is judged by the rewards that score it (format) only.
+    assert [(r["prompt"], r["completion"]) for r in kept] == [
+        ("2+2", GOOD_A), ("2+2", GOOD_B), ("5+5", "<think>z</think><answer>1</answer>")]
+    assert [(r["answer"], r["level"]) for r in kept] == [("4", 1), ("4", 1), (None, 3)]   # the row's columns
+    assert [r["rewards"] for r in kept] == [{"accuracy": 1.0, "format": 1.0}] * 2 + [{"accuracy": None, "format": 1.0}]
+    assert stats == {"prompts": 3, "samples": 18, "passed": 5, "pass_rate": 5 / 18, "kept": 3, "prompts_kept": 2}
+    # two chunks of prompts, each sampled num_samples times with its own seed
+    assert [c[:2] for c in ScriptedEngine.calls] == [(2, 6), (1, 6)] and ScriptedEngine.calls[0][2] != ScriptedEngine.calls[1][2]
+    # thresholds per reward: accuracy ignored, format required; max_prompts cuts the dataset
+    cfg = SampleConfig(num_samples=6, keep_per_prompt=6, reward_thresholds=[0.0, 1.0], max_prompts=2, progress_bar=False)
+    kept, stats = rejection_sample(model, tok, rows, cfg, progress=False)
+    assert [r["completion"] for r in kept] == [script["2+2"][1], GOOD_A, GOOD_B, GOOD_C, script["3+3"][0]]
+    assert (stats["prompts"], stats["passed"]) == (2, 6)
+    with pytest.raises(ValueError, match="rejection sampling: the prompt dataset is empty"):
+        rejection_sample(model, tok, [], cfg, progress=False)
+
+
+def test_rejection_sampling_scores_each_sample_against_its_own_prompt(monkeypatch, tmp_path):
+    from r1fast.trainer.config import SampleConfig
+    from r1fast.trainer.sampling import rejection_sample
+
+    (tmp_path / "echo.py").write_text("def f(prompts, completions, **kw):\n"
+                                      "    return [1.0 if p[0] in c else 0.0 for p, c in zip(prompts, completions)]\n")
+    model, tok = scripted(monkeypatch, {"1?": ["1", "2"], "2?": ["1", "2"], "3?": ["3", "1"]})
+    rows = [{"prompt": f"{i}?"} for i in (1, 2, 3)]
+    cfg = SampleConfig(num_samples=2, reward_funcs=[f"{tmp_path / 'echo.py'}:f"], batch_prompts=2, progress_bar=False)
+    kept, _ = rejection_sample(model, tok, rows, cfg, progress=False)
+    assert [(r["prompt"], r["completion"]) for r in kept] == [("1?", "1"), ("2?", "2"), ("3?", "3")]
+
+
+def test_evaluation_scores_each_sample_against_its_rows_answer(monkeypatch):
+    from r1fast.data.loading import encode_prompt
+    from r1fast.trainer.evaluate import evaluate_accuracy
+
+    script = {"2+2": [GOOD_A, "<answer>4</answer>"], "3+3": ["<think>b</think><answer>5</answer>",
+                                                              "<think>b</think><answer>6</answer>"],
+              "5+5": ["<think></think><answer>1</answer>", "x"]}
+    model, tok = scripted(monkeypatch, script)
+    rows = [{"prompt": "2+2", "answer": "4"}, {"prompt": "3+3", "answer": "6"}, {"prompt": "5+5", "answer": None}]
+    texts = [t for k in ("2+2", "3+3", "5+5") for t in script[k]]
+    for training in (True, False):
+        model.train(training)
+        res, samples = evaluate_accuracy(model, tok, rows, samples_per_prompt=2, return_samples=True)
+        assert model.training is training   # the caller's mode comes back
+        # accuracy over the samples an answer scores (4 of 6), format over all 6
+        assert res["eval/accuracy"] == pytest.approx(3 / 4) and res["eval/format"] == pytest.approx(4 / 6)
+        lengths = [len(tok(t, add_special_tokens=False).input_ids) + 1 for t in texts]
+        assert res["eval/completion_length"] == pytest.approx(sum(lengths) / 6) and res["eval/num_samples"] == 6
+        assert [(s["prompt"], s["completion"], s["accuracy"]) for s in samples] == [
+            ("2+2", texts[0], 1.0), ("2+2", texts[1], 1.0), ("3+3", texts[2], 0.0), ("3+3", texts[3], 1.0),
+            ("5+5", texts[4], None), ("5+5", texts[5], None)]
+    assert ScriptedEngine.calls[0][1] == 2
+    with pytest.raises(ValueError, match="held-out rows lack the answer column 'answer'"):
+        evaluate_accuracy(model, tok, [{"prompt": "2+2", "solution": "4"}])
+    # the engine holds the longest prompt and max_tokens more, within the model's positions
+    longest = max(len(encode_prompt(tok, r["prompt"])) for r in rows)
+    evaluate_accuracy(model, tok, rows, max_tokens=7)
+    assert ScriptedEngine.kw["max_model_len"] == longest + 7
+    evaluate_accuracy(model, tok, rows, max_tokens=10**6)
+    assert ScriptedEngine.kw["max_model_len"] == model.config.max_position_embeddings
+
+
+def test_stages_hand_on_their_model_steps_and_samples(tmp_path, monkeypatch):
+    """A resumed pipeline's next stage trains the finished stage's checkpoint from the step it ended at;
+    a stage naming its own model starts from that model and the next one continues it; a sample stage's
+    output_file is the later stage's data; evaluate: false skips a stage's held-out evaluation."""
+    import torch
+
+    from r1fast.trainer import sft
+    from r1fast.trainer.common import load_model_and_tokenizer
+
+    starts, ends, bars = {}, {}, {}
+    init, train = sft.SFTTrainer.__init__, sft.SFTTrainer.train
+
+    def weights(model):
+        return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    def spy_init(self, model, *a, stage_name="sft", **kw):
+        starts[stage_name], bars[stage_name] = weights(model), a[2].progress_bar
+        init(self, model, *a, stage_name=stage_name, **kw)
+
+    def spy_train(self, *a, **kw):
+        res = train(self, *a, **kw)
+        ends[self.stage] = weights(self.model)
+        return res
+
+    monkeypatch.setattr(sft.SFTTrainer, "__init__", spy_init)
+    monkeypatch.setattr(sft.SFTTrainer, "train", spy_train)
+    data = "builtin:arithmetic?min_terms=2&max_terms=2"
+    kept = tmp_path / "kept.jsonl"
+    sft_cfg = {"max_steps": 2, "per_device_train_batch_size": 4, "learning_rate": 1e-2, "logging_steps": 1}
+    stages = [{"name": "a", "type": "sft", "dataset": data, "num_rows": 8, "config": sft_cfg},
+              {"name": "b", "type": "sft", "dataset": data, "num_rows": 8, "evaluate": False, "config": sft_cfg},
+              {"name": "rs", "type": "sample", "dataset": data, "num_rows": 2,
+               "config": {"num_samples": 1, "max_completion_length": 4, "reward_funcs": ["format"],
+                          "reward_thresholds": [-1.0], "output_file": str(kept)}},
+              {"name": "c", "type": "sft", "model": "builtin:micro", "dataset": str(kept),
+               "config": {**sft_cfg, "max_steps": 1}},
+              {"name": "d", "type": "sft", "dataset": data, "num_rows": 8, "config": {**sft_cfg, "max_steps": 1}},
+              {"name": "e", "type": "sft", "model": "@a", "dataset": data, "num_rows": 8, "evaluate": False,
+               "config": {**sft_cfg, "max_steps": 1}}]
+    spec = {"name": "h", "seed": 0, "output_dir": str(tmp_path / "run"), "model": "builtin:micro",
+            "eval_dataset": "builtin:arithmetic?min_terms=2&max_terms=2", "eval_size": 2, "eval_samples_per_prompt": 1,
+            "eval_max_tokens": 4, "progress_bar": False, "stages": stages[:1]}
+    run_pipeline(spec)
+    first = ends["a"]
+    summary = run_pipeline({**spec, "stages": stages}, resume=True)
+    for name, w in first.items():   # b went on from a's checkpoint; e ("@a") starts from it too
+        torch.testing.assert_close(starts["b"][name], w, rtol=0, atol=0, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(starts["e"][name], w, rtol=0, atol=0, msg=lambda m: f"{name}: {m}")
+    fresh, _ = load_model_and_tokenizer("builtin:micro", device="cpu", seed=3)   # stage 3's seed
+    for name, w in fresh.named_parameters():
+        torch.testing.assert_close(starts["c"][name], w.detach(), rtol=0, atol=0)
+        torch.testing.assert_close(starts["d"][name], ends["c"][name], rtol=0, atol=0)
+    assert [(s["stage"], s["steps"]) for s in summary["stages"]] == [("a", 2), ("b", 2), ("rs", 0), ("c", 1), ("d", 1),
+                                                                           ("e", 1)]
+    assert [s["held_out_accuracy"] is None for s in summary["stages"]] == [False, True, True, False, False, True]
+    assert len(open(kept).readlines()) == 2
+    assert set(bars.values()) == {False}   # the pipeline's progress_bar: false holds for its stages
+    rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert [(r["stage"], r["step"]) for r in rows if "loss" in r] == [("a", 1), ("a", 2), ("b", 3), ("b", 4),
+                                                                      ("c", 5), ("d", 6), ("e", 7)]
+
+
+def test_pipeline_load_names_seeds_and_refuses_bad_stages(tmp_path):
+    from r1fast.trainer.config import ConfigError
+
+    p = load_pipeline({**tiny_pipeline(tmp_path), "seed": 5})
+    assert [s.config.seed for s in p.stages] == [5, 6, 7, 8]   # each stage its own seed, unless it sets one
+    spec = tiny_pipeline(tmp_path)
+    spec["stages"][1]["config"]["seed"] = 77
+    del spec["stages"][0]["name"]
+    p = load_pipeline(spec)
+    assert [s.name for s in p.stages][:2] == ["stage0", "rl"] and p.stages[1].config.seed == 77
+    assert load_pipeline({**tiny_pipeline(tmp_path), "eval_temperature": 0}).eval_temperature == 0   # greedy
+
+    def fails(match, edit):
+        spec = tiny_pipeline(tmp_path)
+        edit(spec)
+        with pytest.raises(ConfigError, match=match):
+            load_pipeline(spec)
+
+    fails(r"stage 'cold': num_rows must be >= 1; got 0", lambda s: s["stages"][0].update(num_rows=0))
+    fails(r"two stages are named 'cold'", lambda s: s["stages"][1].update(name="cold"))
+    fails(r"no model for stage 'cold'", lambda s: s.pop("model"))
+    fails(r"num_threads must be >= 1; got 0", lambda s: s.update(num_threads=0))
+    fails(r"stage 1: unknown key\(s\) \['datset'\]", lambda s: s["stages"][1].update(datset="x"))
+    fails(r"stage 2 must be a mapping", lambda s: s["stages"].__setitem__(2, "rs"))
+    fails(r"pipeline: model: unknown built-in model 'builtin:huge'", lambda s: s.update(model="builtin:huge"))
+    fails(r"pipeline: eval_dataset: unknown built-in task 'arithmetc'", lambda s: s.update(eval_dataset="builtin:arithmetc"))
+    fails(r"stage 'rl': eval_dataset: .*nowhere\.jsonl' does not exist",
+          lambda s: s["stages"][1]["config"].update(eval_steps=1, eval_dataset=str(tmp_path / "nowhere.jsonl")))
+    assert load_pipeline({**tiny_pipeline(tmp_path), "description": "R1's recipe, small"}).name == "t"
+    load_pipeline({**tiny_pipeline(tmp_path), "model": None, "stages": [{**tiny_pipeline(tmp_path)["stages"][0],
+                                                                         "model": "builtin:micro"}]})
+
+
+def test_pipeline_rows_held_out_cut_and_per_stage(tmp_path):
+    """Held-out rows are cut to eval_size (files too) and kept out of a builtin stage's training rows;
+    each stage draws its own rows; "@stage" data that kept nothing is an error naming both stages."""
+    import torch
+
+    from r1fast.trainer.pipeline import PipelineRunner
+
+    small = "builtin:arithmetic?min_terms=2&max_terms=2&max_operand=2"   # 8 prompts in all
+    held = tmp_path / "held.jsonl"
+    held.write_text("".join(json.dumps({"prompt": f"{i}+1=", "answer": str(i + 1)}) + "\n" for i in range(5)))
+    spec = tiny_pipeline(tmp_path)
+    spec.update(eval_dataset=str(held), eval_size=3)
+    spec["stages"][1]["config"].update(eval_steps=1, eval_dataset=str(held), eval_size=2)
+    runner = PipelineRunner(load_pipeline(spec))
+    assert [r["prompt"] for r in runner.eval_rows()] == ["0+1=", "1+1=", "2+1="]
+    assert len(runner.stage_eval_rows(runner.p.stages[1])) == 2
+    runner.p.stages[1].config.eval_size = 0   # 0: every row of the file
+    assert len(runner.stage_eval_rows(runner.p.stages[1])) == 5
+    a, b = (runner.stage_rows(s, i, ("prompt",)) for i, s in enumerate(runner.p.stages[:2]))
+    assert [r["prompt"] for r in a] != [r["prompt"] for r in b]
+
+    spec = tiny_pipeline(tmp_path)
+    spec.update(eval_dataset=small, eval_size=4)
+    spec["stages"][0].update(dataset=small, num_rows=32)
+    runner = PipelineRunner(load_pipeline(spec))
+    held_out = {r["prompt"] for r in runner.eval_rows()}
+    rows = runner.stage_rows(runner.p.stages[0], 0, ("prompt",))
+    assert held_out and rows and not held_out & {r["prompt"] for r in rows}
+    assert runner.load_model("builtin:micro", 0)[0].embed_tokens.weight.dtype == torch.float32
+    runner.p.dtype = "bfloat16"   # every stage's model in the pipeline's dtype
+    assert runner.load_model("builtin:micro", 0)[0].embed_tokens.weight.dtype == torch.bfloat16
+    runner.samples["rs"] = []
+    with pytest.raises(ValueError, match="stage 'student': stage 'rs' kept no samples"):
+        runner.stage_rows(runner.p.stages[3], 3, ("prompt",))
+
+
+def test_cli_stops_with_status_130_and_says_how_to_continue(tmp_path, monkeypatch, capsys):
+    """Ctrl-C, or a trainer that stopped on one, is exit status 130 with a one-line note; the
+    commands that resume say --resume, sample (which cannot) does not. A run of NaN steps is a
+    one-line error, not a traceback."""
+    import r1fast.trainer.pipeline as pipeline
+    import r1fast.trainer.sampling as sampling
+    from r1fast.trainer.common import NonFiniteLoss
+    from r1fast.trainer.grpo import GRPOTrainer
+    from r1fast.trainer.sft import SFTTrainer
+
+    monkeypatch.chdir(tmp_path)
+
+    def interrupt(*a, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "run_pipeline", interrupt)
+    assert main(["pipeline", str(one_sft_stage_spec(tmp_path))]) == 130
+    assert capsys.readouterr().err.strip() == "r1fast pipeline: stopped; continue with --resume"
+    monkeypatch.setattr(sampling, "rejection_sample", interrupt)
+    assert main(["sample", "model_name_or_path=builtin:micro", "dataset=builtin:arithmetic", "progress_bar=false"]) == 130
+    assert capsys.readouterr().err.strip() == "r1fast sample: stopped"
+    stopped = lambda self, *a, **kw: {"interrupted": True, "checkpoint": "ck", "nonfinite_skipped": 0}  # noqa: E731
+    monkeypatch.setattr(SFTTrainer, "train", stopped)
+    monkeypatch.setattr(GRPOTrainer, "train", stopped)
+    assert main(["sft", "model_name_or_path=builtin:micro", "dataset=builtin:arithmetic", "progress_bar=false"]) == 130
+    assert "r1fast sft: stopped; continue with --resume" in capsys.readouterr().err
+    g = tmp_path / "g.yaml"
+    g.write_text("model_name_or_path: builtin:micro\ndataset: builtin:arithmetic\nper_device_train_batch_size: 4\n"
+                 "num_generations: 4\nprogress_bar: false\n")
+    assert main(["train", str(g)]) == 130
+    assert "r1fast train: stopped; continue with --resume" in capsys.readouterr().err
+
+    def nan(self, *a, **kw):
+        raise NonFiniteLoss("3 optimizer steps in a row had a NaN/inf loss")
+
+    monkeypatch.setattr(SFTTrainer, "train", nan)
+    with pytest.raises(SystemExit, match=r"^r1fast sft: 3 optimizer steps in a row had a NaN/inf loss$"):
+        main(["sft", "model_name_or_path=builtin:micro", "dataset=builtin:arithmetic", "progress_bar=false"])
+    # --help anywhere among the options
+    assert main(["sft", "max_steps=3", "--help"]) == 0 and "usage: r1fast sft" in capsys.readouterr().out
+
+
+def test_cli_resume_forms():
+    from r1fast.trainer.cli import _resume_pipeline, _split
+
+    assert _split(["--resume", "max_steps=3"]) == (None, ["max_steps=3"], True)   # an override, not a PATH
+    assert _split(["--resume", "runs/x", "max_steps=3"]) == (None, ["max_steps=3"], "runs/x")
+    assert _split(["--resume=runs/x"]) == (None, [], "runs/x") and _split(["--resume="]) == (None, [], True)
+    assert _split(["--lr", "1", "--resume"]) == (None, ["--lr", "1"], True)
+    for spelled in ("latest", "true", True):
+        assert _resume_pipeline(spelled, ["a=1"]) == (True, ["a=1"])
+    assert _resume_pipeline(None, []) == (False, [])
+    # a shipped config named from anywhere is read from, and named as, its packaged file
+    from r1fast.trainer.config import PACKAGED_CONFIGS
+
+    assert _split(["distill", "a=1"]) == (os.path.join(PACKAGED_CONFIGS, "distill.yaml"), ["a=1"], None)
+
+
+def test_a_pipeline_interrupted_mid_stage_resumes_that_stage_from_its_checkpoint(tmp_path, monkeypatch):
+    from r1fast.trainer import sft
+
+    spec = tiny_pipeline(tmp_path)
+    spec["stages"] = [{**spec["stages"][0], "config": {**spec["stages"][0]["config"], "max_steps": 4,
+                                                      "logging_steps": 1}}]
+    spec.pop("eval_dataset")
+    step, done = sft.SFTTrainer.step, []
+
+    def ctrl_c_after_step_2(self):
+        m = step(self)
+        done.append(self.global_step)
+        self._stop_requested = self.global_step == 2
+        return m
+
+    monkeypatch.setattr(sft.SFTTrainer, "step", ctrl_c_after_step_2)
+    with pytest.raises(KeyboardInterrupt):
+        run_pipeline(spec)
+    monkeypatch.setattr(sft.SFTTrainer, "step", lambda self: done.append(self.global_step + 1) or step(self))
+    summary = run_pipeline(spec, resume=True)
+    assert done == [1, 2, 3, 4] and summary["stages"][0]["steps"] == 4
+    rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+
+
+def test_overwrite_output_dir_clears_an_earlier_pipelines_stage_files(tmp_path):
+    from r1fast.trainer.checkpoints import RunFolderInUse
+    from r1fast.trainer.pipeline import PipelineRunner
+
+    spec = tiny_pipeline(tmp_path)
+    run = tmp_path / "run"
+    (run / "rs").mkdir(parents=True)
+    (run / "rs" / "samples.jsonl").write_text("{}\n")
+    (run / "summary.json").write_text("{}")
+    (run / "pipeline_state.json").write_text(json.dumps({"order": ["cold", "rs"], "stages": {"rs": {"finished": True}}}))
+    with pytest.raises(RunFolderInUse, match="finished stages: rs"):
+        PipelineRunner(load_pipeline(spec)).start_fresh()
+    PipelineRunner(load_pipeline({**spec, "overwrite_output_dir": True})).start_fresh()
+    assert sorted(os.listdir(run)) == ["rs"] and os.listdir(run / "rs") == []

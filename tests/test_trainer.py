@@ -431,6 +431,9 @@ def test_sft_packs_a_prompt_once_for_its_completions_with_the_same_numbers(tmp_p
                                                         output_dir=str(tmp_path / str(share))))
         out[share] = (tr.step(), {n: p.detach().clone() for n, p in model.named_parameters()})
     assert shared_flags == [True, False] and tokens[0] < tokens[1]  # each of the 3 prompts packed once, not twice
+    from r1fast.data.loading import encode_prompt
+
+    assert tokens[1] - tokens[0] == sum(len(encode_prompt(tok, p)) for p in "012")   # whatever order the rows come in
     assert out[True][0]["loss"] == pytest.approx(out[False][0]["loss"], rel=1e-5)
     for n, w in out[False][1].items():
         torch.testing.assert_close(out[True][1][n], w, rtol=1e-4, atol=1e-4, msg=lambda m: f"{n}: {m}")
@@ -937,3 +940,153 @@ def test_advantage_options_reach_the_advantages(tmp_path, estimator, scale):
     want = ops.group_advantages(torch.tensor(totals), 4, estimator=estimator, scale_rewards=scale)
     assert torch.equal(tr._advantages(totals), want)
     assert not torch.allclose(want, ops.group_advantages(torch.tensor(totals), 4))   # the options matter here
+
+
+def test_sft_loss_is_the_token_mean_nll_of_completions_given_their_prompts(tmp_path):
+    """One step over every row (two micro-batches, a prompt shared by two rows): the loss is the mean
+    negative log-likelihood of the completion tokens, each predicted from the tokens before it (the
+    prompt's are context only), and the gradients are that loss's, as a plain full-logits model gives."""
+    from r1fast.data.loading import encode_completion, encode_prompt
+    from r1fast.trainer.config import SFTConfig
+    from r1fast.trainer.sft import SFTTrainer
+
+    rows = [{"prompt": "12", "completion": "7"}, {"prompt": "345", "completion": "77a"},
+            {"prompt": "12", "completion": "9x"}, {"prompt": "6", "completion": "1234"}]
+    model, tok = tiny_model(seed=1)
+    ref, _ = tiny_model(seed=1)
+    cfg = SFTConfig(per_device_train_batch_size=2, gradient_accumulation_steps=2, max_grad_norm=0.0,
+                    learning_rate=1e-2, progress_bar=False, output_dir=str(tmp_path / "s"))
+    tr = SFTTrainer(model, tok, rows, cfg)
+    loss = tr.step()["loss"]
+    nll, n = 0.0, 0
+    for r in rows:
+        p, c = encode_prompt(tok, r["prompt"]), encode_completion(tok, r["completion"])
+        logits = ref.logits(ref(torch.tensor(p + c)))
+        logp = torch.log_softmax(logits[len(p) - 1:-1], -1).gather(1, torch.tensor(c)[:, None])
+        nll, n = nll - logp.sum(), n + len(c)
+    (nll / n).backward()
+    assert loss == pytest.approx(float(nll.detach() / n), rel=1e-5)
+    grads = {name: p.grad for name, p in ref.named_parameters()}
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[name], rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+        assert not torch.equal(p.detach(), dict(ref.named_parameters())[name].detach())   # and it stepped
+
+
+def test_sft_trims_a_long_example_from_the_prompts_start_and_keeps_the_completion(tmp_path):
+    from r1fast.data.loading import encode_completion, encode_prompt
+    from r1fast.trainer.config import SFTConfig
+    from r1fast.trainer.sft import SFTTrainer
+
+    model, tok = tiny_model()
+    rows = [{"prompt": "0123456789", "completion": "abc"}, {"prompt": "9", "completion": "x" * 20},
+            {"prompt": "12", "completion": "7"}]
+    tr = SFTTrainer(model, tok, rows, SFTConfig(max_length=12, progress_bar=False, output_dir=str(tmp_path)))
+    (p0, c0), (p1, c1), (p2, c2) = [(encode_prompt(tok, r["prompt"]), encode_completion(tok, r["completion"]))
+                                    for r in rows]
+    assert len(p0) + len(c0) > 12 and len(p2) + len(c2) <= 12
+    assert tr.examples[0] == (p0[-(12 - len(c0)):], c0)   # the prompt's end (the question) stays
+    assert tr.examples[1] == (p1[-1:], c1[:11])           # a completion past max_length: one prompt token
+    assert tr.examples[2] == (p2, c2)
+    with pytest.raises(ValueError, match="SFT dataset is empty"):
+        SFTTrainer(model, tok, [], SFTConfig(progress_bar=False, output_dir=str(tmp_path)))
+
+
+@pytest.mark.parametrize("epochs,batch,accum,steps", [(1.0, 4, 1, 3), (1.0, 4, 2, 2), (2.0, 3, 2, 4)])
+def test_sft_epochs_give_the_steps_and_the_schedule_follows_them(tmp_path, epochs, batch, accum, steps):
+    """10 rows: an epoch is ceil(10 / (batch * accumulation)) optimizer steps; the linear schedule
+    reaches 0 at the last one."""
+    from r1fast.trainer.config import SFTConfig
+    from r1fast.trainer.sft import SFTTrainer
+
+    model, tok = tiny_model()
+    rows = [{"prompt": str(i), "completion": "7"} for i in range(10)]
+    cfg = SFTConfig(num_train_epochs=epochs, per_device_train_batch_size=batch, gradient_accumulation_steps=accum,
+                    lr_scheduler_type="linear", learning_rate=1e-3, progress_bar=False, output_dir=str(tmp_path))
+    tr = SFTTrainer(model, tok, rows, cfg)
+    assert tr.total_steps == steps
+    lrs = [tr.step()["lr"] for _ in range(steps)]
+    assert lrs == pytest.approx([1e-3 * (1 - k / steps) for k in range(1, steps + 1)])
+
+
+def test_sft_logs_the_window_mean_loss_at_global_steps_and_the_last_step(tmp_path):
+    """logging_steps=2 over 3 steps of a stage starting at global step 5: lines at 7 (the mean of
+    steps 1-2's losses) and at 8, the last step, alone."""
+    from r1fast.trainer.config import SFTConfig
+    from r1fast.trainer.sft import SFTTrainer
+
+    model, tok = tiny_model()
+    rows = [{"prompt": str(i), "completion": "7" * (i + 1)} for i in range(6)]
+    cfg = SFTConfig(max_steps=3, logging_steps=2, per_device_train_batch_size=2, learning_rate=1e-2,
+                    progress_bar=False, output_dir=str(tmp_path / "s"))
+    tr = SFTTrainer(model, tok, rows, cfg, stage_name="cold", step_offset=5)
+    losses, step = [], tr.step
+
+    def spy():
+        m = step()
+        losses.append(m["loss"])
+        return m
+
+    tr.step = spy
+    tr.train()
+    logged = _metrics(tmp_path / "s" / "metrics.jsonl")
+    assert [(r["step"], r["stage"]) for r in logged] == [(7, "cold"), (8, "cold")]
+    assert [r["loss"] for r in logged] == pytest.approx([(losses[0] + losses[1]) / 2, losses[2]])
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")   # a skipped first step
+def test_sft_resume_continues_the_data_order_and_the_skipped_count(tmp_path):
+    """Steps 3-4 after resuming from step 2 are those of an uninterrupted run (same rows, same
+    weights), and a NaN step before the checkpoint is still counted."""
+    from r1fast.trainer.config import SFTConfig
+    from r1fast.trainer.sft import SFTTrainer
+
+    def trainer(name, model=None):
+        m, tok = tiny_model() if model is None else model
+        rows = [{"prompt": str(i), "completion": "7" * (i % 4 + 1)} for i in range(8)]
+        cfg = SFTConfig(max_steps=4, logging_steps=1, per_device_train_batch_size=2, learning_rate=1e-2,
+                        lr_scheduler_type="constant", progress_bar=False, output_dir=str(tmp_path / name))
+        return SFTTrainer(m, tok, rows, cfg)
+
+    def poisoned_first_step(name):
+        tr = trainer(name)
+        calls = {"n": 0}
+
+        def poison(module, args, out):
+            calls["n"] += 1
+            return out * float("nan") if calls["n"] == 1 else out
+        tr.model.norm.register_forward_hook(poison)
+        return tr
+
+    full = poisoned_first_step("full").train()
+    part = poisoned_first_step("part")
+    part.step(), part.step()
+    ckpt = part.save()
+    res = trainer("part").train(resume=ckpt)
+    assert res["nonfinite_skipped"] == full["nonfinite_skipped"] == 1
+    a, b = _metrics(tmp_path / "full" / "metrics.jsonl"), _metrics(tmp_path / "part" / "metrics.jsonl")
+    assert [r["step"] for r in b] == [3, 4]
+    assert [r["loss"] for r in b] == [r["loss"] for r in a[2:]]
+
+
+def test_metrics_logger_lines_resume_truncation_and_fresh_start(tmp_path):
+    from r1fast.trainer.metrics import MetricsLogger, read_metrics
+
+    log = MetricsLogger(str(tmp_path))
+    for step in (1, 2):
+        log.log(step, "grpo", {"loss": float("inf"), "kl": float("-inf"), "reward": float("nan"),
+                               "lr": torch.tensor(0.5 * step)})
+        log.log_completions(step, "grpo", [{"completion": f"c{step}"}])
+    log.close()
+    rows = read_metrics(str(tmp_path))
+    # JSON has no inf/nan: the sign survives as +-1e308, nan is null; tensors become numbers
+    assert rows[0] == {"step": 1, "stage": "grpo", "loss": 1e308, "kl": -1e308, "reward": None, "lr": 0.5}
+    comp = [json.loads(line) for line in open(tmp_path / "completions.jsonl")]
+    assert comp == [{"step": 1, "stage": "grpo", "completion": "c1"}, {"step": 2, "stage": "grpo", "completion": "c2"}]
+    MetricsLogger(str(tmp_path), resume_step=1).close()   # what came after the checkpoint goes, in both files
+    assert [r["step"] for r in read_metrics(str(tmp_path))] == [1]
+    assert [json.loads(line)["step"] for line in open(tmp_path / "completions.jsonl")] == [1]
+    MetricsLogger(str(tmp_path)).close()                  # a fresh run starts empty logs
+    assert not (tmp_path / "metrics.jsonl").exists() and not (tmp_path / "completions.jsonl").exists()
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n{"loss": 2.0}\n')
+    with pytest.raises(ValueError, match="record 2 has no numeric 'step'"):
+        read_metrics(str(tmp_path))

@@ -44,7 +44,9 @@ class SFTTrainer:
         for r in rows:
             p = encode_prompt(tokenizer, r[cfg.prompt_column], cfg.system_prompt)
             c = encode_completion(tokenizer, r[cfg.completion_column])
-            if len(p) + len(c) > cfg.max_length:   # keep the completion whole; trim the prompt's start
+            # trim the prompt's start to keep the completion whole; a completion of max_length or more
+            # keeps one prompt token and loses its end (its EOS with it)
+            if len(p) + len(c) > cfg.max_length:
                 p = p[-max(1, cfg.max_length - len(c)):]
                 c = c[:cfg.max_length - len(p)]
             self.examples.append((p, c))
