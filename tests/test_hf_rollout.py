@@ -223,3 +223,138 @@ def test_cuda_greedy_tokens_equal_transformers_and_bf16_decoding_runs(tmp_path):
     half = HFRollout(model, dtype=torch.bfloat16, block_size=16, max_num_seqs=16)
     out = half.generate(batch, SamplingParams(n=2, temperature=1.0, max_tokens=7, ignore_eos=True, seed=0))
     assert [len(c) for c in out] == [7] * len(batch)
+
+
+# ---- checks added by the mutation pass ----------------------------------------------------------
+
+
+def test_generation_after_weight_update_and_sync_uses_the_new_weights(hf_model):
+    """sync() also drops the prefix cache: a prompt generated before the update (its full blocks cached)
+    must be prefilled again with the new weights, giving transformers' greedy tokens for them."""
+    import copy
+
+    model = copy.deepcopy(hf_model)
+    rollout = HFRollout(model, block_size=4, num_blocks=64)
+    prompt = [1, 5, 7, 3, 4, 9, 10, 11, 2]  # two full blocks the prefix cache keeps
+    params = SamplingParams(n=1, temperature=0, max_tokens=6, ignore_eos=True)
+    before = _hf_greedy(model, prompt, 6)
+    assert rollout.generate([prompt], params) == [before]
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=g))
+    rollout.sync()
+    after = _hf_greedy(model, prompt, 6)
+    assert after != before  # the update changed what greedy decoding picks
+    assert rollout.generate([prompt], params) == [after]
+
+
+def test_batch_not_a_whole_number_of_groups_gets_one_sample_per_prompt(hf_model):
+    """Runs of n identical prompts but a length that is not a multiple of n: one sample per listed prompt."""
+    rollout = HFRollout(hf_model, block_size=4, num_blocks=64)
+    batch = [PROMPTS[0], PROMPTS[0], PROMPTS[1]]
+    got = rollout.generate(batch, SamplingParams(n=2, temperature=0, max_tokens=3, ignore_eos=True))
+    assert got == [_hf_greedy(hf_model, p, 3) for p in batch]
+
+
+HF_GENERATION_EXTRA_VALUES = {
+    "no_repeat_ngram_size": 2, "encoder_no_repeat_ngram_size": 2, "bad_words_ids": [[7]], "suppress_tokens": [5],
+    "begin_suppress_tokens": [5], "forced_bos_token_id": 3, "forced_eos_token_id": 3, "sequence_bias": {(5,): 1.0},
+    "min_length": 3, "min_new_tokens": 2, "typical_p": 0.9, "epsilon_cutoff": 1e-3, "eta_cutoff": 1e-3,
+    "exponential_decay_length_penalty": (2, 1.1), "num_beams": 2, "diversity_penalty": 0.5, "penalty_alpha": 0.6}
+
+
+def test_every_generation_config_field_the_engine_cannot_apply_is_refused():
+    """Each of transformers' generation_config logits processors, set to a value that does something, is named."""
+    from transformers import GenerationConfig
+
+    from r1fast.integrations.trl import _HF_GENERATION_EXTRAS, generation_problems
+
+    assert set(HF_GENERATION_EXTRA_VALUES) == set(_HF_GENERATION_EXTRAS)
+    for name, value in HF_GENERATION_EXTRA_VALUES.items():
+        model = torch.nn.Module()
+        model.generation_config = GenerationConfig()
+        setattr(model.generation_config, name, value)
+        problems = generation_problems(object(), model)
+        assert len(problems) == 1 and f"generation_config.{name}=" in problems[0], (name, problems)
+
+
+@pytest.mark.parametrize("option", ["use_vllm", "use_transformers_continuous_batching"])
+def test_other_generation_backends_refused_with_r1fast_generation(option):
+    import types
+
+    from r1fast.integrations.trl import generation_problems
+
+    (problem,) = generation_problems(types.SimpleNamespace(**{option: True}))
+    assert problem.startswith(f"{option}=True")
+    assert generation_problems(types.SimpleNamespace(**{option: False})) == []
+
+
+@pytest.mark.parametrize("top_k, engine_top_k", [(5, 5), (0, -1), (None, -1)])
+def test_trl_sampling_options_reach_the_engine(tmp_path, monkeypatch, top_k, engine_top_k):
+    """TRL's temperature, top_p, top_k (0/None: off) and min_p become the engine's SamplingParams; the
+    engine reads the current weights (a sync before every generation); one completion per prompt, in order."""
+    path = save_tiny_qwen2(tmp_path / "m", seed=0)
+    trainer = _trainer(path, tmp_path / "run", temperature=0.7, top_p=0.9, top_k=top_k, min_p=0.05)
+    seen = []
+    generate = HFRollout.generate
+
+    def spy(self, prompt_ids, params):
+        seen.append(params)
+        return generate(self, prompt_ids, params)
+
+    monkeypatch.setattr(HFRollout, "generate", spy)
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # an optimizer step since the last generation
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    prompts = [[5, 6, 7]] * 4 + [[8, 9]] * 4
+    completions, logprobs = trainer._generate_single_turn(prompts, None, None, 4)
+    assert logprobs is None and len(completions) == 8 and all(1 <= len(c) <= 6 for c in completions)
+    (params,) = seen
+    assert (params.n, params.temperature, params.top_p, params.top_k, params.min_p, params.max_tokens) == \
+        (4, 0.7, 0.9, engine_top_k, 0.05, 6)
+    ids = torch.tensor([5, 6, 7, 8])
+    with torch.no_grad():
+        ours = trainer.r1fast_rollout.model(ids, cu_seqlens=torch.tensor([0, 4], dtype=torch.int32))
+        theirs = model.model(input_ids=ids[None]).last_hidden_state[0]
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+
+
+def test_engine_sized_for_the_generation_batch_and_completion_length(tmp_path):
+    """max_num_seqs is this process's share of TRL's generation batch (4 prompts x steps_per_generation 4), and
+    (in a context longer than it) the KV pool holds every seat's max_completion_length after a prompt of
+    PROMPT_TOKENS_PER_SEAT tokens: on the CPU, whose memory never binds here, exactly that many blocks."""
+    from r1fast.integrations.trl import PROMPT_TOKENS_PER_SEAT
+
+    path = save_tiny_qwen2(tmp_path / "m", seed=0)
+    trainer = _trainer(path, tmp_path / "run", steps_per_generation=4,
+                       model_setup=lambda m: setattr(m.config, "max_position_embeddings", 4096))
+    engine = trainer.r1fast_rollout.engine
+    assert trainer.args.generation_batch_size == 16 and engine.max_num_seqs == 16
+    assert engine.max_model_len == 4096
+    assert engine.num_blocks == 16 * -(-(6 + PROMPT_TOKENS_PER_SEAT) // engine.block_size) + 1
+
+
+def test_parameter_shapes_that_disagree_with_the_config_are_clear_errors(hf_model):
+    """A transformers tensor whose shape the config does not imply is named: an aliased one (the final norm) and a
+    part of a fused projection (q_proj)."""
+    import copy
+
+    for module, what in ((lambda m: m.model.norm, "norm.weight"), (lambda m: m.model.layers[1].self_attn.q_proj,
+                                                                    "qkv")):
+        bad = copy.deepcopy(hf_model)
+        target = module(bad)
+        target.weight = torch.nn.Parameter(target.weight.detach()[:-1].clone())
+        with pytest.raises(ValueError, match=f"{what}.*has shape"):
+            HFRollout(bad, block_size=4, num_blocks=64)
+
+
+def test_toy_tokenizer_pads_on_the_left():
+    from r1fast.integrations.toy import char_tokenizer
+
+    tokenizer = char_tokenizer()
+    batch = tokenizer(["a", "abc"], padding=True)
+    assert batch["attention_mask"][0][0] == 0 and batch["attention_mask"][0][-1] == 1
+    assert batch["input_ids"][0][0] == tokenizer.pad_token_id

@@ -116,7 +116,12 @@ def test_matches_stock_trl(tmp_path, model_dirs, loss_type, beta, num_iterations
     stock, fast = _compare(tmp_path, model_dirs, loss_type=loss_type, beta=beta, num_iterations=num_iterations)
     # The logged statistics are TRL's too (token-level means over the completion tokens).
     metrics = ["entropy"] + (["kl"] if beta else [])
-    metrics += ["cispo_clip_ratio"] if loss_type == "cispo" else ["clip_ratio/low_mean", "clip_ratio/region_mean"]
+    metrics += ["cispo_clip_ratio"] if loss_type == "cispo" else \
+        ["clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"]
+    # the drop-in logs exactly these of TRL's loss metrics (no kl without a KL term, cispo's clip ratio alone)
+    loss_metrics = {"entropy", "kl", "cispo_clip_ratio", "clip_ratio/low_mean", "clip_ratio/high_mean",
+                    "clip_ratio/region_mean"}
+    assert loss_metrics & fast["metrics"][0].keys() == loss_metrics & stock["metrics"][0].keys() == set(metrics)
     for name in metrics:
         got = torch.tensor([h[name] for h in fast["metrics"]], dtype=torch.float64)
         want = torch.tensor([h[name] for h in stock["metrics"]], dtype=torch.float64)
@@ -619,3 +624,232 @@ def test_mask_pre_pass_is_forward_only_without_logits(tmp_path, model_dirs, monk
     old_passes = 1 if overrides["num_iterations"] == 2 else 0  # one generation batch, scored once
     assert len(seen) == old_passes + pre_passes
     assert seen.count((True, True, False)) == pre_passes  # entropies, forward-only, no autograd graph
+
+
+# ---- option mapping and refusals checked one by one (mutation pass) ---------------------------------------------
+
+
+def test_negative_entropy_coef_refused(tmp_path):
+    """TRL applies any non-zero entropy_coef (a negative one too); r1fast implements none, so it refuses any."""
+    args = _config(tmp_path, entropy_coef=-0.01)
+    assert args.entropy_coef == -0.01
+    assert any("entropy_coef=-0.01" in p for p in r1trl.unsupported_options(args))
+
+
+@pytest.mark.parametrize("name", ["final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
+                                  "logits_scaling"])
+def test_models_that_scale_their_logits_are_refused(model_dirs, name):
+    """Every config field that rescales the logits is refused, a scale below 1 as well as above; 1.0 and None pass."""
+    model = AutoModelForCausalLM.from_pretrained(model_dirs["untied"])
+    r1trl._check_model(model, "model")
+    for value in (2.0, 0.5):
+        setattr(model.config, name, value)
+        with pytest.raises(ValueError, match=f"{name}={value!r}"):
+            r1trl._check_model(model, "model")
+    setattr(model.config, name, 1.0)
+    r1trl._check_model(model, "model")
+
+
+def test_vision_language_and_non_linear_head_models_are_refused(model_dirs):
+    model = AutoModelForCausalLM.from_pretrained(model_dirs["untied"])
+    text_config = type(model.config)(**model.config.to_dict())
+    model.config.get_text_config = lambda *a, **k: text_config  # a composite (VLM-style) config
+    with pytest.raises(ValueError, match="vision-language"):
+        r1trl._check_model(model, "model")
+    del model.config.get_text_config
+
+    class Head(torch.nn.Module):
+        def __init__(self, linear):
+            super().__init__()
+            self.weight = linear.weight
+
+        def forward(self, x):
+            return 2 * (x @ self.weight.T)
+
+    model.lm_head = Head(model.lm_head)
+    with pytest.raises(ValueError, match="plain nn.Linear"):
+        r1trl._check_model(model, "model")
+
+
+def test_engine_kwargs_without_r1fast_generation_refused(tmp_path, model_dirs):
+    tokenizer = AutoTokenizer.from_pretrained(model_dirs["untied"])
+    with pytest.raises(ValueError, match="r1fast_engine_kwargs"):
+        r1trl.GRPOTrainer(model=str(model_dirs["untied"]), reward_funcs=char_reward, args=_config(tmp_path),
+                          train_dataset=Dataset.from_dict({"prompt": PROMPTS}), processing_class=tokenizer,
+                          r1fast_engine_kwargs={"num_blocks": 9})
+
+
+def _loss_and_grads_in(trainer, inputs, train, accumulation):
+    trainer.model.train(train)
+    trainer.model.zero_grad()
+    trainer.current_gradient_accumulation_steps = accumulation
+    loss = trainer.compute_loss(trainer.model, {k: v.clone() for k, v in inputs.items()})
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+
+
+def _stock_and_fast(tmp_path, model_dirs, **cfg):
+    tokenizer = AutoTokenizer.from_pretrained(model_dirs["untied"])
+    kwargs = dict(reward_funcs=char_reward, train_dataset=Dataset.from_dict({"prompt": PROMPTS}),
+                  processing_class=tokenizer)
+    return tokenizer, [cls(model=AutoModelForCausalLM.from_pretrained(model_dirs["untied"]),
+                           args=_config(tmp_path / name, **cfg), **kwargs)
+                       for name, cls in (("stock", trl.GRPOTrainer), ("r1fast", r1trl.GRPOTrainer))]
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
+def test_eval_mode_loss_has_no_accumulation_scaling(tmp_path, model_dirs, loss_type):
+    """In eval mode TRL neither divides the mean losses by the accumulation steps nor rescales dapo's num_items to
+    one accumulation window; with accumulation 3 and steps_per_generation 2 pending, the drop-in's eval loss is
+    TRL's, and differs from its train-mode loss."""
+    tokenizer, trainers = _stock_and_fast(tmp_path, model_dirs, loss_type=loss_type, beta=0.04,
+                                          gradient_accumulation_steps=3, steps_per_generation=2)
+    inputs = _loss_inputs(tokenizer, trainers[0].model, 0.04, "token")
+    del inputs["importance_sampling_ratio"]
+    stock, fast = (_loss_and_grads_in(t, inputs, train=False, accumulation=3) for t in trainers)
+    _assert_same_loss_and_grads(stock, fast)
+    train_loss, _ = _loss_and_grads_in(trainers[1], inputs, train=True, accumulation=3)
+    assert abs(train_loss.item() - fast[0].item()) > 1e-4 * abs(fast[0].item())
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "cispo"])
+def test_num_items_is_per_process_like_trl(tmp_path, model_dirs, monkeypatch, loss_type):
+    """dapo/cispo's normaliser is num_items_in_batch / num_processes (then rescaled to one accumulation window):
+    with two processes (faked) the drop-in's loss is TRL's, twice the one-process loss."""
+    tokenizer, trainers = _stock_and_fast(tmp_path, model_dirs, loss_type=loss_type, beta=0.0,
+                                          epsilon_high=1.1 if loss_type == "cispo" else None,
+                                          gradient_accumulation_steps=2, steps_per_generation=4)
+    inputs = _loss_inputs(tokenizer, trainers[0].model, 0.0, "token")
+    del inputs["importance_sampling_ratio"]
+    one, _ = _loss_and_grads_in(trainers[1], inputs, train=True, accumulation=2)
+    accelerator_cls = type(trainers[0].accelerator)
+    monkeypatch.setattr(accelerator_cls, "num_processes", property(lambda self: 2))
+    stock, fast = (_loss_and_grads_in(t, inputs, train=True, accumulation=2) for t in trainers)
+    _assert_same_loss_and_grads(stock, fast)
+    torch.testing.assert_close(fast[0], 2 * one, rtol=1e-5, atol=1e-7)
+
+
+def test_cast_lm_head_to_fp32_matches_stock_trl_under_bf16_autocast(tmp_path, model_dirs):
+    """With cast_lm_head_to_fp32 under bf16 mixed precision, TRL's head runs in fp32 on the bf16 backbone's
+    output; the drop-in's fused head does too, so loss and gradients agree far below bf16 rounding."""
+    tokenizer, trainers = _stock_and_fast(tmp_path, model_dirs, loss_type="dapo", beta=0.04, bf16=True,
+                                          use_cpu=True, cast_lm_head_to_fp32=True)
+    inputs = _loss_inputs(tokenizer, trainers[0].model, 0.04, "token")
+    del inputs["importance_sampling_ratio"]
+    stock, fast = (_loss_and_grads_in(t, inputs, train=True, accumulation=1) for t in trainers)
+    _assert_same_loss_and_grads(stock, fast)
+
+
+def test_moe_load_balancing_loss_refused(tmp_path, model_dirs):
+    """An MoE model adds TRL's router auxiliary loss (its config's coefficient by default), which the fused loss
+    does not: refused, naming router_aux_loss_coef; with the coefficient set to 0 the trainer builds."""
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dirs["untied"])
+    config = Qwen2MoeConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                            num_key_value_heads=2, intermediate_size=64, moe_intermediate_size=16, num_experts=4,
+                            num_experts_per_tok=2, shared_expert_intermediate_size=16, router_aux_loss_coef=0.01,
+                            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    kwargs = dict(reward_funcs=char_reward, train_dataset=Dataset.from_dict({"prompt": PROMPTS}),
+                  processing_class=tokenizer)
+    with pytest.raises(ValueError, match="router_aux_loss_coef"):
+        r1trl.GRPOTrainer(model=Qwen2MoeForCausalLM(config), args=_config(tmp_path / "a"), **kwargs)
+    trainer = r1trl.GRPOTrainer(model=Qwen2MoeForCausalLM(config),
+                                args=_config(tmp_path / "b", router_aux_loss_coef=0.0), **kwargs)
+    assert not trainer.aux_loss_enabled
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "bf16+fp32-head"])
+def test_fused_head_inputs_in_the_dtype_trls_head_runs_in(tmp_path, model_dirs, precision):
+    """The fused head gets the hidden states that predict the last K tokens (positions -K-1..-2) and the lm_head
+    weight, in the dtype TRL's head matmul runs in: bf16 under bf16 autocast, fp32 with cast_lm_head_to_fp32 or
+    without mixed precision."""
+    tokenizer = AutoTokenizer.from_pretrained(model_dirs["untied"])
+    cfg = {"fp32": {}, "bf16": dict(bf16=True, use_cpu=True),
+           "bf16+fp32-head": dict(bf16=True, use_cpu=True, cast_lm_head_to_fp32=True)}[precision]
+    trainer = r1trl.GRPOTrainer(model=AutoModelForCausalLM.from_pretrained(model_dirs["untied"]), reward_funcs=char_reward,
+                                args=_config(tmp_path, **cfg), train_dataset=Dataset.from_dict({"prompt": PROMPTS}),
+                                processing_class=tokenizer)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(4, len(tokenizer), (2, 7), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    with torch.no_grad():
+        hidden, weight = trainer._completion_hidden_and_weight(trainer.model, ids, mask, 3)
+        with trainer.accelerator.autocast():
+            full = trainer.model.model(input_ids=ids, attention_mask=mask).last_hidden_state
+    want = torch.bfloat16 if precision == "bf16" else torch.float32
+    assert hidden.dtype == weight.dtype == want
+    assert hidden.shape == (2, 3, full.size(-1))
+    torch.testing.assert_close(hidden, full[:, -4:-1].to(want), rtol=0, atol=0)
+    torch.testing.assert_close(weight, trainer.model.lm_head.weight.to(want), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
+def test_delta_clip_matches_stock_trl(tmp_path, model_dirs, loss_type):
+    """TRL's two-sided clip `delta` (the ratio's upper bound for negative advantages) reaches the fused loss: on
+    inputs whose ratios exceed it, loss and gradients are TRL's, and differ from the run without it."""
+    tokenizer, trainers = _stock_and_fast(tmp_path, model_dirs, loss_type=loss_type, beta=0.04, delta=1.1)
+    inputs = _loss_inputs(tokenizer, trainers[0].model, 0.04, "token")
+    del inputs["importance_sampling_ratio"]
+    stock, fast = (_loss_and_grads_in(t, inputs, train=True, accumulation=1) for t in trainers)
+    _assert_same_loss_and_grads(stock, fast)
+    trainers[0].args.delta = None
+    plain, _ = _loss_and_grads_in(trainers[0], inputs, train=True, accumulation=1)
+    assert abs(plain.item() - stock[0].item()) > 1e-4
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
+def test_vllm_without_importance_sampling_correction_ignores_the_ratio(tmp_path, model_dirs, loss_type):
+    """use_vllm with vllm_importance_sampling_correction=False: TRL leaves its ratio out, so must the drop-in."""
+    tokenizer, trainers = _stock_and_fast(tmp_path, model_dirs, loss_type=loss_type, beta=0.04)
+    inputs = _loss_inputs(tokenizer, trainers[0].model, 0.04, "token")
+    for trainer in trainers:
+        trainer.use_vllm, trainer.vllm_importance_sampling_correction = True, False
+    stock, fast = (_loss_and_grads_in(t, inputs, train=True, accumulation=1) for t in trainers)
+    _assert_same_loss_and_grads(stock, fast)
+
+
+def test_per_completion_advantages_required(tmp_path, model_dirs):
+    """The fused loss takes one advantage per completion: a [B, 1] (or per-token) advantage is refused by name."""
+    tokenizer, (_, trainer) = _stock_and_fast(tmp_path, model_dirs, loss_type="dapo")
+    inputs = _loss_inputs(tokenizer, trainer.model, 0.0, "token")
+    del inputs["importance_sampling_ratio"]
+    for shape in [(4, 1), (4, 6)]:
+        inputs["advantages"] = torch.randn(shape)
+        with pytest.raises(ValueError, match=r"one advantage per completion \[B\]; got shape"):
+            trainer.compute_loss(trainer.model, dict(inputs))
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_logged_loss_metrics_match_stock_trl_on_clipping_inputs(tmp_path, model_dirs, loss_type):
+    """On hand-built inputs whose ratios leave the clip range on both sides, the metrics the drop-in logs (entropy,
+    kl, the clip fractions; cispo's clip fraction alone) are TRL's."""
+    tokenizer, trainers = _stock_and_fast(tmp_path, model_dirs, loss_type=loss_type, beta=0.04,
+                                          epsilon_high=1.1 if loss_type == "cispo" else None)
+    inputs = _loss_inputs(tokenizer, trainers[0].model, 0.04, "token")
+    del inputs["importance_sampling_ratio"]
+    for trainer in trainers:
+        trainer._metrics["train"].clear()
+        _loss_and_grads_in(trainer, inputs, train=True, accumulation=1)
+    stock, fast = (t._metrics["train"] for t in trainers)
+    names = ["entropy", "kl"] + (["cispo_clip_ratio"] if loss_type == "cispo" else
+                                 ["clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"])
+    for name in names:
+        torch.testing.assert_close(torch.tensor(fast[name]), torch.tensor(stock[name]), rtol=1e-5, atol=1e-6,
+                                   msg=lambda m: f"{name}: {m}")
+    if loss_type != "cispo":  # both clip sides are exercised
+        assert stock["clip_ratio/low_mean"][-1] > 0 and stock["clip_ratio/high_mean"][-1] > 0
+
+
+def test_logged_metrics_are_token_weighted_across_processes(tmp_path, model_dirs, monkeypatch):
+    """Each process contributes (value x its active tokens, its active tokens) to the cross-process sum: with a
+    faked second process holding 5 tokens at value 3, the logged mean is the token-weighted mean of both."""
+    tokenizer, (_, trainer) = _stock_and_fast(tmp_path, model_dirs, loss_type="dapo", beta=0.04)
+    other = torch.tensor([3.0 * 5, 5.0])
+    monkeypatch.setattr(trainer.accelerator, "reduce", lambda t, reduction: t + other)
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 0]])
+    trainer._metrics["train"].clear()
+    trainer._log_loss_stats("train", {"entropy": torch.tensor(2.0), "kl": 0.5}, mask)
+    assert trainer._metrics["train"]["entropy"] == [pytest.approx((2.0 * 5 + 15) / 10)]
+    assert trainer._metrics["train"]["kl"] == [pytest.approx((0.5 * 5 + 15) / 10)]
