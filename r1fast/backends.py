@@ -29,6 +29,14 @@ _REGISTRY: dict[str, dict[str, Callable]] = {}
 # Ops whose Triton kernels multiply with tl.dot, which the Triton interpreter gets wrong for bfloat16
 # (errors ~1e10 on Triton 3.6 and 3.9; float16 and float32 are exact): refused there, not run.
 _INTERPRETER_BF16_DOT_OPS = ("grouped_logprob", "paged_decode_attention")
+# Ops whose Triton kernels have no float64 path (tl.dot, or fp32 softmax state): float64 inputs
+# default past Triton; asked for by name, the op raises its own error.
+_NO_FLOAT64_TRITON_OPS = ("grouped_logprob", "grpo_loss", "paged_decode_attention")
+
+
+def takes_dtype(op: str, backend: str, dtype: torch.dtype | None) -> bool:
+    """Whether `backend`'s kernel for `op` has a path for inputs of `dtype`."""
+    return not (backend == "triton" and dtype == torch.float64 and op in _NO_FLOAT64_TRITON_OPS)
 
 
 def register(op: str, backend: str):
@@ -97,9 +105,9 @@ def available(op: str, device: torch.device | str) -> list[str]:
 def resolve(op: str, device: torch.device | str, backend: str | None = None, *,
             dtype: torch.dtype | None = None, accepts: Callable[[str], bool] | None = None) -> tuple[str, Callable]:
     """The (backend name, function) to run `op` on `device` (with inputs of `dtype`, where that matters).
-    `accepts(name)` says whether a backend's kernel takes these particular inputs (a dtype or shape it
-    lacks): the default passes over one that does not; a backend asked for by name is run regardless
-    and raises its own error."""
+    The default passes over a backend whose kernel lacks a path for `dtype` (takes_dtype) or that
+    `accepts(name)` says cannot take these particular inputs (e.g. a shape); a backend asked for by
+    name is run regardless and raises its own error."""
     device = torch.device(device)
     impls = implementations(op)
     requested, source = backend, "backend="
@@ -122,7 +130,7 @@ def resolve(op: str, device: torch.device | str, backend: str | None = None, *,
             raise ValueError(f"{op}: the Triton interpreter (TRITON_INTERPRET=1) computes bfloat16 matrix products "
                              f"wrongly; on the CPU use float32 or float16 inputs, or backend='torch'")
         return requested, impls[requested]
-    b = default(op, device, accepts)
+    b = default(op, device, lambda name: takes_dtype(op, name, dtype) and (accepts is None or accepts(name)))
     if b is None:
         usable = available(op, device)
         if usable:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 
@@ -11,18 +12,19 @@ def _cmd_info(args):
     print(info.render(info.collect()))
 
 
+class _EngineStartUpToStdout(logging.Handler):
+    """Prints to sys.stdout as it is at each record (not the one at set-up: tests swap it)."""
+
+    def emit(self, record):
+        print(f"[bench] engine start-up: {self.format(record)}", flush=True)
+
+
 def _show_engine_start_up():
     """Which decode kernel the engine's start-up timing picked, and by how much, belongs in a bench log."""
-    import logging
-
-    class ToStdout(logging.Handler):  # today's sys.stdout at each record, not the one at set-up
-        def emit(self, record):
-            print(f"[bench] engine start-up: {self.format(record)}", flush=True)
-
     picks = logging.getLogger("r1fast.rollout.self_check")
     picks.setLevel(logging.INFO)
-    if not any(type(h).__name__ == "ToStdout" for h in picks.handlers):
-        picks.addHandler(ToStdout())
+    if not any(isinstance(h, _EngineStartUpToStdout) for h in picks.handlers):
+        picks.addHandler(_EngineStartUpToStdout())
 
 
 def _cmd_bench(args):

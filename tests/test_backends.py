@@ -76,18 +76,16 @@ def test_default_passes_over_a_backend_that_does_not_take_the_inputs(monkeypatch
     """float64 on a GPU defaults past Triton (tl.dot has no fp64) to torch; asked for by name, Triton is
     still chosen (and its op raises). The GPU's preference order is stood in on the CPU."""
     pytest.importorskip("triton")
-    from r1fast.ops.logprob import takes_dtype
-
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setattr(backends, "_CPU_ORDER", backends._GPU_ORDER)
     for op in ("grouped_logprob", "grpo_loss"):
-        assert backends.resolve(op, "cpu", accepts=takes_dtype(torch.float32))[0] == "triton"
-        assert backends.resolve(op, "cpu", accepts=takes_dtype(torch.float64))[0] == "torch"
-        assert backends.resolve(op, "cpu", "triton", accepts=takes_dtype(torch.float64))[0] == "triton"
+        assert backends.resolve(op, "cpu", dtype=torch.float32)[0] == "triton"
+        assert backends.resolve(op, "cpu", dtype=torch.float64)[0] == "torch"
+        assert backends.resolve(op, "cpu", "triton", dtype=torch.float64)[0] == "triton"
         monkeypatch.setenv("R1FAST_BACKEND", "triton")
-        assert backends.resolve(op, "cpu", accepts=takes_dtype(torch.float64))[0] == "triton"
+        assert backends.resolve(op, "cpu", dtype=torch.float64)[0] == "triton"
         monkeypatch.setenv("R1FAST_BACKEND", "cuda")  # no cuda implementation: the override is not about it
-        assert backends.resolve(op, "cpu", accepts=takes_dtype(torch.float64))[0] == "torch"
+        assert backends.resolve(op, "cpu", dtype=torch.float64)[0] == "torch"
         monkeypatch.delenv("R1FAST_BACKEND")
     with pytest.raises(ValueError, match=r"grpo_loss: none of the backends usable on cpu \(.*torch.*\) takes these"):
         backends.resolve("grpo_loss", "cpu", accepts=lambda name: False)

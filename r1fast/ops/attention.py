@@ -270,24 +270,20 @@ def _decode_triton(q, k_cache, v_cache, block_tables, context_lens, scale, num_s
     return out
 
 
-def _cuda_shape_problem(q, k_cache) -> str | None:
-    """Why the CUDA kernel cannot take these inputs (None when it can)."""
-    if q.dtype not in _DTYPE_CODE:
-        return f"the cuda backend takes float32/float16/bfloat16, not {q.dtype}"
-    d = q.shape[2]
-    if d % 8 != 0 or d > 256:
-        return f"the cuda backend needs head_dim a multiple of 8 up to 256, got {d}"
-    if q.shape[1] // k_cache.shape[2] > 64:
+def cuda_decode_problem(dtype, num_heads: int, num_kv_heads: int, head_dim: int) -> str | None:
+    """Why the CUDA decode kernel cannot take inputs of these shapes (None when it can). Triton's pads
+    any head_dim and group."""
+    if dtype not in _DTYPE_CODE:
+        return f"the cuda backend takes float32/float16/bfloat16, not {dtype}"
+    if head_dim % 8 != 0 or head_dim > 256:
+        return f"the cuda backend needs head_dim a multiple of 8 up to 256, got {head_dim}"
+    if num_heads // num_kv_heads > 64:
         return "the cuda backend takes at most 64 query heads per KV head"
     return None
 
 
-def decode_backend_takes(name, q, k_cache) -> bool:
-    """Whether a backend's decode kernel takes these inputs: Triton pads any head_dim and group, but its
-    kernel keeps fp32 softmax state (no float64); see _cuda_shape_problem for CUDA's limits."""
-    if name == "cuda":
-        return _cuda_shape_problem(q, k_cache) is None
-    return name != "triton" or q.dtype != torch.float64
+def _cuda_shape_problem(q, k_cache) -> str | None:
+    return cuda_decode_problem(q.dtype, q.shape[1], k_cache.shape[2], q.shape[2])
 
 
 def _check_cuda_shapes(q, k_cache):
@@ -378,7 +374,7 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, *, s
         raise ValueError(f"paged_decode_attention: {k_cache.shape[2]} KV heads exceed the launch grid limit "
                          f"{MAX_GRID_YZ}")
     _, fn = backends.resolve("paged_decode_attention", q.device, backend, dtype=q.dtype,
-                             accepts=lambda name: decode_backend_takes(name, q, k_cache))
+                             accepts=lambda name: name != "cuda" or _cuda_shape_problem(q, k_cache) is None)
     return fn(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits, partition, shared_prefix)
 
 

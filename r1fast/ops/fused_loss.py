@@ -26,7 +26,7 @@ import dataclasses
 import torch
 
 from r1fast import backends
-from r1fast.ops.logprob import (accumulate_weight_grad, engine_for, grouped_logprob, takes_dtype,
+from r1fast.ops.logprob import (accumulate_weight_grad, engine_for, grouped_logprob,
                                 validate as validate_logprob)
 from r1fast.ops.loss import _options, _validate_loss_inputs, grpo_loss, per_token_weights
 from r1fast.ops.loss_options import LossOptions
@@ -325,8 +325,7 @@ def fused_linear_grpo_loss(hidden, weight, targets, mask, advantages, *, old_log
         if lo < 0 or hi >= weight.shape[0]:
             raise ValueError(f"{OP}: targets at active tokens must lie in [0, {weight.shape[0]}) (the vocabulary), "
                              f"got min {lo}, max {hi}")
-    lb, _ = backends.resolve("grouped_logprob", hidden.device, backend, dtype=hidden.dtype,
-                             accepts=takes_dtype(hidden.dtype))
+    lb, _ = backends.resolve("grouped_logprob", hidden.device, backend, dtype=hidden.dtype)
     if lb == "triton" and hidden.dtype == torch.float64:
         raise ValueError(f"{OP}: the triton backend takes fp16/bf16/fp32 inputs, got float64 "
                          f"(use backend='torch' or 'reference')")

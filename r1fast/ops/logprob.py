@@ -27,11 +27,6 @@ _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _CHUNK_BYTES = {"cpu": 64 << 20, "cuda": 512 << 20}
 
 
-def takes_dtype(dtype):
-    """`accepts=` for backends.resolve: Triton's tl.dot has no float64 path, so float64 defaults past it."""
-    return lambda name: not (name == "triton" and dtype == torch.float64)
-
-
 def default_chunk(n: int, v: int, device: torch.device) -> int:
     budget = _CHUNK_BYTES.get(device.type, 64 << 20)
     return max(1, min(n, budget // (4 * max(v, 1))))
@@ -316,8 +311,7 @@ def grouped_logprob(hidden, weight, targets, *, mask=None, temperature: float = 
         if not return_entropy:
             return out.new_zeros(targets.shape).masked_scatter(active, out)
         return tuple(x.new_zeros(targets.shape).masked_scatter(active, x) for x in out)
-    _, fn = backends.resolve("grouped_logprob", hidden.device, backend, dtype=hidden.dtype,
-                            accepts=takes_dtype(hidden.dtype))
+    _, fn = backends.resolve("grouped_logprob", hidden.device, backend, dtype=hidden.dtype)
     if forward_only:
         with torch.no_grad():
             return fn(hidden, weight, targets, temperature, return_entropy, chunk_size)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import torch
 
 from r1fast import backends
-from r1fast.ops.logprob import takes_dtype
 from r1fast.ops.loss_options import LossOptions
 from r1fast.reference import loss as reference
 
@@ -179,7 +178,7 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, entropy=None, sampl
     opts = _options(options, loss_options)
     iw = _validate_loss_inputs("grpo_loss", logp, old_logp, ref_logp, advantages, mask, sampler_logp, entropy, opts,
                                check_values=check_values, importance_weights=importance_weights)
-    _, fn = backends.resolve("grpo_loss", logp.device, backend, accepts=takes_dtype(logp.dtype))
+    _, fn = backends.resolve("grpo_loss", logp.device, backend, dtype=logp.dtype)
     if iw is None:
         return fn(logp, old_logp, ref_logp, advantages, mask, opts, entropy, sampler_logp)
     return fn(logp, old_logp, ref_logp, advantages, mask, opts, entropy, sampler_logp, importance_weights=iw)

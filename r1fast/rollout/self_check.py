@@ -212,10 +212,9 @@ def select_backends(device, dtype, num_heads: int, num_kv_heads: int, head_dim: 
 def _takes_shapes(op: str, backend: str, dtype, num_heads: int, num_kv_heads: int, head_dim: int) -> bool:
     """Whether `backend`'s kernel takes a model of these shapes at all (the CUDA decode kernel has
     head_dim and group limits): one that does not is passed over without a warning."""
-    if op != "paged_decode_attention":
-        return True
-    from r1fast.ops.attention import decode_backend_takes
+    from r1fast.ops.attention import cuda_decode_problem
 
-    q = torch.empty(1, num_heads, head_dim, dtype=dtype, device="meta")
-    k = torch.empty(1, 1, num_kv_heads, head_dim, dtype=dtype, device="meta")
-    return decode_backend_takes(backend, q, k)
+    if not backends.takes_dtype(op, backend, dtype):
+        return False
+    return op != "paged_decode_attention" or backend != "cuda" or \
+        cuda_decode_problem(dtype, num_heads, num_kv_heads, head_dim) is None
