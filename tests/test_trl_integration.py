@@ -853,3 +853,38 @@ def test_logged_metrics_are_token_weighted_across_processes(tmp_path, model_dirs
     trainer._log_loss_stats("train", {"entropy": torch.tensor(2.0), "kl": 0.5}, mask)
     assert trainer._metrics["train"]["entropy"] == [pytest.approx((2.0 * 5 + 15) / 10)]
     assert trainer._metrics["train"]["kl"] == [pytest.approx((0.5 * 5 + 15) / 10)]
+
+
+def test_matches_stock_trl_across_two_processes(tmp_path, model_dirs):
+    """Two processes under DDP (gloo on the CPU), as `accelerate launch` runs them. The Trainer wraps
+    the model with find_unused_parameters=True, which failed with "lm_head.weight has been marked as
+    ready twice" while the drop-in took the head weight from outside the model's forward. dapo
+    normalises by the token count of every process together. With r1fast_generation each process
+    generates its share with its own engine (other samples than TRL's: it has to train, that is all)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    worker = os.path.join(os.path.dirname(__file__), "trl_ddp_worker.py")
+    out = {}
+    for which in ("stock", "r1fast", "r1fast_generation"):
+        out[which] = tmp_path / which
+        run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                              worker, which, str(model_dirs["untied"]), str(out[which]), "dapo"],
+                             env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, f"{which}: {run.stderr[-3000:]}"
+    logs = {k: json.loads((v / "log.json").read_text()) for k, v in out.items()}
+    assert len(logs["stock"]["loss"]) == 3
+    for key in ("loss", "grad_norm"):
+        torch.testing.assert_close(torch.tensor(logs["r1fast"][key]), torch.tensor(logs["stock"][key]),
+                                   rtol=1e-4, atol=1e-6)
+    stock, fast, generated = (load_file(str(v / "weights.safetensors")) for v in out.values())
+    initial = load_file(os.path.join(model_dirs["untied"], "model.safetensors"))
+    for trained in (stock, generated):
+        assert any(not torch.equal(w, initial[name]) for name, w in trained.items() if name in initial)
+    assert len(logs["r1fast_generation"]["loss"]) == 3
+    for name, w in stock.items():
+        torch.testing.assert_close(fast[name], w, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")

@@ -121,10 +121,15 @@ def _backbone(model: nn.Module) -> nn.Module:
 
 
 def install_hidden_states_forward(model: nn.Module) -> None:
-    """Let `model(..., r1fast_hidden_states=True)` return the backbone's last hidden state [B, L, H].
+    """Let `model(..., r1fast_hidden_states=True)` return (the backbone's last hidden state [B, L, H],
+    the lm_head weight).
 
     Going through the model's own forward (rather than calling the backbone directly) keeps
     wrappers that hook the forward call (DDP, accelerate's autocast/device hooks) in the path.
+    The weight comes out of the forward too, as a view: DDP with find_unused_parameters (the
+    Trainer's default without gradient checkpointing) marks every parameter its forward's outputs
+    do not reach as unused, ready at once, and then fails with "marked as ready twice" when the
+    loss's gradient reaches the lm_head weight taken from outside the forward.
     Without the flag the forward is the previous one, so generation and TRL's calls are unchanged.
     """
     if getattr(model, _PATCHED, False):
@@ -137,7 +142,8 @@ def install_hidden_states_forward(model: nn.Module) -> None:
         if not r1fast_hidden_states:
             return previous_forward(*args, **kwargs)
         kwargs["use_cache"] = False
-        return _backbone(self)(*args, **kwargs).last_hidden_state
+        weight = self.get_output_embeddings().weight
+        return _backbone(self)(*args, **kwargs).last_hidden_state, weight.view_as(weight)
 
     model.forward = types.MethodType(forward, model)
     setattr(model, _PATCHED, True)
@@ -305,9 +311,8 @@ class GRPOTrainer(trl.GRPOTrainer):
         log-prob reductions are fp32 either way.
         """
         with self.accelerator.autocast():
-            hidden = model(input_ids=input_ids, attention_mask=attention_mask, r1fast_hidden_states=True)
+            hidden, weight = model(input_ids=input_ids, attention_mask=attention_mask, r1fast_hidden_states=True)
         hidden = hidden[:, -logits_to_keep - 1 : -1]
-        weight = self.accelerator.unwrap_model(model).get_output_embeddings().weight
         dtype = _AUTOCAST_DTYPES.get(str(self.accelerator.mixed_precision), hidden.dtype)
         if self.args.cast_lm_head_to_fp32:
             dtype = torch.float32
