@@ -215,7 +215,7 @@ def test_a_new_run_into_an_earlier_runs_folder_says_what_to_type(tmp_path, capsy
     assert main(cmd + ["--resume"]) == 0
     (run / "s" / "notes.txt").write_text("mine")
     assert main(cmd + ["overwrite_output_dir=true"]) == 0
-    assert sorted(os.listdir(run / "s")) == ["checkpoint-1", "metrics.jsonl", "notes.txt"]
+    assert sorted(os.listdir(run / "s")) == [".r1fast.lock", "checkpoint-1", "metrics.jsonl", "notes.txt"]
     # a single GRPO run says the same, with its own command
     g = tmp_path / "g.yaml"
     g.write_text(f"model_name_or_path: builtin:micro\ndataset: builtin:arithmetic\noutput_dir: {tmp_path / 'g'}\n"

@@ -169,8 +169,8 @@ def test_reference_model_and_kl(tmp_path, temperature):
 def test_bias_corrected_kl_reaches_the_loss(tmp_path):
     plain = make(tmp_path, "plain", max_steps=3, beta=0.5)
     weighted = make(tmp_path, "weighted", max_steps=3, beta=0.5, use_bias_correction_kl=True)
-    assert plain._loss_options(None).use_bias_correction_kl is False
-    assert weighted._loss_options(None).use_bias_correction_kl is True
+    assert plain.cfg.loss_options(None).use_bias_correction_kl is False
+    assert weighted.cfg.loss_options(None).use_bias_correction_kl is True
     plain.train()
     weighted.train()
     # on-policy the ratio is 1, so the first step's numbers agree; its gradient (kl * d ratio) does

@@ -98,6 +98,80 @@ class RunFolderInUse(ValueError):
                          f"first), or give another output_dir")
 
 
+class RunFolderBusy(ValueError):
+    """Another live process is training in the same run folder."""
+
+
+LOCK_FILE = ".r1fast.lock"
+# run folder (real path) -> [lock file descriptor, holds]: a pipeline's stages re-enter their own folder
+_HELD: dict[str, list] = {}
+
+
+def _world_size() -> int:
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1") or 1)
+    except ValueError:
+        return 1
+
+
+@contextlib.contextmanager
+def own_run_folder(run_dir: str):
+    """Hold `run_dir` for one training run, so that a second run in the same folder fails at once
+    instead of interleaving its metrics and checkpoints with this one's (each would prune the
+    other's checkpoints). An advisory flock on `<run_dir>/.r1fast.lock`: the kernel drops it when
+    the process dies, so a crash or kill -9 leaves no stale lock. A folder where locks are not
+    supported (some network file systems) runs unlocked, with a warning."""
+    if _world_size() > 1:
+        # torchrun / accelerate launch N copies that would all write this folder and train N
+        # unconnected models: say what to use instead
+        raise ValueError(f"WORLD_SIZE={os.environ['WORLD_SIZE']}: r1fast's own trainers run in one process on one "
+                            f"device; launch them with plain `r1fast ...` or `python ...`, not torchrun or "
+                            f"accelerate. For several GPUs, use the TRL drop-in (r1fast.integrations.trl, "
+                            f"docs/trl.md) under accelerate")
+    os.makedirs(run_dir, exist_ok=True)
+    key = os.path.realpath(run_dir)
+    if key in _HELD:
+        _HELD[key][1] += 1
+        try:
+            yield
+        finally:
+            _HELD[key][1] -= 1
+        return
+    try:
+        import fcntl
+    except ImportError:  # not a POSIX system: no lock
+        yield
+        return
+    path = os.path.join(run_dir, LOCK_FILE)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "unknown"
+            raise RunFolderBusy(f"{run_dir} is in use by another r1fast run (process {holder}); wait for it to "
+                                f"finish, stop it, or give another output_dir") from None
+        except OSError as e:
+            import warnings
+
+            warnings.warn(f"r1fast: cannot lock {path} ({e}); nothing stops a second run in this folder",
+                          stacklevel=3)
+            os.close(fd)
+            fd = None
+            yield
+            return
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        _HELD[key] = [fd, 1]
+        try:
+            yield
+        finally:
+            del _HELD[key]
+    finally:
+        if fd is not None:
+            os.close(fd)  # closing the descriptor drops the flock
+
+
 def start_fresh(run_dir: str, overwrite: bool):
     """Before a new run: an earlier run's checkpoints in `run_dir` would be pruned together with the
     new run's by step number (deleting the new run's own) and `--resume` would pick the newest of

@@ -233,9 +233,6 @@ class GRPOTrainer:
         adv = ops.group_advantages(r, G, estimator=self.cfg.advantage_estimator, scale_rewards=self.cfg.scale_rewards)
         return torch.where(missing, torch.zeros_like(adv), adv)
 
-    def _loss_options(self, num_items: Optional[float]):
-        return self.cfg.loss_options(num_items)
-
     @torch.no_grad()
     def _forward_logp(self, model, batch) -> torch.Tensor:
         from r1fast import ops
@@ -280,7 +277,7 @@ class GRPOTrainer:
         ref = [self._forward_logp(self.ref_model, b) if self.ref_model is not None else None for b in batches]
         t_logp = time.perf_counter()
 
-        opts = self._loss_options(num_items)
+        opts = cfg.loss_options(num_items)
         # Loss types normalised per micro-batch are averaged over the accumulation steps; dapo/cispo
         # already divide by the whole generation batch's token count.
         scale = 1.0 if opts.loss_type in ("dapo", "cispo") else 1.0 / len(micro)
@@ -423,6 +420,10 @@ class GRPOTrainer:
 
     # -- the loop --------------------------------------------------------------------------------
     def train(self, resume: str | bool | None = None, callback: Optional[Callable[[int, dict], None]] = None) -> dict:
+        with ckpt.own_run_folder(self.run_dir):  # one run per folder at a time
+            return self._train(resume, callback)
+
+    def _train(self, resume, callback) -> dict:
         cfg = self.cfg
         logger, pbar, resume_path = start_run(self, resume)
         previous_handler = _install_sigint(self)

@@ -394,10 +394,15 @@ class PipelineRunner:
 
     # -- the run -----------------------------------------------------------------------------------
     def run(self, resume: bool = False) -> dict:
+        from r1fast.trainer.checkpoints import own_run_folder
+
+        with own_run_folder(self.run_dir):  # one run per folder at a time
+            return self._run(resume)
+
+    def _run(self, resume: bool) -> dict:
         from r1fast.trainer.checkpoints import latest_checkpoint
 
         p = self.p
-        os.makedirs(self.run_dir, exist_ok=True)
         if p.num_threads and self.device.type == "cpu":
             import torch
 

@@ -117,6 +117,10 @@ class SFTTrainer:
         return state
 
     def train(self, resume: str | bool | None = None) -> dict[str, Any]:
+        with ckpt.own_run_folder(self.run_dir):  # one run per folder at a time
+            return self._train(resume)
+
+    def _train(self, resume) -> dict[str, Any]:
         cfg = self.cfg
         logger, pbar, _ = start_run(self, resume)
         window: list[float] = []
