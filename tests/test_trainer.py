@@ -1090,3 +1090,19 @@ def test_metrics_logger_lines_resume_truncation_and_fresh_start(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n{"loss": 2.0}\n')
     with pytest.raises(ValueError, match="record 2 has no numeric 'step'"):
         read_metrics(str(tmp_path))
+
+
+def test_max_steps_stops_within_a_rollouts_iterations(tmp_path):
+    # max_steps counts optimizer steps; with num_iterations=2 a 3-step run took 4 (two whole rollouts)
+    tr = make(tmp_path, "r", max_steps=3, num_iterations=2, lr_scheduler_type="linear")
+    res = tr.train()
+    assert tr.global_step == 3 and res["checkpoint"].endswith("checkpoint-3")
+    assert [h["step"] for h in tr.history] == [2, 3]
+    assert [r["step"] for r in _metrics(tmp_path / "r" / "metrics.jsonl")] == [2, 3]
+    assert tr.rollout_index == 2
+    assert tr.scheduler.last_epoch == 3 and tr.history[-1]["lr"] == 0.0  # the linear schedule ends at its end
+    # the last rollout's statistics are means over the one pass it made, not halved
+    assert tr.history[-1]["entropy"] == pytest.approx(tr.history[0]["entropy"], rel=0.1)
+    one = make(tmp_path, "one", max_steps=1, num_iterations=2)
+    one.train()
+    assert one.global_step == 1 and [h["step"] for h in one.history] == [1]

@@ -372,7 +372,8 @@ class GRPOConfig(_TrainingConfig):
     One rollout draws `per_device_train_batch_size * gradient_accumulation_steps` completions
     (that many / `num_generations` prompts); each of `num_iterations` passes over it is one
     optimizer step made of `gradient_accumulation_steps` micro-batches. `max_steps` and
-    `save_steps` count optimizer steps, as in TRL.
+    `save_steps` count optimizer steps, as in TRL (the last rollout stops at `max_steps`, part way
+    through its passes if need be).
     """
 
     # model / data

@@ -284,7 +284,9 @@ class GRPOTrainer:
         self.model.train()
         stats_acc: dict[str, float] = {}
         losses, grad_norms, t_loss, t_opt = [], [], 0.0, 0.0
-        for _ in range(cfg.num_iterations):
+        # max_steps counts optimizer steps: the last rollout stops there, as TRL's loop does
+        iterations = max(1, min(cfg.num_iterations, self.total_steps - self.global_step))
+        for _ in range(iterations):
             ta = time.perf_counter()
             self.optimizer.zero_grad(set_to_none=True)
             finite = True
@@ -317,7 +319,7 @@ class GRPOTrainer:
             total_loss, *values = torch.stack([total_loss, *(stat_sums[k] for k in names)]).tolist()
             finite = finite and math.isfinite(total_loss)
             for k, v in zip(names, values):
-                stats_acc[k] = stats_acc.get(k, 0.0) + v / (len(micro) * cfg.num_iterations)
+                stats_acc[k] = stats_acc.get(k, 0.0) + v / (len(micro) * iterations)
             tb = time.perf_counter()
             gn = grad_norm_and_clip(gradient_holders(self.optimizer, self.model), cfg.max_grad_norm) \
                 if finite else float("nan")
