@@ -97,6 +97,25 @@ def test_cli_grpo_yaml_and_plot(tmp_path, monkeypatch):
     assert (run / "curves.png").stat().st_size > 1000
 
 
+def test_cli_grpo_from_the_command_line_alone(tmp_path, monkeypatch):
+    # `r1fast sft key=value` ran without a YAML while `r1fast train model_name_or_path=...` was read as
+    # options of the default pipeline and refused
+    monkeypatch.chdir(tmp_path)
+    args = ["train", "model_name_or_path=builtin:micro", "dataset=builtin:arithmetic?min_terms=2&max_terms=2",
+            "per_device_train_batch_size=8", "num_generations=4", "max_completion_length=8", "max_prompt_length=16",
+            "progress_bar=false"]
+    assert main(args + ["--max_steps", "2"]) == 0
+    assert [json.loads(line)["step"] for line in open(tmp_path / "runs" / "grpo" / "metrics.jsonl")] == [1, 2]
+    assert main(args + ["max_steps=3", "--resume"]) == 0
+    assert os.path.isdir(tmp_path / "runs" / "grpo" / "checkpoint-3")
+    with pytest.raises(SystemExit, match="a GRPO config needs model_name_or_path and dataset"):
+        main(["train", "model_name_or_path=builtin:micro"])
+    with pytest.raises(SystemExit, match="unknown option 'learnin_rate'"):
+        main(["train", "dataset=builtin:arithmetic", "learnin_rate=1"])
+    with pytest.raises(SystemExit, match=r"unknown pipeline key.*'max_steps'"):  # no GRPO key: the pipeline
+        main(["train", "max_steps=3"])
+
+
 def test_cli_sample_with_default_lengths_fits_the_models_positions(tmp_path, monkeypatch, capsys):
     # The default max_completion_length (256) plus a prompt exceeds builtin:micro's 128 positions:
     # the engine is capped at the model's length, as in GRPO and evaluation, instead of refusing.

@@ -2,6 +2,7 @@
 
     r1fast train                              the embedded default (configs/default.yaml), CPU, minutes
     r1fast train run.yaml --max_steps 50      GRPO from a GRPOConfig YAML (or a pipeline YAML), overridden
+    r1fast train model_name_or_path=M dataset=D max_steps=50    GRPO from the command line alone
     r1fast train --resume                     continue the newest checkpoint of that run
     r1fast sft sft.yaml model_name_or_path=builtin:tiny dataset=data.jsonl
     r1fast sample sample.yaml output_file=kept.jsonl
@@ -112,10 +113,17 @@ def _resume_pipeline(resume, overrides: list[str]) -> tuple[bool, list[str]]:
     return True, overrides + [f"output_dir={os.path.abspath(resume)}"]
 
 
+# Keys that make `r1fast train key=value ...` (no config file) a GRPO run rather than the default pipeline
+_GRPO_KEYS = {"model_name_or_path", "dataset"}
+
+
 def _cmd_train(args):
+    from r1fast.trainer.config import parse_overrides
     from r1fast.trainer.pipeline import DEFAULT_CONFIG, is_pipeline_file, run_pipeline
 
     config, overrides, resume = _split(args.rest)
+    if config is None and _GRPO_KEYS & parse_overrides(overrides).keys():
+        return _run_grpo(None, overrides, resume)  # a GRPO run from the command line alone, as `r1fast sft` takes
     if config is None or is_pipeline_file(config):
         resume, overrides = _resume_pipeline(resume, overrides)
         run_pipeline(config or DEFAULT_CONFIG, overrides, resume=resume)
@@ -123,12 +131,13 @@ def _cmd_train(args):
     return _run_grpo(config, overrides, resume)
 
 
-def _run_grpo(config: str, overrides: list[str], resume):
+def _run_grpo(config: str | None, overrides: list[str], resume):
     from r1fast.trainer.common import load_model_and_tokenizer, resolve_device
-    from r1fast.trainer.config import GRPOConfig
+    from r1fast.trainer.config import GRPOConfig, parse_overrides
     from r1fast.trainer.grpo import GRPOTrainer
 
-    cfg = GRPOConfig.from_yaml(config, overrides)
+    cfg = GRPOConfig.from_yaml(config, overrides) if config else GRPOConfig().update(
+        parse_overrides(overrides), source="command line")
     if cfg.model_name_or_path is None or cfg.dataset is None:
         raise ConfigError("a GRPO config needs model_name_or_path and dataset")
     model, tok = load_model_and_tokenizer(cfg.model_name_or_path, device=resolve_device(cfg.device), dtype=cfg.dtype,
@@ -241,7 +250,8 @@ def add_commands(subparsers):
         p.set_defaults(func=_with_help(p, _guarded(name, func, resumable=name in _RESUME)))
         return p
 
-    add("train", "GRPO training; with no arguments, the embedded default (cold-start SFT then GRPO on CPU)",
+    add("train", "GRPO training; with no arguments, the embedded default (cold-start SFT then GRPO on CPU); "
+                 "without CONFIG.yaml, model_name_or_path=... dataset=... is a GRPO run from GRPOConfig's defaults",
         _cmd_train, "r1fast train [CONFIG.yaml] [--resume [PATH]] [--key value ...]")
     add("sft", "supervised fine-tuning: cold start, rejection-sampled data, distillation",
         _cmd_sft, "r1fast sft [CONFIG.yaml] [--resume [PATH]] [--key value ...]")
