@@ -113,7 +113,7 @@ def _r1fast_phase(phase, shape, prompts, G, new, dtype, device, mb):
             return lambda: [tr._forward_logp(tr.model, b) for b in batches]
         _, totals = tr.score(rows, G, texts, c_ids)
         adv = tr._advantages(totals).to(tr.device)
-        opts = tr._loss_options(float(sum(len(c) for c in c_ids)))
+        opts = tr.cfg.loss_options(float(sum(len(c) for c in c_ids)))
 
         def loss_backward():
             tr.optimizer.zero_grad(set_to_none=True)
