@@ -2,7 +2,7 @@
 
 A case has the r1fast implementation and its peers (each run only when importable), and a floor
 model: its FLOPs and bytes, turned into a time at this machine's peak matmul rate and copy
-bandwidth, both measured once per run. Every row has the same schema (DESIGN.md, "Bench results"),
+bandwidth, both measured once per run. Every row has the same schema (COLUMNS; bench/README.md, "What a row means"),
 so results from different days and cards compare.
 """
 from __future__ import annotations

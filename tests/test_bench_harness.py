@@ -141,6 +141,26 @@ def test_a_failing_impl_is_reported_and_the_others_still_run():
     assert {r["provider"] for r in rows} == {"peer"}
 
 
+def test_bench_command_exits_nonzero_when_an_impl_fails(tmp_path, monkeypatch, capsys):
+    # the FAILED line was printed and the exit status was 0: a broken suite passed in scripts and CI
+    def broken():
+        raise RuntimeError("no such kernel here")
+
+    def cases(size, device, impl=broken):
+        return [harness.Case("c", "fwd", "float32", [harness.Impl("r1fast", "x", impl),
+                                                     harness.Impl("peer", "y", lambda: (lambda: None))])]
+
+    monkeypatch.setitem(harness._SUITES, "zz_broken", harness.Suite("zz_broken", cases))
+    monkeypatch.setattr(harness, "load_suites", lambda: dict(harness._SUITES))
+    with pytest.raises(SystemExit, match=r"r1fast bench: 1 FAILED \(above\); the results files hold the other rows"):
+        cli_main(["bench", "zz_broken", "--out", str(tmp_path), "--budget", "0"])
+    assert "FAILED zz_broken/c fwd r1fast/x: RuntimeError: no such kernel here" in capsys.readouterr().out
+    assert len(list(tmp_path.glob("*.csv"))) == 1  # the peer's row is still written
+    harness._SUITES["zz_broken"] = harness.Suite("zz_broken", lambda size, device: cases(size, device,
+                                                                                         lambda: (lambda: None)))
+    assert cli_main(["bench", "zz_broken", "--out", str(tmp_path / "ok"), "--budget", "0"]) in (0, None)
+
+
 def test_an_impl_kept_alive_by_a_reference_cycle_is_freed_before_the_next_impl(monkeypatch):
     """Trainers and engines sit in reference cycles: at GPU size grpo_step builds seven of them (tens
     of GB each), so the harness must collect them between impls, not wait for the cycle collector."""
