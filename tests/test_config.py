@@ -369,3 +369,25 @@ def test_values_are_coerced_to_the_options_type_or_named():
                         ({"progress_bar": 2}, "'progress_bar' expects bool, got 2")]:
         with pytest.raises(ConfigError, match=match):
             SFTConfig.from_dict(data)
+
+
+def test_configs_built_in_python_get_the_yaml_type_checks(tmp_path):
+    # GRPOConfig(max_steps=1.5) trained with it, and learning_rate="1e-6" failed with a bare TypeError in a
+    # comparison; the trainer now checks values given in Python as it checks YAML
+    with pytest.raises(ConfigError, match="GRPOConfig: option 'max_steps' expects int, got 1.5"):
+        GRPOConfig(max_steps=1.5).validate()
+    with pytest.raises(ConfigError, match="GRPOConfig: option 'learning_rate' expects float, got 'fast'"):
+        GRPOConfig(learning_rate="fast").validate()
+    with pytest.raises(ConfigError, match="SFTConfig: option 'seed' expects int, got True"):
+        SFTConfig(seed=True).validate()
+    with pytest.raises(ConfigError, match="SampleConfig: option 'num_samples' expects int"):
+        SampleConfig(num_samples=[4]).validate()
+    with pytest.raises(ConfigError, match="option 'reward_funcs' expects str, got None"):
+        GRPOConfig(reward_funcs=["accuracy", None]).validate()
+    cfg = GRPOConfig(learning_rate="1e-6", max_steps=3.0, report_to="tensorboard", log_completions=True)
+    cfg.validate()  # what YAML would have made of the same values
+    assert (cfg.learning_rate, cfg.max_steps, cfg.report_to, cfg.log_completions) == (1e-6, 3, ["tensorboard"], 2)
+    assert type(cfg.max_steps) is int
+    cfg.max_steps = "x"  # set after construction: caught when the trainer validates
+    with pytest.raises(ConfigError, match="option 'max_steps' expects int, got 'x'"):
+        cfg.validate()

@@ -79,8 +79,20 @@ class _Base:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def validate(self):  # overridden
-        pass
+    def validate(self):
+        """Checks every value; subclasses add their range checks after this one. A config built in
+        Python (GRPOConfig(max_steps=1.5), or an attribute set afterwards) gets the same type checks
+        and conversions as one read from YAML or the command line."""
+        hints = typing.get_type_hints(type(self))
+        for name in self.field_names():
+            value = getattr(self, name)
+            if name in self._BOOL_COUNTS and isinstance(value, bool):
+                value = self._BOOL_COUNTS[name] if value else 0
+            if name == "reward_funcs" and isinstance(value, (list, tuple)):  # Python may pass the functions
+                value = [v if callable(v) else _coerce(name, v, str, type(self).__name__) for v in value]
+                setattr(self, name, value)
+                continue
+            setattr(self, name, _coerce(name, value, hints[name], type(self).__name__))
 
 
 PACKAGED_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
@@ -337,6 +349,7 @@ class _TrainingConfig(_Base):
     max_nonfinite_steps: int = 10            # abort after this many skipped (NaN/inf) steps in a row
 
     def validate(self):
+        super().validate()
         _check_seed(self.seed)
         _check(self.max_nonfinite_steps >= 1,
                f"option 'max_nonfinite_steps' must be >= 1; got {self.max_nonfinite_steps}")
@@ -583,6 +596,7 @@ class SampleConfig(_Base):
     progress_bar: bool = True
 
     def validate(self):
+        super().validate()
         _check(self.num_samples >= 1, "option 'num_samples' must be >= 1")
         _check(self.keep_per_prompt >= 1, "option 'keep_per_prompt' must be >= 1")
         _check(self.max_prompts == -1 or self.max_prompts >= 1,
