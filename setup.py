@@ -1,6 +1,6 @@
 """Build r1fast._C through CMake + Ninja.
 
-The Python packages are laid out as DESIGN.md says: `r1fast/` is the engine, `kernels/` installs as
+The Python packages: `r1fast/` is the engine, `kernels/` installs as
 `r1fast.kernels`, `bench/` as `r1fast.bench` (so `r1fast bench` works from a wheel too).
 
 Environment:
