@@ -103,8 +103,8 @@ class RunFolderBusy(ValueError):
 
 
 LOCK_FILE = ".r1fast.lock"
-# run folder (real path) -> [lock file descriptor, holds]: a pipeline's stages re-enter their own folder
-_HELD: dict[str, list] = {}
+# run folders (real paths) this process holds: holding one again (nested) is a no-op
+_HELD: set[str] = set()
 
 
 def _world_size() -> int:
@@ -125,17 +125,13 @@ def own_run_folder(run_dir: str):
         # torchrun / accelerate launch N copies that would all write this folder and train N
         # unconnected models: say what to use instead
         raise ValueError(f"WORLD_SIZE={os.environ['WORLD_SIZE']}: r1fast's own trainers run in one process on one "
-                            f"device; launch them with plain `r1fast ...` or `python ...`, not torchrun or "
-                            f"accelerate. For several GPUs, use the TRL drop-in (r1fast.integrations.trl, "
-                            f"docs/trl.md) under accelerate")
+                         f"device; launch them with plain `r1fast ...` or `python ...`, not torchrun or accelerate. "
+                         f"For several GPUs, use the TRL drop-in (r1fast.integrations.trl, docs/trl.md) under "
+                         f"accelerate")
     os.makedirs(run_dir, exist_ok=True)
     key = os.path.realpath(run_dir)
     if key in _HELD:
-        _HELD[key][1] += 1
-        try:
-            yield
-        finally:
-            _HELD[key][1] -= 1
+        yield
         return
     try:
         import fcntl
@@ -144,7 +140,7 @@ def own_run_folder(run_dir: str):
         return
     path = os.path.join(run_dir, LOCK_FILE)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
+    try:  # closing the descriptor at the end drops the flock
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -156,20 +152,16 @@ def own_run_folder(run_dir: str):
 
             warnings.warn(f"r1fast: cannot lock {path} ({e}); nothing stops a second run in this folder",
                           stacklevel=3)
-            os.close(fd)
-            fd = None
-            yield
-            return
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
-        _HELD[key] = [fd, 1]
+        else:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode(), 0)
+            _HELD.add(key)
         try:
             yield
         finally:
-            del _HELD[key]
+            _HELD.discard(key)
     finally:
-        if fd is not None:
-            os.close(fd)  # closing the descriptor drops the flock
+        os.close(fd)
 
 
 def start_fresh(run_dir: str, overwrite: bool):
