@@ -271,6 +271,21 @@ def test_unknown_decode_backend_is_refused_when_the_engine_is_built(models):
         Engine(model, block_size=4, num_blocks=8, decode_backend="trition")
 
 
+def test_a_model_other_than_r1fasts_is_refused_when_the_engine_is_built(tmp_path):
+    # a transformers Llama/Qwen3 has a config with every field the engine read, and was accepted; its
+    # forward then took the positions for an attention mask and failed deep inside transformers
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=64))
+    with pytest.raises(TypeError, match=r"model must be an r1fast.models.CausalLM, got transformers\..*"
+                                        r"LlamaForCausalLM; load a Hugging Face folder with "
+                                        r"r1fast.models.from_pretrained\(path\).*HFRollout"):
+        Engine(hf, num_blocks=8)
+    with pytest.raises(TypeError, match="got builtins.object"):
+        Engine(object())
+
+
 def test_bad_requests_raise_clear_errors(models, prompts):
     _, model = models
     engine = Engine(model, block_size=4, num_blocks=16, max_model_len=20)

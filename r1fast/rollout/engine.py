@@ -54,10 +54,15 @@ class Engine:
                  enable_prefix_caching: bool = True, use_cuda_graphs: bool = True,
                  decode_backend: str | None = None, shared_prefix_attention: bool = True,
                  async_decode: bool = True, pool_tokens_per_seq: int | None = None):
-        cfg = getattr(model, "config", None)
-        for attr in ("num_hidden_layers", "num_key_value_heads", "head_dim", "vocab_size", "max_position_embeddings"):
-            if getattr(cfg, attr, None) is None:
-                raise TypeError(f"Engine: model.config must define {attr} (an r1fast.models.CausalLM)")
+        from r1fast.models import CausalLM
+
+        if not isinstance(model, CausalLM):
+            # a transformers model has a config with the same fields but another forward: it failed
+            # deep inside transformers at the first prefill
+            raise TypeError(f"Engine: model must be an r1fast.models.CausalLM, got {type(model).__module__}."
+                            f"{type(model).__name__}; load a Hugging Face folder with r1fast.models.from_pretrained"
+                            f"(path), or wrap a transformers model with r1fast.integrations.hf_rollout.HFRollout")
+        cfg = model.config
         for name, value in (("block_size", block_size), ("max_num_seqs", max_num_seqs),
                             ("max_num_batched_tokens", max_num_batched_tokens)):
             _check_positive_int(name, value)
