@@ -888,3 +888,26 @@ def test_matches_stock_trl_across_two_processes(tmp_path, model_dirs):
     assert len(logs["r1fast_generation"]["loss"]) == 3
     for name, w in stock.items():
         torch.testing.assert_close(fast[name], w, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+def test_a_deep_copy_of_a_patched_model_runs_its_own_weights(model_dirs):
+    # the patched forward called the original instance's bound method, so a deep copy (an evaluation
+    # copy, an EMA) computed its logits and generations with the original's weights
+    import copy
+
+    model = AutoModelForCausalLM.from_pretrained(model_dirs["untied"], dtype=torch.float32)
+    r1trl.install_hidden_states_forward(model)
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.mul_(0.5)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    plain = AutoModelForCausalLM.from_pretrained(model_dirs["untied"], dtype=torch.float32)
+    with torch.no_grad():
+        for p in plain.parameters():
+            p.mul_(0.5)
+        torch.testing.assert_close(twin(input_ids=ids).logits, plain(input_ids=ids).logits, rtol=0, atol=0)
+        assert not torch.equal(twin(input_ids=ids).logits, model(input_ids=ids).logits)
+        hidden, weight = twin(input_ids=ids, r1fast_hidden_states=True)
+        assert weight.data_ptr() == twin.lm_head.weight.data_ptr()
+        torch.testing.assert_close(hidden @ weight.T, plain(input_ids=ids).logits, rtol=1e-5, atol=1e-5)

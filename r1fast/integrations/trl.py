@@ -135,12 +135,18 @@ def install_hidden_states_forward(model: nn.Module) -> None:
     if getattr(model, _PATCHED, False):
         return
     previous_forward = model.forward
+    # The model's own method is called on `self`, not on `model`: a deep copy of the model (an
+    # evaluation copy, an EMA) then runs with its own weights, not the original's.
+    own_method = getattr(previous_forward, "__self__", None) is model
+    previous_function = previous_forward.__func__ if own_method else None
 
     # Keep the original signature: `generate` validates its model kwargs against it.
     @functools.wraps(type(model).forward)
     def forward(self, *args, r1fast_hidden_states: bool = False, **kwargs):
         if not r1fast_hidden_states:
-            return previous_forward(*args, **kwargs)
+            if own_method:
+                return previous_function(self, *args, **kwargs)
+            return previous_forward(*args, **kwargs)  # a wrapper set on the instance (accelerate hooks)
         kwargs["use_cache"] = False
         weight = self.get_output_embeddings().weight
         return _backbone(self)(*args, **kwargs).last_hidden_state, weight.view_as(weight)
