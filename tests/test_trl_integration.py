@@ -33,6 +33,7 @@ def _recording(cls):
         def _generate_and_score_completions(self, inputs):
             out = super()._generate_and_score_completions(inputs)
             self.recorded_completions.append(out["completion_ids"].detach().clone())
+            self.recorded_masks.append(out["completion_mask"].detach().clone())
             return out
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -43,12 +44,29 @@ def _recording(cls):
     return Recording
 
 
+def _save_eos_prone(src, dst, eos_logit=5.0):
+    """The untied model with its eos row pointed along the mean hidden state (eos logit ~ eos_logit):
+    about 0.3 eos probability per token, so completions end at different lengths, where the loss
+    types' normalisers (per sequence, per batch, per max length) differ."""
+    tok = AutoTokenizer.from_pretrained(src)
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    ids = tok(PROMPTS, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        mean = model.model(**ids).last_hidden_state.reshape(-1, model.config.hidden_size).mean(0)
+        model.lm_head.weight[tok.eos_token_id] = mean / mean.norm() ** 2 * eos_logit
+    model.save_pretrained(dst)
+    tok.save_pretrained(dst)
+    return dst
+
+
 @pytest.fixture(scope="module")
 def model_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny_qwen2")
+    untied = save_tiny_qwen2(root / "untied", seed=0)
     return {
-        "untied": save_tiny_qwen2(root / "untied", seed=0),
+        "untied": untied,
         "tied": save_tiny_qwen2(root / "tied", seed=1, tie_word_embeddings=True),
+        "eos": _save_eos_prone(untied, root / "eos"),
     }
 
 
@@ -72,12 +90,13 @@ def _train(trainer_cls, model_dir, out_dir, trainer_kwargs=None, **overrides):
         model=model, reward_funcs=char_reward, args=_config(out_dir, **overrides),
         train_dataset=Dataset.from_dict({"prompt": PROMPTS * 4}), processing_class=tokenizer, **(trainer_kwargs or {}),
     )
-    trainer.recorded_completions, trainer.recorded_losses = [], []
+    trainer.recorded_completions, trainer.recorded_masks, trainer.recorded_losses = [], [], []
     initial = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
     trainer.train()
     logs = [h for h in trainer.state.log_history if "loss" in h and "train_runtime" not in h]
     return {
         "completions": trainer.recorded_completions,
+        "masks": trainer.recorded_masks,
         "losses": torch.tensor(trainer.recorded_losses, dtype=torch.float64),
         "grad_norms": torch.tensor([h["grad_norm"] for h in logs], dtype=torch.float64),
         "metrics": logs,
@@ -911,3 +930,13 @@ def test_a_deep_copy_of_a_patched_model_runs_its_own_weights(model_dirs):
         hidden, weight = twin(input_ids=ids, r1fast_hidden_states=True)
         assert weight.data_ptr() == twin.lm_head.weight.data_ptr()
         torch.testing.assert_close(hidden @ weight.T, plain(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_matches_stock_trl_on_completions_of_different_lengths(tmp_path, model_dirs, loss_type):
+    # The tiny models' completions all ran to max_completion_length, where grpo's per-sequence mean, bnpo's
+    # batch token mean and dr_grpo's max-length normaliser coincide: a mix-up between them passed
+    stock, _ = _compare(tmp_path, model_dirs, model="eos", loss_type=loss_type, beta=0.04, num_iterations=2,
+                        max_completion_length=6)
+    lengths = torch.cat([m.sum(1) for m in stock["masks"]])
+    assert len(set(lengths.tolist())) >= 3, lengths
