@@ -155,6 +155,71 @@ def test_sft_and_sample_read_the_named_split_of_a_saved_dataset(tmp_path, monkey
     assert read == ["test"]
 
 
+def test_eval_dataset_reads_the_held_out_split_and_a_split_needs_splits(tmp_path):
+    # a saved DatasetDict given as eval_dataset was read from the training split: "held-out" accuracy on
+    # training rows, without a word; a split named for a single file used the whole file
+    datasets = pytest.importorskip("datasets")
+    from r1fast.data import load_rows
+    from r1fast.trainer import GRPOConfig, GRPOTrainer
+    from r1fast.trainer.common import load_model_and_tokenizer
+
+    train = [{"prompt": f"{i}+2=", "answer": str(i + 2)} for i in range(8)]
+    test = [{"prompt": f"{i}+3=", "answer": str(i + 3)} for i in range(4)]
+    dd = str(tmp_path / "dd")
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(train),
+                          "test": datasets.Dataset.from_list(test)}).save_to_disk(dd)
+    model, tok = load_model_and_tokenizer("builtin:micro", device="cpu")
+
+    def trainer(**over):
+        cfg = GRPOConfig(dataset=dd, eval_dataset=dd, eval_size=0, per_device_train_batch_size=4, num_generations=4,
+                         max_completion_length=4, max_prompt_length=16, output_dir=str(tmp_path / "run"), **over)
+        return GRPOTrainer(model, None, None, cfg, tokenizer=tok)
+
+    tr = trainer()
+    assert [r["prompt"] for r in tr.train_rows] == [r["prompt"] for r in train]
+    assert [r["prompt"] for r in tr.eval_rows] == [r["prompt"] for r in test]
+    with pytest.warns(UserWarning, match="every eval prompt is also a training prompt.*split train"):
+        assert len(trainer(eval_dataset_split="train").eval_rows) == 8
+    with pytest.raises(ValueError, match="has no split 'dev'"):
+        trainer(eval_dataset_split="dev")
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in train))
+    for path in (str(tmp_path / "d.jsonl"), str(tmp_path / "one")):
+        if path.endswith("one"):
+            datasets.Dataset.from_list(train).save_to_disk(path)
+        assert len(load_rows(path, split="train")) == 8  # the one set of rows is the train split
+        with pytest.raises(ValueError, match=r"has no splits \(one file, or a saved Dataset\), so split 'test' cannot"):
+            load_rows(path, split="test")
+
+
+def test_sample_gives_rewards_the_completion_ids_and_writes_any_column(tmp_path, monkeypatch):
+    # a reward function taking completion_ids (as GRPO passes them) failed in `r1fast sample`, and a
+    # timestamp column crashed the JSONL writer after all the sampling
+    pd = pytest.importorskip("pandas")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "idrewards.py").write_text(
+        "def by_ids(prompts, completions, completion_ids, created, **kw):\n"
+        "    assert len(completion_ids) == len(completions) and all(isinstance(t, int) for t in completion_ids[0])\n"
+        "    return [float(len(ids)) for ids in completion_ids]\n")
+    pd.DataFrame({"prompt": ["1+1=", "2+2="], "answer": ["2", "4"],
+                  "created": [pd.Timestamp("2024-01-01"), pd.Timestamp("2024-01-02 03:04")]}).to_parquet(tmp_path / "d.parquet")
+    out = tmp_path / "kept.jsonl"
+    assert main(["sample", "model_name_or_path=builtin:micro", f"dataset={tmp_path / 'd.parquet'}", "num_samples=2",
+                 "max_completion_length=4", f"output_file={out}", "progress_bar=false", "reward_funcs=[idrewards:by_ids]",
+                 "reward_thresholds=[0]"]) == 0
+    rows = [json.loads(line) for line in open(out)]
+    assert rows and {r["created"] for r in rows} <= {"2024-01-01T00:00:00", "2024-01-02T03:04:00"}
+    assert all(r["rewards"]["idrewards:by_ids"] >= 1 for r in rows)
+
+
+def test_cli_names_a_path_it_cannot_write_in_one_line(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "afile").write_text("")
+    for cmd in ("train", "sft"):
+        with pytest.raises(SystemExit, match=rf"^r1fast {cmd}: \[Errno 20\] Not a directory: 'afile/x'$"):
+            main([cmd, "model_name_or_path=builtin:micro", "dataset=builtin:arithmetic", "output_dir=afile/x"])
+
+
 def test_cli_reports_a_failing_reward_function_without_a_traceback(tmp_path, monkeypatch):
     # RewardError is not a ValueError: it escaped the CLI as a traceback.
     monkeypatch.chdir(tmp_path)

@@ -470,7 +470,9 @@ def test_evaluations_between_logging_steps_are_logged(tmp_path):
     model, tok = tiny_model()
     cfg = GRPOConfig(per_device_train_batch_size=8, num_generations=4, max_completion_length=4, max_steps=6,
                      eval_steps=2, logging_steps=3, output_dir=str(tmp_path / "e"), progress_bar=False)
-    GRPOTrainer(model, [sevens], ROWS, cfg, tokenizer=tok, eval_dataset=ROWS[:2]).train()
+    with pytest.warns(UserWarning, match="every eval prompt is also a training prompt"):
+        tr = GRPOTrainer(model, [sevens], ROWS, cfg, tokenizer=tok, eval_dataset=ROWS[:2])
+    tr.train()
     rows = _metrics(tmp_path / "e" / "metrics.jsonl")
     assert [r["step"] for r in rows if "eval/accuracy" in r] == [0, 2, 4, 6]
     assert [r["step"] for r in rows if "reward" in r] == [3, 6]

@@ -14,15 +14,22 @@ from typing import Any, Optional, Sequence
 from r1fast.data.tasks import builtin_rows
 
 
+TRAIN_SPLITS = ("train",)
+# a held-out set's split of a saved DatasetDict, when none is named
+EVAL_SPLITS = ("test", "validation", "eval")
+
+
 def load_rows(spec: str, *, split: Optional[str] = None, n_builtin: int = 1000, seed: int = 0,
-              required_columns: Sequence[str] = ()) -> list[dict]:
-    """A dataset as a list of row dicts (`required_columns` must all be present)."""
+              required_columns: Sequence[str] = (), default_splits: Sequence[str] = TRAIN_SPLITS) -> list[dict]:
+    """A dataset as a list of row dicts (`required_columns` must all be present). `split` names a
+    split of a folder saved from a DatasetDict; without it, the first of `default_splits` it has,
+    else its first split."""
     if not isinstance(spec, str) or not spec:
         raise ValueError(f"dataset must be a path or builtin:<task>; got {spec!r}")
     if spec.startswith("builtin:"):
         rows = builtin_rows(spec, n_builtin, seed)
     else:
-        rows = _load_hf(spec, split)
+        rows = _load_hf(spec, split, default_splits)
     if not rows:
         raise ValueError(f"dataset {spec!r} is empty")
     check_columns(rows, required_columns, f"dataset {spec!r}")
@@ -46,12 +53,21 @@ def check_columns(rows: Sequence[dict], columns: Sequence[str], where: str = "da
 _BUILDERS = {"json": "json", "parquet": "parquet", "csv": "csv"}  # file type -> datasets' loader
 
 
-def _load_hf(path: str, split: Optional[str]) -> list[dict]:
+def _no_splits(path: str, split: Optional[str]):
+    """A split other than "train" named for a source that has one set of rows: refused, or it would
+    silently use every row (a test split asked for, the training rows read)."""
+    if split not in (None, "train"):
+        raise ValueError(f"dataset {path!r} has no splits (one file, or a saved Dataset), so split {split!r} cannot "
+                         f"be taken from it; splits belong to a folder saved from a DatasetDict")
+
+
+def _load_hf(path: str, split: Optional[str], default_splits: Sequence[str] = TRAIN_SPLITS) -> list[dict]:
     if not os.path.exists(path):
         raise ValueError(f"dataset {path!r} does not exist (give a .jsonl/.json/.parquet file, a folder saved "
                          f"with datasets' save_to_disk, or builtin:arithmetic)")
     ext = path.rsplit(".", 1)[-1].lower() if not os.path.isdir(path) else None
     if ext == "jsonl":  # read directly: no `datasets` needed
+        _no_splits(path, split)
         return _read_jsonl(path)
     if ext is not None and ext not in _BUILDERS:
         raise ValueError(f"dataset {path!r}: unknown file type .{ext} (use .jsonl, .json, .parquet or .csv)")
@@ -66,11 +82,14 @@ def _load_hf(path: str, split: Optional[str]) -> list[dict]:
         except FileNotFoundError as e:
             raise ValueError(f"dataset folder {path!r} was not written by datasets' save_to_disk: {e}") from None
         if isinstance(ds, datasets.DatasetDict):
-            split = split or ("train" if "train" in ds else next(iter(ds)))
+            split = split or next((s for s in default_splits if s in ds), next(iter(ds)))
             if split not in ds:
                 raise ValueError(f"dataset {path!r} has no split {split!r}; splits: {list(ds)}")
             ds = ds[split]
+        else:
+            _no_splits(path, split)
     else:
+        _no_splits(path, split)
         builder = _BUILDERS[ext]
         try:
             ds = datasets.load_dataset(builder, data_files=path, split="train")

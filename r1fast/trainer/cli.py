@@ -63,11 +63,12 @@ def _fail(cmd: str, e: Exception):
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors whose message names the problem (bad option, data, reward function, checkpoint, a run
-    of NaN steps): printed as one line, never as a traceback."""
+    of NaN steps, a path that cannot be written: OSError names the path): printed as one line,
+    never as a traceback."""
     from r1fast.rewards import RewardError
     from r1fast.trainer.common import NonFiniteLoss
 
-    return ConfigError, ValueError, FileNotFoundError, RewardError, NonFiniteLoss
+    return ConfigError, ValueError, OSError, RewardError, NonFiniteLoss
 
 
 def _guarded(cmd: str, func, resumable: bool = True):

@@ -396,6 +396,8 @@ class GRPOConfig(_TrainingConfig):
     prompt_column: str = "prompt"
     answer_column: str = "answer"
     eval_dataset: Optional[str] = None
+    # a saved DatasetDict's split for eval_dataset; null: its test / validation / eval split, else its first
+    eval_dataset_split: Optional[str] = None
     eval_size: int = 64                      # held-out prompts used; 0: every row of an eval_dataset file
     eval_steps: Optional[int] = 0            # 0 or null: evaluate only at the start and at the end
     eval_temperature: float = 1.0

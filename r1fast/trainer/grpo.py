@@ -16,11 +16,12 @@ import math
 import os
 import signal
 import time
+import warnings
 from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from r1fast.data.loading import check_columns, decode_completion, encode_prompt, load_rows, stop_token_ids
+from r1fast.data.loading import EVAL_SPLITS, check_columns, decode_completion, encode_prompt, load_rows, stop_token_ids
 from r1fast.rewards import RewardSet
 from r1fast.trainer import checkpoints as ckpt
 from r1fast.trainer.common import (  # noqa: F401  (NonFiniteLoss: also importable from here)
@@ -99,6 +100,12 @@ class GRPOTrainer:
             if (eval_dataset is not None or cfg.eval_dataset) else None
         if self.eval_rows is not None and cfg.eval_size:
             self.eval_rows = self.eval_rows[:cfg.eval_size]
+        if self.eval_rows and not str(cfg.dataset).startswith("builtin:"):
+            seen = {str(r.get(cfg.prompt_column)) for r in self.train_rows}
+            if all(str(r.get(cfg.prompt_column)) in seen for r in self.eval_rows):
+                warnings.warn(f"r1fast: every eval prompt is also a training prompt (eval_dataset {cfg.eval_dataset!r}, "
+                              f"split {cfg.eval_dataset_split or 'default'}): the 'held-out' accuracy is measured on "
+                              f"training rows; give held-out data or eval_dataset_split", stacklevel=2)
         if self.eval_rows and train_dataset is None and str(cfg.dataset).startswith("builtin:"):
             # two draws of a built-in task share prompts: keep the held-out ones out of training (as
             # the pipeline does), so the accuracy reported on them is truly held out
@@ -137,8 +144,10 @@ class GRPOTrainer:
         if data is None:
             raise ValueError(f"no {what} dataset: pass one or set config.dataset")
         if isinstance(data, (str, os.PathLike)):
-            return load_rows(str(data), split=self.cfg.dataset_split, seed=seed,
-                             n_builtin=1000 if what == "train" else max(self.cfg.eval_size, 1))
+            if what == "train":
+                return load_rows(str(data), split=self.cfg.dataset_split, seed=seed, n_builtin=1000)
+            return load_rows(str(data), split=self.cfg.eval_dataset_split, seed=seed, default_splits=EVAL_SPLITS,
+                             n_builtin=max(self.cfg.eval_size, 1))
         if isinstance(data, list):
             if not data or not isinstance(data[0], dict):
                 raise ValueError(f"{what} dataset must be a non-empty list of row dicts")

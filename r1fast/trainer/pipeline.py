@@ -295,11 +295,13 @@ class PipelineRunner:
     # -- helpers -----------------------------------------------------------------------------------
     def eval_rows(self) -> Optional[list[dict]]:
         from r1fast.data import load_rows
+        from r1fast.data.loading import EVAL_SPLITS
 
         if self.p.eval_dataset is None:
             return None
         if self._eval_rows is None:
-            rows = load_rows(self.p.eval_dataset, n_builtin=self.p.eval_size, seed=self.p.seed * 100 + 99)
+            rows = load_rows(self.p.eval_dataset, n_builtin=self.p.eval_size, seed=self.p.seed * 100 + 99,
+                             default_splits=EVAL_SPLITS)
             self._eval_rows = rows[:self.p.eval_size]
         return self._eval_rows
 
@@ -307,12 +309,13 @@ class PipelineRunner:
         """A GRPO stage's prompts for its evaluations at eval_steps: its own eval_dataset, else the
         pipeline's held-out prompts."""
         from r1fast.data import load_rows
+        from r1fast.data.loading import EVAL_SPLITS
 
         cfg = stage.config
         if cfg.eval_dataset is None:
             return self.eval_rows()
-        rows = load_rows(cfg.eval_dataset, split=cfg.dataset_split, n_builtin=max(cfg.eval_size, 1),
-                         seed=self.p.seed * 100 + 99)
+        rows = load_rows(cfg.eval_dataset, split=cfg.eval_dataset_split, n_builtin=max(cfg.eval_size, 1),
+                         seed=self.p.seed * 100 + 99, default_splits=EVAL_SPLITS)
         return rows[:cfg.eval_size] if cfg.eval_size else rows
 
     def stage_rows(self, stage: Stage, index: int, need: tuple[str, ...],

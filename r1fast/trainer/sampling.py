@@ -47,14 +47,16 @@ def rejection_sample(model, tokenizer, rows: Sequence[dict], cfg: SampleConfig, 
                                 max_tokens=cfg.max_completion_length, stop_token_ids=stops,
                                 seed=(cfg.seed * 1_000_003 + start) % (2**31 - 1))
         results = engine.generate(prompt_ids[start:start + len(chunk)], params)
-        texts, owners = [], []
+        texts, ids, owners = [], [], []
         for i, res in enumerate(results):
             for comp in res.completions:
                 texts.append(decode_completion(tokenizer, comp.token_ids))
+                ids.append(list(comp.token_ids))
                 owners.append(i)
         prompts = [chunk[i][cfg.prompt_column] for i in owners]
         columns = reward_columns(chunk, owners, cfg.prompt_column, cfg.answer_column)
-        table = rewards.score(prompts, reward_completions(prompts, texts), columns)
+        # the same arguments as in GRPO: a reward function written for `r1fast train` works here
+        table = rewards.score(prompts, reward_completions(prompts, texts), columns, completion_ids=ids)
         per_prompt: dict[int, list[dict]] = {}
         seen: dict[int, set] = {}
         for j, text in enumerate(texts):
@@ -84,10 +86,24 @@ def rejection_sample(model, tokenizer, rows: Sequence[dict], cfg: SampleConfig, 
     return kept, stats
 
 
+def _json_value(value):
+    """A dataset value JSON has no type for, as JSON: dates and times as ISO text, numpy scalars and
+    arrays as numbers and lists, anything else as its text (parquet and HF datasets carry them)."""
+    if hasattr(value, "isoformat"):
+        return value.isoformat()
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, (bytes, bytearray)):
+        return value.decode("utf-8", "replace")
+    if isinstance(value, (set, frozenset)):
+        return sorted(value, key=str)
+    return str(value)
+
+
 def write_jsonl(rows: Sequence[dict], path: str):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+            f.write(json.dumps(r, ensure_ascii=False, default=_json_value) + "\n")
     os.replace(tmp, path)
