@@ -300,6 +300,24 @@ def test_report_to_tensorboard_gets_every_logged_metric(tmp_path):
     assert set(events.Tags()["scalars"]) == {f"grpo/{k}" for k in numeric}
 
 
+def test_tensorboard_drops_the_steps_a_resume_replaces(tmp_path):
+    # metrics.jsonl was cut back to the checkpoint on resume, TensorBoard kept the abandoned steps
+    # (1, 2, 3, 4, 3, 4); a fresh run into the folder kept a killed earlier run's events
+    pytest.importorskip("tensorboard")
+    import time
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    make(tmp_path, "tb", max_steps=4, save_steps=2, report_to=["tensorboard"]).train()
+    time.sleep(1.1)  # event files are named by the second: the resumed run's must sort after
+    make(tmp_path, "tb", max_steps=4, report_to=["tensorboard"]).train(resume=str(tmp_path / "tb" / "checkpoint-2"))
+    events = EventAccumulator(str(tmp_path / "tb" / "tensorboard"))
+    events.Reload()
+    rows = [json.loads(line) for line in open(tmp_path / "tb" / "metrics.jsonl")]
+    assert [e.step for e in events.Scalars("grpo/reward")] == [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert [e.value for e in events.Scalars("grpo/reward")] == pytest.approx([r["reward"] for r in rows])
+
+
 def test_reward_functions_get_completions_as_trl_gives_them(tmp_path):
     """Conversational prompts (message lists): completions arrive as assistant message lists, as TRL
     passes them, so a TRL reward function reading c[0]["content"] works; plain prompts: strings. The
@@ -1036,6 +1054,35 @@ def test_sft_logs_the_window_mean_loss_at_global_steps_and_the_last_step(tmp_pat
 
 
 @pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")   # a skipped first step
+def test_sft_resume_between_logging_steps_logs_the_uninterrupted_mean_loss(tmp_path):
+    # the logged loss is the mean over the steps since the last logged one; the steps before an
+    # interruption were lost, so the first line after a resume averaged only the steps after it
+    from r1fast.trainer.config import SFTConfig
+    from r1fast.trainer.sft import SFTTrainer
+
+    def trainer(name):
+        m, tok = tiny_model()
+        rows = [{"prompt": str(i), "completion": "7" * (i % 4 + 1)} for i in range(8)]
+        cfg = SFTConfig(max_steps=6, logging_steps=3, per_device_train_batch_size=2, learning_rate=1e-2,
+                        lr_scheduler_type="constant", progress_bar=False, output_dir=str(tmp_path / name))
+        return SFTTrainer(m, tok, rows, cfg)
+
+    trainer("full").train()
+    part = trainer("part")
+    step = part.step
+
+    def stopping_at_4():
+        m = step()
+        part._stop_requested = part.global_step == 4
+        return m
+    part.step = stopping_at_4
+    assert part.train()["interrupted"] and part.global_step == 4
+    trainer("part").train(resume=True)
+    a, b = _metrics(tmp_path / "full" / "metrics.jsonl"), _metrics(tmp_path / "part" / "metrics.jsonl")
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [3, 6]
+    assert [r["loss"] for r in b] == [r["loss"] for r in a]
+
+
 def test_sft_resume_continues_the_data_order_and_the_skipped_count(tmp_path):
     """Steps 3-4 after resuming from step 2 are those of an uninterrupted run (same rows, same
     weights), and a NaN step before the checkpoint is still counted."""

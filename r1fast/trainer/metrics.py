@@ -33,7 +33,10 @@ class MetricsLogger:
             except ImportError:
                 print("r1fast: report_to tensorboard asked for but tensorboard is not installed; skipping")
             else:
-                self._tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+                # Events after the checkpoint (or, for a fresh run, a killed earlier run's) are purged,
+                # as metrics.jsonl's lines are: TensorBoard drops the logged steps >= purge_step
+                self._tb = SummaryWriter(os.path.join(run_dir, "tensorboard"),
+                                         purge_step=0 if resume_step is None else resume_step + 1)
         if "wandb" in report_to:
             try:
                 import wandb

@@ -61,6 +61,7 @@ class SFTTrainer:
         self.cursor = DataCursor(len(self.examples), cfg.seed)
         self.global_step = 0
         self.nonfinite_skipped = 0
+        self.loss_window: list[float] = []  # losses of the steps since the last logged one (their mean is logged)
         self._nonfinite_streak = 0
         self.share_prompts = prompt_sharing_pays(model, cfg.share_prompts)
 
@@ -105,7 +106,8 @@ class SFTTrainer:
         return ckpt.save_checkpoint(self.run_dir, self.global_step, model=self.model, optimizer=self.optimizer,
                                     scheduler=self.scheduler, tokenizer=self.tokenizer,
                                     state={"stage": self.stage, "data": self.cursor.state(),
-                                           "nonfinite_skipped": self.nonfinite_skipped, "config": self.cfg.to_dict()},
+                                           "nonfinite_skipped": self.nonfinite_skipped, "config": self.cfg.to_dict(),
+                                           "loss_window": self.loss_window},
                                     keep=self.cfg.save_total_limit)
 
     def load(self, path: str):
@@ -114,6 +116,10 @@ class SFTTrainer:
         self.global_step = state["global_step"]
         self.cursor.load_state(state["data"])
         self.nonfinite_skipped = state.get("nonfinite_skipped", 0)
+        window = state.get("loss_window", [])
+        if not isinstance(window, list) or not all(isinstance(x, (int, float)) for x in window):
+            raise ValueError(f"{path}: loss_window is {window!r:.80}, not a list of numbers")
+        self.loss_window = [float(x) for x in window]
         return state
 
     def train(self, resume: str | bool | None = None) -> dict[str, Any]:
@@ -123,18 +129,17 @@ class SFTTrainer:
     def _train(self, resume) -> dict[str, Any]:
         cfg = self.cfg
         logger, pbar, _ = start_run(self, resume)
-        window: list[float] = []
         self._stop_requested = False
         previous_handler = _install_sigint(self)
         interrupted = False
         try:
             while self.global_step < self.total_steps:
                 m = self.step()
-                window.append(m["loss"])
+                self.loss_window.append(m["loss"])
                 step = self.global_step
                 if step % cfg.logging_steps == 0 or step == self.total_steps:
-                    m["loss"] = sum(window) / len(window)
-                    window = []
+                    m["loss"] = sum(self.loss_window) / len(self.loss_window)
+                    self.loss_window = []
                     logger.log(self.step_offset + step, self.stage, m)
                 if pbar is not None:
                     pbar.update(1)
