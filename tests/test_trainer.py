@@ -1155,3 +1155,31 @@ def test_max_steps_stops_within_a_rollouts_iterations(tmp_path):
     one = make(tmp_path, "one", max_steps=1, num_iterations=2)
     one.train()
     assert one.global_step == 1 and [h["step"] for h in one.history] == [1]
+
+
+def test_long_prompts_are_cut_as_training_prompts_are_or_named(tmp_path):
+    # an eval prompt longer than max_prompt_length stopped GRPO at its first evaluation with the
+    # engine's "max_model_len" error, and max_prompt_length at or past the model's positions stopped
+    # it at the first long training prompt; sampling and the pipeline's evaluation name the row
+    from r1fast.trainer.config import SampleConfig
+    from r1fast.trainer.evaluate import evaluate_accuracy
+    from r1fast.trainer.sampling import rejection_sample
+
+    model, tok = tiny_model()   # 64 positions
+    long = {"prompt": "1+2+3+4+5+6+7+8+9+" * 4 + "0=", "answer": "7"}
+    rows = ROWS[:7] + [long]
+    assert len(tok(long["prompt"]).input_ids) > 64
+    cfg = GRPOConfig(per_device_train_batch_size=8, num_generations=4, max_completion_length=4, max_prompt_length=16,
+                     max_steps=2, output_dir=str(tmp_path / "a"), progress_bar=False, seed=3)
+    held_out = dict(long, prompt="9+" + long["prompt"])
+    res = GRPOTrainer(model, [sevens], rows, cfg, tokenizer=tok, eval_dataset=[held_out]).train()
+    assert res["final"]["eval/num_samples"] == 1
+    cfg = GRPOConfig(per_device_train_batch_size=8, num_generations=4, max_completion_length=4, max_steps=2,
+                     output_dir=str(tmp_path / "b"), progress_bar=False, seed=3)   # max_prompt_length 512 > 64
+    tr = GRPOTrainer(model, [sevens], rows, cfg, tokenizer=tok)
+    assert tr.prompt_cap == 63
+    assert tr.train()["global_step"] == 2
+    with pytest.raises(ValueError, match=r"evaluation: the prompt of row 1 has \d+ tokens and the model 64 positions"):
+        evaluate_accuracy(model, tok, [ROWS[0], long])
+    with pytest.raises(ValueError, match=r"rejection sampling: the prompt of row 0 has \d+ tokens and the model 64"):
+        rejection_sample(model, tok, [long], SampleConfig(reward_funcs=["format"], progress_bar=False), progress=False)

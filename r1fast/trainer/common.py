@@ -245,6 +245,15 @@ def grad_norm_and_clip(params, max_norm: float) -> float:
     return float(norm)
 
 
+def check_prompt_room(prompt_ids: Sequence[Sequence[int]], positions: int, where: str):
+    """Every prompt leaves the model's `positions` room for at least one new token: a clear error
+    naming the row, instead of the engine's refusal in the middle of a run."""
+    for i, ids in enumerate(prompt_ids):
+        if len(ids) >= positions:
+            raise ValueError(f"{where}: the prompt of row {i} has {len(ids)} tokens and the model {positions} positions "
+                             f"(max_position_embeddings): no room for a completion; shorten or drop it")
+
+
 def reward_columns(rows: Sequence[dict], owners: Sequence[int], prompt_column: str,
                    answer_column: str = "answer") -> dict[str, list]:
     """The dataset's columns, one entry per completion (`owners[j]` is completion j's row), as the

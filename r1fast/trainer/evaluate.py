@@ -5,12 +5,15 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 from r1fast.data.loading import decode_completion, encode_prompt, stop_token_ids
+from r1fast.trainer.common import check_prompt_room
 
 
 def evaluate_accuracy(model, tokenizer, rows: Sequence[dict], *, samples_per_prompt: int = 1, temperature: float = 1.0,
                       max_tokens: int = 256, seed: int = 0, prompt_column: str = "prompt",
                       answer_column: str = "answer", system_prompt: Optional[str] = None, engine=None,
-                      return_samples: bool = False):
+                      return_samples: bool = False, max_prompt_length: Optional[int] = None):
+    """`max_prompt_length`: prompts keep their last that many tokens (as a GRPO run's training prompts
+    do); without it, a prompt that leaves the model no room for an answer is an error."""
     from r1fast.rewards import accuracy_reward, format_reward
     from r1fast.rollout import Engine, SamplingParams
 
@@ -19,7 +22,8 @@ def evaluate_accuracy(model, tokenizer, rows: Sequence[dict], *, samples_per_pro
         raise ValueError("evaluation: no held-out rows")
     if answer_column not in rows[0]:
         raise ValueError(f"evaluation: held-out rows lack the answer column {answer_column!r}; they have {sorted(rows[0])}")
-    prompt_ids = [encode_prompt(tokenizer, r[prompt_column], system_prompt) for r in rows]
+    prompt_ids = [encode_prompt(tokenizer, r[prompt_column], system_prompt, max_prompt_length) for r in rows]
+    check_prompt_room(prompt_ids, model.config.max_position_embeddings, "evaluation")
     if engine is None:
         engine = Engine(model, max_model_len=min(model.config.max_position_embeddings,
                                                  max(map(len, prompt_ids)) + max_tokens))

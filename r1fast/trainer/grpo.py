@@ -176,12 +176,18 @@ class GRPOTrainer:
                                                     cfg.max_prompt_length + cfg.max_completion_length))
         return self._engine
 
+    @property
+    def prompt_cap(self) -> int:
+        """Prompts keep their last max_prompt_length tokens, and at most all but one of the model's
+        positions: a longer prompt could not get a single completion token."""
+        return min(self.cfg.max_prompt_length, self.model.config.max_position_embeddings - 1)
+
     def _prompt_ids(self, rows: Sequence[dict], keys: Sequence[int]) -> list[list[int]]:
         out = []
         for key, row in zip(keys, rows):
             if key not in self._prompt_cache:
                 self._prompt_cache[key] = encode_prompt(self.tokenizer, row[self.cfg.prompt_column],
-                                                        self.cfg.system_prompt, self.cfg.max_prompt_length)
+                                                        self.cfg.system_prompt, self.prompt_cap)
             out.append(self._prompt_cache[key])
         return out
 
@@ -387,7 +393,8 @@ class GRPOTrainer:
         return evaluate_accuracy(self.model, self.tokenizer, rows, samples_per_prompt=cfg.eval_samples_per_prompt,
                                  temperature=cfg.eval_temperature, max_tokens=cfg.max_completion_length,
                                  seed=self._seed(1, 0), prompt_column=cfg.prompt_column,
-                                 answer_column=cfg.answer_column, system_prompt=cfg.system_prompt, engine=self.engine)
+                                 answer_column=cfg.answer_column, system_prompt=cfg.system_prompt, engine=self.engine,
+                                 max_prompt_length=self.prompt_cap)
 
     # -- checkpoints -----------------------------------------------------------------------------
     def save(self) -> str:

@@ -11,7 +11,7 @@ from typing import Sequence
 
 from r1fast.data.loading import check_columns, decode_completion, encode_prompt, stop_token_ids
 from r1fast.rewards import RewardSet
-from r1fast.trainer.common import check_answer_column, reward_columns, reward_completions
+from r1fast.trainer.common import check_answer_column, check_prompt_room, reward_columns, reward_completions
 from r1fast.trainer.config import SampleConfig
 
 
@@ -28,6 +28,7 @@ def rejection_sample(model, tokenizer, rows: Sequence[dict], cfg: SampleConfig, 
     check_answer_column(rewards.names, rows, cfg.answer_column, "prompt dataset")
     thresholds = cfg.reward_thresholds or [1.0] * len(rewards)
     prompt_ids = [encode_prompt(tokenizer, r[cfg.prompt_column], cfg.system_prompt) for r in rows]
+    check_prompt_room(prompt_ids, model.config.max_position_embeddings, "rejection sampling")
     # Capped at the model's positions, as in GRPO and evaluation: a sample reaching it ends as "length".
     max_model_len = min(model.config.max_position_embeddings, max(map(len, prompt_ids)) + cfg.max_completion_length)
     engine = Engine(model, max_num_seqs=max(256, cfg.num_samples), max_model_len=max_model_len)
