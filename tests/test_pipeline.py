@@ -262,6 +262,20 @@ def test_resume_without_an_earlier_run_says_it_starts_fresh(tmp_path, capsys):
     assert "--resume: no earlier run in" in capsys.readouterr().out
 
 
+def test_resume_says_a_finished_stage_keeps_its_results_over_new_options(tmp_path, capsys):
+    # lowering a finished sample stage's thresholds and resuming silently kept its empty output
+    spec = one_sft_stage_spec(tmp_path)
+    cmd = ["pipeline", str(spec), f"output_dir={tmp_path / 'run'}"]
+    assert main(cmd) == 0
+    capsys.readouterr()
+    assert main(cmd + ["--resume"]) == 0
+    assert "finished in the earlier run" not in capsys.readouterr().err
+    assert main(cmd + ["s.learning_rate=0.5", "--resume"]) == 0
+    err = capsys.readouterr().err
+    assert "r1fast: --resume: stage 's' finished in the earlier run, whose results are kept; its options given " \
+           "now differ (learning_rate 1e-05 -> 0.5) and are not applied (overwrite_output_dir=true" in err
+
+
 def test_plot_names_a_bad_metrics_line(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo\n')
     with pytest.raises(SystemExit, match=r"metrics.jsonl line 2: not valid JSON"):

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -425,6 +426,11 @@ class PipelineRunner:
         for i, stage in enumerate(p.stages):
             done = self.state["stages"].get(stage.name)
             if done and done.get("finished"):
+                note = _changed_options(stage, done.get("options"))
+                if note:
+                    print(f"r1fast: --resume: stage {stage.name!r} finished in the earlier run, whose results are kept; "
+                          f"its options given now differ ({note}) and are not applied (overwrite_output_dir=true "
+                          f"starts the run over with them)", file=sys.stderr)
                 step = done.get("step_end", step)
                 if done.get("checkpoint"):
                     model = tokenizer = None   # reload lazily from the last finished stage's checkpoint
@@ -495,7 +501,7 @@ class PipelineRunner:
                 record["eval_samples"] = samples
                 print(f"held-out accuracy after {stage.name}: {ev['eval/accuracy']:.3f} "
                       f"(format {ev['eval/format']:.3f}, {ev['eval/num_samples']} samples)")
-            record.update(step_end=step, wall_s=time.perf_counter() - t0, finished=True)
+            record.update(step_end=step, wall_s=time.perf_counter() - t0, finished=True, options=_stage_options(stage))
             if "checkpoint" in record:
                 self._last_ckpt = record["checkpoint"]
             self.state["stages"][stage.name] = record
@@ -583,6 +589,24 @@ def render_summary(s: dict) -> str:
         if r.get("nonfinite_skipped"):
             lines.append(f"{r['stage']}: {r['nonfinite_skipped']} steps skipped for a NaN/inf loss or gradient")
     return "\n".join(lines)
+
+
+def _stage_options(stage: Stage) -> dict:
+    """What a stage ran with, as recorded in pipeline_state.json (JSON-safe)."""
+    options = {"model": stage.model, "dataset": stage.dataset, "num_rows": stage.num_rows,
+               **{k: v for k, v in stage.config.to_dict().items() if not callable(v)}}
+    return json.loads(json.dumps(options, default=str))
+
+
+def _changed_options(stage: Stage, recorded: Optional[dict]) -> str:
+    """The options of a finished stage that differ now from what it ran with ("" if none, or if an
+    older state file did not record them)."""
+    if not isinstance(recorded, dict):
+        return ""
+    now = _stage_options(stage)
+    changed = [f"{k} {recorded.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(now) | set(recorded))
+               if now.get(k) != recorded.get(k) and k != "progress_bar"]
+    return ", ".join(changed)
 
 
 def run_pipeline(source: str | dict = DEFAULT_CONFIG, overrides: Optional[list[str]] = None, resume: bool = False) -> dict:
