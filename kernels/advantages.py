@@ -53,7 +53,12 @@ def _group_advantages_kernel(r_ptr, out_ptr, batch_std_ptr, n_groups, G, eps,
     # A scale of 0 (std 0 with eps=0: only a constant group, centred exactly 0) divides by 1 instead:
     # that group gets A = 0, not 0/0.
     if MODE == 0:    # GRPO_GROUP: Bessel-corrected group std
-        scale = tl.sqrt(tl.sum(centred * centred, axis=1) / (g_f - 1.0)) + eps
+        # squared in units of the group's largest |centred| (a spread past ~1e19 overflows fp32 squares:
+        # std inf, A 0)
+        peak = tl.max(tl.abs(centred), axis=1)
+        unit = tl.where(peak > 0.0, peak, 1.0)
+        scaled = centred / unit[:, None]
+        scale = unit * tl.sqrt(tl.sum(scaled * scaled, axis=1) / (g_f - 1.0)) + eps
         adv = centred / tl.where(scale > 0.0, scale, 1.0)[:, None]
     elif MODE == 1:  # GRPO_BATCH
         scale = tl.load(batch_std_ptr) + eps

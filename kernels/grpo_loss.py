@@ -121,9 +121,10 @@ def _grpo_loss_kernel(logp_ptr, old_ptr, ref_ptr, smp_ptr, ent_ptr, mask_ptr, ad
             g2 = tl.where(c1 >= 1.0 - epsilon, tl.where(c1 <= 1.0 + eps_high, -adv * c1, 0.0), 0.0)
             t1 = c1d * adv
             t2 = c2 * adv
-            L = -tl.minimum(t1, t2, propagate_nan=tl.PropagateNan.ALL)
+            # A = 0 is no term, also where the ratio overflowed to inf (inf * 0 would be NaN), as in the reference
+            L = tl.where(adv == 0.0, 0.0, -tl.minimum(t1, t2, propagate_nan=tl.PropagateNan.ALL))
             # torch.minimum splits the gradient evenly on ties; match it
-            g_lw = tl.where(t1 < t2, g1, tl.where(t1 > t2, g2, 0.5 * (g1 + g2)))
+            g_lw = tl.where(adv == 0.0, 0.0, tl.where(t1 < t2, g1, tl.where(t1 > t2, g2, 0.5 * (g1 + g2))))
             g_lp = tl.zeros([BLOCK_T], dtype=tl.float32)
             low = tl.where(c1d < 1.0 - epsilon, a_neg, 0.0)
             high = tl.where(c1d > 1.0 + eps_high, a_pos, 0.0)  # after the delta clip, as LOSS_SPEC

@@ -159,3 +159,13 @@ def on_device(device: torch.device | str):
     tensor on cuda:1 under cuda:0 would fault); a no-op on the CPU / under the interpreter."""
     device = torch.device(device)
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def without_autocast(device: torch.device | str):
+    """Autocast off for `device`: the loss ops promise fp32 accumulation and fp32 results, which an
+    enclosing torch.autocast would lower to bf16/fp16 matmuls (a 1e-1 error in the log-probs)."""
+    device = torch.device(device)
+    try:
+        return torch.autocast(device_type=device.type, enabled=False)
+    except RuntimeError:  # a device type autocast does not know: nothing to turn off
+        return contextlib.nullcontext()

@@ -119,6 +119,16 @@ def test_triton_advantages_cast_and_strided_input(device):
     assert_close(out, expected, torch.float32, name="strided float64")
 
 
+@pytest.mark.parametrize("spread", [1e19, 1e30])
+def test_triton_group_std_of_a_huge_spread_does_not_overflow(spread):
+    # the fp32 sum of squares overflowed past a ~1e19 spread: std inf, every advantage of the group 0
+    rewards = torch.tensor([spread, -spread, 0.5 * spread, 3.0, 4.0, 2.0])
+    got = ops.group_advantages(rewards, 3, backend="triton")
+    want = reference.group_advantages(rewards.double(), 3)
+    assert_close(got, want, torch.float32, name="advantages")
+    assert got[:3].abs().min() > 0.1
+
+
 def test_triton_advantages_group_too_wide():
     from r1fast.kernels import advantages as kernel
 

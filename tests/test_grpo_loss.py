@@ -1324,3 +1324,89 @@ def test_gpu_scale_kernel_bf16_equals_the_fp32_slices():
     want = scale_(x.clone(), g, slice_elems=1000)                 # CPU: the fp32 slices
     got = scale_(x.cuda(), g.cuda())                                # CUDA: the Triton pass
     assert torch.equal(got.cpu(), want)
+
+
+# --- inputs at the edges of the float range, autocast, inference mode, double backward ------------------------
+
+@pytest.mark.parametrize("backend", ["reference", "torch", "triton"])
+def test_a_ratio_past_the_float_range_gives_the_clip_not_nan(backend):
+    # exp(log-ratio) overflowed to inf: the clip picks a constant, but autograd's exp backward made
+    # 0 * inf = NaN gradients under a finite loss (torch backend), and A = 0 made the term NaN
+    logp = torch.tensor([[-1.0, -1.5, -2.0], [-1.0, -1.5, -2.0]], requires_grad=True)
+    old = torch.tensor([[-100.0, -1.6, -2.2], [-100.0, -1.4, -2.0]])
+    adv, mask = torch.tensor([0.8, 0.0]), torch.ones(2, 3)
+    loss, _ = ops.grpo_loss(logp, old, None, adv, mask, backend=backend)
+    loss.backward()
+    want_logp = logp.detach().double().requires_grad_()
+    want, _ = reference.grpo_loss(want_logp, old.double(), None, adv.double(), mask.double(), LossOptions())
+    want.backward()  # float64: exp(99) is finite there
+    assert torch.isfinite(loss) and torch.isfinite(logp.grad).all()
+    assert_close(loss, want, torch.float32, name="loss")
+    assert_close(logp.grad, want_logp.grad, torch.float32, name="grad")
+    assert logp.grad[0, 0] == 0 and (logp.grad[1] == 0).all()
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_fused_loss_with_a_ratio_past_the_float_range_has_finite_gradients(backend):
+    d, hidden, weight, targets = _fused_case(seed=21)
+    with torch.no_grad():
+        logp = reference.logprob(hidden.reshape(-1, H), weight, targets.clamp_max(V - 1).reshape(-1)).reshape(targets.shape)
+    old = logp.clone()
+    old[0, 0] -= 95.0  # A > 0 there: clipped high
+    d["adv"][0] = abs(float(d["adv"][0])) + 0.1
+    h, w = hidden.float().requires_grad_(), weight.float().requires_grad_()
+    loss, stats = ops.fused_linear_grpo_loss(h, w, targets, d["mask"], d["adv"].float(), old_logp=old.float(),
+                                             backend=backend)
+    loss.backward()
+    d.update(old=old, ref=None, sampler=None)
+    expected = _fused_expected(d, hidden, weight, targets, LossOptions())
+    assert torch.isfinite(h.grad).all() and torch.isfinite(w.grad).all()
+    _assert_fused_matches(loss, stats, (h.grad, w.grad), expected, torch.float32)
+
+
+def test_autocast_does_not_lower_the_loss_ops():
+    # under torch.autocast the torch backend formed bf16 logits (a 7e-2 error in the log-probs) and the
+    # fused op crashed on a ragged mask (index_copy_ of bf16 rows into fp32)
+    d, hidden, weight, targets = _fused_case(seed=22)
+    h32, w32, t = hidden.float().reshape(-1, H), weight.float(), targets.clamp_max(V - 1).reshape(-1)
+    plain = ops.grouped_logprob(h32, w32, t, backend="torch")
+    runs = []
+    for autocast in (False, True):
+        h, w = hidden.float().requires_grad_(), weight.float().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            logp = ops.grouped_logprob(h32, w32, t, backend="torch")
+            loss, _ = ops.fused_linear_grpo_loss(h, w, targets, d["mask"], d["adv"].float(), old_logp=d["old"].float(),
+                                                 backend="torch")
+            loss.backward()  # inside the autocast region too
+        assert logp.dtype == torch.float32
+        runs.append((logp, loss, h.grad, w.grad))
+    assert torch.equal(runs[0][0], plain)
+    for a, b in zip(runs[0], runs[1]):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_fused_loss_under_inference_mode_is_the_no_grad_loss(backend):
+    d, hidden, weight, targets = _fused_case(seed=23)
+    args = (hidden.float(), weight.float(), targets, d["mask"], d["adv"].float())
+    with torch.no_grad():
+        want, _ = ops.fused_linear_grpo_loss(*args, old_logp=d["old"].float(), backend=backend)
+    with torch.inference_mode():
+        got, _ = ops.fused_linear_grpo_loss(*args, old_logp=d["old"].float(), backend=backend)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("op", ["grouped_logprob", "fused"])
+def test_double_backward_is_refused_not_silently_dropped(op):
+    # create_graph=True returned a gradient with no graph: a gradient penalty built on it vanished
+    d, hidden, weight, targets = _fused_case(seed=24)
+    h = hidden.float().requires_grad_()
+    if op == "fused":
+        out, _ = ops.fused_linear_grpo_loss(h, weight.float(), targets, d["mask"], d["adv"].float(), backend="torch")
+    else:
+        out = ops.grouped_logprob(h.reshape(-1, H), weight.float(), targets.clamp_max(V - 1).reshape(-1),
+                                  backend="torch").sum()
+    with pytest.raises(RuntimeError, match=r"double backward \(create_graph=True\) is not supported"):
+        torch.autograd.grad(out, h, create_graph=True)
+    (g,) = torch.autograd.grad(out, h)  # a plain backward still works
+    assert g.abs().sum() > 0

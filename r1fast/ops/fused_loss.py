@@ -21,12 +21,13 @@ Never builds [tokens, V] logits. Two ways to get there, both from the active (ma
 from __future__ import annotations
 
 import bisect
+import contextlib
 import dataclasses
 
 import torch
 
 from r1fast import backends
-from r1fast.ops.logprob import (accumulate_weight_grad, engine_for, grouped_logprob,
+from r1fast.ops.logprob import (accumulate_weight_grad, engine_for, grouped_logprob, refuse_double_backward,
                                 validate as validate_logprob)
 from r1fast.ops.loss import _options, _validate_loss_inputs, grpo_loss, per_token_weights
 from r1fast.ops.loss_options import LossOptions
@@ -164,6 +165,7 @@ class _SinglePass(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
+        refuse_double_backward(OP)
         if ctx.used:
             raise RuntimeError(f"{OP}: the single-pass backward runs once per forward (its gradients are "
                                f"scaled in place); call the op again instead of retain_graph=True")
@@ -230,8 +232,9 @@ class _SinglePassRun:
             lp2 = torch.zeros(shape, dtype=wide, device=h.device).index_put((rr, pp), (zt - lse).to(wide))
             en2 = torch.zeros(shape, dtype=wide, device=h.device).index_put((rr, pp), ent.to(wide))
             m2 = torch.zeros(shape, dtype=wide, device=h.device).index_put((rr, pp), torch.ones_like(lse, dtype=wide))
-            lp2.requires_grad_()
-            en2.requires_grad_(use_ent)
+            want_grad = self.need_h or self.need_w
+            lp2.requires_grad_(want_grad)
+            en2.requires_grad_(use_ent and want_grad)
             sl = lambda x: None if x is None else x[r0:r1]  # noqa: E731
             if self.kernel_rows is not None:  # Triton per-token kernel: loss, gradients, row stats at once
                 from r1fast.kernels import grpo_loss as loss_kernel
@@ -244,13 +247,15 @@ class _SinglePassRun:
                 g_logp = g2[rr, pp]
                 g_ent = ge2[rr, pp] if use_ent else None
             else:
-                with torch.enable_grad():
+                # no gradient wanted (no_grad, inference_mode, where enable_grad cannot turn autograd on): the loss only
+                with torch.enable_grad() if want_grad else contextlib.nullcontext():
                     loss_c, st = reference.grpo_loss(lp2, sl(old2), sl(ref2), adv[r0:r1], m2, opts,
                                                      entropy=en2, sampler_logp=sl(smp2), totals=totals,
                                                      importance_weights=sl(isw2))
-                    grads = torch.autograd.grad(loss_c, [lp2, en2] if use_ent else [lp2])
-                g_logp = grads[0][rr, pp]
-                g_ent = grads[1][rr, pp] if use_ent else None
+                    grads = torch.autograd.grad(loss_c, [lp2, en2] if use_ent else [lp2]) if want_grad else None
+                if want_grad:
+                    g_logp = grads[0][rr, pp]
+                    g_ent = grads[1][rr, pp] if use_ent else None
                 loss = loss + loss_c.detach()
                 for k, v in st.items():
                     stats[k] = v if k not in stats else _MINMAX.get(k, torch.add)(stats[k], v)
@@ -284,7 +289,15 @@ def fused_linear_grpo_loss(hidden, weight, targets, mask, advantages, *, old_log
                            options: LossOptions | None = None,
                            backend: str | None = None, chunk_size: int | None = None, single_pass: bool = True,
                            **loss_options):
-    """GRPO loss straight from the last hidden states and the lm_head weight; never builds the logits.
+    with backends.without_autocast(getattr(hidden, "device", "cpu")):
+        return _fused_linear_grpo_loss(hidden, weight, targets, mask, advantages, old_logp=old_logp,
+                                       ref_logp=ref_logp, sampler_logp=sampler_logp,
+                                       importance_weights=importance_weights, cu_seqlens=cu_seqlens, options=options,
+                                       backend=backend, chunk_size=chunk_size, single_pass=single_pass,
+                                       **loss_options)
+
+
+fused_linear_grpo_loss.__doc__ = """GRPO loss straight from the last hidden states and the lm_head weight; never builds the logits.
 
     Padded layout: hidden [B, T, H], targets / mask / old / ref / sampler [B, T], advantages [B].
     Packed layout (cu_seqlens [S+1]): hidden [N, H], targets / mask / ... [N], advantages [S].
@@ -294,8 +307,13 @@ def fused_linear_grpo_loss(hidden, weight, targets, mask, advantages, *, old_log
     Returns (loss, stats) as ops.grpo_loss, with the mean `entropy` always in stats; gradients flow
     to hidden and weight. `backend` picks the log-prob engine (reference | torch | triton);
     `chunk_size` caps the tokens whose logits exist at once; `single_pass=False` forces the
-    grouped_logprob + grpo_loss composition.
+    grouped_logprob + grpo_loss composition. Computes in fp32 (fp64 for fp64 inputs) under an
+    enclosing torch.autocast too. Differentiable once (no create_graph=True double backward).
     """
+
+
+def _fused_linear_grpo_loss(hidden, weight, targets, mask, advantages, *, old_logp, ref_logp, sampler_logp,
+                            importance_weights, cu_seqlens, options, backend, chunk_size, single_pass, **loss_options):
     opts = _options(options, loss_options)
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"{OP}: mask must be a tensor")

@@ -12,6 +12,7 @@ grad_hidden and grad_weight (summed over chunks in place in the weight's dtype, 
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 
@@ -204,6 +205,14 @@ def accumulate_weight_grad(grad_w, dl, h):
     grad_w.addmm_(dl.T, h)
 
 
+def refuse_double_backward(op: str):
+    """The chunked backward forms the gradient from saved numbers, with no graph of its own: under
+    create_graph=True it would return a gradient that silently drops every term through it."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(f"{op}: double backward (create_graph=True) is not supported; its gradient has no graph "
+                           f"(use backend='reference' for higher-order gradients)")
+
+
 def _contig_rows(x):
     return x if x.stride(-1) == 1 else x.contiguous()
 
@@ -222,6 +231,12 @@ class _GroupedLogprob(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_logp, g_ent=None):
+        refuse_double_backward("grouped_logprob")
+        with backends.without_autocast(ctx.saved_tensors[0].device):
+            return _GroupedLogprob._backward(ctx, g_logp, g_ent)
+
+    @staticmethod
+    def _backward(ctx, g_logp, g_ent):
         hidden, weight, targets, lse, ent = ctx.saved_tensors
         inv_temp, with_entropy, engine, chunk = ctx.cfg
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -312,10 +327,8 @@ def grouped_logprob(hidden, weight, targets, *, mask=None, temperature: float = 
             return out.new_zeros(targets.shape).masked_scatter(active, out)
         return tuple(x.new_zeros(targets.shape).masked_scatter(active, x) for x in out)
     _, fn = backends.resolve("grouped_logprob", hidden.device, backend, dtype=hidden.dtype)
-    if forward_only:
-        with torch.no_grad():
-            return fn(hidden, weight, targets, temperature, return_entropy, chunk_size)
-    return fn(hidden, weight, targets, temperature, return_entropy, chunk_size)
+    with backends.without_autocast(hidden.device), torch.no_grad() if forward_only else contextlib.nullcontext():
+        return fn(hidden, weight, targets, temperature, return_entropy, chunk_size)
 
 
 def _active(mask, targets) -> torch.Tensor:

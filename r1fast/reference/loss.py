@@ -5,6 +5,8 @@ The `torch` backend of ops.grpo_loss runs `grpo_loss` below in fp32 (the per-tok
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from r1fast.ops.loss_options import LossOptions
@@ -54,6 +56,17 @@ def kl_penalty(logp, ref_logp, kind="k3"):
     return torch.exp(d) - d - 1.0
 
 
+def _exp_no_nan_grad(x):
+    """exp(x), inf where it overflows the dtype, with gradient 0 there instead of NaN.
+
+    Past the range (a log-ratio above ~88 in fp32) the clip selects a constant branch (or the loss
+    is inf and refused), but autograd's exp backward still multiplies that branch's 0 by exp = inf:
+    NaN gradients under a finite loss. The Triton kernel's hand-written gradient has no such term.
+    """
+    over = x > math.log(torch.finfo(x.dtype).max)
+    return torch.where(over, math.inf, torch.exp(torch.where(over, 0.0, x)))
+
+
 def _row_mean(x, mask):
     """Σ_t m·x / max(Σ_t m, 1) per row, shape [B, 1]."""
     return (x * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp_min(1.0)
@@ -97,7 +110,7 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, opts: LossOptions, ent
     old = logp.detach() if old_logp is None else old_logp.detach().to(dt)
     log_ratio = logp - old
     lw = log_ratio if opts.importance_sampling_level == "token" else _row_mean(log_ratio, m)
-    c1 = torch.exp(lw)
+    c1 = _exp_no_nan_grad(lw)
     eps_low, eps_high = opts.epsilon, opts.eps_high
     if opts.loss_type == "cispo":
         per_tok = -torch.clamp(c1, max=eps_high).detach() * A * logp
@@ -110,7 +123,8 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, opts: LossOptions, ent
         # 1 + epsilon_high leaves nothing to clip high (delta > 1, so low is the same either way)
         low = (c1d < 1 - eps_low) & (A < 0)
         high = (c1d > 1 + eps_high) & (A > 0)
-        per_tok = -torch.minimum(c1d * A, c2 * A)
+        # a ratio past the dtype's range (inf) with A = 0 is no term at all, not inf * 0 = NaN
+        per_tok = -torch.where(A == 0, 0.0, torch.minimum(c1d * A, c2 * A))
     per_tok = per_tok.expand_as(logp)
 
     stats = {}
