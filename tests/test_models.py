@@ -245,6 +245,22 @@ def test_sharded_checkpoint_from_transformers_loads(tmp_path):
         assert max_rel_err(model.logits(model(ids, cu_seqlens=cu)), ref_logits_per_sequence(ref, ids, cu)) <= RTOL
 
 
+def test_a_single_file_beside_an_index_of_shards_is_read_as_transformers_reads_it(tmp_path):
+    # transformers reads model.safetensors before an index of shards; r1fast read the shards: another model
+    import shutil
+
+    cfg = ModelConfig(**CONFIGS["qwen3-headdim12-untied-bias"])
+    hf_model(cfg, seed=8).save_pretrained(tmp_path / "a")
+    hf_model(cfg, seed=9).save_pretrained(tmp_path / "ck", max_shard_size="20KB")
+    shutil.copy(tmp_path / "a" / "model.safetensors", tmp_path / "ck" / "model.safetensors")
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ck", dtype=torch.float32)
+    model = from_pretrained(tmp_path / "ck")
+    ids, cu = packed_batch(cfg.vocab_size)
+    with torch.no_grad():
+        assert max_rel_err(model.logits(model(ids, cu_seqlens=cu)), ref_logits_per_sequence(ref, ids, cu)) <= RTOL
+        assert torch.equal(model.embed_tokens.weight, from_pretrained(tmp_path / "a").embed_tokens.weight)
+
+
 @pytest.mark.parametrize("stored", ["head only", "both, equal", "both, head first differs", "both, embed first differs"])
 def test_tied_checkpoint_storing_only_lm_head_loads(tmp_path, stored):
     """Some tied exports keep lm_head.weight instead of the embedding; transformers ties it the other way

@@ -132,6 +132,34 @@ def test_configs_transformers_would_read_otherwise_are_refused():
     assert not ModelConfig.from_hf_config({**QWEN25_15B_INSTRUCT, "mlp_bias": True}).mlp_bias
 
 
+@pytest.mark.parametrize("base", [QWEN25_15B_INSTRUCT, QWEN3_06B], ids=["qwen2", "qwen3"])
+def test_sliding_layers_named_in_layer_types_are_refused(base):
+    # transformers takes each layer's attention from layer_types (which it saves) before max_window_layers:
+    # these loaded and ran full attention where transformers slides (logits off by up to 6)
+    two = {**base, "num_hidden_layers": 2, "sliding_window": 8}
+    for flag in (True, False):
+        with pytest.raises(ValueError, match=r"layer_types \['sliding_attention'\] are not supported"):
+            ModelConfig.from_hf_config({**two, "use_sliding_window": flag,
+                                        "layer_types": ["sliding_attention", "full_attention"]})
+    assert ModelConfig.from_hf_config({**two, "use_sliding_window": True,
+                                       "layer_types": ["full_attention"] * 2}).num_hidden_layers == 2
+    fields = {k: v for k, v in two.items() if k not in ("model_type", "use_sliding_window", "torch_dtype")}
+    cfg = transformers.AutoConfig.for_model(base["model_type"], **fields, use_sliding_window=True,
+                                            layer_types=["sliding_attention", "full_attention"])
+    with pytest.raises(ValueError, match="sliding"):
+        ModelConfig.from_hf_config(cfg.to_dict())
+
+
+def test_llama_heads_must_divide_the_hidden_size_as_transformers_asks():
+    # a head_dim given explicitly let r1fast build and save a Llama that transformers refuses to load
+    with pytest.raises(ValueError, match=r"LlamaForCausalLM needs hidden_size \(64\) to be a multiple of "
+                                         r"num_attention_heads \(6\)"):
+        ModelConfig(architecture="LlamaForCausalLM", vocab_size=32, hidden_size=64, intermediate_size=96,
+                    num_hidden_layers=1, num_attention_heads=6, num_key_value_heads=2, head_dim=16)
+    ModelConfig(architecture="Qwen3ForCausalLM", vocab_size=32, hidden_size=64, intermediate_size=96,
+                num_hidden_layers=1, num_attention_heads=6, num_key_value_heads=2, head_dim=16)  # Qwen3 takes it
+
+
 @settings(max_examples=12, deadline=None)
 @given(lengths=st.lists(st.integers(1, 9), min_size=1, max_size=5), seed=st.integers(0, 2**16))
 def test_packing_property(lengths, seed):

@@ -189,6 +189,11 @@ def _dtype_str(dtype: torch.dtype) -> str:
 
 
 def _shard_files(path: str) -> list[str]:
+    # model.safetensors first, as transformers reads them: a folder holding both it and an index of
+    # shards (an old save beside a new one) must give the same model in r1fast and transformers
+    single = os.path.join(path, SINGLE_NAME)
+    if os.path.isfile(single):
+        return [single]
     index = os.path.join(path, INDEX_NAME)
     if os.path.isfile(index):
         try:
@@ -210,9 +215,6 @@ def _shard_files(path: str) -> list[str]:
             raise FileNotFoundError(f"checkpoint {path!r} is incomplete: shard(s) {absent} named in {INDEX_NAME} "
                                     "are missing")
         return paths
-    single = os.path.join(path, SINGLE_NAME)
-    if os.path.isfile(single):
-        return [single]
     others = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
     if others:
         return [os.path.join(path, f) for f in others]

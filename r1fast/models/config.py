@@ -85,6 +85,11 @@ class ModelConfig:
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                              f"num_key_value_heads ({self.num_key_value_heads})")
+        if self.architecture == "LlamaForCausalLM" and self.hidden_size % self.num_attention_heads:
+            # transformers' LlamaConfig refuses this shape whatever head_dim says: a model saved with it
+            # would not load there
+            raise ValueError(f"LlamaForCausalLM needs hidden_size ({self.hidden_size}) to be a multiple of "
+                             f"num_attention_heads ({self.num_attention_heads}), as transformers does")
         if self.head_dim is None:
             if self.hidden_size % self.num_attention_heads:
                 raise ValueError(f"hidden_size ({self.hidden_size}) is not a multiple of num_attention_heads "
@@ -173,8 +178,17 @@ class ModelConfig:
                 hf["quantization_config"], dict) else "?"
             raise ValueError(f"quantized checkpoints (quantization_config, quant_method={method!r}) are not "
                              "supported; load the bf16/fp32 checkpoint (FP8 training is from_pretrained(fp8=...))")
-        # Qwen2/3 slide only in layers from max_window_layers on: none when that is past the last layer
-        if hf.get("use_sliding_window") and hf.get("max_window_layers", 0) < hf["num_hidden_layers"]:
+        # transformers takes each layer's attention from layer_types when the config has it (transformers 5
+        # saves it), else Qwen2/3 slide in the layers from max_window_layers on: none past the last layer
+        layer_types = hf.get("layer_types")
+        if layer_types is not None:
+            if not isinstance(layer_types, list):
+                raise ValueError(f"layer_types must be a list, got {layer_types!r:.80}")
+            other = sorted({t for t in layer_types if t != "full_attention"}, key=str)
+            if other:
+                raise ValueError(f"layer_types {other} are not supported (only full_attention: sliding-window "
+                                 f"attention is not implemented)")
+        elif hf.get("use_sliding_window") and hf.get("max_window_layers", 0) < hf["num_hidden_layers"]:
             raise ValueError("sliding-window attention (use_sliding_window=true) is not supported")
         rope_params = hf.get("rope_parameters")
         for key in ("rope_parameters", "rope_scaling"):
