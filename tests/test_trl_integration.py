@@ -33,7 +33,7 @@ def _recording(cls):
         def _generate_and_score_completions(self, inputs):
             out = super()._generate_and_score_completions(inputs)
             self.recorded_completions.append(out["completion_ids"].detach().clone())
-            self.recorded_masks.append(out["completion_mask"].detach().clone())
+            self.recorded_completion_masks.append(out["completion_mask"].detach().clone())
             return out
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -90,13 +90,13 @@ def _train(trainer_cls, model_dir, out_dir, trainer_kwargs=None, **overrides):
         model=model, reward_funcs=char_reward, args=_config(out_dir, **overrides),
         train_dataset=Dataset.from_dict({"prompt": PROMPTS * 4}), processing_class=tokenizer, **(trainer_kwargs or {}),
     )
-    trainer.recorded_completions, trainer.recorded_masks, trainer.recorded_losses = [], [], []
+    trainer.recorded_completions, trainer.recorded_completion_masks, trainer.recorded_losses = [], [], []
     initial = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
     trainer.train()
     logs = [h for h in trainer.state.log_history if "loss" in h and "train_runtime" not in h]
     return {
         "completions": trainer.recorded_completions,
-        "masks": trainer.recorded_masks,
+        "masks": trainer.recorded_completion_masks,
         "losses": torch.tensor(trainer.recorded_losses, dtype=torch.float64),
         "grad_norms": torch.tensor([h["grad_norm"] for h in logs], dtype=torch.float64),
         "metrics": logs,
