@@ -107,7 +107,7 @@ def resolve(op: str, device: torch.device | str, backend: str | None = None, *,
     """The (backend name, function) to run `op` on `device` (with inputs of `dtype`, where that matters).
     The default passes over a backend whose kernel lacks a path for `dtype` (takes_dtype) or that
     `accepts(name)` says cannot take these particular inputs (e.g. a shape); a backend asked for by
-    name is run regardless and raises its own error."""
+    name that lacks a path for `dtype` is an error, and one `accepts` refuses runs and raises its own."""
     device = torch.device(device)
     impls = implementations(op)
     requested, source = backend, "backend="
@@ -126,6 +126,9 @@ def resolve(op: str, device: torch.device | str, backend: str | None = None, *,
                 f"{op}: backend {requested!r} ({source}{requested}) is unavailable on {device.type}: {why}; "
                 f"available: {', '.join(available(op, device)) or 'none'}"
             )
+        if not takes_dtype(op, requested, dtype):  # else the kernel would run at fp32 precision without a word
+            raise ValueError(f"{op}: the {requested} backend takes fp16/bf16/fp32 inputs, got {dtype} "
+                             f"(use backend='torch' or 'reference')")
         if requested == "triton" and device.type == "cpu" and dtype == torch.bfloat16 and op in _INTERPRETER_BF16_DOT_OPS:
             raise ValueError(f"{op}: the Triton interpreter (TRITON_INTERPRET=1) computes bfloat16 matrix products "
                              f"wrongly; on the CPU use float32 or float16 inputs, or backend='torch'")

@@ -73,19 +73,24 @@ def test_environment_override_skips_ops_without_that_backend(monkeypatch):
 
 
 def test_default_passes_over_a_backend_that_does_not_take_the_inputs(monkeypatch):
-    """float64 on a GPU defaults past Triton (tl.dot has no fp64) to torch; asked for by name, Triton is
-    still chosen (and its op raises). The GPU's preference order is stood in on the CPU."""
+    """float64 on a GPU defaults past Triton (tl.dot has no fp64) to torch; asked for by name (or by
+    R1FAST_BACKEND), Triton is an error naming the dtype: its kernels ran paged_decode_attention at fp32
+    precision without a word. The GPU's preference order is stood in on the CPU."""
     pytest.importorskip("triton")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setattr(backends, "_CPU_ORDER", backends._GPU_ORDER)
-    for op in ("grouped_logprob", "grpo_loss"):
+    refused = r"the triton backend takes fp16/bf16/fp32 inputs, got torch.float64 \(use backend='torch'"
+    for op in ("grouped_logprob", "grpo_loss", "paged_decode_attention"):
         assert backends.resolve(op, "cpu", dtype=torch.float32)[0] == "triton"
         assert backends.resolve(op, "cpu", dtype=torch.float64)[0] == "torch"
-        assert backends.resolve(op, "cpu", "triton", dtype=torch.float64)[0] == "triton"
+        with pytest.raises(ValueError, match=f"{op}: {refused}"):
+            backends.resolve(op, "cpu", "triton", dtype=torch.float64)
         monkeypatch.setenv("R1FAST_BACKEND", "triton")
-        assert backends.resolve(op, "cpu", dtype=torch.float64)[0] == "triton"
-        monkeypatch.setenv("R1FAST_BACKEND", "cuda")  # no cuda implementation: the override is not about it
-        assert backends.resolve(op, "cpu", dtype=torch.float64)[0] == "torch"
+        with pytest.raises(ValueError, match=refused):
+            backends.resolve(op, "cpu", dtype=torch.float64)
+        if op != "paged_decode_attention":
+            monkeypatch.setenv("R1FAST_BACKEND", "cuda")  # no cuda implementation: the override is not about it
+            assert backends.resolve(op, "cpu", dtype=torch.float64)[0] == "torch"
         monkeypatch.delenv("R1FAST_BACKEND")
     with pytest.raises(ValueError, match=r"grpo_loss: none of the backends usable on cpu \(.*torch.*\) takes these"):
         backends.resolve("grpo_loss", "cpu", accepts=lambda name: False)

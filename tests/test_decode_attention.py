@@ -776,3 +776,19 @@ def test_decode_kernel_wide_groups_do_not_spill():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-c", _SPILL_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-3000:]
+
+
+def test_the_reference_is_float64_for_fp16_inputs_past_the_fp16_range():
+    # fp16 q·k past 65504 overflowed inside the reference (inf, then NaN) where torch's fp32 answer is finite
+    g = torch.Generator().manual_seed(5)
+    q = (torch.randn(1, 2, 24, generator=g) * 250).half()
+    kc = (torch.randn(2, 4, 2, 24, generator=g) * 250).half()
+    vc = torch.randn(2, 4, 2, 24, generator=g).half()
+    bt, cl = torch.tensor([[0, 1]], dtype=torch.int32), torch.tensor([6], dtype=torch.int32)
+    got = ops.paged_decode_attention(q, kc, vc, bt, cl, backend="reference")
+    want = ops.paged_decode_attention(q.double(), kc.double(), vc.double(), bt, cl, backend="reference")
+    assert got.dtype == torch.float16 and torch.isfinite(got).all()
+    assert torch.equal(got, want.half())
+    slots = torch.tensor([0, 1, 2, 3, 4, 5])
+    got = ops.paged_prefill_attention(q.expand(6, 2, 24).contiguous(), kc, vc, slots, [6], [6], backend="reference")
+    assert torch.isfinite(got).all()

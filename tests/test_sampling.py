@@ -170,3 +170,18 @@ def test_sampling_params_take_numpy_ints_as_ints():
     assert (p.n, p.top_k, p.max_tokens, p.seed, p.stop_token_ids) == (3, 5, 7, 9, (1, 2))
     assert all(type(v) is int for v in (p.n, p.top_k, p.max_tokens, p.seed, *p.stop_token_ids))
     assert SamplingParams(stop_token_ids=(t for t in [5, 6])).stop_token_ids == (5, 6)  # a generator, read once
+
+
+@pytest.mark.parametrize("params", [dict(top_k=2), dict(top_k=1), dict(top_p=1e-9), dict(top_k=3, top_p=0.5)])
+def test_tied_probabilities_keep_vocabulary_order_under_top_k_and_top_p(params):
+    # topk and an unstable sort ordered ties arbitrarily: top_k=1 on a tied maximum was not greedy's
+    # token, and the torch sampler and the reference picked different tokens
+    from r1fast import ops
+
+    logits = torch.zeros(2, 300)
+    logits[:, [5, 17, 30]] = 1.0
+    p = SamplingParams(temperature=1.0, **params)
+    u = torch.tensor([0.0, 0.0], dtype=torch.float64)
+    tokens, _ = ops.sample_tokens(logits, p, u, backend="torch")
+    want, _ = ops.sample_tokens(logits, p, u, backend="reference")
+    assert tokens.tolist() == want.tolist() == [5, 5]

@@ -18,6 +18,9 @@ def attention(q, k, v, scale, causal_offset=None):
     causal_offset: query i sits at position causal_offset + i and sees keys 0..causal_offset + i;
     None means every query sees every key.
     """
+    # float64 whatever the inputs (the oracle): fp16 q·k overflows past 65504 where the answer is finite
+    out_dtype = q.dtype
+    q, k, v = q.double(), k.double(), v.double()
     group = q.shape[1] // k.shape[1]
     k = k.repeat_interleave(group, dim=1)
     v = v.repeat_interleave(group, dim=1)
@@ -26,7 +29,7 @@ def attention(q, k, v, scale, causal_offset=None):
         qi = torch.arange(q.shape[0], device=q.device)[:, None] + causal_offset
         ki = torch.arange(k.shape[0], device=q.device)[None, :]
         scores = scores.masked_fill(ki > qi, float("-inf"))
-    return torch.einsum("hqk,khd->qhd", scores.softmax(dim=-1), v)
+    return torch.einsum("hqk,khd->qhd", scores.softmax(dim=-1), v).to(out_dtype)
 
 
 def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale=None):

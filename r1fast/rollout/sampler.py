@@ -114,10 +114,11 @@ def filtered_probs(logits: torch.Tensor, params: SamplingParams):
     ids = None
     top_k = params.top_k if 0 < params.top_k < vocab else 0
     if top_k or params.top_p < 1:
+        # a stable sort: equal probabilities keep vocabulary order (topk and an unstable sort order ties
+        # arbitrarily, so top_k=1 on a tied maximum was not greedy's token and backends disagreed)
+        probs, ids = probs.sort(dim=-1, descending=True, stable=True)
         if top_k:
-            probs, ids = probs.topk(top_k, dim=-1)
-        else:
-            probs, ids = probs.sort(dim=-1, descending=True)
+            probs, ids = probs[:, :top_k], ids[:, :top_k]
         if params.top_p < 1:
             # keep the smallest prefix whose mass reaches top_p (the first token always stays);
             # the mass is measured after top-k, as in vLLM and transformers
