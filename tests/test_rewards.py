@@ -1,5 +1,6 @@
 """Each reward function on crafted completions, and the weighted combination's error handling."""
 import importlib.util
+import sys
 
 import pytest
 
@@ -333,3 +334,73 @@ def test_reward_set_names_the_row_whose_own_columns_fail():
 def test_boxed_answer_with_a_space_before_the_brace():
     assert extract_answer("so \\boxed {7}.") == "7"
     assert accuracy_reward(["p"], ["the answer is \\boxed {12}"], answer=["12"]) == [1.0]
+
+
+def _accuracy(answer, gold):
+    return accuracy_reward(["p"], [f"<think>x</think><answer>{answer}</answer>"], answer=[gold])[0]
+
+
+# (answer, gold, expected): LaTeX read whole, money, prose numbers; each pair scored 1 for a wrong
+# answer or 0 for a right one before (an answer of the leading number alone was paid for 2\sqrt{3})
+LATEX_CASES = [
+    ("2", r"2\sqrt{3}", 0.0), (r"2\sqrt{2}", r"2\sqrt{3}", 0.0), ("-2", r"-2\sqrt{3}", 0.0), ("3", r"3\pi", 0.0),
+    (r"3\pi", r"3\sqrt{5}", 0.0), ("4", r"4\sqrt{3}+\pi", 0.0), ("12", r"12\sqrt{2}-1", 0.0),
+    ("100", r"100\pi \text{ cm}^2", 0.0), ("2", r"2\sin x", 0.0), ("5", r"5,\!000", 0.0), (r"5,\!000", "5", 0.0),
+    (r"\sqrt{12}", r"2\sqrt{3}", 1.0), (r"2 \sqrt 3", r"2\sqrt{3}", 1.0), ("5000", r"5,\!000", 1.0),
+    (r"\$5", "5", 1.0), ("18.90", r"\$18.90", 1.0), ("1000", r"\$1,\!000", 1.0),
+    ("sey", "yes", 0.0), ("on", "no", 0.0), ("Paris", "pairs", 0.0), ("listen", "silent", 0.0), ("DCA", "ACD", 0.0),
+    ("24 clips", "24", 1.0), ("5 dollars", "5", 1.0), ("x is 5", "5", 1.0), ("5", "Solution: 2+3 = 5", 1.0),
+    ("x^2+1", "1+x^2", 1.0), ("(1, 2)", "(1,2)", 1.0), ("Paris", "Paris", 1.0),
+]
+
+
+@pytest.mark.parametrize("answer,gold,expected", LATEX_CASES)
+def test_math_verify_reads_latex_whole_and_prose_as_text(answer, gold, expected):
+    pytest.importorskip("math_verify")
+    assert _accuracy(answer, gold) == expected
+
+
+@pytest.mark.parametrize("with_math_verify", [True, False])
+def test_golds_that_are_floats_lists_or_missing(with_math_verify, monkeypatch):
+    if with_math_verify:
+        pytest.importorskip("math_verify")
+    else:
+        monkeypatch.setitem(sys.modules, "math_verify", None)
+    # a float gold written out by a numeric column equals the ratio it approximates
+    assert _accuracy("1/3", 0.3333333333333333) == 1.0
+    assert _accuracy("8/3", 2.6666666666666665) == 1.0
+    assert _accuracy("0.3", 0.30000000000000004) == 1.0
+    assert _accuracy("0.33", 0.3333333333333333) == 0.0
+    assert _accuracy("0.1", "0.1000000001") == 0.0  # a short decimal is exact
+    # no reference: left out (None), never a reward for an empty or "nan" answer
+    for gold in ("", "  ", float("nan"), [], [None, ""]):
+        assert _accuracy("", gold) is None and _accuracy("nan", gold) is None
+    # a list holds accepted answers
+    assert [_accuracy(a, ["3", "5"]) for a in ("3", "5", "4")] == [1.0, 1.0, 0.0]
+
+
+def test_without_math_verify_a_latex_comparison_warns_once(monkeypatch):
+    from r1fast.rewards import builtin
+
+    monkeypatch.setitem(sys.modules, "math_verify", None)
+    monkeypatch.setattr(builtin, "_WARNED_NO_MATH_VERIFY", False)
+    with pytest.warns(UserWarning, match="math-verify is not installed, so LaTeX answers are compared as text"):
+        assert _accuracy(r"\frac{1}{2}", "0.5") == 0.0
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _accuracy(r"\frac{1}{3}", "0.5") == 0.0  # once
+
+
+def test_reward_returns_that_would_be_misread_are_errors():
+    # a dict was read by its keys; 10**400 raised a bare OverflowError; a total past fp32 became inf in
+    # the advantages and the step was skipped unexplained
+    rows = dict(prompts=["a", "b", "c"], completions=["x", "y", "z"], columns={})
+    for returned, match in (({0: 1.0, 1: 2.0, 2: 3.0}, "got a dict"), ("abc", "got a str"),
+                            ([1.0, 10 ** 400, 0.0], "returned 1000000.* for row 1.*finite numbers")):
+        with pytest.raises(RewardError, match=match):
+            RewardSet([lambda prompts, completions, r=returned, **kw: r]).score(**rows)
+    rs = RewardSet([lambda prompts, completions, **kw: [1e30, 1.0, 2.0]], weights=[1e10])
+    with pytest.raises(RewardError, match=r"row 0: the weighted reward total 1e\+40 is beyond float32's range"):
+        rs.total(rs.score(**rows))

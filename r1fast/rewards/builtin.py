@@ -104,16 +104,29 @@ def _as_number(s: str) -> Optional[Fraction]:
     return None
 
 
+_LONG_DECIMAL_RE = re.compile(r"[0-9]{12,}")
+
+
+def _float_repr(s: str) -> bool:
+    """A decimal with a float's worth of digits (0.3333333333333333: a float gold written out by JSON,
+    parquet or CSV), which stands for a value it can only approximate."""
+    return bool(_LONG_DECIMAL_RE.search(s.replace(".", "")))
+
+
 def answers_match(predicted: str, gold: str) -> bool:
-    """Exact text match, then numeric match (1/2 == 0.5, 1,000 == 1000), then math-verify when installed."""
+    """Exact text match, then numeric match (1/2 == 0.5, 1,000 == 1000; a float-length decimal equals
+    what it approximates to 1e-12), then math-verify when installed."""
     if predicted.strip() == gold.strip():
         return True
     a, b = _as_number(predicted), _as_number(gold)
     if a is not None and b is not None:
-        return a == b
+        if a == b:
+            return True
+        return (_float_repr(predicted) or _float_repr(gold)) and math.isclose(float(a), float(b), rel_tol=1e-12)
     try:
         from math_verify import parse, verify
     except ImportError:
+        _warn_without_math_verify(predicted, gold)
         return False
     # math-verify's timeouts use SIGALRM, which only the main thread may set: elsewhere every call
     # raised ValueError and each LaTeX answer silently scored 0. Off the main thread they are off.
@@ -127,11 +140,39 @@ def answers_match(predicted: str, gold: str) -> bool:
         return False  # math-verify failing to parse a model's answer means the answer is not verifiable
 
 
+_WARNED_NO_MATH_VERIFY = False
+
+
+def _warn_without_math_verify(predicted: str, gold: str):
+    """Once per process: LaTeX answers scored without math-verify are compared as text and numbers only."""
+    global _WARNED_NO_MATH_VERIFY
+    if not _WARNED_NO_MATH_VERIFY and ("\\" in predicted or "\\" in gold):
+        _WARNED_NO_MATH_VERIFY = True
+        import warnings
+
+        warnings.warn("r1fast accuracy reward: math-verify is not installed, so LaTeX answers are compared as text "
+                      "and plain numbers only (\\frac{1}{2} against 0.5 scores 0); pip install math-verify",
+                      stacklevel=3)
+
+
+_PROSE_RE = re.compile(r"[A-Za-z]{2,}")
+
+
 def _mv_parse(parse, s: str, main: bool):
-    """math-verify reads LaTeX between delimiters: bare `\\dfrac{1}{2}` or `\\sqrt{2}` parses to nothing, so
-    text without `$` is also tried as `$…$`."""
+    """math-verify reads LaTeX between delimiters: bare `\\dfrac{1}{2}` parses to nothing and bare
+    `2\\sqrt{3}` to its leading 2 alone (so an answer "2" matched), so LaTeX without `$` (an escaped
+    `\\$` is money, not a delimiter) is read as `$…$` first. Prose without LaTeX ("24 clips", "x is 5")
+    is read as text, where math-verify finds its number: as `$…$` its words became products of
+    variables (yes == sey, 24 clips != 24). Other bare text ("x^2+1", "(1, 2)") is read as `$…$`."""
     kw = {} if main else {"parsing_timeout": None}
-    tries = [s] if "$" in s else ([s, f"${s}$"] if "\\" in s else [f"${s}$"])
+    if "$" in s.replace("\\$", ""):
+        tries = [s]
+    elif "\\" in s:
+        tries = [f"${s}$", s]
+    elif _PROSE_RE.search(s):
+        tries = [s]
+    else:
+        tries = [f"${s}$"]
     for t in tries:
         parsed = parse(t, **kw)
         if parsed:
@@ -143,22 +184,33 @@ def accuracy_reward(prompts, completions, answer=None, solution=None, **_) -> li
     """1.0 when the completion's final answer (the last <answer> or \\boxed{} after the reasoning, see
     `final_part`) equals the reference answer, else 0.0.
 
-    The reference comes from the `answer` column (or `solution`, TRL's convention); a row without
-    a reference returns None, so this function is left out of that row's reward.
+    The reference comes from the `answer` column (or `solution`, TRL's convention); a list there
+    holds accepted answers (any of them matches). A row without a reference (None, NaN, empty)
+    returns None, so this function is left out of that row's reward.
     """
     gold = answer if answer is not None else solution
     if gold is None:
         raise ValueError("accuracy reward needs an 'answer' (or 'solution') column in the dataset")
     out: list[Optional[float]] = []
     for c, g in zip(completions, gold):
-        if g is None:
+        golds = [_gold_text(x) for x in (g if isinstance(g, (list, tuple)) else [g])]  # a list: any of them
+        golds = [x for x in golds if x is not None]
+        if not golds:  # no reference to check against (None, NaN, empty): left out, not a reward for ""
             out.append(None)
             continue
-        g = str(g)
-        g_extracted = extract_answer(g) or g
         pred = extract_answer(final_part(completion_text(c)))
-        out.append(1.0 if pred is not None and answers_match(pred, g_extracted) else 0.0)
+        out.append(1.0 if pred is not None and any(answers_match(pred, x) for x in golds) else 0.0)
     return out
+
+
+def _gold_text(g) -> Optional[str]:
+    """The reference answer to compare with (a solution's <answer>/\\boxed{} part), or None when there
+    is none: an empty gold rewarded an empty answer, and a NaN one the answer "nan"."""
+    if g is None or (isinstance(g, float) and math.isnan(g)):
+        return None
+    g = str(g)
+    g = extract_answer(g) or g
+    return g if g.strip() else None
 
 
 def make_format_reward(pattern: Optional[str] = None):
@@ -227,4 +279,7 @@ def make_length_penalty(target: int):
 
 
 def is_finite_number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+    try:
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+    except OverflowError:  # an int past float's range (10**400)
+        return False

@@ -87,6 +87,9 @@ def resolve(spec: str | Callable, *, format_pattern=None, language="en", length_
     return spec, load_function(spec)
 
 
+_FP32_MAX = 3.4028234663852886e38
+
+
 class RewardSet:
     """Named, weighted reward functions evaluated together."""
 
@@ -125,7 +128,12 @@ class RewardSet:
         out = []
         for row in range(len(table[0]) if table else 0):
             parts = [w * t[row] for w, t in zip(self.weights, table) if t[row] is not None]
-            out.append(sum(parts) if parts else float("nan"))
+            total = sum(parts) if parts else float("nan")
+            # the advantages are fp32: a larger total would become inf there and skip the step unexplained
+            if parts and not abs(total) <= _FP32_MAX:
+                raise RewardError(f"row {row}: the weighted reward total {total!r} is beyond float32's range "
+                                  f"(rewards {[t[row] for t in table]}, weights {self.weights})")
+            out.append(total)
         return out
 
     def _call(self, name, fn, prompts, completions, columns, extra, n):
@@ -135,6 +143,9 @@ class RewardSet:
             row = _find_failing_row(fn, prompts, completions, columns, extra)
             where = f" on row {row} (prompt {_snippet(prompts[row])}, completion {_snippet(completions[row])})" if row is not None else ""
             raise RewardError(f"reward function {name!r} raised {type(e).__name__}: {e}{where}") from e
+        if isinstance(values, (dict, str, bytes)):  # a dict iterates over its keys, a str over characters
+            raise RewardError(f"reward function {name!r} must return a list of {n} floats (or None); got a "
+                              f"{type(values).__name__}")
         if values is None or not hasattr(values, "__len__") or len(values) != n:
             got = "None" if values is None else (f"{len(values)} values" if hasattr(values, "__len__") else type(values).__name__)
             raise RewardError(f"reward function {name!r} must return a list of {n} floats (or None); got {got}")
@@ -148,7 +159,7 @@ class RewardSet:
             if isinstance(v, bool):   # `pred == gold`: TRL takes it as 1.0 / 0.0
                 v = float(v)
             if not is_finite_number(v):
-                raise RewardError(f"reward function {name!r} returned {v!r} for row {i} "
+                raise RewardError(f"reward function {name!r} returned {v!r:.80} for row {i} "
                                   f"(prompt {_snippet(prompts[i])}); rewards must be finite numbers or None")
             out.append(float(v))
         return out
