@@ -1183,3 +1183,15 @@ def test_long_prompts_are_cut_as_training_prompts_are_or_named(tmp_path):
         evaluate_accuracy(model, tok, [ROWS[0], long])
     with pytest.raises(ValueError, match=r"rejection sampling: the prompt of row 0 has \d+ tokens and the model 64"):
         rejection_sample(model, tok, [long], SampleConfig(reward_funcs=["format"], progress_bar=False), progress=False)
+
+
+def test_a_model_with_no_fp8_layer_is_converted_when_the_config_asks(tmp_path):
+    # apply_fp8(model, "off") (or a fallback) left a report but no FP8 layer: refused as "already converted"
+    from r1fast.fp8 import apply_fp8
+
+    model, tok = tiny_model()
+    apply_fp8(model, "off")
+    cfg = GRPOConfig(per_device_train_batch_size=8, num_generations=4, max_completion_length=4, max_steps=1,
+                     output_dir=str(tmp_path / "r"), progress_bar=False, fp8="emulate")
+    tr = GRPOTrainer(model, [sevens], ROWS, cfg, tokenizer=tok)
+    assert tr.model.fp8_report.effective_mode == "emulate" and tr.model.fp8_report.converted

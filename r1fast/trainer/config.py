@@ -36,6 +36,17 @@ class _Base:
 
     # int options that TRL spells as a bool: true -> this count, false -> 0 (not dataclass fields)
     _BOOL_COUNTS: typing.ClassVar[dict[str, int]] = {}
+    # str options whose "off" YAML reads as false (YAML 1.1: off/no/false are booleans)
+    _OFF_WORDS: typing.ClassVar[tuple[str, ...]] = ()
+
+    def _from_bool(self, key: str, value):
+        """A bool given for an option that TRL or YAML spells as one: its own value."""
+        if isinstance(value, bool):
+            if key in self._BOOL_COUNTS:
+                return self._BOOL_COUNTS[key] if value else 0
+            if key in self._OFF_WORDS and not value:
+                return "off"
+        return value
 
     @classmethod
     def field_names(cls) -> list[str]:
@@ -69,9 +80,7 @@ class _Base:
                 close = difflib.get_close_matches(key, names, n=3)
                 hint = f"; did you mean {', '.join(close)}?" if close else ""
                 raise ConfigError(f"{source}: unknown option {key!r} for {type(self).__name__}{hint}")
-            if key in self._BOOL_COUNTS and isinstance(value, bool):
-                value = self._BOOL_COUNTS[key] if value else 0
-            setattr(new, key, _coerce(key, value, hints[key], source))
+            setattr(new, key, _coerce(key, self._from_bool(key, value), hints[key], source))
         new.validate()
         vars(self).update(vars(new))
         return self
@@ -85,9 +94,7 @@ class _Base:
         and conversions as one read from YAML or the command line."""
         hints = typing.get_type_hints(type(self))
         for name in self.field_names():
-            value = getattr(self, name)
-            if name in self._BOOL_COUNTS and isinstance(value, bool):
-                value = self._BOOL_COUNTS[name] if value else 0
+            value = self._from_bool(name, getattr(self, name))
             if name == "reward_funcs" and isinstance(value, (list, tuple)):  # Python may pass the functions
                 value = [v if callable(v) else _coerce(name, v, str, type(self).__name__) for v in value]
                 setattr(self, name, value)
@@ -448,6 +455,7 @@ class GRPOConfig(_TrainingConfig):
     # output (output_dir, run_name, save_steps, ...: _TrainingConfig)
     log_completions: int = 2                 # sample completions written to the log per logging step
     _BOOL_COUNTS = {"log_completions": 2}    # TRL's log_completions is a bool
+    _OFF_WORDS = ("fp8",)                      # `fp8: off` in YAML arrives as False
     # precision (device, dtype: _TrainingConfig)
     fp8: str = "off"                         # off | emulate | torch | te | auto (docs/fp8.md)
     fp8_recipe: Optional[str] = None         # te: current (default) | delayed | block | mxfp8

@@ -545,7 +545,7 @@ def _apply_config_to_model(model, cfg: GRPOConfig) -> None:
     from r1fast.trainer.config import ConfigError
 
     report, wanted = getattr(model, "fp8_report", None), cfg.fp8_options()
-    if wanted.mode != "off" and report is None:
+    if wanted.mode != "off" and (report is None or not report.converted):  # no FP8 layer yet (off, a fallback)
         from r1fast.fp8 import apply_fp8
 
         apply_fp8(model, wanted)

@@ -172,11 +172,8 @@ def _check_stages(p: Pipeline, where: str):
     written: set[str] = set()      # files that earlier sample stages write
     _check_dataset(p.eval_dataset, f"{where}: eval_dataset", written)
     _check_model(p.model, f"{where}: model")
-    chain_fp8 = None   # the FP8 options the model a stage continues was converted with (GRPO stages convert it)
     for s in p.stages:
         at = f"{where}: stage {s.name!r}"
-        if s.model:
-            chain_fp8 = None   # a model loaded afresh (a path, builtin: or a stage's checkpoint): high precision
         for ref, role in ((s.model, "model"), (s.dataset, "dataset")):
             if not (isinstance(ref, str) and ref.startswith("@")):
                 continue
@@ -196,13 +193,6 @@ def _check_stages(p: Pipeline, where: str):
             _check_dataset(s.dataset, f"{at}: dataset", written)
         cfg = s.config
         if s.type == "grpo":
-            wanted = cfg.fp8_options()
-            if wanted.mode != "off":
-                if chain_fp8 is not None and chain_fp8 != wanted:
-                    raise ConfigError(f"{at}: its fp8 options differ from those an earlier GRPO stage converted the "
-                                      f"same model with ({chain_fp8.mode!r} vs {wanted.mode!r}...); use the same "
-                                      f"fp8 options, or give this stage its own model:")
-                chain_fp8 = wanted
             if cfg.eval_dataset is not None and not cfg.eval_steps:
                 raise ConfigError(f"{at}: eval_dataset is used at eval_steps, which is 0; set eval_steps (the "
                                   f"pipeline's own eval_dataset is evaluated after every training stage)")
@@ -504,6 +494,10 @@ class PipelineRunner:
             record.update(step_end=step, wall_s=time.perf_counter() - t0, finished=True, options=_stage_options(stage))
             if "checkpoint" in record:
                 self._last_ckpt = record["checkpoint"]
+                if getattr(getattr(model, "fp8_report", None), "converted", None):
+                    # a GRPO stage's FP8 layers must not carry into the next stage (its own fp8 option, or
+                    # none for SFT, decides): it starts from the checkpoint in high precision, as on --resume
+                    model = tokenizer = None
             self.state["stages"][stage.name] = record
             self.save_state()
             self.write_metrics()
