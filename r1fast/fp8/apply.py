@@ -98,7 +98,8 @@ def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
 
 def apply_fp8(model: nn.Module, mode: str | Fp8Options, recipe: str | None = None, grad_dtype: str = "e5m2",
               scaling: str | None = None) -> nn.Module:
-    """Run `model`'s attention/MLP linear layers in FP8; returns the model (changed in place).
+    """Run `model`'s attention/MLP linear layers in FP8; returns the model (changed in place; a bare
+    nn.Linear given as `model` cannot be replaced in place: use the returned module).
 
     mode: "te" (Transformer Engine; recipe "current" (default), "delayed", "block", "mxfp8"),
     "torch" (torch._scaled_mm with our autograd function; scaling "rowwise" (default) or
