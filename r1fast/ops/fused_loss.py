@@ -289,15 +289,7 @@ def fused_linear_grpo_loss(hidden, weight, targets, mask, advantages, *, old_log
                            options: LossOptions | None = None,
                            backend: str | None = None, chunk_size: int | None = None, single_pass: bool = True,
                            **loss_options):
-    with backends.without_autocast(getattr(hidden, "device", "cpu")):
-        return _fused_linear_grpo_loss(hidden, weight, targets, mask, advantages, old_logp=old_logp,
-                                       ref_logp=ref_logp, sampler_logp=sampler_logp,
-                                       importance_weights=importance_weights, cu_seqlens=cu_seqlens, options=options,
-                                       backend=backend, chunk_size=chunk_size, single_pass=single_pass,
-                                       **loss_options)
-
-
-fused_linear_grpo_loss.__doc__ = """GRPO loss straight from the last hidden states and the lm_head weight; never builds the logits.
+    """GRPO loss straight from the last hidden states and the lm_head weight; never builds the logits.
 
     Padded layout: hidden [B, T, H], targets / mask / old / ref / sampler [B, T], advantages [B].
     Packed layout (cu_seqlens [S+1]): hidden [N, H], targets / mask / ... [N], advantages [S].
@@ -310,6 +302,12 @@ fused_linear_grpo_loss.__doc__ = """GRPO loss straight from the last hidden stat
     grouped_logprob + grpo_loss composition. Computes in fp32 (fp64 for fp64 inputs) under an
     enclosing torch.autocast too. Differentiable once (no create_graph=True double backward).
     """
+    with backends.without_autocast(getattr(hidden, "device", "cpu")):
+        return _fused_linear_grpo_loss(hidden, weight, targets, mask, advantages, old_logp=old_logp,
+                                       ref_logp=ref_logp, sampler_logp=sampler_logp,
+                                       importance_weights=importance_weights, cu_seqlens=cu_seqlens, options=options,
+                                       backend=backend, chunk_size=chunk_size, single_pass=single_pass,
+                                       **loss_options)
 
 
 def _fused_linear_grpo_loss(hidden, weight, targets, mask, advantages, *, old_logp, ref_logp, sampler_logp,
