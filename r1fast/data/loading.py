@@ -66,8 +66,9 @@ def _load_hf(path: str, split: Optional[str], default_splits: Sequence[str] = TR
         raise ValueError(f"dataset {path!r} does not exist (give a .jsonl/.json/.parquet file, a folder saved "
                          f"with datasets' save_to_disk, or builtin:arithmetic)")
     ext = path.rsplit(".", 1)[-1].lower() if not os.path.isdir(path) else None
-    if ext == "jsonl":  # read directly: no `datasets` needed
+    if ext is not None:  # a file has one set of rows
         _no_splits(path, split)
+    if ext == "jsonl":  # read directly: no `datasets` needed
         return _read_jsonl(path)
     if ext is not None and ext not in _BUILDERS:
         raise ValueError(f"dataset {path!r}: unknown file type .{ext} (use .jsonl, .json, .parquet or .csv)")
@@ -89,7 +90,6 @@ def _load_hf(path: str, split: Optional[str], default_splits: Sequence[str] = TR
         else:
             _no_splits(path, split)
     else:
-        _no_splits(path, split)
         builder = _BUILDERS[ext]
         try:
             ds = datasets.load_dataset(builder, data_files=path, split="train")
