@@ -32,13 +32,14 @@ DIVISIBLE_INTS = ("H", "V", "stride_h", "stride_w", "stride_dl")
 
 
 def compile_for(jitfn, types: dict, constexprs: dict, arch: int, num_warps: int = 8, num_stages: int = 3):
-    """triton.compile `jitfn` for sm_<arch>; unnamed non-constexpr arguments are i32 scalars.
-    Pointers and DIVISIBLE_INTS get the divisibility-by-16 hint the JIT would give them."""
-    names = list(inspect.signature(jitfn.fn).parameters)
+    """triton.compile `jitfn` for sm_<arch>; unnamed non-constexpr arguments are i32 scalars, unnamed
+    constexprs with a default take it. Pointers and DIVISIBLE_INTS get the divisibility-by-16 hint
+    the JIT would give them."""
+    params = inspect.signature(jitfn.fn).parameters
     sig, consts, attrs = {}, {}, {}
-    for i, name in enumerate(names):
-        if name in constexprs:
-            sig[name], consts[(i,)] = "constexpr", constexprs[name]
+    for i, (name, param) in enumerate(params.items()):
+        if name in constexprs or param.default is not inspect.Parameter.empty:
+            sig[name], consts[(i,)] = "constexpr", constexprs.get(name, param.default)
         else:
             sig[name] = types.get(name, "i32")
             if sig[name].startswith("*") or name in DIVISIBLE_INTS:

@@ -21,8 +21,9 @@ from r1fast.ops.shared_prefix import prefix_tile_rows
 
 @triton.jit
 def _attend_tokens(q, m, l, acc, k_ptr, v_ptr, table_ptr, start, end, kvh, num_kv_heads, head_dim, block_size,
-                   d, dmask, BLOCK_N: tl.constexpr, FP32: tl.constexpr):
-    """Online softmax of the query tile q [M, D_PAD] over tokens [start, end) of one block table."""
+                   scale, d, dmask, BLOCK_N: tl.constexpr, FP32: tl.constexpr, SCALE_SCORES: tl.constexpr):
+    """Online softmax of the query tile q [M, D_PAD] (from `_scaled_query`) over tokens [start, end)
+    of one block table."""
     for t0 in range(start, end, BLOCK_N):
         t = t0 + tl.arange(0, BLOCK_N)
         tmask = t < end
@@ -35,6 +36,8 @@ def _attend_tokens(q, m, l, acc, k_ptr, v_ptr, table_ptr, start, end, kvh, num_k
             s = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
             s = tl.dot(q, tl.trans(k))
+        if SCALE_SCORES:
+            s = s * scale
         s = tl.where(tmask[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=1))
         corr = tl.exp(m - m_new)
@@ -50,10 +53,21 @@ def _attend_tokens(q, m, l, acc, k_ptr, v_ptr, table_ptr, start, end, kvh, num_k
 
 
 @triton.jit
+def _scaled_query(q, scale, k_ptr, SCALE_SCORES: tl.constexpr):
+    """q in the dot's dtype, times the scale when it is at most 1 (the product cannot overflow). A
+    larger scale would take q·scale past fp16's 65504 (inf, then NaN scores): q stays unscaled and
+    `_attend_tokens` scales the fp32 scores instead, at a multiply per score (at group 64 that spills
+    on sm_90 with Triton 3.6, so the usual scale keeps the multiply out of the loop)."""
+    if not SCALE_SCORES:
+        q = q.to(tl.float32) * scale
+    return q.to(k_ptr.dtype.element_ty)
+
+
+@triton.jit
 def _prefix_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, tile_ptr, rows_ptr, prefix_ptr, pml_ptr, pacc_ptr,
                    num_heads, num_kv_heads, head_dim, block_size, max_blocks, scale,
                    GROUP: tl.constexpr, M_PAD: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-                   FP32: tl.constexpr):
+                   FP32: tl.constexpr, SCALE_SCORES: tl.constexpr = False):
     tile = tl.program_id(0)
     kvh = tl.program_id(1)
     first = tl.load(tile_ptr + tile)
@@ -71,14 +85,13 @@ def _prefix_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, tile_ptr, rows_ptr, prefix_ptr, 
         live = (member < count) & (i < (M_PAD // GROUP) * GROUP)
         row = tl.load(rows_ptr + first + member, mask=live, other=0).to(tl.int64)
         q_off = (row * num_heads + heads)[:, None] * head_dim + d[None, :]
-        q = tl.load(q_ptr + q_off, mask=live[:, None] & dmask[None, :], other=0.0).to(tl.float32) * scale
-        if not FP32:
-            q = q.to(k_ptr.dtype.element_ty)
+        q = _scaled_query(tl.load(q_ptr + q_off, mask=live[:, None] & dmask[None, :], other=0.0), scale, k_ptr,
+                          SCALE_SCORES)
         m = tl.full([M_PAD], float("-inf"), tl.float32)
         l = tl.zeros([M_PAD], tl.float32)
         acc = tl.zeros([M_PAD, D_PAD], tl.float32)
         m, l, acc = _attend_tokens(q, m, l, acc, k_ptr, v_ptr, bt_ptr + leader * max_blocks, 0, prefix, kvh,
-                                   num_kv_heads, head_dim, block_size, d, dmask, BLOCK_N, FP32)
+                                   num_kv_heads, head_dim, block_size, scale, d, dmask, BLOCK_N, FP32, SCALE_SCORES)
         part = row * num_heads + heads
         tl.store(pml_ptr + part * 2, m, mask=live)
         tl.store(pml_ptr + part * 2 + 1, l, mask=live)
@@ -89,7 +102,7 @@ def _prefix_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, tile_ptr, rows_ptr, prefix_ptr, 
 def _decode_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, cl_ptr, out_ptr, ml_ptr, acc_ptr, rs_ptr, pml_ptr, pacc_ptr,
                    num_heads, num_kv_heads, head_dim, block_size, max_blocks, num_splits, partition_size, scale,
                    GROUP: tl.constexpr, G_PAD: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-                   FP32: tl.constexpr, HAS_PREFIX: tl.constexpr):
+                   FP32: tl.constexpr, HAS_PREFIX: tl.constexpr, SCALE_SCORES: tl.constexpr = False):
     # int64 so every offset computed from seq (q, block table, workspaces) is 64-bit; cache offsets
     # are made 64-bit from the loaded block id below.
     seq = tl.program_id(0).to(tl.int64)
@@ -108,9 +121,8 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, cl_ptr, out_ptr, ml_ptr, acc_ptr
     dmask = d < head_dim
     heads = kvh * GROUP + g
     q_off = (seq * num_heads + heads)[:, None] * head_dim + d[None, :]
-    q = tl.load(q_ptr + q_off, mask=hmask[:, None] & dmask[None, :], other=0.0).to(tl.float32) * scale
-    if not FP32:
-        q = q.to(k_ptr.dtype.element_ty)
+    q = _scaled_query(tl.load(q_ptr + q_off, mask=hmask[:, None] & dmask[None, :], other=0.0), scale, k_ptr,
+                      SCALE_SCORES)
 
     if HAS_PREFIX:
         # split 0 of a row with a shared prefix starts from the prefix's state; the rest from empty
@@ -126,7 +138,7 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, cl_ptr, out_ptr, ml_ptr, acc_ptr
         l = tl.zeros([G_PAD], tl.float32)
         acc = tl.zeros([G_PAD, D_PAD], tl.float32)
     m, l, acc = _attend_tokens(q, m, l, acc, k_ptr, v_ptr, bt_ptr + seq * max_blocks, start, end, kvh,
-                               num_kv_heads, head_dim, block_size, d, dmask, BLOCK_N, FP32)
+                               num_kv_heads, head_dim, block_size, scale, d, dmask, BLOCK_N, FP32, SCALE_SCORES)
 
     if num_splits == 1:
         out = acc / l[:, None]
@@ -194,7 +206,7 @@ def prefix_attention(q, k_cache, v_cache, block_tables, scale, shared):
         q, k_cache, v_cache, block_tables, shared.tile_ptr, shared.tile_rows, shared.tile_prefix, pml, pacc,
         num_heads, num_kv_heads, head_dim, k_cache.shape[1], block_tables.shape[1], scale,
         GROUP=group, M_PAD=m_pad, D_PAD=d_pad, BLOCK_N=prefix_block_n(d_pad, fp32), FP32=fp32,
-        num_warps=num_warps_for(m_pad))
+        SCALE_SCORES=scale > 1.0, num_warps=num_warps_for(m_pad))
     return pml, pacc
 
 
@@ -219,6 +231,7 @@ def paged_decode_attention(out, q, k_cache, v_cache, block_tables, context_lens,
     _decode_kernel[grid](q, k_cache, v_cache, block_tables, context_lens, out, ws_ml, ws_acc, row_start, pml, pacc,
                          num_heads, num_kv_heads, head_dim, k_cache.shape[1], block_tables.shape[1], num_splits,
                          partition_size, scale, GROUP=group, G_PAD=g_pad, D_PAD=d_pad, BLOCK_N=block_n,
-                         FP32=fp32, HAS_PREFIX=shared is not None, num_warps=num_warps_for(g_pad))
+                         FP32=fp32, HAS_PREFIX=shared is not None, SCALE_SCORES=scale > 1.0,
+                         num_warps=num_warps_for(g_pad))
     if num_splits > 1:
         merge_partitions(out, ws_ml, ws_acc)

@@ -415,6 +415,23 @@ def test_decode_with_shared_prefix_matches_reference(device, heads, kv_heads, he
         assert_close(got, want[:1], dtype=torch.float32, rtol=1e-5, name=f"{name} zero tiles")
 
 
+def test_decode_fp16_with_a_scale_above_one_stays_finite(device):
+    # q*scale rounded to fp16 overflowed to inf (then NaN) in the Triton kernels; the scale now
+    # multiplies the fp32 scores. Plain decode and the shared-prefix path, against float64.
+    groups = [(2, [21, 19, 23]), (0, [9])]
+    q, kc, vc, tables, ctx = make_shared_case(groups, 4, 2, 16, dtype=torch.float16, device=device)
+    q = (q.float() * 30).half()  # |q| up to ~100: q * 3000 is past 65504
+    scale = 3000.0
+    want = ref.paged_decode_attention(q.double().cpu(), kc.double().cpu(), vc.double().cpu(),
+                                      tables.cpu().clamp_min(0), ctx.cpu(), scale=scale)
+    shared = find_shared(tables, ctx, q, kc).to(device)
+    for name in decode_backends(torch.device(device)):
+        for sp in (None, shared):
+            got = ops.paged_decode_attention(q, kc, vc, tables, ctx, scale=scale, backend=name, shared_prefix=sp)
+            assert torch.isfinite(got).all(), f"{name} shared_prefix={sp is not None}"
+            assert_close(got, want, dtype=torch.float16, name=f"{name} scale {scale}")
+
+
 def test_decode_shared_prefix_bad_inputs_raise():
     q, kc, vc, tables, ctx = make_shared_case([(2, [9, 10, 11])])
     sp = find_shared(tables, ctx, q, kc).to("cpu")
@@ -715,6 +732,11 @@ for dt in ("bf16", "fp16", "fp32"):
         m_pad = da.prefix_m_pad(group, d, dt == "fp32")
         compile_for(da._prefix_kernel, types, dict(GROUP=group, M_PAD=m_pad, D_PAD=d_pad, FP32=dt == "fp32",
                     BLOCK_N=da.prefix_block_n(d_pad, dt == "fp32")), 90, num_warps=da.num_warps_for(m_pad))
+    # a scale above 1 multiplies the fp32 scores instead of q
+    compile_for(da._decode_kernel, types, dict(GROUP=8, G_PAD=16, D_PAD=128, HAS_PREFIX=True, BLOCK_N=32,
+                FP32=dt == "fp32", SCALE_SCORES=True), 90, num_warps=4)
+    compile_for(da._prefix_kernel, types, dict(GROUP=8, M_PAD=da.prefix_m_pad(8, 128, dt == "fp32"), D_PAD=128,
+                FP32=dt == "fp32", BLOCK_N=16, SCALE_SCORES=True), 90, num_warps=4)
     types = {"key_ptr": f"*{dt}", "value_ptr": f"*{dt}", "k_cache_ptr": f"*{dt}", "v_cache_ptr": f"*{dt}",
              "slot_ptr": "*i64"}
     compile_for(kv._store_kv_kernel, types, dict(BLOCK=1024), 90, num_warps=4)
