@@ -275,6 +275,33 @@ def test_decode_extension_checks_the_split_cover_before_any_launch():
         ext.decode_attention_cuda(**{**args, "num_splits": 3, "row_start": 16})
 
 
+@pytest.mark.parametrize("bad,match", [
+    ("row_start_int64", "row_start must be a contiguous torch.int32 \\[3\\]"),
+    ("row_start_short", "row_start must be a contiguous torch.int32 \\[3\\]"),
+    ("prefix_ml_shape", "prefix_ml must be a contiguous torch.float32 \\[3, 8, 2\\]"),
+    ("prefix_acc_strided", "prefix_acc must be a contiguous torch.float32 \\[3, 8, 64\\]"),
+])
+def test_decode_cuda_op_checks_the_shared_prefix_tensors_it_passes_as_pointers(bad, match):
+    # torch.ops.r1fast.paged_decode_attention_cuda is public: its prefix tensors reach the kernel as raw
+    # pointers (a short or int64 row_start was read past its end / as pairs of int32). The checks run
+    # before anything touches a device, so this works on any machine.
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    q, kc, vc, tables, ctx = make_case(3, 8, 2, 64, 16, [5, 40, 60], device=dev)
+    tables = tables.clamp_min(0)
+    rs = torch.zeros(3, dtype=torch.int32, device=dev)
+    ml, acc = torch.zeros(3, 8, 2, device=dev), torch.zeros(3, 8, 64, device=dev)
+    if bad == "row_start_int64":
+        rs = rs.long()
+    elif bad == "row_start_short":
+        rs = rs[:1]
+    elif bad == "prefix_ml_shape":
+        ml = torch.zeros(3, 8, device=dev)
+    else:
+        acc = torch.zeros(3, 8, 128, device=dev)[..., ::2]
+    with pytest.raises(ValueError, match=match):
+        torch.ops.r1fast.paged_decode_attention_cuda(q, kc, vc, tables, ctx, 0.125, 1, 64, rs, ml, acc)
+
+
 def test_decode_split_count_beyond_the_grid_limit_is_a_clear_error():
     # splits run on launch-grid dim z, which CUDA caps at 65535
     q, kc, vc, _, _ = make_case(1, 2, 1, 8, 1, [3])

@@ -303,6 +303,14 @@ def _decode_cuda_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     _check_cuda_shapes(q, k_cache)
     if (row_start is None) != (prefix_ml is None) or (prefix_ml is None) != (prefix_acc is None):
         raise ValueError("paged_decode_attention: row_start, prefix_ml and prefix_acc come together")
+    if row_start is not None:  # their pointers reach the kernel too (the layouts of csrc/decode_attention.h)
+        b, h, d = q.shape
+        for name, t, dtype, shape in (("row_start", row_start, torch.int32, (b,)),
+                                      ("prefix_ml", prefix_ml, torch.float32, (b, h, 2)),
+                                      ("prefix_acc", prefix_acc, torch.float32, (b, h, d))):
+            if t.dtype != dtype or tuple(t.shape) != shape or t.device != q.device or not t.is_contiguous():
+                raise ValueError(f"paged_decode_attention: {name} must be a contiguous {dtype} {list(shape)} tensor "
+                                 f"on {q.device}, got {t.dtype} {list(t.shape)} on {t.device}")
     ext = _ext.require()
     # Checked here, on real tensors: data_ptr() does not exist on the fake tensors of torch.compile.
     # The kernel's vector loads need 16-byte aligned bases.
