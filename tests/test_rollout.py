@@ -653,3 +653,32 @@ def test_sampled_tokens_obey_the_filters_and_logprobs_follow_the_temperature(mod
                 assert row[tok].exp() >= min_p * row.max().exp() - 1e-9
                 checked += 1
     assert checked == 3 * 4 * 8
+
+
+def test_generate_calls_from_two_threads_take_turns(models, prompts):
+    # a call's cleanup frees every sequence the block manager holds: two threads sharing one engine
+    # failed with "BlockManager: unknown sequence id" (each freed the other's sequences)
+    import threading
+
+    _, model = models
+    engine = Engine(model, block_size=4, num_blocks=64)
+    jobs = [(prompts, SamplingParams(n=3, max_tokens=MAX_NEW, seed=1)),
+            (prompts[:2], SamplingParams(n=2, max_tokens=3, seed=2))]
+    want = [[[c.token_ids for c in r.completions] for r in engine.generate(p, params)] for p, params in jobs]
+    got, errors = [[], []], []
+
+    def work(k):
+        try:
+            for _ in range(3):
+                got[k].append([[c.token_ids for c in r.completions] for r in engine.generate(*jobs[k])])
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert got == [[want[0]] * 3, [want[1]] * 3]
+    assert engine.block_manager.num_free_blocks == 64

@@ -24,6 +24,7 @@ import gc
 import hashlib
 import math
 import os
+import threading
 
 import numpy as np
 import torch
@@ -105,6 +106,9 @@ class Engine:
         self._pinned_turn = 0
         self._next_seq_id = 0
         self.last_stats: dict = {}
+        # one call at a time: calls share the block manager, the cache and the buffers, and a call's cleanup
+        # frees every sequence the manager holds (another thread's call then failed on unknown sequence ids)
+        self._generate_lock = threading.Lock()
 
     def _blocks_from_memory(self, fraction: float, tokens_per_seq: int) -> int:
         per_block = ModelRunner.kv_bytes_per_block(self.config, self.block_size, self.model.dtype)
@@ -188,6 +192,10 @@ class Engine:
         key_of = self._keys(prompts, seed)
         stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_ids)
         stop_ids = np.fromiter(sorted(stop_ids), dtype=np.int64, count=len(stop_ids))
+        with self._generate_lock:
+            return self._generate(prompts, params, key_of, stop_ids, progress)
+
+    def _generate(self, prompts, params: SamplingParams, key_of, stop_ids, progress: bool):
         sched = Scheduler(self.block_manager, self.max_num_seqs, self.max_num_batched_tokens)
         for i, p in enumerate(prompts):
             sched.add(Sequence(self._new_id(), i, 0, key_of[i](0), p, fork_into=params.n,
