@@ -314,8 +314,14 @@ def test_bad_requests_raise_clear_errors(models, prompts):
     with pytest.raises(ValueError, match="pool_tokens_per_seq must be an int >= 1"):
         Engine(model, pool_tokens_per_seq=0)
     # the pool is sized for max_num_seqs sequences of pool_tokens_per_seq, not of max_model_len
-    small = Engine(model, block_size=4, max_num_seqs=3, pool_tokens_per_seq=10)
-    assert small.num_blocks == 3 * 3 + 1 and small.max_model_len == model.config.max_position_embeddings
+    small = Engine(model, block_size=4, max_num_seqs=8, pool_tokens_per_seq=10)
+    assert small.num_blocks == 8 * 3 + 1 and small.max_model_len == model.config.max_position_embeddings
+    # ... but never smaller than one sequence of max_model_len: 3 x 3 blocks (+1) refused any request past
+    # 36 tokens with "needs 16 KV blocks; the pool has 10 (raise num_blocks or memory_fraction)"
+    tiny = Engine(model, block_size=4, max_num_seqs=3, pool_tokens_per_seq=10)
+    assert tiny.num_blocks == 64 // 4 + 1
+    out = tiny.generate([[1, 2, 3]], SamplingParams(max_tokens=100, seed=0))
+    assert len(out[0].completions[0].token_ids) == 61 and tiny.block_manager.num_free_blocks == tiny.num_blocks
     with pytest.raises(TypeError, match="async_decode must be True or False, got 'no'"):
         Engine(model, block_size=4, num_blocks=16, async_decode="no")
     assert engine.generate([], SamplingParams()) == []

@@ -112,8 +112,10 @@ class Engine:
 
     def _blocks_from_memory(self, fraction: float, tokens_per_seq: int) -> int:
         per_block = ModelRunner.kv_bytes_per_block(self.config, self.block_size, self.model.dtype)
-        # never more than max_num_seqs sequences of tokens_per_seq use at once (longer ones preempt)
-        cap = self.max_num_seqs * math.ceil(tokens_per_seq / self.block_size) + 1
+        # never more than max_num_seqs sequences of tokens_per_seq use at once (longer ones preempt), nor less
+        # than one sequence of max_model_len: a request the engine accepts must fit once the others are preempted
+        cap = max(self.max_num_seqs * math.ceil(tokens_per_seq / self.block_size),
+                  math.ceil(self.max_model_len / self.block_size)) + 1
         device = self.model.device
         if device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(device)
