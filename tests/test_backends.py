@@ -175,3 +175,25 @@ def test_old_interpreters_get_a_numpy_safe_index(monkeypatch):
 
     monkeypatch.setattr(interpreter, "_patch_lang_tensor", fixed)
     assert not patch_interpreter_index() and interpreter._patch_lang_tensor is fixed  # fixed upstream: untouched
+
+
+def test_an_extension_that_is_built_but_does_not_load_says_why(tmp_path):
+    # A built r1fast._C that fails to import (e.g. a libstdc++ older than the build's) was reported as
+    # "r1fast._C is not built: install the package with `pip install -e .`", hiding the real error.
+    import subprocess
+    import sys
+
+    (tmp_path / "_C.py").write_text("raise ImportError(\"libstdc++.so.6: version `GLIBCXX_3.4.99' not found\")\n")
+    script = (
+        "import r1fast, torch\n"
+        f"r1fast.__path__.insert(0, {str(tmp_path)!r})\n"
+        "from r1fast import _ext, backends, info\n"
+        "try:\n    _ext.require()\nexcept RuntimeError as e:\n    print(e)\n"
+        "print(backends.backend_available('cuda', torch.device('cpu'))[1])\n"
+        "print(info.collect()['r1fast._C'])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert len(lines) == 3 and all("GLIBCXX_3.4.99" in line for line in lines), out.stdout
+    assert "is built but does not load" in lines[0] and "not built" not in out.stdout
