@@ -228,18 +228,59 @@ def test_failing_reward_names_function_and_row(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
-def test_ctrl_c_leaves_a_resumable_checkpoint(tmp_path):
+@pytest.fixture
+def sigterm_guard():
+    """A SIGTERM that the trainer does not catch fails the test instead of killing pytest."""
     import signal
 
-    tr = make(tmp_path, "sigint", max_steps=6)
-    before = signal.getsignal(signal.SIGINT)  # SIG_IGN where the tests run in a background job
+    def unhandled(signum, frame):
+        raise AssertionError("SIGTERM reached the handler outside the trainer")
+
+    previous = signal.signal(signal.SIGTERM, unhandled)
+    yield
+    signal.signal(signal.SIGTERM, previous)
+
+
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+def test_ctrl_c_or_sigterm_leaves_a_resumable_checkpoint(tmp_path, signame, sigterm_guard):
+    # SIGTERM (a scheduler ending the job, `kill`) killed the run at once, losing the steps since the
+    # last save; it now stops like a first Ctrl-C
+    import signal
+
+    sig = getattr(signal, signame)
+    tr = make(tmp_path, signame, max_steps=6)
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}  # SIG_IGN in a background job
     # raise_signal delivers to this (the main) thread at once, not to whichever thread the OS picks.
-    res = tr.train(callback=lambda step, m: signal.raise_signal(signal.SIGINT) if step == 2 else None)
+    res = tr.train(callback=lambda step, m: signal.raise_signal(sig) if step == 2 else None)
     assert res.get("interrupted") and tr.global_step == 2
-    assert os.path.isfile(tmp_path / "sigint" / "checkpoint-2" / "trainer_state.json")
-    assert signal.getsignal(signal.SIGINT) is before   # handler restored
-    again = make(tmp_path, "sigint", max_steps=6)
+    assert os.path.isfile(tmp_path / signame / "checkpoint-2" / "trainer_state.json")
+    assert {s: signal.getsignal(s) for s in before} == before   # handlers restored
+    again = make(tmp_path, signame, max_steps=6)
     assert again.train(resume=True)["global_step"] == 6
+
+
+def test_sft_stops_on_sigterm_with_a_resumable_checkpoint(tmp_path, sigterm_guard):
+    import signal
+
+    from r1fast.trainer.config import SFTConfig
+    from r1fast.trainer.sft import SFTTrainer
+
+    model, tok = tiny_model()
+    rows = [{"prompt": str(i), "completion": "<answer>7</answer>"} for i in range(16)]
+    cfg = SFTConfig(max_steps=6, per_device_train_batch_size=4, output_dir=str(tmp_path / "sft"), progress_bar=False)
+    tr = SFTTrainer(model, tok, rows, cfg)
+    real_step = tr.step
+
+    def step():
+        m = real_step()
+        if tr.global_step == 3:
+            signal.raise_signal(signal.SIGTERM)
+        return m
+
+    tr.step = step
+    res = tr.train()
+    assert res["interrupted"] and tr.global_step == 3
+    assert os.path.isfile(tmp_path / "sft" / "checkpoint-3" / "trainer_state.json")
 
 
 def test_answer_column_reaches_the_accuracy_reward(tmp_path):

@@ -444,7 +444,7 @@ class GRPOTrainer:
     def _train(self, resume, callback) -> dict:
         cfg = self.cfg
         logger, pbar, resume_path = start_run(self, resume)
-        previous_handler = _install_sigint(self)
+        previous_handlers = _install_stop_handlers(self)
         result: dict[str, Any] = {}
         try:
             if self.eval_rows and self.eval_at_ends and not resume_path:
@@ -489,7 +489,7 @@ class GRPOTrainer:
                     result["final"] = ev
                 result["checkpoint"] = self.save()
         finally:
-            signal.signal(signal.SIGINT, previous_handler) if previous_handler is not None else None
+            _restore_handlers(previous_handlers)
             if pbar is not None:
                 pbar.close()
             logger.close()
@@ -497,8 +497,12 @@ class GRPOTrainer:
         return result
 
 
-def _install_sigint(trainer):
-    """First Ctrl-C: finish the current step, write a checkpoint, stop. Second: stop at once."""
+_STOP_SIGNALS = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}  # SIGTERM: a scheduler's job end, `kill`
+
+
+def _install_stop_handlers(trainer) -> dict | None:
+    """First Ctrl-C or SIGTERM: finish the current step, write a checkpoint, stop. Second: stop at
+    once. Returns the handlers to put back (`_restore_handlers`)."""
     import threading
 
     if threading.current_thread() is not threading.main_thread():
@@ -508,11 +512,19 @@ def _install_sigint(trainer):
         if trainer._stop_requested:
             raise KeyboardInterrupt
         trainer._stop_requested = True
-        print("\nr1fast: Ctrl-C: finishing this step and writing a checkpoint (Ctrl-C again to abort)")
+        name = _STOP_SIGNALS[signum]
+        print(f"\nr1fast: {name}: finishing this step and writing a checkpoint ({name} again to abort)", flush=True)
 
-    previous = signal.getsignal(signal.SIGINT)
-    signal.signal(signal.SIGINT, handler)
+    previous = {sig: signal.getsignal(sig) for sig in _STOP_SIGNALS}
+    for sig in _STOP_SIGNALS:
+        signal.signal(sig, handler)
     return previous
+
+
+def _restore_handlers(previous: dict | None):
+    for sig, handler in (previous or {}).items():
+        if handler is not None:  # None: installed from C, not restorable from Python
+            signal.signal(sig, handler)
 
 
 def _nanmean(xs) -> float:

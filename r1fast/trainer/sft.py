@@ -27,7 +27,7 @@ from r1fast.trainer.common import (
     warmup_steps_of,
 )
 from r1fast.trainer.config import SFTConfig
-from r1fast.trainer.grpo import _install_sigint
+from r1fast.trainer.grpo import _install_stop_handlers, _restore_handlers
 
 
 class SFTTrainer:
@@ -130,7 +130,7 @@ class SFTTrainer:
         cfg = self.cfg
         logger, pbar, _ = start_run(self, resume)
         self._stop_requested = False
-        previous_handler = _install_sigint(self)
+        previous_handlers = _install_stop_handlers(self)
         interrupted = False
         try:
             while self.global_step < self.total_steps:
@@ -153,10 +153,7 @@ class SFTTrainer:
             if interrupted:
                 print(f"\nr1fast: interrupted at step {self.global_step}; resumable checkpoint: {path}")
         finally:
-            if previous_handler is not None:
-                import signal
-
-                signal.signal(signal.SIGINT, previous_handler)
+            _restore_handlers(previous_handlers)
             if pbar is not None:
                 pbar.close()
             logger.close()
