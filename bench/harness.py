@@ -528,14 +528,28 @@ def main(suite_names: list[str], size: str = "smoke", out_dir: str | None = None
     unknown = [n for n in suite_names if n not in suites]
     if unknown:
         raise ValueError(f"unknown suite(s) {', '.join(unknown)}; suites: {', '.join(suites)}")
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be cpu or cuda, got {device!r}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device here (torch.cuda.is_available() is False)")
     if size == "gpu" and dev.type != "cuda":
         raise ValueError("--size gpu needs a CUDA device; use --size smoke on CPU")
+    if budget_s is not None and not budget_s >= 0:
+        raise ValueError(f"--budget is seconds >= 0, got {budget_s}")
     machine = Machine(dev, size)
     timer = Timer(dev, budget_s=budget_s if budget_s is not None else (2.0 if dev.type == "cuda" else 0.5),
                   warmup=min(3, min_reps), min_reps=min_reps)
     out = Path(out_dir or "bench-results")
     paths, rows = _earlier_run(append_to) if append_to else (None, [])
+    if paths is None:  # before anything is measured: a results directory that cannot be made loses every row
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ValueError(f"--out {out}: cannot make the results directory ({e})") from None
 
     def save(all_rows):  # rewritten after every case, so a run cut short by a timeout keeps what it measured
         nonlocal paths

@@ -687,3 +687,26 @@ def test_timer_reports_milliseconds_and_the_median(monkeypatch):
     monkeypatch.setattr(timer, "_timed", lambda fn: next(times))
     t = timer(lambda: None, reps=3)
     assert (t.p50, t.p20, t.p80, t.reps) == (2.0, pytest.approx(1.4), pytest.approx(6.2), 3)
+
+
+def test_bad_out_device_and_budget_are_refused_before_anything_is_measured(tmp_path, monkeypatch):
+    """--out naming a file used to measure every suite, then lose each one's rows to FileExistsError
+    and end with "no rows (every case was skipped)"; --device cuda without CUDA was a traceback."""
+    setups = []
+    case = harness.Case("c", "fwd", "float32", [harness.Impl("r1fast", "x", lambda: setups.append(1) or (lambda: None))])
+    monkeypatch.setitem(harness._SUITES, "counted", harness.Suite("counted", lambda size, device: [case]))
+    monkeypatch.setattr(harness, "load_suites", lambda: dict(harness._SUITES))
+    (tmp_path / "afile").write_text("")
+    kw = dict(budget_s=0.0, min_reps=1, log=lambda *_: None)
+    for out in ("afile", "afile/sub"):
+        with pytest.raises(ValueError, match="cannot make the results directory"):
+            harness.main(["counted"], out_dir=str(tmp_path / out), **kw)
+    with pytest.raises(ValueError, match="--device must be cpu or cuda"):
+        harness.main(["counted"], out_dir=str(tmp_path), device="foo", **kw)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device here"):
+            harness.main(["counted"], out_dir=str(tmp_path), device="cuda", **kw)
+    for budget in (-1.0, float("nan")):
+        with pytest.raises(ValueError, match="--budget"):
+            harness.main(["counted"], out_dir=str(tmp_path), budget_s=budget, min_reps=1, log=lambda *_: None)
+    assert setups == []
