@@ -448,7 +448,14 @@ def write_results(rows: list[dict], out_dir: Path, device: torch.device, meta: d
         out_dir.mkdir(parents=True, exist_ok=True)
         card = _describe_device(device).split(" (")[0].replace(" ", "-").lower()
         stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H%M%S")
-        paths = out_dir / f"{card}-{stamp}.csv", out_dir / f"{card}-{stamp}.json"
+        for n in range(1, 1000):  # claimed with O_EXCL: a second run that saves in the same second takes -2
+            name = f"{card}-{stamp}" + (f"-{n}" if n > 1 else "")
+            try:
+                open(out_dir / f"{name}.csv", "x").close()
+                break
+            except FileExistsError:
+                continue
+        paths = out_dir / f"{name}.csv", out_dir / f"{name}.json"
     csv_path, json_path = paths
     # Written beside and renamed over: a run killed mid-write (a time box) leaves the previous whole file.
     tmp = csv_path.with_name(csv_path.name + ".tmp")

@@ -693,7 +693,8 @@ def test_bad_out_device_and_budget_are_refused_before_anything_is_measured(tmp_p
     """--out naming a file used to measure every suite, then lose each one's rows to FileExistsError
     and end with "no rows (every case was skipped)"; --device cuda without CUDA was a traceback."""
     setups = []
-    case = harness.Case("c", "fwd", "float32", [harness.Impl("r1fast", "x", lambda: setups.append(1) or (lambda: None))])
+    impl = harness.Impl("r1fast", "x", lambda: setups.append(1) or (lambda: None))
+    case = harness.Case("c", "fwd", "float32", [impl])
     monkeypatch.setitem(harness._SUITES, "counted", harness.Suite("counted", lambda size, device: [case]))
     monkeypatch.setattr(harness, "load_suites", lambda: dict(harness._SUITES))
     (tmp_path / "afile").write_text("")
@@ -710,3 +711,21 @@ def test_bad_out_device_and_budget_are_refused_before_anything_is_measured(tmp_p
         with pytest.raises(ValueError, match="--budget"):
             harness.main(["counted"], out_dir=str(tmp_path), budget_s=budget, min_reps=1, log=lambda *_: None)
     assert setups == []
+
+
+def test_two_runs_saving_in_the_same_second_get_two_results_files(tmp_path, monkeypatch):
+    """The name is <card>-<second>: two runs (or two processes) saving in one second wrote one file,
+    each rewriting it with its own rows, so one run's rows were lost while both logged that name."""
+    row = dict({c: "x" for c in harness.COLUMNS}, p50=1.0, p20=1.0, p80=1.0, floor=1.0, pct_of_floor=1.0)
+
+    class Frozen(harness._dt.datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return cls(2026, 1, 2, 3, 4, 5, tzinfo=tz)
+    monkeypatch.setattr(harness._dt, "datetime", Frozen)
+    first = harness.write_results([row], tmp_path, torch.device("cpu"), {})
+    second = harness.write_results([dict(row, case="y")], tmp_path, torch.device("cpu"), {})
+    assert first != second and second[0].name.endswith("T030405-2.csv")
+    assert [r["case"] for r in harness.read_csv(first[0])] == ["x"]
+    assert [r["case"] for r in harness.read_csv(second[0])] == ["y"]
+    assert harness.write_results([row], tmp_path, torch.device("cpu"), {}, first) == first  # a run's own file
