@@ -473,7 +473,12 @@ def write_results(rows: list[dict], out_dir: Path, device: torch.device, meta: d
 
 def read_csv(path: Path) -> list[dict]:
     with open(path) as f:
-        rows = list(csv.DictReader(f))
+        reader = csv.DictReader(f)
+        missing = [c for c in ("suite", "case", "provider", "backend", "mode", "dtype", "metric", "p50",
+                               "pct_of_floor", "device") if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ValueError(f"{path} is not a bench results CSV (no column {', '.join(missing)})")
+        rows = list(reader)
     for r in rows:
         for k in ("p50", "p20", "p80", "floor", "pct_of_floor"):
             r[k] = float(r[k]) if r.get(k) not in (None, "") else float("nan")

@@ -36,19 +36,24 @@ def _cmd_bench(args):
         for name, s in harness.load_suites().items():
             print(f"{name:<18} {s.description}")
         return
-    if args.table:
-        for p in args.suites:
-            print(harness.format_table(harness.read_csv(Path(p))))
-        return
-    if args.plot:
-        paths = [Path(p) for p in args.suites] or sorted(Path(args.out or "bench-results").glob("*.csv"))[-1:]
+    if args.table or args.plot:
+        flag = "--table" if args.table else "--plot"
+        # the newest by modification time: names begin with the card, so by name a cpu run never beats a gpu one
+        paths = [Path(p) for p in args.suites] or sorted(Path(args.out or "bench-results").glob("*.csv"),
+                                                         key=lambda p: p.stat().st_mtime)[-1:]
         if not paths:
-            raise SystemExit("r1fast bench --plot: no CSV given and none found under --out")
+            raise SystemExit(f"r1fast bench {flag}: no CSV given and none found under --out")
         for p in paths:
             if not p.is_file():
-                raise SystemExit(f"r1fast bench --plot: {p} is not a file")
-        png = harness.plot(paths, paths[-1].with_suffix(".png"))
-        print(f"wrote {png}")
+                raise SystemExit(f"r1fast bench {flag}: {p} is not a file")
+        try:
+            if args.table:
+                for p in paths:
+                    print(harness.format_table(harness.read_csv(p)))
+            else:
+                print(f"wrote {harness.plot(paths, paths[-1].with_suffix('.png'))}")
+        except ValueError as e:
+            raise SystemExit(f"r1fast bench {flag}: {e}")
         return
     _show_engine_start_up()
     failed = []
@@ -87,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--budget", type=float, default=None, help="seconds of repeats per implementation")
     bench.add_argument("--list", action="store_true", help="list suites and exit")
     bench.add_argument("--plot", action="store_true", help="draw a PNG from result CSVs (default: the newest)")
-    bench.add_argument("--table", action="store_true", help="print the summary table of result CSVs and exit")
+    bench.add_argument("--table", action="store_true", help="print the summary table of result CSVs (default: the newest) and exit")
     bench.add_argument("--append", default=None, metavar="CSV",
                        help="add the rows to an earlier run's results files (that CSV and the JSON beside it)")
     bench.set_defaults(func=_cmd_bench)

@@ -729,3 +729,31 @@ def test_two_runs_saving_in_the_same_second_get_two_results_files(tmp_path, monk
     assert [r["case"] for r in harness.read_csv(first[0])] == ["x"]
     assert [r["case"] for r in harness.read_csv(second[0])] == ["y"]
     assert harness.write_results([row], tmp_path, torch.device("cpu"), {}, first) == first  # a run's own file
+
+
+def test_table_and_plot_name_a_bad_file_and_default_to_the_newest_csv(tmp_path, capsys):
+    """--table of a missing file, a directory or a CSV of another kind was a traceback, and --table
+    alone printed nothing; "the newest CSV" was the last by name (<card>-<time>: a cpu run never beat
+    an nvidia one)."""
+    import os
+
+    (tmp_path / "other.csv").write_text("a,b\n1,2\n")
+    for flag in ("--table", "--plot"):
+        for bad, why in (("missing.csv", "is not a file"), (".", "is not a file"),
+                         ("other.csv", "is not a bench results CSV")):
+            with pytest.raises(SystemExit, match=why):
+                cli_main(["bench", flag, str(tmp_path / bad)])
+        with pytest.raises(SystemExit, match="none found under --out"):
+            cli_main(["bench", flag, "--out", str(tmp_path / "none")])
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    row = dict({c: "x" for c in harness.COLUMNS}, metric="time_ms", p50=1.0, p20=1.0, p80=1.0, floor=1.0,
+               pct_of_floor=1.0)
+    old, _ = harness.write_results([dict(row, suite="old_gpu")], runs, torch.device("cpu"), {},
+                                   (runs / "nvidia-h200-2026-01-01T000000.csv", runs / "nvidia-h200-2026-01-01T000000.json"))
+    os.utime(old, (1, 1))
+    harness.write_results([dict(row, suite="new_cpu")], runs, torch.device("cpu"), {})
+    capsys.readouterr()
+    cli_main(["bench", "--table", "--out", str(runs)])
+    out = capsys.readouterr().out
+    assert "new_cpu" in out and "old_gpu" not in out
