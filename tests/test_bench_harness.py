@@ -435,6 +435,23 @@ def test_gpu_check_goes_on_without_cuda_kernels_when_the_build_fails(tmp_path):
     assert (tmp_path / "builds").read_text().split() == ["1", "0"]   # with CUDA, then without
     assert (tmp_path / "bench_args").exists(), p.stdout[-800:]        # the bench still ran
     assert "stages that failed or were cut: build" in p.stdout and p.returncode == 1
+    assert "ran past its 100 s time box" not in p.stdout
+
+
+def test_gpu_check_says_when_the_build_was_cut_by_its_time_box(tmp_path):
+    """pip killed by `timeout` leaves a log with no error in it: the script says why the build failed."""
+    import pathlib
+    import subprocess
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    env = _fake_gpu_machine(tmp_path, 0)
+    stub = pathlib.Path(env["PATH"].split(":")[0]) / "python3"
+    stub.write_text(stub.read_text().replace('  *) exit 0;;', '  *"pip install"*"-e ."*) [ "$R1FAST_CUDA" = 1 ] '
+                                             '&& exit 124; exit 0;;\n  *) exit 0;;'))
+    (tmp_path / "out").mkdir()
+    p = subprocess.run(["bash", str(root / "bench" / "gpu_check.sh")], env=env, capture_output=True, text=True,
+                       timeout=60)
+    assert "ran past its 100 s time box" in p.stdout and "CUDA BUILD FAILED" in p.stdout, p.stdout[-800:]
 
 
 def test_gpu_check_goes_on_in_a_fresh_process_after_a_kernel_fault(tmp_path):
