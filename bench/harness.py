@@ -556,7 +556,10 @@ def main(suite_names: list[str], size: str = "smoke", out_dir: str | None = None
     timer = Timer(dev, budget_s=budget_s if budget_s is not None else (2.0 if dev.type == "cuda" else 0.5),
                   warmup=min(3, min_reps), min_reps=min_reps)
     out = Path(out_dir or "bench-results")
-    paths, rows = _earlier_run(append_to) if append_to else (None, [])
+    paths, rows, earlier = _earlier_run(append_to) if append_to else (None, [], None)
+    for key, here in (("device", _describe_device(dev)), ("size", size)) if earlier is not None else ():
+        if earlier.get(key, here) != here:  # one file, one table: speed-ups across machines would mislead
+            raise ValueError(f"--append {append_to}: that run's {key} is {earlier[key]!r}, this one's {here!r}")
     if paths is None:  # before anything is measured: a results directory that cannot be made loses every row
         try:
             out.mkdir(parents=True, exist_ok=True)
@@ -565,8 +568,10 @@ def main(suite_names: list[str], size: str = "smoke", out_dir: str | None = None
 
     def save(all_rows):  # rewritten after every case, so a run cut short by a timeout keeps what it measured
         nonlocal paths
-        if all_rows:
-            paths = write_results(all_rows, out, dev, _meta(dev, size, machine), paths)
+        if all_rows:  # an appended run keeps the earlier run's meta (its rows' floors used its measured rates)
+            meta = _meta(dev, size, machine) if earlier is None else dict(_meta(dev, size, machine),
+                                                                          earlier_run=earlier)
+            paths = write_results(all_rows, out, dev, meta, paths)
 
     names, lost = suite_names or list(suites), None
     for i, name in enumerate(names):
@@ -601,16 +606,19 @@ def main(suite_names: list[str], size: str = "smoke", out_dir: str | None = None
     return rows
 
 
-def _earlier_run(csv_path: str) -> tuple[tuple[Path, Path], list[dict]]:
-    """The results files of the run that wrote `csv_path`, and its rows (from the JSON beside it)."""
+def _earlier_run(csv_path: str) -> tuple[tuple[Path, Path], list[dict], dict]:
+    """The results files of the run that wrote `csv_path`, its rows and its meta (from the JSON beside it)."""
     paths = Path(csv_path), Path(csv_path).with_suffix(".json")
     if paths[0].suffix != ".csv" or not paths[0].is_file() or not paths[1].is_file():
         raise ValueError(f"--append {csv_path}: not a results CSV with its .json beside it")
     try:
-        rows = json.loads(paths[1].read_text())["rows"]
-    except (ValueError, KeyError, TypeError) as e:
+        data = json.loads(paths[1].read_text())
+        rows, meta = data["rows"], data.get("meta") or {}
+        if not isinstance(rows, list) or not all(isinstance(r, dict) and "suite" in r for r in rows):
+            raise TypeError("'rows' is not a list of result rows")
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise ValueError(f"--append {csv_path}: cannot read the rows of {paths[1]} ({e})") from None
-    return paths, rows
+    return paths, rows, meta
 
 
 def _meta(dev: torch.device, size: str, machine: Machine) -> dict:

@@ -92,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--budget", type=float, default=None, help="seconds of repeats per implementation")
     bench.add_argument("--list", action="store_true", help="list suites and exit")
     bench.add_argument("--plot", action="store_true", help="draw a PNG from result CSVs (default: the newest)")
-    bench.add_argument("--table", action="store_true", help="print the summary table of result CSVs (default: the newest) and exit")
+    bench.add_argument("--table", action="store_true",
+                       help="print the summary table of result CSVs (default: the newest) and exit")
     bench.add_argument("--append", default=None, metavar="CSV",
                        help="add the rows to an earlier run's results files (that CSV and the JSON beside it)")
     bench.set_defaults(func=_cmd_bench)

@@ -766,11 +766,43 @@ def test_table_and_plot_name_a_bad_file_and_default_to_the_newest_csv(tmp_path, 
     runs.mkdir()
     row = dict({c: "x" for c in harness.COLUMNS}, metric="time_ms", p50=1.0, p20=1.0, p80=1.0, floor=1.0,
                pct_of_floor=1.0)
+    gpu = runs / "nvidia-h200-2026-01-01T000000"
     old, _ = harness.write_results([dict(row, suite="old_gpu")], runs, torch.device("cpu"), {},
-                                   (runs / "nvidia-h200-2026-01-01T000000.csv", runs / "nvidia-h200-2026-01-01T000000.json"))
+                                   (gpu.with_suffix(".csv"), gpu.with_suffix(".json")))
     os.utime(old, (1, 1))
     harness.write_results([dict(row, suite="new_cpu")], runs, torch.device("cpu"), {})
     capsys.readouterr()
     cli_main(["bench", "--table", "--out", str(runs)])
     out = capsys.readouterr().out
     assert "new_cpu" in out and "old_gpu" not in out
+
+
+def test_append_refuses_another_devices_run_and_keeps_the_earlier_runs_meta(tmp_path, monkeypatch):
+    """--append onto another card's (or size's) file mixed machines in one table, its speed-ups
+    comparing rows measured on different devices; the JSON's meta was replaced by the last process's,
+    losing the matmul rates the earlier rows' floors were computed at; malformed rows ran the whole
+    run before a TypeError / KeyError traceback."""
+    import json
+
+    case = harness.Case("c", "fwd", "float32", [harness.Impl("r1fast", "x", lambda: (lambda: None))])
+    monkeypatch.setitem(harness._SUITES, "tiny", harness.Suite("tiny", lambda size, device: [case]))
+    monkeypatch.setattr(harness, "load_suites", lambda: dict(harness._SUITES))
+    kw = dict(out_dir=str(tmp_path), budget_s=0.0, min_reps=1, log=lambda *_: None)
+    harness.main(["tiny"], **kw)
+    (csv_path,) = tmp_path.glob("*.csv")
+    json_path = csv_path.with_suffix(".json")
+    data = json.loads(json_path.read_text())
+    data["meta"]["matmul_tflops"] = {"bfloat16": 900.0}
+    json_path.write_text(json.dumps(data))
+    harness.main(["tiny"], append_to=str(csv_path), **kw)
+    meta = json.loads(json_path.read_text())["meta"]
+    assert meta["earlier_run"]["matmul_tflops"] == {"bfloat16": 900.0}
+    assert len(harness.read_csv(csv_path)) == 2
+    for key, value in (("device", "NVIDIA H200 (sm_90)"), ("size", "gpu")):
+        json_path.write_text(json.dumps(dict(data, meta=dict(data["meta"], **{key: value}))))
+        with pytest.raises(ValueError, match=f"that run's {key} is"):
+            harness.main(["tiny"], append_to=str(csv_path), **kw)
+    for rows in (5, [{"a": 1}], [1]):
+        json_path.write_text(json.dumps({"meta": {}, "rows": rows}))
+        with pytest.raises(ValueError, match="cannot read the rows"):
+            harness.main(["tiny"], append_to=str(csv_path), **kw)
