@@ -4,7 +4,7 @@ Peers: plain torch as TRL does it (logits -> log_softmax -> gather, materialisin
 when installed, Liger-Kernel's chunked selective log-prob and verl's FusedLinearForPPO (chunks of
 512 tokens in torch, the logits recomputed in the backward; it always returns the entropy too, as
 verl's actor uses it). Floor: 2·N·H·V FLOPs forward,
-6·N·H·V forward+backward at the measured matmul rate. On a GPU the triton backend also runs with
+8·N·H·V forward+backward (the backward recomputes the logits) at the measured matmul rate. On a GPU the triton backend also runs with
 R1FAST_LOGITS_GEMM=cublas ("triton+cublas": torch.mm forms the logits tiles). The GPU size sweeps N to show r1fast's
 peak memory flat in N while the peers' grows with N·V.
 """
