@@ -272,6 +272,10 @@ def test_grpo_loss_floor_counts_the_active_tokens_and_each_row_runs_its_backend(
     mask = grpo_loss._inputs(b, t, h, v, torch.float32, torch.device("cpu"))[3]
     assert 0 < mask.sum() < b * t
     assert case.flops == 6 * int(mask.sum()) * h * v and case.items == int(mask.sum())
+    # per-token loss: fp32 logp, old, ref and mask read, dlogp written (5 tensors, not 8: a floor that
+    # is too high flatters every row's % of floor)
+    per_token = harness.load_suites()["grpo_loss"].cases("smoke", torch.device("cpu"))[1]
+    assert per_token.bytes == 5 * 4 * per_token.items
     # the per-token rows pass their label as the backend (on a GPU the default would be triton)
     seen = []
     monkeypatch.setattr(backends, "available", lambda op, device: ["torch", "triton"])

@@ -191,7 +191,8 @@ def cases(size, device):
              flops=6 * n * h * v, bytes=2 * (n * h + v * h) * es, items=n, item_name="tokens"),
         Case(f"per-token loss B={pb} T={pt}", "fwd_bwd", "float32",
              [Impl("r1fast", bk, _per_token(bk, pb, pt, device)) for bk in ours],
-             bytes=4 * pb * pt * 4 * 2, items=pb * pt, item_name="tokens"),
+             # the least a fused fwd+bwd moves: reads logp, old, ref and mask, writes dlogp (fp32 [B, T] each)
+             bytes=5 * pb * pt * 4, items=pb * pt, item_name="tokens"),
         Case(f"group_advantages B={ab} G={ag} grpo/group", "fwd", "float32",
              [Impl("r1fast", "triton" if device.type == "cuda" else "torch", _advantages(
                  "triton" if device.type == "cuda" else "torch", ab, ag, device)),
