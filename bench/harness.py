@@ -216,7 +216,7 @@ class Timer:
 
 
 class _PeakMemory:
-    """Extra memory allocated at the peak inside the block, in MB (CUDA only; NaN on CPU)."""
+    """Extra memory allocated at the peak inside the block, in MiB (2^20 bytes; CUDA only; NaN on CPU)."""
 
     def __init__(self, device: torch.device):
         self.device, self.mb = device, float("nan")
