@@ -599,7 +599,7 @@ def main(suite_names: list[str], size: str = "smoke", out_dir: str | None = None
         log(format_table(rows))
         log(f"[bench] wrote {paths[0]} and {paths[1]}")
     else:
-        log("[bench] no rows (every case was skipped)")
+        log("[bench] no rows (every case was skipped or failed): no results files written")
     if lost:
         lost.rows = rows
         raise lost

@@ -64,8 +64,8 @@ def _cmd_bench(args):
             failed.append(line)
 
     try:
-        harness.main(args.suites, size=args.size, out_dir=args.out, device=args.device, budget_s=args.budget,
-                     append_to=args.append, log=log)
+        rows = harness.main(args.suites, size=args.size, out_dir=args.out, device=args.device, budget_s=args.budget,
+                            append_to=args.append, log=log)
     except harness.DeviceLost as e:
         # exit status 3: bench/gpu_check.sh goes on with the suites left, in a fresh process
         print(f"r1fast bench: the CUDA context is lost ({e})", file=sys.stderr)
@@ -74,7 +74,8 @@ def _cmd_bench(args):
     except ValueError as e:
         raise SystemExit(f"r1fast bench: {e}")
     if failed:  # the other rows are written: a broken kernel or peer must still fail a script or CI job
-        raise SystemExit(f"r1fast bench: {len(failed)} FAILED (above); the results files hold the other rows")
+        held = "the results files hold the other rows" if rows else "no row was measured, no file written"
+        raise SystemExit(f"r1fast bench: {len(failed)} FAILED (above); {held}")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -159,6 +159,12 @@ def test_bench_command_exits_nonzero_when_an_impl_fails(tmp_path, monkeypatch, c
     harness._SUITES["zz_broken"] = harness.Suite("zz_broken", lambda size, device: cases(size, device,
                                                                                          lambda: (lambda: None)))
     assert cli_main(["bench", "zz_broken", "--out", str(tmp_path / "ok"), "--budget", "0"]) in (0, None)
+    # every impl failed: no file holds "the other rows"
+    only_broken = [harness.Case("c", "fwd", "float32", [harness.Impl("r1fast", "x", broken)])]
+    harness._SUITES["zz_broken"] = harness.Suite("zz_broken", lambda size, device: only_broken)
+    with pytest.raises(SystemExit, match=r"1 FAILED \(above\); no row was measured, no file written"):
+        cli_main(["bench", "zz_broken", "--out", str(tmp_path / "none"), "--budget", "0"])
+    assert not list((tmp_path / "none").glob("*.csv"))
 
 
 def test_an_impl_kept_alive_by_a_reference_cycle_is_freed_before_the_next_impl(monkeypatch):
