@@ -132,7 +132,8 @@ _SUITES: dict[str, Suite] = {}
 
 def suite(name: str, description: str = ""):
     def deco(fn):
-        _SUITES[name] = Suite(name, fn, description or (fn.__doc__ or "").strip().split("\n")[0])
+        # the docstring's first paragraph, on one line (its first line alone cut `layers` mid-sentence)
+        _SUITES[name] = Suite(name, fn, description or " ".join((fn.__doc__ or "").strip().split("\n\n")[0].split()))
         return fn
     return deco
 

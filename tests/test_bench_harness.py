@@ -816,3 +816,11 @@ def test_append_refuses_another_devices_run_and_keeps_the_earlier_runs_meta(tmp_
         json_path.write_text(json.dumps({"meta": {}, "rows": rows}))
         with pytest.raises(ValueError, match="cannot read the rows"):
             harness.main(["tiny"], append_to=str(csv_path), **kw)
+
+
+def test_list_gives_each_suites_whole_first_paragraph_on_one_line(capsys):
+    """--list printed the docstring's first line: `layers` read "... vs the torch expressions,"."""
+    cli_main(["bench", "--list"])
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == len(harness.load_suites())
+    assert next(line for line in lines if line.startswith("layers ")).endswith("torch.compile and Liger.")
