@@ -314,7 +314,11 @@ def _git_commit() -> str:
     here = Path(__file__).resolve().parent
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
-        return out.stdout.strip() or "unknown"
+        # a tracked file changed since that commit (a working tree carried to a GPU machine): the rows
+        # did not measure the commit they name
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return (out.stdout.strip() + ("-dirty" if dirty else "")) if out.stdout.strip() else "unknown"
     except Exception:
         return "unknown"
 

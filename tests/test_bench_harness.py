@@ -824,3 +824,22 @@ def test_list_gives_each_suites_whole_first_paragraph_on_one_line(capsys):
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == len(harness.load_suites())
     assert next(line for line in lines if line.startswith("layers ")).endswith("torch.compile and Liger.")
+
+
+def test_git_commit_says_when_the_working_tree_differs_from_it(tmp_path, monkeypatch):
+    """Rows named HEAD's commit even when the code measured had uncommitted changes."""
+    import subprocess
+
+    calls = []
+
+    out = {"rev-parse": "abc1234\n", "status": " M kernels/x.py\n"}
+
+    def run(cmd, **kw):
+        calls.append(cmd[1])
+        return subprocess.CompletedProcess(cmd, 0, stdout=out[cmd[1]])
+    monkeypatch.setattr(harness.subprocess, "run", run)
+    harness._git_commit.cache_clear()
+    try:
+        assert harness._git_commit() == "abc1234-dirty"
+    finally:
+        harness._git_commit.cache_clear()
