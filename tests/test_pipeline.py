@@ -277,6 +277,18 @@ def test_resume_says_a_finished_stage_keeps_its_results_over_new_options(tmp_pat
            "now differ (learning_rate 1e-05 -> 0.5) and are not applied (overwrite_output_dir=true" in err
 
 
+def test_resume_names_a_finished_stages_new_dataset(tmp_path, capsys):
+    # the config's own `dataset` (None in a pipeline) hid the stage's: a new dataset went unmentioned
+    spec = one_sft_stage_spec(tmp_path)
+    cmd = ["pipeline", str(spec), f"output_dir={tmp_path / 'run'}"]
+    assert main(cmd) == 0
+    assert json.load(open(tmp_path / "run" / "pipeline_state.json"))["stages"]["s"]["options"]["dataset"] == \
+        "builtin:arithmetic"
+    capsys.readouterr()
+    assert main(cmd + ["s.dataset=builtin:arithmetic?max_terms=4", "--resume"]) == 0
+    assert "now differ (dataset 'builtin:arithmetic' -> 'builtin:arithmetic?max_terms=4')" in capsys.readouterr().err
+
+
 def test_plot_names_a_bad_metrics_line(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo\n')
     with pytest.raises(SystemExit, match=r"metrics.jsonl line 2: not valid JSON"):
