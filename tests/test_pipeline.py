@@ -289,6 +289,36 @@ def test_resume_names_a_finished_stages_new_dataset(tmp_path, capsys):
     assert "now differ (dataset 'builtin:arithmetic' -> 'builtin:arithmetic?max_terms=4')" in capsys.readouterr().err
 
 
+def test_a_copied_or_relative_run_folder_resumes_from_its_own_files(tmp_path, monkeypatch):
+    # pipeline_state.json held the paths as given: a relative output_dir's did not resolve from another
+    # directory (--resume RUN_DIR), and a copied run folder's next stage loaded the original's checkpoint
+    import shutil
+
+    spec = tmp_path / "p.yaml"
+    spec.write_text("name: p\nmodel: builtin:micro\nprogress_bar: false\nstages:\n"
+                    "  - {name: s, type: sft, dataset: builtin:arithmetic, num_rows: 8,\n"
+                    "     config: {max_steps: 1, per_device_train_batch_size: 4}}\n"
+                    "  - {name: rs, type: sample, dataset: builtin:arithmetic, num_rows: 2,\n"
+                    "     config: {num_samples: 1, max_completion_length: 4, reward_funcs: [format],"
+                    " reward_thresholds: [0.0]}}\n"
+                    "  - {name: t, type: sft, dataset: '@rs', config: {max_steps: 1, per_device_train_batch_size: 2}}\n")
+    (tmp_path / "a").mkdir()
+    monkeypatch.chdir(tmp_path / "a")
+    assert main(["pipeline", str(spec), "output_dir=run"]) == 0
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(tmp_path / "a" / "run", tmp_path / "copy")
+    for run in (tmp_path / "a" / "run", tmp_path / "copy"):   # as if killed before stage t finished
+        state = json.loads((run / "pipeline_state.json").read_text())
+        del state["stages"]["t"]
+        (run / "pipeline_state.json").write_text(json.dumps(state))
+        shutil.rmtree(run / "t")
+    assert main(["pipeline", str(spec), "--resume", "a/run"]) == 0
+    assert (tmp_path / "a" / "run" / "t" / "checkpoint-1").is_dir()
+    shutil.rmtree(tmp_path / "a")
+    assert main(["pipeline", str(spec), "--resume", "copy"]) == 0
+    assert (tmp_path / "copy" / "t" / "checkpoint-1").is_dir()
+
+
 def test_plot_names_a_bad_metrics_line(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo\n')
     with pytest.raises(SystemExit, match=r"metrics.jsonl line 2: not valid JSON"):

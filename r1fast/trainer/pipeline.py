@@ -87,7 +87,8 @@ class Pipeline:
 
     @property
     def run_dir(self) -> str:
-        return self.output_dir or os.path.join(os.getcwd(), "runs", self.name)
+        # absolute: a run started with a relative output_dir resumes from any directory
+        return os.path.abspath(self.output_dir) if self.output_dir else os.path.join(os.getcwd(), "runs", self.name)
 
 
 def is_pipeline_file(path: str) -> bool:
@@ -320,7 +321,7 @@ class PipelineRunner:
         if stage.dataset.startswith("@"):
             src = stage.dataset[1:]
             if src not in self.samples:
-                path = self.state["stages"].get(src, {}).get("samples")
+                path = self._from_run(self.state["stages"].get(src, {}).get("samples"))
                 if not path or not os.path.isfile(path):
                     raise ValueError(f"stage {stage.name!r}: stage {src!r} has not produced samples yet")
                 with open(path, encoding="utf-8") as f:
@@ -349,8 +350,18 @@ class PipelineRunner:
             path = self.state["stages"].get(spec[1:], {}).get("checkpoint")
             if not path:
                 raise ValueError(f"model {spec!r}: that stage has not finished yet")
-            spec = path
+            spec = self._from_run(path)
         return load_model_and_tokenizer(spec, device=self.device, dtype=self.p.dtype, seed=seed)
+
+    def _in_run(self, path: str) -> str:
+        """`path` as pipeline_state.json records it: relative to the run folder when inside it, so that
+        a moved or copied run folder resumes from its own checkpoints and samples, not the original's."""
+        rel = os.path.relpath(os.path.abspath(path), self.run_dir)
+        return path if rel == os.pardir or rel.startswith(os.pardir + os.sep) else rel
+
+    def _from_run(self, path: Optional[str]) -> Optional[str]:
+        """A path pipeline_state.json recorded (absolute in runs before it recorded them relative)."""
+        return os.path.join(self.run_dir, path) if path else path
 
     def save_state(self):
         os.makedirs(self.run_dir, exist_ok=True)
@@ -424,7 +435,7 @@ class PipelineRunner:
                 step = done.get("step_end", step)
                 if done.get("checkpoint"):
                     model = tokenizer = None   # reload lazily from the last finished stage's checkpoint
-                    self._last_ckpt = done["checkpoint"]
+                    self._last_ckpt = self._from_run(done["checkpoint"])
                 continue
             if stage.model:
                 model, tokenizer = self.load_model(stage.model, p.seed + i)
@@ -454,7 +465,7 @@ class PipelineRunner:
                     self.save_state()
                     raise KeyboardInterrupt
                 step += tr.global_step
-                record["checkpoint"] = res["checkpoint"]
+                record["checkpoint"] = self._in_run(res["checkpoint"])
                 record["nonfinite_skipped"] = res["nonfinite_skipped"]
             elif stage.type == "grpo":
                 from r1fast.trainer.grpo import GRPOTrainer
@@ -471,7 +482,7 @@ class PipelineRunner:
                     self.save_state()
                     raise KeyboardInterrupt
                 step += tr.global_step
-                record["checkpoint"] = res["checkpoint"]
+                record["checkpoint"] = self._in_run(res["checkpoint"])
                 record["nonfinite_skipped"] = res["nonfinite_skipped"]
             else:
                 from r1fast.trainer.sampling import rejection_sample, write_jsonl
@@ -481,7 +492,7 @@ class PipelineRunner:
                 path = cfg.output_file or os.path.join(stage_dir, "samples.jsonl")
                 write_jsonl(kept, path)
                 self.samples[stage.name] = kept
-                record.update(samples=path, sample_stats=stats)
+                record.update(samples=self._in_run(path), sample_stats=stats)
                 print(f"kept {stats['kept']} of {stats['samples']} samples (pass rate {stats['pass_rate']:.2f}) → {path}")
             if stage.type != "sample" and stage.evaluate and self.eval_rows():
                 ev = self.evaluate(model, tokenizer, seed=p.seed * 1000 + 7)
@@ -493,7 +504,7 @@ class PipelineRunner:
                       f"(format {ev['eval/format']:.3f}, {ev['eval/num_samples']} samples)")
             record.update(step_end=step, wall_s=time.perf_counter() - t0, finished=True, options=_stage_options(stage))
             if "checkpoint" in record:
-                self._last_ckpt = record["checkpoint"]
+                self._last_ckpt = self._from_run(record["checkpoint"])
                 if getattr(getattr(model, "fp8_report", None), "converted", None):
                     # a GRPO stage's FP8 layers must not carry into the next stage (its own fp8 option, or
                     # none for SFT, decides): it starts from the checkpoint in high precision, as on --resume
