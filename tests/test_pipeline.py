@@ -319,6 +319,45 @@ def test_a_copied_or_relative_run_folder_resumes_from_its_own_files(tmp_path, mo
     assert (tmp_path / "copy" / "t" / "checkpoint-1").is_dir()
 
 
+def test_resume_names_a_finished_stages_output_that_is_gone(tmp_path):
+    # a deleted samples file read "stage 'rs' has not produced samples yet" (it had, and finished), and a
+    # deleted checkpoint "model '<path>' is not a folder (give a local Hugging Face checkpoint ...)"
+    import shutil
+
+    spec = tiny_pipeline(tmp_path)
+    spec["stages"][3].pop("model")
+    spec["stages"].append({"name": "again", "type": "sft", "model": "@cold", "dataset": "@rs",
+                           "config": {"max_steps": 1, "per_device_train_batch_size": 4}})
+    for s in spec["stages"]:
+        s.setdefault("evaluate", False)
+    run = tmp_path / "run"
+    run_pipeline(spec)
+
+    def unfinish(*names):
+        state = json.loads((run / "pipeline_state.json").read_text())
+        for name in names:
+            del state["stages"][name]
+            shutil.rmtree(run / name)
+        (run / "pipeline_state.json").write_text(json.dumps(state))
+
+    unfinish("student", "again")
+    os.remove(run / "rs" / "samples.jsonl")
+    with pytest.raises(ValueError, match=r"stage 'student': .*rs/samples.jsonl, the samples stage 'rs' kept, is "
+                                         r"gone \(restore it, or start the run over with overwrite_output_dir=true\)"):
+        run_pipeline(spec, resume=True)
+    shutil.rmtree(run / "rl")
+    with pytest.raises(ValueError, match=r"stage 'student' starts from .*rl/checkpoint-2, the checkpoint an earlier "
+                                         r"stage finished with, which is gone \(restore it"):
+        run_pipeline(spec, resume=True)
+    spec["stages"][3]["model"] = "builtin:micro"
+    run_pipeline({**spec, "stages": spec["stages"][:3] + [{**spec["stages"][3], "dataset": "builtin:arithmetic"}]},
+                 resume=True)
+    shutil.rmtree(run / "cold")
+    with pytest.raises(ValueError, match=r"model '@cold': that stage's checkpoint .*cold/checkpoint-3 is gone"):
+        run_pipeline({**spec, "stages": [*spec["stages"][:3], {**spec["stages"][3], "dataset": "builtin:arithmetic"},
+                                         {**spec["stages"][4], "dataset": "builtin:arithmetic"}]}, resume=True)
+
+
 def test_plot_names_a_bad_metrics_line(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo\n')
     with pytest.raises(SystemExit, match=r"metrics.jsonl line 2: not valid JSON"):

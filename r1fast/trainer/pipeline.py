@@ -52,6 +52,8 @@ _SUPPLIED = {"model_name_or_path": "the stage's own 'model:' key, beside 'config
              "dataset": "the stage's own 'dataset:' key, beside 'config:' ({stage}.dataset=... on the command line)",
              "output_dir": "the pipeline's output_dir (a stage writes into <output_dir>/{stage})",
              "overwrite_output_dir": "the pipeline's overwrite_output_dir"}
+# A finished stage's output that a resumed run needs but no longer finds (a finished stage never runs again)
+_GONE = "restore it, or start the run over with overwrite_output_dir=true"
 # A GRPO stage's evaluations at its eval_steps default to the pipeline's held-out settings.
 _EVAL_DEFAULTS = ("eval_size", "eval_samples_per_prompt", "eval_temperature")
 
@@ -322,8 +324,11 @@ class PipelineRunner:
             src = stage.dataset[1:]
             if src not in self.samples:
                 path = self._from_run(self.state["stages"].get(src, {}).get("samples"))
-                if not path or not os.path.isfile(path):
+                if not path:
                     raise ValueError(f"stage {stage.name!r}: stage {src!r} has not produced samples yet")
+                if not os.path.isfile(path):
+                    raise ValueError(f"stage {stage.name!r}: {path}, the samples stage {src!r} kept, is gone "
+                                     f"({_GONE})")
                 with open(path, encoding="utf-8") as f:
                     self.samples[src] = [json.loads(line) for line in f if line.strip()]
             rows = self.samples[src]
@@ -350,6 +355,8 @@ class PipelineRunner:
             path = self.state["stages"].get(spec[1:], {}).get("checkpoint")
             if not path:
                 raise ValueError(f"model {spec!r}: that stage has not finished yet")
+            if not os.path.isdir(self._from_run(path)):
+                raise ValueError(f"model {spec!r}: that stage's checkpoint {self._from_run(path)} is gone ({_GONE})")
             spec = self._from_run(path)
         return load_model_and_tokenizer(spec, device=self.device, dtype=self.p.dtype, seed=seed)
 
@@ -441,6 +448,9 @@ class PipelineRunner:
                 model, tokenizer = self.load_model(stage.model, p.seed + i)
             elif model is None:
                 last = getattr(self, "_last_ckpt", None)
+                if last and not os.path.isdir(last):
+                    raise ValueError(f"stage {stage.name!r} starts from {last}, the checkpoint an earlier stage "
+                                     f"finished with, which is gone ({_GONE})")
                 if last:
                     model, tokenizer = self.load_model(last, p.seed + i)
                 elif p.model:
