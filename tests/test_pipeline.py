@@ -58,6 +58,19 @@ def test_pipeline_config_errors(tmp_path):
         load_pipeline(spec)
 
 
+def test_a_stage_name_that_is_no_folder_name_or_a_config_that_is_no_mapping_is_a_config_error(tmp_path):
+    # name: 3 and config: [..] were TypeError tracebacks; name: '..' trained into the run folder's parent
+    for i, bad in enumerate([{"name": 3}, {"name": ".."}, {"name": "a/b"}]):
+        spec = tiny_pipeline(tmp_path)
+        spec["stages"][0].update(bad)
+        with pytest.raises(ValueError, match=rf"stage 0: 'name' must be a folder name .*; got {bad['name']!r}"):
+            load_pipeline(spec)
+    spec = tiny_pipeline(tmp_path)
+    spec["stages"][1]["config"] = ["max_steps", 2]
+    with pytest.raises(ValueError, match=r"stage 'rl': 'config' must be a mapping of GRPOConfig options; got \["):
+        load_pipeline(spec)
+
+
 def test_cli_errors_are_clear(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit, match="does not exist"):

@@ -127,6 +127,10 @@ def load_pipeline(source: str | dict, overrides: Optional[list[str]] = None) -> 
         if bad:
             raise ConfigError(f"{where}: stage {i}: unknown key(s) {sorted(bad)}; known: {sorted(_STAGE_KEYS)}")
         name = raw.get("name") or f"stage{i}"
+        if not isinstance(name, str) or name in (".", "..") or "/" in name or os.sep in name:
+            # it names the stage's folder <run>/<name>/: '..' wrote (and overwrite_output_dir cleared) the run's parent
+            raise ConfigError(f"{where}: stage {i}: 'name' must be a folder name (the stage writes into "
+                              f"<run>/<name>/); got {name!r}")
         if name in names:
             raise ConfigError(f"{where}: two stages are named {name!r}")
         names.add(name)
@@ -141,6 +145,9 @@ def load_pipeline(source: str | dict, overrides: Optional[list[str]] = None) -> 
             raise ConfigError(f"{where}: stage {name!r}: num_rows must be >= 1; got {fields['num_rows']}")
         if not fields.get("dataset"):   # found here, not once the stages before it have trained
             raise ConfigError(f"{where}: stage {name!r} needs a dataset (a path, builtin:<task> or \"@stage\")")
+        if not isinstance(raw.get("config") or {}, dict):
+            raise ConfigError(f"{where}: stage {name!r}: 'config' must be a mapping of {STAGE_TYPES[typ].__name__} "
+                              f"options; got {raw['config']!r:.80}")
         conf = dict(raw.get("config") or {})
         conf.update({k: v for k, v in ov.items() if k not in _STAGE_FIELDS})
         at = f"{where}: stage {name!r}"
