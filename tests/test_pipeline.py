@@ -371,6 +371,13 @@ def test_resume_names_a_finished_stages_output_that_is_gone(tmp_path):
                                          {**spec["stages"][4], "dataset": "builtin:arithmetic"}]}, resume=True)
 
 
+def test_summary_without_an_eval_dataset_says_nothing_was_held_out(tmp_path, capsys):
+    # it printed "held-out: 128 prompts × 4 samples at temperature 1.0" for a run that evaluated nothing
+    assert main(["pipeline", str(one_sft_stage_spec(tmp_path)), f"output_dir={tmp_path / 'run'}"]) == 0
+    out = capsys.readouterr().out
+    assert "held-out: none (no eval_dataset)" in out and "prompts ×" not in out
+
+
 def test_plot_names_a_bad_metrics_line(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo\n')
     with pytest.raises(SystemExit, match=r"metrics.jsonl line 2: not valid JSON"):

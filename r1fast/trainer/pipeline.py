@@ -595,7 +595,8 @@ class PipelineRunner:
 def render_summary(s: dict) -> str:
     lines = [f"\nrun {s['name']} (seed {s['seed']}) in {s['run_dir']}",
              f"held-out: {s['eval']['prompts']} prompts × {s['eval']['samples_per_prompt']} samples at "
-             f"temperature {s['eval']['temperature']}",
+             f"temperature {s['eval']['temperature']}" if s["eval"].get("dataset") is not None else
+             "held-out: none (no eval_dataset)",
              f"{'stage':<18}{'type':<8}{'steps':>7}{'accuracy':>10}{'format':>8}{'time':>8}"]
     for r in s["stages"]:
         acc = "-" if r["held_out_accuracy"] is None else f"{r['held_out_accuracy']:.3f}"
