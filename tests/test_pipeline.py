@@ -378,6 +378,34 @@ def test_summary_without_an_eval_dataset_says_nothing_was_held_out(tmp_path, cap
     assert "held-out: none (no eval_dataset)" in out and "prompts ×" not in out
 
 
+def test_after_a_sample_stage_with_its_own_model_a_resumed_run_trains_what_a_fresh_one_does(tmp_path):
+    # the stage after it trained the sample stage's model in a fresh run, but the last checkpoint before it
+    # (here stage b's) once the sample stage had finished in an earlier invocation
+    import shutil
+
+    from safetensors.torch import load_file
+
+    sft = {"max_steps": 1, "per_device_train_batch_size": 4, "learning_rate": 1e-2}
+    spec = {"name": "m", "seed": 0, "model": "builtin:micro", "progress_bar": False,
+            "stages": [{"name": "a", "type": "sft", "dataset": "builtin:arithmetic", "num_rows": 8, "config": sft},
+                       {"name": "b", "type": "sft", "dataset": "builtin:arithmetic", "num_rows": 8, "config": sft},
+                       {"name": "rs", "type": "sample", "model": "@a", "dataset": "builtin:arithmetic", "num_rows": 2,
+                        "config": {"num_samples": 1, "max_completion_length": 4, "reward_funcs": ["format"],
+                                   "reward_thresholds": [0.0]}},
+                       {"name": "t", "type": "sft", "dataset": "@rs", "config": sft}]}
+    for x in "fr":
+        run_pipeline({**spec, "output_dir": str(tmp_path / x)})
+    state_path = tmp_path / "r" / "pipeline_state.json"
+    state = json.loads(state_path.read_text())
+    del state["stages"]["t"]
+    state_path.write_text(json.dumps(state))
+    shutil.rmtree(tmp_path / "r" / "t")
+    run_pipeline({**spec, "output_dir": str(tmp_path / "r")}, resume=True)
+    fresh, resumed = (load_file(str(tmp_path / x / "t" / "checkpoint-1" / "model.safetensors")) for x in "fr")
+    for k in fresh:
+        assert torch.equal(fresh[k], resumed[k]), k
+
+
 def test_plot_names_a_bad_metrics_line(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo\n')
     with pytest.raises(SystemExit, match=r"metrics.jsonl line 2: not valid JSON"):

@@ -449,17 +449,22 @@ class PipelineRunner:
                 step = done.get("step_end", step)
                 if done.get("checkpoint"):
                     model = tokenizer = None   # reload lazily from the last finished stage's checkpoint
-                    self._last_ckpt = self._from_run(done["checkpoint"])
+                    self._last_ckpt, self._last_seed = self._from_run(done["checkpoint"]), p.seed + i
+                elif stage.model:
+                    # a sample stage that sampled a model of its own: the next stage trains that one, as in a
+                    # fresh run (it trained the checkpoint before it once this stage had finished earlier)
+                    model = tokenizer = None
+                    self._last_ckpt, self._last_seed = stage.model, p.seed + i
                 continue
             if stage.model:
                 model, tokenizer = self.load_model(stage.model, p.seed + i)
             elif model is None:
                 last = getattr(self, "_last_ckpt", None)
-                if last and not os.path.isdir(last):
+                if last and not last.startswith(("@", "builtin:")) and not os.path.isdir(last):
                     raise ValueError(f"stage {stage.name!r} starts from {last}, the checkpoint an earlier stage "
                                      f"finished with, which is gone ({_GONE})")
                 if last:
-                    model, tokenizer = self.load_model(last, p.seed + i)
+                    model, tokenizer = self.load_model(last, getattr(self, "_last_seed", p.seed + i))
                 elif p.model:
                     model, tokenizer = self.load_model(p.model, p.seed)
                 else:
