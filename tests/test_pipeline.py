@@ -406,6 +406,15 @@ def test_after_a_sample_stage_with_its_own_model_a_resumed_run_trains_what_a_fre
         assert torch.equal(fresh[k], resumed[k]), k
 
 
+def test_an_eval_dataset_without_answers_is_an_error_before_the_first_stage_trains(tmp_path):
+    # it was found by the evaluation after the first stage, which had trained (and again on every --resume)
+    (tmp_path / "e.jsonl").write_text('{"prompt": "1+1="}\n')
+    spec = one_sft_stage_spec(tmp_path, f"eval_dataset: {tmp_path / 'e.jsonl'}\n")
+    with pytest.raises(SystemExit, match=r"eval_dataset .*e.jsonl' lacks column\(s\) \['answer'\], which the held-out"):
+        main(["pipeline", str(spec), f"output_dir={tmp_path / 'run'}"])
+    assert not (tmp_path / "run" / "s").exists()
+
+
 def test_plot_names_a_bad_metrics_line(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo\n')
     with pytest.raises(SystemExit, match=r"metrics.jsonl line 2: not valid JSON"):

@@ -306,6 +306,19 @@ class PipelineRunner:
             self._eval_rows = rows[:self.p.eval_size]
         return self._eval_rows
 
+    def _check_eval_rows(self):
+        """The held-out rows read before the first stage trains: a file without reference answers was an
+        error only once the first stage had trained (and on every --resume after it)."""
+        rows = self.eval_rows()
+        if rows is None or not any(s.evaluate and s.type != "sample" for s in self.p.stages):
+            return
+        if not rows:
+            raise ValueError(f"eval_dataset {self.p.eval_dataset!r} has no rows")
+        missing = [c for c in ("prompt", "answer") if c not in rows[0]]
+        if missing:
+            raise ValueError(f"eval_dataset {self.p.eval_dataset!r} lacks column(s) {missing}, which the held-out "
+                             f"evaluation reads (the prompt and its reference answer); it has {sorted(rows[0])}")
+
     def stage_eval_rows(self, stage: Stage) -> Optional[list[dict]]:
         """A GRPO stage's prompts for its evaluations at eval_steps: its own eval_dataset, else the
         pipeline's held-out prompts."""
@@ -435,6 +448,7 @@ class PipelineRunner:
             self.start_fresh()
         self.state["order"] = [s.name for s in p.stages]
         self.state["seed"] = p.seed
+        self._check_eval_rows()
         t_start = time.perf_counter()
         model = tokenizer = None
         step = 0
