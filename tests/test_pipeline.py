@@ -887,6 +887,11 @@ def test_a_pipeline_interrupted_mid_stage_resumes_that_stage_from_its_checkpoint
     monkeypatch.setattr(sft.SFTTrainer, "step", ctrl_c_after_step_2)
     with pytest.raises(KeyboardInterrupt):
         run_pipeline(spec)
+    # `r1fast plot` shows the stage in progress or interrupted (the run's metrics.jsonl holds finished
+    # stages only: "no metrics.jsonl" until the first stage had finished)
+    from r1fast.trainer.plot import run_metrics
+
+    assert [r["step"] for r in run_metrics(str(tmp_path / "run"))] == [1, 2]
     monkeypatch.setattr(sft.SFTTrainer, "step", lambda self: done.append(self.global_step + 1) or step(self))
     summary = run_pipeline(spec, resume=True)
     assert done == [1, 2, 3, 4] and summary["stages"][0]["steps"] == 4

@@ -449,6 +449,7 @@ class PipelineRunner:
         self.state["order"] = [s.name for s in p.stages]
         self.state["seed"] = p.seed
         self._check_eval_rows()
+        self.save_state()  # the stage order, for `r1fast plot` while the first stage runs
         t_start = time.perf_counter()
         model = tokenizer = None
         step = 0

@@ -1,6 +1,7 @@
 """`r1fast plot RUN_DIR`: PNG curves of reward, accuracy, KL, completion length and entropy."""
 from __future__ import annotations
 
+import json
 import os
 
 from r1fast.trainer.metrics import read_metrics
@@ -23,7 +24,7 @@ def plot_run(run_dir: str, out: str | None = None) -> str:
         import matplotlib.pyplot as plt
     except ImportError:
         raise SystemExit("r1fast plot needs matplotlib: pip install matplotlib") from None
-    rows = read_metrics(run_dir)
+    rows = run_metrics(run_dir)
     if not rows:
         raise ValueError(f"{run_dir}: metrics.jsonl is empty")
     fig, axes = plt.subplots(2, 3, figsize=(14, 7))
@@ -57,3 +58,22 @@ def plot_run(run_dir: str, out: str | None = None) -> str:
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out
+
+
+def run_metrics(run_dir: str) -> list[dict]:
+    """A run's metrics. In a pipeline's folder, <run>/metrics.jsonl holds the finished stages only (it
+    is rebuilt between stages): the rows the stage in progress, or interrupted, has logged so far in
+    <run>/<stage>/metrics.jsonl come after them, so a run is plotted while it trains."""
+    state_path = os.path.join(run_dir, "pipeline_state.json")
+    if not os.path.isfile(state_path):
+        return read_metrics(run_dir)
+    with open(state_path, encoding="utf-8") as f:
+        state = json.load(f)
+    rows = read_metrics(run_dir) if os.path.isfile(os.path.join(run_dir, "metrics.jsonl")) else []
+    for name in state.get("order", []):
+        stage_metrics = os.path.join(run_dir, name, "metrics.jsonl")
+        if not state.get("stages", {}).get(name, {}).get("finished") and os.path.isfile(stage_metrics):
+            rows += read_metrics(stage_metrics)
+    if not rows:
+        raise ValueError(f"no metrics logged yet in {run_dir!r}")
+    return rows
