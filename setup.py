@@ -80,9 +80,15 @@ class CMakeBuild(build_ext):
         if nvcc:
             args += [f"-DCMAKE_CUDA_COMPILER={nvcc}", f"-DCMAKE_CUDA_ARCHITECTURES={archs}"]
         print(f"r1fast: building _C ({'CUDA ' + archs if nvcc else 'CPU only'})", flush=True)
-        subprocess.run([cmake, "-S", str(ROOT), "-B", str(build_dir), *args], check=True)
         jobs = os.environ.get("MAX_JOBS") or str(os.cpu_count() or 1)
-        subprocess.run([cmake, "--build", str(build_dir), "--parallel", jobs], check=True)
+        for what, step in (("configure", [cmake, "-S", str(ROOT), "-B", str(build_dir), *args]),
+                           ("compile", [cmake, "--build", str(build_dir), "--parallel", jobs])):
+            if subprocess.run(step, check=False).returncode != 0:
+                hint = ""
+                if nvcc and mode == "auto":  # a found nvcc that cannot build (too old for 90a, host gcc too new)
+                    hint = (f"; the CUDA kernels were on because nvcc was found ({nvcc}): R1FAST_CUDA=0 builds the "
+                            f"CPU-only extension, R1FAST_CUDA_ARCHS sets the architectures (now {archs!r})")
+                raise RuntimeError(f"r1fast: CMake could not {what} _C (its output is above){hint}")
         built = sorted(lib_dir.glob("_C*"))
         if not built:
             raise RuntimeError(f"CMake produced no _C module under {lib_dir}")
