@@ -223,6 +223,12 @@ def compile_all(arch: int = 90, full: bool = False, report=None):
 
 
 if __name__ == "__main__":
+    _usage = "usage: python -m r1fast.kernels.compile_check [ARCH] [--full] [--resources]"
+    if {"-h", "--help"} & set(sys.argv[1:]):
+        sys.exit(print(__doc__))
+    unknown = [a for a in sys.argv[1:] if a.startswith("-") and a not in ("--full", "--resources")]
+    if unknown:  # a typo such as --resource was ignored, and the run silently left out what it asked for
+        sys.exit(f"{_usage}\ncompile_check: unknown option(s) {' '.join(unknown)}")
     args = [a for a in sys.argv[1:] if not a.startswith("--")]
     report = [] if "--resources" in sys.argv else None
     for line in compile_all(int(args[0]) if args else 90, full="--full" in sys.argv, report=report):

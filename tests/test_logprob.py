@@ -370,6 +370,21 @@ def test_kernels_compile_for_hopper_without_a_gpu():
         assert f"compiled: {family}" in out.stdout, out.stdout
 
 
+def test_compile_check_refuses_an_unknown_option():
+    # `--resource` (for --resources) was ignored: the run compiled everything and printed no resources;
+    # --help compiled everything too.
+    import subprocess
+    import sys
+
+    import r1fast.kernels.compile_check as cc
+
+    run = [sys.executable, cc.__file__]
+    out = subprocess.run([*run, "90", "--resource"], capture_output=True, text=True, timeout=120, check=False)
+    assert out.returncode != 0 and "unknown option(s) --resource" in out.stderr, out.stderr[-2000:]
+    out = subprocess.run([*run, "--help"], capture_output=True, text=True, timeout=120, check=False)
+    assert out.returncode == 0 and "--resources" in out.stdout and "compiled:" not in out.stdout
+
+
 @pytest.mark.parametrize("entropy", [False, True])
 def test_cublas_logits_path_matches_reference(device, monkeypatch, entropy):
     """R1FAST_LOGITS_GEMM=cublas: torch.mm forms the fp32 logits tiles (chunked forward, backward per
