@@ -6,6 +6,10 @@
 #include "bindings.h"
 #include "common.h"
 
+#ifndef R1FAST_SOURCES_DIGEST
+#define R1FAST_SOURCES_DIGEST ""  // built without setup.py
+#endif
+
 namespace r1fast {
 
 #ifdef R1FAST_WITH_CUDA
@@ -25,8 +29,9 @@ void register_device(pybind11::module_& m) {
     d["cuda_version"] = std::string();
 #endif
     d["cxx"] = std::string(__VERSION__);
+    d["sources_digest"] = std::string(R1FAST_SOURCES_DIGEST);
     return d;
-  }, "How this module was compiled: with_cuda, cuda_archs, cuda_version, cxx.");
+  }, "How this module was compiled: with_cuda, cuda_archs, cuda_version, cxx, sources_digest.");
 
   m.def("cuda_device_count", []() -> int {
 #ifdef R1FAST_WITH_CUDA

@@ -2,47 +2,72 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib.util
+from pathlib import Path
 
-_load_error: str | None = None  # why a built r1fast._C does not import here (None: it loaded, or is not built)
+_NOT_BUILT = "r1fast._C is not built: install the package with `pip install -e .` (needs cmake, ninja, pybind11)"
+
+
+def sources_digest(root: Path) -> str | None:
+    """A digest of CMakeLists.txt and csrc/ under `root`, or None where they are not (an installed wheel).
+    setup.py builds it into _C (build_info()["sources_digest"]), so a source checkout tells a _C built
+    from other sources (an editable install after a pull) from a current one."""
+    csrc = root / "csrc"
+    if not (csrc.is_dir() and (root / "CMakeLists.txt").is_file() and (root / "setup.py").is_file()):
+        return None
+    h = hashlib.sha256()
+    for p in [root / "CMakeLists.txt", *sorted(csrc.iterdir())]:
+        if p.is_file() and p.suffix in (".txt", ".h", ".cpp", ".cu"):  # not an editor's swap file
+            h.update(p.name.encode() + b"\0" + p.read_bytes())
+    return h.hexdigest()[:16]
 
 
 @functools.lru_cache(maxsize=None)
-def load():
-    """The r1fast._C module, or None when the package was not built (e.g. a plain source checkout) or
-    its build does not load here (see load_error())."""
-    global _load_error
+def _import():
+    """(the r1fast._C module or None, why it is None)."""
+    here = Path(__file__).resolve().parent
     try:
         from r1fast import _C
     except ImportError as e:
-        if importlib.util.find_spec("r1fast._C") is not None:  # e.g. a libstdc++ older than the build's
-            _load_error = f"{type(e).__name__}: {e}"
-        return None
-    return _C
+        spec = importlib.util.find_spec("r1fast._C")  # None for another Python's build, hence the glob
+        present = [spec.origin] if spec is not None else [str(p) for p in sorted(here.glob("_C*.so"))]
+        if not present:
+            return None, _NOT_BUILT
+        # a _C for another Python, or one that does not load here (a libstdc++ older than the build's):
+        # "not built" hid the loader's reason
+        return None, (f"r1fast._C does not import ({e}; found {', '.join(present)}): rebuild it for this "
+                      f"Python with `pip install -e .`")
+    want = sources_digest(here.parent)
+    if want is not None and _C.build_info().get("sources_digest", "") != want:
+        return None, ("r1fast._C is out of date: it was built from other sources than csrc/ and CMakeLists.txt "
+                      "hold now; rebuild it with `pip install -e .`")
+    return _C, ""
 
 
-def load_error() -> str | None:
-    """Why r1fast._C is present but fails to import, or None."""
-    load()
-    return _load_error
+def load():
+    """The r1fast._C module, or None when the package was not built (e.g. a plain source checkout), or
+    its _C does not import or is out of date (problem() says which)."""
+    return _import()[0]
+
+
+def problem() -> str:
+    """Why load() is None ("" when it is not)."""
+    return _import()[1]
 
 
 def require():
     ext = load()
     if ext is None:
-        if load_error():
-            raise RuntimeError(f"r1fast._C is built but does not load ({_load_error}); rebuild it in this "
-                               "environment: `pip install -e .`")
-        raise RuntimeError(
-            "r1fast._C is not built: install the package with `pip install -e .` (needs cmake, ninja, pybind11)"
-        )
+        raise RuntimeError(problem())
     return ext
 
 
 def build_info() -> dict:
     ext = load()
     if ext is None:
-        return {"built": False, "with_cuda": False, "cuda_archs": "", "cuda_version": "", "cxx": ""}
+        return {"built": False, "with_cuda": False, "cuda_archs": "", "cuda_version": "", "cxx": "",
+                "problem": problem()}
     return {"built": True, **ext.build_info()}
 
 

@@ -79,8 +79,7 @@ def backend_available(backend: str, device: torch.device) -> tuple[bool, str]:
 
         info = _ext.build_info()
         if not info["built"]:
-            return False, f"r1fast._C does not load ({_ext.load_error()})" if _ext.load_error() else \
-                "r1fast._C is not built"
+            return False, info["problem"]
         if not info["with_cuda"]:
             return False, "r1fast._C was built without CUDA"
         if device.type != "cuda":

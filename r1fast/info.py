@@ -29,10 +29,9 @@ def collect() -> dict:
             gpus.append(f"{torch.cuda.get_device_name(i)} (compute capability {major}.{minor})")
     info["gpus"] = gpus or ["none"]
     build = _ext.build_info()
-    if not build["built"] and _ext.load_error():
-        info["r1fast._C"] = f"BUILT BUT DOES NOT LOAD ({_ext.load_error()}); pip install -e . rebuilds it"
-    elif not build["built"]:
-        info["r1fast._C"] = "NOT BUILT (pip install -e . builds it)"
+    if not build["built"]:
+        info["r1fast._C"] = ("NOT BUILT (pip install -e . builds it)" if build["problem"] == _ext._NOT_BUILT
+                             else f"UNUSABLE: {build['problem']}")
     elif build["with_cuda"]:
         info["r1fast._C"] = f"built with CUDA {build['cuda_version']} for archs {build['cuda_archs']}"
     else:

@@ -196,4 +196,4 @@ def test_an_extension_that_is_built_but_does_not_load_says_why(tmp_path):
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     assert len(lines) == 3 and all("GLIBCXX_3.4.99" in line for line in lines), out.stdout
-    assert "is built but does not load" in lines[0] and "not built" not in out.stdout
+    assert "does not import" in lines[0] and "UNUSABLE" in lines[2] and "not built" not in out.stdout
