@@ -52,8 +52,12 @@ def _cmd_bench(args):
                     print(harness.format_table(harness.read_csv(p)))
             else:
                 print(f"wrote {harness.plot(paths, paths[-1].with_suffix('.png'))}")
+        except ModuleNotFoundError as e:
+            if e.name != "matplotlib":
+                raise
+            raise SystemExit("r1fast bench --plot needs matplotlib: pip install matplotlib") from None
         except ValueError as e:
-            raise SystemExit(f"r1fast bench {flag}: {e}")
+            raise SystemExit(f"r1fast bench {flag}: {e}") from None
         return
     _show_engine_start_up()
     failed = []

@@ -1,5 +1,6 @@
 import csv
 import math
+import sys
 
 import pytest
 import torch
@@ -53,6 +54,21 @@ def test_info_and_bench_list_commands(capsys):
     assert "torch:" in out and "r1fast._C:" in out and "transformer_engine" in out
     assert cli_main(["bench", "--list"]) == 0
     assert "kv_cache" in capsys.readouterr().out
+
+
+def test_bench_table_and_plot_errors_are_one_line(tmp_path, monkeypatch):
+    # Each was a traceback: --table on a missing file (FileNotFoundError), --plot without matplotlib
+    # (ModuleNotFoundError; `r1fast plot` said what to install), --plot of a CSV with no timings (ValueError).
+    with pytest.raises(SystemExit, match="--table: .*nosuch.csv is not a file"):
+        cli_main(["bench", "--table", str(tmp_path / "nosuch.csv")])
+    empty = tmp_path / "empty.csv"
+    empty.write_text(",".join(harness.COLUMNS) + "\n")
+    pytest.importorskip("matplotlib")
+    with pytest.raises(SystemExit, match="--plot: no time_ms rows"):
+        cli_main(["bench", "--plot", str(empty)])
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(SystemExit, match="needs matplotlib: pip install matplotlib"):
+        cli_main(["bench", "--plot", str(empty)])
 
 
 def test_every_suite_runs_at_smoke_size(tmp_path):
