@@ -101,3 +101,10 @@ def test_the_built_extension_matches_its_sources(fresh_ext):
     if want is None or Path(_C.__file__).resolve().parent.parent != ROOT:
         pytest.skip("r1fast is not installed from this source tree")
     assert _C.build_info()["sources_digest"] == want, "csrc/ changed since _C was built: pip install -e ."
+
+
+def test_python_dash_m_r1fast_is_the_r1fast_command():
+    # where the `r1fast` script is not on PATH (a venv not activated): "No module named r1fast.__main__"
+    r = subprocess.run([sys.executable, "-m", "r1fast", "bench", "--list"], capture_output=True, text=True,
+                       timeout=300, check=False)
+    assert r.returncode == 0 and "kv_cache" in r.stdout, r.stderr[-2000:]
