@@ -56,10 +56,15 @@ def problem() -> str:
     return _import()[1]
 
 
-def require():
+class ExtensionUnavailable(RuntimeError):
+    """r1fast._C is not built, does not import, or is out of date (the message says which)."""
+
+
+def require(purpose: str = ""):
+    """r1fast._C, or ExtensionUnavailable naming why not (and, given, what needed it)."""
     ext = load()
     if ext is None:
-        raise RuntimeError(problem())
+        raise ExtensionUnavailable(problem() + (f" ({purpose} needs it)" if purpose else ""))
     return ext
 
 

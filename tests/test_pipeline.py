@@ -952,3 +952,26 @@ def test_fp8_off_unquoted_in_yaml_is_the_mode_off(tmp_path):
     assert GRPOConfig.from_yaml(str(tmp_path / "g.yaml"), ["fp8=off"]).fp8 == "off"
     with pytest.raises(Exception, match="option 'fp8'"):
         GRPOConfig.from_dict({"fp8": True})   # `on` names no mode
+
+
+def test_a_missing_extension_stops_a_pipeline_before_its_first_stage_trains(tmp_path, monkeypatch, capsys):
+    # r1fast train ran the whole SFT stage, then failed at the first rollout with a RuntimeError traceback
+    from r1fast import _ext
+
+    monkeypatch.setattr(_ext, "load", lambda: None)
+    monkeypatch.setattr(_ext, "problem", lambda: "r1fast._C is out of date: ...")
+    spec = tiny_pipeline(tmp_path)
+    with pytest.raises(_ext.ExtensionUnavailable, match="out of date.*rollout engine of stage 'cold'"):
+        run_pipeline(spec)   # 'cold' is evaluated after it: the engine samples the held-out prompts
+    assert not (tmp_path / "run" / "cold").exists()
+    spec.pop("eval_dataset")
+    with pytest.raises(_ext.ExtensionUnavailable, match="stage 'rl'"):
+        run_pipeline({**spec, "overwrite_output_dir": True})
+    assert not (tmp_path / "run" / "cold").exists()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match="r1fast train: r1fast._C is out of date"):
+        main(["train", "output_dir=" + str(tmp_path / "cli")])
+    from r1fast.trainer import GRPOConfig, GRPOTrainer
+
+    with pytest.raises(_ext.ExtensionUnavailable, match="GRPOTrainer's rollout engine needs it"):
+        GRPOTrainer("builtin:micro", ["format"], [{"prompt": "1"}], GRPOConfig(output_dir=str(tmp_path / "g")))

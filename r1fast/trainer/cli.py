@@ -65,10 +65,11 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors whose message names the problem (bad option, data, reward function, checkpoint, a run
     of NaN steps, a path that cannot be written: OSError names the path): printed as one line,
     never as a traceback."""
+    from r1fast._ext import ExtensionUnavailable
     from r1fast.rewards import RewardError
     from r1fast.trainer.common import NonFiniteLoss
 
-    return ConfigError, ValueError, OSError, RewardError, NonFiniteLoss
+    return ConfigError, ValueError, OSError, RewardError, NonFiniteLoss, ExtensionUnavailable
 
 
 def _guarded(cmd: str, func, resumable: bool = True):

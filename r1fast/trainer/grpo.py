@@ -21,6 +21,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
+from r1fast import _ext
 from r1fast.data.loading import EVAL_SPLITS, check_columns, decode_completion, encode_prompt, load_rows, stop_token_ids
 from r1fast.rewards import RewardSet
 from r1fast.trainer import checkpoints as ckpt
@@ -64,6 +65,7 @@ class GRPOTrainer:
             raise TypeError(f"config must be a GRPOConfig, got {type(self.cfg).__name__}")
         self.cfg.validate()
         cfg = self.cfg
+        _ext.require("GRPOTrainer's rollout engine")  # before a model loads, not at the first rollout
         if isinstance(model, (str, os.PathLike)):
             from r1fast.trainer.common import load_model_and_tokenizer, resolve_device
 

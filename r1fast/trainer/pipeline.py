@@ -449,6 +449,11 @@ class PipelineRunner:
         self.state["order"] = [s.name for s in p.stages]
         self.state["seed"] = p.seed
         self._check_eval_rows()
+        needs_rollout = [s.name for s in p.stages if s.type in ("grpo", "sample") or (s.evaluate and self.eval_rows())]
+        if needs_rollout:  # found now, not after the stages before the first rollout have trained
+            from r1fast import _ext
+
+            _ext.require(f"the rollout engine of stage {needs_rollout[0]!r}")
         self.save_state()  # the stage order, for `r1fast plot` while the first stage runs
         t_start = time.perf_counter()
         model = tokenizer = None
