@@ -1236,3 +1236,30 @@ def test_a_model_with_no_fp8_layer_is_converted_when_the_config_asks(tmp_path):
                      output_dir=str(tmp_path / "r"), progress_bar=False, fp8="emulate")
     tr = GRPOTrainer(model, [sevens], ROWS, cfg, tokenizer=tok)
     assert tr.model.fp8_report.effective_mode == "emulate" and tr.model.fp8_report.converted
+
+
+def test_step_statistics_do_not_depend_on_the_micro_batching(tmp_path, monkeypatch):
+    """The loss statistics are token means (min / max for is_weight's) over the whole rollout: a
+    micro-batch whose completions are all masked (mask_truncated_completions) adds no zeros, and
+    micro-batches of different token counts are not weighted alike."""
+    runs = {}
+    for micro in (8, 4):
+        tr = make(tmp_path, f"m{micro}", max_steps=1, num_generations=4, per_device_train_batch_size=micro,
+                  gradient_accumulation_steps=8 // micro, mask_truncated_completions=True)
+        generate = tr.generate
+
+        def first_group_truncated(*a, **kw):
+            p_ids, c_ids, c_logp, finish = generate(*a, **kw)
+            c_ids = [c[:2] if i == 4 else c for i, c in enumerate(c_ids)]   # token counts differ between rows
+            c_logp = [lp[:2] if i == 4 else lp for i, lp in enumerate(c_logp)]
+            return p_ids, c_ids, c_logp, ["length" if i < 4 else "stop" for i in range(len(c_ids))]
+
+        monkeypatch.setattr(tr, "generate", first_group_truncated)
+        runs[micro] = tr.step()["metrics"]
+    whole, split = runs[8], runs[4]
+    assert whole["entropy"] > 1.0
+    for k in ("entropy", "is_weight/mean", "is_weight/min", "is_weight/max", "is_weight/masked_frac",
+              "clip_ratio/region_mean"):
+        assert split[k] == pytest.approx(whole[k], rel=1e-5, abs=1e-6), k
+    assert whole["is_weight/min"] == pytest.approx(1.0, abs=1e-4) and whole["is_weight/max"] == pytest.approx(1.0, abs=1e-4)
+

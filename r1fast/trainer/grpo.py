@@ -329,14 +329,29 @@ class GRPOTrainer:
                     # a non-finite loss (the op raises on one) would still be caught below: NaN gradients
                     (loss * scale).backward()
                     total_loss = total_loss + loss.detach().float() * scale
+                    # the op's statistics are means over this micro-batch's active tokens (min / max for
+                    # is_weight's): weighted by its token count, so the step's are the whole rollout's and a
+                    # micro-batch with no active token (mask_truncated_completions) adds no zeros
+                    n = torch.as_tensor(stats.get("num_tokens", 1.0), dtype=torch.float32, device=self.device)
                     for k, v in stats.items():
                         v = torch.as_tensor(v, dtype=torch.float32, device=self.device).detach()
-                        stat_sums[k] = stat_sums.get(k, 0.0) + torch.where(torch.isfinite(v), v, 0.0)
+                        v = torch.where(torch.isfinite(v), v, 0.0)
+                        if k in _EXTREMES:
+                            pick, empty = _EXTREMES[k]
+                            v = torch.where(n > 0, v, empty)
+                            stat_sums[k] = pick(stat_sums[k], v) if k in stat_sums else v
+                        else:
+                            stat_sums[k] = stat_sums.get(k, 0.0) + (v if k == "num_tokens" else v * n)
             names = sorted(stat_sums)
             total_loss, *values = torch.stack([total_loss, *(stat_sums[k] for k in names)]).tolist()
             finite = finite and math.isfinite(total_loss)
+            tokens = max(dict(zip(names, values)).get("num_tokens", 1.0), 1.0)
             for k, v in zip(names, values):
-                stats_acc[k] = stats_acc.get(k, 0.0) + v / (len(micro) * iterations)
+                if k in _EXTREMES:
+                    v = v if math.isfinite(v) else 0.0   # no active token at all: 0, as the op says then
+                    stats_acc[k] = (min if k.endswith("/min") else max)(stats_acc.get(k, v), v)
+                else:
+                    stats_acc[k] = stats_acc.get(k, 0.0) + (v if k == "num_tokens" else v / tokens) / iterations
             tb = time.perf_counter()
             gn = grad_norm_and_clip(gradient_holders(self.optimizer, self.model), cfg.max_grad_norm) \
                 if finite else float("nan")
@@ -498,6 +513,9 @@ class GRPOTrainer:
         result.update(global_step=self.global_step, nonfinite_skipped=self.nonfinite_skipped, run_dir=self.run_dir)
         return result
 
+
+# statistics combined over micro-batches by min / max (the rest are token means): (combine, an empty one)
+_EXTREMES = {"is_weight/min": (torch.minimum, math.inf), "is_weight/max": (torch.maximum, -math.inf)}
 
 _STOP_SIGNALS = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}  # SIGTERM: a scheduler's job end, `kill`
 
