@@ -1263,3 +1263,17 @@ def test_step_statistics_do_not_depend_on_the_micro_batching(tmp_path, monkeypat
         assert split[k] == pytest.approx(whole[k], rel=1e-5, abs=1e-6), k
     assert whole["is_weight/min"] == pytest.approx(1.0, abs=1e-4) and whole["is_weight/max"] == pytest.approx(1.0, abs=1e-4)
 
+
+def test_frac_reward_zero_std_counts_groups_of_equal_rewards(tmp_path):
+    """A group whose G rewards are all equal has no spread (its advantages are 0), even where the
+    float mean of a value such as 0.1 or 0.7 is not that value to the last bit."""
+    from r1fast.trainer.grpo import _frac_zero_std
+
+    assert _frac_zero_std([0.1] * 3 + [0.0, 1.0, 1.0], 3) == 0.5
+    assert _frac_zero_std([0.7] * 8, 8) == 1.0
+    assert _frac_zero_std([0.2, float("nan"), 0.2, 0.2, 0.0, 1.0, 0.0, 1.0], 4) == 0.5
+    model, tok = tiny_model()
+    cfg = GRPOConfig(learning_rate=3e-2, per_device_train_batch_size=8, num_generations=8, max_steps=1,
+                     max_completion_length=6, output_dir=str(tmp_path / "z"), progress_bar=False, seed=3)
+    tr = GRPOTrainer(model, [lambda prompts, completions, **kw: [0.7] * len(completions)], ROWS, cfg, tokenizer=tok)
+    assert tr.step()["metrics"]["frac_reward_zero_std"] == 1.0
