@@ -1,4 +1,6 @@
 """GRPOConfig / SFTConfig / pipelines: YAML loading, command-line overrides, clear errors."""
+import warnings
+
 import pytest
 
 from r1fast.models.linear import Linear
@@ -339,6 +341,17 @@ def test_loss_options_are_checked_at_load():
     opts = cfg.loss_options(num_items=64.0)
     assert (opts.epsilon, opts.loss_type, opts.num_items) == (1.5, "cispo", 64.0)
     assert GRPOConfig.from_dict({"loss_type": "grpo"}).loss_options(num_items=64.0).num_items is None
+
+
+def test_cispo_warns_of_an_epsilon_high_that_scales_every_update_down():
+    # cispo's weight is min(ratio, epsilon_high): at the default (epsilon, 0.2) every token's weight was
+    # ~0.2 with nothing said
+    with pytest.warns(UserWarning, match=r"caps the importance ratio at epsilon_high = 0.2 .*e\.g\. 5\.0"):
+        GRPOConfig.from_dict({"loss_type": "cispo"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        GRPOConfig.from_dict({"loss_type": "cispo", "epsilon_high": 5.0})
+        GRPOConfig.from_dict({"loss_type": "dapo"})
 
 
 @pytest.mark.parametrize("bad", [{"beta": 0.5, "top_p": 2.0}, {"beta": 0.5, "no_such_option": 1},

@@ -13,6 +13,7 @@ import os
 import re
 import shlex
 import typing
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -522,6 +523,13 @@ class GRPOConfig(_TrainingConfig):
         _check(self.max_prompt_length >= 1, "option 'max_prompt_length' must be >= 1")
         _check(self.tis_cap > 1, f"option 'tis_cap' must be > 1; got {self.tis_cap}")
         self.loss_options()
+        cap = self.epsilon if self.epsilon_high is None else self.epsilon_high
+        if self.loss_type == "cispo" and cap <= 1:
+            # cispo's weight is min(ratio, epsilon_high), an absolute cap, not 1 + epsilon: at the default 0.2
+            # every token's weight is ~0.2 (TRL takes the same default and recommends 5.0)
+            warnings.warn(f"loss_type 'cispo' caps the importance ratio at epsilon_high = {cap} (an absolute cap, "
+                          f"not 1 + epsilon), which scales every token's update by about {cap}; set epsilon_high "
+                          f"above 1 (e.g. 5.0)", stacklevel=2)
         _check(self.eval_samples_per_prompt >= 1 and self.eval_size >= 0, "eval_size >= 0 and eval_samples_per_prompt >= 1 required")
         _check(self.eval_size >= 1 or not str(self.eval_dataset).startswith("builtin:"),
                "option 'eval_size' 0 means every row of an eval_dataset file; a builtin: eval set is generated, "
