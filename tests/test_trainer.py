@@ -304,6 +304,10 @@ def test_reward_weights_that_do_not_fit_the_functions_are_an_error(tmp_path):
     cfg = GRPOConfig(per_device_train_batch_size=8, num_generations=4, reward_weights=[1.0, 2.0])
     with pytest.raises(ValueError, match="reward_weights has 2 entries but 1 reward functions"):
         GRPOTrainer(model, [sevens], ROWS, cfg, tokenizer=tok)
+    # weights for functions given to the trainer, as TRL's GRPOConfig takes them: the config alone
+    # refused them against its default reward_funcs (2 names)
+    cfg = GRPOConfig(per_device_train_batch_size=8, num_generations=4, reward_weights=[0.5], output_dir=str(tmp_path))
+    assert GRPOTrainer(model, [sevens], ROWS, cfg, tokenizer=tok).rewards.weights == [0.5]
 
 
 def test_sft_rejects_a_row_without_a_completion():

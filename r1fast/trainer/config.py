@@ -543,9 +543,19 @@ class GRPOConfig(_TrainingConfig):
         _check(self.log_completions >= 0, f"option 'log_completions' must be >= 0; got {self.log_completions}")
         _check_regex("format_pattern", self.format_pattern)
         _check_rewards(self.reward_funcs, self.length_penalty_target)
-        if self.reward_weights is not None:
-            _check(len(self.reward_weights) == len(self.reward_funcs),
-                   f"reward_weights has {len(self.reward_weights)} entries but reward_funcs has {len(self.reward_funcs)}")
+
+    def update(self, data: dict[str, Any], *, source: str = "config"):
+        # Weights read with the functions (a file, the command line, a pipeline) must match them here. Not in
+        # validate(): in Python, GRPOConfig(reward_weights=[...]) may weigh functions given to GRPOTrainer,
+        # which checks them against those (TRL's GRPOConfig takes weights for the trainer's functions too).
+        before = dict(vars(self))
+        super().update(data, source=source)
+        if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_funcs):
+            msg = f"{source}: reward_weights has {len(self.reward_weights)} entries but reward_funcs has " \
+                  f"{len(self.reward_funcs)}"
+            vars(self).update(before)
+            raise ConfigError(msg)
+        return self
 
     @property
     def completions_per_rollout(self) -> int:
