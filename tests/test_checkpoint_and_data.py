@@ -651,3 +651,24 @@ def test_jsonl_that_is_not_utf8_names_the_line_read_when_it_failed(tmp_path):
     cr.write_bytes(b'{"prompt": "1"}\r{"prompt": "2"}\r\n\r{"prompt": "caf\xe9"}\n')
     with pytest.raises(ValueError, match=r"cr.jsonl' line 4: not UTF-8 text"):
         load_rows(str(cr))
+
+
+def test_decoded_completions_are_the_tokens_own_text_without_the_stop_that_ended_them():
+    """A completion ending at one of the model config's eos ids (Llama 3.1: <|end_of_text|>, <|eom_id|>
+    beside the tokenizer's <|eot_id|>) lost only the tokenizer's eos: the rewards and a rejection-sampled
+    row got the stop as text ("...</answer><eos2>"). A tokenizer with clean_up_tokenization_spaces
+    (Llama 3's) had "2 , 3" decoded as "2, 3", which SFT then trained on."""
+    from r1fast.data import stop_token_ids
+
+    tok = build_char_tokenizer()
+    other_eos = tok.convert_tokens_to_ids("<|user|>")
+    ends = stop_token_ids(tok, [other_eos, tok.eos_token_id])
+    assert ends == [tok.eos_token_id, other_eos] and stop_token_ids(tok) == [tok.eos_token_id]
+    text = "<think>2 , 3 . it 's</think><answer>5</answer>"
+    ids = encode_completion(tok, text)[:-1]
+    assert decode_completion(tok, ids + [other_eos], ends) == text
+    assert decode_completion(tok, ids + [tok.eos_token_id], ends) == text
+    assert decode_completion(tok, [other_eos] + ids, ends) == "<|user|>" + text   # a stop ends a completion only
+    tok.clean_up_tokenization_spaces = True
+    assert decode_completion(tok, ids) == text
+    assert encode_completion(tok, decode_completion(tok, ids))[:-1] == ids   # a sampled row re-encodes to its ids

@@ -1281,3 +1281,30 @@ def test_frac_reward_zero_std_counts_groups_of_equal_rewards(tmp_path):
                      max_completion_length=6, output_dir=str(tmp_path / "z"), progress_bar=False, seed=3)
     tr = GRPOTrainer(model, [lambda prompts, completions, **kw: [0.7] * len(completions)], ROWS, cfg, tokenizer=tok)
     assert tr.step()["metrics"]["frac_reward_zero_std"] == 1.0
+
+
+def test_rewards_never_see_the_model_eos_that_ended_a_completion(tmp_path, monkeypatch):
+    """The engine stops at the model config's eos ids as well as the tokenizer's; a completion ended by
+    one of the former reached the rewards (and completions.jsonl) with the stop token as text."""
+    from r1fast.rollout.params import Completion, RequestOutput
+
+    tok = build_char_tokenizer()
+    other_eos = tok.convert_tokens_to_ids("<|user|>")
+    model, _ = tiny_model(tok=tok)
+    model.config.eos_token_id = [tok.eos_token_id, other_eos]
+    seen = []
+
+    def spy(prompts, completions, **kw):
+        seen.extend(completions)
+        return [1.0] * len(completions)
+
+    cfg = GRPOConfig(per_device_train_batch_size=2, num_generations=2, max_steps=1, output_dir=str(tmp_path / "o"),
+                     progress_bar=False)
+    tr = GRPOTrainer(model, [spy], ROWS[:2], cfg, tokenizer=tok)
+    body = tok("<answer>7</answer>", add_special_tokens=False).input_ids
+    ends = [other_eos, tok.eos_token_id]
+    monkeypatch.setattr(tr.engine, "generate", lambda prompts, params: [
+        RequestOutput(list(p), [Completion(body + [e], [0.0] * (len(body) + 1), "stop") for e in ends])
+        for p in prompts])
+    tr.step()
+    assert seen == ["<answer>7</answer>"] * 2

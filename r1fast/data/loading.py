@@ -222,15 +222,28 @@ def _warn_unknown(tokenizer, text: str, ids: Sequence[int]):
                       f"the model sees and writes {tokenizer.unk_token} instead", stacklevel=3)
 
 
-def decode_completion(tokenizer, ids: Sequence[int]) -> str:
-    """Completion text with end/padding tokens removed but reasoning tags (special or not) kept."""
+def decode_completion(tokenizer, ids: Sequence[int], stop_ids: Sequence[int] = ()) -> str:
+    """Completion text with end/padding tokens removed but reasoning tags (special or not) kept.
+
+    stop_ids: what ended the generation (`stop_token_ids(tokenizer, model.config.eos_token_id)`: the
+    model's eos ids too, e.g. Llama 3's <|end_of_text|> and <|eom_id|> beside the tokenizer's
+    <|eot_id|>): a completion's final one is dropped, so the rewards and a rejection-sampled row never
+    see it as text. The text is the tokens' own: transformers' clean_up_tokenization_spaces (on in
+    Llama 3's tokenizer_config.json) would turn "2 , 3" into "2, 3"."""
+    ids = list(ids)
+    if ids and ids[-1] in set(stop_ids):
+        ids = ids[:-1]
     drop = {t for t in (tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.bos_token_id) if t is not None}
-    return tokenizer.decode([i for i in ids if i not in drop], skip_special_tokens=False)
+    return tokenizer.decode([i for i in ids if i not in drop], skip_special_tokens=False,
+                            clean_up_tokenization_spaces=False)
 
 
-def stop_token_ids(tokenizer) -> list[int]:
+def stop_token_ids(tokenizer, model_eos=None) -> list[int]:
+    """The tokenizer's eos id(s); with model_eos (the model config's eos_token_id, an id or a list, at
+    which the rollout engine stops too) also those: every token a completion can end with."""
     ids = []
-    for t in (tokenizer.eos_token_id,):
-        if t is not None:
-            ids.extend(t if isinstance(t, list) else [t])
+    for t in (tokenizer.eos_token_id, model_eos):
+        for i in (t if isinstance(t, (list, tuple)) else [t]):
+            if i is not None and int(i) not in ids:
+                ids.append(int(i))
     return ids

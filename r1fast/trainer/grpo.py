@@ -121,6 +121,8 @@ class GRPOTrainer:
         # False in a pipeline, which evaluates its held-out prompts between stages itself
         self.eval_at_ends = eval_at_ends
         self.stop_ids = stop_token_ids(tokenizer)
+        # what a completion can end with: the engine also stops at the model's own eos ids
+        self.end_ids = stop_token_ids(tokenizer, model.config.eos_token_id)
         self._prompt_cache: dict[int, list[int]] = {}
         self.ref_model = None
         if cfg.beta > 0:
@@ -270,7 +272,7 @@ class GRPOTrainer:
         self.model.eval()
         p_ids, c_ids, c_logp, finish = self.generate(rows, keys, G, cfg.temperature, self._seed(0, self.rollout_index))
         t_rollout = time.perf_counter()
-        texts = [decode_completion(self.tokenizer, ids) for ids in c_ids]
+        texts = [decode_completion(self.tokenizer, ids, self.end_ids) for ids in c_ids]
         table, totals = self.score(rows, G, texts, c_ids)
         adv = self._advantages(totals).to(self.device)
         t_rewards = time.perf_counter()

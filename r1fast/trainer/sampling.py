@@ -33,6 +33,7 @@ def rejection_sample(model, tokenizer, rows: Sequence[dict], cfg: SampleConfig, 
     max_model_len = min(model.config.max_position_embeddings, max(map(len, prompt_ids)) + cfg.max_completion_length)
     engine = Engine(model, max_num_seqs=max(256, cfg.num_samples), max_model_len=max_model_len)
     stops = stop_token_ids(tokenizer)
+    ends = stop_token_ids(tokenizer, model.config.eos_token_id)   # the engine stops at the model's eos too
     kept: list[dict] = []
     n_total = n_pass = 0
     prompts_with_any = 0
@@ -51,7 +52,7 @@ def rejection_sample(model, tokenizer, rows: Sequence[dict], cfg: SampleConfig, 
         texts, ids, owners = [], [], []
         for i, res in enumerate(results):
             for comp in res.completions:
-                texts.append(decode_completion(tokenizer, comp.token_ids))
+                texts.append(decode_completion(tokenizer, comp.token_ids, ends))
                 ids.append(list(comp.token_ids))
                 owners.append(i)
         prompts = [chunk[i][cfg.prompt_column] for i in owners]
