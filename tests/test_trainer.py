@@ -1308,3 +1308,31 @@ def test_rewards_never_see_the_model_eos_that_ended_a_completion(tmp_path, monke
         for p in prompts])
     tr.step()
     assert seen == ["<answer>7</answer>"] * 2
+
+
+def test_a_prompt_the_trainers_cannot_encode_is_an_error_naming_its_row_before_training(tmp_path):
+    """GRPO encodes its prompts as steps draw them: a message with role "User" stopped the run at the step
+    that drew it (hours in, no checkpoint), naming no row. An empty prompt under a tokenizer with no chat
+    template and no BOS failed the first step with "pack: every prompt and completion needs at least one
+    token" (SFT) or "generate: prompt 0 is empty" (GRPO)."""
+    from r1fast.trainer.config import SFTConfig
+    from r1fast.trainer.sft import SFTTrainer
+
+    model, tok = tiny_model()
+    bad = ROWS[:5] + [{"prompt": [{"role": "User", "content": "1"}], "answer": "7"}]
+    cfg = GRPOConfig(per_device_train_batch_size=2, num_generations=2, output_dir=str(tmp_path / "o"),
+                     progress_bar=False)
+    with pytest.raises(ValueError, match=r"train dataset: row 5: a prompt message needs a role"):
+        GRPOTrainer(model, [sevens], bad, cfg, tokenizer=tok)
+    with pytest.raises(ValueError, match=r"eval dataset: row 5: a prompt message needs a role"):
+        GRPOTrainer(model, [sevens], ROWS, cfg, tokenizer=tok, eval_dataset=bad)
+    with pytest.raises(ValueError, match=r"SFT dataset: row 1: a prompt must be a string"):
+        SFTTrainer(model, tok, [{"prompt": "1", "completion": "7"}, {"prompt": 2, "completion": "7"}],
+                   SFTConfig(progress_bar=False))
+    tok.chat_template = None   # "" encodes to no tokens at all
+    empty = [{"prompt": "1", "completion": "7", "answer": "7"}, {"prompt": "", "completion": "7", "answer": "7"}]
+    with pytest.raises(ValueError, match=r"SFT dataset: row 1's prompt is empty"):
+        SFTTrainer(model, tok, empty, SFTConfig(progress_bar=False))
+    with pytest.raises(ValueError, match=r"train dataset: row 1's prompt is empty"):
+        GRPOTrainer(model, [sevens], empty, cfg, tokenizer=tok)
+    GRPOTrainer(model, [sevens], empty, GRPOConfig(system_prompt="Answer.", progress_bar=False), tokenizer=tok)

@@ -181,6 +181,21 @@ def prompt_text(tokenizer, prompt: Any, system_prompt: Optional[str] = None) -> 
     return "\n".join(m["content"] for m in msgs)
 
 
+def check_prompts(rows: Sequence[dict], column: str, tokenizer, system_prompt: Optional[str] = None,
+                  where: str = "dataset"):
+    """Every row's prompt is one `encode_prompt` takes, and gives at least one token: an error naming
+    the row before training, not when a step first draws it (GRPO encodes its prompts as it goes)."""
+    empty_ok = bool(getattr(tokenizer, "chat_template", None)) or bool(tokenizer("").input_ids)
+    for i, row in enumerate(rows):
+        try:
+            msgs = prompt_messages(row[column], system_prompt)
+        except ValueError as e:
+            raise ValueError(f"{where}: row {i}: {e}") from None
+        if not empty_ok and not any(m["content"] for m in msgs):
+            raise ValueError(f"{where}: row {i}'s prompt is empty, and the tokenizer has no chat template and adds no "
+                             f"BOS token, so it encodes to no tokens: nothing to start a completion from")
+
+
 def encode_prompt(tokenizer, prompt: Any, system_prompt: Optional[str] = None, max_length: Optional[int] = None) -> list[int]:
     text = prompt_text(tokenizer, prompt, system_prompt)
     ids = tokenizer(text, add_special_tokens=not getattr(tokenizer, "chat_template", None)).input_ids

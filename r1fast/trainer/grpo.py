@@ -22,7 +22,8 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from r1fast import _ext
-from r1fast.data.loading import EVAL_SPLITS, check_columns, decode_completion, encode_prompt, load_rows, stop_token_ids
+from r1fast.data.loading import (EVAL_SPLITS, check_columns, check_prompts, decode_completion, encode_prompt, load_rows,
+                                 stop_token_ids)
 from r1fast.rewards import RewardSet
 from r1fast.trainer import checkpoints as ckpt
 from r1fast.trainer.common import (  # noqa: F401  (NonFiniteLoss: also importable from here)
@@ -97,11 +98,15 @@ class GRPOTrainer:
         if cfg.prompt_column not in self.train_rows[0]:
             raise ValueError(f"train dataset lacks the prompt column {cfg.prompt_column!r}; it has {sorted(self.train_rows[0])}")
         check_columns(self.train_rows, (cfg.prompt_column,), "train dataset")
+        check_prompts(self.train_rows, cfg.prompt_column, tokenizer, cfg.system_prompt, "train dataset")
         check_answer_column(self.rewards.names, self.train_rows, cfg.answer_column, "train dataset")
         self.eval_rows = self._rows(eval_dataset if eval_dataset is not None else cfg.eval_dataset, cfg.seed + 1, "eval") \
             if (eval_dataset is not None or cfg.eval_dataset) else None
         if self.eval_rows is not None and cfg.eval_size:
             self.eval_rows = self.eval_rows[:cfg.eval_size]
+        if self.eval_rows:   # evaluated during and after training: a bad row is an error now, not then
+            check_columns(self.eval_rows, (cfg.prompt_column,), "eval dataset")
+            check_prompts(self.eval_rows, cfg.prompt_column, tokenizer, cfg.system_prompt, "eval dataset")
         if self.eval_rows and not str(cfg.dataset).startswith("builtin:"):
             seen = {str(r.get(cfg.prompt_column)) for r in self.train_rows}
             if all(str(r.get(cfg.prompt_column)) in seen for r in self.eval_rows):

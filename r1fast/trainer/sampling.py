@@ -9,7 +9,7 @@ import json
 import os
 from typing import Sequence
 
-from r1fast.data.loading import check_columns, decode_completion, encode_prompt, stop_token_ids
+from r1fast.data.loading import check_columns, check_prompts, decode_completion, encode_prompt, stop_token_ids
 from r1fast.rewards import RewardSet
 from r1fast.trainer.common import check_answer_column, check_prompt_room, reward_columns, reward_completions
 from r1fast.trainer.config import SampleConfig
@@ -24,6 +24,7 @@ def rejection_sample(model, tokenizer, rows: Sequence[dict], cfg: SampleConfig, 
         raise ValueError("rejection sampling: the prompt dataset is empty")
     check_columns(rows, (cfg.prompt_column,), "rejection sampling: dataset")
     rows = list(rows if cfg.max_prompts < 0 else rows[:cfg.max_prompts])
+    check_prompts(rows, cfg.prompt_column, tokenizer, cfg.system_prompt, "rejection sampling: dataset")
     rewards = RewardSet(cfg.reward_funcs, format_pattern=cfg.format_pattern, language=cfg.language)
     check_answer_column(rewards.names, rows, cfg.answer_column, "prompt dataset")
     thresholds = cfg.reward_thresholds or [1.0] * len(rewards)
