@@ -1336,3 +1336,21 @@ def test_a_prompt_the_trainers_cannot_encode_is_an_error_naming_its_row_before_t
     with pytest.raises(ValueError, match=r"train dataset: row 1's prompt is empty"):
         GRPOTrainer(model, [sevens], empty, cfg, tokenizer=tok)
     GRPOTrainer(model, [sevens], empty, GRPOConfig(system_prompt="Answer.", progress_bar=False), tokenizer=tok)
+
+
+def test_sft_trains_on_a_completion_message_content_never_on_its_repr():
+    """A completion whose content is a list of parts ([{"type": "text", "text": ...}], the OpenAI-style
+    messages many datasets hold) or a single message dict was trained on as its Python repr."""
+    from r1fast.data import encode_completion
+    from r1fast.trainer.config import SFTConfig
+    from r1fast.trainer.sft import SFTTrainer
+
+    model, tok = tiny_model()
+    want = encode_completion(tok, "<answer>7</answer>")
+    assert encode_completion(tok, {"role": "assistant", "content": "<answer>7</answer>"}) == want
+    assert encode_completion(tok, [{"role": "assistant", "content": "<answer>7</answer>"}]) == want
+    assert encode_completion(tok, 7) == encode_completion(tok, "7")   # a number from a CSV column
+    parts = [{"role": "assistant", "content": [{"type": "text", "text": "<answer>7</answer>"}]}]
+    rows = [{"prompt": "1", "completion": "7"}, {"prompt": "2", "completion": parts}]
+    with pytest.raises(ValueError, match=r"SFT dataset: row 1: a completion must be a string or a list of"):
+        SFTTrainer(model, tok, rows, SFTConfig(progress_bar=False))

@@ -206,9 +206,16 @@ def encode_prompt(tokenizer, prompt: Any, system_prompt: Optional[str] = None, m
 
 
 def encode_completion(tokenizer, completion: Any) -> list[int]:
-    """Token ids of a target completion, ending with the end-of-sequence token."""
-    if isinstance(completion, list):
-        completion = completion[-1]["content"]
+    """Token ids of a target completion, ending with the end-of-sequence token. A completion is text
+    (a number from a CSV column is its text), or an assistant message (a dict, or a list of them whose
+    last one is the completion) with string content."""
+    if isinstance(completion, list) and completion:
+        completion = completion[-1]
+    if isinstance(completion, dict) and isinstance(completion.get("content"), str):
+        completion = completion["content"]
+    elif isinstance(completion, (list, dict, tuple)):   # its repr would be trained on, "[{'type': 'text', ..."
+        raise ValueError(f"a completion must be a string or a list of {{'role', 'content'}} messages with string "
+                         f"content; got {completion!r:.80}")
     ids = tokenizer(str(completion), add_special_tokens=False).input_ids
     _warn_unknown(tokenizer, str(completion), ids)
     if tokenizer.eos_token_id is not None:

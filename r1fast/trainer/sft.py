@@ -42,9 +42,12 @@ class SFTTrainer:
         check_prompts(rows, cfg.prompt_column, tokenizer, cfg.system_prompt, "SFT dataset")
         self.model, self.tokenizer, self.device = model, tokenizer, model.device
         self.examples = []
-        for r in rows:
+        for i, r in enumerate(rows):
             p = encode_prompt(tokenizer, r[cfg.prompt_column], cfg.system_prompt)
-            c = encode_completion(tokenizer, r[cfg.completion_column])
+            try:
+                c = encode_completion(tokenizer, r[cfg.completion_column])
+            except ValueError as e:
+                raise ValueError(f"SFT dataset: row {i}: {e}") from None
             # trim the prompt's start to keep the completion whole; a completion of max_length or more
             # keeps one prompt token and loses its end (its EOS with it)
             if len(p) + len(c) > cfg.max_length:
