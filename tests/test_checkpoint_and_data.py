@@ -672,3 +672,11 @@ def test_decoded_completions_are_the_tokens_own_text_without_the_stop_that_ended
     tok.clean_up_tokenization_spaces = True
     assert decode_completion(tok, ids) == text
     assert encode_completion(tok, decode_completion(tok, ids))[:-1] == ids   # a sampled row re-encodes to its ids
+
+
+def test_jsonl_starting_with_a_byte_order_mark_is_read(tmp_path):
+    # Windows tools (Notepad, PowerShell's Out-File) write one first: line 1 was "not valid JSON (Unexpected
+    # UTF-8 BOM ...)", while a .csv with one read fine
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b'\xef\xbb\xbf{"prompt": "caf\xc3\xa9", "answer": "1"}\n{"prompt": "2"}\n')
+    assert load_rows(str(bom)) == [{"prompt": "caf\u00e9", "answer": "1"}, {"prompt": "2", "answer": None}]

@@ -103,7 +103,8 @@ def read_json_objects(path: str, what: str) -> list[dict]:
     ValueError naming `what` and the line number."""
     rows: list[dict] = []
     n = 0
-    with open(path, encoding="utf-8") as f:
+    # utf-8-sig: a byte-order mark that Windows tools put first is skipped (it failed line 1 as "not valid JSON")
+    with open(path, encoding="utf-8-sig") as f:
         try:
             for n, line in enumerate(f, 1):
                 if not line.strip():
