@@ -381,10 +381,6 @@ def test_summary_without_an_eval_dataset_says_nothing_was_held_out(tmp_path, cap
 def test_after_a_sample_stage_with_its_own_model_a_resumed_run_trains_what_a_fresh_one_does(tmp_path):
     # the stage after it trained the sample stage's model in a fresh run, but the last checkpoint before it
     # (here stage b's) once the sample stage had finished in an earlier invocation
-    import shutil
-
-    from safetensors.torch import load_file
-
     sft = {"max_steps": 1, "per_device_train_batch_size": 4, "learning_rate": 1e-2}
     spec = {"name": "m", "seed": 0, "model": "builtin:micro", "progress_bar": False,
             "stages": [{"name": "a", "type": "sft", "dataset": "builtin:arithmetic", "num_rows": 8, "config": sft},
@@ -393,17 +389,7 @@ def test_after_a_sample_stage_with_its_own_model_a_resumed_run_trains_what_a_fre
                         "config": {"num_samples": 1, "max_completion_length": 4, "reward_funcs": ["format"],
                                    "reward_thresholds": [0.0]}},
                        {"name": "t", "type": "sft", "dataset": "@rs", "config": sft}]}
-    for x in "fr":
-        run_pipeline({**spec, "output_dir": str(tmp_path / x)})
-    state_path = tmp_path / "r" / "pipeline_state.json"
-    state = json.loads(state_path.read_text())
-    del state["stages"]["t"]
-    state_path.write_text(json.dumps(state))
-    shutil.rmtree(tmp_path / "r" / "t")
-    run_pipeline({**spec, "output_dir": str(tmp_path / "r")}, resume=True)
-    fresh, resumed = (load_file(str(tmp_path / x / "t" / "checkpoint-1" / "model.safetensors")) for x in "fr")
-    for k in fresh:
-        assert torch.equal(fresh[k], resumed[k]), k
+    assert_last_stage_resumes_as_it_ran(spec, tmp_path, "t", "checkpoint-1")
 
 
 def test_an_eval_dataset_without_answers_is_an_error_before_the_first_stage_trains(tmp_path):
@@ -918,8 +904,6 @@ def test_overwrite_output_dir_clears_an_earlier_pipelines_stage_files(tmp_path):
 def test_a_grpo_stages_fp8_stays_with_it(tmp_path):
     # the next stage trained the same model object through the FP8 layers (SFT has no fp8 option at all),
     # and only a resumed run started it in high precision: fresh and resumed runs differed
-    from safetensors.torch import load_file
-
     spec = {"name": "f", "seed": 0, "model": "builtin:micro", "progress_bar": False, "eval_dataset": None,
             "stages": [{"name": "rl", "type": "grpo", "dataset": "builtin:arithmetic?min_terms=2&max_terms=2",
                         "num_rows": 16, "config": {"max_steps": 1, "per_device_train_batch_size": 8,
@@ -927,20 +911,7 @@ def test_a_grpo_stages_fp8_stays_with_it(tmp_path):
                                                    "max_prompt_length": 16, "fp8": "emulate"}},
                        {"name": "s2", "type": "sft", "dataset": "builtin:arithmetic", "num_rows": 16,
                         "config": {"max_steps": 2, "per_device_train_batch_size": 4, "learning_rate": 1e-2}}]}
-    run_pipeline({**spec, "output_dir": str(tmp_path / "a")})
-    run_pipeline({**spec, "output_dir": str(tmp_path / "b")})
-    state_path = tmp_path / "b" / "pipeline_state.json"
-    state = json.loads(state_path.read_text())
-    del state["stages"]["s2"]
-    state_path.write_text(json.dumps(state))
-    import shutil
-
-    shutil.rmtree(tmp_path / "b" / "s2")
-    run_pipeline({**spec, "output_dir": str(tmp_path / "b")}, resume=True)
-    fresh, resumed = (load_file(str(tmp_path / x / "s2" / "checkpoint-2" / "model.safetensors")) for x in "ab")
-    assert fresh.keys() == resumed.keys()
-    for k in fresh:
-        assert torch.equal(fresh[k], resumed[k]), k
+    assert_last_stage_resumes_as_it_ran(spec, tmp_path, "s2", "checkpoint-2")
 
 
 def test_fp8_off_unquoted_in_yaml_is_the_mode_off(tmp_path):
@@ -975,3 +946,24 @@ def test_a_missing_extension_stops_a_pipeline_before_its_first_stage_trains(tmp_
 
     with pytest.raises(_ext.ExtensionUnavailable, match="GRPOTrainer's rollout engine needs it"):
         GRPOTrainer("builtin:micro", ["format"], [{"prompt": "1"}], GRPOConfig(output_dir=str(tmp_path / "g")))
+
+
+def assert_last_stage_resumes_as_it_ran(spec, tmp_path, stage, checkpoint):
+    """Runs `spec` twice; in the second run folder forgets `stage` (the last) and resumes: it must train
+    the weights the uninterrupted run did."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    for x in "fr":
+        run_pipeline({**spec, "output_dir": str(tmp_path / x)})
+    state_path = tmp_path / "r" / "pipeline_state.json"
+    state = json.loads(state_path.read_text())
+    del state["stages"][stage]
+    state_path.write_text(json.dumps(state))
+    shutil.rmtree(tmp_path / "r" / stage)
+    run_pipeline({**spec, "output_dir": str(tmp_path / "r")}, resume=True)
+    fresh, resumed = (load_file(str(tmp_path / x / stage / checkpoint / "model.safetensors")) for x in "fr")
+    assert fresh.keys() == resumed.keys()
+    for k in fresh:
+        assert torch.equal(fresh[k], resumed[k]), k
