@@ -185,3 +185,20 @@ def test_tied_probabilities_keep_vocabulary_order_under_top_k_and_top_p(params):
     tokens, _ = ops.sample_tokens(logits, p, u, backend="torch")
     want, _ = ops.sample_tokens(logits, p, u, backend="reference")
     assert tokens.tolist() == want.tolist() == [5, 5]
+
+
+@pytest.mark.parametrize("kw", [{}, {"top_k": 19000}])
+def test_the_long_tail_of_a_large_vocabulary_is_drawn_where_its_mass_is(kw):
+    # one fp32 cumsum over the row stopped growing near 1 (an entry below half an ulp, ~3e-8, added
+    # nothing), so the tail could never be drawn: 20000 tokens of ~2e-9 each here, 4e-5 of the mass
+    from r1fast import ops
+
+    logits = torch.zeros(3, 20000)
+    logits[:, 0] = 20.0
+    tail = 19999 * math.exp(-20.0) / (1 + 19999 * math.exp(-20.0))
+    u = torch.tensor([1 - tail * 0.75, 1 - tail * 0.5, 1 - tail * 0.1], dtype=torch.float64)
+    params = SamplingParams(temperature=1.0, **kw)
+    want, _ = ops.sample_tokens(logits.double(), params, u, backend="reference")
+    got, _ = ops.sample_tokens(logits, params, u, backend="torch")
+    assert (want > 1000).all() and want.tolist() != [want[0]] * 3
+    assert (got - want).abs().max() <= 1, (got, want)

@@ -131,6 +131,32 @@ def filtered_probs(logits: torch.Tensor, params: SamplingParams):
     return probs, ids
 
 
+CDF_BLOCK = 1024
+
+
+def _draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Index [B, 1] of the first entry of each row whose running sum exceeds u * the row's total.
+
+    Two levels, as the Triton kernel: the prefix sums of CDF_BLOCK-entry block masses in float64 pick
+    the block, an fp32 cumsum within it the entry. One fp32 cumsum over a 150k-entry row stops growing
+    near 1, where an entry below half an ulp (~3e-8) adds nothing: the tail's thousands of tokens (a few
+    1e-4 of the mass) could never be drawn."""
+    b, v = probs.shape
+    blk = min(CDF_BLOCK, v)
+    full = v - v % blk
+    sums = probs[:, :full].unflatten(1, (full // blk, blk)).sum(-1, dtype=torch.float64)
+    if full < v:
+        sums = torch.cat([sums, probs[:, full:].sum(-1, keepdim=True, dtype=torch.float64)], dim=1)
+    block_cdf = sums.cumsum(dim=-1)
+    target = (u.double() * block_cdf[:, -1])[:, None]
+    block = torch.searchsorted(block_cdf, target, right=True).clamp_max(block_cdf.shape[1] - 1)
+    before = torch.where(block > 0, block_cdf.gather(1, (block - 1).clamp_min(0)), 0.0)
+    cols = block * blk + torch.arange(blk, device=probs.device)
+    inner = probs.gather(1, cols.clamp_max(v - 1)).masked_fill(cols >= v, 0.0).cumsum(dim=-1)
+    within = torch.searchsorted(inner, (target - before).to(inner.dtype), right=True).clamp_max(blk - 1)
+    return (block * blk + within).clamp_max(v - 1)
+
+
 def sample(logits: torch.Tensor, params: SamplingParams, keys: torch.Tensor | None, positions: torch.Tensor | None,
            u: torch.Tensor | None = None):
     """(tokens int64 [B], logprobs float32 [B]) for fp32 logits [B, V], stream keys and positions [B].
@@ -141,10 +167,8 @@ def sample(logits: torch.Tensor, params: SamplingParams, keys: torch.Tensor | No
         tokens = logits.argmax(dim=-1)
         return tokens, token_logprobs(logits, tokens, 0.0)
     probs, ids = filtered_probs(logits, params)
-    cdf = probs.cumsum(dim=-1)
     u = uniforms(keys, positions) if u is None else u
-    target = (u * cdf[:, -1].double()).to(cdf.dtype)[:, None]
-    idx = torch.searchsorted(cdf, target, right=True).clamp_max(cdf.shape[-1] - 1)
+    idx = _draw(probs, u)
     # a rounding step past the last kept token lands on a zero-probability entry: step back to a kept one
     kept = probs.gather(1, idx) > 0
     # on the CPU, reading `kept` costs nothing and the fix-up ([B, V] passes) is almost never needed
