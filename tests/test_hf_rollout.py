@@ -161,7 +161,7 @@ def test_trl_options_the_engine_cannot_honour_are_refused(tmp_path, option, valu
 
 
 @pytest.mark.parametrize("field,value", [("no_repeat_ngram_size", 2), ("suppress_tokens", [5]),
-                                         ("bad_words_ids", [[7]])])
+                                         ("bad_words_ids", [[7]]), ("top_h", 0.5), ("guidance_scale", 2.0)])
 def test_model_generation_config_the_engine_cannot_honour_is_refused(tmp_path, field, value):
     """transformers' generate applies these from the model's generation_config (TRL sets none of them)."""
     path = save_tiny_qwen2(tmp_path / "m", seed=0)
@@ -261,7 +261,9 @@ HF_GENERATION_EXTRA_VALUES = {
     "no_repeat_ngram_size": 2, "encoder_no_repeat_ngram_size": 2, "bad_words_ids": [[7]], "suppress_tokens": [5],
     "begin_suppress_tokens": [5], "forced_bos_token_id": 3, "forced_eos_token_id": 3, "sequence_bias": {(5,): 1.0},
     "min_length": 3, "min_new_tokens": 2, "typical_p": 0.9, "epsilon_cutoff": 1e-3, "eta_cutoff": 1e-3,
-    "exponential_decay_length_penalty": (2, 1.1), "num_beams": 2, "diversity_penalty": 0.5, "penalty_alpha": 0.6}
+    "exponential_decay_length_penalty": (2, 1.1), "num_beams": 2, "diversity_penalty": 0.5, "penalty_alpha": 0.6,
+    "top_h": 0.5, "guidance_scale": 2.0, "encoder_repetition_penalty": 1.3, "max_time": 5.0,
+    "watermarking_config": transformers.generation.WatermarkingConfig(greenlist_ratio=0.25)}
 
 
 def test_every_generation_config_field_the_engine_cannot_apply_is_refused():

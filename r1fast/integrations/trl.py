@@ -183,7 +183,8 @@ def _check_model(model: nn.Module, what: str) -> None:
 
 
 # transformers' generate applies these from the model's generation_config (TRL sets none of them);
-# the engine's sampler has no such logits processors. Each with the values that do nothing (older
+# the engine's sampler has no such logits processors (nor max_time's stopping criterion; a decoder-only
+# model's encoder_repetition_penalty penalises the prompt's tokens). Each with the values that do nothing (older
 # transformers wrote them out explicitly, transformers 5 leaves them None).
 _HF_GENERATION_EXTRAS = {
     "no_repeat_ngram_size": (None, 0), "encoder_no_repeat_ngram_size": (None, 0), "bad_words_ids": (None, []),
@@ -191,7 +192,8 @@ _HF_GENERATION_EXTRAS = {
     "forced_eos_token_id": (None,), "sequence_bias": (None, {}), "min_length": (None, 0),
     "min_new_tokens": (None, 0), "typical_p": (None, 1.0), "epsilon_cutoff": (None, 0.0), "eta_cutoff": (None, 0.0),
     "exponential_decay_length_penalty": (None,), "num_beams": (None, 1), "diversity_penalty": (None, 0.0),
-    "penalty_alpha": (None, 0.0)}
+    "penalty_alpha": (None, 0.0), "top_h": (None,), "guidance_scale": (None, 1.0),
+    "encoder_repetition_penalty": (None, 1.0), "watermarking_config": (None,), "max_time": (None,)}
 
 
 PROMPT_TOKENS_PER_SEAT = 1024  # prompt tokens the rollout engine's KV pool is sized for, per seat
