@@ -698,6 +698,16 @@ def test_engine_kwargs_without_r1fast_generation_refused(tmp_path, model_dirs):
                           r1fast_engine_kwargs={"num_blocks": 9})
 
 
+@pytest.mark.parametrize("value", ["no", 0, None])
+def test_r1fast_generation_must_be_a_bool(tmp_path, model_dirs, value):
+    """A truthy non-bool (the string "no") used to start the rollout engine; a falsy one silently did not."""
+    tokenizer = AutoTokenizer.from_pretrained(model_dirs["untied"])
+    with pytest.raises(ValueError, match="r1fast_generation must be True or False"):
+        r1trl.GRPOTrainer(model=str(model_dirs["untied"]), reward_funcs=char_reward, args=_config(tmp_path),
+                          train_dataset=Dataset.from_dict({"prompt": PROMPTS}), processing_class=tokenizer,
+                          r1fast_generation=value)
+
+
 def _loss_and_grads_in(trainer, inputs, train, accumulation):
     trainer.model.train(train)
     trainer.model.zero_grad()

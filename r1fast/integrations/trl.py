@@ -238,6 +238,8 @@ class GRPOTrainer(trl.GRPOTrainer):
     def __init__(self, model, reward_funcs=None, args: GRPOConfig | None = None, *pos, r1fast_backend=None,
                  r1fast_generation: bool = False, r1fast_engine_kwargs: dict | None = None, **kw):
         # Refuse before TRL loads anything, so a wrong option costs nothing.
+        if not isinstance(r1fast_generation, bool):  # a truthy string such as "no" would start the engine
+            raise ValueError(f"r1fast_generation must be True or False, got {r1fast_generation!r}")
         if args is not None:
             self._refuse(unsupported_options(args) + (generation_problems(args) if r1fast_generation else []))
         if r1fast_generation and kw.get("rollout_func") is not None:
