@@ -292,10 +292,11 @@ def test_other_generation_backends_refused_with_r1fast_generation(option):
     assert generation_problems(types.SimpleNamespace(**{option: False})) == []
 
 
-@pytest.mark.parametrize("top_k, engine_top_k", [(5, 5), (0, -1), (None, -1)])
+@pytest.mark.parametrize("top_k, engine_top_k", [(5, 5), (0, -1), (None, 50)])
 def test_trl_sampling_options_reach_the_engine(tmp_path, monkeypatch, top_k, engine_top_k):
-    """TRL's temperature, top_p, top_k (0/None: off) and min_p become the engine's SamplingParams; the
-    engine reads the current weights (a sync before every generation); one completion per prompt, in order."""
+    """TRL's temperature, top_p, top_k (0: off; None: transformers' default 50, as its generate samples) and min_p
+    become the engine's SamplingParams; the engine reads the current weights (a sync before every generation); one
+    completion per prompt, in order."""
     path = save_tiny_qwen2(tmp_path / "m", seed=0)
     trainer = _trainer(path, tmp_path / "run", temperature=0.7, top_p=0.9, top_k=top_k, min_p=0.05)
     seen = []
@@ -322,6 +323,28 @@ def test_trl_sampling_options_reach_the_engine(tmp_path, monkeypatch, top_k, eng
         ours = trainer.r1fast_rollout.model(ids, cu_seqlens=torch.tensor([0, 4], dtype=torch.int32))
         theirs = model.model(input_ids=ids[None]).last_hidden_state[0]
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+
+
+def test_trl_sampling_options_left_none_take_the_models_generation_config(tmp_path, monkeypatch):
+    """Like transformers' generate under stock TRL: top_k / top_p / min_p set to None in the GRPOConfig (min_p's
+    default) come from the model's generation_config; the engine used to sample without them (or fail on top_p)."""
+    path = save_tiny_qwen2(tmp_path / "m", seed=0)
+
+    def setup(model):
+        model.generation_config.top_k, model.generation_config.top_p, model.generation_config.min_p = 7, 0.8, 0.1
+
+    trainer = _trainer(path, tmp_path / "run", top_k=None, top_p=None, model_setup=setup)
+    seen = []
+    generate = HFRollout.generate
+
+    def spy(self, prompt_ids, params):
+        seen.append(params)
+        return generate(self, prompt_ids, params)
+
+    monkeypatch.setattr(HFRollout, "generate", spy)
+    trainer._generate_single_turn([[5, 6, 7]] * 4, None, None, 4)
+    (params,) = seen
+    assert (params.top_k, params.top_p, params.min_p) == (7, 0.8, 0.1)
 
 
 def test_engine_sized_for_the_generation_batch_and_completion_length(tmp_path):
