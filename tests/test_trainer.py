@@ -330,6 +330,22 @@ def test_resume_drops_a_metrics_line_cut_short_by_a_crash(tmp_path):
     assert [r["step"] for r in _metrics(tmp_path / "metrics.jsonl")] == [1, 2]
 
 
+def test_completions_log_of_a_row_no_reward_scored_is_valid_json(tmp_path):
+    # such a row's total is NaN: completions.jsonl held `"reward": NaN`, which strict JSON readers refuse
+    def sevens_or_none(prompts, completions, **kw):
+        return [None if p == prompts[0] else c.count("7") / 6 for p, c in zip(prompts, completions)]
+
+    model, tok = tiny_model()
+    cfg = GRPOConfig(per_device_train_batch_size=32, num_generations=8, max_steps=1, max_completion_length=4,
+                     output_dir=str(tmp_path / "n"), progress_bar=False, log_completions=4)
+    GRPOTrainer(model, [sevens_or_none], ROWS, cfg, tokenizer=tok).train()
+
+    def strict(c):
+        raise ValueError(c)
+    rows = [json.loads(line, parse_constant=strict) for line in open(tmp_path / "n" / "completions.jsonl")]
+    assert rows[0]["reward"] is None and rows[0]["rewards"] == {"sevens_or_none": None}   # the first prompt's
+
+
 def test_report_to_tensorboard_gets_every_logged_metric(tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -60,7 +60,8 @@ class MetricsLogger:
     def log_completions(self, step: int, stage: str, samples: list[dict]):
         with open(self.completions_path, "a", encoding="utf-8") as f:
             for s in samples:
-                f.write(json.dumps({"step": step, "stage": stage, **s}) + "\n")
+                # a row no reward function scored has total NaN, which json.dumps writes as invalid JSON
+                f.write(json.dumps({"step": step, "stage": stage, **{k: _plain(v) for k, v in s.items()}}) + "\n")
 
     def close(self):
         if self._tb is not None:
