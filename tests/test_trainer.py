@@ -557,6 +557,27 @@ def test_evaluations_between_logging_steps_are_logged(tmp_path):
     assert [r["step"] for r in rows if "reward" in r] == [3, 6]
 
 
+def test_resuming_a_finished_run_logs_its_final_evaluation_once(tmp_path, recwarn):
+    # the loop had nothing left to do, so the end's evaluation ran again: a second eval line at the last
+    # step in metrics.jsonl (and TensorBoard); an interrupted last step still gets its evaluation
+    def run(max_steps, resume=None, stop_at=None):
+        model, tok = tiny_model()
+        cfg = GRPOConfig(per_device_train_batch_size=8, num_generations=4, max_completion_length=4,
+                         max_steps=max_steps, output_dir=str(tmp_path / "f"), progress_bar=False)
+        tr = GRPOTrainer(model, [sevens], ROWS, cfg, tokenizer=tok, eval_dataset=ROWS[:2])
+        return tr.train(resume=resume, callback=lambda step, m: setattr(tr, "_stop_requested", step == stop_at))
+
+    def evals():
+        return [r["step"] for r in _metrics(tmp_path / "f" / "metrics.jsonl") if "eval/accuracy" in r]
+
+    assert "final" not in run(2, stop_at=2) and evals() == [0]
+    first = run(2, resume=True)["final"]
+    assert evals() == [0, 2]
+    assert run(2, resume=True)["final"] == first and evals() == [0, 2]
+    run(3, resume=True)   # a longer run evaluates its new end
+    assert evals() == [0, 2, 3]
+
+
 def _sft(tmp_path, poison_steps, **over):
     from r1fast.trainer.config import SFTConfig
     from r1fast.trainer.sft import SFTTrainer

@@ -147,6 +147,9 @@ class GRPOTrainer:
         self.share_prompts = prompt_sharing_pays(self.model, self.cfg.share_prompts)
         self.history: list[dict] = []
         self._stop_requested = False
+        # the evaluation at the end, once logged: kept in the final checkpoint, so that resuming a
+        # finished run neither evaluates nor logs it a second time
+        self._final_eval: Optional[dict] = None
 
     # -- setup -------------------------------------------------------------------------------------
     def _rows(self, data, seed, what) -> list[dict]:
@@ -429,6 +432,8 @@ class GRPOTrainer:
             "nonfinite_skipped": self.nonfinite_skipped,
             "config": self.cfg.to_dict(),
         }
+        if self._final_eval is not None:
+            state["final_eval"] = self._final_eval
         path = ckpt.save_checkpoint(self.run_dir, self.global_step, model=self.model, optimizer=self.optimizer,
                                     scheduler=self.scheduler, tokenizer=self.tokenizer, state=state,
                                     keep=self.cfg.save_total_limit)
@@ -446,6 +451,8 @@ class GRPOTrainer:
         self.rollout_index = state["rollout_index"]
         self.cursor.load_state(state["data"])
         self.nonfinite_skipped = state.get("nonfinite_skipped", 0)
+        final_eval = state.get("final_eval")
+        self._final_eval = final_eval if isinstance(final_eval, dict) else None
         if self.ref_model is not None:
             ref_file = os.path.join(path, "reference.safetensors")
             if not os.path.isfile(ref_file):
@@ -478,6 +485,7 @@ class GRPOTrainer:
             last_saved = self.global_step
             while self.global_step < self.total_steps:
                 before = self.global_step
+                self._final_eval = None   # a resumed run that goes on past its old end evaluates it again
                 out = self.step()
                 m = out["metrics"]
                 step = self.global_step
@@ -508,9 +516,10 @@ class GRPOTrainer:
                     break
             else:
                 if self.eval_rows and self.eval_at_ends:
-                    ev = self.evaluate()
-                    logger.log(self.step_offset + self.global_step, self.stage, ev)
-                    result["final"] = ev
+                    if self._final_eval is None:   # else resuming a finished run: logged already
+                        self._final_eval = self.evaluate()
+                        logger.log(self.step_offset + self.global_step, self.stage, self._final_eval)
+                    result["final"] = self._final_eval
                 result["checkpoint"] = self.save()
         finally:
             _restore_handlers(previous_handlers)
