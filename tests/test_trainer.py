@@ -578,6 +578,16 @@ def test_resuming_a_finished_run_logs_its_final_evaluation_once(tmp_path, recwar
     assert evals() == [0, 2, 3]
 
 
+def test_eval_format_counts_the_runs_format_pattern(tmp_path, recwarn):
+    # eval/format checked the default <think>…</think><answer>…</answer> whatever format_pattern said: 0 for
+    # every completion of a model trained with a pattern of its own (DeepSeek-R1-Distill's, training.md)
+    model, tok = tiny_model()
+    cfg = GRPOConfig(per_device_train_batch_size=8, num_generations=4, max_completion_length=4,
+                     output_dir=str(tmp_path / "p"), progress_bar=False, format_pattern=r".*")
+    tr = GRPOTrainer(model, ["format"], ROWS, cfg, tokenizer=tok, eval_dataset=ROWS[:2])
+    assert tr.evaluate()["eval/format"] == 1.0
+
+
 def _sft(tmp_path, poison_steps, **over):
     from r1fast.trainer.config import SFTConfig
     from r1fast.trainer.sft import SFTTrainer

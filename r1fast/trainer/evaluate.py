@@ -11,10 +11,12 @@ from r1fast.trainer.common import check_prompt_room
 def evaluate_accuracy(model, tokenizer, rows: Sequence[dict], *, samples_per_prompt: int = 1, temperature: float = 1.0,
                       max_tokens: int = 256, seed: int = 0, prompt_column: str = "prompt",
                       answer_column: str = "answer", system_prompt: Optional[str] = None, engine=None,
-                      return_samples: bool = False, max_prompt_length: Optional[int] = None):
+                      return_samples: bool = False, max_prompt_length: Optional[int] = None,
+                      format_pattern: Optional[str] = None):
     """`max_prompt_length`: prompts keep their last that many tokens (as a GRPO run's training prompts
-    do); without it, a prompt that leaves the model no room for an answer is an error."""
-    from r1fast.rewards import accuracy_reward, format_reward
+    do); without it, a prompt that leaves the model no room for an answer is an error. `format_pattern`:
+    what eval/format counts as well formed (the format reward's; default <think>…</think><answer>…</answer>)."""
+    from r1fast.rewards import accuracy_reward, make_format_reward
     from r1fast.rollout import Engine, SamplingParams
 
     rows = list(rows)
@@ -44,7 +46,7 @@ def evaluate_accuracy(model, tokenizer, rows: Sequence[dict], *, samples_per_pro
     prompts = [r[prompt_column] for r in rows for _ in range(n)]
     answers = [r.get(answer_column) for r in rows for _ in range(n)]
     acc = accuracy_reward(prompts, texts, answer=answers)
-    fmt = format_reward(prompts, texts)
+    fmt = make_format_reward(format_pattern)(prompts, texts)
     scored = [a for a in acc if a is not None]
     out = {"eval/accuracy": sum(scored) / max(len(scored), 1), "eval/format": sum(fmt) / len(fmt),
            "eval/completion_length": sum(lengths) / len(lengths), "eval/num_samples": len(texts)}

@@ -421,7 +421,7 @@ class GRPOTrainer:
                                  temperature=cfg.eval_temperature, max_tokens=cfg.max_completion_length,
                                  seed=self._seed(1, 0), prompt_column=cfg.prompt_column,
                                  answer_column=cfg.answer_column, system_prompt=cfg.system_prompt, engine=self.engine,
-                                 max_prompt_length=self.prompt_cap)
+                                 max_prompt_length=self.prompt_cap, format_pattern=cfg.format_pattern)
 
     # -- checkpoints -----------------------------------------------------------------------------
     def save(self) -> str:
