@@ -245,6 +245,15 @@ def test_reward_names_are_unique():
     r = RewardSet([lambda p, c, **k: [0.0] * len(c), lambda p, c, **k: [1.0] * len(c), "format", "format"])
     assert r.names == ["<lambda>", "<lambda>_2", "format", "format_2"]
 
+    def f(prompts, completions, **kw):
+        return [0.0] * len(completions)
+
+    def f_2(prompts, completions, **kw):
+        return [1.0] * len(completions)
+    # a function already named like a renamed one: two 'f_2' keys, one function's metric and sample scores lost
+    assert RewardSet([f, f_2, f]).names == ["f", "f_2", "f_3"]
+    assert RewardSet([f, f, f_2]).names == ["f", "f_2", "f_2_2"]
+
 
 def test_accuracy_reads_after_the_last_closed_think_and_before_the_first_reopened_one():
     # The final part starts after the LAST </think> (an earlier block closed, then more reasoning) and

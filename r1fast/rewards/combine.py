@@ -101,7 +101,11 @@ class RewardSet:
         self.names, seen = [], {}
         for name, _ in resolved:
             seen[name] = seen.get(name, 0) + 1
-            self.names.append(name if seen[name] == 1 else f"{name}_{seen[name]}")
+            unique = name if seen[name] == 1 else f"{name}_{seen[name]}"
+            while unique in self.names:   # f, f_2, f: the second f is f_3, not a second f_2
+                seen[name] += 1
+                unique = f"{name}_{seen[name]}"
+            self.names.append(unique)
         self.funcs = [f for _, f in resolved]
         if weights is None:
             weights = [1.0] * len(self.funcs)
