@@ -614,7 +614,10 @@ def test_sft_counts_nonfinite_steps_and_stops_after_too_many(tmp_path):
 
     res = _sft(tmp_path / "a", {2}, max_steps=3, logging_steps=3).train()
     assert res["nonfinite_skipped"] == 1
-    assert [r["nonfinite_skipped"] for r in _metrics(tmp_path / "a" / "sft" / "metrics.jsonl")] == [1]
+    rows = _metrics(tmp_path / "a" / "sft" / "metrics.jsonl")
+    assert [r["nonfinite_skipped"] for r in rows] == [1]
+    # the logged loss is the mean of the window's applied steps: the skipped one's NaN made it null
+    assert rows[0]["loss"] is not None and rows[0]["loss"] > 0
     tr = _sft(tmp_path / "b", set(range(1, 100)), max_steps=20, max_nonfinite_steps=3)
     with pytest.raises(NonFiniteLoss, match="3 optimizer steps in a row.*max_nonfinite_steps=3"):
         tr.train()

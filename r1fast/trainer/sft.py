@@ -139,10 +139,11 @@ class SFTTrainer:
         try:
             while self.global_step < self.total_steps:
                 m = self.step()
-                self.loss_window.append(m["loss"])
+                if math.isfinite(m["loss"]):   # a skipped NaN/inf step (nonfinite_skipped) would void the window's mean
+                    self.loss_window.append(m["loss"])
                 step = self.global_step
                 if step % cfg.logging_steps == 0 or step == self.total_steps:
-                    m["loss"] = sum(self.loss_window) / len(self.loss_window)
+                    m["loss"] = sum(self.loss_window) / len(self.loss_window) if self.loss_window else float("nan")
                     self.loss_window = []
                     logger.log(self.step_offset + step, self.stage, m)
                 if pbar is not None:
