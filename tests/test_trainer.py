@@ -1404,3 +1404,22 @@ def test_sft_trains_on_a_completion_message_content_never_on_its_repr():
     rows = [{"prompt": "1", "completion": "7"}, {"prompt": "2", "completion": parts}]
     with pytest.raises(ValueError, match=r"SFT dataset: row 1: a completion must be a string or a list of"):
         SFTTrainer(model, tok, rows, SFTConfig(progress_bar=False))
+
+
+def test_a_checkpoint_whose_replacement_was_killed_between_renames_is_resumed(tmp_path):
+    # A save over an existing checkpoint-N renames it to checkpoint-N.old-<pid>, then the new one in; killed
+    # between the two, the complete old one was left under that name forever and a resume went back to
+    # the checkpoint before it
+    tr = make(tmp_path, "old", max_steps=4, save_steps=2, per_device_train_batch_size=8, num_generations=4)
+    tr.train()
+    run = tmp_path / "old"
+    os.rename(run / "checkpoint-4", run / "checkpoint-4.old-123")
+    again = make(tmp_path, "old", max_steps=4, save_steps=2, per_device_train_batch_size=8, num_generations=4)
+    again.train(resume=True)
+    assert again.global_step == 4 and again.history == []   # resumed at step 4: nothing left to train
+    assert not (run / "checkpoint-4.old-123").exists()
+    assert sorted(n for n in os.listdir(run) if n.startswith("checkpoint")) == ["checkpoint-2", "checkpoint-4"]
+    # beside a complete checkpoint-4, the old one is only deleted
+    (run / "checkpoint-4.old-7").mkdir()
+    make(tmp_path, "old", max_steps=4, per_device_train_batch_size=8, num_generations=4).train(resume=True)
+    assert not (run / "checkpoint-4.old-7").exists()

@@ -30,6 +30,7 @@ _CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
 # save_checkpoint's temporary folder, and the ones save_pretrained makes beside it (".<its name>.tmp-...",
 # ".<its name>.old-..."): a save killed mid-way leaves any of them behind
 _SAVE_TEMP_RE = re.compile(r"^\.\.?tmp-checkpoint-\d+-")
+_OLD_CKPT_RE = re.compile(r"^checkpoint-\d+\.old-\d+$")  # save_checkpoint's replaced checkpoint, before deletion
 STATE_FILE = "trainer_state.json"
 
 
@@ -191,12 +192,21 @@ def clear_run(run_dir: str):
 
 
 def remove_save_leftovers(run_dir: str):
-    """Delete the temporary folders of saves that were killed mid-way (they are never resumed)."""
+    """Delete the temporary folders of saves that were killed mid-way (they are never resumed). A save
+    that replaced checkpoint-N and was killed between its two renames left the old, complete
+    checkpoint-N as checkpoint-N.old-<pid>: it is checkpoint-N again, or deleted if a new one is there."""
     if not os.path.isdir(run_dir):
         return
-    for name in os.listdir(run_dir):
+    for name in sorted(os.listdir(run_dir)):
+        path = os.path.join(run_dir, name)
         if _SAVE_TEMP_RE.match(name):
-            shutil.rmtree(os.path.join(run_dir, name), ignore_errors=True)
+            shutil.rmtree(path, ignore_errors=True)
+        elif _OLD_CKPT_RE.match(name):
+            base = os.path.join(run_dir, name.split(".old-")[0])
+            if os.path.exists(base):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                os.rename(path, base)
 
 
 # -- RNG ---------------------------------------------------------------------------------------

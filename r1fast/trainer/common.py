@@ -352,11 +352,13 @@ def start_run(trainer, resume):
     cfg = trainer.cfg
     if not resume:
         ckpt.start_fresh(trainer.run_dir, cfg.overwrite_output_dir)
+    if resume:
+        # this run owns the folder again: nothing else will remove what its own killed saves left (and a
+        # replaced checkpoint put back is one to resume from)
+        ckpt.remove_save_leftovers(trainer.run_dir)
     resume_path = ckpt.resolve_resume(resume, trainer.run_dir)
     if resume_path:
         state = trainer.load(resume_path)
-        # this run owns the folder again: nothing else will remove what its own killed saves left
-        ckpt.remove_save_leftovers(trainer.run_dir)
         # after the load: a checkpoint that fails to load must not have moved the ones after it aside
         for path in ckpt.set_aside_newer(trainer.run_dir, resume_path):
             print(f"r1fast: resuming from {os.path.basename(resume_path)}: the later {path} is set aside",
