@@ -396,9 +396,13 @@ def test_an_eval_dataset_without_answers_is_an_error_before_the_first_stage_trai
     # it was found by the evaluation after the first stage, which had trained (and again on every --resume)
     (tmp_path / "e.jsonl").write_text('{"prompt": "1+1="}\n')
     spec = one_sft_stage_spec(tmp_path, f"eval_dataset: {tmp_path / 'e.jsonl'}\n")
-    with pytest.raises(SystemExit, match=r"eval_dataset .*e.jsonl' lacks column\(s\) \['answer'\], which the held-out"):
+    with pytest.raises(SystemExit, match=r"eval_dataset .*e.jsonl': its rows lack the answer column 'answer'"):
         main(["pipeline", str(spec), f"output_dir={tmp_path / 'run'}"])
     assert not (tmp_path / "run" / "s").exists()
+    # answers all missing or empty: eval/accuracy read 0.0, measuring nothing
+    (tmp_path / "e.jsonl").write_text('{"prompt": "1+1=", "answer": null}\n{"prompt": "2+2=", "answer": " "}\n')
+    with pytest.raises(SystemExit, match=r"no row has a reference answer in column 'answer'"):
+        main(["pipeline", str(spec), f"output_dir={tmp_path / 'run'}"])
 
 
 def test_plot_names_a_bad_metrics_line(tmp_path):

@@ -1423,3 +1423,11 @@ def test_a_checkpoint_whose_replacement_was_killed_between_renames_is_resumed(tm
     (run / "checkpoint-4.old-7").mkdir()
     make(tmp_path, "old", max_steps=4, per_device_train_batch_size=8, num_generations=4).train(resume=True)
     assert not (run / "checkpoint-4.old-7").exists()
+
+
+def test_eval_rows_without_any_reference_answer_are_an_error_when_built(tmp_path):
+    # eval/accuracy read 0.0 for held-out rows whose answers were all missing: it measured nothing
+    model, tok = tiny_model()
+    cfg = GRPOConfig(per_device_train_batch_size=8, num_generations=4, output_dir=str(tmp_path), progress_bar=False)
+    with pytest.raises(ValueError, match="eval dataset rows: no row has a reference answer in column 'answer'"):
+        GRPOTrainer(model, [sevens], ROWS, cfg, tokenizer=tok, eval_dataset=[{"prompt": "1", "answer": None}] * 2)

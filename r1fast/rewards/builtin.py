@@ -193,7 +193,7 @@ def accuracy_reward(prompts, completions, answer=None, solution=None, **_) -> li
         raise ValueError("accuracy reward needs an 'answer' (or 'solution') column in the dataset")
     out: list[Optional[float]] = []
     for c, g in zip(completions, gold):
-        golds = [_gold_text(x) for x in (g if isinstance(g, (list, tuple)) else [g])]  # a list: any of them
+        golds = [gold_text(x) for x in (g if isinstance(g, (list, tuple)) else [g])]  # a list: any of them
         golds = [x for x in golds if x is not None]
         if not golds:  # no reference to check against (None, NaN, empty): left out, not a reward for ""
             out.append(None)
@@ -203,7 +203,7 @@ def accuracy_reward(prompts, completions, answer=None, solution=None, **_) -> li
     return out
 
 
-def _gold_text(g) -> Optional[str]:
+def gold_text(g) -> Optional[str]:
     """The reference answer to compare with (a solution's <answer>/\\boxed{} part), or None when there
     is none: an empty gold rewarded an empty answer, and a NaN one the answer "nan"."""
     if g is None or (isinstance(g, float) and math.isnan(g)):

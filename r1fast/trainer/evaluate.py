@@ -8,6 +8,19 @@ from r1fast.data.loading import decode_completion, encode_prompt, stop_token_ids
 from r1fast.trainer.common import check_prompt_room
 
 
+def check_eval_answers(rows: Sequence[dict], answer_column: str, where: str):
+    """eval/accuracy needs reference answers: a missing column, or rows whose answers are all missing or
+    empty (each is left out), is an error naming `where`, not an accuracy of 0.0 that measured nothing."""
+    from r1fast.rewards.builtin import gold_text
+
+    if answer_column not in rows[0]:
+        raise ValueError(f"{where} lack the answer column {answer_column!r}; they have {sorted(rows[0])}")
+    if not any(gold_text(x) is not None for r in rows
+               for x in (r[answer_column] if isinstance(r[answer_column], (list, tuple)) else [r[answer_column]])):
+        raise ValueError(f"{where}: no row has a reference answer in column {answer_column!r} (all missing or "
+                         f"empty): there is no accuracy to measure")
+
+
 def evaluate_accuracy(model, tokenizer, rows: Sequence[dict], *, samples_per_prompt: int = 1, temperature: float = 1.0,
                       max_tokens: int = 256, seed: int = 0, prompt_column: str = "prompt",
                       answer_column: str = "answer", system_prompt: Optional[str] = None, engine=None,
@@ -22,8 +35,7 @@ def evaluate_accuracy(model, tokenizer, rows: Sequence[dict], *, samples_per_pro
     rows = list(rows)
     if not rows:
         raise ValueError("evaluation: no held-out rows")
-    if answer_column not in rows[0]:
-        raise ValueError(f"evaluation: held-out rows lack the answer column {answer_column!r}; they have {sorted(rows[0])}")
+    check_eval_answers(rows, answer_column, "evaluation: held-out rows")
     prompt_ids = [encode_prompt(tokenizer, r[prompt_column], system_prompt, max_prompt_length) for r in rows]
     check_prompt_room(prompt_ids, model.config.max_position_embeddings, "evaluation")
     if engine is None:

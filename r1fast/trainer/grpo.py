@@ -46,6 +46,7 @@ from r1fast.trainer.common import (  # noqa: F401  (NonFiniteLoss: also importab
     warmup_steps_of,
 )
 from r1fast.trainer.config import GRPOConfig
+from r1fast.trainer.evaluate import check_eval_answers
 
 
 class GRPOTrainer:
@@ -107,6 +108,7 @@ class GRPOTrainer:
         if self.eval_rows:   # evaluated during and after training: a bad row is an error now, not then
             check_columns(self.eval_rows, (cfg.prompt_column,), "eval dataset")
             check_prompts(self.eval_rows, cfg.prompt_column, tokenizer, cfg.system_prompt, "eval dataset")
+            check_eval_answers(self.eval_rows, cfg.answer_column, "eval dataset rows")
         if self.eval_rows and not str(cfg.dataset).startswith("builtin:"):
             seen = {str(r.get(cfg.prompt_column)) for r in self.train_rows}
             if all(str(r.get(cfg.prompt_column)) in seen for r in self.eval_rows):

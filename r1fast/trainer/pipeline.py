@@ -38,6 +38,7 @@ from r1fast.trainer.config import (
     load_yaml,
     parse_overrides,
 )
+from r1fast.trainer.evaluate import check_eval_answers
 
 STAGE_TYPES = {"sft": SFTConfig, "grpo": GRPOConfig, "sample": SampleConfig}
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "default.yaml")
@@ -314,10 +315,10 @@ class PipelineRunner:
             return
         if not rows:
             raise ValueError(f"eval_dataset {self.p.eval_dataset!r} has no rows")
-        missing = [c for c in ("prompt", "answer") if c not in rows[0]]
-        if missing:
-            raise ValueError(f"eval_dataset {self.p.eval_dataset!r} lacks column(s) {missing}, which the held-out "
-                             f"evaluation reads (the prompt and its reference answer); it has {sorted(rows[0])}")
+        if "prompt" not in rows[0]:
+            raise ValueError(f"eval_dataset {self.p.eval_dataset!r} lacks the column 'prompt', which the held-out "
+                             f"evaluation reads; it has {sorted(rows[0])}")
+        check_eval_answers(rows, "answer", f"eval_dataset {self.p.eval_dataset!r}: its rows")
 
     def stage_eval_rows(self, stage: Stage) -> Optional[list[dict]]:
         """A GRPO stage's prompts for its evaluations at eval_steps: its own eval_dataset, else the
