@@ -1431,3 +1431,21 @@ def test_eval_rows_without_any_reference_answer_are_an_error_when_built(tmp_path
     cfg = GRPOConfig(per_device_train_batch_size=8, num_generations=4, output_dir=str(tmp_path), progress_bar=False)
     with pytest.raises(ValueError, match="eval dataset rows: no row has a reference answer in column 'answer'"):
         GRPOTrainer(model, [sevens], ROWS, cfg, tokenizer=tok, eval_dataset=[{"prompt": "1", "answer": None}] * 2)
+
+
+def test_eval_samples_per_prompt_above_a_rollouts_completions_gets_engine_seats(tmp_path):
+    # The evaluation decodes a held-out prompt's samples together on the rollout engine, whose seats were
+    # one rollout's completions: 2 of them and eval_samples_per_prompt=4 failed at the first evaluation
+    # ("n=4 samples exceed max_num_seqs=2"), in a pipeline's GRPO stage after its first eval_steps of training
+    model, tok = tiny_model()
+    cfg = GRPOConfig(per_device_train_batch_size=2, num_generations=2, max_completion_length=4, max_steps=1,
+                     eval_samples_per_prompt=4, output_dir=str(tmp_path / "e"), progress_bar=False)
+    assert cfg.rollout_max_num_seqs == 4
+    tr = GRPOTrainer(model, [sevens], ROWS[2:], cfg, tokenizer=tok, eval_dataset=ROWS[:2])
+    res = tr.train()
+    assert res["final"]["eval/num_samples"] == 8
+    # seats set below it are refused when the trainer is built, naming both options
+    cfg = GRPOConfig(per_device_train_batch_size=2, num_generations=2, engine_max_num_seqs=2,
+                     eval_samples_per_prompt=4, output_dir=str(tmp_path / "f"), progress_bar=False)
+    with pytest.raises(ValueError, match="'engine_max_num_seqs' = 2 is below eval_samples_per_prompt = 4"):
+        GRPOTrainer(model, [sevens], ROWS[2:], cfg, tokenizer=tok, eval_dataset=ROWS[:2])

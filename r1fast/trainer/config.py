@@ -569,10 +569,11 @@ class GRPOConfig(_TrainingConfig):
     def rollout_max_num_seqs(self) -> int:
         """The engine's max_num_seqs: engine_max_num_seqs, else one rollout's completions (every row of a
         decode step reads the weights once, so a rollout in one wave is fastest), at most 1024 (CUDA
-        graphs are captured per batch size up to it)."""
+        graphs are captured per batch size up to it), and at least a group or a held-out prompt's
+        eval_samples_per_prompt (the evaluation decodes them together on the same engine)."""
         if self.engine_max_num_seqs is not None:
             return self.engine_max_num_seqs
-        return max(self.num_generations, min(self.completions_per_rollout, 1024))
+        return max(self.num_generations, self.eval_samples_per_prompt, min(self.completions_per_rollout, 1024))
 
 
 @dataclass

@@ -109,6 +109,12 @@ class GRPOTrainer:
             check_columns(self.eval_rows, (cfg.prompt_column,), "eval dataset")
             check_prompts(self.eval_rows, cfg.prompt_column, tokenizer, cfg.system_prompt, "eval dataset")
             check_eval_answers(self.eval_rows, cfg.answer_column, "eval dataset rows")
+            if cfg.rollout_max_num_seqs < cfg.eval_samples_per_prompt:   # else the first evaluation fails
+                from r1fast.trainer.config import ConfigError
+
+                raise ConfigError(f"option 'engine_max_num_seqs' = {cfg.engine_max_num_seqs} is below "
+                                  f"eval_samples_per_prompt = {cfg.eval_samples_per_prompt}: a held-out prompt's "
+                                  f"samples are decoded together")
         if self.eval_rows and not str(cfg.dataset).startswith("builtin:"):
             seen = {str(r.get(cfg.prompt_column)) for r in self.train_rows}
             if all(str(r.get(cfg.prompt_column)) in seen for r in self.eval_rows):
