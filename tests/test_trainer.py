@@ -1449,3 +1449,16 @@ def test_eval_samples_per_prompt_above_a_rollouts_completions_gets_engine_seats(
                      eval_samples_per_prompt=4, output_dir=str(tmp_path / "f"), progress_bar=False)
     with pytest.raises(ValueError, match="'engine_max_num_seqs' = 2 is below eval_samples_per_prompt = 4"):
         GRPOTrainer(model, [sevens], ROWS[2:], cfg, tokenizer=tok, eval_dataset=ROWS[:2])
+
+
+def test_engine_num_blocks_too_small_for_one_sequence_is_refused_when_built(tmp_path):
+    # A pool that cannot hold one prompt + completion failed at the first rollout that drew a long prompt
+    # ("needs 4 KV blocks; the pool has 3 (raise num_blocks or memory_fraction)"), naming no option
+    model, tok = tiny_model()
+    over = dict(per_device_train_batch_size=8, num_generations=4, max_prompt_length=24, max_completion_length=40,
+                engine_block_size=16, output_dir=str(tmp_path / "e"), progress_bar=False)
+    with pytest.raises(ValueError, match=r"option 'engine_num_blocks' = 3 cannot hold one sequence of 64 tokens.*"
+                                         r"needs 4 blocks"):
+        GRPOTrainer(model, [sevens], ROWS, GRPOConfig(engine_num_blocks=3, **over), tokenizer=tok)
+    tr = GRPOTrainer(model, [sevens], ROWS, GRPOConfig(engine_num_blocks=4, max_steps=1, **over), tokenizer=tok)
+    tr.train()

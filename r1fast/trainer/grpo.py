@@ -137,6 +137,17 @@ class GRPOTrainer:
         # what a completion can end with: the engine also stops at the model's own eos ids
         self.end_ids = stop_token_ids(tokenizer, model.config.eos_token_id)
         self._prompt_cache: dict[int, list[int]] = {}
+        if cfg.engine_num_blocks is not None:
+            # as the engine sizes its own pool: one sequence of max_model_len fits (else the first rollout with
+            # a long prompt fails, naming the engine's num_blocks rather than this option)
+            need = math.ceil((self.max_model_len - 1) / cfg.engine_block_size)
+            if cfg.engine_num_blocks < need:
+                from r1fast.trainer.config import ConfigError
+
+                raise ConfigError(f"option 'engine_num_blocks' = {cfg.engine_num_blocks} cannot hold one sequence of "
+                                  f"{self.max_model_len} tokens (max_prompt_length + max_completion_length, within "
+                                  f"the model's positions): it needs {need} blocks of engine_block_size = "
+                                  f"{cfg.engine_block_size} (or lower those lengths)")
         self.ref_model = None
         if cfg.beta > 0:
             self.ref_model = copy.deepcopy(model).eval()
@@ -192,9 +203,13 @@ class GRPOTrainer:
             self._engine = Engine(self.model, num_blocks=cfg.engine_num_blocks, block_size=cfg.engine_block_size,
                                   max_num_seqs=cfg.rollout_max_num_seqs,
                                   max_num_batched_tokens=cfg.engine_max_num_batched_tokens,
-                                  max_model_len=min(self.model.config.max_position_embeddings,
-                                                    cfg.max_prompt_length + cfg.max_completion_length))
+                                  max_model_len=self.max_model_len)
         return self._engine
+
+    @property
+    def max_model_len(self) -> int:
+        """The rollout engine's longest sequence: a capped prompt and its completion, within the model's positions."""
+        return min(self.model.config.max_position_embeddings, self.cfg.max_prompt_length + self.cfg.max_completion_length)
 
     @property
     def prompt_cap(self) -> int:
