@@ -971,3 +971,17 @@ def assert_last_stage_resumes_as_it_ran(spec, tmp_path, stage, checkpoint):
     assert fresh.keys() == resumed.keys()
     for k in fresh:
         assert torch.equal(fresh[k], resumed[k]), k
+
+
+def test_held_out_prompts_longer_than_the_models_positions_are_an_error_before_the_stage_trains(tmp_path):
+    # The between-stage evaluation caps no prompt: one of 204 tokens for a model of 128 positions failed
+    # only after the stage had trained (and again on every --resume)
+    ev = tmp_path / "eval.jsonl"
+    ev.write_text("".join(json.dumps({"prompt": "1+" * 100 + str(i), "answer": "7"}) + "\n" for i in range(2)))
+    spec = tiny_pipeline(tmp_path)
+    spec["eval_dataset"] = str(ev)
+    spec["stages"] = spec["stages"][:1]
+    with pytest.raises(ValueError, match=r"evaluated after stage 'cold': the prompt of row 0 has 204 tokens and "
+                                         r"the model 128 positions"):
+        run_pipeline(spec)
+    assert not os.path.exists(tmp_path / "run" / "cold")   # nothing trained

@@ -490,6 +490,15 @@ class PipelineRunner:
                     model, tokenizer = self.load_model(p.model, p.seed)
                 else:
                     raise ConfigError(f"stage {stage.name!r}: no model (set the pipeline's 'model' or the stage's)")
+            if stage.type != "sample" and stage.evaluate and self.eval_rows():
+                # found before the stage trains, not at the evaluation after it: a held-out prompt that leaves
+                # this model no room for an answer
+                from r1fast.data.loading import encode_prompt
+                from r1fast.trainer.common import check_prompt_room
+
+                check_prompt_room([encode_prompt(tokenizer, r["prompt"]) for r in self.eval_rows()],
+                                  model.config.max_position_embeddings,
+                                  f"eval_dataset {p.eval_dataset!r}, evaluated after stage {stage.name!r}")
             stage_dir = os.path.join(self.run_dir, stage.name)
             resume_stage = bool(resume and latest_checkpoint(stage_dir))
             t0 = time.perf_counter()
