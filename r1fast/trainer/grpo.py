@@ -45,7 +45,7 @@ from r1fast.trainer.common import (  # noqa: F401  (NonFiniteLoss: also importab
     run_dir_for,
     warmup_steps_of,
 )
-from r1fast.trainer.config import GRPOConfig
+from r1fast.trainer.config import ConfigError, GRPOConfig
 from r1fast.trainer.evaluate import check_eval_answers
 
 
@@ -110,8 +110,6 @@ class GRPOTrainer:
             check_prompts(self.eval_rows, cfg.prompt_column, tokenizer, cfg.system_prompt, "eval dataset")
             check_eval_answers(self.eval_rows, cfg.answer_column, "eval dataset rows")
             if cfg.rollout_max_num_seqs < cfg.eval_samples_per_prompt:   # else the first evaluation fails
-                from r1fast.trainer.config import ConfigError
-
                 raise ConfigError(f"option 'engine_max_num_seqs' = {cfg.engine_max_num_seqs} is below "
                                   f"eval_samples_per_prompt = {cfg.eval_samples_per_prompt}: a held-out prompt's "
                                   f"samples are decoded together")
@@ -142,8 +140,6 @@ class GRPOTrainer:
             # a long prompt fails, naming the engine's num_blocks rather than this option)
             need = math.ceil((self.max_model_len - 1) / cfg.engine_block_size)
             if cfg.engine_num_blocks < need:
-                from r1fast.trainer.config import ConfigError
-
                 raise ConfigError(f"option 'engine_num_blocks' = {cfg.engine_num_blocks} cannot hold one sequence of "
                                   f"{self.max_model_len} tokens (max_prompt_length + max_completion_length, within "
                                   f"the model's positions): it needs {need} blocks of engine_block_size = "
@@ -616,8 +612,6 @@ def _apply_config_to_model(model, cfg: GRPOConfig) -> None:
     """The config's fp8 and device options for a model passed in as an object (a path or builtin:
     name is loaded with them): fp8 is applied unless the model already went through apply_fp8 (a
     different mode there is an error), and an explicit device must be the model's."""
-    from r1fast.trainer.config import ConfigError
-
     report, wanted = getattr(model, "fp8_report", None), cfg.fp8_options()
     if wanted.mode != "off" and (report is None or not report.converted):  # no FP8 layer yet (off, a fallback)
         from r1fast.fp8 import apply_fp8
