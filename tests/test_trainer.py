@@ -1102,6 +1102,11 @@ def test_sft_trims_a_long_example_from_the_prompts_start_and_keeps_the_completio
     assert tr.examples[0] == (p0[-(12 - len(c0)):], c0)   # the prompt's end (the question) stays
     assert tr.examples[1] == (p1[-1:], c1[:11])           # a completion past max_length: one prompt token
     assert tr.examples[2] == (p2, c2)
+    # the model's positions cap max_length too (1024 by default, past a small model's): such examples
+    # trained at positions the rollout never reaches
+    model.config.max_position_embeddings = 12
+    tr = SFTTrainer(model, tok, rows, SFTConfig(progress_bar=False, output_dir=str(tmp_path)))
+    assert tr.examples[0] == (p0[-(12 - len(c0)):], c0) and tr.examples[1] == (p1[-1:], c1[:11])
     with pytest.raises(ValueError, match="SFT dataset is empty"):
         SFTTrainer(model, tok, [], SFTConfig(progress_bar=False, output_dir=str(tmp_path)))
 

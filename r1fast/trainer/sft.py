@@ -42,17 +42,20 @@ class SFTTrainer:
         check_prompts(rows, cfg.prompt_column, tokenizer, cfg.system_prompt, "SFT dataset")
         self.model, self.tokenizer, self.device = model, tokenizer, model.device
         self.examples = []
+        # never past the model's positions (max_length defaults above a small model's): the rollout engine
+        # never generates there, and rotary positions past them are an extrapolation
+        limit = min(cfg.max_length, model.config.max_position_embeddings)
         for i, r in enumerate(rows):
             p = encode_prompt(tokenizer, r[cfg.prompt_column], cfg.system_prompt)
             try:
                 c = encode_completion(tokenizer, r[cfg.completion_column])
             except ValueError as e:
                 raise ValueError(f"SFT dataset: row {i}: {e}") from None
-            # trim the prompt's start to keep the completion whole; a completion of max_length or more
+            # trim the prompt's start to keep the completion whole; a completion of the limit or more
             # keeps one prompt token and loses its end (its EOS with it)
-            if len(p) + len(c) > cfg.max_length:
-                p = p[-max(1, cfg.max_length - len(c)):]
-                c = c[:cfg.max_length - len(p)]
+            if len(p) + len(c) > limit:
+                p = p[-max(1, limit - len(c)):]
+                c = c[:limit - len(p)]
             self.examples.append((p, c))
         self.run_dir = run_dir or run_dir_for(cfg.output_dir, cfg.run_name, "sft")
         self.stage, self.step_offset = stage_name, step_offset
