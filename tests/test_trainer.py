@@ -105,6 +105,32 @@ def test_resuming_from_an_older_checkpoint_sets_the_later_ones_aside(tmp_path, c
     assert (run / "checkpoint-4").is_dir()
 
 
+def test_a_failed_reference_write_leaves_the_last_checkpoint_resumable(tmp_path, monkeypatch):
+    # reference.safetensors was written after checkpoint-N had been renamed into place and the older
+    # checkpoints pruned: a full disk left checkpoint-2 with half a reference model, and the run could
+    # not be resumed at all ("cannot load reference.safetensors")
+    import safetensors.torch
+
+    kw = dict(max_steps=3, save_steps=1, save_total_limit=1, beta=0.1, per_device_train_batch_size=8)
+    real, calls = safetensors.torch.save_model, []
+
+    def disk_full(model, filename, *a, **k):
+        calls.append(filename)
+        real(model, filename, *a, **k)
+        if len(calls) == 2:
+            with open(filename, "r+b") as f:
+                f.truncate(100)
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_model", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        make(tmp_path, **kw).train()
+    monkeypatch.setattr(safetensors.torch, "save_model", real)
+    run = tmp_path / "run"
+    assert sorted(p for p in os.listdir(run) if "checkpoint" in p) == ["checkpoint-1"]
+    assert make(tmp_path, **kw).train(resume=True)["global_step"] == 3
+
+
 def test_resume_of_a_later_pipeline_stage_keeps_its_logged_steps(tmp_path):
     # A pipeline stage logs global steps (step_offset + its own): resuming it must keep the lines
     # written before the interruption instead of truncating them on the stage's local step.

@@ -389,9 +389,11 @@ def _optimizer_state_dict(opt: torch.optim.Optimizer, tensors: dict[str, torch.T
 
 # -- save / load -------------------------------------------------------------------------------
 def save_checkpoint(run_dir: str, step: int, *, model, optimizer=None, scheduler=None, tokenizer=None,
-                    state: Optional[dict] = None, keep: Optional[int] = 2) -> str:
+                    state: Optional[dict] = None, keep: Optional[int] = 2,
+                    write_extra: Optional[Callable[[str], None]] = None) -> str:
     """Write checkpoint-<step> atomically and delete all but it and the newest `keep` - 1 others
-    (keep=None: delete none)."""
+    (keep=None: delete none). `write_extra(folder)` writes a caller's own files (GRPO's
+    reference.safetensors) into the checkpoint before it is renamed into place."""
     os.makedirs(run_dir, exist_ok=True)
     final = os.path.join(run_dir, f"checkpoint-{step}")
     tmp = tempfile.mkdtemp(prefix=f".tmp-checkpoint-{step}-", dir=run_dir)
@@ -399,6 +401,8 @@ def save_checkpoint(run_dir: str, step: int, *, model, optimizer=None, scheduler
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        if write_extra is not None:
+            write_extra(tmp)
         full_state = dict(state or {})
         full_state["global_step"] = step
         if optimizer is not None:

@@ -453,14 +453,17 @@ class GRPOTrainer:
         }
         if self._final_eval is not None:
             state["final_eval"] = self._final_eval
-        path = ckpt.save_checkpoint(self.run_dir, self.global_step, model=self.model, optimizer=self.optimizer,
-                                    scheduler=self.scheduler, tokenizer=self.tokenizer, state=state,
-                                    keep=self.cfg.save_total_limit)
+        write_extra = None
         if self.ref_model is not None:
             from safetensors.torch import save_model
 
-            save_model(self.ref_model, os.path.join(path, "reference.safetensors"))
-        return path
+            def write_extra(folder):
+                # inside the checkpoint before it is renamed into place and older ones are pruned: written
+                # after, a failed write left the newest checkpoint without a loadable reference model
+                save_model(self.ref_model, os.path.join(folder, "reference.safetensors"))
+        return ckpt.save_checkpoint(self.run_dir, self.global_step, model=self.model, optimizer=self.optimizer,
+                                    scheduler=self.scheduler, tokenizer=self.tokenizer, state=state,
+                                    keep=self.cfg.save_total_limit, write_extra=write_extra)
 
     def load(self, path: str):
         check = resume_check(self.cursor, {"rollout_index": None, "nonfinite_skipped": 0})
