@@ -98,6 +98,64 @@ def test_failed_write_leaves_no_checkpoint(tmp_path, monkeypatch):
         ckpt.load_checkpoint(str(tmp_path), model=model)
 
 
+class _FullDisk:
+    """A file whose writes fail part way as on a full disk: OSError(ENOSPC) without a file name, as
+    write() raises."""
+
+    def __init__(self, *a, **k):
+        import builtins
+
+        self._f = builtins.open(*a, **k)
+
+    def write(self, s):
+        self._f.write(s[:3])
+        self._f.flush()
+        raise OSError(28, "No space left on device")
+
+    writelines = write
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        self._f.close()
+        return False
+
+
+def test_a_full_disk_is_an_error_naming_the_file(tmp_path, monkeypatch):
+    # safetensors raised its own SafetensorError (a traceback from the CLI), and a JSON or JSONL write
+    # "[Errno 28] No space left on device" naming no file
+    from safetensors import SafetensorError
+
+    from r1fast.trainer import metrics, sampling
+    from r1fast.trainer.metrics import MetricsLogger
+
+    model = _model(build_char_tokenizer())
+
+    def full(*a, **k):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(ckpt, "save_file", full)
+    with pytest.raises(OSError, match=rf"^cannot write checkpoint {tmp_path}/checkpoint-1: .*No space left"):
+        ckpt.save_checkpoint(str(tmp_path), 1, model=model)
+    assert os.listdir(tmp_path) == []
+    monkeypatch.undo()
+
+    log = MetricsLogger(str(tmp_path))
+    monkeypatch.setattr(metrics, "open", _FullDisk, raising=False)
+    with pytest.raises(OSError, match=r"No space left on device: '.*metrics\.jsonl'"):
+        log.log(1, "grpo", {"loss": 1.0})
+    with pytest.raises(OSError, match=r"No space left on device: '.*completions\.jsonl'"):
+        log.log_completions(1, "grpo", [{"completion": "x"}])
+
+    out = tmp_path / "kept.jsonl"
+    sampling.write_jsonl([{"prompt": "a"}], str(out))
+    monkeypatch.setattr(sampling, "open", _FullDisk, raising=False)
+    with pytest.raises(OSError, match=r"No space left on device: '.*kept\.jsonl\.tmp'"):
+        sampling.write_jsonl([{"prompt": "b"}], str(out))
+    assert out.read_text() == '{"prompt": "a"}\n' and not (tmp_path / "kept.jsonl.tmp").exists()
+
+
 def test_pruning_keeps_the_checkpoint_just_written(tmp_path):
     # save_total_limit kept the highest step numbers: a run resumed from an older checkpoint beside
     # newer ones deleted the checkpoint it had just written.

@@ -24,6 +24,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 _CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -424,8 +425,12 @@ def save_checkpoint(run_dir: str, step: int, *, model, optimizer=None, scheduler
         else:
             os.rename(tmp, final)
         _fsync_dir(run_dir)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, (OSError, SafetensorError)):
+            # a full disk: safetensors' own SafetensorError was a traceback from the CLI, and an OSError
+            # from write() names no file
+            raise OSError(f"cannot write checkpoint {final}: {e}") from e
         raise
     # the checkpoint just written is kept even where higher step numbers sit beside it (a run resumed
     # from an older checkpoint): deleting it would leave `--resume` another run's state

@@ -2,6 +2,7 @@
 <run>/completions.jsonl, and TensorBoard / W&B when installed and asked for."""
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -47,7 +48,7 @@ class MetricsLogger:
 
     def log(self, step: int, stage: str, metrics: dict[str, Any]):
         row = {"step": step, "stage": stage, **{k: _plain(v) for k, v in metrics.items()}}
-        with open(self.path, "a", encoding="utf-8") as f:
+        with writing(self.path), open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
         numeric = {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}
         if self._tb is not None:
@@ -58,7 +59,7 @@ class MetricsLogger:
             self._wandb.log({f"{stage}/{k}": v for k, v in numeric.items()}, step=step)
 
     def log_completions(self, step: int, stage: str, samples: list[dict]):
-        with open(self.completions_path, "a", encoding="utf-8") as f:
+        with writing(self.completions_path), open(self.completions_path, "a", encoding="utf-8") as f:
             for s in samples:
                 # a row no reward function scored has total NaN, which json.dumps writes as invalid JSON
                 f.write(json.dumps({"step": step, "stage": stage, **{k: _plain(v) for k, v in s.items()}}) + "\n")
@@ -83,6 +84,20 @@ def read_metrics(run_dir: str) -> list[dict]:
     return rows
 
 
+@contextlib.contextmanager
+def writing(path: str):
+    """A failed write names its file: an OSError from write() (a full disk, a file size limit) has no
+    file name, so the CLI's one-line error said only "[Errno 28] No space left on device"."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is not None:
+            raise
+        if e.errno is None:
+            raise OSError(f"{path}: {e}") from e
+        raise OSError(e.errno, e.strerror, path) from e
+
+
 def _plain(v):
     if hasattr(v, "item"):
         v = v.item()
@@ -100,6 +115,6 @@ def _truncate_after(path: str, step: int):
         lines.pop()   # cut short by a crash mid-write; its step is after the checkpoint anyway
     keep = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
     tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with writing(tmp), open(tmp, "w", encoding="utf-8") as f:
         f.writelines(keep)
     os.replace(tmp, path)

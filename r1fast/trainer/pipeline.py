@@ -38,6 +38,7 @@ from r1fast.trainer.config import (
     load_yaml,
     parse_overrides,
 )
+from r1fast.trainer.metrics import writing
 from r1fast.trainer.evaluate import check_eval_answers
 
 STAGE_TYPES = {"sft": SFTConfig, "grpo": GRPOConfig, "sample": SampleConfig}
@@ -394,8 +395,13 @@ class PipelineRunner:
     def save_state(self):
         os.makedirs(self.run_dir, exist_ok=True)
         tmp = self.state_path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(self.state, f, indent=1)
+        try:
+            with writing(tmp), open(tmp, "w", encoding="utf-8") as f:
+                json.dump(self.state, f, indent=1)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
         os.replace(tmp, self.state_path)
 
     def evaluate(self, model, tokenizer, seed: int) -> dict:
@@ -422,7 +428,8 @@ class PipelineRunner:
                     out.extend(line for line in f if line.strip())
             if st.get("eval"):
                 out.append(json.dumps({"step": st["step_end"], "stage": name, **st["eval"]}) + "\n")
-        with open(os.path.join(self.run_dir, "metrics.jsonl"), "w", encoding="utf-8") as f:
+        path = os.path.join(self.run_dir, "metrics.jsonl")
+        with writing(path), open(path, "w", encoding="utf-8") as f:
             f.writelines(out)
 
     # -- the run -----------------------------------------------------------------------------------
@@ -565,7 +572,8 @@ class PipelineRunner:
             self.save_state()
             self.write_metrics()
         summary = self.summary(time.perf_counter() - t_start)
-        with open(os.path.join(self.run_dir, "summary.json"), "w", encoding="utf-8") as f:
+        path = os.path.join(self.run_dir, "summary.json")
+        with writing(path), open(path, "w", encoding="utf-8") as f:
             json.dump(summary, f, indent=1)
         print(render_summary(summary))
         return summary
