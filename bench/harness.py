@@ -46,6 +46,11 @@ class DeviceLost(RuntimeError):
         self.rows, self.remaining = rows or [], []
 
 
+class ResultsNotWritten(ValueError):
+    """The results files cannot be written (a full disk): the run stops, naming the file, instead of
+    counting the suite being measured as FAILED and saying no row was measured."""
+
+
 def device_lost(device: torch.device) -> str | None:
     """Why `device` can run nothing more in this process, or None while it can."""
     if device.type != "cuda":
@@ -464,15 +469,19 @@ def write_results(rows: list[dict], out_dir: Path, device: torch.device, meta: d
     csv_path, json_path = paths
     # Written beside and renamed over: a run killed mid-write (a time box) leaves the previous whole file.
     tmp = csv_path.with_name(csv_path.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS)
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: r.get(k) for k in COLUMNS})
-    os.replace(tmp, csv_path)
-    tmp = json_path.with_name(json_path.name + ".tmp")
-    tmp.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1, default=str))
-    os.replace(tmp, json_path)
+    try:
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=COLUMNS)
+            w.writeheader()
+            for r in rows:
+                w.writerow({k: r.get(k) for k in COLUMNS})
+        os.replace(tmp, csv_path)
+        tmp = json_path.with_name(json_path.name + ".tmp")
+        tmp.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1, default=str))
+        os.replace(tmp, json_path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise ResultsNotWritten(f"cannot write the results to {tmp.with_suffix('')}: {e}") from e
     return csv_path, json_path
 
 
@@ -588,6 +597,8 @@ def main(suite_names: list[str], size: str = "smoke", out_dir: str | None = None
         except DeviceLost as e:
             rows += e.rows
             lost = e
+        except ResultsNotWritten:
+            raise
         except Exception as e:  # one broken suite must not lose the others' results
             log(f"  FAILED {name}: {type(e).__name__}: {e}")
             why = device_lost(dev)

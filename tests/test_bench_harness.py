@@ -27,6 +27,27 @@ def test_kv_cache_suite_rows_follow_the_schema(tmp_path):
     assert png.stat().st_size > 1000
 
 
+def test_results_that_cannot_be_written_stop_the_run_naming_the_file(tmp_path, monkeypatch):
+    # a full disk: the write error inside the per-case save was counted as the suite FAILED, and the
+    # run then said "no row was measured, no file written" beside a half-written .csv.tmp
+    import builtins
+
+    def full_disk(file, mode="r", *a, **k):
+        f = builtins.open(file, mode, *a, **k)
+        if "w" in mode and str(file).endswith(".csv.tmp"):
+            f.write("suite,")
+            f.close()
+            raise OSError(28, "No space left on device")
+        return f
+
+    monkeypatch.setattr(harness, "open", full_disk, raising=False)
+    log = []
+    with pytest.raises(ValueError, match=r"^cannot write the results to .*\.csv: \[Errno 28\] No space left"):
+        harness.main(["kv_cache"], size="smoke", out_dir=str(tmp_path), budget_s=0.0, min_reps=1, log=log.append)
+    assert not any("FAILED" in line for line in log)
+    assert not list(tmp_path.glob("*.tmp"))
+
+
 def test_unknown_suite_and_size_are_clear_errors():
     with pytest.raises(ValueError, match="unknown suite"):
         harness.main(["no_such_suite"], log=lambda *_: None)
