@@ -276,6 +276,22 @@ def test_resume_without_an_earlier_run_says_it_starts_fresh(tmp_path, capsys):
     assert "--resume: no earlier run in" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("damaged", ["", "[1, 2]"])
+def test_resume_names_a_damaged_pipeline_state(tmp_path, damaged):
+    # an empty pipeline_state.json (a crash soon after an unsynced rename) was json's bare "Expecting
+    # value: line 1 column 1 (char 0)"; a list, a TypeError traceback
+    spec = one_sft_stage_spec(tmp_path)
+    cmd = ["pipeline", str(spec), f"output_dir={tmp_path / 'run'}"]
+    assert main(cmd) == 0
+    (tmp_path / "run" / "pipeline_state.json").write_text(damaged)
+    with pytest.raises(SystemExit, match=r"run/pipeline_state\.json is not (valid JSON|a pipeline state).*"
+                                         r"overwrite_output_dir=true"):
+        main(cmd + ["--resume"])
+    with pytest.raises(SystemExit, match="holds an earlier run"):
+        main(cmd)
+    assert main(cmd + ["overwrite_output_dir=true"]) == 0
+
+
 def test_resume_says_a_finished_stage_keeps_its_results_over_new_options(tmp_path, capsys):
     # lowering a finished sample stage's thresholds and resuming silently kept its empty output
     spec = one_sft_stage_spec(tmp_path)

@@ -356,6 +356,17 @@ def test_resume_drops_a_metrics_line_cut_short_by_a_crash(tmp_path):
     assert [r["step"] for r in _metrics(tmp_path / "metrics.jsonl")] == [1, 2]
 
 
+@pytest.mark.parametrize("damaged", ['\x00\x00\x00\x00', 'garbage', '[1, 2]'])
+def test_resume_names_a_damaged_line_of_the_log(tmp_path, damaged):
+    # a whole line that is not a JSON object (zeros a crash left, another writer's text) was json's bare
+    # "Expecting value: line 1 column 1 (char 0)", or an AttributeError traceback, naming no file
+    from r1fast.trainer.metrics import MetricsLogger
+
+    (tmp_path / "completions.jsonl").write_text(f'{{"step": 1}}\n{damaged}\n{{"step": 2}}\n')
+    with pytest.raises(ValueError, match=r"completions\.jsonl line 2: not a JSON object .*remove that line"):
+        MetricsLogger(str(tmp_path), resume_step=2)
+
+
 def test_completions_log_of_a_row_no_reward_scored_is_valid_json(tmp_path):
     # such a row's total is NaN: completions.jsonl held `"reward": NaN`, which strict JSON readers refuse
     def sevens_or_none(prompts, completions, **kw):

@@ -106,14 +106,34 @@ def _plain(v):
     return v
 
 
+def _short_line(line: str, limit: int = 40) -> str:
+    r = repr(line.rstrip("\n"))
+    return r if len(r) <= limit else r[:limit] + "..."
+
+
 def _truncate_after(path: str, step: int):
     if not os.path.exists(path):
         return
-    with open(path, encoding="utf-8") as f:
-        lines = f.readlines()
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.readlines()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e}); remove the damaged lines (or the file) to resume") from None
     if lines and not lines[-1].endswith("\n"):
         lines.pop()   # cut short by a crash mid-write; its step is after the checkpoint anyway
-    keep = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+    keep = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:   # a damaged line was json's bare "Expecting value: line 1 column 1 (char 0)", naming no file
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if not isinstance(row, dict):
+            raise ValueError(f"{path} line {n}: not a JSON object ({_short_line(line)}); remove that line (or "
+                             f"the file) to resume")
+        if row.get("step", 0) <= step:
+            keep.append(line)
     tmp = path + ".tmp"
     with writing(tmp), open(tmp, "w", encoding="utf-8") as f:
         f.writelines(keep)

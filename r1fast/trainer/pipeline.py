@@ -398,6 +398,8 @@ class PipelineRunner:
         try:
             with writing(tmp), open(tmp, "w", encoding="utf-8") as f:
                 json.dump(self.state, f, indent=1)
+                f.flush()
+                os.fsync(f.fileno())   # or a crash soon after the rename can leave an empty pipeline_state.json
         except BaseException:
             if os.path.exists(tmp):
                 os.remove(tmp)
@@ -448,8 +450,13 @@ class PipelineRunner:
 
             torch.set_num_threads(p.num_threads)
         if resume and os.path.isfile(self.state_path):
-            with open(self.state_path, encoding="utf-8") as f:
-                self.state = json.load(f)
+            try:
+                with open(self.state_path, encoding="utf-8") as f:
+                    self.state = json.load(f)
+            except ValueError as e:   # json's own message named no file
+                raise ValueError(f"{self.state_path} is not valid JSON ({e}); {_GONE}") from None
+            if not isinstance(self.state, dict) or not isinstance(self.state.get("stages"), dict):
+                raise ValueError(f"{self.state_path} is not a pipeline state (no 'stages' object); {_GONE}")
         elif resume:
             print(f"r1fast: --resume: no earlier run in {self.run_dir}; starting from the first stage")
         else:
@@ -589,6 +596,8 @@ class PipelineRunner:
                 with open(self.state_path, encoding="utf-8") as f:
                     old = json.load(f)
             except ValueError:
+                old = {}
+            if not isinstance(old, dict):
                 old = {}
             names += [n for n in old.get("order", []) if n not in names]
             done = [n for n, st in old.get("stages", {}).items() if st.get("finished")]
