@@ -292,6 +292,25 @@ def test_resume_names_a_damaged_pipeline_state(tmp_path, damaged):
     assert main(cmd + ["overwrite_output_dir=true"]) == 0
 
 
+def test_resume_names_a_damaged_line_of_a_sample_stages_output(tmp_path, monkeypatch):
+    spec = tmp_path / "p.yaml"
+    spec.write_text("name: p\nmodel: builtin:micro\nprogress_bar: false\nstages:\n"
+                    "  - {name: rs, type: sample, dataset: builtin:arithmetic, num_rows: 2,\n"
+                    "     config: {num_samples: 1, max_completion_length: 4, reward_funcs: [format],"
+                    " reward_thresholds: [0.0]}}\n"
+                    "  - {name: t, type: sft, dataset: '@rs', config: {max_steps: 1, per_device_train_batch_size: 2}}\n")
+    cmd = ["pipeline", str(spec), f"output_dir={tmp_path / 'run'}"]
+    assert main(cmd) == 0
+    state_path = tmp_path / "run" / "pipeline_state.json"
+    state = json.loads(state_path.read_text())
+    state["stages"].pop("t")   # as if stopped before stage t finished
+    state_path.write_text(json.dumps(state))
+    with open(tmp_path / "run" / "rs" / "samples.jsonl", "a") as f:
+        f.write("garbage\n")
+    with pytest.raises(SystemExit, match=r"rs/samples\.jsonl line \d+: not valid JSON"):
+        main(cmd + ["--resume"])
+
+
 def test_resume_says_a_finished_stage_keeps_its_results_over_new_options(tmp_path, capsys):
     # lowering a finished sample stage's thresholds and resuming silently kept its empty output
     spec = one_sft_stage_spec(tmp_path)

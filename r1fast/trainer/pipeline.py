@@ -351,8 +351,10 @@ class PipelineRunner:
                 if not os.path.isfile(path):
                     raise ValueError(f"stage {stage.name!r}: {path}, the samples stage {src!r} kept, is gone "
                                      f"({_GONE})")
-                with open(path, encoding="utf-8") as f:
-                    self.samples[src] = [json.loads(line) for line in f if line.strip()]
+                from r1fast.data.loading import read_json_objects
+
+                # a damaged line was json's bare "Expecting value: line 1 column 1 (char 0)"
+                self.samples[src] = read_json_objects(path, path)
             rows = self.samples[src]
             if not rows:
                 raise ValueError(f"stage {stage.name!r}: stage {src!r} kept no samples (lower its thresholds or "
