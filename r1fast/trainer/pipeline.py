@@ -38,8 +38,8 @@ from r1fast.trainer.config import (
     load_yaml,
     parse_overrides,
 )
-from r1fast.trainer.metrics import writing
 from r1fast.trainer.evaluate import check_eval_answers
+from r1fast.trainer.metrics import writing
 
 STAGE_TYPES = {"sft": SFTConfig, "grpo": GRPOConfig, "sample": SampleConfig}
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "default.yaml")
