@@ -404,3 +404,15 @@ def test_configs_built_in_python_get_the_yaml_type_checks(tmp_path):
     cfg.max_steps = "x"  # set after construction: caught when the trainer validates
     with pytest.raises(ConfigError, match="option 'max_steps' expects int, got 'x'"):
         cfg.validate()
+
+
+def test_a_leading_tilde_in_a_path_option_is_the_home_directory(tmp_path, monkeypatch):
+    # a YAML `output_dir: ~/runs/x` made a folder named "~" in the working directory
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = GRPOConfig.from_dict({"output_dir": "~/runs/x", "dataset": "~/d.jsonl", "run_name": "~keep"})
+    assert (cfg.output_dir, cfg.dataset, cfg.run_name) == (str(tmp_path / "runs/x"), str(tmp_path / "d.jsonl"), "~keep")
+    assert SampleConfig.from_dict({"output_file": "~/kept.jsonl"}).output_file == str(tmp_path / "kept.jsonl")
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text("{}")
+    p = load_pipeline(DEFAULT_CONFIG, ["output_dir=~/run", "model=~/m"])
+    assert (p.output_dir, p.model) == (str(tmp_path / "run"), str(tmp_path / "m"))

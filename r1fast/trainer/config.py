@@ -100,7 +100,17 @@ class _Base:
                 value = [v if callable(v) else _coerce(name, v, str, type(self).__name__) for v in value]
                 setattr(self, name, value)
                 continue
-            setattr(self, name, _coerce(name, value, hints[name], type(self).__name__))
+            setattr(self, name, expand_home(name, _coerce(name, value, hints[name], type(self).__name__)))
+
+
+# options naming a file or folder: a leading ~ is the home directory, as in a shell (left as it was, a
+# YAML `output_dir: ~/runs/x` made a folder named "~" in the working directory)
+PATH_OPTIONS = ("output_dir", "model_name_or_path", "model", "dataset", "eval_dataset", "output_file")
+
+
+def expand_home(name: str, value):
+    return os.path.expanduser(value) if name in PATH_OPTIONS and isinstance(value, str) and \
+        value.startswith("~") else value
 
 
 PACKAGED_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")

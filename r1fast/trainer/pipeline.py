@@ -35,6 +35,7 @@ from r1fast.trainer.config import (
     SFTConfig,
     _check_device,
     _coerce,
+    expand_home,
     load_yaml,
     parse_overrides,
 )
@@ -249,7 +250,7 @@ def _typed(cls, data: dict, where: str) -> dict:
     import typing
 
     hints = typing.get_type_hints(cls)
-    return {k: _coerce(k, v, hints[k], where) for k, v in data.items()}
+    return {k: expand_home(k, _coerce(k, v, hints[k], where)) for k, v in data.items()}
 
 
 def _validate(p: Pipeline, where: str):
