@@ -233,6 +233,26 @@ def test_save_pretrained_loads_in_transformers(tmp_path):
     assert ModelConfig.from_hf_config(out).rope_scaling == cfg.rope_scaling
 
 
+def test_a_loaded_models_generation_config_reaches_its_saved_checkpoints(tmp_path):
+    # a trained checkpoint (save_pretrained of a model loaded from a folder) kept no generation_config.json:
+    # transformers and vLLM then generated without the source's eos ids and sampling defaults
+    import json
+
+    src = tmp_path / "src"
+    CausalLM(ModelConfig(**CONFIGS["llama-gqa4-tied-llama3rope-bias"])).save_pretrained(src)
+    gen = {"eos_token_id": [2, 7], "temperature": 0.7, "top_p": 0.8, "do_sample": True}
+    (src / "generation_config.json").write_text(json.dumps(gen))
+    model = from_pretrained(src)
+    model.save_pretrained(tmp_path / "trained")
+    assert json.loads((tmp_path / "trained" / "generation_config.json").read_text()) == gen
+    assert transformers.GenerationConfig.from_pretrained(tmp_path / "trained").eos_token_id == [2, 7]
+    # saved over a folder holding another generation config, the model's wins
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "generation_config.json").write_text('{"eos_token_id": 0}')
+    model.save_pretrained(tmp_path / "old")
+    assert json.loads((tmp_path / "old" / "generation_config.json").read_text()) == gen
+
+
 def test_sharded_checkpoint_from_transformers_loads(tmp_path):
     cfg = ModelConfig(**CONFIGS["qwen3-headdim12-untied-bias"])
     ref = hf_model(cfg, seed=7)

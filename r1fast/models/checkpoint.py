@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import tempfile
+from typing import Optional
 
 import torch
 
@@ -19,6 +20,7 @@ from r1fast.models.config import ModelConfig, read_config_json, resolve_dtype
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
+GENERATION_CONFIG_NAME = "generation_config.json"
 _WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # Keys some checkpoints carry that hold nothing to load (older Llama exports saved rotary caches).
 _IGNORED_KEY = re.compile(r"^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$")
@@ -92,7 +94,19 @@ def from_pretrained(path, dtype=None, device=None, fp8="off"):
         from r1fast.fp8 import apply_fp8
 
         model = apply_fp8(model, fp8) or model
+    model.generation_config_json = _read_generation_config(path)
     return model
+
+
+def _read_generation_config(path: str) -> Optional[dict]:
+    """The folder's generation_config.json (eos ids and sampling defaults that transformers and vLLM
+    read), which save_pretrained writes into the model's own checkpoints; None when absent or unreadable."""
+    try:
+        with open(os.path.join(path, GENERATION_CONFIG_NAME), encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 _LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.")
@@ -317,9 +331,13 @@ def save_pretrained(model, path, max_shard_size="5GB") -> None:
                 json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
         with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
             json.dump(model.config.to_hf_config(model.dtype), f, indent=2, sort_keys=True)
+        generation = getattr(model, "generation_config_json", None)
+        if generation is not None:  # the source folder's: a trained checkpoint kept no eos ids nor sampling defaults
+            with open(os.path.join(tmp, GENERATION_CONFIG_NAME), "w", encoding="utf-8") as f:
+                json.dump(generation, f, indent=2)
         if os.path.isdir(path):
             for entry in os.listdir(path):
-                if _OWN_FILE.match(entry):
+                if _OWN_FILE.match(entry) or (generation is not None and entry == GENERATION_CONFIG_NAME):
                     continue
                 src, dst = os.path.join(path, entry), os.path.join(tmp, entry)
                 if os.path.isdir(src):
