@@ -1448,6 +1448,21 @@ def test_sft_trains_on_a_completion_message_content_never_on_its_repr():
         SFTTrainer(model, tok, rows, SFTConfig(progress_bar=False))
 
 
+def test_sft_refuses_a_completion_message_that_is_not_the_assistants():
+    """A completion is the assistant's message (docs/training.md); a message list ending on the user's
+    turn was trained on as the completion, teaching the model to write the user's text."""
+    from r1fast.trainer.config import SFTConfig
+    from r1fast.trainer.sft import SFTTrainer
+
+    model, tok = tiny_model()
+    for comp in ({"role": "user", "content": "7"},
+                 [{"role": "assistant", "content": "7"}, {"role": "user", "content": "and 8?"}]):
+        rows = [{"prompt": "1", "completion": "7"}, {"prompt": "2", "completion": comp}]
+        with pytest.raises(ValueError, match=r"SFT dataset: row 1: a completion message must be the assistant's; "
+                                             r"got role 'user'"):
+            SFTTrainer(model, tok, rows, SFTConfig(progress_bar=False))
+
+
 def test_a_checkpoint_whose_replacement_was_killed_between_renames_is_resumed(tmp_path):
     # A save over an existing checkpoint-N renames it to checkpoint-N.old-<pid>, then the new one in; killed
     # between the two, the complete old one was left under that name forever and a resume went back to

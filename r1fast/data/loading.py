@@ -212,6 +212,9 @@ def encode_completion(tokenizer, completion: Any) -> list[int]:
     last one is the completion) with string content."""
     if isinstance(completion, list) and completion:
         completion = completion[-1]
+    if isinstance(completion, dict) and completion.get("role", "assistant") != "assistant":
+        # a conversation ending on the user's turn (or swapped columns) would train the model to write the user's text
+        raise ValueError(f"a completion message must be the assistant's; got role {completion.get('role')!r}")
     if isinstance(completion, dict) and isinstance(completion.get("content"), str):
         completion = completion["content"]
     elif isinstance(completion, (list, dict, tuple)):   # its repr would be trained on, "[{'type': 'text', ..."
