@@ -1,4 +1,4 @@
-"""`r1fast plot RUN_DIR`: PNG curves of reward, accuracy, KL, completion length and entropy."""
+"""`r1fast plot RUN_DIR`: PNG curves of reward, accuracy, KL, completion length, entropy and loss."""
 from __future__ import annotations
 
 import json
