@@ -292,13 +292,8 @@ def test_other_generation_backends_refused_with_r1fast_generation(option):
     assert generation_problems(types.SimpleNamespace(**{option: False})) == []
 
 
-@pytest.mark.parametrize("top_k, engine_top_k", [(5, 5), (0, -1), (None, 50)])
-def test_trl_sampling_options_reach_the_engine(tmp_path, monkeypatch, top_k, engine_top_k):
-    """TRL's temperature, top_p, top_k (0: off; None: transformers' default 50, as its generate samples) and min_p
-    become the engine's SamplingParams; the engine reads the current weights (a sync before every generation); one
-    completion per prompt, in order."""
-    path = save_tiny_qwen2(tmp_path / "m", seed=0)
-    trainer = _trainer(path, tmp_path / "run", temperature=0.7, top_p=0.9, top_k=top_k, min_p=0.05)
+def spy_on_engine_params(monkeypatch) -> list:
+    """The SamplingParams of every HFRollout.generate call from now on."""
     seen = []
     generate = HFRollout.generate
 
@@ -307,6 +302,17 @@ def test_trl_sampling_options_reach_the_engine(tmp_path, monkeypatch, top_k, eng
         return generate(self, prompt_ids, params)
 
     monkeypatch.setattr(HFRollout, "generate", spy)
+    return seen
+
+
+@pytest.mark.parametrize("top_k, engine_top_k", [(5, 5), (0, -1), (None, 50)])
+def test_trl_sampling_options_reach_the_engine(tmp_path, monkeypatch, top_k, engine_top_k):
+    """TRL's temperature, top_p, top_k (0: off; None: transformers' default 50, as its generate samples) and min_p
+    become the engine's SamplingParams; the engine reads the current weights (a sync before every generation); one
+    completion per prompt, in order."""
+    path = save_tiny_qwen2(tmp_path / "m", seed=0)
+    trainer = _trainer(path, tmp_path / "run", temperature=0.7, top_p=0.9, top_k=top_k, min_p=0.05)
+    seen = spy_on_engine_params(monkeypatch)
     model = trainer.accelerator.unwrap_model(trainer.model)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():  # an optimizer step since the last generation
@@ -334,14 +340,7 @@ def test_trl_sampling_options_left_none_take_the_models_generation_config(tmp_pa
         model.generation_config.top_k, model.generation_config.top_p, model.generation_config.min_p = 7, 0.8, 0.1
 
     trainer = _trainer(path, tmp_path / "run", top_k=None, top_p=None, model_setup=setup)
-    seen = []
-    generate = HFRollout.generate
-
-    def spy(self, prompt_ids, params):
-        seen.append(params)
-        return generate(self, prompt_ids, params)
-
-    monkeypatch.setattr(HFRollout, "generate", spy)
+    seen = spy_on_engine_params(monkeypatch)
     trainer._generate_single_turn([[5, 6, 7]] * 4, None, None, 4)
     (params,) = seen
     assert (params.top_k, params.top_p, params.min_p) == (7, 0.8, 0.1)
