@@ -148,9 +148,10 @@ def test_a_full_disk_is_an_error_naming_the_file(tmp_path, monkeypatch):
     with pytest.raises(OSError, match=r"No space left on device: '.*completions\.jsonl'"):
         log.log_completions(1, "grpo", [{"completion": "x"}])
 
+    monkeypatch.undo()
     out = tmp_path / "kept.jsonl"
     sampling.write_jsonl([{"prompt": "a"}], str(out))
-    monkeypatch.setattr(sampling, "open", _FullDisk, raising=False)
+    monkeypatch.setattr(metrics, "open", _FullDisk, raising=False)   # write_jsonl writes through metrics.replacing
     with pytest.raises(OSError, match=r"No space left on device: '.*kept\.jsonl\.tmp'"):
         sampling.write_jsonl([{"prompt": "b"}], str(out))
     assert out.read_text() == '{"prompt": "a"}\n' and not (tmp_path / "kept.jsonl.tmp").exists()

@@ -98,6 +98,23 @@ def writing(path: str):
         raise OSError(e.errno, e.strerror, path) from e
 
 
+@contextlib.contextmanager
+def replacing(path: str):
+    """A text file open on `path`.tmp, synced and renamed over `path` once written: a crash or a failed
+    write (named by `writing`) leaves `path` as it was and no .tmp behind."""
+    tmp = path + ".tmp"
+    try:
+        with writing(tmp), open(tmp, "w", encoding="utf-8") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())   # or a crash soon after the rename can leave an empty file
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+    os.replace(tmp, path)
+
+
 def _plain(v):
     if hasattr(v, "item"):
         v = v.item()
@@ -134,7 +151,5 @@ def _truncate_after(path: str, step: int):
                              f"the file) to resume")
         if row.get("step", 0) <= step:
             keep.append(line)
-    tmp = path + ".tmp"
-    with writing(tmp), open(tmp, "w", encoding="utf-8") as f:
+    with replacing(path) as f:
         f.writelines(keep)
-    os.replace(tmp, path)

@@ -40,7 +40,7 @@ from r1fast.trainer.config import (
     parse_overrides,
 )
 from r1fast.trainer.evaluate import check_eval_answers
-from r1fast.trainer.metrics import writing
+from r1fast.trainer.metrics import replacing, writing
 
 STAGE_TYPES = {"sft": SFTConfig, "grpo": GRPOConfig, "sample": SampleConfig}
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "default.yaml")
@@ -397,17 +397,8 @@ class PipelineRunner:
 
     def save_state(self):
         os.makedirs(self.run_dir, exist_ok=True)
-        tmp = self.state_path + ".tmp"
-        try:
-            with writing(tmp), open(tmp, "w", encoding="utf-8") as f:
-                json.dump(self.state, f, indent=1)
-                f.flush()
-                os.fsync(f.fileno())   # or a crash soon after the rename can leave an empty pipeline_state.json
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
-        os.replace(tmp, self.state_path)
+        with replacing(self.state_path) as f:
+            json.dump(self.state, f, indent=1)
 
     def evaluate(self, model, tokenizer, seed: int) -> dict:
         from r1fast.trainer.evaluate import evaluate_accuracy

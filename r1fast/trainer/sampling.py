@@ -5,7 +5,6 @@ the next stage; sampled from a teacher and trained into a smaller model they are
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 from typing import Sequence
@@ -14,7 +13,7 @@ from r1fast.data.loading import check_columns, check_prompts, decode_completion,
 from r1fast.rewards import RewardSet
 from r1fast.trainer.common import check_answer_column, check_prompt_room, reward_columns, reward_completions
 from r1fast.trainer.config import SampleConfig
-from r1fast.trainer.metrics import writing
+from r1fast.trainer.metrics import replacing
 
 
 def rejection_sample(model, tokenizer, rows: Sequence[dict], cfg: SampleConfig, *, progress: bool = True) -> tuple[list[dict], dict]:
@@ -107,13 +106,6 @@ def _json_value(value):
 
 def write_jsonl(rows: Sequence[dict], path: str):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    try:
-        with writing(tmp), open(tmp, "w", encoding="utf-8") as f:
-            for r in rows:
-                f.write(json.dumps(r, ensure_ascii=False, default=_json_value) + "\n")
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)   # half the rows: never left beside the output file
-        raise
-    os.replace(tmp, path)
+    with replacing(path) as f:   # half the rows are never left as the output file
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False, default=_json_value) + "\n")
