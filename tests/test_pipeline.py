@@ -444,6 +444,14 @@ def test_plot_names_a_bad_metrics_line(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo\n')
     with pytest.raises(SystemExit, match=r"metrics.jsonl line 2: not valid JSON"):
         main(["plot", str(tmp_path)])
+    # a run still writing its last line (no newline yet): plotted without it, as the next look will have it
+    pytest.importorskip("matplotlib")
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')
+    assert main(["plot", str(tmp_path)]) == 0
+    from r1fast.trainer.metrics import read_metrics
+
+    with pytest.raises(ValueError, match="line 3: not valid JSON"):   # elsewhere (a resume) it still counts
+        read_metrics(str(tmp_path))
 
 
 def test_resumed_summary_marks_stages_evaluated_under_earlier_settings(tmp_path, capsys):

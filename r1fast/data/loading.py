@@ -98,9 +98,10 @@ def _load_hf(path: str, split: Optional[str], default_splits: Sequence[str] = TR
     return [dict(r) for r in ds]
 
 
-def read_json_objects(path: str, what: str) -> list[dict]:
+def read_json_objects(path: str, what: str, being_written: bool = False) -> list[dict]:
     """The JSON objects of a JSON-lines file (blank lines skipped); a line that is not one is a
-    ValueError naming `what` and the line number."""
+    ValueError naming `what` and the line number. being_written: a file another process is appending
+    to, whose unterminated last line may be half-written; it is left out if it does not parse."""
     rows: list[dict] = []
     n = 0
     # utf-8-sig: a byte-order mark that Windows tools put first is skipped (it failed line 1 as "not valid JSON")
@@ -112,6 +113,8 @@ def read_json_objects(path: str, what: str) -> list[dict]:
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError as e:   # e.g. a line cut short when a run was killed
+                    if being_written and not line.endswith("\n"):
+                        break
                     raise ValueError(f"{what} line {n}: not valid JSON ({e.msg} at column {e.colno})") from None
                 except RecursionError:
                     raise ValueError(f"{what} line {n}: JSON nested too deeply to read") from None

@@ -71,13 +71,14 @@ class MetricsLogger:
             self._wandb.finish()
 
 
-def read_metrics(run_dir: str) -> list[dict]:
+def read_metrics(run_dir: str, being_written: bool = False) -> list[dict]:
+    """The records of a run's metrics.jsonl; being_written: the run may be appending its last line."""
     path = os.path.join(run_dir, "metrics.jsonl") if os.path.isdir(run_dir) else run_dir
     if not os.path.isfile(path):
         raise ValueError(f"no metrics.jsonl in {run_dir!r}")
     from r1fast.data.loading import read_json_objects
 
-    rows = read_json_objects(path, path)
+    rows = read_json_objects(path, path, being_written)
     for n, row in enumerate(rows, 1):
         if not isinstance(row.get("step"), (int, float)):
             raise ValueError(f"{path}: record {n} has no numeric 'step'")

@@ -66,14 +66,14 @@ def run_metrics(run_dir: str) -> list[dict]:
     <run>/<stage>/metrics.jsonl come after them, so a run is plotted while it trains."""
     state_path = os.path.join(run_dir, "pipeline_state.json")
     if not os.path.isfile(state_path):
-        return read_metrics(run_dir)
+        return read_metrics(run_dir, being_written=True)
     with open(state_path, encoding="utf-8") as f:
         state = json.load(f)
-    rows = read_metrics(run_dir) if os.path.isfile(os.path.join(run_dir, "metrics.jsonl")) else []
+    rows = read_metrics(run_dir, being_written=True) if os.path.isfile(os.path.join(run_dir, "metrics.jsonl")) else []
     for name in state.get("order", []):
         stage_metrics = os.path.join(run_dir, name, "metrics.jsonl")
         if not state.get("stages", {}).get(name, {}).get("finished") and os.path.isfile(stage_metrics):
-            rows += read_metrics(stage_metrics)
+            rows += read_metrics(stage_metrics, being_written=True)
     if not rows:
         raise ValueError(f"no metrics logged yet in {run_dir!r}")
     return rows
