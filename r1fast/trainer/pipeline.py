@@ -466,6 +466,9 @@ class PipelineRunner:
         self.save_state()  # the stage order, for `r1fast plot` while the first stage runs
         t_start = time.perf_counter()
         model = tokenizer = None
+        # what a stage without its own model loads when `model` is None: (spec, seed) of the last finished
+        # stage's checkpoint, or of the model a finished sample stage sampled
+        reload: Optional[tuple[str, int]] = None
         step = 0
         for i, stage in enumerate(p.stages):
             done = self.state["stages"].get(stage.name)
@@ -478,22 +481,21 @@ class PipelineRunner:
                 step = done.get("step_end", step)
                 if done.get("checkpoint"):
                     model = tokenizer = None   # reload lazily from the last finished stage's checkpoint
-                    self._last_ckpt, self._last_seed = self._from_run(done["checkpoint"]), p.seed + i
+                    reload = self._from_run(done["checkpoint"]), p.seed + i
                 elif stage.model:
                     # a sample stage that sampled a model of its own: the next stage trains that one, as in a
                     # fresh run (it trained the checkpoint before it once this stage had finished earlier)
                     model = tokenizer = None
-                    self._last_ckpt, self._last_seed = stage.model, p.seed + i
+                    reload = stage.model, p.seed + i
                 continue
             if stage.model:
                 model, tokenizer = self.load_model(stage.model, p.seed + i)
             elif model is None:
-                last = getattr(self, "_last_ckpt", None)
-                if last and not last.startswith(("@", "builtin:")) and not os.path.isdir(last):
-                    raise ValueError(f"stage {stage.name!r} starts from {last}, the checkpoint an earlier stage "
+                if reload and not reload[0].startswith(("@", "builtin:")) and not os.path.isdir(reload[0]):
+                    raise ValueError(f"stage {stage.name!r} starts from {reload[0]}, the checkpoint an earlier stage "
                                      f"finished with, which is gone ({_GONE})")
-                if last:
-                    model, tokenizer = self.load_model(last, getattr(self, "_last_seed", p.seed + i))
+                if reload:
+                    model, tokenizer = self.load_model(*reload)
                 elif p.model:
                     model, tokenizer = self.load_model(p.model, p.seed)
                 else:
@@ -564,7 +566,7 @@ class PipelineRunner:
                       f"(format {ev['eval/format']:.3f}, {ev['eval/num_samples']} samples)")
             record.update(step_end=step, wall_s=time.perf_counter() - t0, finished=True, options=_stage_options(stage))
             if "checkpoint" in record:
-                self._last_ckpt = self._from_run(record["checkpoint"])
+                reload = self._from_run(record["checkpoint"]), p.seed + i
                 if getattr(getattr(model, "fp8_report", None), "converted", None):
                     # a GRPO stage's FP8 layers must not carry into the next stage (its own fp8 option, or
                     # none for SFT, decides): it starts from the checkpoint in high precision, as on --resume
