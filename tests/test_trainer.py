@@ -64,7 +64,7 @@ def _metrics(path):
 
 def test_resume_is_bit_identical(tmp_path):
     kw = dict(max_steps=6, save_steps=2, learning_rate=3e-3, num_iterations=2, gradient_accumulation_steps=2,
-              per_device_train_batch_size=8, lr_scheduler_type="cosine", warmup_steps=2, beta=0.05)
+              per_device_train_batch_size=8, lr_scheduler_type="cosine", warmup_steps=2, beta=0.05, weight_decay=0.1)
     full = make(tmp_path, "full", **kw)
     full.train()
 
@@ -680,6 +680,37 @@ def test_sixteen_bit_parameters_step_through_fp32_master_weights(tmp_path, caplo
         assert "rounded away" not in caplog.text
         assert type(bf16_trainer("plain", fp32_master_weights=False).optimizer) is torch.optim.AdamW
     assert "torch.bfloat16 and fp32_master_weights is off" in caplog.text and "learning_rate=1e-06" in caplog.text
+
+
+def test_weight_decay_leaves_norm_gains_and_biases_alone(tmp_path):
+    """Decay pulls a weight toward 0; a norm's gain is neutral at 1, so decaying it (or a bias) is a pull
+    of its own: only the matrices decay, as in Hugging Face's Trainer, through master weights too."""
+    from r1fast.testing import randn
+
+    for dtype in (torch.float32, torch.bfloat16):
+        model, tok = tiny_model()
+        model.to(dtype)
+        tr = GRPOTrainer(model, [sevens], ROWS, GRPOConfig(
+            weight_decay=0.5, learning_rate=1e-2, lr_scheduler_type="constant", warmup_steps=0,
+            per_device_train_batch_size=32, output_dir=str(tmp_path / str(dtype))), tokenizer=tok)
+        named = list(model.named_parameters())
+        flat = [n for n, _ in named if "norm" in n or n.endswith("bias")]
+        assert flat and len(flat) < len(named)
+        ref = {n: torch.nn.Parameter(p.detach().float().clone()) for n, p in named}
+        ref_opt = torch.optim.AdamW([{"params": [ref[n] for n, _ in named if n not in flat], "weight_decay": 0.5},
+                                     {"params": [ref[n] for n in flat], "weight_decay": 0.0}],
+                                    lr=tr.optimizer.param_groups[0]["lr"])
+        for i, (n, p) in enumerate(named):
+            g = randn(*p.shape, seed=i).to(dtype)
+            p.grad, ref[n].grad = g, g.float()
+        tr.optimizer.step()
+        ref_opt.step()
+        # bf16 weights step through fp32 copies: compare those (a bf16 ulp near 1 hides the decay of a gain)
+        stepped = dict(zip(map(id, tr.optimizer.model_params), tr.optimizer.masters)) if dtype != torch.float32 \
+            else {id(p): p for _, p in named}
+        for n, p in named:
+            # one step of decay moves a weight by 5e-3 of itself; the rest is fp32 rounding of one AdamW step
+            torch.testing.assert_close(stepped[id(p)].detach().float(), ref[n].detach(), rtol=1e-6, atol=1e-7)
 
 
 def test_master_weights_step_in_groups_as_plain_adamw_steps_all_at_once(monkeypatch):

@@ -312,7 +312,10 @@ def _optimizer_state_dict(opt: torch.optim.Optimizer, tensors: dict[str, torch.T
     sizes = [len(g["params"]) for g in groups]
     if sizes != [len(g["params"]) for g in opt.param_groups]:
         raise _BadState(f"{where}.param_groups hold {sizes} parameters, this optimizer's "
-                        f"{[len(g['params']) for g in opt.param_groups]}")
+                        f"{[len(g['params']) for g in opt.param_groups]}: weight_decay > 0 puts the 1-D "
+                        f"parameters (norm gains, biases) in an undecayed group of their own (older r1fast "
+                        f"decayed them with the rest, in one group); resume with the weight_decay the checkpoint "
+                        f"was written with, or start a new run from its model weights")
     groups = [dict(g) for g in groups]
     params = {}   # saved index -> (this optimizer's parameter, its saved group)
     for gi, (saved, live) in enumerate(zip(groups, opt.param_groups)):

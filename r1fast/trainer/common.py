@@ -75,13 +75,24 @@ def load_model_and_tokenizer(spec: Optional[str], *, device, dtype: str = "float
     return model, tok
 
 
+def decay_groups(params: list, weight_decay: float) -> list[dict]:
+    """AdamW param groups where only matrices (2-D and up: linear layers, embeddings) decay. Decay pulls
+    a weight toward 0; for a norm's gain, whose neutral value is 1, or a bias that pull is a bias of
+    its own, so 1-D parameters are left out, as Hugging Face's Trainer does. No decay: one group."""
+    if not weight_decay:
+        return [{"params": params, "weight_decay": 0.0}]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
 def make_optimizer(model, cfg) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters")
-    kwargs = dict(lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
-                  weight_decay=cfg.weight_decay)
+    kwargs = dict(lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon)
     low = sorted({str(p.dtype) for p in params if p.dtype in (torch.bfloat16, torch.float16)})
+    params = decay_groups(params, cfg.weight_decay)
     if low and cfg.fp32_master_weights:
         from r1fast.trainer.master_weights import MasterWeightAdamW
 

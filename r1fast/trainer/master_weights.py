@@ -46,11 +46,16 @@ class MasterWeightAdamW(torch.optim.AdamW):
     STEP_CHUNK_ELEMENTS = 1 << 26
 
     def __init__(self, params, accumulate_fp32: bool = False, **kwargs):
-        self.model_params = list(params)
+        """`params`: parameters, or param groups (dicts with "params" and per-group options) as torch takes."""
+        params = list(params)
+        groups = params if params and isinstance(params[0], dict) else [{"params": params}]
+        groups = [{**g, "params": list(g["params"])} for g in groups]
+        self.model_params = [p for g in groups for p in g["params"]]
         # fp32 leaves the AdamW below steps; fp32 model parameters are their own master
         self.masters = [p if p.dtype in (torch.float32, torch.float64) else
                         torch.nn.Parameter(p.detach().float().clone()) for p in self.model_params]
-        super().__init__(self.masters, **kwargs)
+        masters = iter(self.masters)
+        super().__init__([{**g, "params": [next(masters) for _ in g["params"]]} for g in groups], **kwargs)
         self.accumulate_fp32 = bool(accumulate_fp32)
         self._accumulating = False
         if self.accumulate_fp32:
