@@ -23,7 +23,7 @@ def tiny_pipeline(tmp_path):
                         "max_completion_length": 12, "max_prompt_length": 16}},
             {"name": "rs", "type": "sample", "dataset": "builtin:arithmetic?min_terms=2&max_terms=2", "num_rows": 4,
              "config": {"num_samples": 2, "max_completion_length": 12, "reward_funcs": ["format"],
-                        "reward_thresholds": [0.0]}},
+                        "reward_thresholds": [0.0], "keep_truncated": True}},
             {"name": "student", "type": "sft", "model": "builtin:micro", "dataset": "@rs",
              "config": {"max_steps": 2, "per_device_train_batch_size": 4}},
         ],
@@ -153,7 +153,8 @@ def test_sft_and_sample_read_the_named_split_of_a_saved_dataset(tmp_path, monkey
                           "test": datasets.Dataset.from_list(test)}).save_to_disk(str(tmp_path / "dd"))
     out = tmp_path / "kept.jsonl"
     base = ["model_name_or_path=builtin:micro", f"dataset={tmp_path / 'dd'}", "num_samples=1", "max_completion_length=4",
-            f"output_file={out}", "progress_bar=false", "reward_thresholds=[-1,-1]"]
+            f"output_file={out}", "progress_bar=false", "reward_thresholds=[-1,-1]",
+            "keep_truncated=true"]
     assert main(["sample", *base, "dataset_split=test"]) == 0
     assert sorted(json.loads(line)["prompt"] for line in open(out)) == sorted(r["prompt"] for r in test)
     assert main(["sample", *base]) == 0   # no split named: train
@@ -220,7 +221,7 @@ def test_sample_gives_rewards_the_completion_ids_and_writes_any_column(tmp_path,
     out = tmp_path / "kept.jsonl"
     assert main(["sample", "model_name_or_path=builtin:micro", f"dataset={tmp_path / 'd.parquet'}", "num_samples=2",
                  "max_completion_length=4", f"output_file={out}", "progress_bar=false", "reward_funcs=[idrewards:by_ids]",
-                 "reward_thresholds=[0]"]) == 0
+                 "reward_thresholds=[0]", "keep_truncated=true"]) == 0
     rows = [json.loads(line) for line in open(out)]
     assert rows and {r["created"] for r in rows} <= {"2024-01-01T00:00:00", "2024-01-02T03:04:00"}
     assert all(r["rewards"]["idrewards:by_ids"] >= 1 for r in rows)
@@ -297,7 +298,7 @@ def test_resume_names_a_damaged_line_of_a_sample_stages_output(tmp_path, monkeyp
     spec.write_text("name: p\nmodel: builtin:micro\nprogress_bar: false\nstages:\n"
                     "  - {name: rs, type: sample, dataset: builtin:arithmetic, num_rows: 2,\n"
                     "     config: {num_samples: 1, max_completion_length: 4, reward_funcs: [format],"
-                    " reward_thresholds: [0.0]}}\n"
+                    " reward_thresholds: [0.0], keep_truncated: true}}\n"
                     "  - {name: t, type: sft, dataset: '@rs', config: {max_steps: 1, per_device_train_batch_size: 2}}\n")
     cmd = ["pipeline", str(spec), f"output_dir={tmp_path / 'run'}"]
     assert main(cmd) == 0
@@ -348,7 +349,7 @@ def test_a_copied_or_relative_run_folder_resumes_from_its_own_files(tmp_path, mo
                     "     config: {max_steps: 1, per_device_train_batch_size: 4}}\n"
                     "  - {name: rs, type: sample, dataset: builtin:arithmetic, num_rows: 2,\n"
                     "     config: {num_samples: 1, max_completion_length: 4, reward_funcs: [format],"
-                    " reward_thresholds: [0.0]}}\n"
+                    " reward_thresholds: [0.0], keep_truncated: true}}\n"
                     "  - {name: t, type: sft, dataset: '@rs', config: {max_steps: 1, per_device_train_batch_size: 2}}\n")
     (tmp_path / "a").mkdir()
     monkeypatch.chdir(tmp_path / "a")
@@ -422,7 +423,7 @@ def test_after_a_sample_stage_with_its_own_model_a_resumed_run_trains_what_a_fre
                        {"name": "b", "type": "sft", "dataset": "builtin:arithmetic", "num_rows": 8, "config": sft},
                        {"name": "rs", "type": "sample", "model": "@a", "dataset": "builtin:arithmetic", "num_rows": 2,
                         "config": {"num_samples": 1, "max_completion_length": 4, "reward_funcs": ["format"],
-                                   "reward_thresholds": [0.0]}},
+                                   "reward_thresholds": [0.0], "keep_truncated": True}},
                        {"name": "t", "type": "sft", "dataset": "@rs", "config": sft}]}
     assert_last_stage_resumes_as_it_ran(spec, tmp_path, "t", "checkpoint-1")
 
@@ -615,7 +616,9 @@ class ScriptedEngine:
         for ids in prompt_ids:
             text = self.tok.decode(ids)
             key = next(k for k in self.script if k in text)
+            # a (text, "length") entry: cut at max_tokens, no eos
             comps = [Completion(self.tok(t, add_special_tokens=False).input_ids + [self.tok.eos_token_id], [], "stop")
+                     if isinstance(t, str) else Completion(self.tok(t[0], add_special_tokens=False).input_ids, [], t[1])
                      for t in self.script[key][:params.n]]
             out.append(RequestOutput(list(ids), comps))
         return out
@@ -656,7 +659,8 @@ def test_rejection_sampling_keeps_correct_well_formed_distinct_samples_up_to_kee
         ("2+2", GOOD_A), ("2+2", GOOD_B), ("5+5", "<think>z</think><answer>1</answer>")]
     assert [(r["answer"], r["level"]) for r in kept] == [("4", 1), ("4", 1), (None, 3)]   # the row's columns
     assert [r["rewards"] for r in kept] == [{"accuracy": 1.0, "format": 1.0}] * 2 + [{"accuracy": None, "format": 1.0}]
-    assert stats == {"prompts": 3, "samples": 18, "passed": 5, "pass_rate": 5 / 18, "kept": 3, "prompts_kept": 2}
+    assert stats == {"prompts": 3, "samples": 18, "truncated": 0, "passed": 5, "pass_rate": 5 / 18, "kept": 3,
+                     "prompts_kept": 2}
     # two chunks of prompts, each sampled num_samples times with its own seed
     assert [c[:2] for c in ScriptedEngine.calls] == [(2, 6), (1, 6)] and ScriptedEngine.calls[0][2] != ScriptedEngine.calls[1][2]
     # thresholds per reward: accuracy ignored, format required; max_prompts cuts the dataset
@@ -666,6 +670,24 @@ def test_rejection_sampling_keeps_correct_well_formed_distinct_samples_up_to_kee
     assert (stats["prompts"], stats["passed"]) == (2, 6)
     with pytest.raises(ValueError, match="rejection sampling: the prompt dataset is empty"):
         rejection_sample(model, tok, [], cfg, progress=False)
+
+
+def test_rejection_sampling_leaves_out_samples_cut_at_max_completion_length(monkeypatch):
+    """SFT appends eos to each kept completion: one cut before its stop token, however well it scores
+    (the answer can come before the cut), would teach stopping mid-thought. keep_truncated keeps them."""
+    from r1fast.trainer.config import SampleConfig
+    from r1fast.trainer.sampling import rejection_sample, summary
+
+    model, tok = scripted(monkeypatch, {"2+2": [(GOOD_A, "length"), GOOD_B, (GOOD_C, "length")]})
+    rows = [{"prompt": "2+2", "answer": "4"}]
+    kept, stats = rejection_sample(model, tok, rows, SampleConfig(num_samples=3, keep_per_prompt=3, progress_bar=False),
+                                   progress=False)
+    assert [r["completion"] for r in kept] == [GOOD_B]
+    assert (stats["samples"], stats["truncated"], stats["passed"]) == (3, 2, 1)
+    assert "2 cut at max_completion_length" in summary(stats)
+    kept, stats = rejection_sample(model, tok, rows, SampleConfig(num_samples=3, keep_per_prompt=3, keep_truncated=True,
+                                                                  progress_bar=False), progress=False)
+    assert [r["completion"] for r in kept] == [GOOD_A, GOOD_B, GOOD_C] and stats["passed"] == 3
 
 
 def test_rejection_sampling_scores_each_sample_against_its_own_prompt(monkeypatch, tmp_path):
@@ -746,7 +768,7 @@ def test_stages_hand_on_their_model_steps_and_samples(tmp_path, monkeypatch):
               {"name": "b", "type": "sft", "dataset": data, "num_rows": 8, "evaluate": False, "config": sft_cfg},
               {"name": "rs", "type": "sample", "dataset": data, "num_rows": 2,
                "config": {"num_samples": 1, "max_completion_length": 4, "reward_funcs": ["format"],
-                          "reward_thresholds": [-1.0], "output_file": str(kept)}},
+                          "reward_thresholds": [-1.0], "keep_truncated": True, "output_file": str(kept)}},
               {"name": "c", "type": "sft", "model": "builtin:micro", "dataset": str(kept),
                "config": {**sft_cfg, "max_steps": 1}},
               {"name": "d", "type": "sft", "dataset": data, "num_rows": 8, "config": {**sft_cfg, "max_steps": 1}},

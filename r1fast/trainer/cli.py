@@ -199,7 +199,7 @@ def _cmd_sft(args):
 def _cmd_sample(args):
     from r1fast.data import load_rows
     from r1fast.trainer.config import SampleConfig
-    from r1fast.trainer.sampling import rejection_sample, write_jsonl
+    from r1fast.trainer.sampling import rejection_sample, summary, write_jsonl
 
     cfg, model, tok, resume = _config_and_model(SampleConfig, args.rest, "sample")
     if resume:
@@ -208,8 +208,7 @@ def _cmd_sample(args):
     kept, stats = rejection_sample(model, tok, rows, cfg, progress=cfg.progress_bar)
     out = cfg.output_file or os.path.join("runs", "sample", "samples.jsonl")
     write_jsonl(kept, out)
-    print(f"kept {stats['kept']} of {stats['samples']} samples from {stats['prompts']} prompts "
-          f"(pass rate {stats['pass_rate']:.3f}) → {out}")
+    print(f"{summary(stats)} → {out}")
     return 0
 
 

@@ -626,6 +626,7 @@ class SampleConfig(_Base):
     reward_funcs: list[str] = field(default_factory=lambda: ["accuracy", "format"])
     reward_thresholds: Optional[list[float]] = None   # per reward function; default: each must be >= 1.0
     keep_per_prompt: int = 1
+    keep_truncated: bool = False   # keep samples cut at max_completion_length (no stop token) if they pass
     format_pattern: Optional[str] = None
     language: str = "en"
     seed: int = 42

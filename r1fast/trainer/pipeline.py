@@ -547,7 +547,7 @@ class PipelineRunner:
                 record["checkpoint"] = self._in_run(res["checkpoint"])
                 record["nonfinite_skipped"] = res["nonfinite_skipped"]
             else:
-                from r1fast.trainer.sampling import rejection_sample, write_jsonl
+                from r1fast.trainer.sampling import rejection_sample, summary, write_jsonl
 
                 rows = self.stage_rows(stage, i, (cfg.prompt_column,))
                 kept, stats = rejection_sample(model, tokenizer, rows, cfg, progress=p.progress_bar and cfg.progress_bar)
@@ -555,7 +555,7 @@ class PipelineRunner:
                 write_jsonl(kept, path)
                 self.samples[stage.name] = kept
                 record.update(samples=self._in_run(path), sample_stats=stats)
-                print(f"kept {stats['kept']} of {stats['samples']} samples (pass rate {stats['pass_rate']:.2f}) → {path}")
+                print(f"{summary(stats)} → {path}")
             if stage.type != "sample" and stage.evaluate and self.eval_rows():
                 ev = self.evaluate(model, tokenizer, seed=p.seed * 1000 + 7)
                 samples = ev.pop("_samples")

@@ -37,7 +37,7 @@ def rejection_sample(model, tokenizer, rows: Sequence[dict], cfg: SampleConfig, 
     stops = stop_token_ids(tokenizer)
     ends = stop_token_ids(tokenizer, model.config.eos_token_id)   # the engine stops at the model's eos too
     kept: list[dict] = []
-    n_total = n_pass = 0
+    n_total = n_pass = n_cut = 0
     prompts_with_any = 0
     model.eval()
     bar = None
@@ -51,12 +51,13 @@ def rejection_sample(model, tokenizer, rows: Sequence[dict], cfg: SampleConfig, 
                                 max_tokens=cfg.max_completion_length, stop_token_ids=stops,
                                 seed=(cfg.seed * 1_000_003 + start) % (2**31 - 1))
         results = engine.generate(prompt_ids[start:start + len(chunk)], params)
-        texts, ids, owners = [], [], []
+        texts, ids, owners, cut = [], [], [], []
         for i, res in enumerate(results):
             for comp in res.completions:
                 texts.append(decode_completion(tokenizer, comp.token_ids, ends))
                 ids.append(list(comp.token_ids))
                 owners.append(i)
+                cut.append(comp.finish_reason == "length")
         prompts = [chunk[i][cfg.prompt_column] for i in owners]
         columns = reward_columns(chunk, owners, cfg.prompt_column, cfg.answer_column)
         # the same arguments as in GRPO: a reward function written for `r1fast train` works here
@@ -65,6 +66,10 @@ def rejection_sample(model, tokenizer, rows: Sequence[dict], cfg: SampleConfig, 
         seen: dict[int, set] = {}
         for j, text in enumerate(texts):
             n_total += 1
+            n_cut += cut[j]
+            # SFT appends eos to a completion: one cut at max_completion_length would teach stopping mid-thought
+            if cut[j] and not cfg.keep_truncated:
+                continue
             values = [t[j] for t in table]
             if not all(v is None or v >= th for v, th in zip(values, thresholds)):
                 continue
@@ -85,9 +90,16 @@ def rejection_sample(model, tokenizer, rows: Sequence[dict], cfg: SampleConfig, 
             bar.set_postfix(pass_rate=f"{n_pass / max(n_total, 1):.2f}", kept=len(kept))
     if bar is not None:
         bar.close()
-    stats = {"prompts": len(rows), "samples": n_total, "passed": n_pass, "pass_rate": n_pass / max(n_total, 1),
-             "kept": len(kept), "prompts_kept": prompts_with_any}
+    stats = {"prompts": len(rows), "samples": n_total, "truncated": n_cut, "passed": n_pass,
+             "pass_rate": n_pass / max(n_total, 1), "kept": len(kept), "prompts_kept": prompts_with_any}
     return kept, stats
+
+
+def summary(stats: dict) -> str:
+    """One line for the console from rejection_sample's statistics."""
+    cut = stats["truncated"]
+    return (f"kept {stats['kept']} of {stats['samples']} samples from {stats['prompts']} prompts (pass rate "
+            f"{stats['pass_rate']:.3f}" + (f"; {cut} cut at max_completion_length" if cut else "") + ")")
 
 
 def _json_value(value):
