@@ -455,6 +455,23 @@ def test_plot_names_a_bad_metrics_line(tmp_path):
         read_metrics(str(tmp_path))
 
 
+def test_held_out_evaluation_takes_the_pipelines_system_prompt_and_format_pattern(tmp_path, monkeypatch):
+    # every stage was evaluated without a system prompt and against the default format: a model trained to
+    # answer under one (or in another format) read as untrained between stages
+    scripted(monkeypatch, {"Think first": [GOOD_A], "": ["<answer>4</answer>"]})
+    spec = one_sft_stage_spec(tmp_path, "eval_dataset: builtin:arithmetic\neval_size: 2\neval_samples_per_prompt: 1\n")
+
+    def held_out_format(name, *over):
+        assert main(["pipeline", str(spec), f"output_dir={tmp_path / name}", *over]) == 0
+        return json.load(open(tmp_path / name / "summary.json"))["stages"][0]["format"]
+
+    assert held_out_format("plain") == 0.0
+    assert held_out_format("system", "eval_system_prompt=Think first") == 1.0
+    assert held_out_format("pattern", "eval_format_pattern=^<answer>.*</answer>$") == 1.0
+    with pytest.raises(SystemExit, match="eval_format_pattern.* not a valid regular expression"):
+        main(["pipeline", str(spec), f"output_dir={tmp_path / 'bad'}", "eval_format_pattern=(<answer>"])
+
+
 def test_resumed_summary_marks_stages_evaluated_under_earlier_settings(tmp_path, capsys):
     spec = one_sft_stage_spec(tmp_path, "eval_dataset: builtin:arithmetic\neval_size: 4\neval_samples_per_prompt: 1\n")
     run = tmp_path / "run"

@@ -34,6 +34,7 @@ from r1fast.trainer.config import (
     SampleConfig,
     SFTConfig,
     _check_device,
+    _check_regex,
     _coerce,
     expand_home,
     load_yaml,
@@ -45,7 +46,8 @@ from r1fast.trainer.metrics import replacing, writing
 STAGE_TYPES = {"sft": SFTConfig, "grpo": GRPOConfig, "sample": SampleConfig}
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "default.yaml")
 _TOP_KEYS = {"name", "seed", "output_dir", "model", "device", "dtype", "eval_dataset", "eval_size",
-             "eval_samples_per_prompt", "eval_temperature", "eval_max_tokens", "stages", "progress_bar",
+             "eval_samples_per_prompt", "eval_temperature", "eval_max_tokens", "eval_system_prompt",
+             "eval_format_pattern", "stages", "progress_bar",
              "description", "num_threads", "overwrite_output_dir"}
 _STAGE_FIELDS = ("model", "dataset", "num_rows", "evaluate")
 _STAGE_KEYS = {"name", "type", "config", *_STAGE_FIELDS}
@@ -85,6 +87,8 @@ class Pipeline:
     eval_samples_per_prompt: int = 4
     eval_temperature: float = 1.0
     eval_max_tokens: int = 64
+    eval_system_prompt: Optional[str] = None    # for a model trained with one: the held-out prompts get it too
+    eval_format_pattern: Optional[str] = None   # what eval/format counts as well formed (the format reward's default)
     progress_bar: bool = True
     num_threads: Optional[int] = None    # torch CPU threads (1 avoids stalls on a busy small CPU)
     overwrite_output_dir: bool = False   # a new run into a folder holding an earlier one: delete it first
@@ -265,6 +269,10 @@ def _validate(p: Pipeline, where: str):
     check(p.eval_samples_per_prompt >= 1, f"eval_samples_per_prompt must be >= 1; got {p.eval_samples_per_prompt}")
     check(p.eval_temperature >= 0, f"eval_temperature must be >= 0 (0 = greedy); got {p.eval_temperature}")
     check(p.eval_max_tokens >= 1, f"eval_max_tokens must be >= 1; got {p.eval_max_tokens}")
+    try:
+        _check_regex("eval_format_pattern", p.eval_format_pattern)
+    except ConfigError as e:
+        check(False, str(e))
     check(p.num_threads is None or p.num_threads >= 1, f"num_threads must be >= 1; got {p.num_threads}")
 
 
@@ -408,7 +416,8 @@ class PipelineRunner:
             return {}
         res, samples = evaluate_accuracy(model, tokenizer, rows, samples_per_prompt=self.p.eval_samples_per_prompt,
                                          temperature=self.p.eval_temperature, max_tokens=self.p.eval_max_tokens,
-                                         seed=seed, return_samples=True)
+                                         seed=seed, return_samples=True, system_prompt=self.p.eval_system_prompt,
+                                         format_pattern=self.p.eval_format_pattern)
         return {**res, "_samples": samples[:4]}
 
     def write_metrics(self):
@@ -506,7 +515,7 @@ class PipelineRunner:
                 from r1fast.data.loading import encode_prompt
                 from r1fast.trainer.common import check_prompt_room
 
-                check_prompt_room([encode_prompt(tokenizer, r["prompt"]) for r in self.eval_rows()],
+                check_prompt_room([encode_prompt(tokenizer, r["prompt"], p.eval_system_prompt) for r in self.eval_rows()],
                                   model.config.max_position_embeddings,
                                   f"eval_dataset {p.eval_dataset!r}, evaluated after stage {stage.name!r}")
             stage_dir = os.path.join(self.run_dir, stage.name)
@@ -618,9 +627,11 @@ class PipelineRunner:
     def _eval_settings(self) -> dict:
         """What a held-out accuracy depends on besides the model: the rows (dataset, size, seed) and
         the sampling (samples per prompt, temperature, token budget)."""
+        prompt_and_format = {k: v for k, v in (("system_prompt", self.p.eval_system_prompt),
+                                               ("format_pattern", self.p.eval_format_pattern)) if v is not None}
         return {"dataset": self.p.eval_dataset, "prompts": self.p.eval_size,
                 "samples_per_prompt": self.p.eval_samples_per_prompt, "temperature": self.p.eval_temperature,
-                "max_tokens": self.p.eval_max_tokens, "seed": self.p.seed}
+                "max_tokens": self.p.eval_max_tokens, "seed": self.p.seed, **prompt_and_format}
 
     def summary(self, wall_s: float) -> dict:
         rows = []
@@ -654,7 +665,9 @@ def render_summary(s: dict) -> str:
     for r in s["stages"]:
         if "eval_settings" in r:
             then = r["eval_settings"]
-            diff = ", ".join(f"{k}={then.get(k)!r} (now {v!r})" for k, v in s["eval"].items() if then.get(k) != v)
+            now = s["eval"]
+            diff = ", ".join(f"{k}={then.get(k)!r} (now {now.get(k)!r})" for k in {**now, **then}
+                             if then.get(k) != now.get(k))
             lines.append(f"* {r['stage']}: evaluated by an earlier invocation with {diff}")
     for r in s["stages"]:
         if r.get("nonfinite_skipped"):
