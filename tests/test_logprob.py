@@ -190,6 +190,27 @@ def test_entropy_output_unused_in_backward():
     assert_close(gh, e_gh, torch.float64, name="grad_hidden")
 
 
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_activation_checkpoint_gives_the_plain_gradients(device, backend, reentrant):
+    # non-reentrant checkpointing (torch's recommended mode, the decoder's) unpacks each saved
+    # tensor once: a backward that read ctx.saved_tensors twice was a CheckpointError
+    from torch.utils.checkpoint import checkpoint
+
+    hidden, weight, targets = _inputs(9, 16, 30, seed=21, lead=(3, 3))
+    g = randn(3, 3, dtype=torch.float64, seed=22)
+    _, _, e_gh, e_gw = _expected(hidden, weight, targets, 0.8, False, g, None)
+    h, w = hidden.float().to(device).requires_grad_(), weight.float().to(device).requires_grad_()
+
+    def block(a, b):
+        return (ops.grouped_logprob(a * 1.0, b, targets.to(device), temperature=0.8, backend=backend, chunk_size=4)
+                * g.float().to(device)).sum()
+
+    checkpoint(block, h, w, use_reentrant=reentrant).backward()
+    assert_close(h.grad, e_gh, torch.float32, name="grad_hidden")
+    assert_close(w.grad, e_gw, torch.float32, name="grad_weight")
+
+
 def test_default_backend_on_cpu_is_torch():
     assert backends.resolve("grouped_logprob", "cpu")[0] == "torch"
 

@@ -232,12 +232,15 @@ class _GroupedLogprob(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_logp, g_ent=None):
         refuse_double_backward("grouped_logprob")
-        with backends.without_autocast(ctx.saved_tensors[0].device):
-            return _GroupedLogprob._backward(ctx, g_logp, g_ent)
+        # ctx.saved_tensors is read exactly once: under torch.utils.checkpoint(use_reentrant=False)
+        # each saved tensor may be unpacked only once, and a second read is a CheckpointError.
+        saved = ctx.saved_tensors
+        with backends.without_autocast(saved[0].device):
+            return _GroupedLogprob._backward(ctx, saved, g_logp, g_ent)
 
     @staticmethod
-    def _backward(ctx, g_logp, g_ent):
-        hidden, weight, targets, lse, ent = ctx.saved_tensors
+    def _backward(ctx, saved, g_logp, g_ent):
+        hidden, weight, targets, lse, ent = saved
         inv_temp, with_entropy, engine, chunk = ctx.cfg
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         n = hidden.shape[0]
