@@ -1396,12 +1396,15 @@ def test_fused_loss_under_inference_mode_is_the_no_grad_loss(backend):
     assert torch.equal(got, want)
 
 
-@pytest.mark.parametrize("op", ["grouped_logprob", "fused"])
+@pytest.mark.parametrize("op", ["grouped_logprob", "fused", "grpo_loss_triton"])
 def test_double_backward_is_refused_not_silently_dropped(op):
     # create_graph=True returned a gradient with no graph: a gradient penalty built on it vanished
     d, hidden, weight, targets = _fused_case(seed=24)
     h = hidden.float().requires_grad_()
-    if op == "fused":
+    if op == "grpo_loss_triton":  # the kernel's saved d loss / d logp: h stands in for logp here
+        h = d["logp"].float().requires_grad_()
+        out, _ = ops.grpo_loss(h, d["old"].float(), None, d["adv"].float(), d["mask"], backend="triton")
+    elif op == "fused":
         out, _ = ops.fused_linear_grpo_loss(h, weight.float(), targets, d["mask"], d["adv"].float(), backend="torch")
     else:
         out = ops.grouped_logprob(h.reshape(-1, H), weight.float(), targets.clamp_max(V - 1).reshape(-1),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from r1fast import backends
+from r1fast.ops.logprob import refuse_double_backward
 from r1fast.ops.loss_options import LossOptions
 from r1fast.reference import loss as reference
 
@@ -132,6 +133,9 @@ class _TritonGRPOLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_loss, _g_stats):
+        # the kernel's gradients are saved numbers with no graph: under create_graph=True a second
+        # derivative built on them (a gradient penalty) would silently lose every term through the loss
+        refuse_double_backward("grpo_loss")
         g_logp, g_ent = ctx.saved_tensors
         grad_logp = (g_logp * g_loss).to(ctx.dtypes[0])
         grad_ent = (g_ent * g_loss).to(ctx.dtypes[1]) if ctx.has_ent else None
