@@ -296,6 +296,30 @@ def test_empty_batch(device):
     assert ops.swiglu(g, g, backend="triton").shape == (0, 7)
 
 
+@pytest.mark.parametrize("op", ["rms_norm", "add_rms_norm", "swiglu", "swiglu_packed", "rotary"])
+def test_triton_double_backward_is_refused_not_silently_dropped(device, op):
+    # create_graph=True returned the kernels' gradient with no graph: a gradient penalty (or a
+    # Hessian-vector product) through these layers lost every term that ran through them
+    a, b = randn(4, 3, 8, seed=41, device=device), randn(4, 3, 8, seed=42, device=device)
+    x = a.clone().requires_grad_()
+    if op == "rms_norm":
+        outs = (ops.rms_norm(x, 1.0 + randn(8, seed=43, device=device, scale=0.5), 1e-6, backend="triton"),)
+    elif op == "add_rms_norm":
+        outs = ops.add_rms_norm(x, b, 1.0 + randn(8, seed=43, device=device, scale=0.5), 1e-6, backend="triton")
+    elif op == "swiglu":
+        outs = (ops.swiglu(x, b, backend="triton"),)
+    elif op == "swiglu_packed":
+        outs = (ops.swiglu(x, backend="triton"),)
+    else:
+        ang = randn(4, 8, seed=44, device=device)
+        outs = ops.rotary(x, b, ang.cos(), ang.sin(), backend="triton")
+    obj = sum((o * randn(*o.shape, seed=45 + i, device=device)).sum() for i, o in enumerate(outs))
+    with pytest.raises(RuntimeError, match=r"double backward \(create_graph=True\) is not supported"):
+        torch.autograd.grad(obj, x, create_graph=True, retain_graph=True)
+    (g,) = torch.autograd.grad(obj, x)  # a plain backward still works
+    assert g.abs().sum() > 0
+
+
 def test_model_forward_and_backward_on_the_triton_backend(device, monkeypatch):
     """A tiny fp32 Qwen3 (hidden norms, per-head q/k norm, SwiGLU MLP) run with each backend preferred
     (triton is what a GPU picks; on the CPU it runs under the interpreter): hidden states and every

@@ -14,7 +14,9 @@ backends (every op):
                it needs (RMSNorm saves x, weight and a per-row fp32 rstd; SwiGLU saves gate and up
                only; rotary saves cos and sin). Their docstrings say where they equal the torch
                path bit for bit and where not. float64 inputs go to the torch backend (the kernels
-               compute in fp32), and so do rotary tables that require a gradient.
+               compute in fp32), and so do rotary tables that require a gradient. Their
+               backward passes are kernels with no graph of their own: double backward
+               (create_graph=True) is a RuntimeError there (torch and reference: plain autograd).
 Default: triton on CUDA, torch on the CPU (r1fast.backends).
 
 Output dtypes are torch's: rms_norm returns promote(x.dtype, weight.dtype) (x's dtype when the weight
@@ -28,6 +30,7 @@ import torch
 from torch.nn import functional as F
 
 from r1fast import backends
+from r1fast.ops.logprob import refuse_double_backward
 from r1fast.reference import layers as reference
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -112,6 +115,7 @@ class _TritonRMSNorm(torch.autograd.Function):
     def backward(ctx, dy):
         from r1fast.kernels import rmsnorm as kernel
 
+        refuse_double_backward("rms_norm (triton)")
         x2, w, rstd = ctx.saved_tensors
         need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         dx, dw = kernel.rms_norm_bwd(_rows(dy), x2, w, rstd, need_dx, need_dw)
@@ -174,6 +178,7 @@ class _TritonAddRMSNorm(torch.autograd.Function):
     def backward(ctx, dy, ds):
         from r1fast.kernels import rmsnorm as kernel
 
+        refuse_double_backward("add_rms_norm (triton)")
         s, w, rstd = ctx.saved_tensors
         need_dx = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         dx, dw = kernel.rms_norm_bwd(_rows(dy), s, w, rstd, need_dx, ctx.needs_input_grad[2],
@@ -235,6 +240,7 @@ class _TritonSwiGLU(torch.autograd.Function):
     def backward(ctx, dy):
         from r1fast.kernels import swiglu as kernel
 
+        refuse_double_backward("swiglu (triton)")
         g2, u2 = ctx.saved_tensors
         dg, du = kernel.swiglu_bwd(_rows(dy.to(g2.dtype)), g2, u2)
         return dg.view(ctx.shape), du.view(ctx.shape)
@@ -259,6 +265,7 @@ class _TritonPackedSwiGLU(torch.autograd.Function):
     def backward(ctx, dy):
         from r1fast.kernels import swiglu as kernel
 
+        refuse_double_backward("swiglu (triton)")
         (x,) = ctx.saved_tensors
         g, u = _halves(x)
         d_in = torch.empty_like(x)
@@ -347,6 +354,7 @@ class _TritonRotary(torch.autograd.Function):
     def backward(ctx, dq, dk):
         from r1fast.kernels import rotary as kernel
 
+        refuse_double_backward("rotary (triton)")
         cos, sin = ctx.saved_tensors
         dq, dk = (torch.zeros(shape, dtype=cos.dtype, device=cos.device) if g is None else _last_dim_contiguous(g)
                   for g, shape in zip((dq, dk), ctx.shapes))
