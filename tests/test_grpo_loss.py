@@ -224,6 +224,29 @@ def test_old_and_ref_logp_are_constants(device, backend):
     assert_close(grads[1], grads[0], torch.float32, name="grad logp")
 
 
+@pytest.mark.parametrize("op", ["grpo_loss", "fused", "fused_two_pass"])
+@pytest.mark.parametrize("backend", ["reference", "torch", "triton"])
+def test_advantages_are_constants_on_every_backend(device, backend, op):
+    # advantages that still carry a graph (e.g. from a learned baseline) got the policy loss's gradient
+    # on the reference / torch backends and none on the Triton kernel or the fused single pass
+    d, hidden, weight, targets = _fused_case(seed=26)
+    adv = d["adv"].float().to(device).requires_grad_()
+    losses = []
+    for a in (adv, adv.detach()):
+        h = hidden.float().to(device).requires_grad_()
+        if op == "grpo_loss":
+            loss, _ = ops.grpo_loss(h.sum(-1) * 0.1, d["old"].float().to(device), None, a * 1.0,
+                                    d["mask"].to(device), backend=backend)
+        else:
+            loss, _ = ops.fused_linear_grpo_loss(h, weight.float().to(device), targets.to(device),
+                                                 d["mask"].to(device), a * 1.0, old_logp=d["old"].float().to(device),
+                                                 backend=backend, single_pass=op == "fused")
+        loss.backward()
+        losses.append((loss.detach(), h.grad))
+    assert adv.grad is None
+    assert torch.equal(losses[0][0], losses[1][0]) and torch.equal(losses[0][1], losses[1][1])
+
+
 @pytest.mark.parametrize(
     "mutate, err, match",
     [

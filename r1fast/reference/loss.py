@@ -104,7 +104,9 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, opts: LossOptions, ent
     """
     dt = logp.dtype
     m = mask.to(dt)
-    A = advantages.to(dt).unsqueeze(-1)
+    # advantages are given numbers too (the Triton kernel and the fused single pass form no gradient
+    # for them): detached, so no backend sends the policy loss's gradient into whatever computed them
+    A = advantages.detach().to(dt).unsqueeze(-1)
     # old / ref / sampler log-probs are fixed policies' numbers: detached, so old_logp=logp (not detached)
     # still means ratio 1 with the policy gradient kept, as in the triton kernel, not a zero gradient
     old = logp.detach() if old_logp is None else old_logp.detach().to(dt)
