@@ -368,6 +368,81 @@ def test_a_copied_or_relative_run_folder_resumes_from_its_own_files(tmp_path, mo
     assert (tmp_path / "copy" / "t" / "checkpoint-1").is_dir()
 
 
+def _sample_then_sft_spec(tmp_path, output_file=None):
+    """s (SFT) → rs (sample, `output_file`) → t (SFT on @rs): the YAML's path."""
+    spec = tmp_path / "p.yaml"
+    extra = f", output_file: {output_file}" if output_file else ""
+    spec.write_text("name: p\nmodel: builtin:micro\nprogress_bar: false\nstages:\n"
+                    "  - {name: s, type: sft, dataset: builtin:arithmetic, num_rows: 8,\n"
+                    "     config: {max_steps: 1, per_device_train_batch_size: 4}}\n"
+                    "  - {name: rs, type: sample, dataset: builtin:arithmetic, num_rows: 2,\n"
+                    "     config: {num_samples: 1, max_completion_length: 4, reward_funcs: [format],"
+                    f" reward_thresholds: [0.0]{extra}}}}}\n"
+                    "  - {name: t, type: sft, dataset: '@rs', config: {max_steps: 1, per_device_train_batch_size: 2}}\n")
+    return spec
+
+
+def _unfinish(run, stage):
+    """As if the run was stopped before `stage` finished; returns the state left."""
+    import shutil
+
+    state = json.loads((run / "pipeline_state.json").read_text())
+    del state["stages"][stage]
+    shutil.rmtree(run / stage)
+    (run / "pipeline_state.json").write_text(json.dumps(state))
+    return state
+
+
+def test_a_run_folder_of_an_older_r1fast_that_recorded_paths_as_given_resumes(tmp_path, monkeypatch):
+    # pipeline_state.json of r1fast before the paths relative to the run folder held them as given:
+    # output_dir=runs/p recorded 'runs/p/s/checkpoint-1', read back as <run>/runs/p/s/checkpoint-1 and
+    # named gone ("start the run over with overwrite_output_dir=true": the whole run deleted)
+    spec = _sample_then_sft_spec(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    assert main(["pipeline", str(spec), "output_dir=runs/p"]) == 0
+    run = tmp_path / "runs" / "p"
+    state = _unfinish(run, "t")
+    state.pop("format", None)
+    for st in state["stages"].values():   # the older file: no format, the paths as the run gave them
+        for key in ("checkpoint", "samples"):
+            if key in st:
+                st[key] = os.path.join("runs", "p", st[key])
+    (run / "pipeline_state.json").write_text(json.dumps(state))
+    assert main(["pipeline", str(spec), "output_dir=runs/p", "--resume"]) == 0
+    assert (run / "t" / "checkpoint-1").is_dir()
+    saved = json.loads((run / "pipeline_state.json").read_text())
+    assert saved["format"] == 2
+    assert [saved["stages"][n].get("checkpoint") or saved["stages"][n]["samples"] for n in ("s", "rs", "t")] == \
+        ["s/checkpoint-1", "rs/samples.jsonl", "t/checkpoint-1"]
+
+
+def test_a_sample_stages_relative_output_file_outside_the_run_folder_is_found_on_resume(tmp_path, monkeypatch):
+    # recorded as given ('kept.jsonl') and read back inside the run folder: "<run>/kept.jsonl ... is gone"
+    spec = _sample_then_sft_spec(tmp_path, output_file="kept.jsonl")
+    monkeypatch.chdir(tmp_path)
+    assert main(["pipeline", str(spec), "output_dir=runs/p"]) == 0
+    run = tmp_path / "runs" / "p"
+    _unfinish(run, "t")
+    assert main(["pipeline", str(spec), "output_dir=runs/p", "--resume"]) == 0
+    assert (run / "t" / "checkpoint-1").is_dir()
+    assert json.loads((run / "pipeline_state.json").read_text())["stages"]["rs"]["samples"] == \
+        str(tmp_path / "kept.jsonl")   # recorded absolute
+
+
+@pytest.mark.parametrize("fmt, says", [(3, r"has format 3, written by a newer r1fast than this one \(which reads up "
+                                           r"to 2\): resume the run with that r1fast"),
+                                       ("2", r"format is '2', not a format r1fast wrote"),
+                                       (1, r"format is 1, not a format r1fast wrote")])
+def test_a_pipeline_state_of_another_format_is_refused(tmp_path, fmt, says):
+    spec = one_sft_stage_spec(tmp_path)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "pipeline_state.json").write_text(json.dumps({"format": fmt, "order": ["s"], "stages": {}}))
+    with pytest.raises(SystemExit, match=r"run/pipeline_state\.json:? " + says):
+        main(["pipeline", str(spec), f"output_dir={run}", "--resume"])
+    assert not (run / "s").exists()
+
+
 def test_resume_names_a_finished_stages_output_that_is_gone(tmp_path):
     # a deleted samples file read "stage 'rs' has not produced samples yet" (it had, and finished), and a
     # deleted checkpoint "model '<path>' is not a folder (give a local Hugging Face checkpoint ...)"

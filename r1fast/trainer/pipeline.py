@@ -59,6 +59,11 @@ _SUPPLIED = {"model_name_or_path": "the stage's own 'model:' key, beside 'config
              "overwrite_output_dir": "the pipeline's overwrite_output_dir"}
 # A finished stage's output that a resumed run needs but no longer finds (a finished stage never runs again)
 _GONE = "restore it, or start the run over with overwrite_output_dir=true"
+# pipeline_state.json's "format". Files without one hold a finished stage's checkpoint and samples paths in one
+# of two unmarked ways: as given (relative ones to the directory the run was started in; r1fast before the run
+# folder recorded them relative to itself), or relative to the run folder when inside it and else as given.
+# 2: relative to the run folder when inside it, else absolute. PipelineRunner._read_state reads all three.
+STATE_FORMAT = 2
 # A GRPO stage's evaluations at its eval_steps default to the pipeline's held-out settings.
 _EVAL_DEFAULTS = ("eval_size", "eval_samples_per_prompt", "eval_temperature")
 
@@ -300,7 +305,7 @@ class PipelineRunner:
         self.run_dir = p.run_dir
         self.device = resolve_device(p.device)
         self.state_path = os.path.join(self.run_dir, "pipeline_state.json")
-        self.state: dict[str, Any] = {"stages": {}}
+        self.state: dict[str, Any] = {"format": STATE_FORMAT, "stages": {}}
         self.samples: dict[str, list[dict]] = {}
         self._eval_rows = None
 
@@ -397,11 +402,49 @@ class PipelineRunner:
         """`path` as pipeline_state.json records it: relative to the run folder when inside it, so that
         a moved or copied run folder resumes from its own checkpoints and samples, not the original's."""
         rel = os.path.relpath(os.path.abspath(path), self.run_dir)
-        return path if rel == os.pardir or rel.startswith(os.pardir + os.sep) else rel
+        # outside it: absolute (as given, a relative output_file was read back inside the run folder)
+        return os.path.abspath(path) if rel == os.pardir or rel.startswith(os.pardir + os.sep) else rel
 
     def _from_run(self, path: Optional[str]) -> Optional[str]:
-        """A path pipeline_state.json recorded (absolute in runs before it recorded them relative)."""
+        """A path pipeline_state.json recorded (absolute when outside the run folder; see STATE_FORMAT)."""
         return os.path.join(self.run_dir, path) if path else path
+
+    def _read_state(self) -> dict:
+        """pipeline_state.json, its paths in the current format (see STATE_FORMAT)."""
+        try:
+            with open(self.state_path, encoding="utf-8") as f:
+                state = json.load(f)
+        except ValueError as e:   # json's own message named no file
+            raise ValueError(f"{self.state_path} is not valid JSON ({e}); {_GONE}") from None
+        if not isinstance(state, dict) or not isinstance(state.get("stages"), dict):
+            raise ValueError(f"{self.state_path} is not a pipeline state (no 'stages' object); {_GONE}")
+        fmt = state.get("format")
+        if fmt is not None and (type(fmt) is not int or fmt < STATE_FORMAT):
+            raise ValueError(f"{self.state_path}: format is {fmt!r:.40}, not a format r1fast wrote; {_GONE}")
+        if fmt is not None and fmt > STATE_FORMAT:
+            raise ValueError(f"{self.state_path} has format {fmt}, written by a newer r1fast than this one (which "
+                             f"reads up to {STATE_FORMAT}): resume the run with that r1fast")
+        if fmt is None:
+            stage_names = set(state["stages"]) | set(state.get("order") or [])
+            for st in state["stages"].values():
+                for key in ("checkpoint", "samples") if isinstance(st, dict) else ():
+                    if isinstance(st.get(key), str) and st[key]:
+                        st[key] = self._in_run(self._unmarked_path(st[key], stage_names))
+        state["format"] = STATE_FORMAT
+        return state
+
+    def _unmarked_path(self, path: str, stage_names) -> str:
+        """A path a pipeline_state.json without a format recorded: relative to the run folder, or as given
+        to a run started in this directory, whichever exists (a relative output_dir's checkpoint,
+        'runs/x/s1/checkpoint-4', was looked for as <run>/runs/x/s1/checkpoint-4 and named gone)."""
+        if os.path.isabs(path):
+            return path
+        in_run, as_given = os.path.join(self.run_dir, path), os.path.abspath(path)
+        for candidate in (in_run, as_given):
+            if os.path.exists(candidate):
+                return candidate
+        # neither: the reading its first folder suggests, for the error that names it gone
+        return in_run if path.split("/")[0].split(os.sep)[0] in stage_names else as_given
 
     def save_state(self):
         os.makedirs(self.run_dir, exist_ok=True)
@@ -453,13 +496,7 @@ class PipelineRunner:
 
             torch.set_num_threads(p.num_threads)
         if resume and os.path.isfile(self.state_path):
-            try:
-                with open(self.state_path, encoding="utf-8") as f:
-                    self.state = json.load(f)
-            except ValueError as e:   # json's own message named no file
-                raise ValueError(f"{self.state_path} is not valid JSON ({e}); {_GONE}") from None
-            if not isinstance(self.state, dict) or not isinstance(self.state.get("stages"), dict):
-                raise ValueError(f"{self.state_path} is not a pipeline state (no 'stages' object); {_GONE}")
+            self.state = self._read_state()
         elif resume:
             print(f"r1fast: --resume: no earlier run in {self.run_dir}; starting from the first stage")
         else:
