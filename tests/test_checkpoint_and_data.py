@@ -452,6 +452,10 @@ _DEL = object()
     (_set(["optimizer", "scalars"], {"0.step": True}), r"optimizer.scalars: '0.step' is True, not a number"),
     (_set(["optimizer", "state_keys"], []), r"optimizer.state_keys is \[\], not an object of name lists"),
     (_set(["scheduler", "last_epoch"], -3), r"scheduler.last_epoch is -3, not a whole number >= 0"),
+    # a newer r1fast's checkpoint layout was read as this one's
+    (_set(["format"], 2), r" has format 2, written by a newer r1fast than this one \(which reads up to 1\): resume "
+                          r"with that r1fast, or start a new run from its model weights"),
+    (_set(["format"], "1"), r": format is '1', not a format r1fast wrote"),
 ])
 def test_malformed_trainer_state_is_an_error_naming_the_file(tmp_path, edit, match):
     # these raised KeyError/TypeError/ValueError from deep in torch, random or numpy, or (global_step
@@ -475,6 +479,16 @@ def test_damaged_rng_file_is_an_error_naming_it(tmp_path, edit, match):
     _edit_tensors(path, "rng.safetensors", edit)
     with pytest.raises(ValueError, match=match):
         load()
+
+
+def test_a_trainer_state_without_a_format_is_read_as_format_1(tmp_path):
+    # checkpoints of r1fast before the format number resume as they did
+    path, load = _stepped_checkpoint(tmp_path)
+    file = os.path.join(path, "trainer_state.json")
+    state = json.loads(open(file).read())
+    assert state.pop("format") == 1
+    open(file, "w").write(json.dumps(state))
+    load()   # no error
 
 
 def test_trainer_state_that_is_not_utf8_is_a_clear_error(tmp_path):

@@ -33,6 +33,10 @@ _CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
 _SAVE_TEMP_RE = re.compile(r"^\.\.?tmp-checkpoint-\d+-")
 _OLD_CKPT_RE = re.compile(r"^checkpoint-\d+\.old-\d+$")  # save_checkpoint's replaced checkpoint, before deletion
 STATE_FILE = "trainer_state.json"
+# trainer_state.json's "format", written from 1 on and checked on resume, so that a checkpoint a newer r1fast
+# wrote in another layout is refused by this one instead of half read. A file without it is format 1 (r1fast
+# before format numbers; one that predates the fused q/k/v and gate/up is refused by its parameter count).
+CHECKPOINT_FORMAT = 1
 
 
 def list_checkpoints(run_dir: str) -> list[tuple[int, str]]:
@@ -408,6 +412,7 @@ def save_checkpoint(run_dir: str, step: int, *, model, optimizer=None, scheduler
         if write_extra is not None:
             write_extra(tmp)
         full_state = dict(state or {})
+        full_state["format"] = CHECKPOINT_FORMAT
         full_state["global_step"] = step
         if optimizer is not None:
             tensors, (meta,) = optimizer_state(optimizer)
@@ -570,6 +575,13 @@ def _check_like(value: Any, like: Any, where: str):
 
 def _check_state(path: str, state: Any, scheduler) -> Optional[dict]:
     """The parts of trainer_state.json that every checkpoint has; returns the scheduler's state_dict to load."""
+    fmt = state.get("format", 1) if isinstance(state, dict) else 1
+    if type(fmt) is not int or fmt < 1:
+        raise _BadState(f"{STATE_FILE}: format is {_short(fmt)}, not a format r1fast wrote")
+    if fmt > CHECKPOINT_FORMAT:
+        raise _BadState(f"{STATE_FILE} has format {fmt}, written by a newer r1fast than this one (which reads up to "
+                        f"{CHECKPOINT_FORMAT}): resume with that r1fast, or start a new run from its model weights "
+                        f"(model_name_or_path=<the checkpoint folder>)")
     step = state.get("global_step") if isinstance(state, dict) else None
     if type(step) is not int or step < 0:
         raise _BadState(f"{STATE_FILE}: global_step is {_short(step)}, not a step count (a whole number >= 0)")
