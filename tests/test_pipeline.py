@@ -377,7 +377,7 @@ def _sample_then_sft_spec(tmp_path, output_file=None):
                     "     config: {max_steps: 1, per_device_train_batch_size: 4}}\n"
                     "  - {name: rs, type: sample, dataset: builtin:arithmetic, num_rows: 2,\n"
                     "     config: {num_samples: 1, max_completion_length: 4, reward_funcs: [format],"
-                    f" reward_thresholds: [0.0]{extra}}}}}\n"
+                    f" reward_thresholds: [0.0], keep_truncated: true{extra}}}}}\n"
                     "  - {name: t, type: sft, dataset: '@rs', config: {max_steps: 1, per_device_train_batch_size: 2}}\n")
     return spec
 
