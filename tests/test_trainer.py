@@ -1550,3 +1550,40 @@ def test_engine_num_blocks_too_small_for_one_sequence_is_refused_when_built(tmp_
         GRPOTrainer(model, [sevens], ROWS, GRPOConfig(engine_num_blocks=3, **over), tokenizer=tok)
     tr = GRPOTrainer(model, [sevens], ROWS, GRPOConfig(engine_num_blocks=4, max_steps=1, **over), tokenizer=tok)
     tr.train()
+
+
+def test_progress_off_a_terminal_is_plain_lines_not_a_redrawn_bar(tmp_path, capsys):
+    """A tqdm bar written to a file (a Slurm or nohup log) is one line of carriage returns growing
+    with every step; off a terminal the trainers print a readable line now and then and at the end."""
+    import io
+
+    from r1fast.progress import LineProgress, progress
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    assert type(progress(3, "x", stream=io.StringIO())) is LineProgress
+    assert type(progress(3, "x", stream=Terminal())) is not LineProgress   # tqdm's bar
+
+    out = io.StringIO()
+    bar = LineProgress(4, "grpo", initial=1, unit="steps", stream=out, interval=0.0)
+    for step in (2, 3):
+        bar.set_postfix(reward=f"{step / 10:.3f}")
+        bar.update(1)
+    bar.close()
+    lines = out.getvalue().splitlines()
+    assert [line.split(",")[0] for line in lines] == ["grpo: 2/4 steps (50%)", "grpo: 3/4 steps (75%)"]
+    assert lines[0].endswith("reward=0.200") and lines[1].endswith("reward=0.300") and "left" in lines[1]
+
+    out = io.StringIO()
+    bar = LineProgress(5, "generate", unit="seq", stream=out, interval=3600.0)
+    bar.update(2)
+    bar.update(3)
+    bar.close()
+    bar.close()
+    assert out.getvalue().count("\n") == 1 and out.getvalue().startswith("generate: 5/5 seq (100%)")
+
+    make(tmp_path, max_steps=2, progress_bar=True).train()
+    err = capsys.readouterr().err
+    assert "\r" not in err and "grpo: 2/2 steps (100%)" in err

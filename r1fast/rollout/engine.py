@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from r1fast import _ext, ops
+from r1fast.progress import progress as progress_bar
 from r1fast.rollout import sampler
 from r1fast.rollout.params import Completion, RequestOutput, SamplingParams
 from r1fast.rollout.runner import ModelRunner, lm_logits
@@ -203,7 +204,7 @@ class Engine:
             sched.add(Sequence(self._new_id(), i, 0, key_of[i](0), p, fork_into=params.n,
                                max_len=min(len(p) + params.max_tokens, self.max_model_len)))
         call = _Call(sched, params, key_of, stop_ids, {i: [] for i in range(len(prompts))},
-                     _progress(len(prompts) * params.n) if progress else None)
+                     progress_bar(len(prompts) * params.n, "generate", unit="seq") if progress else None)
         try:
             with _cyclic_gc_paused():
                 self._run(call)
@@ -428,11 +429,3 @@ def _cyclic_gc_paused():
     finally:
         if enabled:
             gc.enable()
-
-
-def _progress(total):
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, desc="generate", unit="seq")

@@ -390,7 +390,7 @@ def start_run(trainer, resume):
                            config=cfg.to_dict())
     pbar = None
     if cfg.progress_bar:
-        from tqdm.auto import tqdm
+        from r1fast.progress import progress
 
-        pbar = tqdm(total=trainer.total_steps, initial=trainer.global_step, desc=trainer.stage, dynamic_ncols=True)
+        pbar = progress(trainer.total_steps, trainer.stage, initial=trainer.global_step, unit="steps")
     return logger, pbar, resume_path

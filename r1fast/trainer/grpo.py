@@ -523,9 +523,9 @@ class GRPOTrainer:
                 elif ev:   # not a logging step: the evaluation is logged on its own
                     logger.log(self.step_offset + step, self.stage, ev)
                 if pbar is not None:
-                    pbar.update(step - before)
                     pbar.set_postfix(reward=f"{m['reward']:.3f}", kl=f"{m.get('kl', 0.0):.4f}",
                                      len=f"{m['completion_length']:.1f}", tok_s=f"{m['tokens_per_s']:.0f}")
+                    pbar.update(step - before)
                 if callback is not None:
                     callback(step, m)
                 if cfg.save_steps and (step // cfg.save_steps) > (before // cfg.save_steps) and step < self.total_steps:

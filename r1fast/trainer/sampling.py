@@ -42,9 +42,9 @@ def rejection_sample(model, tokenizer, rows: Sequence[dict], cfg: SampleConfig, 
     model.eval()
     bar = None
     if progress:
-        from tqdm.auto import tqdm
+        from r1fast.progress import progress as progress_bar
 
-        bar = tqdm(total=len(rows), desc="sample", dynamic_ncols=True)
+        bar = progress_bar(len(rows), "sample", unit="prompts")
     for start in range(0, len(rows), cfg.batch_prompts):
         chunk = rows[start:start + cfg.batch_prompts]
         params = SamplingParams(n=cfg.num_samples, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
@@ -86,8 +86,8 @@ def rejection_sample(model, tokenizer, rows: Sequence[dict], cfg: SampleConfig, 
         for i in sorted(per_prompt):
             kept.extend(per_prompt[i])
         if bar is not None:
-            bar.update(len(chunk))
             bar.set_postfix(pass_rate=f"{n_pass / max(n_total, 1):.2f}", kept=len(kept))
+            bar.update(len(chunk))
     if bar is not None:
         bar.close()
     stats = {"prompts": len(rows), "samples": n_total, "truncated": n_cut, "passed": n_pass,

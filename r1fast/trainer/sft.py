@@ -150,8 +150,8 @@ class SFTTrainer:
                     self.loss_window = []
                     logger.log(self.step_offset + step, self.stage, m)
                 if pbar is not None:
-                    pbar.update(1)
                     pbar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{m['tokens_per_s']:.0f}")
+                    pbar.update(1)
                 if cfg.save_steps and step % cfg.save_steps == 0 and step < self.total_steps:
                     self.save()
                 if self._stop_requested:
