@@ -155,6 +155,31 @@ def test_prefix_cache_reuses_prompt_blocks_until_reset(models, prompts):
     assert engine.last_stats["cached_tokens"] == 0
 
 
+def test_a_weight_update_drops_the_cached_prompt_blocks_without_a_reset(tmp_path, models, prompts):
+    """A user who updates the weights and forgets reset_prefix_cache() got completions from prompt KV
+    the old weights made: the engine now notices an in-place update and computes the prompt again."""
+    import copy
+
+    _, shared = models
+    model = copy.deepcopy(shared)
+    engine = Engine(model, block_size=4, num_blocks=64)
+    params = SamplingParams(temperature=1.0, max_tokens=6, seed=3)
+    engine.generate([prompts[4]], params)
+    engine.generate([prompts[4]], params)
+    assert engine.last_stats["cached_tokens"] == 12   # the cache is on, and holds the prompt's blocks
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():   # an optimizer step's kind of change: in place
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=g))
+    after = engine.generate([prompts[4]], params)[0].completions[0]
+    assert engine.last_stats["cached_tokens"] == 0
+    fresh = Engine(model, block_size=4, num_blocks=64).generate([prompts[4]], params)[0].completions[0]
+    assert after.token_ids == fresh.token_ids
+    torch.testing.assert_close(torch.tensor(after.logprobs), torch.tensor(fresh.logprobs), rtol=0, atol=0)
+    engine.generate([prompts[4]], params)
+    assert engine.last_stats["cached_tokens"] == 12   # unchanged weights: the cache serves again
+
+
 def test_stop_tokens_and_eos_finish_with_stop(models, prompts):
     _, model = models
     engine = Engine(model, block_size=4, num_blocks=64)

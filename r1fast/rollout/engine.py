@@ -3,10 +3,10 @@
     engine = Engine(model, block_size=16, memory_fraction=0.5)
     results = engine.generate(prompt_token_ids, SamplingParams(n=8, temperature=1.0, max_tokens=512, seed=0))
     results[i].completions[j].token_ids / .logprobs / .finish_reason
-    engine.reset_prefix_cache()        # after every weight update
 
 The engine reads the model's parameters in place (no copy): after an optimizer step the next
-generate() sees the new weights; only the prefix cache must be reset (its KV is stale).
+generate() sees the new weights, and drops the cached prompt blocks whose KV the old weights made
+(it notices an in-place update by the parameters' version counters; reset_prefix_cache() does it by hand).
 
 Decode steps run one ahead of the host (async_decode=True): step k+1 is planned and launched, its
 input tokens gathered on the device from step k's samples, before step k's tokens are copied back
@@ -110,6 +110,7 @@ class Engine:
         # one call at a time: calls share the block manager, the cache and the buffers, and a call's cleanup
         # frees every sequence the manager holds (another thread's call then failed on unknown sequence ids)
         self._generate_lock = threading.Lock()
+        self._weights_seen = self._weights_signature()
 
     def _blocks_from_memory(self, fraction: float, tokens_per_seq: int) -> int:
         per_block = ModelRunner.kv_bytes_per_block(self.config, self.block_size, self.model.dtype)
@@ -130,8 +131,30 @@ class Engine:
         return self.block_manager.num_blocks
 
     def reset_prefix_cache(self):
-        """Forget every cached prompt block (call after each weight update: their KV is stale)."""
+        """Forget every cached prompt block (their KV is stale after a weight update; generate() also
+        notices an in-place update itself and calls this)."""
         self.block_manager.reset_prefix_cache()
+
+    def _weights_signature(self):
+        """(storage, in-place version) of each parameter: it changes whenever a weight does (an optimizer
+        step, load_state_dict, a copy_), so a cached prompt block's KV is never reused on other weights.
+        None for parameters made under torch.inference_mode, which count no versions."""
+        try:
+            return tuple((p.data_ptr(), p._version) for p in self.model.parameters())
+        except RuntimeError:
+            return None
+
+    def _check_weights(self):
+        seen, now = self._weights_seen, self._weights_signature()
+        if now == seen:
+            return
+        if self.runner.graphs and seen is not None and now is not None and \
+                [ptr for ptr, _ in seen] != [ptr for ptr, _ in now]:
+            raise RuntimeError("Engine: the model's parameters were replaced, not updated in place, since this "
+                               "engine captured its CUDA graphs, which still read the old memory; update them in "
+                               "place (with torch.no_grad(): p.copy_(new)), or build a new Engine")
+        self.block_manager.reset_prefix_cache()
+        self._weights_seen = now
 
     # -- validation --------------------------------------------------------------------------------
     def _validate(self, prompts, params: SamplingParams):
@@ -196,6 +219,7 @@ class Engine:
         stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_ids)
         stop_ids = np.fromiter(sorted(stop_ids), dtype=np.int64, count=len(stop_ids))
         with self._generate_lock:
+            self._check_weights()
             return self._generate(prompts, params, key_of, stop_ids, progress)
 
     def _generate(self, prompts, params: SamplingParams, key_of, stop_ids, progress: bool):
