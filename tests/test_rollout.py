@@ -180,6 +180,41 @@ def test_a_weight_update_drops_the_cached_prompt_blocks_without_a_reset(tmp_path
     assert engine.last_stats["cached_tokens"] == 12   # unchanged weights: the cache serves again
 
 
+@pytest.mark.parametrize("how", ["fused AdamW", "p.data", "one row"])
+def test_a_weight_change_no_version_counter_records_drops_the_cached_prompt_blocks(models, prompts, how):
+    """A fused optimizer (AdamW(fused=True)) and writes through p.data bump no version counter: generate()
+    reused the prompt KV the old weights made (other tokens, log-probs off by nats) until a manual reset."""
+    import copy
+
+    _, shared = models
+    model = copy.deepcopy(shared)
+    engine = Engine(model, block_size=4, num_blocks=64)
+    params = SamplingParams(n=2, temperature=1.0, max_tokens=6, seed=3, ignore_eos=True)
+    engine.generate([prompts[4]], params)
+    engine.generate([prompts[4]], params)
+    assert engine.last_stats["cached_tokens"] == 12
+    versions = [p._version for p in model.parameters()]
+    g = torch.Generator().manual_seed(5)
+    if how == "fused AdamW":
+        opt = torch.optim.AdamW(model.parameters(), lr=0.05, fused=True)
+        for p in model.parameters():
+            p.grad = torch.randn(p.shape, generator=g)
+        opt.step()
+    elif how == "p.data":
+        for p in model.parameters():
+            p.data.copy_(p.data + 0.3 * torch.randn(p.shape, generator=g))
+    else:  # a single embedding row of the prompt's first token, by one float step
+        row = model.embed_tokens.weight.data[prompts[4][0]]
+        row.copy_(torch.nextafter(row, torch.full_like(row, math.inf)))
+    assert [p._version for p in model.parameters()] == versions  # no counter saw it
+    after = engine.generate([prompts[4]], params)
+    assert engine.last_stats["cached_tokens"] == 0
+    fresh = Engine(model, block_size=4, num_blocks=64).generate([prompts[4]], params)
+    for a, b in zip(after[0].completions, fresh[0].completions):
+        assert a.token_ids == b.token_ids
+        torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), rtol=0, atol=0)
+
+
 def test_stop_tokens_and_eos_finish_with_stop(models, prompts):
     _, model = models
     engine = Engine(model, block_size=4, num_blocks=64)

@@ -6,7 +6,8 @@
 
 The engine reads the model's parameters in place (no copy): after an optimizer step the next
 generate() sees the new weights, and drops the cached prompt blocks whose KV the old weights made
-(it notices an in-place update by the parameters' version counters; reset_prefix_cache() does it by hand).
+(it notices any change by the parameters' version counters and a checksum of their bits;
+reset_prefix_cache() does it by hand).
 
 Decode steps run one ahead of the host (async_decode=True): step k+1 is planned and launched, its
 input tokens gathered on the device from step k's samples, before step k's tokens are copied back
@@ -43,6 +44,18 @@ def _eos_ids(config) -> set[int]:
     if eos is None:
         return set()
     return {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])}
+
+
+# a float parameter's bits as the signed integer of its width (the weights' checksum in Engine._weights_signature)
+_INT_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _version(p: torch.Tensor) -> int | None:
+    """p's in-place version counter; None for a tensor made under torch.inference_mode, which has none."""
+    try:
+        return p._version
+    except RuntimeError:
+        return None
 
 
 def _check_positive_int(name, value):
@@ -132,24 +145,34 @@ class Engine:
 
     def reset_prefix_cache(self):
         """Forget every cached prompt block (their KV is stale after a weight update; generate() also
-        notices an in-place update itself and calls this)."""
+        notices a weight change itself and calls this)."""
         self.block_manager.reset_prefix_cache()
 
     def _weights_signature(self):
-        """(storage, in-place version) of each parameter: it changes whenever a weight does (an optimizer
-        step, load_state_dict, a copy_), so a cached prompt block's KV is never reused on other weights.
-        None for parameters made under torch.inference_mode, which count no versions."""
-        try:
-            return tuple((p.data_ptr(), p._version) for p in self.model.parameters())
-        except RuntimeError:
-            return None
+        """Per parameter (storage, in-place version, sum of its bits read as integers): it changes whenever a
+        weight does, so a cached prompt block's KV is never reused on other weights. The version counter alone
+        missed writes through `p.data` and fused optimizers (torch.optim.AdamW(fused=True) bumps no version),
+        and parameters made under torch.inference_mode count none; the bit sum (exact integer arithmetic:
+        any one element's change shows) catches those, for one read of the weights per call (each decode step reads
+        them too)."""
+        params = list(self.model.parameters())
+        if not params:
+            return ()
+        with torch.no_grad():
+            # summed in the bits' own width, modulo 2^bits: still exact (a change of one element always shows),
+            # and no widened copy (an int64 sum of a bf16 embedding made a 4x larger temporary on the GPU)
+            sums = []
+            for p in params:
+                bits = p.detach().view(_INT_OF_SIZE[p.element_size()])
+                sums.append(bits.sum(dtype=bits.dtype).long())
+            sums = torch.stack(sums).tolist()  # one device sync
+        return tuple((p.data_ptr(), _version(p), s) for p, s in zip(params, sums))
 
     def _check_weights(self):
         seen, now = self._weights_seen, self._weights_signature()
         if now == seen:
             return
-        if self.runner.graphs and seen is not None and now is not None and \
-                [ptr for ptr, _ in seen] != [ptr for ptr, _ in now]:
+        if self.runner.graphs and [ptr for ptr, *_ in seen] != [ptr for ptr, *_ in now]:
             raise RuntimeError("Engine: the model's parameters were replaced, not updated in place, since this "
                                "engine captured its CUDA graphs, which still read the old memory; update them in "
                                "place (with torch.no_grad(): p.copy_(new)), or build a new Engine")
