@@ -215,6 +215,23 @@ def test_a_weight_change_no_version_counter_records_drops_the_cached_prompt_bloc
         torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), rtol=0, atol=0)
 
 
+def test_a_model_cast_after_the_engine_was_built_is_a_clear_error(models, prompts):
+    # model.to(bfloat16) after Engine(model): the KV cache stayed fp32 and generate() failed inside store_kv
+    # ("key, value, k_cache, v_cache must share a float dtype")
+    import copy
+
+    _, shared = models
+    model = copy.deepcopy(shared)
+    engine = Engine(model, block_size=4, num_blocks=64)
+    engine.generate([prompts[0]], SamplingParams(max_tokens=2, seed=0))
+    model.to(torch.bfloat16)
+    with pytest.raises(RuntimeError, match=r"model is now torch.bfloat16 on cpu, but this engine's KV cache was "
+                                           r"built for torch.float32 on cpu; build a new Engine"):
+        engine.generate([prompts[0]], SamplingParams(max_tokens=2, seed=0))
+    model.to(torch.float32)
+    assert len(engine.generate([prompts[0]], SamplingParams(max_tokens=2, seed=0))[0].completions[0].token_ids) == 2
+
+
 def test_stop_tokens_and_eos_finish_with_stop(models, prompts):
     _, model = models
     engine = Engine(model, block_size=4, num_blocks=64)

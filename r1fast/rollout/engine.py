@@ -169,6 +169,10 @@ class Engine:
         return tuple((p.data_ptr(), _version(p), s) for p, s in zip(params, sums))
 
     def _check_weights(self):
+        built_for, model_is = (self.runner.dtype, self.runner.device), (self.model.dtype, self.model.device)
+        if model_is != built_for:  # the KV cache (and any graph) keep the old ones: store_kv failed on a dtype mismatch
+            raise RuntimeError(f"Engine: the model is now {model_is[0]} on {model_is[1]}, but this engine's KV cache "
+                               f"was built for {built_for[0]} on {built_for[1]}; build a new Engine after .to()")
         seen, now = self._weights_seen, self._weights_signature()
         if now == seen:
             return
