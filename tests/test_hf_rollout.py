@@ -266,6 +266,18 @@ HF_GENERATION_EXTRA_VALUES = {
     "watermarking_config": transformers.generation.WatermarkingConfig(greenlist_ratio=0.25)}
 
 
+def test_prompts_as_tensors_or_arrays_group_as_lists_do(hf_model):
+    import numpy as np
+
+    rollout = HFRollout(hf_model, block_size=4, num_blocks=64)
+    params = SamplingParams(n=2, temperature=1.0, max_tokens=4, seed=9, ignore_eos=True)
+    batch = [p for p in PROMPTS for _ in range(2)]
+    want = rollout.generate(batch, params)
+    assert rollout.generate([torch.tensor(p) for p in batch], params) == want
+    assert rollout.generate([np.array(p) for p in batch], params) == want
+    assert rollout.engine.last_stats["prefill"] >= 1 and len(want) == 6
+
+
 def test_every_generation_config_field_the_engine_cannot_apply_is_refused():
     """Each of transformers' generation_config logits processors, set to a value that does something, is named."""
     from transformers import GenerationConfig

@@ -98,6 +98,9 @@ class HFRollout:
         runs of params.n identical ones (as a GRPO batch lists each prompt once per sample) are
         prefilled once and forked; otherwise each prompt gets one sample."""
         n = params.n
+        # as lists: comparing two tensors (or numpy arrays) with == below is elementwise, and all() of that
+        # failed with "Boolean value of Tensor with more than one value is ambiguous"
+        prompt_ids = [p.tolist() if hasattr(p, "tolist") else list(p) for p in prompt_ids]
         grouped = len(prompt_ids) % n == 0 and all(
             prompt_ids[i] == prompt_ids[i - i % n] for i in range(len(prompt_ids)))
         if grouped:
