@@ -58,6 +58,17 @@ def _version(p: torch.Tensor) -> int | None:
         return None
 
 
+def _bit_sum(p: torch.Tensor) -> torch.Tensor | None:
+    """The sum of p's bits read as integers of their width, modulo 2^bits (exact: a change of any one element
+    shows; no widened copy, which for a bf16 embedding on the GPU was a 4x larger temporary). None where a
+    tensor subclass (an FP8 library's weight) has no such view: its version counter alone speaks for it."""
+    try:
+        bits = p.detach().view(_INT_OF_SIZE[p.element_size()])
+        return bits.sum(dtype=bits.dtype).long()
+    except (RuntimeError, TypeError, KeyError, NotImplementedError):
+        return None
+
+
 def _check_positive_int(name, value):
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"Engine: {name} must be an int >= 1, got {value!r}")
@@ -153,19 +164,16 @@ class Engine:
         weight does, so a cached prompt block's KV is never reused on other weights. The version counter alone
         missed writes through `p.data` and fused optimizers (torch.optim.AdamW(fused=True) bumps no version),
         and parameters made under torch.inference_mode count none; the bit sum (exact integer arithmetic:
-        any one element's change shows) catches those, for one read of the weights per call (each decode step reads
-        them too)."""
+        any one element's change shows) catches those, for one read of the weights per call (each decode step
+        reads them too)."""
         params = list(self.model.parameters())
         if not params:
             return ()
         with torch.no_grad():
-            # summed in the bits' own width, modulo 2^bits: still exact (a change of one element always shows),
-            # and no widened copy (an int64 sum of a bf16 embedding made a 4x larger temporary on the GPU)
-            sums = []
-            for p in params:
-                bits = p.detach().view(_INT_OF_SIZE[p.element_size()])
-                sums.append(bits.sum(dtype=bits.dtype).long())
-            sums = torch.stack(sums).tolist()  # one device sync
+            sums = [_bit_sum(p) for p in params]
+            known = [s for s in sums if s is not None]
+            known = iter(torch.stack(known).tolist() if known else [])  # one device sync
+            sums = [None if s is None else next(known) for s in sums]
         return tuple((p.data_ptr(), _version(p), s) for p, s in zip(params, sums))
 
     def _check_weights(self):
