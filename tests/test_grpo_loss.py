@@ -177,6 +177,32 @@ def test_grpo_loss_matches_reference(device, backend, loss_type, level, beta):
             assert_close(stats[k], e_stats[k], torch.float32, name=f"stat {k} {tag}")
 
 
+@pytest.mark.parametrize("opts", [
+    dict(loss_type="grpo", beta=0.04, tis_mode="truncate", tis_level="token", entropy_coef=0.02, delta=1.3),
+    dict(loss_type="bnpo", importance_sampling_level="sequence", beta=0.04, use_bias_correction_kl=True,
+         tis_mode="mask", tis_level="sequence", tis_cap=3.0, entropy_coef=0.02),
+    dict(loss_type="cispo", epsilon_high=1.2, beta=0.04, kl_estimator="k2", tis_mode="truncate", tis_level="token",
+         entropy_coef=0.02),
+], ids=["token", "sequence", "cispo"])
+def test_grpo_loss_kernel_rows_longer_than_one_tile(device, opts):
+    # The kernel walks a row BLOCK_T tokens at a time (32 under the interpreter) in each of its passes:
+    # T = 75 gives three tiles, the last one partial, and rows whose mask ends in each of them. The
+    # other tests' rows (T <= 9) fit one tile, where a pass that read only its first tile passes too.
+    d = _batch(seed=29, t=75)
+    d["mask"][3] = (torch.arange(75) < 40).double()  # ends inside the second tile
+    d["mask"][4] = (torch.arange(75) % 3 != 0).double()  # holes in every tile
+    opts = dict(opts, tis_cap=opts.get("tis_cap", 1.2))
+    e_loss, e_stats, e_g = _grads(lambda x: _call_ops(x, torch.float64, "reference", opts), d)
+    loss, stats, g = _grads(lambda x: _call_ops(x, torch.float32, "triton", opts),
+                            {k: (v.float().to(device) if v is not None else None) for k, v in d.items()})
+    assert_close(loss, e_loss, torch.float32, name="loss")
+    assert_close(g["logp"], e_g["logp"], torch.float32, name="grad logp")
+    assert_close(g["ent"], e_g["ent"], torch.float32, name="grad entropy")
+    assert set(stats) == set(e_stats)
+    for k in e_stats:
+        assert_close(stats[k], e_stats[k], torch.float32, name=f"stat {k}")
+
+
 def test_stats_keys_and_values():
     d = _batch(seed=11)
     _, stats = ops.grpo_loss(d["logp"].float(), d["old"].float(), d["ref"].float(), d["adv"].float(), d["mask"],
