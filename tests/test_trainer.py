@@ -1406,6 +1406,21 @@ def test_frac_reward_zero_std_counts_groups_of_equal_rewards(tmp_path):
     assert tr.step()["metrics"]["frac_reward_zero_std"] == 1.0
 
 
+def test_reward_and_reward_std_metrics_are_the_sample_mean_and_std_of_the_scored_rows():
+    """`reward` / `reward_std` leave out rows no function scored (None or NaN); the std is the sample
+    (Bessel-corrected) one, as torch.std and TRL's logged reward std."""
+    import statistics
+
+    from r1fast.trainer.grpo import _nanmean, _nanstd
+
+    totals = [0.25, None, 1.5, float("nan"), -0.75, 2.0]
+    scored = [0.25, 1.5, -0.75, 2.0]
+    assert _nanmean(totals) == pytest.approx(statistics.fmean(scored), rel=1e-12)
+    assert _nanstd(totals) == pytest.approx(statistics.stdev(scored), rel=1e-12)
+    assert _nanstd([0.5, None]) == 0.0 and _nanstd([]) == 0.0  # fewer than two scored rows: no spread
+    assert _nanmean([None, float("nan")]) != _nanmean([None, float("nan")])  # nothing scored: NaN
+
+
 def test_rewards_never_see_the_model_eos_that_ended_a_completion(tmp_path, monkeypatch):
     """The engine stops at the model config's eos ids as well as the tokenizer's; a completion ended by
     one of the former reached the rewards (and completions.jsonl) with the stop token as text."""
