@@ -9,6 +9,13 @@ def test_default_cpu_choice_is_torch():
     assert name == "torch"
 
 
+def test_a_developers_r1fast_settings_do_not_reach_the_tests():
+    # conftest clears them: R1FAST_LOGITS_GEMM=cublas in the shell made the triton log-prob tests run torch.mm
+    import os
+
+    assert [k for k in os.environ if k.startswith("R1FAST_")] == []
+
+
 def test_explicit_backend_wins(monkeypatch):
     monkeypatch.setenv("R1FAST_BACKEND", "torch")
     assert backends.resolve("store_kv", "cpu", "reference")[0] == "reference"
