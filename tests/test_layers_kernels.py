@@ -725,6 +725,25 @@ def test_rotary_triton_inputs_with_a_strided_last_dimension(device):
         assert_close(a, e, torch.float32, rtol=2e-5, atol=1e-6, name=name)
 
 
+def test_rms_norm_triton_weight_gradient_uses_x_rstd_rounded_as_the_forward_did(device):
+    """dw = Σ_rows dy · round(x · rstd) with the rounding to x's dtype the forward applied before the weight
+    (the gradient of what the forward computes), on one block and on a row walked in blocks. fp16 x with
+    fp32 weights, so dw comes back in fp32: the rounding (2^-11 relative per term) shows."""
+    from r1fast.kernels import rmsnorm as kernel
+
+    for h in (48, 100):  # the interpreter's block is 64: one block, then three
+        x = randn(64, h, seed=171 + h, device=device).half()
+        w = randn(h, seed=172 + h, device=device) * 0.5 + 1.0
+        dy = randn(64, h, seed=173 + h, device=device)
+        _, rstd = kernel.rms_norm_fwd(x, w, 1e-6, torch.float32)
+        _, dw = kernel.rms_norm_bwd(dy, x, w, rstd, need_dx=False)
+        xn = x.float() * rstd[:, None]  # the kernel's fp32 product: the same bits
+        want = (dy.double() * xn.half().double()).sum(0)
+        unrounded = (dy.double() * xn.double()).sum(0)
+        assert (unrounded - want).abs().max() > 1e-3  # what the test tells apart
+        assert_close(dw, want, torch.float32, rtol=1e-5, atol=1e-5, name=f"dw H={h}")
+
+
 def test_rms_norm_triton_rounds_before_the_weight_on_rows_walked_in_blocks(device):
     """fp16 x with fp32 weights on a row wider than the interpreter's block (walked in several blocks):
     x * rstd is rounded to fp16 before the weight, as in the single-block path and the torch backend."""
