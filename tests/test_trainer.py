@@ -1309,6 +1309,31 @@ def test_metrics_logger_lines_resume_truncation_and_fresh_start(tmp_path):
         read_metrics(str(tmp_path))
 
 
+def test_every_iteration_of_a_rollout_gets_the_rollout_policys_log_probs(tmp_path, monkeypatch):
+    """num_iterations > 1: each pass over the rollout takes old_logp = the policy's log-probs at rollout time,
+    the same numbers in every iteration. Without them (old_logp None: the ratio is 1 by definition) the later
+    iterations would neither clip nor weight by the policy's drift, and nothing else in a step shows it."""
+    from r1fast import ops
+
+    tr = make(tmp_path, max_steps=2, num_iterations=2, num_generations=4, per_device_train_batch_size=4,
+              gradient_accumulation_steps=2)
+    calls, loss = [], ops.fused_linear_grpo_loss
+
+    def spy(hidden, weight, targets, mask, advantages, **kw):
+        now = ops.grouped_logprob(hidden.detach(), weight.detach(), targets, temperature=kw["options"].temperature)
+        calls.append((None if kw["old_logp"] is None else kw["old_logp"].clone(), now))
+        return loss(hidden, weight, targets, mask, advantages, **kw)
+
+    monkeypatch.setattr(ops, "fused_linear_grpo_loss", spy)
+    tr.step()
+    assert len(calls) == 4 and all(old is not None for old, _ in calls)  # 2 iterations x 2 micro-batches
+    first, second = calls[:2], calls[2:]
+    for (old1, now1), (old2, now2) in zip(first, second):
+        assert torch.equal(old1, old2)  # fixed for the rollout, not recomputed per iteration
+        torch.testing.assert_close(now1, old1, rtol=1e-5, atol=1e-5)  # iteration 1: old = the current policy
+        assert (now2 - old2).abs().max() > 1e-4  # iteration 2 follows an update: the ratio moves off 1
+
+
 def test_max_steps_stops_within_a_rollouts_iterations(tmp_path):
     # max_steps counts optimizer steps; with num_iterations=2 a 3-step run took 4 (two whole rollouts)
     tr = make(tmp_path, "r", max_steps=3, num_iterations=2, lr_scheduler_type="linear")
