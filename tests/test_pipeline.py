@@ -482,6 +482,20 @@ def test_resume_names_a_finished_stages_output_that_is_gone(tmp_path):
                                          {**spec["stages"][4], "dataset": "builtin:arithmetic"}]}, resume=True)
 
 
+def test_an_sft_stage_reads_a_messages_column(tmp_path):
+    rows = [{"messages": [{"role": "user", "content": f"{i}+1"}, {"role": "assistant", "content": f"{i + 1}"}]}
+            for i in range(4)]
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    spec = tmp_path / "p.yaml"
+    spec.write_text("name: p\nmodel: builtin:micro\nprogress_bar: false\nstages:\n"
+                    f"  - {{name: s, type: sft, dataset: {tmp_path / 'chat.jsonl'},\n"
+                    "     config: {max_steps: 1, per_device_train_batch_size: 4}}\n")
+    assert main(["pipeline", str(spec), f"output_dir={tmp_path / 'run'}"]) == 0
+    (tmp_path / "chat.jsonl").write_text(json.dumps({"messages": rows[0]["messages"][:1] * 2}) + "\n")
+    with pytest.raises(SystemExit, match=r"stage 's': dataset: row 0: the last of its 'messages' is trained on"):
+        main(["pipeline", str(spec), f"output_dir={tmp_path / 'run2'}"])
+
+
 def test_summary_without_an_eval_dataset_says_nothing_was_held_out(tmp_path, capsys):
     # it printed "held-out: 128 prompts × 4 samples at temperature 1.0" for a run that evaluated nothing
     assert main(["pipeline", str(one_sft_stage_spec(tmp_path)), f"output_dir={tmp_path / 'run'}"]) == 0

@@ -1534,6 +1534,36 @@ def test_sft_refuses_a_completion_message_that_is_not_the_assistants():
             SFTTrainer(model, tok, rows, SFTConfig(progress_bar=False))
 
 
+def test_sft_reads_a_messages_column_as_prompt_and_completion(tmp_path):
+    """The conversational format of TRL's SFT datasets (one `messages` list per row) was refused for
+    lacking prompt/completion columns: the last message, the assistant's, is the completion, the rest
+    (system, earlier turns) its prompt, trained exactly as those two columns would be."""
+    import json
+
+    from r1fast.cli import main
+    from r1fast.trainer.config import SFTConfig
+    from r1fast.trainer.sft import SFTTrainer
+
+    system, user = {"role": "system", "content": "be brief"}, {"role": "user", "content": "3+4"}
+    turns = [{"role": "user", "content": "1+1"}, {"role": "assistant", "content": "2"}, user]
+    answer = {"role": "assistant", "content": "<answer>7</answer>"}
+    convs = [{"messages": [user, answer], "level": 1}, {"messages": [system, *turns, answer], "level": 2}]
+    columns = [{"prompt": [user], "completion": answer, "level": 1},
+               {"prompt": [system, *turns], "completion": answer, "level": 2}]
+    model, tok = tiny_model()
+    cfg = SFTConfig(progress_bar=False, output_dir=str(tmp_path / "a"))
+    assert SFTTrainer(model, tok, convs, cfg).examples == SFTTrainer(model, tok, columns, cfg).examples
+    for bad, match in (([user, {"role": "user", "content": "7"}], "the last of its 'messages' is trained on and must "
+                                                                  "be the assistant's; its role is 'user'"),
+                       ([answer], "'messages' must be a list of two or more")):
+        with pytest.raises(ValueError, match=rf"SFT dataset: row 1: {match}"):
+            SFTTrainer(model, tok, [convs[0], {"messages": bad}], cfg)
+    data = tmp_path / "chat.jsonl"   # and from the command line
+    data.write_text("".join(json.dumps(r) + "\n" for r in convs))
+    assert main(["sft", "model_name_or_path=builtin:micro", f"dataset={data}", "max_steps=1", "progress_bar=false",
+                 f"output_dir={tmp_path / 'cli'}"]) == 0
+
+
 def test_a_checkpoint_whose_replacement_was_killed_between_renames_is_resumed(tmp_path):
     # A save over an existing checkpoint-N renames it to checkpoint-N.old-<pid>, then the new one in; killed
     # between the two, the complete old one was left under that name forever and a resume went back to

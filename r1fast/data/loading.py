@@ -36,6 +36,32 @@ def load_rows(spec: str, *, split: Optional[str] = None, n_builtin: int = 1000, 
     return rows
 
 
+MESSAGES_COLUMN = "messages"
+
+
+def split_conversations(rows: Sequence[dict], prompt_column: str, completion_column: str,
+                        where: str = "SFT dataset") -> Sequence[dict]:
+    """SFT rows in the conversational format (one `messages` list per row, as TRL's SFT datasets hold
+    them) as prompt / completion rows: the last message, the assistant's, is the completion, and the
+    messages before it (a system message, earlier turns) its prompt. Rows that have the two columns,
+    or no `messages`, are returned as they are (check_columns then names what is missing)."""
+    if not rows or MESSAGES_COLUMN not in rows[0] or all(c in rows[0] for c in (prompt_column, completion_column)):
+        return rows
+    out = []
+    for i, row in enumerate(rows):
+        msgs = row.get(MESSAGES_COLUMN)
+        if not (isinstance(msgs, list) and len(msgs) >= 2 and all(isinstance(m, dict) for m in msgs)):
+            raise ValueError(f"{where}: row {i}: {MESSAGES_COLUMN!r} must be a list of two or more {{'role', 'content'}} "
+                             f"messages (the prompt's, then the assistant's answer); got {msgs!r:.80}")
+        if msgs[-1].get("role") != "assistant":
+            # the last message is what trains: a conversation ending on the user's turn would teach writing it
+            raise ValueError(f"{where}: row {i}: the last of its {MESSAGES_COLUMN!r} is trained on and must be the "
+                             f"assistant's; its role is {msgs[-1].get('role')!r}")
+        out.append({**{k: v for k, v in row.items() if k != MESSAGES_COLUMN},
+                    prompt_column: msgs[:-1], completion_column: msgs[-1]})
+    return out
+
+
 def check_columns(rows: Sequence[dict], columns: Sequence[str], where: str = "dataset"):
     """Every row has a value (not None) in every one of `columns`.
 

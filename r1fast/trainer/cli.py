@@ -186,8 +186,8 @@ def _cmd_sft(args):
     cfg, model, tok, resume = _config_and_model(
         SFTConfig, args.rest, "sft", lambda c: f" (JSONL/parquet/saved dataset with {c.prompt_column!r} and "
                                                f"{c.completion_column!r} columns)")
-    rows = load_rows(cfg.dataset, split=cfg.dataset_split, seed=cfg.seed,
-                     required_columns=(cfg.prompt_column, cfg.completion_column))
+    # SFTTrainer checks the columns, after reading a `messages` column as prompt and completion
+    rows = load_rows(cfg.dataset, split=cfg.dataset_split, seed=cfg.seed)
     res = SFTTrainer(model, tok, rows, cfg).train(resume=resume)
     _print_result(res)
     if res.get("interrupted"):

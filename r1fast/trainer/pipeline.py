@@ -353,6 +353,7 @@ class PipelineRunner:
         """`held_out`: the stage's own evaluation prompts, kept out of its training data as the
         pipeline's are."""
         from r1fast.data import check_columns, load_rows
+        from r1fast.data.loading import split_conversations
 
         if stage.dataset is None:
             raise ConfigError(f"stage {stage.name!r} needs a dataset")
@@ -383,6 +384,9 @@ class PipelineRunner:
                 rows = [r for r in rows if str(r.get("prompt")) not in seen]
                 if not rows:
                     raise ValueError(f"stage {stage.name!r}: every training prompt is also a held-out prompt")
+        if stage.type == "sft":
+            rows = split_conversations(rows, stage.config.prompt_column, stage.config.completion_column,
+                                       where=f"stage {stage.name!r}: dataset")
         check_columns(rows, need, f"stage {stage.name!r}: dataset")
         return rows
 

@@ -9,7 +9,7 @@ import time
 from typing import Any, Optional, Sequence
 
 
-from r1fast.data.loading import check_columns, check_prompts, encode_completion, encode_prompt
+from r1fast.data.loading import check_columns, check_prompts, encode_completion, encode_prompt, split_conversations
 from r1fast.trainer import checkpoints as ckpt
 from r1fast.trainer.common import (
     start_run,
@@ -38,6 +38,7 @@ class SFTTrainer:
         cfg = self.cfg
         if not rows:
             raise ValueError("SFT dataset is empty")
+        rows = split_conversations(rows, cfg.prompt_column, cfg.completion_column)
         check_columns(rows, (cfg.prompt_column, cfg.completion_column), "SFT dataset")
         check_prompts(rows, cfg.prompt_column, tokenizer, cfg.system_prompt, "SFT dataset")
         self.model, self.tokenizer, self.device = model, tokenizer, model.device
