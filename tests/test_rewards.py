@@ -413,3 +413,14 @@ def test_reward_returns_that_would_be_misread_are_errors():
     rs = RewardSet([lambda prompts, completions, **kw: [1e30, 1.0, 2.0]], weights=[1e10])
     with pytest.raises(RewardError, match=r"row 0: the weighted reward total 1e\+40 is beyond float32's range"):
         rs.total(rs.score(**rows))
+
+
+def test_float_length_decimals_past_floats_range_are_compared_not_raised(monkeypatch):
+    # float() of 123456789012345e400 raised OverflowError out of answers_match: one such completion
+    # failed the whole batch's reward call (RewardError), stopping the run
+    monkeypatch.setitem(sys.modules, "math_verify", None)
+    assert answers_match("123456789012345e400", "5") is False
+    assert answers_match("7", "1.23456789012345e400") is False
+    assert answers_match("1.23456789012345e400", "1.234567890123450000001e400") is True
+    assert answers_match("1.23456789012345e400", "1.23456789099999e400") is False
+    assert _accuracy("123456789012345e400", "5") == 0.0

@@ -105,6 +105,7 @@ def _as_number(s: str) -> Optional[Fraction]:
 
 
 _LONG_DECIMAL_RE = re.compile(r"[0-9]{12,}")
+_FLOAT_REL_TOL = Fraction(1, 10**12)
 
 
 def _float_repr(s: str) -> bool:
@@ -122,7 +123,9 @@ def answers_match(predicted: str, gold: str) -> bool:
     if a is not None and b is not None:
         if a == b:
             return True
-        return (_float_repr(predicted) or _float_repr(gold)) and math.isclose(float(a), float(b), rel_tol=1e-12)
+        # compared as fractions: float() of a value past float's range (a model's 123456789012345e400)
+        # raised OverflowError, which failed the whole batch's reward call
+        return (_float_repr(predicted) or _float_repr(gold)) and abs(a - b) <= _FLOAT_REL_TOL * max(abs(a), abs(b))
     try:
         from math_verify import parse, verify
     except ImportError:
