@@ -424,3 +424,102 @@ def test_float_length_decimals_past_floats_range_are_compared_not_raised(monkeyp
     assert answers_match("1.23456789012345e400", "1.234567890123450000001e400") is True
     assert answers_match("1.23456789012345e400", "1.23456789099999e400") is False
     assert _accuracy("123456789012345e400", "5") == 0.0
+
+
+def test_a_huge_power_off_the_main_thread_is_refused_not_computed():
+    # sympy computed 2^{10^{100}} with one int pow holding the GIL: off the main thread (where math-verify
+    # has no time limit) the reward call, and every other thread of the process, never came back
+    pytest.importorskip("math_verify")
+    import subprocess
+    import textwrap
+
+    code = textwrap.dedent("""
+        import threading
+        from r1fast.rewards import accuracy_reward
+        got = []
+        t = threading.Thread(target=lambda: got.append(accuracy_reward(
+            None, ["<answer>2^{10^{100}}</answer>", "<answer>(2^{10})^{9^{9^{9}}}</answer>", "<answer>2^{10}</answer>"],
+            answer=["42", "42", "1024"])))
+        t.start()
+        t.join()
+        print(got)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[[0.0, 0.0, 1.0]]"
+
+
+@pytest.mark.parametrize("off_main", [False, True])
+def test_math_verify_has_one_time_limit_on_any_thread(off_main, monkeypatch):
+    # brackets nested 150 deep: math-verify parsed them for 5 s per try on the main thread and for
+    # 20 s and more off it (no limit there); a collapsed policy repeating such an answer paid it per completion
+    pytest.importorskip("math_verify")
+    import random
+    import threading
+    import time
+
+    from r1fast.rewards import builtin
+
+    monkeypatch.setattr(builtin, "MATH_VERIFY_TIMEOUT_S", 0.5)
+    junk = "(" * 150 + str(random.randrange(10**9)) + ")" * 150   # fresh: no cached verdict
+    got = []
+
+    def score():
+        t = time.perf_counter()
+        got.append(accuracy_reward(None, [f"<answer>{junk}</answer>"] * 8 + ["<answer>\\frac{1}{2}</answer>"],
+                                   answer=["42"] * 8 + ["0.5"]))
+        got.append(time.perf_counter() - t)
+
+    if off_main:
+        t = threading.Thread(target=score)
+        t.start()
+        t.join()
+    else:
+        score()
+    assert got[0] == [0.0] * 8 + [1.0]
+    assert got[1] < 3.0
+
+
+@pytest.mark.parametrize("off_main", [False, True])
+def test_call_with_deadline_stops_python_loops_and_leaves_other_alarms(off_main):
+    import signal
+    import threading
+    import time
+
+    from r1fast.rewards.deadline import OutOfTime, call_with_deadline
+
+    def spin():
+        while True:
+            try:
+                time.sleep(0.001)
+            except Exception:   # what math-verify and sympy do: the limit must not be swallowed
+                pass
+
+    got = []
+
+    def run():
+        t = time.perf_counter()
+        try:
+            call_with_deadline(spin, 0.2)
+        except OutOfTime:
+            got.append(time.perf_counter() - t)
+        got.append(call_with_deadline(lambda: 7, 0.05))
+        time.sleep(0.2)   # a limit that was not reached never fires later
+        got.append("after")
+
+    if off_main:
+        t = threading.Thread(target=run)
+        t.start()
+        t.join()
+        assert got[0] < 2.0 and got[1:] == [7, "after"]
+        return
+    fired = []
+    previous = signal.signal(signal.SIGALRM, lambda *a: fired.append(1))
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 5.0)
+        run()
+        left, _ = signal.setitimer(signal.ITIMER_REAL, 0)
+        assert got[0] < 2.0 and got[1:] == [7, "after"]
+        assert 3.0 < left < 5.0 and not fired   # someone else's timer is put back, less the time spent
+    finally:
+        signal.signal(signal.SIGALRM, previous)

@@ -5,12 +5,14 @@ A completion is a string, or a chat list whose last message's "content" is the s
 """
 from __future__ import annotations
 
+import functools
 import math
 import re
-import threading
 import unicodedata
 from fractions import Fraction
 from typing import Any, Optional
+
+from r1fast.rewards.deadline import OutOfTime, call_with_deadline
 
 # Spans are matched with a tempered body ("any character that does not start a tag"): one block
 # cannot swallow another, and matching stays linear in the text. A lazy `.*?` rescanned the rest of
@@ -127,20 +129,80 @@ def answers_match(predicted: str, gold: str) -> bool:
         # raised OverflowError, which failed the whole batch's reward call
         return (_float_repr(predicted) or _float_repr(gold)) and abs(a - b) <= _FLOAT_REL_TOL * max(abs(a), abs(b))
     try:
-        from math_verify import parse, verify
+        import math_verify  # noqa: F401
     except ImportError:
         _warn_without_math_verify(predicted, gold)
         return False
-    # math-verify's timeouts use SIGALRM, which only the main thread may set: elsewhere every call
-    # raised ValueError and each LaTeX answer silently scored 0. Off the main thread they are off.
-    main = threading.current_thread() is threading.main_thread()
+    return _math_verify_match(predicted, gold)
+
+
+# One answer's whole math-verify check (its parses and comparisons) on any thread; past it the answer
+# scores 0. A policy's junk (`9^{9^{9}}`, `(((…)))` 50 deep, `1000000!`) kept sympy busy for 5 s per
+# stage on the main thread and without end on any other (math-verify's limit is SIGALRM).
+MATH_VERIFY_TIMEOUT_S = 3.0
+
+
+@functools.lru_cache(maxsize=256)   # a collapsed policy repeats its junk: one time-out, not one per completion
+def _math_verify_match(predicted: str, gold: str) -> bool:
+    from math_verify import parse, verify
+
+    def check():
+        gold_parsed = _mv_parse(parse, gold)
+        pred_parsed = _mv_parse(parse, predicted)
+        if not gold_parsed or not pred_parsed or _holds_huge_power(pred_parsed) or _holds_huge_power(gold_parsed):
+            return False
+        return bool(verify(gold_parsed, pred_parsed, timeout_seconds=None))
+
+    _quiet_math_verify_timeout_notice()
     try:
-        gold_parsed = _mv_parse(parse, gold, main)
-        pred_parsed = _mv_parse(parse, predicted, main)
-        return bool(gold_parsed) and bool(pred_parsed) and bool(
-            verify(gold_parsed, pred_parsed, **({} if main else {"timeout_seconds": None})))
+        return call_with_deadline(check, MATH_VERIFY_TIMEOUT_S)
+    except OutOfTime:
+        return False
     except Exception:
         return False  # math-verify failing to parse a model's answer means the answer is not verifiable
+
+
+# A constant power worth more bits than this is not computed (2^20 bits: about 315,000 digits).
+_MAX_POWER_BITS = 1 << 20
+
+
+def _holds_huge_power(parsed) -> bool:
+    """Whether a parsed answer holds a constant power too large to compute (`2^{10^{100}}`, `9^{9^{9}}`).
+    sympy evaluates one with a single call of Python's int pow, which holds the GIL: on the main thread
+    a signal still stops it, on any other thread nothing does, and one such answer froze the process.
+    Its size comes from floating-point estimates (evalf), which stay small."""
+    from sympy import Basic, Pow
+
+    for expr in parsed:
+        if not isinstance(expr, Basic):
+            continue
+        for p in expr.atoms(Pow):
+            if p.base.free_symbols or p.exp.free_symbols:
+                continue   # symbolic: nothing to compute
+            try:
+                base, exp = abs(complex(p.base.evalf(15))), abs(complex(p.exp.evalf(15)))
+                bits = exp * abs(math.log2(base)) if base > 0 else 0.0
+            except (TypeError, ValueError, OverflowError):   # not a number, or past float's range
+                return True
+            if not bits <= _MAX_POWER_BITS:   # NaN included
+                return True
+    return False
+
+
+def _quiet_math_verify_timeout_notice():
+    """math-verify's own timeouts are off (call_with_deadline bounds the check): its warning that they
+    are, and that the caller must bound the time, is about what is done here."""
+    import logging
+
+    for name in ("math_verify.parser", "math_verify.grader"):
+        log = logging.getLogger(name)
+        if not any(isinstance(f, _TimeoutNoticeFilter) for f in log.filters):
+            log.addFilter(_TimeoutNoticeFilter())
+
+
+class _TimeoutNoticeFilter:
+    def filter(self, record) -> bool:
+        return not str(record.msg).startswith("Timeout is disabled")
 
 
 _WARNED_NO_MATH_VERIFY = False
@@ -161,13 +223,12 @@ def _warn_without_math_verify(predicted: str, gold: str):
 _PROSE_RE = re.compile(r"[A-Za-z]{2,}")
 
 
-def _mv_parse(parse, s: str, main: bool):
+def _mv_parse(parse, s: str):
     """math-verify reads LaTeX between delimiters: bare `\\dfrac{1}{2}` parses to nothing and bare
     `2\\sqrt{3}` to its leading 2 alone (so an answer "2" matched), so LaTeX without `$` (an escaped
     `\\$` is money, not a delimiter) is read as `$…$` first. Prose without LaTeX ("24 clips", "x is 5")
     is read as text, where math-verify finds its number: as `$…$` its words became products of
     variables (yes == sey, 24 clips != 24). Other bare text ("x^2+1", "(1, 2)") is read as `$…$`."""
-    kw = {} if main else {"parsing_timeout": None}
     if "$" in s.replace("\\$", ""):
         tries = [s]
     elif "\\" in s:
@@ -177,7 +238,7 @@ def _mv_parse(parse, s: str, main: bool):
     else:
         tries = [f"${s}$"]
     for t in tries:
-        parsed = parse(t, **kw)
+        parsed = parse(t, parsing_timeout=None)
         if parsed:
             return parsed
     return []
