@@ -523,3 +523,11 @@ def test_call_with_deadline_stops_python_loops_and_leaves_other_alarms(off_main)
         assert 3.0 < left < 5.0 and not fired   # someone else's timer is put back, less the time spent
     finally:
         signal.signal(signal.SIGALRM, previous)
+
+
+def test_a_set_of_rewards_is_refused_not_read_in_its_own_order():
+    # `{len(c) for c in completions}` (a set comprehension for a list one) was read in the set's order:
+    # each row silently got another row's reward
+    rs = RewardSet([lambda prompts, completions, **kw: {float(len(c)) for c in completions}])
+    with pytest.raises(RewardError, match="<lambda>.*got a set"):
+        rs.score(["p"] * 3, ["ccc", "a", "bb"], {})

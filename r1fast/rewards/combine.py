@@ -147,7 +147,9 @@ class RewardSet:
             row = _find_failing_row(fn, prompts, completions, columns, extra)
             where = f" on row {row} (prompt {_snippet(prompts[row])}, completion {_snippet(completions[row])})" if row is not None else ""
             raise RewardError(f"reward function {name!r} raised {type(e).__name__}: {e}{where}") from e
-        if isinstance(values, (dict, str, bytes)):  # a dict iterates over its keys, a str over characters
+        # a dict iterates over its keys, a str over characters, a set (`{f(c) for c in completions}`) in
+        # its own order: each row would get another row's reward
+        if isinstance(values, (dict, str, bytes, set, frozenset)):
             raise RewardError(f"reward function {name!r} must return a list of {n} floats (or None); got a "
                               f"{type(values).__name__}")
         if values is None or not hasattr(values, "__len__") or len(values) != n:
