@@ -531,3 +531,14 @@ def test_a_set_of_rewards_is_refused_not_read_in_its_own_order():
     rs = RewardSet([lambda prompts, completions, **kw: {float(len(c)) for c in completions}])
     with pytest.raises(RewardError, match="<lambda>.*got a set"):
         rs.score(["p"] * 3, ["ccc", "a", "bb"], {})
+
+
+def test_a_scalar_tensor_or_array_is_a_reward_error_naming_the_function():
+    # a 0-d tensor has __len__ but len() raises: a bare "TypeError: len() of a 0-d tensor" stopped the run
+    import numpy as np
+    import torch
+
+    for value in (torch.tensor(0.7), np.array(0.7)):
+        rs = RewardSet([lambda prompts, completions, value=value, **kw: value])
+        with pytest.raises(RewardError, match="<lambda>.*list of 2 floats"):
+            rs.score(["p", "p"], ["a", "b"], {})

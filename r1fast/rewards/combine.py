@@ -152,8 +152,12 @@ class RewardSet:
         if isinstance(values, (dict, str, bytes, set, frozenset)):
             raise RewardError(f"reward function {name!r} must return a list of {n} floats (or None); got a "
                               f"{type(values).__name__}")
-        if values is None or not hasattr(values, "__len__") or len(values) != n:
-            got = "None" if values is None else (f"{len(values)} values" if hasattr(values, "__len__") else type(values).__name__)
+        try:
+            count = len(values)
+        except TypeError:   # None, a float, a generator; a 0-d tensor or array has __len__ but no length
+            count = None
+        if count != n:
+            got = "None" if values is None else (f"{count} values" if count is not None else type(values).__name__)
             raise RewardError(f"reward function {name!r} must return a list of {n} floats (or None); got {got}")
         out = []
         for i, v in enumerate(values):
