@@ -542,3 +542,42 @@ def test_a_scalar_tensor_or_array_is_a_reward_error_naming_the_function():
         rs = RewardSet([lambda prompts, completions, value=value, **kw: value])
         with pytest.raises(RewardError, match="<lambda>.*list of 2 floats"):
             rs.score(["p", "p"], ["a", "b"], {})
+
+
+def test_async_reward_functions_are_awaited_together_as_trl_does():
+    # an `async def` reward (a remote judge) returned a coroutine: "got coroutine", and Python's "never awaited"
+    import asyncio
+    import time
+
+    started = []
+
+    async def judge(prompts, completions, answer, **kw):
+        started.append(time.monotonic())
+        await asyncio.sleep(0.3)   # the two judges wait at the same time, not one after the other
+        return [float(c == a) for c, a in zip(completions, answer)]
+
+    async def length(prompts, completions, **kw):
+        started.append(time.monotonic())
+        await asyncio.sleep(0.3)
+        return [len(c) / 10 for c in completions]
+
+    async def broken(prompts, completions, **kw):
+        raise ConnectionError("judge unreachable")
+
+    rs = RewardSet([judge, lambda prompts, completions, **kw: [0.5] * len(completions), length], weights=[1, 1, 2])
+    t0 = time.monotonic()
+    table = rs.score(["p", "q"], ["7", "8x"], {"answer": ["7", "9"]})
+    assert table == [[1.0, 0.0], [0.5, 0.5], [0.1, 0.2]] and time.monotonic() - t0 < 0.55
+    assert rs.total(table) == pytest.approx([1.7, 0.9])
+
+    async def inside_a_running_loop():   # a notebook's thread already runs an event loop
+        return rs.score(["p"], ["7"], {"answer": ["7"]})
+
+    assert asyncio.run(inside_a_running_loop()) == [[1.0], [0.5], [0.1]]
+    with pytest.raises(RewardError, match="'broken' raised ConnectionError: judge unreachable"):
+        RewardSet([broken]).score(["p"], ["7"], {})
+    async def two(prompts, completions, **kw):
+        return [1.0, 2.0]
+
+    with pytest.raises(RewardError, match="'two' must return a list of 1 floats"):   # its values are checked too
+        RewardSet([two]).score(["p"], ["7"], {})

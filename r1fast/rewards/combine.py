@@ -7,8 +7,11 @@ and the row; a step is never trained on a silently wrong reward.
 """
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import importlib
 import importlib.util
+import inspect
 import math
 import os
 import sys
@@ -120,13 +123,18 @@ class RewardSet:
         return len(self.funcs)
 
     def score(self, prompts: list, completions: list, columns: dict[str, list], **extra) -> list[list[Optional[float]]]:
-        """Per function, per row: float or None."""
+        """Per function, per row: float or None. Async functions (`async def`, as TRL takes them: a remote
+        judge, a sandbox) are awaited together, concurrently, once the plain ones have run."""
         n = len(completions)
-        table = []
-        for name, fn in zip(self.names, self.funcs):
-            values = self._call(name, fn, prompts, completions, columns, extra, n)
-            table.append(values)
-        return table
+        results = [self._call(name, fn, prompts, completions, columns, extra) for name, fn in zip(self.names, self.funcs)]
+        waiting = [i for i, r in enumerate(results) if inspect.isawaitable(r)]
+        if waiting:
+            for i, value in zip(waiting, _await_all([results[i] for i in waiting])):
+                if isinstance(value, BaseException):
+                    raise RewardError(f"reward function {self.names[i]!r} raised {type(value).__name__}: {value}") \
+                        from value
+                results[i] = value
+        return [self._values(name, r, prompts, n) for name, r in zip(self.names, results)]
 
     def total(self, table: list[list[Optional[float]]]) -> list[float]:
         out = []
@@ -140,13 +148,15 @@ class RewardSet:
             out.append(total)
         return out
 
-    def _call(self, name, fn, prompts, completions, columns, extra, n):
+    def _call(self, name, fn, prompts, completions, columns, extra):
         try:
-            values = fn(prompts=prompts, completions=completions, **columns, **extra)
+            return fn(prompts=prompts, completions=completions, **columns, **extra)
         except Exception as e:
             row = _find_failing_row(fn, prompts, completions, columns, extra)
             where = f" on row {row} (prompt {_snippet(prompts[row])}, completion {_snippet(completions[row])})" if row is not None else ""
             raise RewardError(f"reward function {name!r} raised {type(e).__name__}: {e}{where}") from e
+
+    def _values(self, name, values, prompts, n):
         # a dict iterates over its keys, a str over characters, a set (`{f(c) for c in completions}`) in
         # its own order: each row would get another row's reward
         if isinstance(values, (dict, str, bytes, set, frozenset)):
@@ -173,6 +183,21 @@ class RewardSet:
                                   f"(prompt {_snippet(prompts[i])}); rewards must be finite numbers or None")
             out.append(float(v))
         return out
+
+
+def _await_all(awaitables: list) -> list:
+    """Their results (an exception in place of a result), run concurrently on an event loop of their own;
+    in a thread whose loop is already running (a notebook's), on another thread, as asyncio.run cannot
+    nest."""
+    async def gather():
+        return await asyncio.gather(*awaitables, return_exceptions=True)
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(gather())
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, gather()).result()
 
 
 def _find_failing_row(fn, prompts, completions, columns, extra) -> Optional[int]:
