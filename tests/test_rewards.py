@@ -576,8 +576,35 @@ def test_async_reward_functions_are_awaited_together_as_trl_does():
     assert asyncio.run(inside_a_running_loop()) == [[1.0], [0.5], [0.1]]
     with pytest.raises(RewardError, match="'broken' raised ConnectionError: judge unreachable"):
         RewardSet([broken]).score(["p"], ["7"], {})
+
     async def two(prompts, completions, **kw):
         return [1.0, 2.0]
 
     with pytest.raises(RewardError, match="'two' must return a list of 1 floats"):   # its values are checked too
         RewardSet([two]).score(["p"], ["7"], {})
+
+
+@pytest.mark.parametrize("with_math_verify", [True, False])
+def test_gsm8k_solution_gold_is_read_by_its_final_hash_line(with_math_verify, monkeypatch):
+    # GSM8K's `answer` column is a worked solution ending in "#### N". Read whole, math-verify paid for the
+    # first number after "answer is" in the prose (5 here, not 15) and without math-verify every answer scored 0.
+    import random
+
+    if with_math_verify:
+        pytest.importorskip("math_verify")
+    else:
+        monkeypatch.setitem(sys.modules, "math_verify", None)
+    a, b = random.randint(2, 9), random.randint(11, 99)
+    gold = (f"So the answer is {a} per hour.\nThen {a}*{b}=<<{a}*{b}={a * b}>>{a * b} in all, "
+            f"{a * b:,} cents.\n#### {a * b}\n")
+    for col in ("answer", "solution"):
+        scores = [accuracy_reward(["p"], [f"<think>x</think><answer>{p}</answer>"], **{col: [gold]})[0]
+                  for p in (a * b, f"{a * b:,}", f"{a * b}.", a, b)]
+        assert scores == [1.0, 1.0, 1.0, 0.0, 0.0], (col, scores)
+    neg = "She loses 5-8=<<5-8=-3>>-3 points.\n#### -3"
+    assert [_accuracy(p, neg) for p in ("-3", "3", "5")] == [1.0, 0.0, 0.0]
+    assert _accuracy(".75", "3/4 of it.\n####  0.75") == 1.0
+    # "####" not on the last line is not GSM8K's final answer
+    from r1fast.rewards.builtin import gold_text
+
+    assert gold_text("#### 7") == "7" and gold_text("#### 7\nthen 8") == "#### 7\nthen 8"

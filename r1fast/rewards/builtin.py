@@ -268,13 +268,26 @@ def accuracy_reward(prompts, completions, answer=None, solution=None, **_) -> li
 
 
 def gold_text(g) -> Optional[str]:
-    """The reference answer to compare with (a solution's <answer>/\\boxed{} part), or None when there
-    is none: an empty gold rewarded an empty answer, and a NaN one the answer "nan"."""
+    """The reference answer to compare with (a solution's <answer>/\\boxed{} part, or the N of GSM8K's
+    final `#### N` line), or None when there is none: an empty gold rewarded an empty answer, and a NaN
+    one the answer "nan"."""
     if g is None or (isinstance(g, float) and math.isnan(g)):
         return None
     g = str(g)
-    g = extract_answer(g) or g
+    g = extract_answer(g) or _gsm8k_final(g) or g
     return g if g.strip() else None
+
+
+# GSM8K's `answer` column is a worked solution whose last line is `#### 72`. Read whole, the answer was
+# whatever number math-verify found first in the prose ("so the answer is 5 per hour. ... #### 15" paid
+# for 5, not 15), and without math-verify every answer scored 0.
+_GSM8K_FINAL_RE = re.compile(r"(?:\A|\n)[ \t]*####[ \t]*([^\n]*?)\s*\Z")
+
+
+def _gsm8k_final(g: str) -> Optional[str]:
+    """The answer on a solution's last line when it is GSM8K's `#### answer`, else None."""
+    m = _GSM8K_FINAL_RE.search(g)
+    return m.group(1) if m and m.group(1) else None
 
 
 def make_format_reward(pattern: Optional[str] = None):
