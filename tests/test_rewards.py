@@ -188,6 +188,8 @@ def test_boxed_answer_with_nested_braces():
     ("1,000", "1000", True), ("1,000.5", "1000.5", True), ("\u22123", "-3", True), ("- 3", "-3", True),
     ("\\boxed{5}", "5", True), ("{5}", "5", True), ("$-5$", "-5", True), ("5,", "5", True),
     ("1/-2", "-0.5", True), ("2/4", "1/2", True), ("7", "1e9999999", False),
+    # money (GSM8K): "$18" scored 0 against 18 without math-verify, 1 with it
+    ("$18", "18", True), ("\\$1,000.50", "1000.5", True), ("-$5", "-5", True), ("$5", "6", False), ("$.5", "1/2", True),
 ])
 def test_numeric_fallback_agrees_with_math_verify(pred, gold, ok, monkeypatch):
     # Commas were stripped anywhere ("1,5" == 15, a list to math-verify), a Unicode minus or \boxed{}

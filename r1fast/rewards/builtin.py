@@ -75,13 +75,14 @@ def final_part(text: str) -> str:
 _NUMBER_RE = re.compile(
     r"([+-]?)\s*((?:[0-9]{1,3}(?:,[0-9]{3})+|[0-9]+)(?:\.[0-9]*)?|\.[0-9]+)(?:[eE]([+-]?[0-9]{1,3}))?")
 _RATIO_RE = re.compile(r"([+-]?)\s*([0-9]+)\s*/\s*([+-]?)\s*([0-9]+)")
+_MONEY_RE = re.compile(r"\A([+-]?)\s*\\?\$\s*(?=[0-9.])")
 _WRAPPED_RE = re.compile(r"\\boxed\s*\{(.*)\}|\{(.*)\}", re.DOTALL)
 
 
 def _as_number(s: str) -> Optional[Fraction]:
     """A plain number: an integer, a decimal (optionally with a short exponent), or a ratio of
     integers; a comma only as a thousands separator (1,000 but not 1,5, a list to math-verify).
-    `$…$`, `\\boxed{…}` and `{…}` around it are removed."""
+    `$…$`, `\\boxed{…}` and `{…}` around it, and a dollar sign before it, are removed."""
     s = s.strip().replace("\u2212", "-")
     for _ in range(4):
         if len(s) > 1 and s[0] == "$" and s[-1] == "$":
@@ -92,6 +93,7 @@ def _as_number(s: str) -> Optional[Fraction]:
             break
         s = (m.group(1) if m.group(1) is not None else m.group(2)).strip()
     s = s.rstrip(".,").strip()   # a sentence's full stop or comma
+    s = _MONEY_RE.sub(r"\1", s)   # "$18", "-\\$5": GSM8K answers; math-verify reads them as the number too
     try:
         m = _NUMBER_RE.fullmatch(s)
         if m:
