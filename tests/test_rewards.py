@@ -610,3 +610,21 @@ def test_gsm8k_solution_gold_is_read_by_its_final_hash_line(with_math_verify, mo
     from r1fast.rewards.builtin import gold_text
 
     assert gold_text("#### 7") == "7" and gold_text("#### 7\nthen 8") == "#### 7\nthen 8"
+
+
+@pytest.mark.parametrize("with_math_verify", [True, False])
+def test_a_text_answer_matches_its_words_in_latex_text(with_math_verify, monkeypatch):
+    # MATH golds such as \text{Evelyn} or \text{odd}: the bare word (a model's natural answer) scored 0, as
+    # math-verify finds nothing to compare in prose
+    import random
+
+    if with_math_verify:
+        pytest.importorskip("math_verify")
+    else:
+        monkeypatch.setitem(sys.modules, "math_verify", None)
+    name = random.choice(["Evelyn", "Brenda", "Tuesday"])
+    for pred, gold, ok in ((name, rf"\text{{{name}}}", 1.0), (name.lower() + ".", rf"$\text{{{name}}}$", 1.0),
+                           (rf"\textbf{{{name}}}", name, 1.0), ("odd", r"\text{ odd }", 1.0),
+                           (name[:3], rf"\text{{{name}}}", 0.0), ("even", r"\text{odd}", 0.0), ("no", r"\text{yes}", 0.0),
+                           (r"\sqrt{odd}", r"\text{odd}", 0.0)):
+        assert _accuracy(pred, gold) == ok, (pred, gold)

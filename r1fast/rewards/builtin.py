@@ -118,10 +118,30 @@ def _float_repr(s: str) -> bool:
     return bool(_LONG_DECIMAL_RE.search(s.replace(".", "")))
 
 
+# A whole answer that is text in LaTeX: MATH's `\\text{Evelyn}`, `\\text{odd}`, `\\textbf{no}` (in `$…$` or not).
+_TEXT_ANSWER_RE = re.compile(r"\$?\s*\\(?:text|textbf|textrm|mathrm|mbox)\s*\{([^{}$\\]*)\}\s*\$?")
+
+
+def _text_words(s: str) -> tuple[Optional[str], bool]:
+    """An answer's words, case aside, and whether they were one `\\text{…}`; None for other LaTeX."""
+    s = s.strip().rstrip(".").strip()
+    m = _TEXT_ANSWER_RE.fullmatch(s)
+    if m:
+        return m.group(1).strip().casefold(), True
+    return (s.casefold(), False) if "\\" not in s and "$" not in s else (None, False)
+
+
+def _same_words(predicted: str, gold: str) -> bool:
+    """A text answer written bare ("Evelyn", "odd.") against the same words in `\\text{}` (or the other way
+    round): math-verify finds nothing to compare in bare prose, and the right answer scored 0."""
+    (a, a_text), (b, b_text) = _text_words(predicted), _text_words(gold)
+    return bool(a) and a == b and (a_text or b_text)
+
+
 def answers_match(predicted: str, gold: str) -> bool:
     """Exact text match, then numeric match (1/2 == 0.5, 1,000 == 1000; a float-length decimal equals
     what it approximates to 1e-12), then math-verify when installed."""
-    if predicted.strip() == gold.strip():
+    if predicted.strip() == gold.strip() or _same_words(predicted, gold):
         return True
     a, b = _as_number(predicted), _as_number(gold)
     if a is not None and b is not None:
