@@ -832,7 +832,10 @@ def test_evaluation_scores_each_sample_against_its_rows_answer(monkeypatch):
             ("5+5", texts[4], None), ("5+5", texts[5], None)]
     assert ScriptedEngine.calls[0][1] == 2
     with pytest.raises(ValueError, match="held-out rows lack the answer column 'answer'"):
-        evaluate_accuracy(model, tok, [{"prompt": "2+2", "solution": "4"}])
+        evaluate_accuracy(model, tok, [{"prompt": "2+2", "reference": "4"}])
+    # a solution column (MATH's worked solutions), as the accuracy reward reads training rows: it refused
+    solved = [{"prompt": "2+2", "solution": r"so it is $\boxed{4}$"}, {"prompt": "3+3", "solution": "#### 5"}]
+    assert evaluate_accuracy(model, tok, solved, samples_per_prompt=2)["eval/accuracy"] == pytest.approx(3 / 4)
     # the engine holds the longest prompt and max_tokens more, within the model's positions
     longest = max(len(encode_prompt(tok, r["prompt"])) for r in rows)
     evaluate_accuracy(model, tok, rows, max_tokens=7)

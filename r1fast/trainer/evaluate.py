@@ -8,11 +8,18 @@ from r1fast.data.loading import decode_completion, encode_prompt, stop_token_ids
 from r1fast.trainer.common import check_prompt_room
 
 
+def gold_column(rows: Sequence[dict], answer_column: str) -> str:
+    """The column holding the reference answers: `answer_column`, else a `solution` column (MATH's worked
+    solutions), as the accuracy reward reads a training row."""
+    return answer_column if answer_column in rows[0] or "solution" not in rows[0] else "solution"
+
+
 def check_eval_answers(rows: Sequence[dict], answer_column: str, where: str):
     """eval/accuracy needs reference answers: a missing column, or rows whose answers are all missing or
     empty (each is left out), is an error naming `where`, not an accuracy of 0.0 that measured nothing."""
     from r1fast.rewards.builtin import gold_text
 
+    answer_column = gold_column(rows, answer_column)
     if answer_column not in rows[0]:
         raise ValueError(f"{where} lack the answer column {answer_column!r}; they have {sorted(rows[0])}")
     if not any(gold_text(x) is not None for r in rows
@@ -56,7 +63,8 @@ def evaluate_accuracy(model, tokenizer, rows: Sequence[dict], *, samples_per_pro
             lengths.append(len(c.token_ids))
     n = samples_per_prompt
     prompts = [r[prompt_column] for r in rows for _ in range(n)]
-    answers = [r.get(answer_column) for r in rows for _ in range(n)]
+    column = gold_column(rows, answer_column)
+    answers = [r.get(column) for r in rows for _ in range(n)]
     acc = accuracy_reward(prompts, texts, answer=answers)
     fmt = make_format_reward(format_pattern)(prompts, texts)
     scored = [a for a in acc if a is not None]
