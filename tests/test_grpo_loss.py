@@ -70,6 +70,53 @@ def _scalar_loss(d, o: LossOptions):
             "dapo": total / (o.num_items or n_tok), "cispo": total / (o.num_items or n_tok)}[o.loss_type]
 
 
+def _scalar_stats(d, o: LossOptions):
+    """LOSS_SPEC.md's statistics read literally, one python float at a time: means over the active tokens
+    of the KL (weighted by exp(lw) under use_bias_correction_kl, as TRL logs it), the entropy, the clip
+    indicators (low: c1 < 1 - eps with A < 0, high: c1 > 1 + eps_high with A > 0, c1 after the delta
+    clip; cispo: c1 > eps_high with A > 0, no low) and the sampler weights, their min / max, and for
+    tis_mode="mask" the fraction of active tokens it zeroes."""
+    lp, old, ref, smp, ent, adv, m = (d[k].tolist() if d[k] is not None else None
+                                      for k in ("logp", "old", "ref", "sampler", "ent", "adv", "mask"))
+    eh = o.eps_high
+    acc = dict(kl=0.0, entropy=0.0, low=0.0, high=0.0, region=0.0, w=0.0, masked=0.0)
+    ws = []
+    for i in range(len(lp)):
+        cnt = sum(m[i])
+        seq_lr = sum(m[i][j] * (lp[i][j] - old[i][j]) for j in range(len(lp[i]))) / max(cnt, 1)
+        seq_w = math.exp(sum(m[i][j] * (old[i][j] - smp[i][j]) for j in range(len(lp[i])))) if smp else None
+        for j in range(len(lp[i])):
+            if not m[i][j]:
+                continue
+            lw = lp[i][j] - old[i][j] if o.importance_sampling_level == "token" else seq_lr
+            c1, A = math.exp(lw), adv[i]
+            if o.loss_type == "cispo":
+                low, high = False, c1 > eh and A > 0
+            else:
+                c1d = min(c1, o.delta) if o.delta is not None else c1
+                low, high = c1d < 1 - o.epsilon and A < 0, c1d > 1 + eh and A > 0
+            acc["low"] += low
+            acc["high"] += high
+            acc["region"] += low or high
+            x = lp[i][j] - ref[i][j]
+            kl = {"k1": x, "k2": 0.5 * x * x, "k3": math.exp(-x) + x - 1}[o.kl_estimator]
+            acc["kl"] += kl * (math.exp(lw) if o.use_bias_correction_kl else 1.0)
+            acc["entropy"] += ent[i][j]
+            if smp is not None:
+                w = math.exp(old[i][j] - smp[i][j]) if o.tis_level == "token" else seq_w
+                ws.append(w)
+                acc["w"] += w
+                acc["masked"] += not (1 / o.tis_cap <= w <= o.tis_cap)
+    n = sum(map(sum, m))
+    out = {"kl": acc["kl"] / n, "entropy": acc["entropy"] / n, "clip_ratio/low_mean": acc["low"] / n,
+           "clip_ratio/high_mean": acc["high"] / n, "clip_ratio/region_mean": acc["region"] / n, "num_tokens": n}
+    if smp is not None:
+        out.update({"is_weight/mean": acc["w"] / n, "is_weight/min": min(ws), "is_weight/max": max(ws)})
+        if o.tis_mode == "mask":
+            out["is_weight/masked_frac"] = acc["masked"] / n
+    return out
+
+
 SCALAR_CASES = [
     dict(loss_type="grpo", beta=0.04, tis_mode=None),
     dict(loss_type="bnpo", importance_sampling_level="sequence", tis_mode="truncate", tis_level="token"),
@@ -94,7 +141,10 @@ def test_reference_matches_scalar_reading_of_spec(opts):
     loss, stats = reference.grpo_loss(d["logp"], d["old"], d["ref"], d["adv"], d["mask"], o, entropy=d["ent"],
                                       sampler_logp=d["sampler"])
     assert abs(loss.item() - _scalar_loss(d, o)) <= 1e-12 * max(1.0, abs(loss.item()))
-    assert stats["num_tokens"].item() == d["mask"].sum().item()
+    want = _scalar_stats(d, o)
+    assert set(stats) == set(want)
+    for k, v in want.items():  # the backends' statistics are checked against the reference's
+        assert stats[k].item() == pytest.approx(v, rel=1e-12, abs=1e-15), k
     if o.loss_type == "cispo":  # its weight is detached by definition: a finite difference would not see that
         return
     # the reference's gradient against central differences of the scalar reading, at active tokens (the
