@@ -30,8 +30,9 @@ def _loop_advantages(rewards, g, estimator, scale, eps):
     return torch.tensor(out, dtype=torch.float64)
 
 
+# rloo with every scale_rewards: LOSS_SPEC's rloo is G/(G-1)·(r - mean) whatever scale_rewards says
 @pytest.mark.parametrize("estimator, scale", [("grpo", "group"), ("grpo", "batch"), ("grpo", "none"),
-                                              ("rloo", "group")])
+                                              ("rloo", "group"), ("rloo", "batch"), ("rloo", "none")])
 @pytest.mark.parametrize("b, g", [(12, 4), (6, 2), (9, 9)])
 def test_advantages_match_scalar_formula(estimator, scale, b, g):
     rewards = randn(b, dtype=torch.float64, seed=b * g)
