@@ -232,6 +232,27 @@ def test_a_model_cast_after_the_engine_was_built_is_a_clear_error(models, prompt
     assert len(engine.generate([prompts[0]], SamplingParams(max_tokens=2, seed=0))[0].completions[0].token_ids) == 2
 
 
+def test_generation_config_eos_ids_stop_a_completion_as_transformers_and_vllm_do(models, prompts):
+    """An instruct checkpoint lists its end-of-text in generation_config.json beside config.json's eos
+    (Qwen2.5-Instruct: [<|im_end|>, <|endoftext|>]); the engine stopped at config.json's only and wrote on
+    past the other until max_tokens."""
+    import copy
+
+    _, shared = models
+    model = copy.deepcopy(shared)
+    params = SamplingParams(temperature=0, max_tokens=MAX_NEW)
+    free = Engine(model, block_size=4, num_blocks=64).generate([prompts[2]], params)[0].completions[0]
+    stop_at = free.token_ids[3]
+    first = free.token_ids.index(stop_at)
+    model.config.eos_token_id = None
+    model.generation_config_json = {"eos_token_id": [stop_at, stop_at, 10**9]}   # repeated, out of the vocabulary
+    assert model.eos_token_ids == [stop_at]
+    out = Engine(model, block_size=4, num_blocks=64).generate([prompts[2]], params)[0].completions[0]
+    assert out.token_ids == free.token_ids[:first + 1] and out.finish_reason == "stop"
+    model.config.eos_token_id = 1
+    assert model.eos_token_ids == [1, stop_at]
+
+
 def test_stop_tokens_and_eos_finish_with_stop(models, prompts):
     _, model = models
     engine = Engine(model, block_size=4, num_blocks=64)

@@ -280,7 +280,7 @@ def _warn_unknown(tokenizer, text: str, ids: Sequence[int]):
 def decode_completion(tokenizer, ids: Sequence[int], stop_ids: Sequence[int] = ()) -> str:
     """Completion text with end/padding tokens removed but reasoning tags (special or not) kept.
 
-    stop_ids: what ended the generation (`stop_token_ids(tokenizer, model.config.eos_token_id)`: the
+    stop_ids: what ended the generation (`stop_token_ids(tokenizer, model.eos_token_ids)`: the
     model's eos ids too, e.g. Llama 3's <|end_of_text|> and <|eom_id|> beside the tokenizer's
     <|eot_id|>): a completion's final one is dropped, so the rewards and a rejection-sampled row never
     see it as text. The text is the tokens' own: transformers' clean_up_tokenization_spaces (on in
@@ -294,8 +294,8 @@ def decode_completion(tokenizer, ids: Sequence[int], stop_ids: Sequence[int] = (
 
 
 def stop_token_ids(tokenizer, model_eos=None) -> list[int]:
-    """The tokenizer's eos id(s); with model_eos (the model config's eos_token_id, an id or a list, at
-    which the rollout engine stops too) also those: every token a completion can end with."""
+    """The tokenizer's eos id(s); with model_eos (the model's eos ids, `CausalLM.eos_token_ids`: an id or a
+    list, at which the rollout engine stops too) also those: every token a completion can end with."""
     ids = []
     for t in (tokenizer.eos_token_id, model_eos):
         for i in (t if isinstance(t, (list, tuple)) else [t]):

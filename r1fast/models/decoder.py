@@ -163,6 +163,19 @@ class CausalLM(nn.Module):
         return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
     @property
+    def eos_token_ids(self) -> list[int]:
+        """Where generation ends: config.json's eos_token_id and generation_config.json's (an instruct
+        checkpoint often lists its base's end-of-text there too, as Qwen2.5-Instruct does), as
+        transformers' generate and vLLM stop at either."""
+        ids: list[int] = []
+        generation = getattr(self, "generation_config_json", None) or {}
+        for eos in (self.config.eos_token_id, generation.get("eos_token_id")):
+            for i in (eos if isinstance(eos, (list, tuple)) else [eos]):
+                if isinstance(i, int) and not isinstance(i, bool) and 0 <= i < self.config.vocab_size and i not in ids:
+                    ids.append(i)
+        return ids
+
+    @property
     def dtype(self) -> torch.dtype:
         return self.embed_tokens.weight.dtype
 

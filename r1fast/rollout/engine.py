@@ -39,13 +39,6 @@ from r1fast.rollout.scheduler import DecodeBatch, Scheduler
 from r1fast.rollout.sequence import Sequence, Status
 
 
-def _eos_ids(config) -> set[int]:
-    eos = getattr(config, "eos_token_id", None)
-    if eos is None:
-        return set()
-    return {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])}
-
-
 # a float parameter's bits as the signed integer of its width (the weights' checksum in Engine._weights_signature)
 _INT_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
@@ -119,7 +112,7 @@ class Engine:
         self.runner = ModelRunner(model, num_blocks, block_size, max_num_seqs, self.max_model_len,
                                   use_cuda_graphs=use_cuda_graphs, decode_backend=decode_backend,
                                   shared_prefix=shared_prefix_attention)
-        self.eos_ids = _eos_ids(cfg)
+        self.eos_ids = set(model.eos_token_ids)
         self.async_decode = async_decode
         self._uniforms = sampler.HostUniforms(self.max_model_len + 1)
         # Two sets of pinned buffers for a step's uniforms (in) and samples (out): step k+1 uses one while

@@ -56,7 +56,7 @@ def evaluate_accuracy(model, tokenizer, rows: Sequence[dict], *, samples_per_pro
     engine.reset_prefix_cache()
     model.train(was_training)
     texts, lengths = [], []
-    ends = stop_token_ids(tokenizer, model.config.eos_token_id)   # the engine stops at the model's eos too
+    ends = stop_token_ids(tokenizer, model.eos_token_ids)   # the engine stops at the model's eos too
     for res in results:
         for c in res.completions:
             texts.append(decode_completion(tokenizer, c.token_ids, ends))

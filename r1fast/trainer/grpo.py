@@ -133,7 +133,7 @@ class GRPOTrainer:
         self.eval_at_ends = eval_at_ends
         self.stop_ids = stop_token_ids(tokenizer)
         # what a completion can end with: the engine also stops at the model's own eos ids
-        self.end_ids = stop_token_ids(tokenizer, model.config.eos_token_id)
+        self.end_ids = stop_token_ids(tokenizer, model.eos_token_ids)
         self._prompt_cache: dict[int, list[int]] = {}
         if cfg.engine_num_blocks is not None:
             # as the engine sizes its own pool: one sequence of max_model_len fits (else the first rollout with

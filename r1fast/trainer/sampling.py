@@ -35,7 +35,7 @@ def rejection_sample(model, tokenizer, rows: Sequence[dict], cfg: SampleConfig, 
     max_model_len = min(model.config.max_position_embeddings, max(map(len, prompt_ids)) + cfg.max_completion_length)
     engine = Engine(model, max_num_seqs=max(256, cfg.num_samples), max_model_len=max_model_len)
     stops = stop_token_ids(tokenizer)
-    ends = stop_token_ids(tokenizer, model.config.eos_token_id)   # the engine stops at the model's eos too
+    ends = stop_token_ids(tokenizer, model.eos_token_ids)   # the engine stops at the model's eos too
     kept: list[dict] = []
     n_total = n_pass = n_cut = 0
     prompts_with_any = 0
