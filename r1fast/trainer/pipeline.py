@@ -448,7 +448,7 @@ class PipelineRunner:
             if os.path.exists(candidate):
                 return candidate
         # neither: the reading its first folder suggests, for the error that names it gone
-        return in_run if path.split("/")[0].split(os.sep)[0] in stage_names else as_given
+        return in_run if path.replace(os.sep, "/").split("/")[0] in stage_names else as_given
 
     def save_state(self):
         os.makedirs(self.run_dir, exist_ok=True)
