@@ -253,6 +253,18 @@ def test_generation_config_eos_ids_stop_a_completion_as_transformers_and_vllm_do
     assert model.eos_token_ids == [1, stop_at]
 
 
+def test_prompts_as_tensors_or_numpy_arrays_generate_as_lists_do(models, prompts):
+    import numpy as np
+
+    _, model = models
+    engine = Engine(model, block_size=4, num_blocks=64)
+    params = SamplingParams(temperature=1.0, max_tokens=4, seed=5)
+    want = [c.token_ids for r in engine.generate(prompts[:3], params) for c in r.completions]
+    for as_array in (torch.tensor, np.array, lambda p: np.array(p, dtype=np.int32)):
+        got = engine.generate([as_array(p) for p in prompts[:3]], params)   # a numpy array was a TypeError
+        assert [c.token_ids for r in got for c in r.completions] == want
+
+
 def test_stop_tokens_and_eos_finish_with_stop(models, prompts):
     _, model = models
     engine = Engine(model, block_size=4, num_blocks=64)

@@ -198,7 +198,7 @@ class Engine:
             raise ValueError(f"generate: n={params.n} samples exceed max_num_seqs={self.max_num_seqs}")
         out = []
         for i, p in enumerate(prompts):
-            if isinstance(p, torch.Tensor):
+            if isinstance(p, (torch.Tensor, np.ndarray)):
                 p = p.tolist()
             if isinstance(p, (str, bytes)) or not isinstance(p, (list, tuple)):
                 raise TypeError(f"generate: prompt {i} must be a list of ints, got {type(p).__name__}")
