@@ -284,9 +284,15 @@ def reward_completions(prompts: Sequence, texts: Sequence[str]) -> list:
     return [[{"role": "assistant", "content": t}] if isinstance(p, list) else t for p, t in zip(prompts, texts)]
 
 
+def gold_column(rows: Sequence[dict], answer_column: str) -> str:
+    """The column holding the reference answers: `answer_column`, else a `solution` column (MATH's worked
+    solutions), as the accuracy reward reads a row."""
+    return answer_column if answer_column in rows[0] or "solution" not in rows[0] else "solution"
+
+
 def check_answer_column(reward_names: Sequence[str], rows: Sequence[dict], answer_column: str, where: str):
     """The accuracy reward needs a reference answer: say so before the first rollout, not after it."""
-    if "accuracy" in reward_names and answer_column not in rows[0] and "solution" not in rows[0]:
+    if "accuracy" in reward_names and gold_column(rows, answer_column) not in rows[0]:
         raise ValueError(f"reward 'accuracy' needs the answer column {answer_column!r} (option 'answer_column') "
                          f"or 'solution'; the {where} has {sorted(rows[0])}")
 

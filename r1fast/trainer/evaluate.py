@@ -5,13 +5,7 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 from r1fast.data.loading import decode_completion, encode_prompt, stop_token_ids
-from r1fast.trainer.common import check_prompt_room
-
-
-def gold_column(rows: Sequence[dict], answer_column: str) -> str:
-    """The column holding the reference answers: `answer_column`, else a `solution` column (MATH's worked
-    solutions), as the accuracy reward reads a training row."""
-    return answer_column if answer_column in rows[0] or "solution" not in rows[0] else "solution"
+from r1fast.trainer.common import check_prompt_room, gold_column
 
 
 def check_eval_answers(rows: Sequence[dict], answer_column: str, where: str):
