@@ -34,22 +34,30 @@ def launch_config(group_size: int) -> dict:
 
 
 @triton.jit
-def _group_advantages_kernel(r_ptr, out_ptr, batch_std_ptr, n_groups, G, eps,
-                             MODE: tl.constexpr, BLOCK_GROUPS: tl.constexpr, BLOCK_G: tl.constexpr):
+def _group_advantages_kernel(r_ptr, mask_ptr, out_ptr, batch_std_ptr, n_groups, G, eps,
+                             MODE: tl.constexpr, HAS_MASK: tl.constexpr,
+                             BLOCK_GROUPS: tl.constexpr, BLOCK_G: tl.constexpr):
     groups = tl.program_id(0) * BLOCK_GROUPS + tl.arange(0, BLOCK_GROUPS)
     cols = tl.arange(0, BLOCK_G)
     row_ok = groups < n_groups
-    valid = row_ok[:, None] & (cols[None, :] < G)
+    in_tile = row_ok[:, None] & (cols[None, :] < G)
     # int64 before the multiply: group * G passes 2^31 only at absurd B, but it costs nothing.
     starts = groups.to(tl.int64) * G
-    r = tl.load(r_ptr + starts[:, None] + cols[None, :], mask=valid, other=0.0).to(tl.float32)
-    # Shift by the group's first reward before averaging: a group of identical rewards then centres
+    offsets = starts[:, None] + cols[None, :]
+    r = tl.load(r_ptr + offsets, mask=in_tile, other=0.0).to(tl.float32)
+    # Shift by one of the group's rewards before averaging: a group of identical rewards then centres
     # to exactly 0 (its fp32 sum/G could be an ulp off the value, and ulp/eps is not small), and the
     # variance loses less to cancellation when rewards sit far from 0.
-    first = tl.load(r_ptr + starts, mask=row_ok, other=0.0).to(tl.float32)
+    if HAS_MASK:   # only scored rows count; the shift is the largest of them (0 for a group with none)
+        valid = in_tile & (tl.load(mask_ptr + offsets, mask=in_tile, other=0) != 0)
+        g_f = tl.sum(valid.to(tl.float32), axis=1)
+        first = tl.where(g_f > 0.0, tl.max(tl.where(valid, r, -float("inf")), axis=1), 0.0)
+    else:
+        valid = in_tile
+        g_f = tl.full([BLOCK_GROUPS], G * 1.0, tl.float32)
+        first = tl.load(r_ptr + starts, mask=row_ok, other=0.0).to(tl.float32)
     d = tl.where(valid, r - first[:, None], 0.0)
-    g_f = G * 1.0
-    centred = tl.where(valid, d - (tl.sum(d, axis=1) / g_f)[:, None], 0.0)
+    centred = tl.where(valid, d - (tl.sum(d, axis=1) / tl.maximum(g_f, 1.0))[:, None], 0.0)
     # A scale of 0 (std 0 with eps=0: only a constant group, centred exactly 0) divides by 1 instead:
     # that group gets A = 0, not 0/0.
     if MODE == 0:    # GRPO_GROUP: Bessel-corrected group std
@@ -58,22 +66,24 @@ def _group_advantages_kernel(r_ptr, out_ptr, batch_std_ptr, n_groups, G, eps,
         peak = tl.max(tl.abs(centred), axis=1)
         unit = tl.where(peak > 0.0, peak, 1.0)
         scaled = centred / unit[:, None]
-        scale = unit * tl.sqrt(tl.sum(scaled * scaled, axis=1) / (g_f - 1.0)) + eps
+        scale = unit * tl.sqrt(tl.sum(scaled * scaled, axis=1) / tl.maximum(g_f - 1.0, 1.0)) + eps
         adv = centred / tl.where(scale > 0.0, scale, 1.0)[:, None]
     elif MODE == 1:  # GRPO_BATCH
         scale = tl.load(batch_std_ptr) + eps
         adv = centred / tl.where(scale > 0.0, scale, 1.0)
     elif MODE == 2:  # GRPO_NONE (Dr. GRPO)
         adv = centred
-    else:            # RLOO: r - mean of the other G-1 = G/(G-1) · (r - mean)
-        adv = centred * (g_f / (g_f - 1.0))
-    tl.store(out_ptr + starts[:, None] + cols[None, :], adv, mask=valid)
+    else:            # RLOO: r - mean of the other G-1 = G/(G-1) · (r - mean); no baseline for G < 2
+        adv = centred * tl.where(g_f > 1.0, g_f / tl.maximum(g_f - 1.0, 1.0), 0.0)[:, None]
+    # an unscored row's centred is 0 already; where() also keeps a NaN reward out of its output
+    tl.store(out_ptr + offsets, tl.where(valid, adv, 0.0), mask=in_tile)
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, estimator: str, scale_rewards: str, eps: float,
-                     out: torch.Tensor | None = None) -> torch.Tensor:
+                     mask: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """fp32 advantages [B] of contiguous fp32 rewards [B] (validated by r1fast.ops.group_advantages).
-    `out` (fp32 [B], contiguous) receives them when given (tests pass a poisoned buffer)."""
+    `mask` (contiguous bool [B]): True where a row has a reward. `out` (fp32 [B], contiguous) receives
+    them when given (tests pass a poisoned buffer)."""
     if group_size > MAX_GROUP:
         raise ValueError(f"group_advantages: the triton backend holds a group in registers, group_size "
                          f"{group_size} > {MAX_GROUP}; use backend='torch'")
@@ -84,10 +94,22 @@ def group_advantages(rewards: torch.Tensor, group_size: int, estimator: str, sca
         return out
     mode = mode_of(estimator, scale_rewards)
     # Only read when MODE is GRPO_BATCH; otherwise any fp32 pointer does.
-    batch_std = rewards.std().reshape(1) if mode == GRPO_BATCH else rewards
+    batch_std = _batch_std(rewards, mask).reshape(1) if mode == GRPO_BATCH else rewards
     cfg = launch_config(group_size)
     n_groups = n // group_size
     grid = (triton.cdiv(n_groups, cfg["BLOCK_GROUPS"]),)
     with on_device(rewards.device):  # Triton launches on the current device: make it the rewards'
-        _group_advantages_kernel[grid](rewards, out, batch_std, n_groups, group_size, float(eps), MODE=mode, **cfg)
+        _group_advantages_kernel[grid](rewards, rewards if mask is None else mask, out, batch_std, n_groups,
+                                       group_size, float(eps), MODE=mode, HAS_MASK=mask is not None, **cfg)
     return out
+
+
+def _batch_std(rewards: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Bessel std of the scored rewards, 0 for fewer than two, as torch ops left on the device (no sync)."""
+    if mask is None:
+        return rewards.std()
+    n = mask.sum()
+    r = torch.where(mask, rewards, 0.0)
+    mean = r.sum() / n.clamp(min=1)
+    var = torch.where(mask, r - mean, 0.0).square().sum() / (n - 1).clamp(min=1)
+    return torch.where(n > 1, var.sqrt(), 0.0)

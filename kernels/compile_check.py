@@ -115,16 +115,17 @@ def compile_all(arch: int = 90, full: bool = False, report=None):
         _compile(grpo_kernels._grpo_loss_kernel, types, c, arch, dict(num_warps=4, num_stages=3), report,
                  f"_grpo_loss_kernel {lt}/{seq}/{tis}")
     done.append(f"grpo_loss kernel ({len(variants)} specialisations)")
-    types = {"r_ptr": "*fp32", "out_ptr": "*fp32", "batch_std_ptr": "*fp32", "eps": "fp32"}
+    types = {"r_ptr": "*fp32", "mask_ptr": "*i1", "out_ptr": "*fp32", "batch_std_ptr": "*fp32", "eps": "fp32"}
     modes = (advantages_kernels.GRPO_GROUP, advantages_kernels.GRPO_BATCH, advantages_kernels.GRPO_NONE,
              advantages_kernels.RLOO)
     group_sizes = (2, 8, 64, advantages_kernels.MAX_GROUP) if full else (8,)
     for g in group_sizes:
         cfg = dict(advantages_kernels.launch_config(g), num_stages=1)
         for mode in modes:
-            _compile(advantages_kernels._group_advantages_kernel, types, dict(MODE=mode), arch, cfg, report,
-                     f"_group_advantages_kernel G={g} MODE={mode}")
-    done.append(f"group_advantages kernel ({len(group_sizes) * len(modes)} specialisations)")
+            for has_mask in (False, True):
+                _compile(advantages_kernels._group_advantages_kernel, types, dict(MODE=mode, HAS_MASK=has_mask),
+                         arch, cfg, report, f"_group_advantages_kernel G={g} MODE={mode} HAS_MASK={has_mask}")
+    done.append(f"group_advantages kernel ({len(group_sizes) * len(modes) * 2} specialisations)")
     # rollout kernels: token sampling (fp32 logits from lm_logits; bf16 too with `full`), paged
     # decode attention and the KV-cache write, as their wrappers launch them
     from r1fast.kernels import decode_attention as decode_kernels

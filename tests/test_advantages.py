@@ -10,18 +10,24 @@ from r1fast.reference import loss as reference
 from r1fast.testing import assert_close, poison, randn, record_launch_devices
 
 
-def _loop_advantages(rewards, g, estimator, scale, eps):
+def _loop_advantages(rewards, g, estimator, scale, eps, mask=None):
+    """Scalar formulas; rows where `mask` is False have no reward: A = 0, and they count in no statistic."""
     r = rewards.tolist()
+    keep = [True] * len(r) if mask is None else mask.tolist()
+    scored = [x for x, k in zip(r, keep) if k]
+    batch_std = statistics.stdev(scored) if len(scored) > 1 else 0.0
     out = []
-    batch_std = statistics.stdev(r)
     for s in range(0, len(r), g):
-        grp = r[s:s + g]
-        for i, x in enumerate(grp):
-            if estimator == "rloo":
-                others = grp[:i] + grp[i + 1:]
-                out.append(x - sum(others) / len(others))  # mean of the other G-1 samples as baseline
+        rows = list(zip(r[s:s + g], keep[s:s + g]))
+        grp = [x for x, k in rows if k]
+        for x, k in rows:
+            if not k or len(grp) < 2:   # no reward, or no other scored sample to be a baseline
+                out.append(0.0)
                 continue
-            a = x - sum(grp) / g
+            if estimator == "rloo":
+                out.append(x - (sum(grp) - x) / (len(grp) - 1))  # mean of the other scored samples
+                continue
+            a = x - sum(grp) / len(grp)
             if scale == "group":
                 a /= statistics.stdev(grp) + eps
             elif scale == "batch":
@@ -111,6 +117,51 @@ def test_triton_advantages_match_float64_reference(estimator, scale, device, mon
         assert_close(via_op, expected, torch.float32, name=where + " via ops")
 
 
+# groups of 4 with 4, 3, 2, 1, 0 and 3 scored rows; the unscored rows hold NaN
+SCORED = torch.tensor([1, 1, 1, 1, 1, 0, 1, 1, 0, 1, 0, 1, 0, 0, 1, 0, 0, 0, 0, 0, 1, 1, 0, 1], dtype=torch.bool)
+
+
+@pytest.mark.parametrize("backend, tile", [("reference", None), ("torch", None), ("triton", None), ("triton", 8)])
+@pytest.mark.parametrize("estimator, scale", [("grpo", "group"), ("grpo", "batch"), ("grpo", "none"),
+                                              ("rloo", "group")])
+def test_unscored_rows_are_left_out_of_every_statistic(backend, tile, estimator, scale, device, monkeypatch):
+    # Filling an unscored row with its group's mean kept the mean but shrank the Bessel std (and the
+    # batch std, and rloo's G/(G-1)): the scored rows' advantages came out up to 1.7x too large.
+    from r1fast.kernels import advantages as kernel
+
+    if tile:
+        monkeypatch.setattr(kernel, "TILE", tile)   # one group per program: many programs
+    rewards = randn(24, dtype=torch.float64, seed=5) + 0.3
+    rewards[~SCORED] = float("nan")
+    expected = _loop_advantages(rewards, 4, estimator, scale, 1e-4, SCORED)
+    got = ops.group_advantages(rewards.float().to(device), 4, estimator=estimator, scale_rewards=scale,
+                               mask=SCORED.to(device), backend=backend)
+    assert_close(got, expected, torch.float32, name=f"{backend} masked {estimator}/{scale}")
+    assert torch.equal(got.cpu()[~SCORED], torch.zeros(int((~SCORED).sum())))
+    assert_close(reference.group_advantages(rewards, 4, estimator, scale, 1e-4, SCORED), expected, torch.float64,
+                 name="masked reference")
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch", "triton"])
+def test_mask_edge_cases(backend):
+    rewards = randn(6, seed=3) + 1.0
+    # a mask that keeps every row is no mask; an int 0/1 mask is a bool one
+    want = ops.group_advantages(rewards, 3, backend=backend)
+    assert torch.equal(ops.group_advantages(rewards, 3, mask=torch.ones(6, dtype=torch.bool), backend=backend), want)
+    some = torch.tensor([1, 0, 1, 1, 1, 0])
+    assert torch.equal(ops.group_advantages(rewards, 3, mask=some, backend=backend),
+                       ops.group_advantages(rewards, 3, mask=some.bool(), backend=backend))
+    # nothing scored: every advantage 0, whatever the scale (the batch std of no rows is not NaN)
+    for scale in ("group", "batch", "none"):
+        out = ops.group_advantages(rewards, 3, scale_rewards=scale, mask=torch.zeros(6, dtype=torch.bool),
+                                   backend=backend)
+        assert torch.equal(out, torch.zeros(6)), (scale, out)
+    # a group whose scored rows agree centres to exactly 0 (an inexact 0.1 three times; one row unscored)
+    same = torch.tensor([0.1, 0.1, float("nan"), 0.1, 0.0, 1.0])
+    out = ops.group_advantages(same, 3, mask=~torch.isnan(same), eps=0.0, backend=backend)
+    assert torch.equal(out[:3], torch.zeros(3)) and out[4] < 0 < out[5], out
+
+
 def test_triton_advantages_cast_and_strided_input(device):
     """float64 rewards are rounded to fp32 once; a strided view is made contiguous, not misread."""
     base = randn(2 * 42, dtype=torch.float64, seed=7, device=device) + 1.0
@@ -154,6 +205,12 @@ def test_triton_advantages_group_too_wide():
         (torch.ones(4), 2, {"eps": float("inf")}, ValueError, "eps must be a finite number"),
         # finite in float64, past float32's range where the backends compute: was all-NaN advantages
         (torch.tensor([1.0, 1e39, 0.0, 1.0], dtype=torch.float64), 2, {}, ValueError, r"float32's range\) at rows \[1\]"),
+        (torch.ones(4), 2, {"mask": torch.ones(3, dtype=torch.bool)}, ValueError, "mask shape"),
+        (torch.ones(4), 2, {"mask": torch.tensor([0, 2, 1, 1])}, ValueError, "mask must be bool"),
+        (torch.ones(4), 2, {"mask": [True] * 4}, TypeError, "mask must be a torch.Tensor"),
+        # a NaN is an error at a scored row, not at an unscored one
+        (torch.tensor([1.0, float("nan"), 0.0, 1.0]), 2, {"mask": torch.tensor([1, 1, 0, 1]).bool()}, ValueError,
+         r"rows \[1\]"),
     ],
 )
 def test_advantages_bad_input(rewards, g, kwargs, err, match):

@@ -479,7 +479,9 @@ def test_math_verify_has_one_time_limit_on_any_thread(off_main, monkeypatch):
     else:
         score()
     assert got[0] == [0.0] * 8 + [1.0]
-    assert got[1] < 3.0
+    # ~1 s on an idle 2-core box; without the limit ~47 s. The margin is for a machine busy with
+    # other work (9.7 s seen with four other processes on two cores).
+    assert got[1] < 15.0
 
 
 @pytest.mark.parametrize("off_main", [False, True])

@@ -18,25 +18,31 @@ SCALES = ("group", "batch", "none")
 
 
 @backends.register("group_advantages", "reference")
-def _advantages_reference(rewards, group_size, estimator, scale_rewards, eps):
-    return reference.group_advantages(rewards.double(), group_size, estimator, scale_rewards, eps)
+def _advantages_reference(rewards, group_size, estimator, scale_rewards, eps, mask):
+    return reference.group_advantages(rewards.double(), group_size, estimator, scale_rewards, eps, mask)
 
 
 @backends.register("group_advantages", "torch")
-def _advantages_torch(rewards, group_size, estimator, scale_rewards, eps):
-    return reference.group_advantages(rewards.float(), group_size, estimator, scale_rewards, eps).float()
+def _advantages_torch(rewards, group_size, estimator, scale_rewards, eps, mask):
+    return reference.group_advantages(rewards.float(), group_size, estimator, scale_rewards, eps, mask).float()
 
 
 @backends.register("group_advantages", "triton")
-def _advantages_triton(rewards, group_size, estimator, scale_rewards, eps):
+def _advantages_triton(rewards, group_size, estimator, scale_rewards, eps, mask):
     from r1fast.kernels import advantages as kernel
 
     # fp32 in and out, as the torch backend: float64 rewards are rounded once on the way in.
-    return kernel.group_advantages(rewards.float().contiguous(), group_size, estimator, scale_rewards, eps)
+    return kernel.group_advantages(rewards.float().contiguous(), group_size, estimator, scale_rewards, eps,
+                                   mask=None if mask is None else mask.contiguous())
 
 
-def group_advantages(rewards, group_size, *, estimator="grpo", scale_rewards="group", eps=1e-4, backend=None):
-    """Advantages [B] fp32 for rewards [B] laid out as B/G consecutive groups of G completions of one prompt."""
+def group_advantages(rewards, group_size, *, estimator="grpo", scale_rewards="group", eps=1e-4, mask=None,
+                     backend=None):
+    """Advantages [B] fp32 for rewards [B] laid out as B/G consecutive groups of G completions of one prompt.
+
+    `mask` (bool [B], optional): True where a row has a reward. A row without one gets A = 0 and is left
+    out of every statistic (its group's mean and std, the batch std, rloo's G); its reward may be NaN.
+    A group with fewer than two scored rows has no baseline: all its advantages are 0."""
     if not isinstance(rewards, torch.Tensor):
         raise TypeError(f"group_advantages: rewards must be a torch.Tensor, got {type(rewards).__name__}")
     if rewards.dim() != 1:
@@ -53,15 +59,31 @@ def group_advantages(rewards, group_size, *, estimator="grpo", scale_rewards="gr
         raise ValueError(f"group_advantages: scale_rewards must be one of {SCALES}, got {scale_rewards!r}")
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < math.inf:
         raise ValueError(f"group_advantages: eps must be a finite number >= 0, got {eps!r}")
+    if mask is not None:
+        mask = _check_mask(mask, rewards)
     # the backends compute in float32: a float64 reward past its range would turn every advantage NaN
-    finite = torch.isfinite(rewards.float())
+    finite = torch.isfinite(rewards.float()) if mask is None else torch.isfinite(rewards.float()) | ~mask
     if not bool(finite.all()):
         bad = (~finite).nonzero().flatten().tolist()[:8]
         raise ValueError(f"group_advantages: rewards contain NaN/inf (or values beyond float32's range) at rows "
-                         f"{bad} (give a row with no reward its group's mean reward and set its advantage to 0 "
-                         f"afterwards, as the trainer does)")
+                         f"{bad} (pass mask=, False at the rows that have no reward, to leave them out)")
     _, fn = backends.resolve("group_advantages", rewards.device, backend)
-    return fn(rewards, group_size, estimator, scale_rewards, eps).float()
+    return fn(rewards, group_size, estimator, scale_rewards, eps, mask).float()
+
+
+def _check_mask(mask, rewards):
+    """mask as a bool [B] tensor on the rewards' device, or None when it keeps every row."""
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"group_advantages: mask must be a torch.Tensor, got {type(mask).__name__}")
+    if mask.shape != rewards.shape:
+        raise ValueError(f"group_advantages: mask shape {tuple(mask.shape)} != rewards shape {tuple(rewards.shape)}")
+    if mask.device != rewards.device:
+        raise ValueError(f"group_advantages: mask is on {mask.device}, rewards on {rewards.device}")
+    if mask.dtype != torch.bool:
+        if mask.is_complex() or not bool(((mask == 0) | (mask == 1)).all()):
+            raise ValueError("group_advantages: mask must be bool (or hold only 0 and 1)")
+        mask = mask != 0
+    return None if bool(mask.all()) else mask
 
 
 KL_KINDS = ("k1", "k2", "k3")

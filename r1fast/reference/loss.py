@@ -25,8 +25,13 @@ def logprob(hidden, weight, targets, temperature=1.0, return_entropy=False, dtyp
     return logp, entropy
 
 
-def group_advantages(rewards, group_size, estimator="grpo", scale_rewards="group", eps=1e-4):
-    """Advantages [B] from rewards [B] in consecutive groups of `group_size` (LOSS_SPEC.md, Advantages)."""
+def group_advantages(rewards, group_size, estimator="grpo", scale_rewards="group", eps=1e-4, mask=None):
+    """Advantages [B] from rewards [B] in consecutive groups of `group_size` (LOSS_SPEC.md, Advantages).
+
+    `mask` [B] bool, True where a row has a reward: the other rows get A = 0 and are left out of every
+    statistic (group mean, group and batch std, rloo's G); their rewards may hold anything, NaN too."""
+    if mask is not None:
+        return _masked_group_advantages(rewards, group_size, estimator, scale_rewards, eps, mask)
     r = rewards.reshape(-1, group_size)
     # Centre on the group's first reward before averaging: a group of identical rewards then centres
     # to exactly 0 (its sum/G can be an ulp off the value, and ulp/eps is not small), as the kernel does.
@@ -38,6 +43,27 @@ def group_advantages(rewards, group_size, estimator="grpo", scale_rewards="group
         centred = centred / _nonzero(d.std(-1, keepdim=True, unbiased=True) + eps)
     elif scale_rewards == "batch":
         centred = centred / _nonzero(rewards.std(unbiased=True) + eps)
+    return centred.reshape(-1)
+
+
+def _masked_group_advantages(rewards, group_size, estimator, scale_rewards, eps, mask):
+    m = mask.reshape(-1, group_size)
+    n = m.sum(-1, keepdim=True).to(rewards.dtype)
+    r = torch.where(m, rewards.reshape(-1, group_size), 0.0)
+    # Centre on the group's largest scored reward (the kernel's shift; any member of the group would
+    # do): a group of identical scored rewards centres to exactly 0.
+    shift = torch.where(m, r, -math.inf).amax(-1, keepdim=True)
+    d = torch.where(m, r - torch.where(n > 0, shift, 0.0), 0.0)
+    centred = torch.where(m, d - d.sum(-1, keepdim=True) / n.clamp(min=1), 0.0)
+    if estimator == "rloo":   # n/(n-1) over the n scored rows; a lone scored row has no baseline: 0
+        return (centred * torch.where(n > 1, n / (n - 1).clamp(min=1), 0.0)).reshape(-1)
+    if scale_rewards == "group":
+        std = (centred.square().sum(-1, keepdim=True) / (n - 1).clamp(min=1)).sqrt()
+        centred = centred / _nonzero(std + eps)
+    elif scale_rewards == "batch":
+        scored = rewards.reshape(-1)[mask.reshape(-1)]
+        std = scored.std(unbiased=True) if scored.numel() > 1 else torch.zeros((), dtype=rewards.dtype)
+        centred = centred / _nonzero(std + eps)
     return centred.reshape(-1)
 
 

@@ -267,17 +267,11 @@ class GRPOTrainer:
     def _advantages(self, totals: list[float]) -> torch.Tensor:
         from r1fast import ops
 
-        G = self.cfg.num_generations
         r = torch.tensor(totals, dtype=torch.float32)
-        missing = torch.isnan(r)
-        if bool(missing.any()):
-            # A row no reward function scored gets the mean of its group (its advantage is then
-            # forced to 0 below), so it neither teaches anything nor shifts its group's baseline.
-            g = r.view(-1, G)
-            filled = torch.where(torch.isnan(g), torch.nanmean(g, dim=1, keepdim=True).nan_to_num(0.0), g)
-            r = filled.reshape(-1)
-        adv = ops.group_advantages(r, G, estimator=self.cfg.advantage_estimator, scale_rewards=self.cfg.scale_rewards)
-        return torch.where(missing, torch.zeros_like(adv), adv)
+        # A row no reward function scored (NaN) gets A = 0 and counts in no group statistic.
+        scored = ~torch.isnan(r)
+        return ops.group_advantages(r, self.cfg.num_generations, estimator=self.cfg.advantage_estimator,
+                                    scale_rewards=self.cfg.scale_rewards, mask=scored)
 
     @torch.no_grad()
     def _forward_logp(self, model, batch) -> torch.Tensor:
