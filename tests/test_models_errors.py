@@ -288,6 +288,25 @@ def _save_tokenizer(folder):
     PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>").save_pretrained(folder)
 
 
+
+@pytest.mark.parametrize("tokenizer_class, kept, missing", [
+    ("Qwen2Tokenizer", [], "vocab.json and merges.txt"),        # transformers returned a special-tokens-only tokenizer
+    ("Qwen2Tokenizer", ["vocab.json"], "merges.txt"),           # "`vocab` and `merges` must be both ... filenames"
+    ("LlamaTokenizerFast", [], "tokenizer.model"),              # a special-tokens-only tokenizer too
+    ("PreTrainedTokenizerFast", [], "tokenizer.model"),         # "... install sentencepiece or tiktoken"
+])
+def test_tokenizer_folder_without_its_vocabulary_is_named(tmp_path, tokenizer_class, kept, missing):
+    # a checkpoint copied without tokenizer.json: it loaded as a tokenizer that encodes any text to []
+    _save_tokenizer(tmp_path / "tok")
+    folder = tmp_path / "tok"
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "tokenizer_class": tokenizer_class}))
+    (folder / "tokenizer.json").unlink()
+    for name in kept:
+        (folder / name).write_text("{}")
+    with pytest.raises(FileNotFoundError, match=f"lacks tokenizer.json and {missing}, which"):
+        load_tokenizer(folder)
+
 @pytest.mark.parametrize("file, data, message", [
     ("tokenizer.json", b"{oops", "tokenizer.json is not valid JSON"),
     ("tokenizer.json", b'{"a": "\xff"}', "tokenizer.json is not valid JSON"),
