@@ -128,6 +128,22 @@ def test_garbage_shard(ckpt):
         from_pretrained(ckpt)
 
 
+_LFS_POINTER = "version https://git-lfs.github.com/spec/v1\noid sha256:" + "0" * 64 + "\nsize 3087467144\n"
+
+
+def test_git_lfs_pointer_files_are_named(ckpt, tmp_path):
+    # a clone without git-lfs holds pointer files: safetensors said "header too large", the tokenizer
+    # "tokenizer.json is not valid JSON: Expecting value"
+    shard = _shard_of(ckpt, "model.norm.weight")
+    shard.write_text(_LFS_POINTER)
+    with pytest.raises(ValueError, match=f"{shard.name} is a Git LFS pointer.*git lfs pull"):
+        from_pretrained(ckpt)
+    _save_tokenizer(tmp_path / "tok")
+    (tmp_path / "tok" / "tokenizer.json").write_text(_LFS_POINTER)
+    with pytest.raises(ValueError, match="tokenizer.json is a Git LFS pointer.*git lfs pull"):
+        load_tokenizer(tmp_path / "tok")
+
+
 def test_missing_shard_and_bad_index(ckpt):
     shard = _shard_of(ckpt, "model.norm.weight")
     os.remove(shard)

@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from r1fast.models.config import ModelConfig, read_config_json, resolve_dtype
+from r1fast.models.config import ModelConfig, is_lfs_pointer, read_config_json, resolve_dtype
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -246,6 +246,9 @@ def _open(shard: str):
     try:
         return safe_open(shard, framework="pt", device="cpu")
     except Exception as e:  # SafetensorError for truncated/garbled headers, OSError for unreadable files
+        if is_lfs_pointer(shard):  # safetensors says only "header too large"
+            raise ValueError(f"{shard} is a Git LFS pointer, not the weights (a clone without git-lfs); fetch "
+                             f"them with `git lfs pull` in that repository") from e
         raise ValueError(f"cannot read safetensors file {shard}: {e}") from e
 
 

@@ -289,10 +289,25 @@ def read_json_object(path: str) -> dict:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        if is_lfs_pointer(path):
+            raise ValueError(f"{path} is a Git LFS pointer, not the file (a clone without git-lfs); fetch it "
+                             f"with `git lfs pull` in that repository") from e
         raise ValueError(f"{path} is not valid JSON: {e}") from e
     if not isinstance(data, dict):
         raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
     return data
+
+
+_LFS_POINTER_START = b"version https://git-lfs.github.com/spec/"
+
+
+def is_lfs_pointer(path: str) -> bool:
+    """Whether the file is a Git LFS pointer: what a clone without git-lfs holds in place of large files."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(_LFS_POINTER_START)) == _LFS_POINTER_START
+    except OSError:
+        return False
 
 
 def _check_rope_agrees(hf: dict, rope_theta, default_theta) -> None:
