@@ -71,6 +71,15 @@ def test_bad_config_values(change, message):
         ModelConfig.from_hf_config(hf)
 
 
+def test_hub_cache_folder_points_to_its_snapshot(tmp_path):
+    # the folder transformers' cache makes for a hub id holds the files under snapshots/<revision>
+    entry = tmp_path / "models--org--tiny"
+    (entry / "snapshots" / "0123abc").mkdir(parents=True)
+    (entry / "snapshots" / "0123abc" / "config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match=r"no config.json .*Hugging Face cache.*snapshots/0123abc"):
+        from_pretrained(entry)
+
+
 def test_bad_config_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="no config.json"):
         from_pretrained(tmp_path)

@@ -279,8 +279,20 @@ def read_config_json(path: str | os.PathLike) -> dict:
     if os.path.isdir(path):
         path = os.path.join(path, "config.json")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"no config.json at {path}")
+        raise FileNotFoundError(f"no config.json at {path}{_cache_hint(os.path.dirname(path))}")
     return read_json_object(path)
+
+
+def _cache_hint(folder: str) -> str:
+    """A Hugging Face hub cache entry (models--org--name) keeps each revision's files under snapshots/."""
+    snapshots = os.path.join(folder, "snapshots")
+    if not os.path.isdir(snapshots):
+        return ""
+    found = sorted(os.path.join(snapshots, r) for r in os.listdir(snapshots)
+                   if os.path.isfile(os.path.join(snapshots, r, "config.json")))
+    if not found:
+        return ""
+    return f" (a Hugging Face cache folder: the checkpoint is a revision under snapshots/, e.g. {found[0]})"
 
 
 def read_json_object(path: str) -> dict:
