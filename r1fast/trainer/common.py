@@ -70,8 +70,9 @@ def load_model_and_tokenizer(spec: Optional[str], *, device, dtype: str = "float
         return model, tok
     if not os.path.isdir(spec):
         raise ValueError(f"model {spec!r} is not a folder (give a local Hugging Face checkpoint or builtin:tiny)")
-    model = from_pretrained(spec, dtype=torch_dtype, device=device, fp8=fp8)
+    # the tokenizer first: a missing or broken one is reported in a second, not after the weights load
     tok = tokenizer or load_tokenizer(spec)
+    model = from_pretrained(spec, dtype=torch_dtype, device=device, fp8=fp8)
     return model, tok
 
 
