@@ -274,8 +274,10 @@ def grpo_loss_fwd(logp, old, ref, smp, ent, mask, adv, opts, totals=None, isw=No
     return row_loss, g_logp, g_ent, stats
 
 
-def stats_from_rows(rows, has_ref: bool, has_ent: bool, has_smp: bool, tis_mode, has_isw: bool = False):
-    """The op's statistics dict from the kernel's per-row sums [B, N_STATS] (whole batch)."""
+def stats_from_rows(rows, has_ref: bool, has_ent: bool, has_smp: bool, tis_mode, has_isw: bool = False,
+                    row_stats: bool = False):
+    """The op's statistics dict from the kernel's per-row sums [B, N_STATS] (whole batch); with
+    `row_stats`, each row's clipped-token counts too (rows/clip_low, rows/clip_high [B])."""
     col = {name: i for i, name in enumerate(STATS)}
     tot = rows.sum(0)
     n_tok = tot[col["count"]]
@@ -293,4 +295,6 @@ def stats_from_rows(rows, has_ref: bool, has_ent: bool, has_smp: bool, tis_mode,
         stats["is_weight/max"] = torch.where(has, rows[:, col["w_max"]].max(), 0.0)
         if has_smp and tis_mode == "mask":
             stats["is_weight/masked_frac"] = tot[col["masked"]] / denom
+    if row_stats:
+        stats["rows/clip_low"], stats["rows/clip_high"] = rows[:, col["low"]], rows[:, col["high"]]
     return stats

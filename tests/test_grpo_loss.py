@@ -582,6 +582,59 @@ def test_fused_without_grad_and_all_masked():
     assert stats["is_weight/min"] == 0 and stats["is_weight/max"] == 0
 
 
+def _row_clip_counts_one_row_at_a_time(logp, d, opts):
+    """Each row's clipped-token counts (low, high) from the reference's token-mean statistics on that row alone:
+    the clip flags of a row depend on that row only."""
+    counts = []
+    for r in range(logp.shape[0]):
+        row = lambda t: t[r:r + 1]  # noqa: E731
+        _, st = reference.grpo_loss(row(logp), row(d["old"]), None, row(d["adv"]), row(d["mask"]), opts)
+        counts.append([st["clip_ratio/low_mean"] * st["num_tokens"], st["clip_ratio/high_mean"] * st["num_tokens"]])
+    return torch.tensor(counts, dtype=torch.float64).T
+
+
+# (op, backend, chunk_size, single_pass): chunks of 2 tokens cut the rows (token level; sequence level falls back
+# to two passes), one chunk, two passes forced; and ops.grpo_loss on the log-probs
+ROW_STATS_PATHS = [("grpo_loss", "reference", None, True), ("grpo_loss", "torch", None, True),
+                   ("grpo_loss", "triton", None, True), ("fused", "torch", 2, True), ("fused", "torch", None, True),
+                   ("fused", "torch", 4, False), ("fused", "triton", 2, True), ("fused", "triton", 4, False)]
+
+
+@pytest.mark.parametrize("path", ROW_STATS_PATHS, ids=lambda p: "-".join(map(str, p)))
+@pytest.mark.parametrize("opts", [dict(loss_type="grpo", delta=1.3, epsilon=0.1),
+                                  dict(loss_type="grpo", importance_sampling_level="sequence", epsilon=0.1),
+                                  dict(loss_type="cispo", epsilon_high=1.1)], ids=["token", "sequence", "cispo"])
+def test_row_stats_count_each_rows_clipped_tokens(device, path, opts):
+    # TRL logs clip_ratio/low_min and high_max, the extremes over sequences of each one's clipped fraction, and
+    # at sequence level means over sequences: neither comes from the token-mean statistics alone
+    op, backend, chunk, single = path
+    d, hidden, weight, targets = _fused_case(seed=21, b=6)
+    d["mask"] = (torch.arange(5)[None, :] < torch.tensor([5, 0, 3, 4, 2, 5])[:, None]).double()  # an empty row
+    d["adv"] = torch.tensor([1.0, -1.0, 0.5, -0.7, 0.8, -1.2], dtype=torch.float64)
+    targets = torch.where(d["mask"] > 0, targets % V, V + 5)  # padding ids outside the vocabulary: never read
+    safe_t = torch.where(d["mask"] > 0, targets, 0)
+    logp = reference.logprob(hidden.reshape(-1, H), weight, safe_t.reshape(-1)).reshape(targets.shape)
+    logp = torch.where(d["mask"] > 0, logp, 0.0)
+    d["old"] = logp + 0.5 * randn(*logp.shape, dtype=torch.float64, seed=23)  # ratios on both sides of the clip
+    o = LossOptions(**opts)
+    expected = _row_clip_counts_one_row_at_a_time(logp, d, o)
+    f = lambda t: t.float().to(device)  # noqa: E731
+    if op == "grpo_loss":
+        _, stats = ops.grpo_loss(f(logp), f(d["old"]), None, f(d["adv"]), f(d["mask"]), backend=backend,
+                                 row_stats=True, **opts)
+    else:
+        _, stats = ops.fused_linear_grpo_loss(f(hidden), f(weight), targets.to(device), f(d["mask"]), f(d["adv"]),
+                                              old_logp=f(d["old"]), backend=backend, chunk_size=chunk,
+                                              single_pass=single, row_stats=True, **opts)
+    got = torch.stack([stats["rows/clip_low"], stats["rows/clip_high"]]).double().cpu()
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-9)
+    assert expected[1].sum() > 0 and (opts["loss_type"] == "cispo" or expected[0].sum() > 0)  # both sides clip
+    # the per-row counts add up to the token-mean statistics
+    for side, row in (("low", 0), ("high", 1)):
+        assert_close(got[row].sum() / stats["num_tokens"].double().cpu(), stats[f"clip_ratio/{side}_mean"].double().cpu(),
+                     torch.float32, name=side)
+
+
 @pytest.mark.parametrize("single_pass", [True, False])
 def test_fused_backward_scales_with_upstream_gradient(single_pass):
     d, hidden, weight, targets = _fused_case(seed=8)

@@ -130,6 +130,7 @@ def plan_chunks(row_counts, budget: int, split_rows: bool):
 
 
 _MINMAX = {"is_weight/min": torch.minimum, "is_weight/max": torch.maximum}
+_ROW_STATS = ("rows/clip_low", "rows/clip_high")  # [rows] vectors (row_stats=True): summed row by row
 
 
 def _weights2d(lay, weights, targets):
@@ -199,13 +200,15 @@ def scale_(x, g, slice_elems: int = 1 << 22):
 
 
 class _SinglePassRun:
-    def __init__(self, layout, t_act, chunks, per_token, opts, engine, need_h, need_w):
+    def __init__(self, layout, t_act, chunks, per_token, opts, engine, need_h, need_w, row_stats=False):
         self.layout, self.t_act, self.chunks, self.per_token = layout, t_act, chunks, per_token
         self.opts, self.engine, self.need_h, self.need_w = opts, engine, need_h, need_w
+        self.row_stats = row_stats
         self.stats = None
         # The triton engine also evaluates the per-token loss with the Triton kernel (fp32), whose
         # per-row statistic sums are collected here; the torch engine (and fp64) uses the torch twin.
         self.kernel_rows = [] if engine is engine_for("triton") and per_token[4].dtype == torch.float32 else None
+        self.kernel_row_ids = []  # the batch row of each kernel_rows row (a row cut by a chunk appears twice)
 
     def __call__(self, h, w):
         lay, opts, eng = self.layout, self.opts, self.engine
@@ -243,6 +246,7 @@ class _SinglePassRun:
                     lp2.detach(), sl(old2), sl(ref2), sl(smp2), en2.detach(), m2, adv[r0:r1], opts, totals=totals,
                     isw=sl(isw2))
                 self.kernel_rows.append(row_stats)
+                self.kernel_row_ids.append(torch.arange(r0, r1, device=h.device))
                 loss = loss + row_loss.sum()
                 g_logp = g2[rr, pp]
                 g_ent = ge2[rr, pp] if use_ent else None
@@ -251,13 +255,17 @@ class _SinglePassRun:
                 with torch.enable_grad() if want_grad else contextlib.nullcontext():
                     loss_c, st = reference.grpo_loss(lp2, sl(old2), sl(ref2), adv[r0:r1], m2, opts,
                                                      entropy=en2, sampler_logp=sl(smp2), totals=totals,
-                                                     importance_weights=sl(isw2))
+                                                     importance_weights=sl(isw2), row_stats=self.row_stats)
                     grads = torch.autograd.grad(loss_c, [lp2, en2] if use_ent else [lp2]) if want_grad else None
                 if want_grad:
                     g_logp = grads[0][rr, pp]
                     g_ent = grads[1][rr, pp] if use_ent else None
                 loss = loss + loss_c.detach()
                 for k, v in st.items():
+                    if k in _ROW_STATS:  # this chunk's rows r0:r1 of the batch's [rows] vector
+                        stats[k] = stats[k] if k in stats else v.new_zeros(lay.shape2d[0])
+                        stats[k][r0:r1] += v
+                        continue
                     stats[k] = v if k not in stats else _MINMAX.get(k, torch.add)(stats[k], v)
             if self.need_h or self.need_w:
                 dl = eng.dlogits(h_c, w, t_c, lse, ent, g_logp, g_ent, inv_temp, h.dtype, z=z)
@@ -272,15 +280,20 @@ class _SinglePassRun:
         if self.kernel_rows:
             from r1fast.kernels import grpo_loss as loss_kernel
 
-            stats = loss_kernel.stats_from_rows(torch.cat(self.kernel_rows), ref2 is not None, True,
+            rows = torch.cat(self.kernel_rows)
+            stats = loss_kernel.stats_from_rows(rows, ref2 is not None, True,
                                                 smp2 is not None, opts.tis_mode, has_isw=isw2 is not None)
+            if self.row_stats:  # per-row sums over the chunks that hold a piece of each row
+                ids = torch.cat(self.kernel_row_ids)
+                for k, col in (("rows/clip_low", "low"), ("rows/clip_high", "high")):
+                    stats[k] = rows.new_zeros(lay.shape2d[0]).index_add_(0, ids, rows[:, loss_kernel.STATS.index(col)])
         if totals[1] == 0:
             for k in _MINMAX:
                 if k in stats:
                     stats[k] = torch.zeros_like(stats[k])
         if not stats:  # no active token at all: the statistics of an empty batch
             _, stats = reference.grpo_loss(mask2.to(wide), old2, ref2, adv, mask2, opts, sampler_logp=smp2,
-                                           entropy=mask2.to(wide), importance_weights=isw2)
+                                           entropy=mask2.to(wide), importance_weights=isw2, row_stats=self.row_stats)
         return loss, grad_h, grad_w, stats
 
 
@@ -288,7 +301,7 @@ def fused_linear_grpo_loss(hidden, weight, targets, mask, advantages, *, old_log
                            sampler_logp=None, importance_weights=None, cu_seqlens=None,
                            options: LossOptions | None = None,
                            backend: str | None = None, chunk_size: int | None = None, single_pass: bool = True,
-                           **loss_options):
+                           row_stats: bool = False, **loss_options):
     """GRPO loss straight from the last hidden states and the lm_head weight; never builds the logits.
 
     Padded layout: hidden [B, T, H], targets / mask / old / ref / sampler [B, T], advantages [B].
@@ -301,17 +314,20 @@ def fused_linear_grpo_loss(hidden, weight, targets, mask, advantages, *, old_log
     `chunk_size` caps the tokens whose logits exist at once; `single_pass=False` forces the
     grouped_logprob + grpo_loss composition. Computes in fp32 (fp64 for fp64 inputs) under an
     enclosing torch.autocast too. Differentiable once (no create_graph=True double backward).
+    `row_stats=True` adds ops.grpo_loss's per-row clip counts (rows/clip_low, rows/clip_high: [B] padded,
+    [S] packed).
     """
     with backends.without_autocast(getattr(hidden, "device", "cpu")):
         return _fused_linear_grpo_loss(hidden, weight, targets, mask, advantages, old_logp=old_logp,
                                        ref_logp=ref_logp, sampler_logp=sampler_logp,
                                        importance_weights=importance_weights, cu_seqlens=cu_seqlens, options=options,
                                        backend=backend, chunk_size=chunk_size, single_pass=single_pass,
-                                       **loss_options)
+                                       row_stats=row_stats, **loss_options)
 
 
 def _fused_linear_grpo_loss(hidden, weight, targets, mask, advantages, *, old_logp, ref_logp, sampler_logp,
-                            importance_weights, cu_seqlens, options, backend, chunk_size, single_pass, **loss_options):
+                            importance_weights, cu_seqlens, options, backend, chunk_size, single_pass, row_stats,
+                            **loss_options):
     opts = _options(options, loss_options)
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"{OP}: mask must be a tensor")
@@ -367,7 +383,7 @@ def _fused_linear_grpo_loss(hidden, weight, targets, mask, advantages, *, old_lo
         return grpo_loss(lay.to2d(logp_act, active_only=True), lay.to2d(old_logp), lay.to2d(ref_logp), advantages,
                          lay.to2d(mask.to(torch.float32)), entropy=lay.to2d(ent_act, active_only=True),
                          sampler_logp=lay.to2d(sampler_logp), importance_weights=isw2, options=opts,
-                         backend=lb if lb in ("reference", "torch") else None)
+                         backend=lb if lb in ("reference", "torch") else None, row_stats=row_stats)
 
     wide = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     mask2 = lay.to2d(mask.to(wide))
@@ -385,7 +401,8 @@ def _fused_linear_grpo_loss(hidden, weight, targets, mask, advantages, *, old_lo
     need = torch.is_grad_enabled()
     run = _SinglePassRun(lay, t_act.contiguous(), chunks, (old_c, clean(ref2), smp_c, advantages.to(wide),
                                                            mask2, clean(isw2)),
-                         opts, engine_for(lb), need and hidden.requires_grad, need and weight.requires_grad)
+                         opts, engine_for(lb), need and hidden.requires_grad, need and weight.requires_grad,
+                         row_stats)
     w = weight if weight.stride(-1) == 1 else weight.contiguous()
     h_all = hidden.reshape(-1, hidden.shape[-1])
     h = h_all if h_all.stride(-1) == 1 else h_all.contiguous()

@@ -95,16 +95,17 @@ def _validate_loss_inputs(op, logp, old_logp, ref_logp, advantages, mask, sample
 
 @backends.register("grpo_loss", "reference")
 def _grpo_loss_reference(logp, old_logp, ref_logp, advantages, mask, opts, entropy, sampler_logp,
-                         importance_weights=None):
+                         importance_weights=None, row_stats=False):
     active = mask.bool()
     f64 = lambda t: None if t is None else torch.where(active, t.double(), 0.0)  # noqa: E731
     return reference.grpo_loss(f64(logp), f64(old_logp), f64(ref_logp), advantages.double(), mask, opts,
-                               f64(entropy), f64(sampler_logp), importance_weights=f64(importance_weights))
+                               f64(entropy), f64(sampler_logp), importance_weights=f64(importance_weights),
+                               row_stats=row_stats)
 
 
 @backends.register("grpo_loss", "torch")
 def _grpo_loss_torch(logp, old_logp, ref_logp, advantages, mask, opts, entropy, sampler_logp,
-                     importance_weights=None):
+                     importance_weights=None, row_stats=False):
     # All reductions in fp32 (fp64 inputs stay fp64); the per-token work is O(B*T), so plain torch
     # elementwise code is already bandwidth-bound on any device.
     dt = torch.float64 if logp.dtype == torch.float64 else torch.float32
@@ -113,7 +114,8 @@ def _grpo_loss_torch(logp, old_logp, ref_logp, advantages, mask, opts, entropy, 
     active = mask.bool()
     clean = lambda t: None if t is None else torch.where(active, up(t), 0.0)  # noqa: E731
     return reference.grpo_loss(clean(logp), clean(old_logp), clean(ref_logp), up(advantages), mask, opts,
-                               clean(entropy), clean(sampler_logp), importance_weights=clean(importance_weights))
+                               clean(entropy), clean(sampler_logp), importance_weights=clean(importance_weights),
+                               row_stats=row_stats)
 
 
 class _TritonGRPOLoss(torch.autograd.Function):
@@ -144,7 +146,7 @@ class _TritonGRPOLoss(torch.autograd.Function):
 
 @backends.register("grpo_loss", "triton")
 def _grpo_loss_triton(logp, old_logp, ref_logp, advantages, mask, opts, entropy, sampler_logp,
-                      importance_weights=None):
+                      importance_weights=None, row_stats=False):
     from r1fast.kernels import grpo_loss as kernel
 
     if logp.dtype == torch.float64:
@@ -152,7 +154,7 @@ def _grpo_loss_triton(logp, old_logp, ref_logp, advantages, mask, opts, entropy,
     loss, rows = _TritonGRPOLoss.apply(logp, entropy, old_logp, ref_logp, sampler_logp, advantages, mask, opts,
                                        importance_weights)
     stats = kernel.stats_from_rows(rows, ref_logp is not None, entropy is not None, sampler_logp is not None,
-                                   opts.tis_mode, has_isw=importance_weights is not None)
+                                   opts.tis_mode, has_isw=importance_weights is not None, row_stats=row_stats)
     return loss, stats
 
 
@@ -162,7 +164,7 @@ def _options(options, loss_options) -> LossOptions:
 
 def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, entropy=None, sampler_logp=None,
               importance_weights=None, options: LossOptions | None = None, backend: str | None = None,
-              check_values: bool = True, **loss_options):
+              check_values: bool = True, row_stats: bool = False, **loss_options):
     """(loss, stats) for per-token log-probs logp [B, T] (differentiable), old/ref/sampler log-probs [B, T] or
     None, advantages [B], mask [B, T]; entropy [B, T] enables the entropy bonus / statistic.
 
@@ -174,7 +176,9 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, entropy=None, sampl
 
     Options: a LossOptions via `options=` and/or its fields as keywords (beta, epsilon, loss_type, ...).
     Stats: kl (with ref_logp), entropy (with entropy), clip_ratio/{low,high,region}_mean,
-    is_weight/{mean,min,max} (with sampler_logp or importance_weights), num_tokens, as detached 0-d tensors.
+    is_weight/{mean,min,max} (with sampler_logp or importance_weights), num_tokens, as detached 0-d tensors;
+    with `row_stats=True` also rows/clip_low and rows/clip_high [B], each row's count of active tokens clipped
+    low / high (what TRL's per-sequence clip metrics, clip_ratio/low_min and high_max, are built from).
     `check_values=False` skips the checks that read values (NaN/inf at active tokens, a float mask
     holding only 0/1): they sync the host, which CUDA graphs and torch.compile cannot take; a NaN
     input then shows as a NaN loss. Shapes, dtypes and devices are always checked.
@@ -183,6 +187,7 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, entropy=None, sampl
     iw = _validate_loss_inputs("grpo_loss", logp, old_logp, ref_logp, advantages, mask, sampler_logp, entropy, opts,
                                check_values=check_values, importance_weights=importance_weights)
     _, fn = backends.resolve("grpo_loss", logp.device, backend, dtype=logp.dtype)
-    if iw is None:
-        return fn(logp, old_logp, ref_logp, advantages, mask, opts, entropy, sampler_logp)
-    return fn(logp, old_logp, ref_logp, advantages, mask, opts, entropy, sampler_logp, importance_weights=iw)
+    extra = {"row_stats": True} if row_stats else {}
+    if iw is not None:
+        extra["importance_weights"] = iw
+    return fn(logp, old_logp, ref_logp, advantages, mask, opts, entropy, sampler_logp, **extra)

@@ -111,7 +111,7 @@ def _weight_stats(stats, wb, m, denom, n_tok, totals):
 
 
 def grpo_loss(logp, old_logp, ref_logp, advantages, mask, opts: LossOptions, entropy=None, sampler_logp=None,
-              totals=None, importance_weights=None):
+              totals=None, importance_weights=None, row_stats=False):
     """(loss, stats) exactly as LOSS_SPEC.md; all tensors [B, T] except advantages [B]. Computes in logp's dtype.
 
     `importance_weights` [B, T] (or [B, 1], broadcast over the row): precomputed per-token weights
@@ -127,6 +127,9 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, opts: LossOptions, ent
 
     `opts.use_bias_correction_kl` multiplies the KL by exp(lw) (lw before the delta clip, with its
     gradient) in the loss and in the `kl` statistic.
+
+    `row_stats=True` adds `rows/clip_low` and `rows/clip_high` [B]: each row's count of active tokens
+    clipped low / high (the tokens clip_ratio/low_mean and high_mean count; cispo's are high only).
     """
     dt = logp.dtype
     m = mask.to(dt)
@@ -211,4 +214,7 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, opts: LossOptions, ent
     stats["clip_ratio/high_mean"] = (high.expand_as(logp).to(dt) * m).sum() / denom
     stats["clip_ratio/region_mean"] = ((low | high).expand_as(logp).to(dt) * m).sum() / denom
     stats["num_tokens"] = n_tok.detach()
+    if row_stats:
+        stats["rows/clip_low"] = (low.expand_as(logp).to(dt) * m).sum(-1)
+        stats["rows/clip_high"] = (high.expand_as(logp).to(dt) * m).sum(-1)
     return loss, {k: v.detach() for k, v in stats.items()}
