@@ -134,12 +134,9 @@ LOSS_TYPES = r1trl.SUPPORTED_LOSS_TYPES
 def test_matches_stock_trl(tmp_path, model_dirs, loss_type, beta, num_iterations):
     stock, fast = _compare(tmp_path, model_dirs, loss_type=loss_type, beta=beta, num_iterations=num_iterations)
     # The logged statistics are TRL's too (token-level means over the completion tokens).
-    metrics = ["entropy"] + (["kl"] if beta else [])
-    metrics += ["cispo_clip_ratio"] if loss_type == "cispo" else \
-        ["clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"]
+    metrics = _loss_metric_names(loss_type, beta)
     # the drop-in logs exactly these of TRL's loss metrics (no kl without a KL term, cispo's clip ratio alone)
-    loss_metrics = {"entropy", "kl", "cispo_clip_ratio", "clip_ratio/low_mean", "clip_ratio/high_mean",
-                    "clip_ratio/region_mean"}
+    loss_metrics = set(_loss_metric_names("grpo", beta=1)) | {"cispo_clip_ratio"}
     assert loss_metrics & fast["metrics"][0].keys() == loss_metrics & stock["metrics"][0].keys() == set(metrics)
     for name in metrics:
         got = torch.tensor([h[name] for h in fast["metrics"]], dtype=torch.float64)
@@ -850,23 +847,43 @@ def test_per_completion_advantages_required(tmp_path, model_dirs):
             trainer.compute_loss(trainer.model, dict(inputs))
 
 
-@pytest.mark.parametrize("loss_type", LOSS_TYPES)
-def test_logged_loss_metrics_match_stock_trl_on_clipping_inputs(tmp_path, model_dirs, loss_type):
-    """On hand-built inputs whose ratios leave the clip range on both sides, the metrics the drop-in logs (entropy,
-    kl, the clip fractions; cispo's clip fraction alone) are TRL's."""
-    tokenizer, trainers = _stock_and_fast(tmp_path, model_dirs, loss_type=loss_type, beta=0.04,
-                                          epsilon_high=1.1 if loss_type == "cispo" else None)
+def _loss_metric_names(loss_type, beta):
+    """The loss metrics TRL's _compute_loss logs for a loss type the drop-in supports."""
+    names = ["entropy"] + (["kl"] if beta else [])
+    if loss_type == "cispo":
+        return names + ["cispo_clip_ratio"]
+    return names + ["clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "clip_ratio/low_min",
+                    "clip_ratio/high_max"]
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("loss_type", LOSS_TYPES + ("cispo-epsilon_high<1",))
+def test_logged_loss_metrics_match_stock_trl_on_clipping_inputs(tmp_path, model_dirs, loss_type, level):
+    """On hand-built inputs whose ratios leave the clip range on both sides, with completions of different lengths
+    and one without active tokens (as mask_truncated_completions leaves it), the drop-in logs every loss metric TRL
+    logs, with TRL's values: clip_ratio/low_min and high_max (extremes over sequences of each one's clipped
+    fraction) were not logged, and at sequence level (GSPO) the clip ratios were token means, TRL's sequence means.
+    """
+    epsilon_high = {"cispo": 1.1, "cispo-epsilon_high<1": 0.9}.get(loss_type)  # under 1: a ratio of 1 clips
+    loss_type = loss_type.split("-")[0]
+    tokenizer, trainers = _stock_and_fast(tmp_path, model_dirs, loss_type=loss_type, beta=0.04, epsilon=0.1,
+                                          epsilon_high=epsilon_high, importance_sampling_level=level)
     inputs = _loss_inputs(tokenizer, trainers[0].model, 0.04, "token")
     del inputs["importance_sampling_ratio"]
+    inputs["completion_mask"][0] = 0
+    inputs["advantages"][0] = 0.5  # an empty sequence that clips high under cispo with epsilon_high < 1
+    inputs["num_items_in_batch"] = inputs["completion_mask"].sum()
     for trainer in trainers:
         trainer._metrics["train"].clear()
         _loss_and_grads_in(trainer, inputs, train=True, accumulation=1)
     stock, fast = (t._metrics["train"] for t in trainers)
-    names = ["entropy", "kl"] + (["cispo_clip_ratio"] if loss_type == "cispo" else
-                                 ["clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"])
+    names = _loss_metric_names(loss_type, beta=0.04)
+    assert set(stock) == set(fast) == set(names)
     for name in names:
         torch.testing.assert_close(torch.tensor(fast[name]), torch.tensor(stock[name]), rtol=1e-5, atol=1e-6,
-                                   msg=lambda m: f"{name}: {m}")
+                                   equal_nan=True, msg=lambda m: f"{name}: {m}")
+    clip = "cispo_clip_ratio" if loss_type == "cispo" else "clip_ratio/region_mean"
+    assert 0 < stock[clip][-1] < 1  # some sequences clip, not all
     if loss_type != "cispo":  # both clip sides are exercised
         assert stock["clip_ratio/low_mean"][-1] > 0 and stock["clip_ratio/high_mean"][-1] > 0
 
@@ -879,7 +896,7 @@ def test_logged_metrics_are_token_weighted_across_processes(tmp_path, model_dirs
     monkeypatch.setattr(trainer.accelerator, "reduce", lambda t, reduction: t + other)
     mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 0]])
     trainer._metrics["train"].clear()
-    trainer._log_loss_stats("train", {"entropy": torch.tensor(2.0), "kl": 0.5}, mask)
+    trainer._log_loss_stats("train", {"entropy": torch.tensor(2.0), "kl": 0.5}, mask, torch.ones(2))
     assert trainer._metrics["train"]["entropy"] == [pytest.approx((2.0 * 5 + 15) / 10)]
     assert trainer._metrics["train"]["kl"] == [pytest.approx((0.5 * 5 + 15) / 10)]
 

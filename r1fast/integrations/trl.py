@@ -32,6 +32,7 @@ from torch import nn
 try:
     import trl
     from trl import GRPOConfig
+    from trl.trainer.utils import nanmax, nanmin
 except ImportError as exc:  # pragma: no cover - exercised only without trl
     raise ImportError(
         "r1fast.integrations.trl needs TRL: pip install 'trl>=1.16' (it subclasses trl.GRPOTrainer)"
@@ -450,11 +451,11 @@ class GRPOTrainer(trl.GRPOTrainer):
 
         loss, stats = ops.fused_linear_grpo_loss(
             hidden, weight, targets, mask, advantages, old_logp=old_logp, ref_logp=ref_logp,
-            importance_weights=weights, options=options, **self._loss_backend_kwargs(),
+            importance_weights=weights, options=options, row_stats=True, **self._loss_backend_kwargs(),
         )
         if self.loss_type in _MEAN_LOSS_TYPES:
             loss = loss / accumulation
-        self._log_loss_stats(mode, stats, mask)
+        self._log_loss_stats(mode, stats, mask, advantages)
         return loss
 
     def _policy_weights(self, inputs, hidden, weight, targets, mask, advantages, old_logp, is_ratio):
@@ -515,25 +516,56 @@ class GRPOTrainer(trl.GRPOTrainer):
             num_items = num_items * accumulation / self.args.steps_per_generation
         return float(num_items)
 
-    def _log_loss_stats(self, mode: str, stats: dict, mask: torch.Tensor) -> None:
-        """Log the op's statistics under TRL's metric names (token means across processes)."""
+    def _log_loss_stats(self, mode: str, stats: dict, mask: torch.Tensor, advantages: torch.Tensor) -> None:
+        """Log the op's statistics under TRL's metric names and with TRL's weighting: kl and entropy are token
+        means across processes; the clip ratios too at token level, but means over sequences at sequence level
+        (GSPO), where TRL has one ratio per sequence; clip_ratio/low_min and high_max are the extremes over every
+        process's sequences of each sequence's clipped fraction."""
         tokens = mask.sum().float()
 
-        def global_mean(value):
+        def global_mean(value, count=tokens):
             local = torch.as_tensor(value, dtype=torch.float32, device=tokens.device)
-            totals = self.accelerator.reduce(torch.stack([local * tokens, tokens]), reduction="sum")
+            count = torch.as_tensor(count, dtype=torch.float32, device=tokens.device)
+            totals = self.accelerator.reduce(torch.stack([local * count, count]), reduction="sum")
             return (totals[0] / totals[1].clamp(min=1.0)).item()
 
-        names = {"entropy": "entropy"}
-        if self.beta != 0.0:
-            names["kl"] = "kl"
+        metrics = self._metrics[mode]
+        if self.beta != 0.0 and "kl" in stats:
+            metrics["kl"].append(global_mean(stats["kl"]))
+        if "entropy" in stats:
+            metrics["entropy"].append(global_mean(stats["entropy"]))
+        if "rows/clip_low" not in stats:
+            return
+        low, high = self._per_sequence_clip_fractions(stats, mask, advantages)
+        if self.importance_sampling_level == "sequence":  # TRL: a mean over sequences (empty ones too)
+            means = {name: global_mean(rows.mean(), len(rows))
+                     for name, rows in (("low", low), ("high", high), ("region", low + high))}
+        else:  # a token mean, as the op's own statistics
+            means = {name: global_mean(stats[f"clip_ratio/{name}_mean"]) for name in ("low", "high", "region")}
         if self.loss_type == "cispo":
-            names["clip_ratio/high_mean"] = "cispo_clip_ratio"
-        else:
-            names.update({k: k for k in ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean")})
-        for key, metric in names.items():
-            if key in stats:
-                self._metrics[mode][metric].append(global_mean(stats[key]))
+            metrics["cispo_clip_ratio"].append(means["high"])
+            return
+        for name, value in means.items():
+            metrics[f"clip_ratio/{name}_mean"].append(value)
+        metrics["clip_ratio/low_min"].append(nanmin(self.accelerator.gather(low)).item())
+        metrics["clip_ratio/high_max"].append(nanmax(self.accelerator.gather(high)).item())
+
+    def _per_sequence_clip_fractions(self, stats, mask, advantages):
+        """Each sequence's fraction of clipped tokens [B] (low, high), as TRL's masked_seq_mean reads them.
+
+        Token level: clipped / active tokens, NaN for a sequence without active tokens (TRL's 0 / 0, which its
+        nanmin / nanmax skip). Sequence level: the sequence's own clip flag (its tokens share one ratio); a
+        sequence without active tokens has ratio exp(0) = 1 in TRL, which clips only under cispo with
+        epsilon_high < 1 (high, where its advantage is positive).
+        """
+        counts = mask.sum(-1).float()
+        low, high = (stats[k].float() / counts for k in ("rows/clip_low", "rows/clip_high"))
+        if self.importance_sampling_level != "sequence":
+            return low, high
+        empty = counts == 0
+        ratio_one_clips_high = (1.0 > self.epsilon_high) if self.loss_type == "cispo" else False
+        empty_high = (advantages > 0).float() * float(ratio_one_clips_high)
+        return torch.where(empty, 0.0, low), torch.where(empty, empty_high, high)
 
 
 def _maybe_to(t, device):
