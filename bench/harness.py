@@ -295,6 +295,12 @@ class Machine:
             self._bandwidth = 2 * src.numel() * 4 / (t.p50 / 1e3)  # read + write
         return self._bandwidth
 
+    def summary(self) -> str:
+        """The measured rates for the log, to 3 significant digits: a CPU's tens of GFLOP/s printed with
+        one decimal of TFLOP/s read as 0.0."""
+        rates = ", ".join(f"{k} {v / 1e12:.3g} TFLOP/s" for k, v in self._rates.items()) or "-"
+        return f"matmul {rates}; copy {(self._bandwidth or float('nan')) / 1e9:.3g} GB/s"
+
     def floor_ms(self, case: Case, matmul_dtype: str | None = None) -> float:
         rate = self.matmul_flops_per_s(matmul_dtype or case.matmul_dtype or case.dtype) \
             if case.flops or case.phases else float("nan")
@@ -609,8 +615,7 @@ def main(suite_names: list[str], size: str = "smoke", out_dir: str | None = None
             lost.remaining = names[i + 1:]
             log(f"[bench] the CUDA context is lost ({lost}); suites not run: {' '.join(lost.remaining) or '-'}")
             break
-    log(f"[bench] machine: matmul {', '.join(f'{k} {v / 1e12:.1f} TFLOP/s' for k, v in machine._rates.items()) or '-'}"
-        f"; copy {(machine._bandwidth or float('nan')) / 1e9:.1f} GB/s")
+    log(f"[bench] machine: {machine.summary()}")
     if rows:
         log(format_table(rows))
         log(f"[bench] wrote {paths[0]} and {paths[1]}")

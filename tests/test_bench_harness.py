@@ -69,6 +69,14 @@ def test_floor_takes_the_larger_of_compute_and_bandwidth():
     assert m.floor_ms(steps) > m.floor_ms(harness.Case("d", "step", "float32", [], flops=3e9, bytes=2e9))
 
 
+def test_machine_summary_keeps_a_cpu_rate_readable():
+    """A CPU's 22 GFLOP/s was logged as 'float32 0.0 TFLOP/s'."""
+    m = harness.Machine(torch.device("cpu"), "smoke")
+    m._rates["float32"], m._bandwidth = 2.2449e10, 8.43e9
+    assert m.summary() == "matmul float32 0.0224 TFLOP/s; copy 8.43 GB/s"
+    assert harness.Machine(torch.device("cpu"), "smoke").summary() == "matmul -; copy nan GB/s"
+
+
 def test_info_and_bench_list_commands(capsys):
     assert cli_main(["info"]) == 0
     out = capsys.readouterr().out
