@@ -216,8 +216,11 @@ def test_load_rows_from_files(tmp_path):
     ds.save_to_disk(str(tmp_path / "saved"))
     assert load_rows(str(tmp_path / "saved")) == rows
     assert len(load_rows("builtin:arithmetic?max_terms=5", n_builtin=7)) == 7
-    with pytest.raises(ValueError, match="does not exist"):
+    with pytest.raises(ValueError, match=r"does not exist \([^;]*\)$"):
         load_rows(str(tmp_path / "missing.jsonl"))
+    with pytest.raises(ValueError, match=r"'openai/gsm8k' does not exist .*\.csv.*reads local data only.*"
+                                         r"load_dataset\('openai/gsm8k'\)\.save_to_disk\('my_data'\)"):
+        load_rows("openai/gsm8k")
     with pytest.raises(ValueError, match="lacks column"):
         load_rows(str(jl), required_columns=("completion",))
     with pytest.raises(ValueError, match="unknown built-in task"):

@@ -625,8 +625,11 @@ def test_pipeline_checks_every_stage_when_loaded(tmp_path):
           lambda st: st[2]["config"].update(reward_funcs=["nowhere_mod:f"]))
     fails(r"stage 'rl': dataset: unknown built-in task 'arithmetc'",
           lambda st: st[1].update(dataset="builtin:arithmetc"))
-    fails(r"stage 'cold': dataset: .*missing\.jsonl' does not exist",
+    fails(r"stage 'cold': dataset: .*missing\.jsonl' does not exist \([^;]*\)$",
           lambda st: st[0].update(dataset=str(tmp_path / "missing.jsonl")))
+    fails(r"stage 'cold': dataset: 'openai/gsm8k' does not exist .*reads local data only.*"
+          r"datasets\.load_dataset\('openai/gsm8k'\)\.save_to_disk",
+          lambda st: st[0].update(dataset="openai/gsm8k"))
     fails(r"stage 'student': model: unknown built-in model 'builtin:huge'",
           lambda st: st[3].update(model="builtin:huge"))
     fails(r"stage 'student': dataset '@rl' is a grpo stage", lambda st: st[3].update(dataset="@rl"))

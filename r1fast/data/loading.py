@@ -87,10 +87,19 @@ def _no_splits(path: str, split: Optional[str]):
                          f"be taken from it; splits belong to a folder saved from a DatasetDict")
 
 
+def hub_name_hint(path: str) -> str:
+    """For a missing dataset path without a file extension, which reads like a Hub name ('openai/gsm8k'):
+    how to make it local, since r1fast never downloads."""
+    if "." in os.path.basename(path.rstrip("/")):
+        return ""
+    return (f"; r1fast reads local data only: to use a Hugging Face Hub dataset, save it first, e.g. "
+            f"datasets.load_dataset({path!r}).save_to_disk('my_data') and give dataset=my_data")
+
+
 def _load_hf(path: str, split: Optional[str], default_splits: Sequence[str] = TRAIN_SPLITS) -> list[dict]:
     if not os.path.exists(path):
-        raise ValueError(f"dataset {path!r} does not exist (give a .jsonl/.json/.parquet file, a folder saved "
-                         f"with datasets' save_to_disk, or builtin:arithmetic)")
+        raise ValueError(f"dataset {path!r} does not exist (give a .jsonl/.json/.parquet/.csv file, a folder "
+                         f"saved with datasets' save_to_disk, or builtin:arithmetic{hub_name_hint(path)})")
     ext = path.rsplit(".", 1)[-1].lower() if not os.path.isdir(path) else None
     if ext is not None:  # a file has one set of rows
         _no_splits(path, split)

@@ -27,6 +27,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from r1fast.data.loading import hub_name_hint
 from r1fast.trainer.config import (
     DTYPES,
     ConfigError,
@@ -249,7 +250,8 @@ def _check_dataset(spec: Optional[str], where: str, written: set[str]):
             raise ConfigError(f"{where}: {e}") from None
     elif not os.path.exists(spec) and os.path.abspath(spec) not in written:
         raise ConfigError(f"{where}: {spec!r} does not exist (a .jsonl/.json/.parquet/.csv file, a folder saved "
-                          f"with datasets' save_to_disk, builtin:<task>, or \"@stage\" for a sample stage's rows)")
+                          f"with datasets' save_to_disk, builtin:<task>, or \"@stage\" for a sample stage's rows"
+                          f"{hub_name_hint(spec)})")
 
 
 def _typed(cls, data: dict, where: str) -> dict:
