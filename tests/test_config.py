@@ -272,6 +272,12 @@ def test_builtin_model_gets_fp8_layers():
     assert not any(type(m) is Linear for m in model.modules())
 
 
+def test_a_hub_model_name_says_how_to_make_it_local():
+    with pytest.raises(ValueError, match=r"'Qwen/Qwen2\.5-0\.5B-Instruct' is not a folder .*local folders only.*"
+                                         r"snapshot_download"):
+        load_model_and_tokenizer("Qwen/Qwen2.5-0.5B-Instruct", device="cpu")
+
+
 def test_shipped_configs_load_by_name_from_any_directory(tmp_path, monkeypatch):
     """The docs' `r1fast pipeline r1fast/configs/r1_pipeline.yaml` works outside the repository too."""
     monkeypatch.chdir(tmp_path)

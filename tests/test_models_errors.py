@@ -86,8 +86,12 @@ def test_bad_config_files(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
         ModelConfig.from_hf_config(tmp_path)
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(FileNotFoundError, match=r"'[^']*nowhere' does not exist$"):
         from_pretrained(tmp_path / "nowhere")
+    # a Hub name is not fetched: the error says how to make it a local folder
+    with pytest.raises(FileNotFoundError, match=r"does not exist; r1fast loads local folders only: .*Hub model.*"
+                                                r"snapshot_download\('Qwen/Qwen2\.5-0\.5B-Instruct'"):
+        from_pretrained("Qwen/Qwen2.5-0.5B-Instruct")
 
 
 def test_missing_tensor(ckpt):

@@ -630,6 +630,8 @@ def test_pipeline_checks_every_stage_when_loaded(tmp_path):
     fails(r"stage 'cold': dataset: 'openai/gsm8k' does not exist .*reads local data only.*"
           r"datasets\.load_dataset\('openai/gsm8k'\)\.save_to_disk",
           lambda st: st[0].update(dataset="openai/gsm8k"))
+    fails(r"stage 'student': model: 'Qwen/Qwen2\.5-0\.5B' is not a folder .*snapshot_download\('Qwen/Qwen2\.5-0\.5B'",
+          lambda st: st[3].update(model="Qwen/Qwen2.5-0.5B"))
     fails(r"stage 'student': model: unknown built-in model 'builtin:huge'",
           lambda st: st[3].update(model="builtin:huge"))
     fails(r"stage 'student': dataset '@rl' is a grpo stage", lambda st: st[3].update(dataset="@rl"))

@@ -27,6 +27,18 @@ _IGNORED_KEY = re.compile(r"^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq
 _EMBED_KEY = "model.embed_tokens.weight"
 
 
+_HUB_NAME = re.compile(r"[\w.-]+/[\w.-]+")
+
+
+def hub_model_hint(path: str) -> str:
+    """For a missing folder named like a Hub model ('Qwen/Qwen2.5-0.5B-Instruct'): how to make it local,
+    since r1fast loads local checkpoints only."""
+    if not _HUB_NAME.fullmatch(path):
+        return ""
+    return (f"; r1fast loads local folders only: if {path!r} is a Hugging Face Hub model, download it first, "
+            f"e.g. huggingface_hub.snapshot_download({path!r}, local_dir='my_model'), and give that folder")
+
+
 def from_pretrained(path, dtype=None, device=None, fp8="off"):
     """Load a local checkpoint folder into a CausalLM.
 
@@ -40,7 +52,7 @@ def from_pretrained(path, dtype=None, device=None, fp8="off"):
 
     path = os.fspath(path)
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"checkpoint folder {path!r} does not exist")
+        raise FileNotFoundError(f"checkpoint folder {path!r} does not exist{hub_model_hint(path)}")
     fp8 = as_options(fp8)
     config = ModelConfig.from_hf_config(read_config_json(path))
     shards = _shard_files(path)

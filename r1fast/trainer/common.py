@@ -45,6 +45,7 @@ def load_model_and_tokenizer(spec: Optional[str], *, device, dtype: str = "float
     """`builtin:<size>` (random init, built-in char tokenizer) or a local Hugging Face folder. fp8: a
     mode or r1fast.fp8.Fp8Options (GRPOConfig.fp8_options())."""
     from r1fast.models import CausalLM, ModelConfig, from_pretrained, load_tokenizer
+    from r1fast.models.checkpoint import hub_model_hint
 
     if spec is None:
         raise ValueError("model_name_or_path is required (a local Hugging Face folder or builtin:tiny)")
@@ -69,7 +70,8 @@ def load_model_and_tokenizer(spec: Optional[str], *, device, dtype: str = "float
             model = apply_fp8(model, fp8)
         return model, tok
     if not os.path.isdir(spec):
-        raise ValueError(f"model {spec!r} is not a folder (give a local Hugging Face checkpoint or builtin:tiny)")
+        raise ValueError(f"model {spec!r} is not a folder (give a local Hugging Face checkpoint or builtin:tiny"
+                         f"{hub_model_hint(spec)})")
     # the tokenizer first: a missing or broken one is reported in a second, not after the weights load
     tok = tokenizer or load_tokenizer(spec)
     model = from_pretrained(spec, dtype=torch_dtype, device=device, fp8=fp8)
