@@ -1164,3 +1164,18 @@ def test_held_out_prompts_longer_than_the_models_positions_are_an_error_before_t
                                          r"the model 128 positions"):
         run_pipeline(spec)
     assert not os.path.exists(tmp_path / "run" / "cold")   # nothing trained
+
+
+def test_a_stage_whose_checkpoint_replacement_was_killed_resumes_from_it(tmp_path, capsys):
+    # killed in a save that replaced the stage's last checkpoint, between its two renames: the complete
+    # checkpoint-N.old-<pid> was not seen, the stage started over, and its trainer (which puts the old one
+    # back) then refused the folder as an earlier run's
+    spec = one_sft_stage_spec(tmp_path)
+    run = tmp_path / "run"
+    run_pipeline(str(spec), [f"output_dir={run}", "s.max_steps=2"])
+    logged = (run / "metrics.jsonl").read_text()
+    os.rename(run / "s" / "checkpoint-2", run / "s" / "checkpoint-2.old-9")
+    os.remove(run / "pipeline_state.json")
+    run_pipeline(str(spec), [f"output_dir={run}", "s.max_steps=2"], resume=True)
+    assert sorted(os.listdir(run / "s")) == [".r1fast.lock", "checkpoint-2", "metrics.jsonl"]
+    assert (run / "metrics.jsonl").read_text() == logged   # nothing trained again

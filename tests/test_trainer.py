@@ -1657,3 +1657,21 @@ def test_progress_off_a_terminal_is_plain_lines_not_a_redrawn_bar(tmp_path, caps
     make(tmp_path, max_steps=2, progress_bar=True).train()
     err = capsys.readouterr().err
     assert "\r" not in err and "grpo: 2/2 steps (100%)" in err
+
+
+def test_a_run_killed_in_its_first_save_leaves_no_temp_folder_behind(tmp_path):
+    # A SIGKILL during a run's first save left ".tmp-checkpoint-<step>-*" (a whole model copy) and
+    # save_pretrained's "..tmp-checkpoint-*" beside it; with no checkpoint there was nothing to resume,
+    # and the new run started in the folder kept them until an overwrite
+    run = tmp_path / "run"
+    for left in (".tmp-checkpoint-3-k6rae195", "..tmp-checkpoint-3-k6rae195.tmp-8yy4ogqo"):   # as a SIGKILL leaves them
+        (run / left).mkdir(parents=True)
+        (run / left / "model.safetensors").write_bytes(b"\0" * 64)
+    make(tmp_path, max_steps=1, per_device_train_batch_size=8, num_generations=4).train()
+    assert not [n for n in os.listdir(run) if "tmp-checkpoint" in n]
+    # a complete checkpoint left as checkpoint-N.old-<pid> is an earlier run's, which a new run refuses
+    from r1fast.trainer.checkpoints import RunFolderInUse
+
+    os.rename(run / "checkpoint-1", run / "checkpoint-1.old-123")
+    with pytest.raises(RunFolderInUse, match="checkpoint-1"):
+        make(tmp_path, max_steps=1, per_device_train_batch_size=8, num_generations=4).train()

@@ -370,12 +370,12 @@ def start_run(trainer, resume):
     from r1fast.trainer.metrics import MetricsLogger
 
     cfg = trainer.cfg
+    # this run owns the folder (own_run_folder): nothing else will remove what killed saves left, a run
+    # killed in its first save included (a model-sized temp folder kept until an overwrite), and a replaced
+    # checkpoint put back is one to resume from, or for a new run an earlier run's
+    ckpt.remove_save_leftovers(trainer.run_dir)
     if not resume:
         ckpt.start_fresh(trainer.run_dir, cfg.overwrite_output_dir)
-    if resume:
-        # this run owns the folder again: nothing else will remove what its own killed saves left (and a
-        # replaced checkpoint put back is one to resume from)
-        ckpt.remove_save_leftovers(trainer.run_dir)
     resume_path = ckpt.resolve_resume(resume, trainer.run_dir)
     if resume_path:
         state = trainer.load(resume_path)

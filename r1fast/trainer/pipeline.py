@@ -496,7 +496,7 @@ class PipelineRunner:
             return self._run(resume)
 
     def _run(self, resume: bool) -> dict:
-        from r1fast.trainer.checkpoints import latest_checkpoint
+        from r1fast.trainer.checkpoints import latest_checkpoint, remove_save_leftovers
 
         p = self.p
         if p.num_threads and self.device.type == "cpu":
@@ -564,6 +564,8 @@ class PipelineRunner:
                                   model.config.max_position_embeddings,
                                   f"eval_dataset {p.eval_dataset!r}, evaluated after stage {stage.name!r}")
             stage_dir = os.path.join(self.run_dir, stage.name)
+            if resume:   # a checkpoint whose replacement was killed between its renames counts as one
+                remove_save_leftovers(stage_dir)
             resume_stage = bool(resume and latest_checkpoint(stage_dir))
             t0 = time.perf_counter()
             print(f"\n== stage {i + 1}/{len(p.stages)}: {stage.name} ({stage.type}) ==", flush=True)
