@@ -2,6 +2,7 @@
 can start fresh, resume skips finished stages, and the commands report bad input clearly."""
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -1179,3 +1180,27 @@ def test_a_stage_whose_checkpoint_replacement_was_killed_resumes_from_it(tmp_pat
     run_pipeline(str(spec), [f"output_dir={run}", "s.max_steps=2"], resume=True)
     assert sorted(os.listdir(run / "s")) == [".r1fast.lock", "checkpoint-2", "metrics.jsonl"]
     assert (run / "metrics.jsonl").read_text() == logged   # nothing trained again
+
+
+def test_resume_says_which_stages_are_done_and_where_the_running_one_starts(tmp_path, capsys):
+    spec = tiny_pipeline(tmp_path)
+    spec["stages"] = spec["stages"][:2]
+    spec.pop("eval_dataset")
+    run_pipeline(spec)
+    run = tmp_path / "run"
+    state = json.load(open(run / "pipeline_state.json"))
+    # killed before rl's first checkpoint
+    for name in os.listdir(run / "rl"):
+        if name.startswith("checkpoint-"):
+            shutil.rmtree(run / "rl" / name)
+    del state["stages"]["rl"]
+    (run / "pipeline_state.json").write_text(json.dumps(state))
+    capsys.readouterr()
+    run_pipeline(spec, resume=True)
+    out = capsys.readouterr().out
+    assert "== stage 1/2: cold (sft): done in the earlier run, skipped ==" in out
+    assert f"stage 'rl' has no checkpoint in {run / 'rl'}: it starts from its first step" in out
+    del state["stages"]["cold"]   # killed after cold's last checkpoint
+    (run / "pipeline_state.json").write_text(json.dumps(state))
+    run_pipeline(spec, resume=True)
+    assert f"resuming cold from {run / 'cold' / 'checkpoint-3'} at step 3 of 3" in capsys.readouterr().err

@@ -1675,3 +1675,13 @@ def test_a_run_killed_in_its_first_save_leaves_no_temp_folder_behind(tmp_path):
     os.rename(run / "checkpoint-1", run / "checkpoint-1.old-123")
     with pytest.raises(RunFolderInUse, match="checkpoint-1"):
         make(tmp_path, max_steps=1, per_device_train_batch_size=8, num_generations=4).train()
+
+
+def test_resume_says_which_checkpoint_and_step_it_continues_from(tmp_path, capsys):
+    kw = dict(max_steps=4, save_steps=2, per_device_train_batch_size=8, num_generations=4)
+    first = make(tmp_path, **kw)
+    first.train(callback=lambda step, m: setattr(first, "_stop_requested", step >= 2))
+    capsys.readouterr()
+    make(tmp_path, **kw).train(resume=True)
+    ck = tmp_path / "run" / "checkpoint-2"
+    assert f"r1fast: resuming grpo from {ck} at step 2 of 4" in capsys.readouterr().err

@@ -379,6 +379,9 @@ def start_run(trainer, resume):
     resume_path = ckpt.resolve_resume(resume, trainer.run_dir)
     if resume_path:
         state = trainer.load(resume_path)
+        # said in the log, whatever the progress bar shows: which checkpoint a restarted job picked up
+        print(f"r1fast: resuming {trainer.stage} from {resume_path} at step {trainer.global_step} of "
+              f"{trainer.total_steps}", file=sys.stderr)
         # after the load: a checkpoint that fails to load must not have moved the ones after it aside
         for path in ckpt.set_aside_newer(trainer.run_dir, resume_path):
             print(f"r1fast: resuming from {os.path.basename(resume_path)}: the later {path} is set aside",

@@ -527,6 +527,8 @@ class PipelineRunner:
         for i, stage in enumerate(p.stages):
             done = self.state["stages"].get(stage.name)
             if done and done.get("finished"):
+                print(f"\n== stage {i + 1}/{len(p.stages)}: {stage.name} ({stage.type}): done in the earlier run, "
+                      f"skipped ==", flush=True)
                 note = _changed_options(stage, done.get("options"))
                 if note:
                     print(f"r1fast: --resume: stage {stage.name!r} finished in the earlier run, whose results are kept; "
@@ -569,6 +571,9 @@ class PipelineRunner:
             resume_stage = bool(resume and latest_checkpoint(stage_dir))
             t0 = time.perf_counter()
             print(f"\n== stage {i + 1}/{len(p.stages)}: {stage.name} ({stage.type}) ==", flush=True)
+            if resume and not resume_stage and stage.type != "sample":
+                print(f"r1fast: --resume: stage {stage.name!r} has no checkpoint in {stage_dir}: it starts from "
+                      f"its first step", flush=True)
             record: dict[str, Any] = {"type": stage.type, "step_start": step}
             cfg = stage.config
             if hasattr(cfg, "progress_bar"):
