@@ -1685,3 +1685,17 @@ def test_resume_says_which_checkpoint_and_step_it_continues_from(tmp_path, capsy
     make(tmp_path, **kw).train(resume=True)
     ck = tmp_path / "run" / "checkpoint-2"
     assert f"r1fast: resuming grpo from {ck} at step 2 of 4" in capsys.readouterr().err
+
+
+def test_a_config_holding_reward_functions_saves_and_resumes(tmp_path):
+    # GRPOConfig(reward_funcs=[a function]) trained until its first save, which failed in json.dump
+    # ("Object of type function is not JSON serializable"): with save_steps=0, at the very end
+    model, tok = tiny_model()
+    cfg = GRPOConfig(reward_funcs=[sevens], per_device_train_batch_size=8, num_generations=4, max_steps=2,
+                     max_completion_length=4, output_dir=str(tmp_path / "run"), progress_bar=False)
+    ck = GRPOTrainer(model, None, ROWS, cfg, tokenizer=tok).train()["checkpoint"]
+    recorded = json.load(open(os.path.join(ck, "trainer_state.json")))["config"]["reward_funcs"]
+    assert recorded == [f"{sevens.__module__}:sevens"]   # the name reward_funcs reads it by
+    model, tok = tiny_model()
+    cfg.max_steps = 3
+    assert GRPOTrainer(model, None, ROWS, cfg, tokenizer=tok).train(resume=True)["global_step"] == 3

@@ -27,6 +27,12 @@ TIS_MODES = ("none", "truncate", "mask")
 TIS_LEVELS = ("token", "sequence")
 
 
+def _callable_name(f) -> str:
+    """A callable's "module:qualname", the form reward_funcs reads a function by."""
+    module = getattr(f, "__module__", None) or type(f).__module__
+    return f"{module}:{getattr(f, '__qualname__', type(f).__qualname__)}"
+
+
 class ConfigError(ValueError):
     """A configuration key or value that cannot be used; the message names it."""
 
@@ -88,6 +94,12 @@ class _Base:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def to_json_dict(self) -> dict[str, Any]:
+        """to_dict() as a checkpoint records it: a reward function passed as a Python callable is written
+        as its "module:function" name (json.dump failed on the function object, at the run's first save)."""
+        return {k: [_callable_name(f) if callable(f) else f for f in v] if isinstance(v, list) else v
+                for k, v in self.to_dict().items()}
 
     def validate(self):
         """Checks every value; subclasses add their range checks after this one. A config built in

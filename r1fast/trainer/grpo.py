@@ -443,7 +443,7 @@ class GRPOTrainer:
             "rollout_index": self.rollout_index,
             "data": self.cursor.state(),
             "nonfinite_skipped": self.nonfinite_skipped,
-            "config": self.cfg.to_dict(),
+            "config": self.cfg.to_json_dict(),
         }
         if self._final_eval is not None:
             state["final_eval"] = self._final_eval

@@ -114,7 +114,7 @@ class SFTTrainer:
         return ckpt.save_checkpoint(self.run_dir, self.global_step, model=self.model, optimizer=self.optimizer,
                                     scheduler=self.scheduler, tokenizer=self.tokenizer,
                                     state={"stage": self.stage, "data": self.cursor.state(),
-                                           "nonfinite_skipped": self.nonfinite_skipped, "config": self.cfg.to_dict(),
+                                           "nonfinite_skipped": self.nonfinite_skipped, "config": self.cfg.to_json_dict(),
                                            "loss_window": self.loss_window},
                                     keep=self.cfg.save_total_limit)
 
