@@ -1699,3 +1699,17 @@ def test_a_config_holding_reward_functions_saves_and_resumes(tmp_path):
     model, tok = tiny_model()
     cfg.max_steps = 3
     assert GRPOTrainer(model, None, ROWS, cfg, tokenizer=tok).train(resume=True)["global_step"] == 3
+
+
+def test_resume_with_other_options_names_them(tmp_path, capsys):
+    # a new seed (another data order from the saved position), beta, dataset... were applied on resume
+    # without a word; only the schedule's options and learning_rate were named
+    kw = dict(max_steps=6, save_steps=2, per_device_train_batch_size=8, num_generations=4)
+    first = make(tmp_path, **kw)
+    first.train(callback=lambda step, m: setattr(first, "_stop_requested", step >= 2))
+    capsys.readouterr()
+    make(tmp_path, **{**kw, "max_steps": 4, "progress_bar": True}).train(resume=True)   # schedule, display only
+    assert "options other than the checkpoint's" not in capsys.readouterr().err
+    make(tmp_path, **{**kw, "seed": 4, "beta": 0.0, "output_dir": str(tmp_path / "run")}).train(resume=True)
+    assert ("r1fast: resuming at step 4 with options other than the checkpoint's: seed 3 -> 4; the steps from "
+            "here on use the new values") in capsys.readouterr().err

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
@@ -362,6 +363,24 @@ def schedule_change_note(state, new_config: dict, step: int) -> str | None:
     return f"r1fast: resuming at step {step} with " + "; ".join(notes) if notes else None
 
 
+# where a run writes and how it shows progress, not how it trains: a copied run folder resumes without a note
+_NOT_TRAINING = {"output_dir", "run_name", "overwrite_output_dir", "progress_bar"}
+
+
+def option_change_note(state, new_config: dict, step: int) -> str | None:
+    """The options other than the schedule's (schedule_change_note) that differ from the checkpoint's, or
+    None: a resume applies them (a new seed, beta, dataset...) without a word otherwise."""
+    old = (state or {}).get("config") or {}
+    new_config = json.loads(json.dumps(new_config))   # as the checkpoint read it back: tuples are lists
+    skip = _NOT_TRAINING | set(_SCHEDULE_SHAPE) | {"learning_rate"}
+    changed = [f"{k} {old[k]!r} -> {v!r}" for k, v in new_config.items() if k in old and k not in skip and old[k] != v]
+    if not changed:
+        return None
+    return (f"r1fast: resuming at step {step} with options other than the checkpoint's: {', '.join(changed)}; the "
+            f"steps from here on use the new values (the weights, optimizer state and data position are the "
+            f"checkpoint's)")
+
+
 def start_run(trainer, resume):
     """Resume `trainer` from a checkpoint when asked, then open its metrics log and progress bar.
 
@@ -386,7 +405,7 @@ def start_run(trainer, resume):
         for path in ckpt.set_aside_newer(trainer.run_dir, resume_path):
             print(f"r1fast: resuming from {os.path.basename(resume_path)}: the later {path} is set aside",
                   file=sys.stderr)
-        note = schedule_change_note(state, cfg.to_dict(), trainer.global_step)
+        note = schedule_change_note(state, cfg.to_json_dict(), trainer.global_step)
         if note:
             print(note, file=sys.stderr)
             # the optimizer's restored rate is the old schedule's: the next step takes the new one's
@@ -395,6 +414,9 @@ def start_run(trainer, resume):
             for group, lr in zip(trainer.optimizer.param_groups, lrs):
                 group["lr"] = lr
             sched._last_lr = lrs
+        note = option_change_note(state, cfg.to_json_dict(), trainer.global_step)
+        if note:
+            print(note, file=sys.stderr)
     # The log holds global steps (a pipeline stage's start at step_offset included): truncate on that scale,
     # or a resumed later stage would drop every line it wrote before the interruption.
     resume_step = trainer.step_offset + trainer.global_step if resume_path else None
