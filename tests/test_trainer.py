@@ -1713,3 +1713,14 @@ def test_resume_with_other_options_names_them(tmp_path, capsys):
     make(tmp_path, **{**kw, "seed": 4, "beta": 0.0, "output_dir": str(tmp_path / "run")}).train(resume=True)
     assert ("r1fast: resuming at step 4 with options other than the checkpoint's: seed 3 -> 4; the steps from "
             "here on use the new values") in capsys.readouterr().err
+
+
+def test_a_bare_resume_without_a_checkpoint_starts_the_run(tmp_path, capsys):
+    # a job that always passes --resume failed on its first launch, or after a preemption before its first
+    # checkpoint ("--resume: no checkpoint found"), where a pipeline's --resume starts from its first stage
+    kw = dict(max_steps=1, per_device_train_batch_size=8, num_generations=4)
+    assert make(tmp_path, **kw).train(resume=True)["global_step"] == 1
+    assert f"r1fast: --resume: no checkpoint in {tmp_path / 'run'}; starting from the first step" in \
+        capsys.readouterr().err
+    with pytest.raises(ValueError, match="neither a checkpoint folder"):   # a path named is still an error
+        make(tmp_path, "other", **kw).train(resume=str(tmp_path / "missing"))

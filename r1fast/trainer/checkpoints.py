@@ -57,11 +57,16 @@ def latest_checkpoint(run_dir: str) -> Optional[str]:
     return ckpts[-1][1] if ckpts else None
 
 
+def resume_is_bare(resume) -> bool:
+    """`--resume` without a path: the newest checkpoint of the run's own folder."""
+    return resume is True or resume in ("latest", "true", "True")
+
+
 def resolve_resume(resume: str | bool | None, run_dir: str) -> Optional[str]:
     """`--resume` (latest in the run dir), `--resume PATH` (a checkpoint or a run dir) → checkpoint path."""
     if not resume:
         return None
-    if resume is True or resume in ("latest", "true", "True"):
+    if resume_is_bare(resume):
         path = latest_checkpoint(run_dir)
         if path is None:
             raise ValueError(f"--resume: no checkpoint found under {run_dir!r}")
