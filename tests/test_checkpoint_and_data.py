@@ -58,6 +58,23 @@ def test_checkpoint_roundtrip_restores_everything(tmp_path):
     assert sched2.last_epoch == sched.last_epoch and opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="names a descriptor's file through /proc")
+def test_every_checkpoint_file_is_on_disk_before_the_checkpoint_is_renamed_in(tmp_path, monkeypatch):
+    # only the model files and trainer_state.json were fsynced: after a power loss, a checkpoint renamed into
+    # place (and its predecessors pruned) could read back with an empty optimizer.safetensors
+    tok = build_char_tokenizer()
+    model = _model(tok)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.arange(10)).sum().backward()
+    opt.step()
+    synced, fsync = set(), os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.add(os.readlink(f"/proc/self/fd/{fd}")) or fsync(fd))
+    path = ckpt.save_checkpoint(str(tmp_path), 1, model=model, optimizer=opt, tokenizer=tok,
+                                write_extra=lambda d: open(os.path.join(d, "reference.safetensors"), "w").close())
+    temp_files = {os.path.basename(f) for f in synced if os.path.basename(os.path.dirname(f)).startswith(".tmp-checkpoint-1-")}
+    assert temp_files == set(os.listdir(path))
+
+
 @pytest.mark.parametrize("damage,match", [
     (lambda d: (d / "optimizer.safetensors").write_bytes(b"\x08\x00"), "cannot read optimizer.safetensors"),
     (lambda d: (d / "rng.safetensors").write_bytes(b"\xff" * 10), "cannot read rng.safetensors"),

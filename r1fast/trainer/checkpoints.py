@@ -27,6 +27,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from r1fast.models.checkpoint import _fsync_folder
+
 _CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
 # save_checkpoint's temporary folder, and the ones save_pretrained makes beside it (".<its name>.tmp-...",
 # ".<its name>.old-..."): a save killed mid-way leaves any of them behind
@@ -430,6 +432,9 @@ def save_checkpoint(run_dir: str, step: int, *, model, optimizer=None, scheduler
         save_file(rng_tensors, os.path.join(tmp, "rng.safetensors"))
         full_state["rng"] = rng_meta
         _write_json(os.path.join(tmp, STATE_FILE), full_state)
+        # on disk before the rename makes the checkpoint the newest (and pruning deletes older ones): after a
+        # power loss or kernel crash, an optimizer.safetensors still in the page cache could read back empty
+        _fsync_folder(tmp)
         if os.path.exists(final):
             old = final + f".old-{os.getpid()}"
             os.rename(final, old)
