@@ -997,8 +997,9 @@ def test_cli_stops_with_status_130_and_says_how_to_continue(tmp_path, monkeypatc
         raise KeyboardInterrupt
 
     monkeypatch.setattr(pipeline, "run_pipeline", interrupt)
-    assert main(["pipeline", str(one_sft_stage_spec(tmp_path))]) == 130
-    assert capsys.readouterr().err.strip() == "r1fast pipeline: stopped; continue with --resume"
+    spec = one_sft_stage_spec(tmp_path)
+    assert main(["pipeline", str(spec)]) == 130
+    assert capsys.readouterr().err.strip() == f"r1fast pipeline: stopped; continue with: r1fast pipeline {spec} --resume"
     monkeypatch.setattr(sampling, "rejection_sample", interrupt)
     assert main(["sample", "model_name_or_path=builtin:micro", "dataset=builtin:arithmetic", "progress_bar=false"]) == 130
     assert capsys.readouterr().err.strip() == "r1fast sample: stopped"
@@ -1006,12 +1007,23 @@ def test_cli_stops_with_status_130_and_says_how_to_continue(tmp_path, monkeypatc
     monkeypatch.setattr(SFTTrainer, "train", stopped)
     monkeypatch.setattr(GRPOTrainer, "train", stopped)
     assert main(["sft", "model_name_or_path=builtin:micro", "dataset=builtin:arithmetic", "progress_bar=false"]) == 130
-    assert "r1fast sft: stopped; continue with --resume" in capsys.readouterr().err
+    assert ("r1fast sft: stopped; continue with: r1fast sft model_name_or_path=builtin:micro dataset=builtin:arithmetic "
+            "progress_bar=false --resume") in capsys.readouterr().err
     g = tmp_path / "g.yaml"
     g.write_text("model_name_or_path: builtin:micro\ndataset: builtin:arithmetic\nper_device_train_batch_size: 4\n"
                  "num_generations: 4\nprogress_bar: false\n")
-    assert main(["train", str(g)]) == 130
-    assert "r1fast train: stopped; continue with --resume" in capsys.readouterr().err
+    # the run's own command: a bare `r1fast train --resume` resumed (or started) the default pipeline instead
+    assert main(["train", str(g), "output_dir=a b"]) == 130
+    assert f"r1fast train: stopped; continue with: r1fast train {g} 'output_dir=a b' --resume" in capsys.readouterr().err
+    # one resumed from an older checkpoint continues from the run's newest, a pipeline's run folder stays named
+    (tmp_path / "ck").mkdir()
+    (tmp_path / "ck" / "trainer_state.json").write_text("{}")
+    assert main(["train", str(g), "--resume", str(tmp_path / "ck")]) == 130
+    assert f"continue with: r1fast train {g} --resume\n" in capsys.readouterr().err
+    (tmp_path / "first").mkdir()
+    (tmp_path / "first" / "pipeline_state.json").write_text("{}")
+    assert main(["pipeline", str(spec), "--resume", str(tmp_path / "first")]) == 130
+    assert f"continue with: r1fast pipeline {spec} --resume {tmp_path / 'first'}\n" in capsys.readouterr().err
 
     def nan(self, *a, **kw):
         raise NonFiniteLoss("3 optimizer steps in a row had a NaN/inf loss")

@@ -30,6 +30,14 @@ _RESUME = {"train": " --resume [PATH] continues from the newest checkpoint (or P
 
 def _split(rest: list[str]) -> tuple[str | None, list[str], str | bool | None]:
     """→ (config path or None, overrides, resume)."""
+    config, overrides, resume = _split_as_typed(rest)
+    if config is not None:  # a file, or a config r1fast ships named from any directory ("r1_pipeline")
+        config = resolve_config_path(config)
+    return config, overrides, resume
+
+
+def _split_as_typed(rest: list[str]) -> tuple[str | None, list[str], str | bool | None]:
+    """_split's parts, the config as typed."""
     config = None
     if rest and not rest[0].startswith("-") and "=" not in rest[0]:
         config = rest[0]
@@ -52,8 +60,6 @@ def _split(rest: list[str]) -> tuple[str | None, list[str], str | bool | None]:
             continue
         overrides.append(a)
         i += 1
-    if config is not None:  # a file, or a config r1fast ships named from any directory ("r1_pipeline")
-        config = resolve_config_path(config)
     return config, overrides, resume
 
 
@@ -79,7 +85,7 @@ def _guarded(cmd: str, func, resumable: bool = True):
         try:
             return func(args)
         except KeyboardInterrupt:
-            hint = "; continue with --resume" if resumable else ""
+            hint = f"; continue with: {_resume_command(cmd, args.rest)}" if resumable else ""
             print(f"r1fast {cmd}: stopped{hint}", file=sys.stderr)
             return 130
         except _user_errors() as e:
@@ -89,6 +95,20 @@ def _guarded(cmd: str, func, resumable: bool = True):
                 raise SystemExit(_in_use_message(cmd, args.rest, e)) from None
             _fail(cmd, e)
     return run
+
+
+def _resume_command(cmd: str, rest: list[str]) -> str:
+    """The command that continues this one: a bare `r1fast train --resume` resumes the default pipeline, not
+    the run of `r1fast train my_grpo.yaml output_dir=x` that was stopped."""
+    import shlex
+
+    from r1fast.trainer.checkpoints import STATE_FILE, resume_is_bare
+
+    config, overrides, resume = _split_as_typed(rest)
+    # from a checkpoint: the steps since are in the run's newer ones; a run folder (a pipeline's) stays named
+    bare = resume is None or resume_is_bare(resume) or os.path.isfile(os.path.join(resume, STATE_FILE))
+    where = ["--resume"] if bare else ["--resume", resume]
+    return shlex.join(["r1fast", cmd, *([config] if config else []), *overrides, *where])
 
 
 def _in_use_message(cmd: str, rest: list[str], e) -> str:
@@ -148,8 +168,7 @@ def _run_grpo(config: str | None, overrides: list[str], resume):
     res = trainer.train(resume=resume)
     _print_result(res)
     if res.get("interrupted"):
-        print("r1fast train: stopped; continue with --resume", file=sys.stderr)
-        return 130
+        raise KeyboardInterrupt   # _guarded says how to continue
     return 0
 
 
@@ -191,8 +210,7 @@ def _cmd_sft(args):
     res = SFTTrainer(model, tok, rows, cfg).train(resume=resume)
     _print_result(res)
     if res.get("interrupted"):
-        print("r1fast sft: stopped; continue with --resume", file=sys.stderr)
-        return 130
+        raise KeyboardInterrupt   # _guarded says how to continue
     return 0
 
 
