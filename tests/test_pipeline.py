@@ -1216,3 +1216,16 @@ def test_resume_says_which_stages_are_done_and_where_the_running_one_starts(tmp_
     (run / "pipeline_state.json").write_text(json.dumps(state))
     run_pipeline(spec, resume=True)
     assert f"resuming cold from {run / 'cold' / 'checkpoint-3'} at step 3 of 3" in capsys.readouterr().err
+
+
+def test_resume_names_the_pipelines_own_settings_that_changed(tmp_path, capsys):
+    # a new model or dtype of the pipeline itself was taken on --resume without a word (a stage's own options
+    # are named), the stages done having trained the old model in the old dtype
+    spec = one_sft_stage_spec(tmp_path)
+    run = [f"output_dir={tmp_path / 'run'}"]
+    run_pipeline(str(spec), run)
+    run_pipeline(str(spec), run, resume=True)
+    assert "the pipeline's" not in capsys.readouterr().err
+    run_pipeline(str(spec), run + ["model=builtin:tiny", "dtype=bfloat16"], resume=True)
+    assert ("r1fast: --resume: the pipeline's model 'builtin:micro' -> 'builtin:tiny', dtype 'float32' -> 'bfloat16' "
+            "changed since the earlier run: the stages it finished keep their results") in capsys.readouterr().err

@@ -505,12 +505,19 @@ class PipelineRunner:
             torch.set_num_threads(p.num_threads)
         if resume and os.path.isfile(self.state_path):
             self.state = self._read_state()
+            note = _changed_settings(self.state.get("settings"), self._settings())
+            if note:
+                print(f"r1fast: --resume: the pipeline's {note} since the earlier run: the stages it finished keep "
+                      f"their results and the later ones continue from their checkpoints; the new values apply only "
+                      f"where a stage run now reads them (overwrite_output_dir=true starts the run over with them)",
+                      file=sys.stderr)
         elif resume:
             print(f"r1fast: --resume: no earlier run in {self.run_dir}; starting from the first stage")
         else:
             self.start_fresh()
         self.state["order"] = [s.name for s in p.stages]
         self.state["seed"] = p.seed
+        self.state["settings"] = self._settings()
         self._check_eval_rows()
         needs_rollout = [s.name for s in p.stages if s.type in ("grpo", "sample") or (s.evaluate and self.eval_rows())]
         if needs_rollout:  # found now, not after the stages before the first rollout have trained
@@ -676,6 +683,10 @@ class PipelineRunner:
             if os.path.isfile(os.path.join(self.run_dir, name)):
                 os.remove(os.path.join(self.run_dir, name))
 
+    def _settings(self) -> dict:
+        """The pipeline keys every stage runs with (the held-out ones: _eval_settings), as the state records them."""
+        return {"model": self.p.model, "dtype": self.p.dtype, "device": str(self.device), "seed": self.p.seed}
+
     def _eval_settings(self) -> dict:
         """What a held-out accuracy depends on besides the model: the rows (dataset, size, seed) and
         the sampling (samples per prompt, temperature, token budget)."""
@@ -733,6 +744,15 @@ def _stage_options(stage: Stage) -> dict:
     options = {**{k: v for k, v in stage.config.to_dict().items() if not callable(v)},
                "model": stage.model, "dataset": stage.dataset, "num_rows": stage.num_rows}
     return json.loads(json.dumps(options, default=str))
+
+
+def _changed_settings(recorded: Optional[dict], now: dict) -> str:
+    """The pipeline keys that changed since the earlier run ("" if none, or if its state did not record them):
+    a new model, dtype or seed was taken without a word, the stages done having used the old ones."""
+    if not isinstance(recorded, dict):
+        return ""
+    changed = [f"{k} {recorded[k]!r} -> {v!r}" for k, v in now.items() if k in recorded and recorded[k] != v]
+    return ", ".join(changed) + (" changed" if changed else "")
 
 
 def _changed_options(stage: Stage, recorded: Optional[dict]) -> str:
