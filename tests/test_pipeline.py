@@ -1229,3 +1229,16 @@ def test_resume_names_the_pipelines_own_settings_that_changed(tmp_path, capsys):
     run_pipeline(str(spec), run + ["model=builtin:tiny", "dtype=bfloat16"], resume=True)
     assert ("r1fast: --resume: the pipeline's model 'builtin:micro' -> 'builtin:tiny', dtype 'float32' -> 'bfloat16' "
             "changed since the earlier run: the stages it finished keep their results") in capsys.readouterr().err
+
+
+def test_a_resume_of_a_run_killed_before_its_last_metrics_write_completes_them(tmp_path):
+    # killed after the last stage's state was saved and before (or while) <run>/metrics.jsonl was written:
+    # --resume found every stage done and wrote it no more, so the last stage's metrics were missing for good
+    spec = one_sft_stage_spec(tmp_path)
+    run = tmp_path / "run"
+    run_pipeline(str(spec), [f"output_dir={run}"])
+    whole = (run / "metrics.jsonl").read_text()
+    assert whole
+    (run / "metrics.jsonl").write_text('{"step": 1, "sta')
+    run_pipeline(str(spec), [f"output_dir={run}"], resume=True)
+    assert (run / "metrics.jsonl").read_text() == whole

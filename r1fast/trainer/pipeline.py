@@ -43,7 +43,7 @@ from r1fast.trainer.config import (
     parse_overrides,
 )
 from r1fast.trainer.evaluate import check_eval_answers
-from r1fast.trainer.metrics import replacing, writing
+from r1fast.trainer.metrics import replacing
 
 STAGE_TYPES = {"sft": SFTConfig, "grpo": GRPOConfig, "sample": SampleConfig}
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "default.yaml")
@@ -484,8 +484,7 @@ class PipelineRunner:
                     out.extend(line for line in f if line.strip())
             if st.get("eval"):
                 out.append(json.dumps({"step": st["step_end"], "stage": name, **st["eval"]}) + "\n")
-        path = os.path.join(self.run_dir, "metrics.jsonl")
-        with writing(path), open(path, "w", encoding="utf-8") as f:
+        with replacing(os.path.join(self.run_dir, "metrics.jsonl")) as f:   # a kill mid-write keeps the last whole one
             f.writelines(out)
 
     # -- the run -----------------------------------------------------------------------------------
@@ -642,9 +641,11 @@ class PipelineRunner:
             self.state["stages"][stage.name] = record
             self.save_state()
             self.write_metrics()
+        # again at the end: a run killed between a stage's state and this file resumed with every stage done,
+        # which wrote it no more (the last stage's metrics were missing for good)
+        self.write_metrics()
         summary = self.summary(time.perf_counter() - t_start)
-        path = os.path.join(self.run_dir, "summary.json")
-        with writing(path), open(path, "w", encoding="utf-8") as f:
+        with replacing(os.path.join(self.run_dir, "summary.json")) as f:
             json.dump(summary, f, indent=1)
         print(render_summary(summary))
         return summary
