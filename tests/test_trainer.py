@@ -1724,3 +1724,44 @@ def test_a_bare_resume_without_a_checkpoint_starts_the_run(tmp_path, capsys):
         capsys.readouterr().err
     with pytest.raises(ValueError, match="neither a checkpoint folder"):   # a path named is still an error
         make(tmp_path, "other", **kw).train(resume=str(tmp_path / "missing"))
+
+
+def r1_distill_tokenizer():
+    """The built-in tokenizer with a template whose generation prompt opens <think>, as DeepSeek-R1-Distill's does."""
+    from r1fast.data.tokenizer import CHAT_TEMPLATE
+
+    tok = build_char_tokenizer()
+    tok.chat_template = CHAT_TEMPLATE.replace("{% if add_generation_prompt %}<|assistant|>",
+                                              "{% if add_generation_prompt %}<|assistant|><think>\n")
+    return tok
+
+
+def test_a_template_that_opens_think_gets_it_once_in_sft_and_in_kept_samples():
+    """R1-Distill's generation prompt ends with "<think>\\n": a `messages` row whose answer opens <think> again
+    trained on "<think>\\n<think>\\n...", and rejection sampling wrote completions without the opening, so a
+    student with another template learned to close a block it never opened."""
+    from r1fast.data import encode_prompt
+    from r1fast.data.loading import prefilled_think
+    from r1fast.trainer.config import SampleConfig, SFTConfig
+    from r1fast.trainer.sampling import rejection_sample
+    from r1fast.trainer.sft import SFTTrainer
+
+    model, tok = tiny_model(tok=r1_distill_tokenizer())
+    assert prefilled_think(tok) == "<think>\n" and prefilled_think(build_char_tokenizer()) == ""
+    answer = "<think>\n1+1=2\n</think><answer>2</answer>"
+    rows = [{"messages": [{"role": "user", "content": "1+1="}, {"role": "assistant", "content": answer}]}]
+    (p, c), = SFTTrainer(model, tok, rows, SFTConfig(progress_bar=False)).examples
+    assert tok.decode(p + c) == "<bos><|user|>1+1=<|assistant|><think>\n1+1=2\n</think><answer>2</answer><eos>"
+    assert p == encode_prompt(tok, "1+1=")
+    # the built-in template opens nothing: the same answer is trained whole
+    (_, c_plain), = SFTTrainer(tiny_model()[0], build_char_tokenizer(), rows, SFTConfig(progress_bar=False)).examples
+    assert build_char_tokenizer().decode(c_plain) == answer + "<eos>"
+
+    kept, _ = rejection_sample(model, tok, [{"prompt": "1+1=", "answer": "2"}],
+                               SampleConfig(reward_funcs=[lambda prompts, completions, **kw: [1.0] * len(completions)],
+                                            num_samples=2, max_completion_length=6, keep_truncated=True,
+                                            progress_bar=False), progress=False)
+    assert kept and all(r["completion"].startswith("<think>\n") for r in kept)
+    # SFT of the same model on its kept samples leaves the opening to the prompt again
+    (p, c), = SFTTrainer(model, tok, kept[:1], SFTConfig(progress_bar=False)).examples
+    assert tok.decode(p + c, skip_special_tokens=False).count("<think>") == 1

@@ -220,6 +220,29 @@ def prompt_text(tokenizer, prompt: Any, system_prompt: Optional[str] = None) -> 
     return "\n".join(m["content"] for m in msgs)
 
 
+def generation_prompt(tokenizer) -> str:
+    """The text the chat template adds for `add_generation_prompt` (Qwen's "<|im_start|>assistant\n",
+    R1-Distill's "<｜Assistant｜><think>\n"): a one-message conversation rendered with it, less the same
+    rendered without it. "" without a chat template, or when the second is not the first's start."""
+    if not getattr(tokenizer, "chat_template", None):
+        return ""
+    msgs = [{"role": "user", "content": "1+1="}]
+    opened = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    closed = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=False)
+    return opened[len(closed):] if opened.startswith(closed) else ""
+
+
+THINK_OPEN = "<think>"
+
+
+def prefilled_think(tokenizer) -> str:
+    """The reasoning block a chat template opens for the model ("<think>\n" for DeepSeek-R1-Distill's),
+    its trailing whitespace included, or "": the model's completions start inside it, without it."""
+    tail = generation_prompt(tokenizer)
+    head = tail.rstrip()
+    return tail[len(head) - len(THINK_OPEN):] if head.endswith(THINK_OPEN) else ""
+
+
 def check_prompts(rows: Sequence[dict], column: str, tokenizer, system_prompt: Optional[str] = None,
                   where: str = "dataset"):
     """Every row's prompt is one `encode_prompt` takes, and gives at least one token: an error naming
@@ -244,10 +267,14 @@ def encode_prompt(tokenizer, prompt: Any, system_prompt: Optional[str] = None, m
     return ids
 
 
-def encode_completion(tokenizer, completion: Any) -> list[int]:
+def encode_completion(tokenizer, completion: Any, prefilled: str = "") -> list[int]:
     """Token ids of a target completion, ending with the end-of-sequence token. A completion is text
     (a number from a CSV column is its text), or an assistant message (a dict, or a list of them whose
-    last one is the completion) with string content."""
+    last one is the completion) with string content.
+
+    prefilled: what the prompt's generation prompt already opened (`prefilled_think`: R1-Distill's
+    "<think>\n"); a completion that opens it again (the assistant's whole turn, as a `messages` row or a
+    sample of such a model holds it) starts after it instead, so the block is not opened twice."""
     if isinstance(completion, list) and completion:
         completion = completion[-1]
     if isinstance(completion, dict) and completion.get("role", "assistant") != "assistant":
@@ -258,11 +285,22 @@ def encode_completion(tokenizer, completion: Any) -> list[int]:
     elif isinstance(completion, (list, dict, tuple)):   # its repr would be trained on, "[{'type': 'text', ..."
         raise ValueError(f"a completion must be a string or a list of {{'role', 'content'}} messages with string "
                          f"content; got {completion!r:.80}")
-    ids = tokenizer(str(completion), add_special_tokens=False).input_ids
-    _warn_unknown(tokenizer, str(completion), ids)
+    completion = _after_prefill(str(completion), prefilled)
+    ids = tokenizer(completion, add_special_tokens=False).input_ids
+    _warn_unknown(tokenizer, completion, ids)
     if tokenizer.eos_token_id is not None:
         ids = ids + [tokenizer.eos_token_id]
     return ids
+
+
+def _after_prefill(text: str, prefilled: str) -> str:
+    """`text` less a leading `prefilled` tag (and the whitespace the prompt puts after it)."""
+    tag = prefilled.strip()
+    if not tag or not text.lstrip().startswith(tag):
+        return text
+    rest = text.lstrip()[len(tag):]
+    space = prefilled[len(prefilled.rstrip()):]
+    return rest[len(space):] if space and rest.startswith(space) else rest
 
 
 _WARNED_UNKNOWN: set[str] = set()

@@ -9,7 +9,8 @@ import json
 import os
 from typing import Sequence
 
-from r1fast.data.loading import check_columns, check_prompts, decode_completion, encode_prompt, stop_token_ids
+from r1fast.data.loading import (check_columns, check_prompts, decode_completion, encode_prompt, prefilled_think,
+                                 stop_token_ids)
 from r1fast.rewards import RewardSet
 from r1fast.trainer.common import check_answer_column, check_prompt_room, reward_columns, reward_completions
 from r1fast.trainer.config import SampleConfig
@@ -36,6 +37,10 @@ def rejection_sample(model, tokenizer, rows: Sequence[dict], cfg: SampleConfig, 
     engine = Engine(model, max_num_seqs=max(256, cfg.num_samples), max_model_len=max_model_len)
     stops = stop_token_ids(tokenizer)
     ends = stop_token_ids(tokenizer, model.eos_token_ids)   # the engine stops at the model's eos too
+    # a template that opens <think> for the model (R1-Distill's): its samples start inside the block. The kept
+    # completion is the assistant's whole turn, opening included, so a student whose template does not open
+    # it learns to (SFT leaves it out again for a template that does).
+    opening = prefilled_think(tokenizer)
     kept: list[dict] = []
     n_total = n_pass = n_cut = 0
     prompts_with_any = 0
@@ -79,7 +84,7 @@ def rejection_sample(model, tokenizer, rows: Sequence[dict], cfg: SampleConfig, 
                 continue
             seen[i].add(text)
             row = {k: v for k, v in chunk[i].items() if k != "completion"}
-            row["completion"] = text
+            row["completion"] = opening + text
             row["rewards"] = dict(zip(rewards.names, values))
             per_prompt.setdefault(i, []).append(row)
         prompts_with_any += len(per_prompt)

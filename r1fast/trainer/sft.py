@@ -9,7 +9,8 @@ import time
 from typing import Any, Optional, Sequence
 
 
-from r1fast.data.loading import check_columns, check_prompts, encode_completion, encode_prompt, split_conversations
+from r1fast.data.loading import (check_columns, check_prompts, encode_completion, encode_prompt, prefilled_think,
+                                 split_conversations)
 from r1fast.trainer import checkpoints as ckpt
 from r1fast.trainer.common import (
     start_run,
@@ -46,10 +47,11 @@ class SFTTrainer:
         # never past the model's positions (max_length defaults above a small model's): the rollout engine
         # never generates there, and rotary positions past them are an extrapolation
         limit = min(cfg.max_length, model.config.max_position_embeddings)
+        prefilled = prefilled_think(tokenizer)   # R1-Distill's template opens <think> in the prompt
         for i, r in enumerate(rows):
             p = encode_prompt(tokenizer, r[cfg.prompt_column], cfg.system_prompt)
             try:
-                c = encode_completion(tokenizer, r[cfg.completion_column])
+                c = encode_completion(tokenizer, r[cfg.completion_column], prefilled)
             except ValueError as e:
                 raise ValueError(f"SFT dataset: row {i}: {e}") from None
             # trim the prompt's start to keep the completion whole; a completion of the limit or more
