@@ -773,3 +773,22 @@ def test_jsonl_starting_with_a_byte_order_mark_is_read(tmp_path):
     bom = tmp_path / "bom.jsonl"
     bom.write_bytes(b'\xef\xbb\xbf{"prompt": "caf\xc3\xa9", "answer": "1"}\n{"prompt": "2"}\n')
     assert load_rows(str(bom)) == [{"prompt": "caf\u00e9", "answer": "1"}, {"prompt": "2", "answer": None}]
+
+
+def test_a_prompt_already_rendered_by_the_chat_template_is_refused_not_templated_twice():
+    # TRL uses a string prompt as it is; r1fast templates it, so a pre-templated one became
+    # "<bos><|user|><bos><|user|>3+4=<|assistant|><|assistant|>" without a word
+    from r1fast.data.loading import check_prompts, generation_prompt
+
+    tok = build_char_tokenizer()
+    assert generation_prompt(tok) == "<|assistant|>"
+    done = tok.apply_chat_template([{"role": "user", "content": "3+4="}], tokenize=False, add_generation_prompt=True)
+    rows = [{"prompt": "3+4="}, {"prompt": done}]
+    with pytest.raises(ValueError, match=r"train: row 1's prompt already holds the chat template's generation prompt "
+                                         r"'<\|assistant\|>': it was templated before"):
+        check_prompts(rows, "prompt", tok, where="train")
+    with pytest.raises(ValueError, match=r"row 0's prompt already holds"):
+        check_prompts([{"prompt": [{"role": "user", "content": done}]}], "prompt", tok)
+    check_prompts(rows[:1] + [{"prompt": [{"role": "user", "content": "<|user|> is a tag"}]}], "prompt", tok)
+    tok.chat_template = None   # no template: the text is the prompt, as it is
+    check_prompts(rows, "prompt", tok)

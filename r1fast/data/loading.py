@@ -248,11 +248,19 @@ def check_prompts(rows: Sequence[dict], column: str, tokenizer, system_prompt: O
     """Every row's prompt is one `encode_prompt` takes, and gives at least one token: an error naming
     the row before training, not when a step first draws it (GRPO encodes its prompts as it goes)."""
     empty_ok = bool(getattr(tokenizer, "chat_template", None)) or bool(tokenizer("").input_ids)
+    # a prompt already rendered by the template (as TRL takes a string prompt: as it is) would be rendered
+    # again inside a user turn: two BOS, two system headers, the generation prompt in the question
+    templated = generation_prompt(tokenizer).strip()
     for i, row in enumerate(rows):
         try:
             msgs = prompt_messages(row[column], system_prompt)
         except ValueError as e:
             raise ValueError(f"{where}: row {i}: {e}") from None
+        if templated and any(templated in m["content"] for m in msgs):
+            raise ValueError(f"{where}: row {i}'s prompt already holds the chat template's generation prompt "
+                             f"{templated!r}: it was templated before, and r1fast applies the tokenizer's chat "
+                             f"template to every prompt, so it would be templated twice; give the question alone "
+                             f"(a string) or its messages (a list of {{'role', 'content'}} dicts)")
         if not empty_ok and not any(m["content"] for m in msgs):
             raise ValueError(f"{where}: row {i}'s prompt is empty, and the tokenizer has no chat template and adds no "
                              f"BOS token, so it encodes to no tokens: nothing to start a completion from")
