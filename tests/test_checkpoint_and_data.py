@@ -792,3 +792,23 @@ def test_a_prompt_already_rendered_by_the_chat_template_is_refused_not_templated
     check_prompts(rows[:1] + [{"prompt": [{"role": "user", "content": "<|user|> is a tag"}]}], "prompt", tok)
     tok.chat_template = None   # no template: the text is the prompt, as it is
     check_prompts(rows, "prompt", tok)
+
+
+def test_a_system_prompt_left_out_for_rows_with_their_own_system_message_is_said():
+    # such a row keeps its own system message alone: the configured one (the answer format it asks
+    # for) was missing from it without a word
+    import warnings
+
+    from r1fast.data.loading import check_prompts
+
+    tok = build_char_tokenizer()
+    own = [{"role": "system", "content": "Own rules."}, {"role": "user", "content": "3+4="}]
+    same = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "3+4="}]
+    rows = [{"prompt": "1+1="}, {"prompt": own}, {"prompt": same}, {"prompt": own}]
+    with pytest.warns(UserWarning, match=r"train: system_prompt is not used for 2 of 4 rows, whose prompts have their "
+                                         r"own system message \(theirs is kept, not both\)"):
+        check_prompts(rows, "prompt", tok, system_prompt="Be brief.", where="train")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_prompts(rows, "prompt", tok, where="train")   # no system_prompt: nothing left out
+        check_prompts(rows[:1] + rows[2:3], "prompt", tok, system_prompt="Be brief.", where="train")

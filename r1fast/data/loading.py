@@ -251,11 +251,14 @@ def check_prompts(rows: Sequence[dict], column: str, tokenizer, system_prompt: O
     # a prompt already rendered by the template (as TRL takes a string prompt: as it is) would be rendered
     # again inside a user turn: two BOS, two system headers, the generation prompt in the question
     templated = generation_prompt(tokenizer).strip()
+    own_system = 0   # rows whose own system message keeps system_prompt out
     for i, row in enumerate(rows):
         try:
             msgs = prompt_messages(row[column], system_prompt)
         except ValueError as e:
             raise ValueError(f"{where}: row {i}: {e}") from None
+        own_system += bool(system_prompt) and not any(m["content"] == system_prompt and m["role"] == "system"
+                                                      for m in msgs)
         if templated and any(templated in m["content"] for m in msgs):
             raise ValueError(f"{where}: row {i}'s prompt already holds the chat template's generation prompt "
                              f"{templated!r}: it was templated before, and r1fast applies the tokenizer's chat "
@@ -264,6 +267,10 @@ def check_prompts(rows: Sequence[dict], column: str, tokenizer, system_prompt: O
         if not empty_ok and not any(m["content"] for m in msgs):
             raise ValueError(f"{where}: row {i}'s prompt is empty, and the tokenizer has no chat template and adds no "
                              f"BOS token, so it encodes to no tokens: nothing to start a completion from")
+    if own_system:
+        # its instructions (the answer format, say) would be missing from those rows without a word
+        warnings.warn(f"{where}: system_prompt is not used for {own_system} of {len(rows)} rows, whose prompts have "
+                      f"their own system message (theirs is kept, not both)", stacklevel=2)
 
 
 def encode_prompt(tokenizer, prompt: Any, system_prompt: Optional[str] = None, max_length: Optional[int] = None) -> list[int]:
