@@ -812,3 +812,21 @@ def test_a_system_prompt_left_out_for_rows_with_their_own_system_message_is_said
         warnings.simplefilter("error")
         check_prompts(rows, "prompt", tok, where="train")   # no system_prompt: nothing left out
         check_prompts(rows[:1] + rows[2:3], "prompt", tok, system_prompt="Be brief.", where="train")
+
+
+def test_conversations_read_by_a_tokenizer_without_a_chat_template_are_said_to_lose_their_roles():
+    # its messages' contents were joined by newlines ("Own rules.\n3+4=") without a word
+    import warnings
+
+    from r1fast.data.loading import check_prompts
+
+    tok = build_char_tokenizer()
+    tok.chat_template = None
+    own = [{"role": "system", "content": "Own rules."}, {"role": "user", "content": "3+4="}]
+    rows = [{"prompt": "1+1="}, {"prompt": own}, {"prompt": own[1:]}]
+    with pytest.warns(UserWarning, match=r"train: the tokenizer has no chat template, so 1 of 3 prompts of several "
+                                         r"messages are read as their contents joined by newlines"):
+        check_prompts(rows, "prompt", tok, where="train")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_prompts(rows[::2], "prompt", tok, where="train")   # one message: its content, as a string prompt

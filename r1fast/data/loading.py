@@ -213,7 +213,8 @@ def prompt_messages(prompt: Any, system_prompt: Optional[str]) -> list[dict]:
 
 
 def prompt_text(tokenizer, prompt: Any, system_prompt: Optional[str] = None) -> str:
-    """The text the model sees before its completion: the chat template when the tokenizer has one."""
+    """The text the model sees before its completion: the chat template when the tokenizer has one, else
+    the messages' contents joined by newlines (a base model's raw prompt; check_prompts warns of roles lost)."""
     msgs = prompt_messages(prompt, system_prompt)
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
@@ -247,11 +248,13 @@ def check_prompts(rows: Sequence[dict], column: str, tokenizer, system_prompt: O
                   where: str = "dataset"):
     """Every row's prompt is one `encode_prompt` takes, and gives at least one token: an error naming
     the row before training, not when a step first draws it (GRPO encodes its prompts as it goes)."""
-    empty_ok = bool(getattr(tokenizer, "chat_template", None)) or bool(tokenizer("").input_ids)
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    empty_ok = has_template or bool(tokenizer("").input_ids)
     # a prompt already rendered by the template (as TRL takes a string prompt: as it is) would be rendered
     # again inside a user turn: two BOS, two system headers, the generation prompt in the question
     templated = generation_prompt(tokenizer).strip()
     own_system = 0   # rows whose own system message keeps system_prompt out
+    roles_lost = 0   # conversations that a tokenizer without a chat template reads as their contents alone
     for i, row in enumerate(rows):
         try:
             msgs = prompt_messages(row[column], system_prompt)
@@ -259,6 +262,7 @@ def check_prompts(rows: Sequence[dict], column: str, tokenizer, system_prompt: O
             raise ValueError(f"{where}: row {i}: {e}") from None
         own_system += bool(system_prompt) and not any(m["content"] == system_prompt and m["role"] == "system"
                                                       for m in msgs)
+        roles_lost += len(msgs) > 1 and not has_template
         if templated and any(templated in m["content"] for m in msgs):
             raise ValueError(f"{where}: row {i}'s prompt already holds the chat template's generation prompt "
                              f"{templated!r}: it was templated before, and r1fast applies the tokenizer's chat "
@@ -267,6 +271,11 @@ def check_prompts(rows: Sequence[dict], column: str, tokenizer, system_prompt: O
         if not empty_ok and not any(m["content"] for m in msgs):
             raise ValueError(f"{where}: row {i}'s prompt is empty, and the tokenizer has no chat template and adds no "
                              f"BOS token, so it encodes to no tokens: nothing to start a completion from")
+    if roles_lost:
+        warnings.warn(f"{where}: the tokenizer has no chat template, so {roles_lost} of {len(rows)} prompts of "
+                      f"several messages are read as their contents joined by newlines, without roles or an "
+                      f"assistant turn to answer in; set tokenizer.chat_template (or save one in the model's "
+                      f"tokenizer_config.json) for conversational data", stacklevel=2)
     if own_system:
         # its instructions (the answer format, say) would be missing from those rows without a word
         warnings.warn(f"{where}: system_prompt is not used for {own_system} of {len(rows)} rows, whose prompts have "
