@@ -1242,3 +1242,20 @@ def test_a_resume_of_a_run_killed_before_its_last_metrics_write_completes_them(t
     (run / "metrics.jsonl").write_text('{"step": 1, "sta')
     run_pipeline(str(spec), [f"output_dir={run}"], resume=True)
     assert (run / "metrics.jsonl").read_text() == whole
+
+
+def test_held_out_prompts_templated_before_are_an_error_before_the_stage_trains(tmp_path):
+    # the between-stage evaluation templated them a second time, as the stages' own data no longer is
+    from r1fast.data import build_char_tokenizer
+
+    done = build_char_tokenizer().apply_chat_template([{"role": "user", "content": "1+2="}], tokenize=False,
+                                                      add_generation_prompt=True)
+    ev = tmp_path / "eval.jsonl"
+    ev.write_text(json.dumps({"prompt": done, "answer": "3"}) + "\n")
+    spec = tiny_pipeline(tmp_path)
+    spec["eval_dataset"] = str(ev)
+    spec["stages"] = spec["stages"][:1]
+    with pytest.raises(ValueError, match=r"evaluated after stage 'cold': row 0's prompt already holds the chat "
+                                         r"template's generation prompt"):
+        run_pipeline(spec)
+    assert not os.path.exists(tmp_path / "run" / "cold")   # nothing trained

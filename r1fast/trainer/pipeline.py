@@ -565,12 +565,14 @@ class PipelineRunner:
             if stage.type != "sample" and stage.evaluate and self.eval_rows():
                 # found before the stage trains, not at the evaluation after it: a held-out prompt that leaves
                 # this model no room for an answer
-                from r1fast.data.loading import encode_prompt
+                from r1fast.data.loading import check_prompts, encode_prompt
                 from r1fast.trainer.common import check_prompt_room
 
+                where = f"eval_dataset {p.eval_dataset!r}, evaluated after stage {stage.name!r}"
+                # as a stage's own data: a prompt templated before is refused, a system_prompt left out said
+                check_prompts(self.eval_rows(), "prompt", tokenizer, p.eval_system_prompt, where)
                 check_prompt_room([encode_prompt(tokenizer, r["prompt"], p.eval_system_prompt) for r in self.eval_rows()],
-                                  model.config.max_position_embeddings,
-                                  f"eval_dataset {p.eval_dataset!r}, evaluated after stage {stage.name!r}")
+                                  model.config.max_position_embeddings, where)
             stage_dir = os.path.join(self.run_dir, stage.name)
             if resume:   # a checkpoint whose replacement was killed between its renames counts as one
                 remove_save_leftovers(stage_dir)
