@@ -1259,3 +1259,20 @@ def test_held_out_prompts_templated_before_are_an_error_before_the_stage_trains(
                                          r"template's generation prompt"):
         run_pipeline(spec)
     assert not os.path.exists(tmp_path / "run" / "cold")   # nothing trained
+
+
+def test_a_stage_reading_samples_under_another_prompt_column_is_an_error_when_loaded(tmp_path):
+    # a sample stage over a `question` column keeps `question`: the student's default prompt_column
+    # failed with "lacks column(s) ['prompt']" only after the teacher had trained and sampled
+    from r1fast.trainer.config import ConfigError
+
+    spec = tiny_pipeline(tmp_path)
+    spec["stages"][2]["config"]["prompt_column"] = "question"
+    with pytest.raises(ConfigError, match=r"stage 'student': dataset '@rs' holds its prompts in column 'question' "
+                                          r"\(that stage's prompt_column\), but this stage reads prompt_column "
+                                          r"'prompt'; set student\.prompt_column=question"):
+        load_pipeline(spec)
+    load_pipeline(spec, ["student.prompt_column=question"])
+    with pytest.raises(ConfigError, match=r"stage 'student': dataset '@rs' holds its samples in column 'completion'"
+                                          r".*set student\.completion_column=completion"):
+        load_pipeline(spec, ["student.prompt_column=question", "student.completion_column=answer"])

@@ -194,6 +194,7 @@ def _check_stages(p: Pipeline, where: str):
     names = {s.name for s in p.stages}
     earlier: dict[str, str] = {}   # stage name -> type, of the stages before this one
     written: set[str] = set()      # files that earlier sample stages write
+    samplers: dict[str, Any] = {}  # sample stage name -> its config
     _check_dataset(p.eval_dataset, f"{where}: eval_dataset", written)
     _check_model(p.model, f"{where}: model")
     for s in p.stages:
@@ -211,6 +212,8 @@ def _check_stages(p: Pipeline, where: str):
             if role == "dataset" and earlier[src] != "sample":
                 raise ConfigError(f"{at}: dataset {ref!r} is a {earlier[src]} stage; \"@stage\" data is what a "
                                   f"sample stage kept")
+            if role == "dataset":
+                _check_sample_columns(s, samplers[src], at, ref)
         if not str(s.model or "").startswith("@"):
             _check_model(s.model, f"{at}: model")
         if not s.dataset.startswith("@"):
@@ -223,7 +226,24 @@ def _check_stages(p: Pipeline, where: str):
             _check_dataset(cfg.eval_dataset, f"{at}: eval_dataset", written)
         if s.type == "sample" and cfg.output_file:
             written.add(os.path.abspath(cfg.output_file))
+        if s.type == "sample":
+            samplers[s.name] = cfg
         earlier[s.name] = s.type
+
+
+def _check_sample_columns(stage, source_cfg, where: str, ref: str):
+    """A stage reading a sample stage's rows reads their columns: the source's prompt_column (rows keep
+    the dataset's columns) and "completion". A mismatch failed only once that data existed, after the
+    teacher had trained and sampled."""
+    cfg, fix = stage.config, f"{stage.name}.{{}}={{}}"
+    if cfg.prompt_column != source_cfg.prompt_column:
+        raise ConfigError(f"{where}: dataset {ref!r} holds its prompts in column {source_cfg.prompt_column!r} (that "
+                          f"stage's prompt_column), but this stage reads prompt_column {cfg.prompt_column!r}; set "
+                          + fix.format("prompt_column", source_cfg.prompt_column))
+    if getattr(cfg, "completion_column", "completion") != "completion":
+        raise ConfigError(f"{where}: dataset {ref!r} holds its samples in column 'completion', but this stage reads "
+                          f"completion_column {cfg.completion_column!r}; set " + fix.format("completion_column",
+                                                                                            "completion"))
 
 
 def _check_model(spec: Optional[str], where: str):
