@@ -830,3 +830,12 @@ def test_conversations_read_by_a_tokenizer_without_a_chat_template_are_said_to_l
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         check_prompts(rows[::2], "prompt", tok, where="train")   # one message: its content, as a string prompt
+
+
+def test_a_prompt_ending_on_the_assistants_message_is_continued_not_closed():
+    # TRL continues such a prompt (continue_final_message): an R1 prefill of "<think>" was closed with the
+    # end-of-turn and a second assistant turn opened, "<|assistant|><think><eos><|assistant|>"
+    tok = build_char_tokenizer()
+    prefill = [{"role": "user", "content": "3+4="}, {"role": "assistant", "content": "<think>"}]
+    assert tok.decode(encode_prompt(tok, prefill)) == "<bos><|user|>3+4=<|assistant|><think>"
+    assert tok.decode(encode_prompt(tok, prefill[:1])) == "<bos><|user|>3+4=<|assistant|>"

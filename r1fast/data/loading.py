@@ -217,7 +217,11 @@ def prompt_text(tokenizer, prompt: Any, system_prompt: Optional[str] = None) -> 
     the messages' contents joined by newlines (a base model's raw prompt; check_prompts warns of roles lost)."""
     msgs = prompt_messages(prompt, system_prompt)
     if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        # a prompt ending on the assistant's message is its answer's start (a prefill, "<think>"), continued as
+        # TRL does: not closed with an end-of-turn and followed by a second, empty assistant turn
+        prefill = bool(msgs) and msgs[-1]["role"] == "assistant"
+        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=not prefill,
+                                             continue_final_message=prefill)
     return "\n".join(m["content"] for m in msgs)
 
 
