@@ -1762,6 +1762,15 @@ def test_a_template_that_opens_think_gets_it_once_in_sft_and_in_kept_samples():
                                             num_samples=2, max_completion_length=6, keep_truncated=True,
                                             progress_bar=False), progress=False)
     assert kept and all(r["completion"].startswith("<think>\n") for r in kept)
+    # a prompt that continues the assistant's own message gets no generation prompt, and so no opening
+    continued = [{"role": "user", "content": "1+1="}, {"role": "assistant", "content": "Sure."}]
+    kept_on, _ = rejection_sample(model, tok, [{"prompt": continued, "answer": "2"}],
+                                  SampleConfig(reward_funcs=[lambda prompts, completions, **kw: [1.0] * len(completions)],
+                                               num_samples=1, max_completion_length=6, keep_truncated=True,
+                                               progress_bar=False), progress=False)
+    assert not kept_on[0]["completion"].startswith("<think>\n")
+    (_, c_on), = SFTTrainer(model, tok, [{"prompt": continued, "completion": answer}], SFTConfig(progress_bar=False)).examples
+    assert tok.decode(c_on) == answer + "<eos>"
     # SFT of the same model on its kept samples leaves the opening to the prompt again
     (p, c), = SFTTrainer(model, tok, kept[:1], SFTConfig(progress_bar=False)).examples
     assert tok.decode(p + c, skip_special_tokens=False).count("<think>") == 1

@@ -212,6 +212,13 @@ def prompt_messages(prompt: Any, system_prompt: Optional[str]) -> list[dict]:
     return msgs
 
 
+def continues_answer(prompt: Any) -> bool:
+    """A prompt that ends on the assistant's message: the start of its answer, which the completion continues
+    (the template's generation prompt, and whatever it opens, is not added)."""
+    return isinstance(prompt, list) and bool(prompt) and isinstance(prompt[-1], dict) and \
+        prompt[-1].get("role") == "assistant"
+
+
 def prompt_text(tokenizer, prompt: Any, system_prompt: Optional[str] = None) -> str:
     """The text the model sees before its completion: the chat template when the tokenizer has one, else
     the messages' contents joined by newlines (a base model's raw prompt; check_prompts warns of roles lost)."""
@@ -219,7 +226,7 @@ def prompt_text(tokenizer, prompt: Any, system_prompt: Optional[str] = None) -> 
     if getattr(tokenizer, "chat_template", None):
         # a prompt ending on the assistant's message is its answer's start (a prefill, "<think>"), continued as
         # TRL does: not closed with an end-of-turn and followed by a second, empty assistant turn
-        prefill = bool(msgs) and msgs[-1]["role"] == "assistant"
+        prefill = continues_answer(msgs)
         return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=not prefill,
                                              continue_final_message=prefill)
     return "\n".join(m["content"] for m in msgs)

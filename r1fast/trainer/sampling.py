@@ -9,8 +9,8 @@ import json
 import os
 from typing import Sequence
 
-from r1fast.data.loading import (check_columns, check_prompts, decode_completion, encode_prompt, prefilled_think,
-                                 stop_token_ids)
+from r1fast.data.loading import (check_columns, check_prompts, continues_answer, decode_completion, encode_prompt,
+                                 prefilled_think, stop_token_ids)
 from r1fast.rewards import RewardSet
 from r1fast.trainer.common import check_answer_column, check_prompt_room, reward_columns, reward_completions
 from r1fast.trainer.config import SampleConfig
@@ -84,7 +84,7 @@ def rejection_sample(model, tokenizer, rows: Sequence[dict], cfg: SampleConfig, 
                 continue
             seen[i].add(text)
             row = {k: v for k, v in chunk[i].items() if k != "completion"}
-            row["completion"] = opening + text
+            row["completion"] = ("" if continues_answer(chunk[i][cfg.prompt_column]) else opening) + text
             row["rewards"] = dict(zip(rewards.names, values))
             per_prompt.setdefault(i, []).append(row)
         prompts_with_any += len(per_prompt)

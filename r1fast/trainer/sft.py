@@ -9,8 +9,8 @@ import time
 from typing import Any, Optional, Sequence
 
 
-from r1fast.data.loading import (check_columns, check_prompts, encode_completion, encode_prompt, prefilled_think,
-                                 split_conversations)
+from r1fast.data.loading import (check_columns, check_prompts, continues_answer, encode_completion, encode_prompt,
+                                 prefilled_think, split_conversations)
 from r1fast.trainer import checkpoints as ckpt
 from r1fast.trainer.common import (
     start_run,
@@ -51,7 +51,8 @@ class SFTTrainer:
         for i, r in enumerate(rows):
             p = encode_prompt(tokenizer, r[cfg.prompt_column], cfg.system_prompt)
             try:
-                c = encode_completion(tokenizer, r[cfg.completion_column], prefilled)
+                c = encode_completion(tokenizer, r[cfg.completion_column],
+                                      "" if continues_answer(r[cfg.prompt_column]) else prefilled)
             except ValueError as e:
                 raise ValueError(f"SFT dataset: row {i}: {e}") from None
             # trim the prompt's start to keep the completion whole; a completion of the limit or more
