@@ -790,6 +790,10 @@ def test_a_prompt_already_rendered_by_the_chat_template_is_refused_not_templated
     with pytest.raises(ValueError, match=r"row 0's prompt already holds"):
         check_prompts([{"prompt": [{"role": "user", "content": done}]}], "prompt", tok)
     check_prompts(rows[:1] + [{"prompt": [{"role": "user", "content": "<|user|> is a tag"}]}], "prompt", tok)
+    # a generation prompt of plain text is no sign of templating: a few-shot question may hold it
+    plain = tok.chat_template.replace("<|assistant|>", "Assistant:")
+    tok.chat_template = plain
+    check_prompts([{"prompt": "Q: 1+1=\nAssistant: 2\nQ: 3+4=\nAssistant:"}], "prompt", tok)
     tok.chat_template = None   # no template: the text is the prompt, as it is
     check_prompts(rows, "prompt", tok)
 

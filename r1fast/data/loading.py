@@ -255,6 +255,16 @@ def prefilled_think(tokenizer) -> str:
     return tail[len(head) - len(THINK_OPEN):] if head.endswith(THINK_OPEN) else ""
 
 
+def _template_marker(tokenizer) -> str:
+    """The generation prompt, stripped, when it holds one of the tokenizer's added tokens ("<|im_start|>"):
+    text a question cannot hold unless a template wrote it. A plain-text one ("Assistant:") is "", since a
+    few-shot question may well contain it."""
+    text = generation_prompt(tokenizer).strip()
+    added = set(tokenizer.get_added_vocab()) if hasattr(tokenizer, "get_added_vocab") else set()
+    added |= set(getattr(tokenizer, "all_special_tokens", ()))
+    return text if any(tok and tok in text for tok in added) else ""
+
+
 def check_prompts(rows: Sequence[dict], column: str, tokenizer, system_prompt: Optional[str] = None,
                   where: str = "dataset"):
     """Every row's prompt is one `encode_prompt` takes, and gives at least one token: an error naming
@@ -263,7 +273,7 @@ def check_prompts(rows: Sequence[dict], column: str, tokenizer, system_prompt: O
     empty_ok = has_template or bool(tokenizer("").input_ids)
     # a prompt already rendered by the template (as TRL takes a string prompt: as it is) would be rendered
     # again inside a user turn: two BOS, two system headers, the generation prompt in the question
-    templated = generation_prompt(tokenizer).strip()
+    templated = _template_marker(tokenizer)
     own_system = 0   # rows whose own system message keeps system_prompt out
     roles_lost = 0   # conversations that a tokenizer without a chat template reads as their contents alone
     for i, row in enumerate(rows):
