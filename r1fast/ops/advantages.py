@@ -11,6 +11,7 @@ import math
 import torch
 
 from r1fast import backends
+from r1fast.ops.checks import bool_mask
 from r1fast.reference import loss as reference
 
 ESTIMATORS = ("grpo", "rloo")
@@ -73,16 +74,7 @@ def group_advantages(rewards, group_size, *, estimator="grpo", scale_rewards="gr
 
 def _check_mask(mask, rewards):
     """mask as a bool [B] tensor on the rewards' device, or None when it keeps every row."""
-    if not isinstance(mask, torch.Tensor):
-        raise TypeError(f"group_advantages: mask must be a torch.Tensor, got {type(mask).__name__}")
-    if mask.shape != rewards.shape:
-        raise ValueError(f"group_advantages: mask shape {tuple(mask.shape)} != rewards shape {tuple(rewards.shape)}")
-    if mask.device != rewards.device:
-        raise ValueError(f"group_advantages: mask is on {mask.device}, rewards on {rewards.device}")
-    if mask.dtype != torch.bool:
-        if mask.is_complex() or not bool(((mask == 0) | (mask == 1)).all()):
-            raise ValueError("group_advantages: mask must be bool (or hold only 0 and 1)")
-        mask = mask != 0
+    mask = bool_mask("group_advantages", mask, rewards, "rewards")
     return None if bool(mask.all()) else mask
 
 

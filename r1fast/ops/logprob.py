@@ -19,6 +19,7 @@ import os
 import torch
 
 from r1fast import backends
+from r1fast.ops.checks import bool_mask
 from r1fast.reference import loss as reference
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -322,7 +323,7 @@ def grouped_logprob(hidden, weight, targets, *, mask=None, temperature: float = 
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"grouped_logprob: chunk_size must be a positive int, got {chunk_size!r}")
     if mask is not None:
-        active = _active(mask, targets)
+        active = bool_mask("grouped_logprob", mask, targets, "targets")
         out = grouped_logprob(hidden[active], weight, targets[active], temperature=temperature,
                               return_entropy=return_entropy, backend=backend, forward_only=forward_only,
                               chunk_size=chunk_size, check_targets=check_targets)
@@ -332,18 +333,3 @@ def grouped_logprob(hidden, weight, targets, *, mask=None, temperature: float = 
     _, fn = backends.resolve("grouped_logprob", hidden.device, backend, dtype=hidden.dtype)
     with backends.without_autocast(hidden.device), torch.no_grad() if forward_only else contextlib.nullcontext():
         return fn(hidden, weight, targets, temperature, return_entropy, chunk_size)
-
-
-def _active(mask, targets) -> torch.Tensor:
-    """The bool mask of active tokens, after checking it against targets."""
-    if not isinstance(mask, torch.Tensor):
-        raise TypeError(f"grouped_logprob: mask must be a torch.Tensor, got {type(mask).__name__}")
-    if mask.shape != targets.shape:
-        raise ValueError(f"grouped_logprob: mask shape {tuple(mask.shape)} != targets shape {tuple(targets.shape)}")
-    if mask.device != targets.device:
-        raise ValueError(f"grouped_logprob: mask is on {mask.device}, targets on {targets.device}")
-    if mask.dtype == torch.bool:
-        return mask
-    if mask.is_complex() or not bool(((mask == 0) | (mask == 1)).all()):
-        raise ValueError("grouped_logprob: mask must be bool or hold only 0 and 1")
-    return mask != 0

@@ -1,0 +1,20 @@
+"""Input checks shared by the ops."""
+from __future__ import annotations
+
+import torch
+
+
+def bool_mask(op: str, mask, like: torch.Tensor, like_name: str) -> torch.Tensor:
+    """`mask` as a bool tensor, after checking it is a tensor of `like`'s shape and device holding only
+    0 and 1 (a 2 would weight its element twice in one backend and once in another)."""
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{op}: mask must be a torch.Tensor, got {type(mask).__name__}")
+    if mask.shape != like.shape:
+        raise ValueError(f"{op}: mask shape {tuple(mask.shape)} != {like_name} shape {tuple(like.shape)}")
+    if mask.device != like.device:
+        raise ValueError(f"{op}: mask is on {mask.device}, {like_name} on {like.device}")
+    if mask.dtype == torch.bool:
+        return mask
+    if mask.is_complex() or not bool(((mask == 0) | (mask == 1)).all()):
+        raise ValueError(f"{op}: mask must be bool or hold only 0 and 1")
+    return mask != 0
