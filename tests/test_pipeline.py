@@ -1165,20 +1165,6 @@ def assert_last_stage_resumes_as_it_ran(spec, tmp_path, stage, checkpoint):
         assert torch.equal(fresh[k], resumed[k]), k
 
 
-def test_held_out_prompts_longer_than_the_models_positions_are_an_error_before_the_stage_trains(tmp_path):
-    # The between-stage evaluation caps no prompt: one of 204 tokens for a model of 128 positions failed
-    # only after the stage had trained (and again on every --resume)
-    ev = tmp_path / "eval.jsonl"
-    ev.write_text("".join(json.dumps({"prompt": "1+" * 100 + str(i), "answer": "7"}) + "\n" for i in range(2)))
-    spec = tiny_pipeline(tmp_path)
-    spec["eval_dataset"] = str(ev)
-    spec["stages"] = spec["stages"][:1]
-    with pytest.raises(ValueError, match=r"evaluated after stage 'cold': the prompt of row 0 has 204 tokens and "
-                                         r"the model 128 positions"):
-        run_pipeline(spec)
-    assert not os.path.exists(tmp_path / "run" / "cold")   # nothing trained
-
-
 def test_a_stage_whose_checkpoint_replacement_was_killed_resumes_from_it(tmp_path, capsys):
     # killed in a save that replaced the stage's last checkpoint, between its two renames: the complete
     # checkpoint-N.old-<pid> was not seen, the stage started over, and its trainer (which puts the old one
@@ -1244,19 +1230,26 @@ def test_a_resume_of_a_run_killed_before_its_last_metrics_write_completes_them(t
     assert (run / "metrics.jsonl").read_text() == whole
 
 
-def test_held_out_prompts_templated_before_are_an_error_before_the_stage_trains(tmp_path):
-    # the between-stage evaluation templated them a second time, as the stages' own data no longer is
+def _templated_prompt():
     from r1fast.data import build_char_tokenizer
 
-    done = build_char_tokenizer().apply_chat_template([{"role": "user", "content": "1+2="}], tokenize=False,
+    return build_char_tokenizer().apply_chat_template([{"role": "user", "content": "1+2="}], tokenize=False,
                                                       add_generation_prompt=True)
+
+
+# The between-stage evaluation checked its prompts only after the stage had trained (and again on every
+# --resume): one of 204 tokens for a model of 128 positions; one templated before was templated again.
+@pytest.mark.parametrize("prompts, match", [
+    (["1+" * 100 + "0", "1+" * 100 + "1"], r"the prompt of row 0 has 204 tokens and the model 128 positions"),
+    ([_templated_prompt()], r"row 0's prompt already holds the chat template's generation prompt"),
+])
+def test_held_out_prompts_a_stage_cannot_evaluate_are_an_error_before_it_trains(tmp_path, prompts, match):
     ev = tmp_path / "eval.jsonl"
-    ev.write_text(json.dumps({"prompt": done, "answer": "3"}) + "\n")
+    ev.write_text("".join(json.dumps({"prompt": p, "answer": "7"}) + "\n" for p in prompts))
     spec = tiny_pipeline(tmp_path)
     spec["eval_dataset"] = str(ev)
     spec["stages"] = spec["stages"][:1]
-    with pytest.raises(ValueError, match=r"evaluated after stage 'cold': row 0's prompt already holds the chat "
-                                         r"template's generation prompt"):
+    with pytest.raises(ValueError, match=r"evaluated after stage 'cold': " + match):
         run_pipeline(spec)
     assert not os.path.exists(tmp_path / "run" / "cold")   # nothing trained
 
