@@ -1565,3 +1565,36 @@ def test_double_backward_is_refused_not_silently_dropped(op):
         torch.autograd.grad(out, h, create_graph=True)
     (g,) = torch.autograd.grad(out, h)  # a plain backward still works
     assert g.abs().sum() > 0
+
+
+def _fused_grads(d, hidden, weight, targets, dtype, upstream, backend="torch", **kw):
+    h, w = (x.detach().to(dtype).clone().requires_grad_() for x in (hidden, weight))
+    loss, _ = ops.fused_linear_grpo_loss(h, w, targets, d["mask"], d["adv"].float(), old_logp=d["old"].float(),
+                                         backend=backend, **kw)
+    (loss * upstream).backward()
+    return h.grad, w.grad
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_fused_grad_scale_forms_the_gradients_at_the_loss_scale(backend):
+    """The single pass forms its gradients in the forward: under fp16 loss scaling ((loss * S).backward())
+    they were formed at scale 1, where fp16 flushes the small ones to zero, and only then multiplied by S.
+    grad_scale=S forms them at S; any upstream gradient still gives the exact gradient."""
+    d, hidden, weight, targets = _fused_case(seed=4)
+    plain = _fused_grads(d, hidden, weight, targets, torch.float32, 1.0, backend)
+    for got, want in zip(_fused_grads(d, hidden, weight, targets, torch.float32, 8.0, backend, grad_scale=8.0), plain):
+        assert torch.equal(got, want * 8)   # a power of two: formed at 8 exactly
+    for got, want in zip(_fused_grads(d, hidden, weight, targets, torch.float32, 1.0, backend, grad_scale=8.0), plain):
+        assert torch.equal(got, want)       # another upstream gradient: rescaled exactly
+    # a token mean over 2^20 tokens (this batch a slice of a large rollout): gradients near fp16's floor
+    opts = dict(loss_type="dapo", num_items=float(2 ** 20))
+    exact = _fused_grads(d, hidden, weight, targets, torch.float64, 1.0, **opts)
+    S = 2.0 ** 16
+    unscaled = _fused_grads(d, hidden, weight, targets, torch.float16, S, backend, **opts)
+    scaled = _fused_grads(d, hidden, weight, targets, torch.float16, S, backend, grad_scale=S, **opts)
+    for name, u, s, e in zip(("grad_hidden", "grad_weight"), unscaled, scaled, exact):
+        err = lambda g: float((g.double() / S - e).norm() / e.norm())  # noqa: E731
+        assert err(s) < 2e-3, name            # fp16's own rounding
+        assert err(u) > 20 * err(s), name     # formed at scale 1: flushed to zero or to a few bits
+    with pytest.raises(ValueError, match="grad_scale must be a finite number > 0"):
+        _fused_grads(d, hidden, weight, targets, torch.float32, 1.0, grad_scale=0.0)

@@ -160,7 +160,7 @@ class _SinglePass(torch.autograd.Function):
     def forward(ctx, h_all, weight, run):
         loss, grad_h, grad_w, stats = run(h_all, weight)
         ctx.save_for_backward(grad_h, grad_w)
-        ctx.used = False
+        ctx.used, ctx.grad_scale = False, run.grad_scale
         run.stats = stats
         return loss
 
@@ -172,6 +172,9 @@ class _SinglePass(torch.autograd.Function):
                                f"scaled in place); call the op again instead of retain_graph=True")
         ctx.used = True
         grad_h, grad_w = ctx.saved_tensors
+        # formed for an upstream gradient of grad_scale: g / grad_scale is exactly 1 when the caller
+        # backwards with it (a power of two divides exactly)
+        g = g if ctx.grad_scale == 1.0 else g / ctx.grad_scale
         # In place: a scaled copy of grad_weight would double its memory at the peak. No host sync
         # (float(g) would break CUDA graphs and stall the stream).
         return (None if grad_h is None else scale_(grad_h, g), None if grad_w is None else scale_(grad_w, g), None)
@@ -200,10 +203,11 @@ def scale_(x, g, slice_elems: int = 1 << 22):
 
 
 class _SinglePassRun:
-    def __init__(self, layout, t_act, chunks, per_token, opts, engine, need_h, need_w, row_stats=False):
+    def __init__(self, layout, t_act, chunks, per_token, opts, engine, need_h, need_w, row_stats=False,
+                 grad_scale=1.0):
         self.layout, self.t_act, self.chunks, self.per_token = layout, t_act, chunks, per_token
         self.opts, self.engine, self.need_h, self.need_w = opts, engine, need_h, need_w
-        self.row_stats = row_stats
+        self.row_stats, self.grad_scale = row_stats, grad_scale
         self.stats = None
         # The triton engine also evaluates the per-token loss with the Triton kernel (fp32), whose
         # per-row statistic sums are collected here; the torch engine (and fp64) uses the torch twin.
@@ -268,6 +272,9 @@ class _SinglePassRun:
                         continue
                     stats[k] = v if k not in stats else _MINMAX.get(k, torch.add)(stats[k], v)
             if self.need_h or self.need_w:
+                if self.grad_scale != 1.0:  # fp32 factors: the 16-bit gradients are formed at the caller's loss scale
+                    g_logp = g_logp * self.grad_scale
+                    g_ent = None if g_ent is None else g_ent * self.grad_scale
                 dl = eng.dlogits(h_c, w, t_c, lse, ent, g_logp, g_ent, inv_temp, h.dtype, z=z)
                 del z
                 if self.need_h and lay.all_active:
@@ -301,7 +308,7 @@ def fused_linear_grpo_loss(hidden, weight, targets, mask, advantages, *, old_log
                            sampler_logp=None, importance_weights=None, cu_seqlens=None,
                            options: LossOptions | None = None,
                            backend: str | None = None, chunk_size: int | None = None, single_pass: bool = True,
-                           row_stats: bool = False, **loss_options):
+                           row_stats: bool = False, grad_scale: float = 1.0, **loss_options):
     """GRPO loss straight from the last hidden states and the lm_head weight; never builds the logits.
 
     Padded layout: hidden [B, T, H], targets / mask / old / ref / sampler [B, T], advantages [B].
@@ -316,19 +323,27 @@ def fused_linear_grpo_loss(hidden, weight, targets, mask, advantages, *, old_log
     enclosing torch.autocast too. Differentiable once (no create_graph=True double backward).
     `row_stats=True` adds ops.grpo_loss's per-row clip counts (rows/clip_low, rows/clip_high: [B] padded,
     [S] packed).
+    `grad_scale`: the upstream gradient the caller will backward with (its loss scale: fp16 training
+    runs `(loss * S).backward()`). The single pass forms grad_hidden / grad_weight in the forward, in
+    the inputs' dtype; formed at scale 1 and multiplied by S afterwards, fp16 gradients below 6e-8 are
+    already zero (at a token mean over 64k tokens, most of grad_weight). Any upstream gradient g still
+    gives the exact gradient (the forward's are scaled by g / grad_scale); a power of two keeps that exact.
     """
     with backends.without_autocast(getattr(hidden, "device", "cpu")):
         return _fused_linear_grpo_loss(hidden, weight, targets, mask, advantages, old_logp=old_logp,
                                        ref_logp=ref_logp, sampler_logp=sampler_logp,
                                        importance_weights=importance_weights, cu_seqlens=cu_seqlens, options=options,
                                        backend=backend, chunk_size=chunk_size, single_pass=single_pass,
-                                       row_stats=row_stats, **loss_options)
+                                       row_stats=row_stats, grad_scale=grad_scale, **loss_options)
 
 
 def _fused_linear_grpo_loss(hidden, weight, targets, mask, advantages, *, old_logp, ref_logp, sampler_logp,
                             importance_weights, cu_seqlens, options, backend, chunk_size, single_pass, row_stats,
-                            **loss_options):
+                            grad_scale, **loss_options):
     opts = _options(options, loss_options)
+    if isinstance(grad_scale, bool) or not isinstance(grad_scale, (int, float)) or \
+            not 0 < grad_scale < float("inf"):
+        raise ValueError(f"{OP}: grad_scale must be a finite number > 0 (the loss scale), got {grad_scale!r}")
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"{OP}: mask must be a tensor")
     validate_logprob(hidden, weight, targets, opts.temperature, op=OP, check_targets=False)
@@ -402,7 +417,7 @@ def _fused_linear_grpo_loss(hidden, weight, targets, mask, advantages, *, old_lo
     run = _SinglePassRun(lay, t_act.contiguous(), chunks, (old_c, clean(ref2), smp_c, advantages.to(wide),
                                                            mask2, clean(isw2)),
                          opts, engine_for(lb), need and hidden.requires_grad, need and weight.requires_grad,
-                         row_stats)
+                         row_stats, float(grad_scale))
     w = weight if weight.stride(-1) == 1 else weight.contiguous()
     h_all = hidden.reshape(-1, hidden.shape[-1])
     h = h_all if h_all.stride(-1) == 1 else h_all.contiguous()
