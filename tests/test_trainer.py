@@ -1774,3 +1774,131 @@ def test_a_template_that_opens_think_gets_it_once_in_sft_and_in_kept_samples():
     # SFT of the same model on its kept samples leaves the opening to the prompt again
     (p, c), = SFTTrainer(model, tok, kept[:1], SFTConfig(progress_bar=False)).examples
     assert tok.decode(p + c, skip_special_tokens=False).count("<think>") == 1
+
+
+def _stepped_gradients(monkeypatch):
+    """The gradients each AdamW step applies (an fp16 model's: its fp32 copies'), as the step starts."""
+    stepped = []
+    step = torch.optim.AdamW.step
+
+    def spy(self, closure=None):
+        stepped.append([p.grad.double().clone() for g in self.param_groups for p in g["params"] if p.grad is not None])
+        return step(self, closure)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", spy)
+    return stepped
+
+
+@pytest.mark.parametrize("stage", ["grpo", "sft"])
+def test_fp16_training_scales_the_loss_so_small_gradients_survive(tmp_path, monkeypatch, stage):
+    """fp16 flushes gradients below 6e-8 to zero: at a token mean over a large batch most of a model's
+    gradients were 0 (measured: 90% at 64k tokens, 48% of the signs AdamW steps wrong), silently. The
+    backward now runs on loss * S (dynamic loss scaling; GRPO's fused loss forms its gradients at S too)
+    and the fp32 copies' gradients are divided by S."""
+    from r1fast import ops
+    from r1fast.trainer import SFTConfig, sft
+
+    # the loss of a batch 2^20 times larger than this one: gradients of 1e-8 and less
+    if stage == "grpo":
+        loss_options = GRPOConfig.loss_options
+        monkeypatch.setattr(GRPOConfig, "loss_options", lambda self, n=None: loss_options(self, n and n * 2.0 ** 20))
+    else:
+        grouped_logprob = ops.grouped_logprob
+        monkeypatch.setattr(ops, "grouped_logprob", lambda *a, **k: grouped_logprob(*a, **k) * 2.0 ** -20)
+    stepped = _stepped_gradients(monkeypatch)
+
+    def first_step(dtype):
+        model, tok = tiny_model()
+        model = model.half().to(dtype)
+        common = dict(per_device_train_batch_size=8, progress_bar=False, output_dir=str(tmp_path / str(dtype)))
+        if stage == "grpo":
+            tr = GRPOTrainer(model, [_lengths], ROWS, GRPOConfig(max_completion_length=6, **common), tokenizer=tok)
+            return tr.step()["metrics"]
+        rows = [{"prompt": str(i), "completion": "7" * (1 + i % 3)} for i in range(16)]
+        return sft.SFTTrainer(model, tok, rows, SFTConfig(**common)).step()
+
+    fp32, fp16 = first_step(torch.float32), first_step(torch.float16)
+    want, got = stepped
+    err = float(torch.stack([(a - b).norm() for a, b in zip(got, want)]).norm() /
+                torch.stack([b.norm() for b in want]).norm())
+    assert err < 1e-2                                  # fp16's rounding, not its underflow (about 0.9 unscaled)
+    assert fp16["grad_norm"] == pytest.approx(fp32["grad_norm"], rel=1e-2)   # the norm of the unscaled gradients
+    assert "loss_scale" not in fp32 and fp16["loss_scale"] == 2.0 ** 16 and fp16["nonfinite_skipped"] == 0
+
+
+@pytest.mark.parametrize("stage", ["grpo", "sft"])
+def test_fp16_overflow_halves_the_loss_scale_and_skips_the_step(tmp_path, stage):
+    """An inf gradient of a finite loss under a loss scale is an overflow: the step is skipped (counted in
+    nonfinite_skipped) and the scale halved, without counting towards max_nonfinite_steps; the scale
+    travels in the checkpoint."""
+    import math
+
+    from r1fast.trainer import SFTConfig, sft
+
+    def trainer(name):
+        model, tok = tiny_model()
+        common = dict(per_device_train_batch_size=8, learning_rate=1e-3, max_nonfinite_steps=1, max_steps=3,
+                      progress_bar=False, output_dir=str(tmp_path / name))
+        if stage == "grpo":
+            return GRPOTrainer(model.half(), [_lengths], ROWS, GRPOConfig(max_completion_length=6, **common),
+                               tokenizer=tok)
+        rows = [{"prompt": str(i), "completion": "7" * (1 + i % 3)} for i in range(24)]
+        return sft.SFTTrainer(model.half(), tok, rows, SFTConfig(**common))
+
+    tr = trainer("run")
+    tr.loss_scale.scale = 2.0 ** 60   # any gradient times 2^60 overflows fp16 (65504)
+    before = [p.detach().clone() for p in tr.model.parameters()]
+    m = tr.step()
+    m = m["metrics"] if stage == "grpo" else m
+    assert math.isfinite(m["loss"]) and tr.nonfinite_skipped == 1 and m["nonfinite_skipped"] == 1
+    assert tr.loss_scale.scale == 2.0 ** 59 == m["loss_scale"]
+    assert all(torch.equal(p, q) for p, q in zip(tr.model.parameters(), before))   # no update applied
+    tr.loss_scale.scale = 2.0 ** 10
+    tr.step()
+    assert tr.nonfinite_skipped == 1 and tr.loss_scale.good_steps == 1
+    assert any(not torch.equal(p, q) for p, q in zip(tr.model.parameters(), before))
+    path = tr.save()
+    again = trainer("run")
+    again.load(path)
+    assert (again.loss_scale.scale, again.loss_scale.good_steps) == (2.0 ** 10, 1)
+
+
+def test_fp16_without_fp32_gradient_sums_warns_that_no_loss_is_scaled(tmp_path, caplog):
+    """The loss scale is divided out of the fp32 copies' gradients; without them fp16 trains unscaled, and says so."""
+    import logging
+
+    from r1fast.trainer import SFTConfig, sft
+
+    rows = [{"prompt": str(i), "completion": "7"} for i in range(8)]
+
+    def fp16_trainer(name, **over):
+        model, tok = tiny_model()
+        return sft.SFTTrainer(model.half(), tok, rows, SFTConfig(output_dir=str(tmp_path / name), **over))
+
+    with caplog.at_level(logging.WARNING, logger="r1fast.trainer.common"):
+        assert fp16_trainer("scaled").loss_scale is not None and "without loss scaling" not in caplog.text
+        assert fp16_trainer("plain", fp32_grad_accumulation=False).loss_scale is None
+    assert "float16 parameters without fp32_master_weights and fp32_grad_accumulation train without loss " \
+           "scaling" in caplog.text
+    assert make(tmp_path, "fp32").loss_scale is None   # fp32 and bf16 need none
+
+
+def test_loss_scale_halves_on_overflow_and_doubles_after_a_run_of_finite_steps():
+    from r1fast.trainer.loss_scale import LossScale
+
+    s = LossScale(scale=8.0, growth_interval=3)
+    for finite in (True, True, False, True, True):
+        s.update(finite)
+    assert (s.scale, s.good_steps) == (4.0, 2)   # the overflow reset the count
+    s.update(True)
+    assert (s.scale, s.good_steps) == (8.0, 0)
+    p = torch.nn.Parameter(torch.zeros(3))
+    p.grad = torch.full((3,), 24.0)
+    s.unscale_([p, torch.nn.Parameter(torch.zeros(1))])   # a tensor without a gradient is passed over
+    assert torch.equal(p.grad, torch.full((3,), 3.0))
+    fresh = LossScale()
+    fresh.load_state_dict(s.state_dict())
+    assert (fresh.scale, fresh.good_steps) == (8.0, 0)
+    fresh.load_state_dict(None)   # a checkpoint of a run without one keeps the start values
+    with pytest.raises(ValueError, match="trainer_state.json: loss_scale is"):
+        fresh.load_state_dict({"scale": -1.0, "good_steps": 0})

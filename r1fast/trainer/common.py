@@ -114,15 +114,53 @@ class NonFiniteLoss(RuntimeError):
     """Too many optimizer steps in a row had a NaN/inf loss or gradient (max_nonfinite_steps)."""
 
 
-def step_if_finite(trainer, finite: bool) -> None:
+def make_loss_scale(model, optimizer):
+    """A LossScale for float16 parameters stepped through fp32 copies that sum their gradients (where the
+    gradients are unscaled in fp32); None for fp32/bf16. float16 without them is warned about."""
+    if not any(p.dtype == torch.float16 for p in model.parameters() if p.requires_grad):
+        return None
+    from r1fast.trainer.loss_scale import LossScale
+    from r1fast.trainer.master_weights import MasterWeightAdamW
+
+    if isinstance(optimizer, MasterWeightAdamW) and optimizer.accumulate_fp32:
+        return LossScale()
+    logging.getLogger(__name__).warning(
+        "float16 parameters without fp32_master_weights and fp32_grad_accumulation train without loss scaling: "
+        "gradients below 6e-8 become 0 (most of them at a token mean over many tokens); use bfloat16, or turn both on")
+    return None
+
+
+def unscale_and_clip(trainer) -> float:
+    """The norm of the gradients the next step applies, the loss scale divided out (in fp32), clipped to
+    max_grad_norm."""
+    holders = gradient_holders(trainer.optimizer, trainer.model)
+    scaler = getattr(trainer, "loss_scale", None)
+    if scaler is not None:
+        scaler.unscale_(holders)
+    return grad_norm_and_clip(holders, trainer.cfg.max_grad_norm)
+
+
+def step_if_finite(trainer, finite: bool, loss_finite: bool = True) -> None:
     """The optimizer step, or for a NaN/inf loss or gradient none: the gradients dropped, the step counted
-    (trainer.nonfinite_skipped) and the run stopped after max_nonfinite_steps of them in a row."""
+    (trainer.nonfinite_skipped) and the run stopped after max_nonfinite_steps of them in a row. Under a loss
+    scale an inf gradient of a finite loss (an fp16 overflow) halves the scale and, while the scale is 1 or
+    more, is not counted towards that limit: the smaller scale is its remedy."""
+    scaler = getattr(trainer, "loss_scale", None)
+    overflow = scaler is not None and not finite and loss_finite and scaler.scale >= 1
+    if scaler is not None:
+        scaler.update(finite)
     if finite:
         trainer.optimizer.step()
         trainer._nonfinite_streak = 0
         return
     trainer.optimizer.zero_grad(set_to_none=True)
+    # the schedule advances over a skipped step on purpose; torch's scheduler would warn (a private flag,
+    # set by a real step) that it "skips the first value" when the first step is skipped, as an fp16
+    # run's often is while its loss scale settles
+    trainer.optimizer._opt_called = True
     trainer.nonfinite_skipped += 1
+    if overflow:
+        return
     trainer._nonfinite_streak += 1
     limit = trainer.cfg.max_nonfinite_steps
     if trainer._nonfinite_streak >= limit:

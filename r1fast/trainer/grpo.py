@@ -26,6 +26,7 @@ from r1fast.data.loading import (EVAL_SPLITS, check_columns, check_prompts, deco
                                  stop_token_ids)
 from r1fast.rewards import RewardSet
 from r1fast.trainer import checkpoints as ckpt
+from r1fast.trainer.loss_scale import saved_loss_scale
 from r1fast.trainer.common import (  # noqa: F401  (NonFiniteLoss: also importable from here)
     NonFiniteLoss,
     start_run,
@@ -33,9 +34,8 @@ from r1fast.trainer.common import (  # noqa: F401  (NonFiniteLoss: also importab
     check_answer_column,
     DataCursor,
     accumulating_gradients,
-    grad_norm_and_clip,
-    gradient_holders,
     resume_check,
+    make_loss_scale,
     make_optimizer,
     make_scheduler,
     pack,
@@ -43,6 +43,7 @@ from r1fast.trainer.common import (  # noqa: F401  (NonFiniteLoss: also importab
     reward_columns,
     reward_completions,
     run_dir_for,
+    unscale_and_clip,
     warmup_steps_of,
 )
 from r1fast.trainer.config import ConfigError, GRPOConfig
@@ -150,6 +151,7 @@ class GRPOTrainer:
             for p in self.ref_model.parameters():
                 p.requires_grad_(False)
         self.optimizer = make_optimizer(model, cfg)
+        self.loss_scale = make_loss_scale(model, self.optimizer)   # float16 only
         self.total_steps = self._total_steps()
         self.scheduler = make_scheduler(self.optimizer, cfg.lr_scheduler_type, self.total_steps,
                                         warmup_steps_of(cfg, self.total_steps))
@@ -329,6 +331,9 @@ class GRPOTrainer:
         for _ in range(iterations):
             ta = time.perf_counter()
             self.optimizer.zero_grad(set_to_none=True)
+            # float16: the backward runs on loss * S (an overflow halves S for the next iteration), the
+            # fused loss forming its 16-bit gradients at S too
+            loss_scale = 1.0 if self.loss_scale is None else self.loss_scale.scale
             finite = True
             # Summed on the device and read once per iteration, not once per micro-batch and statistic:
             # each read waits for everything queued before it (the forward's own input checks still read
@@ -343,14 +348,14 @@ class GRPOTrainer:
                         loss, stats = ops.fused_linear_grpo_loss(
                             hidden[b.select], self.model.lm_head_weight, b.targets, mask, adv[idx[0]:idx[-1] + 1],
                             old_logp=old[j], ref_logp=ref[j], sampler_logp=sampler[j], cu_seqlens=b.completion_cu,
-                            options=opts)
+                            options=opts, grad_scale=loss_scale)
                     except ValueError as e:
                         if "non-finite" in str(e) or "NaN" in str(e):
                             finite = False
                             break
                         raise
                     # a non-finite loss (the op raises on one) would still be caught below: NaN gradients
-                    (loss * scale).backward()
+                    (loss * (scale * loss_scale)).backward()
                     total_loss = total_loss + loss.detach().float() * scale
                     # the op's statistics are means over this micro-batch's active tokens (min / max for
                     # is_weight's): weighted by its token count, so the step's are the whole rollout's and a
@@ -376,9 +381,8 @@ class GRPOTrainer:
                 else:
                     stats_acc[k] = stats_acc.get(k, 0.0) + (v if k == "num_tokens" else v / tokens) / iterations
             tb = time.perf_counter()
-            gn = grad_norm_and_clip(gradient_holders(self.optimizer, self.model), cfg.max_grad_norm) \
-                if finite else float("nan")
-            step_if_finite(self, finite and math.isfinite(gn))  # never a NaN/inf update
+            gn = unscale_and_clip(self) if finite else float("nan")
+            step_if_finite(self, finite and math.isfinite(gn), loss_finite=finite)  # never a NaN/inf update
             self.scheduler.step()
             self.global_step += 1
             losses.append(total_loss)
@@ -405,6 +409,7 @@ class GRPOTrainer:
             "grad_norm": _nanmean(grad_norms),
             "lr": self.scheduler.get_last_lr()[0],
             "nonfinite_skipped": self.nonfinite_skipped,
+            **({} if self.loss_scale is None else {"loss_scale": self.loss_scale.scale}),
             **stats_acc,
             "tokens_per_s": gen_tokens / max(t_rollout - t0, 1e-9),
             "time/rollout": t_rollout - t0,
@@ -444,6 +449,7 @@ class GRPOTrainer:
             "data": self.cursor.state(),
             "nonfinite_skipped": self.nonfinite_skipped,
             "config": self.cfg.to_json_dict(),
+            **saved_loss_scale(self.loss_scale),
         }
         if self._final_eval is not None:
             state["final_eval"] = self._final_eval
@@ -467,6 +473,8 @@ class GRPOTrainer:
         self.rollout_index = state["rollout_index"]
         self.cursor.load_state(state["data"])
         self.nonfinite_skipped = state.get("nonfinite_skipped", 0)
+        if self.loss_scale is not None:
+            self.loss_scale.load_state_dict(state.get("loss_scale"))
         final_eval = state.get("final_eval")
         self._final_eval = final_eval if isinstance(final_eval, dict) else None
         if self.ref_model is not None:

@@ -17,17 +17,18 @@ from r1fast.trainer.common import (
     step_if_finite,
     DataCursor,
     accumulating_gradients,
-    grad_norm_and_clip,
-    gradient_holders,
     resume_check,
+    make_loss_scale,
     make_optimizer,
     make_scheduler,
     pack,
     prompt_sharing_pays,
     run_dir_for,
+    unscale_and_clip,
     warmup_steps_of,
 )
 from r1fast.trainer.config import SFTConfig
+from r1fast.trainer.loss_scale import saved_loss_scale
 from r1fast.trainer.grpo import _install_stop_handlers, _restore_handlers
 
 
@@ -64,6 +65,7 @@ class SFTTrainer:
         self.run_dir = run_dir or run_dir_for(cfg.output_dir, cfg.run_name, "sft")
         self.stage, self.step_offset = stage_name, step_offset
         self.optimizer = make_optimizer(model, cfg)
+        self.loss_scale = make_loss_scale(model, self.optimizer)   # float16 only
         per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
         self.total_steps = cfg.max_steps if cfg.max_steps > 0 else \
             max(1, math.ceil(cfg.num_train_epochs * len(self.examples) / per_step))
@@ -87,13 +89,14 @@ class SFTTrainer:
         with accumulating_gradients(self.optimizer):
             for idx in micro:
                 total += self._micro_batch(idx, n_tokens)
-        gn = grad_norm_and_clip(gradient_holders(self.optimizer, self.model), cfg.max_grad_norm)
-        step_if_finite(self, math.isfinite(total) and math.isfinite(gn))  # as GRPO: never a NaN/inf update
+        gn = unscale_and_clip(self)
+        step_if_finite(self, math.isfinite(total) and math.isfinite(gn), loss_finite=math.isfinite(total))
         self.scheduler.step()
         self.global_step += 1
         dt = time.perf_counter() - t0
+        scaled = {} if self.loss_scale is None else {"loss_scale": self.loss_scale.scale}
         return {"loss": total, "grad_norm": gn, "lr": self.scheduler.get_last_lr()[0],
-                "nonfinite_skipped": self.nonfinite_skipped,
+                "nonfinite_skipped": self.nonfinite_skipped, **scaled,
                 "tokens_per_s": n_tokens / max(dt, 1e-9), "step_time_s": dt}
 
     def _micro_batch(self, idx, n_tokens: int) -> float:
@@ -110,7 +113,7 @@ class SFTTrainer:
         hidden = b.hidden(self.model)
         logp = ops.grouped_logprob(hidden[b.select], self.model.lm_head_weight, b.targets)
         loss = -logp.sum() / n_tokens   # token mean over the whole accumulated batch
-        loss.backward()
+        (loss if self.loss_scale is None else loss * self.loss_scale.scale).backward()
         return float(loss.detach())
 
     def save(self) -> str:
@@ -118,7 +121,8 @@ class SFTTrainer:
                                     scheduler=self.scheduler, tokenizer=self.tokenizer,
                                     state={"stage": self.stage, "data": self.cursor.state(),
                                            "nonfinite_skipped": self.nonfinite_skipped, "config": self.cfg.to_json_dict(),
-                                           "loss_window": self.loss_window},
+                                           "loss_window": self.loss_window,
+                                           **saved_loss_scale(self.loss_scale)},
                                     keep=self.cfg.save_total_limit)
 
     def load(self, path: str):
@@ -131,6 +135,8 @@ class SFTTrainer:
         if not isinstance(window, list) or not all(isinstance(x, (int, float)) for x in window):
             raise ValueError(f"{path}: loss_window is {window!r:.80}, not a list of numbers")
         self.loss_window = [float(x) for x in window]
+        if self.loss_scale is not None:
+            self.loss_scale.load_state_dict(state.get("loss_scale"))
         return state
 
     def train(self, resume: str | bool | None = None) -> dict[str, Any]:
