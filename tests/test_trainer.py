@@ -1182,7 +1182,8 @@ def test_sft_trims_a_long_example_from_the_prompts_start_and_keeps_the_completio
 @pytest.mark.parametrize("epochs,batch,accum,steps", [(1.0, 4, 1, 3), (1.0, 4, 2, 2), (2.0, 3, 2, 4)])
 def test_sft_epochs_give_the_steps_and_the_schedule_follows_them(tmp_path, epochs, batch, accum, steps):
     """10 rows: an epoch is ceil(10 / (batch * accumulation)) optimizer steps; the linear schedule
-    reaches 0 at the last one."""
+    reaches 0 after the last one. The logged lr is the rate each step ran at (it logged the next
+    step's: 0 for a last step that trained at 1/steps of the rate)."""
     from r1fast.trainer.config import SFTConfig
     from r1fast.trainer.sft import SFTTrainer
 
@@ -1192,8 +1193,11 @@ def test_sft_epochs_give_the_steps_and_the_schedule_follows_them(tmp_path, epoch
                     lr_scheduler_type="linear", learning_rate=1e-3, progress_bar=False, output_dir=str(tmp_path))
     tr = SFTTrainer(model, tok, rows, cfg)
     assert tr.total_steps == steps
+    used = []
+    tr.optimizer.register_step_pre_hook(lambda opt, args, kwargs: used.append(opt.param_groups[0]["lr"]))
     lrs = [tr.step()["lr"] for _ in range(steps)]
-    assert lrs == pytest.approx([1e-3 * (1 - k / steps) for k in range(1, steps + 1)])
+    assert lrs == pytest.approx([1e-3 * (1 - k / steps) for k in range(steps)]) and lrs == used
+    assert tr.scheduler.get_last_lr()[0] == 0.0
 
 
 def test_sft_logs_the_window_mean_loss_at_global_steps_and_the_last_step(tmp_path):
@@ -1334,6 +1338,19 @@ def test_every_iteration_of_a_rollout_gets_the_rollout_policys_log_probs(tmp_pat
         assert (now2 - old2).abs().max() > 1e-4  # iteration 2 follows an update: the ratio moves off 1
 
 
+def test_grpo_logs_the_learning_rate_each_step_ran_at(tmp_path):
+    """A warmup of 2: step 1 runs at half the rate and logs it (it logged the next step's, the full
+    rate); with num_iterations=2 a rollout's line is its last optimizer step's."""
+    for name, iters, want in (("one", 1, [0.5, 1.0, 1.0]), ("two", 2, [1.0, 1.0])):
+        tr = make(tmp_path, name, max_steps=4 if iters == 2 else 3, num_iterations=iters, warmup_steps=2,
+                  learning_rate=1e-3)
+        used = []
+        tr.optimizer.register_step_pre_hook(lambda opt, args, kwargs: used.append(opt.param_groups[0]["lr"]))
+        tr.train()
+        assert [h["lr"] for h in tr.history] == pytest.approx([1e-3 * w for w in want])
+        assert [h["lr"] for h in tr.history] == used[iters - 1::iters]
+
+
 def test_max_steps_stops_within_a_rollouts_iterations(tmp_path):
     # max_steps counts optimizer steps; with num_iterations=2 a 3-step run took 4 (two whole rollouts)
     tr = make(tmp_path, "r", max_steps=3, num_iterations=2, lr_scheduler_type="linear")
@@ -1342,7 +1359,9 @@ def test_max_steps_stops_within_a_rollouts_iterations(tmp_path):
     assert [h["step"] for h in tr.history] == [2, 3]
     assert [r["step"] for r in _metrics(tmp_path / "r" / "metrics.jsonl")] == [2, 3]
     assert tr.rollout_index == 2
-    assert tr.scheduler.last_epoch == 3 and tr.history[-1]["lr"] == 0.0  # the linear schedule ends at its end
+    # the linear schedule ends at its end; the last step ran at a third of the rate, and logs that
+    assert tr.scheduler.last_epoch == 3 and tr.scheduler.get_last_lr()[0] == 0.0
+    assert tr.history[-1]["lr"] == pytest.approx(3e-2 / 3)
     # the last rollout's statistics are means over the one pass it made, not halved
     assert tr.history[-1]["entropy"] == pytest.approx(tr.history[0]["entropy"], rel=0.1)
     one = make(tmp_path, "one", max_steps=1, num_iterations=2)

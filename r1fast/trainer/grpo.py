@@ -383,6 +383,7 @@ class GRPOTrainer:
             tb = time.perf_counter()
             gn = unscale_and_clip(self) if finite else float("nan")
             step_if_finite(self, finite and math.isfinite(gn), loss_finite=finite)  # never a NaN/inf update
+            lr_used = self.scheduler.get_last_lr()[0]   # after scheduler.step() it is the next step's rate
             self.scheduler.step()
             self.global_step += 1
             losses.append(total_loss)
@@ -407,7 +408,7 @@ class GRPOTrainer:
             "truncated_ratio": sum(f == "length" for f in finish) / B,
             "loss": sum(losses) / len(losses),
             "grad_norm": _nanmean(grad_norms),
-            "lr": self.scheduler.get_last_lr()[0],
+            "lr": lr_used,   # the rate the last optimizer step of the rollout ran at
             "nonfinite_skipped": self.nonfinite_skipped,
             **({} if self.loss_scale is None else {"loss_scale": self.loss_scale.scale}),
             **stats_acc,

@@ -91,11 +91,12 @@ class SFTTrainer:
                 total += self._micro_batch(idx, n_tokens)
         gn = unscale_and_clip(self)
         step_if_finite(self, math.isfinite(total) and math.isfinite(gn), loss_finite=math.isfinite(total))
+        lr_used = self.scheduler.get_last_lr()[0]   # after scheduler.step() it is the next step's rate
         self.scheduler.step()
         self.global_step += 1
         dt = time.perf_counter() - t0
         scaled = {} if self.loss_scale is None else {"loss_scale": self.loss_scale.scale}
-        return {"loss": total, "grad_norm": gn, "lr": self.scheduler.get_last_lr()[0],
+        return {"loss": total, "grad_norm": gn, "lr": lr_used,
                 "nonfinite_skipped": self.nonfinite_skipped, **scaled,
                 "tokens_per_s": n_tokens / max(dt, 1e-9), "step_time_s": dt}
 
