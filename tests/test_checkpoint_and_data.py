@@ -592,7 +592,8 @@ def test_grpo_resume_checks_its_own_state_and_removes_a_killed_saves_folders(tmp
     for edit, match in [(lambda s: s.pop("rollout_index"), "rollout_index is None"),
                         (lambda s: s.update(rollout_index=-1), "rollout_index is -1, not a whole number >= 0"),
                         (lambda s: s.update(nonfinite_skipped=2.5), "nonfinite_skipped is 2.5, not a whole number"),
-                        (lambda s: s["data"].update(index=-1), r"data is \{'epoch': 0, 'index': -1\}, not a position")]:
+                        (lambda s: s["data"].update(index=-1), r"data is \{'epoch': 0, 'index': -1\}, not a position"),
+                        (lambda s: s.update(metrics_window=[{"reward": "1"}]), r"metrics_window is \[\{'reward': '1'\}\], not")]:
         state = json.loads(good)
         edit(state)
         (ck / "trainer_state.json").write_text(json.dumps(state))

@@ -594,6 +594,35 @@ def test_evaluations_between_logging_steps_are_logged(tmp_path):
     assert [r["step"] for r in rows if "reward" in r] == [3, 6]
 
 
+def test_grpo_logs_the_mean_of_the_rollouts_since_the_last_line(tmp_path):
+    """logging_steps=3: the line at step 3 showed rollout 3's reward alone, dropping rollouts 1-2 (TRL
+    and r1fast's SFT log the window's mean); now means, the maximum length's max, the last lr."""
+    tr = make(tmp_path, "w", max_steps=5, logging_steps=3, lr_scheduler_type="linear")
+    tr.train()
+    rows = _metrics(tmp_path / "w" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [3, 5]
+    for row, window in zip(rows, (tr.history[:3], tr.history[3:])):
+        for key in ("reward", "reward_std", "rewards/sevens", "frac_reward_zero_std", "completion_length", "loss",
+                    "grad_norm", "entropy", "truncated_ratio"):
+            assert row[key] == pytest.approx(sum(h[key] for h in window) / len(window)), key
+        assert row["completion_length_max"] == max(h["completion_length_max"] for h in window)
+        assert row["lr"] == window[-1]["lr"] and row["nonfinite_skipped"] == window[-1]["nonfinite_skipped"]
+    assert tr.history[0]["reward"] != tr.history[2]["reward"]   # else the mean would not tell the fix
+
+
+def test_grpo_resume_between_logging_steps_logs_the_uninterrupted_window(tmp_path):
+    # the window's rollouts before the checkpoint are kept in it, as SFT keeps its loss window
+    kw = dict(max_steps=4, logging_steps=4, learning_rate=3e-3)
+    make(tmp_path, "full", **kw).train()
+    first = make(tmp_path, "split", **kw)
+    first.train(callback=lambda step, m: setattr(first, "_stop_requested", step >= 2))
+    log = tmp_path / "split" / "metrics.jsonl"
+    assert first.global_step == 2 and not (log.exists() and log.read_text())   # nothing logged before step 4
+    make(tmp_path, "split", **kw).train(resume=True)
+    a, b = _metrics(tmp_path / "full" / "metrics.jsonl"), _metrics(tmp_path / "split" / "metrics.jsonl")
+    assert [r["step"] for r in a] == [4] and a == b
+
+
 def test_resuming_a_finished_run_logs_its_final_evaluation_once(tmp_path, recwarn):
     # the loop had nothing left to do, so the end's evaluation ran again: a second eval line at the last
     # step in metrics.jsonl (and TensorBoard); an interrupted last step still gets its evaluation

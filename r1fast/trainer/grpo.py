@@ -48,6 +48,7 @@ from r1fast.trainer.common import (  # noqa: F401  (NonFiniteLoss: also importab
 )
 from r1fast.trainer.config import ConfigError, GRPOConfig
 from r1fast.trainer.evaluate import check_eval_answers
+from r1fast.trainer.metrics import _plain
 
 
 class GRPOTrainer:
@@ -163,6 +164,9 @@ class GRPOTrainer:
         self._engine = None
         self.share_prompts = prompt_sharing_pays(self.model, self.cfg.share_prompts)
         self.history: list[dict] = []
+        # the metrics of the rollouts since the last logged line: with logging_steps > 1 a line combines
+        # them (window_metrics), as TRL's and SFT's do, rather than showing the last rollout alone
+        self.metrics_window: list[dict] = []
         self._stop_requested = False
         # the evaluation at the end, once logged: kept in the final checkpoint, so that resuming a
         # finished run neither evaluates nor logs it a second time
@@ -451,6 +455,7 @@ class GRPOTrainer:
             "nonfinite_skipped": self.nonfinite_skipped,
             "config": self.cfg.to_json_dict(),
             **saved_loss_scale(self.loss_scale),
+            "metrics_window": self.metrics_window,
         }
         if self._final_eval is not None:
             state["final_eval"] = self._final_eval
@@ -467,7 +472,14 @@ class GRPOTrainer:
                                     keep=self.cfg.save_total_limit, write_extra=write_extra)
 
     def load(self, path: str):
-        check = resume_check(self.cursor, {"rollout_index": None, "nonfinite_skipped": 0})
+        check_counters = resume_check(self.cursor, {"rollout_index": None, "nonfinite_skipped": 0})
+
+        def check(state):
+            check_counters(state)
+            window = state.get("metrics_window", [])   # absent in a checkpoint of an earlier r1fast
+            if not isinstance(window, list) or not all(isinstance(r, dict) and all(
+                    v is None or isinstance(v, (int, float)) for v in r.values()) for r in window):
+                raise ValueError(f"metrics_window is {window!r:.80}, not a list of metrics (name -> number)")
         state = ckpt.load_checkpoint(path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
                                      check=check)
         self.global_step = state["global_step"]
@@ -476,6 +488,7 @@ class GRPOTrainer:
         self.nonfinite_skipped = state.get("nonfinite_skipped", 0)
         if self.loss_scale is not None:
             self.loss_scale.load_state_dict(state.get("loss_scale"))
+        self.metrics_window = state.get("metrics_window", [])
         final_eval = state.get("final_eval")
         self._final_eval = final_eval if isinstance(final_eval, dict) else None
         if self.ref_model is not None:
@@ -516,11 +529,13 @@ class GRPOTrainer:
                 step = self.global_step
                 eval_now = cfg.eval_steps and self.eval_rows and (step // cfg.eval_steps) > (before // cfg.eval_steps) \
                     and step < self.total_steps
+                self.metrics_window.append({k: _plain(v) for k, v in m.items()})
                 ev = self.evaluate() if eval_now else {}
                 m.update(ev)
                 self.history.append({"step": step, **m})
                 if (step // cfg.logging_steps) > (before // cfg.logging_steps) or step >= self.total_steps:
-                    logger.log(self.step_offset + step, self.stage, m)
+                    logger.log(self.step_offset + step, self.stage, {**window_metrics(self.metrics_window), **ev})
+                    self.metrics_window = []
                     if cfg.log_completions:
                         logger.log_completions(self.step_offset + step, self.stage, out["samples"])
                 elif ev:   # not a logging step: the evaluation is logged on its own
@@ -586,6 +601,29 @@ def _restore_handlers(previous: dict | None):
     for sig, handler in (previous or {}).items():
         if handler is not None:  # None: installed from C, not restorable from Python
             signal.signal(sig, handler)
+
+
+# how a logged line combines its window's rollouts (any other metric: their mean, as TRL logs them)
+_WINDOW_LAST = ("lr", "nonfinite_skipped", "loss_scale")
+_WINDOW_MAX = ("completion_length_max", "is_weight/max")
+_WINDOW_MIN = ("is_weight/min",)
+
+
+def window_metrics(window: Sequence[dict]) -> dict[str, Any]:
+    """One logged line for the rollouts since the last one: each metric's mean over the rollouts that have
+    it (a NaN or null left out), the extremes' max / min, and lr and the skip count as the last one's."""
+    keys = list(dict.fromkeys(k for row in window for k in row))
+    out: dict[str, Any] = {}
+    for k in keys:
+        values = [row[k] for row in window if k in row]
+        finite = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+        if k in _WINDOW_LAST:
+            out[k] = values[-1]
+        elif k in _WINDOW_MAX + _WINDOW_MIN:
+            out[k] = (max if k in _WINDOW_MAX else min)(finite) if finite else float("nan")
+        else:
+            out[k] = _nanmean(values)
+    return out
 
 
 def _nanmean(xs) -> float:
