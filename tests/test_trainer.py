@@ -606,8 +606,24 @@ def test_grpo_logs_the_mean_of_the_rollouts_since_the_last_line(tmp_path):
                     "grad_norm", "entropy", "truncated_ratio"):
             assert row[key] == pytest.approx(sum(h[key] for h in window) / len(window)), key
         assert row["completion_length_max"] == max(h["completion_length_max"] for h in window)
+        assert row["completion_length_min"] == min(h["completion_length_min"] for h in window)
         assert row["lr"] == window[-1]["lr"] and row["nonfinite_skipped"] == window[-1]["nonfinite_skipped"]
     assert tr.history[0]["reward"] != tr.history[2]["reward"]   # else the mean would not tell the fix
+
+
+def test_grpo_logs_the_shortest_and_longest_completion(tmp_path, monkeypatch):
+    # TRL logs completions/min_length beside max_length; r1fast logged the mean and the maximum only
+    tr = make(tmp_path, "len", max_steps=1)
+    lengths, generate = [], tr.generate
+
+    def spy(*args):
+        out = generate(*args)
+        lengths.extend(len(c) for c in out[1])
+        return out
+    monkeypatch.setattr(tr, "generate", spy)
+    m = tr.step()["metrics"]
+    assert (m["completion_length_min"], m["completion_length_max"]) == (min(lengths), max(lengths))
+    assert m["completion_length"] == pytest.approx(sum(lengths) / len(lengths))
 
 
 def test_grpo_resume_between_logging_steps_logs_the_uninterrupted_window(tmp_path):

@@ -408,6 +408,7 @@ class GRPOTrainer:
             **{f"rewards/{n}": _nanmean([x if x is not None else float("nan") for x in t])
                for n, t in zip(self.rewards.names, table)},
             "completion_length": float(lengths.mean()),
+            "completion_length_min": float(lengths.min()),
             "completion_length_max": float(lengths.max()),
             "truncated_ratio": sum(f == "length" for f in finish) / B,
             "loss": sum(losses) / len(losses),
@@ -606,7 +607,7 @@ def _restore_handlers(previous: dict | None):
 # how a logged line combines its window's rollouts (any other metric: their mean, as TRL logs them)
 _WINDOW_LAST = ("lr", "nonfinite_skipped", "loss_scale")
 _WINDOW_MAX = ("completion_length_max", "is_weight/max")
-_WINDOW_MIN = ("is_weight/min",)
+_WINDOW_MIN = ("completion_length_min", "is_weight/min")
 
 
 def window_metrics(window: Sequence[dict]) -> dict[str, Any]:
