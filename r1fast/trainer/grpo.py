@@ -48,7 +48,7 @@ from r1fast.trainer.common import (  # noqa: F401  (NonFiniteLoss: also importab
 )
 from r1fast.trainer.config import ConfigError, GRPOConfig
 from r1fast.trainer.evaluate import check_eval_answers
-from r1fast.trainer.metrics import _plain
+from r1fast.trainer.metrics import plain_number
 
 
 class GRPOTrainer:
@@ -530,7 +530,7 @@ class GRPOTrainer:
                 step = self.global_step
                 eval_now = cfg.eval_steps and self.eval_rows and (step // cfg.eval_steps) > (before // cfg.eval_steps) \
                     and step < self.total_steps
-                self.metrics_window.append({k: _plain(v) for k, v in m.items()})
+                self.metrics_window.append({k: plain_number(v) for k, v in m.items()})
                 ev = self.evaluate() if eval_now else {}
                 m.update(ev)
                 self.history.append({"step": step, **m})

@@ -47,7 +47,7 @@ class MetricsLogger:
                 self._wandb = wandb.init(name=run_name, config=config, dir=run_dir, resume="allow")
 
     def log(self, step: int, stage: str, metrics: dict[str, Any]):
-        row = {"step": step, "stage": stage, **{k: _plain(v) for k, v in metrics.items()}}
+        row = {"step": step, "stage": stage, **{k: plain_number(v) for k, v in metrics.items()}}
         with writing(self.path), open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
         numeric = {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}
@@ -62,7 +62,7 @@ class MetricsLogger:
         with writing(self.completions_path), open(self.completions_path, "a", encoding="utf-8") as f:
             for s in samples:
                 # a row no reward function scored has total NaN, which json.dumps writes as invalid JSON
-                f.write(json.dumps({"step": step, "stage": stage, **{k: _plain(v) for k, v in s.items()}}) + "\n")
+                f.write(json.dumps({"step": step, "stage": stage, **{k: plain_number(v) for k, v in s.items()}}) + "\n")
 
     def close(self):
         if self._tb is not None:
@@ -116,7 +116,7 @@ def replacing(path: str):
     os.replace(tmp, path)
 
 
-def _plain(v):
+def plain_number(v):
     if hasattr(v, "item"):
         v = v.item()
     if isinstance(v, float) and not math.isfinite(v):
