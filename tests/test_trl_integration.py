@@ -967,3 +967,29 @@ def test_matches_stock_trl_on_completions_of_different_lengths(tmp_path, model_d
                         max_completion_length=6)
     lengths = torch.cat([m.sum(1) for m in stock["masks"]])
     assert len(set(lengths.tolist())) >= 3, lengths
+
+
+def test_fp16_loss_scale_reaches_the_fused_op(tmp_path, model_dirs, monkeypatch):
+    """Under fp16 mixed precision accelerate backwards with loss * S (its GradScaler): the fused op must form its
+    fp16 gradients at S (grad_scale), or the ones below 6e-8 are 0 before the backward's multiply reaches them.
+    The gradients stay those of an unscaled loss."""
+    seen = []
+    original = r1trl.ops.fused_linear_grpo_loss
+
+    def recorded(*args, **kwargs):
+        seen.append(kwargs.get("grad_scale", 1.0))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(r1trl.ops, "fused_linear_grpo_loss", recorded)
+    tokenizer = AutoTokenizer.from_pretrained(model_dirs["untied"])
+    trainer = r1trl.GRPOTrainer(model=AutoModelForCausalLM.from_pretrained(model_dirs["untied"]),
+                                reward_funcs=char_reward, args=_config(tmp_path),
+                                train_dataset=Dataset.from_dict({"prompt": PROMPTS}), processing_class=tokenizer)
+    trainer.current_gradient_accumulation_steps = 1
+    inputs = _loss_inputs(tokenizer, trainer.model, 0.0, "token")
+    inputs.pop("importance_sampling_ratio")
+    plain = _vllm_loss_and_grads(trainer, inputs)
+    trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    scaled = _vllm_loss_and_grads(trainer, inputs)
+    assert seen == [1.0, 2.0 ** 10]
+    _assert_same_loss_and_grads(plain, scaled)

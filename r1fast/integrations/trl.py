@@ -314,6 +314,13 @@ class GRPOTrainer(trl.GRPOTrainer):
 
     # ---- shared pieces -------------------------------------------------------------------------
 
+    def _grad_scale(self) -> float:
+        """The loss scale accelerate's backward multiplies the loss by (its GradScaler's under fp16 mixed
+        precision, else 1). The fused op forms its fp16 gradients in the forward: formed at 1, those below
+        fp16's 6e-8 are already 0 when the scaler's multiply reaches them in the backward."""
+        scaler = getattr(self.accelerator, "scaler", None)
+        return 1.0 if scaler is None or not torch.is_grad_enabled() else float(scaler.get_scale())
+
     def _loss_backend_kwargs(self) -> dict:
         return {} if self.r1fast_backend is None else {"backend": self.r1fast_backend}
 
@@ -451,7 +458,8 @@ class GRPOTrainer(trl.GRPOTrainer):
 
         loss, stats = ops.fused_linear_grpo_loss(
             hidden, weight, targets, mask, advantages, old_logp=old_logp, ref_logp=ref_logp,
-            importance_weights=weights, options=options, row_stats=True, **self._loss_backend_kwargs(),
+            importance_weights=weights, options=options, row_stats=True, grad_scale=self._grad_scale(),
+            **self._loss_backend_kwargs(),
         )
         if self.loss_type in _MEAN_LOSS_TYPES:
             loss = loss / accumulation
