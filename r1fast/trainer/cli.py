@@ -127,7 +127,9 @@ def _in_use_message(cmd: str, rest: list[str], e) -> str:
 def _resume_pipeline(resume, overrides: list[str]) -> tuple[bool, list[str]]:
     """A pipeline resumes its own run folder; `--resume PATH` names that folder (it was silently
     ignored before, and a fresh run started in ./runs/<name>)."""
-    if not isinstance(resume, str) or resume in ("latest", "true", "True"):
+    from r1fast.trainer.checkpoints import resume_is_bare
+
+    if not isinstance(resume, str) or resume_is_bare(resume):
         return bool(resume), overrides
     if not os.path.isfile(os.path.join(resume, "pipeline_state.json")):
         raise ConfigError(f"--resume {resume!r}: not a pipeline run folder (no pipeline_state.json); "
