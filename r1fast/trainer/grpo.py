@@ -612,7 +612,8 @@ _WINDOW_MIN = ("completion_length_min", "is_weight/min")
 
 def window_metrics(window: Sequence[dict]) -> dict[str, Any]:
     """One logged line for the rollouts since the last one: each metric's mean over the rollouts that have
-    it (a NaN or null left out), the extremes' max / min, and lr and the skip count as the last one's."""
+    it (a NaN or null left out), the extremes' max / min, and lr, the skip count and the loss scale as the last
+    one's."""
     keys = list(dict.fromkeys(k for row in window for k in row))
     out: dict[str, Any] = {}
     for k in keys:

@@ -44,8 +44,7 @@ class LossScale:
         """A checkpoint's scale and count; a checkpoint without them (fp32, bf16, older) keeps the start values."""
         if state is None:
             return
-        scale, good = state.get("scale") if isinstance(state, dict) else None, \
-            state.get("good_steps") if isinstance(state, dict) else None
+        scale, good = (state.get("scale"), state.get("good_steps")) if isinstance(state, dict) else (None, None)
         if not (isinstance(scale, (int, float)) and not isinstance(scale, bool) and math.isfinite(scale) and scale > 0
                 and type(good) is int and good >= 0):
             raise ValueError(f"trainer_state.json: loss_scale is {state!r:.80}, not {{'scale': a number > 0, 'good_steps': a whole number}}")
