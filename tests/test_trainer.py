@@ -1927,6 +1927,23 @@ def test_fp16_overflow_halves_the_loss_scale_and_skips_the_step(tmp_path, stage)
     assert (again.loss_scale.scale, again.loss_scale.good_steps) == (2.0 ** 10, 1)
 
 
+def test_fp16_nan_loss_leaves_the_loss_scale_alone(tmp_path, monkeypatch):
+    """A NaN loss is no fp16 overflow (the loss is formed before the scale): its skipped step must not halve the
+    scale, which only costs the gradients precision, nor reset the count towards doubling it."""
+    from r1fast import ops
+    from r1fast.trainer import SFTConfig, sft
+
+    model, tok = tiny_model()
+    rows = [{"prompt": str(i), "completion": "7"} for i in range(8)]
+    tr = sft.SFTTrainer(model.half(), tok, rows, SFTConfig(per_device_train_batch_size=8, progress_bar=False,
+                                                            output_dir=str(tmp_path / "run")))
+    tr.loss_scale.good_steps = 5
+    grouped_logprob = ops.grouped_logprob
+    monkeypatch.setattr(ops, "grouped_logprob", lambda *a, **k: grouped_logprob(*a, **k) * float("nan"))
+    m = tr.step()
+    assert tr.nonfinite_skipped == 1 and m["loss_scale"] == 2.0 ** 16 and tr.loss_scale.good_steps == 5
+
+
 def test_fp16_without_fp32_gradient_sums_warns_that_no_loss_is_scaled(tmp_path, caplog):
     """The loss scale is divided out of the fp32 copies' gradients; without them fp16 trains unscaled, and says so."""
     import logging

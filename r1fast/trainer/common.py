@@ -147,7 +147,7 @@ def step_if_finite(trainer, finite: bool, loss_finite: bool = True) -> None:
     more, is not counted towards that limit: the smaller scale is its remedy."""
     scaler = getattr(trainer, "loss_scale", None)
     overflow = scaler is not None and not finite and loss_finite and scaler.scale >= 1
-    if scaler is not None:
+    if scaler is not None and loss_finite:   # a NaN/inf loss came before the scale: a smaller one is no remedy
         scaler.update(finite)
     if finite:
         trainer.optimizer.step()
