@@ -235,6 +235,9 @@ def test_load_rows_from_files(tmp_path):
     assert len(load_rows("builtin:arithmetic?max_terms=5", n_builtin=7)) == 7
     with pytest.raises(ValueError, match=r"does not exist \([^;]*\)$"):
         load_rows(str(tmp_path / "missing.jsonl"))
+    for local in (str(tmp_path / "missing_folder"), "./missing_folder"):   # a path, not a Hub name: no Hub hint
+        with pytest.raises(ValueError, match=r"does not exist \([^;]*\)$"):
+            load_rows(local)
     with pytest.raises(ValueError, match=r"'openai/gsm8k' does not exist .*\.csv.*reads local data only.*"
                                          r"load_dataset\('openai/gsm8k'\)\.save_to_disk\('my_data'\)"):
         load_rows("openai/gsm8k")

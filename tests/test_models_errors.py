@@ -88,6 +88,9 @@ def test_bad_config_files(tmp_path):
         ModelConfig.from_hf_config(tmp_path)
     with pytest.raises(FileNotFoundError, match=r"'[^']*nowhere' does not exist$"):
         from_pretrained(tmp_path / "nowhere")
+    for local in ("./nowhere", "../nowhere"):   # relative local paths, not Hub names: no Hub hint
+        with pytest.raises(FileNotFoundError, match=r"does not exist$"):
+            from_pretrained(local)
     # a Hub name is not fetched: the error says how to make it a local folder
     with pytest.raises(FileNotFoundError, match=r"does not exist; r1fast loads local folders only: .*Hub model.*"
                                                 r"snapshot_download\('Qwen/Qwen2\.5-0\.5B-Instruct'"):

@@ -88,9 +88,11 @@ def _no_splits(path: str, split: Optional[str]):
 
 
 def hub_name_hint(path: str) -> str:
-    """For a missing dataset path without a file extension, which reads like a Hub name ('openai/gsm8k'):
-    how to make it local, since r1fast never downloads."""
-    if "." in os.path.basename(path.rstrip("/")):
+    """For a missing dataset path that reads like a Hub name ('openai/gsm8k', 'gsm8k': no file extension, not
+    absolute, not ./ or ../): how to make it local, since r1fast never downloads."""
+    from r1fast.models.checkpoint import HUB_ID
+
+    if "." in os.path.basename(path) or not HUB_ID.fullmatch(path):
         return ""
     return (f"; r1fast reads local data only: to use a Hugging Face Hub dataset, save it first, e.g. "
             f"datasets.load_dataset({path!r}).save_to_disk('my_data') and give dataset=my_data")

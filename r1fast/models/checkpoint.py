@@ -27,13 +27,14 @@ _IGNORED_KEY = re.compile(r"^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq
 _EMBED_KEY = "model.embed_tokens.weight"
 
 
-_HUB_NAME = re.compile(r"[\w.-]+/[\w.-]+")
+# "org/name", each part opening with a letter or digit as the Hub's ids do: "./model" or "../ckpt" is a local path
+HUB_ID = re.compile(r"(?:\w[\w.-]*/)?\w[\w.-]*")
 
 
 def hub_model_hint(path: str) -> str:
     """For a missing folder named like a Hub model ('Qwen/Qwen2.5-0.5B-Instruct'): how to make it local,
     since r1fast loads local checkpoints only."""
-    if not _HUB_NAME.fullmatch(path):
+    if "/" not in path or not HUB_ID.fullmatch(path):
         return ""
     return (f"; r1fast loads local folders only: if {path!r} is a Hugging Face Hub model, download it first, "
             f"e.g. huggingface_hub.snapshot_download({path!r}, local_dir='my_model'), and give that folder")
