@@ -32,3 +32,16 @@ def _no_backend_override(monkeypatch):
     # backend (with =cublas set, the "triton" log-prob tests ran torch.mm and three of them failed).
     for name in [k for k in os.environ if k.startswith("R1FAST_")]:
         monkeypatch.delenv(name)
+
+
+@pytest.fixture
+def sigterm_guard():
+    """A SIGTERM that the trainer or pipeline does not catch fails the test instead of killing pytest."""
+    import signal
+
+    def unhandled(signum, frame):
+        raise AssertionError("SIGTERM reached the handler outside the trainer")
+
+    previous = signal.signal(signal.SIGTERM, unhandled)
+    yield
+    signal.signal(signal.SIGTERM, previous)

@@ -1165,6 +1165,107 @@ def assert_last_stage_resumes_as_it_ran(spec, tmp_path, stage, checkpoint):
         assert torch.equal(fresh[k], resumed[k]), k
 
 
+def sigterm_on_call(tmp_path, monkeypatch, n: int):
+    """A reward function `stopper:f` (1.0 for every sample) whose n-th call sends this process SIGTERM,
+    as a scheduler ending the job does; its calls are counted in `stopper.calls`."""
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "stopper.py").write_text(
+        "import os, signal\ncalls = []\nSTOP_AT = 0\n"
+        "def f(prompts, completions, **kw):\n"
+        "    calls.append(len(completions))\n"
+        "    if len(calls) == STOP_AT:\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    return [1.0] * len(completions)\n")
+    import importlib
+
+    import stopper
+
+    importlib.reload(stopper)   # a fresh count for this test
+    stopper.STOP_AT = n
+    return stopper
+
+
+def sample_stage_spec(tmp_path, output_dir: str = "run", temperature: float = 1.0):
+    spec = tmp_path / f"{output_dir}.yaml"
+    spec.write_text(f"name: p\nmodel: builtin:micro\nprogress_bar: false\noutput_dir: {tmp_path / output_dir}\n"
+                    "stages:\n"
+                    "  - {name: rs, type: sample, dataset: builtin:arithmetic, num_rows: 8,\n"
+                    "     config: {num_samples: 2, batch_prompts: 2, max_completion_length: 4, keep_truncated: true,\n"
+                    f"              temperature: {temperature}, reward_funcs: ['stopper:f'], reward_thresholds: [0]}}}}\n")
+    return spec
+
+
+def test_sigterm_in_a_sample_stage_keeps_its_batches_and_resume_continues_there(tmp_path, monkeypatch, capsys,
+                                                                                 sigterm_guard):
+    # SIGTERM ended the process at once (status 143, no word): every prompt sampled was lost and the
+    # stage started over. It now stops after the batch of prompts, keeps its rows, exits with 130 as a
+    # training stage does, and --resume samples the remaining prompts only, giving what one run gives.
+    import signal
+
+    stopper = sigterm_on_call(tmp_path, monkeypatch, 2)
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    spec = sample_stage_spec(tmp_path)
+    assert main(["pipeline", str(spec)]) == 130
+    out, err = capsys.readouterr()
+    assert "SIGTERM: finishing this batch of prompts of stage 'rs'" in out
+    assert "interrupted stage 'rs' after 4 of 8 prompts (4 samples kept so far" in out
+    assert err.strip() == f"r1fast pipeline: stopped; continue with: r1fast pipeline {spec} --resume"
+    assert {s: signal.getsignal(s) for s in before} == before   # handlers restored
+    progress = json.loads((tmp_path / "run" / "rs" / "sample_progress.json").read_text())
+    assert progress["next_prompt"] == 4 and len(progress["rows"]) == 4
+    assert main(["pipeline", str(spec), "--resume"]) == 0
+    assert "stage 'rs' continues from prompt 5 of 8 (4 samples kept before)" in capsys.readouterr().out
+    assert stopper.calls == [4] * 4   # 2 batches, then the other 2 only
+    assert not (tmp_path / "run" / "rs" / "sample_progress.json").exists()
+    resumed = (tmp_path / "run" / "rs" / "samples.jsonl").read_text()
+    state = json.loads((tmp_path / "run" / "pipeline_state.json").read_text())
+    assert state["stages"]["rs"]["sample_stats"]["samples"] == 16
+    stopper.STOP_AT = 0
+    assert main(["pipeline", str(sample_stage_spec(tmp_path, "whole"))]) == 0
+    assert (tmp_path / "whole" / "rs" / "samples.jsonl").read_text() == resumed
+
+
+def test_a_stopped_sample_stage_resumed_with_other_options_starts_over_and_says_so(tmp_path, monkeypatch, capsys,
+                                                                                    sigterm_guard):
+    stopper = sigterm_on_call(tmp_path, monkeypatch, 1)
+    assert main(["pipeline", str(sample_stage_spec(tmp_path))]) == 130
+    stopper.calls.clear()
+    stopper.STOP_AT = 0
+    assert main(["pipeline", str(sample_stage_spec(tmp_path, temperature=0.5)), "--resume"]) == 0
+    assert "is for other options or prompts: it samples from its first prompt" in capsys.readouterr().err
+    assert stopper.calls == [4] * 4
+
+
+def test_sigterm_in_the_evaluation_between_stages_stops_before_the_next(tmp_path, monkeypatch, capsys, sigterm_guard):
+    # SIGTERM during the held-out evaluation after a stage ended the process at once, losing that
+    # evaluation; it now finishes it, records the stage and stops before the next one.
+    import signal
+
+    from r1fast.trainer.pipeline import PipelineRunner
+
+    spec = tiny_pipeline(tmp_path)
+    spec["stages"] = [spec["stages"][0], spec["stages"][2]]
+    spec["stages"][0]["config"]["max_steps"] = 1
+    evaluate = PipelineRunner.evaluate
+
+    def sigterm_mid_evaluation(self, *a, **kw):
+        signal.raise_signal(signal.SIGTERM)
+        return evaluate(self, *a, **kw)
+
+    monkeypatch.setattr(PipelineRunner, "evaluate", sigterm_mid_evaluation)
+    with pytest.raises(KeyboardInterrupt):
+        run_pipeline(spec)
+    out = capsys.readouterr().out
+    assert "SIGTERM: finishing the held-out evaluation after stage 'cold'" in out
+    assert "interrupted before stage 'rs'" in out
+    state = json.loads((tmp_path / "run" / "pipeline_state.json").read_text())
+    assert list(state["stages"]) == ["cold"] and "eval/accuracy" in state["stages"]["cold"]["eval"]
+    monkeypatch.setattr(PipelineRunner, "evaluate", evaluate)
+    summary = run_pipeline(spec, resume=True)
+    assert [s["stage"] for s in summary["stages"]] == ["cold", "rs"]
+    assert "cold (sft): done in the earlier run, skipped" in capsys.readouterr().out
+
+
 def test_a_stage_whose_checkpoint_replacement_was_killed_resumes_from_it(tmp_path, capsys):
     # killed in a save that replaced the stage's last checkpoint, between its two renames: the complete
     # checkpoint-N.old-<pid> was not seen, the stage started over, and its trainer (which puts the old one

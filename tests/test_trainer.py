@@ -254,19 +254,6 @@ def test_failing_reward_names_function_and_row(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
-@pytest.fixture
-def sigterm_guard():
-    """A SIGTERM that the trainer does not catch fails the test instead of killing pytest."""
-    import signal
-
-    def unhandled(signum, frame):
-        raise AssertionError("SIGTERM reached the handler outside the trainer")
-
-    previous = signal.signal(signal.SIGTERM, unhandled)
-    yield
-    signal.signal(signal.SIGTERM, previous)
-
-
 @pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
 def test_ctrl_c_or_sigterm_leaves_a_resumable_checkpoint(tmp_path, signame, sigterm_guard):
     # SIGTERM (a scheduler ending the job, `kill`) killed the run at once, losing the steps since the

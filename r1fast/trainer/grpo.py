@@ -577,9 +577,11 @@ _EXTREMES = {"is_weight/min": (torch.minimum, math.inf), "is_weight/max": (torch
 _STOP_SIGNALS = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}  # SIGTERM: a scheduler's job end, `kill`
 
 
-def _install_stop_handlers(trainer) -> dict | None:
-    """First Ctrl-C or SIGTERM: finish the current step, write a checkpoint, stop. Second: stop at
-    once. Returns the handlers to put back (`_restore_handlers`)."""
+def _install_stop_handlers(trainer, finishing: Callable[[], str] = lambda: "finishing this step and writing a checkpoint"
+                           ) -> dict | None:
+    """First Ctrl-C or SIGTERM: finish the current step, write a checkpoint, stop (`finishing` says
+    what is finished: a pipeline's own handler, between its stages, finishes other work). Second:
+    stop at once. Returns the handlers to put back (`_restore_handlers`)."""
     import threading
 
     if threading.current_thread() is not threading.main_thread():
@@ -590,7 +592,7 @@ def _install_stop_handlers(trainer) -> dict | None:
             raise KeyboardInterrupt
         trainer._stop_requested = True
         name = _STOP_SIGNALS[signum]
-        print(f"\nr1fast: {name}: finishing this step and writing a checkpoint ({name} again to abort)", flush=True)
+        print(f"\nr1fast: {name}: {finishing()} ({name} again to abort)", flush=True)
 
     previous = {sig: signal.getsignal(sig) for sig in _STOP_SIGNALS}
     for sig in _STOP_SIGNALS:

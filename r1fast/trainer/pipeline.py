@@ -66,6 +66,10 @@ _GONE = "restore it, or start the run over with overwrite_output_dir=true"
 # folder recorded them relative to itself), or relative to the run folder when inside it and else as given.
 # 2: relative to the run folder when inside it, else absolute. PipelineRunner._read_state reads all three.
 STATE_FORMAT = 2
+# A sample stage stopped by Ctrl-C/SIGTERM: the rows it kept so far, its statistics and the next prompt, in its folder
+SAMPLE_PROGRESS = "sample_progress.json"
+# what a first Ctrl-C/SIGTERM outside a stage's evaluation or sampling (a trainer has its own handler) waits for
+_BETWEEN_STAGES = "stopping before the next stage trains or samples"
 # A GRPO stage's evaluations at its eval_steps default to the pipeline's held-out settings.
 _EVAL_DEFAULTS = ("eval_size", "eval_samples_per_prompt", "eval_temperature")
 
@@ -332,6 +336,9 @@ class PipelineRunner:
         self.state: dict[str, Any] = {"format": STATE_FORMAT, "stages": {}}
         self.samples: dict[str, list[dict]] = {}
         self._eval_rows = None
+        # set by the first Ctrl-C/SIGTERM outside a trainer's loop (whose own handler stops it at its step)
+        self._stop_requested = False
+        self._finishing = _BETWEEN_STAGES
 
     # -- helpers -----------------------------------------------------------------------------------
     def eval_rows(self) -> Optional[list[dict]]:
@@ -479,6 +486,43 @@ class PipelineRunner:
         with replacing(self.state_path) as f:
             json.dump(self.state, f, indent=1)
 
+    def _stop_sample_stage(self, path: str, stage: Stage, rows: list[dict], kept: list[dict], stats: dict):
+        """A sample stage stopped after a batch of prompts: what it kept and where it was, in one file
+        written whole (a kill mid-write keeps the earlier one), then the run stops as a trainer's does."""
+        from r1fast.trainer.sampling import _json_value
+
+        n = stats["next_prompt"]
+        progress = {"fingerprint": _sample_fingerprint(stage, rows, self._settings()), "next_prompt": n, "stats": stats, "rows": kept}
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with replacing(path) as f:
+            json.dump(progress, f, ensure_ascii=False, default=_json_value)
+        self.save_state()
+        print(f"\nr1fast: interrupted stage {stage.name!r} after {n} of {stats['prompts']} prompts ({len(kept)} samples "
+              f"kept so far, in {path}); --resume continues from there", flush=True)
+        raise KeyboardInterrupt   # the CLI says how to continue and exits with 130
+
+    def _sample_progress(self, path: str, stage: Stage, rows: list[dict]) -> Optional[dict]:
+        """What a stopped sample stage kept (`_stop_sample_stage`), when it sampled these prompts with these
+        options; else None, said: the stage samples from its first prompt."""
+        if not os.path.exists(path):
+            return None
+        try:
+            with open(path, encoding="utf-8") as f:
+                progress = json.load(f)
+            usable = progress["fingerprint"] == _sample_fingerprint(stage, rows, self._settings())
+            n = int(progress["next_prompt"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            usable, why = False, f"cannot be read ({e})"
+        else:
+            why = "is for other options or prompts"
+        if not usable:
+            print(f"r1fast: --resume: stage {stage.name!r}: what its stopped run kept ({path}) {why}: it samples "
+                  f"from its first prompt", file=sys.stderr, flush=True)
+            return None
+        print(f"r1fast: --resume: stage {stage.name!r} continues from prompt {n + 1} of {progress['stats']['prompts']} "
+              f"({len(progress['rows'])} samples kept before)", flush=True)
+        return progress
+
     def evaluate(self, model, tokenizer, seed: int) -> dict:
         from r1fast.trainer.evaluate import evaluate_accuracy
 
@@ -510,9 +554,22 @@ class PipelineRunner:
     # -- the run -----------------------------------------------------------------------------------
     def run(self, resume: bool = False) -> dict:
         from r1fast.trainer.checkpoints import own_run_folder
+        from r1fast.trainer.grpo import _install_stop_handlers, _restore_handlers
 
         with own_run_folder(self.run_dir):  # one run per folder at a time
-            return self._run(resume)
+            previous_handlers = _install_stop_handlers(self, lambda: self._finishing)
+            try:
+                return self._run(resume)
+            finally:
+                _restore_handlers(previous_handlers)
+
+    def _stop_if_requested(self, stage: Stage):
+        """A stop asked for between stages (the evaluation after one, loading the next) ends the run before
+        `stage` starts, as a trainer's does at its step: the state says what is done, --resume goes on."""
+        if self._stop_requested:
+            self.save_state()
+            print(f"\nr1fast: interrupted before stage {stage.name!r}", flush=True)
+            raise KeyboardInterrupt   # the CLI says how to continue and exits with 130
 
     def _run(self, resume: bool) -> dict:
         from r1fast.trainer.checkpoints import latest_checkpoint, remove_save_leftovers
@@ -611,6 +668,7 @@ class PipelineRunner:
 
                 rows = self.stage_rows(stage, i, (cfg.prompt_column, cfg.completion_column))
                 tr = SFTTrainer(model, tokenizer, rows, cfg, run_dir=stage_dir, stage_name=stage.name, step_offset=step)
+                self._stop_if_requested(stage)
                 res = tr.train(resume=True if resume_stage else None)
                 if res.get("interrupted"):
                     self.save_state()
@@ -628,6 +686,7 @@ class PipelineRunner:
                                        held_out=eval_rows if cfg.eval_dataset is not None else None)
                 tr = GRPOTrainer(model, cfg.reward_funcs, rows, cfg, tokenizer=tokenizer, eval_dataset=eval_rows,
                                  run_dir=stage_dir, stage_name=stage.name, step_offset=step, eval_at_ends=False)
+                self._stop_if_requested(stage)
                 res = tr.train(resume=True if resume_stage else None)
                 if res.get("interrupted"):
                     self.save_state()
@@ -639,13 +698,25 @@ class PipelineRunner:
                 from r1fast.trainer.sampling import rejection_sample, summary, write_jsonl
 
                 rows = self.stage_rows(stage, i, (cfg.prompt_column,))
-                kept, stats = rejection_sample(model, tokenizer, rows, cfg, progress=p.progress_bar and cfg.progress_bar)
+                progress_path = os.path.join(stage_dir, SAMPLE_PROGRESS)
+                earlier = self._sample_progress(progress_path, stage, rows) if resume else None
+                self._stop_if_requested(stage)
+                self._finishing = (f"finishing this batch of prompts of stage {stage.name!r} and keeping what it "
+                                   f"sampled so far")
+                kept, stats = rejection_sample(model, tokenizer, rows, cfg, progress=p.progress_bar and cfg.progress_bar,
+                                               should_stop=lambda: self._stop_requested, resume_from=earlier)
+                if "next_prompt" in stats:   # stopped after a batch of prompts
+                    self._stop_sample_stage(progress_path, stage, rows, kept, stats)
                 path = cfg.output_file or os.path.join(stage_dir, "samples.jsonl")
                 write_jsonl(kept, path)
+                if os.path.exists(progress_path):
+                    os.remove(progress_path)
                 self.samples[stage.name] = kept
                 record.update(samples=self._in_run(path), sample_stats=stats)
                 print(f"{summary(stats)} → {path}")
             if stage.type != "sample" and stage.evaluate and self.eval_rows():
+                self._finishing = (f"finishing the held-out evaluation after stage {stage.name!r}, then stopping "
+                                   f"before the next stage")
                 ev = self.evaluate(model, tokenizer, seed=p.seed * 1000 + 7)
                 samples = ev.pop("_samples")
                 record["eval"] = ev
@@ -663,6 +734,7 @@ class PipelineRunner:
             self.state["stages"][stage.name] = record
             self.save_state()
             self.write_metrics()
+            self._finishing = _BETWEEN_STAGES
         # again at the end: a run killed between a stage's state and this file resumed with every stage done,
         # which wrote it no more (the last stage's metrics were missing for good)
         self.write_metrics()
@@ -700,8 +772,9 @@ class PipelineRunner:
         for name in names:
             stage_dir = os.path.join(self.run_dir, name)
             clear_run(stage_dir)
-            if os.path.isfile(os.path.join(stage_dir, "samples.jsonl")):
-                os.remove(os.path.join(stage_dir, "samples.jsonl"))
+            for kept in ("samples.jsonl", SAMPLE_PROGRESS):   # a stopped stage's rows: not the new run's
+                if os.path.isfile(os.path.join(stage_dir, kept)):
+                    os.remove(os.path.join(stage_dir, kept))
         for name in ("pipeline_state.json", "summary.json", "metrics.jsonl"):
             if os.path.isfile(os.path.join(self.run_dir, name)):
                 os.remove(os.path.join(self.run_dir, name))
@@ -767,6 +840,16 @@ def _stage_options(stage: Stage) -> dict:
     options = {**{k: v for k, v in stage.config.to_dict().items() if not callable(v)},
                "model": stage.model, "dataset": stage.dataset, "num_rows": stage.num_rows}
     return json.loads(json.dumps(options, default=str))
+
+
+def _sample_fingerprint(stage: Stage, rows: list[dict], settings: dict) -> str:
+    """A sample stage's options, prompts and the pipeline's model, dtype, device and seed: a stopped
+    stage's kept rows continue only the same sampling."""
+    import hashlib
+
+    options = {k: v for k, v in _stage_options(stage).items() if k != "progress_bar"}
+    prompts = [r.get(stage.config.prompt_column) for r in rows]
+    return hashlib.sha256(json.dumps([options, prompts, settings], sort_keys=True, default=str).encode()).hexdigest()
 
 
 def _changed_settings(recorded: Optional[dict], now: dict) -> str:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Sequence
+from typing import Callable, Optional, Sequence
 
 from r1fast.data.loading import (check_columns, check_prompts, continues_answer, decode_completion, encode_prompt,
                                  prefilled_think, stop_token_ids)
@@ -17,8 +17,13 @@ from r1fast.trainer.config import SampleConfig
 from r1fast.trainer.metrics import replacing
 
 
-def rejection_sample(model, tokenizer, rows: Sequence[dict], cfg: SampleConfig, *, progress: bool = True) -> tuple[list[dict], dict]:
-    """→ (kept rows, statistics)."""
+def rejection_sample(model, tokenizer, rows: Sequence[dict], cfg: SampleConfig, *, progress: bool = True,
+                     should_stop: Optional[Callable[[], bool]] = None,
+                     resume_from: Optional[dict] = None) -> tuple[list[dict], dict]:
+    """→ (kept rows, statistics). `should_stop` is asked after each batch of prompts: when it says
+    yes, the statistics hold `next_prompt`, where `resume_from` ({"next_prompt", "rows", "stats"}
+    of the stopped call) continues. Each batch's seed depends on its position alone, so the
+    continued call keeps what the uninterrupted one would."""
     from r1fast.rollout import Engine, SamplingParams
 
     cfg.validate()
@@ -41,16 +46,20 @@ def rejection_sample(model, tokenizer, rows: Sequence[dict], cfg: SampleConfig, 
     # completion is the assistant's whole turn, opening included, so a student whose template does not open
     # it learns to (SFT leaves it out again for a template that does).
     opening = prefilled_think(tokenizer)
-    kept: list[dict] = []
-    n_total = n_pass = n_cut = 0
-    prompts_with_any = 0
+    kept: list[dict] = list(resume_from["rows"]) if resume_from else []
+    done = resume_from["stats"] if resume_from else {}
+    n_total, n_pass, n_cut = done.get("samples", 0), done.get("passed", 0), done.get("truncated", 0)
+    prompts_with_any = done.get("prompts_kept", 0)
+    first = resume_from["next_prompt"] if resume_from else 0
+    stopped_at = None
     model.eval()
     bar = None
     if progress:
         from r1fast.progress import progress as progress_bar
 
         bar = progress_bar(len(rows), "sample", unit="prompts")
-    for start in range(0, len(rows), cfg.batch_prompts):
+        bar.update(first)
+    for start in range(first, len(rows), cfg.batch_prompts):
         chunk = rows[start:start + cfg.batch_prompts]
         params = SamplingParams(n=cfg.num_samples, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
                                 max_tokens=cfg.max_completion_length, stop_token_ids=stops,
@@ -93,10 +102,15 @@ def rejection_sample(model, tokenizer, rows: Sequence[dict], cfg: SampleConfig, 
         if bar is not None:
             bar.set_postfix(pass_rate=f"{n_pass / max(n_total, 1):.2f}", kept=len(kept))
             bar.update(len(chunk))
+        if should_stop is not None and should_stop() and start + len(chunk) < len(rows):
+            stopped_at = start + len(chunk)
+            break
     if bar is not None:
         bar.close()
     stats = {"prompts": len(rows), "samples": n_total, "truncated": n_cut, "passed": n_pass,
              "pass_rate": n_pass / max(n_total, 1), "kept": len(kept), "prompts_kept": prompts_with_any}
+    if stopped_at is not None:
+        stats["next_prompt"] = stopped_at
     return kept, stats
 
 
