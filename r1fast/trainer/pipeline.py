@@ -492,7 +492,8 @@ class PipelineRunner:
         from r1fast.trainer.sampling import _json_value
 
         n = stats["next_prompt"]
-        progress = {"fingerprint": _sample_fingerprint(stage, rows, self._settings()), "next_prompt": n, "stats": stats, "rows": kept}
+        progress = {"fingerprint": _sample_fingerprint(stage, rows, self._settings()), "next_prompt": n,
+                    "stats": stats, "rows": kept}
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with replacing(path) as f:
             json.dump(progress, f, ensure_ascii=False, default=_json_value)
