@@ -371,12 +371,17 @@ def test_math_verify_reads_latex_whole_and_prose_as_text(answer, gold, expected)
     assert _accuracy(answer, gold) == expected
 
 
-@pytest.mark.parametrize("with_math_verify", [True, False])
-def test_golds_that_are_floats_lists_or_missing(with_math_verify, monkeypatch):
-    if with_math_verify:
+@pytest.fixture(params=[True, False])
+def with_math_verify(request, monkeypatch):
+    """The test twice: with math-verify, and with its import failing (the numeric fallback alone)."""
+    if request.param:
         pytest.importorskip("math_verify")
     else:
         monkeypatch.setitem(sys.modules, "math_verify", None)
+    return request.param
+
+
+def test_golds_that_are_floats_lists_or_missing(with_math_verify):
     # a float gold written out by a numeric column equals the ratio it approximates
     assert _accuracy("1/3", 0.3333333333333333) == 1.0
     assert _accuracy("8/3", 2.6666666666666665) == 1.0
@@ -588,16 +593,11 @@ def test_async_reward_functions_are_awaited_together_as_trl_does():
         RewardSet([two]).score(["p"], ["7"], {})
 
 
-@pytest.mark.parametrize("with_math_verify", [True, False])
-def test_gsm8k_solution_gold_is_read_by_its_final_hash_line(with_math_verify, monkeypatch):
+def test_gsm8k_solution_gold_is_read_by_its_final_hash_line(with_math_verify):
     # GSM8K's `answer` column is a worked solution ending in "#### N". Read whole, math-verify paid for the
     # first number after "answer is" in the prose (5 here, not 15) and without math-verify every answer scored 0.
     import random
 
-    if with_math_verify:
-        pytest.importorskip("math_verify")
-    else:
-        monkeypatch.setitem(sys.modules, "math_verify", None)
     a, b = random.randint(2, 9), random.randint(11, 99)
     gold = (f"So the answer is {a} per hour.\nThen {a}*{b}=<<{a}*{b}={a * b}>>{a * b} in all, "
             f"{a * b:,} cents.\n#### {a * b}\n")
@@ -614,16 +614,11 @@ def test_gsm8k_solution_gold_is_read_by_its_final_hash_line(with_math_verify, mo
     assert gold_text("#### 7") == "7" and gold_text("#### 7\nthen 8") == "#### 7\nthen 8"
 
 
-@pytest.mark.parametrize("with_math_verify", [True, False])
-def test_a_text_answer_matches_its_words_in_latex_text(with_math_verify, monkeypatch):
+def test_a_text_answer_matches_its_words_in_latex_text(with_math_verify):
     # MATH golds such as \text{Evelyn} or \text{odd}: the bare word (a model's natural answer) scored 0, as
     # math-verify finds nothing to compare in prose
     import random
 
-    if with_math_verify:
-        pytest.importorskip("math_verify")
-    else:
-        monkeypatch.setitem(sys.modules, "math_verify", None)
     name = random.choice(["Evelyn", "Brenda", "Tuesday"])
     for pred, gold, ok in ((name, rf"\text{{{name}}}", 1.0), (name.lower() + ".", rf"$\text{{{name}}}$", 1.0),
                            (rf"\textbf{{{name}}}", name, 1.0), ("odd", r"\text{ odd }", 1.0),
