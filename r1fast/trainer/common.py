@@ -405,13 +405,19 @@ def schedule_change_note(state, new_config: dict, step: int) -> str | None:
 _NOT_TRAINING = {"output_dir", "run_name", "overwrite_output_dir", "progress_bar"}
 
 
+def changed_values(recorded: dict, now: dict) -> list[str]:
+    """"key old -> new" for each key of `now` that `recorded` holds with another value (a key it lacks was
+    not recorded by an earlier r1fast: nothing to compare)."""
+    return [f"{k} {recorded[k]!r} -> {v!r}" for k, v in now.items() if k in recorded and recorded[k] != v]
+
+
 def option_change_note(state, new_config: dict, step: int) -> str | None:
     """The options other than the schedule's (schedule_change_note) that differ from the checkpoint's, or
     None: a resume applies them (a new seed, beta, dataset...) without a word otherwise."""
     old = (state or {}).get("config") or {}
     new_config = json.loads(json.dumps(new_config))   # as the checkpoint read it back: tuples are lists
     skip = _NOT_TRAINING | set(_SCHEDULE_SHAPE) | {"learning_rate"}
-    changed = [f"{k} {old[k]!r} -> {v!r}" for k, v in new_config.items() if k in old and k not in skip and old[k] != v]
+    changed = changed_values(old, {k: v for k, v in new_config.items() if k not in skip})
     if not changed:
         return None
     return (f"r1fast: resuming at step {step} with options other than the checkpoint's: {', '.join(changed)}; the "

@@ -858,7 +858,9 @@ def _changed_settings(recorded: Optional[dict], now: dict) -> str:
     a new model, dtype or seed was taken without a word, the stages done having used the old ones."""
     if not isinstance(recorded, dict):
         return ""
-    changed = [f"{k} {recorded[k]!r} -> {v!r}" for k, v in now.items() if k in recorded and recorded[k] != v]
+    from r1fast.trainer.common import changed_values
+
+    changed = changed_values(recorded, now)
     return ", ".join(changed) + (" changed" if changed else "")
 
 
