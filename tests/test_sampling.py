@@ -187,6 +187,26 @@ def test_tied_probabilities_keep_vocabulary_order_under_top_k_and_top_p(params):
     assert tokens.tolist() == want.tolist() == [5, 5]
 
 
+def test_top_k_ranks_by_logit_not_by_rounded_probability():
+    # 0.3 and the next float32 up have equal fp32 probabilities: ranked by probability, top_k=1 kept
+    # token 0 while greedy (and the float64 reference) took token 1, and top_k=2 kept token 1 where
+    # the reference kept token 2
+    from r1fast import ops
+
+    near = torch.tensor(0.3).nextafter(torch.tensor(1.0)).item()
+    top = torch.tensor([[0.3, near, -2.0]])
+    boundary = torch.tensor([[5.0, 0.3, near, -2.0]])
+    assert torch.softmax(top, -1)[0, 0] == torch.softmax(top, -1)[0, 1]  # the trap is armed
+    greedy, _ = ops.sample_tokens(top, SamplingParams(temperature=0), backend="torch")
+    assert greedy.tolist() == [1]
+    last = torch.tensor([1 - 1e-9], dtype=torch.float64)
+    for logits, params, want in ((top, SamplingParams(top_k=1, temperature=0.7), 1),
+                                 (boundary, SamplingParams(top_k=2), 2),
+                                 (boundary, SamplingParams(top_k=2, top_p=0.999, min_p=1e-4), 2)):
+        for backend in ("reference", "torch"):
+            assert ops.sample_tokens(logits, params, last, backend=backend)[0].tolist() == [want], (backend, params)
+
+
 @pytest.mark.parametrize("kw", [{}, {"top_k": 19000}])
 def test_the_long_tail_of_a_large_vocabulary_is_drawn_where_its_mass_is(kw):
     # one fp32 cumsum over the row stopped growing near 1 (an entry below half an ulp, ~3e-8, added

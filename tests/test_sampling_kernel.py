@@ -44,7 +44,8 @@ def kept_weights(logits, params):
     p = torch.softmax(z, dim=-1)
     ids = torch.arange(p.shape[1], device=p.device).expand_as(p)
     if 0 < params.top_k < p.shape[1] or params.top_p < 1:
-        p, ids = p.sort(dim=-1, descending=True, stable=True)
+        ids = logits.double().argsort(dim=-1, descending=True, stable=True)  # by logit, ties by id
+        p = p.gather(1, ids)
         if 0 < params.top_k < p.shape[1]:
             p, ids = p[:, :params.top_k], ids[:, :params.top_k]
         if params.top_p < 1:

@@ -1,11 +1,12 @@
 """ops.sample_tokens: one token per row of logits by inverse CDF, and its log-probability.
 
 Semantics (every backend; see r1fast.rollout.sampler and docs/rollout.md): with T the temperature,
-probabilities softmax(logits / T) are filtered by top-k, then top-p (in descending order), then
-min-p (p >= min_p * p_max); the token is the first one (vocabulary order without top-k/top-p, else
-descending order) whose running sum of kept probabilities exceeds u * (kept total), never a token
-with zero kept probability. Greedy (T = 0) takes the first index of the max. The log-prob is
-log_softmax(logits / T) at the token before filtering (T = 1 for greedy).
+probabilities softmax(logits / T) are filtered by top-k, then top-p (in descending order of the
+logits as given, equal logits by token id: exactly k tokens stay), then min-p (p >= min_p * p_max);
+the token is the first one (vocabulary order without top-k/top-p, else that descending order) whose
+running sum of kept probabilities exceeds u * (kept total), never a token with zero kept probability.
+Greedy (T = 0) takes the first index of the max. The log-prob is log_softmax(logits / T) at the
+token before filtering (T = 1 for greedy).
 
 backends:
     reference  float64 torch, materialises everything (the test oracle)
@@ -78,13 +79,13 @@ def _sample_reference(logits, params, u):
     if params.greedy:
         tokens = z.argmax(dim=-1)
         return tokens, torch.log_softmax(z, dim=-1).gather(1, tokens[:, None]).squeeze(1).float()
-    z = z / params.temperature
-    logp = torch.log_softmax(z, dim=-1)
+    logp = torch.log_softmax(z / params.temperature, dim=-1)
     probs = logp.exp()
     vocab = probs.shape[-1]
     ids = torch.arange(vocab, device=z.device).expand_as(probs)
     if _uses_sort(params, vocab):
-        probs, ids = probs.sort(dim=-1, descending=True, stable=True)
+        ids = z.argsort(dim=-1, descending=True, stable=True)  # ranked by logit; equal logits by id
+        probs = probs.gather(1, ids)
         if 0 < params.top_k < vocab:
             probs, ids = probs[:, :params.top_k], ids[:, :params.top_k]
         if params.top_p < 1:

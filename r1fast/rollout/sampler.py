@@ -109,14 +109,17 @@ def filtered_probs(logits: torch.Tensor, params: SamplingParams):
     ids is None when the probabilities are in vocabulary order; else probs[b, i] belongs to token
     ids[b, i] (descending order: top-k/top-p need the ranking).
     """
-    probs = torch.softmax(_scaled(logits, params.temperature), dim=-1)
-    vocab = probs.shape[-1]
+    vocab = logits.shape[-1]
     ids = None
     top_k = params.top_k if 0 < params.top_k < vocab else 0
     if top_k or params.top_p < 1:
-        # a stable sort: equal probabilities keep vocabulary order (topk and an unstable sort order ties
-        # arbitrarily, so top_k=1 on a tied maximum was not greedy's token and backends disagreed)
-        probs, ids = probs.sort(dim=-1, descending=True, stable=True)
+        # Rank by the logits as given, in a stable sort: only equal logits tie, and they keep vocabulary
+        # order. Ranking the fp32 probabilities instead tied distinct logits whose exp() rounds alike
+        # (0.3 and the next float up), so top_k=1 was not greedy's token and the float64 reference
+        # kept another token at the k-th place.
+        logits, ids = logits.sort(dim=-1, descending=True, stable=True)
+    probs = torch.softmax(_scaled(logits, params.temperature), dim=-1)
+    if ids is not None:
         if top_k:
             probs, ids = probs[:, :top_k], ids[:, :top_k]
         if params.top_p < 1:
