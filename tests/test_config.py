@@ -422,3 +422,16 @@ def test_a_leading_tilde_in_a_path_option_is_the_home_directory(tmp_path, monkey
     (tmp_path / "m" / "config.json").write_text("{}")
     p = load_pipeline(DEFAULT_CONFIG, ["output_dir=~/run", "model=~/m"])
     assert (p.output_dir, p.model) == (str(tmp_path / "run"), str(tmp_path / "m"))
+
+
+def test_tis_with_truncated_sampling_warns_that_the_weights_ignore_the_truncation():
+    # the engine's log-probs are of the full softmax(logits / T): with top_p 0.9 the TIS weights stayed ~1
+    # and nothing said that sampling from the nucleus was not corrected for
+    with pytest.warns(UserWarning, match=r"tis_mode 'mask' with top_k 20, top_p 0\.9: .*full softmax"):
+        GRPOConfig.from_dict({"top_p": 0.9, "top_k": 20})
+    with pytest.warns(UserWarning, match=r"tis_mode 'truncate' with min_p 0\.05"):
+        GRPOConfig.from_dict({"min_p": 0.05, "tis_mode": "truncate"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        GRPOConfig.from_dict({"top_p": 0.9, "tis_mode": "none"})
+        GRPOConfig.from_dict({"top_k": 0, "top_p": 1.0, "min_p": 0.0})

@@ -513,6 +513,21 @@ class GRPOConfig(_TrainingConfig):
             msg = re.sub(r"LossOptions\.(\w+)", r"option '\1'", str(e))
             raise ConfigError(f"{msg} (loss_type {self.loss_type!r})") from None
 
+    def _warn_tis_ignores_truncation(self):
+        """The engine's log-probs are of the full softmax(logits / T) (docs/rollout.md), so the TIS weight
+        exp(old_logp - sampler_logp) sees only engine-vs-trainer numeric drift, never the truncation:
+        the tokens come from the truncated distribution and nothing reweights that."""
+        filters = [f"{name} {value}" for name, value, off in (("top_k", self.top_k, self.top_k <= 0),
+                                                              ("top_p", self.top_p, self.top_p >= 1),
+                                                              ("min_p", self.min_p, self.min_p <= 0)) if not off]
+        if self.tis_mode == "none" or not filters:
+            return
+        warnings.warn(f"tis_mode {self.tis_mode!r} with {', '.join(filters)}: the truncated-IS weights "
+                      f"exp(old_logp - sampler_logp) compare log-probs of the full softmax(logits / temperature) "
+                      f"(the engine's log-probs are taken before filtering), so they correct engine/trainer "
+                      f"numeric drift only, not the bias of sampling from the {', '.join(filters)} distribution "
+                      f"(TRL with vLLM's processed log-probs weights by it); see docs/rollout.md", stacklevel=3)
+
     def validate(self):
         super().validate()
         _check(self.beta >= 0, f"option 'beta' must be >= 0; got {self.beta}")
@@ -552,6 +567,7 @@ class GRPOConfig(_TrainingConfig):
             warnings.warn(f"loss_type 'cispo' caps the importance ratio at epsilon_high = {cap} (an absolute cap, "
                           f"not 1 + epsilon), which scales every token's update by about {cap}; set epsilon_high "
                           f"above 1 (e.g. 5.0)", stacklevel=2)
+        self._warn_tis_ignores_truncation()
         _check(self.eval_samples_per_prompt >= 1 and self.eval_size >= 0, "eval_size >= 0 and eval_samples_per_prompt >= 1 required")
         _check(self.eval_size >= 1 or not str(self.eval_dataset).startswith("builtin:"),
                "option 'eval_size' 0 means every row of an eval_dataset file; a builtin: eval set is generated, "
