@@ -724,3 +724,83 @@ def test_prefix_of_without_cu_seqlens_is_refused():
         model(ids, prefix_of=[-1])
     with pytest.raises(ValueError, match="prefix_of needs cu_seqlens"):
         model(ids, position_ids=torch.tensor([0, 1, 2, 0, 1, 2]), prefix_of=[-1, 0])
+
+
+# config.json keys as transformers reads them: a raw file next to transformers' weights, both loaders compared
+RAW_BASE = {
+    "llama": dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=50, hidden_size=32,
+                  intermediate_size=40, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=64),
+    "qwen2": dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", vocab_size=50, hidden_size=32,
+                  intermediate_size=40, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=64),
+    "qwen3": dict(architectures=["Qwen3ForCausalLM"], model_type="qwen3", vocab_size=50, hidden_size=32,
+                  intermediate_size=40, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  head_dim=8, max_position_embeddings=64),
+}
+
+
+def raw_pair(tmp_path, family, change, seed=0):
+    """(transformers model, r1fast model) both loaded from one folder whose config.json is RAW_BASE + change."""
+    raw = {**RAW_BASE[family], **change}
+    folder = tmp_path / family
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(raw))
+    ref = hf_model(ModelConfig.from_hf_config(RAW_BASE[family]), seed)
+    ref.save_pretrained(folder)
+    (folder / "config.json").write_text(json.dumps(raw))  # save_pretrained rewrote it in its own words
+    ref = transformers.AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager",
+                                                            dtype=torch.float32).eval()
+    return ref, from_pretrained(folder)
+
+
+# Sliding-window keys that leave every layer (or, up to the window's length, every result) full attention in
+# transformers: Llama ignores them, Qwen2/3 default max_window_layers to 28, a null window slides nothing.
+# Each used to be refused; LENGTHS' longest sequence is 11 tokens.
+WINDOWS_THAT_CHANGE_NOTHING = {
+    "llama-ignores-sliding-keys": ("llama", {"use_sliding_window": True, "sliding_window": 4,
+                                             "layer_types": ["sliding_attention", "full_attention"]}),
+    "qwen2-default-max-window-layers": ("qwen2", {"use_sliding_window": True, "sliding_window": 4}),
+    "qwen2-null-window": ("qwen2", {"use_sliding_window": True, "sliding_window": None, "max_window_layers": 0}),
+    "qwen3-window-covers-the-sequences": ("qwen3", {"use_sliding_window": True, "sliding_window": 11,
+                                                    "max_window_layers": 0}),
+    "qwen2-layer-types-window-covers": ("qwen2", {"use_sliding_window": True, "sliding_window": 11,
+                                                  "layer_types": ["full_attention", "sliding_attention"]}),
+}
+
+
+@pytest.mark.parametrize("name", list(WINDOWS_THAT_CHANGE_NOTHING))
+def test_sliding_window_configs_that_change_nothing_load_and_match_transformers(tmp_path, name):
+    ref, model = raw_pair(tmp_path, *WINDOWS_THAT_CHANGE_NOTHING[name])
+    ids, cu = packed_batch(model.config.vocab_size)
+    with torch.no_grad():
+        expected = ref_logits_per_sequence(ref, ids, cu)
+        got = model.logits(model(ids, cu_seqlens=cu))
+    assert max_rel_err(got, expected) <= RTOL, max_rel_err(got, expected)
+
+
+def test_sequences_longer_than_a_sliding_window_are_refused(tmp_path):
+    # transformers' window of 10 keys changes the 11-token sequence's last logits: refused there, as is a
+    # continuation whose prefix and own tokens together pass the window, and an Engine that could grow a
+    # sequence past it
+    ref, model = raw_pair(tmp_path, "qwen3", {"use_sliding_window": True, "sliding_window": 10,
+                                              "max_window_layers": 1})
+    assert model.config.sliding_window == 10
+    ids, cu = packed_batch(model.config.vocab_size)
+    with torch.no_grad():
+        with pytest.raises(ValueError, match=r"a sequence of 11 tokens exceeds config.json's sliding_window \(10\)"):
+            model(ids, cu_seqlens=cu)
+        short = torch.tensor([0, 5, 10], dtype=torch.int32)
+        expected = ref_logits_per_sequence(ref, ids[:10], short)
+        assert max_rel_err(model.logits(model(ids[:10], cu_seqlens=short)), expected) <= RTOL
+        with pytest.raises(ValueError, match="a sequence of 11 tokens"):
+            model(ids[:11], cu_seqlens=torch.tensor([0, 5, 11], dtype=torch.int32), prefix_of=[-1, 0])
+        model.sliding_window = None  # unchecked, full attention is what the refusal spares the user
+        eleven = ids[cu[1]:cu[2]]
+        assert max_rel_err(model.logits(model(eleven)), ref(eleven[None]).logits[0]) > 100 * RTOL
+        model.sliding_window = 10
+    from r1fast.rollout import Engine
+
+    assert Engine(model, block_size=4, num_blocks=8).max_model_len == 10
+    with pytest.raises(ValueError, match="max_model_len 12 exceeds config.json's sliding_window 10"):
+        Engine(model, block_size=4, num_blocks=8, max_model_len=12)

@@ -133,21 +133,21 @@ def test_configs_transformers_would_read_otherwise_are_refused():
 
 
 @pytest.mark.parametrize("base", [QWEN25_15B_INSTRUCT, QWEN3_06B], ids=["qwen2", "qwen3"])
-def test_sliding_layers_named_in_layer_types_are_refused(base):
-    # transformers takes each layer's attention from layer_types (which it saves) before max_window_layers:
-    # these loaded and ran full attention where transformers slides (logits off by up to 6)
+def test_sliding_layers_named_in_layer_types_set_the_window(base):
+    # transformers takes each layer's attention from layer_types (which it saves) before max_window_layers;
+    # the window is enforced on the sequences run (test_models.py), sliding layers without one are refused
     two = {**base, "num_hidden_layers": 2, "sliding_window": 8}
-    for flag in (True, False):
-        with pytest.raises(ValueError, match=r"layer_types \['sliding_attention'\] are not supported"):
-            ModelConfig.from_hf_config({**two, "use_sliding_window": flag,
-                                        "layer_types": ["sliding_attention", "full_attention"]})
+    with pytest.raises(ValueError, match=r"layer_types names sliding_attention layers but use_sliding_window=False"):
+        ModelConfig.from_hf_config({**two, "use_sliding_window": False,
+                                    "layer_types": ["sliding_attention", "full_attention"]})
     assert ModelConfig.from_hf_config({**two, "use_sliding_window": True,
-                                       "layer_types": ["full_attention"] * 2}).num_hidden_layers == 2
+                                       "layer_types": ["sliding_attention", "full_attention"]}).sliding_window == 8
+    assert ModelConfig.from_hf_config({**two, "use_sliding_window": True,
+                                       "layer_types": ["full_attention"] * 2}).sliding_window is None
     fields = {k: v for k, v in two.items() if k not in ("model_type", "use_sliding_window", "torch_dtype")}
     cfg = transformers.AutoConfig.for_model(base["model_type"], **fields, use_sliding_window=True,
                                             layer_types=["sliding_attention", "full_attention"])
-    with pytest.raises(ValueError, match="sliding"):
-        ModelConfig.from_hf_config(cfg.to_dict())
+    assert ModelConfig.from_hf_config(cfg.to_dict()).sliding_window == 8
 
 
 def test_llama_heads_must_divide_the_hidden_size_as_transformers_asks():

@@ -53,7 +53,10 @@ def test_unsupported_architecture_is_named(ckpt, arch):
 
 @pytest.mark.parametrize("change, message", [
     ({"hidden_act": "gelu"}, "unsupported hidden_act 'gelu'"),
-    ({"use_sliding_window": True}, "sliding-window"),
+    ({"use_sliding_window": True, "sliding_window": 0, "max_window_layers": 0}, "sliding_window must be a positive int"),
+    ({"use_sliding_window": False, "sliding_window": 8, "layer_types": ["sliding_attention"] * 2},
+     "layer_types names sliding_attention layers but use_sliding_window=False"),
+    ({"layer_types": ["chunked_attention"] * 2}, r"layer_types \['chunked_attention'\] are not supported"),
     ({"rope_scaling": {"rope_type": "dynamic", "factor": 4.0}}, "unsupported rope type 'dynamic'"),
     ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "lacks key.*low_freq_factor"),
     ({"model_type": "qwen3"}, "model_type='qwen3'"),

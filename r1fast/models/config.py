@@ -4,8 +4,9 @@ One dataclass covers the three supported families; the differences between them 
     LlamaForCausalLM   optional bias on q/k/v/o (`attention_bias`) and on the MLP (`mlp_bias`)
     Qwen2ForCausalLM   bias on q/k/v only (always), none on o
     Qwen3ForCausalLM   RMSNorm on each head of q and k (`qk_norm`), optional bias on q/k/v/o
-Anything the model code does not implement (other architectures, activations, sliding-window
-attention, rope types) is a ValueError that names it, never a silently different model.
+Anything the model code does not implement (other architectures, activations, rope types) is a
+ValueError that names it, never a silently different model. Sliding-window layers load: full attention
+equals them up to the window's length, and longer sequences are refused where they are run.
 """
 from __future__ import annotations
 
@@ -137,6 +138,13 @@ class ModelConfig:
         return bool(self.attention_bias) and self.architecture != "Qwen2ForCausalLM"
 
     @property
+    def sliding_window(self) -> int | None:
+        """How many keys the sliding layers of config.json (kept in `extra`) attend to, as transformers reads
+        it; None when no layer slides. r1fast runs full attention, which equals it for sequences up to this
+        many tokens: longer ones are refused (CausalLM.forward, the rollout Engine)."""
+        return _sliding_window_of(self.architecture, {**self.extra, "num_hidden_layers": self.num_hidden_layers})
+
+    @property
     def dtype(self) -> torch.dtype | None:
         return _FLOAT_DTYPES[self.torch_dtype] if self.torch_dtype else None
 
@@ -178,18 +186,8 @@ class ModelConfig:
                 hf["quantization_config"], dict) else "?"
             raise ValueError(f"quantized checkpoints (quantization_config, quant_method={method!r}) are not "
                              "supported; load the bf16/fp32 checkpoint (FP8 training is from_pretrained(fp8=...))")
-        # transformers takes each layer's attention from layer_types when the config has it (transformers 5
-        # saves it), else Qwen2/3 slide in the layers from max_window_layers on: none past the last layer
-        layer_types = hf.get("layer_types")
-        if layer_types is not None:
-            if not isinstance(layer_types, list):
-                raise ValueError(f"layer_types must be a list, got {layer_types!r:.80}")
-            other = sorted({t for t in layer_types if t != "full_attention"}, key=str)
-            if other:
-                raise ValueError(f"layer_types {other} are not supported (only full_attention: sliding-window "
-                                 f"attention is not implemented)")
-        elif hf.get("use_sliding_window") and hf.get("max_window_layers", 0) < hf["num_hidden_layers"]:
-            raise ValueError("sliding-window attention (use_sliding_window=true) is not supported")
+        # checked here; the window itself is enforced on the sequences run (ModelConfig.sliding_window)
+        _sliding_window_of(arch, hf)
         rope_params = hf.get("rope_parameters")
         for key in ("rope_parameters", "rope_scaling"):
             if hf.get(key) is not None and not isinstance(hf[key], dict):
@@ -320,6 +318,39 @@ def is_lfs_pointer(path: str) -> bool:
             return f.read(len(_LFS_POINTER_START)) == _LFS_POINTER_START
     except OSError:
         return False
+
+
+_QWEN_MAX_WINDOW_LAYERS = 28  # transformers' Qwen2Config/Qwen3Config default
+
+
+def _sliding_window_of(arch: str, hf: dict) -> int | None:
+    """The window of the layers transformers makes sliding for this config, None when none slides.
+    Llama has no sliding attention (its classes ignore these keys). Qwen2/3 slide the layers `layer_types`
+    names sliding_attention when the config has it (transformers 5 saves it), else the layers from
+    max_window_layers on; either only when use_sliding_window is true and sliding_window is not null."""
+    if arch == "LlamaForCausalLM":
+        return None
+    window = hf.get("sliding_window") if hf.get("use_sliding_window") else None
+    layer_types = hf.get("layer_types")
+    if layer_types is not None:
+        if not isinstance(layer_types, list):
+            raise ValueError(f"layer_types must be a list, got {layer_types!r:.80}")
+        other = sorted({t for t in layer_types if t not in ("full_attention", "sliding_attention")}, key=str)
+        if other:
+            raise ValueError(f"layer_types {other} are not supported (only full_attention and sliding_attention)")
+        slides = "sliding_attention" in layer_types
+        if slides and window is None:
+            raise ValueError(f"layer_types names sliding_attention layers but use_sliding_window="
+                             f"{hf.get('use_sliding_window')!r} and sliding_window={hf.get('sliding_window')!r} "
+                             f"give them no window (transformers fails on this config)")
+    else:
+        first = hf.get("max_window_layers")
+        first = _QWEN_MAX_WINDOW_LAYERS if first is None else first
+        slides = window is not None and first < hf["num_hidden_layers"]
+    if not slides:
+        return None
+    _check_positive_int("sliding_window", window)
+    return window
 
 
 def _check_rope_agrees(hf: dict, rope_theta, default_theta) -> None:

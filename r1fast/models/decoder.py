@@ -126,6 +126,7 @@ class CausalLM(nn.Module):
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size,
                                                                            bias=False)
         self.rotary = RotaryEmbedding(config)
+        self.sliding_window = config.sliding_window
         self.gradient_checkpointing = False
         if not any(p.is_meta for p in self.parameters()):
             self.reset_parameters()
@@ -256,6 +257,7 @@ class CausalLM(nn.Module):
         elif attn is None:
             packed = packed_from_positions(position_ids) if position_ids is not None else \
                 packed_from_lengths([t], device)
+        self._check_sliding_window(packed)
         if position_ids is None:
             position_ids = positions_of(packed, device) if packed is not None else torch.arange(t, device=device)
 
@@ -270,6 +272,18 @@ class CausalLM(nn.Module):
                 x, pending = layer(x, pending, cos, sin, packed, attn)
         # the final norm stays a plain call (its output is the model's: forward hooks on it see a tensor)
         return self.norm(x if pending is None else x + pending)
+
+    def _check_sliding_window(self, packed) -> None:
+        """Full attention equals transformers' sliding layers only while no query has more keys than the
+        window (its own sequence plus the prefix it continues)."""
+        if self.sliding_window is None or packed is None:
+            return
+        prefixes = packed.prefix_of or [-1] * len(packed.lengths)
+        longest = max(n + (packed.lengths[p] if p >= 0 else 0) for n, p in zip(packed.lengths, prefixes))
+        if longest > self.sliding_window:
+            raise ValueError(f"a sequence of {longest} tokens exceeds config.json's sliding_window "
+                             f"({self.sliding_window}): r1fast runs full attention, equal to transformers' "
+                             f"sliding-window layers only up to {self.sliding_window} tokens; shorten the sequences")
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[T, V] fp32 logits from final hidden states (materialises the vocabulary: small uses only)."""

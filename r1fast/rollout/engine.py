@@ -93,11 +93,18 @@ class Engine:
                 raise TypeError(f"Engine: {name} must be True or False, got {value!r}")
         self.model = model
         self.config = cfg
-        self.max_model_len = cfg.max_position_embeddings if max_model_len is None else max_model_len
+        if max_model_len is None:  # as long as the model's numbers equal transformers'
+            max_model_len = min(cfg.max_position_embeddings, cfg.sliding_window or cfg.max_position_embeddings)
+        self.max_model_len = max_model_len
         _check_positive_int("max_model_len", self.max_model_len)
         if self.max_model_len > cfg.max_position_embeddings:
             raise ValueError(f"Engine: max_model_len {self.max_model_len} exceeds the model's "
                              f"max_position_embeddings {cfg.max_position_embeddings}")
+        if cfg.sliding_window is not None and self.max_model_len > cfg.sliding_window:
+            raise ValueError(f"Engine: max_model_len {self.max_model_len} exceeds config.json's sliding_window "
+                             f"{cfg.sliding_window} (r1fast runs full attention, equal to transformers' "
+                             f"sliding-window layers only up to that many tokens); limit the sequences "
+                             f"(prompt + completion) to {cfg.sliding_window} tokens")
         self.block_size = block_size
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
