@@ -248,3 +248,14 @@ def test_flags_and_token_ids_that_are_well_typed_are_read():
     cfg = ModelConfig.from_hf_config(_base(tie_word_embeddings=None, bos_token_id=None, eos_token_id=[2, 7]))
     assert cfg.tie_word_embeddings is False and cfg.bos_token_id is None and cfg.eos_token_id == [2, 7]
     assert ModelConfig.from_hf_config(_base(tie_word_embeddings=True, eos_token_id=3)).tie_word_embeddings is True
+
+
+def test_attention_dropout_is_not_applied_and_says_so(caplog):
+    # transformers applies attention_dropout in training mode (logits off by ~0.8 at 0.3); r1fast never does
+    with caplog.at_level("WARNING", logger="r1fast.models.config"):
+        ModelConfig.from_hf_config({**QWEN3_06B, "attention_dropout": 0.0})
+        assert not caplog.records
+        ModelConfig.from_hf_config({**QWEN3_06B, "attention_dropout": 0.1})
+    assert "attention_dropout=0.1 is not applied" in caplog.text
+    with pytest.raises(ValueError, match="config.json: attention_dropout must be a non-negative finite number"):
+        ModelConfig.from_hf_config({**QWEN3_06B, "attention_dropout": "0.1"})

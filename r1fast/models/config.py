@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 from typing import Any
@@ -186,6 +187,7 @@ class ModelConfig:
                 hf["quantization_config"], dict) else "?"
             raise ValueError(f"quantized checkpoints (quantization_config, quant_method={method!r}) are not "
                              "supported; load the bf16/fp32 checkpoint (FP8 training is from_pretrained(fp8=...))")
+        _warn_about_dropout(hf.get("attention_dropout"))
         # checked here; the window itself is enforced on the sequences run (ModelConfig.sliding_window)
         _sliding_window_of(arch, hf)
         rope_params = hf.get("rope_parameters")
@@ -318,6 +320,19 @@ def is_lfs_pointer(path: str) -> bool:
             return f.read(len(_LFS_POINTER_START)) == _LFS_POINTER_START
     except OSError:
         return False
+
+
+def _warn_about_dropout(rate) -> None:
+    """attention_dropout is the one dropout Llama/Qwen2/Qwen3 read in transformers (in training mode only).
+    r1fast never applies it: the sampler's and the trainer's log-probs of one model must agree (TRL's
+    disable_dropout=True does the same for GRPO). Said once per load, so that training differs knowingly."""
+    if rate is None:
+        return
+    _check_positive_number("attention_dropout", rate, zero_ok=True)
+    if rate > 0:
+        logging.getLogger(__name__).warning(
+            "config.json: attention_dropout=%s is not applied: r1fast never uses dropout (rollouts and "
+            "training must compute the same log-probs), where transformers applies it in training mode", rate)
 
 
 _QWEN_MAX_WINDOW_LAYERS = 28  # transformers' Qwen2Config/Qwen3Config default
