@@ -804,3 +804,23 @@ def test_sequences_longer_than_a_sliding_window_are_refused(tmp_path):
     assert Engine(model, block_size=4, num_blocks=8).max_model_len == 10
     with pytest.raises(ValueError, match="max_model_len 12 exceeds config.json's sliding_window 10"):
         Engine(model, block_size=4, num_blocks=8, max_model_len=12)
+
+
+def test_dynamic_rope_matches_transformers_below_max_position_embeddings(tmp_path):
+    # transformers' dynamic NTK rope is its default rotation until a batch reaches max_position_embeddings
+    # (then the base grows with the length); it was refused, though r1fast's runs stay below that length
+    ref, model = raw_pair(tmp_path, "qwen2", {"rope_scaling": {"rope_type": "dynamic", "factor": 1.7},
+                                              "rope_theta": 12345.6, "max_position_embeddings": 12})
+    ids, cu = packed_batch(model.config.vocab_size)
+    positions = torch.arange(12)
+    ref_cos, ref_sin = ref.model.rotary_emb(torch.zeros(1), positions[None])
+    cos, sin = model.rotary.cos_sin(positions, torch.float32)
+    assert torch.equal(cos, ref_cos[0]) and torch.equal(sin, ref_sin[0])
+    with torch.no_grad():
+        expected = ref_logits_per_sequence(ref, ids, cu)
+        assert max_rel_err(model.logits(model(ids, cu_seqlens=cu)), expected) <= RTOL
+        with pytest.raises(ValueError, match=r"position 12 reaches max_position_embeddings \(12\)"):
+            model(ids[:13])
+        with pytest.raises(ValueError, match="position 12 reaches"):
+            model(ids[:11], cu_seqlens=torch.tensor([0, 5, 11], dtype=torch.int32), prefix_of=[-1, 0],
+                  position_ids=torch.cat([torch.arange(5), torch.arange(7, 13)]))

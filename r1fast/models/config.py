@@ -22,10 +22,11 @@ import torch
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 _MODEL_TYPE_TO_ARCH = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 _ARCH_TO_MODEL_TYPE = {v: k for k, v in _MODEL_TYPE_TO_ARCH.items()}
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
 _ROPE_REQUIRED_KEYS = {
     "default": (),
     "linear": ("factor",),
+    "dynamic": ("factor",),
     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
     "yarn": ("factor", "original_max_position_embeddings"),
 }
@@ -144,6 +145,14 @@ class ModelConfig:
         it; None when no layer slides. r1fast runs full attention, which equals it for sequences up to this
         many tokens: longer ones are refused (CausalLM.forward, the rollout Engine)."""
         return _sliding_window_of(self.architecture, {**self.extra, "num_hidden_layers": self.num_hidden_layers})
+
+    @property
+    def rope_position_limit(self) -> int | None:
+        """The first position transformers rotates differently from r1fast, None when none: dynamic NTK
+        rope rescales its base once a batch's positions reach max_position_embeddings, and is the default
+        rotation below that (r1fast's runs stay below it)."""
+        dynamic = self.rope_scaling is not None and self.rope_scaling["rope_type"] == "dynamic"
+        return self.max_position_embeddings if dynamic else None
 
     @property
     def dtype(self) -> torch.dtype | None:

@@ -127,6 +127,7 @@ class CausalLM(nn.Module):
                                                                            bias=False)
         self.rotary = RotaryEmbedding(config)
         self.sliding_window = config.sliding_window
+        self.rope_position_limit = config.rope_position_limit
         self.gradient_checkpointing = False
         if not any(p.is_meta for p in self.parameters()):
             self.reset_parameters()
@@ -258,6 +259,8 @@ class CausalLM(nn.Module):
             packed = packed_from_positions(position_ids) if position_ids is not None else \
                 packed_from_lengths([t], device)
         self._check_sliding_window(packed)
+        if attn is None:  # the rollout engine's max_model_len is at most max_position_embeddings
+            self._check_rope_positions(packed, position_ids)
         if position_ids is None:
             position_ids = positions_of(packed, device) if packed is not None else torch.arange(t, device=device)
 
@@ -284,6 +287,20 @@ class CausalLM(nn.Module):
             raise ValueError(f"a sequence of {longest} tokens exceeds config.json's sliding_window "
                              f"({self.sliding_window}): r1fast runs full attention, equal to transformers' "
                              f"sliding-window layers only up to {self.sliding_window} tokens; shorten the sequences")
+
+    def _check_rope_positions(self, packed, position_ids) -> None:
+        """Dynamic NTK rope equals the default rotation only while positions stay below its limit."""
+        limit = self.rope_position_limit
+        if limit is None:
+            return
+        if position_ids is not None:
+            highest = int(position_ids.max())  # a host sync, paid by dynamic-rope models only
+        else:
+            prefixes = packed.prefix_of or [-1] * len(packed.lengths)
+            highest = max(n + (packed.lengths[p] if p >= 0 else 0) for n, p in zip(packed.lengths, prefixes)) - 1
+        if highest >= limit:
+            raise ValueError(f"position {highest} reaches max_position_embeddings ({limit}), where transformers' "
+                             f"dynamic rope rescales its frequencies; r1fast implements it only below that")
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[T, V] fp32 logits from final hidden states (materialises the vocabulary: small uses only)."""

@@ -2,7 +2,8 @@
 
 Numerics follow transformers: inverse frequencies and angles in fp32, cos/sin cast to the
 activations' dtype, then x*cos + rotate_half(x)*sin in that dtype (ops.rotary). Rope scaling: "linear"
-(positions divided by factor), Llama-3's frequency-dependent scaling, and YaRN.
+(positions divided by factor), "dynamic" (NTK, the default rotation up to max_position_embeddings),
+Llama-3's frequency-dependent scaling, and YaRN.
 """
 from __future__ import annotations
 
@@ -23,11 +24,22 @@ def inverse_frequencies(config: ModelConfig) -> tuple[torch.Tensor, float]:
         return inv_freq, 1.0
     if scaling["rope_type"] == "linear":
         return inv_freq / scaling["factor"], 1.0
+    if scaling["rope_type"] == "dynamic":
+        return _dynamic_at_max_positions(config, exponents), 1.0
     if scaling["rope_type"] == "llama3":
         return _llama3_scaled(inv_freq, scaling), 1.0
     if scaling["rope_type"] == "yarn":
         return _yarn(dim, config.rope_theta, scaling)
     raise ValueError(f"unsupported rope type {scaling['rope_type']!r}")
+
+
+def _dynamic_at_max_positions(config: ModelConfig, exponents: torch.Tensor) -> torch.Tensor:
+    # Dynamic NTK raises the base with the batch's length past max_position_embeddings; up to it the
+    # factor below is 1 (computed as transformers computes it, so the base is bit-equal). Longer
+    # batches are refused in CausalLM.forward (ModelConfig.rope_position_limit).
+    factor, max_pos, dim = config.rope_scaling["factor"], config.max_position_embeddings, config.head_dim
+    base = config.rope_theta * ((factor * max_pos / max_pos) - (factor - 1)) ** (dim / (dim - 2))
+    return 1.0 / (base ** exponents)
 
 
 def _yarn(dim: int, base: float, s: dict) -> tuple[torch.Tensor, float]:
