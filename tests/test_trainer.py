@@ -1207,6 +1207,13 @@ def test_sft_trims_a_long_example_from_the_prompts_start_and_keeps_the_completio
     model.config.max_position_embeddings = 12
     tr = SFTTrainer(model, tok, rows, SFTConfig(progress_bar=False, output_dir=str(tmp_path)))
     assert tr.examples[0] == (p0[-(12 - len(c0)):], c0) and tr.examples[1] == (p1[-1:], c1[:11])
+    # so does a sliding window shorter than the positions: past it, r1fast's full attention is not the model's
+    model.config.max_position_embeddings = 64
+    model.config.architecture = "Qwen3ForCausalLM"
+    model.config.extra = {"use_sliding_window": True, "sliding_window": 12, "max_window_layers": 0}
+    assert model.config.max_sequence_length == 12
+    tr = SFTTrainer(model, tok, rows, SFTConfig(progress_bar=False, output_dir=str(tmp_path)))
+    assert tr.examples[0] == (p0[-(12 - len(c0)):], c0) and tr.examples[1] == (p1[-1:], c1[:11])
     with pytest.raises(ValueError, match="SFT dataset is empty"):
         SFTTrainer(model, tok, [], SFTConfig(progress_bar=False, output_dir=str(tmp_path)))
 

@@ -147,6 +147,12 @@ class ModelConfig:
         return _sliding_window_of(self.architecture, {**self.extra, "num_hidden_layers": self.num_hidden_layers})
 
     @property
+    def max_sequence_length(self) -> int:
+        """The longest sequence r1fast runs with transformers' numbers: the model's positions, and no more
+        than a sliding window (r1fast's full attention equals it up to the window)."""
+        return min(self.max_position_embeddings, self.sliding_window or self.max_position_embeddings)
+
+    @property
     def rope_position_limit(self) -> int | None:
         """The first position transformers rotates differently from r1fast, None when none: dynamic NTK
         rope rescales its base once a batch's positions reach max_position_embeddings, and is the default

@@ -94,7 +94,7 @@ class Engine:
         self.model = model
         self.config = cfg
         if max_model_len is None:  # as long as the model's numbers equal transformers'
-            max_model_len = min(cfg.max_position_embeddings, cfg.sliding_window or cfg.max_position_embeddings)
+            max_model_len = cfg.max_sequence_length
         self.max_model_len = max_model_len
         _check_positive_int("max_model_len", self.max_model_len)
         if self.max_model_len > cfg.max_position_embeddings:

@@ -304,7 +304,8 @@ def check_prompt_room(prompt_ids: Sequence[Sequence[int]], positions: int, where
     for i, ids in enumerate(prompt_ids):
         if len(ids) >= positions:
             raise ValueError(f"{where}: the prompt of row {i} has {len(ids)} tokens and the model {positions} positions "
-                             f"(max_position_embeddings): no room for a completion; shorten or drop it")
+                             f"(max_position_embeddings, or a smaller sliding_window): no room for a completion; "
+                             f"shorten or drop it")
 
 
 def reward_columns(rows: Sequence[dict], owners: Sequence[int], prompt_column: str,

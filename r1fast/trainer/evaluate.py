@@ -38,9 +38,9 @@ def evaluate_accuracy(model, tokenizer, rows: Sequence[dict], *, samples_per_pro
         raise ValueError("evaluation: no held-out rows")
     check_eval_answers(rows, answer_column, "evaluation: held-out rows")
     prompt_ids = [encode_prompt(tokenizer, r[prompt_column], system_prompt, max_prompt_length) for r in rows]
-    check_prompt_room(prompt_ids, model.config.max_position_embeddings, "evaluation")
+    check_prompt_room(prompt_ids, model.config.max_sequence_length, "evaluation")
     if engine is None:
-        engine = Engine(model, max_model_len=min(model.config.max_position_embeddings,
+        engine = Engine(model, max_model_len=min(model.config.max_sequence_length,
                                                  max(map(len, prompt_ids)) + max_tokens))
     was_training = model.training
     model.eval()

@@ -211,13 +211,13 @@ class GRPOTrainer:
     @property
     def max_model_len(self) -> int:
         """The rollout engine's longest sequence: a capped prompt and its completion, within the model's positions."""
-        return min(self.model.config.max_position_embeddings, self.cfg.max_prompt_length + self.cfg.max_completion_length)
+        return min(self.model.config.max_sequence_length, self.cfg.max_prompt_length + self.cfg.max_completion_length)
 
     @property
     def prompt_cap(self) -> int:
         """Prompts keep their last max_prompt_length tokens, and at most all but one of the model's
         positions: a longer prompt could not get a single completion token."""
-        return min(self.cfg.max_prompt_length, self.model.config.max_position_embeddings - 1)
+        return min(self.cfg.max_prompt_length, self.model.config.max_sequence_length - 1)
 
     def _prompt_ids(self, rows: Sequence[dict], keys: Sequence[int]) -> list[list[int]]:
         out = []

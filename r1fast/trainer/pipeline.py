@@ -650,7 +650,7 @@ class PipelineRunner:
                 # as a stage's own data: a prompt templated before is refused, a system_prompt left out said
                 check_prompts(self.eval_rows(), "prompt", tokenizer, p.eval_system_prompt, where)
                 check_prompt_room([encode_prompt(tokenizer, r["prompt"], p.eval_system_prompt) for r in self.eval_rows()],
-                                  model.config.max_position_embeddings, where)
+                                  model.config.max_sequence_length, where)
             stage_dir = os.path.join(self.run_dir, stage.name)
             if resume:   # a checkpoint whose replacement was killed between its renames counts as one
                 remove_save_leftovers(stage_dir)

@@ -36,9 +36,9 @@ def rejection_sample(model, tokenizer, rows: Sequence[dict], cfg: SampleConfig, 
     check_answer_column(rewards.names, rows, cfg.answer_column, "prompt dataset")
     thresholds = cfg.reward_thresholds or [1.0] * len(rewards)
     prompt_ids = [encode_prompt(tokenizer, r[cfg.prompt_column], cfg.system_prompt) for r in rows]
-    check_prompt_room(prompt_ids, model.config.max_position_embeddings, "rejection sampling")
+    check_prompt_room(prompt_ids, model.config.max_sequence_length, "rejection sampling")
     # Capped at the model's positions, as in GRPO and evaluation: a sample reaching it ends as "length".
-    max_model_len = min(model.config.max_position_embeddings, max(map(len, prompt_ids)) + cfg.max_completion_length)
+    max_model_len = min(model.config.max_sequence_length, max(map(len, prompt_ids)) + cfg.max_completion_length)
     engine = Engine(model, max_num_seqs=max(256, cfg.num_samples), max_model_len=max_model_len)
     stops = stop_token_ids(tokenizer)
     ends = stop_token_ids(tokenizer, model.eos_token_ids)   # the engine stops at the model's eos too

@@ -47,7 +47,7 @@ class SFTTrainer:
         self.examples = []
         # never past the model's positions (max_length defaults above a small model's): the rollout engine
         # never generates there, and rotary positions past them are an extrapolation
-        limit = min(cfg.max_length, model.config.max_position_embeddings)
+        limit = min(cfg.max_length, model.config.max_sequence_length)
         prefilled = prefilled_think(tokenizer)   # R1-Distill's template opens <think> in the prompt
         for i, r in enumerate(rows):
             p = encode_prompt(tokenizer, r[cfg.prompt_column], cfg.system_prompt)
