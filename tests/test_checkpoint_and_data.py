@@ -847,3 +847,49 @@ def test_a_prompt_ending_on_the_assistants_message_is_continued_not_closed():
     prefill = [{"role": "user", "content": "3+4="}, {"role": "assistant", "content": "<think>"}]
     assert tok.decode(encode_prompt(tok, prefill)) == "<bos><|user|>3+4=<|assistant|><think>"
     assert tok.decode(encode_prompt(tok, prefill[:1])) == "<bos><|user|>3+4=<|assistant|>"
+
+
+def qwen3_style_tokenizer():
+    """The built-in tokenizer with a template that closes an empty reasoning block when `enable_thinking` is false,
+    as Qwen3's does (its default, the variable left undefined, lets the model open <think> itself)."""
+    from r1fast.data.tokenizer import CHAT_TEMPLATE
+
+    tok = build_char_tokenizer()
+    tok.chat_template = CHAT_TEMPLATE.replace(
+        "<|assistant|>{% endif %}",
+        "<|assistant|>{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n"
+        "{% endif %}{% endif %}")
+    return tok
+
+
+def test_chat_template_kwargs_reach_the_template():
+    # r1fast had no way to pass the template's own variables: a Qwen3 model could not be trained without thinking
+    import warnings
+
+    from r1fast.data.loading import check_prompts
+
+    tok = qwen3_style_tokenizer()
+    plain = encode_prompt(tok, "3+4=")
+    off = encode_prompt(tok, "3+4=", chat_template_kwargs={"enable_thinking": False})
+    assert tok.decode(plain) == "<bos><|user|>3+4=<|assistant|>"
+    assert off[:len(plain)] == plain and tok.decode(off[len(plain):]) == "<think>\n\n</think>\n\n"
+    assert encode_prompt(tok, "3+4=", chat_template_kwargs={"enable_thinking": True}) == plain
+    # a key the template never reads changes nothing: said, not ignored (Jinja reads a misspelt name as undefined)
+    with pytest.warns(UserWarning, match=r"train: the chat template does not read chat_template_kwargs "
+                                         r"\['enable_thinkng'\], which change nothing; it reads \[.*'enable_thinking'"):
+        check_prompts([{"prompt": "3+4="}], "prompt", tok, where="train",
+                      chat_template_kwargs={"enable_thinkng": False})
+    with pytest.warns(UserWarning, match=r"chat_template_kwargs \['enable_thinking'\] are not used: the tokenizer "
+                                         r"has no chat template"):
+        bare = build_char_tokenizer()
+        bare.chat_template = None
+        check_prompts([{"prompt": "3+4="}], "prompt", bare, chat_template_kwargs={"enable_thinking": False})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_prompts([{"prompt": "3+4="}], "prompt", tok, chat_template_kwargs={"enable_thinking": False})
+    # a prompt templated before, with the kwargs or without them, is refused
+    for kwargs in ({}, {"enable_thinking": False}):
+        done = tok.apply_chat_template([{"role": "user", "content": "3+4="}], tokenize=False,
+                                       add_generation_prompt=True, **kwargs)
+        with pytest.raises(ValueError, match="row 0's prompt already holds the chat template's generation prompt"):
+            check_prompts([{"prompt": done}], "prompt", tok, chat_template_kwargs={"enable_thinking": False})

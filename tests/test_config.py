@@ -435,3 +435,28 @@ def test_tis_with_truncated_sampling_warns_that_the_weights_ignore_the_truncatio
         warnings.simplefilter("error")
         GRPOConfig.from_dict({"top_p": 0.9, "tis_mode": "none"})
         GRPOConfig.from_dict({"top_k": 0, "top_p": 1.0, "min_p": 0.0})
+
+
+def test_chat_template_kwargs_is_a_mapping_of_template_variables():
+    # TRL's chat_template_kwargs (Qwen3's enable_thinking) had no r1fast equivalent
+    over = parse_overrides(["chat_template_kwargs={enable_thinking: false}"])
+    for cls in (GRPOConfig, SFTConfig, SampleConfig):
+        assert cls.from_dict(over).chat_template_kwargs == {"enable_thinking": False}
+        assert cls().chat_template_kwargs is None
+    assert GRPOConfig(chat_template_kwargs={"reasoning_effort": "low"}).to_json_dict()["chat_template_kwargs"] == \
+        {"reasoning_effort": "low"}
+    for value, match in [("enable_thinking=false", r"'chat_template_kwargs' expects a mapping .*got 'enable_thinking"),
+                         ({1: True}, r"keys must be the chat template's variable names .*got 1"),
+                         ({"add_generation_prompt": False}, r"'add_generation_prompt' is set by r1fast itself"),
+                         ({"when": {1, 2}}, r"values must be JSON data")]:
+        for cls in (GRPOConfig, SFTConfig, SampleConfig):
+            with pytest.raises(ConfigError, match=match):
+                cls.from_dict({"chat_template_kwargs": value})
+    # the pipeline's held-out evaluation takes its own, checked the same way
+    stages = [{"name": "s", "type": "sft", "dataset": "builtin:arithmetic", "config": {"chat_template_kwargs": over[
+        "chat_template_kwargs"]}}]
+    p = load_pipeline({"model": "builtin:micro", "stages": stages}, ["eval_chat_template_kwargs={enable_thinking: false}"])
+    assert p.eval_chat_template_kwargs == {"enable_thinking": False}
+    assert p.stages[0].config.chat_template_kwargs == {"enable_thinking": False}
+    with pytest.raises(ConfigError, match=r"option 'eval_chat_template_kwargs': 'tokenize' is set by r1fast itself"):
+        load_pipeline({"model": "builtin:micro", "stages": stages}, ["eval_chat_template_kwargs={tokenize: true}"])

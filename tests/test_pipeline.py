@@ -562,6 +562,24 @@ def test_held_out_evaluation_takes_the_pipelines_system_prompt_and_format_patter
         main(["pipeline", str(spec), f"output_dir={tmp_path / 'bad'}", "eval_format_pattern=(<answer>"])
 
 
+def test_held_out_evaluation_takes_the_pipelines_chat_template_kwargs(tmp_path, monkeypatch):
+    # the held-out prompts of a model trained with chat_template_kwargs (Qwen3's enable_thinking: false) were
+    # rendered with the template's defaults; a resumed summary compares them like the other eval settings
+    import r1fast.trainer.evaluate as evaluate
+
+    seen, real = [], evaluate.evaluate_accuracy
+    monkeypatch.setattr(evaluate, "evaluate_accuracy",
+                        lambda *a, **kw: seen.append(kw["chat_template_kwargs"]) or real(*a, **kw))
+    spec = one_sft_stage_spec(tmp_path, "eval_dataset: builtin:arithmetic\neval_size: 2\neval_samples_per_prompt: 1\n"
+                                        "eval_chat_template_kwargs: {enable_thinking: false}\n")
+    # the built-in model's template reads no enable_thinking: said before the stage trains
+    with pytest.warns(UserWarning, match="does not read chat_template_kwargs \\['enable_thinking'\\]"):
+        assert main(["pipeline", str(spec), f"output_dir={tmp_path / 'run'}"]) == 0
+    assert seen == [{"enable_thinking": False}]
+    assert json.load(open(tmp_path / "run" / "summary.json"))["eval"]["chat_template_kwargs"] == \
+        {"enable_thinking": False}
+
+
 def test_resumed_summary_marks_stages_evaluated_under_earlier_settings(tmp_path, capsys):
     spec = one_sft_stage_spec(tmp_path, "eval_dataset: builtin:arithmetic\neval_size: 4\neval_samples_per_prompt: 1\n")
     run = tmp_path / "run"

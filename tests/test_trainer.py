@@ -1977,3 +1977,49 @@ def test_loss_scale_halves_on_overflow_and_doubles_after_a_run_of_finite_steps()
     fresh.load_state_dict(None)   # a checkpoint of a run without one keeps the start values
     with pytest.raises(ValueError, match="trainer_state.json: loss_scale is"):
         fresh.load_state_dict({"scale": -1.0, "good_steps": 0})
+
+
+def thinking_switch_tokenizer():
+    """The built-in tokenizer with a template whose generation prompt opens <think> only when asked (`thinking`,
+    as DeepSeek-V3.1's template reads it)."""
+    from r1fast.data.tokenizer import CHAT_TEMPLATE
+
+    tok = build_char_tokenizer()
+    tok.chat_template = CHAT_TEMPLATE.replace("{% if add_generation_prompt %}<|assistant|>",
+                                              "{% if add_generation_prompt %}<|assistant|>"
+                                              "{% if thinking %}<think>\n{% endif %}")
+    return tok
+
+
+def test_chat_template_kwargs_template_grpo_sft_and_sampling_prompts(tmp_path):
+    # no option passed the template's own variables: every prompt was rendered with the template's defaults
+    from r1fast.data import encode_prompt
+    from r1fast.trainer.common import option_change_note
+    from r1fast.trainer.config import SampleConfig, SFTConfig
+    from r1fast.trainer.sampling import rejection_sample
+    from r1fast.trainer.sft import SFTTrainer
+
+    on = {"thinking": True}
+    model, tok = tiny_model(tok=thinking_switch_tokenizer())
+    opened = encode_prompt(tok, "1+1=", chat_template_kwargs=on)
+    assert tok.decode(opened) == "<bos><|user|>1+1=<|assistant|><think>\n" and opened != encode_prompt(tok, "1+1=")
+    answer = "<think>\n1+1=2\n</think><answer>2</answer>"
+    rows = [{"prompt": "1+1=", "completion": answer}]
+    (p, c), = SFTTrainer(model, tok, rows, SFTConfig(progress_bar=False, chat_template_kwargs=on)).examples
+    assert p == opened and tok.decode(c) == answer[len("<think>\n"):] + "<eos>"   # the opening is the prompt's
+    always = [lambda prompts, completions, **kw: [1.0] * len(completions)]
+    kept, _ = rejection_sample(model, tok, [{"prompt": "1+1=", "answer": "2"}],
+                               SampleConfig(reward_funcs=always, num_samples=2, max_completion_length=4,
+                                            keep_truncated=True, progress_bar=False, chat_template_kwargs=on),
+                               progress=False)
+    assert kept and all(r["completion"].startswith("<think>\n") for r in kept)
+    cfg = GRPOConfig(per_device_train_batch_size=8, num_generations=4, max_completion_length=4,
+                     output_dir=str(tmp_path / "run"), progress_bar=False, chat_template_kwargs=on)
+    tr = GRPOTrainer(model, [sevens], ROWS[:4], cfg, tokenizer=tok)
+    assert tr._prompt_ids(ROWS[:1], [0]) == [encode_prompt(tok, "0", chat_template_kwargs=on)]
+    # a checkpoint records them (its state's config), and a resume with others names the change
+    state = json.loads(json.dumps({"config": cfg.to_json_dict()}))
+    assert state["config"]["chat_template_kwargs"] == on
+    note = option_change_note(state, GRPOConfig(**{**cfg.to_dict(), "chat_template_kwargs": {"thinking": False}})
+                              .to_json_dict(), 3)
+    assert "options other than the checkpoint's: chat_template_kwargs {'thinking': True} -> {'thinking': False}" in note

@@ -197,6 +197,14 @@ def _root_cause(e: BaseException) -> str:
 # "User" included, would be rendered as nothing, and the prompt's question silently lost.
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 
+# chat_template_kwargs keys that r1fast's own apply_chat_template call sets, or that make it return something
+# other than the prompt's text: given again they failed as "got multiple values for keyword argument".
+RESERVED_TEMPLATE_KWARGS = ("conversation", "messages", "add_generation_prompt", "continue_final_message", "tokenize",
+                            "return_dict", "return_tensors", "padding", "truncation", "max_length",
+                            "return_assistant_tokens_mask", "tokenizer_kwargs")
+# apply_chat_template's own arguments a template need not name to be given them
+TEMPLATE_CALL_ARGS = ("tools", "documents", "chat_template", "sanitize_control_tokens")
+
 
 def prompt_messages(prompt: Any, system_prompt: Optional[str]) -> list[dict]:
     if isinstance(prompt, str):
@@ -221,61 +229,101 @@ def continues_answer(prompt: Any) -> bool:
         prompt[-1].get("role") == "assistant"
 
 
-def prompt_text(tokenizer, prompt: Any, system_prompt: Optional[str] = None) -> str:
+def prompt_text(tokenizer, prompt: Any, system_prompt: Optional[str] = None,
+                chat_template_kwargs: Optional[dict] = None) -> str:
     """The text the model sees before its completion: the chat template when the tokenizer has one, else
-    the messages' contents joined by newlines (a base model's raw prompt; check_prompts warns of roles lost)."""
+    the messages' contents joined by newlines (a base model's raw prompt; check_prompts warns of roles lost).
+    `chat_template_kwargs`: the template's own variables (Qwen3's `enable_thinking`), as TRL passes them."""
     msgs = prompt_messages(prompt, system_prompt)
     if getattr(tokenizer, "chat_template", None):
         # a prompt ending on the assistant's message is its answer's start (a prefill, "<think>"), continued as
         # TRL does: not closed with an end-of-turn and followed by a second, empty assistant turn
         prefill = continues_answer(msgs)
         return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=not prefill,
-                                             continue_final_message=prefill)
+                                             continue_final_message=prefill, **(chat_template_kwargs or {}))
     return "\n".join(m["content"] for m in msgs)
 
 
-def generation_prompt(tokenizer) -> str:
+def generation_prompt(tokenizer, chat_template_kwargs: Optional[dict] = None) -> str:
     """The text the chat template adds for `add_generation_prompt` (Qwen's "<|im_start|>assistant\n",
     R1-Distill's "<｜Assistant｜><think>\n"): a one-message conversation rendered with it, less the same
     rendered without it. "" without a chat template, or when the second is not the first's start."""
     if not getattr(tokenizer, "chat_template", None):
         return ""
     msgs = [{"role": "user", "content": "1+1="}]
-    opened = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-    closed = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=False)
+    kwargs = chat_template_kwargs or {}
+    opened = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True, **kwargs)
+    closed = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=False, **kwargs)
     return opened[len(closed):] if opened.startswith(closed) else ""
 
 
 THINK_OPEN = "<think>"
 
 
-def prefilled_think(tokenizer) -> str:
+def prefilled_think(tokenizer, chat_template_kwargs: Optional[dict] = None) -> str:
     """The reasoning block a chat template opens for the model ("<think>\n" for DeepSeek-R1-Distill's),
     its trailing whitespace included, or "": the model's completions start inside it, without it."""
-    tail = generation_prompt(tokenizer)
+    tail = generation_prompt(tokenizer, chat_template_kwargs)
     head = tail.rstrip()
     return tail[len(head) - len(THINK_OPEN):] if head.endswith(THINK_OPEN) else ""
 
 
-def _template_marker(tokenizer) -> str:
+def _template_marker(tokenizer, chat_template_kwargs: Optional[dict] = None) -> str:
     """The generation prompt, stripped, when it holds one of the tokenizer's added tokens ("<|im_start|>"):
     text a question cannot hold unless a template wrote it. A plain-text one ("Assistant:") is "", since a
     few-shot question may well contain it."""
-    text = generation_prompt(tokenizer).strip()
+    text = generation_prompt(tokenizer, chat_template_kwargs).strip()
     added = set(tokenizer.get_added_vocab()) if hasattr(tokenizer, "get_added_vocab") else set()
     added |= set(getattr(tokenizer, "all_special_tokens", ()))
     return text if any(tok and tok in text for tok in added) else ""
 
 
+def _template_variables(template: str) -> Optional[set]:
+    """The variables a Jinja chat template reads (messages, add_generation_prompt, enable_thinking...), or None
+    when they cannot be listed (transformers' template environment is private; its tags differ by version)."""
+    try:
+        from jinja2 import meta
+        from transformers.utils.chat_template_utils import _compile_jinja_template
+
+        env = _compile_jinja_template(template).environment
+        # less the environment's functions (namespace, raise_exception, strftime_now)
+        return set(meta.find_undeclared_variables(env.parse(template))) - set(env.globals)
+    except Exception:   # any failure only leaves the unread-key warning out
+        return None
+
+
+def check_template_kwargs(tokenizer, chat_template_kwargs: Optional[dict], where: str = "dataset"):
+    """Warns of chat_template_kwargs that change nothing: a tokenizer without a chat template, or keys its
+    template never reads (a misspelt `enable_thinkng` is ignored by Jinja, and the model thinks on)."""
+    if not chat_template_kwargs:
+        return
+    template = getattr(tokenizer, "chat_template", None)
+    if not template:
+        warnings.warn(f"{where}: chat_template_kwargs {sorted(chat_template_kwargs)} are not used: the tokenizer "
+                      f"has no chat template", stacklevel=3)
+        return
+    read = _template_variables(template) if isinstance(template, str) else None
+    if read is None:
+        return
+    # apply_chat_template's own arguments (tools, documents...) are not template variables it needs to read
+    unread = sorted(k for k in chat_template_kwargs if k not in read and k not in TEMPLATE_CALL_ARGS)
+    if unread:
+        warnings.warn(f"{where}: the chat template does not read chat_template_kwargs {unread}, which change "
+                      f"nothing; it reads {sorted(read - {'messages', 'add_generation_prompt'})}", stacklevel=3)
+
+
 def check_prompts(rows: Sequence[dict], column: str, tokenizer, system_prompt: Optional[str] = None,
-                  where: str = "dataset"):
+                  where: str = "dataset", chat_template_kwargs: Optional[dict] = None):
     """Every row's prompt is one `encode_prompt` takes, and gives at least one token: an error naming
     the row before training, not when a step first draws it (GRPO encodes its prompts as it goes)."""
     has_template = bool(getattr(tokenizer, "chat_template", None))
     empty_ok = has_template or bool(tokenizer("").input_ids)
+    check_template_kwargs(tokenizer, chat_template_kwargs, where)
     # a prompt already rendered by the template (as TRL takes a string prompt: as it is) would be rendered
-    # again inside a user turn: two BOS, two system headers, the generation prompt in the question
-    templated = _template_marker(tokenizer)
+    # again inside a user turn: two BOS, two system headers, the generation prompt in the question. The
+    # template's default rendering too: a prompt templated by hand seldom passed Qwen3's enable_thinking.
+    markers = dict.fromkeys(m for m in (_template_marker(tokenizer, chat_template_kwargs),
+                                        _template_marker(tokenizer)) if m)
     own_system = 0   # rows whose own system message keeps system_prompt out
     roles_lost = 0   # conversations that a tokenizer without a chat template reads as their contents alone
     for i, row in enumerate(rows):
@@ -286,7 +334,8 @@ def check_prompts(rows: Sequence[dict], column: str, tokenizer, system_prompt: O
         own_system += bool(system_prompt) and not any(m["content"] == system_prompt and m["role"] == "system"
                                                       for m in msgs)
         roles_lost += len(msgs) > 1 and not has_template
-        if templated and any(templated in m["content"] for m in msgs):
+        templated = next((t for t in markers if any(t in m["content"] for m in msgs)), None)
+        if templated:
             raise ValueError(f"{where}: row {i}'s prompt already holds the chat template's generation prompt "
                              f"{templated!r}: it was templated before, and r1fast applies the tokenizer's chat "
                              f"template to every prompt, so it would be templated twice; give the question alone "
@@ -305,8 +354,9 @@ def check_prompts(rows: Sequence[dict], column: str, tokenizer, system_prompt: O
                       f"their own system message (theirs is kept, not both)", stacklevel=2)
 
 
-def encode_prompt(tokenizer, prompt: Any, system_prompt: Optional[str] = None, max_length: Optional[int] = None) -> list[int]:
-    text = prompt_text(tokenizer, prompt, system_prompt)
+def encode_prompt(tokenizer, prompt: Any, system_prompt: Optional[str] = None, max_length: Optional[int] = None,
+                  chat_template_kwargs: Optional[dict] = None) -> list[int]:
+    text = prompt_text(tokenizer, prompt, system_prompt, chat_template_kwargs)
     ids = tokenizer(text, add_special_tokens=not getattr(tokenizer, "chat_template", None)).input_ids
     _warn_unknown(tokenizer, text, ids)
     if max_length is not None and len(ids) > max_length:

@@ -255,7 +255,8 @@ def _coerce(key: str, value: Any, hint: Any, source: str) -> Any:
         return [_coerce(key, v, args[0], source) for v in value] if args else list(value)
     if origin is dict or hint is dict:
         if not isinstance(value, dict):
-            raise bad
+            raise ConfigError(f"{source}: option {key!r} expects a mapping (in YAML `{key}: {{name: value}}`, on the "
+                              f"command line {key}='{{name: value}}'), got {value!r:.80}")
         return dict(value)
     return value
 
@@ -324,6 +325,28 @@ def _check_temperature(name: str, value: float, greedy_ok: bool):
                f"option {name!r} must be 0 (greedy) or >= {MIN_TEMPERATURE}; got {value}")
     else:  # GRPO's loss divides the logits by it: greedy has no log-probabilities to train on
         _check(value >= MIN_TEMPERATURE, f"option {name!r} must be >= {MIN_TEMPERATURE}; got {value}")
+
+
+def _check_template_kwargs(name: str, value: Optional[dict]):
+    """Keyword arguments for the tokenizer's apply_chat_template: the template's variables by name, none that
+    r1fast's own call sets, and values a checkpoint's JSON records (a resume compares them)."""
+    import json
+
+    from r1fast.data.loading import RESERVED_TEMPLATE_KWARGS
+
+    if value is None:
+        return
+    for key in value:
+        _check(isinstance(key, str) and key.isidentifier(),
+               f"option {name!r}: keys must be the chat template's variable names (strings such as "
+               f"enable_thinking); got {key!r}")
+        _check(key not in RESERVED_TEMPLATE_KWARGS,
+               f"option {name!r}: {key!r} is set by r1fast itself when it applies the chat template; leave it out")
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"option {name!r}: values must be JSON data (strings, numbers, booleans, lists, "
+                          f"mappings), which a checkpoint records; {e}") from None
 
 
 def _check_regex(name: str, value: Optional[str]):
@@ -433,6 +456,8 @@ class GRPOConfig(_TrainingConfig):
     eval_temperature: float = 1.0
     eval_samples_per_prompt: int = 1
     system_prompt: Optional[str] = None
+    # passed to the tokenizer's apply_chat_template (Qwen3's {enable_thinking: false}), as TRL's option
+    chat_template_kwargs: Optional[dict[str, Any]] = None
     # optimisation (the rest: _TrainingConfig)
     learning_rate: float = 1e-6
     adam_beta2: float = 0.99
@@ -580,6 +605,7 @@ class GRPOConfig(_TrainingConfig):
                "options 'engine_block_size', 'engine_max_num_batched_tokens' and 'engine_num_blocks' must be >= 1")
         _check(self.log_completions >= 0, f"option 'log_completions' must be >= 0; got {self.log_completions}")
         _check_regex("format_pattern", self.format_pattern)
+        _check_template_kwargs("chat_template_kwargs", self.chat_template_kwargs)
         _check_rewards(self.reward_funcs, self.length_penalty_target)
 
     def update(self, data: dict[str, Any], *, source: str = "config"):
@@ -624,6 +650,7 @@ class SFTConfig(_TrainingConfig):
     prompt_column: str = "prompt"
     completion_column: str = "completion"
     system_prompt: Optional[str] = None
+    chat_template_kwargs: Optional[dict[str, Any]] = None   # as GRPOConfig's
     lr_scheduler_type: str = "cosine"
     max_length: int = 1024
     # a micro-batch's completions of one prompt follow a single copy of it (see GRPOConfig.share_prompts)
@@ -632,6 +659,7 @@ class SFTConfig(_TrainingConfig):
     def validate(self):
         super().validate()
         _check(self.max_length >= 2, "option 'max_length' must be >= 2")
+        _check_template_kwargs("chat_template_kwargs", self.chat_template_kwargs)
 
 
 @dataclass
@@ -644,6 +672,7 @@ class SampleConfig(_Base):
     prompt_column: str = "prompt"
     answer_column: str = "answer"
     system_prompt: Optional[str] = None
+    chat_template_kwargs: Optional[dict[str, Any]] = None   # as GRPOConfig's
     output_file: Optional[str] = None
     num_samples: int = 4
     max_prompts: int = -1
@@ -678,6 +707,7 @@ class SampleConfig(_Base):
         _one_of("dtype", self.dtype, DTYPES)
         _check_device(self.device)
         _check_regex("format_pattern", self.format_pattern)
+        _check_template_kwargs("chat_template_kwargs", self.chat_template_kwargs)
         _check_rewards(self.reward_funcs, None)
         if self.reward_thresholds is not None:
             _check(len(self.reward_thresholds) == len(self.reward_funcs),

@@ -26,10 +26,11 @@ def evaluate_accuracy(model, tokenizer, rows: Sequence[dict], *, samples_per_pro
                       max_tokens: int = 256, seed: int = 0, prompt_column: str = "prompt",
                       answer_column: str = "answer", system_prompt: Optional[str] = None, engine=None,
                       return_samples: bool = False, max_prompt_length: Optional[int] = None,
-                      format_pattern: Optional[str] = None):
+                      format_pattern: Optional[str] = None, chat_template_kwargs: Optional[dict] = None):
     """`max_prompt_length`: prompts keep their last that many tokens (as a GRPO run's training prompts
     do); without it, a prompt that leaves the model no room for an answer is an error. `format_pattern`:
-    what eval/format counts as well formed (the format reward's; default <think>…</think><answer>…</answer>)."""
+    what eval/format counts as well formed (the format reward's; default <think>…</think><answer>…</answer>).
+    `chat_template_kwargs`: for the tokenizer's apply_chat_template (Qwen3's enable_thinking), as in training."""
     from r1fast.rewards import accuracy_reward, make_format_reward
     from r1fast.rollout import Engine, SamplingParams
 
@@ -37,7 +38,8 @@ def evaluate_accuracy(model, tokenizer, rows: Sequence[dict], *, samples_per_pro
     if not rows:
         raise ValueError("evaluation: no held-out rows")
     check_eval_answers(rows, answer_column, "evaluation: held-out rows")
-    prompt_ids = [encode_prompt(tokenizer, r[prompt_column], system_prompt, max_prompt_length) for r in rows]
+    prompt_ids = [encode_prompt(tokenizer, r[prompt_column], system_prompt, max_prompt_length, chat_template_kwargs)
+                  for r in rows]
     check_prompt_room(prompt_ids, model.config.max_sequence_length, "evaluation")
     if engine is None:
         engine = Engine(model, max_model_len=min(model.config.max_sequence_length,

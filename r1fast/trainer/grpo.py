@@ -101,7 +101,8 @@ class GRPOTrainer:
         if cfg.prompt_column not in self.train_rows[0]:
             raise ValueError(f"train dataset lacks the prompt column {cfg.prompt_column!r}; it has {sorted(self.train_rows[0])}")
         check_columns(self.train_rows, (cfg.prompt_column,), "train dataset")
-        check_prompts(self.train_rows, cfg.prompt_column, tokenizer, cfg.system_prompt, "train dataset")
+        check_prompts(self.train_rows, cfg.prompt_column, tokenizer, cfg.system_prompt, "train dataset",
+                      cfg.chat_template_kwargs)
         check_answer_column(self.rewards.names, self.train_rows, cfg.answer_column, "train dataset")
         self.eval_rows = self._rows(eval_dataset if eval_dataset is not None else cfg.eval_dataset, cfg.seed + 1, "eval") \
             if (eval_dataset is not None or cfg.eval_dataset) else None
@@ -109,7 +110,8 @@ class GRPOTrainer:
             self.eval_rows = self.eval_rows[:cfg.eval_size]
         if self.eval_rows:   # evaluated during and after training: a bad row is an error now, not then
             check_columns(self.eval_rows, (cfg.prompt_column,), "eval dataset")
-            check_prompts(self.eval_rows, cfg.prompt_column, tokenizer, cfg.system_prompt, "eval dataset")
+            check_prompts(self.eval_rows, cfg.prompt_column, tokenizer, cfg.system_prompt, "eval dataset",
+                          cfg.chat_template_kwargs)
             check_eval_answers(self.eval_rows, cfg.answer_column, "eval dataset rows")
             if cfg.rollout_max_num_seqs < cfg.eval_samples_per_prompt:   # else the first evaluation fails
                 raise ConfigError(f"option 'engine_max_num_seqs' = {cfg.engine_max_num_seqs} is below "
@@ -224,7 +226,8 @@ class GRPOTrainer:
         for key, row in zip(keys, rows):
             if key not in self._prompt_cache:
                 self._prompt_cache[key] = encode_prompt(self.tokenizer, row[self.cfg.prompt_column],
-                                                        self.cfg.system_prompt, self.prompt_cap)
+                                                        self.cfg.system_prompt, self.prompt_cap,
+                                                        self.cfg.chat_template_kwargs)
             out.append(self._prompt_cache[key])
         return out
 
@@ -445,7 +448,8 @@ class GRPOTrainer:
                                  temperature=cfg.eval_temperature, max_tokens=cfg.max_completion_length,
                                  seed=self._seed(1, 0), prompt_column=cfg.prompt_column,
                                  answer_column=cfg.answer_column, system_prompt=cfg.system_prompt, engine=self.engine,
-                                 max_prompt_length=self.prompt_cap, format_pattern=cfg.format_pattern)
+                                 max_prompt_length=self.prompt_cap, format_pattern=cfg.format_pattern,
+                                 chat_template_kwargs=cfg.chat_template_kwargs)
 
     # -- checkpoints -----------------------------------------------------------------------------
     def save(self) -> str:

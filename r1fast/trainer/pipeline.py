@@ -37,6 +37,7 @@ from r1fast.trainer.config import (
     SFTConfig,
     _check_device,
     _check_regex,
+    _check_template_kwargs,
     _coerce,
     expand_home,
     load_yaml,
@@ -49,7 +50,7 @@ STAGE_TYPES = {"sft": SFTConfig, "grpo": GRPOConfig, "sample": SampleConfig}
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "default.yaml")
 _TOP_KEYS = {"name", "seed", "output_dir", "model", "device", "dtype", "eval_dataset", "eval_size",
              "eval_samples_per_prompt", "eval_temperature", "eval_max_tokens", "eval_system_prompt",
-             "eval_format_pattern", "stages", "progress_bar",
+             "eval_format_pattern", "eval_chat_template_kwargs", "stages", "progress_bar",
              "description", "num_threads", "overwrite_output_dir"}
 _STAGE_FIELDS = ("model", "dataset", "num_rows", "evaluate")
 _STAGE_KEYS = {"name", "type", "config", *_STAGE_FIELDS}
@@ -100,6 +101,8 @@ class Pipeline:
     eval_max_tokens: int = 64
     eval_system_prompt: Optional[str] = None    # for a model trained with one: the held-out prompts get it too
     eval_format_pattern: Optional[str] = None   # what eval/format counts as well formed (the format reward's default)
+    # the held-out prompts' apply_chat_template keywords (Qwen3's enable_thinking), as the stages' chat_template_kwargs
+    eval_chat_template_kwargs: Optional[dict[str, Any]] = None
     progress_bar: bool = True
     num_threads: Optional[int] = None    # torch CPU threads (1 avoids stalls on a busy small CPU)
     overwrite_output_dir: bool = False   # a new run into a folder holding an earlier one: delete it first
@@ -304,6 +307,7 @@ def _validate(p: Pipeline, where: str):
     check(p.eval_max_tokens >= 1, f"eval_max_tokens must be >= 1; got {p.eval_max_tokens}")
     try:
         _check_regex("eval_format_pattern", p.eval_format_pattern)
+        _check_template_kwargs("eval_chat_template_kwargs", p.eval_chat_template_kwargs)
     except ConfigError as e:
         check(False, str(e))
     check(p.num_threads is None or p.num_threads >= 1, f"num_threads must be >= 1; got {p.num_threads}")
@@ -533,7 +537,8 @@ class PipelineRunner:
         res, samples = evaluate_accuracy(model, tokenizer, rows, samples_per_prompt=self.p.eval_samples_per_prompt,
                                          temperature=self.p.eval_temperature, max_tokens=self.p.eval_max_tokens,
                                          seed=seed, return_samples=True, system_prompt=self.p.eval_system_prompt,
-                                         format_pattern=self.p.eval_format_pattern)
+                                         format_pattern=self.p.eval_format_pattern,
+                                         chat_template_kwargs=self.p.eval_chat_template_kwargs)
         return {**res, "_samples": samples[:4]}
 
     def write_metrics(self):
@@ -648,8 +653,10 @@ class PipelineRunner:
 
                 where = f"eval_dataset {p.eval_dataset!r}, evaluated after stage {stage.name!r}"
                 # as a stage's own data: a prompt templated before is refused, a system_prompt left out said
-                check_prompts(self.eval_rows(), "prompt", tokenizer, p.eval_system_prompt, where)
-                check_prompt_room([encode_prompt(tokenizer, r["prompt"], p.eval_system_prompt) for r in self.eval_rows()],
+                kwargs = p.eval_chat_template_kwargs
+                check_prompts(self.eval_rows(), "prompt", tokenizer, p.eval_system_prompt, where, kwargs)
+                check_prompt_room([encode_prompt(tokenizer, r["prompt"], p.eval_system_prompt, chat_template_kwargs=kwargs)
+                                   for r in self.eval_rows()],
                                   model.config.max_sequence_length, where)
             stage_dir = os.path.join(self.run_dir, stage.name)
             if resume:   # a checkpoint whose replacement was killed between its renames counts as one
@@ -787,8 +794,11 @@ class PipelineRunner:
     def _eval_settings(self) -> dict:
         """What a held-out accuracy depends on besides the model: the rows (dataset, size, seed) and
         the sampling (samples per prompt, temperature, token budget)."""
+        # recorded when set only: a state written before these options existed compares equal to their default
         prompt_and_format = {k: v for k, v in (("system_prompt", self.p.eval_system_prompt),
-                                               ("format_pattern", self.p.eval_format_pattern)) if v is not None}
+                                               ("format_pattern", self.p.eval_format_pattern),
+                                               ("chat_template_kwargs", self.p.eval_chat_template_kwargs))
+                             if v is not None}
         return {"dataset": self.p.eval_dataset, "prompts": self.p.eval_size,
                 "samples_per_prompt": self.p.eval_samples_per_prompt, "temperature": self.p.eval_temperature,
                 "max_tokens": self.p.eval_max_tokens, "seed": self.p.seed, **prompt_and_format}

@@ -31,11 +31,13 @@ def rejection_sample(model, tokenizer, rows: Sequence[dict], cfg: SampleConfig, 
         raise ValueError("rejection sampling: the prompt dataset is empty")
     check_columns(rows, (cfg.prompt_column,), "rejection sampling: dataset")
     rows = list(rows if cfg.max_prompts < 0 else rows[:cfg.max_prompts])
-    check_prompts(rows, cfg.prompt_column, tokenizer, cfg.system_prompt, "rejection sampling: dataset")
+    check_prompts(rows, cfg.prompt_column, tokenizer, cfg.system_prompt, "rejection sampling: dataset",
+                  cfg.chat_template_kwargs)
     rewards = RewardSet(cfg.reward_funcs, format_pattern=cfg.format_pattern, language=cfg.language)
     check_answer_column(rewards.names, rows, cfg.answer_column, "prompt dataset")
     thresholds = cfg.reward_thresholds or [1.0] * len(rewards)
-    prompt_ids = [encode_prompt(tokenizer, r[cfg.prompt_column], cfg.system_prompt) for r in rows]
+    prompt_ids = [encode_prompt(tokenizer, r[cfg.prompt_column], cfg.system_prompt,
+                                chat_template_kwargs=cfg.chat_template_kwargs) for r in rows]
     check_prompt_room(prompt_ids, model.config.max_sequence_length, "rejection sampling")
     # Capped at the model's positions, as in GRPO and evaluation: a sample reaching it ends as "length".
     max_model_len = min(model.config.max_sequence_length, max(map(len, prompt_ids)) + cfg.max_completion_length)
@@ -45,7 +47,7 @@ def rejection_sample(model, tokenizer, rows: Sequence[dict], cfg: SampleConfig, 
     # a template that opens <think> for the model (R1-Distill's): its samples start inside the block. The kept
     # completion is the assistant's whole turn, opening included, so a student whose template does not open
     # it learns to (SFT leaves it out again for a template that does).
-    opening = prefilled_think(tokenizer)
+    opening = prefilled_think(tokenizer, cfg.chat_template_kwargs)
     kept: list[dict] = list(resume_from["rows"]) if resume_from else []
     done = resume_from["stats"] if resume_from else {}
     n_total, n_pass, n_cut = done.get("samples", 0), done.get("passed", 0), done.get("truncated", 0)

@@ -42,15 +42,16 @@ class SFTTrainer:
             raise ValueError("SFT dataset is empty")
         rows = split_conversations(rows, cfg.prompt_column, cfg.completion_column)
         check_columns(rows, (cfg.prompt_column, cfg.completion_column), "SFT dataset")
-        check_prompts(rows, cfg.prompt_column, tokenizer, cfg.system_prompt, "SFT dataset")
+        check_prompts(rows, cfg.prompt_column, tokenizer, cfg.system_prompt, "SFT dataset", cfg.chat_template_kwargs)
         self.model, self.tokenizer, self.device = model, tokenizer, model.device
         self.examples = []
         # never past the model's positions (max_length defaults above a small model's): the rollout engine
         # never generates there, and rotary positions past them are an extrapolation
         limit = min(cfg.max_length, model.config.max_sequence_length)
-        prefilled = prefilled_think(tokenizer)   # R1-Distill's template opens <think> in the prompt
+        prefilled = prefilled_think(tokenizer, cfg.chat_template_kwargs)   # R1-Distill's template opens <think> in the prompt
         for i, r in enumerate(rows):
-            p = encode_prompt(tokenizer, r[cfg.prompt_column], cfg.system_prompt)
+            p = encode_prompt(tokenizer, r[cfg.prompt_column], cfg.system_prompt,
+                              chat_template_kwargs=cfg.chat_template_kwargs)
             try:
                 c = encode_completion(tokenizer, r[cfg.completion_column],
                                       "" if continues_answer(r[cfg.prompt_column]) else prefilled)
