@@ -893,3 +893,30 @@ def test_chat_template_kwargs_reach_the_template():
                                        add_generation_prompt=True, **kwargs)
         with pytest.raises(ValueError, match="row 0's prompt already holds the chat template's generation prompt"):
             check_prompts([{"prompt": done}], "prompt", tok, chat_template_kwargs={"enable_thinking": False})
+
+
+def test_a_template_that_closes_reasoning_before_a_prefill_is_said():
+    # Qwen3's template writes an empty "<think>\n\n</think>\n\n" before a final assistant message: a "<think>"
+    # prefill was continued after a finished reasoning, "<|assistant|><think>\n\n</think>\n\n<think>", without a word
+    import warnings
+
+    from r1fast.data.loading import check_prompts
+    from r1fast.data.tokenizer import CHAT_TEMPLATE
+
+    tok = build_char_tokenizer()
+    tok.chat_template = CHAT_TEMPLATE.replace(
+        "<|assistant|>{{ message['content'] }}",
+        "<|assistant|>{% if loop.last %}<think>\n\n</think>\n\n{% endif %}{{ message['content'] }}")
+    prefill = [{"role": "user", "content": "3+4="}, {"role": "assistant", "content": "<think>"}]
+    assert tok.decode(encode_prompt(tok, prefill)).endswith("<|assistant|><think>\n\n</think>\n\n<think>")
+    rows = [{"prompt": "1+1="}, {"prompt": prefill}, {"prompt": prefill}]
+    with pytest.warns(UserWarning, match=r"train: the chat template closes a reasoning block before the prefilled "
+                                         r"assistant message '<think>': the prompt ends '<think>\\n\\n</think>\\n\\n"
+                                         r"<think>'") as caught:
+        check_prompts(rows, "prompt", tok, where="train")
+    assert len(caught) == 1   # the template's way, said once
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_prompts(rows, "prompt", build_char_tokenizer(), where="train")   # the prefill follows the turn's start
+        closed = [prefill[0], {"role": "assistant", "content": "<think>2</think>"}]
+        check_prompts([{"prompt": closed}], "prompt", build_char_tokenizer(), where="train")

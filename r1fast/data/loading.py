@@ -258,6 +258,7 @@ def generation_prompt(tokenizer, chat_template_kwargs: Optional[dict] = None) ->
 
 
 THINK_OPEN = "<think>"
+THINK_CLOSE = "</think>"
 
 
 def prefilled_think(tokenizer, chat_template_kwargs: Optional[dict] = None) -> str:
@@ -312,6 +313,19 @@ def check_template_kwargs(tokenizer, chat_template_kwargs: Optional[dict], where
                       f"nothing; it reads {sorted(read - {'messages', 'add_generation_prompt'})}", stacklevel=3)
 
 
+def _check_prefill(tokenizer, msgs: list[dict], chat_template_kwargs: Optional[dict], where: str):
+    """Warns when the template closes a reasoning block before a prefilled assistant message: Qwen3's renders a
+    final assistant message as "<think>\n\n</think>\n\n" + its content, so a "<think>" prefill is continued
+    after a finished, empty reasoning (TRL renders it the same way)."""
+    text = prompt_text(tokenizer, msgs, None, chat_template_kwargs)
+    if text.count(THINK_CLOSE) > sum(m["content"].count(THINK_CLOSE) for m in msgs):
+        closed = text[max(0, text.rfind(THINK_OPEN, 0, text.rfind(THINK_CLOSE))):]
+        warnings.warn(f"{where}: the chat template closes a reasoning block before the prefilled assistant message "
+                      f"{msgs[-1]['content']!r:.40}: the prompt ends {closed[-80:]!r}, so the model answers after an "
+                      f"empty reasoning (Qwen3's template writes one before a final assistant message); leave the "
+                      f"prefill out if the model opens {THINK_OPEN} itself", stacklevel=3)
+
+
 def check_prompts(rows: Sequence[dict], column: str, tokenizer, system_prompt: Optional[str] = None,
                   where: str = "dataset", chat_template_kwargs: Optional[dict] = None):
     """Every row's prompt is one `encode_prompt` takes, and gives at least one token: an error naming
@@ -326,6 +340,7 @@ def check_prompts(rows: Sequence[dict], column: str, tokenizer, system_prompt: O
                                         _template_marker(tokenizer)) if m)
     own_system = 0   # rows whose own system message keeps system_prompt out
     roles_lost = 0   # conversations that a tokenizer without a chat template reads as their contents alone
+    prefill_checked = not has_template   # how the template renders a prefill: seen on the first one
     for i, row in enumerate(rows):
         try:
             msgs = prompt_messages(row[column], system_prompt)
@@ -340,6 +355,9 @@ def check_prompts(rows: Sequence[dict], column: str, tokenizer, system_prompt: O
                              f"{templated!r}: it was templated before, and r1fast applies the tokenizer's chat "
                              f"template to every prompt, so it would be templated twice; give the question alone "
                              f"(a string) or its messages (a list of {{'role', 'content'}} dicts)")
+        if not prefill_checked and continues_answer(msgs):
+            prefill_checked = True
+            _check_prefill(tokenizer, msgs, chat_template_kwargs, where)
         if not empty_ok and not any(m["content"] for m in msgs):
             raise ValueError(f"{where}: row {i}'s prompt is empty, and the tokenizer has no chat template and adds no "
                              f"BOS token, so it encodes to no tokens: nothing to start a completion from")
