@@ -2023,3 +2023,35 @@ def test_chat_template_kwargs_template_grpo_sft_and_sampling_prompts(tmp_path):
     note = option_change_note(state, GRPOConfig(**{**cfg.to_dict(), "chat_template_kwargs": {"thinking": False}})
                               .to_json_dict(), 3)
     assert "options other than the checkpoint's: chat_template_kwargs {'thinking': True} -> {'thinking': False}" in note
+
+
+def test_an_empty_reasoning_block_the_prompt_closes_is_not_trained_twice():
+    # Qwen3's template with enable_thinking: false ends its generation prompt with "<think>\n\n</think>\n\n": a
+    # completion recorded with that block (the assistant's whole turn) trained on it twice, and sampling kept
+    # completions without it
+    from r1fast.data.loading import prefilled_think
+    from r1fast.data.tokenizer import CHAT_TEMPLATE
+    from r1fast.trainer.config import SampleConfig, SFTConfig
+    from r1fast.trainer.sampling import rejection_sample
+    from r1fast.trainer.sft import SFTTrainer
+
+    tok = build_char_tokenizer()
+    tok.chat_template = CHAT_TEMPLATE.replace(
+        "<|assistant|>{% endif %}",
+        "<|assistant|>{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n"
+        "{% endif %}{% endif %}")
+    off = {"enable_thinking": False}
+    assert prefilled_think(tok, off) == "<think>\n\n</think>\n\n" and prefilled_think(tok) == ""
+    model, tok = tiny_model(tok=tok)
+    rows = [{"prompt": "1+1=", "completion": "<think>\n\n</think>\n\n<answer>2</answer>"}]
+    (p, c), = SFTTrainer(model, tok, rows, SFTConfig(progress_bar=False, chat_template_kwargs=off)).examples
+    assert tok.decode(p + c) == "<bos><|user|>1+1=<|assistant|><think>\n\n</think>\n\n<answer>2</answer><eos>"
+    (p, c), = SFTTrainer(model, tok, [{"prompt": "1+1=", "completion": "<answer>2</answer>"}],
+                         SFTConfig(progress_bar=False, chat_template_kwargs=off)).examples
+    assert tok.decode(c) == "<answer>2</answer><eos>"
+    always = [lambda prompts, completions, **kw: [1.0] * len(completions)]
+    kept, _ = rejection_sample(model, tok, [{"prompt": "1+1=", "answer": "2"}],
+                               SampleConfig(reward_funcs=always, num_samples=2, max_completion_length=4,
+                                            keep_truncated=True, progress_bar=False, chat_template_kwargs=off),
+                               progress=False)
+    assert kept and all(r["completion"].startswith("<think>\n\n</think>\n\n") for r in kept)

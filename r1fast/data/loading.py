@@ -262,11 +262,17 @@ THINK_CLOSE = "</think>"
 
 
 def prefilled_think(tokenizer, chat_template_kwargs: Optional[dict] = None) -> str:
-    """The reasoning block a chat template opens for the model ("<think>\n" for DeepSeek-R1-Distill's),
-    its trailing whitespace included, or "": the model's completions start inside it, without it."""
+    """The reasoning block a chat template opens for the model ("<think>\n" for DeepSeek-R1-Distill's), or
+    writes empty and closed (Qwen3's with enable_thinking: false, "<think>\n\n</think>\n\n"), its trailing
+    whitespace included, or "": the model's completions start inside it, or after it, without it."""
     tail = generation_prompt(tokenizer, chat_template_kwargs)
     head = tail.rstrip()
-    return tail[len(head) - len(THINK_OPEN):] if head.endswith(THINK_OPEN) else ""
+    if head.endswith(THINK_OPEN):
+        return tail[len(head) - len(THINK_OPEN):]
+    start = head.rfind(THINK_OPEN)
+    if head.endswith(THINK_CLOSE) and start >= 0 and not head[start + len(THINK_OPEN):-len(THINK_CLOSE)].strip():
+        return tail[start:]
+    return ""
 
 
 def _template_marker(tokenizer, chat_template_kwargs: Optional[dict] = None) -> str:
