@@ -76,7 +76,7 @@ def test_resume_is_bit_identical(tmp_path):
     second.train(resume=True)
     assert second.global_step == 6
     a, b = _metrics(tmp_path / "full" / "metrics.jsonl"), _metrics(tmp_path / "split" / "metrics.jsonl")
-    assert a == b
+    assert a == b and b[-1]["num_tokens"] == full.num_tokens > 0   # the running total goes on across the resume
     for (n, p), (_, q) in zip(full.model.named_parameters(), second.model.named_parameters()):
         assert torch.equal(p, q), n
     for p, q in zip(full.model.parameters(), second.model.parameters()):
@@ -611,6 +611,26 @@ def test_grpo_logs_the_shortest_and_longest_completion(tmp_path, monkeypatch):
     m = tr.step()["metrics"]
     assert (m["completion_length_min"], m["completion_length_max"]) == (min(lengths), max(lengths))
     assert m["completion_length"] == pytest.approx(sum(lengths) / len(lengths))
+
+
+def test_grpo_logs_trls_cumulative_num_tokens_and_epoch(tmp_path, monkeypatch):
+    # TRL logs num_tokens (prompt + completion tokens seen so far) and epoch; r1fast logged neither, and
+    # dropped the op's own num_tokens (the loss's active tokens) from the line
+    tr = make(tmp_path, "tok", max_steps=3, logging_steps=2)
+    seen, generate = [], tr.generate
+
+    def spy(*args):
+        out = generate(*args)
+        seen.append(sum(len(p) + len(c) for p, c in zip(out[0], out[1])))
+        return out
+    monkeypatch.setattr(tr, "generate", spy)
+    tr.train()
+    assert [h["num_tokens"] for h in tr.history] == [seen[0], seen[0] + seen[1], sum(seen)]
+    per_rollout = tr.cfg.prompts_per_rollout / len(ROWS)   # 4 of the 32 prompts a rollout
+    assert [h["epoch"] for h in tr.history] == pytest.approx([per_rollout, 2 * per_rollout, 3 * per_rollout])
+    rows = _metrics(tmp_path / "tok" / "metrics.jsonl")   # a line's totals are its last rollout's, not a mean
+    assert [(r["step"], r["num_tokens"], r["epoch"]) for r in rows] == \
+        [(2, seen[0] + seen[1], pytest.approx(2 * per_rollout)), (3, sum(seen), pytest.approx(3 * per_rollout))]
 
 
 def test_grpo_resume_between_logging_steps_logs_the_uninterrupted_window(tmp_path):

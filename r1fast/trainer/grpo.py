@@ -162,6 +162,9 @@ class GRPOTrainer:
         self.rollout_index = 0
         self.cursor = DataCursor(len(self.train_rows), cfg.seed)
         self.nonfinite_skipped = 0
+        # TRL's num_tokens: prompt + completion tokens of every rollout so far (a prompt once per
+        # completion), cumulative across --resume (saved in the checkpoint)
+        self.num_tokens = 0
         self._nonfinite_streak = 0
         self._engine = None
         self.share_prompts = prompt_sharing_pays(self.model, self.cfg.share_prompts)
@@ -308,6 +311,7 @@ class GRPOTrainer:
         t_rewards = time.perf_counter()
 
         B = len(c_ids)
+        self.num_tokens += sum(len(p) + len(c) for p, c in zip(p_ids, c_ids))
         mb = cfg.per_device_train_batch_size
         micro = [list(range(i, min(i + mb, B))) for i in range(0, B, mb)]
         keep = [not (cfg.mask_truncated_completions and finish[i] == "length") for i in range(B)]
@@ -403,6 +407,8 @@ class GRPOTrainer:
         t_end = time.perf_counter()
 
         gen_tokens = sum(len(c) for c in c_ids)
+        # the op's count of the loss's active tokens: not TRL's num_tokens (all tokens seen, below)
+        stats_acc.pop("num_tokens", None)
         lengths = torch.tensor([len(c) for c in c_ids], dtype=torch.float32)
         metrics: dict[str, Any] = {
             "reward": _nanmean(totals),
@@ -418,6 +424,8 @@ class GRPOTrainer:
             "grad_norm": _nanmean(grad_norms),
             "lr": lr_used,   # the rate the last optimizer step of the rollout ran at
             "nonfinite_skipped": self.nonfinite_skipped,
+            "num_tokens": self.num_tokens,
+            "epoch": self.epoch,
             **({} if self.loss_scale is None else {"loss_scale": self.loss_scale.scale}),
             **stats_acc,
             "tokens_per_s": gen_tokens / max(t_rollout - t0, 1e-9),
@@ -428,12 +436,16 @@ class GRPOTrainer:
             "time/optimizer": t_opt,
             "step_time_s": t_end - t0,
         }
-        metrics.pop("num_tokens", None)
         # the total (weighted sum) and each function's own score: a total of 1.0 may be format 1 + accuracy 0
         samples = [{"prompt": _short(rows[i // G][cfg.prompt_column]), "completion": texts[i], "reward": totals[i],
                     "rewards": {n: t[i] for n, t in zip(self.rewards.names, table)}}
                    for i in range(0, min(B, cfg.log_completions * G), G)]
         return {"metrics": metrics, "samples": samples}
+
+    @property
+    def epoch(self) -> float:
+        """Passes over the training prompts so far, as TRL's fractional `epoch` (its value at a rollout's end)."""
+        return self.cursor.epoch + self.cursor.index / self.cursor.n
 
     # -- evaluation ------------------------------------------------------------------------------
     def evaluate(self, rows: Optional[Sequence[dict]] = None) -> dict[str, float]:
@@ -458,6 +470,7 @@ class GRPOTrainer:
             "rollout_index": self.rollout_index,
             "data": self.cursor.state(),
             "nonfinite_skipped": self.nonfinite_skipped,
+            "num_tokens": self.num_tokens,
             "config": self.cfg.to_json_dict(),
             **saved_loss_scale(self.loss_scale),
             "metrics_window": self.metrics_window,
@@ -477,7 +490,8 @@ class GRPOTrainer:
                                     keep=self.cfg.save_total_limit, write_extra=write_extra)
 
     def load(self, path: str):
-        check_counters = resume_check(self.cursor, {"rollout_index": None, "nonfinite_skipped": 0})
+        check_counters = resume_check(self.cursor, {"rollout_index": None, "nonfinite_skipped": 0,
+                                                     "num_tokens": 0})
 
         def check(state):
             check_counters(state)
@@ -491,6 +505,8 @@ class GRPOTrainer:
         self.rollout_index = state["rollout_index"]
         self.cursor.load_state(state["data"])
         self.nonfinite_skipped = state.get("nonfinite_skipped", 0)
+        # absent in a checkpoint of an earlier r1fast: counted from the resume on
+        self.num_tokens = state.get("num_tokens", 0)
         if self.loss_scale is not None:
             self.loss_scale.load_state_dict(state.get("loss_scale"))
         self.metrics_window = state.get("metrics_window", [])
@@ -611,15 +627,15 @@ def _restore_handlers(previous: dict | None):
 
 
 # how a logged line combines its window's rollouts (any other metric: their mean, as TRL logs them)
-_WINDOW_LAST = ("lr", "nonfinite_skipped", "loss_scale")
+_WINDOW_LAST = ("lr", "nonfinite_skipped", "loss_scale", "num_tokens", "epoch")   # rates, scales and running totals
 _WINDOW_MAX = ("completion_length_max", "is_weight/max")
 _WINDOW_MIN = ("completion_length_min", "is_weight/min")
 
 
 def window_metrics(window: Sequence[dict]) -> dict[str, Any]:
     """One logged line for the rollouts since the last one: each metric's mean over the rollouts that have
-    it (a NaN or null left out), the extremes' max / min, and lr, the skip count and the loss scale as the last
-    one's."""
+    it (a NaN or null left out), the extremes' max / min, and lr, the skip count, the loss scale, num_tokens and
+    epoch as the last one's."""
     keys = list(dict.fromkeys(k for row in window for k in row))
     out: dict[str, Any] = {}
     for k in keys:
