@@ -1,6 +1,7 @@
 """GRPOTrainer end to end on a tiny model (CPU, seconds): it improves a simple reward, resume is
 bit-identical to an uninterrupted run, a NaN step is skipped and counted, KL runs with beta > 0."""
 import json
+import math
 import os
 
 import pytest
@@ -631,6 +632,27 @@ def test_grpo_logs_trls_cumulative_num_tokens_and_epoch(tmp_path, monkeypatch):
     rows = _metrics(tmp_path / "tok" / "metrics.jsonl")   # a line's totals are its last rollout's, not a mean
     assert [(r["step"], r["num_tokens"], r["epoch"]) for r in rows] == \
         [(2, seen[0] + seen[1], pytest.approx(2 * per_rollout)), (3, sum(seen), pytest.approx(3 * per_rollout))]
+
+
+def test_grpo_logs_trls_terminated_lengths(tmp_path, monkeypatch):
+    # TRL logs the lengths of the completions that ended on their own (completions/*_terminated_length):
+    # r1fast's completion_length mixed them with the ones cut at max_completion_length
+    from r1fast.trainer.grpo import _terminated_lengths
+
+    tr = make(tmp_path, "term", max_steps=1)
+    ended, generate = [], tr.generate
+
+    def every_third_ends(*args):   # finish reasons the test chooses, with the completions' own lengths
+        p_ids, c_ids, c_logp, finish = generate(*args)
+        finish = ["stop" if i % 3 == 0 else "length" for i in range(len(c_ids))]
+        ended.extend(len(c) for c, f in zip(c_ids, finish) if f == "stop")
+        return p_ids, c_ids, c_logp, finish
+    monkeypatch.setattr(tr, "generate", every_third_ends)
+    m = tr.step()["metrics"]
+    assert m["completions/mean_terminated_length"] == pytest.approx(sum(ended) / len(ended))
+    assert (m["completions/min_terminated_length"], m["completions/max_terminated_length"]) == (min(ended), max(ended))
+    # none ended: no length to average (null in the log), where TRL writes 0
+    assert all(math.isnan(v) for v in _terminated_lengths([[1, 2], [3]], ["length", "length"]).values())
 
 
 def test_grpo_resume_between_logging_steps_logs_the_uninterrupted_window(tmp_path):

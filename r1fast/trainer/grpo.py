@@ -420,6 +420,7 @@ class GRPOTrainer:
             "completion_length_min": float(lengths.min()),
             "completion_length_max": float(lengths.max()),
             "truncated_ratio": sum(f == "length" for f in finish) / B,
+            **_terminated_lengths(c_ids, finish),
             "loss": sum(losses) / len(losses),
             "grad_norm": _nanmean(grad_norms),
             "lr": lr_used,   # the rate the last optimizer step of the rollout ran at
@@ -628,8 +629,8 @@ def _restore_handlers(previous: dict | None):
 
 # how a logged line combines its window's rollouts (any other metric: their mean, as TRL logs them)
 _WINDOW_LAST = ("lr", "nonfinite_skipped", "loss_scale", "num_tokens", "epoch")   # rates, scales and running totals
-_WINDOW_MAX = ("completion_length_max", "is_weight/max")
-_WINDOW_MIN = ("completion_length_min", "is_weight/min")
+_WINDOW_MAX = ("completion_length_max", "completions/max_terminated_length", "is_weight/max")
+_WINDOW_MIN = ("completion_length_min", "completions/min_terminated_length", "is_weight/min")
 
 
 def window_metrics(window: Sequence[dict]) -> dict[str, Any]:
@@ -669,6 +670,18 @@ def _frac_zero_std(totals, G) -> float:
     groups = [[float(x) for x in totals[i:i + G] if x is not None and not math.isnan(float(x))]
               for i in range(0, len(totals), G)]
     return sum(1 for g in groups if len(set(g)) < 2) / max(len(groups), 1)
+
+
+def _terminated_lengths(c_ids, finish) -> dict[str, float]:
+    """TRL's lengths of the completions that ended on their own (not cut at max_completion_length): they
+    tell whether the model is learning to stop. With none, NaN (logged null), where TRL writes 0."""
+    lengths = [len(c) for c, f in zip(c_ids, finish) if f != "length"]
+    if not lengths:
+        return dict.fromkeys(("completions/mean_terminated_length", "completions/min_terminated_length",
+                              "completions/max_terminated_length"), float("nan"))
+    return {"completions/mean_terminated_length": sum(lengths) / len(lengths),
+            "completions/min_terminated_length": float(min(lengths)),
+            "completions/max_terminated_length": float(max(lengths))}
 
 
 def _short(prompt, n: int = 200) -> str:
