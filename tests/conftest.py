@@ -45,3 +45,26 @@ def sigterm_guard():
     previous = signal.signal(signal.SIGTERM, unhandled)
     yield
     signal.signal(signal.SIGTERM, previous)
+
+
+@pytest.fixture
+def umask_027():
+    """The process umask 027 (group may read, others nothing) for the test, then the old one again."""
+    import os
+
+    old = os.umask(0o027)
+    yield 0o027
+    os.umask(old)
+
+
+def modes_under(folder) -> dict[str, int]:
+    """Each file's and folder's permission bits below `folder`, by path relative to it."""
+    import os
+    import stat
+
+    out = {}
+    for root, dirs, files in os.walk(folder):
+        for name in dirs + files:
+            path = os.path.join(root, name)
+            out[os.path.relpath(path, folder)] = stat.S_IMODE(os.stat(path).st_mode)
+    return out

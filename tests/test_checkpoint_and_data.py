@@ -58,6 +58,23 @@ def test_checkpoint_roundtrip_restores_everything(tmp_path):
     assert sched2.last_epoch == sched.last_epoch and opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
 
 
+def test_checkpoint_files_get_the_mode_the_umask_gives(tmp_path, umask_027):
+    # safetensors wrote model/optimizer/rng.safetensors 0600 (its temp file renamed), and the folder was a
+    # fixed 0755: a colleague the umask lets read the run could not, and a private umask was not kept
+    from conftest import modes_under
+
+    tok = build_char_tokenizer()
+    model = _model(tok)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    ckpt.save_checkpoint(str(tmp_path), 1, model=model, optimizer=opt, tokenizer=tok)
+    model.save_pretrained(str(tmp_path / "exported"), max_shard_size="8KB")   # sharded: several safetensors
+    modes = modes_under(tmp_path)
+    assert {"checkpoint-1/optimizer.safetensors", "checkpoint-1/rng.safetensors",
+            "checkpoint-1/model.safetensors", "exported/model-00002-of-00004.safetensors"} <= set(modes)
+    want = {p: 0o750 if (tmp_path / p).is_dir() else 0o640 for p in modes}
+    assert modes == want
+
+
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="names a descriptor's file through /proc")
 def test_every_checkpoint_file_is_on_disk_before_the_checkpoint_is_renamed_in(tmp_path, monkeypatch):
     # only the model files and trainer_state.json were fsynced: after a power loss, a checkpoint renamed into

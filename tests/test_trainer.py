@@ -655,6 +655,18 @@ def test_grpo_logs_trls_terminated_lengths(tmp_path, monkeypatch):
     assert all(math.isnan(v) for v in _terminated_lengths([[1, 2], [3]], ["length", "length"]).values())
 
 
+def test_a_run_folder_gets_the_modes_the_umask_gives(tmp_path, umask_027):
+    # reference.safetensors (beta > 0) and the checkpoint's other safetensors were 0600 whatever the umask, and
+    # the lock file 0644: on a shared cluster the group the umask lets read the run could not
+    from conftest import modes_under
+
+    make(tmp_path, "run", max_steps=1, beta=0.1, per_device_train_batch_size=8).train()
+    modes = modes_under(tmp_path / "run")
+    assert {"checkpoint-1/reference.safetensors", "checkpoint-1/model.safetensors", "metrics.jsonl",
+            ".r1fast.lock"} <= set(modes)
+    assert modes == {p: 0o750 if (tmp_path / "run" / p).is_dir() else 0o640 for p in modes}
+
+
 def test_grpo_resume_between_logging_steps_logs_the_uninterrupted_window(tmp_path):
     # the window's rollouts before the checkpoint are kept in it, as SFT keeps its loss window
     kw = dict(max_steps=4, logging_steps=4, learning_rate=3e-3)

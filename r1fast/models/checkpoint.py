@@ -16,6 +16,7 @@ from typing import Optional
 
 import torch
 
+from r1fast._umask import apply_umask
 from r1fast.models.config import ModelConfig, is_lfs_pointer, read_config_json, resolve_dtype
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -338,6 +339,7 @@ def save_pretrained(model, path, max_shard_size="5GB") -> None:
             # copies: rows of a fused projection share its storage, which safetensors refuses
             tensors = {key: p.detach().to("cpu", copy=True).contiguous() for key, p in shard}
             save_file(tensors, os.path.join(tmp, fname), metadata={"format": "pt"})
+            apply_umask(os.path.join(tmp, fname))   # safetensors leaves its file private (0600)
             for k, t in tensors.items():
                 weight_map[k] = fname
                 total += t.numel() * t.element_size()
@@ -376,7 +378,7 @@ def _fsync_folder(folder: str) -> None:
 
 
 def _swap_in(tmp: str, path: str) -> None:
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private
+    apply_umask(tmp)  # mkdtemp makes it private (0700); a fixed 0755 ignored the user's umask
     if not os.path.exists(path):
         os.rename(tmp, path)
         return

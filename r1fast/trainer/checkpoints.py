@@ -27,6 +27,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from r1fast._umask import apply_umask
 from r1fast.models.checkpoint import _fsync_folder
 
 _CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -152,7 +153,7 @@ def own_run_folder(run_dir: str):
         yield
         return
     path = os.path.join(run_dir, LOCK_FILE)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)   # less the umask, as open() makes it
     try:  # closing the descriptor at the end drops the flock
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -413,6 +414,7 @@ def save_checkpoint(run_dir: str, step: int, *, model, optimizer=None, scheduler
     final = os.path.join(run_dir, f"checkpoint-{step}")
     tmp = tempfile.mkdtemp(prefix=f".tmp-checkpoint-{step}-", dir=run_dir)
     try:
+        apply_umask(tmp)   # mkdtemp's folder is private (0700)
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -424,12 +426,14 @@ def save_checkpoint(run_dir: str, step: int, *, model, optimizer=None, scheduler
         if optimizer is not None:
             tensors, (meta,) = optimizer_state(optimizer)
             save_file(tensors, os.path.join(tmp, "optimizer.safetensors"))
+            apply_umask(os.path.join(tmp, "optimizer.safetensors"))   # safetensors leaves it 0600
             full_state["optimizer"] = meta
         if scheduler is not None:
             sd = scheduler.state_dict()
             full_state["scheduler"] = {k: v for k, v in sd.items() if k != "lr_lambdas"}
         rng_tensors, rng_meta = rng_state()
         save_file(rng_tensors, os.path.join(tmp, "rng.safetensors"))
+        apply_umask(os.path.join(tmp, "rng.safetensors"))
         full_state["rng"] = rng_meta
         _write_json(os.path.join(tmp, STATE_FILE), full_state)
         # on disk before the rename makes the checkpoint the newest (and pruning deletes older ones): after a

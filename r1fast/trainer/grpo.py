@@ -22,6 +22,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from r1fast import _ext
+from r1fast._umask import apply_umask
 from r1fast.data.loading import (EVAL_SPLITS, check_columns, check_prompts, decode_completion, encode_prompt, load_rows,
                                  stop_token_ids)
 from r1fast.rewards import RewardSet
@@ -486,6 +487,7 @@ class GRPOTrainer:
                 # inside the checkpoint before it is renamed into place and older ones are pruned: written
                 # after, a failed write left the newest checkpoint without a loadable reference model
                 save_model(self.ref_model, os.path.join(folder, "reference.safetensors"))
+                apply_umask(os.path.join(folder, "reference.safetensors"))   # safetensors leaves it 0600
         return ckpt.save_checkpoint(self.run_dir, self.global_step, model=self.model, optimizer=self.optimizer,
                                     scheduler=self.scheduler, tokenizer=self.tokenizer, state=state,
                                     keep=self.cfg.save_total_limit, write_extra=write_extra)

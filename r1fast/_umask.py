@@ -1,0 +1,29 @@
+"""The permissions a plain open() (a folder: os.mkdir()) gives under the user's umask, for what r1fast
+writes another way: safetensors (0.8) writes a private 0600 temp file and renames it, and
+tempfile.mkdtemp makes a 0700 folder. On a shared cluster that hid a run's checkpoints from colleagues
+whom the user's umask lets read them."""
+from __future__ import annotations
+
+import os
+
+
+def current_umask() -> int:
+    # read where the kernel shows it (Linux >= 4.7): os.umask() is read only by setting it, and for that
+    # moment the files other threads create get the stand-in mask
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def apply_umask(path: str) -> None:
+    """Give `path` the mode a plain open() (a folder: os.mkdir()) would have created it with."""
+    full = 0o777 if os.path.isdir(path) else 0o666
+    os.chmod(path, full & ~current_umask())
+
