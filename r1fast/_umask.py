@@ -27,3 +27,13 @@ def apply_umask(path: str) -> None:
     full = 0o777 if os.path.isdir(path) else 0o666
     os.chmod(path, full & ~current_umask())
 
+
+def apply_rewrite_mode(tmp: str, path: str) -> None:
+    """Give `tmp`, written to be renamed over `path`, the mode open(path, "w") would leave: an existing
+    `path`'s own (a file the user opened to the group stays so), else the umask's for a new file (not the
+    mode of a .tmp left by a killed write)."""
+    try:
+        mode = os.stat(path).st_mode & 0o7777
+    except FileNotFoundError:
+        mode = 0o666 & ~current_umask()
+    os.chmod(tmp, mode)

@@ -1406,6 +1406,23 @@ def test_metrics_logger_lines_resume_truncation_and_fresh_start(tmp_path):
         read_metrics(str(tmp_path))
 
 
+def test_a_replaced_file_keeps_its_mode_as_open_keeps_it(tmp_path, umask_027):
+    # replacing() (metrics truncated on resume, pipeline state and summary, samples) renamed a fresh file over
+    # the old one: a log the user had opened to others (chmod o+r) went back to the umask's mode at the
+    # next rewrite, and a .tmp left by a killed write lent the new file its mode
+    from r1fast.trainer.metrics import replacing
+
+    kept, new = tmp_path / "metrics.jsonl", tmp_path / "summary.json"
+    kept.write_text("{}\n")
+    kept.chmod(0o644)
+    (tmp_path / "summary.json.tmp").write_text("half")
+    (tmp_path / "summary.json.tmp").chmod(0o600)
+    for path in (kept, new):
+        with replacing(str(path)) as f:
+            f.write("{}\n")
+    assert (kept.stat().st_mode & 0o777, new.stat().st_mode & 0o777) == (0o644, 0o640)
+
+
 def test_every_iteration_of_a_rollout_gets_the_rollout_policys_log_probs(tmp_path, monkeypatch):
     """num_iterations > 1: each pass over the rollout takes old_logp = the policy's log-probs at rollout time,
     the same numbers in every iteration. Without them (old_logp None: the ratio is 1 by definition) the later

@@ -8,6 +8,8 @@ import math
 import os
 from typing import Any, Optional
 
+from r1fast._umask import apply_rewrite_mode
+
 # Keys that change between otherwise identical runs (wall clock); resume comparisons skip them.
 TIMING_KEYS = ("time_s", "tokens_per_s", "step_time_s", "elapsed_s")
 
@@ -102,10 +104,12 @@ def writing(path: str):
 @contextlib.contextmanager
 def replacing(path: str):
     """A text file open on `path`.tmp, synced and renamed over `path` once written: a crash or a failed
-    write (named by `writing`) leaves `path` as it was and no .tmp behind."""
+    write (named by `writing`) leaves `path` as it was and no .tmp behind. `path` keeps its mode, as
+    open(path, "w") keeps it."""
     tmp = path + ".tmp"
     try:
         with writing(tmp), open(tmp, "w", encoding="utf-8") as f:
+            apply_rewrite_mode(tmp, path)
             yield f
             f.flush()
             os.fsync(f.fileno())   # or a crash soon after the rename can leave an empty file
