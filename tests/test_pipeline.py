@@ -107,7 +107,12 @@ def test_cli_grpo_yaml_and_plot(tmp_path, monkeypatch):
     run = tmp_path / "runs" / "cli"
     assert os.path.isdir(run / "checkpoint-2")
     assert main(["train", str(cfg), "--max_steps", "3", "run_name=cli", "--resume"]) == 0
-    assert [json.loads(line)["step"] for line in open(run / "metrics.jsonl")] == [1, 2, 3]
+    rows = [json.loads(line) for line in open(run / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    # TRL's running totals go on across the CLI's --resume: tokens seen (2 rollouts, then a third), epochs
+    tokens = [r["num_tokens"] for r in rows]
+    assert 0 < tokens[0] < tokens[1] < tokens[2] and tokens[2] - tokens[1] == pytest.approx(tokens[0], rel=0.5)
+    assert rows[0]["epoch"] > 0 and [r["epoch"] for r in rows] == pytest.approx([rows[0]["epoch"] * k for k in (1, 2, 3)])
     assert main(["plot", str(run)]) == 0
     assert (run / "curves.png").stat().st_size > 1000
 

@@ -10,7 +10,8 @@ PANELS = [
     ("reward", ["reward", "rewards/accuracy", "rewards/format"]),
     ("held-out accuracy", ["eval/accuracy"]),
     ("KL to reference", ["kl"]),
-    ("completion length (tokens)", ["completion_length"]),
+    # the ones that ended on their own (TRL's terminated length): beside the mean, whether the model learns to stop
+    ("completion length (tokens)", ["completion_length", "completions/mean_terminated_length"]),
     ("entropy (nats/token)", ["entropy"]),
     ("loss", ["loss"]),
 ]
