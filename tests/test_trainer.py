@@ -634,6 +634,20 @@ def test_grpo_logs_trls_cumulative_num_tokens_and_epoch(tmp_path, monkeypatch):
         [(2, seen[0] + seen[1], pytest.approx(2 * per_rollout)), (3, sum(seen), pytest.approx(3 * per_rollout))]
 
 
+def test_grpo_logs_trls_per_function_reward_std(tmp_path, monkeypatch):
+    # TRL logs rewards/<fn>/std beside each function's mean; r1fast logged the mean only
+    tr = make(tmp_path, "std", max_steps=1)
+    scores, score = [], tr.score
+
+    def spy(*args):
+        table, totals = score(*args)
+        scores.extend(table[0])
+        return table, totals
+    monkeypatch.setattr(tr, "score", spy)
+    m = tr.step()["metrics"]
+    assert m["rewards/sevens/std"] == pytest.approx(torch.tensor(scores).std().item()) and m["rewards/sevens/std"] > 0
+
+
 def test_grpo_logs_trls_terminated_lengths(tmp_path, monkeypatch):
     # TRL logs the lengths of the completions that ended on their own (completions/*_terminated_length):
     # r1fast's completion_length mixed them with the ones cut at max_completion_length

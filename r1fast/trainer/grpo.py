@@ -417,6 +417,8 @@ class GRPOTrainer:
             "frac_reward_zero_std": _frac_zero_std(totals, G),
             **{f"rewards/{n}": _nanmean([x if x is not None else float("nan") for x in t])
                for n, t in zip(self.rewards.names, table)},
+            # TRL's rewards/<fn>/std: how much each function tells the completions apart (its unscored rows left out)
+            **{f"rewards/{n}/std": _nanstd(t) for n, t in zip(self.rewards.names, table)},
             "completion_length": float(lengths.mean()),
             "completion_length_min": float(lengths.min()),
             "completion_length_max": float(lengths.max()),
