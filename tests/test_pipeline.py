@@ -80,10 +80,11 @@ def test_cli_errors_are_clear(tmp_path, capsys, monkeypatch):
         main(["sft", "learnin_rate=1"])
     with pytest.raises(SystemExit, match="needs model_name_or_path"):
         main(["sample", "num_samples=2"])
-    with pytest.raises(SystemExit, match="sample has no --resume"):
-        main(["sample", "model_name_or_path=builtin:tiny", "dataset=builtin:arithmetic", "--resume"])
+    with pytest.raises(SystemExit, match="sample's --resume takes no path \\('ckpt'\\)"):
+        main(["sample", "model_name_or_path=builtin:tiny", "dataset=builtin:arithmetic", "--resume", "ckpt"])
     assert main(["sample", "--help"]) == 0
-    assert "--resume" not in capsys.readouterr().out  # only train, sft and pipeline resume
+    out = capsys.readouterr().out
+    assert "r1fast sample [CONFIG.yaml] [--resume]" in out and "OUTPUT_FILE.sample_progress.json" in out
     with pytest.raises(SystemExit, match="no metrics.jsonl"):
         main(["plot", str(tmp_path)])
     with pytest.raises(SystemExit, match=r"unknown pipeline key.*bogus.*<stage>\.<option>"):
@@ -239,6 +240,10 @@ def test_cli_names_a_path_it_cannot_write_in_one_line(tmp_path, monkeypatch):
     for cmd in ("train", "sft"):
         with pytest.raises(SystemExit, match=rf"^r1fast {cmd}: \[Errno 20\] Not a directory: 'afile/x'$"):
             main([cmd, "model_name_or_path=builtin:micro", "dataset=builtin:arithmetic", "output_dir=afile/x"])
+    # sample found it only once every prompt was sampled, losing the rows; now before the model loads
+    with pytest.raises(SystemExit, match=r"^r1fast sample: output_file 'afile/x.jsonl': its folder .*afile cannot be "
+                                         r"made \(File exists\)$"):
+        main(["sample", "model_name_or_path=no_such_model", "dataset=builtin:arithmetic", "output_file=afile/x.jsonl"])
 
 
 def test_cli_reports_a_failing_reward_function_without_a_traceback(tmp_path, monkeypatch):
@@ -1006,7 +1011,7 @@ def test_pipeline_rows_held_out_cut_and_per_stage(tmp_path):
 
 def test_cli_stops_with_status_130_and_says_how_to_continue(tmp_path, monkeypatch, capsys):
     """Ctrl-C, or a trainer that stopped on one, is exit status 130 with a one-line note; the
-    commands that resume say --resume, sample (which cannot) does not. A run of NaN steps is a
+    commands that resume say --resume. A run of NaN steps is a
     one-line error, not a traceback."""
     import r1fast.trainer.pipeline as pipeline
     import r1fast.trainer.sampling as sampling
@@ -1025,7 +1030,9 @@ def test_cli_stops_with_status_130_and_says_how_to_continue(tmp_path, monkeypatc
     assert capsys.readouterr().err.strip() == f"r1fast pipeline: stopped; continue with: r1fast pipeline {spec} --resume"
     monkeypatch.setattr(sampling, "rejection_sample", interrupt)
     assert main(["sample", "model_name_or_path=builtin:micro", "dataset=builtin:arithmetic", "progress_bar=false"]) == 130
-    assert capsys.readouterr().err.strip() == "r1fast sample: stopped"
+    assert capsys.readouterr().err.strip() == ("r1fast sample: stopped; continue with: r1fast sample "
+                                               "model_name_or_path=builtin:micro dataset=builtin:arithmetic "
+                                               "progress_bar=false --resume")
     stopped = lambda self, *a, **kw: {"interrupted": True, "checkpoint": "ck", "nonfinite_skipped": 0}  # noqa: E731
     monkeypatch.setattr(SFTTrainer, "train", stopped)
     monkeypatch.setattr(GRPOTrainer, "train", stopped)
@@ -1257,6 +1264,41 @@ def test_a_stopped_sample_stage_resumed_with_other_options_starts_over_and_says_
     assert main(["pipeline", str(sample_stage_spec(tmp_path, temperature=0.5)), "--resume"]) == 0
     assert "is for other options or prompts: it samples from its first prompt" in capsys.readouterr().err
     assert stopper.calls == [4] * 4
+
+
+def test_sigterm_in_r1fast_sample_keeps_its_batches_and_resume_writes_what_one_run_writes(tmp_path, monkeypatch,
+                                                                                          capsys, sigterm_guard):
+    # `r1fast sample` had no handler: SIGTERM ended it at once (status 143, no word) and every prompt sampled
+    # was lost, and it refused --resume. It now stops after its batch as a pipeline's sample stage does, keeps
+    # its rows beside the output and --resume samples the rest, writing the bytes one run writes.
+    import signal
+
+    monkeypatch.chdir(tmp_path)
+    stopper = sigterm_on_call(tmp_path, monkeypatch, 1)
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    args = ["sample", "model_name_or_path=builtin:micro", "dataset=builtin:arithmetic", "max_prompts=4",
+            "num_samples=2", "batch_prompts=2", "max_completion_length=4", "keep_truncated=true",
+            "reward_funcs=[stopper:f]", "reward_thresholds=[0]", "progress_bar=false"]
+    assert main([*args, "output_file=kept.jsonl"]) == 130
+    out, err = capsys.readouterr()
+    assert "SIGTERM: finishing this batch of prompts and keeping what it sampled so far" in out
+    assert "interrupted sampling after 2 of 4 prompts (2 samples kept so far, in kept.jsonl.sample_progress.json)" in out
+    assert err.strip() == "r1fast sample: stopped; continue with: r1fast sample " + " ".join(
+        a if "[" not in a else f"'{a}'" for a in args[1:]) + " output_file=kept.jsonl --resume"
+    assert {s: signal.getsignal(s) for s in before} == before   # handlers restored
+    assert not (tmp_path / "kept.jsonl").exists()   # no output that looks complete
+    assert json.loads((tmp_path / "kept.jsonl.sample_progress.json").read_text())["next_prompt"] == 2
+    with pytest.raises(SystemExit, match=r"kept.jsonl.sample_progress.json holds what a stopped run kept for "
+                                         r"kept.jsonl. Type\n.* output_file=kept.jsonl --resume    to continue it"):
+        main([*args, "output_file=kept.jsonl"])   # a new run would lose it
+    assert main([*args, "output_file=kept.jsonl", "--resume"]) == 0
+    assert "sampling continues from prompt 3 of 4 (2 samples kept before)" in capsys.readouterr().out
+    assert stopper.calls == [4] * 2   # 1 batch, then the other one only
+    assert not (tmp_path / "kept.jsonl.sample_progress.json").exists()
+    stopper.STOP_AT = 0
+    assert main([*args, "output_file=whole.jsonl"]) == 0
+    assert (tmp_path / "whole.jsonl").read_bytes() == (tmp_path / "kept.jsonl").read_bytes()
+    assert len((tmp_path / "whole.jsonl").read_text().splitlines()) == 4
 
 
 def test_sigterm_in_the_evaluation_between_stages_stops_before_the_next(tmp_path, monkeypatch, capsys, sigterm_guard):

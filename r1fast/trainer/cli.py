@@ -6,6 +6,7 @@
     r1fast train --resume                     continue the newest checkpoint of that run
     r1fast sft sft.yaml model_name_or_path=builtin:tiny dataset=data.jsonl
     r1fast sample sample.yaml output_file=kept.jsonl
+    r1fast sample sample.yaml output_file=kept.jsonl --resume     continue one stopped by Ctrl-C/SIGTERM
     r1fast pipeline r1fast/configs/r1_pipeline.yaml
     r1fast plot runs/default
 Options after the config file are `--key value`, `--key=value` or `key=value`; for a pipeline,
@@ -14,6 +15,7 @@ Options after the config file are `--key value`, `--key=value` or `key=value`; f
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 
@@ -24,6 +26,8 @@ _EPILOG = ("options: --key value | --key=value | key=value (GRPOConfig / SFTConf
 _RESUME = {"train": " --resume [PATH] continues from the newest checkpoint (or PATH: a checkpoint or run folder; "
                     "for a pipeline, its run folder).",
            "sft": " --resume [PATH] continues from the newest checkpoint (or PATH).",
+           "sample": " --resume continues a run stopped by Ctrl-C/SIGTERM (which keeps what it sampled in "
+                     "OUTPUT_FILE.sample_progress.json), writing what one uninterrupted run writes.",
            "pipeline": " --resume [RUN_DIR] skips finished stages and resumes the unfinished one from its last "
                        "checkpoint (RUN_DIR: default ./runs/<name>)."}
 
@@ -186,7 +190,12 @@ def _print_result(res: dict):
 
 def _config_and_model(config_cls, rest: list[str], command: str, dataset_hint=lambda cfg: ""):
     """A stage's config (YAML file and/or key=value overrides), its model and tokenizer, and --resume."""
-    from r1fast.trainer.common import load_model_and_tokenizer, resolve_device
+    cfg, resume = _config(config_cls, rest, command, dataset_hint)
+    return (cfg, *_model(cfg), resume)
+
+
+def _config(config_cls, rest: list[str], command: str, dataset_hint=lambda cfg: ""):
+    """A stage's config (YAML file and/or key=value overrides) and --resume."""
     from r1fast.trainer.config import parse_overrides
 
     config, overrides, resume = _split(rest)
@@ -194,9 +203,14 @@ def _config_and_model(config_cls, rest: list[str], command: str, dataset_hint=la
         parse_overrides(overrides), source="command line")
     if cfg.model_name_or_path is None or cfg.dataset is None:
         raise ConfigError(f"{command} needs model_name_or_path and dataset{dataset_hint(cfg)}")
-    model, tok = load_model_and_tokenizer(cfg.model_name_or_path, device=resolve_device(cfg.device),
-                                          dtype=cfg.dtype, seed=cfg.seed)
-    return cfg, model, tok, resume
+    return cfg, resume
+
+
+def _model(cfg):
+    from r1fast.trainer.common import load_model_and_tokenizer, resolve_device
+
+    return load_model_and_tokenizer(cfg.model_name_or_path, device=resolve_device(cfg.device),
+                                    dtype=cfg.dtype, seed=cfg.seed)
 
 
 def _cmd_sft(args):
@@ -217,19 +231,76 @@ def _cmd_sft(args):
 
 
 def _cmd_sample(args):
+    """Rejection sampling into output_file; the first Ctrl-C/SIGTERM stops it after its batch of prompts
+    with what it kept beside the output (sampling.progress_path), from which --resume continues."""
     from r1fast.data import load_rows
+    from r1fast.trainer import sampling
+    from r1fast.trainer.common import resolve_device
     from r1fast.trainer.config import SampleConfig
-    from r1fast.trainer.sampling import rejection_sample, summary, write_jsonl
 
-    cfg, model, tok, resume = _config_and_model(SampleConfig, args.rest, "sample")
-    if resume:
-        raise ConfigError("sample has no --resume: it samples every prompt again and rewrites its output file")
-    rows = load_rows(cfg.dataset, split=cfg.dataset_split, seed=cfg.seed, required_columns=(cfg.prompt_column,))
-    kept, stats = rejection_sample(model, tok, rows, cfg, progress=cfg.progress_bar)
+    cfg, resume = _config(SampleConfig, args.rest, "sample")
     out = cfg.output_file or os.path.join("runs", "sample", "samples.jsonl")
-    write_jsonl(kept, out)
-    print(f"{summary(stats)} → {out}")
+    progress_file = sampling.progress_path(out)
+    _check_sample_output(out, progress_file, resume, args.rest)
+    # the data before the model: a wrong dataset is said before a large model has loaded
+    rows = load_rows(cfg.dataset, split=cfg.dataset_split, seed=cfg.seed, required_columns=(cfg.prompt_column,))
+    model, tok = _model(cfg)
+    options = {k: v for k, v in cfg.to_json_dict().items() if k != "output_file"}   # the output names the file
+    fingerprint = sampling.sample_fingerprint(options, [r.get(cfg.prompt_column) for r in rows],
+                                              {"device": str(resolve_device(cfg.device))})
+    earlier = sampling.load_progress(progress_file, fingerprint, "sampling") if resume else None
+    with _stop_after_batch("finishing this batch of prompts and keeping what it sampled so far") as stop:
+        kept, stats = sampling.rejection_sample(model, tok, rows, cfg, progress=cfg.progress_bar,
+                                                should_stop=lambda: stop._stop_requested, resume_from=earlier)
+    if "next_prompt" in stats:   # stopped after a batch of prompts
+        said = sampling.save_progress(progress_file, fingerprint, kept, stats, "sampling")
+        print(f"\nr1fast: {said}", flush=True)
+        raise KeyboardInterrupt   # _guarded says how to continue
+    sampling.finish_samples(kept, out, progress_file)
+    print(f"{sampling.summary(stats)} → {out}")
     return 0
+
+
+def _check_sample_output(out: str, progress_file: str, resume, rest: list[str]):
+    """Found before the model loads and samples: an output folder that cannot be written (the rows were
+    lost at the end), a --resume PATH, and a new run over a stopped one's progress (which it would lose)."""
+    import shlex
+
+    from r1fast.trainer.checkpoints import resume_is_bare
+
+    if resume and not resume_is_bare(resume):
+        raise ConfigError(f"sample's --resume takes no path ({resume!r}): it continues the stopped run whose "
+                          f"output_file is given, from {progress_file}")
+    folder = os.path.dirname(os.path.abspath(out))
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"output_file {out!r}: its folder {folder} cannot be made ({e.strerror})") from None
+    if not os.access(folder, os.W_OK):
+        raise ConfigError(f"output_file {out!r}: its folder {folder} cannot be written")
+    if resume and not os.path.exists(progress_file):
+        print(f"r1fast: --resume: no stopped run of {out} ({progress_file} does not exist): sampling from the first "
+              f"prompt", file=sys.stderr, flush=True)
+    if not resume and os.path.exists(progress_file):
+        again = shlex.join(["r1fast", "sample", *rest])
+        raise ConfigError(f"{progress_file} holds what a stopped run kept for {out}. Type\n"
+                          f"  {again} --resume    to continue it\n"
+                          f"  rm {shlex.quote(progress_file)}    to sample from the first prompt")
+
+
+@contextlib.contextmanager
+def _stop_after_batch(finishing: str):
+    """The first Ctrl-C/SIGTERM sets the yielded object's `_stop_requested` (a second one stops at once)."""
+    import types
+
+    from r1fast.trainer.grpo import _install_stop_handlers, _restore_handlers
+
+    stop = types.SimpleNamespace(_stop_requested=False)
+    previous = _install_stop_handlers(stop, lambda: finishing)
+    try:
+        yield stop
+    finally:
+        _restore_handlers(previous)
 
 
 def _cmd_pipeline(args):
@@ -277,7 +348,7 @@ def add_commands(subparsers):
     add("sft", "supervised fine-tuning: cold start, rejection-sampled data, distillation",
         _cmd_sft, "r1fast sft [CONFIG.yaml] [--resume [PATH]] [--key value ...]")
     add("sample", "rejection sampling: n samples per prompt, keep those passing the reward thresholds, write JSONL",
-        _cmd_sample, "r1fast sample [CONFIG.yaml] [--key value ...]")
+        _cmd_sample, "r1fast sample [CONFIG.yaml] [--resume] [--key value ...]")
     add("pipeline", "multi-stage run: cold start -> RL -> rejection sampling + SFT -> RL, distillation",
         _cmd_pipeline, "r1fast pipeline CONFIG.yaml [--resume [RUN_DIR]] [<stage>.<key>=value ...]")
     plot = subparsers.add_parser("plot", help="PNG curves (reward, accuracy, KL, length, entropy, loss) of a run")

@@ -45,6 +45,7 @@ from r1fast.trainer.config import (
 )
 from r1fast.trainer.evaluate import check_eval_answers
 from r1fast.trainer.metrics import replacing
+from r1fast.trainer.sampling import SAMPLE_PROGRESS
 
 STAGE_TYPES = {"sft": SFTConfig, "grpo": GRPOConfig, "sample": SampleConfig}
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "default.yaml")
@@ -67,8 +68,6 @@ _GONE = "restore it, or start the run over with overwrite_output_dir=true"
 # folder recorded them relative to itself), or relative to the run folder when inside it and else as given.
 # 2: relative to the run folder when inside it, else absolute. PipelineRunner._read_state reads all three.
 STATE_FORMAT = 2
-# A sample stage stopped by Ctrl-C/SIGTERM: the rows it kept so far, its statistics and the next prompt, in its folder
-SAMPLE_PROGRESS = "sample_progress.json"
 # what a first Ctrl-C/SIGTERM outside a stage's evaluation or sampling (a trainer has its own handler) waits for
 _BETWEEN_STAGES = "stopping before the next stage trains or samples"
 # A GRPO stage's evaluations at its eval_steps default to the pipeline's held-out settings.
@@ -491,42 +490,21 @@ class PipelineRunner:
             json.dump(self.state, f, indent=1)
 
     def _stop_sample_stage(self, path: str, stage: Stage, rows: list[dict], kept: list[dict], stats: dict):
-        """A sample stage stopped after a batch of prompts: what it kept and where it was, in one file
-        written whole (a kill mid-write keeps the earlier one), then the run stops as a trainer's does."""
-        from r1fast.trainer.sampling import _json_value
+        """A sample stage stopped after a batch of prompts: what it kept and where it was (sampling.save_progress),
+        then the run stops as a trainer's does."""
+        from r1fast.trainer.sampling import save_progress
 
-        n = stats["next_prompt"]
-        progress = {"fingerprint": _sample_fingerprint(stage, rows, self._settings()), "next_prompt": n,
-                    "stats": stats, "rows": kept}
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with replacing(path) as f:
-            json.dump(progress, f, ensure_ascii=False, default=_json_value)
+        said = save_progress(path, self._sample_fingerprint(stage, rows), kept, stats, f"stage {stage.name!r}")
         self.save_state()
-        print(f"\nr1fast: interrupted stage {stage.name!r} after {n} of {stats['prompts']} prompts ({len(kept)} samples "
-              f"kept so far, in {path}); --resume continues from there", flush=True)
+        print(f"\nr1fast: {said}; --resume continues from there", flush=True)
         raise KeyboardInterrupt   # the CLI says how to continue and exits with 130
 
-    def _sample_progress(self, path: str, stage: Stage, rows: list[dict]) -> Optional[dict]:
-        """What a stopped sample stage kept (`_stop_sample_stage`), when it sampled these prompts with these
-        options; else None, said: the stage samples from its first prompt."""
-        if not os.path.exists(path):
-            return None
-        try:
-            with open(path, encoding="utf-8") as f:
-                progress = json.load(f)
-            usable = progress["fingerprint"] == _sample_fingerprint(stage, rows, self._settings())
-            n = int(progress["next_prompt"])
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            usable, why = False, f"cannot be read ({e})"
-        else:
-            why = "is for other options or prompts"
-        if not usable:
-            print(f"r1fast: --resume: stage {stage.name!r}: what its stopped run kept ({path}) {why}: it samples "
-                  f"from its first prompt", file=sys.stderr, flush=True)
-            return None
-        print(f"r1fast: --resume: stage {stage.name!r} continues from prompt {n + 1} of {progress['stats']['prompts']} "
-              f"({len(progress['rows'])} samples kept before)", flush=True)
-        return progress
+    def _sample_fingerprint(self, stage: Stage, rows: list[dict]) -> str:
+        """A sample stage's options, prompts and the pipeline's model, dtype, device and seed."""
+        from r1fast.trainer.sampling import sample_fingerprint
+
+        return sample_fingerprint(_stage_options(stage), [r.get(stage.config.prompt_column) for r in rows],
+                                  self._settings())
 
     def evaluate(self, model, tokenizer, seed: int) -> dict:
         from r1fast.trainer.evaluate import evaluate_accuracy
@@ -703,11 +681,12 @@ class PipelineRunner:
                 record["checkpoint"] = self._in_run(res["checkpoint"])
                 record["nonfinite_skipped"] = res["nonfinite_skipped"]
             else:
-                from r1fast.trainer.sampling import rejection_sample, summary, write_jsonl
+                from r1fast.trainer.sampling import finish_samples, load_progress, rejection_sample, summary
 
                 rows = self.stage_rows(stage, i, (cfg.prompt_column,))
                 progress_path = os.path.join(stage_dir, SAMPLE_PROGRESS)
-                earlier = self._sample_progress(progress_path, stage, rows) if resume else None
+                earlier = (load_progress(progress_path, self._sample_fingerprint(stage, rows), f"stage {stage.name!r}")
+                           if resume else None)
                 self._stop_if_requested(stage)
                 self._finishing = (f"finishing this batch of prompts of stage {stage.name!r} and keeping what it "
                                    f"sampled so far")
@@ -716,9 +695,7 @@ class PipelineRunner:
                 if "next_prompt" in stats:   # stopped after a batch of prompts
                     self._stop_sample_stage(progress_path, stage, rows, kept, stats)
                 path = cfg.output_file or os.path.join(stage_dir, "samples.jsonl")
-                write_jsonl(kept, path)
-                if os.path.exists(progress_path):
-                    os.remove(progress_path)
+                finish_samples(kept, path, progress_path)
                 self.samples[stage.name] = kept
                 record.update(samples=self._in_run(path), sample_stats=stats)
                 print(f"{summary(stats)} → {path}")
@@ -851,16 +828,6 @@ def _stage_options(stage: Stage) -> dict:
     options = {**{k: v for k, v in stage.config.to_dict().items() if not callable(v)},
                "model": stage.model, "dataset": stage.dataset, "num_rows": stage.num_rows}
     return json.loads(json.dumps(options, default=str))
-
-
-def _sample_fingerprint(stage: Stage, rows: list[dict], settings: dict) -> str:
-    """A sample stage's options, prompts and the pipeline's model, dtype, device and seed: a stopped
-    stage's kept rows continue only the same sampling."""
-    import hashlib
-
-    options = {k: v for k, v in _stage_options(stage).items() if k != "progress_bar"}
-    prompts = [r.get(stage.config.prompt_column) for r in rows]
-    return hashlib.sha256(json.dumps([options, prompts, settings], sort_keys=True, default=str).encode()).hexdigest()
 
 
 def _changed_settings(recorded: Optional[dict], now: dict) -> str:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from typing import Callable, Optional, Sequence
 
 from r1fast.data.loading import (check_columns, check_prompts, continues_answer, decode_completion, encode_prompt,
@@ -142,3 +143,64 @@ def write_jsonl(rows: Sequence[dict], path: str):
     with replacing(path) as f:   # half the rows are never left as the output file
         for r in rows:
             f.write(json.dumps(r, ensure_ascii=False, default=_json_value) + "\n")
+
+
+# A rejection sampling stopped by Ctrl-C/SIGTERM after a batch of prompts: the rows it kept so far, its
+# statistics and the next prompt, in one file (a pipeline's sample stage: <stage folder>/sample_progress.json;
+# `r1fast sample`: beside its output file, progress_path(output_file)).
+SAMPLE_PROGRESS = "sample_progress.json"
+
+
+def progress_path(output_file: str) -> str:
+    """Where `r1fast sample` keeps a stopped run's progress: beside its output, one file per output."""
+    return f"{output_file}.{SAMPLE_PROGRESS}"
+
+
+def sample_fingerprint(options: dict, prompts: list, settings: dict) -> str:
+    """The sampling's options, prompts and settings (model, dtype, device, seed): a stopped sampling's
+    kept rows continue only the same sampling."""
+    import hashlib
+
+    options = {k: v for k, v in options.items() if k != "progress_bar"}
+    return hashlib.sha256(json.dumps([options, prompts, settings], sort_keys=True, default=str).encode()).hexdigest()
+
+
+def save_progress(path: str, fingerprint: str, kept: list[dict], stats: dict, who: str) -> str:
+    """A sampling stopped after a batch of prompts (`stats` hold `next_prompt`): what it kept and where it
+    was, in one file written whole (a kill mid-write keeps the earlier one). → the line that says so."""
+    n = stats["next_prompt"]
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with replacing(path) as f:
+        json.dump({"fingerprint": fingerprint, "next_prompt": n, "stats": stats, "rows": kept}, f,
+                  ensure_ascii=False, default=_json_value)
+    return f"interrupted {who} after {n} of {stats['prompts']} prompts ({len(kept)} samples kept so far, in {path})"
+
+
+def load_progress(path: str, fingerprint: str, who: str) -> Optional[dict]:
+    """What a stopped sampling kept (`save_progress`), when it sampled these prompts with these options:
+    rejection_sample's `resume_from`; else None, said: the sampling starts from its first prompt."""
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            progress = json.load(f)
+        usable = progress["fingerprint"] == fingerprint
+        n, total, rows = int(progress["next_prompt"]), progress["stats"]["prompts"], len(progress["rows"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        usable, why = False, f"cannot be read ({e})"
+    else:
+        why = "is for other options or prompts"
+    if not usable:
+        print(f"r1fast: --resume: {who}: what its stopped run kept ({path}) {why}: it samples from its first prompt",
+              file=sys.stderr, flush=True)
+        return None
+    print(f"r1fast: --resume: {who} continues from prompt {n + 1} of {total} ({rows} samples kept before)", flush=True)
+    return progress
+
+
+def finish_samples(kept: Sequence[dict], path: str, progress_file: str):
+    """The whole output, then the stopped run's progress gone (a kill between the two resumes from it and
+    writes the same output again)."""
+    write_jsonl(kept, path)
+    if os.path.exists(progress_file):
+        os.remove(progress_file)
