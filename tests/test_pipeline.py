@@ -830,6 +830,37 @@ def test_rejection_sampling_leaves_out_samples_cut_at_max_completion_length(monk
     assert [r["completion"] for r in kept] == [GOOD_A, GOOD_B, GOOD_C] and stats["passed"] == 3
 
 
+def test_resumed_rejection_sampling_starts_its_progress_at_the_prompts_done_before(monkeypatch):
+    # The prompts sampled before a resume were counted as sampled in the first instant of the resumed run:
+    # resumed at 2 of 3, the bar's rate was 2 prompts higher and its time left near 0.
+    import r1fast.progress
+    from r1fast.trainer.config import SampleConfig
+    from r1fast.trainer.sampling import rejection_sample
+
+    bars = []
+
+    class Bar:
+        def __init__(self, total, desc, initial=0, unit="it"):
+            self.start, self.done = initial, 0
+            bars.append(self)
+
+        def update(self, n=1):
+            self.done += n
+
+        def set_postfix(self, **values):
+            pass
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(r1fast.progress, "progress", Bar)
+    model, tok = scripted(monkeypatch, {"1?": ["1"], "2?": ["2"], "3?": ["3"]})
+    rows = [{"prompt": f"{i}?", "answer": str(i)} for i in (1, 2, 3)]
+    cfg = SampleConfig(num_samples=1, batch_prompts=1, reward_funcs=["accuracy"])
+    rejection_sample(model, tok, rows, cfg, resume_from={"next_prompt": 2, "rows": [], "stats": {}})
+    assert [(b.start, b.done) for b in bars] == [(2, 1)]
+
+
 def test_rejection_sampling_scores_each_sample_against_its_own_prompt(monkeypatch, tmp_path):
     from r1fast.trainer.config import SampleConfig
     from r1fast.trainer.sampling import rejection_sample

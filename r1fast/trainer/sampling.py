@@ -60,8 +60,8 @@ def rejection_sample(model, tokenizer, rows: Sequence[dict], cfg: SampleConfig, 
     if progress:
         from r1fast.progress import progress as progress_bar
 
-        bar = progress_bar(len(rows), "sample", unit="prompts")
-        bar.update(first)
+        # the prompts sampled before a resume as the start, not as done now: they made the rate and time left wrong
+        bar = progress_bar(len(rows), "sample", unit="prompts", initial=first)
     for start in range(first, len(rows), cfg.batch_prompts):
         chunk = rows[start:start + cfg.batch_prompts]
         params = SamplingParams(n=cfg.num_samples, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
