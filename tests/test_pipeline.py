@@ -85,6 +85,9 @@ def test_cli_errors_are_clear(tmp_path, capsys, monkeypatch):
     assert main(["sample", "--help"]) == 0
     out = capsys.readouterr().out
     assert "r1fast sample [CONFIG.yaml] [--resume]" in out and "OUTPUT_FILE.sample_progress.json" in out
+    # its own options and defaults, not "GRPOConfig / SFTConfig / SampleConfig fields; <stage>.<key>=value"
+    assert "GRPOConfig" not in out and "model_name_or_path (required)" in " ".join(out.split())
+    assert all(s in out for s in ("num_samples=4", "output_file=runs/sample/samples.jsonl", "batch_prompts=64"))
     with pytest.raises(SystemExit, match="no metrics.jsonl"):
         main(["plot", str(tmp_path)])
     with pytest.raises(SystemExit, match=r"unknown pipeline key.*bogus.*<stage>\.<option>"):

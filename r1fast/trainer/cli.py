@@ -32,6 +32,25 @@ _RESUME = {"train": " --resume [PATH] continues from the newest checkpoint (or P
                        "checkpoint (RUN_DIR: default ./runs/<name>)."}
 
 
+def _options_help(config_cls, shown: dict[str, str]) -> str:
+    """A command's options with their defaults for its --help (`shown`: what follows some names instead of
+    "=default"); the generic note named three config classes and a pipeline's syntax, not its options."""
+    import dataclasses
+
+    cfg = config_cls()
+    values = [f.name + shown.get(f.name, f"={getattr(cfg, f.name)!r}") for f in dataclasses.fields(cfg)]
+    return f"options: --key value | --key=value | key=value; {config_cls.__name__}'s, with defaults: {', '.join(values)}."
+
+
+def _sample_epilog() -> str:
+    from r1fast.trainer.config import SampleConfig
+
+    needed = " (required)"
+    return _options_help(SampleConfig, {"model_name_or_path": needed, "dataset": needed,
+                                        "output_file": "=runs/sample/samples.jsonl",
+                                        "reward_thresholds": "=[1.0 per reward]"})
+
+
 def _split(rest: list[str]) -> tuple[str | None, list[str], str | bool | None]:
     """→ (config path or None, overrides, resume)."""
     config, overrides, resume = _split_as_typed(rest)
@@ -335,7 +354,8 @@ def add_commands(subparsers):
     def add(name, help_, func, usage):
         # "--key value" overrides are free-form, so argparse must not read "-" as an option prefix
         # here; -h/--help is handled by _with_help.
-        p = subparsers.add_parser(name, help=help_, description=help_, epilog=_EPILOG + _RESUME.get(name, ""),
+        epilog = (_sample_epilog() if name == "sample" else _EPILOG) + _RESUME.get(name, "")
+        p = subparsers.add_parser(name, help=help_, description=help_, epilog=epilog,
                                   usage=usage,
                                   prefix_chars="+", add_help=False)
         p.add_argument("rest", nargs="*", help=argparse.SUPPRESS)
