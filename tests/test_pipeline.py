@@ -247,6 +247,10 @@ def test_cli_names_a_path_it_cannot_write_in_one_line(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match=r"^r1fast sample: output_file 'afile/x.jsonl': its folder .*afile cannot be "
                                          r"made \(File exists\)$"):
         main(["sample", "model_name_or_path=no_such_model", "dataset=builtin:arithmetic", "output_file=afile/x.jsonl"])
+    (tmp_path / "adir").mkdir()   # found at the end too: "[Errno 21] Is a directory: 'adir.tmp' -> 'adir'"
+    with pytest.raises(SystemExit, match=r"^r1fast sample: output_file 'adir' is a folder; name the JSONL file "
+                                         r"to write \(e.g. 'adir/samples.jsonl'\)$"):
+        main(["sample", "model_name_or_path=no_such_model", "dataset=builtin:arithmetic", "output_file=adir"])
 
 
 def test_cli_reports_a_failing_reward_function_without_a_traceback(tmp_path, monkeypatch):
@@ -1316,7 +1320,8 @@ def test_sigterm_in_r1fast_sample_keeps_its_batches_and_resume_writes_what_one_r
     assert main([*args, "output_file=kept.jsonl"]) == 130
     out, err = capsys.readouterr()
     assert "SIGTERM: finishing this batch of prompts and keeping what it sampled so far" in out
-    assert "interrupted sampling after 2 of 4 prompts (2 samples kept so far, in kept.jsonl.sample_progress.json)" in out
+    assert ("interrupted sampling after 2 of 4 prompts (2 samples kept so far, in kept.jsonl.sample_progress.json)"
+            in out)
     assert err.strip() == "r1fast sample: stopped; continue with: r1fast sample " + " ".join(
         a if "[" not in a else f"'{a}'" for a in args[1:]) + " output_file=kept.jsonl --resume"
     assert {s: signal.getsignal(s) for s in before} == before   # handlers restored

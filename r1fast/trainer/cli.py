@@ -39,7 +39,8 @@ def _options_help(config_cls, shown: dict[str, str]) -> str:
 
     cfg = config_cls()
     values = [f.name + shown.get(f.name, f"={getattr(cfg, f.name)!r}") for f in dataclasses.fields(cfg)]
-    return f"options: --key value | --key=value | key=value; {config_cls.__name__}'s, with defaults: {', '.join(values)}."
+    return (f"options: --key value | --key=value | key=value; {config_cls.__name__}'s, with defaults: "
+            f"{', '.join(values)}.")
 
 
 def _sample_epilog() -> str:
@@ -290,6 +291,9 @@ def _check_sample_output(out: str, progress_file: str, resume, rest: list[str]):
     if resume and not resume_is_bare(resume):
         raise ConfigError(f"sample's --resume takes no path ({resume!r}): it continues the stopped run whose "
                           f"output_file is given, from {progress_file}")
+    if os.path.isdir(out):
+        raise ConfigError(f"output_file {out!r} is a folder; name the JSONL file to write "
+                          f"(e.g. {os.path.join(out, 'samples.jsonl')!r})")
     folder = os.path.dirname(os.path.abspath(out))
     try:
         os.makedirs(folder, exist_ok=True)
