@@ -244,13 +244,22 @@ def test_cli_names_a_path_it_cannot_write_in_one_line(tmp_path, monkeypatch):
         with pytest.raises(SystemExit, match=rf"^r1fast {cmd}: \[Errno 20\] Not a directory: 'afile/x'$"):
             main([cmd, "model_name_or_path=builtin:micro", "dataset=builtin:arithmetic", "output_dir=afile/x"])
     # sample found it only once every prompt was sampled, losing the rows; now before the model loads
-    with pytest.raises(SystemExit, match=r"^r1fast sample: output_file 'afile/x.jsonl': its folder .*afile cannot be "
-                                         r"made \(File exists\)$"):
+    with pytest.raises(SystemExit, match=r"^r1fast sample: output_file 'afile/x.jsonl': .*afile is a file, not a "
+                                         r"folder$"):
         main(["sample", "model_name_or_path=no_such_model", "dataset=builtin:arithmetic", "output_file=afile/x.jsonl"])
     (tmp_path / "adir").mkdir()   # found at the end too: "[Errno 21] Is a directory: 'adir.tmp' -> 'adir'"
     with pytest.raises(SystemExit, match=r"^r1fast sample: output_file 'adir' is a folder; name the JSONL file "
                                          r"to write \(e.g. 'adir/samples.jsonl'\)$"):
         main(["sample", "model_name_or_path=no_such_model", "dataset=builtin:arithmetic", "output_file=adir"])
+
+
+def test_a_sample_stages_output_file_that_cannot_be_written_is_refused_before_any_stage_runs(tmp_path):
+    # found once the stages before it had trained and it had sampled every prompt: "[Errno 21] Is a directory"
+    spec = tiny_pipeline(tmp_path)
+    rs = next(s for s in spec["stages"] if s["type"] == "sample")
+    rs.setdefault("config", {})["output_file"] = str(tmp_path)
+    with pytest.raises(ValueError, match=r"stage 'rs': output_file '.*' is a folder; name the JSONL file to write"):
+        load_pipeline(spec)
 
 
 def test_cli_reports_a_failing_reward_function_without_a_traceback(tmp_path, monkeypatch):

@@ -287,20 +287,12 @@ def _check_sample_output(out: str, progress_file: str, resume, rest: list[str]):
     import shlex
 
     from r1fast.trainer.checkpoints import resume_is_bare
+    from r1fast.trainer.sampling import check_output_file
 
     if resume and not resume_is_bare(resume):
         raise ConfigError(f"sample's --resume takes no path ({resume!r}): it continues the stopped run whose "
                           f"output_file is given, from {progress_file}")
-    if os.path.isdir(out):
-        raise ConfigError(f"output_file {out!r} is a folder; name the JSONL file to write "
-                          f"(e.g. {os.path.join(out, 'samples.jsonl')!r})")
-    folder = os.path.dirname(os.path.abspath(out))
-    try:
-        os.makedirs(folder, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(f"output_file {out!r}: its folder {folder} cannot be made ({e.strerror})") from None
-    if not os.access(folder, os.W_OK):
-        raise ConfigError(f"output_file {out!r}: its folder {folder} cannot be written")
+    check_output_file(out)
     if resume and not os.path.exists(progress_file):
         print(f"r1fast: --resume: no stopped run of {out} ({progress_file} does not exist): sampling from the first "
               f"prompt", file=sys.stderr, flush=True)

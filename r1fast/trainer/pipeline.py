@@ -45,7 +45,7 @@ from r1fast.trainer.config import (
 )
 from r1fast.trainer.evaluate import check_eval_answers
 from r1fast.trainer.metrics import replacing
-from r1fast.trainer.sampling import SAMPLE_PROGRESS
+from r1fast.trainer.sampling import SAMPLE_PROGRESS, check_output_file
 
 STAGE_TYPES = {"sft": SFTConfig, "grpo": GRPOConfig, "sample": SampleConfig}
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "default.yaml")
@@ -231,6 +231,7 @@ def _check_stages(p: Pipeline, where: str):
                                   f"pipeline's own eval_dataset is evaluated after every training stage)")
             _check_dataset(cfg.eval_dataset, f"{at}: eval_dataset", written)
         if s.type == "sample" and cfg.output_file:
+            check_output_file(cfg.output_file, f"{at}: output_file")
             written.add(os.path.abspath(cfg.output_file))
         if s.type == "sample":
             samplers[s.name] = cfg

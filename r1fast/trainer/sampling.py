@@ -14,7 +14,7 @@ from r1fast.data.loading import (check_columns, check_prompts, continues_answer,
                                  prefilled_think, stop_token_ids)
 from r1fast.rewards import RewardSet
 from r1fast.trainer.common import check_answer_column, check_prompt_room, reward_columns, reward_completions
-from r1fast.trainer.config import SampleConfig
+from r1fast.trainer.config import ConfigError, SampleConfig
 from r1fast.trainer.metrics import replacing
 
 
@@ -136,6 +136,21 @@ def _json_value(value):
     if isinstance(value, (set, frozenset)):
         return sorted(value, key=str)
     return str(value)
+
+
+def check_output_file(path: str, where: str = "output_file"):
+    """An output JSONL that cannot be written, found before sampling: write_jsonl found it once every prompt
+    was sampled, and the rows were lost. The folders it lacks write_jsonl makes."""
+    if os.path.isdir(path):
+        raise ConfigError(f"{where} {path!r} is a folder; name the JSONL file to write "
+                          f"(e.g. {os.path.join(path, 'samples.jsonl')!r})")
+    folder = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        raise ConfigError(f"{where} {path!r}: {folder} is a file, not a folder")
+    if not os.access(folder, os.W_OK):
+        raise ConfigError(f"{where} {path!r}: folder {folder} cannot be written")
 
 
 def write_jsonl(rows: Sequence[dict], path: str):
