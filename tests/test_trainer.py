@@ -1255,6 +1255,58 @@ def test_sft_loss_is_the_token_mean_nll_of_completions_given_their_prompts(tmp_p
         assert not torch.equal(p.detach(), dict(ref.named_parameters())[name].detach())   # and it stepped
 
 
+def test_sft_logs_trls_token_accuracy_num_tokens_and_epoch(tmp_path):
+    """TRL's SFT metrics, absent from r1fast's: mean_token_accuracy (the share of completion tokens whose
+    logits' argmax is the token), num_tokens (prompt + completion tokens so far) and the fractional epoch;
+    checked against a plain full-logits model over two micro-batches, a prompt shared by two rows."""
+    from r1fast.data.loading import encode_completion, encode_prompt
+    from r1fast.trainer.config import SFTConfig
+    from r1fast.trainer.sft import SFTTrainer
+
+    model, tok = tiny_model(seed=1)
+    ref, _ = tiny_model(seed=1)
+
+    def predicted(prompt):   # the model's own next character: an untrained model gets no other one right
+        with torch.no_grad():
+            return tok.decode([int(ref.logits(ref(torch.tensor(encode_prompt(tok, prompt))))[-1].argmax())])
+    rows = [{"prompt": "12", "completion": predicted("12") + "7"}, {"prompt": "345", "completion": "77a"},
+            {"prompt": "12", "completion": "9x"}, {"prompt": "6", "completion": predicted("6") + "234"}]
+    cfg = SFTConfig(per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=1,
+                    progress_bar=False, output_dir=str(tmp_path / "s"))
+    tr = SFTTrainer(model, tok, rows, cfg)
+    hits, counted, tokens = 0, 0, 0
+    for r in rows:
+        p, c = encode_prompt(tok, r["prompt"]), encode_completion(tok, r["completion"])
+        with torch.no_grad():
+            logits = ref.logits(ref(torch.tensor(p + c)))[len(p) - 1:-1]
+        hits += int((logits.argmax(-1) == torch.tensor(c)).sum())
+        counted, tokens = counted + len(c), tokens + len(p) + len(c)
+    m = tr.step()
+    assert 0 < hits < counted
+    assert (m["mean_token_accuracy"], m["num_tokens"], m["epoch"]) == (hits / counted, tokens, 1.0)
+
+
+def test_target_is_argmax_matches_the_full_logits_argmax_and_skips_sure_rows(monkeypatch):
+    """ops.target_is_argmax against torch's argmax of the whole [N, V] logits, in small chunks; a target of
+    probability above 1/2 gets no logits tile at all."""
+    from r1fast import ops
+    from r1fast.ops import logprob
+
+    g = torch.Generator().manual_seed(0)
+    hidden, weight = torch.randn(40, 8, generator=g), torch.randn(50, 8, generator=g)
+    hidden[:20] *= 6.0   # confident rows: some targets there have p > 1/2
+    logits = hidden @ weight.T
+    targets = torch.randint(0, 50, (40,), generator=g)
+    targets[::2] = logits.argmax(-1)[::2]    # half the rows right
+    logp = torch.log_softmax(logits, -1).gather(1, targets[:, None]).squeeze(1)
+    rows_tiled, fp32_logits = [], logprob._fp32_logits
+    monkeypatch.setattr(logprob, "_fp32_logits", lambda h, w: rows_tiled.append(len(h)) or fp32_logits(h, w))
+    got = ops.target_is_argmax(hidden, weight, targets, logp, chunk_size=3)
+    assert torch.equal(got, logits.argmax(-1) == targets) and 0 < int(got.sum()) < 40
+    sure = int((logp.exp() > 0.5).sum())
+    assert sure > 0 and sum(rows_tiled) == 40 - sure and max(rows_tiled) == 3
+
+
 def test_sft_trims_a_long_example_from_the_prompts_start_and_keeps_the_completion(tmp_path):
     from r1fast.data.loading import encode_completion, encode_prompt
     from r1fast.trainer.config import SFTConfig
@@ -1318,18 +1370,22 @@ def test_sft_logs_the_window_mean_loss_at_global_steps_and_the_last_step(tmp_pat
     cfg = SFTConfig(max_steps=3, logging_steps=2, per_device_train_batch_size=2, learning_rate=1e-2,
                     progress_bar=False, output_dir=str(tmp_path / "s"))
     tr = SFTTrainer(model, tok, rows, cfg, stage_name="cold", step_offset=5)
-    losses, step = [], tr.step
+    steps, step = [], tr.step
 
     def spy():
         m = step()
-        losses.append(m["loss"])
+        steps.append(dict(m))
         return m
 
     tr.step = spy
     tr.train()
     logged = _metrics(tmp_path / "s" / "metrics.jsonl")
     assert [(r["step"], r["stage"]) for r in logged] == [(7, "cold"), (8, "cold")]
-    assert [r["loss"] for r in logged] == pytest.approx([(losses[0] + losses[1]) / 2, losses[2]])
+    for key in ("loss", "mean_token_accuracy"):   # TRL's mean_token_accuracy is a window mean too
+        assert [r[key] for r in logged] == pytest.approx([(steps[0][key] + steps[1][key]) / 2, steps[2][key]]), key
+    # running totals are the line's last step's
+    assert [(r["num_tokens"], r["epoch"]) for r in logged] == [(steps[1]["num_tokens"], pytest.approx(4 / 6)),
+                                                                (steps[2]["num_tokens"], 1.0)]
 
 
 @pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")   # a skipped first step
@@ -1359,7 +1415,8 @@ def test_sft_resume_between_logging_steps_logs_the_uninterrupted_mean_loss(tmp_p
     trainer("part").train(resume=True)
     a, b = _metrics(tmp_path / "full" / "metrics.jsonl"), _metrics(tmp_path / "part" / "metrics.jsonl")
     assert [r["step"] for r in a] == [r["step"] for r in b] == [3, 6]
-    assert [r["loss"] for r in b] == [r["loss"] for r in a]
+    for key in ("loss", "mean_token_accuracy", "num_tokens", "epoch"):   # windows and running totals carried over
+        assert [r[key] for r in b] == [r[key] for r in a], key
 
 
 def test_sft_resume_continues_the_data_order_and_the_skipped_count(tmp_path):

@@ -333,3 +333,40 @@ def grouped_logprob(hidden, weight, targets, *, mask=None, temperature: float = 
     _, fn = backends.resolve("grouped_logprob", hidden.device, backend, dtype=hidden.dtype)
     with backends.without_autocast(hidden.device), torch.no_grad() if forward_only else contextlib.nullcontext():
         return fn(hidden, weight, targets, temperature, return_entropy, chunk_size)
+
+
+# A target of probability above 1/2 is its row's argmax outright: every other token has less than
+# 1 - p < p. The bar sits a little above log(1/2) = -0.6931, so that fp32 rounding in log p cannot pass a near-tie.
+_SURE_ARGMAX_LOGP = -0.69
+
+
+@torch.no_grad()
+def target_is_argmax(hidden, weight, targets, logp, chunk_size: int | None = None) -> torch.Tensor:
+    """[N] bool: whether each target is the argmax of its row's logits hidden [N, H] @ weight [V, H].T
+    (TRL's mean_token_accuracy counts these), without building the [N, V] logits.
+
+    `logp` [N] is the targets' log-probabilities (grouped_logprob's, already computed for the loss): a row
+    whose target has probability above 1/2 needs no logits at all, so only the others go through fp32
+    [chunk, V] logits tiles (as grouped_logprob's torch engine walks them); a model that predicts most
+    tokens confidently pays for few. Ties go to the lower token id, as torch.argmax breaks them."""
+    hits = logp.detach() > _SURE_ARGMAX_LOGP
+    unsure = (~hits).nonzero().squeeze(1)
+    if unsure.numel() == 0:
+        return hits
+    h, t = hidden.detach()[unsure], targets[unsure]
+    chunk = chunk_size or default_chunk(len(unsure), weight.shape[0], hidden.device)
+    found = [_fp32_logits(h[s:s + chunk], weight.detach()).argmax(-1) == t[s:s + chunk]
+             for s in range(0, len(unsure), chunk)]
+    hits[unsure] = torch.cat(found)
+    return hits
+
+
+def _fp32_logits(h, w):
+    """One chunk's logits in fp32 (fp64 for fp64 inputs): a 16-bit [n, V] tile would round the top
+    tokens into ties."""
+    if h.dtype in (torch.float32, torch.float64) or h.device.type == "cpu":
+        return _TorchEngine._logits(h, w, 1.0)
+    try:
+        return torch.mm(h, w.t(), out_dtype=torch.float32)
+    except (TypeError, RuntimeError, NotImplementedError):   # an older torch: the 16-bit product, as TRL argmaxes it
+        return torch.mm(h, w.t()).float()

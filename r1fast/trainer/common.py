@@ -370,6 +370,11 @@ class DataCursor:
     def state(self) -> dict:
         return {"epoch": self.epoch, "index": self.index}
 
+    @property
+    def epochs_done(self) -> float:
+        """Passes over the dataset so far, fractional: what TRL logs as `epoch`."""
+        return self.epoch + self.index / self.n
+
     def check_state(self, state) -> tuple[int, int]:
         """(epoch, index) of a saved state(), or a ValueError when it is no position in this dataset (a
         damaged checkpoint, or one of a run over another dataset)."""

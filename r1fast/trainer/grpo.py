@@ -449,7 +449,7 @@ class GRPOTrainer:
     @property
     def epoch(self) -> float:
         """Passes over the training prompts so far, as TRL's fractional `epoch` (its value at a rollout's end)."""
-        return self.cursor.epoch + self.cursor.index / self.cursor.n
+        return self.cursor.epochs_done
 
     # -- evaluation ------------------------------------------------------------------------------
     def evaluate(self, rows: Optional[Sequence[dict]] = None) -> dict[str, float]:

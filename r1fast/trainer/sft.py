@@ -76,6 +76,10 @@ class SFTTrainer:
         self.global_step = 0
         self.nonfinite_skipped = 0
         self.loss_window: list[float] = []  # losses of the steps since the last logged one (their mean is logged)
+        self.accuracy_window: list[float] = []   # and their mean_token_accuracy, logged the same way
+        # TRL's num_tokens: prompt + completion tokens of every example trained on so far (a shared prompt
+        # once per completion), cumulative across --resume (saved in the checkpoint)
+        self.num_tokens = 0
         self._nonfinite_streak = 0
         self.share_prompts = prompt_sharing_pays(model, cfg.share_prompts)
 
@@ -86,10 +90,12 @@ class SFTTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         micro = [self.cursor.take(cfg.per_device_train_batch_size) for _ in range(cfg.gradient_accumulation_steps)]
         n_tokens = sum(len(self.examples[i][1]) for idx in micro for i in idx)
-        total = 0.0
+        self.num_tokens += sum(len(p) + len(c) for p, c in (self.examples[i] for idx in micro for i in idx))
+        total, hits = 0.0, 0
         with accumulating_gradients(self.optimizer):
             for idx in micro:
-                total += self._micro_batch(idx, n_tokens)
+                loss, correct = self._micro_batch(idx, n_tokens)
+                total, hits = total + loss, hits + correct
         gn = unscale_and_clip(self)
         step_if_finite(self, math.isfinite(total) and math.isfinite(gn), loss_finite=math.isfinite(total))
         lr_used = self.scheduler.get_last_lr()[0]   # after scheduler.step() it is the next step's rate
@@ -99,10 +105,13 @@ class SFTTrainer:
         scaled = {} if self.loss_scale is None else {"loss_scale": self.loss_scale.scale}
         return {"loss": total, "grad_norm": gn, "lr": lr_used,
                 "nonfinite_skipped": self.nonfinite_skipped, **scaled,
+                "mean_token_accuracy": hits / n_tokens, "num_tokens": self.num_tokens,
+                "epoch": self.cursor.epochs_done,
                 "tokens_per_s": n_tokens / max(dt, 1e-9), "step_time_s": dt}
 
-    def _micro_batch(self, idx, n_tokens: int) -> float:
-        """Forward and backward of one micro-batch (examples idx); its share of the step's token-mean loss."""
+    def _micro_batch(self, idx, n_tokens: int) -> tuple[float, int]:
+        """Forward and backward of one micro-batch (examples idx): its share of the step's token-mean loss,
+        and how many of its completion tokens are the argmax of their logits (TRL's mean_token_accuracy)."""
         from r1fast import ops
 
         prompts = [self.examples[i][0] for i in idx]
@@ -112,11 +121,13 @@ class SFTTrainer:
             idx = sorted(idx, key=lambda i: self.examples[i][0])
             prompts = [self.examples[i][0] for i in idx]
         b = pack(prompts, [self.examples[i][1] for i in idx], self.device, share_prompts=share)
-        hidden = b.hidden(self.model)
-        logp = ops.grouped_logprob(hidden[b.select], self.model.lm_head_weight, b.targets)
+        hidden = b.hidden(self.model)[b.select]
+        logp = ops.grouped_logprob(hidden, self.model.lm_head_weight, b.targets)
         loss = -logp.sum() / n_tokens   # token mean over the whole accumulated batch
         (loss if self.loss_scale is None else loss * self.loss_scale.scale).backward()
-        return float(loss.detach())
+        # from the log-probs just computed: only the tokens not already sure argmaxes get logits tiles
+        correct = ops.target_is_argmax(hidden, self.model.lm_head_weight, b.targets, logp).sum()
+        return float(loss.detach()), int(correct)
 
     def save(self) -> str:
         return ckpt.save_checkpoint(self.run_dir, self.global_step, model=self.model, optimizer=self.optimizer,
@@ -124,19 +135,21 @@ class SFTTrainer:
                                     state={"stage": self.stage, "data": self.cursor.state(),
                                            "nonfinite_skipped": self.nonfinite_skipped, "config": self.cfg.to_json_dict(),
                                            "loss_window": self.loss_window,
+                                           "accuracy_window": self.accuracy_window,
+                                           "num_tokens": self.num_tokens,
                                            **saved_loss_scale(self.loss_scale)},
                                     keep=self.cfg.save_total_limit)
 
     def load(self, path: str):
         state = ckpt.load_checkpoint(path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
-                                     check=resume_check(self.cursor, {"nonfinite_skipped": 0}))
+                                     check=resume_check(self.cursor, {"nonfinite_skipped": 0, "num_tokens": 0}))
         self.global_step = state["global_step"]
         self.cursor.load_state(state["data"])
         self.nonfinite_skipped = state.get("nonfinite_skipped", 0)
-        window = state.get("loss_window", [])
-        if not isinstance(window, list) or not all(isinstance(x, (int, float)) for x in window):
-            raise ValueError(f"{path}: loss_window is {window!r:.80}, not a list of numbers")
-        self.loss_window = [float(x) for x in window]
+        # absent in a checkpoint of an earlier r1fast: counted from the resume on
+        self.num_tokens = state.get("num_tokens", 0)
+        self.loss_window = _numbers(state, "loss_window", path)
+        self.accuracy_window = _numbers(state, "accuracy_window", path)
         if self.loss_scale is not None:
             self.loss_scale.load_state_dict(state.get("loss_scale"))
         return state
@@ -156,10 +169,11 @@ class SFTTrainer:
                 m = self.step()
                 if math.isfinite(m["loss"]):   # a skipped NaN/inf step (nonfinite_skipped) would void the window's mean
                     self.loss_window.append(m["loss"])
+                    self.accuracy_window.append(m["mean_token_accuracy"])
                 step = self.global_step
                 if step % cfg.logging_steps == 0 or step == self.total_steps:
-                    m["loss"] = sum(self.loss_window) / len(self.loss_window) if self.loss_window else float("nan")
-                    self.loss_window = []
+                    m["loss"], m["mean_token_accuracy"] = _mean(self.loss_window), _mean(self.accuracy_window)
+                    self.loss_window, self.accuracy_window = [], []
                     logger.log(self.step_offset + step, self.stage, m)
                 if pbar is not None:
                     pbar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{m['tokens_per_s']:.0f}")
@@ -179,3 +193,15 @@ class SFTTrainer:
             logger.close()
         return {"checkpoint": path, "global_step": self.global_step, "run_dir": self.run_dir,
                 "interrupted": interrupted, "nonfinite_skipped": self.nonfinite_skipped}
+
+
+def _mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def _numbers(state: dict, key: str, path: str) -> list[float]:
+    """A checkpoint's window of per-step values (absent in one of an earlier r1fast: empty)."""
+    window = state.get(key, [])
+    if not isinstance(window, list) or not all(isinstance(x, (int, float)) for x in window):
+        raise ValueError(f"{path}: {key} is {window!r:.80}, not a list of numbers")
+    return [float(x) for x in window]
