@@ -634,6 +634,56 @@ def test_grpo_logs_trls_cumulative_num_tokens_and_epoch(tmp_path, monkeypatch):
         [(2, seen[0] + seen[1], pytest.approx(2 * per_rollout)), (3, sum(seen), pytest.approx(3 * per_rollout))]
 
 
+def test_grpo_logs_trls_per_sequence_clip_extremes(tmp_path, monkeypatch):
+    """TRL's clip_ratio/low_min and high_max (r1fast's TRL drop-in logs them; its trainer did not): the least
+    share of a sequence's trained tokens clipped low and the largest clipped high, over the sequences of every
+    micro-batch and iteration of a rollout; a logged line's min / max over its rollouts. Checked against plain
+    full-logits ratios, and by hand for a sequence without trained tokens (a masked truncated one): left out."""
+    from r1fast.trainer.grpo import _clip_extremes
+    from r1fast import ops
+
+    tr = make(tmp_path, "clip", max_steps=4, num_iterations=2, per_device_train_batch_size=8, epsilon=0.01,
+              gradient_accumulation_steps=4, logging_steps=4)
+    calls, fused = [], ops.fused_linear_grpo_loss
+
+    def recorded(hidden, weight, targets, mask, adv, *, old_logp, cu_seqlens, options, **kw):
+        calls.append((hidden.detach(), weight.detach().clone(), targets, mask, adv, old_logp, cu_seqlens, options))
+        return fused(hidden, weight, targets, mask, adv, old_logp=old_logp, cu_seqlens=cu_seqlens, options=options, **kw)
+    monkeypatch.setattr(ops, "fused_linear_grpo_loss", recorded)
+
+    def extremes():   # each sequence's clipped fractions, from ratios of the whole [tokens, vocab] logits
+        lows, highs = [], []
+        for hidden, weight, targets, mask, adv, old, cu, opts in calls:
+            logp = torch.log_softmax(hidden @ weight.T / opts.temperature, -1).gather(1, targets[:, None]).squeeze(1)
+            ratio = torch.exp(logp - (logp if old is None else old))
+            for s, (a, b) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
+                m, n = mask[a:b], float(mask[a:b].sum())
+                if n:
+                    lows.append(float((((ratio[a:b] < 1 - opts.epsilon) & (adv[s] < 0)) * m).sum()) / n)
+                    highs.append(float((((ratio[a:b] > 1 + opts.eps_high) & (adv[s] > 0)) * m).sum()) / n)
+        calls.clear()
+        return min(lows), max(highs)
+
+    want, step = [], tr.step
+
+    def checked():
+        out = step()
+        want.append(extremes())
+        return out
+    monkeypatch.setattr(tr, "step", checked)
+    tr.train()
+    got = [(h["clip_ratio/low_min"], h["clip_ratio/high_max"]) for h in tr.history]
+    assert len(got) == 2 and all(g == pytest.approx(w, abs=1e-6) for g, w in zip(got, want))
+    assert max(high for _, high in got) > 0   # the second iterations' ratios clip
+    [line] = _metrics(tmp_path / "clip" / "metrics.jsonl")
+    assert (line["clip_ratio/low_min"], line["clip_ratio/high_max"]) == (min(g[0] for g in got), max(g[1] for g in got))
+    # 2 of 4 tokens clipped low, 1 high; an empty sequence; 1 of 2 low: low fractions 1/2, -, 1/2, high 1/4, -, 0
+    stats = {"rows/clip_low": torch.tensor([2.0, 0.0, 1.0]), "rows/clip_high": torch.tensor([1.0, 0.0, 0.0])}
+    out = _clip_extremes(stats, torch.tensor([4.0, 0.0, 2.0]), torch.tensor([1.0, 1.0, -1.0]), tr.cfg.loss_options())
+    assert {k: float(v) for k, v in out.items()} == {"clip_ratio/low_min": 0.5, "clip_ratio/high_max": 0.25}
+    assert not stats   # the per-row counts are not step statistics
+
+
 def test_grpo_logs_trls_per_function_reward_std(tmp_path, monkeypatch):
     # TRL logs rewards/<fn>/std beside each function's mean; r1fast logged the mean only
     tr = make(tmp_path, "std", max_steps=1)

@@ -896,7 +896,8 @@ def test_logged_metrics_are_token_weighted_across_processes(tmp_path, model_dirs
     monkeypatch.setattr(trainer.accelerator, "reduce", lambda t, reduction: t + other)
     mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 0]])
     trainer._metrics["train"].clear()
-    trainer._log_loss_stats("train", {"entropy": torch.tensor(2.0), "kl": 0.5}, mask, torch.ones(2))
+    trainer._log_loss_stats("train", {"entropy": torch.tensor(2.0), "kl": 0.5}, mask, torch.ones(2),
+                            r1trl.ops.LossOptions())
     assert trainer._metrics["train"]["entropy"] == [pytest.approx((2.0 * 5 + 15) / 10)]
     assert trainer._metrics["train"]["kl"] == [pytest.approx((0.5 * 5 + 15) / 10)]
 

@@ -463,7 +463,7 @@ class GRPOTrainer(trl.GRPOTrainer):
         )
         if self.loss_type in _MEAN_LOSS_TYPES:
             loss = loss / accumulation
-        self._log_loss_stats(mode, stats, mask, advantages)
+        self._log_loss_stats(mode, stats, mask, advantages, options)
         return loss
 
     def _policy_weights(self, inputs, hidden, weight, targets, mask, advantages, old_logp, is_ratio):
@@ -524,7 +524,8 @@ class GRPOTrainer(trl.GRPOTrainer):
             num_items = num_items * accumulation / self.args.steps_per_generation
         return float(num_items)
 
-    def _log_loss_stats(self, mode: str, stats: dict, mask: torch.Tensor, advantages: torch.Tensor) -> None:
+    def _log_loss_stats(self, mode: str, stats: dict, mask: torch.Tensor, advantages: torch.Tensor,
+                        options: ops.LossOptions) -> None:
         """Log the op's statistics under TRL's metric names and with TRL's weighting: kl and entropy are token
         means across processes; the clip ratios too at token level, but means over sequences at sequence level
         (GSPO), where TRL has one ratio per sequence; clip_ratio/low_min and high_max are the extremes over every
@@ -544,7 +545,7 @@ class GRPOTrainer(trl.GRPOTrainer):
             metrics["entropy"].append(global_mean(stats["entropy"]))
         if "rows/clip_low" not in stats:
             return
-        low, high = self._per_sequence_clip_fractions(stats, mask, advantages)
+        low, high = ops.per_sequence_clip_fractions(stats, mask.sum(-1), advantages, options)
         if self.importance_sampling_level == "sequence":  # TRL: a mean over sequences (empty ones too)
             means = {name: global_mean(rows.mean(), len(rows))
                      for name, rows in (("low", low), ("high", high), ("region", low + high))}
@@ -557,23 +558,6 @@ class GRPOTrainer(trl.GRPOTrainer):
             metrics[f"clip_ratio/{name}_mean"].append(value)
         metrics["clip_ratio/low_min"].append(nanmin(self.accelerator.gather(low)).item())
         metrics["clip_ratio/high_max"].append(nanmax(self.accelerator.gather(high)).item())
-
-    def _per_sequence_clip_fractions(self, stats, mask, advantages):
-        """Each sequence's fraction of clipped tokens [B] (low, high), as TRL's masked_seq_mean reads them.
-
-        Token level: clipped / active tokens, NaN for a sequence without active tokens (TRL's 0 / 0, which its
-        nanmin / nanmax skip). Sequence level: the sequence's own clip flag (its tokens share one ratio); a
-        sequence without active tokens has ratio exp(0) = 1 in TRL, which clips only under cispo with
-        epsilon_high < 1 (high, where its advantage is positive).
-        """
-        counts = mask.sum(-1).float()
-        low, high = (stats[k].float() / counts for k in ("rows/clip_low", "rows/clip_high"))
-        if self.importance_sampling_level != "sequence":
-            return low, high
-        empty = counts == 0
-        ratio_one_clips_high = (1.0 > self.epsilon_high) if self.loss_type == "cispo" else False
-        empty_high = (advantages > 0).float() * float(ratio_one_clips_high)
-        return torch.where(empty, 0.0, low), torch.where(empty, empty_high, high)
 
 
 def _maybe_to(t, device):

@@ -191,3 +191,24 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, entropy=None, sampl
     if iw is not None:
         extra["importance_weights"] = iw
     return fn(logp, old_logp, ref_logp, advantages, mask, opts, entropy, sampler_logp, **extra)
+
+
+def per_sequence_clip_fractions(stats: dict, counts, advantages, options: LossOptions):
+    """Each sequence's fraction of clipped tokens [B] (low, high), as TRL's masked_seq_mean reads them for
+    its clip_ratio/low_min and high_max (the extremes over sequences): from the rows/clip_low and
+    rows/clip_high counts of grpo_loss / fused_linear_grpo_loss with row_stats=True, each sequence's active
+    token count `counts` [B] and its advantage [B].
+
+    Token level: clipped / active tokens, NaN for a sequence without active tokens (TRL's 0 / 0, which its
+    nanmin / nanmax skip). Sequence level: the sequence's own clip flag (its tokens share one ratio); a
+    sequence without active tokens has ratio exp(0) = 1 in TRL, which clips only under cispo with
+    epsilon_high < 1 (high, where its advantage is positive).
+    """
+    counts = torch.as_tensor(counts).float()
+    low, high = (stats[k].float() / counts for k in ("rows/clip_low", "rows/clip_high"))
+    if options.importance_sampling_level != "sequence":
+        return low, high
+    empty = counts == 0
+    ratio_one_clips_high = options.loss_type == "cispo" and 1.0 > options.eps_high
+    empty_high = (advantages > 0).float() * float(ratio_one_clips_high)
+    return torch.where(empty, 0.0, low), torch.where(empty, empty_high, high)

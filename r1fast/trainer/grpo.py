@@ -321,6 +321,9 @@ class GRPOTrainer:
         num_items = float(sum(len(c_ids[i]) for i in range(B) if keep[i])) or 1.0
         batches = [pack([p_ids[i] for i in idx], [c_ids[i] for i in idx], self.device, share_prompts=self.share_prompts)
                    for idx in micro]
+        # each completion's trained tokens, for TRL's per-sequence clip fractions (clip_ratio/low_min, high_max)
+        active = [torch.tensor([float(len(c_ids[i])) if keep[i] else 0.0 for i in idx], device=self.device)
+                  for idx in micro]
         sampler = []
         for idx in micro:
             if all(c_logp[i] is not None and len(c_logp[i]) == len(c_ids[i]) for i in idx):
@@ -360,7 +363,7 @@ class GRPOTrainer:
                         loss, stats = ops.fused_linear_grpo_loss(
                             hidden[b.select], self.model.lm_head_weight, b.targets, mask, adv[idx[0]:idx[-1] + 1],
                             old_logp=old[j], ref_logp=ref[j], sampler_logp=sampler[j], cu_seqlens=b.completion_cu,
-                            options=opts, grad_scale=loss_scale)
+                            options=opts, grad_scale=loss_scale, row_stats=True)
                     except ValueError as e:
                         if "non-finite" in str(e) or "NaN" in str(e):
                             finite = False
@@ -373,11 +376,12 @@ class GRPOTrainer:
                     # is_weight's): weighted by its token count, so the step's are the whole rollout's and a
                     # micro-batch with no active token (mask_truncated_completions) adds no zeros
                     n = torch.as_tensor(stats.get("num_tokens", 1.0), dtype=torch.float32, device=self.device)
+                    stats.update(_clip_extremes(stats, active[j], adv[idx[0]:idx[-1] + 1], opts))
                     for k, v in stats.items():
                         v = torch.as_tensor(v, dtype=torch.float32, device=self.device).detach()
                         v = torch.where(torch.isfinite(v), v, 0.0)
                         if k in _EXTREMES:
-                            pick, empty = _EXTREMES[k]
+                            pick, empty = (torch.minimum, math.inf) if _EXTREMES[k] is min else (torch.maximum, -math.inf)
                             v = torch.where(n > 0, v, empty)
                             stat_sums[k] = pick(stat_sums[k], v) if k in stat_sums else v
                         else:
@@ -389,7 +393,7 @@ class GRPOTrainer:
             for k, v in zip(names, values):
                 if k in _EXTREMES:
                     v = v if math.isfinite(v) else 0.0   # no active token at all: 0, as the op says then
-                    stats_acc[k] = (min if k.endswith("/min") else max)(stats_acc.get(k, v), v)
+                    stats_acc[k] = _EXTREMES[k](stats_acc.get(k, v), v)
                 else:
                     stats_acc[k] = stats_acc.get(k, 0.0) + (v if k == "num_tokens" else v / tokens) / iterations
             tb = time.perf_counter()
@@ -596,8 +600,23 @@ class GRPOTrainer:
         return result
 
 
-# statistics combined over micro-batches by min / max (the rest are token means): (combine, an empty one)
-_EXTREMES = {"is_weight/min": (torch.minimum, math.inf), "is_weight/max": (torch.maximum, -math.inf)}
+# statistics combined over micro-batches and iterations by min / max (the rest are token means)
+_EXTREMES = {"is_weight/min": min, "is_weight/max": max, "clip_ratio/low_min": min, "clip_ratio/high_max": max}
+
+
+def _clip_extremes(stats: dict, active: torch.Tensor, advantages: torch.Tensor, opts) -> dict[str, torch.Tensor]:
+    """TRL's clip_ratio/low_min and high_max of one micro-batch, taking the op's per-row counts out of `stats`:
+    the extremes over its sequences of each one's clipped fraction (ops.per_sequence_clip_fractions, as
+    r1fast's TRL drop-in logs them), a sequence without trained tokens left out. cispo has none (TRL
+    logs its cispo_clip_ratio alone)."""
+    from r1fast import ops
+
+    rows = {k: stats.pop(k) for k in ("rows/clip_low", "rows/clip_high")}
+    if opts.loss_type == "cispo":
+        return {}
+    low, high = ops.per_sequence_clip_fractions(rows, active, advantages, opts)
+    return {"clip_ratio/low_min": torch.where(low.isnan(), math.inf, low).min(),
+            "clip_ratio/high_max": torch.where(high.isnan(), -math.inf, high).max()}
 
 _STOP_SIGNALS = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}  # SIGTERM: a scheduler's job end, `kill`
 
@@ -633,8 +652,8 @@ def _restore_handlers(previous: dict | None):
 
 # how a logged line combines its window's rollouts (any other metric: their mean, as TRL logs them)
 _WINDOW_LAST = ("lr", "nonfinite_skipped", "loss_scale", "num_tokens", "epoch")   # rates, scales and running totals
-_WINDOW_MAX = ("completion_length_max", "completions/max_terminated_length", "is_weight/max")
-_WINDOW_MIN = ("completion_length_min", "completions/min_terminated_length", "is_weight/min")
+_WINDOW_MAX = ("completion_length_max", "completions/max_terminated_length", "is_weight/max", "clip_ratio/high_max")
+_WINDOW_MIN = ("completion_length_min", "completions/min_terminated_length", "is_weight/min", "clip_ratio/low_min")
 
 
 def window_metrics(window: Sequence[dict]) -> dict[str, Any]:
