@@ -39,7 +39,7 @@ def _length_reward(prompts, completions, **kw):
     return [float(len(c) % 7) for c in completions]
 
 
-def _checkpoint(shape, dtype, device):
+def _checkpoint(shape, dtype):
     """An HF-format folder (weights + the built-in char tokenizer) both trainers load."""
     from r1fast.data import build_char_tokenizer
     from r1fast.models import CausalLM, ModelConfig
@@ -63,7 +63,7 @@ def _r1fast_trainer(shape, prompts, G, new, dtype, device, mb):
     from r1fast.models import from_pretrained
     from r1fast.trainer import GRPOConfig, GRPOTrainer
 
-    path, tok = _checkpoint(shape, dtype, device)
+    path, tok = _checkpoint(shape, dtype)
     model = from_pretrained(path, dtype=dtype, device=device)
     # one rollout of prompts x G completions, trained as micro-batches of mb completions
     cfg = GRPOConfig(per_device_train_batch_size=mb, gradient_accumulation_steps=prompts * G // mb,
@@ -140,7 +140,7 @@ def _trl_step(shape, prompts, G, new, dtype, device, mb):
         import trl
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        path, _ = _checkpoint(shape, dtype, device)
+        path, _ = _checkpoint(shape, dtype)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
         tok = AutoTokenizer.from_pretrained(path)
         args = trl.GRPOConfig(

@@ -41,10 +41,6 @@ def _prompts(num, length, vocab):
     return torch.randint(0, vocab, (num, length), generator=g).tolist()
 
 
-def _weight_bytes(model):
-    return sum(p.numel() * p.element_size() for p in model.parameters())
-
-
 def _kv_bytes_per_token(cfg, dtype):
     return cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * cfg.head_dim * (torch.finfo(dtype).bits // 8)
 

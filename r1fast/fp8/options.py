@@ -27,10 +27,6 @@ class Fp8Options:
     scaling: str | None = None     # "torch" / "emulate" only
 
     @property
-    def grad_fp8_dtype(self) -> torch.dtype:
-        return FP8_DTYPES[self.grad_dtype]
-
-    @property
     def rowwise(self) -> bool:
         return self.scaling == "rowwise"
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import itertools
 import logging
 import math
 import numbers
@@ -512,7 +513,7 @@ def _prefill_torch(q, k_cache, v_cache, context_slots, query_lens, context_lens,
     if flash is not None or (half_on_gpu and varlen_ready(q, k_all, prefix=True)):
         # a list-built device tensor is a blocking copy: per layer, the host would wait for each layer
         cu_q, cu_k = cu_seqlens if cu_seqlens is not None else (
-            torch.tensor([0, *itertools_accumulate(lens)], device=q.device, dtype=torch.int32)
+            torch.tensor(list(itertools.accumulate(lens, initial=0)), device=q.device, dtype=torch.int32)
             for lens in (query_lens, context_lens))
         if flash is None:  # torch's kernel, probed to align the mask as flash-attn does
             return torch_varlen_attn()(q, k_all, v_all, cu_q, cu_k, max(query_lens), max(context_lens), scale)
@@ -534,13 +535,6 @@ def _prefill_torch(q, k_cache, v_cache, context_slots, query_lens, context_lens,
         out[qs : qs + n] = o.transpose(0, 1)
         qs, ks = qs + n, ks + ctx
     return out
-
-
-def itertools_accumulate(xs):
-    total = 0
-    for x in xs:
-        total += x
-        yield total
 
 
 def paged_prefill_attention(q, k_cache, v_cache, context_slots, query_lens, context_lens, *,

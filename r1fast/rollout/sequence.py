@@ -41,10 +41,6 @@ class Sequence:
     def __len__(self):
         return len(self.tokens)
 
-    @property
-    def num_generated(self) -> int:
-        return len(self.tokens) - self.prompt_len
-
     def child(self, seq_id: int, sample: int, key: int) -> "Sequence":
         """A fork: same tokens and computed KV, its own sample index and random stream."""
         s = Sequence(seq_id, self.request, sample, key, self.tokens, max_len=self.max_len)
