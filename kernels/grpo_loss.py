@@ -14,13 +14,12 @@ come through `smp_ptr` (the op refuses both at once); either way the factor mult
 term (and its gradients) before the KL and the entropy bonus are added.
 Formulas: LOSS_SPEC.md; the torch twin is r1fast.reference.loss.grpo_loss.
 """
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from r1fast.backends import on_device
+from r1fast.backends import on_device, poisoned
 
 LOSS_TYPE_IDS = {"grpo": 0, "bnpo": 1, "dr_grpo": 2, "dapo": 3, "cispo": 4}
 KL_IDS = {"k1": 1, "k2": 2, "k3": 3}
@@ -219,12 +218,6 @@ def _grpo_loss_kernel(logp_ptr, old_ptr, ref_ptr, smp_ptr, ent_ptr, mask_ptr, ad
     tl.store(stats_ptr + row * N_STATS + idx, vals)
 
 
-def _poisoned(t):
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        t.fill_(float("nan"))
-    return t
-
-
 def grpo_loss_fwd(logp, old, ref, smp, ent, mask, adv, opts, totals=None, isw=None):
     """(row_loss [B], grad_logp [B, T], grad_entropy [B, T] or None, row_stats [B, N_STATS]), fp32.
 
@@ -251,10 +244,10 @@ def grpo_loss_fwd(logp, old, ref, smp, ent, mask, adv, opts, totals=None, isw=No
         denom = mask_.sum().clamp_min(1.0).reshape(1)
     n_rows = b if totals is None else int(totals[0])
     row_cnt = totals[2].to(torch.float32).contiguous() if totals is not None and len(totals) > 2 else None
-    row_loss = _poisoned(torch.empty(b, dtype=torch.float32, device=dev))
-    g_logp = _poisoned(torch.empty(b, t, dtype=torch.float32, device=dev))
-    g_ent = _poisoned(torch.empty(b, t, dtype=torch.float32, device=dev)) if ent is not None else None
-    stats = _poisoned(torch.empty(b, N_STATS, dtype=torch.float32, device=dev))
+    row_loss = poisoned(torch.empty(b, dtype=torch.float32, device=dev))
+    g_logp = poisoned(torch.empty(b, t, dtype=torch.float32, device=dev))
+    g_ent = poisoned(torch.empty(b, t, dtype=torch.float32, device=dev)) if ent is not None else None
+    stats = poisoned(torch.empty(b, N_STATS, dtype=torch.float32, device=dev))
     block_t = min(1024 if dev.type == "cuda" else 32, triton.next_power_of_2(max(t, 1)))
     kl_id = KL_IDS[opts.kl_estimator] if ref is not None else 0
     with on_device(dev):  # Triton launches on the current device: make it the inputs'

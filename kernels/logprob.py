@@ -13,13 +13,12 @@ No [N, V] tensor ever; at most one [chunk, V] tile:
   (r1fast.ops.fused_loss); the two kernels above then read that tile (LOAD_Z) instead of
   recomputing it, so the fused loss costs 6·N·H·V FLOPs rather than 8.
 """
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from r1fast.backends import on_device
+from r1fast.backends import on_device, poisoned
 
 # Tile shapes. GPU: sized for H100/H200 (128x128 output tile, 64-wide K steps: wgmma on sm_90, 3
 # cp.async stages, 96 KB of shared memory). Interpreter: tiny tiles keep numpy work small and make
@@ -43,13 +42,6 @@ def gpu_config(dtype, load_z=False):
 
 def _config(hidden, load_z=False):
     return gpu_config(hidden.dtype, load_z) if hidden.device.type == "cuda" else CPU_CONFIG
-
-
-def _poisoned(t):
-    # Under the interpreter (tests) outputs start as NaN, so a tile the kernel fails to write shows.
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        t.fill_(float("nan"))
-    return t
 
 
 def _precision(dtype):
@@ -172,7 +164,7 @@ def logits(hidden, weight, inv_temp: float):
     n, h = hidden.shape
     v = weight.shape[0]
     cfg = _config(hidden)
-    z = _poisoned(torch.empty(n, v, dtype=torch.float32, device=hidden.device))
+    z = poisoned(torch.empty(n, v, dtype=torch.float32, device=hidden.device))
     grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(v, cfg["BLOCK_V"]))
     with on_device(hidden.device):  # Triton launches on the current device: make it hidden's
         _logits_kernel[grid](hidden, weight, z, n, v, h, hidden.stride(0), weight.stride(0), inv_temp,
@@ -192,7 +184,7 @@ def logprob_forward(hidden, weight, targets, inv_temp: float, with_entropy: bool
     splits = vocab_splits(n_tiles, v, cfg["BLOCK_V"], hidden.device)
     v_per_split = triton.cdiv(triton.cdiv(v, splits), cfg["BLOCK_V"]) * cfg["BLOCK_V"]
     splits = triton.cdiv(v, v_per_split)
-    part = _poisoned(torch.empty(4, splits, n, dtype=torch.float32, device=hidden.device))
+    part = poisoned(torch.empty(4, splits, n, dtype=torch.float32, device=hidden.device))
     with on_device(hidden.device):
         _logprob_fwd_kernel[(n_tiles, splits)](hidden, weight, part if z is None else z, targets, part, n, v, h,
                                                hidden.stride(0), weight.stride(0), inv_temp, v_per_split,
@@ -231,7 +223,7 @@ def dlogits(hidden, weight, targets, lse, entropy, g_logp, g_ent, inv_temp: floa
     n, h = hidden.shape
     v = weight.shape[0]
     cfg = _config(hidden, load_z=z is not None)
-    out = _poisoned(torch.empty(n, v, dtype=out_dtype, device=hidden.device))
+    out = poisoned(torch.empty(n, v, dtype=out_dtype, device=hidden.device))
     with_entropy = g_ent is not None
     grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(v, cfg["BLOCK_V"]))
     with on_device(hidden.device):

@@ -26,11 +26,12 @@ exp is exp2 with log2(e) / T folded into one scale; every offset from the row in
 Interpreter-safe: fp32/fp64 math only, no libdevice, no inline asm.
 """
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
+
+from r1fast.backends import poisoned
 
 LOG2E = math.log2(math.e)
 # GPU: 2048 fp32 per block over 8 warps (8 per thread, 2 x 16-byte loads), 75 blocks at V=151936.
@@ -141,11 +142,8 @@ def sample(logits: torch.Tensor, u: torch.Tensor | None, temperature: float, min
     num_rows, vocab = logits.shape
     logits = logits.contiguous()  # the kernel's row stride is V (a no-op for lm_logits' output)
     u = None if u is None else u.contiguous()
-    tokens = torch.empty(num_rows, dtype=torch.int64, device=logits.device)
-    logprobs = torch.empty(num_rows, dtype=torch.float32, device=logits.device)
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):  # tests: an unwritten row shows
-        tokens.fill_(-1)
-        logprobs.fill_(float("nan"))
+    tokens = poisoned(torch.empty(num_rows, dtype=torch.int64, device=logits.device), -1)
+    logprobs = poisoned(torch.empty(num_rows, dtype=torch.float32, device=logits.device))
     if num_rows == 0:
         return tokens, logprobs
     greedy = temperature == 0

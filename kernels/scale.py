@@ -9,11 +9,11 @@ Offsets are int64 (a V x H gradient passes 2^31 elements at 7B shapes). Interpre
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from r1fast.backends import triton_interpreted
 
 
 @triton.jit
@@ -27,8 +27,7 @@ def _scale_kernel(x_ptr, g_ptr, n, BLOCK: tl.constexpr):
 
 def scale_inplace(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """x *= g in place (x contiguous, g a 0-d float tensor on x's device); returns x."""
-    interpreted = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-    block = 1024 if interpreted else 8192
+    block = 1024 if triton_interpreted() else 8192
     n = x.numel()
     if n:
         _scale_kernel[(triton.cdiv(n, block),)](x, g, n, BLOCK=block, num_warps=8)

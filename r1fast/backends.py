@@ -55,6 +55,14 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def poisoned(t: torch.Tensor, value=float("nan")) -> torch.Tensor:
+    """A kernel's output buffer: filled with `value` under the Triton interpreter (the tests), so an
+    element the kernel fails to write shows; left as is when compiled, where the fill is a wasted pass."""
+    if triton_interpreted():
+        t.fill_(value)
+    return t
+
+
 @functools.lru_cache(maxsize=None)
 def triton_importable() -> bool:
     try:
