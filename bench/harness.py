@@ -36,6 +36,14 @@ class Skip(Exception):
     """Raised by an Impl's setup when it cannot run here (the reason is printed)."""
 
 
+def require_backend(op: str, backend: str, device: torch.device) -> None:
+    """Skip (raise Skip) unless `op` has a `backend` implementation that runs on `device`."""
+    from r1fast import backends, ops  # noqa: F401 - importing ops registers their backends
+
+    if backend not in backends.available(op, device):
+        raise Skip(f"{op}: backend {backend} unavailable on {device.type}")
+
+
 class DeviceLost(RuntimeError):
     """The CUDA context is unusable (a kernel faulted: illegal address, device assert). Errors of
     this kind are sticky, so nothing more can run in this process; a new process can go on with

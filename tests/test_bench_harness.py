@@ -888,3 +888,9 @@ def test_git_commit_says_when_the_working_tree_differs_from_it(tmp_path, monkeyp
         assert harness._git_commit() == "abc1234-dirty"
     finally:
         harness._git_commit.cache_clear()
+
+
+def test_require_backend_skips_naming_the_op():
+    harness.require_backend("store_kv", "torch", torch.device("cpu"))  # runs here: no Skip
+    with pytest.raises(harness.Skip, match="store_kv: backend cuda unavailable on cpu"):
+        harness.require_backend("store_kv", "cuda", torch.device("cpu"))

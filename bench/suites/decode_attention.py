@@ -11,9 +11,9 @@ import math
 
 import torch
 
-from r1fast import backends, ops
+from r1fast import ops
 from r1fast.ops.shared_prefix import find_shared_prefixes
-from r1fast.bench.harness import Case, Impl, Skip, suite
+from r1fast.bench.harness import Case, Impl, require_backend, suite
 
 
 def _inputs(num_seqs, heads, kv_heads, dim, ctx, block_size, dtype, device):
@@ -31,8 +31,7 @@ def _inputs(num_seqs, heads, kv_heads, dim, ctx, block_size, dtype, device):
 
 def _r1fast(backend, shape, dtype, device):
     def setup():
-        if backend not in backends.available("paged_decode_attention", device):
-            raise Skip(f"backend {backend} unavailable on {device.type}")
+        require_backend("paged_decode_attention", backend, device)
         args = _inputs(*shape, dtype, device)
         return lambda: ops.paged_decode_attention(*args, backend=backend, check_bounds=False)
     return setup
@@ -49,8 +48,7 @@ def _shared_inputs(groups, samples, heads, kv_heads, dim, prompt, ctx, block_siz
 
 def _r1fast_shared(backend, shape, dtype, device, use_tiles):
     def setup():
-        if backend not in backends.available("paged_decode_attention", device):
-            raise Skip(f"backend {backend} unavailable on {device.type}")
+        require_backend("paged_decode_attention", backend, device)
         groups, samples, heads, kv_heads, dim, prompt, ctx, bs = shape
         q, kc, vc, tables, lens = _shared_inputs(*shape, dtype, device)
         tiles = None

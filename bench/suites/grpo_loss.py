@@ -13,7 +13,7 @@ a third ops.group_advantages (rewards [B] -> advantages [B]: 8·B bytes, launch-
 import torch
 
 from r1fast import backends, ops
-from r1fast.bench.harness import Case, Impl, Skip, generator, suite, with_env
+from r1fast.bench.harness import Case, Impl, Skip, generator, require_backend, suite, with_env
 
 OPTS = dict(loss_type="dapo", beta=0.04, epsilon=0.2, epsilon_high=0.28)
 
@@ -136,8 +136,7 @@ def _liger_triton(shape, dtype, device):
 
 def _per_token(backend, b, t, device):
     def setup():
-        if backend not in backends.available("grpo_loss", device):
-            raise Skip(f"backend {backend} unavailable on {device.type}")
+        require_backend("grpo_loss", backend, device)
         g = torch.Generator(device="cpu").manual_seed(1)
         logp = (-torch.rand(b, t, generator=g)).to(device).requires_grad_()
         old = logp.detach() + 0.05 * torch.randn(b, t, generator=g).to(device)
@@ -155,8 +154,7 @@ def _per_token(backend, b, t, device):
 
 def _advantages(backend, b, g, device):
     def setup():
-        if backend not in backends.available("group_advantages", device):
-            raise Skip(f"backend {backend} unavailable on {device.type}")
+        require_backend("group_advantages", backend, device)
         rewards = torch.randn(b, generator=torch.Generator(device="cpu").manual_seed(2)).to(device)
         return lambda: ops.group_advantages(rewards, g, backend=backend)
     return setup

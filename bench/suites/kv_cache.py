@@ -1,8 +1,8 @@
 """store_kv: scatter new K/V rows into the paged cache (a pure copy, so its floor is bandwidth)."""
 import torch
 
-from r1fast import backends, ops
-from r1fast.bench.harness import Case, Impl, Skip, suite
+from r1fast import ops
+from r1fast.bench.harness import Case, Impl, require_backend, suite
 
 
 def _inputs(tokens, heads, dim, block_size, dtype, device):
@@ -17,8 +17,7 @@ def _inputs(tokens, heads, dim, block_size, dtype, device):
 
 def _r1fast(backend, shape, dtype, device):
     def setup():
-        if backend not in backends.available("store_kv", device):
-            raise Skip(f"backend {backend} unavailable on {device.type}")
+        require_backend("store_kv", backend, device)
         args = _inputs(*shape, dtype, device)
         return lambda: ops.store_kv(*args, backend=backend, check_slots=False)
     return setup

@@ -21,8 +21,8 @@ five kernels per tensor on CUDA) beside torch.compile of that expression.
 import torch
 import torch.nn.functional as F
 
-from r1fast import backends, ops
-from r1fast.bench.harness import Case, Impl, Skip, generator, suite
+from r1fast import ops
+from r1fast.bench.harness import Case, Impl, Skip, generator, require_backend, suite
 
 EPS = 1e-6
 
@@ -55,8 +55,8 @@ def _add_norm_timed(fn, inputs, mode):
 
 def _add_norm_impl(make_fn, inputs, mode, device, backend=None, cuda_only=False):
     def setup():
-        if backend is not None and backend not in backends.available("add_rms_norm", device):
-            raise Skip(f"backend {backend} unavailable on {device.type}")
+        if backend is not None:
+            require_backend("add_rms_norm", backend, device)
         if cuda_only and device.type != "cuda":
             raise Skip(f"CUDA only, not {device.type}")
         x, w, dy = _norm_inputs(*inputs)
@@ -96,8 +96,7 @@ def _rotary_timed(fn, inputs, mode):
 
 def _r1fast_rotary(backend, inputs, mode, device):
     def setup():
-        if backend not in backends.available("rotary", device):
-            raise Skip(f"backend {backend} unavailable on {device.type}")
+        require_backend("rotary", backend, device)
         return _rotary_timed(lambda *a: ops.rotary(*a, backend=backend), inputs(), mode)
     return setup
 
@@ -129,8 +128,7 @@ def _timed(make_fn, inputs, mode):
 
 def _r1fast(op, backend, inputs, mode, device):
     def setup():
-        if backend not in backends.available(op.removesuffix("_packed"), device):
-            raise Skip(f"backend {backend} unavailable on {device.type}")
+        require_backend(op.removesuffix("_packed"), backend, device)
         if op == "rms_norm":
             return _timed(lambda x, w: lambda a, b: ops.rms_norm(a, b, EPS, backend=backend), inputs(), mode)
         if op == "swiglu_packed":  # gate and up as the halves of one [T, 2I] tensor, as the decoder's MLP runs it

@@ -7,8 +7,8 @@ log_softmax), what the rollout engine ran before the kernel and still runs on th
 """
 import torch
 
-from r1fast import backends, ops
-from r1fast.bench.harness import Case, Impl, Skip, suite
+from r1fast import ops
+from r1fast.bench.harness import Case, Impl, require_backend, suite
 from r1fast.rollout import SamplingParams, sampler
 
 
@@ -21,8 +21,7 @@ def _inputs(rows, vocab, device):
 
 def _r1fast(backend, shape, params, device):
     def setup():
-        if backend not in backends.available("sample_tokens", device):
-            raise Skip(f"backend {backend} unavailable on {device.type}")
+        require_backend("sample_tokens", backend, device)
         logits, u = _inputs(*shape, device)
         u = None if params.greedy else u
         return lambda: ops.sample_tokens(logits, params, u, backend=backend, check_inputs=False)
