@@ -27,6 +27,8 @@ inline T* as_ptr(std::uintptr_t p) { return reinterpret_cast<T*>(p); }
 constexpr bool kWithCuda = true;
 // Throws std::runtime_error naming the op when no usable driver/device is present.
 void require_cuda(const char* op);
+// After a kernel launch: throws std::runtime_error naming the op if the launch failed.
+void check_launch(const char* op);
 #else
 constexpr bool kWithCuda = false;
 [[noreturn]] inline void require_cuda(const char* op) {

@@ -27,4 +27,9 @@ void require_cuda(const char* op) {
   }
 }
 
+void check_launch(const char* op) {
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) throw std::runtime_error(std::string(op) + " launch failed: " + cudaGetErrorString(err));
+}
+
 }  // namespace r1fast

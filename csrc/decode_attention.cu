@@ -2,9 +2,6 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
-#include <stdexcept>
-#include <string>
-
 #include "common.h"
 #include "decode_attention.h"
 
@@ -256,9 +253,7 @@ void decode_attention_cuda(const DecodeAttentionArgs& a, std::uintptr_t stream_h
   if (a.dtype == 0) dispatch_dim<float>(a, stream);
   else if (a.dtype == 1) dispatch_dim<__half>(a, stream);
   else dispatch_dim<__nv_bfloat16>(a, stream);
-  cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess)
-    throw std::runtime_error(std::string("decode_attention_cuda launch failed: ") + cudaGetErrorString(err));
+  check_launch("decode_attention_cuda");
 }
 
 }  // namespace r1fast

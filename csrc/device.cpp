@@ -14,7 +14,6 @@ namespace r1fast {
 
 #ifdef R1FAST_WITH_CUDA
 int cuda_device_count_or_throw();  // cuda_device.cu
-std::string cuda_runtime_error_string();
 #endif
 
 void register_device(pybind11::module_& m) {

@@ -1,8 +1,5 @@
 #include <cuda_runtime.h>
 
-#include <stdexcept>
-#include <string>
-
 #include "common.h"
 #include "kv_cache.h"
 
@@ -51,8 +48,7 @@ void store_kv_cuda(const StoreKVArgs& a, std::uintptr_t stream_handle) {
   else if (all % 4 == 0) launch<unsigned int>(a, stream);
   else if (all % 2 == 0) launch<unsigned short>(a, stream);
   else launch<unsigned char>(a, stream);
-  cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) throw std::runtime_error(std::string("store_kv_cuda launch failed: ") + cudaGetErrorString(err));
+  check_launch("store_kv_cuda");
 }
 
 }  // namespace r1fast
