@@ -28,6 +28,10 @@ from typing import Callable, Iterable
 import torch
 
 SIZES = ("smoke", "gpu")
+# Qwen2.5-1.5B's shape (random weights): the gpu size of the decoder suites (model, rollout, grpo_step).
+QWEN25_15B = dict(architecture="Qwen2ForCausalLM", vocab_size=151936, hidden_size=1536, intermediate_size=8960,
+                  num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2, rope_theta=1e6,
+                  max_position_embeddings=32768, tie_word_embeddings=True)
 COLUMNS = ["suite", "case", "provider", "backend", "mode", "size", "dtype", "metric", "p50", "p20", "p80",
            "floor", "pct_of_floor", "device", "torch", "triton", "r1fast", "git_commit", "timestamp"]
 

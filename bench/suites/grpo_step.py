@@ -20,11 +20,12 @@ import tempfile
 
 import torch
 
+from r1fast.bench import harness
 from r1fast.bench.harness import Case, Impl, Skip, suite
 
-QWEN25_15B = dict(architecture="Qwen2ForCausalLM", vocab_size=151936, hidden_size=1536, intermediate_size=8960,
-                  num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2, rope_theta=1e6,
-                  max_position_embeddings=4096, tie_word_embeddings=True)
+# 4096 positions, not 32768: the rollout engine's max_model_len (and with it its KV pool) defaults to this,
+# and the step's sequences (short prompts, 512 new tokens) are far shorter
+QWEN25_15B = {**harness.QWEN25_15B, "max_position_embeddings": 4096}
 TINY = dict(architecture="Qwen2ForCausalLM", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
 

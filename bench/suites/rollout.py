@@ -17,13 +17,10 @@ import math
 
 import torch
 
-from r1fast.bench.harness import Case, Impl, suite
+from r1fast.bench.harness import QWEN25_15B, Case, Impl, suite
 
 ENGINE_BLOCK_SIZE = 16
 
-QWEN25_15B = dict(architecture="Qwen2ForCausalLM", vocab_size=151936, hidden_size=1536, intermediate_size=8960,
-                  num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2, rope_theta=1e6,
-                  max_position_embeddings=32768, tie_word_embeddings=True)
 TINY = dict(architecture="Qwen2ForCausalLM", vocab_size=256, hidden_size=64, intermediate_size=128,
             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
 
