@@ -5,6 +5,8 @@ import functools
 
 import torch
 
+from r1fast.fp8.options import RECIPES
+
 # FP8 tensor cores: Ada (sm_89) and Hopper (sm_90) onwards.
 MIN_FP8_CAPABILITY = (8, 9)
 
@@ -135,7 +137,7 @@ def available_paths() -> dict[str, tuple[bool, str]]:
     }
     ok, why = te_recipe_support("current")
     if ok:
-        usable = [r for r in ("current", "delayed", "block", "mxfp8") if te_recipe_support(r)[0]]
+        usable = [r for r in RECIPES if te_recipe_support(r)[0]]
         why = f"Transformer Engine {_te_version()} on {why}; recipes: {', '.join(usable)}"
     paths["te"] = (ok, why)
     return paths
