@@ -28,49 +28,47 @@ log = logging.getLogger(__name__)
 _TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 3e-2}
 
 
-def _decode_error(backend: str, device, dtype, num_heads: int, num_kv_heads: int, head_dim: int) -> float:
-    g = torch.Generator(device="cpu").manual_seed(0)
-    block_size, lens = 16, [1, 37, 300]
+def _random_paged_case(seed: int, lens: list[int], num_heads: int, num_kv_heads: int, head_dim: int):
+    """(q, k_cache, v_cache, block_tables, context_lens) on the CPU: one query row per sequence of
+    `lens`, its blocks of 16 slots drawn at random from a cache with 3 blocks to spare."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    block_size = 16
     width = -(-max(lens) // block_size)
     num_blocks = len(lens) * width + 3
-    k = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, generator=g)
-    v = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, generator=g)
+    k, v = (torch.randn(num_blocks, block_size, num_kv_heads, head_dim, generator=g) for _ in range(2))
     q = torch.randn(len(lens), num_heads, head_dim, generator=g)
     tables = torch.randperm(num_blocks, generator=g)[: len(lens) * width].reshape(len(lens), width).to(torch.int32)
-    ctx = torch.tensor(lens, dtype=torch.int32)
+    return q, k, v, tables, torch.tensor(lens, dtype=torch.int32)
+
+
+def _decode_error_on(backend: str, device, dtype, q, k, v, tables, ctx, shared_prefix=None) -> float:
+    """max |backend - float64 reference| / max |reference| over one and four splits."""
     want = ops.paged_decode_attention(q.double(), k.double(), v.double(), tables, ctx, backend="reference")
+    extra = {} if shared_prefix is None else {"shared_prefix": shared_prefix.to(device)}
     err = 0.0
     for splits in (1, 4):
         got = ops.paged_decode_attention(*(x.to(device, dtype) for x in (q, k, v)), tables.to(device),
-                                         ctx.to(device), num_splits=splits, backend=backend)
+                                         ctx.to(device), num_splits=splits, backend=backend, **extra)
         err = max(err, float((got.double().cpu() - want).abs().max() / want.abs().max()))
     return err
+
+
+def _decode_error(backend: str, device, dtype, num_heads: int, num_kv_heads: int, head_dim: int) -> float:
+    case = _random_paged_case(0, [1, 37, 300], num_heads, num_kv_heads, head_dim)
+    return _decode_error_on(backend, device, dtype, *case)
 
 
 def _shared_prefix_error(backend: str, device, dtype, num_heads: int, num_kv_heads: int, head_dim: int) -> float:
     """Three samples sharing 2 blocks of a prompt and a lone row, through the shared-prefix tiles."""
     from r1fast.ops.shared_prefix import find_shared_prefixes, pad_shared_prefix
 
-    g = torch.Generator(device="cpu").manual_seed(2)
-    block_size, lens, shared = 16, [40, 47, 90, 33], 2
-    width = -(-max(lens) // block_size)
-    num_blocks = len(lens) * width + 3
-    k, v = (torch.randn(num_blocks, block_size, num_kv_heads, head_dim, generator=g) for _ in range(2))
-    q = torch.randn(len(lens), num_heads, head_dim, generator=g)
-    tables = torch.randperm(num_blocks, generator=g)[: len(lens) * width].reshape(len(lens), width).to(torch.int32)
+    q, k, v, tables, ctx = _random_paged_case(2, [40, 47, 90, 33], num_heads, num_kv_heads, head_dim)
+    shared = 2
     tables[1:3, :shared] = tables[0, :shared]
-    ctx = torch.tensor(lens, dtype=torch.int32)
-    tiles = find_shared_prefixes(tables.numpy(), ctx.numpy(), block_size, num_heads, num_kv_heads, head_dim)
-    want = ops.paged_decode_attention(q.double(), k.double(), v.double(), tables, ctx, backend="reference")
-    err = 0.0
+    tiles = find_shared_prefixes(tables.numpy(), ctx.numpy(), k.shape[1], num_heads, num_kv_heads, head_dim)
     # as found, and in a CUDA graph's fixed-size buffers (trailing tiles empty)
-    for shared in (tiles, pad_shared_prefix(tiles, len(lens), len(lens))):
-        for splits in (1, 4):
-            got = ops.paged_decode_attention(*(x.to(device, dtype) for x in (q, k, v)), tables.to(device),
-                                             ctx.to(device), num_splits=splits, backend=backend,
-                                             shared_prefix=shared.to(device))
-            err = max(err, float((got.double().cpu() - want).abs().max() / want.abs().max()))
-    return err
+    return max(_decode_error_on(backend, device, dtype, q, k, v, tables, ctx, shared_prefix=t)
+               for t in (tiles, pad_shared_prefix(tiles, len(ctx), len(ctx))))
 
 
 def shared_prefix_ok(backend: str, device, dtype, num_heads: int, num_kv_heads: int, head_dim: int) -> bool:
