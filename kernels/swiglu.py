@@ -129,7 +129,8 @@ def swiglu_bwd(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, d_in: tor
         return dg, du
     stride = _row_stride(gate, up)
     if _row_stride(dg, du) != stride:
-        raise ValueError("swiglu kernel: the gradients must share gate's row stride")
+        raise ValueError(f"swiglu kernel: the gradients' row stride {dg.stride(0)} must equal gate's and up's "
+                         f"({stride})")
     cfg = launch_config(h, gate.device.type)
     with on_device(gate.device):
         _swiglu_bwd_kernel[_grid(rows, h, cfg)](dy, gate, up, dg, du, rows, h, stride, PRECISE=gate.is_cuda, **cfg)

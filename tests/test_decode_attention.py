@@ -388,6 +388,10 @@ def test_find_shared_prefixes_groups_tiles_and_cuts():
     assert np.diff(sp32.tile_ptr).tolist() == [2] and sorted(sp32.row_start.tolist()) == [0, 8, 8]
     with pytest.raises(ValueError, match="context lengths must lie"):
         find_shared(tables[:, :2], ctx, q, kc)
+    holed = tables.clone()
+    holed[1, 0] = -1
+    with pytest.raises(ValueError, match=r"block_tables\[1, 0\] = -1 is a negative block id inside row 1's"):
+        find_shared(holed, ctx, q, kc)
     assert find_shared(tables[:1], ctx[:1], q, kc) is None
     assert find_shared(torch.arange(8, dtype=torch.int32).view(4, 2), torch.tensor([5] * 4), q, kc) is None
 
@@ -471,6 +475,10 @@ def test_decode_shared_prefix_bad_inputs_raise():
         ops.paged_decode_attention(q, kc, vc, tables, ctx, shared_prefix=sp._replace(row_start=strided))
     with pytest.raises(ValueError, match="row_start \\[num_seqs=3\\]"):
         ops.paged_decode_attention(q, kc, vc, tables, ctx, shared_prefix=sp._replace(row_start=sp.row_start[:2]))
+    falling = sp.tile_ptr.flip(0).contiguous()
+    with pytest.raises(ValueError, match=r"tile_ptr must rise from 0 to at most len\(tile_rows\)=\d+, got \[%d, "
+                       % int(falling[0])):
+        ops.paged_decode_attention(q, kc, vc, tables, ctx, shared_prefix=sp._replace(tile_ptr=falling))
     not_shared = tables.clone()
     not_shared[int(sp.tile_rows[1]), 1] = int(tables.max()) + 1  # a member's second block is its own
     kc2, vc2 = (torch.cat([c, c[:1]]) for c in (kc, vc))

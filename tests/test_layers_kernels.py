@@ -223,6 +223,9 @@ def test_packed_swiglu_bad_input_is_a_clear_error():
 
         x = torch.randn(4, 10)
         kernel.swiglu_fwd(x[:, :5], torch.randn(4, 5))  # halves of different tensors: no shared row stride
+    g, u = torch.randn(4, 5), torch.randn(4, 5)  # separate inputs, but a packed [4, 10] gradient
+    with pytest.raises(ValueError, match=r"gradients' row stride 10 must equal gate's and up's \(5\)"):
+        kernel.swiglu_bwd(torch.randn(4, 5), g, u, d_in=torch.empty(4, 10))
 
 
 def test_fp16_under_the_low_precision_rule(device):

@@ -417,6 +417,8 @@ def test_bad_requests_raise_clear_errors(models, prompts):
         Engine(model, block_size=4, num_blocks=2).generate([[1, 2, 3]], SamplingParams(max_tokens=30))
     with pytest.raises(TypeError, match="SamplingParams"):
         engine.generate([[1]], dict(n=1))
+    with pytest.raises(TypeError, match="list of token-id lists, got str"):
+        engine.generate("12", SamplingParams())
     with pytest.raises(ValueError, match="block_size"):
         Engine(model, block_size=0)
     with pytest.raises(ValueError, match="memory_fraction"):

@@ -62,7 +62,8 @@ def _validate_shared(shared, q, block_tables, context_lens, k_cache, check_bound
     ptr, rows, prefix, row_start = (t.cpu().numpy().astype(np.int64) for t in shared)
     tables, ctx = block_tables.cpu().numpy(), context_lens.cpu().numpy().astype(np.int64)
     if ptr[0] != 0 or (np.diff(ptr) < 0).any() or ptr[-1] > len(rows):
-        raise ValueError("paged_decode_attention: shared_prefix.tile_ptr must rise from 0 to at most len(tile_rows)")
+        raise ValueError(f"paged_decode_attention: shared_prefix.tile_ptr must rise from 0 to at most "
+                         f"len(tile_rows)={len(rows)}, got {ptr.tolist()}")
     members = rows[: ptr[-1]]
     if len(members) and (members.min() < 0 or members.max() >= n or len(np.unique(members)) != len(members)):
         raise ValueError(f"paged_decode_attention: shared_prefix.tile_rows must be distinct rows in [0, {n})")

@@ -67,7 +67,9 @@ def shared_block_tiles(block_tables: np.ndarray, context_lens: np.ndarray, block
     inside = np.arange(cols) < (-(-ctx // block_size))[:, None]
     ids = t[inside]
     if ids.min() < 0:
-        raise ValueError("find_shared_prefixes: block_tables hold negative block ids inside the contexts")
+        row, col = (int(i[0]) for i in np.nonzero(inside & (t < 0)))
+        raise ValueError(f"find_shared_prefixes: block_tables[{row}, {col}] = {int(t[row, col])} is a negative block "
+                         f"id inside row {row}'s context of {int(ctx[row])} tokens")
     # rows holding each entry's block: a count per id when ids are as dense as a real pool's, else by sorting
     if ids.max() <= 16 * ids.size + 4096:
         held = np.bincount(ids)[ids]

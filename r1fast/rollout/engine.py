@@ -196,7 +196,7 @@ class Engine:
         if not isinstance(params, SamplingParams):
             raise TypeError(f"generate: params must be a SamplingParams, got {type(params).__name__}")
         if isinstance(prompts, (str, bytes)) or not isinstance(prompts, (list, tuple)):
-            raise TypeError("generate: prompt_token_ids must be a list of token-id lists")
+            raise TypeError(f"generate: prompt_token_ids must be a list of token-id lists, got {type(prompts).__name__}")
         vocab = self.config.vocab_size
         bad_stop = [t for t in params.stop_token_ids if not 0 <= t < vocab]
         if bad_stop:
