@@ -432,12 +432,13 @@ def run_suite(s: Suite, size: str, device: torch.device, machine: Machine, timer
 # ---------------------------------------------------------------- output
 
 
-def _fmt(x: float, digits: int = 3) -> str:
+def _fmt(x: float | None) -> str:
+    """x for the table: three significant digits (whole numbers from 1000 to 1e6); "-" when missing or not finite."""
     if x is None or (isinstance(x, float) and not math.isfinite(x)):
         return "-"
     if abs(x) >= 1e6 or (abs(x) < 1e-2 and x != 0):
-        return f"{x:.{digits - 1}e}"
-    return f"{x:.{digits}g}" if abs(x) < 1000 else f"{x:,.0f}"
+        return f"{x:.2e}"
+    return f"{x:.3g}" if abs(x) < 1000 else f"{x:,.0f}"
 
 
 def format_table(rows: list[dict]) -> str:
