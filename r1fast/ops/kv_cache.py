@@ -95,11 +95,7 @@ def _store_kv_torch(key, value, k_cache, v_cache, slot_mapping):
 def _store_kv_triton(key, value, k_cache, v_cache, slot_mapping):
     from r1fast.kernels import kv_cache as kernel
 
-    # Triton launches on the *current* device: make it the cache's.
-    if k_cache.is_cuda:
-        with torch.cuda.device(k_cache.device):
-            kernel.store_kv(key, value, k_cache, v_cache, slot_mapping)
-    else:
+    with backends.on_device(k_cache.device):
         kernel.store_kv(key, value, k_cache, v_cache, slot_mapping)
 
 

@@ -119,10 +119,8 @@ def _sample_triton(logits, params, u):
         return _sample_torch(logits, params, u)
     from r1fast.kernels import sampling as kernel
 
-    if logits.is_cuda:  # Triton launches on the current device: make it the logits'
-        with torch.cuda.device(logits.device):
-            return kernel.sample(logits, u, params.temperature, params.min_p)
-    return kernel.sample(logits, u, params.temperature, params.min_p)
+    with backends.on_device(logits.device):
+        return kernel.sample(logits, u, params.temperature, params.min_p)
 
 
 def sample_tokens(logits, params, u=None, *, backend: str | None = None,
