@@ -705,6 +705,20 @@ def test_r1fast_generation_must_be_a_bool(tmp_path, model_dirs, value):
                           r1fast_generation=value)
 
 
+def test_r1fast_generation_engine_keeps_to_the_models_sequence_length(tmp_path, model_dirs):
+    # the drop-in read max_sequence_length from the transformers config (r1fast's ModelConfig has it, Qwen2Config
+    # not): r1fast_generation=True failed in __init__ with AttributeError
+    tokenizer = AutoTokenizer.from_pretrained(model_dirs["untied"])
+    for change, length in (({}, 512), ({"use_sliding_window": True, "sliding_window": 16,
+                                       "layer_types": ["sliding_attention"] * 2}, 16)):
+        model = AutoModelForCausalLM.from_pretrained(model_dirs["untied"], dtype=torch.float32, **change)
+        trainer = r1trl.GRPOTrainer(model=model, reward_funcs=char_reward, args=_config(tmp_path),
+                                    train_dataset=Dataset.from_dict({"prompt": PROMPTS}), processing_class=tokenizer,
+                                    r1fast_generation=True)
+        assert model.config.max_position_embeddings == 512
+        assert trainer.r1fast_rollout.engine.max_model_len == length
+
+
 def _loss_and_grads_in(trainer, inputs, train, accumulation):
     trainer.model.train(train)
     trainer.model.zero_grad()

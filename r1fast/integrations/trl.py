@@ -296,7 +296,9 @@ class GRPOTrainer(trl.GRPOTrainer):
         groups = max(self.num_generations, self.num_generations_eval or 0)
         # generation_batch_size is global: this process generates its share of it
         share = (self.args.generation_batch_size or groups) // max(self.accelerator.num_processes, 1)
-        engine = dict(max_num_seqs=max(groups, min(share, 1024)), max_model_len=model.config.max_sequence_length,
+        # max_model_len: the Engine's default, r1fast's ModelConfig.max_sequence_length (this model's config is
+        # transformers', which has no such attribute)
+        engine = dict(max_num_seqs=max(groups, min(share, 1024)),
                       # The KV pool is made now, before the optimizer's state exists: sized for every seat's
                       # completion after a prompt of up to PROMPT_TOKENS_PER_SEAT, not for the model's whole
                       # context (longer prompts preempt: slower, same outputs)
