@@ -110,6 +110,12 @@ class DecoderLayer(nn.Module):
         return x, self.mlp(h)
 
 
+def _longest_context(packed) -> int:
+    """The most keys a query of the packed batch attends to: its sequence plus the prefix it continues."""
+    prefixes = packed.prefix_of or [-1] * len(packed.lengths)
+    return max(n + (packed.lengths[p] if p >= 0 else 0) for n, p in zip(packed.lengths, prefixes))
+
+
 class CausalLM(nn.Module):
     """Decoder-only LM. `forward` returns the final (normed) hidden states [T, H] of a packed batch;
     the vocabulary projection is left to the caller (`lm_head_weight`, `logits`)."""
@@ -281,8 +287,7 @@ class CausalLM(nn.Module):
         window (its own sequence plus the prefix it continues)."""
         if self.sliding_window is None or packed is None:
             return
-        prefixes = packed.prefix_of or [-1] * len(packed.lengths)
-        longest = max(n + (packed.lengths[p] if p >= 0 else 0) for n, p in zip(packed.lengths, prefixes))
+        longest = _longest_context(packed)
         if longest > self.sliding_window:
             raise ValueError(f"a sequence of {longest} tokens exceeds config.json's sliding_window "
                              f"({self.sliding_window}): r1fast runs full attention, equal to transformers' "
@@ -296,8 +301,7 @@ class CausalLM(nn.Module):
         if position_ids is not None:
             highest = int(position_ids.max())  # a host sync, paid by dynamic-rope models only
         else:
-            prefixes = packed.prefix_of or [-1] * len(packed.lengths)
-            highest = max(n + (packed.lengths[p] if p >= 0 else 0) for n, p in zip(packed.lengths, prefixes)) - 1
+            highest = _longest_context(packed) - 1
         if highest >= limit:
             raise ValueError(f"position {highest} reaches max_position_embeddings ({limit}), where transformers' "
                              f"dynamic rope rescales its frequencies; r1fast implements it only below that")
