@@ -607,8 +607,8 @@ _EXTREMES = {"is_weight/min": min, "is_weight/max": max, "clip_ratio/low_min": m
 def _clip_extremes(stats: dict, active: torch.Tensor, advantages: torch.Tensor, opts) -> dict[str, torch.Tensor]:
     """TRL's clip_ratio/low_min and high_max of one micro-batch, taking the op's per-row counts out of `stats`:
     the extremes over its sequences of each one's clipped fraction (ops.per_sequence_clip_fractions, as
-    r1fast's TRL drop-in logs them), a sequence without trained tokens left out. cispo has none (TRL
-    logs its cispo_clip_ratio alone)."""
+    r1fast's TRL drop-in logs them), a sequence without trained tokens left out at token level (at sequence
+    level it counts as unclipped, TRL's ratio 1). cispo has none (TRL logs its cispo_clip_ratio alone)."""
     from r1fast import ops
 
     rows = {k: stats.pop(k) for k in ("rows/clip_low", "rows/clip_high")}
