@@ -3,9 +3,9 @@
 Each kernel here has a plain-torch twin in r1fast.reference and is reached through r1fast.ops.
 Keep them interpreter-safe (TRITON_INTERPRET=1 on CPU): no libdevice, no inline asm.
 """
-import os as _os
+from r1fast.backends import triton_interpreted as _triton_interpreted
 
-if _os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+if _triton_interpreted():
     from r1fast.kernels._interpreter_compat import patch_interpreter_index
 
     patch_interpreter_index()
