@@ -299,7 +299,7 @@ def _template_variables(template: str) -> Optional[set]:
         return None
 
 
-def check_template_kwargs(tokenizer, chat_template_kwargs: Optional[dict], where: str = "dataset"):
+def warn_unread_template_kwargs(tokenizer, chat_template_kwargs: Optional[dict], where: str = "dataset"):
     """Warns of chat_template_kwargs that change nothing: a tokenizer without a chat template, or keys its
     template never reads (a misspelt `enable_thinkng` is ignored by Jinja, and the model thinks on)."""
     if not chat_template_kwargs:
@@ -338,7 +338,7 @@ def check_prompts(rows: Sequence[dict], column: str, tokenizer, system_prompt: O
     the row before training, not when a step first draws it (GRPO encodes its prompts as it goes)."""
     has_template = bool(getattr(tokenizer, "chat_template", None))
     empty_ok = has_template or bool(tokenizer("").input_ids)
-    check_template_kwargs(tokenizer, chat_template_kwargs, where)
+    warn_unread_template_kwargs(tokenizer, chat_template_kwargs, where)
     # a prompt already rendered by the template (as TRL takes a string prompt: as it is) would be rendered
     # again inside a user turn: two BOS, two system headers, the generation prompt in the question. The
     # template's default rendering too: a prompt templated by hand seldom passed Qwen3's enable_thinking.
