@@ -113,9 +113,9 @@ def cases(size, device):
     flops, params = _flops(cfg, lengths)
     elt = torch.finfo(dtype).bits // 8
     nbytes = 3 * params * elt  # weights read forward and backward, gradients written once
-    from r1fast.models.attention import _flash_attn_varlen
+    from r1fast.ops.attention import flash_attn_varlen
 
-    attention = "flash-attn" if device.type == "cuda" and _flash_attn_varlen() is not None else "sdpa"
+    attention = "flash-attn" if device.type == "cuda" and flash_attn_varlen() is not None else "sdpa"
     impls = [Impl("r1fast", attention, _r1fast(cfg, lengths, dtype, device)),
              Impl("transformers", "hf packed", _transformers(cfg, lengths, dtype, device), requires=("transformers",)),
              Impl("transformers", "hf padded", _transformers(cfg, lengths, dtype, device, padded=True),

@@ -17,12 +17,11 @@ read once per sample, its MLP and projections computed once).
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import torch
 from torch.nn import functional as F
 
-from r1fast.ops.attention import torch_varlen_attn, varlen_ready
+from r1fast.ops.attention import flash_attn_varlen, torch_varlen_attn, varlen_ready
 
 
 @dataclasses.dataclass
@@ -158,15 +157,6 @@ def _cumsum(xs):
 _SDPA_HAS_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)  # enable_gqa= appeared in 2.5
 
 
-@functools.lru_cache(maxsize=None)
-def _flash_attn_varlen():
-    try:
-        from flash_attn import flash_attn_varlen_func
-    except Exception:
-        return None
-    return flash_attn_varlen_func
-
-
 def varlen_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packed: PackedBatch,
                             scale: float) -> torch.Tensor:
     """q [T, Hq, D], k/v [T, Hkv, D] -> [T, Hq, D], causal within each packed sequence (after its
@@ -235,7 +225,7 @@ def prefix_attention_keeps_pace(device, dtype, heads: int, kv_heads: int, head_d
     only on a GPU whose torch varlen kernel serves training but not queries shorter than their keys
     (there the prefix path would loop over sequences while the plain one makes one call)."""
     device = torch.device(device)
-    if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16) or _flash_attn_varlen() is not None:
+    if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16) or flash_attn_varlen() is not None:
         return True
     q = torch.empty(1, heads, head_dim, device=device, dtype=dtype)
     k = torch.empty(1, kv_heads, head_dim, device=device, dtype=dtype)
@@ -248,7 +238,7 @@ def _one_varlen_call(q, k, v, cu_q, cu_k, max_q, max_k, scale, prefix: bool):
     sequences have more keys than queries); None where neither serves (CPU, fp32, no kernel)."""
     if not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
         return None
-    flash = _flash_attn_varlen()
+    flash = flash_attn_varlen()
     if flash is not None:
         return flash(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p=0.0, softmax_scale=scale, causal=True)
     if varlen_ready(q, k, prefix=prefix, grad=True):

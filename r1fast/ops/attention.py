@@ -484,6 +484,7 @@ def varlen_ready(q, k, prefix: bool = False, grad: bool | None = None) -> bool:
 
 @functools.lru_cache(maxsize=None)
 def flash_attn_varlen():
+    """flash-attn's `flash_attn_varlen_func` where the package imports, else None (looked up once)."""
     try:
         from flash_attn import flash_attn_varlen_func
     except Exception:
