@@ -93,6 +93,21 @@ def test_cli_errors_are_clear(tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit, match=r"unknown pipeline key.*bogus.*<stage>\.<option>"):
         main(["train", "--bogus", "1"])
     assert main(["train", "--help"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    # GRPOConfig's options with defaults, required first; the default pipeline still said
+    assert "GRPOConfig's, with defaults: model_name_or_path (required), dataset (required), learning_rate=1e-06" in out
+    assert all(s in out for s in ("num_generations=8", "fp8_grad_dtype='e5m2'", "embedded default pipeline",
+                                  "docs/training.md", "--resume [PATH]"))
+    assert "SFTConfig" not in out and "SampleConfig" not in out
+    assert main(["sft", "--help"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "SFTConfig's, with defaults: model_name_or_path (required)" in out and "max_length=1024" in out
+    assert "GRPOConfig" not in out
+    assert main(["pipeline", "--help"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    # a pipeline's top-level keys are its own, not "GRPOConfig / SFTConfig / SampleConfig fields"
+    assert "<stage>.<key>=value sets one stage's option" in out and "model, name, num_threads" in out
+    assert "Config fields" not in out
     # the configs r1fast ships, by name from any directory (found: the run stops at the bad key instead)
     for cmd, name in (("train", "r1_pipeline"), ("pipeline", "distill.yaml"), ("train", "r1fast/configs/default.yaml")):
         with pytest.raises(SystemExit, match=r"unknown pipeline key.*bogus"):

@@ -21,35 +21,71 @@ import sys
 
 from r1fast.trainer.config import ConfigError, resolve_config_path
 
-_EPILOG = ("options: --key value | --key=value | key=value (GRPOConfig / SFTConfig / SampleConfig fields; "
-           "<stage>.<key>=value for a pipeline).")
-_RESUME = {"train": " --resume [PATH] continues from the newest checkpoint (or PATH: a checkpoint or run folder; "
+_RESUME = {"train": "--resume [PATH] continues from the newest checkpoint (or PATH: a checkpoint or run folder; "
                     "for a pipeline, its run folder).",
-           "sft": " --resume [PATH] continues from the newest checkpoint (or PATH).",
-           "sample": " --resume continues a run stopped by Ctrl-C/SIGTERM (which keeps what it sampled in "
+           "sft": "--resume [PATH] continues from the newest checkpoint (or PATH).",
+           "sample": "--resume continues a run stopped by Ctrl-C/SIGTERM (which keeps what it sampled in "
                      "OUTPUT_FILE.sample_progress.json), writing what one uninterrupted run writes.",
-           "pipeline": " --resume [RUN_DIR] skips finished stages and resumes the unfinished one from its last "
+           "pipeline": "--resume [RUN_DIR] skips finished stages and resumes the unfinished one from its last "
                        "checkpoint (RUN_DIR: default ./runs/<name>)."}
+_SYNTAX = "options: --key value | --key=value | key=value"
+_REQUIRED = {"model_name_or_path": " (required)", "dataset": " (required)"}
 
 
-def _options_help(config_cls, shown: dict[str, str]) -> str:
+def _options_help(config_cls, shown: dict[str, str], meanings: str) -> str:
     """A command's options with their defaults for its --help (`shown`: what follows some names instead of
-    "=default"); the generic note named three config classes and a pipeline's syntax, not its options."""
+    "=default"; `meanings`: the docs section that explains them). The required ones come first."""
     import dataclasses
 
     cfg = config_cls()
-    values = [f.name + shown.get(f.name, f"={getattr(cfg, f.name)!r}") for f in dataclasses.fields(cfg)]
-    return (f"options: --key value | --key=value | key=value; {config_cls.__name__}'s, with defaults: "
-            f"{', '.join(values)}.")
+    names = sorted((f.name for f in dataclasses.fields(cfg)), key=lambda n: n not in _REQUIRED)  # stable
+    values = [n + shown.get(n, f"={getattr(cfg, n)!r}") for n in names]
+    return (f"{_SYNTAX}; {config_cls.__name__}'s, with defaults: {', '.join(values)}.\n\n"
+            f"What each option means: docs/training.md, \"{meanings}\".")
+
+
+def _train_epilog() -> str:
+    from r1fast.trainer.config import GRPOConfig
+
+    return (_options_help(GRPOConfig, _REQUIRED, "GRPO on your model") + "\n\n"
+            "With no CONFIG.yaml and neither model_name_or_path nor dataset, it runs the embedded default pipeline "
+            "(r1fast/configs/default.yaml); with a pipeline YAML, that pipeline: their options are a pipeline's "
+            "(r1fast pipeline --help).")
+
+
+def _sft_epilog() -> str:
+    from r1fast.trainer.config import SFTConfig
+
+    return _options_help(SFTConfig, _REQUIRED, "SFT, rejection sampling, pipelines")
 
 
 def _sample_epilog() -> str:
     from r1fast.trainer.config import SampleConfig
 
-    needed = " (required)"
-    return _options_help(SampleConfig, {"model_name_or_path": needed, "dataset": needed,
-                                        "output_file": "=runs/sample/samples.jsonl",
-                                        "reward_thresholds": "=[1.0 per reward]"})
+    return _options_help(SampleConfig, {**_REQUIRED, "output_file": "=runs/sample/samples.jsonl",
+                                        "reward_thresholds": "=[1.0 per reward]"},
+                         "SFT, rejection sampling, pipelines")
+
+
+def _pipeline_epilog() -> str:
+    from r1fast.trainer.pipeline import _STAGE_FIELDS, _TOP_KEYS
+
+    own = ", ".join(_STAGE_FIELDS)
+    top = ", ".join(sorted(_TOP_KEYS - {"stages", "description"}))
+    return (f"{_SYNTAX}: <stage>.<key>=value sets one stage's option (a field of its type's config: r1fast sft / "
+            f"train / sample --help) or its own {own}; <key>=value sets a pipeline key: {top}. What each means: "
+            f"docs/training.md, \"SFT, rejection sampling, pipelines\".")
+
+
+_EPILOGS = {"train": _train_epilog, "sft": _sft_epilog, "sample": _sample_epilog, "pipeline": _pipeline_epilog}
+
+
+class _Paragraphs(argparse.HelpFormatter):
+    """Wraps a description or epilog paragraph by paragraph (blank lines between them kept); argparse's own
+    formatter runs them into one block."""
+
+    def _fill_text(self, text, width, indent):
+        return "\n\n".join(super(_Paragraphs, self)._fill_text(p, width, indent) for p in text.split("\n\n"))
 
 
 def _split(rest: list[str]) -> tuple[str | None, list[str], str | bool | None]:
@@ -337,9 +373,11 @@ def _cmd_plot(args):
     return 0
 
 
-def _with_help(parser, func):
+def _with_help(parser, func, epilog):
     def run(args):
         if any(a in ("-h", "--help") for a in args.rest):
+            # built here, not with the parser: the config classes import torch, seconds every `r1fast` call paid
+            parser.epilog = epilog()
             parser.print_help()
             return 0
         return func(args)
@@ -350,12 +388,11 @@ def add_commands(subparsers):
     def add(name, help_, func, usage):
         # "--key value" overrides are free-form, so argparse must not read "-" as an option prefix
         # here; -h/--help is handled by _with_help.
-        epilog = (_sample_epilog() if name == "sample" else _EPILOG) + _RESUME.get(name, "")
-        p = subparsers.add_parser(name, help=help_, description=help_, epilog=epilog,
-                                  usage=usage,
+        p = subparsers.add_parser(name, help=help_, description=help_, usage=usage, formatter_class=_Paragraphs,
                                   prefix_chars="+", add_help=False)
         p.add_argument("rest", nargs="*", help=argparse.SUPPRESS)
-        p.set_defaults(func=_with_help(p, _guarded(name, func, resumable=name in _RESUME)))
+        p.set_defaults(func=_with_help(p, _guarded(name, func, resumable=name in _RESUME),
+                                       lambda: _EPILOGS[name]() + "\n\n" + _RESUME[name]))
         return p
 
     add("train", "GRPO training; with no arguments, the embedded default (cold-start SFT then GRPO on CPU); "
