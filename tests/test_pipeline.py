@@ -116,6 +116,17 @@ def test_cli_errors_are_clear(tmp_path, capsys, monkeypatch):
         main(["train", "r1_pipelin"])
 
 
+def test_cli_start_up_imports_no_torch():
+    """`r1fast --help` built every command's help: the trainers and torch came with it, 2.5 s of 2.6."""
+    import subprocess
+    import sys
+
+    code = ("import sys, r1fast.cli; r1fast.cli.build_parser(); "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
+    assert res.returncode == 0, res.stderr
+
+
 def test_cli_grpo_yaml_and_plot(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cfg = tmp_path / "g.yaml"

@@ -1,6 +1,17 @@
-"""Training: GRPO (r1fast.GRPOTrainer / GRPOConfig), SFT, rejection sampling, multi-stage pipelines."""
-from r1fast.trainer.config import ConfigError, GRPOConfig, SampleConfig, SFTConfig
-from r1fast.trainer.grpo import GRPOTrainer
-from r1fast.trainer.sft import SFTTrainer
+"""Training: GRPO (r1fast.GRPOTrainer / GRPOConfig), SFT, rejection sampling, multi-stage pipelines.
+
+The names load on first use: the `r1fast` command imports r1fast.trainer.cli, and importing the
+trainers (torch with them) cost every `r1fast --help` or `r1fast info` seconds."""
+import importlib
+
+_LAZY_NAMES = {"ConfigError": "config", "GRPOConfig": "config", "SampleConfig": "config", "SFTConfig": "config",
+               "GRPOTrainer": "grpo", "SFTTrainer": "sft"}
+
+
+def __getattr__(name):
+    if name in _LAZY_NAMES:
+        return getattr(importlib.import_module(f"r1fast.trainer.{_LAZY_NAMES[name]}"), name)
+    raise AttributeError(f"module 'r1fast.trainer' has no attribute {name!r}")
+
 
 __all__ = ["ConfigError", "GRPOConfig", "SampleConfig", "SFTConfig", "GRPOTrainer", "SFTTrainer"]
