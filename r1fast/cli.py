@@ -83,18 +83,32 @@ def _cmd_bench(args):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="r1fast", description="GRPO engine with fused Triton and CUDA kernels")
+    from r1fast import __version__
+
+    p = argparse.ArgumentParser(
+        prog="r1fast", description="GRPO engine with fused Triton and CUDA kernels",
+        epilog="r1fast COMMAND --help shows a command's options. To start: r1fast info (what this machine runs), "
+               "then r1fast train (the embedded default: a tiny model, minutes on a CPU). Docs: README.md, "
+               "docs/training.md.")
+    p.add_argument("--version", action="version", version=f"r1fast {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     info = sub.add_parser("info", help="versions, GPU, what r1fast._C was built with, optional packages")
     info.set_defaults(func=_cmd_info)
 
-    bench = sub.add_parser("bench", help="run benchmark suites (r1fast bench --list)")
+    bench = sub.add_parser("bench", help="run benchmark suites (r1fast bench --list)",
+                           description="Time r1fast's kernels and trainer against torch and other libraries; "
+                                       "the table gives each one's time, r1fast's speed-up and, where one is known, "
+                                       "%floor: the floor (the time the bytes moved or FLOPs take at this machine's "
+                                       "measured bandwidth or matmul rate) over the time measured. See "
+                                       "bench/README.md.")
     bench.add_argument("suites", nargs="*", help="suite names (default: all); with --plot, CSV files")
-    bench.add_argument("--size", choices=["smoke", "gpu"], default="smoke")
+    bench.add_argument("--size", choices=["smoke", "gpu"], default="smoke",
+                       help="smoke: small shapes, any device, seconds a suite (default); gpu: real model shapes "
+                            "(Qwen2.5-1.5B's for the model suites), needs CUDA")
     bench.add_argument("--out", default=None, help="results directory (default ./bench-results)")
     bench.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    bench.add_argument("--budget", type=float, default=None, help="seconds of repeats per implementation")
+    bench.add_argument("--budget", type=float, default=None, help="seconds of repeats per implementation (default 2 on CUDA, 0.5 on the CPU)")
     bench.add_argument("--list", action="store_true", help="list suites and exit")
     bench.add_argument("--plot", action="store_true", help="draw a PNG from result CSVs (default: the newest)")
     bench.add_argument("--table", action="store_true",

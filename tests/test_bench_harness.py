@@ -85,6 +85,20 @@ def test_info_and_bench_list_commands(capsys):
     assert "kv_cache" in capsys.readouterr().out
 
 
+def test_top_level_and_bench_help_say_where_to_start(capsys):
+    """`r1fast --help` gave no version and no next step; `bench --help` left --size's choices and %floor unsaid."""
+    import r1fast
+
+    for argv in (["--help"], ["--version"], ["bench", "--help"]):
+        with pytest.raises(SystemExit) as stop:
+            cli_main(argv)
+        assert stop.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "r1fast COMMAND --help shows a command's options" in out and "then r1fast train" in out
+    assert f"r1fast {r1fast.__version__}" in out
+    assert "smoke: small shapes" in out and "gpu: real model shapes" in out and "%floor: the floor" in out
+
+
 def test_bench_table_and_plot_errors_are_one_line(tmp_path, monkeypatch):
     # Each was a traceback: --table on a missing file (FileNotFoundError), --plot without matplotlib
     # (ModuleNotFoundError; `r1fast plot` said what to install), --plot of a CSV with no timings (ValueError).

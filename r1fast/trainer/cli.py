@@ -404,7 +404,8 @@ def add_commands(subparsers):
         _cmd_sample, "r1fast sample [CONFIG.yaml] [--resume] [--key value ...]")
     add("pipeline", "multi-stage run: cold start -> RL -> rejection sampling + SFT -> RL, distillation",
         _cmd_pipeline, "r1fast pipeline CONFIG.yaml [--resume [RUN_DIR]] [<stage>.<key>=value ...]")
-    plot = subparsers.add_parser("plot", help="PNG curves (reward, accuracy, KL, length, entropy, loss) of a run")
+    plot_help = "PNG curves (reward, accuracy, KL, length, entropy, loss) of a run"
+    plot = subparsers.add_parser("plot", help=plot_help, description=plot_help + " (a single run's or a pipeline's)")
     plot.add_argument("run_dir", help="a run folder holding metrics.jsonl")
     plot.add_argument("--out", default=None, help="PNG path (default RUN_DIR/curves.png)")
     plot.set_defaults(func=_guarded("plot", _cmd_plot, resumable=False))
