@@ -618,6 +618,7 @@ def _clip_extremes(stats: dict, active: torch.Tensor, advantages: torch.Tensor, 
     return {"clip_ratio/low_min": torch.where(low.isnan(), math.inf, low).min(),
             "clip_ratio/high_max": torch.where(high.isnan(), -math.inf, high).max()}
 
+
 _STOP_SIGNALS = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}  # SIGTERM: a scheduler's job end, `kill`
 
 
