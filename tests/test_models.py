@@ -477,6 +477,17 @@ def test_torch_varlen_attn_is_called_causal_with_gqa_handled(fake_varlen, new_ap
     assert max_rel_err(out, naive_packed_attention(q, k, v, lengths, 0.3).float()) <= 1e-5
 
 
+def test_training_attention_path_names_the_kernel_that_runs(monkeypatch):
+    # the model bench labelled r1fast's attention "sdpa" on any GPU without flash-attn, where torch's varlen
+    # kernel runs (the torch-varlen answer needs a CUDA tensor for its probe: the GPU run shows it)
+    from r1fast.models import attention
+
+    assert attention.training_attention_path("cpu", torch.bfloat16, 4, 2, 8) == "sdpa"
+    assert attention.training_attention_path("cuda", torch.float32, 4, 2, 8) == "sdpa"
+    monkeypatch.setattr(attention, "flash_attn_varlen", lambda: object())
+    assert attention.training_attention_path("cuda", torch.bfloat16, 4, 2, 8) == "flash-attn varlen"
+
+
 def test_varlen_probe_checks_alignment_backward_and_reraises_oom(fake_varlen, monkeypatch):
     q, k = torch.randn(5, 4, 8), torch.randn(5, 2, 8)
     ops_attention = fake_varlen(_fake_varlen_attn(True, True, aligned="top_left"))

@@ -113,9 +113,11 @@ def cases(size, device):
     flops, params = _flops(cfg, lengths)
     elt = torch.finfo(dtype).bits // 8
     nbytes = 3 * params * elt  # weights read forward and backward, gradients written once
-    from r1fast.ops.attention import flash_attn_varlen
+    from r1fast.models.attention import training_attention_path
 
-    attention = "flash-attn" if device.type == "cuda" and flash_attn_varlen() is not None else "sdpa"
+    # the label names the kernel that runs: on a GPU without flash-attn, torch's varlen one (torch >= 2.10)
+    attention = training_attention_path(device, dtype, cfg["num_attention_heads"], cfg["num_key_value_heads"],
+                                        cfg["hidden_size"] // cfg["num_attention_heads"])
     impls = [Impl("r1fast", attention, _r1fast(cfg, lengths, dtype, device)),
              Impl("transformers", "hf packed", _transformers(cfg, lengths, dtype, device), requires=("transformers",)),
              Impl("transformers", "hf padded", _transformers(cfg, lengths, dtype, device, padded=True),

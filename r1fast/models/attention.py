@@ -220,6 +220,19 @@ def sdpa_per_sequence(q, k, v, packed: PackedBatch, scale: float) -> torch.Tenso
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
 
 
+def training_attention_path(device, dtype, heads: int, kv_heads: int, head_dim: int) -> str:
+    """Which kernel packed training attention (varlen_causal_attention) runs here: "flash-attn varlen",
+    "torch varlen" (torch >= 2.10, where its probe passes) or "sdpa" (the CPU, fp32, or no varlen kernel)."""
+    device = torch.device(device)
+    if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
+        return "sdpa"
+    if flash_attn_varlen() is not None:
+        return "flash-attn varlen"
+    q = torch.empty(1, heads, head_dim, device=device, dtype=dtype)
+    k = torch.empty(1, kv_heads, head_dim, device=device, dtype=dtype)
+    return "torch varlen" if varlen_ready(q, k, prefix=False, grad=True) else "sdpa"
+
+
 def prefix_attention_keeps_pace(device, dtype, heads: int, kv_heads: int, head_dim: int) -> bool:
     """Whether attention over shared prefixes is as fast a path here as plain packed attention: false
     only on a GPU whose torch varlen kernel serves training but not queries shorter than their keys
