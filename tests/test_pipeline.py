@@ -1288,13 +1288,48 @@ def sigterm_on_call(tmp_path, monkeypatch, n: int):
     return stopper
 
 
-def sample_stage_spec(tmp_path, output_dir: str = "run", temperature: float = 1.0):
+def sigkill_on_call(tmp_path, monkeypatch):
+    """A reward function `killer:f` (1.0 for every sample) whose call number $KILL_AT sends its process
+    SIGKILL (an out-of-memory kill, a node failure, a scheduler past its KillWait): nothing runs after it."""
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "killer.py").write_text(
+        "import os, signal\ncalls = []\n"
+        "def f(prompts, completions, **kw):\n"
+        "    calls.append(len(completions))\n"
+        "    if len(calls) == int(os.environ.get('KILL_AT', 0)):\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    return [1.0] * len(completions)\n")
+    import importlib
+
+    import killer
+
+    return importlib.reload(killer)   # a fresh count for this test's own process
+
+
+def killed_subprocess(tmp_path, args: list[str], kill_at: int):
+    """`r1fast ARGS` in a process of its own, in tmp_path, SIGKILLed by killer:f's call `kill_at`."""
+    import signal
+    import subprocess
+    import sys
+
+    env = {**os.environ, "KILL_AT": str(kill_at),
+           "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}
+    res = subprocess.run([sys.executable, "-m", "r1fast", *args], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=120, check=False)
+    assert res.returncode == -signal.SIGKILL, res.stderr
+
+
+def progress_records(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def sample_stage_spec(tmp_path, output_dir: str = "run", temperature: float = 1.0, reward: str = "stopper:f"):
     spec = tmp_path / f"{output_dir}.yaml"
     spec.write_text(f"name: p\nmodel: builtin:micro\nprogress_bar: false\noutput_dir: {tmp_path / output_dir}\n"
                     "stages:\n"
                     "  - {name: rs, type: sample, dataset: builtin:arithmetic, num_rows: 8,\n"
                     "     config: {num_samples: 2, batch_prompts: 2, max_completion_length: 4, keep_truncated: true,\n"
-                    f"              temperature: {temperature}, reward_funcs: ['stopper:f'], reward_thresholds: [0]}}}}\n")
+                    f"              temperature: {temperature}, reward_funcs: ['{reward}'], reward_thresholds: [0]}}}}\n")
     return spec
 
 
@@ -1314,8 +1349,8 @@ def test_sigterm_in_a_sample_stage_keeps_its_batches_and_resume_continues_there(
     assert "interrupted stage 'rs' after 4 of 8 prompts (4 samples kept so far" in out
     assert err.strip() == f"r1fast pipeline: stopped; continue with: r1fast pipeline {spec} --resume"
     assert {s: signal.getsignal(s) for s in before} == before   # handlers restored
-    progress = json.loads((tmp_path / "run" / "rs" / "sample_progress.json").read_text())
-    assert progress["next_prompt"] == 4 and len(progress["rows"]) == 4
+    progress = progress_records(tmp_path / "run" / "rs" / "sample_progress.json")
+    assert progress[-1]["next_prompt"] == 4 and sum(len(r["rows"]) for r in progress[1:]) == 4
     assert main(["pipeline", str(spec), "--resume"]) == 0
     assert "stage 'rs' continues from prompt 5 of 8 (4 samples kept before)" in capsys.readouterr().out
     assert stopper.calls == [4] * 4   # 2 batches, then the other 2 only
@@ -1361,7 +1396,7 @@ def test_sigterm_in_r1fast_sample_keeps_its_batches_and_resume_writes_what_one_r
         a if "[" not in a else f"'{a}'" for a in args[1:]) + " output_file=kept.jsonl --resume"
     assert {s: signal.getsignal(s) for s in before} == before   # handlers restored
     assert not (tmp_path / "kept.jsonl").exists()   # no output that looks complete
-    assert json.loads((tmp_path / "kept.jsonl.sample_progress.json").read_text())["next_prompt"] == 2
+    assert progress_records(tmp_path / "kept.jsonl.sample_progress.json")[-1]["next_prompt"] == 2
     with pytest.raises(SystemExit, match=r"kept.jsonl.sample_progress.json holds what a stopped run kept for "
                                          r"kept.jsonl. Type\n.* output_file=kept.jsonl --resume    to continue it"):
         main([*args, "output_file=kept.jsonl"])   # a new run would lose it
@@ -1373,6 +1408,88 @@ def test_sigterm_in_r1fast_sample_keeps_its_batches_and_resume_writes_what_one_r
     assert main([*args, "output_file=whole.jsonl"]) == 0
     assert (tmp_path / "whole.jsonl").read_bytes() == (tmp_path / "kept.jsonl").read_bytes()
     assert len((tmp_path / "whole.jsonl").read_text().splitlines()) == 4
+
+
+def sample_args(output_file: str, reward: str = "stopper:f", prompts: int = 4) -> list[str]:
+    return ["sample", "model_name_or_path=builtin:micro", "dataset=builtin:arithmetic", f"max_prompts={prompts}",
+            "num_samples=2", "batch_prompts=2", "max_completion_length=4", "keep_truncated=true",
+            f"reward_funcs=[{reward}]", "reward_thresholds=[0]", "progress_bar=false", f"output_file={output_file}"]
+
+
+def test_sigkill_in_r1fast_sample_keeps_its_finished_batches_and_resume_writes_what_one_run_writes(
+        tmp_path, monkeypatch, capsys):
+    # its progress was saved only on Ctrl-C/SIGTERM: a SIGKILL (out of memory, a node failure, Slurm past
+    # KillWait) lost every prompt sampled. Each batch's rows are now appended to the progress file as it ends.
+    monkeypatch.chdir(tmp_path)
+    killer = sigkill_on_call(tmp_path, monkeypatch)
+    killed_subprocess(tmp_path, sample_args("kept.jsonl", "killer:f", prompts=6), kill_at=3)   # in the 3rd batch
+    assert not (tmp_path / "kept.jsonl").exists()
+    records = progress_records(tmp_path / "kept.jsonl.sample_progress.json")
+    assert [r.get("next_prompt") for r in records] == [None, 2, 4]   # the header, then 2 batches
+    assert main([*sample_args("kept.jsonl", "killer:f", prompts=6), "--resume"]) == 0
+    assert "sampling continues from prompt 5 of 6 (4 samples kept before)" in capsys.readouterr().out
+    assert killer.calls == [4]   # the last batch only
+    assert not (tmp_path / "kept.jsonl.sample_progress.json").exists()
+    assert main(sample_args("whole.jsonl", "killer:f", prompts=6)) == 0
+    assert (tmp_path / "whole.jsonl").read_bytes() == (tmp_path / "kept.jsonl").read_bytes()
+    assert capsys.readouterr().out.splitlines()[-1].split(" →")[0] == "kept 6 of 12 samples from 6 prompts (pass " \
+                                                                      "rate 1.000; 12 cut at max_completion_length)"
+
+
+def test_a_progress_record_cut_short_by_a_kill_is_left_out_and_appended_over(tmp_path, monkeypatch, capsys,
+                                                                            sigterm_guard):
+    monkeypatch.chdir(tmp_path)
+    stopper = sigterm_on_call(tmp_path, monkeypatch, 1)
+    args = sample_args("kept.jsonl", prompts=6)
+    assert main(args) == 130   # after batch 1
+    progress = tmp_path / "kept.jsonl.sample_progress.json"
+    whole_record = progress.read_text().splitlines()[1]
+    with open(progress, "a") as f:
+        f.write(whole_record.replace('"next_prompt": 2', '"next_prompt": 4')[:40])   # killed writing batch 2
+    stopper.calls.clear()
+    stopper.STOP_AT = 1
+    assert main([*args, "--resume"]) == 130   # batch 2 again, appended on a line of its own
+    assert "sampling continues from prompt 3 of 6 (2 samples kept before)" in capsys.readouterr().out
+    assert [r.get("next_prompt") for r in progress_records(progress)] == [None, 2, 4]
+    stopper.STOP_AT = 0
+    assert main([*args, "--resume"]) == 0
+    assert stopper.calls == [4, 4]
+    assert main(sample_args("whole.jsonl", prompts=6)) == 0
+    assert (tmp_path / "whole.jsonl").read_bytes() == (tmp_path / "kept.jsonl").read_bytes()
+
+
+def test_a_progress_file_of_the_older_single_object_format_resumes(tmp_path, monkeypatch, capsys, sigterm_guard):
+    # an r1fast before the appended records wrote {"fingerprint", "next_prompt", "stats", "rows"} when stopped
+    monkeypatch.chdir(tmp_path)
+    stopper = sigterm_on_call(tmp_path, monkeypatch, 1)
+    args = sample_args("kept.jsonl", prompts=6)
+    assert main(args) == 130
+    progress = tmp_path / "kept.jsonl.sample_progress.json"
+    header, batch = progress_records(progress)
+    progress.write_text(json.dumps({"fingerprint": header["fingerprint"], **batch}))
+    stopper.calls.clear()
+    stopper.STOP_AT = 0
+    assert main([*args, "--resume"]) == 0
+    assert "sampling continues from prompt 3 of 6 (2 samples kept before)" in capsys.readouterr().out
+    assert stopper.calls == [4, 4]
+    assert main(sample_args("whole.jsonl", prompts=6)) == 0
+    assert (tmp_path / "whole.jsonl").read_bytes() == (tmp_path / "kept.jsonl").read_bytes()
+
+
+def test_sigkill_in_a_sample_stage_resumes_from_its_last_finished_batch(tmp_path, monkeypatch, capsys):
+    killer = sigkill_on_call(tmp_path, monkeypatch)
+    spec = sample_stage_spec(tmp_path, reward="killer:f")
+    killed_subprocess(tmp_path, ["pipeline", str(spec)], kill_at=3)
+    records = progress_records(tmp_path / "run" / "rs" / "sample_progress.json")
+    assert [r.get("next_prompt") for r in records] == [None, 2, 4]
+    assert main(["pipeline", str(spec), "--resume"]) == 0
+    assert "stage 'rs' continues from prompt 5 of 8 (4 samples kept before)" in capsys.readouterr().out
+    assert killer.calls == [4, 4]
+    assert main(["pipeline", str(sample_stage_spec(tmp_path, "whole", reward="killer:f"))]) == 0
+    assert (tmp_path / "whole" / "rs" / "samples.jsonl").read_bytes() == \
+        (tmp_path / "run" / "rs" / "samples.jsonl").read_bytes()
+    state = json.loads((tmp_path / "run" / "pipeline_state.json").read_text())
+    assert state["stages"]["rs"]["sample_stats"]["samples"] == 16
 
 
 def test_sigterm_in_the_evaluation_between_stages_stops_before_the_next(tmp_path, monkeypatch, capsys, sigterm_guard):

@@ -6,7 +6,7 @@
     r1fast train --resume                     continue the newest checkpoint of that run
     r1fast sft sft.yaml model_name_or_path=builtin:tiny dataset=data.jsonl
     r1fast sample sample.yaml output_file=kept.jsonl
-    r1fast sample sample.yaml output_file=kept.jsonl --resume     continue one stopped by Ctrl-C/SIGTERM
+    r1fast sample sample.yaml output_file=kept.jsonl --resume     continue one stopped or killed
     r1fast pipeline r1fast/configs/r1_pipeline.yaml
     r1fast plot runs/default
 Options after the config file are `--key value`, `--key=value` or `key=value`; for a pipeline,
@@ -24,7 +24,7 @@ from r1fast.trainer.config import ConfigError, resolve_config_path
 _RESUME = {"train": "--resume [PATH] continues from the newest checkpoint (or PATH: a checkpoint or run folder; "
                     "for a pipeline, its run folder).",
            "sft": "--resume [PATH] continues from the newest checkpoint (or PATH).",
-           "sample": "--resume continues a run stopped by Ctrl-C/SIGTERM (which keeps what it sampled in "
+           "sample": "--resume continues a run stopped or killed (it keeps what it sampled, batch by batch, in "
                      "OUTPUT_FILE.sample_progress.json), writing what one uninterrupted run writes.",
            "pipeline": "--resume [RUN_DIR] skips finished stages and resumes the unfinished one from its last "
                        "checkpoint (RUN_DIR: default ./runs/<name>)."}
@@ -287,8 +287,9 @@ def _cmd_sft(args):
 
 
 def _cmd_sample(args):
-    """Rejection sampling into output_file; the first Ctrl-C/SIGTERM stops it after its batch of prompts
-    with what it kept beside the output (sampling.progress_path), from which --resume continues."""
+    """Rejection sampling into output_file, keeping its progress beside the output after each batch of
+    prompts (sampling.progress_path), from which --resume continues after any kill; the first
+    Ctrl-C/SIGTERM stops it after its batch."""
     from r1fast.data import load_rows
     from r1fast.trainer import sampling
     from r1fast.trainer.common import resolve_device
@@ -304,13 +305,14 @@ def _cmd_sample(args):
     options = {k: v for k, v in cfg.to_json_dict().items() if k != "output_file"}   # the output names the file
     fingerprint = sampling.sample_fingerprint(options, [r.get(cfg.prompt_column) for r in rows],
                                               {"device": str(resolve_device(cfg.device))})
-    earlier = sampling.load_progress(progress_file, fingerprint, "sampling") if resume else None
+    log = sampling.SampleProgress(progress_file, fingerprint)
+    earlier = log.load("sampling") if resume else None
     with _stop_after_batch("finishing this batch of prompts and keeping what it sampled so far") as stop:
         kept, stats = sampling.rejection_sample(model, tok, rows, cfg, progress=cfg.progress_bar,
-                                                should_stop=lambda: stop._stop_requested, resume_from=earlier)
-    if "next_prompt" in stats:   # stopped after a batch of prompts
-        said = sampling.save_progress(progress_file, fingerprint, kept, stats, "sampling")
-        print(f"\nr1fast: {said}", flush=True)
+                                                should_stop=lambda: stop._stop_requested, resume_from=earlier,
+                                                on_batch=log.append)
+    if "next_prompt" in stats:   # stopped after a batch of prompts, which log.append kept
+        print(f"\nr1fast: {log.stopped(kept, stats, 'sampling')}", flush=True)
         raise KeyboardInterrupt   # _guarded says how to continue
     sampling.finish_samples(kept, out, progress_file)
     print(f"{sampling.summary(stats)} → {out}")

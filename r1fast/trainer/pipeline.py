@@ -490,14 +490,12 @@ class PipelineRunner:
         with replacing(self.state_path) as f:
             json.dump(self.state, f, indent=1)
 
-    def _stop_sample_stage(self, path: str, stage: Stage, rows: list[dict], kept: list[dict], stats: dict):
-        """A sample stage stopped after a batch of prompts: what it kept and where it was (sampling.save_progress),
-        then the run stops as a trainer's does."""
-        from r1fast.trainer.sampling import save_progress
-
-        said = save_progress(path, self._sample_fingerprint(stage, rows), kept, stats, f"stage {stage.name!r}")
+    def _stop_sample_stage(self, log, stage: Stage, kept: list[dict], stats: dict):
+        """A sample stage stopped after a batch of prompts (its progress `log` kept each batch): the run stops
+        as a trainer's does."""
         self.save_state()
-        print(f"\nr1fast: {said}; --resume continues from there", flush=True)
+        print(f"\nr1fast: {log.stopped(kept, stats, f'stage {stage.name!r}')}; --resume continues from there",
+              flush=True)
         raise KeyboardInterrupt   # the CLI says how to continue and exits with 130
 
     def _sample_fingerprint(self, stage: Stage, rows: list[dict]) -> str:
@@ -682,19 +680,20 @@ class PipelineRunner:
                 record["checkpoint"] = self._in_run(res["checkpoint"])
                 record["nonfinite_skipped"] = res["nonfinite_skipped"]
             else:
-                from r1fast.trainer.sampling import finish_samples, load_progress, rejection_sample, summary
+                from r1fast.trainer.sampling import SampleProgress, finish_samples, rejection_sample, summary
 
                 rows = self.stage_rows(stage, i, (cfg.prompt_column,))
                 progress_path = os.path.join(stage_dir, SAMPLE_PROGRESS)
-                earlier = (load_progress(progress_path, self._sample_fingerprint(stage, rows), f"stage {stage.name!r}")
-                           if resume else None)
+                log = SampleProgress(progress_path, self._sample_fingerprint(stage, rows))
+                earlier = log.load(f"stage {stage.name!r}") if resume else None
                 self._stop_if_requested(stage)
                 self._finishing = (f"finishing this batch of prompts of stage {stage.name!r} and keeping what it "
                                    f"sampled so far")
                 kept, stats = rejection_sample(model, tokenizer, rows, cfg, progress=p.progress_bar and cfg.progress_bar,
-                                               should_stop=lambda: self._stop_requested, resume_from=earlier)
-                if "next_prompt" in stats:   # stopped after a batch of prompts
-                    self._stop_sample_stage(progress_path, stage, rows, kept, stats)
+                                               should_stop=lambda: self._stop_requested, resume_from=earlier,
+                                               on_batch=log.append)
+                if "next_prompt" in stats:   # stopped after a batch of prompts, which log.append kept
+                    self._stop_sample_stage(log, stage, kept, stats)
                 path = cfg.output_file or os.path.join(stage_dir, "samples.jsonl")
                 finish_samples(kept, path, progress_path)
                 self.samples[stage.name] = kept

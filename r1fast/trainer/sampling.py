@@ -15,16 +15,19 @@ from r1fast.data.loading import (check_columns, check_prompts, continues_answer,
 from r1fast.rewards import RewardSet
 from r1fast.trainer.common import check_answer_column, check_prompt_room, reward_columns, reward_completions
 from r1fast.trainer.config import ConfigError, SampleConfig
-from r1fast.trainer.metrics import replacing
+from r1fast.trainer.metrics import replacing, writing
 
 
 def rejection_sample(model, tokenizer, rows: Sequence[dict], cfg: SampleConfig, *, progress: bool = True,
                      should_stop: Optional[Callable[[], bool]] = None,
-                     resume_from: Optional[dict] = None) -> tuple[list[dict], dict]:
-    """→ (kept rows, statistics). `should_stop` is asked after each batch of prompts: when it says
-    yes, the statistics hold `next_prompt`, where `resume_from` ({"next_prompt", "rows", "stats"}
-    of the stopped call) continues. Each batch's seed depends on its position alone, so the
-    continued call keeps what the uninterrupted one would."""
+                     resume_from: Optional[dict] = None,
+                     on_batch: Optional[Callable[[list[dict], dict], None]] = None) -> tuple[list[dict], dict]:
+    """→ (kept rows, statistics). After each batch of prompts `on_batch` is given the rows it kept and
+    the statistics so far, holding `next_prompt` (SampleProgress.append keeps them), and `should_stop`
+    is asked: when it says yes, the statistics returned hold `next_prompt` too. `resume_from`
+    ({"next_prompt", "rows", "stats"} of a stopped or killed call: SampleProgress.load) continues there.
+    Each batch's seed depends on its position alone, so the continued call keeps what the uninterrupted
+    one would."""
     from r1fast.rollout import Engine, SamplingParams
 
     cfg.validate()
@@ -100,8 +103,11 @@ def rejection_sample(model, tokenizer, rows: Sequence[dict], cfg: SampleConfig, 
             row["rewards"] = dict(zip(rewards.names, values))
             per_prompt.setdefault(i, []).append(row)
         prompts_with_any += len(per_prompt)
-        for i in sorted(per_prompt):
-            kept.extend(per_prompt[i])
+        batch = [row for i in sorted(per_prompt) for row in per_prompt[i]]
+        kept.extend(batch)
+        if on_batch is not None:
+            on_batch(batch, {**_statistics(len(rows), n_total, n_cut, n_pass, len(kept), prompts_with_any),
+                             "next_prompt": start + len(chunk)})
         if bar is not None:
             bar.set_postfix(pass_rate=f"{n_pass / max(n_total, 1):.2f}", kept=len(kept))
             bar.update(len(chunk))
@@ -110,11 +116,15 @@ def rejection_sample(model, tokenizer, rows: Sequence[dict], cfg: SampleConfig, 
             break
     if bar is not None:
         bar.close()
-    stats = {"prompts": len(rows), "samples": n_total, "truncated": n_cut, "passed": n_pass,
-             "pass_rate": n_pass / max(n_total, 1), "kept": len(kept), "prompts_kept": prompts_with_any}
+    stats = _statistics(len(rows), n_total, n_cut, n_pass, len(kept), prompts_with_any)
     if stopped_at is not None:
         stats["next_prompt"] = stopped_at
     return kept, stats
+
+
+def _statistics(prompts: int, samples: int, truncated: int, passed: int, kept: int, prompts_kept: int) -> dict:
+    return {"prompts": prompts, "samples": samples, "truncated": truncated, "passed": passed,
+            "pass_rate": passed / max(samples, 1), "kept": kept, "prompts_kept": prompts_kept}
 
 
 def summary(stats: dict) -> str:
@@ -160,10 +170,14 @@ def write_jsonl(rows: Sequence[dict], path: str):
             f.write(json.dumps(r, ensure_ascii=False, default=_json_value) + "\n")
 
 
-# A rejection sampling stopped by Ctrl-C/SIGTERM after a batch of prompts: the rows it kept so far, its
-# statistics and the next prompt, in one file (a pipeline's sample stage: <stage folder>/sample_progress.json;
-# `r1fast sample`: beside its output file, progress_path(output_file)).
+# The progress of a rejection sampling, kept as it goes so that any kill (Ctrl-C, SIGTERM, SIGKILL, out of
+# memory, a node failure) loses at most the batch of prompts it was sampling; a pipeline's sample stage keeps
+# it in <stage folder>/sample_progress.json, `r1fast sample` beside its output (progress_path(output_file)).
+# One JSON record a line, each appended, flushed and synced: the first {"r1fast_sample_progress": 2,
+# "fingerprint"}, then one per batch of prompts with the rows it kept, the next prompt and the running
+# statistics. Appending, not rewriting every row kept so far after each batch (quadratic in the run's length).
 SAMPLE_PROGRESS = "sample_progress.json"
+_PROGRESS_FORMAT = 2   # 1: one JSON object written when stopped ({"fingerprint", "next_prompt", "stats", "rows"})
 
 
 def progress_path(output_file: str) -> str:
@@ -180,41 +194,152 @@ def sample_fingerprint(options: dict, prompts: list, settings: dict) -> str:
     return hashlib.sha256(json.dumps([options, prompts, settings], sort_keys=True, default=str).encode()).hexdigest()
 
 
-def save_progress(path: str, fingerprint: str, kept: list[dict], stats: dict, who: str) -> str:
-    """A sampling stopped after a batch of prompts (`stats` hold `next_prompt`): what it kept and where it
-    was, in one file written whole (a kill mid-write keeps the earlier one). → the line that says so."""
-    n = stats["next_prompt"]
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with replacing(path) as f:
-        json.dump({"fingerprint": fingerprint, "next_prompt": n, "stats": stats, "rows": kept}, f,
-                  ensure_ascii=False, default=_json_value)
-    return f"interrupted {who} after {n} of {stats['prompts']} prompts ({len(kept)} samples kept so far, in {path})"
+class _Unreadable(ValueError):
+    pass
 
 
-def load_progress(path: str, fingerprint: str, who: str) -> Optional[dict]:
-    """What a stopped sampling kept (`save_progress`), when it sampled these prompts with these options:
-    rejection_sample's `resume_from`; else None, said: the sampling starts from its first prompt."""
-    if not os.path.exists(path):
-        return None
+class SampleProgress:
+    """The progress file of one sampling (`fingerprint`: sample_fingerprint). `load` reads what a stopped or
+    killed run of it kept; `append` (rejection_sample's `on_batch`) records each batch of prompts, after the
+    loaded records or, when none were loaded, in a file started over."""
+
+    def __init__(self, path: str, fingerprint: str):
+        self.path, self.fingerprint = path, fingerprint
+        self._continues = False   # True once the file holds this sampling's header and records to append to
+
+    def append(self, rows: list[dict], stats: dict):
+        """One batch of prompts: the rows it kept, and `stats` (holding `next_prompt`) after it."""
+        lines = [] if self._continues else [json.dumps({"r1fast_sample_progress": _PROGRESS_FORMAT,
+                                                        "fingerprint": self.fingerprint})]
+        totals = {k: v for k, v in stats.items() if k != "next_prompt"}
+        lines.append(json.dumps({"next_prompt": stats["next_prompt"], "stats": totals, "rows": rows},
+                                ensure_ascii=False, default=_json_value))
+        folder = os.path.dirname(os.path.abspath(self.path))
+        os.makedirs(folder, exist_ok=True)
+        with writing(self.path), open(self.path, "a" if self._continues else "w", encoding="utf-8") as f:
+            f.write("".join(line + "\n" for line in lines))
+            f.flush()
+            os.fsync(f.fileno())   # on disk before the next batch: a node failure keeps it too
+        if not self._continues:
+            from r1fast.trainer.checkpoints import _fsync_dir
+
+            _fsync_dir(folder)     # the new file's name too
+            self._continues = True
+
+    def stopped(self, kept: list[dict], stats: dict, who: str) -> str:
+        """The line that says a sampling stopped after a batch of prompts (`stats` hold `next_prompt`)."""
+        return (f"interrupted {who} after {stats['next_prompt']} of {stats['prompts']} prompts ({len(kept)} samples "
+                f"kept so far, in {self.path})")
+
+    def load(self, who: str) -> Optional[dict]:
+        """What a stopped or killed run of this sampling kept: rejection_sample's `resume_from`
+        ({"next_prompt", "rows", "stats"}), appended to from then on; else None, said: the sampling starts
+        from its first prompt (and the file over)."""
+        if not os.path.exists(self.path):
+            return None
+        try:
+            progress = self._read()
+            n, rows = progress["next_prompt"], len(progress["rows"])
+            total = progress["stats"]["prompts"] if n else None
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            why = f"cannot be read ({e})"
+        else:
+            why = ("is for other options or prompts" if progress["fingerprint"] != self.fingerprint
+                   else "holds no finished batch of prompts" if n == 0 else None)
+        if why is not None:
+            print(f"r1fast: --resume: {who}: what its stopped run kept ({self.path}) {why}: it samples from its "
+                  f"first prompt", file=sys.stderr, flush=True)
+            return None
+        self._continues = True
+        if n >= total:   # killed between its last batch and writing the output
+            print(f"r1fast: --resume: {who} sampled all {total} prompts before it stopped ({rows} samples kept)",
+                  flush=True)
+        else:
+            print(f"r1fast: --resume: {who} continues from prompt {n + 1} of {total} ({rows} samples kept before)",
+                  flush=True)
+        return progress
+
+    def _read(self) -> dict:
+        """The file as load's result ({"fingerprint", "next_prompt", "stats", "rows"}), left ready to append to
+        when its fingerprint is this sampling's."""
+        with open(self.path, "rb") as f:
+            data = f.read()
+        progress = self._older_format(data)
+        if progress is not None:
+            if progress["fingerprint"] == self.fingerprint:
+                self._rewrite(progress)   # in this format, to append to
+            return progress
+        if b"\n" not in data:   # killed writing its first batch of prompts
+            return {"fingerprint": self.fingerprint, "next_prompt": 0, "stats": {}, "rows": []}
+        return self._records(data)
+
+    @staticmethod
+    def _older_format(data: bytes) -> Optional[dict]:
+        """A progress file of an r1fast before _PROGRESS_FORMAT 2 (one object, written when stopped), as load's
+        result; None for this format."""
+        try:
+            progress = json.loads(data)
+        except ValueError:
+            return None   # this format's records, one a line (or a damaged file, which _records names)
+        if not (isinstance(progress, dict) and "rows" in progress and "fingerprint" in progress):
+            return None
+        return _checked_progress(progress["fingerprint"], progress)
+
+    def _rewrite(self, progress: dict):
+        with replacing(self.path) as f:
+            f.write(json.dumps({"r1fast_sample_progress": _PROGRESS_FORMAT, "fingerprint": self.fingerprint}) + "\n")
+            f.write(json.dumps({k: progress[k] for k in ("next_prompt", "stats", "rows")}, ensure_ascii=False) + "\n")
+
+    def _records(self, data: bytes) -> dict:
+        """The header and batch records of `data`, this format's file. A last line a kill cut short is left out
+        and cut off (the next record starts a line of its own), as is a damaged line and all after it, said."""
+        lines = data.split(b"\n")
+        complete = lines[:-1]   # the piece after the last newline was cut short mid-write (or is empty)
+        header = _json_line(complete[0] if complete else b"", 1)
+        if not isinstance(header, dict) or "fingerprint" not in header:
+            raise _Unreadable("its first line is not an r1fast sample progress header")
+        if header.get("r1fast_sample_progress") != _PROGRESS_FORMAT:
+            raise _Unreadable(f"format {header.get('r1fast_sample_progress')!r}, not {_PROGRESS_FORMAT}: resume "
+                              f"it with the r1fast that wrote it")
+        progress = {"fingerprint": header["fingerprint"], "next_prompt": 0, "stats": {}, "rows": []}
+        end = len(complete[0]) + 1
+        for number, line in enumerate(complete[1:], start=2):
+            try:
+                record = _checked_progress(header["fingerprint"], _json_line(line, number))
+                if record["next_prompt"] <= progress["next_prompt"]:
+                    raise _Unreadable(f"line {number}: next_prompt {record['next_prompt']} does not follow "
+                                      f"{progress['next_prompt']}")
+            except (_Unreadable, KeyError, TypeError) as e:
+                print(f"r1fast: --resume: {self.path}: {e}: it and the lines after it are left out", file=sys.stderr,
+                      flush=True)
+                break
+            progress.update(next_prompt=record["next_prompt"], stats=record["stats"])
+            progress["rows"].extend(record["rows"])
+            end += len(line) + 1
+        if header["fingerprint"] == self.fingerprint and end < len(data):
+            os.truncate(self.path, end)   # the next append starts on a line of its own
+        return progress
+
+
+def _json_line(line: bytes, number: int):
     try:
-        with open(path, encoding="utf-8") as f:
-            progress = json.load(f)
-        usable = progress["fingerprint"] == fingerprint
-        n, total, rows = int(progress["next_prompt"]), progress["stats"]["prompts"], len(progress["rows"])
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        usable, why = False, f"cannot be read ({e})"
-    else:
-        why = "is for other options or prompts"
-    if not usable:
-        print(f"r1fast: --resume: {who}: what its stopped run kept ({path}) {why}: it samples from its first prompt",
-              file=sys.stderr, flush=True)
-        return None
-    print(f"r1fast: --resume: {who} continues from prompt {n + 1} of {total} ({rows} samples kept before)", flush=True)
-    return progress
+        return json.loads(line)
+    except ValueError as e:
+        raise _Unreadable(f"line {number} is not JSON ({e})") from None
+
+
+def _checked_progress(fingerprint: str, record) -> dict:
+    """`record` (a batch record, or a format-1 file) as load's result, its fields checked."""
+    if not isinstance(record, dict):
+        raise _Unreadable(f"a record is a {type(record).__name__}, not an object")
+    n, stats, rows = record["next_prompt"], record["stats"], record["rows"]
+    if type(n) is not int or not isinstance(stats, dict) or not isinstance(rows, list):
+        raise _Unreadable("a record's next_prompt, stats or rows is of the wrong type")
+    return {"fingerprint": fingerprint, "next_prompt": n, "stats": stats, "rows": rows}
 
 
 def finish_samples(kept: Sequence[dict], path: str, progress_file: str):
-    """The whole output, then the stopped run's progress gone (a kill between the two resumes from it and
+    """The whole output, then the sampling's progress gone (a kill between the two resumes from it and
     writes the same output again)."""
     write_jsonl(kept, path)
     if os.path.exists(progress_file):
