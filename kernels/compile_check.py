@@ -91,7 +91,8 @@ def compile_all(arch: int = 90, full: bool = False, report=None):
     With a `report` list, appends (name, (registers, spill bytes, shared bytes) or None) per kernel."""
     done = []
     for dt in ("bf16", "fp16", "fp32"):
-        types = {"h_ptr": f"*{dt}", "w_ptr": f"*{dt}", "dl_ptr": f"*{dt}", "t_ptr": "*i64", "inv_temp": "fp32"}
+        types = {"h_ptr": f"*{dt}", "w_ptr": f"*{dt}", "dl_ptr": f"*{dt}", "t_ptr": "*i64", "inv_temp": "fp32",
+                 "arg_ptr": "*i32"}
         types.update({n: "*fp32" for n in ("z_ptr", "part_ptr", "lse_ptr", "zt_ptr", "ent_ptr", "g_logp_ptr", "g_ent_ptr")})
         prec = "ieee" if dt == "fp32" else "tf32"
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dt]
@@ -99,7 +100,8 @@ def compile_all(arch: int = 90, full: bool = False, report=None):
                  logprob_kernels.gpu_config(dtype), report, f"_logits_kernel {dt}")
         for load_z in (False, True):
             cfg = logprob_kernels.gpu_config(dtype, load_z)
-            c = dict(WITH_ENTROPY=True, PRECISION=prec, LOAD_Z=load_z)
+            # every optional output on (the forward's WITH_ARGMAX too): the largest specialisation
+            c = dict(WITH_ENTROPY=True, PRECISION=prec, LOAD_Z=load_z, WITH_ARGMAX=True)
             for kern in (logprob_kernels._logprob_fwd_kernel, logprob_kernels._dlogits_kernel):
                 _compile(kern, types, c, arch, cfg, report, f"{kern.fn.__name__} {dt} LOAD_Z={load_z}")
         done.append(f"logprob kernels {dt}")

@@ -2,8 +2,9 @@
 
 No [N, V] tensor ever; at most one [chunk, V] tile:
 - `_logprob_fwd_kernel` (grid: token tiles x vocabulary slices) walks its slice of the vocabulary
-  for its tokens and keeps a running max / sum-of-exp (and Σ p·z for the entropy), so it writes
-  only those partials per slice (merged in torch into lse, target logit, entropy): O(N) memory.
+  for its tokens and keeps a running max / sum-of-exp (and Σ p·z for the entropy; with WITH_ARGMAX
+  the lowest id reaching the max), so it writes only those partials per slice (merged in torch into
+  lse, target logit, entropy, target-is-argmax): O(N) memory.
 - `_dlogits_kernel` (grid: token tiles x vocab tiles, over one chunk of tokens) recomputes a logits
   tile from hidden and weight, turns it into d loss / d logits with the saved lse/entropy, and
   writes that [chunk, V] tile; the caller (r1fast.ops.logprob) multiplies it into grad_hidden and
@@ -92,13 +93,16 @@ def _logits_kernel(h_ptr, w_ptr, z_ptr, N, V, H, stride_h, stride_w, inv_temp,
 
 
 @triton.jit
-def _logprob_fwd_kernel(h_ptr, w_ptr, z_ptr, t_ptr, part_ptr,
+def _logprob_fwd_kernel(h_ptr, w_ptr, z_ptr, t_ptr, part_ptr, arg_ptr,
                         N, V, H, stride_h, stride_w, inv_temp, v_per_split,
                         BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-                        WITH_ENTROPY: tl.constexpr, PRECISION: tl.constexpr, LOAD_Z: tl.constexpr):
+                        WITH_ENTROPY: tl.constexpr, PRECISION: tl.constexpr, LOAD_Z: tl.constexpr,
+                        WITH_ARGMAX: tl.constexpr = False):
     # grid: (token tiles, vocabulary splits). Each program reduces its slice of the vocabulary and
     # writes partial (max, Σexp, Σexp·z, target logit) rows of part [4, splits, N]; splitting V keeps
     # the GPU full when there are few token tiles. logprob_forward merges the splits.
+    # WITH_ARGMAX also writes arg [splits, N] (int32): the lowest vocabulary id in the slice whose
+    # logit is the slice's max, as torch.argmax breaks ties; the running max is already at hand.
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     split = tl.program_id(1)
     n_splits = tl.num_programs(1)
@@ -110,6 +114,8 @@ def _logprob_fwd_kernel(h_ptr, w_ptr, z_ptr, t_ptr, part_ptr,
     z_tgt = tl.zeros([BLOCK_N], dtype=tl.float32)
     v_lo = split * v_per_split
     v_hi = tl.minimum(v_lo + v_per_split, V)
+    # starts at the slice's first id: a row whose logits are all -inf then argmaxes to it, as torch's does
+    run_arg = tl.zeros([BLOCK_N], dtype=tl.int32) + v_lo
     for v0 in range(v_lo, v_hi, BLOCK_V):
         rv = v0 + tl.arange(0, BLOCK_V)
         v_ok = rv < v_hi
@@ -117,7 +123,12 @@ def _logprob_fwd_kernel(h_ptr, w_ptr, z_ptr, t_ptr, part_ptr,
                                     BLOCK_N, BLOCK_V, BLOCK_H, PRECISION, LOAD_Z, V)
         z_tgt += tl.sum(tl.where((rv[None, :] == tgt[:, None]) & v_ok[None, :], z, 0.0), 1)
         z = tl.where(v_ok[None, :], z, float("-inf"))
-        new_max = tl.maximum(run_max, tl.max(z, 1))
+        tile_max = tl.max(z, 1)
+        if WITH_ARGMAX:
+            # tiles run in id order, so only a strictly larger max moves the argmax: ties keep the lower id
+            tile_arg = tl.min(tl.where(z == tile_max[:, None], rv[None, :], V), 1)
+            run_arg = tl.where(tile_max > run_max, tile_arg, run_arg)
+        new_max = tl.maximum(run_max, tile_max)
         alpha = tl.exp(run_max - new_max)
         p = tl.exp(z - new_max[:, None])
         run_sum = run_sum * alpha + tl.sum(p, 1)
@@ -130,6 +141,8 @@ def _logprob_fwd_kernel(h_ptr, w_ptr, z_ptr, t_ptr, part_ptr,
     tl.store(row + plane, run_sum, mask=n_ok)
     tl.store(row + 2 * plane, run_pz, mask=n_ok)
     tl.store(row + 3 * plane, z_tgt, mask=n_ok)
+    if WITH_ARGMAX:
+        tl.store(arg_ptr + split.to(tl.int64) * N + rn, run_arg, mask=n_ok)
 
 
 @triton.jit
@@ -172,8 +185,10 @@ def logits(hidden, weight, inv_temp: float):
     return z
 
 
-def logprob_forward(hidden, weight, targets, inv_temp: float, with_entropy: bool, z=None):
-    """(lse, target_logit, entropy-or-None), each fp32 [N]. hidden [N, H] and weight [V, H] row-contiguous.
+def logprob_forward(hidden, weight, targets, inv_temp: float, with_entropy: bool, z=None, with_hit: bool = False):
+    """(lse, target_logit, entropy-or-None, hit-or-None): fp32 [N] each, and with `with_hit` a bool [N]
+    saying whether each target is its row's argmax (lowest id on ties, as torch.argmax), found from the
+    running max the logsumexp keeps anyway. hidden [N, H] and weight [V, H] row-contiguous.
 
     With `z` (fp32 [N, V] from `logits`), reads the logits instead of recomputing them.
     """
@@ -185,18 +200,26 @@ def logprob_forward(hidden, weight, targets, inv_temp: float, with_entropy: bool
     v_per_split = triton.cdiv(triton.cdiv(v, splits), cfg["BLOCK_V"]) * cfg["BLOCK_V"]
     splits = triton.cdiv(v, v_per_split)
     part = poisoned(torch.empty(4, splits, n, dtype=torch.float32, device=hidden.device))
+    arg = poisoned(torch.empty(splits, n, dtype=torch.int32, device=hidden.device), -1) if with_hit else part
     with on_device(hidden.device):
-        _logprob_fwd_kernel[(n_tiles, splits)](hidden, weight, part if z is None else z, targets, part, n, v, h,
+        _logprob_fwd_kernel[(n_tiles, splits)](hidden, weight, part if z is None else z, targets, part, arg, n, v, h,
                                                hidden.stride(0), weight.stride(0), inv_temp, v_per_split,
                                                WITH_ENTROPY=with_entropy, PRECISION=_precision(hidden.dtype),
-                                               LOAD_Z=z is not None, **cfg)
+                                               LOAD_Z=z is not None, WITH_ARGMAX=with_hit, **cfg)
     run_max, run_sum, run_pz, z_tgt = part.unbind(0)
     top = run_max.max(0).values
     scale = torch.exp(run_max - top)  # splits merge like online-softmax steps
     total = (run_sum * scale).sum(0)
     lse = top + torch.log(total)
     ent = lse - (run_pz * scale).sum(0) / total if with_entropy else None
-    return lse, z_tgt.sum(0), ent
+    hit = _merge_argmax(run_max, top, arg, v) == targets if with_hit else None
+    return lse, z_tgt.sum(0), ent, hit
+
+
+def _merge_argmax(run_max, top, arg, v: int):
+    """The row argmax [N] from the splits' (max, argmax) partials: the lowest id among the splits that
+    reach the row's max (the slices are in id order, so that is the first such split's argmax)."""
+    return torch.where(run_max == top, arg, v).min(0).values
 
 
 # Aim for about this many programs in flight on a GPU (2 waves of 132 SMs) before splitting V.

@@ -509,3 +509,92 @@ def test_triton_kernels_read_nothing_past_hidden_and_weight(monkeypatch, gemm):
     gh, gw = torch.autograd.grad((lp * g_logp.float()).sum() + (ent * g_ent.float()).sum(), (h32, w32))
     for a, e, name in ((lp, e_lp, "logp"), (ent, e_ent, "entropy"), (gh, e_gh, "grad_hidden"), (gw, e_gw, "grad_weight")):
         assert_close(a, e, torch.float32, rtol=2e-5, atol=1e-5, name=name)
+
+
+# --- return_argmax_hit: whether each target is its row's argmax, from the logsumexp's running max -------
+
+def _planted_hits(hidden, weight, targets, temperature, every=2):
+    """targets with every `every`-th row set to its row's argmax (random targets almost never are)."""
+    z = (hidden.double() @ weight.double().T) / temperature
+    out = targets.clone().reshape(-1)
+    out[::every] = z.reshape(-1, z.shape[-1]).argmax(-1)[::every]
+    return out.reshape(targets.shape)
+
+
+# (N, H, V, temperature, chunk, entropy): odd vocabularies, one token, several chunks, T != 1
+HIT_CASES = [(37, 24, 75, 0.7, 8, True), (1, 16, 33, 1.0, None, False), (20, 17, 50, 1.3, 6, False)]
+
+
+@pytest.mark.parametrize("backend", ["reference", *FAST_BACKENDS])
+@pytest.mark.parametrize("case", HIT_CASES, ids=lambda c: f"N{c[0]}V{c[2]}T{c[3]}")
+def test_argmax_hit_matches_reference(device, backend, case):
+    n, h, v, temp, chunk, entropy = case
+    hidden, weight, targets = _inputs(n, h, v, seed=70 + v, scale=3.0)
+    targets = _planted_hits(hidden.float(), weight.float(), targets, temp)
+    want = reference.logprob(hidden.float(), weight.float(), targets, temp, return_argmax_hit=True)[1]
+    want_lp = reference.logprob(hidden, weight, targets, temp)
+    assert 0 < int(want.sum()) < n or n == 1
+    h32 = hidden.float().to(device).requires_grad_()
+    w32 = weight.float().to(device)
+    for grad in (True, False):  # through the autograd.Function, and forward only
+        with torch.set_grad_enabled(grad):
+            out = ops.grouped_logprob(h32, w32, targets.to(device), temperature=temp, return_entropy=entropy,
+                                      return_argmax_hit=True, backend=backend, chunk_size=chunk)
+        assert len(out) == 2 + entropy
+        lp, hit = out[0], out[-1]
+        assert hit.dtype == torch.bool and hit.shape == targets.shape and not hit.requires_grad
+        assert torch.equal(hit.cpu(), want), (hit, want)
+        assert_close(lp, want_lp, torch.float32, rtol=2e-5, atol=1e-5, name="logp")
+        if grad:
+            (lp.sum() + (out[1].sum() if entropy else 0)).backward()  # the bool output takes no gradient
+            assert h32.grad is not None
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_argmax_hit_in_a_masked_padded_batch(device, backend):
+    b, t, h, v = 3, 7, 20, 45
+    hidden, weight, targets = _inputs(b * t, h, v, seed=81, lead=(b, t), scale=3.0)
+    targets = _planted_hits(hidden.float(), weight.float(), targets, 0.9)
+    mask = torch.arange(t)[None, :] < torch.tensor([7, 3, 1])[:, None]
+    want = reference.logprob(hidden.float().reshape(-1, h), weight.float(), targets.reshape(-1), 0.9,
+                             return_argmax_hit=True)[1].reshape(b, t) & mask
+    padded = torch.where(mask, targets, -100).to(device)
+    lp, ent, hit = ops.grouped_logprob(hidden.float().to(device), weight.float().to(device), padded,
+                                       mask=mask.to(device), temperature=0.9, return_entropy=True,
+                                       return_argmax_hit=True, backend=backend, chunk_size=4)
+    assert hit.shape == (b, t) and torch.equal(hit.cpu(), want) and int(want.sum()) > 0
+    none = ops.grouped_logprob(hidden.float().to(device), weight.float().to(device), padded,
+                               mask=torch.zeros(b, t, dtype=torch.bool, device=device), return_argmax_hit=True,
+                               backend=backend)
+    assert none[1].dtype == torch.bool and not bool(none[1].any())
+
+
+@pytest.mark.parametrize("backend,splits,gemm", [("reference", None, None), ("torch", None, None),
+                                                  ("triton", None, "triton"), ("triton", 3, "triton"),
+                                                  ("triton", 2, "cublas")])
+def test_argmax_hit_exact_ties_go_to_the_lowest_token_id(device, monkeypatch, backend, splits, gemm):
+    """Small-integer inputs make every logit exact in any summation order, so the planted ties are exact
+    on every backend. As torch.argmax: a target tied with a lower id is a miss, with a higher id a hit,
+    wherever the tied ids sit (one tile, across tiles, across vocabulary splits)."""
+    from r1fast.kernels import logprob as kernel
+
+    if gemm is not None:
+        monkeypatch.setenv("R1FAST_LOGITS_GEMM", gemm)
+    if gemm == "cublas" and device.type == "cpu":
+        monkeypatch.setattr("r1fast.ops.logprob.cublas_logits", lambda h, w, t: (h.float() @ w.float().T) * t)
+    monkeypatch.setattr(kernel, "FORCE_SPLITS", splits)
+    v, h = 75, 16
+    pairs = [(5, 9), (12, 40), (3, 70)]   # one tile; across tiles and splits; first and last split
+    weight = torch.randint(-3, 3, (v, h), generator=generator(90)).float()
+    hidden = torch.randint(-3, 3, (2 * len(pairs), h), generator=generator(91)).float()
+    weight[:, :len(pairs)] = 0.0
+    hidden[:, :len(pairs)] = 0.0
+    for p, (lo, hi) in enumerate(pairs):
+        weight[lo, p] = 1000.0      # column p lifts the pair far above every other token of its rows
+        weight[hi] = weight[lo]
+        hidden[2 * p:2 * p + 2, p] = 1.0
+    targets = torch.tensor([i for pair in pairs for i in pair])   # each pair's lower id, then its higher
+    got = ops.grouped_logprob(hidden.to(device), weight.to(device), targets.to(device), temperature=0.5,
+                              return_argmax_hit=True, backend=backend, chunk_size=4)[1].cpu()
+    assert got.tolist() == [True, False] * len(pairs)
+    assert torch.equal(got, (hidden @ weight.T).argmax(-1) == targets)

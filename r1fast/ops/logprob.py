@@ -2,6 +2,7 @@
 
     z = hidden @ weight.T / temperature        (fp32 accumulation)
     logp = z[target] - logsumexp(z)            entropy = logsumexp(z) - Σ softmax(z)·z
+    hit = target == argmax(z)                  (return_argmax_hit; lowest id on ties, as torch.argmax)
 
 Backends: `reference` materialises [N, V] logits (float64-capable, the oracle); `torch` walks token
 chunks so extra memory is chunk x V (the CPU path); `triton` keeps only O(N) state in the forward
@@ -81,31 +82,39 @@ class _TorchEngine:
         return z if inv_temp == 1.0 else z.mul_(inv_temp)
 
     @staticmethod
-    def _reduce(z, t, with_entropy):
-        """(lse, target logit, entropy or None) of one chunk's logits; z is overwritten with log p."""
+    def _reduce(z, t, with_entropy, with_hit):
+        """(lse, target logit, entropy or None, target-is-argmax or None) of one chunk's logits; z is
+        overwritten with log p."""
         lse = torch.logsumexp(z, -1)
         zt = z.gather(-1, t[:, None]).squeeze(-1)
+        # from z itself, before it turns into log p: z - lse can round two distinct logits into a tie
+        hit = z.argmax(-1) == t if with_hit else None
         if not with_entropy:
-            return lse, zt, None
+            return lse, zt, None, hit
         z.sub_(lse[:, None])  # z <- log p, in place: the chunk tile is the only big buffer
-        return lse, zt, -(z.exp().mul_(z).sum(-1))
+        return lse, zt, -(z.exp().mul_(z).sum(-1)), hit
 
     @classmethod
-    def forward(cls, h, w, t, inv_temp, with_entropy, chunk):
+    def forward(cls, h, w, t, inv_temp, with_entropy, chunk, with_hit=False):
+        """(lse, target logit, entropy or None, target-is-argmax or None), each [N]."""
         n = h.shape[0]
         if n <= chunk:  # one chunk: no per-chunk copies into preallocated outputs
-            return cls._reduce(cls._logits(h, w, inv_temp), t, with_entropy)
+            return cls._reduce(cls._logits(h, w, inv_temp), t, with_entropy, with_hit)
         acc = torch.float64 if h.dtype == torch.float64 else torch.float32
         lse = torch.empty(n, dtype=acc, device=h.device)
         zt = torch.empty_like(lse)
         ent = torch.empty_like(lse) if with_entropy else None
+        hit = torch.empty(n, dtype=torch.bool, device=h.device) if with_hit else None
         for s in range(0, n, chunk):
-            lse_c, zt_c, ent_c = cls._reduce(cls._logits(h[s:s + chunk], w, inv_temp), t[s:s + chunk], with_entropy)
+            lse_c, zt_c, ent_c, hit_c = cls._reduce(cls._logits(h[s:s + chunk], w, inv_temp), t[s:s + chunk],
+                                                    with_entropy, with_hit)
             lse[s:s + chunk] = lse_c
             zt[s:s + chunk] = zt_c
             if with_entropy:
                 ent[s:s + chunk] = ent_c
-        return lse, zt, ent
+            if with_hit:
+                hit[s:s + chunk] = hit_c
+        return lse, zt, ent, hit
 
     @classmethod
     def forward_keep(cls, h, w, t, inv_temp):
@@ -160,23 +169,23 @@ def cublas_logits(h, w, inv_temp):
 
 class _TritonEngine:
     @staticmethod
-    def forward(h, w, t, inv_temp, with_entropy, chunk):
+    def forward(h, w, t, inv_temp, with_entropy, chunk, with_hit=False):
         from r1fast.kernels import logprob as kernel
 
         if logits_gemm() == "triton":  # one launch: the logits never leave the kernel
-            return kernel.logprob_forward(h, w, t, inv_temp, with_entropy)
+            return kernel.logprob_forward(h, w, t, inv_temp, with_entropy, with_hit=with_hit)
         parts = [kernel.logprob_forward(h[s:s + chunk], w, t[s:s + chunk], inv_temp, with_entropy,
-                                        z=cublas_logits(h[s:s + chunk], w, inv_temp))
+                                        z=cublas_logits(h[s:s + chunk], w, inv_temp), with_hit=with_hit)
                  for s in range(0, h.shape[0], chunk)]
-        lse, zt, ent = (torch.cat(x) if x[0] is not None else None for x in zip(*parts))
-        return lse, zt, ent
+        lse, zt, ent, hit = (torch.cat(x) if x[0] is not None else None for x in zip(*parts))
+        return lse, zt, ent, hit
 
     @staticmethod
     def forward_keep(h, w, t, inv_temp):
         from r1fast.kernels import logprob as kernel
 
         z = kernel.logits(h, w, inv_temp) if logits_gemm() == "triton" else cublas_logits(h, w, inv_temp)
-        lse, zt, ent = kernel.logprob_forward(h, w, t, inv_temp, True, z=z)
+        lse, zt, ent, _ = kernel.logprob_forward(h, w, t, inv_temp, True, z=z)
         return z, lse, zt, ent
 
     @staticmethod
@@ -220,19 +229,20 @@ def _contig_rows(x):
 
 class _GroupedLogprob(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, inv_temp, with_entropy, engine, chunk):
+    def forward(ctx, hidden, weight, targets, inv_temp, with_entropy, engine, chunk, with_hit):
         ctx.set_materialize_grads(False)  # an unused entropy output then costs nothing in the backward
-        lse, zt, ent = engine.forward(hidden, weight, targets, inv_temp, with_entropy, chunk)
+        lse, zt, ent, hit = engine.forward(hidden, weight, targets, inv_temp, with_entropy, chunk, with_hit)
         logp = zt - lse
         ctx.save_for_backward(hidden, weight, targets, lse, ent if with_entropy else lse)
         ctx.cfg = (inv_temp, with_entropy, engine, chunk)
-        if with_entropy:
-            return logp, ent
-        return logp
+        if with_hit:
+            ctx.mark_non_differentiable(hit)
+        return _outputs(logp, ent if with_entropy else None, hit)
 
     @staticmethod
-    def backward(ctx, g_logp, g_ent=None):
+    def backward(ctx, g_logp, *rest):
         refuse_double_backward("grouped_logprob")
+        g_ent = rest[0] if ctx.cfg[1] else None  # rest: the entropy's gradient where it is an output, the hit's None
         # ctx.saved_tensors is read exactly once: under torch.utils.checkpoint(use_reentrant=False)
         # each saved tensor may be unpacked only once, and a second read is a CheckpointError.
         saved = ctx.saved_tensors
@@ -259,10 +269,16 @@ class _GroupedLogprob(torch.autograd.Function):
                 torch.mm(dl, weight, out=grad_h[s:e])
             if need_w:
                 accumulate_weight_grad(grad_w, dl, hidden[s:e])
-        return grad_h, grad_w, None, None, None, None, None
+        return grad_h, grad_w, None, None, None, None, None, None
 
 
-def _run(hidden, weight, targets, temperature, return_entropy, chunk, engine):
+def _outputs(logp, ent, hit):
+    """logp alone, or the tuple (logp[, entropy][, hit]) of the outputs asked for."""
+    outs = tuple(x for x in (logp, ent, hit) if x is not None)
+    return outs if len(outs) > 1 else logp
+
+
+def _run(hidden, weight, targets, temperature, return_entropy, chunk, engine, return_hit=False):
     lead = hidden.shape[:-1]
     h = _contig_rows(hidden.reshape(-1, hidden.shape[-1]))
     w = _contig_rows(weight)
@@ -274,45 +290,51 @@ def _run(hidden, weight, targets, temperature, return_entropy, chunk, engine):
         # the dtype a non-empty call returns (fp64 stays fp64): an all-masked batch must not change it
         acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
         out = hidden.new_zeros(lead, dtype=acc) + 0.0 * hidden.sum() + 0.0 * weight.sum()
-        return (out, out.clone()) if return_entropy else out
+        return _outputs(out, out.clone() if return_entropy else None,
+                        torch.zeros(lead, dtype=torch.bool, device=hidden.device) if return_hit else None)
     if needs_grad:
-        out = _GroupedLogprob.apply(h, w, t, inv_temp, return_entropy, engine, chunk)
+        out = _GroupedLogprob.apply(h, w, t, inv_temp, return_entropy, engine, chunk, return_hit)
     else:  # forward only (old-policy / reference passes): nothing saved
-        lse, zt, ent = engine.forward(h.detach(), w.detach(), t, inv_temp, return_entropy, chunk)
-        out = (zt - lse, ent) if return_entropy else zt - lse
-    if return_entropy:
-        return out[0].reshape(lead), out[1].reshape(lead)
-    return out.reshape(lead)
+        lse, zt, ent, hit = engine.forward(h.detach(), w.detach(), t, inv_temp, return_entropy, chunk, return_hit)
+        out = _outputs(zt - lse, ent, hit)
+    return _reshaped(out, lead)
+
+
+def _reshaped(out, lead):
+    return tuple(x.reshape(lead) for x in out) if isinstance(out, tuple) else out.reshape(lead)
 
 
 @backends.register("grouped_logprob", "reference")
-def _grouped_logprob_reference(hidden, weight, targets, temperature, return_entropy, chunk):
+def _grouped_logprob_reference(hidden, weight, targets, temperature, return_entropy, chunk, return_hit=False):
     out = reference.logprob(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1), temperature,
-                            return_entropy)
-    lead = hidden.shape[:-1]
-    return (out[0].reshape(lead), out[1].reshape(lead)) if return_entropy else out.reshape(lead)
+                            return_entropy, return_argmax_hit=return_hit)
+    return _reshaped(out, hidden.shape[:-1])
 
 
 @backends.register("grouped_logprob", "torch")
-def _grouped_logprob_torch(hidden, weight, targets, temperature, return_entropy, chunk):
-    return _run(hidden, weight, targets, temperature, return_entropy, chunk, _TorchEngine)
+def _grouped_logprob_torch(hidden, weight, targets, temperature, return_entropy, chunk, return_hit=False):
+    return _run(hidden, weight, targets, temperature, return_entropy, chunk, _TorchEngine, return_hit)
 
 
 @backends.register("grouped_logprob", "triton")
-def _grouped_logprob_triton(hidden, weight, targets, temperature, return_entropy, chunk):
+def _grouped_logprob_triton(hidden, weight, targets, temperature, return_entropy, chunk, return_hit=False):
     if hidden.dtype == torch.float64:
         raise ValueError("grouped_logprob: the triton backend takes fp16/bf16/fp32 inputs, got float64 "
                          "(use backend='torch' or 'reference')")
-    return _run(hidden, weight, targets, temperature, return_entropy, chunk, _TritonEngine)
+    return _run(hidden, weight, targets, temperature, return_entropy, chunk, _TritonEngine, return_hit)
 
 
 def grouped_logprob(hidden, weight, targets, *, mask=None, temperature: float = 1.0, return_entropy: bool = False,
-                    backend: str | None = None, forward_only: bool = False, chunk_size: int | None = None,
-                    check_targets: bool = True):
+                    return_argmax_hit: bool = False, backend: str | None = None, forward_only: bool = False,
+                    chunk_size: int | None = None, check_targets: bool = True):
     """Log-probabilities [...] (fp32; fp64 for fp64 inputs) of `targets` [...] under hidden [..., H] @ weight[V, H].T.
 
     Differentiable with respect to hidden and weight; with return_entropy, returns (logp, entropy),
-    both differentiable. `mask` (bool or 0/1, targets' shape, e.g. a padded [B, T] batch): only
+    both differentiable. With return_argmax_hit, a bool [...] comes last ((logp, hit) or (logp,
+    entropy, hit)), not differentiable: whether each target is the argmax of its row's logits
+    hidden @ weight.T / temperature, as torch.argmax picks it (a tie with a lower token id is a miss);
+    the kernels read it off the running max their logsumexp keeps, with no extra matmul (TRL's
+    mean_token_accuracy is its mean over completion tokens). `mask` (bool or 0/1, targets' shape, e.g. a padded [B, T] batch): only
     the active tokens are computed; masked positions come back as 0 with no gradient, and their
     targets (padding ids such as -100) are never read. `forward_only=True` (or running under
     torch.no_grad) saves nothing for a backward pass: the mode for old-policy and reference-model
@@ -325,14 +347,17 @@ def grouped_logprob(hidden, weight, targets, *, mask=None, temperature: float = 
     if mask is not None:
         active = bool_mask("grouped_logprob", mask, targets, "targets")
         out = grouped_logprob(hidden[active], weight, targets[active], temperature=temperature,
-                              return_entropy=return_entropy, backend=backend, forward_only=forward_only,
-                              chunk_size=chunk_size, check_targets=check_targets)
-        if not return_entropy:
+                              return_entropy=return_entropy, return_argmax_hit=return_argmax_hit, backend=backend,
+                              forward_only=forward_only, chunk_size=chunk_size, check_targets=check_targets)
+        if not isinstance(out, tuple):
             return out.new_zeros(targets.shape).masked_scatter(active, out)
-        return tuple(x.new_zeros(targets.shape).masked_scatter(active, x) for x in out)
+        return tuple(x.new_zeros(targets.shape).masked_scatter(active, x) for x in out)  # masked hits: False
     _, fn = backends.resolve("grouped_logprob", hidden.device, backend, dtype=hidden.dtype)
     with backends.without_autocast(hidden.device), torch.no_grad() if forward_only else contextlib.nullcontext():
+        if return_argmax_hit:
+            return fn(hidden, weight, targets, temperature, return_entropy, chunk_size, return_hit=True)
         return fn(hidden, weight, targets, temperature, return_entropy, chunk_size)
+
 
 
 # A target of probability above 1/2 is its row's argmax outright: every other token has less than

@@ -12,17 +12,22 @@ import torch
 from r1fast.ops.loss_options import LossOptions
 
 
-def logprob(hidden, weight, targets, temperature=1.0, return_entropy=False, dtype=None):
-    """logp [N] of targets under softmax(hidden @ weight.T / temperature), computed in `dtype` (default fp32)."""
+def logprob(hidden, weight, targets, temperature=1.0, return_entropy=False, dtype=None, return_argmax_hit=False):
+    """logp [N] of targets under softmax(hidden @ weight.T / temperature), computed in `dtype` (default fp32).
+
+    return_entropy adds the entropy [N]; return_argmax_hit adds, last, bool [N]: targets == torch.argmax
+    of the logits (a tie goes to the lowest token id, so a target tied with a lower id is a miss)."""
     dtype = dtype or (torch.float64 if hidden.dtype == torch.float64 else torch.float32)
     z = (hidden.to(dtype) @ weight.to(dtype).T) / temperature
     lse = torch.logsumexp(z, dim=-1)
     logp = z.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1) - lse
-    if not return_entropy:
-        return logp
-    p = torch.softmax(z, dim=-1)
-    entropy = lse - (p * z).sum(-1)
-    return logp, entropy
+    outs = [logp]
+    if return_entropy:
+        p = torch.softmax(z, dim=-1)
+        outs.append(lse - (p * z).sum(-1))
+    if return_argmax_hit:
+        outs.append((z.argmax(-1) == targets).detach())
+    return outs[0] if len(outs) == 1 else tuple(outs)
 
 
 def group_advantages(rewards, group_size, estimator="grpo", scale_rewards="group", eps=1e-4, mask=None):
