@@ -1336,27 +1336,6 @@ def test_sft_logs_trls_token_accuracy_num_tokens_and_epoch(tmp_path):
     assert (m["mean_token_accuracy"], m["num_tokens"], m["epoch"]) == (hits / counted, tokens, 1.0)
 
 
-def test_target_is_argmax_matches_the_full_logits_argmax_and_skips_sure_rows(monkeypatch):
-    """ops.target_is_argmax against torch's argmax of the whole [N, V] logits, in small chunks; a target of
-    probability above 1/2 gets no logits tile at all."""
-    from r1fast import ops
-    from r1fast.ops import logprob
-
-    g = torch.Generator().manual_seed(0)
-    hidden, weight = torch.randn(40, 8, generator=g), torch.randn(50, 8, generator=g)
-    hidden[:20] *= 6.0   # confident rows: some targets there have p > 1/2
-    logits = hidden @ weight.T
-    targets = torch.randint(0, 50, (40,), generator=g)
-    targets[::2] = logits.argmax(-1)[::2]    # half the rows right
-    logp = torch.log_softmax(logits, -1).gather(1, targets[:, None]).squeeze(1)
-    rows_tiled, fp32_logits = [], logprob._fp32_logits
-    monkeypatch.setattr(logprob, "_fp32_logits", lambda h, w: rows_tiled.append(len(h)) or fp32_logits(h, w))
-    got = ops.target_is_argmax(hidden, weight, targets, logp, chunk_size=3)
-    assert torch.equal(got, logits.argmax(-1) == targets) and 0 < int(got.sum()) < 40
-    sure = int((logp.exp() > 0.5).sum())
-    assert sure > 0 and sum(rows_tiled) == 40 - sure and max(rows_tiled) == 3
-
-
 def test_sft_trims_a_long_example_from_the_prompts_start_and_keeps_the_completion(tmp_path):
     from r1fast.data.loading import encode_completion, encode_prompt
     from r1fast.trainer.config import SFTConfig
@@ -2039,6 +2018,14 @@ def _stepped_gradients(monkeypatch):
     return stepped
 
 
+def _logprob_times(grouped_logprob, factor):
+    """grouped_logprob with its log-probs times `factor`; SFT's argmax hits (a tuple's last output) as they are."""
+    def scaled(*a, **k):
+        out = grouped_logprob(*a, **k)
+        return (out[0] * factor, *out[1:]) if isinstance(out, tuple) else out * factor
+    return scaled
+
+
 @pytest.mark.parametrize("stage", ["grpo", "sft"])
 def test_fp16_training_scales_the_loss_so_small_gradients_survive(tmp_path, monkeypatch, stage):
     """fp16 flushes gradients below 6e-8 to zero: at a token mean over a large batch most of a model's
@@ -2053,8 +2040,7 @@ def test_fp16_training_scales_the_loss_so_small_gradients_survive(tmp_path, monk
         loss_options = GRPOConfig.loss_options
         monkeypatch.setattr(GRPOConfig, "loss_options", lambda self, n=None: loss_options(self, n and n * 2.0 ** 20))
     else:
-        grouped_logprob = ops.grouped_logprob
-        monkeypatch.setattr(ops, "grouped_logprob", lambda *a, **k: grouped_logprob(*a, **k) * 2.0 ** -20)
+        monkeypatch.setattr(ops, "grouped_logprob", _logprob_times(ops.grouped_logprob, 2.0 ** -20))
     stepped = _stepped_gradients(monkeypatch)
 
     def first_step(dtype):
@@ -2124,8 +2110,7 @@ def test_fp16_nan_loss_leaves_the_loss_scale_alone(tmp_path, monkeypatch):
     tr = sft.SFTTrainer(model.half(), tok, rows, SFTConfig(per_device_train_batch_size=8, progress_bar=False,
                                                             output_dir=str(tmp_path / "run")))
     tr.loss_scale.good_steps = 5
-    grouped_logprob = ops.grouped_logprob
-    monkeypatch.setattr(ops, "grouped_logprob", lambda *a, **k: grouped_logprob(*a, **k) * float("nan"))
+    monkeypatch.setattr(ops, "grouped_logprob", _logprob_times(ops.grouped_logprob, float("nan")))
     m = tr.step()
     assert tr.nonfinite_skipped == 1 and m["loss_scale"] == 2.0 ** 16 and tr.loss_scale.good_steps == 5
 

@@ -3,12 +3,12 @@ from r1fast.ops.kv_cache import store_kv
 
 __all__ = ["store_kv"]
 from r1fast.ops.loss_options import LossOptions
-from r1fast.ops.logprob import grouped_logprob, target_is_argmax
+from r1fast.ops.logprob import grouped_logprob
 from r1fast.ops.advantages import group_advantages, kl_penalty
 from r1fast.ops.loss import grpo_loss, per_sequence_clip_fractions
 from r1fast.ops.fused_loss import fused_linear_grpo_loss
 
-__all__ += ["LossOptions", "grouped_logprob", "target_is_argmax", "group_advantages", "kl_penalty", "grpo_loss",
+__all__ += ["LossOptions", "grouped_logprob", "group_advantages", "kl_penalty", "grpo_loss",
             "per_sequence_clip_fractions", "fused_linear_grpo_loss"]
 from r1fast.ops.attention import paged_decode_attention, paged_prefill_attention
 

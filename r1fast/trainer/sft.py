@@ -122,12 +122,11 @@ class SFTTrainer:
             prompts = [self.examples[i][0] for i in idx]
         b = pack(prompts, [self.examples[i][1] for i in idx], self.device, share_prompts=share)
         hidden = b.hidden(self.model)[b.select]
-        logp = ops.grouped_logprob(hidden, self.model.lm_head_weight, b.targets)
+        # the hits come from the running max the log-prob's logsumexp keeps: no second logits product
+        logp, hit = ops.grouped_logprob(hidden, self.model.lm_head_weight, b.targets, return_argmax_hit=True)
         loss = -logp.sum() / n_tokens   # token mean over the whole accumulated batch
         (loss if self.loss_scale is None else loss * self.loss_scale.scale).backward()
-        # from the log-probs just computed: only the tokens not already sure argmaxes get logits tiles
-        correct = ops.target_is_argmax(hidden, self.model.lm_head_weight, b.targets, logp).sum()
-        return float(loss.detach()), int(correct)
+        return float(loss.detach()), int(hit.sum())
 
     def save(self) -> str:
         return ckpt.save_checkpoint(self.run_dir, self.global_step, model=self.model, optimizer=self.optimizer,
