@@ -937,7 +937,10 @@ def test_evaluation_scores_each_sample_against_its_rows_answer(monkeypatch):
         assert [(s["prompt"], s["completion"], s["accuracy"]) for s in samples] == [
             ("2+2", texts[0], 1.0), ("2+2", texts[1], 1.0), ("3+3", texts[2], 0.0), ("3+3", texts[3], 1.0),
             ("5+5", texts[4], None), ("5+5", texts[5], None)]
-    assert ScriptedEngine.calls[0][1] == 2
+        # from the same samples: 2+2 both right, 3+3 one right whose vote ties with the wrong 5 (first wins)
+        assert res["eval/pass@2"] == 1.0 and res["eval/cons@2"] == 0.5
+    assert ScriptedEngine.calls == [(3, 2, 0), (3, 2, 0)]   # one generate call per evaluation: no extra sampling
+    assert not any(key.startswith(("eval/pass@", "eval/cons@")) for key in evaluate_accuracy(model, tok, rows[:2]))
     with pytest.raises(ValueError, match="held-out rows lack the answer column 'answer'"):
         evaluate_accuracy(model, tok, [{"prompt": "2+2", "reference": "4"}])
     # a solution column (MATH's worked solutions), as the accuracy reward reads training rows: it refused
@@ -949,6 +952,80 @@ def test_evaluation_scores_each_sample_against_its_rows_answer(monkeypatch):
     assert ScriptedEngine.kw["max_model_len"] == longest + 7
     evaluate_accuracy(model, tok, rows, max_tokens=10**6)
     assert ScriptedEngine.kw["max_model_len"] == model.config.max_position_embeddings
+
+
+def test_pass_at_k_is_the_share_of_k_draws_holding_a_correct_sample():
+    from itertools import combinations
+
+    from r1fast.trainer.evaluate import pass_at_k
+
+    for n in range(1, 7):
+        for c in range(n + 1):
+            samples = [True] * c + [False] * (n - c)
+            for k in range(1, n + 1):
+                draws = list(combinations(samples, k))
+                assert pass_at_k(n, c, k) == pytest.approx(sum(map(any, draws)) / len(draws), abs=1e-12), (n, c, k)
+    assert pass_at_k(4, 1, 4) == 1.0 and pass_at_k(4, 0, 4) == 0.0 and pass_at_k(4, 1, 1) == 0.25
+    with pytest.raises(ValueError, match="n=4, c=5, k=2"):
+        pass_at_k(4, 5, 2)
+
+
+def test_cons_at_k_votes_by_equivalent_answers_first_among_ties_and_answerless_samples_last():
+    from r1fast.trainer.evaluate import majority_index, score_completions
+
+    a = "<think>x</think><answer>{}</answer>".format
+    completions = {
+        # 5 twice, 4 twice (4.0 is the same answer): a tie, won by 5, which came first
+        "4": [a(5), a(4), a(5), a("4.0")],
+        # the only sample with an answer wins over three without one (an answer inside <think> is none)
+        "6": ["no answer", "<think><answer>7</answer></think>", "", a(6)],
+        "7": ["a", "b", "c", "d"],   # nobody answered: the vote is no answer, scored 0
+        # 0.5 = 1/2 = .5: three votes beat 3's one, which came first
+        "1/2": [a(3), a(0.5), a("1/2"), a(".5")],
+        # wrong answers equal as numbers vote together: 8 and 8.0 beat the right 9
+        "9": [a(9), a(8), a("8.0"), a(7)],
+        None: [a(1), a(1), a(2), a(3)],   # no reference: left out of every mean but format's
+    }
+    texts = [t for ts in completions.values() for t in ts]
+    answers = [g for g in completions for _ in range(4)]
+    out, acc = score_completions(["q"] * len(texts), texts, answers, 4)
+    assert [majority_index(texts[i:i + 4], [x == 1.0 for x in acc[i:i + 4]]) for i in range(0, 24, 4)] == \
+        [0, 3, 0, 1, 1, 0]
+    assert out["eval/accuracy"] == 7 / 20 and out["eval/format"] == 17 / 24
+    assert out["eval/pass@4"] == 4 / 5 and out["eval/cons@4"] == 2 / 5
+    assert acc[20:] == [None] * 4
+    # a right majority on a prompt whose first answer is wrong, at k = 3
+    assert score_completions(["q"] * 3, [a(2), a(4), a(4)], ["4"] * 3, 3)[0]["eval/cons@3"] == 1.0
+
+
+def test_summary_and_plot_carry_pass_and_cons_at_k(tmp_path):
+    from r1fast.trainer.pipeline import PipelineRunner, render_summary
+    from r1fast.trainer.plot import k_sample_keys
+
+    runner = PipelineRunner(load_pipeline(tiny_pipeline(tmp_path)))
+    ev = {"eval/accuracy": 0.5, "eval/format": 1.0, "eval/pass@4": 0.75, "eval/cons@4": 0.625, "eval/num_samples": 8}
+    runner.state = {"order": ["sft", "rl"], "stages": {
+        "sft": {"type": "sft", "step_start": 0, "step_end": 2, "finished": True},
+        "rl": {"type": "grpo", "step_start": 2, "step_end": 4, "finished": True, "eval": ev}}}
+    summary = runner.summary(0.0)
+    assert {k: summary["stages"][1][k] for k in ("held_out_accuracy", "pass@4", "cons@4")} == \
+        {"held_out_accuracy": 0.5, "pass@4": 0.75, "cons@4": 0.625}
+    table = render_summary(summary).splitlines()
+    header = next(line for line in table if line.startswith("stage"))
+    assert header.split() == ["stage", "type", "steps", "accuracy", "format", "pass@4", "cons@4", "time"]
+    assert table[-2].split()[3:7] == ["-", "-", "-", "-"] and table[-1].split()[3:7] == ["0.500", "1.000", "0.750",
+                                                                                          "0.625"]
+    rows = [{"step": 1, "eval/cons@16": 0.1, "eval/pass@4": 0.2}, {"step": 2, "eval/pass@16": 0.3, "eval/cons@4": 0.4}]
+    assert k_sample_keys(rows) == ["eval/pass@4", "eval/cons@4", "eval/pass@16", "eval/cons@16"]
+
+
+def test_train_prints_pass_and_cons_at_k_beside_the_accuracy(capsys):
+    from r1fast.trainer.cli import _print_result
+
+    _print_result({"initial": {"eval/accuracy": 0.25}, "final": {"eval/accuracy": 0.5, "eval/pass@4": 0.75,
+                                                                 "eval/cons@4": 0.625}})
+    assert capsys.readouterr().out.splitlines() == ["initial held-out accuracy: 0.250",
+                                                    "final held-out accuracy: 0.500 (pass@4 0.750, cons@4 0.625)"]
 
 
 def test_stages_hand_on_their_model_steps_and_samples(tmp_path, monkeypatch):

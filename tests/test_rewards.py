@@ -33,6 +33,15 @@ def test_answers_match_numeric(pred, gold, ok):
     assert answers_match(pred, gold) is ok
 
 
+def test_vote_key_is_shared_only_by_answers_that_match():
+    from r1fast.rewards.builtin import vote_key
+
+    same = [("5", "5.0"), ("1/2", ".5"), ("1,000", "1000"), ("$18", "18"), (" x+1 ", "x+1"), ("\\boxed{3}", "3")]
+    for a, b in same:
+        assert vote_key(a) == vote_key(b) and answers_match(a, b), (a, b)
+    assert len({vote_key(a) for a in ("5", "6", "x+1", "1+x", "five", "5x")}) == 6
+
+
 def test_answers_match_uses_math_verify_for_latex():
     pytest.importorskip("math_verify")
     assert answers_match("\\frac{1}{2}", "0.5")

@@ -1831,6 +1831,9 @@ def test_eval_samples_per_prompt_above_a_rollouts_completions_gets_engine_seats(
     tr = GRPOTrainer(model, [sevens], ROWS[2:], cfg, tokenizer=tok, eval_dataset=ROWS[:2])
     res = tr.train()
     assert res["final"]["eval/num_samples"] == 8
+    # the same 4 samples per prompt give pass@4 and cons@4, in the result and in metrics.jsonl
+    logged = [r for r in _metrics(tmp_path / "e" / "metrics.jsonl") if "eval/accuracy" in r][-1]
+    assert {"eval/pass@4", "eval/cons@4"} <= set(res["final"]) and logged["eval/pass@4"] == res["final"]["eval/pass@4"]
     # seats set below it are refused when the trainer is built, naming both options
     cfg = GRPOConfig(per_device_train_batch_size=2, num_generations=2, engine_max_num_seqs=2,
                      eval_samples_per_prompt=4, output_dir=str(tmp_path / "f"), progress_bar=False)

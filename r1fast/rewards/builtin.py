@@ -158,6 +158,14 @@ def answers_match(predicted: str, gold: str) -> bool:
     return _math_verify_match(predicted, gold)
 
 
+def vote_key(answer: str):
+    """A key under which answers are the same vote in a majority vote (cons@k) without a math-verify call
+    per pair (tens to hundreds of ms each on junk answers): the same number (1/2, 0.5, 1,000, $5), else
+    the same text, ends stripped. Answers with one key match by `answers_match`."""
+    number = _as_number(answer)
+    return ("number", number) if number is not None else ("text", answer.strip())
+
+
 # One answer's whole math-verify check (its parses and comparisons) on any thread; past it the answer
 # scores 0. A policy's junk (`9^{9^{9}}`, `(((…)))` 50 deep, `1000000!`) kept sympy busy for 5 s per
 # stage on the main thread and without end on any other (math-verify's limit is SIGALRM).

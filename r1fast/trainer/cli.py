@@ -235,9 +235,11 @@ def _run_grpo(config: str | None, overrides: list[str], resume):
 
 
 def _print_result(res: dict):
+    from r1fast.trainer.evaluate import describe_eval
+
     for key in ("initial", "final"):
         if key in res:
-            print(f"{key} held-out accuracy: {res[key]['eval/accuracy']:.3f}")
+            print(f"{key} held-out accuracy: {describe_eval(res[key])}")
     if "checkpoint" in res:
         print(f"checkpoint: {res['checkpoint']}")
     if res.get("nonfinite_skipped"):

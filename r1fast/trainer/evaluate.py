@@ -1,7 +1,9 @@
 """Held-out accuracy: sample completions for held-out prompts, score them with the accuracy and
-format rewards. With temperature > 0 and k samples per prompt this is R1's pass@1 estimate."""
+format rewards. With temperature > 0 and k samples per prompt this is R1's pass@1 estimate; with k > 1
+the same samples also give pass@k (any of the k correct) and cons@k (R1's majority vote)."""
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 from r1fast.data.loading import decode_completion, encode_prompt, stop_token_ids
@@ -31,7 +33,6 @@ def evaluate_accuracy(model, tokenizer, rows: Sequence[dict], *, samples_per_pro
     do); without it, a prompt that leaves the model no room for an answer is an error. `format_pattern`:
     what eval/format counts as well formed (the format reward's; default <think>…</think><answer>…</answer>).
     `chat_template_kwargs`: for the tokenizer's apply_chat_template (Qwen3's enable_thinking), as in training."""
-    from r1fast.rewards import accuracy_reward, make_format_reward
     from r1fast.rollout import Engine, SamplingParams
 
     rows = list(rows)
@@ -61,12 +62,74 @@ def evaluate_accuracy(model, tokenizer, rows: Sequence[dict], *, samples_per_pro
     prompts = [r[prompt_column] for r in rows for _ in range(n)]
     column = gold_column(rows, answer_column)
     answers = [r.get(column) for r in rows for _ in range(n)]
-    acc = accuracy_reward(prompts, texts, answer=answers)
-    fmt = make_format_reward(format_pattern)(prompts, texts)
-    scored = [a for a in acc if a is not None]
-    out = {"eval/accuracy": sum(scored) / max(len(scored), 1), "eval/format": sum(fmt) / len(fmt),
-           "eval/completion_length": sum(lengths) / len(lengths), "eval/num_samples": len(texts)}
+    out, acc = score_completions(prompts, texts, answers, n, format_pattern)
+    out.update({"eval/completion_length": sum(lengths) / len(lengths), "eval/num_samples": len(texts)})
     if return_samples:
         return out, [{"prompt": p if isinstance(p, str) else str(p), "completion": t, "accuracy": a}
                      for p, t, a in zip(prompts, texts, acc)]
     return out
+
+
+def score_completions(prompts: Sequence, texts: Sequence[str], answers: Sequence, samples_per_prompt: int,
+                      format_pattern: Optional[str] = None) -> tuple[dict, list[Optional[float]]]:
+    """The evaluation's scores of given completions, one per sample, each prompt's `samples_per_prompt`
+    next to each other: eval/accuracy (mean over the samples with a reference), eval/format (over all),
+    and with k = samples_per_prompt > 1 eval/pass@k and eval/cons@k (means over the prompts with a
+    reference). Returns them and each sample's accuracy (None: no reference)."""
+    from r1fast.rewards import accuracy_reward, make_format_reward
+
+    k = samples_per_prompt
+    acc = accuracy_reward(prompts, texts, answer=answers)
+    fmt = make_format_reward(format_pattern)(prompts, texts)
+    scored = [a for a in acc if a is not None]
+    out = {"eval/accuracy": sum(scored) / max(len(scored), 1), "eval/format": sum(fmt) / len(fmt)}
+    if k > 1:
+        groups = [range(i, i + k) for i in range(0, len(texts), k) if acc[i] is not None]
+        passes = [pass_at_k(k, sum(acc[j] == 1.0 for j in g), k) for g in groups]
+        votes = [acc[g.start + majority_index([texts[j] for j in g], [acc[j] == 1.0 for j in g])] == 1.0
+                 for g in groups]
+        out[f"eval/pass@{k}"] = sum(passes) / max(len(passes), 1)
+        out[f"eval/cons@{k}"] = sum(votes) / max(len(votes), 1)
+    return out, acc
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """The unbiased pass@k estimate from n samples of which c are correct (Chen et al., 2021): the chance
+    that k of them drawn without replacement hold at least one correct, 1 - C(n-c, k) / C(n, k)."""
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n; got n={n}, c={c}, k={k}")
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def majority_index(texts: Sequence[str], correct: Sequence[bool]) -> int:
+    """The index of the sample whose final answer wins cons@k's majority vote among `texts`, given which
+    samples the accuracy reward scored correct.
+
+    A sample's answer is its final answer as the accuracy reward extracts it. The correct answers are one
+    vote: each matched the reference by the reward's `answers_match`. A wrong answer votes with the wrong
+    answers of the same `vote_key` (the same number: 0.5 and 1/2; else the same text), so no math-verify
+    call is added to the evaluation; wrong answers equal only to math-verify (x+1, 1+x) vote apart. The
+    largest vote wins; among equally large ones, the one whose first sample came first. The index is that
+    vote's first sample. A sample without an answer never wins unless no sample has one (then sample 0)."""
+    from r1fast.rewards.builtin import completion_text, extract_answer, final_part, vote_key
+
+    votes: dict = {}   # vote -> [its first sample, its count]
+    for i, (t, ok) in enumerate(zip(texts, correct)):
+        answer = extract_answer(final_part(completion_text(t)))
+        if answer is not None:
+            votes.setdefault("correct" if ok else vote_key(answer), [i, 0])[1] += 1
+    if not votes:
+        return 0
+    first, _ = max(votes.values(), key=lambda v: (v[1], -v[0]))
+    return first
+
+
+def k_sample_scores(ev: dict) -> dict[str, float]:
+    """An evaluation's pass@k and cons@k, named without the `eval/` prefix ({} when k = 1)."""
+    return {key[len("eval/"):]: v for key, v in ev.items() if key.startswith(("eval/pass@", "eval/cons@"))}
+
+
+def describe_eval(ev: dict) -> str:
+    """accuracy, then pass@k and cons@k when there are: "0.750 (pass@4 0.900, cons@4 0.800)"."""
+    extra = ", ".join(f"{name} {v:.3f}" for name, v in k_sample_scores(ev).items())
+    return f"{ev['eval/accuracy']:.3f}" + (f" ({extra})" if extra else "")

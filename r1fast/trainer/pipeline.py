@@ -43,7 +43,7 @@ from r1fast.trainer.config import (
     load_yaml,
     parse_overrides,
 )
-from r1fast.trainer.evaluate import check_eval_answers
+from r1fast.trainer.evaluate import check_eval_answers, k_sample_scores
 from r1fast.trainer.metrics import replacing
 from r1fast.trainer.sampling import SAMPLE_PROGRESS, check_output_file
 
@@ -708,7 +708,9 @@ class PipelineRunner:
                 record["eval_settings"] = self._eval_settings()
                 record["eval_samples"] = samples
                 print(f"held-out accuracy after {stage.name}: {ev['eval/accuracy']:.3f} "
-                      f"(format {ev['eval/format']:.3f}, {ev['eval/num_samples']} samples)")
+                      f"(format {ev['eval/format']:.3f}, "
+                      + "".join(f"{name} {v:.3f}, " for name, v in k_sample_scores(ev).items())
+                      + f"{ev['eval/num_samples']} samples)")
             record.update(step_end=step, wall_s=time.perf_counter() - t0, finished=True, options=_stage_options(stage))
             if "checkpoint" in record:
                 reload = self._from_run(record["checkpoint"]), p.seed + i
@@ -787,7 +789,8 @@ class PipelineRunner:
             st = self.state["stages"].get(name, {})
             row = {"stage": name, "type": st.get("type"), "steps": st.get("step_end", 0) - st.get("step_start", 0),
                    "held_out_accuracy": (st.get("eval") or {}).get("eval/accuracy"),
-                   "format": (st.get("eval") or {}).get("eval/format"), "wall_s": round(st.get("wall_s", 0.0), 1)}
+                   "format": (st.get("eval") or {}).get("eval/format"), "wall_s": round(st.get("wall_s", 0.0), 1),
+                   **k_sample_scores(st.get("eval") or {})}   # "pass@4", "cons@4" with 4 samples per prompt
             if st.get("nonfinite_skipped"):
                 row["nonfinite_skipped"] = st["nonfinite_skipped"]
             # a stage finished by an earlier invocation may have been evaluated under other settings
@@ -799,16 +802,20 @@ class PipelineRunner:
 
 
 def render_summary(s: dict) -> str:
+    k_columns = _k_columns(s["stages"])
     lines = [f"\nrun {s['name']} (seed {s['seed']}) in {s['run_dir']}",
              f"held-out: {s['eval']['prompts']} prompts × {s['eval']['samples_per_prompt']} samples at "
              f"temperature {s['eval']['temperature']}" if s["eval"].get("dataset") is not None else
              "held-out: none (no eval_dataset)",
-             f"{'stage':<18}{'type':<8}{'steps':>7}{'accuracy':>10}{'format':>8}{'time':>8}"]
+             f"{'stage':<18}{'type':<8}{'steps':>7}{'accuracy':>10}{'format':>8}"
+             + "".join(f"{name:>10}" for name in k_columns) + f"{'time':>8}"]
     for r in s["stages"]:
         acc = "-" if r["held_out_accuracy"] is None else f"{r['held_out_accuracy']:.3f}"
         fmt = "-" if r["format"] is None else f"{r['format']:.3f}"
+        by_k = "".join(f"{'-' if r.get(name) is None else format(r[name], '.3f'):>10}" for name in k_columns)
         mark = " *" if "eval_settings" in r else ""
-        lines.append(f"{r['stage']:<18}{r['type'] or '-':<8}{r['steps']:>7}{acc:>10}{fmt:>8}{r['wall_s']:>7.0f}s{mark}")
+        lines.append(f"{r['stage']:<18}{r['type'] or '-':<8}{r['steps']:>7}{acc:>10}{fmt:>8}{by_k}"
+                     f"{r['wall_s']:>7.0f}s{mark}")
     for r in s["stages"]:
         if "eval_settings" in r:
             then = r["eval_settings"]
@@ -820,6 +827,12 @@ def render_summary(s: dict) -> str:
         if r.get("nonfinite_skipped"):
             lines.append(f"{r['stage']}: {r['nonfinite_skipped']} steps skipped for a NaN/inf loss or gradient")
     return "\n".join(lines)
+
+
+def _k_columns(rows: list[dict]) -> list[str]:
+    """The pass@k and cons@k columns of a summary's stages (one k unless stages were evaluated with others)."""
+    names = {name for r in rows for name in r if name.startswith(("pass@", "cons@"))}
+    return sorted(names, key=lambda name: (int(name.split("@")[1]), name.startswith("cons@")))
 
 
 def _stage_options(stage: Stage) -> dict:

@@ -8,7 +8,7 @@ from r1fast.trainer.metrics import read_metrics
 
 PANELS = [
     ("reward", ["reward", "rewards/accuracy", "rewards/format"]),
-    ("held-out accuracy", ["eval/accuracy"]),
+    ("held-out accuracy", ["eval/accuracy"]),   # and the run's eval/pass@k and eval/cons@k (k > 1)
     ("KL to reference", ["kl"]),
     # the ones that ended on their own (TRL's terminated length): beside the mean, whether the model learns to stop
     ("completion length (tokens)", ["completion_length", "completions/mean_terminated_length"]),
@@ -30,6 +30,8 @@ def plot_run(run_dir: str, out: str | None = None) -> str:
         raise ValueError(f"{run_dir}: metrics.jsonl is empty")
     fig, axes = plt.subplots(2, 3, figsize=(14, 7))
     for ax, (title, keys) in zip(axes.flat, PANELS):
+        if "eval/accuracy" in keys:
+            keys = keys + k_sample_keys(rows)
         drawn = False
         for key in keys:
             if key.startswith("eval/"):   # one line across stages: the accuracy after each stage
@@ -59,6 +61,12 @@ def plot_run(run_dir: str, out: str | None = None) -> str:
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out
+
+
+def k_sample_keys(rows: list[dict]) -> list[str]:
+    """The eval/pass@k and eval/cons@k keys logged (k is in the name: the samples per prompt), by k."""
+    keys = {key for r in rows for key in r if key.startswith(("eval/pass@", "eval/cons@"))}
+    return sorted(keys, key=lambda key: (int(key.split("@")[1]), key.startswith("eval/cons@")))
 
 
 def run_metrics(run_dir: str) -> list[dict]:
