@@ -1000,7 +1000,7 @@ def test_cons_at_k_votes_by_equivalent_answers_first_among_ties_and_answerless_s
 
 def test_summary_and_plot_carry_pass_and_cons_at_k(tmp_path):
     from r1fast.trainer.pipeline import PipelineRunner, render_summary
-    from r1fast.trainer.plot import k_sample_keys
+    from r1fast.trainer.metrics import k_sample_names
 
     runner = PipelineRunner(load_pipeline(tiny_pipeline(tmp_path)))
     ev = {"eval/accuracy": 0.5, "eval/format": 1.0, "eval/pass@4": 0.75, "eval/cons@4": 0.625, "eval/num_samples": 8}
@@ -1016,7 +1016,7 @@ def test_summary_and_plot_carry_pass_and_cons_at_k(tmp_path):
     assert table[-2].split()[3:7] == ["-", "-", "-", "-"] and table[-1].split()[3:7] == ["0.500", "1.000", "0.750",
                                                                                           "0.625"]
     rows = [{"step": 1, "eval/cons@16": 0.1, "eval/pass@4": 0.2}, {"step": 2, "eval/pass@16": 0.3, "eval/cons@4": 0.4}]
-    assert k_sample_keys(rows) == ["eval/pass@4", "eval/cons@4", "eval/pass@16", "eval/cons@16"]
+    assert k_sample_names(rows, "eval/") == ["eval/pass@4", "eval/cons@4", "eval/pass@16", "eval/cons@16"]
 
 
 def test_train_prints_pass_and_cons_at_k_beside_the_accuracy(capsys):

@@ -158,3 +158,10 @@ def _truncate_after(path: str, step: int):
             keep.append(line)
     with replacing(path) as f:
         f.writelines(keep)
+
+
+def k_sample_names(rows: list[dict], prefix: str = "") -> list[str]:
+    """The pass@k and cons@k names among rows' keys (`prefix`: "eval/" for logged metrics, "" for a
+    summary's stage rows), by k then pass before cons (k is in the name: the samples per prompt)."""
+    names = {name for r in rows for name in r if name.startswith((prefix + "pass@", prefix + "cons@"))}
+    return sorted(names, key=lambda name: (int(name.split("@")[1]), name.startswith(prefix + "cons@")))

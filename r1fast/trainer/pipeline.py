@@ -44,7 +44,7 @@ from r1fast.trainer.config import (
     parse_overrides,
 )
 from r1fast.trainer.evaluate import check_eval_answers, k_sample_scores
-from r1fast.trainer.metrics import replacing
+from r1fast.trainer.metrics import k_sample_names, replacing
 from r1fast.trainer.sampling import SAMPLE_PROGRESS, check_output_file
 
 STAGE_TYPES = {"sft": SFTConfig, "grpo": GRPOConfig, "sample": SampleConfig}
@@ -802,7 +802,7 @@ class PipelineRunner:
 
 
 def render_summary(s: dict) -> str:
-    k_columns = _k_columns(s["stages"])
+    k_columns = k_sample_names(s["stages"])
     lines = [f"\nrun {s['name']} (seed {s['seed']}) in {s['run_dir']}",
              f"held-out: {s['eval']['prompts']} prompts × {s['eval']['samples_per_prompt']} samples at "
              f"temperature {s['eval']['temperature']}" if s["eval"].get("dataset") is not None else
@@ -827,12 +827,6 @@ def render_summary(s: dict) -> str:
         if r.get("nonfinite_skipped"):
             lines.append(f"{r['stage']}: {r['nonfinite_skipped']} steps skipped for a NaN/inf loss or gradient")
     return "\n".join(lines)
-
-
-def _k_columns(rows: list[dict]) -> list[str]:
-    """The pass@k and cons@k columns of a summary's stages (one k unless stages were evaluated with others)."""
-    names = {name for r in rows for name in r if name.startswith(("pass@", "cons@"))}
-    return sorted(names, key=lambda name: (int(name.split("@")[1]), name.startswith("cons@")))
 
 
 def _stage_options(stage: Stage) -> dict:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import os
 
-from r1fast.trainer.metrics import read_metrics
+from r1fast.trainer.metrics import k_sample_names, read_metrics
 
 PANELS = [
     ("reward", ["reward", "rewards/accuracy", "rewards/format"]),
@@ -31,7 +31,7 @@ def plot_run(run_dir: str, out: str | None = None) -> str:
     fig, axes = plt.subplots(2, 3, figsize=(14, 7))
     for ax, (title, keys) in zip(axes.flat, PANELS):
         if "eval/accuracy" in keys:
-            keys = keys + k_sample_keys(rows)
+            keys = keys + k_sample_names(rows, "eval/")
         drawn = False
         for key in keys:
             if key.startswith("eval/"):   # one line across stages: the accuracy after each stage
@@ -61,12 +61,6 @@ def plot_run(run_dir: str, out: str | None = None) -> str:
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out
-
-
-def k_sample_keys(rows: list[dict]) -> list[str]:
-    """The eval/pass@k and eval/cons@k keys logged (k is in the name: the samples per prompt), by k."""
-    keys = {key for r in rows for key in r if key.startswith(("eval/pass@", "eval/cons@"))}
-    return sorted(keys, key=lambda key: (int(key.split("@")[1]), key.startswith("eval/cons@")))
 
 
 def run_metrics(run_dir: str) -> list[dict]:
