@@ -2175,8 +2175,7 @@ def test_chat_template_kwargs_template_grpo_sft_and_sampling_prompts(tmp_path):
     # no option passed the template's own variables: every prompt was rendered with the template's defaults
     from r1fast.data import encode_prompt
     from r1fast.trainer.common import option_change_note
-    from r1fast.trainer.config import SampleConfig, SFTConfig
-    from r1fast.trainer.sampling import rejection_sample
+    from r1fast.trainer.config import SFTConfig
     from r1fast.trainer.sft import SFTTrainer
 
     on = {"thinking": True}
@@ -2187,11 +2186,7 @@ def test_chat_template_kwargs_template_grpo_sft_and_sampling_prompts(tmp_path):
     rows = [{"prompt": "1+1=", "completion": answer}]
     (p, c), = SFTTrainer(model, tok, rows, SFTConfig(progress_bar=False, chat_template_kwargs=on)).examples
     assert p == opened and tok.decode(c) == answer[len("<think>\n"):] + "<eos>"   # the opening is the prompt's
-    always = [lambda prompts, completions, **kw: [1.0] * len(completions)]
-    kept, _ = rejection_sample(model, tok, [{"prompt": "1+1=", "answer": "2"}],
-                               SampleConfig(reward_funcs=always, num_samples=2, max_completion_length=4,
-                                            keep_truncated=True, progress_bar=False, chat_template_kwargs=on),
-                               progress=False)
+    kept = _kept_samples(model, tok, on)
     assert kept and all(r["completion"].startswith("<think>\n") for r in kept)
     cfg = GRPOConfig(per_device_train_batch_size=8, num_generations=4, max_completion_length=4,
                      output_dir=str(tmp_path / "run"), progress_bar=False, chat_template_kwargs=on)
@@ -2205,14 +2200,26 @@ def test_chat_template_kwargs_template_grpo_sft_and_sampling_prompts(tmp_path):
     assert "options other than the checkpoint's: chat_template_kwargs {'thinking': True} -> {'thinking': False}" in note
 
 
+def _kept_samples(model, tok, chat_template_kwargs):
+    """Two samples of "1+1=" kept whatever they say, prompted with these chat_template_kwargs."""
+    from r1fast.trainer.config import SampleConfig
+    from r1fast.trainer.sampling import rejection_sample
+
+    always = [lambda prompts, completions, **kw: [1.0] * len(completions)]
+    kept, _ = rejection_sample(model, tok, [{"prompt": "1+1=", "answer": "2"}],
+                               SampleConfig(reward_funcs=always, num_samples=2, max_completion_length=4,
+                                            keep_truncated=True, progress_bar=False,
+                                            chat_template_kwargs=chat_template_kwargs), progress=False)
+    return kept
+
+
 def test_an_empty_reasoning_block_the_prompt_closes_is_not_trained_twice():
     # Qwen3's template with enable_thinking: false ends its generation prompt with "<think>\n\n</think>\n\n": a
     # completion recorded with that block (the assistant's whole turn) trained on it twice, and sampling kept
     # completions without it
     from r1fast.data.loading import prefilled_think
     from r1fast.data.tokenizer import CHAT_TEMPLATE
-    from r1fast.trainer.config import SampleConfig, SFTConfig
-    from r1fast.trainer.sampling import rejection_sample
+    from r1fast.trainer.config import SFTConfig
     from r1fast.trainer.sft import SFTTrainer
 
     tok = build_char_tokenizer()
@@ -2229,9 +2236,5 @@ def test_an_empty_reasoning_block_the_prompt_closes_is_not_trained_twice():
     (p, c), = SFTTrainer(model, tok, [{"prompt": "1+1=", "completion": "<answer>2</answer>"}],
                          SFTConfig(progress_bar=False, chat_template_kwargs=off)).examples
     assert tok.decode(c) == "<answer>2</answer><eos>"
-    always = [lambda prompts, completions, **kw: [1.0] * len(completions)]
-    kept, _ = rejection_sample(model, tok, [{"prompt": "1+1=", "answer": "2"}],
-                               SampleConfig(reward_funcs=always, num_samples=2, max_completion_length=4,
-                                            keep_truncated=True, progress_bar=False, chat_template_kwargs=off),
-                               progress=False)
+    kept = _kept_samples(model, tok, off)
     assert kept and all(r["completion"].startswith("<think>\n\n</think>\n\n") for r in kept)
