@@ -105,11 +105,14 @@ def group_advantages(rewards: torch.Tensor, group_size: int, estimator: str, sca
 
 
 def _batch_std(rewards: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Bessel std of the scored rewards, 0 for fewer than two, as torch ops left on the device (no sync)."""
+    """Bessel std of the scored rewards, 0 for fewer than two, as torch ops left on the device (no sync).
+    Taken about one scored reward (std is shift-invariant), as the kernel centres its groups: rewards
+    far from 0 would lose their spread to the fp32 rounding of the mean."""
     if mask is None:
-        return rewards.std()
+        return (rewards - rewards[:1]).std()
     n = mask.sum()
-    r = torch.where(mask, rewards, 0.0)
+    first = rewards.gather(0, mask.to(torch.uint8).argmax().reshape(1))  # a device index: no sync
+    r = torch.where(mask, rewards - first, 0.0)
     mean = r.sum() / n.clamp(min=1)
     var = torch.where(mask, r - mean, 0.0).square().sum() / (n - 1).clamp(min=1)
     return torch.where(n > 1, var.sqrt(), 0.0)
