@@ -460,3 +460,31 @@ def test_chat_template_kwargs_is_a_mapping_of_template_variables():
     assert p.stages[0].config.chat_template_kwargs == {"enable_thinking": False}
     with pytest.raises(ConfigError, match=r"option 'eval_chat_template_kwargs': 'tokenize' is set by r1fast itself"):
         load_pipeline({"model": "builtin:micro", "stages": stages}, ["eval_chat_template_kwargs={tokenize: true}"])
+
+
+def test_stop_tokens_are_token_texts_checked_at_load_and_kept_by_a_checkpoint():
+    # a base Qwen2.5 trained with its chat template ended turns with <|im_end|>, which no option could add to
+    # the tokenizer's eos as a stop: its completions ran on to max_completion_length
+    from r1fast.trainer.common import option_change_note
+
+    for cls in (GRPOConfig, SampleConfig):
+        assert cls().stop_tokens is None
+        assert cls.from_dict(parse_overrides(["stop_tokens=<|im_end|>"])).stop_tokens == ["<|im_end|>"]
+        assert cls.from_dict({"stop_tokens": ["<|im_end|>", "</s>"]}).stop_tokens == ["<|im_end|>", "</s>"]
+        for value, match in [(5, r"option 'stop_tokens' expects list, got 5"),
+                             ({"a": 1}, r"option 'stop_tokens' expects list"),
+                             ([151645], r"option 'stop_tokens' takes tokens as text .*got 151645 \(token ids are not"),
+                             ([""], r"option 'stop_tokens' takes tokens as text .*got ''"),
+                             ([None], r"option 'stop_tokens' takes tokens as text .*got None")]:
+            with pytest.raises(ConfigError, match=match):
+                cls.from_dict({"stop_tokens": value})
+    cfg = GRPOConfig(stop_tokens=["<|im_end|>"])
+    assert GRPOConfig.from_dict(cfg.to_json_dict()).stop_tokens == ["<|im_end|>"]   # as a checkpoint reads it back
+    note = option_change_note({"config": cfg.to_json_dict()}, GRPOConfig().to_json_dict(), 2)
+    assert "stop_tokens ['<|im_end|>'] -> None" in note
+    assert option_change_note({"config": cfg.to_json_dict()}, cfg.to_json_dict(), 2) is None
+    stages = [{"name": "s", "type": "grpo", "dataset": "builtin:arithmetic", "config": {"stop_tokens": ["<|im_end|>"]}}]
+    p = load_pipeline({"model": "builtin:micro", "stages": stages}, ["eval_stop_tokens=[<|im_end|>]"])
+    assert p.eval_stop_tokens == ["<|im_end|>"] and p.stages[0].config.stop_tokens == ["<|im_end|>"]
+    with pytest.raises(ConfigError, match=r"option 'eval_stop_tokens' takes tokens as text .*got 7"):
+        load_pipeline({"model": "builtin:micro", "stages": stages}, ["eval_stop_tokens=[7]"])

@@ -632,6 +632,23 @@ def test_held_out_evaluation_takes_the_pipelines_chat_template_kwargs(tmp_path, 
         {"enable_thinking": False}
 
 
+def test_held_out_evaluation_takes_the_pipelines_stop_tokens(tmp_path, monkeypatch):
+    # a base model trained with a template whose turns end with another token than eos (Qwen2.5's <|im_end|>)
+    # had its held-out completions run on to eval_max_tokens: eval_stop_tokens adds stops, checked before training
+    import r1fast.trainer.evaluate as evaluate
+
+    seen, real = [], evaluate.evaluate_accuracy
+    monkeypatch.setattr(evaluate, "evaluate_accuracy",
+                        lambda *a, **kw: seen.append((kw["stop_tokens"], kw["stop_option"])) or real(*a, **kw))
+    spec = one_sft_stage_spec(tmp_path, "eval_dataset: builtin:arithmetic\neval_size: 2\neval_samples_per_prompt: 1\n")
+    assert main(["pipeline", str(spec), f"output_dir={tmp_path / 'run'}", "eval_stop_tokens=[<|user|>]"]) == 0
+    assert seen == [(["<|user|>"], "eval_stop_tokens")]
+    assert json.load(open(tmp_path / "run" / "summary.json"))["eval"]["stop_tokens"] == ["<|user|>"]
+    with pytest.raises(SystemExit, match=r"option 'eval_stop_tokens': '</s>' must be exactly one token"):
+        main(["pipeline", str(spec), f"output_dir={tmp_path / 'bad'}", "eval_stop_tokens=[</s>]"])
+    assert not (tmp_path / "bad" / "s").exists()   # refused before the stage trained
+
+
 def test_resumed_summary_marks_stages_evaluated_under_earlier_settings(tmp_path, capsys):
     spec = one_sft_stage_spec(tmp_path, "eval_dataset: builtin:arithmetic\neval_size: 4\neval_samples_per_prompt: 1\n")
     run = tmp_path / "run"

@@ -2238,3 +2238,101 @@ def test_an_empty_reasoning_block_the_prompt_closes_is_not_trained_twice():
     assert tok.decode(c) == "<answer>2</answer><eos>"
     kept = _kept_samples(model, tok, off)
     assert kept and all(r["completion"].startswith("<think>\n\n</think>\n\n") for r in kept)
+
+
+def test_stop_tokens_end_completions_in_the_engine_and_leave_the_rewards_text(tmp_path):
+    """Only the tokenizer's and the model's eos ended a completion: a base model whose chat template ends the
+    assistant's turn with another special token (Qwen2.5's <|im_end|>) wrote on to max_completion_length."""
+    from dataclasses import replace
+
+    from r1fast.data.loading import decode_completion
+
+    model, tok = tiny_model()
+    stop = tok.convert_tokens_to_ids("<|assistant|>")
+    cfg = GRPOConfig(per_device_train_batch_size=8, num_generations=4, max_steps=1, max_completion_length=12,
+                     output_dir=str(tmp_path / "o"), progress_bar=False, seed=3, stop_tokens=["<|assistant|>"])
+    tr = GRPOTrainer(model, [sevens], ROWS[:4], cfg, tokenizer=tok)
+    assert tr.stop_ids == [tok.eos_token_id, stop] and tr.end_ids == [tok.eos_token_id, stop]
+    _, stopped, _, finish = tr.generate(ROWS[:2], [0, 1], 4, 1.0, 5)
+    # the same draws without the extra stop: each stopped completion is its run-on twin cut after the first stop
+    params = tr._sampling_params(4, 1.0, 5)
+    run_on = [c.token_ids for r in tr.engine.generate(tr._prompt_ids(ROWS[:2], [0, 1]),
+                                                      replace(params, stop_token_ids=[tok.eos_token_id]))
+              for c in r.completions]
+    assert sum(stop in ids for ids in run_on) >= 2   # this seed draws the stop token: the test has teeth
+    for ids, twin, why in zip(stopped, run_on, finish):
+        twin = list(twin)
+        assert ids == (twin[:twin.index(stop) + 1] if stop in twin else twin)
+        assert why == ("stop" if stop in twin else "length")
+        # the rewards see the text before the stop token, as for eos
+        assert decode_completion(tok, ids, tr.end_ids) == tok.decode(ids[:-1] if ids[-1] == stop else ids)
+
+
+def test_a_stop_token_that_is_not_one_token_is_an_error_naming_it(tmp_path):
+    from r1fast.data.loading import resolve_stop_tokens
+    from r1fast.trainer.config import SampleConfig
+    from r1fast.trainer.evaluate import evaluate_accuracy
+    from r1fast.trainer.sampling import rejection_sample
+
+    tok = build_char_tokenizer()
+    assert resolve_stop_tokens(tok, ["<|user|>", "\n", "<eos>"]) == [8, tok("\n").input_ids[0], tok.eos_token_id]
+    assert resolve_stop_tokens(tok, None) == []
+    with pytest.raises(ValueError, match=r"option 'stop_tokens': '<\|im_end\|>' must be exactly one token of the "
+                                         r"tokenizer, but it encodes to 10 tokens \['<', '\|', 'i'"):
+        resolve_stop_tokens(tok, ["<|im_end|>"])
+    with pytest.raises(ValueError, match=r"'é' must be exactly one token .* encodes to the unknown token"):
+        resolve_stop_tokens(tok, ["é"])
+    model, _ = tiny_model()
+    rows = [{"prompt": "1", "answer": "1"}]
+    with pytest.raises(ValueError, match=r"option 'stop_tokens': '</s>' must be exactly one token"):
+        GRPOTrainer(model, [sevens], rows, GRPOConfig(per_device_train_batch_size=2, num_generations=2,
+                                                      output_dir=str(tmp_path / "o"), stop_tokens=["</s>"]),
+                    tokenizer=tok)
+    with pytest.raises(ValueError, match=r"option 'eval_stop_tokens': '</s>' must be exactly one token"):
+        evaluate_accuracy(model, tok, rows, stop_tokens=["</s>"], stop_option="eval_stop_tokens")
+    with pytest.raises(ValueError, match=r"option 'stop_tokens': '</s>' must be exactly one token"):
+        rejection_sample(model, tok, rows, SampleConfig(stop_tokens=["</s>"]), progress=False)
+
+
+def _cut_at(stop):
+    """What draws give when `stop` ends them: the text before it, the token itself left out."""
+    return lambda text: text.split(stop)[0]
+
+
+def test_stop_tokens_end_the_evaluations_completions():
+    from r1fast.trainer.evaluate import evaluate_accuracy
+
+    model, tok = tiny_model()
+    rows, stop = ROWS[:2], "<|assistant|>"
+    cut = _cut_at(stop)
+
+    def evaluated(**kw):
+        res, samples = evaluate_accuracy(model, tok, rows, samples_per_prompt=4, max_tokens=12, seed=5,
+                                         return_samples=True, **kw)
+        return res, [s["completion"] for s in samples]
+
+    res, run_on = evaluated()
+    assert sum(stop in t for t in run_on) >= 2   # this seed draws the stop token: the test has teeth
+    res_stopped, stopped = evaluated(stop_tokens=[stop])
+    assert stopped == [cut(t) for t in run_on] and res_stopped["eval/completion_length"] < res["eval/completion_length"]
+
+
+def test_stop_tokens_end_the_rejection_samplings_completions():
+    from r1fast.trainer.config import SampleConfig
+    from r1fast.trainer.sampling import rejection_sample
+
+    model, tok = tiny_model()
+    rows, stop = ROWS[:2], "<|assistant|>"
+    cut = _cut_at(stop)
+
+    def sampled(**kw):
+        cfg = SampleConfig(num_samples=4, keep_per_prompt=4, keep_truncated=True, max_completion_length=12, seed=3,
+                           reward_funcs=["format"], reward_thresholds=[0.0], progress_bar=False, **kw)
+        kept, stats = rejection_sample(model, tok, rows, cfg, progress=False)
+        return {(r["prompt"], r["completion"]) for r in kept}, stats
+
+    kept, stats = sampled()
+    kept_stopped, stats_stopped = sampled(stop_tokens=[stop])
+    assert sum(stop in t for _, t in kept) >= 2
+    assert kept_stopped == {(p, cut(t)) for p, t in kept}
+    assert stats_stopped["truncated"] == stats["truncated"] - sum(stop in t for _, t in kept)

@@ -461,12 +461,33 @@ def decode_completion(tokenizer, ids: Sequence[int], stop_ids: Sequence[int] = (
                             clean_up_tokenization_spaces=False)
 
 
-def stop_token_ids(tokenizer, model_eos=None) -> list[int]:
+def stop_token_ids(tokenizer, model_eos=None, extra: Sequence[int] = ()) -> list[int]:
     """The tokenizer's eos id(s); with model_eos (the model's eos ids, `CausalLM.eos_token_ids`: an id or a
-    list, at which the rollout engine stops too) also those: every token a completion can end with."""
+    list, at which the rollout engine stops too) also those: every token a completion can end with.
+    `extra`: the ids of the `stop_tokens` option (`resolve_stop_tokens`), after them."""
     ids = []
-    for t in (tokenizer.eos_token_id, model_eos):
+    for t in (tokenizer.eos_token_id, model_eos, list(extra)):
         for i in (t if isinstance(t, (list, tuple)) else [t]):
             if i is not None and int(i) not in ids:
                 ids.append(int(i))
     return ids
+
+
+def resolve_stop_tokens(tokenizer, texts: Optional[Sequence[str]], option: str = "stop_tokens") -> list[int]:
+    """The token ids of the `stop_tokens` option: each text must be exactly one token of the tokenizer
+    (Qwen's "<|im_end|>"); one that encodes to several tokens, none, or the unknown token would stop at
+    something else than the user meant, so it is an error naming the text and what it encodes to."""
+    ids = []
+    for text in texts or ():
+        encoded = tokenizer(text, add_special_tokens=False).input_ids
+        unknown = len(encoded) == 1 and encoded[0] == getattr(tokenizer, "unk_token_id", None) \
+            and text != tokenizer.unk_token
+        if len(encoded) != 1 or unknown:
+            pieces = tokenizer.convert_ids_to_tokens(encoded)
+            what = "the unknown token" if unknown else f"{len(encoded)} tokens {pieces} (ids {encoded})"
+            raise ValueError(f"option {option!r}: {text!r} must be exactly one token of the tokenizer, but it "
+                             f"encodes to {what}; give the text of a single token, such as a special token of "
+                             f"the chat template")
+        ids.append(int(encoded[0]))
+    return ids
+

@@ -252,6 +252,8 @@ def _coerce(key: str, value: Any, hint: Any, source: str) -> Any:
             value = [v for v in value.split(",") if v]
         if not isinstance(value, (list, tuple)):
             raise bad
+        if key in TOKEN_TEXT_OPTIONS:
+            _check_token_texts(key, value, source)
         return [_coerce(key, v, args[0], source) for v in value] if args else list(value)
     if origin is dict or hint is dict:
         if not isinstance(value, dict):
@@ -259,6 +261,17 @@ def _coerce(key: str, value: Any, hint: Any, source: str) -> Any:
                               f"command line {key}='{{name: value}}'), got {value!r:.80}")
         return dict(value)
     return value
+
+
+# options whose entries are token texts: a number there is a token id or a typo, never the digits' text
+TOKEN_TEXT_OPTIONS = ("stop_tokens", "eval_stop_tokens")
+
+
+def _check_token_texts(key: str, values, source: str):
+    for v in values:
+        if not isinstance(v, str) or not v:
+            raise ConfigError(f"{source}: option {key!r} takes tokens as text (in YAML `{key}: [\"<|im_end|>\"]`); "
+                              f"got {v!r}" + (" (token ids are not accepted)" if isinstance(v, int) else ""))
 
 
 def _check(cond: bool, msg: str):
@@ -458,6 +471,9 @@ class GRPOConfig(_TrainingConfig):
     system_prompt: Optional[str] = None
     # passed to the tokenizer's apply_chat_template (Qwen3's {enable_thinking: false}), as TRL's option
     chat_template_kwargs: Optional[dict[str, Any]] = None
+    # tokens (as text, one token each) a completion also stops at, besides the tokenizer's and the model's eos:
+    # a base model trained with a chat template whose turns end with another token (Qwen2.5's <|im_end|>)
+    stop_tokens: Optional[list[str]] = None
     # optimisation (the rest: _TrainingConfig)
     learning_rate: float = 1e-6
     adam_beta2: float = 0.99
@@ -673,6 +689,7 @@ class SampleConfig(_Base):
     answer_column: str = "answer"
     system_prompt: Optional[str] = None
     chat_template_kwargs: Optional[dict[str, Any]] = None   # as GRPOConfig's
+    stop_tokens: Optional[list[str]] = None                 # as GRPOConfig's
     output_file: Optional[str] = None
     num_samples: int = 4
     max_prompts: int = -1

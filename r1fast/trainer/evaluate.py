@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from typing import Optional, Sequence
 
-from r1fast.data.loading import decode_completion, encode_prompt, stop_token_ids
+from r1fast.data.loading import decode_completion, encode_prompt, resolve_stop_tokens, stop_token_ids
 from r1fast.trainer.common import check_prompt_room, gold_column
 
 
@@ -28,11 +28,14 @@ def evaluate_accuracy(model, tokenizer, rows: Sequence[dict], *, samples_per_pro
                       max_tokens: int = 256, seed: int = 0, prompt_column: str = "prompt",
                       answer_column: str = "answer", system_prompt: Optional[str] = None, engine=None,
                       return_samples: bool = False, max_prompt_length: Optional[int] = None,
-                      format_pattern: Optional[str] = None, chat_template_kwargs: Optional[dict] = None):
+                      format_pattern: Optional[str] = None, chat_template_kwargs: Optional[dict] = None,
+                      stop_tokens: Optional[Sequence[str]] = None, stop_option: str = "stop_tokens"):
     """`max_prompt_length`: prompts keep their last that many tokens (as a GRPO run's training prompts
     do); without it, a prompt that leaves the model no room for an answer is an error. `format_pattern`:
     what eval/format counts as well formed (the format reward's; default <think>…</think><answer>…</answer>).
-    `chat_template_kwargs`: for the tokenizer's apply_chat_template (Qwen3's enable_thinking), as in training."""
+    `chat_template_kwargs`: for the tokenizer's apply_chat_template (Qwen3's enable_thinking), as in training.
+    `stop_tokens`: tokens (as text) a completion also stops at, as in training; `stop_option` is the option
+    that gave them, named by the errors."""
     from r1fast.rollout import Engine, SamplingParams
 
     rows = list(rows)
@@ -42,18 +45,19 @@ def evaluate_accuracy(model, tokenizer, rows: Sequence[dict], *, samples_per_pro
     prompt_ids = [encode_prompt(tokenizer, r[prompt_column], system_prompt, max_prompt_length, chat_template_kwargs)
                   for r in rows]
     check_prompt_room(prompt_ids, model.config.max_sequence_length, "evaluation")
+    extra_stops = resolve_stop_tokens(tokenizer, stop_tokens, stop_option)
+    ends = stop_token_ids(tokenizer, model.eos_token_ids, extra_stops)   # the engine stops at the model's eos too
     if engine is None:
         engine = Engine(model, max_model_len=min(model.config.max_sequence_length,
                                                  max(map(len, prompt_ids)) + max_tokens))
     was_training = model.training
     model.eval()
     params = SamplingParams(n=samples_per_prompt, temperature=temperature, max_tokens=max_tokens,
-                            stop_token_ids=stop_token_ids(tokenizer), seed=seed)
+                            stop_token_ids=stop_token_ids(tokenizer, extra=extra_stops), seed=seed)
     results = engine.generate(prompt_ids, params)
     engine.reset_prefix_cache()
     model.train(was_training)
     texts, lengths = [], []
-    ends = stop_token_ids(tokenizer, model.eos_token_ids)   # the engine stops at the model's eos too
     for res in results:
         for c in res.completions:
             texts.append(decode_completion(tokenizer, c.token_ids, ends))

@@ -24,7 +24,7 @@ import torch
 from r1fast import _ext
 from r1fast._umask import apply_umask
 from r1fast.data.loading import (EVAL_SPLITS, check_columns, check_prompts, decode_completion, encode_prompt, load_rows,
-                                 stop_token_ids)
+                                 resolve_stop_tokens, stop_token_ids)
 from r1fast.rewards import RewardSet
 from r1fast.trainer import checkpoints as ckpt
 from r1fast.trainer.loss_scale import saved_loss_scale
@@ -136,9 +136,10 @@ class GRPOTrainer:
         self.step_offset = step_offset
         # False in a pipeline, which evaluates its held-out prompts between stages itself
         self.eval_at_ends = eval_at_ends
-        self.stop_ids = stop_token_ids(tokenizer)
+        extra_stops = resolve_stop_tokens(tokenizer, cfg.stop_tokens)
+        self.stop_ids = stop_token_ids(tokenizer, extra=extra_stops)
         # what a completion can end with: the engine also stops at the model's own eos ids
-        self.end_ids = stop_token_ids(tokenizer, model.eos_token_ids)
+        self.end_ids = stop_token_ids(tokenizer, model.eos_token_ids, extra_stops)
         self._prompt_cache: dict[int, list[int]] = {}
         if cfg.engine_num_blocks is not None:
             # as the engine sizes its own pool: one sequence of max_model_len fits (else the first rollout with
@@ -469,7 +470,7 @@ class GRPOTrainer:
                                  seed=self._seed(1, 0), prompt_column=cfg.prompt_column,
                                  answer_column=cfg.answer_column, system_prompt=cfg.system_prompt, engine=self.engine,
                                  max_prompt_length=self.prompt_cap, format_pattern=cfg.format_pattern,
-                                 chat_template_kwargs=cfg.chat_template_kwargs)
+                                 chat_template_kwargs=cfg.chat_template_kwargs, stop_tokens=cfg.stop_tokens)
 
     # -- checkpoints -----------------------------------------------------------------------------
     def save(self) -> str:

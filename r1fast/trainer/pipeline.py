@@ -51,7 +51,7 @@ STAGE_TYPES = {"sft": SFTConfig, "grpo": GRPOConfig, "sample": SampleConfig}
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "default.yaml")
 _TOP_KEYS = {"name", "seed", "output_dir", "model", "device", "dtype", "eval_dataset", "eval_size",
              "eval_samples_per_prompt", "eval_temperature", "eval_max_tokens", "eval_system_prompt",
-             "eval_format_pattern", "eval_chat_template_kwargs", "stages", "progress_bar",
+             "eval_format_pattern", "eval_chat_template_kwargs", "eval_stop_tokens", "stages", "progress_bar",
              "description", "num_threads", "overwrite_output_dir"}
 _STAGE_FIELDS = ("model", "dataset", "num_rows", "evaluate")
 _STAGE_KEYS = {"name", "type", "config", *_STAGE_FIELDS}
@@ -102,6 +102,7 @@ class Pipeline:
     eval_format_pattern: Optional[str] = None   # what eval/format counts as well formed (the format reward's default)
     # the held-out prompts' apply_chat_template keywords (Qwen3's enable_thinking), as the stages' chat_template_kwargs
     eval_chat_template_kwargs: Optional[dict[str, Any]] = None
+    eval_stop_tokens: Optional[list[str]] = None   # tokens the held-out completions also stop at, as stop_tokens
     progress_bar: bool = True
     num_threads: Optional[int] = None    # torch CPU threads (1 avoids stalls on a busy small CPU)
     overwrite_output_dir: bool = False   # a new run into a folder holding an earlier one: delete it first
@@ -515,7 +516,8 @@ class PipelineRunner:
                                          temperature=self.p.eval_temperature, max_tokens=self.p.eval_max_tokens,
                                          seed=seed, return_samples=True, system_prompt=self.p.eval_system_prompt,
                                          format_pattern=self.p.eval_format_pattern,
-                                         chat_template_kwargs=self.p.eval_chat_template_kwargs)
+                                         chat_template_kwargs=self.p.eval_chat_template_kwargs,
+                                         stop_tokens=self.p.eval_stop_tokens, stop_option="eval_stop_tokens")
         return {**res, "_samples": samples[:4]}
 
     def write_metrics(self):
@@ -625,7 +627,7 @@ class PipelineRunner:
             if stage.type != "sample" and stage.evaluate and self.eval_rows():
                 # found before the stage trains, not at the evaluation after it: a held-out prompt that leaves
                 # this model no room for an answer
-                from r1fast.data.loading import check_prompts, encode_prompt
+                from r1fast.data.loading import check_prompts, encode_prompt, resolve_stop_tokens
                 from r1fast.trainer.common import check_prompt_room
 
                 where = f"eval_dataset {p.eval_dataset!r}, evaluated after stage {stage.name!r}"
@@ -635,6 +637,7 @@ class PipelineRunner:
                 check_prompt_room([encode_prompt(tokenizer, r["prompt"], p.eval_system_prompt, chat_template_kwargs=kwargs)
                                    for r in self.eval_rows()],
                                   model.config.max_sequence_length, where)
+                resolve_stop_tokens(tokenizer, p.eval_stop_tokens, "eval_stop_tokens")
             stage_dir = os.path.join(self.run_dir, stage.name)
             if resume:   # a checkpoint whose replacement was killed between its renames counts as one
                 remove_save_leftovers(stage_dir)
@@ -776,7 +779,8 @@ class PipelineRunner:
         # recorded when set only: a state written before these options existed compares equal to their default
         prompt_and_format = {k: v for k, v in (("system_prompt", self.p.eval_system_prompt),
                                                ("format_pattern", self.p.eval_format_pattern),
-                                               ("chat_template_kwargs", self.p.eval_chat_template_kwargs))
+                                               ("chat_template_kwargs", self.p.eval_chat_template_kwargs),
+                                               ("stop_tokens", self.p.eval_stop_tokens))
                              if v is not None}
         return {"dataset": self.p.eval_dataset, "prompts": self.p.eval_size,
                 "samples_per_prompt": self.p.eval_samples_per_prompt, "temperature": self.p.eval_temperature,

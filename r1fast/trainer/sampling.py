@@ -11,7 +11,7 @@ import sys
 from typing import Callable, Optional, Sequence
 
 from r1fast.data.loading import (check_columns, check_prompts, continues_answer, decode_completion, encode_prompt,
-                                 prefilled_think, stop_token_ids)
+                                 prefilled_think, resolve_stop_tokens, stop_token_ids)
 from r1fast.rewards import RewardSet
 from r1fast.trainer.common import check_answer_column, check_prompt_room, reward_columns, reward_completions
 from r1fast.trainer.config import ConfigError, SampleConfig
@@ -46,8 +46,9 @@ def rejection_sample(model, tokenizer, rows: Sequence[dict], cfg: SampleConfig, 
     # Capped at the model's positions, as in GRPO and evaluation: a sample reaching it ends as "length".
     max_model_len = min(model.config.max_sequence_length, max(map(len, prompt_ids)) + cfg.max_completion_length)
     engine = Engine(model, max_num_seqs=max(256, cfg.num_samples), max_model_len=max_model_len)
-    stops = stop_token_ids(tokenizer)
-    ends = stop_token_ids(tokenizer, model.eos_token_ids)   # the engine stops at the model's eos too
+    extra_stops = resolve_stop_tokens(tokenizer, cfg.stop_tokens)
+    stops = stop_token_ids(tokenizer, extra=extra_stops)
+    ends = stop_token_ids(tokenizer, model.eos_token_ids, extra_stops)   # the engine stops at the model's eos too
     # a template that opens <think> for the model (R1-Distill's): its samples start inside the block. The kept
     # completion is the assistant's whole turn, opening included, so a student whose template does not open
     # it learns to (SFT leaves it out again for a template that does).
@@ -190,7 +191,8 @@ def sample_fingerprint(options: dict, prompts: list, settings: dict) -> str:
     kept rows continue only the same sampling."""
     import hashlib
 
-    options = {k: v for k, v in options.items() if k != "progress_bar"}
+    # stop_tokens unset: the fingerprint an r1fast before the option gave, so such a stopped sampling continues
+    options = {k: v for k, v in options.items() if k != "progress_bar" and not (k == "stop_tokens" and v is None)}
     return hashlib.sha256(json.dumps([options, prompts, settings], sort_keys=True, default=str).encode()).hexdigest()
 
 
