@@ -2268,6 +2268,52 @@ def test_stop_tokens_end_completions_in_the_engine_and_leave_the_rewards_text(tm
         assert decode_completion(tok, ids, tr.end_ids) == tok.decode(ids[:-1] if ids[-1] == stop else ids)
 
 
+def _tokenizer_ending_turns_with(end: str):
+    """The built-in tokenizer with a Qwen-like template: the assistant's turn closes with `end`, not with eos."""
+    from r1fast.data.tokenizer import CHAT_TEMPLATE
+
+    tok = build_char_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_end|>"]})
+    tok.chat_template = CHAT_TEMPLATE.replace("{{ message['content'] }}{{ eos_token }}",
+                                              "{{ message['content'] }}" + end)
+    return tok
+
+
+def test_a_template_ending_turns_with_a_token_that_is_no_stop_is_warned_of_once(tmp_path, monkeypatch):
+    import warnings
+
+    from r1fast.data import loading
+    from r1fast.trainer.config import SampleConfig
+    from r1fast.trainer.evaluate import evaluate_accuracy
+    from r1fast.trainer.sampling import rejection_sample
+
+    monkeypatch.setattr(loading, "_WARNED_TURN_END", set())
+    tok = _tokenizer_ending_turns_with("<|im_end|>\n")
+    assert loading.turn_end_token(tok) == ("<|im_end|>", len(tok) - 1)
+    model, _ = tiny_model(tok=tok)
+    rows = [{"prompt": "1", "answer": "1"}]
+    cfg = dict(per_device_train_batch_size=2, num_generations=2, max_steps=1, max_completion_length=2,
+               output_dir=str(tmp_path / "o"), progress_bar=False)
+    with pytest.warns(UserWarning, match=rf"ends the assistant's turn with '<\|im_end\|>' \(id {len(tok) - 1}\), but "
+                                         r"completions stop only at \['<eos>'\].*add it to the option 'stop_tokens'"):
+        GRPOTrainer(model, [sevens], rows, GRPOConfig(**cfg), tokenizer=tok)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        GRPOTrainer(model, [sevens], rows, GRPOConfig(**cfg), tokenizer=tok)   # said once
+        monkeypatch.setattr(loading, "_WARNED_TURN_END", set())
+        # stopped at, or a template whose turn ends with eos (the built-in one) or with plain text: nothing to say
+        tr = GRPOTrainer(model, [sevens], rows, GRPOConfig(**cfg, stop_tokens=["<|im_end|>"]), tokenizer=tok)
+        evaluate_accuracy(model, tok, rows, max_tokens=2, stop_tokens=["<|im_end|>"], engine=tr.engine)
+        GRPOTrainer(tiny_model()[0], [sevens], rows, GRPOConfig(**cfg), tokenizer=build_char_tokenizer())
+        GRPOTrainer(model, [sevens], rows, GRPOConfig(**cfg), tokenizer=_tokenizer_ending_turns_with("\n###\n"))
+    # the evaluation and rejection sampling name their own option
+    with pytest.warns(UserWarning, match=r"add it to the option 'eval_stop_tokens'"):
+        evaluate_accuracy(model, tok, rows, max_tokens=2, stop_option="eval_stop_tokens", engine=tr.engine)
+    monkeypatch.setattr(loading, "_WARNED_TURN_END", set())
+    with pytest.warns(UserWarning, match=r"add it to the option 'stop_tokens'"):
+        rejection_sample(model, tok, rows, SampleConfig(num_samples=1, max_completion_length=2), progress=False)
+
+
 def test_a_stop_token_that_is_not_one_token_is_an_error_naming_it(tmp_path):
     from r1fast.data.loading import resolve_stop_tokens
     from r1fast.trainer.config import SampleConfig

@@ -491,3 +491,45 @@ def resolve_stop_tokens(tokenizer, texts: Optional[Sequence[str]], option: str =
         ids.append(int(encoded[0]))
     return ids
 
+
+_TURN_PROBE = "r1fast stop probe"
+_WARNED_TURN_END: set[str] = set()
+
+
+def turn_end_token(tokenizer, chat_template_kwargs: Optional[dict] = None) -> Optional[tuple[str, int]]:
+    """(text, id) of the special token the chat template closes an assistant turn with (Qwen's <|im_end|>,
+    Llama 3's <|eot_id|>), found by rendering a one-exchange conversation; None without a template, when it
+    cannot render one, or when what follows the assistant's content is not a special token."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    msgs = [{"role": "user", "content": "x"}, {"role": "assistant", "content": _TURN_PROBE}]
+    try:
+        text = tokenizer.apply_chat_template(msgs, tokenize=False, **(chat_template_kwargs or {}))
+    except Exception:   # a template that refuses such a conversation: nothing to say about it
+        return None
+    at = text.rfind(_TURN_PROBE)
+    if at < 0:
+        return None
+    after = text[at + len(_TURN_PROBE):].lstrip()
+    specials = {t.content: i for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items() if t.special}
+    starts = [s for s in specials if s and after.startswith(s)]
+    if not starts:
+        return None
+    token = max(starts, key=len)
+    return token, specials[token]
+
+
+def warn_unstopped_turn_end(tokenizer, end_ids: Sequence[int], option: str = "stop_tokens",
+                            chat_template_kwargs: Optional[dict] = None):
+    """Once per token: the chat template ends an assistant turn with a special token the completions do not
+    stop at (a base Qwen2.5's tokenizer stops at <|endoftext|>, its template ends turns with <|im_end|>), so a
+    model that learned the template writes past its turn until max_completion_length."""
+    found = turn_end_token(tokenizer, chat_template_kwargs)
+    if found is None or found[1] in set(end_ids) or found[0] in _WARNED_TURN_END:
+        return
+    _WARNED_TURN_END.add(found[0])
+    stops = tokenizer.convert_ids_to_tokens(list(end_ids))
+    warnings.warn(f"r1fast: the chat template ends the assistant's turn with {found[0]!r} (id {found[1]}), but "
+                  f"completions stop only at {stops}: a model that closes its turn with {found[0]!r} goes on "
+                  f"writing until the length limit; add it to the option {option!r} "
+                  f"({option}: [{found[0]!r}]) to stop there", stacklevel=3)

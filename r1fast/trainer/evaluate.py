@@ -6,7 +6,8 @@ from __future__ import annotations
 import math
 from typing import Optional, Sequence
 
-from r1fast.data.loading import decode_completion, encode_prompt, resolve_stop_tokens, stop_token_ids
+from r1fast.data.loading import (decode_completion, encode_prompt, resolve_stop_tokens, stop_token_ids,
+                                 warn_unstopped_turn_end)
 from r1fast.trainer.common import check_prompt_room, gold_column
 
 
@@ -35,7 +36,7 @@ def evaluate_accuracy(model, tokenizer, rows: Sequence[dict], *, samples_per_pro
     what eval/format counts as well formed (the format reward's; default <think>…</think><answer>…</answer>).
     `chat_template_kwargs`: for the tokenizer's apply_chat_template (Qwen3's enable_thinking), as in training.
     `stop_tokens`: tokens (as text) a completion also stops at, as in training; `stop_option` is the option
-    that gave them, named by the errors."""
+    that gave them, named by the errors and warnings."""
     from r1fast.rollout import Engine, SamplingParams
 
     rows = list(rows)
@@ -47,6 +48,7 @@ def evaluate_accuracy(model, tokenizer, rows: Sequence[dict], *, samples_per_pro
     check_prompt_room(prompt_ids, model.config.max_sequence_length, "evaluation")
     extra_stops = resolve_stop_tokens(tokenizer, stop_tokens, stop_option)
     ends = stop_token_ids(tokenizer, model.eos_token_ids, extra_stops)   # the engine stops at the model's eos too
+    warn_unstopped_turn_end(tokenizer, ends, stop_option, chat_template_kwargs)
     if engine is None:
         engine = Engine(model, max_model_len=min(model.config.max_sequence_length,
                                                  max(map(len, prompt_ids)) + max_tokens))

@@ -24,7 +24,7 @@ import torch
 from r1fast import _ext
 from r1fast._umask import apply_umask
 from r1fast.data.loading import (EVAL_SPLITS, check_columns, check_prompts, decode_completion, encode_prompt, load_rows,
-                                 resolve_stop_tokens, stop_token_ids)
+                                 resolve_stop_tokens, stop_token_ids, warn_unstopped_turn_end)
 from r1fast.rewards import RewardSet
 from r1fast.trainer import checkpoints as ckpt
 from r1fast.trainer.loss_scale import saved_loss_scale
@@ -140,6 +140,7 @@ class GRPOTrainer:
         self.stop_ids = stop_token_ids(tokenizer, extra=extra_stops)
         # what a completion can end with: the engine also stops at the model's own eos ids
         self.end_ids = stop_token_ids(tokenizer, model.eos_token_ids, extra_stops)
+        warn_unstopped_turn_end(tokenizer, self.end_ids, "stop_tokens", cfg.chat_template_kwargs)
         self._prompt_cache: dict[int, list[int]] = {}
         if cfg.engine_num_blocks is not None:
             # as the engine sizes its own pool: one sequence of max_model_len fits (else the first rollout with

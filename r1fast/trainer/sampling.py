@@ -11,7 +11,7 @@ import sys
 from typing import Callable, Optional, Sequence
 
 from r1fast.data.loading import (check_columns, check_prompts, continues_answer, decode_completion, encode_prompt,
-                                 prefilled_think, resolve_stop_tokens, stop_token_ids)
+                                 prefilled_think, resolve_stop_tokens, stop_token_ids, warn_unstopped_turn_end)
 from r1fast.rewards import RewardSet
 from r1fast.trainer.common import check_answer_column, check_prompt_room, reward_columns, reward_completions
 from r1fast.trainer.config import ConfigError, SampleConfig
@@ -49,6 +49,7 @@ def rejection_sample(model, tokenizer, rows: Sequence[dict], cfg: SampleConfig, 
     extra_stops = resolve_stop_tokens(tokenizer, cfg.stop_tokens)
     stops = stop_token_ids(tokenizer, extra=extra_stops)
     ends = stop_token_ids(tokenizer, model.eos_token_ids, extra_stops)   # the engine stops at the model's eos too
+    warn_unstopped_turn_end(tokenizer, ends, "stop_tokens", cfg.chat_template_kwargs)
     # a template that opens <think> for the model (R1-Distill's): its samples start inside the block. The kept
     # completion is the assistant's whole turn, opening included, so a student whose template does not open
     # it learns to (SFT leaves it out again for a template that does).
