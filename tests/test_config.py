@@ -488,3 +488,10 @@ def test_stop_tokens_are_token_texts_checked_at_load_and_kept_by_a_checkpoint():
     assert p.eval_stop_tokens == ["<|im_end|>"] and p.stages[0].config.stop_tokens == ["<|im_end|>"]
     with pytest.raises(ConfigError, match=r"option 'eval_stop_tokens' takes tokens as text .*got 7"):
         load_pipeline({"model": "builtin:micro", "stages": stages}, ["eval_stop_tokens=[7]"])
+    # unset, a stopped sampling of an r1fast before the option continues (its fingerprint is the same)
+    from r1fast.trainer.sampling import sample_fingerprint
+
+    before = {k: v for k, v in SampleConfig().to_dict().items() if k != "stop_tokens"}
+    assert sample_fingerprint(SampleConfig().to_dict(), ["1"], {}) == sample_fingerprint(before, ["1"], {})
+    assert sample_fingerprint(SampleConfig(stop_tokens=["<|user|>"]).to_dict(), ["1"], {}) != \
+        sample_fingerprint(before, ["1"], {})
