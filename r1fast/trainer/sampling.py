@@ -45,11 +45,11 @@ def rejection_sample(model, tokenizer, rows: Sequence[dict], cfg: SampleConfig, 
     check_prompt_room(prompt_ids, model.config.max_sequence_length, "rejection sampling")
     # Capped at the model's positions, as in GRPO and evaluation: a sample reaching it ends as "length".
     max_model_len = min(model.config.max_sequence_length, max(map(len, prompt_ids)) + cfg.max_completion_length)
-    engine = Engine(model, max_num_seqs=max(256, cfg.num_samples), max_model_len=max_model_len)
     extra_stops = resolve_stop_tokens(tokenizer, cfg.stop_tokens)
     stops = stop_token_ids(tokenizer, extra=extra_stops)
     ends = stop_token_ids(tokenizer, model.eos_token_ids, extra_stops)   # the engine stops at the model's eos too
     warn_unstopped_turn_end(tokenizer, ends, "stop_tokens", cfg.chat_template_kwargs)
+    engine = Engine(model, max_num_seqs=max(256, cfg.num_samples), max_model_len=max_model_len)
     # a template that opens <think> for the model (R1-Distill's): its samples start inside the block. The kept
     # completion is the assistant's whole turn, opening included, so a student whose template does not open
     # it learns to (SFT leaves it out again for a template that does).
