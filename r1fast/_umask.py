@@ -28,6 +28,21 @@ def apply_umask(path: str) -> None:
     os.chmod(path, full & ~current_umask())
 
 
+def save_safetensors(tensors, path: str, metadata: dict | None = None) -> None:
+    """Write `tensors` (name -> tensor, or an nn.Module: its state dict less the duplicate names of tied
+    weights) to the safetensors file `path`, with the mode the umask gives a new file rather than
+    safetensors' 0600. Not atomic by itself: every caller writes inside a temporary folder that it renames
+    into place once complete, so a killed save never leaves a half-written checkpoint."""
+    import torch
+    from safetensors.torch import save_file, save_model
+
+    if isinstance(tensors, torch.nn.Module):
+        save_model(tensors, path, metadata=metadata)
+    else:
+        save_file(tensors, path, metadata=metadata)
+    apply_umask(path)
+
+
 def apply_rewrite_mode(tmp: str, path: str) -> None:
     """Give `tmp`, written to be renamed over `path`, the mode open(path, "w") would leave: an existing
     `path`'s own (a file the user opened to the group stays so), else the umask's for a new file (not the

@@ -121,7 +121,7 @@ def test_failed_write_leaves_no_checkpoint(tmp_path, monkeypatch):
     def crash(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(ckpt, "save_file", crash)
+    monkeypatch.setattr(ckpt, "save_safetensors", crash)
     with pytest.raises(OSError, match="disk full"):
         ckpt.save_checkpoint(str(tmp_path), 1, model=model)
     assert os.listdir(tmp_path) == []
@@ -169,7 +169,7 @@ def test_a_full_disk_is_an_error_naming_the_file(tmp_path, monkeypatch):
     def full(*a, **k):
         raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
-    monkeypatch.setattr(ckpt, "save_file", full)
+    monkeypatch.setattr(ckpt, "save_safetensors", full)
     with pytest.raises(OSError, match=rf"^cannot write checkpoint {tmp_path}/checkpoint-1: .*No space left"):
         ckpt.save_checkpoint(str(tmp_path), 1, model=model)
     assert os.listdir(tmp_path) == []

@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from r1fast._umask import apply_umask
+from r1fast._umask import apply_umask, save_safetensors
 from r1fast.models.config import ModelConfig, is_lfs_pointer, read_config_json, resolve_dtype
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -309,8 +309,6 @@ def save_pretrained(model, path, max_shard_size="5GB") -> None:
     files already in `path` (tokenizer, generation config...) are carried over, then the folder is
     swapped in by rename; an interrupted save leaves the old checkpoint intact.
     """
-    from safetensors.torch import save_file
-
     limit = parse_size(max_shard_size)
     path = os.path.abspath(os.fspath(path))
     parent = os.path.dirname(path)
@@ -338,8 +336,7 @@ def save_pretrained(model, path, max_shard_size="5GB") -> None:
             # One shard on the host at a time.
             # copies: rows of a fused projection share its storage, which safetensors refuses
             tensors = {key: p.detach().to("cpu", copy=True).contiguous() for key, p in shard}
-            save_file(tensors, os.path.join(tmp, fname), metadata={"format": "pt"})
-            apply_umask(os.path.join(tmp, fname))   # safetensors leaves its file private (0600)
+            save_safetensors(tensors, os.path.join(tmp, fname), metadata={"format": "pt"})
             for k, t in tensors.items():
                 weight_map[k] = fname
                 total += t.numel() * t.element_size()

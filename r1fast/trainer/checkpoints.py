@@ -25,9 +25,9 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from r1fast._umask import apply_umask
+from r1fast._umask import apply_umask, save_safetensors
 from r1fast.models.checkpoint import _fsync_folder
 
 _CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -425,15 +425,13 @@ def save_checkpoint(run_dir: str, step: int, *, model, optimizer=None, scheduler
         full_state["global_step"] = step
         if optimizer is not None:
             tensors, (meta,) = optimizer_state(optimizer)
-            save_file(tensors, os.path.join(tmp, "optimizer.safetensors"))
-            apply_umask(os.path.join(tmp, "optimizer.safetensors"))   # safetensors leaves it 0600
+            save_safetensors(tensors, os.path.join(tmp, "optimizer.safetensors"))
             full_state["optimizer"] = meta
         if scheduler is not None:
             sd = scheduler.state_dict()
             full_state["scheduler"] = {k: v for k, v in sd.items() if k != "lr_lambdas"}
         rng_tensors, rng_meta = rng_state()
-        save_file(rng_tensors, os.path.join(tmp, "rng.safetensors"))
-        apply_umask(os.path.join(tmp, "rng.safetensors"))
+        save_safetensors(rng_tensors, os.path.join(tmp, "rng.safetensors"))
         full_state["rng"] = rng_meta
         _write_json(os.path.join(tmp, STATE_FILE), full_state)
         # on disk before the rename makes the checkpoint the newest (and pruning deletes older ones): after a

@@ -22,7 +22,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from r1fast import _ext
-from r1fast._umask import apply_umask
+from r1fast._umask import save_safetensors
 from r1fast.data.loading import (EVAL_SPLITS, check_columns, check_prompts, decode_completion, encode_prompt, load_rows,
                                  resolve_stop_tokens, stop_token_ids, warn_unstopped_turn_end)
 from r1fast.rewards import RewardSet
@@ -489,13 +489,10 @@ class GRPOTrainer:
             state["final_eval"] = self._final_eval
         write_extra = None
         if self.ref_model is not None:
-            from safetensors.torch import save_model
-
             def write_extra(folder):
                 # inside the checkpoint before it is renamed into place and older ones are pruned: written
                 # after, a failed write left the newest checkpoint without a loadable reference model
-                save_model(self.ref_model, os.path.join(folder, "reference.safetensors"))
-                apply_umask(os.path.join(folder, "reference.safetensors"))   # safetensors leaves it 0600
+                save_safetensors(self.ref_model, os.path.join(folder, "reference.safetensors"))
         return ckpt.save_checkpoint(self.run_dir, self.global_step, model=self.model, optimizer=self.optimizer,
                                     scheduler=self.scheduler, tokenizer=self.tokenizer, state=state,
                                     keep=self.cfg.save_total_limit, write_extra=write_extra)
