@@ -112,6 +112,8 @@ class SFTTrainer:
     def _micro_batch(self, idx, n_tokens: int) -> tuple[float, int]:
         """Forward and backward of one micro-batch (examples idx): its share of the step's token-mean loss,
         and how many of its completion tokens are the argmax of their logits (TRL's mean_token_accuracy)."""
+        import torch
+
         from r1fast import ops
 
         prompts = [self.examples[i][0] for i in idx]
@@ -126,7 +128,10 @@ class SFTTrainer:
         logp, hit = ops.grouped_logprob(hidden, self.model.lm_head_weight, b.targets, return_argmax_hit=True)
         loss = -logp.sum() / n_tokens   # token mean over the whole accumulated batch
         (loss if self.loss_scale is None else loss * self.loss_scale.scale).backward()
-        return float(loss.detach()), int(hit.sum())
+        # one device->host copy for both (each float()/int() was a sync of its own); float64 holds the
+        # loss's value and the hit count exactly
+        loss_value, hits = torch.stack([loss.detach().double(), hit.sum().double()]).tolist()
+        return loss_value, int(hits)
 
     def save(self) -> str:
         return ckpt.save_checkpoint(self.run_dir, self.global_step, model=self.model, optimizer=self.optimizer,
