@@ -40,6 +40,14 @@ class Skip(Exception):
     """Raised by an Impl's setup when it cannot run here (the reason is printed)."""
 
 
+def gpu_size(size: str, device: torch.device) -> bool:
+    """Whether a suite's cases are for --size gpu: a real model's shapes, which need a CUDA device (on any
+    other, Skip; main() refuses that pairing already, this is for a caller of a suite's cases)."""
+    if size == "gpu" and device.type != "cuda":
+        raise Skip("the gpu size needs a CUDA device")
+    return size == "gpu"
+
+
 def require_backend(op: str, backend: str, device: torch.device) -> None:
     """Skip (raise Skip) unless `op` has a `backend` implementation that runs on `device`."""
     from r1fast import backends, ops  # noqa: F401 - importing ops registers their backends

@@ -183,9 +183,7 @@ def _trl_step(shape, prompts, G, new, dtype, device, mb):
 @suite("grpo_step")
 def cases(size, device):
     """Whole GRPO step (rollout+rewards+logprobs+loss+optimizer) vs TRL's GRPOTrainer, and its phases."""
-    if size == "gpu":
-        if device.type != "cuda":
-            raise Skip("the gpu size needs a CUDA device")
+    if harness.gpu_size(size, device):
         shape, prompts, G, new, dtype = QWEN25_15B, 64, 8, 512, torch.bfloat16
     else:
         shape, prompts, G, new, dtype = TINY, 4, 4, 16, torch.float32

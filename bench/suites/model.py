@@ -8,7 +8,7 @@ over all the tokens), and as a right-padded batch with an attention mask, as TRL
 """
 import torch
 
-from r1fast.bench.harness import QWEN25_15B, Case, Impl, Skip, suite
+from r1fast.bench.harness import QWEN25_15B, Case, Impl, gpu_size, suite
 
 TINY = dict(architecture="Qwen2ForCausalLM", vocab_size=256, hidden_size=64, intermediate_size=128,
             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
@@ -104,9 +104,7 @@ def _flops(cfg, lengths):
 @suite("model")
 def cases(size, device):
     """Decoder training fwd+bwd tokens/s on a packed batch (Qwen2.5-1.5B shape on GPU), vs transformers."""
-    if size == "gpu":
-        if device.type != "cuda":
-            raise Skip("the gpu size needs a CUDA device")
+    if gpu_size(size, device):
         cfg, lengths, dtype = QWEN25_15B, [512, 1536] * 8, torch.bfloat16     # 16384 tokens
     else:
         cfg, lengths, dtype = TINY, [64, 128, 32, 32], torch.float32

@@ -15,7 +15,7 @@ import tempfile
 
 import torch
 
-from r1fast.bench.harness import Case, Impl, Skip, suite
+from r1fast.bench.harness import Case, Impl, Skip, gpu_size, suite
 
 QWEN25_15B = dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, layers=28, heads=12, kv_heads=2,
                   tie_word_embeddings=True)
@@ -132,9 +132,7 @@ def _flops(shape, vocab, tokens, completion_tokens, backward):
 @suite("trl")
 def cases(size, device):
     """TRL GRPOTrainer step time and peak memory, stock vs r1fast swapped in (Qwen2.5-1.5B shape on GPU)."""
-    if size == "gpu":
-        if device.type != "cuda":
-            raise Skip("the gpu size needs a CUDA device")
+    if gpu_size(size, device):
         shape, batch, prompt_len, completion_len, dtype = QWEN25_15B, 8, 128, 1024, torch.bfloat16
     else:
         shape, batch, prompt_len, completion_len, dtype = TINY, 4, 8, 16, torch.float32
