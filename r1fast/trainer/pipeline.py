@@ -556,6 +556,19 @@ class PipelineRunner:
             print(f"\nr1fast: interrupted before stage {stage.name!r}", flush=True)
             raise KeyboardInterrupt   # the CLI says how to continue and exits with 130
 
+    def _train_stage(self, trainer, stage: Stage, resume_stage: bool, record: dict) -> int:
+        """Run an SFT or GRPO stage's trainer (from its latest checkpoint when `resume_stage`) and note its
+        checkpoint in `record`; its global steps. Stopped part way: the state is saved and KeyboardInterrupt
+        raised, as for a stop between stages."""
+        self._stop_if_requested(stage)
+        res = trainer.train(resume=True if resume_stage else None)
+        if res.get("interrupted"):
+            self.save_state()
+            raise KeyboardInterrupt
+        record["checkpoint"] = self._in_run(res["checkpoint"])
+        record["nonfinite_skipped"] = res["nonfinite_skipped"]
+        return trainer.global_step
+
     def _run(self, resume: bool) -> dict:
         from r1fast.trainer.checkpoints import latest_checkpoint, remove_save_leftovers
 
@@ -656,14 +669,7 @@ class PipelineRunner:
 
                 rows = self.stage_rows(stage, i, (cfg.prompt_column, cfg.completion_column))
                 tr = SFTTrainer(model, tokenizer, rows, cfg, run_dir=stage_dir, stage_name=stage.name, step_offset=step)
-                self._stop_if_requested(stage)
-                res = tr.train(resume=True if resume_stage else None)
-                if res.get("interrupted"):
-                    self.save_state()
-                    raise KeyboardInterrupt
-                step += tr.global_step
-                record["checkpoint"] = self._in_run(res["checkpoint"])
-                record["nonfinite_skipped"] = res["nonfinite_skipped"]
+                step += self._train_stage(tr, stage, resume_stage, record)
             elif stage.type == "grpo":
                 from r1fast.trainer.grpo import GRPOTrainer
 
@@ -674,14 +680,7 @@ class PipelineRunner:
                                        held_out=eval_rows if cfg.eval_dataset is not None else None)
                 tr = GRPOTrainer(model, cfg.reward_funcs, rows, cfg, tokenizer=tokenizer, eval_dataset=eval_rows,
                                  run_dir=stage_dir, stage_name=stage.name, step_offset=step, eval_at_ends=False)
-                self._stop_if_requested(stage)
-                res = tr.train(resume=True if resume_stage else None)
-                if res.get("interrupted"):
-                    self.save_state()
-                    raise KeyboardInterrupt
-                step += tr.global_step
-                record["checkpoint"] = self._in_run(res["checkpoint"])
-                record["nonfinite_skipped"] = res["nonfinite_skipped"]
+                step += self._train_stage(tr, stage, resume_stage, record)
             else:
                 from r1fast.trainer.sampling import SampleProgress, finish_samples, rejection_sample, summary
 
