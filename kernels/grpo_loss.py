@@ -30,6 +30,13 @@ N_STATS = 16  # padded to a power of two
 
 
 @triton.jit
+def _load_active(ptr, base, offs, ok, act):
+    # 0 at inactive tokens whatever the tensor holds there: a NaN or inf in padding would survive the
+    # multiply by the mask and poison the row's sums
+    return tl.where(act, tl.load(ptr + base + offs, mask=ok, other=0.0), 0.0)
+
+
+@triton.jit
 def _grpo_loss_kernel(logp_ptr, old_ptr, ref_ptr, smp_ptr, ent_ptr, mask_ptr, adv_ptr, denom_ptr, row_cnt_ptr,
                       row_loss_ptr, g_logp_ptr, g_ent_ptr, stats_ptr,
                       T, n_rows, epsilon, eps_high, delta, beta, tis_cap, entropy_coef, max_len,
@@ -53,12 +60,12 @@ def _grpo_loss_kernel(logp_ptr, old_ptr, ref_ptr, smp_ptr, ent_ptr, mask_ptr, ad
         ok = offs < T
         m = tl.load(mask_ptr + base + offs, mask=ok, other=0.0)
         act = m > 0
-        lp = tl.where(act, tl.load(logp_ptr + base + offs, mask=ok, other=0.0), 0.0)
-        old = tl.where(act, tl.load(old_ptr + base + offs, mask=ok, other=0.0), 0.0)
+        lp = _load_active(logp_ptr, base, offs, ok, act)
+        old = _load_active(old_ptr, base, offs, ok, act)
         cnt += tl.sum(m, 0)
         sum_lr += tl.sum(m * (lp - old), 0)
         if HAS_SMP:
-            smp = tl.where(act, tl.load(smp_ptr + base + offs, mask=ok, other=0.0), 0.0)
+            smp = _load_active(smp_ptr, base, offs, ok, act)
             sum_is += tl.sum(m * (old - smp), 0)
     cnt_c = tl.maximum(cnt, 1.0)
 
@@ -93,8 +100,8 @@ def _grpo_loss_kernel(logp_ptr, old_ptr, ref_ptr, smp_ptr, ent_ptr, mask_ptr, ad
         ok = offs < T
         m = tl.load(mask_ptr + base + offs, mask=ok, other=0.0)
         act = m > 0
-        lp = tl.where(act, tl.load(logp_ptr + base + offs, mask=ok, other=0.0), 0.0)
-        old = tl.where(act, tl.load(old_ptr + base + offs, mask=ok, other=0.0), 0.0)
+        lp = _load_active(logp_ptr, base, offs, ok, act)
+        old = _load_active(old_ptr, base, offs, ok, act)
         if SEQ_LEVEL:
             c1 = tl.zeros([BLOCK_T], dtype=tl.float32) + seq_c1
         else:
@@ -130,7 +137,7 @@ def _grpo_loss_kernel(logp_ptr, old_ptr, ref_ptr, smp_ptr, ent_ptr, mask_ptr, ad
         if HAS_SMP or HAS_ISW:
             # smp_ptr holds the sampler's log-probs (HAS_SMP: weight w = exp(old - smp), factor f from
             # the TIS mode) or the caller's weights (HAS_ISW: f = w as given); no gradient either way
-            x = tl.where(act, tl.load(smp_ptr + base + offs, mask=ok, other=0.0), 0.0)
+            x = _load_active(smp_ptr, base, offs, ok, act)
             if HAS_ISW:
                 w = x
                 f = x
@@ -153,7 +160,7 @@ def _grpo_loss_kernel(logp_ptr, old_ptr, ref_ptr, smp_ptr, ent_ptr, mask_ptr, ad
             w_min = tl.minimum(w_min, tl.min(tl.where(act, w, float("inf")), 0))
             w_max = tl.maximum(w_max, tl.max(tl.where(act, w, float("-inf")), 0))
         if KL != 0:
-            ref = tl.where(act, tl.load(ref_ptr + base + offs, mask=ok, other=0.0), 0.0)
+            ref = _load_active(ref_ptr, base, offs, ok, act)
             x = lp - ref
             if KL == 1:
                 kl = x
@@ -178,7 +185,7 @@ def _grpo_loss_kernel(logp_ptr, old_ptr, ref_ptr, smp_ptr, ent_ptr, mask_ptr, ad
                     g_lw += beta * kl
             s_kl += tl.sum(m * kl, 0)
         if HAS_ENT:
-            ent = tl.where(act, tl.load(ent_ptr + base + offs, mask=ok, other=0.0), 0.0)
+            ent = _load_active(ent_ptr, base, offs, ok, act)
             L -= entropy_coef * ent
             s_ent += tl.sum(m * ent, 0)
             tl.store(g_ent_ptr + base + offs, -entropy_coef * coef * m, mask=ok)
