@@ -111,10 +111,9 @@ def _compiled_rotary(inputs, mode, device):
     return setup
 
 
-def _timed(make_fn, inputs, mode):
+def _timed(fn, inputs, mode):
     """The callable to time: forward (no autograd graph) or forward + backward from a fixed cotangent."""
     *args, dy = inputs
-    fn = make_fn(*args)
     if mode == "fwd":
         def run():
             with torch.no_grad():
@@ -130,12 +129,12 @@ def _r1fast(op, backend, inputs, mode, device):
     def setup():
         require_backend(op.removesuffix("_packed"), backend, device)
         if op == "rms_norm":
-            return _timed(lambda x, w: lambda a, b: ops.rms_norm(a, b, EPS, backend=backend), inputs(), mode)
+            return _timed(lambda a, b: ops.rms_norm(a, b, EPS, backend=backend), inputs(), mode)
         if op == "swiglu_packed":  # gate and up as the halves of one [T, 2I] tensor, as the decoder's MLP runs it
             gate, up, dy = inputs()
             packed = torch.cat((gate, up), -1).detach().requires_grad_()
-            return _timed(lambda x: lambda a: ops.swiglu(a, backend=backend), (packed, dy), mode)
-        return _timed(lambda g, u: lambda a, b: ops.swiglu(a, b, backend=backend), inputs(), mode)
+            return _timed(lambda a: ops.swiglu(a, backend=backend), (packed, dy), mode)
+        return _timed(lambda a, b: ops.swiglu(a, b, backend=backend), inputs(), mode)
     return setup
 
 
@@ -143,36 +142,36 @@ def _peer(make_fn, inputs, mode, device, cuda_only=False):
     def setup():
         if cuda_only and device.type != "cuda":
             raise Skip(f"CUDA only, not {device.type}")
-        return _timed(make_fn, inputs(), mode)
+        return _timed(make_fn(), inputs(), mode)
     return setup
 
 
-def _torch_rms_norm(x, w):
+def _torch_rms_norm():
     return lambda a, b: F.rms_norm(a, (a.shape[-1],), b, EPS)
 
 
-def _compiled_rms_norm(x, w):
+def _compiled_rms_norm():
     from r1fast.ops.layers import _rms_norm_torch  # the torch backend's expression, without the dispatch
 
     return torch.compile(lambda a, b: _rms_norm_torch(a, b, EPS), dynamic=False)
 
 
-def _liger_rms_norm(x, w):
+def _liger_rms_norm():
     from liger_kernel.ops.rms_norm import LigerRMSNormFunction
 
     # what LigerRMSNorm(casting_mode="llama") runs, on our weight leaf (in_place=False: dy stays intact)
     return lambda a, b: LigerRMSNormFunction.apply(a, b, EPS, 0.0, "llama", False)
 
 
-def _torch_swiglu(g, u):
+def _torch_swiglu():
     return lambda a, b: F.silu(a) * b
 
 
-def _compiled_swiglu(g, u):
+def _compiled_swiglu():
     return torch.compile(lambda a, b: F.silu(a) * b, dynamic=False)
 
 
-def _liger_swiglu(g, u):
+def _liger_swiglu():
     from liger_kernel.ops.swiglu import LigerSiLUMulFunction
 
     return lambda a, b: LigerSiLUMulFunction.apply(a, b)
