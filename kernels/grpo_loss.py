@@ -37,6 +37,19 @@ def _load_active(ptr, base, offs, ok, act):
 
 
 @triton.jit
+def _row_block(mask_ptr, logp_ptr, old_ptr, base, t0, T, BLOCK_T: tl.constexpr):
+    """Tokens t0 .. t0 + BLOCK_T - 1 of the row at `base`, as passes 1 and 2 both read them: offsets, in-row
+    flags, mask, active flags, and the policy and old log-probs (0 at inactive tokens)."""
+    offs = t0 + tl.arange(0, BLOCK_T)
+    ok = offs < T
+    m = tl.load(mask_ptr + base + offs, mask=ok, other=0.0)
+    act = m > 0
+    lp = _load_active(logp_ptr, base, offs, ok, act)
+    old = _load_active(old_ptr, base, offs, ok, act)
+    return offs, ok, m, act, lp, old
+
+
+@triton.jit
 def _grpo_loss_kernel(logp_ptr, old_ptr, ref_ptr, smp_ptr, ent_ptr, mask_ptr, adv_ptr, denom_ptr, row_cnt_ptr,
                       row_loss_ptr, g_logp_ptr, g_ent_ptr, stats_ptr,
                       T, n_rows, epsilon, eps_high, delta, beta, tis_cap, entropy_coef, max_len,
@@ -56,12 +69,7 @@ def _grpo_loss_kernel(logp_ptr, old_ptr, ref_ptr, smp_ptr, ent_ptr, mask_ptr, ad
     sum_lr = 0.0
     sum_is = 0.0
     for t0 in range(0, T, BLOCK_T):
-        offs = t0 + tl.arange(0, BLOCK_T)
-        ok = offs < T
-        m = tl.load(mask_ptr + base + offs, mask=ok, other=0.0)
-        act = m > 0
-        lp = _load_active(logp_ptr, base, offs, ok, act)
-        old = _load_active(old_ptr, base, offs, ok, act)
+        offs, ok, m, act, lp, old = _row_block(mask_ptr, logp_ptr, old_ptr, base, t0, T, BLOCK_T)
         cnt += tl.sum(m, 0)
         sum_lr += tl.sum(m * (lp - old), 0)
         if HAS_SMP:
@@ -96,12 +104,7 @@ def _grpo_loss_kernel(logp_ptr, old_ptr, ref_ptr, smp_ptr, ent_ptr, mask_ptr, ad
     w_min = float("inf")
     w_max = float("-inf")
     for t0 in range(0, T, BLOCK_T):
-        offs = t0 + tl.arange(0, BLOCK_T)
-        ok = offs < T
-        m = tl.load(mask_ptr + base + offs, mask=ok, other=0.0)
-        act = m > 0
-        lp = _load_active(logp_ptr, base, offs, ok, act)
-        old = _load_active(old_ptr, base, offs, ok, act)
+        offs, ok, m, act, lp, old = _row_block(mask_ptr, logp_ptr, old_ptr, base, t0, T, BLOCK_T)
         if SEQ_LEVEL:
             c1 = tl.zeros([BLOCK_T], dtype=tl.float32) + seq_c1
         else:
