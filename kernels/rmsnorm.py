@@ -134,6 +134,18 @@ def _rmsnorm_fwd_kernel(x_ptr, r_ptr, s_ptr, w_ptr, out_ptr, rstd_ptr, n_rows, H
 
 
 @triton.jit
+def _column_block(x_ptr, dy_ptr, base, row_ok, cb, H):
+    """Columns cb of the rows at `base` (row_ok: rows in range), as both passes of the wide-row backward
+    read them: the column flags, the tile's mask and offsets, and x and dy in fp32."""
+    col_ok = cb < H
+    m = row_ok[:, None] & col_ok[None, :]
+    offs = base[:, None] + cb[None, :]
+    x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    dy = tl.load(dy_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    return col_ok, m, offs, x, dy
+
+
+@triton.jit
 def _rmsnorm_bwd_kernel(dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_ptr, ds_ptr, n_rows, H, inv_h, tiles_per_prog,
                         HAS_DX: tl.constexpr, HAS_DW: tl.constexpr, HAS_DS: tl.constexpr,
                         BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, N_BLOCKS: tl.constexpr):
@@ -177,21 +189,13 @@ def _rmsnorm_bwd_kernel(dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_ptr, ds_ptr, 
                 acc = tl.zeros([BLOCK_R, BLOCK_N], dtype=tl.float32)
                 for b in range(N_BLOCKS):
                     cb = b * BLOCK_N + cols
-                    col_ok = cb < H
-                    m = row_ok[:, None] & col_ok[None, :]
-                    offs = base[:, None] + cb[None, :]
-                    x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
-                    dy = tl.load(dy_ptr + offs, mask=m, other=0.0).to(tl.float32)
+                    col_ok, m, offs, x, dy = _column_block(x_ptr, dy_ptr, base, row_ok, cb, H)
                     w = tl.load(w_ptr + cb, mask=col_ok, other=0.0).to(tl.float32)
                     acc += dy * w[None, :] * (x * rstd[:, None])
                 c = tl.sum(acc, axis=1) * inv_h
             for b in range(N_BLOCKS):
                 cb = b * BLOCK_N + cols
-                col_ok = cb < H
-                m = row_ok[:, None] & col_ok[None, :]
-                offs = base[:, None] + cb[None, :]
-                x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
-                dy = tl.load(dy_ptr + offs, mask=m, other=0.0).to(tl.float32)
+                col_ok, m, offs, x, dy = _column_block(x_ptr, dy_ptr, base, row_ok, cb, H)
                 xn = x * rstd[:, None]
                 if HAS_DX:
                     w = tl.load(w_ptr + cb, mask=col_ok, other=0.0).to(tl.float32)
