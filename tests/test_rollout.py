@@ -439,6 +439,24 @@ def test_bad_requests_raise_clear_errors(models, prompts):
     assert engine.generate([], SamplingParams()) == []
 
 
+def test_engine_sizes_may_be_numpy_integers_as_sampling_params_are(models):
+    # Engine(num_blocks=np.int64(8)) was refused ("must be an int >= 1, got np.int64(8)") while
+    # SamplingParams(max_tokens=np.int64(8)) was taken: a pool size computed with numpy now works too
+    import numpy as np
+
+    _, model = models
+    engine = Engine(model, num_blocks=np.int64(8), block_size=np.int32(4), max_num_seqs=np.int64(4),
+                    max_num_batched_tokens=np.int16(16), max_model_len=np.int64(32), memory_fraction=np.float32(0.5))
+    assert all(type(v) is int for v in (engine.num_blocks, engine.block_size, engine.max_num_seqs,
+                                        engine.max_num_batched_tokens, engine.max_model_len))
+    assert len(engine.generate([[1, 2]], SamplingParams(max_tokens=3, seed=0))[0].completions[0].token_ids) == 3
+    for bad in (8.0, torch.tensor(8), True):
+        with pytest.raises(ValueError, match="num_blocks must be an int >= 1"):
+            Engine(model, num_blocks=bad, block_size=4)
+    with pytest.raises(ValueError, match="memory_fraction"):
+        Engine(model, memory_fraction=True)
+
+
 def test_a_pool_of_exactly_one_sequences_kv_is_accepted(models):
     # 10 prompt + 7 new tokens: the 17th token is sampled and never stored, so 16 slots (4 blocks) suffice
     _, model = models

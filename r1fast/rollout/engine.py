@@ -24,6 +24,7 @@ import dataclasses
 import gc
 import hashlib
 import math
+import numbers
 import os
 import threading
 
@@ -62,9 +63,11 @@ def _bit_sum(p: torch.Tensor) -> torch.Tensor | None:
         return None
 
 
-def _check_positive_int(name, value):
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+def _positive_int(name, value) -> int:
+    """value as a Python int; numpy integers (a size computed with numpy) are taken, as SamplingParams takes them."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"Engine: {name} must be an int >= 1, got {value!r}")
+    return int(value)
 
 
 class Engine:
@@ -82,10 +85,10 @@ class Engine:
                             f"{type(model).__name__}; load a Hugging Face folder with r1fast.models.from_pretrained"
                             f"(path), or wrap a transformers model with r1fast.integrations.hf_rollout.HFRollout")
         cfg = model.config
-        for name, value in (("block_size", block_size), ("max_num_seqs", max_num_seqs),
-                            ("max_num_batched_tokens", max_num_batched_tokens)):
-            _check_positive_int(name, value)
-        if not isinstance(memory_fraction, (int, float)) or not 0 < memory_fraction <= 1:
+        block_size, max_num_seqs = _positive_int("block_size", block_size), _positive_int("max_num_seqs", max_num_seqs)
+        max_num_batched_tokens = _positive_int("max_num_batched_tokens", max_num_batched_tokens)
+        if isinstance(memory_fraction, bool) or not isinstance(memory_fraction, numbers.Real) or \
+                not 0 < memory_fraction <= 1:
             raise ValueError(f"Engine: memory_fraction must lie in (0, 1], got {memory_fraction!r}")
         for name, value in (("enable_prefix_caching", enable_prefix_caching), ("use_cuda_graphs", use_cuda_graphs),
                             ("shared_prefix_attention", shared_prefix_attention), ("async_decode", async_decode)):
@@ -95,8 +98,7 @@ class Engine:
         self.config = cfg
         if max_model_len is None:  # as long as the model's numbers equal transformers'
             max_model_len = cfg.max_sequence_length
-        self.max_model_len = max_model_len
-        _check_positive_int("max_model_len", self.max_model_len)
+        self.max_model_len = _positive_int("max_model_len", max_model_len)
         if self.max_model_len > cfg.max_position_embeddings:
             raise ValueError(f"Engine: max_model_len {self.max_model_len} exceeds the model's "
                              f"max_position_embeddings {cfg.max_position_embeddings}")
@@ -109,11 +111,11 @@ class Engine:
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         if pool_tokens_per_seq is not None:
-            _check_positive_int("pool_tokens_per_seq", pool_tokens_per_seq)
+            pool_tokens_per_seq = _positive_int("pool_tokens_per_seq", pool_tokens_per_seq)
         if num_blocks is None:
             num_blocks = self._blocks_from_memory(memory_fraction, min(pool_tokens_per_seq or self.max_model_len,
                                                                       self.max_model_len))
-        _check_positive_int("num_blocks", num_blocks)
+        num_blocks = _positive_int("num_blocks", num_blocks)
         ext = _ext.require()
         self.block_manager = ext.BlockManager(num_blocks, block_size, bool(enable_prefix_caching))
         self.runner = ModelRunner(model, num_blocks, block_size, max_num_seqs, self.max_model_len,
