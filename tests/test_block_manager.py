@@ -5,6 +5,7 @@ hashes and compares block tokens; block ids, reference counts, free-queue order 
 contents must agree after every operation of a random program.
 """
 import copy
+import os
 
 import numpy as np
 import pytest
@@ -411,3 +412,205 @@ def test_forks_of_a_partial_block_need_one_copy_fewer_than_forks():
     assert bm2.num_free_blocks == 7
     bm2.append_batch(ids, np.zeros(8, dtype=np.int32))
     assert bm2.num_free_blocks == 0
+
+
+class _KVShadow:
+    """What each cache slot holds, as an oracle independent of the manager's rules: the token prefix whose last
+    position's KV was written there, the reset epoch it was computed in, and whether its whole context was computed
+    in that epoch too (only such KV may be handed to a new sequence as a prefix-cache hit)."""
+
+    def __init__(self, num_slots):
+        self.slot = [None] * num_slots  # (prefix tuple, epoch, clean)
+        self.epoch = 0
+
+    def write(self, slots, tokens, start, end):
+        """Computes the KV of positions [start, end) of a sequence whose cache slots (from position 0) are `slots`."""
+        for p in range(start, end):
+            before = self.slot[slots[p - 1]] if p else None
+            clean = p == 0 or (before[1] == self.epoch and before[2])
+            self.slot[slots[p]] = (tuple(tokens[: p + 1]), self.epoch, clean)
+
+    def copy_block(self, src, dst, block_size):
+        self.slot[dst * block_size:(dst + 1) * block_size] = self.slot[src * block_size:(src + 1) * block_size]
+
+    def check(self, slots, tokens, n, fresh=False):
+        """The KV of positions [0, n) is that of these tokens (and, for a cache hit, current and clean)."""
+        for p in range(n):
+            kv = self.slot[slots[p]]
+            assert kv is not None and kv[0] == tuple(tokens[: p + 1]), (p, kv, tokens[: p + 1])
+            if fresh:
+                assert kv[1] == self.epoch and kv[2], ("stale KV handed out as a prefix-cache hit", p, kv)
+
+
+class _Fuzz:
+    """Seeded random programs over the C++ manager, the plain-Python model and the KV shadow, driven the way the
+    engine drives them: allocate (prefix-cache hits), chunked compute + mark_computed, fork after the prompt,
+    append / append_batch (known or unknown tokens), preemption of the newest sequences when the pool is full,
+    free, reset. Every op's result and the whole state must agree, and every computed position's slot must hold
+    its own prefix's KV."""
+
+    MAX_LEN = 24
+
+    def __init__(self, seed):
+        self.rng = np.random.default_rng(seed)
+        nb, bs, pc = int(self.rng.integers(1, 20)), int(self.rng.choice([1, 2, 3, 4])), bool(self.rng.random() < 0.8)
+        self.bs = bs
+        self.real, self.model = BlockManager(nb, bs, pc), ModelBlockManager(nb, bs, pc)
+        self.kv = _KVShadow(nb * bs)
+        self.bases = [self.rng.integers(0, 4, size=12).tolist() for _ in range(3)]
+        self.seqs = {}  # id -> {"tokens": the true tokens, "computed": positions whose KV is written}
+        self.next_id = 0
+
+    def slots(self, sid):
+        table = self.real.block_table(sid).tolist()
+        return [table[p // self.bs] * self.bs + p % self.bs for p in range(len(self.seqs[sid]["tokens"]))]
+
+    def both(self, real_fn, model_fn):
+        try:
+            want = model_fn()
+        except ValueError:
+            with pytest.raises(ValueError):
+                real_fn()
+            return None
+        got = real_fn()
+        assert got == want, (got, want)
+        return got
+
+    def pick(self, ready=None):
+        ids = [s for s, v in self.seqs.items() if ready is None or (v["computed"] == len(v["tokens"])) == ready]
+        return int(self.rng.choice(ids)) if ids else None
+
+    def op_allocate(self):
+        base = self.bases[int(self.rng.integers(len(self.bases)))]
+        tokens = base[: int(self.rng.integers(1, len(base) + 1))] + self.rng.integers(0, 4, size=int(
+            self.rng.integers(0, 4))).tolist()
+        assert self.real.blocks_to_allocate(tokens) == self.model.blocks_to_allocate(tokens)
+        sid, self.next_id = self.next_id, self.next_id + 1
+        cached = self.both(lambda: self.real.allocate(sid, tokens), lambda: self.model.allocate(sid, tokens))
+        if cached is None:
+            return
+        self.seqs[sid] = {"tokens": tokens, "computed": cached}
+        self.kv.check(self.slots(sid), tokens, cached, fresh=True)
+
+    def op_compute(self):
+        sid = self.pick(ready=False)
+        if sid is None:
+            return
+        s = self.seqs[sid]
+        end = int(self.rng.integers(s["computed"] + 1, len(s["tokens"]) + 1))
+        self.kv.write(self.slots(sid), s["tokens"], s["computed"], end)
+        s["computed"] = end
+        self.real.mark_computed(sid, end)
+        self.model.mark_computed(sid, end)
+
+    def op_fork(self):
+        parent = self.pick(ready=True)
+        if parent is None:
+            return
+        child, self.next_id = self.next_id, self.next_id + 1
+        self.real.fork(parent, child)
+        self.model.fork(parent, child)
+        self.seqs[child] = {"tokens": list(self.seqs[parent]["tokens"]), "computed": self.seqs[parent]["computed"]}
+
+    def _appended(self, sid, token, slot, src, dst):
+        if src >= 0:
+            self.kv.copy_block(src, dst, self.bs)
+        s = self.seqs[sid]
+        s["tokens"].append(token)
+        slots = self.slots(sid)
+        assert slots[-1] == slot
+        self.kv.write(slots, s["tokens"], s["computed"], len(s["tokens"]))
+        s["computed"] = len(s["tokens"])
+
+    def op_append(self):
+        sid = self.pick(ready=True)
+        if sid is None or len(self.seqs[sid]["tokens"]) >= self.MAX_LEN:
+            return
+        token = int(self.rng.integers(0, 4))
+        assert self.real.blocks_to_append(sid) == self.model.blocks_to_append(sid)
+        got = self.both(lambda: tuple(self.real.append(sid, token)), lambda: self.model.append(sid, token))
+        if got is not None:
+            self._appended(sid, token, *got)
+
+    def op_decode_step(self):
+        """The scheduler's decode step: preempt the newest sequences until one token for each fits, then
+        append_batch (tokens unknown when the step runs ahead of the host)."""
+        ids = sorted(s for s, v in self.seqs.items() if v["computed"] == len(v["tokens"]) < self.MAX_LEN)
+        if not ids:
+            return
+        while self.real.blocks_to_append(np.asarray(ids)) > self.real.num_free_blocks and len(ids) > 1:
+            victim = ids.pop()
+            self.real.preempt(victim)
+            self.model.free(victim)
+            del self.seqs[victim]
+        tokens = self.rng.integers(0, 4, size=len(ids)).tolist()
+        unknown = bool(self.rng.random() < 0.5)
+        sim = copy.deepcopy(self.model)
+        try:
+            want = [sim.append(s, -1 if unknown else t) for s, t in zip(ids, tokens)]
+        except ValueError:  # one sequence left and no block for it: refused, nothing changed
+            with pytest.raises(ValueError, match="free blocks"):
+                self.real.append_batch(np.asarray(ids), None if unknown else np.asarray(tokens))
+            return
+        self.model = sim
+        slots, copies = self.real.append_batch(np.asarray(ids), None if unknown else np.asarray(tokens))
+        assert slots.tolist() == [w[0] for w in want]
+        assert copies.tolist() == [[w[1], w[2]] for w in want if w[1] >= 0]
+        for src, dst in copies.tolist():  # the engine copies every block before the step's attention runs
+            self.kv.copy_block(src, dst, self.bs)
+        for sid, t, slot in zip(ids, tokens, slots.tolist()):
+            self._appended(sid, t, slot, -1, -1)
+
+    def op_free(self):
+        sid = self.pick()
+        if sid is not None:
+            (self.real.preempt if self.rng.random() < 0.5 else self.real.free)(sid)
+            self.model.free(sid)
+            del self.seqs[sid]
+
+    def op_reset(self):
+        self.real.reset_prefix_cache()
+        self.model.reset_prefix_cache()
+        self.kv.epoch += 1
+
+    OPS = (("op_allocate", 4), ("op_compute", 4), ("op_fork", 1), ("op_append", 3), ("op_decode_step", 2),
+           ("op_free", 2), ("op_reset", 0.3))
+
+    def check(self):
+        self.real.check_invariants()
+        m = self.model
+        assert self.real.num_free_blocks == len(m.free_queue)
+        assert self.real.num_cached_blocks == len(m.cache)
+        assert [self.real.ref_count(b) for b in range(len(m.ref))] == m.ref
+        assert self.real.seq_ids() == sorted(m.seqs) == sorted(self.seqs)
+        for sid, s in self.seqs.items():
+            assert self.real.block_table(sid).tolist() == m.seqs[sid]["table"]
+            assert self.real.num_tokens(sid) == len(s["tokens"])
+            self.kv.check(self.slots(sid), s["tokens"], s["computed"])
+        if self.seqs:
+            ids = np.asarray(sorted(self.seqs))
+            lens = np.asarray([len(self.seqs[s]["tokens"]) for s in ids])
+            assert self.real.slot_mapping(ids, np.zeros_like(lens), lens).tolist() == sum(
+                (self.slots(s) for s in ids.tolist()), [])
+
+    def run(self, num_ops):
+        names, weights = zip(*self.OPS)
+        p = np.asarray(weights) / sum(weights)
+        for _ in range(num_ops):
+            getattr(self, names[int(self.rng.choice(len(names), p=p))])()
+            self.check()
+
+
+def test_seeded_random_programs_agree_with_the_model_and_keep_every_kv_slot_right():
+    for seed in range(12):
+        _Fuzz(seed).run(150)
+
+
+# conftest clears R1FAST_* variables for every test: read it at import
+_LONG_FUZZ_PROGRAMS = int(os.environ.get("R1FAST_LONG_FUZZ", "0"))
+
+
+@pytest.mark.skipif(not _LONG_FUZZ_PROGRAMS, reason="long fuzz: R1FAST_LONG_FUZZ=<programs> runs that many of 2000 ops")
+def test_long_random_programs():
+    for seed in range(_LONG_FUZZ_PROGRAMS):
+        _Fuzz(1000 + seed).run(2000)
