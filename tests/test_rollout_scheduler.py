@@ -1,5 +1,11 @@
 """The rollout scheduler on its own, over the real block manager: admission headroom, preemption order."""
+import math
+import random
+import zlib
+
+import numpy as np
 import pytest
+import torch
 
 _C = pytest.importorskip("r1fast._C")
 
@@ -87,3 +93,97 @@ def test_planning_ahead_declines_while_a_sequence_prefills_or_can_be_admitted():
     sched.add(c)
     assert sched.schedule_ahead() is None  # c can be admitted: the loop collects, then schedule() admits it
     assert isinstance(sched.schedule(), PrefillBatch) and sched.prefilling == [c]
+
+
+class _PrefixRunner:
+    """A stand-in for ModelRunner whose 'KV' at a slot is the token prefix it was computed for: every prefill
+    chunk and decode row checks that its context slots hold its own prefix (prefix-cache hits, copy-on-write,
+    preemption and recompute, blocks freed while a step is in flight), then writes its positions. Its 'hidden
+    state' is a hash of the row's whole context, so the sampled tokens depend on every position's KV."""
+
+    def __init__(self, engine):
+        self.bs, self.kv = engine.block_size, [None] * (engine.num_blocks * engine.block_size)
+        self.dtype, self.device, self.graphs = engine.model.dtype, engine.model.device, {}
+
+    def _slots(self, bm, seq_id, n):
+        table = bm.block_table(seq_id).tolist()
+        return [table[p // self.bs] * self.bs + p % self.bs for p in range(n)]
+
+    @staticmethod
+    def _hash(prefix):
+        return zlib.crc32(np.asarray(prefix, dtype=np.int64).tobytes())
+
+    def copy_blocks(self, copies):
+        for src, dst in np.asarray(copies).tolist():
+            self.kv[dst * self.bs:(dst + 1) * self.bs] = self.kv[src * self.bs:(src + 1) * self.bs]
+
+    def prefill(self, bm, seq_ids, tokens_per_seq, starts, ends):
+        out = []
+        for seq_id, tokens, start, end in zip(seq_ids, tokens_per_seq, starts, ends):
+            slots = self._slots(bm, seq_id, end)
+            assert [self.kv[s] for s in slots[:start]] == [tuple(tokens[:q + 1]) for q in range(start)], seq_id
+            for q in range(start, end):
+                self.kv[slots[q]] = tuple(tokens[:q + 1])
+            out.append(self._hash(tokens[:end]))
+        return torch.tensor(out, dtype=torch.int64)
+
+    def decode(self, bm, seq_ids, positions, slots, last_tokens=None, tokens_from=None):
+        inputs = tokens_from[0][torch.as_tensor(tokens_from[1])] if tokens_from is not None else last_tokens
+        out = []
+        for seq_id, pos, slot, token in zip(seq_ids.tolist(), positions.tolist(), slots.tolist(),
+                                            np.asarray(inputs).tolist()):
+            context = self._slots(bm, seq_id, pos + 1)
+            prev = self.kv[context[pos - 1]]
+            assert slot == context[pos] and prev is not None and len(prev) == pos, (seq_id, pos, prev)
+            assert [self.kv[s] for s in context[:pos]] == [prev[:q + 1] for q in range(pos)], (seq_id, pos)
+            self.kv[slot] = prev + (token,)
+            out.append(self._hash(self.kv[slot]))
+        return torch.tensor(out, dtype=torch.int64)
+
+
+def _prefix_sample(engine, hidden, keys, lens, params, pinned):
+    """Tokens from the context hash (greedy) or from it, the stream key and the position (sampled)."""
+    tokens = hidden % 7 if params.greedy else (hidden * 31 + torch.as_tensor(keys.astype(np.int64) % 1000003) * 7
+                                               + torch.as_tensor(lens)) % 7
+    return tokens, torch.zeros(len(tokens))
+
+
+def test_engine_loop_keeps_every_context_right_and_outputs_unchanged_under_preemption(monkeypatch):
+    """The engine's own loop (admission, chunked prefill, forks, async decode, preemption, prefix cache across
+    calls) over random tight pools: every step reads its own prefix's KV, and the completions equal a huge
+    pool's, greedy or seeded."""
+    from r1fast.models import CausalLM, ModelConfig
+    from r1fast.rollout import Engine, SamplingParams
+
+    model = CausalLM(ModelConfig(vocab_size=7, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
+                                 num_attention_heads=2, max_position_embeddings=64)).eval()
+    monkeypatch.setattr(Engine, "_sample", _prefix_sample)
+
+    def engine(**opts):
+        e = Engine(model, **opts)
+        e.runner = _PrefixRunner(e)
+        return e
+
+    rng = random.Random(0)
+    preemptions = 0
+    for _ in range(6):
+        base = [rng.randrange(7) for _ in range(rng.randint(1, 14))]
+        prompts = [base[:rng.randint(1, len(base))] + [rng.randrange(7) for _ in range(rng.randint(0, 5))]
+                   for _ in range(rng.randint(1, 6))]
+        prompts.append(list(prompts[0]))  # a repeated prompt: its own streams
+        params = SamplingParams(n=rng.randint(1, 5), temperature=rng.choice([0.0, 1.0]), max_tokens=rng.randint(1, 30),
+                                seed=rng.randrange(99), ignore_eos=True, stop_token_ids=rng.choice([[], [3]]))
+        want = engine(block_size=4, num_blocks=1024, max_num_seqs=64).generate(prompts, params)
+        bs = rng.choice([1, 2, 3, 4, 8])
+        longest = max(len(p) for p in prompts) + params.max_tokens
+        num_blocks = max(math.ceil((longest - 1) / bs), rng.randint(1, 2 * math.ceil(longest / bs)))
+        tight = engine(block_size=bs, num_blocks=num_blocks, max_num_batched_tokens=rng.randint(1, 20),
+                       max_num_seqs=rng.randint(params.n, 12), enable_prefix_caching=rng.random() < 0.7,
+                       async_decode=rng.random() < 0.6)
+        for _ in range(2):  # the second call starts from the first one's prefix cache
+            got = tight.generate(prompts, params)
+            assert [[(c.token_ids, c.finish_reason) for c in r.completions] for r in got] == \
+                [[(c.token_ids, c.finish_reason) for c in r.completions] for r in want], tight.last_stats
+            assert tight.block_manager.num_free_blocks == num_blocks
+            preemptions += tight.last_stats["preemptions"]
+    assert preemptions > 0
