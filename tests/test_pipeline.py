@@ -1720,3 +1720,25 @@ def test_a_stage_reading_samples_under_another_prompt_column_is_an_error_when_lo
     with pytest.raises(ConfigError, match=r"stage 'student': dataset '@rs' holds its samples in column 'completion'"
                                           r".*set student\.completion_column=completion"):
         load_pipeline(spec, ["student.prompt_column=question", "student.completion_column=answer"])
+
+
+def test_plot_draws_every_reward_function_the_run_logged(tmp_path, monkeypatch):
+    """The reward panel drew rewards/accuracy and rewards/format only: a run's own function (my_rewards:brevity)
+    was logged but never plotted. Now each rewards/<fn> mean is drawn, its /std is not."""
+    pytest.importorskip("matplotlib")
+    from matplotlib.axes import Axes
+
+    rows = [{"step": s, "stage": "grpo", "reward": 0.5, "rewards/accuracy": 0.5, "rewards/my_rewards:brevity": -0.1,
+             "rewards/my_rewards:brevity/std": 0.01} for s in (1, 2)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    labels = []
+    plot = Axes.plot
+
+    def recording_plot(self, *args, **kwargs):
+        labels.append(kwargs.get("label"))
+        return plot(self, *args, **kwargs)
+
+    monkeypatch.setattr(Axes, "plot", recording_plot)
+    assert main(["plot", str(tmp_path)]) == 0
+    assert [lb for lb in labels if "reward" in lb] == ["grpo: reward", "grpo: rewards/accuracy",
+                                                       "grpo: rewards/my_rewards:brevity"]

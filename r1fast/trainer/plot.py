@@ -7,7 +7,7 @@ import os
 from r1fast.trainer.metrics import k_sample_names, read_metrics
 
 PANELS = [
-    ("reward", ["reward", "rewards/accuracy", "rewards/format"]),
+    ("reward", ["reward"]),   # and each reward function's mean the run logged (reward_function_names)
     ("held-out accuracy", ["eval/accuracy"]),   # and the run's eval/pass@k and eval/cons@k (k > 1)
     ("KL to reference", ["kl"]),
     # the ones that ended on their own (TRL's terminated length): beside the mean, whether the model learns to stop
@@ -32,6 +32,8 @@ def plot_run(run_dir: str, out: str | None = None) -> str:
     for ax, (title, keys) in zip(axes.flat, PANELS):
         if "eval/accuracy" in keys:
             keys = keys + k_sample_names(rows, "eval/")
+        if "reward" in keys:
+            keys = keys + reward_function_names(rows)
         drawn = False
         for key in keys:
             if key.startswith("eval/"):   # one line across stages: the accuracy after each stage
@@ -61,6 +63,15 @@ def plot_run(run_dir: str, out: str | None = None) -> str:
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out
+
+
+def reward_function_names(rows: list[dict]) -> list[str]:
+    """The rewards/<fn> means among rows' keys, in the order first logged (the run's reward_funcs order): a
+    run's own functions (my_rewards:brevity) are drawn beside accuracy and format; their /std is not."""
+    names: dict[str, None] = {}
+    for r in rows:
+        names.update((k, None) for k in r if k.startswith("rewards/") and not k.endswith("/std"))
+    return list(names)
 
 
 def run_metrics(run_dir: str) -> list[dict]:
