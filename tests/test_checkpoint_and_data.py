@@ -262,6 +262,11 @@ def test_load_rows_from_files(tmp_path):
         load_rows(str(jl), required_columns=("completion",))
     with pytest.raises(ValueError, match="unknown built-in task"):
         load_rows("builtin:chess")
+    # a misspelt parameter read as the constructor's "unexpected keyword argument 'max_term'"
+    with pytest.raises(ValueError, match=r"'builtin:arithmetic\?max_term=5': unknown parameter 'max_term'; did you "
+                                         r"mean max_terms\? its parameters: min_terms, max_terms, max_operand, "
+                                         r"teacher_noise, answer_noise$"):
+        load_rows("builtin:arithmetic?max_term=5")
     with pytest.raises(ValueError, match="unknown file type"):
         (tmp_path / "d.txt").write_text("x")
         load_rows(str(tmp_path / "d.txt"))

@@ -90,8 +90,24 @@ def builtin_rows(spec: str, n: int, seed: int, **overrides) -> list[dict]:
     if name not in TASKS:
         raise ValueError(f"unknown built-in task {name!r}; built-in tasks: {', '.join(TASKS)}")
     params.update(overrides)
+    _check_parameter_names(spec, TASKS[name], params)
     try:
         task = TASKS[name](**params)
     except TypeError as e:
         raise ValueError(f"built-in task {name!r}: {e}") from None
     return task.rows(n, seed)
+
+
+def _check_parameter_names(spec: str, task_cls, params: dict):
+    """A misspelt parameter (max_term) is named with the task's parameters, and the close one, rather than
+    as the dataclass constructor's TypeError."""
+    import dataclasses
+    import difflib
+
+    known = [f.name for f in dataclasses.fields(task_cls)]
+    for key in params:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"did you mean {close[0]}? " if close else ""
+            raise ValueError(f"built-in task {spec!r}: unknown parameter {key!r}; {hint}its parameters: "
+                             f"{', '.join(known)}")
