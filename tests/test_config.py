@@ -243,6 +243,15 @@ def test_default_pipeline_loads_and_rejects_bad_stage_options():
         load_pipeline(DEFAULT_CONFIG, ["grpo.max_stepz=3"])
     with pytest.raises(ConfigError, match="unknown pipeline key"):
         load_pipeline(DEFAULT_CONFIG, ["colour=red"])
+    # a stage's option given as a single run takes it (`r1fast train max_steps=3`) is shown its overrides, and a
+    # misspelt pipeline key its close one; the message listed the pipeline keys alone
+    with pytest.raises(ConfigError, match=r"unknown pipeline key\(s\) \['eval_sise', 'max_steps'\]; for 'eval_sise', "
+                                          r"did you mean 'eval_size'; 'max_steps' is an option of stages cold_start, grpo: "
+                                          r"set it for one stage with cold_start.max_steps=3 or grpo.max_steps=3; known:"):
+        load_pipeline(DEFAULT_CONFIG, ["max_steps=3", "eval_sise=8"])
+    with pytest.raises(ConfigError, match=r"'num_generations' is an option of stage grpo: set it for one stage with "
+                                          r"grpo.num_generations=4;"):
+        load_pipeline(DEFAULT_CONFIG, ["--num_generations", "4"])
 
 
 def test_every_shipped_config_loads():

@@ -132,8 +132,8 @@ def load_pipeline(source: str | dict, overrides: Optional[list[str]] = None) -> 
             data[k] = v
     unknown = set(data) - _TOP_KEYS
     if unknown:
-        raise ConfigError(f"{where}: unknown pipeline key(s) {sorted(unknown)}; known: {sorted(_TOP_KEYS)} "
-                          f"(set a stage's option with <stage>.<option>=value)")
+        raise ConfigError(f"{where}: unknown pipeline key(s) {sorted(unknown)}{_stage_option_hints(unknown, data)}; "
+                          f"known: {sorted(_TOP_KEYS)} (set a stage's option with <stage>.<option>=value)")
     stages_raw = data.pop("stages", None)
     if not isinstance(stages_raw, list) or not stages_raw:
         raise ConfigError(f"{where}: 'stages' must be a non-empty list")
@@ -192,6 +192,25 @@ def load_pipeline(source: str | dict, overrides: Optional[list[str]] = None) -> 
         raise ConfigError(f"{where}: no model for stage {p.stages[0].name!r}; set the pipeline's 'model' or the stage's")
     _check_stages(p, where)
     return p
+
+
+def _stage_option_hints(unknown: set[str], data: dict) -> str:
+    """For each unknown pipeline key that is an option of some stages (`r1fast train max_steps=3`, as a single
+    run takes it), the `<stage>.<key>=value` overrides that set it; for another, a close pipeline key."""
+    import difflib
+
+    stages = [(raw.get("name") or f"stage{i}", raw.get("type")) for i, raw in enumerate(data.get("stages") or [])
+              if isinstance(raw, dict)]
+    hints = []
+    for key in sorted(unknown):
+        owners = [name for name, typ in stages if typ in STAGE_TYPES and key in STAGE_TYPES[typ].field_names()]
+        if owners:
+            value = data[key]
+            hints.append(f"{key!r} is an option of stage{'s' if len(owners) > 1 else ''} {', '.join(owners)}: "
+                         f"set it for one stage with {' or '.join(f'{name}.{key}={value}' for name in owners)}")
+        elif close := difflib.get_close_matches(key, sorted(_TOP_KEYS), n=1):
+            hints.append(f"for {key!r}, did you mean {close[0]!r}")
+    return "".join(f"; {h}" for h in hints)
 
 
 def _check_stages(p: Pipeline, where: str):
