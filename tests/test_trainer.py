@@ -335,6 +335,20 @@ def test_sft_rejects_a_row_without_a_completion():
         SFTTrainer(model, tok, rows, SFTConfig(progress_bar=False))
 
 
+def test_sft_given_a_model_name_or_no_tokenizer_says_what_it_takes():
+    # GRPOTrainer takes "builtin:tiny"; SFTTrainer("builtin:tiny", None, ...) failed with "'NoneType' object is not callable"
+    from r1fast.trainer.config import SFTConfig
+    from r1fast.trainer.sft import SFTTrainer
+
+    model, tok = tiny_model()
+    rows = [{"prompt": "1", "completion": "7"}]
+    with pytest.raises(TypeError, match=r"model must be a loaded model, got the name 'builtin:tiny': load it with "
+                                        r"r1fast.models.from_pretrained\(path\)"):
+        SFTTrainer("builtin:tiny", tok, rows, SFTConfig(progress_bar=False))
+    with pytest.raises(TypeError, match=r"tokenizer must be the model's tokenizer .*got None"):
+        SFTTrainer(model, None, rows, SFTConfig(progress_bar=False))
+
+
 def test_resume_drops_a_metrics_line_cut_short_by_a_crash(tmp_path):
     # A process killed mid-write leaves half a line; resuming failed on it with a JSONDecodeError.
     from r1fast.trainer.metrics import MetricsLogger

@@ -5,6 +5,7 @@ log-prob op on packed sequences, so the [tokens, vocab] logits are never built."
 from __future__ import annotations
 
 import math
+import os
 import time
 from typing import Any, Optional, Sequence
 
@@ -32,9 +33,21 @@ from r1fast.trainer.loss_scale import saved_loss_scale
 from r1fast.trainer.grpo import _install_stop_handlers, _restore_handlers
 
 
+def _check_model_and_tokenizer(model, tokenizer):
+    """SFTTrainer takes objects where GRPOTrainer also takes a name: a name or a missing tokenizer failed deep
+    in the prompt checks ("'NoneType' object is not callable")."""
+    if isinstance(model, (str, os.PathLike)):
+        raise TypeError(f"SFTTrainer: model must be a loaded model, got the name {os.fspath(model)!r}: load it with "
+                        f"r1fast.models.from_pretrained(path) and pass load_tokenizer(path) as the tokenizer")
+    if tokenizer is None or not callable(tokenizer):
+        raise TypeError(f"SFTTrainer: tokenizer must be the model's tokenizer (r1fast.models.load_tokenizer(path)), "
+                        f"got {tokenizer!r:.80}")
+
+
 class SFTTrainer:
     def __init__(self, model, tokenizer, rows: Sequence[dict], config: Optional[SFTConfig] = None, *,
                  run_dir: Optional[str] = None, stage_name: str = "sft", step_offset: int = 0):
+        _check_model_and_tokenizer(model, tokenizer)
         self.cfg = config or SFTConfig()
         self.cfg.validate()
         cfg = self.cfg
