@@ -7,6 +7,7 @@ so results from different days and cards compare.
 """
 from __future__ import annotations
 
+import atexit
 import csv
 import dataclasses
 import datetime as _dt
@@ -19,8 +20,10 @@ import math
 import os
 import pkgutil
 import platform
+import shutil
 import statistics
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Iterable
@@ -94,6 +97,28 @@ class Impl:
     # dtype whose matmul rate sets this impl's FLOP floor (default: the case's), e.g. the bf16 row of
     # an FP8 case is held to the bf16 rate, the FP8 rows to the FP8 rate.
     matmul_dtype: str | None = None
+
+
+_TEMP_DIRS: list[str] = []
+
+
+def temp_dir(prefix: str) -> str:
+    """A new folder under the system temp dir for an Impl's files (a saved checkpoint, a trainer's
+    output_dir). run_suite removes it when the impl that made it is done, even when it failed; one made
+    outside a run is removed at exit. Left in place, each grpo_step run kept a saved checkpoint per impl
+    (seven: ~3 GB each at GPU size, on the GPU machine's 64 GB disk)."""
+    path = tempfile.mkdtemp(prefix=prefix)
+    _TEMP_DIRS.append(path)
+    return path
+
+
+def remove_temp_dirs(since: int = 0) -> None:
+    """Remove the folders temp_dir made after its first `since` ones (default: all of them)."""
+    while len(_TEMP_DIRS) > since:
+        shutil.rmtree(_TEMP_DIRS.pop(), ignore_errors=True)
+
+
+atexit.register(remove_temp_dirs)
 
 
 def generator(device, seed: int) -> torch.Generator:
@@ -393,7 +418,7 @@ def run_suite(s: Suite, size: str, device: torch.device, machine: Machine, timer
                 log(f"  skip {s.name}/{case.name} {case.mode} {impl.provider}/{impl.backend}: {', '.join(missing)} "
                     f"not installed")
                 continue
-            held = _allocated(device)
+            held, dirs_before = _allocated(device), len(_TEMP_DIRS)
             try:
                 fn = impl.setup()
                 timing = timer(fn, warmup=impl.warmup if impl.warmup is not None else case.warmup,
@@ -418,6 +443,7 @@ def run_suite(s: Suite, size: str, device: torch.device, machine: Machine, timer
                 fn = None
                 if _allocated(device) > held:
                     gc.collect()
+                remove_temp_dirs(since=dirs_before)   # this impl's checkpoint and output folders
                 if device.type == "cuda" and not device_lost(device):
                     torch.cuda.empty_cache()
             pct = floor / timing.p50 * 100 if math.isfinite(floor) else float("nan")

@@ -585,6 +585,38 @@ def test_grpo_step_trains_both_trainers_in_micro_batches():
     assert calls == [2, 2]
 
 
+def test_a_suites_temp_folders_are_removed_when_its_impl_is_done_even_when_it_failed(tmp_path, monkeypatch):
+    """grpo_step saved a checkpoint and made an output_dir per impl with mkdtemp and never removed them:
+    every run left its folders in /tmp (at GPU size seven ~3 GB checkpoints)."""
+    import os
+    import tempfile
+
+    from r1fast.bench.suites import grpo_step as gs
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    spec = (gs.TINY, 2, 2, 4, torch.float32, torch.device("cpu"), 4)
+    seen = []
+    outside, _ = gs._checkpoint(gs.TINY, torch.float32)   # made before the run, by someone else: kept
+
+    def ours():  # not torch's own compile cache (torchinductor_<user>), meant to outlive the run
+        return sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("r1fast-"))
+
+    def broken():
+        seen.append(ours())
+        gs._checkpoint(gs.TINY, torch.float32)
+        raise RuntimeError("setup failed after saving its checkpoint")
+
+    case = harness.Case("c", "step", "float32", [harness.Impl("r1fast", "a", gs._r1fast_phase("rewards", *spec)),
+                                                 harness.Impl("r1fast", "b", broken)])
+    harness.run_suite(harness.Suite("t", lambda size, device: [case]), "smoke", torch.device("cpu"),
+                      harness.Machine(torch.device("cpu"), "smoke"), _FixedTimer(1.0, 1.0, 1.0), log=lambda *_: None)
+    # the first impl's checkpoint and output_dir were gone before the next impl
+    assert seen == [[os.path.basename(outside)]]
+    assert ours() == [os.path.basename(outside)]
+    harness.remove_temp_dirs()   # as at exit
+    assert ours() == []
+
+
 class _FixedTimer:
     """A Timer stand-in: calls fn once and reports a fixed timing."""
 

@@ -16,8 +16,6 @@ micro-batch of all 512 completions would hold ~80 GB of TRL's bf16 logits.
 """
 from __future__ import annotations
 
-import tempfile
-
 import torch
 
 from r1fast.bench import harness
@@ -50,7 +48,7 @@ def _checkpoint(shape, dtype):
     cfg = ModelConfig(**{**shape, "vocab_size": len(tok)}, bos_token_id=tok.bos_token_id, eos_token_id=None)
     model = CausalLM(cfg)
     model.reset_parameters(seed=0)
-    path = tempfile.mkdtemp(prefix="r1fast-bench-grpo-")
+    path = harness.temp_dir("r1fast-bench-grpo-")
     model.to(dtype).save_pretrained(path)
     tok.save_pretrained(path)
     return path, tok
@@ -70,7 +68,7 @@ def _r1fast_trainer(shape, prompts, G, new, dtype, device, mb):
     cfg = GRPOConfig(per_device_train_batch_size=mb, gradient_accumulation_steps=prompts * G // mb,
                      num_generations=G, max_completion_length=new,
                      max_prompt_length=32, learning_rate=1e-5, loss_type="dapo", beta=0.0, progress_bar=False,
-                     output_dir=tempfile.mkdtemp(prefix="r1fast-bench-grpo-run-"), tis_mode="none",
+                     output_dir=harness.temp_dir("r1fast-bench-grpo-run-"), tis_mode="none",
                      dtype={torch.float32: "float32", torch.bfloat16: "bfloat16"}[dtype])
     tr = GRPOTrainer(model, [_length_reward], _prompts(max(prompts, 64)), cfg, tokenizer=tok)
     tr.stop_ids = []      # run every completion to `new` tokens, like TRL below
@@ -145,7 +143,7 @@ def _trl_step(shape, prompts, G, new, dtype, device, mb):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
         tok = AutoTokenizer.from_pretrained(path)
         args = trl.GRPOConfig(
-            output_dir=tempfile.mkdtemp(prefix="r1fast-bench-trl-"), per_device_train_batch_size=mb,
+            output_dir=harness.temp_dir("r1fast-bench-trl-"), per_device_train_batch_size=mb,
             gradient_accumulation_steps=prompts * G // mb,   # one generation of prompts x G per optimizer step
             num_generations=G, max_completion_length=new, learning_rate=1e-5, loss_type="dapo", beta=0.0,
             bf16=dtype == torch.bfloat16, report_to="none", use_cpu=device.type == "cpu", disable_tqdm=True,

@@ -11,11 +11,9 @@ a sample that draws an eos early ends sooner in both (rare with random weights a
 """
 from __future__ import annotations
 
-import tempfile
-
 import torch
 
-from r1fast.bench.harness import Case, Impl, Skip, gpu_size, suite
+from r1fast.bench.harness import Case, Impl, Skip, gpu_size, suite, temp_dir
 
 QWEN25_15B = dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, layers=28, heads=12, kv_heads=2,
                   tie_word_embeddings=True)
@@ -64,7 +62,7 @@ def _trainer(provider, shape, batch, prompt_len, completion_len, dtype, device, 
 
     model, tokenizer = _model(shape, dtype, device)
     args = trl.GRPOConfig(
-        output_dir=tempfile.mkdtemp(prefix="r1fast-bench-trl-"), per_device_train_batch_size=batch,
+        output_dir=temp_dir("r1fast-bench-trl-"), per_device_train_batch_size=batch,
         num_generations=batch, max_completion_length=completion_len, bf16=False, gradient_checkpointing=False,
         report_to="none", loss_type="dapo", beta=0.0, num_iterations=2, use_cpu=device.type == "cpu",
         disable_tqdm=True, save_strategy="no",
