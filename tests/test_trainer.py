@@ -269,6 +269,10 @@ def test_ctrl_c_or_sigterm_leaves_a_resumable_checkpoint(tmp_path, signame, sigt
     assert res.get("interrupted") and tr.global_step == 2
     assert os.path.isfile(tmp_path / signame / "checkpoint-2" / "trainer_state.json")
     assert {s: signal.getsignal(s) for s in before} == before   # handlers restored
+    # the same trainer goes on (a notebook's next cell): the stop asked of the first train() call was still
+    # set, and stopped this one after its first step
+    res = tr.train(resume=True)
+    assert not res.get("interrupted") and res["global_step"] == 6
     again = make(tmp_path, signame, max_steps=6)
     assert again.train(resume=True)["global_step"] == 6
 

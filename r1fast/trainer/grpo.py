@@ -542,6 +542,7 @@ class GRPOTrainer:
     def _train(self, resume, callback) -> dict:
         cfg = self.cfg
         logger, pbar, resume_path = start_run(self, resume)
+        self._stop_requested = False   # a stop asked of an earlier train() call is done: it must not end this one
         previous_handlers = _install_stop_handlers(self)
         result: dict[str, Any] = {}
         try:
