@@ -554,16 +554,14 @@ def read_csv(path: Path) -> list[dict]:
 
 def plot(csv_paths: list[Path], out_png: Path) -> Path:
     """One panel per suite: time per case, one bar per provider, % of floor written on r1fast's bars."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.figure   # not pyplot: matplotlib.use("Agg") switched the caller's backend
 
     rows = [r for p in csv_paths for r in read_csv(p) if r["metric"] == "time_ms"]
     if not rows:
         raise ValueError(f"no time_ms rows in {', '.join(map(str, csv_paths))}")
     suites = sorted({r["suite"] for r in rows})
-    fig, axes = plt.subplots(len(suites), 1, figsize=(10, 3.2 * len(suites)), squeeze=False)
+    fig = matplotlib.figure.Figure(figsize=(10, 3.2 * len(suites)))
+    axes = fig.subplots(len(suites), 1, squeeze=False)
     for ax, name in zip(axes[:, 0], suites):
         sr = [r for r in rows if r["suite"] == name]
         cases = list(dict.fromkeys(f"{r['case']} {r['mode']}" for r in sr))
@@ -591,7 +589,6 @@ def plot(csv_paths: list[Path], out_png: Path) -> Path:
     fig.tight_layout()
     out_png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out_png, dpi=120)
-    plt.close(fig)
     return out_png
 
 

@@ -27,6 +27,20 @@ def test_kv_cache_suite_rows_follow_the_schema(tmp_path):
     assert png.stat().st_size > 1000
 
 
+def test_bench_plot_leaves_the_callers_matplotlib_backend_alone(tmp_path):
+    matplotlib = pytest.importorskip("matplotlib")
+    row = dict(suite="s", case="c", provider="r1fast", backend="b", mode="fwd", dtype="float32", metric="time_ms",
+               p50=1.0, pct_of_floor=50.0, device="cpu")
+    csv_path, _ = harness.write_results([row], tmp_path, torch.device("cpu"), {})
+    old = matplotlib.get_backend()
+    matplotlib.use("svg")
+    try:
+        assert harness.plot([csv_path], tmp_path / "plot.png").stat().st_size > 1000
+        assert matplotlib.get_backend() == "svg"   # was switched to Agg for the rest of the process
+    finally:
+        matplotlib.use(old)
+
+
 def test_results_that_cannot_be_written_stop_the_run_naming_the_file(tmp_path, monkeypatch):
     # a full disk: the write error inside the per-case save was counted as the suite FAILED, and the
     # run then said "no row was measured, no file written" beside a half-written .csv.tmp

@@ -597,6 +597,26 @@ def test_plot_names_a_bad_metrics_line(tmp_path):
         read_metrics(str(tmp_path))
 
 
+def test_plot_leaves_the_callers_matplotlib_backend_and_figures_alone(tmp_path):
+    # plot_run called matplotlib.use("Agg"): a notebook's inline plots stopped showing for the rest of the
+    # session; and a figure whose save failed stayed open in pyplot
+    matplotlib = pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    from r1fast.trainer.plot import plot_run
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n')
+    old = matplotlib.get_backend()
+    matplotlib.use("svg")
+    try:
+        assert os.path.getsize(plot_run(str(tmp_path))) > 1000
+        with pytest.raises(FileNotFoundError):
+            plot_run(str(tmp_path), str(tmp_path / "no such folder" / "c.png"))
+        assert (matplotlib.get_backend(), plt.get_fignums()) == ("svg", [])
+    finally:
+        matplotlib.use(old)
+
+
 def test_held_out_evaluation_takes_the_pipelines_system_prompt_and_format_pattern(tmp_path, monkeypatch):
     # every stage was evaluated without a system prompt and against the default format: a model trained to
     # answer under one (or in another format) read as untrained between stages

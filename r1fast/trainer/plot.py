@@ -19,16 +19,17 @@ PANELS = [
 
 def plot_run(run_dir: str, out: str | None = None) -> str:
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        # a Figure of its own, not pyplot's: matplotlib.use("Agg") switched the caller's backend for the
+        # rest of the process (a notebook's inline plots stopped showing), and a figure whose save failed
+        # stayed open in pyplot
+        import matplotlib.figure
     except ImportError:
         raise SystemExit("r1fast plot needs matplotlib: pip install matplotlib") from None
     rows = run_metrics(run_dir)
     if not rows:
         raise ValueError(f"{run_dir}: metrics.jsonl is empty")
-    fig, axes = plt.subplots(2, 3, figsize=(14, 7))
+    fig = matplotlib.figure.Figure(figsize=(14, 7))
+    axes = fig.subplots(2, 3)
     for ax, (title, keys) in zip(axes.flat, PANELS):
         if "eval/accuracy" in keys:
             keys = keys + k_sample_names(rows, "eval/")
@@ -61,7 +62,6 @@ def plot_run(run_dir: str, out: str | None = None) -> str:
     fig.tight_layout()
     out = out or os.path.join(run_dir, "curves.png")
     fig.savefig(out, dpi=100)
-    plt.close(fig)
     return out
 
 
