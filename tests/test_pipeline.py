@@ -309,6 +309,32 @@ def one_sft_stage_spec(tmp_path, top: str = ""):
     return spec
 
 
+def test_pipeline_num_threads_applies_to_its_run_only(tmp_path, monkeypatch):
+    # run_pipeline with num_threads: 1 left torch at 1 thread for the rest of the calling process
+    import torch
+
+    from r1fast.trainer.sft import SFTTrainer
+
+    class Stop(Exception):
+        pass
+
+    seen = []
+
+    def train(self, *a, **k):   # what the stage trains with; stopping here also checks the error path
+        seen.append(torch.get_num_threads())
+        raise Stop
+
+    monkeypatch.setattr(SFTTrainer, "train", train)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with pytest.raises(Stop):
+            run_pipeline(str(one_sft_stage_spec(tmp_path, "num_threads: 1\n")), [f"output_dir={tmp_path / 'run'}"])
+        assert (seen, torch.get_num_threads()) == ([1], 2)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_pipeline_resume_path_names_the_run_folder(tmp_path, monkeypatch):
     # `--resume PATH` used to be read as plain --resume: a fresh run started in ./runs/<name>.
     spec = one_sft_stage_spec(tmp_path)
