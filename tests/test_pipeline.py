@@ -335,6 +335,40 @@ def test_pipeline_num_threads_applies_to_its_run_only(tmp_path, monkeypatch):
         torch.set_num_threads(threads)
 
 
+def test_a_finished_stages_trainer_and_model_are_freed_before_the_next_stage_builds_its_own(tmp_path, monkeypatch):
+    # the loop's `tr` kept the finished stage's trainer (optimizer state, rollout engine and its KV pool) alive
+    # while the next stage built its own, and `model` kept the earlier model alive while a stage loaded its own
+    import weakref
+
+    from r1fast.trainer.pipeline import PipelineRunner
+    from r1fast.trainer.sft import SFTTrainer
+
+    trainers, models, alive = [], [], []
+    init, load = SFTTrainer.__init__, PipelineRunner.load_model
+
+    def counted_init(self, *a, **k):
+        alive.append(("trainers", sum(t() is not None for t in trainers)))
+        init(self, *a, **k)
+        trainers.append(weakref.ref(self))
+
+    def counted_load(self, *a, **k):
+        alive.append(("models", sum(m() is not None for m in models)))
+        model, tok = load(self, *a, **k)
+        models.append(weakref.ref(model))
+        return model, tok
+
+    monkeypatch.setattr(SFTTrainer, "__init__", counted_init)
+    monkeypatch.setattr(PipelineRunner, "load_model", counted_load)
+    spec = tmp_path / "p.yaml"
+    spec.write_text("name: p\nmodel: builtin:micro\nprogress_bar: false\nstages:\n"
+                    "  - {name: a, type: sft, dataset: builtin:arithmetic, num_rows: 8,\n"
+                    "     config: {max_steps: 1, per_device_train_batch_size: 4}}\n"
+                    "  - {name: b, type: sft, model: builtin:micro, dataset: builtin:arithmetic, num_rows: 8,\n"
+                    "     config: {max_steps: 1, per_device_train_batch_size: 4}}\n")
+    run_pipeline(str(spec), [f"output_dir={tmp_path / 'run'}"])
+    assert alive == [("models", 0), ("trainers", 0), ("models", 0), ("trainers", 0)]
+
+
 def test_pipeline_resume_path_names_the_run_folder(tmp_path, monkeypatch):
     # `--resume PATH` used to be read as plain --resume: a fresh run started in ./runs/<name>.
     spec = one_sft_stage_spec(tmp_path)

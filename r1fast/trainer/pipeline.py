@@ -649,6 +649,8 @@ class PipelineRunner:
                     reload = stage.model, p.seed + i
                 continue
             if stage.model:
+                model = tokenizer = None   # the earlier stages' model: freed before this stage's own loads
+                _free_memory()
                 model, tokenizer = self.load_model(stage.model, p.seed + i)
             elif model is None:
                 if reload and not reload[0].startswith(("@", "builtin:")) and not os.path.isdir(reload[0]):
@@ -724,6 +726,8 @@ class PipelineRunner:
                 self.samples[stage.name] = kept
                 record.update(samples=self._in_run(path), sample_stats=stats)
                 print(f"{summary(stats)} → {path}")
+            tr = None   # its optimizer state and rollout engine: freed before the evaluation's engine and the next stage
+            _free_memory()
             if stage.type != "sample" and stage.evaluate and self.eval_rows():
                 self._finishing = (f"finishing the held-out evaluation after stage {stage.name!r}, then stopping "
                                    f"before the next stage")
@@ -883,6 +887,20 @@ def _changed_options(stage: Stage, recorded: Optional[dict]) -> str:
     changed = [f"{k} {recorded.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(now) | set(recorded))
                if now.get(k) != recorded.get(k) and k != "progress_bar"]
     return ", ".join(changed)
+
+
+def _free_memory() -> None:
+    """Give back what a finished stage's trainer or model held before the next one allocates. The name alone
+    kept a trainer (its optimizer state, its rollout engine's KV pool) alive while the next stage's was built;
+    and a rollout engine sizes its KV pool from the memory free on the device, which the allocator's cached
+    blocks are not."""
+    import gc
+
+    import torch
+
+    gc.collect()   # trainers and engines may sit in reference cycles
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def run_pipeline(source: str | dict = DEFAULT_CONFIG, overrides: Optional[list[str]] = None, resume: bool = False) -> dict:
