@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import signal
 import sys
 
 
@@ -25,6 +27,19 @@ def _show_engine_start_up():
     picks.setLevel(logging.INFO)
     if not any(isinstance(h, _EngineStartUpToStdout) for h in picks.handlers):
         picks.addHandler(_EngineStartUpToStdout())
+
+
+@contextlib.contextmanager
+def _sigterm_as_exit():
+    """SIGTERM (gpu_check.sh's `timeout`) raises SystemExit(143), so the running suite's `finally` removes its
+    temp folders (a GPU-size grpo_step checkpoint is ~3 GB); by default the process died without cleaning up."""
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _cmd_bench(args):
@@ -68,8 +83,9 @@ def _cmd_bench(args):
             failed.append(line)
 
     try:
-        rows = harness.main(args.suites, size=args.size, out_dir=args.out, device=args.device, budget_s=args.budget,
-                            append_to=args.append, log=log)
+        with _sigterm_as_exit():
+            rows = harness.main(args.suites, size=args.size, out_dir=args.out, device=args.device,
+                                budget_s=args.budget, append_to=args.append, log=log)
     except harness.DeviceLost as e:
         # exit status 3: bench/gpu_check.sh goes on with the suites left, in a fresh process
         print(f"r1fast bench: the CUDA context is lost ({e})", file=sys.stderr)

@@ -240,6 +240,32 @@ def test_bench_command_exits_nonzero_when_an_impl_fails(tmp_path, monkeypatch, c
     assert not list((tmp_path / "none").glob("*.csv"))
 
 
+def test_sigterm_during_a_bench_removes_the_running_impls_temp_folders(tmp_path, monkeypatch):
+    # gpu_check.sh stops a bench past its time box with `timeout` (SIGTERM): the process died at once and the
+    # running impl's temp folders (a GPU-size grpo_step checkpoint is ~3 GB) stayed behind
+    import os
+    import signal
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    made = []
+
+    def killed_mid_setup():
+        made.append(harness.temp_dir("r1fast-bench-sigterm-"))
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("SIGTERM did not stop the bench")
+
+    case = harness.Case("c", "fwd", "float32", [harness.Impl("r1fast", "x", killed_mid_setup)])
+    monkeypatch.setitem(harness._SUITES, "zz_sigterm", harness.Suite("zz_sigterm", lambda size, device: [case]))
+    monkeypatch.setattr(harness, "load_suites", lambda: dict(harness._SUITES))
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as stopped:
+        cli_main(["bench", "zz_sigterm", "--out", str(tmp_path / "out"), "--budget", "0"])
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert made and not os.path.exists(made[0])
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
 def test_an_impl_kept_alive_by_a_reference_cycle_is_freed_before_the_next_impl(monkeypatch):
     """Trainers and engines sit in reference cycles: at GPU size grpo_step builds seven of them (tens
     of GB each), so the harness must collect them between impls, not wait for the cycle collector."""
