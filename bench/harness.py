@@ -344,7 +344,8 @@ class Machine:
         """The measured rates for the log, to 3 significant digits: a CPU's tens of GFLOP/s printed with
         one decimal of TFLOP/s read as 0.0."""
         rates = ", ".join(f"{k} {v / 1e12:.3g} TFLOP/s" for k, v in self._rates.items()) or "-"
-        return f"matmul {rates}; copy {(self._bandwidth or float('nan')) / 1e9:.3g} GB/s"
+        copy = f"{self._bandwidth / 1e9:.3g} GB/s" if self._bandwidth else "-"   # not measured: no suite needed it
+        return f"matmul {rates}; copy {copy}"
 
     def floor_ms(self, case: Case, matmul_dtype: str | None = None) -> float:
         rate = self.matmul_flops_per_s(matmul_dtype or case.matmul_dtype or case.dtype) \
