@@ -677,6 +677,29 @@ def test_plot_leaves_the_callers_matplotlib_backend_and_figures_alone(tmp_path):
         matplotlib.use(old)
 
 
+def test_plot_on_a_full_disk_keeps_the_last_image_and_names_the_file(tmp_path, monkeypatch):
+    # savefig wrote straight into curves.png: a full disk part way left a truncated image in place of the
+    # last good one, and the error was "[Errno 28] No space left on device", naming no file
+    pytest.importorskip("matplotlib")
+    import matplotlib.figure
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "reward": 0.5}\n{"step": 2, "reward": 0.7}\n')
+    assert main(["plot", str(tmp_path)]) == 0
+    good = (tmp_path / "curves.png").read_bytes()
+
+    def full_disk(fig, f, **kw):
+        f.write(b"\x89PNG half")
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", full_disk)
+    with pytest.raises(SystemExit, match=r"No space left on device: '.*curves\.png"):
+        main(["plot", str(tmp_path)])
+    assert (tmp_path / "curves.png").read_bytes() == good
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["curves.png", "metrics.jsonl"]
+    monkeypatch.undo()
+    assert main(["plot", str(tmp_path), "--out", str(tmp_path / "c.svg")]) == 0   # the format still from the name
+    assert b"<svg" in (tmp_path / "c.svg").read_bytes()[:500]
+
+
 def test_held_out_evaluation_takes_the_pipelines_system_prompt_and_format_pattern(tmp_path, monkeypatch):
     # every stage was evaluated without a system prompt and against the default format: a model trained to
     # answer under one (or in another format) read as untrained between stages

@@ -102,13 +102,13 @@ def writing(path: str):
 
 
 @contextlib.contextmanager
-def replacing(path: str):
-    """A text file open on `path`.tmp, synced and renamed over `path` once written: a crash or a failed
-    write (named by `writing`) leaves `path` as it was and no .tmp behind. `path` keeps its mode, as
-    open(path, "w") keeps it."""
+def replacing(path: str, binary: bool = False):
+    """A text (or `binary`) file open on `path`.tmp, synced and renamed over `path` once written: a crash
+    or a failed write (named by `writing`) leaves `path` as it was and no .tmp behind. `path` keeps its
+    mode, as open(path, "w") keeps it."""
     tmp = path + ".tmp"
     try:
-        with writing(tmp), open(tmp, "w", encoding="utf-8") as f:
+        with writing(tmp), (open(tmp, "wb") if binary else open(tmp, "w", encoding="utf-8")) as f:
             apply_rewrite_mode(tmp, path)
             yield f
             f.flush()

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import os
 
-from r1fast.trainer.metrics import k_sample_names, read_metrics
+from r1fast.trainer.metrics import k_sample_names, read_metrics, replacing
 
 PANELS = [
     ("reward", ["reward"]),   # and each reward function's mean the run logged (reward_function_names)
@@ -61,7 +61,10 @@ def plot_run(run_dir: str, out: str | None = None) -> str:
     fig.suptitle(os.path.basename(os.path.abspath(run_dir)))
     fig.tight_layout()
     out = out or os.path.join(run_dir, "curves.png")
-    fig.savefig(out, dpi=100)
+    # through a temporary file: a full disk mid-write left a truncated image in place of the last good one
+    # (and an error naming no file); the format from out's extension, as savefig(out) takes it
+    with replacing(out, binary=True) as f:
+        fig.savefig(f, format=os.path.splitext(out)[1][1:] or None, dpi=100)
     return out
 
 
