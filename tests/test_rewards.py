@@ -334,6 +334,18 @@ def test_reward_set_takes_tensor_and_numpy_values():
     assert rs.score(["p", "p"], ["a", "b"], {}) == [[1.0, 0.5], [0.25, 2.0]]
 
 
+def test_reward_set_names_a_function_returning_several_values_per_row():
+    # a (rows, k) array or tensor (k rewards per row, one function for two criteria): element.item() raised
+    # numpy's bare "can only convert an array of size 1 to a Python scalar", naming neither function nor row
+    import numpy as np
+    import torch
+
+    for table in (np.array([[1.0, 0.0], [0.5, 1.0]]), torch.tensor([[1.0, 0.0], [0.5, 1.0]])):
+        rs = RewardSet([lambda prompts, completions, **kw: table])
+        with pytest.raises(RewardError, match=r"reward function '<lambda>' returned .*1\., 0\..* for row 0"):
+            rs.score(["p", "q"], ["a", "b"], {})
+
+
 def test_reward_set_passes_its_options_to_the_builtins():
     # format_pattern and language reach the built-in functions resolved by name
     rs = RewardSet(["format", "language"], format_pattern=r"^Answer: \d+$", language="zh")

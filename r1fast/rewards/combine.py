@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import importlib
 import importlib.util
 import inspect
@@ -175,7 +176,8 @@ class RewardSet:
                 out.append(None)
                 continue
             if hasattr(v, "item"):
-                v = v.item()
+                with contextlib.suppress(ValueError, RuntimeError):   # not one element (a 2-D output's row):
+                    v = v.item()                                      # refused below, naming it
             if isinstance(v, bool):   # `pred == gold`: TRL takes it as 1.0 / 0.0
                 v = float(v)
             if not is_finite_number(v):
