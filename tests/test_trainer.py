@@ -1976,6 +1976,31 @@ def test_a_bare_resume_without_a_checkpoint_starts_the_run(tmp_path, capsys):
         make(tmp_path, "other", **kw).train(resume=str(tmp_path / "missing"))
 
 
+def test_a_chat_template_that_refuses_a_row_is_an_error_naming_it_before_training(tmp_path):
+    # Gemma's and Mistral's templates raise_exception on a system message: GRPO encodes prompts as steps draw
+    # them, so row 11 failed at step 4 with jinja's bare "TemplateError: System role not supported" (a traceback
+    # from the CLI), after three steps of training
+    from r1fast.data.tokenizer import CHAT_TEMPLATE
+    from r1fast.trainer.config import SFTConfig
+    from r1fast.trainer.sft import SFTTrainer
+
+    tok = build_char_tokenizer()
+    tok.chat_template = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+                         "{% endif %}" + CHAT_TEMPLATE)
+    model, tok = tiny_model(tok=tok)
+    rows = [{"prompt": str(i), "answer": "7", "completion": "7"} for i in range(16)]
+    rows[11]["prompt"] = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "11"}]
+    cfg = GRPOConfig(max_steps=4, per_device_train_batch_size=8, num_generations=4, max_completion_length=4,
+                     output_dir=str(tmp_path / "run"), progress_bar=False)
+    refused = r"row 11: the tokenizer's chat template cannot render a prompt of roles \['system', 'user'\] " \
+              r"\(TemplateError: System role not supported\)"
+    with pytest.raises(ValueError, match="train dataset: " + refused):
+        GRPOTrainer(model, [sevens], rows, cfg, tokenizer=tok)
+    with pytest.raises(ValueError, match="SFT dataset: " + refused):
+        SFTTrainer(model, tok, rows, SFTConfig(progress_bar=False))
+    assert not (tmp_path / "run").exists()
+
+
 def r1_distill_tokenizer():
     """The built-in tokenizer with a template whose generation prompt opens <think>, as DeepSeek-R1-Distill's does."""
     from r1fast.data.tokenizer import CHAT_TEMPLATE

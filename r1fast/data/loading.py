@@ -239,8 +239,13 @@ def prompt_text(tokenizer, prompt: Any, system_prompt: Optional[str] = None,
         # a prompt ending on the assistant's message is its answer's start (a prefill, "<think>"), continued as
         # TRL does: not closed with an end-of-turn and followed by a second, empty assistant turn
         prefill = continues_answer(msgs)
-        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=not prefill,
-                                             continue_final_message=prefill, **(chat_template_kwargs or {}))
+        try:
+            return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=not prefill,
+                                                 continue_final_message=prefill, **(chat_template_kwargs or {}))
+        except Exception as e:   # a template's raise_exception ("System role not supported"): jinja's TemplateError
+            roles = [m["role"] for m in msgs]
+            raise ValueError(f"the tokenizer's chat template cannot render a prompt of roles {roles} "
+                             f"({type(e).__name__}: {e})") from e
     return "\n".join(m["content"] for m in msgs)
 
 
@@ -347,9 +352,16 @@ def check_prompts(rows: Sequence[dict], column: str, tokenizer, system_prompt: O
     own_system = 0   # rows whose own system message keeps system_prompt out
     roles_lost = 0   # conversations that a tokenizer without a chat template reads as their contents alone
     prefill_checked = not has_template   # how the template renders a prefill: seen on the first one
+    # a template that refuses some conversations (a system message, roles that do not alternate) failed only
+    # when a step drew such a row, mid-run: each sequence of roles is rendered once here
+    rendered_roles = set() if has_template else None
     for i, row in enumerate(rows):
         try:
             msgs = prompt_messages(row[column], system_prompt)
+            roles = tuple(m["role"] for m in msgs)
+            if rendered_roles is not None and roles not in rendered_roles:
+                prompt_text(tokenizer, row[column], system_prompt, chat_template_kwargs)
+                rendered_roles.add(roles)
         except ValueError as e:
             raise ValueError(f"{where}: row {i}: {e}") from None
         own_system += bool(system_prompt) and not any(m["content"] == system_prompt and m["role"] == "system"
