@@ -1999,6 +1999,18 @@ def test_a_chat_template_that_refuses_a_row_is_an_error_naming_it_before_trainin
     with pytest.raises(ValueError, match="SFT dataset: " + refused):
         SFTTrainer(model, tok, rows, SFTConfig(progress_bar=False))
     assert not (tmp_path / "run").exists()
+    # one refused for its content (check_prompts renders one prompt per sequence of roles): the row is named,
+    # before SFT trains and at the GRPO step that draws it
+    tok.chat_template = ("{% if messages[-1]['content'] == '11' %}{{ raise_exception('no 11') }}{% endif %}"
+                         + CHAT_TEMPLATE)
+    rows[11]["prompt"] = "11"
+    refused = r"row 11: the tokenizer's chat template cannot render a prompt of roles \['user'\] " \
+              r"\(TemplateError: no 11\)"
+    with pytest.raises(ValueError, match="SFT dataset: " + refused):
+        SFTTrainer(model, tok, rows, SFTConfig(progress_bar=False))
+    tr = GRPOTrainer(model, [sevens], rows, cfg, tokenizer=tok)
+    with pytest.raises(ValueError, match="train dataset: " + refused):
+        tr._prompt_ids([rows[3], rows[11]], [3, 11])   # a step's prompts (the engine is not needed to see it)
 
 
 def r1_distill_tokenizer():

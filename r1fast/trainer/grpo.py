@@ -231,9 +231,12 @@ class GRPOTrainer:
         out = []
         for key, row in zip(keys, rows):
             if key not in self._prompt_cache:
-                self._prompt_cache[key] = encode_prompt(self.tokenizer, row[self.cfg.prompt_column],
-                                                        self.cfg.system_prompt, self.prompt_cap,
-                                                        self.cfg.chat_template_kwargs)
+                try:   # a chat template that refuses this row's content (check_prompts renders one row per roles)
+                    self._prompt_cache[key] = encode_prompt(self.tokenizer, row[self.cfg.prompt_column],
+                                                            self.cfg.system_prompt, self.prompt_cap,
+                                                            self.cfg.chat_template_kwargs)
+                except ValueError as e:
+                    raise ValueError(f"train dataset: row {key}: {e}") from None
             out.append(self._prompt_cache[key])
         return out
 

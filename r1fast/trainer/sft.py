@@ -63,9 +63,9 @@ class SFTTrainer:
         limit = min(cfg.max_length, model.config.max_sequence_length)
         prefilled = prefilled_think(tokenizer, cfg.chat_template_kwargs)   # R1-Distill's template opens <think> in the prompt
         for i, r in enumerate(rows):
-            p = encode_prompt(tokenizer, r[cfg.prompt_column], cfg.system_prompt,
-                              chat_template_kwargs=cfg.chat_template_kwargs)
             try:
+                p = encode_prompt(tokenizer, r[cfg.prompt_column], cfg.system_prompt,
+                                  chat_template_kwargs=cfg.chat_template_kwargs)
                 c = encode_completion(tokenizer, r[cfg.completion_column],
                                       "" if continues_answer(r[cfg.prompt_column]) else prefilled)
             except ValueError as e:
