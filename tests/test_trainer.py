@@ -2011,6 +2011,14 @@ def test_a_chat_template_that_refuses_a_row_is_an_error_naming_it_before_trainin
     tr = GRPOTrainer(model, [sevens], rows, cfg, tokenizer=tok)
     with pytest.raises(ValueError, match="train dataset: " + refused):
         tr._prompt_ids([rows[3], rows[11]], [3, 11])   # a step's prompts (the engine is not needed to see it)
+    from r1fast.trainer.config import SampleConfig
+    from r1fast.trainer.evaluate import evaluate_accuracy
+    from r1fast.trainer.sampling import rejection_sample
+
+    with pytest.raises(ValueError, match="rejection sampling: dataset: " + refused):
+        rejection_sample(model, tok, rows, SampleConfig(reward_funcs=["format"]), progress=False)
+    with pytest.raises(ValueError, match="evaluation: held-out rows: " + refused):
+        evaluate_accuracy(model, tok, rows, max_tokens=2)
 
 
 def r1_distill_tokenizer():

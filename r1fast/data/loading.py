@@ -400,6 +400,19 @@ def encode_prompt(tokenizer, prompt: Any, system_prompt: Optional[str] = None, m
     return ids
 
 
+def encode_prompts(tokenizer, rows: Sequence[dict], column: str, system_prompt: Optional[str] = None,
+                   max_length: Optional[int] = None, chat_template_kwargs: Optional[dict] = None,
+                   where: str = "dataset") -> list[list[int]]:
+    """encode_prompt of every row's `column`; a prompt the chat template refuses is an error naming its row."""
+    out = []
+    for i, row in enumerate(rows):
+        try:
+            out.append(encode_prompt(tokenizer, row[column], system_prompt, max_length, chat_template_kwargs))
+        except ValueError as e:
+            raise ValueError(f"{where}: row {i}: {e}") from None
+    return out
+
+
 def encode_completion(tokenizer, completion: Any, prefilled: str = "") -> list[int]:
     """Token ids of a target completion, ending with the end-of-sequence token. A completion is text
     (a number from a CSV column is its text), or an assistant message (a dict, or a list of them whose

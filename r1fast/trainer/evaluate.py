@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from typing import Optional, Sequence
 
-from r1fast.data.loading import (decode_completion, encode_prompt, resolve_stop_tokens, stop_token_ids,
+from r1fast.data.loading import (decode_completion, encode_prompts, resolve_stop_tokens, stop_token_ids,
                                  warn_unstopped_turn_end)
 from r1fast.trainer.common import check_prompt_room, gold_column
 
@@ -43,8 +43,8 @@ def evaluate_accuracy(model, tokenizer, rows: Sequence[dict], *, samples_per_pro
     if not rows:
         raise ValueError("evaluation: no held-out rows")
     check_eval_answers(rows, answer_column, "evaluation: held-out rows")
-    prompt_ids = [encode_prompt(tokenizer, r[prompt_column], system_prompt, max_prompt_length, chat_template_kwargs)
-                  for r in rows]
+    prompt_ids = encode_prompts(tokenizer, rows, prompt_column, system_prompt, max_prompt_length, chat_template_kwargs,
+                                "evaluation: held-out rows")
     check_prompt_room(prompt_ids, model.config.max_sequence_length, "evaluation")
     extra_stops = resolve_stop_tokens(tokenizer, stop_tokens, stop_option)
     ends = stop_token_ids(tokenizer, model.eos_token_ids, extra_stops)   # the engine stops at the model's eos too

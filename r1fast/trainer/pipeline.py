@@ -665,15 +665,15 @@ class PipelineRunner:
             if stage.type != "sample" and stage.evaluate and self.eval_rows():
                 # found before the stage trains, not at the evaluation after it: a held-out prompt that leaves
                 # this model no room for an answer
-                from r1fast.data.loading import check_prompts, encode_prompt, resolve_stop_tokens
+                from r1fast.data.loading import check_prompts, encode_prompts, resolve_stop_tokens
                 from r1fast.trainer.common import check_prompt_room
 
                 where = f"eval_dataset {p.eval_dataset!r}, evaluated after stage {stage.name!r}"
                 # as a stage's own data: a prompt templated before is refused, a system_prompt left out said
                 kwargs = p.eval_chat_template_kwargs
                 check_prompts(self.eval_rows(), "prompt", tokenizer, p.eval_system_prompt, where, kwargs)
-                check_prompt_room([encode_prompt(tokenizer, r["prompt"], p.eval_system_prompt, chat_template_kwargs=kwargs)
-                                   for r in self.eval_rows()],
+                check_prompt_room(encode_prompts(tokenizer, self.eval_rows(), "prompt", p.eval_system_prompt,
+                                                 chat_template_kwargs=kwargs, where=where),
                                   model.config.max_sequence_length, where)
                 resolve_stop_tokens(tokenizer, p.eval_stop_tokens, "eval_stop_tokens")
             stage_dir = os.path.join(self.run_dir, stage.name)

@@ -10,7 +10,7 @@ import os
 import sys
 from typing import Callable, Optional, Sequence
 
-from r1fast.data.loading import (check_columns, check_prompts, continues_answer, decode_completion, encode_prompt,
+from r1fast.data.loading import (check_columns, check_prompts, continues_answer, decode_completion, encode_prompts,
                                  prefilled_think, resolve_stop_tokens, stop_token_ids, warn_unstopped_turn_end)
 from r1fast.rewards import RewardSet
 from r1fast.trainer.common import check_answer_column, check_prompt_room, reward_columns, reward_completions
@@ -40,8 +40,8 @@ def rejection_sample(model, tokenizer, rows: Sequence[dict], cfg: SampleConfig, 
     rewards = RewardSet(cfg.reward_funcs, format_pattern=cfg.format_pattern, language=cfg.language)
     check_answer_column(rewards.names, rows, cfg.answer_column, "prompt dataset")
     thresholds = cfg.reward_thresholds or [1.0] * len(rewards)
-    prompt_ids = [encode_prompt(tokenizer, r[cfg.prompt_column], cfg.system_prompt,
-                                chat_template_kwargs=cfg.chat_template_kwargs) for r in rows]
+    prompt_ids = encode_prompts(tokenizer, rows, cfg.prompt_column, cfg.system_prompt,
+                                chat_template_kwargs=cfg.chat_template_kwargs, where="rejection sampling: dataset")
     check_prompt_room(prompt_ids, model.config.max_sequence_length, "rejection sampling")
     # Capped at the model's positions, as in GRPO and evaluation: a sample reaching it ends as "length".
     max_model_len = min(model.config.max_sequence_length, max(map(len, prompt_ids)) + cfg.max_completion_length)
