@@ -85,6 +85,35 @@ def test_resume_is_bit_identical(tmp_path):
         assert torch.equal(s1["exp_avg_sq"], s2["exp_avg_sq"]) and torch.equal(s1["exp_avg"], s2["exp_avg"])
 
 
+def test_an_abort_mid_run_says_which_checkpoint_resume_continues_from(tmp_path, capsys):
+    # a second Ctrl-C (KeyboardInterrupt mid-step) skips the checkpoint the first one writes: the CLI said
+    # "stopped; continue with: ... --resume", not from which step, nor that none was written yet
+    from r1fast.trainer.config import SFTConfig
+    from r1fast.trainer.sft import SFTTrainer
+
+    def abort_at(step):
+        def callback(s, m):
+            if s == step:
+                raise KeyboardInterrupt
+        return callback
+
+    kw = dict(max_steps=2, save_steps=1, per_device_train_batch_size=8, num_generations=4, max_completion_length=2)
+    with pytest.raises(KeyboardInterrupt):
+        make(tmp_path, **kw).train(callback=abort_at(2))   # before step 2's checkpoint
+    run = tmp_path / "run"
+    assert capsys.readouterr().err.endswith(f"r1fast: aborted with 2 of 2 grpo steps done; --resume continues from "
+                                            f"{run / 'checkpoint-1'} (step 1); step 2 trained again\n")
+    assert make(tmp_path, **kw).train(resume=True)["global_step"] == 2
+    model, tok = tiny_model()
+    rows = [{"prompt": "1", "completion": "7"}] * 4
+    sft = SFTTrainer(model, tok, rows, SFTConfig(max_steps=1, output_dir=str(tmp_path / "sft"), progress_bar=False))
+    sft._micro_batch = lambda *a: (_ for _ in ()).throw(KeyboardInterrupt)   # in the first step's backward
+    with pytest.raises(KeyboardInterrupt):
+        sft.train()
+    assert capsys.readouterr().err.endswith("r1fast: aborted with 0 of 1 sft steps done; no checkpoint was written "
+                                            "yet: the run starts again from its first step\n")
+
+
 def test_resuming_from_an_older_checkpoint_sets_the_later_ones_aside(tmp_path, capsys):
     """The later checkpoints belong to the abandoned steps: a bare --resume afterwards must not pick them."""
     kw = dict(max_steps=4, save_steps=1, save_total_limit=None, per_device_train_batch_size=8)

@@ -483,3 +483,19 @@ def start_run(trainer, resume):
 
         pbar = progress(trainer.total_steps, trainer.stage, initial=trainer.global_step, unit="steps")
     return logger, pbar, resume_path
+
+
+def say_what_is_kept(trainer):
+    """An abort mid-step (a second Ctrl-C or SIGTERM, which skips the checkpoint the first one writes): which
+    checkpoint --resume continues from, and which steps are done again. The CLI's note gave the command alone."""
+    from r1fast.trainer import checkpoints as ckpt
+
+    done, latest = trainer.global_step, ckpt.latest_checkpoint(trainer.run_dir)
+    if latest is None:
+        kept = "no checkpoint was written yet: the run starts again from its first step"
+    else:
+        saved = int(os.path.basename(latest).split("-")[-1])
+        again = f"step {done}" if done == saved + 1 else f"steps {saved + 1}-{done}"
+        kept = f"--resume continues from {latest} (step {saved})" + (f"; {again} trained again" if done > saved else "")
+    print(f"\nr1fast: aborted with {done} of {trainer.total_steps} {trainer.stage} steps done; {kept}",
+          file=sys.stderr, flush=True)

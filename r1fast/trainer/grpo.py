@@ -44,6 +44,7 @@ from r1fast.trainer.common import (  # noqa: F401  (NonFiniteLoss: also importab
     reward_columns,
     reward_completions,
     run_dir_for,
+    say_what_is_kept,
     unscale_and_clip,
     warmup_steps_of,
 )
@@ -594,6 +595,9 @@ class GRPOTrainer:
                         logger.log(self.step_offset + self.global_step, self.stage, self._final_eval)
                     result["final"] = self._final_eval
                 result["checkpoint"] = self.save()
+        except KeyboardInterrupt:
+            say_what_is_kept(self)
+            raise
         finally:
             _restore_handlers(previous_handlers)
             if pbar is not None:

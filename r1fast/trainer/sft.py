@@ -14,6 +14,7 @@ from r1fast.data.loading import (check_columns, check_prompts, continues_answer,
                                  prefilled_think, split_conversations)
 from r1fast.trainer import checkpoints as ckpt
 from r1fast.trainer.common import (
+    say_what_is_kept,
     start_run,
     step_if_finite,
     DataCursor,
@@ -203,6 +204,9 @@ class SFTTrainer:
             path = self.save()
             if interrupted:
                 print(f"\nr1fast: interrupted at step {self.global_step}; resumable checkpoint: {path}")
+        except KeyboardInterrupt:
+            say_what_is_kept(self)
+            raise
         finally:
             _restore_handlers(previous_handlers)
             if pbar is not None:
