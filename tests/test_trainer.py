@@ -325,8 +325,13 @@ def test_sft_stops_on_sigterm_with_a_resumable_checkpoint(tmp_path, sigterm_guar
         return m
 
     tr.step = step
+    tr.cfg.save_steps = 3   # stopped at a save step: its checkpoint was written twice over
+    saves = []
+    real_save = tr.save
+    tr.save = lambda: saves.append(tr.global_step) or real_save()
     res = tr.train()
-    assert res["interrupted"] and tr.global_step == 3
+    assert res["interrupted"] and tr.global_step == 3 and saves == [3]
+    assert res["checkpoint"] == str(tmp_path / "sft" / "checkpoint-3")
     assert os.path.isfile(tmp_path / "sft" / "checkpoint-3" / "trainer_state.json")
 
 

@@ -182,6 +182,7 @@ class SFTTrainer:
         self._stop_requested = False
         previous_handlers = _install_stop_handlers(self)
         interrupted = False
+        path, saved_at = None, None   # the last checkpoint written, and its step
         try:
             while self.global_step < self.total_steps:
                 m = self.step()
@@ -197,11 +198,13 @@ class SFTTrainer:
                     pbar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{m['tokens_per_s']:.0f}")
                     pbar.update(1)
                 if cfg.save_steps and step % cfg.save_steps == 0 and step < self.total_steps:
-                    self.save()
+                    path, saved_at = self.save(), step
                 if self._stop_requested:
                     interrupted = True
                     break
-            path = self.save()
+            # a stop at a save step has its checkpoint: writing the model a second time only took as long again
+            if saved_at != self.global_step:
+                path = self.save()
             if interrupted:
                 print(f"\nr1fast: interrupted at step {self.global_step}; resumable checkpoint: {path}")
         except KeyboardInterrupt:
