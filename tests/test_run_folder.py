@@ -64,6 +64,22 @@ def test_the_folder_is_released_when_a_run_fails(tmp_path):
     assert _free(tmp_path / "r")
 
 
+def test_a_full_disk_at_the_lock_names_the_run_folder(tmp_path, monkeypatch):
+    # writing the pid into the lock is a run's first write: on a full disk the error was a bare
+    # "[Errno 28] No space left on device" naming no file (os.pwrite's errors carry none)
+    def full(*a):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "pwrite", full)
+    with pytest.raises(OSError, match=rf"No space left on device: '{tmp_path / 'r' / LOCK_FILE}'"):
+        with own_run_folder(str(tmp_path / "r")):
+            pass
+    monkeypatch.undo()
+    assert _free(tmp_path / "r")
+    with own_run_folder(str(tmp_path / "r")):   # not left held by this process
+        pass
+
+
 def test_holds_nest_within_one_process_and_release_at_the_outermost(tmp_path):
     run = str(tmp_path / "r")
     with own_run_folder(run):

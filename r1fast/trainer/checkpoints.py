@@ -167,8 +167,11 @@ def own_run_folder(run_dir: str):
             warnings.warn(f"r1fast: cannot lock {path} ({e}); nothing stops a second run in this folder",
                           stacklevel=3)
         else:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, str(os.getpid()).encode(), 0)
+            from r1fast.trainer.metrics import writing
+
+            with writing(path):   # a full disk: found here, naming the run folder, not after the first rollout
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, str(os.getpid()).encode(), 0)
             _HELD.add(key)
         try:
             yield
