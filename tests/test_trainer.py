@@ -114,6 +114,36 @@ def test_an_abort_mid_run_says_which_checkpoint_resume_continues_from(tmp_path, 
                                             "yet: the run starts again from its first step\n")
 
 
+def test_train_again_after_a_failure_resumes_or_says_why_not(tmp_path):
+    # a reward function that raised, then train() again on the same trainer (a notebook): before its first
+    # checkpoint it went on from the model and optimizer in memory, but deleted the logged metrics of the steps
+    # done and skipped the failed step's prompts (metrics.jsonl held steps [3, 4] of 4)
+    judge_down = [True]
+
+    def trainer(name, **over):
+        tr = make(tmp_path, name, **{**dict(max_steps=3, save_steps=1, per_device_train_batch_size=8,
+                                            num_generations=4, max_completion_length=2), **over})
+
+        def flaky(prompts, completions, **k):
+            if judge_down[0] and tr.global_step == 2:
+                raise RuntimeError("judge down")
+            return sevens(prompts, completions)
+        tr.rewards.funcs[0] = flaky
+        with pytest.raises(Exception, match="judge down"):
+            tr.train()
+        return tr
+
+    unsaved, saved = trainer("unsaved", save_steps=0), trainer("saved")
+    judge_down[0] = False
+    with pytest.raises(ValueError, match=r"already ran 2 of its 3 steps: it wrote no checkpoint .* to go on from; "
+                                         r"build a new trainer to start over"):
+        unsaved.train()
+    with pytest.raises(ValueError, match=r"already ran 2 of its 3 steps: call train\(resume=True\) to continue"):
+        saved.train()
+    assert saved.train(resume=True)["global_step"] == 3
+    assert [r["step"] for r in _metrics(tmp_path / "saved" / "metrics.jsonl")] == [1, 2, 3]
+
+
 def test_resuming_from_an_older_checkpoint_sets_the_later_ones_aside(tmp_path, capsys):
     """The later checkpoints belong to the abandoned steps: a bare --resume afterwards must not pick them."""
     kw = dict(max_steps=4, save_steps=1, save_total_limit=None, per_device_train_batch_size=8)

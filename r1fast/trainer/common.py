@@ -448,6 +448,14 @@ def start_run(trainer, resume):
         # launch was stopped before its first checkpoint, or had not run yet; as a pipeline's --resume does
         print(f"r1fast: --resume: no checkpoint in {trainer.run_dir}; starting from the first step", file=sys.stderr)
         resume = None
+    if not resume and trainer.global_step > 0:
+        # train() again after a failure (a reward function that raised, in a notebook) went on from the model and
+        # optimizer in memory but deleted the steps' logged metrics, and skipped the failed step's prompts
+        go_on = (f"call train(resume=True) to continue from its last checkpoint in {trainer.run_dir}, or "
+                 if ckpt.latest_checkpoint(trainer.run_dir) else f"it wrote no checkpoint in {trainer.run_dir} to go on "
+                 f"from; ")
+        raise ValueError(f"this trainer already ran {trainer.global_step} of its {trainer.total_steps} steps: {go_on}"
+                         f"build a new trainer to start over")
     if not resume:
         ckpt.start_fresh(trainer.run_dir, cfg.overwrite_output_dir)
     resume_path = ckpt.resolve_resume(resume, trainer.run_dir)
