@@ -1335,6 +1335,26 @@ def test_cli_stops_with_status_130_and_says_how_to_continue(tmp_path, monkeypatc
     assert main(["sft", "max_steps=3", "--help"]) == 0 and "usage: r1fast sft" in capsys.readouterr().out
 
 
+def test_r1fast_sample_stopped_by_an_error_says_what_it_kept(tmp_path, monkeypatch, capsys):
+    # a reward function raising at the second batch of prompts (a judge down): the error alone did not say that
+    # the first batch was kept, and the next run without --resume refused to start over it
+    import r1fast.trainer.sampling as sampling
+    from r1fast.rewards import RewardError
+
+    def judge_down_at_batch_2(model, tok, rows, cfg, on_batch=None, **kw):
+        on_batch([], {"prompts": 8, "next_prompt": 4})
+        raise RewardError("reward function 'judge' raised RuntimeError: judge down")
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sampling, "rejection_sample", judge_down_at_batch_2)
+    args = ["model_name_or_path=builtin:micro", "dataset=builtin:arithmetic", "output_file=out.jsonl"]
+    with pytest.raises(SystemExit, match="judge down"):
+        main(["sample", *args])
+    assert capsys.readouterr().err.strip() == (
+        "r1fast sample: the batches of prompts sampled before the error below are kept in "
+        "out.jsonl.sample_progress.json; continue with: r1fast sample " + " ".join(args) + " --resume")
+
+
 def test_cli_resume_forms():
     from r1fast.trainer.cli import _resume_pipeline, _split
 

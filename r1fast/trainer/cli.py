@@ -310,9 +310,18 @@ def _cmd_sample(args):
     log = sampling.SampleProgress(progress_file, fingerprint)
     earlier = log.load("sampling") if resume else None
     with _stop_after_batch("finishing this batch of prompts and keeping what it sampled so far") as stop:
-        kept, stats = sampling.rejection_sample(model, tok, rows, cfg, progress=cfg.progress_bar,
-                                                should_stop=lambda: stop._stop_requested, resume_from=earlier,
-                                                on_batch=log.append)
+        try:
+            kept, stats = sampling.rejection_sample(model, tok, rows, cfg, progress=cfg.progress_bar,
+                                                    should_stop=lambda: stop._stop_requested, resume_from=earlier,
+                                                    on_batch=log.append)
+        except Exception:
+            # a reward function that raised mid-way (a judge down): the error alone did not say the batches
+            # before it are kept, and the next run without --resume refused to start over them
+            if os.path.exists(progress_file):
+                print(f"r1fast sample: the batches of prompts sampled before the error below are kept in "
+                      f"{progress_file}; continue with: {_resume_command('sample', args.rest)}",
+                      file=sys.stderr, flush=True)
+            raise
     if "next_prompt" in stats:   # stopped after a batch of prompts, which log.append kept
         print(f"\nr1fast: {log.stopped(kept, stats, 'sampling')}", flush=True)
         raise KeyboardInterrupt   # _guarded says how to continue
