@@ -536,6 +536,9 @@ def write_results(rows: list[dict], out_dir: Path, device: torch.device, meta: d
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise ResultsNotWritten(f"cannot write the results to {tmp.with_suffix('')}: {e}") from e
+    except BaseException:  # Ctrl-C or SIGTERM's SystemExit mid-write: the half file must not stay beside the whole one
+        tmp.unlink(missing_ok=True)
+        raise
     return csv_path, json_path
 
 

@@ -980,3 +980,26 @@ def test_require_backend_skips_naming_the_op():
     harness.require_backend("store_kv", "torch", torch.device("cpu"))  # runs here: no Skip
     with pytest.raises(harness.Skip, match="store_kv: backend cuda unavailable on cpu"):
         harness.require_backend("store_kv", "cuda", torch.device("cpu"))
+
+
+@pytest.mark.parametrize("stop", [KeyboardInterrupt, SystemExit])
+def test_results_write_stopped_by_ctrl_c_or_sigterm_leaves_no_tmp_file(tmp_path, monkeypatch, stop):
+    # only an OSError removed the half-written .tmp: Ctrl-C (KeyboardInterrupt) or SIGTERM (the bench
+    # command's SystemExit(143)) mid-write left it beside the results
+    row = dict(suite="s", case="c", provider="r1fast", backend="b", mode="fwd", dtype="float32", metric="time_ms",
+               p50=1.0, pct_of_floor=50.0, device="cpu")
+    paths = harness.write_results([row], tmp_path, torch.device("cpu"), {})
+    for suffix in (".csv.tmp", ".json.tmp"):
+        real_replace = harness.os.replace
+
+        def stopped_replace(src, dst, suffix=suffix):
+            if str(src).endswith(suffix):
+                raise stop()
+            return real_replace(src, dst)
+
+        monkeypatch.setattr(harness.os, "replace", stopped_replace)
+        with pytest.raises(stop):
+            harness.write_results([row], tmp_path, torch.device("cpu"), {}, paths)
+        monkeypatch.setattr(harness.os, "replace", real_replace)
+        assert not list(tmp_path.glob("*.tmp")), suffix
+    assert [r["case"] for r in harness.read_csv(paths[0])] == ["c"]
