@@ -426,6 +426,34 @@ def test_resume_drops_a_metrics_line_cut_short_by_a_crash(tmp_path):
     assert [r["step"] for r in _metrics(tmp_path / "metrics.jsonl")] == [1, 2]
 
 
+def test_wandb_init_failing_closes_the_tensorboard_writer_and_names_wandb(tmp_path, monkeypatch):
+    # report_to [tensorboard, wandb] with wandb.init raising (no API key): the TensorBoard writer already
+    # opened stayed open (its file and flush thread) and the error was wandb's own, naming no option
+    import sys
+    import types
+
+    import torch.utils.tensorboard as tensorboard
+    from r1fast.trainer.config import ConfigError
+    from r1fast.trainer.metrics import MetricsLogger
+
+    closed = []
+
+    class Writer(tensorboard.SummaryWriter):
+        def close(self):
+            closed.append(self)
+            super().close()
+
+    def init(**kw):
+        raise RuntimeError("api_key not configured")
+
+    monkeypatch.setattr(tensorboard, "SummaryWriter", Writer)
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=init))
+    with pytest.raises(ConfigError, match=r"report_to wandb: wandb\.init failed \(RuntimeError: api_key not "
+                                          r"configured\)"):
+        MetricsLogger(str(tmp_path), ["tensorboard", "wandb"])
+    assert len(closed) == 1
+
+
 @pytest.mark.parametrize("damaged", ['\x00\x00\x00\x00', 'garbage', '[1, 2]'])
 def test_resume_names_a_damaged_line_of_the_log(tmp_path, damaged):
     # a whole line that is not a JSON object (zeros a crash left, another writer's text) was json's bare

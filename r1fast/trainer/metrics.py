@@ -46,7 +46,19 @@ class MetricsLogger:
             except ImportError:
                 print("r1fast: report_to wandb asked for but wandb is not installed; skipping")
             else:
-                self._wandb = wandb.init(name=run_name, config=config, dir=run_dir, resume="allow")
+                self._wandb = self._start_wandb(wandb, run_name, config, run_dir)
+
+    def _start_wandb(self, wandb, run_name, config, run_dir):
+        # wandb.init fails on setup (no API key, no network): the TensorBoard writer opened above, its
+        # event file and flush thread, would stay open with no logger left to close it
+        try:
+            return wandb.init(name=run_name, config=config, dir=run_dir, resume="allow")
+        except Exception as e:
+            self.close()
+            from r1fast.trainer.config import ConfigError
+
+            raise ConfigError(f"report_to wandb: wandb.init failed ({type(e).__name__}: {e}); log in with "
+                              f"`wandb login`, set WANDB_MODE=offline, or drop wandb from report_to") from e
 
     def log(self, step: int, stage: str, metrics: dict[str, Any]):
         row = {"step": step, "stage": stage, **{k: plain_number(v) for k, v in metrics.items()}}
@@ -69,8 +81,10 @@ class MetricsLogger:
     def close(self):
         if self._tb is not None:
             self._tb.close()
+            self._tb = None
         if self._wandb is not None:
             self._wandb.finish()
+            self._wandb = None
 
 
 def read_metrics(run_dir: str, being_written: bool = False) -> list[dict]:
