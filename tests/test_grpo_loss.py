@@ -688,6 +688,8 @@ def test_fused_packed_layout_equals_padded():
         (lambda a: a.update(cu_seqlens=torch.tensor([0, 3])), ValueError, "packed|cu_seqlens"),
         (lambda a: a["hidden"].data.__setitem__((0, 0, 0), float("nan")), ValueError, "non-finite"),
         (lambda a: a.update(temperature=-1.0), ValueError, "temperature"),
+        # logits / T overflowed float32: the error blamed "NaN/inf in hidden or weight?"
+        (lambda a: a.update(temperature=1e-38), ValueError, r"temperature must be a finite number >= 1e-05"),
         (lambda a: a.update(**{k: a[k][:0] for k in ("hidden", "targets", "mask", "advantages", "old_logp")}),
          ValueError, "B=0"),
         (lambda a: a.update(mask=a["mask"].to("meta")), ValueError, "mask on meta"),

@@ -234,7 +234,9 @@ def test_default_chunk_bounds_the_logits_tile():
         (lambda a: a.update(hidden=a["hidden"].long()), TypeError, "float"),
         (lambda a: a.update(temperature=0.0), ValueError, "temperature"),
         (lambda a: a.update(temperature=float("inf")), ValueError, "finite number"),
-        (lambda a: a.update(temperature=1e-320), ValueError, r"1 / T must be a float32"),   # was -inf/NaN log-probs
+        (lambda a: a.update(temperature=1e-320), ValueError, r"temperature must be a finite number >= 1e-05"),
+        # logits / T overflowed float32: -inf log-probs (torch, reference) or NaN (triton), no error
+        (lambda a: a.update(temperature=1e-38), ValueError, r"temperature must be a finite number >= 1e-05 \(logits"),
         (lambda a: a.update(chunk_size=0), ValueError, "chunk_size"),
         (lambda a: a.update(backend="nope"), ValueError, "not a backend"),
     ],

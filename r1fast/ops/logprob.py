@@ -59,11 +59,15 @@ def validate(hidden, weight, targets, temperature, op="grouped_logprob", check_t
     if len({hidden.device, weight.device, targets.device}) != 1:
         raise ValueError(f"{op}: hidden, weight, targets must be on one device, got "
                          f"{hidden.device}, {weight.device}, {targets.device}")
-    # the kernels scale by 1 / T in float32: a T that small has no float32 inverse
+    # the logits are divided by T in float32: only the floor that rollouts and the config sample at keeps
+    # logits / T finite (below it an ordinary logit overflowed: -inf or NaN log-probs, and the fused loss
+    # blamed "NaN/inf in hidden or weight")
+    from r1fast.rollout.params import MIN_TEMPERATURE
+
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or \
-            not 1 / torch.finfo(torch.float32).max <= temperature < math.inf:
-        raise ValueError(f"{op}: temperature must be a finite number >= {1 / torch.finfo(torch.float32).max:.3g} "
-                         f"(1 / T must be a float32), got {temperature!r}")
+            not MIN_TEMPERATURE <= temperature < math.inf:
+        raise ValueError(f"{op}: temperature must be a finite number >= {MIN_TEMPERATURE} (logits / temperature "
+                         f"must stay a finite float32), got {temperature!r}")
     if check_targets and targets.numel():
         lo, hi = int(targets.min()), int(targets.max())
         if lo < 0 or hi >= weight.shape[0]:
