@@ -126,7 +126,9 @@ def _grpo_loss_kernel(logp_ptr, old_ptr, ref_ptr, smp_ptr, ent_ptr, mask_ptr, ad
                 g1 = tl.where(c1 <= delta, -adv * c1, 0.0)
             else:
                 c1d = c1
-                g1 = -adv * c1
+                # a ratio past float32 (log-ratio > ~88) is inf: its term's gradient is 0 there, as the
+                # reference's exp has it (its loss is inf and refused), not -A * inf (NaN stays NaN)
+                g1 = tl.where(c1 == float("inf"), 0.0, -adv * c1)
             g2 = tl.where(c1 >= 1.0 - epsilon, tl.where(c1 <= 1.0 + eps_high, -adv * c1, 0.0), 0.0)
             t1 = c1d * adv
             t2 = c2 * adv

@@ -1500,6 +1500,26 @@ def test_a_ratio_past_the_float_range_gives_the_clip_not_nan(backend):
     assert logp.grad[0, 0] == 0 and (logp.grad[1] == 0).all()
 
 
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_an_inf_loss_token_past_the_float_range_has_the_references_zero_gradient(backend, level):
+    # A < 0 and a log-ratio past ~88: the unclipped term -A * inf is the token's loss (+inf, refused by
+    # the trainer); the float32 reference gives its ratio gradient 0 (as where the clip picks a constant),
+    # the torch backend too, but the triton kernel wrote -A * exp = +inf there
+    logp = torch.tensor([[-1.0, -1.5, -2.0], [-1.0, -1.5, -2.0]], requires_grad=True)
+    old = torch.tensor([[-300.0, -1.6, -2.2], [-1.2, -1.4, -2.0]])
+    adv, mask = torch.tensor([-0.8, 0.5]), torch.ones(2, 3)
+    opts = LossOptions(importance_sampling_level=level)
+    loss, _ = ops.grpo_loss(logp, old, None, adv, mask, options=opts, backend=backend)
+    loss.backward()
+    want_logp = logp.detach().clone().requires_grad_()
+    want, _ = reference.grpo_loss(want_logp, old, None, adv, mask, opts)   # float32, as the kernel computes
+    want.backward()
+    assert want == math.inf and not torch.isfinite(loss)   # triton's sequence level: NaN (its block's padding)
+    assert torch.isfinite(logp.grad).all() and logp.grad[0, 0] == 0   # the whole row at sequence level
+    assert_close(logp.grad, want_logp.grad, torch.float32, name="grad")
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_fused_loss_with_a_ratio_past_the_float_range_has_finite_gradients(backend):
     d, hidden, weight, targets = _fused_case(seed=21)
