@@ -403,18 +403,32 @@ def test_sft_rejects_a_row_without_a_completion():
         SFTTrainer(model, tok, rows, SFTConfig(progress_bar=False))
 
 
-def test_sft_given_a_model_name_or_no_tokenizer_says_what_it_takes():
-    # GRPOTrainer takes "builtin:tiny"; SFTTrainer("builtin:tiny", None, ...) failed with "'NoneType' object is not callable"
+def test_sft_takes_a_model_name_and_a_dataset_path_as_grpo_does(tmp_path):
+    # SFTTrainer("builtin:micro", None, ...) was a TypeError ("load it with from_pretrained") where GRPOTrainer
+    # loads the name; a dataset path was iterated as characters ("lacks column(s) ... it has ['b']"), and a
+    # GRPOConfig or a dict as config failed with AttributeError
+    from r1fast.trainer.common import load_model_and_tokenizer
     from r1fast.trainer.config import SFTConfig
     from r1fast.trainer.sft import SFTTrainer
 
-    model, tok = tiny_model()
+    data = tmp_path / "sft.jsonl"
+    data.write_text('{"prompt": "1+1", "completion": "2"}\n{"prompt": "2+2", "completion": "4"}\n')
+    cfg = SFTConfig(progress_bar=False, output_dir=str(tmp_path), device="cpu", seed=3, max_length=32)
+    tr = SFTTrainer("builtin:micro", None, str(data), cfg)
+    assert tr.model.device == torch.device("cpu") and len(tr.examples) == 2 and callable(tr.tokenizer)
+    same, _ = load_model_and_tokenizer("builtin:micro", device=torch.device("cpu"), seed=3)
+    assert all(torch.equal(a, b) for a, b in zip(tr.model.state_dict().values(), same.state_dict().values()))
     rows = [{"prompt": "1", "completion": "7"}]
-    with pytest.raises(TypeError, match=r"model must be a loaded model, got the name 'builtin:tiny': load it with "
-                                        r"r1fast.models.from_pretrained\(path\)"):
-        SFTTrainer("builtin:tiny", tok, rows, SFTConfig(progress_bar=False))
+    model, tok = tiny_model()
+    assert len(SFTTrainer(model, tok, config=SFTConfig(dataset=str(data), progress_bar=False,
+                                                       output_dir=str(tmp_path))).examples) == 2
     with pytest.raises(TypeError, match=r"tokenizer must be the model's tokenizer .*got None"):
         SFTTrainer(model, None, rows, SFTConfig(progress_bar=False))
+    with pytest.raises(TypeError, match=r"model must be an r1fast CausalLM or its name .*got dict"):
+        SFTTrainer({}, tok, rows, SFTConfig(progress_bar=False))
+    for wrong in (GRPOConfig(), {"max_steps": 1}):
+        with pytest.raises(TypeError, match=f"config must be an SFTConfig, got {type(wrong).__name__}"):
+            SFTTrainer(model, tok, rows, wrong)
 
 
 def test_resume_drops_a_metrics_line_cut_short_by_a_crash(tmp_path):
@@ -1473,7 +1487,7 @@ def test_sft_trims_a_long_example_from_the_prompts_start_and_keeps_the_completio
     assert model.config.max_sequence_length == 12
     tr = SFTTrainer(model, tok, rows, SFTConfig(progress_bar=False, output_dir=str(tmp_path)))
     assert tr.examples[0] == (p0[-(12 - len(c0)):], c0) and tr.examples[1] == (p1[-1:], c1[:11])
-    with pytest.raises(ValueError, match="SFT dataset is empty"):
+    with pytest.raises(ValueError, match="SFT dataset must be a non-empty list of row dicts"):
         SFTTrainer(model, tok, [], SFTConfig(progress_bar=False, output_dir=str(tmp_path)))
 
 

@@ -79,6 +79,36 @@ def load_model_and_tokenizer(spec: Optional[str], *, device, dtype: str = "float
     return model, tok
 
 
+def model_from_argument(model, tokenizer, cfg, fp8="off"):
+    """A trainer's `model` argument as (model, tokenizer): a name (builtin:<size>, a local Hugging Face
+    folder) is loaded with the config's device, dtype and seed (its tokenizer with it, unless one is
+    given); a loaded model is returned as it is."""
+    if not isinstance(model, (str, os.PathLike)):
+        return model, tokenizer
+    return load_model_and_tokenizer(os.fspath(model), device=resolve_device(cfg.device), dtype=cfg.dtype,
+                                    seed=cfg.seed, fp8=fp8, tokenizer=tokenizer)
+
+
+def dataset_rows(data, what: str, *, split: Optional[str], seed: int, n_builtin: int = 1000,
+                 default_splits: Optional[Sequence[str]] = None) -> list[dict]:
+    """A trainer's dataset argument as a list of row dicts: a list of dicts, a datasets.Dataset, or a path /
+    builtin:<task> (read with load_rows; `split`, `default_splits` and `n_builtin` as there)."""
+    from r1fast.data.loading import TRAIN_SPLITS, load_rows
+
+    if data is None:
+        raise ValueError(f"no {what} dataset: pass one or set config.dataset")
+    if isinstance(data, (str, os.PathLike)):
+        return load_rows(os.fspath(data), split=split, seed=seed, n_builtin=n_builtin,
+                         default_splits=default_splits or TRAIN_SPLITS)
+    if isinstance(data, list):
+        if not data or not isinstance(data[0], dict):
+            raise ValueError(f"{what} dataset must be a non-empty list of row dicts")
+        return data
+    if hasattr(data, "__getitem__") and hasattr(data, "__len__"):   # datasets.Dataset
+        return [dict(data[i]) for i in range(len(data))]
+    raise TypeError(f"{what} dataset must be a list of dicts, a datasets.Dataset or a path; got {type(data).__name__}")
+
+
 def decay_groups(params: list, weight_decay: float) -> list[dict]:
     """AdamW param groups where only matrices (2-D and up: linear layers, embeddings) decay. Decay pulls
     a weight toward 0; for a norm's gain, whose neutral value is 1, or a bias that pull is a bias of

@@ -23,7 +23,7 @@ import torch
 
 from r1fast import _ext
 from r1fast._umask import save_safetensors
-from r1fast.data.loading import (EVAL_SPLITS, check_columns, check_prompts, decode_completion, encode_prompt, load_rows,
+from r1fast.data.loading import (EVAL_SPLITS, check_columns, check_prompts, decode_completion, encode_prompt,
                                  resolve_stop_tokens, stop_token_ids, warn_unstopped_turn_end)
 from r1fast.rewards import RewardSet
 from r1fast.trainer import checkpoints as ckpt
@@ -33,12 +33,14 @@ from r1fast.trainer.common import (  # noqa: F401  (NonFiniteLoss: also importab
     start_run,
     step_if_finite,
     check_answer_column,
+    dataset_rows,
     DataCursor,
     accumulating_gradients,
     resume_check,
     make_loss_scale,
     make_optimizer,
     make_scheduler,
+    model_from_argument,
     pack,
     prompt_sharing_pays,
     reward_columns,
@@ -72,12 +74,7 @@ class GRPOTrainer:
         self.cfg.validate()
         cfg = self.cfg
         _ext.require("GRPOTrainer's rollout engine")  # before a model loads, not at the first rollout
-        if isinstance(model, (str, os.PathLike)):
-            from r1fast.trainer.common import load_model_and_tokenizer, resolve_device
-
-            model, tokenizer = load_model_and_tokenizer(str(model), device=resolve_device(cfg.device),
-                                                        dtype=cfg.dtype, seed=cfg.seed, fp8=cfg.fp8_options(),
-                                                        tokenizer=tokenizer)
+        model, tokenizer = model_from_argument(model, tokenizer, cfg, fp8=cfg.fp8_options())
         if not hasattr(model, "lm_head_weight"):
             raise TypeError("model must be an r1fast CausalLM (r1fast.models); wrap a transformers model "
                             "with r1fast.models.from_pretrained(path)")
@@ -183,20 +180,10 @@ class GRPOTrainer:
 
     # -- setup -------------------------------------------------------------------------------------
     def _rows(self, data, seed, what) -> list[dict]:
-        if data is None:
-            raise ValueError(f"no {what} dataset: pass one or set config.dataset")
-        if isinstance(data, (str, os.PathLike)):
-            if what == "train":
-                return load_rows(str(data), split=self.cfg.dataset_split, seed=seed, n_builtin=1000)
-            return load_rows(str(data), split=self.cfg.eval_dataset_split, seed=seed, default_splits=EVAL_SPLITS,
-                             n_builtin=max(self.cfg.eval_size, 1))
-        if isinstance(data, list):
-            if not data or not isinstance(data[0], dict):
-                raise ValueError(f"{what} dataset must be a non-empty list of row dicts")
-            return data
-        if hasattr(data, "__getitem__") and hasattr(data, "__len__"):   # datasets.Dataset
-            return [dict(data[i]) for i in range(len(data))]
-        raise TypeError(f"{what} dataset must be a list of dicts, a datasets.Dataset or a path; got {type(data).__name__}")
+        if what == "train":
+            return dataset_rows(data, what, split=self.cfg.dataset_split, seed=seed)
+        return dataset_rows(data, what, split=self.cfg.eval_dataset_split, seed=seed, default_splits=EVAL_SPLITS,
+                            n_builtin=max(self.cfg.eval_size, 1))
 
     def _total_steps(self) -> int:
         cfg = self.cfg

@@ -5,9 +5,8 @@ log-prob op on packed sequences, so the [tokens, vocab] logits are never built."
 from __future__ import annotations
 
 import math
-import os
 import time
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 
 from r1fast.data.loading import (check_columns, check_prompts, continues_answer, encode_completion, encode_prompt,
@@ -19,6 +18,8 @@ from r1fast.trainer.common import (
     step_if_finite,
     DataCursor,
     accumulating_gradients,
+    dataset_rows,
+    model_from_argument,
     resume_check,
     make_loss_scale,
     make_optimizer,
@@ -35,25 +36,36 @@ from r1fast.trainer.grpo import _install_stop_handlers, _restore_handlers
 
 
 def _check_model_and_tokenizer(model, tokenizer):
-    """SFTTrainer takes objects where GRPOTrainer also takes a name: a name or a missing tokenizer failed deep
-    in the prompt checks ("'NoneType' object is not callable")."""
-    if isinstance(model, (str, os.PathLike)):
-        raise TypeError(f"SFTTrainer: model must be a loaded model, got the name {os.fspath(model)!r}: load it with "
-                        f"r1fast.models.from_pretrained(path) and pass load_tokenizer(path) as the tokenizer")
+    """A missing tokenizer failed deep in the prompt checks ("'NoneType' object is not callable")."""
+    if not hasattr(model, "lm_head_weight"):
+        raise TypeError(f"SFTTrainer: model must be an r1fast CausalLM or its name (builtin:tiny, a local Hugging Face "
+                        f"folder), got {type(model).__name__}; wrap a transformers model with "
+                        f"r1fast.models.from_pretrained(path)")
     if tokenizer is None or not callable(tokenizer):
         raise TypeError(f"SFTTrainer: tokenizer must be the model's tokenizer (r1fast.models.load_tokenizer(path)), "
                         f"got {tokenizer!r:.80}")
 
 
 class SFTTrainer:
-    def __init__(self, model, tokenizer, rows: Sequence[dict], config: Optional[SFTConfig] = None, *,
+    """`SFTTrainer(model, tokenizer, rows, config).train()`.
+
+    model:      an r1fast CausalLM, or a name as GRPOTrainer takes (builtin:tiny, a local Hugging Face
+                folder: loaded with the config's device, dtype and seed, and its tokenizer with it
+                unless `tokenizer` is given)
+    rows:       (prompt, completion) rows or TRL's `messages` rows: a list of dicts, a datasets.Dataset,
+                or a path / builtin:<task>; None: config.dataset
+    """
+
+    def __init__(self, model, tokenizer=None, rows=None, config: Optional[SFTConfig] = None, *,
                  run_dir: Optional[str] = None, stage_name: str = "sft", step_offset: int = 0):
-        _check_model_and_tokenizer(model, tokenizer)
         self.cfg = config or SFTConfig()
+        if not isinstance(self.cfg, SFTConfig):
+            raise TypeError(f"config must be an SFTConfig, got {type(self.cfg).__name__}")
         self.cfg.validate()
         cfg = self.cfg
-        if not rows:
-            raise ValueError("SFT dataset is empty")
+        model, tokenizer = model_from_argument(model, tokenizer, cfg)
+        _check_model_and_tokenizer(model, tokenizer)
+        rows = dataset_rows(rows if rows is not None else cfg.dataset, "SFT", split=cfg.dataset_split, seed=cfg.seed)
         rows = split_conversations(rows, cfg.prompt_column, cfg.completion_column)
         check_columns(rows, (cfg.prompt_column, cfg.completion_column), "SFT dataset")
         check_prompts(rows, cfg.prompt_column, tokenizer, cfg.system_prompt, "SFT dataset", cfg.chat_template_kwargs)
