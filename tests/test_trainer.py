@@ -2551,3 +2551,16 @@ def test_stop_tokens_end_the_rejection_samplings_completions():
     assert sum(stop in t for _, t in kept) >= 2
     assert kept_stopped == {(p, cut(t)) for p, t in kept}
     assert stats_stopped["truncated"] == stats["truncated"] - sum(stop in t for _, t in kept)
+
+
+def test_a_dict_of_columns_as_dataset_is_named_not_a_key_error():
+    # {"prompt": [...], "answer": [...]} (datasets.Dataset.from_dict's input) was indexed as rows: KeyError: 0
+    from r1fast.trainer.common import dataset_rows
+
+    with pytest.raises(TypeError, match=r"train dataset is a dict \(columns \['answer', 'prompt'\]\); give a list of "
+                                        r"row dicts or datasets.Dataset.from_dict"):
+        dataset_rows({"prompt": ["1+1"], "answer": ["2"]}, "train", split=None, seed=0)
+    model, tok = tiny_model()
+    with pytest.raises(TypeError, match="SFT dataset is a dict"):
+        from r1fast.trainer.sft import SFTTrainer
+        SFTTrainer(model, tok, {"prompt": ["1"], "completion": ["2"]})
