@@ -504,3 +504,16 @@ def test_stop_tokens_are_token_texts_checked_at_load_and_kept_by_a_checkpoint():
     assert sample_fingerprint(SampleConfig().to_dict(), ["1"], {}) == sample_fingerprint(before, ["1"], {})
     assert sample_fingerprint(SampleConfig(stop_tokens=["<|user|>"]).to_dict(), ["1"], {}) != \
         sample_fingerprint(before, ["1"], {})
+
+
+def test_tis_mode_off_is_none_or_the_string_none_in_both_config_and_loss_options():
+    # GRPOConfig took only "none" ("option 'tis_mode' expects str, got None") and LossOptions only None
+    # ("LossOptions.tis_mode must be one of ('truncate', 'mask', None), got 'none'") for the same setting
+    from r1fast.ops import LossOptions
+
+    assert LossOptions(tis_mode="none").tis_mode is None
+    assert LossOptions.from_kwargs(LossOptions(), tis_mode="none") == LossOptions(tis_mode=None)
+    cfg = GRPOConfig(tis_mode=None)
+    cfg.validate()
+    assert cfg.tis_mode == "none" and cfg.loss_options().tis_mode is None
+    assert GRPOConfig.from_dict({"tis_mode": None}).tis_mode == "none"

@@ -46,6 +46,9 @@ class LossOptions:
     use_bias_correction_kl: bool = False
 
     def __post_init__(self):
+        if self.tis_mode == "none":   # GRPOConfig's (and its YAML's) spelling of no correction
+            object.__setattr__(self, "tis_mode", None)
+
         def num(name, lo=None, lo_open=False, allow_none=False):
             v = getattr(self, name)
             if v is None and allow_none:

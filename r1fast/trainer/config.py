@@ -45,9 +45,13 @@ class _Base:
     _BOOL_COUNTS: typing.ClassVar[dict[str, int]] = {}
     # str options whose "off" YAML reads as false (YAML 1.1: off/no/false are booleans)
     _OFF_WORDS: typing.ClassVar[tuple[str, ...]] = ()
+    # str options with a "none" choice that Python (r1fast.ops.LossOptions) or YAML's null spells as None
+    _NONE_WORDS: typing.ClassVar[tuple[str, ...]] = ()
 
     def _from_bool(self, key: str, value):
-        """A bool given for an option that TRL or YAML spells as one: its own value."""
+        """A bool (or None) given for an option that TRL, YAML or LossOptions spells as one: its own value."""
+        if value is None and key in self._NONE_WORDS:
+            return "none"
         if isinstance(value, bool):
             if key in self._BOOL_COUNTS:
                 return self._BOOL_COUNTS[key] if value else 0
@@ -520,6 +524,7 @@ class GRPOConfig(_TrainingConfig):
     log_completions: int = 2                 # sample completions written to the log per logging step
     _BOOL_COUNTS = {"log_completions": 2}    # TRL's log_completions is a bool
     _OFF_WORDS = ("fp8",)                      # `fp8: off` in YAML arrives as False
+    _NONE_WORDS = ("tis_mode",)                # LossOptions(tis_mode=None) is tis_mode "none"
     # precision (device, dtype: _TrainingConfig)
     fp8: str = "off"                         # off | emulate | torch | te | auto (docs/fp8.md)
     fp8_recipe: Optional[str] = None         # te: current (default) | delayed | block | mxfp8
