@@ -1146,6 +1146,11 @@ def test_train_prints_pass_and_cons_at_k_beside_the_accuracy(capsys):
                                                                  "eval/cons@4": 0.625}})
     assert capsys.readouterr().out.splitlines() == ["initial held-out accuracy: 0.250",
                                                     "final held-out accuracy: 0.500 (pass@4 0.750, cons@4 0.625)"]
+    # and the format rate and sample count, as the pipeline's line has them (r1fast train left them out)
+    _print_result({"final": {"eval/accuracy": 0.5, "eval/format": 0.875, "eval/completion_length": 9.0,
+                             "eval/num_samples": 16, "eval/pass@4": 0.75, "eval/cons@4": 0.625}})
+    assert capsys.readouterr().out.splitlines() == [
+        "final held-out accuracy: 0.500 (format 0.875, pass@4 0.750, cons@4 0.625, 16 samples)"]
 
 
 def test_stages_hand_on_their_model_steps_and_samples(tmp_path, monkeypatch):

@@ -136,6 +136,10 @@ def k_sample_scores(ev: dict) -> dict[str, float]:
 
 
 def describe_eval(ev: dict) -> str:
-    """accuracy, then pass@k and cons@k when there are: "0.750 (pass@4 0.900, cons@4 0.800)"."""
-    extra = ", ".join(f"{name} {v:.3f}" for name, v in k_sample_scores(ev).items())
-    return f"{ev['eval/accuracy']:.3f}" + (f" ({extra})" if extra else "")
+    """accuracy, then the format rate, pass@k and cons@k, and the sample count, those an evaluation has:
+    "0.750 (format 0.950, pass@4 0.900, cons@4 0.800, 64 samples)". `r1fast train` and the pipeline
+    print it alike."""
+    extra = ([f"format {ev['eval/format']:.3f}"] if "eval/format" in ev else []) \
+        + [f"{name} {v:.3f}" for name, v in k_sample_scores(ev).items()] \
+        + ([f"{ev['eval/num_samples']} samples"] if "eval/num_samples" in ev else [])
+    return f"{ev['eval/accuracy']:.3f}" + (f" ({', '.join(extra)})" if extra else "")

@@ -43,7 +43,7 @@ from r1fast.trainer.config import (
     load_yaml,
     parse_overrides,
 )
-from r1fast.trainer.evaluate import check_eval_answers, k_sample_scores
+from r1fast.trainer.evaluate import check_eval_answers, describe_eval, k_sample_scores
 from r1fast.trainer.metrics import k_sample_names, replacing
 from r1fast.trainer.sampling import SAMPLE_PROGRESS, check_output_file
 
@@ -736,10 +736,7 @@ class PipelineRunner:
                 record["eval"] = ev
                 record["eval_settings"] = self._eval_settings()
                 record["eval_samples"] = samples
-                print(f"held-out accuracy after {stage.name}: {ev['eval/accuracy']:.3f} "
-                      f"(format {ev['eval/format']:.3f}, "
-                      + "".join(f"{name} {v:.3f}, " for name, v in k_sample_scores(ev).items())
-                      + f"{ev['eval/num_samples']} samples)")
+                print(f"held-out accuracy after {stage.name}: {describe_eval(ev)}")
             record.update(step_end=step, wall_s=time.perf_counter() - t0, finished=True, options=_stage_options(stage))
             if "checkpoint" in record:
                 reload = self._from_run(record["checkpoint"]), p.seed + i
