@@ -974,6 +974,29 @@ def test_rejection_sampling_keeps_correct_well_formed_distinct_samples_up_to_kee
         rejection_sample(model, tok, [], cfg, progress=False)
 
 
+def test_rejection_sampling_takes_a_model_name_a_dataset_path_or_a_datasets_dataset(monkeypatch, tmp_path):
+    # as the trainers do: a model name was "'NoneType' object is not callable", a path was read as characters
+    # ("lacks column(s) ['prompt']; it has ['b']"), a datasets.Dataset with max_prompts was sliced into its
+    # columns ("string indices must be integers"), and cfg=None was an AttributeError
+    import datasets
+
+    from r1fast.trainer.config import SampleConfig
+    from r1fast.trainer.sampling import rejection_sample
+
+    scripted(monkeypatch, {"2+2": [GOOD_A], "3+3": ["<answer>6</answer>"], "5+5": [""]})
+    rows = [{"prompt": "2+2", "answer": "4"}, {"prompt": "3+3", "answer": "6"}, {"prompt": "5+5", "answer": "10"}]
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = SampleConfig(num_samples=1, max_prompts=2, progress_bar=False, device="cpu")
+    for given in (datasets.Dataset.from_list(rows), str(data)):
+        kept, stats = rejection_sample("builtin:micro", None, given, cfg, progress=False)
+        assert [r["completion"] for r in kept] == [GOOD_A] and stats["prompts"] == 2
+    kept, _ = rejection_sample("builtin:micro", rows=rows, cfg=None, progress=False)
+    assert [r["completion"] for r in kept] == [GOOD_A]
+    with pytest.raises(TypeError, match="cfg must be a SampleConfig, got dict"):
+        rejection_sample("builtin:micro", None, rows, {"num_samples": 1})
+
+
 def test_rejection_sampling_leaves_out_samples_cut_at_max_completion_length(monkeypatch):
     """SFT appends eos to each kept completion: one cut before its stop token, however well it scores
     (the answer can come before the cut), would teach stopping mid-thought. keep_truncated keeps them."""

@@ -89,6 +89,18 @@ def model_from_argument(model, tokenizer, cfg, fp8="off"):
                                     seed=cfg.seed, fp8=fp8, tokenizer=tokenizer)
 
 
+def check_model_and_tokenizer(model, tokenizer, who: str):
+    """A loaded model and its tokenizer (a missing tokenizer failed deep in the prompt checks, "'NoneType'
+    object is not callable")."""
+    if not hasattr(model, "lm_head_weight"):
+        raise TypeError(f"{who}: model must be an r1fast CausalLM or its name (builtin:tiny, a local Hugging Face "
+                        f"folder), got {type(model).__name__}; wrap a transformers model with "
+                        f"r1fast.models.from_pretrained(path)")
+    if tokenizer is None or not callable(tokenizer):
+        raise TypeError(f"{who}: tokenizer must be the model's tokenizer (r1fast.models.load_tokenizer(path)), "
+                        f"got {tokenizer!r:.80}")
+
+
 def dataset_rows(data, what: str, *, split: Optional[str], seed: int, n_builtin: int = 1000,
                  default_splits: Optional[Sequence[str]] = None) -> list[dict]:
     """A trainer's dataset argument as a list of row dicts: a list of dicts, a datasets.Dataset, or a path /

@@ -13,12 +13,13 @@ from typing import Callable, Optional, Sequence
 from r1fast.data.loading import (check_columns, check_prompts, continues_answer, decode_completion, encode_prompts,
                                  prefilled_think, resolve_stop_tokens, stop_token_ids, warn_unstopped_turn_end)
 from r1fast.rewards import RewardSet
-from r1fast.trainer.common import check_answer_column, check_prompt_room, reward_columns, reward_completions
+from r1fast.trainer.common import (check_answer_column, check_model_and_tokenizer, check_prompt_room, dataset_rows,
+                                   model_from_argument, reward_columns, reward_completions)
 from r1fast.trainer.config import ConfigError, SampleConfig
 from r1fast.trainer.metrics import replacing, writing
 
 
-def rejection_sample(model, tokenizer, rows: Sequence[dict], cfg: SampleConfig, *, progress: bool = True,
+def rejection_sample(model, tokenizer=None, rows=None, cfg: Optional[SampleConfig] = None, *, progress: bool = True,
                      should_stop: Optional[Callable[[], bool]] = None,
                      resume_from: Optional[dict] = None,
                      on_batch: Optional[Callable[[list[dict], dict], None]] = None) -> tuple[list[dict], dict]:
@@ -27,12 +28,21 @@ def rejection_sample(model, tokenizer, rows: Sequence[dict], cfg: SampleConfig, 
     is asked: when it says yes, the statistics returned hold `next_prompt` too. `resume_from`
     ({"next_prompt", "rows", "stats"} of a stopped or killed call: SampleProgress.load) continues there.
     Each batch's seed depends on its position alone, so the continued call keeps what the uninterrupted
-    one would."""
+    one would.
+    As the trainers: `model` may be a name (loaded with cfg's device, dtype and seed, its tokenizer with it) and
+    `rows` a list of dicts, a datasets.Dataset, a path / builtin:<task>, or None (cfg.dataset)."""
     from r1fast.rollout import Engine, SamplingParams
 
+    cfg = SampleConfig() if cfg is None else cfg
+    if not isinstance(cfg, SampleConfig):
+        raise TypeError(f"rejection sampling: cfg must be a SampleConfig, got {type(cfg).__name__}")
     cfg.validate()
-    if not rows:
+    if isinstance(rows, list) and not rows:
         raise ValueError("rejection sampling: the prompt dataset is empty")
+    model, tokenizer = model_from_argument(model, tokenizer, cfg)
+    check_model_and_tokenizer(model, tokenizer, "rejection sampling")
+    rows = dataset_rows(rows if rows is not None else cfg.dataset, "rejection sampling: prompt",
+                        split=cfg.dataset_split, seed=cfg.seed)
     check_columns(rows, (cfg.prompt_column,), "rejection sampling: dataset")
     rows = list(rows if cfg.max_prompts < 0 else rows[:cfg.max_prompts])
     check_prompts(rows, cfg.prompt_column, tokenizer, cfg.system_prompt, "rejection sampling: dataset",

@@ -18,6 +18,7 @@ from r1fast.trainer.common import (
     step_if_finite,
     DataCursor,
     accumulating_gradients,
+    check_model_and_tokenizer,
     dataset_rows,
     model_from_argument,
     resume_check,
@@ -33,17 +34,6 @@ from r1fast.trainer.common import (
 from r1fast.trainer.config import SFTConfig
 from r1fast.trainer.loss_scale import saved_loss_scale
 from r1fast.trainer.grpo import _install_stop_handlers, _restore_handlers
-
-
-def _check_model_and_tokenizer(model, tokenizer):
-    """A missing tokenizer failed deep in the prompt checks ("'NoneType' object is not callable")."""
-    if not hasattr(model, "lm_head_weight"):
-        raise TypeError(f"SFTTrainer: model must be an r1fast CausalLM or its name (builtin:tiny, a local Hugging Face "
-                        f"folder), got {type(model).__name__}; wrap a transformers model with "
-                        f"r1fast.models.from_pretrained(path)")
-    if tokenizer is None or not callable(tokenizer):
-        raise TypeError(f"SFTTrainer: tokenizer must be the model's tokenizer (r1fast.models.load_tokenizer(path)), "
-                        f"got {tokenizer!r:.80}")
 
 
 class SFTTrainer:
@@ -64,7 +54,7 @@ class SFTTrainer:
         self.cfg.validate()
         cfg = self.cfg
         model, tokenizer = model_from_argument(model, tokenizer, cfg)
-        _check_model_and_tokenizer(model, tokenizer)
+        check_model_and_tokenizer(model, tokenizer, "SFTTrainer")
         rows = dataset_rows(rows if rows is not None else cfg.dataset, "SFT", split=cfg.dataset_split, seed=cfg.seed)
         rows = split_conversations(rows, cfg.prompt_column, cfg.completion_column)
         check_columns(rows, (cfg.prompt_column, cfg.completion_column), "SFT dataset")
