@@ -1097,6 +1097,20 @@ def test_evaluation_scores_each_sample_against_its_rows_answer(monkeypatch):
     assert ScriptedEngine.kw["max_model_len"] == model.config.max_position_embeddings
 
 
+
+def test_evaluate_accuracy_reads_a_dataset_path_as_the_trainers_do(monkeypatch, tmp_path):
+    # a path was read as its characters: "held-out rows lack the answer column 'answer'; they have ['d']"
+    from r1fast.trainer.evaluate import evaluate_accuracy
+
+    model, tok = scripted(monkeypatch, {"2+2": [GOOD_A], "3+3": ["<answer>5</answer>"]})
+    data = tmp_path / "test.jsonl"
+    data.write_text('{"prompt": "2+2", "answer": "4"}\n{"prompt": "3+3", "answer": "6"}\n')
+    res = evaluate_accuracy(model, tok, str(data))
+    assert (res["eval/accuracy"], res["eval/format"], res["eval/num_samples"]) == (0.5, 0.5, 2)
+    with pytest.raises(ValueError, match="evaluation: no held-out rows"):
+        evaluate_accuracy(model, tok, [])
+
+
 def test_pass_at_k_is_the_share_of_k_draws_holding_a_correct_sample():
     from itertools import combinations
 

@@ -8,7 +8,7 @@ from typing import Optional, Sequence
 
 from r1fast.data.loading import (decode_completion, encode_prompts, resolve_stop_tokens, stop_token_ids,
                                  warn_unstopped_turn_end)
-from r1fast.trainer.common import check_prompt_room, gold_column
+from r1fast.trainer.common import check_prompt_room, dataset_rows, gold_column
 
 
 def check_eval_answers(rows: Sequence[dict], answer_column: str, where: str):
@@ -25,23 +25,26 @@ def check_eval_answers(rows: Sequence[dict], answer_column: str, where: str):
                          f"empty): there is no accuracy to measure")
 
 
-def evaluate_accuracy(model, tokenizer, rows: Sequence[dict], *, samples_per_prompt: int = 1, temperature: float = 1.0,
+def evaluate_accuracy(model, tokenizer, rows, *, samples_per_prompt: int = 1, temperature: float = 1.0,
                       max_tokens: int = 256, seed: int = 0, prompt_column: str = "prompt",
                       answer_column: str = "answer", system_prompt: Optional[str] = None, engine=None,
                       return_samples: bool = False, max_prompt_length: Optional[int] = None,
                       format_pattern: Optional[str] = None, chat_template_kwargs: Optional[dict] = None,
                       stop_tokens: Optional[Sequence[str]] = None, stop_option: str = "stop_tokens"):
-    """`max_prompt_length`: prompts keep their last that many tokens (as a GRPO run's training prompts
-    do); without it, a prompt that leaves the model no room for an answer is an error. `format_pattern`:
+    """`rows`: a list of dicts, a datasets.Dataset, or a path / builtin:<task> (its test / validation / eval
+    split, as an eval_dataset). `max_prompt_length`: prompts keep their last that many tokens (as a GRPO
+    run's training prompts do); without it, a prompt that leaves the model no room for an answer is an error. `format_pattern`:
     what eval/format counts as well formed (the format reward's; default <think>…</think><answer>…</answer>).
     `chat_template_kwargs`: for the tokenizer's apply_chat_template (Qwen3's enable_thinking), as in training.
     `stop_tokens`: tokens (as text) a completion also stops at, as in training; `stop_option` is the option
     that gave them, named by the errors and warnings."""
+    from r1fast.data.loading import EVAL_SPLITS
     from r1fast.rollout import Engine, SamplingParams
 
-    rows = list(rows)
-    if not rows:
+    if isinstance(rows, list) and not rows:
         raise ValueError("evaluation: no held-out rows")
+    # a path or builtin: as the trainers' eval_dataset (a builtin: task: GRPOConfig.eval_size's 64 prompts)
+    rows = dataset_rows(rows, "evaluation: held-out", split=None, seed=0, default_splits=EVAL_SPLITS, n_builtin=64)
     check_eval_answers(rows, answer_column, "evaluation: held-out rows")
     prompt_ids = encode_prompts(tokenizer, rows, prompt_column, system_prompt, max_prompt_length, chat_template_kwargs,
                                 "evaluation: held-out rows")
