@@ -1907,3 +1907,22 @@ def test_plot_draws_every_reward_function_the_run_logged(tmp_path, monkeypatch):
     assert main(["plot", str(tmp_path)]) == 0
     assert [lb for lb in labels if "reward" in lb] == ["grpo: reward", "grpo: rewards/accuracy",
                                                        "grpo: rewards/my_rewards:brevity"]
+
+
+def test_run_pipeline_runs_the_pipeline_load_pipeline_returned(tmp_path):
+    # run_pipeline(load_pipeline(spec)) failed with "TypeError: 'Pipeline' object is not iterable"
+    from r1fast.trainer.config import ConfigError
+
+    spec = {"name": "t", "output_dir": str(tmp_path / "run"), "model": "builtin:micro", "progress_bar": False,
+            "stages": [{"name": "cold", "type": "sft", "dataset": "builtin:arithmetic", "num_rows": 4,
+                        "config": {"max_steps": 3, "per_device_train_batch_size": 2, "max_length": 32}}]}
+    p = load_pipeline(spec)
+    p.stages[0].config.max_steps = 1   # edited in Python before it runs
+    p.eval_size = 0
+    with pytest.raises(ConfigError, match="pipeline: eval_size must be >= 1; got 0"):
+        run_pipeline(p)
+    p.eval_size = 4
+    with pytest.raises(TypeError, match="overrides apply to a pipeline file or dict"):
+        run_pipeline(p, ["seed=1"])
+    summary = run_pipeline(p)
+    assert [(s["stage"], s["steps"]) for s in summary["stages"]] == [("cold", 1)]

@@ -900,5 +900,15 @@ def _free_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def run_pipeline(source: str | dict = DEFAULT_CONFIG, overrides: Optional[list[str]] = None, resume: bool = False) -> dict:
-    return PipelineRunner(load_pipeline(source, overrides)).run(resume=resume)
+def run_pipeline(source: str | dict | Pipeline = DEFAULT_CONFIG, overrides: Optional[list[str]] = None,
+                 resume: bool = False) -> dict:
+    """source: a pipeline file, a dict as one holds, or the Pipeline load_pipeline returned (checked again,
+    as it may have been edited since)."""
+    if not isinstance(source, Pipeline):
+        return PipelineRunner(load_pipeline(source, overrides)).run(resume=resume)
+    if overrides:
+        raise TypeError("run_pipeline: overrides apply to a pipeline file or dict; set a Pipeline's fields instead "
+                        "(or pass the overrides to load_pipeline)")
+    _validate(source, "pipeline")
+    _check_stages(source, "pipeline")
+    return PipelineRunner(source).run(resume=resume)
