@@ -2564,3 +2564,25 @@ def test_a_dict_of_columns_as_dataset_is_named_not_a_key_error():
     with pytest.raises(TypeError, match="SFT dataset is a dict"):
         from r1fast.trainer.sft import SFTTrainer
         SFTTrainer(model, tok, {"prompt": ["1"], "completion": ["2"]})
+
+
+@pytest.mark.parametrize("which", ["grpo", "sft", "sample"])
+def test_a_wrong_dataset_path_is_said_before_the_model_loads(tmp_path, monkeypatch, which):
+    # the model (minutes for a large one) was loaded first, then the dataset path failed
+    from r1fast.trainer import common
+    from r1fast.trainer.config import SampleConfig, SFTConfig
+    from r1fast.trainer.sampling import rejection_sample
+    from r1fast.trainer.sft import SFTTrainer
+
+    def no_load(*a, **kw):
+        raise AssertionError("the model loaded before the dataset was read")
+
+    monkeypatch.setattr(common, "load_model_and_tokenizer", no_load)
+    missing = str(tmp_path / "missing.jsonl")
+    with pytest.raises((ValueError, FileNotFoundError), match="missing.jsonl"):
+        if which == "grpo":
+            GRPOTrainer("builtin:micro", ["format"], missing, GRPOConfig(progress_bar=False))
+        elif which == "sft":
+            SFTTrainer("builtin:micro", None, missing, SFTConfig(progress_bar=False))
+        else:
+            rejection_sample("builtin:micro", None, missing, SampleConfig(progress_bar=False), progress=False)

@@ -74,6 +74,8 @@ class GRPOTrainer:
         self.cfg.validate()
         cfg = self.cfg
         _ext.require("GRPOTrainer's rollout engine")  # before a model loads, not at the first rollout
+        # the data before the model: a wrong path is said before a large model has loaded
+        self.train_rows = self._rows(train_dataset if train_dataset is not None else cfg.dataset, cfg.seed, "train")
         model, tokenizer = model_from_argument(model, tokenizer, cfg, fp8=cfg.fp8_options())
         if not hasattr(model, "lm_head_weight"):
             raise TypeError("model must be an r1fast CausalLM (r1fast.models); wrap a transformers model "
@@ -96,7 +98,6 @@ class GRPOTrainer:
                                  f"{len(reward_funcs)} reward functions were given")
             self.rewards = RewardSet(reward_funcs, cfg.reward_weights, format_pattern=cfg.format_pattern,
                                      language=cfg.language, length_target=cfg.length_penalty_target)
-        self.train_rows = self._rows(train_dataset if train_dataset is not None else cfg.dataset, cfg.seed, "train")
         if cfg.prompt_column not in self.train_rows[0]:
             raise ValueError(f"train dataset lacks the prompt column {cfg.prompt_column!r}; it has {sorted(self.train_rows[0])}")
         check_columns(self.train_rows, (cfg.prompt_column,), "train dataset")

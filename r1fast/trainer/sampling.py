@@ -39,10 +39,11 @@ def rejection_sample(model, tokenizer=None, rows=None, cfg: Optional[SampleConfi
     cfg.validate()
     if isinstance(rows, list) and not rows:
         raise ValueError("rejection sampling: the prompt dataset is empty")
-    model, tokenizer = model_from_argument(model, tokenizer, cfg)
-    check_model_and_tokenizer(model, tokenizer, "rejection sampling")
+    # the data before the model: a wrong path is said before a large model has loaded
     rows = dataset_rows(rows if rows is not None else cfg.dataset, "rejection sampling: prompt",
                         split=cfg.dataset_split, seed=cfg.seed)
+    model, tokenizer = model_from_argument(model, tokenizer, cfg)
+    check_model_and_tokenizer(model, tokenizer, "rejection sampling")
     check_columns(rows, (cfg.prompt_column,), "rejection sampling: dataset")
     rows = list(rows if cfg.max_prompts < 0 else rows[:cfg.max_prompts])
     check_prompts(rows, cfg.prompt_column, tokenizer, cfg.system_prompt, "rejection sampling: dataset",

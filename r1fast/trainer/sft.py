@@ -53,9 +53,10 @@ class SFTTrainer:
             raise TypeError(f"config must be an SFTConfig, got {type(self.cfg).__name__}")
         self.cfg.validate()
         cfg = self.cfg
+        # the data before the model: a wrong path is said before a large model has loaded
+        rows = dataset_rows(rows if rows is not None else cfg.dataset, "SFT", split=cfg.dataset_split, seed=cfg.seed)
         model, tokenizer = model_from_argument(model, tokenizer, cfg)
         check_model_and_tokenizer(model, tokenizer, "SFTTrainer")
-        rows = dataset_rows(rows if rows is not None else cfg.dataset, "SFT", split=cfg.dataset_split, seed=cfg.seed)
         rows = split_conversations(rows, cfg.prompt_column, cfg.completion_column)
         check_columns(rows, (cfg.prompt_column, cfg.completion_column), "SFT dataset")
         check_prompts(rows, cfg.prompt_column, tokenizer, cfg.system_prompt, "SFT dataset", cfg.chat_template_kwargs)
