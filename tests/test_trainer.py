@@ -429,6 +429,11 @@ def test_sft_takes_a_model_name_and_a_dataset_path_as_grpo_does(tmp_path):
     for wrong in (GRPOConfig(), {"max_steps": 1}):
         with pytest.raises(TypeError, match=f"config must be an SFTConfig, got {type(wrong).__name__}"):
             SFTTrainer(model, tok, rows, wrong)
+    # GRPOTrainer's (and TRL's) keyword for the data
+    tr = SFTTrainer(model, tokenizer=tok, train_dataset=rows, config=SFTConfig(progress_bar=False))
+    assert len(tr.examples) == 1
+    with pytest.raises(TypeError, match="give the dataset once, as rows or as train_dataset"):
+        SFTTrainer(model, tok, rows, train_dataset=rows)
 
 
 def test_resume_drops_a_metrics_line_cut_short_by_a_crash(tmp_path):

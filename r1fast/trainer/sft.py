@@ -43,11 +43,16 @@ class SFTTrainer:
                 folder: loaded with the config's device, dtype and seed, and its tokenizer with it
                 unless `tokenizer` is given)
     rows:       (prompt, completion) rows or TRL's `messages` rows: a list of dicts, a datasets.Dataset,
-                or a path / builtin:<task>; None: config.dataset
+                or a path / builtin:<task>; None: config.dataset. By keyword also `train_dataset=`, the name
+                GRPOTrainer and TRL's SFTTrainer give it
     """
 
     def __init__(self, model, tokenizer=None, rows=None, config: Optional[SFTConfig] = None, *,
-                 run_dir: Optional[str] = None, stage_name: str = "sft", step_offset: int = 0):
+                 train_dataset=None, run_dir: Optional[str] = None, stage_name: str = "sft", step_offset: int = 0):
+        if train_dataset is not None:
+            if rows is not None:
+                raise TypeError("SFTTrainer: give the dataset once, as rows or as train_dataset")
+            rows = train_dataset
         self.cfg = config or SFTConfig()
         if not isinstance(self.cfg, SFTConfig):
             raise TypeError(f"config must be an SFTConfig, got {type(self.cfg).__name__}")
