@@ -2591,3 +2591,18 @@ def test_a_wrong_dataset_path_is_said_before_the_model_loads(tmp_path, monkeypat
             SFTTrainer("builtin:micro", None, missing, SFTConfig(progress_bar=False))
         else:
             rejection_sample("builtin:micro", None, missing, SampleConfig(progress_bar=False), progress=False)
+
+
+def test_evaluate_reads_a_path_and_says_when_it_has_nothing_to_evaluate(tmp_path):
+    # evaluate("test.jsonl") iterated the path's characters ("must be a non-empty list of row dicts"), and
+    # evaluate() on a trainer without an eval dataset returned {}, as if it had evaluated
+    model, tok = tiny_model()
+    cfg = GRPOConfig(per_device_train_batch_size=4, num_generations=2, max_completion_length=4,
+                     output_dir=str(tmp_path / "p"), progress_bar=False, format_pattern=r".*")
+    tr = GRPOTrainer(model, ["format"], ROWS, cfg, tokenizer=tok)
+    with pytest.raises(ValueError, match=r"GRPOTrainer.evaluate: no held-out rows; pass them \(evaluate\(rows\)\)"):
+        tr.evaluate()
+    data = tmp_path / "test.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS[:3]))
+    ev = tr.evaluate(str(data))
+    assert ev["eval/format"] == 1.0 and ev["eval/num_samples"] == 3

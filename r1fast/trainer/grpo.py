@@ -450,13 +450,19 @@ class GRPOTrainer:
         return self.cursor.epochs_done
 
     # -- evaluation ------------------------------------------------------------------------------
-    def evaluate(self, rows: Optional[Sequence[dict]] = None) -> dict[str, float]:
-        """Held-out accuracy (mean of the accuracy reward) and format rate over sampled completions."""
+    def evaluate(self, rows=None) -> dict[str, float]:
+        """Held-out accuracy (mean of the accuracy reward) and format rate over sampled completions of
+        `rows` (a list of dicts, a datasets.Dataset, or a path / builtin:<task> as eval_dataset), else of
+        the trainer's eval dataset."""
         from r1fast.trainer.evaluate import evaluate_accuracy
 
-        rows = list(rows if rows is not None else (self.eval_rows or []))
-        if not rows:
-            return {}
+        if rows is not None:
+            rows = self._rows(rows, self.cfg.seed + 1, "eval")
+        elif self.eval_rows:
+            rows = self.eval_rows
+        else:   # it returned {}: a notebook's explicit call looked like a silent success
+            raise ValueError("GRPOTrainer.evaluate: no held-out rows; pass them (evaluate(rows)) or give the trainer "
+                             "an eval_dataset (or config.eval_dataset)")
         cfg = self.cfg
         return evaluate_accuracy(self.model, self.tokenizer, rows, samples_per_prompt=cfg.eval_samples_per_prompt,
                                  temperature=cfg.eval_temperature, max_tokens=cfg.max_completion_length,
