@@ -2606,3 +2606,24 @@ def test_evaluate_reads_a_path_and_says_when_it_has_nothing_to_evaluate(tmp_path
     data.write_text("".join(json.dumps(r) + "\n" for r in ROWS[:3]))
     ev = tr.evaluate(str(data))
     assert ev["eval/format"] == 1.0 and ev["eval/num_samples"] == 3
+
+
+def test_reward_functions_given_to_the_trainer_are_what_the_checkpoint_records(tmp_path, capsys):
+    # GRPOTrainer(model, [sevens], ...) recorded the config's default reward_funcs [accuracy, format] in its
+    # checkpoint (and tracker config), and a resume given the same functions through the config said "options
+    # other than the checkpoint's: reward_funcs ['accuracy', 'format'] -> ['...:sevens']", though nothing changed
+    from r1fast.trainer.config import _callable_name
+
+    tr = make(tmp_path, max_steps=1, per_device_train_batch_size=4, num_generations=2)
+    assert tr.cfg.reward_funcs == [sevens] and tr.cfg.to_json_dict()["reward_funcs"] == [_callable_name(sevens)]
+    tr.train()
+    capsys.readouterr()
+    model, tok = tiny_model()
+    cfg = GRPOConfig(max_steps=2, per_device_train_batch_size=4, num_generations=2, max_completion_length=6,
+                     output_dir=str(tmp_path / "run"), progress_bar=False, seed=3, reward_funcs=[sevens])
+    GRPOTrainer(model, None, ROWS, cfg, tokenizer=tok).train(resume=True)
+    said = "".join(capsys.readouterr())
+    assert "resuming grpo" in said and "reward_funcs" not in said
+    cfg = GRPOConfig()
+    GRPOTrainer(tiny_model()[0], [sevens], ROWS, cfg, tokenizer=tiny_model()[1])
+    assert cfg.reward_funcs == ["accuracy", "format"]   # the caller's config is left as it was

@@ -12,6 +12,7 @@ without a copy; only its prefix cache (KV of the old weights) must be dropped.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import os
 import signal
@@ -98,6 +99,10 @@ class GRPOTrainer:
                                  f"{len(reward_funcs)} reward functions were given")
             self.rewards = RewardSet(reward_funcs, cfg.reward_weights, format_pattern=cfg.format_pattern,
                                      language=cfg.language, length_target=cfg.length_penalty_target)
+            if list(reward_funcs) != list(cfg.reward_funcs):
+                # the functions given here, not the config's (default) ones, are what a checkpoint and the
+                # tracker record and what a resume compares against (a copy: the caller's config stays as it was)
+                self.cfg = cfg = dataclasses.replace(cfg, reward_funcs=list(reward_funcs))
         if cfg.prompt_column not in self.train_rows[0]:
             raise ValueError(f"train dataset lacks the prompt column {cfg.prompt_column!r}; it has {sorted(self.train_rows[0])}")
         check_columns(self.train_rows, (cfg.prompt_column,), "train dataset")
