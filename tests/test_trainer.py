@@ -2627,3 +2627,12 @@ def test_reward_functions_given_to_the_trainer_are_what_the_checkpoint_records(t
     cfg = GRPOConfig()
     GRPOTrainer(tiny_model()[0], [sevens], ROWS, cfg, tokenizer=tiny_model()[1])
     assert cfg.reward_funcs == ["accuracy", "format"]   # the caller's config is left as it was
+
+
+def test_a_tokenizer_in_grpo_trainers_reward_funcs_place_is_named(tmp_path):
+    # GRPOTrainer(model, tok, rows, cfg), SFTTrainer's argument order: the (callable) tokenizer was taken for a
+    # reward function and the error said only "a tokenizer is required to decode completions"
+    model, tok = tiny_model()
+    with pytest.raises(TypeError, match=r"reward_funcs is a tokenizer; GRPOTrainer's arguments are \(model, "
+                                        r"reward_funcs, train_dataset, config, tokenizer=...\)"):
+        GRPOTrainer(model, tok, ROWS, GRPOConfig(output_dir=str(tmp_path), progress_bar=False))

@@ -74,6 +74,9 @@ class GRPOTrainer:
             raise TypeError(f"config must be a GRPOConfig, got {type(self.cfg).__name__}")
         self.cfg.validate()
         cfg = self.cfg
+        if hasattr(reward_funcs, "convert_tokens_to_ids"):   # a tokenizer is callable: it passed for a reward function
+            raise TypeError("GRPOTrainer: reward_funcs is a tokenizer; GRPOTrainer's arguments are (model, reward_funcs, "
+                            "train_dataset, config, tokenizer=...), where SFTTrainer's are (model, tokenizer, rows, config)")
         _ext.require("GRPOTrainer's rollout engine")  # before a model loads, not at the first rollout
         # the data before the model: a wrong path is said before a large model has loaded
         self.train_rows = self._rows(train_dataset if train_dataset is not None else cfg.dataset, cfg.seed, "train")
