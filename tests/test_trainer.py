@@ -2636,3 +2636,16 @@ def test_a_tokenizer_in_grpo_trainers_reward_funcs_place_is_named(tmp_path):
     with pytest.raises(TypeError, match=r"reward_funcs is a tokenizer; GRPOTrainer's arguments are \(model, "
                                         r"reward_funcs, train_dataset, config, tokenizer=...\)"):
         GRPOTrainer(model, tok, ROWS, GRPOConfig(output_dir=str(tmp_path), progress_bar=False))
+
+
+def test_the_python_api_loads_from_r1fast_trainer():
+    # rejection_sample, evaluate_accuracy and the pipeline functions were only in their submodules:
+    # `from r1fast.trainer import rejection_sample` was an ImportError
+    import r1fast.trainer
+    from r1fast.trainer import evaluate_accuracy, load_pipeline, rejection_sample, run_pipeline
+    from r1fast.trainer.evaluate import evaluate_accuracy as ev
+    from r1fast.trainer.pipeline import load_pipeline as lp, run_pipeline as rp
+    from r1fast.trainer.sampling import rejection_sample as rs
+
+    assert (rejection_sample, evaluate_accuracy, load_pipeline, run_pipeline) == (rs, ev, lp, rp)
+    assert all(hasattr(r1fast.trainer, name) for name in r1fast.trainer.__all__)

@@ -1,11 +1,13 @@
-"""Training: GRPO (r1fast.GRPOTrainer / GRPOConfig), SFT, rejection sampling, multi-stage pipelines.
+"""Training: GRPO (r1fast.GRPOTrainer / GRPOConfig), SFT, rejection sampling, held-out evaluation,
+multi-stage pipelines (run_pipeline / load_pipeline).
 
 The names load on first use: the `r1fast` command imports r1fast.trainer.cli, and importing the
 trainers (torch with them) cost every `r1fast --help` or `r1fast info` seconds."""
 import importlib
 
 _LAZY_NAMES = {"ConfigError": "config", "GRPOConfig": "config", "SampleConfig": "config", "SFTConfig": "config",
-               "GRPOTrainer": "grpo", "SFTTrainer": "sft"}
+               "GRPOTrainer": "grpo", "SFTTrainer": "sft", "rejection_sample": "sampling",
+               "evaluate_accuracy": "evaluate", "load_pipeline": "pipeline", "run_pipeline": "pipeline"}
 
 
 def __getattr__(name):
@@ -14,4 +16,5 @@ def __getattr__(name):
     raise AttributeError(f"module 'r1fast.trainer' has no attribute {name!r}")
 
 
-__all__ = ["ConfigError", "GRPOConfig", "SampleConfig", "SFTConfig", "GRPOTrainer", "SFTTrainer"]
+__all__ = ["ConfigError", "GRPOConfig", "SampleConfig", "SFTConfig", "GRPOTrainer", "SFTTrainer", "rejection_sample",
+           "evaluate_accuracy", "load_pipeline", "run_pipeline"]
