@@ -689,7 +689,7 @@ def test_fused_packed_layout_equals_padded():
         (lambda a: a["hidden"].data.__setitem__((0, 0, 0), float("nan")), ValueError, "non-finite"),
         (lambda a: a.update(temperature=-1.0), ValueError, "temperature"),
         # logits / T overflowed float32: the error blamed "NaN/inf in hidden or weight?"
-        (lambda a: a.update(temperature=1e-38), ValueError, r"temperature must be a finite number >= 1e-05"),
+        (lambda a: a.update(temperature=1e-38), ValueError, r"LossOptions.temperature must be >= 1e-05"),
         (lambda a: a.update(**{k: a[k][:0] for k in ("hidden", "targets", "mask", "advantages", "old_logp")}),
          ValueError, "B=0"),
         (lambda a: a.update(mask=a["mask"].to("meta")), ValueError, "mask on meta"),
@@ -990,6 +990,8 @@ def test_importance_weights_need_only_be_valid_at_active_tokens(backend):
     (dict(delta=1.0), r"delta must be > 1\.0"),                 # delta=1 would cap every ratio at 1
     (dict(tis_cap=0.5), r"tis_cap must be >= 1\.0"),            # an empty [1/cap, cap] masks every token
     (dict(temperature=0.0), r"temperature must be > 0\.0"),
+    # accepted here, refused by the log-prob ops only at the first loss (a TRL run, after its first generation)
+    (dict(temperature=1e-6), r"temperature must be >= 1e-05"),
     (dict(num_items=0.0), r"num_items must be > 0\.0"),         # dapo/cispo divide by it
     (dict(epsilon=1.0), "epsilon must be < 1"),                 # lower clip bound 1 - epsilon = 0
     (dict(entropy_coef=-1e39), "entropy_coef must be a finite float32"),
@@ -1009,6 +1011,7 @@ def test_loss_options_accept_the_boundaries():
     LossOptions(max_completion_length=1)
     LossOptions(entropy_coef=-0.01)
     LossOptions(temperature=1e-3)
+    LossOptions(temperature=1e-5)
 
 
 def test_options_and_keywords_combine():

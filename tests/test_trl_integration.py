@@ -248,7 +248,8 @@ def test_unsupported_options_refused(tmp_path, model_dirs, option, value, messag
     assert message in str(info.value)
 
 
-@pytest.mark.parametrize("option, value", [("epsilon", 1.0), ("delta", 1.0), ("epsilon_high", -0.1)])
+@pytest.mark.parametrize("option, value", [("epsilon", 1.0), ("delta", 1.0), ("epsilon_high", -0.1),
+                                           ("temperature", 1e-6)])
 def test_values_the_fused_loss_rejects_are_refused_in_init(tmp_path, model_dirs, option, value):
     """TRL accepts these; r1fast's LossOptions does not. The refusal must come from __init__, not from
     the first training step after the model is loaded and a batch generated."""

@@ -64,6 +64,13 @@ class LossOptions:
         num("epsilon_high", 0.0, allow_none=True)
         num("delta", 1.0, lo_open=True, allow_none=True)
         num("temperature", 0.0, lo_open=True)
+        # the floor the log-prob ops refuse below: checked here too, so the TRL integration's
+        # unsupported_options refuses TRL's temperature at __init__, not at the first loss after a generation
+        from r1fast.rollout.params import MIN_TEMPERATURE
+
+        if self.temperature < MIN_TEMPERATURE:
+            raise ValueError(f"LossOptions.temperature must be >= {MIN_TEMPERATURE} (the floor rollouts and the "
+                             f"log-prob ops take), got {self.temperature!r}")
         num("tis_cap", 1.0)
         num("entropy_coef")
         num("num_items", 0.0, lo_open=True, allow_none=True)
