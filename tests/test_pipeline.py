@@ -1397,6 +1397,28 @@ def test_r1fast_sample_stopped_by_an_error_says_what_it_kept(tmp_path, monkeypat
         "out.jsonl.sample_progress.json; continue with: r1fast sample " + " ".join(args) + " --resume")
 
 
+def test_r1fast_sample_resume_over_another_samplings_progress_stopped_by_an_error_keeps_nothing(
+        tmp_path, monkeypatch, capsys):
+    # --resume over a progress file of other options (set aside: "samples from its first prompt"), then an error
+    # before the first batch: the file is still the other sampling's, so nothing of this one is kept there
+    import r1fast.trainer.sampling as sampling
+    from r1fast.rewards import RewardError
+
+    def judge_down_at_batch_1(model, tok, rows, cfg, on_batch=None, **kw):
+        raise RewardError("reward function 'judge' raised RuntimeError: judge down")
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "out.jsonl.sample_progress.json").write_text(
+        json.dumps({"r1fast_sample_progress": 2, "fingerprint": "another sampling"}) + "\n"
+        + json.dumps({"next_prompt": 4, "stats": {"prompts": 8}, "rows": []}) + "\n")
+    monkeypatch.setattr(sampling, "rejection_sample", judge_down_at_batch_1)
+    args = ["model_name_or_path=builtin:micro", "dataset=builtin:arithmetic", "output_file=out.jsonl"]
+    with pytest.raises(SystemExit, match="judge down"):
+        main(["sample", *args, "--resume"])
+    err = capsys.readouterr().err
+    assert "is for other options or prompts" in err and "are kept in" not in err
+
+
 def test_cli_resume_forms():
     from r1fast.trainer.cli import _resume_pipeline, _split
 

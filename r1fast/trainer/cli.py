@@ -317,7 +317,7 @@ def _cmd_sample(args):
         except Exception:
             # a reward function that raised mid-way (a judge down): the error alone did not say the batches
             # before it are kept, and the next run without --resume refused to start over them
-            if os.path.exists(progress_file):
+            if log.holds_batches:   # not a file of another sampling that --resume set aside
                 print(f"r1fast sample: the batches of prompts sampled before the error below are kept in "
                       f"{progress_file}; continue with: {_resume_command('sample', args.rest)}",
                       file=sys.stderr, flush=True)

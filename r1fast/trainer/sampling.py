@@ -240,6 +240,12 @@ class SampleProgress:
             _fsync_dir(folder)     # the new file's name too
             self._continues = True
 
+    @property
+    def holds_batches(self) -> bool:
+        """Whether the file holds batches of this sampling (loaded, or appended by this run): a file of another
+        sampling (other options, which load set aside) is started over by the first append, so keeps nothing."""
+        return self._continues
+
     def stopped(self, kept: list[dict], stats: dict, who: str) -> str:
         """The line that says a sampling stopped after a batch of prompts (`stats` hold `next_prompt`)."""
         return (f"interrupted {who} after {stats['next_prompt']} of {stats['prompts']} prompts ({len(kept)} samples "
