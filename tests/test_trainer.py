@@ -114,7 +114,7 @@ def test_an_abort_mid_run_says_which_checkpoint_resume_continues_from(tmp_path, 
                                             "yet: the run starts again from its first step\n")
 
 
-def test_train_again_after_a_failure_resumes_or_says_why_not(tmp_path):
+def test_train_again_after_a_failure_resumes_or_says_why_not(tmp_path, capsys):
     # a reward function that raised, then train() again on the same trainer (a notebook): before its first
     # checkpoint it went on from the model and optimizer in memory, but deleted the logged metrics of the steps
     # done and skipped the failed step's prompts (metrics.jsonl held steps [3, 4] of 4)
@@ -138,6 +138,10 @@ def test_train_again_after_a_failure_resumes_or_says_why_not(tmp_path):
     with pytest.raises(ValueError, match=r"already ran 2 of its 3 steps: it wrote no checkpoint .* to go on from; "
                                          r"build a new trainer to start over"):
         unsaved.train()
+    capsys.readouterr()
+    with pytest.raises(ValueError, match="it wrote no checkpoint"):   # no "starting from the first step" before it
+        unsaved.train(resume=True)
+    assert "starting from the first step" not in capsys.readouterr().err
     with pytest.raises(ValueError, match=r"already ran 2 of its 3 steps: call train\(resume=True\) to continue"):
         saved.train()
     assert saved.train(resume=True)["global_step"] == 3

@@ -488,7 +488,10 @@ def start_run(trainer, resume):
     # killed in its first save included (a model-sized temp folder kept until an overwrite), and a replaced
     # checkpoint put back is one to resume from, or for a new run an earlier run's
     ckpt.remove_save_leftovers(trainer.run_dir)
-    if resume and ckpt.resume_is_bare(resume) and ckpt.latest_checkpoint(trainer.run_dir) is None:
+    no_checkpoint = resume and ckpt.resume_is_bare(resume) and ckpt.latest_checkpoint(trainer.run_dir) is None
+    if no_checkpoint and trainer.global_step > 0:
+        resume = None   # refused below: saying it starts from the first step would be wrong
+    elif no_checkpoint:
         # a job that always passes --resume (restarted after a preemption) starts the same way when the first
         # launch was stopped before its first checkpoint, or had not run yet; as a pipeline's --resume does
         print(f"r1fast: --resume: no checkpoint in {trainer.run_dir}; starting from the first step", file=sys.stderr)
