@@ -39,7 +39,9 @@ def _sigterm_as_exit():
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        # None: a handler installed from C, which Python cannot put back (signal.signal(sig, None) is a TypeError
+        # that would hide the bench's own result); the default then, as the trainers' _restore_handlers leaves it
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 def _cmd_bench(args):

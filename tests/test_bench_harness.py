@@ -266,6 +266,30 @@ def test_sigterm_during_a_bench_removes_the_running_impls_temp_folders(tmp_path,
     assert signal.getsignal(signal.SIGTERM) is before
 
 
+def test_sigterm_handler_installed_from_c_does_not_hide_the_bench_result(monkeypatch):
+    # signal.signal returns None for a handler installed from C (an embedding host's): putting None back is a
+    # TypeError, which replaced the bench's own result
+    import signal
+
+    from r1fast import cli
+
+    real, calls = signal.signal, []
+
+    def from_c_first(sig, handler):
+        calls.append(handler)
+        previous = real(sig, handler)
+        return None if len(calls) == 1 else previous
+
+    monkeypatch.setattr(signal, "signal", from_c_first)
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        with cli._sigterm_as_exit():
+            pass
+    finally:
+        real(signal.SIGTERM, before)
+    assert calls[-1] is signal.SIG_DFL
+
+
 def test_an_impl_kept_alive_by_a_reference_cycle_is_freed_before_the_next_impl(monkeypatch):
     """Trainers and engines sit in reference cycles: at GPU size grpo_step builds seven of them (tens
     of GB each), so the harness must collect them between impls, not wait for the cycle collector."""
