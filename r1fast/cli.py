@@ -33,6 +33,14 @@ def _show_engine_start_up():
 def _sigterm_as_exit():
     """SIGTERM (gpu_check.sh's `timeout`) raises SystemExit(143), so the running suite's `finally` removes its
     temp folders (a GPU-size grpo_step checkpoint is ~3 GB); by default the process died without cleaning up."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        # only the main thread may set a handler (ValueError otherwise): a bench run from a worker thread runs
+        # as before, as the trainers' stop handlers do there
+        yield
+        return
+
     def stop(signum, frame):
         raise SystemExit(128 + signum)
     previous = signal.signal(signal.SIGTERM, stop)

@@ -290,6 +290,28 @@ def test_sigterm_handler_installed_from_c_does_not_hide_the_bench_result(monkeyp
     assert calls[-1] is signal.SIG_DFL
 
 
+def test_bench_from_a_worker_thread_runs_without_its_sigterm_handler():
+    # signal.signal works in the main thread only: r1fast bench called from a worker thread (a notebook's
+    # background job) failed with "ValueError: signal only works in main thread" before running a suite
+    import threading
+
+    from r1fast import cli
+
+    errors = []
+
+    def run():
+        try:
+            with cli._sigterm_as_exit():
+                pass
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    worker.join()
+    assert errors == []
+
+
 def test_an_impl_kept_alive_by_a_reference_cycle_is_freed_before_the_next_impl(monkeypatch):
     """Trainers and engines sit in reference cycles: at GPU size grpo_step builds seven of them (tens
     of GB each), so the harness must collect them between impls, not wait for the cycle collector."""
