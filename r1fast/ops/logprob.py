@@ -59,9 +59,9 @@ def validate(hidden, weight, targets, temperature, op="grouped_logprob", check_t
     if len({hidden.device, weight.device, targets.device}) != 1:
         raise ValueError(f"{op}: hidden, weight, targets must be on one device, got "
                          f"{hidden.device}, {weight.device}, {targets.device}")
-    # the logits are divided by T in float32: only the floor that rollouts and the config sample at keeps
-    # logits / T finite (below it an ordinary logit overflowed: -inf or NaN log-probs, and the fused loss
-    # blamed "NaN/inf in hidden or weight")
+    # the logits are divided by T in float32, which overflows for an ordinary logit only far below any
+    # sampling temperature (T=1e-38: -inf or NaN log-probs, and the fused loss blamed "NaN/inf in hidden or
+    # weight"); the floor taken is the one rollouts and the config sample at, well clear of that
     from r1fast.rollout.params import MIN_TEMPERATURE
 
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or \
