@@ -112,6 +112,41 @@ def test_reward_set_names_the_failing_function_and_row():
         nan.score(["a"], ["x"], {})
 
 
+def test_reward_set_finds_the_failing_row_in_few_calls_and_says_when_it_cannot():
+    # The row was found by calling the function once per row: 65 calls of a paid judge for a 64-row batch
+    # failing on its last row, and a flaky judge got 8 more calls and an error naming no row, unexplained.
+    calls = []
+
+    def judge(prompts, completions, **kw):
+        calls.append(len(completions))
+        if "bad" in completions:
+            raise ValueError("judge choked")
+        return [1.0] * len(completions)
+
+    for bad_row in (0, 37, 63):
+        calls.clear()
+        completions = ["ok"] * 64
+        completions[bad_row] = "bad"
+        with pytest.raises(RewardError, match=rf"'judge'.*judge choked on row {bad_row} "):
+            RewardSet([judge]).score(["p"] * 64, completions, {})
+        assert len(calls) <= 1 + 7, calls
+    calls.clear()
+    with pytest.raises(RewardError, match="on row 0 "):
+        RewardSet([judge]).score(["p"], ["bad"], {})
+    assert calls == [1]   # a one-row batch's row is known without calling again
+
+    def flaky(prompts, completions, **kw):
+        calls.append(len(completions))
+        if len(calls) == 1:
+            raise TimeoutError("judge timed out")
+        return [1.0] * len(completions)
+
+    calls.clear()
+    with pytest.raises(RewardError, match=r"TimeoutError: judge timed out \(called again .* did not raise"):
+        RewardSet([flaky]).score(["p"] * 8, ["x"] * 8, {})
+    assert len(calls) <= 1 + 4
+
+
 def test_user_function_by_module_path(tmp_path):
     f = tmp_path / "my_rewards.py"
     f.write_text("def longer(prompts, completions, **kw):\n    return [float(len(c)) for c in completions]\n")

@@ -154,7 +154,11 @@ class RewardSet:
             return fn(prompts=prompts, completions=completions, **columns, **extra)
         except Exception as e:
             row = _find_failing_row(fn, prompts, completions, columns, extra)
-            where = f" on row {row} (prompt {_snippet(prompts[row])}, completion {_snippet(completions[row])})" if row is not None else ""
+            if row is not None:
+                where = f" on row {row} (prompt {_snippet(prompts[row])}, completion {_snippet(completions[row])})"
+            else:
+                where = (" (called again on parts of the batch to find the row, it did not raise: the error is "
+                         "intermittent or needs the whole batch)")
             raise RewardError(f"reward function {name!r} raised {type(e).__name__}: {e}{where}") from e
 
     def _values(self, name, values, prompts, n):
@@ -203,14 +207,25 @@ def _await_all(awaitables: list) -> list:
 
 
 def _find_failing_row(fn, prompts, completions, columns, extra) -> Optional[int]:
-    for i in range(len(completions)):
-        one_cols = {k: v[i:i + 1] for k, v in columns.items()}
-        one_extra = {k: (v[i:i + 1] if isinstance(v, list) else v) for k, v in extra.items()}
+    """The first row the function raises on, by halving the batch: at most ceil(log2(rows)) + 1 more calls
+    (7 for 64 rows, not 64), as each call may be a paid or rate-limited judge's. None when the calls do
+    not raise again (a flaky judge, or an error that only the whole batch triggers)."""
+    def raises(lo, hi):
+        part_cols = {k: v[lo:hi] for k, v in columns.items()}
+        part_extra = {k: (v[lo:hi] if isinstance(v, list) else v) for k, v in extra.items()}
         try:
-            fn(prompts=prompts[i:i + 1], completions=completions[i:i + 1], **one_cols, **one_extra)
+            fn(prompts=prompts[lo:hi], completions=completions[lo:hi], **part_cols, **part_extra)
         except Exception:
-            return i
-    return None
+            return True
+        return False
+
+    lo, hi = 0, len(completions)   # the whole batch raised: a failing row is in [lo, hi)
+    seen_raise = hi > 0             # so a one-row batch's row is that row, without another call
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        seen_raise = raises(lo, mid)
+        lo, hi = (lo, mid) if seen_raise else (mid, hi)   # the first half passed: it is in the second
+    return lo if seen_raise or raises(lo, hi) else None
 
 
 def _snippet(x: Any, n: int = 60) -> str:
