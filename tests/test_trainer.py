@@ -384,6 +384,21 @@ def test_answer_column_reaches_the_accuracy_reward(tmp_path):
                     tokenizer=tok)
 
 
+def test_a_column_named_as_a_reward_argument_is_an_error_before_training(tmp_path):
+    # A `completions` or `prompts` column reached each reward function twice: after the first rollout,
+    # "RewardError: reward function 'sevens' raised TypeError: ... got multiple values for keyword argument".
+    model, tok = tiny_model()
+    for column in ("completions", "prompts"):
+        rows = [{"prompt": str(i), column: "x"} for i in range(8)]
+        with pytest.raises(ValueError, match=f"train dataset has a column '{column}'.*rename or drop"):
+            GRPOTrainer(model, [sevens], rows, GRPOConfig(per_device_train_batch_size=8, num_generations=4,
+                                                          output_dir=str(tmp_path / "a"), progress_bar=False),
+                        tokenizer=tok)
+    rows = [{"prompts": str(i)} for i in range(8)]   # the prompt column itself is not passed as a column
+    GRPOTrainer(model, [sevens], rows, GRPOConfig(per_device_train_batch_size=8, num_generations=4, prompt_column="prompts",
+                                                  output_dir=str(tmp_path / "b"), progress_bar=False), tokenizer=tok)
+
+
 def test_reward_weights_that_do_not_fit_the_functions_are_an_error(tmp_path):
     # They were dropped without a word when the trainer got a different number of functions.
     model, tok = tiny_model()

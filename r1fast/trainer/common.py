@@ -353,6 +353,19 @@ def check_prompt_room(prompt_ids: Sequence[Sequence[int]], positions: int, where
                              f"shorten or drop it")
 
 
+# the arguments r1fast passes reward functions itself besides completion_ids (a dataset's own is dropped, as in TRL)
+REWARD_KEYWORDS = ("prompts", "completions")
+
+
+def check_reward_keywords(rows: Sequence[dict], prompt_column: str, where: str):
+    """A dataset column named as one of r1fast's own reward arguments would reach every reward function
+    twice, a TypeError blamed on the function after the first rollout: name the column now."""
+    clash = [k for k in rows[0] if k in REWARD_KEYWORDS and k != prompt_column]
+    if clash:
+        raise ValueError(f"the {where} has a column {clash[0]!r}, the name of the argument r1fast passes reward "
+                         f"functions itself (prompts, completions, completion_ids): rename or drop the column")
+
+
 def reward_columns(rows: Sequence[dict], owners: Sequence[int], prompt_column: str,
                    answer_column: str = "answer") -> dict[str, list]:
     """The dataset's columns, one entry per completion (`owners[j]` is completion j's row), as the

@@ -35,6 +35,7 @@ from r1fast.trainer.common import (  # noqa: F401  (NonFiniteLoss: also importab
     step_if_finite,
     check_answer_column,
     dataset_rows,
+    check_reward_keywords,
     DataCursor,
     accumulating_gradients,
     resume_check,
@@ -112,6 +113,7 @@ class GRPOTrainer:
         check_prompts(self.train_rows, cfg.prompt_column, tokenizer, cfg.system_prompt, "train dataset",
                       cfg.chat_template_kwargs)
         check_answer_column(self.rewards.names, self.train_rows, cfg.answer_column, "train dataset")
+        check_reward_keywords(self.train_rows, cfg.prompt_column, "train dataset")
         self.eval_rows = self._rows(eval_dataset if eval_dataset is not None else cfg.eval_dataset, cfg.seed + 1, "eval") \
             if (eval_dataset is not None or cfg.eval_dataset) else None
         if self.eval_rows is not None and cfg.eval_size:

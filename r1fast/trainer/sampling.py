@@ -13,8 +13,9 @@ from typing import Callable, Optional, Sequence
 from r1fast.data.loading import (check_columns, check_prompts, continues_answer, decode_completion, encode_prompts,
                                  prefilled_think, resolve_stop_tokens, stop_token_ids, warn_unstopped_turn_end)
 from r1fast.rewards import RewardSet
-from r1fast.trainer.common import (check_answer_column, check_model_and_tokenizer, check_prompt_room, dataset_rows,
-                                   model_from_argument, reward_columns, reward_completions)
+from r1fast.trainer.common import (check_answer_column, check_model_and_tokenizer, check_prompt_room,
+                                   check_reward_keywords, dataset_rows, model_from_argument, reward_columns,
+                                   reward_completions)
 from r1fast.trainer.config import ConfigError, SampleConfig
 from r1fast.trainer.metrics import replacing, writing
 
@@ -50,6 +51,7 @@ def rejection_sample(model, tokenizer=None, rows=None, cfg: Optional[SampleConfi
                   cfg.chat_template_kwargs)
     rewards = RewardSet(cfg.reward_funcs, format_pattern=cfg.format_pattern, language=cfg.language)
     check_answer_column(rewards.names, rows, cfg.answer_column, "prompt dataset")
+    check_reward_keywords(rows, cfg.prompt_column, "prompt dataset")
     thresholds = cfg.reward_thresholds or [1.0] * len(rewards)
     prompt_ids = encode_prompts(tokenizer, rows, cfg.prompt_column, cfg.system_prompt,
                                 chat_template_kwargs=cfg.chat_template_kwargs, where="rejection sampling: dataset")
