@@ -717,6 +717,17 @@ def test_clear_run_removes_what_a_run_writes_and_nothing_else(tmp_path):
     ckpt.clear_run(str(tmp_path / "missing"))   # no folder: nothing to do
 
 
+def test_remove_save_leftovers_removes_the_temporary_files_of_a_runs_writes_only(tmp_path):
+    # a kill while curves.png (r1fast plot), summary.json or pipeline_state.json was replaced left its .tmp for good
+    ours = [name + ".tmp" for name in ckpt.REPLACED_FILES]
+    theirs = ["notes.tmp", "my.png.tmp", "curves.png", "summary.json", "metrics.jsonl.tmp.bak"]
+    for name in ours + theirs:
+        (tmp_path / name).write_text(name)
+    ckpt.remove_save_leftovers(str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == sorted(theirs)
+    assert {"curves.png", "summary.json", "pipeline_state.json"} <= set(ckpt.REPLACED_FILES)
+
+
 def test_set_aside_newer_moves_only_the_later_checkpoints_of_the_resumed_ones_folder(tmp_path):
     def checkpoint(folder, step):
         d = folder / f"checkpoint-{step}"

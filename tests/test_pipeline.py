@@ -1818,6 +1818,19 @@ def test_a_stage_whose_checkpoint_replacement_was_killed_resumes_from_it(tmp_pat
     assert (run / "metrics.jsonl").read_text() == logged   # nothing trained again
 
 
+def test_resume_removes_the_temporary_files_of_writes_killed_mid_way(tmp_path):
+    # a SIGKILL while pipeline_state.json, summary.json or curves.png (r1fast plot) was replaced left its .tmp
+    # beside it for good: only a trainer's metrics .tmp was ever cleaned
+    spec = one_sft_stage_spec(tmp_path)
+    run = tmp_path / "run"
+    run_pipeline(str(spec), [f"output_dir={run}", "s.max_steps=1"])
+    before = sorted(os.listdir(run))
+    for name in ("pipeline_state.json.tmp", "summary.json.tmp", "curves.png.tmp", "notes.tmp"):
+        (run / name).write_text("half")
+    run_pipeline(str(spec), [f"output_dir={run}", "s.max_steps=1"], resume=True)
+    assert sorted(os.listdir(run)) == sorted(before + ["notes.tmp"])   # not r1fast's: kept
+
+
 def test_resume_says_which_stages_are_done_and_where_the_running_one_starts(tmp_path, capsys):
     spec = tiny_pipeline(tmp_path)
     spec["stages"] = spec["stages"][:2]

@@ -35,6 +35,10 @@ _CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
 # ".<its name>.old-..."): a save killed mid-way leaves any of them behind
 _SAVE_TEMP_RE = re.compile(r"^\.\.?tmp-checkpoint-\d+-")
 _OLD_CKPT_RE = re.compile(r"^checkpoint-\d+\.old-\d+$")  # save_checkpoint's replaced checkpoint, before deletion
+# the files of a run folder (a trainer's, a pipeline's, a sample stage's) written through metrics.replacing: a
+# kill mid-write leaves "<name>.tmp" beside them
+REPLACED_FILES = ("metrics.jsonl", "completions.jsonl", "pipeline_state.json", "summary.json", "curves.png",
+                  "samples.jsonl", "sample_progress.json")
 STATE_FILE = "trainer_state.json"
 # trainer_state.json's "format", written from 1 on and checked on resume, so that a checkpoint a newer r1fast
 # wrote in another layout is refused by this one instead of half read. A file without it is format 1 (r1fast
@@ -208,7 +212,8 @@ def clear_run(run_dir: str):
 
 
 def remove_save_leftovers(run_dir: str):
-    """Delete the temporary folders of saves that were killed mid-way (they are never resumed). A save
+    """Delete the temporary folders of saves that were killed mid-way (they are never resumed), and the
+    temporary files of the run's other writes killed mid-way (REPLACED_FILES' .tmp). A save
     that replaced checkpoint-N and was killed between its two renames left the old, complete
     checkpoint-N as checkpoint-N.old-<pid>: it is checkpoint-N again, or deleted if a new one is there."""
     if not os.path.isdir(run_dir):
@@ -217,6 +222,8 @@ def remove_save_leftovers(run_dir: str):
         path = os.path.join(run_dir, name)
         if _SAVE_TEMP_RE.match(name):
             shutil.rmtree(path, ignore_errors=True)
+        elif name.endswith(".tmp") and name[:-len(".tmp")] in REPLACED_FILES and os.path.isfile(path):
+            os.remove(path)
         elif _OLD_CKPT_RE.match(name):
             base = os.path.join(run_dir, name.split(".old-")[0])
             if os.path.exists(base):

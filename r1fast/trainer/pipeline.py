@@ -600,6 +600,7 @@ class PipelineRunner:
             import torch
 
             torch.set_num_threads(p.num_threads)
+        remove_save_leftovers(self.run_dir)   # the state's, summary's or curves' .tmp of a run killed as it wrote them
         if resume and os.path.isfile(self.state_path):
             self.state = self._read_state()
             note = _changed_settings(self.state.get("settings"), self._settings())
