@@ -296,8 +296,35 @@ def test_cli_reports_a_failing_reward_function_without_a_traceback(tmp_path, mon
     cfg.write_text("model_name_or_path: builtin:micro\ndataset: builtin:arithmetic?min_terms=2&max_terms=2\n"
                    "per_device_train_batch_size: 4\nnum_generations: 4\nmax_completion_length: 4\n"
                    "max_prompt_length: 16\nmax_steps: 1\nprogress_bar: false\nreward_funcs: [boom.py:f]\n")
-    with pytest.raises(SystemExit, match=r"r1fast train: reward function 'boom.py:f' raised KeyError"):
+    with pytest.raises(SystemExit, match=r"r1fast train: reward function 'boom.py:f' raised KeyError") as e:
         main(["train", str(cfg)])
+    assert "--resume" not in str(e.value)   # no checkpoint to resume from
+
+
+def test_cli_says_how_to_resume_a_run_that_failed_after_a_checkpoint(tmp_path, monkeypatch):
+    # Ctrl-C printed the --resume command; an error mid-run (a reward function that raised) said nothing of the
+    # checkpoints kept, for `r1fast train` a GRPO run or a pipeline
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "late.py").write_text("calls = [0]\ndef f(prompts, completions, **kw):\n    calls[0] += 1\n"
+                                      "    if calls[0] > 1:\n        raise KeyError('gold')\n"
+                                      "    return [0.0] * len(completions)\n")
+    grpo = ("per_device_train_batch_size: 4\nnum_generations: 4\nmax_completion_length: 4\nmax_prompt_length: 16\n"
+            "max_steps: 2\nsave_steps: 1\nreward_funcs: [late.py:f]\n")
+    cfg = tmp_path / "g.yaml"
+    cfg.write_text("model_name_or_path: builtin:micro\ndataset: builtin:arithmetic?min_terms=2&max_terms=2\n"
+                   "progress_bar: false\n" + grpo)
+    with pytest.raises(SystemExit) as e:
+        main(["train", str(cfg), "output_dir=g"])
+    first, hint = str(e.value).split("\n")
+    assert first.startswith("r1fast train: reward function 'late.py:f' raised KeyError: 'gold'")
+    assert hint == f"r1fast train: its checkpoints are kept; once that is fixed, continue with: r1fast train {cfg} output_dir=g --resume"
+    spec = tmp_path / "p.yaml"
+    spec.write_text("name: p\nmodel: builtin:micro\nprogress_bar: false\nstages:\n"
+                    "  - {name: s, type: grpo, dataset: 'builtin:arithmetic?min_terms=2&max_terms=2', config: {"
+                    + ", ".join(grpo.strip().split("\n")) + "}}\n")
+    with pytest.raises(SystemExit, match=rf"raised KeyError.*\nr1fast pipeline: .*continue with: r1fast pipeline "
+                                         rf"{spec} --resume$"):
+        main(["pipeline", str(spec)])
 
 
 def one_sft_stage_spec(tmp_path, top: str = ""):

@@ -134,6 +134,18 @@ def _world_size() -> int:
 
 @contextlib.contextmanager
 def own_run_folder(run_dir: str):
+    """Hold `run_dir` for one training run (_locked_run_folder). An error out of the run carries the run's
+    folders, innermost first, as `r1fast_run_folders`: the CLI then says how to resume from their checkpoints."""
+    with _locked_run_folder(run_dir):
+        try:
+            yield
+        except Exception as e:
+            e.r1fast_run_folders = [*getattr(e, "r1fast_run_folders", []), run_dir]
+            raise
+
+
+@contextlib.contextmanager
+def _locked_run_folder(run_dir: str):
     """Hold `run_dir` for one training run, so that a second run in the same folder fails at once
     instead of interleaving its metrics and checkpoints with this one's (each would prune the
     other's checkpoints). An advisory flock on `<run_dir>/.r1fast.lock`: the kernel drops it when

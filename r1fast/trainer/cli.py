@@ -153,8 +153,31 @@ def _guarded(cmd: str, func, resumable: bool = True):
 
             if isinstance(e, RunFolderInUse):
                 raise SystemExit(_in_use_message(cmd, args.rest, e)) from None
+            if resumable and _left_progress(getattr(e, "r1fast_run_folders", [])):
+                # as after Ctrl-C: a run that stopped on an error mid-way (a reward function that raised) goes on
+                raise SystemExit(f"r1fast {cmd}: {e}\nr1fast {cmd}: its checkpoints are kept; once that is fixed, "
+                                 f"continue with: {_resume_command(cmd, args.rest)}") from None
             _fail(cmd, e)
     return run
+
+
+def _left_progress(run_folders: list[str]) -> bool:
+    """Whether a failed run left something --resume goes on from: a checkpoint, or a pipeline's finished stage."""
+    import json
+
+    from r1fast.trainer.checkpoints import latest_checkpoint
+
+    for folder in run_folders:
+        if latest_checkpoint(folder):
+            return True
+        try:
+            with open(os.path.join(folder, "pipeline_state.json"), encoding="utf-8") as f:
+                stages = json.load(f).get("stages", {})
+            if any(isinstance(st, dict) and st.get("finished") for st in stages.values()):
+                return True
+        except (OSError, ValueError, AttributeError):   # none, or damaged: nothing to say
+            pass
+    return False
 
 
 def _resume_command(cmd: str, rest: list[str]) -> str:
