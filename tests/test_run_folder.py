@@ -147,3 +147,22 @@ def test_the_cli_says_the_folder_is_in_use_by_another_process(tmp_path, monkeypa
         holder.communicate("")
     assert holder.returncode == 0
     assert main(["train", str(g)]) == 0  # the holder is gone: the folder is free
+
+
+def test_an_error_that_refuses_attributes_leaves_the_run_folder_as_itself(tmp_path):
+    # own_run_folder tags an error with its run folders for the CLI's --resume hint; on an exception that
+    # refuses new attributes (a read-only error type of a client library) the AttributeError of the tag
+    # replaced the run's own error
+    class ReadOnlyError(Exception):
+        def __setattr__(self, name, value):
+            if not name.startswith("__"):   # Python's own (__traceback__, __context__) still set
+                raise AttributeError(f"{type(self).__name__} is read-only")
+            super().__setattr__(name, value)
+
+    with pytest.raises(ReadOnlyError, match="quota"):
+        with own_run_folder(str(tmp_path / "r")):
+            raise ReadOnlyError("quota")
+    with pytest.raises(ValueError) as e:
+        with own_run_folder(str(tmp_path / "r")):
+            raise ValueError("a plain error is still tagged")
+    assert e.value.r1fast_run_folders == [str(tmp_path / "r")]

@@ -140,7 +140,10 @@ def own_run_folder(run_dir: str):
         try:
             yield
         except Exception as e:
-            e.r1fast_run_folders = [*getattr(e, "r1fast_run_folders", []), run_dir]
+            # an exception that refuses attributes (a frozen dataclass's, one with __slots__ or its own
+            # __setattr__) goes on untagged: the tag must never replace the run's own error
+            with contextlib.suppress(Exception):
+                e.r1fast_run_folders = [*getattr(e, "r1fast_run_folders", []), run_dir]
             raise
 
 
