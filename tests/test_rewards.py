@@ -369,6 +369,15 @@ def test_reward_set_takes_tensor_and_numpy_values():
     assert rs.score(["p", "p"], ["a", "b"], {}) == [[1.0, 0.5], [0.25, 2.0]]
 
 
+def test_reward_set_names_a_function_raising_on_an_empty_batch():
+    # the halving search returned row 0 of an empty batch, and naming its prompt was an IndexError
+    def broken(prompts, completions, **kw):
+        raise ValueError("no judge")
+
+    with pytest.raises(RewardError, match=r"'broken' raised ValueError: no judge \(on an empty batch\)$"):
+        RewardSet([broken]).score([], [], {})
+
+
 def test_reward_set_names_a_function_returning_several_values_per_row():
     # a (rows, k) array or tensor (k rewards per row, one function for two criteria): element.item() raised
     # numpy's bare "can only convert an array of size 1 to a Python scalar", naming neither function nor row

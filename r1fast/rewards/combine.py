@@ -153,9 +153,12 @@ class RewardSet:
         try:
             return fn(prompts=prompts, completions=completions, **columns, **extra)
         except Exception as e:
-            row = _find_failing_row(fn, prompts, completions, columns, extra)
+            # an empty batch has no row to look for (the search returned its row 0: an IndexError naming it)
+            row = _find_failing_row(fn, prompts, completions, columns, extra) if completions else None
             if row is not None:
                 where = f" on row {row} (prompt {_snippet(prompts[row])}, completion {_snippet(completions[row])})"
+            elif not completions:
+                where = " (on an empty batch)"
             else:
                 where = (" (called again on parts of the batch to find the row, it did not raise: the error is "
                          "intermittent or needs the whole batch)")
