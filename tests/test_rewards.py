@@ -658,6 +658,22 @@ def test_async_reward_functions_are_awaited_together_as_trl_does():
         RewardSet([two]).score(["p"], ["7"], {})
 
 
+def test_an_async_reward_function_that_raises_is_named_with_its_row():
+    # a plain function's failing row was found by calling it on parts of the batch; an `async def` one (the
+    # remote judge the search saves calls of) raises only when awaited, and its error named no row
+    calls = []
+
+    async def as_int(prompts, completions, answer, **kw):
+        calls.append((list(prompts), list(answer)))
+        return [float(int(a)) for a in answer]
+
+    with pytest.raises(RewardError, match=r"'as_int' raised ValueError: .* on row 2 \(prompt 'q2'"):
+        RewardSet([as_int]).score(["q0", "q1", "q2", "q3"], ["a"] * 4, {"answer": ["1", "2", "x", "y"]})
+    # each part of the batch with its own rows' prompts and columns, the first failing row (not row 3) named
+    assert calls == [(["q0", "q1", "q2", "q3"], ["1", "2", "x", "y"]), (["q0", "q1"], ["1", "2"]),
+                     (["q2"], ["x"])]
+
+
 def test_gsm8k_solution_gold_is_read_by_its_final_hash_line(with_math_verify):
     # GSM8K's `answer` column is a worked solution ending in "#### N". Read whole, math-verify paid for the
     # first number after "answer is" in the prose (5 here, not 15) and without math-verify every answer scored 0.

@@ -132,7 +132,7 @@ class RewardSet:
         if waiting:
             for i, value in zip(waiting, _await_all([results[i] for i in waiting])):
                 if isinstance(value, BaseException):
-                    raise RewardError(f"reward function {self.names[i]!r} raised {type(value).__name__}: {value}") \
+                    raise _raised(self.names[i], self.funcs[i], value, prompts, completions, columns, extra) \
                         from value
                 results[i] = value
         return [self._values(name, r, prompts, n) for name, r in zip(self.names, results)]
@@ -153,16 +153,7 @@ class RewardSet:
         try:
             return fn(prompts=prompts, completions=completions, **columns, **extra)
         except Exception as e:
-            # an empty batch has no row to look for (the search returned its row 0: an IndexError naming it)
-            row = _find_failing_row(fn, prompts, completions, columns, extra) if completions else None
-            if row is not None:
-                where = f" on row {row} (prompt {_snippet(prompts[row])}, completion {_snippet(completions[row])})"
-            elif not completions:
-                where = " (on an empty batch)"
-            else:
-                where = (" (called again on parts of the batch to find the row, it did not raise: the error is "
-                         "intermittent or needs the whole batch)")
-            raise RewardError(f"reward function {name!r} raised {type(e).__name__}: {e}{where}") from e
+            raise _raised(name, fn, e, prompts, completions, columns, extra) from e
 
     def _values(self, name, values, prompts, n):
         # a dict iterates over its keys, a str over characters, a set (`{f(c) for c in completions}`) in
@@ -209,6 +200,20 @@ def _await_all(awaitables: list) -> list:
         return pool.submit(asyncio.run, gather()).result()
 
 
+def _raised(name, fn, e, prompts, completions, columns, extra) -> RewardError:
+    """The error of a reward function that raised `e` on the batch, naming the row it raises on."""
+    # an empty batch has no row to look for (the search returned its row 0: an IndexError naming it)
+    row = _find_failing_row(fn, prompts, completions, columns, extra) if completions else None
+    if row is not None:
+        where = f" on row {row} (prompt {_snippet(prompts[row])}, completion {_snippet(completions[row])})"
+    elif not completions:
+        where = " (on an empty batch)"
+    else:
+        where = (" (called again on parts of the batch to find the row, it did not raise: the error is "
+                 "intermittent or needs the whole batch)")
+    return RewardError(f"reward function {name!r} raised {type(e).__name__}: {e}{where}")
+
+
 def _find_failing_row(fn, prompts, completions, columns, extra) -> Optional[int]:
     """The first row the function raises on, by halving the batch: at most ceil(log2(rows)) + 1 more calls
     (7 for 64 rows, not 64), as each call may be a paid or rate-limited judge's. None when the calls do
@@ -217,10 +222,11 @@ def _find_failing_row(fn, prompts, completions, columns, extra) -> Optional[int]
         part_cols = {k: v[lo:hi] for k, v in columns.items()}
         part_extra = {k: (v[lo:hi] if isinstance(v, list) else v) for k, v in extra.items()}
         try:
-            fn(prompts=prompts[lo:hi], completions=completions[lo:hi], **part_cols, **part_extra)
+            result = fn(prompts=prompts[lo:hi], completions=completions[lo:hi], **part_cols, **part_extra)
         except Exception:
             return True
-        return False
+        # an async function raises when awaited (its row was never named, unlike a plain function's)
+        return inspect.isawaitable(result) and isinstance(_await_all([result])[0], Exception)
 
     lo, hi = 0, len(completions)   # the whole batch raised: a failing row is in [lo, hi)
     seen_raise = hi > 0             # so a one-row batch's row is that row, without another call
