@@ -1389,6 +1389,11 @@ def test_cli_stops_with_status_130_and_says_how_to_continue(tmp_path, monkeypatc
     (tmp_path / "ck" / "trainer_state.json").write_text("{}")
     assert main(["train", str(g), "--resume", str(tmp_path / "ck")]) == 130
     assert f"continue with: r1fast train {g} --resume\n" in capsys.readouterr().err
+    # as one resumed from another run's folder (its newest checkpoint): `--resume other` again went back there
+    (tmp_path / "other" / "checkpoint-2").mkdir(parents=True)
+    (tmp_path / "other" / "checkpoint-2" / "trainer_state.json").write_text("{}")
+    assert main(["train", str(g), "--resume", str(tmp_path / "other")]) == 130
+    assert f"continue with: r1fast train {g} --resume\n" in capsys.readouterr().err
     (tmp_path / "first").mkdir()
     (tmp_path / "first" / "pipeline_state.json").write_text("{}")
     assert main(["pipeline", str(spec), "--resume", str(tmp_path / "first")]) == 130

@@ -185,11 +185,12 @@ def _resume_command(cmd: str, rest: list[str]) -> str:
     the run of `r1fast train my_grpo.yaml output_dir=x` that was stopped."""
     import shlex
 
-    from r1fast.trainer.checkpoints import STATE_FILE, resume_is_bare
+    from r1fast.trainer.checkpoints import resume_is_bare
 
     config, overrides, resume = _split_as_typed(rest)
-    # from a checkpoint: the steps since are in the run's newer ones; a run folder (a pipeline's) stays named
-    bare = resume is None or resume_is_bare(resume) or os.path.isfile(os.path.join(resume, STATE_FILE))
+    # from a checkpoint, or another run's folder of checkpoints (its newest): the steps since are in this run's
+    # own newer ones, which `--resume PATH` would pass over; a pipeline's run folder stays named (it is the run)
+    bare = resume is None or resume_is_bare(resume) or not os.path.isfile(os.path.join(resume, "pipeline_state.json"))
     where = ["--resume"] if bare else ["--resume", resume]
     return shlex.join(["r1fast", cmd, *([config] if config else []), *overrides, *where])
 
