@@ -1993,3 +1993,28 @@ def test_run_pipeline_runs_the_pipeline_load_pipeline_returned(tmp_path):
         run_pipeline(p, ["seed=1"])
     summary = run_pipeline(p)
     assert [(s["stage"], s["steps"]) for s in summary["stages"]] == [("cold", 1)]
+
+
+def test_cli_says_how_to_resume_a_sample_stage_that_failed_after_a_batch(tmp_path, monkeypatch):
+    # a pipeline's sample stage whose reward function raised on its second batch of prompts kept the first in
+    # sample_progress.json, which --resume goes on from, but the error said nothing of it (no checkpoint)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "judge2.py").write_text("calls = [0]\nFAIL_FROM = 2\ndef f(prompts, completions, **kw):\n"
+                                        "    calls[0] += 1\n    if calls[0] >= FAIL_FROM:\n"
+                                        "        raise ConnectionError('judge down')\n"
+                                        "    return [1.0] * len(completions)\n")
+    spec = sample_stage_spec(tmp_path, reward="judge2:f")
+    with pytest.raises(SystemExit) as e:
+        main(["pipeline", str(spec)])
+    first, hint = str(e.value).split("\n")
+    assert first.startswith("r1fast pipeline: reward function 'judge2:f' raised ConnectionError: judge down")
+    assert hint == (f"r1fast pipeline: the batches of prompts sampled before the error are kept in "
+                    f"{tmp_path / 'run' / 'rs' / 'sample_progress.json'}; once that is fixed, continue with: "
+                    f"r1fast pipeline {spec} --resume")
+    import judge2
+
+    judge2.calls[0], judge2.FAIL_FROM = 0, 1   # failing on its first batch: nothing kept, nothing to say
+    spec = sample_stage_spec(tmp_path, output_dir="run2", reward="judge2:f")
+    with pytest.raises(SystemExit) as e:
+        main(["pipeline", str(spec)])
+    assert "\n" not in str(e.value) and "judge down" in str(e.value)

@@ -157,6 +157,10 @@ def _guarded(cmd: str, func, resumable: bool = True):
                 # as after Ctrl-C: a run that stopped on an error mid-way (a reward function that raised) goes on
                 raise SystemExit(f"r1fast {cmd}: {e}\nr1fast {cmd}: its checkpoints are kept; once that is fixed, "
                                  f"continue with: {_resume_command(cmd, args.rest)}") from None
+            if resumable and getattr(e, "r1fast_sample_progress", None):   # a pipeline's sample stage
+                raise SystemExit(f"r1fast {cmd}: {e}\nr1fast {cmd}: the batches of prompts sampled before the error "
+                                 f"are kept in {e.r1fast_sample_progress}; once that is fixed, continue with: "
+                                 f"{_resume_command(cmd, args.rest)}") from None
             _fail(cmd, e)
     return run
 

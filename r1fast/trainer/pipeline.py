@@ -20,6 +20,7 @@ accuracy after each training stage; <run>/summary.json has the table printed at 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -717,9 +718,16 @@ class PipelineRunner:
                 self._stop_if_requested(stage)
                 self._finishing = (f"finishing this batch of prompts of stage {stage.name!r} and keeping what it "
                                    f"sampled so far")
-                kept, stats = rejection_sample(model, tokenizer, rows, cfg, progress=p.progress_bar and cfg.progress_bar,
-                                               should_stop=lambda: self._stop_requested, resume_from=earlier,
-                                               on_batch=log.append)
+                try:
+                    kept, stats = rejection_sample(model, tokenizer, rows, cfg,
+                                                   progress=p.progress_bar and cfg.progress_bar,
+                                                   should_stop=lambda: self._stop_requested, resume_from=earlier,
+                                                   on_batch=log.append)
+                except Exception as e:
+                    if log.holds_batches:   # --resume goes on from them as from a checkpoint: the CLI says so
+                        with contextlib.suppress(Exception):
+                            e.r1fast_sample_progress = progress_path
+                    raise
                 if "next_prompt" in stats:   # stopped after a batch of prompts, which log.append kept
                     self._stop_sample_stage(log, stage, kept, stats)
                 path = cfg.output_file or os.path.join(stage_dir, "samples.jsonl")
