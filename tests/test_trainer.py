@@ -2590,7 +2590,7 @@ def test_a_dict_of_columns_as_dataset_is_named_not_a_key_error():
         SFTTrainer(model, tok, {"prompt": ["1"], "completion": ["2"]})
 
 
-@pytest.mark.parametrize("which", ["grpo", "sft", "sample"])
+@pytest.mark.parametrize("which", ["grpo", "grpo_eval", "sft", "sample"])
 def test_a_wrong_dataset_path_is_said_before_the_model_loads(tmp_path, monkeypatch, which):
     # the model (minutes for a large one) was loaded first, then the dataset path failed
     from r1fast.trainer import common
@@ -2606,6 +2606,8 @@ def test_a_wrong_dataset_path_is_said_before_the_model_loads(tmp_path, monkeypat
     with pytest.raises((ValueError, FileNotFoundError), match="missing.jsonl"):
         if which == "grpo":
             GRPOTrainer("builtin:micro", ["format"], missing, GRPOConfig(progress_bar=False))
+        elif which == "grpo_eval":   # the held-out rows too: they were read after the model had loaded
+            GRPOTrainer("builtin:micro", ["format"], ROWS, GRPOConfig(progress_bar=False), eval_dataset=missing)
         elif which == "sft":
             SFTTrainer("builtin:micro", None, missing, SFTConfig(progress_bar=False))
         else:

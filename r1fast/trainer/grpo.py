@@ -81,6 +81,10 @@ class GRPOTrainer:
         _ext.require("GRPOTrainer's rollout engine")  # before a model loads, not at the first rollout
         # the data before the model: a wrong path is said before a large model has loaded
         self.train_rows = self._rows(train_dataset if train_dataset is not None else cfg.dataset, cfg.seed, "train")
+        self.eval_rows = self._rows(eval_dataset if eval_dataset is not None else cfg.eval_dataset, cfg.seed + 1, "eval") \
+            if (eval_dataset is not None or cfg.eval_dataset) else None
+        if self.eval_rows is not None and cfg.eval_size:
+            self.eval_rows = self.eval_rows[:cfg.eval_size]
         model, tokenizer = model_from_argument(model, tokenizer, cfg, fp8=cfg.fp8_options())
         if not hasattr(model, "lm_head_weight"):
             raise TypeError("model must be an r1fast CausalLM (r1fast.models); wrap a transformers model "
@@ -114,10 +118,6 @@ class GRPOTrainer:
                       cfg.chat_template_kwargs)
         check_answer_column(self.rewards.names, self.train_rows, cfg.answer_column, "train dataset")
         check_reward_keywords(self.train_rows, cfg.prompt_column, "train dataset")
-        self.eval_rows = self._rows(eval_dataset if eval_dataset is not None else cfg.eval_dataset, cfg.seed + 1, "eval") \
-            if (eval_dataset is not None or cfg.eval_dataset) else None
-        if self.eval_rows is not None and cfg.eval_size:
-            self.eval_rows = self.eval_rows[:cfg.eval_size]
         if self.eval_rows:   # evaluated during and after training: a bad row is an error now, not then
             check_columns(self.eval_rows, (cfg.prompt_column,), "eval dataset")
             check_prompts(self.eval_rows, cfg.prompt_column, tokenizer, cfg.system_prompt, "eval dataset",
