@@ -2590,6 +2590,17 @@ def test_a_dict_of_columns_as_dataset_is_named_not_a_key_error():
         SFTTrainer(model, tok, {"prompt": ["1"], "completion": ["2"]})
 
 
+
+def test_a_pandas_dataframe_as_dataset_is_named_not_a_key_error():
+    # a DataFrame has __getitem__ and __len__ as a datasets.Dataset does, but df[0] is its column 0: KeyError: 0
+    pd = pytest.importorskip("pandas")
+    from r1fast.trainer.common import dataset_rows
+
+    df = pd.DataFrame({"prompt": ["1+1"], "answer": ["2"]})
+    with pytest.raises(TypeError, match=r"eval dataset is a pandas DataFrame \(columns \['prompt', 'answer'\]\); "
+                                        r"give datasets.Dataset.from_pandas\(df\)"):
+        dataset_rows(df, "eval", split=None, seed=0)
+
 @pytest.mark.parametrize("which", ["grpo", "grpo_eval", "sft", "sample"])
 def test_a_wrong_dataset_path_is_said_before_the_model_loads(tmp_path, monkeypatch, which):
     # the model (minutes for a large one) was loaded first, then the dataset path failed

@@ -119,6 +119,9 @@ def dataset_rows(data, what: str, *, split: Optional[str], seed: int, n_builtin:
     if isinstance(data, dict):  # indexed as rows below, it failed with KeyError: 0
         raise TypeError(f"{what} dataset is a dict (columns {sorted(map(str, data))[:5]}); give a list of row dicts "
                         f"or datasets.Dataset.from_dict(...)")
+    if hasattr(data, "iterrows"):   # a pandas DataFrame: data[0] below is its column 0, a KeyError
+        raise TypeError(f"{what} dataset is a pandas DataFrame (columns {[str(c) for c in data.columns][:5]}); give "
+                        f"datasets.Dataset.from_pandas(df) or a list of row dicts")
     if hasattr(data, "__getitem__") and hasattr(data, "__len__"):   # datasets.Dataset
         return [dict(data[i]) for i in range(len(data))]
     raise TypeError(f"{what} dataset must be a list of dicts, a datasets.Dataset or a path; got {type(data).__name__}")
