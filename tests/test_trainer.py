@@ -2601,6 +2601,23 @@ def test_a_pandas_dataframe_as_dataset_is_named_not_a_key_error():
                                         r"give datasets.Dataset.from_pandas\(df\)"):
         dataset_rows(df, "eval", split=None, seed=0)
 
+
+def test_an_empty_datasets_dataset_is_named_not_an_index_error():
+    # SFTTrainer, rejection_sample and evaluate_accuracy said "empty" for an empty list only: an empty
+    # datasets.Dataset (a filter that kept nothing) became [] and failed with IndexError at rows[0]
+    datasets = pytest.importorskip("datasets")
+    from r1fast.trainer.evaluate import evaluate_accuracy
+    from r1fast.trainer.sft import SFTTrainer
+
+    model, tok = tiny_model()
+    empty = datasets.Dataset.from_dict({"prompt": [], "completion": [], "answer": []})
+    with pytest.raises(ValueError, match=r"SFT dataset is empty \(Dataset of 0 rows\)"):
+        SFTTrainer(model, tok, empty)
+    with pytest.raises(ValueError, match="evaluation: held-out dataset is empty"):
+        evaluate_accuracy(model, tok, empty)
+    with pytest.raises(ValueError, match="dataset is empty"):
+        GRPOTrainer(model, ["format"], empty, GRPOConfig(progress_bar=False), tokenizer=tok)
+
 @pytest.mark.parametrize("which", ["grpo", "grpo_eval", "sft", "sample"])
 def test_a_wrong_dataset_path_is_said_before_the_model_loads(tmp_path, monkeypatch, which):
     # the model (minutes for a large one) was loaded first, then the dataset path failed

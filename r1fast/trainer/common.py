@@ -123,6 +123,8 @@ def dataset_rows(data, what: str, *, split: Optional[str], seed: int, n_builtin:
         raise TypeError(f"{what} dataset is a pandas DataFrame (columns {[str(c) for c in data.columns][:5]}); give "
                         f"datasets.Dataset.from_pandas(df) or a list of row dicts")
     if hasattr(data, "__getitem__") and hasattr(data, "__len__"):   # datasets.Dataset
+        if not len(data):   # else an IndexError at its first row, in whichever check read it first
+            raise ValueError(f"{what} dataset is empty ({type(data).__name__} of 0 rows)")
         return [dict(data[i]) for i in range(len(data))]
     raise TypeError(f"{what} dataset must be a list of dicts, a datasets.Dataset or a path; got {type(data).__name__}")
 
