@@ -369,6 +369,31 @@ def test_reward_set_takes_tensor_and_numpy_values():
     assert rs.score(["p", "p"], ["a", "b"], {}) == [[1.0, 0.5], [0.25, 2.0]]
 
 
+def test_reward_set_blames_no_row_when_the_function_raises_on_every_row():
+    # a judge that was down raised on every part of the batch, and the search said "on row 0 (prompt ...)"
+    calls = []
+
+    def down(prompts, completions, **kw):
+        calls.append(len(completions))
+        raise ConnectionError("judge unreachable")
+
+    with pytest.raises(RewardError, match=r"'down' raised ConnectionError: judge unreachable \(called again on parts "
+                                          r"of the batch to find the row, it raised on each: on row 0 alone and on "
+                                          r"rows 1-63; the error is not one row's\)$"):
+        RewardSet([down]).score(["p"] * 64, ["c"] * 64, {})
+    assert len(calls) == 1 + 7   # within the bound: 6 halvings, then rows 1-63
+    calls.clear()
+
+    def row0(prompts, completions, **kw):   # row 0's own error is still row 0's
+        calls.append(len(completions))
+        if "bad" in completions:
+            raise ValueError("bad row")
+        return [1.0] * len(completions)
+
+    with pytest.raises(RewardError, match="bad row on row 0 "):
+        RewardSet([row0]).score(["p"] * 8, ["bad"] + ["ok"] * 7, {})
+    assert len(calls) == 1 + 4
+
 def test_reward_set_names_a_function_raising_on_an_empty_batch():
     # the halving search returned row 0 of an empty batch, and naming its prompt was an IndexError
     def broken(prompts, completions, **kw):

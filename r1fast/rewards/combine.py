@@ -204,7 +204,11 @@ def _raised(name, fn, e, prompts, completions, columns, extra) -> RewardError:
     """The error of a reward function that raised `e` on the batch, naming the row it raises on."""
     # an empty batch has no row to look for (the search returned its row 0: an IndexError naming it)
     row = _find_failing_row(fn, prompts, completions, columns, extra) if completions else None
-    if row is not None:
+    if row == _EVERY_ROW:   # "on row 0" blamed that row for a judge that was down
+        rest = "row 1" if len(completions) == 2 else f"rows 1-{len(completions) - 1}"
+        where = (f" (called again on parts of the batch to find the row, it raised on each: on row 0 alone and on "
+                 f"{rest}; the error is not one row's)")
+    elif row is not None:
         where = f" on row {row} (prompt {_snippet(prompts[row])}, completion {_snippet(completions[row])})"
     elif not completions:
         where = " (on an empty batch)"
@@ -214,10 +218,16 @@ def _raised(name, fn, e, prompts, completions, columns, extra) -> RewardError:
     return RewardError(f"reward function {name!r} raised {type(e).__name__}: {e}{where}")
 
 
+_EVERY_ROW = -1   # _find_failing_row: the function raised on row 0 alone and on the rows after it too
+
+
 def _find_failing_row(fn, prompts, completions, columns, extra) -> Optional[int]:
     """The first row the function raises on, by halving the batch: at most ceil(log2(rows)) + 1 more calls
     (7 for 64 rows, not 64), as each call may be a paid or rate-limited judge's. None when the calls do
-    not raise again (a flaky judge, or an error that only the whole batch triggers)."""
+    not raise again (a flaky judge, or an error that only the whole batch triggers); _EVERY_ROW when every
+    call raised, rows 1.. too (a judge down: no row to blame)."""
+    passed = []
+
     def raises(lo, hi):
         part_cols = {k: v[lo:hi] for k, v in columns.items()}
         part_extra = {k: (v[lo:hi] if isinstance(v, list) else v) for k, v in extra.items()}
@@ -226,7 +236,9 @@ def _find_failing_row(fn, prompts, completions, columns, extra) -> Optional[int]
         except Exception:
             return True
         # an async function raises when awaited (its row was never named, unlike a plain function's)
-        return inspect.isawaitable(result) and isinstance(_await_all([result])[0], Exception)
+        failed = inspect.isawaitable(result) and isinstance(_await_all([result])[0], Exception)
+        passed.append(not failed)
+        return failed
 
     lo, hi = 0, len(completions)   # the whole batch raised: a failing row is in [lo, hi)
     seen_raise = hi > 0             # so a one-row batch's row is that row, without another call
@@ -234,7 +246,13 @@ def _find_failing_row(fn, prompts, completions, columns, extra) -> Optional[int]
         mid = (lo + hi) // 2
         seen_raise = raises(lo, mid)
         lo, hi = (lo, mid) if seen_raise else (mid, hi)   # the first half passed: it is in the second
-    return lo if seen_raise or raises(lo, hi) else None
+    if not (seen_raise or raises(lo, hi)):
+        return None
+    # every part raised, down to row 0 alone: the one more call on the other rows tells a row's error from a
+    # whole judge's (still within the bound: the search made no final call)
+    if lo == 0 and not any(passed) and len(completions) > 1 and raises(1, len(completions)):
+        return _EVERY_ROW
+    return lo
 
 
 def _snippet(x: Any, n: int = 60) -> str:
