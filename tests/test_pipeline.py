@@ -2018,3 +2018,26 @@ def test_cli_says_how_to_resume_a_sample_stage_that_failed_after_a_batch(tmp_pat
     with pytest.raises(SystemExit) as e:
         main(["pipeline", str(spec)])
     assert "\n" not in str(e.value) and "judge down" in str(e.value)
+
+
+def test_cli_resume_hint_names_a_finished_stage_when_there_is_no_checkpoint(tmp_path, monkeypatch):
+    # a pipeline whose sample stage finished and whose next stage failed before its first checkpoint was told
+    # "its checkpoints are kept": there were none, the finished stage (its samples) is what --resume keeps
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "ok3.py").write_text("def f(prompts, completions, **kw):\n    return [1.0] * len(completions)\n"
+                                     "def bad(prompts, completions, **kw):\n    raise KeyError('gold')\n")
+    spec = tmp_path / "p.yaml"
+    spec.write_text("name: p\nmodel: builtin:micro\nprogress_bar: false\nstages:\n"
+                    "  - {name: rs, type: sample, dataset: builtin:arithmetic, num_rows: 4,\n"
+                    "     config: {num_samples: 2, batch_prompts: 4, max_completion_length: 4, keep_truncated: true,\n"
+                    "              reward_funcs: ['ok3:f'], reward_thresholds: [0]}}\n"
+                    "  - {name: g, type: grpo, dataset: builtin:arithmetic, num_rows: 8, config: {\n"
+                    "     per_device_train_batch_size: 4, num_generations: 4, max_completion_length: 4,\n"
+                    "     max_steps: 1, reward_funcs: ['ok3:bad']}}\n")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        main(["pipeline", str(spec)])
+    first, hint = str(e.value).split("\n")
+    assert "raised KeyError: 'gold'" in first
+    assert hint == (f"r1fast pipeline: its finished stage (rs) is kept; once that is fixed, continue with: "
+                    f"r1fast pipeline {spec} --resume")

@@ -153,9 +153,10 @@ def _guarded(cmd: str, func, resumable: bool = True):
 
             if isinstance(e, RunFolderInUse):
                 raise SystemExit(_in_use_message(cmd, args.rest, e)) from None
-            if resumable and _left_progress(getattr(e, "r1fast_run_folders", [])):
+            kept = _left_progress(getattr(e, "r1fast_run_folders", [])) if resumable else None
+            if kept:
                 # as after Ctrl-C: a run that stopped on an error mid-way (a reward function that raised) goes on
-                raise SystemExit(f"r1fast {cmd}: {e}\nr1fast {cmd}: its checkpoints are kept; once that is fixed, "
+                raise SystemExit(f"r1fast {cmd}: {e}\nr1fast {cmd}: {kept} kept; once that is fixed, "
                                  f"continue with: {_resume_command(cmd, args.rest)}") from None
             if resumable and getattr(e, "r1fast_sample_progress", None):   # a pipeline's sample stage
                 raise SystemExit(f"r1fast {cmd}: {e}\nr1fast {cmd}: the batches of prompts sampled before the error "
@@ -165,23 +166,26 @@ def _guarded(cmd: str, func, resumable: bool = True):
     return run
 
 
-def _left_progress(run_folders: list[str]) -> bool:
-    """Whether a failed run left something --resume goes on from: a checkpoint, or a pipeline's finished stage."""
+def _left_progress(run_folders: list[str]) -> str | None:
+    """What a failed run left that --resume goes on from, in words: a checkpoint, or a pipeline's finished
+    stage (a sample stage's has no checkpoint); None when nothing."""
     import json
 
     from r1fast.trainer.checkpoints import latest_checkpoint
 
     for folder in run_folders:
         if latest_checkpoint(folder):
-            return True
+            return "its checkpoints are"
         try:
             with open(os.path.join(folder, "pipeline_state.json"), encoding="utf-8") as f:
                 stages = json.load(f).get("stages", {})
-            if any(isinstance(st, dict) and st.get("finished") for st in stages.values()):
-                return True
+            done = [name for name, st in stages.items() if isinstance(st, dict) and st.get("finished")]
+            if done:
+                return f"its finished stages ({', '.join(done)}) are" if len(done) > 1 else \
+                    f"its finished stage ({done[0]}) is"
         except (OSError, ValueError, AttributeError):   # none, or damaged: nothing to say
             pass
-    return False
+    return None
 
 
 def _resume_command(cmd: str, rest: list[str]) -> str:
