@@ -289,6 +289,18 @@ def test_fp8_and_device_options_apply_to_a_model_object(tmp_path):
         make(tmp_path, "dev", device="meta")
 
 
+def test_sft_and_sampling_check_the_device_option_against_a_model_object(tmp_path):
+    # GRPOTrainer refused device='meta' for a CPU model object; SFT ignored the option without a word
+    from r1fast.trainer.config import ConfigError, SFTConfig
+    from r1fast.trainer.sft import SFTTrainer
+
+    model, tok = tiny_model()
+    rows = [{"prompt": "1+1=", "completion": "2"}]
+    with pytest.raises(ConfigError, match="option 'device' is 'meta' but the model is on cpu"):
+        SFTTrainer(model, tok, rows, SFTConfig(max_steps=1, device="meta", output_dir=str(tmp_path / "s")))
+    SFTTrainer(model, tok, rows, SFTConfig(max_steps=1, device="cpu", output_dir=str(tmp_path / "s")))
+
+
 def test_trainer_input_errors(tmp_path):
     model, tok = tiny_model()
     cfg = GRPOConfig(per_device_train_batch_size=8, num_generations=4, output_dir=str(tmp_path / "e"))

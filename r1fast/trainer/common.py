@@ -82,11 +82,24 @@ def load_model_and_tokenizer(spec: Optional[str], *, device, dtype: str = "float
 def model_from_argument(model, tokenizer, cfg, fp8="off"):
     """A trainer's `model` argument as (model, tokenizer): a name (builtin:<size>, a local Hugging Face
     folder) is loaded with the config's device, dtype and seed (its tokenizer with it, unless one is
-    given); a loaded model is returned as it is."""
+    given); a loaded model is returned as it is, and an explicit config device must then be its device
+    (every trainer and rejection sampling check this alike)."""
     if not isinstance(model, (str, os.PathLike)):
+        check_model_device(model, getattr(cfg, "device", None))
         return model, tokenizer
     return load_model_and_tokenizer(os.fspath(model), device=resolve_device(cfg.device), dtype=cfg.dtype,
                                     seed=cfg.seed, fp8=fp8, tokenizer=tokenizer)
+
+
+def check_model_device(model, device: Optional[str]):
+    """An explicit `device` option for a model passed in as an object must be where the model is: it is
+    not moved, and the option would otherwise be ignored without a word."""
+    here = getattr(model, "device", None)
+    if device is not None and isinstance(here, torch.device) and torch.device(device).type != here.type:
+        from r1fast.trainer.config import ConfigError
+
+        raise ConfigError(f"option 'device' is {device!r} but the model is on {here}; move the model "
+                          f"(model.to(...)) or drop the option")
 
 
 def check_model_and_tokenizer(model, tokenizer, who: str):

@@ -727,7 +727,7 @@ def _short(prompt, n: int = 200) -> str:
 def _apply_config_to_model(model, cfg: GRPOConfig) -> None:
     """The config's fp8 and device options for a model passed in as an object (a path or builtin:
     name is loaded with them): fp8 is applied unless the model already went through apply_fp8 (a
-    different mode there is an error), and an explicit device must be the model's."""
+    different mode there is an error). (An explicit device is checked against the model's in model_from_argument.)"""
     report, wanted = getattr(model, "fp8_report", None), cfg.fp8_options()
     if wanted.mode != "off" and (report is None or not report.converted):  # no FP8 layer yet (off, a fallback)
         from r1fast.fp8 import apply_fp8
@@ -739,6 +739,3 @@ def _apply_config_to_model(model, cfg: GRPOConfig) -> None:
                                                (("recipe", o.recipe), ("scaling", o.scaling), ("grad_dtype", o.grad_dtype)) if v)
         raise ConfigError(f"the config asks for {says(wanted)} but the model was already converted with "
                           f"{says(report.options)}; pass a high-precision model or use the same options")
-    if cfg.device is not None and torch.device(cfg.device).type != model.device.type:
-        raise ConfigError(f"option 'device' is {cfg.device!r} but the model is on {model.device}; move the model "
-                          f"(model.to(...)) or drop the option")
