@@ -2710,3 +2710,29 @@ def test_the_python_api_loads_from_r1fast_trainer():
 
     assert (rejection_sample, evaluate_accuracy, load_pipeline, run_pipeline) == (rs, ev, lp, rp)
     assert all(hasattr(r1fast.trainer, name) for name in r1fast.trainer.__all__)
+
+
+def test_resume_on_other_training_rows_says_so(tmp_path, capsys):
+    # rows passed in Python recorded dataset: None, so a resume on other rows went on without a word
+    from r1fast.trainer.config import SFTConfig
+    from r1fast.trainer.sft import SFTTrainer
+
+    def sft(rows):
+        model, tok = tiny_model()
+        cfg = SFTConfig(max_steps=1, per_device_train_batch_size=1, output_dir=str(tmp_path / "s"), progress_bar=False)
+        return SFTTrainer(model, tok, rows, cfg)
+
+    rows = [{"prompt": "1+1=", "completion": "2"}, {"prompt": "2+2=", "completion": "4"}]
+    other = [dict(r, completion="5") for r in rows]
+    ck = sft(rows).train()["checkpoint"]
+    capsys.readouterr()
+    sft(rows).train(resume=True)
+    assert "options other than the checkpoint's" not in capsys.readouterr().err
+    sft(other).train(resume=True)
+    assert "options other than the checkpoint's: the training rows (sha256 " in capsys.readouterr().err
+    state_file = os.path.join(ck, "trainer_state.json")
+    state = json.load(open(state_file))
+    del state["data_sha256"]   # a checkpoint of an earlier r1fast: nothing to compare
+    json.dump(state, open(state_file, "w"))
+    sft(other).train(resume=True)
+    assert "options other than the checkpoint's" not in capsys.readouterr().err

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import math
@@ -493,13 +494,29 @@ def changed_values(recorded: dict, now: dict) -> list[str]:
     return [f"{k} {recorded[k]!r} -> {v!r}" for k, v in now.items() if k in recorded and recorded[k] != v]
 
 
-def option_change_note(state, new_config: dict, step: int) -> str | None:
+def rows_fingerprint(rows: Sequence[dict]) -> str:
+    """A short sha256 of the training rows, recorded in a checkpoint: rows passed in Python (a list, a
+    datasets.Dataset) record no dataset path, and an edited file keeps its path, so only this tells a
+    resume that its data changed (hashing 100k small rows takes well under a second)."""
+    digest = hashlib.sha256()
+    for row in rows:
+        digest.update(json.dumps(row, sort_keys=True, default=str).encode())
+        digest.update(b"\n")
+    return digest.hexdigest()[:16]
+
+
+def option_change_note(state, new_config: dict, step: int, data_sha256: Optional[str] = None) -> str | None:
     """The options other than the schedule's (schedule_change_note) that differ from the checkpoint's, or
-    None: a resume applies them (a new seed, beta, dataset...) without a word otherwise."""
+    None: a resume applies them (a new seed, beta, dataset...) without a word otherwise. `data_sha256`:
+    the training rows' rows_fingerprint, compared with the checkpoint's (one written before r1fast
+    recorded it has none: nothing to compare)."""
     old = (state or {}).get("config") or {}
     new_config = json.loads(json.dumps(new_config))   # as the checkpoint read it back: tuples are lists
     skip = _NOT_TRAINING | set(_SCHEDULE_SHAPE) | {"learning_rate"}
     changed = changed_values(old, {k: v for k, v in new_config.items() if k not in skip})
+    was = (state or {}).get("data_sha256")
+    if data_sha256 is not None and was is not None and was != data_sha256:
+        changed.append(f"the training rows (sha256 {was} -> {data_sha256})")
     if not changed:
         return None
     return (f"r1fast: resuming at step {step} with options other than the checkpoint's: {', '.join(changed)}; the "
@@ -556,7 +573,7 @@ def start_run(trainer, resume):
             for group, lr in zip(trainer.optimizer.param_groups, lrs):
                 group["lr"] = lr
             sched._last_lr = lrs
-        note = option_change_note(state, cfg.to_json_dict(), trainer.global_step)
+        note = option_change_note(state, cfg.to_json_dict(), trainer.global_step, trainer.data_sha256)
         if note:
             print(note, file=sys.stderr)
     # The log holds global steps (a pipeline stage's start at step_offset included): truncate on that scale,

@@ -39,6 +39,7 @@ from r1fast.trainer.common import (  # noqa: F401  (NonFiniteLoss: also importab
     DataCursor,
     accumulating_gradients,
     resume_check,
+    rows_fingerprint,
     make_loss_scale,
     make_optimizer,
     make_scheduler,
@@ -173,6 +174,7 @@ class GRPOTrainer:
         self.global_step = 0
         self.rollout_index = 0
         self.cursor = DataCursor(len(self.train_rows), cfg.seed)
+        self.data_sha256 = rows_fingerprint(self.train_rows)   # a resume on other rows is said (option_change_note)
         self.nonfinite_skipped = 0
         # TRL's num_tokens: prompt + completion tokens of every rollout so far (a prompt once per
         # completion), cumulative across --resume (saved in the checkpoint)
@@ -490,6 +492,7 @@ class GRPOTrainer:
             "nonfinite_skipped": self.nonfinite_skipped,
             "num_tokens": self.num_tokens,
             "config": self.cfg.to_json_dict(),
+            "data_sha256": self.data_sha256,
             **saved_loss_scale(self.loss_scale),
             "metrics_window": self.metrics_window,
         }

@@ -22,6 +22,7 @@ from r1fast.trainer.common import (
     dataset_rows,
     model_from_argument,
     resume_check,
+    rows_fingerprint,
     make_loss_scale,
     make_optimizer,
     make_scheduler,
@@ -95,6 +96,7 @@ class SFTTrainer:
         self.scheduler = make_scheduler(self.optimizer, cfg.lr_scheduler_type, self.total_steps,
                                         warmup_steps_of(cfg, self.total_steps))
         self.cursor = DataCursor(len(self.examples), cfg.seed)
+        self.data_sha256 = rows_fingerprint(rows)   # a resume on other rows is said (option_change_note)
         self.global_step = 0
         self.nonfinite_skipped = 0
         self.loss_window: list[float] = []  # losses of the steps since the last logged one (their mean is logged)
@@ -160,6 +162,7 @@ class SFTTrainer:
                                     scheduler=self.scheduler, tokenizer=self.tokenizer,
                                     state={"stage": self.stage, "data": self.cursor.state(),
                                            "nonfinite_skipped": self.nonfinite_skipped, "config": self.cfg.to_json_dict(),
+                                           "data_sha256": self.data_sha256,
                                            "loss_window": self.loss_window,
                                            "accuracy_window": self.accuracy_window,
                                            "num_tokens": self.num_tokens,
