@@ -1,4 +1,6 @@
 """GRPOConfig / SFTConfig / pipelines: YAML loading, command-line overrides, clear errors."""
+import copy
+import dataclasses
 import warnings
 
 import pytest
@@ -517,3 +519,16 @@ def test_tis_mode_off_is_none_or_the_string_none_in_both_config_and_loss_options
     cfg.validate()
     assert cfg.tis_mode == "none" and cfg.loss_options().tis_mode is None
     assert GRPOConfig.from_dict({"tis_mode": None}).tis_mode == "none"
+
+
+def test_a_misspelt_keyword_in_python_gets_the_yaml_hint():
+    # GRPOConfig(lr=1e-5) was the bare dataclass TypeError, where from_dict/YAML name the close options
+    with pytest.raises(TypeError, match=r"GRPOConfig\(\) got an unexpected keyword argument 'lr'; did you mean "
+                                        r"learning_rate\?"):
+        GRPOConfig(lr=1e-5)
+    with pytest.raises(TypeError, match="'max_step'; did you mean max_steps"):
+        SFTConfig(max_step=3)
+    with pytest.raises(ConfigError, match="unknown option 'lr' for GRPOConfig; did you mean learning_rate"):
+        GRPOConfig.from_dict({"lr": 1})
+    cfg = GRPOConfig(learning_rate=2e-5)   # what copies and replacements build is unchanged
+    assert copy.deepcopy(cfg) == cfg and dataclasses.replace(cfg, seed=5).seed == 5

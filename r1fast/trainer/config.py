@@ -33,6 +33,16 @@ def _callable_name(f) -> str:
     return f"{module}:{getattr(f, '__qualname__', type(f).__qualname__)}"
 
 
+# names other libraries use for an option, which no close match finds
+_OTHER_NAMES = {"lr": "learning_rate"}
+
+
+def _did_you_mean(key: str, names: list[str]) -> str:
+    """"; did you mean ...?" for an unknown option `key`, or ""."""
+    close = [_OTHER_NAMES[key]] if _OTHER_NAMES.get(key) in names else difflib.get_close_matches(key, names, n=3)
+    return f"; did you mean {', '.join(close)}?" if close else ""
+
+
 class ConfigError(ValueError):
     """A configuration key or value that cannot be used; the message names it."""
 
@@ -58,6 +68,16 @@ class _Base:
             if key in self._OFF_WORDS and not value:
                 return "off"
         return value
+
+    def __new__(cls, *args, **kwargs):
+        # before the dataclass __init__ (which @dataclass writes, so it cannot be wrapped here): a misspelt
+        # keyword in Python gets the hint from_dict and YAML give, not a bare "unexpected keyword argument"
+        names = cls.field_names()
+        for key in kwargs:
+            if key not in names:
+                raise TypeError(f"{cls.__name__}() got an unexpected keyword argument {key!r}"
+                                f"{_did_you_mean(key, names)}")
+        return super().__new__(cls)
 
     @classmethod
     def field_names(cls) -> list[str]:
@@ -88,9 +108,7 @@ class _Base:
         for key, value in data.items():
             key = str(key).replace("-", "_")
             if key not in names:
-                close = difflib.get_close_matches(key, names, n=3)
-                hint = f"; did you mean {', '.join(close)}?" if close else ""
-                raise ConfigError(f"{source}: unknown option {key!r} for {type(self).__name__}{hint}")
+                raise ConfigError(f"{source}: unknown option {key!r} for {type(self).__name__}{_did_you_mean(key, names)}")
             setattr(new, key, _coerce(key, self._from_bool(key, value), hints[key], source))
         new.validate()
         vars(self).update(vars(new))
