@@ -254,6 +254,13 @@ def test_default_pipeline_loads_and_rejects_bad_stage_options():
     with pytest.raises(ConfigError, match=r"'num_generations' is an option of stage grpo: set it for one stage with "
                                           r"grpo.num_generations=4;"):
         load_pipeline(DEFAULT_CONFIG, ["--num_generations", "4"])
+    # a list was shown as a Python repr (grpo.stop_tokens=['<|im_end|>'], which the shell mangles), and the
+    # pipeline's own eval_stop_tokens, which the held-out evaluation reads, went unmentioned
+    with pytest.raises(ConfigError) as err:
+        load_pipeline(DEFAULT_CONFIG, ['stop_tokens=["<|im_end|>"]'])
+    assert """set it for one stage with 'grpo.stop_tokens=["<|im_end|>"]' (the pipeline key eval_stop_tokens sets it \
+for the held-out evaluation between stages)""" in str(err.value)
+    assert parse_overrides(['grpo.stop_tokens=["<|im_end|>"]']) == {"grpo.stop_tokens": ["<|im_end|>"]}
 
 
 def test_every_shipped_config_loads():

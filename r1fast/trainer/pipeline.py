@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shlex
 import sys
 import time
 from dataclasses import dataclass, field
@@ -206,9 +207,13 @@ def _stage_option_hints(unknown: set[str], data: dict) -> str:
     for key in sorted(unknown):
         owners = [name for name, typ in stages if typ in STAGE_TYPES and key in STAGE_TYPES[typ].field_names()]
         if owners:
-            value = data[key]
+            value = data[key] if isinstance(data[key], str) else json.dumps(data[key])   # as an override reads it back
+            sets = " or ".join(shlex.quote(f"{name}.{key}={value}") for name in owners)
+            twin = f"eval_{key}"   # the pipeline's own evaluation between stages has a key of its own for it
+            also = f" (the pipeline key {twin} sets it for the held-out evaluation between stages)" \
+                if twin in _TOP_KEYS else ""
             hints.append(f"{key!r} is an option of stage{'s' if len(owners) > 1 else ''} {', '.join(owners)}: "
-                         f"set it for one stage with {' or '.join(f'{name}.{key}={value}' for name in owners)}")
+                         f"set it for one stage with {sets}{also}")
         elif close := difflib.get_close_matches(key, sorted(_TOP_KEYS), n=1):
             hints.append(f"for {key!r}, did you mean {close[0]!r}")
     return "".join(f"; {h}" for h in hints)
