@@ -2517,6 +2517,13 @@ def test_a_template_ending_turns_with_a_token_that_is_no_stop_is_warned_of_once(
     monkeypatch.setattr(loading, "_WARNED_TURN_END", set())
     with pytest.warns(UserWarning, match=r"add it to the option 'stop_tokens'"):
         rejection_sample(model, tok, rows, SampleConfig(num_samples=1, max_completion_length=2), progress=False)
+    # a pipeline's GRPO stage named 'stop_tokens', which the user sets there as <stage>.stop_tokens
+    monkeypatch.setattr(loading, "_WARNED_TURN_END", set())
+    with pytest.warns(UserWarning, match=r"""add it to the option 'rl.stop_tokens' \('rl.stop_tokens=\["<\|im_end\|>"\]'\)"""):
+        GRPOTrainer(model, [sevens], rows, GRPOConfig(**cfg), tokenizer=tok, stage_name="rl", eval_at_ends=False)
+    with pytest.raises(ValueError, match=r"option 'rl.stop_tokens': '</s>' must be exactly one token"):
+        GRPOTrainer(model, [sevens], rows, GRPOConfig(**cfg, stop_tokens=["</s>"]), tokenizer=tok, stage_name="rl",
+                    eval_at_ends=False)
 
 
 def test_a_stop_token_that_is_not_one_token_is_an_error_naming_it(tmp_path):

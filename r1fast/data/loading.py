@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import warnings
 from typing import Any, Optional, Sequence
 
@@ -554,7 +555,9 @@ def warn_unstopped_turn_end(tokenizer, end_ids: Sequence[int], option: str = "st
         return
     _WARNED_TURN_END.add(found[0])
     stops = tokenizer.convert_ids_to_tokens(list(end_ids))
+    # a pipeline stage's option (grpo.stop_tokens) is shown as the override that sets it, shell-quoted
+    example = shlex.quote(f"{option}={json.dumps([found[0]])}") if "." in option else f"{option}: [{found[0]!r}]"
     warnings.warn(f"r1fast: the chat template ends the assistant's turn with {found[0]!r} (id {found[1]}), but "
                   f"completions stop only at {stops}: a model that closes its turn with {found[0]!r} goes on "
-                  f"writing until the length limit; add it to the option {option!r} "
-                  f"({option}: [{found[0]!r}]) to stop there", stacklevel=3)
+                  f"writing until the length limit; add it to the option {option!r} ({example}) to stop there",
+                  stacklevel=3)

@@ -146,11 +146,13 @@ class GRPOTrainer:
         self.step_offset = step_offset
         # False in a pipeline, which evaluates its held-out prompts between stages itself
         self.eval_at_ends = eval_at_ends
-        extra_stops = resolve_stop_tokens(tokenizer, cfg.stop_tokens)
+        # in a pipeline (eval_at_ends False) the user sets the option as <stage>.stop_tokens
+        stop_option = "stop_tokens" if eval_at_ends else f"{stage_name}.stop_tokens"
+        extra_stops = resolve_stop_tokens(tokenizer, cfg.stop_tokens, stop_option)
         self.stop_ids = stop_token_ids(tokenizer, extra=extra_stops)
         # what a completion can end with: the engine also stops at the model's own eos ids
         self.end_ids = stop_token_ids(tokenizer, model.eos_token_ids, extra_stops)
-        warn_unstopped_turn_end(tokenizer, self.end_ids, "stop_tokens", cfg.chat_template_kwargs)
+        warn_unstopped_turn_end(tokenizer, self.end_ids, stop_option, cfg.chat_template_kwargs)
         self._prompt_cache: dict[int, list[int]] = {}
         if cfg.engine_num_blocks is not None:
             # as the engine sizes its own pool: one sequence of max_model_len fits (else the first rollout with
