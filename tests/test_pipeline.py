@@ -2041,3 +2041,16 @@ def test_cli_resume_hint_names_a_finished_stage_when_there_is_no_checkpoint(tmp_
     assert "raised KeyError: 'gold'" in first
     assert hint == (f"r1fast pipeline: its finished stage (rs) is kept; once that is fixed, continue with: "
                     f"r1fast pipeline {spec} --resume")
+
+
+def test_a_later_stages_stop_tokens_are_checked_before_any_stage_trains(tmp_path):
+    # a stop token of the grpo or sample stage that is not one token failed only when that stage started,
+    # after 'cold' had trained; the tokenizer is read up front (no model loads)
+    from r1fast.trainer.config import ConfigError
+
+    spec = tiny_pipeline(tmp_path)
+    with pytest.raises(ConfigError, match=r"stage 'rl': option 'rl.stop_tokens': '</s>' must be exactly one token"):
+        load_pipeline(spec, ["rl.stop_tokens=[</s>]"])
+    with pytest.raises(ConfigError, match=r"stage 'rs': option 'rs.stop_tokens': '</s>' must be exactly one token"):
+        load_pipeline(spec, ["rs.stop_tokens=[</s>]"])
+    assert load_pipeline(spec, ["rl.stop_tokens=[<|user|>]"]).stages[1].config.stop_tokens == ["<|user|>"]

@@ -262,6 +262,41 @@ def _check_stages(p: Pipeline, where: str):
         if s.type == "sample":
             samplers[s.name] = cfg
         earlier[s.name] = s.type
+    _check_stop_tokens(p, where)
+
+
+def _check_stop_tokens(p: Pipeline, where: str):
+    """Each stage's stop_tokens against the tokenizer its model will have (a folder's, or the built-in one;
+    tokenizers only, no model loads): a text that is not one token failed only when its stage started,
+    after the stages before it had trained."""
+    from r1fast.data.loading import resolve_stop_tokens
+
+    spec, specs = p.model, {}   # the model spec each stage's model (and tokenizer) comes from
+    tokenizers: dict[str, Any] = {}
+    for s in p.stages:
+        if s.model:   # "@stage": that stage's model, whose checkpoint keeps the tokenizer it was given
+            spec = specs.get(s.model[1:]) if s.model.startswith("@") else s.model
+        specs[s.name] = spec
+        stops = getattr(s.config, "stop_tokens", None)
+        if not stops or spec is None:
+            continue
+        if spec not in tokenizers:
+            tokenizers[spec] = _stage_tokenizer(spec)
+        try:
+            resolve_stop_tokens(tokenizers[spec], stops, f"{s.name}.stop_tokens")
+        except ValueError as e:
+            raise ConfigError(f"{where}: stage {s.name!r}: {e}") from None
+
+
+def _stage_tokenizer(spec: str):
+    """The tokenizer a model spec that _check_model accepted loads with (the built-in one for builtin:)."""
+    if spec.startswith("builtin:"):
+        from r1fast.data.tokenizer import build_char_tokenizer
+
+        return build_char_tokenizer()
+    from r1fast.models import load_tokenizer
+
+    return load_tokenizer(spec)
 
 
 def _check_sample_columns(stage, source_cfg, where: str, ref: str):
