@@ -501,9 +501,10 @@ def test_stop_tokens_are_token_texts_checked_at_load_and_kept_by_a_checkpoint():
     note = option_change_note({"config": cfg.to_json_dict()}, GRPOConfig().to_json_dict(), 2)
     assert "stop_tokens ['<|im_end|>'] -> None" in note
     assert option_change_note({"config": cfg.to_json_dict()}, cfg.to_json_dict(), 2) is None
-    stages = [{"name": "s", "type": "grpo", "dataset": "builtin:arithmetic", "config": {"stop_tokens": ["<|im_end|>"]}}]
-    p = load_pipeline({"model": "builtin:micro", "stages": stages}, ["eval_stop_tokens=[<|im_end|>]"])
-    assert p.eval_stop_tokens == ["<|im_end|>"] and p.stages[0].config.stop_tokens == ["<|im_end|>"]
+    # a pipeline checks its stages' tokens against their tokenizer at load: the built-in one has <|user|>
+    stages = [{"name": "s", "type": "grpo", "dataset": "builtin:arithmetic", "config": {"stop_tokens": ["<|user|>"]}}]
+    p = load_pipeline({"model": "builtin:micro", "stages": stages}, ["eval_stop_tokens=[<|user|>]"])
+    assert p.eval_stop_tokens == ["<|user|>"] and p.stages[0].config.stop_tokens == ["<|user|>"]
     with pytest.raises(ConfigError, match=r"option 'eval_stop_tokens' takes tokens as text .*got 7"):
         load_pipeline({"model": "builtin:micro", "stages": stages}, ["eval_stop_tokens=[7]"])
     # unset, a stopped sampling of an r1fast before the option continues (its fingerprint is the same)
