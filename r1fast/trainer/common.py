@@ -42,11 +42,23 @@ def run_dir_for(output_dir: Optional[str], run_name: Optional[str], default_name
     return os.path.join(os.getcwd(), "runs", run_name or default_name)
 
 
+def spec_tokenizer(spec: str):
+    """The tokenizer a model spec loads with: the built-in character tokenizer for builtin:<size>, else the
+    folder's own (the pipeline checks stop_tokens with it before any model loads)."""
+    if spec.startswith("builtin:"):
+        from r1fast.data.tokenizer import build_char_tokenizer
+
+        return build_char_tokenizer()
+    from r1fast.models import load_tokenizer
+
+    return load_tokenizer(spec)
+
+
 def load_model_and_tokenizer(spec: Optional[str], *, device, dtype: str = "float32", seed: int = 0, fp8="off",
                              tokenizer=None):
     """`builtin:<size>` (random init, built-in char tokenizer) or a local Hugging Face folder. fp8: a
     mode or r1fast.fp8.Fp8Options (GRPOConfig.fp8_options())."""
-    from r1fast.models import CausalLM, ModelConfig, from_pretrained, load_tokenizer
+    from r1fast.models import CausalLM, ModelConfig, from_pretrained
     from r1fast.models.checkpoint import hub_model_hint
 
     if spec is None:
@@ -57,9 +69,7 @@ def load_model_and_tokenizer(spec: Optional[str], *, device, dtype: str = "float
         if size not in BUILTIN_MODELS:
             raise ValueError(f"unknown built-in model {spec!r}; choose from "
                              f"{', '.join('builtin:' + k for k in BUILTIN_MODELS)}")
-        from r1fast.data.tokenizer import build_char_tokenizer
-
-        tok = tokenizer or build_char_tokenizer()
+        tok = tokenizer or spec_tokenizer(spec)
         cfg = ModelConfig(architecture="LlamaForCausalLM", vocab_size=len(tok), bos_token_id=tok.bos_token_id,
                           eos_token_id=tok.eos_token_id, **BUILTIN_MODELS[size])
         torch.manual_seed(seed)
@@ -75,7 +85,7 @@ def load_model_and_tokenizer(spec: Optional[str], *, device, dtype: str = "float
         raise ValueError(f"model {spec!r} is not a folder (give a local Hugging Face checkpoint or builtin:tiny"
                          f"{hub_model_hint(spec)})")
     # the tokenizer first: a missing or broken one is reported in a second, not after the weights load
-    tok = tokenizer or load_tokenizer(spec)
+    tok = tokenizer or spec_tokenizer(spec)
     model = from_pretrained(spec, dtype=torch_dtype, device=device, fp8=fp8)
     return model, tok
 

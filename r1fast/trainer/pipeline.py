@@ -270,6 +270,7 @@ def _check_stop_tokens(p: Pipeline, where: str):
     tokenizers only, no model loads): a text that is not one token failed only when its stage started,
     after the stages before it had trained."""
     from r1fast.data.loading import resolve_stop_tokens
+    from r1fast.trainer.common import spec_tokenizer
 
     spec, specs = p.model, {}   # the model spec each stage's model (and tokenizer) comes from
     tokenizers: dict[str, Any] = {}
@@ -281,22 +282,11 @@ def _check_stop_tokens(p: Pipeline, where: str):
         if not stops or spec is None:
             continue
         if spec not in tokenizers:
-            tokenizers[spec] = _stage_tokenizer(spec)
+            tokenizers[spec] = spec_tokenizer(spec)
         try:
             resolve_stop_tokens(tokenizers[spec], stops, f"{s.name}.stop_tokens")
         except ValueError as e:
             raise ConfigError(f"{where}: stage {s.name!r}: {e}") from None
-
-
-def _stage_tokenizer(spec: str):
-    """The tokenizer a model spec that _check_model accepted loads with (the built-in one for builtin:)."""
-    if spec.startswith("builtin:"):
-        from r1fast.data.tokenizer import build_char_tokenizer
-
-        return build_char_tokenizer()
-    from r1fast.models import load_tokenizer
-
-    return load_tokenizer(spec)
 
 
 def _check_sample_columns(stage, source_cfg, where: str, ref: str):
