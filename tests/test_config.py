@@ -112,6 +112,8 @@ def test_resume_with_other_schedule_settings_says_what_happens():
     ({"log_completions": -1}, "option 'log_completions' must be >= 0"),
     ({"epsilon": -0.1}, "option 'epsilon' must be >= 0"),
     ({"top_k": -2}, "option 'top_k' must be -1 or 0"),
+    ({"reward_timeout": 0}, "option 'reward_timeout' must be a positive number of seconds"),
+    ({"reward_timeout": "inf"}, "option 'reward_timeout' must be a finite number"),
 ])
 def test_bad_values_are_clear_errors(data, match):
     with pytest.raises(ConfigError, match=match):
@@ -143,6 +145,7 @@ def test_sft_bad_values_are_clear_errors(data, match):
     ({"keep_per_prompt": 0}, "option 'keep_per_prompt' must be >= 1"),
     ({"batch_prompts": 0}, "option 'batch_prompts' must be >= 1"),
     ({"reward_thresholds": [1.0]}, "reward_thresholds has 1 entries but reward_funcs has 2"),
+    ({"reward_timeout": -1}, "option 'reward_timeout' must be a positive number of seconds"),
 ])
 def test_sample_bad_values_are_clear_errors(data, match):
     with pytest.raises(ConfigError, match=match):

@@ -1001,6 +1001,29 @@ def test_rejection_sampling_keeps_correct_well_formed_distinct_samples_up_to_kee
         rejection_sample(model, tok, [], cfg, progress=False)
 
 
+def test_rejection_sampling_stops_at_a_reward_call_past_reward_timeout(monkeypatch):
+    import threading
+
+    from r1fast.rewards import RewardTimeout
+    from r1fast.trainer.config import SampleConfig
+    from r1fast.trainer.sampling import rejection_sample
+
+    model, tok = scripted(monkeypatch, {"2+2": ["<answer>4</answer>"] * 2})
+    release = threading.Event()
+
+    def sandbox(prompts, completions, **kw):   # never answers
+        release.wait(30)
+        return [1.0] * len(completions)
+
+    cfg = SampleConfig(num_samples=2, reward_funcs=[sandbox], reward_timeout=0.2, progress_bar=False)
+    try:
+        with pytest.raises(RewardTimeout, match=r"'sandbox' did not return within reward_timeout = 0.2 s on a batch "
+                                                r"of 2 completions"):
+            rejection_sample(model, tok, [{"prompt": "2+2", "answer": "4"}], cfg, progress=False)
+    finally:
+        release.set()
+
+
 def test_rejection_sampling_takes_a_model_name_a_dataset_path_or_a_datasets_dataset(monkeypatch, tmp_path):
     # as the trainers do: a model name was "'NoneType' object is not callable", a path was read as characters
     # ("lacks column(s) ['prompt']; it has ['b']"), a datasets.Dataset with max_prompts was sliced into its

@@ -731,3 +731,70 @@ def test_a_text_answer_matches_its_words_in_latex_text(with_math_verify):
                            (name[:3], rf"\text{{{name}}}", 0.0), ("even", r"\text{odd}", 0.0), ("no", r"\text{yes}", 0.0),
                            (r"\sqrt{odd}", r"\text{odd}", 0.0)):
         assert _accuracy(pred, gold) == ok, (pred, gold)
+
+
+def test_a_reward_call_past_reward_timeout_stops_with_an_error_naming_it():
+    # a judge or sandbox that never answered (or a pathological input) hung training for ever: no time limit
+    import asyncio
+    import threading
+    import time
+
+    release = threading.Event()
+
+    def stuck_judge(prompts, completions, **kw):
+        release.wait(30)
+        return [1.0] * len(completions)
+
+    async def stuck_async_judge(prompts, completions, **kw):
+        await asyncio.sleep(30)
+        return [1.0] * len(completions)
+
+    try:
+        for fn in (stuck_judge, stuck_async_judge):
+            t0 = time.monotonic()
+            with pytest.raises(RewardError, match=rf"'{fn.__name__}' did not return within reward_timeout = 0.2 s "
+                                                  r"on a batch of 3 completions"):
+                RewardSet([fn], timeout=0.2).score(["p"] * 3, ["a", "b", "c"], {})
+            assert time.monotonic() - t0 < 5.0
+    finally:
+        release.set()
+
+    # within the limit nothing changes: values, a TimeoutError of the function's own, the failing row's search
+    def picky(prompts, completions, **kw):
+        return [1.0 / (len(c) - 3) for c in completions]
+
+    async def own_timeout(prompts, completions, **kw):
+        raise TimeoutError("judge said so")
+
+    rs = RewardSet([picky, lambda prompts, completions, **kw: [0.5] * len(completions)], timeout=5)
+    assert rs.score(["p", "q"], ["abcd", "abcde"], {}) == [[1.0, 0.5], [0.5, 0.5]]
+    with pytest.raises(RewardError, match=r"'picky'.*ZeroDivisionError.*row 1 "):
+        rs.score(["a", "b", "c"], ["abcdef", "xyz", "abcdefg"], {})
+    with pytest.raises(RewardError, match="'own_timeout' raised TimeoutError: judge said so on row 0"):
+        RewardSet([own_timeout], timeout=5).score(["p"], ["x"], {})
+    for bad in (0, -1.0, float("inf"), float("nan"), True, "5"):
+        with pytest.raises(ValueError, match="reward timeout must be a positive number of seconds"):
+            RewardSet([picky], timeout=bad)
+
+
+def test_the_failing_row_search_is_bounded_by_reward_timeout_too():
+    # the search calls the function again: a call there that hangs must not hang the error report
+    import threading
+
+    release = threading.Event()
+    calls = []
+
+    def raises_then_hangs(prompts, completions, **kw):
+        calls.append(len(completions))
+        if len(calls) == 1:
+            raise ValueError("bad batch")
+        release.wait(30)
+        return [1.0] * len(completions)
+
+    try:
+        with pytest.raises(RewardError, match=r"ValueError: bad batch \(called again on part of the batch to find "
+                                              r"the row, it ran past reward_timeout = 0.2 s there"):
+            RewardSet([raises_then_hangs], timeout=0.2).score(["p"] * 4, ["x"] * 4, {})
+    finally:
+        release.set()
+    assert calls == [4, 2]

@@ -423,6 +423,11 @@ def test_reward_weights_that_do_not_fit_the_functions_are_an_error(tmp_path):
     assert GRPOTrainer(model, [sevens], ROWS, cfg, tokenizer=tok).rewards.weights == [0.5]
 
 
+def test_reward_timeout_reaches_the_trainers_rewards(tmp_path):
+    assert make(tmp_path, "a").rewards.timeout is None
+    assert make(tmp_path, "b", reward_timeout=2.5).rewards.timeout == 2.5
+
+
 def test_sft_rejects_a_row_without_a_completion():
     # The row's None was encoded as the text "None" and trained on.
     from r1fast.trainer.config import SFTConfig

@@ -9,8 +9,8 @@ from r1fast.rewards.builtin import (
     make_language_reward,
     make_length_penalty,
 )
-from r1fast.rewards.combine import BUILTIN_NAMES, RewardError, RewardSet, load_function, resolve
+from r1fast.rewards.combine import BUILTIN_NAMES, RewardError, RewardSet, RewardTimeout, load_function, resolve
 
 __all__ = ["THINK_ANSWER_PATTERN", "accuracy_reward", "answers_match", "extract_answer", "format_reward",
            "make_format_reward", "make_language_reward", "make_length_penalty", "BUILTIN_NAMES",
-           "RewardError", "RewardSet", "load_function", "resolve"]
+           "RewardError", "RewardSet", "RewardTimeout", "load_function", "resolve"]

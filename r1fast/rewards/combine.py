@@ -3,7 +3,8 @@
 A function may return None for a row: it is then left out of that row's sum. A row that no
 function scores gets reward NaN, which the trainer turns into advantage 0. A function that raises,
 returns the wrong number of values, or returns a non-finite value is an error naming the function
-and the row; a step is never trained on a silently wrong reward.
+and the row; a step is never trained on a silently wrong reward. With a timeout, a call on a batch that
+runs past it is an error naming the function, the timeout and the batch size.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import inspect
 import math
 import os
 import sys
+import threading
 from typing import Any, Callable, Optional, Sequence
 
 from r1fast.rewards.builtin import (
@@ -32,6 +34,14 @@ BUILTIN_NAMES = ("accuracy", "format", "language", "length")
 
 class RewardError(RuntimeError):
     """A reward function failed or returned something unusable; the message names it and the row."""
+
+
+class RewardTimeout(RewardError):
+    """A reward function's call on a batch ran past the RewardSet's timeout (reward_timeout)."""
+
+
+class _OutOfTime(Exception):
+    """_invoke's or _await_all's call ran past its timeout; turned into a RewardTimeout naming the function."""
 
 
 def load_function(spec: str) -> Callable:
@@ -95,11 +105,17 @@ _FP32_MAX = 3.4028234663852886e38
 
 
 class RewardSet:
-    """Named, weighted reward functions evaluated together."""
+    """Named, weighted reward functions evaluated together. `timeout` (seconds, None: no limit) bounds each
+    function's call on a batch; past it, score raises a RewardTimeout."""
 
-    def __init__(self, funcs: Sequence[str | Callable], weights: Optional[Sequence[float]] = None, **options):
+    def __init__(self, funcs: Sequence[str | Callable], weights: Optional[Sequence[float]] = None, *,
+                 timeout: Optional[float] = None, **options):
         if not funcs:
             raise ValueError("at least one reward function is required")
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                                    or not 0 < timeout < math.inf):
+            raise ValueError(f"reward timeout must be a positive number of seconds (or None: no limit); got {timeout!r}")
+        self.timeout = None if timeout is None else float(timeout)
         resolved = [resolve(f, **options) for f in funcs]
         # unique names (two lambdas, one function twice): metrics and logged samples are keyed by them
         self.names, seen = [], {}
@@ -130,10 +146,12 @@ class RewardSet:
         results = [self._call(name, fn, prompts, completions, columns, extra) for name, fn in zip(self.names, self.funcs)]
         waiting = [i for i, r in enumerate(results) if inspect.isawaitable(r)]
         if waiting:
-            for i, value in zip(waiting, _await_all([results[i] for i in waiting])):
+            for i, value in zip(waiting, _await_all([results[i] for i in waiting], self.timeout)):
+                if isinstance(value, _OutOfTime):
+                    raise _timed_out(self.names[i], self.timeout, n, "it was cancelled")
                 if isinstance(value, BaseException):
-                    raise _raised(self.names[i], self.funcs[i], value, prompts, completions, columns, extra) \
-                        from value
+                    raise _raised(self.names[i], self.funcs[i], value, prompts, completions, columns, extra,
+                                  self.timeout) from value
                 results[i] = value
         return [self._values(name, r, prompts, n) for name, r in zip(self.names, results)]
 
@@ -151,9 +169,14 @@ class RewardSet:
 
     def _call(self, name, fn, prompts, completions, columns, extra):
         try:
-            return fn(prompts=prompts, completions=completions, **columns, **extra)
+            if self.timeout is None:
+                return fn(prompts=prompts, completions=completions, **columns, **extra)
+            return _invoke(fn, dict(prompts=prompts, completions=completions, **columns, **extra), self.timeout)
+        except _OutOfTime:
+            raise _timed_out(name, self.timeout, len(completions),
+                             "it goes on running in the background: a Python thread cannot be stopped") from None
         except Exception as e:
-            raise _raised(name, fn, e, prompts, completions, columns, extra) from e
+            raise _raised(name, fn, e, prompts, completions, columns, extra, self.timeout) from e
 
     def _values(self, name, values, prompts, n):
         # a dict iterates over its keys, a str over characters, a set (`{f(c) for c in completions}`) in
@@ -185,12 +208,49 @@ class RewardSet:
         return out
 
 
-def _await_all(awaitables: list) -> list:
-    """Their results (an exception in place of a result), run concurrently on an event loop of their own;
-    in a thread whose loop is already running (a notebook's), on another thread, as asyncio.run cannot
-    nest."""
+def _invoke(fn, kwargs: dict, timeout: float):
+    """fn(**kwargs) on a worker thread, waited on for `timeout` seconds; _OutOfTime past them. The thread is
+    a daemon: a call that never returns does not keep the process from exiting."""
+    outcome = {}
+
+    def run():
+        try:
+            outcome["value"] = fn(**kwargs)
+        except BaseException as e:   # re-raised on the caller's thread, as a direct call would raise it
+            outcome["error"] = e
+
+    worker = threading.Thread(target=run, name="r1fast-reward", daemon=True)
+    worker.start()
+    worker.join(timeout)
+    if worker.is_alive():
+        raise _OutOfTime
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
+def _timed_out(name, timeout, rows, fate) -> RewardTimeout:
+    return RewardTimeout(f"reward function {name!r} did not return within reward_timeout = {timeout:g} s on a batch "
+                         f"of {rows} completions ({fate}); raise reward_timeout if the function is slow "
+                         f"but sound")
+
+
+def _await_all(awaitables: list, timeout: Optional[float] = None) -> list:
+    """Their results (an exception in place of a result; _OutOfTime for one that ran past `timeout`, which
+    is cancelled), run concurrently on an event loop of their own; in a thread whose loop is already
+    running (a notebook's), on another thread, as asyncio.run cannot nest."""
+    async def bounded(awaitable):
+        # asyncio.wait, not wait_for: a TimeoutError the function raises itself is its error, not a timeout
+        task = asyncio.ensure_future(awaitable)
+        done, _ = await asyncio.wait({task}, timeout=timeout)
+        if not done:
+            task.cancel()
+            raise _OutOfTime
+        return task.result()
+
     async def gather():
-        return await asyncio.gather(*awaitables, return_exceptions=True)
+        waits = awaitables if timeout is None else [bounded(a) for a in awaitables]
+        return await asyncio.gather(*waits, return_exceptions=True)
 
     try:
         asyncio.get_running_loop()
@@ -200,11 +260,17 @@ def _await_all(awaitables: list) -> list:
         return pool.submit(asyncio.run, gather()).result()
 
 
-def _raised(name, fn, e, prompts, completions, columns, extra) -> RewardError:
+def _raised(name, fn, e, prompts, completions, columns, extra, timeout=None) -> RewardError:
     """The error of a reward function that raised `e` on the batch, naming the row it raises on."""
     # an empty batch has no row to look for (the search returned its row 0: an IndexError naming it)
-    row = _find_failing_row(fn, prompts, completions, columns, extra) if completions else None
-    if row == _EVERY_ROW:   # "on row 0" blamed that row for a judge that was down
+    try:
+        row = _find_failing_row(fn, prompts, completions, columns, extra, timeout) if completions else None
+    except _OutOfTime:   # the search's own calls are bounded too
+        row = _SEARCH_TIMED_OUT
+    if row == _SEARCH_TIMED_OUT:
+        where = (f" (called again on part of the batch to find the row, it ran past reward_timeout = {timeout:g} s "
+                 f"there; no row is named)")
+    elif row == _EVERY_ROW:   # "on row 0" blamed that row for a judge that was down
         rest = "row 1" if len(completions) == 2 else f"rows 1-{len(completions) - 1}"
         where = (f" (called again on parts of the batch to find the row, it raised on each: on row 0 alone and on "
                  f"{rest}; the error is not one row's)")
@@ -219,24 +285,31 @@ def _raised(name, fn, e, prompts, completions, columns, extra) -> RewardError:
 
 
 _EVERY_ROW = -1   # _find_failing_row: the function raised on row 0 alone and on the rows after it too
+_SEARCH_TIMED_OUT = -2   # _raised: a call of _find_failing_row's ran past the timeout
 
 
-def _find_failing_row(fn, prompts, completions, columns, extra) -> Optional[int]:
+def _find_failing_row(fn, prompts, completions, columns, extra, timeout=None) -> Optional[int]:
     """The first row the function raises on, by halving the batch: at most ceil(log2(rows)) + 1 more calls
     (7 for 64 rows, not 64), as each call may be a paid or rate-limited judge's. None when the calls do
     not raise again (a flaky judge, or an error that only the whole batch triggers); _EVERY_ROW when every
-    call raised, rows 1.. too (a judge down: no row to blame)."""
+    call raised, rows 1.. too (a judge down: no row to blame). Each call has `timeout` (_OutOfTime past it)."""
     passed = []
 
     def raises(lo, hi):
         part_cols = {k: v[lo:hi] for k, v in columns.items()}
         part_extra = {k: (v[lo:hi] if isinstance(v, list) else v) for k, v in extra.items()}
         try:
-            result = fn(prompts=prompts[lo:hi], completions=completions[lo:hi], **part_cols, **part_extra)
+            kwargs = dict(prompts=prompts[lo:hi], completions=completions[lo:hi], **part_cols, **part_extra)
+            result = fn(**kwargs) if timeout is None else _invoke(fn, kwargs, timeout)
+        except _OutOfTime:
+            raise
         except Exception:
             return True
         # an async function raises when awaited (its row was never named, unlike a plain function's)
-        failed = inspect.isawaitable(result) and isinstance(_await_all([result])[0], Exception)
+        outcome = _await_all([result], timeout)[0] if inspect.isawaitable(result) else None
+        if isinstance(outcome, _OutOfTime):
+            raise outcome
+        failed = isinstance(outcome, Exception)
         passed.append(not failed)
         return failed
 

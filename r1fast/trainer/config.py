@@ -343,6 +343,11 @@ def _check_rewards(names: list[str], length_target: Optional[int]):
            "reward 'length' needs option 'length_penalty_target' (a token count >= 1)")
 
 
+def _check_reward_timeout(value: Optional[float]):
+    _check(value is None or value > 0,
+           f"option 'reward_timeout' must be a positive number of seconds (null: no limit); got {value}")
+
+
 def _check_seed(seed: int):
     # [0, 2**32) is numpy's seed range (and so the usual one, as in transformers' set_seed); torch's
     # generators take uint64, but r1fast derives seeds from this one (DataCursor: seed * 7919 + epoch,
@@ -538,6 +543,8 @@ class GRPOConfig(_TrainingConfig):
     format_pattern: Optional[str] = None
     language: str = "en"
     length_penalty_target: Optional[int] = None
+    # seconds one reward function's call on a batch may take; past it training stops with a RewardTimeout
+    reward_timeout: Optional[float] = None
     # output (output_dir, run_name, save_steps, ...: _TrainingConfig)
     log_completions: int = 2                 # sample completions written to the log per logging step
     _BOOL_COUNTS = {"log_completions": 2}    # TRL's log_completions is a bool
@@ -646,6 +653,7 @@ class GRPOConfig(_TrainingConfig):
         _check_regex("format_pattern", self.format_pattern)
         _check_template_kwargs("chat_template_kwargs", self.chat_template_kwargs)
         _check_rewards(self.reward_funcs, self.length_penalty_target)
+        _check_reward_timeout(self.reward_timeout)
 
     def update(self, data: dict[str, Any], *, source: str = "config"):
         # Weights read with the functions (a file, the command line, a pipeline) must match them here. Not in
@@ -722,6 +730,7 @@ class SampleConfig(_Base):
     max_completion_length: int = 256
     reward_funcs: list[str] = field(default_factory=lambda: ["accuracy", "format"])
     reward_thresholds: Optional[list[float]] = None   # per reward function; default: each must be >= 1.0
+    reward_timeout: Optional[float] = None            # as GRPOConfig's
     keep_per_prompt: int = 1
     keep_truncated: bool = False   # keep samples cut at max_completion_length (no stop token) if they pass
     format_pattern: Optional[str] = None
@@ -749,6 +758,7 @@ class SampleConfig(_Base):
         _check_regex("format_pattern", self.format_pattern)
         _check_template_kwargs("chat_template_kwargs", self.chat_template_kwargs)
         _check_rewards(self.reward_funcs, None)
+        _check_reward_timeout(self.reward_timeout)
         if self.reward_thresholds is not None:
             _check(len(self.reward_thresholds) == len(self.reward_funcs),
                    f"reward_thresholds has {len(self.reward_thresholds)} entries but reward_funcs has {len(self.reward_funcs)}")

@@ -107,7 +107,8 @@ class GRPOTrainer:
                 raise ValueError(f"config.reward_weights has {len(cfg.reward_weights)} entries but "
                                  f"{len(reward_funcs)} reward functions were given")
             self.rewards = RewardSet(reward_funcs, cfg.reward_weights, format_pattern=cfg.format_pattern,
-                                     language=cfg.language, length_target=cfg.length_penalty_target)
+                                     language=cfg.language, length_target=cfg.length_penalty_target,
+                                     timeout=cfg.reward_timeout)
             if list(reward_funcs) != list(cfg.reward_funcs):
                 # the functions given here, not the config's (default) ones, are what a checkpoint and the
                 # tracker record and what a resume compares against (a copy: the caller's config stays as it was)

@@ -49,7 +49,8 @@ def rejection_sample(model, tokenizer=None, rows=None, cfg: Optional[SampleConfi
     rows = list(rows if cfg.max_prompts < 0 else rows[:cfg.max_prompts])
     check_prompts(rows, cfg.prompt_column, tokenizer, cfg.system_prompt, "rejection sampling: dataset",
                   cfg.chat_template_kwargs)
-    rewards = RewardSet(cfg.reward_funcs, format_pattern=cfg.format_pattern, language=cfg.language)
+    rewards = RewardSet(cfg.reward_funcs, format_pattern=cfg.format_pattern, language=cfg.language,
+                        timeout=cfg.reward_timeout)
     check_answer_column(rewards.names, rows, cfg.answer_column, "prompt dataset")
     check_reward_keywords(rows, cfg.prompt_column, "prompt dataset")
     thresholds = cfg.reward_thresholds or [1.0] * len(rewards)
