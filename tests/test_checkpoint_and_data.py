@@ -953,3 +953,34 @@ def test_a_template_that_closes_reasoning_before_a_prefill_is_said():
         check_prompts(rows, "prompt", build_char_tokenizer(), where="train")   # the prefill follows the turn's start
         closed = [prefill[0], {"role": "assistant", "content": "<think>2</think>"}]
         check_prompts([{"prompt": closed}], "prompt", build_char_tokenizer(), where="train")
+
+
+def test_a_datasets_dataset_is_read_as_columns_with_the_rows_it_would_give_one_by_one(tmp_path, monkeypatch):
+    # dataset_rows (and a saved folder or parquet file) read a datasets.Dataset row by row: one Arrow query per
+    # row, 9 s for 100k rows
+    datasets = pytest.importorskip("datasets")
+    from r1fast.trainer.common import dataset_rows
+
+    rows = [{"prompt": [{"role": "user", "content": "1+1="}], "answer": "2", "level": 1, "score": 0.5,
+             "ok": True, "tags": ["a", "b"], "note": None},
+            {"prompt": [{"role": "user", "content": "2+2="}], "answer": None, "level": 3, "score": float("nan"),
+             "ok": False, "tags": [], "note": "x"},
+            {"prompt": [{"role": "user", "content": "3+3="}], "answer": "6", "level": 2, "score": -1.25,
+             "ok": True, "tags": ["c"], "note": None}]
+    ds = datasets.Dataset.from_list(rows).shuffle(seed=1).select([2, 0])   # an indices mapping, as after a filter
+    one_by_one = [dict(ds[i]) for i in range(len(ds))]
+    only_some = ds.select_columns(["answer", "level"])
+    ds.save_to_disk(str(tmp_path / "saved"))
+    reads = []
+    getitem = datasets.Dataset.__getitem__
+    monkeypatch.setattr(datasets.Dataset, "__getitem__", lambda self, key: reads.append(key) or getitem(self, key))
+    got = dataset_rows(ds, "train", split=None, seed=0)
+    assert repr(got) == repr(one_by_one)   # repr: nan != nan
+    assert [list(r) for r in got] == [list(r) for r in one_by_one]   # the columns' order too
+    assert len(reads) == 1
+    assert dataset_rows(only_some, "train", split=None, seed=0) == [{"answer": r["answer"], "level": r["level"]}
+                                                                     for r in one_by_one]
+    reads.clear()
+    assert repr(load_rows(str(tmp_path / "saved"))) == repr(one_by_one) and len(reads) == 1
+    torch_format = ds.with_format("torch", columns=["level"])   # its batch would be one stacked tensor
+    assert [r["level"].tolist() for r in dataset_rows(torch_format, "train", split=None, seed=0)] == [2, 1]

@@ -133,7 +133,21 @@ def _load_hf(path: str, split: Optional[str], default_splits: Sequence[str] = TR
             ds = datasets.load_dataset(builder, data_files=path, split="train")
         except Exception as e:   # datasets wraps the parser's error; its innermost cause says what is wrong
             raise ValueError(f"dataset {path!r}: cannot read it as .{ext}: {_root_cause(e)}") from None
-    return [dict(r) for r in ds]
+    return dataset_as_rows(ds)
+
+
+def dataset_as_rows(ds) -> list[dict]:
+    """A datasets.Dataset's rows as dicts, as `ds[i]` gives them (its features decoded, its format's columns).
+    Read as one batch of columns: row by row, each row was an Arrow query of its own (9 s for 100k rows;
+    0.3 s so). A Dataset formatted for numpy/torch (set_format) is still read row by row: its batch would
+    stack what its rows hold one by one."""
+    fmt = getattr(ds, "format", None)
+    if isinstance(fmt, dict) and fmt.get("type") is None:
+        columns = ds[:]
+        if columns:   # a Dataset without columns still has its (empty) rows
+            names = list(columns)
+            return [dict(zip(names, values)) for values in zip(*columns.values())]
+    return [dict(ds[i]) for i in range(len(ds))]
 
 
 def read_json_objects(path: str, what: str, being_written: bool = False) -> list[dict]:

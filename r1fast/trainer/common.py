@@ -129,7 +129,7 @@ def dataset_rows(data, what: str, *, split: Optional[str], seed: int, n_builtin:
                  default_splits: Optional[Sequence[str]] = None) -> list[dict]:
     """A trainer's dataset argument as a list of row dicts: a list of dicts, a datasets.Dataset, or a path /
     builtin:<task> (read with load_rows; `split`, `default_splits` and `n_builtin` as there)."""
-    from r1fast.data.loading import TRAIN_SPLITS, load_rows
+    from r1fast.data.loading import TRAIN_SPLITS, dataset_as_rows, load_rows
 
     if data is None:
         raise ValueError(f"no {what} dataset: pass one or set config.dataset")
@@ -149,7 +149,7 @@ def dataset_rows(data, what: str, *, split: Optional[str], seed: int, n_builtin:
     if hasattr(data, "__getitem__") and hasattr(data, "__len__"):   # datasets.Dataset
         if not len(data):   # else an IndexError at its first row, in whichever check read it first
             raise ValueError(f"{what} dataset is empty ({type(data).__name__} of 0 rows)")
-        return [dict(data[i]) for i in range(len(data))]
+        return dataset_as_rows(data)
     raise TypeError(f"{what} dataset must be a list of dicts, a datasets.Dataset or a path; got {type(data).__name__}")
 
 
