@@ -1161,6 +1161,24 @@ def test_evaluate_accuracy_reads_a_dataset_path_as_the_trainers_do(monkeypatch, 
         evaluate_accuracy(model, tok, [])
 
 
+def test_evaluate_accuracy_draws_a_builtin_task_with_the_seed_it_is_given(monkeypatch):
+    # a builtin: task was drawn with seed 0 whatever `seed` said: every seed evaluated the same 64 prompts
+    from r1fast.data import load_rows
+    from r1fast.trainer.evaluate import evaluate_accuracy
+
+    model, tok = scripted(monkeypatch, {"": ["<answer>1</answer>"]})
+    drawn = {}
+    for seed in (0, 42):
+        _, samples = evaluate_accuracy(model, tok, "builtin:arithmetic", seed=seed, return_samples=True)
+        drawn[seed] = [s["prompt"] for s in samples]
+        assert ScriptedEngine.calls[-1][2] == seed
+        # the prompts a GRPO run of config seed `seed` evaluates on (its builtin: eval_dataset: seed + 1),
+        # not its training draw (seed itself), whose first 64 prompts would be these
+        assert drawn[seed] == [r["prompt"] for r in load_rows("builtin:arithmetic", seed=seed + 1, n_builtin=64)]
+        assert drawn[seed] != [r["prompt"] for r in load_rows("builtin:arithmetic", seed=seed, n_builtin=64)]
+    assert drawn[0] != drawn[42]
+
+
 def test_pass_at_k_is_the_share_of_k_draws_holding_a_correct_sample():
     from itertools import combinations
 

@@ -37,14 +37,18 @@ def evaluate_accuracy(model, tokenizer, rows, *, samples_per_prompt: int = 1, te
     what eval/format counts as well formed (the format reward's; default <think>…</think><answer>…</answer>).
     `chat_template_kwargs`: for the tokenizer's apply_chat_template (Qwen3's enable_thinking), as in training.
     `stop_tokens`: tokens (as text) a completion also stops at, as in training; `stop_option` is the option
-    that gave them, named by the errors and warnings."""
+    that gave them, named by the errors and warnings. `seed`: the sampling's, and for a builtin:<task> the
+    draw's: the prompts a GRPO run with config seed `seed` holds out as its builtin: eval_dataset."""
     from r1fast.data.loading import EVAL_SPLITS
     from r1fast.rollout import Engine, SamplingParams
 
     if isinstance(rows, list) and not rows:
         raise ValueError("evaluation: no held-out rows")
-    # a path or builtin: as the trainers' eval_dataset (a builtin: task: GRPOConfig.eval_size's 64 prompts)
-    rows = dataset_rows(rows, "evaluation: held-out", split=None, seed=0, default_splits=EVAL_SPLITS, n_builtin=64)
+    # a path or builtin: as the trainers' eval_dataset: a builtin: task's GRPOConfig.eval_size (64) prompts, drawn
+    # as a GRPO run of config seed `seed` draws them (seed + 1). It was drawn with seed 0 whatever the seed; with
+    # `seed` itself it would be that run's first training prompts.
+    rows = dataset_rows(rows, "evaluation: held-out", split=None, seed=seed + 1, default_splits=EVAL_SPLITS,
+                        n_builtin=64)
     check_eval_answers(rows, answer_column, "evaluation: held-out rows")
     prompt_ids = encode_prompts(tokenizer, rows, prompt_column, system_prompt, max_prompt_length, chat_template_kwargs,
                                 "evaluation: held-out rows")
