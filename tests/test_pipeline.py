@@ -779,6 +779,21 @@ def test_held_out_evaluation_takes_the_pipelines_stop_tokens(tmp_path, monkeypat
     assert not (tmp_path / "bad" / "s").exists()   # refused before the stage trained
 
 
+def test_a_sample_stage_names_its_own_stop_tokens_option(tmp_path, monkeypatch):
+    # its turn-end warning and a stop token's error named 'stop_tokens', an option of no stage
+    import r1fast.trainer.sampling as sampling
+
+    seen, real = [], sampling.rejection_sample
+    monkeypatch.setattr(sampling, "rejection_sample", lambda *a, **kw: seen.append(kw["stop_option"]) or real(*a, **kw))
+    spec = tmp_path / "p.yaml"
+    spec.write_text("name: p\nmodel: builtin:micro\nprogress_bar: false\nstages:\n"
+                    "  - {name: rs, type: sample, dataset: builtin:arithmetic, num_rows: 2,\n"
+                    "     config: {num_samples: 1, max_completion_length: 4, reward_funcs: [format],"
+                    " reward_thresholds: [0.0], keep_truncated: true}}\n")
+    assert main(["pipeline", str(spec), f"output_dir={tmp_path / 'run'}"]) == 0
+    assert seen == ["rs.stop_tokens"]
+
+
 def test_resumed_summary_marks_stages_evaluated_under_earlier_settings(tmp_path, capsys):
     spec = one_sft_stage_spec(tmp_path, "eval_dataset: builtin:arithmetic\neval_size: 4\neval_samples_per_prompt: 1\n")
     run = tmp_path / "run"

@@ -2531,6 +2531,40 @@ def test_a_template_ending_turns_with_a_token_that_is_no_stop_is_warned_of_once(
                     eval_at_ends=False)
 
 
+def test_a_pipelines_turn_end_warning_names_each_stage_and_option_that_draws(tmp_path, monkeypatch):
+    # a pipeline's sample stage was told to set 'stop_tokens' (no stage), and once one stage had warned, the
+    # next stages and the held-out evaluation (eval_stop_tokens) drew without a word
+    import warnings
+
+    from r1fast.data import loading
+    from r1fast.trainer.config import SampleConfig
+    from r1fast.trainer.evaluate import evaluate_accuracy
+    from r1fast.trainer.sampling import rejection_sample
+
+    monkeypatch.setattr(loading, "_WARNED_TURN_END", set())
+    tok = _tokenizer_ending_turns_with("<|im_end|>\n")
+    model, _ = tiny_model(tok=tok)
+    rows = [{"prompt": "1", "answer": "1"}]
+    cfg = GRPOConfig(per_device_train_batch_size=2, num_generations=2, max_steps=1, max_completion_length=2,
+                     output_dir=str(tmp_path / "o"), progress_bar=False, eval_steps=1)
+    with pytest.warns(UserWarning, match=r"r1fast: pipeline stage 'rl': the chat template ends .* add it to the "
+                                         r"option 'rl.stop_tokens'"):
+        tr = GRPOTrainer(model, [sevens], rows, cfg, tokenizer=tok, stage_name="rl", eval_at_ends=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tr.evaluate(rows)   # the stage's own evaluation (eval_steps) draws with the stage's stops: said already
+    with pytest.warns(UserWarning, match=r"r1fast: pipeline stage 'rs': .* add it to the option 'rs.stop_tokens' "
+                                         r"""\('rs.stop_tokens=\["<\|im_end\|>"\]'\)"""):
+        rejection_sample(model, tok, rows, SampleConfig(num_samples=1, max_completion_length=2), progress=False,
+                         stop_option="rs.stop_tokens")
+    with pytest.raises(ValueError, match=r"option 'rs.stop_tokens': '</s>' must be exactly one token"):
+        rejection_sample(model, tok, rows, SampleConfig(stop_tokens=["</s>"]), progress=False,
+                         stop_option="rs.stop_tokens")
+    with pytest.warns(UserWarning, match=r"r1fast: the chat template ends .* add it to the option 'eval_stop_tokens' "
+                                         r"\(eval_stop_tokens: \['<\|im_end\|>'\]\)"):
+        evaluate_accuracy(model, tok, rows, max_tokens=2, stop_option="eval_stop_tokens", engine=tr.engine)
+
+
 def test_a_stop_token_that_is_not_one_token_is_an_error_naming_it(tmp_path):
     from r1fast.data.loading import resolve_stop_tokens
     from r1fast.trainer.config import SampleConfig

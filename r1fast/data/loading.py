@@ -533,7 +533,7 @@ def resolve_stop_tokens(tokenizer, texts: Optional[Sequence[str]], option: str =
 
 
 _TURN_PROBE = "r1fast stop probe"
-_WARNED_TURN_END: set[str] = set()
+_WARNED_TURN_END: set[tuple[str, str]] = set()   # (token, option)
 
 
 def turn_end_token(tokenizer, chat_template_kwargs: Optional[dict] = None) -> Optional[tuple[str, int]]:
@@ -561,17 +561,20 @@ def turn_end_token(tokenizer, chat_template_kwargs: Optional[dict] = None) -> Op
 
 def warn_unstopped_turn_end(tokenizer, end_ids: Sequence[int], option: str = "stop_tokens",
                             chat_template_kwargs: Optional[dict] = None):
-    """Once per token: the chat template ends an assistant turn with a special token the completions do not
-    stop at (a base Qwen2.5's tokenizer stops at <|endoftext|>, its template ends turns with <|im_end|>), so a
-    model that learned the template writes past its turn until max_completion_length."""
+    """Once per token and option: the chat template ends an assistant turn with a special token the completions
+    do not stop at (a base Qwen2.5's tokenizer stops at <|endoftext|>, its template ends turns with <|im_end|>),
+    so a model that learned the template writes past its turn until max_completion_length. `option` is the one
+    that adds stops where the completions are drawn: a pipeline's stages and its evaluation each have their own
+    (`<stage>.stop_tokens`, `eval_stop_tokens`), so each is named once, not only the first to draw."""
     found = turn_end_token(tokenizer, chat_template_kwargs)
-    if found is None or found[1] in set(end_ids) or found[0] in _WARNED_TURN_END:
+    if found is None or found[1] in set(end_ids) or (found[0], option) in _WARNED_TURN_END:
         return
-    _WARNED_TURN_END.add(found[0])
+    _WARNED_TURN_END.add((found[0], option))
     stops = tokenizer.convert_ids_to_tokens(list(end_ids))
     # a pipeline stage's option (grpo.stop_tokens) is shown as the override that sets it, shell-quoted
     example = shlex.quote(f"{option}={json.dumps([found[0]])}") if "." in option else f"{option}: [{found[0]!r}]"
-    warnings.warn(f"r1fast: the chat template ends the assistant's turn with {found[0]!r} (id {found[1]}), but "
+    where = f" pipeline stage {option.split('.')[0]!r}:" if "." in option else ""
+    warnings.warn(f"r1fast:{where} the chat template ends the assistant's turn with {found[0]!r} (id {found[1]}), but "
                   f"completions stop only at {stops}: a model that closes its turn with {found[0]!r} goes on "
                   f"writing until the length limit; add it to the option {option!r} ({example}) to stop there",
                   stacklevel=3)

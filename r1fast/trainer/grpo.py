@@ -148,7 +148,7 @@ class GRPOTrainer:
         # False in a pipeline, which evaluates its held-out prompts between stages itself
         self.eval_at_ends = eval_at_ends
         # in a pipeline (eval_at_ends False) the user sets the option as <stage>.stop_tokens
-        stop_option = "stop_tokens" if eval_at_ends else f"{stage_name}.stop_tokens"
+        self.stop_option = stop_option = "stop_tokens" if eval_at_ends else f"{stage_name}.stop_tokens"
         extra_stops = resolve_stop_tokens(tokenizer, cfg.stop_tokens, stop_option)
         self.stop_ids = stop_token_ids(tokenizer, extra=extra_stops)
         # what a completion can end with: the engine also stops at the model's own eos ids
@@ -484,7 +484,8 @@ class GRPOTrainer:
                                  seed=self._seed(1, 0), prompt_column=cfg.prompt_column,
                                  answer_column=cfg.answer_column, system_prompt=cfg.system_prompt, engine=self.engine,
                                  max_prompt_length=self.prompt_cap, format_pattern=cfg.format_pattern,
-                                 chat_template_kwargs=cfg.chat_template_kwargs, stop_tokens=cfg.stop_tokens)
+                                 chat_template_kwargs=cfg.chat_template_kwargs, stop_tokens=cfg.stop_tokens,
+                                 stop_option=self.stop_option)
 
     # -- checkpoints -----------------------------------------------------------------------------
     def save(self) -> str:

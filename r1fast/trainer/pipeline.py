@@ -752,7 +752,7 @@ class PipelineRunner:
                     kept, stats = rejection_sample(model, tokenizer, rows, cfg,
                                                    progress=p.progress_bar and cfg.progress_bar,
                                                    should_stop=lambda: self._stop_requested, resume_from=earlier,
-                                                   on_batch=log.append)
+                                                   on_batch=log.append, stop_option=f"{stage.name}.stop_tokens")
                 except Exception as e:
                     if log.holds_batches:   # --resume goes on from them as from a checkpoint: the CLI says so
                         with contextlib.suppress(Exception):

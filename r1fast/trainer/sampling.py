@@ -23,7 +23,8 @@ from r1fast.trainer.metrics import replacing, writing
 def rejection_sample(model, tokenizer=None, rows=None, cfg: Optional[SampleConfig] = None, *, progress: bool = True,
                      should_stop: Optional[Callable[[], bool]] = None,
                      resume_from: Optional[dict] = None,
-                     on_batch: Optional[Callable[[list[dict], dict], None]] = None) -> tuple[list[dict], dict]:
+                     on_batch: Optional[Callable[[list[dict], dict], None]] = None,
+                     stop_option: str = "stop_tokens") -> tuple[list[dict], dict]:
     """→ (kept rows, statistics). After each batch of prompts `on_batch` is given the rows it kept and
     the statistics so far, holding `next_prompt` (SampleProgress.append keeps them), and `should_stop`
     is asked: when it says yes, the statistics returned hold `next_prompt` too. `resume_from`
@@ -31,7 +32,8 @@ def rejection_sample(model, tokenizer=None, rows=None, cfg: Optional[SampleConfi
     Each batch's seed depends on its position alone, so the continued call keeps what the uninterrupted
     one would.
     As the trainers: `model` may be a name (loaded with cfg's device, dtype and seed, its tokenizer with it) and
-    `rows` a list of dicts, a datasets.Dataset, a path / builtin:<task>, or None (cfg.dataset)."""
+    `rows` a list of dicts, a datasets.Dataset, a path / builtin:<task>, or None (cfg.dataset). `stop_option`:
+    the option that gave cfg.stop_tokens, named by the errors and warnings (a pipeline's `<stage>.stop_tokens`)."""
     from r1fast.rollout import Engine, SamplingParams
 
     cfg = SampleConfig() if cfg is None else cfg
@@ -59,10 +61,10 @@ def rejection_sample(model, tokenizer=None, rows=None, cfg: Optional[SampleConfi
     check_prompt_room(prompt_ids, model.config.max_sequence_length, "rejection sampling")
     # Capped at the model's positions, as in GRPO and evaluation: a sample reaching it ends as "length".
     max_model_len = min(model.config.max_sequence_length, max(map(len, prompt_ids)) + cfg.max_completion_length)
-    extra_stops = resolve_stop_tokens(tokenizer, cfg.stop_tokens)
+    extra_stops = resolve_stop_tokens(tokenizer, cfg.stop_tokens, stop_option)
     stops = stop_token_ids(tokenizer, extra=extra_stops)
     ends = stop_token_ids(tokenizer, model.eos_token_ids, extra_stops)   # the engine stops at the model's eos too
-    warn_unstopped_turn_end(tokenizer, ends, "stop_tokens", cfg.chat_template_kwargs)
+    warn_unstopped_turn_end(tokenizer, ends, stop_option, cfg.chat_template_kwargs)
     engine = Engine(model, max_num_seqs=max(256, cfg.num_samples), max_model_len=max_model_len)
     # a template that opens <think> for the model (R1-Distill's): its samples start inside the block. The kept
     # completion is the assistant's whole turn, opening included, so a student whose template does not open
