@@ -2110,3 +2110,17 @@ def test_a_later_stages_stop_tokens_are_checked_before_any_stage_trains(tmp_path
     with pytest.raises(ConfigError, match=r"stage 'rs': option 'rs.stop_tokens': '</s>' must be exactly one token"):
         load_pipeline(spec, ["rs.stop_tokens=[</s>]"])
     assert load_pipeline(spec, ["rl.stop_tokens=[<|user|>]"]).stages[1].config.stop_tokens == ["<|user|>"]
+
+
+def test_eval_stop_tokens_are_checked_before_a_stage_that_is_not_evaluated_trains(tmp_path):
+    # eval_stop_tokens was resolved only before the first evaluated stage: 'cold' (evaluate: false) trained first
+    from r1fast.trainer.config import ConfigError
+
+    spec = tiny_pipeline(tmp_path)
+    spec["stages"][0]["evaluate"] = False
+    with pytest.raises(ConfigError, match=r"held-out evaluation after stage 'rl': option 'eval_stop_tokens': "
+                                          r"'</s>' must be exactly one token"):
+        load_pipeline(spec, ["eval_stop_tokens=[</s>]"])
+    assert load_pipeline(spec, ["eval_stop_tokens=[<|user|>]"]).eval_stop_tokens == ["<|user|>"]
+    spec.pop("eval_dataset")   # nothing evaluated: nothing to stop
+    assert load_pipeline(spec, ["eval_stop_tokens=[</s>]"]).eval_stop_tokens == ["</s>"]

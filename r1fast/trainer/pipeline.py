@@ -266,9 +266,10 @@ def _check_stages(p: Pipeline, where: str):
 
 
 def _check_stop_tokens(p: Pipeline, where: str):
-    """Each stage's stop_tokens against the tokenizer its model will have (a folder's, or the built-in one;
-    tokenizers only, no model loads): a text that is not one token failed only when its stage started,
-    after the stages before it had trained."""
+    """Each stage's stop_tokens, and the pipeline's eval_stop_tokens for each stage evaluated after, against
+    the tokenizer its model will have (a folder's, or the built-in one; tokenizers only, no model loads): a
+    text that is not one token failed only when its stage started (eval_stop_tokens: the first evaluated
+    stage), after the stages before it had trained."""
     from r1fast.data.loading import resolve_stop_tokens
     from r1fast.trainer.common import spec_tokenizer
 
@@ -278,15 +279,19 @@ def _check_stop_tokens(p: Pipeline, where: str):
         if s.model:   # "@stage": that stage's model, whose checkpoint keeps the tokenizer it was given
             spec = specs.get(s.model[1:]) if s.model.startswith("@") else s.model
         specs[s.name] = spec
-        stops = getattr(s.config, "stop_tokens", None)
-        if not stops or spec is None:
-            continue
-        if spec not in tokenizers:
-            tokenizers[spec] = spec_tokenizer(spec)
-        try:
-            resolve_stop_tokens(tokenizers[spec], stops, f"{s.name}.stop_tokens")
-        except ValueError as e:
-            raise ConfigError(f"{where}: stage {s.name!r}: {e}") from None
+        evaluated = s.type != "sample" and s.evaluate and p.eval_dataset is not None
+        checks = [(getattr(s.config, "stop_tokens", None), f"{s.name}.stop_tokens", f"stage {s.name!r}"),
+                  (p.eval_stop_tokens if evaluated else None, "eval_stop_tokens",
+                   f"the held-out evaluation after stage {s.name!r}")]
+        for stops, option, what in checks:
+            if not stops or spec is None:
+                continue
+            if spec not in tokenizers:
+                tokenizers[spec] = spec_tokenizer(spec)
+            try:
+                resolve_stop_tokens(tokenizers[spec], stops, option)
+            except ValueError as e:
+                raise ConfigError(f"{where}: {what}: {e}") from None
 
 
 def _check_sample_columns(stage, source_cfg, where: str, ref: str):
