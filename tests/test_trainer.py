@@ -2574,6 +2574,9 @@ def test_a_stop_token_that_is_not_one_token_is_an_error_naming_it(tmp_path):
     tok = build_char_tokenizer()
     assert resolve_stop_tokens(tok, ["<|user|>", "\n", "<eos>"]) == [8, tok("\n").input_ids[0], tok.eos_token_id]
     assert resolve_stop_tokens(tok, None) == []
+    # a lone string (evaluate_accuracy(stop_tokens="<|user|>"), an edited Pipeline.eval_stop_tokens) is one token's
+    # text: it was iterated, stopping at each character ('<', '|', 'u', 's', 'e', 'r', ...)
+    assert resolve_stop_tokens(tok, "<|user|>") == [8]
     with pytest.raises(ValueError, match=r"option 'stop_tokens': '<\|im_end\|>' must be exactly one token of the "
                                          r"tokenizer, but it encodes to 10 tokens \['<', '\|', 'i'"):
         resolve_stop_tokens(tok, ["<|im_end|>"])

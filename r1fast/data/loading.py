@@ -516,9 +516,10 @@ def stop_token_ids(tokenizer, model_eos=None, extra: Sequence[int] = ()) -> list
 def resolve_stop_tokens(tokenizer, texts: Optional[Sequence[str]], option: str = "stop_tokens") -> list[int]:
     """The token ids of the `stop_tokens` option: each text must be exactly one token of the tokenizer
     (Qwen's "<|im_end|>"); one that encodes to several tokens, none, or the unknown token would stop at
-    something else than the user meant, so it is an error naming the text and what it encodes to."""
+    something else than the user meant, so it is an error naming the text and what it encodes to. A lone
+    string is one token's text (iterated, "<|im_end|>" stopped at each of its characters: '<', '|', ...)."""
     ids = []
-    for text in texts or ():
+    for text in [texts] if isinstance(texts, str) else texts or ():
         encoded = tokenizer(text, add_special_tokens=False).input_ids
         unknown = len(encoded) == 1 and encoded[0] == getattr(tokenizer, "unk_token_id", None) \
             and text != tokenizer.unk_token
