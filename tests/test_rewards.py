@@ -377,9 +377,10 @@ def test_reward_set_blames_no_row_when_the_function_raises_on_every_row():
         calls.append(len(completions))
         raise ConnectionError("judge unreachable")
 
-    with pytest.raises(RewardError, match=r"'down' raised ConnectionError: judge unreachable \(called again on parts "
-                                          r"of the batch to find the row, it raised on each: on row 0 alone and on "
-                                          r"rows 1-63; the error is not one row's\)$"):
+    with pytest.raises(RewardError, match=r"'down' raised ConnectionError: judge unreachable on row 0 \(prompt 'p', "
+                                          r"completion 'c'\) and on rows 1-63 too \(called again on parts of the "
+                                          r"batch to find the row, it raised on each: a judge that is down, or more "
+                                          r"than one failing row\)$"):
         RewardSet([down]).score(["p"] * 64, ["c"] * 64, {})
     assert len(calls) == 1 + 7   # within the bound: 6 halvings, then rows 1-63
     calls.clear()
@@ -392,6 +393,13 @@ def test_reward_set_blames_no_row_when_the_function_raises_on_every_row():
 
     with pytest.raises(RewardError, match="bad row on row 0 "):
         RewardSet([row0]).score(["p"] * 8, ["bad"] + ["ok"] * 7, {})
+    assert len(calls) == 1 + 4
+    calls.clear()
+
+    # rows 0 and 3 failing each on their own (a parse error) were "not one row's", and row 0 went unshown
+    with pytest.raises(RewardError, match=r"bad row on row 0 \(prompt 'p', completion 'bad'\) and on rows 1-7 too "
+                                          r"\(.*more than one failing row\)$"):
+        RewardSet([row0]).score(["p"] * 8, ["bad", "ok", "ok", "bad"] + ["ok"] * 4, {})
     assert len(calls) == 1 + 4
 
 def test_reward_set_names_a_function_raising_on_an_empty_batch():

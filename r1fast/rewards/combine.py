@@ -270,10 +270,13 @@ def _raised(name, fn, e, prompts, completions, columns, extra, timeout=None) -> 
     if row == _SEARCH_TIMED_OUT:
         where = (f" (called again on part of the batch to find the row, it ran past reward_timeout = {timeout:g} s "
                  f"there; no row is named)")
-    elif row == _EVERY_ROW:   # "on row 0" blamed that row for a judge that was down
+    elif row == _EVERY_ROW:
+        # a judge that is down, or row 0 failing and another row too (an unparsable answer in several rows): row
+        # 0 is still shown, and neither is claimed (rows 0 and 3 of a parse error were "not one row's")
         rest = "row 1" if len(completions) == 2 else f"rows 1-{len(completions) - 1}"
-        where = (f" (called again on parts of the batch to find the row, it raised on each: on row 0 alone and on "
-                 f"{rest}; the error is not one row's)")
+        where = (f" on row 0 (prompt {_snippet(prompts[0])}, completion {_snippet(completions[0])}) and on {rest} "
+                 f"too (called again on parts of the batch to find the row, it raised on each: a judge that is "
+                 f"down, or more than one failing row)")
     elif row is not None:
         where = f" on row {row} (prompt {_snippet(prompts[row])}, completion {_snippet(completions[row])})"
     elif not completions:
