@@ -148,6 +148,27 @@ def test_train_again_after_a_failure_resumes_or_says_why_not(tmp_path, capsys):
     assert [r["step"] for r in _metrics(tmp_path / "saved" / "metrics.jsonl")] == [1, 2, 3]
 
 
+def test_train_again_after_a_failure_in_the_first_step_starts_as_a_new_trainer(tmp_path):
+    # the failed first step had drawn its prompts and counted its tokens: train() again skipped those prompts
+    def run(name, fail_first):
+        tr, seen = make(tmp_path, name, max_steps=1, per_device_train_batch_size=8, num_generations=4,
+                        max_completion_length=2), []
+
+        def judge(prompts, completions, **k):
+            seen.append(sorted(set(prompts)))
+            if fail_first and len(seen) == 1:
+                raise RuntimeError("judge down")
+            return sevens(prompts, completions)
+        tr.rewards.funcs[0] = judge
+        if fail_first:
+            with pytest.raises(Exception, match="judge down"):
+                tr.train()
+        tr.train()
+        return seen[-1], _metrics(tmp_path / name / "metrics.jsonl")[0]["num_tokens"]
+
+    assert run("retried", True) == run("fresh", False)
+
+
 def test_resuming_from_an_older_checkpoint_sets_the_later_ones_aside(tmp_path, capsys):
     """The later checkpoints belong to the abandoned steps: a bare --resume afterwards must not pick them."""
     kw = dict(max_steps=4, save_steps=1, save_total_limit=None, per_device_train_batch_size=8)

@@ -564,6 +564,10 @@ def start_run(trainer, resume):
                          f"build a new trainer to start over")
     if not resume:
         ckpt.start_fresh(trainer.run_dir, cfg.overwrite_output_dir)
+        # train() again after a failure within the first step (a reward function that raised at step 1): that step
+        # had drawn its prompts, which the new start skipped, and counted its tokens; no optimizer step had run
+        trainer.cursor = DataCursor(trainer.cursor.n, trainer.cursor.seed)
+        trainer.num_tokens = 0
     resume_path = ckpt.resolve_resume(resume, trainer.run_dir)
     if resume_path:
         state = trainer.load(resume_path)
