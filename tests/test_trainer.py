@@ -2673,6 +2673,17 @@ def test_a_dict_of_columns_as_dataset_is_named_not_a_key_error():
 
 
 
+def test_a_dataset_dict_of_splits_is_named_not_a_dict_of_columns():
+    # load_dataset(...) without split= is a DatasetDict, a dict: "train dataset is a dict (columns ['test',
+    # 'train']); give ... datasets.Dataset.from_dict(...)" called its splits columns
+    datasets = pytest.importorskip("datasets")
+    from r1fast.trainer.common import dataset_rows
+
+    split = datasets.Dataset.from_dict({"prompt": ["1+1"], "answer": ["2"]})
+    with pytest.raises(TypeError, match=r"train dataset is a DatasetDict of splits \['test', 'train'\]; give one "
+                                        r"split \(dataset\['train'\]\)"):
+        dataset_rows(datasets.DatasetDict({"train": split, "test": split}), "train", split=None, seed=0)
+
 def test_a_pandas_dataframe_as_dataset_is_named_not_a_key_error():
     # a DataFrame has __getitem__ and __len__ as a datasets.Dataset does, but df[0] is its column 0: KeyError: 0
     pd = pytest.importorskip("pandas")

@@ -140,6 +140,11 @@ def dataset_rows(data, what: str, *, split: Optional[str], seed: int, n_builtin:
         if not data or not isinstance(data[0], dict):
             raise ValueError(f"{what} dataset must be a non-empty list of row dicts")
         return data
+    if isinstance(data, dict) and data and all(hasattr(v, "column_names") for v in data.values()):
+        # a datasets.DatasetDict (load_dataset without split=) is a dict too: its splits were called columns
+        splits = sorted(map(str, data))
+        pick = "train" if "train" in splits else splits[0]
+        raise TypeError(f"{what} dataset is a DatasetDict of splits {splits}; give one split (dataset[{pick!r}])")
     if isinstance(data, dict):  # indexed as rows below, it failed with KeyError: 0
         raise TypeError(f"{what} dataset is a dict (columns {sorted(map(str, data))[:5]}); give a list of row dicts "
                         f"or datasets.Dataset.from_dict(...)")
