@@ -264,6 +264,13 @@ def test_default_pipeline_loads_and_rejects_bad_stage_options():
     assert """set it for one stage with 'grpo.stop_tokens=["<|im_end|>"]' (the pipeline key eval_stop_tokens sets it \
 for the held-out evaluation between stages)""" in str(err.value)
     assert parse_overrides(['grpo.stop_tokens=["<|im_end|>"]']) == {"grpo.stop_tokens": ["<|im_end|>"]}
+    # a value YAML reads as a date (run_name: 2024-05-01) made the hint a TypeError ("not JSON serializable")
+    import datetime
+
+    from r1fast.trainer.config import load_yaml
+
+    with pytest.raises(ConfigError, match=r"""'run_name' is an option of stages .*'grpo.run_name="2024-05-01"'"""):
+        load_pipeline({**load_yaml(DEFAULT_CONFIG), "run_name": datetime.date(2024, 5, 1)})
 
 
 def test_every_shipped_config_loads():

@@ -207,7 +207,9 @@ def _stage_option_hints(unknown: set[str], data: dict) -> str:
     for key in sorted(unknown):
         owners = [name for name, typ in stages if typ in STAGE_TYPES and key in STAGE_TYPES[typ].field_names()]
         if owners:
-            value = data[key] if isinstance(data[key], str) else json.dumps(data[key])   # as an override reads it back
+            # as an override reads it back; default=str: YAML's own types (run_name: 2024-05-01 is a date) were a
+            # TypeError in place of this error
+            value = data[key] if isinstance(data[key], str) else json.dumps(data[key], default=str)
             sets = " or ".join(shlex.quote(f"{name}.{key}={value}") for name in owners)
             twin = f"eval_{key}"   # the pipeline's own evaluation between stages has a key of its own for it
             also = f" (the pipeline key {twin} sets it for the held-out evaluation between stages)" \
