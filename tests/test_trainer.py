@@ -2817,3 +2817,30 @@ def test_resume_on_other_training_rows_says_so(tmp_path, capsys):
     json.dump(state, open(state_file, "w"))
     sft(other).train(resume=True)
     assert "options other than the checkpoint's" not in capsys.readouterr().err
+
+
+def test_resume_on_the_same_rows_from_a_moved_file_says_nothing(tmp_path, capsys):
+    # the checkpoint records the rows' sha256: a data folder moved or copied was "options other than the
+    # checkpoint's: dataset 'a/train.jsonl' -> 'b/train.jsonl'; the steps from here on use the new values"
+    from r1fast.trainer.config import SFTConfig
+    from r1fast.trainer.sft import SFTTrainer
+
+    def sft(path):
+        model, tok = tiny_model()
+        cfg = SFTConfig(max_steps=1, per_device_train_batch_size=1, output_dir=str(tmp_path / "s"), progress_bar=False,
+                        dataset=str(path))
+        return SFTTrainer(model, tok, config=cfg)
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    text = '{"prompt": "1+1=", "completion": "2"}\n{"prompt": "2+2=", "completion": "4"}\n'
+    (tmp_path / "a" / "train.jsonl").write_text(text)
+    (tmp_path / "b" / "train.jsonl").write_text(text)
+    (tmp_path / "b" / "other.jsonl").write_text(text.replace('"4"', '"5"'))
+    sft(tmp_path / "a" / "train.jsonl").train()
+    capsys.readouterr()
+    sft(tmp_path / "b" / "train.jsonl").train(resume=True)
+    assert "options other than the checkpoint's" not in capsys.readouterr().err
+    sft(tmp_path / "b" / "other.jsonl").train(resume=True)   # other rows: the path and the sha256 are said
+    err = capsys.readouterr().err
+    assert "other.jsonl'" in err and "the training rows (sha256 " in err

@@ -528,8 +528,12 @@ def option_change_note(state, new_config: dict, step: int, data_sha256: Optional
     old = (state or {}).get("config") or {}
     new_config = json.loads(json.dumps(new_config))   # as the checkpoint read it back: tuples are lists
     skip = _NOT_TRAINING | set(_SCHEDULE_SHAPE) | {"learning_rate"}
-    changed = changed_values(old, {k: v for k, v in new_config.items() if k not in skip})
     was = (state or {}).get("data_sha256")
+    if data_sha256 is not None and was == data_sha256:
+        # the same rows from another path (a data folder moved or copied): "dataset a -> b; the steps from here
+        # on use the new values" said the data changed when it had not
+        skip |= {"dataset", "dataset_split"}
+    changed = changed_values(old, {k: v for k, v in new_config.items() if k not in skip})
     if data_sha256 is not None and was is not None and was != data_sha256:
         changed.append(f"the training rows (sha256 {was} -> {data_sha256})")
     if not changed:
