@@ -49,6 +49,26 @@ def test_decode_matches_reference(device, heads, kv_heads, head_dim, context_len
         assert_close(got, want, dtype=torch.float32, rtol=1e-5, name=f"{name} decode")
 
 
+def test_decode_torch_backend_is_the_dense_softmax_to_the_bit():
+    """The torch backend (the rollout engine's CPU decode, once per layer per step) is cut to few ops; what it
+    computes stays the dense masked softmax of the gathered context, bit for bit, stale inf/NaN rows included."""
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        q, kc, vc, tables, ctx = make_case(4, 6, 2, 16, 8, [1, 5, 16, 17], seed=3, dtype=dtype)
+        kc[tables[1, 0], 5:] = float("inf")   # past sequence 1's 5 tokens: stale rows it must not read
+        vc[tables[1, 0], 5:] = float("nan")
+        b, h, d = q.shape
+        safe = torch.where(tables >= 0, tables, 0).long()
+        k = kc[safe].reshape(b, -1, 2, d).float() if dtype != torch.float64 else kc[safe].reshape(b, -1, 2, d)
+        v = vc[safe].reshape(b, -1, 2, d).to(k.dtype)
+        past = torch.arange(k.shape[1])[None, :] >= ctx[:, None].long()
+        v = v.masked_fill(past[:, :, None, None], 0)
+        scores = torch.einsum("bkgd,blkd->bkgl", q.to(k.dtype).view(b, 2, 3, d), k) * 0.25
+        probs = scores.masked_fill(past[:, None, None, :], float("-inf")).softmax(dim=-1)
+        want = torch.einsum("bkgl,blkd->bkgd", probs, v).reshape(b, h, d).to(dtype)
+        got = ops.paged_decode_attention(q, kc, vc, tables, ctx, scale=0.25, backend="torch")
+        assert torch.equal(got, want), dtype
+
+
 def test_decode_split_k_matches_reference(device):
     # 80-token tables: 2 splits of 40, 5 of 16 (whole blocks); short sequences leave partitions empty
     q, kc, vc, tables, ctx = make_case(3, 4, 2, 16, 8, [70, 9, 33], device=device)

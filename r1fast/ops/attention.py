@@ -231,22 +231,27 @@ def _decode_reference(q, k_cache, v_cache, block_tables, context_lens, scale, nu
 
 @backends.register("paged_decode_attention", "torch")
 def _decode_torch(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits, partition, shared=None):
+    # A decode step calls this once per layer on a handful of rows, so its cost is the number of ops:
+    # index_select and matmul, not advanced indexing and einsum (each several times dearer on small
+    # tensors, the same values to the bit)
     b, h, d = q.shape
     bs, hkv = k_cache.shape[1], k_cache.shape[2]
-    length = block_tables.shape[1] * bs  # explicit: a -1 cannot be inferred when there are no sequences
+    width = block_tables.shape[1]
+    length = width * bs  # explicit: a -1 cannot be inferred when there are no sequences
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    ctx = context_lens.long()[:, None]
     # entries past a sequence's context may hold anything (the validator does not check them): read block 0
-    tables = torch.where(_used_blocks(block_tables, context_lens, bs), block_tables, 0).long()
-    k = k_cache[tables].reshape(b, length, hkv, d).to(compute)  # [B, L, Hkv, D]
-    v = v_cache[tables].reshape(b, length, hkv, d).to(compute)
-    valid = torch.arange(length, device=q.device)[None, :] < context_lens[:, None].long()  # [B, L]
+    tables = block_tables.long().masked_fill(torch.arange(width, device=q.device)[None, :] * bs >= ctx, 0)
+    k = k_cache.index_select(0, tables.view(-1)).view(b, length, hkv, d).to(compute)  # [B, L, Hkv, D]
+    v = v_cache.index_select(0, tables.view(-1)).view(b, length, hkv * d).to(compute)
+    past = torch.arange(length, device=q.device)[None, :] >= ctx  # [B, L]
     # stale rows past the context (an earlier sequence's, or inf/NaN) weigh 0, but 0 * inf is NaN in the
-    # einsum: zero them (in place: v is the gather's own copy). The scores' -inf below covers K.
-    v.masked_fill_(~valid[:, :, None, None], 0)
+    # product: zero them (in place: v is the gather's own copy). The scores' -inf below covers K.
+    v.masked_fill_(past[:, :, None], 0)
     qg = q.to(compute).view(b, hkv, h // hkv, d)
-    scores = torch.einsum("bkgd,blkd->bkgl", qg, k) * scale
-    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
-    out = torch.einsum("bkgl,blkd->bkgd", scores.softmax(dim=-1), v)
+    scores = torch.matmul(qg, k.permute(0, 2, 3, 1)) * scale  # [B, Hkv, G, L]
+    scores.masked_fill_(past[:, None, None, :], float("-inf"))
+    out = torch.matmul(scores.softmax(dim=-1), v.view(b, length, hkv, d).permute(0, 2, 1, 3))  # [B, Hkv, G, D]
     return out.reshape(b, h, d).to(q.dtype)
 
 
