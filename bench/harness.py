@@ -597,11 +597,25 @@ def plot(csv_paths: list[Path], out_png: Path) -> Path:
 
 
 def main(suite_names: list[str], size: str = "smoke", out_dir: str | None = None, device: str | None = None,
-         budget_s: float | None = None, min_reps: int = 5, log=print, append_to: str | None = None) -> list[dict]:
+         budget_s: float | None = None, min_reps: int = 5, log=print, append_to: str | None = None,
+         threads: int | None = None) -> list[dict]:
     """Run the suites; results go to new <card>-<time>.csv/.json files under `out_dir`, or with
     `append_to` (an earlier run's CSV) into that run's files, after its rows. Raises DeviceLost,
     after saving, when a kernel fault leaves the CUDA context unusable (its `remaining` suites did
-    not run)."""
+    not run). `threads`: torch's CPU threads for the run (torch.set_num_threads; the caller's setting
+    is put back after), recorded in the results' meta as cpu_threads either way."""
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"--threads is an int >= 1, got {threads!r}")
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return _main(suite_names, size, out_dir, device, budget_s, min_reps, log, append_to)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _main(suite_names, size, out_dir, device, budget_s, min_reps, log, append_to) -> list[dict]:
     if size not in SIZES:
         raise ValueError(f"--size must be one of {SIZES}, got {size!r}")
     suites = load_suites()
@@ -643,7 +657,7 @@ def main(suite_names: list[str], size: str = "smoke", out_dir: str | None = None
 
     names, lost = suite_names or list(suites), None
     for i, name in enumerate(names):
-        log(f"[bench] {name} ({size}, {_describe_device(dev)})")
+        log(f"[bench] {name} ({size}, {_describe_device(dev)}, {torch.get_num_threads()} torch CPU threads)")
         t0 = time.perf_counter()
         try:
             rows += run_suite(suites[name], size, dev, machine, timer, log=log,
@@ -691,6 +705,6 @@ def _earlier_run(csv_path: str) -> tuple[tuple[Path, Path], list[dict], dict]:
 
 
 def _meta(dev: torch.device, size: str, machine: Machine) -> dict:
-    return dict(device=_describe_device(dev), size=size, **_versions(),
+    return dict(device=_describe_device(dev), size=size, cpu_threads=torch.get_num_threads(), **_versions(),
                 matmul_tflops={k: v / 1e12 for k, v in machine._rates.items()},
                 copy_gb_s=(machine._bandwidth or float("nan")) / 1e9)

@@ -95,7 +95,7 @@ def _cmd_bench(args):
     try:
         with _sigterm_as_exit():
             rows = harness.main(args.suites, size=args.size, out_dir=args.out, device=args.device,
-                                budget_s=args.budget, append_to=args.append, log=log)
+                                budget_s=args.budget, append_to=args.append, log=log, threads=args.threads)
     except harness.DeviceLost as e:
         # exit status 3: bench/gpu_check.sh goes on with the suites left, in a fresh process
         print(f"r1fast bench: the CUDA context is lost ({e})", file=sys.stderr)
@@ -135,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", default=None, help="results directory (default ./bench-results)")
     bench.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     bench.add_argument("--budget", type=float, default=None, help="seconds of repeats per implementation (default 2 on CUDA, 0.5 on the CPU)")
+    bench.add_argument("--threads", type=int, default=None, metavar="N",
+                       help="torch CPU threads for the run (default: torch's, one per core); 1 on a small or "
+                            "busy CPU, where threads waiting for each other swamp the smoke sizes' timings")
     bench.add_argument("--list", action="store_true", help="list suites and exit")
     bench.add_argument("--plot", action="store_true", help="draw a PNG from result CSVs (default: the newest)")
     bench.add_argument("--table", action="store_true",

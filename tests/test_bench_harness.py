@@ -1049,3 +1049,31 @@ def test_results_write_stopped_by_ctrl_c_or_sigterm_leaves_no_tmp_file(tmp_path,
         monkeypatch.setattr(harness.os, "replace", real_replace)
         assert not list(tmp_path.glob("*.tmp")), suffix
     assert [r["case"] for r in harness.read_csv(paths[0])] == ["c"]
+
+
+def test_threads_sets_torchs_cpu_threads_for_the_run_and_records_them(tmp_path, monkeypatch):
+    """On a small shared CPU torch's default threads (one per core) wait for each other in every small op:
+    the grpo_step smoke step took 1.7 s at 2 threads and 0.3 s at 1, and r1fast's ratio to TRL swung from
+    0.4x to 10x between two runs. --threads N pins them for the run (the caller's setting put back after),
+    and every run's meta says how many it ran with."""
+    import json
+
+    seen = []
+    case = harness.Case("c", "fwd", "float32",
+                        [harness.Impl("r1fast", "x", lambda: (lambda: seen.append(torch.get_num_threads())))])
+    monkeypatch.setitem(harness._SUITES, "tiny", harness.Suite("tiny", lambda size, device: [case]))
+    monkeypatch.setattr(harness, "load_suites", lambda: dict(harness._SUITES))
+    before = torch.get_num_threads()
+    kw = dict(size="smoke", device="cpu", budget_s=0.0, min_reps=1, log=lambda *_: None)
+    harness.main(["tiny"], out_dir=str(tmp_path / "one"), threads=1, **kw)
+    assert set(seen) == {1} and torch.get_num_threads() == before
+    (json_path,) = (tmp_path / "one").glob("*.json")
+    assert json.loads(json_path.read_text())["meta"]["cpu_threads"] == 1
+    harness.main(["tiny"], out_dir=str(tmp_path / "default"), **kw)
+    (json_path,) = (tmp_path / "default").glob("*.json")
+    assert json.loads(json_path.read_text())["meta"]["cpu_threads"] == before
+    for bad in (0, -2, True, 1.5):
+        with pytest.raises(ValueError, match="--threads"):
+            harness.main(["tiny"], out_dir=str(tmp_path / "bad"), threads=bad, **kw)
+    with pytest.raises(SystemExit, match="--threads is an int >= 1, got 0"):
+        cli_main(["bench", "tiny", "--threads", "0", "--out", str(tmp_path / "bad")])
