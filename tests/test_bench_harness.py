@@ -671,6 +671,17 @@ def test_grpo_step_trains_both_trainers_in_micro_batches():
     assert calls == [2, 2]
 
 
+def test_grpo_step_smoke_repeats_follow_the_budget():
+    """The smoke cases fixed reps=5, so --budget changed nothing: on a shared 2-core CPU three runs put
+    r1fast's step at 0.67x, 0.70x and 1.04x of TRL's. Now --budget decides (at least min_reps)."""
+    from r1fast.bench.suites import grpo_step as gs
+
+    cases = gs.cases("smoke", torch.device("cpu"))
+    assert cases and all(c.reps is None and all(i.reps is None for i in c.impls) for c in cases)
+    gpu = gs.cases("gpu", torch.device("cuda"))   # a minute per step: still a fixed two repeats
+    assert all(c.reps == 2 for c in gpu)
+
+
 def test_a_suites_temp_folders_are_removed_when_its_impl_is_done_even_when_it_failed(tmp_path, monkeypatch):
     """grpo_step saved a checkpoint and made an output_dir per impl with mkdtemp and never removed them:
     every run left its folders in /tmp (at GPU size seven ~3 GB checkpoints)."""
