@@ -158,7 +158,12 @@ def _grpo_loss_kernel(logp_ptr, old_ptr, ref_ptr, smp_ptr, ent_ptr, mask_ptr, ad
                 else:
                     f = tl.zeros([BLOCK_T], dtype=tl.float32) + 1.0
                 s_masked += tl.sum(m * (1.0 - f), 0)
-            L = L * f
+            if HAS_ISW or TIS == 2:
+                # a token the mask or a weight of 0 drops is no term, also where the ratio overflowed to
+                # inf (inf * 0 would be NaN; a NaN term stays NaN); truncate's factor is 0 only by underflow
+                L = tl.where((f == 0.0) & (L == L), 0.0, L * f)
+            else:
+                L = L * f
             g_lp = g_lp * f
             g_lw = g_lw * f
             s_w += tl.sum(m * w, 0)
@@ -194,7 +199,9 @@ def _grpo_loss_kernel(logp_ptr, old_ptr, ref_ptr, smp_ptr, ent_ptr, mask_ptr, ad
             L -= entropy_coef * ent
             s_ent += tl.sum(m * ent, 0)
             tl.store(g_ent_ptr + base + offs, -entropy_coef * coef * m, mask=ok)
-        loss_sum += tl.sum(m * L, 0)
+        # inactive lanes hold no term: at sequence level their L is the row's policy term (an inf ratio's
+        # inf where the TIS mask dropped every active token), and m * inf would be NaN
+        loss_sum += tl.sum(tl.where(act, m * L, 0.0), 0)
         if SEQ_LEVEL:
             g_lw_sum += tl.sum(m * g_lw, 0)
             g_tok = g_lp

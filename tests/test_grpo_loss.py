@@ -1518,8 +1518,39 @@ def test_an_inf_loss_token_past_the_float_range_has_the_references_zero_gradient
     want_logp = logp.detach().clone().requires_grad_()
     want, _ = reference.grpo_loss(want_logp, old, None, adv, mask, opts)   # float32, as the kernel computes
     want.backward()
-    assert want == math.inf and not torch.isfinite(loss)   # triton's sequence level: NaN (its block's padding)
+    assert want == math.inf and loss == math.inf   # triton's sequence level was NaN (its block's padding lane)
     assert torch.isfinite(logp.grad).all() and logp.grad[0, 0] == 0   # the whole row at sequence level
+    assert_close(logp.grad, want_logp.grad, torch.float32, name="grad")
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("weighting", ["tis_mask", "importance_weight_0"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_a_token_weighted_0_with_a_ratio_past_the_float_range_is_no_term(backend, weighting, level):
+    # A < 0 and a log-ratio past ~88 make row 0's policy term inf (token 0's, or the whole row's at sequence
+    # level); the TIS mask (w = e^5 > cap) or an importance weight of 0 drops the row, but inf * 0 made the
+    # loss NaN (the trainer skipped the step) where the float64 reference has a finite loss; at sequence
+    # level the row's masked token (torch) and triton's padding lane (T=3 in a block of 4) held inf too
+    logp = torch.tensor([[-1.0, -1.5, -2.0], [-1.0, -1.5, -2.0]], requires_grad=True)
+    old = torch.tensor([[-300.0, -1.6, -2.2], [-1.2, -1.4, -2.0]])
+    adv, mask = torch.tensor([-0.8, 0.5]), torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+    if weighting == "tis_mask":
+        smp, isw = old.clone(), None
+        smp[0] = old[0] - 5.0
+        opts = LossOptions(tis_mode="mask", tis_level="token", importance_sampling_level=level)
+    else:
+        smp, isw, opts = None, torch.ones(2, 3), LossOptions(tis_mode=None, importance_sampling_level=level)
+        isw[0] = 0.0
+    loss, _ = ops.grpo_loss(logp, old, None, adv, mask, sampler_logp=smp, importance_weights=isw, options=opts,
+                            backend=backend)
+    loss.backward()
+    want_logp = logp.detach().double().requires_grad_()
+    f64 = lambda t: None if t is None else t.double()  # noqa: E731
+    want, _ = reference.grpo_loss(want_logp, old.double(), None, adv.double(), mask.double(), opts,
+                                  sampler_logp=f64(smp), importance_weights=f64(isw))
+    want.backward()   # float64: exp(299) is finite there, and times 0 is 0
+    assert torch.isfinite(loss), loss
+    assert_close(loss, want, torch.float32, name="loss")
     assert_close(logp.grad, want_logp.grad, torch.float32, name="grad")
 
 

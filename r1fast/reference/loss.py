@@ -104,6 +104,13 @@ def _exp_no_nan_grad(x):
     return torch.where(over, math.inf, torch.exp(torch.where(over, 0.0, x)))
 
 
+def _weighted(per_tok, weight):
+    """per_tok * weight, where a weight of 0 (the TIS mask's, or a caller's importance weight) drops the
+    token: a ratio past the dtype's range makes its policy term inf, and inf * 0 would be NaN. A NaN
+    term (a NaN input under check_values=False) stays NaN."""
+    return torch.where((weight == 0) & ~per_tok.isnan(), 0.0, per_tok * weight)
+
+
 def _row_mean(x, mask):
     """Σ_t m·x / max(Σ_t m, 1) per row, shape [B, 1]."""
     return (x * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp_min(1.0)
@@ -189,12 +196,12 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, opts: LossOptions, ent
             per_tok = per_tok * torch.clamp(w, max=opts.tis_cap)
         elif opts.tis_mode == "mask":
             keep = ((w >= 1.0 / opts.tis_cap) & (w <= opts.tis_cap)).to(dt)
-            per_tok = per_tok * keep
+            per_tok = _weighted(per_tok, keep)
             stats["is_weight/masked_frac"] = ((1 - keep).expand_as(logp) * m).sum() / denom
     if importance_weights is not None:  # the caller's weights: the policy term only, no gradient
         w = importance_weights.to(dt).detach().expand_as(logp)
         _weight_stats(stats, w, m, denom, n_tok, totals)
-        per_tok = per_tok * w
+        per_tok = _weighted(per_tok, w)
 
     if ref_logp is not None:
         kl = kl_penalty(logp, ref_logp.detach().to(dt), opts.kl_estimator)
@@ -208,6 +215,9 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, opts: LossOptions, ent
             per_tok = per_tok - opts.entropy_coef * entropy.to(dt)
         stats["entropy"] = (entropy.detach().to(dt) * m).sum() / denom
 
+    # masked tokens hold no term: at sequence level the row's ratio reaches them too (inf past the
+    # dtype's range, where the row's own tokens may be dropped by the TIS mask), and inf * 0 would be NaN
+    per_tok = torch.where(m > 0, per_tok, 0.0)
     lt = opts.loss_type
     if lt == "grpo":
         if row_counts is not None:
