@@ -1,4 +1,4 @@
-"""r1fast.models against transformers' own Llama/Qwen2/Qwen3 on tiny random fp32 models."""
+"""r1fast.models against transformers' own Llama/Qwen2/Qwen3/Mistral on tiny random fp32 models."""
 import json
 import os
 
@@ -43,6 +43,13 @@ CONFIGS = {
     "qwen3-large-eps": dict(architecture="Qwen3ForCausalLM", vocab_size=45, hidden_size=32, intermediate_size=40,
                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
                             rms_norm_eps=0.1),
+    # Mistral: no bias, MistralConfig's 4096 window on every layer (transformers runs its sliding mask)
+    "mistral-gqa2-headdim12-untied": dict(architecture="MistralForCausalLM", vocab_size=67, hidden_size=40,
+                                          intermediate_size=52, num_hidden_layers=2, num_attention_heads=4,
+                                          num_key_value_heads=2, head_dim=12, rope_theta=1e6, rms_norm_eps=1e-5),
+    "mistral-gqa4-tied": dict(architecture="MistralForCausalLM", vocab_size=48, hidden_size=32, intermediate_size=44,
+                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
+                              tie_word_embeddings=True),
 }
 LENGTHS = [5, 11, 1, 8]
 
@@ -140,7 +147,7 @@ def test_position_offsets_shift_rotary():
     assert max_rel_err(gapped, a) > 1e-3
 
 
-@pytest.mark.parametrize("name", ["llama-gqa4-tied-llama3rope-bias", "qwen2-gqa3-tied-odd",
+@pytest.mark.parametrize("name", ["llama-gqa4-tied-llama3rope-bias", "qwen2-gqa3-tied-odd", "mistral-gqa4-tied",
                                   "qwen3-headdim12-untied-bias"])
 def test_gradients_match_transformers(tmp_path, name):
     ref, model = pair(tmp_path, name, seed=3)
@@ -207,8 +214,9 @@ def test_attention_context_is_used():
     assert max_rel_err(got, expected) <= 1e-5
 
 
-def test_save_pretrained_loads_in_transformers(tmp_path):
-    cfg = ModelConfig(**CONFIGS["llama-gqa4-tied-llama3rope-bias"])
+@pytest.mark.parametrize("name", ["llama-gqa4-tied-llama3rope-bias", "mistral-gqa2-headdim12-untied"])
+def test_save_pretrained_loads_in_transformers(tmp_path, name):
+    cfg = ModelConfig(**CONFIGS[name])
     model = CausalLM(cfg)
     with torch.no_grad():
         for p in model.parameters():
@@ -748,6 +756,10 @@ RAW_BASE = {
     "qwen3": dict(architectures=["Qwen3ForCausalLM"], model_type="qwen3", vocab_size=50, hidden_size=32,
                   intermediate_size=40, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                   head_dim=8, max_position_embeddings=64),
+    # head_dim absent: MistralConfig floors hidden / heads (50 // 4 = 12), q_proj has 48 rows, not 50
+    "mistral": dict(architectures=["MistralForCausalLM"], model_type="mistral", vocab_size=50, hidden_size=50,
+                    intermediate_size=40, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                    max_position_embeddings=64),
 }
 
 
@@ -777,12 +789,21 @@ WINDOWS_THAT_CHANGE_NOTHING = {
                                                     "max_window_layers": 0}),
     "qwen2-layer-types-window-covers": ("qwen2", {"use_sliding_window": True, "sliding_window": 11,
                                                   "layer_types": ["full_attention", "sliding_attention"]}),
+    # Mistral: sliding_window absent is MistralConfig's 4096, null slides nothing, and a window slides every
+    # layer whatever use_sliding_window, max_window_layers and layer_types say (MistralForCausalLM reads none)
+    "mistral-absent-window": ("mistral", {}),
+    "mistral-null-window": ("mistral", {"sliding_window": None}),
+    "mistral-window-covers-the-sequences": ("mistral", {"sliding_window": 11, "use_sliding_window": False,
+                                                        "max_window_layers": 2, "attention_bias": True}),
 }
+WINDOW_OF = {"mistral-absent-window": 4096, "mistral-null-window": None, "mistral-window-covers-the-sequences": 11}
 
 
 @pytest.mark.parametrize("name", list(WINDOWS_THAT_CHANGE_NOTHING))
 def test_sliding_window_configs_that_change_nothing_load_and_match_transformers(tmp_path, name):
     ref, model = raw_pair(tmp_path, *WINDOWS_THAT_CHANGE_NOTHING[name])
+    if name in WINDOW_OF:
+        assert model.config.sliding_window == WINDOW_OF[name] == ref.config.sliding_window
     ids, cu = packed_batch(model.config.vocab_size)
     with torch.no_grad():
         expected = ref_logits_per_sequence(ref, ids, cu)
@@ -790,12 +811,15 @@ def test_sliding_window_configs_that_change_nothing_load_and_match_transformers(
     assert max_rel_err(got, expected) <= RTOL, max_rel_err(got, expected)
 
 
-def test_sequences_longer_than_a_sliding_window_are_refused(tmp_path):
+@pytest.mark.parametrize("family, window_keys", [
+    ("qwen3", {"use_sliding_window": True, "sliding_window": 10, "max_window_layers": 1}),
+    ("mistral", {"sliding_window": 10}),
+])
+def test_sequences_longer_than_a_sliding_window_are_refused(tmp_path, family, window_keys):
     # transformers' window of 10 keys changes the 11-token sequence's last logits: refused there, as is a
     # continuation whose prefix and own tokens together pass the window, and an Engine that could grow a
     # sequence past it
-    ref, model = raw_pair(tmp_path, "qwen3", {"use_sliding_window": True, "sliding_window": 10,
-                                              "max_window_layers": 1})
+    ref, model = raw_pair(tmp_path, family, window_keys)
     assert model.config.sliding_window == 10
     ids, cu = packed_batch(model.config.vocab_size)
     with torch.no_grad():
@@ -815,6 +839,21 @@ def test_sequences_longer_than_a_sliding_window_are_refused(tmp_path):
     assert Engine(model, block_size=4, num_blocks=8).max_model_len == 10
     with pytest.raises(ValueError, match="max_model_len 12 exceeds config.json's sliding_window 10"):
         Engine(model, block_size=4, num_blocks=8, max_model_len=12)
+
+
+def test_mistral_layer_types_match_both_transformers_readers_up_to_the_window(tmp_path):
+    # with layer_types, AutoModelForCausalLM reads a mistral config.json as MinistralForCausalLM (only the named
+    # layers slide) and MistralForCausalLM slides every layer: both equal full attention up to the window
+    ref, model = raw_pair(tmp_path, "mistral", {"head_dim": 12, "sliding_window": 11,
+                                                "layer_types": ["full_attention", "sliding_attention"]})
+    assert type(ref).__name__ == "MinistralForCausalLM" and model.config.sliding_window == 11
+    mistral = transformers.MistralForCausalLM.from_pretrained(tmp_path / "mistral", attn_implementation="eager",
+                                                              dtype=torch.float32).eval()
+    ids, cu = packed_batch(model.config.vocab_size)
+    with torch.no_grad():
+        got = model.logits(model(ids, cu_seqlens=cu))
+        for reader in (ref, mistral):
+            assert max_rel_err(got, ref_logits_per_sequence(reader, ids, cu)) <= RTOL
 
 
 def test_dynamic_rope_matches_transformers_below_max_position_embeddings(tmp_path):

@@ -40,8 +40,27 @@ QWEN25_YARN = {**QWEN25_15B_INSTRUCT, "max_position_embeddings": 131072,
 QWEN3_YARN_MSCALE = {**QWEN3_06B, "rope_scaling": {"rope_type": "yarn", "factor": 8.0, "beta_fast": 16,
                                                     "original_max_position_embeddings": 4096, "mscale": 1.0,
                                                     "mscale_all_dim": 0.5, "truncate": False}}
+MISTRAL_7B_V01 = {
+    "architectures": ["MistralForCausalLM"], "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu",
+    "hidden_size": 4096, "initializer_range": 0.02, "intermediate_size": 14336, "max_position_embeddings": 32768,
+    "model_type": "mistral", "num_attention_heads": 32, "num_hidden_layers": 32, "num_key_value_heads": 8,
+    "rms_norm_eps": 1e-05, "rope_theta": 10000.0, "sliding_window": 4096, "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16", "transformers_version": "4.34.0.dev0", "use_cache": True, "vocab_size": 32000}
+# head_dim 128 where hidden / heads is 160
+MISTRAL_NEMO_INSTRUCT = {
+    "architectures": ["MistralForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 1, "eos_token_id": 2,
+    "head_dim": 128, "hidden_act": "silu", "hidden_size": 5120, "initializer_range": 0.02,
+    "intermediate_size": 14336, "max_position_embeddings": 1024000, "model_type": "mistral",
+    "num_attention_heads": 32, "num_hidden_layers": 40, "num_key_value_heads": 8, "rms_norm_eps": 1e-05,
+    "rope_theta": 1000000.0, "sliding_window": None, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+    "use_cache": True, "vocab_size": 131072}
 REAL = {"qwen2.5-1.5b": QWEN25_15B_INSTRUCT, "llama3.2-1b": LLAMA32_1B, "qwen3-0.6b": QWEN3_06B,
-        "qwen2.5-yarn": QWEN25_YARN, "qwen3-yarn-mscale": QWEN3_YARN_MSCALE}
+        "qwen2.5-yarn": QWEN25_YARN, "qwen3-yarn-mscale": QWEN3_YARN_MSCALE, "mistral-7b-v0.1": MISTRAL_7B_V01,
+        "mistral-nemo": MISTRAL_NEMO_INSTRUCT}
+ROTARY = {"llama": transformers.models.llama.modeling_llama.LlamaRotaryEmbedding,
+          "qwen2": transformers.models.qwen2.modeling_qwen2.Qwen2RotaryEmbedding,
+          "qwen3": transformers.models.qwen3.modeling_qwen3.Qwen3RotaryEmbedding,
+          "mistral": transformers.models.mistral.modeling_mistral.MistralRotaryEmbedding}
 
 
 def test_real_configs_read():
@@ -54,6 +73,11 @@ def test_real_configs_read():
     assert ll.rms_norm_eps == 1e-5 and ll.head_dim == 64
     q3 = ModelConfig.from_hf_config(QWEN3_06B)
     assert q3.qk_norm and q3.head_dim == 128 and q3.hidden_size // q3.num_attention_heads == 64
+    m = ModelConfig.from_hf_config(MISTRAL_7B_V01)
+    assert (m.head_dim, m.num_key_value_heads, m.attention_bias, m.qk_norm, m.mlp_bias) == (128, 8, False, False, False)
+    assert m.sliding_window == m.max_sequence_length == 4096 and m.bos_token_id == 1 and m.eos_token_id == 2
+    nemo = ModelConfig.from_hf_config(MISTRAL_NEMO_INSTRUCT)
+    assert nemo.head_dim == 128 and nemo.sliding_window is None and nemo.max_sequence_length == 1024000
 
 
 @pytest.mark.parametrize("name", list(REAL))
@@ -64,7 +88,8 @@ def test_config_survives_transformers_round_trip(name):
     again = ModelConfig.from_hf_config(hf.to_dict())
     for field in ("architecture", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                   "num_attention_heads", "num_key_value_heads", "head_dim", "rms_norm_eps", "rope_theta",
-                  "rope_scaling", "tie_word_embeddings", "attention_bias", "qk_norm", "eos_token_id"):
+                  "rope_scaling", "tie_word_embeddings", "attention_bias", "qk_norm", "eos_token_id",
+                  "sliding_window", "max_position_embeddings"):
         assert getattr(again, field) == getattr(cfg, field), field
 
 
@@ -73,9 +98,7 @@ def test_rotary_tables_match_transformers_at_full_size(name):
     cfg = ModelConfig.from_hf_config(REAL[name])
     hf_cfg = transformers.AutoConfig.for_model(cfg.model_type, **{k: v for k, v in cfg.to_hf_config().items()
                                                                   if k != "model_type"})
-    module = {"llama": transformers.models.llama.modeling_llama.LlamaRotaryEmbedding,
-              "qwen2": transformers.models.qwen2.modeling_qwen2.Qwen2RotaryEmbedding,
-              "qwen3": transformers.models.qwen3.modeling_qwen3.Qwen3RotaryEmbedding}[cfg.model_type](hf_cfg)
+    module = ROTARY[cfg.model_type](hf_cfg)
     positions = torch.tensor([0, 1, 7, 100, 4095, 8191, 8192, 30000, 100000])
     x = torch.zeros(1, dtype=torch.float32)
     ref_cos, ref_sin = module(x, positions[None])
@@ -102,9 +125,7 @@ def test_configs_relying_on_transformers_fallbacks_rotate_as_transformers_does(n
     raw = FALLBACKS[name]
     cfg = ModelConfig.from_hf_config(raw)
     hf_cfg = transformers.AutoConfig.for_model(raw["model_type"], **{k: v for k, v in raw.items() if k != "model_type"})
-    module = {"llama": transformers.models.llama.modeling_llama.LlamaRotaryEmbedding,
-              "qwen2": transformers.models.qwen2.modeling_qwen2.Qwen2RotaryEmbedding,
-              "qwen3": transformers.models.qwen3.modeling_qwen3.Qwen3RotaryEmbedding}[cfg.model_type](hf_cfg)
+    module = ROTARY[cfg.model_type](hf_cfg)
     positions = torch.tensor([0, 1, 7, 100, 4095, 8191, 8192, 30000, 100000])
     ref_cos, ref_sin = module(torch.zeros(1, dtype=torch.float32), positions[None])
     cos, sin = RotaryEmbedding(cfg).cos_sin(positions, torch.float32)
@@ -148,6 +169,71 @@ def test_sliding_layers_named_in_layer_types_set_the_window(base):
     cfg = transformers.AutoConfig.for_model(base["model_type"], **fields, use_sliding_window=True,
                                             layer_types=["sliding_attention", "full_attention"])
     assert ModelConfig.from_hf_config(cfg.to_dict()).sliding_window == 8
+
+
+MISTRAL_MINIMAL = {"architectures": ["MistralForCausalLM"], "model_type": "mistral", "vocab_size": 100,
+                   "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 8}
+# config.json files as MistralConfig reads them: absent keys take its defaults (8 kv heads, a 4096 window,
+# 131072 positions, bos 1 / eos 2), a null head_dim is hidden // heads even when that leaves rows over, and
+# the Qwen/Llama keys it does not read change nothing
+MISTRAL_READS = {
+    "keys-absent": MISTRAL_MINIMAL,
+    "nulls-and-floor": {**MISTRAL_MINIMAL, "hidden_size": 50, "num_attention_heads": 4, "num_key_value_heads": 2,
+                        "head_dim": None, "sliding_window": None, "bos_token_id": None, "eos_token_id": [2, 7]},
+    "keys-it-ignores": {**MISTRAL_MINIMAL, "num_key_value_heads": 2, "attention_bias": True, "mlp_bias": True,
+                        "use_sliding_window": False, "max_window_layers": 0, "sliding_window": 300},
+    "rope-parameters-tied": {**MISTRAL_MINIMAL, "num_key_value_heads": 4, "head_dim": 16, "tie_word_embeddings": True,
+                             "rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e8,
+                                                 "original_max_position_embeddings": 4096},
+                             "max_position_embeddings": 16384},
+}
+
+
+@pytest.mark.parametrize("name", list(MISTRAL_READS))
+def test_mistral_config_json_is_read_as_mistral_config_reads_it(name):
+    raw = MISTRAL_READS[name]
+    cfg = ModelConfig.from_hf_config(raw)
+    theirs = transformers.MistralConfig.from_dict({k: v for k, v in raw.items() if k != "model_type"})
+    for field in ("num_key_value_heads", "head_dim", "sliding_window", "max_position_embeddings", "rms_norm_eps",
+                  "bos_token_id", "eos_token_id", "tie_word_embeddings"):
+        assert getattr(cfg, field) == getattr(theirs, field), field
+    assert cfg.rope_theta == theirs.rope_parameters["rope_theta"] and not cfg.attention_bias
+    with torch.device("meta"):
+        model, ours = transformers.MistralForCausalLM(theirs), CausalLM(cfg)
+    shapes = {k: tuple(t.shape) for k, t in ours.hf_tensors().items()}
+    assert shapes == {k: tuple(p.shape) for k, p in model.state_dict().items()
+                      if not (cfg.tie_word_embeddings and k == "lm_head.weight")}
+    module = ROTARY["mistral"](theirs)
+    positions = torch.tensor([0, 1, 100, 4095, 4096, 16383])
+    ref_cos, ref_sin = module(torch.zeros(1, dtype=torch.float32), positions[None])
+    cos, sin = RotaryEmbedding(cfg).cos_sin(positions, torch.float32)
+    assert torch.equal(cos, ref_cos[0]) and torch.equal(sin, ref_sin[0])
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"num_key_value_heads": None}, "num_key_value_heads is null, which transformers' MistralConfig refuses"),
+    ({"sliding_window": None, "layer_types": ["sliding_attention", "full_attention"]},
+     "layer_types names sliding_attention layers but sliding_window is null: transformers' AutoModelForCausalLM "
+     "reads a mistral config.json with layer_types as MinistralForCausalLM"),
+    ({"layer_types": ["chunked_attention"] * 2}, r"layer_types \['chunked_attention'\] are not supported"),
+    ({"sliding_window": "4096"}, "config.json: sliding_window must be a positive int, got '4096'"),
+    ({"sliding_window": 0}, "config.json: sliding_window must be a positive int, got 0"),
+    ({"num_attention_heads": 3}, r"num_attention_heads \(3\) must be a multiple of num_key_value_heads \(8\)"),
+])
+def test_mistral_configs_transformers_cannot_run_are_refused(change, message):
+    with pytest.raises(ValueError, match=message):
+        ModelConfig.from_hf_config({**MISTRAL_MINIMAL, **change})
+
+
+def test_mistral_has_no_attention_bias_and_saves_its_window():
+    kw = dict(architecture="MistralForCausalLM", vocab_size=32, hidden_size=32, intermediate_size=48,
+              num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2)
+    with pytest.raises(ValueError, match="MistralForCausalLM has no attention bias in transformers"):
+        ModelConfig(**kw, attention_bias=True)
+    # MistralConfig's own defaults when built directly; written out so no reader has to fall back on them
+    assert ModelConfig(**kw).to_hf_config()["sliding_window"] == 4096
+    assert ModelConfig(**kw, extra={"sliding_window": None}).to_hf_config()["sliding_window"] is None
+    assert ModelConfig(**{**kw, "hidden_size": 50}).head_dim == 12  # 50 // 4, as MistralConfig
 
 
 def test_llama_heads_must_divide_the_hidden_size_as_transformers_asks():

@@ -40,7 +40,7 @@ def test_valid_fixture_loads(ckpt):
     assert from_pretrained(ckpt).config.architecture == "Qwen2ForCausalLM"
 
 
-@pytest.mark.parametrize("arch", ["MistralForCausalLM", "GPT2LMHeadModel"])
+@pytest.mark.parametrize("arch", ["MixtralForCausalLM", "GPT2LMHeadModel"])
 def test_unsupported_architecture_is_named(ckpt, arch):
     cfg = json.loads((ckpt / "config.json").read_text())
     cfg["architectures"] = [arch]

@@ -1,9 +1,10 @@
 """ModelConfig: the decoder's shape, read from (and written back to) a Hugging Face config.json.
 
-One dataclass covers the three supported families; the differences between them are flags:
-    LlamaForCausalLM   optional bias on q/k/v/o (`attention_bias`) and on the MLP (`mlp_bias`)
-    Qwen2ForCausalLM   bias on q/k/v only (always), none on o
-    Qwen3ForCausalLM   RMSNorm on each head of q and k (`qk_norm`), optional bias on q/k/v/o
+One dataclass covers the four supported families; the differences between them are flags:
+    LlamaForCausalLM    optional bias on q/k/v/o (`attention_bias`) and on the MLP (`mlp_bias`)
+    Qwen2ForCausalLM    bias on q/k/v only (always), none on o
+    Qwen3ForCausalLM    RMSNorm on each head of q and k (`qk_norm`), optional bias on q/k/v/o
+    MistralForCausalLM  no bias anywhere; `sliding_window` (4096 when config.json omits it) on every layer
 Anything the model code does not implement (other architectures, activations, rope types) is a
 ValueError that names it, never a silently different model. Sliding-window layers load: full attention
 equals them up to the window's length, and longer sequences are refused where they are run.
@@ -19,8 +20,9 @@ from typing import Any
 
 import torch
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
-_MODEL_TYPE_TO_ARCH = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM")
+_MODEL_TYPE_TO_ARCH = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                       "mistral": "MistralForCausalLM"}
 _ARCH_TO_MODEL_TYPE = {v: k for k, v in _MODEL_TYPE_TO_ARCH.items()}
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
 _ROPE_REQUIRED_KEYS = {
@@ -41,7 +43,12 @@ _FAMILY_DEFAULTS = {
                              tie_word_embeddings=False, bos_token_id=None, eos_token_id=None),
     "Qwen3ForCausalLM": dict(rms_norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=32768,
                              tie_word_embeddings=False, bos_token_id=None, eos_token_id=None, head_dim=128),
+    # MistralConfig: 8 kv heads and a 4096 window when the keys are absent (a null window slides nothing)
+    "MistralForCausalLM": dict(rms_norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=131072,
+                               tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, num_key_value_heads=8,
+                               sliding_window=4096),
 }
+MISTRAL = "MistralForCausalLM"
 
 # Keys this module writes itself; everything else in a loaded config.json is carried through `extra`.
 _OWN_KEYS = {
@@ -93,6 +100,9 @@ class ModelConfig:
             # would not load there
             raise ValueError(f"LlamaForCausalLM needs hidden_size ({self.hidden_size}) to be a multiple of "
                              f"num_attention_heads ({self.num_attention_heads}), as transformers does")
+        if self.head_dim is None and self.architecture == MISTRAL:
+            # MistralConfig's own fallback, exact or not: q_proj then has fewer rows than hidden_size
+            self.head_dim = self.hidden_size // self.num_attention_heads
         if self.head_dim is None:
             if self.hidden_size % self.num_attention_heads:
                 raise ValueError(f"hidden_size ({self.hidden_size}) is not a multiple of num_attention_heads "
@@ -118,6 +128,9 @@ class ModelConfig:
         # Flags transformers' classes cannot express would make a checkpoint it loads differently.
         if is_qwen2 and not self.attention_bias:
             raise ValueError("Qwen2ForCausalLM always has q/k/v bias; attention_bias=False is not representable")
+        if self.architecture == MISTRAL and self.attention_bias:
+            raise ValueError("MistralForCausalLM has no attention bias in transformers; attention_bias=True is not "
+                             "representable")
         if bool(self.qk_norm) != is_qwen3:
             raise ValueError(f"qk_norm={self.qk_norm} does not match {self.architecture} "
                              "(q/k norm exists exactly in Qwen3ForCausalLM)")
@@ -142,8 +155,9 @@ class ModelConfig:
     @property
     def sliding_window(self) -> int | None:
         """How many keys the sliding layers of config.json (kept in `extra`) attend to, as transformers reads
-        it; None when no layer slides. r1fast runs full attention, which equals it for sequences up to this
-        many tokens: longer ones are refused (CausalLM.forward, the rollout Engine)."""
+        it; None when no layer slides (Mistral without the key in `extra`: MistralConfig's 4096). r1fast runs
+        full attention, which equals it for sequences up to this many tokens: longer ones are refused
+        (CausalLM.forward, the rollout Engine)."""
         return _sliding_window_of(self.architecture, {**self.extra, "num_hidden_layers": self.num_hidden_layers})
 
     @property
@@ -233,14 +247,15 @@ class ModelConfig:
             intermediate_size=hf["intermediate_size"],
             num_hidden_layers=hf["num_hidden_layers"],
             num_attention_heads=hf["num_attention_heads"],
-            num_key_value_heads=hf.get("num_key_value_heads"),
+            num_key_value_heads=_num_key_value_heads(arch, hf, defaults),
             head_dim=head_dim,
             rms_norm_eps=hf.get("rms_norm_eps", defaults["rms_norm_eps"]),
             rope_theta=float(rope_theta),
             rope_scaling=rope_scaling,
             max_position_embeddings=hf.get("max_position_embeddings", defaults["max_position_embeddings"]),
             tie_word_embeddings=_flag(hf, "tie_word_embeddings", defaults["tie_word_embeddings"]),
-            attention_bias=True if arch == "Qwen2ForCausalLM" else _flag(hf, "attention_bias", False),
+            # Qwen2 always has q/k/v bias; MistralForCausalLM ignores the key (never a bias)
+            attention_bias={"Qwen2ForCausalLM": True, MISTRAL: False}.get(arch, _flag(hf, "attention_bias", False)),
             qk_norm=arch == "Qwen3ForCausalLM",
             # only Llama's MLP reads mlp_bias in transformers (Qwen2/3 ignore the key)
             mlp_bias=_flag(hf, "mlp_bias", False) if arch == "LlamaForCausalLM" else False,
@@ -279,8 +294,10 @@ class ModelConfig:
             "eos_token_id": self.eos_token_id,
             "initializer_range": self.initializer_range,
         })
-        if self.architecture != "Qwen2ForCausalLM":
+        if self.architecture in ("LlamaForCausalLM", "Qwen3ForCausalLM"):
             out["attention_bias"] = bool(self.attention_bias)
+        if self.architecture == MISTRAL:  # explicit, so that no reader falls back to MistralConfig's 4096
+            out["sliding_window"] = self.sliding_window
         if self.architecture == "LlamaForCausalLM":
             out["mlp_bias"] = bool(self.mlp_bias)
         if dtype_name:
@@ -355,20 +372,17 @@ _QWEN_MAX_WINDOW_LAYERS = 28  # transformers' Qwen2Config/Qwen3Config default
 
 def _sliding_window_of(arch: str, hf: dict) -> int | None:
     """The window of the layers transformers makes sliding for this config, None when none slides.
-    Llama has no sliding attention (its classes ignore these keys). Qwen2/3 slide the layers `layer_types`
-    names sliding_attention when the config has it (transformers 5 saves it), else the layers from
-    max_window_layers on; either only when use_sliding_window is true and sliding_window is not null."""
+    Llama has no sliding attention (its classes ignore these keys); Mistral: see _mistral_window. Qwen2/3
+    slide the layers `layer_types` names sliding_attention when the config has it (transformers 5 saves it),
+    else the layers from max_window_layers on; either only when use_sliding_window is true and
+    sliding_window is not null."""
     if arch == "LlamaForCausalLM":
         return None
+    if arch == MISTRAL:
+        return _mistral_window(hf)
     window = hf.get("sliding_window") if hf.get("use_sliding_window") else None
-    layer_types = hf.get("layer_types")
-    if layer_types is not None:
-        if not isinstance(layer_types, list):
-            raise ValueError(f"layer_types must be a list, got {layer_types!r:.80}")
-        other = sorted({t for t in layer_types if t not in ("full_attention", "sliding_attention")}, key=str)
-        if other:
-            raise ValueError(f"layer_types {other} are not supported (only full_attention and sliding_attention)")
-        slides = "sliding_attention" in layer_types
+    if hf.get("layer_types") is not None:
+        slides = _names_sliding_layers(hf["layer_types"])
         if slides and window is None:
             raise ValueError(f"layer_types names sliding_attention layers but use_sliding_window="
                              f"{hf.get('use_sliding_window')!r} and sliding_window={hf.get('sliding_window')!r} "
@@ -381,6 +395,41 @@ def _sliding_window_of(arch: str, hf: dict) -> int | None:
         return None
     _check_positive_int("sliding_window", window)
     return window
+
+
+def _mistral_window(hf: dict) -> int | None:
+    """MistralForCausalLM slides every layer when sliding_window (4096 when absent) is not null, and reads
+    neither use_sliding_window nor max_window_layers nor layer_types. With layer_types, though,
+    AutoModelForCausalLM builds a MinistralForCausalLM, which slides the layers named sliding_attention:
+    the two agree on sequences up to the window, the only ones r1fast runs, except that Ministral fails on
+    sliding layers without a window."""
+    window = hf.get("sliding_window", _FAMILY_DEFAULTS[MISTRAL]["sliding_window"])
+    if hf.get("layer_types") is not None and _names_sliding_layers(hf["layer_types"]) and window is None:
+        raise ValueError("layer_types names sliding_attention layers but sliding_window is null: transformers' "
+                         "AutoModelForCausalLM reads a mistral config.json with layer_types as "
+                         "MinistralForCausalLM, which fails on this config; give the window or drop layer_types")
+    if window is not None:
+        _check_positive_int("sliding_window", window)
+    return window
+
+
+def _names_sliding_layers(layer_types) -> bool:
+    if not isinstance(layer_types, list):
+        raise ValueError(f"layer_types must be a list, got {layer_types!r:.80}")
+    other = sorted({t for t in layer_types if t not in ("full_attention", "sliding_attention")}, key=str)
+    if other:
+        raise ValueError(f"layer_types {other} are not supported (only full_attention and sliding_attention)")
+    return "sliding_attention" in layer_types
+
+
+def _num_key_value_heads(arch: str, hf: dict, defaults: dict):
+    """null means as many as the query heads; an absent key is the family's default (MistralConfig: 8).
+    MistralConfig refuses null (its field is a plain int), so a Mistral config.json with it is refused too."""
+    if "num_key_value_heads" not in hf:
+        return defaults.get("num_key_value_heads")
+    if hf["num_key_value_heads"] is None and arch == MISTRAL:
+        raise ValueError("num_key_value_heads is null, which transformers' MistralConfig refuses; give the number")
+    return hf["num_key_value_heads"]
 
 
 def _check_rope_agrees(hf: dict, rope_theta, default_theta) -> None:
