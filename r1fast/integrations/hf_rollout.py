@@ -1,4 +1,4 @@
-"""r1fast's rollout engine generating for a transformers causal LM (Llama, Qwen2, Qwen3).
+"""r1fast's rollout engine generating for a transformers causal LM (Llama, Qwen2, Qwen3, Mistral).
 
     rollout = HFRollout(hf_model, max_num_seqs=512, max_model_len=1024)
     completion_ids = rollout.generate(prompt_ids, SamplingParams(n=..., temperature=...))

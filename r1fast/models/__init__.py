@@ -1,4 +1,4 @@
-"""r1fast's own decoder (Llama / Qwen2 / Qwen3) over packed token batches; see docs/models.md.
+"""r1fast's own decoder (Llama / Qwen2 / Qwen3 / Mistral) over packed token batches; see docs/models.md.
 
     cfg = ModelConfig.from_hf_config(path_or_dict); model = CausalLM(cfg)   # random init
     model = from_pretrained(path, dtype=None, device=None, fp8="off")        # local HF folder

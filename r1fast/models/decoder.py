@@ -1,4 +1,4 @@
-"""The decoder: Llama / Qwen2 / Qwen3 as one module tree, forward over packed token batches.
+"""The decoder: Llama / Qwen2 / Qwen3 / Mistral as one module tree, forward over packed token batches.
 
 Parameter names match transformers' checkpoints minus the "model." prefix, except two fused
 projections: q/k/v are one `qkv_proj` and gate/up one `gate_up_proj`, each a single GEMM (at a
