@@ -18,8 +18,12 @@ MAX_NEW = 10
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
+    return _random_pair(CFG, tmp_path_factory.mktemp("tiny") / "ck")
+
+
+def _random_pair(fields: dict, path):
     """(transformers model, r1fast model) with the same random weights, through a checkpoint."""
-    cfg = ModelConfig(**CFG)
+    cfg = ModelConfig(**fields)
     hf_config = transformers.AutoConfig.for_model(cfg.model_type, **{
         k: v for k, v in cfg.to_hf_config(torch.float32).items() if k != "model_type"})
     hf_config._attn_implementation = "eager"
@@ -29,9 +33,15 @@ def models(tmp_path_factory):
         for name, p in hf.named_parameters():
             p.copy_((1.0 + 0.2 * torch.randn(p.shape, generator=g)) if name.endswith("norm.weight")
                     else 0.3 * torch.randn(p.shape, generator=g))
-    path = tmp_path_factory.mktemp("tiny") / "ck"
     hf.save_pretrained(path)
     return hf, from_pretrained(path).eval()
+
+
+def _hf_greedy(hf, prompt: list[int], new: int) -> list[int]:
+    ids = torch.tensor([prompt])
+    out = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new,
+                      min_new_tokens=new, pad_token_id=0, eos_token_id=None)
+    return out[0, len(prompt):].tolist()
 
 
 @pytest.fixture(scope="module")
@@ -42,14 +52,7 @@ def prompts():
 
 @pytest.fixture(scope="module")
 def hf_greedy(models, prompts):
-    hf, _ = models
-    outs = []
-    for p in prompts:
-        ids = torch.tensor([p])
-        out = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=MAX_NEW,
-                          min_new_tokens=MAX_NEW, pad_token_id=0, eos_token_id=None)
-        outs.append(out[0, len(p):].tolist())
-    return outs
+    return [_hf_greedy(models[0], p, MAX_NEW) for p in prompts]
 
 
 @pytest.mark.parametrize("opts,expect", [
@@ -76,6 +79,23 @@ def test_greedy_matches_transformers(models, prompts, hf_greedy, opts, expect):
     if expect == "preempted":
         assert stats["preemptions"] > 0
     assert engine.block_manager.num_free_blocks == engine.num_blocks  # nothing leaked
+
+
+def test_greedy_mistral_matches_transformers_up_to_its_sliding_window(tmp_path, prompts):
+    # head_dim 12 (not hidden / heads = 10), GQA, tied, and a window of 23 tokens: the longest prompt (13)
+    # plus MAX_NEW fills it, which is where the engine's default max_model_len stops
+    from r1fast.integrations.hf_rollout import HFRollout
+
+    mistral = dict(CFG, architecture="MistralForCausalLM", hidden_size=40, head_dim=12, tie_word_embeddings=True,
+                   extra={"sliding_window": 23})
+    hf, model = _random_pair(mistral, tmp_path / "mistral")
+    engine = Engine(model, block_size=4, num_blocks=64)
+    assert engine.max_model_len == 23
+    params = SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True)
+    two = [prompts[2], prompts[4]]  # 5 and 13 tokens
+    want = [_hf_greedy(hf, p, MAX_NEW) for p in two]
+    assert [r.completions[0].token_ids for r in engine.generate(two, params)] == want
+    assert HFRollout(hf, block_size=4, num_blocks=64).generate(two, params) == want
 
 
 def test_greedy_logprobs_match_transformers_scores(models, prompts):
