@@ -426,7 +426,13 @@ def _num_key_value_heads(arch: str, hf: dict, defaults: dict):
     """null means as many as the query heads; an absent key is the family's default (MistralConfig: 8).
     MistralConfig refuses null (its field is a plain int), so a Mistral config.json with it is refused too."""
     if "num_key_value_heads" not in hf:
-        return defaults.get("num_key_value_heads")
+        implied = defaults.get("num_key_value_heads")
+        heads = hf["num_attention_heads"]
+        if implied is not None and isinstance(heads, int) and heads % implied:
+            # else "must be a multiple of num_key_value_heads (8)" names a number the file does not hold
+            raise ValueError(f"num_key_value_heads is absent, which MistralConfig reads as {implied}, and "
+                             f"num_attention_heads ({heads}) is not a multiple of it; give num_key_value_heads")
+        return implied
     if hf["num_key_value_heads"] is None and arch == MISTRAL:
         raise ValueError("num_key_value_heads is null, which transformers' MistralConfig refuses; give the number")
     return hf["num_key_value_heads"]
