@@ -41,6 +41,18 @@ def test_greedy_tokens_equal_transformers_generate(hf_model):
         [_hf_greedy(hf_model, p, 3) for p in mixed]
 
 
+def test_a_ministral_built_from_a_mistral_config_is_refused_by_its_model_type():
+    # AutoModelForCausalLM builds a MinistralForCausalLM from a mistral config.json with layer_types; its config
+    # keeps architectures=['MistralForCausalLM'], and the refusal told the user to make the two agree
+    cfg = transformers.AutoConfig.for_model("ministral", vocab_size=30, hidden_size=32, intermediate_size=40,
+                                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                            head_dim=8, layer_types=["full_attention", "sliding_attention"])
+    cfg.architectures = ["MistralForCausalLM"]
+    with pytest.raises(ValueError, match=r"cannot run MinistralForCausalLM: config.json: unsupported model_type "
+                                         r"'ministral' \(transformers builds the model from model_type"):
+        HFRollout(transformers.AutoModelForCausalLM.from_config(cfg), block_size=4, num_blocks=8)
+
+
 def test_weight_updates_are_read_in_place_or_after_sync(hf_model):
     """The engine's model aliases every transformers tensor it can (updates seen at once); the fused
     q/k/v and gate/up copies follow after sync()."""

@@ -482,6 +482,12 @@ def _architecture_of(hf: dict) -> str:
             raise ValueError(f"config.json 'architectures' must list exactly one class, got {archs!r}")
         arch = archs[0]
         mt = hf.get("model_type")
+        if mt is not None and arch in _ARCH_TO_MODEL_TYPE and mt not in tuple(_MODEL_TYPE_TO_ARCH):
+            # e.g. the MinistralForCausalLM AutoModelForCausalLM builds from a mistral config.json with
+            # layer_types: its config keeps architectures=['MistralForCausalLM']
+            raise ValueError(f"unsupported model_type {mt!r} (transformers builds the model from model_type, not "
+                             f"from architectures={archs!r}); r1fast.models supports model types "
+                             f"{', '.join(_MODEL_TYPE_TO_ARCH)}")
         if mt is not None and arch in _ARCH_TO_MODEL_TYPE and mt != _ARCH_TO_MODEL_TYPE[arch]:
             # transformers' Auto classes follow model_type
             raise ValueError(f"config.json says architectures={archs!r} but model_type={mt!r} (transformers "
