@@ -2819,6 +2819,35 @@ def test_resume_on_other_training_rows_says_so(tmp_path, capsys):
     assert "options other than the checkpoint's" not in capsys.readouterr().err
 
 
+def test_rows_fingerprint_is_the_same_in_every_process_and_follows_the_values():
+    # values JSON has no form of were hashed as str(value): an object's default str holds its address (a new
+    # fingerprint each process: every resume said the training rows had changed), a set's order is not its
+    # value's, and numpy elides a long array's middle (arrays differing there had one fingerprint)
+    import hashlib
+
+    import numpy as np
+
+    from r1fast.trainer.common import rows_fingerprint
+
+    class Tag:   # default repr: '<...Tag object at 0x7f...>'
+        pass
+
+    first, second = Tag(), Tag()
+    assert rows_fingerprint([{"x": first}]) == rows_fingerprint([{"x": second}])
+    assert rows_fingerprint([{"x": {8, 16}}]) == rows_fingerprint([{"x": {16, 8}}])
+    assert str({8, 16}) != str({16, 8})
+    long, edited = np.arange(2000), np.arange(2000)
+    edited[1000] = -1
+    assert rows_fingerprint([{"x": long}]) != rows_fingerprint([{"x": edited}])
+    assert rows_fingerprint([{"x": np.int64(3), "y": np.float32(0.5)}]) == rows_fingerprint([{"x": 3, "y": 0.5}])
+    assert rows_fingerprint([{"x": b"ab"}]) != rows_fingerprint([{"x": b"ac"}])
+    assert rows_fingerprint([{1: "a", "b": (2,)}]) != rows_fingerprint([{1: "a", "b": (3,)}])   # was a TypeError
+    # plain JSON rows keep the fingerprint checkpoints already hold
+    rows = [{"prompt": "1+1=", "answer": 2, "meta": {"w": [0.5, None, True]}}]
+    old = hashlib.sha256(b"".join(json.dumps(r, sort_keys=True).encode() + b"\n" for r in rows)).hexdigest()[:16]
+    assert rows_fingerprint(rows) == old
+
+
 def test_resume_on_the_same_rows_from_a_moved_file_says_nothing(tmp_path, capsys):
     # the checkpoint records the rows' sha256: a data folder moved or copied was "options other than the
     # checkpoint's: dataset 'a/train.jsonl' -> 'b/train.jsonl'; the steps from here on use the new values"

@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -515,9 +516,43 @@ def rows_fingerprint(rows: Sequence[dict]) -> str:
     resume that its data changed (hashing 100k small rows takes well under a second)."""
     digest = hashlib.sha256()
     for row in rows:
-        digest.update(json.dumps(row, sort_keys=True, default=str).encode())
+        digest.update(_row_text(row).encode())
         digest.update(b"\n")
     return digest.hexdigest()[:16]
+
+
+# the part of a default repr that is the object's address: another in every process
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+
+
+def _row_text(row) -> str:
+    try:
+        return json.dumps(row, sort_keys=True, default=_json_form)
+    except TypeError:   # dict keys JSON cannot sort or hold (1 and "a" together, a tuple)
+        return json.dumps(_text_keys(row), sort_keys=True, default=_json_form)
+
+
+def _json_form(value):
+    """What rows_fingerprint hashes for a value JSON has no form of: the same in every process, and by value
+    where one is at hand. str() alone was neither: an object's default str holds its address (a new
+    fingerprint each run, so each resume said the rows had changed), a set's order follows the hash seed,
+    and numpy prints a long array as '[0 1 2 ... 1997 1998 1999]' (arrays differing inside looked equal)."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return {"sha256": hashlib.sha256(value).hexdigest()}
+    if type(value).__module__.split(".")[0] in ("numpy", "torch") and callable(getattr(value, "tolist", None)):
+        return value.tolist()   # numpy arrays and scalars (parquet columns), tensors: every number
+    if isinstance(value, (set, frozenset)):
+        return sorted(_row_text(v) for v in value)
+    return _ADDRESS.sub("", str(value))   # a date, a Decimal, a path: as before
+
+
+def _text_keys(value):
+    """value with each dict key as its JSON text (the keys in sorted order can then be compared)."""
+    if isinstance(value, dict):
+        return {k if isinstance(k, str) else _row_text(k): _text_keys(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_text_keys(v) for v in value]
+    return value
 
 
 def option_change_note(state, new_config: dict, step: int, data_sha256: Optional[str] = None) -> str | None:
