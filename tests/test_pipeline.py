@@ -396,6 +396,53 @@ def test_a_finished_stages_trainer_and_model_are_freed_before_the_next_stage_bui
     assert alive == [("models", 0), ("trainers", 0), ("models", 0), ("trainers", 0)]
 
 
+def test_a_grpo_stages_fp8_model_is_freed_before_the_next_stage_loads_its_own(tmp_path, monkeypatch):
+    # after an FP8 GRPO stage the pipeline dropped its model (the next stage reloads the checkpoint in high
+    # precision) without _free_memory: the next stage loaded its model, and a GRPO stage sized its KV pool,
+    # with the dropped model's memory still in the allocator's cache (and any reference cycle alive)
+    import gc
+    import weakref
+
+    from r1fast.trainer import pipeline
+    from r1fast.trainer.pipeline import PipelineRunner
+
+    class Loaded(Exception):
+        pass
+
+    models, events = [], []
+    load, free = PipelineRunner.load_model, pipeline._free_memory
+
+    def counted_load(self, *a, **k):
+        events.append(("load", sum(m() is not None for m in models)))
+        if models:
+            raise Loaded   # the next stage need not train
+        model, tok = load(self, *a, **k)
+        models.append(weakref.ref(model))
+        return model, tok
+
+    def counted_free():
+        free()
+        events.append(("free", sum(m() is not None for m in models)))
+
+    monkeypatch.setattr(PipelineRunner, "load_model", counted_load)
+    monkeypatch.setattr(pipeline, "_free_memory", counted_free)
+    spec = {"name": "f", "seed": 0, "model": "builtin:micro", "progress_bar": False, "eval_dataset": None,
+            "output_dir": str(tmp_path / "run"),
+            "stages": [{"name": "rl", "type": "grpo", "dataset": "builtin:arithmetic?min_terms=2&max_terms=2",
+                        "num_rows": 4, "config": {"max_steps": 1, "per_device_train_batch_size": 2,
+                                                  "num_generations": 2, "max_completion_length": 2,
+                                                  "max_prompt_length": 16, "fp8": "emulate"}},
+                       {"name": "s2", "type": "sft", "dataset": "builtin:arithmetic", "num_rows": 4,
+                        "config": {"max_steps": 1, "per_device_train_batch_size": 2}}]}
+    gc.disable()   # a reference cycle is then freed only where the pipeline frees memory
+    try:
+        with pytest.raises(Loaded):
+            run_pipeline(spec)
+    finally:
+        gc.enable()
+    assert events[-2:] == [("free", 0), ("load", 0)]
+
+
 def test_pipeline_resume_path_names_the_run_folder(tmp_path, monkeypatch):
     # `--resume PATH` used to be read as plain --resume: a fresh run started in ./runs/<name>.
     spec = one_sft_stage_spec(tmp_path)

@@ -692,6 +692,9 @@ class PipelineRunner:
                 _free_memory()
                 model, tokenizer = self.load_model(stage.model, p.seed + i)
             elif model is None:
+                # the model a stage let go of (an FP8 GRPO stage's, which the next stage reloads in high
+                # precision) is freed before this one loads, as where a stage loads its own model
+                _free_memory()
                 if reload and not reload[0].startswith(("@", "builtin:")) and not os.path.isdir(reload[0]):
                     raise ValueError(f"stage {stage.name!r} starts from {reload[0]}, the checkpoint an earlier stage "
                                      f"finished with, which is gone ({_GONE})")
