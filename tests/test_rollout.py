@@ -416,6 +416,36 @@ def test_a_model_other_than_r1fasts_is_refused_when_the_engine_is_built(tmp_path
         Engine(object())
 
 
+def test_bad_token_ids_are_named_by_prompt_position_and_value(models):
+    # "prompt 1 must hold ints only" named neither the token nor its place; "token ids outside [0, 50)
+    # (min -3, max 1)" no place either
+    import numpy as np
+
+    _, model = models
+    engine = Engine(model, block_size=4, num_blocks=16, max_model_len=20)
+
+    def fails(error, match, prompt):
+        with pytest.raises(error, match=match):
+            engine.generate([[1, 2], prompt], SamplingParams(max_tokens=1))
+
+    fails(ValueError, r"^generate: prompt 1 has token id 1180591620717411303424 at position 2, outside the "
+                      r"vocabulary \[0, 50\)$", [3, 4, 2**70])
+    fails(ValueError, r"prompt 1 has token id -3 at position 1, outside the vocabulary \[0, 50\) \(and 1 more\)$",
+          [3, -3, 60])
+    fails(ValueError, r"prompt 1 has token id 9223372036854775808 at position 0", np.array([2**63, 1], dtype=np.uint64))
+    fails(TypeError, r"^generate: prompt 1 must hold ints only; position 1 holds None \(NoneType\)$", [3, None])
+    fails(TypeError, r"position 2 holds 2.0 \(float\)$", [3, 4, 2.0])
+    fails(TypeError, r"position 0 holds True \(bool\)$", [True, 4])
+    fails(TypeError, r"position 1 holds '7' \(str\)$", [3, "7"])
+    fails(TypeError, r"prompt 1 must hold ints only, got an array of float64$", np.array([1.0, 2.0]))
+    fails(TypeError, r"prompt 1 must hold ints only, got a tensor of torch.bfloat16$", torch.ones(2, dtype=torch.bfloat16))
+    fails(TypeError, r"prompt 1 must be a 1-D list of token ids, got 2 dimensions", torch.tensor([[1, 2]]))
+    # numpy ints, numpy arrays and integer tensors are token ids; the result holds Python ints
+    for prompt in ([np.int64(3), 4], np.array([3, 4], dtype=np.int8), torch.tensor([3, 4])):
+        got = engine.generate([prompt], SamplingParams(max_tokens=1, seed=0))[0].prompt_token_ids
+        assert got == [3, 4] and all(type(t) is int for t in got)
+
+
 def test_bad_requests_raise_clear_errors(models, prompts):
     _, model = models
     engine = Engine(model, block_size=4, num_blocks=16, max_model_len=20)

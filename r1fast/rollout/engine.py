@@ -70,6 +70,45 @@ def _positive_int(name, value) -> int:
     return int(value)
 
 
+def _prompt_ids(i: int, prompt, vocab: int) -> list[int]:
+    """Prompt i as a new list of Python ints in [0, vocab). The checks are one pass over the element types
+    and one numpy conversion (a long prompt costs no Python loop per token); a bad token is then looked up
+    to name its position and value."""
+    if isinstance(prompt, (np.ndarray, torch.Tensor)):
+        if prompt.ndim != 1:
+            raise TypeError(f"generate: prompt {i} must be a 1-D list of token ids, got {prompt.ndim} dimensions")
+        if isinstance(prompt, torch.Tensor):
+            if prompt.dtype.is_floating_point or prompt.dtype.is_complex or prompt.dtype == torch.bool:
+                raise TypeError(f"generate: prompt {i} must hold ints only, got a tensor of {prompt.dtype}")
+            prompt = prompt.detach().cpu().numpy()
+        if prompt.dtype.kind not in ("i", "u"):
+            raise TypeError(f"generate: prompt {i} must hold ints only, got an array of {prompt.dtype}")
+        ids = prompt
+    elif isinstance(prompt, (str, bytes)) or not isinstance(prompt, (list, tuple)):
+        raise TypeError(f"generate: prompt {i} must be a list of ints, got {type(prompt).__name__}")
+    else:
+        if not all(issubclass(t, (int, np.integer)) and t is not bool for t in set(map(type, prompt))):
+            j, t = next((j, t) for j, t in enumerate(prompt)
+                        if isinstance(t, bool) or not isinstance(t, (int, np.integer)))
+            raise TypeError(f"generate: prompt {i} must hold ints only; position {j} holds {t!r} "
+                            f"({type(t).__name__})")
+        try:
+            ids = np.array(prompt, dtype=np.int64)
+        except OverflowError:   # beyond 64 bits (2**70): outside the vocabulary, named below
+            j, t = next((j, int(t)) for j, t in enumerate(prompt) if not -2**63 <= t < 2**63)
+            raise ValueError(f"generate: prompt {i} has token id {t} at position {j}, outside the vocabulary "
+                             f"[0, {vocab})") from None
+    if len(ids) == 0:
+        raise ValueError(f"generate: prompt {i} is empty")
+    outside = (ids < 0) | (ids >= vocab)
+    if outside.any():
+        j = int(np.flatnonzero(outside)[0])
+        more = int(outside.sum()) - 1
+        raise ValueError(f"generate: prompt {i} has token id {int(ids[j])} at position {j}, outside the vocabulary "
+                         f"[0, {vocab})" + (f" (and {more} more)" if more else ""))
+    return ids.tolist()
+
+
 class Engine:
     def __init__(self, model, num_blocks: int | None = None, block_size: int = 16, memory_fraction: float = 0.5,
                  max_num_seqs: int = 256, max_num_batched_tokens: int = 8192, max_model_len: int | None = None,
@@ -207,18 +246,7 @@ class Engine:
             raise ValueError(f"generate: n={params.n} samples exceed max_num_seqs={self.max_num_seqs}")
         out = []
         for i, p in enumerate(prompts):
-            if isinstance(p, (torch.Tensor, np.ndarray)):
-                p = p.tolist()
-            if isinstance(p, (str, bytes)) or not isinstance(p, (list, tuple)):
-                raise TypeError(f"generate: prompt {i} must be a list of ints, got {type(p).__name__}")
-            if len(p) == 0:
-                raise ValueError(f"generate: prompt {i} is empty")
-            if not all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in p):
-                raise TypeError(f"generate: prompt {i} must hold ints only")
-            p = [int(t) for t in p]
-            lo, hi = min(p), max(p)
-            if lo < 0 or hi >= vocab:
-                raise ValueError(f"generate: prompt {i} has token ids outside [0, {vocab}) (min {lo}, max {hi})")
+            p = _prompt_ids(i, p, vocab)
             if len(p) >= self.max_model_len:
                 raise ValueError(f"generate: prompt {i} has {len(p)} tokens; max_model_len is {self.max_model_len} "
                                  "(a prompt must leave room for at least one new token)")
