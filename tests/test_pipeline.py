@@ -48,6 +48,26 @@ def test_pipeline_chains_stages_and_resumes(tmp_path):
     assert again["stages"] == summary["stages"]
 
 
+def test_sample_stage_that_keeps_nothing_fails_unfinished_and_resumes_with_new_thresholds(tmp_path):
+    """A sample stage that kept no rows for a later stage was recorded finished, so the error at the later
+    stage ("lower its thresholds") came back on every --resume: a finished stage's new options are not applied.
+    The sample stage now fails itself, and --resume with lower thresholds samples it again."""
+    spec = tiny_pipeline(tmp_path)
+    spec.pop("eval_dataset")
+    spec["stages"] = spec["stages"][2:]
+    spec["stages"][0]["num_rows"] = 2
+    spec["stages"][0]["config"].update(reward_thresholds=[1.5], num_samples=1, max_completion_length=4)  # format: <= 1
+    spec["stages"][1]["config"]["max_steps"] = 1
+    with pytest.raises(ValueError, match=r"stage 'rs' kept 0 of 2 samples .*'student' trains on them: lower "
+                                         r"rs.reward_thresholds.*--resume then samples 'rs' again"):
+        run_pipeline(spec)
+    state = json.load(open(tmp_path / "run" / "pipeline_state.json"))
+    assert "rs" not in state["stages"]
+    spec["stages"][0]["config"]["reward_thresholds"] = [0.0]
+    summary = run_pipeline(spec, resume=True)
+    assert [s["stage"] for s in summary["stages"]] == ["rs", "student"]
+
+
 def test_pipeline_config_errors(tmp_path):
     spec = tiny_pipeline(tmp_path)
     spec["stages"][3]["dataset"] = "@nothing"

@@ -556,6 +556,22 @@ class PipelineRunner:
               flush=True)
         raise KeyboardInterrupt   # the CLI says how to continue and exits with 130
 
+    def _refuse_empty_samples(self, stage: Stage, kept: list[dict], stats: dict):
+        """A sample stage that kept nothing for a later stage to train on fails itself, unfinished: recorded
+        finished, its options were frozen for --resume and the later stage failed again however the user
+        lowered its thresholds."""
+        from r1fast.trainer.sampling import summary
+
+        if kept:
+            return
+        readers = [s.name for s in self.p.stages if s.dataset == f"@{stage.name}"]
+        if readers:
+            n = stage.name
+            cut = f", raise {n}.max_completion_length or set {n}.keep_truncated=true" if stats.get("truncated") else ""
+            raise ValueError(f"stage {n!r} {summary(stats)}, and stage {readers[0]!r} trains on them: lower "
+                             f"{n}.reward_thresholds{cut}, or sample more ({n}.num_samples, {n}.num_rows); "
+                             f"--resume then samples {n!r} again")
+
     def _sample_fingerprint(self, stage: Stage, rows: list[dict]) -> str:
         """A sample stage's options, prompts and the pipeline's model, dtype, device and seed."""
         from r1fast.trainer.sampling import sample_fingerprint
@@ -771,6 +787,7 @@ class PipelineRunner:
                 if "next_prompt" in stats:   # stopped after a batch of prompts, which log.append kept
                     self._stop_sample_stage(log, stage, kept, stats)
                 path = cfg.output_file or os.path.join(stage_dir, "samples.jsonl")
+                self._refuse_empty_samples(stage, kept, stats)
                 finish_samples(kept, path, progress_path)
                 self.samples[stage.name] = kept
                 record.update(samples=self._in_run(path), sample_stats=stats)
