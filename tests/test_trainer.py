@@ -190,6 +190,21 @@ def test_resuming_from_an_older_checkpoint_sets_the_later_ones_aside(tmp_path, c
     assert (run / "checkpoint-4").is_dir()
 
 
+def test_resuming_another_runs_checkpoint_into_a_folder_holding_a_third_run_is_refused(tmp_path):
+    """--resume runs/b into output_dir runs/a (another run's checkpoints) cut a's metrics at the step resumed
+    and replaced its checkpoint of the next step with b's continuation; now refused, naming output_dir=runs/b."""
+    kw = dict(max_steps=1, per_device_train_batch_size=4, num_generations=2, max_completion_length=3)
+    make(tmp_path, "a", **kw).train()
+    make(tmp_path, "b", **kw).train()
+    a_log = (tmp_path / "a" / "metrics.jsonl").read_text()
+    with pytest.raises(ValueError, match=rf"holds another run \(checkpoint-1\); give output_dir={tmp_path / 'b'}"):
+        make(tmp_path, "a", **{**kw, "max_steps": 2}).train(resume=str(tmp_path / "b"))
+    assert (tmp_path / "a" / "metrics.jsonl").read_text() == a_log
+    # overwrite_output_dir deletes a's run first
+    res = make(tmp_path, "a", **{**kw, "max_steps": 2, "overwrite_output_dir": True}).train(resume=str(tmp_path / "b"))
+    assert res["global_step"] == 2 and sorted(p.name for p in (tmp_path / "a").glob("checkpoint-*")) == ["checkpoint-2"]
+
+
 def test_a_failed_reference_write_leaves_the_last_checkpoint_resumable(tmp_path, monkeypatch):
     # reference.safetensors was written after checkpoint-N had been renamed into place and the older
     # checkpoints pruned: a full disk left checkpoint-2 with half a reference model, and the run could

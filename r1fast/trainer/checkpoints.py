@@ -116,6 +116,11 @@ class RunFolderInUse(ValueError):
                          f"first), or give another output_dir")
 
 
+class OutputDirHoldsAnotherRun(ValueError):
+    """`--resume PATH` from outside the run's output_dir, which holds another run's checkpoints (resume_into):
+    those are not this run's to go on from, so the CLI adds no "continue with --resume"."""
+
+
 class RunFolderBusy(ValueError):
     """Another live process is training in the same run folder."""
 
@@ -210,6 +215,25 @@ def start_fresh(run_dir: str, overwrite: bool):
     if not overwrite:
         raise RunFolderInUse(run_dir, "checkpoints " + ", ".join(os.path.basename(p) for _, p in ckpts))
     clear_run(run_dir)
+
+
+def resume_into(run_dir: str, resume_path: str, overwrite: bool):
+    """`--resume PATH` from a checkpoint outside `run_dir` trains on into `run_dir`: another run's checkpoints
+    there would be pruned, replaced step by step and their metrics log cut, as start_fresh prevents for a new
+    run. So they are an error, or with `overwrite` deleted first."""
+    here = os.path.abspath(run_dir)
+    home = os.path.dirname(os.path.abspath(os.path.normpath(resume_path)))
+    ckpts = list_checkpoints(run_dir)
+    if home == here or not ckpts:
+        return
+    if overwrite:
+        clear_run(run_dir)
+        return
+    names = ", ".join(os.path.basename(p) for _, p in ckpts)
+    raise OutputDirHoldsAnotherRun(f"--resume {resume_path}: this run writes to output_dir {run_dir}, which holds "
+                                   f"another run ({names}); give output_dir={home} to continue that run in its own "
+                                   f"folder, another output_dir, or overwrite_output_dir=true to delete {run_dir}'s "
+                                   f"run first")
 
 
 def clear_run(run_dir: str):

@@ -614,6 +614,7 @@ def start_run(trainer, resume):
         trainer.num_tokens = 0
     resume_path = ckpt.resolve_resume(resume, trainer.run_dir)
     if resume_path:
+        ckpt.resume_into(trainer.run_dir, resume_path, cfg.overwrite_output_dir)
         state = trainer.load(resume_path)
         # said in the log, whatever the progress bar shows: which checkpoint a restarted job picked up
         print(f"r1fast: resuming {trainer.stage} from {resume_path} at step {trainer.global_step} of "
