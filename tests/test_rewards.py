@@ -112,6 +112,27 @@ def test_reward_set_names_the_failing_function_and_row():
         nan.score(["a"], ["x"], {})
 
 
+def test_a_trl_reward_function_that_requires_trainer_state_is_told_to_read_it_from_kwargs():
+    """It raised TRL-style "missing 1 required positional argument" and was called again on halves of the
+    batch to blame a row; now one call, and the error names the arguments passed and the fix."""
+    calls = []
+
+    def schedule(prompts, completions, trainer_state, **kw):
+        calls.append(1)
+        return [0.0] * len(completions)
+
+    with pytest.raises(RewardError, match=r"'schedule' cannot take the arguments r1fast passes \(prompts, "
+                                          r"completions, answer\).*'trainer_state'; r1fast does not pass TRL's "
+                                          r"trainer_state: read it with kwargs.get"):
+        RewardSet([schedule]).score(["a"] * 4, ["x"] * 4, {"answer": ["1"] * 4})
+    assert calls == []
+    def strict(prompts, completions):   # no **kwargs: TRL passes the dataset's columns too
+        return [0.0] * len(completions)
+
+    with pytest.raises(RewardError, match=r"'strict' cannot take .*unexpected keyword argument 'answer'$"):
+        RewardSet([strict]).score(["a"], ["x"], {"answer": ["1"]})
+
+
 def test_reward_set_finds_the_failing_row_in_few_calls_and_says_when_it_cannot():
     # The row was found by calling the function once per row: 65 calls of a paid judge for a 64-row batch
     # failing on its last row, and a flaky judge got 8 more calls and an error naming no row, unexplained.

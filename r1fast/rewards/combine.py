@@ -262,6 +262,9 @@ def _await_all(awaitables: list, timeout: Optional[float] = None) -> list:
 
 def _raised(name, fn, e, prompts, completions, columns, extra, timeout=None) -> RewardError:
     """The error of a reward function that raised `e` on the batch, naming the row it raises on."""
+    mismatch = _signature_mismatch(fn, columns, extra) if isinstance(e, TypeError) else None
+    if mismatch:   # no row to look for: every call fails the same way, before the function's body runs
+        return RewardError(f"reward function {name!r} {mismatch}")
     # an empty batch has no row to look for (the search returned its row 0: an IndexError naming it)
     try:
         row = _find_failing_row(fn, prompts, completions, columns, extra, timeout) if completions else None
@@ -285,6 +288,28 @@ def _raised(name, fn, e, prompts, completions, columns, extra, timeout=None) -> 
         where = (" (called again on parts of the batch to find the row, it did not raise: the error is "
                  "intermittent or needs the whole batch)")
     return RewardError(f"reward function {name!r} raised {type(e).__name__}: {e}{where}")
+
+
+# keyword arguments TRL passes to reward functions and r1fast does not (docs/training.md, Rewards)
+_TRL_ONLY = ("trainer_state", "log_extra", "log_metric")
+
+
+def _signature_mismatch(fn, columns, extra) -> Optional[str]:
+    """Why `fn` cannot be called with the arguments r1fast passes, or None. A TRL function that requires
+    trainer_state raised a bare "missing 1 required positional argument", then was called again on halves
+    of the batch in search of a row to blame."""
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):   # a builtin or C callable without one: nothing to check against
+        return None
+    passed = ["prompts", "completions", *columns, *extra]
+    try:
+        sig.bind(**dict.fromkeys(passed))
+    except TypeError as e:
+        trl = [n for n in _TRL_ONLY if n in sig.parameters]
+        hint = f"; r1fast does not pass TRL's {', '.join(trl)}: read it with kwargs.get" if trl else ""
+        return f"cannot take the arguments r1fast passes ({', '.join(passed)}): {e}{hint}"
+    return None
 
 
 _EVERY_ROW = -1   # _find_failing_row: the function raised on row 0 alone and on the rows after it too
