@@ -178,8 +178,10 @@ def test_cli_grpo_from_the_command_line_alone(tmp_path, monkeypatch):
     assert [json.loads(line)["step"] for line in open(tmp_path / "runs" / "grpo" / "metrics.jsonl")] == [1, 2]
     assert main(args + ["max_steps=3", "--resume"]) == 0
     assert os.path.isdir(tmp_path / "runs" / "grpo" / "checkpoint-3")
-    with pytest.raises(SystemExit, match="a GRPO config needs model_name_or_path and dataset"):
+    with pytest.raises(SystemExit, match="a GRPO config needs model_name_or_path and dataset; dataset is not set$"):
         main(["train", "model_name_or_path=builtin:micro"])
+    with pytest.raises(SystemExit, match="sft needs model_name_or_path and dataset; model_name_or_path is not set"):
+        main(["sft", "dataset=builtin:arithmetic"])
     with pytest.raises(SystemExit, match="unknown option 'learnin_rate'"):
         main(["train", "dataset=builtin:arithmetic", "learnin_rate=1"])
     with pytest.raises(SystemExit, match=r"unknown pipeline key.*'max_steps'"):  # no GRPO key: the pipeline

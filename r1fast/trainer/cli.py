@@ -257,7 +257,7 @@ def _run_grpo(config: str | None, overrides: list[str], resume):
     cfg = GRPOConfig.from_yaml(config, overrides) if config else GRPOConfig().update(
         parse_overrides(overrides), source="command line")
     if cfg.model_name_or_path is None or cfg.dataset is None:
-        raise ConfigError("a GRPO config needs model_name_or_path and dataset")
+        raise ConfigError(f"a GRPO config needs model_name_or_path and dataset{_unset(cfg)}")
     model, tok = load_model_and_tokenizer(cfg.model_name_or_path, device=resolve_device(cfg.device), dtype=cfg.dtype,
                                           seed=cfg.seed, fp8=cfg.fp8_options())
     trainer = GRPOTrainer(model, None, cfg.dataset, cfg, tokenizer=tok)
@@ -266,6 +266,12 @@ def _run_grpo(config: str | None, overrides: list[str], resume):
     if res.get("interrupted"):
         raise KeyboardInterrupt   # _guarded says how to continue
     return 0
+
+
+def _unset(cfg) -> str:
+    """Which of the two required keys the YAML and command line left unset (the error named both, given one)."""
+    unset = [k for k in ("model_name_or_path", "dataset") if getattr(cfg, k) is None]
+    return f"; {' and '.join(unset)} {'is' if len(unset) == 1 else 'are'} not set"
 
 
 def _print_result(res: dict):
@@ -294,7 +300,7 @@ def _config(config_cls, rest: list[str], command: str, dataset_hint=lambda cfg: 
     cfg = config_cls.from_yaml(config, overrides) if config else config_cls().update(
         parse_overrides(overrides), source="command line")
     if cfg.model_name_or_path is None or cfg.dataset is None:
-        raise ConfigError(f"{command} needs model_name_or_path and dataset{dataset_hint(cfg)}")
+        raise ConfigError(f"{command} needs model_name_or_path and dataset{_unset(cfg)}{dataset_hint(cfg)}")
     return cfg, resume
 
 
