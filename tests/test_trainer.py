@@ -2688,16 +2688,22 @@ def test_a_dict_of_columns_as_dataset_is_named_not_a_key_error():
 
 
 
-def test_a_dataset_dict_of_splits_is_named_not_a_dict_of_columns():
-    # load_dataset(...) without split= is a DatasetDict, a dict: "train dataset is a dict (columns ['test',
-    # 'train']); give ... datasets.Dataset.from_dict(...)" called its splits columns
+def test_a_datasets_dataset_dict_reads_its_split_as_a_saved_one_does():
+    # load_dataset(...) without split= gives a DatasetDict, a dict of splits: it was refused as
+    # "a dict (columns ['test', 'train'])"; now its train split (or dataset_split, or eval's test split) is read
     datasets = pytest.importorskip("datasets")
+    from r1fast.data.loading import EVAL_SPLITS
     from r1fast.trainer.common import dataset_rows
 
-    split = datasets.Dataset.from_dict({"prompt": ["1+1"], "answer": ["2"]})
-    with pytest.raises(TypeError, match=r"train dataset is a DatasetDict of splits \['test', 'train'\]; give one "
-                                        r"split \(dataset\['train'\]\)"):
-        dataset_rows(datasets.DatasetDict({"train": split, "test": split}), "train", split=None, seed=0)
+    dd = datasets.DatasetDict(train=datasets.Dataset.from_list([{"prompt": "1+1", "answer": "2"}]),
+                              test=datasets.Dataset.from_list([{"prompt": "2+2", "answer": "4"}]))
+    assert dataset_rows(dd, "train", split=None, seed=0) == [{"prompt": "1+1", "answer": "2"}]
+    assert dataset_rows(dd, "eval", split=None, seed=0, default_splits=EVAL_SPLITS)[0]["prompt"] == "2+2"
+    assert dataset_rows(dd, "train", split="test", seed=0)[0]["prompt"] == "2+2"
+    with pytest.raises(ValueError, match=r"train dataset \(a DatasetDict\) has no split 'dev'; splits: "
+                                         r"\['train', 'test'\]"):
+        dataset_rows(dd, "train", split="dev", seed=0)
+
 
 def test_a_pandas_dataframe_as_dataset_is_named_not_a_key_error():
     # a DataFrame has __getitem__ and __len__ as a datasets.Dataset does, but df[0] is its column 0: KeyError: 0

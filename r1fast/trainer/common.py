@@ -142,11 +142,13 @@ def dataset_rows(data, what: str, *, split: Optional[str], seed: int, n_builtin:
             raise ValueError(f"{what} dataset must be a non-empty list of row dicts")
         return data
     if isinstance(data, dict) and data and all(hasattr(v, "column_names") for v in data.values()):
-        # a datasets.DatasetDict (load_dataset without split=) is a dict too: its splits were called columns
-        splits = sorted(map(str, data))
-        pick = "train" if "train" in splits else splits[0]
-        raise TypeError(f"{what} dataset is a DatasetDict of splits {splits}; give one split (dataset[{pick!r}])")
-    if isinstance(data, dict):  # indexed as rows below, it failed with KeyError: 0
+        # a datasets.DatasetDict (load_dataset without split=) was "a dict (columns ['train'])": its split is
+        # read, as from a folder saved from one
+        name = split or next((s for s in (default_splits or TRAIN_SPLITS) if s in data), next(iter(data)))
+        if name not in data:
+            raise ValueError(f"{what} dataset (a DatasetDict) has no split {name!r}; splits: {list(data)}")
+        data = data[name]
+    elif isinstance(data, dict):  # indexed as rows below, it failed with KeyError: 0
         raise TypeError(f"{what} dataset is a dict (columns {sorted(map(str, data))[:5]}); give a list of row dicts "
                         f"or datasets.Dataset.from_dict(...)")
     if hasattr(data, "iterrows"):   # a pandas DataFrame: data[0] below is its column 0, a KeyError
