@@ -205,7 +205,10 @@ def test_user_module_in_the_working_directory_is_found(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
     rs = RewardSet(["r1fast_cwd_rewards:brevity"])
     assert rs.score(["p"], ["abc"], {}) == [[-3.0]]
-    with pytest.raises(ValueError, match="cannot import module 'r1fast_nowhere_xyz'"):
+    # run from another folder than the module's: where it was looked for, and the file form that works anywhere
+    with pytest.raises(ValueError, match=rf"cannot import module 'r1fast_nowhere_xyz': No module named "
+                                         rf"'r1fast_nowhere_xyz' \(looked in the working directory {tmp_path} and on "
+                                         rf"sys.path\); or name its file: path/to/r1fast_nowhere_xyz.py:f$"):
         RewardSet(["r1fast_nowhere_xyz:f"])
 
 

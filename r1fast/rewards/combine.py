@@ -77,7 +77,11 @@ def _import_user_module(spec: str, mod_name: str):
         top = mod_name.split(".")[0]
         here = os.path.isfile(os.path.join(cwd, top + ".py")) or os.path.isdir(os.path.join(cwd, top))
         if e.name != top or not here or cwd in sys.path:
-            raise ValueError(f"reward function {spec!r}: cannot import module {mod_name!r}: {e}") from None
+            # a my_rewards.py beside the YAML, run from another folder: say where it was looked for
+            # (not for a module found whose own import lacks a package: e.name is that package)
+            where = "" if e.name != top or here else (f" (looked in the working directory {cwd} and on sys.path); "
+                                                      f"or name its file: path/to/{top}.py:{spec.rsplit(':', 1)[1]}")
+            raise ValueError(f"reward function {spec!r}: cannot import module {mod_name!r}: {e}{where}") from None
         sys.path.append(cwd)   # appended, so a file here never shadows an installed module
         return _import_user_module(spec, mod_name)
     except Exception as e:   # a SyntaxError, or an exception raised while the module runs
