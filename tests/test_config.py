@@ -539,6 +539,17 @@ def test_tis_mode_off_is_none_or_the_string_none_in_both_config_and_loss_options
     assert GRPOConfig.from_dict({"tis_mode": None}).tis_mode == "none"
 
 
+def test_trl_options_without_a_field_say_what_r1fast_uses():
+    # a TRL config moved over: "unknown option 'bf16' for GRPOConfig" named no way to train in bf16
+    with pytest.raises(ConfigError, match=r"unknown option 'bf16' for GRPOConfig; TRL's bf16 is r1fast's dtype: "
+                                          r"bfloat16$"):
+        GRPOConfig.from_dict({"bf16": True})
+    with pytest.raises(TypeError, match="'use_vllm'; r1fast samples with its own rollout engine"):
+        GRPOConfig(use_vllm=False)
+    with pytest.raises(ConfigError, match="'save_strategy' for SFTConfig; r1fast saves every save_steps steps"):
+        SFTConfig.from_dict({"save_strategy": "no"})
+
+
 def test_a_misspelt_keyword_in_python_gets_the_yaml_hint():
     # GRPOConfig(lr=1e-5) was the bare dataclass TypeError, where from_dict/YAML name the close options
     with pytest.raises(TypeError, match=r"GRPOConfig\(\) got an unexpected keyword argument 'lr'; did you mean "

@@ -37,8 +37,19 @@ def _callable_name(f) -> str:
 _OTHER_NAMES = {"lr": "learning_rate"}
 
 
+# TRL options with no field of that name, and what a TRL config moved here says instead
+_TRL_EQUIVALENTS = {
+    "bf16": "TRL's bf16 is r1fast's dtype: bfloat16",
+    "fp16": "TRL's fp16 is r1fast's dtype: float16",
+    "use_vllm": "r1fast samples with its own rollout engine, so use_vllm has no counterpart: leave it out",
+    "save_strategy": "r1fast saves every save_steps steps (0: at the end only), so save_strategy has no counterpart",
+}
+
+
 def _did_you_mean(key: str, names: list[str]) -> str:
     """"; did you mean ...?" for an unknown option `key`, or ""."""
+    if key in _TRL_EQUIVALENTS and "dtype" in names:   # a GRPO/SFT config, not SampleConfig
+        return f"; {_TRL_EQUIVALENTS[key]}"
     close = [_OTHER_NAMES[key]] if _OTHER_NAMES.get(key) in names else difflib.get_close_matches(key, names, n=3)
     return f"; did you mean {', '.join(close)}?" if close else ""
 
