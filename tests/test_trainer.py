@@ -203,6 +203,9 @@ def test_resuming_another_runs_checkpoint_into_a_folder_holding_a_third_run_is_r
     # overwrite_output_dir deletes a's run first
     res = make(tmp_path, "a", **{**kw, "max_steps": 2, "overwrite_output_dir": True}).train(resume=str(tmp_path / "b"))
     assert res["global_step"] == 2 and sorted(p.name for p in (tmp_path / "a").glob("checkpoint-*")) == ["checkpoint-2"]
+    # an output_dir that is a symlink to the checkpoint's own folder continues that run there
+    os.symlink(tmp_path / "b", tmp_path / "b_link")
+    assert make(tmp_path, "b_link", **{**kw, "max_steps": 2}).train(resume=str(tmp_path / "b"))["global_step"] == 2
 
 
 def test_a_failed_reference_write_leaves_the_last_checkpoint_resumable(tmp_path, monkeypatch):

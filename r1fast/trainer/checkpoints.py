@@ -221,10 +221,10 @@ def resume_into(run_dir: str, resume_path: str, overwrite: bool):
     """`--resume PATH` from a checkpoint outside `run_dir` trains on into `run_dir`: another run's checkpoints
     there would be pruned, replaced step by step and their metrics log cut, as start_fresh prevents for a new
     run. So they are an error, or with `overwrite` deleted first."""
-    here = os.path.abspath(run_dir)
     home = os.path.dirname(os.path.abspath(os.path.normpath(resume_path)))
     ckpts = list_checkpoints(run_dir)
-    if home == here or not ckpts:
+    # real paths: an output_dir given through a symlink to the checkpoint's folder is that folder
+    if os.path.realpath(home) == os.path.realpath(run_dir) or not ckpts:
         return
     if overwrite:
         clear_run(run_dir)
