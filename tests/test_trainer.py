@@ -778,8 +778,11 @@ def test_evaluations_between_logging_steps_are_logged(tmp_path):
     model, tok = tiny_model()
     cfg = GRPOConfig(per_device_train_batch_size=8, num_generations=4, max_completion_length=4, max_steps=6,
                      eval_steps=2, logging_steps=3, output_dir=str(tmp_path / "e"), progress_bar=False)
-    with pytest.warns(UserWarning, match="every eval prompt is also a training prompt"):
+    with pytest.warns(UserWarning, match=r"every eval prompt is also a training prompt \(the eval_dataset argument\)"):
         tr = GRPOTrainer(model, [sevens], ROWS, cfg, tokenizer=tok, eval_dataset=ROWS[:2])
+    # a pipeline stage's rows from the pipeline's eval_dataset were "eval_dataset None" (the stage's option)
+    with pytest.warns(UserWarning, match=r"training prompt \(the pipeline's eval_dataset\)"):
+        GRPOTrainer(model, [sevens], ROWS, cfg, tokenizer=tok, eval_dataset=ROWS[:2], eval_at_ends=False)
     tr.train()
     rows = _metrics(tmp_path / "e" / "metrics.jsonl")
     assert [r["step"] for r in rows if "eval/accuracy" in r] == [0, 2, 4, 6]

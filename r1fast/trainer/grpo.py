@@ -58,6 +58,17 @@ from r1fast.trainer.evaluate import check_eval_answers
 from r1fast.trainer.metrics import plain_number
 
 
+def _eval_source(cfg, eval_dataset, eval_at_ends: bool) -> str:
+    """Where a trainer's eval rows came from, in the user's words: a pipeline stage's were "eval_dataset None"
+    (the stage's own option, unset) when they were the pipeline's eval_dataset."""
+    from_option = f"eval_dataset {cfg.eval_dataset!r}, split {cfg.eval_dataset_split or 'default'}"
+    if eval_dataset is None:
+        return from_option
+    if not eval_at_ends:   # a pipeline stage: rows read from its own eval_dataset, or else the pipeline's
+        return from_option if cfg.eval_dataset is not None else "the pipeline's eval_dataset"
+    return "the eval_dataset argument"
+
+
 class GRPOTrainer:
     """`GRPOTrainer(model, reward_funcs, train_dataset, config, tokenizer=None).train()`.
 
@@ -132,9 +143,10 @@ class GRPOTrainer:
         if self.eval_rows and not str(cfg.dataset).startswith("builtin:"):
             seen = {str(r.get(cfg.prompt_column)) for r in self.train_rows}
             if all(str(r.get(cfg.prompt_column)) in seen for r in self.eval_rows):
-                warnings.warn(f"r1fast: every eval prompt is also a training prompt (eval_dataset {cfg.eval_dataset!r}, "
-                              f"split {cfg.eval_dataset_split or 'default'}): the 'held-out' accuracy is measured on "
-                              f"training rows; give held-out data or eval_dataset_split", stacklevel=2)
+                source = _eval_source(cfg, eval_dataset, eval_at_ends)
+                warnings.warn(f"r1fast: every eval prompt is also a training prompt ({source}): the 'held-out' "
+                              f"accuracy is measured on training rows; give held-out data or eval_dataset_split",
+                              stacklevel=2)
         if self.eval_rows and train_dataset is None and str(cfg.dataset).startswith("builtin:"):
             # two draws of a built-in task share prompts: keep the held-out ones out of training (as
             # the pipeline does), so the accuracy reported on them is truly held out
