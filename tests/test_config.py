@@ -60,6 +60,9 @@ def test_resume_with_other_schedule_settings_says_what_happens():
     assert "resuming at step 2 with max_steps 6 -> 10" in note and "follows the new values" in note
     assert "learning_rate 0.0005 is not applied" in note and "keeps the checkpoint's 0.001" in note
     assert schedule_change_note({}, old["config"], 2) is None  # an old checkpoint without its config
+    assert schedule_change_note(old, {**old["config"], "learning_rate": 5e-4}, 2) == (
+        "r1fast: resuming at step 2: learning_rate 0.0005 is not applied: a resumed run keeps the checkpoint's "
+        "0.001 (start a new run to change it)")
 
 
 @pytest.mark.parametrize("data,match", [

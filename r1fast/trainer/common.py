@@ -499,7 +499,9 @@ def schedule_change_note(state, new_config: dict, step: int) -> str | None:
     if "learning_rate" in old and old["learning_rate"] != new_config.get("learning_rate", old["learning_rate"]):
         notes.append(f"learning_rate {new_config['learning_rate']!r} is not applied: a resumed run keeps the "
                      f"checkpoint's {old['learning_rate']!r} (start a new run to change it)")
-    return f"r1fast: resuming at step {step} with " + "; ".join(notes) if notes else None
+    # "with" leads the schedule's changes only: alone, the learning-rate note read "resuming at step 3 with
+    # learning_rate 0.0001 is not applied"
+    return f"r1fast: resuming at step {step}{' with ' if shape else ': '}" + "; ".join(notes) if notes else None
 
 
 # where a run writes and how it shows progress, not how it trains: a copied run folder resumes without a note
