@@ -830,3 +830,37 @@ def test_the_failing_row_search_is_bounded_by_reward_timeout_too():
     finally:
         release.set()
     assert calls == [4, 2]
+
+
+def test_reward_timeout_bounds_an_async_function_that_blocks_its_loop_or_waits_on_a_thread():
+    # asyncio.wait cannot end a synchronous call inside `async def`, and asyncio.run, after cancelling a function
+    # waiting on asyncio.to_thread, joined that thread: both held score() until the judge answered (never)
+    import asyncio
+    import threading
+    import time
+
+    release = threading.Event()
+
+    async def blocks_its_loop(prompts, completions, **kw):
+        release.wait(30)
+        return [1.0] * len(completions)
+
+    async def waits_on_a_thread(prompts, completions, **kw):
+        await asyncio.to_thread(release.wait, 30)
+        return [1.0] * len(completions)
+
+    try:
+        for fn, fate in ((blocks_its_loop, "it blocked its event loop"), (waits_on_a_thread, "it was cancelled")):
+            t0 = time.monotonic()
+            with pytest.raises(RewardError, match=rf"'{fn.__name__}' did not return within reward_timeout = 0.2 s "
+                                                  rf"on a batch of 2 completions \({fate}"):
+                RewardSet([fn], timeout=0.2).score(["p"] * 2, ["a", "b"], {})
+            assert time.monotonic() - t0 < 2.0
+    finally:
+        release.set()
+
+    async def quick(prompts, completions, **kw):
+        await asyncio.sleep(0)
+        return [0.25] * len(completions)
+
+    assert RewardSet([quick, waits_on_a_thread], timeout=5).score(["p"], ["a"], {}) == [[0.25], [1.0]]

@@ -152,7 +152,7 @@ class RewardSet:
         if waiting:
             for i, value in zip(waiting, _await_all([results[i] for i in waiting], self.timeout)):
                 if isinstance(value, _OutOfTime):
-                    raise _timed_out(self.names[i], self.timeout, n, "it was cancelled")
+                    raise _timed_out(self.names[i], self.timeout, n, str(value))
                 if isinstance(value, BaseException):
                     raise _raised(self.names[i], self.funcs[i], value, prompts, completions, columns, extra,
                                   self.timeout) from value
@@ -243,25 +243,48 @@ def _await_all(awaitables: list, timeout: Optional[float] = None) -> list:
     """Their results (an exception in place of a result; _OutOfTime for one that ran past `timeout`, which
     is cancelled), run concurrently on an event loop of their own; in a thread whose loop is already
     running (a notebook's), on another thread, as asyncio.run cannot nest."""
-    async def bounded(awaitable):
-        # asyncio.wait, not wait_for: a TimeoutError the function raises itself is its error, not a timeout
-        task = asyncio.ensure_future(awaitable)
-        done, _ = await asyncio.wait({task}, timeout=timeout)
-        if not done:
-            task.cancel()
-            raise _OutOfTime
-        return task.result()
-
     async def gather():
-        waits = awaitables if timeout is None else [bounded(a) for a in awaitables]
-        return await asyncio.gather(*waits, return_exceptions=True)
+        return await asyncio.gather(*awaitables, return_exceptions=True)
 
+    if timeout is not None:
+        return _await_all_bounded(awaitables, timeout)
     try:
         asyncio.get_running_loop()
     except RuntimeError:
         return asyncio.run(gather())
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         return pool.submit(asyncio.run, gather()).result()
+
+
+def _await_all_bounded(awaitables: list, timeout: float) -> list:
+    """_await_all with a limit. The loop runs on a daemon thread the caller waits on for `timeout` seconds:
+    asyncio.wait cannot end a function that blocks the loop (a synchronous call inside `async def`), and
+    asyncio.run, once the function is cancelled, waits without end for the threads it had started
+    (asyncio.to_thread of a judge's client that never answers)."""
+    # what a function that has not finished when the wait ends gets: one that held the loop was never cancelled
+    outcomes = [_OutOfTime("it blocked its event loop and goes on running in the background") for _ in awaitables]
+
+    async def bounded(i, awaitable):
+        # asyncio.wait, not wait_for: a TimeoutError the function raises itself is its error, not a timeout
+        task = asyncio.ensure_future(awaitable)
+        done, _ = await asyncio.wait({task}, timeout=timeout)
+        if not done:
+            task.cancel()
+            outcomes[i] = _OutOfTime("it was cancelled")
+            return
+        try:
+            outcomes[i] = task.result()
+        except BaseException as e:   # returned as gather(return_exceptions=True) returns it
+            outcomes[i] = e
+
+    async def gather():
+        await asyncio.gather(*(bounded(i, a) for i, a in enumerate(awaitables)))
+
+    try:   # the loop's own limit ends a function that yields to it; this one ends the wait for one that does not
+        _invoke(asyncio.run, {"main": gather()}, timeout + 0.1)
+    except _OutOfTime:
+        pass
+    return list(outcomes)
 
 
 def _raised(name, fn, e, prompts, completions, columns, extra, timeout=None) -> RewardError:
