@@ -529,6 +529,18 @@ def test_stop_tokens_are_token_texts_checked_at_load_and_kept_by_a_checkpoint():
         sample_fingerprint(before, ["1"], {})
 
 
+
+def test_a_stopped_sampling_continues_under_another_reward_timeout():
+    # a sampling stopped by a RewardTimeout, resumed with the raised limit its error asks for (or a sampling stopped
+    # by an r1fast before the option) was "for other options or prompts" and sampled from its first prompt again
+    from r1fast.trainer.sampling import sample_fingerprint
+
+    before = {k: v for k, v in SampleConfig().to_dict().items() if k != "reward_timeout"}
+    for timeout in (None, 5.0, 60.0):
+        assert sample_fingerprint(SampleConfig(reward_timeout=timeout).to_dict(), ["1"], {}) == \
+            sample_fingerprint(before, ["1"], {})
+    assert sample_fingerprint(SampleConfig(num_samples=8).to_dict(), ["1"], {}) != sample_fingerprint(before, ["1"], {})
+
 def test_tis_mode_off_is_none_or_the_string_none_in_both_config_and_loss_options():
     # GRPOConfig took only "none" ("option 'tis_mode' expects str, got None") and LossOptions only None
     # ("LossOptions.tis_mode must be one of ('truncate', 'mask', None), got 'none'") for the same setting

@@ -208,8 +208,11 @@ def sample_fingerprint(options: dict, prompts: list, settings: dict) -> str:
     kept rows continue only the same sampling."""
     import hashlib
 
-    # stop_tokens unset: the fingerprint an r1fast before the option gave, so such a stopped sampling continues
-    options = {k: v for k, v in options.items() if k != "progress_bar" and not (k == "stop_tokens" and v is None)}
+    # stop_tokens unset: the fingerprint an r1fast before the option gave, so such a stopped sampling continues.
+    # reward_timeout changes no value a reward returns, only whether a slow call stops the run: a sampling stopped
+    # by a RewardTimeout continues with the raised limit its error asks for (and one from before the option too)
+    options = {k: v for k, v in options.items()
+               if k not in ("progress_bar", "reward_timeout") and not (k == "stop_tokens" and v is None)}
     return hashlib.sha256(json.dumps([options, prompts, settings], sort_keys=True, default=str).encode()).hexdigest()
 
 
