@@ -639,7 +639,10 @@ def _main(suite_names, size, out_dir, device, budget_s, min_reps, log, append_to
                   warmup=min(3, min_reps), min_reps=min_reps)
     out = Path(out_dir or "bench-results")
     paths, rows, earlier = _earlier_run(append_to) if append_to else (None, [], None)
-    for key, here in (("device", _describe_device(dev)), ("size", size)) if earlier is not None else ():
+    same = [("device", _describe_device(dev)), ("size", size)]
+    if dev.type == "cpu":   # a CPU row's time depends on its threads as much as on the machine (--threads)
+        same.append(("cpu_threads", torch.get_num_threads()))
+    for key, here in same if earlier is not None else ():
         if earlier.get(key, here) != here:  # one file, one table: speed-ups across machines would mislead
             raise ValueError(f"--append {append_to}: that run's {key} is {earlier[key]!r}, this one's {here!r}")
     if paths is None:  # before anything is measured: a results directory that cannot be made loses every row

@@ -1083,6 +1083,12 @@ def test_threads_sets_torchs_cpu_threads_for_the_run_and_records_them(tmp_path, 
     harness.main(["tiny"], out_dir=str(tmp_path / "default"), **kw)
     (json_path,) = (tmp_path / "default").glob("*.json")
     assert json.loads(json_path.read_text())["meta"]["cpu_threads"] == before
+    # --append of a run at other threads put its CPU rows in the table of the earlier ones (meta: the new count)
+    (csv_path,) = (tmp_path / "one").glob("*.csv")
+    with pytest.raises(ValueError, match=f"that run's cpu_threads is 1, this one's {before + 1}"):
+        harness.main(["tiny"], append_to=str(csv_path), threads=before + 1, **kw)
+    harness.main(["tiny"], append_to=str(csv_path), threads=1, **kw)
+    assert len(harness.read_csv(csv_path)) == 2
     for bad in (0, -2, True, 1.5):
         with pytest.raises(ValueError, match="--threads"):
             harness.main(["tiny"], out_dir=str(tmp_path / "bad"), threads=bad, **kw)
