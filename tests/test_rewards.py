@@ -864,3 +864,24 @@ def test_reward_timeout_bounds_an_async_function_that_blocks_its_loop_or_waits_o
         return [0.25] * len(completions)
 
     assert RewardSet([quick, waits_on_a_thread], timeout=5).score(["p"], ["a"], {}) == [[0.25], [1.0]]
+
+
+def test_a_reward_that_needs_the_main_thread_says_reward_timeout_moved_it_off_it():
+    # with reward_timeout each call runs on a worker thread: a function's own signal.alarm limit (math-verify's
+    # defaults) or asyncio.get_event_loop() worked without the option and raised with it, the error not saying why
+    import asyncio
+    import signal
+
+    def own_alarm(prompts, completions, **kw):
+        signal.signal(signal.SIGALRM, signal.getsignal(signal.SIGALRM))
+        return [1.0] * len(completions)
+
+    def loop_of_the_thread(prompts, completions, **kw):
+        asyncio.get_event_loop()
+        return [1.0] * len(completions)
+
+    for fn in (own_alarm, loop_of_the_thread):
+        with pytest.raises(RewardError, match=rf"'{fn.__name__}' raised .*with reward_timeout set, each call runs on a "
+                                              r"worker thread, where signals and asyncio.get_event_loop\(\)"):
+            RewardSet([fn], timeout=5).score(["p"], ["a"], {})
+    assert RewardSet([own_alarm], timeout=None).score(["p"], ["a"], {}) == [[1.0]]

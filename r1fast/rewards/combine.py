@@ -314,7 +314,23 @@ def _raised(name, fn, e, prompts, completions, columns, extra, timeout=None) -> 
     else:
         where = (" (called again on parts of the batch to find the row, it did not raise: the error is "
                  "intermittent or needs the whole batch)")
-    return RewardError(f"reward function {name!r} raised {type(e).__name__}: {e}{where}")
+    hint = _worker_thread_hint(e, timeout)
+    return RewardError(f"reward function {name!r} raised {type(e).__name__}: {e}{where}{hint}")
+
+
+# what works on the main thread only: a signal (math-verify's parse/verify with their default timeouts, a function's
+# own signal.alarm) and asyncio.get_event_loop() without a loop set (Python makes one for the main thread alone)
+_MAIN_THREAD_ONLY = ("main thread", "threaded environment", "no current event loop in thread")
+
+
+def _worker_thread_hint(e, timeout) -> str:
+    """Why a function that runs without reward_timeout raises with it, when its error says so."""
+    if timeout is None or not any(s in str(e) for s in _MAIN_THREAD_ONLY):
+        return ""
+    return ("; with reward_timeout set, each call runs on a worker thread, where signals and asyncio.get_event_loop() "
+            "without a loop of the thread's own do not work: give the function a limit of its own that works off the "
+            "main thread (math-verify: parsing_timeout=None, timeout_seconds=None; asyncio.run for a coroutine), "
+            "or unset reward_timeout")
 
 
 # keyword arguments TRL passes to reward functions and r1fast does not (docs/training.md, Rewards)
