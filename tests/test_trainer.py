@@ -1,5 +1,6 @@
 """GRPOTrainer end to end on a tiny model (CPU, seconds): it improves a simple reward, resume is
 bit-identical to an uninterrupted run, a NaN step is skipped and counted, KL runs with beta > 0."""
+import dataclasses
 import json
 import math
 import os
@@ -349,6 +350,19 @@ def test_trainer_input_errors(tmp_path):
         GRPOTrainer(model, [sevens], [{"question": "1"}], cfg, tokenizer=tok)
     with pytest.raises(TypeError, match="GRPOConfig"):
         GRPOTrainer(model, [sevens], ROWS, {"beta": 0.1}, tokenizer=tok)
+
+
+def test_reward_timeout_is_not_dropped_for_a_reward_set_given_without_it(tmp_path):
+    # a RewardSet runs its calls under its own timeout: config.reward_timeout=30 with RewardSet([f]) trained unbounded
+    from r1fast.rewards import RewardSet
+
+    model, tok = tiny_model()
+    cfg = GRPOConfig(per_device_train_batch_size=32, reward_timeout=30, output_dir=str(tmp_path / "r"))
+    with pytest.raises(ValueError, match=r"config.reward_timeout is 30 s but the RewardSet given has timeout=None"):
+        GRPOTrainer(model, RewardSet([sevens]), ROWS, cfg, tokenizer=tok)
+    assert GRPOTrainer(model, RewardSet([sevens], timeout=30), ROWS, cfg, tokenizer=tok).rewards.timeout == 30
+    no_option = dataclasses.replace(cfg, reward_timeout=None)   # the RewardSet's own limit stands
+    assert GRPOTrainer(model, RewardSet([sevens], timeout=5), ROWS, no_option, tokenizer=tok).rewards.timeout == 5
 
 
 def test_failing_reward_names_function_and_row(tmp_path):

@@ -109,6 +109,11 @@ class GRPOTrainer:
         if reward_funcs is None:
             reward_funcs = cfg.reward_funcs
         if isinstance(reward_funcs, RewardSet):
+            if cfg.reward_timeout is not None and reward_funcs.timeout != cfg.reward_timeout:
+                # a RewardSet's calls run under its own timeout: the option, set against a hang, did nothing
+                raise ValueError(f"config.reward_timeout is {cfg.reward_timeout:g} s but the RewardSet given has "
+                                 f"timeout={reward_funcs.timeout!r}, which its calls run under; build it with "
+                                 f"RewardSet(..., timeout={cfg.reward_timeout:g})")
             self.rewards = reward_funcs
         else:
             if callable(reward_funcs) or isinstance(reward_funcs, str):
