@@ -516,7 +516,7 @@ def test_sft_takes_a_model_name_and_a_dataset_path_as_grpo_does(tmp_path):
     with pytest.raises(TypeError, match=r"model must be an r1fast CausalLM or its name .*got dict"):
         SFTTrainer({}, tok, rows, SFTConfig(progress_bar=False))
     for wrong in (GRPOConfig(), {"max_steps": 1}):
-        with pytest.raises(TypeError, match=f"config must be an SFTConfig, got {type(wrong).__name__}"):
+        with pytest.raises(TypeError, match=f"config must be an r1fast SFTConfig, got {type(wrong).__name__}"):
             SFTTrainer(model, tok, rows, wrong)
     # GRPOTrainer's (and TRL's) keyword for the data
     tr = SFTTrainer(model, tokenizer=tok, train_dataset=rows, config=SFTConfig(progress_bar=False))
@@ -2819,6 +2819,62 @@ def test_a_tokenizer_in_grpo_trainers_reward_funcs_place_is_named(tmp_path):
     with pytest.raises(TypeError, match=r"reward_funcs is a tokenizer; GRPOTrainer's arguments are \(model, "
                                         r"reward_funcs, train_dataset, config, tokenizer=...\)"):
         GRPOTrainer(model, tok, ROWS, GRPOConfig(output_dir=str(tmp_path), progress_bar=False))
+
+
+
+def _trl_config(name):
+    # stands for trl.GRPOConfig / trl.SFTConfig without importing TRL: a class of the same name from another module
+    return type(name, (), {"__module__": f"trl.trainer.{name.lower()}"})()
+
+
+def test_grpo_trainer_takes_a_trl_scripts_keywords(tmp_path):
+    # GRPOTrainer(model=..., args=..., processing_class=...), TRL's call, was "unexpected keyword argument 'args'";
+    # a trl.GRPOConfig read "config must be a GRPOConfig, got GRPOConfig"; peft_config=... was Python's bare error
+    model, tok = tiny_model()
+    cfg = GRPOConfig(output_dir=str(tmp_path), progress_bar=False, max_steps=3)
+    tr = GRPOTrainer(model=model, reward_funcs=[sevens], args=cfg, train_dataset=ROWS, eval_dataset=None,
+                     processing_class=tok, peft_config=None, callbacks=None, optimizers=(None, None))
+    assert tr.cfg.max_steps == 3 and tr.tokenizer is tok
+    with pytest.raises(TypeError, match="GRPOTrainer: config and args are the same argument"):
+        GRPOTrainer(model, [sevens], ROWS, cfg, args=cfg, tokenizer=tok)
+    with pytest.raises(TypeError, match="GRPOTrainer: tokenizer and processing_class are the same argument"):
+        GRPOTrainer(model, [sevens], ROWS, cfg, tokenizer=tok, processing_class=tok)
+    with pytest.raises(TypeError, match=r"GRPOTrainer: config must be an r1fast GRPOConfig, got "
+                                        r"trl\.trainer\.grpoconfig\.GRPOConfig; build r1fast\.GRPOConfig .*"
+                                        r"from r1fast\.integrations\.trl import GRPOTrainer \(docs/trl\.md\)"):
+        GRPOTrainer(model, [sevens], ROWS, args=_trl_config("GRPOConfig"), processing_class=tok)
+    with pytest.raises(TypeError, match=r"config must be an r1fast GRPOConfig, got dict; GRPOConfig\.from_dict"):
+        GRPOTrainer(model, [sevens], ROWS, {"max_steps": 1}, tokenizer=tok)
+    with pytest.raises(TypeError, match=r"GRPOTrainer: peft_config is TRL's, not r1fast's: r1fast trains every "
+                                        r"weight"):
+        GRPOTrainer(model, [sevens], ROWS, args=cfg, processing_class=tok, peft_config=object())
+    with pytest.raises(TypeError, match="callbacks is TRL's, not r1fast's: r1fast's trainers take no callbacks"):
+        GRPOTrainer(model, [sevens], ROWS, args=cfg, processing_class=tok, callbacks=[object()])
+    with pytest.raises(TypeError, match=r"GRPOTrainer.__init__\(\) got an unexpected keyword argument 'confg'"):
+        GRPOTrainer(model, [sevens], ROWS, confg=cfg, processing_class=tok)
+
+
+def test_sft_trainer_takes_a_trl_scripts_keywords(tmp_path):
+    # SFTTrainer(model=..., args=..., train_dataset=..., processing_class=...), TRL's call, was a TypeError
+    from r1fast.trainer.config import SFTConfig
+    from r1fast.trainer.sft import SFTTrainer
+
+    model, tok = tiny_model()
+    rows = [{"prompt": "1", "completion": "7"}]
+    cfg = SFTConfig(output_dir=str(tmp_path), progress_bar=False, max_steps=2)
+    tr = SFTTrainer(model=model, args=cfg, train_dataset=rows, processing_class=tok, eval_dataset=None,
+                    peft_config=None)
+    assert tr.cfg.max_steps == 2 and tr.tokenizer is tok and len(tr.examples) == 1
+    with pytest.raises(TypeError, match="SFTTrainer: config and args are the same argument"):
+        SFTTrainer(model, tok, rows, cfg, args=cfg)
+    with pytest.raises(TypeError, match="SFTTrainer: tokenizer and processing_class are the same argument"):
+        SFTTrainer(model, tok, rows, cfg, processing_class=tok)
+    with pytest.raises(TypeError, match=r"SFTTrainer: config must be an r1fast SFTConfig, got "
+                                        r"trl\.trainer\.sftconfig\.SFTConfig; build r1fast\.trainer\.SFTConfig"):
+        SFTTrainer(model, args=_trl_config("SFTConfig"), train_dataset=rows, processing_class=tok)
+    with pytest.raises(TypeError, match=r"eval_dataset is TRL's, not r1fast's: r1fast's SFTTrainer does not "
+                                        r"evaluate: r1fast\.trainer\.evaluate_accuracy"):
+        SFTTrainer(model, args=cfg, train_dataset=rows, processing_class=tok, eval_dataset=rows)
 
 
 def test_the_python_api_loads_from_r1fast_trainer():

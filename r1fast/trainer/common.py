@@ -103,6 +103,60 @@ def model_from_argument(model, tokenizer, cfg, fp8="off"):
                                     seed=cfg.seed, fp8=fp8, tokenizer=tokenizer)
 
 
+# Keywords of TRL's GRPOTrainer / SFTTrainer that r1fast's trainers do not take, and what to do instead
+# (each left at TRL's default, None or (None, None), is accepted: a ported script often passes them so)
+_TRL_ONLY_KEYWORDS = {
+    "reward_processing_classes": "r1fast's reward functions get the decoded completions, not token ids: give "
+                                 "built-in names or functions (docs/training.md, Rewards)",
+    "callbacks": "r1fast's trainers take no callbacks: metrics go to the run folder's metrics.jsonl and report_to",
+    "optimizers": "the trainer builds AdamW and its schedule from the config (learning_rate, weight_decay, adam_*, "
+                  "lr_scheduler_type, warmup_*)",
+    "optimizer_cls_and_kwargs": "the trainer builds AdamW from the config (learning_rate, weight_decay, adam_*)",
+    "peft_config": "r1fast trains every weight (no LoRA/PEFT); use TRL's trainer for PEFT",
+    "quantization_config": "r1fast loads the model in the config's dtype (or fp8: see docs/fp8.md)",
+    "data_collator": "r1fast packs its own batches",
+    "formatting_func": "give prompt/completion or messages rows (docs/training.md, Data)",
+    "eval_dataset": "r1fast's SFTTrainer does not evaluate: r1fast.trainer.evaluate_accuracy(model, tok, rows) "
+                    "after training, or a pipeline's eval_dataset",
+}
+
+
+def trl_alias(name: str, value, trl_name: str, trl_value, who: str):
+    """An argument given under r1fast's name or TRL's (config/args, tokenizer/processing_class), not both."""
+    if trl_value is None:
+        return value
+    if value is not None:
+        raise TypeError(f"{who}: {name} and {trl_name} are the same argument ({trl_name} is TRL's name); give one")
+    return trl_value
+
+
+def refuse_trl_only_keywords(keywords: dict, who: str):
+    """TRL trainer keywords r1fast has no counterpart for: named with what to do, not Python's bare
+    "unexpected keyword argument" (an unknown keyword still gets exactly that)."""
+    for key, value in keywords.items():
+        if key not in _TRL_ONLY_KEYWORDS:
+            raise TypeError(f"{who}.__init__() got an unexpected keyword argument {key!r}")
+        unset = value is None or (isinstance(value, tuple) and all(v is None for v in value))
+        if not unset:
+            raise TypeError(f"{who}: {key} is TRL's, not r1fast's: {_TRL_ONLY_KEYWORDS[key]}")
+
+
+def check_config_type(cfg, expected: type, who: str, instead: str):
+    """The trainer's own config class. TRL's (its classes have the same names: the old error read "config must be
+    a GRPOConfig, got GRPOConfig") and other foreign ones are named with their module and what to build instead."""
+    if isinstance(cfg, expected):
+        return
+    kind, name = type(cfg), expected.__name__
+    foreign = kind.__module__ != "builtins" and not kind.__module__.startswith("r1fast.")
+    got = f"{kind.__module__}.{kind.__qualname__}" if foreign else kind.__name__
+    message = f"{who}: config must be an r1fast {name}, got {got}"
+    if isinstance(cfg, dict):
+        message += f"; {name}.from_dict(mapping) builds one"
+    elif foreign:
+        message += f"; {instead}"
+    raise TypeError(message)
+
+
 def check_model_device(model, device: Optional[str]):
     """An explicit `device` option for a model passed in as an object must be where the model is: it is
     not moved, and the option would otherwise be ignored without a word."""

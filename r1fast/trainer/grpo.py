@@ -34,6 +34,7 @@ from r1fast.trainer.common import (  # noqa: F401  (NonFiniteLoss: also importab
     start_run,
     step_if_finite,
     check_answer_column,
+    check_config_type,
     dataset_rows,
     check_reward_keywords,
     DataCursor,
@@ -51,6 +52,8 @@ from r1fast.trainer.common import (  # noqa: F401  (NonFiniteLoss: also importab
     run_dir_for,
     say_what_is_kept,
     unscale_and_clip,
+    refuse_trl_only_keywords,
+    trl_alias,
     warmup_steps_of,
 )
 from r1fast.trainer.config import ConfigError, GRPOConfig
@@ -77,14 +80,22 @@ class GRPOTrainer:
                     with TRL's signature `(prompts, completions, **columns) -> list[float | None]`
     train_dataset:  rows with a prompt column (string or chat messages) and the columns the rewards
                     read (e.g. "answer"): a list of dicts, a datasets.Dataset, or a path / builtin:<task>
+    By keyword also TRL's names, `args=` for config and `processing_class=` for tokenizer.
     """
 
     def __init__(self, model, reward_funcs=None, train_dataset=None, config: Optional[GRPOConfig] = None,
-                 tokenizer=None, eval_dataset=None, *, run_dir: Optional[str] = None,
-                 stage_name: str = "grpo", step_offset: int = 0, eval_at_ends: bool = True):
+                 tokenizer=None, eval_dataset=None, *, args: Optional[GRPOConfig] = None, processing_class=None,
+                 run_dir: Optional[str] = None, stage_name: str = "grpo", step_offset: int = 0,
+                 eval_at_ends: bool = True, **trl_keywords):
+        # TRL's names for two of the arguments, so a TRL script's call ports as it is
+        config = trl_alias("config", config, "args", args, "GRPOTrainer")
+        tokenizer = trl_alias("tokenizer", tokenizer, "processing_class", processing_class, "GRPOTrainer")
+        refuse_trl_only_keywords(trl_keywords, "GRPOTrainer")
         self.cfg = config or GRPOConfig()
-        if not isinstance(self.cfg, GRPOConfig):
-            raise TypeError(f"config must be a GRPOConfig, got {type(self.cfg).__name__}")
+        check_config_type(self.cfg, GRPOConfig, "GRPOTrainer", instead=(
+            "build r1fast.GRPOConfig from the options you set (TRL's names where the meaning is the same; "
+            "docs/training.md lists the defaults that differ), or keep TRL's config and TRL's trainer with r1fast's "
+            "loss: from r1fast.integrations.trl import GRPOTrainer (docs/trl.md)"))
         self.cfg.validate()
         cfg = self.cfg
         if hasattr(reward_funcs, "convert_tokens_to_ids"):   # a tokenizer is callable: it passed for a reward function

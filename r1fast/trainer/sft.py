@@ -18,6 +18,7 @@ from r1fast.trainer.common import (
     step_if_finite,
     DataCursor,
     accumulating_gradients,
+    check_config_type,
     check_model_and_tokenizer,
     dataset_rows,
     model_from_argument,
@@ -28,7 +29,9 @@ from r1fast.trainer.common import (
     make_scheduler,
     pack,
     prompt_sharing_pays,
+    refuse_trl_only_keywords,
     run_dir_for,
+    trl_alias,
     unscale_and_clip,
     warmup_steps_of,
 )
@@ -45,18 +48,24 @@ class SFTTrainer:
                 unless `tokenizer` is given)
     rows:       (prompt, completion) rows or TRL's `messages` rows: a list of dicts, a datasets.Dataset,
                 or a path / builtin:<task>; None: config.dataset. By keyword also `train_dataset=`, the name
-                GRPOTrainer and TRL's SFTTrainer give it
+                GRPOTrainer and TRL's SFTTrainer give it (TRL's `args=` and `processing_class=` are taken too)
     """
 
     def __init__(self, model, tokenizer=None, rows=None, config: Optional[SFTConfig] = None, *,
-                 train_dataset=None, run_dir: Optional[str] = None, stage_name: str = "sft", step_offset: int = 0):
+                 train_dataset=None, args: Optional[SFTConfig] = None, processing_class=None,
+                 run_dir: Optional[str] = None, stage_name: str = "sft", step_offset: int = 0, **trl_keywords):
         if train_dataset is not None:
             if rows is not None:
                 raise TypeError("SFTTrainer: give the dataset once, as rows or as train_dataset")
             rows = train_dataset
+        # TRL's names for two of the arguments, so a TRL script's call ports as it is
+        config = trl_alias("config", config, "args", args, "SFTTrainer")
+        tokenizer = trl_alias("tokenizer", tokenizer, "processing_class", processing_class, "SFTTrainer")
+        refuse_trl_only_keywords(trl_keywords, "SFTTrainer")
         self.cfg = config or SFTConfig()
-        if not isinstance(self.cfg, SFTConfig):
-            raise TypeError(f"config must be an SFTConfig, got {type(self.cfg).__name__}")
+        check_config_type(self.cfg, SFTConfig, "SFTTrainer", instead=(
+            "build r1fast.trainer.SFTConfig from the options you set (TRL's names where the meaning is the same; "
+            "r1fast/trainer/config.py lists its fields)"))
         self.cfg.validate()
         cfg = self.cfg
         # the data before the model: a wrong path is said before a large model has loaded
