@@ -209,6 +209,18 @@ def test_resuming_another_runs_checkpoint_into_a_folder_holding_a_third_run_is_r
     assert make(tmp_path, "b_link", **{**kw, "max_steps": 2}).train(resume=str(tmp_path / "b"))["global_step"] == 2
 
 
+def test_resuming_an_older_checkpoint_through_a_symlinked_output_dir_sets_the_later_ones_aside(tmp_path):
+    # resume_into compares real paths but set_aside_newer compared abspaths: through output_dir=<symlink to b>,
+    # resuming b's checkpoint-1 left b's checkpoint-3 in place, which a later bare --resume went on from
+    kw = dict(max_steps=3, per_device_train_batch_size=4, num_generations=2, max_completion_length=3, save_steps=1,
+              save_total_limit=None)
+    make(tmp_path, "b", **kw).train()
+    os.symlink(tmp_path / "b", tmp_path / "b_link")
+    make(tmp_path, "b_link", **{**kw, "max_steps": 2}).train(resume=str(tmp_path / "b" / "checkpoint-1"))
+    assert sorted(p.name for p in (tmp_path / "b").glob("*checkpoint-*")) == [
+        "abandoned-checkpoint-2", "abandoned-checkpoint-3", "checkpoint-1", "checkpoint-2"]
+
+
 def test_a_failed_reference_write_leaves_the_last_checkpoint_resumable(tmp_path, monkeypatch):
     # reference.safetensors was written after checkpoint-N had been renamed into place and the older
     # checkpoints pruned: a full disk left checkpoint-2 with half a reference model, and the run could

@@ -92,7 +92,10 @@ def set_aside_newer(run_dir: str, resume_path: str) -> list[str]:
     """Resuming from a checkpoint older than the newest in its folder abandons the steps after it:
     rename those newer checkpoints to abandoned-checkpoint-<step> (kept, never resumed or pruned),
     or a later bare --resume would continue the abandoned steps. Returns the new names."""
-    if os.path.dirname(os.path.abspath(resume_path)) != os.path.abspath(run_dir):
+    # real paths, as resume_into: through an output_dir that is a symlink to the checkpoint's folder, the newer
+    # checkpoints stayed, and a later bare --resume went on from the abandoned steps
+    home = os.path.dirname(os.path.abspath(os.path.normpath(resume_path)))
+    if os.path.realpath(home) != os.path.realpath(run_dir):
         return []
     m = _CKPT_RE.match(os.path.basename(os.path.normpath(resume_path)))
     moved = []
