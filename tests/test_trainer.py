@@ -201,6 +201,12 @@ def test_resuming_another_runs_checkpoint_into_a_folder_holding_a_third_run_is_r
     with pytest.raises(ValueError, match=rf"holds another run \(checkpoint-1\); give output_dir={tmp_path / 'b'}"):
         make(tmp_path, "a", **{**kw, "max_steps": 2}).train(resume=str(tmp_path / "b"))
     assert (tmp_path / "a" / "metrics.jsonl").read_text() == a_log
+    # the same command run again (a restarted job) finds its own steps since b's checkpoint: --resume alone goes on
+    b_ckpt = str(tmp_path / "b" / "checkpoint-1")
+    make(tmp_path, "c", **{**kw, "max_steps": 2}).train(resume=b_ckpt)
+    with pytest.raises(ValueError, match=r"If they are this run's own steps since checkpoint-1 \(the same command run "
+                                         r"before, as a restarted job does\), --resume alone goes on from checkpoint-2"):
+        make(tmp_path, "c", **{**kw, "max_steps": 3}).train(resume=b_ckpt)
     # overwrite_output_dir deletes a's run first
     res = make(tmp_path, "a", **{**kw, "max_steps": 2, "overwrite_output_dir": True}).train(resume=str(tmp_path / "b"))
     assert res["global_step"] == 2 and sorted(p.name for p in (tmp_path / "a").glob("checkpoint-*")) == ["checkpoint-2"]

@@ -233,10 +233,13 @@ def resume_into(run_dir: str, resume_path: str, overwrite: bool):
         clear_run(run_dir)
         return
     names = ", ".join(os.path.basename(p) for _, p in ckpts)
+    home_ckpt = os.path.normpath(resume_path)
     raise OutputDirHoldsAnotherRun(f"--resume {resume_path}: this run writes to output_dir {run_dir}, which holds "
                                    f"another run ({names}); give output_dir={home} to continue that run in its own "
                                    f"folder, another output_dir, or overwrite_output_dir=true to delete {run_dir}'s "
-                                   f"run first")
+                                   f"run first. If they are this run's own steps since {os.path.basename(home_ckpt)} "
+                                   f"(the same command run before, as a restarted job does), --resume alone goes on "
+                                   f"from {os.path.basename(ckpts[-1][1])}")
 
 
 def clear_run(run_dir: str):
