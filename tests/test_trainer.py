@@ -381,6 +381,13 @@ def test_reward_timeout_is_not_dropped_for_a_reward_set_given_without_it(tmp_pat
     assert GRPOTrainer(model, RewardSet([sevens], timeout=30), ROWS, cfg, tokenizer=tok).rewards.timeout == 30
     no_option = dataclasses.replace(cfg, reward_timeout=None)   # the RewardSet's own limit stands
     assert GRPOTrainer(model, RewardSet([sevens], timeout=5), ROWS, no_option, tokenizer=tok).rewards.timeout == 5
+    # reward_weights too: RewardSet([f, g]) totalled with weights [1, 1] while the checkpoint recorded [2, 1]
+    weighted = dataclasses.replace(no_option, reward_weights=[2, 1])
+    with pytest.raises(ValueError, match=r"config.reward_weights is \[2.0, 1.0\] but the RewardSet given has weights "
+                                         r"\[1.0, 1.0\]"):
+        GRPOTrainer(model, RewardSet([sevens, "format"]), ROWS, weighted, tokenizer=tok)
+    assert GRPOTrainer(model, RewardSet([sevens, "format"], [2, 1]), ROWS, weighted, tokenizer=tok).rewards.weights \
+        == [2.0, 1.0]
 
 
 def test_failing_reward_names_function_and_row(tmp_path):

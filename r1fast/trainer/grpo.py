@@ -125,6 +125,11 @@ class GRPOTrainer:
                 raise ValueError(f"config.reward_timeout is {cfg.reward_timeout:g} s but the RewardSet given has "
                                  f"timeout={reward_funcs.timeout!r}, which its calls run under; build it with "
                                  f"RewardSet(..., timeout={cfg.reward_timeout:g})")
+            if cfg.reward_weights is not None and [float(w) for w in cfg.reward_weights] != reward_funcs.weights:
+                # as the timeout: a RewardSet totals with its own weights, while the checkpoint recorded the config's
+                raise ValueError(f"config.reward_weights is {list(cfg.reward_weights)} but the RewardSet given has "
+                                 f"weights {reward_funcs.weights}, which its totals use; build it with "
+                                 f"RewardSet(funcs, {list(cfg.reward_weights)}) or leave reward_weights unset")
             self.rewards = reward_funcs
         else:
             if callable(reward_funcs) or isinstance(reward_funcs, str):
