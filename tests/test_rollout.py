@@ -441,7 +441,10 @@ def test_bad_token_ids_are_named_by_prompt_position_and_value(models):
     fails(TypeError, r"prompt 1 must hold ints only, got a tensor of torch.bfloat16$", torch.ones(2, dtype=torch.bfloat16))
     fails(TypeError, r"prompt 1 must be a 1-D list of token ids, got 2 dimensions", torch.tensor([[1, 2]]))
     # numpy ints, numpy arrays and integer tensors are token ids; the result holds Python ints
-    for prompt in ([np.int64(3), 4], np.array([3, 4], dtype=np.int8), torch.tensor([3, 4])):
+    # an object array of ints (a pandas object column's values) passed before the checks moved to numpy dtypes
+    fails(TypeError, r"prompt 1 must hold ints only; position 1 holds None", np.array([3, None], dtype=object))
+    for prompt in ([np.int64(3), 4], np.array([3, 4], dtype=np.int8), torch.tensor([3, 4]),
+                   np.array([3, 4], dtype=object)):
         got = engine.generate([prompt], SamplingParams(max_tokens=1, seed=0))[0].prompt_token_ids
         assert got == [3, 4] and all(type(t) is int for t in got)
 

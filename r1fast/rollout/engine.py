@@ -74,6 +74,8 @@ def _prompt_ids(i: int, prompt, vocab: int) -> list[int]:
     """Prompt i as a new list of Python ints in [0, vocab). The checks are one pass over the element types
     and one numpy conversion (a long prompt costs no Python loop per token); a bad token is then looked up
     to name its position and value."""
+    if isinstance(prompt, np.ndarray) and prompt.dtype == object and prompt.ndim == 1:
+        prompt = prompt.tolist()   # Python ints in an object array (a pandas object column's values): checked as a list
     if isinstance(prompt, (np.ndarray, torch.Tensor)):
         if prompt.ndim != 1:
             raise TypeError(f"generate: prompt {i} must be a 1-D list of token ids, got {prompt.ndim} dimensions")
