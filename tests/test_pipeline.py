@@ -68,6 +68,26 @@ def test_sample_stage_that_keeps_nothing_fails_unfinished_and_resumes_with_new_t
     assert [s["stage"] for s in summary["stages"]] == ["rs", "student"]
 
 
+
+def test_sample_stage_that_keeps_nothing_for_a_stage_reading_its_output_file_fails_unfinished(tmp_path):
+    # the same as "@rs" with the later stage's dataset the path of rs's output_file: rs was recorded finished with
+    # an empty file, 'student' failed with "dataset ... is empty", and --resume with lower thresholds skipped rs
+    spec = tiny_pipeline(tmp_path)
+    spec.pop("eval_dataset")
+    spec["stages"] = spec["stages"][2:]
+    out = str(tmp_path / "rs_out.jsonl")
+    spec["stages"][0]["num_rows"] = 2
+    spec["stages"][0]["config"].update(reward_thresholds=[1.5], num_samples=1, max_completion_length=4,
+                                       output_file=out)
+    spec["stages"][1].update(dataset=out)
+    spec["stages"][1]["config"]["max_steps"] = 1
+    with pytest.raises(ValueError, match=r"stage 'rs' kept 0 of 2 samples .*'student' trains on them"):
+        run_pipeline(spec)
+    assert "rs" not in json.load(open(tmp_path / "run" / "pipeline_state.json"))["stages"]
+    spec["stages"][0]["config"]["reward_thresholds"] = [0.0]
+    assert [s["stage"] for s in run_pipeline(spec, resume=True)["stages"]] == ["rs", "student"]
+
+
 def test_pipeline_config_errors(tmp_path):
     spec = tiny_pipeline(tmp_path)
     spec["stages"][3]["dataset"] = "@nothing"

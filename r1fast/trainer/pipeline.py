@@ -564,7 +564,12 @@ class PipelineRunner:
 
         if kept:
             return
-        readers = [s.name for s in self.p.stages if s.dataset == f"@{stage.name}"]
+        # "@stage", or the file the stage writes (output_file) given as a later stage's dataset path
+        names = {f"@{stage.name}"}
+        if stage.config.output_file:
+            names.add(os.path.abspath(stage.config.output_file))
+        readers = [s.name for s in self.p.stages
+                   if s.dataset and (s.dataset in names or os.path.abspath(s.dataset) in names)]
         if readers:
             n = stage.name
             cut = f", raise {n}.max_completion_length or set {n}.keep_truncated=true" if stats.get("truncated") else ""
