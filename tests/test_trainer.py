@@ -198,7 +198,8 @@ def test_resuming_another_runs_checkpoint_into_a_folder_holding_a_third_run_is_r
     make(tmp_path, "a", **kw).train()
     make(tmp_path, "b", **kw).train()
     a_log = (tmp_path / "a" / "metrics.jsonl").read_text()
-    with pytest.raises(ValueError, match=rf"holds another run \(checkpoint-1\); give output_dir={tmp_path / 'b'}"):
+    with pytest.raises(ValueError, match=rf"holds another run \(checkpoint-1\); give output_dir={tmp_path / 'b'} .*"
+                                         rf"delete {tmp_path / 'a'}'s run first$"):   # no step past b's: a's own
         make(tmp_path, "a", **{**kw, "max_steps": 2}).train(resume=str(tmp_path / "b"))
     assert (tmp_path / "a" / "metrics.jsonl").read_text() == a_log
     # the same command run again (a restarted job) finds its own steps since b's checkpoint: --resume alone goes on

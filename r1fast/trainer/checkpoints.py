@@ -233,13 +233,16 @@ def resume_into(run_dir: str, resume_path: str, overwrite: bool):
         clear_run(run_dir)
         return
     names = ", ".join(os.path.basename(p) for _, p in ckpts)
-    home_ckpt = os.path.normpath(resume_path)
+    start = os.path.basename(os.path.normpath(resume_path))
+    m = _CKPT_RE.match(start.removeprefix("abandoned-"))
+    # steps past the checkpoint's may be this run's own: the same command run before (a restarted job)
+    own = (f". If they are this run's own steps since {start} (the same command run before, as a restarted job "
+           f"does), --resume alone goes on from {os.path.basename(ckpts[-1][1])}"
+           if m is None or ckpts[-1][0] > int(m.group(1)) else "")
     raise OutputDirHoldsAnotherRun(f"--resume {resume_path}: this run writes to output_dir {run_dir}, which holds "
                                    f"another run ({names}); give output_dir={home} to continue that run in its own "
                                    f"folder, another output_dir, or overwrite_output_dir=true to delete {run_dir}'s "
-                                   f"run first. If they are this run's own steps since {os.path.basename(home_ckpt)} "
-                                   f"(the same command run before, as a restarted job does), --resume alone goes on "
-                                   f"from {os.path.basename(ckpts[-1][1])}")
+                                   f"run first{own}")
 
 
 def clear_run(run_dir: str):
