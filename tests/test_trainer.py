@@ -2878,6 +2878,11 @@ def test_grpo_trainer_takes_a_trl_scripts_keywords(tmp_path):
         GRPOTrainer(model, [sevens], ROWS, args=cfg, processing_class=tok, callbacks=[object()])
     with pytest.raises(TypeError, match=r"GRPOTrainer.__init__\(\) got an unexpected keyword argument 'confg'"):
         GRPOTrainer(model, [sevens], ROWS, confg=cfg, processing_class=tok)
+    # TRL's positional order (model, reward_funcs, args, train_dataset) was "config must be an r1fast GRPOConfig,
+    # got list": the rows had landed in config's place
+    with pytest.raises(TypeError, match=r"GRPOTrainer: the train_dataset argument is a GRPOConfig: TRL's positional "
+                                        r"order is \(model, reward_funcs, args, train_dataset\), r1fast's"):
+        GRPOTrainer(model, [sevens], cfg, ROWS, processing_class=tok)
 
 
 def test_sft_trainer_takes_a_trl_scripts_keywords(tmp_path):
@@ -2901,6 +2906,12 @@ def test_sft_trainer_takes_a_trl_scripts_keywords(tmp_path):
     with pytest.raises(TypeError, match=r"eval_dataset is TRL's, not r1fast's: r1fast's SFTTrainer does not "
                                         r"evaluate: r1fast\.trainer\.evaluate_accuracy"):
         SFTTrainer(model, args=cfg, train_dataset=rows, processing_class=tok, eval_dataset=rows)
+    # TRL's positional order (model, args, ...): the config landed in the tokenizer's place, and was "tokenizer and
+    # processing_class are the same argument"
+    for config in (cfg, _trl_config("SFTConfig")):
+        with pytest.raises(TypeError, match=r"SFTTrainer: the tokenizer argument is an SFTConfig: TRL's positional "
+                                            r"order is \(model, args, ...\), r1fast's \(model, tokenizer, rows, config\)"):
+            SFTTrainer(model, config, train_dataset=rows, processing_class=tok)
 
 
 def test_the_python_api_loads_from_r1fast_trainer():

@@ -130,6 +130,15 @@ def trl_alias(name: str, value, trl_name: str, trl_value, who: str):
     return trl_value
 
 
+def refuse_config_in_trl_place(value, place: str, who: str, trl_order: str, order: str):
+    """A config (r1fast's or TRL's: same class names) passed positionally where TRL's signature has `args`: it
+    landed in r1fast's `place` and was refused as a wrong config or tokenizer, not as an argument order."""
+    name = type(value).__name__
+    if name in ("GRPOConfig", "SFTConfig"):
+        raise TypeError(f"{who}: {place} is {'an' if name == 'SFTConfig' else 'a'} {name}: TRL's positional order is {trl_order}, r1fast's "
+                        f"{order}; pass them by keyword (args=..., train_dataset=..., processing_class=...)")
+
+
 def refuse_trl_only_keywords(keywords: dict, who: str):
     """TRL trainer keywords r1fast has no counterpart for: named with what to do, not Python's bare
     "unexpected keyword argument" (an unknown keyword still gets exactly that)."""

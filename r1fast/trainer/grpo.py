@@ -52,6 +52,7 @@ from r1fast.trainer.common import (  # noqa: F401  (NonFiniteLoss: also importab
     run_dir_for,
     say_what_is_kept,
     unscale_and_clip,
+    refuse_config_in_trl_place,
     refuse_trl_only_keywords,
     trl_alias,
     warmup_steps_of,
@@ -87,6 +88,9 @@ class GRPOTrainer:
                  tokenizer=None, eval_dataset=None, *, args: Optional[GRPOConfig] = None, processing_class=None,
                  run_dir: Optional[str] = None, stage_name: str = "grpo", step_offset: int = 0,
                  eval_at_ends: bool = True, **trl_keywords):
+        refuse_config_in_trl_place(train_dataset, "the train_dataset argument", "GRPOTrainer",
+                                   "(model, reward_funcs, args, train_dataset)",
+                                   "(model, reward_funcs, train_dataset, config)")
         # TRL's names for two of the arguments, so a TRL script's call ports as it is
         config = trl_alias("config", config, "args", args, "GRPOTrainer")
         tokenizer = trl_alias("tokenizer", tokenizer, "processing_class", processing_class, "GRPOTrainer")

@@ -29,6 +29,7 @@ from r1fast.trainer.common import (
     make_scheduler,
     pack,
     prompt_sharing_pays,
+    refuse_config_in_trl_place,
     refuse_trl_only_keywords,
     run_dir_for,
     trl_alias,
@@ -54,6 +55,8 @@ class SFTTrainer:
     def __init__(self, model, tokenizer=None, rows=None, config: Optional[SFTConfig] = None, *,
                  train_dataset=None, args: Optional[SFTConfig] = None, processing_class=None,
                  run_dir: Optional[str] = None, stage_name: str = "sft", step_offset: int = 0, **trl_keywords):
+        refuse_config_in_trl_place(tokenizer, "the tokenizer argument", "SFTTrainer", "(model, args, ...)",
+                                   "(model, tokenizer, rows, config)")
         if train_dataset is not None:
             if rows is not None:
                 raise TypeError("SFTTrainer: give the dataset once, as rows or as train_dataset")
