@@ -885,3 +885,36 @@ def test_a_reward_that_needs_the_main_thread_says_reward_timeout_moved_it_off_it
                                               r"worker thread, where signals and asyncio.get_event_loop\(\)"):
             RewardSet([fn], timeout=5).score(["p"], ["a"], {})
     assert RewardSet([own_alarm], timeout=None).score(["p"], ["a"], {}) == [[1.0]]
+
+
+def test_a_reward_call_on_a_worker_thread_sees_the_callers_grad_mode():
+    # grad and inference mode are per thread: with reward_timeout (or from a notebook's running loop) a reward
+    # model judge called under torch.no_grad() ran with grad enabled on the worker, building autograd graphs
+    import asyncio
+
+    import torch
+
+    seen = []
+
+    def judge(prompts, completions, **kw):
+        seen.append((torch.is_grad_enabled(), torch.is_inference_mode_enabled()))
+        return [1.0] * len(completions)
+
+    async def async_judge(prompts, completions, **kw):
+        return judge(prompts, completions)
+
+    for fn in (judge, async_judge):
+        for mode, expected in ((torch.no_grad, (False, False)), (torch.inference_mode, (False, True)),
+                               (torch.enable_grad, (True, False))):
+            seen.clear()
+            with mode():
+                assert RewardSet([fn], timeout=5).score(["p"], ["a"], {}) == [[1.0]]
+            assert seen == [expected], (fn.__name__, mode.__name__)
+
+    async def from_a_notebook():   # its loop is running: the async function runs on another thread
+        with torch.no_grad():
+            return RewardSet([async_judge]).score(["p"], ["a"], {})
+
+    seen.clear()
+    assert asyncio.run(from_a_notebook()) == [[1.0]]
+    assert seen == [(False, False)]

@@ -216,10 +216,12 @@ def _invoke(fn, kwargs: dict, timeout: float):
     """fn(**kwargs) on a worker thread, waited on for `timeout` seconds; _OutOfTime past them. The thread is
     a daemon: a call that never returns does not keep the process from exiting."""
     outcome = {}
+    torch_state = _callers_torch_state()
 
     def run():
         try:
-            outcome["value"] = fn(**kwargs)
+            with torch_state():
+                outcome["value"] = fn(**kwargs)
         except BaseException as e:   # re-raised on the caller's thread, as a direct call would raise it
             outcome["error"] = e
 
@@ -231,6 +233,29 @@ def _invoke(fn, kwargs: dict, timeout: float):
     if "error" in outcome:
         raise outcome["error"]
     return outcome["value"]
+
+
+def _callers_torch_state():
+    """A context manager that gives a worker thread the calling thread's torch state: grad mode, inference mode
+    and the current CUDA device are per thread, so a reward model judge called under torch.no_grad() would build
+    autograd graphs on the worker (and run on cuda:0). torch is not imported here for a run that does not use it:
+    without it in sys.modules no one has set any of that state."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return contextlib.nullcontext
+    grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+    device = torch.cuda.current_device() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+
+    @contextlib.contextmanager
+    def entered():
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(torch.set_grad_enabled(grad))
+            if inference:
+                stack.enter_context(torch.inference_mode())
+            if device is not None:
+                stack.enter_context(torch.cuda.device(device))
+            yield
+    return entered
 
 
 def _timed_out(name, timeout, rows, fate) -> RewardTimeout:
@@ -252,8 +277,14 @@ def _await_all(awaitables: list, timeout: Optional[float] = None) -> list:
         asyncio.get_running_loop()
     except RuntimeError:
         return asyncio.run(gather())
+    torch_state = _callers_torch_state()
+
+    def run():
+        with torch_state():
+            return asyncio.run(gather())
+
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        return pool.submit(asyncio.run, gather()).result()
+        return pool.submit(run).result()
 
 
 def _await_all_bounded(awaitables: list, timeout: float) -> list:
