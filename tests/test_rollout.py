@@ -440,6 +440,8 @@ def test_bad_token_ids_are_named_by_prompt_position_and_value(models):
     fails(TypeError, r"prompt 1 must hold ints only, got an array of float64$", np.array([1.0, 2.0]))
     fails(TypeError, r"prompt 1 must hold ints only, got a tensor of torch.bfloat16$", torch.ones(2, dtype=torch.bfloat16))
     fails(TypeError, r"prompt 1 must be a 1-D list of token ids, got 2 dimensions", torch.tensor([[1, 2]]))
+    fails(ValueError, r"^generate: prompt 1 is a tensor on the meta device, which holds no token ids",
+          torch.tensor([1, 2], device="meta"))
     # numpy ints, numpy arrays and integer tensors are token ids; the result holds Python ints
     # an object array of ints (a pandas object column's values) passed before the checks moved to numpy dtypes
     fails(TypeError, r"prompt 1 must hold ints only; position 1 holds None", np.array([3, None], dtype=object))

@@ -82,6 +82,9 @@ def _prompt_ids(i: int, prompt, vocab: int) -> list[int]:
         if isinstance(prompt, torch.Tensor):
             if prompt.dtype.is_floating_point or prompt.dtype.is_complex or prompt.dtype == torch.bool:
                 raise TypeError(f"generate: prompt {i} must hold ints only, got a tensor of {prompt.dtype}")
+            if prompt.is_meta:   # .cpu() raised a bare "Cannot copy out of meta tensor; no data!"
+                raise ValueError(f"generate: prompt {i} is a tensor on the meta device, which holds no token ids "
+                                 f"(shape only); give it on the CPU or a real device")
             prompt = prompt.detach().cpu().numpy()
         if prompt.dtype.kind not in ("i", "u"):
             raise TypeError(f"generate: prompt {i} must hold ints only, got an array of {prompt.dtype}")
