@@ -1574,6 +1574,31 @@ def test_r1fast_sample_stopped_by_an_error_says_what_it_kept(tmp_path, monkeypat
         "out.jsonl.sample_progress.json; continue with: r1fast sample " + " ".join(args) + " --resume")
 
 
+def test_r1fast_sample_stopped_by_a_reward_timeout_says_to_continue_with_a_higher_one(tmp_path, monkeypatch, capsys):
+    # the hint repeated reward_timeout=1, which timed out again; resuming with another limit is allowed
+    import r1fast.trainer.sampling as sampling
+    from r1fast.rewards import RewardTimeout
+
+    def judge_slow_at_batch_2(model, tok, rows, cfg, on_batch=None, **kw):
+        on_batch([], {"prompts": 8, "next_prompt": 4})
+        raise RewardTimeout("reward function 'judge' did not return within reward_timeout = 1 s")
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sampling, "rejection_sample", judge_slow_at_batch_2)
+    args = ["model_name_or_path=builtin:micro", "dataset=builtin:arithmetic", "output_file=out.jsonl"]
+    with pytest.raises(SystemExit, match="did not return"):
+        main(["sample", *args, "reward_timeout=1"])
+    assert capsys.readouterr().err.strip() == (
+        "r1fast sample: the batches of prompts sampled before the error below are kept in "
+        "out.jsonl.sample_progress.json; continue with a higher reward_timeout: r1fast sample " + " ".join(args)
+        + " reward_timeout=SECONDS --resume")
+    (tmp_path / "s.yaml").write_text("reward_timeout: 1\n")   # set in the config file: raised there
+    with pytest.raises(SystemExit, match="did not return"):
+        main(["sample", "s.yaml", *args, "--resume"])
+    assert capsys.readouterr().err.strip().endswith(
+        "; raise reward_timeout in s.yaml and continue with: r1fast sample s.yaml " + " ".join(args) + " --resume")
+
+
 def test_r1fast_sample_resume_over_another_samplings_progress_stopped_by_an_error_keeps_nothing(
         tmp_path, monkeypatch, capsys):
     # --resume over a progress file of other options (set aside: "samples from its first prompt"), then an error

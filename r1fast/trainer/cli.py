@@ -159,11 +159,11 @@ def _guarded(cmd: str, func, resumable: bool = True):
             if kept:
                 # as after Ctrl-C: a run that stopped on an error mid-way (a reward function that raised) goes on
                 raise SystemExit(f"r1fast {cmd}: {e}\nr1fast {cmd}: {kept} kept; once that is fixed, "
-                                 f"continue with: {_resume_command(cmd, args.rest)}") from None
+                                 f"{_continue_with(cmd, args.rest, e)}") from None
             if resumable and getattr(e, "r1fast_sample_progress", None):   # a pipeline's sample stage
                 raise SystemExit(f"r1fast {cmd}: {e}\nr1fast {cmd}: the batches of prompts sampled before the error "
-                                 f"are kept in {e.r1fast_sample_progress}; once that is fixed, continue with: "
-                                 f"{_resume_command(cmd, args.rest)}") from None
+                                 f"are kept in {e.r1fast_sample_progress}; once that is fixed, "
+                                 f"{_continue_with(cmd, args.rest, e)}") from None
             _fail(cmd, e)
     return run
 
@@ -188,6 +188,28 @@ def _left_progress(run_folders: list[str]) -> str | None:
         except (OSError, ValueError, AttributeError):   # none, or damaged: nothing to say
             pass
     return None
+
+
+def _continue_with(cmd: str, rest: list[str], error: BaseException) -> str:
+    """'continue with: <the command that continues this one>'. After a RewardTimeout that command with the same
+    reward_timeout stops again: a typed reward_timeout override is left for the user to raise (resuming with
+    another limit is allowed), and one set in the config file is named there."""
+    from r1fast.rewards import RewardTimeout
+
+    if not isinstance(error, RewardTimeout):
+        return f"continue with: {_resume_command(cmd, rest)}"
+    raised = [a.split("=", 1)[0] + "=SECONDS" if _sets_reward_timeout(a) else a for a in rest]
+    if raised != rest:
+        return f"continue with a higher reward_timeout: {_resume_command(cmd, raised)}"
+    config = _split_as_typed(rest)[0]
+    where = f" in {config}" if config else ""
+    return f"raise reward_timeout{where} and continue with: {_resume_command(cmd, rest)}"
+
+
+def _sets_reward_timeout(arg: str) -> bool:
+    """reward_timeout=... or a pipeline stage's rs.reward_timeout=..."""
+    key = arg.split("=", 1)[0] if "=" in arg else ""
+    return key == "reward_timeout" or key.endswith(".reward_timeout")
 
 
 def _resume_command(cmd: str, rest: list[str]) -> str:
@@ -354,12 +376,12 @@ def _cmd_sample(args):
             kept, stats = sampling.rejection_sample(model, tok, rows, cfg, progress=cfg.progress_bar,
                                                     should_stop=lambda: stop._stop_requested, resume_from=earlier,
                                                     on_batch=log.append)
-        except Exception:
+        except Exception as e:
             # a reward function that raised mid-way (a judge down): the error alone did not say the batches
             # before it are kept, and the next run without --resume refused to start over them
             if log.holds_batches:   # not a file of another sampling that --resume set aside
                 print(f"r1fast sample: the batches of prompts sampled before the error below are kept in "
-                      f"{progress_file}; continue with: {_resume_command('sample', args.rest)}",
+                      f"{progress_file}; {_continue_with('sample', args.rest, e)}",
                       file=sys.stderr, flush=True)
             raise
     if "next_prompt" in stats:   # stopped after a batch of prompts, which log.append kept
