@@ -9,7 +9,6 @@ runs past it is an error naming the function, the timeout and the batch size.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import importlib
 import importlib.util
@@ -212,9 +211,10 @@ class RewardSet:
         return out
 
 
-def _invoke(fn, kwargs: dict, timeout: float):
-    """fn(**kwargs) on a worker thread, waited on for `timeout` seconds; _OutOfTime past them. The thread is
-    a daemon: a call that never returns does not keep the process from exiting."""
+def _invoke(fn, kwargs: dict, timeout: Optional[float]):
+    """fn(**kwargs) on a worker thread with the caller's torch state, waited on for `timeout` seconds (None: until
+    it returns); _OutOfTime past them. The thread is a daemon: a call that never returns does not keep the
+    process from exiting."""
     outcome = {}
     torch_state = _callers_torch_state()
 
@@ -277,14 +277,7 @@ def _await_all(awaitables: list, timeout: Optional[float] = None) -> list:
         asyncio.get_running_loop()
     except RuntimeError:
         return asyncio.run(gather())
-    torch_state = _callers_torch_state()
-
-    def run():
-        with torch_state():
-            return asyncio.run(gather())
-
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        return pool.submit(run).result()
+    return _invoke(asyncio.run, {"main": gather()}, None)
 
 
 def _await_all_bounded(awaitables: list, timeout: float) -> list:
