@@ -88,14 +88,24 @@ def resolve_resume(resume: str | bool | None, run_dir: str) -> Optional[str]:
     return path
 
 
+def _checkpoint_home(resume_path: str) -> str:
+    """The folder holding a checkpoint (`runs/a/checkpoint-3/` included: a trailing slash is no folder)."""
+    return os.path.dirname(os.path.abspath(os.path.normpath(resume_path)))
+
+
+def _resumes_in_place(run_dir: str, resume_path: str) -> bool:
+    """Whether the checkpoint is one of run_dir's own, by real paths: an output_dir given through a symlink to
+    the checkpoint's folder is that folder."""
+    return os.path.realpath(_checkpoint_home(resume_path)) == os.path.realpath(run_dir)
+
+
 def set_aside_newer(run_dir: str, resume_path: str) -> list[str]:
     """Resuming from a checkpoint older than the newest in its folder abandons the steps after it:
     rename those newer checkpoints to abandoned-checkpoint-<step> (kept, never resumed or pruned),
     or a later bare --resume would continue the abandoned steps. Returns the new names."""
-    # real paths, as resume_into: through an output_dir that is a symlink to the checkpoint's folder, the newer
-    # checkpoints stayed, and a later bare --resume went on from the abandoned steps
-    home = os.path.dirname(os.path.abspath(os.path.normpath(resume_path)))
-    if os.path.realpath(home) != os.path.realpath(run_dir):
+    # through an output_dir that is a symlink to the checkpoint's folder, the newer checkpoints stayed, and a
+    # later bare --resume went on from the abandoned steps
+    if not _resumes_in_place(run_dir, resume_path):
         return []
     m = _CKPT_RE.match(os.path.basename(os.path.normpath(resume_path)))
     moved = []
@@ -224,10 +234,8 @@ def resume_into(run_dir: str, resume_path: str, overwrite: bool):
     """`--resume PATH` from a checkpoint outside `run_dir` trains on into `run_dir`: another run's checkpoints
     there would be pruned, replaced step by step and their metrics log cut, as start_fresh prevents for a new
     run. So they are an error, or with `overwrite` deleted first."""
-    home = os.path.dirname(os.path.abspath(os.path.normpath(resume_path)))
     ckpts = list_checkpoints(run_dir)
-    # real paths: an output_dir given through a symlink to the checkpoint's folder is that folder
-    if os.path.realpath(home) == os.path.realpath(run_dir) or not ckpts:
+    if _resumes_in_place(run_dir, resume_path) or not ckpts:
         return
     if overwrite:
         clear_run(run_dir)
@@ -239,6 +247,7 @@ def resume_into(run_dir: str, resume_path: str, overwrite: bool):
     own = (f". If they are this run's own steps since {start} (the same command run before, as a restarted job "
            f"does), --resume alone goes on from {os.path.basename(ckpts[-1][1])}"
            if m is None or ckpts[-1][0] > int(m.group(1)) else "")
+    home = _checkpoint_home(resume_path)
     raise OutputDirHoldsAnotherRun(f"--resume {resume_path}: this run writes to output_dir {run_dir}, which holds "
                                    f"another run ({names}); give output_dir={home} to continue that run in its own "
                                    f"folder, another output_dir, or overwrite_output_dir=true to delete {run_dir}'s "
