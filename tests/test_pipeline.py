@@ -1554,19 +1554,26 @@ def test_cli_stops_with_status_130_and_says_how_to_continue(tmp_path, monkeypatc
     assert main(["sft", "max_steps=3", "--help"]) == 0 and "usage: r1fast sft" in capsys.readouterr().out
 
 
+def _sampling_that_fails_at_batch_2(tmp_path, monkeypatch, error) -> list[str]:
+    """`r1fast sample` whose sampling keeps its first batch of prompts, then raises `error`; its arguments."""
+    import r1fast.trainer.sampling as sampling
+
+    def fails_at_batch_2(model, tok, rows, cfg, on_batch=None, **kw):
+        on_batch([], {"prompts": 8, "next_prompt": 4})
+        raise error
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sampling, "rejection_sample", fails_at_batch_2)
+    return ["model_name_or_path=builtin:micro", "dataset=builtin:arithmetic", "output_file=out.jsonl"]
+
+
 def test_r1fast_sample_stopped_by_an_error_says_what_it_kept(tmp_path, monkeypatch, capsys):
     # a reward function raising at the second batch of prompts (a judge down): the error alone did not say that
     # the first batch was kept, and the next run without --resume refused to start over it
-    import r1fast.trainer.sampling as sampling
     from r1fast.rewards import RewardError
 
-    def judge_down_at_batch_2(model, tok, rows, cfg, on_batch=None, **kw):
-        on_batch([], {"prompts": 8, "next_prompt": 4})
-        raise RewardError("reward function 'judge' raised RuntimeError: judge down")
-
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sampling, "rejection_sample", judge_down_at_batch_2)
-    args = ["model_name_or_path=builtin:micro", "dataset=builtin:arithmetic", "output_file=out.jsonl"]
+    args = _sampling_that_fails_at_batch_2(
+        tmp_path, monkeypatch, RewardError("reward function 'judge' raised RuntimeError: judge down"))
     with pytest.raises(SystemExit, match="judge down"):
         main(["sample", *args])
     assert capsys.readouterr().err.strip() == (
@@ -1576,16 +1583,10 @@ def test_r1fast_sample_stopped_by_an_error_says_what_it_kept(tmp_path, monkeypat
 
 def test_r1fast_sample_stopped_by_a_reward_timeout_says_to_continue_with_a_higher_one(tmp_path, monkeypatch, capsys):
     # the hint repeated reward_timeout=1, which timed out again; resuming with another limit is allowed
-    import r1fast.trainer.sampling as sampling
     from r1fast.rewards import RewardTimeout
 
-    def judge_slow_at_batch_2(model, tok, rows, cfg, on_batch=None, **kw):
-        on_batch([], {"prompts": 8, "next_prompt": 4})
-        raise RewardTimeout("reward function 'judge' did not return within reward_timeout = 1 s")
-
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sampling, "rejection_sample", judge_slow_at_batch_2)
-    args = ["model_name_or_path=builtin:micro", "dataset=builtin:arithmetic", "output_file=out.jsonl"]
+    args = _sampling_that_fails_at_batch_2(
+        tmp_path, monkeypatch, RewardTimeout("reward function 'judge' did not return within reward_timeout = 1 s"))
     with pytest.raises(SystemExit, match="did not return"):
         main(["sample", *args, "reward_timeout=1"])
     assert capsys.readouterr().err.strip() == (
