@@ -4,6 +4,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 
 import pytest
 import torch
@@ -390,6 +391,43 @@ def test_reward_timeout_is_not_dropped_for_a_reward_set_given_without_it(tmp_pat
     assert GRPOTrainer(model, RewardSet([sevens, "format"], [2, 1]), ROWS, weighted, tokenizer=tok).rewards.weights \
         == [2.0, 1.0]
 
+
+
+def test_reward_set_options_are_checked_and_recorded(tmp_path):
+    # a RewardSet's built-in rewards score with its own format_pattern / language / length_target: the config's
+    # were dropped without a word, and the checkpoint recorded the config's reward_funcs (default
+    # ['accuracy', 'format']), weights, timeout and options rather than the set's, so a resume compared those
+    from r1fast.rewards import RewardSet
+    from r1fast.trainer.common import option_change_note
+
+    model, tok = tiny_model()
+    base = dict(per_device_train_batch_size=32, output_dir=str(tmp_path / "r"))
+    for option, value, rewards, own in [
+            ("format_pattern", "A.*", RewardSet(["format", sevens]), "format_pattern=None"),
+            ("language", "zh", RewardSet([sevens, "language"]), "language='en'"),
+            ("length_penalty_target", 5, RewardSet(["length"], length_target=50), "length_target=50")]:
+        keyword = own.split("=")[0]
+        with pytest.raises(ValueError, match=rf"config.{option} is {value!r} but the RewardSet given built its "
+                                             rf"'\w+' reward with {re.escape(own)}.*RewardSet\(\.\.\., "
+                                             rf"{keyword}={value!r}\) or leave {option} unset"):
+            GRPOTrainer(model, rewards, ROWS, GRPOConfig(**base, **{option: value}), tokenizer=tok)
+    # the same value, or a set without the built-in the option configures, is fine (as for a list of functions)
+    GRPOTrainer(model, RewardSet(["language"], language="zh"), ROWS, GRPOConfig(**base, language="zh"), tokenizer=tok)
+    kept = GRPOTrainer(model, RewardSet([sevens]), ROWS, GRPOConfig(**base, format_pattern="A.*"), tokenizer=tok)
+    assert kept.cfg.format_pattern == "A.*"   # eval/format still counts by it
+    rewards = RewardSet([sevens, "format", "language"], [2, 1, 1], timeout=7, format_pattern="B.*", language="ru")
+    tr = GRPOTrainer(model, rewards, ROWS, GRPOConfig(**base), tokenizer=tok)
+    assert tr.rewards is rewards
+    assert (tr.cfg.reward_funcs, tr.cfg.reward_weights, tr.cfg.reward_timeout, tr.cfg.format_pattern,
+            tr.cfg.language) == ([sevens, "format", "language"], [2.0, 1.0, 1.0], 7.0, "B.*", "ru")
+    # a resume compares what was scored with: the same set says nothing, another pattern is named
+    state = {"config": tr.cfg.to_json_dict()}
+    again = GRPOTrainer(model, RewardSet([sevens, "format", "language"], [2, 1, 1], timeout=7, format_pattern="B.*",
+                                         language="ru"), ROWS, GRPOConfig(**base), tokenizer=tok)
+    assert option_change_note(state, again.cfg.to_json_dict(), 1) is None
+    other = GRPOTrainer(model, RewardSet([sevens, "format", "language"], [2, 1, 1], timeout=7, format_pattern="C.*",
+                                         language="ru"), ROWS, GRPOConfig(**base), tokenizer=tok)
+    assert "format_pattern 'B.*' -> 'C.*'" in option_change_note(state, other.cfg.to_json_dict(), 1)
 
 def test_failing_reward_names_function_and_row(tmp_path):
     from r1fast.rewards import RewardError

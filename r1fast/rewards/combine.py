@@ -109,17 +109,23 @@ _FP32_MAX = 3.4028234663852886e38
 
 class RewardSet:
     """Named, weighted reward functions evaluated together. `timeout` (seconds, None: no limit) bounds each
-    function's call on a batch; past it, score raises a RewardTimeout."""
+    function's call on a batch; past it, score raises a RewardTimeout. `format_pattern`, `language` and
+    `length_target` configure the built-in 'format', 'language' and 'length' rewards (resolve)."""
 
     def __init__(self, funcs: Sequence[str | Callable], weights: Optional[Sequence[float]] = None, *,
-                 timeout: Optional[float] = None, **options):
+                 timeout: Optional[float] = None, format_pattern: Optional[str] = None, language: str = "en",
+                 length_target: Optional[int] = None):
         if not funcs:
             raise ValueError("at least one reward function is required")
         if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
                                     or not 0 < timeout < math.inf):
             raise ValueError(f"reward timeout must be a positive number of seconds (or None: no limit); got {timeout!r}")
         self.timeout = None if timeout is None else float(timeout)
-        resolved = [resolve(f, **options) for f in funcs]
+        # kept so a trainer given this set records what it scores with (and can tell a config that differs)
+        self.specs = list(funcs)
+        self.format_pattern, self.language, self.length_target = format_pattern, language, length_target
+        resolved = [resolve(f, format_pattern=format_pattern, language=language, length_target=length_target)
+                    for f in self.specs]
         # unique names (two lambdas, one function twice): metrics and logged samples are keyed by them
         self.names, seen = [], {}
         for name, _ in resolved:

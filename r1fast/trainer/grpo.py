@@ -73,6 +73,39 @@ def _eval_source(cfg, eval_dataset, eval_at_ends: bool) -> str:
     return "the eval_dataset argument"
 
 
+# config options a RewardSet holds its own value of: (the option, the RewardSet's keyword, the built-in it configures)
+_REWARD_SET_OPTIONS = (("format_pattern", "format_pattern", "format"), ("language", "language", "language"),
+                       ("length_penalty_target", "length_target", "length"))
+
+
+def _config_for_reward_set(cfg: GRPOConfig, rewards: RewardSet) -> GRPOConfig:
+    """A copy of cfg holding what `rewards` scores with (its functions, weights, timeout and built-ins' options),
+    which the checkpoint, metrics and tracker record and a resume compares. A RewardSet scores with its own values:
+    a config option set to another one would be dropped without a word, so it is an error naming both."""
+    if cfg.reward_timeout is not None and rewards.timeout != cfg.reward_timeout:
+        # the option, set against a hang, would do nothing
+        raise ValueError(f"config.reward_timeout is {cfg.reward_timeout:g} s but the RewardSet given has "
+                         f"timeout={rewards.timeout!r}, which its calls run under; build it with "
+                         f"RewardSet(..., timeout={cfg.reward_timeout:g})")
+    if cfg.reward_weights is not None and [float(w) for w in cfg.reward_weights] != rewards.weights:
+        raise ValueError(f"config.reward_weights is {list(cfg.reward_weights)} but the RewardSet given has "
+                         f"weights {rewards.weights}, which its totals use; build it with "
+                         f"RewardSet(funcs, {list(cfg.reward_weights)}) or leave reward_weights unset")
+    used: dict[str, Any] = {"reward_funcs": list(rewards.specs), "reward_timeout": rewards.timeout}
+    if cfg.reward_weights is None and any(w != 1.0 for w in rewards.weights):   # unset is equal weights
+        used["reward_weights"] = list(rewards.weights)
+    for option, keyword, builtin in _REWARD_SET_OPTIONS:
+        if builtin not in rewards.specs:
+            continue   # no reward of the set reads it (format_pattern still sets what eval/format counts)
+        value, own = getattr(cfg, option), getattr(rewards, keyword)
+        if value != GRPOConfig.__dataclass_fields__[option].default and value != own:
+            raise ValueError(f"config.{option} is {value!r} but the RewardSet given built its {builtin!r} reward "
+                             f"with {keyword}={own!r}, which it scores with; build it with "
+                             f"RewardSet(..., {keyword}={value!r}) or leave {option} unset")
+        used[option] = own
+    return dataclasses.replace(cfg, **used)
+
+
 class GRPOTrainer:
     """`GRPOTrainer(model, reward_funcs, train_dataset, config, tokenizer=None).train()`.
 
@@ -124,16 +157,7 @@ class GRPOTrainer:
         if reward_funcs is None:
             reward_funcs = cfg.reward_funcs
         if isinstance(reward_funcs, RewardSet):
-            if cfg.reward_timeout is not None and reward_funcs.timeout != cfg.reward_timeout:
-                # a RewardSet's calls run under its own timeout: the option, set against a hang, did nothing
-                raise ValueError(f"config.reward_timeout is {cfg.reward_timeout:g} s but the RewardSet given has "
-                                 f"timeout={reward_funcs.timeout!r}, which its calls run under; build it with "
-                                 f"RewardSet(..., timeout={cfg.reward_timeout:g})")
-            if cfg.reward_weights is not None and [float(w) for w in cfg.reward_weights] != reward_funcs.weights:
-                # as the timeout: a RewardSet totals with its own weights, while the checkpoint recorded the config's
-                raise ValueError(f"config.reward_weights is {list(cfg.reward_weights)} but the RewardSet given has "
-                                 f"weights {reward_funcs.weights}, which its totals use; build it with "
-                                 f"RewardSet(funcs, {list(cfg.reward_weights)}) or leave reward_weights unset")
+            self.cfg = cfg = _config_for_reward_set(cfg, reward_funcs)
             self.rewards = reward_funcs
         else:
             if callable(reward_funcs) or isinstance(reward_funcs, str):
