@@ -167,6 +167,21 @@ def test_trl_spellings_load():
     GRPOConfig(reward_funcs=[lambda prompts, completions, **kw: [0.0] * len(completions)]).validate()
 
 
+def test_a_reward_set_as_reward_funcs_says_how_a_config_takes_it():
+    # was "option 'reward_funcs' expects list, got <r1fast.rewards.combine.RewardSet object at 0x7f...>"
+    from r1fast.rewards import RewardSet
+
+    reward_set = RewardSet(["accuracy", "format"], format_pattern="A.*")
+    with pytest.raises(ConfigError, match=r"SampleConfig: option 'reward_funcs' is a RewardSet; .*"
+                                          r"reward_funcs=reward_set.specs.*format_pattern, language$"):
+        SampleConfig(reward_funcs=reward_set).validate()
+    with pytest.raises(ConfigError, match=r"GRPOConfig: option 'reward_funcs' is a RewardSet; .*"
+                                          r"or pass the set itself to GRPOTrainer\(model, reward_set, ...\)"):
+        GRPOConfig(reward_funcs=reward_set).validate()
+    taken = SampleConfig(reward_funcs=reward_set.specs, format_pattern=reward_set.format_pattern)
+    assert taken.validate() is None and taken.reward_funcs == ["accuracy", "format"]
+
+
 def test_fp8_sub_options_reach_the_model(tmp_path):
     from r1fast.fp8 import make_options
 

@@ -141,11 +141,29 @@ class _Base:
         hints = typing.get_type_hints(type(self))
         for name in self.field_names():
             value = self._from_bool(name, getattr(self, name))
+            if name == "reward_funcs" and _is_reward_set(value):
+                raise _reward_set_in_config(type(self).__name__, self.field_names())
             if name == "reward_funcs" and isinstance(value, (list, tuple)):  # Python may pass the functions
                 value = [v if callable(v) else _coerce(name, v, str, type(self).__name__) for v in value]
                 setattr(self, name, value)
                 continue
             setattr(self, name, expand_home(name, _coerce(name, value, hints[name], type(self).__name__)))
+
+
+def _is_reward_set(value) -> bool:
+    from r1fast.rewards.combine import RewardSet
+
+    return isinstance(value, RewardSet)
+
+
+def _reward_set_in_config(config_name: str, fields) -> ConfigError:
+    """A RewardSet as a config's reward_funcs read 'expects list, got <...RewardSet object at 0x...>': say how."""
+    settings = [o for o in ("reward_weights", "reward_timeout", "format_pattern", "language", "length_penalty_target")
+                if o in fields]
+    to_trainer = "; or pass the set itself to GRPOTrainer(model, reward_set, ...)" if "reward_weights" in fields else ""
+    return ConfigError(f"{config_name}: option 'reward_funcs' is a RewardSet; a config takes its functions, "
+                       f"reward_funcs=reward_set.specs, with the set's settings as the options "
+                       f"{', '.join(settings)}{to_trainer}")
 
 
 # options naming a file or folder: a leading ~ is the home directory, as in a shell (left as it was, a
