@@ -226,6 +226,46 @@ def test_mistral_configs_transformers_cannot_run_are_refused(change, message):
         ModelConfig.from_hf_config({**MISTRAL_MINIMAL, **change})
 
 
+QWEN_CONFIG_CLASSES = {"qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config}
+
+
+def _qwen_minimal(model_type, **change):
+    arch = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[model_type]
+    return {"architectures": [arch], "model_type": model_type, "vocab_size": 50, "hidden_size": 256,
+            "intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 64, "head_dim": 4, **change}
+
+
+# config.json files as Qwen2Config/Qwen3Config read them: an absent num_key_value_heads is the class's 32
+# (k_proj/v_proj of 32 heads), not the query heads (which null means)
+QWEN_READS = {
+    "kv-heads-absent": {},
+    "kv-heads-null": {"num_key_value_heads": None},
+}
+
+
+@pytest.mark.parametrize("model_type", list(QWEN_CONFIG_CLASSES))
+@pytest.mark.parametrize("name", list(QWEN_READS))
+def test_qwen_config_json_is_read_as_its_config_class_reads_it(model_type, name):
+    raw = _qwen_minimal(model_type, **QWEN_READS[name])
+    cfg = ModelConfig.from_hf_config(raw)
+    theirs = QWEN_CONFIG_CLASSES[model_type].from_dict({k: v for k, v in raw.items() if k != "model_type"})
+    theirs_window = theirs.sliding_window if "sliding_attention" in theirs.layer_types else None
+    assert (cfg.num_key_value_heads, cfg.head_dim, cfg.sliding_window) == (
+        theirs.num_key_value_heads, theirs.head_dim, theirs_window)
+    with torch.device("meta"):
+        model, ours = transformers.AutoModelForCausalLM.from_config(theirs), CausalLM(cfg)
+    assert {k: tuple(t.shape) for k, t in ours.hf_tensors().items()} == {
+        k: tuple(p.shape) for k, p in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("model_type", list(QWEN_CONFIG_CLASSES))
+def test_qwen_without_kv_heads_and_heads_not_a_multiple_of_32_is_refused(model_type):
+    # transformers builds 32 kv heads for 12 query heads and fails in the forward
+    with pytest.raises(ValueError, match=rf"num_key_value_heads is absent, which {model_type.capitalize()}Config "
+                                         r"reads as 32, and num_attention_heads \(12\) is not a multiple of it"):
+        ModelConfig.from_hf_config(_qwen_minimal(model_type, num_attention_heads=12, head_dim=16))
+
+
 def test_mistral_has_no_attention_bias_and_saves_its_window():
     kw = dict(architecture="MistralForCausalLM", vocab_size=32, hidden_size=32, intermediate_size=48,
               num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2)

@@ -35,14 +35,17 @@ _ROPE_REQUIRED_KEYS = {
 _FLOAT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
                  "float64": torch.float64}
 
-# transformers' defaults per family for keys a config.json may omit.
+# transformers' defaults per family for keys a config.json may omit. An absent num_key_value_heads is the
+# config class's own number (Qwen2Config/Qwen3Config: 32, MistralConfig: 8), not the query heads: only
+# LlamaConfig reads absent as "as many as the query heads" (null is that for every family but Mistral).
 _FAMILY_DEFAULTS = {
     "LlamaForCausalLM": dict(rms_norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=2048,
                              tie_word_embeddings=False, bos_token_id=1, eos_token_id=2),
     "Qwen2ForCausalLM": dict(rms_norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=32768,
-                             tie_word_embeddings=False, bos_token_id=None, eos_token_id=None),
+                             tie_word_embeddings=False, bos_token_id=None, eos_token_id=None, num_key_value_heads=32),
     "Qwen3ForCausalLM": dict(rms_norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=32768,
-                             tie_word_embeddings=False, bos_token_id=None, eos_token_id=None, head_dim=128),
+                             tie_word_embeddings=False, bos_token_id=None, eos_token_id=None, head_dim=128,
+                             num_key_value_heads=32),
     # MistralConfig: 8 kv heads and a 4096 window when the keys are absent (a null window slides nothing)
     "MistralForCausalLM": dict(rms_norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=131072,
                                tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, num_key_value_heads=8,
@@ -423,14 +426,16 @@ def _names_sliding_layers(layer_types) -> bool:
 
 
 def _num_key_value_heads(arch: str, hf: dict, defaults: dict):
-    """null means as many as the query heads; an absent key is the family's default (MistralConfig: 8).
+    """null means as many as the query heads; an absent key is the family's default (Qwen2Config and
+    Qwen3Config: 32, MistralConfig: 8, LlamaConfig: the query heads), which sizes k_proj/v_proj there.
     MistralConfig refuses null (its field is a plain int), so a Mistral config.json with it is refused too."""
     if "num_key_value_heads" not in hf:
         implied = defaults.get("num_key_value_heads")
         heads = hf["num_attention_heads"]
         if implied is not None and isinstance(heads, int) and heads % implied:
             # else "must be a multiple of num_key_value_heads (8)" names a number the file does not hold
-            raise ValueError(f"num_key_value_heads is absent, which MistralConfig reads as {implied}, and "
+            config_class = _ARCH_TO_MODEL_TYPE[arch].capitalize() + "Config"
+            raise ValueError(f"num_key_value_heads is absent, which {config_class} reads as {implied}, and "
                              f"num_attention_heads ({heads}) is not a multiple of it; give num_key_value_heads")
         return implied
     if hf["num_key_value_heads"] is None and arch == MISTRAL:
