@@ -236,10 +236,13 @@ def _qwen_minimal(model_type, **change):
 
 
 # config.json files as Qwen2Config/Qwen3Config read them: an absent num_key_value_heads is the class's 32
-# (k_proj/v_proj of 32 heads), not the query heads (which null means)
+# (k_proj/v_proj of 32 heads), not the query heads (which null means); use_sliding_window without a
+# sliding_window key slides the layers from max_window_layers on by the class's 4096
 QWEN_READS = {
     "kv-heads-absent": {},
     "kv-heads-null": {"num_key_value_heads": None},
+    "window-absent": {"use_sliding_window": True, "max_window_layers": 1},
+    "window-null": {"use_sliding_window": True, "max_window_layers": 1, "sliding_window": None},
 }
 
 

@@ -370,7 +370,8 @@ def _warn_about_dropout(rate) -> None:
             "training must compute the same log-probs), where transformers applies it in training mode", rate)
 
 
-_QWEN_MAX_WINDOW_LAYERS = 28  # transformers' Qwen2Config/Qwen3Config default
+_QWEN_MAX_WINDOW_LAYERS = 28  # transformers' Qwen2Config/Qwen3Config defaults
+_QWEN_SLIDING_WINDOW = 4096
 
 
 def _sliding_window_of(arch: str, hf: dict) -> int | None:
@@ -378,12 +379,12 @@ def _sliding_window_of(arch: str, hf: dict) -> int | None:
     Llama has no sliding attention (its classes ignore these keys); Mistral: see _mistral_window. Qwen2/3
     slide the layers `layer_types` names sliding_attention when the config has it (transformers 5 saves it),
     else the layers from max_window_layers on; either only when use_sliding_window is true and
-    sliding_window is not null."""
+    sliding_window is not null (absent: the classes' 4096)."""
     if arch == "LlamaForCausalLM":
         return None
     if arch == MISTRAL:
         return _mistral_window(hf)
-    window = hf.get("sliding_window") if hf.get("use_sliding_window") else None
+    window = hf.get("sliding_window", _QWEN_SLIDING_WINDOW) if hf.get("use_sliding_window") else None
     if hf.get("layer_types") is not None:
         slides = _names_sliding_layers(hf["layer_types"])
         if slides and window is None:
