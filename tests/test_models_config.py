@@ -380,6 +380,18 @@ def test_flags_and_token_ids_that_are_well_typed_are_read():
     assert ModelConfig.from_hf_config(_base(tie_word_embeddings=True, eos_token_id=3)).tie_word_embeddings is True
 
 
+@pytest.mark.parametrize("keys, expected", [
+    ({"torch_dtype": "bfloat16", "dtype": None}, torch.bfloat16),   # null dtype: the older key is read
+    ({"torch_dtype": "bfloat16", "dtype": "float16"}, torch.float16),
+    ({"torch_dtype": None, "dtype": None}, None),
+])
+def test_checkpoint_dtype_is_read_as_transformers_reads_it(keys, expected):
+    # the dtype from_pretrained(dtype=None) loads in, as transformers' dtype="auto" does
+    raw = {**QWEN3_06B, **keys}
+    assert ModelConfig.from_hf_config(raw).dtype == expected
+    assert transformers.Qwen3Config.from_dict({k: v for k, v in raw.items() if k != "model_type"}).dtype == expected
+
+
 def test_attention_dropout_is_not_applied_and_says_so(caplog):
     # transformers applies attention_dropout in training mode (logits off by ~0.8 at 0.3); r1fast never does
     with caplog.at_level("WARNING", logger="r1fast.models.config"):

@@ -237,7 +237,8 @@ class ModelConfig:
         rope_scaling = hf.get("rope_scaling") or rope_params
         _check_rope_agrees(hf, rope_theta, defaults["rope_theta"])
         rope_scaling = _fill_rope_lengths(rope_scaling, hf, defaults)
-        dtype_name = hf.get("dtype", hf.get("torch_dtype"))
+        # transformers reads dtype, and torch_dtype (the older key) where dtype is absent or null
+        dtype_name = hf["dtype"] if hf.get("dtype") is not None else hf.get("torch_dtype")
         if dtype_name is not None and not isinstance(dtype_name, str):
             raise ValueError(f"dtype/torch_dtype must be a dtype name like 'bfloat16', got {dtype_name!r}")
         if dtype_name in ("auto",):
