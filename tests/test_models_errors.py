@@ -61,6 +61,12 @@ def test_unsupported_architecture_is_named(ckpt, arch):
      "unsupported rope type 'longrope'"),
     ({"rope_scaling": {"rope_type": "dynamic"}}, r"rope_scaling of type 'dynamic' lacks key\(s\) \['factor'\]"),
     ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "lacks key.*low_freq_factor"),
+    # null factors reached the rotary tables as a bare TypeError ("unsupported operand ... 'NoneType'")
+    ({"rope_scaling": {"rope_type": "linear", "factor": None}},
+     r"rope_scaling of type 'linear' lacks key\(s\) \['factor'\] \(absent or null\)"),
+    ({"rope_scaling": {"rope_type": "dynamic", "factor": None}}, r"type 'dynamic' lacks key\(s\) \['factor'\]"),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": None, "high_freq_factor": 4.0,
+                       "original_max_position_embeddings": 8}}, r"type 'llama3' lacks key\(s\) \['low_freq_factor'\]"),
     ({"model_type": "qwen3"}, "model_type='qwen3'"),
     ({"num_key_value_heads": 3, "num_attention_heads": 4}, "multiple of num_key_value_heads"),
     ({"hidden_size": None}, "lacks required key"),

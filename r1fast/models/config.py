@@ -523,9 +523,10 @@ def _normalize_rope_scaling(scaling) -> dict | None:
         raise ValueError(f"unsupported rope type {rope_type!r}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
     if rope_type == "default":
         return None
-    missing = [k for k in _ROPE_REQUIRED_KEYS[rope_type] if k not in scaling]
+    # null counts as missing: the rotation would divide by it (transformers fails there too)
+    missing = [k for k in _ROPE_REQUIRED_KEYS[rope_type] if scaling.get(k) is None]
     if missing:
-        raise ValueError(f"rope_scaling of type {rope_type!r} lacks key(s) {missing}")
+        raise ValueError(f"rope_scaling of type {rope_type!r} lacks key(s) {missing} (absent or null)")
     for key in ("factor", "low_freq_factor", "high_freq_factor", "attention_factor", "beta_fast", "beta_slow",
                 "mscale", "mscale_all_dim"):
         if scaling.get(key) is not None:  # yarn reads an mscale of 0 as absent
