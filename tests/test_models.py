@@ -874,3 +874,34 @@ def test_dynamic_rope_matches_transformers_below_max_position_embeddings(tmp_pat
         with pytest.raises(ValueError, match="position 12 reaches"):
             model(ids[:11], cu_seqlens=torch.tensor([0, 5, 11], dtype=torch.int32), prefix_of=[-1, 0],
                   position_ids=torch.cat([torch.arange(5), torch.arange(7, 13)]))
+
+
+_YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}
+# Every rope type r1fast accepts, from config.json as published (transformers-4 rope_scaling with "type" or
+# "rope_type", transformers-5 rope_parameters), with yarn's optional fields: each changes the rotation
+ROPE_VARIANTS = {
+    "llama-llama3-rope-parameters": ("llama", {"rope_parameters": {
+        "rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16}}),
+    "qwen2-yarn-attention-factor-legacy-type": ("qwen2", {"rope_theta": 1e6, "rope_scaling": {
+        "type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "attention_factor": 1.3}}),
+    "qwen3-yarn-mscale": ("qwen3", {"rope_parameters": {**_YARN, "rope_theta": 1e4, "mscale": 1.0,
+                                                        "mscale_all_dim": 0.5}}),
+    # a long original context, so that the betas move the ramp at head_dim 12
+    "mistral-yarn-betas-untruncated": ("mistral", {"rope_parameters": {
+        **_YARN, "original_max_position_embeddings": 4096, "rope_theta": 1e4, "beta_fast": 8, "beta_slow": 2,
+        "truncate": False}}),
+    "qwen3-yarn-null-factor": ("qwen3", {"rope_scaling": {**_YARN, "factor": None}}),
+    "mistral-linear": ("mistral", {"rope_parameters": {"rope_type": "linear", "factor": 2.5, "rope_theta": 1e4}}),
+    "llama-dynamic": ("llama", {"rope_scaling": {"rope_type": "dynamic", "factor": 3.0}}),
+}
+
+
+@pytest.mark.parametrize("name", list(ROPE_VARIANTS))
+def test_rope_variants_from_config_json_match_transformers_logits(tmp_path, name):
+    family, change = ROPE_VARIANTS[name]
+    ref, model = raw_pair(tmp_path, family, change)
+    ids = torch.randint(0, 50, (60,), generator=torch.Generator().manual_seed(2))  # past the original 16
+    with torch.no_grad():
+        expected = ref(input_ids=ids[None]).logits[0]
+        assert max_rel_err(model.logits(model(ids)), expected) <= RTOL
