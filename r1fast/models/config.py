@@ -74,7 +74,7 @@ class ModelConfig:
     head_dim: int | None = None                   # None: hidden_size // num_attention_heads
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
-    rope_scaling: dict | None = None              # None or {"rope_type": "linear" | "llama3", ...}
+    rope_scaling: dict | None = None              # None or {"rope_type": "linear" | "dynamic" | "llama3" | "yarn", ...}
     max_position_embeddings: int = 2048
     tie_word_embeddings: bool = False
     attention_bias: bool | None = None            # None: the family's default (Qwen2: True, else False)
