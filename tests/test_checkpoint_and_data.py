@@ -752,6 +752,27 @@ def test_set_aside_newer_moves_only_the_later_checkpoints_of_the_resumed_ones_fo
     assert (run / f"abandoned-checkpoint-3.{os.getpid()}" / ckpt.STATE_FILE).is_file()
 
 
+def test_a_symlink_to_a_checkpoint_in_output_dir_resumes_in_place(tmp_path):
+    # `--resume latest` (latest -> run/checkpoint-1) was taken for another run's checkpoint: refused, and with
+    # overwrite_output_dir=true the run's checkpoints were deleted, the resumed one included; nothing was set aside
+    run = tmp_path / "run"
+    for step in (1, 2, 3):
+        (run / f"checkpoint-{step}").mkdir(parents=True)
+        (run / f"checkpoint-{step}" / ckpt.STATE_FILE).write_text("{}")
+    os.symlink(run / "checkpoint-1", tmp_path / "latest")
+    ckpt.resume_into(str(run), str(tmp_path / "latest"), overwrite=True)
+    assert [s for s, _ in ckpt.list_checkpoints(str(run))] == [1, 2, 3]
+    assert ckpt.set_aside_newer(str(run), str(tmp_path / "latest")) == [
+        str(run / "abandoned-checkpoint-2"), str(run / "abandoned-checkpoint-3")]
+    # a checkpoint-<step> of run that is itself a symlink (moved to another disk) is still run's own
+    os.rename(run / "checkpoint-1", tmp_path / "moved")
+    os.symlink(tmp_path / "moved", run / "checkpoint-1")
+    (run / "checkpoint-4").mkdir()
+    (run / "checkpoint-4" / ckpt.STATE_FILE).write_text("{}")
+    ckpt.resume_into(str(run), str(run / "checkpoint-1"), overwrite=False)
+    assert ckpt.set_aside_newer(str(run), str(run / "checkpoint-1")) == [str(run / "abandoned-checkpoint-4")]
+
+
 def test_tool_messages_are_accepted_and_a_prompts_own_system_message_is_kept_alone():
     import types
 

@@ -89,14 +89,25 @@ def resolve_resume(resume: str | bool | None, run_dir: str) -> Optional[str]:
 
 
 def _checkpoint_home(resume_path: str) -> str:
-    """The folder holding a checkpoint (`runs/a/checkpoint-3/` included: a trailing slash is no folder)."""
-    return os.path.dirname(os.path.abspath(os.path.normpath(resume_path)))
+    """The real folder holding a checkpoint (`runs/a/checkpoint-3/` included: a trailing slash is no folder). A
+    `--resume latest` whose `latest` is a symlink to runs/a/checkpoint-3 is held by runs/a, not by `latest`'s
+    folder."""
+    return os.path.dirname(os.path.realpath(os.path.normpath(resume_path)))
 
 
 def _resumes_in_place(run_dir: str, resume_path: str) -> bool:
     """Whether the checkpoint is one of run_dir's own, by real paths: an output_dir given through a symlink to
-    the checkpoint's folder is that folder."""
-    return os.path.realpath(_checkpoint_home(resume_path)) == os.path.realpath(run_dir)
+    the checkpoint's folder is that folder, and so is the folder of a symlink to the checkpoint (taken for another
+    run's, overwrite_output_dir deleted the run, the resumed checkpoint included). A checkpoint-<step> in run_dir
+    that is itself a symlink to another disk is run_dir's too."""
+    lexical_home = os.path.realpath(os.path.dirname(os.path.abspath(os.path.normpath(resume_path))))
+    return os.path.realpath(run_dir) in (lexical_home, _checkpoint_home(resume_path))
+
+
+def _checkpoint_step(resume_path: str) -> Optional[re.Match]:
+    """checkpoint-<step> matched on the name given, else on the name a symlink to the checkpoint leads to."""
+    path = os.path.normpath(resume_path)
+    return _CKPT_RE.match(os.path.basename(path)) or _CKPT_RE.match(os.path.basename(os.path.realpath(path)))
 
 
 def set_aside_newer(run_dir: str, resume_path: str) -> list[str]:
@@ -107,7 +118,7 @@ def set_aside_newer(run_dir: str, resume_path: str) -> list[str]:
     # later bare --resume went on from the abandoned steps
     if not _resumes_in_place(run_dir, resume_path):
         return []
-    m = _CKPT_RE.match(os.path.basename(os.path.normpath(resume_path)))
+    m = _checkpoint_step(resume_path)
     moved = []
     for step, path in list_checkpoints(run_dir):
         if m and step > int(m.group(1)):
