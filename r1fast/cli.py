@@ -157,13 +157,44 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    if argv is not None:   # called from Python (a test, a script): the caller's process, not this command's
+        return _run(argv)
+    try:
+        code = _run(sys.argv[1:])
+    except SystemExit as e:
+        _exit_past_reward_calls(e.code)
+        raise
+    _exit_past_reward_calls(code)
+    return code
+
+
+def _run(argv: list[str]) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 2
     return args.func(args) or 0
+
+
+def _exit_past_reward_calls(code):
+    """The command's exit, when a reward call that ran past reward_timeout (or was left by Ctrl-C) is still running
+    on its daemon thread: the interpreter's shutdown ends such a thread mid-call, and inside a torch op that aborts
+    the process ('terminate called without an active exception', status 134, after the RewardTimeout's message and
+    hint). So the exit handlers run and the process ends with the command's status before that shutdown."""
+    rewards = sys.modules.get("r1fast.rewards.combine")
+    if rewards is None or not rewards.reward_calls_left_running():
+        return
+    import atexit
+    import os
+
+    if isinstance(code, str):   # SystemExit("message"), as Python prints it
+        print(code, file=sys.stderr)
+    status = 0 if code is None else code if isinstance(code, int) else 1
+    atexit._run_exitfuncs()   # what a normal exit runs: loggers, trackers, temporary folders
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 if __name__ == "__main__":

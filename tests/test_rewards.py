@@ -918,3 +918,31 @@ def test_a_reward_call_on_a_worker_thread_sees_the_callers_grad_mode():
     seen.clear()
     assert asyncio.run(from_a_notebook()) == [[1.0]]
     assert seen == [(False, False)]
+
+
+def test_the_cli_exits_with_its_status_past_a_reward_call_left_running_in_torch():
+    # a judge past reward_timeout goes on in a torch op on its daemon thread; the interpreter's shutdown ended it
+    # there and the process aborted: 'terminate called without an active exception', status 134 for the CLI's 1
+    import subprocess
+    import textwrap
+
+    code = textwrap.dedent("""
+        import sys, torch
+        from r1fast.cli import main
+        from r1fast.rewards import RewardSet, RewardTimeout
+
+        def judge(prompts, completions, **kw):
+            a = torch.randn(300, 300)
+            while True:
+                a = (a @ a).tanh()   # the GIL is released inside the op
+
+        try:
+            RewardSet([judge], timeout=0.05).score(["p"], ["c"], {})
+        except RewardTimeout:
+            pass
+        sys.argv = ["r1fast", "no-such-command"]   # argparse's SystemExit(2) through the command's exit
+        sys.exit(main())
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "invalid choice: 'no-such-command'" in out.stderr, out.stderr[-2000:]
+    assert "terminate called" not in out.stderr

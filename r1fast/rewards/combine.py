@@ -17,6 +17,7 @@ import math
 import os
 import sys
 import threading
+import weakref
 from typing import Any, Callable, Optional, Sequence
 
 from r1fast.rewards.builtin import (
@@ -233,12 +234,27 @@ def _invoke(fn, kwargs: dict, timeout: Optional[float]):
 
     worker = threading.Thread(target=run, name="r1fast-reward", daemon=True)
     worker.start()
-    worker.join(timeout)
+    try:
+        worker.join(timeout)
+    finally:   # past the timeout, or a Ctrl-C that ended the wait
+        if worker.is_alive():
+            _LEFT_RUNNING.add(worker)
     if worker.is_alive():
         raise _OutOfTime
     if "error" in outcome:
         raise outcome["error"]
     return outcome["value"]
+
+
+# reward calls whose wait ended while they ran: alive, each is held by threading's own list of threads
+_LEFT_RUNNING: "weakref.WeakSet[threading.Thread]" = weakref.WeakSet()
+
+
+def reward_calls_left_running() -> int:
+    """How many reward calls a RewardTimeout (or a Ctrl-C during the call) left running on their worker threads.
+    At interpreter exit such a thread inside a torch op (a reward model judge) is ended mid-call, which aborts the
+    process ("terminate called without an active exception", exit status 134): the CLI exits before that."""
+    return sum(t.is_alive() for t in list(_LEFT_RUNNING))
 
 
 def _callers_torch_state():
