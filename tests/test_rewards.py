@@ -868,7 +868,8 @@ def test_reward_timeout_bounds_an_async_function_that_blocks_its_loop_or_waits_o
 
 def test_a_reward_that_needs_the_main_thread_says_reward_timeout_moved_it_off_it():
     # with reward_timeout each call runs on a worker thread: a function's own signal.alarm limit (math-verify's
-    # defaults) or asyncio.get_event_loop() worked without the option and raised with it, the error not saying why
+    # defaults), asyncio.get_event_loop() or a sqlite3 connection opened on the main thread worked without the option
+    # and raised with it, the error not saying why
     import asyncio
     import signal
 
@@ -880,11 +881,20 @@ def test_a_reward_that_needs_the_main_thread_says_reward_timeout_moved_it_off_it
         asyncio.get_event_loop()
         return [1.0] * len(completions)
 
-    for fn in (own_alarm, loop_of_the_thread):
+    import sqlite3
+
+    cache = sqlite3.connect(":memory:")   # opened on this thread, as at a module's import
+
+    def sqlite_cache(prompts, completions, **kw):
+        cache.execute("select 1").fetchone()
+        return [1.0] * len(completions)
+
+    for fn in (own_alarm, loop_of_the_thread, sqlite_cache):
         with pytest.raises(RewardError, match=rf"'{fn.__name__}' raised .*with reward_timeout set, each call runs on a "
                                               r"worker thread, where signals and asyncio.get_event_loop\(\)"):
             RewardSet([fn], timeout=5).score(["p"], ["a"], {})
     assert RewardSet([own_alarm], timeout=None).score(["p"], ["a"], {}) == [[1.0]]
+    assert RewardSet([sqlite_cache], timeout=None).score(["p"], ["a"], {}) == [[1.0]]
 
 
 def test_a_reward_call_on_a_worker_thread_sees_the_callers_grad_mode():

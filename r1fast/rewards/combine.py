@@ -365,8 +365,10 @@ def _raised(name, fn, e, prompts, completions, columns, extra, timeout=None) -> 
 
 
 # what works on the main thread only: a signal (math-verify's parse/verify with their default timeouts, a function's
-# own signal.alarm) and asyncio.get_event_loop() without a loop set (Python makes one for the main thread alone)
-_MAIN_THREAD_ONLY = ("main thread", "threaded environment", "no current event loop in thread")
+# own signal.alarm) and asyncio.get_event_loop() without a loop set (Python makes one for the main thread alone); and
+# what works only on the thread that made it: a sqlite3 connection opened at import (a cache of a judge's answers)
+_MAIN_THREAD_ONLY = ("main thread", "threaded environment", "no current event loop in thread",
+                     "can only be used in that same thread")
 
 
 def _worker_thread_hint(e, timeout) -> str:
@@ -374,9 +376,10 @@ def _worker_thread_hint(e, timeout) -> str:
     if timeout is None or not any(s in str(e) for s in _MAIN_THREAD_ONLY):
         return ""
     return ("; with reward_timeout set, each call runs on a worker thread, where signals and asyncio.get_event_loop() "
-            "without a loop of the thread's own do not work: give the function a limit of its own that works off the "
-            "main thread (math-verify: parsing_timeout=None, timeout_seconds=None; asyncio.run for a coroutine), "
-            "or unset reward_timeout")
+            "without a loop of the thread's own do not work, nor an object that only the thread that made it may use "
+            "(a sqlite3 connection: open it with check_same_thread=False): give the function a limit of its own that "
+            "works off the main thread (math-verify: parsing_timeout=None, timeout_seconds=None; asyncio.run for a "
+            "coroutine), or unset reward_timeout")
 
 
 # keyword arguments TRL passes to reward functions and r1fast does not (docs/training.md, Rewards)
