@@ -956,3 +956,30 @@ def test_the_cli_exits_with_its_status_past_a_reward_call_left_running_in_torch(
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "invalid choice: 'no-such-command'" in out.stderr, out.stderr[-2000:]
     assert "terminate called" not in out.stderr
+
+
+def test_a_reward_call_on_a_worker_thread_sees_the_callers_context_variables():
+    # a thread starts with empty context variables: with reward_timeout a reward comparing answers with decimal at the
+    # caller's 50 digits computed at the default 28 (other scores than without the option), and a ContextVar the
+    # caller had set (a tracer's span) read its default
+    import contextvars
+    import decimal
+
+    span = contextvars.ContextVar("span", default="unset")
+    seen = []
+
+    def digits(prompts, completions, **kw):
+        seen.append(span.get())
+        return [float(len(str(decimal.Decimal(1) / decimal.Decimal(3)))) for _ in completions]
+
+    async def async_digits(prompts, completions, **kw):
+        return digits(prompts, completions)
+
+    def run():
+        decimal.getcontext().prec = 50
+        span.set("step 7")
+        return [RewardSet([digits, async_digits], timeout=t).score(["p"], ["a"], {}) for t in (None, 5)]
+
+    without, with_timeout = contextvars.copy_context().run(run)   # the test's own context stays as it was
+    assert without == with_timeout == [[52.0], [52.0]]
+    assert seen == ["step 7"] * 4

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import importlib
 import importlib.util
 import inspect
@@ -219,16 +220,19 @@ class RewardSet:
 
 
 def _invoke(fn, kwargs: dict, timeout: Optional[float]):
-    """fn(**kwargs) on a worker thread with the caller's torch state, waited on for `timeout` seconds (None: until
-    it returns); _OutOfTime past them. The thread is a daemon: a call that never returns does not keep the
-    process from exiting."""
+    """fn(**kwargs) on a worker thread with the caller's torch state and context variables, waited on for `timeout`
+    seconds (None: until it returns); _OutOfTime past them. The thread is a daemon: a call that never returns does
+    not keep the process from exiting."""
     outcome = {}
     torch_state = _callers_torch_state()
+    # context variables are the caller's thread's too: decimal's precision (a math reward's exact comparison gave
+    # other scores at the worker's default 28 digits), a tracer's span
+    context = contextvars.copy_context()
 
     def run():
         try:
             with torch_state():
-                outcome["value"] = fn(**kwargs)
+                outcome["value"] = context.run(fn, **kwargs)
         except BaseException as e:   # re-raised on the caller's thread, as a direct call would raise it
             outcome["error"] = e
 
