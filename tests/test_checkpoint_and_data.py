@@ -773,6 +773,23 @@ def test_a_symlink_to_a_checkpoint_in_output_dir_resumes_in_place(tmp_path):
     assert ckpt.set_aside_newer(str(run), str(run / "checkpoint-1")) == [str(run / "abandoned-checkpoint-4")]
 
 
+def test_a_second_path_to_output_dir_that_real_paths_do_not_unify_resumes_in_place(tmp_path, monkeypatch):
+    # a bind mount or an automounter's /net/home/u/... for ~/...: realpath gives each path as it is (simulated here
+    # with a symlink that realpath is made not to follow); resume_into took the checkpoint for another run's, and
+    # with overwrite_output_dir=true deleted the run, the resumed checkpoint included
+    run = tmp_path / "run"
+    for step in (1, 2):
+        (run / f"checkpoint-{step}").mkdir(parents=True)
+        (run / f"checkpoint-{step}" / ckpt.STATE_FILE).write_text("{}")
+    os.symlink(run, tmp_path / "alias")
+    monkeypatch.setattr(os.path, "realpath", os.path.abspath)
+    ckpt.resume_into(str(tmp_path / "alias"), str(run / "checkpoint-1"), overwrite=True)
+    assert [s for s, _ in ckpt.list_checkpoints(str(run))] == [1, 2]
+    assert ckpt.set_aside_newer(str(tmp_path / "alias"), str(run / "checkpoint-1")) == [
+        str(tmp_path / "alias" / "abandoned-checkpoint-2")]
+    ckpt.resume_into(str(tmp_path / "new"), str(run / "checkpoint-1"), overwrite=False)   # a new output_dir: no folder
+
+
 def test_tool_messages_are_accepted_and_a_prompts_own_system_message_is_kept_alone():
     import types
 

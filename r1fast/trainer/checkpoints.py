@@ -96,12 +96,23 @@ def _checkpoint_home(resume_path: str) -> str:
 
 
 def _resumes_in_place(run_dir: str, resume_path: str) -> bool:
-    """Whether the checkpoint is one of run_dir's own, by real paths: an output_dir given through a symlink to
-    the checkpoint's folder is that folder, and so is the folder of a symlink to the checkpoint (taken for another
-    run's, overwrite_output_dir deleted the run, the resumed checkpoint included). A checkpoint-<step> in run_dir
-    that is itself a symlink to another disk is run_dir's too."""
-    lexical_home = os.path.realpath(os.path.dirname(os.path.abspath(os.path.normpath(resume_path))))
-    return os.path.realpath(run_dir) in (lexical_home, _checkpoint_home(resume_path))
+    """Whether the checkpoint is one of run_dir's own, by the folders themselves (_same_folder), not their names:
+    an output_dir given through a symlink to the checkpoint's folder is that folder, and so is the folder of a
+    symlink to the checkpoint (taken for another run's, overwrite_output_dir deleted the run, the resumed
+    checkpoint included). A checkpoint-<step> in run_dir that is itself a symlink to another disk is run_dir's
+    too."""
+    lexical_home = os.path.dirname(os.path.abspath(os.path.normpath(resume_path)))
+    return _same_folder(run_dir, lexical_home) or _same_folder(run_dir, _checkpoint_home(resume_path))
+
+
+def _same_folder(a: str, b: str) -> bool:
+    """By the file system's identity of the folders where both exist: a bind mount or an automounter's second path
+    to a folder (/net/home/u/runs/a for ~/runs/a) has another real path, and resuming through it with
+    overwrite_output_dir=true deleted the run, the resumed checkpoint included."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:   # one is not there (a new output_dir): by real paths
+        return os.path.realpath(a) == os.path.realpath(b)
 
 
 def _checkpoint_step(resume_path: str) -> Optional[re.Match]:
