@@ -381,6 +381,33 @@ def test_unchecked_nan_input_shows_as_nan_loss(device, backend, where, opts):
     assert torch.isnan(loss), loss
 
 
+@pytest.mark.parametrize("backend", ["reference", "torch", "triton"])
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_unchecked_nan_advantage_of_a_row_without_active_tokens_shows_as_nan_loss(backend, level):
+    # check_values=False: the advantage check covers every row, so unchecked a NaN advantage must give a
+    # NaN loss also for a fully masked row; dropping the masked tokens' terms (for an inf ratio) made the
+    # loss finite, and triton's gradient NaN beside it
+    d = _batch(seed=21)
+    d["mask"][1] = 0.0
+    d["adv"][1] = float("nan")
+    f = lambda t: t.float()  # noqa: E731
+    loss, _ = ops.grpo_loss(f(d["logp"]), f(d["old"]), None, f(d["adv"]), d["mask"], backend=backend,
+                            check_values=False, importance_sampling_level=level)
+    assert torch.isnan(loss), loss
+
+
+def test_triton_padding_lanes_past_the_row_hold_no_term_where_the_row_ratio_is_inf():
+    # every token active, T=3 in a block of 4: the padding lane's bias-corrected KL is 0 * inf = NaN there
+    # (the row's sequence-level ratio is past float32); the reference has no such lane and its loss is inf
+    logp = torch.tensor([[-1.0, -1.5, -2.0], [-1.0, -1.5, -2.0]])
+    old = torch.tensor([[-300.0, -1.6, -2.2], [-1.2, -1.4, -2.0]])
+    adv, mask = torch.tensor([-0.8, 0.5]), torch.ones(2, 3)
+    opts = dict(importance_sampling_level="sequence", beta=0.04, use_bias_correction_kl=True)
+    want, _ = ops.grpo_loss(logp, old, logp + 0.1, adv, mask, backend="torch", **opts)
+    loss, _ = ops.grpo_loss(logp, old, logp + 0.1, adv, mask, backend="triton", **opts)
+    assert want == math.inf and loss == math.inf, (want, loss)
+
+
 def test_loss_options_defaults_follow_trl():
     trl_config = pytest.importorskip("trl.trainer.grpo_config")
     trl = {f.name: f.default for f in dataclasses.fields(trl_config.GRPOConfig)}

@@ -216,8 +216,9 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, opts: LossOptions, ent
         stats["entropy"] = (entropy.detach().to(dt) * m).sum() / denom
 
     # masked tokens hold no term: at sequence level the row's ratio reaches them too (inf past the
-    # dtype's range, where the row's own tokens may be dropped by the TIS mask), and inf * 0 would be NaN
-    per_tok = torch.where(m > 0, per_tok, 0.0)
+    # dtype's range, where the row's own tokens may be dropped by the TIS mask), and inf * 0 would be NaN.
+    # A NaN stays: a NaN advantage of a row without active tokens must still show as a NaN loss
+    per_tok = _weighted(per_tok, m)
     lt = opts.loss_type
     if lt == "grpo":
         if row_counts is not None:
