@@ -645,6 +645,24 @@ def test_gpu_check_runs_nothing_when_suites_names_no_suite(tmp_path):
     assert "unknown suite 'grpo-step'" in p.stdout and p.returncode == 1
 
 
+def test_gpu_check_skips_the_profile_when_the_time_box_is_spent(tmp_path):
+    """The profile's 75 s ran whatever the earlier stages left: after a slow build and tests (the bench
+    skipped for want of time) it pushed the script past its 8 minutes. It gets what is left, or is skipped."""
+    import pathlib
+    import subprocess
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    env = dict(_fake_gpu_machine(tmp_path, 0), ENDS_BY="30")   # 30 s: less than the bench or profile needs
+    stub = pathlib.Path(env["PATH"].split(":")[0]) / "python3"
+    stub.write_text(stub.read_text().replace('  *) exit 0;;', f'  *gpu_profile*) touch "{tmp_path}/profiled";;\n'
+                                             '  *) exit 0;;'))
+    (tmp_path / "out").mkdir()
+    p = subprocess.run(["bash", str(root / "bench" / "gpu_check.sh")], env=env, capture_output=True, text=True,
+                       timeout=60)
+    assert not (tmp_path / "profiled").exists(), p.stdout[-800:]
+    assert "profile skipped" in p.stdout and "profile(no-time)" in p.stdout and p.returncode == 1, p.stdout[-800:]
+
+
 def test_grpo_step_trains_both_trainers_in_micro_batches():
     """At GPU size one 512-completion backward would save ~840 GB of activations (and TRL's logits ~80 GB):
     both trainers, and r1fast's phase cases, take the rollout in micro-batches; TRL still generates once
