@@ -663,6 +663,29 @@ def test_gpu_check_skips_the_profile_when_the_time_box_is_spent(tmp_path):
     assert "profile skipped" in p.stdout and "profile(no-time)" in p.stdout and p.returncode == 1, p.stdout[-800:]
 
 
+def test_gpu_check_stops_tests_past_their_box_so_that_pytest_still_reports(tmp_path):
+    """SIGTERM at the tests' time box killed pytest with only its progress dots in tests.log: which tests
+    failed was lost. SIGINT lets it print the failures and counts of what ran; a hung test fails alone."""
+    import pathlib
+    import subprocess
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    env = dict(_fake_gpu_machine(tmp_path, 0), TESTS_BOX="1")
+    env.pop("SKIP_TESTS")
+    stub = pathlib.Path(env["PATH"].split(":")[0]) / "python3"
+    pytest_stub = (f'  *"-m pytest"*) echo "$*" > "{tmp_path}/pytest_args"\n'
+                   f'    trap \'echo "FAILED tests/test_x.py::test_y"; echo "1 failed, 9 passed"; exit 2\' INT\n'
+                   '    sleep 30 & wait; exit 0;;\n')
+    stub.write_text(stub.read_text().replace('  *) exit 0;;', pytest_stub + '  *) exit 0;;'))
+    (tmp_path / "out").mkdir()
+    p = subprocess.run(["bash", str(root / "bench" / "gpu_check.sh")], env=env, capture_output=True, text=True,
+                       timeout=60)
+    args = (tmp_path / "pytest_args").read_text().split()
+    assert "--timeout" in args and args[args.index("-n") + 1] == "8", args
+    assert "1 failed, 9 passed" in p.stdout and "FAILED tests/test_x.py::test_y" in p.stdout, p.stdout[-800:]
+    assert "tests(124)" in p.stdout, p.stdout[-800:]
+
+
 def test_grpo_step_trains_both_trainers_in_micro_batches():
     """At GPU size one 512-completion backward would save ~840 GB of activations (and TRL's logits ~80 GB):
     both trainers, and r1fast's phase cases, take the rollout in micro-batches; TRL still generates once
