@@ -10,9 +10,10 @@
 # Commit the CSV as bench/results/<card>-<date>.csv.
 #
 # A later window can spend its time elsewhere: SUITES="grpo_step trl" picks (and orders) the suites,
-# TESTS_BOX=SECONDS sets the tests' time box (140), SKIP_TESTS=1 gives the tests' time to the bench
-# (the GPU-size grpo_step and trl cases take minutes: TRL's step alone is about a minute). The bench's time box is what the earlier stages
-# left of the 8 minutes. Exit status 0 when every stage passed, else 1.
+# SUITE_BOX=SECONDS sets each suite's box (60: past it a suite starts no more implementations; the
+# GPU-size grpo_step and trl cases take minutes, TRL's step alone about one, so raise it for them),
+# TESTS_BOX=SECONDS the tests' box (140), SKIP_TESTS=1 gives the tests' time to the bench. The bench's
+# time box is what the earlier stages left of the 8 minutes. Exit status 0 when every stage passed, else 1.
 set -uo pipefail
 OUT=${OUT:-$(mktemp -d)}
 cd "$(dirname "$0")/.."
@@ -104,7 +105,10 @@ elif [ -z "$suites" ]; then
 else
   echo "suites: $(echo $suites); time box ${bench_box}s"
   bench_end=$(( $(date +%s) + bench_box ))
-  timeout -k 10 $bench_box python3 -m r1fast.cli bench $suites --size gpu --out "$OUT" --budget 0.5 >"$OUT/bench.log" 2>&1
+  # --suite-box: a suite starts no implementation after SUITE_BOX seconds (60), so one slow suite (a
+  # GPU-size rollout's generate calls) cannot take the whole box from the suites after it
+  timeout -k 10 $bench_box python3 -m r1fast.cli bench $suites --size gpu --out "$OUT" --budget 0.5 \
+    --suite-box "${SUITE_BOX:-60}" >"$OUT/bench.log" 2>&1
   rc=$?
   # Exit 3: a kernel fault left the process's CUDA context unusable (the error is sticky). The suites
   # not run yet go on in a fresh process, their rows added to the same results files.
@@ -116,12 +120,14 @@ else
     [ -n "$left" ] && [ "$box" -ge 30 ] || break
     echo "a kernel fault lost the CUDA context: going on with $left in a fresh process (${box}s left)"
     timeout -k 10 $box python3 -m r1fast.cli bench $left --size gpu --out "$OUT" --budget 0.5 \
-      ${csv:+--append "$csv"} >>"$OUT/bench.log" 2>&1
+      --suite-box "${SUITE_BOX:-60}" ${csv:+--append "$csv"} >>"$OUT/bench.log" 2>&1
     rc=$?
   done
   echo "bench exit $rc$([ $rc = 124 ] && echo ' (time box: the suites after the last one done did not run)')"
   [ $rc = 0 ] || [ $rc = 3 ] || failed="$failed bench($rc)"
-  grep -E "FAILED|skip|done in|engine start-up" "$OUT/bench.log" | head -40
+  grep -E "FAILED|skip|done in|engine start-up" "$OUT/bench.log" | grep -v "time box (--suite-box)" | head -40
+  cut=$(grep -c "time box (--suite-box)" "$OUT/bench.log")
+  [ "$cut" -gt 0 ] && echo "$cut implementations not started: their suite was past its ${SUITE_BOX:-60} s box (bench.log)"
   case $rc in 0|124) ;; *) tail -5 "$OUT/bench.log";; esac
 fi
 

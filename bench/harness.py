@@ -402,15 +402,22 @@ def _missing(requires: Iterable[str]) -> list[str]:
 
 
 def run_suite(s: Suite, size: str, device: torch.device, machine: Machine, timer: Timer, log=print,
-              on_case: Callable[[list[dict]], object] | None = None) -> list[dict]:
+              on_case: Callable[[list[dict]], object] | None = None, box_s: float | None = None) -> list[dict]:
     """Time every impl of every case of `s`; `on_case(rows so far)` after each case (main() rewrites
-    the results files there, so a run killed by a time box keeps every case it finished)."""
+    the results files there, so a run killed by a time box keeps every case it finished). With `box_s`,
+    no impl starts once the suite has run that many seconds (the one running finishes): the impls left
+    are reported as skipped, so one slow suite cannot take a time-boxed run's time from the next ones."""
     versions = _versions()
     stamp = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     dev = _describe_device(device)
     rows: list[dict] = []
+    started = time.perf_counter()
     for case in s.cases(size, device):
         for impl in case.impls:
+            if box_s is not None and time.perf_counter() - started >= box_s:
+                log(f"  skip {s.name}/{case.name} {case.mode} {impl.provider}/{impl.backend}: past the suite's "
+                    f"{box_s:g} s time box (--suite-box)")
+                continue
             floor = machine.floor_ms(case, impl.matmul_dtype)
             base = dict(suite=s.name, case=case.name, provider=impl.provider, backend=impl.backend, mode=case.mode,
                         size=size, dtype=case.dtype, device=dev, timestamp=stamp, **versions)
@@ -598,24 +605,25 @@ def plot(csv_paths: list[Path], out_png: Path) -> Path:
 
 def main(suite_names: list[str], size: str = "smoke", out_dir: str | None = None, device: str | None = None,
          budget_s: float | None = None, min_reps: int = 5, log=print, append_to: str | None = None,
-         threads: int | None = None) -> list[dict]:
+         threads: int | None = None, suite_box_s: float | None = None) -> list[dict]:
     """Run the suites; results go to new <card>-<time>.csv/.json files under `out_dir`, or with
     `append_to` (an earlier run's CSV) into that run's files, after its rows. Raises DeviceLost,
     after saving, when a kernel fault leaves the CUDA context unusable (its `remaining` suites did
     not run). `threads`: torch's CPU threads for the run (torch.set_num_threads; the caller's setting
-    is put back after), recorded in the results' meta as cpu_threads either way."""
+    is put back after), recorded in the results' meta as cpu_threads either way. `suite_box_s`: seconds
+    after which a suite starts no more impls (run_suite's box_s)."""
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise ValueError(f"--threads is an int >= 1, got {threads!r}")
     before = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        return _main(suite_names, size, out_dir, device, budget_s, min_reps, log, append_to)
+        return _main(suite_names, size, out_dir, device, budget_s, min_reps, log, append_to, suite_box_s)
     finally:
         torch.set_num_threads(before)
 
 
-def _main(suite_names, size, out_dir, device, budget_s, min_reps, log, append_to) -> list[dict]:
+def _main(suite_names, size, out_dir, device, budget_s, min_reps, log, append_to, suite_box_s) -> list[dict]:
     if size not in SIZES:
         raise ValueError(f"--size must be one of {SIZES}, got {size!r}")
     suites = load_suites()
@@ -634,6 +642,8 @@ def _main(suite_names, size, out_dir, device, budget_s, min_reps, log, append_to
         raise ValueError("--size gpu needs a CUDA device; use --size smoke on CPU")
     if budget_s is not None and not budget_s >= 0:
         raise ValueError(f"--budget is seconds >= 0, got {budget_s}")
+    if suite_box_s is not None and not suite_box_s > 0:
+        raise ValueError(f"--suite-box is seconds > 0, got {suite_box_s}")
     machine = Machine(dev, size)
     timer = Timer(dev, budget_s=budget_s if budget_s is not None else (2.0 if dev.type == "cuda" else 0.5),
                   warmup=min(3, min_reps), min_reps=min_reps)
@@ -664,7 +674,7 @@ def _main(suite_names, size, out_dir, device, budget_s, min_reps, log, append_to
         t0 = time.perf_counter()
         try:
             rows += run_suite(suites[name], size, dev, machine, timer, log=log,
-                              on_case=lambda part: save(rows + part))
+                              on_case=lambda part: save(rows + part), box_s=suite_box_s)
         except DeviceLost as e:
             rows += e.rows
             lost = e

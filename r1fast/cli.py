@@ -95,7 +95,8 @@ def _cmd_bench(args):
     try:
         with _sigterm_as_exit():
             rows = harness.main(args.suites, size=args.size, out_dir=args.out, device=args.device,
-                                budget_s=args.budget, append_to=args.append, log=log, threads=args.threads)
+                                budget_s=args.budget, append_to=args.append, log=log, threads=args.threads,
+                                suite_box_s=args.suite_box)
     except harness.DeviceLost as e:
         # exit status 3: bench/gpu_check.sh goes on with the suites left, in a fresh process
         print(f"r1fast bench: the CUDA context is lost ({e})", file=sys.stderr)
@@ -138,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--threads", type=int, default=None, metavar="N",
                        help="torch CPU threads for the run (default: torch's, one per core); 1 on a small or "
                             "busy CPU, where threads waiting for each other swamp the smoke sizes' timings")
+    bench.add_argument("--suite-box", type=float, default=None, metavar="SECONDS",
+                       help="a suite starts no more implementations after this many seconds (the rest are "
+                            "reported as skipped), so one slow suite cannot take a time-boxed run's time")
     bench.add_argument("--list", action="store_true", help="list suites and exit")
     bench.add_argument("--plot", action="store_true", help="draw a PNG from result CSVs (default: the newest)")
     bench.add_argument("--table", action="store_true",

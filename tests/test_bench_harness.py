@@ -200,6 +200,31 @@ def test_timer_warmup_zero_times_the_first_call_and_impl_overrides_the_case(tmp_
     assert len(counted) == (2 + 3) + 1
 
 
+def test_a_suite_past_its_box_starts_no_more_impls_and_says_so(tmp_path):
+    """One bench process runs every suite under gpu_check's single time box: a slow suite (a GPU-size
+    rollout's generate calls) took the box from every suite after it. --suite-box bounds each suite."""
+    import time as _time
+
+    def slow():
+        _time.sleep(0.05)
+        return lambda: None
+    cases = [harness.Case(f"c{i}", "fwd", "float32",
+                          [harness.Impl("r1fast", "x", slow), harness.Impl("peer", "y", slow)]) for i in range(2)]
+    harness._SUITES["boxed_t"] = harness.Suite("boxed_t", lambda size, device: cases)
+    log = []
+    try:
+        rows = harness.main(["boxed_t"], out_dir=str(tmp_path), device="cpu", budget_s=0.0, min_reps=1,
+                            log=log.append, suite_box_s=0.01)
+        with pytest.raises(ValueError, match="--suite-box"):
+            harness.main(["boxed_t"], out_dir=str(tmp_path), device="cpu", suite_box_s=0)
+    finally:
+        del harness._SUITES["boxed_t"]
+    # the first impl runs (the box is checked before an impl starts), the three after it are skipped
+    assert {(r["case"], r["provider"]) for r in rows} == {("c0", "r1fast")}
+    skipped = [line for line in log if "past the suite's 0.01 s time box" in line]
+    assert len(skipped) == 3 and "skip boxed_t/c1 fwd peer/y" in skipped[-1], log
+
+
 def test_a_failing_impl_is_reported_and_the_others_still_run():
     def broken():
         raise RuntimeError("no such kernel here")
@@ -566,6 +591,8 @@ def test_gpu_check_orders_suites_reports_failure_and_prints_the_table_last(tmp_p
     # the minutes-long grpo_step and trl (a second window's work) come after every other known suite
     assert suites[:2] == ["logprob", "grpo_loss"] and suites[-3:] == ["grpo_step", "trl", "new_suite"], suites
     assert {"model", "kv_cache", "fp8_linear"} <= set(suites[:suites.index("grpo_step")])
+    # each suite is bounded, so a slow one leaves time for those after it
+    assert "--suite-box 60" in (tmp_path / "bench_args").read_text()
     # the table, then the verdict again (a long table can push the first one out of the returned tail)
     last = p.stdout.rstrip().splitlines()[-2:]
     assert last[0].startswith("TABLE OF"), p.stdout[-500:]
