@@ -709,8 +709,28 @@ def test_gpu_check_stops_tests_past_their_box_so_that_pytest_still_reports(tmp_p
                        timeout=60)
     args = (tmp_path / "pytest_args").read_text().split()
     assert "--timeout" in args and args[args.index("-n") + 1] == "8", args
+    assert " -m gpu tests/" in " ".join(args), args   # the GPU-marked tests got the box first
     assert "1 failed, 9 passed" in p.stdout and "FAILED tests/test_x.py::test_y" in p.stdout, p.stdout[-800:]
-    assert "tests(124)" in p.stdout, p.stdout[-800:]
+    assert "pytest -m 'not gpu and not slow' not run" in p.stdout and "tests(124)" in p.stdout, p.stdout[-800:]
+
+
+def test_gpu_check_runs_the_gpu_marked_tests_then_the_rest_of_the_same_files(tmp_path):
+    import pathlib
+    import subprocess
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    env = _fake_gpu_machine(tmp_path, 0)
+    env.pop("SKIP_TESTS")
+    stub = pathlib.Path(env["PATH"].split(":")[0]) / "python3"
+    stub.write_text(stub.read_text().replace('  *) exit 0;;', f'  *"-m pytest"*) echo "$*" >> "{tmp_path}/pytest_args"'
+                                             ';;\n  *) exit 0;;'))
+    (tmp_path / "out").mkdir()
+    p = subprocess.run(["bash", str(root / "bench" / "gpu_check.sh")], env=env, capture_output=True, text=True,
+                       timeout=60)
+    first, second = (tmp_path / "pytest_args").read_text().splitlines()
+    assert " -m gpu tests/" in first and " -m not gpu and not slow tests/" in second, (first, second)
+    assert first.split(" tests/", 1)[1] == second.split(" tests/", 1)[1]   # the same files
+    assert "pytest exit 0" in p.stdout and p.returncode == 0, p.stdout[-800:]
 
 
 def test_grpo_step_trains_both_trainers_in_micro_batches():
