@@ -93,7 +93,7 @@ else
     r=$?; [ $r = 0 ] || [ $r = 5 ] || rc=$r   # 5: no test carries these marks
   done
   echo "pytest exit $rc"; [ $rc = 0 ] || failed="$failed tests($rc)"
-  grep -E "^== pytest|passed|failed|error" "$OUT/tests.log" | tail -6; grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -20
+  grep -E "^== pytest|passed|failed|error|skipped in|no tests ran" "$OUT/tests.log" | tail -6; grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -20
 fi
 
 stage "bench, every suite at GPU size"
