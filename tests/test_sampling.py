@@ -121,6 +121,16 @@ def test_uniforms_are_deterministic_and_spread():
     assert sampler.stream_key(1, 2) != sampler.stream_key(2, 1)
 
 
+def test_stream_key_goes_on_from_a_state_as_from_its_parts():
+    # the engine folds a prompt's (seed, hash, occurrence) once and each sample's j onto it: the keys (so
+    # every sampled token) must be those of stream_key(seed, hash, occurrence, j), as before that shortcut
+    for seed, h, o in ((0, 0, 0), (7, 2**64 - 1, 3), (2**62, 12345678901234567, 0), (-5, 1, 2)):
+        state = sampler.stream_key(seed, h, o)
+        assert [sampler.stream_key(j, state=state) for j in range(9)] == \
+            [sampler.stream_key(seed, h, o, j) for j in range(9)]
+    assert sampler.stream_key(3, 2**64 - 1, 0, 5) == 2318920083   # pinned: the engine's streams never move
+
+
 def test_host_uniforms_equal_the_device_hash_bit_for_bit():
     # the engine draws its uniforms on the host (numpy, tabulated positions): they must be the same bits
     g = torch.Generator().manual_seed(0)

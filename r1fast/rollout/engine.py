@@ -276,7 +276,8 @@ class Engine:
             occurrence = seen.get(digest, 0)
             seen[digest] = occurrence + 1
             keys.append((int.from_bytes(digest, "little"), occurrence))
-        return [lambda j, h=h, o=o: sampler.stream_key(seed, h, o, j) for h, o in keys]
+        # stream_key(seed, h, o, j): the prompt's parts folded once, each sample's j onto them
+        return [lambda j, s=sampler.stream_key(seed, h, o): sampler.stream_key(j, state=s) for h, o in keys]
 
     @torch.no_grad()
     def generate(self, prompt_token_ids, params: SamplingParams | None = None, progress: bool = False):

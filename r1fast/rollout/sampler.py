@@ -41,9 +41,16 @@ def fmix32_int(x: int) -> int:
     return x ^ (x >> 16)
 
 
-def stream_key(*parts: int) -> int:
-    """A 32-bit key from integers of any size (seed, prompt hash, occurrence, sample index)."""
-    h = 0x9E3779B9
+_KEY_START = 0x9E3779B9
+
+
+def stream_key(*parts: int, state: int = _KEY_START) -> int:
+    """A 32-bit key from integers of any size (seed, prompt hash, occurrence, sample index).
+
+    The parts are folded in one by one, so a key of shared leading parts is the state to go on from:
+    stream_key(a, b, c) == stream_key(c, state=stream_key(a, b)) (a group's samples fold their prompt's
+    parts once, not once per sample)."""
+    h = state
     for p in parts:
         p = int(p)
         for _ in range(3):  # fold 96 bits of each part, enough for a 64-bit seed and a sign
