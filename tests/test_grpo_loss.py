@@ -1681,3 +1681,33 @@ def test_fused_grad_scale_forms_the_gradients_at_the_loss_scale(backend):
         assert err(u) > 20 * err(s), name     # formed at scale 1: flushed to zero or to a few bits
     with pytest.raises(ValueError, match="grad_scale must be a finite number > 0"):
         _fused_grads(d, hidden, weight, targets, torch.float32, 1.0, grad_scale=0.0)
+
+
+def test_fused_packed_loss_reads_the_device_few_times(monkeypatch):
+    """Every read of a device value (bool/int/item, tolist) is a host sync on a GPU, once per micro-batch of
+    the trainer's loss loop: the packed single pass read 15 (its checks one read each); now 6."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    reads = []
+
+    class CountScalarReads(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket is torch.ops.aten._local_scalar_dense:
+                reads.append(func)
+            return func(*args, **(kwargs or {}))
+
+    tolist = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: reads.append("tolist") or tolist(self))
+    lens = torch.tensor([3, 5, 1, 4])
+    cu = torch.cat([torch.zeros(1, dtype=torch.int64), lens.cumsum(0)]).int()
+    n = int(lens.sum())
+    hidden = randn(n, 8, seed=1).requires_grad_()
+    weight = randn(11, 8, seed=2).requires_grad_()
+    targets = torch.randint(0, 11, (n,), generator=generator(3))
+    sampler = -randn(n, seed=4).abs() - 1
+    with CountScalarReads():
+        loss, _ = ops.fused_linear_grpo_loss(hidden, weight, targets, torch.ones(n), randn(4, seed=5), cu_seqlens=cu,
+                                             sampler_logp=sampler, loss_type="dapo", tis_mode="truncate",
+                                             backend="torch", row_stats=True)
+    assert torch.isfinite(loss)
+    assert len(reads) <= 6, reads

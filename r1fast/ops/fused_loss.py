@@ -23,6 +23,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import dataclasses
+import itertools
 
 import torch
 
@@ -56,12 +57,13 @@ def _packed_positions(cu_seqlens, n):
         raise ValueError(f"{OP}: cu_seqlens must be [S+1] with S >= 1, got shape {tuple(cu_seqlens.shape)}")
     cu = cu_seqlens.long()
     lens = cu[1:] - cu[:-1]
-    if int(cu[0]) != 0 or int(cu[-1]) != n or bool((lens < 0).any()):
+    first, last, shortest, longest = torch.stack([cu[0], cu[-1], lens.min(), lens.max()]).tolist()  # one host sync
+    if first != 0 or last != n or shortest < 0:
         raise ValueError(f"{OP}: cu_seqlens must start at 0, be non-decreasing and end at the token count {n}, "
                          f"got {cu.tolist()[:8]}{'...' if cu.numel() > 8 else ''}")
     tok = torch.arange(n, device=cu.device)
     row = torch.searchsorted(cu[1:], tok, right=True)
-    return row, tok - cu[row], max(int(lens.max()), 1), lens.numel()
+    return row, tok - cu[row], max(longest, 1), lens.numel()
 
 
 class _Layout:
@@ -89,6 +91,13 @@ class _Layout:
         self.row = row if self.all_active else row[self.idx]
         self.pos = pos if self.all_active else pos[self.idx]
         self.row_counts = torch.bincount(self.row, minlength=self.shape2d[0])
+        self._row_counts_host = None
+
+    def row_counts_host(self) -> list[int]:
+        """row_counts as a list (read from the device once: the chunk plan and the single pass both need it)."""
+        if self._row_counts_host is None:
+            self._row_counts_host = self.row_counts.tolist()
+        return self._row_counts_host
 
     def active(self, flat):
         return flat if self.all_active else flat[self.idx]
@@ -112,7 +121,7 @@ def plan_chunks(row_counts, budget: int, split_rows: bool):
     known up front) a range may cut a completion, so any length fits the single pass. Otherwise
     ranges hold whole completions, and None means one completion alone exceeds the budget.
     """
-    counts = row_counts.tolist()
+    counts = row_counts.tolist() if isinstance(row_counts, torch.Tensor) else list(row_counts)
     total = sum(counts)
     if split_rows:
         return [(s, min(s + budget, total)) for s in range(0, total, budget)]
@@ -219,7 +228,7 @@ class _SinglePassRun:
         inv_temp = 1.0 / opts.temperature
         wide = torch.float64 if h.dtype == torch.float64 else torch.float32
         old2, ref2, smp2, adv, mask2, isw2 = self.per_token
-        starts = [0] + lay.row_counts.cumsum(0).tolist()
+        starts = [0, *itertools.accumulate(lay.row_counts_host())]
         row_counts = lay.row_counts.to(wide)
         # h holds every token (padding too): gathering the active rows per chunk instead of up front
         # saves a copy of the active hidden states and its gradient (~250 MB at N=16k, H=4096).
@@ -368,7 +377,7 @@ def _fused_linear_grpo_loss(hidden, weight, targets, mask, advantages, *, old_lo
                          f"{tuple(advantages.shape) if isinstance(advantages, torch.Tensor) else advantages!r}")
     t_act = lay.active(targets.reshape(-1))
     if t_act.numel():
-        lo, hi = int(t_act.min()), int(t_act.max())
+        lo, hi = torch.stack(torch.aminmax(t_act)).tolist()  # one host sync
         if lo < 0 or hi >= weight.shape[0]:
             raise ValueError(f"{OP}: targets at active tokens must lie in [0, {weight.shape[0]}) (the vocabulary), "
                              f"got min {lo}, max {hi}")
@@ -383,7 +392,7 @@ def _fused_linear_grpo_loss(hidden, weight, targets, mask, advantages, *, old_lo
     restate_seq_tis = sampler_logp is not None and old_logp is not None and opts.tis_level == "sequence"
     split_rows = opts.importance_sampling_level == "token" and (
         sampler_logp is None or opts.tis_level == "token" or restate_seq_tis)
-    chunks = plan_chunks(lay.row_counts, max(chunk, 1), split_rows) if single_pass and lb in ("torch", "triton") \
+    chunks = plan_chunks(lay.row_counts_host(), max(chunk, 1), split_rows) if single_pass and lb in ("torch", "triton") \
         else None
 
     if chunks is None:  # two pass: grouped_logprob (recomputing backward) then grpo_loss
@@ -426,7 +435,7 @@ def _fused_linear_grpo_loss(hidden, weight, targets, mask, advantages, *, old_lo
     else:
         loss, _, _, run.stats = run(h.detach(), w.detach())
     stats = run.stats
-    bad = [k for k in ("entropy",) if k in stats and not bool(torch.isfinite(stats[k]))]
-    if not bool(torch.isfinite(loss)) or bad:
+    finite = torch.isfinite(loss) & torch.isfinite(stats["entropy"]) if "entropy" in stats else torch.isfinite(loss)
+    if not bool(finite):  # one host sync
         raise ValueError(f"{OP}: hidden/weight give non-finite log-probs (NaN/inf in hidden or weight?)")
     return loss, stats

@@ -23,6 +23,21 @@ def _check_finite(name, t, active, op):
         raise ValueError(f"{op}: {name} has {int(bad.sum())} NaN/inf value(s) at active tokens (first at {at})")
 
 
+def _any_bad_value(logp, old_logp, ref_logp, advantages, mask, sampler_logp, entropy, importance_weights) -> bool:
+    """Whether any value check of _validate_loss_inputs fails (a mask value other than 0/1, a NaN/inf at an active
+    token or in the advantages, a negative importance weight), read from the device once: each check's own
+    read was a host sync, ~5 per loss call."""
+    active = mask.bool()
+    bad = [] if mask.dtype == torch.bool else [((mask != 0) & (mask != 1)).any()]
+    for t in (logp, old_logp, ref_logp, sampler_logp, entropy, importance_weights):
+        if t is not None:
+            bad.append((~torch.isfinite(t.detach()) & active).any())
+    if importance_weights is not None:
+        bad.append(((importance_weights.detach() < 0) & active).any())
+    bad.append((~torch.isfinite(advantages)).any())
+    return bool(torch.stack(bad).any())
+
+
 def per_token_weights(op, weights, shape):
     """importance_weights as a detached [B, T] view (per-row weights broadcast over their row), after
     the type and shape checks. Accepted: [B, T] = `shape` (one weight per token), [B, 1] or [B] (one per row)."""
@@ -72,12 +87,15 @@ def _validate_loss_inputs(op, logp, old_logp, ref_logp, advantages, mask, sample
                                   importance_weights) if t is not None}
     if len(devices) != 1:
         raise ValueError(f"{op}: all tensors must be on one device, got {sorted(map(str, devices))}")
+    # the value checks read the device once; only when one fails are they redone one by one, to name it
+    bad = check_values and _any_bad_value(logp, old_logp, ref_logp, advantages, mask, sampler_logp, entropy,
+                                          importance_weights)
     # integer masks too: every backend weights a token by its mask value, so a 2 would count it twice
-    if check_values and mask.dtype != torch.bool and not bool(((mask == 0) | (mask == 1)).all()):
+    if bad and mask.dtype != torch.bool and not bool(((mask == 0) | (mask == 1)).all()):
         raise ValueError(f"{op}: mask must be bool or hold only 0 and 1")
     if opts.beta != 0.0 and ref_logp is None:
         raise ValueError(f"{op}: beta={opts.beta} needs ref_logp (or set beta=0)")
-    if not check_values:  # the checks below read values: each one is a device sync
+    if not bad:
         return importance_weights
     active = mask.bool()
     for name, t in (("logp", logp), ("old_logp", old_logp), ("ref_logp", ref_logp),
