@@ -386,7 +386,9 @@ class GRPOTrainer:
         mb = cfg.per_device_train_batch_size
         micro = [list(range(i, min(i + mb, B))) for i in range(0, B, mb)]
         keep = [not (cfg.mask_truncated_completions and finish[i] == "length") for i in range(B)]
-        masks = [torch.full((len(c_ids[i]),), 1.0 if keep[i] else 0.0, device=self.device) for i in range(B)]
+        # one mask per micro-batch, made once for all iterations: one per completion was a device fill for each
+        # (512 launches a step at 64 x 8) and a cat per micro-batch and iteration
+        masks = [_token_mask([len(c_ids[i]) for i in idx], [keep[i] for i in idx], self.device) for idx in micro]
         # Counted on the host: summing the device masks would sync once per completion.
         num_items = float(sum(len(c_ids[i]) for i in range(B) if keep[i])) or 1.0
         batches = [pack([p_ids[i] for i in idx], [c_ids[i] for i in idx], self.device, share_prompts=self.share_prompts)
@@ -427,7 +429,7 @@ class GRPOTrainer:
             stat_sums: dict[str, torch.Tensor] = {}
             with accumulating_gradients(self.optimizer):  # fp32 sums of the micro-batches' gradients
                 for j, (idx, b) in enumerate(zip(micro, batches)):
-                    mask = torch.cat([masks[i] for i in idx])
+                    mask = masks[j]
                     hidden = b.hidden(self.model)
                     try:
                         loss, stats = ops.fused_linear_grpo_loss(
@@ -681,6 +683,13 @@ class GRPOTrainer:
 
 # statistics combined over micro-batches and iterations by min / max (the rest are token means)
 _EXTREMES = {"is_weight/min": min, "is_weight/max": max, "clip_ratio/low_min": min, "clip_ratio/high_max": max}
+
+
+def _token_mask(lengths: list[int], keep: list[bool], device) -> torch.Tensor:
+    """float32 [sum(lengths)]: 1 at every token of a kept completion, 0 at the others'."""
+    if all(keep):
+        return torch.ones(sum(lengths), device=device)
+    return torch.cat([torch.full((n,), 1.0 if k else 0.0) for n, k in zip(lengths, keep)]).to(device)
 
 
 def _clip_extremes(stats: dict, active: torch.Tensor, advantages: torch.Tensor, opts) -> dict[str, torch.Tensor]:
