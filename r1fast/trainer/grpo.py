@@ -45,6 +45,7 @@ from r1fast.trainer.common import (  # noqa: F401  (NonFiniteLoss: also importab
     make_optimizer,
     make_scheduler,
     model_from_argument,
+    host_tensor,
     pack,
     prompt_sharing_pays,
     reward_columns,
@@ -399,7 +400,7 @@ class GRPOTrainer:
         sampler = []
         for idx in micro:
             if all(c_logp[i] is not None and len(c_logp[i]) == len(c_ids[i]) for i in idx):
-                sampler.append(torch.tensor([x for i in idx for x in c_logp[i]], dtype=torch.float32, device=self.device))
+                sampler.append(host_tensor([x for i in idx for x in c_logp[i]], torch.float32, self.device))
             else:
                 sampler.append(None)
         old = [self._forward_logp(self.model, b) if cfg.num_iterations > 1 else None for b in batches]
