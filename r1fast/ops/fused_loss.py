@@ -90,7 +90,10 @@ class _Layout:
         self.idx = None if self.all_active else active.nonzero().squeeze(-1)
         self.row = row if self.all_active else row[self.idx]
         self.pos = pos if self.all_active else pos[self.idx]
-        self.row_counts = torch.bincount(self.row, minlength=self.shape2d[0])
+        # tokens per row: `row` is non-decreasing (rows one after another), so where each row starts counts them;
+        # torch.bincount read the device twice on a GPU (its input's min and max) for the same numbers
+        bounds = torch.searchsorted(self.row, torch.arange(self.shape2d[0] + 1, device=self.row.device))
+        self.row_counts = bounds[1:] - bounds[:-1]
         self._row_counts_host = None
 
     def row_counts_host(self) -> list[int]:
