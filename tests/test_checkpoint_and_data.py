@@ -203,6 +203,31 @@ def test_pruning_keeps_the_checkpoint_just_written(tmp_path):
     assert [s for s, _ in ckpt.list_checkpoints(str(tmp_path))] == [3, 4, 5]
 
 
+@pytest.mark.parametrize("delete", ["prune", "clear_run"])
+def test_a_checkpoint_deleted_part_way_no_longer_looks_complete(tmp_path, monkeypatch, delete):
+    # pruning (and overwrite_output_dir's clear_run) rmtree'd checkpoint-N in place: killed after it deleted
+    # optimizer.safetensors, checkpoint-N kept its trainer_state.json and was listed as a complete checkpoint
+    model = _model(build_char_tokenizer())
+    opt = torch.optim.AdamW(model.parameters())
+    ckpt.save_checkpoint(str(tmp_path), 1, model=model, optimizer=opt, keep=None)
+    real_remove = os.unlink
+
+    def killed_after_the_first_file(path, *a, **k):
+        real_remove(path, *a, **k)
+        raise KeyboardInterrupt   # stands for a SIGKILL: nothing after it runs
+
+    monkeypatch.setattr(os, "unlink", killed_after_the_first_file)
+    with pytest.raises(KeyboardInterrupt):
+        if delete == "prune":
+            ckpt.save_checkpoint(str(tmp_path), 2, model=model, optimizer=opt, keep=1)
+        else:
+            ckpt.clear_run(str(tmp_path))
+    monkeypatch.undo()
+    assert [s for s, _ in ckpt.list_checkpoints(str(tmp_path))] == ([2] if delete == "prune" else [])
+    ckpt.remove_save_leftovers(str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == (["checkpoint-2"] if delete == "prune" else [])
+
+
 def test_char_tokenizer_roundtrip_and_save(tmp_path):
     from r1fast.models import load_tokenizer
 

@@ -32,7 +32,8 @@ from r1fast.models.checkpoint import _fsync_folder
 
 _CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
 # save_checkpoint's temporary folder, and the ones save_pretrained makes beside it (".<its name>.tmp-...",
-# ".<its name>.old-..."): a save killed mid-way leaves any of them behind
+# ".<its name>.old-..."): a save killed mid-way leaves any of them behind; and a pruned checkpoint's folder
+# while it is deleted (_delete_checkpoint's ".tmp-checkpoint-<step>-deleting-<pid>")
 _SAVE_TEMP_RE = re.compile(r"^\.\.?tmp-checkpoint-\d+-")
 _OLD_CKPT_RE = re.compile(r"^checkpoint-\d+\.old-\d+$")  # save_checkpoint's replaced checkpoint, before deletion
 # the files of a run folder (a trainer's, a pipeline's, a sample stage's) written through metrics.replacing: a
@@ -283,7 +284,9 @@ def clear_run(run_dir: str):
         return
     for name in os.listdir(run_dir):
         path = os.path.join(run_dir, name)
-        if _CKPT_RE.match(name.split(".old-")[0]) or _SAVE_TEMP_RE.match(name) \
+        if _CKPT_RE.match(name):
+            _delete_checkpoint(path)   # a kill part way through leaves no checkpoint that looks complete
+        elif _CKPT_RE.match(name.split(".old-")[0]) or _SAVE_TEMP_RE.match(name) \
                 or name.startswith("abandoned-checkpoint-") or name == "tensorboard":
             shutil.rmtree(path, ignore_errors=True)
         elif name in ("metrics.jsonl", "completions.jsonl", "metrics.jsonl.tmp", "completions.jsonl.tmp"):
@@ -545,8 +548,22 @@ def save_checkpoint(run_dir: str, step: int, *, model, optimizer=None, scheduler
     # from an older checkpoint): deleting it would leave `--resume` another run's state
     others = [path for _, path in list_checkpoints(run_dir) if path != final]
     for path in others[:max(0, len(others) - (keep - 1))] if keep is not None else []:
-        shutil.rmtree(path, ignore_errors=True)
+        _delete_checkpoint(path)
     return final
+
+
+def _delete_checkpoint(path: str):
+    """Delete a checkpoint folder, first renamed to a save's temporary name: rmtree deletes its files one by one,
+    and a kill part way left checkpoint-N with trainer_state.json but no optimizer.safetensors (or weights),
+    which list_checkpoints takes as complete. The renamed folder is what remove_save_leftovers clears."""
+    folder, name = os.path.split(os.path.normpath(path))
+    doomed = os.path.join(folder, f".tmp-{name}-deleting-{os.getpid()}")
+    shutil.rmtree(doomed, ignore_errors=True)   # the same name left by a killed earlier deletion
+    try:
+        os.rename(path, doomed)
+    except OSError:
+        doomed = path   # not renamable (gone already, a read-only folder): deleted where it is, as before
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def load_checkpoint(path: str, *, model, optimizer=None, scheduler=None, restore_rng: bool = True,
