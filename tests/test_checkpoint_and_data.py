@@ -114,6 +114,23 @@ def test_damaged_checkpoint_is_a_clear_error(tmp_path, damage, match):
         ckpt.load_checkpoint(path, model=model2, optimizer=torch.optim.AdamW(model2.parameters(), lr=1e-3))
 
 
+def test_a_training_checkpoint_without_its_model_is_not_read_from_its_optimizer_file(tmp_path):
+    # from_pretrained fell back to any *.safetensors: a checkpoint-N whose model.safetensors was gone (or
+    # replaced by a pickled .bin) was read from optimizer.safetensors and rng.safetensors, and the error said
+    # "model.safetensors.index.json holds no layers", naming a file that is not there
+    from r1fast.models import from_pretrained
+
+    model = _model(build_char_tokenizer())
+    path = ckpt.save_checkpoint(str(tmp_path), 1, model=model, optimizer=torch.optim.AdamW(model.parameters()))
+    os.remove(os.path.join(path, "model.safetensors"))
+    with pytest.raises(FileNotFoundError, match=r"no \*.safetensors weights in .*checkpoint-1' \(it holds only a "
+                                                r"training checkpoint's optimizer.safetensors, rng.safetensors"):
+        from_pretrained(path)
+    open(os.path.join(path, "pytorch_model.bin"), "wb").close()
+    with pytest.raises(ValueError, match=r"only pickled weights \(pytorch_model.bin"):
+        from_pretrained(path)
+
+
 def test_failed_write_leaves_no_checkpoint(tmp_path, monkeypatch):
     tok = build_char_tokenizer()
     model = _model(tok)

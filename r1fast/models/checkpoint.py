@@ -26,6 +26,8 @@ _WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # Keys some checkpoints carry that hold nothing to load (older Llama exports saved rotary caches).
 _IGNORED_KEY = re.compile(r"^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$")
 _EMBED_KEY = "model.embed_tokens.weight"
+# what r1fast's trainers write beside the model in checkpoint-<step> (r1fast.trainer.checkpoints)
+_TRAINER_FILES = ("optimizer.safetensors", "rng.safetensors", "reference.safetensors")
 
 
 # "org/name", each part opening with a letter or digit as the Hub's ids do: "./model" or "../ckpt" is a local path
@@ -163,7 +165,10 @@ def _check_headers(path: str, config: ModelConfig, shards: list[str]) -> None:
                 except Exception as e:
                     raise ValueError(f"{shard}: tensor {key!r} cannot be read (corrupt header?): {e}") from e
     cfg_file = os.path.join(path, "config.json")
-    weights = shards[0] if len(shards) == 1 else os.path.join(path, INDEX_NAME)
+    index = os.path.join(path, INDEX_NAME)
+    # shards found without an index (any *.safetensors) are named themselves, not an index that is not there
+    weights = shards[0] if len(shards) == 1 else index if os.path.isfile(index) else \
+        ", ".join(os.path.basename(s) for s in shards)
     layers = sorted({int(m.group(1)) for k in shapes if (m := _LAYER_KEY.match(k)) and not _IGNORED_KEY.match(k)})
     n = config.num_hidden_layers
     if not layers or layers[-1] + 1 < n:
@@ -243,7 +248,9 @@ def _shard_files(path: str) -> list[str]:
             raise FileNotFoundError(f"checkpoint {path!r} is incomplete: shard(s) {absent} named in {INDEX_NAME} "
                                     "are missing")
         return paths
-    others = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    # a training checkpoint's optimizer, RNG and reference-model files are not its model: read as weight shards,
+    # a checkpoint-N lacking model.safetensors failed with "model.safetensors.index.json holds no layers"
+    others = sorted(f for f in os.listdir(path) if f.endswith(".safetensors") and f not in _TRAINER_FILES)
     if others:
         return [os.path.join(path, f) for f in others]
     pickled = sorted(f for f in os.listdir(path) if f.endswith((".bin", ".pt", ".pth", ".ckpt")))
@@ -251,7 +258,9 @@ def _shard_files(path: str) -> list[str]:
         raise ValueError(f"checkpoint {path!r} has only pickled weights ({pickled[0]}...); r1fast loads "
                          "safetensors only. Convert it (e.g. load with transformers and save_pretrained "
                          "with safe_serialization) from a source you trust")
-    raise FileNotFoundError(f"no *.safetensors weights in {path!r}")
+    trainer = sorted(f for f in os.listdir(path) if f in _TRAINER_FILES)
+    held = f" (it holds only a training checkpoint's {', '.join(trainer)}, not the model)" if trainer else ""
+    raise FileNotFoundError(f"no *.safetensors weights in {path!r}{held}")
 
 
 def _open(shard: str):
