@@ -166,3 +166,19 @@ def test_an_error_that_refuses_attributes_leaves_the_run_folder_as_itself(tmp_pa
         with own_run_folder(str(tmp_path / "r")):
             raise ValueError("a plain error is still tagged")
     assert e.value.r1fast_run_folders == [str(tmp_path / "r")]
+
+
+def test_ctrl_c_while_torch_was_importing_says_how_to_continue_without_importing_torch(monkeypatch, capsys):
+    # A Ctrl-C during startup interrupts torch's import; torch then fails to import again (a RuntimeError about
+    # TORCH_LIBRARY "triton"), and the note's command came from r1fast.trainer.checkpoints, which imports torch:
+    # a traceback where "stopped; continue with: ..." belonged. Unimportable here stands for that torch.
+    from r1fast.trainer import cli
+
+    monkeypatch.setitem(sys.modules, "r1fast.trainer.checkpoints", None)
+
+    def interrupted_at_startup(args):
+        raise KeyboardInterrupt
+
+    run = cli._guarded("train", interrupted_at_startup)
+    assert run(type("Args", (), {"rest": ["my.yaml", "output_dir=x"]})()) == 130
+    assert capsys.readouterr().err == "r1fast train: stopped; continue with: r1fast train my.yaml output_dir=x --resume\n"

@@ -29,6 +29,7 @@ from safetensors.torch import load_file
 
 from r1fast._umask import apply_umask, save_safetensors
 from r1fast.models.checkpoint import _fsync_folder
+from r1fast.trainer.config import resume_is_bare  # noqa: F401  (where it was; the CLI imports it without torch)
 
 _CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
 # save_checkpoint's temporary folder, and the ones save_pretrained makes beside it (".<its name>.tmp-...",
@@ -63,11 +64,6 @@ def list_checkpoints(run_dir: str) -> list[tuple[int, str]]:
 def latest_checkpoint(run_dir: str) -> Optional[str]:
     ckpts = list_checkpoints(run_dir)
     return ckpts[-1][1] if ckpts else None
-
-
-def resume_is_bare(resume) -> bool:
-    """`--resume` without a path: the newest checkpoint of the run's own folder."""
-    return resume is True or resume in ("latest", "true", "True")
 
 
 def resolve_resume(resume: str | bool | None, run_dir: str) -> Optional[str]:

@@ -19,7 +19,7 @@ import contextlib
 import os
 import sys
 
-from r1fast.trainer.config import ConfigError, resolve_config_path
+from r1fast.trainer.config import ConfigError, resolve_config_path, resume_is_bare
 
 _RESUME = {"train": "--resume [PATH] continues from the newest checkpoint (or PATH: a checkpoint or run folder; "
                     "for a pipeline, its run folder).",
@@ -217,8 +217,6 @@ def _resume_command(cmd: str, rest: list[str]) -> str:
     the run of `r1fast train my_grpo.yaml output_dir=x` that was stopped."""
     import shlex
 
-    from r1fast.trainer.checkpoints import resume_is_bare
-
     config, overrides, resume = _split_as_typed(rest)
     # from a checkpoint, or another run's folder of checkpoints (its newest): the steps since are in this run's
     # own newer ones, which `--resume PATH` would pass over; a pipeline's run folder stays named (it is the run)
@@ -243,8 +241,6 @@ def _in_use_message(cmd: str, rest: list[str], e) -> str:
 def _resume_pipeline(resume, overrides: list[str]) -> tuple[bool, list[str]]:
     """A pipeline resumes its own run folder; `--resume PATH` names that folder (it was silently
     ignored before, and a fresh run started in ./runs/<name>)."""
-    from r1fast.trainer.checkpoints import resume_is_bare
-
     if not isinstance(resume, str) or resume_is_bare(resume):
         return bool(resume), overrides
     if not os.path.isfile(os.path.join(resume, "pipeline_state.json")):
@@ -397,7 +393,6 @@ def _check_sample_output(out: str, progress_file: str, resume, rest: list[str]):
     lost at the end), a --resume PATH, and a new run over a stopped one's progress (which it would lose)."""
     import shlex
 
-    from r1fast.trainer.checkpoints import resume_is_bare
     from r1fast.trainer.sampling import check_output_file
 
     if resume and not resume_is_bare(resume):

@@ -54,6 +54,13 @@ def _did_you_mean(key: str, names: list[str]) -> str:
     return f"; did you mean {', '.join(close)}?" if close else ""
 
 
+def resume_is_bare(resume) -> bool:
+    """`--resume` without a path: the newest checkpoint of the run's own folder. Here, not in checkpoints.py
+    (torch): the CLI's Ctrl-C note calls it, and after a Ctrl-C that interrupted torch's import, importing
+    torch again fails (a RuntimeError traceback in place of the note)."""
+    return resume is True or resume in ("latest", "true", "True")
+
+
 class ConfigError(ValueError):
     """A configuration key or value that cannot be used; the message names it."""
 
