@@ -131,6 +131,35 @@ def test_a_training_checkpoint_without_its_model_is_not_read_from_its_optimizer_
         from_pretrained(path)
 
 
+def test_a_model_save_stopped_between_its_renames_keeps_or_names_the_previous_model(tmp_path, monkeypatch):
+    # save_pretrained over an existing folder renames it to .<name>.old-* and then the new one in: stopped
+    # between the two (a Ctrl-C, an error), the folder was gone, and from_pretrained said only "does not exist"
+    from r1fast.models import checkpoint, from_pretrained
+
+    model = _model(build_char_tokenizer())
+    out = tmp_path / "exported"
+    model.save_pretrained(str(out))
+    real_rename, renames = os.rename, []
+
+    def stopped_at_the_second_rename(src, dst):
+        renames.append(dst)
+        if len(renames) == 2:
+            raise KeyboardInterrupt
+        real_rename(src, dst)
+
+    monkeypatch.setattr(checkpoint.os, "rename", stopped_at_the_second_rename)
+    with pytest.raises(KeyboardInterrupt):
+        model.save_pretrained(str(out))
+    monkeypatch.undo()
+    assert os.listdir(tmp_path) == ["exported"]   # put back, the new model's temporary folder gone
+    from_pretrained(str(out))
+    # a SIGKILL there runs nothing: the previous model is whole under its hidden name, which the error names
+    os.rename(out, tmp_path / ".exported.old-abc123")
+    with pytest.raises(FileNotFoundError, match=r"exported' does not exist; a save_pretrained stopped part way left "
+                                                r"the model that was there in .*/\.exported\.old-abc123: rename it back"):
+        from_pretrained(str(out))
+
+
 def test_failed_write_leaves_no_checkpoint(tmp_path, monkeypatch):
     tok = build_char_tokenizer()
     model = _model(tok)

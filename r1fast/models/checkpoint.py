@@ -43,6 +43,20 @@ def hub_model_hint(path: str) -> str:
             f"e.g. huggingface_hub.snapshot_download({path!r}, local_dir='my_model'), and give that folder")
 
 
+def _replaced_model_hint(path: str) -> str:
+    """save_pretrained over an existing folder renames it aside (_swap_in) before renaming the new one in: a kill
+    between the two left no folder at `path`, the previous model whole under a hidden name. Say where."""
+    folder, name = os.path.split(os.path.abspath(path))
+    if not name or not os.path.isdir(folder):
+        return ""
+    aside = sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.startswith(f".{name}.old-")
+                   and os.path.isfile(os.path.join(folder, f, "config.json")))
+    if not aside:
+        return ""
+    return (f"; a save_pretrained stopped part way left the model that was there in {aside[-1]}: rename it back to "
+            f"{path!r} (or save again)")
+
+
 def from_pretrained(path, dtype=None, device=None, fp8="off"):
     """Load a local checkpoint folder into a CausalLM.
 
@@ -56,7 +70,7 @@ def from_pretrained(path, dtype=None, device=None, fp8="off"):
 
     path = os.fspath(path)
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"checkpoint folder {path!r} does not exist{hub_model_hint(path)}")
+        raise FileNotFoundError(f"checkpoint folder {path!r} does not exist{_replaced_model_hint(path) or hub_model_hint(path)}")
     fp8 = as_options(fp8)
     config = ModelConfig.from_hf_config(read_config_json(path))
     shards = _shard_files(path)
@@ -391,5 +405,9 @@ def _swap_in(tmp: str, path: str) -> None:
     old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-", dir=os.path.dirname(path))
     os.rmdir(old)
     os.rename(path, old)
-    os.rename(tmp, path)
+    try:
+        os.rename(tmp, path)
+    except BaseException:   # a Ctrl-C or error here left no folder at `path`: the model that was there goes back
+        os.rename(old, path)
+        raise
     shutil.rmtree(old, ignore_errors=True)
