@@ -1151,6 +1151,22 @@ def test_rejection_sampling_takes_a_model_name_a_dataset_path_or_a_datasets_data
         rejection_sample("builtin:micro", None, rows, {"num_samples": 1})
 
 
+def test_evaluate_accuracy_takes_a_model_name_as_rejection_sampling_does(monkeypatch):
+    # evaluate_accuracy("runs/sft/checkpoint-300", None, rows), or a loaded model without its tokenizer, failed
+    # deep in the prompt encoding with "'NoneType' object is not callable"; rejection_sample took the name
+    from r1fast.trainer.evaluate import evaluate_accuracy
+
+    model, tok = scripted(monkeypatch, {"2+2": [GOOD_A, "<answer>5</answer>"], "3+3": ["<answer>6</answer>", ""]})
+    rows = [{"prompt": "2+2", "answer": "4"}, {"prompt": "3+3", "answer": "6"}]
+    by_name = evaluate_accuracy("builtin:micro", None, rows, samples_per_prompt=2, max_tokens=8)
+    assert by_name == evaluate_accuracy(model, tok, rows, samples_per_prompt=2, max_tokens=8)
+    assert by_name["eval/accuracy"] == 0.5 and by_name["eval/pass@2"] == 1.0 and by_name["eval/format"] == 0.25
+    with pytest.raises(TypeError, match=r"evaluation: tokenizer must be the model's tokenizer"):
+        evaluate_accuracy(model, None, rows)
+    with pytest.raises(ValueError, match=r"model 'no/such_dir' is not a folder"):
+        evaluate_accuracy("no/such_dir", None, rows)
+
+
 def test_rejection_sampling_leaves_out_samples_cut_at_max_completion_length(monkeypatch):
     """SFT appends eos to each kept completion: one cut before its stop token, however well it scores
     (the answer can come before the cut), would teach stopping mid-thought. keep_truncated keeps them."""

@@ -4,11 +4,13 @@ the same samples also give pass@k (any of the k correct) and cons@k (R1's majori
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 from typing import Optional, Sequence
 
 from r1fast.data.loading import (decode_completion, encode_prompts, resolve_stop_tokens, stop_token_ids,
                                  warn_unstopped_turn_end)
-from r1fast.trainer.common import check_prompt_room, dataset_rows, gold_column
+from r1fast.trainer.common import (check_model_and_tokenizer, check_prompt_room, dataset_rows, gold_column,
+                                   model_from_argument)
 
 
 def check_eval_answers(rows: Sequence[dict], answer_column: str, where: str):
@@ -38,12 +40,18 @@ def evaluate_accuracy(model, tokenizer, rows, *, samples_per_prompt: int = 1, te
     `chat_template_kwargs`: for the tokenizer's apply_chat_template (Qwen3's enable_thinking), as in training.
     `stop_tokens`: tokens (as text) a completion also stops at, as in training; `stop_option` is the option
     that gave them, named by the errors and warnings. `seed`: the sampling's, and for a builtin:<task> the
-    draw's: the prompts a GRPO run with config seed `seed` holds out as its builtin: eval_dataset."""
+    draw's: the prompts a GRPO run with config seed `seed` holds out as its builtin: eval_dataset.
+    `model` may be a name, as for rejection_sample: a local Hugging Face folder (a checkpoint) or builtin:<size>,
+    loaded in float32 on CUDA when present, else the CPU, with its own tokenizer unless `tokenizer` is given."""
     from r1fast.data.loading import EVAL_SPLITS
     from r1fast.rollout import Engine, SamplingParams
 
     if isinstance(rows, list) and not rows:
         raise ValueError("evaluation: no held-out rows")
+    # a name is loaded as rejection_sample and the trainers load it (a name, or a model without its tokenizer,
+    # failed deep in the prompt encoding with "'NoneType' object is not callable")
+    model, tokenizer = model_from_argument(model, tokenizer, SimpleNamespace(device=None, dtype="float32", seed=seed))
+    check_model_and_tokenizer(model, tokenizer, "evaluation")
     # a path or builtin: as the trainers' eval_dataset: a builtin: task's GRPOConfig.eval_size (64) prompts, drawn
     # as a GRPO run of config seed `seed` draws them (seed + 1). It was drawn with seed 0 whatever the seed; with
     # `seed` itself it would be that run's first training prompts.
