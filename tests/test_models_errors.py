@@ -106,6 +106,12 @@ def test_bad_config_files(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"does not exist; r1fast loads local folders only: .*Hub model.*"
                                                 r"snapshot_download\('Qwen/Qwen2\.5-0\.5B-Instruct'"):
         from_pretrained("Qwen/Qwen2.5-0.5B-Instruct")
+    # builtin:<size> is a name the trainers build from; the folder loaders said only "does not exist"
+    from r1fast.models import load_tokenizer
+    for load in (from_pretrained, load_tokenizer):
+        with pytest.raises(FileNotFoundError, match=r"'builtin:tiny' does not exist; 'builtin:tiny' names a built-in "
+                                                    r"model, not a folder: give the name to a trainer"):
+            load("builtin:tiny")
 
 
 def test_missing_tensor(ckpt):

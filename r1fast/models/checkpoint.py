@@ -57,6 +57,16 @@ def _replaced_model_hint(path: str) -> str:
             f"{path!r} (or save again)")
 
 
+def builtin_model_hint(path: str) -> str:
+    """For 'builtin:<size>', a name only the trainers read (they build the model with its char tokenizer):
+    where to give it, since from_pretrained and load_tokenizer read folders."""
+    if not path.startswith("builtin:"):
+        return ""
+    return (f"; {path!r} names a built-in model, not a folder: give the name to a trainer, which builds it "
+            f"(model_name_or_path={path}, GRPOTrainer({path!r}, ...), SFTTrainer, rejection_sample, "
+            f"evaluate_accuracy), or load a checkpoint folder a run wrote (runs/<run>/checkpoint-<step>)")
+
+
 def from_pretrained(path, dtype=None, device=None, fp8="off"):
     """Load a local checkpoint folder into a CausalLM.
 
@@ -70,7 +80,8 @@ def from_pretrained(path, dtype=None, device=None, fp8="off"):
 
     path = os.fspath(path)
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"checkpoint folder {path!r} does not exist{_replaced_model_hint(path) or hub_model_hint(path)}")
+        raise FileNotFoundError(f"checkpoint folder {path!r} does not exist{_replaced_model_hint(path) or hub_model_hint(path)}"
+                                f"{builtin_model_hint(path)}")
     fp8 = as_options(fp8)
     config = ModelConfig.from_hf_config(read_config_json(path))
     shards = _shard_files(path)

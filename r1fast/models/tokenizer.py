@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 
+from r1fast.models.checkpoint import builtin_model_hint
 from r1fast.models.config import read_json_object
 
 # The JSON files AutoTokenizer reads; transformers reports a broken one with no file name, or as an
@@ -17,7 +18,7 @@ _VOCABULARY_KEYS = ("vocab_file", "merges_file")
 def load_tokenizer(path):
     path = os.fspath(path)
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"tokenizer folder {path!r} does not exist")
+        raise FileNotFoundError(f"tokenizer folder {path!r} does not exist{builtin_model_hint(path)}")
     files = set(os.listdir(path))
     if not files & {"tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json"}:
         raise FileNotFoundError(f"no tokenizer files (tokenizer.json, tokenizer_config.json, ...) in {path!r}")
