@@ -359,7 +359,7 @@ def is_lfs_pointer(path: str) -> bool:
 
 
 def _warn_about_dropout(rate) -> None:
-    """attention_dropout is the one dropout Llama/Qwen2/Qwen3 read in transformers (in training mode only).
+    """attention_dropout is the one dropout Llama/Qwen2/Qwen3/Mistral read in transformers (in training mode only).
     r1fast never applies it: the sampler's and the trainer's log-probs of one model must agree (TRL's
     disable_dropout=True does the same for GRPO). Said once per load, so that training differs knowingly."""
     if rate is None:
