@@ -80,8 +80,8 @@ def from_pretrained(path, dtype=None, device=None, fp8="off"):
 
     path = os.fspath(path)
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"checkpoint folder {path!r} does not exist{_replaced_model_hint(path) or hub_model_hint(path)}"
-                                f"{builtin_model_hint(path)}")
+        hint = _replaced_model_hint(path) or hub_model_hint(path) or builtin_model_hint(path)
+        raise FileNotFoundError(f"checkpoint folder {path!r} does not exist{hint}")
     fp8 = as_options(fp8)
     config = ModelConfig.from_hf_config(read_config_json(path))
     shards = _shard_files(path)
