@@ -479,3 +479,32 @@ def test_autocast_output_takes_the_autocast_dtype_fp16_too():
         y = fp8_linear(x, w, b, impl="emulate")
     assert y.dtype == torch.float16
     assert max_rel_err(y.float(), fp8_linear(x, w, b, impl="emulate")) < 2e-3
+
+
+@pytest.mark.parametrize("impl", ["emulate", "torch"])
+def test_double_backward_through_an_fp8_layer_is_a_clear_error(impl):
+    # A gradient penalty differentiates the layer's input gradient. The FP8 backward GEMMs record no
+    # graph, so that second backward used to return the weight gradient without the penalty's term.
+    torch.manual_seed(80)
+    x = torch.randn(8, 32, requires_grad=True)
+    w = torch.randn(16, 32, requires_grad=True)
+    y = fp8_linear(x, w, impl=impl)
+    (gx,) = torch.autograd.grad(y.pow(2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="fp8_disabled"):
+        torch.autograd.grad(y.sum() + gx.pow(2).sum(), w)
+
+
+def test_create_graph_first_order_gradients_and_the_fp8_disabled_way_out():
+    from r1fast.fp8 import Fp8Linear, fp8_disabled
+
+    x, w, b, dy = _inputs((9,), 32, 16, True, seed=81)
+    _, want_dx, want_dw, _ = _run("emulate", x, w, b, dy, "e5m2", "rowwise")
+    x1, w1 = x.clone().requires_grad_(), w.clone().requires_grad_()
+    gx, gw = torch.autograd.grad(fp8_linear(x1, w1, b, impl="emulate"), (x1, w1), dy, create_graph=True)
+    assert torch.equal(gx, want_dx) and torch.equal(gw, want_dw)    # first order: unchanged values
+    layer = Fp8Linear.from_linear(torch.nn.Linear(32, 16), impl="emulate")
+    x2 = x.clone().requires_grad_()
+    with fp8_disabled():                                            # high precision: twice differentiable
+        (g,) = torch.autograd.grad(layer(x2).pow(2).sum(), x2, create_graph=True)
+        g.pow(2).sum().backward()
+    assert layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0

@@ -44,6 +44,34 @@ def fp8_disabled():
         _state.disabled = prev
 
 
+DOUBLE_BACKWARD_ERROR = (
+    "fp8_linear: differentiating an FP8 layer's gradients (a second backward through a create_graph=True "
+    "gradient, e.g. a gradient penalty) is not supported: its backward GEMMs quantise and record no graph, "
+    "so the result would silently miss that term. Compute it with the layers in high precision, inside "
+    "`with r1fast.fp8.fp8_disabled():`")
+
+
+class _RaiseOnDoubleBackward(torch.autograd.Function):
+    """Passes one gradient through; backward through it raises DOUBLE_BACKWARD_ERROR. The tensors it
+    depends on are inputs only so that the output is part of the graph exactly when they are."""
+
+    @staticmethod
+    def forward(ctx, grad, *depends_on):
+        return grad.clone()
+
+    @staticmethod
+    def backward(ctx, *_):
+        raise RuntimeError(DOUBLE_BACKWARD_ERROR)
+
+
+def _guard_double_backward(grad, *depends_on):
+    # Under create_graph=True (grad mode on in backward) the FP8 GEMMs' results would be taken as
+    # constants: a later backward through them must fail, not return a gradient lacking their term.
+    if grad is None or not torch.is_grad_enabled() or not any(t.requires_grad for t in depends_on):
+        return grad
+    return _RaiseOnDoubleBackward.apply(grad, *depends_on)
+
+
 class _Fp8LinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, impl, grad_dtype, rowwise, out_dtype):
@@ -63,9 +91,10 @@ class _Fp8LinearFunction(torch.autograd.Function):
         dx = dw = db = None
         if ctx.needs_input_grad[0]:
             dx = fp8_gemm_nt(dy2, grad_dtype, weight.t(), E4M3, rowwise=rowwise, out_dtype=x2.dtype, impl=impl)
-            dx = dx.reshape(x_shape)
+            dx = _guard_double_backward(dx.reshape(x_shape), dy2, weight)
         if ctx.needs_input_grad[1]:
             dw = fp8_gemm_nt(dy2.t(), grad_dtype, x2.t(), E4M3, rowwise=rowwise, out_dtype=weight.dtype, impl=impl)
+            dw = _guard_double_backward(dw, dy2, x2)
         if has_bias and ctx.needs_input_grad[2]:
             db = dy2.float().sum(0).to(bias_dtype)
         return dx, dw, db, None, None, None, None
