@@ -1922,6 +1922,25 @@ def test_a_model_with_no_fp8_layer_is_converted_when_the_config_asks(tmp_path):
     assert tr.model.fp8_report.effective_mode == "emulate" and tr.model.fp8_report.converted
 
 
+def test_an_fp8_fallback_warns_once_when_the_trainer_loads_the_model(tmp_path):
+    # fp8: te without Transformer Engine: from_pretrained (a path given to GRPOTrainer, r1fast train) fell
+    # back with a warning, then the trainer applied the same options to the loaded model and warned again.
+    import warnings
+
+    from r1fast.fp8 import Fp8FallbackWarning
+    from r1fast.models import from_pretrained, save_pretrained
+    from r1fast.trainer.grpo import _apply_config_to_model
+
+    save_pretrained(tiny_model()[0], tmp_path / "m")
+    cfg = GRPOConfig(fp8="te")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = from_pretrained(str(tmp_path / "m"), fp8=cfg.fp8_options())
+        _apply_config_to_model(model, cfg)
+    assert [w.category for w in caught if issubclass(w.category, Fp8FallbackWarning)] == [Fp8FallbackWarning]
+    assert model.fp8_report.effective_mode == "off" and model.fp8_report.device == model.device
+
+
 def test_step_statistics_do_not_depend_on_the_micro_batching(tmp_path, monkeypatch):
     """The loss statistics are token means (min / max for is_weight's) over the whole rollout: a
     micro-batch whose completions are all masked (mask_truncated_completions) adds no zeros, and

@@ -28,6 +28,7 @@ class Fp8Report:
     converted: list[str] = field(default_factory=list)       # module names now in FP8
     kept: dict[str, str] = field(default_factory=dict)       # module name -> why it stays high precision
     fallback_reason: str | None = None
+    device: torch.device | None = None                       # where the mode was resolved (None: no layer to convert)
 
 
 def _model_linear_class():
@@ -138,7 +139,7 @@ def apply_fp8(model: nn.Module, mode: str | Fp8Options, recipe: str | None = Non
         report.effective_mode = "off"
         return _attach(model, report)
 
-    device = layers[0][1].weight.device
+    device = report.device = layers[0][1].weight.device
     if opts.mode == "auto":
         opts, reason = _resolve_auto(opts, device)
         report.effective_mode, report.fallback_reason = opts.mode, reason

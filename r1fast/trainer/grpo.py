@@ -807,7 +807,11 @@ def _apply_config_to_model(model, cfg: GRPOConfig) -> None:
     name is loaded with them): fp8 is applied unless the model already went through apply_fp8 (a
     different mode there is an error). (An explicit device is checked against the model's in model_from_argument.)"""
     report, wanted = getattr(model, "fp8_report", None), cfg.fp8_options()
-    if wanted.mode != "off" and (report is None or not report.converted):  # no FP8 layer yet (off, a fallback)
+    # The same options already fell back on this device (from_pretrained / r1fast train loaded the model
+    # with them): trying again would only repeat the Fp8FallbackWarning.
+    fell_back_here = report is not None and report.options == wanted and report.fallback_reason is not None \
+        and report.device == model.device
+    if wanted.mode != "off" and not fell_back_here and (report is None or not report.converted):  # no FP8 layer yet
         from r1fast.fp8 import apply_fp8
 
         apply_fp8(model, wanted)
