@@ -75,6 +75,7 @@ def test_torch_path_on_a_gpu_probes_the_scaling_asked_for(monkeypatch):
                         else None)
     ok, why = support.torch_path(torch.device("cuda"), "rowwise")
     assert not ok and "rowwise scales fails on NVIDIA L4 (sm_89): RuntimeError: rowwise scaling needs sm_90" in why
+    assert why.endswith("tensorwise scales run (scaling='tensorwise', fp8_scaling in a config)")  # r1fast info says it
     assert support.torch_path(torch.device("cuda"), "tensorwise") == (True, "torch._scaled_mm on NVIDIA L4 (sm_89)")
 
 

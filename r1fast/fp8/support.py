@@ -52,7 +52,10 @@ def torch_path(device: torch.device, scaling: str = "rowwise") -> tuple[bool, st
             return False, why
         err = scaled_mm_error(device, scaling)
         if err is not None:
-            return False, f"torch {torch.__version__}'s torch._scaled_mm with {scaling} scales fails on {why}: {err}"
+            # Ada with an older torch takes tensorwise scales only: name the option that does run.
+            hint = "; tensorwise scales run (scaling='tensorwise', fp8_scaling in a config)" \
+                if scaling != "tensorwise" and scaled_mm_error(device, "tensorwise") is None else ""
+            return False, f"torch {torch.__version__}'s torch._scaled_mm with {scaling} scales fails on {why}: {err}{hint}"
         return True, f"torch._scaled_mm on {why}"
     if device.type == "cpu":
         if scaled_mm_error(device, scaling) is None:
