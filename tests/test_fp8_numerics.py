@@ -508,3 +508,23 @@ def test_create_graph_first_order_gradients_and_the_fp8_disabled_way_out():
         (g,) = torch.autograd.grad(layer(x2).pow(2).sum(), x2, create_graph=True)
         g.pow(2).sum().backward()
     assert layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("impl", ["emulate", "torch"])
+@pytest.mark.parametrize("scaling", ["rowwise", "tensorwise"])
+def test_a_non_finite_input_gives_nan_never_a_finite_number(impl, scaling):
+    # inf / NaN makes the operand's amax (so its scale) non-finite: the outputs it reaches are NaN, as
+    # docs/fp8.md says; rowwise keeps a token's inf in that token's output row.
+    if impl == "torch":
+        _skip_without_cpu_scaled_mm(scaling)
+    for bad in (float("inf"), float("nan")):
+        x = randn(5, 32, seed=82)
+        x[1, 3] = bad
+        x.requires_grad_()
+        w = randn(16, 32, seed=83).requires_grad_()
+        y = fp8_linear(x, w, impl=impl, scaling=scaling)
+        y.backward(torch.ones_like(y))
+        rows_hit = torch.isnan(y).all(1).tolist()
+        assert rows_hit == ([False, True, False, False, False] if scaling == "rowwise" else [True] * 5)
+        assert torch.isfinite(y[~torch.isnan(y)]).all()
+        assert torch.isnan(w.grad[:, 3]).all() and torch.isfinite(x.grad).all()   # dW's column 3 holds x[:, 3]
