@@ -260,6 +260,25 @@ def test_decode_of_no_sequences_is_empty_on_every_backend(device):
         assert out.shape == (0, 4, 16) and out.dtype == q.dtype, name
 
 
+def test_decode_kernel_backends_refuse_inputs_needing_grad_instead_of_dropping_it(device):
+    # The triton/cuda kernels return an output with no graph: a q that requires grad silently got none.
+    q, kc, vc, tables, ctx = make_case(2, 4, 2, 16, 4, [5, 8], device=device)
+    kernels = [b for b in decode_backends(device) if b != "torch"]
+    assert kernels
+    for name in kernels:
+        for grad_of in ("q", "k_cache"):
+            args = {"q": q, "k_cache": kc, "v_cache": vc}
+            args[grad_of] = args[grad_of].clone().requires_grad_(True)
+            with pytest.raises(ValueError, match=f"{grad_of} require grad, but the {name} backend has no backward"):
+                ops.paged_decode_attention(**args, block_tables=tables, context_lens=ctx, backend=name)
+            with torch.no_grad():  # the rollout engine's case: fine
+                ops.paged_decode_attention(**args, block_tables=tables, context_lens=ctx, backend=name)
+    # the torch backend is differentiable
+    qg = q.clone().requires_grad_(True)
+    ops.paged_decode_attention(qg, kc, vc, tables, ctx, backend="torch").sum().backward()
+    assert qg.grad is not None and torch.isfinite(qg.grad).all()
+
+
 def test_decode_scale_of_the_wrong_type_is_a_clear_error():
     q, kc, vc, tables, ctx = make_case(2, 4, 2, 16, 8, [5, 9])
     with pytest.raises(TypeError, match="paged_decode_attention: scale must be a real number"):

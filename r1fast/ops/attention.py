@@ -388,9 +388,22 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, *, s
     if k_cache.shape[2] > MAX_GRID_YZ:
         raise ValueError(f"paged_decode_attention: {k_cache.shape[2]} KV heads exceed the launch grid limit "
                          f"{MAX_GRID_YZ}")
-    _, fn = backends.resolve("paged_decode_attention", q.device, backend, dtype=q.dtype,
-                             accepts=lambda name: name != "cuda" or _cuda_shape_problem(q, k_cache) is None)
+    name, fn = backends.resolve("paged_decode_attention", q.device, backend, dtype=q.dtype,
+                                accepts=lambda name: name != "cuda" or _cuda_shape_problem(q, k_cache) is None)
+    _refuse_grad_without_backward(name, q, k_cache, v_cache)
     return fn(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits, partition, shared_prefix)
+
+
+def _refuse_grad_without_backward(backend: str, q, k_cache, v_cache):
+    """The triton and cuda kernels write a plain output with no autograd graph: a q or cache that
+    requires grad would get no gradient, silently (the reference and torch backends are differentiable)."""
+    if backend not in ("triton", "cuda") or not torch.is_grad_enabled():
+        return
+    needing = [n for n, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)) if t.requires_grad]
+    if needing:
+        raise ValueError(f"paged_decode_attention: {', '.join(needing)} require grad, but the {backend} backend "
+                         f"has no backward (its output would carry no gradient): run it under torch.no_grad(), "
+                         f"pass detached tensors, or use backend='torch'")
 
 
 # ----------------------------------------------------------------------------------------------
