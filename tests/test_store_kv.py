@@ -102,6 +102,20 @@ def test_store_kv_bad_input_is_a_clear_error(mutate, match):
         ops.store_kv(**args)
 
 
+@pytest.mark.parametrize("backend", ["reference", "torch", "triton"])
+def test_store_kv_refuses_tensors_needing_grad_on_every_backend(backend):
+    # A cache requiring grad: the reference raised torch's "view of a leaf Variable" error, torch and
+    # triton wrote it silently; a key requiring grad tied the cache into the graph on the reference only.
+    key, value, kc, vc, slots = _case(4, 2, 4, 3, 4, torch.float32, "cpu", seed=7, skip_every=0)
+    with pytest.raises(ValueError, match="k_cache requires grad"):
+        ops.store_kv(key, value, kc.clone().requires_grad_(True), vc, slots, backend=backend)
+    with pytest.raises(ValueError, match="key/value require grad"):
+        ops.store_kv(key.clone().requires_grad_(True), value, kc, vc, slots, backend=backend)
+    with torch.no_grad():  # a key from a model forward under no_grad is fine
+        ops.store_kv(key.clone().requires_grad_(True), value, kc, vc, slots, backend=backend)
+    assert not kc.requires_grad
+
+
 def test_unchecked_slots_past_the_cache_are_skipped_by_the_kernels(device):
     # check_slots=False: the Triton and CUDA kernels skip a slot >= num_slots as they skip -1. The cache
     # is the front of a larger buffer, so a write past it lands in the guard rows, where it shows.

@@ -125,6 +125,19 @@ def _store_kv_cuda(key, value, k_cache, v_cache, slot_mapping):
     _store_kv_cuda_op(key, value, k_cache, v_cache, slot_mapping)
 
 
+def _refuse_grad(key, value, k_cache, v_cache):
+    """The cache is written in place and carries no gradient. A cache that requires grad got torch's
+    in-place-on-a-leaf error from the reference and a silent write (no version bump) from the others; a
+    key/value that requires grad joined the cache to the graph on the reference only."""
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if t.requires_grad:
+            raise ValueError(f"store_kv: {name} requires grad; the KV cache is written in place and carries no "
+                             f"gradient: allocate it without requires_grad")
+    if torch.is_grad_enabled() and (key.requires_grad or value.requires_grad):
+        raise ValueError("store_kv: key/value require grad, but the cache they are copied into carries no "
+                         "gradient: run under torch.no_grad() or pass key.detach(), value.detach()")
+
+
 def store_kv(key, value, k_cache, v_cache, slot_mapping, *, backend: str | None = None, check_slots: bool = True):
     """Copy key/value rows [N, num_kv_heads, head_dim] into the cache slots given by slot_mapping [N] (int64).
 
@@ -134,5 +147,6 @@ def store_kv(key, value, k_cache, v_cache, slot_mapping, *, backend: str | None 
     twin still raises, and so does the reference's indexing on a slot past the cache.
     """
     _validate(key, value, k_cache, v_cache, slot_mapping, check_slots)
+    _refuse_grad(key, value, k_cache, v_cache)
     _, fn = backends.resolve("store_kv", k_cache.device, backend)
     fn(key, value, k_cache, v_cache, slot_mapping)
