@@ -283,3 +283,12 @@ def test_kl_penalty_low_precision_inputs_compute_in_fp32(dtype):
         out = ops.kl_penalty(logp, ref, kind=kind)
         assert out.dtype == torch.float32, kind
         assert_close(out, reference.kl_penalty(logp.double(), ref.double(), kind), torch.float32, name=kind)
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch", "triton"])
+def test_advantages_carry_no_gradient_on_any_backend(backend):
+    # rewards that require grad gave differentiable advantages on reference/torch and not on triton
+    rewards = randn(6, seed=3).requires_grad_(True)
+    adv = ops.group_advantages(rewards, 3, backend=backend)
+    assert not adv.requires_grad
+    assert_close(adv, ops.group_advantages(rewards.detach(), 3, backend="reference"), atol=1e-6, rtol=1e-6)

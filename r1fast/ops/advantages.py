@@ -43,7 +43,8 @@ def group_advantages(rewards, group_size, *, estimator="grpo", scale_rewards="gr
 
     `mask` (bool [B], optional): True where a row has a reward. A row without one gets A = 0 and is left
     out of every statistic (its group's mean and std, the batch std, rloo's G); its reward may be NaN.
-    A group with fewer than two scored rows has no baseline: all its advantages are 0."""
+    A group with fewer than two scored rows has no baseline: all its advantages are 0. The advantages carry
+    no gradient (GRPO treats them as constants; grpo_loss detaches them too), on every backend."""
     if not isinstance(rewards, torch.Tensor):
         raise TypeError(f"group_advantages: rewards must be a torch.Tensor, got {type(rewards).__name__}")
     if rewards.dim() != 1:
@@ -69,6 +70,8 @@ def group_advantages(rewards, group_size, *, estimator="grpo", scale_rewards="gr
         raise ValueError(f"group_advantages: rewards contain NaN/inf (or values beyond float32's range) at rows "
                          f"{bad} (pass mask=, False at the rows that have no reward, to leave them out)")
     _, fn = backends.resolve("group_advantages", rewards.device, backend)
+    # rewards that require grad made the reference/torch advantages differentiable and triton's not
+    rewards = rewards.detach()
     return fn(rewards, group_size, estimator, scale_rewards, eps, mask).float()
 
 
