@@ -391,3 +391,15 @@ def test_triton_at_device_size_matches_the_reference(device):
         else:
             assert_tokens_ok(got.cpu(), want.cpu(), z.cpu(), params, u.cpu(), name=str(params))
         assert_logprobs_ok(lp.cpu(), got.cpu(), z.cpu(), params, str(params))
+
+
+@pytest.mark.parametrize("impl", ["reference", "torch", "triton"])
+def test_log_probs_carry_no_gradient_on_any_backend(impl):
+    # logits that require grad: the reference/torch log-probs kept the logits' graph, triton's did not
+    logits = torch.randn(3, 10, generator=torch.Generator().manual_seed(5), requires_grad=True)
+    u = torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)
+    tokens, logp = ops.sample_tokens(logits, SamplingParams(temperature=0.8, min_p=0.05), u, backend=impl)
+    assert not logp.requires_grad and logp.grad_fn is None
+    want_tokens, want_logp = ops.sample_tokens(logits.detach(), SamplingParams(temperature=0.8, min_p=0.05), u,
+                                               backend=impl)
+    assert torch.equal(tokens, want_tokens) and torch.equal(logp, want_logp)

@@ -130,7 +130,10 @@ def sample_tokens(logits, params, u=None, *, backend: str | None = None,
     on the logits' device (None for greedy). `check_inputs=False` skips the value checks (logits / T
     finite in float32, u in [0, 1): a [B, V] pass and device syncs on a GPU); the rollout engine
     passes it for uniforms it hashed itself, and reads a NaN log-prob as a broken model.
+    The log-probs carry no gradient, on every backend (logits that require grad are read detached).
     """
     _validate(logits, params, u, check_inputs)
+    # the reference/torch log-probs kept the logits' graph (alive as long as they were), triton's not
+    logits = logits.detach()
     _, fn = backends.resolve("sample_tokens", logits.device, backend)
     return fn(logits, params, u)
