@@ -249,6 +249,8 @@ def test_kl_penalty_bad_input():
         ops.kl_penalty(torch.zeros(3), torch.zeros(3), kind="k4")
     with pytest.raises(ValueError, match="one device, got cpu and meta"):
         ops.kl_penalty(torch.zeros(3), torch.zeros(3, device="meta"))
+    with pytest.raises(TypeError, match="ref_logp must be a float tensor, got torch.int32"):
+        ops.kl_penalty(torch.zeros(3), torch.zeros(3, dtype=torch.int32))
 
 
 def test_triton_advantages_launch_on_the_rewards_device(device, monkeypatch):

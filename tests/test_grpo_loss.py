@@ -353,6 +353,10 @@ def test_advantages_are_constants_on_every_backend(device, backend, op):
         # devices are compared before any value is read (a value check on the wrong device fails obscurely)
         (lambda a: a.update(mask=a["mask"].to("meta")), ValueError, "one device"),
         (lambda a: a["advantages"].__setitem__(1, float("nan")), ValueError, r"advantages .* \(first at row 1\)"),
+        # a wrong dtype is named (was only "must be a float tensor")
+        (lambda a: a.update(logp=a["logp"].long()), TypeError, "logp must be a float tensor, got torch.int64"),
+        (lambda a: a.update(old_logp=a["old_logp"].bool()), TypeError, "old_logp .* got torch.bool"),
+        (lambda a: a.update(advantages=[1.0, 2.0]), TypeError, r"advantages must be a float tensor \[B\], got list"),
     ],
 )
 def test_grpo_loss_bad_input(mutate, err, match):

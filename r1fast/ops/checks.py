@@ -18,3 +18,8 @@ def bool_mask(op: str, mask, like: torch.Tensor, like_name: str) -> torch.Tensor
     if mask.is_complex() or not bool(((mask == 0) | (mask == 1)).all()):
         raise ValueError(f"{op}: mask must be bool or hold only 0 and 1")
     return mask != 0
+
+
+def kind_of(t) -> str:
+    """What a refused argument is, for an error message: its dtype for a tensor, else its type's name."""
+    return str(t.dtype) if isinstance(t, torch.Tensor) else type(t).__name__

@@ -28,6 +28,7 @@ import itertools
 import torch
 
 from r1fast import backends
+from r1fast.ops.checks import kind_of
 from r1fast.ops.logprob import (accumulate_weight_grad, engine_for, grouped_logprob, refuse_double_backward,
                                 validate as validate_logprob)
 from r1fast.ops.loss import _options, _validate_loss_inputs, grpo_loss, per_token_weights
@@ -155,7 +156,7 @@ def _weights2d(lay, weights, targets):
     if not lay.packed:
         return per_token_weights(OP, weights, targets.shape)  # [B, T] view (to2d reshapes it)
     if not isinstance(weights, torch.Tensor) or not weights.is_floating_point():
-        raise TypeError(f"{OP}: importance_weights must be a float tensor or None")
+        raise TypeError(f"{OP}: importance_weights must be a float tensor or None, got {kind_of(weights)}")
     rows = lay.shape2d[0]
     if weights.shape == targets.shape:
         return lay.to2d(weights.detach())

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from r1fast import backends
+from r1fast.ops.checks import kind_of
 from r1fast.ops.logprob import refuse_double_backward
 from r1fast.ops.loss_options import LossOptions
 from r1fast.reference import loss as reference
@@ -44,7 +45,7 @@ def per_token_weights(op, weights, shape):
     if weights is None:
         return None
     if not isinstance(weights, torch.Tensor) or not weights.is_floating_point():
-        raise TypeError(f"{op}: importance_weights must be a float tensor or None")
+        raise TypeError(f"{op}: importance_weights must be a float tensor or None, got {kind_of(weights)}")
     b = shape[0]
     if tuple(weights.shape) == tuple(shape):
         return weights.detach()
@@ -58,7 +59,7 @@ def _validate_loss_inputs(op, logp, old_logp, ref_logp, advantages, mask, sample
                           check_values=True, importance_weights=None):
     """Raises on a bad input; returns importance_weights as a [B, T] view (None when not given)."""
     if not isinstance(logp, torch.Tensor) or not logp.is_floating_point():
-        raise TypeError(f"{op}: logp must be a float tensor")
+        raise TypeError(f"{op}: logp must be a float tensor, got {kind_of(logp)}")
     if logp.dim() != 2:
         raise ValueError(f"{op}: logp must be [B, T], got shape {tuple(logp.shape)}")
     B = logp.shape[0]
@@ -73,14 +74,14 @@ def _validate_loss_inputs(op, logp, old_logp, ref_logp, advantages, mask, sample
         if t is None:
             continue
         if not isinstance(t, torch.Tensor) or not t.is_floating_point():
-            raise TypeError(f"{op}: {name} must be a float tensor or None")
+            raise TypeError(f"{op}: {name} must be a float tensor or None, got {kind_of(t)}")
         if t.shape != logp.shape:
             raise ValueError(f"{op}: {name} shape {tuple(t.shape)} != logp shape {tuple(logp.shape)}")
     if not isinstance(mask, torch.Tensor) or mask.shape != logp.shape:
         raise ValueError(f"{op}: mask must be a tensor of shape {tuple(logp.shape)}, got "
                          f"{tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__}")
     if not isinstance(advantages, torch.Tensor) or not advantages.is_floating_point():
-        raise TypeError(f"{op}: advantages must be a float tensor [B]")
+        raise TypeError(f"{op}: advantages must be a float tensor [B], got {kind_of(advantages)}")
     if advantages.shape != (B,):
         raise ValueError(f"{op}: advantages must be [B={B}], got shape {tuple(advantages.shape)}")
     devices = {t.device for t in (logp, old_logp, ref_logp, sampler_logp, entropy, mask, advantages,
