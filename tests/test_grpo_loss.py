@@ -400,6 +400,25 @@ def test_unchecked_nan_advantage_of_a_row_without_active_tokens_shows_as_nan_los
     assert torch.isnan(loss), loss
 
 
+@pytest.mark.parametrize("backend", ["reference", "torch", "triton"])
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo"])
+def test_unchecked_mask_value_weights_its_token_once(backend, loss_type):
+    # check_values=False lets a mask of 2 through: every backend must count its token twice, as that token
+    # written twice with mask 1 (the reference's NaN-keeping drop of masked terms multiplied by the mask, so
+    # reference and torch weighted it 4 times: 1.0152 where triton gave 0.7786)
+    d = _batch(seed=5)
+    f = lambda t: t.float()  # noqa: E731
+    twice = {k: torch.cat([d[k], d[k][:, :1]], 1) for k in ("logp", "old", "ref")}
+    twice["mask"] = torch.cat([d["mask"], torch.zeros(d["mask"].shape[0], 1)], 1)
+    twice["mask"][0, -1] = 1.0
+    weighted = d["mask"].clone()
+    weighted[0, 0] = 2.0
+    opts = dict(backend=backend, check_values=False, beta=0.04, loss_type=loss_type)
+    want, _ = ops.grpo_loss(f(twice["logp"]), f(twice["old"]), f(twice["ref"]), f(d["adv"]), twice["mask"], **opts)
+    loss, _ = ops.grpo_loss(f(d["logp"]), f(d["old"]), f(d["ref"]), f(d["adv"]), weighted, **opts)
+    assert d["mask"][0, 0] == 1 and torch.allclose(loss, want, rtol=1e-5), (loss, want)
+
+
 def test_triton_padding_lanes_past_the_row_hold_no_term_where_the_row_ratio_is_inf():
     # every token active, T=3 in a block of 4: the padding lane's bias-corrected KL is 0 * inf = NaN there
     # (the row's sequence-level ratio is past float32); the reference has no such lane and its loss is inf

@@ -217,8 +217,9 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, opts: LossOptions, ent
 
     # masked tokens hold no term: at sequence level the row's ratio reaches them too (inf past the
     # dtype's range, where the row's own tokens may be dropped by the TIS mask), and inf * 0 would be NaN.
-    # A NaN stays: a NaN advantage of a row without active tokens must still show as a NaN loss
-    per_tok = _weighted(per_tok, m)
+    # A NaN stays: a NaN advantage of a row without active tokens must still show as a NaN loss. Selected, not
+    # multiplied by m: the aggregation below weights by m, so a mask value (a 2 under check_values=False) counts once
+    per_tok = torch.where((m > 0) | per_tok.isnan(), per_tok, 0.0)
     lt = opts.loss_type
     if lt == "grpo":
         if row_counts is not None:
