@@ -260,6 +260,13 @@ def test_values_the_fused_loss_rejects_are_refused_in_init(tmp_path, model_dirs,
                           train_dataset=Dataset.from_dict({"prompt": PROMPTS}), processing_class=None)
 
 
+def test_cispo_takes_any_delta_as_trl_does(tmp_path):
+    """TRL's cispo never reads delta, so a delta LossOptions refuses elsewhere (<= 1) is no reason to refuse it
+    there; other loss types still refuse it by name."""
+    assert r1trl.unsupported_options(_config(tmp_path, loss_type="cispo", epsilon_high=2.0, delta=0.9)) == []
+    assert any("LossOptions.delta" in p for p in r1trl.unsupported_options(_config(tmp_path, delta=0.9)))
+
+
 def test_peft_refused(tmp_path, model_dirs):
     tokenizer = AutoTokenizer.from_pretrained(model_dirs["untied"])
     with pytest.raises(ValueError, match="peft_config"):

@@ -97,13 +97,19 @@ def _config_loss_options(args: Any) -> dict:
         beta=args.beta,
         epsilon=args.epsilon,
         epsilon_high=args.epsilon_high if args.epsilon_high is not None else args.epsilon,
-        delta=args.delta,
+        delta=_delta_for(args.loss_type, args.delta),
         loss_type=args.loss_type,
         importance_sampling_level=args.importance_sampling_level,
         max_completion_length=args.max_completion_length,
         temperature=args.temperature,
         use_bias_correction_kl=args.use_bias_correction_kl,
     )
+
+
+def _delta_for(loss_type: str, delta: float | None) -> float | None:
+    """TRL's two-sided clip `delta`, which its cispo ignores (cispo caps the detached ratio at epsilon_high only):
+    a delta LossOptions would refuse (<= 1) is then no reason to refuse the config."""
+    return None if loss_type == "cispo" else delta
 
 
 def _backbone(model: nn.Module) -> nn.Module:
@@ -437,7 +443,7 @@ class GRPOTrainer(trl.GRPOTrainer):
             beta=self.beta,
             epsilon=self.epsilon_low,
             epsilon_high=self.epsilon_high,
-            delta=self.args.delta,
+            delta=_delta_for(self.loss_type, self.args.delta),
             loss_type=self.loss_type,
             importance_sampling_level=self.importance_sampling_level,
             max_completion_length=self.max_completion_length,
