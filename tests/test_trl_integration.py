@@ -281,6 +281,33 @@ def test_supported_config_has_no_objections(tmp_path):
         assert r1trl.unsupported_options(_config(tmp_path, loss_type=loss_type, beta=0.1, delta=2.0)) == []
 
 
+def _config_class(module, **new_fields):
+    """A GRPOConfig subclass declared in `module` with extra float fields (default 0.0)."""
+    import dataclasses
+
+    cls = dataclasses.make_dataclass("GRPOConfig", [(name, float, dataclasses.field(default=0.0)) for name in new_fields],
+                                     bases=(trl.GRPOConfig,))
+    cls.__module__ = module
+    return cls
+
+
+def test_an_option_of_a_newer_trl_is_refused_by_name(tmp_path):
+    """An option a later TRL adds (here: one declared on a class in trl's package) may change the loss the drop-in
+    replaces: set away from its default it is refused by name, never silently ignored. At its default it passes,
+    and a user's own subclass fields (script arguments) are not TRL's and pass too."""
+    newer = _config_class("trl.trainer.grpo_config", loss_knob=0.0)
+    args = newer(output_dir=str(tmp_path), bf16=False, loss_knob=0.5)
+    problems = r1trl.unsupported_options(args)
+    assert len(problems) == 1 and problems[0].startswith("loss_knob=0.5:")
+    with pytest.raises(ValueError, match="cannot reproduce.*loss_knob=0.5"):
+        r1trl.GRPOTrainer(model="unused", reward_funcs=char_reward, args=args)
+    assert r1trl.unsupported_options(newer(output_dir=str(tmp_path), bf16=False)) == []
+    users = _config_class("my_training_script", dataset_path=0.0)
+    assert r1trl.unsupported_options(users(output_dir=str(tmp_path), bf16=False, dataset_path=1.0)) == []
+    # TRL's config classes redeclare TrainingArguments fields with their own defaults: those are not TRL options
+    assert r1trl.unsupported_options(_config(tmp_path, learning_rate=0.3, logging_steps=7, gradient_checkpointing=True)) == []
+
+
 def test_unsupported_model_refused(tmp_path, model_dirs):
     """A model whose logits are not hidden @ lm_head.T (here: a softcapped head) is refused."""
     from transformers import Qwen2ForCausalLM

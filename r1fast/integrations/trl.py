@@ -22,6 +22,7 @@ no logits kept) and join that same factor.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import types
 from typing import Any
@@ -56,6 +57,57 @@ _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 _PATCHED = "_r1fast_hidden_states_forward"
 
 
+# Every option TRL 1.16's GRPOConfig declares (beyond transformers' TrainingArguments). Each one is implemented by
+# the drop-in, refused by `unsupported_options`, or TRL's own business the drop-in leaves alone (generation, rewards,
+# advantages, logging). An option a later TRL adds is none of these yet: set away from its default, it is refused
+# by name rather than silently ignored (its effect could sit in the `_compute_loss` the drop-in replaces).
+_REVIEWED_TRL_OPTIONS = frozenset("""
+    model_init_kwargs trust_remote_code router_aux_loss_coef disable_dropout cast_lm_head_to_fp32
+    num_generations num_generations_eval max_completion_length ds3_gather_for_generation shuffle_dataset
+    pad_to_multiple_of generation_batch_size steps_per_generation temperature top_p top_k min_p
+    generation_kwargs chat_template_kwargs repetition_penalty cache_implementation use_vllm vllm_mode
+    vllm_model_impl vllm_enable_sleep_mode vllm_structured_outputs_regex vllm_server_base_url vllm_server_host
+    vllm_server_port vllm_server_timeout vllm_group_port vllm_gpu_memory_utilization vllm_max_model_length
+    vllm_tensor_parallel_size beta num_iterations epsilon delta epsilon_high sapo_temperature_neg
+    sapo_temperature_pos vespo_k_pos vespo_lambda_pos vespo_k_neg vespo_lambda_neg importance_sampling_level
+    reward_weights multi_objective_aggregation scale_rewards loss_type mask_truncated_completions sync_ref_model
+    ref_model_mixup_alpha ref_model_sync_steps top_entropy_quantile entropy_coef use_adaptive_entropy
+    entropy_coef_min entropy_coef_max entropy_coef_delta entropy_target max_tool_calling_iterations
+    vllm_importance_sampling_correction vllm_importance_sampling_mode vllm_importance_sampling_clip_max
+    vllm_importance_sampling_clip_min off_policy_mask_threshold use_bias_correction_kl log_completions
+    log_multimodal num_completions_to_print log_unique_prompts log_completions_hub_repo
+    use_transformers_continuous_batching transformers_continuous_batching_config use_transformers_paged
+    vllm_importance_sampling_cap
+""".split())
+
+
+def _unreviewed_trl_options(args: Any) -> list[str]:
+    """The options a TRL config class declares that are not in _REVIEWED_TRL_OPTIONS and differ from their default.
+    Fields a user's own GRPOConfig subclass adds (script arguments) are not TRL's and are left alone."""
+    def declared(cls):
+        return cls.__dict__.get("__annotations__", {}) if dataclasses.is_dataclass(cls) else {}
+
+    trl_classes = [cls for cls in type(args).__mro__ if cls.__module__.startswith("trl.")]
+    # TRL's classes redeclare TrainingArguments fields with other defaults (learning_rate, bf16, ...): those are not
+    # TRL options
+    not_trl = {name for cls in type(args).__mro__ if cls not in trl_classes for name in declared(cls)}
+    unreviewed = []
+    for cls in trl_classes:
+        for name in declared(cls):
+            field = cls.__dataclass_fields__.get(name)
+            if name in _REVIEWED_TRL_OPTIONS or name in not_trl or field is None or name in unreviewed:
+                continue
+            if field.default is not dataclasses.MISSING:
+                default = field.default
+            elif field.default_factory is not dataclasses.MISSING:
+                default = field.default_factory()
+            else:
+                default = dataclasses.MISSING
+            if getattr(args, name, default) != default:
+                unreviewed.append(name)
+    return unreviewed
+
+
 def unsupported_options(args: Any) -> list[str]:
     """Every GRPOConfig setting in `args` the r1fast loss path would not reproduce, each with why.
 
@@ -67,6 +119,9 @@ def unsupported_options(args: Any) -> list[str]:
     def refuse(option, why):
         problems.append(f"{option}={getattr(args, option, None)!r}: {why}")
 
+    for option in _unreviewed_trl_options(args):
+        refuse(option, f"an option of TRL {trl.__version__} that r1fast's drop-in (written for TRL 1.16) does not "
+                       "know; use trl.GRPOTrainer, or check the drop-in against this TRL release")
     if args.loss_type not in SUPPORTED_LOSS_TYPES:
         refuse("loss_type", f"r1fast implements {SUPPORTED_LOSS_TYPES}; use trl.GRPOTrainer for the others")
     if args.importance_sampling_level not in ("token", "sequence"):
