@@ -81,13 +81,13 @@ def _config(out_dir, **overrides):
     return trl.GRPOConfig(**options)
 
 
-def _train(trainer_cls, model_dir, out_dir, trainer_kwargs=None, **overrides):
+def _train(trainer_cls, model_dir, out_dir, trainer_kwargs=None, reward_funcs=char_reward, **overrides):
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     trainer_cls = _recording(trainer_cls)
     trainer = trainer_cls(
-        model=model, reward_funcs=char_reward, args=_config(out_dir, **overrides),
+        model=model, reward_funcs=reward_funcs, args=_config(out_dir, **overrides),
         train_dataset=Dataset.from_dict({"prompt": PROMPTS * 4}), processing_class=tokenizer, **(trainer_kwargs or {}),
     )
     trainer.recorded_completions, trainer.recorded_completion_masks, trainer.recorded_losses = [], [], []
@@ -163,6 +163,62 @@ def test_matches_stock_trl(tmp_path, model_dirs, loss_type, beta, num_iterations
 )
 def test_matches_stock_trl_options(tmp_path, model_dirs, overrides):
     _compare(tmp_path, model_dirs, **overrides)
+
+
+def reward_sometimes_none(completions, **kwargs):
+    # None leaves this function out of that row's reward (TRL's nansum), e.g. a verifier that cannot judge
+    return [None if i % 3 == 0 else float(len(c)) for i, c in enumerate(completions)]
+
+
+def reward_b_count(completions, **kwargs):
+    return [float(c.count("b")) for c in completions]
+
+
+THREE_REWARDS = [char_reward, reward_sometimes_none, reward_b_count]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(loss_type="dapo", reward_funcs=THREE_REWARDS, reward_weights=[1.0, 0.5, 2.0], scale_rewards="batch"),
+        dict(loss_type="grpo", reward_funcs=THREE_REWARDS, multi_objective_aggregation="normalize_then_sum",
+             scale_rewards=False, beta=0.04),
+        dict(loss_type="bnpo", scale_rewards=True, temperature=1.3, top_k=5, top_p=0.9, beta=0.04),
+        # TRL's cispo ignores delta (its clip is epsilon_high on the detached ratio), one <= 1 too: so must r1fast
+        dict(loss_type="cispo", epsilon_high=5.0, delta=0.9, num_iterations=2, learning_rate=0.5),
+        dict(loss_type="cispo", importance_sampling_level="sequence", epsilon_high=1.02, num_iterations=2,
+             learning_rate=0.5),
+        # completions padded past max_completion_length: dr_grpo still divides by max_completion_length
+        dict(loss_type="dr_grpo", pad_to_multiple_of=8, beta=0.04, num_iterations=2),
+        dict(loss_type="bnpo", beta=0.04, sync_ref_model=True, ref_model_sync_steps=1, ref_model_mixup_alpha=0.5),
+        dict(loss_type="dapo", num_iterations=3, generation_batch_size=8, epsilon=0.05, learning_rate=0.3),
+        dict(loss_type="grpo", importance_sampling_level="sequence", epsilon=0.01, epsilon_high=0.02, delta=1.01,
+             num_iterations=2, learning_rate=0.5),
+        dict(loss_type="bnpo", gradient_accumulation_steps=2, steps_per_generation=4, num_iterations=2, epsilon=0.05,
+             epsilon_high=0.1, learning_rate=0.3),
+        dict(loss_type="dapo", mask_truncated_completions=True, beta=0.04, top_entropy_quantile=0.5, num_iterations=2,
+             max_completion_length=8),
+    ],
+    ids=["rewards-none-weights-batch", "normalize_then_sum", "scale_true-temperature-top_k", "cispo-delta-ignored",
+         "cispo-sequence", "dr_grpo-pad_to_multiple_of", "sync_ref_model", "dapo-3-iterations-generation_batch",
+         "gspo-delta-clipping", "bnpo-accum-clipping", "dapo-truncmask-entropy-mask"],
+)
+def test_matches_stock_trl_more_options(tmp_path, model_dirs, overrides):
+    """More of the GRPOConfig a real script sets, on the eos-prone model (completions of different lengths), with
+    every logged metric compared too (rewards, lengths, kl, entropy, clip ratios), not only loss and gradients."""
+    stock, fast = _compare(tmp_path, model_dirs, model="eos", **overrides)
+    def logged(metrics):  # a step's log leaves out what it has no value for (e.g. no completion clipped)
+        return {k for h in metrics for k in h if "time" not in k and k not in ("epoch", "step")}
+
+    def values(metrics, name):
+        return torch.tensor([float("nan") if h.get(name) is None else h[name] for h in metrics], dtype=torch.float64)
+
+    names = logged(stock["metrics"])
+    assert names == logged(fast["metrics"])
+    for name in sorted(names):
+        got, want = values(fast["metrics"], name), values(stock["metrics"], name)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6, equal_nan=True, msg=lambda m: f"{name}: {m}")
 
 
 def test_matches_stock_trl_bf16_autocast(tmp_path, model_dirs):
