@@ -494,6 +494,20 @@ def test_bad_requests_raise_clear_errors(models, prompts):
     assert engine.generate([], SamplingParams()) == []
 
 
+def test_an_empty_call_reports_no_steps_not_the_previous_calls(models, prompts):
+    # generate([]) returned early and left last_stats as the call before had set them (7 decode steps...)
+    _, model = models
+    engine = Engine(model, block_size=4, num_blocks=32)
+    engine.generate([prompts[4], prompts[4]], SamplingParams(temperature=0, max_tokens=8))
+    assert engine.last_stats["decode"] > 0
+    assert engine.generate([], SamplingParams()) == []
+    assert engine.last_stats == dict.fromkeys(engine.last_stats, 0)
+    engine.generate([prompts[4]], SamplingParams(temperature=0, max_tokens=8))
+    keys = set(engine.last_stats)
+    engine.generate([], SamplingParams())
+    assert set(engine.last_stats) == keys   # the same keys as a call that ran
+
+
 def test_engine_sizes_may_be_numpy_integers_as_sampling_params_are(models):
     # Engine(num_blocks=np.int64(8)) was refused ("must be an int >= 1, got np.int64(8)") while
     # SamplingParams(max_tokens=np.int64(8)) was taken: a pool size computed with numpy now works too

@@ -283,7 +283,9 @@ class Engine:
     def generate(self, prompt_token_ids, params: SamplingParams | None = None, progress: bool = False):
         params = SamplingParams() if params is None else params
         prompts = self._validate(prompt_token_ids, params)
-        if not prompts:
+        if not prompts:  # no step runs: the stats say so (they kept the previous call's)
+            self.last_stats = dict.fromkeys(("prefill", "decode", "discarded_tokens", "preemptions",
+                                             "cached_tokens"), 0)
             return []
         seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, ()).item())
         key_of = self._keys(prompts, seed)
