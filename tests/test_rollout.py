@@ -494,6 +494,29 @@ def test_bad_requests_raise_clear_errors(models, prompts):
     assert engine.generate([], SamplingParams()) == []
 
 
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_a_near_tie_that_rounding_reorders_draws_the_same_token(backend):
+    """With top-k/top-p the draw walked the kept tokens in rank order: two tokens whose logits differ by
+    a rounding step (the batch's shape changes it) swapped places there, and every uniform in their two
+    intervals drew the other token (seen: a seeded vocab-2500 run drew 1937 in a tiny pool, 1759 in a
+    huge one, both log-prob -6.5774021). The draw now walks vocabulary order, where the swap moves
+    interval edges by a rounding step only."""
+    from r1fast import ops
+
+    row = torch.randn(64, generator=torch.Generator().manual_seed(0))
+    row[5] = 3.0   # the two most likely tokens, 5 and 40: tied up to one float step either way
+    below, above = row.clone(), row.clone()
+    below[40] = torch.nextafter(torch.tensor(3.0), torch.tensor(-math.inf))
+    above[40] = torch.nextafter(torch.tensor(3.0), torch.tensor(math.inf))
+    u = torch.arange(400, dtype=torch.float64) / 400
+    for params in (SamplingParams(top_p=0.9), SamplingParams(top_k=10),
+                   SamplingParams(top_k=20, top_p=0.95, min_p=0.01, temperature=0.7)):
+        drawn = [ops.sample_tokens(r.expand(len(u), -1).contiguous(), params, u, backend=backend)[0]
+                 for r in (below, above)]
+        assert {5, 40} <= set(drawn[0].tolist())
+        assert torch.equal(drawn[0], drawn[1]), params
+
+
 def test_an_empty_call_reports_no_steps_not_the_previous_calls(models, prompts):
     # generate([]) returned early and left last_stats as the call before had set them (7 decode steps...)
     _, model = models

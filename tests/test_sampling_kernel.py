@@ -38,19 +38,21 @@ IMPLS = _all_impls(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 def kept_weights(logits, params):
-    """float64 (kept unnormalised probabilities [B, K] in sampling order, token ids [B, K]).
+    """float64 (kept unnormalised probabilities [B, V] in sampling order, token ids [B, V]): vocabulary
+    order, also with top-k/top-p (their ranking only chooses which tokens stay).
     Written from the definition, independently of the backends."""
     z = logits.double() / params.temperature
     p = torch.softmax(z, dim=-1)
     ids = torch.arange(p.shape[1], device=p.device).expand_as(p)
     if 0 < params.top_k < p.shape[1] or params.top_p < 1:
-        ids = logits.double().argsort(dim=-1, descending=True, stable=True)  # by logit, ties by id
-        p = p.gather(1, ids)
+        rank = logits.double().argsort(dim=-1, descending=True, stable=True)  # by logit, ties by id
+        ranked = p.gather(1, rank)
         if 0 < params.top_k < p.shape[1]:
-            p, ids = p[:, :params.top_k], ids[:, :params.top_k]
+            ranked[:, params.top_k:] = 0.0
         if params.top_p < 1:
-            q = p / p.sum(-1, keepdim=True)
-            p = torch.where(q.cumsum(-1) - q >= params.top_p, 0.0, p)
+            q = ranked / ranked.sum(-1, keepdim=True)
+            ranked = torch.where(q.cumsum(-1) - q >= params.top_p, 0.0, ranked)
+        p = torch.zeros_like(p).scatter(1, rank, ranked)
     if params.min_p > 0:
         p = torch.where(p >= params.min_p * p.amax(-1, keepdim=True), p, 0.0)
     return p, ids

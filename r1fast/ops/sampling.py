@@ -3,8 +3,9 @@
 Semantics (every backend; see r1fast.rollout.sampler and docs/rollout.md): with T the temperature,
 probabilities softmax(logits / T) are filtered by top-k, then top-p (in descending order of the
 logits as given, equal logits by token id: exactly k tokens stay), then min-p (p >= min_p * p_max);
-the token is the first one (vocabulary order without top-k/top-p, else that descending order) whose
-running sum of kept probabilities exceeds u * (kept total), never a token with zero kept probability.
+the token is the first one in vocabulary order (also with top-k/top-p: a near-tie that rounding
+reorders then changes no draw) whose running sum of kept probabilities exceeds u * (kept total),
+never a token with zero kept probability.
 Greedy (T = 0) takes the first index of the max. The log-prob is log_softmax(logits / T) at the
 token before filtering (T = 1 for greedy).
 
@@ -69,7 +70,8 @@ def _validate(logits, params, u, check_inputs: bool):
 
 
 def _uses_sort(params, vocab: int) -> bool:
-    """top-k / top-p need the descending order (the torch path), as in sampler.filtered_probs."""
+    """top-k / top-p need the descending order to choose the kept tokens (the torch path), as in
+    sampler.filtered_probs."""
     return 0 < params.top_k < vocab or params.top_p < 1
 
 
@@ -82,17 +84,17 @@ def _sample_reference(logits, params, u):
     logp = torch.log_softmax(z / params.temperature, dim=-1)
     probs = logp.exp()
     vocab = probs.shape[-1]
-    ids = torch.arange(vocab, device=z.device).expand_as(probs)
     if _uses_sort(params, vocab):
         ids = z.argsort(dim=-1, descending=True, stable=True)  # ranked by logit; equal logits by id
-        probs = probs.gather(1, ids)
+        ranked = probs.gather(1, ids)
         if 0 < params.top_k < vocab:
-            probs, ids = probs[:, :params.top_k], ids[:, :params.top_k]
+            ranked = torch.where(torch.arange(vocab, device=z.device) < params.top_k, ranked, 0.0)
         if params.top_p < 1:
             # the smallest prefix whose mass (after top-k) reaches top_p; the first token always stays
-            p = probs / probs.sum(dim=-1, keepdim=True)
+            p = ranked / ranked.sum(dim=-1, keepdim=True)
             mass_before = p.cumsum(dim=-1) - p
-            probs = torch.where(mass_before >= params.top_p, 0.0, probs)
+            ranked = torch.where(mass_before >= params.top_p, 0.0, ranked)
+        probs = torch.zeros_like(probs).scatter(1, ids, ranked)  # the draw walks vocabulary order
     if params.min_p > 0:
         peak = probs.amax(dim=-1, keepdim=True)
         probs = torch.where(probs >= params.min_p * peak, probs, 0.0)
@@ -102,7 +104,7 @@ def _sample_reference(logits, params, u):
     kept = probs > 0
     last_kept = torch.where(kept, torch.arange(probs.shape[-1], device=z.device), -1).amax(dim=-1, keepdim=True)
     pos = torch.where(kept.gather(1, pos), pos, last_kept)
-    tokens = ids.gather(1, pos).squeeze(1)
+    tokens = pos.squeeze(1)
     return tokens, logp.gather(1, tokens[:, None]).squeeze(1).float()
 
 

@@ -6,7 +6,7 @@ prompt and its sample index j, see Engine) and the uniform for the token at posi
 order, or on preemption (a recomputed sequence draws the same numbers at the same positions).
 
 A token is drawn by inverse CDF: one uniform per row against the cumulative sum of the filtered
-probabilities (vocabulary order when no top-k/top-p is set, else sorted order).
+probabilities in vocabulary order (top-k/top-p rank the tokens only to choose which stay).
 
 Log-probability of a sampled token (what `Completion.logprobs` holds): log_softmax(logits / T) at
 that token, with T the temperature (T = 1 for greedy), before top-k/top-p/min-p filtering. This is
@@ -110,35 +110,39 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: floa
     return torch.log_softmax(_scaled(logits, t), dim=-1).gather(1, tokens[:, None]).squeeze(1)
 
 
-def filtered_probs(logits: torch.Tensor, params: SamplingParams):
-    """(probs [B, K], ids [B, K] or None): the renormalisable sampling distribution after filtering.
+def filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """probs [B, V], in vocabulary order: the renormalisable sampling distribution after filtering.
 
-    ids is None when the probabilities are in vocabulary order; else probs[b, i] belongs to token
-    ids[b, i] (descending order: top-k/top-p need the ranking).
+    Top-k/top-p rank the tokens, but the kept ones go back to vocabulary order for the draw. Drawn in
+    rank order, two tokens whose logits lie within rounding of each other (the batch's shape, a prefill
+    chunk or a cached prefix changes it) could swap places, and a uniform anywhere in their two
+    intervals drew the other token: the same seed gave another completion in a batch than alone. In
+    vocabulary order rounding moves only interval edges by a rounding step, and a token across the cut.
     """
     vocab = logits.shape[-1]
-    ids = None
     top_k = params.top_k if 0 < params.top_k < vocab else 0
-    if top_k or params.top_p < 1:
+    if not (top_k or params.top_p < 1):
+        probs = torch.softmax(_scaled(logits, params.temperature), dim=-1)
+    else:
         # Rank by the logits as given, in a stable sort: only equal logits tie, and they keep vocabulary
         # order. Ranking the fp32 probabilities instead tied distinct logits whose exp() rounds alike
         # (0.3 and the next float up), so top_k=1 was not greedy's token and the float64 reference
         # kept another token at the k-th place.
-        logits, ids = logits.sort(dim=-1, descending=True, stable=True)
-    probs = torch.softmax(_scaled(logits, params.temperature), dim=-1)
-    if ids is not None:
+        ranked_logits, ids = logits.sort(dim=-1, descending=True, stable=True)
+        ranked = torch.softmax(_scaled(ranked_logits, params.temperature), dim=-1)
         if top_k:
-            probs, ids = probs[:, :top_k], ids[:, :top_k]
+            ranked[:, top_k:] = 0.0
         if params.top_p < 1:
             # keep the smallest prefix whose mass reaches top_p (the first token always stays);
             # the mass is measured after top-k, as in vLLM and transformers
-            mass = probs.cumsum(dim=-1) / probs.sum(dim=-1, keepdim=True)
-            drop = (mass - probs / probs.sum(dim=-1, keepdim=True)) >= params.top_p
-            probs = probs.masked_fill(drop, 0.0)
+            total = ranked.sum(dim=-1, keepdim=True)
+            drop = (ranked.cumsum(dim=-1) / total - ranked / total) >= params.top_p
+            ranked = ranked.masked_fill(drop, 0.0)
+        probs = torch.empty_like(ranked).scatter_(1, ids, ranked)
     if params.min_p > 0:
         peak = probs.amax(dim=-1, keepdim=True)
         probs = probs.masked_fill(probs < params.min_p * peak, 0.0)
-    return probs, ids
+    return probs
 
 
 CDF_BLOCK = 1024
@@ -176,7 +180,7 @@ def sample(logits: torch.Tensor, params: SamplingParams, keys: torch.Tensor | No
     if params.greedy:
         tokens = logits.argmax(dim=-1)
         return tokens, token_logprobs(logits, tokens, 0.0)
-    probs, ids = filtered_probs(logits, params)
+    probs = filtered_probs(logits, params)
     u = uniforms(keys, positions) if u is None else u
     idx = _draw(probs, u)
     # a rounding step past the last kept token lands on a zero-probability entry: step back to a kept one
@@ -185,5 +189,5 @@ def sample(logits: torch.Tensor, params: SamplingParams, keys: torch.Tensor | No
     if probs.device.type != "cpu" or not bool(kept.all()):
         last_kept = (probs > 0).long().cumsum(dim=-1).argmax(dim=-1, keepdim=True)
         idx = torch.where(kept, idx, last_kept)
-    tokens = (idx if ids is None else ids.gather(1, idx)).squeeze(1)
+    tokens = idx.squeeze(1)
     return tokens, token_logprobs(logits, tokens, params.temperature)
