@@ -2913,6 +2913,30 @@ def test_reward_functions_given_to_the_trainer_are_what_the_checkpoint_records(t
     assert cfg.reward_funcs == ["accuracy", "format"]   # the caller's config is left as it was
 
 
+def test_a_reward_object_holding_a_lock_is_recorded_by_name_not_copied(tmp_path):
+    # a reward function object (a judge holding a model, a cache behind a lock) in the trainer's config (given in a
+    # RewardSet or a list): to_dict deep-copied it, so the run's first log failed with "cannot pickle
+    # '_thread.lock' object" (and a judge's model would have been copied); it is now kept as it is, named in JSON
+    import threading
+
+    from r1fast.rewards import RewardSet
+
+    class Judge:
+        def __init__(self):
+            self.lock = threading.Lock()
+
+        def __call__(self, completions, **kw):
+            return [c.count("7") / max(len(c), 1) for c in completions]
+
+    judge = Judge()
+    model, tok = tiny_model()
+    tr = GRPOTrainer(model, RewardSet([judge, "format"]), ROWS, GRPOConfig(output_dir=str(tmp_path / "r")),
+                     tokenizer=tok)
+    assert tr.cfg.to_dict()["reward_funcs"][0] is judge
+    named = json.loads(json.dumps(tr.cfg.to_json_dict()))["reward_funcs"]
+    assert named == [f"{Judge.__module__}:{Judge.__qualname__}", "format"]
+
+
 def test_a_tokenizer_in_grpo_trainers_reward_funcs_place_is_named(tmp_path):
     # GRPOTrainer(model, tok, rows, cfg), SFTTrainer's argument order: the (callable) tokenizer was taken for a
     # reward function and the error said only "a tokenizer is required to decode completions"

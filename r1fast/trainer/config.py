@@ -133,7 +133,11 @@ class _Base:
         return self
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        # not dataclasses.asdict: it deep-copies a reward function object (a judge holding a model or a lock),
+        # copying the model or failing ("cannot pickle '_thread.lock' object") at the run's first log or save
+        values = {name: getattr(self, name) for name in self.field_names()}
+        return {name: [v if callable(v) else copy.deepcopy(v) for v in value] if isinstance(value, list)
+                else copy.deepcopy(value) for name, value in values.items()}
 
     def to_json_dict(self) -> dict[str, Any]:
         """to_dict() as a checkpoint records it: a reward function passed as a Python callable is written
