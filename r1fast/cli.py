@@ -168,6 +168,11 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:
         _exit_past_reward_calls(e.code)
         raise
+    except BaseException as e:   # a traceback, or a Ctrl-C no command caught: ends as Python ends it, not in an abort
+        if _reward_calls_left_running():
+            sys.excepthook(type(e), e, e.__traceback__)
+            _exit_past_reward_calls(130 if isinstance(e, KeyboardInterrupt) else 1)
+        raise
     _exit_past_reward_calls(code)
     return code
 
@@ -181,18 +186,22 @@ def _run(argv: list[str]) -> int:
     return args.func(args) or 0
 
 
+def _reward_calls_left_running() -> bool:
+    rewards = sys.modules.get("r1fast.rewards.combine")
+    return rewards is not None and rewards.reward_calls_left_running() > 0
+
+
 def _exit_past_reward_calls(code):
     """The command's exit, when a reward call that ran past reward_timeout (or was left by Ctrl-C) is still running
     on its daemon thread: the interpreter's shutdown ends such a thread mid-call, and inside a torch op that aborts
     the process ('terminate called without an active exception', status 134, after the RewardTimeout's message and
     hint). So the exit handlers run and the process ends with the command's status before that shutdown."""
-    rewards = sys.modules.get("r1fast.rewards.combine")
-    if rewards is None or not rewards.reward_calls_left_running():
+    if not _reward_calls_left_running():
         return
     import atexit
     import os
 
-    if isinstance(code, str):   # SystemExit("message"), as Python prints it
+    if code is not None and not isinstance(code, int):   # SystemExit("message") (or another object), as Python prints it
         print(code, file=sys.stderr)
     status = 0 if code is None else code if isinstance(code, int) else 1
     atexit._run_exitfuncs()   # what a normal exit runs: loggers, trackers, temporary folders

@@ -983,3 +983,36 @@ def test_a_reward_call_on_a_worker_thread_sees_the_callers_context_variables():
     without, with_timeout = contextvars.copy_context().run(run)   # the test's own context stays as it was
     assert without == with_timeout == [[52.0], [52.0]]
     assert seen == ["step 7"] * 4
+
+
+def test_the_cli_ends_a_traceback_as_python_does_past_a_reward_call_left_running_in_torch():
+    # only the command's status and SystemExit were handled: an error no command caught (a traceback) or a Ctrl-C
+    # that reached main still went through the interpreter's shutdown, which aborted the process (status 134)
+    import subprocess
+    import textwrap
+
+    code = textwrap.dedent("""
+        import sys, torch
+        import r1fast.cli as cli
+        from r1fast.rewards import RewardSet, RewardTimeout
+
+        def judge(prompts, completions, **kw):
+            a = torch.randn(300, 300)
+            while True:
+                a = (a @ a).tanh()   # the GIL is released inside the op
+
+        try:
+            RewardSet([judge], timeout=0.05).score(["p"], ["c"], {})
+        except RewardTimeout:
+            pass
+
+        def failing(argv):
+            raise RuntimeError("a bug")
+
+        cli._run = failing
+        sys.argv = ["r1fast"]
+        sys.exit(cli.main())
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1 and "RuntimeError: a bug" in out.stderr, out.stderr[-2000:]
+    assert "terminate called" not in out.stderr
