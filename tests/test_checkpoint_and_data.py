@@ -274,6 +274,25 @@ def test_a_checkpoint_deleted_part_way_no_longer_looks_complete(tmp_path, monkey
     assert sorted(os.listdir(tmp_path)) == (["checkpoint-2"] if delete == "prune" else [])
 
 
+@pytest.mark.parametrize("delete", ["prune", "clear_run"])
+def test_a_pruned_symlinked_checkpoint_leaves_no_hidden_link(tmp_path, delete):
+    # a checkpoint-N moved to another disk and linked back: pruning (and clear_run) renamed the link to
+    # .tmp-checkpoint-N-deleting-<pid>, whose rmtree failed on a link without a word, so it stayed for good
+    model = _model(build_char_tokenizer())
+    run, elsewhere = tmp_path / "run", tmp_path / "disk2"
+    ckpt.save_checkpoint(str(elsewhere), 1, model=model, keep=None)
+    run.mkdir()
+    os.symlink(elsewhere / "checkpoint-1", run / "checkpoint-1")
+    if delete == "prune":
+        ckpt.save_checkpoint(str(run), 2, model=model, keep=1)
+    else:
+        ckpt.clear_run(str(run))
+    ckpt.remove_save_leftovers(str(run))
+    assert sorted(os.listdir(run)) == (["checkpoint-2"] if delete == "prune" else [])
+    # the link alone goes: what it leads to may be another run's
+    assert ckpt.list_checkpoints(str(elsewhere)) == [(1, str(elsewhere / "checkpoint-1"))]
+
+
 def test_char_tokenizer_roundtrip_and_save(tmp_path):
     from r1fast.models import load_tokenizer
 
