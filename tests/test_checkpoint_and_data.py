@@ -4,6 +4,7 @@ import json
 import os
 import random
 import re
+import shutil
 
 import pytest
 import torch
@@ -158,6 +159,40 @@ def test_a_model_save_stopped_between_its_renames_keeps_or_names_the_previous_mo
     with pytest.raises(FileNotFoundError, match=r"exported' does not exist; a save_pretrained stopped part way left "
                                                 r"the model that was there in .*/\.exported\.old-abc123: rename it back"):
         from_pretrained(str(out))
+
+
+@pytest.mark.parametrize("stop", ["after_the_second_rename", "in_the_old_folders_deletion"])
+def test_a_model_save_stopped_once_the_new_folder_is_in_keeps_it(tmp_path, monkeypatch, stop):
+    # a Ctrl-C that came once the new folder was renamed in: the rollback renamed the previous one back onto it,
+    # which failed ("Directory not empty", an OSError in place of the Ctrl-C); one during the previous folder's
+    # deletion (the long part, for a large model) left it half deleted under .<name>.old-*
+    from r1fast.models import checkpoint, from_pretrained
+
+    model = _model(build_char_tokenizer())
+    out = tmp_path / "exported"
+    model.save_pretrained(str(out))
+    real_rename, real_rmtree, renames = os.rename, shutil.rmtree, []
+
+    def stopped_after_the_second_rename(src, dst):
+        renames.append(dst)
+        real_rename(src, dst)
+        if len(renames) == 2 and stop == "after_the_second_rename":
+            raise KeyboardInterrupt
+
+    def stopped_part_way(path, *a, **k):
+        if ".exported.old-" in str(path) and stop == "in_the_old_folders_deletion" and not renames[2:]:
+            renames.append("stopped")   # once: one file deleted, then the Ctrl-C
+            os.remove(os.path.join(path, "config.json"))
+            raise KeyboardInterrupt
+        real_rmtree(path, *a, **k)
+
+    monkeypatch.setattr(checkpoint.os, "rename", stopped_after_the_second_rename)
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", stopped_part_way)
+    with pytest.raises(KeyboardInterrupt):
+        model.save_pretrained(str(out))
+    monkeypatch.undo()
+    assert os.listdir(tmp_path) == ["exported"]
+    from_pretrained(str(out))
 
 
 def test_failed_write_leaves_no_checkpoint(tmp_path, monkeypatch):

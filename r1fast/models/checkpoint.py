@@ -418,7 +418,20 @@ def _swap_in(tmp: str, path: str) -> None:
     os.rename(path, old)
     try:
         os.rename(tmp, path)
-    except BaseException:   # a Ctrl-C or error here left no folder at `path`: the model that was there goes back
-        os.rename(old, path)
+    except BaseException:
+        if os.path.lexists(path):   # a Ctrl-C just after the rename: the new model is in (renaming onto it fails)
+            _remove_replaced(old)
+        else:   # a Ctrl-C or error here left no folder at `path`: the model that was there goes back
+            os.rename(old, path)
         raise
-    shutil.rmtree(old, ignore_errors=True)
+    _remove_replaced(old)
+
+
+def _remove_replaced(old: str) -> None:
+    """Delete the model a save replaced. A Ctrl-C during it (the long part, for a large model) would leave it
+    half deleted under its hidden name, beside a save that is done: the deletion is finished first."""
+    try:
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(old, ignore_errors=True)
+        raise
