@@ -1016,3 +1016,17 @@ def test_the_cli_ends_a_traceback_as_python_does_past_a_reward_call_left_running
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 1 and "RuntimeError: a bug" in out.stderr, out.stderr[-2000:]
     assert "terminate called" not in out.stderr
+
+
+def test_a_reward_set_names_its_own_keyword_for_a_configs_option():
+    # RewardSet(['length']) said "needs length_penalty_target set", the config's option, and the caller who then
+    # passed length_penalty_target= got "unexpected keyword argument" naming no way on
+    with pytest.raises(ValueError, match=r"reward 'length' needs length_target=<tokens> \(a config's "
+                                         r"length_penalty_target\)"):
+        RewardSet(["length"])
+    with pytest.raises(TypeError, match=r"'length_penalty_target' \(the config's option; RewardSet's keyword is "
+                                        r"length_target\); it takes funcs, weights, timeout"):
+        RewardSet(["length"], length_penalty_target=5)
+    with pytest.raises(TypeError, match=r"unexpected keyword argument\(s\) 'judge_url'; it takes"):
+        RewardSet(["format"], judge_url="http://x")
+    assert RewardSet(["length"], length_target=5).names == ["length"]

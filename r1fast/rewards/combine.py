@@ -107,6 +107,18 @@ def resolve(spec: str | Callable, *, format_pattern=None, language="en", length_
 
 
 _FP32_MAX = 3.4028234663852886e38
+# a config's option names for RewardSet's keywords, which a caller moving settings from a config passes
+_CONFIG_NAMES = {"reward_weights": "weights", "reward_timeout": "timeout", "length_penalty_target": "length_target"}
+
+
+def _unknown_keywords(unknown: dict) -> str:
+    """RewardSet's TypeError for keywords it does not take, with its own name for a config's option."""
+    said = []
+    for key in unknown:
+        own = _CONFIG_NAMES.get(key)
+        said.append(f"{key!r} (the config's option; RewardSet's keyword is {own})" if own else repr(key))
+    return (f"RewardSet() got unexpected keyword argument(s) {', '.join(said)}; it takes funcs, weights, timeout, "
+            f"format_pattern, language, length_target")
 
 
 class RewardSet:
@@ -116,9 +128,14 @@ class RewardSet:
 
     def __init__(self, funcs: Sequence[str | Callable], weights: Optional[Sequence[float]] = None, *,
                  timeout: Optional[float] = None, format_pattern: Optional[str] = None, language: str = "en",
-                 length_target: Optional[int] = None):
+                 length_target: Optional[int] = None, **unknown):
+        if unknown:
+            raise TypeError(_unknown_keywords(unknown))
         if not funcs:
             raise ValueError("at least one reward function is required")
+        if length_target is None and "length" in list(funcs):   # resolve's error names the config's option
+            raise ValueError("RewardSet: reward 'length' needs length_target=<tokens> (a config's "
+                             "length_penalty_target)")
         if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
                                     or not 0 < timeout < math.inf):
             raise ValueError(f"reward timeout must be a positive number of seconds (or None: no limit); got {timeout!r}")
