@@ -1030,3 +1030,12 @@ def test_a_reward_set_names_its_own_keyword_for_a_configs_option():
     with pytest.raises(TypeError, match=r"unexpected keyword argument\(s\) 'judge_url'; it takes"):
         RewardSet(["format"], judge_url="http://x")
     assert RewardSet(["length"], length_target=5).names == ["length"]
+
+
+def test_a_reward_set_takes_its_functions_from_a_generator():
+    # 66f07be's check for 'length' read the functions into a list and let the generator go: the set then read it
+    # again, empty, and scored with no function at all (len 0, no error)
+    rewards = RewardSet(name for name in ["format", "accuracy"])
+    assert rewards.names == ["format", "accuracy"] and rewards.specs == ["format", "accuracy"]
+    with pytest.raises(ValueError, match="at least one reward function"):
+        RewardSet(name for name in [])

@@ -131,9 +131,10 @@ class RewardSet:
                  length_target: Optional[int] = None, **unknown):
         if unknown:
             raise TypeError(_unknown_keywords(unknown))
+        funcs = list(funcs)   # once: a generator read here again would give no functions
         if not funcs:
             raise ValueError("at least one reward function is required")
-        if length_target is None and "length" in list(funcs):   # resolve's error names the config's option
+        if length_target is None and "length" in funcs:   # resolve's error names the config's option
             raise ValueError("RewardSet: reward 'length' needs length_target=<tokens> (a config's "
                              "length_penalty_target)")
         if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
@@ -141,7 +142,7 @@ class RewardSet:
             raise ValueError(f"reward timeout must be a positive number of seconds (or None: no limit); got {timeout!r}")
         self.timeout = None if timeout is None else float(timeout)
         # kept so a trainer given this set records what it scores with (and can tell a config that differs)
-        self.specs = list(funcs)
+        self.specs = funcs
         self.format_pattern, self.language, self.length_target = format_pattern, language, length_target
         resolved = [resolve(f, format_pattern=format_pattern, language=language, length_target=length_target)
                     for f in self.specs]
