@@ -1167,6 +1167,25 @@ def test_evaluate_accuracy_takes_a_model_name_as_rejection_sampling_does(monkeyp
         evaluate_accuracy("no/such_dir", None, rows)
 
 
+def test_a_stage_records_a_reward_function_by_name_not_by_its_address():
+    # pipeline_state.json and a sample stage's progress fingerprint took str() of a reward function given in Python,
+    # "<function f at 0x7f...>": another address in every process, so --resume said the finished stage's options
+    # had changed and a stopped sample stage's kept batches were another sampling's, sampled over again
+    from r1fast.trainer.config import SampleConfig
+    from r1fast.trainer.pipeline import Stage, _stage_options
+
+    def reward():   # the same function in two processes: same name, another address
+        def sevens(completions, **kwargs):
+            return [7.0] * len(completions)
+        return sevens
+
+    functions = [reward(), reward()]   # both kept alive: two addresses
+    first, again = (_stage_options(Stage("s", "sample", SampleConfig(reward_funcs=[f, "format"]))) for f in functions)
+    assert first == again
+    assert first["reward_funcs"] == [f"{__name__}:test_a_stage_records_a_reward_function_by_name_not_by_its_address"
+                                     f".<locals>.reward.<locals>.sevens", "format"]
+
+
 def test_rejection_sampling_leaves_out_samples_cut_at_max_completion_length(monkeypatch):
     """SFT appends eos to each kept completion: one cut before its stop token, however well it scores
     (the answer can come before the cut), would teach stopping mid-thought. keep_truncated keeps them."""

@@ -929,8 +929,10 @@ def render_summary(s: dict) -> str:
 
 def _stage_options(stage: Stage) -> dict:
     """What a stage ran with, as recorded in pipeline_state.json (JSON-safe)."""
-    # the stage's own keys last: its config's dataset (None in a pipeline) must not hide the stage's
-    options = {**{k: v for k, v in stage.config.to_dict().items() if not callable(v)},
+    # the stage's own keys last: its config's dataset (None in a pipeline) must not hide the stage's.
+    # to_json_dict: a reward function given in Python by its module:qualname; str() of it holds its address, another
+    # in every process, so a resumed sample stage's progress (keyed by these options) was always another sampling's
+    options = {**{k: v for k, v in stage.config.to_json_dict().items() if not callable(v)},
                "model": stage.model, "dataset": stage.dataset, "num_rows": stage.num_rows}
     return json.loads(json.dumps(options, default=str))
 
