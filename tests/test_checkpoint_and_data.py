@@ -195,6 +195,21 @@ def test_a_model_save_stopped_once_the_new_folder_is_in_keeps_it(tmp_path, monke
     from_pretrained(str(out))
 
 
+def test_a_model_saved_over_a_symlinked_folder_leaves_no_hidden_link(tmp_path):
+    # the replaced folder, a symlink to another disk, was rmtree'd, which refuses a link (ignore_errors hid it): each
+    # save left a hidden .exported.old-* link beside the model
+    from r1fast.models import from_pretrained
+
+    model = _model(build_char_tokenizer())
+    (tmp_path / "run").mkdir()
+    model.save_pretrained(str(tmp_path / "disk2"))
+    os.symlink(tmp_path / "disk2", tmp_path / "run" / "exported")
+    model.save_pretrained(str(tmp_path / "run" / "exported"))
+    assert os.listdir(tmp_path / "run") == ["exported"] and not os.path.islink(tmp_path / "run" / "exported")
+    assert sorted(os.listdir(tmp_path / "disk2")) == ["config.json", "model.safetensors"]   # what it led to is left
+    from_pretrained(str(tmp_path / "run" / "exported"))
+
+
 def test_failed_write_leaves_no_checkpoint(tmp_path, monkeypatch):
     tok = build_char_tokenizer()
     model = _model(tok)

@@ -429,7 +429,12 @@ def _swap_in(tmp: str, path: str) -> None:
 
 def _remove_replaced(old: str) -> None:
     """Delete the model a save replaced. A Ctrl-C during it (the long part, for a large model) would leave it
-    half deleted under its hidden name, beside a save that is done: the deletion is finished first."""
+    half deleted under its hidden name, beside a save that is done: the deletion is finished first. A folder that
+    was a symlink (moved to another disk and linked back) loses the link only: rmtree refuses a link (ignore_errors
+    hid it, leaving a hidden .<name>.old-* link per save), and what it leads to may be another copy the user keeps."""
+    if os.path.islink(old):
+        os.unlink(old)
+        return
     try:
         shutil.rmtree(old, ignore_errors=True)
     except BaseException:
