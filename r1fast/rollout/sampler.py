@@ -110,6 +110,33 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: floa
     return torch.log_softmax(_scaled(logits, t), dim=-1).gather(1, tokens[:, None]).squeeze(1)
 
 
+def _kept_by_rank(logits: torch.Tensor, top_k: int, params: SamplingParams) -> torch.Tensor:
+    """bool [B, V]: the tokens top-k (top_k > 0) then top-p keep, ranked by the logits as given with equal
+    logits by token id (exactly k tokens stay).
+
+    Ranked by the logits, not the fp32 probabilities: those tied distinct logits whose exp() rounds alike
+    (0.3 and the next float up), so top_k=1 was not greedy's token. The draw walks vocabulary order, so
+    only the ranked values are needed: top-k takes torch.topk's k values (no O(V log V) sort of the
+    vocabulary), and the kept set is every logit above the last kept value plus, of those equal to it,
+    the lowest ids that fill the count."""
+    if top_k:
+        values = logits.topk(top_k, dim=-1).values  # descending
+    else:
+        values = logits.sort(dim=-1, descending=True).values
+    count = torch.full((logits.shape[0], 1), values.shape[-1], device=logits.device)
+    if params.top_p < 1:
+        # keep the smallest prefix whose mass reaches top_p (the first token always stays);
+        # the mass is measured after top-k, as in vLLM and transformers
+        ranked = torch.softmax(_scaled(values, params.temperature), dim=-1)
+        total = ranked.sum(dim=-1, keepdim=True)
+        drop = (ranked.cumsum(dim=-1) / total - ranked / total) >= params.top_p
+        count = (~drop).long().cumprod(dim=-1).sum(dim=-1, keepdim=True).clamp_min(1)
+    last = values.gather(1, count - 1)
+    above = logits > last
+    tied = logits == last
+    return above | (tied & (tied.long().cumsum(dim=-1) <= count - above.sum(dim=-1, keepdim=True)))
+
+
 def filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """probs [B, V], in vocabulary order: the renormalisable sampling distribution after filtering.
 
@@ -121,24 +148,9 @@ def filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor
     """
     vocab = logits.shape[-1]
     top_k = params.top_k if 0 < params.top_k < vocab else 0
-    if not (top_k or params.top_p < 1):
-        probs = torch.softmax(_scaled(logits, params.temperature), dim=-1)
-    else:
-        # Rank by the logits as given, in a stable sort: only equal logits tie, and they keep vocabulary
-        # order. Ranking the fp32 probabilities instead tied distinct logits whose exp() rounds alike
-        # (0.3 and the next float up), so top_k=1 was not greedy's token and the float64 reference
-        # kept another token at the k-th place.
-        ranked_logits, ids = logits.sort(dim=-1, descending=True, stable=True)
-        ranked = torch.softmax(_scaled(ranked_logits, params.temperature), dim=-1)
-        if top_k:
-            ranked[:, top_k:] = 0.0
-        if params.top_p < 1:
-            # keep the smallest prefix whose mass reaches top_p (the first token always stays);
-            # the mass is measured after top-k, as in vLLM and transformers
-            total = ranked.sum(dim=-1, keepdim=True)
-            drop = (ranked.cumsum(dim=-1) / total - ranked / total) >= params.top_p
-            ranked = ranked.masked_fill(drop, 0.0)
-        probs = torch.empty_like(ranked).scatter_(1, ids, ranked)
+    probs = torch.softmax(_scaled(logits, params.temperature), dim=-1)
+    if top_k or params.top_p < 1:
+        probs = probs.masked_fill(~_kept_by_rank(logits, top_k, params), 0.0)
     if params.min_p > 0:
         peak = probs.amax(dim=-1, keepdim=True)
         probs = probs.masked_fill(probs < params.min_p * peak, 0.0)
