@@ -246,3 +246,20 @@ def test_top_k_alone_sorts_no_vocabulary(monkeypatch):
     logits[:, [7, 70, 700]] = logits.max() + 1  # a tie across the k-th place: the lowest ids stay
     probs = sampler.filtered_probs(logits, SamplingParams(temperature=0.8, top_k=2))
     assert (probs > 0).nonzero()[:, 1].tolist() == [7, 70] * 4
+
+
+def test_a_u_at_the_top_of_a_blocks_last_kept_token_draws_it_not_the_rows_last():
+    # kept tokens scattered over the vocabulary (top-k in vocabulary order): a target within fp32
+    # rounding below token 900's upper edge passed the block's fp32 running total, landed on a zero entry
+    # after it, and the fix-up drew the row's last kept token (2900) instead of 900
+    from r1fast import ops
+
+    logits = torch.full((1, 3000), -5.0)
+    logits[0, [100, 900, 1500, 2900]] = torch.tensor([0.1, 0.3, 0.2, 0.4])
+    params = SamplingParams(temperature=1.0, top_k=4)
+    probs = sampler.filtered_probs(logits, params)[0].double()
+    edge = probs[:901].sum() / probs.sum()  # where token 900's interval ends
+    for eps in (1e-15, 1e-12, 1e-9, 1e-8):
+        u = (edge - eps).reshape(1)
+        for backend in ("reference", "torch"):
+            assert ops.sample_tokens(logits, params, u, backend=backend)[0].tolist() == [900], (eps, backend)

@@ -178,8 +178,14 @@ def _draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     block = torch.searchsorted(block_cdf, target, right=True).clamp_max(block_cdf.shape[1] - 1)
     before = torch.where(block > 0, block_cdf.gather(1, (block - 1).clamp_min(0)), 0.0)
     cols = block * blk + torch.arange(blk, device=probs.device)
-    inner = probs.gather(1, cols.clamp_max(v - 1)).masked_fill(cols >= v, 0.0).cumsum(dim=-1)
-    within = torch.searchsorted(inner, (target - before).to(inner.dtype), right=True).clamp_max(blk - 1)
+    entries = probs.gather(1, cols.clamp_max(v - 1)).masked_fill(cols >= v, 0.0)
+    inner = entries.cumsum(dim=-1)
+    within = torch.searchsorted(inner, (target - before).to(inner.dtype), right=True)
+    # A target at or past the block's fp32 running total (float64 block sums round otherwise) found no
+    # entry: it is the block's last kept one, not the zero entries after it (the fix-up in sample() would
+    # move it to the row's last kept token, anywhere in the vocabulary)
+    block_last = torch.where(entries > 0, torch.arange(blk, device=probs.device), 0).amax(dim=-1, keepdim=True)
+    within = torch.where(within >= blk, block_last, within).clamp_max(blk - 1)
     return (block * blk + within).clamp_max(v - 1)
 
 
