@@ -119,6 +119,7 @@ def _r1fast_decode_step(cfg_kwargs, batch, ctx, dtype, device):
         host_uniforms = sampler.HostUniforms(ctx + 1)
         keys, pos = np.arange(batch), np.full(batch, ctx)
 
+        @torch.no_grad()   # as the engine samples: no autograd graph for the lm_head's logits
         def step():
             hidden = runner.decode(bm, ids, positions, slots, last_tokens=last)
             # the step's uniforms as the engine makes them: hashed on the host, one copy
