@@ -930,15 +930,16 @@ def test_a_reward_call_on_a_worker_thread_sees_the_callers_grad_mode():
     assert seen == [(False, False)]
 
 
-def test_the_cli_exits_with_its_status_past_a_reward_call_left_running_in_torch():
-    # a judge past reward_timeout goes on in a torch op on its daemon thread; the interpreter's shutdown ended it
-    # there and the process aborted: 'terminate called without an active exception', status 134 for the CLI's 1
+def _cli_past_a_reward_call_left_running_in_torch(command: str):
+    """A process that leaves a judge running in a torch op past reward_timeout (on its daemon thread), then runs
+    `command`; the interpreter's shutdown used to end the thread there and abort ('terminate called without an
+    active exception', status 134)."""
     import subprocess
     import textwrap
 
     code = textwrap.dedent("""
         import sys, torch
-        from r1fast.cli import main
+        import r1fast.cli as cli
         from r1fast.rewards import RewardSet, RewardTimeout
 
         def judge(prompts, completions, **kw):
@@ -950,12 +951,18 @@ def test_the_cli_exits_with_its_status_past_a_reward_call_left_running_in_torch(
             RewardSet([judge], timeout=0.05).score(["p"], ["c"], {})
         except RewardTimeout:
             pass
-        sys.argv = ["r1fast", "no-such-command"]   # argparse's SystemExit(2) through the command's exit
-        sys.exit(main())
-    """)
+    """) + textwrap.dedent(command)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert out.returncode == 2 and "invalid choice: 'no-such-command'" in out.stderr, out.stderr[-2000:]
     assert "terminate called" not in out.stderr
+    return out
+
+
+def test_the_cli_exits_with_its_status_past_a_reward_call_left_running_in_torch():
+    out = _cli_past_a_reward_call_left_running_in_torch("""
+        sys.argv = ["r1fast", "no-such-command"]   # argparse's SystemExit(2) through the command's exit
+        sys.exit(cli.main())
+    """)
+    assert out.returncode == 2 and "invalid choice: 'no-such-command'" in out.stderr, out.stderr[-2000:]
 
 
 def test_a_reward_call_on_a_worker_thread_sees_the_callers_context_variables():
@@ -988,24 +995,7 @@ def test_a_reward_call_on_a_worker_thread_sees_the_callers_context_variables():
 def test_the_cli_ends_a_traceback_as_python_does_past_a_reward_call_left_running_in_torch():
     # only the command's status and SystemExit were handled: an error no command caught (a traceback) or a Ctrl-C
     # that reached main still went through the interpreter's shutdown, which aborted the process (status 134)
-    import subprocess
-    import textwrap
-
-    code = textwrap.dedent("""
-        import sys, torch
-        import r1fast.cli as cli
-        from r1fast.rewards import RewardSet, RewardTimeout
-
-        def judge(prompts, completions, **kw):
-            a = torch.randn(300, 300)
-            while True:
-                a = (a @ a).tanh()   # the GIL is released inside the op
-
-        try:
-            RewardSet([judge], timeout=0.05).score(["p"], ["c"], {})
-        except RewardTimeout:
-            pass
-
+    out = _cli_past_a_reward_call_left_running_in_torch("""
         def failing(argv):
             raise RuntimeError("a bug")
 
@@ -1013,9 +1003,7 @@ def test_the_cli_ends_a_traceback_as_python_does_past_a_reward_call_left_running
         sys.argv = ["r1fast"]
         sys.exit(cli.main())
     """)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 1 and "RuntimeError: a bug" in out.stderr, out.stderr[-2000:]
-    assert "terminate called" not in out.stderr
 
 
 def test_a_reward_set_names_its_own_keyword_for_a_configs_option():
