@@ -577,16 +577,20 @@ esac
     return dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", OUT=str(tmp_path / "out"), SKIP_TESTS="1")
 
 
-@pytest.mark.parametrize("bench_rc", [0, 124])
-def test_gpu_check_orders_suites_reports_failure_and_prints_the_table_last(tmp_path, bench_rc):
+def _run_gpu_check(tmp_path, env):
+    """bench/gpu_check.sh on the stubbed machine, $OUT in tmp_path/out."""
     import pathlib
     import subprocess
 
-    root = pathlib.Path(__file__).resolve().parents[1]
-    env = _fake_gpu_machine(tmp_path, bench_rc)
     (tmp_path / "out").mkdir()
-    p = subprocess.run(["bash", str(root / "bench" / "gpu_check.sh")], env=env, capture_output=True, text=True,
-                       timeout=60)
+    script = pathlib.Path(__file__).resolve().parents[1] / "bench" / "gpu_check.sh"
+    return subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("bench_rc", [0, 124])
+def test_gpu_check_orders_suites_reports_failure_and_prints_the_table_last(tmp_path, bench_rc):
+    env = _fake_gpu_machine(tmp_path, bench_rc)
+    p = _run_gpu_check(tmp_path, env)
     suites = (tmp_path / "bench_args").read_text().split("bench ")[1].split(" --size")[0].split()
     # the minutes-long grpo_step and trl (a second window's work) come after every other known suite
     assert suites[:2] == ["logprob", "grpo_loss"] and suites[-3:] == ["grpo_step", "trl", "new_suite"], suites
@@ -604,16 +608,12 @@ def test_gpu_check_orders_suites_reports_failure_and_prints_the_table_last(tmp_p
 def test_gpu_check_goes_on_without_cuda_kernels_when_the_build_fails(tmp_path):
     """A failed build must not end the one GPU window: the Triton tests and suites still run."""
     import pathlib
-    import subprocess
 
-    root = pathlib.Path(__file__).resolve().parents[1]
     env = _fake_gpu_machine(tmp_path, 0)
     stub = pathlib.Path(env["PATH"].split(":")[0]) / "python3"
     stub.write_text(stub.read_text().replace('  *) exit 0;;', '  *"pip install"*"-e ."*) echo "$R1FAST_CUDA" >> '
                                              f'"{tmp_path}/builds"; exit 1;;\n  *) exit 0;;'))
-    (tmp_path / "out").mkdir()
-    p = subprocess.run(["bash", str(root / "bench" / "gpu_check.sh")], env=env, capture_output=True, text=True,
-                       timeout=60)
+    p = _run_gpu_check(tmp_path, env)
     assert (tmp_path / "builds").read_text().split() == ["1", "0"]   # with CUDA, then without
     assert (tmp_path / "bench_args").exists(), p.stdout[-800:]        # the bench still ran
     assert "stages that failed or were cut: build" in p.stdout and p.returncode == 1
@@ -623,24 +623,18 @@ def test_gpu_check_goes_on_without_cuda_kernels_when_the_build_fails(tmp_path):
 def test_gpu_check_says_when_the_build_was_cut_by_its_time_box(tmp_path):
     """pip killed by `timeout` leaves a log with no error in it: the script says why the build failed."""
     import pathlib
-    import subprocess
 
-    root = pathlib.Path(__file__).resolve().parents[1]
     env = _fake_gpu_machine(tmp_path, 0)
     stub = pathlib.Path(env["PATH"].split(":")[0]) / "python3"
     stub.write_text(stub.read_text().replace('  *) exit 0;;', '  *"pip install"*"-e ."*) [ "$R1FAST_CUDA" = 1 ] '
                                              '&& exit 124; exit 0;;\n  *) exit 0;;'))
-    (tmp_path / "out").mkdir()
-    p = subprocess.run(["bash", str(root / "bench" / "gpu_check.sh")], env=env, capture_output=True, text=True,
-                       timeout=60)
+    p = _run_gpu_check(tmp_path, env)
     assert "ran past its 100 s time box" in p.stdout and "CUDA BUILD FAILED" in p.stdout, p.stdout[-800:]
 
 
 def test_gpu_check_goes_on_in_a_fresh_process_after_a_kernel_fault(tmp_path):
     import pathlib
-    import subprocess
 
-    root = pathlib.Path(__file__).resolve().parents[1]
     env = _fake_gpu_machine(tmp_path, 0)
     stub = pathlib.Path(env["PATH"].split(":")[0]) / "python3"
     # the first bench process faults in decode_attention; the second, given what was left, finishes
@@ -650,9 +644,7 @@ def test_gpu_check_goes_on_in_a_fresh_process_after_a_kernel_fault(tmp_path):
              f'cudaErrorIllegalAddress to debug)" "r1fast bench: suites not run: rollout sampling" >&2; exit 3;;\n'
              f'  *"never"*)')
     stub.write_text(stub.read_text().replace('  *"r1fast.cli bench"*)', fault, 1))
-    (tmp_path / "out").mkdir()
-    p = subprocess.run(["bash", str(root / "bench" / "gpu_check.sh")], env=env, capture_output=True, text=True,
-                       timeout=60)
+    p = _run_gpu_check(tmp_path, env)
     again = (tmp_path / "bench_args2").read_text().split()
     assert again[again.index("bench") + 1:again.index("--size")] == ["rollout", "sampling"], again
     assert again[again.index("--append") + 1] == str(tmp_path / "out" / "card.csv")
@@ -660,14 +652,8 @@ def test_gpu_check_goes_on_in_a_fresh_process_after_a_kernel_fault(tmp_path):
 
 
 def test_gpu_check_runs_nothing_when_suites_names_no_suite(tmp_path):
-    import pathlib
-    import subprocess
-
-    root = pathlib.Path(__file__).resolve().parents[1]
     env = dict(_fake_gpu_machine(tmp_path, 0), SUITES="grpo-step")  # a typo must not run every suite
-    (tmp_path / "out").mkdir()
-    p = subprocess.run(["bash", str(root / "bench" / "gpu_check.sh")], env=env, capture_output=True, text=True,
-                       timeout=60)
+    p = _run_gpu_check(tmp_path, env)
     assert not (tmp_path / "bench_args").exists()
     assert "unknown suite 'grpo-step'" in p.stdout and p.returncode == 1
 
@@ -676,16 +662,12 @@ def test_gpu_check_skips_the_profile_when_the_time_box_is_spent(tmp_path):
     """The profile's 75 s ran whatever the earlier stages left: after a slow build and tests (the bench
     skipped for want of time) it pushed the script past its 8 minutes. It gets what is left, or is skipped."""
     import pathlib
-    import subprocess
 
-    root = pathlib.Path(__file__).resolve().parents[1]
     env = dict(_fake_gpu_machine(tmp_path, 0), ENDS_BY="30")   # 30 s: less than the bench or profile needs
     stub = pathlib.Path(env["PATH"].split(":")[0]) / "python3"
     stub.write_text(stub.read_text().replace('  *) exit 0;;', f'  *gpu_profile*) touch "{tmp_path}/profiled";;\n'
                                              '  *) exit 0;;'))
-    (tmp_path / "out").mkdir()
-    p = subprocess.run(["bash", str(root / "bench" / "gpu_check.sh")], env=env, capture_output=True, text=True,
-                       timeout=60)
+    p = _run_gpu_check(tmp_path, env)
     assert not (tmp_path / "profiled").exists(), p.stdout[-800:]
     assert "profile skipped" in p.stdout and "profile(no-time)" in p.stdout and p.returncode == 1, p.stdout[-800:]
 
@@ -694,9 +676,7 @@ def test_gpu_check_stops_tests_past_their_box_so_that_pytest_still_reports(tmp_p
     """SIGTERM at the tests' time box killed pytest with only its progress dots in tests.log: which tests
     failed was lost. SIGINT lets it print the failures and counts of what ran; a hung test fails alone."""
     import pathlib
-    import subprocess
 
-    root = pathlib.Path(__file__).resolve().parents[1]
     env = dict(_fake_gpu_machine(tmp_path, 0), TESTS_BOX="1")
     env.pop("SKIP_TESTS")
     stub = pathlib.Path(env["PATH"].split(":")[0]) / "python3"
@@ -704,9 +684,7 @@ def test_gpu_check_stops_tests_past_their_box_so_that_pytest_still_reports(tmp_p
                    f'    trap \'echo "FAILED tests/test_x.py::test_y"; echo "1 failed, 9 passed"; exit 2\' INT\n'
                    '    sleep 30 & wait; exit 0;;\n')
     stub.write_text(stub.read_text().replace('  *) exit 0;;', pytest_stub + '  *) exit 0;;'))
-    (tmp_path / "out").mkdir()
-    p = subprocess.run(["bash", str(root / "bench" / "gpu_check.sh")], env=env, capture_output=True, text=True,
-                       timeout=60)
+    p = _run_gpu_check(tmp_path, env)
     args = (tmp_path / "pytest_args").read_text().split()
     assert "--timeout" in args and args[args.index("-n") + 1] == "8", args
     assert " -m gpu tests/" in " ".join(args), args   # the GPU-marked tests got the box first
@@ -716,17 +694,13 @@ def test_gpu_check_stops_tests_past_their_box_so_that_pytest_still_reports(tmp_p
 
 def test_gpu_check_runs_the_gpu_marked_tests_then_the_rest_of_the_same_files(tmp_path):
     import pathlib
-    import subprocess
 
-    root = pathlib.Path(__file__).resolve().parents[1]
     env = _fake_gpu_machine(tmp_path, 0)
     env.pop("SKIP_TESTS")
     stub = pathlib.Path(env["PATH"].split(":")[0]) / "python3"
     stub.write_text(stub.read_text().replace('  *) exit 0;;', f'  *"-m pytest"*) echo "$*" >> "{tmp_path}/pytest_args"'
                                              ';;\n  *) exit 0;;'))
-    (tmp_path / "out").mkdir()
-    p = subprocess.run(["bash", str(root / "bench" / "gpu_check.sh")], env=env, capture_output=True, text=True,
-                       timeout=60)
+    p = _run_gpu_check(tmp_path, env)
     first, second = (tmp_path / "pytest_args").read_text().splitlines()
     assert " -m gpu tests/" in first and " -m not gpu and not slow tests/" in second, (first, second)
     assert first.split(" tests/", 1)[1] == second.split(" tests/", 1)[1]   # the same files
