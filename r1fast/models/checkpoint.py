@@ -7,6 +7,7 @@ formats (*.bin, *.pt) are refused: they can run code when read.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -430,13 +431,20 @@ def _swap_in(tmp: str, path: str) -> None:
 def _remove_replaced(old: str) -> None:
     """Delete the model a save replaced. A Ctrl-C during it (the long part, for a large model) would leave it
     half deleted under its hidden name, beside a save that is done: the deletion is finished first. A folder that
-    was a symlink (moved to another disk and linked back) loses the link only: rmtree refuses a link (ignore_errors
-    hid it, leaving a hidden .<name>.old-* link per save), and what it leads to may be another copy the user keeps."""
-    if os.path.islink(old):
-        os.unlink(old)
-        return
+    was a symlink loses the link only (remove_folder)."""
     try:
-        shutil.rmtree(old, ignore_errors=True)
+        remove_folder(old)
     except BaseException:
-        shutil.rmtree(old, ignore_errors=True)
+        remove_folder(old)
         raise
+
+
+def remove_folder(path: str) -> None:
+    """rmtree, or for a symlink (a folder moved to another disk and linked back) the link alone: rmtree refuses a
+    link, which ignore_errors hid, so it stayed behind as a hidden link no run removed. What the link leads to is
+    left: it may be another run's, or a copy the user keeps."""
+    if os.path.islink(path):
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        return
+    shutil.rmtree(path, ignore_errors=True)

@@ -28,7 +28,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from r1fast._umask import apply_umask, save_safetensors
-from r1fast.models.checkpoint import _fsync_folder
+from r1fast.models.checkpoint import _fsync_folder, remove_folder
 from r1fast.trainer.config import resume_is_bare  # noqa: F401  (where it was; the CLI imports it without torch)
 
 _CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -284,7 +284,7 @@ def clear_run(run_dir: str):
             _delete_checkpoint(path)   # a kill part way through leaves no checkpoint that looks complete
         elif _CKPT_RE.match(name.split(".old-")[0]) or _SAVE_TEMP_RE.match(name) \
                 or name.startswith("abandoned-checkpoint-") or name == "tensorboard":
-            _remove_folder(path)
+            remove_folder(path)
         elif name in ("metrics.jsonl", "completions.jsonl", "metrics.jsonl.tmp", "completions.jsonl.tmp"):
             os.remove(path)
 
@@ -299,13 +299,13 @@ def remove_save_leftovers(run_dir: str):
     for name in sorted(os.listdir(run_dir)):
         path = os.path.join(run_dir, name)
         if _SAVE_TEMP_RE.match(name):
-            _remove_folder(path)
+            remove_folder(path)
         elif name.endswith(".tmp") and name[:-len(".tmp")] in REPLACED_FILES and os.path.isfile(path):
             os.remove(path)
         elif _OLD_CKPT_RE.match(name):
             base = os.path.join(run_dir, name.split(".old-")[0])
             if os.path.exists(base):
-                _remove_folder(path)
+                remove_folder(path)
             else:
                 os.rename(path, base)
 
@@ -529,7 +529,7 @@ def save_checkpoint(run_dir: str, step: int, *, model, optimizer=None, scheduler
             old = final + f".old-{os.getpid()}"
             os.rename(final, old)
             os.rename(tmp, final)
-            _remove_folder(old)
+            remove_folder(old)
         else:
             os.rename(tmp, final)
         _fsync_dir(run_dir)
@@ -554,23 +554,12 @@ def _delete_checkpoint(path: str):
     which list_checkpoints takes as complete. The renamed folder is what remove_save_leftovers clears."""
     folder, name = os.path.split(os.path.normpath(path))
     doomed = os.path.join(folder, f".tmp-{name}-deleting-{os.getpid()}")
-    _remove_folder(doomed)   # the same name left by a killed earlier deletion
+    remove_folder(doomed)   # the same name left by a killed earlier deletion
     try:
         os.rename(path, doomed)
     except OSError:
         doomed = path   # not renamable (gone already, a read-only folder): deleted where it is, as before
-    _remove_folder(doomed)
-
-
-def _remove_folder(path: str):
-    """rmtree, or for a symlink (a checkpoint-N moved to another disk and linked back) the link alone: rmtree
-    refuses a link, which ignore_errors hid, so a pruned one stayed behind as a hidden link no run removed. What
-    the link leads to is left: it may be another run's."""
-    if os.path.islink(path):
-        with contextlib.suppress(OSError):
-            os.unlink(path)
-        return
-    shutil.rmtree(path, ignore_errors=True)
+    remove_folder(doomed)
 
 
 def load_checkpoint(path: str, *, model, optimizer=None, scheduler=None, restore_rng: bool = True,
