@@ -200,10 +200,10 @@ def _grpo_loss_kernel(logp_ptr, old_ptr, ref_ptr, smp_ptr, ent_ptr, mask_ptr, ad
             s_ent += tl.sum(m * ent, 0)
             tl.store(g_ent_ptr + base + offs, -entropy_coef * coef * m, mask=ok)
         # inactive lanes hold no term: at sequence level their L is the row's policy term (an inf ratio's
-        # inf where the TIS mask dropped every active token), and m * inf would be NaN. A masked token's NaN
-        # stays (a NaN advantage of a row without active tokens must still show as a NaN loss), as in the
-        # reference, which has no lanes past the row's end
-        loss_sum += tl.sum(tl.where(act | ((L != L) & ok), m * L, 0.0), 0)
+        # inf where the TIS mask dropped every active token), and m * inf would be NaN. A NaN advantage's NaN
+        # stays on the row's masked tokens (a row without active tokens must still show a NaN loss), as in the
+        # reference, which has no lanes past the row's end; their 0 * inf NaN (bias-corrected KL) does not
+        loss_sum += tl.sum(tl.where(tl.where(adv != adv, ok, act), m * L, 0.0), 0)
         if SEQ_LEVEL:
             g_lw_sum += tl.sum(m * g_lw, 0)
             g_tok = g_lp

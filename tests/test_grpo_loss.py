@@ -431,6 +431,21 @@ def test_triton_padding_lanes_past_the_row_hold_no_term_where_the_row_ratio_is_i
     assert want == math.inf and loss == math.inf, (want, loss)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_a_padding_token_leaves_an_inf_loss_inf_not_nan(backend):
+    # row 0's sequence-level ratio is past float32 (inf) and its bias-corrected KL kl * inf: the loss is inf.
+    # Padding after it held 0 * inf = NaN, which the NaN-keeping drop of masked terms (meant for a NaN
+    # advantage) kept: the same batch with one padding column gave NaN
+    logp = torch.tensor([[-1.0, -1.5, -2.0], [-1.0, -1.5, -2.0]])
+    old = torch.tensor([[-300.0, -1.6, -2.2], [-1.2, -1.4, -2.0]])
+    adv = torch.tensor([-0.8, 0.5])
+    pad = lambda t: torch.cat([t, torch.zeros(2, 1)], 1)  # noqa: E731
+    opts = dict(importance_sampling_level="sequence", beta=0.04, use_bias_correction_kl=True, backend=backend)
+    want, _ = ops.grpo_loss(logp, old, logp + 0.1, adv, torch.ones(2, 3), **opts)
+    loss, _ = ops.grpo_loss(pad(logp), pad(old), pad(logp + 0.1), adv, pad(torch.ones(2, 3)), **opts)
+    assert want == math.inf and loss == math.inf, (want, loss)
+
+
 def test_loss_options_defaults_follow_trl():
     trl_config = pytest.importorskip("trl.trainer.grpo_config")
     trl = {f.name: f.default for f in dataclasses.fields(trl_config.GRPOConfig)}

@@ -217,9 +217,11 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, opts: LossOptions, ent
 
     # masked tokens hold no term: at sequence level the row's ratio reaches them too (inf past the
     # dtype's range, where the row's own tokens may be dropped by the TIS mask), and inf * 0 would be NaN.
-    # A NaN stays: a NaN advantage of a row without active tokens must still show as a NaN loss. Selected, not
-    # multiplied by m: the aggregation below weights by m, so a mask value (a 2 under check_values=False) counts once
-    per_tok = torch.where((m > 0) | per_tok.isnan(), per_tok, 0.0)
+    # A NaN advantage's NaN stays: that of a row without active tokens must still show as a NaN loss. Only that
+    # NaN: a masked token's 0 * inf (the bias-corrected KL at an inf row ratio) is no term, as the inf it comes from.
+    # Selected, not multiplied by m: the aggregation below weights by m, so a mask value (a 2 under
+    # check_values=False) counts once
+    per_tok = torch.where((m > 0) | A.isnan(), per_tok, 0.0)
     lt = opts.loss_type
     if lt == "grpo":
         if row_counts is not None:
