@@ -1490,6 +1490,30 @@ def test_clip_fractions_read_the_ratio_after_the_delta_clip(backend):
         assert float(high_delta[k]) == float(plain[k])
 
 
+@pytest.mark.parametrize("backend", ["reference", "torch", "triton"])
+def test_cispo_ignores_delta(backend):
+    """LOSS_SPEC lists `c1 = min(c1, delta)` before the loss types, but delta is the two-sided clip of
+    the PPO-style objective: cispo's weight min(c1, epsilon_high) never reads it (TRL's cispo branch
+    neither), nor does its clip statistic. A delta under epsilon_high would change both if it did."""
+    from r1fast import backends
+
+    if backend not in backends.available("grpo_loss", "cpu"):
+        pytest.skip(f"{backend} is not available here")
+    d = _batch(seed=23, b=6, t=5, tis=False)
+    ratio = (d["logp"] - d["old"]).exp()
+    active = d["mask"].bool() & (d["adv"] != 0)[:, None]
+    assert bool((active & (ratio > 1.2) & (ratio < 1.8)).any()), "no ratio the delta would cap"
+    got = {}
+    for delta in (None, 1.2):
+        logp = d["logp"].float().requires_grad_()
+        loss, stats = ops.grpo_loss(logp, d["old"].float(), None, d["adv"].float(), d["mask"], loss_type="cispo",
+                                    epsilon_high=1.8, delta=delta, backend=backend)
+        loss.backward()
+        got[delta] = (loss.detach(), logp.grad, stats["clip_ratio/high_mean"])
+    for name, a, b in zip(("loss", "grad", "clip_ratio/high_mean"), got[None], got[1.2]):
+        assert torch.equal(a, b), f"cispo's {name} changed with delta=1.2"
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("tis_mode", ["mask", "truncate", None])
 def test_sequence_level_tis_with_old_logp_keeps_the_single_pass(backend, tis_mode, monkeypatch):
