@@ -1162,3 +1162,20 @@ def test_a_datasets_dataset_is_read_as_columns_with_the_rows_it_would_give_one_b
     assert repr(load_rows(str(tmp_path / "saved"))) == repr(one_by_one) and len(reads) == 1
     torch_format = ds.with_format("torch", columns=["level"])   # its batch would be one stacked tensor
     assert [r["level"].tolist() for r in dataset_rows(torch_format, "train", split=None, seed=0)] == [2, 1]
+
+
+def test_a_resume_path_whose_dotdot_follows_a_symlink_is_found_in_output_dir(tmp_path):
+    # `--resume $PWD/../run/checkpoint-1` with a symlink in $PWD (a job script's logical path): the checkpoint's
+    # folder was found from normpath's lexical '..' (tmp/run), not the folder the OS opens (tmp/real/run), so
+    # resume_into took it for another run's and overwrite_output_dir=true deleted the run, the resumed checkpoint too
+    run = tmp_path / "real" / "run"
+    (tmp_path / "real" / "sub").mkdir(parents=True)
+    for step in (1, 2):
+        (run / f"checkpoint-{step}").mkdir(parents=True)
+        (run / f"checkpoint-{step}" / ckpt.STATE_FILE).write_text("{}")
+    os.symlink(tmp_path / "real" / "sub", tmp_path / "link")
+    resume = str(tmp_path / "link" / ".." / "run" / "checkpoint-1")
+    assert os.path.isfile(os.path.join(resume, ckpt.STATE_FILE))   # the OS finds run/checkpoint-1 through it
+    ckpt.resume_into(str(run), resume, overwrite=True)
+    assert [s for s, _ in ckpt.list_checkpoints(str(run))] == [1, 2]
+    assert ckpt.set_aside_newer(str(run), resume) == [str(run / "abandoned-checkpoint-2")]

@@ -88,8 +88,9 @@ def resolve_resume(resume: str | bool | None, run_dir: str) -> Optional[str]:
 def _checkpoint_home(resume_path: str) -> str:
     """The real folder holding a checkpoint (`runs/a/checkpoint-3/` included: a trailing slash is no folder). A
     `--resume latest` whose `latest` is a symlink to runs/a/checkpoint-3 is held by runs/a, not by `latest`'s
-    folder."""
-    return os.path.dirname(os.path.realpath(os.path.normpath(resume_path)))
+    folder. realpath alone, as the OS resolves the path: normpath first would take a '..' after a symlink
+    (link/../run/checkpoint-3) lexically, to another folder than the one the checkpoint was read from."""
+    return os.path.dirname(os.path.realpath(resume_path))
 
 
 def _resumes_in_place(run_dir: str, resume_path: str) -> bool:
@@ -114,8 +115,8 @@ def _same_folder(a: str, b: str) -> bool:
 
 def _checkpoint_step(resume_path: str) -> Optional[re.Match]:
     """checkpoint-<step> matched on the name given, else on the name a symlink to the checkpoint leads to."""
-    path = os.path.normpath(resume_path)
-    return _CKPT_RE.match(os.path.basename(path)) or _CKPT_RE.match(os.path.basename(os.path.realpath(path)))
+    return _CKPT_RE.match(os.path.basename(os.path.normpath(resume_path))) \
+        or _CKPT_RE.match(os.path.basename(os.path.realpath(resume_path)))
 
 
 def set_aside_newer(run_dir: str, resume_path: str) -> list[str]:
