@@ -1179,3 +1179,25 @@ def test_a_resume_path_whose_dotdot_follows_a_symlink_is_found_in_output_dir(tmp
     ckpt.resume_into(str(run), resume, overwrite=True)
     assert [s for s, _ in ckpt.list_checkpoints(str(run))] == [1, 2]
     assert ckpt.set_aside_newer(str(run), resume) == [str(run / "abandoned-checkpoint-2")]
+
+
+def test_resuming_an_abandoned_checkpoint_sets_aside_the_other_branchs_checkpoints(tmp_path):
+    # `--resume run/abandoned-checkpoint-2` matched no checkpoint-<step> name, so nothing was set aside: the
+    # resumed run's saves replaced the other branch's checkpoint-3 (deleting it, where set-aside steps are kept) and
+    # a bare --resume after a stop went on from that other branch's checkpoint-2 or -3
+    model = _model(build_char_tokenizer())
+    run = tmp_path / "run"
+    for step in (1, 2):
+        ckpt.save_checkpoint(str(run), step, model=model, keep=None)
+    assert ckpt.set_aside_newer(str(run), str(run / "checkpoint-1")) == [str(run / "abandoned-checkpoint-2")]
+    for step in (2, 3):   # the branch resumed from checkpoint-1
+        ckpt.save_checkpoint(str(run), step, model=model, keep=None, state={"branch": "b"})
+    resumed = str(run / "abandoned-checkpoint-2")
+    moved = ckpt.set_aside_newer(str(run), resumed)
+    assert moved == [str(run / f"abandoned-checkpoint-2.{os.getpid()}"), str(run / "abandoned-checkpoint-3")]
+    assert [s for s, _ in ckpt.list_checkpoints(str(run))] == [1]
+    ckpt.save_checkpoint(str(run), 3, model=model, keep=2)
+    for path in moved:   # the other branch's steps are kept, as any set aside
+        assert json.loads(open(os.path.join(path, ckpt.STATE_FILE)).read())["branch"] == "b"
+    # a set-aside name with its .<pid> suffix reads as its step too
+    assert ckpt.set_aside_newer(str(run), moved[0]) == [str(run / f"abandoned-checkpoint-3.{os.getpid()}")]

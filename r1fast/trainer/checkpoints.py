@@ -113,10 +113,18 @@ def _same_folder(a: str, b: str) -> bool:
         return os.path.realpath(a) == os.path.realpath(b)
 
 
-def _checkpoint_step(resume_path: str) -> Optional[re.Match]:
-    """checkpoint-<step> matched on the name given, else on the name a symlink to the checkpoint leads to."""
-    return _CKPT_RE.match(os.path.basename(os.path.normpath(resume_path))) \
-        or _CKPT_RE.match(os.path.basename(os.path.realpath(resume_path)))
+# what a resumed checkpoint is named: checkpoint-<step>, or one set aside (set_aside_newer), ".<pid>" where
+# abandoned-checkpoint-<step> was taken
+_RESUMED_RE = re.compile(r"^(?:abandoned-)?checkpoint-(\d+)(?:\.\d+)?$")
+
+
+def _checkpoint_step(resume_path: str) -> Optional[int]:
+    """The step of a checkpoint's name as given, else of the name a symlink to the checkpoint leads to."""
+    for name in (os.path.basename(os.path.normpath(resume_path)), os.path.basename(os.path.realpath(resume_path))):
+        m = _RESUMED_RE.match(name)
+        if m:
+            return int(m.group(1))
+    return None
 
 
 def set_aside_newer(run_dir: str, resume_path: str) -> list[str]:
@@ -127,10 +135,12 @@ def set_aside_newer(run_dir: str, resume_path: str) -> list[str]:
     # later bare --resume went on from the abandoned steps
     if not _resumes_in_place(run_dir, resume_path):
         return []
-    m = _checkpoint_step(resume_path)
+    resumed = _checkpoint_step(resume_path)
     moved = []
     for step, path in list_checkpoints(run_dir):
-        if m and step > int(m.group(1)):
+        # resuming an abandoned-checkpoint-<step>, the checkpoint-<step> beside it is the other branch's too: a
+        # bare --resume would go on from it, and a save at its step would replace (delete) it
+        if resumed is not None and (step > resumed or step == resumed and not _same_folder(path, resume_path)):
             target = os.path.join(run_dir, "abandoned-" + os.path.basename(path))
             if os.path.exists(target):
                 target += f".{os.getpid()}"
