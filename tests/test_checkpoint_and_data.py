@@ -1179,6 +1179,15 @@ def test_a_resume_path_whose_dotdot_follows_a_symlink_is_found_in_output_dir(tmp
     ckpt.resume_into(str(run), resume, overwrite=True)
     assert [s for s, _ in ckpt.list_checkpoints(str(run))] == [1, 2]
     assert ckpt.set_aside_newer(str(run), resume) == [str(run / "abandoned-checkpoint-2")]
+    # and the folder its lexical '..' names, holding another run, does not take it for that run's own (nothing set
+    # aside there, and the new run is refused rather than written and pruned among the other run's checkpoints)
+    other = tmp_path / "run"
+    for step in (1, 2):
+        (other / f"checkpoint-{step}").mkdir(parents=True)
+        (other / f"checkpoint-{step}" / ckpt.STATE_FILE).write_text("{}")
+    assert ckpt.set_aside_newer(str(other), resume) == []
+    with pytest.raises(ckpt.OutputDirHoldsAnotherRun):
+        ckpt.resume_into(str(other), resume, overwrite=False)
 
 
 def test_resuming_an_abandoned_checkpoint_sets_aside_the_other_branchs_checkpoints(tmp_path):
