@@ -87,8 +87,9 @@ def resolve_resume(resume: str | bool | None, run_dir: str) -> Optional[str]:
 
 def _checkpoint_home(resume_path: str) -> str:
     """The real folder holding a checkpoint (`runs/a/checkpoint-3/` included: a trailing slash is no folder). A
-    `--resume latest` whose `latest` is a symlink to runs/a/checkpoint-3 is held by runs/a, not by `latest`'s
-    folder. realpath alone, as the OS resolves the path: normpath first would take a '..' after a symlink
+    `--resume ./latest` whose `latest` is a symlink to runs/a/checkpoint-3 is held by runs/a, not by `latest`'s
+    folder (a bare `--resume latest` is the newest checkpoint of the run's own folder: resume_is_bare).
+    realpath alone, as the OS resolves the path: normpath first would take a '..' after a symlink
     (link/../run/checkpoint-3) lexically, to another folder than the one the checkpoint was read from."""
     return os.path.dirname(os.path.realpath(resume_path))
 
