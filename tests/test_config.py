@@ -149,6 +149,8 @@ def test_sft_bad_values_are_clear_errors(data, match):
     ({"batch_prompts": 0}, "option 'batch_prompts' must be >= 1"),
     ({"reward_thresholds": [1.0]}, "reward_thresholds has 1 entries but reward_funcs has 2"),
     ({"reward_timeout": -1}, "option 'reward_timeout' must be a positive number of seconds"),
+    # it named option 'length_penalty_target', which SampleConfig then refused as unknown
+    ({"reward_funcs": ["accuracy", "length"]}, "reward 'length' .*not available to rejection sampling.*leave it out"),
 ])
 def test_sample_bad_values_are_clear_errors(data, match):
     with pytest.raises(ConfigError, match=match):

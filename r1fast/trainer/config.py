@@ -362,9 +362,10 @@ def _check_device(value: Optional[str]):
                           f"got {value!r}") from None
 
 
-def _check_rewards(names: list[str], length_target: Optional[int]):
+def _check_rewards(names: list[str], length_target: Optional[int], length_option: bool = True):
     """Reward names resolve now (a built-in, an importable module:function, an existing file.py:function),
-    so a typo fails at load, not when the stage that uses it starts. A file is only run when used."""
+    so a typo fails at load, not when the stage that uses it starts. A file is only run when used.
+    `length_option`: whether the config has length_penalty_target, which reward 'length' needs."""
     from r1fast.rewards.combine import BUILTIN_NAMES, load_function
 
     _check(len(names) >= 1, "option 'reward_funcs' needs at least one reward function")
@@ -379,6 +380,10 @@ def _check_rewards(names: list[str], length_target: Optional[int]):
             load_function(name)
         except ValueError as e:
             raise ConfigError(f"option 'reward_funcs': {e}") from None
+    # SampleConfig has no length_penalty_target: naming it sent the user to an option it then called unknown
+    _check("length" not in names or length_option,
+           "option 'reward_funcs': reward 'length' (GRPO's length penalty, whose target is GRPOConfig's "
+           "length_penalty_target) is not available to rejection sampling, which has no such option: leave it out")
     _check("length" not in names or (length_target or 0) >= 1,
            "reward 'length' needs option 'length_penalty_target' (a token count >= 1)")
 
@@ -797,7 +802,7 @@ class SampleConfig(_Base):
         _check_device(self.device)
         _check_regex("format_pattern", self.format_pattern)
         _check_template_kwargs("chat_template_kwargs", self.chat_template_kwargs)
-        _check_rewards(self.reward_funcs, None)
+        _check_rewards(self.reward_funcs, None, length_option=False)
         _check_reward_timeout(self.reward_timeout)
         if self.reward_thresholds is not None:
             _check(len(self.reward_thresholds) == len(self.reward_funcs),
