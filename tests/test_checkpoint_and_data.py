@@ -159,6 +159,16 @@ def test_a_model_save_stopped_between_its_renames_keeps_or_names_the_previous_mo
     with pytest.raises(FileNotFoundError, match=r"exported' does not exist; a save_pretrained stopped part way left "
                                                 r"the model that was there in .*/\.exported\.old-abc123: rename it back"):
         from_pretrained(str(out))
+    # and so do the trainers' loaders (GRPOTrainer('exported'), r1fast train model_name_or_path=exported, a
+    # pipeline's model), which said only "is not a folder"
+    from r1fast.trainer.common import load_model_and_tokenizer
+    from r1fast.trainer.pipeline import _check_model
+
+    with pytest.raises(ValueError, match=r"exported' is not a folder .*left the model that was there in "
+                                         r".*/\.exported\.old-abc123: rename it back"):
+        load_model_and_tokenizer(str(out), device="cpu")
+    with pytest.raises(ValueError, match=r"exported' is not a folder .*\.exported\.old-abc123: rename it back"):
+        _check_model(str(out), "pipeline")
 
 
 @pytest.mark.parametrize("stop", ["after_the_second_rename", "in_the_old_folders_deletion"])

@@ -68,6 +68,12 @@ def builtin_model_hint(path: str) -> str:
             f"evaluate_accuracy), or load a checkpoint folder a run wrote (runs/<run>/checkpoint-<step>)")
 
 
+def missing_model_hint(path: str) -> str:
+    """What to say of a model folder that is not there: a save_pretrained stopped between its renames, a Hub id,
+    a builtin: name. from_pretrained and the trainers' loaders (a model name, a pipeline's model) say the same."""
+    return _replaced_model_hint(path) or hub_model_hint(path) or builtin_model_hint(path)
+
+
 def from_pretrained(path, dtype=None, device=None, fp8="off"):
     """Load a local checkpoint folder into a CausalLM.
 
@@ -81,8 +87,7 @@ def from_pretrained(path, dtype=None, device=None, fp8="off"):
 
     path = os.fspath(path)
     if not os.path.isdir(path):
-        hint = _replaced_model_hint(path) or hub_model_hint(path) or builtin_model_hint(path)
-        raise FileNotFoundError(f"checkpoint folder {path!r} does not exist{hint}")
+        raise FileNotFoundError(f"checkpoint folder {path!r} does not exist{missing_model_hint(path)}")
     fp8 = as_options(fp8)
     config = ModelConfig.from_hf_config(read_config_json(path))
     shards = _shard_files(path)

@@ -61,7 +61,7 @@ def load_model_and_tokenizer(spec: Optional[str], *, device, dtype: str = "float
     """`builtin:<size>` (random init, built-in char tokenizer) or a local Hugging Face folder. fp8: a
     mode or r1fast.fp8.Fp8Options (GRPOConfig.fp8_options())."""
     from r1fast.models import CausalLM, ModelConfig, from_pretrained
-    from r1fast.models.checkpoint import hub_model_hint
+    from r1fast.models.checkpoint import missing_model_hint
 
     if spec is None:
         raise ValueError("model_name_or_path is required (a local Hugging Face folder or builtin:tiny)")
@@ -85,7 +85,7 @@ def load_model_and_tokenizer(spec: Optional[str], *, device, dtype: str = "float
         return model, tok
     if not os.path.isdir(spec):
         raise ValueError(f"model {spec!r} is not a folder (give a local Hugging Face checkpoint or builtin:tiny"
-                         f"{hub_model_hint(spec)})")
+                         f"{missing_model_hint(spec)})")
     # the tokenizer first: a missing or broken one is reported in a second, not after the weights load
     tok = tokenizer or spec_tokenizer(spec)
     model = from_pretrained(spec, dtype=torch_dtype, device=device, fp8=fp8)

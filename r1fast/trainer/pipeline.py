@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from r1fast.data.loading import hub_name_hint
-from r1fast.models.checkpoint import hub_model_hint
+from r1fast.models.checkpoint import missing_model_hint
 from r1fast.trainer.config import (
     DTYPES,
     ConfigError,
@@ -322,7 +322,7 @@ def _check_model(spec: Optional[str], where: str):
                               f"{', '.join('builtin:' + k for k in BUILTIN_MODELS)}")
     elif not os.path.isdir(spec):
         raise ConfigError(f"{where}: {spec!r} is not a folder (give a local Hugging Face checkpoint or builtin:tiny"
-                          f"{hub_model_hint(spec)})")
+                          f"{missing_model_hint(spec)})")
 
 
 def _check_dataset(spec: Optional[str], where: str, written: set[str]):
