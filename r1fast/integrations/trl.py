@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import types
 from typing import Any
 
@@ -85,7 +86,8 @@ def _unreviewed_trl_options(args: Any) -> list[str]:
     """The options a TRL config class declares that are not in _REVIEWED_TRL_OPTIONS and differ from their default.
     Fields a user's own GRPOConfig subclass adds (script arguments) are not TRL's and are left alone."""
     def declared(cls):
-        return cls.__dict__.get("__annotations__", {}) if dataclasses.is_dataclass(cls) else {}
+        # a class's own annotations; Python 3.14 builds them lazily, so they may be missing from cls.__dict__
+        return inspect.get_annotations(cls) if dataclasses.is_dataclass(cls) else {}
 
     trl_classes = [cls for cls in type(args).__mro__ if cls.__module__.startswith("trl.")]
     # TRL's classes redeclare TrainingArguments fields with other defaults (learning_rate, bf16, ...): those are not
