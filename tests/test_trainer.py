@@ -2937,6 +2937,21 @@ def test_a_reward_object_holding_a_lock_is_recorded_by_name_not_copied(tmp_path)
     assert named == [f"{Judge.__module__}:{Judge.__qualname__}", "format"]
 
 
+def test_two_lambdas_are_recorded_under_names_of_their_own(tmp_path):
+    # two lambdas (or two closures of one factory) were both recorded as "__main__:<lambda>" in the checkpoint's
+    # config and the tracker's: which metric column (<lambda>, <lambda>_2) was which function was lost
+    low = lambda prompts, completions, **kw: [0.25] * len(completions)   # noqa: E731
+    high = lambda prompts, completions, **kw: [0.75] * len(completions)   # noqa: E731
+    model, tok = tiny_model()
+    tr = GRPOTrainer(model, [low, high, sevens, low], ROWS, GRPOConfig(output_dir=str(tmp_path / "run")),
+                     tokenizer=tok)
+    name = f"{__name__}:test_two_lambdas_are_recorded_under_names_of_their_own.<locals>.<lambda>"
+    # one function given twice keeps its (loadable) name; "#" never makes the name of another function
+    recorded = json.loads(json.dumps(tr.cfg.to_json_dict()))["reward_funcs"]
+    assert recorded == [name, name + "#2", f"{__name__}:sevens", name]
+    assert tr.rewards.names == ["<lambda>", "<lambda>_2", "sevens", "<lambda>_3"]   # the metric columns
+
+
 def test_a_tokenizer_in_grpo_trainers_reward_funcs_place_is_named(tmp_path):
     # GRPOTrainer(model, tok, rows, cfg), SFTTrainer's argument order: the (callable) tokenizer was taken for a
     # reward function and the error said only "a tokenizer is required to decode completions"

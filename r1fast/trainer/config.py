@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import inspect
 import math
 import os
 import re
@@ -31,6 +32,32 @@ def _callable_name(f) -> str:
     """A callable's "module:qualname", the form reward_funcs reads a function by."""
     module = getattr(f, "__module__", None) or type(f).__module__
     return f"{module}:{getattr(f, '__qualname__', type(f).__qualname__)}"
+
+
+def _recorded_names(values: list) -> list:
+    """A list option as JSON records it: each callable by _callable_name, where two different callables share
+    one ("__main__:<lambda>" for two lambdas, one closure of a factory twice) the later ones suffixed "#2",
+    "#3"... by their order (RewardSet's metric names suffix "_2"), so the recorded functions can be told apart.
+    "#" is no part of a Python name: the suffixed name never loads another function. One function given
+    twice keeps its name, which loads it."""
+    recorded, first_of = [], {}   # name -> the callables recorded under it, in order
+    for v in values:
+        if not callable(v):
+            recorded.append(v)
+            continue
+        name = _callable_name(v)
+        same = first_of.setdefault(name, [])
+        index = next((i for i, f in enumerate(same) if _same_function(f, v)), None)
+        if index is None:
+            same.append(v)
+            index = len(same) - 1
+        recorded.append(name if index == 0 else f"{name}#{index + 1}")
+    return recorded
+
+
+def _same_function(a, b) -> bool:
+    """Whether a and b are one function: `judge.score` given twice is two bound-method objects, equal."""
+    return a is b or (inspect.ismethod(a) and inspect.ismethod(b) and a == b)
 
 
 # names other libraries use for an option, which no close match finds
@@ -142,8 +169,7 @@ class _Base:
     def to_json_dict(self) -> dict[str, Any]:
         """to_dict() as a checkpoint records it: a reward function passed as a Python callable is written
         as its "module:function" name (json.dump failed on the function object, at the run's first save)."""
-        return {k: [_callable_name(f) if callable(f) else f for f in v] if isinstance(v, list) else v
-                for k, v in self.to_dict().items()}
+        return {k: _recorded_names(v) if isinstance(v, list) else v for k, v in self.to_dict().items()}
 
     def validate(self):
         """Checks every value; subclasses add their range checks after this one. A config built in
