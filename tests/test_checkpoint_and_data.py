@@ -292,9 +292,45 @@ def test_a_full_disk_is_an_error_naming_the_file(tmp_path, monkeypatch):
     out = tmp_path / "kept.jsonl"
     sampling.write_jsonl([{"prompt": "a"}], str(out))
     monkeypatch.setattr(metrics, "open", _FullDisk, raising=False)   # write_jsonl writes through metrics.replacing
-    with pytest.raises(OSError, match=r"No space left on device: '.*kept\.jsonl\.tmp'"):
+    with pytest.raises(OSError, match=r"No space left on device: '.*kept\.jsonl'"):
         sampling.write_jsonl([{"prompt": "b"}], str(out))
-    assert out.read_text() == '{"prompt": "a"}\n' and not (tmp_path / "kept.jsonl.tmp").exists()
+    assert out.read_text() == '{"prompt": "a"}\n' and not [p for p in tmp_path.iterdir() if ".tmp" in p.name]
+
+
+_KILLED_WRITE = """
+import os, signal, sys
+from r1fast.trainer.metrics import replacing
+
+with replacing(sys.argv[1]) as f:
+    f.write("half")
+    f.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_replaced_file_is_written_under_a_name_of_its_own_and_a_killed_writers_is_removed(tmp_path):
+    # replacing() wrote "<path>.tmp": a user's kept.jsonl.tmp was overwritten and renamed away, and the .tmp a
+    # SIGKILL left beside `r1fast sample`'s output stayed there for good
+    import subprocess
+    import sys
+
+    from r1fast.trainer import sampling
+    from r1fast.trainer.metrics import temp_pattern
+
+    out = tmp_path / "kept.jsonl"
+    p = subprocess.run([sys.executable, "-c", _KILLED_WRITE, str(out)], capture_output=True, text=True)
+    assert p.returncode == -9, p.stderr
+    left = [n.name for n in tmp_path.iterdir()]
+    assert len(left) == 1 and temp_pattern("kept.jsonl").match(left[0]), left
+    theirs = {"kept.jsonl.tmp": "mine", f".kept.jsonl.tmp-{os.getppid()}-abcd1234": "a live writer's",
+              ".kept.jsonl.tmp-1-not_ours": "mine", ".other.jsonl.tmp-1-abcd1234": "another file's"}
+    for name, text in theirs.items():
+        (tmp_path / name).write_text(text)
+    (tmp_path / f".kept.jsonl.tmp-{os.getpid()}-abcd1234").write_text("this process's, not being written")
+    sampling.write_jsonl([{"prompt": "a"}], str(out))
+    assert out.read_text() == '{"prompt": "a"}\n'
+    assert sorted(n.name for n in tmp_path.iterdir()) == sorted([*theirs, "kept.jsonl"])
+    assert all((tmp_path / name).read_text() == text for name, text in theirs.items())
 
 
 def test_pruning_keeps_the_checkpoint_just_written(tmp_path):
@@ -869,7 +905,9 @@ def test_clear_run_removes_what_a_run_writes_and_nothing_else(tmp_path):
 
 def test_remove_save_leftovers_removes_the_temporary_files_of_a_runs_writes_only(tmp_path):
     # a kill while curves.png (r1fast plot), summary.json or pipeline_state.json was replaced left its .tmp for good
-    ours = [name + ".tmp" for name in ckpt.REPLACED_FILES]
+    gone = os.getpid()   # no replacing() of this process is writing: its temporary files are a killed run's
+    ours = [name + ".tmp" for name in ckpt.REPLACED_FILES] + [f".{name}.tmp-{gone}-x1y2z3_4"
+                                                                for name in ckpt.REPLACED_FILES]
     theirs = ["notes.tmp", "my.png.tmp", "curves.png", "summary.json", "metrics.jsonl.tmp.bak"]
     for name in ours + theirs:
         (tmp_path / name).write_text(name)

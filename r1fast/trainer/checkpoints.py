@@ -38,7 +38,7 @@ _CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
 _SAVE_TEMP_RE = re.compile(r"^\.\.?tmp-checkpoint-\d+-")
 _OLD_CKPT_RE = re.compile(r"^checkpoint-\d+\.old-\d+$")  # save_checkpoint's replaced checkpoint, before deletion
 # the files of a run folder (a trainer's, a pipeline's, a sample stage's) written through metrics.replacing: a
-# kill mid-write leaves "<name>.tmp" beside them
+# kill mid-write leaves ".<name>.tmp-<pid>-<random>" beside them (metrics.temp_pattern; "<name>.tmp" before)
 REPLACED_FILES = ("metrics.jsonl", "completions.jsonl", "pipeline_state.json", "summary.json", "curves.png",
                   "samples.jsonl", "sample_progress.json")
 STATE_FILE = "trainer_state.json"
@@ -302,21 +302,29 @@ def clear_run(run_dir: str):
             remove_folder(path)
         elif name in ("metrics.jsonl", "completions.jsonl", "metrics.jsonl.tmp", "completions.jsonl.tmp"):
             os.remove(path)
+    from r1fast.trainer.metrics import remove_stale_temps
+
+    for name in ("metrics.jsonl", "completions.jsonl"):
+        remove_stale_temps(os.path.join(run_dir, name))
 
 
 def remove_save_leftovers(run_dir: str):
     """Delete the temporary folders of saves that were killed mid-way (they are never resumed), and the
-    temporary files of the run's other writes killed mid-way (REPLACED_FILES' .tmp). A save
+    temporary files of the run's other writes killed mid-way (REPLACED_FILES'). A save
     that replaced checkpoint-N and was killed between its two renames left the old, complete
     checkpoint-N as checkpoint-N.old-<pid>: it is checkpoint-N again, or deleted if a new one is there."""
     if not os.path.isdir(run_dir):
         return
+    from r1fast.trainer.metrics import remove_stale_temps
+
+    for name in REPLACED_FILES:
+        remove_stale_temps(os.path.join(run_dir, name))
     for name in sorted(os.listdir(run_dir)):
         path = os.path.join(run_dir, name)
         if _SAVE_TEMP_RE.match(name):
             remove_folder(path)
         elif name.endswith(".tmp") and name[:-len(".tmp")] in REPLACED_FILES and os.path.isfile(path):
-            os.remove(path)
+            os.remove(path)   # the name an r1fast before metrics.temp_pattern wrote them under
         elif _OLD_CKPT_RE.match(name):
             base = os.path.join(run_dir, name.split(".old-")[0])
             if os.path.exists(base):

@@ -6,6 +6,8 @@ import contextlib
 import json
 import math
 import os
+import re
+import tempfile
 from typing import Any, Optional
 
 from r1fast._umask import apply_rewrite_mode
@@ -117,21 +119,77 @@ def writing(path: str):
 
 @contextlib.contextmanager
 def replacing(path: str, binary: bool = False):
-    """A text (or `binary`) file open on `path`.tmp, synced and renamed over `path` once written: a crash
-    or a failed write (named by `writing`) leaves `path` as it was and no .tmp behind. `path` keeps its
-    mode, as open(path, "w") keeps it."""
-    tmp = path + ".tmp"
+    """A text (or `binary`) file open on a temporary file beside `path` (temp_pattern), synced and renamed over
+    `path` once written: a crash or a failed write (named by `writing`) leaves `path` as it was. The temporary
+    name is this process's own, so a user's `<path>.tmp` is never overwritten and renamed away, and two
+    writers of one path never share one; a temporary file a killed writer of `path` left is deleted here
+    (remove_stale_temps). `path` keeps its mode, as open(path, "w") keeps it."""
+    remove_stale_temps(path)
+    folder, name = os.path.split(path)
+    with writing(path):
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.tmp-{os.getpid()}-", dir=folder or ".")
+    _WRITING.add(os.path.abspath(tmp))
     try:
-        with writing(tmp), (open(tmp, "wb") if binary else open(tmp, "w", encoding="utf-8")) as f:
-            apply_rewrite_mode(tmp, path)
-            yield f
-            f.flush()
-            os.fsync(f.fileno())   # or a crash soon after the rename can leave an empty file
+        with writing(path):
+            try:
+                file = open(fd, "wb") if binary else open(fd, "w", encoding="utf-8")
+            except BaseException:
+                os.close(fd)
+                raise
+            with file as f:
+                apply_rewrite_mode(tmp, path)
+                yield f
+                f.flush()
+                os.fsync(f.fileno())   # or a crash soon after the rename can leave an empty file
+        os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.remove(tmp)
         raise
-    os.replace(tmp, path)
+    finally:
+        _WRITING.discard(os.path.abspath(tmp))
+
+
+# the temporary files this process is writing now (replacing): one of this process id not among them is a
+# killed earlier process's (process ids repeat, in a container's restarted job most of all)
+_WRITING: set[str] = set()
+
+
+def temp_pattern(name: str) -> re.Pattern:
+    """The names replacing() gives the temporary files of a file named `name`; the group is the writer's
+    process id (mkstemp's random part is 8 of [a-z0-9_])."""
+    return re.compile(rf"^\.{re.escape(name)}\.tmp-(\d+)-[a-z0-9_]{{8}}$")
+
+
+def remove_stale_temps(path: str):
+    """Delete the temporary files of `path` (temp_pattern) left by writers that are gone (a SIGKILL, a power
+    loss mid-write); those of a live writer, and every file of another name, are left."""
+    folder, name = os.path.split(path)
+    try:
+        names = os.listdir(folder or ".")
+    except OSError:
+        return   # no folder yet: nothing left in it
+    pattern = temp_pattern(name)
+    for entry in names:
+        m = pattern.match(entry)
+        tmp = os.path.join(folder, entry)
+        if m and _writer_gone(int(m.group(1)), tmp) and os.path.isfile(tmp) and not os.path.islink(tmp):
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+
+
+def _writer_gone(pid: int, tmp: str) -> bool:
+    if pid == os.getpid():
+        return os.path.abspath(tmp) not in _WRITING
+    if os.name != "posix":
+        return False   # no signal 0 to ask with (os.kill would end the process): kept
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False   # another user's live process
+    return False
 
 
 def plain_number(v):
