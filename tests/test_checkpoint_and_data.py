@@ -205,19 +205,54 @@ def test_a_model_save_stopped_once_the_new_folder_is_in_keeps_it(tmp_path, monke
     from_pretrained(str(out))
 
 
-def test_a_model_saved_over_a_symlinked_folder_leaves_no_hidden_link(tmp_path):
-    # the replaced folder, a symlink to another disk, was rmtree'd, which refuses a link (ignore_errors hid it): each
-    # save left a hidden .exported.old-* link beside the model
+def test_a_model_saved_to_a_symlinked_folder_is_written_where_the_link_leads(tmp_path, monkeypatch):
+    # the link (to a folder on another disk) was renamed aside and replaced by a folder on the link's disk, and the
+    # folder it led to kept the old model; before that, each save also left a hidden .exported.old-* link
+    from r1fast.models import checkpoint as model_checkpoint
     from r1fast.models import from_pretrained
 
-    model = _model(build_char_tokenizer())
+    old, new = _model(build_char_tokenizer()), _model(build_char_tokenizer())
+    with torch.no_grad():
+        new.lm_head_weight.add_(1.0)
     (tmp_path / "run").mkdir()
-    model.save_pretrained(str(tmp_path / "disk2"))
-    os.symlink(tmp_path / "disk2", tmp_path / "run" / "exported")
-    model.save_pretrained(str(tmp_path / "run" / "exported"))
-    assert os.listdir(tmp_path / "run") == ["exported"] and not os.path.islink(tmp_path / "run" / "exported")
-    assert sorted(os.listdir(tmp_path / "disk2")) == ["config.json", "model.safetensors"]   # what it led to is left
-    from_pretrained(str(tmp_path / "run" / "exported"))
+    old.save_pretrained(str(tmp_path / "disk2"))
+    link = tmp_path / "run" / "exported"
+    os.symlink(tmp_path / "disk2", link)
+
+    def full_disk(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(model_checkpoint, "save_safetensors", full_disk)
+    with pytest.raises(OSError):
+        new.save_pretrained(str(link))   # a save that fails part way leaves the model there as it was
+    monkeypatch.undo()
+    assert torch.equal(from_pretrained(str(link)).lm_head_weight, old.lm_head_weight)
+    new.save_pretrained(str(link))
+    assert os.listdir(tmp_path / "run") == ["exported"] and os.path.islink(link)
+    assert sorted(os.listdir(tmp_path)) == ["disk2", "run"]   # no hidden folder beside the link's target either
+    assert torch.equal(from_pretrained(str(tmp_path / "disk2")).lm_head_weight, new.lm_head_weight)
+
+
+def test_a_symlinked_checkpoint_or_run_file_is_written_where_the_link_leads(tmp_path):
+    # save_checkpoint over a checkpoint-<step> moved to another disk and linked back, and replacing() (metrics
+    # truncated on resume, summary.json, a sample's output) over a linked file, replaced the link
+    from r1fast.trainer.metrics import replacing
+
+    model = _model(build_char_tokenizer())
+    run, disk2 = tmp_path / "run", tmp_path / "disk2"
+    ckpt.save_checkpoint(str(disk2), 3, model=model)
+    run.mkdir()
+    os.symlink(disk2 / "checkpoint-3", run / "checkpoint-3")
+    (disk2 / "metrics.jsonl").write_text("old\n")
+    os.symlink(disk2 / "metrics.jsonl", run / "metrics.jsonl")
+    assert ckpt.save_checkpoint(str(run), 3, model=model, state={"again": 1}) == str(run / "checkpoint-3")
+    with replacing(str(run / "metrics.jsonl")) as f:
+        f.write("new\n")
+    assert sorted(os.listdir(run)) == ["checkpoint-3", "metrics.jsonl"]
+    assert os.path.islink(run / "checkpoint-3") and os.path.islink(run / "metrics.jsonl")
+    assert sorted(os.listdir(disk2)) == ["checkpoint-3", "metrics.jsonl"]
+    assert json.loads((disk2 / "checkpoint-3" / ckpt.STATE_FILE).read_text())["again"] == 1
+    assert (disk2 / "metrics.jsonl").read_text() == "new\n"
 
 
 def test_failed_write_leaves_no_checkpoint(tmp_path, monkeypatch):

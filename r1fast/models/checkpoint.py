@@ -47,7 +47,8 @@ def hub_model_hint(path: str) -> str:
 def _replaced_model_hint(path: str) -> str:
     """save_pretrained over an existing folder renames it aside (_swap_in) before renaming the new one in: a kill
     between the two left no folder at `path`, the previous model whole under a hidden name. Say where."""
-    folder, name = os.path.split(os.path.abspath(path))
+    target = write_target(os.path.abspath(path))
+    folder, name = os.path.split(target)
     if not name or not os.path.isdir(folder):
         return ""
     aside = sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.startswith(f".{name}.old-")
@@ -55,7 +56,7 @@ def _replaced_model_hint(path: str) -> str:
     if not aside:
         return ""
     return (f"; a save_pretrained stopped part way left the model that was there in {aside[-1]}: rename it back to "
-            f"{path!r} (or save again)")
+            f"{target!r} (or save again)")
 
 
 def builtin_model_hint(path: str) -> str:
@@ -347,10 +348,11 @@ def save_pretrained(model, path, max_shard_size="5GB") -> None:
 
     Atomic for the folder's model files: everything is written to a temporary sibling folder, other
     files already in `path` (tokenizer, generation config...) are carried over, then the folder is
-    swapped in by rename; an interrupted save leaves the old checkpoint intact.
+    swapped in by rename; an interrupted save leaves the old checkpoint intact. A `path` that is a symlink
+    is saved into the folder it leads to (the link stays).
     """
     limit = parse_size(max_shard_size)
-    path = os.path.abspath(os.fspath(path))
+    path = write_target(os.path.abspath(os.fspath(path)))
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
     if os.path.exists(path) and not os.path.isdir(path):
@@ -404,6 +406,13 @@ def save_pretrained(model, path, max_shard_size="5GB") -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def write_target(path: str) -> str:
+    """Where a save to `path` writes: a symlink's target (a model folder moved to another disk and linked back),
+    as open(path, "w") writes through a link. Renamed over, the link became a folder on the link's disk and
+    the folder it led to kept the old model."""
+    return os.path.realpath(path) if os.path.islink(path) else path
 
 
 def _fsync_folder(folder: str) -> None:

@@ -28,7 +28,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from r1fast._umask import apply_umask, save_safetensors
-from r1fast.models.checkpoint import _fsync_folder, remove_folder
+from r1fast.models.checkpoint import _fsync_folder, remove_folder, write_target
 from r1fast.trainer.config import resume_is_bare  # noqa: F401  (where it was; the CLI imports it without torch)
 
 _CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -522,8 +522,11 @@ def save_checkpoint(run_dir: str, step: int, *, model, optimizer=None, scheduler
     (keep=None: delete none). `write_extra(folder)` writes a caller's own files (GRPO's
     reference.safetensors) into the checkpoint before it is renamed into place."""
     os.makedirs(run_dir, exist_ok=True)
-    final = os.path.join(run_dir, f"checkpoint-{step}")
-    tmp = tempfile.mkdtemp(prefix=f".tmp-checkpoint-{step}-", dir=run_dir)
+    named = os.path.join(run_dir, f"checkpoint-{step}")
+    # a checkpoint-<step> that is a symlink (moved to another disk) is written where it leads, as save_pretrained
+    # writes through a link: renamed over, the link became a folder on the run's disk
+    final = write_target(named)
+    tmp = tempfile.mkdtemp(prefix=f".tmp-checkpoint-{step}-", dir=os.path.dirname(final))
     try:
         apply_umask(tmp)   # mkdtemp's folder is private (0700)
         model.save_pretrained(tmp)
@@ -555,7 +558,7 @@ def save_checkpoint(run_dir: str, step: int, *, model, optimizer=None, scheduler
             remove_folder(old)
         else:
             os.rename(tmp, final)
-        _fsync_dir(run_dir)
+        _fsync_dir(os.path.dirname(final))
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, (OSError, SafetensorError)):
@@ -565,10 +568,10 @@ def save_checkpoint(run_dir: str, step: int, *, model, optimizer=None, scheduler
         raise
     # the checkpoint just written is kept even where higher step numbers sit beside it (a run resumed
     # from an older checkpoint): deleting it would leave `--resume` another run's state
-    others = [path for _, path in list_checkpoints(run_dir) if path != final]
+    others = [path for _, path in list_checkpoints(run_dir) if path != named]
     for path in others[:max(0, len(others) - (keep - 1))] if keep is not None else []:
         _delete_checkpoint(path)
-    return final
+    return named
 
 
 def _delete_checkpoint(path: str):

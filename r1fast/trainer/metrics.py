@@ -123,7 +123,9 @@ def replacing(path: str, binary: bool = False):
     `path` once written: a crash or a failed write (named by `writing`) leaves `path` as it was. The temporary
     name is this process's own, so a user's `<path>.tmp` is never overwritten and renamed away, and two
     writers of one path never share one; a temporary file a killed writer of `path` left is deleted here
-    (remove_stale_temps). `path` keeps its mode, as open(path, "w") keeps it."""
+    (remove_stale_temps). `path` keeps its mode, as open(path, "w") keeps it, and a symlink stays one."""
+    if os.path.islink(path):   # written where it leads, as open(path, "w") writes (models.checkpoint.write_target)
+        path = os.path.realpath(path)
     remove_stale_temps(path)
     folder, name = os.path.split(path)
     with writing(path):
