@@ -319,6 +319,15 @@ def test_cli_names_a_path_it_cannot_write_in_one_line(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match=r"^r1fast sample: output_file 'adir' is a folder; name the JSONL file "
                                          r"to write \(e.g. 'adir/samples.jsonl'\)$"):
         main(["sample", "model_name_or_path=no_such_model", "dataset=builtin:arithmetic", "output_file=adir"])
+    # a folder not made yet: the samples went to a hidden "new/.tmp" and the rename over "new/" failed at the end
+    with pytest.raises(SystemExit, match=r"^r1fast sample: output_file 'new/' is a folder; name the JSONL file"):
+        main(["sample", "model_name_or_path=no_such_model", "dataset=builtin:arithmetic", "output_file=new/"])
+    # the output replaced the prompts it was sampled from, without a word
+    (tmp_path / "d.jsonl").write_text('{"prompt": "1+1", "answer": "2"}\n')
+    with pytest.raises(SystemExit, match=r"^r1fast sample: output_file './d.jsonl' is the dataset 'd.jsonl': writing "
+                                         r"the samples would replace its prompts; give another output_file$"):
+        main(["sample", "model_name_or_path=no_such_model", "dataset=d.jsonl", "output_file=./d.jsonl"])
+    assert sorted(os.listdir(tmp_path)) == ["adir", "afile", "d.jsonl"]
 
 
 def test_a_sample_stages_output_file_that_cannot_be_written_is_refused_before_any_stage_runs(tmp_path):

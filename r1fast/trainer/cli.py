@@ -358,7 +358,7 @@ def _cmd_sample(args):
     cfg, resume = _config(SampleConfig, args.rest, "sample")
     out = cfg.output_file or os.path.join("runs", "sample", "samples.jsonl")
     progress_file = sampling.progress_path(out)
-    _check_sample_output(out, progress_file, resume, args.rest)
+    _check_sample_output(out, progress_file, resume, args.rest, cfg.dataset)
     # the data before the model: a wrong dataset is said before a large model has loaded
     rows = load_rows(cfg.dataset, split=cfg.dataset_split, seed=cfg.seed, required_columns=(cfg.prompt_column,))
     model, tok = _model(cfg)
@@ -388,7 +388,7 @@ def _cmd_sample(args):
     return 0
 
 
-def _check_sample_output(out: str, progress_file: str, resume, rest: list[str]):
+def _check_sample_output(out: str, progress_file: str, resume, rest: list[str], dataset):
     """Found before the model loads and samples: an output folder that cannot be written (the rows were
     lost at the end), a --resume PATH, and a new run over a stopped one's progress (which it would lose)."""
     import shlex
@@ -398,7 +398,7 @@ def _check_sample_output(out: str, progress_file: str, resume, rest: list[str]):
     if resume and not resume_is_bare(resume):
         raise ConfigError(f"sample's --resume takes no path ({resume!r}): it continues the stopped run whose "
                           f"output_file is given, from {progress_file}")
-    check_output_file(out)
+    check_output_file(out, dataset=dataset)
     if resume and not os.path.exists(progress_file):
         print(f"r1fast: --resume: no stopped run of {out} ({progress_file} does not exist): sampling from the first "
               f"prompt", file=sys.stderr, flush=True)

@@ -259,7 +259,7 @@ def _check_stages(p: Pipeline, where: str):
                                   f"pipeline's own eval_dataset is evaluated after every training stage)")
             _check_dataset(cfg.eval_dataset, f"{at}: eval_dataset", written)
         if s.type == "sample" and cfg.output_file:
-            check_output_file(cfg.output_file, f"{at}: output_file")
+            check_output_file(cfg.output_file, f"{at}: output_file", dataset=s.dataset)
             written.add(os.path.abspath(cfg.output_file))
         if s.type == "sample":
             samplers[s.name] = cfg

@@ -166,10 +166,17 @@ def _json_value(value):
     return str(value)
 
 
-def check_output_file(path: str, where: str = "output_file"):
+def check_output_file(path: str, where: str = "output_file", dataset=None):
     """An output JSONL that cannot be written, found before sampling: write_jsonl found it once every prompt
-    was sampled, and the rows were lost. The folders it lacks write_jsonl makes."""
-    if os.path.isdir(path):
+    was sampled, and the rows were lost. The folders it lacks write_jsonl makes. `dataset`: the prompts' path,
+    which the output must not replace."""
+    if isinstance(dataset, str) and os.path.isfile(dataset) and os.path.exists(path) and os.path.samefile(dataset, path):
+        # the samples replaced the prompts they were drawn from, without a word
+        raise ConfigError(f"{where} {path!r} is the dataset {dataset!r}: writing the samples would replace its "
+                          f"prompts; give another {where}")
+    # "runs/new/" (a folder not made yet): the samples were written to a hidden "runs/new/.tmp" and the rename over
+    # "runs/new/" failed with "Not a directory", once every prompt was sampled
+    if os.path.isdir(path) or path.endswith(("/", os.sep)) or os.path.basename(path) in ("", ".", ".."):
         raise ConfigError(f"{where} {path!r} is a folder; name the JSONL file to write "
                           f"(e.g. {os.path.join(path, 'samples.jsonl')!r})")
     folder = os.path.dirname(os.path.abspath(path))
