@@ -975,6 +975,25 @@ def test_set_aside_newer_moves_only_the_later_checkpoints_of_the_resumed_ones_fo
     assert (run / f"abandoned-checkpoint-3.{os.getpid()}" / ckpt.STATE_FILE).is_file()
 
 
+def test_resuming_a_set_aside_checkpoint_sets_aside_the_branch_it_leaves_and_is_its_runs_again(tmp_path):
+    # run to step 6, resumed from checkpoint-3 (checkpoint-4 set aside), run to 6 again, then resumed from
+    # abandoned-checkpoint-4: nothing was set aside (the name did not match checkpoint-<step>), so the run's save at
+    # step 5 replaced the other branch's checkpoint-5, and a kill before it left a bare --resume going on from the
+    # other branch's checkpoint-6; kept under its set-aside name, checkpoint-4 was never a checkpoint to resume
+    run = tmp_path / "run"
+    for name in ("checkpoint-3", "checkpoint-4", "checkpoint-5", "checkpoint-6", "abandoned-checkpoint-4"):
+        (run / name).mkdir(parents=True)
+        (run / name / ckpt.STATE_FILE).write_text(json.dumps({"branch": "abandoned" if "abandoned" in name else "left"}))
+    resumed = str(run / "abandoned-checkpoint-4")
+    moved = ckpt.set_aside_newer(str(run), resumed)
+    assert moved == [str(run / f"abandoned-checkpoint-4.{os.getpid()}"), str(run / "abandoned-checkpoint-5"),
+                     str(run / "abandoned-checkpoint-6")]
+    assert ckpt.take_back(str(run), resumed) == str(run / "checkpoint-4")
+    assert [s for s, _ in ckpt.list_checkpoints(str(run))] == [3, 4]
+    assert json.loads((run / "checkpoint-4" / ckpt.STATE_FILE).read_text())["branch"] == "abandoned"
+    assert ckpt.take_back(str(run), str(run / "checkpoint-4")) is None   # a checkpoint of the run's own: as it was
+
+
 def test_a_symlink_to_a_checkpoint_in_output_dir_resumes_in_place(tmp_path):
     # `--resume latest` (latest -> run/checkpoint-1) was taken for another run's checkpoint: refused, and with
     # overwrite_output_dir=true the run's checkpoints were deleted, the resumed one included; nothing was set aside

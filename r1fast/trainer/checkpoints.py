@@ -117,40 +117,64 @@ def _same_folder(a: str, b: str) -> bool:
         return os.path.realpath(a) == os.path.realpath(b)
 
 
-# what a resumed checkpoint is named: checkpoint-<step>, or one set aside (set_aside_newer), ".<pid>" where
-# abandoned-checkpoint-<step> was taken
-_RESUMED_RE = re.compile(r"^(?:abandoned-)?checkpoint-(\d+)(?:\.\d+)?$")
+# a checkpoint set_aside_newer set aside: abandoned-checkpoint-<step>, ".<pid>" added where that name was taken
+_SET_ASIDE_RE = re.compile(r"^abandoned-checkpoint-(\d+)(?:\.\d+)?$")
 
 
-def _checkpoint_step(resume_path: str) -> Optional[int]:
-    """The step of a checkpoint's name as given, else of the name a symlink to the checkpoint leads to."""
+def _checkpoint_step(resume_path: str) -> Optional[tuple[int, bool]]:
+    """(step, whether it is a set-aside checkpoint) of checkpoint-<step> or abandoned-checkpoint-<step>, matched on
+    the name given, else on the name a symlink to the checkpoint leads to."""
+    # realpath of the path as given: normpath would drop a '..' that follows a symlink as text
     for name in (os.path.basename(os.path.normpath(resume_path)), os.path.basename(os.path.realpath(resume_path))):
-        m = _RESUMED_RE.match(name)
+        m = _CKPT_RE.match(name)
         if m:
-            return int(m.group(1))
+            return int(m.group(1)), False
+        m = _SET_ASIDE_RE.match(name)
+        if m:
+            return int(m.group(1)), True
     return None
 
 
 def set_aside_newer(run_dir: str, resume_path: str) -> list[str]:
     """Resuming from a checkpoint older than the newest in its folder abandons the steps after it:
     rename those newer checkpoints to abandoned-checkpoint-<step> (kept, never resumed or pruned),
-    or a later bare --resume would continue the abandoned steps. Returns the new names."""
+    or a later bare --resume would continue the abandoned steps. Returns the new names. Resuming from a
+    set-aside checkpoint (going back to the steps an earlier resume abandoned) abandons the checkpoints of
+    its step and after: the branch they are on is the one left now."""
     # through an output_dir that is a symlink to the checkpoint's folder, the newer checkpoints stayed, and a
     # later bare --resume went on from the abandoned steps
     if not _resumes_in_place(run_dir, resume_path):
         return []
     resumed = _checkpoint_step(resume_path)
+    if resumed is None:
+        return []
+    # resuming from abandoned-checkpoint-4 kept checkpoint-5 and -6 of the branch it left: the run saved its own
+    # checkpoint-5 over the other's, and a bare --resume after a kill before that went on from the other's 6
+    first_left = resumed[0] + (0 if resumed[1] else 1)
     moved = []
     for step, path in list_checkpoints(run_dir):
-        # resuming an abandoned-checkpoint-<step>, the checkpoint-<step> beside it is the other branch's too: a
-        # bare --resume would go on from it, and a save at its step would replace (delete) it
-        if resumed is not None and (step > resumed or step == resumed and not _same_folder(path, resume_path)):
+        if step >= first_left:
             target = os.path.join(run_dir, "abandoned-" + os.path.basename(path))
             if os.path.exists(target):
                 target += f".{os.getpid()}"
             os.rename(path, target)
             moved.append(target)
     return moved
+
+
+def take_back(run_dir: str, resume_path: str) -> Optional[str]:
+    """A resume from a set-aside checkpoint in run_dir (after set_aside_newer) names it checkpoint-<step> again, so
+    that the run's later saves prune and a bare --resume goes on from it: kept set aside, a kill before the run's
+    next save resumed the other branch's older checkpoint. Returns the new path, or None."""
+    name = os.path.basename(os.path.normpath(resume_path))
+    m = _SET_ASIDE_RE.match(name)
+    if m is None or not _resumes_in_place(run_dir, resume_path):
+        return None
+    target = os.path.join(run_dir, f"checkpoint-{m.group(1)}")
+    if os.path.lexists(target):
+        return None
+    os.rename(os.path.join(run_dir, name), target)
+    return target
 
 
 class RunFolderInUse(ValueError):

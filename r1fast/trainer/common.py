@@ -701,6 +701,10 @@ def start_run(trainer, resume):
         for path in ckpt.set_aside_newer(trainer.run_dir, resume_path):
             print(f"r1fast: resuming from {os.path.basename(resume_path)}: the later {path} is set aside",
                   file=sys.stderr)
+        back = ckpt.take_back(trainer.run_dir, resume_path)
+        if back is not None:
+            print(f"r1fast: {resume_path} is {back} again: the run goes on from it", file=sys.stderr)
+            resume_path = back
         note = schedule_change_note(state, cfg.to_json_dict(), trainer.global_step)
         if note:
             print(note, file=sys.stderr)
