@@ -308,9 +308,13 @@ def test_sample_gives_rewards_the_completion_ids_and_writes_any_column(tmp_path,
 def test_cli_names_a_path_it_cannot_write_in_one_line(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "afile").write_text("")
-    for cmd in ("train", "sft"):
-        with pytest.raises(SystemExit, match=rf"^r1fast {cmd}: \[Errno 20\] Not a directory: 'afile/x'$"):
-            main([cmd, "model_name_or_path=builtin:micro", "dataset=builtin:arithmetic", "output_dir=afile/x"])
+    for cmd in ("train", "sft"):   # said once the model had loaded, as "[Errno 20] Not a directory: 'afile/x'"
+        with pytest.raises(SystemExit, match=rf"^r1fast {cmd}: option 'output_dir' = 'afile/x' is not a folder: "
+                                             rf"{tmp_path}/afile is a file; give the folder for the run's"):
+            main([cmd, "model_name_or_path=no_such_model", "dataset=builtin:arithmetic", "output_dir=afile/x"])
+        # "[Errno 17] File exists: 'afile'"
+        with pytest.raises(SystemExit, match=rf"^r1fast {cmd}: option 'output_dir' = 'afile' is not a folder; give"):
+            main([cmd, "model_name_or_path=no_such_model", "dataset=builtin:arithmetic", "output_dir=afile"])
     # sample found it only once every prompt was sampled, losing the rows; now before the model loads
     with pytest.raises(SystemExit, match=r"^r1fast sample: output_file 'afile/x.jsonl': .*afile is a file, not a "
                                          r"folder$"):

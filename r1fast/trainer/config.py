@@ -540,6 +540,21 @@ class _TrainingConfig(_Base):
         self.report_to = [r for r in self.report_to if r != "none"]  # TRL's way of saying "no tracker"
         for r in self.report_to:
             _one_of("report_to", r, ("tensorboard", "wandb"))
+        _check_run_folder(self.output_dir)
+
+
+def _check_run_folder(output_dir: Optional[str]):
+    """An output_dir that is a file, or under one: found before the model loads (a large one takes minutes),
+    not as "[Errno 17] File exists" when the run began."""
+    if not output_dir:
+        return
+    path = os.path.abspath(output_dir)
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    if not os.path.isdir(path):
+        under = "" if path == os.path.abspath(output_dir) else f": {path} is a file"
+        raise ConfigError(f"option 'output_dir' = {output_dir!r} is not a folder{under}; give the folder for the "
+                          f"run's checkpoints and metrics")
 
 
 @dataclass
