@@ -1,4 +1,5 @@
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -108,3 +109,32 @@ def test_python_dash_m_r1fast_is_the_r1fast_command():
     r = subprocess.run([sys.executable, "-m", "r1fast", "bench", "--list"], capture_output=True, text=True,
                        timeout=300, check=False)
     assert r.returncode == 0 and "kv_cache" in r.stdout, r.stderr[-2000:]
+
+
+def _heading_anchors(markdown: str) -> set[str]:
+    """GitHub's anchors for a file's headings: lower case, punctuation dropped, spaces to hyphens, -1, -2... on repeats."""
+    prose = re.sub(r"^```.*?^```", "", markdown, flags=re.S | re.M)   # a '# comment' in a code block is no heading
+    anchors, seen = set(), {}
+    for heading in re.findall(r"^#{1,6}\s+(.+?)\s*$", prose, flags=re.M):
+        slug = re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-")
+        anchors.add(f"{slug}-{seen[slug]}" if slug in seen else slug)
+        seen[slug] = seen.get(slug, 0) + 1
+    return anchors
+
+
+def test_links_between_the_docs_reach_a_file_and_heading():
+    # the guides link each other's sections (rollout.md#definitions-the-trainer-relies-on): a renamed heading or a
+    # moved file left a link that opened the top of the page, or nothing
+    docs = [ROOT / "README.md", *ROOT.glob("docs/*.md"), *ROOT.glob("bench/**/*.md")]
+    broken = []
+    for doc in docs:
+        for target in re.findall(r"\]\(([^)\s]+)\)", doc.read_text()):
+            if re.match(r"[a-z]+:", target):   # http(s), mailto
+                continue
+            path, _, anchor = target.partition("#")
+            dest = (doc.parent / path).resolve() if path else doc
+            if not dest.exists():
+                broken.append(f"{doc.relative_to(ROOT)}: {target} (no such file)")
+            elif anchor and dest.suffix == ".md" and anchor not in _heading_anchors(dest.read_text()):
+                broken.append(f"{doc.relative_to(ROOT)}: {target} (no such heading)")
+    assert not broken, broken
