@@ -106,8 +106,17 @@ void BlockManager::release(std::int32_t b) {
   }
 }
 
+// Token ids are >= 0; a negative id would be taken for an unknown token (kUnknownToken) and silently
+// keep its block out of the prefix cache.
+static void check_token_ids(const std::int32_t* tokens, std::int64_t n) {
+  const auto bad = std::find_if(tokens, tokens + n, [](std::int32_t t) { return t < 0; });
+  if (bad != tokens + n)
+    fail("BlockManager: tokens[", bad - tokens, "] = ", *bad, " is negative; token ids lie in [0, ", INT32_MAX, "]");
+}
+
 std::int64_t BlockManager::blocks_to_allocate(const std::int32_t* tokens, std::int64_t n) const {
   if (n <= 0) fail("BlockManager: a sequence needs at least one token, got ", n);
+  check_token_ids(tokens, n);
   const std::int64_t total = (n + block_size_ - 1) / block_size_;
   if (!prefix_caching_) return total;
   std::int64_t in_use_hits = 0;
@@ -182,6 +191,8 @@ std::int64_t BlockManager::blocks_to_append(const std::int64_t* seqs, std::int64
 
 std::int64_t BlockManager::append(std::int64_t seq, std::int32_t token, std::int32_t* copy_src,
                                   std::int32_t* copy_dst) {
+  if (token < 0 && token != kUnknownToken)
+    fail("BlockManager.append: token id ", token, " is negative; token ids lie in [0, ", INT32_MAX, "]");
   Seq& s = get(seq);
   *copy_src = *copy_dst = -1;
   const std::int64_t pos = static_cast<std::int64_t>(s.tokens.size());
@@ -302,42 +313,80 @@ py::array_t<T, py::array::c_style | py::array::forcecast> int_array(const py::ob
 I32 i32_array(const py::object& o, const char* name) { return int_array<std::int32_t>(o, name); }
 I64 i64_array(const py::object& o, const char* name) { return int_array<std::int64_t>(o, name); }
 
+constexpr std::int64_t kI64Min = std::numeric_limits<std::int64_t>::min();
+constexpr std::int64_t kI64Max = std::numeric_limits<std::int64_t>::max();
+
+// A Python int argument (or a numpy integer) checked against [lo, hi]. Taking py::object instead of
+// std::int64_t/int32_t: pybind's casters turned an out-of-range int into "incompatible function
+// arguments", which names neither the argument nor the range.
+bool is_array_of_values(const py::handle& obj) {
+  if (py::isinstance<py::array>(obj)) return py::reinterpret_borrow<py::array>(obj).ndim() != 0;  // 0-d: one value
+  return py::isinstance<py::sequence>(obj);
+}
+
+std::int64_t int_arg(const py::handle& value, const char* fn, const char* name, std::int64_t lo, std::int64_t hi) {
+  if (PyBool_Check(value.ptr()) || !PyIndex_Check(value.ptr()) || is_array_of_values(value))
+    throw py::type_error(std::string("BlockManager.") + fn + ": " + name + " must be an int, got " +
+                         std::string(py::str(py::type::of(value).attr("__name__"))));
+  const py::object index = py::reinterpret_steal<py::object>(PyNumber_Index(value.ptr()));
+  if (!index) throw py::error_already_set();
+  int overflow = 0;
+  const long long v = PyLong_AsLongLongAndOverflow(index.ptr(), &overflow);
+  if (overflow != 0 || v < lo || v > hi)
+    fail("BlockManager.", fn, ": ", name, " = ", std::string(py::str(index)), " lies outside [", lo, ", ", hi, "]");
+  return v;
+}
+std::int64_t seq_arg(const py::handle& v, const char* fn, const char* name = "seq_id") {
+  return int_arg(v, fn, name, kI64Min, kI64Max);
+}
+
 }  // namespace
 
 void register_block_manager(py::module_& m) {
   py::class_<BlockManager>(m, "BlockManager",
                            "Paged KV-cache block manager (rules in csrc/block_manager.h). Used by r1fast.rollout.")
-      .def(py::init<std::int64_t, std::int64_t, bool>(), py::arg("num_blocks"), py::arg("block_size"),
-           py::arg("enable_prefix_caching") = true)
+      .def(py::init([](const py::object& num_blocks, const py::object& block_size, bool prefix_caching) {
+        // not by value: the blocks hold iterators into the free list
+        return std::make_unique<BlockManager>(int_arg(num_blocks, "__init__", "num_blocks", 1, INT32_MAX),
+                                              int_arg(block_size, "__init__", "block_size", 1, INT32_MAX),
+                                              prefix_caching);
+      }), py::arg("num_blocks"), py::arg("block_size"), py::arg("enable_prefix_caching") = true)
       .def_property_readonly("num_blocks", &BlockManager::num_blocks)
       .def_property_readonly("block_size", &BlockManager::block_size)
       .def_property_readonly("prefix_caching", &BlockManager::prefix_caching)
       .def_property_readonly("num_free_blocks", &BlockManager::num_free_blocks)
       .def_property_readonly("num_cached_blocks", &BlockManager::num_cached_blocks)
-      .def("has_seq", &BlockManager::has_seq)
+      .def("has_seq", [](const BlockManager& bm, const py::object& seq) {
+        return bm.has_seq(seq_arg(seq, "has_seq"));
+      }, py::arg("seq_id"))
       .def("seq_ids", &BlockManager::seq_ids)
       .def("blocks_to_allocate", [](const BlockManager& bm, const py::object& obj) {
         const I32 tokens = i32_array(obj, "tokens");
         return bm.blocks_to_allocate(tokens.data(), tokens.shape(0));
       }, py::arg("tokens"))
-      .def("allocate", [](BlockManager& bm, std::int64_t seq, const py::object& obj) {
+      .def("allocate", [](BlockManager& bm, const py::object& seq, const py::object& obj) {
+        const std::int64_t id = seq_arg(seq, "allocate");
         const I32 tokens = i32_array(obj, "tokens");
-        return bm.allocate(seq, tokens.data(), tokens.shape(0));
+        return bm.allocate(id, tokens.data(), tokens.shape(0));
       }, py::arg("seq_id"), py::arg("tokens"), "Allocate blocks for all tokens; returns the number of cached tokens.")
-      .def("fork", &BlockManager::fork, py::arg("parent"), py::arg("child"))
-      .def("blocks_to_append", py::overload_cast<std::int64_t>(&BlockManager::blocks_to_append, py::const_),
-           py::arg("seq_id"))
-      .def("blocks_to_append", [](const BlockManager& bm, const py::object& obj) {
+      .def("fork", [](BlockManager& bm, const py::object& parent, const py::object& child) {
+        bm.fork(seq_arg(parent, "fork", "parent"), seq_arg(child, "fork", "child"));
+      }, py::arg("parent"), py::arg("child"))
+      .def("blocks_to_append", [](const BlockManager& bm, const py::object& obj) -> std::int64_t {
+        if (!is_array_of_values(obj)) return bm.blocks_to_append(seq_arg(obj, "blocks_to_append"));
         const I64 seqs = i64_array(obj, "seq_ids");
         std::unordered_set<std::int64_t> seen;  // a repeated id has no count that appending would match
         for (py::ssize_t i = 0; i < seqs.shape(0); ++i)
           if (!seen.insert(seqs.data()[i]).second)
             fail("BlockManager.blocks_to_append: sequence id ", seqs.data()[i], " appears more than once");
         return bm.blocks_to_append(seqs.data(), seqs.shape(0));
-      }, py::arg("seq_ids"), "The blocks that appending one token to each of these distinct sequences needs, in total.")
-      .def("append", [](BlockManager& bm, std::int64_t seq, std::int32_t token) {
+      }, py::arg("seq_ids"), "The blocks that appending one token to this sequence, or to each of these distinct "
+         "sequences, needs in total.")
+      .def("append", [](BlockManager& bm, const py::object& seq, const py::object& token) {
+        const std::int64_t id = seq_arg(seq, "append");
+        const auto tok = static_cast<std::int32_t>(int_arg(token, "append", "token", 0, INT32_MAX));
         std::int32_t src, dst;
-        const std::int64_t slot = bm.append(seq, token, &src, &dst);
+        const std::int64_t slot = bm.append(id, tok, &src, &dst);
         return py::make_tuple(slot, src, dst);
       }, py::arg("seq_id"), py::arg("token"), "Returns (slot, copy_src, copy_dst); copy ids are -1 without a copy.")
       .def("append_batch", [](BlockManager& bm, const py::object& seq_obj, const py::object& tok_obj) {
@@ -347,6 +396,7 @@ void register_block_manager(py::module_& m) {
         // decode step before the last one's tokens reach the host); they are recorded as unknown (-1)
         I32 tokens = tok_obj.is_none() ? I32(n) : i32_array(tok_obj, "tokens");
         if (tok_obj.is_none()) std::fill_n(tokens.mutable_data(), n, kUnknownToken);
+        else check_token_ids(tokens.data(), tokens.shape(0));  // -1 means unknown only when the engine says so
         if (tokens.shape(0) != n) fail("BlockManager.append_batch: ", n, " seq_ids but ", tokens.shape(0), " tokens");
         // A repeated id would make the count below too small (its second token may need a block its
         // first did not) and the batch fail half-way, breaking all-or-nothing.
@@ -370,24 +420,32 @@ void register_block_manager(py::module_& m) {
       }, py::arg("seq_ids"), py::arg("tokens") = py::none(),
          "Append one token to each sequence (all or nothing): (slots int64[B], copies int32[K, 2] of (src, dst)).\n"
          "tokens=None appends tokens not known yet: their blocks never enter the prefix cache.")
-      .def("mark_computed", &BlockManager::mark_computed, py::arg("seq_id"), py::arg("num_tokens"))
-      .def("free", &BlockManager::free, py::arg("seq_id"))
-      .def("preempt", &BlockManager::free, py::arg("seq_id"),
+      .def("mark_computed", [](BlockManager& bm, const py::object& seq, const py::object& n) {
+        bm.mark_computed(seq_arg(seq, "mark_computed"), int_arg(n, "mark_computed", "num_tokens", 0, kI64Max));
+      }, py::arg("seq_id"), py::arg("num_tokens"))
+      .def("free", [](BlockManager& bm, const py::object& seq) { bm.free(seq_arg(seq, "free")); }, py::arg("seq_id"))
+      .def("preempt", [](BlockManager& bm, const py::object& seq) { bm.free(seq_arg(seq, "preempt")); },
+           py::arg("seq_id"),
            "Preemption by recompute: drop the sequence's blocks (same as free; it is re-allocated later).")
       .def("reset_prefix_cache", &BlockManager::reset_prefix_cache)
-      .def("num_tokens", &BlockManager::num_tokens, py::arg("seq_id"))
-      .def("ref_count", &BlockManager::ref_count, py::arg("block"))
+      .def("num_tokens", [](const BlockManager& bm, const py::object& seq) {
+        return bm.num_tokens(seq_arg(seq, "num_tokens"));
+      }, py::arg("seq_id"))
+      .def("ref_count", [](const BlockManager& bm, const py::object& block) {
+        return bm.ref_count(int_arg(block, "ref_count", "block", 0, bm.num_blocks() - 1));
+      }, py::arg("block"))
       .def("check_invariants", &BlockManager::check_invariants)
-      .def("block_table", [](const BlockManager& bm, std::int64_t seq) {
-        const auto& t = bm.table(seq);
+      .def("block_table", [](const BlockManager& bm, const py::object& seq) {
+        const auto& t = bm.table(seq_arg(seq, "block_table"));
         I32 out(static_cast<py::ssize_t>(t.size()));
         if (!t.empty()) std::memcpy(out.mutable_data(), t.data(), t.size() * sizeof(std::int32_t));
         return out;
       }, py::arg("seq_id"))
-      .def("block_tables", [](const BlockManager& bm, const py::object& obj, std::int64_t width, std::int32_t pad,
-                              const py::object& out_obj) -> py::object {
+      .def("block_tables", [](const BlockManager& bm, const py::object& obj, const py::object& width_obj,
+                              const py::object& pad_obj, const py::object& out_obj) -> py::object {
+        std::int64_t width = int_arg(width_obj, "block_tables", "width", 0, kI64Max);
+        const auto pad = static_cast<std::int32_t>(int_arg(pad_obj, "block_tables", "pad", INT32_MIN, INT32_MAX));
         const I64 seqs = i64_array(obj, "seq_ids");
-        if (width < 0) fail("BlockManager.block_tables: width must be >= 0, got ", width);
         const auto n = seqs.shape(0);
         for (py::ssize_t i = 0; i < n; ++i)
           width = std::max<std::int64_t>(width, bm.table(seqs.data()[i]).size());

@@ -26,6 +26,8 @@
 //   slots before its tokens are sampled) is never registered, nor any block after it.
 //   Sequences alive at a reset never register blocks afterwards: their KV chains back to stale
 //   blocks (a later block's KV attended to them), so it must not be handed to new sequences.
+// - token ids are >= 0 (kUnknownToken only through append_batch(tokens=None)); every int argument is
+//   range-checked by the bindings (ValueError naming it and its range), not cast by pybind.
 // - threads: no internal locking. Every method runs under the GIL (the bindings never release it),
 //   which serialises callers; do not share one instance across free-threaded interpreters.
 #pragma once

@@ -359,7 +359,7 @@ def test_integer_arrays_are_checked_not_silently_cast():
         bm.blocks_to_allocate(np.array([2**32 - 1], dtype=np.uint32))
     with pytest.raises(ValueError, match="fit in 64-bit"):
         bm.block_tables(np.array([2**63], dtype=np.uint64))
-    with pytest.raises(ValueError, match="block_size must fit"):
+    with pytest.raises(ValueError, match=r"block_size = 1099511627776 lies outside \[1, 2147483647\]"):
         BlockManager(4, 2**40, True)
     with pytest.raises(ValueError, match="width"):
         bm.block_tables(np.array([], dtype=np.int64), -1)
@@ -371,8 +371,9 @@ def test_integer_arrays_are_checked_not_silently_cast():
     assert bm.slot_mapping([0], [0], [3]).tolist() == bm.slot_mapping(np.array([0], dtype=np.uint8),
                                                                        np.array([0], dtype=np.int16), [3]).tolist()
     assert bm.blocks_to_append(np.int64(0)) == 0 and bm.blocks_to_append([0, 1]) == 0
-    # negative values that fit (the unknown token -1) are not mistaken for overflow
-    assert bm.allocate(2, np.array([-1, -1], dtype=np.int64)) == 0
+    # a negative id that fits is named as negative, not as an overflow
+    with pytest.raises(ValueError, match=r"tokens\[1\] = -1 is negative"):
+        bm.allocate(2, np.array([3, -1], dtype=np.int64))
 
 
 def test_block_tables_refuses_ids_inside_its_out_buffer():
@@ -614,3 +615,35 @@ _LONG_FUZZ_PROGRAMS = int(os.environ.get("R1FAST_LONG_FUZZ", "0"))
 def test_long_random_programs():
     for seed in range(_LONG_FUZZ_PROGRAMS):
         _Fuzz(1000 + seed).run(2000)
+
+
+def test_int_arguments_out_of_range_name_the_argument_and_the_range():
+    # pybind's casters answered an out-of-range int with "incompatible function arguments", and
+    # append(seq, -5) recorded a negative token (taken for an unknown one: its block never cached)
+    bm = BlockManager(4, 2, True)
+    bm.allocate(0, [1, 2, 3])
+    cases = [
+        (lambda: bm.append(0, -5), r"append: token = -5 lies outside \[0, 2147483647\]"),
+        (lambda: bm.append(0, 2**31), r"append: token = 2147483648 lies outside \[0, 2147483647\]"),
+        (lambda: bm.append(2**63, 1), r"append: seq_id = 9223372036854775808 lies outside \[-9223372036854775808, "),
+        (lambda: bm.fork(0, -2**70), r"fork: child = -1180591620717411303424 lies outside"),
+        (lambda: bm.ref_count(4), r"ref_count: block = 4 lies outside \[0, 3\]"),
+        (lambda: bm.mark_computed(0, -1), r"mark_computed: num_tokens = -1 lies outside"),
+        (lambda: bm.block_tables([0], 0, 2**31), r"block_tables: pad = 2147483648 lies outside"),
+        (lambda: BlockManager(2**31, 1), r"num_blocks = 2147483648 lies outside \[1, 2147483647\]"),
+        (lambda: bm.append_batch([0], [-7]), r"tokens\[0\] = -7 is negative"),
+        (lambda: bm.blocks_to_allocate([4, -2]), r"tokens\[1\] = -2 is negative"),
+    ]
+    for call, message in cases:
+        with pytest.raises(ValueError, match=message):
+            call()
+    for call, message in [(lambda: bm.append(0, 1.5), "append: token must be an int, got float"),
+                          (lambda: bm.append(0, True), "append: token must be an int, got bool"),
+                          (lambda: bm.free("0"), "free: seq_id must be an int, got str")]:
+        with pytest.raises(TypeError, match=message):
+            call()
+    assert bm.num_tokens(0) == 3 and bm.num_free_blocks == 2
+    bm.check_invariants()
+    assert bm.append(np.int64(0), np.int32(4))[0] == bm.block_table(0)[1] * 2 + 1  # numpy ints are ints
+    assert bm.has_seq(np.array(0)) and bm.blocks_to_append(np.array(0)) == 1  # so is a 0-d array
+
