@@ -647,3 +647,13 @@ def test_int_arguments_out_of_range_name_the_argument_and_the_range():
     assert bm.append(np.int64(0), np.int32(4))[0] == bm.block_table(0)[1] * 2 + 1  # numpy ints are ints
     assert bm.has_seq(np.array(0)) and bm.blocks_to_append(np.array(0)) == 1  # so is a 0-d array
 
+
+def test_block_tables_width_is_bounded_by_the_pool():
+    # no table is longer than the pool; width=2**31-1 allocated an 8 GB row
+    bm = BlockManager(4, 2, False)
+    bm.allocate(0, [1, 2, 3])
+    with pytest.raises(ValueError, match="width 2147483647 exceeds the pool's num_blocks 4"):
+        bm.block_tables([0], 2**31 - 1)
+    assert bm.block_tables([0], 4, -1).tolist() == [[0, 1, -1, -1]]
+    out = np.zeros((1, 6), np.int32)  # a caller's wider buffer is still written
+    assert bm.block_tables([0], 0, -1, out=out).tolist() == [[0, 1, -1, -1, -1, -1]]
