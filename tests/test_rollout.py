@@ -175,6 +175,24 @@ def test_prefix_cache_reuses_prompt_blocks_until_reset(models, prompts):
     assert engine.last_stats["cached_tokens"] == 0
 
 
+def test_identical_prompts_in_one_call_share_the_prompt_blocks(models, prompts):
+    # the copies were admitted before any was prefilled: each computed and held all 4 blocks. The later
+    # ones now wait one step (not one each) and take the first's 3 full blocks from the prefix cache.
+    _, model = models
+    engine = Engine(model, block_size=4, num_blocks=64)
+    rec = engine.block_manager = RecordingBlockManager(engine.block_manager)
+    params = SamplingParams(n=2, temperature=1.0, max_tokens=4, seed=5, ignore_eos=True)
+    copies = [prompts[4]] * 3  # 13 tokens: 3 full blocks + 1
+    shared = engine.generate(copies, params)
+    assert [u for name, u in rec.used if name == "allocate"] == [4, 5, 6]
+    assert engine.last_stats["cached_tokens"] == 24 and engine.last_stats["prefill"] == 2
+    alone = Engine(model, block_size=4, num_blocks=64, enable_prefix_caching=False).generate(copies, params)
+    for a, b in zip(shared, alone):
+        for x, y in zip(a.completions, b.completions):
+            assert x.token_ids == y.token_ids
+            torch.testing.assert_close(torch.tensor(x.logprobs), torch.tensor(y.logprobs), rtol=0, atol=1e-5)
+
+
 def test_a_weight_update_drops_the_cached_prompt_blocks_without_a_reset(tmp_path, models, prompts):
     """A user who updates the weights and forgets reset_prefix_cache() got completions from prompt KV
     the old weights made: the engine now notices an in-place update and computes the prompt again."""

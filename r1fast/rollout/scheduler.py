@@ -11,7 +11,9 @@ schedule_ahead() plans a decode step while the previous one's tokens are still o
 engine overlaps its host work with the GPU); it declines whenever the step would need them: to
 admit or prefill a sequence, or to preempt one.
 A group (the n samples of a prompt) is admitted as one sequence whose prompt is prefilled once; it
-counts n against max_num_seqs from admission on.
+counts n against max_num_seqs from admission on. With the prefix cache on, a prompt identical to one
+being prefilled waits for that prefill and then takes its full blocks from the cache (later prompts
+are admitted meanwhile).
 """
 from __future__ import annotations
 
@@ -134,16 +136,35 @@ class Scheduler:
         return self.bm.blocks_to_allocate(tokens) + headroom <= self.bm.num_free_blocks
 
     def _admit(self):
+        held = []        # twins of a prompt being prefilled (below)
+        prefilling = None
         while self.waiting:
             seq = self.waiting[0]
             tokens = np.asarray(seq.tokens, dtype=np.int32)
             if not self._admissible(seq, tokens):
-                return
+                break
             self.waiting.popleft()
+            # A prompt identical to one whose full blocks are still being computed waits until they are in
+            # the prefix cache, then shares them: admitted together, both computed (and held) every block.
+            if self.bm.prefix_caching:
+                if prefilling is None:
+                    prefilling = {tuple(s.tokens) for s in self.prefilling if self._computing_full_blocks(s)}
+                if tuple(seq.tokens) in prefilling:
+                    held.append(seq)
+                    continue
             seq.num_computed = self.bm.allocate(seq.seq_id, tokens)
             self.num_cached_tokens += seq.num_computed
             seq.status = Status.PREFILL
             self.prefilling.append(seq)
+            if prefilling is not None and self._computing_full_blocks(seq):
+                prefilling.add(tuple(seq.tokens))
+        self.waiting.extendleft(reversed(held))
+
+    def _computing_full_blocks(self, seq: Sequence) -> bool:
+        """Whether some of the blocks a twin of seq could take from the prefix cache (every full block before
+        the one holding its last token) still lack their KV."""
+        bs = self.bm.block_size
+        return seq.num_computed < (len(seq) - 1) // bs * bs
 
     def schedule(self) -> PrefillBatch | DecodeBatch:
         self._admit()
