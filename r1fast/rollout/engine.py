@@ -40,7 +40,7 @@ from r1fast.rollout.scheduler import DecodeBatch, Scheduler
 from r1fast.rollout.sequence import Sequence, Status
 
 
-# a float parameter's bits as the signed integer of its width (the weights' checksum in Engine._weights_signature)
+# a float parameter's bits as the signed integer of its width (the weights' checksums in Engine._weights_signature)
 _INT_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
@@ -52,13 +52,27 @@ def _version(p: torch.Tensor) -> int | None:
         return None
 
 
-def _bit_sum(p: torch.Tensor) -> torch.Tensor | None:
-    """The sum of p's bits read as integers of their width, modulo 2^bits (exact: a change of any one element
-    shows; no widened copy, which for a bf16 embedding on the GPU was a 4x larger temporary). None where a
-    tensor subclass (an FP8 library's weight) has no such view: its version counter alone speaks for it."""
+# elements per clamp in _bit_sums: bounds its temporary (16 MB of int32) whatever a parameter's size
+_SIGN_CHUNK = 1 << 22
+
+
+def _bit_sums(p: torch.Tensor) -> torch.Tensor | None:
+    """[sum of p's bits read as integers of their width, sum of the negative ones], each modulo 2^bits (exact:
+    a change of any one element shows in the first; no widened copy, which for a bf16 embedding on the GPU was
+    a 4x larger temporary). A sign flip moves the first by 2^(bits-1), its own negative modulo 2^bits, so an
+    even number of flips through p.data (p.data.neg_() on an even count) left it unchanged; it moves the
+    second by the element's magnitude, into or out of the negatives, so flips cancel there only where the
+    magnitudes turned negative sum to those turned positive. None where a tensor subclass (an FP8 library's
+    weight) has no such view: its version counter alone speaks for it."""
     try:
         bits = p.detach().view(_INT_OF_SIZE[p.element_size()])
-        return bits.sum(dtype=bits.dtype).long()
+        flat = bits.reshape(-1)
+        negative = torch.zeros((), dtype=bits.dtype, device=bits.device)
+        scratch = torch.empty(min(flat.numel(), _SIGN_CHUNK), dtype=bits.dtype, device=bits.device)
+        for chunk in flat.split(_SIGN_CHUNK):  # one scratch buffer: a fresh one per chunk page-faulted on the CPU
+            part = torch.clamp(chunk, max=0, out=scratch[: chunk.numel()])
+            negative += part.sum(dtype=bits.dtype)
+        return torch.stack([bits.sum(dtype=bits.dtype), negative]).long()
     except (RuntimeError, TypeError, KeyError, NotImplementedError):
         return None
 
@@ -206,20 +220,20 @@ class Engine:
         self.block_manager.reset_prefix_cache()
 
     def _weights_signature(self):
-        """Per parameter (storage, in-place version, sum of its bits read as integers): it changes whenever a
+        """Per parameter (storage, in-place version, sums of its bits read as integers): it changes whenever a
         weight does, so a cached prompt block's KV is never reused on other weights. The version counter alone
         missed writes through `p.data` and fused optimizers (torch.optim.AdamW(fused=True) bumps no version),
-        and parameters made under torch.inference_mode count none; the bit sum (exact integer arithmetic:
-        any one element's change shows) catches those, for one read of the weights per call (each decode step
-        reads them too)."""
+        and parameters made under torch.inference_mode count none; the bit sums (exact integer arithmetic:
+        any one element's change, and sign flips, show) catch those, for a few passes over the weights per
+        call (each decode step reads them once)."""
         params = list(self.model.parameters())
         if not params:
             return ()
         with torch.no_grad():
-            sums = [_bit_sum(p) for p in params]
+            sums = [_bit_sums(p) for p in params]
             known = [s for s in sums if s is not None]
             known = iter(torch.stack(known).tolist() if known else [])  # one device sync
-            sums = [None if s is None else next(known) for s in sums]
+            sums = [None if s is None else tuple(next(known)) for s in sums]
         return tuple((p.data_ptr(), _version(p), s) for p, s in zip(params, sums))
 
     def _check_weights(self):
