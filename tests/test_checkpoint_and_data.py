@@ -994,6 +994,42 @@ def test_resuming_a_set_aside_checkpoint_sets_aside_the_branch_it_leaves_and_is_
     assert ckpt.take_back(str(run), str(run / "checkpoint-4")) is None   # a checkpoint of the run's own: as it was
 
 
+def test_resuming_a_set_aside_checkpoint_with_this_pid_or_through_a_symlink_is_its_runs_again(tmp_path):
+    def branch(run, resumed_name):
+        for name, tag in (("checkpoint-3", "c3"), ("checkpoint-4", "left"), ("checkpoint-5", "left"),
+                          ("abandoned-checkpoint-4", "older"), (resumed_name, "resumed")):
+            (run / name).mkdir(parents=True, exist_ok=True)
+            (run / name / ckpt.STATE_FILE).write_text(json.dumps({"tag": tag}))
+
+    def tags(run):
+        return {name: json.loads((run / name / ckpt.STATE_FILE).read_text())["tag"] for name in os.listdir(run)}
+
+    # abandoned-checkpoint-4.<pid> resumed by a process of that id (a container's restarted job): setting aside the
+    # left branch's checkpoint-4 renamed it onto the resumed folder, OSError ENOTEMPTY after the load
+    run, pid = tmp_path / "run", os.getpid()
+    branch(run, f"abandoned-checkpoint-4.{pid}")
+    resumed = str(run / f"abandoned-checkpoint-4.{pid}")
+    assert ckpt.set_aside_newer(str(run), resumed) == [str(run / f"abandoned-checkpoint-4.{pid + 1}"),
+                                                       str(run / "abandoned-checkpoint-5")]
+    assert ckpt.take_back(str(run), resumed) == str(run / "checkpoint-4")
+    assert tags(run) == {"checkpoint-3": "c3", "checkpoint-4": "resumed", "abandoned-checkpoint-4": "older",
+                         f"abandoned-checkpoint-4.{pid + 1}": "left", "abandoned-checkpoint-5": "left"}
+    # --resume ./best (best -> run/abandoned-checkpoint-4): the left branch was set aside but the resumed one kept its
+    # set-aside name, so a bare --resume after a kill went back to checkpoint-3
+    run = tmp_path / "run2"
+    branch(run, "abandoned-checkpoint-4")
+    os.symlink(run / "abandoned-checkpoint-4", tmp_path / "best")
+    ckpt.set_aside_newer(str(run), str(tmp_path / "best"))
+    assert ckpt.take_back(str(run), str(tmp_path / "best")) == str(run / "checkpoint-4")
+    assert ckpt.latest_checkpoint(str(run)) == str(run / "checkpoint-4") and tags(run)["checkpoint-4"] == "resumed"
+    # the same through a link inside the run folder
+    run = tmp_path / "run3"
+    branch(run, "abandoned-checkpoint-4")
+    os.symlink("abandoned-checkpoint-4", run / "best")
+    ckpt.set_aside_newer(str(run), str(run / "best"))
+    assert ckpt.take_back(str(run), str(run / "best")) == str(run / "checkpoint-4")
+
+
 def test_a_symlink_to_a_checkpoint_in_output_dir_resumes_in_place(tmp_path):
     # `--resume latest` (latest -> run/checkpoint-1) was taken for another run's checkpoint: refused, and with
     # overwrite_output_dir=true the run's checkpoints were deleted, the resumed one included; nothing was set aside

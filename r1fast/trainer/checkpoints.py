@@ -154,27 +154,49 @@ def set_aside_newer(run_dir: str, resume_path: str) -> list[str]:
     moved = []
     for step, path in list_checkpoints(run_dir):
         if step >= first_left:
-            target = os.path.join(run_dir, "abandoned-" + os.path.basename(path))
-            if os.path.exists(target):
-                target += f".{os.getpid()}"
+            target = _free_set_aside_name(run_dir, os.path.basename(path))
             os.rename(path, target)
             moved.append(target)
     return moved
+
+
+def _free_set_aside_name(run_dir: str, name: str) -> str:
+    """abandoned-<name>, else abandoned-<name>.<n> for the first n from the process id on that is free: the
+    `.<pid>` alone was taken where a process of the same id (a container's restarted job) had set aside that
+    step before, the resumed abandoned-checkpoint-<step>.<pid> included, and the rename failed (ENOTEMPTY)."""
+    target = os.path.join(run_dir, "abandoned-" + name)
+    n = os.getpid()
+    while os.path.lexists(target):
+        target = os.path.join(run_dir, f"abandoned-{name}.{n}")
+        n += 1
+    return target
 
 
 def take_back(run_dir: str, resume_path: str) -> Optional[str]:
     """A resume from a set-aside checkpoint in run_dir (after set_aside_newer) names it checkpoint-<step> again, so
     that the run's later saves prune and a bare --resume goes on from it: kept set aside, a kill before the run's
     next save resumed the other branch's older checkpoint. Returns the new path, or None."""
-    name = os.path.basename(os.path.normpath(resume_path))
-    m = _SET_ASIDE_RE.match(name)
-    if m is None or not _resumes_in_place(run_dir, resume_path):
+    name = next((n for n in _names_in(run_dir, resume_path) if _SET_ASIDE_RE.match(n)), None)
+    if name is None:
         return None
+    m = _SET_ASIDE_RE.match(name)
     target = os.path.join(run_dir, f"checkpoint-{m.group(1)}")
     if os.path.lexists(target):
         return None
     os.rename(os.path.join(run_dir, name), target)
     return target
+
+
+def _names_in(run_dir: str, resume_path: str) -> list[str]:
+    """The resumed checkpoint's names in run_dir: the name given where it sits in run_dir, and the name a symlink to
+    it leads to where that is in run_dir (`--resume ./best`, best -> run/abandoned-checkpoint-4: taken by its own
+    name, 'best', it was never named checkpoint-4 again); none for another folder's checkpoint."""
+    names = []
+    if _same_folder(run_dir, os.path.dirname(resume_path.rstrip(os.sep)) or os.curdir):
+        names.append(os.path.basename(os.path.normpath(resume_path)))
+    if _same_folder(run_dir, _checkpoint_home(resume_path)):
+        names.append(os.path.basename(os.path.realpath(resume_path)))
+    return names
 
 
 class RunFolderInUse(ValueError):
