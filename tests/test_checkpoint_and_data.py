@@ -255,6 +255,32 @@ def test_a_symlinked_checkpoint_or_run_file_is_written_where_the_link_leads(tmp_
     assert (disk2 / "metrics.jsonl").read_text() == "new\n"
 
 
+def test_a_symlinked_checkpoint_replaced_by_a_save_killed_between_its_renames_is_put_back(tmp_path, monkeypatch):
+    # the old checkpoint-3 renamed aside beside the link's target, the run stopped before the new one was renamed in:
+    # the link dangled, remove_save_leftovers looked for checkpoint-3.old-<pid> in the run folder only, and a bare
+    # --resume found no checkpoint (the run began again from its first step)
+    model = _model(build_char_tokenizer())
+    run, disk2 = tmp_path / "run", tmp_path / "disk2"
+    ckpt.save_checkpoint(str(disk2), 3, model=model, state={"saved": "first"})
+    run.mkdir()
+    os.symlink(disk2 / "checkpoint-3", run / "checkpoint-3")
+    real_rename = os.rename
+
+    def killed_after_the_first(src, dst):
+        real_rename(src, dst)
+        if str(dst).endswith(f"checkpoint-3.old-{os.getpid()}"):
+            raise SystemExit("killed")
+
+    monkeypatch.setattr(os, "rename", killed_after_the_first)
+    with pytest.raises(SystemExit):
+        ckpt.save_checkpoint(str(run), 3, model=model, state={"saved": "again"})
+    monkeypatch.setattr(os, "rename", real_rename)
+    assert ckpt.latest_checkpoint(str(run)) is None   # the link dangles
+    ckpt.remove_save_leftovers(str(run))
+    assert ckpt.latest_checkpoint(str(run)) == str(run / "checkpoint-3") and os.path.islink(run / "checkpoint-3")
+    assert json.loads((disk2 / "checkpoint-3" / ckpt.STATE_FILE).read_text())["saved"] == "first"
+
+
 def test_failed_write_leaves_no_checkpoint(tmp_path, monkeypatch):
     tok = build_char_tokenizer()
     model = _model(tok)

@@ -377,6 +377,22 @@ def remove_save_leftovers(run_dir: str):
                 remove_folder(path)
             else:
                 os.rename(path, base)
+        elif _CKPT_RE.match(name) and os.path.islink(path) and not os.path.exists(path):
+            _put_back_linked(path)
+
+
+def _put_back_linked(link: str):
+    """A checkpoint-N that is a symlink (moved to another disk) is replaced where it leads (write_target): a save
+    killed between its two renames left the link dangling and the old, complete checkpoint beside its target as
+    <target>.old-<pid>, where the scan of run_dir above never looks: no checkpoint-N to resume. It is put back."""
+    target = os.path.realpath(link)
+    folder, name = os.path.split(target)
+    old = re.compile(rf"^{re.escape(name)}\.old-\d+$")
+    with contextlib.suppress(OSError):   # the link's disk not mounted: nothing to put back now
+        for entry in sorted(os.listdir(folder)):
+            if old.match(entry) and os.path.isfile(os.path.join(folder, entry, STATE_FILE)):
+                os.rename(os.path.join(folder, entry), target)
+                return
 
 
 # -- RNG ---------------------------------------------------------------------------------------
