@@ -384,7 +384,8 @@ def test_a_replaced_file_is_written_under_a_name_of_its_own_and_a_killed_writers
     left = [n.name for n in tmp_path.iterdir()]
     assert len(left) == 1 and temp_pattern("kept.jsonl").match(left[0]), left
     theirs = {"kept.jsonl.tmp": "mine", f".kept.jsonl.tmp-{os.getppid()}-abcd1234": "a live writer's",
-              ".kept.jsonl.tmp-1-not_ours": "mine", ".other.jsonl.tmp-1-abcd1234": "another file's"}
+              ".kept.jsonl.tmp-1-not_ours": "mine", ".other.jsonl.tmp-1-abcd1234": "another file's",
+              ".kept.jsonl.tmp-99999999999-abcd1234": "past any pid (os.kill raised OverflowError)"}
     for name, text in theirs.items():
         (tmp_path / name).write_text(text)
     (tmp_path / f".kept.jsonl.tmp-{os.getpid()}-abcd1234").write_text("this process's, not being written")

@@ -191,6 +191,8 @@ def _writer_gone(pid: int, tmp: str) -> bool:
         return True
     except OSError:
         return False   # another user's live process
+    except OverflowError:
+        return False   # past any pid: a name like ours, not a temp of ours
     return False
 
 
