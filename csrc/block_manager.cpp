@@ -445,8 +445,8 @@ void register_block_manager(py::module_& m) {
                               const py::object& pad_obj, const py::object& out_obj) -> py::object {
         std::int64_t width = int_arg(width_obj, "block_tables", "width", 0, kI64Max);
         // no table is longer than the pool, so wider rows would be padding only, and were allocated as asked
-        // (width=2**31-1 took 8 GB a row)
-        if (width > bm.num_blocks())
+        // (width=2**31-1 took 8 GB a row); a caller's out= buffer allocates nothing, so only its own width bounds it
+        if (out_obj.is_none() && width > bm.num_blocks())
           fail("BlockManager.block_tables: width ", width, " exceeds the pool's num_blocks ", bm.num_blocks(),
                " (no block table is longer); pass out= for wider rows");
         const auto pad = static_cast<std::int32_t>(int_arg(pad_obj, "block_tables", "pad", INT32_MIN, INT32_MAX));

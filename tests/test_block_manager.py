@@ -657,3 +657,7 @@ def test_block_tables_width_is_bounded_by_the_pool():
     assert bm.block_tables([0], 4, -1).tolist() == [[0, 1, -1, -1]]
     out = np.zeros((1, 6), np.int32)  # a caller's wider buffer is still written
     assert bm.block_tables([0], 0, -1, out=out).tolist() == [[0, 1, -1, -1, -1, -1]]
+    # with out= nothing is allocated: a width up to the buffer's is a minimum, not refused with "pass out="
+    assert bm.block_tables([0], 6, -2, out=out).tolist() == [[0, 1, -2, -2, -2, -2]]
+    with pytest.raises(ValueError, match=r"out is \[1, 6\], needs at least \[1, 7\]"):
+        bm.block_tables([0], 7, -1, out=out)
