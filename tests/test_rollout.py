@@ -256,6 +256,27 @@ def test_a_weight_change_no_version_counter_records_drops_the_cached_prompt_bloc
         torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float8_e4m3fn])
+def test_weight_bit_sums_are_exact_in_one_piece_and_chunk_by_chunk(monkeypatch, dtype):
+    # parameters up to one chunk take a single clamp (the chunk loop's extra ops per parameter made the
+    # check 4x slower on models of many small parameters); both ways must give the exact wrapped sums
+    from r1fast.rollout import engine as engine_module
+
+    g = torch.Generator().manual_seed(2)
+    for numel in (0, 1, 37, 64):
+        p = torch.randn(numel, generator=g).to(dtype)
+        bits = p.view(engine_module._INT_OF_SIZE[p.element_size()])
+        wrap = 1 << (8 * p.element_size())
+
+        def wrapped(v: int) -> int:
+            return (v + wrap // 2) % wrap - wrap // 2
+
+        want = [wrapped(int(bits.long().sum())), wrapped(int(bits.long().clamp(max=0).sum()))]
+        for chunk in (1 << 22, 16):  # one piece; chunks of 16 (a last partial one)
+            monkeypatch.setattr(engine_module, "_SIGN_CHUNK", chunk)
+            assert engine_module._bit_sums(p).tolist() == want, (numel, chunk)
+
+
 def test_a_model_cast_after_the_engine_was_built_is_a_clear_error(models, prompts):
     # model.to(bfloat16) after Engine(model): the KV cache stayed fp32 and generate() failed inside store_kv
     # ("key, value, k_cache, v_cache must share a float dtype")

@@ -66,9 +66,11 @@ def _bit_sums(p: torch.Tensor) -> torch.Tensor | None:
     weight) has no such view: its version counter alone speaks for it."""
     try:
         bits = p.detach().view(_INT_OF_SIZE[p.element_size()])
+        if bits.numel() <= _SIGN_CHUNK:  # one clamp: the loop's four extra ops per parameter cost 4x the sums
+            return torch.stack([bits.sum(dtype=bits.dtype), bits.clamp(max=0).sum(dtype=bits.dtype)]).long()
         flat = bits.reshape(-1)
         negative = torch.zeros((), dtype=bits.dtype, device=bits.device)
-        scratch = torch.empty(min(flat.numel(), _SIGN_CHUNK), dtype=bits.dtype, device=bits.device)
+        scratch = torch.empty(_SIGN_CHUNK, dtype=bits.dtype, device=bits.device)
         for chunk in flat.split(_SIGN_CHUNK):  # one scratch buffer: a fresh one per chunk page-faulted on the CPU
             part = torch.clamp(chunk, max=0, out=scratch[: chunk.numel()])
             negative += part.sum(dtype=bits.dtype)
