@@ -316,20 +316,43 @@ I64 i64_array(const py::object& o, const char* name) { return int_array<std::int
 constexpr std::int64_t kI64Min = std::numeric_limits<std::int64_t>::min();
 constexpr std::int64_t kI64Max = std::numeric_limits<std::int64_t>::max();
 
+// Whether obj holds several values (a sequence, or an array or tensor of one or more dimensions) rather than
+// one. Tensors are read through __array__, as the array arguments read them: a 1-D tensor's __index__ answers
+// only for one element, so blocks_to_append(torch.tensor([1, 2])) failed inside int_arg.
+bool is_array_of_values(const py::handle& obj) {
+  if (PyLong_Check(obj.ptr())) return false;
+  if (py::isinstance<py::array>(obj)) return py::reinterpret_borrow<py::array>(obj).ndim() != 0;  // 0-d: one value
+  if (py::isinstance<py::sequence>(obj)) return true;
+  const py::array a = py::array::ensure(obj);  // null (error cleared) where numpy cannot read obj
+  return a && a.ndim() != 0;
+}
+
+// A bool, numpy bool or bool tensor: the last two have an __index__ too (torch.tensor(True) read as 1).
+bool holds_bool(const py::handle& obj) {
+  if (PyLong_Check(obj.ptr())) return PyBool_Check(obj.ptr());
+  const py::array a = py::array::ensure(obj);
+  return a && a.dtype().kind() == 'b';
+}
+
+[[noreturn]] void not_an_int(const py::handle& value, const char* fn, const char* name) {
+  std::string got = py::str(py::type::of(value).attr("__name__"));
+  if (py::hasattr(value, "dtype")) {  // a 0-d array or tensor; numpy scalars are named by their dtype already
+    const std::string dtype = py::str(value.attr("dtype"));
+    if (dtype != got) got += " of dtype " + dtype;
+  }
+  throw py::type_error(std::string("BlockManager.") + fn + ": " + name + " must be an int, got " + got);
+}
+
 // A Python int argument (or a numpy integer) checked against [lo, hi]. Taking py::object instead of
 // std::int64_t/int32_t: pybind's casters turned an out-of-range int into "incompatible function
 // arguments", which names neither the argument nor the range.
-bool is_array_of_values(const py::handle& obj) {
-  if (py::isinstance<py::array>(obj)) return py::reinterpret_borrow<py::array>(obj).ndim() != 0;  // 0-d: one value
-  return py::isinstance<py::sequence>(obj);
-}
-
 std::int64_t int_arg(const py::handle& value, const char* fn, const char* name, std::int64_t lo, std::int64_t hi) {
-  if (PyBool_Check(value.ptr()) || !PyIndex_Check(value.ptr()) || is_array_of_values(value))
-    throw py::type_error(std::string("BlockManager.") + fn + ": " + name + " must be an int, got " +
-                         std::string(py::str(py::type::of(value).attr("__name__"))));
+  if (holds_bool(value) || !PyIndex_Check(value.ptr()) || is_array_of_values(value)) not_an_int(value, fn, name);
   const py::object index = py::reinterpret_steal<py::object>(PyNumber_Index(value.ptr()));
-  if (!index) throw py::error_already_set();
+  if (!index) {  // a 0-d float array or tensor has an __index__ that refuses, naming neither fn nor name
+    PyErr_Clear();
+    not_an_int(value, fn, name);
+  }
   int overflow = 0;
   const long long v = PyLong_AsLongLongAndOverflow(index.ptr(), &overflow);
   if (overflow != 0 || v < lo || v > hi)

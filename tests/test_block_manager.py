@@ -661,3 +661,26 @@ def test_block_tables_width_is_bounded_by_the_pool():
     assert bm.block_tables([0], 6, -2, out=out).tolist() == [[0, 1, -2, -2, -2, -2]]
     with pytest.raises(ValueError, match=r"out is \[1, 6\], needs at least \[1, 7\]"):
         bm.block_tables([0], 7, -1, out=out)
+
+
+def test_int_arguments_read_tensors_and_0d_arrays_as_the_array_arguments_do():
+    # a tensor's __index__ answers for one element only: blocks_to_append(torch.tensor([1, 2])) (an array of ids,
+    # as numpy reads it) failed with torch's "only integer tensors of a single element ...", torch.tensor(True)
+    # was taken for the id 1, and np.array(1.0) failed with numpy's message, naming neither method nor argument
+    torch = pytest.importorskip("torch")
+    bm = BlockManager(8, 4, True)
+    bm.allocate(1, [1, 2, 3, 4])
+    bm.allocate(2, [1, 2, 3])
+    assert bm.blocks_to_append(torch.tensor([1, 2])) == bm.blocks_to_append([1, 2]) == 1
+    assert bm.blocks_to_append(torch.tensor(1)) == bm.blocks_to_append(np.int64(1)) == 1  # 0-d: one id
+    for call, message in [
+        (lambda: bm.append(2, torch.tensor(True)), "append: token must be an int, got Tensor of dtype torch.bool"),
+        (lambda: bm.append(2, np.array(True)), "append: token must be an int, got ndarray of dtype bool"),
+        (lambda: bm.has_seq(np.array(1.0)), "has_seq: seq_id must be an int, got ndarray of dtype float64"),
+        (lambda: bm.free(torch.tensor(1.0)), "free: seq_id must be an int, got Tensor of dtype torch.float32"),
+        (lambda: bm.free(torch.tensor([1])), "free: seq_id must be an int, got Tensor of dtype torch.int64"),
+    ]:
+        with pytest.raises(TypeError, match=message):
+            call()
+    assert bm.num_tokens(2) == 3 and bm.has_seq(1)
+    bm.check_invariants()
