@@ -485,6 +485,8 @@ def test_autocast_output_takes_the_autocast_dtype_fp16_too():
 def test_double_backward_through_an_fp8_layer_is_a_clear_error(impl):
     # A gradient penalty differentiates the layer's input gradient. The FP8 backward GEMMs record no
     # graph, so that second backward used to return the weight gradient without the penalty's term.
+    if impl == "torch":
+        _skip_without_cpu_scaled_mm("rowwise")   # fp8_linear's default scaling; torch 2.11's CPU kernel lacks it
     torch.manual_seed(80)
     x = torch.randn(8, 32, requires_grad=True)
     w = torch.randn(16, 32, requires_grad=True)
