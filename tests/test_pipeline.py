@@ -3,6 +3,7 @@ can start fresh, resume skips finished stages, and the commands report bad input
 import json
 import os
 import shutil
+import sys
 
 import pytest
 import torch
@@ -183,6 +184,7 @@ def test_cli_grpo_yaml_and_plot(tmp_path, monkeypatch):
     tokens = [r["num_tokens"] for r in rows]
     assert 0 < tokens[0] < tokens[1] < tokens[2] and tokens[2] - tokens[1] == pytest.approx(tokens[0], rel=0.5)
     assert rows[0]["epoch"] > 0 and [r["epoch"] for r in rows] == pytest.approx([rows[0]["epoch"] * k for k in (1, 2, 3)])
+    pytest.importorskip("matplotlib")
     assert main(["plot", str(run)]) == 0
     assert (run / "curves.png").stat().st_size > 1000
 
@@ -772,10 +774,18 @@ def test_an_eval_dataset_without_answers_is_an_error_before_the_first_stage_trai
         main(["pipeline", str(spec), f"output_dir={tmp_path / 'run'}"])
 
 
-def test_plot_names_a_bad_metrics_line(tmp_path):
+def test_plot_names_a_bad_metrics_line(tmp_path, monkeypatch):
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo\n')
     with pytest.raises(SystemExit, match=r"metrics.jsonl line 2: not valid JSON"):
         main(["plot", str(tmp_path)])
+    (tmp_path / "logged_nothing").mkdir()
+    with monkeypatch.context() as without_matplotlib:   # the file's problem, not "pip install matplotlib"
+        without_matplotlib.setitem(sys.modules, "matplotlib", None)
+        without_matplotlib.setitem(sys.modules, "matplotlib.figure", None)
+        with pytest.raises(SystemExit, match=r"metrics.jsonl line 2: not valid JSON"):
+            main(["plot", str(tmp_path)])
+        with pytest.raises(SystemExit, match="no metrics.jsonl"):
+            main(["plot", str(tmp_path / "logged_nothing")])
     # a run still writing its last line (no newline yet): plotted without it, as the next look will have it
     pytest.importorskip("matplotlib")
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')

@@ -18,6 +18,10 @@ PANELS = [
 
 
 def plot_run(run_dir: str, out: str | None = None) -> str:
+    # the metrics first: a missing or broken metrics.jsonl is named even where matplotlib is not installed
+    rows = run_metrics(run_dir)
+    if not rows:
+        raise ValueError(f"{run_dir}: metrics.jsonl is empty")
     try:
         # a Figure of its own, not pyplot's: matplotlib.use("Agg") switched the caller's backend for the
         # rest of the process (a notebook's inline plots stopped showing), and a figure whose save failed
@@ -25,9 +29,6 @@ def plot_run(run_dir: str, out: str | None = None) -> str:
         import matplotlib.figure
     except ImportError:
         raise SystemExit("r1fast plot needs matplotlib: pip install matplotlib") from None
-    rows = run_metrics(run_dir)
-    if not rows:
-        raise ValueError(f"{run_dir}: metrics.jsonl is empty")
     fig = matplotlib.figure.Figure(figsize=(14, 7))
     axes = fig.subplots(2, 3)
     for ax, (title, keys) in zip(axes.flat, PANELS):
