@@ -565,11 +565,11 @@ def read_csv(path: Path) -> list[dict]:
 
 def plot(csv_paths: list[Path], out_png: Path) -> Path:
     """One panel per suite: time per case, one bar per provider, % of floor written on r1fast's bars."""
-    import matplotlib.figure   # not pyplot: matplotlib.use("Agg") switched the caller's backend
-
+    # the CSVs first: one that is not a results file is named even where matplotlib is not installed
     rows = [r for p in csv_paths for r in read_csv(p) if r["metric"] == "time_ms"]
     if not rows:
         raise ValueError(f"no time_ms rows in {', '.join(map(str, csv_paths))}")
+    import matplotlib.figure   # not pyplot: matplotlib.use("Agg") switched the caller's backend
     suites = sorted({r["suite"] for r in rows})
     fig = matplotlib.figure.Figure(figsize=(10, 3.2 * len(suites)))
     axes = fig.subplots(len(suites), 1, squeeze=False)
