@@ -486,7 +486,7 @@ def test_arithmetic_task_is_consistent_and_seeded():
 
 
 def test_load_rows_from_files(tmp_path):
-    import datasets
+    datasets = pytest.importorskip("datasets")
 
     rows = [{"prompt": "1+1=", "answer": "2"}, {"prompt": "2+2=", "answer": "4"}]
     jl = tmp_path / "d.jsonl"

@@ -185,6 +185,7 @@ def test_explicit_no_op_generation_config_values_are_not_refused():
     """transformers 4.x wrote the neutral values out (num_beams 1, no_repeat_ngram_size 0...): they do nothing."""
     from transformers import GenerationConfig
 
+    pytest.importorskip("trl")   # r1fast.integrations.trl subclasses trl.GRPOTrainer
     from r1fast.integrations.trl import generation_problems
 
     model = torch.nn.Module()
@@ -294,6 +295,7 @@ def test_every_generation_config_field_the_engine_cannot_apply_is_refused():
     """Each of transformers' generation_config logits processors, set to a value that does something, is named."""
     from transformers import GenerationConfig
 
+    pytest.importorskip("trl")   # r1fast.integrations.trl subclasses trl.GRPOTrainer
     from r1fast.integrations.trl import _HF_GENERATION_EXTRAS, generation_problems
 
     assert set(HF_GENERATION_EXTRA_VALUES) == set(_HF_GENERATION_EXTRAS)
@@ -309,6 +311,7 @@ def test_every_generation_config_field_the_engine_cannot_apply_is_refused():
 def test_other_generation_backends_refused_with_r1fast_generation(option):
     import types
 
+    pytest.importorskip("trl")   # r1fast.integrations.trl subclasses trl.GRPOTrainer
     from r1fast.integrations.trl import generation_problems
 
     (problem,) = generation_problems(types.SimpleNamespace(**{option: True}))
@@ -374,6 +377,7 @@ def test_engine_sized_for_the_generation_batch_and_completion_length(tmp_path):
     """max_num_seqs is this process's share of TRL's generation batch (4 prompts x steps_per_generation 4), and
     (in a context longer than it) the KV pool holds every seat's max_completion_length after a prompt of
     PROMPT_TOKENS_PER_SEAT tokens: on the CPU, whose memory never binds here, exactly that many blocks."""
+    pytest.importorskip("trl")   # r1fast.integrations.trl subclasses trl.GRPOTrainer
     from r1fast.integrations.trl import PROMPT_TOKENS_PER_SEAT
 
     path = save_tiny_qwen2(tmp_path / "m", seed=0)

@@ -1154,7 +1154,7 @@ def test_rejection_sampling_takes_a_model_name_a_dataset_path_or_a_datasets_data
     # as the trainers do: a model name was "'NoneType' object is not callable", a path was read as characters
     # ("lacks column(s) ['prompt']; it has ['b']"), a datasets.Dataset with max_prompts was sliced into its
     # columns ("string indices must be integers"), and cfg=None was an AttributeError
-    import datasets
+    datasets = pytest.importorskip("datasets")
 
     from r1fast.trainer.config import SampleConfig
     from r1fast.trainer.sampling import rejection_sample
