@@ -604,6 +604,7 @@ def test_wandb_init_failing_closes_the_tensorboard_writer_and_names_wandb(tmp_pa
     import sys
     import types
 
+    pytest.importorskip("tensorboard")   # torch.utils.tensorboard needs it
     import torch.utils.tensorboard as tensorboard
     from r1fast.trainer.config import ConfigError
     from r1fast.trainer.metrics import MetricsLogger
