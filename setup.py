@@ -108,12 +108,13 @@ class CMakeBuild(build_ext):
 
 
 packages = ["r1fast.kernels", "r1fast.bench", "r1fast.bench.suites"]
-packages += [p for p in find_packages(include=["r1fast", "r1fast.*"])]
+# configs/ holds data only (no __init__.py), so find_packages skips it; named here, its yaml files ship
+packages += [p for p in find_packages(include=["r1fast", "r1fast.*"])] + ["r1fast.configs"]
 
 setup(
     packages=packages,
     package_dir={"r1fast.kernels": "kernels", "r1fast.bench": "bench", "r1fast.bench.suites": "bench/suites"},
-    package_data={"r1fast": ["assets/**/*", "configs/*.yaml"]},
+    package_data={"r1fast.configs": ["*.yaml"]},
     ext_modules=[CMakeExtension("r1fast._C")],
     cmdclass={"build_ext": CMakeBuild},
 )
