@@ -166,7 +166,7 @@ def _grpo_loss_kernel(logp_ptr, old_ptr, ref_ptr, smp_ptr, ent_ptr, mask_ptr, ad
                 L = L * f
             g_lp = g_lp * f
             g_lw = g_lw * f
-            s_w += tl.sum(m * w, 0)
+            s_w += tl.sum(tl.where(act, m * w, 0.0), 0)  # a sequence-level w may be inf: not 0 * inf off the row
             w_min = tl.minimum(w_min, tl.min(tl.where(act, w, float("inf")), 0))
             w_max = tl.maximum(w_max, tl.max(tl.where(act, w, float("-inf")), 0))
         if KL != 0:
@@ -193,7 +193,9 @@ def _grpo_loss_kernel(logp_ptr, old_ptr, ref_ptr, smp_ptr, ent_ptr, mask_ptr, ad
                 g_lp += beta * g_kl
                 if KL_WEIGHTED:
                     g_lw += beta * kl
-            s_kl += tl.sum(m * kl, 0)
+            # active lanes only: a lane past the row's end or in its padding has kl 0 times the row's ratio,
+            # NaN where that is inf, which would hide the active tokens' inf (as in the reference)
+            s_kl += tl.sum(tl.where(act, m * kl, 0.0), 0)
         if HAS_ENT:
             ent = _load_active(ent_ptr, base, offs, ok, act)
             L -= entropy_coef * ent

@@ -446,6 +446,26 @@ def test_a_padding_token_leaves_an_inf_loss_inf_not_nan(backend):
     assert want == math.inf and loss == math.inf, (want, loss)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_padding_leaves_an_inf_kl_or_is_weight_mean_inf_not_nan(backend):
+    # the statistics' twin of the test above: row 0's sequence-level ratio (kl) and sequence-level TIS weight
+    # (is_weight/mean) are past float32, so both means are inf; a padding token (and a Triton lane past the
+    # row's end, no padding needed) held 0 * inf = NaN, which m * x summed into the mean
+    logp = torch.tensor([[-1.0, -1.5, -2.0], [-1.0, -1.5, -2.0]])
+    old = torch.tensor([[-300.0, -1.6, -2.2], [-1.2, -1.4, -2.0]])
+    smp = logp + 0.1 - torch.tensor([[120.0, 0.0, 0.0], [0.0, 0.0, 0.0]])  # row 0: exp(120) at sequence level
+    adv = torch.tensor([-0.8, 0.5])
+    pad = lambda t: torch.cat([t, torch.zeros(2, 1)], 1)  # noqa: E731
+    kl_opts = dict(importance_sampling_level="sequence", beta=0.04, use_bias_correction_kl=True, backend=backend)
+    tis_opts = dict(tis_level="sequence", tis_mode="truncate", backend=backend)
+    for f in (lambda t: t, pad):
+        _, stats = ops.grpo_loss(f(logp), f(old), f(logp + 0.1), adv, f(torch.ones(2, 3)), **kl_opts)
+        assert stats["kl"] == math.inf, stats["kl"]
+        _, stats = ops.grpo_loss(f(logp), f(logp + 0.1), None, adv, f(torch.ones(2, 3)), sampler_logp=f(smp),
+                                 **tis_opts)
+        assert stats["is_weight/mean"] == math.inf, stats["is_weight/mean"]
+
+
 def test_loss_options_defaults_follow_trl():
     trl_config = pytest.importorskip("trl.trainer.grpo_config")
     trl = {f.name: f.default for f in dataclasses.fields(trl_config.GRPOConfig)}

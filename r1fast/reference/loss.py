@@ -116,9 +116,15 @@ def _row_mean(x, mask):
     return (x * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp_min(1.0)
 
 
+def _active_sum(x, m):
+    """Σ m·x over the active tokens only: a masked token's x may be inf (a sequence-level weight or
+    bias-corrected KL past the dtype's range reaches the row's padding too), and 0 * inf would be NaN."""
+    return torch.where(m > 0, x, 0.0).mul(m).sum()
+
+
 def _weight_stats(stats, wb, m, denom, n_tok, totals):
     """is_weight/mean|min|max of the per-token weights wb [B, T] over the active tokens."""
-    stats["is_weight/mean"] = (wb * m).sum() / denom
+    stats["is_weight/mean"] = _active_sum(wb, m) / denom
     if totals is not None:
         stats["is_weight/min"] = torch.where(m > 0, wb, float("inf")).min()
         stats["is_weight/max"] = torch.where(m > 0, wb, float("-inf")).max()
@@ -209,7 +215,7 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, opts: LossOptions, ent
             kl = kl * torch.exp(lw)
         if opts.beta != 0.0:
             per_tok = per_tok + opts.beta * kl
-        stats["kl"] = (kl.detach() * m).sum() / denom
+        stats["kl"] = _active_sum(kl.detach(), m) / denom
     if entropy is not None:
         if opts.entropy_coef != 0.0:
             per_tok = per_tok - opts.entropy_coef * entropy.to(dt)
