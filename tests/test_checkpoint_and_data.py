@@ -5,6 +5,7 @@ import os
 import random
 import re
 import shutil
+import stat
 
 import pytest
 import torch
@@ -253,6 +254,22 @@ def test_a_symlinked_checkpoint_or_run_file_is_written_where_the_link_leads(tmp_
     assert sorted(os.listdir(disk2)) == ["checkpoint-3", "metrics.jsonl"]
     assert json.loads((disk2 / "checkpoint-3" / ckpt.STATE_FILE).read_text())["again"] == 1
     assert (disk2 / "metrics.jsonl").read_text() == "new\n"
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes here")
+def test_a_device_or_pipe_is_refused_not_replaced_by_a_regular_file(tmp_path):
+    # replacing() renamed its temporary file over a named pipe (and, run as root, over /dev/null: `r1fast sample
+    # output_file=/dev/null`, `r1fast plot --out /dev/null`), which became a regular file
+    from r1fast.trainer.metrics import replacing
+
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+    os.symlink(pipe, tmp_path / "link")
+    for path in (pipe, tmp_path / "link"):
+        with pytest.raises(OSError, match=r"not a regular file \(a device, pipe or socket\).*'.*pipe'"):
+            with replacing(str(path)) as f:
+                f.write("rows\n")
+    assert stat.S_ISFIFO(os.stat(pipe).st_mode) and sorted(os.listdir(tmp_path)) == ["link", "pipe"]
 
 
 def test_a_symlinked_checkpoint_replaced_by_a_save_killed_between_its_renames_is_put_back(tmp_path, monkeypatch):

@@ -334,6 +334,11 @@ def test_cli_names_a_path_it_cannot_write_in_one_line(tmp_path, monkeypatch):
                                          r"the samples would replace its prompts; give another output_file$"):
         main(["sample", "model_name_or_path=no_such_model", "dataset=d.jsonl", "output_file=./d.jsonl"])
     assert sorted(os.listdir(tmp_path)) == ["adir", "afile", "d.jsonl"]
+    if hasattr(os, "mkfifo"):   # a pipe (as root, /dev/null) became a regular file once every prompt was sampled
+        os.mkfifo(tmp_path / "pipe")
+        with pytest.raises(SystemExit, match=r"^r1fast sample: output_file 'pipe' is not a regular file \(a device, "
+                                             r"pipe or socket\).*name a JSONL file$"):
+            main(["sample", "model_name_or_path=no_such_model", "dataset=builtin:arithmetic", "output_file=pipe"])
 
 
 def test_a_sample_stages_output_file_that_cannot_be_written_is_refused_before_any_stage_runs(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
@@ -126,6 +127,7 @@ def replacing(path: str, binary: bool = False):
     (remove_stale_temps). `path` keeps its mode, as open(path, "w") keeps it, and a symlink stays one."""
     if os.path.islink(path):   # written where it leads, as open(path, "w") writes (models.checkpoint.write_target)
         path = os.path.realpath(path)
+    refuse_special_file(path)
     remove_stale_temps(path)
     folder, name = os.path.split(path)
     with writing(path):
@@ -150,6 +152,14 @@ def replacing(path: str, binary: bool = False):
         raise
     finally:
         _WRITING.discard(os.path.abspath(tmp))
+
+
+def refuse_special_file(path: str):
+    """A device, pipe or socket at `path` (/dev/null, a named pipe) is refused: the temporary file renamed over
+    it replaced it with a regular file (as root, /dev/null itself, for every process of the machine)."""
+    if os.path.exists(path) and not os.path.isfile(path) and not os.path.isdir(path):
+        raise OSError(errno.EINVAL, "not a regular file (a device, pipe or socket), which writing it by renaming a "
+                                    "new file over it would replace; name a file to write", path)
 
 
 # the temporary files this process is writing now (replacing): one of this process id not among them is a

@@ -179,6 +179,9 @@ def check_output_file(path: str, where: str = "output_file", dataset=None):
     if os.path.isdir(path) or path.endswith(("/", os.sep)) or os.path.basename(path) in ("", ".", ".."):
         raise ConfigError(f"{where} {path!r} is a folder; name the JSONL file to write "
                           f"(e.g. {os.path.join(path, 'samples.jsonl')!r})")
+    if os.path.exists(path) and not os.path.isfile(path):   # /dev/null: replaced by a regular file at the end
+        raise ConfigError(f"{where} {path!r} is not a regular file (a device, pipe or socket): the samples are "
+                          f"written to a new file renamed over it, which would replace it; name a JSONL file")
     folder = os.path.dirname(os.path.abspath(path))
     while not os.path.exists(folder):
         folder = os.path.dirname(folder)
