@@ -339,6 +339,21 @@ def test_cli_names_a_path_it_cannot_write_in_one_line(tmp_path, monkeypatch):
         with pytest.raises(SystemExit, match=r"^r1fast sample: output_file 'pipe' is not a regular file \(a device, "
                                              r"pipe or socket\).*name a JSONL file$"):
             main(["sample", "model_name_or_path=no_such_model", "dataset=builtin:arithmetic", "output_file=pipe"])
+    # a symlink to nothing (a disk not mounted): "[Errno 17] File exists: 'moved'" once the model had loaded, or
+    # (sample) once every prompt was sampled
+    os.symlink("gone/run", tmp_path / "moved")
+    for cmd in ("train", "sft"):
+        with pytest.raises(SystemExit, match=rf"^r1fast {cmd}: option 'output_dir' = 'moved/x': {tmp_path}/moved is a "
+                                             rf"symlink to 'gone/run', which does not exist; make that folder"):
+            main([cmd, "model_name_or_path=no_such_model", "dataset=builtin:arithmetic", "output_dir=moved/x"])
+    with pytest.raises(SystemExit, match=r"^r1fast sample: output_file 'moved/x.jsonl': .*/moved is a symlink to "
+                                         r"'gone/run', which does not exist"):
+        main(["sample", "model_name_or_path=no_such_model", "dataset=builtin:arithmetic", "output_file=moved/x.jsonl"])
+    os.symlink("gone/out.jsonl", tmp_path / "out.jsonl")
+    with pytest.raises(SystemExit, match=r"^r1fast sample: output_file 'out.jsonl' is a symlink to 'gone/out.jsonl', "
+                                         r"whose folder does not exist"):
+        main(["sample", "model_name_or_path=no_such_model", "dataset=builtin:arithmetic", "output_file=out.jsonl"])
+    assert not os.path.exists(tmp_path / "gone")
 
 
 def test_a_sample_stages_output_file_that_cannot_be_written_is_refused_before_any_stage_runs(tmp_path):

@@ -543,11 +543,26 @@ class _TrainingConfig(_Base):
         _check_run_folder(self.output_dir)
 
 
+def dangling_link(path: str) -> Optional[str]:
+    """The first of `path` and the folders above it that is a symlink to nothing (a disk not mounted, a folder
+    moved), or None. Under one, os.makedirs failed only once the model had loaded ("[Errno 17] File exists")."""
+    path = os.path.abspath(path)
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        if os.path.islink(path):
+            return path
+        path = os.path.dirname(path)
+    return None
+
+
 def _check_run_folder(output_dir: Optional[str]):
     """An output_dir that is a file, or under one: found before the model loads (a large one takes minutes),
     not as "[Errno 17] File exists" when the run began."""
     if not output_dir:
         return
+    link = dangling_link(output_dir)
+    if link is not None:
+        raise ConfigError(f"option 'output_dir' = {output_dir!r}: {link} is a symlink to {os.readlink(link)!r}, "
+                          f"which does not exist; make that folder (or mount its disk), or give another output_dir")
     path = os.path.abspath(output_dir)
     while not os.path.exists(path) and os.path.dirname(path) != path:
         path = os.path.dirname(path)
