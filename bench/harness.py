@@ -550,16 +550,22 @@ def write_results(rows: list[dict], out_dir: Path, device: torch.device, meta: d
 
 
 def read_csv(path: Path) -> list[dict]:
-    with open(path) as f:
-        reader = csv.DictReader(f)
-        missing = [c for c in ("suite", "case", "provider", "backend", "mode", "dtype", "metric", "p50",
-                               "pct_of_floor", "device") if c not in (reader.fieldnames or [])]
-        if missing:
-            raise ValueError(f"{path} is not a bench results CSV (no column {', '.join(missing)})")
-        rows = list(reader)
-    for r in rows:
+    try:
+        with open(path) as f:
+            reader = csv.DictReader(f)
+            missing = [c for c in ("suite", "case", "provider", "backend", "mode", "dtype", "metric", "p50",
+                                   "pct_of_floor", "device") if c not in (reader.fieldnames or [])]
+            if missing:
+                raise ValueError(f"{path} is not a bench results CSV (no column {', '.join(missing)})")
+            rows = list(reader)
+    except UnicodeDecodeError:   # the run's .png (--plot bench-results/*): the codec's message named no file
+        raise ValueError(f"{path} is not a bench results CSV (not text)") from None
+    for n, r in enumerate(rows, 2):   # line 1 is the header
         for k in ("p50", "p20", "p80", "floor", "pct_of_floor"):
-            r[k] = float(r[k]) if r.get(k) not in (None, "") else float("nan")
+            try:
+                r[k] = float(r[k]) if r.get(k) not in (None, "") else float("nan")
+            except ValueError:
+                raise ValueError(f"{path} line {n}: {k} = {r[k]!r} is not a number") from None
     return rows
 
 

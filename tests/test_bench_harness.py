@@ -1,5 +1,6 @@
 import csv
 import math
+import re
 import sys
 
 import pytest
@@ -123,6 +124,19 @@ def test_bench_table_and_plot_errors_are_one_line(tmp_path, monkeypatch):
     empty.write_text(",".join(harness.COLUMNS) + "\n")
     with pytest.raises(SystemExit, match="--plot: no time_ms rows"):
         cli_main(["bench", "--plot", str(empty)])
+    # the codec's and float()'s messages named no file: "'utf-8' codec can't decode byte 0x89 in position 0"
+    png = tmp_path / "run.png"
+    png.write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff")
+    for flag in ("--plot", "--table"):
+        with pytest.raises(SystemExit, match=rf"^r1fast bench {flag}: {re.escape(str(png))} is not a bench results "
+                                             rf"CSV \(not text\)$"):
+            cli_main(["bench", flag, str(png)])
+    garbled = tmp_path / "garbled.csv"
+    garbled.write_text(",".join(harness.COLUMNS) + "\n" + ",".join("abc" if c == "p50" else "1" for c in harness.COLUMNS)
+                       + "\n")
+    with pytest.raises(SystemExit, match=rf"^r1fast bench --table: {re.escape(str(garbled))} line 2: p50 = 'abc' is "
+                                         rf"not a number$"):
+        cli_main(["bench", "--table", str(garbled)])
     # hidden below: None in sys.modules mimics a missing matplotlib only once it was imported (else the
     # error names matplotlib.figure, which a real missing install never does)
     pytest.importorskip("matplotlib")
