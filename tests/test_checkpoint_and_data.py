@@ -256,6 +256,16 @@ def test_a_symlinked_checkpoint_or_run_file_is_written_where_the_link_leads(tmp_
     assert (disk2 / "metrics.jsonl").read_text() == "new\n"
 
 
+def test_a_replaced_file_that_cannot_be_made_is_named_not_its_temporary_file(tmp_path):
+    # r1fast plot --out nodir/x.png said "No such file or directory: 'nodir/.x.png.tmp-4504-b9i8pak6'"
+    from r1fast.trainer.metrics import replacing
+
+    out = str(tmp_path / "nodir" / "x.png")
+    with pytest.raises(FileNotFoundError, match=rf"No such file or directory: {re.escape(repr(out))}$"):
+        with replacing(out, binary=True) as f:
+            f.write(b"png")
+
+
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes here")
 def test_a_device_or_pipe_is_refused_not_replaced_by_a_regular_file(tmp_path):
     # replacing() renamed its temporary file over a named pipe (and, run as root, over /dev/null: `r1fast sample

@@ -130,8 +130,10 @@ def replacing(path: str, binary: bool = False):
     refuse_special_file(path)
     remove_stale_temps(path)
     folder, name = os.path.split(path)
-    with writing(path):
+    try:
         fd, tmp = tempfile.mkstemp(prefix=f".{name}.tmp-{os.getpid()}-", dir=folder or ".")
+    except OSError as e:   # it named the temporary file's random name ('nodir/.x.png.tmp-4504-b9i8pak6'), not `path`
+        raise OSError(e.errno, e.strerror, path) from e
     _WRITING.add(os.path.abspath(tmp))
     try:
         with writing(path):
