@@ -125,9 +125,9 @@ def replacing(path: str, binary: bool = False):
     name is this process's own, so a user's `<path>.tmp` is never overwritten and renamed away, and two
     writers of one path never share one; a temporary file a killed writer of `path` left is deleted here
     (remove_stale_temps). `path` keeps its mode, as open(path, "w") keeps it, and a symlink stays one."""
+    refuse_special_file(path)   # through a link too: /dev/stdout on a pipe leads to no path realpath can name
     if os.path.islink(path):   # written where it leads, as open(path, "w") writes (models.checkpoint.write_target)
         path = os.path.realpath(path)
-    refuse_special_file(path)
     remove_stale_temps(path)
     folder, name = os.path.split(path)
     try:
