@@ -132,8 +132,8 @@ def test_bench_table_and_plot_errors_are_one_line(tmp_path, monkeypatch):
                                              rf"CSV \(not text\)$"):
             cli_main(["bench", flag, str(png)])
     garbled = tmp_path / "garbled.csv"
-    garbled.write_text(",".join(harness.COLUMNS) + "\n" + ",".join("abc" if c == "p50" else "1" for c in harness.COLUMNS)
-                       + "\n")
+    values = ["abc" if c == "p50" else "1" for c in harness.COLUMNS]
+    garbled.write_text(",".join(harness.COLUMNS) + "\n" + ",".join(values) + "\n")
     with pytest.raises(SystemExit, match=rf"^r1fast bench --table: {re.escape(str(garbled))} line 2: p50 = 'abc' is "
                                          rf"not a number$"):
         cli_main(["bench", "--table", str(garbled)])
