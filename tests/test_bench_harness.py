@@ -1186,3 +1186,21 @@ def test_threads_sets_torchs_cpu_threads_for_the_run_and_records_them(tmp_path, 
             harness.main(["tiny"], out_dir=str(tmp_path / "bad"), threads=bad, **kw)
     with pytest.raises(SystemExit, match="--threads is an int >= 1, got 0"):
         cli_main(["bench", "tiny", "--threads", "0", "--out", str(tmp_path / "bad")])
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_rollout_decode_floor_reads_an_untied_embedding_table_by_rows_only(monkeypatch, tied):
+    """A decode step reads every weight once, but of an untied input embedding only the batch's rows: the
+    whole table is read once either way, as the lm_head. The smoke TINY model (untied) was floored with
+    107,072 parameters read per step where it reads 90,688 (embedding 256 x 64 counted twice)."""
+    from r1fast.bench.suites import rollout
+
+    monkeypatch.setattr(rollout, "TINY", dict(rollout.TINY, tie_word_embeddings=tied))
+    # per layer: q, o 64x64 (+64 q bias), k, v 32x64 (+32 bias each), gate/up/down 3x64x128, 2 norms of 64
+    layer = (64 * 64 + 64) + 2 * (32 * 64 + 32) + 64 * 64 + 3 * 64 * 128 + 2 * 64
+    params = 2 * layer + 64 + 256 * 64   # 2 layers, final norm, the vocabulary table once
+    step = next(c for c in rollout.cases("smoke", torch.device("cpu")) if c.name.startswith("decode step"))
+    batch = 8
+    (gemm_flops, weight_bytes), _ = step.phases
+    assert weight_bytes == params * 4
+    assert gemm_flops == 2 * params * batch

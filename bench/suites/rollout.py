@@ -38,6 +38,13 @@ def _prompts(num, length, vocab):
     return torch.randint(0, vocab, (num, length), generator=g).tolist()
 
 
+def _params_read_per_step(model):
+    """Parameters a forward step reads whole (and multiplies by each row): all but an untied input
+    embedding, whose lookup reads the batch's rows only. Tied, the table is read whole once, as the lm_head."""
+    total = sum(p.numel() for p in model.parameters())
+    return total if model.lm_head is None else total - model.embed_tokens.weight.numel()
+
+
 def _kv_bytes_per_token(cfg, dtype):
     return cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * cfg.head_dim * (torch.finfo(dtype).bits // 8)
 
@@ -143,7 +150,7 @@ def cases(size, device):
 
     mcfg = ModelConfig(**cfg)
     es = torch.finfo(dtype).bits // 8
-    wbytes = sum(p.numel() for p in _model(cfg, dtype, "meta").parameters()) * es
+    wbytes = _params_read_per_step(_model(cfg, dtype, "meta")) * es
     kv_tok = _kv_bytes_per_token(mcfg, dtype)
     prompts_n, g, plen, new = gen_shape
     seqs = prompts_n * g
