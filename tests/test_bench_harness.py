@@ -1204,3 +1204,20 @@ def test_rollout_decode_floor_reads_an_untied_embedding_table_by_rows_only(monke
     (gemm_flops, weight_bytes), _ = step.phases
     assert weight_bytes == params * 4
     assert gemm_flops == 2 * params * batch
+
+
+def test_trl_step_and_fwd_count_the_completions_tokens_inside_the_mask():
+    """The trl suite's batch has completions of lengths C/2 to C: its tokens/s and the lm_head's share of the
+    floor count the masked-in completion tokens (the tokens generated, the ones r1fast's loss touches), not
+    every padded position. They counted 64 completion tokens at smoke size where 55 are real (GPU: 8192 for
+    5270, tokens/s inflated 1.55x)."""
+    from r1fast.bench.suites import trl
+
+    cases = {c.mode: c for c in trl.cases("smoke", torch.device("cpu"))}
+    # smoke: 4 sequences of 8 + 16 positions, h=64, i=128, 4 heads of 16, 2 kv heads, 2 layers, 106 chars
+    per_layer = 64 * (64 + 2 * 2 * 16) + 64 * 64 + 3 * 64 * 128
+    active = 55   # completion_mask.sum() of the suite's seeded batch
+    for mode, passes in (("step", 6), ("fwd", 2)):
+        case = cases[mode]
+        assert case.items == active
+        assert case.flops == passes * (per_layer * 2 * 4 * (8 + 16) + 106 * 64 * active)

@@ -8,6 +8,8 @@ Mode "generate" times one generation batch (`_generate_single_turn`: one prompt,
 tokens at GPU size) with transformers' generate, as stock TRL runs it, and with r1fast's rollout
 engine (`r1fast_generation=True`); rewards are left out. Items count every sample at full length;
 a sample that draws an eos early ends sooner in both (rare with random weights and a large vocabulary).
+In the "step" and "fwd" cases the completions have lengths C/2 to C (a completion mask): items and the
+lm_head's FLOPs count the tokens inside the mask only (at GPU size 5,270 of 8 x 1024 positions).
 """
 from __future__ import annotations
 
@@ -138,7 +140,10 @@ def cases(size, device):
 
     vocab = shape["vocab_size"] or len(char_tokenizer())
     spec = (shape, batch, prompt_len, completion_len, dtype, device)
-    tokens, completion_tokens = batch * (prompt_len + completion_len), batch * completion_len
+    tokens = batch * (prompt_len + completion_len)
+    # the completions' own tokens (mask = 1; lengths C/2 to C): the log-probs and the loss need only these,
+    # r1fast's fused loss touches only these, and they are the tokens generated, so the items too
+    completion_tokens = int(_batch(vocab, batch, prompt_len, completion_len, "cpu")["completion_mask"].sum())
     elt = torch.finfo(dtype).bits // 8
     name = f"Qwen2 h={shape['hidden_size']} L={shape['layers']} V={vocab} B={batch} T={prompt_len}+{completion_len}"
     out = []
