@@ -1221,3 +1221,29 @@ def test_trl_step_and_fwd_count_the_completions_tokens_inside_the_mask():
         case = cases[mode]
         assert case.items == active
         assert case.flops == passes * (per_layer * 2 * 4 * (8 + 16) + 106 * 64 * active)
+
+
+def test_fp8_linear_setups_leave_no_gradients_in_the_peak_memory_baseline(monkeypatch):
+    """peak_mem_mb counts the gradients a call creates (bench/README.md): the fp8_linear setups run one call
+    up front, whose gradients stayed alive into the baseline the peak is measured from, so the fwd_bwd and
+    step rows left out x.grad and w.grad (1.5B mlp_gate_up: ~105 MB) and the model's parameter gradients."""
+    import torch.nn.functional as F
+
+    import r1fast.models
+    from r1fast.bench.suites import fp8_linear
+
+    x, w, dy = fp8_linear._tensors(8, 16, 32, torch.float32, torch.device("cpu"), grad=True)
+    fp8_linear._timed(lambda t: F.linear(t, w), x, w, dy, "fwd_bwd")
+    assert x.grad is None and w.grad is None
+
+    built = []
+
+    class Recorded(r1fast.models.CausalLM):
+        def __init__(self, config):
+            super().__init__(config)
+            built.append(self)
+
+    monkeypatch.setattr(r1fast.models, "CausalLM", Recorded)
+    fp8_linear._step("smoke", torch.device("cpu"), torch.float32, "off")()
+    (model,) = built
+    assert all(p.grad is None for p in model.parameters())
