@@ -1247,3 +1247,24 @@ def test_fp8_linear_setups_leave_no_gradients_in_the_peak_memory_baseline(monkey
     fp8_linear._step("smoke", torch.device("cpu"), torch.float32, "off")()
     (model,) = built
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_logprob_and_grpo_loss_floors_count_6nhv_forward_and_backward():
+    """Issue #3's floor is 2·N·H·V forward and 6·N·H·V forward+backward. logprob's fwd+bwd counted 8·N·H·V (the
+    recompute an O(N)-memory op does), which no lower bound for the torch peer that keeps its logits is: its
+    row could have shown more than 100% of the floor."""
+    from r1fast.bench.suites import grpo_loss, logprob
+
+    def dims(case, *keys):
+        return [int(re.search(rf"\b{k}=(\d+)", case.name).group(1)) for k in keys]
+
+    logprob_cases = logprob.cases("smoke", torch.device("cpu"))
+    assert {c.mode for c in logprob_cases} == {"fwd", "fwd_bwd"}
+    for case in logprob_cases:
+        n, h, v = dims(case, "N", "H", "V")
+        assert case.flops == (2 if case.mode == "fwd" else 6) * n * h * v, case.name
+    fused = [c for c in grpo_loss.cases("smoke", torch.device("cpu")) if "tokens=" in c.name]
+    assert fused
+    for case in fused:
+        n, h, v = dims(case, "tokens", "H", "V")   # the active tokens
+        assert case.flops == 6 * n * h * v, case.name

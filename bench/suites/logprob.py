@@ -4,7 +4,7 @@ Peers: plain torch as TRL does it (logits -> log_softmax -> gather, materialisin
 when installed, Liger-Kernel's chunked selective log-prob and verl's FusedLinearForPPO (chunks of
 512 tokens in torch, the logits recomputed in the backward; it always returns the entropy too, as
 verl's actor uses it). Floor: 2·N·H·V FLOPs forward,
-8·N·H·V forward+backward (the backward recomputes the logits) at the measured matmul rate. On a GPU the triton backend also runs with
+6·N·H·V forward+backward (issue #3's floor) at the measured matmul rate. On a GPU the triton backend also runs with
 R1FAST_LOGITS_GEMM=cublas ("triton+cublas": torch.mm forms the logits tiles). The GPU size sweeps N to show r1fast's
 peak memory flat in N while the peers' grows with N·V.
 """
@@ -126,10 +126,11 @@ def cases(size, device):
     out = []
     for n in sizes + sweep:
         main = n in sizes
-        # fwd+bwd: 8·N·H·V, the least a log-prob op can do in O(N) memory with any upstream gradient: the
-        # backward recomputes the logits (2) before dlogits @ weight (2) and dlogits.T @ hidden (2). The
-        # fused loss (grpo_loss suite) knows its gradient in the forward: 6·N·H·V there.
-        for mode, k in (("fwd", 2), ("fwd_bwd", 8)):
+        # fwd+bwd: 6·N·H·V (logits, dlogits @ weight, dlogits.T @ hidden), the floor of every row of the table:
+        # the torch peer keeps its [N, V] logits and does no more. An O(N)-memory op given any upstream gradient
+        # recomputes the logits in its backward (8·N·H·V), so grouped_logprob tops out at 75% of this floor; the
+        # fused loss (grpo_loss suite) knows its gradient in the forward and does 6·N·H·V
+        for mode, k in (("fwd", 2), ("fwd_bwd", 6)):
             if not main and mode == "fwd":
                 continue
             nbytes = (n * h + v * h) * es * (1 if mode == "fwd" else 2)  # read hidden + weight (+ write grads)
