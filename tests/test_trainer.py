@@ -1911,6 +1911,28 @@ def test_long_prompts_are_cut_as_training_prompts_are_or_named(tmp_path):
         rejection_sample(model, tok, [long], SampleConfig(reward_funcs=["format"], progress_bar=False), progress=False)
 
 
+def test_a_prompt_cut_to_max_prompt_length_is_said_and_keeps_its_end(tmp_path):
+    # TRL 1.x has no max_prompt_length and feeds prompts whole; r1fast's (512 by default) cut a longer prompt's
+    # start (its system prompt, the template's first header) without a word
+    from r1fast.data import encode_prompt
+    from r1fast.trainer.evaluate import evaluate_accuracy
+
+    model, tok = tiny_model()
+    system = {"role": "system", "content": "Answer in one line."}
+    rows = [{"prompt": [system, {"role": "user", "content": f"{i}+{i}="}], "answer": "7"} for i in range(8)]
+    whole = len(encode_prompt(tok, rows[0]["prompt"]))
+    cfg = GRPOConfig(per_device_train_batch_size=4, num_generations=2, max_completion_length=2, max_prompt_length=12,
+                     max_steps=1, output_dir=str(tmp_path / "r"), progress_bar=False, seed=3, log_completions=0)
+    tr = GRPOTrainer(model, [sevens], rows, cfg, tokenizer=tok)
+    with pytest.warns(UserWarning, match=rf"train dataset: \(said for the first prompt cut\) the prompt of row \d "
+                                         rf"has {whole} tokens, more than the 12 a prompt keeps \(max_prompt_length\)"):
+        tr.train()
+    assert {tok.decode(ids) for ids in tr._prompt_cache.values()} == \
+        {f"line.\n<|user|>{k}+{k}=<|assistant|>" for k in tr._prompt_cache}   # the last 12 tokens
+    with pytest.warns(UserWarning, match=r"evaluation: held-out rows: 2 of 3 prompts are cut: the prompt of row 0"):
+        evaluate_accuracy(model, tok, rows[:2] + [{"prompt": "1=", "answer": "1"}], max_prompt_length=12, max_tokens=2)
+
+
 def test_a_model_with_no_fp8_layer_is_converted_when_the_config_asks(tmp_path):
     # apply_fp8(model, "off") (or a fallback) left a report but no FP8 layer: refused as "already converted"
     from r1fast.fp8 import apply_fp8

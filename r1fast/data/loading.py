@@ -415,16 +415,35 @@ def encode_prompt(tokenizer, prompt: Any, system_prompt: Optional[str] = None, m
     return ids
 
 
+def warn_cut_prompts(where: str, first_row: int, length: int, max_length: int, how_many: str = "",
+                     limit: str = "max_prompt_length"):
+    """Prompts past `max_length` tokens keep their last ones: their start (the template's first header, a system
+    prompt, a few-shot example) never reaches the model. TRL 1.x has no max_prompt_length and feeds a prompt
+    whole, so a dataset moved from it would be cut without a word: say so, naming the first such row.
+    `limit`: what sets max_length, in the user's words."""
+    warnings.warn(f"{where}: {how_many}the prompt of row {first_row} has {length} tokens, more than the {max_length} "
+                  f"a prompt keeps ({limit}): such prompts keep their last {max_length} tokens and lose their start "
+                  f"(a system prompt, the chat template's first header); shorten them, or raise max_prompt_length "
+                  f"if the model has the positions", stacklevel=3)
+
+
 def encode_prompts(tokenizer, rows: Sequence[dict], column: str, system_prompt: Optional[str] = None,
                    max_length: Optional[int] = None, chat_template_kwargs: Optional[dict] = None,
                    where: str = "dataset") -> list[list[int]]:
-    """encode_prompt of every row's `column`; a prompt the chat template refuses is an error naming its row."""
-    out = []
+    """encode_prompt of every row's `column`; a prompt the chat template refuses is an error naming its row.
+    Prompts cut to `max_length` are counted in a warning (warn_cut_prompts)."""
+    out, cut = [], []
     for i, row in enumerate(rows):
         try:
-            out.append(encode_prompt(tokenizer, row[column], system_prompt, max_length, chat_template_kwargs))
+            ids = encode_prompt(tokenizer, row[column], system_prompt, None, chat_template_kwargs)
         except ValueError as e:
             raise ValueError(f"{where}: row {i}: {e}") from None
+        if max_length is not None and len(ids) > max_length:
+            cut.append((i, len(ids)))
+            ids = ids[-max_length:]
+        out.append(ids)
+    if cut:
+        warn_cut_prompts(where, *cut[0], max_length, f"{len(cut)} of {len(rows)} prompts are cut: ")
     return out
 
 

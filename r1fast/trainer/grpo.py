@@ -25,7 +25,7 @@ import torch
 from r1fast import _ext
 from r1fast._umask import save_safetensors
 from r1fast.data.loading import (EVAL_SPLITS, check_columns, check_prompts, decode_completion, encode_prompt,
-                                 resolve_stop_tokens, stop_token_ids, warn_unstopped_turn_end)
+                                 resolve_stop_tokens, stop_token_ids, warn_cut_prompts, warn_unstopped_turn_end)
 from r1fast.rewards import RewardSet
 from r1fast.trainer import checkpoints as ckpt
 from r1fast.trainer.loss_scale import saved_loss_scale
@@ -217,6 +217,7 @@ class GRPOTrainer:
         self.end_ids = stop_token_ids(tokenizer, model.eos_token_ids, extra_stops)
         warn_unstopped_turn_end(tokenizer, self.end_ids, stop_option, cfg.chat_template_kwargs)
         self._prompt_cache: dict[int, list[int]] = {}
+        self._warned_cut_prompt = False
         if cfg.engine_num_blocks is not None:
             # as the engine sizes its own pool: one sequence of max_model_len fits (else the first rollout with
             # a long prompt fails, naming the engine's num_blocks rather than this option)
@@ -298,13 +299,26 @@ class GRPOTrainer:
         for key, row in zip(keys, rows):
             if key not in self._prompt_cache:
                 try:   # a chat template that refuses this row's content (check_prompts renders one row per roles)
-                    self._prompt_cache[key] = encode_prompt(self.tokenizer, row[self.cfg.prompt_column],
-                                                            self.cfg.system_prompt, self.prompt_cap,
-                                                            self.cfg.chat_template_kwargs)
+                    ids = encode_prompt(self.tokenizer, row[self.cfg.prompt_column], self.cfg.system_prompt,
+                                        chat_template_kwargs=self.cfg.chat_template_kwargs)
                 except ValueError as e:
                     raise ValueError(f"train dataset: row {key}: {e}") from None
+                self._prompt_cache[key] = self._cut_prompt(ids, key)
             out.append(self._prompt_cache[key])
         return out
+
+    def _cut_prompt(self, ids: list[int], row: int) -> list[int]:
+        """A prompt's last prompt_cap tokens; the first prompt cut is warned about (prompts are encoded as steps
+        draw them, so the warning comes when the first long one is drawn)."""
+        cap = self.prompt_cap
+        if len(ids) <= cap:
+            return ids
+        if not self._warned_cut_prompt:
+            self._warned_cut_prompt = True
+            limit = "max_prompt_length" if cap == self.cfg.max_prompt_length else \
+                f"the model's {self.model.config.max_sequence_length} positions less one"
+            warn_cut_prompts("train dataset", row, len(ids), cap, "(said for the first prompt cut) ", limit)
+        return ids[-cap:]
 
     def _seed(self, kind: int, index: int) -> int:
         # Generation depends only on (seed, step), never on global RNG state, so a resumed run draws
