@@ -9,6 +9,7 @@ import math
 import os
 import re
 import sys
+import warnings
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -503,7 +504,15 @@ def gold_column(rows: Sequence[dict], answer_column: str) -> str:
 
 
 def check_answer_column(reward_names: Sequence[str], rows: Sequence[dict], answer_column: str, where: str):
-    """The accuracy reward needs a reference answer: say so before the first rollout, not after it."""
+    """The accuracy reward needs a reference answer: say so before the first rollout, not after it. A dataset's
+    own `answer` column, which reward_columns replaces by answer_column's, is said to be lost."""
+    if answer_column != "answer" and "answer" in rows[0] and answer_column in rows[0]:
+        # a reward function reading `answer` (one written for TRL, which passes every column as it is) would get
+        # answer_column's values without a word
+        warnings.warn(f"the {where} has an 'answer' column, and answer_column is {answer_column!r}: the reward "
+                      f"functions get {answer_column!r}'s values as `answer` (as the accuracy reward reads them), so "
+                      f"the dataset's own 'answer' column reaches them under no name; rename it to keep it",
+                      stacklevel=3)
     if "accuracy" in reward_names and gold_column(rows, answer_column) not in rows[0]:
         raise ValueError(f"reward 'accuracy' needs the answer column {answer_column!r} (option 'answer_column') "
                          f"or 'solution'; the {where} has {sorted(rows[0])}")
