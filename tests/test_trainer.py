@@ -1525,6 +1525,28 @@ def test_rewards_reach_the_rows_of_their_own_prompt(tmp_path):
     assert totals == [1.0, 1.0, 0.0, 1.0, 1.0, 0.0]
 
 
+def test_rows_of_unequal_columns_pass_every_column_to_every_rollouts_rewards(tmp_path):
+    # a list of rows where only some have a column: the reward functions got the columns of whichever row a
+    # rollout drew first (`level` in one step, not in the next); now every row has every column, None if missing
+    model, tok = tiny_model()
+    rows = [{"prompt": "a", "answer": "1"}, {"prompt": "b", "answer": "2", "level": 3}]
+    seen = []
+
+    def spy(prompts, completions, **kw):
+        seen.append(kw.get("level", "absent"))
+        return [0.0] * len(completions)
+
+    cfg = GRPOConfig(per_device_train_batch_size=2, num_generations=2, output_dir=str(tmp_path / "o"),
+                     progress_bar=False)
+    tr = GRPOTrainer(model, [spy], rows, cfg, tokenizer=tok)
+    tr.score(tr.train_rows[:1], 2, ["x", "y"], [[1]] * 2)
+    tr.score(tr.train_rows[1:], 2, ["x", "y"], [[1]] * 2)
+    assert seen == [[None, None], [3, 3]]
+    assert tr.train_rows[0] == {"prompt": "a", "answer": "1", "level": None}
+    with pytest.raises(ValueError, match=r"train dataset: row 1 is a str, not a dict of columns"):
+        GRPOTrainer(model, [spy], [rows[0], "b"], cfg, tokenizer=tok)
+
+
 @pytest.mark.parametrize("mask_truncated", [True, False])
 def test_truncated_completions_are_masked_out_of_the_loss(tmp_path, monkeypatch, mask_truncated):
     """mask_truncated_completions: a completion that hit max_completion_length ("length") gets a zero

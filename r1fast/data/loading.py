@@ -197,8 +197,15 @@ def _read_jsonl(path: str) -> list[dict]:
     """JSON lines read directly, so a bad line is reported by number (datasets raises a bare
     DatasetGenerationError, and StopIteration for an empty file). Keys missing from a row are None,
     as datasets makes them."""
-    rows = read_json_objects(path, f"dataset {path!r}")
+    return same_columns(read_json_objects(path, f"dataset {path!r}"))
+
+
+def same_columns(rows: list[dict]) -> list[dict]:
+    """Rows that all have every column any of them has, a missing one None, as a datasets.Dataset holds them.
+    Rows of unequal keys passed a reward function the columns of whichever row a rollout drew first."""
     keys = list(dict.fromkeys(k for r in rows for k in r))
+    if all(len(r) == len(keys) for r in rows):
+        return rows
     return [{k: r.get(k) for k in keys} for r in rows]
 
 

@@ -195,7 +195,7 @@ def dataset_rows(data, what: str, *, split: Optional[str], seed: int, n_builtin:
                  default_splits: Optional[Sequence[str]] = None) -> list[dict]:
     """A trainer's dataset argument as a list of row dicts: a list of dicts, a datasets.Dataset, or a path /
     builtin:<task> (read with load_rows; `split`, `default_splits` and `n_builtin` as there)."""
-    from r1fast.data.loading import TRAIN_SPLITS, dataset_as_rows, load_rows
+    from r1fast.data.loading import TRAIN_SPLITS, dataset_as_rows, load_rows, same_columns
 
     if data is None:
         raise ValueError(f"no {what} dataset: pass one or set config.dataset")
@@ -205,7 +205,10 @@ def dataset_rows(data, what: str, *, split: Optional[str], seed: int, n_builtin:
     if isinstance(data, list):
         if not data or not isinstance(data[0], dict):
             raise ValueError(f"{what} dataset must be a non-empty list of row dicts")
-        return data
+        bad = next((i for i, r in enumerate(data) if not isinstance(r, dict)), None)
+        if bad is not None:
+            raise ValueError(f"{what} dataset: row {bad} is a {type(data[bad]).__name__}, not a dict of columns")
+        return same_columns(data)
     if isinstance(data, dict) and data and all(hasattr(v, "column_names") for v in data.values()):
         # a datasets.DatasetDict (load_dataset without split=) was "a dict (columns ['train'])": its split is
         # read, as from a folder saved from one
