@@ -1525,6 +1525,32 @@ def test_rewards_reach_the_rows_of_their_own_prompt(tmp_path):
     assert totals == [1.0, 1.0, 0.0, 1.0, 1.0, 0.0]
 
 
+def test_a_prefilled_answer_reaches_the_rewards_with_its_prefill(tmp_path, monkeypatch):
+    # a prompt ending on the assistant's "<think>" is continued, and the rewards got the continuation alone: the
+    # format reward scored 0 for every well-formed answer ("2</think><answer>2</answer>"), eval/format too
+    from r1fast.trainer import evaluate
+
+    model, tok = tiny_model()
+    prefill = [{"role": "user", "content": "1+1="}, {"role": "assistant", "content": "<think>"}]
+    rows = [{"prompt": prefill, "answer": "2"}, {"prompt": "1+1=", "answer": "2"}]
+    seen = []
+
+    def spy(prompts, completions, **kw):
+        seen.extend(completions)
+        return [0.0] * len(completions)
+
+    cfg = GRPOConfig(per_device_train_batch_size=4, num_generations=2, output_dir=str(tmp_path / "o"),
+                     progress_bar=False)
+    tr = GRPOTrainer(model, ["format", "accuracy", spy], rows, cfg, tokenizer=tok)
+    text, whole = "2</think><answer>2</answer>", "<think>2</think><answer>2</answer>"
+    table, _ = tr.score(rows, 2, [text, text, whole, whole], [[1]] * 4)
+    assert table[:2] == [[1.0] * 4, [1.0] * 4]
+    assert seen == [[{"role": "assistant", "content": whole}]] * 2 + [whole] * 2
+    monkeypatch.setattr(evaluate, "decode_completion", lambda *a: text)
+    out = evaluate.evaluate_accuracy(model, tok, rows[:1], max_tokens=2)
+    assert out["eval/format"] == 1.0 and out["eval/accuracy"] == 1.0
+
+
 def test_rows_of_unequal_columns_pass_every_column_to_every_rollouts_rewards(tmp_path):
     # a list of rows where only some have a column: the reward functions got the columns of whichever row a
     # rollout drew first (`level` in one step, not in the next); now every row has every column, None if missing

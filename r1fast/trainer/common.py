@@ -494,10 +494,21 @@ def reward_columns(rows: Sequence[dict], owners: Sequence[int], prompt_column: s
     return cols
 
 
+def assistant_turn(prompt, text: str) -> str:
+    """The assistant's message a completion finishes: for a prompt ending on the assistant's own message (a
+    prefill, "<think>", which the completion continues) that message's text, then the completion's."""
+    from r1fast.data.loading import continues_answer
+
+    return prompt[-1]["content"] + text if continues_answer(prompt) else text
+
+
 def reward_completions(prompts: Sequence, texts: Sequence[str]) -> list:
     """Completions as TRL hands them to reward functions: for a conversational prompt (a list of
-    messages) the assistant message list [{"role": "assistant", "content": text}], else the text."""
-    return [[{"role": "assistant", "content": t}] if isinstance(p, list) else t for p, t in zip(prompts, texts)]
+    messages) the assistant message list [{"role": "assistant", "content": text}], else the text. A
+    prefilled answer's message holds its prefill too, as TRL's GRPO did while it continued prefills: a
+    "<think>" prefill is part of the turn the format reward checks."""
+    return [[{"role": "assistant", "content": assistant_turn(p, t)}] if isinstance(p, list) else t
+            for p, t in zip(prompts, texts)]
 
 
 def gold_column(rows: Sequence[dict], answer_column: str) -> str:

@@ -9,8 +9,8 @@ from typing import Optional, Sequence
 
 from r1fast.data.loading import (decode_completion, encode_prompts, resolve_stop_tokens, stop_token_ids,
                                  warn_unstopped_turn_end)
-from r1fast.trainer.common import (check_model_and_tokenizer, check_prompt_room, dataset_rows, gold_column,
-                                   model_from_argument)
+from r1fast.trainer.common import (assistant_turn, check_model_and_tokenizer, check_prompt_room, dataset_rows,
+                                   gold_column, model_from_argument)
 
 
 def check_eval_answers(rows: Sequence[dict], answer_column: str, where: str):
@@ -83,7 +83,9 @@ def evaluate_accuracy(model, tokenizer, rows, *, samples_per_prompt: int = 1, te
     prompts = [r[prompt_column] for r in rows for _ in range(n)]
     column = gold_column(rows, answer_column)
     answers = [r.get(column) for r in rows for _ in range(n)]
-    out, acc = score_completions(prompts, texts, answers, n, format_pattern)
+    # scored as GRPO's rewards score them: a prefilled answer's message with its prefill
+    out, acc = score_completions(prompts, [assistant_turn(p, t) for p, t in zip(prompts, texts)], answers, n,
+                                 format_pattern)
     out.update({"eval/completion_length": sum(lengths) / len(lengths), "eval/num_samples": len(texts)})
     if return_samples:
         return out, [{"prompt": p if isinstance(p, str) else str(p), "completion": t, "accuracy": a}
