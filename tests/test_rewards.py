@@ -126,6 +126,15 @@ def test_a_trl_reward_function_that_requires_trainer_state_is_told_to_read_it_fr
                                           r"trainer_state: read it with kwargs.get"):
         RewardSet([schedule]).score(["a"] * 4, ["x"] * 4, {"answer": ["1"] * 4})
     assert calls == []
+
+    def indexed(prompts, completions, **kwargs):   # kwargs["trainer_state"]: "raised KeyError ... on row 0"
+        calls.append(1)
+        return [float(kwargs["trainer_state"].global_step)] * len(completions)
+
+    with pytest.raises(RewardError, match=r"^reward function 'indexed' raised KeyError: 'trainer_state': r1fast does "
+                                          r"not pass TRL's trainer_state: read it with kwargs.get$"):
+        RewardSet([indexed]).score(["a"] * 4, ["x"] * 4, {"answer": ["1"] * 4})
+    assert calls == [1]   # not called again on parts of the batch to blame a row
     def strict(prompts, completions):   # no **kwargs: TRL passes the dataset's columns too
         return [0.0] * len(completions)
 

@@ -360,6 +360,10 @@ def _raised(name, fn, e, prompts, completions, columns, extra, timeout=None) -> 
     mismatch = _signature_mismatch(fn, columns, extra) if isinstance(e, TypeError) else None
     if mismatch:   # no row to look for: every call fails the same way, before the function's body runs
         return RewardError(f"reward function {name!r} {mismatch}")
+    if isinstance(e, KeyError) and e.args and e.args[0] in _TRL_ONLY and e.args[0] not in columns:
+        # kwargs["trainer_state"] of a function written for TRL: every row fails, none is to blame
+        return RewardError(f"reward function {name!r} raised KeyError: {e.args[0]!r}: r1fast does not pass TRL's "
+                           f"{e.args[0]}: read it with kwargs.get")
     # an empty batch has no row to look for (the search returned its row 0: an IndexError naming it)
     try:
         row = _find_failing_row(fn, prompts, completions, columns, extra, timeout) if completions else None
