@@ -419,6 +419,28 @@ def test_unchecked_mask_value_weights_its_token_once(backend, loss_type):
     assert d["mask"][0, 0] == 1 and torch.allclose(loss, want, rtol=1e-5), (loss, want)
 
 
+@pytest.mark.parametrize("backend", ["reference", "torch", "triton"])
+def test_unchecked_mask_value_weights_a_token_level_tis_token_not_its_weight(backend):
+    # the TIS twin of the test above: a mask of 2 is that token written twice, each with its own weight
+    # w = exp(old - sampler) (LOSS_SPEC). The reference put the mask into the exponent, exp(m * (old - sampler)):
+    # with mask 2 its is_weight/mean read 1.0534 where triton (and the token written twice) gave 1.0354
+    d = _batch(seed=5)
+    f = lambda t: t.float()  # noqa: E731
+    twice = {k: torch.cat([d[k], d[k][:, :1]], 1) for k in ("logp", "old", "sampler")}
+    twice["mask"] = torch.cat([d["mask"], torch.zeros(d["mask"].shape[0], 1)], 1)
+    twice["mask"][0, -1] = 1.0
+    weighted = d["mask"].clone()
+    weighted[0, 0] = 2.0
+    opts = dict(backend=backend, check_values=False, tis_level="token", tis_mode="truncate", tis_cap=1.05)
+    want, want_stats = ops.grpo_loss(f(twice["logp"]), f(twice["old"]), None, f(d["adv"]), twice["mask"],
+                                     sampler_logp=f(twice["sampler"]), **opts)
+    loss, stats = ops.grpo_loss(f(d["logp"]), f(d["old"]), None, f(d["adv"]), weighted,
+                                sampler_logp=f(d["sampler"]), **opts)
+    assert d["mask"][0, 0] == 1 and torch.allclose(loss, want, rtol=1e-5), (loss, want)
+    for k in ("is_weight/mean", "is_weight/min", "is_weight/max"):
+        assert torch.allclose(stats[k], want_stats[k], rtol=1e-5), (k, stats[k], want_stats[k])
+
+
 def test_triton_padding_lanes_past_the_row_hold_no_term_where_the_row_ratio_is_inf():
     # every token active, T=3 in a block of 4: the padding lane's bias-corrected KL is 0 * inf = NaN there
     # (the row's sequence-level ratio is past float32); the reference has no such lane and its loss is inf

@@ -195,8 +195,10 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, opts: LossOptions, ent
         raise ValueError("grpo_loss: pass sampler_logp (truncated IS from log-probs) or importance_weights "
                          "(precomputed weights), not both")
     if sampler_logp is not None:
-        d = (old - sampler_logp.to(dt)) * m
-        w = torch.exp(d.sum(-1, keepdim=True) if opts.tis_level == "sequence" else d).detach()
+        # w = exp(old - sampler) per token (LOSS_SPEC); the mask weights the row's sum, never a token's own weight
+        # (a mask of 2 is its token twice, each with that weight). 0 off the row's tokens, whatever they hold
+        d = torch.where(m > 0, old - sampler_logp.to(dt), 0.0)
+        w = torch.exp((d * m).sum(-1, keepdim=True) if opts.tis_level == "sequence" else d).detach()
         _weight_stats(stats, w.expand_as(logp), m, denom, n_tok, totals)
         if opts.tis_mode == "truncate":
             per_tok = per_tok * torch.clamp(w, max=opts.tis_cap)
