@@ -400,23 +400,31 @@ def test_unchecked_nan_advantage_of_a_row_without_active_tokens_shows_as_nan_los
     assert torch.isnan(loss), loss
 
 
+def _first_token_twice(keys, seed=5):
+    """A batch, the same batch with row 0's first token written again at a new last position (mask 1 there, 0
+    on the other rows), and the first batch's mask with that token's value 2: the two must weigh the same."""
+    d = _batch(seed=seed)
+    twice = {k: torch.cat([d[k], d[k][:, :1]], 1) for k in keys}
+    twice["mask"] = torch.cat([d["mask"], torch.zeros(d["mask"].shape[0], 1)], 1)
+    twice["mask"][0, -1] = 1.0
+    weighted = d["mask"].clone()
+    weighted[0, 0] = 2.0
+    assert d["mask"][0, 0] == 1
+    return d, twice, weighted
+
+
 @pytest.mark.parametrize("backend", ["reference", "torch", "triton"])
 @pytest.mark.parametrize("loss_type", ["dapo", "grpo"])
 def test_unchecked_mask_value_weights_its_token_once(backend, loss_type):
     # check_values=False lets a mask of 2 through: every backend must count its token twice, as that token
     # written twice with mask 1 (the reference's NaN-keeping drop of masked terms multiplied by the mask, so
     # reference and torch weighted it 4 times: 1.0152 where triton gave 0.7786)
-    d = _batch(seed=5)
+    d, twice, weighted = _first_token_twice(("logp", "old", "ref"))
     f = lambda t: t.float()  # noqa: E731
-    twice = {k: torch.cat([d[k], d[k][:, :1]], 1) for k in ("logp", "old", "ref")}
-    twice["mask"] = torch.cat([d["mask"], torch.zeros(d["mask"].shape[0], 1)], 1)
-    twice["mask"][0, -1] = 1.0
-    weighted = d["mask"].clone()
-    weighted[0, 0] = 2.0
     opts = dict(backend=backend, check_values=False, beta=0.04, loss_type=loss_type)
     want, _ = ops.grpo_loss(f(twice["logp"]), f(twice["old"]), f(twice["ref"]), f(d["adv"]), twice["mask"], **opts)
     loss, _ = ops.grpo_loss(f(d["logp"]), f(d["old"]), f(d["ref"]), f(d["adv"]), weighted, **opts)
-    assert d["mask"][0, 0] == 1 and torch.allclose(loss, want, rtol=1e-5), (loss, want)
+    assert torch.allclose(loss, want, rtol=1e-5), (loss, want)
 
 
 @pytest.mark.parametrize("backend", ["reference", "torch", "triton"])
@@ -424,19 +432,14 @@ def test_unchecked_mask_value_weights_a_token_level_tis_token_not_its_weight(bac
     # the TIS twin of the test above: a mask of 2 is that token written twice, each with its own weight
     # w = exp(old - sampler) (LOSS_SPEC). The reference put the mask into the exponent, exp(m * (old - sampler)):
     # with mask 2 its is_weight/mean read 1.0534 where triton (and the token written twice) gave 1.0354
-    d = _batch(seed=5)
+    d, twice, weighted = _first_token_twice(("logp", "old", "sampler"))
     f = lambda t: t.float()  # noqa: E731
-    twice = {k: torch.cat([d[k], d[k][:, :1]], 1) for k in ("logp", "old", "sampler")}
-    twice["mask"] = torch.cat([d["mask"], torch.zeros(d["mask"].shape[0], 1)], 1)
-    twice["mask"][0, -1] = 1.0
-    weighted = d["mask"].clone()
-    weighted[0, 0] = 2.0
     opts = dict(backend=backend, check_values=False, tis_level="token", tis_mode="truncate", tis_cap=1.05)
     want, want_stats = ops.grpo_loss(f(twice["logp"]), f(twice["old"]), None, f(d["adv"]), twice["mask"],
                                      sampler_logp=f(twice["sampler"]), **opts)
     loss, stats = ops.grpo_loss(f(d["logp"]), f(d["old"]), None, f(d["adv"]), weighted,
                                 sampler_logp=f(d["sampler"]), **opts)
-    assert d["mask"][0, 0] == 1 and torch.allclose(loss, want, rtol=1e-5), (loss, want)
+    assert torch.allclose(loss, want, rtol=1e-5), (loss, want)
     for k in ("is_weight/mean", "is_weight/min", "is_weight/max"):
         assert torch.allclose(stats[k], want_stats[k], rtol=1e-5), (k, stats[k], want_stats[k])
 
