@@ -511,6 +511,11 @@ def test_answer_column_reaches_the_accuracy_reward(tmp_path):
     with pytest.raises(ValueError, match="reward 'accuracy' needs the answer column 'answer'"):
         GRPOTrainer(model, ["accuracy"], rows, GRPOConfig(per_device_train_batch_size=8, num_generations=4),
                     tokenizer=tok)
+    # a misspelt answer_column was silently scored against the dataset's `solution` column
+    with_solution = [{"prompt": str(i), "ref": "7", "solution": "8"} for i in range(8)]
+    with pytest.raises(ValueError, match=r"needs the answer column 'rfe' \(option 'answer_column'\); the"):
+        GRPOTrainer(model, ["accuracy"], with_solution,
+                    GRPOConfig(per_device_train_batch_size=8, num_generations=4, answer_column="rfe"), tokenizer=tok)
     # a dataset's own `answer` column was replaced by answer_column's for every reward function, without a word
     rows = [{"prompt": str(i), "ref": "7", "answer": "worked: 7"} for i in range(8)]
     with pytest.warns(UserWarning, match=r"the train dataset has an 'answer' column, and answer_column is 'ref': the "

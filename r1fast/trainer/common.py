@@ -512,9 +512,12 @@ def reward_completions(prompts: Sequence, texts: Sequence[str]) -> list:
 
 
 def gold_column(rows: Sequence[dict], answer_column: str) -> str:
-    """The column holding the reference answers: `answer_column`, else a `solution` column (MATH's worked
-    solutions), as the accuracy reward reads a row."""
-    return answer_column if answer_column in rows[0] or "solution" not in rows[0] else "solution"
+    """The column holding the reference answers: `answer_column`, else, where that is left at its default
+    `answer`, a `solution` column (MATH's worked solutions), as the accuracy reward reads a row. A column named
+    on purpose is never swapped: a misspelt one (`answer_column=ansewr`) was scored against `solution`."""
+    if answer_column in rows[0] or answer_column != "answer" or "solution" not in rows[0]:
+        return answer_column
+    return "solution"
 
 
 def check_answer_column(reward_names: Sequence[str], rows: Sequence[dict], answer_column: str, where: str):
@@ -528,8 +531,9 @@ def check_answer_column(reward_names: Sequence[str], rows: Sequence[dict], answe
                       f"the dataset's own 'answer' column reaches them under no name; rename it to keep it",
                       stacklevel=3)
     if "accuracy" in reward_names and gold_column(rows, answer_column) not in rows[0]:
-        raise ValueError(f"reward 'accuracy' needs the answer column {answer_column!r} (option 'answer_column') "
-                         f"or 'solution'; the {where} has {sorted(rows[0])}")
+        either = " or 'solution'" if answer_column == "answer" else ""
+        raise ValueError(f"reward 'accuracy' needs the answer column {answer_column!r} (option 'answer_column')"
+                         f"{either}; the {where} has {sorted(rows[0])}")
 
 
 class DataCursor:
