@@ -1556,6 +1556,22 @@ def test_a_prefilled_answer_reaches_the_rewards_with_its_prefill(tmp_path, monke
     assert out["eval/format"] == 1.0 and out["eval/accuracy"] == 1.0
 
 
+def test_a_run_trained_on_its_own_answer_column_scores_a_math_held_out_set_against_its_solutions(tmp_path, monkeypatch):
+    # answer_column=ref (the training rows' column) on a held-out set with MATH's `solution` only: the solution
+    # fallback scores it (once that fallback was for the default 'answer' alone, the run refused to start:
+    # "eval dataset rows lack the answer column 'ref'"); the misspelling check is the training set's
+    from r1fast.trainer import evaluate
+
+    model, tok = tiny_model()
+    train = [{"prompt": "1+1=", "ref": "2"}, {"prompt": "2+2=", "ref": "4"}]
+    held = [{"prompt": "3+3=", "solution": r"so \boxed{6}"}]
+    cfg = GRPOConfig(per_device_train_batch_size=2, num_generations=2, output_dir=str(tmp_path / "o"),
+                     progress_bar=False, answer_column="ref")
+    tr = GRPOTrainer(model, ["accuracy"], train, cfg, tokenizer=tok, eval_dataset=held)
+    monkeypatch.setattr(evaluate, "decode_completion", lambda *a: "<think>x</think><answer>6</answer>")
+    assert tr.evaluate()["eval/accuracy"] == 1.0
+
+
 def test_rows_of_unequal_columns_pass_every_column_to_every_rollouts_rewards(tmp_path):
     # a list of rows where only some have a column: the reward functions got the columns of whichever row a
     # rollout drew first (`level` in one step, not in the next); now every row has every column, None if missing

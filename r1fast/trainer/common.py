@@ -512,12 +512,10 @@ def reward_completions(prompts: Sequence, texts: Sequence[str]) -> list:
 
 
 def gold_column(rows: Sequence[dict], answer_column: str) -> str:
-    """The column holding the reference answers: `answer_column`, else, where that is left at its default
-    `answer`, a `solution` column (MATH's worked solutions), as the accuracy reward reads a row. A column named
-    on purpose is never swapped: a misspelt one (`answer_column=ansewr`) was scored against `solution`."""
-    if answer_column in rows[0] or answer_column != "answer" or "solution" not in rows[0]:
-        return answer_column
-    return "solution"
+    """The column holding the reference answers: `answer_column`, else a `solution` column (MATH's worked
+    solutions), as the accuracy reward reads a row (check_answer_column refuses a training set that lacks a
+    column named on purpose)."""
+    return answer_column if answer_column in rows[0] or "solution" not in rows[0] else "solution"
 
 
 def check_answer_column(reward_names: Sequence[str], rows: Sequence[dict], answer_column: str, where: str):
@@ -530,8 +528,11 @@ def check_answer_column(reward_names: Sequence[str], rows: Sequence[dict], answe
                       f"functions get {answer_column!r}'s values as `answer` (as the accuracy reward reads them), so "
                       f"the dataset's own 'answer' column reaches them under no name; rename it to keep it",
                       stacklevel=3)
-    if "accuracy" in reward_names and gold_column(rows, answer_column) not in rows[0]:
-        either = " or 'solution'" if answer_column == "answer" else ""
+    # a column named on purpose that the data lacks is a misspelling, not a MATH set: it was silently scored against
+    # `solution` (held-out sets, another dataset, keep that fallback)
+    named = answer_column != "answer"
+    if "accuracy" in reward_names and (gold_column(rows, answer_column) if not named else answer_column) not in rows[0]:
+        either = "" if named else " or 'solution'"
         raise ValueError(f"reward 'accuracy' needs the answer column {answer_column!r} (option 'answer_column')"
                          f"{either}; the {where} has {sorted(rows[0])}")
 
