@@ -2182,6 +2182,19 @@ def test_sft_refuses_a_completion_message_that_is_not_the_assistants():
             SFTTrainer(model, tok, rows, SFTConfig(progress_bar=False))
 
 
+def test_sft_rows_of_both_formats_name_the_row_that_is_not_conversational(tmp_path):
+    # a messages row, then a prompt/completion one: once every row got every column (None where missing), row 0
+    # was blamed ("row 0 has no value for column(s) ['prompt', 'completion']") for the format of the first row
+    from r1fast.trainer.config import SFTConfig
+    from r1fast.trainer.sft import SFTTrainer
+
+    model, tok = tiny_model()
+    rows = [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]},
+            {"prompt": "q", "completion": "a"}]
+    with pytest.raises(ValueError, match=r"SFT dataset: row 1: 'messages' must be a list of two or more"):
+        SFTTrainer(model, tok, rows, SFTConfig(progress_bar=False, output_dir=str(tmp_path / "a")))
+
+
 def test_sft_reads_a_messages_column_as_prompt_and_completion(tmp_path):
     """The conversational format of TRL's SFT datasets (one `messages` list per row) was refused for
     lacking prompt/completion columns: the last message, the assistant's, is the completion, the rest

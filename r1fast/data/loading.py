@@ -46,7 +46,10 @@ def split_conversations(rows: Sequence[dict], prompt_column: str, completion_col
     them) as prompt / completion rows: the last message, the assistant's, is the completion, and the
     messages before it (a system message, earlier turns) its prompt. Rows that have the two columns,
     or no `messages`, are returned as they are (check_columns then names what is missing)."""
-    if not rows or MESSAGES_COLUMN not in rows[0] or all(c in rows[0] for c in (prompt_column, completion_column)):
+    # a column present but None is a column other rows have (same_columns): row 0 is still conversational, and a
+    # row of the other format is the one named, not row 0 for lacking its prompt
+    if not rows or rows[0].get(MESSAGES_COLUMN) is None or \
+            all(rows[0].get(c) is not None for c in (prompt_column, completion_column)):
         return rows
     out = []
     for i, row in enumerate(rows):
