@@ -415,13 +415,13 @@ def check_prompts(rows: Sequence[dict], column: str, tokenizer, system_prompt: O
                       f"their own system message (theirs is kept, not both)", stacklevel=2)
 
 
-def encode_prompt(tokenizer, prompt: Any, system_prompt: Optional[str] = None, max_length: Optional[int] = None,
+def encode_prompt(tokenizer, prompt: Any, system_prompt: Optional[str] = None,
                   chat_template_kwargs: Optional[dict] = None) -> list[int]:
+    """A prompt's token ids, whole: callers cut a long one to its end themselves, so as to say so
+    (warn_cut_prompts)."""
     text = prompt_text(tokenizer, prompt, system_prompt, chat_template_kwargs)
     ids = tokenizer(text, add_special_tokens=not getattr(tokenizer, "chat_template", None)).input_ids
     _warn_unknown(tokenizer, text, ids)
-    if max_length is not None and len(ids) > max_length:
-        ids = ids[-max_length:]  # keep the end: the question and the generation prompt
     return ids
 
 
@@ -445,7 +445,7 @@ def encode_prompts(tokenizer, rows: Sequence[dict], column: str, system_prompt: 
     out, cut = [], []
     for i, row in enumerate(rows):
         try:
-            ids = encode_prompt(tokenizer, row[column], system_prompt, None, chat_template_kwargs)
+            ids = encode_prompt(tokenizer, row[column], system_prompt, chat_template_kwargs)
         except ValueError as e:
             raise ValueError(f"{where}: row {i}: {e}") from None
         if max_length is not None and len(ids) > max_length:
