@@ -491,6 +491,19 @@ def test_padding_leaves_an_inf_kl_or_is_weight_mean_inf_not_nan(backend):
         assert stats["is_weight/mean"] == math.inf, stats["is_weight/mean"]
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_is_weight_min_of_weights_all_past_float32_is_inf(backend):
+    # every active token's sequence-level TIS weight is exp(120), inf in float32: is_weight/min is inf, as
+    # is_weight/mean and max; the torch backend filled the inactive tokens with finfo.max and read 3.4e38
+    logp = torch.tensor([[-1.0, -1.5, -2.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    smp = logp + 0.1 - torch.tensor([[120.0, 0.0, 0.0, 0.0]])
+    _, stats = ops.grpo_loss(logp, logp + 0.1, None, torch.tensor([0.5]), mask, sampler_logp=smp,
+                             tis_level="sequence", tis_mode="truncate", backend=backend)
+    for k in ("is_weight/mean", "is_weight/min", "is_weight/max"):
+        assert stats[k] == math.inf, (k, stats[k])
+
+
 def test_loss_options_defaults_follow_trl():
     trl_config = pytest.importorskip("trl.trainer.grpo_config")
     trl = {f.name: f.default for f in dataclasses.fields(trl_config.GRPOConfig)}

@@ -129,9 +129,10 @@ def _weight_stats(stats, wb, m, denom, n_tok, totals):
         stats["is_weight/min"] = torch.where(m > 0, wb, float("inf")).min()
         stats["is_weight/max"] = torch.where(m > 0, wb, float("-inf")).max()
     else:
-        big = torch.finfo(wb.dtype).max
-        stats["is_weight/min"] = torch.where(m > 0, wb, big).min() if n_tok > 0 else wb.new_zeros(())
-        stats["is_weight/max"] = torch.where(m > 0, wb, -big).max() if n_tok > 0 else wb.new_zeros(())
+        # +-inf off the active tokens, not the dtype's max: an active weight may be inf itself (a sequence-level
+        # weight past float32), and min(inf, finfo.max) read finfo.max where every other backend reads inf
+        stats["is_weight/min"] = torch.where(m > 0, wb, math.inf).min() if n_tok > 0 else wb.new_zeros(())
+        stats["is_weight/max"] = torch.where(m > 0, wb, -math.inf).max() if n_tok > 0 else wb.new_zeros(())
 
 
 def grpo_loss(logp, old_logp, ref_logp, advantages, mask, opts: LossOptions, entropy=None, sampler_logp=None,
