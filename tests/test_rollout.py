@@ -218,7 +218,7 @@ def test_a_weight_update_drops_the_cached_prompt_blocks_without_a_reset(tmp_path
     assert engine.last_stats["cached_tokens"] == 12   # unchanged weights: the cache serves again
 
 
-@pytest.mark.parametrize("how", ["fused AdamW", "p.data", "one row", "two sign flips"])
+@pytest.mark.parametrize("how", ["fused AdamW", "p.data", "one row", "two sign flips", "two rows swapped"])
 def test_a_weight_change_no_version_counter_records_drops_the_cached_prompt_blocks(models, prompts, how):
     """A fused optimizer (AdamW(fused=True)) and writes through p.data bump no version counter: generate()
     reused the prompt KV the old weights made (other tokens, log-probs off by nats) until a manual reset."""
@@ -244,9 +244,12 @@ def test_a_weight_change_no_version_counter_records_drops_the_cached_prompt_bloc
     elif how == "one row":  # a single embedding row of the prompt's first token, by one float step
         row = model.embed_tokens.weight.data[prompts[4][0]]
         row.copy_(torch.nextafter(row, torch.full_like(row, math.inf)))
-    else:  # each flip moves the bit sum by 2^31, so two left it unchanged modulo 2^32
+    elif how == "two sign flips":  # each flip moves the bit sum by 2^31, so two left it unchanged modulo 2^32
         row = model.embed_tokens.weight.data[prompts[4][0]]
         row[[int(row.argmax()), int(row.argmin())]] *= -1
+    else:  # the prompt's first token's embedding row traded with another's: sums that see no order missed it
+        table, a, b = model.embed_tokens.weight.data, prompts[4][0], (prompts[4][0] + 1) % CFG["vocab_size"]
+        table[[a, b]] = table[[b, a]]
     assert [p._version for p in model.parameters()] == versions  # no counter saw it
     after = engine.generate([prompts[4]], params)
     assert engine.last_stats["cached_tokens"] == 0
@@ -263,18 +266,21 @@ def test_weight_bit_sums_are_exact_in_one_piece_and_chunk_by_chunk(monkeypatch, 
     from r1fast.rollout import engine as engine_module
 
     g = torch.Generator().manual_seed(2)
-    for numel in (0, 1, 37, 64):
-        p = torch.randn(numel, generator=g).to(dtype)
+    for shape in ((0,), (1,), (37,), (64,), (8, 8), (2, 3, 5), (0, 4)):
+        p = torch.randn(shape, generator=g).to(dtype)
         bits = p.view(engine_module._INT_OF_SIZE[p.element_size()])
         wrap = 1 << (8 * p.element_size())
 
         def wrapped(v: int) -> int:
             return (v + wrap // 2) % wrap - wrap // 2
 
-        want = [wrapped(int(bits.long().sum())), wrapped(int(bits.long().clamp(max=0).sum()))]
+        by_row = bits.reshape(-1, shape[-1]) if len(shape) > 1 else bits.reshape(1, -1)
+        want_rows = [wrapped(int(r)) for r in by_row.long().sum(-1)]
+        want_negative = wrapped(int(bits.long().clamp(max=0).sum()))
         for chunk in (1 << 22, 16):  # one piece; chunks of 16 (a last partial one)
             monkeypatch.setattr(engine_module, "_SIGN_CHUNK", chunk)
-            assert engine_module._bit_sums(p).tolist() == want, (numel, chunk)
+            rows, negative = engine_module._bit_sums(p)
+            assert rows.tolist() == want_rows and negative.item() == want_negative, (shape, chunk)
 
 
 def test_a_model_cast_after_the_engine_was_built_is_a_clear_error(models, prompts):

@@ -56,25 +56,28 @@ def _version(p: torch.Tensor) -> int | None:
 _SIGN_CHUNK = 1 << 22
 
 
-def _bit_sums(p: torch.Tensor) -> torch.Tensor | None:
-    """[sum of p's bits read as integers of their width, sum of the negative ones], each modulo 2^bits (exact:
-    a change of any one element shows in the first; no widened copy, which for a bf16 embedding on the GPU was
-    a 4x larger temporary). A sign flip moves the first by 2^(bits-1), its own negative modulo 2^bits, so an
-    even number of flips through p.data (p.data.neg_() on an even count) left it unchanged; it moves the
-    second by the element's magnitude, into or out of the negatives, so flips cancel there only where the
+def _bit_sums(p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(each row's sum of p's bits read as integers of their width, the sum of the negative ones as int64), each
+    modulo 2^bits (exact: a change of any one element shows in its row's sum; no widened copy, which for a bf16
+    embedding on the GPU was a 4x larger temporary). A row is p's last dimension; a 1-D parameter is one row.
+    Engine._weights_signature weights the row sums by their place, so that rows swapped through p.data (sums
+    that do not see order) show too. A sign flip moves a sum by 2^(bits-1), its own negative modulo 2^bits, so
+    an even number of flips in one row (p.data.neg_() on an even count) left its sum unchanged; it moves the
+    negative sum by the element's magnitude, into or out of the negatives, so flips cancel there only where the
     magnitudes turned negative sum to those turned positive. None where a tensor subclass (an FP8 library's
     weight) has no such view: its version counter alone speaks for it."""
     try:
         bits = p.detach().view(_INT_OF_SIZE[p.element_size()])
+        rows = (bits.flatten(0, -2) if bits.dim() > 1 else bits.reshape(1, -1)).sum(-1, dtype=bits.dtype)
         if bits.numel() <= _SIGN_CHUNK:  # one clamp: the loop's four extra ops per parameter cost 4x the sums
-            return torch.stack([bits.sum(dtype=bits.dtype), bits.clamp(max=0).sum(dtype=bits.dtype)]).long()
+            return rows, bits.clamp(max=0).sum(dtype=bits.dtype).long()
         flat = bits.reshape(-1)
         negative = torch.zeros((), dtype=bits.dtype, device=bits.device)
         scratch = torch.empty(_SIGN_CHUNK, dtype=bits.dtype, device=bits.device)
         for chunk in flat.split(_SIGN_CHUNK):  # one scratch buffer: a fresh one per chunk page-faulted on the CPU
             part = torch.clamp(chunk, max=0, out=scratch[: chunk.numel()])
             negative += part.sum(dtype=bits.dtype)
-        return torch.stack([bits.sum(dtype=bits.dtype), negative]).long()
+        return rows, negative.long()
     except (RuntimeError, TypeError, KeyError, NotImplementedError):
         return None
 
@@ -222,21 +225,29 @@ class Engine:
         self.block_manager.reset_prefix_cache()
 
     def _weights_signature(self):
-        """Per parameter (storage, in-place version, sums of its bits read as integers): it changes whenever a
-        weight does, so a cached prompt block's KV is never reused on other weights. The version counter alone
-        missed writes through `p.data` and fused optimizers (torch.optim.AdamW(fused=True) bumps no version),
-        and parameters made under torch.inference_mode count none; the bit sums (exact integer arithmetic:
-        any one element's change, and sign flips, show) catch those, for a few passes over the weights per
-        call (each decode step reads them once)."""
+        """(per parameter (storage, in-place version, sum of its negative bits), the parameters' row sums of
+        bits weighted by their place): it changes whenever a weight does, so a cached prompt block's KV is never
+        reused on other weights. The version counter alone missed writes through `p.data` and fused optimizers
+        (torch.optim.AdamW(fused=True) bumps no version), and parameters made under torch.inference_mode count
+        none; the bit sums (exact integer arithmetic: any one element's change, sign flips and swapped rows
+        show) catch those, for a few passes over the weights per call (each decode step reads them once)."""
         params = list(self.model.parameters())
         if not params:
-            return ()
+            return (), None
         with torch.no_grad():
             sums = [_bit_sums(p) for p in params]
             known = [s for s in sums if s is not None]
-            known = iter(torch.stack(known).tolist() if known else [])  # one device sync
-            sums = [None if s is None else tuple(next(known)) for s in sums]
-        return tuple((p.data_ptr(), _version(p), s) for p, s in zip(params, sums))
+            placed = None
+            if known:
+                # row g's sum times g + 1 (int64, wrapping): a changed row sum d moves it by d * (g + 1), never 0
+                # modulo 2^64 for weights of up to 4 bytes (|d| < 2^32, fewer than 2^31 rows), and two rows with
+                # sums a and b swapped move it by (a - b) * (their distance)
+                rows = torch.cat([r for r, _ in known]).long()
+                rows.mul_(torch.arange(1, rows.numel() + 1, device=rows.device))
+                values = torch.cat([rows.sum().reshape(1), torch.stack([n for _, n in known])]).tolist()  # one sync
+                placed, negatives = values[0], iter(values[1:])
+            sums = [None if s is None else next(negatives) for s in sums]
+        return tuple((p.data_ptr(), _version(p), s) for p, s in zip(params, sums)), placed
 
     def _check_weights(self):
         built_for, model_is = (self.runner.dtype, self.runner.device), (self.model.dtype, self.model.device)
@@ -246,7 +257,7 @@ class Engine:
         seen, now = self._weights_seen, self._weights_signature()
         if now == seen:
             return
-        if self.runner.graphs and [ptr for ptr, *_ in seen] != [ptr for ptr, *_ in now]:
+        if self.runner.graphs and [ptr for ptr, *_ in seen[0]] != [ptr for ptr, *_ in now[0]]:
             raise RuntimeError("Engine: the model's parameters were replaced, not updated in place, since this "
                                "engine captured its CUDA graphs, which still read the old memory; update them in "
                                "place (with torch.no_grad(): p.copy_(new)), or build a new Engine")
