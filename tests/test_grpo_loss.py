@@ -504,6 +504,37 @@ def test_is_weight_min_of_weights_all_past_float32_is_inf(backend):
         assert stats[k] == math.inf, (k, stats[k])
 
 
+@pytest.mark.parametrize("weights", ["sampler_logp", "importance_weights"])
+def test_unchecked_grpo_loss_with_weights_reads_no_device_value(weights):
+    # check_values=False promises no host sync (docs/loss.md); the torch backend's is_weight/min|max asked
+    # `if n_tok > 0` on the host, two syncs per call on a GPU whenever sampler_logp or importance_weights came
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    reads = []
+
+    class CountScalarReads(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket is torch.ops.aten._local_scalar_dense:
+                reads.append(func)
+            return func(*args, **(kwargs or {}))
+
+    d = _batch(seed=3)
+    f = lambda t: t.float()  # noqa: E731
+    extra = {"sampler_logp": f(d["sampler"])} if weights == "sampler_logp" else {"importance_weights": f(d["ent"])}
+    for mask in (d["mask"], torch.zeros_like(d["mask"])):
+        reads.clear()
+        with CountScalarReads():
+            loss, stats = ops.grpo_loss(f(d["logp"]).requires_grad_(), f(d["old"]), None, f(d["adv"]), mask,
+                                        backend="torch", check_values=False, tis_mode="truncate", tis_level="token",
+                                        **extra)
+            loss.backward()
+        assert reads == [], reads
+        active = (mask > 0).any()
+        w = torch.exp(d["old"] - d["sampler"]) if weights == "sampler_logp" else d["ent"]
+        want_min = w[mask > 0].min() if active else 0.0
+        assert torch.allclose(stats["is_weight/min"].double(), torch.as_tensor(want_min).double(), rtol=1e-5)
+
+
 def test_loss_options_defaults_follow_trl():
     trl_config = pytest.importorskip("trl.trainer.grpo_config")
     trl = {f.name: f.default for f in dataclasses.fields(trl_config.GRPOConfig)}

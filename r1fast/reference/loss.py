@@ -130,9 +130,13 @@ def _weight_stats(stats, wb, m, denom, n_tok, totals):
         stats["is_weight/max"] = torch.where(m > 0, wb, float("-inf")).max()
     else:
         # +-inf off the active tokens, not the dtype's max: an active weight may be inf itself (a sequence-level
-        # weight past float32), and min(inf, finfo.max) read finfo.max where every other backend reads inf
-        stats["is_weight/min"] = torch.where(m > 0, wb, math.inf).min() if n_tok > 0 else wb.new_zeros(())
-        stats["is_weight/max"] = torch.where(m > 0, wb, -math.inf).max() if n_tok > 0 else wb.new_zeros(())
+        # weight past float32), and min(inf, finfo.max) read finfo.max where every other backend reads inf.
+        # 0 without active tokens, chosen on the device: `if n_tok > 0` read it on the host, a sync per call
+        # that grpo_loss(check_values=False) promises not to make (CUDA graphs, torch.compile)
+        has = n_tok > 0
+        for name, fill, extreme in (("min", math.inf, torch.amin), ("max", -math.inf, torch.amax)):
+            x = torch.where(m > 0, wb, fill)
+            stats[f"is_weight/{name}"] = torch.where(has, extreme(x), 0.0) if x.numel() else wb.new_zeros(())
 
 
 def grpo_loss(logp, old_logp, ref_logp, advantages, mask, opts: LossOptions, entropy=None, sampler_logp=None,
