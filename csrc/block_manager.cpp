@@ -17,7 +17,10 @@ namespace r1fast {
 BlockManager::BlockManager(std::int64_t num_blocks, std::int64_t block_size, bool enable_prefix_caching)
     : block_size_(block_size), prefix_caching_(enable_prefix_caching) {
   if (num_blocks <= 0) fail("BlockManager: num_blocks must be > 0, got ", num_blocks);
-  if (num_blocks > INT32_MAX) fail("BlockManager: num_blocks must fit in int32, got ", num_blocks);
+  if (num_blocks > kMaxBlocks)
+    fail("BlockManager: num_blocks = ", num_blocks, " exceeds the limit ", kMaxBlocks, " (2**26): the pool's "
+         "bookkeeping alone takes ~90 bytes of host memory a block, and no real KV cache (an H200's, even at "
+         "block_size 1) has more blocks");
   if (block_size <= 0) fail("BlockManager: block_size must be > 0, got ", block_size);
   // slots (block id x block_size) must fit in int64; the kernels take block_size as int32
   if (block_size > INT32_MAX) fail("BlockManager: block_size must fit in int32, got ", block_size);
@@ -359,6 +362,18 @@ std::int64_t int_arg(const py::handle& value, const char* fn, const char* name, 
     fail("BlockManager.", fn, ": ", name, " = ", std::string(py::str(index)), " lies outside [", lo, ", ", hi, "]");
   return v;
 }
+// A True/False argument. Taking py::object instead of bool: pybind's caster read any number or None as a
+// bool (enable_prefix_caching=0.0 or None was off, 2 on) and answered a string with "incompatible constructor
+// arguments". numpy bools and 0-d bool tensors are bools too.
+bool bool_arg(const py::handle& value, const char* fn, const char* name) {
+  if (!holds_bool(value) || is_array_of_values(value)) {
+    std::string got = py::str(py::type::of(value).attr("__name__"));
+    throw py::type_error(std::string("BlockManager.") + fn + ": " + name + " must be True or False, got " +
+                         std::string(py::repr(value)) + " (" + got + ")");
+  }
+  return PyObject_IsTrue(value.ptr()) == 1;
+}
+
 std::int64_t seq_arg(const py::handle& v, const char* fn, const char* name = "seq_id") {
   return int_arg(v, fn, name, kI64Min, kI64Max);
 }
@@ -368,12 +383,14 @@ std::int64_t seq_arg(const py::handle& v, const char* fn, const char* name = "se
 void register_block_manager(py::module_& m) {
   py::class_<BlockManager>(m, "BlockManager",
                            "Paged KV-cache block manager (rules in csrc/block_manager.h). Used by r1fast.rollout.")
-      .def(py::init([](const py::object& num_blocks, const py::object& block_size, bool prefix_caching) {
+      .def(py::init([](const py::object& num_blocks, const py::object& block_size, const py::object& prefix_caching) {
         // not by value: the blocks hold iterators into the free list
-        return std::make_unique<BlockManager>(int_arg(num_blocks, "__init__", "num_blocks", 1, INT32_MAX),
+        return std::make_unique<BlockManager>(int_arg(num_blocks, "__init__", "num_blocks", 1, kI64Max),
                                               int_arg(block_size, "__init__", "block_size", 1, INT32_MAX),
-                                              prefix_caching);
+                                              bool_arg(prefix_caching, "__init__", "enable_prefix_caching"));
       }), py::arg("num_blocks"), py::arg("block_size"), py::arg("enable_prefix_caching") = true)
+      .def_property_readonly_static("max_num_blocks", [](const py::object&) { return kMaxBlocks; },
+                                    "The largest num_blocks a pool may have (2**26).")
       .def_property_readonly("num_blocks", &BlockManager::num_blocks)
       .def_property_readonly("block_size", &BlockManager::block_size)
       .def_property_readonly("prefix_caching", &BlockManager::prefix_caching)

@@ -40,6 +40,13 @@ namespace r1fast {
 
 constexpr std::int32_t kUnknownToken = -1;
 
+// The largest pool: its bookkeeping costs ~90 bytes of host memory a block (6 GB here), and
+// 2**31 - 1 blocks (what int32 block ids allow) would have taken ~190 GB before the first sequence.
+// A real cache never comes near: the smallest KV per token of a supported model (Qwen2.5-0.5B,
+// bf16: 24 layers x K,V x 2 heads x 64 x 2 bytes = 12 KiB) fills a 141 GB H200 with ~11.5M tokens,
+// i.e. fewer blocks than this even at block_size 1.
+constexpr std::int64_t kMaxBlocks = std::int64_t{1} << 26;
+
 class BlockManager {
  public:
   BlockManager(std::int64_t num_blocks, std::int64_t block_size, bool enable_prefix_caching);

@@ -630,7 +630,7 @@ def test_int_arguments_out_of_range_name_the_argument_and_the_range():
         (lambda: bm.ref_count(4), r"ref_count: block = 4 lies outside \[0, 3\]"),
         (lambda: bm.mark_computed(0, -1), r"mark_computed: num_tokens = -1 lies outside"),
         (lambda: bm.block_tables([0], 0, 2**31), r"block_tables: pad = 2147483648 lies outside"),
-        (lambda: BlockManager(2**31, 1), r"num_blocks = 2147483648 lies outside \[1, 2147483647\]"),
+        (lambda: BlockManager(2**31, 1), r"num_blocks = 2147483648 exceeds the limit 67108864"),
         (lambda: bm.append_batch([0], [-7]), r"tokens\[0\] = -7 is negative"),
         (lambda: bm.blocks_to_allocate([4, -2]), r"tokens\[1\] = -2 is negative"),
     ]
@@ -684,3 +684,25 @@ def test_int_arguments_read_tensors_and_0d_arrays_as_the_array_arguments_do():
             call()
     assert bm.num_tokens(2) == 3 and bm.has_seq(1)
     bm.check_invariants()
+
+
+def test_a_pool_past_the_limit_is_refused_before_its_bookkeeping_is_allocated():
+    # BlockManager(2**31 - 1, 1) was accepted and went on to allocate ~190 GB of host bookkeeping (~90 bytes a
+    # block) before the first sequence; 2**26 blocks is more than any real KV cache has (see block_manager.h)
+    assert BlockManager.max_num_blocks == 2**26
+    for num_blocks in (2**31 - 1, 2**26 + 1):
+        with pytest.raises(ValueError, match=rf"num_blocks = {num_blocks} exceeds the limit 67108864 \(2\*\*26\)"):
+            BlockManager(num_blocks, 1)
+
+
+def test_enable_prefix_caching_must_be_a_bool():
+    # pybind's bool caster read any number or None as a bool (0.0 and None: off, 2: on) and answered a string
+    # with "incompatible constructor arguments", naming neither the argument nor what it takes
+    for value in (2, 0, 0.0, None, "no", [True], np.array([True, False])):
+        with pytest.raises(TypeError, match=r"__init__: enable_prefix_caching must be True or False, got "):
+            BlockManager(4, 2, value)
+    torch = pytest.importorskip("torch")
+    for value, want in ((True, True), (False, False), (np.bool_(False), False), (np.array(True), True),
+                        (torch.tensor(False), False)):
+        assert BlockManager(4, 2, value).prefix_caching is want
+    assert BlockManager(4, 2, enable_prefix_caching=False).prefix_caching is False
