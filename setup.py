@@ -9,7 +9,6 @@ Environment:
   MAX_JOBS           parallel compile jobs
   CUDA_HOME/CUDACXX  where to find nvcc
 """
-import importlib.util
 import os
 import shutil
 import subprocess
@@ -46,15 +45,6 @@ def find_tool(name):
     return shutil.which(name)
 
 
-def sources_digest():
-    """r1fast._ext's digest of CMakeLists.txt and csrc/, built into _C: a source checkout then tells a
-    _C built from other sources. _ext.py is loaded by path (no r1fast import while it is being built)."""
-    spec = importlib.util.spec_from_file_location("_r1fast_ext", ROOT / "r1fast" / "_ext.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.sources_digest(ROOT)
-
-
 class CMakeExtension(Extension):
     def __init__(self, name):
         super().__init__(name, sources=[])
@@ -84,7 +74,6 @@ class CMakeBuild(build_ext):
             "-DCMAKE_BUILD_TYPE=Release",
             f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={lib_dir}",
             f"-DR1FAST_CUDA={'ON' if nvcc else 'OFF'}",
-            f"-DR1FAST_SOURCES_DIGEST={sources_digest()}",
         ]
         if ninja:
             args += ["-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja}"]

@@ -11,7 +11,7 @@ _NOT_BUILT = "r1fast._C is not built: install the package with `pip install -e .
 
 def sources_digest(root: Path) -> str | None:
     """A digest of CMakeLists.txt and csrc/ under `root`, or None where they are not (an installed wheel).
-    setup.py builds it into _C (build_info()["sources_digest"]), so a source checkout tells a _C built
+    CMakeLists.txt builds it into _C (build_info()["sources_digest"]), so a source checkout tells a _C built
     from other sources (an editable install after a pull) from a current one."""
     csrc = root / "csrc"
     if not (csrc.is_dir() and (root / "CMakeLists.txt").is_file() and (root / "setup.py").is_file()):
@@ -39,7 +39,11 @@ def _import():
         return None, (f"r1fast._C does not import ({e}; found {', '.join(present)}): rebuild it for this "
                       f"Python with `pip install -e .`")
     want = sources_digest(here.parent)
-    if want is not None and _C.build_info().get("sources_digest", "") != want:
+    got = _C.build_info().get("sources_digest", "")
+    if want is not None and not got:  # compiled by hand, or by a CMakeLists.txt older than its digest step
+        return None, ("r1fast._C carries no digest of the sources it was built from, so it cannot be told current "
+                      "against csrc/: build it with `pip install -e .` or CMakeLists.txt (cmake --build)")
+    if want is not None and got != want:
         return None, ("r1fast._C is out of date: it was built from other sources than csrc/ and CMakeLists.txt "
                       "hold now; rebuild it with `pip install -e .`")
     return _C, ""

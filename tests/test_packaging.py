@@ -53,6 +53,40 @@ def test_a_found_nvcc_that_cannot_build_names_the_cpu_only_way_out(tmp_path):
     assert "R1FAST_CUDA=0 builds the CPU-only extension" in r.stderr, r.stderr[-2000:]
 
 
+def test_a_direct_cmake_build_carries_the_sources_digest(tmp_path):
+    # setup.py alone passed the digest to CMake: a _C built by `cmake --build` (the quick loop while working on
+    # csrc/) carried none, and r1fast refused it as "built from other sources" although it was built from these.
+    # CMakeLists.txt computes it now, and reruns that step when a file under csrc/ changes.
+    pybind11 = pytest.importorskip("pybind11")
+    cmake = shutil.which("cmake")
+    if cmake is None:
+        pytest.skip("needs cmake")
+    from r1fast import _ext
+
+    src, build = tmp_path / "src", tmp_path / "build"
+    _copy_tree(src)
+    r = subprocess.run([cmake, "-S", str(src), "-B", str(build), f"-DPython_EXECUTABLE={sys.executable}",
+                        f"-Dpybind11_DIR={pybind11.get_cmake_dir()}", "-DR1FAST_CUDA=OFF"],
+                       capture_output=True, text=True, check=False)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    generated = "".join(p.read_text(errors="replace") for p in build.rglob("*")
+                        if p.is_file() and p.suffix in ("", ".make", ".ninja", ".cmake"))
+    assert re.search(r'R1FAST_SOURCES_DIGEST=\\?"' + _ext.sources_digest(src), generated)
+    assert str(src / "csrc" / "block_manager.h") in generated  # a header edit reconfigures: a new digest
+
+
+def test_an_extension_without_a_digest_is_named_as_such(fresh_ext, monkeypatch):
+    # one compiled by hand carries no digest: it was called "built from other sources", which it may not be
+    _ext = fresh_ext
+    try:
+        from r1fast import _C
+    except ImportError:
+        pytest.skip("r1fast._C not built")
+    monkeypatch.setattr(_C, "build_info", lambda: {"with_cuda": False, "sources_digest": ""})
+    with pytest.raises(RuntimeError, match="carries no digest of the sources it was built from"):
+        _ext.require()
+
+
 def test_sources_digest_follows_csrc(tmp_path):
     from r1fast import _ext
 
