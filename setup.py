@@ -52,7 +52,11 @@ class CMakeExtension(Extension):
 
 class CMakeBuild(build_ext):
     def build_extension(self, ext):
-        import pybind11
+        try:
+            import pybind11
+        except ImportError as e:  # pip's build isolation installs it; --no-build-isolation and setup.py do not
+            raise RuntimeError(f"r1fast: building _C needs pybind11 ({e}): pip install 'pybind11>=2.12', or build "
+                               f"without --no-build-isolation") from e
 
         mode = os.environ.get("R1FAST_CUDA", "auto").strip().lower()
         if mode not in ("auto", "0", "1"):

@@ -87,6 +87,21 @@ def test_an_extension_without_a_digest_is_named_as_such(fresh_ext, monkeypatch):
         _ext.require()
 
 
+def test_a_build_without_pybind11_says_what_to_install(tmp_path):
+    # setup.py build_ext or pip's --no-build-isolation, without pybind11 installed: a bare ModuleNotFoundError
+    blocker = tmp_path / "blocker" / "pybind11"
+    blocker.mkdir(parents=True)
+    (blocker / "__init__.py").write_text("raise ImportError(\"No module named 'pybind11'\")\n")
+    src = tmp_path / "src"
+    _copy_tree(src)
+    env = {**os.environ, "PYTHONPATH": str(blocker.parent), "R1FAST_CUDA": "0"}
+    r = subprocess.run([sys.executable, "setup.py", "-q", "build_ext"], cwd=src, env=env, capture_output=True,
+                       text=True, check=False)
+    assert r.returncode != 0
+    assert "building _C needs pybind11 (No module named 'pybind11'): pip install 'pybind11>=2.12'" in r.stderr, \
+        r.stderr[-2000:]
+
+
 def test_sources_digest_follows_csrc(tmp_path):
     from r1fast import _ext
 
