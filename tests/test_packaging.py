@@ -73,6 +73,7 @@ def test_a_direct_cmake_build_carries_the_sources_digest(tmp_path):
                         if p.is_file() and p.suffix in ("", ".make", ".ninja", ".cmake"))
     assert re.search(r'R1FAST_SOURCES_DIGEST=\\?"' + _ext.sources_digest(src), generated)
     assert str(src / "csrc" / "block_manager.h") in generated  # a header edit reconfigures: a new digest
+    assert str(src / "r1fast" / "_ext.py") in generated  # and so does a change of how it is computed
 
 
 def test_an_extension_without_a_digest_is_named_as_such(fresh_ext, monkeypatch):
