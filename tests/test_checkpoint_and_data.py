@@ -1030,6 +1030,29 @@ def test_set_aside_newer_moves_only_the_later_checkpoints_of_the_resumed_ones_fo
     assert (run / f"abandoned-checkpoint-3.{os.getpid()}" / ckpt.STATE_FILE).is_file()
 
 
+def test_the_newest_checkpoint_set_aside_keeps_the_left_branchs_whole_log_or_says_it_cannot(tmp_path, monkeypatch):
+    from r1fast.trainer import metrics
+
+    run = tmp_path / "run"
+    for step in (1, 2, 3):
+        (run / f"checkpoint-{step}").mkdir(parents=True)
+        (run / f"checkpoint-{step}" / ckpt.STATE_FILE).write_text("{}")
+    log = "".join(f'{{"step": {s}}}\n' for s in (1, 2, 3, 4))   # step 4: after the newest checkpoint
+    (run / "metrics.jsonl").write_text(log)
+    ckpt.set_aside_newer(str(run), str(run / "checkpoint-1"))
+    assert (run / "abandoned-checkpoint-3" / "metrics.jsonl").read_text() == log
+    assert not (run / "abandoned-checkpoint-2" / "metrics.jsonl").exists()   # its own copy is its save's
+    # a checkpoint that cannot be written to (read-only storage): the resume goes on, saying what is not kept
+    (run / "abandoned-checkpoint-3").rename(run / "checkpoint-3")
+
+    def refused(run_dir, folder, replace=False):
+        raise PermissionError(13, "Permission denied", folder)
+
+    monkeypatch.setattr(metrics, "copy_logs", refused)
+    with pytest.warns(UserWarning, match=r"cannot keep the logs of the steps set aside in .*abandoned-checkpoint-3 "):
+        assert len(ckpt.set_aside_newer(str(run), str(run / "checkpoint-1"))) == 1
+
+
 def test_resuming_a_set_aside_checkpoint_sets_aside_the_branch_it_leaves_and_is_its_runs_again(tmp_path):
     # run to step 6, resumed from checkpoint-3 (checkpoint-4 set aside), run to 6 again, then resumed from
     # abandoned-checkpoint-4: nothing was set aside (the name did not match checkpoint-<step>), so the run's save at

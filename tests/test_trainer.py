@@ -192,6 +192,30 @@ def test_resuming_from_an_older_checkpoint_sets_the_later_ones_aside(tmp_path, c
     assert (run / "checkpoint-4").is_dir()
 
 
+def test_going_back_to_set_aside_steps_brings_back_their_metrics_and_keeps_the_branch_left(tmp_path):
+    """A (steps 1-3), B resumed from checkpoint-1 with another schedule (step 2), A again from abandoned-checkpoint-2:
+    the metrics log held B's step 2 as A's history (cut at step 2, then A's step 3)."""
+    kw = dict(max_steps=3, save_steps=1, save_total_limit=None, per_device_train_batch_size=4, num_generations=2,
+              max_completion_length=3, lr_scheduler_type="linear")
+    run = tmp_path / "run"
+
+    def lrs(folder):   # by step (1, 2, ...)
+        rows = _metrics(folder / "metrics.jsonl")
+        assert [r["step"] for r in rows] == list(range(1, len(rows) + 1))
+        return [r["lr"] for r in rows]
+
+    make(tmp_path, **kw).train()
+    a_metrics, a_samples = _metrics(run / "metrics.jsonl"), (run / "completions.jsonl").read_text()
+    make(tmp_path, **{**kw, "max_steps": 2}).train(resume=str(run / "checkpoint-1"))
+    b = [3e-2, 1.5e-2]   # the linear schedule over 2 steps
+    assert lrs(run) == pytest.approx(b)
+    assert lrs(run / "abandoned-checkpoint-3") == pytest.approx([3e-2, 2e-2, 1e-2])   # A's, kept
+    make(tmp_path, **kw).train(resume=str(run / "abandoned-checkpoint-2"))
+    assert _metrics(run / "metrics.jsonl") == a_metrics   # A's own step 2 again, and the same step 3
+    assert (run / "completions.jsonl").read_text() == a_samples
+    assert lrs(run / f"abandoned-checkpoint-2.{os.getpid()}") == pytest.approx(b)   # B's, where B's step 2 went
+
+
 def test_resuming_another_runs_checkpoint_into_a_folder_holding_a_third_run_is_refused(tmp_path):
     """--resume runs/b into output_dir runs/a (another run's checkpoints) cut a's metrics at the step resumed
     and replaced its checkpoint of the next step with b's continuation; now refused, naming output_dir=runs/b."""
@@ -206,6 +230,8 @@ def test_resuming_another_runs_checkpoint_into_a_folder_holding_a_third_run_is_r
     # the same command run again (a restarted job) finds its own steps since b's checkpoint: --resume alone goes on
     b_ckpt = str(tmp_path / "b" / "checkpoint-1")
     make(tmp_path, "c", **{**kw, "max_steps": 2}).train(resume=b_ckpt)
+    b_log = _metrics(tmp_path / "b" / "metrics.jsonl")
+    assert _metrics(tmp_path / "c" / "metrics.jsonl")[:1] == b_log and len(b_log) == 1   # b's step 1, then c's 2
     with pytest.raises(ValueError, match=r"If they are this run's own steps since checkpoint-1 \(the same command run "
                                          r"before, as a restarted job does\), --resume alone goes on from checkpoint-2"):
         make(tmp_path, "c", **{**kw, "max_steps": 3}).train(resume=b_ckpt)
@@ -496,6 +522,11 @@ def test_sft_stops_on_sigterm_with_a_resumable_checkpoint(tmp_path, sigterm_guar
     assert res["interrupted"] and tr.global_step == 3 and saves == [3]
     assert res["checkpoint"] == str(tmp_path / "sft" / "checkpoint-3")
     assert os.path.isfile(tmp_path / "sft" / "checkpoint-3" / "trainer_state.json")
+    # resumed, the log goes on from the checkpoint's copy; SFT logs no completions, in its checkpoints or on resume
+    again = SFTTrainer(model, tok, rows, dataclasses.replace(cfg, logging_steps=1))
+    assert again.train(resume=True)["global_step"] == 6
+    assert [r["step"] for r in _metrics(tmp_path / "sft" / "metrics.jsonl")] == [4, 5, 6]
+    assert not list((tmp_path / "sft").rglob("completions.jsonl"))
 
 
 def test_answer_column_reaches_the_accuracy_reward(tmp_path):
@@ -606,6 +637,26 @@ def test_resume_drops_a_metrics_line_cut_short_by_a_crash(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n{"step": 2, "loss": 0.5}\n{"step": 3, "lo')
     MetricsLogger(str(tmp_path), resume_step=2).close()
     assert [r["step"] for r in _metrics(tmp_path / "metrics.jsonl")] == [1, 2]
+
+
+def test_resume_starts_the_logs_from_the_checkpoints_copy_else_cuts_the_runs_own(tmp_path):
+    # the run's log may be another branch's (b: 1) where the checkpoint is one an earlier resume set aside (b: 0)
+    from r1fast.trainer.metrics import MetricsLogger
+
+    run, ck = tmp_path / "run", tmp_path / "run" / "checkpoint-2"
+    ck.mkdir(parents=True)
+    other = '{"step": 1, "b": 0}\n{"step": 2, "b": 1}\n{"step": 3, "b": 1}\n'
+    (run / "metrics.jsonl").write_text(other)
+    (run / "completions.jsonl").write_text('{"step": 2, "b": 1}\n')
+    (ck / "metrics.jsonl").write_text('{"step": 1, "b": 0}\n{"step": 2, "b": 0}\n{"step": 3, "b": 0}\n')
+    MetricsLogger(str(run), resume_step=2, resumed_from=str(ck)).close()
+    assert [(r["step"], r["b"]) for r in _metrics(run / "metrics.jsonl")] == [(1, 0), (2, 0)]
+    assert (run / "completions.jsonl").read_text() == ""   # the checkpoint's steps logged none
+    # a checkpoint of an r1fast before the copies: the run's own log, cut
+    os.remove(ck / "metrics.jsonl")
+    (run / "metrics.jsonl").write_text(other)
+    MetricsLogger(str(run), resume_step=2, resumed_from=str(ck)).close()
+    assert [(r["step"], r["b"]) for r in _metrics(run / "metrics.jsonl")] == [(1, 0), (2, 1)]
 
 
 def test_wandb_init_failing_closes_the_tensorboard_writer_and_names_wandb(tmp_path, monkeypatch):

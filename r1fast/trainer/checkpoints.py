@@ -5,6 +5,7 @@
         tokenizer files                   when a tokenizer is given
         optimizer.safetensors             per-parameter optimizer tensors ("<param index>.<name>")
         rng.safetensors                   torch CPU (and CUDA) generator states
+        metrics.jsonl, completions.jsonl  the run's logs as they were at this step (a resume starts from them)
         trainer_state.json                step, data position, optimizer param groups, scheduler,
                                           python/numpy RNG, config (written last)
 
@@ -157,6 +158,18 @@ def set_aside_newer(run_dir: str, resume_path: str) -> list[str]:
             target = _free_set_aside_name(run_dir, os.path.basename(path))
             os.rename(path, target)
             moved.append(target)
+    if moved:
+        from r1fast.trainer.metrics import copy_logs
+
+        # the branch's logs as it is left, the steps after its newest checkpoint included: the run's own logs now
+        # start over from the resumed checkpoint's (MetricsLogger), and these lines would be lost
+        try:
+            copy_logs(run_dir, moved[-1], replace=True)
+        except OSError as e:   # a read-only checkpoint (an archive linked back): said, not a failed resume
+            import warnings
+
+            warnings.warn(f"r1fast: cannot keep the logs of the steps set aside in {moved[-1]} ({e}); those after "
+                          f"its step are not kept", stacklevel=2)
     return moved
 
 
@@ -596,6 +609,9 @@ def save_checkpoint(run_dir: str, step: int, *, model, optimizer=None, scheduler
             tokenizer.save_pretrained(tmp)
         if write_extra is not None:
             write_extra(tmp)
+        from r1fast.trainer.metrics import copy_logs
+
+        copy_logs(run_dir, tmp)   # the history of the steps up to this one, which resuming it starts the logs from
         full_state = dict(state or {})
         full_state["format"] = CHECKPOINT_FORMAT
         full_state["global_step"] = step

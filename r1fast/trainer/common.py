@@ -748,8 +748,8 @@ def start_run(trainer, resume):
     # The log holds global steps (a pipeline stage's start at step_offset included): truncate on that scale,
     # or a resumed later stage would drop every line it wrote before the interruption.
     resume_step = trainer.step_offset + trainer.global_step if resume_path else None
-    logger = MetricsLogger(trainer.run_dir, cfg.report_to, resume_step=resume_step, run_name=cfg.run_name,
-                           config=cfg.to_json_dict())   # a reward function object by its name
+    logger = MetricsLogger(trainer.run_dir, cfg.report_to, resume_step=resume_step, resumed_from=resume_path,
+                           run_name=cfg.run_name, config=cfg.to_json_dict())   # a reward function object by its name
     pbar = None
     if cfg.progress_bar:
         from r1fast.progress import progress

@@ -8,6 +8,7 @@ import json
 import math
 import os
 import re
+import shutil
 import tempfile
 from typing import Any, Optional
 
@@ -15,18 +16,24 @@ from r1fast._umask import apply_rewrite_mode
 
 # Keys that change between otherwise identical runs (wall clock); resume comparisons skip them.
 TIMING_KEYS = ("time_s", "tokens_per_s", "step_time_s", "elapsed_s")
+# The run's logs, of which every checkpoint keeps a copy (copy_logs): a resume starts them from the resumed
+# checkpoint's own history, whichever branch of the run it is on
+RUN_LOGS = ("metrics.jsonl", "completions.jsonl")
 
 
 class MetricsLogger:
     def __init__(self, run_dir: str, report_to: tuple[str, ...] | list[str] = (), *, resume_step: Optional[int] = None,
-                 run_name: Optional[str] = None, config: Optional[dict] = None):
+                 resumed_from: Optional[str] = None, run_name: Optional[str] = None, config: Optional[dict] = None):
         os.makedirs(run_dir, exist_ok=True)
         self.path = os.path.join(run_dir, "metrics.jsonl")
         self.completions_path = os.path.join(run_dir, "completions.jsonl")
         if resume_step is not None:
-            # Lines written after the checkpoint belong to a future that resuming replaces.
-            _truncate_after(self.path, resume_step)
-            _truncate_after(self.completions_path, resume_step)
+            # Lines written after the checkpoint belong to a future that resuming replaces; the lines up to it are
+            # the checkpoint's own (resumed_from's copies), which differ from the run's file where the run goes
+            # back to steps an earlier resume set aside
+            history = resumed_from if resumed_from and os.path.isfile(os.path.join(resumed_from, RUN_LOGS[0])) else None
+            for path in (self.path, self.completions_path):
+                _truncate_after(path, resume_step, os.path.join(history, os.path.basename(path)) if history else path)
         else:
             for p in (self.path, self.completions_path):
                 if os.path.exists(p):
@@ -221,14 +228,32 @@ def _short_line(line: str, limit: int = 40) -> str:
     return r if len(r) <= limit else r[:limit] + "..."
 
 
-def _truncate_after(path: str, step: int):
-    if not os.path.exists(path):
-        return
+def copy_logs(run_dir: str, folder: str, replace: bool = False):
+    """Copy the run's logs (RUN_LOGS) into `folder`, a checkpoint: the history of the steps up to it. metrics.jsonl
+    is copied before the run has one too, as an empty file: it says that the checkpoint holds its history, so that a
+    resume from it takes none of the run's files (another branch's); a log it lacks is one its steps never wrote (SFT's
+    completions). `replace`: the folder holds copies already (a checkpoint set aside), replaced whole or not at all;
+    else it is a new checkpoint's temporary folder, synced as a whole."""
+    for name in RUN_LOGS:
+        source, target = os.path.join(run_dir, name), os.path.join(folder, name)
+        if name != RUN_LOGS[0] and not os.path.isfile(source):
+            continue
+        with replacing(target, binary=True) if replace else open(target, "wb") as f:
+            if os.path.isfile(source):
+                with open(source, "rb") as log:
+                    shutil.copyfileobj(log, f)
+
+
+def _truncate_after(path: str, step: int, source: Optional[str] = None):
+    """Write `path` as the lines of `source` (by default `path` itself; none where it is not there) up to `step`."""
+    source = source or path
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(source, encoding="utf-8") as f:
             lines = f.readlines()
+    except FileNotFoundError:
+        lines = []
     except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text ({e}); remove the damaged lines (or the file) to resume") from None
+        raise ValueError(f"{source}: not UTF-8 text ({e}); remove the damaged lines (or the file) to resume") from None
     if lines and not lines[-1].endswith("\n"):
         lines.pop()   # cut short by a crash mid-write; its step is after the checkpoint anyway
     keep = []
@@ -240,10 +265,12 @@ def _truncate_after(path: str, step: int):
         except ValueError:
             row = None
         if not isinstance(row, dict):
-            raise ValueError(f"{path} line {n}: not a JSON object ({_short_line(line)}); remove that line (or "
+            raise ValueError(f"{source} line {n}: not a JSON object ({_short_line(line)}); remove that line (or "
                              f"the file) to resume")
         if row.get("step", 0) <= step:
             keep.append(line)
+    if not keep and not os.path.exists(path):
+        return   # a log this run never wrote (SFT's completions.jsonl) is not made
     with replacing(path) as f:
         f.writelines(keep)
 
