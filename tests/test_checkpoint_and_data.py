@@ -170,6 +170,11 @@ def test_a_model_save_stopped_between_its_renames_keeps_or_names_the_previous_mo
         load_model_and_tokenizer(str(out), device="cpu")
     with pytest.raises(ValueError, match=r"exported' is not a folder .*\.exported\.old-abc123: rename it back"):
         _check_model(str(out), "pipeline")
+    # an older model set aside so by an earlier stopped save, under a name that sorts after: the newest is named
+    model.save_pretrained(str(tmp_path / ".exported.old-zzz999"))
+    os.utime(tmp_path / ".exported.old-zzz999", (1e9, 1e9))
+    with pytest.raises(FileNotFoundError, match=r"there in .*/\.exported\.old-abc123: rename it back"):
+        from_pretrained(str(out))
 
 
 @pytest.mark.parametrize("stop", ["after_the_second_rename", "in_the_old_folders_deletion"])

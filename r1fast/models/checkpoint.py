@@ -51,11 +51,14 @@ def _replaced_model_hint(path: str) -> str:
     folder, name = os.path.split(target)
     if not name or not os.path.isdir(folder):
         return ""
-    aside = sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.startswith(f".{name}.old-")
-                   and os.path.isfile(os.path.join(folder, f, "config.json")))
+    aside = [os.path.join(folder, f) for f in os.listdir(folder) if f.startswith(f".{name}.old-")
+             and os.path.isfile(os.path.join(folder, f, "config.json"))]
     if not aside:
         return ""
-    return (f"; a save_pretrained stopped part way left the model that was there in {aside[-1]}: rename it back to "
+    # several saves stopped so (each after a save that went through) leave several: the newest model, by when its
+    # files were written, is the one that was there last; the names' random part says nothing of that
+    newest = max(aside, key=lambda p: (os.stat(p).st_mtime, p))
+    return (f"; a save_pretrained stopped part way left the model that was there in {newest}: rename it back to "
             f"{target!r} (or save again)")
 
 
