@@ -911,6 +911,24 @@ def test_grpo_resume_checks_its_own_state_and_removes_a_killed_saves_folders(tmp
     assert not [n for n in os.listdir(tmp_path / "run") if "tmp-checkpoint" in n]
 
 
+def test_a_killed_save_through_a_symlinked_checkpoint_leaves_nothing_beside_its_target(tmp_path):
+    # the save's temporary folders sat beside the link's target, out of the run folder, named as any run's save
+    # of that step (".tmp-checkpoint-3-*"): remove_save_leftovers never looked there, nor could it tell them from
+    # another run's. They are named after the target now, and deleted with its replaced copy (<target>.old-<pid>)
+    model = _model(build_char_tokenizer())
+    run, disk2 = tmp_path / "run", tmp_path / "disk2"
+    ckpt.save_checkpoint(str(disk2), 3, model=model)
+    run.mkdir()
+    os.symlink(disk2 / "checkpoint-3", run / "checkpoint-3")
+    _killed_save(run)
+    (disk2 / ".tmp-checkpoint-3-another").mkdir()   # a save of another run whose checkpoint lives in disk2 too
+    shutil.copytree(disk2 / "checkpoint-3", disk2 / "checkpoint-3.old-123")   # a save killed as it deleted it
+    assert len(os.listdir(disk2)) == 5, os.listdir(disk2)
+    ckpt.remove_save_leftovers(str(run))
+    assert sorted(os.listdir(disk2)) == [".tmp-checkpoint-3-another", "checkpoint-3"]
+    assert ckpt.latest_checkpoint(str(run)) == str(run / "checkpoint-3") and os.listdir(run) == ["checkpoint-3"]
+
+
 def test_chat_messages_with_unknown_roles_or_non_text_content_are_refused():
     # the built-in template renders system/user/assistant only: "User" used to vanish, question and all
     tok = build_char_tokenizer()

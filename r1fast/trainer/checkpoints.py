@@ -390,22 +390,33 @@ def remove_save_leftovers(run_dir: str):
                 remove_folder(path)
             else:
                 os.rename(path, base)
-        elif _CKPT_RE.match(name) and os.path.islink(path) and not os.path.exists(path):
-            _put_back_linked(path)
+        elif _CKPT_RE.match(name) and os.path.islink(path):
+            _clear_beside_linked(path)
 
 
-def _put_back_linked(link: str):
-    """A checkpoint-N that is a symlink (moved to another disk) is replaced where it leads (write_target): a save
-    killed between its two renames left the link dangling and the old, complete checkpoint beside its target as
-    <target>.old-<pid>, where the scan of run_dir above never looks: no checkpoint-N to resume. It is put back."""
+def _clear_beside_linked(link: str):
+    """A checkpoint-N that is a symlink (moved to another disk) is saved where it leads (write_target), and a save
+    killed there leaves its leftovers beside the target, where the scan of run_dir above never looks: the temporary
+    folders (save_checkpoint's ".<target>.tmp-*" and save_pretrained's "..<target>.tmp-*" in it), deleted; and
+    the replaced checkpoint as <target>.old-<pid>, deleted where the new one is in, else (killed between the two
+    renames, the link dangling: no checkpoint-N to resume) put back. Only names made from the target's own."""
     target = os.path.realpath(link)
     folder, name = os.path.split(target)
+    temp = re.compile(rf"^\.\.?{re.escape(name)}\.tmp-")
     old = re.compile(rf"^{re.escape(name)}\.old-\d+$")
-    with contextlib.suppress(OSError):   # the link's disk not mounted: nothing to put back now
-        for entry in sorted(os.listdir(folder)):
-            if old.match(entry) and os.path.isfile(os.path.join(folder, entry, STATE_FILE)):
-                os.rename(os.path.join(folder, entry), target)
-                return
+    try:
+        entries = sorted(os.listdir(folder))
+    except OSError:
+        return   # the link's disk not mounted: nothing to clear now
+    for entry in entries:
+        path = os.path.join(folder, entry)
+        if temp.match(entry):
+            remove_folder(path)
+        elif old.match(entry) and os.path.exists(target):
+            remove_folder(path)
+        elif old.match(entry) and os.path.isfile(os.path.join(path, STATE_FILE)):
+            with contextlib.suppress(OSError):
+                os.rename(path, target)
 
 
 # -- RNG ---------------------------------------------------------------------------------------
@@ -601,7 +612,10 @@ def save_checkpoint(run_dir: str, step: int, *, model, optimizer=None, scheduler
     # a checkpoint-<step> that is a symlink (moved to another disk) is written where it leads, as save_pretrained
     # writes through a link: renamed over, the link became a folder on the run's disk
     final = write_target(named)
-    tmp = tempfile.mkdtemp(prefix=f".tmp-checkpoint-{step}-", dir=os.path.dirname(final))
+    # beside a link's target, out of the run folder, another run's saves may write too: the temporary folder is
+    # named after that target, which is this run's alone, so that remove_save_leftovers can tell its own there
+    prefix = f".tmp-checkpoint-{step}-" if final == named else f".{os.path.basename(final)}.tmp-"
+    tmp = tempfile.mkdtemp(prefix=prefix, dir=os.path.dirname(final))
     try:
         apply_umask(tmp)   # mkdtemp's folder is private (0700)
         model.save_pretrained(tmp)
