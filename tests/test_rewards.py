@@ -1036,3 +1036,27 @@ def test_a_reward_set_takes_its_functions_from_a_generator():
     assert rewards.names == ["format", "accuracy"] and rewards.specs == ["format", "accuracy"]
     with pytest.raises(ValueError, match="at least one reward function"):
         RewardSet(name for name in [])
+
+
+def test_a_row_without_an_answer_is_scored_against_its_solution():
+    # datasets merged for TRL hold `answer` in some rows and only `solution` in others: those rows went unscored
+    comps = ["<answer>5</answer>", "<answer>7</answer>", "<answer>7</answer>", "<answer>1</answer>", "x"]
+    answer = ["5", None, float("nan"), "", None]
+    solution = [None, "so \\boxed{7}", "#### 7", "<answer>2</answer>", None]
+    assert accuracy_reward(["p"] * 5, comps, answer=answer, solution=solution) == [1.0, 1.0, 1.0, 0.0, None]
+    # a row's own answer wins over its solution
+    assert accuracy_reward(["p"], ["<answer>3</answer>"], answer=["3"], solution=["\\boxed{9}"]) == [1.0]
+    # a RewardSet passes both columns as the trainers do
+    table = RewardSet(["accuracy"]).score(["p"] * 2, ["<answer>5</answer>"] * 2,
+                                          {"answer": ["5", None], "solution": [None, "\\boxed{5}"]})
+    assert table == [[1.0, 1.0]]
+
+
+def test_an_evaluation_scores_a_row_without_an_answer_against_its_solution():
+    from r1fast.trainer.evaluate import check_eval_answers, score_completions
+
+    out, acc = score_completions(["q"] * 2, ["<answer>4</answer>"] * 2, ["4", None], 1, solutions=[None, "\\boxed{4}"])
+    assert acc == [1.0, 1.0] and out["eval/accuracy"] == 1.0
+    check_eval_answers([{"answer": None, "solution": "\\boxed{4}"}], "answer", "rows")   # a reference: no error
+    with pytest.raises(ValueError, match="no row has a reference"):
+        check_eval_answers([{"answer": None, "solution": None}], "answer", "rows")

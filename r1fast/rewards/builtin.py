@@ -278,23 +278,29 @@ def accuracy_reward(prompts, completions, answer=None, solution=None, **_) -> li
     """1.0 when the completion's final answer (the last <answer> or \\boxed{} after the reasoning, see
     `final_part`) equals the reference answer, else 0.0.
 
-    The reference comes from the `answer` column (or `solution`, TRL's convention); a list there
-    holds accepted answers (any of them matches). A row without a reference (None, NaN, empty)
-    returns None, so this function is left out of that row's reward.
+    The reference comes from the row's `answer` or, where that is missing (None, NaN, empty), from its
+    `solution` (TRL's convention; datasets merged from several sources hold one or the other per row); a
+    list there holds accepted answers (any of them matches). A row with neither returns None, so this
+    function is left out of that row's reward.
     """
-    gold = answer if answer is not None else solution
-    if gold is None:
+    if answer is None and solution is None:
         raise ValueError("accuracy reward needs an 'answer' (or 'solution') column in the dataset")
+    none = [None] * len(completions)
     out: list[Optional[float]] = []
-    for c, g in zip(completions, gold):
-        golds = [gold_text(x) for x in (g if isinstance(g, (list, tuple)) else [g])]  # a list: any of them
-        golds = [x for x in golds if x is not None]
+    for c, a, s in zip(completions, none if answer is None else answer, none if solution is None else solution):
+        golds = row_golds(a) or row_golds(s)
         if not golds:  # no reference to check against (None, NaN, empty): left out, not a reward for ""
             out.append(None)
             continue
         pred = extract_answer(final_part(completion_text(c)))
         out.append(1.0 if pred is not None and any(answers_match(pred, x) for x in golds) else 0.0)
     return out
+
+
+def row_golds(g) -> list[str]:
+    """One row's reference answers from one column's value (a list: any of them); [] when it holds none."""
+    golds = [gold_text(x) for x in (g if isinstance(g, (list, tuple)) else [g])]
+    return [x for x in golds if x is not None]
 
 
 def gold_text(g) -> Optional[str]:

@@ -15,15 +15,15 @@ from r1fast.trainer.common import (assistant_turn, check_model_and_tokenizer, ch
 
 def check_eval_answers(rows: Sequence[dict], answer_column: str, where: str):
     """eval/accuracy needs reference answers: a missing column, or rows whose answers are all missing or
-    empty (each is left out), is an error naming `where`, not an accuracy of 0.0 that measured nothing."""
-    from r1fast.rewards.builtin import gold_text
+    empty (each is left out), is an error naming `where`, not an accuracy of 0.0 that measured nothing. A row
+    is scored against its `solution` where its answer is missing, as the accuracy reward reads it."""
+    from r1fast.rewards.builtin import row_golds
 
-    answer_column = gold_column(rows, answer_column)
-    if answer_column not in rows[0]:
-        raise ValueError(f"{where} lack the answer column {answer_column!r}; they have {sorted(rows[0])}")
-    if not any(gold_text(x) is not None for r in rows
-               for x in (r[answer_column] if isinstance(r[answer_column], (list, tuple)) else [r[answer_column]])):
-        raise ValueError(f"{where}: no row has a reference answer in column {answer_column!r} (all missing or "
+    column = gold_column(rows, answer_column)
+    if column not in rows[0]:
+        raise ValueError(f"{where} lack the answer column {column!r}; they have {sorted(rows[0])}")
+    if not any(row_golds(r.get(answer_column)) or row_golds(r.get("solution")) for r in rows):
+        raise ValueError(f"{where}: no row has a reference answer in column {column!r} (all missing or "
                          f"empty): there is no accuracy to measure")
 
 
@@ -81,11 +81,11 @@ def evaluate_accuracy(model, tokenizer, rows, *, samples_per_prompt: int = 1, te
             lengths.append(len(c.token_ids))
     n = samples_per_prompt
     prompts = [r[prompt_column] for r in rows for _ in range(n)]
-    column = gold_column(rows, answer_column)
-    answers = [r.get(column) for r in rows for _ in range(n)]
+    answers = [r.get(answer_column) for r in rows for _ in range(n)]
+    solutions = [r.get("solution") for r in rows for _ in range(n)]   # a row's reference where its answer is missing
     # scored as GRPO's rewards score them: a prefilled answer's message with its prefill
     out, acc = score_completions(prompts, [assistant_turn(p, t) for p, t in zip(prompts, texts)], answers, n,
-                                 format_pattern)
+                                 format_pattern, solutions)
     out.update({"eval/completion_length": sum(lengths) / len(lengths), "eval/num_samples": len(texts)})
     if return_samples:
         return out, [{"prompt": p if isinstance(p, str) else str(p), "completion": t, "accuracy": a}
@@ -94,15 +94,17 @@ def evaluate_accuracy(model, tokenizer, rows, *, samples_per_prompt: int = 1, te
 
 
 def score_completions(prompts: Sequence, texts: Sequence[str], answers: Sequence, samples_per_prompt: int,
-                      format_pattern: Optional[str] = None) -> tuple[dict, list[Optional[float]]]:
+                      format_pattern: Optional[str] = None,
+                      solutions: Optional[Sequence] = None) -> tuple[dict, list[Optional[float]]]:
     """The evaluation's scores of given completions, one per sample, each prompt's `samples_per_prompt`
     next to each other: eval/accuracy (mean over the samples with a reference), eval/format (over all),
     and with k = samples_per_prompt > 1 eval/pass@k and eval/cons@k (means over the prompts with a
-    reference). Returns them and each sample's accuracy (None: no reference)."""
+    reference). `solutions`: each sample's `solution`, its reference where its answer is missing. Returns them
+    and each sample's accuracy (None: no reference)."""
     from r1fast.rewards import accuracy_reward, make_format_reward
 
     k = samples_per_prompt
-    acc = accuracy_reward(prompts, texts, answer=answers)
+    acc = accuracy_reward(prompts, texts, answer=answers, solution=solutions)
     fmt = make_format_reward(format_pattern)(prompts, texts)
     scored = [a for a in acc if a is not None]
     out = {"eval/accuracy": sum(scored) / max(len(scored), 1), "eval/format": sum(fmt) / len(fmt)}
