@@ -1060,3 +1060,21 @@ def test_an_evaluation_scores_a_row_without_an_answer_against_its_solution():
     check_eval_answers([{"answer": None, "solution": "\\boxed{4}"}], "answer", "rows")   # a reference: no error
     with pytest.raises(ValueError, match="no row has a reference"):
         check_eval_answers([{"answer": None, "solution": None}], "answer", "rows")
+
+
+def test_a_math_verify_check_that_ran_out_of_time_is_tried_again_later(monkeypatch):
+    # a time-out was cached as a verdict: a right answer whose check ran out of time once (a busy machine)
+    # scored 0 each time it came again
+    pytest.importorskip("math_verify")
+    import random
+
+    from r1fast.rewards import builtin
+
+    n = random.randrange(10**6, 10**7)   # fresh: no cached verdict
+    pred, gold = "\\frac{1}{2}", f"\\dfrac{{{n}}}{{{2 * n}}}"
+    monkeypatch.setattr(builtin, "MATH_VERIFY_TIMEOUT_S", 1e-4)
+    assert not answers_match(pred, gold)   # ran out of time
+    monkeypatch.setattr(builtin, "MATH_VERIFY_TIMEOUT_S", 3.0)
+    assert not answers_match(pred, gold)   # remembered for a while: a batch's repeats pay one time-out
+    monkeypatch.setattr(builtin, "MATH_VERIFY_TIMED_OUT_MEMORY_S", 0.0, raising=False)
+    assert answers_match(pred, gold)       # then checked again

@@ -8,6 +8,8 @@ from __future__ import annotations
 import functools
 import math
 import re
+import threading
+import time
 import unicodedata
 from fractions import Fraction
 from typing import Any, Optional
@@ -170,10 +172,33 @@ def vote_key(answer: str):
 # scores 0. A policy's junk (`9^{9^{9}}`, `(((…)))` 50 deep, `1000000!`) kept sympy busy for 5 s per
 # stage on the main thread and without end on any other (math-verify's limit is SIGALRM).
 MATH_VERIFY_TIMEOUT_S = 3.0
+# How long a comparison that ran out of time scores 0 without being tried again: a collapsed policy's batch
+# repeating its junk pays one time-out, not one per completion, yet a right answer whose check ran out of
+# time on a busy machine is not 0 for the rest of the run.
+MATH_VERIFY_TIMED_OUT_MEMORY_S = 60.0
+_TIMED_OUT_AT: dict[tuple[str, str], float] = {}   # (predicted, gold) -> time.monotonic() it ran out of time
+_TIMED_OUT_LOCK = threading.Lock()
 
 
-@functools.lru_cache(maxsize=256)   # a collapsed policy repeats its junk: one time-out, not one per completion
 def _math_verify_match(predicted: str, gold: str) -> bool:
+    key = (predicted, gold)
+    with _TIMED_OUT_LOCK:
+        ran_out = _TIMED_OUT_AT.get(key)
+    if ran_out is not None and time.monotonic() - ran_out < MATH_VERIFY_TIMED_OUT_MEMORY_S:
+        return False
+    try:
+        return _math_verify_verdict(predicted, gold)
+    except OutOfTime:
+        with _TIMED_OUT_LOCK:
+            _TIMED_OUT_AT.pop(key, None)   # re-inserted last: the oldest entry is the first
+            _TIMED_OUT_AT[key] = time.monotonic()
+            while len(_TIMED_OUT_AT) > 256:
+                del _TIMED_OUT_AT[next(iter(_TIMED_OUT_AT))]
+        return False
+
+
+@functools.lru_cache(maxsize=256)   # verdicts only: a time-out raises OutOfTime, which lru_cache does not keep
+def _math_verify_verdict(predicted: str, gold: str) -> bool:
     from math_verify import parse, verify
 
     def check():
@@ -186,8 +211,6 @@ def _math_verify_match(predicted: str, gold: str) -> bool:
     _quiet_math_verify_timeout_notice()
     try:
         return call_with_deadline(check, MATH_VERIFY_TIMEOUT_S)
-    except OutOfTime:
-        return False
     except Exception:
         return False  # math-verify failing to parse a model's answer means the answer is not verifiable
 
