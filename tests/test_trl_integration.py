@@ -364,6 +364,32 @@ def test_an_option_of_a_newer_trl_is_refused_by_name(tmp_path):
     assert r1trl.unsupported_options(_config(tmp_path, learning_rate=0.3, logging_steps=7, gradient_checkpointing=True)) == []
 
 
+def test_the_option_check_reads_no_annotation_python_3_14_would_evaluate(tmp_path, monkeypatch):
+    """Python 3.14 evaluates a class's annotations when they are read: a user's config field annotated with a name
+    imported only under TYPE_CHECKING raised NameError from unsupported_options (it read them with
+    inspect.get_annotations). Here that evaluation is stood in for by a get_annotations that raises; on 3.14 a real
+    such class is checked too."""
+    import inspect
+    import sys
+
+    newer = _config_class("trl.trainer.grpo_config", loss_knob=0.0)
+    users = _config_class("my_training_script", dataset_path=0.0)
+    refused = newer(output_dir=str(tmp_path), bf16=False, loss_knob=0.5)
+    fine = users(output_dir=str(tmp_path), bf16=False, dataset_path=1.0)
+
+    def evaluating(obj, *args, **kwargs):
+        raise NameError("name 'Judge' is not defined")
+
+    with monkeypatch.context() as m:
+        m.setattr(inspect, "get_annotations", evaluating)
+        assert [p.split(":")[0] for p in r1trl.unsupported_options(refused)] == ["loss_knob=0.5"]
+        assert r1trl.unsupported_options(fine) == []
+    if sys.version_info >= (3, 14):
+        space = {"dataclasses": __import__("dataclasses"), "trl": trl}
+        exec("@dataclasses.dataclass\nclass MyConfig(trl.GRPOConfig):\n    judge: Judge = None\n", space)
+        assert r1trl.unsupported_options(space["MyConfig"](output_dir=str(tmp_path), bf16=False)) == []
+
+
 def test_unsupported_model_refused(tmp_path, model_dirs):
     """A model whose logits are not hidden @ lm_head.T (here: a softcapped head) is refused."""
     from transformers import Qwen2ForCausalLM

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import inspect
 import types
 from typing import Any
 
@@ -82,12 +81,21 @@ _REVIEWED_TRL_OPTIONS = frozenset("""
 """.split())
 
 
+def _own_dataclass_fields(cls) -> list[str]:
+    """The fields a dataclass declares itself (a field it redeclares too), in order; [] for any other class.
+    Read from the dataclass's own Field objects, not its annotations: Python 3.14 evaluates annotations when they
+    are read, so a user's config field annotated with a name only imported under TYPE_CHECKING raised NameError."""
+    own = cls.__dict__.get("__dataclass_fields__")
+    if not own:
+        return []
+    inherited = [base.__dict__.get("__dataclass_fields__") or {} for base in cls.__mro__[1:]]
+    return [name for name, field in own.items() if not any(fields.get(name) is field for fields in inherited)]
+
+
 def _unreviewed_trl_options(args: Any) -> list[str]:
     """The options a TRL config class declares that are not in _REVIEWED_TRL_OPTIONS and differ from their default.
     Fields a user's own GRPOConfig subclass adds (script arguments) are not TRL's and are left alone."""
-    def declared(cls):
-        # a class's own annotations; Python 3.14 builds them lazily, so they may be missing from cls.__dict__
-        return inspect.get_annotations(cls) if dataclasses.is_dataclass(cls) else {}
+    declared = _own_dataclass_fields
 
     trl_classes = [cls for cls in type(args).__mro__ if cls.__module__.startswith("trl.")]
     # TRL's classes redeclare TrainingArguments fields with other defaults (learning_rate, bf16, ...): those are not
