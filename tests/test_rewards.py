@@ -1078,3 +1078,13 @@ def test_a_math_verify_check_that_ran_out_of_time_is_tried_again_later(monkeypat
     assert not answers_match(pred, gold)   # remembered for a while: a batch's repeats pay one time-out
     monkeypatch.setattr(builtin, "MATH_VERIFY_TIMED_OUT_MEMORY_S", 0.0, raising=False)
     assert answers_match(pred, gold)       # then checked again
+
+
+def test_thousands_separated_by_latex_or_spaces_are_one_number(with_math_verify):
+    # math-verify read 1\,000 and 1 000 as the product 1*000: the answer scored 1 against a gold 0, 0 against 1000
+    for written in ("1\\,000", "1 000", "1\\ 000", "1\\;000", "1~000", "1\u2009000", "1{,}000", "1,\\!000"):
+        assert _accuracy(written, "1000") == 1.0, written
+        assert _accuracy(written, "0") == 0.0, written
+    assert _accuracy("-12\\,345\\,678.5", "-12345678.5") == 1.0
+    assert _accuracy("1000", "\\$10,\\!000") == 0.0 and _accuracy("10000", "\\$10,\\!000") == 1.0
+    assert _accuracy("3 5", "35") == 0.0   # a group of three digits only: not a separator

@@ -79,11 +79,16 @@ _NUMBER_RE = re.compile(
 _RATIO_RE = re.compile(r"([+-]?)\s*([0-9]+)\s*/\s*([+-]?)\s*([0-9]+)")
 _MONEY_RE = re.compile(r"\A([+-]?)\s*\\?\$\s*(?=[0-9.])")
 _WRAPPED_RE = re.compile(r"\\boxed\s*\{(.*)\}|\{(.*)\}", re.DOTALL)
+# What else separates a number's groups of three digits: LaTeX's {,} and ,\! (MATH's 10,\!000), its thin and
+# other spaces (1\,000), and a plain, no-break or thin space (SI's 1 000). math-verify read `1\,000` and
+# `1 000` as the product 1*000: the answer 1 000 scored 1 against a gold 0, and 0 against 1000.
+_GROUP_SEP_RE = re.compile(r"(?<=[0-9])(?:\{,\}|,\\!|\\[,;: ]|~| |\u00a0|\u2009|\u202f)(?=[0-9]{3}(?![0-9]))")
 
 
 def _as_number(s: str) -> Optional[Fraction]:
     """A plain number: an integer, a decimal (optionally with a short exponent), or a ratio of
-    integers; a comma only as a thousands separator (1,000 but not 1,5, a list to math-verify).
+    integers; a comma only as a thousands separator (1,000 but not 1,5, a list to math-verify), as are LaTeX's and
+    a space's (1\\,000, 1 000: _GROUP_SEP_RE).
     `$…$`, `\\boxed{…}` and `{…}` around it, and a dollar sign before it, are removed."""
     s = s.strip().replace("\u2212", "-")
     for _ in range(4):
@@ -96,6 +101,7 @@ def _as_number(s: str) -> Optional[Fraction]:
         s = (m.group(1) if m.group(1) is not None else m.group(2)).strip()
     s = s.rstrip(".,").strip()   # a sentence's full stop or comma
     s = _MONEY_RE.sub(r"\1", s)   # "$18", "-\\$5": GSM8K answers; math-verify reads them as the number too
+    s = _GROUP_SEP_RE.sub(",", s)
     try:
         m = _NUMBER_RE.fullmatch(s)
         if m:
