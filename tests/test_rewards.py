@@ -1088,3 +1088,13 @@ def test_thousands_separated_by_latex_or_spaces_are_one_number(with_math_verify)
     assert _accuracy("-12\\,345\\,678.5", "-12345678.5") == 1.0
     assert _accuracy("1000", "\\$10,\\!000") == 0.0 and _accuracy("10000", "\\$10,\\!000") == 1.0
     assert _accuracy("3 5", "35") == 0.0   # a group of three digits only: not a separator
+
+
+def test_markdown_and_display_math_around_a_whole_answer_are_not_part_of_it(with_math_verify):
+    # a chat model's **5** or `5`, and \[5\] (as `$\[5\]$` math-verify read no number), scored 0 against 5
+    for written in ("**5**", "*5*", "__5__", "`5`", "** 5 **", "\\[5\\]", "\\( 5 \\)", "**\\(5\\)**"):
+        assert _accuracy(written, "5") == 1.0, written
+        assert _accuracy(written, "6") == 0.0, written
+    assert _accuracy("**5** and **6**", "5") == 0.0   # not one wrapper around the whole answer
+    if with_math_verify:
+        assert _accuracy("**\\frac{1}{2}**", "0.5") == 1.0 and _accuracy("\\[\\frac{1}{2}\\]", "1/2") == 1.0

@@ -78,7 +78,7 @@ _NUMBER_RE = re.compile(
     r"([+-]?)\s*((?:[0-9]{1,3}(?:,[0-9]{3})+|[0-9]+)(?:\.[0-9]*)?|\.[0-9]+)(?:[eE]([+-]?[0-9]{1,3}))?")
 _RATIO_RE = re.compile(r"([+-]?)\s*([0-9]+)\s*/\s*([+-]?)\s*([0-9]+)")
 _MONEY_RE = re.compile(r"\A([+-]?)\s*\\?\$\s*(?=[0-9.])")
-_WRAPPED_RE = re.compile(r"\\boxed\s*\{(.*)\}|\{(.*)\}", re.DOTALL)
+_WRAPPED_RE = re.compile(r"\\boxed\s*\{(.*)\}|\{(.*)\}|\\\((.*)\\\)|\\\[(.*)\\\]", re.DOTALL)
 # What else separates a number's groups of three digits: LaTeX's {,} and ,\! (MATH's 10,\!000), its thin and
 # other spaces (1\,000), and a plain, no-break or thin space (SI's 1 000). math-verify read `1\,000` and
 # `1 000` as the product 1*000: the answer 1 000 scored 1 against a gold 0, and 0 against 1000.
@@ -89,7 +89,7 @@ def _as_number(s: str) -> Optional[Fraction]:
     """A plain number: an integer, a decimal (optionally with a short exponent), or a ratio of
     integers; a comma only as a thousands separator (1,000 but not 1,5, a list to math-verify), as are LaTeX's and
     a space's (1\\,000, 1 000: _GROUP_SEP_RE).
-    `$…$`, `\\boxed{…}` and `{…}` around it, and a dollar sign before it, are removed."""
+    `$…$`, `\\(…\\)`, `\\[…\\]`, `\\boxed{…}` and `{…}` around it, and a dollar sign before it, are removed."""
     s = s.strip().replace("\u2212", "-")
     for _ in range(4):
         if len(s) > 1 and s[0] == "$" and s[-1] == "$":
@@ -98,7 +98,7 @@ def _as_number(s: str) -> Optional[Fraction]:
         m = _WRAPPED_RE.fullmatch(s)
         if m is None:
             break
-        s = (m.group(1) if m.group(1) is not None else m.group(2)).strip()
+        s = next(g for g in m.groups() if g is not None).strip()
     s = s.rstrip(".,").strip()   # a sentence's full stop or comma
     s = _MONEY_RE.sub(r"\1", s)   # "$18", "-\\$5": GSM8K answers; math-verify reads them as the number too
     s = _GROUP_SEP_RE.sub(",", s)
@@ -146,9 +146,27 @@ def _same_words(predicted: str, gold: str) -> bool:
     return bool(a) and a == b and (a_text or b_text)
 
 
+# Markdown a chat model puts around its whole answer (**5**, *5*, `x+1`): read as `$**5**$`, math-verify found
+# nothing and the right answer scored 0.
+_MARKDOWN_RE = re.compile(r"\*\*((?:(?!\*\*).)+)\*\*|__((?:(?!__).)+)__|\*([^*]+)\*|`([^`]+)`", re.DOTALL)
+
+
+def _without_markdown(s: str) -> str:
+    """The answer inside markdown emphasis or code that wraps all of it (`**\\frac{1}{2}**`)."""
+    s = s.strip()
+    for _ in range(3):
+        m = _MARKDOWN_RE.fullmatch(s)
+        if m is None:
+            break
+        s = next(g for g in m.groups() if g is not None).strip()
+    return s
+
+
 def answers_match(predicted: str, gold: str) -> bool:
     """Exact text match, then numeric match (1/2 == 0.5, 1,000 == 1000; a float-length decimal equals
-    what it approximates to 1e-12), then math-verify when installed."""
+    what it approximates to 1e-12), then math-verify when installed. Markdown around a whole answer is
+    not part of it (`**5**` is 5)."""
+    predicted, gold = _without_markdown(predicted), _without_markdown(gold)
     if predicted.strip() == gold.strip() or _same_words(predicted, gold):
         return True
     a, b = _as_number(predicted), _as_number(gold)
@@ -170,8 +188,9 @@ def vote_key(answer: str):
     """A key under which answers are the same vote in a majority vote (cons@k) without a math-verify call
     per pair (tens to hundreds of ms each on junk answers): the same number (1/2, 0.5, 1,000, $5), else
     the same text, ends stripped. Answers with one key match by `answers_match`."""
+    answer = _without_markdown(answer)
     number = _as_number(answer)
-    return ("number", number) if number is not None else ("text", answer.strip())
+    return ("number", number) if number is not None else ("text", answer)
 
 
 # One answer's whole math-verify check (its parses and comparisons) on any thread; past it the answer
@@ -288,7 +307,7 @@ def _mv_parse(parse, s: str):
     `\\$` is money, not a delimiter) is read as `$…$` first. Prose without LaTeX ("24 clips", "x is 5")
     is read as text, where math-verify finds its number: as `$…$` its words became products of
     variables (yes == sey, 24 clips != 24). Other bare text ("x^2+1", "(1, 2)") is read as `$…$`."""
-    if "$" in s.replace("\\$", ""):
+    if "$" in s.replace("\\$", "") or "\\(" in s or "\\[" in s:   # delimited: as `$\\[5\\]$` it parsed to no number
         tries = [s]
     elif "\\" in s:
         tries = [f"${s}$", s]
