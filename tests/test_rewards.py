@@ -1098,3 +1098,16 @@ def test_markdown_and_display_math_around_a_whole_answer_are_not_part_of_it(with
     assert _accuracy("**5** and **6**", "5") == 0.0   # not one wrapper around the whole answer
     if with_math_verify:
         assert _accuracy("**\\frac{1}{2}**", "0.5") == 1.0 and _accuracy("\\[\\frac{1}{2}\\]", "1/2") == 1.0
+
+
+def test_language_reward_leaves_math_notation_out():
+    # a LaTeX command's name, a lone variable of another script and a math symbol are no language: a Chinese chain
+    # of thought writing \frac{a}{b} and \sqrt{x} scored 0.21 for zh, an English one using π and α-γ 0.2 for en
+    zh, en = make_language_reward("zh"), make_language_reward("en")
+    assert zh(None, ["<think>\u8ba1\u7b97 \\frac{a}{b} \u548c \\sqrt{x}</think>",
+                     "<think>\u8ba1\u7b97x\u7684\u503c</think>"]) == [1.0, 1.0]
+    assert en(None, ["<think>area \u03c0 r\u00b2 = 3.14, \u03b1 \u03b2 \u03b3</think>",
+                     "<think>Let x \u2208 \u211d, \u2200\u03b5>0</think>", "<think>\u2113 = 5 m</think>"]) == [1.0] * 3
+    # words of another script still count against it, as does a run of two letters
+    assert zh(None, ["<think>\u6211\u4eec\u7528 sin \u548c cos</think>"]) == [pytest.approx(0.4)]
+    assert en(None, ["<think>ab \u03b1\u03b2</think>", "<think>\\frac{1}{2}</think>"]) == [pytest.approx(0.5), None]

@@ -6,6 +6,7 @@ A completion is a string, or a chat list whose last message's "content" is the s
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import re
 import threading
@@ -402,9 +403,37 @@ def _in_script(ch: str, prefixes: tuple[str, ...]) -> bool:
     return unicodedata.name(ch, "").startswith(prefixes)
 
 
+# Math is no language: a LaTeX command's name (\\frac, \\sqrt), a letterlike or mathematical alphanumeric symbol
+# (ℝ, ℓ, 𝑥), and a lone Latin or Greek letter outside the target script (the x of 计算x的值, an English proof's π):
+# a Chinese chain of thought writing \\frac{a}{b} and \\sqrt{x} scored 0.21 for zh, and "π r² = 3.14, α β γ"
+# 0.2 for en.
+_LATEX_COMMAND_RE = re.compile(r"\\[A-Za-z]+")
+_VARIABLE_SCRIPTS = ("LATIN", "GREEK")
+
+
+def _is_math_symbol(ch: str) -> bool:
+    return 0x2100 <= ord(ch) <= 0x214F or 0x1D400 <= ord(ch) <= 0x1D7FF
+
+
+def _language_evidence(body: str, scripts: tuple[str, ...]) -> list[bool]:
+    """For each letter of `body` that tells its language, whether it is in the target `scripts`."""
+    evidence = []
+    text = _LATEX_COMMAND_RE.sub(" ", body)
+    runs = (run for is_letter, run in itertools.groupby(text, key=lambda ch: ch.isalpha() and not _is_math_symbol(ch))
+            if is_letter)
+    for run in runs:
+        for in_target, part in itertools.groupby(run, key=lambda ch: _in_script(ch, scripts)):
+            part = list(part)
+            if not in_target and len(part) == 1 and _in_script(part[0], _VARIABLE_SCRIPTS):
+                continue   # a variable
+            evidence.extend([in_target] * len(part))
+    return evidence
+
+
 def make_language_reward(language: str = "en"):
     """Share of the chain of thought's letters written in the target language's script (R1's
-    language-consistency reward). A chain of thought with no letters returns None (no evidence)."""
+    language-consistency reward); math notation is left out (_language_evidence). A chain of thought with no
+    such letters returns None (no evidence)."""
     if language not in _LANGUAGE_SCRIPTS:
         raise ValueError(f"language reward: unknown language {language!r}; known: {', '.join(sorted(_LANGUAGE_SCRIPTS))}")
     scripts = _LANGUAGE_SCRIPTS[language]
@@ -415,11 +444,8 @@ def make_language_reward(language: str = "en"):
             text = completion_text(c)
             thinks = _THINK_RE.findall(text)
             body = _TAG_RE.sub(" ", " ".join(thinks) if thinks else text)   # the tags' own letters are no evidence
-            letters = [ch for ch in body if ch.isalpha()]
-            if not letters:
-                out.append(None)
-                continue
-            out.append(sum(_in_script(ch, scripts) for ch in letters) / len(letters))
+            evidence = _language_evidence(body, scripts)
+            out.append(sum(evidence) / len(evidence) if evidence else None)
         return out
 
     return language_reward
