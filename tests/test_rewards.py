@@ -367,9 +367,14 @@ def test_language_reward_scores_only_the_reasoning_when_there_is_one():
 
 
 def test_length_penalty_refuses_a_target_below_one():
-    for bad in (0, -3, None):
+    # NaN scored every completion -1, inf none; a string failed at the first batch with "'<' not supported"
+    for bad in (0, -3, None, float("nan"), float("inf"), "10", True):
         with pytest.raises(ValueError, match="target must be a positive length"):
             make_length_penalty(bad)
+    import numpy as np
+
+    # within the target: 0.0, not -0.0; a numpy count is a length too
+    assert [str(v) for v in make_length_penalty(np.int64(2))(None, ["", "ab", "abc"])] == ["0.0", "0.0", "-0.5"]
 
 
 def test_chat_completion_is_read_from_its_last_message():

@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+import numbers
 import re
 import threading
 import time
@@ -454,13 +455,16 @@ def make_language_reward(language: str = "en"):
 def make_length_penalty(target: int):
     """0 up to `target` tokens (characters without token ids), then a linear penalty down to -1 at
     twice the target: DAPO's soft over-length punishment."""
-    if target is None or target < 1:
-        raise ValueError(f"length penalty: target must be a positive length; got {target!r}")
+    # a NaN target passed `target < 1` and scored every completion -1, an infinite one none; a string failed at the
+    # first batch with "'<' not supported"
+    if isinstance(target, bool) or not isinstance(target, numbers.Real) or not 1 <= target < math.inf:
+        raise ValueError(f"length penalty: target must be a positive length (a finite number >= 1); got {target!r}")
 
     def length_penalty(prompts, completions, completion_ids=None, **_) -> list[float]:
         lengths = ([len(ids) for ids in completion_ids] if completion_ids is not None
                    else [len(completion_text(c)) for c in completions])
-        return [-min(1.0, max(0, n - target) / target) for n in lengths]
+        # 0.0 within the target, not -0.0 (logged as such in the samples)
+        return [-min(1.0, (n - target) / target) if n > target else 0.0 for n in lengths]
 
     return length_penalty
 
