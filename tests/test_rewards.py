@@ -1116,3 +1116,15 @@ def test_language_reward_leaves_math_notation_out():
     # words of another script still count against it, as does a run of two letters
     assert zh(None, ["<think>\u6211\u4eec\u7528 sin \u548c cos</think>"]) == [pytest.approx(0.4)]
     assert en(None, ["<think>ab \u03b1\u03b2</think>", "<think>\\frac{1}{2}</think>"]) == [pytest.approx(0.5), None]
+
+
+def test_reward_set_takes_exact_numbers_as_trl_does():
+    # an exact math reward's Fraction or Decimal (TRL's torch.tensor takes them) was refused as "not a finite number"
+    import decimal
+    from fractions import Fraction
+
+    rs = RewardSet([lambda prompts, completions, **kw: [Fraction(1, 4), decimal.Decimal("0.5"), None]])
+    assert rs.score(["p"] * 3, ["c"] * 3, {}) == [[0.25, 0.5, None]]
+    for bad in (decimal.Decimal("NaN"), decimal.Decimal("sNaN"), decimal.Decimal("1e400")):
+        with pytest.raises(RewardError, match="row 0"):
+            RewardSet([lambda prompts, completions, **kw: [bad]]).score(["p"], ["c"], {})

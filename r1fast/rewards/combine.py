@@ -11,10 +11,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import decimal
 import importlib
 import importlib.util
 import inspect
 import math
+import numbers
 import os
 import sys
 import threading
@@ -230,6 +232,11 @@ class RewardSet:
                     v = v.item()                                      # refused below, naming it
             if isinstance(v, bool):   # `pred == gold`: TRL takes it as 1.0 / 0.0
                 v = float(v)
+            elif isinstance(v, (numbers.Real, decimal.Decimal)) and not isinstance(v, (int, float)):
+                # an exact math reward's Fraction(1, 3) or Decimal("0.5"), which TRL's torch.tensor takes: it was
+                # refused as not a finite number
+                with contextlib.suppress(OverflowError, ValueError):
+                    v = float(v)
             if not is_finite_number(v):
                 raise RewardError(f"reward function {name!r} returned {v!r:.80} for row {i} "
                                   f"(prompt {_snippet(prompts[i])}); rewards must be finite numbers or None")
