@@ -138,8 +138,15 @@ def test_a_trl_reward_function_that_requires_trainer_state_is_told_to_read_it_fr
     def strict(prompts, completions):   # no **kwargs: TRL passes the dataset's columns too
         return [0.0] * len(completions)
 
-    with pytest.raises(RewardError, match=r"'strict' cannot take .*unexpected keyword argument 'answer'$"):
+    with pytest.raises(RewardError, match=r"'strict' cannot take .*unexpected keyword argument 'answer'; give it a "
+                                          r"\*\*kwargs parameter"):
         RewardSet([strict]).score(["a"], ["x"], {"answer": ["1"]})
+
+    def needs_solution(prompts, completions, solution, **kw):   # a missing column: no **kwargs hint, it has one
+        return [0.0] * len(completions)
+
+    with pytest.raises(RewardError, match=r"missing a required argument: 'solution'$"):
+        RewardSet([needs_solution]).score(["a"], ["x"], {"answer": ["1"]})
 
 
 def test_reward_set_finds_the_failing_row_in_few_calls_and_says_when_it_cannot():
@@ -185,6 +192,9 @@ def test_user_function_by_module_path(tmp_path):
     assert rs.score(["p"], ["abc"], {}) == [[3.0]]
     with pytest.raises(ValueError, match="no function 'nope'"):
         RewardSet([f"{f}:nope"])
+    f.write_text("THRESHOLD = 0.5\n")   # it has the name, which is no function: "no function" was misleading
+    with pytest.raises(ValueError, match=r"'THRESHOLD' in '.*my_rewards.py' is 0.5, not a function"):
+        RewardSet([f"{f}:THRESHOLD"])
     with pytest.raises(ValueError, match="cannot import module"):
         RewardSet(["no_such_module_xyz:fn"])
     with pytest.raises(ValueError, match="built-in name"):

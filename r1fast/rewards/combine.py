@@ -65,8 +65,10 @@ def load_function(spec: str) -> Callable:
     else:
         module = _import_user_module(spec, mod_name)
     fn = getattr(module, fn_name, None)
-    if fn is None or not callable(fn):
+    if fn is None:
         raise ValueError(f"reward function {spec!r}: module {mod_name!r} has no function {fn_name!r}")
+    if not callable(fn):
+        raise ValueError(f"reward function {spec!r}: {fn_name!r} in {mod_name!r} is {fn!r:.60}, not a function")
     return fn
 
 
@@ -433,6 +435,10 @@ def _signature_mismatch(fn, columns, extra) -> Optional[str]:
     except TypeError as e:
         trl = [n for n in _TRL_ONLY if n in sig.parameters]
         hint = f"; r1fast does not pass TRL's {', '.join(trl)}: read it with kwargs.get" if trl else ""
+        takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values())
+        if not takes_any and any(n not in sig.parameters for n in passed):
+            # def reward(prompts, completions): the usual first attempt, refused for a column it never asked for
+            hint += "; give it a **kwargs parameter: every dataset column is passed as a keyword, as TRL passes them"
         return f"cannot take the arguments r1fast passes ({', '.join(passed)}): {e}{hint}"
     return None
 
