@@ -1138,3 +1138,12 @@ def test_reward_set_takes_exact_numbers_as_trl_does():
     for bad in (decimal.Decimal("NaN"), decimal.Decimal("sNaN"), decimal.Decimal("1e400")):
         with pytest.raises(RewardError, match="row 0"):
             RewardSet([lambda prompts, completions, **kw: [bad]]).score(["p"], ["c"], {})
+
+
+def test_bare_word_answers_match_case_and_full_stop_aside(with_math_verify):
+    # a yes/no or multiple-choice dataset: math-verify finds nothing in bare words, so `Yes` scored 0 against `yes`
+    # and `B.` against `B` (while it took the letters `b` and `B` as equal)
+    for answer, gold in (("Yes", "yes"), ("yes.", "Yes"), ("True", "true"), ("B.", "B"), ("paris", "Paris")):
+        assert _accuracy(answer, gold) == 1.0, (answer, gold)
+    for answer, gold in (("no", "yes"), ("Option B", "B"), ("C", "B"), (".", "B")):
+        assert _accuracy(answer, gold) == 0.0, (answer, gold)

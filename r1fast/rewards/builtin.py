@@ -132,20 +132,21 @@ def _float_repr(s: str) -> bool:
 _TEXT_ANSWER_RE = re.compile(r"\$?\s*\\(?:text|textbf|textrm|mathrm|mbox)\s*\{([^{}$\\]*)\}\s*\$?")
 
 
-def _text_words(s: str) -> tuple[Optional[str], bool]:
-    """An answer's words, case aside, and whether they were one `\\text{…}`; None for other LaTeX."""
+def _text_words(s: str) -> Optional[str]:
+    """An answer's words, case aside, bare or in one `\\text{…}`; None for other LaTeX."""
     s = s.strip().rstrip(".").strip()
     m = _TEXT_ANSWER_RE.fullmatch(s)
     if m:
-        return m.group(1).strip().casefold(), True
-    return (s.casefold(), False) if "\\" not in s and "$" not in s else (None, False)
+        return m.group(1).strip().casefold()
+    return s.casefold() if "\\" not in s and "$" not in s else None
 
 
 def _same_words(predicted: str, gold: str) -> bool:
-    """A text answer written bare ("Evelyn", "odd.") against the same words in `\\text{}` (or the other way
-    round): math-verify finds nothing to compare in bare prose, and the right answer scored 0."""
-    (a, a_text), (b, b_text) = _text_words(predicted), _text_words(gold)
-    return bool(a) and a == b and (a_text or b_text)
+    """The same words, case and a final full stop aside, bare ("Evelyn", "odd.", "Yes") or in `\\text{}`:
+    math-verify finds nothing to compare in bare prose, and the right answer scored 0 (`Yes` against a
+    yes/no dataset's `yes`, `B.` against `B`), while it takes the single letters `b` and `B` as equal."""
+    a, b = _text_words(predicted), _text_words(gold)
+    return bool(a) and a == b
 
 
 # Markdown a chat model puts around its whole answer (**5**, *5*, `x+1`): read as `$**5**$`, math-verify found
