@@ -695,7 +695,7 @@ def test_a_scalar_tensor_or_array_is_a_reward_error_naming_the_function():
 
     for value in (torch.tensor(0.7), np.array(0.7)):
         rs = RewardSet([lambda prompts, completions, value=value, **kw: value])
-        with pytest.raises(RewardError, match="<lambda>.*list of 2 floats"):
+        with pytest.raises(RewardError, match="<lambda>.*list of 2 rewards"):
             rs.score(["p", "p"], ["a", "b"], {})
 
 
@@ -735,7 +735,7 @@ def test_async_reward_functions_are_awaited_together_as_trl_does():
     async def two(prompts, completions, **kw):
         return [1.0, 2.0]
 
-    with pytest.raises(RewardError, match="'two' must return a list of 1 floats"):   # its values are checked too
+    with pytest.raises(RewardError, match="'two' must return a list of 1 reward, one per completion"):   # its values are checked too
         RewardSet([two]).score(["p"], ["7"], {})
 
 
@@ -1147,3 +1147,10 @@ def test_bare_word_answers_match_case_and_full_stop_aside(with_math_verify):
         assert _accuracy(answer, gold) == 1.0, (answer, gold)
     for answer, gold in (("no", "yes"), ("Option B", "B"), ("C", "B"), (".", "B")):
         assert _accuracy(answer, gold) == 0.0, (answer, gold)
+
+
+def test_a_reward_function_returning_none_is_told_to_return_one_value_per_row():
+    # "must return a list of 2 floats (or None); got None" read as if None were a return it takes
+    with pytest.raises(RewardError, match=r"must return a list of 2 rewards, one per completion \(each a float, or "
+                                          r"None for a row it does not score\); got None$"):
+        RewardSet([lambda prompts, completions, **kw: None]).score(["p"] * 2, ["c"] * 2, {})

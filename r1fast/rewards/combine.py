@@ -215,15 +215,14 @@ class RewardSet:
         # a dict iterates over its keys, a str over characters, a set (`{f(c) for c in completions}`) in
         # its own order: each row would get another row's reward
         if isinstance(values, (dict, str, bytes, set, frozenset)):
-            raise RewardError(f"reward function {name!r} must return a list of {n} floats (or None); got a "
-                              f"{type(values).__name__}")
+            raise RewardError(f"reward function {name!r} {_one_per_row(n)}; got a {type(values).__name__}")
         try:
             count = len(values)
         except TypeError:   # None, a float, a generator; a 0-d tensor or array has __len__ but no length
             count = None
         if count != n:
             got = "None" if values is None else (f"{count} values" if count is not None else type(values).__name__)
-            raise RewardError(f"reward function {name!r} must return a list of {n} floats (or None); got {got}")
+            raise RewardError(f"reward function {name!r} {_one_per_row(n)}; got {got}")
         out = []
         for i, v in enumerate(values):
             if v is None:
@@ -244,6 +243,12 @@ class RewardSet:
                                   f"(prompt {_snippet(prompts[i])}); rewards must be finite numbers or None")
             out.append(float(v))
         return out
+
+
+def _one_per_row(n: int) -> str:
+    # "a list of 4 floats (or None); got None" read as if None were a return it takes
+    return (f"must return a list of {n} reward{'s' if n != 1 else ''}, one per completion (each a float, or None "
+            f"for a row it does not score)")
 
 
 def _invoke(fn, kwargs: dict, timeout: Optional[float]):
