@@ -1154,3 +1154,22 @@ def test_a_reward_function_returning_none_is_told_to_return_one_value_per_row():
     with pytest.raises(RewardError, match=r"must return a list of 2 rewards, one per completion \(each a float, or "
                                           r"None for a row it does not score\); got None$"):
         RewardSet([lambda prompts, completions, **kw: None]).score(["p"] * 2, ["c"] * 2, {})
+
+
+def test_a_reward_file_is_imported_once_and_may_hold_dataclasses(tmp_path):
+    # a @dataclass under `from __future__ import annotations` failed the import ("'NoneType' object has no attribute
+    # '__dict__'": its module was not in sys.modules), and two functions of one file imported it twice (a judge
+    # model loaded at import: twice the memory)
+    f = tmp_path / "judge_rewards.py"
+    f.write_text("from __future__ import annotations\nimport dataclasses\nLOADS = []\n\n"
+                 "@dataclasses.dataclass\nclass Judge:\n    bar: float = 0.5\n\nLOADS.append(Judge())\n\n"
+                 "def a(prompts, completions, **kw):\n    return [LOADS[0].bar * len(LOADS)] * len(completions)\n\n"
+                 "def b(prompts, completions, **kw):\n    return [float(len(LOADS))] * len(completions)\n")
+    rs = RewardSet([f"{f}:a", f"{f}:b"])
+    assert rs.score(["p"], ["c"], {}) == [[0.5], [1.0]]
+    import os
+    import time
+
+    f.write_text("def a(prompts, completions, **kw):\n    return [2.0] * len(completions)\n")   # edited: read again
+    os.utime(f, ns=(time.time_ns(), time.time_ns() + 10**9))
+    assert RewardSet([f"{f}:a"]).score(["p"], ["c"], {}) == [[2.0]]

@@ -54,14 +54,7 @@ def load_function(spec: str) -> Callable:
                          f"or 'module:function'")
     mod_name, fn_name = spec.rsplit(":", 1)
     if mod_name.endswith(".py"):
-        if not os.path.isfile(mod_name):
-            raise ValueError(f"reward function {spec!r}: file {mod_name!r} does not exist")
-        mspec = importlib.util.spec_from_file_location(f"r1fast_user_reward_{abs(hash(mod_name))}", mod_name)
-        module = importlib.util.module_from_spec(mspec)
-        try:
-            mspec.loader.exec_module(module)
-        except Exception as e:   # a SyntaxError or an exception at import: the user's file, not r1fast
-            raise ValueError(f"reward function {spec!r}: importing {mod_name!r} raised {type(e).__name__}: {e}") from e
+        module = _import_user_file(spec, mod_name)
     else:
         module = _import_user_module(spec, mod_name)
     fn = getattr(module, fn_name, None)
@@ -70,6 +63,35 @@ def load_function(spec: str) -> Callable:
     if not callable(fn):
         raise ValueError(f"reward function {spec!r}: {fn_name!r} in {mod_name!r} is {fn!r:.60}, not a function")
     return fn
+
+
+def _import_user_file(spec: str, path: str):
+    """Import the file at `path` once while it is unchanged, as `import` does a module: two functions of one file
+    share its module-level state (a judge model loaded at import, not loaded twice); an edited file is imported
+    again. The module is in sys.modules while it runs: a @dataclass under `from __future__ import annotations`
+    looks its module up there, and failed the import with "'NoneType' object has no attribute '__dict__'"."""
+    if not os.path.isfile(path):
+        raise ValueError(f"reward function {spec!r}: file {path!r} does not exist")
+    real = os.path.realpath(path)
+    stat = os.stat(real)
+    version = (stat.st_mtime_ns, stat.st_size)
+    name = f"r1fast_user_reward_{abs(hash(real))}"
+    imported = _USER_FILES.get(real)
+    if imported is not None and imported[0] == version and sys.modules.get(name) is imported[1]:
+        return imported[1]
+    mspec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(mspec)
+    sys.modules[name] = module
+    try:
+        mspec.loader.exec_module(module)
+    except Exception as e:   # a SyntaxError or an exception at import: the user's file, not r1fast
+        del sys.modules[name]
+        raise ValueError(f"reward function {spec!r}: importing {path!r} raised {type(e).__name__}: {e}") from e
+    _USER_FILES[real] = (version, module)
+    return module
+
+
+_USER_FILES: dict[str, tuple] = {}   # a reward file's real path -> ((mtime_ns, size) when imported, its module)
 
 
 def _import_user_module(spec: str, mod_name: str):
