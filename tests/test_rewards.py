@@ -1173,3 +1173,10 @@ def test_a_reward_file_is_imported_once_and_may_hold_dataclasses(tmp_path):
     f.write_text("def a(prompts, completions, **kw):\n    return [2.0] * len(completions)\n")   # edited: read again
     os.utime(f, ns=(time.time_ns(), time.time_ns() + 10**9))
     assert RewardSet([f"{f}:a"]).score(["p"], ["c"], {}) == [[2.0]]
+
+
+def test_a_format_pattern_that_is_no_regular_expression_is_named():
+    # RewardSet(format_pattern=...) raised re.error's bare "missing ), unterminated subpattern at position 7"
+    for bad in ("<think>(.*</think>", 5):
+        with pytest.raises(ValueError, match="format_pattern .* is not a valid regular expression"):
+            RewardSet(["format"], format_pattern=bad)

@@ -379,7 +379,10 @@ def _gsm8k_final(g: str) -> Optional[str]:
 
 def make_format_reward(pattern: Optional[str] = None):
     """1.0 when the whole completion matches `pattern` (default: <think>…</think><answer>…</answer>)."""
-    regex = re.compile(pattern or THINK_ANSWER_PATTERN, re.DOTALL)
+    try:
+        regex = re.compile(pattern or THINK_ANSWER_PATTERN, re.DOTALL)
+    except (re.error, TypeError) as e:   # re.error's "missing ), unterminated subpattern" named neither
+        raise ValueError(f"format reward: format_pattern {pattern!r:.80} is not a valid regular expression ({e})") from None
 
     def format_reward(prompts, completions, **_) -> list[float]:
         return [1.0 if regex.fullmatch(completion_text(c)) else 0.0 for c in completions]
