@@ -1180,3 +1180,13 @@ def test_a_format_pattern_that_is_no_regular_expression_is_named():
     for bad in ("<think>(.*</think>", 5):
         with pytest.raises(ValueError, match="format_pattern .* is not a valid regular expression"):
             RewardSet(["format"], format_pattern=bad)
+
+
+def test_language_reward_reads_a_reasoning_the_chat_template_opened():
+    # R1-Distill's template opens <think>: the completion starts inside it, and was read whole, its answer's
+    # English counted against a Chinese chain of thought (1/2 here)
+    zh = make_language_reward("zh")
+    assert zh(None, ["\u6211\u4eec\u8ba1\u7b97</think><answer>five</answer>",
+                     [{"role": "assistant", "content": "\n\u8ba1\u7b97\n</think>\n\n<answer>five</answer>"}]]) == [1.0, 1.0]
+    # a closed block before it is still read as it was
+    assert zh(None, ["<think>\u8ba1\u7b97</think><answer>five</answer>"]) == [1.0]

@@ -447,6 +447,11 @@ def make_language_reward(language: str = "en"):
         out: list[Optional[float]] = []
         for c in completions:
             text = completion_text(c)
+            close, start = text.find("</think>"), text.find("<think>")
+            if close >= 0 and not 0 <= start < close:
+                # a completion that starts inside the reasoning its chat template opened (R1-Distill's "<think>\n"):
+                # its text up to </think> is the reasoning; read whole, the answer's letters counted too
+                text = "<think>" + text
             thinks = _THINK_RE.findall(text)
             body = _TAG_RE.sub(" ", " ".join(thinks) if thinks else text)   # the tags' own letters are no evidence
             evidence = _language_evidence(body, scripts)
