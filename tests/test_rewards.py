@@ -1190,3 +1190,14 @@ def test_language_reward_reads_a_reasoning_the_chat_template_opened():
                      [{"role": "assistant", "content": "\n\u8ba1\u7b97\n</think>\n\n<answer>five</answer>"}]]) == [1.0, 1.0]
     # a closed block before it is still read as it was
     assert zh(None, ["<think>\u8ba1\u7b97</think><answer>five</answer>"]) == [1.0]
+
+
+def test_golds_from_a_dataset_formatted_for_numpy_or_torch():
+    # set_format("numpy"/"torch") rows hold arrays and tensors: read as text, the list ['3', '5'] was "['3' '5']"
+    # and 0.5 "tensor(0.5000)", which no answer matched, and tensor(nan) a gold the answer "tensor(nan)" matched
+    import numpy as np
+    import torch
+
+    answers = ["<answer>5</answer>", "<answer>1/2</answer>", "<answer>3</answer>", "<answer>tensor(nan)</answer>"]
+    golds = [np.array(["3", "5"], dtype=object), torch.tensor(0.5), np.float32(3.0), torch.tensor(float("nan"))]
+    assert accuracy_reward(None, answers, answer=golds) == [1.0, 1.0, 1.0, None]

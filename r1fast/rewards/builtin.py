@@ -350,6 +350,10 @@ def accuracy_reward(prompts, completions, answer=None, solution=None, **_) -> li
 
 def row_golds(g) -> list[str]:
     """One row's reference answers from one column's value (a list: any of them); [] when it holds none."""
+    if hasattr(g, "tolist") and not isinstance(g, str):
+        # a Dataset formatted for numpy or torch (set_format) holds arrays and tensors: read as text, a list of
+        # accepted answers was "['3' '5']" and a number "tensor(0.5000)", which no answer matched
+        g = g.tolist()
     golds = [gold_text(x) for x in (g if isinstance(g, (list, tuple)) else [g])]
     return [x for x in golds if x is not None]
 
