@@ -1201,3 +1201,30 @@ def test_golds_from_a_dataset_formatted_for_numpy_or_torch():
     answers = ["<answer>5</answer>", "<answer>1/2</answer>", "<answer>3</answer>", "<answer>tensor(nan)</answer>"]
     golds = [np.array(["3", "5"], dtype=object), torch.tensor(0.5), np.float32(3.0), torch.tensor(float("nan"))]
     assert accuracy_reward(None, answers, answer=golds) == [1.0, 1.0, 1.0, None]
+
+
+def test_a_reward_functions_unresolvable_annotation_does_not_hide_its_error(monkeypatch):
+    # Python 3.14's inspect.signature evaluates annotations: a TRL function's `trainer_state: TrainerState`, imported
+    # under TYPE_CHECKING, raised NameError from the error report in place of the function's own error. Stood in
+    # for by a signature() that raises on 3.11-3.13; on 3.14 a real such function is checked too.
+    import inspect
+    import sys
+
+    def schedule(prompts, completions, trainer_state, **kw):
+        return [0.0] * len(completions)
+
+    if sys.version_info >= (3, 14):
+        space = {}
+        exec("def schedule(prompts, completions, trainer_state: TrainerState, **kw):\n    return [0.0]\n", space)
+        schedule = space["schedule"]
+    else:
+        real = inspect.signature
+
+        def evaluating(fn, *args, **kwargs):
+            if kwargs.get("annotation_format") is None and fn is schedule:
+                raise NameError("name 'TrainerState' is not defined")
+            return real(fn, *args, **kwargs)
+
+        monkeypatch.setattr(inspect, "signature", evaluating)
+    with pytest.raises(RewardError, match="'schedule' (cannot take|raised TypeError)"):
+        RewardSet([schedule]).score(["a"], ["x"], {})

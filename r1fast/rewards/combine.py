@@ -453,8 +453,8 @@ def _signature_mismatch(fn, columns, extra) -> Optional[str]:
     trainer_state raised a bare "missing 1 required positional argument", then was called again on halves
     of the batch in search of a row to blame."""
     try:
-        sig = inspect.signature(fn)
-    except (TypeError, ValueError):   # a builtin or C callable without one: nothing to check against
+        sig = _parameters_only_signature(fn)
+    except (TypeError, ValueError, NameError):   # a builtin or C callable without one: nothing to check against
         return None
     passed = ["prompts", "completions", *columns, *extra]
     try:
@@ -468,6 +468,17 @@ def _signature_mismatch(fn, columns, extra) -> Optional[str]:
             hint += "; give it a **kwargs parameter: every dataset column is passed as a keyword, as TRL passes them"
         return f"cannot take the arguments r1fast passes ({', '.join(passed)}): {e}{hint}"
     return None
+
+
+def _parameters_only_signature(fn) -> inspect.Signature:
+    """fn's signature, its annotations left unevaluated (only its parameters are read). Python 3.14 evaluates them
+    by default: a TRL function's `trainer_state: TrainerState`, imported under TYPE_CHECKING, raised NameError from
+    here, in place of the function's own error."""
+    try:
+        import annotationlib
+    except ImportError:   # before 3.14 annotations were evaluated when the function was defined, or are strings
+        return inspect.signature(fn)
+    return inspect.signature(fn, annotation_format=annotationlib.Format.FORWARDREF)
 
 
 _EVERY_ROW = -1   # _find_failing_row: the function raised on row 0 alone and on the rows after it too
