@@ -1228,3 +1228,14 @@ def test_a_reward_functions_unresolvable_annotation_does_not_hide_its_error(monk
         monkeypatch.setattr(inspect, "signature", evaluating)
     with pytest.raises(RewardError, match="'schedule' (cannot take|raised TypeError)"):
         RewardSet([schedule]).score(["a"], ["x"], {})
+
+
+def test_accuracy_reward_wants_one_reference_per_completion():
+    # called directly with a string, "42" was read a character per row (both answers scored 1); a shorter list
+    # scored only its first rows
+    comps = ["<answer>4</answer>", "<answer>2</answer>"]
+    for bad, said in (("42", "'42'"), (["4"], "1 values")):
+        with pytest.raises(ValueError, match=f"answer must hold one value per completion \\(2\\); got {said}"):
+            accuracy_reward(None, comps, answer=bad)
+    with pytest.raises(ValueError, match="solution must hold one value per completion"):
+        accuracy_reward(None, comps, answer=["4", "2"], solution=["4"])

@@ -14,7 +14,7 @@ import threading
 import time
 import unicodedata
 from fractions import Fraction
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from r1fast.rewards.deadline import OutOfTime, call_with_deadline
 
@@ -336,9 +336,10 @@ def accuracy_reward(prompts, completions, answer=None, solution=None, **_) -> li
     """
     if answer is None and solution is None:
         raise ValueError("accuracy reward needs an 'answer' (or 'solution') column in the dataset")
-    none = [None] * len(completions)
+    n = len(completions)
+    answers, solutions = _per_row("answer", answer, n), _per_row("solution", solution, n)
     out: list[Optional[float]] = []
-    for c, a, s in zip(completions, none if answer is None else answer, none if solution is None else solution):
+    for c, a, s in zip(completions, answers, solutions):
         golds = row_golds(a) or row_golds(s)
         if not golds:  # no reference to check against (None, NaN, empty): left out, not a reward for ""
             out.append(None)
@@ -346,6 +347,17 @@ def accuracy_reward(prompts, completions, answer=None, solution=None, **_) -> li
         pred = extract_answer(final_part(completion_text(c)))
         out.append(1.0 if pred is not None and any(answers_match(pred, x) for x in golds) else 0.0)
     return out
+
+
+def _per_row(name: str, column, n: int) -> Sequence:
+    """A column's values, one per completion (None: n Nones). A string ("42" for two completions) was read a
+    character per row, and a shorter list scored only its first rows."""
+    if column is None:
+        return [None] * n
+    if isinstance(column, (str, bytes)) or not hasattr(column, "__len__") or len(column) != n:
+        got = f"{len(column)} values" if hasattr(column, "__len__") and not isinstance(column, str) else repr(column)
+        raise ValueError(f"accuracy reward: {name} must hold one value per completion ({n}); got {got:.80}")
+    return column
 
 
 def row_golds(g) -> list[str]:
