@@ -1239,3 +1239,10 @@ def test_accuracy_reward_wants_one_reference_per_completion():
             accuracy_reward(None, comps, answer=bad)
     with pytest.raises(ValueError, match="solution must hold one value per completion"):
         accuracy_reward(None, comps, answer=["4", "2"], solution=["4"])
+
+
+def test_a_mixed_number_written_out_is_its_value(with_math_verify):
+    # "2 3/4" (two and three quarters) matched nothing, neither 2.75 nor 11/4
+    assert _accuracy("2 3/4", "2.75") == 1.0 and _accuracy("-1 1/2", "-3/2") == 1.0
+    assert _accuracy("1 100/200", "1.5") == 1.0   # not the thousands 1,100/200
+    assert _accuracy("2 3/4", "1.5") == 0.0 and _accuracy("2 4/3", "10/3") == 0.0   # 2*3/4; not a proper fraction
