@@ -1246,3 +1246,14 @@ def test_a_mixed_number_written_out_is_its_value(with_math_verify):
     assert _accuracy("2 3/4", "2.75") == 1.0 and _accuracy("-1 1/2", "-3/2") == 1.0
     assert _accuracy("1 100/200", "1.5") == 1.0   # not the thousands 1,100/200
     assert _accuracy("2 3/4", "1.5") == 0.0 and _accuracy("2 4/3", "10/3") == 0.0   # 2*3/4; not a proper fraction
+
+
+def test_unicode_math_is_read_as_its_latex():
+    # math-verify found no number in √2, ∞, x² or ½: the right answer scored 0 against \sqrt{2}, \infty, x^2, 0.5
+    pytest.importorskip("math_verify")
+    right = [("√2", "\\sqrt{2}"), ("2√3", "2\\sqrt{3}"), ("√(x+1)", "\\sqrt{x+1}"), ("∞", "\\infty"), ("-∞", "-\\infty"),
+             ("x²", "x^2"), ("10⁻³", "0.001"), ("½", "0.5"), ("1½", "3/2"), ("√2/2", "\\frac{\\sqrt{2}}{2}")]
+    for answer, gold in right:
+        assert _accuracy(answer, gold) == 1.0, (answer, gold)
+    for answer, gold in (("√2", "2"), ("∞", "-\\infty"), ("x²", "x^3"), ("½", "1/3")):
+        assert _accuracy(answer, gold) == 0.0, (answer, gold)

@@ -172,11 +172,33 @@ def _without_markdown(s: str) -> str:
     return s
 
 
+# Unicode math a chat model writes in plain text, as the LaTeX math-verify reads: it found no number in √2, ∞, x²
+# or ½, and the right answer scored 0 against \\sqrt{2}, \\infty, x^2 or 0.5.
+_UNICODE_SYMBOLS = {"∞": "\\infty ", "≤": "\\le ", "≥": "\\ge ", "≠": "\\ne ", "±": "\\pm ", "·": "\\cdot "}
+_SUPERSCRIPTS = "⁰¹²³⁴⁵⁶⁷⁸⁹⁻⁺"
+_SUPERSCRIPT_RUN_RE = re.compile(f"[{_SUPERSCRIPTS}]+")
+_SQRT_RE = re.compile(r"√\s*(?:\(([^()]*)\)|([0-9.]+|[A-Za-z]))")
+_VULGAR_FRACTION_RE = re.compile("[½⅓⅔¼¾⅕⅖⅗⅘⅙⅚⅛⅜⅝⅞]")
+_UNICODE_MATH_RE = re.compile(f"[{''.join(_UNICODE_SYMBOLS)}{_SUPERSCRIPTS}√½⅓⅔¼¾⅕⅖⅗⅘⅙⅚⅛⅜⅝⅞]")
+
+
+def _as_latex(s: str) -> str:
+    """`s` with its Unicode math (√, ∞, ≤, ², ½...) written as LaTeX; `s` itself when it has none."""
+    if not _UNICODE_MATH_RE.search(s):
+        return s
+    s = _SQRT_RE.sub(lambda m: "\\sqrt{" + (m.group(1) if m.group(1) is not None else m.group(2)) + "}", s)
+    s = _SUPERSCRIPT_RUN_RE.sub(lambda m: "^{" + m.group().translate(str.maketrans(_SUPERSCRIPTS, "0123456789-+"))
+                                + "}", s)
+    s = _VULGAR_FRACTION_RE.sub(lambda m: " \\frac{%d}{%d}" % Fraction(unicodedata.numeric(m.group()))
+                                .limit_denominator(10).as_integer_ratio(), s)
+    return "".join(_UNICODE_SYMBOLS.get(ch, ch) for ch in s).strip()
+
+
 def answers_match(predicted: str, gold: str) -> bool:
     """Exact text match, then numeric match (1/2 == 0.5, 1,000 == 1000; a float-length decimal equals
     what it approximates to 1e-12), then math-verify when installed. Markdown around a whole answer is
     not part of it (`**5**` is 5)."""
-    predicted, gold = _without_markdown(predicted), _without_markdown(gold)
+    predicted, gold = _as_latex(_without_markdown(predicted)), _as_latex(_without_markdown(gold))
     if predicted.strip() == gold.strip() or _same_words(predicted, gold):
         return True
     a, b = _as_number(predicted), _as_number(gold)
