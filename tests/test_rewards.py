@@ -1246,6 +1246,9 @@ def test_a_mixed_number_written_out_is_its_value(with_math_verify):
     assert _accuracy("2 3/4", "2.75") == 1.0 and _accuracy("-1 1/2", "-3/2") == 1.0
     assert _accuracy("1 100/200", "1.5") == 1.0   # not the thousands 1,100/200
     assert _accuracy("2 3/4", "1.5") == 0.0 and _accuracy("2 4/3", "10/3") == 0.0   # 2*3/4; not a proper fraction
+    from r1fast.rewards.builtin import vote_key
+
+    assert vote_key("1 1/" + "9" * 5000)[0] == "text"   # more digits than int() reads: no number, not a ValueError
 
 
 def test_unicode_math_is_read_as_its_latex():

@@ -92,8 +92,8 @@ _GROUP_SEP_RE = re.compile(r"(?<=[0-9])(?:\{,\}|,\\!|\\[,;: ]|~| |\u00a0|\u2009|
 
 def _as_number(s: str) -> Optional[Fraction]:
     """A plain number: an integer, a decimal (optionally with a short exponent), a ratio of integers, or a
-    mixed number (2 3/4, a proper fraction after the whole); a comma only as a thousands separator (1,000 but not 1,5, a list to math-verify), as are LaTeX's and
-    a space's (1\\,000, 1 000: _GROUP_SEP_RE).
+    mixed number (2 3/4, a proper fraction after the whole); a comma only as a thousands separator (1,000 but
+    not 1,5, a list to math-verify), as are LaTeX's and a space's (1\\,000, 1 000: _GROUP_SEP_RE).
     `$…$`, `\\(…\\)`, `\\[…\\]`, `\\boxed{…}` and `{…}` around it, and a dollar sign before it, are removed."""
     s = s.strip().replace("\u2212", "-")
     for _ in range(4):
@@ -106,12 +106,12 @@ def _as_number(s: str) -> Optional[Fraction]:
         s = next(g for g in m.groups() if g is not None).strip()
     s = s.rstrip(".,").strip()   # a sentence's full stop or comma
     s = _MONEY_RE.sub(r"\1", s)   # "$18", "-\\$5": GSM8K answers; math-verify reads them as the number too
-    mixed = _MIXED_RE.fullmatch(s)   # before the separators: 1 100/200 is one and a half, not 1,100/200
-    if mixed and 0 < int(mixed.group(3)) < int(mixed.group(4)):
-        value = int(mixed.group(2)) + Fraction(int(mixed.group(3)), int(mixed.group(4)))
-        return -value if mixed.group(1) == "-" else value
-    s = _GROUP_SEP_RE.sub(",", s)
     try:
+        mixed = _MIXED_RE.fullmatch(s)   # before the separators: 1 100/200 is one and a half, not 1,100/200
+        if mixed and 0 < int(mixed.group(3)) < int(mixed.group(4)):
+            value = int(mixed.group(2)) + Fraction(int(mixed.group(3)), int(mixed.group(4)))
+            return -value if mixed.group(1) == "-" else value
+        s = _GROUP_SEP_RE.sub(",", s)
         m = _NUMBER_RE.fullmatch(s)
         if m:
             sign, digits, exp = m.groups()
