@@ -659,7 +659,7 @@ def test_gpu_check_says_when_the_build_was_cut_by_its_time_box(tmp_path):
     stub.write_text(stub.read_text().replace('  *) exit 0;;', '  *"pip install"*"-e ."*) [ "$R1FAST_CUDA" = 1 ] '
                                              '&& exit 124; exit 0;;\n  *) exit 0;;'))
     p = _run_gpu_check(tmp_path, env)
-    assert "ran past its 100 s time box" in p.stdout and "CUDA BUILD FAILED" in p.stdout, p.stdout[-800:]
+    assert "ran past its 100 s time box" in p.stdout and "BUILD FAILED (CUDA sm_90a)" in p.stdout, p.stdout[-800:]
 
 
 def test_gpu_check_goes_on_in_a_fresh_process_after_a_kernel_fault(tmp_path):
@@ -679,6 +679,51 @@ def test_gpu_check_goes_on_in_a_fresh_process_after_a_kernel_fault(tmp_path):
     assert again[again.index("bench") + 1:again.index("--size")] == ["rollout", "sampling"], again
     assert again[again.index("--append") + 1] == str(tmp_path / "out" / "card.csv")
     assert "stages that failed or were cut: bench(cuda-fault)" in p.stdout and p.returncode == 1, p.stdout[-800:]
+
+
+def test_gpu_check_without_a_gpu_says_so_and_dry_runs_the_bench_at_smoke_size(tmp_path):
+    """With no card the bench asked for --size gpu (refused at once), the profile failed and no table came: the
+    script's own logic went unexercised. It now says NO GPU, runs the bench at smoke size, skips the profile."""
+    import pathlib
+
+    env = _fake_gpu_machine(tmp_path, 0)
+    bin_dir = pathlib.Path(env["PATH"].split(":")[0])
+    (bin_dir / "nvidia-smi").write_text("#!/bin/bash\necho 'NVIDIA-SMI has failed' >&2; exit 9\n")
+    stub = bin_dir / "python3"
+    stub.write_text(stub.read_text().replace('  *) exit 0;;', f'  *gpu_profile*) touch "{tmp_path}/profiled";;\n'
+                                             '  *) exit 0;;'))
+    p = _run_gpu_check(tmp_path, env)
+    assert p.stdout.startswith("NO GPU"), p.stdout[:300]
+    assert "--size smoke" in (tmp_path / "bench_args").read_text()
+    assert not (tmp_path / "profiled").exists() and "profile skipped: no GPU" in p.stdout, p.stdout[-800:]
+    last = p.stdout.rstrip().splitlines()
+    assert last[-2].startswith("TABLE OF") and "failed or were cut: no-gpu" in last[-1], last[-3:]
+    assert p.returncode == 1
+
+
+def test_gpu_check_tests_box_leaves_the_bench_list_and_summary_their_time(tmp_path):
+    """TESTS_BOX (140 s) was fixed: after a slow build the tests still took it all and the script ran past its
+    8 minutes. The box is now at most what ENDS_BY leaves less 80 s; none left, no pytest starts."""
+    import pathlib
+
+    env = dict(_fake_gpu_machine(tmp_path, 0), ENDS_BY="70")   # 70 s in all: no time for tests
+    env.pop("SKIP_TESTS")
+    stub = pathlib.Path(env["PATH"].split(":")[0]) / "python3"
+    stub.write_text(stub.read_text().replace('  *) exit 0;;', f'  *"-m pytest"*) touch "{tmp_path}/pytest_ran";;\n'
+                                             '  *) exit 0;;'))
+    p = _run_gpu_check(tmp_path, env)
+    assert not (tmp_path / "pytest_ran").exists(), p.stdout[-800:]
+    assert "pytest -m 'gpu' not run" in p.stdout and "tests(124)" in p.stdout, p.stdout[-800:]
+
+
+def test_gpu_check_says_so_when_there_is_no_results_csv(tmp_path):
+    import pathlib
+
+    env = _fake_gpu_machine(tmp_path, 1)
+    stub = pathlib.Path(env["PATH"].split(":")[0]) / "python3"
+    stub.write_text(stub.read_text().replace('echo x > "$OUT/card.csv"; ', ''))
+    p = _run_gpu_check(tmp_path, env)
+    assert "no results CSV in $OUT" in p.stdout and p.returncode == 1, p.stdout[-800:]
 
 
 def test_gpu_check_runs_nothing_when_suites_names_no_suite(tmp_path):
