@@ -402,11 +402,20 @@ def _missing(requires: Iterable[str]) -> list[str]:
 
 
 def run_suite(s: Suite, size: str, device: torch.device, machine: Machine, timer: Timer, log=print,
-              on_case: Callable[[list[dict]], object] | None = None, box_s: float | None = None) -> list[dict]:
+              on_case: Callable[[list[dict]], object] | None = None, box_s: float | None = None,
+              skipped: list[dict] | None = None) -> list[dict]:
     """Time every impl of every case of `s`; `on_case(rows so far)` after each case (main() rewrites
     the results files there, so a run killed by a time box keeps every case it finished). With `box_s`,
     no impl starts once the suite has run that many seconds (the one running finishes): the impls left
-    are reported as skipped, so one slow suite cannot take a time-boxed run's time from the next ones."""
+    are reported as skipped, so one slow suite cannot take a time-boxed run's time from the next ones.
+    Each skipped impl is logged and, with `skipped`, appended to it (suite, case, mode, provider, backend,
+    why): the table names the peers that did not run, not only the log."""
+    def skip(case, impl, why):
+        log(f"  skip {s.name}/{case.name} {case.mode} {impl.provider}/{impl.backend}: {why}")
+        if skipped is not None:
+            skipped.append(dict(suite=s.name, case=case.name, mode=case.mode, provider=impl.provider,
+                                backend=impl.backend, why=why))
+
     versions = _versions()
     stamp = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     dev = _describe_device(device)
@@ -415,16 +424,14 @@ def run_suite(s: Suite, size: str, device: torch.device, machine: Machine, timer
     for case in s.cases(size, device):
         for impl in case.impls:
             if box_s is not None and time.perf_counter() - started >= box_s:
-                log(f"  skip {s.name}/{case.name} {case.mode} {impl.provider}/{impl.backend}: past the suite's "
-                    f"{box_s:g} s time box (--suite-box)")
+                skip(case, impl, f"past the suite's {box_s:g} s time box (--suite-box)")
                 continue
             floor = machine.floor_ms(case, impl.matmul_dtype)
             base = dict(suite=s.name, case=case.name, provider=impl.provider, backend=impl.backend, mode=case.mode,
                         size=size, dtype=case.dtype, device=dev, timestamp=stamp, **versions)
             missing = _missing(impl.requires)
             if missing:
-                log(f"  skip {s.name}/{case.name} {case.mode} {impl.provider}/{impl.backend}: {', '.join(missing)} "
-                    f"not installed")
+                skip(case, impl, f"{', '.join(missing)} not installed")
                 continue
             held, dirs_before = _allocated(device), len(_TEMP_DIRS)
             try:
@@ -432,10 +439,10 @@ def run_suite(s: Suite, size: str, device: torch.device, machine: Machine, timer
                 timing = timer(fn, warmup=impl.warmup if impl.warmup is not None else case.warmup,
                                reps=impl.reps if impl.reps is not None else case.reps)
             except Skip as e:
-                log(f"  skip {s.name}/{case.name} {case.mode} {impl.provider}/{impl.backend}: {e}")
+                skip(case, impl, str(e))
                 continue
             except torch.OutOfMemoryError:
-                log(f"  skip {s.name}/{case.name} {case.mode} {impl.provider}/{impl.backend}: out of memory")
+                skip(case, impl, "out of memory")
                 continue
             except Exception as e:  # noqa: BLE001 - one broken impl must not lose the case's other rows
                 log(f"  FAILED {s.name}/{case.name} {case.mode} {impl.provider}/{impl.backend}: {type(e).__name__}: {e}")
@@ -483,9 +490,10 @@ def _fmt(x: float | None) -> str:
     return f"{x:.3g}" if abs(x) < 1000 else f"{x:,.0f}"
 
 
-def format_table(rows: list[dict]) -> str:
+def format_table(rows: list[dict], skipped: list[dict] = ()) -> str:
     """One line per (case, provider, backend): time, throughput, % of floor, peak memory, and the speed-up
-    of r1fast's fastest backend over that peer."""
+    of r1fast's fastest backend over that peer; then one line per implementation that was skipped
+    (run_suite's `skipped`) and why, with the suites and the number of cases it missed."""
     by_key: dict[tuple, dict] = {}
     for r in rows:
         key = (r["suite"], r["case"], r["mode"], r["dtype"], r["provider"], r["backend"])
@@ -509,7 +517,19 @@ def format_table(rows: list[dict]) -> str:
         lines.append([key[0], key[1], key[2], key[3], key[4], key[5], _fmt(t["p50"]), tput,
                       _fmt(t["pct_of_floor"]), _fmt(mem), speedup])
     widths = [max(len(str(l[i])) for l in lines) for i in range(len(header))]
-    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(l, widths)).rstrip() for l in lines)
+    table = "\n".join("  ".join(str(c).ljust(w) for c, w in zip(l, widths)).rstrip() for l in lines)
+    return table + "".join(f"\n{line}" for line in _skipped_lines(skipped))
+
+
+def _skipped_lines(skipped: list[dict]) -> list[str]:
+    """'skipped liger/chunked (logprob 4 cases, grpo_loss 2): liger_kernel not installed', one per impl and
+    reason: a peer missing from the table says so instead of looking never tried."""
+    groups: dict[tuple, dict[str, int]] = {}
+    for k in skipped:
+        per_suite = groups.setdefault((k["provider"], k["backend"], k["why"]), {})
+        per_suite[k["suite"]] = per_suite.get(k["suite"], 0) + 1
+    return [f"skipped {prov}/{backend} ({', '.join(f'{su} {n} case' + ('s' if n > 1 else '') for su, n in suites.items())})"
+            f": {why}" for (prov, backend, why), suites in groups.items()]
 
 
 def write_results(rows: list[dict], out_dir: Path, device: torch.device, meta: dict,
@@ -567,6 +587,16 @@ def read_csv(path: Path) -> list[dict]:
             except ValueError:
                 raise ValueError(f"{path} line {n}: {k} = {r[k]!r} is not a number") from None
     return rows
+
+
+def read_skipped(csv_path: Path) -> list[dict]:
+    """The skipped implementations a run recorded in the JSON beside its CSV (none when there is no JSON)."""
+    try:
+        meta = json.loads(Path(csv_path).with_suffix(".json").read_text()).get("meta") or {}
+    except (OSError, ValueError, AttributeError):
+        return []
+    skipped = meta.get("skipped")
+    return [k for k in skipped if isinstance(k, dict)] if isinstance(skipped, list) else []
 
 
 def plot(csv_paths: list[Path], out_png: Path) -> Path:
@@ -655,6 +685,7 @@ def _main(suite_names, size, out_dir, device, budget_s, min_reps, log, append_to
                   warmup=min(3, min_reps), min_reps=min_reps)
     out = Path(out_dir or "bench-results")
     paths, rows, earlier = _earlier_run(append_to) if append_to else (None, [], None)
+    skipped = [k for k in (earlier or {}).get("skipped") or [] if isinstance(k, dict)]
     same = [("device", _describe_device(dev)), ("size", size)]
     if dev.type == "cpu":   # a CPU row's time depends on its threads as much as on the machine (--threads)
         same.append(("cpu_threads", torch.get_num_threads()))
@@ -670,8 +701,9 @@ def _main(suite_names, size, out_dir, device, budget_s, min_reps, log, append_to
     def save(all_rows):  # rewritten after every case, so a run cut short by a timeout keeps what it measured
         nonlocal paths
         if all_rows:  # an appended run keeps the earlier run's meta (its rows' floors used its measured rates)
-            meta = _meta(dev, size, machine) if earlier is None else dict(_meta(dev, size, machine),
-                                                                          earlier_run=earlier)
+            meta = dict(_meta(dev, size, machine), skipped=skipped)
+            if earlier is not None:
+                meta["earlier_run"] = earlier
             paths = write_results(all_rows, out, dev, meta, paths)
 
     names, lost = suite_names or list(suites), None
@@ -680,7 +712,7 @@ def _main(suite_names, size, out_dir, device, budget_s, min_reps, log, append_to
         t0 = time.perf_counter()
         try:
             rows += run_suite(suites[name], size, dev, machine, timer, log=log,
-                              on_case=lambda part: save(rows + part), box_s=suite_box_s)
+                              on_case=lambda part: save(rows + part), box_s=suite_box_s, skipped=skipped)
         except DeviceLost as e:
             rows += e.rows
             lost = e
@@ -698,7 +730,7 @@ def _main(suite_names, size, out_dir, device, budget_s, min_reps, log, append_to
             break
     log(f"[bench] machine: {machine.summary()}")
     if rows:
-        log(format_table(rows))
+        log(format_table(rows, skipped))
         log(f"[bench] wrote {paths[0]} and {paths[1]}")
     else:
         log("[bench] no rows (every case was skipped or failed): no results files written")

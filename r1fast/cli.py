@@ -74,7 +74,7 @@ def _cmd_bench(args):
         try:
             if args.table:
                 for p in paths:
-                    print(harness.format_table(harness.read_csv(p)))
+                    print(harness.format_table(harness.read_csv(p), harness.read_skipped(p)))
             else:
                 print(f"wrote {harness.plot(paths, paths[-1].with_suffix('.png'))}")
         except ModuleNotFoundError as e:

@@ -251,7 +251,7 @@ def test_a_suite_past_its_box_starts_no_more_impls_and_says_so(tmp_path):
         del harness._SUITES["boxed_t"]
     # the first impl runs (the box is checked before an impl starts), the three after it are skipped
     assert {(r["case"], r["provider"]) for r in rows} == {("c0", "r1fast")}
-    skipped = [line for line in log if "past the suite's 0.01 s time box" in line]
+    skipped = [line for line in log if line.startswith("  skip") and "past the suite's 0.01 s time box" in line]
     assert len(skipped) == 3 and "skip boxed_t/c1 fwd peer/y" in skipped[-1], log
 
 
@@ -1020,6 +1020,25 @@ def test_impls_missing_a_module_or_skipping_are_skipped_not_failed():
     assert any("skip t/c fwd peer/absent: no_such_module_r1fast not installed" in line for line in log)
     assert any("skip t/c fwd peer/gpu: CUDA only" in line for line in log)
     assert not any("FAILED" in line for line in log)
+
+
+def test_a_skipped_peer_is_named_in_the_table_and_in_bench_table_of_the_run(tmp_path, monkeypatch, capsys):
+    """A peer that is not installed (Liger, TRL, TE) was only a log line: the table, the one thing gpu_check.sh
+    prints last, left it out as though it had never been tried. It now ends the table with the reason."""
+    def cases(size, device):
+        return [harness.Case(n, "fwd", "float32", [
+            harness.Impl("r1fast", "x", lambda: (lambda: None)),
+            harness.Impl("liger", "chunked", lambda: (lambda: None), requires=("no_such_module_r1fast",))])
+            for n in ("a", "b")]
+    monkeypatch.setitem(harness._SUITES, "t", harness.Suite("t", cases))
+    monkeypatch.setattr(harness, "load_suites", lambda: dict(harness._SUITES))
+    log = []
+    harness.main(["t"], out_dir=str(tmp_path), budget_s=0.0, min_reps=1, log=log.append)
+    line = "skipped liger/chunked (t 2 cases): no_such_module_r1fast not installed"
+    assert line in log[-2].splitlines(), log[-2]
+    (csv_path,) = tmp_path.glob("*.csv")
+    cli_main(["bench", "--table", str(csv_path)])
+    assert capsys.readouterr().out.rstrip().splitlines()[-1] == line
 
 
 def test_a_compute_only_case_floor_is_its_flops_at_the_matmul_rate():
