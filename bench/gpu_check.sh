@@ -45,6 +45,8 @@ export R1FAST_CUDA=${R1FAST_CUDA:-1} R1FAST_CUDA_ARCHS=${R1FAST_CUDA_ARCHS:-${ca
 
 python3 -c 'import os, sysconfig; h = sysconfig.get_paths()["include"] + "/Python.h"; print("Python.h", "found" if os.path.exists(h) else "MISSING: the build will fail", h)'
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null
+# the device tool copies the working tree without .git: the caller names the commit (bench/README.md)
+[ -e .git ] || echo "git commit of this tree: ${R1FAST_GIT_COMMIT:-unknown (no .git here; R1FAST_GIT_COMMIT=<hash> names it in the rows)}"
 
 # Peers that the GPU image lacks (liger-kernel...) travel as wheels in .whl/.
 if compgen -G ".whl/*.whl" >/dev/null; then

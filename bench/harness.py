@@ -368,6 +368,9 @@ def _describe_device(device: torch.device) -> str:
 
 @functools.lru_cache(maxsize=None)
 def _git_commit() -> str:
+    """HEAD's short hash ('-dirty' when tracked files differ from it); where git cannot tell (the device tool
+    copies the working tree to the GPU machine without .git), $R1FAST_GIT_COMMIT as the caller gave it,
+    else 'unknown'."""
     here = Path(__file__).resolve().parent
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
@@ -375,9 +378,11 @@ def _git_commit() -> str:
         # did not measure the commit they name
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
                                capture_output=True, text=True, timeout=5).stdout.strip()
-        return (out.stdout.strip() + ("-dirty" if dirty else "")) if out.stdout.strip() else "unknown"
-    except Exception:
-        return "unknown"
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.strip() + ("-dirty" if dirty else "")
+    except Exception:  # noqa: BLE001 - no git on the machine
+        pass
+    return os.environ.get("R1FAST_GIT_COMMIT", "").strip() or "unknown"
 
 
 def _versions() -> dict[str, str]:

@@ -1189,6 +1189,21 @@ def test_git_commit_says_when_the_working_tree_differs_from_it(tmp_path, monkeyp
         harness._git_commit.cache_clear()
 
 
+@pytest.mark.parametrize("given", ["", "abc1234"])
+def test_git_commit_without_a_git_checkout_is_the_one_the_caller_names(monkeypatch, given):
+    """The device tool copies the working tree without .git: every GPU row said git_commit 'unknown'."""
+    import subprocess
+
+    monkeypatch.setattr(harness.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(
+        cmd, 128, stdout="", stderr="fatal: not a git repository"))
+    monkeypatch.setenv("R1FAST_GIT_COMMIT", given)
+    harness._git_commit.cache_clear()
+    try:
+        assert harness._git_commit() == (given or "unknown")
+    finally:
+        harness._git_commit.cache_clear()
+
+
 def test_require_backend_skips_naming_the_op():
     harness.require_backend("store_kv", "torch", torch.device("cpu"))  # runs here: no Skip
     with pytest.raises(harness.Skip, match="store_kv: backend cuda unavailable on cpu"):
