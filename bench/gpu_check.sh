@@ -167,7 +167,9 @@ else
   done
   echo "bench exit $rc$([ $rc = 124 ] && echo ' (time box: the suites after the last one done did not run)')"
   [ $rc = 0 ] || [ $rc = 3 ] || failed="$failed bench($rc)"
-  grep -E "FAILED|skip|done in|engine start-up" "$OUT/bench.log" | grep -v "time box (--suite-box)" | head -40
+  # each suite's time and every failure (the skipped implementations end the table, one line per reason:
+  # here, a skip line per case and peer pushed later suites' FAILED lines past the 40)
+  grep -E "FAILED|done in|engine start-up" "$OUT/bench.log" | head -40
   cut=$(grep -c "time box (--suite-box)" "$OUT/bench.log")
   [ "$cut" -gt 0 ] && echo "$cut implementations not started: their suite was past its ${SUITE_BOX:-60} s box (bench.log)"
   case $rc in 0|124) ;; *) tail -5 "$OUT/bench.log";; esac
@@ -192,7 +194,9 @@ fi
 stage "done; ${failed:+stages that failed or were cut:$failed; }summary:"
 csvs=$(ls "$OUT"/*.csv 2>/dev/null)
 [ -n "$csvs" ] || echo "no results CSV in \$OUT: the bench measured nothing (bench.log says why)"
-for f in $csvs; do timeout -k 5 20 python3 -m r1fast.cli bench --table "$f"; done
+# one line per case (the full table, one line per implementation, is in bench.log and the CSV): a GPU
+# run's full table is several times the 12,000 characters of output the device tool returns
+for f in $csvs; do timeout -k 5 20 python3 -m r1fast.cli bench --table --short "$f"; done
 grep -h "engine start-up: paged_decode_attention" "$OUT/bench.log" 2>/dev/null | sort -u | head -4
 # again after the table, which can be longer than the tail the device tool returns
 if [ -n "$failed" ]; then echo "gpu_check: stages that failed or were cut:$failed; files in \$OUT"

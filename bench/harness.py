@@ -526,6 +526,47 @@ def format_table(rows: list[dict], skipped: list[dict] = ()) -> str:
     return table + "".join(f"\n{line}" for line in _skipped_lines(skipped))
 
 
+def format_short_table(rows: list[dict], skipped: list[dict] = ()) -> str:
+    """One line per case, aligned per suite: r1fast's fastest backend, its time, % of floor and peak memory,
+    then each peer's time over it ('liger 1.32x': r1fast 1.32 times faster; a peer's own time in ms where
+    no r1fast row ran); skipped implementations last, as in format_table. gpu_check.sh prints this last: a
+    GPU run's full table (one line per implementation, ~150) is several times the 12,000 characters of
+    output the device tool returns."""
+    cases: dict[tuple, dict[tuple, dict]] = {}
+    for r in rows:
+        if r["metric"] in ("time_ms", "peak_mem_mb"):
+            impls = cases.setdefault((r["suite"], r["case"], r["mode"], r["dtype"]), {})
+            impls.setdefault((r["provider"], r["backend"]), {})[r["metric"]] = r
+    blocks: dict[str, list[list[str]]] = {}
+    for (suite_name, case, mode, dtype), impls in cases.items():
+        timed = {k: v for k, v in impls.items() if "time_ms" in v}
+        mine = [k for k in timed if k[0] == "r1fast"]
+        best = min(mine, key=lambda k: timed[k]["time_ms"]["p50"]) if mine else None
+        providers = [k[0] for k in timed]
+        peers = []
+        for k, v in timed.items():
+            if k[0] == "r1fast":
+                continue
+            label = k[0] if providers.count(k[0]) == 1 else f"{k[0]}/{k[1]}"
+            t = v["time_ms"]["p50"]
+            peers.append(f"{label} {_fmt(t / timed[best]['time_ms']['p50'])}x" if best else f"{label} {_fmt(t)} ms")
+        if best:
+            b = timed[best]
+            line = [case, mode, dtype, best[1], _fmt(b["time_ms"]["p50"]), _fmt(b["time_ms"]["pct_of_floor"]),
+                    _fmt(b.get("peak_mem_mb", {}).get("p50", float("nan")))]
+        else:
+            line = [case, mode, dtype, "(no r1fast row)", "-", "-", "-"]
+        blocks.setdefault(suite_name, []).append(line + ["  ".join(peers) or "-"])
+    out = []
+    header = ["case", "mode", "dtype", "r1fast", "ms", "%floor", "peak_MB", "peers (their time / r1fast's)"]
+    for suite_name, lines in blocks.items():
+        lines = [header] + lines
+        widths = [max(len(l[i]) for l in lines) for i in range(len(header))]
+        out.append(f"== {suite_name}")
+        out += ["  ".join(c.ljust(w) for c, w in zip(l, widths)).rstrip() for l in lines]
+    return "\n".join(out + _skipped_lines(skipped))
+
+
 def _skipped_lines(skipped: list[dict]) -> list[str]:
     """'skipped liger/chunked (logprob 4 cases, grpo_loss 2): liger_kernel not installed', one per impl and
     reason: a peer missing from the table says so instead of looking never tried."""

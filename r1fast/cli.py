@@ -74,7 +74,8 @@ def _cmd_bench(args):
         try:
             if args.table:
                 for p in paths:
-                    print(harness.format_table(harness.read_csv(p), harness.read_skipped(p)))
+                    table = harness.format_short_table if args.short else harness.format_table
+                    print(table(harness.read_csv(p), harness.read_skipped(p)))
             else:
                 print(f"wrote {harness.plot(paths, paths[-1].with_suffix('.png'))}")
         except ModuleNotFoundError as e:
@@ -146,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--plot", action="store_true", help="draw a PNG from result CSVs (default: the newest)")
     bench.add_argument("--table", action="store_true",
                        help="print the summary table of result CSVs (default: the newest) and exit")
+    bench.add_argument("--short", action="store_true",
+                       help="with --table: one line per case (r1fast's best, %% of floor, peak memory, each "
+                            "peer's time over r1fast's) instead of one per implementation")
     bench.add_argument("--append", default=None, metavar="CSV",
                        help="add the rows to an earlier run's results files (that CSV and the JSON beside it)")
     bench.set_defaults(func=_cmd_bench)

@@ -1041,6 +1041,30 @@ def test_a_skipped_peer_is_named_in_the_table_and_in_bench_table_of_the_run(tmp_
     assert capsys.readouterr().out.rstrip().splitlines()[-1] == line
 
 
+def test_short_table_has_one_line_per_case_with_each_peers_ratio(capsys, tmp_path):
+    """gpu_check.sh printed the full table last: at GPU size ~150 lines of ~200 characters, beyond the 12,000
+    characters the device tool returns, so the stage lines and the table's head were lost."""
+    def row(case, provider, backend, metric, p50, pct=float("nan")):
+        return dict(suite="s", case=case, mode="fwd", dtype="bfloat16", provider=provider, backend=backend,
+                    metric=metric, p50=p50, pct_of_floor=pct)
+    rows = [row("a", "r1fast", "triton", "time_ms", 2.0, 50.0), row("a", "r1fast", "torch", "time_ms", 8.0, 12.5),
+            row("a", "r1fast", "triton", "peak_mem_mb", 300.0), row("a", "liger", "chunked", "time_ms", 3.0),
+            row("a", "torch", "eager", "time_ms", 1.0), row("b", "torch", "eager", "time_ms", 4.0)]
+    skipped = [dict(suite="s", case="b", mode="fwd", provider="liger", backend="chunked", why="liger_kernel not installed")]
+    lines = harness.format_short_table(rows, skipped).splitlines()
+    assert lines[0] == "== s" and lines[1].split()[:3] == ["case", "mode", "dtype"]
+    assert lines[2].split() == ["a", "fwd", "bfloat16", "triton", "2", "50", "300", "liger", "1.5x", "torch", "0.5x"]
+    assert lines[3].split()[:4] == ["b", "fwd", "bfloat16", "(no"] and lines[3].endswith("torch 4 ms")
+    assert lines[4] == "skipped liger/chunked (s 1 case): liger_kernel not installed"
+    path = tmp_path / "run.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=harness.COLUMNS)
+        w.writeheader()
+        w.writerows({k: r.get(k, "") for k in harness.COLUMNS} for r in rows)
+    cli_main(["bench", "--table", "--short", str(path)])
+    assert capsys.readouterr().out.splitlines()[2] == lines[2]
+
+
 def test_a_compute_only_case_floor_is_its_flops_at_the_matmul_rate():
     m = harness.Machine(torch.device("cpu"), "smoke")
     m._rates["float32"], m._bandwidth = 1e12, 1e11
