@@ -780,6 +780,8 @@ def _main(suite_names, size, out_dir, device, budget_s, min_reps, log, append_to
         log(f"[bench] wrote {paths[0]} and {paths[1]}")
     else:
         log("[bench] no rows (every case was skipped or failed): no results files written")
+        for line in _skipped_lines(skipped):
+            log(line)
     if lost:
         lost.rows = rows
         raise lost

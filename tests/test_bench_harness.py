@@ -1041,6 +1041,17 @@ def test_a_skipped_peer_is_named_in_the_table_and_in_bench_table_of_the_run(tmp_
     assert capsys.readouterr().out.rstrip().splitlines()[-1] == line
 
 
+def test_a_run_where_every_impl_skipped_still_says_which_and_why(tmp_path, monkeypatch):
+    """`r1fast bench trl` without trl: 'no rows' and nothing else after the per-case skip lines."""
+    cases = [harness.Case("a", "fwd", "float32", [harness.Impl("trl", "trl", lambda: (lambda: None),
+                                                               requires=("no_such_module_r1fast",))])]
+    monkeypatch.setitem(harness._SUITES, "t", harness.Suite("t", lambda size, device: cases))
+    monkeypatch.setattr(harness, "load_suites", lambda: dict(harness._SUITES))
+    log = []
+    assert harness.main(["t"], out_dir=str(tmp_path), budget_s=0.0, min_reps=1, log=log.append) == []
+    assert log[-1] == "skipped trl/trl (t 1 case): no_such_module_r1fast not installed", log[-3:]
+
+
 def test_short_table_has_one_line_per_case_with_each_peers_ratio(capsys, tmp_path):
     """gpu_check.sh printed the full table last: at GPU size ~150 lines of ~200 characters, beyond the 12,000
     characters the device tool returns, so the stage lines and the table's head were lost."""
