@@ -12,7 +12,9 @@
 # and --no-deps resolves nothing, so dill / multiprocess are held to what datasets 4.x accepts.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
+# .gitignore ignores .whl/ (the device tool carries only ignored paths named in carry); a checkout whose
+# .gitignore lacks it gets it in its exclude file (through --git-path: in a worktree .git is a file)
+git check-ignore -q .whl/x.whl || echo '/.whl/' >> "$(git rev-parse --git-path info/exclude)"
 rm -rf .whl && mkdir .whl
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl \
