@@ -192,6 +192,9 @@ fi
 # Exit status: 0 when every stage passed, else 1 (never 124: the device tool reads 124 as its own
 # time limit). The table comes last, where the tool's output tail shows it.
 stage "done; ${failed:+stages that failed or were cut:$failed; }summary:"
+# a results file's half-written .tmp twin (a bench killed mid-write) would be a 9th file: the tool
+# returns 8, and might leave out the CSV
+rm -f "$OUT"/*.tmp
 csvs=$(ls "$OUT"/*.csv 2>/dev/null)
 [ -n "$csvs" ] || echo "no results CSV in \$OUT: the bench measured nothing (bench.log says why)"
 # one line per case (the full table, one line per implementation, is in bench.log and the CSV): a GPU

@@ -726,6 +726,20 @@ def test_gpu_check_says_so_when_there_is_no_results_csv(tmp_path):
     assert "no results CSV in $OUT" in p.stdout and p.returncode == 1, p.stdout[-800:]
 
 
+def test_gpu_check_leaves_in_out_no_half_written_results_file(tmp_path):
+    """A bench killed mid-write leaves X.csv.tmp beside X.csv: with the 7 files gpu_check writes that is 9,
+    one more than the device tool returns, which might have left out the CSV."""
+    import pathlib
+
+    env = _fake_gpu_machine(tmp_path, 124)
+    stub = pathlib.Path(env["PATH"].split(":")[0]) / "python3"
+    stub.write_text(stub.read_text().replace('echo x > "$OUT/card.csv";', 'echo x > "$OUT/card.csv"; '
+                                             'echo x > "$OUT/card.csv.tmp"; echo x > "$OUT/card.json.tmp";'))
+    _run_gpu_check(tmp_path, env)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir() if p.suffix == ".tmp") == []
+    assert (tmp_path / "out" / "card.csv").exists()
+
+
 def test_gpu_check_runs_nothing_when_suites_names_no_suite(tmp_path):
     env = dict(_fake_gpu_machine(tmp_path, 0), SUITES="grpo-step")  # a typo must not run every suite
     p = _run_gpu_check(tmp_path, env)
