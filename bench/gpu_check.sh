@@ -51,9 +51,12 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>
 # Peers that the GPU image lacks (liger-kernel...) travel as wheels in .whl/.
 if compgen -G ".whl/*.whl" >/dev/null; then
   stage "installing carried wheels"
+  # a folder of this run's own: a warm machine's earlier /tmp/site (older pins) or another run's stays out
+  site=$(mktemp -d /tmp/r1fast-site.XXXXXX)
   if timeout -k 5 60 python3 -m pip install -q --no-index --disable-pip-version-check --no-deps --no-compile --no-cache-dir \
-      --upgrade --target /tmp/site .whl/*.whl; then
-    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+      --upgrade --target "$site" .whl/*.whl; then
+    export PYTHONPATH=$site${PYTHONPATH:+:$PYTHONPATH}
+    echo "carried wheels: $(cd .whl && ls *.whl | sed 's/-py[^-]*-none-any.whl$//; s/-cp3.*//' | tr '\n' ' ')"
   else
     failed="$failed wheels"; echo "carried wheels did not install: the Liger / TRL peers will skip"
   fi
