@@ -650,6 +650,23 @@ def test_gpu_check_goes_on_without_cuda_kernels_when_the_build_fails(tmp_path):
     assert "ran past its 100 s time box" not in p.stdout
 
 
+def test_gpu_check_stops_at_once_when_the_package_does_not_import_and_retries_no_cpu_build(tmp_path):
+    """Both builds failed on a bare machine: no install, so r1fast.kernels / r1fast.bench do not import and
+    every test and suite after was bound to fail, spending the window. It now stops there, saying so; and a
+    CPU-only build (R1FAST_CUDA=0) that failed was 'retried without CUDA kernels', the same build again."""
+    import pathlib
+
+    env = dict(_fake_gpu_machine(tmp_path, 0), R1FAST_CUDA="0")
+    stub = pathlib.Path(env["PATH"].split(":")[0]) / "python3"
+    stub.write_text(stub.read_text().replace('  *) exit 0;;', '  *"pip install"*"-e ."*) echo "$R1FAST_CUDA" >> '
+                                             f'"{tmp_path}/builds"; exit 1;;\n'
+                                             '  *"import r1fast.kernels"*) exit 1;;\n  *) exit 0;;'))
+    p = _run_gpu_check(tmp_path, env)
+    assert (tmp_path / "builds").read_text().split() == ["0"], p.stdout[-800:]
+    assert not (tmp_path / "bench_args").exists() and "retrying" not in p.stdout
+    assert "r1fast.kernels / r1fast.bench do not import" in p.stdout.splitlines()[-1] and p.returncode == 1
+
+
 def test_gpu_check_says_when_the_build_was_cut_by_its_time_box(tmp_path):
     """pip killed by `timeout` leaves a log with no error in it: the script says why the build failed."""
     import pathlib
