@@ -406,6 +406,15 @@ def _missing(requires: Iterable[str]) -> list[str]:
     return [m for m in requires if importlib.util.find_spec(m) is None]
 
 
+def _missing_dependency(impl: Impl, e: BaseException) -> bool:
+    """Whether `e` is a module that an optional package the impl requires imports and this machine lacks
+    (trl carried as a wheel with --no-deps where pandas is not installed): the peer is not installed, as
+    far as this run can tell, rather than broken. r1fast's own modules missing is a real failure."""
+    name = getattr(e, "name", None) or ""
+    return isinstance(e, ModuleNotFoundError) and bool(impl.requires) and bool(name) \
+        and name.split(".")[0] != "r1fast"
+
+
 def run_suite(s: Suite, size: str, device: torch.device, machine: Machine, timer: Timer, log=print,
               on_case: Callable[[list[dict]], object] | None = None, box_s: float | None = None,
               skipped: list[dict] | None = None) -> list[dict]:
@@ -450,6 +459,9 @@ def run_suite(s: Suite, size: str, device: torch.device, machine: Machine, timer
                 skip(case, impl, "out of memory")
                 continue
             except Exception as e:  # noqa: BLE001 - one broken impl must not lose the case's other rows
+                if _missing_dependency(impl, e):
+                    skip(case, impl, f"{e.name} not installed (imported by {', '.join(impl.requires)})")
+                    continue
                 log(f"  FAILED {s.name}/{case.name} {case.mode} {impl.provider}/{impl.backend}: {type(e).__name__}: {e}")
                 lost = device_lost(device)
                 if lost:

@@ -1107,6 +1107,29 @@ def test_short_table_has_one_line_per_case_with_each_peers_ratio(capsys, tmp_pat
     assert capsys.readouterr().out.splitlines()[2] == lines[2]
 
 
+def test_a_peer_whose_own_import_is_missing_is_skipped_not_failed():
+    """trl carried as a wheel (--no-deps) on a machine without pandas: `requires=("trl",)` passed, the import
+    of trl then raised ModuleNotFoundError, and each TRL row was FAILED (the run exit 1), where the peer is
+    simply not installed here. An r1fast module missing, or an impl with no optional package, still FAILs."""
+    def missing(name):
+        def setup():
+            raise ModuleNotFoundError(f"No module named '{name}'", name=name)
+        return setup
+    case = harness.Case("c", "fwd", "float32", [
+        harness.Impl("trl", "trl", missing("pandas"), requires=("json",)),
+        harness.Impl("r1fast", "trl+r1fast", missing("pandas"), requires=("json",)),
+        harness.Impl("r1fast", "x", missing("r1fast.nope"), requires=("json",)),
+        harness.Impl("torch", "eager", missing("pandas"))])
+    log = []
+    harness.run_suite(harness.Suite("t", lambda size, device: [case]), "smoke", torch.device("cpu"),
+                      harness.Machine(torch.device("cpu"), "smoke"),
+                      harness.Timer(torch.device("cpu"), min_reps=1, budget_s=0.0), log=log.append)
+    assert "  skip t/c fwd trl/trl: pandas not installed (imported by json)" in log, log
+    assert any(line.startswith("  skip t/c fwd r1fast/trl+r1fast: pandas not installed") for line in log), log
+    assert [line.split(":")[0] for line in log if "FAILED" in line] == ["  FAILED t/c fwd r1fast/x",
+                                                                        "  FAILED t/c fwd torch/eager"], log
+
+
 def test_a_compute_only_case_floor_is_its_flops_at_the_matmul_rate():
     m = harness.Machine(torch.device("cpu"), "smoke")
     m._rates["float32"], m._bandwidth = 1e12, 1e11
