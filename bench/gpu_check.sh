@@ -167,12 +167,12 @@ else
   # not run yet go on in a fresh process, their rows added to the same results files.
   [ $rc = 3 ] && failed="$failed bench(cuda-fault)"
   while [ $rc = 3 ]; do
-    left=$(sed -n 's/^r1fast bench: suites not run: *//p' "$OUT/bench.log" | tail -1)
+    rest=$(sed -n 's/^r1fast bench: suites not run: *//p' "$OUT/bench.log" | tail -1)
     csv=$(ls -t "$OUT"/*.csv 2>/dev/null | head -1)
     box=$(( bench_end - $(date +%s) ))
-    [ -n "$left" ] && [ "$box" -ge 30 ] || break
-    echo "a kernel fault lost the CUDA context: going on with $left in a fresh process (${box}s left)"
-    timeout -k 10 $box python3 -m r1fast.cli bench $left --size $size --out "$OUT" --budget 0.5 \
+    [ -n "$rest" ] && [ "$box" -ge 30 ] || break
+    echo "a kernel fault lost the CUDA context: going on with $rest in a fresh process (${box}s left)"
+    timeout -k 10 $box python3 -m r1fast.cli bench $rest --size $size --out "$OUT" --budget 0.5 \
       --suite-box "${SUITE_BOX:-60}" ${csv:+--append "$csv"} >>"$OUT/bench.log" 2>&1
     rc=$?
   done
