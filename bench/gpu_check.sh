@@ -134,7 +134,7 @@ else
   echo "pytest exit $rc"; [ $rc = 0 ] || failed="$failed tests($rc)"
   # pytest -q's last line: "3 failed, 97 passed, 4 skipped in 60.2s", "104 skipped, 1157 deselected in 18.4s"
   grep -E "^== pytest|^[0-9]+ (passed|failed|skipped|deselected|errors?|xfailed|xpassed)\b|no tests ran" \
-    "$OUT/tests.log" | tail -6; grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -20
+    "$OUT/tests.log" | tail -6; grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -20 | cut -c1-300
 fi
 
 stage "bench, every suite at $size size"
@@ -180,7 +180,7 @@ else
   [ $rc = 0 ] || [ $rc = 3 ] || failed="$failed bench($rc)"
   # each suite's time and every failure (the skipped implementations end the table, one line per reason:
   # here, a skip line per case and peer pushed later suites' FAILED lines past the 40)
-  grep -E "FAILED|done in|engine start-up" "$OUT/bench.log" | head -40
+  grep -E "FAILED|done in|engine start-up" "$OUT/bench.log" | head -40 | cut -c1-300   # (whole lines: bench.log)
   cut=$(grep -c "time box (--suite-box)" "$OUT/bench.log")
   [ "$cut" -gt 0 ] && echo "$cut implementations not started: their suite was past its ${SUITE_BOX:-60} s box (bench.log)"
   case $rc in 0|124) ;; *) tail -5 "$OUT/bench.log";; esac
