@@ -22,6 +22,9 @@
 # R1FAST_CUDA=0 skips the CUDA build (default 1: nvcc required).
 set -uo pipefail
 OUT=${OUT:-$(mktemp -d)}
+# made and absolute before the cd below: a dry run's OUT=out (relative, or not there yet) failed every
+# `>"$OUT/build.log"`, which read as a failed build
+mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd) || { echo "gpu_check: cannot make OUT=$OUT"; exit 1; }
 cd "$(dirname "$0")/.."
 t0=$(date +%s)
 stage() { echo "== [$(( $(date +%s) - t0 ))s] $*"; }

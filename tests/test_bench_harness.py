@@ -757,6 +757,19 @@ def test_gpu_check_leaves_in_out_no_half_written_results_file(tmp_path):
     assert (tmp_path / "out" / "card.csv").exists()
 
 
+def test_gpu_check_makes_a_relative_out_that_is_not_there_yet(tmp_path):
+    """OUT=out from another folder: the script cd's to the repository first, so the logs and results went to
+    a folder that did not exist there, and the failed `>"$OUT/build.log"` read as a failed build."""
+    import pathlib
+    import subprocess
+
+    env = dict(_fake_gpu_machine(tmp_path, 0), OUT="out/new")
+    script = pathlib.Path(__file__).resolve().parents[1] / "bench" / "gpu_check.sh"
+    p = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert (tmp_path / "out" / "new" / "card.csv").exists() and (tmp_path / "out" / "new" / "build.log").exists()
+    assert "BUILD FAILED" not in p.stdout and p.returncode == 0, p.stdout[-800:]
+
+
 def test_gpu_check_runs_nothing_when_suites_names_no_suite(tmp_path):
     env = dict(_fake_gpu_machine(tmp_path, 0), SUITES="grpo-step")  # a typo must not run every suite
     p = _run_gpu_check(tmp_path, env)
