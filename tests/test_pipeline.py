@@ -311,15 +311,16 @@ def test_cli_names_a_path_it_cannot_write_in_one_line(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "afile").write_text("")
     for cmd in ("train", "sft"):   # said once the model had loaded, as "[Errno 20] Not a directory: 'afile/x'"
-        with pytest.raises(SystemExit, match=rf"^r1fast {cmd}: option 'output_dir' = 'afile/x' is not a folder: "
-                                             rf"{tmp_path}/afile is a file; give the folder for the run's"):
+        with pytest.raises(SystemExit, match=rf"^r1fast {cmd}: option 'output_dir' = 'afile/x': {tmp_path}/afile "
+                                             rf"is a file, not a folder; give another output_dir, the folder for"):
             main([cmd, "model_name_or_path=no_such_model", "dataset=builtin:arithmetic", "output_dir=afile/x"])
         # "[Errno 17] File exists: 'afile'"
-        with pytest.raises(SystemExit, match=rf"^r1fast {cmd}: option 'output_dir' = 'afile' is not a folder; give"):
+        with pytest.raises(SystemExit, match=rf"^r1fast {cmd}: option 'output_dir' = 'afile': {tmp_path}/afile is a "
+                                             rf"file, not a folder; give"):
             main([cmd, "model_name_or_path=no_such_model", "dataset=builtin:arithmetic", "output_dir=afile"])
     # sample found it only once every prompt was sampled, losing the rows; now before the model loads
     with pytest.raises(SystemExit, match=r"^r1fast sample: output_file 'afile/x.jsonl': .*afile is a file, not a "
-                                         r"folder$"):
+                                         r"folder; give another output_file$"):
         main(["sample", "model_name_or_path=no_such_model", "dataset=builtin:arithmetic", "output_file=afile/x.jsonl"])
     (tmp_path / "adir").mkdir()   # found at the end too: "[Errno 21] Is a directory: 'adir.tmp' -> 'adir'"
     with pytest.raises(SystemExit, match=r"^r1fast sample: output_file 'adir' is a folder; name the JSONL file "
@@ -344,7 +345,7 @@ def test_cli_names_a_path_it_cannot_write_in_one_line(tmp_path, monkeypatch):
     os.symlink("gone/run", tmp_path / "moved")
     for cmd in ("train", "sft"):
         with pytest.raises(SystemExit, match=rf"^r1fast {cmd}: option 'output_dir' = 'moved/x': {tmp_path}/moved is a "
-                                             rf"symlink to 'gone/run', which does not exist; make that folder"):
+                                             rf"symlink to 'gone/run', which does not exist \(make it, or mount"):
             main([cmd, "model_name_or_path=no_such_model", "dataset=builtin:arithmetic", "output_dir=moved/x"])
     with pytest.raises(SystemExit, match=r"^r1fast sample: output_file 'moved/x.jsonl': .*/moved is a symlink to "
                                          r"'gone/run', which does not exist"):
@@ -363,6 +364,22 @@ def test_a_sample_stages_output_file_that_cannot_be_written_is_refused_before_an
     rs.setdefault("config", {})["output_file"] = str(tmp_path)
     with pytest.raises(ValueError, match=r"stage 'rs': output_file '.*' is a folder; name the JSONL file to write"):
         load_pipeline(spec)
+
+
+def test_a_pipelines_output_dir_that_cannot_be_made_is_refused_when_it_is_read(tmp_path, monkeypatch):
+    # train/sft named such an output_dir; a pipeline's said "[Errno 17] File exists" (under a file: "[Errno 20]",
+    # under a symlink to nothing: "[Errno 2]") with no option named
+    (tmp_path / "afile").write_text("")
+    os.symlink("gone/run", tmp_path / "moved")
+    for out, why in (("afile", "afile is a file, not a folder"), ("afile/x", "afile is a file, not a folder"),
+                     ("moved/x", "moved is a symlink to 'gone/run', which does not exist")):
+        spec = {**tiny_pipeline(tmp_path), "output_dir": str(tmp_path / out)}
+        with pytest.raises(ValueError, match=rf"pipeline: output_dir = '.*{out}': .*{why}.*; give another output_dir"):
+            load_pipeline(spec)
+    # a folder the user cannot write (not testable as root, whom os.access lets write anywhere)
+    monkeypatch.setattr(os, "access", lambda path, mode: False)
+    with pytest.raises(ValueError, match=rf"output_dir = '.*': folder {tmp_path} cannot be written"):
+        load_pipeline({**tiny_pipeline(tmp_path), "output_dir": str(tmp_path / "new")})
 
 
 def test_cli_reports_a_failing_reward_function_without_a_traceback(tmp_path, monkeypatch):

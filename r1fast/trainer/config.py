@@ -540,35 +540,32 @@ class _TrainingConfig(_Base):
         self.report_to = [r for r in self.report_to if r != "none"]  # TRL's way of saying "no tracker"
         for r in self.report_to:
             _one_of("report_to", r, ("tensorboard", "wandb"))
-        _check_run_folder(self.output_dir)
+        check_run_folder(self.output_dir)
 
 
-def dangling_link(path: str) -> Optional[str]:
-    """The first of `path` and the folders above it that is a symlink to nothing (a disk not mounted, a folder
-    moved), or None. Under one, os.makedirs failed only once the model had loaded ("[Errno 17] File exists")."""
-    path = os.path.abspath(path)
-    while not os.path.exists(path) and os.path.dirname(path) != path:
-        if os.path.islink(path):
-            return path
-        path = os.path.dirname(path)
+def folder_obstacle(folder: str) -> Optional[str]:
+    """What stops a write into `folder` (made with os.makedirs where it is missing), or None: the first name on its
+    way that exists is a symlink to nothing (a disk not mounted, a folder moved: "[Errno 17] File exists"), a
+    file, or a folder that cannot be written. Run folders and sampled outputs are checked with it before a model
+    loads or a sampling runs, not when they are written."""
+    found = os.path.abspath(folder)
+    while not os.path.lexists(found) and os.path.dirname(found) != found:   # a symlink to nothing ends the walk
+        found = os.path.dirname(found)
+    if os.path.islink(found) and not os.path.exists(found):
+        return f"{found} is a symlink to {os.readlink(found)!r}, which does not exist (make it, or mount its disk)"
+    if not os.path.isdir(found):
+        return f"{found} is a file, not a folder"
+    if not os.access(found, os.W_OK):
+        return f"folder {found} cannot be written"
     return None
 
 
-def _check_run_folder(output_dir: Optional[str]):
-    """An output_dir that is a file, or under one: found before the model loads (a large one takes minutes),
-    not as "[Errno 17] File exists" when the run began."""
-    if not output_dir:
-        return
-    link = dangling_link(output_dir)
-    if link is not None:
-        raise ConfigError(f"option 'output_dir' = {output_dir!r}: {link} is a symlink to {os.readlink(link)!r}, "
-                          f"which does not exist; make that folder (or mount its disk), or give another output_dir")
-    path = os.path.abspath(output_dir)
-    while not os.path.exists(path) and os.path.dirname(path) != path:
-        path = os.path.dirname(path)
-    if not os.path.isdir(path):
-        under = "" if path == os.path.abspath(output_dir) else f": {path} is a file"
-        raise ConfigError(f"option 'output_dir' = {output_dir!r} is not a folder{under}; give the folder for the "
+def check_run_folder(output_dir: Optional[str], option: str = "option 'output_dir'"):
+    """An output_dir that cannot be made or written (a file, under a file or a symlink to nothing): found before the
+    model loads (a large one takes minutes), not as "[Errno 17] File exists" when the run began."""
+    obstacle = folder_obstacle(output_dir) if output_dir else None
+    if obstacle:
+        raise ConfigError(f"{option} = {output_dir!r}: {obstacle}; give another output_dir, the folder for the "
                           f"run's checkpoints and metrics")
 
 

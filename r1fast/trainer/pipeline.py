@@ -41,6 +41,7 @@ from r1fast.trainer.config import (
     _check_regex,
     _check_template_kwargs,
     _coerce,
+    check_run_folder,
     expand_home,
     load_yaml,
     parse_overrides,
@@ -369,6 +370,8 @@ def _validate(p: Pipeline, where: str):
     except ConfigError as e:
         check(False, str(e))
     check(p.num_threads is None or p.num_threads >= 1, f"num_threads must be >= 1; got {p.num_threads}")
+    # as a train/sft run's: "[Errno 17] File exists" once the pipeline started, not naming the option
+    check_run_folder(p.output_dir, f"{where}: output_dir")
 
 
 def _check_placement(p: Pipeline, conf: dict, where: str):

@@ -16,7 +16,7 @@ from r1fast.rewards import RewardSet
 from r1fast.trainer.common import (check_answer_column, check_model_and_tokenizer, check_prompt_room,
                                    check_reward_keywords, dataset_rows, model_from_argument, reward_columns,
                                    reward_completions)
-from r1fast.trainer.config import ConfigError, SampleConfig, dangling_link
+from r1fast.trainer.config import ConfigError, SampleConfig, folder_obstacle
 from r1fast.trainer.metrics import replacing, writing
 
 
@@ -186,17 +186,9 @@ def check_output_file(path: str, where: str = "output_file", dataset=None):
         # written where the link leads (metrics.replacing), into a folder that is not there: failed at the end
         raise ConfigError(f"{where} {path!r} is a symlink to {os.readlink(path)!r}, whose folder does not exist; "
                           f"make it, or give another {where}")
-    link = dangling_link(os.path.dirname(os.path.abspath(path)))
-    if link is not None:   # os.makedirs failed at the end: "[Errno 17] File exists"
-        raise ConfigError(f"{where} {path!r}: {link} is a symlink to {os.readlink(link)!r}, which does not exist; "
-                          f"make that folder, or give another {where}")
-    folder = os.path.dirname(os.path.abspath(path))
-    while not os.path.exists(folder):
-        folder = os.path.dirname(folder)
-    if not os.path.isdir(folder):
-        raise ConfigError(f"{where} {path!r}: {folder} is a file, not a folder")
-    if not os.access(folder, os.W_OK):
-        raise ConfigError(f"{where} {path!r}: folder {folder} cannot be written")
+    obstacle = folder_obstacle(os.path.dirname(os.path.abspath(path)))   # the folders write_jsonl makes
+    if obstacle:
+        raise ConfigError(f"{where} {path!r}: {obstacle}; give another {where}")
 
 
 def write_jsonl(rows: Sequence[dict], path: str):
