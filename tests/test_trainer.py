@@ -2058,6 +2058,24 @@ def test_a_prompt_cut_to_max_prompt_length_is_said_and_keeps_its_end(tmp_path):
         evaluate_accuracy(model, tok, rows[:2] + [{"prompt": "1=", "answer": "1"}], max_prompt_length=12, max_tokens=2)
 
 
+def test_a_prompt_cut_to_the_models_positions_names_them_not_max_prompt_length(tmp_path):
+    # max_prompt_length (512) above the model's 64 positions: GRPO's held-out evaluation warned of prompts cut to
+    # 63 tokens "(max_prompt_length)", and both warnings said to raise max_prompt_length, which changes nothing
+    from r1fast.trainer.evaluate import evaluate_accuracy
+
+    model, tok = tiny_model()   # 64 positions
+    long = {"prompt": "1+2+3+4+5+6+7+8+9+" * 4 + "0=", "answer": "7"}
+    cfg = GRPOConfig(per_device_train_batch_size=8, num_generations=4, max_completion_length=4, max_steps=1,
+                     output_dir=str(tmp_path / "r"), progress_bar=False, seed=3)
+    tr = GRPOTrainer(model, [sevens], ROWS[:7] + [long], cfg, tokenizer=tok)
+    said = r"more than the 63 a prompt keeps \(the model's 64 positions less one\).*shorten them: the model has no more"
+    with pytest.warns(UserWarning, match=r"evaluation: held-out rows: 1 of 1 prompts are cut: .*" + said):
+        tr.evaluate([long])
+    # evaluate_accuracy's own max_prompt_length is capped as GRPO caps it (it was the 'no room' error)
+    with pytest.warns(UserWarning, match=said):
+        assert evaluate_accuracy(model, tok, [long], max_prompt_length=512, max_tokens=1)["eval/num_samples"] == 1
+
+
 def test_a_model_with_no_fp8_layer_is_converted_when_the_config_asks(tmp_path):
     # apply_fp8(model, "off") (or a fallback) left a report but no FP8 layer: refused as "already converted"
     from r1fast.fp8 import apply_fp8

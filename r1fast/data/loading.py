@@ -425,23 +425,33 @@ def encode_prompt(tokenizer, prompt: Any, system_prompt: Optional[str] = None,
     return ids
 
 
+def prompt_limit(max_prompt_length: int, positions: int) -> tuple[int, str]:
+    """The tokens a prompt keeps, and what sets that number in the user's words: max_prompt_length, else all but
+    one of the model's `positions` (a longer prompt could not get a single completion token)."""
+    if max_prompt_length <= positions - 1:
+        return max_prompt_length, "max_prompt_length"
+    return positions - 1, f"the model's {positions} positions less one"
+
+
 def warn_cut_prompts(where: str, first_row: int, length: int, max_length: int, how_many: str = "",
                      limit: str = "max_prompt_length"):
     """Prompts past `max_length` tokens keep their last ones: their start (the template's first header, a system
     prompt, a few-shot example) never reaches the model. TRL 1.x has no max_prompt_length and feeds a prompt
     whole, so a dataset moved from it would be cut without a word: say so, naming the first such row.
-    `limit`: what sets max_length, in the user's words."""
+    `limit`: what sets max_length, in the user's words (prompt_limit)."""
+    # where the model's positions set the cap, a larger max_prompt_length changes nothing
+    remedy = ("shorten them, or raise max_prompt_length if the model has the positions"
+              if limit == "max_prompt_length" else "shorten them: the model has no more positions")
     warnings.warn(f"{where}: {how_many}the prompt of row {first_row} has {length} tokens, more than the {max_length} "
                   f"a prompt keeps ({limit}): such prompts keep their last {max_length} tokens and lose their start "
-                  f"(a system prompt, the chat template's first header); shorten them, or raise max_prompt_length "
-                  f"if the model has the positions", stacklevel=3)
+                  f"(a system prompt, the chat template's first header); {remedy}", stacklevel=3)
 
 
 def encode_prompts(tokenizer, rows: Sequence[dict], column: str, system_prompt: Optional[str] = None,
                    max_length: Optional[int] = None, chat_template_kwargs: Optional[dict] = None,
-                   where: str = "dataset") -> list[list[int]]:
+                   where: str = "dataset", limit: str = "max_prompt_length") -> list[list[int]]:
     """encode_prompt of every row's `column`; a prompt the chat template refuses is an error naming its row.
-    Prompts cut to `max_length` are counted in a warning (warn_cut_prompts)."""
+    Prompts cut to `max_length` are counted in a warning (warn_cut_prompts; `limit`: what sets max_length)."""
     out, cut = [], []
     for i, row in enumerate(rows):
         try:
@@ -453,7 +463,7 @@ def encode_prompts(tokenizer, rows: Sequence[dict], column: str, system_prompt: 
             ids = ids[-max_length:]
         out.append(ids)
     if cut:
-        warn_cut_prompts(where, *cut[0], max_length, f"{len(cut)} of {len(rows)} prompts are cut: ")
+        warn_cut_prompts(where, *cut[0], max_length, f"{len(cut)} of {len(rows)} prompts are cut: ", limit)
     return out
 
 

@@ -7,8 +7,8 @@ import math
 from types import SimpleNamespace
 from typing import Optional, Sequence
 
-from r1fast.data.loading import (decode_completion, encode_prompts, resolve_stop_tokens, stop_token_ids,
-                                 warn_unstopped_turn_end)
+from r1fast.data.loading import (decode_completion, encode_prompts, prompt_limit, resolve_stop_tokens,
+                                 stop_token_ids, warn_unstopped_turn_end)
 from r1fast.trainer.common import (assistant_turn, check_model_and_tokenizer, check_prompt_room, dataset_rows,
                                    gold_column, model_from_argument)
 
@@ -34,9 +34,10 @@ def evaluate_accuracy(model, tokenizer, rows, *, samples_per_prompt: int = 1, te
                       format_pattern: Optional[str] = None, chat_template_kwargs: Optional[dict] = None,
                       stop_tokens: Optional[Sequence[str]] = None, stop_option: str = "stop_tokens"):
     """`rows`: a list of dicts, a datasets.Dataset, or a path / builtin:<task> (its test / validation / eval
-    split, as an eval_dataset). `max_prompt_length`: prompts keep their last that many tokens (as a GRPO
-    run's training prompts do); without it, a prompt that leaves the model no room for an answer is an error. `format_pattern`:
-    what eval/format counts as well formed (the format reward's; default <think>…</think><answer>…</answer>).
+    split, as an eval_dataset). `max_prompt_length`: prompts keep their last that many tokens, at most the model's
+    positions less one (as a GRPO run's training prompts do); without it, a prompt that leaves the model no room
+    for an answer is an error. `format_pattern`: what eval/format counts as well formed (the format reward's;
+    default <think>…</think><answer>…</answer>).
     `chat_template_kwargs`: for the tokenizer's apply_chat_template (Qwen3's enable_thinking), as in training.
     `stop_tokens`: tokens (as text) a completion also stops at, as in training; `stop_option` is the option
     that gave them, named by the errors and warnings. `seed`: the sampling's, and for a builtin:<task> the
@@ -58,8 +59,12 @@ def evaluate_accuracy(model, tokenizer, rows, *, samples_per_prompt: int = 1, te
     rows = dataset_rows(rows, "evaluation: held-out", split=None, seed=seed + 1, default_splits=EVAL_SPLITS,
                         n_builtin=64)
     check_eval_answers(rows, answer_column, "evaluation: held-out rows")
-    prompt_ids = encode_prompts(tokenizer, rows, prompt_column, system_prompt, max_prompt_length, chat_template_kwargs,
-                                "evaluation: held-out rows")
+    # capped as a GRPO run caps its prompts, and the warning of cut prompts names what caps them: a
+    # max_prompt_length above the model's positions was named though the positions had cut them
+    cap, limit = (None, "") if max_prompt_length is None else \
+        prompt_limit(max_prompt_length, model.config.max_sequence_length)
+    prompt_ids = encode_prompts(tokenizer, rows, prompt_column, system_prompt, cap, chat_template_kwargs,
+                                "evaluation: held-out rows", limit)
     check_prompt_room(prompt_ids, model.config.max_sequence_length, "evaluation")
     extra_stops = resolve_stop_tokens(tokenizer, stop_tokens, stop_option)
     ends = stop_token_ids(tokenizer, model.eos_token_ids, extra_stops)   # the engine stops at the model's eos too

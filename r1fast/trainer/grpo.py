@@ -25,7 +25,8 @@ import torch
 from r1fast import _ext
 from r1fast._umask import save_safetensors
 from r1fast.data.loading import (EVAL_SPLITS, check_columns, check_prompts, decode_completion, encode_prompt,
-                                 resolve_stop_tokens, stop_token_ids, warn_cut_prompts, warn_unstopped_turn_end)
+                                 prompt_limit, resolve_stop_tokens, stop_token_ids, warn_cut_prompts,
+                                 warn_unstopped_turn_end)
 from r1fast.rewards import RewardSet
 from r1fast.trainer import checkpoints as ckpt
 from r1fast.trainer.loss_scale import saved_loss_scale
@@ -292,7 +293,7 @@ class GRPOTrainer:
     def prompt_cap(self) -> int:
         """Prompts keep their last max_prompt_length tokens, and at most all but one of the model's
         positions: a longer prompt could not get a single completion token."""
-        return min(self.cfg.max_prompt_length, self.model.config.max_sequence_length - 1)
+        return prompt_limit(self.cfg.max_prompt_length, self.model.config.max_sequence_length)[0]
 
     def _prompt_ids(self, rows: Sequence[dict], keys: Sequence[int]) -> list[list[int]]:
         out = []
@@ -310,13 +311,11 @@ class GRPOTrainer:
     def _cut_prompt(self, ids: list[int], row: int) -> list[int]:
         """A prompt's last prompt_cap tokens; the first prompt cut is warned about (prompts are encoded as steps
         draw them, so the warning comes when the first long one is drawn)."""
-        cap = self.prompt_cap
+        cap, limit = prompt_limit(self.cfg.max_prompt_length, self.model.config.max_sequence_length)
         if len(ids) <= cap:
             return ids
         if not self._warned_cut_prompt:
             self._warned_cut_prompt = True
-            limit = "max_prompt_length" if cap == self.cfg.max_prompt_length else \
-                f"the model's {self.model.config.max_sequence_length} positions less one"
             warn_cut_prompts("train dataset", row, len(ids), cap, "(said for the first prompt cut) ", limit)
         return ids[-cap:]
 
@@ -561,7 +560,7 @@ class GRPOTrainer:
                                  temperature=cfg.eval_temperature, max_tokens=cfg.max_completion_length,
                                  seed=self._seed(1, 0), prompt_column=cfg.prompt_column,
                                  answer_column=cfg.answer_column, system_prompt=cfg.system_prompt, engine=self.engine,
-                                 max_prompt_length=self.prompt_cap, format_pattern=cfg.format_pattern,
+                                 max_prompt_length=cfg.max_prompt_length, format_pattern=cfg.format_pattern,
                                  chat_template_kwargs=cfg.chat_template_kwargs, stop_tokens=cfg.stop_tokens,
                                  stop_option=self.stop_option)
 
