@@ -5,6 +5,7 @@ import json
 import math
 import os
 import re
+import shutil
 
 import pytest
 import torch
@@ -227,6 +228,12 @@ def test_resuming_another_runs_checkpoint_into_a_folder_holding_a_third_run_is_r
                                          rf"delete {tmp_path / 'a'}'s run first$"):   # no step past b's: a's own
         make(tmp_path, "a", **{**kw, "max_steps": 2}).train(resume=str(tmp_path / "b"))
     assert (tmp_path / "a" / "metrics.jsonl").read_text() == a_log
+    # a set-aside checkpoint's step is read as set_aside_newer reads it: with the ".<pid>" a second set-aside of its
+    # step gets, a's checkpoint-1 (older than it) was said to be maybe this run's own steps since it
+    shutil.copytree(tmp_path / "b" / "checkpoint-1", tmp_path / "b" / "abandoned-checkpoint-3.77")
+    with pytest.raises(ValueError, match=r"delete .*'s run first$"):
+        make(tmp_path, "a", **{**kw, "max_steps": 4}).train(resume=str(tmp_path / "b" / "abandoned-checkpoint-3.77"))
+    shutil.rmtree(tmp_path / "b" / "abandoned-checkpoint-3.77")
     # the same command run again (a restarted job) finds its own steps since b's checkpoint: --resume alone goes on
     b_ckpt = str(tmp_path / "b" / "checkpoint-1")
     make(tmp_path, "c", **{**kw, "max_steps": 2}).train(resume=b_ckpt)

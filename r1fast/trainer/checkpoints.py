@@ -335,11 +335,13 @@ def resume_into(run_dir: str, resume_path: str, overwrite: bool):
         return
     names = ", ".join(os.path.basename(p) for _, p in ckpts)
     start = os.path.basename(os.path.normpath(resume_path))
-    m = _CKPT_RE.match(start.removeprefix("abandoned-"))
+    # its step as set_aside_newer reads it: abandoned-checkpoint-4.<pid> was no step, and the hint below was given
+    # for an output_dir whose checkpoints are all older than it
+    step = _checkpoint_step(resume_path)
     # steps past the checkpoint's may be this run's own: the same command run before (a restarted job)
     own = (f". If they are this run's own steps since {start} (the same command run before, as a restarted job "
            f"does), --resume alone goes on from {os.path.basename(ckpts[-1][1])}"
-           if m is None or ckpts[-1][0] > int(m.group(1)) else "")
+           if step is None or ckpts[-1][0] > step[0] else "")
     home = _checkpoint_home(resume_path)
     raise OutputDirHoldsAnotherRun(f"--resume {resume_path}: this run writes to output_dir {run_dir}, which holds "
                                    f"another run ({names}); give output_dir={home} to continue that run in its own "
