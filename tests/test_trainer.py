@@ -179,8 +179,9 @@ def test_resuming_from_an_older_checkpoint_sets_the_later_ones_aside(tmp_path, c
     run = tmp_path / "run"
     assert sorted(p.name for p in run.glob("checkpoint-*")) == [f"checkpoint-{i}" for i in range(1, 5)]
     again = make(tmp_path, **{**kw, "max_steps": 2})
-    again.train(resume=str(run / "checkpoint-1"))
-    assert "the later" in capsys.readouterr().err
+    again.train(resume=str(run / "checkpoint-1") + os.sep)   # a shell's completion adds the slash
+    assert f"resuming from checkpoint-1: the later {run / 'abandoned-checkpoint-2'} is set aside" in \
+        capsys.readouterr().err   # "resuming from : the later ...": the slash's empty basename
     assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
     assert sorted(p.name for p in run.glob("abandoned-*")) == ["abandoned-checkpoint-2", "abandoned-checkpoint-3",
                                                                "abandoned-checkpoint-4"]

@@ -726,9 +726,9 @@ def start_run(trainer, resume):
         print(f"r1fast: resuming {trainer.stage} from {resume_path} at step {trainer.global_step} of "
               f"{trainer.total_steps}", file=sys.stderr)
         # after the load: a checkpoint that fails to load must not have moved the ones after it aside
+        resumed_name = os.path.basename(resume_path.rstrip(os.sep))   # 'checkpoint-3/' has an empty basename
         for path in ckpt.set_aside_newer(trainer.run_dir, resume_path):
-            print(f"r1fast: resuming from {os.path.basename(resume_path)}: the later {path} is set aside",
-                  file=sys.stderr)
+            print(f"r1fast: resuming from {resumed_name}: the later {path} is set aside", file=sys.stderr)
         back = ckpt.take_back(trainer.run_dir, resume_path)
         if back is not None:
             print(f"r1fast: {resume_path} is {back} again: the run goes on from it", file=sys.stderr)
