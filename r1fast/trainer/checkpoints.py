@@ -101,11 +101,7 @@ def _resumes_in_place(run_dir: str, resume_path: str) -> bool:
     symlink to the checkpoint (taken for another run's, overwrite_output_dir deleted the run, the resumed
     checkpoint included). A checkpoint-<step> in run_dir that is itself a symlink to another disk is run_dir's
     too."""
-    # the folder the name sits in, the name itself left unresolved; not normpath'd: its lexical '..' after a symlink
-    # (link/../run/checkpoint-3) named another folder than the OS opens, which took another run's checkpoint for
-    # run_dir's own
-    named_home = os.path.dirname(resume_path.rstrip(os.sep)) or os.curdir
-    return _same_folder(run_dir, named_home) or _same_folder(run_dir, _checkpoint_home(resume_path))
+    return bool(_names_in(run_dir, resume_path))
 
 
 def _same_folder(a: str, b: str) -> bool:
@@ -205,6 +201,9 @@ def _names_in(run_dir: str, resume_path: str) -> list[str]:
     it leads to where that is in run_dir (`--resume ./best`, best -> run/abandoned-checkpoint-4: taken by its own
     name, 'best', it was never named checkpoint-4 again); none for another folder's checkpoint."""
     names = []
+    # the folder the name sits in, the name itself left unresolved; not normpath'd: its lexical '..' after a symlink
+    # (link/../run/checkpoint-3) named another folder than the OS opens, which took another run's checkpoint for
+    # run_dir's own
     if _same_folder(run_dir, os.path.dirname(resume_path.rstrip(os.sep)) or os.curdir):
         names.append(os.path.basename(os.path.normpath(resume_path)))
     if _same_folder(run_dir, _checkpoint_home(resume_path)):
