@@ -332,7 +332,7 @@ def test_cli_names_a_path_it_cannot_write_in_one_line(tmp_path, monkeypatch):
     # the output replaced the prompts it was sampled from, without a word
     (tmp_path / "d.jsonl").write_text('{"prompt": "1+1", "answer": "2"}\n')
     with pytest.raises(SystemExit, match=r"^r1fast sample: output_file './d.jsonl' is the dataset 'd.jsonl': writing "
-                                         r"the samples would replace its prompts; give another output_file$"):
+                                         r"the samples would replace it; give another output_file$"):
         main(["sample", "model_name_or_path=no_such_model", "dataset=d.jsonl", "output_file=./d.jsonl"])
     assert sorted(os.listdir(tmp_path)) == ["adir", "afile", "d.jsonl"]
     if hasattr(os, "mkfifo"):   # a pipe (as root, /dev/null) became a regular file once every prompt was sampled
@@ -380,6 +380,24 @@ def test_a_pipelines_output_dir_that_cannot_be_made_is_refused_when_it_is_read(t
     monkeypatch.setattr(os, "access", lambda path, mode: False)
     with pytest.raises(ValueError, match=rf"output_dir = '.*': folder {tmp_path} cannot be written"):
         load_pipeline({**tiny_pipeline(tmp_path), "output_dir": str(tmp_path / "new")})
+
+
+def test_a_sample_stages_output_file_that_an_earlier_stage_reads_is_refused(tmp_path):
+    # only the stage's own dataset was compared: a cold-start stage's data file (or the pipeline's eval_dataset)
+    # named as a later sample stage's output_file was replaced by the samples without a word
+    data = tmp_path / "cold.jsonl"
+    data.write_text('{"prompt": "1+1=", "completion": "2", "answer": "2"}\n')
+    spec = tiny_pipeline(tmp_path)
+    spec["stages"][0]["dataset"] = str(data)
+    rs = next(s for s in spec["stages"] if s["type"] == "sample")
+    rs["config"]["output_file"] = str(data)
+    with pytest.raises(ValueError, match=r"stage 'rs': output_file '.*cold.jsonl' is the dataset of stage 'cold' "
+                                         r"'.*cold.jsonl': writing the samples would replace it; give another "
+                                         r"output_file$"):
+        load_pipeline(spec)
+    spec["stages"][0]["dataset"] = "builtin:arithmetic"
+    with pytest.raises(ValueError, match=r"output_file '.*cold.jsonl' is the pipeline's eval_dataset"):
+        load_pipeline({**spec, "eval_dataset": str(data)})
 
 
 def test_cli_reports_a_failing_reward_function_without_a_traceback(tmp_path, monkeypatch):

@@ -398,7 +398,7 @@ def _check_sample_output(out: str, progress_file: str, resume, rest: list[str], 
     if resume and not resume_is_bare(resume):
         raise ConfigError(f"sample's --resume takes no path ({resume!r}): it continues the stopped run whose "
                           f"output_file is given, from {progress_file}")
-    check_output_file(out, dataset=dataset)
+    check_output_file(out, read=[(dataset, "the dataset")])
     if resume and not os.path.exists(progress_file):
         print(f"r1fast: --resume: no stopped run of {out} ({progress_file} does not exist): sampling from the first "
               f"prompt", file=sys.stderr, flush=True)

@@ -230,6 +230,8 @@ def _check_stages(p: Pipeline, where: str):
     earlier: dict[str, str] = {}   # stage name -> type, of the stages before this one
     written: set[str] = set()      # files that earlier sample stages write
     samplers: dict[str, Any] = {}  # sample stage name -> its config
+    # (path, what) of the data read before a sample stage writes its output_file, which must not replace them
+    read: list[tuple[Any, str]] = [(p.eval_dataset, "the pipeline's eval_dataset")]
     _check_dataset(p.eval_dataset, f"{where}: eval_dataset", written)
     _check_model(p.model, f"{where}: model")
     for s in p.stages:
@@ -259,8 +261,12 @@ def _check_stages(p: Pipeline, where: str):
                 raise ConfigError(f"{at}: eval_dataset is used at eval_steps, which is 0; set eval_steps (the "
                                   f"pipeline's own eval_dataset is evaluated after every training stage)")
             _check_dataset(cfg.eval_dataset, f"{at}: eval_dataset", written)
+        read.append((s.dataset, f"the dataset of stage {s.name!r}"))
+        if s.type == "grpo":
+            read.append((cfg.eval_dataset, f"the eval_dataset of stage {s.name!r}"))
         if s.type == "sample" and cfg.output_file:
-            check_output_file(cfg.output_file, f"{at}: output_file", dataset=s.dataset)
+            # an earlier stage's data file (its cold-start SFT rows) was replaced by the samples without a word
+            check_output_file(cfg.output_file, f"{at}: output_file", read=read)
             written.add(os.path.abspath(cfg.output_file))
         if s.type == "sample":
             samplers[s.name] = cfg

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from r1fast.data.loading import (check_columns, check_prompts, continues_answer, decode_completion, encode_prompts,
                                  prefilled_think, resolve_stop_tokens, stop_token_ids, warn_unstopped_turn_end)
@@ -166,14 +166,17 @@ def _json_value(value):
     return str(value)
 
 
-def check_output_file(path: str, where: str = "output_file", dataset=None):
+def check_output_file(path: str, where: str = "output_file", read: Sequence[tuple[Any, str]] = ()):
     """An output JSONL that cannot be written, found before sampling: write_jsonl found it once every prompt
-    was sampled, and the rows were lost. The folders it lacks write_jsonl makes. `dataset`: the prompts' path,
-    which the output must not replace."""
-    if isinstance(dataset, str) and os.path.isfile(dataset) and os.path.exists(path) and os.path.samefile(dataset, path):
-        # the samples replaced the prompts they were drawn from, without a word
-        raise ConfigError(f"{where} {path!r} is the dataset {dataset!r}: writing the samples would replace its "
-                          f"prompts; give another {where}")
+    was sampled, and the rows were lost. The folders it lacks write_jsonl makes. `read`: (path, what it is) of the
+    data read before the samples are written (the prompts; a pipeline's earlier stages' datasets), which the
+    output must not replace. `where`: the option, after what holds it ("r1.yaml: stage 'rs': output_file")."""
+    option = where.rpartition(": ")[2]
+    for spec, what in read:
+        if isinstance(spec, str) and os.path.isfile(spec) and os.path.exists(path) and os.path.samefile(spec, path):
+            # the samples replaced the prompts they were drawn from (or a pipeline's cold-start data), without a word
+            raise ConfigError(f"{where} {path!r} is {what} {spec!r}: writing the samples would replace it; give "
+                              f"another {option}")
     # "runs/new/" (a folder not made yet): the samples were written to a hidden "runs/new/.tmp" and the rename over
     # "runs/new/" failed with "Not a directory", once every prompt was sampled
     if os.path.isdir(path) or path.endswith(("/", os.sep)) or os.path.basename(path) in ("", ".", ".."):
@@ -185,10 +188,10 @@ def check_output_file(path: str, where: str = "output_file", dataset=None):
     if os.path.islink(path) and not os.path.isdir(os.path.dirname(os.path.realpath(path))):
         # written where the link leads (metrics.replacing), into a folder that is not there: failed at the end
         raise ConfigError(f"{where} {path!r} is a symlink to {os.readlink(path)!r}, whose folder does not exist; "
-                          f"make it, or give another {where}")
+                          f"make it, or give another {option}")
     obstacle = folder_obstacle(os.path.dirname(os.path.abspath(path)))   # the folders write_jsonl makes
     if obstacle:
-        raise ConfigError(f"{where} {path!r}: {obstacle}; give another {where}")
+        raise ConfigError(f"{where} {path!r}: {obstacle}; give another {option}")
 
 
 def write_jsonl(rows: Sequence[dict], path: str):
