@@ -357,6 +357,16 @@ def test_cli_names_a_path_it_cannot_write_in_one_line(tmp_path, monkeypatch):
     assert not os.path.exists(tmp_path / "gone")
 
 
+def test_cli_sample_names_a_misspelt_answer_column_before_the_model_loads(tmp_path, monkeypatch):
+    # rejection_sample said it once the model had loaded (minutes for a large one); the data is read before it
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "d.jsonl").write_text('{"prompt": "1+1=", "answer": "2", "ref": "2"}\n')
+    with pytest.raises(SystemExit, match=r"^r1fast sample: reward 'accuracy' needs the answer column 'rfe' \(option "
+                                         r"'answer_column'\); the prompt dataset has \['answer', 'prompt', 'ref'\]$"):
+        main(["sample", "model_name_or_path=no_such_model", "dataset=d.jsonl", "answer_column=rfe",
+              "reward_funcs=[accuracy]"])
+
+
 def test_a_sample_stages_output_file_that_cannot_be_written_is_refused_before_any_stage_runs(tmp_path):
     # found once the stages before it had trained and it had sampled every prompt: "[Errno 21] Is a directory"
     spec = tiny_pipeline(tmp_path)

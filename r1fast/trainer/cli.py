@@ -352,7 +352,7 @@ def _cmd_sample(args):
     Ctrl-C/SIGTERM stops it after its batch."""
     from r1fast.data import load_rows
     from r1fast.trainer import sampling
-    from r1fast.trainer.common import resolve_device
+    from r1fast.trainer.common import check_answer_present, resolve_device
     from r1fast.trainer.config import SampleConfig
 
     cfg, resume = _config(SampleConfig, args.rest, "sample")
@@ -361,6 +361,8 @@ def _cmd_sample(args):
     _check_sample_output(out, progress_file, resume, args.rest, cfg.dataset)
     # the data before the model: a wrong dataset is said before a large model has loaded
     rows = load_rows(cfg.dataset, split=cfg.dataset_split, seed=cfg.seed, required_columns=(cfg.prompt_column,))
+    # a misspelt answer_column too (rejection_sample found it once the model had loaded)
+    check_answer_present(cfg.reward_funcs, rows, cfg.answer_column, "prompt dataset")
     model, tok = _model(cfg)
     options = {k: v for k, v in cfg.to_json_dict().items() if k != "output_file"}   # the output names the file
     fingerprint = sampling.sample_fingerprint(options, [r.get(cfg.prompt_column) for r in rows],

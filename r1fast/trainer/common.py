@@ -528,6 +528,11 @@ def check_answer_column(reward_names: Sequence[str], rows: Sequence[dict], answe
                       f"functions get {answer_column!r}'s values as `answer` (as the accuracy reward reads them), so "
                       f"the dataset's own 'answer' column reaches them under no name; rename it to keep it",
                       stacklevel=3)
+    check_answer_present(reward_names, rows, answer_column, where)
+
+
+def check_answer_present(reward_names: Sequence[str], rows: Sequence[dict], answer_column: str, where: str):
+    """check_answer_column's error alone: `r1fast sample` says it once the data is read, before the model loads."""
     # a column named on purpose that the data lacks is a misspelling, not a MATH set: it was silently scored against
     # `solution` (held-out sets, another dataset, keep that fallback)
     named = answer_column != "answer"
