@@ -440,10 +440,12 @@ def test_cli_says_how_to_resume_a_run_that_failed_after_a_checkpoint(tmp_path, m
     first, hint = str(e.value).split("\n")
     assert first.startswith("r1fast train: reward function 'late.py:f' raised KeyError: 'gold'")
     assert hint == f"r1fast train: its checkpoints are kept; once that is fixed, continue with: r1fast train {cfg} output_dir=g --resume"
+    # a reward file is imported once per process while unchanged: the pipeline gets a fresh one, its count at 0
+    (tmp_path / "late2.py").write_text((tmp_path / "late.py").read_text())
     spec = tmp_path / "p.yaml"
     spec.write_text("name: p\nmodel: builtin:micro\nprogress_bar: false\nstages:\n"
                     "  - {name: s, type: grpo, dataset: 'builtin:arithmetic?min_terms=2&max_terms=2', config: {"
-                    + ", ".join(grpo.strip().split("\n")) + "}}\n")
+                    + ", ".join(grpo.replace("late.py", "late2.py").strip().split("\n")) + "}}\n")
     with pytest.raises(SystemExit, match=rf"raised KeyError.*\nr1fast pipeline: .*continue with: r1fast pipeline "
                                          rf"{spec} --resume$"):
         main(["pipeline", str(spec)])
