@@ -63,6 +63,7 @@ def _grpo_loss_kernel(logp_ptr, old_ptr, ref_ptr, smp_ptr, ent_ptr, mask_ptr, ad
     # sign flags as floats: the interpreter rejects `&` between a scalar and a block comparison
     a_pos = tl.where(adv > 0.0, 1.0, 0.0)
     a_neg = tl.where(adv < 0.0, 1.0, 0.0)
+    pad_g = tl.where(adv != adv, float("nan"), 0.0)  # the gradient at the row's masked tokens
 
     # pass 1: row sums
     cnt = 0.0
@@ -207,11 +208,13 @@ def _grpo_loss_kernel(logp_ptr, old_ptr, ref_ptr, smp_ptr, ent_ptr, mask_ptr, ad
         # reference, which has no lanes past the row's end; their 0 * inf NaN (bias-corrected KL) does not
         loss_sum += tl.sum(tl.where(tl.where(adv != adv, ok, act), m * L, 0.0), 0)
         if SEQ_LEVEL:
-            g_lw_sum += tl.sum(m * g_lw, 0)
+            g_lw_sum += tl.sum(tl.where(act, m * g_lw, 0.0), 0)
             g_tok = g_lp
         else:
             g_tok = g_lp + g_lw
-        tl.store(g_logp_ptr + base + offs, coef * m * g_tok, mask=ok)
+        # a masked token's gradient is 0, not m * (an inf row ratio's 0 * inf = NaN); NaN where the row's
+        # advantage is NaN, as the forward keeps that row's masked terms
+        tl.store(g_logp_ptr + base + offs, tl.where(act, coef * m * g_tok, pad_g), mask=ok)
         s_low += tl.sum(m * low, 0)
         s_high += tl.sum(m * high, 0)
         s_reg += tl.sum(m * tl.maximum(low, high), 0)
@@ -224,7 +227,7 @@ def _grpo_loss_kernel(logp_ptr, old_ptr, ref_ptr, smp_ptr, ent_ptr, mask_ptr, ad
             ok = offs < T
             m = tl.load(mask_ptr + base + offs, mask=ok, other=0.0)
             g = tl.load(g_logp_ptr + base + offs, mask=ok, other=0.0)
-            tl.store(g_logp_ptr + base + offs, g + extra * m, mask=ok)
+            tl.store(g_logp_ptr + base + offs, tl.where(m > 0, g + extra * m, g), mask=ok)
 
     tl.store(row_loss_ptr + row, coef * loss_sum)
     idx = tl.arange(0, N_STATS)

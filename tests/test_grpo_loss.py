@@ -535,6 +535,27 @@ def test_unchecked_grpo_loss_with_weights_reads_no_device_value(weights):
         assert torch.allclose(stats["is_weight/min"].double(), torch.as_tensor(want_min).double(), rtol=1e-5)
 
 
+@pytest.mark.parametrize("backend", ["reference", "torch", "triton"])
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_padding_gradient_is_zero_unless_the_rows_advantage_is_nan(backend, level):
+    # row 0's ratio is past float32 (old_logp -300) under the bias-corrected KL: triton wrote m * (0 * inf) = NaN
+    # into its padding gradient where the reference wrote 0. Padding gets exactly 0, except in a row whose
+    # advantage is NaN (rows 2 and 3, the last without active tokens), whose masked terms the forward keeps
+    logp = torch.tensor([[-1.0, -1.5, -2.0, 0.0]] * 4)
+    old = logp - torch.tensor([[299.0, 0.1, 0.2, 0.0], [0.2, -0.1, 0.0, 0.0], [0.1] * 4, [0.1] * 4])
+    mask = torch.tensor([[1.0, 1, 1, 0], [1, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 0]])
+    adv = torch.tensor([-0.8, 0.5, float("nan"), float("nan")])
+    dt = torch.float64 if backend == "reference" else torch.float32
+    lp = logp.to(dt).requires_grad_()
+    loss, _ = ops.grpo_loss(lp, old.to(dt), (logp + 0.1).to(dt), adv.to(dt), mask, backend=backend, beta=0.04,
+                            use_bias_correction_kl=True, importance_sampling_level=level, check_values=False)
+    (g,) = torch.autograd.grad(loss, lp)
+    pad = mask == 0
+    assert (g[:2][pad[:2]] == 0).all(), g
+    assert g[2:][pad[2:]].isnan().all(), g
+    assert g[1][~pad[1]].isfinite().all(), g
+
+
 def test_loss_options_defaults_follow_trl():
     trl_config = pytest.importorskip("trl.trainer.grpo_config")
     trl = {f.name: f.default for f in dataclasses.fields(trl_config.GRPOConfig)}

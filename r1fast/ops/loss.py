@@ -112,12 +112,20 @@ def _validate_loss_inputs(op, logp, old_logp, ref_logp, advantages, mask, sample
     return importance_weights
 
 
+def _policy_lanes(mask, advantages):
+    """Where logp enters the loss: the active tokens, and every token of a row whose advantage is NaN. The
+    forward keeps such a row's masked terms (its loss is NaN even with no active token), so its masked tokens'
+    gradients are NaN too; every other masked token's gradient is exactly 0 (the triton kernel's rule)."""
+    return mask.bool() | advantages.isnan().unsqueeze(-1)
+
+
 @backends.register("grpo_loss", "reference")
 def _grpo_loss_reference(logp, old_logp, ref_logp, advantages, mask, opts, entropy, sampler_logp,
                          importance_weights=None, row_stats=False):
     active = mask.bool()
     f64 = lambda t: None if t is None else torch.where(active, t.double(), 0.0)  # noqa: E731
-    return reference.grpo_loss(f64(logp), f64(old_logp), f64(ref_logp), advantages.double(), mask, opts,
+    logp = torch.where(_policy_lanes(mask, advantages), logp.double(), 0.0)
+    return reference.grpo_loss(logp, f64(old_logp), f64(ref_logp), advantages.double(), mask, opts,
                                f64(entropy), f64(sampler_logp), importance_weights=f64(importance_weights),
                                row_stats=row_stats)
 
@@ -132,7 +140,8 @@ def _grpo_loss_torch(logp, old_logp, ref_logp, advantages, mask, opts, entropy, 
     # Masked positions may hold anything (padding); zero them so no NaN leaks through 0 * NaN.
     active = mask.bool()
     clean = lambda t: None if t is None else torch.where(active, up(t), 0.0)  # noqa: E731
-    return reference.grpo_loss(clean(logp), clean(old_logp), clean(ref_logp), up(advantages), mask, opts,
+    logp = torch.where(_policy_lanes(mask, advantages), up(logp), 0.0)
+    return reference.grpo_loss(logp, clean(old_logp), clean(ref_logp), up(advantages), mask, opts,
                                clean(entropy), clean(sampler_logp), importance_weights=clean(importance_weights),
                                row_stats=row_stats)
 
