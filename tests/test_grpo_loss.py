@@ -882,6 +882,49 @@ def test_fused_bad_input(mutate, err, match):
         ops.fused_linear_grpo_loss(**args)
 
 
+def _nan_at(t, index):
+    t = t.clone()
+    t[index] = float("nan")
+    return t
+
+
+FUSED_BAD_VALUES = [
+    # advantages are per row: the message said "at active tokens"
+    ("adv-nan", dict(), r"advantages has 1 NaN/inf value\(s\) \(first at row 1\)$"),
+    # the rest blamed "hidden/weight give non-finite log-probs (NaN/inf in hidden or weight?)", whatever made them
+    ("old-400", dict(), r"non-finite loss at row 2: the importance ratio exp\(logp - old_logp\) overflows at "
+                        r"position 1: log-ratio 39\d\.\d > 88.72"),
+    ("old-400", dict(importance_sampling_level="sequence"), r"non-finite loss at row 2: .* the row's mean log-ratio"),
+    ("ref+300", dict(beta=0.04), r"non-finite loss at row 0: the k3 KL exp\(ref_logp - logp\) overflows at position 2"),
+    ("hidden-nan", dict(), r"non-finite log-prob at row 1, position 2: hidden has NaN/inf there"),
+    ("weight-nan", dict(), r"non-finite log-prob at row 0, position 0: weight has NaN/inf \(first in its row 3"),
+]
+
+
+@pytest.mark.parametrize("backend, single_pass", [("torch", True), ("torch", False), ("triton", True)])
+@pytest.mark.parametrize("kind, opts, match", FUSED_BAD_VALUES, ids=[f"{k}-{len(o)}" for k, o, _ in FUSED_BAD_VALUES])
+def test_fused_bad_values_name_the_input_and_row(backend, single_pass, kind, opts, match):
+    h, w = randn(3, 4, 8, seed=1), randn(11, 8, seed=2)
+    targets = torch.arange(12).reshape(3, 4) % 11
+    targets[0] = 3  # row 0 reads vocabulary row 3
+    mask = torch.ones(3, 4)
+    mask[0, 3] = 0
+    adv, old, ref = torch.tensor([0.5, -0.3, -0.7]), torch.full((3, 4), -2.0), torch.full((3, 4), -2.0)
+    if kind == "adv-nan":
+        adv[1] = float("nan")
+    elif kind == "old-400":
+        old[2, 1] = -400.0
+    elif kind == "ref+300":
+        ref[0, 2] = 300.0
+    elif kind == "hidden-nan":
+        h = _nan_at(h, (1, 2, 0))
+    else:
+        w = _nan_at(w, (3, 5))
+    with pytest.raises(ValueError, match=match):
+        ops.fused_linear_grpo_loss(h, w, targets, mask, adv, old_logp=old, ref_logp=ref, backend=backend,
+                                   single_pass=single_pass, **opts)
+
+
 def test_packed_bad_cu_seqlens():
     h = torch.randn(5, H)
     w = torch.randn(V, H)

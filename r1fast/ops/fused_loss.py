@@ -24,6 +24,7 @@ import bisect
 import contextlib
 import dataclasses
 import itertools
+import math
 
 import torch
 
@@ -317,6 +318,68 @@ class _SinglePassRun:
         return loss, grad_h, grad_w, stats
 
 
+def _bad_log_prob_error(lay, h_act, weight, logp, ent):
+    """The ValueError naming the first active token whose log-prob or entropy is NaN/inf, and why; None if none is."""
+    bad = ~(torch.isfinite(logp) & torch.isfinite(ent))
+    if not bool(bad.any()):
+        return None
+    i = int(bad.nonzero()[0])
+    where = f"row {int(lay.row[i])}, position {int(lay.pos[i])}"
+    bad_vocab = (~torch.isfinite(weight)).any(-1)
+    if not bool(torch.isfinite(h_act[i]).all()):
+        cause = "hidden has NaN/inf there"
+    elif bool(bad_vocab.any()):
+        cause = f"weight has NaN/inf (first in its row {int(bad_vocab.nonzero()[0])}, a vocabulary id)"
+    else:
+        cause = "its logits hidden @ weight.T / temperature overflow"
+    return ValueError(f"{OP}: non-finite log-prob at {where}: {cause}")
+
+
+def _non_finite_loss_error(lay, h_act, weight, t_act, per_token, opts, backend, chunk_size, logp=None, ent=None):
+    """The ValueError for a non-finite loss, naming the input that made it and its row (the completion, or the
+    packed sequence) and position. Only on that error path: it recomputes the log-probs and each row's loss."""
+    if logp is None:
+        with torch.no_grad():
+            logp, ent = grouped_logprob(h_act, weight, t_act, temperature=opts.temperature, return_entropy=True,
+                                        backend=backend, chunk_size=chunk_size, check_targets=False)
+    err = _bad_log_prob_error(lay, h_act, weight, logp, ent)
+    if err is not None:
+        return err
+    old2, ref2, smp2, adv, mask2, isw2 = per_token
+    lp2 = lay.to2d(logp.detach().to(mask2.dtype), active_only=True)
+    rows, total = mask2.shape[0], float(mask2.sum())
+    sl = lambda x, r: None if x is None else x[r:r + 1]  # noqa: E731
+    for r in range(rows):
+        with torch.no_grad():
+            loss_r, _ = reference.grpo_loss(lp2[r:r + 1], sl(old2, r), sl(ref2, r), adv[r:r + 1], mask2[r:r + 1], opts,
+                                            sampler_logp=sl(smp2, r), importance_weights=sl(isw2, r),
+                                            totals=(rows, total))
+        if not bool(torch.isfinite(loss_r)):
+            why = _why_row_is_not_finite(lp2[r], old2, ref2, mask2[r] > 0, r, opts)
+            return ValueError(f"{OP}: non-finite loss at row {r}: {why}")
+    return ValueError(f"{OP}: non-finite loss though every row's log-probs and loss are finite")
+
+
+def _why_row_is_not_finite(lp, old2, ref2, act, r, opts):
+    """Which input makes row r's loss NaN/inf, its log-probs lp being finite: a ratio or a k3 KL past the dtype."""
+    limit = math.log(torch.finfo(lp.dtype).max)
+    pos = act.nonzero().squeeze(-1)
+    if old2 is not None:
+        log_ratio = (lp - old2[r])[pos]
+        if opts.importance_sampling_level == "sequence" and log_ratio.mean() > limit:
+            return (f"the importance ratio exp(logp - old_logp) overflows: the row's mean log-ratio is "
+                    f"{float(log_ratio.mean()):.4g} > {limit:.4g} (old_logp far below the policy's log-probs)")
+        if opts.importance_sampling_level == "token" and log_ratio.max() > limit:
+            return (f"the importance ratio exp(logp - old_logp) overflows at position {int(pos[log_ratio.argmax()])}: "
+                    f"log-ratio {float(log_ratio.max()):.4g} > {limit:.4g} (old_logp far below the policy's log-prob)")
+    if ref2 is not None and opts.beta != 0.0 and opts.kl_estimator == "k3":
+        gap = (ref2[r] - lp)[pos]
+        if gap.max() > limit:
+            return (f"the k3 KL exp(ref_logp - logp) overflows at position {int(pos[gap.argmax()])}: ref_logp - logp "
+                    f"= {float(gap.max()):.4g} > {limit:.4g} (ref_logp far above the policy's log-prob)")
+    return "its log-probs and inputs are finite; the objective itself overflows"
+
+
 def fused_linear_grpo_loss(hidden, weight, targets, mask, advantages, *, old_logp=None, ref_logp=None,
                            sampler_logp=None, importance_weights=None, cu_seqlens=None,
                            options: LossOptions | None = None,
@@ -405,13 +468,22 @@ def _fused_linear_grpo_loss(hidden, weight, targets, mask, advantages, *, old_lo
                                             return_entropy=True, backend=lb, chunk_size=chunk_size,
                                             check_targets=False)
         if not bool(torch.isfinite(logp_act).all() & torch.isfinite(ent_act).all()):
-            raise ValueError(f"{OP}: hidden/weight give non-finite log-probs (NaN/inf in hidden or weight?)")
+            raise _bad_log_prob_error(lay, h_act, weight, logp_act.detach(), ent_act.detach())
         if opts.entropy_coef == 0.0:
             ent_act = ent_act.detach()  # statistic only: keep it out of the backward
-        return grpo_loss(lay.to2d(logp_act, active_only=True), lay.to2d(old_logp), lay.to2d(ref_logp), advantages,
-                         lay.to2d(mask.to(torch.float32)), entropy=lay.to2d(ent_act, active_only=True),
-                         sampler_logp=lay.to2d(sampler_logp), importance_weights=isw2, options=opts,
-                         backend=lb if lb in ("reference", "torch") else None, row_stats=row_stats)
+        mask2 = lay.to2d(mask.to(torch.float32))
+        old2, ref2, smp2 = lay.to2d(old_logp), lay.to2d(ref_logp), lay.to2d(sampler_logp)
+        loss, stats = grpo_loss(lay.to2d(logp_act, active_only=True), old2, ref2, advantages, mask2,
+                                entropy=lay.to2d(ent_act, active_only=True), sampler_logp=smp2,
+                                importance_weights=isw2, options=opts,
+                                backend=lb if lb in ("reference", "torch") else None, row_stats=row_stats)
+        if not bool(torch.isfinite(loss)):  # refused as the single pass refuses it, naming the row
+            clean = lambda x: None if x is None else torch.where(mask2 > 0, x.to(logp_act.dtype), 0.0)  # noqa: E731
+            per_token = (clean(old2), clean(ref2), clean(smp2), advantages.to(logp_act.dtype), mask2.to(logp_act.dtype),
+                         clean(isw2))
+            raise _non_finite_loss_error(lay, h_act, weight, t_act, per_token, opts, lb, chunk_size,
+                                         logp=logp_act.detach(), ent=ent_act.detach())
+        return loss, stats
 
     wide = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     mask2 = lay.to2d(mask.to(wide))
@@ -441,5 +513,5 @@ def _fused_linear_grpo_loss(hidden, weight, targets, mask, advantages, *, old_lo
     stats = run.stats
     finite = torch.isfinite(loss) & torch.isfinite(stats["entropy"]) if "entropy" in stats else torch.isfinite(loss)
     if not bool(finite):  # one host sync
-        raise ValueError(f"{OP}: hidden/weight give non-finite log-probs (NaN/inf in hidden or weight?)")
+        raise _non_finite_loss_error(lay, lay.active(h), w, run.t_act, run.per_token, run.opts, lb, chunk_size)
     return loss, stats

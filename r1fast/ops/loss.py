@@ -20,8 +20,10 @@ def _check_finite(name, t, active, op):
     bad = ~torch.isfinite(t) & active
     if bool(bad.any()):
         where = bad.nonzero()[0].tolist()
-        at = f"row {where[0]}" if t.dim() == 1 else f"[row, position] {where}"
-        raise ValueError(f"{op}: {name} has {int(bad.sum())} NaN/inf value(s) at active tokens (first at {at})")
+        if t.dim() == 1:  # one value per row (the advantages): no token to speak of
+            raise ValueError(f"{op}: {name} has {int(bad.sum())} NaN/inf value(s) (first at row {where[0]})")
+        raise ValueError(f"{op}: {name} has {int(bad.sum())} NaN/inf value(s) at active tokens "
+                         f"(first at [row, position] {where})")
 
 
 def _any_bad_value(logp, old_logp, ref_logp, advantages, mask, sampler_logp, entropy, importance_weights) -> bool:
