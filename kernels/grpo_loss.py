@@ -229,7 +229,9 @@ def _grpo_loss_kernel(logp_ptr, old_ptr, ref_ptr, smp_ptr, ent_ptr, mask_ptr, ad
             g = tl.load(g_logp_ptr + base + offs, mask=ok, other=0.0)
             tl.store(g_logp_ptr + base + offs, tl.where(m > 0, g + extra * m, g), mask=ok)
 
-    tl.store(row_loss_ptr + row, coef * loss_sum)
+    # a NaN mask value (check_values=False) is a NaN input: the row's loss shows it, as the reference's m * L
+    # does, though no lane counts as active there (NaN > 0 is false) and max(NaN, 1) is 1 in Triton
+    tl.store(row_loss_ptr + row, tl.where(cnt == cnt, coef * loss_sum, cnt))
     idx = tl.arange(0, N_STATS)
     vals = tl.where(idx == 0, cnt, 0.0)
     vals = tl.where(idx == 1, s_kl, vals)

@@ -400,6 +400,20 @@ def test_unchecked_nan_advantage_of_a_row_without_active_tokens_shows_as_nan_los
     assert torch.isnan(loss), loss
 
 
+@pytest.mark.parametrize("backend", ["reference", "torch", "triton"])
+@pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "dapo"])
+def test_unchecked_nan_mask_value_shows_as_nan_loss(backend, loss_type):
+    # the kernel skipped a NaN mask lane (NaN > 0 is false) and clamped the row's count with max(NaN, 1) = 1:
+    # token-level grpo gave 0.766, dr_grpo 0.002 and dapo (num_items set) 0.640 where torch gave NaN
+    d = _batch(seed=3)
+    mask = d["mask"].clone()
+    mask[0, 0] = float("nan")
+    f = lambda t: t.float()  # noqa: E731
+    loss, _ = ops.grpo_loss(f(d["logp"]), f(d["old"]), None, f(d["adv"]), mask, backend=backend, check_values=False,
+                            loss_type=loss_type, num_items=5.0 if loss_type == "dapo" else None)
+    assert torch.isnan(loss), loss
+
+
 def _first_token_twice(keys, seed=5):
     """A batch, the same batch with row 0's first token written again at a new last position (mask 1 there, 0
     on the other rows), and the first batch's mask with that token's value 2: the two must weigh the same."""
