@@ -934,7 +934,8 @@ def test_fused_bad_values_name_the_input_and_row(backend, single_pass, kind, opt
         h = _nan_at(h, (1, 2, 0))
     else:
         w = _nan_at(w, (3, 5))
-    with pytest.raises(ValueError, match=match):
+    # the two-pass path's input errors came from the grpo_loss it calls, named 'grpo_loss: ...'
+    with pytest.raises(ValueError, match="^fused_linear_grpo_loss: " + match):
         ops.fused_linear_grpo_loss(h, w, targets, mask, adv, old_logp=old, ref_logp=ref, backend=backend,
                                    single_pass=single_pass, **opts)
 
@@ -1704,8 +1705,8 @@ def test_sequence_level_tis_with_old_logp_keeps_the_single_pass(backend, tis_mod
     _assert_fused_matches(loss, stats, torch.autograd.grad(loss, (h, w)), (e_loss, e_stats, e_gh, e_gw), torch.float32)
     # without old_logp the weight reads the policy's own log-probs of the whole row: two passes
     with pytest.raises(AssertionError, match="two-pass"):
-        ops.fused_linear_grpo_loss(h, w, targets, d["mask"], d["adv"].float(), sampler_logp=d["sampler"].float(),
-                                   backend=backend, chunk_size=4, **opts)
+        ops.fused_linear_grpo_loss(h, w, targets, d["mask"], d["adv"].float(), ref_logp=d["ref"].float(),
+                                   sampler_logp=d["sampler"].float(), backend=backend, chunk_size=4, **opts)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -462,22 +462,25 @@ def _fused_linear_grpo_loss(hidden, weight, targets, mask, advantages, *, old_lo
     chunks = plan_chunks(lay.row_counts_host(), max(chunk, 1), split_rows) if single_pass and lb in ("torch", "triton") \
         else None
 
+    wide = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    mask2 = lay.to2d(mask.to(wide))
+    old2, ref2, smp2 = lay.to2d(old_logp), lay.to2d(ref_logp), lay.to2d(sampler_logp)
+    # checked here for both paths, so that an error names this op (the two-pass grpo_loss then skips the checks)
+    isw2 = _validate_loss_inputs(OP, torch.zeros_like(mask2), old2, ref2, advantages, mask2, smp2, None, opts,
+                                 importance_weights=isw2)
     if chunks is None:  # two pass: grouped_logprob (recomputing backward) then grpo_loss
         h_act = lay.active(hidden.reshape(-1, hidden.shape[-1]))
         logp_act, ent_act = grouped_logprob(h_act, weight, t_act, temperature=opts.temperature,
                                             return_entropy=True, backend=lb, chunk_size=chunk_size,
                                             check_targets=False)
-        if not bool(torch.isfinite(logp_act).all() & torch.isfinite(ent_act).all()):
-            raise _bad_log_prob_error(lay, h_act, weight, logp_act.detach(), ent_act.detach())
         if opts.entropy_coef == 0.0:
             ent_act = ent_act.detach()  # statistic only: keep it out of the backward
-        mask2 = lay.to2d(mask.to(torch.float32))
-        old2, ref2, smp2 = lay.to2d(old_logp), lay.to2d(ref_logp), lay.to2d(sampler_logp)
         loss, stats = grpo_loss(lay.to2d(logp_act, active_only=True), old2, ref2, advantages, mask2,
                                 entropy=lay.to2d(ent_act, active_only=True), sampler_logp=smp2,
-                                importance_weights=isw2, options=opts,
+                                importance_weights=isw2, options=opts, check_values=False,
                                 backend=lb if lb in ("reference", "torch") else None, row_stats=row_stats)
-        if not bool(torch.isfinite(loss)):  # refused as the single pass refuses it, naming the row
+        # refused as the single pass refuses it, naming the cause and the row; one host sync for all three
+        if not bool(torch.isfinite(loss) & torch.isfinite(logp_act).all() & torch.isfinite(ent_act).all()):
             clean = lambda x: None if x is None else torch.where(mask2 > 0, x.to(logp_act.dtype), 0.0)  # noqa: E731
             per_token = (clean(old2), clean(ref2), clean(smp2), advantages.to(logp_act.dtype), mask2.to(logp_act.dtype),
                          clean(isw2))
@@ -485,11 +488,6 @@ def _fused_linear_grpo_loss(hidden, weight, targets, mask, advantages, *, old_lo
                                          logp=logp_act.detach(), ent=ent_act.detach())
         return loss, stats
 
-    wide = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    mask2 = lay.to2d(mask.to(wide))
-    old2, ref2, smp2 = lay.to2d(old_logp), lay.to2d(ref_logp), lay.to2d(sampler_logp)
-    isw2 = _validate_loss_inputs(OP, torch.zeros_like(mask2), old2, ref2, advantages, mask2, smp2, None, opts,
-                                 importance_weights=isw2)
     active2 = mask2 > 0
     clean = lambda x: None if x is None else torch.where(active2, x.to(wide), 0.0)  # noqa: E731
     old_c, smp_c = clean(old2), clean(smp2)
