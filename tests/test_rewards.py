@@ -1115,6 +1115,14 @@ def test_markdown_and_display_math_around_a_whole_answer_are_not_part_of_it(with
         assert _accuracy("**\\frac{1}{2}**", "0.5") == 1.0 and _accuracy("\\[\\frac{1}{2}\\]", "1/2") == 1.0
 
 
+def test_a_math_block_that_is_only_part_of_the_answer_is_not_the_answer(with_math_verify):
+    # math-verify given `\(3\)+1` as it is read its delimited part alone: the answer 4 (and 3-4) scored 1 against 3
+    for written in ("\\(3\\)+1", "\\[3\\]-4", "\\[3\\]4", "\\(3\\) or \\(4\\)", "\\[3\\] \\[4\\]"):
+        assert _accuracy(written, "3") == 0.0, written
+    assert _accuracy("\\(\\frac{1}{2}\\) or 7", "7") == 0.0
+    assert _accuracy("\\(3\\)", "3") == 1.0 and _accuracy("\\[ \\sqrt{9} \\]", "3") == float(with_math_verify)
+
+
 def test_language_reward_leaves_math_notation_out():
     # a LaTeX command's name, a lone variable of another script and a math symbol are no language: a Chinese chain
     # of thought writing \frac{a}{b} and \sqrt{x} scored 0.21 for zh, an English one using π and α-γ 0.2 for en

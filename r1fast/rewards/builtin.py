@@ -172,6 +172,17 @@ def _without_markdown(s: str) -> str:
     return s
 
 
+# One \(…\) or \[…\] around the whole answer (no other delimiter inside): as `$\[5\]$` math-verify read no number.
+# Only a whole one is removed: math-verify reads the first delimited part of a longer answer alone, so `\(3\)+1`
+# and `\[3\]-4` (given to it as they are) scored 1 against the gold 3.
+_MATH_DELIMITED_RE = re.compile(r"\\\(((?:(?!\\[()\[\]]).)*)\\\)|\\\[((?:(?!\\[()\[\]]).)*)\\\]", re.DOTALL)
+
+
+def _without_math_delimiters(s: str) -> str:
+    m = _MATH_DELIMITED_RE.fullmatch(s.strip())
+    return next(g for g in m.groups() if g is not None).strip() if m else s
+
+
 # Unicode math a chat model writes in plain text, as the LaTeX math-verify reads: it found no number in √2, ∞, x²
 # or ½, and the right answer scored 0 against \\sqrt{2}, \\infty, x^2 or 0.5.
 _UNICODE_SYMBOLS = {"∞": "\\infty ", "≤": "\\le ", "≥": "\\ge ", "≠": "\\ne ", "±": "\\pm ", "·": "\\cdot "}
@@ -198,7 +209,7 @@ def answers_match(predicted: str, gold: str) -> bool:
     """Exact text match, then numeric match (1/2 == 0.5, 1,000 == 1000; a float-length decimal equals
     what it approximates to 1e-12), then math-verify when installed. Markdown around a whole answer is
     not part of it (`**5**` is 5)."""
-    predicted, gold = _as_latex(_without_markdown(predicted)), _as_latex(_without_markdown(gold))
+    predicted, gold = (_as_latex(_without_math_delimiters(_without_markdown(x))) for x in (predicted, gold))
     if predicted.strip() == gold.strip() or _same_words(predicted, gold):
         return True
     a, b = _as_number(predicted), _as_number(gold)
@@ -339,7 +350,7 @@ def _mv_parse(parse, s: str):
     `\\$` is money, not a delimiter) is read as `$…$` first. Prose without LaTeX ("24 clips", "x is 5")
     is read as text, where math-verify finds its number: as `$…$` its words became products of
     variables (yes == sey, 24 clips != 24). Other bare text ("x^2+1", "(1, 2)") is read as `$…$`."""
-    if "$" in s.replace("\\$", "") or "\\(" in s or "\\[" in s:   # delimited: as `$\\[5\\]$` it parsed to no number
+    if "$" in s.replace("\\$", ""):
         tries = [s]
     elif "\\" in s:
         tries = [f"${s}$", s]
