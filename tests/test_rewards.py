@@ -1105,6 +1105,16 @@ def test_thousands_separated_by_latex_or_spaces_are_one_number(with_math_verify)
     assert _accuracy("3 5", "35") == 0.0   # a group of three digits only: not a separator
 
 
+def test_a_separated_or_mixed_number_is_its_value_to_math_verify(with_math_verify):
+    # given to math-verify as written, 1 000 was the product 1*000 and 1\u00a0005 was 5: against such a gold any
+    # expression worth 0 (or 5) scored 1, though the plain numbers 0 and 5 did not
+    assert _accuracy("\\sqrt{0}", "1 000") == 0.0 and _accuracy("0\\cdot 1", "1\\,000") == 0.0
+    assert _accuracy("\\sqrt{25}", "1\u00a0005") == 0.0 and _accuracy("1 000", "0\\cdot 5") == 0.0
+    if with_math_verify:
+        assert _accuracy("10^3", "1 000") == 1.0 and _accuracy("\\frac{11}{4}", "2 3/4") == 1.0
+        assert _accuracy("-\\frac{3}{2}", "-1 1/2") == 1.0 and _accuracy("\\frac{2001}{2}", "1\\,000.5") == 1.0
+
+
 def test_markdown_and_display_math_around_a_whole_answer_are_not_part_of_it(with_math_verify):
     # a chat model's **5** or `5`, and \[5\] (as `$\[5\]$` math-verify read no number), scored 0 against 5
     for written in ("**5**", "*5*", "__5__", "`5`", "** 5 **", "\\[5\\]", "\\( 5 \\)", "**\\(5\\)**"):

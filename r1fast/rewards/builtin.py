@@ -224,7 +224,19 @@ def answers_match(predicted: str, gold: str) -> bool:
     except ImportError:
         _warn_without_math_verify(predicted, gold)
         return False
-    return _math_verify_match(predicted, gold)
+    return _math_verify_match(_as_math_verify_number(predicted, a), _as_math_verify_number(gold, b))
+
+
+def _as_math_verify_number(s: str, value: Optional[Fraction]) -> str:
+    """`s` for math-verify: a number read through a separator or as a mixed number (`_as_number`) is given as its
+    value, which math-verify cannot misread: it read `1 000` and `1\\,000` as 1*000 and `1\u00a0005` as 5, so
+    against a gold 1 000 any expression worth 0 scored 1 (a plain number was already compared by value)."""
+    if value is None or not (_GROUP_SEP_RE.search(s) or _MIXED_RE.search(s)):
+        return s
+    sign, value = ("-" if value < 0 else ""), abs(value)
+    if value.denominator == 1:
+        return f"{sign}{value.numerator}"
+    return f"{sign}\\frac{{{value.numerator}}}{{{value.denominator}}}"
 
 
 def vote_key(answer: str):
