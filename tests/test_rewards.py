@@ -1103,6 +1103,9 @@ def test_thousands_separated_by_latex_or_spaces_are_one_number(with_math_verify)
     assert _accuracy("-12\\,345\\,678.5", "-12345678.5") == 1.0
     assert _accuracy("1000", "\\$10,\\!000") == 0.0 and _accuracy("10000", "\\$10,\\!000") == 1.0
     assert _accuracy("3 5", "35") == 0.0   # a group of three digits only: not a separator
+    # a leading 0 is no thousands group: 0,125 and 0{,}125 (a decimal comma, or a list) were read as 125
+    for written, misread in (("0,125", "125"), ("0{,}125", "125"), ("-0,125", "-125")):
+        assert _accuracy(written, misread) == 0.0, written
 
 
 def test_a_separated_or_mixed_number_is_its_value_to_math_verify(with_math_verify):

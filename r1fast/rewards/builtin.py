@@ -76,8 +76,9 @@ def final_part(text: str) -> str:
     return text[:start] if start >= 0 else text
 
 
+# A thousands group never starts a number with 0: 0,125 (a decimal comma, or a list) is not 125.
 _NUMBER_RE = re.compile(
-    r"([+-]?)\s*((?:[0-9]{1,3}(?:,[0-9]{3})+|[0-9]+)(?:\.[0-9]*)?|\.[0-9]+)(?:[eE]([+-]?[0-9]{1,3}))?")
+    r"([+-]?)\s*((?:[1-9][0-9]{0,2}(?:,[0-9]{3})+|[0-9]+)(?:\.[0-9]*)?|\.[0-9]+)(?:[eE]([+-]?[0-9]{1,3}))?")
 _RATIO_RE = re.compile(r"([+-]?)\s*([0-9]+)\s*/\s*([+-]?)\s*([0-9]+)")
 # A mixed number written out (2 3/4: two and three quarters, as recipes and school word problems write it):
 # math-verify, which reads 2\frac{3}{4} as 2.75, found no number in it, and the right answer scored 0.
