@@ -1128,6 +1128,15 @@ def test_markdown_and_display_math_around_a_whole_answer_are_not_part_of_it(with
         assert _accuracy("**\\frac{1}{2}**", "0.5") == 1.0 and _accuracy("\\[\\frac{1}{2}\\]", "1/2") == 1.0
 
 
+def test_a_full_stop_after_a_latex_answer_does_not_leave_its_leading_number_alone(with_math_verify):
+    # `$2\sqrt{3}.$` parsed to nothing and the bare text to its leading 2: 2\sqrt{3}. and 8½. scored 1 against 2 and 8
+    for written, leading in (("2\\sqrt{3}.", "2"), ("2x.", "2"), ("8\\frac{1}{2}.", "8"), ("8\u00bd.", "8"), ("2\\pi.", "2")):
+        assert _accuracy(written, leading) == 0.0, written
+        assert _accuracy(written, written[:-1]) == 1.0 or not with_math_verify, written
+    if with_math_verify:
+        assert _accuracy("\\frac{1}{2}.", "0.5") == 1.0 and _accuracy("The answer is 5.", "5") == 1.0
+
+
 def test_a_math_block_that_is_only_part_of_the_answer_is_not_the_answer(with_math_verify):
     # math-verify given `\(3\)+1` as it is read its delimited part alone: the answer 4 (and 3-4) scored 1 against 3
     for written in ("\\(3\\)+1", "\\[3\\]-4", "\\[3\\]4", "\\(3\\) or \\(4\\)", "\\[3\\] \\[4\\]"):

@@ -357,20 +357,27 @@ def _warn_without_math_verify(predicted: str, gold: str):
 _PROSE_RE = re.compile(r"[A-Za-z]{2,}")
 
 
+def _without_full_stop(s: str) -> str:
+    """`s` without a final full stop (an ellipsis stays)."""
+    s = s.rstrip()
+    return s[:-1] if s.endswith(".") and not s.endswith("..") else s
+
+
 def _mv_parse(parse, s: str):
     """math-verify reads LaTeX between delimiters: bare `\\dfrac{1}{2}` parses to nothing and bare
     `2\\sqrt{3}` to its leading 2 alone (so an answer "2" matched), so LaTeX without `$` (an escaped
     `\\$` is money, not a delimiter) is read as `$…$` first. Prose without LaTeX ("24 clips", "x is 5")
     is read as text, where math-verify finds its number: as `$…$` its words became products of
-    variables (yes == sey, 24 clips != 24). Other bare text ("x^2+1", "(1, 2)") is read as `$…$`."""
+    variables (yes == sey, 24 clips != 24). Other bare text ("x^2+1", "(1, 2)") is read as `$…$`, without
+    a sentence's full stop: `$2\\sqrt{3}.$` parsed to nothing, and the bare text to its leading 2."""
     if "$" in s.replace("\\$", ""):
         tries = [s]
     elif "\\" in s:
-        tries = [f"${s}$", s]
+        tries = [f"${_without_full_stop(s)}$", s]
     elif _PROSE_RE.search(s):
         tries = [s]
     else:
-        tries = [f"${s}$"]
+        tries = [f"${_without_full_stop(s)}$"]
     for t in tries:
         parsed = parse(t, parsing_timeout=None)
         if parsed:
