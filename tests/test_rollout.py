@@ -218,7 +218,8 @@ def test_a_weight_update_drops_the_cached_prompt_blocks_without_a_reset(tmp_path
     assert engine.last_stats["cached_tokens"] == 12   # unchanged weights: the cache serves again
 
 
-@pytest.mark.parametrize("how", ["fused AdamW", "p.data", "one row", "two sign flips", "two rows swapped"])
+@pytest.mark.parametrize("how", ["fused AdamW", "p.data", "one row", "two sign flips", "two rows swapped",
+                                 "two columns swapped"])
 def test_a_weight_change_no_version_counter_records_drops_the_cached_prompt_blocks(models, prompts, how):
     """A fused optimizer (AdamW(fused=True)) and writes through p.data bump no version counter: generate()
     reused the prompt KV the old weights made (other tokens, log-probs off by nats) until a manual reset."""
@@ -247,9 +248,12 @@ def test_a_weight_change_no_version_counter_records_drops_the_cached_prompt_bloc
     elif how == "two sign flips":  # each flip moves the bit sum by 2^31, so two left it unchanged modulo 2^32
         row = model.embed_tokens.weight.data[prompts[4][0]]
         row[[int(row.argmax()), int(row.argmin())]] *= -1
-    else:  # the prompt's first token's embedding row traded with another's: sums that see no order missed it
+    elif how == "two rows swapped":  # the prompt's first token's embedding row traded with another's
         table, a, b = model.embed_tokens.weight.data, prompts[4][0], (prompts[4][0] + 1) % CFG["vocab_size"]
         table[[a, b]] = table[[b, a]]
+    else:  # two hidden features of the embedding traded: every row's sum stays, row sums alone missed it
+        table = model.embed_tokens.weight.data
+        table[:, [0, 1]] = table[:, [1, 0]]
     assert [p._version for p in model.parameters()] == versions  # no counter saw it
     after = engine.generate([prompts[4]], params)
     assert engine.last_stats["cached_tokens"] == 0
@@ -276,11 +280,45 @@ def test_weight_bit_sums_are_exact_in_one_piece_and_chunk_by_chunk(monkeypatch, 
 
         by_row = bits.reshape(-1, shape[-1]) if len(shape) > 1 else bits.reshape(1, -1)
         want_rows = [wrapped(int(r)) for r in by_row.long().sum(-1)]
+        want_columns = [wrapped(int(c)) for c in by_row.long().sum(0)]
         want_negative = wrapped(int(bits.long().clamp(max=0).sum()))
         for chunk in (1 << 22, 16):  # one piece; chunks of 16 (a last partial one)
             monkeypatch.setattr(engine_module, "_SIGN_CHUNK", chunk)
-            rows, negative = engine_module._bit_sums(p)
-            assert rows.tolist() == want_rows and negative.item() == want_negative, (shape, chunk)
+            rows, columns, negative = engine_module._bit_sums(p)
+            assert rows.tolist() == want_rows and columns.tolist() == want_columns, (shape, chunk)
+            assert negative.item() == want_negative, (shape, chunk)
+
+
+def _signature_without_versions(model):
+    from types import SimpleNamespace
+
+    per_param, placed = Engine._weights_signature(SimpleNamespace(model=model))
+    return [(ptr, negative) for ptr, _, negative in per_param], placed
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("how", ["1.0 to inf in row 3", "two bias entries swapped", "square weight transposed",
+                                 "a row rolled"])
+def test_the_weight_signature_sees_changes_that_keep_sums(dtype, how):
+    # Places weighted g + 1 lost an fp64 change of 2^62 (1.0 -> inf) in row 3 (2^62 * 4 = 0 modulo 2^64); sums
+    # by row alone lost elements moved within a row (a bias's entries swapped, a row rolled), and one placed sum
+    # of rows and columns together lost a square weight transposed (its row and column sums traded places).
+    g = torch.Generator().manual_seed(4)
+    model = torch.nn.Linear(8, 8).to(dtype)
+    with torch.no_grad():
+        model.weight.copy_(torch.randn(8, 8, generator=g) if how != "1.0 to inf in row 3" else torch.ones(8, 8))
+    before = _signature_without_versions(model)
+    assert _signature_without_versions(model) == before
+    w, b = model.weight.data, model.bias.data
+    if how == "1.0 to inf in row 3":
+        w[3, 0] = math.inf
+    elif how == "two bias entries swapped":
+        b[[2, 5]] = b[[5, 2]]
+    elif how == "square weight transposed":
+        w.copy_(w.t().clone())
+    else:
+        w[6] = w[6].roll(1)
+    assert _signature_without_versions(model) != before
 
 
 def test_a_model_cast_after_the_engine_was_built_is_a_clear_error(models, prompts):

@@ -56,30 +56,39 @@ def _version(p: torch.Tensor) -> int | None:
 _SIGN_CHUNK = 1 << 22
 
 
-def _bit_sums(p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(each row's sum of p's bits read as integers of their width, the sum of the negative ones as int64), each
-    modulo 2^bits (exact: a change of any one element shows in its row's sum; no widened copy, which for a bf16
-    embedding on the GPU was a 4x larger temporary). A row is p's last dimension; a 1-D parameter is one row.
-    Engine._weights_signature weights the row sums by their place, so that rows swapped through p.data (sums
-    that do not see order) show too. A sign flip moves a sum by 2^(bits-1), its own negative modulo 2^bits, so
-    an even number of flips in one row (p.data.neg_() on an even count) left its sum unchanged; it moves the
-    negative sum by the element's magnitude, into or out of the negatives, so flips cancel there only where the
-    magnitudes turned negative sum to those turned positive. None where a tensor subclass (an FP8 library's
-    weight) has no such view: its version counter alone speaks for it."""
+def _bit_sums(p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """(each row's sum of p's bits read as integers of their width, each column's, the sum of the negative
+    ones as int64), each modulo 2^bits (exact: a change of any one element shows in its row's
+    sum; no widened copy, which for a bf16 embedding on the GPU was a 4x larger temporary). A row is p's last
+    dimension, a column the same place in every row; a 1-D parameter is one row, so its columns are its
+    elements. Engine._weights_signature weights the line sums by their place, so that elements moved through
+    p.data show too: rows swapped by the row sums, elements swapped within a row (two columns of a weight, two
+    entries of a bias, a row rolled) by the column sums. A sign flip moves a sum by 2^(bits-1), its own
+    negative modulo 2^bits, so an even number of flips in one row and in one column left their sums unchanged;
+    it moves the negative sum by the element's magnitude, into or out of the negatives, so flips cancel there
+    only where the magnitudes turned negative sum to those turned positive. None where a tensor subclass (an
+    FP8 library's weight) has no such view: its version counter alone speaks for it."""
     try:
         bits = p.detach().view(_INT_OF_SIZE[p.element_size()])
-        rows = (bits.flatten(0, -2) if bits.dim() > 1 else bits.reshape(1, -1)).sum(-1, dtype=bits.dtype)
+        table = bits.flatten(0, -2) if bits.dim() > 1 else bits.reshape(1, -1)
+        rows, columns = table.sum(-1, dtype=bits.dtype), table.sum(0, dtype=bits.dtype)
         if bits.numel() <= _SIGN_CHUNK:  # one clamp: the loop's four extra ops per parameter cost 4x the sums
-            return rows, bits.clamp(max=0).sum(dtype=bits.dtype).long()
+            return rows, columns, bits.clamp(max=0).sum(dtype=bits.dtype).long()
         flat = bits.reshape(-1)
         negative = torch.zeros((), dtype=bits.dtype, device=bits.device)
         scratch = torch.empty(_SIGN_CHUNK, dtype=bits.dtype, device=bits.device)
         for chunk in flat.split(_SIGN_CHUNK):  # one scratch buffer: a fresh one per chunk page-faulted on the CPU
             part = torch.clamp(chunk, max=0, out=scratch[: chunk.numel()])
             negative += part.sum(dtype=bits.dtype)
-        return rows, negative.long()
+        return rows, columns, negative.long()
     except (RuntimeError, TypeError, KeyError, NotImplementedError):
         return None
+
+
+def _placed_sum(line_sums: torch.Tensor) -> torch.Tensor:
+    """The sum over g of line_sums[g] * (2g + 1), int64 wrapping (why odd factors: Engine._weights_signature)."""
+    line_sums = line_sums.long()
+    return line_sums.mul_(torch.arange(1, 2 * line_sums.numel() + 1, 2, device=line_sums.device)).sum()
 
 
 def _positive_int(name, value) -> int:
@@ -225,12 +234,13 @@ class Engine:
         self.block_manager.reset_prefix_cache()
 
     def _weights_signature(self):
-        """(per parameter (storage, in-place version, sum of its negative bits), the parameters' row sums of
-        bits weighted by their place): it changes whenever a weight does, so a cached prompt block's KV is never
-        reused on other weights. The version counter alone missed writes through `p.data` and fused optimizers
-        (torch.optim.AdamW(fused=True) bumps no version), and parameters made under torch.inference_mode count
-        none; the bit sums (exact integer arithmetic: any one element's change, sign flips and swapped rows
-        show) catch those, for a few passes over the weights per call (each decode step reads them once)."""
+        """(per parameter (storage, in-place version, sum of its negative bits), the parameters' row and column
+        sums of bits weighted by their place): it changes whenever a weight does, so a cached prompt block's KV is
+        never reused on other weights. The version counter alone missed writes through `p.data` and fused
+        optimizers (torch.optim.AdamW(fused=True) bumps no version), and parameters made under
+        torch.inference_mode count none; the bit sums (exact integer arithmetic: any one element's change, sign
+        flips, swapped rows and elements swapped within a row show) catch those, for a few passes over the
+        weights per call (each decode step reads them once)."""
         params = list(self.model.parameters())
         if not params:
             return (), None
@@ -239,13 +249,14 @@ class Engine:
             known = [s for s in sums if s is not None]
             placed = None
             if known:
-                # row g's sum times g + 1 (int64, wrapping): a changed row sum d moves it by d * (g + 1), never 0
-                # modulo 2^64 for weights of up to 4 bytes (|d| < 2^32, fewer than 2^31 rows), and two rows with
-                # sums a and b swapped move it by (a - b) * (their distance)
-                rows = torch.cat([r for r, _ in known]).long()
-                rows.mul_(torch.arange(1, rows.numel() + 1, device=rows.device))
-                values = torch.cat([rows.sum().reshape(1), torch.stack([n for _, n in known])]).tolist()  # one sync
-                placed, negatives = values[0], iter(values[1:])
+                # rows and columns apart, line g's sum times 2g + 1 (int64, wrapping): a changed line sum d moves
+                # it by d * (2g + 1), never 0 modulo 2^64 (an odd factor has an inverse there; g + 1 lost an fp64
+                # change of 2^62 at g = 3: 1.0 -> inf), and two lines with sums a and b swapped move it by
+                # 2 (a - b) * (their distance), never 0 for weights of up to 4 bytes (|a - b| < 2^32) and fewer
+                # than 2^31 lines. One sum of rows and columns together missed a transposed square weight.
+                placed = [_placed_sum(torch.cat([s[i] for s in known])) for i in (0, 1)]
+                values = torch.cat([torch.stack(placed), torch.stack([s[2] for s in known])]).tolist()  # one sync
+                placed, negatives = tuple(values[:2]), iter(values[2:])
             sums = [None if s is None else next(negatives) for s in sums]
         return tuple((p.data_ptr(), _version(p), s) for p, s in zip(params, sums)), placed
 
