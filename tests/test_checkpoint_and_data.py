@@ -314,6 +314,23 @@ def test_a_symlinked_checkpoint_replaced_by_a_save_killed_between_its_renames_is
     assert json.loads((disk2 / "checkpoint-3" / ckpt.STATE_FILE).read_text())["saved"] == "first"
 
 
+def test_a_symlinked_checkpoint_an_earlier_r1fast_set_aside_visibly_is_put_back_not_deleted(tmp_path):
+    # before its hidden name, a save through the link set the replaced checkpoint aside as <target>.old-<pid>: still
+    # put back where the link dangles; where the target is there, such a name is left alone (it may be the user's)
+    model = _model(build_char_tokenizer())
+    run, disk2 = tmp_path / "run", tmp_path / "disk2"
+    ckpt.save_checkpoint(str(disk2), 3, model=model)
+    run.mkdir()
+    os.symlink(disk2 / "checkpoint-3", run / "checkpoint-3")
+    os.rename(disk2 / "checkpoint-3", disk2 / "checkpoint-3.old-77")   # killed between its renames: the link dangles
+    ckpt.remove_save_leftovers(str(run))
+    assert sorted(os.listdir(disk2)) == ["checkpoint-3"]
+    assert ckpt.latest_checkpoint(str(run)) == str(run / "checkpoint-3")
+    shutil.copytree(disk2 / "checkpoint-3", disk2 / "checkpoint-3.old-78")
+    ckpt.remove_save_leftovers(str(run))
+    assert sorted(os.listdir(disk2)) == ["checkpoint-3", "checkpoint-3.old-78"]
+
+
 def test_failed_write_leaves_no_checkpoint(tmp_path, monkeypatch):
     tok = build_char_tokenizer()
     model = _model(tok)
@@ -914,7 +931,8 @@ def test_grpo_resume_checks_its_own_state_and_removes_a_killed_saves_folders(tmp
 def test_a_killed_save_through_a_symlinked_checkpoint_leaves_nothing_beside_its_target(tmp_path):
     # the save's temporary folders sat beside the link's target, out of the run folder, named as any run's save
     # of that step (".tmp-checkpoint-3-*"): remove_save_leftovers never looked there, nor could it tell them from
-    # another run's. They are named after the target now, and deleted with its replaced copy (<target>.old-<pid>)
+    # another run's. They are named after the target now, and deleted with its replaced copy (.<target>.old-<pid>);
+    # a visible <target>.old-<digits> there is the user's copy (a dated one), which was deleted as the replaced one
     model = _model(build_char_tokenizer())
     run, disk2 = tmp_path / "run", tmp_path / "disk2"
     ckpt.save_checkpoint(str(disk2), 3, model=model)
@@ -922,10 +940,11 @@ def test_a_killed_save_through_a_symlinked_checkpoint_leaves_nothing_beside_its_
     os.symlink(disk2 / "checkpoint-3", run / "checkpoint-3")
     _killed_save(run)
     (disk2 / ".tmp-checkpoint-3-another").mkdir()   # a save of another run whose checkpoint lives in disk2 too
-    shutil.copytree(disk2 / "checkpoint-3", disk2 / "checkpoint-3.old-123")   # a save killed as it deleted it
-    assert len(os.listdir(disk2)) == 5, os.listdir(disk2)
+    shutil.copytree(disk2 / "checkpoint-3", disk2 / ".checkpoint-3.old-123")   # a save killed as it deleted it
+    shutil.copytree(disk2 / "checkpoint-3", disk2 / "checkpoint-3.old-20261129")   # the user's copy
+    assert len(os.listdir(disk2)) == 6, os.listdir(disk2)
     ckpt.remove_save_leftovers(str(run))
-    assert sorted(os.listdir(disk2)) == [".tmp-checkpoint-3-another", "checkpoint-3"]
+    assert sorted(os.listdir(disk2)) == [".tmp-checkpoint-3-another", "checkpoint-3", "checkpoint-3.old-20261129"]
     assert ckpt.latest_checkpoint(str(run)) == str(run / "checkpoint-3") and os.listdir(run) == ["checkpoint-3"]
 
 

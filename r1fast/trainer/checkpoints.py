@@ -399,12 +399,15 @@ def _clear_beside_linked(link: str):
     """A checkpoint-N that is a symlink (moved to another disk) is saved where it leads (write_target), and a save
     killed there leaves its leftovers beside the target, where the scan of run_dir above never looks: the temporary
     folders (save_checkpoint's ".<target>.tmp-*" and save_pretrained's "..<target>.tmp-*" in it), deleted; and
-    the replaced checkpoint as <target>.old-<pid>, deleted where the new one is in, else (killed between the two
-    renames, the link dangling: no checkpoint-N to resume) put back. Only names made from the target's own."""
+    the replaced checkpoint as .<target>.old-<pid>, deleted where the new one is in, else (killed between the two
+    renames, the link dangling: no checkpoint-N to resume) put back. Only hidden names made from the target's own:
+    out of the run folder, a visible <target>.old-<digits> is the user's (a dated copy), never deleted here; it is
+    put back only where the link dangles, as the name an r1fast before the hidden one set the replaced one aside."""
     target = os.path.realpath(link)
     folder, name = os.path.split(target)
     temp = re.compile(rf"^\.\.?{re.escape(name)}\.tmp-")
-    old = re.compile(rf"^{re.escape(name)}\.old-\d+$")
+    old = re.compile(rf"^\.{re.escape(name)}\.old-\d+$")
+    earlier_old = re.compile(rf"^{re.escape(name)}\.old-\d+$")
     try:
         entries = sorted(os.listdir(folder))
     except OSError:
@@ -415,7 +418,8 @@ def _clear_beside_linked(link: str):
             remove_folder(path)
         elif old.match(entry) and os.path.exists(target):
             remove_folder(path)
-        elif old.match(entry) and os.path.isfile(os.path.join(path, STATE_FILE)):
+        elif (old.match(entry) or earlier_old.match(entry)) and not os.path.exists(target) \
+                and os.path.isfile(os.path.join(path, STATE_FILE)):   # sorted: a hidden one first
             with contextlib.suppress(OSError):
                 os.rename(path, target)
 
@@ -645,7 +649,10 @@ def save_checkpoint(run_dir: str, step: int, *, model, optimizer=None, scheduler
         # power loss or kernel crash, an optimizer.safetensors still in the page cache could read back empty
         _fsync_folder(tmp)
         if os.path.exists(final):
-            old = final + f".old-{os.getpid()}"
+            # beside a link's target, a hidden name: "<target>.old-<digits>" there may be the user's own copy
+            # (checkpoint-3.old-20261129), which remove_save_leftovers deleted as this run's replaced checkpoint
+            old = final + f".old-{os.getpid()}" if final == named else \
+                os.path.join(os.path.dirname(final), f".{os.path.basename(final)}.old-{os.getpid()}")
             os.rename(final, old)
             os.rename(tmp, final)
             remove_folder(old)
