@@ -44,8 +44,10 @@ def _import():
         return None, ("r1fast._C carries no digest of the sources it was built from, so it cannot be told current "
                       "against csrc/: build it with `pip install -e .` or CMakeLists.txt (cmake --build)")
     if want is not None and got != want:
+        # the CMake loop's last step is a copy (README): a build folder's new _C not copied yet reads as this
         return None, ("r1fast._C is out of date: it was built from other sources than csrc/ and CMakeLists.txt "
-                      "hold now; rebuild it with `pip install -e .`")
+                      "hold now; rebuild it with `pip install -e .`, or with `cmake --build <build folder>` and "
+                      "copy its _C*.so into r1fast/")
     return _C, ""
 
 

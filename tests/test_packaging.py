@@ -136,7 +136,9 @@ def test_a_stale_extension_is_named_not_used(fresh_ext, monkeypatch):
         pytest.skip("r1fast._C not built")
     monkeypatch.setattr(_ext, "sources_digest", lambda root: "0" * 16)
     assert _ext.load() is None and not _ext.build_info()["built"]
-    with pytest.raises(RuntimeError, match="out of date.*pip install -e ."):
+    # and the CMake loop's way (README), whose copy of the built _C into r1fast/ is a step one may forget
+    with pytest.raises(RuntimeError, match=r"out of date.*pip install -e \.`, or with `cmake --build <build folder>` "
+                                           r"and copy its _C\*\.so into r1fast/"):
         _ext.require()
     from r1fast import info
 
