@@ -1158,6 +1158,22 @@ def test_language_reward_leaves_math_notation_out():
     assert en(None, ["<think>ab \u03b1\u03b2</think>", "<think>\\frac{1}{2}</think>"]) == [pytest.approx(0.5), None]
 
 
+def test_language_reward_counts_english_disguised_as_math_notation():
+    # every LaTeX command name, math letter and lone Latin letter was left out: a policy writing English as
+    # `\the \quick \brown \fox`, in math bold or spelled out letter by letter scored 1.0 for zh
+    zh = make_language_reward("zh")
+    disguised = ["中 \\the \\quick \\brown \\fox", "中 𝐭𝐡𝐞 𝐪𝐮𝐢𝐜𝐤 𝐛𝐫𝐨𝐰𝐧 𝐟𝐨𝐱", "中 \\text{the quick brown fox}",
+                 "中 I a m h e r e", "中 \\I \\a \\m \\h \\e \\r \\e", "中 $I a m h e r e$", "中文 I a m h e r e"]
+    # (a lone letter beside a Chinese one or a `$` may be a variable: 设 x 为, $x$)
+    assert zh(None, [f"<think>{t}</think>" for t in disguised]) == [
+        pytest.approx(v) for v in (1 / 17, 1 / 17, 1 / 17, 1 / 7, 1 / 8, 1 / 6, 2 / 8)]
+    # real math still is no language: listed commands and environments, a variable beside math or Chinese
+    math = ["设 x 为正数，且 x^2 = 4", "由 \\begin{cases} x+y=1 \\\\ x-y=3 \\end{cases} 得 x=2",
+            "所以 $f(x) = \\sin x + \\cos 2x$", "因为 \\angle A = 30^\\circ，所以 \\boxed{5}", "设 x \\in \\mathbb{R}",
+            "基数ℵ_0 与 ℓ=5", "温度25℃"]
+    assert zh(None, [f"<think>{t}</think>" for t in math]) == [1.0] * len(math)
+
+
 def test_reward_set_takes_exact_numbers_as_trl_does():
     # an exact math reward's Fraction or Decimal (TRL's torch.tensor takes them) was refused as "not a finite number"
     import decimal

@@ -487,30 +487,64 @@ def _in_script(ch: str, prefixes: tuple[str, ...]) -> bool:
     return unicodedata.name(ch, "").startswith(prefixes)
 
 
-# Math is no language: a LaTeX command's name (\\frac, \\sqrt), a letterlike or mathematical alphanumeric symbol
-# (ℝ, ℓ, 𝑥), and a lone Latin or Greek letter outside the target script (the x of 计算x的值, an English proof's π):
-# a Chinese chain of thought writing \\frac{a}{b} and \\sqrt{x} scored 0.21 for zh, and "π r² = 3.14, α β γ"
-# 0.2 for en.
-_LATEX_COMMAND_RE = re.compile(r"\\[A-Za-z]+")
-_VARIABLE_SCRIPTS = ("LATIN", "GREEK")
+# Math is no language, but English written in its disguises is English (a GRPO policy finds them: `\the \quick
+# \brown \fox` or `I a m h e r e` in a Chinese chain of thought scored 1.0 when every LaTeX command and lone letter
+# was left out). So only the names of a fixed list of math commands and environments are no evidence (`\text{…}`'s
+# name, not its prose), and letterlike and math alphanumeric symbols (ℝ, ℓ, 𝐭𝐡𝐞) are read as the letters they are
+# styled from, a lone one a variable only in math (_is_variable).
+_LATEX_MATH_NAMES = """
+    frac dfrac tfrac sqrt binom cdot times div pm mp le leq ge geq ne neq approx equiv sim cong propto in notin
+    subset subseteq cup cap setminus emptyset varnothing to rightarrow Rightarrow leftarrow Leftrightarrow implies iff
+    forall exists therefore because mid perp parallel angle triangle circ infty partial nabla sum prod int lim log ln
+    exp sin cos tan cot sec csc arcsin arccos arctan max min gcd det mod bmod pmod left right langle rangle lfloor
+    rfloor lceil rceil ldots cdots dots quad qquad displaystyle text mathrm mathbf mathbb mathcal operatorname boxed
+    overline underline hat bar vec tilde alpha beta gamma delta epsilon varepsilon zeta eta theta vartheta iota kappa
+    lambda mu nu xi pi rho sigma tau upsilon phi varphi chi psi omega Gamma Delta Theta Lambda Xi Pi Sigma Upsilon Phi
+    Psi Omega
+""".split()
+_MATH_ENVIRONMENTS = "cases aligned align array matrix pmatrix bmatrix vmatrix equation gathered split".split()
+_LATEX_MATH_RE = re.compile(r"\\(?:begin|end)\{(?:%s)\*?\}|\\(?:%s)(?![A-Za-z])"
+                            % ("|".join(_MATH_ENVIRONMENTS), "|".join(_LATEX_MATH_NAMES)))
+_NOTATION = "\u2218"   # what a math command is replaced with: a math mark to the letters beside it
+# ℝ, 𝐭 as R, t; not the symbols (℃, ™ are no letters, "°C", "TM" would be), and ℵ-ℸ (read as Hebrew) are math marks
+_MATH_LETTERS_AS_PLAIN = {cp: _NOTATION if 0x2135 <= cp <= 0x2138 else unicodedata.normalize("NFKC", chr(cp))
+                          for cp in itertools.chain(range(0x2100, 0x2150), range(0x1D400, 0x1D800))
+                          if chr(cp).isalpha()}
 
 
-def _is_math_symbol(ch: str) -> bool:
-    return 0x2100 <= ord(ch) <= 0x214F or 0x1D400 <= ord(ch) <= 0x1D7FF
+def _is_math_mark(ch: str) -> bool:
+    return ch in "-*/^_$" or unicodedata.category(ch) in ("Sm", "Nd", "No", "Ps", "Pe")
+
+
+def _is_variable(text: str, i: int, scripts: tuple[str, ...]) -> bool:
+    """Whether the lone letter text[i], outside the target `scripts`, is a variable rather than part of a word. A
+    Greek one is (no other language is written in it: α β γ, π); a Latin one when the nearest character on either side,
+    spaces skipped, is math (a digit, an operator, a bracket, $, a math command) or a letter of the target script
+    (计算x的值, 设 x 为正数). Between letters of its own script (I a m h e r e) it spells a word out."""
+    if _in_script(text[i], ("GREEK",)):
+        return True
+    if not _in_script(text[i], ("LATIN",)):
+        return False
+    before, after = i - 1, i + 1
+    while before >= 0 and text[before].isspace():
+        before -= 1
+    while after < len(text) and text[after].isspace():
+        after += 1
+    neighbours = [text[j] for j in (before, after) if 0 <= j < len(text)]
+    return any(_is_math_mark(ch) or (ch.isalpha() and _in_script(ch, scripts)) for ch in neighbours)
 
 
 def _language_evidence(body: str, scripts: tuple[str, ...]) -> list[bool]:
     """For each letter of `body` that tells its language, whether it is in the target `scripts`."""
-    evidence = []
-    text = _LATEX_COMMAND_RE.sub(" ", body)
-    runs = (run for is_letter, run in itertools.groupby(text, key=lambda ch: ch.isalpha() and not _is_math_symbol(ch))
-            if is_letter)
-    for run in runs:
-        for in_target, part in itertools.groupby(run, key=lambda ch: _in_script(ch, scripts)):
-            part = list(part)
-            if not in_target and len(part) == 1 and _in_script(part[0], _VARIABLE_SCRIPTS):
-                continue   # a variable
-            evidence.extend([in_target] * len(part))
+    text = _LATEX_MATH_RE.sub(_NOTATION, body.translate(_MATH_LETTERS_AS_PLAIN))
+    evidence: list[bool] = []
+    start = 0
+    for in_target, part in itertools.groupby(text, key=lambda ch: _in_script(ch, scripts) if ch.isalpha() else None):
+        n = len(list(part))
+        a_variable = in_target is False and n == 1 and _is_variable(text, start, scripts)
+        if in_target is not None and not a_variable:
+            evidence.extend([in_target] * n)
+        start += n
     return evidence
 
 
