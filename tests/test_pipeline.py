@@ -1,5 +1,6 @@
 """Multi-stage pipelines and the CLI on a tiny budget: stages chain, '@stage' data flows, a student
 can start fresh, resume skips finished stages, and the commands report bad input clearly."""
+import copy
 import json
 import os
 import shutil
@@ -408,6 +409,22 @@ def test_a_sample_stages_output_file_that_an_earlier_stage_reads_is_refused(tmp_
     spec["stages"][0]["dataset"] = "builtin:arithmetic"
     with pytest.raises(ValueError, match=r"output_file '.*cold.jsonl' is the pipeline's eval_dataset"):
         load_pipeline({**spec, "eval_dataset": str(data)})
+
+
+def test_a_later_sample_round_may_write_again_the_file_an_earlier_round_wrote(tmp_path, monkeypatch):
+    # the file an earlier sample stage writes (read back by path by the SFT stage after it) is the pipeline's own:
+    # refused as 'the dataset of stage ...' once it existed, the pipeline loaded on its first run, not on --resume
+    monkeypatch.chdir(tmp_path)
+    spec = tiny_pipeline(tmp_path)
+    spec["stages"][2]["config"]["output_file"] = "s.jsonl"
+    spec["stages"][3]["dataset"] = "s.jsonl"
+    spec["stages"].append({**copy.deepcopy(spec["stages"][2]), "name": "rs2"})
+    load_pipeline(copy.deepcopy(spec))
+    (tmp_path / "s.jsonl").write_text('{"prompt": "1+1=", "completion": "2"}\n')   # the first round's samples
+    load_pipeline(copy.deepcopy(spec))
+    spec["stages"][-1]["dataset"] = str(tmp_path / "s.jsonl")   # its own prompts it still may not replace
+    with pytest.raises(ValueError, match=r"stage 'rs2': output_file 's.jsonl' is the dataset of stage 'rs2'"):
+        load_pipeline(spec)
 
 
 def test_cli_reports_a_failing_reward_function_without_a_traceback(tmp_path, monkeypatch):

@@ -261,13 +261,19 @@ def _check_stages(p: Pipeline, where: str):
                 raise ConfigError(f"{at}: eval_dataset is used at eval_steps, which is 0; set eval_steps (the "
                                   f"pipeline's own eval_dataset is evaluated after every training stage)")
             _check_dataset(cfg.eval_dataset, f"{at}: eval_dataset", written)
+        if s.type == "sample" and cfg.output_file:
+            # an earlier stage's data file (its cold-start SFT rows) was replaced by the samples without a word;
+            # an earlier sample stage's file is the pipeline's own, which a later round may write again (refused
+            # only once it existed, a pipeline that loaded on its first run was refused on its --resume)
+            made = {os.path.realpath(f) for f in written}
+            users = [(spec, what) for spec, what in read
+                     if not (isinstance(spec, str) and os.path.realpath(spec) in made)]
+            check_output_file(cfg.output_file, f"{at}: output_file",
+                              read=users + [(s.dataset, f"the dataset of stage {s.name!r}")])
+            written.add(os.path.abspath(cfg.output_file))
         read.append((s.dataset, f"the dataset of stage {s.name!r}"))
         if s.type == "grpo":
             read.append((cfg.eval_dataset, f"the eval_dataset of stage {s.name!r}"))
-        if s.type == "sample" and cfg.output_file:
-            # an earlier stage's data file (its cold-start SFT rows) was replaced by the samples without a word
-            check_output_file(cfg.output_file, f"{at}: output_file", read=read)
-            written.add(os.path.abspath(cfg.output_file))
         if s.type == "sample":
             samplers[s.name] = cfg
         earlier[s.name] = s.type
