@@ -907,9 +907,12 @@ FUSED_BAD_VALUES = [
     ("adv-nan", dict(), r"advantages has 1 NaN/inf value\(s\) \(first at row 1\)$"),
     # the rest blamed "hidden/weight give non-finite log-probs (NaN/inf in hidden or weight?)", whatever made them
     ("old-400", dict(), r"non-finite loss at row 2: the importance ratio exp\(logp - old_logp\) overflows at "
-                        r"position 1: log-ratio 39\d\.\d > 88.72"),
+                        r"position 1: log-ratio 39\d\.\d > 88.72 \(old_logp far below the policy's log-prob: "
+                        r"old_logp -400, the policy's log-prob -\d\.\d+\)$"),
     ("old-400", dict(importance_sampling_level="sequence"), r"non-finite loss at row 2: .* the row's mean log-ratio"),
-    ("ref+300", dict(beta=0.04), r"non-finite loss at row 0: the k3 KL exp\(ref_logp - logp\) overflows at position 2"),
+    # the two log-probs are shown: a policy's log-prob of -1e38 (huge yet finite logits) is the culprit there
+    ("ref+300", dict(beta=0.04), r"non-finite loss at row 0: the k3 KL exp\(ref_logp - logp\) overflows at position 2: "
+                                 r".*: ref_logp 300, the policy's log-prob -\d\.\d+\)$"),
     ("hidden-nan", dict(), r"non-finite log-prob at row 1, position 2: hidden has NaN/inf there"),
     ("weight-nan", dict(), r"non-finite log-prob at row 0, position 0: weight has NaN/inf \(first in its row 3"),
 ]

@@ -360,6 +360,12 @@ def _non_finite_loss_error(lay, h_act, weight, t_act, per_token, opts, backend, 
     return ValueError(f"{OP}: non-finite loss though every row's log-probs and loss are finite")
 
 
+def _pair(name, given, logp):
+    """The two log-probs a ratio compares: a policy's log-prob of -1e38 (finite logits as large as hidden @ weight.T
+    can make them) is the culprit there, not the old or reference log-prob beside it."""
+    return f"{name} {float(given):.4g}, the policy's log-prob {float(logp):.4g}"
+
+
 def _why_row_is_not_finite(lp, old2, ref2, act, r, opts):
     """Which input makes row r's loss NaN/inf, its log-probs lp being finite: a ratio or a k3 KL past the dtype."""
     limit = math.log(torch.finfo(lp.dtype).max)
@@ -370,13 +376,17 @@ def _why_row_is_not_finite(lp, old2, ref2, act, r, opts):
             return (f"the importance ratio exp(logp - old_logp) overflows: the row's mean log-ratio is "
                     f"{float(log_ratio.mean()):.4g} > {limit:.4g} (old_logp far below the policy's log-probs)")
         if opts.importance_sampling_level == "token" and log_ratio.max() > limit:
-            return (f"the importance ratio exp(logp - old_logp) overflows at position {int(pos[log_ratio.argmax()])}: "
-                    f"log-ratio {float(log_ratio.max()):.4g} > {limit:.4g} (old_logp far below the policy's log-prob)")
+            p = int(pos[log_ratio.argmax()])
+            return (f"the importance ratio exp(logp - old_logp) overflows at position {p}: log-ratio "
+                    f"{float(log_ratio.max()):.4g} > {limit:.4g} (old_logp far below the policy's log-prob: "
+                    f"{_pair('old_logp', old2[r, p], lp[p])})")
     if ref2 is not None and opts.beta != 0.0 and opts.kl_estimator == "k3":
         gap = (ref2[r] - lp)[pos]
         if gap.max() > limit:
-            return (f"the k3 KL exp(ref_logp - logp) overflows at position {int(pos[gap.argmax()])}: ref_logp - logp "
-                    f"= {float(gap.max()):.4g} > {limit:.4g} (ref_logp far above the policy's log-prob)")
+            p = int(pos[gap.argmax()])
+            return (f"the k3 KL exp(ref_logp - logp) overflows at position {p}: ref_logp - logp = "
+                    f"{float(gap.max()):.4g} > {limit:.4g} (ref_logp far above the policy's log-prob: "
+                    f"{_pair('ref_logp', ref2[r, p], lp[p])})")
     return "its log-probs and inputs are finite; the objective itself overflows"
 
 
