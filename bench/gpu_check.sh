@@ -77,6 +77,18 @@ def version(name):
 print("build tools:", ", ".join(f"{n} {version(n)}" for n in ("setuptools", "pybind11", "cmake", "ninja", "torch", "triton")))
 PY
 pip_e() { timeout -k 10 100 python3 -m pip install --no-index --disable-pip-version-check --no-build-isolation --no-deps -e . ; }
+# The editable install writes into python3's site-packages. Where this user cannot (the device may run
+# commands as a non-root user, its python3 in a venv of root's), pip failed after a whole build, the
+# CPU-only retry failed the same way, and the script stopped with nothing run. There the extension is
+# built into the tree instead, and r1fast.kernels / r1fast.bench are linked into r1fast/ (setup.py's
+# package_dir), the repository first on PYTHONPATH; the links go at exit.
+if [ "$(python3 -c 'import os, sysconfig; print(os.access(sysconfig.get_paths()["purelib"], os.W_OK))' 2>/dev/null)" = False ]; then
+  echo "python3's site-packages is not writable: r1fast._C is built in the tree (setup.py build_ext --inplace), r1fast.kernels / r1fast.bench linked into r1fast/"
+  links=""; for p in kernels bench; do [ -e "r1fast/$p" ] || { ln -s "../$p" "r1fast/$p" && links="$links r1fast/$p"; }; done
+  [ -z "$links" ] || trap "rm -f $links" EXIT
+  export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+  pip_e() { timeout -k 10 100 python3 setup.py -q build_ext --inplace; }
+fi
 pip_e >"$OUT/build.log" 2>&1; rc=$?
 if [ $rc != 0 ]; then
   # Only the rollout engine needs r1fast._C's CUDA kernels: the Triton tests and suites still have

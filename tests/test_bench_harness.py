@@ -1449,3 +1449,33 @@ def test_logprob_and_grpo_loss_floors_count_6nhv_forward_and_backward():
     for case in fused:
         n, h, v = dims(case, "tokens", "H", "V")   # the active tokens
         assert case.flops == 6 * n * h * v, case.name
+
+
+def test_gpu_check_builds_in_the_tree_where_site_packages_is_not_writable(tmp_path):
+    """The device may run commands as a user who cannot write python3's site-packages: `pip install -e .`
+    failed there after a whole build, the CPU-only retry failed the same way, and the script stopped with no
+    test or suite run. It now builds the extension in the tree and links kernels/ and bench/ into r1fast/."""
+    import pathlib
+    import shutil
+    import subprocess
+
+    env = _fake_gpu_machine(tmp_path, 0)
+    stub = pathlib.Path(env["PATH"].split(":")[0]) / "python3"
+    stub.write_text(stub.read_text().replace('  *) exit 0;;', (
+        '  *purelib*W_OK*) echo False;;\n'
+        f'  *"pip install"*"-e ."*) touch "{tmp_path}/pip_ran"; exit 1;;\n'
+        f'  *"setup.py"*"build_ext --inplace"*) echo "$PYTHONPATH $(readlink r1fast/kernels) '
+        f'$(readlink r1fast/bench)" > "{tmp_path}/built";;\n'
+        '  *) exit 0;;')))
+    repo = tmp_path / "repo"
+    for d in ("r1fast", "kernels", "bench"):
+        (repo / d).mkdir(parents=True)
+    shutil.copy(pathlib.Path(__file__).resolve().parents[1] / "bench" / "gpu_check.sh", repo / "bench")
+    (tmp_path / "out").mkdir()
+    p = subprocess.run(["bash", str(repo / "bench" / "gpu_check.sh")], env=env, capture_output=True, text=True,
+                       timeout=60)
+    assert not (tmp_path / "pip_ran").exists(), p.stdout[-800:]
+    pythonpath, kernels, bench = (tmp_path / "built").read_text().split()
+    assert pythonpath.split(":")[0] == str(repo) and (kernels, bench) == ("../kernels", "../bench")
+    assert (tmp_path / "bench_args").exists() and "BUILD FAILED" not in p.stdout and p.returncode == 0, p.stdout[-800:]
+    assert not (repo / "r1fast" / "kernels").is_symlink()   # the links go at exit
