@@ -423,7 +423,8 @@ def run_suite(s: Suite, size: str, device: torch.device, machine: Machine, timer
     no impl starts once the suite has run that many seconds (the one running finishes): the impls left
     are reported as skipped, so one slow suite cannot take a time-boxed run's time from the next ones.
     Each skipped impl is logged and, with `skipped`, appended to it (suite, case, mode, provider, backend,
-    why): the table names the peers that did not run, not only the log."""
+    why): the table names the peers that did not run, not only the log. So is each impl that failed, with
+    why 'FAILED <exception type>' and `error`, the first line of its message."""
     def skip(case, impl, why):
         log(f"  skip {s.name}/{case.name} {case.mode} {impl.provider}/{impl.backend}: {why}")
         if skipped is not None:
@@ -463,6 +464,10 @@ def run_suite(s: Suite, size: str, device: torch.device, machine: Machine, timer
                     skip(case, impl, f"{e.name} not installed (imported by {', '.join(impl.requires)})")
                     continue
                 log(f"  FAILED {s.name}/{case.name} {case.mode} {impl.provider}/{impl.backend}: {type(e).__name__}: {e}")
+                if skipped is not None:   # the table names it too: a peer that failed is not left out silently
+                    skipped.append(dict(suite=s.name, case=case.name, mode=case.mode, provider=impl.provider,
+                                        backend=impl.backend, why=f"FAILED {type(e).__name__}",
+                                        error=(str(e).splitlines() or [""])[0][:200]))
                 lost = device_lost(device)
                 if lost:
                     raise DeviceLost(lost, rows) from None
@@ -581,13 +586,21 @@ def format_short_table(rows: list[dict], skipped: list[dict] = ()) -> str:
 
 def _skipped_lines(skipped: list[dict]) -> list[str]:
     """'skipped liger/chunked (logprob 4 cases, grpo_loss 2): liger_kernel not installed', one per impl and
-    reason: a peer missing from the table says so instead of looking never tried."""
-    groups: dict[tuple, dict[str, int]] = {}
+    reason: a peer missing from the table says so instead of looking never tried. Implementations that
+    failed come first, one line per impl and exception type with the first case's message (bench.log has
+    every one): 'FAILED r1fast/cuda (decode_attention 3 cases): RuntimeError: ...'."""
+    groups: dict[tuple, dict] = {}
     for k in skipped:
-        per_suite = groups.setdefault((k["provider"], k["backend"], k["why"]), {})
-        per_suite[k["suite"]] = per_suite.get(k["suite"], 0) + 1
-    return [f"skipped {prov}/{backend} ({', '.join(f'{su} {n} case' + ('s' if n > 1 else '') for su, n in suites.items())})"
-            f": {why}" for (prov, backend, why), suites in groups.items()]
+        group = groups.setdefault((k["provider"], k["backend"], k["why"]), dict(suites={}, error=k.get("error")))
+        group["suites"][k["suite"]] = group["suites"].get(k["suite"], 0) + 1
+    failed, skips = [], []
+    for (prov, backend, why), group in groups.items():
+        counts = ", ".join(f"{su} {n} case" + ("s" if n > 1 else "") for su, n in group["suites"].items())
+        if group["error"] is None:
+            skips.append(f"skipped {prov}/{backend} ({counts}): {why}")
+        else:
+            failed.append(f"FAILED {prov}/{backend} ({counts}): {why.removeprefix('FAILED ')}: {group['error']}")
+    return failed + skips
 
 
 def write_results(rows: list[dict], out_dir: Path, device: torch.device, meta: dict,

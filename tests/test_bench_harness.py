@@ -1085,6 +1085,26 @@ def test_a_skipped_peer_is_named_in_the_table_and_in_bench_table_of_the_run(tmp_
     assert capsys.readouterr().out.rstrip().splitlines()[-1] == line
 
 
+def test_a_failed_peer_is_named_in_the_short_table_once_per_impl_and_error(tmp_path, monkeypatch, capsys):
+    """An impl that raised was a FAILED line in bench.log only: the short table, the last thing gpu_check.sh
+    prints, left it out of its case's peers as if never tried, and the log lines can fall outside the 12,000
+    characters the device tool returns. The table now names it, one line per impl and exception type."""
+    def boom():
+        raise RuntimeError("CUDA error: an illegal memory access\nsecond line")
+
+    def cases(size, device):
+        return [harness.Case(n, "fwd", "float32", [harness.Impl("r1fast", "x", lambda: (lambda: None)),
+                                                   harness.Impl("liger", "chunked", boom)]) for n in ("a", "b")]
+    monkeypatch.setitem(harness._SUITES, "t", harness.Suite("t", cases))
+    monkeypatch.setattr(harness, "load_suites", lambda: dict(harness._SUITES))
+    harness.main(["t"], out_dir=str(tmp_path), budget_s=0.0, min_reps=1, log=lambda line: None)
+    (csv_path,) = tmp_path.glob("*.csv")
+    cli_main(["bench", "--table", "--short", str(csv_path)])
+    out = capsys.readouterr().out.rstrip().splitlines()
+    assert out[-1] == "FAILED liger/chunked (t 2 cases): RuntimeError: CUDA error: an illegal memory access", out
+    assert sum("FAILED" in line for line in out) == 1
+
+
 def test_a_run_where_every_impl_skipped_still_says_which_and_why(tmp_path, monkeypatch):
     """`r1fast bench trl` without trl: 'no rows' and nothing else after the per-case skip lines."""
     cases = [harness.Case("a", "fwd", "float32", [harness.Impl("trl", "trl", lambda: (lambda: None),
