@@ -79,11 +79,16 @@ PY
 pip_e() { timeout -k 10 100 python3 -m pip install --no-index --disable-pip-version-check --no-build-isolation --no-deps -e . ; }
 # The editable install writes into python3's site-packages. Where this user cannot (the device may run
 # commands as a non-root user, its python3 in a venv of root's), pip failed after a whole build, the
-# CPU-only retry failed the same way, and the script stopped with nothing run. There the extension is
-# built into the tree instead, and r1fast.kernels / r1fast.bench are linked into r1fast/ (setup.py's
-# package_dir), the repository first on PYTHONPATH; the links go at exit.
-if [ "$(python3 -c 'import os, sysconfig; print(os.access(sysconfig.get_paths()["purelib"], os.W_OK))' 2>/dev/null)" = False ]; then
-  echo "python3's site-packages is not writable: r1fast._C is built in the tree (setup.py build_ext --inplace), r1fast.kernels / r1fast.bench linked into r1fast/"
+# CPU-only retry failed the same way, and the script stopped with nothing run; and a dry run here
+# re-pointed a shared environment's r1fast at this checkout. There the extension is built into the tree
+# instead, and r1fast.kernels / r1fast.bench are linked into r1fast/ (setup.py's package_dir), the
+# repository first on PYTHONPATH; the links go at exit.
+in_tree=""
+[ "$size" = smoke ] && in_tree="no GPU: the dry run leaves python3's site-packages as it is"
+[ "$(python3 -c 'import os, sysconfig; print(os.access(sysconfig.get_paths()["purelib"], os.W_OK))' 2>/dev/null)" = False ] \
+  && in_tree="python3's site-packages is not writable"
+if [ -n "$in_tree" ]; then
+  echo "$in_tree: r1fast._C is built in the tree (setup.py build_ext --inplace), r1fast.kernels / r1fast.bench linked into r1fast/"
   links=""; for p in kernels bench; do [ -e "r1fast/$p" ] || { ln -s "../$p" "r1fast/$p" && links="$links r1fast/$p"; }; done
   [ -z "$links" ] || trap "rm -f $links" EXIT
   export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}

@@ -609,12 +609,24 @@ esac
 
 def _run_gpu_check(tmp_path, env):
     """bench/gpu_check.sh on the stubbed machine, $OUT in tmp_path/out."""
-    import pathlib
     import subprocess
 
     (tmp_path / "out").mkdir()
-    script = pathlib.Path(__file__).resolve().parents[1] / "bench" / "gpu_check.sh"
-    return subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=60)
+    return subprocess.run(["bash", str(_gpu_check_in_a_bare_tree(tmp_path))], env=env, capture_output=True,
+                          text=True, timeout=60)
+
+
+def _gpu_check_in_a_bare_tree(tmp_path):
+    """A copy of bench/gpu_check.sh in tmp_path/repo (r1fast/, kernels/, bench/): what the script builds or
+    links in its tree (a dry run links kernels/ and bench/ into r1fast/) stays out of this checkout."""
+    import pathlib
+    import shutil
+
+    repo = tmp_path / "repo"
+    for d in ("r1fast", "kernels", "bench"):
+        (repo / d).mkdir(parents=True)
+    shutil.copy(pathlib.Path(__file__).resolve().parents[1] / "bench" / "gpu_check.sh", repo / "bench")
+    return repo / "bench" / "gpu_check.sh"
 
 
 @pytest.mark.parametrize("bench_rc", [0, 124])
@@ -708,9 +720,12 @@ def test_gpu_check_without_a_gpu_says_so_and_dry_runs_the_bench_at_smoke_size(tm
     (bin_dir / "nvidia-smi").write_text("#!/bin/bash\necho 'NVIDIA-SMI has failed' >&2; exit 9\n")
     stub = bin_dir / "python3"
     stub.write_text(stub.read_text().replace('  *) exit 0;;', f'  *gpu_profile*) touch "{tmp_path}/profiled";;\n'
+                                             f'  *"pip install"*"-e ."*) touch "{tmp_path}/pip_ran";;\n'
                                              '  *) exit 0;;'))
     p = _run_gpu_check(tmp_path, env)
     assert p.stdout.startswith("NO GPU"), p.stdout[:300]
+    # a dry run builds in the tree: `pip install -e .` re-pointed a shared environment's r1fast at this checkout
+    assert not (tmp_path / "pip_ran").exists() and "no GPU: the dry run leaves python3's site-packages" in p.stdout
     assert "--size smoke" in (tmp_path / "bench_args").read_text()
     assert not (tmp_path / "profiled").exists() and "profile skipped: no GPU" in p.stdout, p.stdout[-800:]
     last = p.stdout.rstrip().splitlines()
@@ -1476,8 +1491,6 @@ def test_gpu_check_builds_in_the_tree_where_site_packages_is_not_writable(tmp_pa
     failed there after a whole build, the CPU-only retry failed the same way, and the script stopped with no
     test or suite run. It now builds the extension in the tree and links kernels/ and bench/ into r1fast/."""
     import pathlib
-    import shutil
-    import subprocess
 
     env = _fake_gpu_machine(tmp_path, 0)
     stub = pathlib.Path(env["PATH"].split(":")[0]) / "python3"
@@ -1487,13 +1500,8 @@ def test_gpu_check_builds_in_the_tree_where_site_packages_is_not_writable(tmp_pa
         f'  *"setup.py"*"build_ext --inplace"*) echo "$PYTHONPATH $(readlink r1fast/kernels) '
         f'$(readlink r1fast/bench)" > "{tmp_path}/built";;\n'
         '  *) exit 0;;')))
+    p = _run_gpu_check(tmp_path, env)
     repo = tmp_path / "repo"
-    for d in ("r1fast", "kernels", "bench"):
-        (repo / d).mkdir(parents=True)
-    shutil.copy(pathlib.Path(__file__).resolve().parents[1] / "bench" / "gpu_check.sh", repo / "bench")
-    (tmp_path / "out").mkdir()
-    p = subprocess.run(["bash", str(repo / "bench" / "gpu_check.sh")], env=env, capture_output=True, text=True,
-                       timeout=60)
     assert not (tmp_path / "pip_ran").exists(), p.stdout[-800:]
     pythonpath, kernels, bench = (tmp_path / "built").read_text().split()
     assert pythonpath.split(":")[0] == str(repo) and (kernels, bench) == ("../kernels", "../bench")
