@@ -823,6 +823,8 @@ def test_gpu_check_stops_tests_past_their_box_so_that_pytest_still_reports(tmp_p
     assert "--timeout" in args and args[args.index("-n") + 1] == "8", args
     assert " -m gpu tests/" in " ".join(args), args   # the GPU-marked tests got the box first
     assert "1 failed, 9 passed" in p.stdout and "FAILED tests/test_x.py::test_y" in p.stdout, p.stdout[-800:]
+    # those counts are of what ran before the box, which pytest's own last line does not say
+    assert "pytest -m 'gpu' cut at its 1s box: the counts above are of the tests that ran" in p.stdout
     assert "pytest -m 'not gpu and not slow' not run" in p.stdout and "tests(124)" in p.stdout, p.stdout[-800:]
 
 
