@@ -31,7 +31,7 @@ stage() { echo "== [$(( $(date +%s) - t0 ))s] $*"; }
 export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16}
 ENDS_BY=${ENDS_BY:-480}
 left() { echo $(( ENDS_BY - ($(date +%s) - t0) )); }   # seconds left of the script's time box
-failed=""
+failed=""; unfinished=""   # stages that failed or were cut; suites the bench did not finish
 # Build for the card present: compute capability 9.0 -> 90a (wgmma), 8.0 -> 80, and so on. torch answers
 # where nvidia-smi is not on the PATH.
 cap=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1 | tr -d ' .')
@@ -206,6 +206,9 @@ else
   cut=$(grep -c "time box (--suite-box)" "$OUT/bench.log")
   [ "$cut" -gt 0 ] && echo "$cut implementations not started: their suite was past its ${SUITE_BOX:-60} s box (bench.log)"
   case $rc in 0|124) ;; *) tail -5 "$OUT/bench.log";; esac
+  # named again in the last line: the table shows only what ran, and the 'bench exit' line above can fall
+  # outside the output's tail the device tool returns
+  unfinished=$(for s in $suites; do grep -q "^\[bench\] $s done in" "$OUT/bench.log" || echo "$s"; done)
 fi
 
 # The profile gets its 75 s or what is left of the time box less the summary's 30 s, whichever is
@@ -235,6 +238,6 @@ csvs=$(ls "$OUT"/*.csv 2>/dev/null)
 for f in $csvs; do timeout -k 5 20 python3 -m r1fast.cli bench --table --short "$f"; done
 grep -h "engine start-up: paged_decode_attention" "$OUT/bench.log" 2>/dev/null | sort -u | head -4
 # again after the table, which can be longer than the tail the device tool returns
-if [ -n "$failed" ]; then echo "gpu_check: stages that failed or were cut:$failed; files in \$OUT"
+if [ -n "$failed" ]; then echo "gpu_check: stages that failed or were cut:$failed;${unfinished:+ suites not done: $(echo $unfinished);} files in \$OUT"
 else echo "gpu_check: every stage passed; files in \$OUT"; fi
 [ -z "$failed" ]

@@ -647,6 +647,21 @@ def test_gpu_check_orders_suites_reports_failure_and_prints_the_table_last(tmp_p
     assert p.returncode == (0 if bench_rc == 0 else 1), p.stdout[-500:]
 
 
+def test_gpu_check_names_the_suites_not_done_in_its_last_line(tmp_path):
+    """A bench cut by its time box: the table shows only what ran and the 'bench exit 124' line above it can
+    fall outside the 12,000 characters the device tool returns, so nothing returned said which suites were lost."""
+    import pathlib
+
+    env = _fake_gpu_machine(tmp_path, 124)
+    stub = pathlib.Path(env["PATH"].split(":")[0]) / "python3"
+    stub.write_text(stub.read_text().replace('echo x > "$OUT/card.csv";', 'echo x > "$OUT/card.csv"; '
+                                             'echo "[bench] logprob done in 9.0s"; echo "[bench] grpo_loss done in 1s";'))
+    env["SUITES"] = "logprob grpo_loss rollout sampling"
+    p = _run_gpu_check(tmp_path, env)
+    last = p.stdout.rstrip().splitlines()[-1]
+    assert "bench(124); suites not done: rollout sampling; files in" in last and p.returncode == 1, last
+
+
 def test_gpu_check_goes_on_without_cuda_kernels_when_the_build_fails(tmp_path):
     """A failed build must not end the one GPU window: the Triton tests and suites still run."""
     import pathlib
