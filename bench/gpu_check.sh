@@ -232,7 +232,7 @@ stage "done; ${failed:+stages that failed or were cut:$failed; }summary:"
 # returns 8, and might leave out the CSV
 rm -f "$OUT"/*.tmp
 csvs=$(ls "$OUT"/*.csv 2>/dev/null)
-[ -n "$csvs" ] || echo "no results CSV in \$OUT: the bench measured nothing (bench.log says why)"
+[ -n "$csvs" ] || echo "no results CSV in \$OUT: the bench measured nothing$([ -e "$OUT/bench.log" ] && echo ' (bench.log says why)')"
 # one line per case (the full table, one line per implementation, is in bench.log and the CSV): a GPU
 # run's full table is several times the 12,000 characters of output the device tool returns
 for f in $csvs; do timeout -k 5 20 python3 -m r1fast.cli bench --table --short "$f"; done

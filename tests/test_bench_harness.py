@@ -819,6 +819,8 @@ def test_gpu_check_skips_the_profile_when_the_time_box_is_spent(tmp_path):
     p = _run_gpu_check(tmp_path, env)
     assert not (tmp_path / "profiled").exists(), p.stdout[-800:]
     assert "profile skipped" in p.stdout and "profile(no-time)" in p.stdout and p.returncode == 1, p.stdout[-800:]
+    # the bench did not start, so there is no bench.log to say why there is no CSV (the dry run said there was)
+    assert "no results CSV" in p.stdout and "bench.log says why" not in p.stdout, p.stdout[-800:]
 
 
 def test_gpu_check_stops_tests_past_their_box_so_that_pytest_still_reports(tmp_path):
