@@ -588,7 +588,8 @@ def _skipped_lines(skipped: list[dict]) -> list[str]:
     """'skipped liger/chunked (logprob 4 cases, grpo_loss 2): liger_kernel not installed', one per impl and
     reason: a peer missing from the table says so instead of looking never tried. Implementations that
     failed come first, one line per impl and exception type with the first case's message (bench.log has
-    every one): 'FAILED r1fast/cuda (decode_attention 3 cases): RuntimeError: ...'."""
+    every one): 'failed r1fast/cuda (decode_attention 3 cases): RuntimeError: ...', lowercase because the
+    CLI counts the log's lines that start 'FAILED ' (one per impl and case) for its exit message."""
     groups: dict[tuple, dict] = {}
     for k in skipped:
         group = groups.setdefault((k["provider"], k["backend"], k["why"]), dict(suites={}, error=k.get("error")))
@@ -599,7 +600,7 @@ def _skipped_lines(skipped: list[dict]) -> list[str]:
         if group["error"] is None:
             skips.append(f"skipped {prov}/{backend} ({counts}): {why}")
         else:
-            failed.append(f"FAILED {prov}/{backend} ({counts}): {why.removeprefix('FAILED ')}: {group['error']}")
+            failed.append(f"failed {prov}/{backend} ({counts}): {why.removeprefix('FAILED ')}: {group['error']}")
     return failed + skips
 
 
