@@ -635,6 +635,29 @@ def test_engine_sizes_may_be_numpy_integers_as_sampling_params_are(models):
         Engine(model, memory_fraction=True)
 
 
+def test_a_pool_sized_from_memory_stops_at_the_block_managers_limit(models, monkeypatch, caplog):
+    # a tiny KV per block (block_size 1) and many seats of a long context: memory_fraction asked for more
+    # blocks than BlockManager takes (2**26), and Engine() failed in C++ with "num_blocks ... exceeds the limit"
+    import logging
+    import types
+
+    from r1fast import _ext
+    from r1fast.rollout import engine as engine_module
+
+    _, model = models
+    limit = _ext.require().BlockManager.max_num_blocks
+    monkeypatch.setattr(engine_module.ModelRunner, "kv_bytes_per_block", staticmethod(lambda *a: 1))
+    monkeypatch.setattr(engine_module.os, "sysconf", lambda name: 2**20)  # 2**40 bytes of RAM
+    sizing = types.SimpleNamespace(config=model.config, block_size=1, model=model, max_num_seqs=2**21,
+                                   max_model_len=64)
+    with caplog.at_level(logging.WARNING, logger="r1fast.rollout.engine"):
+        assert Engine._blocks_from_memory(sizing, 0.5, 64) == limit
+    assert f"past the block manager's limit of {limit}" in caplog.text
+    sizing.max_num_seqs = 4   # under the limit: sized as before, nothing logged
+    caplog.clear()
+    assert Engine._blocks_from_memory(sizing, 0.5, 64) == 4 * 64 + 1 and not caplog.text
+
+
 def test_a_pool_of_exactly_one_sequences_kv_is_accepted(models):
     # 10 prompt + 7 new tokens: the 17th token is sampled and never stored, so 16 slots (4 blocks) suffice
     _, model = models

@@ -23,6 +23,7 @@ import contextlib
 import dataclasses
 import gc
 import hashlib
+import logging
 import math
 import numbers
 import os
@@ -39,6 +40,7 @@ from r1fast.rollout.runner import ModelRunner, lm_logits
 from r1fast.rollout.scheduler import DecodeBatch, Scheduler
 from r1fast.rollout.sequence import Sequence, Status
 
+log = logging.getLogger(__name__)
 
 # a float parameter's bits as the signed integer of its width (the weights' checksums in Engine._weights_signature)
 _INT_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -222,7 +224,15 @@ class Engine:
             budget = free * fraction
         else:
             budget = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") * fraction
-        return max(1, min(cap, int(budget // per_block)))
+        blocks = max(1, min(cap, int(budget // per_block)))
+        limit = _ext.require().BlockManager.max_num_blocks
+        if blocks > limit:
+            # memory_fraction is an upper bound, so a pool at the block manager's limit honours it; raising
+            # instead would refuse a setting whose only fault is a tiny KV per block (a toy model, block_size 1)
+            log.warning("Engine: memory_fraction %s sizes the KV pool at %d blocks, past the block manager's "
+                        "limit of %d; using %d (pass num_blocks to choose)", fraction, blocks, limit, limit)
+            blocks = limit
+        return blocks
 
     @property
     def num_blocks(self) -> int:
