@@ -9,17 +9,32 @@ from pathlib import Path
 _NOT_BUILT = "r1fast._C is not built: install the package with `pip install -e .` (needs cmake, ninja, pybind11)"
 
 
+# What CMake compiles (csrc/*.cpp, and csrc/*.cu in a CUDA build) and what they may include: MANIFEST.in ships
+# these same suffixes under csrc/, and CMakeLists.txt reconfigures (recomputing the digest) when any file there changes
+BUILD_SUFFIXES = (".h", ".hpp", ".cuh", ".cpp", ".cu")
+
+
+def build_files(root: Path) -> list[Path]:
+    """CMakeLists.txt and every file under root/csrc (subfolders too) with a suffix in BUILD_SUFFIXES, in a
+    fixed order; hidden files (an editor's swap or lock file) are not sources."""
+    csrc = root / "csrc"
+    found = [p for p in csrc.rglob("*") if p.suffix in BUILD_SUFFIXES and p.is_file()
+             and not any(part.startswith(".") for part in p.relative_to(csrc).parts)]
+    return [root / "CMakeLists.txt", *sorted(found, key=lambda p: p.relative_to(csrc).as_posix())]
+
+
 def sources_digest(root: Path) -> str | None:
-    """A digest of CMakeLists.txt and csrc/ under `root`, or None where they are not (an installed wheel).
+    """A digest of build_files(root), or None where root holds no sources (an installed wheel).
     CMakeLists.txt builds it into _C (build_info()["sources_digest"]), so a source checkout tells a _C built
     from other sources (an editable install after a pull) from a current one."""
     csrc = root / "csrc"
     if not (csrc.is_dir() and (root / "CMakeLists.txt").is_file() and (root / "setup.py").is_file()):
         return None
     h = hashlib.sha256()
-    for p in [root / "CMakeLists.txt", *sorted(csrc.iterdir())]:
-        if p.is_file() and p.suffix in (".txt", ".h", ".cpp", ".cu"):  # not an editor's swap file
-            h.update(p.name.encode() + b"\0" + p.read_bytes())
+    for p in build_files(root):
+        # named by its path under csrc/ (CMakeLists.txt by its name): a file's name and bytes, as before subfolders
+        name = p.name if p.parent == root else p.relative_to(csrc).as_posix()
+        h.update(name.encode() + b"\0" + p.read_bytes())
     return h.hexdigest()[:16]
 
 

@@ -14,16 +14,23 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_sdist_holds_what_builds_the_extension(tmp_path):
     # `python -m build` builds the wheel from the sdist: without CMakeLists.txt and csrc/ in it, CMake
     # stopped with "does not appear to contain CMakeLists.txt".
+    # Every file the sources digest counts ships, headers of each suffix and in a subfolder too (a .cuh or
+    # .hpp was left out: the sdist's build failed on a missing include).
+    from r1fast import _ext
+
     src = tmp_path / "src"
     _copy_tree(src)
+    for name in ("extra.cuh", "extra.hpp", "detail/extra.h"):
+        (src / "csrc" / name).parent.mkdir(exist_ok=True)
+        (src / "csrc" / name).write_text("#pragma once\n")
     out = tmp_path / "dist"
     subprocess.run([sys.executable, "-c", f"from setuptools import build_meta; build_meta.build_sdist({str(out)!r})"],
                    cwd=src, check=True, capture_output=True)
     (sdist,) = out.glob("r1fast-*.tar.gz")
     with tarfile.open(sdist) as t:
         names = {n.split("/", 1)[1] for n in t.getnames() if "/" in n}
-    wanted = {"CMakeLists.txt", "setup.py", "pyproject.toml"}
-    wanted |= {p.relative_to(ROOT).as_posix() for p in (ROOT / "csrc").iterdir() if p.suffix in (".h", ".cpp", ".cu")}
+    wanted = {"setup.py", "pyproject.toml", *(p.relative_to(src).as_posix() for p in _ext.build_files(src))}
+    assert {"csrc/extra.cuh", "csrc/detail/extra.h", "csrc/block_manager.h"} <= wanted
     assert wanted <= names, sorted(wanted - names)
 
 
@@ -65,6 +72,8 @@ def test_a_direct_cmake_build_carries_the_sources_digest(tmp_path):
 
     src, build = tmp_path / "src", tmp_path / "build"
     _copy_tree(src)
+    (src / "csrc" / "detail").mkdir()
+    (src / "csrc" / "detail" / "extra.cuh").write_text("#pragma once\n")
     r = subprocess.run([cmake, "-S", str(src), "-B", str(build), f"-DPython_EXECUTABLE={sys.executable}",
                         f"-Dpybind11_DIR={pybind11.get_cmake_dir()}", "-DR1FAST_CUDA=OFF"],
                        capture_output=True, text=True, check=False)
@@ -73,6 +82,7 @@ def test_a_direct_cmake_build_carries_the_sources_digest(tmp_path):
                         if p.is_file() and p.suffix in ("", ".make", ".ninja", ".cmake"))
     assert re.search(r'R1FAST_SOURCES_DIGEST=\\?"' + _ext.sources_digest(src), generated)
     assert str(src / "csrc" / "block_manager.h") in generated  # a header edit reconfigures: a new digest
+    assert str(src / "csrc" / "detail" / "extra.cuh") in generated  # in a subfolder too
     assert str(src / "r1fast" / "_ext.py") in generated  # and so does a change of how it is computed
 
 
@@ -115,6 +125,31 @@ def test_sources_digest_follows_csrc(tmp_path):
     assert _ext.sources_digest(tmp_path) == before
     (tmp_path / "csrc" / "a.cpp").write_text("y")
     assert _ext.sources_digest(tmp_path) not in (None, before)
+    # headers of every kind, in subfolders too: an edited .cuh or .hpp left a stale _C undetected
+    (tmp_path / "csrc" / "detail").mkdir()
+    for name in ("a.h", "a.hpp", "a.cuh", "a.cu", "detail/b.cuh"):
+        before = _ext.sources_digest(tmp_path)
+        (tmp_path / "csrc" / name).write_text("new")
+        assert _ext.sources_digest(tmp_path) != before, name
+        (tmp_path / "csrc" / name).write_text("edited")
+        assert _ext.sources_digest(tmp_path) != before, name
+    before = _ext.sources_digest(tmp_path)
+    (tmp_path / "csrc" / ".#a.cuh").write_text("an editor's lock file")
+    assert _ext.sources_digest(tmp_path) == before
+
+
+def test_every_file_in_csrc_counts_in_the_sources_digest():
+    # a source of a suffix the digest skips (a .inl, say) would leave a stale _C undetected and stay out of the sdist
+    from r1fast import _ext
+
+    r = subprocess.run(["git", "ls-files", "csrc"], cwd=ROOT, capture_output=True, text=True, check=False)
+    if r.returncode != 0 or not r.stdout.strip():
+        pytest.skip("not a git checkout")
+    counted = {p.relative_to(ROOT).as_posix() for p in _ext.build_files(ROOT)}
+    assert set(r.stdout.split()) <= counted, "add the suffix to _ext.BUILD_SUFFIXES and MANIFEST.in"
+    manifest = (ROOT / "MANIFEST.in").read_text()
+    assert re.search(r"^recursive-include csrc " + re.escape(" ".join("*" + x for x in _ext.BUILD_SUFFIXES)) + "$",
+                     manifest, re.M), "MANIFEST.in ships other suffixes than _ext.BUILD_SUFFIXES"
 
 
 @pytest.fixture
