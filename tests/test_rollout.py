@@ -321,6 +321,28 @@ def test_the_weight_signature_sees_changes_that_keep_sums(dtype, how):
     assert _signature_without_versions(model) != before
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("pattern", ["rectangle exchange", "+1, -2, +1 along a row", "+3 and -1 on a diagonal"])
+def test_the_weight_signature_misses_only_the_crafted_changes_docs_rollout_md_names(dtype, pattern):
+    # The signature is linear checksums of the bits, not a hash: docs/rollout.md (Prefix cache) names changes it
+    # cannot see, to the bit; each is missed as written there, and one bit more or less is seen. If this fails
+    # because the signature grew stronger, update that paragraph.
+    bits_of = {torch.float32: torch.int32, torch.bfloat16: torch.int16}[dtype]
+    model = torch.nn.Linear(8, 8).to(dtype)
+    with torch.no_grad():
+        model.weight.copy_(torch.rand(8, 8, generator=torch.Generator().manual_seed(6)) + 0.5)  # one sign
+    before = _signature_without_versions(model)
+    where = {"rectangle exchange": {(2, 3): 5, (6, 1): 5, (2, 1): -5, (6, 3): -5},
+             "+1, -2, +1 along a row": {(4, 2): 1, (4, 3): -2, (4, 4): 1},
+             "+3 and -1 on a diagonal": {(0, 0): 3, (1, 1): -1}}[pattern]
+    bits = model.weight.data.view(bits_of)
+    for (i, j), d in where.items():
+        bits[i, j] += d
+    assert _signature_without_versions(model) == before
+    bits[next(iter(where))] += 1
+    assert _signature_without_versions(model) != before
+
+
 def test_a_model_cast_after_the_engine_was_built_is_a_clear_error(models, prompts):
     # model.to(bfloat16) after Engine(model): the KV cache stayed fp32 and generate() failed inside store_kv
     # ("key, value, k_cache, v_cache must share a float dtype")

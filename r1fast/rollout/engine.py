@@ -6,8 +6,8 @@
 
 The engine reads the model's parameters in place (no copy): after an optimizer step the next
 generate() sees the new weights, and drops the cached prompt blocks whose KV the old weights made
-(it notices any change by the parameters' version counters and a checksum of their bits;
-reset_prefix_cache() does it by hand).
+(it notices a change by the parameters' version counters and a checksum of their bits, which only
+crafted writes escape (docs/rollout.md); reset_prefix_cache() does it by hand).
 
 Decode steps run one ahead of the host (async_decode=True): step k+1 is planned and launched, its
 input tokens gathered on the device from step k's samples, before step k's tokens are copied back
@@ -245,8 +245,9 @@ class Engine:
 
     def _weights_signature(self):
         """(per parameter (storage, in-place version, sum of its negative bits), the parameters' row and column
-        sums of bits weighted by their place): it changes whenever a weight does, so a cached prompt block's KV is
-        never reused on other weights. The version counter alone missed writes through `p.data` and fused
+        sums of bits weighted by their place): it changes whenever a weight does, short of crafted writes that
+        cancel in every sum (docs/rollout.md, Prefix cache, names them), so a cached prompt block's KV is not
+        reused on other weights. The version counter alone missed writes through `p.data` and fused
         optimizers (torch.optim.AdamW(fused=True) bumps no version), and parameters made under
         torch.inference_mode count none; the bit sums (exact integer arithmetic: any one element's change, sign
         flips, swapped rows and elements swapped within a row show) catch those, for a few passes over the
