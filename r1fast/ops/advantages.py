@@ -11,7 +11,7 @@ import math
 import torch
 
 from r1fast import backends
-from r1fast.ops.checks import bool_mask, kind_of
+from r1fast.ops.checks import bool_mask, kind_of, require_tensors
 from r1fast.reference import loss as reference
 
 ESTIMATORS = ("grpo", "rloo")
@@ -45,8 +45,7 @@ def group_advantages(rewards, group_size, *, estimator="grpo", scale_rewards="gr
     out of every statistic (its group's mean and std, the batch std, rloo's G); its reward may be NaN.
     A group with fewer than two scored rows has no baseline: all its advantages are 0. The advantages carry
     no gradient (GRPO treats them as constants; grpo_loss detaches them too), on every backend."""
-    if not isinstance(rewards, torch.Tensor):
-        raise TypeError(f"group_advantages: rewards must be a torch.Tensor, got {type(rewards).__name__}")
+    require_tensors("group_advantages", rewards=rewards)
     if rewards.dim() != 1:
         raise ValueError(f"group_advantages: rewards must be 1-D [B], got shape {tuple(rewards.shape)}")
     if not rewards.is_floating_point():

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from r1fast import _ext, backends
+from r1fast.ops.checks import require_tensors
 from r1fast.ops.shared_prefix import SharedPrefix, prefix_tile_rows
 from r1fast.reference import attention as reference
 
@@ -87,12 +88,6 @@ def _validate_shared(shared, q, block_tables, context_lens, k_cache, check_bound
                          "tiles)")
 
 
-def _check_tensors(op, tensors):
-    for name, t in tensors.items():
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
-
-
 def _check_caches(op, q, k_cache, v_cache):
     """The caches' shape against q [rows, num_heads, head_dim], and the dtype all three share."""
     if k_cache.dim() != 4 or k_cache.shape[3] != q.shape[2]:
@@ -136,7 +131,7 @@ def _validate_decode(q, k_cache, v_cache, block_tables, context_lens, check_boun
     op = "paged_decode_attention"
     tensors = {"q": q, "k_cache": k_cache, "v_cache": v_cache, "block_tables": block_tables,
                "context_lens": context_lens}
-    _check_tensors(op, tensors)
+    require_tensors(op, **tensors)
     if q.dim() != 3:
         raise ValueError(f"{op}: q must be [num_seqs, num_heads, head_dim], got {tuple(q.shape)}")
     _check_caches(op, q, k_cache, v_cache)
@@ -186,7 +181,7 @@ def _validate_prefill(q, k_cache, v_cache, context_slots, query_lens, context_le
     """Checks paged_prefill_attention's inputs -> query_lens, context_lens as lists of ints."""
     op = "paged_prefill_attention"
     tensors = {"q": q, "k_cache": k_cache, "v_cache": v_cache, "context_slots": context_slots}
-    _check_tensors(op, tensors)
+    require_tensors(op, **tensors)
     if q.dim() != 3:
         raise ValueError(f"{op}: q must be [tokens, num_heads, head_dim], got {tuple(q.shape)}")
     _check_caches(op, q, k_cache, v_cache)

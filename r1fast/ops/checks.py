@@ -3,12 +3,20 @@ from __future__ import annotations
 
 import torch
 
+FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def require_tensors(op: str, **named) -> None:
+    """A TypeError naming the first of `named` that is not a tensor, before any is read as one."""
+    for name, t in named.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+
 
 def bool_mask(op: str, mask, like: torch.Tensor, like_name: str) -> torch.Tensor:
     """`mask` as a bool tensor, after checking it is a tensor of `like`'s shape and device holding only
     0 and 1 (a 2 would weight its element twice in one backend and once in another)."""
-    if not isinstance(mask, torch.Tensor):
-        raise TypeError(f"{op}: mask must be a torch.Tensor, got {type(mask).__name__}")
+    require_tensors(op, mask=mask)
     if mask.shape != like.shape:
         raise ValueError(f"{op}: mask shape {tuple(mask.shape)} != {like_name} shape {tuple(like.shape)}")
     if mask.device != like.device:

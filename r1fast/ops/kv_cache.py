@@ -8,14 +8,13 @@ from __future__ import annotations
 import torch
 
 from r1fast import _ext, backends
+from r1fast.ops.checks import require_tensors
 from r1fast.reference import kv_cache as reference
 
 
 def _validate(key, value, k_cache, v_cache, slot_mapping, check_slots: bool):
     tensors = {"key": key, "value": value, "k_cache": k_cache, "v_cache": v_cache, "slot_mapping": slot_mapping}
-    for name, t in tensors.items():
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"store_kv: {name} must be a torch.Tensor, got {type(t).__name__}")
+    require_tensors("store_kv", **tensors)
     if key.dim() != 3:
         raise ValueError(f"store_kv: key must be [num_tokens, num_kv_heads, head_dim], got shape {tuple(key.shape)}")
     if value.shape != key.shape:

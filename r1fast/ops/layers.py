@@ -30,16 +30,14 @@ import torch
 from torch.nn import functional as F
 
 from r1fast import backends
+from r1fast.ops.checks import FLOATS, require_tensors
 from r1fast.ops.logprob import refuse_double_backward
 from r1fast.reference import layers as reference
 
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
 
 def _check_tensor(op, name, t):
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in _FLOATS:
+    require_tensors(op, **{name: t})
+    if t.dtype not in FLOATS:
         raise ValueError(f"{op}: {name} must be a float tensor (fp16, bf16, fp32, fp64), got {t.dtype}")
 
 

@@ -20,10 +20,9 @@ import os
 import torch
 
 from r1fast import backends
-from r1fast.ops.checks import bool_mask
+from r1fast.ops.checks import FLOATS, bool_mask, require_tensors
 from r1fast.reference import loss as reference
 
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # Extra-memory budget for one chunk's [chunk, V] fp32 tile. On the GPU the backward's bf16 d logits
 # tile is half of it: with grad_weight (V·H·2) and grad_hidden that keeps fwd+bwd under 2 GB of extra
 # memory at N=16k, H=4096, V=152k (~880-token chunks).
@@ -36,10 +35,8 @@ def default_chunk(n: int, v: int, device: torch.device) -> int:
 
 
 def validate(hidden, weight, targets, temperature, op="grouped_logprob", check_targets=True):
-    for name, t in (("hidden", hidden), ("weight", weight), ("targets", targets)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
-    if hidden.dtype not in _FLOATS:
+    require_tensors(op, hidden=hidden, weight=weight, targets=targets)
+    if hidden.dtype not in FLOATS:
         raise TypeError(f"{op}: hidden must be a float tensor (fp16/bf16/fp32/fp64), got {hidden.dtype}")
     if weight.dtype != hidden.dtype:
         raise TypeError(f"{op}: weight dtype {weight.dtype} != hidden dtype {hidden.dtype}")

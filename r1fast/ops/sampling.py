@@ -22,11 +22,10 @@ from __future__ import annotations
 import torch
 
 from r1fast import backends
+from r1fast.ops.checks import FLOATS, require_tensors
 
 # r1fast.rollout (sampler, SamplingParams) is imported inside the functions: the rollout package
 # imports r1fast.ops itself, and r1fast.ops must import without it.
-
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _validate(logits, params, u, check_inputs: bool):
@@ -34,11 +33,10 @@ def _validate(logits, params, u, check_inputs: bool):
 
     if not isinstance(params, SamplingParams):
         raise TypeError(f"sample_tokens: params must be a SamplingParams, got {type(params).__name__}")
-    if not isinstance(logits, torch.Tensor):
-        raise TypeError(f"sample_tokens: logits must be a torch.Tensor, got {type(logits).__name__}")
+    require_tensors("sample_tokens", logits=logits)
     if logits.dim() != 2 or logits.shape[0] < 1 or logits.shape[1] < 1:
         raise ValueError(f"sample_tokens: logits must be [B >= 1, V >= 1], got shape {tuple(logits.shape)}")
-    if logits.dtype not in _FLOATS:
+    if logits.dtype not in FLOATS:
         raise ValueError(f"sample_tokens: logits must be a float tensor (fp32, fp16, bf16, fp64), got {logits.dtype}")
     if u is None and not params.greedy:
         raise ValueError("sample_tokens: u (float64 uniforms [B]) is required unless temperature is 0 (greedy)")
@@ -56,8 +54,7 @@ def _validate(logits, params, u, check_inputs: bool):
                              f"every logit -inf")
     if u is None:
         return
-    if not isinstance(u, torch.Tensor):
-        raise TypeError(f"sample_tokens: u must be a torch.Tensor, got {type(u).__name__}")
+    require_tensors("sample_tokens", u=u)
     if u.shape != (logits.shape[0],):
         raise ValueError(f"sample_tokens: u must be [B={logits.shape[0]}], got shape {tuple(u.shape)}")
     if u.dtype != torch.float64:
