@@ -268,28 +268,27 @@ def _cmd_train(args):
 
 
 def _run_grpo(config: str | None, overrides: list[str], resume):
-    from r1fast.trainer.common import load_model_and_tokenizer, resolve_device
-    from r1fast.trainer.config import GRPOConfig, parse_overrides
+    from r1fast.trainer.config import GRPOConfig
     from r1fast.trainer.grpo import GRPOTrainer
 
-    cfg = GRPOConfig.from_yaml(config, overrides) if config else GRPOConfig().update(
-        parse_overrides(overrides), source="command line")
-    if cfg.model_name_or_path is None or cfg.dataset is None:
-        raise ConfigError(f"a GRPO config needs model_name_or_path and dataset{_unset(cfg)}")
-    model, tok = load_model_and_tokenizer(cfg.model_name_or_path, device=resolve_device(cfg.device), dtype=cfg.dtype,
-                                          seed=cfg.seed, fp8=cfg.fp8_options())
-    trainer = GRPOTrainer(model, None, cfg.dataset, cfg, tokenizer=tok)
-    res = trainer.train(resume=resume)
-    _print_result(res)
-    if res.get("interrupted"):
-        raise KeyboardInterrupt   # _guarded says how to continue
-    return 0
+    cfg = _config_from(GRPOConfig, config, overrides, "a GRPO config")
+    model, tok = _model(cfg, fp8=cfg.fp8_options())
+    return _finish(GRPOTrainer(model, None, cfg.dataset, cfg, tokenizer=tok).train(resume=resume))
 
 
 def _unset(cfg) -> str:
     """Which of the two required keys the YAML and command line left unset (the error named both, given one)."""
     unset = [k for k in ("model_name_or_path", "dataset") if getattr(cfg, k) is None]
     return f"; {' and '.join(unset)} {'is' if len(unset) == 1 else 'are'} not set"
+
+
+def _finish(res: dict) -> int:
+    """A training command's end: its result printed; a stopped run raises KeyboardInterrupt (_guarded says how
+    to continue)."""
+    _print_result(res)
+    if res.get("interrupted"):
+        raise KeyboardInterrupt
+    return 0
 
 
 def _print_result(res: dict):
@@ -304,29 +303,27 @@ def _print_result(res: dict):
         print(f"steps skipped for a NaN/inf loss or gradient: {res['nonfinite_skipped']}")
 
 
-def _config_and_model(config_cls, rest: list[str], command: str, dataset_hint=lambda cfg: ""):
-    """A stage's config (YAML file and/or key=value overrides), its model and tokenizer, and --resume."""
-    cfg, resume = _config(config_cls, rest, command, dataset_hint)
-    return (cfg, *_model(cfg), resume)
-
-
 def _config(config_cls, rest: list[str], command: str, dataset_hint=lambda cfg: ""):
     """A stage's config (YAML file and/or key=value overrides) and --resume."""
+    config, overrides, resume = _split(rest)
+    return _config_from(config_cls, config, overrides, command, dataset_hint), resume
+
+
+def _config_from(config_cls, config: str | None, overrides: list[str], who: str, dataset_hint=lambda cfg: ""):
     from r1fast.trainer.config import parse_overrides
 
-    config, overrides, resume = _split(rest)
     cfg = config_cls.from_yaml(config, overrides) if config else config_cls().update(
         parse_overrides(overrides), source="command line")
     if cfg.model_name_or_path is None or cfg.dataset is None:
-        raise ConfigError(f"{command} needs model_name_or_path and dataset{_unset(cfg)}{dataset_hint(cfg)}")
-    return cfg, resume
+        raise ConfigError(f"{who} needs model_name_or_path and dataset{_unset(cfg)}{dataset_hint(cfg)}")
+    return cfg
 
 
-def _model(cfg):
+def _model(cfg, **options):
     from r1fast.trainer.common import load_model_and_tokenizer, resolve_device
 
     return load_model_and_tokenizer(cfg.model_name_or_path, device=resolve_device(cfg.device),
-                                    dtype=cfg.dtype, seed=cfg.seed)
+                                    dtype=cfg.dtype, seed=cfg.seed, **options)
 
 
 def _cmd_sft(args):
@@ -334,16 +331,12 @@ def _cmd_sft(args):
     from r1fast.trainer.config import SFTConfig
     from r1fast.trainer.sft import SFTTrainer
 
-    cfg, model, tok, resume = _config_and_model(
-        SFTConfig, args.rest, "sft", lambda c: f" (JSONL/parquet/saved dataset with {c.prompt_column!r} and "
-                                               f"{c.completion_column!r} columns)")
+    cfg, resume = _config(SFTConfig, args.rest, "sft", lambda c: f" (JSONL/parquet/saved dataset with "
+                                                              f"{c.prompt_column!r} and {c.completion_column!r} columns)")
+    model, tok = _model(cfg)
     # SFTTrainer checks the columns, after reading a `messages` column as prompt and completion
     rows = load_rows(cfg.dataset, split=cfg.dataset_split, seed=cfg.seed)
-    res = SFTTrainer(model, tok, rows, cfg).train(resume=resume)
-    _print_result(res)
-    if res.get("interrupted"):
-        raise KeyboardInterrupt   # _guarded says how to continue
-    return 0
+    return _finish(SFTTrainer(model, tok, rows, cfg).train(resume=resume))
 
 
 def _cmd_sample(args):
