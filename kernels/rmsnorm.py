@@ -58,14 +58,13 @@ CPU_MAX_BLOCK = 64
 CPU_PROGRAMS = 3
 
 
-def launch_config(H: int, device_type: str = "cuda", max_block: int | None = None, elem_bytes: int = 2) -> dict:
+def launch_config(H: int, device_type: str = "cuda", elem_bytes: int = 2) -> dict:
     """BLOCK_R, BLOCK_N, N_BLOCKS, num_warps, num_stages for rows of width H of `elem_bytes`-byte
     elements: one 16-byte vector per thread per tensor (8 elements of 16 bits, 4 of fp32), up to
     32 warps. ptxas, sm_90, Triton 3.6 and 3.9 (`python -m r1fast.kernels.compile_check 90 --full
     --resources`): forward <= 40 registers, backward <= 64, no spills (with 8 elements per thread an
     fp32 4096-wide backward spilled). Launch sizes are not yet tuned on a GPU (`r1fast bench layers`)."""
-    if max_block is None:
-        max_block = MAX_BLOCK if device_type == "cuda" else CPU_MAX_BLOCK
+    max_block = MAX_BLOCK if device_type == "cuda" else CPU_MAX_BLOCK
     block_n = triton.next_power_of_2(H)
     if block_n > max_block:  # walked in blocks: half the widest in-register row keeps registers low
         block_n = triton.next_power_of_2(max_block) // 2
@@ -211,7 +210,7 @@ def _rmsnorm_bwd_kernel(dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_ptr, ds_ptr, 
 
 
 def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype,
-                 max_block: int | None = None, residual: torch.Tensor | None = None):
+                 residual: torch.Tensor | None = None):
     """x [rows, H] contiguous (fp16/bf16/fp32), weight [H] contiguous -> (out [rows, H] out_dtype, rstd [rows] fp32).
     With a residual (x's shape and dtype, contiguous): the norm of s = x + residual, and s itself ->
     (out, rstd, s)."""
@@ -220,7 +219,7 @@ def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: t
     rstd = torch.empty((rows,), dtype=torch.float32, device=x.device)
     s = torch.empty_like(x) if residual is not None else None
     if rows > 0:
-        cfg = launch_config(h, x.device.type, max_block, x.element_size())
+        cfg = launch_config(h, x.device.type, x.element_size())
         grid = (triton.cdiv(rows, cfg["BLOCK_R"]),)
         res = (residual, s) if residual is not None else (x, x)  # unused pointers without a residual
         with on_device(x.device):
@@ -230,8 +229,7 @@ def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: t
 
 
 def rms_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
-                 need_dx: bool = True, need_dw: bool = True, max_block: int | None = None,
-                 programs: int | None = None, ds: torch.Tensor | None = None):
+                 need_dx: bool = True, need_dw: bool = True, ds: torch.Tensor | None = None):
     """Gradients of rms_norm_fwd: dy, x [rows, H] contiguous, rstd [rows] fp32 from the forward ->
     (dx [rows, H] in x's dtype or None, dw [H] in weight's dtype or None). With the residual form,
     x is the saved sum s and ds (the gradient reaching s from its other uses) is added to dx."""
@@ -239,11 +237,10 @@ def rms_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: 
     dx = torch.empty_like(x) if need_dx else None
     if rows == 0 or not (need_dx or need_dw):
         return dx, (torch.zeros_like(weight) if need_dw else None)
-    cfg = launch_config(h, x.device.type, max_block, x.element_size())
+    cfg = launch_config(h, x.device.type, x.element_size())
     n_tiles = triton.cdiv(rows, cfg["BLOCK_R"])
-    if programs is None:
-        programs = _sm_count(x.device.index if x.device.index is not None else torch.cuda.current_device()) \
-            * PROGRAMS_PER_SM if x.is_cuda else CPU_PROGRAMS
+    programs = _sm_count(x.device.index if x.device.index is not None else torch.cuda.current_device()) \
+        * PROGRAMS_PER_SM if x.is_cuda else CPU_PROGRAMS
     per_prog = triton.cdiv(n_tiles, max(1, min(programs, n_tiles)))
     p = triton.cdiv(n_tiles, per_prog)  # no program without a tile
     # Single-block rows: every program writes its whole partial row. Several blocks: read-modify-write.
