@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from r1fast import _ext, backends
-from r1fast.ops.checks import require_tensors
+from r1fast.ops.checks import one_device, require_tensors
 from r1fast.ops.shared_prefix import SharedPrefix, prefix_tile_rows
 from r1fast.reference import attention as reference
 
@@ -106,12 +106,6 @@ def _check_caches(op, q, k_cache, v_cache):
                          f"{v_cache.dtype}")
 
 
-def _check_one_device(op, tensors):
-    devices = {t.device for t in tensors.values()}
-    if len(devices) != 1:
-        raise ValueError(f"{op}: all tensors must be on one device, got {sorted(map(str, devices))}")
-
-
 def _check_contiguous(op, tensors):
     for name, t in tensors.items():
         if not t.is_contiguous():
@@ -143,7 +137,7 @@ def _validate_decode(q, k_cache, v_cache, block_tables, context_lens, check_boun
     if block_tables.dtype != torch.int32 or context_lens.dtype != torch.int32:
         raise ValueError(f"{op}: block_tables and context_lens must be int32, got "
                          f"{block_tables.dtype}, {context_lens.dtype}")
-    _check_one_device(op, tensors)
+    one_device(op, tensors.values())
     _check_contiguous(op, tensors)
     if check_bounds and q.shape[0]:
         max_ctx = block_tables.shape[1] * k_cache.shape[1]
@@ -194,7 +188,7 @@ def _validate_prefill(q, k_cache, v_cache, context_slots, query_lens, context_le
         raise ValueError(f"{op}: context_slots must be int64 [{sum(context_lens)}], got "
                          f"{context_slots.dtype} {tuple(context_slots.shape)}")
     # q may be a strided view (a column slice of the fused qkv projection); the caches are read flat
-    _check_one_device(op, tensors)
+    one_device(op, tensors.values())
     _check_contiguous(op, {"k_cache": k_cache, "v_cache": v_cache})
     if cu_seqlens is not None:
         n = len(query_lens) + 1

@@ -13,6 +13,13 @@ def require_tensors(op: str, **named) -> None:
             raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
 
 
+def one_device(op: str, tensors) -> None:
+    """A ValueError naming the devices when `tensors` (None entries skipped) are not all on one."""
+    devices = {t.device for t in tensors if t is not None}
+    if len(devices) != 1:
+        raise ValueError(f"{op}: all tensors must be on one device, got {sorted(map(str, devices))}")
+
+
 def bool_mask(op: str, mask, like: torch.Tensor, like_name: str) -> torch.Tensor:
     """`mask` as a bool tensor, after checking it is a tensor of `like`'s shape and device holding only
     0 and 1 (a 2 would weight its element twice in one backend and once in another)."""

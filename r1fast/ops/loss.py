@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from r1fast import backends
-from r1fast.ops.checks import kind_of
+from r1fast.ops.checks import kind_of, one_device
 from r1fast.ops.logprob import refuse_double_backward
 from r1fast.ops.loss_options import LossOptions
 from r1fast.reference import loss as reference
@@ -86,10 +86,7 @@ def _validate_loss_inputs(op, logp, old_logp, ref_logp, advantages, mask, sample
         raise TypeError(f"{op}: advantages must be a float tensor [B], got {kind_of(advantages)}")
     if advantages.shape != (B,):
         raise ValueError(f"{op}: advantages must be [B={B}], got shape {tuple(advantages.shape)}")
-    devices = {t.device for t in (logp, old_logp, ref_logp, sampler_logp, entropy, mask, advantages,
-                                  importance_weights) if t is not None}
-    if len(devices) != 1:
-        raise ValueError(f"{op}: all tensors must be on one device, got {sorted(map(str, devices))}")
+    one_device(op, (logp, old_logp, ref_logp, sampler_logp, entropy, mask, advantages, importance_weights))
     # the value checks read the device once; only when one fails are they redone one by one, to name it
     bad = check_values and _any_bad_value(logp, old_logp, ref_logp, advantages, mask, sampler_logp, entropy,
                                           importance_weights)
