@@ -11,6 +11,7 @@ without a copy; only its prefix cache (KV of the old weights) must be dropped.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
@@ -634,10 +635,8 @@ class GRPOTrainer:
     def _train(self, resume, callback) -> dict:
         cfg = self.cfg
         logger, pbar, resume_path = start_run(self, resume)
-        self._stop_requested = False   # a stop asked of an earlier train() call is done: it must not end this one
-        previous_handlers = _install_stop_handlers(self)
         result: dict[str, Any] = {}
-        try:
+        with _stoppable_run(self, logger, pbar):
             if self.eval_rows and self.eval_at_ends and not resume_path:
                 ev = self.evaluate()
                 logger.log(self.step_offset + self.global_step, self.stage, ev)
@@ -683,14 +682,6 @@ class GRPOTrainer:
                         logger.log(self.step_offset + self.global_step, self.stage, self._final_eval)
                     result["final"] = self._final_eval
                 result["checkpoint"] = self.save()
-        except KeyboardInterrupt:
-            say_what_is_kept(self)
-            raise
-        finally:
-            _restore_handlers(previous_handlers)
-            if pbar is not None:
-                pbar.close()
-            logger.close()
         result.update(global_step=self.global_step, nonfinite_skipped=self.nonfinite_skipped, run_dir=self.run_dir)
         return result
 
@@ -751,6 +742,24 @@ def _restore_handlers(previous: dict | None):
     for sig, handler in (previous or {}).items():
         if handler is not None:  # None: installed from C, not restorable from Python
             signal.signal(sig, handler)
+
+
+@contextlib.contextmanager
+def _stoppable_run(trainer, logger, pbar):
+    """A trainer's loop under the stop handlers; an abort says what --resume continues from, and the log and
+    progress bar are closed however it ends."""
+    trainer._stop_requested = False   # a stop asked of an earlier train() call is done: it must not end this one
+    previous_handlers = _install_stop_handlers(trainer)
+    try:
+        yield
+    except KeyboardInterrupt:
+        say_what_is_kept(trainer)
+        raise
+    finally:
+        _restore_handlers(previous_handlers)
+        if pbar is not None:
+            pbar.close()
+        logger.close()
 
 
 # how a logged line combines its window's rollouts (any other metric: their mean, as TRL logs them)

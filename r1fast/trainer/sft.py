@@ -13,7 +13,6 @@ from r1fast.data.loading import (check_columns, check_prompts, continues_answer,
                                  prefilled_think, split_conversations)
 from r1fast.trainer import checkpoints as ckpt
 from r1fast.trainer.common import (
-    say_what_is_kept,
     start_run,
     step_if_finite,
     DataCursor,
@@ -38,7 +37,7 @@ from r1fast.trainer.common import (
 )
 from r1fast.trainer.config import SFTConfig
 from r1fast.trainer.loss_scale import saved_loss_scale
-from r1fast.trainer.grpo import _install_stop_handlers, _restore_handlers
+from r1fast.trainer.grpo import _stoppable_run
 
 
 class SFTTrainer:
@@ -202,11 +201,9 @@ class SFTTrainer:
     def _train(self, resume) -> dict[str, Any]:
         cfg = self.cfg
         logger, pbar, _ = start_run(self, resume)
-        self._stop_requested = False
-        previous_handlers = _install_stop_handlers(self)
         interrupted = False
         path, saved_at = None, None   # the last checkpoint written, and its step
-        try:
+        with _stoppable_run(self, logger, pbar):
             while self.global_step < self.total_steps:
                 m = self.step()
                 if math.isfinite(m["loss"]):   # a skipped NaN/inf step (nonfinite_skipped) would void the window's mean
@@ -230,14 +227,6 @@ class SFTTrainer:
                 path = self.save()
             if interrupted:
                 print(f"\nr1fast: interrupted at step {self.global_step}; resumable checkpoint: {path}")
-        except KeyboardInterrupt:
-            say_what_is_kept(self)
-            raise
-        finally:
-            _restore_handlers(previous_handlers)
-            if pbar is not None:
-                pbar.close()
-            logger.close()
         return {"checkpoint": path, "global_step": self.global_step, "run_dir": self.run_dir,
                 "interrupted": interrupted, "nonfinite_skipped": self.nonfinite_skipped}
 
