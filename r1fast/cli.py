@@ -48,7 +48,7 @@ def _sigterm_as_exit():
         yield
     finally:
         # None: a handler installed from C, which Python cannot put back (signal.signal(sig, None) is a TypeError
-        # that would hide the bench's own result); the default then, as the trainers' _restore_handlers leaves it
+        # that would hide the bench's own result); the default then, as the trainers' stop_handlers leaves it
         signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 

@@ -15,7 +15,6 @@ Options after the config file are `--key value`, `--key=value` or `key=value`; f
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import sys
 
@@ -343,10 +342,13 @@ def _cmd_sample(args):
     """Rejection sampling into output_file, keeping its progress beside the output after each batch of
     prompts (sampling.progress_path), from which --resume continues after any kill; the first
     Ctrl-C/SIGTERM stops it after its batch."""
+    import types
+
     from r1fast.data import load_rows
     from r1fast.trainer import sampling
     from r1fast.trainer.common import check_answer_present, resolve_device
     from r1fast.trainer.config import SampleConfig
+    from r1fast.trainer.grpo import stop_handlers
 
     cfg, resume = _config(SampleConfig, args.rest, "sample")
     out = cfg.output_file or os.path.join("runs", "sample", "samples.jsonl")
@@ -362,7 +364,8 @@ def _cmd_sample(args):
                                               {"device": str(resolve_device(cfg.device))})
     log = sampling.SampleProgress(progress_file, fingerprint)
     earlier = log.load("sampling") if resume else None
-    with _stop_after_batch("finishing this batch of prompts and keeping what it sampled so far") as stop:
+    stop = types.SimpleNamespace(_stop_requested=False)   # the first Ctrl-C/SIGTERM sets it; a second stops at once
+    with stop_handlers(stop, lambda: "finishing this batch of prompts and keeping what it sampled so far"):
         try:
             kept, stats = sampling.rejection_sample(model, tok, rows, cfg, progress=cfg.progress_bar,
                                                     should_stop=lambda: stop._stop_requested, resume_from=earlier,
@@ -402,21 +405,6 @@ def _check_sample_output(out: str, progress_file: str, resume, rest: list[str], 
         raise ConfigError(f"{progress_file} holds what a stopped run kept for {out}. Type\n"
                           f"  {again} --resume    to continue it\n"
                           f"  rm {shlex.quote(progress_file)}    to sample from the first prompt")
-
-
-@contextlib.contextmanager
-def _stop_after_batch(finishing: str):
-    """The first Ctrl-C/SIGTERM sets the yielded object's `_stop_requested` (a second one stops at once)."""
-    import types
-
-    from r1fast.trainer.grpo import _install_stop_handlers, _restore_handlers
-
-    stop = types.SimpleNamespace(_stop_requested=False)
-    previous = _install_stop_handlers(stop, lambda: finishing)
-    try:
-        yield stop
-    finally:
-        _restore_handlers(previous)
 
 
 def _cmd_pipeline(args):

@@ -715,15 +715,16 @@ def _clip_extremes(stats: dict, active: torch.Tensor, advantages: torch.Tensor, 
 _STOP_SIGNALS = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}  # SIGTERM: a scheduler's job end, `kill`
 
 
-def _install_stop_handlers(trainer, finishing: Callable[[], str] = lambda: "finishing this step and writing a checkpoint"
-                           ) -> dict | None:
-    """First Ctrl-C or SIGTERM: finish the current step, write a checkpoint, stop (`finishing` says
-    what is finished: a pipeline's own handler, between its stages, finishes other work). Second:
-    stop at once. Returns the handlers to put back (`_restore_handlers`)."""
+@contextlib.contextmanager
+def stop_handlers(trainer, finishing: Callable[[], str] = lambda: "finishing this step and writing a checkpoint"):
+    """While open, the first Ctrl-C or SIGTERM sets trainer._stop_requested: finish the current step, write a
+    checkpoint, stop (`finishing` says what is finished: a pipeline's own handler, between its stages, finishes
+    other work). Second: stop at once. The handlers before are put back on exit."""
     import threading
 
-    if threading.current_thread() is not threading.main_thread():
-        return None
+    if threading.current_thread() is not threading.main_thread():   # only the main thread may set handlers
+        yield
+        return
 
     def handler(signum, frame):
         if trainer._stop_requested:
@@ -735,13 +736,12 @@ def _install_stop_handlers(trainer, finishing: Callable[[], str] = lambda: "fini
     previous = {sig: signal.getsignal(sig) for sig in _STOP_SIGNALS}
     for sig in _STOP_SIGNALS:
         signal.signal(sig, handler)
-    return previous
-
-
-def _restore_handlers(previous: dict | None):
-    for sig, handler in (previous or {}).items():
-        if handler is not None:  # None: installed from C, not restorable from Python
-            signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        for sig, before in previous.items():
+            if before is not None:  # None: installed from C, not restorable from Python
+                signal.signal(sig, before)
 
 
 @contextlib.contextmanager
@@ -749,14 +749,13 @@ def _stoppable_run(trainer, logger, pbar):
     """A trainer's loop under the stop handlers; an abort says what --resume continues from, and the log and
     progress bar are closed however it ends."""
     trainer._stop_requested = False   # a stop asked of an earlier train() call is done: it must not end this one
-    previous_handlers = _install_stop_handlers(trainer)
     try:
-        yield
+        with stop_handlers(trainer):
+            yield
     except KeyboardInterrupt:
         say_what_is_kept(trainer)
         raise
     finally:
-        _restore_handlers(previous_handlers)
         if pbar is not None:
             pbar.close()
         logger.close()

@@ -632,17 +632,16 @@ class PipelineRunner:
     # -- the run -----------------------------------------------------------------------------------
     def run(self, resume: bool = False) -> dict:
         from r1fast.trainer.checkpoints import own_run_folder
-        from r1fast.trainer.grpo import _install_stop_handlers, _restore_handlers
+        from r1fast.trainer.grpo import stop_handlers
 
         import torch
 
-        with own_run_folder(self.run_dir):  # one run per folder at a time
-            previous_handlers = _install_stop_handlers(self, lambda: self._finishing)
+        # one run per folder at a time
+        with own_run_folder(self.run_dir), stop_handlers(self, lambda: self._finishing):
             threads = torch.get_num_threads()
             try:
                 return self._run(resume)
             finally:
-                _restore_handlers(previous_handlers)
                 torch.set_num_threads(threads)   # num_threads is this run's setting, not the calling process's
 
     def _stop_if_requested(self, stage: Stage):
