@@ -3308,3 +3308,24 @@ def test_resume_on_the_same_rows_from_a_moved_file_says_nothing(tmp_path, capsys
     sft(tmp_path / "b" / "other.jsonl").train(resume=True)   # other rows: the path and the sha256 are said
     err = capsys.readouterr().err
     assert "other.jsonl'" in err and "the training rows (sha256 " in err
+
+
+def test_stop_handlers_put_the_default_back_where_the_handler_before_came_from_c(monkeypatch):
+    # signal.getsignal returns None for a handler installed from C (an embedding host's). stop_handlers left its
+    # own handler installed then, so after train() a SIGTERM became a stop request of a finished trainer (a
+    # printed line) instead of ending the process. It now puts the default back, as `r1fast bench` does.
+    import signal
+    import types
+
+    from r1fast.trainer import grpo
+
+    real_getsignal = signal.getsignal
+    before = {s: real_getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    monkeypatch.setattr(signal, "getsignal", lambda sig: None)
+    try:
+        with grpo.stop_handlers(types.SimpleNamespace(_stop_requested=False)):
+            assert real_getsignal(signal.SIGTERM) not in (None, signal.SIG_DFL)   # the trainer's own
+        assert [real_getsignal(s) for s in before] == [signal.SIG_DFL, signal.SIG_DFL]
+    finally:
+        for s, h in before.items():
+            signal.signal(s, h)

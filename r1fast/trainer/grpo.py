@@ -740,8 +740,9 @@ def stop_handlers(trainer, finishing: Callable[[], str] = lambda: "finishing thi
         yield
     finally:
         for sig, before in previous.items():
-            if before is not None:  # None: installed from C, not restorable from Python
-                signal.signal(sig, before)
+            # None: a handler installed from C, which Python cannot put back; the default then, since leaving
+            # ours would keep turning signals into stop requests of a trainer whose run has ended
+            signal.signal(sig, signal.SIG_DFL if before is None else before)
 
 
 @contextlib.contextmanager
