@@ -913,6 +913,11 @@ FUSED_BAD_VALUES = [
     # the two log-probs are shown: a policy's log-prob of -1e38 (huge yet finite logits) is the culprit there
     ("ref+300", dict(beta=0.04), r"non-finite loss at row 0: the k3 KL exp\(ref_logp - logp\) overflows at position 2: "
                                  r".*: ref_logp 300, the policy's log-prob -\d\.\d+\)$"),
+    # no ratio or k3 KL overflows here: the message named neither the position nor the input that overflows
+    ("weights-3e38", dict(), r"non-finite loss at row 2: .* overflows at position 2 \(the policy's log-prob "
+                             r"-\d\.\d+, old_logp -10, ref_logp -2, importance_weights 3e\+38, advantage -0.7\)$"),
+    ("ref+3e19", dict(beta=0.04, kl_estimator="k2"), r"non-finite loss at row 0: .* overflows at position 2 \(.*"
+                                                   r"ref_logp 3e\+19, advantage 0.5\)$"),
     ("hidden-nan", dict(), r"non-finite log-prob at row 1, position 2: hidden has NaN/inf there"),
     ("weight-nan", dict(), r"non-finite log-prob at row 0, position 0: weight has NaN/inf \(first in its row 3"),
 ]
@@ -927,7 +932,13 @@ def test_fused_bad_values_name_the_input_and_row(backend, single_pass, kind, opt
     mask = torch.ones(3, 4)
     mask[0, 3] = 0
     adv, old, ref = torch.tensor([0.5, -0.3, -0.7]), torch.full((3, 4), -2.0), torch.full((3, 4), -2.0)
-    if kind == "adv-nan":
+    weights = None
+    if kind == "weights-3e38":
+        weights = torch.ones(3, 4)
+        weights[2, 2], old[2, 2] = 3e38, -10.0  # a ratio e^8 or so, far from overflowing
+    elif kind == "ref+3e19":
+        ref[0, 2] = 3e19
+    elif kind == "adv-nan":
         adv[1] = float("nan")
     elif kind == "old-400":
         old[2, 1] = -400.0
@@ -939,8 +950,8 @@ def test_fused_bad_values_name_the_input_and_row(backend, single_pass, kind, opt
         w = _nan_at(w, (3, 5))
     # the two-pass path's input errors came from the grpo_loss it calls, named 'grpo_loss: ...'
     with pytest.raises(ValueError, match="^fused_linear_grpo_loss: " + match):
-        ops.fused_linear_grpo_loss(h, w, targets, mask, adv, old_logp=old, ref_logp=ref, backend=backend,
-                                   single_pass=single_pass, **opts)
+        ops.fused_linear_grpo_loss(h, w, targets, mask, adv, old_logp=old, ref_logp=ref, importance_weights=weights,
+                                   backend=backend, single_pass=single_pass, **opts)
 
 
 def test_packed_bad_cu_seqlens():

@@ -349,13 +349,21 @@ def _non_finite_loss_error(lay, h_act, weight, t_act, per_token, opts, backend, 
     lp2 = lay.to2d(logp.detach().to(mask2.dtype), active_only=True)
     rows, total = mask2.shape[0], float(mask2.sum())
     sl = lambda x, r: None if x is None else x[r:r + 1]  # noqa: E731
-    for r in range(rows):
+
+    def row_is_finite(r, mask_r):
         with torch.no_grad():
-            loss_r, _ = reference.grpo_loss(lp2[r:r + 1], sl(old2, r), sl(ref2, r), adv[r:r + 1], mask2[r:r + 1], opts,
+            loss_r, _ = reference.grpo_loss(lp2[r:r + 1], sl(old2, r), sl(ref2, r), adv[r:r + 1], mask_r[None], opts,
                                             sampler_logp=sl(smp2, r), importance_weights=sl(isw2, r),
                                             totals=(rows, total))
-        if not bool(torch.isfinite(loss_r)):
+        return bool(torch.isfinite(loss_r))
+
+    for r in range(rows):
+        if not row_is_finite(r, mask2[r]):
             why = _why_row_is_not_finite(lp2[r], old2, ref2, mask2[r] > 0, r, opts)
+            if why is None:
+                inputs = {"old_logp": old2, "ref_logp": ref2, "sampler_logp": smp2, "importance_weights": isw2}
+                why = _first_overflowing_token(lp2[r], mask2[r], adv[r], inputs, r, opts,
+                                               lambda keep, r=r: row_is_finite(r, keep))
             return ValueError(f"{OP}: non-finite loss at row {r}: {why}")
     return ValueError(f"{OP}: non-finite loss though every row's log-probs and loss are finite")
 
@@ -387,7 +395,28 @@ def _why_row_is_not_finite(lp, old2, ref2, act, r, opts):
             return (f"the k3 KL exp(ref_logp - logp) overflows at position {p}: ref_logp - logp = "
                     f"{float(gap.max()):.4g} > {limit:.4g} (ref_logp far above the policy's log-prob: "
                     f"{_pair('ref_logp', ref2[r, p], lp[p])})")
-    return "its log-probs and inputs are finite; the objective itself overflows"
+    return None
+
+
+def _first_overflowing_token(lp, mask_r, adv_r, inputs, r, opts, is_finite):
+    """Where a row's loss overflows though no ratio or k3 KL does (a huge importance weight or advantage, a
+    bias-corrected or k2 KL): the first active token whose term is not finite, with every input's value there.
+    Token terms are independent only with token-level ratios and weights: otherwise the row is named alone."""
+    unlocated = "its log-probs and inputs are finite; the objective itself overflows"
+    if opts.importance_sampling_level != "token" or (inputs["sampler_logp"] is not None and opts.tis_level != "token"):
+        return unlocated
+    pos = (mask_r > 0).nonzero().squeeze(-1).tolist()
+    places = torch.arange(mask_r.numel(), device=mask_r.device)
+    # the first k whose prefix of active tokens (the first k + 1) gives a non-finite loss: ~log2(T) evaluations
+    k = bisect.bisect_left(range(len(pos)), True,
+                           key=lambda k: not is_finite(torch.where(places <= pos[k], mask_r, 0)))
+    if k == len(pos):
+        return unlocated
+    p = pos[k]
+    values = [f"the policy's log-prob {float(lp[p]):.4g}"] + [
+        f"{name} {float(x[r, p]):.4g}" for name, x in inputs.items() if x is not None] + [
+        f"advantage {float(adv_r):.4g}"]
+    return f"its log-probs and inputs are finite; the objective overflows at position {p} ({', '.join(values)})"
 
 
 def fused_linear_grpo_loss(hidden, weight, targets, mask, advantages, *, old_logp=None, ref_logp=None,
