@@ -294,6 +294,21 @@ def test_numeric_fallback_agrees_with_math_verify(pred, gold, ok, monkeypatch):
         assert answers_match(pred, gold) is ok
 
 
+def test_reading_a_ratio_is_linear_in_the_spaces_of_a_junk_answer(monkeypatch):
+    # `/\s*([+-]?)\s*` split a run of spaces between its two \s* in every way: "1/", 20k spaces and a letter
+    # took 12 s in _as_number, on the main thread, before any math-verify deadline (vote_key alike)
+    import time
+
+    from r1fast.rewards.builtin import vote_key
+
+    monkeypatch.setitem(sys.modules, "math_verify", None)
+    junk = "1/" + " " * 20_000 + "x"
+    t = time.perf_counter()
+    assert not answers_match(junk, "5") and vote_key(junk) == ("text", junk)
+    assert time.perf_counter() - t < 0.5
+    assert answers_match("1/ - 2", "-0.5") and answers_match("-1 /+ 4", "-0.25")
+
+
 def test_math_verify_reads_bare_latex_and_runs_off_the_main_thread():
     pytest.importorskip("math_verify")
     import threading
