@@ -1133,6 +1133,25 @@ def test_a_separated_or_mixed_number_is_its_value_to_math_verify(with_math_verif
         assert _accuracy("-\\frac{3}{2}", "-1 1/2") == 1.0 and _accuracy("\\frac{2001}{2}", "1\\,000.5") == 1.0
 
 
+def test_looking_for_a_mixed_number_is_linear_in_a_junk_answer(monkeypatch):
+    # _MIXED_RE.search, retried from every place, was quadratic before a number's text went to math-verify: a ratio
+    # "1/", 20k spaces, "2" against a gold expression spent 14 s there, before math-verify's own deadline
+    import time
+    import types
+
+    from r1fast.rewards import builtin
+
+    given = []
+    monkeypatch.setitem(sys.modules, "math_verify", types.ModuleType("math_verify"))
+    monkeypatch.setattr(builtin, "_math_verify_match", lambda p, g: given.append((p, g)) or False)
+    junk = "1/" + " " * 20_000 + "2"
+    t = time.perf_counter()
+    assert not answers_match(junk, "x+1") and given == [(junk, "x+1")]
+    assert time.perf_counter() - t < 0.5
+    answers_match("-2  3 /4", "x"), answers_match("1 000", "y")
+    assert given[1:] == [("-\\frac{11}{4}", "x"), ("1000", "y")]
+
+
 def test_markdown_and_display_math_around_a_whole_answer_are_not_part_of_it(with_math_verify):
     # a chat model's **5** or `5`, and \[5\] (as `$\[5\]$` math-verify read no number), scored 0 against 5
     for written in ("**5**", "*5*", "__5__", "`5`", "** 5 **", "\\[5\\]", "\\( 5 \\)", "**\\(5\\)**"):
