@@ -1208,6 +1208,20 @@ def test_language_reward_counts_english_disguised_as_math_notation():
     assert zh(None, [f"<think>{t}</think>" for t in math]) == [1.0] * len(math)
 
 
+def test_language_reward_counts_a_word_spelled_out_between_marks():
+    # each lone letter beside a mark (- / _ a digit a bracket) was a variable, so English spelled out with marks between
+    # its letters scored 1.0 for zh (0.11 before b533e7c); a word's inner letters now count, its two ends stay variables
+    zh = make_language_reward("zh")
+    spelled = ["中 T-h-e q-u-i-c-k b-r-o-w-n f-o-x", "中 t/h/e", "中 t1h1e1 q1u1i1c1k", "中 (t)(h)(e)", "中 t_h_e"]
+    assert zh(None, [f"<think>{t}</think>" for t in spelled]) == [
+        pytest.approx(v) for v in (1 / 15, 1 / 2, 1 / 7, 1 / 2, 1 / 2)]
+    # variables beside math are still no language, as the inner terms of a longer sum are not
+    math = ["设 x+y=1 且 x-y=3", "计算 f(x) = a_1 x + a_2", "由 $x_1 + x_2 + x_3 = 1$ 得", "设 x + y + z = 1"]
+    assert zh(None, [f"<think>{t}</think>" for t in math]) == [1.0] * len(math)
+    assert zh(None, ["<think>设 a+b+c=1</think>"]) == [pytest.approx(1 / 2)]   # 设 against the b
+    assert zh(None, ["<think>设 a+\u03b1+b=1</think>"]) == [1.0]   # a Greek letter is a variable wherever it is
+
+
 def test_reward_set_takes_exact_numbers_as_trl_does():
     # an exact math reward's Fraction or Decimal (TRL's torch.tensor takes them) was refused as "not a finite number"
     import decimal

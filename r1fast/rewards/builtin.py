@@ -539,17 +539,40 @@ def _is_variable(text: str, i: int, scripts: tuple[str, ...]) -> bool:
     return any(_is_math_mark(ch) or (ch.isalpha() and _in_script(ch, scripts)) for ch in neighbours)
 
 
+# At most this many characters between two lone letters of one spelled-out word (`t-h-e`, `(t)(h)(e)`); not three,
+# which would take the x of `a_1 x + a_2` and the y of `x + y + z` for letters of a word.
+_SPELLED_GAP = 2
+
+
+def _spelled_out(text: str, runs: list[tuple[int, int, Optional[bool]]], k: int) -> bool:
+    """Whether the lone letter of runs[k] has lone Latin letters close by on both sides: a word spelled out with marks
+    between its letters (`T-h-e q-u-i-c-k`, `t/h/e`, `t1h1e`), which every one of them beside math (_is_variable)
+    left out: 1.0 for zh. Only a word's inner letters are told so; a sum's inner terms written tight (the b of a+b+c)
+    count too."""
+    def lone_latin(j: int) -> bool:
+        return 0 <= j < len(runs) and runs[j][2] is False and runs[j][1] == 1 and _in_script(text[runs[j][0]], ("LATIN",))
+
+    def close(gap: int) -> bool:
+        return 0 <= gap < len(runs) and runs[gap][2] is None and runs[gap][1] <= _SPELLED_GAP
+
+    # a lone Greek letter stays a variable whatever is beside it
+    return lone_latin(k) and all(close(k + d) and lone_latin(k + 2 * d) for d in (-1, 1))
+
+
 def _language_evidence(body: str, scripts: tuple[str, ...]) -> list[bool]:
     """For each letter of `body` that tells its language, whether it is in the target `scripts`."""
     text = _LATEX_MATH_RE.sub(_NOTATION, body.translate(_MATH_LETTERS_AS_PLAIN))
-    evidence: list[bool] = []
-    start = 0
+    runs, start = [], 0   # (start, length, in the target script) of each run of letters; None: a run of non-letters
     for in_target, part in itertools.groupby(text, key=lambda ch: _in_script(ch, scripts) if ch.isalpha() else None):
         n = len(list(part))
-        a_variable = in_target is False and n == 1 and _is_variable(text, start, scripts)
+        runs.append((start, n, in_target))
+        start += n
+    evidence: list[bool] = []
+    for k, (start, n, in_target) in enumerate(runs):
+        a_variable = (in_target is False and n == 1 and _is_variable(text, start, scripts)
+                      and not _spelled_out(text, runs, k))
         if in_target is not None and not a_variable:
             evidence.extend([in_target] * n)
-        start += n
     return evidence
 
 
