@@ -1269,6 +1269,22 @@ def test_a_reward_file_is_imported_once_and_may_hold_dataclasses(tmp_path):
     assert RewardSet([f"{f}:a"]).score(["p"], ["c"], {}) == [[2.0]]
 
 
+def test_a_reward_file_edited_within_the_same_tick_is_imported_again(tmp_path, monkeypatch):
+    # the file's mtime and size told an edit: one keeping the size within the clock's tick was taken for the file
+    # imported before, and Python's own __pycache__ (mtime in whole seconds) ran the old code too (45 of 50 quick
+    # same-size edits scored by the old function)
+    import os
+
+    monkeypatch.setattr(sys, "dont_write_bytecode", False)   # as for a user: a .pyc is written beside the file
+    f = tmp_path / "quick_rewards.py"
+    f.write_text("def r(prompts, completions, **kw):\n    return [1.0] * len(completions)\n")
+    stat = f.stat()
+    assert RewardSet([f"{f}:r"]).score(["p"], ["c"], {}) == [[1.0]]
+    f.write_text("def r(prompts, completions, **kw):\n    return [2.0] * len(completions)\n")
+    os.utime(f, ns=(stat.st_atime_ns, stat.st_mtime_ns))   # the same mtime and size
+    assert RewardSet([f"{f}:r"]).score(["p"], ["c"], {}) == [[2.0]]
+
+
 def test_a_format_pattern_that_is_no_regular_expression_is_named():
     # RewardSet(format_pattern=...) raised re.error's bare "missing ), unterminated subpattern at position 7"
     for bad in ("<think>(.*</think>", 5):

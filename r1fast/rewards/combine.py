@@ -73,25 +73,30 @@ def _import_user_file(spec: str, path: str):
     if not os.path.isfile(path):
         raise ValueError(f"reward function {spec!r}: file {path!r} does not exist")
     real = os.path.realpath(path)
-    stat = os.stat(real)
-    version = (stat.st_mtime_ns, stat.st_size)
+    try:
+        with open(real, "rb") as f:
+            # its text, not its mtime and size: an edit within the file system's clock tick (or, for Python's cached
+            # bytecode, within the same second) that kept the size was taken for the file imported before
+            source = f.read()
+    except OSError as e:
+        raise ValueError(f"reward function {spec!r}: cannot read {path!r}: {e}") from e
     name = f"r1fast_user_reward_{abs(hash(real))}"
     imported = _USER_FILES.get(real)
-    if imported is not None and imported[0] == version and sys.modules.get(name) is imported[1]:
+    if imported is not None and imported[0] == source and sys.modules.get(name) is imported[1]:
         return imported[1]
     mspec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(mspec)
     sys.modules[name] = module
     try:
-        mspec.loader.exec_module(module)
+        exec(compile(source, mspec.origin, "exec"), module.__dict__)   # the text read, never a stale __pycache__
     except Exception as e:   # a SyntaxError or an exception at import: the user's file, not r1fast
         del sys.modules[name]
         raise ValueError(f"reward function {spec!r}: importing {path!r} raised {type(e).__name__}: {e}") from e
-    _USER_FILES[real] = (version, module)
+    _USER_FILES[real] = (source, module)
     return module
 
 
-_USER_FILES: dict[str, tuple] = {}   # a reward file's real path -> ((mtime_ns, size) when imported, its module)
+_USER_FILES: dict[str, tuple] = {}   # a reward file's real path -> (its text when imported, its module)
 
 
 def _import_user_module(spec: str, mod_name: str):
