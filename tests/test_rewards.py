@@ -69,6 +69,19 @@ def test_format_reward_crafted():
     assert loose(None, ["<answer>5</answer>", "<answer>5</answer> lots of junk", "Answer: 12\n"]) == [1.0, 0.0, 0.0]
 
 
+def test_word_answers_that_match_are_one_vote():
+    # answers_match takes Yes, yes. and \\text{YES} for one answer, vote_key made them three votes: with the gold
+    # `no`, samples no, Yes, yes., \\text{YES} gave cons@4 1.0 (a tie of ones, the first sample winning)
+    from r1fast.rewards.builtin import vote_key
+    from r1fast.trainer.evaluate import majority_index
+
+    for a, b in (("Yes", "yes."), ("\\text{YES}", "yes"), ("B", "b."), ("**True**", "true")):
+        assert vote_key(a) == vote_key(b) and answers_match(a, b), (a, b)
+    assert len({vote_key(a) for a in ("yes", "no", "\\text{no}", "\\frac{1}{2}", "")}) == 4
+    texts = [f"<answer>{a}</answer>" for a in ("no", "Yes", "yes.", "\\text{YES}")]
+    assert majority_index(texts, [True, False, False, False]) == 1
+
+
 def test_language_reward_share_of_target_script():
     fn = make_language_reward("en")
     out = fn(None, ["<think>abcd</think><answer>1</answer>", "<think>ab\u4f60\u597d</think>", "<think>1+2</think>"])

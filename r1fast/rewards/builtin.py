@@ -251,10 +251,16 @@ def _as_math_verify_number(s: str, value: Optional[Fraction]) -> str:
 def vote_key(answer: str):
     """A key under which answers are the same vote in a majority vote (cons@k) without a math-verify call
     per pair (tens to hundreds of ms each on junk answers): the same number (1/2, 0.5, 1,000, $5), else
-    the same text, ends stripped. Answers with one key match by `answers_match`."""
+    the same words, case and a final full stop aside, else the same text, ends stripped. Answers with one key
+    match by `answers_match`."""
     answer = _without_markdown(answer)
     number = _as_number(answer)
-    return ("number", number) if number is not None else ("text", answer)
+    if number is not None:
+        return ("number", number)
+    # `Yes`, `yes.` and `\\text{YES}` are one answer to answers_match (_same_words): as three votes, three wrong
+    # samples lost cons@k to one right one
+    words = _text_words(answer)
+    return ("text", words or answer)
 
 
 # One answer's whole math-verify check (its parses and comparisons) on any thread; past it the answer
