@@ -2082,6 +2082,10 @@ def test_a_prompt_cut_to_the_models_positions_names_them_not_max_prompt_length(t
     # evaluate_accuracy's own max_prompt_length is capped as GRPO caps it (it was the 'no room' error)
     with pytest.warns(UserWarning, match=said):
         assert evaluate_accuracy(model, tok, [long], max_prompt_length=512, max_tokens=1)["eval/num_samples"] == 1
+    # 0 kept the whole prompt (ids[-0:]) while the warning said it kept 0 tokens; -5 cut its first 5 tokens
+    for bad in (0, -5, 2.5):
+        with pytest.raises(ValueError, match=rf"max_prompt_length must be a whole number >= 1; got {bad}"):
+            evaluate_accuracy(model, tok, [{"prompt": "1+2=", "answer": "3"}], max_prompt_length=bad, max_tokens=1)
 
 
 def test_a_model_with_no_fp8_layer_is_converted_when_the_config_asks(tmp_path):

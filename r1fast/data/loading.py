@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import numbers
 import shlex
 import warnings
 from typing import Any, Optional, Sequence
@@ -428,6 +429,11 @@ def encode_prompt(tokenizer, prompt: Any, system_prompt: Optional[str] = None,
 def prompt_limit(max_prompt_length: int, positions: int) -> tuple[int, str]:
     """The tokens a prompt keeps, and what sets that number in the user's words: max_prompt_length, else all but
     one of the model's `positions` (a longer prompt could not get a single completion token)."""
+    if isinstance(max_prompt_length, bool) or not isinstance(max_prompt_length, numbers.Integral) \
+            or max_prompt_length < 1:
+        # evaluate_accuracy's own: 0 kept whole prompts (ids[-0:]) while warning they kept 0 tokens, -5 cut their
+        # first 5 tokens, 2.5 failed the slice
+        raise ValueError(f"max_prompt_length must be a whole number >= 1; got {max_prompt_length!r}")
     if max_prompt_length <= positions - 1:
         return max_prompt_length, "max_prompt_length"
     return positions - 1, f"the model's {positions} positions less one"
