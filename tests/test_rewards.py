@@ -1383,3 +1383,12 @@ def test_unicode_math_is_read_as_its_latex():
         assert _accuracy(answer, gold) == 1.0, (answer, gold)
     for answer, gold in (("√2", "2"), ("∞", "-\\infty"), ("x²", "x^3"), ("½", "1/3")):
         assert _accuracy(answer, gold) == 0.0, (answer, gold)
+
+
+def test_a_full_stop_after_a_unicode_root_is_not_its_decimal_point():
+    # √'s number took a sentence's full stop in: √6. was \\sqrt{6.}, which math-verify could not read, and scored 0
+    # against \\sqrt{6} (2√3. against 2\\sqrt{3}, and against 2√3 itself)
+    pytest.importorskip("math_verify")
+    for answer, gold in (("√6.", "\\sqrt{6}"), ("2√3.", "2\\sqrt{3}"), ("2√3.", "2√3"), ("√2.25", "1.5"), ("√.25.", "0.5")):
+        assert _accuracy(answer, gold) == 1.0, (answer, gold)
+    assert _accuracy("√6.", "6") == 0.0 and _accuracy("√2.25", "2") == 0.0

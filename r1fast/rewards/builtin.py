@@ -194,7 +194,8 @@ def _without_math_delimiters(s: str) -> str:
 _UNICODE_SYMBOLS = {"∞": "\\infty ", "≤": "\\le ", "≥": "\\ge ", "≠": "\\ne ", "±": "\\pm ", "·": "\\cdot "}
 _SUPERSCRIPTS = "⁰¹²³⁴⁵⁶⁷⁸⁹⁻⁺"
 _SUPERSCRIPT_RUN_RE = re.compile(f"[{_SUPERSCRIPTS}]+")
-_SQRT_RE = re.compile(r"√\s*(?:\(([^()]*)\)|([0-9.]+|[A-Za-z]))")
+# a decimal's point only between digits: `[0-9.]+` took a sentence's full stop in, and √6. (\sqrt{6.}) scored 0
+_SQRT_RE = re.compile(r"√\s*(?:\(([^()]*)\)|([0-9]+(?:\.[0-9]+)?|\.[0-9]+|[A-Za-z]))")
 _VULGAR_FRACTION_RE = re.compile("[½⅓⅔¼¾⅕⅖⅗⅘⅙⅚⅛⅜⅝⅞]")
 # each one's LaTeX, made once: a Fraction per character took 1.3 s for a 100k-character junk answer of ½
 _VULGAR_FRACTION_LATEX = {
