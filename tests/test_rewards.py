@@ -1184,6 +1184,16 @@ def test_a_full_stop_after_a_latex_answer_does_not_leave_its_leading_number_alon
         assert _accuracy("\\frac{1}{2}.", "0.5") == 1.0 and _accuracy("The answer is 5.", "5") == 1.0
 
 
+def test_a_comma_after_a_latex_answer_does_not_leave_its_leading_number_alone(with_math_verify):
+    # as with the full stop: `$2\\sqrt{3},$` parsed to nothing and the bare text to its leading 2, so 2\\sqrt{3}, and
+    # 2x, scored 1 against 2, 4\\pi, against 4 (or a gold 4\\pi, matched the answer 4), and 0 against their own value
+    for written, leading in (("2\\sqrt{3},", "2"), ("2x,", "2"), ("4\\pi,", "4"), ("8\u00bd,", "8")):
+        assert _accuracy(written, leading) == 0.0 and _accuracy(leading, written) == 0.0, written
+        assert _accuracy(written, written[:-1]) == 1.0 or not with_math_verify, written
+    if with_math_verify:
+        assert _accuracy("x+1,", "x+1") == 1.0 and _accuracy("(1, 2),", "(1,2)") == 1.0
+
+
 def test_a_math_block_that_is_only_part_of_the_answer_is_not_the_answer(with_math_verify):
     # math-verify given `\(3\)+1` as it is read its delimited part alone: the answer 4 (and 3-4) scored 1 against 3
     for written in ("\\(3\\)+1", "\\[3\\]-4", "\\[3\\]4", "\\(3\\) or \\(4\\)", "\\[3\\] \\[4\\]"):

@@ -373,9 +373,10 @@ _PROSE_RE = re.compile(r"[A-Za-z]{2,}")
 
 
 def _without_full_stop(s: str) -> str:
-    """`s` without a final full stop (an ellipsis stays)."""
+    """`s` without a sentence's final full stop or comma (an ellipsis stays): `$2\\sqrt{3},$` parsed to nothing as
+    `$2\\sqrt{3}.$` did, and the bare text to its leading 2."""
     s = s.rstrip()
-    return s[:-1] if s.endswith(".") and not s.endswith("..") else s
+    return s[:-1] if s.endswith((".", ",")) and not s.endswith("..") else s
 
 
 def _mv_parse(parse, s: str):
@@ -384,7 +385,7 @@ def _mv_parse(parse, s: str):
     `\\$` is money, not a delimiter) is read as `$…$` first. Prose without LaTeX ("24 clips", "x is 5")
     is read as text, where math-verify finds its number: as `$…$` its words became products of
     variables (yes == sey, 24 clips != 24). Other bare text ("x^2+1", "(1, 2)") is read as `$…$`, without
-    a sentence's full stop: `$2\\sqrt{3}.$` parsed to nothing, and the bare text to its leading 2."""
+    a sentence's full stop or comma: `$2\\sqrt{3}.$` parsed to nothing, and the bare text to its leading 2."""
     if "$" in s.replace("\\$", ""):
         tries = [s]
     elif "\\" in s:
