@@ -1175,6 +1175,15 @@ def test_markdown_and_display_math_around_a_whole_answer_are_not_part_of_it(with
         assert _accuracy("**\\frac{1}{2}**", "0.5") == 1.0 and _accuracy("\\[\\frac{1}{2}\\]", "1/2") == 1.0
 
 
+def test_markdown_around_an_answer_before_its_full_stop_is_not_part_of_it(with_math_verify):
+    # a chat model's `**14**.` or `` `14`. `` was not unwrapped (the wrapper must end the answer) and scored 0 against 14
+    for written in ("**14**.", "`14`.", "*14*,", "**\\(14\\)**."):
+        assert _accuracy(written, "14") == 1.0 and _accuracy(written, "15") == 0.0, written
+    assert _accuracy("**14**...", "14") == 0.0 and _accuracy("**1**4.", "14") == 0.0   # an ellipsis; not a wrapper
+    if with_math_verify:
+        assert _accuracy("**\\frac{1}{2}**.", "0.5") == 1.0
+
+
 def test_a_full_stop_after_a_latex_answer_does_not_leave_its_leading_number_alone(with_math_verify):
     # `$2\sqrt{3}.$` parsed to nothing and the bare text to its leading 2: 2\sqrt{3}. and 8½. scored 1 against 2 and 8
     for written, leading in (("2\\sqrt{3}.", "2"), ("2x.", "2"), ("8\\frac{1}{2}.", "8"), ("8\u00bd.", "8"), ("2\\pi.", "2")):

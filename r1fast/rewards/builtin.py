@@ -168,10 +168,11 @@ _MARKDOWN_RE = re.compile(r"\*\*((?:(?!\*\*).)+)\*\*|__((?:(?!__).)+)__|\*([^*]+
 
 
 def _without_markdown(s: str) -> str:
-    """The answer inside markdown emphasis or code that wraps all of it (`**\\frac{1}{2}**`)."""
+    """The answer inside markdown emphasis or code that wraps all of it (`**\\frac{1}{2}**`), a sentence's full stop
+    or comma after it aside (`**14**.`, which read as `$**14**.$` scored 0 against 14)."""
     s = s.strip()
     for _ in range(3):
-        m = _MARKDOWN_RE.fullmatch(s)
+        m = _MARKDOWN_RE.fullmatch(s) or _MARKDOWN_RE.fullmatch(_without_full_stop(s))
         if m is None:
             break
         s = next(g for g in m.groups() if g is not None).strip()
