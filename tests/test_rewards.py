@@ -1254,6 +1254,14 @@ def test_language_reward_counts_a_word_spelled_out_between_marks():
     assert zh(None, ["<think>设 a+\u03b1+b=1</think>"]) == [1.0]   # a Greek letter is a variable wherever it is
 
 
+def test_language_reward_reads_enclosed_letters_as_letters():
+    # circled, parenthesized, squared letters are symbols (So), never counted: English written in them scored 1.0 for zh
+    zh = make_language_reward("zh")
+    enclosed = ["中 ⓣⓗⓔ ⓠⓤⓘⓒⓚ", "中 🅣🅗🅔 🇹🇭🇪", "中 ⒯⒣⒠"]
+    assert zh(None, [f"<think>{t}</think>" for t in enclosed]) == [pytest.approx(v) for v in (1 / 9, 1 / 7, 1 / 4)]
+    assert zh(None, ["<think>答案是 ① 和 ②，选 Ⓐ</think>"]) == [1.0]   # numbers, and a lone letter beside Chinese
+
+
 def test_reward_set_takes_exact_numbers_as_trl_does():
     # an exact math reward's Fraction or Decimal (TRL's torch.tensor takes them) was refused as "not a finite number"
     import decimal

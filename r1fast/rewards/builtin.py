@@ -524,6 +524,12 @@ _NOTATION = "\u2218"   # what a math command is replaced with: a math mark to th
 _MATH_LETTERS_AS_PLAIN = {cp: _NOTATION if 0x2135 <= cp <= 0x2138 else unicodedata.normalize("NFKC", chr(cp))
                           for cp in itertools.chain(range(0x2100, 0x2150), range(0x1D400, 0x1D800))
                           if chr(cp).isalpha()}
+# Enclosed letters (ⓣⓗⓔ, ⒯, 🅃, 🅣, 🇹) are symbols, not letters: English written in them was no evidence at all (1.0
+# for zh, as 𝐭𝐡𝐞 was before it was read as `the`). Each is read as its letter.
+_ENCLOSED_LETTER_RE = re.compile(r"(?:.* )?LETTER ([A-Z])")
+_MATH_LETTERS_AS_PLAIN.update(
+    {cp: m.group(1) for cp in itertools.chain(range(0x2460, 0x2500), range(0x1F100, 0x1F200))
+     if (m := _ENCLOSED_LETTER_RE.fullmatch(unicodedata.name(chr(cp), "")))})
 
 
 def _is_math_mark(ch: str) -> bool:
