@@ -389,8 +389,10 @@ def _await_all_bounded(awaitables: list, timeout: float) -> list:
     async def gather():
         await asyncio.gather(*(bounded(i, a) for i, a in enumerate(awaitables)))
 
-    try:   # the loop's own limit ends a function that yields to it; this one ends the wait for one that does not
-        _invoke(asyncio.run, {"main": gather()}, timeout + 0.1)
+    # the loop's own limit ends a function that yields to it; this one ends the wait for one that does not. Its
+    # margin lets a loop thread that a busy machine schedules late still cancel and report its function as cancelled
+    try:
+        _invoke(asyncio.run, {"main": gather()}, timeout + 0.5)
     except _OutOfTime:
         pass
     return list(outcomes)
