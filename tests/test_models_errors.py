@@ -60,6 +60,14 @@ def test_unsupported_architecture_is_named(ckpt, arch):
     ({"rope_scaling": {"rope_type": "longrope", "short_factor": [1.0] * 4, "long_factor": [2.0] * 4}},
      "unsupported rope type 'longrope'"),
     ({"rope_scaling": {"rope_type": "dynamic"}}, r"rope_scaling of type 'dynamic' lacks key\(s\) \['factor'\]"),
+    # transformers' linear/yarn rotations read a legacy rope_scaling's partial_rotary_factor (rotating part of each
+    # head); it loaded as full rotary
+    ({"rope_scaling": {"type": "linear", "factor": 2.0, "partial_rotary_factor": 0.5}},
+     r"rope_scaling partial_rotary_factor=0.5 is not supported \(only full rotary\)"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 8,
+                       "partial_rotary_factor": 0.25}}, "rope_scaling partial_rotary_factor=0.25 is not supported"),
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}},
+     "rope_parameters partial_rotary_factor=0.5 is not supported"),
     ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "lacks key.*low_freq_factor"),
     # null factors reached the rotary tables as a bare TypeError ("unsupported operand ... 'NoneType'")
     ({"rope_scaling": {"rope_type": "linear", "factor": None}},

@@ -230,11 +230,8 @@ class ModelConfig:
             raise ValueError("per-layer-type rope_parameters are not supported")
         rope_theta = (rope_params or {}).get("rope_theta", hf.get("rope_theta", defaults["rope_theta"]))
         _check_positive_number("rope_theta", rope_theta)
-        partial = (rope_params or {}).get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
-        _check_positive_number("partial_rotary_factor", partial)
-        if partial != 1.0:
-            raise ValueError(f"partial_rotary_factor={partial} is not supported (only full rotary)")
         rope_scaling = hf.get("rope_scaling") or rope_params
+        _check_full_rotary(hf)
         _check_rope_agrees(hf, rope_theta, defaults["rope_theta"])
         rope_scaling = _fill_rope_lengths(rope_scaling, hf, defaults)
         # transformers reads dtype, and torch_dtype (the older key) where dtype is absent or null
@@ -460,6 +457,21 @@ def _check_rope_agrees(hf: dict, rope_theta, default_theta) -> None:
                          f"rope_theta in rope_scaling, or keep only one of rope_scaling / rope_parameters")
     if isinstance(params, dict) and _normalize_rope_scaling(scaling) != _normalize_rope_scaling(params):
         raise ValueError(f"config.json's rope_scaling {scaling} and rope_parameters {params} disagree; keep one")
+
+
+def _check_full_rotary(hf: dict) -> None:
+    """partial_rotary_factor wherever transformers may read it: the top level, rope_parameters, or a legacy
+    rope_scaling (read in rope_parameters' place; its scaled rotations, linear or yarn, rotate that share of each
+    head). r1fast rotates every dimension."""
+    for where in ("rope_scaling", "rope_parameters", None):
+        holder = hf if where is None else hf.get(where) or {}
+        if holder.get("partial_rotary_factor") is None:
+            continue
+        name = "partial_rotary_factor" if where is None else f"{where} partial_rotary_factor"
+        partial = holder["partial_rotary_factor"]
+        _check_positive_number(name, partial)
+        if partial != 1.0:
+            raise ValueError(f"{name}={partial} is not supported (only full rotary)")
 
 
 def _fill_rope_lengths(scaling, hf: dict, defaults: dict):
