@@ -273,6 +273,24 @@ def test_config_implying_more_layers_than_stored_is_refused_before_building(tmp_
         from_pretrained(ck)
 
 
+@pytest.mark.parametrize("rename, message", [
+    # a base-model save (Qwen2Model.save_pretrained): transformers adds the prefix back
+    (lambda k: k.removeprefix("model."), r"holds no layers \(its keys, e.g. 'layers.0.input_layernorm.weight', lack the "
+                                         r"'model.' prefix: a save of the base model"),
+    # a PEFT adapter folder with the base's config.json beside it
+    (lambda k: "base_model.model." + k.replace(".weight", ".lora_A.weight"),
+     r"holds no layers \(its keys, e.g. 'base_model.model.lm_head.lora_A.weight', are a PEFT/LoRA adapter's"),
+])
+def test_weights_in_another_layout_are_named(tmp_path, rename, message):
+    # both read "num_hidden_layers=2 but ... holds no layers", as if the file were empty or truncated
+    ck = tmp_path / "ck"
+    CausalLM(ModelConfig(**TINY)).save_pretrained(ck)
+    tensors = load_file(ck / "model.safetensors")
+    save_file({rename(k): v for k, v in tensors.items()}, ck / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=message):
+        from_pretrained(ck)
+
+
 @pytest.mark.parametrize("change, message", [
     ({"vocab_size": 10**12}, r"'model.embed_tokens.weight' has shape \(32, 16\), but .*config.json implies "
                              r"\(1000000000000, 16\) \(vocab_size, hidden_size\)"),

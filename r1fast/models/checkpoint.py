@@ -209,7 +209,8 @@ def _check_headers(path: str, config: ModelConfig, shards: list[str]) -> None:
     if not layers or layers[-1] + 1 < n:
         held = "no layers" if not layers else (f"layers 0..{layers[-1]}" if layers == list(range(len(layers)))
                                                else f"layers {layers[:8]}{'...' if len(layers) > 8 else ''}")
-        raise ValueError(f"{cfg_file}: num_hidden_layers={n} but {weights} holds {held}")
+        raise ValueError(f"{cfg_file}: num_hidden_layers={n} but {weights} holds {held}"
+                         f"{'' if layers else _foreign_layout_hint(shapes)}")
     expected = _expected_shapes(config)
     embed = expected.pop(_EMBED_KEY)
     embed_keys = [_EMBED_KEY, "lm_head.weight"] if config.tie_word_embeddings else [_EMBED_KEY]
@@ -231,6 +232,24 @@ def _check_headers(path: str, config: ModelConfig, shards: list[str]) -> None:
     if missing:
         more = f" and {len(missing) - 8} more" if len(missing) > 8 else ""
         raise ValueError(f"checkpoint {path!r} is incomplete: missing {missing[:8]}{more}")
+
+
+def _foreign_layout_hint(keys) -> str:
+    """What a weights file without any 'model.layers.N.' key holds instead, when its keys say: "holds no layers"
+    alone read as if the file were empty or truncated."""
+    keys = sorted(keys)
+    adapter = next((k for k in keys if "lora_" in k or k.startswith("base_model.model.")), None)
+    if adapter is not None:
+        return (f" (its keys, e.g. {adapter!r}, are a PEFT/LoRA adapter's, not a model's: merge the adapter into "
+                f"its base model, e.g. with peft's merge_and_unload(), and load the merged model)")
+    bare = next((k for k in keys if _BARE_LAYER_KEY.match(k)), None)
+    if bare is not None:
+        return (f" (its keys, e.g. {bare!r}, lack the 'model.' prefix: a save of the base model, e.g. AutoModel or "
+                f"Qwen2Model, rather than of ...ForCausalLM; r1fast reads the ...ForCausalLM layout, with its lm_head)")
+    return ""
+
+
+_BARE_LAYER_KEY = re.compile(r"^layers\.\d+\.")
 
 
 def _check_tied(path: str, embed: torch.Tensor, head: torch.Tensor) -> None:
