@@ -331,6 +331,7 @@ def test_dtype_choice(tmp_path):
     CausalLM(cfg).to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
     assert json.loads((tmp_path / "bf16" / "config.json").read_text())["torch_dtype"] == "bfloat16"
     assert from_pretrained(tmp_path / "bf16").dtype == torch.bfloat16
+    assert from_pretrained(tmp_path / "bf16", dtype="auto").dtype == torch.bfloat16   # transformers' spelling
     m = from_pretrained(tmp_path / "bf16", dtype="float32")
     assert m.dtype == torch.float32 and all(p.dtype == torch.float32 for p in m.parameters())
     with pytest.raises(ValueError, match="unsupported dtype"):

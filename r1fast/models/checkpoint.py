@@ -81,7 +81,7 @@ def missing_model_hint(path: str) -> str:
 def from_pretrained(path, dtype=None, device=None, fp8="off"):
     """Load a local checkpoint folder into a CausalLM.
 
-    dtype: None keeps the checkpoint's dtype (config.json's torch_dtype/dtype, else the stored tensors');
+    dtype: None (or "auto") keeps the checkpoint's dtype (config.json's torch_dtype/dtype, else the stored tensors');
     device: where the weights live (default CPU); fp8: a mode, or `r1fast.fp8.make_options(mode,
     recipe=, grad_dtype=, scaling=)`; anything but "off" hands the model to `r1fast.fp8.apply_fp8`
     after loading (the options are checked before anything loads).

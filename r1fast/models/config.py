@@ -584,9 +584,12 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 def resolve_dtype(dtype) -> torch.dtype | None:
-    """None, a torch floating dtype, or its name ("bfloat16", "bf16", "fp32"...) -> torch.dtype."""
+    """None, a torch floating dtype, or its name ("bfloat16", "bf16", "fp32"...) -> torch.dtype. "auto" is None
+    (the checkpoint's own dtype), as transformers' from_pretrained(dtype="auto") reads it."""
     if dtype is None or isinstance(dtype, torch.dtype) and dtype in _FLOAT_DTYPES.values():
         return dtype
+    if dtype == "auto":
+        return None
     if isinstance(dtype, str):
         aliases = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32",
                    "float": "float32", "fp64": "float64", "double": "float64"}
