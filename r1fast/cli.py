@@ -121,7 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"r1fast {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
-    info = sub.add_parser("info", help="versions, GPU, what r1fast._C was built with, optional packages")
+    info = sub.add_parser("info", help="versions, GPU, what r1fast._C was built with, optional packages",
+                          description="What this machine runs: the versions of r1fast, Python, torch and Triton; "
+                                      "the GPUs; what r1fast._C was built with (or why it is refused); optional "
+                                      "packages; per op, the backend that runs here and the others usable "
+                                      "(R1FAST_BACKEND=... forces one); the FP8 modes usable. Paste it into a bug "
+                                      "report.")
     info.set_defaults(func=_cmd_info)
 
     bench = sub.add_parser("bench", help="run benchmark suites (r1fast bench --list)",

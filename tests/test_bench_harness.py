@@ -115,6 +115,15 @@ def test_top_level_and_bench_help_say_where_to_start(capsys):
     assert "smoke: small shapes" in out and "gpu: real model shapes" in out and "%floor: the floor" in out
 
 
+def test_info_help_says_what_info_prints(capsys):
+    """`r1fast info --help` printed only 'usage: r1fast info [-h]': nothing of what the command shows."""
+    with pytest.raises(SystemExit) as stop:
+        cli_main(["info", "--help"])
+    assert stop.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert all(s in out for s in ("versions", "r1fast._C", "backend that runs here", "R1FAST_BACKEND", "FP8"))
+
+
 def test_bench_table_and_plot_errors_are_one_line(tmp_path, monkeypatch):
     # Each was a traceback: --table on a missing file (FileNotFoundError), --plot without matplotlib
     # (ModuleNotFoundError; `r1fast plot` said what to install), --plot of a CSV with no timings (ValueError).
