@@ -137,8 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
                                        "bench/README.md.")
     bench.add_argument("suites", nargs="*", help="suite names (default: all); with --plot, CSV files")
     bench.add_argument("--size", choices=["smoke", "gpu"], default="smoke",
-                       help="smoke: small shapes, any device, seconds a suite (default); gpu: real model shapes "
-                            "(Qwen2.5-1.5B's for the model suites), needs CUDA")
+                       help="smoke: small shapes, any device, seconds to a few minutes a suite on a CPU "
+                            "(default); gpu: real model shapes (Qwen2.5-1.5B's for the model suites), needs CUDA")
     bench.add_argument("--out", default=None, help="results directory (default ./bench-results)")
     bench.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     bench.add_argument("--budget", type=float, default=None, help="seconds of repeats per implementation (default 2 on CUDA, 0.5 on the CPU)")
