@@ -56,14 +56,28 @@ def _op_backends(device) -> dict:
     import r1fast.ops  # noqa: F401 - registers every op's backends
     from r1fast import backends
 
+    forced = os.environ.get("R1FAST_BACKEND")
     out = {}
     for op in backends.ops():
         best = backends.default(op, device)
         others = ", ".join(b for b in backends.available(op, device) if b != best)
-        out[op] = f"{best} on {device.type}" + (f" (also: {others})" if others else "")
-    if os.environ.get("R1FAST_BACKEND"):
-        out["R1FAST_BACKEND"] = f"{os.environ['R1FAST_BACKEND']} (overrides the defaults above)"
+        out[op] = f"{best} on {device.type}" + (f" (also: {others})" if others else "") + _override(op, device, forced)
+    if forced:
+        out["R1FAST_BACKEND"] = (f"{forced} (overrides the defaults above)" if forced in backends.BACKENDS else
+                                 f"{forced!r} is not a backend: every op call raises ValueError (backends: "
+                                 f"{', '.join(backends.BACKENDS)})")
     return out
+
+
+def _override(op: str, device, forced) -> str:
+    """What R1FAST_BACKEND makes of `op` here: the default line alone read as if the op ran, where a
+    backend that cannot run here (triton or cuda on the CPU) makes every call of it a ValueError."""
+    from r1fast import backends
+
+    if forced not in backends.BACKENDS or forced not in backends.implementations(op):
+        return ""   # not a backend (said once, below the ops), or the override leaves this op alone
+    ok, why = backends.backend_available(forced, device)
+    return f" -> {forced} (R1FAST_BACKEND)" if ok else f" -> R1FAST_BACKEND={forced}: every call raises ValueError ({why})"
 
 
 def render(info: dict) -> str:

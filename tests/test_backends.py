@@ -68,6 +68,28 @@ def test_default_ignores_the_override_and_info_lists_every_op(monkeypatch, capsy
     assert "R1FAST_BACKEND" in out and "overrides" in out
 
 
+def test_info_says_which_ops_an_override_breaks_here(monkeypatch, capsys):
+    """Under R1FAST_BACKEND=cuda on a CPU `r1fast info` listed store_kv as 'torch on cpu' while each call of it
+    raised ValueError, and a misspelt override read like a working one."""
+    from r1fast.cli import main as cli_main
+
+    def op_lines():
+        assert cli_main(["info"]) == 0
+        return {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.startswith("  ")}
+
+    real = backends.backend_available
+    monkeypatch.setattr(backends, "backend_available", lambda b, d: (False, "no CUDA here") if b == "cuda" else real(b, d))
+    monkeypatch.setenv("R1FAST_BACKEND", "cuda")
+    lines = op_lines()
+    assert "R1FAST_BACKEND=cuda: every call raises ValueError (no CUDA here)" in lines["store_kv"]
+    assert "R1FAST_BACKEND" not in lines["grpo_loss"]   # no cuda implementation: the override leaves it alone
+    monkeypatch.setenv("R1FAST_BACKEND", "reference")
+    lines = op_lines()
+    assert all(lines[op].endswith("-> reference (R1FAST_BACKEND)") for op in backends.ops())
+    monkeypatch.setenv("R1FAST_BACKEND", "cudaa")
+    assert "'cudaa' is not a backend: every op call raises ValueError" in op_lines()["R1FAST_BACKEND"]
+
+
 def test_environment_override_skips_ops_without_that_backend(monkeypatch):
     monkeypatch.setenv("R1FAST_BACKEND", "triton")  # paged_prefill_attention has no triton implementation
     assert "triton" not in backends.implementations("paged_prefill_attention")
