@@ -158,6 +158,17 @@ def test_cli_errors_are_clear(tmp_path, capsys, monkeypatch):
         main(["train", "r1_pipelin"])
 
 
+def test_train_help_does_not_say_the_default_runs_on_the_cpu(capsys):
+    """`r1fast train --help` said the embedded default ran 'GRPO on CPU'; its pipeline has no device, so it runs on
+    cuda wherever there is one."""
+    from r1fast.trainer.pipeline import load_pipeline
+
+    assert load_pipeline("default").device is None   # resolved per machine: cuda when present
+    assert main(["train", "--help"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "on CPU" not in out and "on the GPU when there is one" in out
+
+
 def test_cli_start_up_imports_no_torch():
     """`r1fast --help` built every command's help: the trainers and torch came with it, 2.5 s of 2.6."""
     import subprocess

@@ -448,7 +448,8 @@ def add_commands(subparsers):
                                        lambda: _EPILOGS[name]() + "\n\n" + _RESUME[name]))
         return p
 
-    add("train", "GRPO training; with no arguments, the embedded default (cold-start SFT then GRPO on CPU); "
+    add("train", "GRPO training; with no arguments, the embedded default (a tiny built-in model, cold-start SFT "
+                 "then GRPO: minutes on a CPU, on the GPU when there is one); "
                  "without CONFIG.yaml, model_name_or_path=... dataset=... is a GRPO run from GRPOConfig's defaults",
         _cmd_train, "r1fast train [CONFIG.yaml] [--resume [PATH]] [--key value ...]")
     add("sft", "supervised fine-tuning: cold start, rejection-sampled data, distillation",
