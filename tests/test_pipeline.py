@@ -169,6 +169,15 @@ def test_train_help_does_not_say_the_default_runs_on_the_cpu(capsys):
     assert "on CPU" not in out and "on the GPU when there is one" in out
 
 
+def test_pipeline_help_says_resume_goes_on_in_the_output_dir(capsys):
+    """`r1fast pipeline --help` gave ./runs/<name> as --resume's folder; a pipeline with output_dir resumes there."""
+    from r1fast.trainer.pipeline import load_pipeline
+
+    assert load_pipeline("default", ["output_dir=elsewhere"]).run_dir.endswith("elsewhere")
+    assert main(["pipeline", "--help"]) == 0
+    assert "RUN_DIR: default the pipeline's output_dir, else ./runs/<name>" in " ".join(capsys.readouterr().out.split())
+
+
 def test_cli_start_up_imports_no_torch():
     """`r1fast --help` built every command's help: the trainers and torch came with it, 2.5 s of 2.6."""
     import subprocess
