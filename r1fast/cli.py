@@ -135,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
                                        "%floor: the floor (the time the bytes moved or FLOPs take at this machine's "
                                        "measured bandwidth or matmul rate) over the time measured. See "
                                        "bench/README.md.")
-    bench.add_argument("suites", nargs="*", help="suite names (default: all); with --plot, CSV files")
+    bench.add_argument("suites", nargs="*", help="suite names (default: all); with --table or --plot, CSV files")
     bench.add_argument("--size", choices=["smoke", "gpu"], default="smoke",
                        help="smoke: small shapes, any device, seconds to a few minutes a suite on a CPU "
                             "(default); gpu: real model shapes (Qwen2.5-1.5B's for the model suites), needs CUDA")

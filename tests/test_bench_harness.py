@@ -113,6 +113,7 @@ def test_top_level_and_bench_help_say_where_to_start(capsys):
     assert "r1fast COMMAND --help shows a command's options" in out and "then r1fast train" in out
     assert f"r1fast {r1fast.__version__}" in out
     assert "smoke: small shapes" in out and "gpu: real model shapes" in out and "%floor: the floor" in out
+    assert "with --table or --plot, CSV files" in out   # --table reads the CSVs named there too
 
 
 def test_info_help_says_what_info_prints(capsys):
