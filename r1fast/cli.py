@@ -61,6 +61,9 @@ def _cmd_bench(args):
         for name, s in harness.load_suites().items():
             print(f"{name:<18} {s.description}")
         return
+    if args.short and not args.table:
+        # alone it was ignored: `r1fast bench --short` ran every suite (minutes) instead of printing a table
+        raise SystemExit("r1fast bench: --short goes with --table: r1fast bench --table --short [CSV ...]")
     if args.table or args.plot:
         flag = "--table" if args.table else "--plot"
         # the newest by modification time: names begin with the card, so by name a cpu run never beats a gpu one

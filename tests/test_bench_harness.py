@@ -116,6 +116,13 @@ def test_top_level_and_bench_help_say_where_to_start(capsys):
     assert "with --table or --plot, CSV files" in out   # --table reads the CSVs named there too
 
 
+def test_short_without_table_is_refused_not_a_full_run(monkeypatch):
+    """`r1fast bench --short` (the --table forgotten) ran every suite, minutes on a CPU, and printed the long table."""
+    monkeypatch.setattr(harness, "main", lambda *a, **k: pytest.fail("the bench ran"))
+    with pytest.raises(SystemExit, match="--short goes with --table: r1fast bench --table --short"):
+        cli_main(["bench", "--short"])
+
+
 def test_info_help_says_what_info_prints(capsys):
     """`r1fast info --help` printed only 'usage: r1fast info [-h]': nothing of what the command shows."""
     with pytest.raises(SystemExit) as stop:
