@@ -433,7 +433,10 @@ def test_values_are_coerced_to_the_options_type_or_named():
                         ({"warmup_steps": 2.5}, "'warmup_steps' expects int, got 2.5"),
                         ({"learning_rate": True}, "'learning_rate' expects float, got True"),
                         ({"system_prompt": False}, "'system_prompt' expects str, got False"),
-                        ({"progress_bar": 2}, "'progress_bar' expects bool, got 2")]:
+                        ({"progress_bar": 2}, "'progress_bar' expects bool, got 2"),
+                        # an empty YAML value: "expects float, got None" did not say to drop the line
+                        ({"learning_rate": None}, "'learning_rate' expects float and cannot be null .*drop the line"),
+                        ({"report_to": None}, "'report_to' expects .* cannot be null")]:
         with pytest.raises(ConfigError, match=match):
             SFTConfig.from_dict(data)
 

@@ -181,7 +181,7 @@ class _Base:
             if name == "reward_funcs" and _is_reward_set(value):
                 raise _reward_set_in_config(type(self).__name__, self.field_names())
             if name == "reward_funcs" and isinstance(value, (list, tuple)):  # Python may pass the functions
-                value = [v if callable(v) else _coerce(name, v, str, type(self).__name__) for v in value]
+                value = [v if callable(v) else _coerce(name, v, str, type(self).__name__, element=True) for v in value]
                 setattr(self, name, value)
                 continue
             setattr(self, name, expand_home(name, _coerce(name, value, hints[name], type(self).__name__)))
@@ -292,7 +292,8 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
     return out
 
 
-def _coerce(key: str, value: Any, hint: Any, source: str) -> Any:
+def _coerce(key: str, value: Any, hint: Any, source: str, element: bool = False) -> Any:
+    """value as the option's type hint says; element: value is one entry of the option's list."""
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if origin is typing.Union:
@@ -300,7 +301,12 @@ def _coerce(key: str, value: Any, hint: Any, source: str) -> Any:
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
             if type(None) in args:
                 return None
-        return _coerce(key, value, inner[0], source)
+        return _coerce(key, value, inner[0], source, element)
+    takes_no_none = hint in (bool, int, float, str, dict) or origin in (list, tuple, dict)
+    if value is None and not element and takes_no_none:
+        # `min_p:` left empty or `min_p: null`, meant as "no value": the option has no such value
+        raise ConfigError(f"{source}: option {key!r} expects {getattr(hint, '__name__', hint)} and cannot be null "
+                          f"(an empty YAML value is null): drop the line to keep its default")
     bad = ConfigError(f"{source}: option {key!r} expects {getattr(hint, '__name__', hint)}, got {value!r}")
     if hint is bool:
         if isinstance(value, bool):
@@ -342,7 +348,7 @@ def _coerce(key: str, value: Any, hint: Any, source: str) -> Any:
             raise bad
         if key in TOKEN_TEXT_OPTIONS:
             _check_token_texts(key, value, source)
-        return [_coerce(key, v, args[0], source) for v in value] if args else list(value)
+        return [_coerce(key, v, args[0], source, element=True) for v in value] if args else list(value)
     if origin is dict or hint is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{source}: option {key!r} expects a mapping (in YAML `{key}: {{name: value}}`, on the "
