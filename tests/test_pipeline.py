@@ -444,6 +444,10 @@ def test_a_later_sample_round_may_write_again_the_file_an_earlier_round_wrote(tm
     load_pipeline(copy.deepcopy(spec))
     spec["stages"][-1]["dataset"] = str(tmp_path / "s.jsonl")   # its own prompts it still may not replace
     with pytest.raises(ValueError, match=r"stage 'rs2': output_file 's.jsonl' is the dataset of stage 'rs2'"):
+        load_pipeline(copy.deepcopy(spec))
+    # refused on the first run too, before the first round has written it (loaded, then refused on --resume)
+    os.remove(tmp_path / "s.jsonl")
+    with pytest.raises(ValueError, match=r"stage 'rs2': output_file 's.jsonl' is the dataset of stage 'rs2'"):
         load_pipeline(spec)
 
 

@@ -173,7 +173,10 @@ def check_output_file(path: str, where: str = "output_file", read: Sequence[tupl
     output must not replace. `where`: the option, after what holds it ("r1.yaml: stage 'rs': output_file")."""
     option = where.rpartition(": ")[2]
     for spec, what in read:
-        if isinstance(spec, str) and os.path.isfile(spec) and os.path.exists(path) and os.path.samefile(spec, path):
+        # by name too: a pipeline's file an earlier sample stage writes is not there yet on its first run, which
+        # loaded, and was refused on --resume once that stage had written it
+        if isinstance(spec, str) and (os.path.realpath(spec) == os.path.realpath(path) or os.path.isfile(spec)
+                                      and os.path.exists(path) and os.path.samefile(spec, path)):
             # the samples replaced the prompts they were drawn from (or a pipeline's cold-start data), without a word
             raise ConfigError(f"{where} {path!r} is {what} {spec!r}: writing the samples would replace it; give "
                               f"another {option}")
