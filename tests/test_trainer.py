@@ -218,6 +218,34 @@ def test_going_back_to_set_aside_steps_brings_back_their_metrics_and_keeps_the_b
     assert lrs(run / f"abandoned-checkpoint-2.{os.getpid()}") == pytest.approx(b)   # B's, where B's step 2 went
 
 
+def test_a_resume_stopped_as_it_sets_checkpoints_aside_keeps_the_logs_of_the_branch_left(tmp_path, monkeypatch):
+    """The newest set-aside checkpoint got the branch's whole log after the renames: a kill between them and the
+    copy lost the lines past its step for good, the same resume run again finding nothing newer to set aside."""
+    from r1fast.trainer import metrics
+
+    kw = dict(max_steps=4, save_steps=1, save_total_limit=None, per_device_train_batch_size=4, num_generations=2,
+              max_completion_length=3)
+
+    def stop_at_3(step, m):
+        if step == 3:   # logged, not saved: the log runs a step past checkpoint-2
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        make(tmp_path, **kw).train(callback=stop_at_3)
+    run = tmp_path / "run"
+    real = metrics.copy_logs
+
+    def killed(*a, **k):
+        raise SystemExit("killed")
+
+    monkeypatch.setattr(metrics, "copy_logs", killed)
+    with pytest.raises(SystemExit):
+        make(tmp_path, **kw).train(resume=str(run / "checkpoint-1"))
+    monkeypatch.setattr(metrics, "copy_logs", real)
+    make(tmp_path, **{**kw, "max_steps": 2}).train(resume=str(run / "checkpoint-1"))
+    assert [r["step"] for r in _metrics(run / "abandoned-checkpoint-2" / "metrics.jsonl")] == [1, 2, 3]
+
+
 def test_resuming_another_runs_checkpoint_into_a_folder_holding_a_third_run_is_refused(tmp_path):
     """--resume runs/b into output_dir runs/a (another run's checkpoints) cut a's metrics at the step resumed
     and replaced its checkpoint of the next step with b's continuation; now refused, naming output_dir=runs/b."""

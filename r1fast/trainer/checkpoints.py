@@ -148,24 +148,27 @@ def set_aside_newer(run_dir: str, resume_path: str) -> list[str]:
     # resuming from abandoned-checkpoint-4 kept checkpoint-5 and -6 of the branch it left: the run saved its own
     # checkpoint-5 over the other's, and a bare --resume after a kill before that went on from the other's 6
     first_left = resumed[0] + (0 if resumed[1] else 1)
-    moved = []
-    for step, path in list_checkpoints(run_dir):
-        if step >= first_left:
-            target = _free_set_aside_name(run_dir, os.path.basename(path))
-            os.rename(path, target)
-            moved.append(target)
-    if moved:
+    # (checkpoint, the name it is set aside under)
+    newer = [(path, _free_set_aside_name(run_dir, os.path.basename(path)))
+             for step, path in list_checkpoints(run_dir) if step >= first_left]
+    if newer:
         from r1fast.trainer.metrics import copy_logs
 
         # the branch's logs as it is left, the steps after its newest checkpoint included: the run's own logs now
-        # start over from the resumed checkpoint's (MetricsLogger), and these lines would be lost
+        # start over from the resumed checkpoint's (MetricsLogger), and these lines would be lost. Copied before
+        # the renames: a kill between them and the copy lost those lines for good (the resume run again finds no
+        # newer checkpoint to set aside); a copy holding lines past its checkpoint's step is cut on resume anyway
         try:
-            copy_logs(run_dir, moved[-1], replace=True)
+            copy_logs(run_dir, newer[-1][0], replace=True)
         except OSError as e:   # a read-only checkpoint (an archive linked back): said, not a failed resume
             import warnings
 
-            warnings.warn(f"r1fast: cannot keep the logs of the steps set aside in {moved[-1]} ({e}); those after "
+            warnings.warn(f"r1fast: cannot keep the logs of the steps set aside in {newer[-1][1]} ({e}); those after "
                           f"its step are not kept", stacklevel=2)
+    moved = []
+    for path, target in newer:
+        os.rename(path, target)
+        moved.append(target)
     return moved
 
 
