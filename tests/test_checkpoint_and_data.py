@@ -1019,7 +1019,7 @@ def test_optimizer_param_groups_of_other_sizes_are_an_error_before_the_weights_l
 def test_clear_run_removes_what_a_run_writes_and_nothing_else(tmp_path):
     run = tmp_path / "run"
     pid = os.getpid()
-    ours = ["checkpoint-4", f"checkpoint-4.old-{pid}", "abandoned-checkpoint-2", f"abandoned-checkpoint-2.{pid}",
+    ours = ["checkpoint-4", f"checkpoint-4.old-{pid}", f".checkpoint-4.old-{pid}", "abandoned-checkpoint-2", f"abandoned-checkpoint-2.{pid}",
             "tensorboard", ".tmp-checkpoint-5-x1", "..tmp-checkpoint-5-x1.tmp-y2"]
     theirs = ["checkpoints", "checkpoint-x.old-1", "my-checkpoint-3", "tensorboard-2", "abandoned"]
     for name in ours + theirs:

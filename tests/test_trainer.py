@@ -2347,10 +2347,24 @@ def test_a_checkpoint_whose_replacement_was_killed_between_renames_is_resumed(tm
     assert again.global_step == 4 and again.history == []   # resumed at step 4: nothing left to train
     assert not (run / "checkpoint-4.old-123").exists()
     assert sorted(n for n in os.listdir(run) if n.startswith("checkpoint")) == ["checkpoint-2", "checkpoint-4"]
-    # beside a complete checkpoint-4, the old one is only deleted
-    (run / "checkpoint-4.old-7").mkdir()
+    # beside a complete checkpoint-4, the old one (now hidden) is only deleted
+    (run / ".checkpoint-4.old-7").mkdir()
     make(tmp_path, "old", max_steps=4, per_device_train_batch_size=8, num_generations=4).train(resume=True)
-    assert not (run / "checkpoint-4.old-7").exists()
+    assert not (run / ".checkpoint-4.old-7").exists()
+
+
+def test_a_users_dated_copy_of_a_checkpoint_in_the_run_folder_is_kept(tmp_path):
+    """The replaced checkpoint was set aside as checkpoint-N.old-<pid>, and every resume deleted any
+    checkpoint-N.old-<digits> beside checkpoint-N: the user's `cp -r checkpoint-4 checkpoint-4.old-20261129`; and
+    beside a pruned checkpoint-N, put it back as checkpoint-N, which the next save pruned."""
+    kw = dict(max_steps=4, save_steps=2, per_device_train_batch_size=8, num_generations=4, save_total_limit=1)
+    make(tmp_path, "old", **kw).train()
+    run = tmp_path / "old"
+    shutil.copytree(run / "checkpoint-4", run / "checkpoint-4.old-20261129")
+    shutil.copytree(run / "checkpoint-4", run / "checkpoint-2.old-20261128")   # of checkpoint-2, pruned since
+    make(tmp_path, "old", **{**kw, "max_steps": 6}).train(resume=True)
+    names = sorted(n for n in os.listdir(run) if "checkpoint" in n)
+    assert names == ["checkpoint-2.old-20261128", "checkpoint-4.old-20261129", "checkpoint-6"]
 
 
 def test_eval_rows_without_any_reference_answer_are_an_error_when_built(tmp_path):

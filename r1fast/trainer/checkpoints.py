@@ -37,7 +37,9 @@ _CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
 # ".<its name>.old-..."): a save killed mid-way leaves any of them behind; and a pruned checkpoint's folder
 # while it is deleted (_delete_checkpoint's ".tmp-checkpoint-<step>-deleting-<pid>")
 _SAVE_TEMP_RE = re.compile(r"^\.\.?tmp-checkpoint-\d+-")
-_OLD_CKPT_RE = re.compile(r"^checkpoint-\d+\.old-\d+$")  # save_checkpoint's replaced checkpoint, before deletion
+# save_checkpoint's replaced checkpoint, before deletion: hidden (".checkpoint-N.old-<pid>"); visible as an r1fast
+# before the hidden name set it aside, a name as likely the user's own copy (checkpoint-3.old-20261129)
+_OLD_CKPT_RE = re.compile(r"^(\.?)checkpoint-(\d+)\.old-\d+$")
 # the files of a run folder (a trainer's, a pipeline's, a sample stage's) written through metrics.replacing: a
 # kill mid-write leaves ".<name>.tmp-<pid>-<random>" beside them (metrics.temp_pattern; "<name>.tmp" before)
 REPLACED_FILES = ("metrics.jsonl", "completions.jsonl", "pipeline_state.json", "summary.json", "curves.png",
@@ -360,7 +362,7 @@ def clear_run(run_dir: str):
         path = os.path.join(run_dir, name)
         if _CKPT_RE.match(name):
             _delete_checkpoint(path)   # a kill part way through leaves no checkpoint that looks complete
-        elif _CKPT_RE.match(name.split(".old-")[0]) or _SAVE_TEMP_RE.match(name) \
+        elif _OLD_CKPT_RE.match(name) or _SAVE_TEMP_RE.match(name) \
                 or name.startswith("abandoned-checkpoint-") or name == "tensorboard":
             remove_folder(path)
         elif name in ("metrics.jsonl", "completions.jsonl", "metrics.jsonl.tmp", "completions.jsonl.tmp"):
@@ -375,7 +377,10 @@ def remove_save_leftovers(run_dir: str):
     """Delete the temporary folders of saves that were killed mid-way (they are never resumed), and the
     temporary files of the run's other writes killed mid-way (REPLACED_FILES'). A save
     that replaced checkpoint-N and was killed between its two renames left the old, complete
-    checkpoint-N as checkpoint-N.old-<pid>: it is checkpoint-N again, or deleted if a new one is there."""
+    checkpoint-N as .checkpoint-N.old-<pid>: it is checkpoint-N again, or deleted if a new one is there. A visible
+    checkpoint-N.old-<digits> is never deleted (the user's copy, or an earlier r1fast's); it is put back only where it
+    is what such a kill left, checkpoint-N gone and no checkpoint newer (a pruned checkpoint's backup put back was
+    pruned at the next save)."""
     if not os.path.isdir(run_dir):
         return
     from r1fast.trainer.metrics import remove_stale_temps
@@ -389,10 +394,12 @@ def remove_save_leftovers(run_dir: str):
         elif name.endswith(".tmp") and name[:-len(".tmp")] in REPLACED_FILES and os.path.isfile(path):
             os.remove(path)   # the name an r1fast before metrics.temp_pattern wrote them under
         elif _OLD_CKPT_RE.match(name):
-            base = os.path.join(run_dir, name.split(".old-")[0])
+            hidden, step = _OLD_CKPT_RE.match(name).groups()
+            base = os.path.join(run_dir, f"checkpoint-{step}")
             if os.path.exists(base):
-                remove_folder(path)
-            else:
+                if hidden:
+                    remove_folder(path)
+            elif hidden or all(s < int(step) for s, _ in list_checkpoints(run_dir)):
                 os.rename(path, base)
         elif _CKPT_RE.match(name) and os.path.islink(path):
             _clear_beside_linked(path)
@@ -652,10 +659,9 @@ def save_checkpoint(run_dir: str, step: int, *, model, optimizer=None, scheduler
         # power loss or kernel crash, an optimizer.safetensors still in the page cache could read back empty
         _fsync_folder(tmp)
         if os.path.exists(final):
-            # beside a link's target, a hidden name: "<target>.old-<digits>" there may be the user's own copy
-            # (checkpoint-3.old-20261129), which remove_save_leftovers deleted as this run's replaced checkpoint
-            old = final + f".old-{os.getpid()}" if final == named else \
-                os.path.join(os.path.dirname(final), f".{os.path.basename(final)}.old-{os.getpid()}")
+            # a hidden name: "<name>.old-<digits>" may be the user's own copy (checkpoint-3.old-20261129), in the run
+            # folder or beside a link's target, which remove_save_leftovers deleted as this run's replaced checkpoint
+            old = os.path.join(os.path.dirname(final), f".{os.path.basename(final)}.old-{os.getpid()}")
             os.rename(final, old)
             os.rename(tmp, final)
             remove_folder(old)
