@@ -1957,3 +1957,23 @@ def test_fused_packed_loss_reads_the_device_few_times(monkeypatch):
                                              backend="torch", row_stats=True)
     assert torch.isfinite(loss)
     assert len(reads) <= 6, reads
+
+
+@pytest.mark.parametrize("kind", ["k2-after-big-weights", "big-weights-only"])
+def test_fused_overflow_names_the_token_whose_term_overflows_not_where_the_sum_does(kind):
+    # weights of 3.3e38 at positions 0 and 1 give two finite terms (~1.8e38) whose sum overflows; the k2 KL of
+    # ref_logp 3e19 at position 3 is the token whose own term is inf. The message named position 1 as overflowing.
+    h, w = randn(3, 4, 8, seed=1), randn(11, 8, seed=2)
+    targets = torch.arange(12).reshape(3, 4) % 11
+    adv, old, ref = torch.tensor([0.5, -0.3, -0.7]), torch.full((3, 4), -2.0), torch.full((3, 4), -2.0)
+    weights = torch.ones(3, 4)
+    weights[2, :2] = 3.3e38
+    if kind == "k2-after-big-weights":
+        ref[2, 3] = 3e19
+        match = r"non-finite loss at row 2: .* the objective overflows at position 3 \(.*ref_logp 3e\+19, importance_wei"
+    else:
+        match = (r"non-finite loss at row 2: .* each token's term is finite; their sum overflows at position 1 \(.*"
+                 r"importance_weights 3.3e\+38, advantage -0.7\)$")
+    with pytest.raises(ValueError, match=match):
+        ops.fused_linear_grpo_loss(h, w, targets, torch.ones(3, 4), adv, old_logp=old, ref_logp=ref,
+                                   importance_weights=weights, beta=0.04, kl_estimator="k2", backend="torch")

@@ -407,16 +407,26 @@ def _first_overflowing_token(lp, mask_r, adv_r, inputs, r, opts, is_finite):
         return unlocated
     pos = (mask_r > 0).nonzero().squeeze(-1).tolist()
     places = torch.arange(mask_r.numel(), device=mask_r.device)
-    # the first k whose prefix of active tokens (the first k + 1) gives a non-finite loss: ~log2(T) evaluations
-    k = bisect.bisect_left(range(len(pos)), True,
-                           key=lambda k: not is_finite(torch.where(places <= pos[k], mask_r, 0)))
+
+    def first_non_finite_prefix(scale):
+        """the first k whose prefix of active tokens (the first k + 1) gives a non-finite loss: ~log2(T) evaluations"""
+        return bisect.bisect_left(range(len(pos)), True,
+                                  key=lambda k: not is_finite(torch.where(places <= pos[k], mask_r * scale, 0)))
+
+    # Each token weighted 2^-n (2^n >= 2 x its tokens, exact): finite terms, each under the dtype's max, then sum to
+    # a finite loss, so only a token whose own term is NaN/inf makes a prefix non-finite. At weight 1 a sum of large
+    # finite terms could overflow before that token and be named in its place.
+    k = first_non_finite_prefix(2.0 ** -(2 * len(pos)).bit_length())
+    what = "the objective overflows"
+    if k == len(pos):
+        k, what = first_non_finite_prefix(1.0), "each token's term is finite; their sum overflows"
     if k == len(pos):
         return unlocated
     p = pos[k]
     values = [f"the policy's log-prob {float(lp[p]):.4g}"] + [
         f"{name} {float(x[r, p]):.4g}" for name, x in inputs.items() if x is not None] + [
         f"advantage {float(adv_r):.4g}"]
-    return f"its log-probs and inputs are finite; the objective overflows at position {p} ({', '.join(values)})"
+    return f"its log-probs and inputs are finite; {what} at position {p} ({', '.join(values)})"
 
 
 def fused_linear_grpo_loss(hidden, weight, targets, mask, advantages, *, old_logp=None, ref_logp=None,
