@@ -3371,7 +3371,9 @@ def test_stop_handlers_put_the_default_back_where_the_handler_before_came_from_c
     try:
         with grpo.stop_handlers(types.SimpleNamespace(_stop_requested=False)):
             assert real_getsignal(signal.SIGTERM) not in (None, signal.SIG_DFL)   # the trainer's own
-        assert [real_getsignal(s) for s in before] == [signal.SIG_DFL, signal.SIG_DFL]
+        # Python's own defaults: a Ctrl-C after train() raises KeyboardInterrupt; SIG_DFL for SIGINT killed the
+        # process outright (a notebook's kernel, its state lost)
+        assert [real_getsignal(s) for s in before] == [signal.default_int_handler, signal.SIG_DFL]
     finally:
         for s, h in before.items():
             signal.signal(s, h)

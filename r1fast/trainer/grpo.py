@@ -713,6 +713,8 @@ def _clip_extremes(stats: dict, active: torch.Tensor, advantages: torch.Tensor, 
 
 
 _STOP_SIGNALS = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}  # SIGTERM: a scheduler's job end, `kill`
+# what Python starts with: a Ctrl-C raises KeyboardInterrupt (SIG_DFL would kill a notebook's kernel outright)
+_PYTHON_DEFAULT = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
 
 
 @contextlib.contextmanager
@@ -740,9 +742,9 @@ def stop_handlers(trainer, finishing: Callable[[], str] = lambda: "finishing thi
         yield
     finally:
         for sig, before in previous.items():
-            # None: a handler installed from C, which Python cannot put back; the default then, since leaving
+            # None: a handler installed from C, which Python cannot put back; Python's own then, since leaving
             # ours would keep turning signals into stop requests of a trainer whose run has ended
-            signal.signal(sig, signal.SIG_DFL if before is None else before)
+            signal.signal(sig, _PYTHON_DEFAULT[sig] if before is None else before)
 
 
 @contextlib.contextmanager
