@@ -1977,3 +1977,31 @@ def test_fused_overflow_names_the_token_whose_term_overflows_not_where_the_sum_d
     with pytest.raises(ValueError, match=match):
         ops.fused_linear_grpo_loss(h, w, targets, torch.ones(3, 4), adv, old_logp=old, ref_logp=ref,
                                    importance_weights=weights, beta=0.04, kl_estimator="k2", backend="torch")
+
+
+def test_fused_overflow_does_not_blame_a_ratio_the_clip_keeps_finite():
+    # a ratio of e^394 at a positive advantage is clipped to 1 + epsilon (a finite term: with beta 0 the same
+    # inputs give a finite loss), yet the message blamed it for the k2 KL's overflow (ref_logp 3e19) at position 2
+    h, w = randn(3, 4, 8, seed=1), randn(11, 8, seed=2)
+    targets = torch.arange(12).reshape(3, 4) % 11
+    adv, old, ref = torch.tensor([0.5, -0.3, -0.7]), torch.full((3, 4), -2.0), torch.full((3, 4), -2.0)
+    old[0, 1], ref[0, 2] = -400.0, 3e19
+    loss, _ = ops.fused_linear_grpo_loss(h, w, targets, torch.ones(3, 4), adv, old_logp=old, backend="torch")
+    assert torch.isfinite(loss)
+    with pytest.raises(ValueError, match=r"non-finite loss at row 0: .* the objective overflows at position 2 \(.*"
+                                         r"old_logp -2, ref_logp 3e\+19, advantage 0.5\)$"):
+        ops.fused_linear_grpo_loss(h, w, targets, torch.ones(3, 4), adv, old_logp=old, ref_logp=ref, beta=0.04,
+                                   kl_estimator="k2", backend="torch")
+
+
+def test_fused_overflow_does_not_blame_a_sequence_ratio_the_clip_keeps_finite():
+    h, w = randn(3, 4, 8, seed=1), randn(11, 8, seed=2)
+    targets = torch.arange(12).reshape(3, 4) % 11
+    adv, old, ref = torch.tensor([0.5, -0.3, -0.7]), torch.full((3, 4), -2.0), torch.full((3, 4), -2.0)
+    old[0], ref[0, 2] = -400.0, 3e19   # the row's mean log-ratio ~395, clipped at the positive advantage
+    kw = dict(importance_sampling_level="sequence", backend="torch")
+    assert torch.isfinite(ops.fused_linear_grpo_loss(h, w, targets, torch.ones(3, 4), adv, old_logp=old, **kw)[0])
+    with pytest.raises(ValueError, match=r"non-finite loss at row 0: its log-probs and inputs are finite; the objective "
+                                         r"itself overflows$"):
+        ops.fused_linear_grpo_loss(h, w, targets, torch.ones(3, 4), adv, old_logp=old, ref_logp=ref, beta=0.04,
+                                   kl_estimator="k2", **kw)

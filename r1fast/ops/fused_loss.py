@@ -350,16 +350,17 @@ def _non_finite_loss_error(lay, h_act, weight, t_act, per_token, opts, backend, 
     rows, total = mask2.shape[0], float(mask2.sum())
     sl = lambda x, r: None if x is None else x[r:r + 1]  # noqa: E731
 
-    def row_is_finite(r, mask_r):
+    def row_is_finite(r, mask_r, old=old2):
         with torch.no_grad():
-            loss_r, _ = reference.grpo_loss(lp2[r:r + 1], sl(old2, r), sl(ref2, r), adv[r:r + 1], mask_r[None], opts,
+            loss_r, _ = reference.grpo_loss(lp2[r:r + 1], sl(old, r), sl(ref2, r), adv[r:r + 1], mask_r[None], opts,
                                             sampler_logp=sl(smp2, r), importance_weights=sl(isw2, r),
                                             totals=(rows, total))
         return bool(torch.isfinite(loss_r))
 
     for r in range(rows):
         if not row_is_finite(r, mask2[r]):
-            why = _why_row_is_not_finite(lp2[r], old2, ref2, mask2[r] > 0, r, opts)
+            why = _why_row_is_not_finite(lp2[r], old2, ref2, mask2[r] > 0, r, opts,
+                                         lambda r=r: row_is_finite(r, mask2[r], old=lp2))
             if why is None:
                 inputs = {"old_logp": old2, "ref_logp": ref2, "sampler_logp": smp2, "importance_weights": isw2}
                 why = _first_overflowing_token(lp2[r], mask2[r], adv[r], inputs, r, opts,
@@ -374,11 +375,13 @@ def _pair(name, given, logp):
     return f"{name} {float(given):.4g}, the policy's log-prob {float(logp):.4g}"
 
 
-def _why_row_is_not_finite(lp, old2, ref2, act, r, opts):
-    """Which input makes row r's loss NaN/inf, its log-probs lp being finite: a ratio or a k3 KL past the dtype."""
+def _why_row_is_not_finite(lp, old2, ref2, act, r, opts, finite_at_ratio_one):
+    """Which input makes row r's loss NaN/inf, its log-probs lp being finite: a ratio or a k3 KL past the dtype.
+    A ratio past the dtype is named only if finite_at_ratio_one() (the row's loss with old_logp = logp) is: at a
+    positive advantage the clip keeps it finite (min(ratio * A, clip(ratio) * A)), and another input overflows."""
     limit = math.log(torch.finfo(lp.dtype).max)
     pos = act.nonzero().squeeze(-1)
-    if old2 is not None:
+    if old2 is not None and finite_at_ratio_one():
         log_ratio = (lp - old2[r])[pos]
         if opts.importance_sampling_level == "sequence" and log_ratio.mean() > limit:
             return (f"the importance ratio exp(logp - old_logp) overflows: the row's mean log-ratio is "
