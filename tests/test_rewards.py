@@ -1325,6 +1325,18 @@ def test_a_reward_file_edited_within_the_same_tick_is_imported_again(tmp_path, m
     assert RewardSet([f"{f}:r"]).score(["p"], ["c"], {}) == [[2.0]]
 
 
+def test_a_reward_file_is_compiled_with_its_own_future_imports_only(tmp_path):
+    # the file's text was compiled inside combine.py and took its `from __future__ import annotations`: a user's
+    # annotations became strings ({'x': 'int'}), unlike the same file imported by Python
+    from r1fast.rewards.combine import load_function
+
+    f = tmp_path / "annotated_rewards.py"
+    f.write_text("def r(prompts, completions, **kw):\n    return [1.0] * len(completions)\n"
+                 "def typed(x: int) -> float:\n    pass\n")
+    module = sys.modules[load_function(f"{f}:r").__module__]
+    assert module.typed.__annotations__ == {"x": int, "return": float}
+
+
 def test_a_format_pattern_that_is_no_regular_expression_is_named():
     # RewardSet(format_pattern=...) raised re.error's bare "missing ), unterminated subpattern at position 7"
     for bad in ("<think>(.*</think>", 5):

@@ -88,7 +88,9 @@ def _import_user_file(spec: str, path: str):
     module = importlib.util.module_from_spec(mspec)
     sys.modules[name] = module
     try:
-        exec(compile(source, mspec.origin, "exec"), module.__dict__)   # the text read, never a stale __pycache__
+        # the text read, never a stale __pycache__; dont_inherit: compiled here, it took this file's own
+        # `from __future__ import annotations`, and the user's annotations became strings
+        exec(compile(source, mspec.origin, "exec", dont_inherit=True), module.__dict__)
     except Exception as e:   # a SyntaxError or an exception at import: the user's file, not r1fast
         del sys.modules[name]
         raise ValueError(f"reward function {spec!r}: importing {path!r} raised {type(e).__name__}: {e}") from e
