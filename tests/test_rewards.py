@@ -82,6 +82,17 @@ def test_word_answers_that_match_are_one_vote():
     assert majority_index(texts, [True, False, False, False]) == 1
 
 
+def test_answers_of_one_vote_match_without_math_verify(monkeypatch):
+    # vote_key read words before the Unicode math that answers_match turns into LaTeX: √x and √X., a·b and A·B, were
+    # one vote that answers_match (without math-verify) took for different answers
+    from r1fast.rewards.builtin import vote_key
+
+    monkeypatch.setitem(sys.modules, "math_verify", None)
+    for a, b in (("√x", "√X."), ("a·b", "A·B"), ("x ≤ 3", "X ≤ 3"), ("∞", "∞.")):
+        assert not answers_match(a, b) and vote_key(a) != vote_key(b), (a, b)
+    assert vote_key("Yes") == vote_key("yes.") and vote_key("√2") == vote_key("√2")
+
+
 def test_language_reward_share_of_target_script():
     fn = make_language_reward("en")
     out = fn(None, ["<think>abcd</think><answer>1</answer>", "<think>ab\u4f60\u597d</think>", "<think>1+2</think>"])

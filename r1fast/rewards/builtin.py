@@ -260,8 +260,9 @@ def vote_key(answer: str):
     if number is not None:
         return ("number", number)
     # `Yes`, `yes.` and `\\text{YES}` are one answer to answers_match (_same_words): as three votes, three wrong
-    # samples lost cons@k to one right one
-    words = _text_words(answer)
+    # samples lost cons@k to one right one. Read after its Unicode math, as answers_match reads it: √x and √X. were
+    # one vote, though without math-verify they do not match (\\sqrt{x} is LaTeX, not words)
+    words = _text_words(_as_latex(answer))
     return ("text", words or answer)
 
 
