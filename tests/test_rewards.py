@@ -1214,6 +1214,14 @@ def test_a_comma_after_a_latex_answer_does_not_leave_its_leading_number_alone(wi
         assert _accuracy("x+1,", "x+1") == 1.0 and _accuracy("(1, 2),", "(1,2)") == 1.0
 
 
+def test_a_latex_thin_space_ending_an_answer_is_not_a_comma(with_math_verify):
+    # the sentence's comma taken off LaTeX's `\\,` left `$2\\sqrt{3}\\$`, which parsed to nothing, then the bare text to its
+    # leading number: 2\\sqrt{3}\\, and 4\\pi\\, scored 1 against 2 and 4 and 0 against their own value
+    for written, leading in (("2\\sqrt{3}\\,", "2"), ("4\\pi\\,", "4")):
+        assert _accuracy(written, leading) == 0.0, written
+        assert _accuracy(written, written[:-2]) == 1.0 or not with_math_verify, written
+
+
 def test_a_math_block_that_is_only_part_of_the_answer_is_not_the_answer(with_math_verify):
     # math-verify given `\(3\)+1` as it is read its delimited part alone: the answer 4 (and 3-4) scored 1 against 3
     for written in ("\\(3\\)+1", "\\[3\\]-4", "\\[3\\]4", "\\(3\\) or \\(4\\)", "\\[3\\] \\[4\\]"):

@@ -376,9 +376,10 @@ _PROSE_RE = re.compile(r"[A-Za-z]{2,}")
 
 def _without_full_stop(s: str) -> str:
     """`s` without a sentence's final full stop or comma (an ellipsis stays): `$2\\sqrt{3},$` parsed to nothing as
-    `$2\\sqrt{3}.$` did, and the bare text to its leading 2."""
+    `$2\\sqrt{3}.$` did, and the bare text to its leading 2. LaTeX's thin space `\\,` is no comma: without its comma
+    `$2\\sqrt{3}\\$` parsed to nothing too."""
     s = s.rstrip()
-    return s[:-1] if s.endswith((".", ",")) and not s.endswith("..") else s
+    return s[:-1] if s.endswith((".", ",")) and not s.endswith(("..", "\\,")) else s
 
 
 def _mv_parse(parse, s: str):
