@@ -1265,12 +1265,21 @@ def test_language_reward_counts_a_word_spelled_out_between_marks():
     zh = make_language_reward("zh")
     spelled = ["中 T-h-e q-u-i-c-k b-r-o-w-n f-o-x", "中 t/h/e", "中 t1h1e1 q1u1i1c1k", "中 (t)(h)(e)", "中 t_h_e"]
     assert zh(None, [f"<think>{t}</think>" for t in spelled]) == [
-        pytest.approx(v) for v in (1 / 15, 1 / 2, 1 / 7, 1 / 2, 1 / 2)]
-    # variables beside math are still no language, as the inner terms of a longer sum are not
-    math = ["设 x+y=1 且 x-y=3", "计算 f(x) = a_1 x + a_2", "由 $x_1 + x_2 + x_3 = 1$ 得", "设 x + y + z = 1"]
+        pytest.approx(v) for v in (1 / 9, 1 / 2, 1 / 5, 1 / 2, 1 / 2)]
+    # variables beside math are still no language
+    math = ["设 x+y=1 且 x-y=3", "计算 f(x) = a_1 x + a_2", "由 $x_1 + x_2 + x_3 = 1$ 得", "设 x + y + z = 1", "设 a+b+c=1"]
     assert zh(None, [f"<think>{t}</think>" for t in math]) == [1.0] * len(math)
-    assert zh(None, ["<think>设 a+b+c=1</think>"]) == [pytest.approx(1 / 2)]   # 设 against the b
     assert zh(None, ["<think>设 a+\u03b1+b=1</think>"]) == [1.0]   # a Greek letter is a variable wherever it is
+
+
+def test_language_reward_keeps_math_written_tight_as_variables():
+    # any lone letter with lone letters two characters away on both sides counted as a spelled-out word: function
+    # notation, substitutions and sums written tight cut Chinese chains of thought from 1.0 (as at fbbdd50) to 0.25
+    zh = make_language_reward("zh")
+    math = ["令u=x+y，v=x-y，则x=(u+v)/2，y=(u-v)/2。", "设 g(x)=f(x)-x，则 g(a)=g(b)=0。", "令 m=n+k，则 m-n=k。",
+            "由 P(A∪B)=P(A)+P(B)-P(A∩B) 得到结果。", "考虑 (a+b)(b+c)(c+a) 的展开式。", "因此 x=y=z，此时等号成立。",
+            "若 x∈A 且 x∉B，则 x∈A-B。", "所以 f(x)=x^2-2x+1=(x-1)^2≥0。", "因为A∪B=B∪A，所以交换律成立。"]
+    assert zh(None, [f"<think>{t}</think>" for t in math]) == [1.0] * len(math)
 
 
 def test_language_reward_reads_enclosed_letters_as_letters():
