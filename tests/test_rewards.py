@@ -1282,6 +1282,15 @@ def test_language_reward_keeps_math_written_tight_as_variables():
     assert zh(None, [f"<think>{t}</think>" for t in math]) == [1.0] * len(math)
 
 
+def test_language_reward_reads_full_width_math_as_math():
+    # a lone full-width letter (ｘ, FULLWIDTH LATIN) was never a variable: Japanese math typeset full width scored below
+    # the same text in ASCII (0.75 against 1.0), while English in full width still counts
+    ja = make_language_reward("ja")
+    texts = ["ｘ＋ｙ＝１のとき、ｘの値を求める。", "点Ｐ（ｘ，ｙ）をとる。", "ｔｈｅ ｑｕｉｃｋ の"]
+    assert ja(None, [f"<think>{t}</think>" for t in texts]) == [1.0, 1.0, pytest.approx(1 / 9)]
+    assert make_language_reward("en")(None, ["<think>ｔｈｅ ｑｕｉｃｋ</think>"]) == [1.0]
+
+
 def test_language_reward_reads_enclosed_letters_as_letters():
     # circled, parenthesized, squared letters are symbols (So), never counted: English written in them scored 1.0 for zh
     zh = make_language_reward("zh")

@@ -532,6 +532,9 @@ _ENCLOSED_LETTER_RE = re.compile(r"(?:.* )?LETTER ([A-Z])")
 _MATH_LETTERS_AS_PLAIN.update(
     {cp: m.group(1) for cp in itertools.chain(range(0x2460, 0x2500), range(0x1F100, 0x1F200))
      if (m := _ENCLOSED_LETTER_RE.fullmatch(unicodedata.name(chr(cp), "")))})
+# Full-width ASCII (ｘ＋ｙ＝１, Japanese and Chinese typesetting's math) as ASCII: a lone full-width letter was never a
+# variable (its name is FULLWIDTH LATIN, not LATIN), so ｘ＋ｙ＝１のとき scored 0.75 for ja where x+y=1のとき scored 1.0
+_MATH_LETTERS_AS_PLAIN.update({cp: chr(cp - 0xFEE0) for cp in range(0xFF01, 0xFF5F)})
 
 
 def _is_math_mark(ch: str) -> bool:
