@@ -1374,6 +1374,23 @@ def test_a_reward_file_is_compiled_with_its_own_future_imports_only(tmp_path):
     assert module.typed.__annotations__ == {"x": int, "return": float}
 
 
+def test_a_reward_file_whose_imports_need_its_folder_or_package_says_how(tmp_path):
+    # a file runs alone, without its folder on sys.path: `from .helper import X` and `import helper` (beside it)
+    # failed with Python's bare "attempted relative import with no known parent package" / "No module named"
+    from r1fast.rewards.combine import load_function
+
+    pkg = tmp_path / "my_pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "sibling_helper.py").write_text("X = 5\n")
+    (pkg / "relative.py").write_text("from .sibling_helper import X\ndef r(p, c, **kw):\n    return [X] * len(c)\n")
+    (pkg / "absolute.py").write_text("import sibling_helper\ndef r(p, c, **kw):\n    return [1.0] * len(c)\n")
+    with pytest.raises(ValueError, match="name it as package.module:r"):
+        load_function(f"{pkg / 'relative.py'}:r")
+    with pytest.raises(ValueError, match="'sibling_helper' is beside the file, but its folder .* PYTHONPATH"):
+        load_function(f"{pkg / 'absolute.py'}:r")
+
+
 def test_a_format_pattern_that_is_no_regular_expression_is_named():
     # RewardSet(format_pattern=...) raised re.error's bare "missing ), unterminated subpattern at position 7"
     for bad in ("<think>(.*</think>", 5):

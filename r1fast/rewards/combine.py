@@ -93,9 +93,24 @@ def _import_user_file(spec: str, path: str):
         exec(compile(source, mspec.origin, "exec", dont_inherit=True), module.__dict__)
     except Exception as e:   # a SyntaxError or an exception at import: the user's file, not r1fast
         del sys.modules[name]
-        raise ValueError(f"reward function {spec!r}: importing {path!r} raised {type(e).__name__}: {e}") from e
+        raise ValueError(f"reward function {spec!r}: importing {path!r} raised {type(e).__name__}: {e}"
+                         f"{_file_import_hint(e, real, spec)}") from e
     _USER_FILES[real] = (source, module)
     return module
+
+
+def _file_import_hint(e: Exception, real: str, spec: str) -> str:
+    """How to import what a reward file's own import did not find: the file runs alone, as a script would, but
+    without its folder on sys.path, so `from . import x` and `import helpers` (a helpers.py beside it) failed with
+    Python's bare "attempted relative import with no known parent package" or "No module named 'helpers'"."""
+    folder, fn = os.path.dirname(real), spec.rsplit(":", 1)[1]
+    if isinstance(e, ImportError) and e.name is None and "relative import" in str(e):
+        return (f"; a file:function is imported alone, not as a module of its package: name it as "
+                f"package.module:{fn}, its package importable (from the working directory or sys.path)")
+    top = (e.name or "").split(".")[0] if isinstance(e, ModuleNotFoundError) else ""
+    if top and (os.path.isfile(os.path.join(folder, top + ".py")) or os.path.isdir(os.path.join(folder, top))):
+        return f"; {top!r} is beside the file, but its folder {folder} is not on sys.path: add it to PYTHONPATH"
+    return ""
 
 
 _USER_FILES: dict[str, tuple] = {}   # a reward file's real path -> (its text when imported, its module)
