@@ -1280,6 +1280,9 @@ def test_language_reward_keeps_math_written_tight_as_variables():
             "由 P(A∪B)=P(A)+P(B)-P(A∩B) 得到结果。", "考虑 (a+b)(b+c)(c+a) 的展开式。", "因此 x=y=z，此时等号成立。",
             "若 x∈A 且 x∉B，则 x∈A-B。", "所以 f(x)=x^2-2x+1=(x-1)^2≥0。", "因为A∪B=B∪A，所以交换律成立。"]
     assert zh(None, [f"<think>{t}</think>" for t in math]) == [1.0] * len(math)
+    # a product of powers or of indexed terms: the same marks on both sides, but a power or an index (0.67, 0.5)
+    products = ["所以 a^2b^2c^2=1。", "所以 x²y²z²≥0。", "则 a_1b_1c_1=0"]
+    assert zh(None, [f"<think>{t}</think>" for t in products]) == [1.0] * len(products)
 
 
 def test_language_reward_reads_full_width_math_as_math():

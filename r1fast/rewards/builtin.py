@@ -568,7 +568,7 @@ def _spelled_out(text: str, runs: list[tuple[int, int, Optional[bool]]], k: int)
     """Whether the lone letter of runs[k] has lone Latin letters close by on both sides: a word spelled out with marks
     between its letters (`T-h-e q-u-i-c-k`, `t/h/e`, `t1h1e`), which every one of them beside math (_is_variable)
     left out: 1.0 for zh. Only a word's inner letters are told so, and only between the same marks on both sides, marks
-    that are no operator (+ = < ∈ ∪ →, *): math written tight (the b of a+b+c, the y of x=y=z, the x of g(x)=f(x)-x)
+    that are no operator (_spelling_mark): math written tight (the b of a+b+c, the y of x=y=z, the x of g(x)=f(x)-x)
     stays variables, which had cut Chinese chains of thought from 1.0 to 0.25. A minus is a hyphen: a-b-c's b counts."""
     def lone_latin(j: int) -> bool:
         return 0 <= j < len(runs) and runs[j][2] is False and runs[j][1] == 1 and _in_script(text[runs[j][0]], ("LATIN",))
@@ -580,7 +580,14 @@ def _spelled_out(text: str, runs: list[tuple[int, int, Optional[bool]]], k: int)
     if not (lone_latin(k) and all(close(k + d) and lone_latin(k + 2 * d) for d in (-1, 1))):
         return False
     before, after = (text[runs[j][0]:runs[j][0] + runs[j][1]] for j in (k - 1, k + 1))
-    return before == after and not any(unicodedata.category(ch) == "Sm" or ch == "*" for ch in before)
+    return before == after and _spelling_mark(before)
+
+
+def _spelling_mark(gap: str) -> bool:
+    """Whether `gap` may stand between the letters of a spelled-out word: no operator (+ = ∈ → *), and no power or
+    index (^2, ², _1: the y of x^2y^2z^2 or a_1b_1c_1 is a variable), while t-h-e's -, t1h1e's 1 and (t)(h)(e)'s )( are."""
+    operator = any(unicodedata.category(ch) in ("Sm", "No") or ch in "*^" for ch in gap)
+    return not operator and not (len(gap) > 1 and any(ch.isdigit() for ch in gap))
 
 
 def _language_evidence(body: str, scripts: tuple[str, ...]) -> list[bool]:
