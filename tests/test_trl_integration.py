@@ -1125,3 +1125,27 @@ def test_fp16_loss_scale_reaches_the_fused_op(tmp_path, model_dirs, monkeypatch)
     scaled = _vllm_loss_and_grads(trainer, inputs)
     assert seen == [1.0, 2.0 ** 10]
     _assert_same_loss_and_grads(plain, scaled)
+
+
+@pytest.mark.parametrize("change", [dict(beta=0.1, epsilon_low=0.05, epsilon_high=0.1, loss_type="dapo",
+                                         importance_sampling_level="sequence"), dict(temperature=0.5)],
+                         ids=["loss-options", "temperature"])
+def test_loss_follows_trainer_attributes_changed_mid_training_as_trl_does(tmp_path, model_dirs, change):
+    """A callback that sets trainer.beta, epsilon_low/high, loss_type or importance_sampling_level after
+    construction changes TRL's loss, and the drop-in's the same way; trainer.temperature does not (TRL's fused head
+    keeps the temperature its __init__ gave it), and does not change the drop-in's log-probs either."""
+    tokenizer, trainers = _stock_and_fast(tmp_path, model_dirs, loss_type="grpo", beta=0.04)
+    inputs = _loss_inputs(tokenizer, trainers[0].model, 0.04, "token")
+    del inputs["importance_sampling_ratio"]
+    before, _ = _loss_and_grads_in(trainers[0], inputs, train=True, accumulation=1)
+    for trainer in trainers:
+        for name, value in change.items():
+            setattr(trainer, name, value)
+    stock, fast = (_loss_and_grads_in(t, inputs, train=True, accumulation=1) for t in trainers)
+    _assert_same_loss_and_grads(stock, fast)
+    assert (abs(stock[0].item() - before.item()) > 1e-5) == ("temperature" not in change)
+    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+    attention = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
+    logps = [t._get_per_token_logps_and_entropies(t.model, ids, attention, inputs["completion_ids"].size(1))[0]
+             for t in trainers]
+    torch.testing.assert_close(logps[1], logps[0], rtol=1e-5, atol=1e-6)

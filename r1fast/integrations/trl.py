@@ -354,6 +354,9 @@ class GRPOTrainer(trl.GRPOTrainer):
             m = self.accelerator.unwrap_model(m)
             _check_model(m, what)
             install_hidden_states_forward(m)
+        # TRL's fused head divides the logits by the temperature its __init__ gave it (add_fused_lm_head), whatever
+        # trainer.temperature becomes later: the drop-in's log-probs keep that one too.
+        self._logprob_temperature = self.temperature
         self.r1fast_rollout = self._make_rollout() if r1fast_generation else None
 
     def _make_rollout(self):
@@ -474,7 +477,7 @@ class GRPOTrainer(trl.GRPOTrainer):
             # zeros at padding keep the outputs interchangeable with TRL's.
             result = ops.grouped_logprob(
                 hidden, weight, targets.to(hidden.device), mask=am[:, -logits_to_keep:].bool().to(hidden.device),
-                temperature=self.temperature, return_entropy=compute_entropy,
+                temperature=self._logprob_temperature, return_entropy=compute_entropy,
                 forward_only=not torch.is_grad_enabled(), **self._loss_backend_kwargs(),
             )
             logp, entropy = result if compute_entropy else (result, None)
@@ -512,7 +515,7 @@ class GRPOTrainer(trl.GRPOTrainer):
             loss_type=self.loss_type,
             importance_sampling_level=self.importance_sampling_level,
             max_completion_length=self.max_completion_length,
-            temperature=self.temperature,
+            temperature=self._logprob_temperature,
             num_items=self._num_items(inputs, mode, accumulation),
             use_bias_correction_kl=self.args.use_bias_correction_kl,
         )
@@ -565,7 +568,7 @@ class GRPOTrainer(trl.GRPOTrainer):
         if use_entropy or behaviour_logp is not None:
             with torch.no_grad():
                 logp, entropies = ops.grouped_logprob(
-                    hidden.detach(), weight.detach(), targets, mask=mask.bool(), temperature=self.temperature,
+                    hidden.detach(), weight.detach(), targets, mask=mask.bool(), temperature=self._logprob_temperature,
                     return_entropy=True, forward_only=True, **self._loss_backend_kwargs(),
                 )
         entropy_mask = off_policy_mask = None
