@@ -373,6 +373,22 @@ def test_trl_sampling_options_left_none_take_the_models_generation_config(tmp_pa
     assert (params.top_k, params.top_p, params.min_p) == (7, 0.8, 0.1)
 
 
+
+def test_engine_samples_with_the_generation_config_trl_generates_with(tmp_path, monkeypatch):
+    """Stock TRL samples with trainer.generation_config, built in its __init__: a callback that anneals
+    generation_config.temperature (or top_k, top_p, min_p) changes TRL's sampling, one that sets trainer.temperature
+    changes nothing. The engine follows the same object; it used to read trainer.temperature and friends."""
+    path = save_tiny_qwen2(tmp_path / "m", seed=0)
+    trainer = _trainer(path, tmp_path / "run", temperature=0.7, top_p=0.9, top_k=5, min_p=0.05)
+    seen = spy_on_engine_params(monkeypatch)
+    trainer.temperature, trainer.top_p, trainer.top_k, trainer.min_p = 0.3, 0.5, 2, 0.2  # ignored by TRL
+    config = trainer.generation_config
+    config.temperature, config.top_p, config.top_k, config.min_p = 1.2, 0.8, 4, 0.1
+    trainer._generate_single_turn([[5, 6, 7]] * 4, None, None, 4)
+    (params,) = seen
+    assert (params.temperature, params.top_p, params.top_k, params.min_p) == (1.2, 0.8, 4, 0.1)
+
+
 def test_engine_sized_for_the_generation_batch_and_completion_length(tmp_path):
     """max_num_seqs is this process's share of TRL's generation batch (4 prompts x steps_per_generation 4), and
     (in a context longer than it) the KV pool holds every seat's max_completion_length after a prompt of

@@ -435,16 +435,17 @@ class GRPOTrainer(trl.GRPOTrainer):
         self.r1fast_rollout.sync()
         top_k, top_p, min_p = (self._sampling_option(name) for name in ("top_k", "top_p", "min_p"))
         params = SamplingParams(
-            n=num_generations, temperature=self.temperature, top_p=top_p,
+            n=num_generations, temperature=self.generation_config.temperature, top_p=top_p,
             top_k=top_k if top_k and top_k > 0 else -1, min_p=min_p or 0.0,
             max_tokens=self.max_completion_length, stop_token_ids=list(self.eos_token_ids), ignore_eos=True,
             seed=int(torch.randint(0, 2**62, ())))  # from torch's generator: TRL's seed makes runs repeat
         return self.r1fast_rollout.generate([list(p) for p in prompt_ids], params), None
 
     def _sampling_option(self, name):
-        """The top_k / top_p / min_p transformers' generate samples with: TRL's value, else (TRL's is None) the
-        model's generation_config's, else transformers' global default (top_k 50)."""
-        value = getattr(self, name)
+        """The top_k / top_p / min_p transformers' generate samples with: that of TRL's generation_config (built in
+        its __init__; a callback may change it, not trainer.top_k), else (None) the model's generation_config's,
+        else transformers' global default (top_k 50)."""
+        value = getattr(self.generation_config, name)
         if value is None:
             value = getattr(getattr(self.accelerator.unwrap_model(self.model), "generation_config", None), name, None)
         return _HF_SAMPLING_DEFAULTS[name] if value is None else value
