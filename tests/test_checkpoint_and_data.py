@@ -1035,6 +1035,23 @@ def test_clear_run_removes_what_a_run_writes_and_nothing_else(tmp_path):
     ckpt.clear_run(str(tmp_path / "missing"))   # no folder: nothing to do
 
 
+def test_a_dated_copy_of_a_checkpoint_a_resume_set_aside_is_not_put_back(tmp_path):
+    # `cp -r checkpoint-4 checkpoint-4.old-20261129`, then a resume from checkpoint-2 set checkpoint-4 aside and was
+    # killed before its next save: the copy was taken for an earlier r1fast's killed save and put back as
+    # checkpoint-4, so the bare --resume after went on from the branch left (and the copy was gone)
+    run = tmp_path / "run"
+    for name in ("checkpoint-2", "abandoned-checkpoint-4", "checkpoint-4.old-20261129"):
+        (run / name).mkdir(parents=True)
+        (run / name / ckpt.STATE_FILE).write_text("{}")
+    ckpt.remove_save_leftovers(str(run))
+    assert sorted(os.listdir(run)) == ["abandoned-checkpoint-4", "checkpoint-2", "checkpoint-4.old-20261129"]
+    assert ckpt.latest_checkpoint(str(run)) == str(run / "checkpoint-2")
+    # with nothing of step 4 or after, it is still what an earlier r1fast's save killed between its renames left
+    os.rename(run / "abandoned-checkpoint-4", tmp_path / "elsewhere")
+    ckpt.remove_save_leftovers(str(run))
+    assert ckpt.latest_checkpoint(str(run)) == str(run / "checkpoint-4")
+
+
 def test_remove_save_leftovers_removes_the_temporary_files_of_a_runs_writes_only(tmp_path):
     # a kill while curves.png (r1fast plot), summary.json or pipeline_state.json was replaced left its .tmp for good
     gone = os.getpid()   # no replacing() of this process is writing: its temporary files are a killed run's

@@ -379,8 +379,8 @@ def remove_save_leftovers(run_dir: str):
     that replaced checkpoint-N and was killed between its two renames left the old, complete
     checkpoint-N as .checkpoint-N.old-<pid>: it is checkpoint-N again, or deleted if a new one is there. A visible
     checkpoint-N.old-<digits> is never deleted (the user's copy, or an earlier r1fast's); it is put back only where it
-    is what such a kill left, checkpoint-N gone and no checkpoint newer (a pruned checkpoint's backup put back was
-    pruned at the next save)."""
+    is what such a kill left, checkpoint-N gone and no checkpoint of its step or newer, set aside or not (a pruned
+    checkpoint's backup put back was pruned at the next save)."""
     if not os.path.isdir(run_dir):
         return
     from r1fast.trainer.metrics import remove_stale_temps
@@ -399,10 +399,19 @@ def remove_save_leftovers(run_dir: str):
             if os.path.exists(base):
                 if hidden:
                     remove_folder(path)
-            elif hidden or all(s < int(step) for s, _ in list_checkpoints(run_dir)):
+            elif hidden or _newest_step(run_dir) < int(step):
                 os.rename(path, base)
         elif _CKPT_RE.match(name) and os.path.islink(path):
             _clear_beside_linked(path)
+
+
+def _newest_step(run_dir: str) -> int:
+    """The newest step of run_dir's checkpoints, the set-aside ones (abandoned-checkpoint-<step>) included; -1 for
+    none. A checkpoint-N set aside by a resume from an older one is gone as a killed save leaves it: a dated copy of
+    it beside was put back as checkpoint-N, and a bare --resume went on from the branch the resume had left."""
+    steps = [s for s, _ in list_checkpoints(run_dir)]
+    steps += [int(m.group(1)) for m in map(_SET_ASIDE_RE.match, os.listdir(run_dir)) if m]
+    return max(steps, default=-1)
 
 
 def _clear_beside_linked(link: str):
