@@ -291,6 +291,23 @@ def test_weights_in_another_layout_are_named(tmp_path, rename, message):
         from_pretrained(ck)
 
 
+def test_a_peft_adapter_folder_is_named_as_one(tmp_path):
+    # peft's (and TRL's) save of a LoRA run holds adapter_config.json and adapter_model.safetensors, no config.json:
+    # it read "no config.json at .../config.json", as a folder saved or copied part way
+    ck = tmp_path / "lora"
+    ck.mkdir()
+    (ck / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "base_model_name_or_path": "Qwen/Q"}))
+    save_file({"base_model.model.lm_head.lora_A.weight": torch.zeros(2, 2)}, ck / "adapter_model.safetensors")
+    with pytest.raises(FileNotFoundError, match=r"no config.json at .*config.json \(.*lora holds a PEFT/LoRA adapter "
+                                                r"of 'Qwen/Q', not a model: merge it into its base model"):
+        from_pretrained(ck)
+    with pytest.raises(FileNotFoundError, match=r"no tokenizer files .* \(.*lora holds a PEFT/LoRA adapter of 'Qwen/Q'"):
+        load_tokenizer(ck)   # a trainer reads the tokenizer first
+    (ck / "adapter_config.json").write_text("{")   # damaged: still named an adapter's folder
+    with pytest.raises(FileNotFoundError, match=r"holds a PEFT/LoRA adapter, not a model"):
+        from_pretrained(ck)
+
+
 @pytest.mark.parametrize("change, message", [
     ({"vocab_size": 10**12}, r"'model.embed_tokens.weight' has shape \(32, 16\), but .*config.json implies "
                              r"\(1000000000000, 16\) \(vocab_size, hidden_size\)"),

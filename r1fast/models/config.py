@@ -312,8 +312,23 @@ def read_config_json(path: str | os.PathLike) -> dict:
     if os.path.isdir(path):
         path = os.path.join(path, "config.json")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"no config.json at {path}{_cache_hint(os.path.dirname(path))}")
+        folder = os.path.dirname(path)
+        raise FileNotFoundError(f"no config.json at {path}{_cache_hint(folder) or _adapter_hint(folder)}")
     return read_json_object(path)
+
+
+def _adapter_hint(folder: str) -> str:
+    """A PEFT/LoRA adapter's folder (peft's or TRL's save: adapter_config.json, adapter_model.safetensors) has no
+    config.json: "no config.json" alone read as a folder not saved or copied whole."""
+    path = os.path.join(folder, "adapter_config.json")
+    if not os.path.isfile(path):
+        return ""
+    try:
+        base = read_json_object(path).get("base_model_name_or_path")
+    except (OSError, ValueError):   # a damaged adapter_config.json: still an adapter's folder
+        base = None
+    return (f" ({folder} holds a PEFT/LoRA adapter{f' of {base!r}' if base else ''}, not a model: merge it into its "
+            f"base model, e.g. with peft's merge_and_unload(), save the merged model and load that folder)")
 
 
 def _cache_hint(folder: str) -> str:
