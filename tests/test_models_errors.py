@@ -90,6 +90,25 @@ def test_bad_config_values(change, message):
         ModelConfig.from_hf_config(hf)
 
 
+@pytest.mark.parametrize("change", [
+    {"partial_rotary_factor": 0.5, "rope_parameters": {"rope_type": "default", "rope_theta": 1e4,
+                                                       "partial_rotary_factor": 1.0}},
+    {"partial_rotary_factor": 0.5, "rope_scaling": {"type": "linear", "factor": 2.0, "partial_rotary_factor": 1.0}},
+])
+def test_a_top_level_partial_rotary_factor_that_transformers_does_not_read_loads(change):
+    # transformers reads the factor of rope_scaling (else rope_parameters) and sets the top-level one there only
+    # where it has none: these are full rotary in transformers, and were refused as 'partial_rotary_factor=0.5'
+    hf = ModelConfig(**TINY).to_hf_config(torch.float32)
+    hf.pop("rope_parameters")
+    hf.update(change)
+    ModelConfig.from_hf_config(hf)
+    for scaling in (hf.get("rope_scaling"), hf.get("rope_parameters")):
+        if scaling:
+            del scaling["partial_rotary_factor"]   # the top-level one is then the one read
+    with pytest.raises(ValueError, match=r"^config.json: partial_rotary_factor=0.5 is not supported"):
+        ModelConfig.from_hf_config(hf)
+
+
 def test_hub_cache_folder_points_to_its_snapshot(tmp_path):
     # the folder transformers' cache makes for a hub id holds the files under snapshots/<revision>
     entry = tmp_path / "models--org--tiny"

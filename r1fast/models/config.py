@@ -475,10 +475,11 @@ def _check_rope_agrees(hf: dict, rope_theta, default_theta) -> None:
 
 
 def _check_full_rotary(hf: dict) -> None:
-    """partial_rotary_factor wherever transformers may read it: the top level, rope_parameters, or a legacy
-    rope_scaling (read in rope_parameters' place; its scaled rotations, linear or yarn, rotate that share of each
-    head). r1fast rotates every dimension."""
-    for where in ("rope_scaling", "rope_parameters", None):
+    """partial_rotary_factor as transformers reads it: from a legacy rope_scaling (read in rope_parameters' place;
+    its scaled rotations, linear or yarn, rotate that share of each head), else rope_parameters, else the top level
+    (set in the dict only where it has none). r1fast rotates every dimension. The first found is the one read: a
+    top-level 0.5 beside rope_parameters' 1.0 is full rotary there, and was refused."""
+    for where in ("rope_scaling" if hf.get("rope_scaling") else "rope_parameters", None):
         holder = hf if where is None else hf.get(where) or {}
         if holder.get("partial_rotary_factor") is None:
             continue
@@ -487,6 +488,7 @@ def _check_full_rotary(hf: dict) -> None:
         _check_positive_number(name, partial)
         if partial != 1.0:
             raise ValueError(f"{name}={partial} is not supported (only full rotary)")
+        return
 
 
 def _fill_rope_lengths(scaling, hf: dict, defaults: dict):
