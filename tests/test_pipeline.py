@@ -431,6 +431,21 @@ def test_a_sample_stages_output_file_that_an_earlier_stage_reads_is_refused(tmp_
         load_pipeline({**spec, "eval_dataset": str(data)})
 
 
+def test_a_stage_reading_a_sample_stage_whose_file_a_later_round_wrote_again_is_refused(tmp_path, monkeypatch):
+    # rs writes s.jsonl, rs2 writes it again, then a stage reads "@rs": rs's samples from memory on the first run,
+    # but s.jsonl, rs2's samples, on a --resume after rs2 (the path pipeline_state.json recorded for rs)
+    monkeypatch.chdir(tmp_path)
+    spec = tiny_pipeline(tmp_path)
+    spec["stages"][2]["config"]["output_file"] = "s.jsonl"
+    spec["stages"].append({**copy.deepcopy(spec["stages"][2]), "name": "rs2"})
+    spec["stages"].append({**copy.deepcopy(spec["stages"][3]), "name": "student2", "dataset": "@rs"})
+    with pytest.raises(ValueError, match=r"stage 'student2': dataset '@rs' is read back from 's.jsonl' on --resume, "
+                                         r"which stage 'rs2' writes again before this stage"):
+        load_pipeline(copy.deepcopy(spec))
+    spec["stages"][-1]["dataset"] = "@rs2"   # the newest round's
+    load_pipeline(spec)
+
+
 def test_a_later_sample_round_may_write_again_the_file_an_earlier_round_wrote(tmp_path, monkeypatch):
     # the file an earlier sample stage writes (read back by path by the SFT stage after it) is the pipeline's own:
     # refused as 'the dataset of stage ...' once it existed, the pipeline loaded on its first run, not on --resume

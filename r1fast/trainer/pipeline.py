@@ -230,6 +230,7 @@ def _check_stages(p: Pipeline, where: str):
     earlier: dict[str, str] = {}   # stage name -> type, of the stages before this one
     written: set[str] = set()      # files that earlier sample stages write
     samplers: dict[str, Any] = {}  # sample stage name -> its config
+    rewritten: dict[str, str] = {}  # sample stage -> the later sample stage that writes its output_file again
     # (path, what) of the data read before a sample stage writes its output_file, which must not replace them
     read: list[tuple[Any, str]] = [(p.eval_dataset, "the pipeline's eval_dataset")]
     _check_dataset(p.eval_dataset, f"{where}: eval_dataset", written)
@@ -249,6 +250,12 @@ def _check_stages(p: Pipeline, where: str):
             if role == "dataset" and earlier[src] != "sample":
                 raise ConfigError(f"{at}: dataset {ref!r} is a {earlier[src]} stage; \"@stage\" data is what a "
                                   f"sample stage kept")
+            if role == "dataset" and src in rewritten:
+                # read from memory on the first run, but from the file on --resume: the later stage's samples
+                raise ConfigError(f"{at}: dataset {ref!r} is read back from {samplers[src].output_file!r} on "
+                                  f"--resume, which stage {rewritten[src]!r} writes again before this stage: it "
+                                  f"would then train on that stage's samples; read '@{rewritten[src]}', or give "
+                                  f"one of them another output_file")
             if role == "dataset":
                 _check_sample_columns(s, samplers[src], at, ref)
         if not str(s.model or "").startswith("@"):
@@ -271,6 +278,8 @@ def _check_stages(p: Pipeline, where: str):
             check_output_file(cfg.output_file, f"{at}: output_file",
                               read=users + [(s.dataset, f"the dataset of stage {s.name!r}")])
             written.add(os.path.abspath(cfg.output_file))
+            rewritten.update((name, s.name) for name, other in samplers.items() if other.output_file
+                             and os.path.realpath(other.output_file) == os.path.realpath(cfg.output_file))
         read.append((s.dataset, f"the dataset of stage {s.name!r}"))
         if s.type == "grpo":
             read.append((cfg.eval_dataset, f"the eval_dataset of stage {s.name!r}"))
