@@ -389,6 +389,22 @@ def test_engine_samples_with_the_generation_config_trl_generates_with(tmp_path, 
     assert (params.temperature, params.top_p, params.top_k, params.min_p) == (1.2, 0.8, 4, 0.1)
 
 
+def test_engine_temperature_left_none_takes_the_models_generation_config(tmp_path, monkeypatch):
+    """A callback setting generation_config.temperature to None: transformers' generate then samples at the model's
+    generation_config temperature (0.6); the engine got None and failed in SamplingParams."""
+    path = save_tiny_qwen2(tmp_path / "m", seed=0)
+
+    def setup(model):
+        model.generation_config.temperature = 0.6
+
+    trainer = _trainer(path, tmp_path / "run", temperature=0.7, model_setup=setup)
+    seen = spy_on_engine_params(monkeypatch)
+    trainer.generation_config.temperature = None
+    trainer._generate_single_turn([[5, 6, 7]] * 4, None, None, 4)
+    (params,) = seen
+    assert params.temperature == 0.6
+
+
 def test_engine_sized_for_the_generation_batch_and_completion_length(tmp_path):
     """max_num_seqs is this process's share of TRL's generation batch (4 prompts x steps_per_generation 4), and
     (in a context longer than it) the KV pool holds every seat's max_completion_length after a prompt of

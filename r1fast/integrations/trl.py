@@ -270,7 +270,7 @@ _HF_GENERATION_EXTRAS = {
 
 # transformers' generate fills a sampling option TRL leaves None from the model's generation_config, else from
 # these global defaults (GenerationConfig._get_default_generation_params): top_k=None samples from the top 50.
-_HF_SAMPLING_DEFAULTS = {"top_k": 50, "top_p": 1.0, "min_p": None}
+_HF_SAMPLING_DEFAULTS = {"temperature": 1.0, "top_k": 50, "top_p": 1.0, "min_p": None}
 
 
 PROMPT_TOKENS_PER_SEAT = 1024  # prompt tokens the rollout engine's KV pool is sized for, per seat
@@ -433,18 +433,19 @@ class GRPOTrainer(trl.GRPOTrainer):
         # copies the fused projections from the trained weights (about a millisecond on a GPU for a
         # 1.5B model): cheaper than tracking every way the weights can change between generations
         self.r1fast_rollout.sync()
-        top_k, top_p, min_p = (self._sampling_option(name) for name in ("top_k", "top_p", "min_p"))
+        temperature, top_k, top_p, min_p = (self._sampling_option(name)
+                                            for name in ("temperature", "top_k", "top_p", "min_p"))
         params = SamplingParams(
-            n=num_generations, temperature=self.generation_config.temperature, top_p=top_p,
+            n=num_generations, temperature=temperature, top_p=top_p,
             top_k=top_k if top_k and top_k > 0 else -1, min_p=min_p or 0.0,
             max_tokens=self.max_completion_length, stop_token_ids=list(self.eos_token_ids), ignore_eos=True,
             seed=int(torch.randint(0, 2**62, ())))  # from torch's generator: TRL's seed makes runs repeat
         return self.r1fast_rollout.generate([list(p) for p in prompt_ids], params), None
 
     def _sampling_option(self, name):
-        """The top_k / top_p / min_p transformers' generate samples with: that of TRL's generation_config (built in
-        its __init__; a callback may change it, not trainer.top_k), else (None) the model's generation_config's,
-        else transformers' global default (top_k 50)."""
+        """The temperature / top_k / top_p / min_p transformers' generate samples with: that of TRL's generation_config
+        (built in its __init__; a callback may change it, not trainer.top_k), else (None) the model's
+        generation_config's, else transformers' global default (top_k 50, temperature 1)."""
         value = getattr(self.generation_config, name)
         if value is None:
             value = getattr(getattr(self.accelerator.unwrap_model(self.model), "generation_config", None), name, None)
