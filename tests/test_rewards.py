@@ -1285,6 +1285,16 @@ def test_language_reward_keeps_math_written_tight_as_variables():
     assert zh(None, [f"<think>{t}</think>" for t in products]) == [1.0] * len(products)
 
 
+def test_language_reward_keeps_a_list_or_ratio_of_variables_as_variables():
+    # a comma, 、, a ratio's colon or a middle dot was no math mark: the inner letters of a list of variables counted
+    # against zh (设a,b,c为正数 0.8, 则 x,y,z∈R 0.5, 则 a:b:c=1:2:3 0.5); t,h,e is no spelled-out English then
+    zh = make_language_reward("zh")
+    lists = ["设a,b,c为正数。", "设 a, b, c 为正数。", "则 x,y,z∈R。", "设a、b、c分别为三边。", "点 P(x,y,z) 在平面上。",
+             "则 a:b:c=1:2:3。", "所以 a·b·c=1。", "设ａ，ｂ，ｃ为正数。"]
+    assert zh(None, [f"<think>{t}</think>" for t in lists]) == [1.0] * len(lists)
+    assert zh(None, ["<think>中 t-h-e q-u-i-c-k</think>"]) == [pytest.approx(1 / 5)]   # other marks still spell
+
+
 def test_language_reward_reads_full_width_math_as_math():
     # a lone full-width letter (ｘ, FULLWIDTH LATIN) was never a variable: Japanese math typeset full width scored below
     # the same text in ASCII (0.75 against 1.0), while English in full width still counts

@@ -537,8 +537,13 @@ _MATH_LETTERS_AS_PLAIN.update(
 _MATH_LETTERS_AS_PLAIN.update({cp: chr(cp - 0xFEE0) for cp in range(0xFF01, 0xFF5F)})
 
 
+# What separates the variables of a list or a ratio (a,b,c; a、b、c; a:b:c; a·b), no language mark: the b of
+# 设a,b,c为正数 or of 在△ABC中，a、b、c分别为 counted against zh (0.8, 0.6), t,h,e is now no English
+_LIST_MARKS = ",\u3001:\u00b7"
+
+
 def _is_math_mark(ch: str) -> bool:
-    return ch in "-*/^_$" or unicodedata.category(ch) in ("Sm", "Nd", "No", "Ps", "Pe")
+    return ch in "-*/^_$" or ch in _LIST_MARKS or unicodedata.category(ch) in ("Sm", "Nd", "No", "Ps", "Pe")
 
 
 def _is_variable(text: str, i: int, scripts: tuple[str, ...]) -> bool:
@@ -584,9 +589,10 @@ def _spelled_out(text: str, runs: list[tuple[int, int, Optional[bool]]], k: int)
 
 
 def _spelling_mark(gap: str) -> bool:
-    """Whether `gap` may stand between the letters of a spelled-out word: no operator (+ = ∈ → *), and no power or
-    index (^2, ², _1: the y of x^2y^2z^2 or a_1b_1c_1 is a variable), while t-h-e's -, t1h1e's 1 and (t)(h)(e)'s )( are."""
-    operator = any(unicodedata.category(ch) in ("Sm", "No") or ch in "*^" for ch in gap)
+    """Whether `gap` may stand between the letters of a spelled-out word: no operator (+ = ∈ → *), list mark (, 、 :),
+    power or index (^2, ², _1: the y of x^2y^2z^2 or a_1b_1c_1 is a variable), while t-h-e's -, t1h1e's 1 and
+    (t)(h)(e)'s )( are."""
+    operator = any(unicodedata.category(ch) in ("Sm", "No") or ch in "*^" or ch in _LIST_MARKS for ch in gap)
     return not operator and not (len(gap) > 1 and any(ch.isdigit() for ch in gap))
 
 
