@@ -1263,9 +1263,8 @@ def test_language_reward_counts_a_word_spelled_out_between_marks():
     # each lone letter beside a mark (- / _ a digit a bracket) was a variable, so English spelled out with marks between
     # its letters scored 1.0 for zh (0.11 before b533e7c); a word's inner letters now count, its two ends stay variables
     zh = make_language_reward("zh")
-    spelled = ["中 T-h-e q-u-i-c-k b-r-o-w-n f-o-x", "中 t/h/e", "中 t1h1e1 q1u1i1c1k", "中 (t)(h)(e)", "中 t_h_e"]
-    assert zh(None, [f"<think>{t}</think>" for t in spelled]) == [
-        pytest.approx(v) for v in (1 / 9, 1 / 2, 1 / 5, 1 / 2, 1 / 2)]
+    spelled = ["中 t1h1e1 q1u1i1c1k", "中 (t)(h)(e)", "中 t_h_e"]
+    assert zh(None, [f"<think>{t}</think>" for t in spelled]) == [pytest.approx(v) for v in (1 / 5, 1 / 2, 1 / 2)]
     # variables beside math are still no language
     math = ["设 x+y=1 且 x-y=3", "计算 f(x) = a_1 x + a_2", "由 $x_1 + x_2 + x_3 = 1$ 得", "设 x + y + z = 1", "设 a+b+c=1"]
     assert zh(None, [f"<think>{t}</think>" for t in math]) == [1.0] * len(math)
@@ -1278,7 +1277,8 @@ def test_language_reward_keeps_math_written_tight_as_variables():
     zh = make_language_reward("zh")
     math = ["令u=x+y，v=x-y，则x=(u+v)/2，y=(u-v)/2。", "设 g(x)=f(x)-x，则 g(a)=g(b)=0。", "令 m=n+k，则 m-n=k。",
             "由 P(A∪B)=P(A)+P(B)-P(A∩B) 得到结果。", "考虑 (a+b)(b+c)(c+a) 的展开式。", "因此 x=y=z，此时等号成立。",
-            "若 x∈A 且 x∉B，则 x∈A-B。", "所以 f(x)=x^2-2x+1=(x-1)^2≥0。", "因为A∪B=B∪A，所以交换律成立。"]
+            "若 x∈A 且 x∉B，则 x∈A-B。", "所以 f(x)=x^2-2x+1=(x-1)^2≥0。", "因为A∪B=B∪A，所以交换律成立。",
+            "若a-b-c=0，则a=b+c。", "所以 x/y/z=1。"]   # a minus and a division: 0.5 when a hyphen spelled words
     assert zh(None, [f"<think>{t}</think>" for t in math]) == [1.0] * len(math)
     # a product of powers or of indexed terms: the same marks on both sides, but a power or an index (0.67, 0.5)
     products = ["所以 a^2b^2c^2=1。", "所以 x²y²z²≥0。", "则 a_1b_1c_1=0"]
@@ -1292,7 +1292,7 @@ def test_language_reward_keeps_a_list_or_ratio_of_variables_as_variables():
     lists = ["设a,b,c为正数。", "设 a, b, c 为正数。", "则 x,y,z∈R。", "设a、b、c分别为三边。", "点 P(x,y,z) 在平面上。",
              "则 a:b:c=1:2:3。", "所以 a·b·c=1。", "设ａ，ｂ，ｃ为正数。"]
     assert zh(None, [f"<think>{t}</think>" for t in lists]) == [1.0] * len(lists)
-    assert zh(None, ["<think>中 t-h-e q-u-i-c-k</think>"]) == [pytest.approx(1 / 5)]   # other marks still spell
+    assert zh(None, ["<think>中 t_h_e q_u_i_c_k</think>"]) == [pytest.approx(1 / 5)]   # other marks still spell
 
 
 def test_language_reward_reads_full_width_math_as_math():

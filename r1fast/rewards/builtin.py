@@ -571,10 +571,10 @@ _SPELLED_GAP = 2
 
 def _spelled_out(text: str, runs: list[tuple[int, int, Optional[bool]]], k: int) -> bool:
     """Whether the lone letter of runs[k] has lone Latin letters close by on both sides: a word spelled out with marks
-    between its letters (`T-h-e q-u-i-c-k`, `t/h/e`, `t1h1e`), which every one of them beside math (_is_variable)
+    between its letters (`t1h1e`, `t_h_e`, `(t)(h)(e)`), which every one of them beside math (_is_variable)
     left out: 1.0 for zh. Only a word's inner letters are told so, and only between the same marks on both sides, marks
     that are no operator (_spelling_mark): math written tight (the b of a+b+c, the y of x=y=z, the x of g(x)=f(x)-x)
-    stays variables, which had cut Chinese chains of thought from 1.0 to 0.25. A minus is a hyphen: a-b-c's b counts."""
+    stays variables, which had cut Chinese chains of thought from 1.0 to 0.25."""
     def lone_latin(j: int) -> bool:
         return 0 <= j < len(runs) and runs[j][2] is False and runs[j][1] == 1 and _in_script(text[runs[j][0]], ("LATIN",))
 
@@ -589,10 +589,11 @@ def _spelled_out(text: str, runs: list[tuple[int, int, Optional[bool]]], k: int)
 
 
 def _spelling_mark(gap: str) -> bool:
-    """Whether `gap` may stand between the letters of a spelled-out word: no operator (+ = ∈ → *), list mark (, 、 :),
-    power or index (^2, ², _1: the y of x^2y^2z^2 or a_1b_1c_1 is a variable), while t-h-e's -, t1h1e's 1 and
-    (t)(h)(e)'s )( are."""
-    operator = any(unicodedata.category(ch) in ("Sm", "No") or ch in "*^" or ch in _LIST_MARKS for ch in gap)
+    """Whether `gap` may stand between the letters of a spelled-out word: no operator (+ = ∈ → * and the minus and
+    division of a-b-c=0 and a/b/c, which Chinese chains of thought write tight: their b scored them 0.5), list mark
+    (, 、 :), power or index (^2, ², _1: the y of x^2y^2z^2 or a_1b_1c_1 is a variable), while t1h1e's 1, t_h_e's _
+    and (t)(h)(e)'s )( are. t-h-e passes as a-b-c does: a hyphen cannot be told from a minus."""
+    operator = any(unicodedata.category(ch) in ("Sm", "No") or ch in "*^-/" or ch in _LIST_MARKS for ch in gap)
     return not operator and not (len(gap) > 1 and any(ch.isdigit() for ch in gap))
 
 
