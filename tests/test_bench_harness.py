@@ -1458,6 +1458,20 @@ def test_rollout_decode_floor_reads_an_untied_embedding_table_by_rows_only(monke
     assert gemm_flops == 2 * params * batch
 
 
+def test_rollout_orders_issue_5s_figures_before_its_ablations():
+    """A suite past its --suite-box starts no more impls. The GPU-size rollout's generate case (three engine
+    generations, two step-by-step ones, one transformers generate: ~70 s counted) filled the 60 s box before
+    the transformers peer and the decode steps (issue 5's figures) were reached. The peer and the decode steps
+    now come before the step-by-step and engine-loop ablations."""
+    from r1fast.bench.suites import rollout
+
+    cases = rollout.cases("smoke", torch.device("cpu"))
+    kinds = [c.name.split(" ")[0] + " " + c.name.split(" ")[1] for c in cases]
+    assert kinds == ["generate 4x2", "decode step", "engine loop"], kinds
+    assert [(i.provider, i.backend) for i in cases[0].impls] == [
+        ("r1fast", "engine"), ("transformers", "generate"), ("r1fast", "engine, step by step")]
+
+
 def test_trl_step_and_fwd_count_the_completions_tokens_inside_the_mask():
     """The trl suite's batch has completions of lengths C/2 to C: its tokens/s and the lm_head's share of the
     floor count the masked-in completion tokens (the tokens generated, the ones r1fast's loss touches), not
