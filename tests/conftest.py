@@ -1,3 +1,4 @@
+import inspect
 import os
 
 # Triton must see TRITON_INTERPRET before it is first imported: on a machine without CUDA the
@@ -12,11 +13,27 @@ import pytest  # noqa: E402
 HAS_CUDA = torch.cuda.is_available()
 
 
+def _may_use_the_gpu(item) -> bool:
+    """The test takes the `device` fixture (the GPU where there is one) or its own code names CUDA.
+    bench/gpu_check.sh runs only these besides the GPU-marked ones: the rest run on the CPU on any
+    machine, and CI runs them there; on the GPU's short window they took time from the bench."""
+    if "device" in getattr(item, "fixturenames", ()):
+        return True
+    fn = getattr(item, "function", None)
+    try:
+        source = inspect.getsource(fn) if fn is not None else ""
+    except (OSError, TypeError):
+        return True  # source unknown: keep it
+    return "cuda" in source.lower()
+
+
 def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:
         if "gpu" in item.keywords and not HAS_CUDA:
             item.add_marker(skip_gpu)
+        if _may_use_the_gpu(item):
+            item.add_marker(pytest.mark.may_use_gpu)
 
 
 @pytest.fixture

@@ -859,10 +859,13 @@ def test_gpu_check_stops_tests_past_their_box_so_that_pytest_still_reports(tmp_p
     assert "1 failed, 9 passed" in p.stdout and "FAILED tests/test_x.py::test_y" in p.stdout, p.stdout[-800:]
     # those counts are of what ran before the box, which pytest's own last line does not say
     assert "pytest -m 'gpu' cut at its 1s box: the counts above are of the tests that ran" in p.stdout
-    assert "pytest -m 'not gpu and not slow' not run" in p.stdout and "tests(124)" in p.stdout, p.stdout[-800:]
+    assert "pytest -m 'not gpu and not slow and may_use_gpu' not run" in p.stdout and "tests(124)" in p.stdout, p.stdout[-800:]
 
 
-def test_gpu_check_runs_the_gpu_marked_tests_then_the_rest_of_the_same_files(tmp_path):
+def test_gpu_check_runs_the_gpu_marked_tests_then_those_of_the_same_files_that_may_use_the_gpu(tmp_path):
+    """The second pass ran every other test of the kernel files (~1230), ~770 of them CPU-only on any machine
+    (CI runs them): on the GPU's one short window they took time from the bench. It runs only those that
+    take the `device` fixture or name CUDA (conftest's may_use_gpu mark)."""
     import pathlib
 
     env = _fake_gpu_machine(tmp_path, 0)
@@ -872,9 +875,30 @@ def test_gpu_check_runs_the_gpu_marked_tests_then_the_rest_of_the_same_files(tmp
                                              ';;\n  *) exit 0;;'))
     p = _run_gpu_check(tmp_path, env)
     first, second = (tmp_path / "pytest_args").read_text().splitlines()
-    assert " -m gpu tests/" in first and " -m not gpu and not slow tests/" in second, (first, second)
+    assert " -m gpu tests/" in first and " -m not gpu and not slow and may_use_gpu tests/" in second, (first, second)
     assert first.split(" tests/", 1)[1] == second.split(" tests/", 1)[1]   # the same files
     assert "pytest exit 0" in p.stdout and p.returncode == 0, p.stdout[-800:]
+
+
+def test_conftest_marks_the_tests_that_may_use_the_gpu(request):
+    """may_use_gpu (what gpu_check.sh's second pytest pass selects): the device fixture, or CUDA named in the
+    test's own code; a test of neither runs on the CPU on any machine."""
+    import types
+
+    import conftest
+
+    def uses_cuda():
+        torch.cuda.is_available()
+
+    def cpu_only():
+        torch.zeros(1)
+
+    item = lambda fn, fixtures=(): types.SimpleNamespace(function=fn, fixturenames=fixtures)  # noqa: E731
+    assert conftest._may_use_the_gpu(item(cpu_only, ("device", "tmp_path")))
+    assert conftest._may_use_the_gpu(item(uses_cuda))
+    assert not conftest._may_use_the_gpu(item(cpu_only, ("tmp_path",)))
+    # set at collection: this test names CUDA (in uses_cuda), so it is among those selected
+    assert request.node.get_closest_marker("may_use_gpu") is not None
 
 
 def test_grpo_step_trains_both_trainers_in_micro_batches():
