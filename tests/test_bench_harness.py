@@ -925,6 +925,11 @@ def test_conftest_marks_the_tests_that_may_use_the_gpu(request):
     assert conftest._may_use_the_gpu(item(cpu_only, ("device", "tmp_path")))
     assert conftest._may_use_the_gpu(item(uses_cuda))
     assert not conftest._may_use_the_gpu(item(cpu_only, ("tmp_path",)))
+
+    def test_cuda_op_refuses_a_bad_shape():   # its name says it: the CUDA op's own checks
+        torch.zeros(1)
+
+    assert conftest._may_use_the_gpu(item(test_cuda_op_refuses_a_bad_shape))
     # set at collection: this test names CUDA (in uses_cuda), so it is among those selected
     assert request.node.get_closest_marker("may_use_gpu") is not None
 
