@@ -1021,7 +1021,9 @@ def test_clear_run_removes_what_a_run_writes_and_nothing_else(tmp_path):
     pid = os.getpid()
     ours = ["checkpoint-4", f"checkpoint-4.old-{pid}", f".checkpoint-4.old-{pid}", "abandoned-checkpoint-2", f"abandoned-checkpoint-2.{pid}",
             "tensorboard", ".tmp-checkpoint-5-x1", "..tmp-checkpoint-5-x1.tmp-y2"]
-    theirs = ["checkpoints", "checkpoint-x.old-1", "my-checkpoint-3", "tensorboard-2", "abandoned"]
+    # a visible .old- name whose number is past any process id: the user's dated copy, which overwrite deleted
+    theirs = ["checkpoints", "checkpoint-x.old-1", "my-checkpoint-3", "tensorboard-2", "abandoned",
+              "checkpoint-4.old-20261129"]
     for name in ours + theirs:
         (run / name).mkdir(parents=True)
         (run / name / "f").write_text(name)
@@ -1046,10 +1048,18 @@ def test_a_dated_copy_of_a_checkpoint_a_resume_set_aside_is_not_put_back(tmp_pat
     ckpt.remove_save_leftovers(str(run))
     assert sorted(os.listdir(run)) == ["abandoned-checkpoint-4", "checkpoint-2", "checkpoint-4.old-20261129"]
     assert ckpt.latest_checkpoint(str(run)) == str(run / "checkpoint-2")
-    # with nothing of step 4 or after, it is still what an earlier r1fast's save killed between its renames left
+    # with nothing of step 4 or after, a dated copy (a number past any process id) is still never put back, while
+    # what an earlier r1fast's save killed between its renames left (.old-<pid>) is, once complete
     os.rename(run / "abandoned-checkpoint-4", tmp_path / "elsewhere")
     ckpt.remove_save_leftovers(str(run))
+    assert ckpt.latest_checkpoint(str(run)) == str(run / "checkpoint-2")
+    (run / "checkpoint-4.old-4242").mkdir()
+    ckpt.remove_save_leftovers(str(run))   # no trainer_state.json: a deletion killed part way, not a checkpoint
+    assert ckpt.latest_checkpoint(str(run)) == str(run / "checkpoint-2") and (run / "checkpoint-4.old-4242").exists()
+    (run / "checkpoint-4.old-4242" / ckpt.STATE_FILE).write_text("{}")
+    ckpt.remove_save_leftovers(str(run))
     assert ckpt.latest_checkpoint(str(run)) == str(run / "checkpoint-4")
+    assert (run / "checkpoint-4.old-20261129").exists()
 
 
 def test_remove_save_leftovers_removes_the_temporary_files_of_a_runs_writes_only(tmp_path):

@@ -39,7 +39,16 @@ _CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
 _SAVE_TEMP_RE = re.compile(r"^\.\.?tmp-checkpoint-\d+-")
 # save_checkpoint's replaced checkpoint, before deletion: hidden (".checkpoint-N.old-<pid>"); visible as an r1fast
 # before the hidden name set it aside, a name as likely the user's own copy (checkpoint-3.old-20261129)
-_OLD_CKPT_RE = re.compile(r"^(\.?)checkpoint-(\d+)\.old-\d+$")
+_OLD_CKPT_RE = re.compile(r"^(\.?)checkpoint-(\d+)\.old-(\d+)$")
+# Linux's largest process id (pid_max's ceiling): a visible .old-<digits> above it (a date, 20261129) is no r1fast's
+_MAX_PID = 4194304
+
+
+def _r1fast_old(name: str) -> Optional[re.Match]:
+    """The match of a replaced checkpoint r1fast set aside: hidden, or visible with a process id an earlier r1fast
+    named it by; a visible one with a larger number is the user's dated copy."""
+    m = _OLD_CKPT_RE.match(name)
+    return m if m and (m.group(1) or int(m.group(3)) <= _MAX_PID) else None
 # the files of a run folder (a trainer's, a pipeline's, a sample stage's) written through metrics.replacing: a
 # kill mid-write leaves ".<name>.tmp-<pid>-<random>" beside them (metrics.temp_pattern; "<name>.tmp" before)
 REPLACED_FILES = ("metrics.jsonl", "completions.jsonl", "pipeline_state.json", "summary.json", "curves.png",
@@ -362,7 +371,7 @@ def clear_run(run_dir: str):
         path = os.path.join(run_dir, name)
         if _CKPT_RE.match(name):
             _delete_checkpoint(path)   # a kill part way through leaves no checkpoint that looks complete
-        elif _OLD_CKPT_RE.match(name) or _SAVE_TEMP_RE.match(name) \
+        elif _r1fast_old(name) or _SAVE_TEMP_RE.match(name) \
                 or name.startswith("abandoned-checkpoint-") or name == "tensorboard":
             remove_folder(path)
         elif name in ("metrics.jsonl", "completions.jsonl", "metrics.jsonl.tmp", "completions.jsonl.tmp"):
@@ -379,8 +388,8 @@ def remove_save_leftovers(run_dir: str):
     that replaced checkpoint-N and was killed between its two renames left the old, complete
     checkpoint-N as .checkpoint-N.old-<pid>: it is checkpoint-N again, or deleted if a new one is there. A visible
     checkpoint-N.old-<digits> is never deleted (the user's copy, or an earlier r1fast's); it is put back only where it
-    is what such a kill left, checkpoint-N gone and no checkpoint of its step or newer, set aside or not (a pruned
-    checkpoint's backup put back was pruned at the next save)."""
+    is what such a kill left: its number a process id (not a date), complete, checkpoint-N gone and no checkpoint of
+    its step or newer, set aside or not (a pruned checkpoint's backup put back was pruned at the next save)."""
     if not os.path.isdir(run_dir):
         return
     from r1fast.trainer.metrics import remove_stale_temps
@@ -393,10 +402,13 @@ def remove_save_leftovers(run_dir: str):
             remove_folder(path)
         elif name.endswith(".tmp") and name[:-len(".tmp")] in REPLACED_FILES and os.path.isfile(path):
             os.remove(path)   # the name an r1fast before metrics.temp_pattern wrote them under
-        elif _OLD_CKPT_RE.match(name):
-            hidden, step = _OLD_CKPT_RE.match(name).groups()
+        elif _r1fast_old(name):
+            hidden, step, _ = _r1fast_old(name).groups()
             base = os.path.join(run_dir, f"checkpoint-{step}")
             if os.path.exists(base):
+                if hidden:
+                    remove_folder(path)
+            elif not os.path.isfile(os.path.join(path, STATE_FILE)):   # its deletion killed part way
                 if hidden:
                     remove_folder(path)
             elif hidden or _newest_step(run_dir) < int(step):
