@@ -329,6 +329,11 @@ def test_a_symlinked_checkpoint_an_earlier_r1fast_set_aside_visibly_is_put_back_
     shutil.copytree(disk2 / "checkpoint-3", disk2 / "checkpoint-3.old-78")
     ckpt.remove_save_leftovers(str(run))
     assert sorted(os.listdir(disk2)) == ["checkpoint-3", "checkpoint-3.old-78"]
+    # a dated copy (a number past any process id) is never put back, the link dangling or not
+    shutil.rmtree(disk2 / "checkpoint-3")
+    os.rename(disk2 / "checkpoint-3.old-78", disk2 / "checkpoint-3.old-20261129")
+    ckpt.remove_save_leftovers(str(run))
+    assert sorted(os.listdir(disk2)) == ["checkpoint-3.old-20261129"]
 
 
 def test_failed_write_leaves_no_checkpoint(tmp_path, monkeypatch):

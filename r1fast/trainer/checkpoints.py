@@ -44,11 +44,15 @@ _OLD_CKPT_RE = re.compile(r"^(\.?)checkpoint-(\d+)\.old-(\d+)$")
 _MAX_PID = 4194304
 
 
+def _pid_numbered(m: Optional[re.Match]) -> bool:
+    return bool(m) and int(m.group(m.lastindex)) <= _MAX_PID
+
+
 def _r1fast_old(name: str) -> Optional[re.Match]:
     """The match of a replaced checkpoint r1fast set aside: hidden, or visible with a process id an earlier r1fast
     named it by; a visible one with a larger number is the user's dated copy."""
     m = _OLD_CKPT_RE.match(name)
-    return m if m and (m.group(1) or int(m.group(3)) <= _MAX_PID) else None
+    return m if m and (m.group(1) or _pid_numbered(m)) else None
 # the files of a run folder (a trainer's, a pipeline's, a sample stage's) written through metrics.replacing: a
 # kill mid-write leaves ".<name>.tmp-<pid>-<random>" beside them (metrics.temp_pattern; "<name>.tmp" before)
 REPLACED_FILES = ("metrics.jsonl", "completions.jsonl", "pipeline_state.json", "summary.json", "curves.png",
@@ -433,12 +437,13 @@ def _clear_beside_linked(link: str):
     the replaced checkpoint as .<target>.old-<pid>, deleted where the new one is in, else (killed between the two
     renames, the link dangling: no checkpoint-N to resume) put back. Only hidden names made from the target's own:
     out of the run folder, a visible <target>.old-<digits> is the user's (a dated copy), never deleted here; it is
-    put back only where the link dangles, as the name an r1fast before the hidden one set the replaced one aside."""
+    put back only where the link dangles and its number can be a process id, as the name an r1fast before the hidden
+    one set the replaced one aside."""
     target = os.path.realpath(link)
     folder, name = os.path.split(target)
     temp = re.compile(rf"^\.\.?{re.escape(name)}\.tmp-")
     old = re.compile(rf"^\.{re.escape(name)}\.old-\d+$")
-    earlier_old = re.compile(rf"^{re.escape(name)}\.old-\d+$")
+    earlier_old = re.compile(rf"^{re.escape(name)}\.old-(\d+)$")
     try:
         entries = sorted(os.listdir(folder))
     except OSError:
@@ -449,7 +454,7 @@ def _clear_beside_linked(link: str):
             remove_folder(path)
         elif old.match(entry) and os.path.exists(target):
             remove_folder(path)
-        elif (old.match(entry) or earlier_old.match(entry)) and not os.path.exists(target) \
+        elif (old.match(entry) or _pid_numbered(earlier_old.match(entry))) and not os.path.exists(target) \
                 and os.path.isfile(os.path.join(path, STATE_FILE)):   # sorted: a hidden one first
             with contextlib.suppress(OSError):
                 os.rename(path, target)
