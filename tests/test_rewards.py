@@ -1293,6 +1293,9 @@ def test_language_reward_keeps_a_list_or_ratio_of_variables_as_variables():
              "则 a:b:c=1:2:3。", "所以 a·b·c=1。", "设ａ，ｂ，ｃ为正数。"]
     assert zh(None, [f"<think>{t}</think>" for t in lists]) == [1.0] * len(lists)
     assert zh(None, ["<think>中 t_h_e q_u_i_c_k</think>"]) == [pytest.approx(1 / 5)]   # other marks still spell
+    # Japanese writes a product or a list with its own middle dot (・, U+30FB): 0.6 for ja, as · scores 1.0
+    ja = make_language_reward("ja")
+    assert ja(None, ["<think>a・b・c=1のとき</think>", "<think>ベクトルa・b・cは一次独立</think>"]) == [1.0, 1.0]
 
 
 def test_language_reward_reads_full_width_math_as_math():

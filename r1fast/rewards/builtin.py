@@ -537,9 +537,10 @@ _MATH_LETTERS_AS_PLAIN.update(
 _MATH_LETTERS_AS_PLAIN.update({cp: chr(cp - 0xFEE0) for cp in range(0xFF01, 0xFF5F)})
 
 
-# What separates the variables of a list or a ratio (a,b,c; a、b、c; a:b:c; a·b), no language mark: the b of
-# 设a,b,c为正数 or of 在△ABC中，a、b、c分别为 counted against zh (0.8, 0.6), t,h,e is now no English
-_LIST_MARKS = ",\u3001:\u00b7"
+# What separates the variables of a list or a ratio (a,b,c; a、b、c; a:b:c; a·b; Japanese a・b, the middle dot a
+# Japanese keyboard types), no language mark: the b of 设a,b,c为正数 or of 在△ABC中，a、b、c分别为 counted against zh
+# (0.8, 0.6), and of a・b・c=1のとき against ja (0.6); t,h,e is now no English
+_LIST_MARKS = ",\u3001:\u00b7\u30fb"
 
 
 def _is_math_mark(ch: str) -> bool:
