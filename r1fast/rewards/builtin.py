@@ -550,8 +550,8 @@ def _is_math_mark(ch: str) -> bool:
 def _is_variable(text: str, i: int, scripts: tuple[str, ...]) -> bool:
     """Whether the lone letter text[i], outside the target `scripts`, is a variable rather than part of a word. A
     Greek one is (no other language is written in it: α β γ, π); a Latin one when the nearest character on either side,
-    spaces skipped, is math (a digit, an operator, a bracket, $, a math command) or a letter of the target script
-    (计算x的值, 设 x 为正数). Between letters of its own script (I a m h e r e) it spells a word out."""
+    spaces skipped, is math (a digit, an operator, a bracket, a list mark, $, a math command) or a letter of the target
+    script (计算x的值, 设 x 为正数). Between letters of its own script (I a m h e r e) it spells a word out."""
     if _in_script(text[i], ("GREEK",)):
         return True
     if not _in_script(text[i], ("LATIN",)):
@@ -565,7 +565,7 @@ def _is_variable(text: str, i: int, scripts: tuple[str, ...]) -> bool:
     return any(_is_math_mark(ch) or (ch.isalpha() and _in_script(ch, scripts)) for ch in neighbours)
 
 
-# At most this many characters between two lone letters of one spelled-out word (`t-h-e`, `(t)(h)(e)`); not three,
+# At most this many characters between two lone letters of one spelled-out word (`t_h_e`, `(t)(h)(e)`); not three,
 # which would take the x of `a_1 x + a_2` and the y of `x + y + z` for letters of a word.
 _SPELLED_GAP = 2
 
