@@ -1283,6 +1283,11 @@ def test_language_reward_keeps_math_written_tight_as_variables():
     # a product of powers or of indexed terms: the same marks on both sides, but a power or an index (0.67, 0.5)
     products = ["所以 a^2b^2c^2=1。", "所以 x²y²z²≥0。", "则 a_1b_1c_1=0"]
     assert zh(None, [f"<think>{t}</think>" for t in products]) == [1.0] * len(products)
+    # a prime between points (the image A'B'C' of a triangle): its B was a letter of a spelled-out word (0.67)
+    primes = ["所以△A'B'C'的面积为2。", "所以△A′B′C′的面积为2。", "则 a'b'c'=1。"]
+    assert zh(None, [f"<think>{t}</think>" for t in primes]) == [1.0] * len(primes)
+    # an apostrophe reads as a prime: a contraction's lone letter is left out, its words still count
+    assert zh(None, ["<think>中 I don't know</think>"]) == [pytest.approx(1 / 8)]   # 1/9 with its t
 
 
 def test_language_reward_keeps_a_list_or_ratio_of_variables_as_variables():

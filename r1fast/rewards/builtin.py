@@ -541,10 +541,14 @@ _MATH_LETTERS_AS_PLAIN.update({cp: chr(cp - 0xFEE0) for cp in range(0xFF01, 0xFF
 # Japanese keyboard types), no language mark: the b of 设a,b,c为正数 or of 在△ABC中，a、b、c分别为 counted against zh
 # (0.8, 0.6), and of a・b・c=1のとき against ja (0.6); t,h,e is now no English
 _LIST_MARKS = ",\u3001:\u00b7\u30fb"
+# A prime (A'B'C', the image of triangle ABC; f'(x)): its B was read as a letter of an English word spelled out, so
+# 所以△A'B'C'的面积为2 scored 0.67 for zh. An apostrophe reads the same, which leaves out a lone letter of a
+# contraction (don't's t) from the English counted against a non-Latin target: a letter, not a word
+_PRIMES = "'\u2032\u2033"
 
 
 def _is_math_mark(ch: str) -> bool:
-    return ch in "-*/^_$" or ch in _LIST_MARKS or unicodedata.category(ch) in ("Sm", "Nd", "No", "Ps", "Pe")
+    return ch in "-*/^_$" or ch in _LIST_MARKS or ch in _PRIMES or unicodedata.category(ch) in ("Sm", "Nd", "No", "Ps", "Pe")
 
 
 def _is_variable(text: str, i: int, scripts: tuple[str, ...]) -> bool:
@@ -592,9 +596,10 @@ def _spelled_out(text: str, runs: list[tuple[int, int, Optional[bool]]], k: int)
 def _spelling_mark(gap: str) -> bool:
     """Whether `gap` may stand between the letters of a spelled-out word: no operator (+ = ∈ → * and the minus and
     division of a-b-c=0 and a/b/c, which Chinese chains of thought write tight: their b scored them 0.5), list mark
-    (, 、 :), power or index (^2, ², _1: the y of x^2y^2z^2 or a_1b_1c_1 is a variable), while t1h1e's 1, t_h_e's _
+    (, 、 :), prime (A'B'C'), power or index (^2, ², _1: the y of x^2y^2z^2 or a_1b_1c_1 is a variable), while t1h1e's 1, t_h_e's _
     and (t)(h)(e)'s )( are. t-h-e passes as a-b-c does: a hyphen cannot be told from a minus."""
-    operator = any(unicodedata.category(ch) in ("Sm", "No") or ch in "*^-/" or ch in _LIST_MARKS for ch in gap)
+    operator = any(unicodedata.category(ch) in ("Sm", "No") or ch in "*^-/" or ch in _LIST_MARKS + _PRIMES
+                   for ch in gap)
     return not operator and not (len(gap) > 1 and any(ch.isdigit() for ch in gap))
 
 
