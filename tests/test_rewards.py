@@ -1506,3 +1506,16 @@ def test_a_full_stop_after_a_unicode_root_is_not_its_decimal_point():
     for answer, gold in (("√6.", "\\sqrt{6}"), ("2√3.", "2\\sqrt{3}"), ("2√3.", "2√3"), ("√2.25", "1.5"), ("√.25.", "0.5")):
         assert _accuracy(answer, gold) == 1.0, (answer, gold)
     assert _accuracy("√6.", "6") == 0.0 and _accuracy("√2.25", "2") == 0.0
+
+
+def test_language_reward_reads_capital_point_names_as_math():
+    # Chinese geometry names points in capitals: 在△ABC中 scored 0.4 and 平面ABC与 0.5 for zh, a chain of thought about
+    # a triangle penalised for its notation. Two to four capitals beside math or the target script, and beside no
+    # other Latin letter, now name points; capitals that spell words beside other words still count.
+    zh, ru = make_language_reward("zh"), make_language_reward("ru")
+    geometry = ["在△ABC中，a、b、c分别为三边。", "平面ABC与平面ABD垂直。", "三棱柱ABC-A'B'C'的体积为3。",
+                "所以 AB=CD，且 AB∥CD。"]
+    assert zh(None, [f"<think>{t}</think>" for t in geometry]) == [1.0] * len(geometry)
+    assert ru(None, ["<think>в треугольнике ABC угол A прямой</think>"]) == [1.0]
+    words = ["中 THE QUICK BROWN FOX", "中 HI THERE", "中 Hello World"]
+    assert [round(v, 3) for v in zh(None, [f"<think>{t}</think>" for t in words])] == [0.059, 0.125, 0.091]

@@ -527,10 +527,12 @@ _MATH_LETTERS_AS_PLAIN = {cp: _NOTATION if 0x2135 <= cp <= 0x2138 else unicodeda
                           for cp in itertools.chain(range(0x2100, 0x2150), range(0x1D400, 0x1D800))
                           if chr(cp).isalpha()}
 # Enclosed letters (ⓣⓗⓔ, ⒯, 🅃, 🅣, 🇹) are symbols, not letters: English written in them was no evidence at all (1.0
-# for zh, as 𝐭𝐡𝐞 was before it was read as `the`). Each is read as its letter.
+# for zh, as 𝐭𝐡𝐞 was before it was read as `the`).
+# Each is read as its letter, a small one in lower case (ⓣⓗⓔ as `the`, not `THE`, which names points: _is_point_name).
 _ENCLOSED_LETTER_RE = re.compile(r"(?:.* )?LETTER ([A-Z])")
 _MATH_LETTERS_AS_PLAIN.update(
-    {cp: m.group(1) for cp in itertools.chain(range(0x2460, 0x2500), range(0x1F100, 0x1F200))
+    {cp: m.group(1).lower() if "SMALL LETTER" in m.group(0) else m.group(1)
+     for cp in itertools.chain(range(0x2460, 0x2500), range(0x1F100, 0x1F200))
      if (m := _ENCLOSED_LETTER_RE.fullmatch(unicodedata.name(chr(cp), "")))})
 # Full-width ASCII (ｘ＋ｙ＝１, Japanese and Chinese typesetting's math) as ASCII: a lone full-width letter was never a
 # variable (its name is FULLWIDTH LATIN, not LATIN), so ｘ＋ｙ＝１のとき scored 0.75 for ja where x+y=1のとき scored 1.0
@@ -567,6 +569,28 @@ def _is_variable(text: str, i: int, scripts: tuple[str, ...]) -> bool:
         after += 1
     neighbours = [text[j] for j in (before, after) if 0 <= j < len(text)]
     return any(_is_math_mark(ch) or (ch.isalpha() and _in_script(ch, scripts)) for ch in neighbours)
+
+
+def _is_point_name(text: str, start: int, n: int, scripts: tuple[str, ...]) -> bool:
+    """Whether the run text[start:start+n], outside the target `scripts`, names points (在△ABC中, 平面ABC与, 三棱柱
+    ABC-A'B'C', AB∥CD。): two to four capital Latin letters beside math, a geometry sign (△ □ ⊙) or the target
+    script, spaces skipped, and beside no other Latin letter (THE QUICK spells words). Chinese geometry names every
+    triangle so: its letters scored 在△ABC中 0.4 for zh."""
+    run = text[start:start + n]
+    if not (2 <= n <= 4 and run.isupper() and _in_script(run[0], ("LATIN",))):
+        return False
+    before, after = start - 1, start + n
+    while before >= 0 and text[before].isspace():
+        before -= 1
+    while after < len(text) and text[after].isspace():
+        after += 1
+
+    def math_or_target(ch: str) -> bool:
+        return _is_math_mark(ch) or unicodedata.category(ch) == "So" or (ch.isalpha() and _in_script(ch, scripts))
+
+    neighbours = [text[j] for j in (before, after) if 0 <= j < len(text)]
+    return (any(map(math_or_target, neighbours))
+            and not any(ch.isalpha() and _in_script(ch, ("LATIN",)) for ch in neighbours))
 
 
 # At most this many characters between two lone letters of one spelled-out word (`t_h_e`, `(t)(h)(e)`); not three,
@@ -615,6 +639,8 @@ def _language_evidence(body: str, scripts: tuple[str, ...]) -> list[bool]:
     for k, (start, n, in_target) in enumerate(runs):
         a_variable = (in_target is False and n == 1 and _is_variable(text, start, scripts)
                       and not _spelled_out(text, runs, k))
+        if in_target is False and not a_variable and _is_point_name(text, start, n, scripts):
+            continue
         if in_target is not None and not a_variable:
             evidence.extend([in_target] * n)
     return evidence
