@@ -133,7 +133,8 @@ else
     tests/test_advantages.py tests/test_fp8_numerics.py tests/test_fp8_apply.py tests/test_models.py
     tests/test_rollout.py tests/test_sampling_kernel.py tests/test_rollout_self_check.py tests/test_layers_kernels.py
     tests/test_hf_rollout.py tests/test_liger_parity.py
-    tests/test_bench_harness.py::test_logprob_verl_peer_computes_r1fasts_logprobs)
+    tests/test_bench_harness.py::test_logprob_verl_peer_computes_r1fasts_logprobs
+    tests/test_bench_harness.py::test_grpo_loss_liger_triton_peer_computes_r1fasts_loss)
   # The GPU-marked tests first (the CUDA kernels and the engine against their references: never run on
   # a card yet), then those of these files that may run on the GPU (conftest marks may_use_gpu: the
   # `device` fixture, or CUDA named in the test): ~460 of ~1230. The other ~770 run on the CPU on any

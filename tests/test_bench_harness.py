@@ -207,6 +207,28 @@ def test_gpu_check_script_parses_and_names_existing_tests():
     assert gpu_files <= set(named), f"GPU tests not run by gpu_check.sh: {sorted(gpu_files - set(named))}"
 
 
+def test_gpu_check_runs_every_test_that_takes_the_device_fixture():
+    """A test taking `device` runs on the GPU where there is one: gpu_check.sh must name its file, or the
+    test itself (test_bench_harness.py is named test by test). The Liger Triton peer's parity test (the
+    grpo_loss suite's peer, CUDA only) was in neither, so no GPU window checked the peer it times."""
+    import ast
+    import pathlib
+    import re
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    text = (root / "bench" / "gpu_check.sh").read_text()
+    whole_files = set(re.findall(r"(tests/test_\w+\.py)(?!::)", text))
+    single_tests = set(re.findall(r"tests/test_\w+\.py::\w+", text))
+    left_out = []
+    for path in sorted((root / "tests").glob("test_*.py")):
+        rel = path.relative_to(root).as_posix()
+        for node in ast.parse(path.read_text()).body:
+            takes_device = isinstance(node, ast.FunctionDef) and node.name.startswith("test_") \
+                and "device" in [a.arg for a in node.args.args]
+            if takes_device and rel not in whole_files and f"{rel}::{node.name}" not in single_tests:
+                left_out.append(f"{rel}::{node.name}")
+    assert not left_out, f"tests on the GPU that gpu_check.sh does not run: {left_out}"
+
 def test_table_compares_peers_with_the_fastest_r1fast_backend():
     def row(provider, backend, ms):
         return dict(suite="s", case="c", mode="fwd", dtype="bf16", provider=provider, backend=backend,
