@@ -1,5 +1,6 @@
 import inspect
 import os
+import re
 
 # Triton must see TRITON_INTERPRET before it is first imported: on a machine without CUDA the
 # Triton kernels run under the interpreter, on CPU tensors.
@@ -26,11 +27,19 @@ def _names_cuda(code) -> bool:
     return any("cuda" in name.lower() for name in code.co_names)
 
 
+def _skips_without_a_gpu(item) -> bool:
+    """A skipif mark whose reason names CUDA or a GPU. Its condition (`not torch.cuda.is_available()`) is read
+    where the test is defined, outside the test's code, which may then name no CUDA (a DEVICE constant)."""
+    marks = item.iter_markers("skipif") if hasattr(item, "iter_markers") else ()
+    return any(re.search(r"cuda|gpu", str(mark.kwargs.get("reason", "")), re.IGNORECASE) for mark in marks)
+
+
 def _may_use_the_gpu(item) -> bool:
-    """The test takes the `device` fixture (the GPU where there is one) or its own code names CUDA.
+    """The test takes the `device` fixture (the GPU where there is one), skips without a GPU, or its own code
+    names CUDA.
     bench/gpu_check.sh runs only these besides the GPU-marked ones: the rest run on the CPU on any
     machine, and CI runs them there; on the GPU's short window they took time from the bench."""
-    if "device" in getattr(item, "fixturenames", ()):
+    if "device" in getattr(item, "fixturenames", ()) or _skips_without_a_gpu(item):
         return True
     code = getattr(getattr(item, "function", None), "__code__", None)
     return code is None or _names_cuda(code)  # no code to read: keep it

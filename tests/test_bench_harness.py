@@ -952,6 +952,10 @@ def test_conftest_marks_the_tests_that_may_use_the_gpu(request):
         torch.zeros(1)
 
     assert conftest._may_use_the_gpu(item(test_cuda_op_refuses_a_bad_shape))
+    # skipped without a GPU by its mark, its own code naming only a module's constant (DEVICE = "cuda")
+    skipif = pytest.mark.skipif(True, reason="needs a CUDA device").mark
+    needs_a_gpu = types.SimpleNamespace(function=cpu_only, fixturenames=(), iter_markers=lambda name: [skipif])
+    assert conftest._may_use_the_gpu(needs_a_gpu)
     # set at collection: this test names CUDA (in uses_cuda), so it is among those selected
     assert request.node.get_closest_marker("may_use_gpu") is not None
 
