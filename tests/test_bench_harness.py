@@ -872,6 +872,10 @@ def test_gpu_check_profile_box_0_gives_the_profiles_time_to_the_bench(tmp_path):
     assert 74 <= box - default_box <= 76, (box, default_box)   # (a second may pass between the two runs' clocks)
     p, box, profiled = run("bad", PROFILE_BOX="1m")
     assert p.returncode == 1 and "PROFILE_BOX is whole seconds" in p.stdout and box is None, p.stdout[-800:]
+    # a leading zero is decimal: bash's arithmetic read 090 as octal, and its error after the build and the
+    # tests ended the script with no bench, no table and no last line
+    p, box, profiled = run("leading_zero", PROFILE_BOX="090")
+    assert profiled and p.returncode == 0 and box is not None and 14 <= default_box - box <= 16, p.stdout[-800:]
 
 
 def test_gpu_check_skips_the_profile_when_the_time_box_is_spent(tmp_path):
