@@ -31,9 +31,13 @@ t0=$(date +%s)
 stage() { echo "== [$(( $(date +%s) - t0 ))s] $*"; }
 export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16}
 ENDS_BY=${ENDS_BY:-480}
-# checked before the build: a typo found after it would end the window with nothing measured
-case ${PROFILE_BOX:-75} in ''|*[!0-9]*) echo "gpu_check: PROFILE_BOX is whole seconds (0 skips the profile), got '${PROFILE_BOX}'"; exit 1;; esac
-PROFILE_BOX=$(( 10#${PROFILE_BOX:-75} ))   # 090 is 90 s: bash reads a leading 0 as octal, and 090 failed the bench's box
+# checked before the build: a typo found after it would end the window with nothing measured (bash's
+# arithmetic stops the script at '2m'); read as decimal: bash reads a leading 0 as octal, and 090 failed
+for knob in ENDS_BY TESTS_BOX SUITE_BOX PROFILE_BOX; do
+  value=${!knob-}; [ -n "$value" ] || continue
+  case $value in *[!0-9]*) echo "gpu_check: $knob is whole seconds, got '$value'"; exit 1;; esac
+  declare "$knob=$(( 10#$value ))"
+done
 left() { echo $(( ENDS_BY - ($(date +%s) - t0) )); }   # seconds left of the script's time box
 failed=""; unfinished=""   # stages that failed or were cut; suites the bench did not finish
 # Build for the card present: compute capability 9.0 -> 90a (wgmma), 8.0 -> 80, and so on. torch answers

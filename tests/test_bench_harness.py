@@ -878,6 +878,23 @@ def test_gpu_check_profile_box_0_gives_the_profiles_time_to_the_bench(tmp_path):
     assert profiled and p.returncode == 0 and box is not None and 14 <= default_box - box <= 16, p.stdout[-800:]
 
 
+def test_gpu_check_refuses_box_settings_that_are_not_whole_seconds_before_the_build(tmp_path):
+    """Only PROFILE_BOX was checked: TESTS_BOX=2m or ENDS_BY=2m stopped the script at bash's arithmetic after
+    the build, with no table; SUITE_BOX=2m failed the bench after the tests; TESTS_BOX=090 (octal to bash)
+    stopped it too. Each is now checked before the build, and a leading zero is decimal."""
+    for knob in ("ENDS_BY", "TESTS_BOX", "SUITE_BOX"):
+        (tmp_path / knob).mkdir()
+        env = dict(_fake_gpu_machine(tmp_path / knob, 0), **{knob: "2m"})
+        env.pop("SKIP_TESTS")
+        p = _run_gpu_check(tmp_path / knob, env)
+        assert p.returncode == 1 and f"{knob} is whole seconds" in p.stdout and "build" not in p.stdout, p.stdout
+    (tmp_path / "octal").mkdir()
+    env = dict(_fake_gpu_machine(tmp_path / "octal", 0), TESTS_BOX="090")
+    env.pop("SKIP_TESTS")
+    p = _run_gpu_check(tmp_path / "octal", env)
+    tests_log = (tmp_path / "octal" / "out" / "tests.log").read_text()
+    assert p.returncode == 0 and ("(90s)" in tests_log or "(89s)" in tests_log), (p.stdout[-800:], tests_log)
+
 def test_gpu_check_skips_the_profile_when_the_time_box_is_spent(tmp_path):
     """The profile's 75 s ran whatever the earlier stages left: after a slow build and tests (the bench
     skipped for want of time) it pushed the script past its 8 minutes. It gets what is left, or is skipped."""
