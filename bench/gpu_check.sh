@@ -142,7 +142,7 @@ else
     tests/test_bench_harness.py::test_grpo_loss_liger_triton_peer_computes_r1fasts_loss)
   # The GPU-marked tests first (the CUDA kernels and the engine against their references: never run on
   # a card yet), then those of these files that may run on the GPU (conftest marks may_use_gpu: the
-  # `device` fixture, or CUDA named in the test): ~460 of ~1230. The other ~770 run on the CPU on any
+  # `device` fixture, a skipif naming CUDA or a GPU, or CUDA named in the test): ~460 of ~1230. The other ~770 run on the CPU on any
   # machine and CI runs them; here they took the bench's time. Both in the one box of TESTS_BOX seconds
   # (140): a box too short for all still reports the GPU-marked ones.
   # SIGINT at the box, not SIGTERM: pytest then still prints the failures and the passed/failed counts
