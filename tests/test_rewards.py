@@ -1519,3 +1519,13 @@ def test_language_reward_reads_capital_point_names_as_math():
     assert ru(None, ["<think>в треугольнике ABC угол A прямой</think>"]) == [1.0]
     words = ["中 THE QUICK BROWN FOX", "中 HI THERE", "中 Hello World"]
     assert [round(v, 3) for v in zh(None, [f"<think>{t}</think>" for t in words])] == [0.059, 0.125, 0.091]
+
+
+def test_language_reward_reads_a_polygon_of_five_or_more_vertices_as_math():
+    # 五边形ABCDE scored 0.58 for zh and 正六边形ABCDEF 0.45: past four capitals every run counted as English. A run of
+    # consecutive letters names a polygon (no English word is one); other long capitals (QUICK) still count.
+    zh = make_language_reward("zh")
+    polygons = ["五边形ABCDE的内角和为540°。", "正六边形ABCDEF中，AB=2。", "Пусть ABCDE — правильный пятиугольник"]
+    assert zh(None, [f"<think>{t}</think>" for t in polygons[:2]]) == [1.0, 1.0]
+    assert make_language_reward("ru")(None, [f"<think>{polygons[2]}</think>"]) == [1.0]
+    assert zh(None, ["<think>中QUICK中</think>", "<think>中T_H_E中</think>"]) == [2 / 7, 2 / 3]

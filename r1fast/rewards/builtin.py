@@ -571,13 +571,18 @@ def _is_variable(text: str, i: int, scripts: tuple[str, ...]) -> bool:
     return any(_is_math_mark(ch) or (ch.isalpha() and _in_script(ch, scripts)) for ch in neighbours)
 
 
+# A polygon of five or more vertices is named by consecutive letters (五边形ABCDE, 正六边形ABCDEF), which no English word
+# is: past four letters (QUICK, BROWN) only such a run names points
+_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
 def _is_point_name(text: str, start: int, n: int, scripts: tuple[str, ...]) -> bool:
     """Whether the run text[start:start+n], outside the target `scripts`, names points (在△ABC中, 平面ABC与, 三棱柱
-    ABC-A'B'C', AB∥CD。): two to four capital Latin letters beside math, a geometry sign (△ □ ⊙) or the target
-    script, spaces skipped, and beside no other Latin letter (THE QUICK spells words). Chinese geometry names every
+    ABC-A'B'C', AB∥CD。, 五边形ABCDE): two to four capital Latin letters, or more in alphabetical order, beside math, a
+    geometry sign (△ □ ⊙) or the target script, spaces skipped, and beside no other Latin letter (THE QUICK spells words). Chinese geometry names every
     triangle so: its letters scored 在△ABC中 0.4 for zh."""
     run = text[start:start + n]
-    if not (2 <= n <= 4 and run.isupper() and _in_script(run[0], ("LATIN",))):
+    if not (run.isupper() and _in_script(run[0], ("LATIN",)) and (2 <= n <= 4 or (n > 4 and run in _ALPHABET))):
         return False
     before, after = start - 1, start + n
     while before >= 0 and text[before].isspace():
