@@ -1238,8 +1238,8 @@ def test_language_reward_leaves_math_notation_out():
                      "<think>\u8ba1\u7b97x\u7684\u503c</think>"]) == [1.0, 1.0]
     assert en(None, ["<think>area \u03c0 r\u00b2 = 3.14, \u03b1 \u03b2 \u03b3</think>",
                      "<think>Let x \u2208 \u211d, \u2200\u03b5>0</think>", "<think>\u2113 = 5 m</think>"]) == [1.0] * 3
-    # words of another script still count against it, as does a run of two letters
-    assert zh(None, ["<think>\u6211\u4eec\u7528 sin \u548c cos</think>"]) == [pytest.approx(0.4)]
+    # words of another script still count against it, as does a run of two letters (a bare sin or cos is notation)
+    assert zh(None, ["<think>\u6211\u4eec\u7528 the \u548c and</think>"]) == [pytest.approx(0.4)]
     assert en(None, ["<think>ab \u03b1\u03b2</think>", "<think>\\frac{1}{2}</think>"]) == [pytest.approx(0.5), None]
 
 
@@ -1529,3 +1529,13 @@ def test_language_reward_reads_a_polygon_of_five_or_more_vertices_as_math():
     assert zh(None, [f"<think>{t}</think>" for t in polygons[:2]]) == [1.0, 1.0]
     assert make_language_reward("ru")(None, [f"<think>{polygons[2]}</think>"]) == [1.0]
     assert zh(None, ["<think>中QUICK中</think>", "<think>中T_H_E中</think>"]) == [2 / 7, 2 / 3]
+
+
+def test_language_reward_reads_bare_function_names_as_math():
+    # Math without LaTeX: 在△ABC中，sin A=1/2，cos B=0 scored 0.25 for zh, a/sinA = b/sinB 0.43, 由lgx=2得 0.4 and
+    # 在Rt△ABC中 0.5, their function names (and Rt) counted as English. Words that hold one (since, tanks) still count.
+    zh = make_language_reward("zh")
+    math_lines = ["在△ABC中，sin A=1/2，cos B=0。", "由正弦定理 a/sinA = b/sinB 得", "由lgx=2得", "在Rt△ABC中，∠C=90°。",
+                  "所以sinθ=1/2，", "所以 log 2 < ln 3，"]
+    assert zh(None, [f"<think>{t}</think>" for t in math_lines]) == [1.0] * len(math_lines)
+    assert zh(None, ["<think>中since中</think>", "<think>中tanks中</think>"]) == [2 / 7, 2 / 7]

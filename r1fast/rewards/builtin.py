@@ -632,9 +632,18 @@ def _spelling_mark(gap: str) -> bool:
     return not operator and not (len(gap) > 1 and any(ch.isdigit() for ch in gap))
 
 
+# Math written without LaTeX names its functions bare (sin A, a/sinA=b/sinB, lgx, log 2) and a right triangle Rt△ABC:
+# their letters counted as English, 0.25 for zh's 在△ABC中，sin A=1/2，cos B=0 and 0.5 for 在Rt△ABC中. Such a name,
+# not inside a word and followed by at most one letter (its argument: sinA, lnx; since is no sin), is a math mark; the
+# few words it takes (logs, cost) are no English worth writing.
+_BARE_MATH_NAME_RE = re.compile(r"(?<![A-Za-z])(?:(?:(?:arc)?(?:sin|cos|tan|cot|sec|csc)h?|log|lg|ln|exp|lim|max|min"
+                                r"|gcd|lcm)(?![A-Za-z]{2})|Rt(?=\s*[\u25b3\u22bf]))")
+
+
 def _language_evidence(body: str, scripts: tuple[str, ...]) -> list[bool]:
     """For each letter of `body` that tells its language, whether it is in the target `scripts`."""
     text = _LATEX_MATH_RE.sub(_NOTATION, body.translate(_MATH_LETTERS_AS_PLAIN))
+    text = _BARE_MATH_NAME_RE.sub(_NOTATION, text)
     runs, start = [], 0   # (start, length, in the target script) of each run of letters; None: a run of non-letters
     for in_target, part in itertools.groupby(text, key=lambda ch: _in_script(ch, scripts) if ch.isalpha() else None):
         n = len(list(part))
