@@ -1539,3 +1539,12 @@ def test_language_reward_reads_bare_function_names_as_math():
                   "所以sinθ=1/2，", "所以 log 2 < ln 3，"]
     assert zh(None, [f"<think>{t}</think>" for t in math_lines]) == [1.0] * len(math_lines)
     assert zh(None, ["<think>中since中</think>", "<think>中tanks中</think>"]) == [2 / 7, 2 / 7]
+
+
+def test_language_reward_reads_common_chinese_latex_as_math():
+    # Chinese textbooks write vectors \overrightarrow{AB}, ≤ as \leqslant, ⊥ as \bot and ⊙O as \odot O: those names were
+    # not listed, so 向量\overrightarrow{AB}与\overrightarrow{AC}垂直 scored 0.15 for zh, 所以 a \leqslant b 0.18
+    zh = make_language_reward("zh")
+    lines = ["向量\\overrightarrow{AB}与\\overrightarrow{AC}垂直", "所以 a \\leqslant b，且 c \\geqslant 0", "设\\odot O 的半径为2",
+             "所以 AB \\bot CD", "弧\\widehat{AB}的长", "则 \\big( x+1 \\big)^2 \\Longrightarrow x=1"]
+    assert zh(None, [f"<think>{t}</think>" for t in lines]) == [1.0] * len(lines)

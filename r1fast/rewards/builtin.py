@@ -517,6 +517,9 @@ _LATEX_MATH_NAMES = """
     overline underline hat bar vec tilde alpha beta gamma delta epsilon varepsilon zeta eta theta vartheta iota kappa
     lambda mu nu xi pi rho sigma tau upsilon phi varphi chi psi omega Gamma Delta Theta Lambda Xi Pi Sigma Upsilon Phi
     Psi Omega
+    overrightarrow overleftarrow widehat widetilde odot oplus otimes bot leqslant geqslant nleq ngeq longrightarrow
+    Longrightarrow Leftarrow leftrightarrow mapsto big Big bigg Bigg lg sinh cosh tanh arg deg dim ker sup inf supset
+    supseteq subsetneq complement vdots ddots dot ddot bullet vert Vert lvert rvert backsim nparallel
 """.split()
 _MATH_ENVIRONMENTS = "cases aligned align array matrix pmatrix bmatrix vmatrix equation gathered split".split()
 _LATEX_MATH_RE = re.compile(r"\\(?:begin|end)\{(?:%s)\*?\}|\\(?:%s)(?![A-Za-z])"
