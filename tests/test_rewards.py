@@ -1519,6 +1519,9 @@ def test_language_reward_reads_capital_point_names_as_math():
     assert ru(None, ["<think>в треугольнике ABC угол A прямой</think>"]) == [1.0]
     words = ["中 THE QUICK BROWN FOX", "中 HI THERE", "中 Hello World"]
     assert [round(v, 3) for v in zh(None, [f"<think>{t}</think>" for t in words])] == [0.059, 0.125, 0.091]
+    # the English a chain of thought mixes in, in capitals beside marks or Chinese, is no point name (WAIT， 1.0)
+    mixed = ["WAIT，我们再算一次。", "中BUT中THE中", "线段SO与TO垂直"]
+    assert [round(v, 3) for v in zh(None, [f"<think>{t}</think>" for t in mixed])] == [0.6, 0.333, 1.0]
 
 
 def test_language_reward_reads_a_polygon_of_five_or_more_vertices_as_math():

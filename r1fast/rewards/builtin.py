@@ -579,13 +579,22 @@ def _is_variable(text: str, i: int, scripts: tuple[str, ...]) -> bool:
 _ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 
+# English a chain of thought mixes in, in capitals beside marks or the target script (WAIT，, 中BUT中): words, not
+# points, though short enough for _is_point_name. Three letters or more: two-letter ones are segments too (SO, TO, AD).
+_CAPITAL_WORDS = frozenset("""THE AND BUT WAIT LET THEN THAT THIS WITH FOR NOT ARE YES HMM OKAY NEED WHAT WHY HOW
+THUS ALSO HERE NOW CAN WILL WAS HAS HAVE FIND FROM INTO ONLY SAME""".split())
+
+
 def _is_point_name(text: str, start: int, n: int, scripts: tuple[str, ...]) -> bool:
     """Whether the run text[start:start+n], outside the target `scripts`, names points (在△ABC中, 平面ABC与, 三棱柱
     ABC-A'B'C', AB∥CD。, 五边形ABCDE): two to four capital Latin letters, or more in alphabetical order, beside math, a
-    geometry sign (△ □ ⊙) or the target script, spaces skipped, and beside no other Latin letter (THE QUICK spells words). Chinese geometry names every
-    triangle so: its letters scored 在△ABC中 0.4 for zh."""
+    geometry sign (△ □ ⊙) or the target script, spaces skipped, and beside no other Latin letter (THE QUICK spells
+    words), nor one of _CAPITAL_WORDS (WAIT，). Chinese geometry names every triangle so: its letters scored 在△ABC中
+    0.4 for zh."""
     run = text[start:start + n]
     if not (run.isupper() and _in_script(run[0], ("LATIN",)) and (2 <= n <= 4 or (n > 4 and run in _ALPHABET))):
+        return False
+    if run in _CAPITAL_WORDS:
         return False
     before, after = start - 1, start + n
     while before >= 0 and text[before].isspace():
