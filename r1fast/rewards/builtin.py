@@ -565,13 +565,17 @@ def _is_variable(text: str, i: int, scripts: tuple[str, ...]) -> bool:
         return True
     if not _in_script(text[i], ("LATIN",)):
         return False
-    before, after = i - 1, i + 1
+    return any(_is_math_mark(ch) or (ch.isalpha() and _in_script(ch, scripts)) for ch in _neighbours(text, i, i + 1))
+
+
+def _neighbours(text: str, start: int, end: int) -> list[str]:
+    """The nearest characters before text[start:end] and after it, spaces skipped (none at either end of text)."""
+    before, after = start - 1, end
     while before >= 0 and text[before].isspace():
         before -= 1
     while after < len(text) and text[after].isspace():
         after += 1
-    neighbours = [text[j] for j in (before, after) if 0 <= j < len(text)]
-    return any(_is_math_mark(ch) or (ch.isalpha() and _in_script(ch, scripts)) for ch in neighbours)
+    return [text[j] for j in (before, after) if 0 <= j < len(text)]
 
 
 # A polygon of five or more vertices is named by consecutive letters (五边形ABCDE, 正六边形ABCDEF), which no English word
@@ -596,16 +600,10 @@ def _is_point_name(text: str, start: int, n: int, scripts: tuple[str, ...]) -> b
         return False
     if run in _CAPITAL_WORDS:
         return False
-    before, after = start - 1, start + n
-    while before >= 0 and text[before].isspace():
-        before -= 1
-    while after < len(text) and text[after].isspace():
-        after += 1
-
     def math_or_target(ch: str) -> bool:
         return _is_math_mark(ch) or unicodedata.category(ch) == "So" or (ch.isalpha() and _in_script(ch, scripts))
 
-    neighbours = [text[j] for j in (before, after) if 0 <= j < len(text)]
+    neighbours = _neighbours(text, start, start + n)
     return (any(map(math_or_target, neighbours))
             and not any(ch.isalpha() and _in_script(ch, ("LATIN",)) for ch in neighbours))
 
