@@ -180,11 +180,9 @@ def set_aside_newer(run_dir: str, resume_path: str) -> list[str]:
 
             warnings.warn(f"r1fast: cannot keep the logs of the steps set aside in {newer[-1][1]} ({e}); those after "
                           f"its step are not kept", stacklevel=2)
-    moved = []
     for path, target in newer:
         os.rename(path, target)
-        moved.append(target)
-    return moved
+    return [target for _, target in newer]
 
 
 def _free_set_aside_name(run_dir: str, name: str) -> str:
@@ -406,13 +404,11 @@ def remove_save_leftovers(run_dir: str):
             remove_folder(path)
         elif name.endswith(".tmp") and name[:-len(".tmp")] in REPLACED_FILES and os.path.isfile(path):
             os.remove(path)   # the name an r1fast before metrics.temp_pattern wrote them under
-        elif _r1fast_old(name):
-            hidden, step, _ = _r1fast_old(name).groups()
+        elif old := _r1fast_old(name):
+            hidden, step, _ = old.groups()
             base = os.path.join(run_dir, f"checkpoint-{step}")
-            if os.path.exists(base):
-                if hidden:
-                    remove_folder(path)
-            elif not os.path.isfile(os.path.join(path, STATE_FILE)):   # its deletion killed part way
+            # replaced by a new checkpoint-N, or its deletion killed part way (no trainer_state.json)
+            if os.path.exists(base) or not os.path.isfile(os.path.join(path, STATE_FILE)):
                 if hidden:
                     remove_folder(path)
             elif hidden or _newest_step(run_dir) < int(step):
