@@ -239,16 +239,22 @@ def test_a_model_saved_to_a_symlinked_folder_is_written_where_the_link_leads(tmp
     assert torch.equal(from_pretrained(str(tmp_path / "disk2")).lm_head_weight, new.lm_head_weight)
 
 
+def _checkpoint_linked_from_another_disk(tmp_path, state=None):
+    """checkpoint-3 saved in disk2 and linked into the run folder, as a user short of space moves one."""
+    model = _model(build_char_tokenizer())
+    run, disk2 = tmp_path / "run", tmp_path / "disk2"
+    ckpt.save_checkpoint(str(disk2), 3, model=model, state=state)
+    run.mkdir()
+    os.symlink(disk2 / "checkpoint-3", run / "checkpoint-3")
+    return model, run, disk2
+
+
 def test_a_symlinked_checkpoint_or_run_file_is_written_where_the_link_leads(tmp_path):
     # save_checkpoint over a checkpoint-<step> moved to another disk and linked back, and replacing() (metrics
     # truncated on resume, summary.json, a sample's output) over a linked file, replaced the link
     from r1fast.trainer.metrics import replacing
 
-    model = _model(build_char_tokenizer())
-    run, disk2 = tmp_path / "run", tmp_path / "disk2"
-    ckpt.save_checkpoint(str(disk2), 3, model=model)
-    run.mkdir()
-    os.symlink(disk2 / "checkpoint-3", run / "checkpoint-3")
+    model, run, disk2 = _checkpoint_linked_from_another_disk(tmp_path)
     (disk2 / "metrics.jsonl").write_text("old\n")
     os.symlink(disk2 / "metrics.jsonl", run / "metrics.jsonl")
     assert ckpt.save_checkpoint(str(run), 3, model=model, state={"again": 1}) == str(run / "checkpoint-3")
@@ -292,11 +298,7 @@ def test_a_symlinked_checkpoint_replaced_by_a_save_killed_between_its_renames_is
     # the old checkpoint-3 renamed aside beside the link's target, the run stopped before the new one was renamed in:
     # the link dangled, remove_save_leftovers looked for checkpoint-3.old-<pid> in the run folder only, and a bare
     # --resume found no checkpoint (the run began again from its first step)
-    model = _model(build_char_tokenizer())
-    run, disk2 = tmp_path / "run", tmp_path / "disk2"
-    ckpt.save_checkpoint(str(disk2), 3, model=model, state={"saved": "first"})
-    run.mkdir()
-    os.symlink(disk2 / "checkpoint-3", run / "checkpoint-3")
+    model, run, disk2 = _checkpoint_linked_from_another_disk(tmp_path, state={"saved": "first"})
     real_rename = os.rename
 
     def killed_after_the_first(src, dst):
@@ -317,11 +319,7 @@ def test_a_symlinked_checkpoint_replaced_by_a_save_killed_between_its_renames_is
 def test_a_symlinked_checkpoint_an_earlier_r1fast_set_aside_visibly_is_put_back_not_deleted(tmp_path):
     # before its hidden name, a save through the link set the replaced checkpoint aside as <target>.old-<pid>: still
     # put back where the link dangles; where the target is there, such a name is left alone (it may be the user's)
-    model = _model(build_char_tokenizer())
-    run, disk2 = tmp_path / "run", tmp_path / "disk2"
-    ckpt.save_checkpoint(str(disk2), 3, model=model)
-    run.mkdir()
-    os.symlink(disk2 / "checkpoint-3", run / "checkpoint-3")
+    model, run, disk2 = _checkpoint_linked_from_another_disk(tmp_path)
     os.rename(disk2 / "checkpoint-3", disk2 / "checkpoint-3.old-77")   # killed between its renames: the link dangles
     ckpt.remove_save_leftovers(str(run))
     assert sorted(os.listdir(disk2)) == ["checkpoint-3"]
@@ -938,11 +936,7 @@ def test_a_killed_save_through_a_symlinked_checkpoint_leaves_nothing_beside_its_
     # of that step (".tmp-checkpoint-3-*"): remove_save_leftovers never looked there, nor could it tell them from
     # another run's. They are named after the target now, and deleted with its replaced copy (.<target>.old-<pid>);
     # a visible <target>.old-<digits> there is the user's copy (a dated one), which was deleted as the replaced one
-    model = _model(build_char_tokenizer())
-    run, disk2 = tmp_path / "run", tmp_path / "disk2"
-    ckpt.save_checkpoint(str(disk2), 3, model=model)
-    run.mkdir()
-    os.symlink(disk2 / "checkpoint-3", run / "checkpoint-3")
+    model, run, disk2 = _checkpoint_linked_from_another_disk(tmp_path)
     _killed_save(run)
     (disk2 / ".tmp-checkpoint-3-another").mkdir()   # a save of another run whose checkpoint lives in disk2 too
     shutil.copytree(disk2 / "checkpoint-3", disk2 / ".checkpoint-3.old-123")   # a save killed as it deleted it
