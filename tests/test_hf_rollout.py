@@ -405,6 +405,43 @@ def test_engine_temperature_left_none_takes_the_models_generation_config(tmp_pat
     assert params.temperature == 0.6
 
 
+def test_engine_greedy_and_length_follow_the_generation_config_as_trls_generate_does(tmp_path):
+    """TRL's generate reads trainer.generation_config: a callback setting its do_sample=False decodes greedily, its
+    max_new_tokens is the completion length, and trainer.max_completion_length (copied into that config by TRL's
+    __init__) is not read again. The engine kept sampling and took trainer.max_completion_length at every generation;
+    now it gives TRL's own completions, token for token (greedy, fp32)."""
+    trl = pytest.importorskip("trl")
+    path = save_tiny_qwen2(tmp_path / "m", seed=0)
+    trainer = _trainer(path, tmp_path / "run", max_completion_length=6)
+    trainer.generation_config.do_sample, trainer.generation_config.max_new_tokens = False, 4
+    trainer.max_completion_length = 2
+    prompts = [[5, 6, 7]] * 2 + [[8, 9, 10, 11, 3]] * 2
+    ours, _ = trainer._generate_single_turn(prompts, None, {}, 2)
+    theirs, _ = trl.GRPOTrainer._generate_single_turn(trainer, prompts, None, {}, 2)
+    assert ours == theirs and max(len(c) for c in theirs) == 4
+    trainer.generation_config.do_sample = True  # sampling again, at generation_config's length
+    ours, _ = trainer._generate_single_turn(prompts, None, {}, 2)
+    assert max(len(c) for c in ours) <= 4
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("repetition_penalty", 1.3, "generation_config.repetition_penalty=1.3: the engine's sampler has no repetition"),
+    ("no_repeat_ngram_size", 2, "generation_config.no_repeat_ngram_size=2: the engine's sampler does not apply it"),
+    ("max_new_tokens", None, "generation_config.max_new_tokens=None"),
+    ("temperature", 0.0, "generation_config.temperature=0.0 with do_sample=True"),
+])
+def test_generation_config_changes_the_engine_cannot_follow_are_refused_at_the_next_generation(
+        tmp_path, field, value, message):
+    """TRL's generate would apply a repetition penalty (or another logits processor) a callback sets on
+    trainer.generation_config mid-run; the engine sampled on without it. It is refused by name at the generation it
+    would change (a GRPOConfig repetition_penalty != 1 already is, when the trainer is built)."""
+    path = save_tiny_qwen2(tmp_path / "m", seed=0)
+    trainer = _trainer(path, tmp_path / "run")
+    setattr(trainer.generation_config, field, value)
+    with pytest.raises(ValueError, match=message):
+        trainer._generate_single_turn([[5, 6, 7]] * 4, None, {}, 4)
+
+
 def test_engine_sized_for_the_generation_batch_and_completion_length(tmp_path):
     """max_num_seqs is this process's share of TRL's generation batch (4 prompts x steps_per_generation 4), and
     (in a context longer than it) the KV pool holds every seat's max_completion_length after a prompt of

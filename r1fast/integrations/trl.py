@@ -268,9 +268,11 @@ _HF_GENERATION_EXTRAS = {
     "encoder_repetition_penalty": (None, 1.0), "watermarking_config": (None,), "max_time": (None,)}
 
 
-# transformers' generate fills a sampling option TRL leaves None from the model's generation_config, else from
-# these global defaults (GenerationConfig._get_default_generation_params): top_k=None samples from the top 50.
-_HF_SAMPLING_DEFAULTS = {"temperature": 1.0, "top_k": 50, "top_p": 1.0, "min_p": None}
+# transformers' generate fills an option TRL's generation_config leaves None from the model's generation_config, else
+# from these global defaults (GenerationConfig._get_default_generation_params): top_k=None samples from the top 50,
+# do_sample=None decodes greedily; max_new_tokens=None would fall back to max_length, which the engine refuses.
+_HF_GENERATION_DEFAULTS = {"temperature": 1.0, "top_k": 50, "top_p": 1.0, "min_p": None, "do_sample": False,
+                           "repetition_penalty": 1.0, "max_new_tokens": None}
 
 
 PROMPT_TOKENS_PER_SEAT = 1024  # prompt tokens the rollout engine's KV pool is sized for, per seat
@@ -421,35 +423,68 @@ class GRPOTrainer(trl.GRPOTrainer):
 
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
         """With r1fast_generation: the completions from r1fast's engine, cut as TRL's own path cuts them
-        (up to and including the first eos, at most max_completion_length tokens); no sampler
+        (up to and including the first eos, at most generation_config.max_new_tokens tokens); no sampler
         log-probs, as with transformers' generate."""
         if self.r1fast_rollout is None:
             return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations,
                                                  has_tool_images)
         if images is not None or any(v is not None for v in (multimodal_fields or {}).values()):
             raise ValueError("r1fast_generation supports text-only prompts")
-        from r1fast.rollout import SamplingParams
-
+        params = self._engine_sampling_params(num_generations)
         # copies the fused projections from the trained weights (about a millisecond on a GPU for a
         # 1.5B model): cheaper than tracking every way the weights can change between generations
         self.r1fast_rollout.sync()
-        temperature, top_k, top_p, min_p = (self._sampling_option(name)
-                                            for name in ("temperature", "top_k", "top_p", "min_p"))
-        params = SamplingParams(
-            n=num_generations, temperature=temperature, top_p=top_p,
-            top_k=top_k if top_k and top_k > 0 else -1, min_p=min_p or 0.0,
-            max_tokens=self.max_completion_length, stop_token_ids=list(self.eos_token_ids), ignore_eos=True,
-            seed=int(torch.randint(0, 2**62, ())))  # from torch's generator: TRL's seed makes runs repeat
         return self.r1fast_rollout.generate([list(p) for p in prompt_ids], params), None
 
-    def _sampling_option(self, name):
-        """The temperature / top_k / top_p / min_p transformers' generate samples with: that of TRL's generation_config
-        (built in its __init__; a callback may change it, not trainer.top_k), else (None) the model's
-        generation_config's, else transformers' global default (top_k 50, temperature 1)."""
-        value = getattr(self.generation_config, name)
+    def _engine_sampling_params(self, n):
+        """The engine's SamplingParams for what transformers' generate does with TRL's generation_config, read at
+        every generation as TRL's generate reads it: TRL builds it in __init__ and a callback may change it
+        (do_sample, temperature, max_new_tokens...), while later changes of trainer.temperature or
+        trainer.max_completion_length reach neither. What the engine cannot do is refused by name at the generation
+        it would change, rather than left out."""
+        from r1fast.rollout import SamplingParams
+
+        problems = self._generation_config_problems()
+        if problems:
+            raise ValueError("r1fast_generation=True cannot sample as transformers' generate would with the "
+                             "trainer's generation_config now: " + "; ".join(problems)
+                             + " (use r1fast_generation=False for these)")
+        option = self._generation_option
+        # the seed from torch's generator: TRL's seed makes runs repeat
+        common = dict(n=n, max_tokens=option("max_new_tokens"), stop_token_ids=list(self.eos_token_ids),
+                      ignore_eos=True, seed=int(torch.randint(0, 2**62, ())))
+        if not option("do_sample"):
+            return SamplingParams(temperature=0, **common)  # greedy: generate ignores the sampling options
+        top_k = option("top_k")
+        return SamplingParams(temperature=option("temperature"), top_p=option("top_p"),
+                              top_k=top_k if top_k and top_k > 0 else -1, min_p=option("min_p") or 0.0, **common)
+
+    def _generation_config_problems(self) -> list[str]:
+        """The options of TRL's generation_config (with the model's for those it leaves None) that the engine cannot
+        follow: a repetition penalty, a logits processor, a length given as max_length, a zero sampling
+        temperature (which transformers' generate refuses)."""
+        option = self._generation_option
+        problems = [f"generation_config.{name}={option(name)!r}: the engine's sampler does not apply it"
+                    for name, no_ops in _HF_GENERATION_EXTRAS.items() if option(name) not in no_ops]
+        if option("repetition_penalty") != 1.0:
+            problems.append(f"generation_config.repetition_penalty={option('repetition_penalty')!r}: the engine's "
+                            "sampler has no repetition penalty")
+        max_new_tokens = option("max_new_tokens")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            problems.append(f"generation_config.max_new_tokens={max_new_tokens!r}: the engine needs a completion "
+                            "length of at least 1 token")
+        if option("do_sample") and not option("temperature") > 0:
+            problems.append(f"generation_config.temperature={option('temperature')!r} with do_sample=True: "
+                            "sampling needs a positive temperature (do_sample=False decodes greedily)")
+        return problems
+
+    def _generation_option(self, name):
+        """An option as transformers' generate reads it: TRL's generation_config's (built in its __init__; a callback
+        may change it), else (None) the model's generation_config's, else transformers' global default."""
+        value = getattr(self.generation_config, name, None)
         if value is None:
             value = getattr(getattr(self.accelerator.unwrap_model(self.model), "generation_config", None), name, None)
-        return _HF_SAMPLING_DEFAULTS[name] if value is None else value
+        return _HF_GENERATION_DEFAULTS.get(name) if value is None else value
 
     def _get_per_token_logps_and_entropies(
         self,
