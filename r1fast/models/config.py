@@ -313,11 +313,11 @@ def read_config_json(path: str | os.PathLike) -> dict:
         path = os.path.join(path, "config.json")
     if not os.path.isfile(path):
         folder = os.path.dirname(path)
-        raise FileNotFoundError(f"no config.json at {path}{_cache_hint(folder) or _adapter_hint(folder)}")
+        raise FileNotFoundError(f"no config.json at {path}{_cache_hint(folder) or adapter_folder_hint(folder)}")
     return read_json_object(path)
 
 
-def _adapter_hint(folder: str) -> str:
+def adapter_folder_hint(folder: str) -> str:
     """A PEFT/LoRA adapter's folder (peft's or TRL's save: adapter_config.json, adapter_model.safetensors) has no
     config.json: "no config.json" alone read as a folder not saved or copied whole."""
     path = os.path.join(folder, "adapter_config.json")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 
 from r1fast.models.checkpoint import builtin_model_hint
-from r1fast.models.config import _adapter_hint, read_json_object
+from r1fast.models.config import adapter_folder_hint, read_json_object
 
 # The JSON files AutoTokenizer reads; transformers reports a broken one with no file name, or as an
 # unrelated TypeError/KeyError deep inside, so each is read here first.
@@ -22,7 +22,7 @@ def load_tokenizer(path):
     files = set(os.listdir(path))
     if not files & {"tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json"}:
         raise FileNotFoundError(f"no tokenizer files (tokenizer.json, tokenizer_config.json, ...) in {path!r}"
-                                f"{_adapter_hint(path)}")
+                                f"{adapter_folder_hint(path)}")
     for name in _JSON_FILES:
         if name in files:
             read_json_object(os.path.join(path, name))
