@@ -895,6 +895,15 @@ ROPE_VARIANTS = {
     "qwen3-yarn-null-factor": ("qwen3", {"rope_scaling": {**_YARN, "factor": None}}),
     "mistral-linear": ("mistral", {"rope_parameters": {"rope_type": "linear", "factor": 2.5, "rope_theta": 1e4}}),
     "llama-dynamic": ("llama", {"rope_scaling": {"rope_type": "dynamic", "factor": 3.0}}),
+    # rope_theta inside rope_scaling (transformers 5 reads it in rope_parameters' place, its rope_theta first): it
+    # was refused as disagreeing with the default or top-level theta r1fast read instead
+    "qwen2-rope-scaling-default-theta": ("qwen2", {"rope_scaling": {"rope_type": "default", "rope_theta": 5e5}}),
+    "mistral-rope-scaling-legacy-type-theta": ("mistral", {"rope_scaling": {"type": "default", "rope_theta": 2e5}}),
+    "llama-rope-scaling-linear-theta-as-top-level": ("llama", {"rope_theta": 3e5, "rope_scaling": {
+        "rope_type": "linear", "factor": 2.0, "rope_theta": 3e5}}),
+    "qwen3-rope-scaling-theta-as-rope-parameters": ("qwen3", {
+        "rope_scaling": {"rope_type": "default", "rope_theta": 5e5},
+        "rope_parameters": {"rope_type": "default", "rope_theta": 5e5}}),
 }
 
 

@@ -136,15 +136,23 @@ def test_configs_transformers_would_read_otherwise_are_refused():
     with pytest.raises(ValueError, match="model_type='mistral'"):
         ModelConfig.from_hf_config({**LLAMA32_1B, "model_type": "mistral"})
     # transformers 5 takes rope_scaling in place of rope_parameters: a different theta there is ambiguous
-    with pytest.raises(ValueError, match="rope settings disagree: rope_theta is 1000000.0 here but transformers "
-                                         "would read 10000"):
+    with pytest.raises(ValueError, match="rope settings disagree: rope_parameters' rope_theta is 1000000.0 but "
+                                         "transformers would read 10000"):
         ModelConfig.from_hf_config({**{k: v for k, v in QWEN3_06B.items() if k != "rope_theta"},
                                     "rope_parameters": {"rope_type": "default", "rope_theta": 1e6},
                                     "rope_scaling": {"rope_type": "yarn", "factor": 4.0,
                                                      "original_max_position_embeddings": 32768}})
-    with pytest.raises(ValueError, match="rope settings disagree"):
+    # a rope_scaling theta beside another top-level one: transformers 5 reads the first, transformers 4 the second
+    with pytest.raises(ValueError, match="rope settings disagree: rope_scaling's rope_theta is 500.0, the top-level "
+                                         "rope_theta 500000.0"):
         ModelConfig.from_hf_config({**LLAMA32_1B, "rope_scaling": {"rope_type": "linear", "factor": 2.0,
                                                                    "rope_theta": 500.0}})
+    # alone, or agreeing, it is what transformers 5 reads (logits: test_models.py ROPE_VARIANTS)
+    no_top = {k: v for k, v in LLAMA32_1B.items() if k != "rope_theta"}
+    cfg = ModelConfig.from_hf_config({**no_top, "rope_scaling": {"rope_type": "linear", "factor": 2.0, "rope_theta": 5e2}})
+    assert (cfg.rope_theta, cfg.rope_scaling) == (500.0, {"rope_type": "linear", "factor": 2.0})
+    assert ModelConfig.from_hf_config({**LLAMA32_1B, "rope_scaling": {"rope_type": "default",
+                                                                      "rope_theta": 5e5}}).rope_theta == 5e5
     # an empty rope_scaling is no rope_scaling (transformers then reads rope_parameters)
     q3 = {k: v for k, v in QWEN3_06B.items() if k != "rope_theta"}
     assert ModelConfig.from_hf_config({**q3, "rope_scaling": {}, "rope_parameters": {"rope_type": "default",

@@ -228,7 +228,7 @@ class ModelConfig:
                 raise ValueError(f"{key} must be an object or null, got {hf[key]!r}")
         if isinstance(rope_params, dict) and any(isinstance(v, dict) for v in rope_params.values()):
             raise ValueError("per-layer-type rope_parameters are not supported")
-        rope_theta = (rope_params or {}).get("rope_theta", hf.get("rope_theta", defaults["rope_theta"]))
+        rope_theta = _rope_theta_of(hf, defaults["rope_theta"])
         _check_positive_number("rope_theta", rope_theta)
         rope_scaling = hf.get("rope_scaling") or rope_params
         _check_full_rotary(hf)
@@ -457,20 +457,37 @@ def _num_key_value_heads(arch: str, hf: dict, defaults: dict):
     return hf["num_key_value_heads"]
 
 
+def _rope_theta_of(hf: dict, default_theta):
+    """rope_theta as transformers 5 reads it: from the rope dict it reads (a non-empty rope_scaling, in place of
+    rope_parameters), else the top-level key, else the family's default. Newer savers put it in that dict, under
+    either name: {"rope_type": "default", "rope_theta": 5e5} as rope_scaling was refused as a disagreement."""
+    rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
+    return rope.get("rope_theta", hf.get("rope_theta", default_theta))
+
+
 def _check_rope_agrees(hf: dict, rope_theta, default_theta) -> None:
-    """transformers 5 reads rope_scaling, when present, in place of rope_parameters (its rope_theta, else
-    the top-level one): a config.json where the two disagree would give r1fast and transformers
-    different rotations, so it is refused."""
+    """transformers 5 reads rope_scaling, when present, in place of rope_parameters (its rope_theta, else the
+    top-level one), where transformers 4 read the top-level rope_theta beside it. A config.json whose rope_scaling
+    says otherwise than the rope_parameters it replaces, or whose rope_scaling rope_theta differs from the top-level
+    one, means different rotations to different readers, so it is refused."""
     scaling, params = hf.get("rope_scaling"), hf.get("rope_parameters")
     if not scaling or not isinstance(scaling, dict):  # {} as null: transformers then reads rope_parameters
         return
-    theirs = scaling.get("rope_theta", hf.get("rope_theta", default_theta))
-    _check_positive_number("rope_scaling rope_theta", theirs)
-    if float(theirs) != float(rope_theta):
-        raise ValueError(f"config.json's rope settings disagree: rope_theta is {rope_theta} here but transformers "
-                         f"would read {theirs} (rope_scaling replaces rope_parameters there); put the same "
-                         f"rope_theta in rope_scaling, or keep only one of rope_scaling / rope_parameters")
-    if isinstance(params, dict) and _normalize_rope_scaling(scaling) != _normalize_rope_scaling(params):
+    top = hf.get("rope_theta")
+    if "rope_theta" in scaling and top is not None:
+        _check_positive_number("rope_theta", top)
+        if float(top) != float(rope_theta):
+            raise ValueError(f"config.json's rope settings disagree: rope_scaling's rope_theta is {rope_theta}, the "
+                             f"top-level rope_theta {top} (transformers 5 reads the first, 4.x the second); keep one")
+    if not isinstance(params, dict):
+        return
+    replaced = params.get("rope_theta", top if top is not None else default_theta)
+    _check_positive_number("rope_parameters rope_theta", replaced)
+    if float(replaced) != float(rope_theta):
+        raise ValueError(f"config.json's rope settings disagree: rope_parameters' rope_theta is {replaced} but "
+                         f"transformers would read {rope_theta} (rope_scaling replaces rope_parameters there); put "
+                         f"the same rope_theta in rope_scaling, or keep only one of rope_scaling / rope_parameters")
+    if _normalize_rope_scaling(scaling) != _normalize_rope_scaling(params):
         raise ValueError(f"config.json's rope_scaling {scaling} and rope_parameters {params} disagree; keep one")
 
 
