@@ -409,3 +409,18 @@ def test_attention_dropout_is_not_applied_and_says_so(caplog):
     assert "attention_dropout=0.1 is not applied" in caplog.text
     with pytest.raises(ValueError, match="config.json: attention_dropout must be a non-negative finite number"):
         ModelConfig.from_hf_config({**QWEN3_06B, "attention_dropout": "0.1"})
+
+
+def test_custom_code_named_in_auto_map_is_not_run_and_says_so(caplog):
+    """A checkpoint with auto_map (its own modeling code, which transformers runs only with trust_remote_code=True)
+    loaded silently as r1fast's own Qwen3: a warning now names the classes left unused."""
+    auto_map = {"AutoConfig": "configuration_x.XConfig", "AutoModelForCausalLM": "modeling_x.XForCausalLM"}
+    with caplog.at_level("WARNING", logger="r1fast.models.config"):
+        ModelConfig.from_hf_config(QWEN3_06B)
+        assert not caplog.records
+        cfg = ModelConfig.from_hf_config({**QWEN3_06B, "auto_map": auto_map})
+    assert len(caplog.records) == 1
+    assert ("auto_map names custom code (AutoConfig: configuration_x.XConfig, AutoModelForCausalLM: "
+            "modeling_x.XForCausalLM) that r1fast does not run: it builds its own Qwen3ForCausalLM (model_type "
+            "'qwen3')") in caplog.text
+    assert cfg.architecture == "Qwen3ForCausalLM"

@@ -220,6 +220,7 @@ class ModelConfig:
             raise ValueError(f"quantized checkpoints (quantization_config, quant_method={method!r}) are not "
                              "supported; load the bf16/fp32 checkpoint (FP8 training is from_pretrained(fp8=...))")
         _warn_about_dropout(hf.get("attention_dropout"))
+        _warn_about_custom_code(arch, hf)
         # checked here; the window itself is enforced on the sequences run (ModelConfig.sliding_window)
         _sliding_window_of(arch, hf)
         rope_params = hf.get("rope_parameters")
@@ -381,6 +382,22 @@ def _warn_about_dropout(rate) -> None:
         logging.getLogger(__name__).warning(
             "config.json: attention_dropout=%s is not applied: r1fast never uses dropout (rollouts and "
             "training must compute the same log-probs), where transformers applies it in training mode", rate)
+
+
+def _warn_about_custom_code(arch: str, hf: dict) -> None:
+    """auto_map names a checkpoint's own modeling code (run by transformers only with trust_remote_code=True). r1fast
+    never runs it: it builds its own implementation of the model type, as transformers does by default for a model
+    type it knows. Not refused, since many checkpoints carry an auto_map their code does not change anything with;
+    said once per load, with the classes, so that a checkpoint whose code does change the model is noticed."""
+    auto_map = hf.get("auto_map")
+    if not auto_map:
+        return
+    classes = (", ".join(f"{name}: {target}" for name, target in sorted(auto_map.items()))
+               if isinstance(auto_map, dict) else repr(auto_map))
+    logging.getLogger(__name__).warning(
+        "config.json: auto_map names custom code (%s) that r1fast does not run: it builds its own %s (model_type "
+        "%r), as transformers does without trust_remote_code=True; if that code changes the model (layers, "
+        "attention, rope, heads), r1fast's outputs are not the checkpoint's", classes, arch, hf.get("model_type"))
 
 
 _QWEN_MAX_WINDOW_LAYERS = 28  # transformers' Qwen2Config/Qwen3Config defaults
