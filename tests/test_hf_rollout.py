@@ -53,6 +53,24 @@ def test_a_ministral_built_from_a_mistral_config_is_refused_by_its_model_type():
         HFRollout(transformers.AutoModelForCausalLM.from_config(cfg), block_size=4, num_blocks=8)
 
 
+def test_a_custom_code_class_with_a_supported_config_is_refused(hf_model):
+    """A checkpoint's own modeling code (auto_map, loaded with trust_remote_code=True) with a qwen2 config and
+    Qwen2's parameter names was decoded as r1fast's Qwen2: the engine sampled from another model than the trained one."""
+    from torch import nn
+
+    class CustomForCausalLM(transformers.Qwen2PreTrainedModel, transformers.GenerationMixin):
+        def __init__(self, config):
+            super().__init__(config)
+            self.model = transformers.Qwen2Model(config)
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    custom = CustomForCausalLM(hf_model.config)
+    with pytest.raises(ValueError, match=r"decodes transformers' Qwen2ForCausalLM; the model is .*CustomForCausalLM, "
+                                         r"another implementation \(custom code"):
+        HFRollout(custom, block_size=4, num_blocks=8)
+    HFRollout(hf_model, block_size=4, num_blocks=8)  # transformers' own class
+
+
 def test_weight_updates_are_read_in_place_or_after_sync(hf_model):
     """The engine's model aliases every transformers tensor it can (updates seen at once); the fused
     q/k/v and gate/up copies follow after sync()."""

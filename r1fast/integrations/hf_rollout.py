@@ -33,6 +33,22 @@ def _set_param(root: nn.Module, name: str, value: nn.Parameter) -> None:
     setattr(root.get_submodule(owner) if owner else root, leaf, value)
 
 
+def _check_is_transformers_class(hf_model: nn.Module, architecture: str) -> None:
+    """The engine decodes r1fast's implementation of transformers' own class for the config's architecture. Another
+    class with that config and the same parameter names (a checkpoint's custom code, loaded with
+    trust_remote_code=True from its auto_map) computes what its own code says: the engine would sample from a
+    different model than the one trained."""
+    import transformers
+
+    own = getattr(transformers, architecture, None)
+    if own is not None and not isinstance(hf_model, own):
+        cls = type(hf_model)
+        raise ValueError(f"r1fast's rollout engine decodes transformers' {architecture}; the model is "
+                         f"{cls.__module__}.{cls.__qualname__}, another implementation (custom code, e.g. "
+                         f"from config.json's auto_map with trust_remote_code=True) whose generations it would "
+                         f"not reproduce: load the model without trust_remote_code, or generate without r1fast")
+
+
 class HFRollout:
     def __init__(self, hf_model: nn.Module, dtype: torch.dtype | None = None, **engine_kwargs):
         config = getattr(hf_model, "config", None)
@@ -42,6 +58,7 @@ class HFRollout:
             cfg = ModelConfig.from_hf_config(config.to_dict())
         except (ValueError, TypeError) as e:
             raise ValueError(f"r1fast's rollout engine cannot run {type(hf_model).__name__}: {e}") from e
+        _check_is_transformers_class(hf_model, cfg.architecture)
         hf = dict(hf_model.named_parameters())
         devices = {p.device for p in hf.values()}
         if len(devices) != 1:
