@@ -10,7 +10,7 @@ import torch
 _C = pytest.importorskip("r1fast._C")
 
 from r1fast.rollout.scheduler import DecodeBatch, PrefillBatch, Scheduler  # noqa: E402
-from r1fast.rollout.sequence import Sequence, Status  # noqa: E402
+from r1fast.rollout.sequence import Sequence, Status, ids_in  # noqa: E402
 
 
 def _prefill_all(sched):
@@ -187,3 +187,14 @@ def test_engine_loop_keeps_every_context_right_and_outputs_unchanged_under_preem
             assert tight.block_manager.num_free_blocks == num_blocks
             preemptions += tight.last_stats["preemptions"]
     assert preemptions > 0
+
+
+def test_ids_in_answers_as_np_isin():
+    """The engine's membership test of sequence ids (a sort and a binary search, in place of np.isin):
+    the same mask on random ids, also for values past either end of the pool, a one-id pool and an empty one."""
+    rng = np.random.default_rng(0)
+    for size, pool_size in [(512, 500), (512, 3), (8, 1), (8, 0), (0, 4), (1, 1)]:
+        values = rng.permutation(2000)[:size].astype(np.int64) - 1000
+        pool = rng.choice(values, min(pool_size, size), replace=False) if size else np.arange(pool_size)
+        for p in (pool, np.append(pool, [-5000, 5000]).astype(np.int64)):
+            assert ids_in(values, p).tolist() == np.isin(values, p).tolist()

@@ -38,7 +38,7 @@ from r1fast.rollout import sampler
 from r1fast.rollout.params import Completion, RequestOutput, SamplingParams
 from r1fast.rollout.runner import ModelRunner, lm_logits
 from r1fast.rollout.scheduler import DecodeBatch, Scheduler
-from r1fast.rollout.sequence import Sequence, Status
+from r1fast.rollout.sequence import Sequence, Status, ids_in
 
 log = logging.getLogger(__name__)
 
@@ -525,7 +525,7 @@ class _Call:
 
 def _rows_in(launched: np.ndarray, ids: np.ndarray) -> np.ndarray:
     """Where the running ids sit among the ids a step was launched with (rows only ever leave)."""
-    return np.arange(len(ids)) if ids is launched else np.flatnonzero(np.isin(launched, ids, assume_unique=True))
+    return np.arange(len(ids)) if ids is launched else np.flatnonzero(ids_in(launched, ids))
 
 
 @dataclasses.dataclass

@@ -20,6 +20,7 @@ from r1fast import backends, ops
 from r1fast.fp8 import fp8_disabled
 from r1fast.ops.shared_prefix import (SharedPrefix, drop_tile_rows, pad_shared_prefix, prefix_tile_rows,
                                   shared_block_tiles, shared_prefix_at)
+from r1fast.rollout.sequence import ids_in
 
 log = logging.getLogger(__name__)
 
@@ -202,7 +203,7 @@ class ModelRunner:
         # current context lengths is redone). When rows only left, their tiles just lose them.
         old = self._tiles_of
         if old is not seq_ids:
-            keep = np.isin(old, seq_ids, assume_unique=True) if old is not None and len(seq_ids) < len(old) else None
+            keep = ids_in(old, seq_ids) if old is not None and len(seq_ids) < len(old) else None
             if keep is not None and keep.sum() == len(seq_ids) and (old[keep] == seq_ids).all():
                 self._tiles = drop_tile_rows(self._tiles, keep)
             else:

@@ -22,7 +22,7 @@ import dataclasses
 
 import numpy as np
 
-from r1fast.rollout.sequence import Sequence, Status
+from r1fast.rollout.sequence import Sequence, Status, ids_in
 
 
 @dataclasses.dataclass
@@ -234,6 +234,6 @@ class Scheduler:
             seq.status = Status.FINISHED
             seq.finish_reason = "stop" if stop else "length"
         ids = self.running.array("ids")
-        leaving = np.isin(ids, np.fromiter((s.seq_id for s in seqs), dtype=np.int64, count=len(seqs)))
+        leaving = ids_in(ids, np.fromiter((s.seq_id for s in seqs), dtype=np.int64, count=len(seqs)))
         if leaving.any():
             self.running.remove(leaving)

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import enum
 
+import numpy as np
+
 
 class Status(enum.Enum):
     WAITING = "waiting"      # not holding KV blocks: new, or preempted (recomputed on readmission)
@@ -48,3 +50,14 @@ class Sequence:
         s.num_computed = self.num_computed
         s.status = self.status
         return s
+
+
+def ids_in(values: np.ndarray, pool: np.ndarray) -> np.ndarray:
+    """bool mask: which of the int64 sequence ids `values` are in `pool`. The engine asks this a few times
+    per decode step (rows that left, sequences retired) of a few hundred ids: a sort and a binary search
+    are five numpy calls, where np.isin cost 4-7x the time (20-60 us a call, at 8 ids or 512)."""
+    if len(pool) == 0:
+        return np.zeros(len(values), dtype=bool)
+    pool = np.sort(pool)
+    # clip: a value past the largest id is compared with that id, and differs from it
+    return pool.take(np.searchsorted(pool, values), mode="clip") == values
