@@ -1,6 +1,7 @@
 """The rollout sampler: filtered distributions, frequencies over many draws, logprob definition."""
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -142,6 +143,11 @@ def test_host_uniforms_equal_the_device_hash_bit_for_bit():
     assert torch.equal(u, sampler.uniforms(keys, pos))
     assert torch.equal(torch.from_numpy(host(keys[pos < 500].tolist(), pos[pos < 500].tolist())),
                        sampler.uniforms(keys[pos < 500], pos[pos < 500]))
+    # the engine passes its running rows' key array (uint64): the hash works in place, on copies only
+    key_array = keys[pos < 500].numpy().astype(np.uint64)
+    kept = key_array.copy()
+    assert torch.equal(torch.from_numpy(host(key_array, pos[pos < 500].numpy())), u[pos < 500])
+    assert np.array_equal(key_array, kept)
     # sample() with those uniforms draws exactly what it draws from keys and positions
     logits = torch.randn(64, 50, generator=g)
     params = SamplingParams(temperature=0.9, top_p=0.95)
