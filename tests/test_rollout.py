@@ -875,20 +875,15 @@ def test_decoding_one_step_ahead_changes_no_output(models, prompts, opts, monkey
         assert stats["preemptions"] > 0 and stats_a["preemptions"] > 0
 
 
-def test_pinned_buffers_of_steps_in_flight_are_not_overwritten_before_they_are_read(models, prompts, monkeypatch):
-    """The GPU engine's two alternating sets of host buffers (uniforms in, samples out), run here over
-    plain CPU tensors with a stand-in event: a step's samples are read from its own set after the next
-    step has filled the other, and the outputs equal the CPU engine's."""
-    _, model = models
-    params = SamplingParams(n=3, temperature=1.0, max_tokens=8, seed=3, stop_token_ids=[5, 17])
-    want = Engine(model, block_size=4, num_blocks=64).generate(prompts, params)
-
+def _engine_with_pinned_buffers(model, monkeypatch, waits: list):
+    """An engine on the GPU engine's path for a step's samples (two sets of host buffers, copies marked
+    ready by an event), over plain CPU tensors with a stand-in event that appends to `waits` when waited on."""
     class Event:
         def record(self, stream):
             pass
 
         def synchronize(self):
-            pass
+            waits.append(self)
 
     monkeypatch.setattr(torch.cuda, "Event", Event)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: None)
@@ -896,6 +891,17 @@ def test_pinned_buffers_of_steps_in_flight_are_not_overwritten_before_they_are_r
     engine._pinned = [{name: torch.full((16,), -1, dtype=dt) for name, dt in
                        (("uniforms", torch.float64), ("tokens", torch.int64), ("logprobs", torch.float32))}
                       for _ in range(2)]
+    return engine
+
+
+def test_pinned_buffers_of_steps_in_flight_are_not_overwritten_before_they_are_read(models, prompts, monkeypatch):
+    """The GPU engine's two alternating sets of host buffers (uniforms in, samples out), run here over
+    plain CPU tensors with a stand-in event: a step's samples are read from its own set after the next
+    step has filled the other, and the outputs equal the CPU engine's."""
+    _, model = models
+    params = SamplingParams(n=3, temperature=1.0, max_tokens=8, seed=3, stop_token_ids=[5, 17])
+    want = Engine(model, block_size=4, num_blocks=64).generate(prompts, params)
+    engine = _engine_with_pinned_buffers(model, monkeypatch, [])
     got = engine.generate(prompts, params)
     assert engine.last_stats["discarded_tokens"] > 0
     for a, b in zip(want, got):
@@ -903,6 +909,42 @@ def test_pinned_buffers_of_steps_in_flight_are_not_overwritten_before_they_are_r
             [(c.token_ids, c.finish_reason) for c in b.completions]
         for ca, cb in zip(a.completions, b.completions):
             assert cb.logprobs == pytest.approx(ca.logprobs, abs=1e-6)
+
+
+def test_a_decode_step_waits_for_the_device_once(models, prompts, monkeypatch):
+    """The design's budget of host syncs: a decode step's launch and collection wait on the device once
+    (the event of its samples' copy) and read no tensor value besides (no .item(), .tolist(), .cpu(),
+    bool()), on the GPU engine's path for samples, with stops, discarded rows and rows reaching their
+    limit. The sampler is left out: its torch form reads one flag on the CPU only."""
+    from r1fast.rollout import engine as engine_module
+
+    _, model = models
+    waits, reads, counting = [], [], [False]
+    for name in ("item", "tolist", "cpu", "__bool__", "__int__", "__float__", "__index__"):
+        def read(self, *args, _name=name, _real=getattr(torch.Tensor, name), **kwargs):
+            if counting[0]:
+                reads.append(_name)
+            return _real(self, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, name, read)
+
+    def counted(fn, on):
+        def run(*args, **kwargs):
+            before, counting[0] = counting[0], on
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                counting[0] = before
+        return run
+
+    monkeypatch.setattr(engine_module.Engine, "_launch_decode", counted(engine_module.Engine._launch_decode, True))
+    monkeypatch.setattr(engine_module.Engine, "_collect", counted(engine_module.Engine._collect, True))
+    monkeypatch.setattr(engine_module.ops, "sample_tokens", counted(engine_module.ops.sample_tokens, False))
+    engine = _engine_with_pinned_buffers(model, monkeypatch, waits)
+    engine.generate(prompts, SamplingParams(n=3, temperature=1.0, max_tokens=8, seed=3, stop_token_ids=[5, 17]))
+    stats = engine.last_stats
+    assert stats["decode"] > 0 and stats["discarded_tokens"] > 0
+    assert len(waits) == stats["decode"]
+    assert reads == []
 
 
 @pytest.mark.parametrize("opts", [dict(num_blocks=64), dict(num_blocks=12, max_num_seqs=6)])
