@@ -815,6 +815,22 @@ def test_gsm8k_solution_gold_is_read_by_its_final_hash_line(with_math_verify):
     assert gold_text("#### 7") == "7" and gold_text("#### 7\nthen 8") == "#### 7\nthen 8"
 
 
+def test_reading_a_gsm8k_final_line_is_linear_in_the_gold():
+    # the final-line regex's lazy answer before `\s*\Z` rescanned the rest of the line from each character: a gold of
+    # "####x", 20k spaces and "y" took 7 s in gold_text, which runs on every row of every step
+    import time
+
+    from r1fast.rewards.builtin import gold_text
+
+    for gold in ("####x" + " " * 20_000 + "y", "#### 5" + " \r" * 10_000 + "y"):
+        t = time.perf_counter()
+        assert gold_text(gold) == gold[4:].lstrip()
+        assert time.perf_counter() - t < 0.5
+    # what the last line holds, blank lines and spaces around it aside
+    assert gold_text("x\n  ####  -3 \n\n") == "-3" and gold_text("a\n####\n\n") == "a\n####\n\n"
+    assert gold_text("#### 7\r\n") == "7" and gold_text("5\n# ### 7") == "5\n# ### 7"
+
+
 def test_a_text_answer_matches_its_words_in_latex_text(with_math_verify):
     # MATH golds such as \text{Evelyn} or \text{odd}: the bare word (a model's natural answer) scored 0, as
     # math-verify finds nothing to compare in prose

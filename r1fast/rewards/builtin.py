@@ -463,13 +463,15 @@ def gold_text(g) -> Optional[str]:
 # GSM8K's `answer` column is a worked solution whose last line is `#### 72`. Read whole, the answer was
 # whatever number math-verify found first in the prose ("so the answer is 5 per hour. ... #### 15" paid
 # for 5, not 15), and without math-verify every answer scored 0.
-_GSM8K_FINAL_RE = re.compile(r"(?:\A|\n)[ \t]*####[ \t]*([^\n]*?)\s*\Z")
-
-
 def _gsm8k_final(g: str) -> Optional[str]:
-    """The answer on a solution's last line when it is GSM8K's `#### answer`, else None."""
-    m = _GSM8K_FINAL_RE.search(g)
-    return m.group(1) if m and m.group(1) else None
+    """The answer on a solution's last line when it is GSM8K's `#### answer`, else None. Read with string methods: a
+    regular expression's lazy answer before `\s*\Z` rescanned the rest of the line from each of its characters, 7 s
+    for a gold of "####x", 20k spaces, "y" (gold_text runs on every row of every step)."""
+    text = g.rstrip()   # blank lines and spaces after the final line are no part of it
+    last_line = text[text.rfind("\n") + 1:].lstrip(" \t")
+    if not last_line.startswith("####"):
+        return None
+    return last_line[len("####"):].lstrip(" \t") or None
 
 
 def make_format_reward(pattern: Optional[str] = None):
