@@ -618,6 +618,20 @@ def test_float_length_decimals_past_floats_range_are_compared_not_raised(monkeyp
     assert _accuracy("123456789012345e400", "5") == 0.0
 
 
+def test_a_relation_sign_before_a_number_is_not_the_number(with_math_verify):
+    # math-verify drops a relation sign that opens an answer and reads the number alone: \\neq 5, ≠5, \\ge 5 and \\lt 5
+    # scored 1 against the gold 5, and \\lt 5 against \\le 5
+    for wrong in ("\\neq 5", "≠5", "\\ne 5", "$\\neq 5$", "\\leq 5", "\\geq 5", "≤ 5", "\\lt 5", "\\gt 5", "<5", ">= 5"):
+        assert _accuracy(wrong, "5") == 0.0 and _accuracy("5", wrong) == 0.0, wrong
+    assert _accuracy("\\lt 5", "\\le 5") == 0.0 and _accuracy("\\ge 5", "\\le 5") == 0.0
+    # `=` states the value; the same relation before equal values is one answer; <1,2> holds angle brackets
+    for right, gold in (("\\le 5", "≤ 5.0"), ("\\leqslant 5", "\\leq 5"), ("\\lt 5", "<5"),
+                        ("<= 5", "\\le 5"), ("\\neq 5", "≠5"), ("<1,2>", "<1,2>")):
+        assert _accuracy(right, gold) == 1.0, (right, gold)
+    if with_math_verify:
+        assert _accuracy("=5", "5") == _accuracy("x = 5", "5") == _accuracy("\\geq \\frac{1}{2}", "\\ge 0.5") == 1.0
+
+
 def test_a_huge_power_off_the_main_thread_is_refused_not_computed():
     # sympy computed 2^{10^{100}} with one int pow holding the GIL: off the main thread (where math-verify
     # has no time limit) the reward call, and every other thread of the process, never came back

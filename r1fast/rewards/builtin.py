@@ -216,12 +216,41 @@ def _as_latex(s: str) -> str:
     return "".join(_UNICODE_SYMBOLS.get(ch, ch) for ch in s).strip()
 
 
+# A relation sign that opens an answer (≠5, \\neq 5, \\leq 5, < 5): math-verify drops it and reads the number alone, so
+# `\\neq 5` and `\\geq 5` scored 1 against the gold 5. `=` is none: `=5` and `x = 5` state the value.
+_LEADING_RELATION_RE = re.compile(r"\s*(\\(?:neq?|leq?|geq?|leqslant|geqslant|lt|gt)(?![A-Za-z])|\\not\s*=|[<>!]="
+                                  r"|[<>\u2260\u2264\u2265\u2a7d\u2a7e\u2266\u2267])\s*")
+_RELATION_SIGN = {"\\ne": "≠", "\\neq": "≠", "\\not=": "≠", "!=": "≠", "\\le": "≤", "\\leq": "≤", "\\leqslant": "≤",
+                  "<=": "≤", "\u2a7d": "≤", "\u2266": "≤", "\\ge": "≥", "\\geq": "≥", "\\geqslant": "≥", ">=": "≥",
+                  "\u2a7e": "≥", "\u2267": "≥", "\\lt": "<", "\\gt": ">"}
+
+
+def _leading_relation(s: str) -> tuple[Optional[str], str]:
+    """The relation sign `s` opens with (as one of ≠ < > ≤ ≥; None without one) and what follows it, inside `$…$`
+    too. A `<` of `<1, 2>` is an angle bracket."""
+    core = s.strip()
+    if len(core) > 1 and core[0] == "$" and core[-1] == "$":
+        core = core[1:-1]
+    m = _LEADING_RELATION_RE.match(core)
+    if m is None or (m.group(1) == "<" and core.rstrip().endswith(">")):
+        return None, s
+    sign = re.sub(r"\s", "", m.group(1))
+    return _RELATION_SIGN.get(sign, sign), core[m.end():]
+
+
 def answers_match(predicted: str, gold: str) -> bool:
     """Exact text match, then numeric match (1/2 == 0.5, 1,000 == 1000; a float-length decimal equals
     what it approximates to 1e-12), then math-verify when installed. Markdown around a whole answer is
-    not part of it (`**5**` is 5)."""
+    not part of it (`**5**` is 5); a relation sign opening it is (`\\neq 5` is not 5; `\\le 5` is `≤ 5.0`)."""
     predicted, gold = (_as_latex(_without_math_delimiters(_without_markdown(x))) for x in (predicted, gold))
-    if predicted.strip() == gold.strip() or _same_words(predicted, gold):
+    if predicted.strip() == gold.strip():
+        return True
+    (predicted_sign, predicted), (gold_sign, gold) = _leading_relation(predicted), _leading_relation(gold)
+    if predicted_sign != gold_sign:
+        return False
+    if predicted_sign is not None and predicted.strip() == gold.strip():
+        return True
+    if _same_words(predicted, gold):
         return True
     a, b = _as_number(predicted), _as_number(gold)
     if a is not None and b is not None:
