@@ -82,6 +82,24 @@ def test_word_answers_that_match_are_one_vote():
     assert majority_index(texts, [True, False, False, False]) == 1
 
 
+def test_a_variable_s_case_is_part_of_the_answer(with_math_verify):
+    # math-verify lowercases every symbol and bare text was compared case aside: x+1 and X+1, 2x and 2X, a_n and A_n,
+    # \\sqrt{x} and \\sqrt{X}, \\Delta and \\delta each scored 1 (and were one cons@k vote)
+    from r1fast.rewards.builtin import vote_key
+
+    for a, b in (("x+1", "X+1"), ("2x", "2X"), ("a_n", "A_n"), ("x=5", "X=5"), ("x²", "X^2")):
+        assert not answers_match(a, b) and not answers_match(b, a) and vote_key(a) != vote_key(b), (a, b)
+    if with_math_verify:
+        for a, b in (("\\sqrt{x}", "\\sqrt{X}"), ("2\\pi r", "2\\pi R"), ("\\Delta", "\\delta"), ("$x+1$", "X+1")):
+            assert not answers_match(a, b), (a, b)
+        assert answers_match("X+1", "1+X") and answers_match("\\frac{x}{2}", "x/2")
+    # choice letters and words keep their case aside, as does a lone letter (a choice or a variable: x against X)
+    for a, b in (("B", "b."), ("Yes", "yes"), ("\\text{YES}", "yes"), ("A, C", "a, c"), ("x", "X")):
+        assert answers_match(a, b) and vote_key(a) == vote_key(b), (a, b)
+    if with_math_verify:
+        assert answers_match("(a)", "A") and answers_match("\\text{(A)}", "a") and answers_match("\\textbf{(C)}", "c")
+
+
 def test_answers_of_one_vote_match_without_math_verify(monkeypatch):
     # vote_key read words before the Unicode math that answers_match turns into LaTeX: √x and √X., a·b and A·B, were
     # one vote that answers_match (without math-verify) took for different answers

@@ -146,12 +146,47 @@ _TEXT_ANSWER_RE = re.compile(r"\$?\s*\\(?:text|textbf|textrm|mathrm|mbox)\s*\{([
 
 
 def _text_words(s: str) -> Optional[str]:
-    """An answer's words, case aside, bare or in one `\\text{…}`; None for other LaTeX."""
+    """An answer's words, case aside, bare or in one `\\text{…}`; None for other LaTeX. Bare math with variables keeps
+    its case (_variables: x+1 is not X+1)."""
     s = s.strip().rstrip(".").strip()
     m = _TEXT_ANSWER_RE.fullmatch(s)
     if m:
         return m.group(1).strip().casefold()
-    return s.casefold() if "\\" not in s and "$" not in s else None
+    if "\\" in s or "$" in s:
+        return None
+    return s if _variables(s) else s.casefold()
+
+
+# Greek letters are variables too, their LaTeX names telling their case: \\Delta is not \\delta, nor \\Gamma \\gamma (each
+# pair was one symbol to math-verify)
+_GREEK_NAMES = frozenset("""alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma
+tau upsilon phi chi psi omega""".split())
+# A lone Latin letter in math (beside a digit, an operator or LaTeX) is a variable, and its case is part of it: x+1 and
+# X+1, a_n and A_n, 2\\pi r and 2\\pi R are different answers, though math-verify lowercases every symbol and bare text
+# was compared case aside (_same_words): each pair scored 1. A letter alone, in brackets or not ((A), b.), is a choice
+# and words are words: their case stays aside (B = b., Yes = yes); so does a lone x against X, which cannot be told
+# from a choice letter.
+_NAME_OR_WORD_RE = re.compile(r"\\?[A-Za-z]+")   # a LaTeX command's name, or a run of letters
+_MATH_SIGN_RE = re.compile(r"[0-9+\-*/^_=<>\\]")
+
+
+def _variables(s: str) -> frozenset[str]:
+    """The variables of an answer that is math (a digit, an operator or LaTeX in it), in their case: its lone Latin
+    letters and Greek letters' LaTeX names; none for other answers (a choice letter, words, one `\\text{…}`)."""
+    s = s.strip().rstrip(".").strip()
+    if not _MATH_SIGN_RE.search(s) or _TEXT_ANSWER_RE.fullmatch(s):
+        return frozenset()
+    found = set()
+    for name in _NAME_OR_WORD_RE.findall(s):
+        if len(name) == 1 or (name[0] == "\\" and name[1:].lower() in _GREEK_NAMES):
+            found.add(name)
+    return frozenset(found)
+
+
+def _variables_differ_in_case(predicted: str, gold: str) -> bool:
+    """Whether the two answers' variables are the same letters only case aside (x+1 and X+1)."""
+    a, b = _variables(predicted), _variables(gold)
+    return bool(a) and a != b and {x.casefold() for x in a} == {x.casefold() for x in b}
 
 
 def _same_words(predicted: str, gold: str) -> bool:
@@ -259,6 +294,8 @@ def answers_match(predicted: str, gold: str) -> bool:
         # compared as fractions: float() of a value past float's range (a model's 123456789012345e400)
         # raised OverflowError, which failed the whole batch's reward call
         return (_float_repr(predicted) or _float_repr(gold)) and abs(a - b) <= _FLOAT_REL_TOL * max(abs(a), abs(b))
+    if _variables_differ_in_case(predicted, gold):   # which math-verify does not tell apart
+        return False
     try:
         import math_verify  # noqa: F401
     except ImportError:
