@@ -1572,6 +1572,19 @@ def test_language_reward_reads_capital_point_names_as_math():
     assert [round(v, 3) for v in zh(None, [f"<think>{t}</think>" for t in mixed])] == [0.6, 0.333, 1.0]
 
 
+def test_language_reward_counts_english_spelled_one_chinese_character_apart():
+    # each letter of 中t中h中e, beside Chinese, was a variable: English interleaved with Chinese characters scored 1.0
+    zh = make_language_reward("zh")
+    interleaved = ["中t中h中e中", "中T中H中E中", "我们w在a的i中t", "中q中u中i中c中k", "所以AREA为4"]
+    assert [round(v, 3) for v in zh(None, [f"<think>{t}</think>" for t in interleaved])] == [
+        0.571, 0.571, 0.556, 0.5, 0.429]
+    # variables named one character apart spell no word: still math
+    math = ["由x与y与z的对称性，不妨设x≥y≥z。", "若a则b，若b则c，所以若a则c。", "若p且q则r。", "设a与b与c与d为正数。",
+            "因此a在b与c之间。", "设m与n是两条不同的直线，α与β是两个不同的平面。"]
+    assert zh(None, [f"<think>{t}</think>" for t in math]) == [1.0] * len(math)
+    assert make_language_reward("ja")(None, ["<think>aとbとcとdの和</think>"]) == [1.0]
+
+
 def test_language_reward_reads_a_polygon_of_five_or_more_vertices_as_math():
     # 五边形ABCDE scored 0.58 for zh and 正六边形ABCDEF 0.45: past four capitals every run counted as English. A run of
     # consecutive letters names a polygon (no English word is one); other long capitals (QUICK) still count.

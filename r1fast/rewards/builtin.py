@@ -654,7 +654,7 @@ _ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 # English a chain of thought mixes in, in capitals beside marks or the target script (WAIT，, 中BUT中): words, not
 # points, though short enough for _is_point_name. Three letters or more: two-letter ones are segments too (SO, TO, AD).
 _CAPITAL_WORDS = frozenset("""THE AND BUT WAIT LET THEN THAT THIS WITH FOR NOT ARE YES HMM OKAY NEED WHAT WHY HOW
-THUS ALSO HERE NOW CAN WILL WAS HAS HAVE FIND FROM INTO ONLY SAME""".split())
+THUS ALSO HERE NOW CAN WILL WAS HAS HAVE FIND FROM INTO ONLY SAME AREA STEP NOTE""".split())
 
 
 def _is_point_name(text: str, start: int, n: int, scripts: tuple[str, ...]) -> bool:
@@ -681,20 +681,52 @@ def _is_point_name(text: str, start: int, n: int, scripts: tuple[str, ...]) -> b
 _SPELLED_GAP = 2
 
 
-def _spelled_out(text: str, runs: list[tuple[int, int, Optional[bool]]], k: int) -> bool:
+# (start, length, in the target script: None for a run of non-letters, whether it is one Latin letter outside the
+# target script) of each run of letters and of non-letters in a text
+_Runs = list[tuple[int, int, Optional[bool], bool]]
+
+
+def _lone_latin(runs: _Runs, j: int) -> bool:
+    return 0 <= j < len(runs) and runs[j][3]
+
+
+# English spelled out one letter per character of the target script (中t中h中e, 中W中A中I中T): each letter, beside Chinese,
+# was a variable, 1.0 for zh. Real math names variables one character apart too (x与y与z, 若a则b且c), but spells none of
+# these words with them; no realistic chain of thought names five in a row so.
+_SPELLED_WORDS = frozenset(word.casefold() for word in _CAPITAL_WORDS)
+_INTERLEAVED_ANY_WORD = 5
+
+
+def _interleaved_word_runs(text: str, runs: _Runs) -> set[int]:
+    """The indices of the runs that are letters of an English word spelled out between single characters of the target
+    script: a chain of lone Latin letters one such character apart that spells one of _SPELLED_WORDS, or any chain of
+    _INTERLEAVED_ANY_WORD letters or more."""
+    found: set[int] = set()
+    k = 0
+    while k < len(runs):
+        chain = [k]
+        while (runs[chain[-1]][3] and chain[-1] + 2 < len(runs) and runs[chain[-1] + 1][2] is True
+               and runs[chain[-1] + 1][1] == 1 and runs[chain[-1] + 2][3]):
+            chain.append(chain[-1] + 2)
+        if len(chain) >= 3:
+            word = "".join(text[runs[j][0]] for j in chain).casefold()
+            if word in _SPELLED_WORDS or len(chain) >= _INTERLEAVED_ANY_WORD:
+                found.update(chain)
+        k = chain[-1] + 1
+    return found
+
+
+def _spelled_out(text: str, runs: _Runs, k: int) -> bool:
     """Whether the lone letter of runs[k] has lone Latin letters close by on both sides: a word spelled out with marks
     between its letters (`t1h1e`, `t_h_e`, `(t)(h)(e)`), which every one of them beside math (_is_variable)
     left out: 1.0 for zh. Only a word's inner letters are told so, and only between the same marks on both sides, marks
     that are no operator (_spelling_mark): math written tight (the b of a+b+c, the y of x=y=z, the x of g(x)=f(x)-x)
     stays variables, which had cut Chinese chains of thought from 1.0 to 0.25."""
-    def lone_latin(j: int) -> bool:
-        return 0 <= j < len(runs) and runs[j][2] is False and runs[j][1] == 1 and _in_script(text[runs[j][0]], ("LATIN",))
-
     def close(gap: int) -> bool:
         return 0 <= gap < len(runs) and runs[gap][2] is None and runs[gap][1] <= _SPELLED_GAP
 
     # a lone Greek letter stays a variable whatever is beside it
-    if not (lone_latin(k) and all(close(k + d) and lone_latin(k + 2 * d) for d in (-1, 1))):
+    if not (runs[k][3] and all(close(k + d) and _lone_latin(runs, k + 2 * d) for d in (-1, 1))):
         return False
     before, after = (text[runs[j][0]:runs[j][0] + runs[j][1]] for j in (k - 1, k + 1))
     return before == after and _spelling_mark(before)
@@ -722,15 +754,17 @@ def _language_evidence(body: str, scripts: tuple[str, ...]) -> list[bool]:
     """For each letter of `body` that tells its language, whether it is in the target `scripts`."""
     text = _LATEX_MATH_RE.sub(_NOTATION, body.translate(_MATH_LETTERS_AS_PLAIN))
     text = _BARE_MATH_NAME_RE.sub(_NOTATION, text)
-    runs, start = [], 0   # (start, length, in the target script) of each run of letters; None: a run of non-letters
+    runs: _Runs = []
+    start = 0
     for in_target, part in itertools.groupby(text, key=lambda ch: _in_script(ch, scripts) if ch.isalpha() else None):
         n = len(list(part))
-        runs.append((start, n, in_target))
+        runs.append((start, n, in_target, in_target is False and n == 1 and _in_script(text[start], ("LATIN",))))
         start += n
+    interleaved = _interleaved_word_runs(text, runs)
     evidence: list[bool] = []
-    for k, (start, n, in_target) in enumerate(runs):
+    for k, (start, n, in_target, _) in enumerate(runs):
         a_variable = (in_target is False and n == 1 and _is_variable(text, start, scripts)
-                      and not _spelled_out(text, runs, k))
+                      and not _spelled_out(text, runs, k) and k not in interleaved)
         if in_target is False and not a_variable and _is_point_name(text, start, n, scripts):
             continue
         if in_target is not None and not a_variable:
