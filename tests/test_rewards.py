@@ -650,6 +650,21 @@ def test_a_relation_sign_before_a_number_is_not_the_number(with_math_verify):
         assert _accuracy("=5", "5") == _accuracy("x = 5", "5") == _accuracy("\\geq \\frac{1}{2}", "\\ge 0.5") == 1.0
 
 
+def test_scientific_notation_is_a_number(with_math_verify):
+    # math-verify read 6.02e23 as 6.02*e*23: 6.02 \\times 10^{23} scored 0 against it; and it rounds floats to 6 decimal
+    # places, so -1.6 \\times 10^{-19} scored 1 against 1.6 \\times 10^{-19}. Both forms are now numbers (also without it)
+    from r1fast.rewards.builtin import vote_key
+
+    for a, b in (("6.02 \\times 10^{23}", "6.02e23"), ("2 \\times 10^3", "2000"), ("3\\cdot10^8", "3.0e8"),
+                 ("-2.5 \\cdot 10^{-2}", "-0.025"), ("2 × 10^3", "2e3"), ("$1.6 \\times 10^{-19}$", "1.6e-19")):
+        assert _accuracy(a, b) == _accuracy(b, a) == 1.0 and vote_key(a) == vote_key(b), (a, b)
+    for a, b in (("1.6 \\times 10^{-19}", "-1.6 \\times 10^{-19}"), ("1.6e-19", "-1.6 \\times 10^{-19}"),
+                 ("6.02e23", "6.03 \\times 10^{23}"), ("2e3", "2 \\times 10^{4}")):
+        assert _accuracy(a, b) == 0.0, (a, b)
+    if with_math_verify:   # an exponent against other LaTeX: given to math-verify as 1.5 \\times 10^{-3}
+        assert _accuracy("1.5e-3", "\\frac{3}{2000}") == _accuracy("\\frac{3}{2000}", "1.5e-3") == 1.0
+
+
 def test_a_huge_power_off_the_main_thread_is_refused_not_computed():
     # sympy computed 2^{10^{100}} with one int pow holding the GIL: off the main thread (where math-verify
     # has no time limit) the reward call, and every other thread of the process, never came back

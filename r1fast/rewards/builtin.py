@@ -77,8 +77,12 @@ def final_part(text: str) -> str:
 
 
 # A thousands group never starts a number with 0: 0,125 (a decimal comma, or a list) is not 125.
-_NUMBER_RE = re.compile(
-    r"([+-]?)\s*((?:[1-9][0-9]{0,2}(?:,[0-9]{3})+|[0-9]+)(?:\.[0-9]*)?|\.[0-9]+)(?:[eE]([+-]?[0-9]{1,3}))?")
+_MANTISSA = r"(?:[1-9][0-9]{0,2}(?:,[0-9]{3})+|[0-9]+)(?:\.[0-9]*)?|\.[0-9]+"
+_NUMBER_RE = re.compile(rf"([+-]?)\s*({_MANTISSA})(?:[eE]([+-]?[0-9]{{1,3}}))?")
+# Scientific notation as LaTeX writes it (6.02 \times 10^{23}, 1.6 \cdot 10^{-19}): a number, as 6.02e23 is. Given to
+# math-verify, -1.6 \times 10^{-19} equalled 1.6 \times 10^{-19} (it rounds floats to 6 decimal places).
+_SCIENTIFIC_RE = re.compile(rf"([+-]?)\s*({_MANTISSA})\s*(?:\\times|\\cdot|\u00d7)\s*10\s*\^\s*"
+                            r"(?:\{\s*([+-]?)\s*([0-9]{1,3})\s*\}|([0-9]))")
 # The denominator's sign and its spaces are one optional group: `\s*([+-]?)\s*` split a run of spaces between its
 # two \s* in every way, quadratic on "1/" and 20k spaces (12 s, on the main thread, no deadline).
 _RATIO_RE = re.compile(r"([+-]?)\s*([0-9]+)\s*/\s*(?:([+-])\s*)?([0-9]+)")
@@ -122,6 +126,10 @@ def _as_number(s: str) -> Optional[Fraction]:
         if m:
             sign, digits, exp = m.groups()
             return Fraction(sign + digits.replace(",", "") + (f"e{exp}" if exp else ""))
+        m = _SCIENTIFIC_RE.fullmatch(s)
+        if m:
+            sign, digits, exp_sign, exp, one_digit_exp = m.groups()
+            return Fraction(f"{sign}{digits.replace(',', '')}e{exp_sign or ''}{exp or one_digit_exp}")
         m = _RATIO_RE.fullmatch(s)
         if m:
             value = Fraction(int(m.group(2)), int(m.group(4)))
@@ -304,12 +312,19 @@ def answers_match(predicted: str, gold: str) -> bool:
     return _math_verify_match(_as_math_verify_number(predicted, a), _as_math_verify_number(gold, b))
 
 
+_EXPONENT_RE = re.compile(r"(?<=[0-9.])[eE]([+-]?[0-9]{1,3})(?![0-9])")
+
+
 def _as_math_verify_number(s: str, value: Optional[Fraction]) -> str:
     """`s` for math-verify: a number read through a separator or as a mixed number (`_as_number`) is given as its
     value, which math-verify cannot misread: it read `1 000` and `1\\,000` as 1*000 and `1\u00a0005` as 5, so
-    against a gold 1 000 any expression worth 0 scored 1 (a plain number was already compared by value)."""
-    if value is None or not (_GROUP_SEP_RE.search(s) or _HOLDS_MIXED_RE.search(s)):
+    against a gold 1 000 any expression worth 0 scored 1 (a plain number was already compared by value). A number's
+    exponent is given as LaTeX: math-verify read `6.02e23` as 6.02*e*23, and `6.02 \\times 10^{23}` against it scored 0
+    (as the exact value, it differed from 6.02 * 10**23 in floating point)."""
+    if value is None:
         return s
+    if not (_GROUP_SEP_RE.search(s) or _HOLDS_MIXED_RE.search(s)):
+        return _EXPONENT_RE.sub(r" \\times 10^{\1}", s)
     sign, value = ("-" if value < 0 else ""), abs(value)
     if value.denominator == 1:
         return f"{sign}{value.numerator}"
