@@ -665,6 +665,16 @@ def test_scientific_notation_is_a_number(with_math_verify):
         assert _accuracy("1.5e-3", "\\frac{3}{2000}") == _accuracy("\\frac{3}{2000}", "1.5e-3") == 1.0
 
 
+def test_a_percentage_is_its_number_or_its_hundredth(with_math_verify):
+    # math-verify takes 50\\% for 50 and for 0.5, but a fraction of a percent for its hundredth only: the right answer
+    # 12.5\\% scored 0 against the gold 12.5 (and without math-verify 50% against 50 too)
+    for a, b in (("12.5\\%", "12.5"), ("12.5%", "0.125"), ("$12.5\\%$", "12.5"), ("12.5 \\%", "12.5"), ("50%", "50"),
+                 ("50%", "0.5"), ("50%", "50.0\\%")):
+        assert _accuracy(a, b) == _accuracy(b, a) == 1.0, (a, b)
+    for a, b in (("12.5\\%", "12.6"), ("50%", "5"), ("12.5%", "1.25"), ("%", "5"), ("12.5%", "13%")):
+        assert _accuracy(a, b) == _accuracy(b, a) == 0.0, (a, b)
+
+
 def test_a_huge_power_off_the_main_thread_is_refused_not_computed():
     # sympy computed 2^{10^{100}} with one int pow holding the GIL: off the main thread (where math-verify
     # has no time limit) the reward call, and every other thread of the process, never came back

@@ -281,6 +281,28 @@ def _leading_relation(s: str) -> tuple[Optional[str], str]:
     return _RELATION_SIGN.get(sign, sign), core[m.end():]
 
 
+def _same_number(a: Fraction, b: Fraction, predicted: str, gold: str) -> bool:
+    """a == b, to 1e-12 when either answer is written with a float's worth of digits (_float_repr). Compared as
+    fractions: float() of a value past float's range (a model's 123456789012345e400) raised OverflowError, which
+    failed the whole batch's reward call."""
+    if a == b:
+        return True
+    return (_float_repr(predicted) or _float_repr(gold)) and abs(a - b) <= _FLOAT_REL_TOL * max(abs(a), abs(b))
+
+
+def _percentage(s: str) -> Optional[Fraction]:
+    """The number of percent of an answer that is a number and a percent sign (12.5%, 12.5\\%, $50\\%$), else None.
+    Against a plain number it is both that number and its hundredth, as math-verify takes 50\\% for 50 and 0.5; but
+    it does so for whole numbers only, and the right answer 12.5\\% scored 0 against the gold 12.5."""
+    s = s.strip()
+    if len(s) > 1 and s[0] == "$" and s[-1] == "$":
+        s = s[1:-1].rstrip()
+    if not s.endswith("%"):
+        return None
+    s = s[:-1]
+    return _as_number(s[:-1] if s.endswith("\\") else s)
+
+
 def answers_match(predicted: str, gold: str) -> bool:
     """Exact text match, then numeric match (1/2 == 0.5, 1,000 == 1000; a float-length decimal equals
     what it approximates to 1e-12), then math-verify when installed. Markdown around a whole answer is
@@ -297,11 +319,14 @@ def answers_match(predicted: str, gold: str) -> bool:
         return True
     a, b = _as_number(predicted), _as_number(gold)
     if a is not None and b is not None:
-        if a == b:
-            return True
-        # compared as fractions: float() of a value past float's range (a model's 123456789012345e400)
-        # raised OverflowError, which failed the whole batch's reward call
-        return (_float_repr(predicted) or _float_repr(gold)) and abs(a - b) <= _FLOAT_REL_TOL * max(abs(a), abs(b))
+        return _same_number(a, b, predicted, gold)
+    percent_a, percent_b = _percentage(predicted), _percentage(gold)
+    if percent_a is not None and percent_b is not None:
+        return _same_number(percent_a, percent_b, predicted, gold)
+    if percent_a is not None and b is not None:
+        return _same_number(percent_a, b, predicted, gold) or _same_number(percent_a / 100, b, predicted, gold)
+    if percent_b is not None and a is not None:
+        return _same_number(a, percent_b, predicted, gold) or _same_number(a, percent_b / 100, predicted, gold)
     if _variables_differ_in_case(predicted, gold):   # which math-verify does not tell apart
         return False
     try:
