@@ -1610,6 +1610,15 @@ def test_language_reward_counts_english_spelled_one_chinese_character_apart():
     assert make_language_reward("ja")(None, ["<think>aとbとcとdの和</think>"]) == [1.0]
 
 
+def test_language_reward_reads_indexed_points_as_math():
+    # the B1 of 正方体ABCD-A1B1C1D1 (a capital between the same digits) read as a letter of a word spelled out like t1h1e:
+    # a cube or prism problem, named so in every line of Chinese solid geometry, scored 0.75 and 0.89 for zh
+    zh = make_language_reward("zh")
+    solid = ["在正方体ABCD-A1B1C1D1中，求证：B1D⊥平面A1C1D。", "在直三棱柱ABC-A1B1C1中，AA1⊥平面ABC，AB=AC=2。"]
+    assert zh(None, [f"<think>{t}</think>" for t in solid]) == [1.0, 1.0]
+    assert zh(None, ["<think>中 t1h1e1 q1u1i1c1k</think>"]) == [pytest.approx(1 / 5)]   # lower case still spells
+
+
 def test_language_reward_reads_a_polygon_of_five_or_more_vertices_as_math():
     # 五边形ABCDE scored 0.58 for zh and 正六边形ABCDEF 0.45: past four capitals every run counted as English. A run of
     # consecutive letters names a polygon (no English word is one); other long capitals (QUICK) still count.
