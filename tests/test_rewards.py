@@ -1619,6 +1619,18 @@ def test_language_reward_reads_indexed_points_as_math():
     assert zh(None, ["<think>中 t1h1e1 q1u1i1c1k</think>"]) == [pytest.approx(1 / 5)]   # lower case still spells
 
 
+def test_language_reward_reads_a_product_of_variables_as_math():
+    # two or three small letters written tight against a digit or an operator were a word: 设a、b、c为正实数，且abc=1 scored
+    # 0.73 for zh, 函数y=kx+b 0.87, 求a+b+cd的值 0.89
+    zh = make_language_reward("zh")
+    products = ["设a、b、c为正实数，且abc=1，证明a+b+c≥3。", "函数y=kx+b的图像经过点(1,2)。", "已知a与b互为相反数，求a+b+cd的值。",
+                "求2ab的值。", "所以 ab=2，bc=3。", "由xy=1得y=1/x。", "由 v=at 与 F=ma 得"]
+    assert zh(None, [f"<think>{t}</think>" for t in products]) == [1.0] * len(products)
+    # words apart from math, or listed, still count
+    words = ["我们 need to 计算 x=2", "中 the=1 and+2"]
+    assert [round(v, 3) for v in zh(None, [f"<think>{t}</think>" for t in words])] == [0.4, 0.143]
+
+
 def test_language_reward_reads_a_polygon_of_five_or_more_vertices_as_math():
     # 五边形ABCDE scored 0.58 for zh and 正六边形ABCDEF 0.45: past four capitals every run counted as English. A run of
     # consecutive letters names a polygon (no English word is one); other long capitals (QUICK) still count.

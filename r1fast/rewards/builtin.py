@@ -756,6 +756,17 @@ def _interleaved_word_runs(text: str, runs: _Runs) -> set[int]:
     return found
 
 
+def _is_product(text: str, start: int, n: int) -> bool:
+    """Whether the run text[start:start+n] is a product of variables written tight against a digit or an operator
+    (2ab, abc=1, y=kx+b, a+b+cd): two or three small Latin letters, none of _SPELLED_WORDS (the=, and+ stay English).
+    Read as words, they cut Chinese chains of thought to 0.73 (设a、b、c为正实数，且abc=1) or 0.87 (y=kx+b)."""
+    run = text[start:start + n]
+    if not (2 <= n <= 3 and run.isascii() and run.islower() and run not in _SPELLED_WORDS):
+        return False
+    beside = [text[j] for j in (start - 1, start + n) if 0 <= j < len(text)]
+    return any(ch.isdigit() or ch in "+-*/^_" or unicodedata.category(ch) == "Sm" for ch in beside)
+
+
 def _spelled_out(text: str, runs: _Runs, k: int) -> bool:
     """Whether the lone letter of runs[k] has lone Latin letters close by on both sides: a word spelled out with marks
     between its letters (`t1h1e`, `t_h_e`, `(t)(h)(e)`), which every one of them beside math (_is_variable)
@@ -808,7 +819,8 @@ def _language_evidence(body: str, scripts: tuple[str, ...]) -> list[bool]:
     for k, (start, n, in_target, _) in enumerate(runs):
         a_variable = (in_target is False and n == 1 and _is_variable(text, start, scripts)
                       and not _spelled_out(text, runs, k) and k not in interleaved)
-        if in_target is False and not a_variable and _is_point_name(text, start, n, scripts):
+        if in_target is False and not a_variable and (_is_point_name(text, start, n, scripts)
+                                                       or _is_product(text, start, n)):
             continue
         if in_target is not None and not a_variable:
             evidence.extend([in_target] * n)
