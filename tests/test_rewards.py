@@ -642,6 +642,10 @@ def test_a_relation_sign_before_a_number_is_not_the_number(with_math_verify):
     for wrong in ("\\neq 5", "≠5", "\\ne 5", "$\\neq 5$", "\\leq 5", "\\geq 5", "≤ 5", "\\lt 5", "\\gt 5", "<5", ">= 5"):
         assert _accuracy(wrong, "5") == 0.0 and _accuracy("5", wrong) == 0.0, wrong
     assert _accuracy("\\lt 5", "\\le 5") == 0.0 and _accuracy("\\ge 5", "\\le 5") == 0.0
+    # negated and other order relations too (math-verify dropped them as well)
+    for wrong in ("\\ngeq 5", "\\nleq 5", "\\not< 5", "\\not\\le 5", "\\ll 5", "\\gg 5", "≮5", "\\geqq 5"):
+        assert _accuracy(wrong, "5") == 0.0, wrong
+    assert _accuracy("\\leqq 5", "\\le 5.0") == 1.0 and _accuracy("\\not\\leq 5", "\\nleq 5") == 1.0
     # `=` states the value; the same relation before equal values is one answer; <1,2> holds angle brackets
     for right, gold in (("\\le 5", "≤ 5.0"), ("\\leqslant 5", "\\leq 5"), ("\\lt 5", "<5"),
                         ("<= 5", "\\le 5"), ("\\neq 5", "≠5"), ("<1,2>", "<1,2>")):

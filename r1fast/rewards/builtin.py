@@ -259,13 +259,19 @@ def _as_latex(s: str) -> str:
     return "".join(_UNICODE_SYMBOLS.get(ch, ch) for ch in s).strip()
 
 
-# A relation sign that opens an answer (≠5, \\neq 5, \\leq 5, < 5): math-verify drops it and reads the number alone, so
-# `\\neq 5` and `\\geq 5` scored 1 against the gold 5. `=` is none: `=5` and `x = 5` state the value.
-_LEADING_RELATION_RE = re.compile(r"\s*(\\(?:neq?|leq?|geq?|leqslant|geqslant|lt|gt)(?![A-Za-z])|\\not\s*=|[<>!]="
-                                  r"|[<>\u2260\u2264\u2265\u2a7d\u2a7e\u2266\u2267])\s*")
-_RELATION_SIGN = {"\\ne": "≠", "\\neq": "≠", "\\not=": "≠", "!=": "≠", "\\le": "≤", "\\leq": "≤", "\\leqslant": "≤",
-                  "<=": "≤", "\u2a7d": "≤", "\u2266": "≤", "\\ge": "≥", "\\geq": "≥", "\\geqslant": "≥", ">=": "≥",
-                  "\u2a7e": "≥", "\u2267": "≥", "\\lt": "<", "\\gt": ">"}
+# A relation sign that opens an answer (≠5, \\neq 5, \\leq 5, < 5, \\ngeq 5, \\not< 5, \\ll 5): math-verify drops it and reads
+# the number alone, so `\\neq 5` and `\\geq 5` scored 1 against the gold 5. `=` is none: `=5` and `x = 5` state the value,
+# nor are \\approx, \\to or \\Rightarrow (≈ 5, → 5 give the value too).
+_LEADING_RELATION_RE = re.compile(
+    r"\s*(\\(?:neq?|leq?q?|geq?q?|leqslant|geqslant|lt|gt|ngeq|nleq|ngtr|nless|ll|gg)(?![A-Za-z])"
+    r"|\\not\s*(?:[=<>]|\\(?:leq?|geq?|lt|gt)(?![A-Za-z]))|[<>!]=|[<>\u2260\u2264\u2265\u2a7d\u2a7e\u2266\u2267\u226e-\u2271\u226a\u226b])\s*")
+_RELATION_SIGN = {
+    "\\ne": "≠", "\\neq": "≠", "\\not=": "≠", "!=": "≠",
+    "\\le": "≤", "\\leq": "≤", "\\leqq": "≤", "\\leqslant": "≤", "<=": "≤", "\u2a7d": "≤", "\u2266": "≤",
+    "\\ge": "≥", "\\geq": "≥", "\\geqq": "≥", "\\geqslant": "≥", ">=": "≥", "\u2a7e": "≥", "\u2267": "≥",
+    "\\lt": "<", "\\gt": ">", "\\ll": "≪", "\\gg": "≫",
+    "\\nless": "≮", "\\not<": "≮", "\\not\\lt": "≮", "\\ngtr": "≯", "\\not>": "≯", "\\not\\gt": "≯",
+    "\\nleq": "≰", "\\not\\le": "≰", "\\not\\leq": "≰", "\\ngeq": "≱", "\\not\\ge": "≱", "\\not\\geq": "≱"}
 
 
 def _leading_relation(s: str) -> tuple[Optional[str], str]:
