@@ -1643,6 +1643,11 @@ def test_language_reward_reads_a_polygon_of_five_or_more_vertices_as_math():
     assert zh(None, [f"<think>{t}</think>" for t in polygons[:2]]) == [1.0, 1.0]
     assert make_language_reward("ru")(None, [f"<think>{polygons[2]}</think>"]) == [1.0]
     assert zh(None, ["<think>中QUICK中</think>", "<think>中T_H_E中</think>"]) == [2 / 7, 2 / 3]
+    # a prism's two faces without a hyphen (ABCDA1B1C1D1): its fifth letter is the vertex A1 (0.85 for ru, 0.5 for zh)
+    prisms = ["В кубе ABCDA1B1C1D1 найдите угол между прямыми.", "В кубе ABCDA'B'C'D' найдите угол.",
+              "В призме ABCDEA1B1C1D1E1 все рёбра равны."]
+    assert make_language_reward("ru")(None, [f"<think>{t}</think>" for t in prisms]) == [1.0] * 3
+    assert zh(None, ["<think>在正方体ABCDA1B1C1D1中</think>", "<think>中QUICKS1中</think>"]) == [1.0, 0.25]
 
 
 def test_language_reward_reads_bare_function_names_as_math():

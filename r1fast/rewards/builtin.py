@@ -710,7 +710,12 @@ def _is_point_name(text: str, start: int, n: int, scripts: tuple[str, ...]) -> b
     words), nor one of _CAPITAL_WORDS (WAIT，). Chinese geometry names every triangle so: its letters scored 在△ABC中
     0.4 for zh."""
     run = text[start:start + n]
-    if not (run.isupper() and _in_script(run[0], ("LATIN",)) and (2 <= n <= 4 or (n > 4 and run in _ALPHABET))):
+    # a prism's or a cube's two faces written without a hyphen (Russian куб ABCDA1B1C1D1, 正方体ABCDA1B1C1D1): the last
+    # letter is the indexed vertex A1, and ABCDA (five letters, not in order) read as English: 0.85 for ru, 0.5 for zh
+    indexed_last = start + n < len(text) and (text[start + n].isdigit() or text[start + n] in _PRIMES)
+    polygon = run[:-1] if indexed_last and n > 4 else run
+    if not (run.isupper() and _in_script(run[0], ("LATIN",))
+            and (2 <= len(polygon) <= 4 or (len(polygon) > 4 and polygon in _ALPHABET))):
         return False
     if run in _CAPITAL_WORDS:
         return False
