@@ -1635,6 +1635,15 @@ def test_language_reward_reads_a_product_of_variables_as_math():
     assert [round(v, 3) for v in zh(None, [f"<think>{t}</think>" for t in words])] == [0.4, 0.143]
 
 
+def test_language_reward_reads_a_greek_delta_before_letters_as_a_sign():
+    # Δ (Greek) and the Latin letters after it were one run outside zh, a word: 所以ΔABC是等腰三角形 scored 0.67, ΔABC≌ΔDEF
+    # 0.2, Δx=2 0.5; Δ there is a triangle's or an increment's sign
+    zh = make_language_reward("zh")
+    signs = ["所以ΔABC是等腰三角形", "所以ΔABC≌ΔDEF", "所以Δx=2", "由Δt→0得"]
+    assert zh(None, [f"<think>{t}</think>" for t in signs]) == [1.0] * len(signs)
+    assert zh(None, ["<think>中 ΔTHE 中</think>", "<think>中 Δthe 中</think>"]) == [0.4, 0.4]   # words still count
+
+
 def test_language_reward_reads_a_polygon_of_five_or_more_vertices_as_math():
     # 五边形ABCDE scored 0.58 for zh and 正六边形ABCDEF 0.45: past four capitals every run counted as English. A run of
     # consecutive letters names a polygon (no English word is one); other long capitals (QUICK) still count.
