@@ -1628,7 +1628,8 @@ def test_language_reward_reads_a_product_of_variables_as_math():
     # 0.73 for zh, 函数y=kx+b 0.87, 求a+b+cd的值 0.89
     zh = make_language_reward("zh")
     products = ["设a、b、c为正实数，且abc=1，证明a+b+c≥3。", "函数y=kx+b的图像经过点(1,2)。", "已知a与b互为相反数，求a+b+cd的值。",
-                "求2ab的值。", "所以 ab=2，bc=3。", "由xy=1得y=1/x。", "由 v=at 与 F=ma 得"]
+                "求2ab的值。", "所以 ab=2，bc=3。", "由xy=1得y=1/x。", "由 v=at 与 F=ma 得",
+                "在等比数列{an}中，a1=2，q=3。", "数列{an}与{bn}满足"]   # plain text's a_n: 0.75
     assert zh(None, [f"<think>{t}</think>" for t in products]) == [1.0] * len(products)
     # words apart from math, or listed, still count
     words = ["我们 need to 计算 x=2", "中 the=1 and+2"]

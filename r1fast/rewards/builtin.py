@@ -769,12 +769,15 @@ def _interleaved_word_runs(text: str, runs: _Runs) -> set[int]:
 
 def _is_product(text: str, start: int, n: int) -> bool:
     """Whether the run text[start:start+n] is a product of variables written tight against a digit or an operator
-    (2ab, abc=1, y=kx+b, a+b+cd): two or three small Latin letters, none of _SPELLED_WORDS (the=, and+ stay English).
-    Read as words, they cut Chinese chains of thought to 0.73 (设a、b、c为正实数，且abc=1) or 0.87 (y=kx+b)."""
+    (2ab, abc=1, y=kx+b, a+b+cd), or an indexed sequence in plain text's braces (数列{an}, for a_n): two or three small
+    Latin letters, none of _SPELLED_WORDS (the=, and+ stay English). Read as words, they cut Chinese chains of thought to
+    0.73 (设a、b、c为正实数，且abc=1), 0.87 (y=kx+b) or 0.75 (在等比数列{an}中，a1=2)."""
     run = text[start:start + n]
     if not (2 <= n <= 3 and run.isascii() and run.islower() and run not in _SPELLED_WORDS):
         return False
     beside = [text[j] for j in (start - 1, start + n) if 0 <= j < len(text)]
+    if beside == ["{", "}"]:
+        return True
     return any(ch.isdigit() or ch in "+-*/^_" or unicodedata.category(ch) == "Sm" for ch in beside)
 
 
