@@ -646,6 +646,10 @@ def test_a_relation_sign_before_a_number_is_not_the_number(with_math_verify):
     for wrong in ("\\ngeq 5", "\\nleq 5", "\\not< 5", "\\not\\le 5", "\\ll 5", "\\gg 5", "≮5", "\\geqq 5"):
         assert _accuracy(wrong, "5") == 0.0, wrong
     assert _accuracy("\\leqq 5", "\\le 5.0") == 1.0 and _accuracy("\\not\\leq 5", "\\nleq 5") == 1.0
+    # inside a \\boxed{} too, alone or after prose: math-verify reads the box
+    for wrong in ("$\\boxed{\\neq 5}$", "The answer is \\boxed{\\ge 5}.", "\\boxed{\\boxed{\\ne 5}}"):
+        assert _accuracy(wrong, "5") == 0.0, wrong
+    assert _accuracy("so \\boxed{\\le 5}", "\\leq 5") == 1.0
     # `=` states the value; the same relation before equal values is one answer; <1,2> holds angle brackets
     for right, gold in (("\\le 5", "≤ 5.0"), ("\\leqslant 5", "\\leq 5"), ("\\lt 5", "<5"),
                         ("<= 5", "\\le 5"), ("\\neq 5", "≠5"), ("<1,2>", "<1,2>")):

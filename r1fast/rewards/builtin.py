@@ -100,12 +100,9 @@ _WRAPPED_RE = re.compile(r"\\boxed\s*\{(.*)\}|\{(.*)\}|\\\((.*)\\\)|\\\[(.*)\\\]
 _GROUP_SEP_RE = re.compile(r"(?<=[0-9])(?:\{,\}|,\\!|\\[,;: ]|~| |\u00a0|\u2009|\u202f)(?=[0-9]{3}(?![0-9]))")
 
 
-def _as_number(s: str) -> Optional[Fraction]:
-    """A plain number: an integer, a decimal (optionally with a short exponent), a ratio of integers, or a
-    mixed number (2 3/4, a proper fraction after the whole); a comma only as a thousands separator (1,000 but
-    not 1,5, a list to math-verify), as are LaTeX's and a space's (1\\,000, 1 000: _GROUP_SEP_RE).
-    `$…$`, `\\(…\\)`, `\\[…\\]`, `\\boxed{…}` and `{…}` around it, and a dollar sign before it, are removed."""
-    s = s.strip().replace("\u2212", "-")
+def _unwrapped(s: str) -> str:
+    """`s` without `$…$`, `\\(…\\)`, `\\[…\\]`, `\\boxed{…}` and `{…}` around all of it (four deep at most)."""
+    s = s.strip()
     for _ in range(4):
         if len(s) > 1 and s[0] == "$" and s[-1] == "$":
             s = s.strip("$").strip()
@@ -114,6 +111,15 @@ def _as_number(s: str) -> Optional[Fraction]:
         if m is None:
             break
         s = next(g for g in m.groups() if g is not None).strip()
+    return s
+
+
+def _as_number(s: str) -> Optional[Fraction]:
+    """A plain number: an integer, a decimal (optionally with a short exponent), a ratio of integers, or a
+    mixed number (2 3/4, a proper fraction after the whole); a comma only as a thousands separator (1,000 but
+    not 1,5, a list to math-verify), as are LaTeX's and a space's (1\\,000, 1 000: _GROUP_SEP_RE).
+    `$…$`, `\\(…\\)`, `\\[…\\]`, `\\boxed{…}` and `{…}` around it, and a dollar sign before it, are removed."""
+    s = _unwrapped(s.strip().replace("\u2212", "-"))
     s = s.rstrip(".,").strip()   # a sentence's full stop or comma
     s = _MONEY_RE.sub(r"\1", s)   # "$18", "-\\$5": GSM8K answers; math-verify reads them as the number too
     try:
@@ -275,11 +281,13 @@ _RELATION_SIGN = {
 
 
 def _leading_relation(s: str) -> tuple[Optional[str], str]:
-    """The relation sign `s` opens with (as one of ≠ < > ≤ ≥; None without one) and what follows it, inside `$…$`
-    too. A `<` of `<1, 2>` is an angle bracket."""
-    core = s.strip()
-    if len(core) > 1 and core[0] == "$" and core[-1] == "$":
-        core = core[1:-1]
+    """The relation sign `s` opens with (as one of ≠ < > ≤ ≥...; None without one) and what follows it, inside `$…$` or
+    `\\boxed{}` too, or opening the last `\\boxed{}` of a longer answer, which is what math-verify reads (`so
+    \\boxed{\\neq 5}` scored 1 against 5). A `<` of `<1, 2>` is an angle bracket."""
+    core = _unwrapped(s)
+    boxed = _last_boxed(core)
+    if boxed is not None:
+        core = boxed.strip()
     m = _LEADING_RELATION_RE.match(core)
     if m is None or (m.group(1) == "<" and core.rstrip().endswith(">")):
         return None, s
