@@ -305,12 +305,10 @@ def _same_number(a: Fraction, b: Fraction, predicted: str, gold: str) -> bool:
 
 
 def _percentage(s: str) -> Optional[Fraction]:
-    """The number of percent of an answer that is a number and a percent sign (12.5%, 12.5\\%, $50\\%$), else None.
-    Against a plain number it is both that number and its hundredth, as math-verify takes 50\\% for 50 and 0.5; but
+    """The number of percent of an answer that is a number and a percent sign (12.5%, 12.5\\%, $50\\%$, \\boxed{50\\%}),
+    else None. Against a plain number it is both that number and its hundredth, as math-verify takes 50\\% for 50 and 0.5; but
     it does so for whole numbers only, and the right answer 12.5\\% scored 0 against the gold 12.5."""
-    s = s.strip()
-    if len(s) > 1 and s[0] == "$" and s[-1] == "$":
-        s = s[1:-1].rstrip()
+    s = _unwrapped(s)
     if not s.endswith("%"):
         return None
     s = s[:-1]
