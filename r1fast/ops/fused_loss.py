@@ -51,21 +51,13 @@ def single_pass_chunk(vocab: int, device: torch.device) -> int:
     return max(1, budget // (_BYTES_PER_LOGIT.get(device.type, 16) * vocab))
 
 
-def _packed_positions(cu_seqlens, n):
-    """(row, position) of every packed token, the longest sequence and the sequence count, from cu_seqlens."""
+def _checked_cu_seqlens(cu_seqlens):
+    """cu_seqlens as int64, after the checks that read no device value."""
     if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"{OP}: cu_seqlens must be an int32/int64 tensor")
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
         raise ValueError(f"{OP}: cu_seqlens must be [S+1] with S >= 1, got shape {tuple(cu_seqlens.shape)}")
-    cu = cu_seqlens.long()
-    lens = cu[1:] - cu[:-1]
-    first, last, shortest, longest = torch.stack([cu[0], cu[-1], lens.min(), lens.max()]).tolist()  # one host sync
-    if first != 0 or last != n or shortest < 0:
-        raise ValueError(f"{OP}: cu_seqlens must start at 0, be non-decreasing and end at the token count {n}, "
-                         f"got {cu.tolist()[:8]}{'...' if cu.numel() > 8 else ''}")
-    tok = torch.arange(n, device=cu.device)
-    row = torch.searchsorted(cu[1:], tok, right=True)
-    return row, tok - cu[row], max(longest, 1), lens.numel()
+    return cu_seqlens.long()
 
 
 class _Layout:
@@ -73,35 +65,56 @@ class _Layout:
 
     def __init__(self, targets, mask, cu_seqlens):
         n = targets.numel()
+        active = mask.reshape(-1).bool()
         if cu_seqlens is not None:
             if targets.dim() != 1:
                 raise ValueError(f"{OP}: with cu_seqlens, hidden must be [N, H] and targets [N], got targets "
                                  f"{tuple(targets.shape)}")
-            row, pos, t_max, rows = _packed_positions(cu_seqlens, n)
-            self.shape2d = (rows, t_max)
+            cu = _checked_cu_seqlens(cu_seqlens)
+            lens = cu[1:] - cu[:-1]
+            # active tokens per sequence, between boundaries clamped into [0, n]: bad ones index nothing out of
+            # range before they are read (and refused) below
+            ends = torch.cat([cu.new_zeros(1), active.long().cumsum(0)])
+            bounds = cu.clamp(0, n)
+            counts = ends[bounds[1:]] - ends[bounds[:-1]]
+            head = [cu[0], cu[-1], lens.min(), lens.max()]
         else:
             if targets.dim() != 2:
                 raise ValueError(f"{OP}: the padded layout needs hidden [B, T, H] and targets [B, T], got targets "
                                  f"{tuple(targets.shape)} (pass cu_seqlens for a packed [N, H] layout)")
+            counts = active.reshape(targets.shape).sum(-1)
+            head = []
+        # the targets' range at active tokens (padding ids such as -100 elsewhere are never read)
+        flat, big = targets.reshape(-1), torch.iinfo(targets.dtype).max
+        t_range = [torch.where(active, flat, big).min(), torch.where(active, flat, -big).max()] if n else \
+            [counts.new_zeros(()), counts.new_zeros(())]
+        # Everything the host needs read in one sync: the boundaries' checks, the targets' range and the tokens
+        # per row (the chunk plan). Each read apart was a sync of its own, four per call.
+        host = torch.cat([torch.stack(head + t_range).to(counts.dtype), counts]).tolist()
+        if cu_seqlens is not None:
+            first, last, shortest, longest = host[:4]
+            if first != 0 or last != n or shortest < 0:
+                raise ValueError(f"{OP}: cu_seqlens must start at 0, be non-decreasing and end at the token count {n}, "
+                                 f"got {cu.tolist()[:8]}{'...' if cu.numel() > 8 else ''}")
+            tok = torch.arange(n, device=cu.device)
+            row = torch.searchsorted(cu[1:], tok, right=True)
+            pos = tok - cu[row]
+            self.shape2d = (lens.numel(), max(longest, 1))
+        else:
             self.shape2d = tuple(targets.shape)
             flat = torch.arange(n, device=targets.device)
             row, pos = flat // self.shape2d[1], flat % self.shape2d[1]
+        self.target_range = tuple(host[len(head):len(head) + 2]) if n else None
         self.packed = cu_seqlens is not None
-        active = mask.reshape(-1).bool()
-        self.all_active = bool(active.all())
+        self._row_counts_host = host[len(head) + 2:]
+        self.all_active = sum(self._row_counts_host) == n
         self.idx = None if self.all_active else active.nonzero().squeeze(-1)
         self.row = row if self.all_active else row[self.idx]
         self.pos = pos if self.all_active else pos[self.idx]
-        # tokens per row: `row` is non-decreasing (rows one after another), so where each row starts counts them;
-        # torch.bincount read the device twice on a GPU (its input's min and max) for the same numbers
-        bounds = torch.searchsorted(self.row, torch.arange(self.shape2d[0] + 1, device=self.row.device))
-        self.row_counts = bounds[1:] - bounds[:-1]
-        self._row_counts_host = None
+        self.row_counts = counts
 
     def row_counts_host(self) -> list[int]:
-        """row_counts as a list (read from the device once: the chunk plan and the single pass both need it)."""
-        if self._row_counts_host is None:
-            self._row_counts_host = self.row_counts.tolist()
+        """row_counts as a list (read with the layout's one sync: the chunk plan and the single pass both need it)."""
         return self._row_counts_host
 
     def active(self, flat):
@@ -496,7 +509,7 @@ def _fused_linear_grpo_loss(hidden, weight, targets, mask, advantages, *, old_lo
                          f"{tuple(advantages.shape) if isinstance(advantages, torch.Tensor) else advantages!r}")
     t_act = lay.active(targets.reshape(-1))
     if t_act.numel():
-        lo, hi = torch.stack(torch.aminmax(t_act)).tolist()  # one host sync
+        lo, hi = lay.target_range
         if lo < 0 or hi >= weight.shape[0]:
             raise ValueError(f"{OP}: targets at active tokens must lie in [0, {weight.shape[0]}) (the vocabulary), "
                              f"got min {lo}, max {hi}")
