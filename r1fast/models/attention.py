@@ -104,7 +104,8 @@ def check_prefix_of(prefix_of, packed: PackedBatch) -> PackedBatch:
     return dataclasses.replace(packed, prefix_of=list(prefix_of), _mask=None, _keys=None)
 
 
-def check_cu_seqlens(cu_seqlens: torch.Tensor, num_tokens: int, device: torch.device) -> PackedBatch:
+def check_cu_seqlens_form(cu_seqlens: torch.Tensor, device: torch.device) -> None:
+    """The checks of cu_seqlens that read none of its values: type, dtype, shape, device."""
     if not isinstance(cu_seqlens, torch.Tensor):
         raise TypeError(f"cu_seqlens must be a tensor, got {type(cu_seqlens).__name__}")
     if cu_seqlens.dtype not in (torch.int32, torch.int64) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
@@ -112,7 +113,13 @@ def check_cu_seqlens(cu_seqlens: torch.Tensor, num_tokens: int, device: torch.de
                          f"shape {tuple(cu_seqlens.shape)}")
     if cu_seqlens.device != device:
         raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but input_ids on {device}")
-    host = cu_seqlens.tolist()
+
+
+def check_cu_seqlens(cu_seqlens: torch.Tensor, num_tokens: int, device: torch.device,
+                     host: list[int] | None = None) -> PackedBatch:
+    """`host`: cu_seqlens' values where the caller read them already (with its own reads, in one sync)."""
+    check_cu_seqlens_form(cu_seqlens, device)
+    host = cu_seqlens.tolist() if host is None else host
     if host[0] != 0 or host[-1] != num_tokens:
         raise ValueError(f"cu_seqlens must start at 0 and end at the token count {num_tokens}, "
                          f"got first {host[0]} last {host[-1]}")

@@ -13,8 +13,8 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
-from r1fast.models.attention import (PackedBatch, check_cu_seqlens, check_prefix_of, packed_from_lengths,
-                                     packed_from_positions, positions_of, varlen_causal_attention)
+from r1fast.models.attention import (PackedBatch, check_cu_seqlens, check_cu_seqlens_form, check_prefix_of,
+                                     packed_from_lengths, packed_from_positions, positions_of, varlen_causal_attention)
 from r1fast.models.config import ModelConfig
 from r1fast.models.linear import Linear
 from r1fast.models.rotary import RotaryEmbedding
@@ -242,10 +242,15 @@ class CausalLM(nn.Module):
         if input_ids.device != device:
             raise ValueError(f"input_ids are on {input_ids.device} but the model is on {device}")
         t = input_ids.shape[0]
+        if cu_seqlens is not None:
+            check_cu_seqlens_form(cu_seqlens, device)
+        cu_host = None
         if attn is None:
             # The rollout engine (attn given) owns its ids; training batches are checked, since an
-            # out-of-range id is a device assert on CUDA.
-            lo, hi = torch.stack(torch.aminmax(input_ids)).tolist()  # one host sync
+            # out-of-range id is a device assert on CUDA. Read with the sequence boundaries, in one host sync
+            # (apart, each forward of a training micro-batch waited on the device twice).
+            reads = [torch.stack(torch.aminmax(input_ids)).long()] + ([] if cu_seqlens is None else [cu_seqlens.long()])
+            lo, hi, *cu_host = torch.cat(reads).tolist()
             if lo < 0 or hi >= self.config.vocab_size:
                 raise ValueError(f"input_ids must lie in [0, {self.config.vocab_size}), got min {lo} max {hi}")
         if position_ids is not None:
@@ -260,7 +265,7 @@ class CausalLM(nn.Module):
         if prefix_of is not None and (cu_seqlens is None or attn is not None):
             raise ValueError("prefix_of needs cu_seqlens (the packed sequences it refers to), and no attn")
         if cu_seqlens is not None:
-            packed = check_prefix_of(prefix_of, check_cu_seqlens(cu_seqlens, t, device))
+            packed = check_prefix_of(prefix_of, check_cu_seqlens(cu_seqlens, t, device, host=cu_host or None))
         elif attn is None:
             packed = packed_from_positions(position_ids) if position_ids is not None else \
                 packed_from_lengths([t], device)
