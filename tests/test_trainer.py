@@ -378,6 +378,32 @@ def test_reference_model_and_kl(tmp_path, temperature):
         assert tr.history[-1]["kl"] > 0.0
 
 
+def test_old_policy_and_reference_passes_run_only_when_needed_and_keep_no_graph(tmp_path):
+    """old_logp is computed only for a rollout trained more than once (else it is logp.detach(), LOSS_SPEC), the
+    reference's only with beta > 0, both forward-only. max_steps=3 at num_iterations=2 gives a last rollout of one
+    optimizer step, which still ran the old-policy pass (a forward of every micro-batch for a ratio of 1)."""
+    passes = []
+
+    def recording(tr):
+        forward_logp = tr._forward_logp
+
+        def record(model, batch):
+            out = forward_logp(model, batch)
+            passes.append(("old" if model is tr.model else "ref", tr.rollout_index, out.requires_grad))
+            return out
+        tr._forward_logp = record
+        return tr
+
+    small = dict(per_device_train_batch_size=8, max_completion_length=4, learning_rate=1e-3)
+    recording(make(tmp_path, "plain", max_steps=1, **small)).step()
+    assert passes == []
+    both = recording(make(tmp_path, "both", max_steps=3, num_iterations=2, beta=0.1, **small))
+    both.step()
+    both.step()
+    assert both.global_step == 3
+    assert passes == [("old", 0, False), ("ref", 0, False), ("ref", 1, False)]
+
+
 def test_bias_corrected_kl_reaches_the_loss(tmp_path):
     plain = make(tmp_path, "plain", max_steps=3, beta=0.5)
     weighted = make(tmp_path, "weighted", max_steps=3, beta=0.5, use_bias_correction_kl=True)

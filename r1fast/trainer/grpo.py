@@ -417,7 +417,10 @@ class GRPOTrainer:
                 sampler.append(host_tensor([x for i in idx for x in c_logp[i]], torch.float32, self.device))
             else:
                 sampler.append(None)
-        old = [self._forward_logp(self.model, b) if cfg.num_iterations > 1 else None for b in batches]
+        # max_steps counts optimizer steps: the last rollout stops there, as TRL's loop does
+        iterations = max(1, min(cfg.num_iterations, self.total_steps - self.global_step))
+        # one pass over the batch: the policy that sampled it is the one trained, old_logp = logp.detach() (LOSS_SPEC)
+        old = [self._forward_logp(self.model, b) if iterations > 1 else None for b in batches]
         ref = [self._forward_logp(self.ref_model, b) if self.ref_model is not None else None for b in batches]
         t_logp = time.perf_counter()
 
@@ -428,8 +431,6 @@ class GRPOTrainer:
         self.model.train()
         stats_acc: dict[str, float] = {}
         losses, grad_norms, t_loss, t_opt = [], [], 0.0, 0.0
-        # max_steps counts optimizer steps: the last rollout stops there, as TRL's loop does
-        iterations = max(1, min(cfg.num_iterations, self.total_steps - self.global_step))
         for _ in range(iterations):
             ta = time.perf_counter()
             self.optimizer.zero_grad(set_to_none=True)
