@@ -404,6 +404,42 @@ def test_old_policy_and_reference_passes_run_only_when_needed_and_keep_no_graph(
     assert passes == [("old", 0, False), ("ref", 0, False), ("ref", 1, False)]
 
 
+def test_a_step_never_builds_logits_of_every_token(tmp_path, monkeypatch):
+    """No tensor of a step is [tokens, vocab] (LOSS_SPEC: the fused path never materialises the logits): the
+    old-policy, reference and loss passes work in chunks of tokens, the rollout samples a row per sequence. The
+    chunk budgets are cut to 8 tokens here, so that a micro-batch's ~32 completion tokens would show."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    from r1fast.ops import fused_loss, logprob
+
+    tr = make(tmp_path, max_steps=2, num_iterations=2, beta=0.1, per_device_train_batch_size=8, max_completion_length=4)
+    vocab, chunk = tr.model.config.vocab_size, 8
+    assert tr.model.config.hidden_size != vocab
+    monkeypatch.setitem(fused_loss._SINGLE_PASS_BYTES, "cpu", chunk * fused_loss._BYTES_PER_LOGIT["cpu"] * vocab)
+    monkeypatch.setitem(logprob._CHUNK_BYTES, "cpu", chunk * 4 * vocab)
+    rows = []
+
+    class VocabWideOutputs(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            # views (w.T) and in-place results allocate nothing
+            inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs))
+                      if isinstance(t, torch.Tensor)}
+            for o in tree_leaves(out):
+                if isinstance(o, torch.Tensor) and o.dim() >= 2 and o.shape[-1] == vocab and \
+                        o.untyped_storage().data_ptr() not in inputs:
+                    rows.append((o.numel() // vocab, str(func)))
+            return out
+
+    with VocabWideOutputs():
+        m = tr.step()["metrics"]
+    tokens = 8 * m["completion_length"]
+    assert tokens > 2 * chunk
+    # the rollout's 8 sequences sample one [8, V] row each step; every training pass holds one chunk
+    assert rows and max(n for n, _ in rows) <= max(chunk, 8), sorted(rows)[-3:]
+
+
 def test_bias_corrected_kl_reaches_the_loss(tmp_path):
     plain = make(tmp_path, "plain", max_steps=3, beta=0.5)
     weighted = make(tmp_path, "weighted", max_steps=3, beta=0.5, use_bias_correction_kl=True)
