@@ -161,6 +161,28 @@ def test_a_packed_training_forward_reads_the_device_once(monkeypatch):
         model(ids, cu_seqlens=cu[:-1])
 
 
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_positions_and_shared_prefix_keys_reach_the_device_without_a_host_sync(device):
+    """Built from host lists in every training forward: torch.tensor(..., device="cuda") copies from pageable
+    memory after the stream drains (a host sync, behind the micro-batch before); a pinned copy queues instead."""
+    from r1fast.models.attention import check_cu_seqlens, check_prefix_of, positions_of
+
+    cu = torch.tensor([0, 5, 8, 9], dtype=torch.int32, device=device)
+    packed = check_prefix_of([-1, 0, 0], check_cu_seqlens(cu, 9, torch.device(device)))
+    if device == "cuda":
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        positions = positions_of(packed, device)
+        index, cu_k, k_lens, longest = packed.key_layout(device)
+    finally:
+        if device == "cuda":
+            torch.cuda.set_sync_debug_mode(0)
+    assert positions.tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 5] and positions.dtype == torch.int64
+    assert index.tolist() == [0, 1, 2, 3, 4] + [0, 1, 2, 3, 4, 5, 6, 7] + [0, 1, 2, 3, 4, 8]
+    assert cu_k.tolist() == [0, 5, 13, 19] and cu_k.dtype == torch.int32 and (k_lens, longest) == ([5, 8, 6], 8)
+    assert positions.device.type == index.device.type == cu_k.device.type == device
+
+
 def test_position_offsets_shift_rotary():
     # RoPE is relative: a uniform shift of the positions leaves the output unchanged, a gap does not.
     cfg = ModelConfig(**CONFIGS["qwen2-gqa2-untied"])

@@ -48,8 +48,8 @@ class PackedBatch:
                     index.append(torch.arange(starts[p], starts[p] + self.lengths[p]))
                 index.append(torch.arange(s, s + n))
                 k_lens.append(n + (self.lengths[p] if p >= 0 else 0))
-            cu_k = torch.tensor([0] + list(_cumsum(k_lens)), dtype=torch.int32, device=device)
-            self._keys = (torch.cat(index).to(device), cu_k, k_lens, max(k_lens))
+            cu_k = host_to_device(torch.tensor([0] + list(_cumsum(k_lens)), dtype=torch.int32), device)
+            self._keys = (host_to_device(torch.cat(index), device), cu_k, k_lens, max(k_lens))
         return self._keys
 
     def prefix_mask(self, device) -> torch.Tensor:
@@ -145,13 +145,21 @@ def packed_from_positions(position_ids: torch.Tensor) -> PackedBatch:
 
 def positions_of(packed: PackedBatch, device: torch.device) -> torch.Tensor:
     """Position of every token within its own sequence (after its prefix's, if it has one): int64 [T]."""
-    t = sum(packed.lengths)
-    starts = packed.cu_seqlens[:-1].to(torch.int64)
+    t, b = sum(packed.lengths), len(packed.lengths)
+    starts = packed.starts
     if packed.has_prefixes:  # a continuation starts where its prefix ends
-        offsets = [0 if p < 0 else packed.lengths[p] for p in packed.prefix_of]
-        starts = starts - torch.tensor(offsets, dtype=torch.int64, device=device)
-    lengths = torch.tensor(packed.lengths, device=device)
+        starts = [s - (0 if p < 0 else packed.lengths[p]) for s, p in zip(starts, packed.prefix_of)]
+    starts, lengths = host_to_device(torch.tensor(starts + packed.lengths, dtype=torch.int64), device).split([b, b])
     return torch.arange(t, device=device) - torch.repeat_interleave(starts, lengths, output_size=t)
+
+
+def host_to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """A small host tensor copied to `device` behind the work queued there. A plain .to("cuda") of pageable memory
+    waits for the stream to drain first: a host sync in each training forward (positions, shared-prefix keys)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def _cumsum(xs):
