@@ -327,28 +327,6 @@ def test_a_peft_adapter_folder_is_named_as_one(tmp_path):
         from_pretrained(ck)
 
 
-def test_models_modules_share_only_public_helpers():
-    """The adapter hint the config and tokenizer loaders both give was a private name of config.py imported by
-    tokenizer.py: a shared helper is public (adapter_folder_hint), so renaming a private one breaks no other module."""
-    import ast
-
-    import r1fast.models
-
-    folder = os.path.dirname(r1fast.models.__file__)
-    private = []
-    for name in sorted(os.listdir(folder)):
-        if name.endswith(".py"):
-            with open(os.path.join(folder, name)) as f:
-                tree = ast.parse(f.read())
-            private += [f"{name}: {node.module}.{alias.name}" for node in ast.walk(tree)
-                        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("r1fast.")
-                        for alias in node.names if alias.name.startswith("_") and alias.name != "_C"]
-    assert private == []
-    from r1fast.models.config import adapter_folder_hint
-
-    assert adapter_folder_hint(folder) == ""  # no adapter_config.json there
-
-
 @pytest.mark.parametrize("change, message", [
     ({"vocab_size": 10**12}, r"'model.embed_tokens.weight' has shape \(32, 16\), but .*config.json implies "
                              r"\(1000000000000, 16\) \(vocab_size, hidden_size\)"),

@@ -1,3 +1,4 @@
+import glob
 import os
 import re
 import shutil
@@ -277,3 +278,25 @@ def test_an_extra_that_prints_on_import_is_not_reported_as_failing(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(tmp_path)}
     failed = _failing_imports(["prints_fine", "prints_and_breaks", "not_installed_at_all"], env=env)
     assert failed == "prints_and_breaks: ImportError: needs transformers>=9\n", failed
+
+
+def test_modules_share_only_public_helpers():
+    """A helper one module imports from another is public there: tokenizer.py imported config.py's _adapter_hint, sft.py
+    grpo's _stoppable_run, fused_loss.py loss's _validate_loss_inputs, so renaming a private name broke another module.
+    Private modules (_ext, _C) are imported by name, which is fine."""
+    import ast
+
+    import r1fast
+
+    root = os.path.dirname(os.path.dirname(r1fast.__file__))
+    imported = []
+    for folder in ("r1fast", "kernels", "bench"):
+        for path in sorted(glob.glob(os.path.join(root, folder, "**", "*.py"), recursive=True)):
+            with open(path) as f:
+                tree = ast.parse(f.read())
+            for node in ast.walk(tree):
+                if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").split(".")[0] in
+                                                         ("r1fast", "kernels", "bench")):
+                    imported += [f"{os.path.relpath(path, root)}: {node.module}.{alias.name}" for alias in node.names
+                                 if alias.name.startswith("_") and alias.name not in ("_C", "_ext", "__version__")]
+    assert imported == []

@@ -68,9 +68,9 @@ def _add_norm_impl(make_fn, inputs, mode, device, backend=None, cuda_only=False)
 
 
 def _compiled_add_norm():
-    from r1fast.ops.layers import _add_rms_norm_torch
+    from r1fast.ops.layers import add_rms_norm_torch
 
-    return torch.compile(lambda a, b, c: _add_rms_norm_torch(a, b, c, EPS), dynamic=False)
+    return torch.compile(lambda a, b, c: add_rms_norm_torch(a, b, c, EPS), dynamic=False)
 
 
 def _rotary_inputs(t, hq, hk, d, dtype, device):
@@ -105,9 +105,9 @@ def _compiled_rotary(inputs, mode, device):
     def setup():
         if device.type != "cuda":
             raise Skip(f"CUDA only, not {device.type}")
-        from r1fast.ops.layers import _rotary_torch  # the torch backend's expression, without the dispatch
+        from r1fast.ops.layers import rotary_torch  # the torch backend's expression, without the dispatch
 
-        return _rotary_timed(torch.compile(_rotary_torch, dynamic=False), inputs(), mode)
+        return _rotary_timed(torch.compile(rotary_torch, dynamic=False), inputs(), mode)
     return setup
 
 
@@ -151,9 +151,9 @@ def _torch_rms_norm():
 
 
 def _compiled_rms_norm():
-    from r1fast.ops.layers import _rms_norm_torch  # the torch backend's expression, without the dispatch
+    from r1fast.ops.layers import rms_norm_torch  # the torch backend's expression, without the dispatch
 
-    return torch.compile(lambda a, b: _rms_norm_torch(a, b, EPS), dynamic=False)
+    return torch.compile(lambda a, b: rms_norm_torch(a, b, EPS), dynamic=False)
 
 
 def _liger_rms_norm():

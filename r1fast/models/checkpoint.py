@@ -423,7 +423,7 @@ def save_pretrained(model, path, max_shard_size="5GB") -> None:
                     shutil.copytree(src, dst, symlinks=True)
                 else:
                     shutil.copy2(src, dst)
-        _fsync_folder(tmp)
+        fsync_files(tmp)
         _swap_in(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -437,7 +437,8 @@ def write_target(path: str) -> str:
     return os.path.realpath(path) if os.path.islink(path) else path
 
 
-def _fsync_folder(folder: str) -> None:
+def fsync_files(folder: str) -> None:
+    """The files of `folder` on disk before it is renamed into place (a rename can reach the disk first)."""
     for entry in os.listdir(folder):
         p = os.path.join(folder, entry)
         if os.path.isfile(p):

@@ -32,7 +32,7 @@ from r1fast import backends
 from r1fast.ops.checks import kind_of
 from r1fast.ops.logprob import (accumulate_weight_grad, engine_for, grouped_logprob, refuse_double_backward,
                                 validate as validate_logprob)
-from r1fast.ops.loss import _options, _validate_loss_inputs, grpo_loss, per_token_weights
+from r1fast.ops.loss import grpo_loss, loss_options_of, per_token_weights, validate_loss_inputs
 from r1fast.ops.loss_options import LossOptions
 from r1fast.reference import loss as reference
 
@@ -481,7 +481,7 @@ def fused_linear_grpo_loss(hidden, weight, targets, mask, advantages, *, old_log
 def _fused_linear_grpo_loss(hidden, weight, targets, mask, advantages, *, old_logp, ref_logp, sampler_logp,
                             importance_weights, cu_seqlens, options, backend, chunk_size, single_pass, row_stats,
                             grad_scale, **loss_options):
-    opts = _options(options, loss_options)
+    opts = loss_options_of(options, loss_options)
     if isinstance(grad_scale, bool) or not isinstance(grad_scale, (int, float)) or \
             not 0 < grad_scale < float("inf"):
         raise ValueError(f"{OP}: grad_scale must be a finite number > 0 (the loss scale), got {grad_scale!r}")
@@ -531,7 +531,7 @@ def _fused_linear_grpo_loss(hidden, weight, targets, mask, advantages, *, old_lo
     mask2 = lay.to2d(mask.to(wide))
     old2, ref2, smp2 = lay.to2d(old_logp), lay.to2d(ref_logp), lay.to2d(sampler_logp)
     # checked here for both paths, so that an error names this op (the two-pass grpo_loss then skips the checks)
-    isw2 = _validate_loss_inputs(OP, torch.zeros_like(mask2), old2, ref2, advantages, mask2, smp2, None, opts,
+    isw2 = validate_loss_inputs(OP, torch.zeros_like(mask2), old2, ref2, advantages, mask2, smp2, None, opts,
                                  importance_weights=isw2)
     if chunks is None:  # two pass: grouped_logprob (recomputing backward) then grpo_loss
         h_act = lay.active(hidden.reshape(-1, hidden.shape[-1]))

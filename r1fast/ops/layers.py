@@ -90,7 +90,7 @@ def _rms_norm_reference(x, weight, eps):
 
 
 @backends.register("rms_norm", "torch")
-def _rms_norm_torch(x, weight, eps):
+def rms_norm_torch(x, weight, eps):
     # transformers' Llama/Qwen2 RMSNorm, as the decoder has always computed it
     x32 = x.to(torch.float32)
     x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
@@ -123,7 +123,7 @@ class _TritonRMSNorm(torch.autograd.Function):
 @backends.register("rms_norm", "triton")
 def _rms_norm_triton(x, weight, eps):
     if torch.float64 in (x.dtype, weight.dtype):
-        return _rms_norm_torch(x, weight, eps)
+        return rms_norm_torch(x, weight, eps)
     return _TritonRMSNorm.apply(x, weight, eps)
 
 
@@ -155,9 +155,9 @@ def _add_rms_norm_reference(x, residual, weight, eps):
 
 
 @backends.register("add_rms_norm", "torch")
-def _add_rms_norm_torch(x, residual, weight, eps):
+def add_rms_norm_torch(x, residual, weight, eps):
     s = residual + x  # the decoder's residual add, then its RMSNorm
-    return _rms_norm_torch(s, weight, eps), s
+    return rms_norm_torch(s, weight, eps), s
 
 
 class _TritonAddRMSNorm(torch.autograd.Function):
@@ -189,7 +189,7 @@ class _TritonAddRMSNorm(torch.autograd.Function):
 def _add_rms_norm_triton(x, residual, weight, eps):
     # mixed dtypes (under autocast a bf16 sublayer output meets an fp32 stream) take torch's promoting add
     if torch.float64 in (x.dtype, weight.dtype) or residual.dtype != x.dtype:
-        return _add_rms_norm_torch(x, residual, weight, eps)
+        return add_rms_norm_torch(x, residual, weight, eps)
     return _TritonAddRMSNorm.apply(x, residual, weight, eps)
 
 
@@ -327,7 +327,7 @@ def _rotate_half(x):
 
 
 @backends.register("rotary", "torch")
-def _rotary_torch(q, k, cos, sin):
+def rotary_torch(q, k, cos, sin):
     # transformers' apply_rotary_pos_emb, as the decoder has always computed it
     cos, sin = cos[:, None, :], sin[:, None, :]
     return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
@@ -363,7 +363,7 @@ class _TritonRotary(torch.autograd.Function):
 @backends.register("rotary", "triton")
 def _rotary_triton(q, k, cos, sin):
     if torch.float64 in (q.dtype, cos.dtype) or cos.requires_grad or sin.requires_grad:
-        return _rotary_torch(q, k, cos, sin)
+        return rotary_torch(q, k, cos, sin)
     return _TritonRotary.apply(q, k, cos, sin)
 
 

@@ -27,7 +27,7 @@ def _check_finite(name, t, active, op):
 
 
 def _any_bad_value(logp, old_logp, ref_logp, advantages, mask, sampler_logp, entropy, importance_weights) -> bool:
-    """Whether any value check of _validate_loss_inputs fails (a mask value other than 0/1, a NaN/inf at an active
+    """Whether any value check of validate_loss_inputs fails (a mask value other than 0/1, a NaN/inf at an active
     token or in the advantages, a negative importance weight), read from the device once: each check's own
     read was a host sync, ~5 per loss call."""
     active = mask.bool()
@@ -57,7 +57,7 @@ def per_token_weights(op, weights, shape):
                      f"[{b}, 1] / [{b}] (one per row), got {tuple(weights.shape)}")
 
 
-def _validate_loss_inputs(op, logp, old_logp, ref_logp, advantages, mask, sampler_logp, entropy, opts,
+def validate_loss_inputs(op, logp, old_logp, ref_logp, advantages, mask, sampler_logp, entropy, opts,
                           check_values=True, importance_weights=None):
     """Raises on a bad input; returns importance_weights as a [B, T] view (None when not given)."""
     if not isinstance(logp, torch.Tensor) or not logp.is_floating_point():
@@ -185,7 +185,7 @@ def _grpo_loss_triton(logp, old_logp, ref_logp, advantages, mask, opts, entropy,
     return loss, stats
 
 
-def _options(options, loss_options) -> LossOptions:
+def loss_options_of(options, loss_options) -> LossOptions:
     return LossOptions.from_kwargs(options, **loss_options)
 
 
@@ -210,8 +210,8 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, entropy=None, sampl
     holding only 0/1): they sync the host, which CUDA graphs and torch.compile cannot take; a NaN
     input then shows as a NaN loss. Shapes, dtypes and devices are always checked.
     """
-    opts = _options(options, loss_options)
-    iw = _validate_loss_inputs("grpo_loss", logp, old_logp, ref_logp, advantages, mask, sampler_logp, entropy, opts,
+    opts = loss_options_of(options, loss_options)
+    iw = validate_loss_inputs("grpo_loss", logp, old_logp, ref_logp, advantages, mask, sampler_logp, entropy, opts,
                                check_values=check_values, importance_weights=importance_weights)
     _, fn = backends.resolve("grpo_loss", logp.device, backend, dtype=logp.dtype)
     extra = {"row_stats": True} if row_stats else {}

@@ -29,7 +29,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from r1fast._umask import apply_umask, save_safetensors
-from r1fast.models.checkpoint import _fsync_folder, remove_folder, write_target
+from r1fast.models.checkpoint import fsync_files, remove_folder, write_target
 from r1fast.trainer.config import resume_is_bare  # noqa: F401  (where it was; the CLI imports it without torch)
 
 _CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -679,7 +679,7 @@ def save_checkpoint(run_dir: str, step: int, *, model, optimizer=None, scheduler
         _write_json(os.path.join(tmp, STATE_FILE), full_state)
         # on disk before the rename makes the checkpoint the newest (and pruning deletes older ones): after a
         # power loss or kernel crash, an optimizer.safetensors still in the page cache could read back empty
-        _fsync_folder(tmp)
+        fsync_files(tmp)
         if os.path.exists(final):
             # a hidden name: "<name>.old-<digits>" may be the user's own copy (checkpoint-3.old-20261129), in the run
             # folder or beside a link's target, which remove_save_leftovers deleted as this run's replaced checkpoint
@@ -689,7 +689,7 @@ def save_checkpoint(run_dir: str, step: int, *, model, optimizer=None, scheduler
             remove_folder(old)
         else:
             os.rename(tmp, final)
-        _fsync_dir(os.path.dirname(final))
+        fsync_dir(os.path.dirname(final))
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, (OSError, SafetensorError)):
@@ -883,7 +883,8 @@ def _write_json(path: str, obj):
         os.fsync(f.fileno())
 
 
-def _fsync_dir(path: str):
+def fsync_dir(path: str):
+    """A folder's entries (a rename, a new file's name) on disk; where the file system cannot, nothing."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:

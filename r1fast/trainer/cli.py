@@ -67,10 +67,10 @@ def _sample_epilog() -> str:
 
 
 def _pipeline_epilog() -> str:
-    from r1fast.trainer.pipeline import _STAGE_FIELDS, _TOP_KEYS
+    from r1fast.trainer.pipeline import STAGE_FIELDS, TOP_KEYS
 
-    own = ", ".join(_STAGE_FIELDS)
-    top = ", ".join(sorted(_TOP_KEYS - {"stages", "description"}))
+    own = ", ".join(STAGE_FIELDS)
+    top = ", ".join(sorted(TOP_KEYS - {"stages", "description"}))
     return (f"{_SYNTAX}: <stage>.<key>=value sets one stage's option (a field of its type's config: r1fast sft / "
             f"train / sample --help) or its own {own}; <key>=value sets a pipeline key: {top}. What each means: "
             f"docs/training.md, \"SFT, rejection sampling, pipelines\".")

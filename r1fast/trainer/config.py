@@ -154,7 +154,7 @@ class _Base:
             key = str(key).replace("-", "_")
             if key not in names:
                 raise ConfigError(f"{source}: unknown option {key!r} for {type(self).__name__}{_did_you_mean(key, names)}")
-            setattr(new, key, _coerce(key, self._from_bool(key, value), hints[key], source))
+            setattr(new, key, coerce(key, self._from_bool(key, value), hints[key], source))
         new.validate()
         vars(self).update(vars(new))
         return self
@@ -181,10 +181,10 @@ class _Base:
             if name == "reward_funcs" and _is_reward_set(value):
                 raise _reward_set_in_config(type(self).__name__, self.field_names())
             if name == "reward_funcs" and isinstance(value, (list, tuple)):  # Python may pass the functions
-                value = [v if callable(v) else _coerce(name, v, str, type(self).__name__, element=True) for v in value]
+                value = [v if callable(v) else coerce(name, v, str, type(self).__name__, element=True) for v in value]
                 setattr(self, name, value)
                 continue
-            setattr(self, name, expand_home(name, _coerce(name, value, hints[name], type(self).__name__)))
+            setattr(self, name, expand_home(name, coerce(name, value, hints[name], type(self).__name__)))
 
 
 def _is_reward_set(value) -> bool:
@@ -292,7 +292,7 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
     return out
 
 
-def _coerce(key: str, value: Any, hint: Any, source: str, element: bool = False) -> Any:
+def coerce(key: str, value: Any, hint: Any, source: str, element: bool = False) -> Any:
     """value as the option's type hint says; element: value is one entry of the option's list."""
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
@@ -301,7 +301,7 @@ def _coerce(key: str, value: Any, hint: Any, source: str, element: bool = False)
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
             if type(None) in args:
                 return None
-        return _coerce(key, value, inner[0], source, element)
+        return coerce(key, value, inner[0], source, element)
     takes_no_none = hint in (bool, int, float, str, dict) or origin in (list, tuple, dict)
     if value is None and not element and takes_no_none:
         # `min_p:` left empty or `min_p: null`, meant as "no value": the option has no such value
@@ -348,7 +348,7 @@ def _coerce(key: str, value: Any, hint: Any, source: str, element: bool = False)
             raise bad
         if key in TOKEN_TEXT_OPTIONS:
             _check_token_texts(key, value, source)
-        return [_coerce(key, v, args[0], source, element=True) for v in value] if args else list(value)
+        return [coerce(key, v, args[0], source, element=True) for v in value] if args else list(value)
     if origin is dict or hint is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{source}: option {key!r} expects a mapping (in YAML `{key}: {{name: value}}`, on the "
@@ -380,7 +380,7 @@ def _one_of(name: str, value, choices):
 DTYPES = ("float32", "bfloat16", "float16")
 
 
-def _check_device(value: Optional[str]):
+def check_device(value: Optional[str]):
     """A device string torch can parse (`cpu`, `cuda`, `cuda:1`...), checked here so a typo is a
     ConfigError before any model is built rather than a RuntimeError from deep in torch."""
     if value is None:
@@ -444,7 +444,7 @@ def _check_temperature(name: str, value: float, greedy_ok: bool):
         _check(value >= MIN_TEMPERATURE, f"option {name!r} must be >= {MIN_TEMPERATURE}; got {value}")
 
 
-def _check_template_kwargs(name: str, value: Optional[dict]):
+def check_template_kwargs(name: str, value: Optional[dict]):
     """Keyword arguments for the tokenizer's apply_chat_template: the template's variables by name, none that
     r1fast's own call sets, and values a checkpoint's JSON records (a resume compares them)."""
     import json
@@ -466,7 +466,7 @@ def _check_template_kwargs(name: str, value: Optional[dict]):
                           f"mappings), which a checkpoint records; {e}") from None
 
 
-def _check_regex(name: str, value: Optional[str]):
+def check_regex(name: str, value: Optional[str]):
     if value is None:
         return
     try:
@@ -531,7 +531,7 @@ class _TrainingConfig(_Base):
         _check(self.max_grad_norm >= 0, f"option 'max_grad_norm' must be >= 0 (0: no clipping); got {self.max_grad_norm}")
         _one_of("lr_scheduler_type", self.lr_scheduler_type, SCHEDULERS)
         _one_of("dtype", self.dtype, DTYPES)
-        _check_device(self.device)
+        check_device(self.device)
         _check(self.warmup_steps >= 0, f"option 'warmup_steps' must be >= 0; got {self.warmup_steps}")
         _check(self.per_device_train_batch_size >= 1, "option 'per_device_train_batch_size' must be >= 1")
         _check(self.gradient_accumulation_steps >= 1, "option 'gradient_accumulation_steps' must be >= 1")
@@ -754,8 +754,8 @@ class GRPOConfig(_TrainingConfig):
                (self.engine_num_blocks is None or self.engine_num_blocks >= 1),
                "options 'engine_block_size', 'engine_max_num_batched_tokens' and 'engine_num_blocks' must be >= 1")
         _check(self.log_completions >= 0, f"option 'log_completions' must be >= 0; got {self.log_completions}")
-        _check_regex("format_pattern", self.format_pattern)
-        _check_template_kwargs("chat_template_kwargs", self.chat_template_kwargs)
+        check_regex("format_pattern", self.format_pattern)
+        check_template_kwargs("chat_template_kwargs", self.chat_template_kwargs)
         _check_rewards(self.reward_funcs, self.length_penalty_target)
         _check_reward_timeout(self.reward_timeout)
 
@@ -810,7 +810,7 @@ class SFTConfig(_TrainingConfig):
     def validate(self):
         super().validate()
         _check(self.max_length >= 2, "option 'max_length' must be >= 2")
-        _check_template_kwargs("chat_template_kwargs", self.chat_template_kwargs)
+        check_template_kwargs("chat_template_kwargs", self.chat_template_kwargs)
 
 
 @dataclass
@@ -858,9 +858,9 @@ class SampleConfig(_Base):
         _check(self.max_completion_length >= 1, "option 'max_completion_length' must be >= 1")
         _check(self.batch_prompts >= 1, "option 'batch_prompts' must be >= 1")
         _one_of("dtype", self.dtype, DTYPES)
-        _check_device(self.device)
-        _check_regex("format_pattern", self.format_pattern)
-        _check_template_kwargs("chat_template_kwargs", self.chat_template_kwargs)
+        check_device(self.device)
+        check_regex("format_pattern", self.format_pattern)
+        check_template_kwargs("chat_template_kwargs", self.chat_template_kwargs)
         _check_rewards(self.reward_funcs, None, length_option=False)
         _check_reward_timeout(self.reward_timeout)
         if self.reward_thresholds is not None:

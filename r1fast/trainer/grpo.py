@@ -637,7 +637,7 @@ class GRPOTrainer:
         cfg = self.cfg
         logger, pbar, resume_path = start_run(self, resume)
         result: dict[str, Any] = {}
-        with _stoppable_run(self, logger, pbar):
+        with stoppable_run(self, logger, pbar):
             if self.eval_rows and self.eval_at_ends and not resume_path:
                 ev = self.evaluate()
                 logger.log(self.step_offset + self.global_step, self.stage, ev)
@@ -749,7 +749,7 @@ def stop_handlers(trainer, finishing: Callable[[], str] = lambda: "finishing thi
 
 
 @contextlib.contextmanager
-def _stoppable_run(trainer, logger, pbar):
+def stoppable_run(trainer, logger, pbar):
     """A trainer's loop under the stop handlers; an abort says what --resume continues from, and the log and
     progress bar are closed however it ends."""
     trainer._stop_requested = False   # a stop asked of an earlier train() call is done: it must not end this one

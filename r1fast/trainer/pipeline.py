@@ -37,10 +37,10 @@ from r1fast.trainer.config import (
     GRPOConfig,
     SampleConfig,
     SFTConfig,
-    _check_device,
-    _check_regex,
-    _check_template_kwargs,
-    _coerce,
+    check_device,
+    check_regex,
+    check_template_kwargs,
+    coerce,
     check_run_folder,
     expand_home,
     load_yaml,
@@ -52,12 +52,12 @@ from r1fast.trainer.sampling import SAMPLE_PROGRESS, check_output_file
 
 STAGE_TYPES = {"sft": SFTConfig, "grpo": GRPOConfig, "sample": SampleConfig}
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "default.yaml")
-_TOP_KEYS = {"name", "seed", "output_dir", "model", "device", "dtype", "eval_dataset", "eval_size",
+TOP_KEYS = {"name", "seed", "output_dir", "model", "device", "dtype", "eval_dataset", "eval_size",
              "eval_samples_per_prompt", "eval_temperature", "eval_max_tokens", "eval_system_prompt",
              "eval_format_pattern", "eval_chat_template_kwargs", "eval_stop_tokens", "stages", "progress_bar",
              "description", "num_threads", "overwrite_output_dir"}
-_STAGE_FIELDS = ("model", "dataset", "num_rows", "evaluate")
-_STAGE_KEYS = {"name", "type", "config", *_STAGE_FIELDS}
+STAGE_FIELDS = ("model", "dataset", "num_rows", "evaluate")
+_STAGE_KEYS = {"name", "type", "config", *STAGE_FIELDS}
 # Config options a pipeline sets for its stages itself: in a stage's config they would be ignored.
 _SUPPLIED = {"model_name_or_path": "the stage's own 'model:' key, beside 'config:' ({stage}.model=... on the command "
                                    "line); by default a stage trains the previous stage's model",
@@ -133,10 +133,10 @@ def load_pipeline(source: str | dict, overrides: Optional[list[str]] = None) -> 
             stage_ov.setdefault(st, {})[key] = v
         else:
             data[k] = v
-    unknown = set(data) - _TOP_KEYS
+    unknown = set(data) - TOP_KEYS
     if unknown:
         raise ConfigError(f"{where}: unknown pipeline key(s) {sorted(unknown)}{_stage_option_hints(unknown, data)}; "
-                          f"known: {sorted(_TOP_KEYS)} (set a stage's option with <stage>.<option>=value)")
+                          f"known: {sorted(TOP_KEYS)} (set a stage's option with <stage>.<option>=value)")
     stages_raw = data.pop("stages", None)
     if not isinstance(stages_raw, list) or not stages_raw:
         raise ConfigError(f"{where}: 'stages' must be a non-empty list")
@@ -163,7 +163,7 @@ def load_pipeline(source: str | dict, overrides: Optional[list[str]] = None) -> 
             raise ConfigError(f"{where}: stage {name!r}: type must be one of {sorted(STAGE_TYPES)}; got {typ!r}")
         ov = stage_ov.pop(name, {})
         # <stage>.model / dataset / num_rows / evaluate on the command line set the stage's own keys
-        own = {k: v for k, v in {**raw, **ov}.items() if k in _STAGE_FIELDS}
+        own = {k: v for k, v in {**raw, **ov}.items() if k in STAGE_FIELDS}
         fields = _typed(Stage, own, f"{where}: stage {name!r}")
         if fields.get("num_rows", 1) < 1:
             raise ConfigError(f"{where}: stage {name!r}: num_rows must be >= 1; got {fields['num_rows']}")
@@ -173,7 +173,7 @@ def load_pipeline(source: str | dict, overrides: Optional[list[str]] = None) -> 
             raise ConfigError(f"{where}: stage {name!r}: 'config' must be a mapping of {STAGE_TYPES[typ].__name__} "
                               f"options; got {raw['config']!r:.80}")
         conf = dict(raw.get("config") or {})
-        conf.update({k: v for k, v in ov.items() if k not in _STAGE_FIELDS})
+        conf.update({k: v for k, v in ov.items() if k not in STAGE_FIELDS})
         at = f"{where}: stage {name!r}"
         for key in conf:
             if key in _SUPPLIED:
@@ -214,10 +214,10 @@ def _stage_option_hints(unknown: set[str], data: dict) -> str:
             sets = " or ".join(shlex.quote(f"{name}.{key}={value}") for name in owners)
             twin = f"eval_{key}"   # the pipeline's own evaluation between stages has a key of its own for it
             also = f" (the pipeline key {twin} sets it for the held-out evaluation between stages)" \
-                if twin in _TOP_KEYS else ""
+                if twin in TOP_KEYS else ""
             hints.append(f"{key!r} is an option of stage{'s' if len(owners) > 1 else ''} {', '.join(owners)}: "
                          f"set it for one stage with {sets}{also}")
-        elif close := difflib.get_close_matches(key, sorted(_TOP_KEYS), n=1):
+        elif close := difflib.get_close_matches(key, sorted(TOP_KEYS), n=1):
             hints.append(f"for {key!r}, did you mean {close[0]!r}")
     return "".join(f"; {h}" for h in hints)
 
@@ -370,7 +370,7 @@ def _typed(cls, data: dict, where: str) -> dict:
     import typing
 
     hints = typing.get_type_hints(cls)
-    return {k: expand_home(k, _coerce(k, v, hints[k], where)) for k, v in data.items()}
+    return {k: expand_home(k, coerce(k, v, hints[k], where)) for k, v in data.items()}
 
 
 def _validate(p: Pipeline, where: str):
@@ -380,14 +380,14 @@ def _validate(p: Pipeline, where: str):
 
     check(bool(p.name.strip()), "name must not be empty (it names the run folder runs/<name>)")
     check(p.dtype in DTYPES, f"dtype must be one of {', '.join(DTYPES)}; got {p.dtype!r}")
-    _check_device(p.device)
+    check_device(p.device)
     check(p.eval_size >= 1, f"eval_size must be >= 1; got {p.eval_size}")
     check(p.eval_samples_per_prompt >= 1, f"eval_samples_per_prompt must be >= 1; got {p.eval_samples_per_prompt}")
     check(p.eval_temperature >= 0, f"eval_temperature must be >= 0 (0 = greedy); got {p.eval_temperature}")
     check(p.eval_max_tokens >= 1, f"eval_max_tokens must be >= 1; got {p.eval_max_tokens}")
     try:
-        _check_regex("eval_format_pattern", p.eval_format_pattern)
-        _check_template_kwargs("eval_chat_template_kwargs", p.eval_chat_template_kwargs)
+        check_regex("eval_format_pattern", p.eval_format_pattern)
+        check_template_kwargs("eval_chat_template_kwargs", p.eval_chat_template_kwargs)
     except ConfigError as e:
         check(False, str(e))
     check(p.num_threads is None or p.num_threads >= 1, f"num_threads must be >= 1; got {p.num_threads}")

@@ -259,9 +259,9 @@ class SampleProgress:
             f.flush()
             os.fsync(f.fileno())   # on disk before the next batch: a node failure keeps it too
         if not self._continues:
-            from r1fast.trainer.checkpoints import _fsync_dir
+            from r1fast.trainer.checkpoints import fsync_dir
 
-            _fsync_dir(folder)     # the new file's name too
+            fsync_dir(folder)     # the new file's name too
             self._continues = True
 
     @property

@@ -37,7 +37,7 @@ from r1fast.trainer.common import (
 )
 from r1fast.trainer.config import SFTConfig
 from r1fast.trainer.loss_scale import saved_loss_scale
-from r1fast.trainer.grpo import _stoppable_run
+from r1fast.trainer.grpo import stoppable_run
 
 
 class SFTTrainer:
@@ -203,7 +203,7 @@ class SFTTrainer:
         logger, pbar, _ = start_run(self, resume)
         interrupted = False
         path, saved_at = None, None   # the last checkpoint written, and its step
-        with _stoppable_run(self, logger, pbar):
+        with stoppable_run(self, logger, pbar):
             while self.global_step < self.total_steps:
                 m = self.step()
                 if math.isfinite(m["loss"]):   # a skipped NaN/inf step (nonfinite_skipped) would void the window's mean
