@@ -734,6 +734,26 @@ def test_gpu_check_stops_at_once_when_the_package_does_not_import_and_retries_no
     assert "r1fast.kernels / r1fast.bench do not import" in p.stdout.splitlines()[-1] and p.returncode == 1
 
 
+def test_gpu_check_runs_from_the_tree_when_the_install_failed(tmp_path):
+    """A pip build that fails installs nothing (no Python.h or too old a pybind11 on the image): r1fast.kernels
+    did not import and the script stopped, the window spent on two builds. Only the engine's CUDA path needs
+    _C: the tree serves (kernels/ and bench/ linked into r1fast/, the repository on PYTHONPATH), the tests and
+    the bench run, and the links go at exit."""
+    import pathlib
+
+    env = _fake_gpu_machine(tmp_path, 0)
+    stub = pathlib.Path(env["PATH"].split(":")[0]) / "python3"
+    # imports only from the tree: the links in place and the repository on PYTHONPATH
+    from_tree = '[ -L r1fast/kernels ] && [ -L r1fast/bench ] && case ":$PYTHONPATH:" in *":$PWD:"*) exit 0;; esac; exit 1'
+    stub.write_text(stub.read_text().replace('  *) exit 0;;', '  *"pip install"*"-e ."*) exit 1;;\n'
+                                             f'  *"import r1fast.kernels"*) {from_tree};;\n  *) exit 0;;'))
+    p = _run_gpu_check(tmp_path, env)
+    assert "running it from the tree" in p.stdout and "do not import" not in p.stdout, p.stdout[-800:]
+    assert (tmp_path / "bench_args").exists(), p.stdout[-800:]        # the bench ran
+    assert not list((tmp_path / "repo" / "r1fast").iterdir())         # the links went at exit
+    assert "stages that failed or were cut: build" in p.stdout and p.returncode == 1
+
+
 def test_gpu_check_says_when_the_build_was_cut_by_its_time_box(tmp_path):
     """pip killed by `timeout` leaves a log with no error in it: the script says why the build failed."""
     import pathlib
