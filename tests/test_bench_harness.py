@@ -971,6 +971,37 @@ def test_gpu_check_runs_the_gpu_marked_tests_then_those_of_the_same_files_that_m
     assert "pytest exit 0" in p.stdout and p.returncode == 0, p.stdout[-800:]
 
 
+def test_conftest_names_the_test_after_which_the_cuda_context_was_lost(monkeypatch):
+    """A sticky kernel fault failed every later test of its process, and on gpu_check.sh's GPU pass one xdist
+    worker's twenty such failures reached --maxfail and ended all the workers' tests. Now the test after which
+    the context is lost fails, naming it; an xdist worker then ends (a fresh one takes its tests), a plain run
+    skips the rest."""
+    import conftest
+
+    class Exited(Exception):
+        pass
+
+    def exit_(code):
+        raise Exited(code)
+
+    lost = "AcceleratorError: CUDA error: an illegal memory access was encountered"
+    # a context of its own: conftest's autouse fixture checks the real device after this test
+    with monkeypatch.context() as m:
+        m.setattr(conftest, "_CUDA_LOST", [])
+        m.setattr(conftest, "_cuda_context_lost", lambda: None)
+        conftest._after_test("tests/t.py::fine", xdist_worker=False)    # a healthy context: nothing happens
+        conftest._before_test()
+        m.setattr(conftest, "_cuda_context_lost", lambda: lost)
+        with pytest.raises(pytest.fail.Exception, match="CUDA context is lost after this test.*illegal memory"):
+            conftest._after_test("tests/t.py::faults", xdist_worker=False)
+        with pytest.raises(pytest.skip.Exception, match=r"lost in tests/t.py::faults \(AcceleratorError"):
+            conftest._before_test()
+        m.setattr(conftest, "_CUDA_LOST", [])
+        m.setattr(conftest.os, "_exit", exit_)
+        with pytest.raises(Exited):
+            conftest._after_test("tests/t.py::faults", xdist_worker=True)
+
+
 def test_conftest_marks_the_tests_that_may_use_the_gpu(request):
     """may_use_gpu (what gpu_check.sh's second pytest pass selects): the device fixture, or CUDA named in the
     test's own code; a test of neither runs on the CPU on any machine."""
