@@ -71,6 +71,20 @@ def test_a_custom_code_class_with_a_supported_config_is_refused(hf_model):
     HFRollout(hf_model, block_size=4, num_blocks=8)  # transformers' own class
 
 
+def test_custom_code_subclassing_the_transformers_class_is_refused(hf_model):
+    """Custom code loaded with trust_remote_code=True (transformers imports it as transformers_modules.<checkpoint>.
+    <file>) often subclasses transformers' class and overrides its forward: isinstance passed, and the engine
+    decoded transformers' Qwen2 (a checkpoint whose forward negates the logits gave other greedy tokens than its
+    generate, without a word)."""
+    sub = type("SubQwen2ForCausalLM", (transformers.Qwen2ForCausalLM,),
+               {"__module__": "transformers_modules.ckpt.modeling_sub"})
+    with pytest.raises(ValueError, match=r"the model is transformers_modules\.ckpt\.modeling_sub\.SubQwen2ForCausalLM, "
+                                         r"another implementation \(custom code"):
+        HFRollout(sub(hf_model.config), block_size=4, num_blocks=8)
+    mine = type("MyQwen2ForCausalLM", (transformers.Qwen2ForCausalLM,), {"__module__": "my_project.models"})
+    HFRollout(mine(hf_model.config), block_size=4, num_blocks=8)  # a subclass of the user's own: theirs to judge
+
+
 def test_weight_updates_are_read_in_place_or_after_sync(hf_model):
     """The engine's model aliases every transformers tensor it can (updates seen at once); the fused
     q/k/v and gate/up copies follow after sync()."""

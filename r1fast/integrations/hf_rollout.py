@@ -37,12 +37,15 @@ def _check_is_transformers_class(hf_model: nn.Module, architecture: str) -> None
     """The engine decodes r1fast's implementation of transformers' own class for the config's architecture. Another
     class with that config and the same parameter names (a checkpoint's custom code, loaded with
     trust_remote_code=True from its auto_map) computes what its own code says: the engine would sample from a
-    different model than the one trained."""
+    different model than the one trained. Such code often subclasses transformers' class (overriding its forward),
+    so a class from transformers' module of trust_remote_code imports is refused too, subclass or not."""
     import transformers
+    from transformers.utils import TRANSFORMERS_DYNAMIC_MODULE_NAME  # where trust_remote_code modules are imported
 
     own = getattr(transformers, architecture, None)
-    if own is not None and not isinstance(hf_model, own):
-        cls = type(hf_model)
+    cls = type(hf_model)
+    remote = any(c.__module__.split(".")[0] == TRANSFORMERS_DYNAMIC_MODULE_NAME for c in cls.__mro__)
+    if own is not None and (remote or not isinstance(hf_model, own)):
         raise ValueError(f"r1fast's rollout engine decodes transformers' {architecture}; the model is "
                          f"{cls.__module__}.{cls.__qualname__}, another implementation (custom code, e.g. "
                          f"from config.json's auto_map with trust_remote_code=True) whose generations it would "
