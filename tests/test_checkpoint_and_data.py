@@ -621,8 +621,34 @@ def test_jsonl_rows_get_every_column(tmp_path):
     f.write_text('{"prompt": "1+1=", "answer": "2"}\n\n{"prompt": "2+2=", "extra": 1}\n')
     assert load_rows(str(f)) == [{"prompt": "1+1=", "answer": "2", "extra": None},
                                  {"prompt": "2+2=", "answer": None, "extra": 1}]
-    with pytest.raises(ValueError, match=r"row 1 has no value for column\(s\) \['answer'\]"):
+    with pytest.raises(ValueError, match=r"row 1 \('.*d.jsonl' line 3\) has no value for column\(s\) \['answer'\]"):
         load_rows(str(f), required_columns=("prompt", "answer"))
+
+
+def test_a_bad_row_of_a_file_is_named_by_its_file_and_line(tmp_path):
+    # "train dataset: row 2 has no value for column(s) ['prompt']" named neither the file nor its line, and a JSONL
+    # file's blank lines put row 2 on line 6 here
+    from r1fast.data.loading import check_columns, check_prompts, split_conversations
+
+    f = tmp_path / "d.jsonl"
+    f.write_text('{"prompt": "1+1="}\n\n\n{"prompt": [{"role": "User", "content": "2+2="}]}\n\n'
+                 '{"question": "2+2="}\n', newline="\r\n")
+    rows = load_rows(str(f))
+    with pytest.raises(ValueError, match=rf"train: row 2 \('{re.escape(str(f))}' line 6\) has no value for column"):
+        check_columns(rows, ("prompt",), "train")
+    with pytest.raises(ValueError, match=r"lacks column\(s\) \['answer'\]"):
+        check_columns(rows, ("answer",), "train")
+    with pytest.raises(ValueError, match=rf"train \('{re.escape(str(f))}'\) lacks column"):
+        check_columns(rows, ("answer",), "train")
+    with pytest.raises(ValueError, match=r"train: row 1 \('.*d.jsonl' line 4\): a prompt message needs a role"):
+        check_prompts(rows[:2], "prompt", build_char_tokenizer(), where="train")   # a slice keeps the lines
+    (tmp_path / "m.jsonl").write_text('{"messages": [{"role": "user", "content": "1"}, {"role": "assistant", '
+                                      '"content": "2"}]}\n\n{"messages": []}\n')
+    with pytest.raises(ValueError, match=r"SFT: row 1 \('.*m.jsonl' line 3\): 'messages' must be a list"):
+        split_conversations(load_rows(str(tmp_path / "m.jsonl")), "prompt", "completion", "SFT")
+    # rows given in Python have no file to name
+    with pytest.raises(ValueError, match=r"train: row 1 has no value for column"):
+        check_columns([{"prompt": "a"}, {"prompt": None}], ("prompt",), "train")
 
 
 def test_builtin_task_parameter_errors_name_the_parameter():

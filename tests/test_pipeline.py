@@ -859,7 +859,7 @@ def test_an_sft_stage_reads_a_messages_column(tmp_path):
                     "     config: {max_steps: 1, per_device_train_batch_size: 4}}\n")
     assert main(["pipeline", str(spec), f"output_dir={tmp_path / 'run'}"]) == 0
     (tmp_path / "chat.jsonl").write_text(json.dumps({"messages": rows[0]["messages"][:1] * 2}) + "\n")
-    with pytest.raises(SystemExit, match=r"stage 's': dataset: row 0: the last of its 'messages' is trained on"):
+    with pytest.raises(SystemExit, match=r"stage 's': dataset: row 0 \('.*chat.jsonl' line 1\): the last of its 'messages' is trained on"):
         main(["pipeline", str(spec), f"output_dir={tmp_path / 'run2'}"])
 
 
@@ -2275,7 +2275,8 @@ def _templated_prompt():
 # --resume): one of 204 tokens for a model of 128 positions; one templated before was templated again.
 @pytest.mark.parametrize("prompts, match", [
     (["1+" * 100 + "0", "1+" * 100 + "1"], r"the prompt of row 0 has 204 tokens and the model 128 positions"),
-    ([_templated_prompt()], r"row 0's prompt already holds the chat template's generation prompt"),
+    ([_templated_prompt()], r"row 0's prompt \('.*eval.jsonl' line 1\) already holds the chat template's generation "
+                            r"prompt"),
 ])
 def test_held_out_prompts_a_stage_cannot_evaluate_are_an_error_before_it_trains(tmp_path, prompts, match):
     ev = tmp_path / "eval.jsonl"

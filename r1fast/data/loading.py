@@ -34,8 +34,47 @@ def load_rows(spec: str, *, split: Optional[str] = None, n_builtin: int = 1000, 
         rows = _load_hf(spec, split, default_splits)
     if not rows:
         raise ValueError(f"dataset {spec!r} is empty")
-    check_columns(rows, required_columns, f"dataset {spec!r}")
+    if not isinstance(rows, FileRows):   # a JSONL file's rows know their lines already
+        rows = FileRows(rows, spec)
+    check_columns(rows, required_columns, "dataset")
     return rows
+
+
+class FileRows(list):
+    """Rows read from `source` (a path or builtin:<task>), and for a JSONL file the line each row is on, so that a
+    check finding a bad row names the file and line: "train dataset: row 6" left the user to count, and a JSONL
+    file's blank lines put row i elsewhere than line i + 1. A slice keeps them (the first N prompts are checked)."""
+
+    def __init__(self, rows, source: str, lines: Optional[Sequence[int]] = None):
+        super().__init__(rows)
+        self.source, self.lines = source, lines
+
+    def __getitem__(self, index):
+        got = super().__getitem__(index)
+        if isinstance(index, slice):
+            return FileRows(got, self.source, self.lines[index] if self.lines is not None else None)
+        return got
+
+
+def row_name(rows: Sequence[dict], i: int) -> str:
+    """"row i", with the file and line it was read from when `rows` are FileRows."""
+    return f"row {i}{file_line(rows, i)}"
+
+
+def file_line(rows: Sequence[dict], i: int) -> str:
+    """" ('data.jsonl' line 7)" for row i of a JSONL file's FileRows, " (of 'data.parquet')" for another file's,
+    else "" (rows given in Python, a builtin: task)."""
+    source = getattr(rows, "source", None)
+    if source is None or source.startswith("builtin:"):
+        return ""
+    lines = getattr(rows, "lines", None)
+    return f" ({source!r} line {lines[i]})" if lines is not None else f" (of {source!r})"
+
+
+def source_name(rows: Sequence[dict]) -> str:
+    """" ('data.jsonl')" for rows read from a file, else "": for errors about the whole dataset."""
+    source = getattr(rows, "source", None)
+    return f" ({source!r})" if source is not None else ""
 
 
 MESSAGES_COLUMN = "messages"
@@ -56,15 +95,15 @@ def split_conversations(rows: Sequence[dict], prompt_column: str, completion_col
     for i, row in enumerate(rows):
         msgs = row.get(MESSAGES_COLUMN)
         if not (isinstance(msgs, list) and len(msgs) >= 2 and all(isinstance(m, dict) for m in msgs)):
-            raise ValueError(f"{where}: row {i}: {MESSAGES_COLUMN!r} must be a list of two or more {{'role', 'content'}} "
+            raise ValueError(f"{where}: {row_name(rows, i)}: {MESSAGES_COLUMN!r} must be a list of two or more {{'role', 'content'}} "
                              f"messages (the prompt's, then the assistant's answer); got {msgs!r:.80}")
         if msgs[-1].get("role") != "assistant":
             # the last message is what trains: a conversation ending on the user's turn would teach writing it
-            raise ValueError(f"{where}: row {i}: the last of its {MESSAGES_COLUMN!r} is trained on and must be the "
+            raise ValueError(f"{where}: {row_name(rows, i)}: the last of its {MESSAGES_COLUMN!r} is trained on and must be the "
                              f"assistant's; its role is {msgs[-1].get('role')!r}")
         out.append({**{k: v for k, v in row.items() if k != MESSAGES_COLUMN},
                     prompt_column: msgs[:-1], completion_column: msgs[-1]})
-    return out
+    return FileRows(out, rows.source, rows.lines) if isinstance(rows, FileRows) else out
 
 
 def check_columns(rows: Sequence[dict], columns: Sequence[str], where: str = "dataset"):
@@ -74,11 +113,11 @@ def check_columns(rows: Sequence[dict], columns: Sequence[str], where: str = "da
     "None" (SFT) or fail with a KeyError in the middle of a run."""
     missing = [c for c in columns if c not in rows[0]]
     if missing:
-        raise ValueError(f"{where} lacks column(s) {missing}; it has {sorted(rows[0])}")
+        raise ValueError(f"{where}{source_name(rows)} lacks column(s) {missing}; it has {sorted(rows[0])}")
     for i, row in enumerate(rows):
         holes = [c for c in columns if row.get(c) is None]
         if holes:
-            raise ValueError(f"{where}: row {i} has no value for column(s) {holes}")
+            raise ValueError(f"{where}: {row_name(rows, i)} has no value for column(s) {holes}")
 
 
 _BUILDERS = {"json": "json", "parquet": "parquet", "csv": "csv"}  # file type -> datasets' loader
@@ -154,10 +193,12 @@ def dataset_as_rows(ds) -> list[dict]:
     return [dict(ds[i]) for i in range(len(ds))]
 
 
-def read_json_objects(path: str, what: str, being_written: bool = False) -> list[dict]:
+def read_json_objects(path: str, what: str, being_written: bool = False,
+                      lines: Optional[list[int]] = None) -> list[dict]:
     """The JSON objects of a JSON-lines file (blank lines skipped); a line that is not one is a
     ValueError naming `what` and the line number. being_written: a file another process is appending
-    to, whose unterminated last line may be half-written; it is left out if it does not parse."""
+    to, whose unterminated last line may be half-written; it is left out if it does not parse. `lines`, when given,
+    gets each object's line number."""
     rows: list[dict] = []
     n = 0
     # utf-8-sig: a byte-order mark that Windows tools put first is skipped (it failed line 1 as "not valid JSON")
@@ -177,6 +218,8 @@ def read_json_objects(path: str, what: str, being_written: bool = False) -> list
                 if not isinstance(row, dict):
                     raise ValueError(f"{what} line {n}: expected a JSON object, got {type(row).__name__}")
                 rows.append(row)
+                if lines is not None:
+                    lines.append(n)
         except UnicodeDecodeError:  # text mode decodes a block at a time: find the line in the bytes
             line, byte = _first_non_utf8_line(path)
             raise ValueError(f"{what} line {line}: not UTF-8 text (byte {byte!r}); save it as UTF-8") from None
@@ -201,7 +244,9 @@ def _read_jsonl(path: str) -> list[dict]:
     """JSON lines read directly, so a bad line is reported by number (datasets raises a bare
     DatasetGenerationError, and StopIteration for an empty file). Keys missing from a row are None,
     as datasets makes them."""
-    return same_columns(read_json_objects(path, f"dataset {path!r}"))
+    lines: list[int] = []
+    rows = read_json_objects(path, f"dataset {path!r}", lines=lines)
+    return FileRows(same_columns(rows), path, lines)
 
 
 def same_columns(rows: list[dict]) -> list[dict]:
@@ -389,13 +434,13 @@ def check_prompts(rows: Sequence[dict], column: str, tokenizer, system_prompt: O
                 prompt_text(tokenizer, row[column], system_prompt, chat_template_kwargs)
                 rendered_roles.add(roles)
         except ValueError as e:
-            raise ValueError(f"{where}: row {i}: {e}") from None
+            raise ValueError(f"{where}: {row_name(rows, i)}: {e}") from None
         own_system += bool(system_prompt) and not any(m["content"] == system_prompt and m["role"] == "system"
                                                       for m in msgs)
         roles_lost += len(msgs) > 1 and not has_template
         templated = next((t for t in markers if any(t in m["content"] for m in msgs)), None)
         if templated:
-            raise ValueError(f"{where}: row {i}'s prompt already holds the chat template's generation prompt "
+            raise ValueError(f"{where}: row {i}'s prompt{file_line(rows, i)} already holds the chat template's generation prompt "
                              f"{templated!r}: it was templated before, and r1fast applies the tokenizer's chat "
                              f"template to every prompt, so it would be templated twice; give the question alone "
                              f"(a string) or its messages (a list of {{'role', 'content'}} dicts)")
@@ -403,7 +448,7 @@ def check_prompts(rows: Sequence[dict], column: str, tokenizer, system_prompt: O
             prefill_checked = True
             _check_prefill(tokenizer, msgs, chat_template_kwargs, where)
         if not empty_ok and not any(m["content"] for m in msgs):
-            raise ValueError(f"{where}: row {i}'s prompt is empty, and the tokenizer has no chat template and adds no "
+            raise ValueError(f"{where}: row {i}'s prompt{file_line(rows, i)} is empty, and the tokenizer has no chat template and adds no "
                              f"BOS token, so it encodes to no tokens: nothing to start a completion from")
     if roles_lost:
         warnings.warn(f"{where}: the tokenizer has no chat template, so {roles_lost} of {len(rows)} prompts of "
@@ -463,7 +508,7 @@ def encode_prompts(tokenizer, rows: Sequence[dict], column: str, system_prompt: 
         try:
             ids = encode_prompt(tokenizer, row[column], system_prompt, chat_template_kwargs)
         except ValueError as e:
-            raise ValueError(f"{where}: row {i}: {e}") from None
+            raise ValueError(f"{where}: {row_name(rows, i)}: {e}") from None
         if max_length is not None and len(ids) > max_length:
             cut.append((i, len(ids)))
             ids = ids[-max_length:]

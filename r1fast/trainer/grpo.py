@@ -26,8 +26,8 @@ import torch
 from r1fast import _ext
 from r1fast._umask import save_safetensors
 from r1fast.data.loading import (EVAL_SPLITS, check_columns, check_prompts, decode_completion, encode_prompt,
-                                 prompt_limit, resolve_stop_tokens, stop_token_ids, warn_cut_prompts,
-                                 warn_unstopped_turn_end)
+                                 prompt_limit, resolve_stop_tokens, row_name, source_name, stop_token_ids,
+                                 warn_cut_prompts, warn_unstopped_turn_end)
 from r1fast.rewards import RewardSet
 from r1fast.trainer import checkpoints as ckpt
 from r1fast.trainer.loss_scale import saved_loss_scale
@@ -177,7 +177,8 @@ class GRPOTrainer:
                 # tracker record and what a resume compares against (a copy: the caller's config stays as it was)
                 self.cfg = cfg = dataclasses.replace(cfg, reward_funcs=list(reward_funcs))
         if cfg.prompt_column not in self.train_rows[0]:
-            raise ValueError(f"train dataset lacks the prompt column {cfg.prompt_column!r}; it has {sorted(self.train_rows[0])}")
+            raise ValueError(f"train dataset{source_name(self.train_rows)} lacks the prompt column {cfg.prompt_column!r}; "
+                             f"it has {sorted(self.train_rows[0])}")
         check_columns(self.train_rows, (cfg.prompt_column,), "train dataset")
         check_prompts(self.train_rows, cfg.prompt_column, tokenizer, cfg.system_prompt, "train dataset",
                       cfg.chat_template_kwargs)
@@ -304,7 +305,7 @@ class GRPOTrainer:
                     ids = encode_prompt(self.tokenizer, row[self.cfg.prompt_column], self.cfg.system_prompt,
                                         chat_template_kwargs=self.cfg.chat_template_kwargs)
                 except ValueError as e:
-                    raise ValueError(f"train dataset: row {key}: {e}") from None
+                    raise ValueError(f"train dataset: {row_name(self.train_rows, key)}: {e}") from None
                 self._prompt_cache[key] = self._cut_prompt(ids, key)
             out.append(self._prompt_cache[key])
         return out

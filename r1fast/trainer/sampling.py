@@ -48,7 +48,7 @@ def rejection_sample(model, tokenizer=None, rows=None, cfg: Optional[SampleConfi
     model, tokenizer = model_from_argument(model, tokenizer, cfg)
     check_model_and_tokenizer(model, tokenizer, "rejection sampling")
     check_columns(rows, (cfg.prompt_column,), "rejection sampling: dataset")
-    rows = list(rows if cfg.max_prompts < 0 else rows[:cfg.max_prompts])
+    rows = rows[:] if cfg.max_prompts < 0 else rows[:cfg.max_prompts]   # a slice: FileRows keep their lines
     check_prompts(rows, cfg.prompt_column, tokenizer, cfg.system_prompt, "rejection sampling: dataset",
                   cfg.chat_template_kwargs)
     rewards = RewardSet(cfg.reward_funcs, format_pattern=cfg.format_pattern, language=cfg.language,

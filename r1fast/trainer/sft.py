@@ -10,7 +10,7 @@ from typing import Any, Optional
 
 
 from r1fast.data.loading import (check_columns, check_prompts, continues_answer, encode_completion, encode_prompt,
-                                 prefilled_think, split_conversations)
+                                 prefilled_think, row_name, split_conversations)
 from r1fast.trainer import checkpoints as ckpt
 from r1fast.trainer.common import (
     start_run,
@@ -90,7 +90,7 @@ class SFTTrainer:
                 c = encode_completion(tokenizer, r[cfg.completion_column],
                                       "" if continues_answer(r[cfg.prompt_column]) else prefilled)
             except ValueError as e:
-                raise ValueError(f"SFT dataset: row {i}: {e}") from None
+                raise ValueError(f"SFT dataset: {row_name(rows, i)}: {e}") from None
             # trim the prompt's start to keep the completion whole; a completion of the limit or more
             # keeps one prompt token and loses its end (its EOS with it)
             if len(p) + len(c) > limit:
