@@ -1177,6 +1177,22 @@ def test_summary_shows_steps_skipped_for_nonfinite_losses(tmp_path):
     assert "rl: 2 steps skipped for a NaN/inf loss or gradient" in render_summary(runner.summary(0.0))
 
 
+def test_summary_shows_what_a_sample_stage_kept(tmp_path):
+    # summary.json and the table gave a sample stage steps 0 and dashes: how many samples it kept, of how many,
+    # was only in pipeline_state.json
+    from r1fast.trainer.pipeline import PipelineRunner, render_summary
+
+    runner = PipelineRunner(load_pipeline(tiny_pipeline(tmp_path)))
+    stats = {"prompts": 16, "samples": 64, "truncated": 3, "passed": 20, "pass_rate": 20 / 64, "kept": 12,
+             "prompts_kept": 12}
+    runner.state = {"order": ["rs"], "stages": {"rs": {"type": "sample", "step_start": 5, "step_end": 5,
+                                                        "sample_stats": stats, "finished": True}}}
+    summary = runner.summary(0.0)
+    assert summary["stages"][0]["samples"] == stats
+    assert ("rs: kept 12 of 64 samples from 16 prompts (pass rate 0.312; 3 cut at max_completion_length)"
+            in render_summary(summary))
+
+
 class ScriptedEngine:
     """Stands in for r1fast.rollout.Engine: each prompt gets the completions scripted for the first
     key found in its text, so which samples pass is known exactly."""

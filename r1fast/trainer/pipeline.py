@@ -49,6 +49,7 @@ from r1fast.trainer.config import (
 from r1fast.trainer.evaluate import check_eval_answers, describe_eval, k_sample_scores
 from r1fast.trainer.metrics import k_sample_names, replacing
 from r1fast.trainer.sampling import SAMPLE_PROGRESS, check_output_file
+from r1fast.trainer.sampling import summary as sample_summary
 
 STAGE_TYPES = {"sft": SFTConfig, "grpo": GRPOConfig, "sample": SampleConfig}
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "default.yaml")
@@ -914,6 +915,8 @@ class PipelineRunner:
                    **k_sample_scores(st.get("eval") or {})}   # "pass@4", "cons@4" with 4 samples per prompt
             if st.get("nonfinite_skipped"):
                 row["nonfinite_skipped"] = st["nonfinite_skipped"]
+            if st.get("sample_stats"):   # what a sample stage kept: a table of steps 0 and dashes said nothing of it
+                row["samples"] = st["sample_stats"]
             # a stage finished by an earlier invocation may have been evaluated under other settings
             if st.get("eval") and st.get("eval_settings", current) != current:
                 row["eval_settings"] = st["eval_settings"]
@@ -944,6 +947,9 @@ def render_summary(s: dict) -> str:
             diff = ", ".join(f"{k}={then.get(k)!r} (now {now.get(k)!r})" for k in {**now, **then}
                              if then.get(k) != now.get(k))
             lines.append(f"* {r['stage']}: evaluated by an earlier invocation with {diff}")
+    for r in s["stages"]:
+        if r.get("samples"):
+            lines.append(f"{r['stage']}: {sample_summary(r['samples'])}")
     for r in s["stages"]:
         if r.get("nonfinite_skipped"):
             lines.append(f"{r['stage']}: {r['nonfinite_skipped']} steps skipped for a NaN/inf loss or gradient")
