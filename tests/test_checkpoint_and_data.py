@@ -651,6 +651,18 @@ def test_a_bad_row_of_a_file_is_named_by_its_file_and_line(tmp_path):
         check_columns([{"prompt": "a"}, {"prompt": None}], ("prompt",), "train")
 
 
+def test_a_csv_whose_rows_have_a_field_more_than_its_header_is_refused(tmp_path):
+    # read with its first column as row names: prompt 'x=2' (the answer), answer None, the question in
+    # '__index_level_0__', without a word
+    pytest.importorskip("datasets")
+    f = tmp_path / "d.csv"
+    f.write_text('prompt,answer\n"What is 1+1?",x=2,\nWhat is 2+2?,x=4,\n')
+    with pytest.raises(ValueError, match=r"d.csv' line 2: more fields than the 2 of its header \['prompt', 'answer'\]"):
+        load_rows(str(f))
+    f.write_text('prompt,answer\n"What is 1,000+1?",1001\n')
+    assert load_rows(str(f)) == [{"prompt": "What is 1,000+1?", "answer": 1001}]
+
+
 def test_builtin_task_parameter_errors_name_the_parameter():
     assert len(load_rows("builtin:arithmetic?answer_noise=1e-1", n_builtin=3)) == 3   # was int("1e-1")
     with pytest.raises(ValueError, match="parameter 'max_terms' must be a number; got 'abc'"):

@@ -176,7 +176,27 @@ def _load_hf(path: str, split: Optional[str], default_splits: Sequence[str] = TR
             ds = datasets.load_dataset(builder, data_files=path, split="train")
         except Exception as e:   # datasets wraps the parser's error; its innermost cause says what is wrong
             raise ValueError(f"dataset {path!r}: cannot read it as .{ext}: {_root_cause(e)}") from None
+        if ext == "csv":
+            _refuse_shifted_csv(path, ds.column_names)
     return dataset_as_rows(ds)
+
+
+def _refuse_shifted_csv(path: str, columns: Sequence[str]):
+    """pandas reads a CSV whose rows have one field more than its header (a comma ending every line, an unquoted
+    comma in a question) with its first column as row names, `__index_level_0__`: every column then holds the
+    next one's values, the prompts the answers, without an error. Refused, naming the first such line."""
+    if "__index_level_0__" not in columns:
+        return
+    import csv
+
+    with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
+        reader = csv.reader(f)
+        header = next(reader, [])
+        line = next((reader.line_num for row in reader if len(row) > len(header)), None)
+    at = f" line {line}" if line else ""
+    raise ValueError(f"dataset {path!r}{at}: more fields than the {len(header)} of its header {header}, so its columns "
+                     f"would be read shifted by one (the first as row names); remove a comma that ends the lines, or "
+                     f"quote a field that holds a comma")
 
 
 def dataset_as_rows(ds) -> list[dict]:
