@@ -210,6 +210,14 @@ def test_cli_grpo_yaml_and_plot(tmp_path, monkeypatch):
     assert (run / "curves.png").stat().st_size > 1000
 
 
+def test_sft_and_sample_given_a_pipeline_file_say_to_run_it_as_one():
+    # "r1fast sft r1_pipeline" said "unknown option 'name' for SFTConfig; did you mean run_name?"
+    for command in ("sft", "sample"):
+        with pytest.raises(SystemExit, match=rf"r1_pipeline.yaml is a pipeline \(it has 'stages'\), not a config for "
+                                             rf"r1fast {command}: run it with r1fast pipeline"):
+            main([command, "r1_pipeline"])
+
+
 def test_cli_grpo_from_the_command_line_alone(tmp_path, monkeypatch):
     # `r1fast sft key=value` ran without a YAML while `r1fast train model_name_or_path=...` was read as
     # options of the default pipeline and refused

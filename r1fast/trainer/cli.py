@@ -310,7 +310,11 @@ def _config(config_cls, rest: list[str], command: str, dataset_hint=lambda cfg: 
 
 def _config_from(config_cls, config: str | None, overrides: list[str], who: str, dataset_hint=lambda cfg: ""):
     from r1fast.trainer.config import parse_overrides
+    from r1fast.trainer.pipeline import is_pipeline_file
 
+    if config and is_pipeline_file(config):   # its keys were refused one by one: "unknown option 'name'"
+        raise ConfigError(f"{config} is a pipeline (it has 'stages'), not a config for r1fast {who}: run it with "
+                          f"r1fast pipeline {config}")
     cfg = config_cls.from_yaml(config, overrides) if config else config_cls().update(
         parse_overrides(overrides), source="command line")
     if cfg.model_name_or_path is None or cfg.dataset is None:
