@@ -218,6 +218,15 @@ def test_sft_and_sample_given_a_pipeline_file_say_to_run_it_as_one():
             main([command, "r1_pipeline"])
 
 
+def test_sft_and_train_read_their_dataset_before_loading_the_model(tmp_path, monkeypatch):
+    # a misspelt dataset path was said only once the model had loaded (minutes for a large one), as r1fast sample
+    # and the trainers given a path do not
+    monkeypatch.chdir(tmp_path)
+    for command in ("sft", "train"):
+        with pytest.raises(SystemExit, match=r"dataset 'dat.jsonl' does not exist"):
+            main([command, "model_name_or_path=no_such_model", "dataset=dat.jsonl"])
+
+
 def test_cli_grpo_from_the_command_line_alone(tmp_path, monkeypatch):
     # `r1fast sft key=value` ran without a YAML while `r1fast train model_name_or_path=...` was read as
     # options of the default pipeline and refused

@@ -271,8 +271,9 @@ def _run_grpo(config: str | None, overrides: list[str], resume):
     from r1fast.trainer.grpo import GRPOTrainer
 
     cfg = _config_from(GRPOConfig, config, overrides, "a GRPO config")
-    model, tok = _model(cfg, fp8=cfg.fp8_options())
-    return _finish(GRPOTrainer(model, None, cfg.dataset, cfg, tokenizer=tok).train(resume=resume))
+    # given the model's name, the trainer reads the data before loading it (with cfg's device, dtype, seed and fp8):
+    # a wrong dataset is said before a large model has loaded
+    return _finish(GRPOTrainer(cfg.model_name_or_path, None, cfg.dataset, cfg).train(resume=resume))
 
 
 def _unset(cfg) -> str:
@@ -336,9 +337,10 @@ def _cmd_sft(args):
 
     cfg, resume = _config(SFTConfig, args.rest, "sft", lambda c: f" (JSONL/parquet/saved dataset with "
                                                               f"{c.prompt_column!r} and {c.completion_column!r} columns)")
-    model, tok = _model(cfg)
-    # SFTTrainer checks the columns, after reading a `messages` column as prompt and completion
+    # the data before the model: a wrong dataset is said before a large model has loaded. SFTTrainer checks the
+    # columns, after reading a `messages` column as prompt and completion
     rows = load_rows(cfg.dataset, split=cfg.dataset_split, seed=cfg.seed)
+    model, tok = _model(cfg)
     return _finish(SFTTrainer(model, tok, rows, cfg).train(resume=resume))
 
 
