@@ -2,7 +2,8 @@
 
 One rollout step:
     prompts ─► Engine.generate (G samples each, sampler log-probs) ─► rewards ─► group advantages
-    ─► old-policy log-probs once, forward-only (only when the batch is reused: num_iterations > 1)
+    ─► old-policy log-probs once, forward-only (only when the batch is reused: num_iterations > 1
+       and more than one optimizer step left before max_steps)
     ─► reference log-probs from a frozen copy (only when beta > 0)
     ─► num_iterations × (gradient_accumulation_steps micro-batches of the fused loss, packed layout,
        backward) ─► clip, AdamW, LR schedule ─► engine.reset_prefix_cache() ─► metrics
