@@ -677,7 +677,7 @@ def test_a_percentage_is_its_number_or_its_hundredth(with_math_verify):
     # math-verify takes 50\\% for 50 and for 0.5, but a fraction of a percent for its hundredth only: the right answer
     # 12.5\\% scored 0 against the gold 12.5 (and without math-verify 50% against 50 too)
     for a, b in (("12.5\\%", "12.5"), ("12.5%", "0.125"), ("$12.5\\%$", "12.5"), ("12.5 \\%", "12.5"), ("\\boxed{12.5\\%}", "12.5"), ("50%", "50"),
-                 ("50%", "0.5"), ("50%", "50.0\\%")):
+                 ("50%", "0.5"), ("50%", "50.0\\%"), ("12.5%.", "12.5"), ("$12.5\\%$.", "0.125"), ("12.5\\%,", "12.5")):
         assert _accuracy(a, b) == _accuracy(b, a) == 1.0, (a, b)
     for a, b in (("12.5\\%", "12.6"), ("50%", "5"), ("12.5%", "1.25"), ("%", "5"), ("12.5%", "13%")):
         assert _accuracy(a, b) == _accuracy(b, a) == 0.0, (a, b)

@@ -307,8 +307,9 @@ def _same_number(a: Fraction, b: Fraction, predicted: str, gold: str) -> bool:
 def _percentage(s: str) -> Optional[Fraction]:
     """The number of percent of an answer that is a number and a percent sign (12.5%, 12.5\\%, $50\\%$, \\boxed{50\\%}),
     else None. Against a plain number it is both that number and its hundredth, as math-verify takes 50\\% for 50 and 0.5; but
-    it does so for whole numbers only, and the right answer 12.5\\% scored 0 against the gold 12.5."""
-    s = _unwrapped(s)
+    it does so for whole numbers only, and the right answer 12.5\\% scored 0 against the gold 12.5. A sentence's full stop or
+    comma after it is no part of it (`12.5%.` and `$12.5\\%$.` scored 0 against 12.5)."""
+    s = _unwrapped(_without_full_stop(s))
     if not s.endswith("%"):
         return None
     s = s[:-1]
