@@ -111,6 +111,20 @@ def test_answers_of_one_vote_match_without_math_verify(monkeypatch):
     assert vote_key("Yes") == vote_key("yes.") and vote_key("√2") == vote_key("√2")
 
 
+def test_equal_relations_and_percentages_are_one_vote(monkeypatch):
+    # answers_match reads a leading relation sign and a percentage's number, vote_key read their text: \\le 5, \\leq 5 and
+    # ≤ 5 (or 50%, 50\\% and $50\\%$) were three cons@k votes for one answer
+    from r1fast.rewards.builtin import vote_key
+
+    monkeypatch.setitem(sys.modules, "math_verify", None)
+    for group in (("\\le 5", "\\leq 5.0", "≤ 5", "$\\leqslant 5$", "\\boxed{\\le 5}"), ("\\neq x", "≠ X", "!= x."),
+                  ("50%", "50\\%", "$50\\%$", "\\boxed{50.0\\%}", "50%.")):
+        assert len({vote_key(a) for a in group}) == 1, group
+        assert all(answers_match(a, b) for a in group for b in group), group
+    differ = ("\\le 5", "\\lt 5", "\\ge 5", "\\le 6", "5", "50%", "0.5", "50", "5%", "<", "<.")
+    assert len({vote_key(a) for a in differ}) == len(differ)
+
+
 def test_language_reward_share_of_target_script():
     fn = make_language_reward("en")
     out = fn(None, ["<think>abcd</think><answer>1</answer>", "<think>ab\u4f60\u597d</think>", "<think>1+2</think>"])

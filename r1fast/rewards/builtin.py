@@ -378,11 +378,28 @@ def vote_key(answer: str):
     number = _as_number(answer)
     if number is not None:
         return ("number", number)
+    # a relation sign and what follows it, as answers_match reads them: \\le 5, \\leq 5 and ≤ 5 were three votes
+    sign, rest = _leading_relation(_as_latex(_without_math_delimiters(answer)))
+    if sign is not None:
+        return ("relation", sign, _vote_key_of_value(rest))
+    return _vote_key_of_value(answer)
+
+
+def _vote_key_of_value(answer: str):
+    """vote_key of an answer without a relation sign opening it."""
+    number = _as_number(answer)
+    if number is not None:
+        return ("number", number)
+    # two percentages match by their numbers: 50%, 50\\% and $50\\%$ were three votes (a plain 50 or 0.5 stays apart:
+    # a percentage matches both)
+    percent = _percentage(_as_latex(_without_math_delimiters(answer)))
+    if percent is not None:
+        return ("percent", percent)
     # `Yes`, `yes.` and `\\text{YES}` are one answer to answers_match (_same_words): as three votes, three wrong
     # samples lost cons@k to one right one. Read after its Unicode math, as answers_match reads it: √x and √X. were
     # one vote, though without math-verify they do not match (\\sqrt{x} is LaTeX, not words)
     words = _text_words(_as_latex(answer))
-    return ("text", words or answer)
+    return ("text", words or answer.strip())
 
 
 # One answer's whole math-verify check (its parses and comparisons) on any thread; past it the answer
