@@ -1647,11 +1647,13 @@ def test_language_reward_reads_a_product_of_variables_as_math():
     zh = make_language_reward("zh")
     products = ["设a、b、c为正实数，且abc=1，证明a+b+c≥3。", "函数y=kx+b的图像经过点(1,2)。", "已知a与b互为相反数，求a+b+cd的值。",
                 "求2ab的值。", "所以 ab=2，bc=3。", "由xy=1得y=1/x。", "由 v=at 与 F=ma 得",
-                "在等比数列{an}中，a1=2，q=3。", "数列{an}与{bn}满足"]   # plain text's a_n: 0.75
+                "在等比数列{an}中，a1=2，q=3。", "数列{an}与{bn}满足",   # plain text's a_n: 0.75
+                # a middle dot is a product (0.71, 0.33), and so are brackets around one (0.75)
+                "所以△ABC的面积S=1/2·ab·sinC=6。", "设an=n²，bn=2^n，cn=an·bn。", "由均值不等式得a+b+c≥3·(abc)^(1/3)=3。"]
     assert zh(None, [f"<think>{t}</think>" for t in products]) == [1.0] * len(products)
     # words apart from math, or listed, still count
-    words = ["我们 need to 计算 x=2", "中 the=1 and+2"]
-    assert [round(v, 3) for v in zh(None, [f"<think>{t}</think>" for t in words])] == [0.4, 0.143]
+    words = ["我们 need to 计算 x=2", "中 the=1 and+2", "中(the)中·and·"]
+    assert [round(v, 3) for v in zh(None, [f"<think>{t}</think>" for t in words])] == [0.4, 0.143, 0.25]
 
 
 def test_language_reward_reads_a_greek_delta_before_letters_as_a_sign():

@@ -793,16 +793,21 @@ def _interleaved_word_runs(text: str, runs: _Runs) -> set[int]:
 
 def _is_product(text: str, start: int, n: int) -> bool:
     """Whether the run text[start:start+n] is a product of variables written tight against a digit or an operator
-    (2ab, abc=1, y=kx+b, a+b+cd), or an indexed sequence in plain text's braces (数列{an}, for a_n): two or three small
+    (2ab, abc=1, y=kx+b, a+b+cd, ab·sinC, (abc)), or an indexed sequence in plain text's braces (数列{an}, for a_n): two or three small
     Latin letters, none of _SPELLED_WORDS (the=, and+ stay English). Read as words, they cut Chinese chains of thought to
     0.73 (设a、b、c为正实数，且abc=1), 0.87 (y=kx+b) or 0.75 (在等比数列{an}中，a1=2)."""
     run = text[start:start + n]
     if not (2 <= n <= 3 and run.isascii() and run.islower() and run not in _SPELLED_WORDS):
         return False
     beside = [text[j] for j in (start - 1, start + n) if 0 <= j < len(text)]
-    if beside == ["{", "}"]:
+    if beside in (["{", "}"], ["(", ")"]):   # 数列{an}; a product in brackets, 3·(abc)^(1/3)
         return True
-    return any(ch.isdigit() or ch in "+-*/^_" or unicodedata.category(ch) == "Sm" for ch in beside)
+    return any(ch.isdigit() or ch in _PRODUCT_SIGNS or unicodedata.category(ch) == "Sm" for ch in beside)
+
+
+# Operators a product of variables is written tight against; a middle dot (·, Japanese ・) is a product too: the ab of
+# S=1/2·ab·sinC counted as English (0.71 for zh), the bn of cn=an·bn too (设an=n²，bn=2^n，cn=an·bn。 0.33)
+_PRODUCT_SIGNS = "+-*/^_\u00b7\u30fb"
 
 
 def _spelled_out(text: str, runs: _Runs, k: int) -> bool:
