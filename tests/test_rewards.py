@@ -1656,6 +1656,21 @@ def test_language_reward_reads_a_product_of_variables_as_math():
     assert [round(v, 3) for v in zh(None, [f"<think>{t}</think>" for t in words])] == [0.4, 0.143, 0.25]
 
 
+def test_language_reward_reads_a_sequence_s_term_or_sum_written_plain_as_math():
+    # a_n and S_n written plain (an, Sn) were English beside a list mark or the target script: 则lim(n→∞)Sn=a1/(1-q)=2。
+    # scored 0.33 for zh, a1,a2,a3,…,an成等差数列 0.88, ja's よって an=2n-1、Sn=n² である 0.75, ru's 0.96
+    lines = {"zh": ["则lim(n→∞)Sn=a1/(1-q)=2。", "在等差数列{a_n}中，a1,a2,a3,…,an成等差数列。", "设数列{an}的前n项和为Sn，且a1=1。",
+                    "所以Tn<1，且xk、xm均为正数。"],
+             "ja": ["よって an=2n-1、Sn=n² である。", "数列a1,a2,a3,…,anについて考える。"],
+             "ru": ["Последовательность a1, a2, a3, …, an является арифметической прогрессией."]}
+    for language, texts in lines.items():
+        assert make_language_reward(language)(None, [f"<think>{t}</think>" for t in texts]) == [1.0] * len(texts), texts
+    # English two-letter words still count, and an index letter beside another Latin letter is a word's
+    zh = make_language_reward("zh")
+    assert [round(v, 3) for v in zh(None, ["<think>中 in 中 on 中 ok 中</think>", "<think>中 an apple 中</think>"])] == \
+        [0.4, 0.222]
+
+
 def test_language_reward_reads_a_greek_delta_before_letters_as_a_sign():
     # Δ (Greek) and the Latin letters after it were one run outside zh, a word: 所以ΔABC是等腰三角形 scored 0.67, ΔABC≌ΔDEF
     # 0.2, Δx=2 0.5; Δ there is a triangle's or an increment's sign

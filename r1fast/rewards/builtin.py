@@ -743,12 +743,28 @@ def _is_point_name(text: str, start: int, n: int, scripts: tuple[str, ...]) -> b
         return False
     if run in _CAPITAL_WORDS:
         return False
+    return _beside_math_alone(text, start, n, scripts)
+
+
+def _beside_math_alone(text: str, start: int, n: int, scripts: tuple[str, ...]) -> bool:
+    """Whether the run text[start:start+n] stands beside math, a geometry sign (△ □ ⊙) or the target `scripts`, spaces
+    skipped, and beside no other Latin letter."""
     def math_or_target(ch: str) -> bool:
         return _is_math_mark(ch) or unicodedata.category(ch) == "So" or (ch.isalpha() and _in_script(ch, scripts))
 
     neighbours = _neighbours(text, start, start + n)
     return (any(map(math_or_target, neighbours))
             and not any(ch.isalpha() and _in_script(ch, ("LATIN",)) for ch in neighbours))
+
+
+def _is_indexed_name(text: str, start: int, n: int, scripts: tuple[str, ...]) -> bool:
+    """Whether the run text[start:start+n] is a sequence's term or sum with its index written plain (an, Sn, xk for
+    a_n, S_n, x_k: 数列{an}的前n项和为Sn, a1,a2,…,an成等差数列), beside math or the target script alone. Read as English:
+    则lim(n→∞)Sn=a1/(1-q)=2。 scored 0.33 for zh, a1,a2,a3,…,an成等差数列 0.88, ja's よって an=2n-1、Sn=n² である 0.75.
+    A letter and an index letter; not the English in, on, ok, hi (its first letter is no e, h, i, o, u); an and am pass."""
+    run = text[start:start + n]
+    return (n == 2 and run.isascii() and run[0].isalpha() and run[0].lower() not in "ehiou" and run[1] in "nkmij"
+            and _beside_math_alone(text, start, n, scripts))
 
 
 # At most this many characters between two lone letters of one spelled-out word (`t_h_e`, `(t)(h)(e)`); not three,
@@ -869,8 +885,8 @@ def _language_evidence(body: str, scripts: tuple[str, ...]) -> list[bool]:
     for k, (start, n, in_target, _) in enumerate(runs):
         a_variable = (in_target is False and n == 1 and _is_variable(text, start, scripts)
                       and not _spelled_out(text, runs, k) and k not in interleaved)
-        if in_target is False and not a_variable and (_is_point_name(text, start, n, scripts)
-                                                       or _is_product(text, start, n)):
+        if in_target is False and not a_variable and (_is_point_name(text, start, n, scripts) or _is_product(text, start, n)
+                                                       or _is_indexed_name(text, start, n, scripts)):
             continue
         if in_target is not None and not a_variable:
             evidence.extend([in_target] * n)
