@@ -1700,9 +1700,12 @@ def test_language_reward_reads_bare_function_names_as_math():
     # 在Rt△ABC中 0.5, their function names (and Rt) counted as English. Words that hold one (since, tanks) still count.
     zh = make_language_reward("zh")
     math_lines = ["在△ABC中，sin A=1/2，cos B=0。", "由正弦定理 a/sinA = b/sinB 得", "由lgx=2得", "在Rt△ABC中，∠C=90°。",
-                  "所以sinθ=1/2，", "所以 log 2 < ln 3，"]
+                  "所以sinθ=1/2，", "所以 log 2 < ln 3，",
+                  # a product of them written tight (0.16, 0.5)
+                  "故sin(A+B)=sinAcosB+cosAsinB。", "由sin2x=2sinxcosx得", "所以tanAtanB=1"]
     assert zh(None, [f"<think>{t}</think>" for t in math_lines]) == [1.0] * len(math_lines)
-    assert zh(None, ["<think>中since中</think>", "<think>中tanks中</think>"]) == [2 / 7, 2 / 7]
+    assert zh(None, ["<think>中since中</think>", "<think>中tanks中</think>", "<think>中sinxcosxs中</think>"]) == \
+        [2 / 7, 2 / 7, 2 / 11]
 
 
 def test_language_reward_reads_common_chinese_latex_as_math():
