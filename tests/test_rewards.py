@@ -1693,6 +1693,10 @@ def test_language_reward_reads_a_polygon_of_five_or_more_vertices_as_math():
               "В призме ABCDEA1B1C1D1E1 все рёбра равны."]
     assert make_language_reward("ru")(None, [f"<think>{t}</think>" for t in prisms]) == [1.0] * 3
     assert zh(None, ["<think>在正方体ABCDA1B1C1D1中</think>", "<think>中QUICKS1中</think>"]) == [1.0, 0.25]
+    # a pyramid's apex before its base (SABCD: 0.88 for ru, 0.5 for zh)
+    pyramids = ["В правильной пирамиде SABCD основание ABCD — квадрат.", "Пирамида MABCDE правильная."]
+    assert make_language_reward("ru")(None, [f"<think>{t}</think>" for t in pyramids]) == [1.0] * 2
+    assert zh(None, ["<think>在四棱锥PABCD中</think>", "<think>中QUICKER中</think>"]) == [1.0, 2 / 9]
 
 
 def test_language_reward_reads_bare_function_names_as_math():

@@ -738,8 +738,10 @@ def _is_point_name(text: str, start: int, n: int, scripts: tuple[str, ...]) -> b
     # letter is the indexed vertex A1, and ABCDA (five letters, not in order) read as English: 0.85 for ru, 0.5 for zh
     indexed_last = start + n < len(text) and (text[start + n].isdigit() or text[start + n] in _PRIMES)
     polygon = run[:-1] if indexed_last and n > 4 else run
+    # a pyramid is named by its apex and its base (Russian пирамида SABCD, 四棱锥PABCD without a hyphen): SABCD, not in
+    # order, read as English, 0.88 for ru and 0.5 for zh
     if not (run.isupper() and _in_script(run[0], ("LATIN",))
-            and (2 <= len(polygon) <= 4 or (len(polygon) > 4 and polygon in _ALPHABET))):
+            and (2 <= len(polygon) <= 4 or (len(polygon) > 4 and (polygon in _ALPHABET or polygon[1:] in _ALPHABET)))):
         return False
     if run in _CAPITAL_WORDS:
         return False
