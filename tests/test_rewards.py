@@ -1671,6 +1671,16 @@ def test_language_reward_reads_a_sequence_s_term_or_sum_written_plain_as_math():
         [0.4, 0.222]
 
 
+def test_language_reward_reads_coordinate_axes_and_planes_as_math():
+    # xOy, Ox, Oxyz (an axis or a plane through the origin O) were one run of letters, a word: 在平面直角坐标系xOy中 0.81
+    # for zh, 建立空间直角坐标系Oxyz 0.69, ja's 座標平面xOyにおいて 0.73, ru's на оси Oy 0.71 and В плоскости xOy 0.77
+    lines = {"zh": ["在平面直角坐标系xOy中，直线l过点(1,2)。", "建立空间直角坐标系Oxyz，", "平面yOz的法向量"],
+             "ja": ["座標平面xOyにおいて"], "ru": ["на оси Oy", "В плоскости xOy", "Введём систему координат Oxyz."]}
+    for language, texts in lines.items():
+        assert make_language_reward(language)(None, [f"<think>{t}</think>" for t in texts]) == [1.0] * len(texts), texts
+    assert make_language_reward("zh")(None, ["<think>中Oxford中</think>"]) == [2 / 8]   # a word still counts
+
+
 def test_language_reward_reads_a_greek_delta_before_letters_as_a_sign():
     # Δ (Greek) and the Latin letters after it were one run outside zh, a word: 所以ΔABC是等腰三角形 scored 0.67, ΔABC≌ΔDEF
     # 0.2, Δx=2 0.5; Δ there is a triangle's or an increment's sign

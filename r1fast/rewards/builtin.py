@@ -876,11 +876,18 @@ _BARE_FUNCTION_NAME_RE = re.compile(rf"(?:{_BARE_FUNCTION})(?=[A-Za-z])")
 _DELTA_AS_SIGN_RE = re.compile("\u0394(?=[A-Za-z])")
 
 
+# Coordinate axes and planes through the origin O (平面直角坐标系xOy, Russian ось Ox, система координат Oxyz): their
+# letters, one run, read as an English word: 在平面直角坐标系xOy中 scored 0.81 for zh, на оси Oy 0.71 for ru. Their O
+# is read as a math mark, which leaves x, y, z the variables they are.
+_COORDINATE_AXES_RE = re.compile(r"(?<![A-Za-z])O(?=[xyz]{1,3}(?![A-Za-z]))|(?<=(?<![A-Za-z])[xyz])O(?=[xyz](?![A-Za-z]))")
+
+
 def _language_evidence(body: str, scripts: tuple[str, ...]) -> list[bool]:
     """For each letter of `body` that tells its language, whether it is in the target `scripts`."""
     text = _LATEX_MATH_RE.sub(_NOTATION, body.translate(_MATH_LETTERS_AS_PLAIN))
     text = _BARE_FUNCTION_PRODUCT_RE.sub(lambda m: _BARE_FUNCTION_NAME_RE.sub(_NOTATION, m.group()), text)
     text = _BARE_MATH_NAME_RE.sub(_NOTATION, text)
+    text = _COORDINATE_AXES_RE.sub(_NOTATION, text)
     text = _DELTA_AS_SIGN_RE.sub("\u2206", text)
     runs: _Runs = []
     start = 0
