@@ -1681,6 +1681,19 @@ def test_language_reward_reads_coordinate_axes_and_planes_as_math():
     assert make_language_reward("zh")(None, ["<think>中Oxford中</think>"]) == [2 / 8]   # a word still counts
 
 
+def test_language_reward_reads_matrix_entries_as_variables():
+    # & and \\ separate a matrix's entries, though neither is an operator: its letters spelled words or were English,
+    # 0.46 for zh's 3×3 matrix, 0.67 for the 2×2 one, 0.86 for a column vector, 0.75 for ja, 0.89 for ru
+    lines = {"zh": [r"矩阵$\begin{pmatrix}a&b&c\\d&e&f\\g&h&i\end{pmatrix}$的行列式",
+                    r"设矩阵$A=\begin{pmatrix}a&b\\c&d\end{pmatrix}$，则$|A|=ad-bc$。", r"设列向量$\begin{pmatrix}x\\y\\z\end{pmatrix}$满足"],
+             "ja": [r"行列$\begin{pmatrix}a & b \\ c & d\end{pmatrix}$について"],
+             "ru": [r"Матрица $\begin{vmatrix}x&y\\z&w\end{vmatrix}$ равна нулю."]}
+    for language, texts in lines.items():
+        assert make_language_reward(language)(None, [f"<think>{t}</think>" for t in texts]) == [1.0] * len(texts), texts
+    # words still count, and so do letters after one backslash (a command's)
+    assert make_language_reward("zh")(None, [r"<think>中\the \quick中</think>", r"<think>中 \I \a \m 中</think>"]) == [0.2, 0.5]
+
+
 def test_language_reward_reads_a_greek_delta_before_letters_as_a_sign():
     # Δ (Greek) and the Latin letters after it were one run outside zh, a word: 所以ΔABC是等腰三角形 scored 0.67, ΔABC≌ΔDEF
     # 0.2, Δx=2 0.5; Δ there is a triangle's or an increment's sign
