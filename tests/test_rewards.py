@@ -681,8 +681,12 @@ def test_scientific_notation_is_a_number(with_math_verify):
                  ("-2.5 \\cdot 10^{-2}", "-0.025"), ("2 × 10^3", "2e3"), ("$1.6 \\times 10^{-19}$", "1.6e-19")):
         assert _accuracy(a, b) == _accuracy(b, a) == 1.0 and vote_key(a) == vote_key(b), (a, b)
     for a, b in (("1.6 \\times 10^{-19}", "-1.6 \\times 10^{-19}"), ("1.6e-19", "-1.6 \\times 10^{-19}"),
-                 ("6.02e23", "6.03 \\times 10^{23}"), ("2e3", "2 \\times 10^{4}")):
-        assert _accuracy(a, b) == 0.0, (a, b)
+                 ("6.02e23", "6.03 \\times 10^{23}"), ("2e3", "2 \\times 10^{4}"),
+                 # an exponent without braces, as plain text writes it: read whole (these scored 1)
+                 ("-1.6 × 10^-19", "1.6 \\times 10^{-19}"), ("1.7 \\times 10^-19", "1.6e-19"), ("9.1 × 10^-31", "9.11e-31")):
+        assert _accuracy(a, b) == _accuracy(b, a) == 0.0, (a, b)
+    for a, b in (("1.6 × 10^-19", "1.6 \\times 10^{-19}"), ("6.02 \\times 10^23", "6.02e23")):
+        assert _accuracy(a, b) == _accuracy(b, a) == 1.0 and vote_key(a) == vote_key(b), (a, b)
     if with_math_verify:   # an exponent against other LaTeX: given to math-verify as 1.5 \\times 10^{-3}
         assert _accuracy("1.5e-3", "\\frac{3}{2000}") == _accuracy("\\frac{3}{2000}", "1.5e-3") == 1.0
 

@@ -80,9 +80,11 @@ def final_part(text: str) -> str:
 _MANTISSA = r"(?:[1-9][0-9]{0,2}(?:,[0-9]{3})+|[0-9]+)(?:\.[0-9]*)?|\.[0-9]+"
 _NUMBER_RE = re.compile(rf"([+-]?)\s*({_MANTISSA})(?:[eE]([+-]?[0-9]{{1,3}}))?")
 # Scientific notation as LaTeX writes it (6.02 \times 10^{23}, 1.6 \cdot 10^{-19}): a number, as 6.02e23 is. Given to
-# math-verify, -1.6 \times 10^{-19} equalled 1.6 \times 10^{-19} (it rounds floats to 6 decimal places).
+# math-verify, -1.6 \times 10^{-19} equalled 1.6 \times 10^{-19} (it rounds floats to 6 decimal places). An exponent
+# without braces is read whole, as plain text means it and math-verify reads it (10^23, 10^-19): -1.6 × 10^-19 and
+# 1.7 × 10^-19 scored 1 against 1.6 \times 10^{-19}.
 _SCIENTIFIC_RE = re.compile(rf"([+-]?)\s*({_MANTISSA})\s*(?:\\times|\\cdot|\u00d7)\s*10\s*\^\s*"
-                            r"(?:\{\s*([+-]?)\s*([0-9]{1,3})\s*\}|([0-9]))")
+                            r"(?:\{\s*([+-]?)\s*([0-9]{1,3})\s*\}|([+-]?[0-9]{1,3}))")
 # The denominator's sign and its spaces are one optional group: `\s*([+-]?)\s*` split a run of spaces between its
 # two \s* in every way, quadratic on "1/" and 20k spaces (12 s, on the main thread, no deadline).
 _RATIO_RE = re.compile(r"([+-]?)\s*([0-9]+)\s*/\s*(?:([+-])\s*)?([0-9]+)")
@@ -134,8 +136,8 @@ def _as_number(s: str) -> Optional[Fraction]:
             return Fraction(sign + digits.replace(",", "") + (f"e{exp}" if exp else ""))
         m = _SCIENTIFIC_RE.fullmatch(s)
         if m:
-            sign, digits, exp_sign, exp, one_digit_exp = m.groups()
-            return Fraction(f"{sign}{digits.replace(',', '')}e{exp_sign or ''}{exp or one_digit_exp}")
+            sign, digits, exp_sign, exp, bare_exp = m.groups()
+            return Fraction(f"{sign}{digits.replace(',', '')}e{exp_sign or ''}{exp or bare_exp}")
         m = _RATIO_RE.fullmatch(s)
         if m:
             value = Fraction(int(m.group(2)), int(m.group(4)))
