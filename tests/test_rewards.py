@@ -1633,7 +1633,11 @@ def test_language_reward_counts_english_spelled_one_chinese_character_apart():
     math = ["由x与y与z的对称性，不妨设x≥y≥z。", "若a则b，若b则c，所以若a则c。", "若p且q则r。", "设a与b与c与d为正数。",
             "因此a在b与c之间。", "设m与n是两条不同的直线，α与β是两个不同的平面。"]
     assert zh(None, [f"<think>{t}</think>" for t in math]) == [1.0] * len(math)
-    assert make_language_reward("ja")(None, ["<think>aとbとcとdの和</think>"]) == [1.0]
+    assert make_language_reward("ja")(None, ["<think>aとbとcとdの和</think>", "<think>aとbとcとdとeは正の数</think>"]) == [1.0] * 2
+    # five or more named in the alphabet's order (0.64, 0.62, 0.58, 0.45 before); other letters still spell
+    listed = ["设a与b与c与d与e均为正数", "a和b和c和d和e都是整数", "点A与B与C与D与E共圆", "x与y与z与u与v与w"]
+    assert zh(None, [f"<think>{t}</think>" for t in listed]) == [1.0] * len(listed)
+    assert [round(v, 3) for v in zh(None, ["<think>中q中u中i中c中k</think>", "<think>中a中b中c中x中k</think>"])] == [0.5, 0.5]
 
 
 def test_language_reward_reads_indexed_points_as_math():
