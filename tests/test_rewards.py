@@ -111,6 +111,18 @@ def test_answers_of_one_vote_match_without_math_verify(monkeypatch):
     assert vote_key("Yes") == vote_key("yes.") and vote_key("√2") == vote_key("√2")
 
 
+def test_a_bracketed_choice_letter_is_the_letter(monkeypatch):
+    # (B), B), [B] and \\text{(B)} matched B only through math-verify (0 without it), and were each another cons@k vote
+    from r1fast.rewards.builtin import vote_key
+
+    monkeypatch.setitem(sys.modules, "math_verify", None)
+    for a, b in (("(B)", "B"), ("B)", "b"), ("\\text{(B)}", "B"), ("\\textbf{(C)}", "c"), ("(a)", "A"), ("[B]", "B"), ("(B).", "B")):
+        assert answers_match(a, b) and answers_match(b, a) and vote_key(a) == vote_key(b), (a, b)
+    for a, b in (("(B)", "C"), ("(x+1)", "x+1."), ("(AB)", "AB")):
+        assert vote_key(a) != vote_key(b), (a, b)
+    assert not answers_match("(B)", "(C)") and not answers_match("B)", "A")
+
+
 def test_equal_relations_and_percentages_are_one_vote(monkeypatch):
     # answers_match reads a leading relation sign and a percentage's number, vote_key read their text: \\le 5, \\leq 5 and
     # ≤ 5 (or 50%, 50\\% and $50\\%$) were three cons@k votes for one answer

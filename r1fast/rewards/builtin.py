@@ -161,16 +161,27 @@ def _float_repr(s: str) -> bool:
 _TEXT_ANSWER_RE = re.compile(r"\$?\s*\\(?:text|textbf|textrm|mathrm|mbox)\s*\{([^{}$\\]*)\}\s*\$?")
 
 
+# A choice letter in brackets, as multiple-choice answers write it: (B), B), [B]
+_BRACKETED_CHOICE_RE = re.compile(r"[(\[]?\s*([A-Za-z])\s*[)\]]")
+
+
 def _text_words(s: str) -> Optional[str]:
     """An answer's words, case aside, bare or in one `\\text{…}`; None for other LaTeX. Bare math with variables keeps
-    its case (_variables: x+1 is not X+1)."""
+    its case (_variables: x+1 is not X+1). A choice letter in brackets is the letter: (B), B) and \\text{(B)} matched B
+    only through math-verify (0 without it) and were each another cons@k vote than B."""
     s = s.strip().rstrip(".").strip()
     m = _TEXT_ANSWER_RE.fullmatch(s)
     if m:
-        return m.group(1).strip().casefold()
+        return _choice_letter(m.group(1).strip()).casefold()
     if "\\" in s or "$" in s:
         return None
+    s = _choice_letter(s)
     return s if _variables(s) else s.casefold()
+
+
+def _choice_letter(s: str) -> str:
+    m = _BRACKETED_CHOICE_RE.fullmatch(s)
+    return m.group(1) if m else s
 
 
 # Greek letters are variables too, their LaTeX names telling their case: \\Delta is not \\delta, nor \\Gamma \\gamma (each
