@@ -195,6 +195,13 @@ tau upsilon phi chi psi omega""".split())
 # from a choice letter.
 _NAME_OR_WORD_RE = re.compile(r"\\?[A-Za-z]+")   # a LaTeX command's name, or a run of letters
 _MATH_SIGN_RE = re.compile(r"[0-9+\-*/^_=<>\\]")
+# Two or three letters written tight against a digit, an operator or a bracket are a product of variables (2xy, ab+1,
+# \\sqrt{xy}, \\frac{ab}{2}), each letter with its case: 2xy and 2XY, ab+1 and AB+1 each scored 1 and were one vote, as
+# the run was taken for a word. A run beside spaces only stays a word or a unit (5 cm, 5 \\text{ kg}), and the text of
+# \\text{…} and its kin is left out.
+_TIGHT = r"[0-9+\-*/^_=<>(){}\[\]]"
+_TIGHT_PRODUCT_RE = re.compile(rf"(?<={_TIGHT})[A-Za-z]{{2,3}}(?![A-Za-z])|(?<![A-Za-z\\])[A-Za-z]{{2,3}}(?={_TIGHT})")
+_TEXT_PART_RE = re.compile(r"\\(?:text|textbf|textrm|mathrm|mbox|operatorname)\s*\{[^{}]*\}")
 
 
 def _variables(s: str) -> frozenset[str]:
@@ -207,6 +214,8 @@ def _variables(s: str) -> frozenset[str]:
     for name in _NAME_OR_WORD_RE.findall(s):
         if len(name) == 1 or (name[0] == "\\" and name[1:].lower() in _GREEK_NAMES):
             found.add(name)
+    for product in _TIGHT_PRODUCT_RE.findall(_TEXT_PART_RE.sub(" ", s)):
+        found.update(product)
     return frozenset(found)
 
 
