@@ -89,7 +89,8 @@ def test_a_variable_s_case_is_part_of_the_answer(with_math_verify):
 
     for a, b in (("x+1", "X+1"), ("2x", "2X"), ("a_n", "A_n"), ("x=5", "X=5"), ("x²", "X^2"),
                  # a product of variables written tight (each scored 1 and was one vote)
-                 ("2xy", "2XY"), ("ab+1", "AB+1"), ("\\sqrt{xy}", "\\sqrt{XY}"), ("\\frac{ab}{2}", "\\frac{AB}{2}")):
+                 ("2xy", "2XY"), ("ab+1", "AB+1"), ("\\sqrt{xy}", "\\sqrt{XY}"), ("\\frac{ab}{2}", "\\frac{AB}{2}"),
+                 ("Δ+1", "δ+1"), ("2Ω", "2ω")):   # Greek letters written in Unicode
         assert not answers_match(a, b) and not answers_match(b, a) and vote_key(a) != vote_key(b), (a, b)
     # a run beside spaces is a word or a unit: its case stays aside
     for a, b in (("5 cm", "5 CM"), ("12 Apples", "12 apples")):

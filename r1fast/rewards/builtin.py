@@ -193,7 +193,8 @@ tau upsilon phi chi psi omega""".split())
 # was compared case aside (_same_words): each pair scored 1. A letter alone, in brackets or not ((A), b.), is a choice
 # and words are words: their case stays aside (B = b., Yes = yes); so does a lone x against X, which cannot be told
 # from a choice letter.
-_NAME_OR_WORD_RE = re.compile(r"\\?[A-Za-z]+")   # a LaTeX command's name, or a run of letters
+# a LaTeX command's name, or a run of letters (Greek ones too: a chat model's Δ+1 and δ+1 scored 1 and were one vote)
+_NAME_OR_WORD_RE = re.compile(r"\\?[A-Za-z]+|[\u0391-\u03a9\u03b1-\u03c9]+")
 _MATH_SIGN_RE = re.compile(r"[0-9+\-*/^_=<>\\]")
 # Two or three letters written tight against a digit, an operator or a bracket are a product of variables (2xy, ab+1,
 # \\sqrt{xy}, \\frac{ab}{2}), each letter with its case: 2xy and 2XY, ab+1 and AB+1 each scored 1 and were one vote, as
