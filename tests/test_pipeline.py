@@ -2155,6 +2155,64 @@ def test_a_progress_record_cut_short_by_a_kill_is_left_out_and_appended_over(tmp
     assert (tmp_path / "whole.jsonl").read_bytes() == (tmp_path / "kept.jsonl").read_bytes()
 
 
+def test_r1fast_sample_resume_after_it_finished_samples_nothing_and_its_statistics_are_kept(tmp_path, monkeypatch,
+                                                                                            capsys):
+    # a Slurm requeue of a finished `r1fast sample ... --resume` sampled every prompt again (the progress file is
+    # removed at the end, and nothing marked the output whole), and the statistics were printed, kept nowhere
+    import hashlib
+
+    monkeypatch.chdir(tmp_path)
+    stopper = sigterm_on_call(tmp_path, monkeypatch, 0)
+    args = sample_args("kept.jsonl")
+    assert main(args) == 0
+    output = (tmp_path / "kept.jsonl").read_bytes()
+    record = json.loads((tmp_path / "kept.jsonl.sample_stats.json").read_text())
+    assert record["stats"] == {"prompts": 4, "samples": 8, "truncated": 8, "passed": 8, "pass_rate": 1.0, "kept": 4,
+                               "prompts_kept": 4}
+    assert (record["output"], record["rows"], record["bytes"]) == ("kept.jsonl", 4, len(output))
+    assert record["sha256"] == hashlib.sha256(output).hexdigest() and record["options"]["num_samples"] == 2
+    # killed after the record, before removing its progress: the progress goes, as the finished run's
+    (tmp_path / "kept.jsonl.sample_progress.json").write_text(
+        json.dumps({"r1fast_sample_progress": 2, "fingerprint": record["fingerprint"]}) + "\n")
+    capsys.readouterr()
+    assert main([*args, "--resume"]) == 0
+    assert stopper.calls == [4, 4]   # nothing sampled again
+    assert capsys.readouterr().out.splitlines() == [
+        "r1fast: --resume: sampling already complete: 4 rows in kept.jsonl; nothing to sample",
+        "kept 4 of 8 samples from 4 prompts (pass rate 1.000; 8 cut at max_completion_length) → kept.jsonl "
+        "(statistics in kept.jsonl.sample_stats.json)"]
+    assert (tmp_path / "kept.jsonl").read_bytes() == output
+    assert not (tmp_path / "kept.jsonl.sample_progress.json").exists()
+
+
+def test_r1fast_sample_resume_samples_again_over_other_options_or_an_output_changed_since(tmp_path, monkeypatch,
+                                                                                          capsys):
+    monkeypatch.chdir(tmp_path)
+    stopper = sigterm_on_call(tmp_path, monkeypatch, 0)
+    assert main(sample_args("kept.jsonl", prompts=2)) == 0
+    assert main([*sample_args("kept.jsonl", prompts=2), "--resume", "num_samples=1"]) == 0
+    assert "kept.jsonl was written by a sampling of other options or prompts" in capsys.readouterr().err
+    assert stopper.calls == [4, 2]
+    assert json.loads((tmp_path / "kept.jsonl.sample_stats.json").read_text())["stats"]["samples"] == 2
+    with open(tmp_path / "kept.jsonl", "a") as f:
+        f.write("{}\n")
+    assert main([*sample_args("kept.jsonl", prompts=2), "--resume", "num_samples=1"]) == 0
+    assert "kept.jsonl has changed since the sampling wrote it (2 rows" in capsys.readouterr().err
+    os.remove(tmp_path / "kept.jsonl")
+    assert main([*sample_args("kept.jsonl", prompts=2), "--resume", "num_samples=1"]) == 0
+    assert "kept.jsonl, which a finished sampling wrote (its record: kept.jsonl.sample_stats.json), is gone" in \
+        capsys.readouterr().err
+    assert stopper.calls == [4, 2, 2, 2]
+    assert len((tmp_path / "kept.jsonl").read_text().splitlines()) == 2
+    assert main(sample_args("kept.jsonl", prompts=2) + ["num_samples=1"]) == 0   # without --resume: written again
+    assert stopper.calls == [4, 2, 2, 2, 2]
+    os.remove(tmp_path / "kept.jsonl.sample_stats.json")
+    os.mkdir(tmp_path / "kept.jsonl.sample_stats.json")   # its write failed once every prompt was sampled
+    with pytest.raises(SystemExit, match=r"kept.jsonl.sample_stats.json, where r1fast sample records its output and "
+                                         r"statistics, is not a regular file"):
+        main(sample_args("kept.jsonl", prompts=2))
+
+
 def test_a_progress_file_of_the_older_single_object_format_resumes(tmp_path, monkeypatch, capsys, sigterm_guard):
     # an r1fast before the appended records wrote {"fingerprint", "next_prompt", "stats", "rows"} when stopped
     monkeypatch.chdir(tmp_path)

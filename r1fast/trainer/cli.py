@@ -364,10 +364,13 @@ def _cmd_sample(args):
     rows = load_rows(cfg.dataset, split=cfg.dataset_split, seed=cfg.seed, required_columns=(cfg.prompt_column,))
     # a misspelt answer_column too (rejection_sample found it once the model had loaded)
     check_answer_present(cfg.reward_funcs, rows, cfg.answer_column, "prompt dataset")
-    model, tok = _model(cfg)
     options = {k: v for k, v in cfg.to_json_dict().items() if k != "output_file"}   # the output names the file
     fingerprint = sampling.sample_fingerprint(options, [r.get(cfg.prompt_column) for r in rows],
                                               {"device": str(resolve_device(cfg.device))})
+    # before the model loads: a requeued job whose sampling had finished ends at once
+    if resume and _sample_already_complete(out, progress_file, fingerprint):
+        return 0
+    model, tok = _model(cfg)
     log = sampling.SampleProgress(progress_file, fingerprint)
     earlier = log.load("sampling") if resume else None
     stop = types.SimpleNamespace(_stop_requested=False)   # the first Ctrl-C/SIGTERM sets it; a second stops at once
@@ -387,25 +390,45 @@ def _cmd_sample(args):
     if "next_prompt" in stats:   # stopped after a batch of prompts, which log.append kept
         print(f"\nr1fast: {log.stopped(kept, stats, 'sampling')}", flush=True)
         raise KeyboardInterrupt   # _guarded says how to continue
-    sampling.finish_samples(kept, out, progress_file)
-    print(f"{sampling.summary(stats)} → {out}")
+    sampling.finish_samples(kept, out, progress_file,
+                            record={"fingerprint": fingerprint, "stats": stats, "options": cfg.to_json_dict()})
+    print(f"{sampling.summary(stats)} → {out} (statistics in {sampling.stats_path(out)})")
     return 0
 
 
+def _sample_already_complete(out: str, progress_file: str, fingerprint: str) -> bool:
+    """--resume: whether `out` is the whole output of this sampling (its record says so, and it is unchanged
+    since), said; else says why it samples from the first prompt when no stopped run's progress is there."""
+    from r1fast.trainer import sampling
+
+    record, why = sampling.finished_output(out, fingerprint)
+    if record is not None:
+        if sampling.progress_fingerprint(progress_file) == fingerprint:
+            os.remove(progress_file)   # the finished run was killed before removing it: the output holds its rows
+        print(f"r1fast: --resume: sampling already complete: {record['rows']} rows in {out}; nothing to sample\n"
+              f"{sampling.summary(record['stats'])} → {out} (statistics in {sampling.stats_path(out)})", flush=True)
+        return True
+    if not os.path.exists(progress_file):
+        why = why or f"no stopped run of {out} ({progress_file} does not exist)"
+        print(f"r1fast: --resume: {why}: sampling from the first prompt", file=sys.stderr, flush=True)
+    return False
+
+
 def _check_sample_output(out: str, progress_file: str, resume, rest: list[str], dataset):
-    """Found before the model loads and samples: an output folder that cannot be written (the rows were
+    """Found before the data is read and the model loads: an output folder that cannot be written (the rows were
     lost at the end), a --resume PATH, and a new run over a stopped one's progress (which it would lose)."""
     import shlex
 
-    from r1fast.trainer.sampling import check_output_file
+    from r1fast.trainer.sampling import check_output_file, stats_path
 
     if resume and not resume_is_bare(resume):
         raise ConfigError(f"sample's --resume takes no path ({resume!r}): it continues the stopped run whose "
                           f"output_file is given, from {progress_file}")
     check_output_file(out, read=[(dataset, "the dataset")])
-    if resume and not os.path.exists(progress_file):
-        print(f"r1fast: --resume: no stopped run of {out} ({progress_file} does not exist): sampling from the first "
-              f"prompt", file=sys.stderr, flush=True)
+    record = stats_path(out)
+    if os.path.lexists(record) and not os.path.isfile(record):   # its write failed once every prompt was sampled
+        raise ConfigError(f"{record}, where r1fast sample records its output and statistics, is not a regular file; "
+                          f"remove it or give another output_file")
     if not resume and os.path.exists(progress_file):
         again = shlex.join(["r1fast", "sample", *rest])
         raise ConfigError(f"{progress_file} holds what a stopped run kept for {out}. Type\n"

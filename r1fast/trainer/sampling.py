@@ -197,11 +197,20 @@ def check_output_file(path: str, where: str = "output_file", read: Sequence[tupl
         raise ConfigError(f"{where} {path!r}: {obstacle}; give another {option}")
 
 
-def write_jsonl(rows: Sequence[dict], path: str):
+def write_jsonl(rows: Sequence[dict], path: str) -> dict:
+    """→ {"rows", "bytes", "sha256"} of the file written (what a finished sampling's record checks it by)."""
+    import hashlib
+
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    digest, size = hashlib.sha256(), 0
     with replacing(path) as f:   # half the rows are never left as the output file
         for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False, default=_json_value) + "\n")
+            line = json.dumps(r, ensure_ascii=False, default=_json_value) + "\n"
+            data = line.encode("utf-8")
+            f.write(line)
+            digest.update(data)
+            size += len(data)
+    return {"rows": len(rows), "bytes": size, "sha256": digest.hexdigest()}
 
 
 # The progress of a rejection sampling, kept as it goes so that any kill (Ctrl-C, SIGTERM, SIGKILL, out of
@@ -382,9 +391,79 @@ def _checked_progress(fingerprint: str, record) -> dict:
     return {"fingerprint": fingerprint, "next_prompt": n, "stats": stats, "rows": rows}
 
 
-def finish_samples(kept: Sequence[dict], path: str, progress_file: str):
-    """The whole output, then the sampling's progress gone (a kill between the two resumes from it and
-    writes the same output again)."""
-    write_jsonl(kept, path)
+def finish_samples(kept: Sequence[dict], path: str, progress_file: str, record: Optional[dict] = None):
+    """The whole output, then its record when `record` ({"fingerprint", "stats", "options"}: `r1fast sample`'s)
+    is given, then the sampling's progress gone (a kill between any two resumes from the progress and writes
+    the same output and record again)."""
+    written = write_jsonl(kept, path)
+    if record is not None:
+        write_sample_record(path, {**record, **written})
     if os.path.exists(progress_file):
         os.remove(progress_file)
+
+
+# The record of a finished `r1fast sample`, beside its output: <output_file>.sample_stats.json, one JSON object
+# {"r1fast_sample_stats": 1, "output": <the output's file name>, "rows", "bytes", "sha256" (the output as written),
+# "stats" (rejection_sample's: prompts, samples, truncated, passed, pass_rate, kept, prompts_kept), "options"
+# (SampleConfig's), "fingerprint" (sample_fingerprint), "finished" (UTC, ISO 8601)}. Written whole (renamed over
+# the last) after the output and before the progress file is removed: `--resume` of the same sampling over an
+# output that still matches it (a Slurm requeue of a finished job) samples nothing.
+SAMPLE_STATS = "sample_stats.json"
+_STATS_FORMAT = 1
+
+
+def stats_path(output_file: str) -> str:
+    """Where `r1fast sample` records its finished output and statistics."""
+    return f"{output_file}.{SAMPLE_STATS}"
+
+
+def write_sample_record(output_file: str, record: dict):
+    import datetime
+
+    finished = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    order = ("rows", "bytes", "sha256", "stats", "options", "fingerprint")   # as the comment above lists them
+    body = {"r1fast_sample_stats": _STATS_FORMAT, "output": os.path.basename(output_file),
+            **{k: record[k] for k in order}, "finished": finished}
+    with replacing(stats_path(output_file)) as f:
+        f.write(json.dumps(body, indent=1, ensure_ascii=False, default=_json_value) + "\n")
+
+
+def finished_output(output_file: str, fingerprint: str) -> tuple[Optional[dict], Optional[str]]:
+    """→ (its record, None) when `output_file` is the whole output of the sampling `fingerprint` names, as
+    written; else (None, why not: a sentence naming `output_file`), or (None, None) when it has no record."""
+    path = stats_path(output_file)
+    if not os.path.exists(path):
+        return None, None
+    try:
+        with open(path, encoding="utf-8") as f:
+            record = json.load(f)
+        recorded = record["fingerprint"], record["rows"], record["bytes"], record["sha256"], summary(record["stats"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return None, f"the record of a finished sampling of {output_file} ({path}) cannot be read ({e})"
+    if recorded[0] != fingerprint:
+        return None, f"{output_file} was written by a sampling of other options or prompts (its record: {path})"
+    if not os.path.isfile(output_file):
+        return None, f"{output_file}, which a finished sampling wrote (its record: {path}), is gone"
+    if os.path.getsize(output_file) != record["bytes"] or _file_sha256(output_file) != record["sha256"]:
+        return None, (f"{output_file} has changed since the sampling wrote it ({record['rows']} rows, "
+                      f"{record['bytes']} bytes; its record: {path})")
+    return record, None
+
+
+def _file_sha256(path: str) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def progress_fingerprint(progress_file: str) -> Optional[str]:
+    """The fingerprint a progress file's first line names (either format), or None if it has none."""
+    try:
+        with open(progress_file, "rb") as f:
+            return json.loads(f.readline()).get("fingerprint")
+    except (OSError, ValueError, AttributeError):
+        return None
