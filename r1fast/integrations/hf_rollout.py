@@ -13,6 +13,10 @@ thirds of the weights, one device copy) and resets the prefix cache, whose KV is
 weight update. With `dtype` other than the parameters' (e.g. bf16 decoding of fp32 master weights
 under autocast), every parameter is such a copy.
 
+Only transformers' own class for the config's architecture is taken: a checkpoint's custom code (loaded with
+trust_remote_code=True, a subclass of transformers' class included) is refused, since the engine would decode
+transformers' model, not that code's.
+
 TRL's GRPOTrainer uses it through `r1fast.integrations.trl.GRPOTrainer(..., r1fast_generation=True)`.
 """
 from __future__ import annotations

@@ -117,7 +117,8 @@ def check_cu_seqlens_form(cu_seqlens: torch.Tensor, device: torch.device) -> Non
 
 def check_cu_seqlens(cu_seqlens: torch.Tensor, num_tokens: int, device: torch.device,
                      host: list[int] | None = None) -> PackedBatch:
-    """`host`: cu_seqlens' values where the caller read them already (with its own reads, in one sync)."""
+    """cu_seqlens checked (from 0 to num_tokens, no empty sequence) as the PackedBatch it describes. `host`:
+    its values where the caller read them already (with its own reads, in one sync), else they are read here."""
     check_cu_seqlens_form(cu_seqlens, device)
     host = cu_seqlens.tolist() if host is None else host
     if host[0] != 0 or host[-1] != num_tokens:

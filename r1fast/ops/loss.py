@@ -186,6 +186,7 @@ def _grpo_loss_triton(logp, old_logp, ref_logp, advantages, mask, opts, entropy,
 
 
 def loss_options_of(options, loss_options) -> LossOptions:
+    """The LossOptions a loss op runs with: `options` (or the defaults) with the call's keyword options over it."""
     return LossOptions.from_kwargs(options, **loss_options)
 
 

@@ -340,9 +340,11 @@ def _percentage(s: str) -> Optional[Fraction]:
 
 
 def answers_match(predicted: str, gold: str) -> bool:
-    """Exact text match, then numeric match (1/2 == 0.5, 1,000 == 1000; a float-length decimal equals
-    what it approximates to 1e-12), then math-verify when installed. Markdown around a whole answer is
-    not part of it (`**5**` is 5); a relation sign opening it is (`\\neq 5` is not 5; `\\le 5` is `≤ 5.0`)."""
+    """Exact text match, then numeric match (1/2 == 0.5, 1,000 == 1000, 6.02 \\times 10^{23} == 6.02e23; a
+    float-length decimal equals what it approximates to 1e-12; a percentage against a plain number is its number
+    or its hundredth: 12.5\\% == 12.5 == 0.125), then math-verify when installed. Markdown around a whole answer is
+    not part of it (`**5**` is 5); a relation sign opening it is (`\\neq 5` is not 5; `\\le 5` is `≤ 5.0`), and so
+    is the case of a math answer's variables (`x+1` is not `X+1`; words and choice letters match case aside)."""
     predicted, gold = (_as_latex(_without_math_delimiters(_without_markdown(x))) for x in (predicted, gold))
     if predicted.strip() == gold.strip():
         return True
