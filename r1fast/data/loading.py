@@ -23,9 +23,10 @@ EVAL_SPLITS = ("test", "validation", "eval")
 
 def load_rows(spec: str, *, split: Optional[str] = None, n_builtin: int = 1000, seed: int = 0,
               required_columns: Sequence[str] = (), default_splits: Sequence[str] = TRAIN_SPLITS) -> list[dict]:
-    """A dataset as a list of row dicts (`required_columns` must all be present). `split` names a
-    split of a folder saved from a DatasetDict; without it, the first of `default_splits` it has,
-    else its first split."""
+    """A dataset as a list of row dicts (`required_columns` must all be present): FileRows, which also know the
+    file and, for JSONL, each row's line, so that a bad row's error names them. `split` names a split of a folder
+    saved from a DatasetDict; without it, the first of `default_splits` it has, else its first split. A .csv whose
+    rows have a field more than its header is refused (pandas would read its columns shifted by one)."""
     if not isinstance(spec, str) or not spec:
         raise ValueError(f"dataset must be a path or builtin:<task>; got {spec!r}")
     if spec.startswith("builtin:"):
