@@ -311,7 +311,9 @@ class GRPOTrainer(trl.GRPOTrainer):
     fastest available for the model's device, or the R1FAST_BACKEND environment variable) and
     `r1fast_generation` (default False): True generates the completions with r1fast's rollout
     engine (paged KV cache, the samples of a prompt sharing its prefill, CUDA graphs) instead of
-    transformers' `generate`, reading the model's weights (r1fast.integrations.hf_rollout).
+    transformers' `generate`, reading the model's weights (r1fast.integrations.hf_rollout) and, at every
+    generation, `trainer.generation_config` as `generate` does; what the engine cannot follow is a ValueError
+    (docs/trl.md).
     """
 
     def __init__(self, model, reward_funcs=None, args: GRPOConfig | None = None, *pos, r1fast_backend=None,
