@@ -245,7 +245,7 @@ def test_forward_input_errors():
         (lambda: model(ids, position_ids=torch.arange(9)), "position_ids must be an int tensor of shape"),
         (lambda: model(ids, cu_seqlens=torch.tensor([0, 4, 9], dtype=torch.int32)), "end at the token count 10"),
         (lambda: model(ids, cu_seqlens=torch.tensor([0, 4, 4, 10], dtype=torch.int32)), "strictly increasing"),
-        (lambda: model(ids, cu_seqlens=torch.tensor([0.0, 10.0])), "cu_seqlens must be a 1-D int32"),
+        (lambda: model(ids, cu_seqlens=torch.tensor([0.0, 10.0])), "cu_seqlens must be a 1-D int32 or int64"),
     ]
     for call, message in cases:
         with pytest.raises(ValueError, match=message):

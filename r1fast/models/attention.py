@@ -109,7 +109,7 @@ def check_cu_seqlens_form(cu_seqlens: torch.Tensor, device: torch.device) -> Non
     if not isinstance(cu_seqlens, torch.Tensor):
         raise TypeError(f"cu_seqlens must be a tensor, got {type(cu_seqlens).__name__}")
     if cu_seqlens.dtype not in (torch.int32, torch.int64) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
-        raise ValueError(f"cu_seqlens must be a 1-D int32 tensor [B+1] with B >= 1, got dtype {cu_seqlens.dtype} "
+        raise ValueError(f"cu_seqlens must be a 1-D int32 or int64 tensor [B+1] with B >= 1, got dtype {cu_seqlens.dtype} "
                          f"shape {tuple(cu_seqlens.shape)}")
     if cu_seqlens.device != device:
         raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but input_ids on {device}")
