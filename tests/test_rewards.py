@@ -106,6 +106,19 @@ def test_a_variable_s_case_is_part_of_the_answer(with_math_verify):
         assert answers_match("(a)", "A") and answers_match("\\text{(A)}", "a") and answers_match("\\textbf{(C)}", "c")
 
 
+def test_a_base_numeral_s_letter_digits_keep_case_aside(monkeypatch):
+    # a numeral's letter digits in a base past 10 were read as variables with their case: 1a_{16} and a5_{16} scored 0
+    # against the gold 1A_{16} and A5_{16} (math-verify matched them) and were other cons@k votes
+    from r1fast.rewards.builtin import vote_key
+
+    monkeypatch.setitem(sys.modules, "math_verify", None)
+    for a, b in (("1a_{16}", "1A_{16}"), ("a5_{16}", "A5_{16}"), ("2b_12", "2B_12"), ("10AB_{12}", "10ab_{12}")):
+        assert answers_match(a, b) and answers_match(b, a) and vote_key(a) == vote_key(b), (a, b)
+    # a variable's index, a letter past the base's digits, or a base of 10 or less: variables still
+    for a, b in (("a_{12}", "A_{12}"), ("2x_{12}", "2X_{12}"), ("x_1+1", "X_1+1"), ("1b_{2}", "1B_{2}"), ("1a_{16}", "1b_{16}")):
+        assert not answers_match(a, b) and vote_key(a) != vote_key(b), (a, b)
+
+
 def test_answers_of_one_vote_match_without_math_verify(monkeypatch):
     # vote_key read words before the Unicode math that answers_match turns into LaTeX: √x and √X., a·b and A·B, were
     # one vote that answers_match (without math-verify) took for different answers

@@ -203,6 +203,18 @@ _MATH_SIGN_RE = re.compile(r"[0-9+\-*/^_=<>\\]")
 _TIGHT = r"[0-9+\-*/^_=<>(){}\[\]]"
 _TIGHT_PRODUCT_RE = re.compile(rf"(?<={_TIGHT})[A-Za-z]{{2,3}}(?![A-Za-z])|(?<![A-Za-z\\])[A-Za-z]{{2,3}}(?={_TIGHT})")
 _TEXT_PART_RE = re.compile(r"\\(?:text|textbf|textrm|mathrm|mbox|operatorname)\s*\{[^{}]*\}")
+# A numeral's digits in a base past 10 are no variables, so their case stays aside as math-verify's is (number theory's 1A_{16},
+# A5_{12}: a digit in the run, every letter a digit of that base): read as variables, 1a_{16} scored 0 against 1A_{16}.
+# Not covered: 2a_{12} (2 times a_{12}) matches 2A_{12}.
+# (a run is tried from its start only, so the regex stays linear in a long run of digits)
+_BASE_NUMERAL_RE = re.compile(r"(?<![A-Za-z0-9\\])([0-9A-Za-z]+)_(?:\{\s*([0-9]{2})\s*\}|([0-9]{2}))")
+
+
+def _without_numeral_digits(m: re.Match) -> str:
+    digits, base = m.group(1), int(m.group(2) or m.group(3))
+    if 10 < base <= 36 and any(ch.isdigit() for ch in digits) and all(int(ch, 36) < base for ch in digits):
+        return "0"
+    return m.group()
 
 
 def _variables(s: str) -> frozenset[str]:
@@ -211,6 +223,7 @@ def _variables(s: str) -> frozenset[str]:
     s = s.strip().rstrip(".").strip()
     if not _MATH_SIGN_RE.search(s) or _TEXT_ANSWER_RE.fullmatch(s):
         return frozenset()
+    s = _BASE_NUMERAL_RE.sub(_without_numeral_digits, s)
     found = set()
     for name in _NAME_OR_WORD_RE.findall(s):
         if len(name) == 1 or (name[0] == "\\" and name[1:].lower() in _GREEK_NAMES):
