@@ -119,6 +119,27 @@ def test_a_base_numeral_s_letter_digits_keep_case_aside(monkeypatch):
         assert not answers_match(a, b) and vote_key(a) != vote_key(b), (a, b)
 
 
+def test_a_time_of_day_s_am_or_pm_keeps_case_aside(monkeypatch):
+    # a.m./p.m. tight after a clock time or with full stops were read as two variables with their case: 10:30am scored 0
+    # against the gold 10:30AM, 9:40 a.m. against 9:40 A.M., 4 P.M. against 4\\text{ p.m.} (all 1 before 46d6a98)
+    from r1fast.rewards.builtin import vote_key
+
+    monkeypatch.setitem(sys.modules, "math_verify", None)
+    for a, b in (("10:30am", "10:30AM"), ("9:40 a.m.", "9:40 A.M."), ("4 P.M.", "4 p.m."), ("7:05 Pm", "7:05 pM")):
+        assert answers_match(a, b) and answers_match(b, a) and vote_key(a) == vote_key(b), (a, b)
+    # without a clock time or full stops it stays a product of variables
+    assert not answers_match("2pm", "2PM") and vote_key("2pm") != vote_key("2PM")
+    assert not answers_match("10:30am", "10:30pm")
+
+
+def test_letters_in_text_are_no_variables(with_math_verify):
+    # a lone letter inside \\text{…} was a variable with its case (a tight run there was not): 4 P.M. scored 0 against
+    # MATH-style 4\\text{ p.m.}
+    if with_math_verify:
+        assert answers_match("4 P.M.", "4\\text{ p.m.}") and answers_match("5\\text{ M}", "5\\text{ m}")
+    assert not answers_match("x+\\text{ m}", "X+\\text{ m}")
+
+
 def test_answers_of_one_vote_match_without_math_verify(monkeypatch):
     # vote_key read words before the Unicode math that answers_match turns into LaTeX: √x and √X., a·b and A·B, were
     # one vote that answers_match (without math-verify) took for different answers

@@ -208,6 +208,10 @@ _TEXT_PART_RE = re.compile(r"\\(?:text|textbf|textrm|mathrm|mbox|operatorname)\s
 # Not covered: 2a_{12} (2 times a_{12}) matches 2A_{12}.
 # (a run is tried from its start only, so the regex stays linear in a long run of digits)
 _BASE_NUMERAL_RE = re.compile(r"(?<![A-Za-z0-9\\])([0-9A-Za-z]+)_(?:\{\s*([0-9]{2})\s*\}|([0-9]{2}))")
+# A time of day's a.m./p.m. after a clock time or with its full stops (10:30am, 9:40 A.M., 4 P.M.) is a word, not two
+# variables: 10:30am and 9:40 a.m. scored 0 against 10:30AM and 9:40 A.M. Not covered: 2pm (no clock time, no full
+# stops) is still a product of variables, apart from 2PM.
+_TIME_OF_DAY_RE = re.compile(r"(?<=[0-9]:[0-9]{2})\s*[AaPp]\.?\s?[Mm]\b\.?|(?<=[0-9])\s*[AaPp]\.\s?[Mm]\b\.?")
 
 
 def _without_numeral_digits(m: re.Match) -> str:
@@ -219,16 +223,17 @@ def _without_numeral_digits(m: re.Match) -> str:
 
 def _variables(s: str) -> frozenset[str]:
     """The variables of an answer that is math (a digit, an operator or LaTeX in it), in their case: its lone Latin
-    letters and Greek letters' LaTeX names; none for other answers (a choice letter, words, one `\\text{…}`)."""
+    letters and Greek letters' LaTeX names, outside `\\text{…}` and its kin (words: the p.m. of 4\\text{ p.m.}); none for
+    other answers (a choice letter, words, one `\\text{…}`)."""
     s = s.strip().rstrip(".").strip()
     if not _MATH_SIGN_RE.search(s) or _TEXT_ANSWER_RE.fullmatch(s):
         return frozenset()
-    s = _BASE_NUMERAL_RE.sub(_without_numeral_digits, s)
+    s = _TIME_OF_DAY_RE.sub(" ", _BASE_NUMERAL_RE.sub(_without_numeral_digits, _TEXT_PART_RE.sub(" ", s)))
     found = set()
     for name in _NAME_OR_WORD_RE.findall(s):
         if len(name) == 1 or (name[0] == "\\" and name[1:].lower() in _GREEK_NAMES):
             found.add(name)
-    for product in _TIGHT_PRODUCT_RE.findall(_TEXT_PART_RE.sub(" ", s)):
+    for product in _TIGHT_PRODUCT_RE.findall(s):
         found.update(product)
     return frozenset(found)
 
