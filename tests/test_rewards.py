@@ -140,6 +140,18 @@ def test_letters_in_text_are_no_variables(with_math_verify):
     assert not answers_match("x+\\text{ m}", "X+\\text{ m}")
 
 
+def test_a_number_with_a_one_letter_unit_is_its_number(with_math_verify):
+    # read as `$…$`, a bare one-letter unit was a variable: 2 L was 2*l, 3 m/s 3*m/s, so the right answer scored 0 against
+    # NuminaMath's 2 \\mathrm{~L} (math-verify drops its unit) and against 2
+    if not with_math_verify:
+        return
+    for a, b in (("2 L", "2 \\mathrm{~L}"), ("10 N", "10 \\mathrm{~N}"), ("3 m/s", "3 \\mathrm{~m/s}"), ("10 J.", "10\\,\\mathrm{J}"),
+                 ("9.8 m/s^2", "9.8"), ("2 L", "2"), ("20 m/s", "20m/s"), ("2L", "2 L")):
+        assert answers_match(a, b), (a, b)
+    for a, b in (("2 L", "3"), ("3 m/s", "3.5"), ("2x", "2"), ("2 L", "2 l")):
+        assert not answers_match(a, b), (a, b)
+
+
 def test_answers_of_one_vote_match_without_math_verify(monkeypatch):
     # vote_key read words before the Unicode math that answers_match turns into LaTeX: √x and √X., a·b and A·B, were
     # one vote that answers_match (without math-verify) took for different answers

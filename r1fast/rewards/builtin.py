@@ -479,11 +479,10 @@ def _math_verify_verdict(predicted: str, gold: str) -> bool:
     from math_verify import parse, verify
 
     def check():
-        gold_parsed = _mv_parse(parse, gold)
-        pred_parsed = _mv_parse(parse, predicted)
-        if not gold_parsed or not pred_parsed or _holds_huge_power(pred_parsed) or _holds_huge_power(gold_parsed):
+        gold_readings, pred_readings = _mv_readings(parse, gold), _mv_readings(parse, predicted)
+        if any(_holds_huge_power(parsed) for parsed in gold_readings + pred_readings):
             return False
-        return bool(verify(gold_parsed, pred_parsed, timeout_seconds=None))
+        return any(verify(g, p, timeout_seconds=None) for g in gold_readings for p in pred_readings)
 
     _quiet_math_verify_timeout_notice()
     try:
@@ -551,6 +550,12 @@ def _warn_without_math_verify(predicted: str, gold: str):
 
 
 _PROSE_RE = re.compile(r"[A-Za-z]{2,}")
+# A number and its unit, bare (2 L, 10 N, 3 m/s, 9.8 m/s^2): a one-letter unit is no prose to _PROSE_RE, and read as
+# `$…$` only it was a product (2*l, 3*m/s), so the right answer scored 0 against NuminaMath's 2 \\mathrm{~L},
+# 10 \\mathrm{~N} (whose units math-verify drops) and against 2. It is read as text too, as `5 cm` is (its number),
+# and matches by either reading: as text alone, 20 m/s no longer matched 20m/s. Trade-off: `2 x` (spaced) is 2 too.
+_NUMBER_AND_UNIT_RE = re.compile(r"[+-]?(?:[0-9][0-9,]*(?:\.[0-9]+)?|\.[0-9]+)\s+[A-Za-z]{1,3}"
+                                 r"(?:\s*/\s*[A-Za-z]{1,3})?(?:\^\{?[0-9]\}?)?")
 
 
 def _without_full_stop(s: str) -> str:
@@ -559,6 +564,15 @@ def _without_full_stop(s: str) -> str:
     `$2\\sqrt{3}\\$` parsed to nothing too."""
     s = s.rstrip()
     return s[:-1] if s.endswith((".", ",")) and not s.endswith(("..", "\\,")) else s
+
+
+def _mv_readings(parse, s: str) -> list:
+    """math-verify's readings of `s` (_mv_parse's, and a number with its unit as text too: _NUMBER_AND_UNIT_RE), the
+    empty ones left out."""
+    readings = [_mv_parse(parse, s)]
+    if _NUMBER_AND_UNIT_RE.fullmatch(_without_full_stop(s)):
+        readings.append(parse(s, parsing_timeout=None))
+    return [parsed for parsed in readings if parsed]
 
 
 def _mv_parse(parse, s: str):
