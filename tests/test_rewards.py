@@ -175,6 +175,20 @@ def test_a_bracketed_choice_letter_is_the_letter(monkeypatch):
     assert not answers_match("(B)", "(C)") and not answers_match("B)", "A")
 
 
+def test_a_choice_letter_with_its_option_s_text_is_the_letter(with_math_verify):
+    # B. 12, B) 12 and (D) 4\\sqrt{2} scored 0 against the gold B (B against the gold B. 12 and MATH's \\textbf{(C) }3),
+    # while math-verify, finding 12 in both, took C. 12 for B. 12
+    from r1fast.rewards.builtin import vote_key
+
+    for a, b in (("B. 12", "B"), ("B) 12", "(B)"), ("B: 12", "\\text{(B)}"), ("(D) 4\\sqrt{2}", "D"), ("C", "\\textbf{(C) }3"),
+                 ("B", "\\textbf{(B)}\\ 12"), ("B. 12", "B. 13")):
+        assert answers_match(a, b) and answers_match(b, a) and vote_key(a) == vote_key(b), (a, b)
+    for a, b in (("C. 12", "B. 12"), ("(C) 12", "B"), ("C", "B. 12"), ("(A) 3, (B) 5", "A"), ("x: 5", "x")):
+        assert not answers_match(a, b) and not answers_match(b, a) and vote_key(a) != vote_key(b), (a, b)
+    if with_math_verify:
+        assert answers_match("A. 5", "5") and answers_match("12", "B. 12")   # the option's value still matches
+
+
 def test_equal_relations_and_percentages_are_one_vote(monkeypatch):
     # answers_match reads a leading relation sign and a percentage's number, vote_key read their text: \\le 5, \\leq 5 and
     # ≤ 5 (or 50%, 50\\% and $50\\%$) were three cons@k votes for one answer

@@ -165,11 +165,34 @@ _TEXT_ANSWER_RE = re.compile(r"\$?\s*\\(?:text|textbf|textrm|mathrm|mbox)\s*\{([
 _BRACKETED_CHOICE_RE = re.compile(r"[(\[]?\s*([A-Za-z])\s*[)\]]")
 
 
+# A choice letter followed by its option's text, as multiple-choice golds and answers write it: B. 12, B) 12, B: 12,
+# (D) 4\\sqrt{2}, MATH's \\textbf{(C) }3. A capital of A to J (up to ten options); after a full stop or a colon a space.
+_OPTION_HEAD_RE = re.compile(r"\\(?:text|textbf|textrm|mathrm|mathbf)\s*\{\s*\(?\s*([A-J])\s*\)?\s*\}|[(\[]\s*([A-J])\s*[)\]]"
+                             r"|([A-J])\s*\)|([A-J])[.:](?=\s)")
+_LATEX_SPACE_RE = re.compile(r"(?:\s|\\[ ,;:!]|~)*")
+
+
+def _option_letter(s: str) -> Optional[str]:
+    """The letter of an answer that is a choice letter and its option's text (`B. 12`, `\\textbf{(C) }3`), else None.
+    Read as a whole, B. 12 scored 0 against the gold B (and B against the gold B. 12), while math-verify, finding 12 in
+    both, took C. 12 for B. 12. An answer naming two options (`(A) 3, (B) 5`) is none."""
+    m = _OPTION_HEAD_RE.match(s)
+    if m is None:
+        return None
+    rest = s[_LATEX_SPACE_RE.match(s, m.end()).end():]
+    if not rest or _OPTION_HEAD_RE.search(rest):
+        return None
+    return next(g for g in m.groups() if g is not None)
+
+
 def _text_words(s: str) -> Optional[str]:
     """An answer's words, case aside, bare or in one `\\text{…}`; None for other LaTeX. Bare math with variables keeps
     its case (_variables: x+1 is not X+1). A choice letter in brackets is the letter: (B), B) and \\text{(B)} matched B
     only through math-verify (0 without it) and were each another cons@k vote than B."""
     s = s.strip().rstrip(".").strip()
+    letter = _option_letter(s)
+    if letter is not None:
+        return letter.casefold()
     m = _TEXT_ANSWER_RE.fullmatch(s)
     if m:
         return _choice_letter(m.group(1).strip()).casefold()
@@ -177,6 +200,10 @@ def _text_words(s: str) -> Optional[str]:
         return None
     s = _choice_letter(s)
     return s if _variables(s) else s.casefold()
+
+
+def _is_letter(words: Optional[str]) -> bool:
+    return words is not None and len(words) == 1 and words.isalpha()
 
 
 def _choice_letter(s: str) -> str:
@@ -373,6 +400,9 @@ def answers_match(predicted: str, gold: str) -> bool:
         return True
     if _same_words(predicted, gold):
         return True
+    if _option_letter(predicted.strip()) and _is_letter(_text_words(gold)) or (
+            _option_letter(gold.strip()) and _is_letter(_text_words(predicted))):
+        return False   # two choices, their letters differ: C. 12 is not B. 12, though its option's text may be
     a, b = _as_number(predicted), _as_number(gold)
     if a is not None and b is not None:
         return _same_number(a, b, predicted, gold)
