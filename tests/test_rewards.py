@@ -189,6 +189,22 @@ def test_a_choice_letter_with_its_option_s_text_is_the_letter(with_math_verify):
         assert answers_match("A. 5", "5") and answers_match("12", "B. 12")   # the option's value still matches
 
 
+def test_latex_spaced_otherwise_is_the_same_answer(monkeypatch):
+    # math mode ignores spaces, \\; \\, \\quad, \\left and \\right, but the text was compared as it is: a right answer spaced
+    # otherwise than its gold scored 0 where math-verify parses neither (a general solution with k \\in \\mathbb{Z}) or
+    # misreads one (2\\pi r h was 2*pi*r to it), and was another cons@k vote
+    from r1fast.rewards.builtin import vote_key
+
+    monkeypatch.setitem(sys.modules, "math_verify", None)
+    for a, b in (("x=\\frac{\\pi}{3}+k\\pi,k\\in\\mathbb{Z}", "x = \\frac{\\pi}{3} + k\\pi, k \\in \\mathbb{Z}"), ("2\\pi r h", "2\\pi rh"),
+                 ("\\left\\{x | x>1\\right\\}", "\\{x|x>1\\}"), ("a\\;\\text{or}\\quad b", "a \\text{or} b"), ("\\le \\,", "$≤\\;$")):
+        assert answers_match(a, b) and answers_match(b, a) and vote_key(a) == vote_key(b), (a, b)
+    # the space that ends a command's name is kept, and letters keep their case
+    for a, b in (("\\pi r", "\\pir"), ("2\\pi R h", "2\\pi rh"), ("\\; b", "b")):
+        assert vote_key(a) != vote_key(b), (a, b)
+    assert not answers_match("2\\pi R h", "2\\pi rh")
+
+
 def test_equal_relations_and_percentages_are_one_vote(monkeypatch):
     # answers_match reads a leading relation sign and a percentage's number, vote_key read their text: \\le 5, \\leq 5 and
     # ≤ 5 (or 50%, 50\\% and $50\\%$) were three cons@k votes for one answer

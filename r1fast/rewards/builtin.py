@@ -384,6 +384,21 @@ def _percentage(s: str) -> Optional[Fraction]:
     return _as_number(s[:-1] if s.endswith("\\") else s)
 
 
+# LaTeX's spacing, which math mode ignores: its space commands, \\left and \\right, and spaces, but the one that ends a
+# command's name before a letter (\\pi r is not \\pir). A right answer spaced otherwise than its gold, where math-verify
+# parses neither (x=\\frac{\\pi}{3}+k\\pi,k\\in\\mathbb{Z}; \\{x|x>1\\}) or misreads one (2\\pi r h is 2*pi*r to it), scored 0.
+_LATEX_SPACE_COMMAND_RE = re.compile(r"\\[,;:! ]|~|\\q?quad(?![A-Za-z])|\\(?:left|right)(?![A-Za-z])")
+_SPACE_RUN_RE = re.compile(r"(\\[A-Za-z]+)\s+(?=[A-Za-z])|\s+")
+
+
+def _without_latex_spacing(s: str) -> str:
+    """LaTeX `s` without the spacing math mode ignores; other text stripped only."""
+    if "\\" not in s:
+        return s.strip()
+    s = _LATEX_SPACE_COMMAND_RE.sub(" ", s)
+    return _SPACE_RUN_RE.sub(lambda m: m.group(1) + " " if m.group(1) else "", s).strip()
+
+
 def answers_match(predicted: str, gold: str) -> bool:
     """Exact text match, then numeric match (1/2 == 0.5, 1,000 == 1000, 6.02 \\times 10^{23} == 6.02e23; a
     float-length decimal equals what it approximates to 1e-12; a percentage against a plain number is its number
@@ -391,12 +406,12 @@ def answers_match(predicted: str, gold: str) -> bool:
     not part of it (`**5**` is 5); a relation sign opening it is (`\\neq 5` is not 5; `\\le 5` is `≤ 5.0`), and so
     is the case of a math answer's variables (`x+1` is not `X+1`; words and choice letters match case aside)."""
     predicted, gold = (_as_latex(_without_math_delimiters(_without_markdown(x))) for x in (predicted, gold))
-    if predicted.strip() == gold.strip():
+    if _without_latex_spacing(predicted) == _without_latex_spacing(gold):
         return True
     (predicted_sign, predicted), (gold_sign, gold) = _leading_relation(predicted), _leading_relation(gold)
     if predicted_sign != gold_sign:
         return False
-    if predicted_sign is not None and predicted.strip() == gold.strip():
+    if predicted_sign is not None and _without_latex_spacing(predicted) == _without_latex_spacing(gold):
         return True
     if _same_words(predicted, gold):
         return True
@@ -472,7 +487,11 @@ def _vote_key_of_value(answer: str):
     # samples lost cons@k to one right one. Read after its Unicode math, as answers_match reads it: √x and √X. were
     # one vote, though without math-verify they do not match (\\sqrt{x} is LaTeX, not words)
     words = _text_words(_as_latex(answer))
-    return ("text", words or answer.strip())
+    if words:
+        return ("text", words)
+    # LaTeX spaced otherwise is one answer (answers_match), apart from words: without its space commands \\; b is b
+    latex = _as_latex(_without_math_delimiters(answer))
+    return ("latex", _without_latex_spacing(latex)) if "\\" in latex else ("text", answer.strip())
 
 
 # One answer's whole math-verify check (its parses and comparisons) on any thread; past it the answer
