@@ -140,6 +140,17 @@ def test_letters_in_text_are_no_variables(with_math_verify):
     assert not answers_match("x+\\text{ m}", "X+\\text{ m}")
 
 
+def test_a_product_written_tight_is_read_as_math_too(with_math_verify):
+    # bare text with a run of letters was read as prose only: 2xy was its 2 alone, ab+1 and mc^2 nothing, so the right
+    # answers 2 x y, ba+1, BC+AB and mc^2 scored 0 against the golds 2xy, ab+1, AB+BC and E=mc^2
+    if not with_math_verify:
+        return
+    for a, b in (("2 x y", "2xy"), ("ba+1", "ab+1"), ("BC+AB", "AB+BC"), ("mc^2", "E=mc^2"), ("5cm", "5"), ("10 km/h", "10")):
+        assert answers_match(a, b), (a, b)
+    for a, b in (("ab+2", "ab+1"), ("2XY", "2xy"), ("2yz", "2x y")):
+        assert not answers_match(a, b), (a, b)
+
+
 def test_a_number_with_a_one_letter_unit_is_its_number(with_math_verify):
     # read as `$…$`, a bare one-letter unit was a variable: 2 L was 2*l, 3 m/s 3*m/s, so the right answer scored 0 against
     # NuminaMath's 2 \\mathrm{~L} (math-verify drops its unit) and against 2

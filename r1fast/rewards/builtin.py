@@ -616,11 +616,17 @@ def _without_full_stop(s: str) -> str:
 
 
 def _mv_readings(parse, s: str) -> list:
-    """math-verify's readings of `s` (_mv_parse's, and a number with its unit as text too: _NUMBER_AND_UNIT_RE), the
-    empty ones left out."""
+    """math-verify's readings of `s`, the empty ones left out: _mv_parse's, and a number with its unit as text too
+    (_NUMBER_AND_UNIT_RE), and bare text whose only runs of letters are products written tight (2xy, ab+1, F = ma) as
+    `$…$` too: read as prose only, 2xy was its 2 (0 against 2 x y), ba+1 nothing (0 against ab+1), ma nothing (0 against
+    F = ma), while 5cm stays 5 as well."""
     readings = [_mv_parse(parse, s)]
-    if _NUMBER_AND_UNIT_RE.fullmatch(_without_full_stop(s)):
+    bare = _without_full_stop(s)
+    if _NUMBER_AND_UNIT_RE.fullmatch(bare):
         readings.append(parse(s, parsing_timeout=None))
+    elif ("\\" not in s and "$" not in s and _PROSE_RE.search(s)
+          and not _PROSE_RE.search(_TIGHT_PRODUCT_RE.sub(" ", s))):
+        readings.append(parse(f"${bare}$", parsing_timeout=None))
     return [parsed for parsed in readings if parsed]
 
 
