@@ -151,6 +151,17 @@ def test_a_product_written_tight_is_read_as_math_too(with_math_verify):
         assert not answers_match(a, b), (a, b)
 
 
+def test_variables_written_tight_are_not_read_as_their_leading_number(with_math_verify):
+    # the prose reading of 2ab+1 and 2xy+1 was 2 for both, so the wrong answer scored 1 (and 2xy against the gold 2);
+    # a number with a unit written against it stays its number
+    if not with_math_verify:
+        return
+    for a, b in (("2ab", "2xy"), ("2ab+1", "2xy+1"), ("2xy", "2"), ("3abc", "3xyz")):
+        assert not answers_match(a, b), (a, b)
+    for a, b in (("5cm", "5"), ("12kg.", "12"), ("60km/h", "60"), ("2xy", "2 x y")):
+        assert answers_match(a, b), (a, b)
+
+
 def test_a_number_with_a_one_letter_unit_is_its_number(with_math_verify):
     # read as `$…$`, a bare one-letter unit was a variable: 2 L was 2*l, 3 m/s 3*m/s, so the right answer scored 0 against
     # NuminaMath's 2 \\mathrm{~L} (math-verify drops its unit) and against 2

@@ -607,6 +607,13 @@ _NUMBER_AND_UNIT_RE = re.compile(r"[+-]?(?:[0-9][0-9,]*(?:\.[0-9]+)?|\.[0-9]+)\s
                                  r"(?:\s*/\s*[A-Za-z]{1,3})?(?:\^\{?[0-9]\}?)?")
 
 
+# A number with a common unit written against it (5cm, 12kg, 60km/h): the number, as `5 cm` is. Other letters against a
+# number are variables (2xy, 2ab+1).
+_NUMBER_GLUED_UNIT_RE = re.compile(r"[+-]?(?:[0-9][0-9,]*(?:\.[0-9]+)?|\.[0-9]+)(?:cm|mm|km|nm|kg|mg|ml|mL|ms|ns|min|hr|hrs|"
+                                   r"sec|mph|kph|rpm|mol|kJ|kW|Hz|kHz|MHz|GHz|kPa|lb|lbs|oz|ft|yd|mi)(?:\s*/\s*(?:s|h|hr|min))?"
+                                   r"(?:\^\{?[0-9]\}?)?")
+
+
 def _without_full_stop(s: str) -> str:
     """`s` without a sentence's final full stop or comma (an ellipsis stays): `$2\\sqrt{3},$` parsed to nothing as
     `$2\\sqrt{3}.$` did, and the bare text to its leading 2. LaTeX's thin space `\\,` is no comma: without its comma
@@ -626,7 +633,10 @@ def _mv_readings(parse, s: str) -> list:
         readings.append(parse(s, parsing_timeout=None))
     elif ("\\" not in s and "$" not in s and _PROSE_RE.search(s)
           and not _PROSE_RE.search(_TIGHT_PRODUCT_RE.sub(" ", s))):
-        readings.append(parse(f"${bare}$", parsing_timeout=None))
+        as_math = parse(f"${bare}$", parsing_timeout=None)
+        # the prose reading only where the letters are a unit: read as prose, 2ab+1 and 2xy+1 were both 2 and matched
+        # (as 2xy did the gold 2)
+        readings = readings + [as_math] if _NUMBER_GLUED_UNIT_RE.fullmatch(bare) else [as_math]
     return [parsed for parsed in readings if parsed]
 
 
