@@ -194,8 +194,9 @@ def _refuse_shifted_csv(path: str, columns: Sequence[str]):
         reader = csv.reader(f)
         header = next(reader, [])
         line = next((reader.line_num for row in reader if len(row) > len(header)), None)
-    at = f" line {line}" if line else ""
-    raise ValueError(f"dataset {path!r}{at}: more fields than the {len(header)} of its header {header}, so its columns "
+    if line is None:   # the header names the column itself (a pandas index written out): the file's own
+        return
+    raise ValueError(f"dataset {path!r} line {line}: more fields than the {len(header)} of its header {header}, so its columns "
                      f"would be read shifted by one (the first as row names); remove a comma that ends the lines, or "
                      f"quote a field that holds a comma")
 
