@@ -651,6 +651,29 @@ def test_a_bad_row_of_a_file_is_named_by_its_file_and_line(tmp_path):
         check_columns([{"prompt": "a"}, {"prompt": None}], ("prompt",), "train")
 
 
+def test_rows_of_a_file_changed_in_place_name_no_wrong_line(tmp_path):
+    # load_rows' rows appended to raised IndexError naming the bad row, and shuffled or reversed they named
+    # another row's line; copied or pickled they keep their lines
+    import copy
+    import pickle
+
+    from r1fast.data.loading import check_columns
+
+    f = tmp_path / "d.jsonl"
+    f.write_text('{"prompt": null}\n\n{"prompt": "a"}\n{"prompt": "b"}\n')
+    rows = load_rows(str(f))
+    for kept in (copy.copy(rows), copy.deepcopy(rows), pickle.loads(pickle.dumps(rows))):
+        with pytest.raises(ValueError, match=r"row 0 \('.*d.jsonl' line 1\)"):
+            check_columns(kept, ("prompt",))
+    rows.reverse()
+    with pytest.raises(ValueError, match=r"dataset: row 2 has no value"):
+        check_columns(rows, ("prompt",))
+    rows = load_rows(str(f))[1:]
+    rows.append({"prompt": None})
+    with pytest.raises(ValueError, match=r"dataset: row 2 has no value"):
+        check_columns(rows, ("prompt",))
+
+
 def test_a_csv_whose_rows_have_a_field_more_than_its_header_is_refused(tmp_path):
     # read with its first column as row names: prompt 'x=2' (the answer), answer None, the question in
     # '__index_level_0__', without a word

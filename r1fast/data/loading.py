@@ -56,6 +56,24 @@ class FileRows(list):
             return FileRows(got, self.source, self.lines[index] if self.lines is not None else None)
         return got
 
+    def __reduce__(self):   # pickled and copied whole (copy's default appends the rows after the lines are set)
+        return FileRows, (list(self), self.source, self.lines)
+
+
+def _forgetting_where(change):
+    """A list method that changes FileRows in place (a caller's append, shuffle, sort): its rows are then no longer
+    the file's at those lines (a wrong line was named, or an IndexError raised for an appended row), so they are
+    named as rows given in Python are."""
+    def changed(self, *args, **kwargs):
+        self.source, self.lines = None, None
+        return change(self, *args, **kwargs)
+    return changed
+
+
+for _name in ("__setitem__", "__delitem__", "__iadd__", "__imul__", "append", "extend", "insert", "pop", "remove",
+              "clear", "sort", "reverse"):
+    setattr(FileRows, _name, _forgetting_where(getattr(list, _name)))
+
 
 def row_name(rows: Sequence[dict], i: int) -> str:
     """"row i", with the file and line it was read from when `rows` are FileRows."""
