@@ -2174,6 +2174,8 @@ def test_r1fast_sample_resume_after_it_finished_samples_nothing_and_its_statisti
     # killed after the record, before removing its progress: the progress goes, as the finished run's
     (tmp_path / "kept.jsonl.sample_progress.json").write_text(
         json.dumps({"r1fast_sample_progress": 2, "fingerprint": record["fingerprint"]}) + "\n")
+    written = os.path.getmtime(tmp_path / "kept.jsonl.sample_stats.json")
+    os.utime(tmp_path / "kept.jsonl.sample_progress.json", (written - 1, written - 1))   # last written before it
     capsys.readouterr()
     assert main([*args, "--resume"]) == 0
     assert stopper.calls == [4, 4]   # nothing sampled again
@@ -2182,6 +2184,24 @@ def test_r1fast_sample_resume_after_it_finished_samples_nothing_and_its_statisti
         "kept 4 of 8 samples from 4 prompts (pass rate 1.000; 8 cut at max_completion_length) → kept.jsonl "
         "(statistics in kept.jsonl.sample_stats.json)"]
     assert (tmp_path / "kept.jsonl").read_bytes() == output
+    assert not (tmp_path / "kept.jsonl.sample_progress.json").exists()
+
+
+def test_r1fast_sample_resume_continues_a_later_stopped_run_over_a_finished_output(tmp_path, monkeypatch, capsys):
+    # a finished output's record outranked the progress of a later run of the same options (run again without
+    # --resume, e.g. over a model folder retrained since), stopped by a requeue: --resume said 'sampling already
+    # complete', kept the earlier output and deleted the later run's progress
+    monkeypatch.chdir(tmp_path)
+    stopper = sigterm_on_call(tmp_path, monkeypatch, 0)
+    assert main(sample_args("kept.jsonl")) == 0
+    stopper.calls.clear()
+    stopper.STOP_AT = 1
+    assert main(sample_args("kept.jsonl")) == 130   # stopped after its first batch of prompts
+    stopper.STOP_AT = 0
+    capsys.readouterr()
+    assert main([*sample_args("kept.jsonl"), "--resume"]) == 0
+    assert "sampling continues from prompt 3 of 4" in capsys.readouterr().out
+    assert stopper.calls == [4, 4]   # the second batch sampled
     assert not (tmp_path / "kept.jsonl.sample_progress.json").exists()
 
 

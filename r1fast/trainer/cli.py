@@ -404,6 +404,10 @@ def _sample_already_complete(out: str, progress_file: str, fingerprint: str) -> 
     record, why = sampling.finished_output(out, fingerprint)
     if record is not None:
         if sampling.progress_fingerprint(progress_file) == fingerprint:
+            if os.path.getmtime(progress_file) > os.path.getmtime(sampling.stats_path(out)):
+                # a later run of this sampling (run again without --resume: a model folder retrained since), stopped:
+                # its progress continues, as it did before outputs had records
+                return False
             os.remove(progress_file)   # the finished run was killed before removing it: the output holds its rows
         print(f"r1fast: --resume: sampling already complete: {record['rows']} rows in {out}; nothing to sample\n"
               f"{sampling.summary(record['stats'])} → {out} (statistics in {sampling.stats_path(out)})", flush=True)
