@@ -2231,6 +2231,13 @@ def test_r1fast_sample_resume_samples_again_over_other_options_or_an_output_chan
     with pytest.raises(SystemExit, match=r"kept.jsonl.sample_stats.json, where r1fast sample records its output and "
                                          r"statistics, is not a regular file"):
         main(sample_args("kept.jsonl", prompts=2))
+    # a name the output and progress files fit but the record's temporary file did not: 'File name too long' once
+    # every prompt was sampled, and again after each --resume
+    long_name = "a" * 214 + ".jsonl"
+    with pytest.raises(SystemExit, match=r"output_file 'a{214}.jsonl': its name is too long for the record written "
+                                         r"beside it .*by \d+ bytes; give a shorter output_file"):
+        main(sample_args(long_name, prompts=2))
+    assert stopper.calls == [4, 2, 2, 2, 2] and not os.path.exists(long_name + ".sample_progress.json")
 
 
 def test_a_progress_file_of_the_older_single_object_format_resumes(tmp_path, monkeypatch, capsys, sigterm_guard):

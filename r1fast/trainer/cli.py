@@ -423,12 +423,15 @@ def _check_sample_output(out: str, progress_file: str, resume, rest: list[str], 
     lost at the end), a --resume PATH, and a new run over a stopped one's progress (which it would lose)."""
     import shlex
 
-    from r1fast.trainer.sampling import check_output_file, stats_path
+    from r1fast.trainer.sampling import check_output_file, record_name_overflow, stats_path
 
     if resume and not resume_is_bare(resume):
         raise ConfigError(f"sample's --resume takes no path ({resume!r}): it continues the stopped run whose "
                           f"output_file is given, from {progress_file}")
     check_output_file(out, read=[(dataset, "the dataset")])
+    overflow = record_name_overflow(out)
+    if overflow:
+        raise ConfigError(f"output_file {out!r}: {overflow}; give a shorter output_file")
     record = stats_path(out)
     if os.path.lexists(record) and not os.path.isfile(record):   # its write failed once every prompt was sampled
         raise ConfigError(f"{record}, where r1fast sample records its output and statistics, is not a regular file; "

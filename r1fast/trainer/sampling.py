@@ -417,6 +417,26 @@ def stats_path(output_file: str) -> str:
     return f"{output_file}.{SAMPLE_STATS}"
 
 
+def record_name_overflow(output_file: str) -> Optional[str]:
+    """Why the record's file cannot be written beside `output_file` (its temporary name, the longest r1fast sample
+    writes, is over the folder's limit on a name's bytes), else None: found once every prompt was sampled, the
+    write failed with "File name too long" and left the progress file, which --resume sampled into the same end."""
+    folder = os.path.dirname(os.path.abspath(output_file))
+    while not os.path.isdir(folder) and os.path.dirname(folder) != folder:   # write_jsonl makes the folders
+        folder = os.path.dirname(folder)
+    try:
+        limit = os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):   # no such query here (Windows)
+        limit = 255
+    # metrics.replacing's temporary name, with the longest process id (a requeued job's may be longer than this one's)
+    temporary = f".{os.path.basename(stats_path(output_file))}.tmp-4194304-12345678"
+    size = len(os.fsencode(temporary))
+    if size <= limit:
+        return None
+    return (f"its name is too long for the record written beside it ({stats_path(output_file)!r}: a name of "
+            f"{size} bytes while writing it; {limit} at most), by {size - limit} bytes")
+
+
 def write_sample_record(output_file: str, record: dict):
     import datetime
 
