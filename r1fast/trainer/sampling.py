@@ -147,7 +147,7 @@ def _statistics(prompts: int, samples: int, truncated: int, passed: int, kept: i
 
 def summary(stats: dict) -> str:
     """One line for the console from rejection_sample's statistics."""
-    cut = stats["truncated"]
+    cut = stats.get("truncated")   # none in a pipeline_state.json of an r1fast before keep_truncated
     return (f"kept {stats['kept']} of {stats['samples']} samples from {stats['prompts']} prompts (pass rate "
             f"{stats['pass_rate']:.3f}" + (f"; {cut} cut at max_completion_length" if cut else "") + ")")
 
