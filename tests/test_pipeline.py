@@ -2191,6 +2191,19 @@ def test_r1fast_sample_resume_after_it_finished_samples_nothing_and_its_statisti
     assert not (tmp_path / "kept.jsonl.sample_progress.json").exists()
 
 
+def test_a_sample_record_beside_an_output_named_in_non_utf8_bytes_is_written_and_read(tmp_path):
+    # 'caf\xe9.jsonl' (Latin-1): the output was written, then its record failed with "'utf-8' codec can't encode
+    # character '\udce9'", leaving the progress file to --resume into the same error
+    from r1fast.trainer import sampling
+
+    out = os.path.join(os.fsdecode(bytes(tmp_path)), os.fsdecode(b"caf\xe9.jsonl"))
+    written = sampling.write_jsonl([{"prompt": "1+1", "completion": "2"}], out)
+    stats = {"prompts": 1, "samples": 1, "truncated": 0, "passed": 1, "pass_rate": 1.0, "kept": 1, "prompts_kept": 1}
+    sampling.write_sample_record(out, {"fingerprint": "f", "stats": stats, "options": {"output_file": out}, **written})
+    record, why = sampling.finished_output(out, "f")
+    assert why is None and record["output"] == os.path.basename(out) and record["rows"] == 1
+
+
 def test_r1fast_sample_resume_continues_a_later_stopped_run_over_a_finished_output(tmp_path, monkeypatch, capsys):
     # a finished output's record outranked the progress of a later run of the same options (run again without
     # --resume, e.g. over a model folder retrained since), stopped by a requeue: --resume said 'sampling already

@@ -444,8 +444,13 @@ def write_sample_record(output_file: str, record: dict):
     order = ("rows", "bytes", "sha256", "stats", "options", "fingerprint")   # as the comment above lists them
     body = {"r1fast_sample_stats": _STATS_FORMAT, "output": os.path.basename(output_file),
             **{k: record[k] for k in order}, "finished": finished}
+    text = json.dumps(body, indent=1, ensure_ascii=False, default=_json_value)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:   # a file name of non-UTF-8 bytes (Python's surrogates): escaped, as JSON reads back
+        text = json.dumps(body, indent=1, default=_json_value)
     with replacing(stats_path(output_file)) as f:
-        f.write(json.dumps(body, indent=1, ensure_ascii=False, default=_json_value) + "\n")
+        f.write(text + "\n")
 
 
 def finished_output(output_file: str, fingerprint: str) -> tuple[Optional[dict], Optional[str]]:
