@@ -1,3 +1,4 @@
+import contextlib
 import inspect
 import os
 import re
@@ -149,3 +150,36 @@ def modes_under(folder) -> dict[str, int]:
             path = os.path.join(root, name)
             out[os.path.relpath(path, folder)] = stat.S_IMODE(os.stat(path).st_mode)
     return out
+
+
+@pytest.fixture
+def device_reads(monkeypatch):
+    """A context manager that counts, while open, the host's reads of tensor values (item, bool, int:
+    aten._local_scalar_dense; tolist; bincount, which reads its input's min and max on a GPU): each is a host
+    sync on a GPU. It yields the list of reads."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    reads, counting = [], [False]
+
+    class CountReads(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket is torch.ops.aten._local_scalar_dense:
+                reads.append(func)
+            elif func.overloadpacket is torch.ops.aten.bincount:
+                reads.extend([func, func])
+            return func(*args, **(kwargs or {}))
+
+    tolist = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: (counting[0] and reads.append("tolist")) or tolist(self))
+
+    @contextlib.contextmanager
+    def count():
+        reads.clear()
+        counting[0] = True
+        try:
+            with CountReads():
+                yield reads
+        finally:
+            counting[0] = False
+
+    return count

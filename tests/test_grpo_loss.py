@@ -533,25 +533,14 @@ def test_is_weight_min_of_weights_all_past_float32_is_inf(backend):
 
 
 @pytest.mark.parametrize("weights", ["sampler_logp", "importance_weights"])
-def test_unchecked_grpo_loss_with_weights_reads_no_device_value(weights):
+def test_unchecked_grpo_loss_with_weights_reads_no_device_value(weights, device_reads):
     # check_values=False promises no host sync (docs/loss.md); the torch backend's is_weight/min|max asked
     # `if n_tok > 0` on the host, two syncs per call on a GPU whenever sampler_logp or importance_weights came
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    reads = []
-
-    class CountScalarReads(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func.overloadpacket is torch.ops.aten._local_scalar_dense:
-                reads.append(func)
-            return func(*args, **(kwargs or {}))
-
     d = _batch(seed=3)
     f = lambda t: t.float()  # noqa: E731
     extra = {"sampler_logp": f(d["sampler"])} if weights == "sampler_logp" else {"importance_weights": f(d["ent"])}
     for mask in (d["mask"], torch.zeros_like(d["mask"])):
-        reads.clear()
-        with CountScalarReads():
+        with device_reads() as reads:
             loss, stats = ops.grpo_loss(f(d["logp"]).requires_grad_(), f(d["old"]), None, f(d["adv"]), mask,
                                         backend="torch", check_values=False, tis_mode="truncate", tis_level="token",
                                         **extra)
@@ -1963,25 +1952,11 @@ def test_fused_grad_scale_forms_the_gradients_at_the_loss_scale(backend):
         _fused_grads(d, hidden, weight, targets, torch.float32, 1.0, grad_scale=0.0)
 
 
-def test_fused_packed_loss_reads_the_device_few_times(monkeypatch):
+def test_fused_packed_loss_reads_the_device_few_times(device_reads):
     """Every read of a device value (bool/int/item, tolist) is a host sync on a GPU, once per micro-batch of
     the trainer's loss loop: the packed single pass read 17 (its checks one read each, bincount two), then 6
     (the boundaries' checks, whether every token is active, the targets' range and the tokens per row one read
     each); now 3: the layout (those four together), the input values' check, and the loss's finiteness."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    reads = []
-
-    class CountScalarReads(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func.overloadpacket is torch.ops.aten._local_scalar_dense:
-                reads.append(func)
-            if func.overloadpacket is torch.ops.aten.bincount:   # on a GPU it reads its input's min and max
-                reads.extend([func, func])
-            return func(*args, **(kwargs or {}))
-
-    tolist = torch.Tensor.tolist
-    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: reads.append("tolist") or tolist(self))
     lens = torch.tensor([3, 5, 1, 4])
     cu = torch.cat([torch.zeros(1, dtype=torch.int64), lens.cumsum(0)]).int()
     n = int(lens.sum())
@@ -1989,7 +1964,7 @@ def test_fused_packed_loss_reads_the_device_few_times(monkeypatch):
     weight = randn(11, 8, seed=2).requires_grad_()
     targets = torch.randint(0, 11, (n,), generator=generator(3))
     sampler = -randn(n, seed=4).abs() - 1
-    with CountScalarReads():
+    with device_reads() as reads:
         loss, _ = ops.fused_linear_grpo_loss(hidden, weight, targets, torch.ones(n), randn(4, seed=5), cu_seqlens=cu,
                                              sampler_logp=sampler, loss_type="dapo", tis_mode="truncate",
                                              backend="torch", row_stats=True)

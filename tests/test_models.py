@@ -133,25 +133,13 @@ def test_packed_equals_each_sequence_alone_and_positions_imply_boundaries():
     assert max_rel_err(unpacked, alone) > 1e-2
 
 
-def test_a_packed_training_forward_reads_the_device_once(monkeypatch):
+def test_a_packed_training_forward_reads_the_device_once(device_reads):
     """Each read of a device value is a host sync on a GPU, paid by every forward of the trainer's micro-batches
     (old-policy, reference, each iteration): the ids' range check and cu_seqlens were read apart, two syncs."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    reads = []
-
-    class CountScalarReads(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func.overloadpacket is torch.ops.aten._local_scalar_dense:
-                reads.append(func)
-            return func(*args, **(kwargs or {}))
-
     cfg = ModelConfig(**CONFIGS["qwen2-gqa2-untied"])
     model = CausalLM(cfg)
     ids, cu = packed_batch(cfg.vocab_size)
-    tolist = torch.Tensor.tolist
-    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: reads.append("tolist") or tolist(self))
-    with CountScalarReads(), torch.no_grad():
+    with device_reads() as reads, torch.no_grad():
         model(ids, cu_seqlens=cu)
         model(ids, cu_seqlens=cu, prefix_of=[-1] + [0] * (cu.numel() - 2))
     assert len(reads) == 2, reads
