@@ -28,9 +28,9 @@ from r1fast.rewards.builtin import (
     completion_text,
     is_finite_number,
     make_format_reward,
-    make_language_reward,
     make_length_penalty,
 )
+from r1fast.rewards.language import make_language_reward
 
 BUILTIN_NAMES = ("accuracy", "format", "language", "length")
 
