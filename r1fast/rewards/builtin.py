@@ -598,19 +598,17 @@ def _warn_without_math_verify(predicted: str, gold: str):
 
 
 _PROSE_RE = re.compile(r"[A-Za-z]{2,}")
+_UNIT_NUMBER = r"[+-]?(?:[0-9][0-9,]*(?:\.[0-9]+)?|\.[0-9]+)"   # the number before a unit
+_UNIT_POWER = r"(?:\^\{?[0-9]\}?)?"                             # m^2, m^{3}
 # A number and its unit, bare (2 L, 10 N, 3 m/s, 9.8 m/s^2): a one-letter unit is no prose to _PROSE_RE, and read as
 # `$…$` only it was a product (2*l, 3*m/s), so the right answer scored 0 against NuminaMath's 2 \\mathrm{~L},
 # 10 \\mathrm{~N} (whose units math-verify drops) and against 2. It is read as text too, as `5 cm` is (its number),
 # and matches by either reading: as text alone, 20 m/s no longer matched 20m/s. Trade-off: `2 x` (spaced) is 2 too.
-_NUMBER_AND_UNIT_RE = re.compile(r"[+-]?(?:[0-9][0-9,]*(?:\.[0-9]+)?|\.[0-9]+)\s+[A-Za-z]{1,3}"
-                                 r"(?:\s*/\s*[A-Za-z]{1,3})?(?:\^\{?[0-9]\}?)?")
-
-
+_NUMBER_AND_UNIT_RE = re.compile(rf"{_UNIT_NUMBER}\s+[A-Za-z]{{1,3}}(?:\s*/\s*[A-Za-z]{{1,3}})?{_UNIT_POWER}")
 # A number with a common unit written against it (5cm, 12kg, 60km/h): the number, as `5 cm` is. Other letters against a
 # number are variables (2xy, 2ab+1).
-_NUMBER_GLUED_UNIT_RE = re.compile(r"[+-]?(?:[0-9][0-9,]*(?:\.[0-9]+)?|\.[0-9]+)(?:cm|mm|km|nm|kg|mg|ml|mL|ms|ns|min|hr|hrs|"
-                                   r"sec|mph|kph|rpm|mol|kJ|kW|Hz|kHz|MHz|GHz|kPa|lb|lbs|oz|ft|yd|mi)(?:\s*/\s*(?:s|h|hr|min))?"
-                                   r"(?:\^\{?[0-9]\}?)?")
+_NUMBER_GLUED_UNIT_RE = re.compile(rf"{_UNIT_NUMBER}(?:cm|mm|km|nm|kg|mg|ml|mL|ms|ns|min|hr|hrs|sec|mph|kph|rpm|mol|kJ|"
+                                   rf"kW|Hz|kHz|MHz|GHz|kPa|lb|lbs|oz|ft|yd|mi)(?:\s*/\s*(?:s|h|hr|min))?{_UNIT_POWER}")
 
 
 def _without_full_stop(s: str) -> str:
