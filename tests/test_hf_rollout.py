@@ -85,6 +85,22 @@ def test_custom_code_subclassing_the_transformers_class_is_refused(hf_model):
     HFRollout(mine(hf_model.config), block_size=4, num_blocks=8)  # a subclass of the user's own: theirs to judge
 
 
+def test_a_torch_compiled_model_is_decoded_as_the_module_it_wraps(hf_model):
+    """torch.compile(model) is an OptimizedModule around the model (its parameters named _orig_mod.*): it was refused
+    as "another implementation (custom code ...)". It computes what the wrapped module computes, so the engine
+    decodes that module, aliasing its tensors; custom code inside the wrapper is still refused."""
+    compiled = torch.compile(hf_model)
+    rollout = HFRollout(compiled, block_size=4, num_blocks=64)
+    assert rollout.model.embed_tokens.weight is hf_model.model.embed_tokens.weight
+    batch = [p for p in PROMPTS for _ in range(2)]
+    got = rollout.generate(batch, SamplingParams(n=2, temperature=0, max_tokens=5, ignore_eos=True))
+    assert got == [_hf_greedy(hf_model, p, 5) for p in batch]
+    sub = type("SubQwen2ForCausalLM", (transformers.Qwen2ForCausalLM,),
+               {"__module__": "transformers_modules.ckpt.modeling_sub"})
+    with pytest.raises(ValueError, match=r"the model is transformers_modules\.ckpt\.modeling_sub\.SubQwen2ForCausalLM"):
+        HFRollout(torch.compile(sub(hf_model.config)), block_size=4, num_blocks=8)
+
+
 def test_weight_updates_are_read_in_place_or_after_sync(hf_model):
     """The engine's model aliases every transformers tensor it can (updates seen at once); the fused
     q/k/v and gate/up copies follow after sync()."""

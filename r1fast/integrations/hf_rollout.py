@@ -15,7 +15,7 @@ under autocast), every parameter is such a copy.
 
 Only transformers' own class for the config's architecture is taken: a checkpoint's custom code (loaded with
 trust_remote_code=True, a subclass of transformers' class included) is refused, since the engine would decode
-transformers' model, not that code's.
+transformers' model, not that code's. A torch.compile wrapper is decoded as the module it wraps.
 
 TRL's GRPOTrainer uses it through `r1fast.integrations.trl.GRPOTrainer(..., r1fast_generation=True)`.
 """
@@ -56,8 +56,19 @@ def _check_is_transformers_class(hf_model: nn.Module, architecture: str) -> None
                          f"not reproduce: load the model without trust_remote_code, or generate without r1fast")
 
 
+def _without_compile_wrapper(model: nn.Module) -> nn.Module:
+    """The module a torch.compile wrapper (OptimizedModule, its parameters named _orig_mod.*) wraps: the wrapper
+    computes what that module computes, so the engine decodes it and aliases its tensors."""
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    while isinstance(model, OptimizedModule):
+        model = model._orig_mod
+    return model
+
+
 class HFRollout:
     def __init__(self, hf_model: nn.Module, dtype: torch.dtype | None = None, **engine_kwargs):
+        hf_model = _without_compile_wrapper(hf_model)
         config = getattr(hf_model, "config", None)
         if config is None or not hasattr(config, "to_dict"):
             raise TypeError(f"HFRollout takes a transformers causal LM, got {type(hf_model).__name__}")
