@@ -527,3 +527,35 @@ def test_toy_tokenizer_pads_on_the_left():
     batch = tokenizer(["a", "abc"], padding=True)
     assert batch["attention_mask"][0][0] == 0 and batch["attention_mask"][0][-1] == 1
     assert batch["input_ids"][0][0] == tokenizer.pad_token_id
+
+
+@pytest.mark.parametrize("case", ["replaced", "added", "pad_is_an_eos"])
+def test_engine_stops_at_the_generation_config_eos_a_callback_sets_as_trl_does(tmp_path, case):
+    """A callback that sets trainer.generation_config.eos_token_id (a new stop token) changes where TRL's generate
+    stops, while TRL still cuts at trainer.eos_token_ids and keeps the pads generate writes after a stop it does not
+    cut at. The engine stopped at trainer.eos_token_ids only, so its completions ran past the new stop token.
+    Greedy, so the engine's tokens and transformers' are the same ones and stock TRL's path is the reference."""
+    trl = pytest.importorskip("trl")
+    path = save_tiny_qwen2(tmp_path / "m", seed=0)
+    trainer = _trainer(path, tmp_path / "run", max_completion_length=8)
+    config = trainer.generation_config
+    config.do_sample = False
+    prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13], [14]]
+
+    def both():
+        stock, _ = trl.GRPOTrainer._generate_single_turn(trainer, prompts, None, {}, 1)
+        ours, _ = trainer._generate_single_turn(prompts, None, {}, 1)
+        return stock, ours
+
+    before, ours = both()
+    assert ours == before
+    stop = before[0][1]  # a token greedy decoding writes early in one completion
+    config.eos_token_id = {"replaced": [stop], "added": [*trainer.eos_token_ids, stop],
+                           "pad_is_an_eos": [stop]}[case]
+    if case == "pad_is_an_eos":
+        config.pad_token_id = trainer.eos_token_ids[0]
+    stock, ours = both()
+    assert ours == stock
+    assert stock != before  # the new stop token changed TRL's completions
+    # TRL keeps the pads after a stop it does not cut at; it cuts at a pad that is one of its eos tokens
+    assert any(len(c) < 8 for c in stock) == (case == "pad_is_an_eos")

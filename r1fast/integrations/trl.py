@@ -424,9 +424,9 @@ class GRPOTrainer(trl.GRPOTrainer):
     # ---- TRL hooks -----------------------------------------------------------------------------
 
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
-        """With r1fast_generation: the completions from r1fast's engine, cut as TRL's own path cuts them
-        (up to and including the first eos, at most generation_config.max_new_tokens tokens); no sampler
-        log-probs, as with transformers' generate."""
+        """With r1fast_generation: the completions from r1fast's engine, stopped where transformers' generate stops
+        (the first of generation_config's eos tokens, at most its max_new_tokens) and cut as TRL's own path then cuts
+        them (see _as_trl_cuts); no sampler log-probs, as with transformers' generate."""
         if self.r1fast_rollout is None:
             return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations,
                                                  has_tool_images)
@@ -436,7 +436,39 @@ class GRPOTrainer(trl.GRPOTrainer):
         # copies the fused projections from the trained weights (about a millisecond on a GPU for a
         # 1.5B model): cheaper than tracking every way the weights can change between generations
         self.r1fast_rollout.sync()
-        return self.r1fast_rollout.generate([list(p) for p in prompt_ids], params), None
+        return self._as_trl_cuts(self.r1fast_rollout.generate([list(p) for p in prompt_ids], params)), None
+
+    def _as_trl_cuts(self, completions: list[list[int]]) -> list[list[int]]:
+        """What TRL's regular path makes of transformers' generate output for these completions: generate stops a
+        sequence at the first of generation_config's eos tokens and fills it with its pad token up to the batch's
+        longest; TRL then keeps up to and including the first of trainer.eos_token_ids (fixed in its __init__). The
+        two eos sets are the same unless a callback changed generation_config.eos_token_id (a new stop token, say):
+        then a completion stopped at a token TRL does not cut at keeps the pads that follow it, as in TRL."""
+        trl_eos = set(self.eos_token_ids)
+        if set(self._generation_token_ids("eos_token_id")) == trl_eos:
+            return completions  # each ends at its first eos, or has none: TRL's cut is the whole completion
+        pad = self._generation_pad_id()
+        longest = max(map(len, completions), default=0)
+        cut = []
+        for tokens in completions:
+            if pad is not None:
+                tokens = tokens + [pad] * (longest - len(tokens))
+            end = next((i + 1 for i, token in enumerate(tokens) if token in trl_eos), len(tokens))
+            cut.append(tokens[:end])
+        return cut
+
+    def _generation_token_ids(self, name: str) -> list[int]:
+        """generation_config's eos_token_id (an int, a list or None) as generate reads it, as a list."""
+        value = self._generation_option(name)
+        if value is None:
+            return []
+        return [int(value)] if isinstance(value, int) else [int(token) for token in value]
+
+    def _generation_pad_id(self) -> int | None:
+        """The token generate fills finished sequences with: generation_config's pad_token_id, else its first eos."""
+        pad = self._generation_option("pad_token_id")
+        eos = self._generation_token_ids("eos_token_id")
+        return int(pad) if pad is not None else (eos[0] if eos else None)
 
     def _engine_sampling_params(self, n):
         """The engine's SamplingParams for what transformers' generate does with TRL's generation_config, read at
@@ -453,7 +485,9 @@ class GRPOTrainer(trl.GRPOTrainer):
                              + " (use r1fast_generation=False for these)")
         option = self._generation_option
         # the seed from torch's generator: TRL's seed makes runs repeat
-        common = dict(n=n, max_tokens=option("max_new_tokens"), stop_token_ids=list(self.eos_token_ids),
+        # stops where generate stops: generation_config's eos tokens (a callback may change them), which need not be
+        # TRL's eos_token_ids, the ones _as_trl_cuts cuts at
+        common = dict(n=n, max_tokens=option("max_new_tokens"), stop_token_ids=self._generation_token_ids("eos_token_id"),
                       ignore_eos=True, seed=int(torch.randint(0, 2**62, ())))
         if not option("do_sample"):
             return SamplingParams(temperature=0, **common)  # greedy: generate ignores the sampling options
