@@ -324,7 +324,8 @@ HF_GENERATION_EXTRA_VALUES = {
     "min_length": 3, "min_new_tokens": 2, "typical_p": 0.9, "epsilon_cutoff": 1e-3, "eta_cutoff": 1e-3,
     "exponential_decay_length_penalty": (2, 1.1), "num_beams": 2, "diversity_penalty": 0.5, "penalty_alpha": 0.6,
     "top_h": 0.5, "guidance_scale": 2.0, "encoder_repetition_penalty": 1.3, "max_time": 5.0,
-    "watermarking_config": transformers.generation.WatermarkingConfig(greenlist_ratio=0.25)}
+    "watermarking_config": transformers.generation.WatermarkingConfig(greenlist_ratio=0.25),
+    "dola_layers": "high", "stop_strings": ["</s>"], "token_healing": True, "num_return_sequences": 2}
 
 
 def test_prompts_as_tensors_or_arrays_group_as_lists_do(hf_model):

@@ -265,7 +265,11 @@ _HF_GENERATION_EXTRAS = {
     "min_new_tokens": (None, 0), "typical_p": (None, 1.0), "epsilon_cutoff": (None, 0.0), "eta_cutoff": (None, 0.0),
     "exponential_decay_length_penalty": (None,), "num_beams": (None, 1), "diversity_penalty": (None, 0.0),
     "penalty_alpha": (None, 0.0), "top_h": (None,), "guidance_scale": (None, 1.0),
-    "encoder_repetition_penalty": (None, 1.0), "watermarking_config": (None,), "max_time": (None,)}
+    "encoder_repetition_penalty": (None, 1.0), "watermarking_config": (None,), "max_time": (None,),
+    # DoLa decoding contrasts early layers' logits; stop strings and token healing need the tokenizer, which TRL does
+    # not pass to generate (stock TRL fails on them); more return sequences than prompts break TRL's batch
+    "dola_layers": (None,), "stop_strings": (None, []), "token_healing": (None, False),
+    "num_return_sequences": (None, 1)}
 
 
 # transformers' generate fills an option TRL's generation_config leaves None from the model's generation_config, else
