@@ -897,6 +897,26 @@ def test_cast_lm_head_to_fp32_matches_stock_trl_under_bf16_autocast(tmp_path, mo
     _assert_same_loss_and_grads(stock, fast)
 
 
+@pytest.mark.parametrize("built_with", [True, False])
+def test_cast_lm_head_to_fp32_is_the_one_the_trainer_was_built_with(tmp_path, model_dirs, built_with):
+    """TRL's fused head takes cast_lm_head_to_fp32 in its __init__ (add_fused_lm_head), so a callback that flips
+    trainer.args.cast_lm_head_to_fp32 later changes nothing; the drop-in read args at every step, so it ran the head
+    in the other dtype than TRL (bf16 where TRL's is fp32, or the reverse)."""
+    tokenizer, trainers = _stock_and_fast(tmp_path, model_dirs, loss_type="dapo", beta=0.04, bf16=True,
+                                          use_cpu=True, cast_lm_head_to_fp32=built_with)
+    inputs = _loss_inputs(tokenizer, trainers[0].model, 0.04, "token")
+    del inputs["importance_sampling_ratio"]
+    before = [_loss_and_grads_in(t, inputs, train=True, accumulation=1) for t in trainers]
+    for trainer in trainers:
+        trainer.args.cast_lm_head_to_fp32 = not built_with
+    after = [_loss_and_grads_in(t, inputs, train=True, accumulation=1) for t in trainers]
+    for (loss_before, grads_before), (loss_after, grads_after) in zip(before, after):  # stock TRL's, then r1fast's
+        torch.testing.assert_close(loss_after, loss_before, rtol=0, atol=0)
+        torch.testing.assert_close(grads_after, grads_before, rtol=0, atol=0)
+    if built_with:  # an fp32 head: the two agree far below bf16 rounding
+        _assert_same_loss_and_grads(*after)
+
+
 def test_moe_load_balancing_loss_refused(tmp_path, model_dirs):
     """An MoE model adds TRL's router auxiliary loss (its config's coefficient by default), which the fused loss
     does not: refused, naming router_aux_loss_coef; with the coefficient set to 0 the trainer builds."""

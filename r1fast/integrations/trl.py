@@ -365,6 +365,8 @@ class GRPOTrainer(trl.GRPOTrainer):
         # TRL's fused head divides the logits by the temperature its __init__ gave it (add_fused_lm_head), whatever
         # trainer.temperature becomes later: the drop-in's log-probs keep that one too.
         self._logprob_temperature = self.temperature
+        # and casts the head to fp32 as its __init__ said (a later change of args.cast_lm_head_to_fp32 reaches neither)
+        self._cast_lm_head_to_fp32 = bool(self.args.cast_lm_head_to_fp32)
         self.r1fast_rollout = self._make_rollout() if r1fast_generation else None
 
     def _make_rollout(self):
@@ -421,7 +423,7 @@ class GRPOTrainer(trl.GRPOTrainer):
             hidden, weight = model(input_ids=input_ids, attention_mask=attention_mask, r1fast_hidden_states=True)
         hidden = hidden[:, -logits_to_keep - 1 : -1]
         dtype = _AUTOCAST_DTYPES.get(str(self.accelerator.mixed_precision), hidden.dtype)
-        if self.args.cast_lm_head_to_fp32:
+        if self._cast_lm_head_to_fp32:
             dtype = torch.float32
         return hidden.to(device=weight.device, dtype=dtype), weight.to(dtype)
 
