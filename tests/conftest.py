@@ -155,8 +155,8 @@ def modes_under(folder) -> dict[str, int]:
 @pytest.fixture
 def device_reads(monkeypatch):
     """A context manager that counts, while open, the host's reads of tensor values (item, bool, int:
-    aten._local_scalar_dense; tolist; bincount, which reads its input's min and max on a GPU): each is a host
-    sync on a GPU. It yields the list of reads."""
+    aten._local_scalar_dense; tolist; bincount, which reads its input's min and max on a GPU; nonzero, which
+    reads its count): each is a host sync on a GPU. It yields the list of reads."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     reads, counting = [], [False]
@@ -164,6 +164,8 @@ def device_reads(monkeypatch):
     class CountReads(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             if func.overloadpacket is torch.ops.aten._local_scalar_dense:
+                reads.append(func)
+            elif func.overloadpacket is torch.ops.aten.nonzero:
                 reads.append(func)
             elif func.overloadpacket is torch.ops.aten.bincount:
                 reads.extend([func, func])

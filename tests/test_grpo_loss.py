@@ -1956,7 +1956,8 @@ def test_fused_packed_loss_reads_the_device_few_times(device_reads):
     """Every read of a device value (bool/int/item, tolist) is a host sync on a GPU, once per micro-batch of
     the trainer's loss loop: the packed single pass read 17 (its checks one read each, bincount two), then 6
     (the boundaries' checks, whether every token is active, the targets' range and the tokens per row one read
-    each); now 3: the layout (those four together), the input values' check, and the loss's finiteness."""
+    each), then 3: the layout (those four together), the input values' check, and the loss's finiteness; now 2:
+    the values' check is read with the layout."""
     lens = torch.tensor([3, 5, 1, 4])
     cu = torch.cat([torch.zeros(1, dtype=torch.int64), lens.cumsum(0)]).int()
     n = int(lens.sum())
@@ -1969,7 +1970,86 @@ def test_fused_packed_loss_reads_the_device_few_times(device_reads):
                                              sampler_logp=sampler, loss_type="dapo", tis_mode="truncate",
                                              backend="torch", row_stats=True)
     assert torch.isfinite(loss)
-    assert len(reads) <= 3, reads
+    assert len(reads) <= 2, reads
+
+
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("weights", [None, "token", "row"])
+def test_fused_loss_with_masked_tokens_reads_the_device_twice(packed, weights, device_reads):
+    """A masked token made the layout find the active ones with nonzero(), which reads their count from the
+    device (a host sync on a GPU) though the layout's read had it already, and the input values' check read
+    the device on its own: 4 reads a call. Now 2: the layout (with the values' check) and the loss's
+    finiteness; the loss and gradients equal the two-pass composition's."""
+    b, t, v, h = 3, 5, 11, 8
+    hidden, weight = randn(b, t, h, seed=1), randn(v, h, seed=2)
+    targets = torch.randint(0, v, (b, t), generator=generator(3))
+    mask = (torch.rand(b, t, generator=generator(4)) < 0.6).float()
+    mask[0, 0], mask[1, 1] = 0.0, 1.0
+    adv, old = randn(b, seed=5), -randn(b, t, seed=6).abs() - 0.5
+    isw = {None: None, "token": torch.rand(b, t, generator=generator(7)) + 0.5,
+           "row": torch.rand(b, 1, generator=generator(7)) + 0.5}[weights]
+    args = dict(old_logp=old, importance_weights=isw, loss_type="dapo", backend="torch")
+    if packed:  # every row's T tokens one after another (padding and all: masked tokens either way)
+        args["cu_seqlens"] = torch.arange(0, b * t + 1, t)
+        hidden, targets, mask, old = hidden.reshape(b * t, h), targets.reshape(-1), mask.reshape(-1), old.reshape(-1)
+        args["old_logp"] = old
+        if weights == "token":
+            args["importance_weights"] = isw.reshape(-1)
+    runs = {}
+    for single_pass in (True, False):
+        hd, wd = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        with device_reads() as reads:
+            loss, _ = ops.fused_linear_grpo_loss(hd, wd, targets, mask, adv, single_pass=single_pass, **args)
+        n_reads = len(reads)
+        loss.backward()
+        runs[single_pass] = (n_reads, loss.detach(), hd.grad, wd.grad)
+    assert runs[True][0] == 2, runs[True][0]
+    assert runs[False][0] == 2, runs[False][0]
+    for a, c in zip(runs[True][1:], runs[False][1:]):
+        assert_close(a, c)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_fused_loss_checks_values_at_active_tokens_only(packed):
+    """The values' check now runs on the flat inputs within the layout's read: a NaN old_logp, or a negative
+    per-row importance weight, is refused at an active token and ignored where no token is active, as before."""
+    b, t, v, h = 3, 4, 11, 8
+    hidden, weight = randn(b, t, h, seed=1), randn(v, h, seed=2)
+    targets = torch.randint(0, v, (b, t), generator=generator(3))
+    mask = torch.ones(b, t)
+    mask[1, 2], mask[2] = 0.0, 0.0  # row 2 has no active token
+    adv, old = randn(b, seed=5), -randn(b, t, seed=6).abs() - 0.5
+    extra = {}
+    if packed:
+        extra["cu_seqlens"] = torch.arange(0, b * t + 1, t)
+        hidden, targets, mask = hidden.reshape(b * t, h), targets.reshape(-1), mask.reshape(-1)
+
+    def call(old_logp, isw=None):
+        old_logp = old_logp.reshape(mask.shape)
+        return ops.fused_linear_grpo_loss(hidden, weight, targets, mask, adv, old_logp=old_logp, importance_weights=isw,
+                                          backend="torch", **extra)
+
+    base, _ = call(old)
+    masked_nan = old.clone()
+    masked_nan[1, 2] = float("nan")
+    assert_close(call(masked_nan)[0], base)
+    active_nan = old.clone()
+    active_nan[1, 1] = float("nan")
+    with pytest.raises(ValueError, match="old_logp has 1 NaN/inf value"):
+        call(active_nan)
+    weights = torch.ones(b, 1)
+    weights[2, 0] = -1.0  # in the row without active tokens
+    assert_close(call(old, weights)[0], base)
+    weights[0, 0] = -1.0
+    with pytest.raises(ValueError, match="importance_weights has 4 negative value"):
+        call(old, weights)
+    for bad in (2.0, float("nan")):
+        wrong = mask.clone()
+        wrong.view(-1)[1] = bad
+        with pytest.raises(ValueError, match="mask must be bool or hold only 0 and 1"):
+            ops.fused_linear_grpo_loss(hidden, weight, targets, wrong, adv, backend="torch", **extra)
+    with pytest.raises(ValueError, match="advantages has 1 NaN/inf"):
+        ops.fused_linear_grpo_loss(hidden, weight, targets, mask, _nan_at(adv, 2), backend="torch", **extra)
 
 
 @pytest.mark.parametrize("kind", ["k2-after-big-weights", "big-weights-only"])

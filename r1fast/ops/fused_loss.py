@@ -63,7 +63,9 @@ def _checked_cu_seqlens(cu_seqlens):
 class _Layout:
     """Where each active token sits: flat index, (row, position) in the [rows, T] per-token layout."""
 
-    def __init__(self, targets, mask, cu_seqlens):
+    def __init__(self, targets, mask, cu_seqlens, bad_values=None):
+        """bad_values(active, counts), optional: a 0-d bool tensor read in the layout's one sync (as
+        self.bad_values); active is the flat bool mask, counts the active tokens per row."""
         n = targets.numel()
         active = mask.reshape(-1).bool()
         if cu_seqlens is not None:
@@ -88,9 +90,10 @@ class _Layout:
         flat, big = targets.reshape(-1), torch.iinfo(targets.dtype).max
         t_range = [torch.where(active, flat, big).min(), torch.where(active, flat, -big).max()] if n else \
             [counts.new_zeros(()), counts.new_zeros(())]
-        # Everything the host needs read in one sync: the boundaries' checks, the targets' range and the tokens
-        # per row (the chunk plan). Each read apart was a sync of its own, four per call.
-        host = torch.cat([torch.stack(head + t_range).to(counts.dtype), counts]).tolist()
+        extra = [] if bad_values is None else [bad_values(active, counts)]
+        # Everything the host needs read in one sync: the boundaries' checks, the targets' range, the caller's
+        # value check and the tokens per row (the chunk plan). Each read apart was a sync of its own.
+        host = torch.cat([torch.stack(head + t_range + extra).to(counts.dtype), counts]).tolist()
         if cu_seqlens is not None:
             first, last, shortest, longest = host[:4]
             if first != 0 or last != n or shortest < 0:
@@ -104,11 +107,16 @@ class _Layout:
             self.shape2d = tuple(targets.shape)
             flat = torch.arange(n, device=targets.device)
             row, pos = flat // self.shape2d[1], flat % self.shape2d[1]
-        self.target_range = tuple(host[len(head):len(head) + 2]) if n else None
+        k = len(head)
+        self.target_range = tuple(host[k:k + 2]) if n else None
+        self.bad_values = bool(host[k + 2]) if extra else None
         self.packed = cu_seqlens is not None
-        self._row_counts_host = host[len(head) + 2:]
-        self.all_active = sum(self._row_counts_host) == n
-        self.idx = None if self.all_active else active.nonzero().squeeze(-1)
+        self._row_counts_host = host[k + 2 + len(extra):]
+        num_active = sum(self._row_counts_host)
+        self.all_active = num_active == n
+        # nonzero_static: the count is known here already, where nonzero() read it from the device (a host sync
+        # on a GPU whenever a token is masked)
+        self.idx = None if self.all_active else torch.nonzero_static(active, size=num_active).squeeze(-1)
         self.row = row if self.all_active else row[self.idx]
         self.pos = pos if self.all_active else pos[self.idx]
         self.row_counts = counts
@@ -178,6 +186,32 @@ def _weights2d(lay, weights, targets):
         return weights.detach().expand(lay.shape2d)
     raise ValueError(f"{OP}: importance_weights must have the targets' shape {tuple(targets.shape)} (one weight per "
                      f"token) or [{rows}, 1] (one per packed sequence), got {tuple(weights.shape)}")
+
+
+def _bad_value_check(mask, old_logp, ref_logp, sampler_logp, importance_weights, advantages, targets, wide):
+    """For _Layout: (active, counts) -> 0-d bool, True where validate_loss_inputs' value check could fail on
+    the [rows, T] inputs the layout builds (a mask value other than 0/1, a NaN/inf at an active token or in the
+    advantages, a negative or NaN/inf importance weight at an active token), computed on the flat inputs so
+    that it is read in the layout's sync instead of a sync of its own. It may say True where that check
+    passes (inputs the shape checks refuse next), never False where it fails."""
+    def check(active, counts):
+        bad = [] if mask.dtype == torch.bool else [((mask.to(wide) != 0) & (mask.to(wide) != 1)).any()]
+        for t in (old_logp, ref_logp, sampler_logp):
+            if t is not None:
+                bad.append((~torch.isfinite(t.detach().reshape(-1)) & active).any())
+        w = importance_weights
+        if isinstance(w, torch.Tensor) and w.is_floating_point():
+            w_bad = ~torch.isfinite(w.detach()) | (w.detach() < 0)
+            if w.shape == targets.shape:  # one weight per token
+                bad.append((w_bad.reshape(-1) & active).any())
+            elif w.numel() == counts.numel():  # one per row: counted where the row has an active token
+                bad.append((w_bad.reshape(-1) & (counts > 0)).any())
+            else:  # a shape _weights2d refuses
+                bad.append(torch.ones((), dtype=torch.bool, device=active.device))
+        if isinstance(advantages, torch.Tensor) and advantages.is_floating_point():
+            bad.append((~torch.isfinite(advantages)).any())
+        return torch.stack(bad).any() if bad else torch.zeros((), dtype=torch.bool, device=active.device)
+    return check
 
 
 class _SinglePass(torch.autograd.Function):
@@ -501,7 +535,9 @@ def _fused_linear_grpo_loss(hidden, weight, targets, mask, advantages, *, old_lo
         if isinstance(t, torch.Tensor) and t.device != hidden.device]
     if elsewhere:
         raise ValueError(f"{OP}: every tensor must be on hidden's device {hidden.device}; got {', '.join(elsewhere)}")
-    lay = _Layout(targets, mask, cu_seqlens)
+    wide = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    lay = _Layout(targets, mask, cu_seqlens, _bad_value_check(mask, old_logp, ref_logp, sampler_logp,
+                                                              importance_weights, advantages, targets, wide))
     rows = lay.shape2d[0]
     isw2 = _weights2d(lay, importance_weights, targets)
     if not isinstance(advantages, torch.Tensor) or advantages.shape != (rows,):
@@ -527,12 +563,12 @@ def _fused_linear_grpo_loss(hidden, weight, targets, mask, advantages, *, old_lo
     chunks = plan_chunks(lay.row_counts_host(), max(chunk, 1), split_rows) if single_pass and lb in ("torch", "triton") \
         else None
 
-    wide = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     mask2 = lay.to2d(mask.to(wide))
     old2, ref2, smp2 = lay.to2d(old_logp), lay.to2d(ref_logp), lay.to2d(sampler_logp)
     # checked here for both paths, so that an error names this op (the two-pass grpo_loss then skips the checks)
+    # the values are read only when the layout's read found a bad one: the check then names it
     isw2 = validate_loss_inputs(OP, torch.zeros_like(mask2), old2, ref2, advantages, mask2, smp2, None, opts,
-                                 importance_weights=isw2)
+                                 importance_weights=isw2, check_values=lay.bad_values)
     if chunks is None:  # two pass: grouped_logprob (recomputing backward) then grpo_loss
         h_act = lay.active(hidden.reshape(-1, hidden.shape[-1]))
         logp_act, ent_act = grouped_logprob(h_act, weight, t_act, temperature=opts.temperature,
