@@ -1083,3 +1083,60 @@ def test_generate_calls_from_two_threads_take_turns(models, prompts):
     assert not errors
     assert got == [[want[0]] * 3, [want[1]] * 3]
     assert engine.block_manager.num_free_blocks == 64
+
+
+class _EagerGraph:
+    """A CPU stand-in for a captured decode graph: replay() runs the step eagerly on the graph's input tensors."""
+
+    def __init__(self, runner, static):
+        self.runner, self.static = runner, static
+
+    def replay(self):
+        self.static["hidden"] = self.runner._run_decode(self.static)
+
+
+@pytest.mark.parametrize("decode_backend", [None, "triton"])
+def test_graph_steps_copy_only_the_table_columns_they_read(models, prompts, decode_backend, monkeypatch):
+    """A graph decode step copied its block tables at the full max_model_len width every step (2 MiB at
+    256 rows and 32k tokens); it copies the columns its longest context reads now, into the first
+    columns of the graph's full-width tables. The columns past them keep an earlier step's block ids
+    (the longest prompt's rows leave first here), which the kernels must not read: the greedy tokens
+    equal an eager engine's. The graphs are emulated on the CPU over the same staging buffers."""
+    import contextlib
+    import types
+
+    import numpy as np
+
+    _, model = models
+    params = SamplingParams(n=2, temperature=0, max_tokens=MAX_NEW)
+    opts = dict(block_size=2, num_blocks=128, max_model_len=20, max_num_seqs=16, decode_backend=decode_backend)
+    ordered = sorted(prompts, key=len, reverse=True)  # the 13-token prompt's rows first; they stop at 20 tokens
+    want = Engine(model, **opts).generate(ordered, params)
+
+    engine = Engine(model, **opts)
+    runner = engine.runner
+    buckets = [1, 2, 4, 8, 16]
+    layouts = runner._make_staging(buckets, pin_memory=False)
+    runner._staging_free = types.SimpleNamespace(synchronize=lambda: None)
+    for b in buckets:
+        graph = _EagerGraph(runner, runner._graph_inputs(b, layouts[b][0]))
+        runner.graphs[b] = (graph, graph.static)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    uploads, upload = [], runner._upload_staged
+
+    def recording(bucket, nbytes, width):
+        upload(bucket, nbytes, width)
+        rows = int((runner._staged[bucket]["context_lens"] > 1).sum())  # the batch's rows (padding has 1)
+        lens = runner._staged[bucket]["context_lens"][:rows]
+        stale = bool((runner._graph_tables[:rows, width:] != 0).any())
+        uploads.append((bucket, nbytes, width, -(-int(lens.max()) // 2), stale))
+
+    monkeypatch.setattr(runner, "_upload_staged", recording)
+    got = engine.generate(ordered, params)
+    assert [[c.token_ids for c in r.completions] for r in got] == [[c.token_ids for c in r.completions] for r in want]
+    assert len(uploads) == engine.last_stats["decode"]
+    for bucket, nbytes, width, blocks, _ in uploads:
+        assert width == blocks < runner.max_blocks_per_seq or width == blocks == runner.max_blocks_per_seq
+        assert nbytes == runner._tables_offset[bucket] + bucket * width * np.dtype(np.int32).itemsize
+    assert min(width for _, _, width, _, _ in uploads) < runner.max_blocks_per_seq
+    assert any(stale for *_, stale in uploads)  # stale block ids sat past the copied columns

@@ -165,12 +165,12 @@ class ModelRunner:
     def _decode_fields(self, rows: int, width: int) -> list[tuple[str, type, tuple]]:
         """(name, numpy dtype, shape) of a decode step's integer inputs at `rows` rows."""
         fields = [("input_ids", np.int64, (rows,)), ("source_rows", np.int64, (rows,)), ("positions", np.int64, (rows,)),
-                  ("slots", np.int64, (rows,)), ("context_lens", np.int32, (rows,)),
-                  ("block_tables", np.int32, (rows, width))]
+                  ("slots", np.int64, (rows,)), ("context_lens", np.int32, (rows,))]
         if self.shared_prefix:
             fields += [("tile_ptr", np.int32, (rows // 2 + 1,)), ("tile_rows", np.int32, (rows,)),
                        ("tile_prefix", np.int32, (rows // 2,)), ("row_start", np.int32, (rows,))]
-        return fields
+        # last: a graph step copies the fields before it and only the columns of the tables it uses
+        return fields + [("block_tables", np.int32, (rows, width))]
 
     def _fill_decode_inputs(self, out, seq_ids, positions, slots, graph, last_tokens=None, source_rows=None):
         """Writes a decode step's inputs into the host arrays `out`, whose block_tables rows 0..B-1
@@ -245,18 +245,46 @@ class ModelRunner:
                 t["input_ids"] = source.index_select(0, t["source_rows"])
             return self._run_decode(t)
         graph, static = self.graphs[bucket]
-        staged = self._staged[bucket]
         self._staging_free.synchronize()  # the previous step's copy has left the host buffer
-        bm.block_tables(ids, 0, 0, out=staged["block_tables"])
-        self._fill_decode_inputs(staged, seq_ids, positions, slots, True, last_tokens, rows)
-        n = self._staged_bytes[bucket]
+        nbytes, width = self._stage_graph_inputs(bucket, bm, ids, seq_ids, positions, slots, last_tokens, rows)
         with torch.cuda.device(self.device):
-            self._staging_dev[:n].copy_(self._staging_host[:n], non_blocking=True)
-            self._staging_free.record(torch.cuda.current_stream(self.device))
+            self._upload_staged(bucket, nbytes, width)
             if source is not None:  # stream-ordered after the sampler that wrote `source`: no host sync
                 torch.index_select(source, 0, static["source_rows"][:b], out=static["input_ids"][:b])
             graph.replay()
         return static["hidden"][:b]
+
+    def _table_width(self, positions) -> int:
+        """Block-table columns a decode step at these positions reads: its longest context's blocks (at
+        least one: the padding rows read block 0)."""
+        longest = int(np.max(positions)) + 1 if len(positions) else 1
+        return min(-(-longest // self.block_size), self.max_blocks_per_seq)
+
+    def _stage_graph_inputs(self, bucket, bm, ids, seq_ids, positions, slots, last_tokens, rows) -> tuple[int, int]:
+        """Fills bucket's host staging buffer for a graph step; returns (bytes to copy, table columns).
+
+        The tables are written as [bucket, width] at the end of the buffer, width being the columns this
+        step reads: at max_model_len 32k and 256 rows the full tables were 2 MiB a step, mostly padding."""
+        staged = self._staged[bucket]
+        width = self._table_width(positions)
+        offset = self._tables_offset[bucket]
+        tables = self._staging_host[offset: offset + bucket * width * 4].numpy().view(np.int32).reshape(bucket, width)
+        if len(ids):  # (no block manager for the capture's empty step)
+            bm.block_tables(ids, 0, 0, out=tables)
+        staged["block_tables"] = tables
+        self._fill_decode_inputs(staged, seq_ids, positions, slots, True, last_tokens, rows)
+        return offset + tables.nbytes, width
+
+    def _upload_staged(self, bucket: int, nbytes: int, width: int):
+        """Copies a staged step to the device: one copy of its first nbytes, then its tables into the
+        first `width` columns of the graph's full-width tables. Columns past a row's context keep an
+        earlier step's block ids, which no decode kernel reads (each stops at its context length)."""
+        self._staging_dev[:nbytes].copy_(self._staging_host[:nbytes], non_blocking=True)
+        if self._staging_dev.is_cuda:
+            self._staging_free.record(torch.cuda.current_stream(self.device))
+        offset = self._tables_offset[bucket]
+        packed = self._staging_dev[offset: nbytes].view(torch.int32).view(bucket, width)
+        self._graph_tables[:bucket, :width].copy_(packed)
 
     def _capture_graphs(self, max_num_seqs: int):
         """One graph per batch-size bucket; any failure leaves eager decode in place.
@@ -264,17 +292,12 @@ class ModelRunner:
         Every bucket's integer inputs live in one device buffer, laid out for that bucket (one graph
         replays at a time), mirrored by one pinned host buffer: a step fills the host side through
         numpy views and moves it with a single copy (instead of a staged pageable copy, and a call,
-        per input)."""
+        per input), its block tables only as wide as the step's longest context (_stage_graph_inputs)."""
         buckets = sorted({b for b in (1, 2, 4, 8) if b <= max_num_seqs} |
                          set(range(16, max_num_seqs + 1, 16)) | {max_num_seqs})
-        layouts = {b: _layout(self._decode_fields(b, self.max_blocks_per_seq)) for b in buckets}
         try:
-            self._staged_bytes = {b: nbytes for b, (_, nbytes) in layouts.items()}
-            total = max(self._staged_bytes.values())
-            self._staging_host = torch.empty(total, dtype=torch.uint8, pin_memory=True)
-            self._staging_dev = torch.empty(total, dtype=torch.uint8, device=self.device)
+            layouts = self._make_staging(buckets, pin_memory=True)
             self._staging_free = torch.cuda.Event()
-            self._staged = {b: _views(self._staging_host, fields, as_numpy=True) for b, (fields, _) in layouts.items()}
             # torch.cuda.graph captures on a side stream of the *current* device: make it the model's.
             with torch.cuda.device(self.device):
                 self._capture_buckets(buckets, layouts)
@@ -283,13 +306,34 @@ class ModelRunner:
             log.warning("CUDA graph capture failed (%s); decoding eagerly", e)
             self.graphs.clear()
 
+    def _make_staging(self, buckets, pin_memory: bool) -> dict:
+        """The staging buffers of the graphs' inputs (host and device) and the graphs' full-width block
+        tables, one [max bucket, max_blocks_per_seq] tensor whose first rows each bucket reads (one graph
+        replays at a time); returns each bucket's _layout."""
+        layouts = {b: _layout(self._decode_fields(b, self.max_blocks_per_seq)) for b in buckets}
+        self._staged_bytes = {b: nbytes for b, (_, nbytes) in layouts.items()}
+        self._tables_offset = {b: fields[-1][3] for b, (fields, _) in layouts.items()}
+        total = max(self._staged_bytes.values())
+        self._staging_host = torch.empty(total, dtype=torch.uint8, pin_memory=pin_memory)
+        self._staging_dev = torch.empty(total, dtype=torch.uint8, device=self.device)
+        self._graph_tables = torch.zeros(max(buckets), self.max_blocks_per_seq, dtype=torch.int32, device=self.device)
+        self._staged = {b: _views(self._staging_host, fields, as_numpy=True) for b, (fields, _) in layouts.items()}
+        return layouts
+
+    def _graph_inputs(self, bucket: int, layout) -> dict:
+        """The device tensors bucket's graph reads: views of the staging buffer, and the full-width tables."""
+        static = _views(self._staging_dev, layout, as_numpy=False)
+        static["block_tables"] = self._graph_tables[:bucket]
+        return static
+
     def _capture_buckets(self, buckets, layouts):
         pool = None
         for b in reversed(buckets):
-            static = _views(self._staging_dev, layouts[b][0], as_numpy=False)
+            static = self._graph_inputs(b, layouts[b][0])
             # a valid empty step (every row padding) for the warm-up and the capture
-            self._fill_decode_inputs(self._staged[b], np.zeros(0, dtype=np.int64), [], [], True, last_tokens=[])
-            self._staging_dev[: self._staged_bytes[b]].copy_(self._staging_host[: self._staged_bytes[b]])
+            nbytes, width = self._stage_graph_inputs(b, None, np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64),
+                                                     [], [], [], None)
+            self._upload_staged(b, nbytes, width)
             with torch.no_grad():
                 self._run_decode(static)  # warm-up: compiles kernels outside capture
                 torch.cuda.synchronize(self.device)
