@@ -189,6 +189,52 @@ def test_engine_loop_keeps_every_context_right_and_outputs_unchanged_under_preem
     assert preemptions > 0
 
 
+class _CountingBlocks:
+    """The block manager, counting the calls of blocks_to_append (every other attribute passed through)."""
+
+    def __init__(self, bm):
+        self.bm, self.counted = bm, 0
+
+    def blocks_to_append(self, seq_ids):
+        self.counted += 1
+        return self.bm.blocks_to_append(seq_ids)
+
+    def __getattr__(self, name):
+        return getattr(self.bm, name)
+
+
+@pytest.mark.parametrize("ahead", [False, True])
+def test_a_decode_step_counts_the_blocks_it_needs_only_when_the_pool_is_short(ahead):
+    """Each decode step asked the block manager for the blocks its rows need (a pass over the rows), and
+    append_batch made that pass again before appending. No row needs more than one block, so while the pool
+    has a free block per row the first pass is skipped; close to full, it still decides, and preempts."""
+    bm = _CountingBlocks(_C.BlockManager(12, 4, False))
+    sched = Scheduler(bm, max_num_seqs=4, max_num_batched_tokens=64)
+    for i in range(2):
+        sched.add(Sequence(i + 1, i, 0, 30 + i, [i + 1] * 3, max_len=40))
+    assert isinstance(_prefill_all(sched), DecodeBatch)
+    bm.counted = 0
+    steps, preempted = [], 0
+    while len(sched.running) == 2:
+        free_before = bm.num_free_blocks
+        counted_before = bm.counted
+        batch = sched.schedule_ahead() if ahead else sched.schedule()
+        if batch is None:  # planning ahead declines when the pool is short
+            break
+        steps.append((free_before, bm.counted - counted_before))
+        for seq in sched.running:
+            seq.tokens.append(1)
+            seq.logprobs.append(0.0)
+        sched.running._arrays = None
+        preempted = sched.num_preemptions
+    assert all(counted == (free < 2) for free, counted in steps), steps
+    assert any(free >= 2 for free, _ in steps) and any(free < 2 for free, _ in steps), steps
+    if ahead:
+        assert batch is None and not sched.num_preemptions
+    else:
+        assert preempted == 1 and len(sched.running) == 1
+
+
 def test_ids_in_answers_as_np_isin():
     """The engine's membership test of sequence ids (a sort and a binary search, in place of np.isin):
     the same mask on random ids, also for values past either end of the pool, a one-id pool and an empty one."""
