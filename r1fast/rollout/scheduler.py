@@ -127,9 +127,11 @@ class Scheduler:
     def _seats_taken(self) -> int:
         return len(self.running) + sum(s.fork_into for s in self.prefilling)
 
-    def _admissible(self, seq: Sequence, tokens: np.ndarray) -> bool:
+    def _admissible(self, seq: Sequence, tokens: np.ndarray | None = None) -> bool:
         if self._seats_taken() + seq.fork_into > self.max_num_seqs:
             return False
+        if tokens is None:  # made only past the seats' check: a waiting prompt is asked about at every step
+            tokens = np.asarray(seq.tokens, dtype=np.int32)
         # room for the prompt plus one block per sample for the first decoded tokens, unless the
         # engine is idle (then preemption sorts out a group too large to decode at once)
         headroom = seq.fork_into if (self.running or self.prefilling) else 0
@@ -198,7 +200,7 @@ class Scheduler:
         the pool must preempt, or no row is left."""
         if not self.running or self.prefilling:
             return None
-        if self.waiting and self._admissible(self.waiting[0], np.asarray(self.waiting[0].tokens, dtype=np.int32)):
+        if self.waiting and self._admissible(self.waiting[0]):
             return None
         if not self._room_to_append():
             return None
