@@ -235,6 +235,27 @@ def test_a_decode_step_counts_the_blocks_it_needs_only_when_the_pool_is_short(ah
         assert preempted == 1 and len(sched.running) == 1
 
 
+def test_num_stopped_counts_each_running_sequence_that_stops_once():
+    """The engine skips its pass over a collected step's rows (which of them still run) while num_stopped is
+    what it was at the step's launch: every retirement and preemption of a running sequence counts once, also
+    one the engine dropped from the running rows before (its length limit reached in a step in flight)."""
+    bm = _C.BlockManager(64, 4, False)
+    sched = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=64)
+    seqs = [Sequence(i + 1, i, 0, 40 + i, [i + 1] * 5, max_len=30) for i in range(4)]
+    for s in seqs:
+        sched.add(s)
+    assert isinstance(_prefill_all(sched), DecodeBatch)
+    assert sched.num_stopped == 0
+    sched.retire([seqs[0]], [True])
+    assert sched.num_stopped == 1 and len(sched.running) == 3
+    sched.preempt(sched.running.pop())
+    assert sched.num_stopped == 2 and seqs[3].status is Status.WAITING
+    sched.running.remove(sched.running.array("ids") == seqs[1].seq_id)  # dropped at its limit, still running
+    assert sched.num_stopped == 2
+    sched.retire([seqs[1], seqs[2]], [False, True])
+    assert sched.num_stopped == 4 and not sched.running
+
+
 def test_ids_in_answers_as_np_isin():
     """The engine's membership test of sequence ids (a sort and a binary search, in place of np.isin):
     the same mask on random ids, also for values past either end of the pool, a one-id pool and an empty one."""

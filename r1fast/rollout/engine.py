@@ -421,7 +421,8 @@ class Engine:
         hidden = self.runner.decode(self.block_manager, ids, lens - 1, batch.slots, **inputs)
         pinned = self._next_pinned()
         tokens, logprobs = self._sample(hidden, running.array("keys"), lens, call.params, pinned)
-        step = _DecodeStep(list(running.seqs), ids, lens.copy(), running.array("max_lens"), tokens)
+        step = _DecodeStep(list(running.seqs), ids, lens.copy(), running.array("max_lens"), tokens,
+                           call.sched.num_stopped)
         step.fetch(logprobs, pinned)
         running.count_in_flight()
         # a row whose token in flight reaches its length limit is done: the next step leaves it out
@@ -435,8 +436,11 @@ class Engine:
         stopped or reached their length. Rows whose sequences stopped in the step before are dropped
         (counted as discarded tokens)."""
         tokens, logprobs = step.wait()
-        decoding = Status.RUNNING  # once: the enum member looked up per row was 3/4 of this line's time
-        live = np.fromiter((s.status is decoding for s in step.seqs), dtype=bool, count=len(step.seqs))
+        if call.sched.num_stopped == step.num_stopped:  # none of its rows stopped since the launch (most steps)
+            live = np.ones(len(step.seqs), dtype=bool)
+        else:  # a pass over the rows: ~20 us at 256 rows
+            decoding = Status.RUNNING  # once: the enum member looked up per row was 3/4 of this line's time
+            live = np.fromiter((s.status is decoding for s in step.seqs), dtype=bool, count=len(step.seqs))
         _check_finite(logprobs[live])
         for s, t, lp, keep in zip(step.seqs, tokens.tolist(), logprobs.tolist(), live.tolist()):
             if keep:
@@ -537,6 +541,7 @@ class _DecodeStep:
     lens: np.ndarray         # each row's length before this step's token
     max_lens: np.ndarray
     tokens: torch.Tensor     # int64 [B] on the device: the next step's inputs
+    num_stopped: int         # Scheduler.num_stopped at launch: unchanged at collection, every row still runs
     _host: tuple | None = None
     _ready: torch.cuda.Event | None = None
 

@@ -116,6 +116,7 @@ class Scheduler:
         self.prefilling: list[Sequence] = []
         self.running = Running()
         self.num_preemptions = 0
+        self.num_stopped = 0  # times a running sequence stopped running (retired or preempted)
         self.num_cached_tokens = 0  # prompt tokens whose KV came from the prefix cache
 
     def add(self, seq: Sequence):
@@ -221,6 +222,7 @@ class Scheduler:
 
     def preempt(self, seq: Sequence):
         self.bm.preempt(seq.seq_id)
+        self.num_stopped += seq.status is Status.RUNNING
         seq.status = Status.WAITING
         seq.num_computed = 0
         self.num_preemptions += 1
@@ -240,6 +242,7 @@ class Scheduler:
         only needs the first two."""
         for seq, stop in zip(seqs, stopped):
             self.bm.free(seq.seq_id)
+            self.num_stopped += seq.status is Status.RUNNING
             seq.status = Status.FINISHED
             seq.finish_reason = "stop" if stop else "length"
         ids = self.running.array("ids")
