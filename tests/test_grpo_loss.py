@@ -284,6 +284,20 @@ def test_stats_keys_and_values():
     assert "kl" not in stats and "entropy" not in stats and "is_weight/mean" not in stats
 
 
+@pytest.mark.parametrize("backend", ["reference", "torch", "triton"])
+def test_stats_of_a_differentiable_loss_hold_no_graph(backend):
+    """The statistics are detached numbers on every backend, also when logp requires grad: a stat that kept a
+    grad_fn kept the loss's graph (and the triton kernel's saved gradients) alive for as long as it was logged."""
+    d = _batch(seed=12)
+    lp = d["logp"].float().requires_grad_()
+    ent = d["ent"].float().requires_grad_()
+    loss, stats = ops.grpo_loss(lp, d["old"].float(), d["ref"].float(), d["adv"].float(), d["mask"], entropy=ent,
+                                sampler_logp=d["sampler"].float(), beta=0.1, row_stats=True, backend=backend)
+    assert loss.requires_grad
+    held = sorted(k for k, v in stats.items() if v.requires_grad or v.grad_fn is not None)
+    assert held == [], held
+
+
 def test_old_logp_none_means_ratio_one_with_gradient():
     d = _batch(seed=5)
     lp = d["logp"].clone().requires_grad_()

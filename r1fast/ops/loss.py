@@ -158,7 +158,11 @@ class _TritonGRPOLoss(torch.autograd.Function):
         ctx.save_for_backward(g_logp, g_ent if g_ent is not None else g_logp)
         ctx.has_ent = g_ent is not None
         ctx.dtypes = (logp.dtype, None if entropy is None else entropy.dtype)
-        return row_loss.sum(), row_stats.detach()
+        # an output of a Function requires grad unless marked: the statistics built from it held this node (and
+        # the saved gradients) for as long as they were kept
+        row_stats = row_stats.detach()
+        ctx.mark_non_differentiable(row_stats)
+        return row_loss.sum(), row_stats
 
     @staticmethod
     def backward(ctx, g_loss, _g_stats):
