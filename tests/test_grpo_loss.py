@@ -359,6 +359,8 @@ def test_advantages_are_constants_on_every_backend(device, backend, op):
         (lambda a: a.update(mask=a["mask"][:-1]), ValueError, "mask"),
         (lambda a: a.update(logp=a["logp"].flatten()), ValueError, r"\[B, T\]"),
         (lambda a: a.update(ref_logp=None, beta=0.1), ValueError, "ref_logp"),
+        # the bonus needs the entropy it weights: without it the term was silently left out
+        (lambda a: a.update(entropy_coef=0.01), ValueError, "entropy_coef=0.01 needs entropy"),
         (lambda a: a["old_logp"].__setitem__((0, 0), float("nan")), ValueError, "NaN"),
         (lambda a: a["advantages"].__setitem__(0, float("inf")), ValueError, "advantages"),
         (lambda a: a.update(bogus=1), ValueError, "unknown loss option"),

@@ -198,7 +198,8 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, entropy=None, sampl
               importance_weights=None, options: LossOptions | None = None, backend: str | None = None,
               check_values: bool = True, row_stats: bool = False, **loss_options):
     """(loss, stats) for per-token log-probs logp [B, T] (differentiable), old/ref/sampler log-probs [B, T] or
-    None, advantages [B], mask [B, T]; entropy [B, T] enables the entropy bonus / statistic.
+    None, advantages [B], mask [B, T]; entropy [B, T] enables the entropy bonus / statistic (entropy_coef != 0
+    without it is a ValueError).
 
     `importance_weights`: precomputed importance weights, one per token [B, T] or one per row [B, 1]
     or [B] (broadcast over the row), e.g. TRL's vLLM `importance_sampling_ratio`. They multiply the
@@ -216,6 +217,10 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, entropy=None, sampl
     input then shows as a NaN loss. Shapes, dtypes and devices are always checked.
     """
     opts = loss_options_of(options, loss_options)
+    # here, not in validate_loss_inputs: fused_linear_grpo_loss forms the entropy itself
+    if opts.entropy_coef != 0.0 and entropy is None:
+        raise ValueError(f"grpo_loss: entropy_coef={opts.entropy_coef} needs entropy (the per-token entropy the "
+                         f"bonus weights), or set entropy_coef=0")
     iw = validate_loss_inputs("grpo_loss", logp, old_logp, ref_logp, advantages, mask, sampler_logp, entropy, opts,
                                check_values=check_values, importance_weights=importance_weights)
     _, fn = backends.resolve("grpo_loss", logp.device, backend, dtype=logp.dtype)
