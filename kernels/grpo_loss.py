@@ -50,6 +50,27 @@ def _row_block(mask_ptr, logp_ptr, old_ptr, base, t0, T, BLOCK_T: tl.constexpr):
 
 
 @triton.jit
+def _k3_and_grad(u):
+    """k3 = exp(u) - u - 1 (u = ref - logp) and d k3 / d logp = 1 - exp(u), accurate in fp32 near u = 0 too: there
+    both are what is left of exp(u) ≈ 1 (~u²/2 and -u), which its rounding swamps once |u| < 1e-3. Below |u| = 0.5
+    the series u²·Σ u^k/(k+2)!, k ≤ 7 (reference.loss.K3_SERIES, fp32's bound) and -(k3 + u) = -expm1(u); elsewhere as written."""
+    small = tl.abs(u) < 0.5
+    s = tl.where(small, u, 0.0)
+    p = s * 2.7557319223985893e-06 + 2.48015873015873e-05
+    p = p * s + 1.984126984126984e-04
+    p = p * s + 1.388888888888889e-03
+    p = p * s + 8.333333333333333e-03
+    p = p * s + 4.1666666666666664e-02
+    p = p * s + 1.6666666666666666e-01
+    p = p * s + 0.5
+    k3_small = s * s * p
+    e = tl.exp(u)
+    kl = tl.where(small, k3_small, e - u - 1.0)
+    g_kl = tl.where(small, -(k3_small + s), 1.0 - e)
+    return kl, g_kl
+
+
+@triton.jit
 def _grpo_loss_kernel(logp_ptr, old_ptr, ref_ptr, smp_ptr, ent_ptr, mask_ptr, adv_ptr, denom_ptr, row_cnt_ptr,
                       row_loss_ptr, g_logp_ptr, g_ent_ptr, stats_ptr,
                       T, n_rows, epsilon, eps_high, delta, beta, tis_cap, entropy_coef, max_len,
@@ -180,9 +201,7 @@ def _grpo_loss_kernel(logp_ptr, old_ptr, ref_ptr, smp_ptr, ent_ptr, mask_ptr, ad
                 kl = 0.5 * x * x
                 g_kl = x
             else:
-                e = tl.exp(-x)
-                kl = e + x - 1.0
-                g_kl = 1.0 - e
+                kl, g_kl = _k3_and_grad(-x)
             if KL_WEIGHTED:
                 # TRL's bias-corrected KL, kl * c1 with c1 = exp(lw) unclipped and differentiable:
                 # d/dlogp = g_kl * c1 on the token's own logp, plus kl * c1 through lw (added after
