@@ -729,10 +729,10 @@ def test_golds_that_are_floats_lists_or_missing(with_math_verify):
 
 
 def test_without_math_verify_a_latex_comparison_warns_once(monkeypatch):
-    from r1fast.rewards import builtin
+    from r1fast.rewards import matching
 
     monkeypatch.setitem(sys.modules, "math_verify", None)
-    monkeypatch.setattr(builtin, "_WARNED_NO_MATH_VERIFY", False)
+    monkeypatch.setattr(matching, "_WARNED_NO_MATH_VERIFY", False)
     with pytest.warns(UserWarning, match="math-verify is not installed, so LaTeX answers are compared as text"):
         assert _accuracy(r"\frac{1}{2}", "0.5") == 0.0
     import warnings
@@ -849,9 +849,9 @@ def test_math_verify_has_one_time_limit_on_any_thread(off_main, monkeypatch):
     import threading
     import time
 
-    from r1fast.rewards import builtin
+    from r1fast.rewards import matching
 
-    monkeypatch.setattr(builtin, "MATH_VERIFY_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(matching, "MATH_VERIFY_TIMEOUT_S", 0.5)
     junk = "(" * 150 + str(random.randrange(10**9)) + ")" * 150   # fresh: no cached verdict
     got = []
 
@@ -1337,15 +1337,15 @@ def test_a_math_verify_check_that_ran_out_of_time_is_tried_again_later(monkeypat
     pytest.importorskip("math_verify")
     import random
 
-    from r1fast.rewards import builtin
+    from r1fast.rewards import matching
 
     n = random.randrange(10**6, 10**7)   # fresh: no cached verdict
     pred, gold = "\\frac{1}{2}", f"\\dfrac{{{n}}}{{{2 * n}}}"
-    monkeypatch.setattr(builtin, "MATH_VERIFY_TIMEOUT_S", 1e-4)
+    monkeypatch.setattr(matching, "MATH_VERIFY_TIMEOUT_S", 1e-4)
     assert not answers_match(pred, gold)   # ran out of time
-    monkeypatch.setattr(builtin, "MATH_VERIFY_TIMEOUT_S", 3.0)
+    monkeypatch.setattr(matching, "MATH_VERIFY_TIMEOUT_S", 3.0)
     assert not answers_match(pred, gold)   # remembered for a while: a batch's repeats pay one time-out
-    monkeypatch.setattr(builtin, "MATH_VERIFY_TIMED_OUT_MEMORY_S", 0.0, raising=False)
+    monkeypatch.setattr(matching, "MATH_VERIFY_TIMED_OUT_MEMORY_S", 0.0, raising=False)
     assert answers_match(pred, gold)       # then checked again
 
 
@@ -1378,11 +1378,11 @@ def test_looking_for_a_mixed_number_is_linear_in_a_junk_answer(monkeypatch):
     import time
     import types
 
-    from r1fast.rewards import builtin
+    from r1fast.rewards import matching
 
     given = []
     monkeypatch.setitem(sys.modules, "math_verify", types.ModuleType("math_verify"))
-    monkeypatch.setattr(builtin, "_math_verify_match", lambda p, g: given.append((p, g)) or False)
+    monkeypatch.setattr(matching, "_math_verify_match", lambda p, g: given.append((p, g)) or False)
     junk = "1/" + " " * 20_000 + "2"
     t = time.perf_counter()
     assert not answers_match(junk, "x+1") and given == [(junk, "x+1")]

@@ -2,7 +2,6 @@
 from r1fast.rewards.builtin import (
     THINK_ANSWER_PATTERN,
     accuracy_reward,
-    answers_match,
     extract_answer,
     format_reward,
     make_format_reward,
@@ -10,6 +9,7 @@ from r1fast.rewards.builtin import (
 )
 from r1fast.rewards.combine import BUILTIN_NAMES, RewardError, RewardSet, RewardTimeout, load_function, resolve
 from r1fast.rewards.language import make_language_reward
+from r1fast.rewards.matching import answers_match
 
 __all__ = ["THINK_ANSWER_PATTERN", "accuracy_reward", "answers_match", "extract_answer", "format_reward",
            "make_format_reward", "make_language_reward", "make_length_penalty", "BUILTIN_NAMES",

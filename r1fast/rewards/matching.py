@@ -1,0 +1,616 @@
+"""Answer matching for the accuracy reward and cons@k: whether a completion's final answer equals a reference
+(`answers_match`: text, numbers, units, choice letters, LaTeX spacing, a variable's case, then math-verify within a
+time limit) and the key of a majority vote (`vote_key`). The reward functions are in builtin.py."""
+from __future__ import annotations
+
+import functools
+import math
+import re
+import threading
+import time
+import unicodedata
+from fractions import Fraction
+from typing import Optional
+
+from r1fast.rewards.deadline import OutOfTime, call_with_deadline
+
+_BOXED_TOKEN_RE = re.compile(r"\\boxed\s*\{|\{|\}")
+
+
+def _last_boxed(text: str) -> Optional[str]:
+    """The content of the \\boxed{…} that closes last, braces matched (`\\boxed{\\frac{1}{2}}`), in one pass."""
+    stack: list[tuple[bool, int]] = []
+    last = None
+    for m in _BOXED_TOKEN_RE.finditer(text):
+        if m.group() == "}":
+            if stack:
+                is_box, start = stack.pop()
+                if is_box:
+                    last = text[start:m.start()]
+        else:
+            stack.append((m.group() != "{", m.end()))
+    return last
+
+
+# A thousands group never starts a number with 0: 0,125 (a decimal comma, or a list) is not 125.
+_MANTISSA = r"(?:[1-9][0-9]{0,2}(?:,[0-9]{3})+|[0-9]+)(?:\.[0-9]*)?|\.[0-9]+"
+_NUMBER_RE = re.compile(rf"([+-]?)\s*({_MANTISSA})(?:[eE]([+-]?[0-9]{{1,3}}))?")
+# Scientific notation as LaTeX writes it (6.02 \times 10^{23}, 1.6 \cdot 10^{-19}): a number, as 6.02e23 is. Given to
+# math-verify, -1.6 \times 10^{-19} equalled 1.6 \times 10^{-19} (it rounds floats to 6 decimal places). An exponent
+# without braces is read whole, as plain text means it and math-verify reads it (10^23, 10^-19): -1.6 × 10^-19 and
+# 1.7 × 10^-19 scored 1 against 1.6 \times 10^{-19}.
+_SCIENTIFIC_RE = re.compile(rf"([+-]?)\s*({_MANTISSA})\s*(?:\\times|\\cdot|\u00d7)\s*10\s*\^\s*"
+                            r"(?:\{\s*([+-]?)\s*([0-9]{1,3})\s*\}|([+-]?[0-9]{1,3}))")
+# The denominator's sign and its spaces are one optional group: `\s*([+-]?)\s*` split a run of spaces between its
+# two \s* in every way, quadratic on "1/" and 20k spaces (12 s, on the main thread, no deadline).
+_RATIO_RE = re.compile(r"([+-]?)\s*([0-9]+)\s*/\s*(?:([+-])\s*)?([0-9]+)")
+# A mixed number written out (2 3/4: two and three quarters, as recipes and school word problems write it):
+# math-verify, which reads 2\frac{3}{4} as 2.75, found no number in it, and the right answer scored 0.
+_MIXED_RE = re.compile(r"([+-]?)\s*([0-9]+)\s+([0-9]+)\s*/\s*([0-9]+)")
+# Where a mixed number is in a text, for re.search: _MIXED_RE's leading `\s*([0-9]+)` is retried from every place,
+# quadratic on a long run of digits or spaces ("1/", 20k spaces, "2": 14 s).
+_HOLDS_MIXED_RE = re.compile(r"[0-9]\s+[0-9]+\s*/\s*[0-9]")
+_MONEY_RE = re.compile(r"\A([+-]?)\s*\\?\$\s*(?=[0-9.])")
+_WRAPPED_RE = re.compile(r"\\boxed\s*\{(.*)\}|\{(.*)\}|\\\((.*)\\\)|\\\[(.*)\\\]", re.DOTALL)
+# What else separates a number's groups of three digits: LaTeX's {,} and ,\! (MATH's 10,\!000), its thin and
+# other spaces (1\,000), and a plain, no-break or thin space (SI's 1 000). math-verify read `1\,000` and
+# `1 000` as the product 1*000: the answer 1 000 scored 1 against a gold 0, and 0 against 1000.
+_GROUP_SEP_RE = re.compile(r"(?<=[0-9])(?:\{,\}|,\\!|\\[,;: ]|~| |\u00a0|\u2009|\u202f)(?=[0-9]{3}(?![0-9]))")
+
+
+def _unwrapped(s: str) -> str:
+    """`s` without `$…$`, `\\(…\\)`, `\\[…\\]`, `\\boxed{…}` and `{…}` around all of it (four deep at most)."""
+    s = s.strip()
+    for _ in range(4):
+        if len(s) > 1 and s[0] == "$" and s[-1] == "$":
+            s = s.strip("$").strip()
+            continue
+        m = _WRAPPED_RE.fullmatch(s)
+        if m is None:
+            break
+        s = next(g for g in m.groups() if g is not None).strip()
+    return s
+
+
+def _as_number(s: str) -> Optional[Fraction]:
+    """A plain number: an integer, a decimal (optionally with a short exponent), a ratio of integers, or a
+    mixed number (2 3/4, a proper fraction after the whole); a comma only as a thousands separator (1,000 but
+    not 1,5, a list to math-verify), as are LaTeX's and a space's (1\\,000, 1 000: _GROUP_SEP_RE).
+    `$…$`, `\\(…\\)`, `\\[…\\]`, `\\boxed{…}` and `{…}` around it, and a dollar sign before it, are removed."""
+    s = _unwrapped(s.strip().replace("\u2212", "-"))
+    s = s.rstrip(".,").strip()   # a sentence's full stop or comma
+    s = _MONEY_RE.sub(r"\1", s)   # "$18", "-\\$5": GSM8K answers; math-verify reads them as the number too
+    try:
+        mixed = _MIXED_RE.fullmatch(s)   # before the separators: 1 100/200 is one and a half, not 1,100/200
+        if mixed and 0 < int(mixed.group(3)) < int(mixed.group(4)):
+            value = int(mixed.group(2)) + Fraction(int(mixed.group(3)), int(mixed.group(4)))
+            return -value if mixed.group(1) == "-" else value
+        s = _GROUP_SEP_RE.sub(",", s)
+        m = _NUMBER_RE.fullmatch(s)
+        if m:
+            sign, digits, exp = m.groups()
+            return Fraction(sign + digits.replace(",", "") + (f"e{exp}" if exp else ""))
+        m = _SCIENTIFIC_RE.fullmatch(s)
+        if m:
+            sign, digits, exp_sign, exp, bare_exp = m.groups()
+            return Fraction(f"{sign}{digits.replace(',', '')}e{exp_sign or ''}{exp or bare_exp}")
+        m = _RATIO_RE.fullmatch(s)
+        if m:
+            value = Fraction(int(m.group(2)), int(m.group(4)))
+            return -value if (m.group(1) == "-") != (m.group(3) == "-") else value
+    except (ValueError, ZeroDivisionError):   # 1/0, or more digits than int() reads
+        pass
+    return None
+
+
+_LONG_DECIMAL_RE = re.compile(r"[0-9]{12,}")
+_FLOAT_REL_TOL = Fraction(1, 10**12)
+
+
+def _float_repr(s: str) -> bool:
+    """A decimal with a float's worth of digits (0.3333333333333333: a float gold written out by JSON,
+    parquet or CSV), which stands for a value it can only approximate."""
+    return bool(_LONG_DECIMAL_RE.search(s.replace(".", "")))
+
+
+# A whole answer that is text in LaTeX: MATH's `\\text{Evelyn}`, `\\text{odd}`, `\\textbf{no}` (in `$…$` or not).
+_TEXT_ANSWER_RE = re.compile(r"\$?\s*\\(?:text|textbf|textrm|mathrm|mbox)\s*\{([^{}$\\]*)\}\s*\$?")
+
+
+# A choice letter in brackets, as multiple-choice answers write it: (B), B), [B]
+_BRACKETED_CHOICE_RE = re.compile(r"[(\[]?\s*([A-Za-z])\s*[)\]]")
+
+
+# A choice letter followed by its option's text, as multiple-choice golds and answers write it: B. 12, B) 12, B: 12,
+# (D) 4\\sqrt{2}, MATH's \\textbf{(C) }3. A capital of A to J (up to ten options); after a full stop or a colon a space.
+_OPTION_HEAD_RE = re.compile(r"\\(?:text|textbf|textrm|mathrm|mathbf)\s*\{\s*\(?\s*([A-J])\s*\)?\s*\}|[(\[]\s*([A-J])\s*[)\]]"
+                             r"|([A-J])\s*\)|([A-J])[.:](?=\s)")
+_LATEX_SPACE_RE = re.compile(r"(?:\s|\\[ ,;:!]|~)*")
+
+
+def _option_letter(s: str) -> Optional[str]:
+    """The letter of an answer that is a choice letter and its option's text (`B. 12`, `\\textbf{(C) }3`), else None.
+    Read as a whole, B. 12 scored 0 against the gold B (and B against the gold B. 12), while math-verify, finding 12 in
+    both, took C. 12 for B. 12. An answer naming two options (`(A) 3, (B) 5`) is none."""
+    m = _OPTION_HEAD_RE.match(s)
+    if m is None:
+        return None
+    rest = s[_LATEX_SPACE_RE.match(s, m.end()).end():]
+    if not rest or _OPTION_HEAD_RE.search(rest):
+        return None
+    return next(g for g in m.groups() if g is not None)
+
+
+def _text_words(s: str) -> Optional[str]:
+    """An answer's words, case aside, bare or in one `\\text{…}`; None for other LaTeX. Bare math with variables keeps
+    its case (_variables: x+1 is not X+1). A choice letter in brackets is the letter: (B), B) and \\text{(B)} matched B
+    only through math-verify (0 without it) and were each another cons@k vote than B."""
+    s = s.strip().rstrip(".").strip()
+    letter = _option_letter(s)
+    if letter is not None:
+        return letter.casefold()
+    m = _TEXT_ANSWER_RE.fullmatch(s)
+    if m:
+        return _choice_letter(m.group(1).strip()).casefold()
+    if "\\" in s or "$" in s:
+        return None
+    s = _choice_letter(s)
+    return s if _variables(s) else s.casefold()
+
+
+def _is_letter(words: Optional[str]) -> bool:
+    return words is not None and len(words) == 1 and words.isalpha()
+
+
+def _choice_letter(s: str) -> str:
+    m = _BRACKETED_CHOICE_RE.fullmatch(s)
+    return m.group(1) if m else s
+
+
+# Greek letters are variables too, their LaTeX names telling their case: \\Delta is not \\delta, nor \\Gamma \\gamma (each
+# pair was one symbol to math-verify)
+_GREEK_NAMES = frozenset("""alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma
+tau upsilon phi chi psi omega""".split())
+# A lone Latin letter in math (beside a digit, an operator or LaTeX) is a variable, and its case is part of it: x+1 and
+# X+1, a_n and A_n, 2\\pi r and 2\\pi R are different answers, though math-verify lowercases every symbol and bare text
+# was compared case aside (_same_words): each pair scored 1. A letter alone, in brackets or not ((A), b.), is a choice
+# and words are words: their case stays aside (B = b., Yes = yes); so does a lone x against X, which cannot be told
+# from a choice letter.
+# a LaTeX command's name, or a run of letters (Greek ones too: a chat model's Δ+1 and δ+1 scored 1 and were one vote)
+_NAME_OR_WORD_RE = re.compile(r"\\?[A-Za-z]+|[\u0391-\u03a9\u03b1-\u03c9]+")
+_MATH_SIGN_RE = re.compile(r"[0-9+\-*/^_=<>\\]")
+# Two or three letters written tight against a digit, an operator or a bracket are a product of variables (2xy, ab+1,
+# \\sqrt{xy}, \\frac{ab}{2}), each letter with its case: 2xy and 2XY, ab+1 and AB+1 each scored 1 and were one vote, as
+# the run was taken for a word. A run beside spaces only stays a word or a unit (5 cm, 5 \\text{ kg}), and the text of
+# \\text{…} and its kin is left out.
+_TIGHT = r"[0-9+\-*/^_=<>(){}\[\]]"
+_TIGHT_PRODUCT_RE = re.compile(rf"(?<={_TIGHT})[A-Za-z]{{2,3}}(?![A-Za-z])|(?<![A-Za-z\\])[A-Za-z]{{2,3}}(?={_TIGHT})")
+_TEXT_PART_RE = re.compile(r"\\(?:text|textbf|textrm|mathrm|mbox|operatorname)\s*\{[^{}]*\}")
+# A numeral's digits in a base past 10 are no variables, so their case stays aside as math-verify's is (number theory's 1A_{16},
+# A5_{12}: a digit in the run, every letter a digit of that base): read as variables, 1a_{16} scored 0 against 1A_{16}.
+# Not covered: 2a_{12} (2 times a_{12}) matches 2A_{12}.
+# (a run is tried from its start only, so the regex stays linear in a long run of digits)
+_BASE_NUMERAL_RE = re.compile(r"(?<![A-Za-z0-9\\])([0-9A-Za-z]+)_(?:\{\s*([0-9]{2})\s*\}|([0-9]{2}))")
+# A time of day's a.m./p.m. after a clock time or with its full stops (10:30am, 9:40 A.M., 4 P.M.) is a word, not two
+# variables: 10:30am and 9:40 a.m. scored 0 against 10:30AM and 9:40 A.M. Not covered: 2pm (no clock time, no full
+# stops) is still a product of variables, apart from 2PM.
+_TIME_OF_DAY_RE = re.compile(r"(?<=[0-9]:[0-9]{2})\s*[AaPp]\.?\s?[Mm]\b\.?|(?<=[0-9])\s*[AaPp]\.\s?[Mm]\b\.?")
+
+
+def _without_numeral_digits(m: re.Match) -> str:
+    digits, base = m.group(1), int(m.group(2) or m.group(3))
+    if 10 < base <= 36 and any(ch.isdigit() for ch in digits) and all(int(ch, 36) < base for ch in digits):
+        return "0"
+    return m.group()
+
+
+def _variables(s: str) -> frozenset[str]:
+    """The variables of an answer that is math (a digit, an operator or LaTeX in it), in their case: its lone Latin
+    letters and Greek letters' LaTeX names, outside `\\text{…}` and its kin (words: the p.m. of 4\\text{ p.m.}); none for
+    other answers (a choice letter, words, one `\\text{…}`)."""
+    s = s.strip().rstrip(".").strip()
+    if not _MATH_SIGN_RE.search(s) or _TEXT_ANSWER_RE.fullmatch(s):
+        return frozenset()
+    s = _TIME_OF_DAY_RE.sub(" ", _BASE_NUMERAL_RE.sub(_without_numeral_digits, _TEXT_PART_RE.sub(" ", s)))
+    found = set()
+    for name in _NAME_OR_WORD_RE.findall(s):
+        if len(name) == 1 or (name[0] == "\\" and name[1:].lower() in _GREEK_NAMES):
+            found.add(name)
+    for product in _TIGHT_PRODUCT_RE.findall(s):
+        found.update(product)
+    return frozenset(found)
+
+
+def _variables_differ_in_case(predicted: str, gold: str) -> bool:
+    """Whether the two answers' variables are the same letters only case aside (x+1 and X+1)."""
+    a, b = _variables(predicted), _variables(gold)
+    return bool(a) and a != b and {x.casefold() for x in a} == {x.casefold() for x in b}
+
+
+def _same_words(predicted: str, gold: str) -> bool:
+    """The same words, case and a final full stop aside, bare ("Evelyn", "odd.", "Yes") or in `\\text{}`:
+    math-verify finds nothing to compare in bare prose, and the right answer scored 0 (`Yes` against a
+    yes/no dataset's `yes`, `B.` against `B`), while it takes the single letters `b` and `B` as equal."""
+    a, b = _text_words(predicted), _text_words(gold)
+    return bool(a) and a == b
+
+
+# Markdown a chat model puts around its whole answer (**5**, *5*, `x+1`): read as `$**5**$`, math-verify found
+# nothing and the right answer scored 0.
+_MARKDOWN_RE = re.compile(r"\*\*((?:(?!\*\*).)+)\*\*|__((?:(?!__).)+)__|\*([^*]+)\*|`([^`]+)`", re.DOTALL)
+
+
+def _without_markdown(s: str) -> str:
+    """The answer inside markdown emphasis or code that wraps all of it (`**\\frac{1}{2}**`), a sentence's full stop
+    or comma after it aside (`**14**.`, which read as `$**14**.$` scored 0 against 14)."""
+    s = s.strip()
+    for _ in range(3):
+        m = _MARKDOWN_RE.fullmatch(s) or _MARKDOWN_RE.fullmatch(_without_full_stop(s))
+        if m is None:
+            break
+        s = next(g for g in m.groups() if g is not None).strip()
+    return s
+
+
+# One \(…\) or \[…\] around the whole answer (no other delimiter inside): as `$\[5\]$` math-verify read no number.
+# Only a whole one is removed: math-verify reads the first delimited part of a longer answer alone, so `\(3\)+1`
+# and `\[3\]-4` (given to it as they are) scored 1 against the gold 3.
+_MATH_DELIMITED_RE = re.compile(r"\\\(((?:(?!\\[()\[\]]).)*)\\\)|\\\[((?:(?!\\[()\[\]]).)*)\\\]", re.DOTALL)
+
+
+def _without_math_delimiters(s: str) -> str:
+    m = _MATH_DELIMITED_RE.fullmatch(s.strip())
+    return next(g for g in m.groups() if g is not None).strip() if m else s
+
+
+# Unicode math a chat model writes in plain text, as the LaTeX math-verify reads: it found no number in √2, ∞, x²
+# or ½, and the right answer scored 0 against \\sqrt{2}, \\infty, x^2 or 0.5.
+_UNICODE_SYMBOLS = {"∞": "\\infty ", "≤": "\\le ", "≥": "\\ge ", "≠": "\\ne ", "±": "\\pm ", "·": "\\cdot "}
+_SUPERSCRIPTS = "⁰¹²³⁴⁵⁶⁷⁸⁹⁻⁺"
+_SUPERSCRIPT_RUN_RE = re.compile(f"[{_SUPERSCRIPTS}]+")
+# a decimal's point only between digits: `[0-9.]+` took a sentence's full stop in, and √6. (\sqrt{6.}) scored 0
+_SQRT_RE = re.compile(r"√\s*(?:\(([^()]*)\)|([0-9]+(?:\.[0-9]+)?|\.[0-9]+|[A-Za-z]))")
+_VULGAR_FRACTION_RE = re.compile("[½⅓⅔¼¾⅕⅖⅗⅘⅙⅚⅛⅜⅝⅞]")
+# each one's LaTeX, made once: a Fraction per character took 1.3 s for a 100k-character junk answer of ½
+_VULGAR_FRACTION_LATEX = {
+    ch: " \\frac{%d}{%d}" % Fraction(unicodedata.numeric(ch)).limit_denominator(10).as_integer_ratio()
+    for ch in "½⅓⅔¼¾⅕⅖⅗⅘⅙⅚⅛⅜⅝⅞"}
+_UNICODE_MATH_RE = re.compile(f"[{''.join(_UNICODE_SYMBOLS)}{_SUPERSCRIPTS}√½⅓⅔¼¾⅕⅖⅗⅘⅙⅚⅛⅜⅝⅞]")
+
+
+def _as_latex(s: str) -> str:
+    """`s` with its Unicode math (√, ∞, ≤, ², ½...) written as LaTeX; `s` itself when it has none."""
+    if not _UNICODE_MATH_RE.search(s):
+        return s
+    s = _SQRT_RE.sub(lambda m: "\\sqrt{" + (m.group(1) if m.group(1) is not None else m.group(2)) + "}", s)
+    s = _SUPERSCRIPT_RUN_RE.sub(lambda m: "^{" + m.group().translate(str.maketrans(_SUPERSCRIPTS, "0123456789-+"))
+                                + "}", s)
+    s = _VULGAR_FRACTION_RE.sub(lambda m: _VULGAR_FRACTION_LATEX[m.group()], s)
+    return "".join(_UNICODE_SYMBOLS.get(ch, ch) for ch in s).strip()
+
+
+# A relation sign that opens an answer (≠5, \\neq 5, \\leq 5, < 5, \\ngeq 5, \\not< 5, \\ll 5): math-verify drops it and reads
+# the number alone, so `\\neq 5` and `\\geq 5` scored 1 against the gold 5. `=` is none: `=5` and `x = 5` state the value,
+# nor are \\approx, \\to or \\Rightarrow (≈ 5, → 5 give the value too).
+_LEADING_RELATION_RE = re.compile(
+    r"\s*(\\(?:neq?|leq?q?|geq?q?|leqslant|geqslant|lt|gt|ngeq|nleq|ngtr|nless|ll|gg)(?![A-Za-z])"
+    r"|\\not\s*(?:[=<>]|\\(?:leq?|geq?|lt|gt)(?![A-Za-z]))|[<>!]=|[<>\u2260\u2264\u2265\u2a7d\u2a7e\u2266\u2267\u226e-\u2271\u226a\u226b])\s*")
+_RELATION_SIGN = {
+    "\\ne": "≠", "\\neq": "≠", "\\not=": "≠", "!=": "≠",
+    "\\le": "≤", "\\leq": "≤", "\\leqq": "≤", "\\leqslant": "≤", "<=": "≤", "\u2a7d": "≤", "\u2266": "≤",
+    "\\ge": "≥", "\\geq": "≥", "\\geqq": "≥", "\\geqslant": "≥", ">=": "≥", "\u2a7e": "≥", "\u2267": "≥",
+    "\\lt": "<", "\\gt": ">", "\\ll": "≪", "\\gg": "≫",
+    "\\nless": "≮", "\\not<": "≮", "\\not\\lt": "≮", "\\ngtr": "≯", "\\not>": "≯", "\\not\\gt": "≯",
+    "\\nleq": "≰", "\\not\\le": "≰", "\\not\\leq": "≰", "\\ngeq": "≱", "\\not\\ge": "≱", "\\not\\geq": "≱"}
+
+
+def _leading_relation(s: str) -> tuple[Optional[str], str]:
+    """The relation sign `s` opens with (as one of ≠ < > ≤ ≥...; None without one) and what follows it, inside `$…$` or
+    `\\boxed{}` too, or opening the last `\\boxed{}` of a longer answer, which is what math-verify reads (`so
+    \\boxed{\\neq 5}` scored 1 against 5). A `<` of `<1, 2>` is an angle bracket."""
+    core = _unwrapped(s)
+    boxed = _last_boxed(core)
+    if boxed is not None:
+        core = boxed.strip()
+    m = _LEADING_RELATION_RE.match(core)
+    if m is None or (m.group(1) == "<" and core.rstrip().endswith(">")):
+        return None, s
+    sign = re.sub(r"\s", "", m.group(1))
+    return _RELATION_SIGN.get(sign, sign), core[m.end():]
+
+
+def _same_number(a: Fraction, b: Fraction, predicted: str, gold: str) -> bool:
+    """a == b, to 1e-12 when either answer is written with a float's worth of digits (_float_repr). Compared as
+    fractions: float() of a value past float's range (a model's 123456789012345e400) raised OverflowError, which
+    failed the whole batch's reward call."""
+    if a == b:
+        return True
+    return (_float_repr(predicted) or _float_repr(gold)) and abs(a - b) <= _FLOAT_REL_TOL * max(abs(a), abs(b))
+
+
+def _percentage(s: str) -> Optional[Fraction]:
+    """The number of percent of an answer that is a number and a percent sign (12.5%, 12.5\\%, $50\\%$, \\boxed{50\\%}),
+    else None. Against a plain number it is both that number and its hundredth, as math-verify takes 50\\% for 50 and 0.5; but
+    it does so for whole numbers only, and the right answer 12.5\\% scored 0 against the gold 12.5. A sentence's full stop or
+    comma after it is no part of it (`12.5%.` and `$12.5\\%$.` scored 0 against 12.5)."""
+    s = _unwrapped(_without_full_stop(s))
+    if not s.endswith("%"):
+        return None
+    s = s[:-1]
+    return _as_number(s[:-1] if s.endswith("\\") else s)
+
+
+# LaTeX's spacing, which math mode ignores: its space commands, \\left and \\right, and spaces, but the one that ends a
+# command's name before a letter (\\pi r is not \\pir). A right answer spaced otherwise than its gold, where math-verify
+# parses neither (x=\\frac{\\pi}{3}+k\\pi,k\\in\\mathbb{Z}; \\{x|x>1\\}) or misreads one (2\\pi r h is 2*pi*r to it), scored 0.
+_LATEX_SPACE_COMMAND_RE = re.compile(r"\\[,;:! ]|~|\\q?quad(?![A-Za-z])|\\(?:left|right)(?![A-Za-z])")
+_SPACE_RUN_RE = re.compile(r"(\\[A-Za-z]+)\s+(?=[A-Za-z])|\s+")
+
+
+def _without_latex_spacing(s: str) -> str:
+    """LaTeX `s` without the spacing math mode ignores; other text stripped only."""
+    if "\\" not in s:
+        return s.strip()
+    s = _LATEX_SPACE_COMMAND_RE.sub(" ", s)
+    return _SPACE_RUN_RE.sub(lambda m: m.group(1) + " " if m.group(1) else "", s).strip()
+
+
+def answers_match(predicted: str, gold: str) -> bool:
+    """Exact text match, then numeric match (1/2 == 0.5, 1,000 == 1000, 6.02 \\times 10^{23} == 6.02e23; a
+    float-length decimal equals what it approximates to 1e-12; a percentage against a plain number is its number
+    or its hundredth: 12.5\\% == 12.5 == 0.125), then math-verify when installed. Markdown around a whole answer is
+    not part of it (`**5**` is 5); a relation sign opening it is (`\\neq 5` is not 5; `\\le 5` is `≤ 5.0`), and so
+    is the case of a math answer's variables (`x+1` is not `X+1`; words and choice letters match case aside)."""
+    predicted, gold = (_as_latex(_without_math_delimiters(_without_markdown(x))) for x in (predicted, gold))
+    if _without_latex_spacing(predicted) == _without_latex_spacing(gold):
+        return True
+    (predicted_sign, predicted), (gold_sign, gold) = _leading_relation(predicted), _leading_relation(gold)
+    if predicted_sign != gold_sign:
+        return False
+    if predicted_sign is not None and _without_latex_spacing(predicted) == _without_latex_spacing(gold):
+        return True
+    if _same_words(predicted, gold):
+        return True
+    if _option_letter(predicted.strip()) and _is_letter(_text_words(gold)) or (
+            _option_letter(gold.strip()) and _is_letter(_text_words(predicted))):
+        return False   # two choices, their letters differ: C. 12 is not B. 12, though its option's text may be
+    a, b = _as_number(predicted), _as_number(gold)
+    if a is not None and b is not None:
+        return _same_number(a, b, predicted, gold)
+    percent_a, percent_b = _percentage(predicted), _percentage(gold)
+    if percent_a is not None and percent_b is not None:
+        return _same_number(percent_a, percent_b, predicted, gold)
+    if percent_a is not None and b is not None:
+        return _same_number(percent_a, b, predicted, gold) or _same_number(percent_a / 100, b, predicted, gold)
+    if percent_b is not None and a is not None:
+        return _same_number(a, percent_b, predicted, gold) or _same_number(a, percent_b / 100, predicted, gold)
+    if _variables_differ_in_case(predicted, gold):   # which math-verify does not tell apart
+        return False
+    try:
+        import math_verify  # noqa: F401
+    except ImportError:
+        _warn_without_math_verify(predicted, gold)
+        return False
+    return _math_verify_match(_as_math_verify_number(predicted, a), _as_math_verify_number(gold, b))
+
+
+_EXPONENT_RE = re.compile(r"(?<=[0-9.])[eE]([+-]?[0-9]{1,3})(?![0-9])")
+
+
+def _as_math_verify_number(s: str, value: Optional[Fraction]) -> str:
+    """`s` for math-verify: a number read through a separator or as a mixed number (`_as_number`) is given as its
+    value, which math-verify cannot misread: it read `1 000` and `1\\,000` as 1*000 and `1\u00a0005` as 5, so
+    against a gold 1 000 any expression worth 0 scored 1 (a plain number was already compared by value). A number's
+    exponent is given as LaTeX: math-verify read `6.02e23` as 6.02*e*23, and `6.02 \\times 10^{23}` against it scored 0
+    (as the exact value, it differed from 6.02 * 10**23 in floating point)."""
+    if value is None:
+        return s
+    if not (_GROUP_SEP_RE.search(s) or _HOLDS_MIXED_RE.search(s)):
+        return _EXPONENT_RE.sub(r" \\times 10^{\1}", s)
+    sign, value = ("-" if value < 0 else ""), abs(value)
+    if value.denominator == 1:
+        return f"{sign}{value.numerator}"
+    return f"{sign}\\frac{{{value.numerator}}}{{{value.denominator}}}"
+
+
+def vote_key(answer: str):
+    """A key under which answers are the same vote in a majority vote (cons@k) without a math-verify call
+    per pair (tens to hundreds of ms each on junk answers): the same number (1/2, 0.5, 1,000, $5), else
+    the same words, case and a final full stop aside, else the same text, ends stripped. Answers with one key
+    match by `answers_match`."""
+    answer = _without_markdown(answer)
+    number = _as_number(answer)
+    if number is not None:
+        return ("number", number)
+    # a relation sign and what follows it, as answers_match reads them: \\le 5, \\leq 5 and ≤ 5 were three votes
+    sign, rest = _leading_relation(_as_latex(_without_math_delimiters(answer)))
+    if sign is not None:
+        return ("relation", sign, _vote_key_of_value(rest))
+    return _vote_key_of_value(answer)
+
+
+def _vote_key_of_value(answer: str):
+    """vote_key of an answer without a relation sign opening it."""
+    number = _as_number(answer)
+    if number is not None:
+        return ("number", number)
+    # two percentages match by their numbers: 50%, 50\\% and $50\\%$ were three votes (a plain 50 or 0.5 stays apart:
+    # a percentage matches both)
+    percent = _percentage(_as_latex(_without_math_delimiters(answer)))
+    if percent is not None:
+        return ("percent", percent)
+    # `Yes`, `yes.` and `\\text{YES}` are one answer to answers_match (_same_words): as three votes, three wrong
+    # samples lost cons@k to one right one. Read after its Unicode math, as answers_match reads it: √x and √X. were
+    # one vote, though without math-verify they do not match (\\sqrt{x} is LaTeX, not words)
+    words = _text_words(_as_latex(answer))
+    if words:
+        return ("text", words)
+    # LaTeX spaced otherwise is one answer (answers_match), apart from words: without its space commands \\; b is b
+    latex = _as_latex(_without_math_delimiters(answer))
+    return ("latex", _without_latex_spacing(latex)) if "\\" in latex else ("text", answer.strip())
+
+
+# One answer's whole math-verify check (its parses and comparisons) on any thread; past it the answer
+# scores 0. A policy's junk (`9^{9^{9}}`, `(((…)))` 50 deep, `1000000!`) kept sympy busy for 5 s per
+# stage on the main thread and without end on any other (math-verify's limit is SIGALRM).
+MATH_VERIFY_TIMEOUT_S = 3.0
+# How long a comparison that ran out of time scores 0 without being tried again: a collapsed policy's batch
+# repeating its junk pays one time-out, not one per completion, yet a right answer whose check ran out of
+# time on a busy machine is not 0 for the rest of the run.
+MATH_VERIFY_TIMED_OUT_MEMORY_S = 60.0
+_TIMED_OUT_AT: dict[tuple[str, str], float] = {}   # (predicted, gold) -> time.monotonic() it ran out of time
+_TIMED_OUT_LOCK = threading.Lock()
+
+
+def _math_verify_match(predicted: str, gold: str) -> bool:
+    key = (predicted, gold)
+    with _TIMED_OUT_LOCK:
+        ran_out = _TIMED_OUT_AT.get(key)
+    if ran_out is not None and time.monotonic() - ran_out < MATH_VERIFY_TIMED_OUT_MEMORY_S:
+        return False
+    try:
+        return _math_verify_verdict(predicted, gold)
+    except OutOfTime:
+        with _TIMED_OUT_LOCK:
+            _TIMED_OUT_AT.pop(key, None)   # re-inserted last: the oldest entry is the first
+            _TIMED_OUT_AT[key] = time.monotonic()
+            while len(_TIMED_OUT_AT) > 256:
+                del _TIMED_OUT_AT[next(iter(_TIMED_OUT_AT))]
+        return False
+
+
+@functools.lru_cache(maxsize=256)   # verdicts only: a time-out raises OutOfTime, which lru_cache does not keep
+def _math_verify_verdict(predicted: str, gold: str) -> bool:
+    from math_verify import parse, verify
+
+    def check():
+        gold_readings, pred_readings = _mv_readings(parse, gold), _mv_readings(parse, predicted)
+        if any(_holds_huge_power(parsed) for parsed in gold_readings + pred_readings):
+            return False
+        return any(verify(g, p, timeout_seconds=None) for g in gold_readings for p in pred_readings)
+
+    _quiet_math_verify_timeout_notice()
+    try:
+        return call_with_deadline(check, MATH_VERIFY_TIMEOUT_S)
+    except Exception:
+        return False  # math-verify failing to parse a model's answer means the answer is not verifiable
+
+
+# A constant power worth more bits than this is not computed (2^20 bits: about 315,000 digits).
+_MAX_POWER_BITS = 1 << 20
+
+
+def _holds_huge_power(parsed) -> bool:
+    """Whether a parsed answer holds a constant power too large to compute (`2^{10^{100}}`, `9^{9^{9}}`).
+    sympy evaluates one with a single call of Python's int pow, which holds the GIL: on the main thread
+    a signal still stops it, on any other thread nothing does, and one such answer froze the process.
+    Its size comes from floating-point estimates (evalf), which stay small."""
+    from sympy import Basic, Pow
+
+    for expr in parsed:
+        if not isinstance(expr, Basic):
+            continue
+        for p in expr.atoms(Pow):
+            if p.base.free_symbols or p.exp.free_symbols:
+                continue   # symbolic: nothing to compute
+            try:
+                base, exp = abs(complex(p.base.evalf(15))), abs(complex(p.exp.evalf(15)))
+                bits = exp * abs(math.log2(base)) if base > 0 else 0.0
+            except (TypeError, ValueError, OverflowError):   # not a number, or past float's range
+                return True
+            if not bits <= _MAX_POWER_BITS:   # NaN included
+                return True
+    return False
+
+
+def _quiet_math_verify_timeout_notice():
+    """math-verify's own timeouts are off (call_with_deadline bounds the check): its warning that they
+    are, and that the caller must bound the time, is about what is done here."""
+    import logging
+
+    for name in ("math_verify.parser", "math_verify.grader"):
+        log = logging.getLogger(name)
+        if not any(isinstance(f, _TimeoutNoticeFilter) for f in log.filters):
+            log.addFilter(_TimeoutNoticeFilter())
+
+
+class _TimeoutNoticeFilter:
+    def filter(self, record) -> bool:
+        return not str(record.msg).startswith("Timeout is disabled")
+
+
+_WARNED_NO_MATH_VERIFY = False
+
+
+def _warn_without_math_verify(predicted: str, gold: str):
+    """Once per process: LaTeX answers scored without math-verify are compared as text and numbers only."""
+    global _WARNED_NO_MATH_VERIFY
+    if not _WARNED_NO_MATH_VERIFY and ("\\" in predicted or "\\" in gold):
+        _WARNED_NO_MATH_VERIFY = True
+        import warnings
+
+        warnings.warn("r1fast accuracy reward: math-verify is not installed, so LaTeX answers are compared as text "
+                      "and plain numbers only (\\frac{1}{2} against 0.5 scores 0); pip install math-verify",
+                      stacklevel=3)
+
+
+_PROSE_RE = re.compile(r"[A-Za-z]{2,}")
+_UNIT_NUMBER = r"[+-]?(?:[0-9][0-9,]*(?:\.[0-9]+)?|\.[0-9]+)"   # the number before a unit
+_UNIT_POWER = r"(?:\^\{?[0-9]\}?)?"                             # m^2, m^{3}
+# A number and its unit, bare (2 L, 10 N, 3 m/s, 9.8 m/s^2): a one-letter unit is no prose to _PROSE_RE, and read as
+# `$…$` only it was a product (2*l, 3*m/s), so the right answer scored 0 against NuminaMath's 2 \\mathrm{~L},
+# 10 \\mathrm{~N} (whose units math-verify drops) and against 2. It is read as text too, as `5 cm` is (its number),
+# and matches by either reading: as text alone, 20 m/s no longer matched 20m/s. Trade-off: `2 x` (spaced) is 2 too.
+_NUMBER_AND_UNIT_RE = re.compile(rf"{_UNIT_NUMBER}\s+[A-Za-z]{{1,3}}(?:\s*/\s*[A-Za-z]{{1,3}})?{_UNIT_POWER}")
+# A number with a common unit written against it (5cm, 12kg, 60km/h): the number, as `5 cm` is. Other letters against a
+# number are variables (2xy, 2ab+1).
+_NUMBER_GLUED_UNIT_RE = re.compile(rf"{_UNIT_NUMBER}(?:cm|mm|km|nm|kg|mg|ml|mL|ms|ns|min|hr|hrs|sec|mph|kph|rpm|mol|kJ|"
+                                   rf"kW|Hz|kHz|MHz|GHz|kPa|lb|lbs|oz|ft|yd|mi)(?:\s*/\s*(?:s|h|hr|min))?{_UNIT_POWER}")
+
+
+def _without_full_stop(s: str) -> str:
+    """`s` without a sentence's final full stop or comma (an ellipsis stays): `$2\\sqrt{3},$` parsed to nothing as
+    `$2\\sqrt{3}.$` did, and the bare text to its leading 2. LaTeX's thin space `\\,` is no comma: without its comma
+    `$2\\sqrt{3}\\$` parsed to nothing too."""
+    s = s.rstrip()
+    return s[:-1] if s.endswith((".", ",")) and not s.endswith(("..", "\\,")) else s
+
+
+def _mv_readings(parse, s: str) -> list:
+    """math-verify's readings of `s`, the empty ones left out: _mv_parse's, and a number with its unit as text too
+    (_NUMBER_AND_UNIT_RE), and bare text whose only runs of letters are products written tight (2xy, ab+1, F = ma) as
+    `$…$` too: read as prose only, 2xy was its 2 (0 against 2 x y), ba+1 nothing (0 against ab+1), ma nothing (0 against
+    F = ma), while 5cm stays 5 as well."""
+    readings = [_mv_parse(parse, s)]
+    bare = _without_full_stop(s)
+    if _NUMBER_AND_UNIT_RE.fullmatch(bare):
+        readings.append(parse(s, parsing_timeout=None))
+    elif ("\\" not in s and "$" not in s and _PROSE_RE.search(s)
+          and not _PROSE_RE.search(_TIGHT_PRODUCT_RE.sub(" ", s))):
+        as_math = parse(f"${bare}$", parsing_timeout=None)
+        # the prose reading only where the letters are a unit: read as prose, 2ab+1 and 2xy+1 were both 2 and matched
+        # (as 2xy did the gold 2)
+        readings = readings + [as_math] if _NUMBER_GLUED_UNIT_RE.fullmatch(bare) else [as_math]
+    return [parsed for parsed in readings if parsed]
+
+
+def _mv_parse(parse, s: str):
+    """math-verify reads LaTeX between delimiters: bare `\\dfrac{1}{2}` parses to nothing and bare
+    `2\\sqrt{3}` to its leading 2 alone (so an answer "2" matched), so LaTeX without `$` (an escaped
+    `\\$` is money, not a delimiter) is read as `$…$` first. Prose without LaTeX ("24 clips", "x is 5")
+    is read as text, where math-verify finds its number: as `$…$` its words became products of
+    variables (yes == sey, 24 clips != 24). Other bare text ("x^2+1", "(1, 2)") is read as `$…$`, without
+    a sentence's full stop or comma: `$2\\sqrt{3}.$` parsed to nothing, and the bare text to its leading 2."""
+    if "$" in s.replace("\\$", ""):
+        tries = [s]
+    elif "\\" in s:
+        tries = [f"${_without_full_stop(s)}$", s]
+    elif _PROSE_RE.search(s):
+        tries = [s]
+    else:
+        tries = [f"${_without_full_stop(s)}$"]
+    for t in tries:
+        parsed = parse(t, parsing_timeout=None)
+        if parsed:
+            return parsed
+    return []
