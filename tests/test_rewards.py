@@ -106,6 +106,24 @@ def test_a_variable_s_case_is_part_of_the_answer(with_math_verify):
         assert answers_match("(a)", "A") and answers_match("\\text{(A)}", "a") and answers_match("\\textbf{(C)}", "c")
 
 
+def test_one_letter_in_both_cases_is_two_variables_to_math_verify():
+    # math-verify lowercases every symbol: an answer holding x and X read \\frac{x}{X} as 1 and X-x as 0, and the wrong
+    # answers \\frac{x}{X} (gold \\frac{X}{x}) and X-x (gold 0) scored 1
+    pytest.importorskip("math_verify")
+    import random
+
+    for v in random.sample("abcdfghjkmnpqrstuvwxyz", 3):
+        V = v.upper()
+        for a, b in ((f"\\frac{{{v}}}{{{V}}}", f"\\frac{{{V}}}{{{v}}}"), (f"{V}-{v}", "0"), (f"\\frac{{{v}}}{{{V}}}", "1"),
+                     (f"{v}^2+{V}", f"{V}^2+{v}"), (f"{v}_1-{V}_1", "0")):
+            assert not answers_match(a, b) and not answers_match(b, a), (a, b)
+        # the same answer written otherwise still matches
+        for a, b in ((f"\\frac{{{V}}}{{{v}}}", f"\\dfrac{{{V}}}{{{v}}}"), (f"{v}^2+{V}", f"{V}+{v}^2"),
+                     (f"{V}/{v}", f"\\frac{{{V}}}{{{v}}}"), (f"{v}_1+{V}_1", f"{V}_1+{v}_1")):
+            assert answers_match(a, b) and answers_match(b, a), (a, b)
+    assert not answers_match("\\Delta-\\delta", "0") and answers_match("\\Delta+\\delta", "\\delta+\\Delta")
+
+
 def test_a_base_numeral_s_letter_digits_keep_case_aside(monkeypatch):
     # a numeral's letter digits in a base past 10 were read as variables with their case: 1a_{16} and a5_{16} scored 0
     # against the gold 1A_{16} and A5_{16} (math-verify matched them) and were other cons@k votes

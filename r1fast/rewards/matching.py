@@ -227,6 +227,39 @@ def _variables_differ_in_case(predicted: str, gold: str) -> bool:
     return bool(a) and a != b and {x.casefold() for x in a} == {x.casefold() for x in b}
 
 
+# Letters that stand in for a variable written in both cases (_with_cases_apart): not e or i (constants to math-verify).
+_STAND_IN_LETTERS = "qzjkvwyuhgbnmtpsrlfcxado"
+_LETTER = r"A-Za-z\u0391-\u03a9\u03b1-\u03c9"
+
+
+def _case_pairs(*answers: str) -> list[str]:
+    """The variables of the answers, together, whose other case is among them too (X beside x, \\Delta beside \\delta):
+    the capital of each pair, sorted."""
+    found = frozenset().union(*(_variables(a) for a in answers))
+    return sorted(v for v in found if v != v.lower() and v.lower() in found)
+
+
+def _with_cases_apart(predicted: str, gold: str) -> Optional[tuple[str, str]]:
+    """The two answers with each capital variable that also stands in them in lower case (_case_pairs) written as
+    another letter, used in neither, for math-verify, which lowercases every symbol: it read \\frac{x}{X} as 1 and X-x
+    as 0, so \\frac{x}{X} scored 1 against \\frac{X}{x}, and X-x against 0. The answers as they are without such a
+    pair; None where one cannot be renamed (written inside a run of letters, or no letter is left)."""
+    capitals = _case_pairs(predicted, gold)
+    if not capitals:
+        return predicted, gold
+    used = (predicted + gold).lower()
+    free = [ch for ch in _STAND_IN_LETTERS if ch not in used]
+    if len(free) < len(capitals):
+        return None
+    for capital, letter in zip(capitals, free):
+        if capital.startswith("\\"):   # a command: a space before its stand-in keeps it off a command before it
+            pattern, letter = re.escape(capital) + "(?![A-Za-z])", " " + letter
+        else:
+            pattern = rf"(?<![{_LETTER}\\]){re.escape(capital)}(?![{_LETTER}])"
+        predicted, gold = re.sub(pattern, letter, predicted), re.sub(pattern, letter, gold)
+    return None if _case_pairs(predicted, gold) else (predicted, gold)
+
+
 def _same_words(predicted: str, gold: str) -> bool:
     """The same words, case and a final full stop aside, bare ("Evelyn", "odd.", "Yes") or in `\\text{}`:
     math-verify finds nothing to compare in bare prose, and the right answer scored 0 (`Yes` against a
@@ -391,6 +424,10 @@ def answers_match(predicted: str, gold: str) -> bool:
     except ImportError:
         _warn_without_math_verify(predicted, gold)
         return False
+    cases_apart = _with_cases_apart(predicted, gold)   # x and X in one answer: math-verify would read both as x
+    if cases_apart is None:
+        return False
+    predicted, gold = cases_apart
     return _math_verify_match(_as_math_verify_number(predicted, a), _as_math_verify_number(gold, b))
 
 
