@@ -870,6 +870,7 @@ def test_math_verify_has_one_time_limit_on_any_thread(off_main, monkeypatch):
     from r1fast.rewards import matching
 
     monkeypatch.setattr(matching, "MATH_VERIFY_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(matching, "_MAX_NESTING", 1000)   # past the check that keeps such junk from math-verify
     junk = "(" * 150 + str(random.randrange(10**9)) + ")" * 150   # fresh: no cached verdict
     got = []
 
@@ -1407,6 +1408,37 @@ def test_looking_for_a_mixed_number_is_linear_in_a_junk_answer(monkeypatch):
     assert time.perf_counter() - t < 0.5
     answers_match("-2  3 /4", "x"), answers_match("1 000", "y")
     assert given[1:] == [("-\\frac{11}{4}", "x"), ("1000", "y")]
+
+
+def test_junk_nested_past_any_answer_is_not_given_to_math_verify(monkeypatch):
+    # `{` x200, `(` x200, `[` x200, x^x^x... x100: math-verify's parser ran each to the 3 s limit, once per completion
+    # of a step (a collapsed policy varies its junk, so the time-out memory saw each once)
+    import random
+    import types
+
+    from r1fast.rewards import matching
+
+    continued = "\\frac{1}{1+\\frac{1}{1+\\frac{1}{1+\\frac{1}{1+\\frac{1}{2}}}}}"   # 8/13
+    if importlib.util.find_spec("math_verify") is not None:
+        assert answers_match(continued, "8/13") and not answers_match(continued, "5/8")
+    given = []
+    monkeypatch.setitem(sys.modules, "math_verify", types.ModuleType("math_verify"))
+    monkeypatch.setattr(matching, "_math_verify_match", lambda p, g: given.append(p) or False)
+    n = random.randrange(10**6)
+    for junk in ("{" * 200, "(" * 200 + "1", "[" * 200, "{{1}" * 60, "\\frac{1}{1+" * 100, "\\{" * 100,
+                 "x" + "^x" * 100, "x" + "_x" * 100, "2" + "^ 2" * 50, "((1))" * 5 + "(" * 40):
+        assert not answers_match(f"{junk} {n}", "x+1"), junk
+    assert given == []
+    realistic = [continued, "\\sqrt{2+\\sqrt{2+\\sqrt{2+\\sqrt{2}}}}", "f(g(h(x)))", "a_1^2+a_2^2", "2^3^2",
+                 "\\left(\\left(\\frac{1}{2}\\right)^{2}\\right)^{3}", "x^{y^{z^{2}}}", "[0, 1)", "(" * 12 + "x" + ")" * 12,
+                 f"{n}" + "+(x)" * 200]
+    for answer in realistic:
+        assert not answers_match(answer, "x+1")
+    assert given == realistic
+    # an answer nested as deep as its gold, or a little deeper, is read
+    given.clear()
+    deep_gold = "(" * 30 + "x" + ")" * 30
+    assert not answers_match("(" * 31 + "x" + ")" * 31, deep_gold) and len(given) == 1
 
 
 def test_markdown_and_display_math_around_a_whole_answer_are_not_part_of_it(with_math_verify):

@@ -424,6 +424,8 @@ def answers_match(predicted: str, gold: str) -> bool:
     except ImportError:
         _warn_without_math_verify(predicted, gold)
         return False
+    if _tangled_past(predicted, gold):
+        return False
     cases_apart = _with_cases_apart(predicted, gold)   # x and X in one answer: math-verify would read both as x
     if cases_apart is None:
         return False
@@ -485,6 +487,40 @@ def _vote_key_of_value(answer: str):
     # LaTeX spaced otherwise is one answer (answers_match), apart from words: without its space commands \\; b is b
     latex = _as_latex(_without_math_delimiters(answer))
     return ("latex", _without_latex_spacing(latex)) if "\\" in latex else ("text", answer.strip())
+
+
+# How deep an answer's brackets may nest, and how many scripts it may chain without braces (x^x^x), for math-verify to
+# read it, unless its gold goes half as far: math-verify's parser spent seconds on junk past them (`{` x200, `(` x200,
+# `[` x200 and x^x^x... x100 each ran to the 3 s limit, once per completion: a collapsed policy varies its junk, so
+# the time-out memory saw each once). A five-level continued fraction nests 5 deep, a_1^2 chains 2.
+_MAX_NESTING = 20
+_MAX_SCRIPT_CHAIN = 8
+_BRACKET_RE = re.compile(r"[^()\[\]{}]+")
+_SCRIPT_CHAIN_RE = re.compile(r"(?:[\^_]\s*[A-Za-z0-9]\s*){2,}")
+
+
+def _nesting(s: str) -> int:
+    """How deep `s`'s brackets ( [ { nest, of any kind (intervals close with the other one: [0, 1))."""
+    depth = deepest = 0
+    for ch in _BRACKET_RE.sub("", s):
+        if ch in "([{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif depth:
+            depth -= 1
+    return deepest
+
+
+def _script_chain(s: str) -> int:
+    """The most scripts `s` chains on one another without braces (x^x^x: 2, a_1^2: 2)."""
+    return max((m.group().count("^") + m.group().count("_") for m in _SCRIPT_CHAIN_RE.finditer(s)), default=0)
+
+
+def _tangled_past(predicted: str, gold: str) -> bool:
+    """Whether the answer nests or chains past what any answer does (_MAX_NESTING, _MAX_SCRIPT_CHAIN) and twice what
+    its gold does: junk, not given to math-verify."""
+    return (_nesting(predicted) > max(_MAX_NESTING, 2 * _nesting(gold))
+            or _script_chain(predicted) > max(_MAX_SCRIPT_CHAIN, 2 * _script_chain(gold)))
 
 
 # One answer's whole math-verify check (its parses and comparisons) on any thread; past it the answer
