@@ -192,6 +192,21 @@ def test_a_number_with_a_one_letter_unit_is_its_number(with_math_verify):
         assert not answers_match(a, b), (a, b)
 
 
+def test_millilitres_written_against_a_number_match_in_either_case_of_the_litre():
+    # mL and ml both write the millilitre (the litre's symbol is L or l): 250ml scored 1 against 250 and against
+    # 250 mL, but 0 against 250mL, its letters read as the variables m and L
+    pytest.importorskip("math_verify")
+    import random
+
+    n = random.randrange(2, 10**4)
+    for a, b in ((f"{n}ml", f"{n}mL"), (f"{n}mL/min", f"{n}ml/min"), (f"{n}mL.", f"{n}ml"), (f"{n}mL", f"{n} ml")):
+        assert answers_match(a, b) and answers_match(b, a), (a, b)
+    # another number, a megalitre, other units whose case tells them apart (Mg: megagram), a power (m*L^2), stay apart
+    for a, b in ((f"{n}ml", f"{n + 1}mL"), (f"{n}ml", f"{n}ML"), (f"{n}mg", f"{n}Mg"), (f"{n}mL^2", f"{n}ml^2"),
+                 (f"{n} m", f"{n} M"), (f"{n}l", f"{n}L")):
+        assert not answers_match(a, b) and not answers_match(b, a), (a, b)
+
+
 def test_answers_of_one_vote_match_without_math_verify(monkeypatch):
     # vote_key read words before the Unicode math that answers_match turns into LaTeX: √x and √X., a·b and A·B, were
     # one vote that answers_match (without math-verify) took for different answers

@@ -211,6 +211,9 @@ def _variables(s: str) -> frozenset[str]:
     s = s.strip().rstrip(".").strip()
     if not _MATH_SIGN_RE.search(s) or _TEXT_ANSWER_RE.fullmatch(s):
         return frozenset()
+    millilitres = _GLUED_MILLILITRES_RE.fullmatch(s)
+    if millilitres:   # mL and ml are one unit, the litre's symbol being L or l: the same letters to compare by case
+        s = s[:millilitres.start(1)] + "ml" + s[millilitres.end(1):]
     s = _TIME_OF_DAY_RE.sub(" ", _BASE_NUMERAL_RE.sub(_without_numeral_digits, _TEXT_PART_RE.sub(" ", s)))
     found = set()
     for name in _NAME_OR_WORD_RE.findall(s):
@@ -639,6 +642,9 @@ _NUMBER_AND_UNIT_RE = re.compile(rf"{_UNIT_NUMBER}\s+[A-Za-z]{{1,3}}(?:\s*/\s*[A
 # number are variables (2xy, 2ab+1).
 _NUMBER_GLUED_UNIT_RE = re.compile(rf"{_UNIT_NUMBER}(?:cm|mm|km|nm|kg|mg|ml|mL|ms|ns|min|hr|hrs|sec|mph|kph|rpm|mol|kJ|"
                                    rf"kW|Hz|kHz|MHz|GHz|kPa|lb|lbs|oz|ft|yd|mi)(?:\s*/\s*(?:s|h|hr|min))?{_UNIT_POWER}")
+# A number of millilitres, written against it (250mL, 250ml/min): 250ml scored 0 against 250mL (the variables m, l and
+# m, L to _variables), though 1 against 250 mL and 250. Not with a power (2mL^2 is a product of variables, m*L^2).
+_GLUED_MILLILITRES_RE = re.compile(rf"{_UNIT_NUMBER}(m[lL])(?:\s*/\s*(?:s|h|hr|min))?")
 
 
 def _without_full_stop(s: str) -> str:
