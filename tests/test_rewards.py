@@ -1551,6 +1551,20 @@ def test_language_reward_counts_a_word_spelled_out_between_marks():
     assert zh(None, ["<think>设 a+\u03b1+b=1</think>"]) == [1.0]   # a Greek letter is a variable wherever it is
 
 
+def test_language_reward_counts_a_word_spelled_with_hyphens_or_table_marks():
+    # a hyphen is a minus and & a matrix's column mark, so each letter beside them was a variable, and English spelled
+    # with them between its letters (t-h-e, t&h&e) scored 1.0 for zh. A word of the list spelled so counts now.
+    zh = make_language_reward("zh")
+    spelled = ["中 t-h-e 中", "中 t&h&e 中", "中 W-A-I-T 中", "中 t - h - e 中", "中 a&n\\\\d 中"]
+    assert zh(None, [f"<think>{t}</think>" for t in spelled]) == [pytest.approx(v) for v in (0.4, 0.4, 1 / 3, 0.4, 0.4)]
+    # math with the same marks spells no such word and stays variables: a minus between variables, a path through
+    # vertices, the entries of a symmetric matrix, a word's letters with other marks between them
+    math = ["若a-b-c=0，则a=b+c。", "设 x-y-z=1", "路径A-B-D-C-E最短", "若 n-o-1=0 则",
+            r"矩阵$\begin{pmatrix}a&b&c\\b&d&e\\c&e&f\end{pmatrix}$对称", r"行列$\begin{pmatrix}t & h \\ e & a\end{pmatrix}$",
+            "所以 t-h+e=0"]
+    assert zh(None, [f"<think>{t}</think>" for t in math]) == [1.0] * len(math)
+
+
 def test_language_reward_keeps_math_written_tight_as_variables():
     # any lone letter with lone letters two characters away on both sides counted as a spelled-out word: function
     # notation, substitutions and sums written tight cut Chinese chains of thought from 1.0 (as at fbbdd50) to 0.25

@@ -75,8 +75,8 @@ _LIST_MARKS = ",\u3001:\u00b7\u30fb"
 _PRIMES = "'\u2032\u2033"
 # LaTeX's column and row separators (& and \\ of a matrix, cases or aligned; \\ is read as &): the entries between them
 # are variables, though neither is an operator: 矩阵$\begin{pmatrix}a&b&c\\d&e&f\\g&h&i\end{pmatrix}$的行列式 scored 0.46
-# for zh, 设矩阵$A=\begin{pmatrix}a&b\\c&d\end{pmatrix}$ 0.67, 列向量$\begin{pmatrix}x\\y\\z\end{pmatrix}$ 0.86. So t&h&e
-# passes, as t-h-e does; \t \h \e (one backslash, a command's) still counts
+# for zh, 设矩阵$A=\begin{pmatrix}a&b\\c&d\end{pmatrix}$ 0.67, 列向量$\begin{pmatrix}x\\y\\z\end{pmatrix}$ 0.86. t&h&e
+# counts only as a word of a list (_separated_word_runs), as t-h-e does; \t \h \e (one backslash, a command's) counts
 _TABLE_MARKS = "&"
 _ROW_SEPARATOR = "\\\\"
 
@@ -209,6 +209,33 @@ def _interleaved_word_runs(text: str, runs: _Runs) -> set[int]:
     return found
 
 
+# English spelled with a hyphen or a table mark between its letters (t-h-e, t&h&e, W-A-I-T): each letter, beside a
+# minus or a matrix's column mark, was a variable, 1.0 for zh. Math writes variables so (a-b-c=0, a matrix's a&b\\c&d, a
+# path A-B-D-C-E) but spells none of _SPELLED_WORDS with them, so only such a word counts (q-u-i-c-k still passes).
+_SEPARATING_MARKS = ("-", _TABLE_MARKS)
+
+
+def _separated_word_runs(text: str, runs: _Runs) -> set[int]:
+    """The indices of the runs that are the letters of one of _SPELLED_WORDS, lone Latin letters with one separating mark
+    (_SEPARATING_MARKS, the same all along, spaces beside it aside) between each two."""
+    def mark(j: int) -> Optional[str]:
+        start, n, in_target, _ = runs[j]
+        gap = text[start:start + n].strip()
+        return gap if in_target is None and gap in _SEPARATING_MARKS else None
+
+    found: set[int] = set()
+    k = 0
+    while k < len(runs):
+        chain = [k]
+        while (runs[chain[-1]][3] and chain[-1] + 2 < len(runs) and _lone_latin(runs, chain[-1] + 2)
+               and mark(chain[-1] + 1) is not None and mark(chain[-1] + 1) == mark(k + 1)):
+            chain.append(chain[-1] + 2)
+        if len(chain) >= 3 and "".join(text[runs[j][0]] for j in chain).casefold() in _SPELLED_WORDS:
+            found.update(chain)
+        k = chain[-1] + 1
+    return found
+
+
 def _is_product(text: str, start: int, n: int) -> bool:
     """Whether the run text[start:start+n] is a product of variables written tight against a digit or an operator
     (2ab, abc=1, y=kx+b, a+b+cd, ab·sinC, (abc)), or an indexed sequence in plain text's braces (数列{an}, for a_n): two or three small
@@ -251,7 +278,8 @@ def _spelling_mark(gap: str) -> bool:
     """Whether `gap` may stand between the letters of a spelled-out word: no operator (+ = ∈ → * and the minus and
     division of a-b-c=0 and a/b/c, which Chinese chains of thought write tight: their b scored them 0.5), list mark
     (, 、 :), prime (A'B'C'), power or index (^2, ², _1: the y of x^2y^2z^2 or a_1b_1c_1 is a variable), while t1h1e's 1, t_h_e's _
-    and (t)(h)(e)'s )( are. t-h-e passes as a-b-c does: a hyphen cannot be told from a minus."""
+    and (t)(h)(e)'s )( are. A hyphen cannot be told from a minus here: t-h-e counts as a word of a list
+    (_separated_word_runs)."""
     operator = any(unicodedata.category(ch) in ("Sm", "No") or ch in "*^-/" or ch in _LIST_MARKS + _PRIMES + _TABLE_MARKS
                    for ch in gap)
     return not operator and not (len(gap) > 1 and any(ch.isdigit() for ch in gap))
@@ -296,7 +324,7 @@ def _language_evidence(body: str, scripts: tuple[str, ...]) -> list[bool]:
         n = len(list(part))
         runs.append((start, n, in_target, in_target is False and n == 1 and _in_script(text[start], ("LATIN",))))
         start += n
-    interleaved = _interleaved_word_runs(text, runs)
+    interleaved = _interleaved_word_runs(text, runs) | _separated_word_runs(text, runs)
     evidence: list[bool] = []
     for k, (start, n, in_target, _) in enumerate(runs):
         a_variable = (in_target is False and n == 1 and _is_variable(text, start, scripts)
