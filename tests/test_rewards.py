@@ -122,6 +122,13 @@ def test_one_letter_in_both_cases_is_two_variables_to_math_verify():
                      (f"{V}/{v}", f"\\frac{{{V}}}{{{v}}}"), (f"{v}_1+{V}_1", f"{V}_1+{v}_1")):
             assert answers_match(a, b) and answers_match(b, a), (a, b)
     assert not answers_match("\\Delta-\\delta", "0") and answers_match("\\Delta+\\delta", "\\delta+\\Delta")
+    assert not answers_match("Δ-δ", "0") and not answers_match("Δ-δ", "δ-Δ")
+    # a letter in a font of named sets is no variable: the reals stay the reals
+    assert answers_match("r\\in\\mathbb{R}", "(-\\infty, \\infty)") and answers_match("(-\\infty, \\infty)", "r\\in\\mathbb{R}")
+    # a product written tight: physics writes masses so (its M renamed alone, GMm was left as it was and scored 0)
+    for a, b in (("\\frac{GMm}{r^2}", "\\frac{GmM}{r^2}"), ("\\frac{mM}{m+M}", "\\frac{Mm}{M+m}")):
+        assert answers_match(a, b) and answers_match(b, a), (a, b)
+    assert not answers_match("\\frac{GMm}{r^2}", "\\frac{GMM}{r^2}") and not answers_match("\\frac{mM}{m+M}", "\\frac{m}{2}")
 
 
 def test_a_base_numeral_s_letter_digits_keep_case_aside(monkeypatch):

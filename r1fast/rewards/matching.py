@@ -232,21 +232,27 @@ def _variables_differ_in_case(predicted: str, gold: str) -> bool:
 
 # Letters that stand in for a variable written in both cases (_with_cases_apart): not e or i (constants to math-verify).
 _STAND_IN_LETTERS = "qzjkvwyuhgbnmtpsrlfcxado"
-_LETTER = r"A-Za-z\u0391-\u03a9\u03b1-\u03c9"
+# A command's name, or a run of letters: a variable, or a product of two or three written tight (GMm), or a word
+_NAME_OR_RUN_RE = re.compile(r"\\[A-Za-z]+|[A-Za-z\u0391-\u03a9\u03b1-\u03c9]+")
+# Letters in a font of named sets or in text are no variables to rename: r\\in\\mathbb{R}'s R is the reals to math-verify
+# (it matched (-\\infty, \\infty), and scored 0 with its R renamed)
+_NOT_RENAMED_RE = re.compile(r"\\(?:mathbb|mathcal|mathfrak|mathscr|text|textbf|textrm|mathrm|mbox|operatorname)\s*\{[^{}]*\}")
 
 
 def _case_pairs(*answers: str) -> list[str]:
     """The variables of the answers, together, whose other case is among them too (X beside x, \\Delta beside \\delta):
     the capital of each pair, sorted."""
-    found = frozenset().union(*(_variables(a) for a in answers))
+    found = frozenset().union(*(_variables(_NOT_RENAMED_RE.sub(" ", a)) for a in answers))
     return sorted(v for v in found if v != v.lower() and v.lower() in found)
 
 
 def _with_cases_apart(predicted: str, gold: str) -> Optional[tuple[str, str]]:
     """The two answers with each capital variable that also stands in them in lower case (_case_pairs) written as
     another letter, used in neither, for math-verify, which lowercases every symbol: it read \\frac{x}{X} as 1 and X-x
-    as 0, so \\frac{x}{X} scored 1 against \\frac{X}{x}, and X-x against 0. The answers as they are without such a
-    pair; None where one cannot be renamed (written inside a run of letters, or no letter is left)."""
+    as 0, so \\frac{x}{X} scored 1 against \\frac{X}{x}, and X-x against 0. A letter is renamed alone or in a product
+    written tight (\\frac{GMm}{r^2} still matches \\frac{GmM}{r^2}), never in a word, a command's name, \\text{} or
+    \\mathbb{}. The answers as they are without such a pair; None where one is left (in a longer run of letters), or no
+    letter is free."""
     capitals = _case_pairs(predicted, gold)
     if not capitals:
         return predicted, gold
@@ -254,13 +260,26 @@ def _with_cases_apart(predicted: str, gold: str) -> Optional[tuple[str, str]]:
     free = [ch for ch in _STAND_IN_LETTERS if ch not in used]
     if len(free) < len(capitals):
         return None
-    for capital, letter in zip(capitals, free):
-        if capital.startswith("\\"):   # a command: a space before its stand-in keeps it off a command before it
-            pattern, letter = re.escape(capital) + "(?![A-Za-z])", " " + letter
-        else:
-            pattern = rf"(?<![{_LETTER}\\]){re.escape(capital)}(?![{_LETTER}])"
-        predicted, gold = re.sub(pattern, letter, predicted), re.sub(pattern, letter, gold)
+    # a command's stand-in has a space before it, which keeps it off a command before it (\\cdot\\Delta)
+    stand_in = {capital: (" " if capital.startswith("\\") else "") + letter for capital, letter in zip(capitals, free)}
+
+    def renamed(m: re.Match) -> str:
+        name = m.group()
+        if name.startswith("\\") or len(name) > 3:
+            return stand_in.get(name, name)
+        return "".join(stand_in.get(ch, ch) for ch in name)
+
+    predicted, gold = (_sub_outside(_NOT_RENAMED_RE, _NAME_OR_RUN_RE, renamed, x) for x in (predicted, gold))
     return None if _case_pairs(predicted, gold) else (predicted, gold)
+
+
+def _sub_outside(kept: re.Pattern, pattern: re.Pattern, replacement, s: str) -> str:
+    """pattern.sub(replacement) on the parts of `s` that `kept` does not match."""
+    out, end = [], 0
+    for m in kept.finditer(s):
+        out += [pattern.sub(replacement, s[end:m.start()]), m.group()]
+        end = m.end()
+    return "".join(out + [pattern.sub(replacement, s[end:])])
 
 
 def _same_words(predicted: str, gold: str) -> bool:
