@@ -12,7 +12,7 @@ import re
 from typing import Any, Optional, Sequence
 
 # vote_key is read from here by the evaluation's cons@k
-from r1fast.rewards.matching import _last_boxed, answers_match, vote_key  # noqa: F401
+from r1fast.rewards.matching import last_boxed, answers_match, vote_key  # noqa: F401
 
 # Spans are matched with a tempered body ("any character that does not start a tag"): one block
 # cannot swallow another, and matching stays linear in the text. A lazy `.*?` rescanned the rest of
@@ -42,7 +42,7 @@ def extract_answer(text: str) -> Optional[str]:
     found = _ANSWER_RE.findall(text)
     if found:
         return found[-1].strip()
-    boxed = _last_boxed(text)
+    boxed = last_boxed(text)
     return boxed.strip() if boxed is not None else None
 
 

@@ -17,7 +17,7 @@ from r1fast.rewards.deadline import OutOfTime, call_with_deadline
 _BOXED_TOKEN_RE = re.compile(r"\\boxed\s*\{|\{|\}")
 
 
-def _last_boxed(text: str) -> Optional[str]:
+def last_boxed(text: str) -> Optional[str]:
     """The content of the \\boxed{…} that closes last, braces matched (`\\boxed{\\frac{1}{2}}`), in one pass."""
     stack: list[tuple[bool, int]] = []
     last = None
@@ -364,7 +364,7 @@ def _leading_relation(s: str) -> tuple[Optional[str], str]:
     `\\boxed{}` too, or opening the last `\\boxed{}` of a longer answer, which is what math-verify reads (`so
     \\boxed{\\neq 5}` scored 1 against 5). A `<` of `<1, 2>` is an angle bracket."""
     core = _unwrapped(s)
-    boxed = _last_boxed(core)
+    boxed = last_boxed(core)
     if boxed is not None:
         core = boxed.strip()
     m = _LEADING_RELATION_RE.match(core)
