@@ -1,0 +1,183 @@
+"""Fault injection into save_checkpoint: every file-system operation of a full save (the new checkpoint's files, the
+replaced checkpoint set aside, the oldest pruned) fails in turn, as an error (the save's own clean-up runs) and as a
+kill (nothing after it runs), and the run folder is then checked as a resume finds it."""
+import builtins
+import contextlib
+import errno
+import os
+import shutil
+
+import pytest
+import safetensors.torch
+import torch
+
+from r1fast.data import build_char_tokenizer
+from r1fast.models import CausalLM, ModelConfig
+from r1fast.trainer import checkpoints as ckpt
+
+_TOK = build_char_tokenizer()
+# the os calls that change the file system (os.open only when it opens to write)
+_MUTATING = ("rename", "replace", "remove", "unlink", "rmdir", "mkdir", "fsync", "truncate", "ftruncate", "chmod",
+             "open")
+
+
+class Killed(BaseException):
+    """The process killed at an operation: not an Exception, so no `except Exception` handles it."""
+
+
+class _Faults:
+    """Counts the mutating operations; the `at`-th fails. A kill (`kill`) fails every one after it too, so that no
+    clean-up of the save's reaches the disk, as after a SIGKILL or a power loss."""
+
+    def __init__(self, at: int, kill: bool):
+        self.at, self.kill, self.count, self.dead, self.ops = at, kill, 0, False, []
+
+    def hit(self, what: str):
+        if self.dead:
+            raise Killed(what)
+        self.count += 1
+        self.ops.append(what)
+        if self.count == self.at:
+            if self.kill:
+                self.dead = True
+                raise Killed(what)
+            raise OSError(errno.EIO, "injected failure", what)
+
+
+@contextlib.contextmanager
+def _failing_at(at: int, kill: bool):
+    faults = _Faults(at, kill)
+    real_os = {name: getattr(os, name) for name in _MUTATING}
+    real_open, real_save_file = builtins.open, safetensors.torch.save_file
+
+    def counted(name):
+        def op(*args, **kwargs):
+            writes = os.O_WRONLY | os.O_RDWR | os.O_CREAT
+            if name != "open" or (args[1] if len(args) > 1 else kwargs.get("flags", 0)) & writes:
+                faults.hit(f"os.{name}{args[:2]}")
+            return real_os[name](*args, **kwargs)
+        return op
+
+    def opened(file, mode="r", *args, **kwargs):
+        if any(c in mode for c in "wax+"):
+            try:
+                faults.hit(f"open({file!r}, {mode!r})")
+            except Killed:
+                if isinstance(file, (str, os.PathLike)):   # killed once the file was made, before anything was written
+                    real_open(file, mode, *args, **kwargs).close()
+                raise
+        return real_open(file, mode, *args, **kwargs)
+
+    def save_file(tensors, path, metadata=None):
+        try:
+            faults.hit(f"save_file({path!r})")
+        except Killed:   # killed half way through writing the file
+            real_save_file(tensors, path, metadata=metadata)
+            real_os["truncate"](path, os.path.getsize(path) // 2)
+            raise
+        real_save_file(tensors, path, metadata=metadata)
+
+    try:
+        for name in _MUTATING:
+            setattr(os, name, counted(name))
+        builtins.open = opened
+        safetensors.torch.save_file = save_file
+        yield faults
+    finally:
+        for name, fn in real_os.items():
+            setattr(os, name, fn)
+        builtins.open, safetensors.torch.save_file = real_open, real_save_file
+
+
+_STEPPED: dict = {}
+
+
+def _trained(step: int):
+    """(model, optimizer) as at `step`: weights and Adam moments of their own for each step."""
+    if step not in _STEPPED:
+        cfg = ModelConfig(vocab_size=len(_TOK), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                          num_attention_heads=2, max_position_embeddings=32)
+        model = CausalLM(cfg)
+        model.reset_parameters(seed=step)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        model(torch.randint(0, len(_TOK), (6,), generator=torch.Generator().manual_seed(step))).sum().backward()
+        opt.step()
+        _STEPPED[step] = model, opt
+    return _STEPPED[step]
+
+
+def _log(run: str, step: int):
+    os.makedirs(run, exist_ok=True)
+    with open(os.path.join(run, "metrics.jsonl"), "a", encoding="utf-8") as f:
+        f.write(f'{{"step": {step}}}\n')
+
+
+def _save(run: str, step: int, keep):
+    model, opt = _trained(step)
+    return ckpt.save_checkpoint(run, step, model=model, optimizer=opt, tokenizer=_TOK, state={"saved_at": step},
+                                keep=keep)
+
+
+def _problems_of(folder: str) -> list[str]:
+    """What keeps `folder` from being resumed as the checkpoint of its step: a file missing or cut short, or
+    another step's weights or optimizer moments."""
+    name = os.path.basename(folder)
+    step = int(name.removeprefix("abandoned-").split("-")[1])
+    fresh_model = CausalLM(_trained(100)[0].config)
+    fresh_opt = torch.optim.AdamW(fresh_model.parameters(), lr=1e-3)
+    try:
+        state = ckpt.load_checkpoint(folder, model=fresh_model, optimizer=fresh_opt)
+    except ValueError as e:
+        return [f"{name}: {e}"]
+    want_model, want_opt = _trained(step)
+    same = state["saved_at"] == step and all(torch.equal(p, q) for p, q in zip(fresh_model.parameters(),
+                                                                                 want_model.parameters()))
+    same = same and all(torch.equal(fresh_opt.state[p]["exp_avg"], want_opt.state[q]["exp_avg"])
+                        for p, q in zip(fresh_model.parameters(), want_model.parameters()) if q in want_opt.state)
+    problems = [] if same else [f"{name} holds another step's state"]
+    if not os.path.isfile(os.path.join(folder, "metrics.jsonl")):
+        problems.append(f"{name} lacks its metrics.jsonl")
+    return problems
+
+
+@pytest.mark.parametrize("kill", [False, True], ids=["error", "kill"])
+def test_a_save_failing_at_any_operation_leaves_a_complete_checkpoint_to_resume_and_the_next_save_works(tmp_path,
+                                                                                                          kill):
+    # checkpoint-1..3, then checkpoint-3 saved again (a run resumed from checkpoint-2 whose newer ones were not set
+    # aside: replaced) with keep=2: a full save writes the new folder, sets the old checkpoint-3 aside, renames the
+    # new one in, deletes the old and prunes checkpoint-1
+    template = str(tmp_path / "template")
+    for step in (1, 2, 3):
+        _log(template, step)
+        _save(template, step, None)
+    shutil.copytree(template, tmp_path / "count")
+    with _failing_at(0, kill=False) as counted:   # at no operation: the count of a full save
+        _save(str(tmp_path / "count"), 3, 2)
+    assert len(counted.ops) > 40 and any("rmdir" in op for op in counted.ops)   # the pruning's deletions included
+    failures = []
+    for at in range(1, len(counted.ops) + 1):
+        run = str(tmp_path / f"at{at}")
+        shutil.copytree(template, run)
+        # an error the save can do without (a folder's fsync, a deletion) is not raised
+        with contextlib.suppress(OSError, Killed), _failing_at(at, kill):
+            _save(run, 3, 2)
+        problems = []
+        # (b) whatever looks like a checkpoint is a whole one, as a reader finds it before any clean-up...
+        for _, folder in ckpt.list_checkpoints(run):
+            problems += _problems_of(folder)
+        # ...and after what a resume does first: no leftover folder, and the newest checkpoint is step 3's (old or new)
+        ckpt.remove_save_leftovers(run)
+        problems += [f"{name} left behind" for name in os.listdir(run) if name.startswith(".")]
+        if ckpt.latest_checkpoint(run) != os.path.join(run, "checkpoint-3"):
+            problems.append(f"the checkpoint to resume is {ckpt.latest_checkpoint(run)}")
+        for _, folder in ckpt.list_checkpoints(run):
+            problems += _problems_of(folder)
+        # (c) the next save succeeds and keeps the last two
+        _log(run, 4)
+        _save(run, 4, 2)
+        steps = [step for step, _ in ckpt.list_checkpoints(run)]
+        if steps != [3, 4]:
+            problems.append(f"after the next save the checkpoints are {steps}")
+        failures += [f"{counted.ops[at - 1]}: {p}" for p in problems]
+        shutil.rmtree(run)
+    assert not failures, "\n".join(failures)
