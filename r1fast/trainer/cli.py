@@ -365,8 +365,13 @@ def _cmd_sample(args):
     # a misspelt answer_column too (rejection_sample found it once the model had loaded)
     check_answer_present(cfg.reward_funcs, rows, cfg.answer_column, "prompt dataset")
     options = {k: v for k, v in cfg.to_json_dict().items() if k != "output_file"}   # the output names the file
-    fingerprint = sampling.sample_fingerprint(options, [r.get(cfg.prompt_column) for r in rows],
-                                              {"device": str(resolve_device(cfg.device))})
+    settings = {"device": str(resolve_device(cfg.device))}
+    # the model's weights, not only its folder's name: a --resume after the model was retrained into the same folder
+    # took the finished output (or the stopped run's rows) of the earlier weights as this sampling's
+    weights = sampling.weights_signature(cfg.model_name_or_path)
+    if weights is not None:
+        settings["weights"] = weights
+    fingerprint = sampling.sample_fingerprint(options, [r.get(cfg.prompt_column) for r in rows], settings)
     # before the model loads: a requeued job whose sampling had finished ends at once
     if resume and _sample_already_complete(out, progress_file, fingerprint):
         return 0

@@ -1,0 +1,67 @@
+"""`r1fast sample --resume`: what it takes as the same sampling (its fingerprint) and how it reads its progress."""
+import json
+import os
+
+import torch
+
+from r1fast.cli import main
+from r1fast.trainer.common import load_model_and_tokenizer
+
+
+def _model_folder(path, seed: int):
+    """A local model folder (builtin:micro's shape) holding weights drawn from `seed`."""
+    model, tok = load_model_and_tokenizer("builtin:micro", device="cpu", seed=seed)
+    model.save_pretrained(str(path))
+    tok.save_pretrained(str(path))
+
+
+def _sample_args(model: str, output_file: str) -> list[str]:
+    return ["sample", f"model_name_or_path={model}", "dataset=builtin:arithmetic", "max_prompts=4", "num_samples=2",
+            "batch_prompts=2", "max_completion_length=4", "keep_truncated=true", "reward_thresholds=[0]",
+            "reward_funcs=[format]", "progress_bar=false", f"output_file={output_file}"]
+
+
+def test_resume_after_the_model_folder_was_retrained_samples_again(tmp_path, monkeypatch, capsys):
+    # the fingerprint named the model by its folder alone: after the model was retrained into the same folder, a
+    # --resume said "sampling already complete" and kept the samples of the earlier weights
+    monkeypatch.chdir(tmp_path)
+    _model_folder(tmp_path / "model", seed=1)
+    args = _sample_args(str(tmp_path / "model"), "kept.jsonl")
+    assert main(args) == 0
+    first = json.loads((tmp_path / "kept.jsonl.sample_stats.json").read_text())["fingerprint"]
+    capsys.readouterr()
+    assert main([*args, "--resume"]) == 0   # the same weights: nothing to sample
+    assert "sampling already complete" in capsys.readouterr().out
+    os.utime(tmp_path / "model" / "model.safetensors", (1e9, 1e9))   # a copy's new time changes nothing
+    assert main([*args, "--resume"]) == 0
+    assert "sampling already complete" in capsys.readouterr().out
+    _model_folder(tmp_path / "model", seed=2)   # retrained: same names, same sizes, other values
+    assert main([*args, "--resume"]) == 0
+    out = capsys.readouterr()
+    assert "sampling already complete" not in out.out
+    assert "was written by a sampling of other options or prompts" in out.err
+    assert json.loads((tmp_path / "kept.jsonl.sample_stats.json").read_text())["fingerprint"] != first
+
+
+def test_the_weights_signature_reads_pieces_of_a_large_file_and_sees_a_changed_value(tmp_path):
+    from r1fast.trainer import sampling
+
+    folder = tmp_path / "m"
+    folder.mkdir()
+    data = bytearray(torch.randint(0, 256, (3 << 20,), generator=torch.Generator().manual_seed(0),
+                                   dtype=torch.uint8).numpy().tobytes())
+    (folder / "model.safetensors").write_bytes(bytes(data))
+    (folder / "config.json").write_text("{}")
+    (folder / "optimizer.safetensors").write_bytes(b"x")   # a training checkpoint's other files are not the model
+    before = sampling.weights_signature(str(folder))
+    (folder / "optimizer.safetensors").write_bytes(b"y")
+    assert sampling.weights_signature(str(folder)) == before
+    changed = set()
+    for at in (0, len(data) - 1):   # the pieces read (32 of 4 KiB, spread) hold the file's first and last bytes
+        data[at] ^= 1
+        (folder / "model.safetensors").write_bytes(bytes(data))
+        changed.add(sampling.weights_signature(str(folder)))
+    assert before not in changed and len(changed) == 2
+    (folder / "config.json").write_text('{"a": 1}')
+    assert sampling.weights_signature(str(folder)) not in (before, None)
+    assert sampling.weights_signature("builtin:micro") is None
