@@ -27,11 +27,16 @@ class MetricsLogger:
         os.makedirs(run_dir, exist_ok=True)
         self.path = os.path.join(run_dir, "metrics.jsonl")
         self.completions_path = os.path.join(run_dir, "completions.jsonl")
+        # the first step TensorBoard drops (and the rows logged to it again from there): see _branch_point
+        purge_step, replay = 0, []
         if resume_step is not None:
             # Lines written after the checkpoint belong to a future that resuming replaces; the lines up to it are
             # the checkpoint's own (resumed_from's copies), which differ from the run's file where the run goes
             # back to steps an earlier resume set aside
             history = resumed_from if resumed_from and os.path.isfile(os.path.join(resumed_from, RUN_LOGS[0])) else None
+            if "tensorboard" in report_to:   # read before the run's log is cut below
+                purge_step, replay = _branch_point(self.path, os.path.join(history, RUN_LOGS[0]) if history else None,
+                                                   resume_step)
             for path in (self.path, self.completions_path):
                 _truncate_after(path, resume_step, os.path.join(history, os.path.basename(path)) if history else path)
         else:
@@ -47,9 +52,13 @@ class MetricsLogger:
                 print("r1fast: report_to tensorboard asked for but tensorboard is not installed; skipping")
             else:
                 # Events after the checkpoint (or, for a fresh run, a killed earlier run's) are purged,
-                # as metrics.jsonl's lines are: TensorBoard drops the logged steps >= purge_step
-                self._tb = SummaryWriter(os.path.join(run_dir, "tensorboard"),
-                                         purge_step=0 if resume_step is None else resume_step + 1)
+                # as metrics.jsonl's lines are: TensorBoard drops the logged steps >= purge_step. From a checkpoint
+                # of a branch an earlier resume set aside, the steps where its history parts from the run's too,
+                # logged again from the checkpoint's history: TensorBoard showed the left branch's points there
+                self._tb = SummaryWriter(os.path.join(run_dir, "tensorboard"), purge_step=purge_step)
+                for row in replay:
+                    self._tb_scalars(row)
+                self._tb.flush()
         if "wandb" in report_to:
             try:
                 import wandb
@@ -74,13 +83,16 @@ class MetricsLogger:
         row = {"step": step, "stage": stage, **{k: plain_number(v) for k, v in metrics.items()}}
         with writing(self.path), open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
-        numeric = {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}
+        numeric = _numeric(row)
         if self._tb is not None:
-            for k, v in numeric.items():
-                self._tb.add_scalar(f"{stage}/{k}", v, step)
+            self._tb_scalars(row)
             self._tb.flush()
         if self._wandb is not None:
             self._wandb.log({f"{stage}/{k}": v for k, v in numeric.items()}, step=step)
+
+    def _tb_scalars(self, row: dict):
+        for k, v in _numeric(row).items():
+            self._tb.add_scalar(f"{row['stage']}/{k}", v, row["step"])
 
     def log_completions(self, step: int, stage: str, samples: list[dict]):
         with writing(self.completions_path), open(self.completions_path, "a", encoding="utf-8") as f:
@@ -95,6 +107,50 @@ class MetricsLogger:
         if self._wandb is not None:
             self._wandb.finish()
             self._wandb = None
+
+
+def _numeric(row: dict) -> dict:
+    """A metrics row's values TensorBoard and W&B take: its numbers, but its step."""
+    return {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}
+
+
+def _branch_point(run_log: str, history: Optional[str], resume_step: int) -> tuple[int, list[dict]]:
+    """(TensorBoard's purge step, the rows to log to it again) for a resume at `resume_step` whose log starts over
+    from `history` (the checkpoint's metrics.jsonl; None: the run's own). The purge step is the checkpoint's next
+    step, or the first step where the run's log as it is (the branch left, which TensorBoard shows) and `history`
+    differ, if earlier: W&B keeps the left branch's points there (its history cannot be rewritten)."""
+    if history is None:
+        return resume_step + 1, []
+    shown, kept = _lines_by_step(run_log, resume_step), _lines_by_step(history, resume_step)
+    differ = [step for step in set(shown) | set(kept) if shown.get(step) != kept.get(step)]
+    first = min(differ, default=resume_step + 1)
+    replay = []
+    for step in sorted(s for s in kept if s >= first):
+        for line in kept[step]:
+            row = json.loads(line)
+            if isinstance(row.get("stage"), str):
+                replay.append(row)
+    return first, replay
+
+
+def _lines_by_step(path: str, up_to: int) -> dict[int, list[str]]:
+    """The whole JSON-object lines of a metrics.jsonl with a numeric step <= `up_to`, by step; none for a file
+    that is not there or cannot be read (_truncate_after names its damage)."""
+    out: dict[int, list[str]] = {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.readlines()
+    except (OSError, UnicodeDecodeError):
+        return out
+    for line in lines:
+        try:
+            row = json.loads(line) if line.endswith("\n") else None
+        except ValueError:
+            continue
+        step = row.get("step") if isinstance(row, dict) else None
+        if isinstance(step, (int, float)) and not isinstance(step, bool) and step <= up_to:
+            out.setdefault(int(step), []).append(line)
+    return out
 
 
 def read_metrics(run_dir: str, being_written: bool = False) -> list[dict]:

@@ -1,0 +1,47 @@
+"""The run's logs on resume: metrics.jsonl and TensorBoard show the same history."""
+import json
+import os
+import shutil
+
+import pytest
+
+from r1fast.trainer.metrics import MetricsLogger, read_metrics
+
+
+def _tensorboard_points(run_dir: str) -> dict[int, float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(os.path.join(run_dir, "tensorboard"))
+    events.Reload()
+    return {e.step: round(e.value, 6) for e in events.Scalars("grpo/loss")}
+
+
+def _log(run: str, steps, value, resume_step=None, resumed_from=None, checkpoints=()):
+    logger = MetricsLogger(run, ["tensorboard"], resume_step=resume_step, resumed_from=resumed_from)
+    for step in steps:
+        logger.log(step, "grpo", {"loss": value(step)})
+        if step in checkpoints:   # a checkpoint's copy of the log (save_checkpoint's copy_logs)
+            folder = os.path.join(run, f"checkpoint-{step}")
+            os.makedirs(folder)
+            shutil.copy(os.path.join(run, "metrics.jsonl"), folder)
+    logger.close()
+
+
+def test_tensorboard_shows_the_branch_resumed_as_metrics_jsonl_does(tmp_path):
+    pytest.importorskip("tensorboard")
+    run = str(tmp_path / "run")
+    first, second, third = (lambda s: 1 + s / 10), (lambda s: 2 + s / 10), (lambda s: 3 + s / 10)
+    _log(run, range(1, 7), first, checkpoints=(3, 4))
+    # resumed from checkpoint-3 (checkpoint-4 set aside as abandoned-checkpoint-4), steps 4..6 again
+    os.rename(os.path.join(run, "checkpoint-4"), os.path.join(run, "abandoned-checkpoint-4"))
+    _log(run, range(4, 7), second, resume_step=3, resumed_from=os.path.join(run, "checkpoint-3"))
+    # back to the first branch: abandoned-checkpoint-4's history, steps 5 and 6 again
+    _log(run, (5, 6), third, resume_step=4, resumed_from=os.path.join(run, "abandoned-checkpoint-4"))
+    expected = {1: 1.1, 2: 1.2, 3: 1.3, 4: 1.4, 5: 3.5, 6: 3.6}
+    assert {r["step"]: r["loss"] for r in read_metrics(run)} == expected
+    # TensorBoard kept the second branch's step 4 (2.4), which no checkpoint of the run's history holds
+    assert _tensorboard_points(run) == expected
+    # a resume on the same branch logs nothing again
+    _log(run, (6,), lambda s: 4.6, resume_step=5, resumed_from=None)
+    assert _tensorboard_points(run) == {**expected, 6: 4.6}
+    assert json.loads(open(os.path.join(run, "metrics.jsonl")).readlines()[-1])["loss"] == 4.6
