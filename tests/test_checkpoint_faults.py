@@ -181,3 +181,51 @@ def test_a_save_failing_at_any_operation_leaves_a_complete_checkpoint_to_resume_
         failures += [f"{counted.ops[at - 1]}: {p}" for p in problems]
         shutil.rmtree(run)
     assert not failures, "\n".join(failures)
+
+
+def _branch_folder(run: str) -> dict[str, str]:
+    """Run to step 6, resumed from checkpoint-3 and run to 6 again: each folder tagged with its branch."""
+    import json
+
+    for name, tag in (("checkpoint-3", "c3"), ("checkpoint-4", "left"), ("checkpoint-5", "left"),
+                      ("checkpoint-6", "left"), ("abandoned-checkpoint-4", "resumed")):
+        os.makedirs(os.path.join(run, name))
+        with open(os.path.join(run, name, ckpt.STATE_FILE), "w", encoding="utf-8") as f:
+            json.dump({"tag": tag}, f)
+
+
+def _tags(run: str) -> dict[str, str]:
+    import json
+
+    return {name: json.load(open(os.path.join(run, name, ckpt.STATE_FILE)))["tag"] for name in os.listdir(run)
+            if not name.startswith(".") and name != "metrics.jsonl"}
+
+
+def test_a_resume_killed_while_setting_its_left_branch_aside_is_finished_by_the_next_run(tmp_path):
+    # resuming from abandoned-checkpoint-4 renames the left branch's checkpoint-4, -5, -6 aside, then the resumed one
+    # to checkpoint-4: killed between two of those renames, a bare --resume went on from the left branch's
+    # checkpoint-6 (or -5), or back to checkpoint-3 when only the resumed one was still under its set-aside name
+    done = str(tmp_path / "done")
+    _branch_folder(done)
+    set_aside, back = ckpt.leave_branch(done, os.path.join(done, "abandoned-checkpoint-4"))
+    assert back == os.path.join(done, "checkpoint-4") and len(set_aside) == 3
+    whole = _tags(done)
+    assert whole["checkpoint-4"] == "resumed" and sorted(whole) == sorted(os.listdir(done))   # no journal left
+    count = str(tmp_path / "count")
+    _branch_folder(count)
+    with _failing_at(0, kill=False) as counted:
+        ckpt.leave_branch(count, os.path.join(count, "abandoned-checkpoint-4"))
+    renames = [at for at, op in enumerate(counted.ops, 1) if op.startswith("os.rename")]
+    assert len(renames) == 4
+    for at in range(1, len(counted.ops) + 1):
+        run = str(tmp_path / f"at{at}")
+        _branch_folder(run)
+        with contextlib.suppress(Killed), _failing_at(at, kill=True):
+            ckpt.leave_branch(run, os.path.join(run, "abandoned-checkpoint-4"))
+        ckpt.remove_save_leftovers(run)   # what the next run does first
+        # the resume finished (or, killed before its journal was written, not begun: the same command resumes again)
+        assert _tags(run) in (whole, {"checkpoint-3": "c3", "checkpoint-4": "left", "checkpoint-5": "left",
+                                      "checkpoint-6": "left", "abandoned-checkpoint-4": "resumed"}), counted.ops[at - 1]
+        assert not [name for name in os.listdir(run) if name.startswith(".")]
+        if at >= renames[0]:   # once a checkpoint has moved, the one to resume is the resumed one
+            assert ckpt.latest_checkpoint(run) == os.path.join(run, "checkpoint-4"), counted.ops[at - 1]

@@ -55,8 +55,11 @@ def _r1fast_old(name: str) -> Optional[re.Match]:
     return m if m and (m.group(1) or _pid_numbered(m)) else None
 # the files of a run folder (a trainer's, a pipeline's, a sample stage's) written through metrics.replacing: a
 # kill mid-write leaves ".<name>.tmp-<pid>-<random>" beside them (metrics.temp_pattern; "<name>.tmp" before)
+# the renames of a resume's set-aside (and take-back) still to do: written before the first, removed after the last,
+# finished by remove_save_leftovers after a kill between them. JSON of names within the run folder, never pickle.
+SET_ASIDE_JOURNAL = ".r1fast-set-aside.json"
 REPLACED_FILES = ("metrics.jsonl", "completions.jsonl", "pipeline_state.json", "summary.json", "curves.png",
-                  "samples.jsonl", "sample_progress.json")
+                  "samples.jsonl", "sample_progress.json", SET_ASIDE_JOURNAL)
 STATE_FILE = "trainer_state.json"
 # trainer_state.json's "format", written from 1 on and checked on resume, so that a checkpoint a newer r1fast
 # wrote in another layout is refused by this one instead of half read. A file without it is format 1 (r1fast
@@ -153,6 +156,14 @@ def set_aside_newer(run_dir: str, resume_path: str) -> list[str]:
     or a later bare --resume would continue the abandoned steps. Returns the new names. Resuming from a
     set-aside checkpoint (going back to the steps an earlier resume abandoned) abandons the checkpoints of
     its step and after: the branch they are on is the one left now."""
+    newer = _newer_moves(run_dir, resume_path)
+    _keep_left_logs(run_dir, newer)
+    _journaled_renames(run_dir, newer)
+    return [target for _, target in newer]
+
+
+def _newer_moves(run_dir: str, resume_path: str) -> list[tuple[str, str]]:
+    """(checkpoint, the name it is set aside under) of each checkpoint set_aside_newer sets aside."""
     # through an output_dir that is a symlink to the checkpoint's folder, the newer checkpoints stayed, and a
     # later bare --resume went on from the abandoned steps
     if not _resumes_in_place(run_dir, resume_path):
@@ -163,9 +174,23 @@ def set_aside_newer(run_dir: str, resume_path: str) -> list[str]:
     # resuming from abandoned-checkpoint-4 kept checkpoint-5 and -6 of the branch it left: the run saved its own
     # checkpoint-5 over the other's, and a bare --resume after a kill before that went on from the other's 6
     first_left = resumed[0] + (0 if resumed[1] else 1)
-    # (checkpoint, the name it is set aside under)
-    newer = [(path, _free_set_aside_name(run_dir, os.path.basename(path)))
-             for step, path in list_checkpoints(run_dir) if step >= first_left]
+    return [(path, _free_set_aside_name(run_dir, os.path.basename(path)))
+            for step, path in list_checkpoints(run_dir) if step >= first_left]
+
+
+def leave_branch(run_dir: str, resume_path: str) -> tuple[list[str], Optional[str]]:
+    """set_aside_newer, then take_back, as one journaled step (_journaled_renames): a kill between their renames
+    left part of the branch set aside (a bare --resume went on from the left branch's newest checkpoint still named
+    checkpoint-<step>) or the resumed checkpoint under its set-aside name (a bare --resume went back to an older
+    one). → (the set-aside names, the resumed checkpoint's new path or None)."""
+    newer = _newer_moves(run_dir, resume_path)
+    back = _take_back_move(run_dir, resume_path, moved_away=[path for path, _ in newer])
+    _keep_left_logs(run_dir, newer)
+    _journaled_renames(run_dir, newer + ([back] if back else []))
+    return [target for _, target in newer], back[1] if back else None
+
+
+def _keep_left_logs(run_dir: str, newer: list[tuple[str, str]]):
     if newer:
         from r1fast.trainer.metrics import copy_logs
 
@@ -179,10 +204,52 @@ def set_aside_newer(run_dir: str, resume_path: str) -> list[str]:
             import warnings
 
             warnings.warn(f"r1fast: cannot keep the logs of the steps set aside in {newer[-1][1]} ({e}); those after "
-                          f"its step are not kept", stacklevel=2)
-    for path, target in newer:
+                          f"its step are not kept", stacklevel=3)
+
+
+def _journaled_renames(run_dir: str, moves: list[tuple[str, str]]):
+    """Rename each (path, target) of run_dir in turn, the list first kept in SET_ASIDE_JOURNAL (synced) when there is
+    more than one: a kill part way then leaves the journal, from which the next run finishes them."""
+    if len(moves) > 1:
+        from r1fast.trainer.metrics import replacing
+
+        with replacing(os.path.join(run_dir, SET_ASIDE_JOURNAL)) as f:
+            json.dump({"r1fast_set_aside": 1, "moves": [[os.path.basename(a), os.path.basename(b)] for a, b in moves]},
+                      f)
+        fsync_dir(run_dir)
+    for path, target in moves:
         os.rename(path, target)
-    return [target for _, target in newer]
+    if len(moves) > 1:
+        fsync_dir(run_dir)   # the renames on disk before the journal that lists them goes
+        os.remove(os.path.join(run_dir, SET_ASIDE_JOURNAL))
+
+
+def _finish_set_aside(run_dir: str):
+    """The renames a kill left undone of a resume's set-aside (SET_ASIDE_JOURNAL): done, the journal removed. Only
+    names of checkpoints and set-aside checkpoints within run_dir are renamed; an unreadable journal is said and
+    left."""
+    path = os.path.join(run_dir, SET_ASIDE_JOURNAL)
+    if not os.path.isfile(path):
+        return
+    names = re.compile(rf"{_CKPT_RE.pattern}|{_SET_ASIDE_RE.pattern}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            moves = json.load(f)["moves"]
+        if not all(isinstance(m, list) and len(m) == 2 and all(isinstance(n, str) and names.match(n) for n in m)
+                   for m in moves):
+            raise ValueError("its moves are not pairs of checkpoint names")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        import warnings
+
+        warnings.warn(f"r1fast: {path}, the renames a resume that set checkpoints aside was killed in, cannot be read "
+                      f"({e}); it is left, and the checkpoints as they are", stacklevel=3)
+        return
+    for name, target in moves:
+        source, target = os.path.join(run_dir, name), os.path.join(run_dir, target)
+        if os.path.lexists(source) and not os.path.lexists(target):
+            os.rename(source, target)
+    fsync_dir(run_dir)
+    os.remove(path)
 
 
 def _free_set_aside_name(run_dir: str, name: str) -> str:
@@ -201,15 +268,24 @@ def take_back(run_dir: str, resume_path: str) -> Optional[str]:
     """A resume from a set-aside checkpoint in run_dir (after set_aside_newer) names it checkpoint-<step> again, so
     that the run's later saves prune and a bare --resume goes on from it: kept set aside, a kill before the run's
     next save resumed the other branch's older checkpoint. Returns the new path, or None."""
+    move = _take_back_move(run_dir, resume_path)
+    if move is None:
+        return None
+    os.rename(*move)
+    return move[1]
+
+
+def _take_back_move(run_dir: str, resume_path: str, moved_away: list[str] = ()) -> Optional[tuple[str, str]]:
+    """(the resumed set-aside checkpoint's path in run_dir, its checkpoint-<step> name), where that name is free once
+    `moved_away` are set aside; else None."""
     name = next((n for n in _names_in(run_dir, resume_path) if _SET_ASIDE_RE.match(n)), None)
     if name is None:
         return None
     m = _SET_ASIDE_RE.match(name)
     target = os.path.join(run_dir, f"checkpoint-{m.group(1)}")
-    if os.path.lexists(target):
+    if os.path.lexists(target) and target not in moved_away:
         return None
-    os.rename(os.path.join(run_dir, name), target)
-    return target
+    return os.path.join(run_dir, name), target
 
 
 def _names_in(run_dir: str, resume_path: str) -> list[str]:
@@ -398,6 +474,7 @@ def remove_save_leftovers(run_dir: str):
 
     for name in REPLACED_FILES:
         remove_stale_temps(os.path.join(run_dir, name))
+    _finish_set_aside(run_dir)   # first: which checkpoints are the run's decides what is put back below
     for name in sorted(os.listdir(run_dir)):
         path = os.path.join(run_dir, name)
         if _SAVE_TEMP_RE.match(name):

@@ -732,9 +732,9 @@ def start_run(trainer, resume):
               f"{trainer.total_steps}", file=sys.stderr)
         # after the load: a checkpoint that fails to load must not have moved the ones after it aside
         resumed_name = os.path.basename(resume_path.rstrip(os.sep))   # 'checkpoint-3/' has an empty basename
-        for path in ckpt.set_aside_newer(trainer.run_dir, resume_path):
+        set_aside, back = ckpt.leave_branch(trainer.run_dir, resume_path)
+        for path in set_aside:
             print(f"r1fast: resuming from {resumed_name}: the later {path} is set aside", file=sys.stderr)
-        back = ckpt.take_back(trainer.run_dir, resume_path)
         if back is not None:
             print(f"r1fast: {resume_path} is {back} again: the run goes on from it", file=sys.stderr)
             resume_path = back
