@@ -316,13 +316,17 @@ def test_a_symlinked_checkpoint_replaced_by_a_save_killed_between_its_renames_is
     assert json.loads((disk2 / "checkpoint-3" / ckpt.STATE_FILE).read_text())["saved"] == "first"
 
 
-def test_a_symlinked_checkpoint_an_earlier_r1fast_set_aside_visibly_is_put_back_not_deleted(tmp_path):
-    # before its hidden name, a save through the link set the replaced checkpoint aside as <target>.old-<pid>: still
-    # put back where the link dangles; where the target is there, such a name is left alone (it may be the user's)
+def test_a_symlinked_checkpoint_an_earlier_r1fast_set_aside_visibly_is_named_not_renamed_nor_deleted(tmp_path):
+    # before its hidden name, a save through the link set the replaced checkpoint aside as <target>.old-<pid>: where
+    # the link dangles it is named, to rename back by hand (renamed in, a user's checkpoint-3.old-2 was pruned later);
+    # where the target is there, such a name is left alone (it may be the user's)
     model, run, disk2 = _checkpoint_linked_from_another_disk(tmp_path)
     os.rename(disk2 / "checkpoint-3", disk2 / "checkpoint-3.old-77")   # killed between its renames: the link dangles
-    ckpt.remove_save_leftovers(str(run))
-    assert sorted(os.listdir(disk2)) == ["checkpoint-3"]
+    with pytest.warns(UserWarning, match=r"checkpoint-3\.old-77 may be checkpoint-3 as a save of an earlier r1fast "
+                                         r"set it aside before it was killed; to resume from it, rename it to "):
+        ckpt.remove_save_leftovers(str(run))
+    assert sorted(os.listdir(disk2)) == ["checkpoint-3.old-77"]
+    os.rename(disk2 / "checkpoint-3.old-77", disk2 / "checkpoint-3")
     assert ckpt.latest_checkpoint(str(run)) == str(run / "checkpoint-3")
     shutil.copytree(disk2 / "checkpoint-3", disk2 / "checkpoint-3.old-78")
     ckpt.remove_save_leftovers(str(run))
@@ -1082,11 +1086,11 @@ def test_optimizer_param_groups_of_other_sizes_are_an_error_before_the_weights_l
 def test_clear_run_removes_what_a_run_writes_and_nothing_else(tmp_path):
     run = tmp_path / "run"
     pid = os.getpid()
-    ours = ["checkpoint-4", f"checkpoint-4.old-{pid}", f".checkpoint-4.old-{pid}", "abandoned-checkpoint-2", f"abandoned-checkpoint-2.{pid}",
+    ours = ["checkpoint-4", f".checkpoint-4.old-{pid}", "abandoned-checkpoint-2", f"abandoned-checkpoint-2.{pid}",
             "tensorboard", ".tmp-checkpoint-5-x1", "..tmp-checkpoint-5-x1.tmp-y2"]
-    # a visible .old- name whose number is past any process id: the user's dated copy, which overwrite deleted
+    # a visible .old- name: the user's copy (a dated one, a second one), which overwrite deleted
     theirs = ["checkpoints", "checkpoint-x.old-1", "my-checkpoint-3", "tensorboard-2", "abandoned",
-              "checkpoint-4.old-20261129"]
+              "checkpoint-4.old-20261129", "checkpoint-4.old-2", f"checkpoint-4.old-{pid}"]
     for name in ours + theirs:
         (run / name).mkdir(parents=True)
         (run / name / "f").write_text(name)
@@ -1111,8 +1115,8 @@ def test_a_dated_copy_of_a_checkpoint_a_resume_set_aside_is_not_put_back(tmp_pat
     ckpt.remove_save_leftovers(str(run))
     assert sorted(os.listdir(run)) == ["abandoned-checkpoint-4", "checkpoint-2", "checkpoint-4.old-20261129"]
     assert ckpt.latest_checkpoint(str(run)) == str(run / "checkpoint-2")
-    # with nothing of step 4 or after, a dated copy (a number past any process id) is still never put back, while
-    # what an earlier r1fast's save killed between its renames left (.old-<pid>) is, once complete
+    # with nothing of step 4 or after, a dated copy (a number past any process id) is still never put back, nor is
+    # what an earlier r1fast's save killed between its renames may have left (.old-<pid>)
     os.rename(run / "abandoned-checkpoint-4", tmp_path / "elsewhere")
     ckpt.remove_save_leftovers(str(run))
     assert ckpt.latest_checkpoint(str(run)) == str(run / "checkpoint-2")
@@ -1120,9 +1124,11 @@ def test_a_dated_copy_of_a_checkpoint_a_resume_set_aside_is_not_put_back(tmp_pat
     ckpt.remove_save_leftovers(str(run))   # no trainer_state.json: a deletion killed part way, not a checkpoint
     assert ckpt.latest_checkpoint(str(run)) == str(run / "checkpoint-2") and (run / "checkpoint-4.old-4242").exists()
     (run / "checkpoint-4.old-4242" / ckpt.STATE_FILE).write_text("{}")
-    ckpt.remove_save_leftovers(str(run))
-    assert ckpt.latest_checkpoint(str(run)) == str(run / "checkpoint-4")
-    assert (run / "checkpoint-4.old-20261129").exists()
+    # complete, it may be what an earlier r1fast's save left, or the user's second copy: named, never renamed
+    with pytest.warns(UserWarning, match=r"checkpoint-4\.old-4242 may be checkpoint-4 .* rename it to "):
+        ckpt.remove_save_leftovers(str(run))
+    assert ckpt.latest_checkpoint(str(run)) == str(run / "checkpoint-2")
+    assert (run / "checkpoint-4.old-4242").exists() and (run / "checkpoint-4.old-20261129").exists()
 
 
 def test_remove_save_leftovers_removes_the_temporary_files_of_a_runs_writes_only(tmp_path):

@@ -2323,13 +2323,13 @@ def test_sigterm_in_the_evaluation_between_stages_stops_before_the_next(tmp_path
 
 def test_a_stage_whose_checkpoint_replacement_was_killed_resumes_from_it(tmp_path, capsys):
     # killed in a save that replaced the stage's last checkpoint, between its two renames: the complete
-    # checkpoint-N.old-<pid> was not seen, the stage started over, and its trainer (which puts the old one
+    # .checkpoint-N.old-<pid> was not seen, the stage started over, and its trainer (which puts the old one
     # back) then refused the folder as an earlier run's
     spec = one_sft_stage_spec(tmp_path)
     run = tmp_path / "run"
     run_pipeline(str(spec), [f"output_dir={run}", "s.max_steps=2"])
     logged = (run / "metrics.jsonl").read_text()
-    os.rename(run / "s" / "checkpoint-2", run / "s" / "checkpoint-2.old-9")
+    os.rename(run / "s" / "checkpoint-2", run / "s" / ".checkpoint-2.old-9")
     os.remove(run / "pipeline_state.json")
     run_pipeline(str(spec), [f"output_dir={run}", "s.max_steps=2"], resume=True)
     assert sorted(os.listdir(run / "s")) == [".r1fast.lock", "checkpoint-2", "metrics.jsonl"]

@@ -2397,17 +2397,18 @@ def test_sft_reads_a_messages_column_as_prompt_and_completion(tmp_path):
 
 
 def test_a_checkpoint_whose_replacement_was_killed_between_renames_is_resumed(tmp_path):
-    # A save over an existing checkpoint-N renames it to checkpoint-N.old-<pid>, then the new one in; killed
+    # A save over an existing checkpoint-N renames it to .checkpoint-N.old-<pid>, then the new one in; killed
     # between the two, the complete old one was left under that name forever and a resume went back to
-    # the checkpoint before it
+    # the checkpoint before it. (A visible checkpoint-N.old-<pid>, an earlier r1fast's name, may be the user's own
+    # copy: only named, test_checkpoint_and_data::test_a_dated_copy_of_a_checkpoint_a_resume_set_aside_is_not_put_back)
     tr = make(tmp_path, "old", max_steps=4, save_steps=2, per_device_train_batch_size=8, num_generations=4)
     tr.train()
     run = tmp_path / "old"
-    os.rename(run / "checkpoint-4", run / "checkpoint-4.old-123")
+    os.rename(run / "checkpoint-4", run / ".checkpoint-4.old-123")
     again = make(tmp_path, "old", max_steps=4, save_steps=2, per_device_train_batch_size=8, num_generations=4)
     again.train(resume=True)
     assert again.global_step == 4 and again.history == []   # resumed at step 4: nothing left to train
-    assert not (run / "checkpoint-4.old-123").exists()
+    assert not (run / ".checkpoint-4.old-123").exists()
     assert sorted(n for n in os.listdir(run) if n.startswith("checkpoint")) == ["checkpoint-2", "checkpoint-4"]
     # beside a complete checkpoint-4, the old one (now hidden) is only deleted
     (run / ".checkpoint-4.old-7").mkdir()

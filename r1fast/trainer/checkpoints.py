@@ -37,8 +37,10 @@ _CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
 # ".<its name>.old-..."): a save killed mid-way leaves any of them behind; and a pruned checkpoint's folder
 # while it is deleted (_delete_checkpoint's ".tmp-checkpoint-<step>-deleting-<pid>")
 _SAVE_TEMP_RE = re.compile(r"^\.\.?tmp-checkpoint-\d+-")
-# save_checkpoint's replaced checkpoint, before deletion: hidden (".checkpoint-N.old-<pid>"); visible as an r1fast
-# before the hidden name set it aside, a name as likely the user's own copy (checkpoint-3.old-20261129)
+# save_checkpoint's replaced checkpoint, before deletion: hidden (".checkpoint-N.old-<pid>"). The r1fast of
+# 2026-11-28 to e478f69 set it aside visibly (checkpoint-N.old-<pid>), a name as likely the user's own copy
+# (checkpoint-3.old-2, checkpoint-3.old-20261129): a visible one is never deleted nor renamed, only named where it
+# may be the checkpoint such a save was killed replacing (_visible_old_note)
 _OLD_CKPT_RE = re.compile(r"^(\.?)checkpoint-(\d+)\.old-(\d+)$")
 # Linux's largest process id (pid_max's ceiling): a visible .old-<digits> above it (a date, 20261129) is no r1fast's
 _MAX_PID = 4194304
@@ -49,10 +51,20 @@ def _pid_numbered(m: Optional[re.Match]) -> bool:
 
 
 def _r1fast_old(name: str) -> Optional[re.Match]:
-    """The match of a replaced checkpoint r1fast set aside: hidden, or visible with a process id an earlier r1fast
-    named it by; a visible one with a larger number is the user's dated copy."""
+    """The match of a replaced checkpoint r1fast set aside: hidden only. A visible checkpoint-N.old-<small number>,
+    taken for an earlier r1fast's, was deleted by overwrite_output_dir and renamed into the run (then pruned) by a
+    resume, where it was the user's own copy."""
     m = _OLD_CKPT_RE.match(name)
-    return m if m and (m.group(1) or _pid_numbered(m)) else None
+    return m if m and m.group(1) else None
+
+
+def _visible_old_note(path: str, checkpoint: str):
+    """Say that `path` (checkpoint-N.old-<pid>, complete, where `checkpoint` is gone) may be what a save of an
+    earlier r1fast left when it was killed replacing `checkpoint`: the user renames it back, r1fast does not."""
+    import warnings
+
+    warnings.warn(f"r1fast: {path} may be {os.path.basename(checkpoint)} as a save of an earlier r1fast set it aside "
+                  f"before it was killed; to resume from it, rename it to {checkpoint}", stacklevel=3)
 # the files of a run folder (a trainer's, a pipeline's, a sample stage's) written through metrics.replacing: a
 # kill mid-write leaves ".<name>.tmp-<pid>-<random>" beside them (metrics.temp_pattern; "<name>.tmp" before)
 # the renames of a resume's set-aside (and take-back) still to do: written before the first, removed after the last,
@@ -465,9 +477,9 @@ def remove_save_leftovers(run_dir: str):
     temporary files of the run's other writes killed mid-way (REPLACED_FILES'). A save
     that replaced checkpoint-N and was killed between its two renames left the old, complete
     checkpoint-N as .checkpoint-N.old-<pid>: it is checkpoint-N again, or deleted if a new one is there. A visible
-    checkpoint-N.old-<digits> is never deleted (the user's copy, or an earlier r1fast's); it is put back only where it
-    is what such a kill left: its number a process id (not a date), complete, checkpoint-N gone and no checkpoint of
-    its step or newer, set aside or not (a pruned checkpoint's backup put back was pruned at the next save)."""
+    checkpoint-N.old-<digits> is never deleted nor renamed (the user's copy, or an earlier r1fast's); where it may be
+    what such a kill of an earlier r1fast left (its number a process id, not a date; complete; checkpoint-N gone and no
+    checkpoint of its step or newer, set aside or not) a warning names it, to rename back by hand."""
     if not os.path.isdir(run_dir):
         return
     from r1fast.trainer.metrics import remove_stale_temps
@@ -481,15 +493,17 @@ def remove_save_leftovers(run_dir: str):
             remove_folder(path)
         elif name.endswith(".tmp") and name[:-len(".tmp")] in REPLACED_FILES and os.path.isfile(path):
             os.remove(path)   # the name an r1fast before metrics.temp_pattern wrote them under
-        elif old := _r1fast_old(name):
+        elif old := _OLD_CKPT_RE.match(name):
             hidden, step, _ = old.groups()
             base = os.path.join(run_dir, f"checkpoint-{step}")
             # replaced by a new checkpoint-N, or its deletion killed part way (no trainer_state.json)
             if os.path.exists(base) or not os.path.isfile(os.path.join(path, STATE_FILE)):
                 if hidden:
                     remove_folder(path)
-            elif hidden or _newest_step(run_dir) < int(step):
+            elif hidden:
                 os.rename(path, base)
+            elif _pid_numbered(old) and _newest_step(run_dir) < int(step):
+                _visible_old_note(path, base)
         elif _CKPT_RE.match(name) and os.path.islink(path):
             _clear_beside_linked(path)
 
@@ -509,9 +523,9 @@ def _clear_beside_linked(link: str):
     folders (save_checkpoint's ".<target>.tmp-*" and save_pretrained's "..<target>.tmp-*" in it), deleted; and
     the replaced checkpoint as .<target>.old-<pid>, deleted where the new one is in, else (killed between the two
     renames, the link dangling: no checkpoint-N to resume) put back. Only hidden names made from the target's own:
-    out of the run folder, a visible <target>.old-<digits> is the user's (a dated copy), never deleted here; it is
-    put back only where the link dangles and its number can be a process id, as the name an r1fast before the hidden
-    one set the replaced one aside."""
+    out of the run folder, a visible <target>.old-<digits> is the user's (a dated copy), never deleted nor renamed
+    here; where the link dangles and its number can be a process id (the name an r1fast before the hidden one set the
+    replaced one aside under), a warning names it."""
     target = os.path.realpath(link)
     folder, name = os.path.split(target)
     temp = re.compile(rf"^\.\.?{re.escape(name)}\.tmp-")
@@ -527,10 +541,12 @@ def _clear_beside_linked(link: str):
             remove_folder(path)
         elif old.match(entry) and os.path.exists(target):
             remove_folder(path)
-        elif (old.match(entry) or _pid_numbered(earlier_old.match(entry))) and not os.path.exists(target) \
-                and os.path.isfile(os.path.join(path, STATE_FILE)):   # sorted: a hidden one first
+        elif old.match(entry) and not os.path.exists(target) and os.path.isfile(os.path.join(path, STATE_FILE)):
             with contextlib.suppress(OSError):
                 os.rename(path, target)
+        elif _pid_numbered(earlier_old.match(entry)) and not os.path.exists(target) \
+                and os.path.isfile(os.path.join(path, STATE_FILE)):
+            _visible_old_note(path, target)
 
 
 # -- RNG ---------------------------------------------------------------------------------------
