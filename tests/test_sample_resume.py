@@ -65,3 +65,30 @@ def test_the_weights_signature_reads_pieces_of_a_large_file_and_sees_a_changed_v
     (folder / "config.json").write_text('{"a": 1}')
     assert sampling.weights_signature(str(folder)) not in (before, None)
     assert sampling.weights_signature("builtin:micro") is None
+
+
+def test_a_finished_outputs_record_and_a_progress_files_fingerprint_are_read_as_written_or_refused(tmp_path):
+    from r1fast.trainer import sampling
+
+    out = str(tmp_path / "kept.jsonl")
+    written = sampling.write_jsonl([{"prompt": "1+1", "completion": "2"}], out)
+    stats = {"prompts": 1, "samples": 2, "truncated": 0, "passed": 1, "pass_rate": 0.5, "kept": 1, "prompts_kept": 1}
+    sampling.write_sample_record(out, {"fingerprint": "f1", "stats": stats, "options": {}, **written})
+    record, why = sampling.finished_output(out, "f1")
+    assert why is None and record["sha256"] == written["sha256"]
+    assert sampling.finished_output(out, "f2")[1].endswith("was written by a sampling of other options or prompts "
+                                                           f"(its record: {sampling.stats_path(out)})")
+    body = json.loads(open(sampling.stats_path(out)).read())
+    for damaged, said in (({k: v for k, v in body.items() if k != "bytes"}, "'bytes'"),
+                          ({**body, "stats": {"kept": 1}}, "'samples'"), ([body], "")):
+        with open(sampling.stats_path(out), "w") as f:
+            json.dump(damaged, f)
+        record, why = sampling.finished_output(out, "f1")
+        assert record is None and f"({sampling.stats_path(out)}) cannot be read ({said}" in why
+    progress = tmp_path / "p.json"
+    assert sampling.progress_fingerprint(str(progress)) is None   # none there
+    for text, fingerprint in ((json.dumps({"r1fast_sample_progress": 2, "fingerprint": "a"}) + "\n{}\n", "a"),
+                              (json.dumps({"fingerprint": "b", "next_prompt": 2, "stats": {}, "rows": []}), "b"),
+                              ("not json\n", None), ("[1]\n", None), ('{"rows": []}\n', None)):
+        progress.write_text(text)
+        assert sampling.progress_fingerprint(str(progress)) == fingerprint

@@ -380,9 +380,7 @@ class SampleProgress:
         and cut off (the next record starts a line of its own), as is a damaged line and all after it, said."""
         lines = data.split(b"\n")
         complete = lines[:-1]   # the piece after the last newline was cut short mid-write (or is empty)
-        header = _json_line(complete[0] if complete else b"", 1)
-        if not isinstance(header, dict) or "fingerprint" not in header:
-            raise _Unreadable("its first line is not an r1fast sample progress header")
+        header = _progress_header(complete[0] if complete else b"")
         if header.get("r1fast_sample_progress") != _PROGRESS_FORMAT:
             raise _Unreadable(f"format {header.get('r1fast_sample_progress')!r}, not {_PROGRESS_FORMAT}: resume "
                               f"it with the r1fast that wrote it")
@@ -404,6 +402,15 @@ class SampleProgress:
         if header["fingerprint"] == self.fingerprint and end < len(data):
             os.truncate(self.path, end)   # the next append starts on a line of its own
         return progress
+
+
+def _progress_header(line: bytes) -> dict:
+    """The object a progress file's first line holds, with its fingerprint: this format's header, or a format-1
+    file's one object (any format number: the caller checks it)."""
+    header = _json_line(line, 1)
+    if not isinstance(header, dict) or "fingerprint" not in header:
+        raise _Unreadable("its first line is not an r1fast sample progress header")
+    return header
 
 
 def _json_line(line: bytes, number: int):
@@ -494,10 +501,15 @@ def finished_output(output_file: str, fingerprint: str) -> tuple[Optional[dict],
     try:
         with open(path, encoding="utf-8") as f:
             record = json.load(f)
-        recorded = record["fingerprint"], record["rows"], record["bytes"], record["sha256"], summary(record["stats"])
+        if not isinstance(record, dict):
+            raise TypeError(f"a {type(record).__name__}, not an object")
+        missing = [key for key in ("fingerprint", "rows", "bytes", "sha256") if key not in record]
+        if missing:
+            raise KeyError(missing[0])
+        summary(record["stats"])   # the line said of it: its statistics must make one
     except (OSError, ValueError, KeyError, TypeError) as e:
         return None, f"the record of a finished sampling of {output_file} ({path}) cannot be read ({e})"
-    if recorded[0] != fingerprint:
+    if record["fingerprint"] != fingerprint:
         return None, f"{output_file} was written by a sampling of other options or prompts (its record: {path})"
     if not os.path.isfile(output_file):
         return None, f"{output_file}, which a finished sampling wrote (its record: {path}), is gone"
@@ -521,6 +533,6 @@ def progress_fingerprint(progress_file: str) -> Optional[str]:
     """The fingerprint a progress file's first line names (either format), or None if it has none."""
     try:
         with open(progress_file, "rb") as f:
-            return json.loads(f.readline()).get("fingerprint")
-    except (OSError, ValueError, AttributeError):
+            return _progress_header(f.readline())["fingerprint"]
+    except (OSError, _Unreadable):
         return None
