@@ -65,11 +65,13 @@ def _visible_old_note(path: str, checkpoint: str):
 
     warnings.warn(f"r1fast: {path} may be {os.path.basename(checkpoint)} as a save of an earlier r1fast set it aside "
                   f"before it was killed; to resume from it, rename it to {checkpoint}", stacklevel=3)
-# the files of a run folder (a trainer's, a pipeline's, a sample stage's) written through metrics.replacing: a
-# kill mid-write leaves ".<name>.tmp-<pid>-<random>" beside them (metrics.temp_pattern; "<name>.tmp" before)
+
+
 # the renames of a resume's set-aside (and take-back) still to do: written before the first, removed after the last,
 # finished by remove_save_leftovers after a kill between them. JSON of names within the run folder, never pickle.
 SET_ASIDE_JOURNAL = ".r1fast-set-aside.json"
+# the files of a run folder (a trainer's, a pipeline's, a sample stage's) written through metrics.replacing: a
+# kill mid-write leaves ".<name>.tmp-<pid>-<random>" beside them (metrics.temp_pattern; "<name>.tmp" before)
 REPLACED_FILES = ("metrics.jsonl", "completions.jsonl", "pipeline_state.json", "summary.json", "curves.png",
                   "samples.jsonl", "sample_progress.json", SET_ASIDE_JOURNAL)
 STATE_FILE = "trainer_state.json"
