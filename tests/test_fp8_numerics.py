@@ -530,3 +530,73 @@ def test_a_non_finite_input_gives_nan_never_a_finite_number(impl, scaling):
         assert rows_hit == ([False, True, False, False, False] if scaling == "rowwise" else [True] * 5)
         assert torch.isfinite(y[~torch.isnan(y)]).all()
         assert torch.isnan(w.grad[:, 3]).all() and torch.isfinite(x.grad).all()   # dW's column 3 holds x[:, 3]
+
+
+# ---------------------------------------------------------------- torch._scaled_mm's contract
+
+
+def _strict_scaled_mm(calls, cuda_rules):
+    """A stand-in for torch._scaled_mm that asserts the contract of its CUDA kernels (cuBLASLt for
+    tensorwise scales, CUTLASS f8f8bf16_rowwise or cuBLASLt >= 12.9 for rowwise; torch 2.4 - 2.13,
+    aten/src/ATen/native/cuda/{Blas,ScaledBlas,RowwiseScaledMM}.cpp/.cu), which the CPU kernel does not
+    check (it multiplies two E5M2 operands, a row-major mat2, K = 24), then computes what the tensor
+    cores do: the fp32 product of the payloads, times scale_a, times scale_b, rounded once to out_dtype."""
+    def scaled_mm(mat1, mat2, *, scale_a, scale_b, bias=None, scale_result=None, out_dtype=None,
+                  use_fast_accum=False):
+        assert mat1.dim() == 2 and mat2.dim() == 2
+        assert mat1.dtype in (E4M3, E5M2) and mat2.dtype in (E4M3, E5M2), (mat1.dtype, mat2.dtype)
+        assert not (mat1.dtype == E5M2 and mat2.dtype == E5M2), "Multiplication of two Float8_e5m2 matrices"
+        (m, k), (k2, n) = mat1.shape, mat2.shape
+        assert k == k2
+        assert mat1.stride(1) == 1 and mat1.stride(0) >= k, f"mat1 must be row-major, strides {mat1.stride()}"
+        assert mat2.stride(0) == 1 and mat2.stride(1) >= k, f"mat2 must be column-major, strides {mat2.stride()}"
+        assert k % 16 == 0 and n % 16 == 0, f"K={k} and N={n} must be multiples of 16"
+        assert scale_a.dtype == scale_b.dtype == torch.float32
+        assert bias is None and scale_result is None
+        assert out_dtype in (torch.bfloat16, torch.float16, torch.float32), out_dtype
+        rowwise = not (scale_a.numel() == 1 and scale_b.numel() == 1)
+        if rowwise:
+            assert tuple(scale_a.shape) == (m, 1) and tuple(scale_b.shape) == (1, n), (scale_a.shape, scale_b.shape)
+            assert scale_a.is_contiguous() and scale_b.t().is_contiguous() and scale_b.stride(1) == 1
+            assert mat2.dtype == E4M3, "the rowwise kernel takes E4M3 only as its second operand"
+            if cuda_rules:
+                assert out_dtype == torch.bfloat16, "the CUTLASS rowwise kernel of torch < 2.9 writes bf16 only"
+        if not cuda_rules:
+            assert not use_fast_accum
+        calls.append((mat1.dtype, mat2.dtype, (m, k, n), use_fast_accum))
+        return ((mat1.float() @ mat2.float()) * scale_a * scale_b).to(out_dtype)
+    return scaled_mm
+
+
+@pytest.mark.parametrize("cuda_rules", [True, False], ids=["cuda", "cpu"])
+@pytest.mark.parametrize("scaling", ["rowwise", "tensorwise"])
+@pytest.mark.parametrize("grad_dtype", ["e5m2", "e4m3"])
+@pytest.mark.parametrize("act_dtype", [torch.float32, torch.bfloat16])
+def test_scaled_mm_calls_keep_the_cuda_contract(monkeypatch, cuda_rules, scaling, grad_dtype, act_dtype):
+    # Each of the three GEMMs of the "torch" path, as _scaled_mm would receive it on an H100 (cuda) or
+    # the CPU: operand dtypes (the gradient first, never E5M2 x E5M2), layouts, 16-multiples (29 tokens
+    # padded to 32 in the weight-gradient GEMM), scale shapes, output dtype and fast accumulation
+    # (forward only); and the results equal the emulation's, rounded where the kernel writes bf16.
+    import r1fast.fp8.gemm as gemm
+    import r1fast.fp8.linear as lin
+
+    calls = []
+    monkeypatch.setattr(torch, "_scaled_mm", _strict_scaled_mm(calls, cuda_rules))
+    monkeypatch.setattr(gemm, "_follows_cuda_rules", lambda t: cuda_rules)
+    monkeypatch.setattr(lin, "_check_torch_path", lambda device, scaling: None)
+    x, w, b, dy = _inputs((29,), 64, 32, True, seed=90)
+    x, dy = x.to(act_dtype), dy.to(act_dtype)
+    got = _run("torch", x, w, b, dy, grad_dtype, scaling)
+    want = _run("emulate", x, w, b, dy, grad_dtype, scaling)
+    g = GRADS[grad_dtype]
+    assert calls == [(E4M3, E4M3, (29, 64, 32), cuda_rules),      # y  = x @ W^T
+                     (g, E4M3, (29, 32, 64), False),               # dx = dy @ W
+                     (g, E4M3, (32, 32, 64), False)]               # dW = dy^T @ x, tokens padded to 32
+    if cuda_rules and scaling == "rowwise":
+        # the kernel writes bf16, cast to the layer's dtype afterwards (the bias is added after that)
+        y_nobias = _run("emulate", x, w, None, dy, grad_dtype, scaling)[0]
+        want = (y_nobias.bfloat16().to(act_dtype) + b.to(act_dtype), want[1].bfloat16().to(act_dtype),
+                want[2].bfloat16().float(), want[3])
+    for name, gv, ev in zip(("y", "dx", "dweight", "dbias"), got, want):
+        assert gv.dtype == ev.dtype, name
+        assert_close(gv.double(), ev.double(), torch.float32, rtol=2e-5, name=name)

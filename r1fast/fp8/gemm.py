@@ -48,7 +48,14 @@ def _gemm_nt(a, a_dtype, b, b_dtype, *, rowwise, out_dtype, impl, fast_accum):
     raise ValueError(f"fp8_gemm_nt: impl must be one of {IMPLS}, got {impl!r}")
 
 
+def _follows_cuda_rules(t: torch.Tensor) -> bool:
+    """Whether _scaled_mm runs its CUDA kernels on `t` (bf16-only rowwise output, fast accumulation).
+    A function of its own so the CPU tests can hold our calls to the CUDA contract (test_fp8_numerics)."""
+    return t.is_cuda
+
+
 def _scaled_mm_nt(a, a_dtype, b, b_dtype, *, rowwise, out_dtype, fast_accum):
+    cuda = _follows_cuda_rules(a)
     a = _pad_last_to_16(a)
     b = _pad_last_to_16(b)
     qa, sa = quantize(a, a_dtype, rowwise)
@@ -60,10 +67,10 @@ def _scaled_mm_nt(a, a_dtype, b, b_dtype, *, rowwise, out_dtype, fast_accum):
         # reduction's size-1 dim are arbitrary, so rebuild both from 1-D.
         sa = sa.reshape(-1).contiguous().unsqueeze(1)
         sb = sb.reshape(-1).contiguous().unsqueeze(0)
-        if a.is_cuda:
+        if cuda:
             # The CUTLASS rowwise kernel (cuBLAS < 12.9) only writes bf16.
             mm_dtype = torch.bfloat16
     # qb.t() is column-major, the layout _scaled_mm needs for its second operand.
     out = torch._scaled_mm(qa, qb.t(), scale_a=sa, scale_b=sb, out_dtype=mm_dtype,
-                           use_fast_accum=fast_accum and a.is_cuda)
+                           use_fast_accum=fast_accum and cuda)
     return out if out.dtype == out_dtype else out.to(out_dtype)
