@@ -600,3 +600,34 @@ def test_scaled_mm_calls_keep_the_cuda_contract(monkeypatch, cuda_rules, scaling
     for name, gv, ev in zip(("y", "dx", "dweight", "dbias"), got, want):
         assert gv.dtype == ev.dtype, name
         assert_close(gv.double(), ev.double(), torch.float32, rtol=2e-5, name=name)
+
+
+# ---------------------------------------------------------------- zeros
+
+
+@pytest.mark.parametrize("dtype", FP8)
+@pytest.mark.parametrize("rowwise", [True, False], ids=["rowwise", "tensorwise"])
+def test_an_all_zero_tensor_quantizes_to_zeros_with_a_finite_scale(dtype, rowwise):
+    # amax 0 (a zero-initialised weight, a fully masked gradient): the scale is the AMAX_EPS floor,
+    # finite and positive, never 0 (0 / 0 = NaN payloads) or inf.
+    q, s = quantize(torch.zeros(8, 32), dtype, rowwise)
+    assert torch.isfinite(s).all() and (s > 0).all()
+    assert torch.equal(q.float(), torch.zeros(8, 32))
+
+
+@pytest.mark.parametrize("impl", ["emulate", "torch"])
+@pytest.mark.parametrize("scaling", ["rowwise", "tensorwise"])
+def test_a_zero_weight_and_zero_gradient_rows_give_exact_zeros(impl, scaling):
+    if impl == "torch":
+        _skip_without_cpu_scaled_mm(scaling)
+    # A zero-initialised weight (e.g. LoRA's B): y is exactly the bias, dx exactly zero, dW the oracle's.
+    x, w, b, dy = _inputs((20,), 32, 16, True, seed=91)
+    y, dx, dw, _ = _run(impl, x, torch.zeros_like(w), b, dy, "e5m2", scaling)
+    assert torch.equal(y, b.expand_as(y)) and torch.equal(dx, torch.zeros_like(dx))
+    rdw = reference_fp8_linear(x, torch.zeros_like(w), b, dy, grad_dtype=E5M2, rowwise=scaling == "rowwise")[2]
+    assert_close(dw, rdw, torch.float32, rtol=2e-5, name="dweight")
+    # Tokens whose gradient is zero (masked out of the loss): their rows of dx are exactly zero.
+    dy[::3] = 0
+    _, dx, dw, _ = _run(impl, x, w, b, dy, "e5m2", scaling)
+    assert torch.equal(dx[::3], torch.zeros_like(dx[::3])) and torch.isfinite(dx).all() and torch.isfinite(dw).all()
+    assert (dx[1::3] != 0).any()
