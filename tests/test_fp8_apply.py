@@ -113,7 +113,7 @@ def test_scaled_mm_probe_passes_the_scales_of_the_scaling_asked_for(monkeypatch)
     seen = []
 
     def scaled_mm(a, b, scale_a, scale_b, out_dtype):
-        seen.append((tuple(scale_a.shape), tuple(scale_b.shape), out_dtype))
+        seen.append((a.dtype, b.dtype, tuple(scale_a.shape), tuple(scale_b.shape), out_dtype))
         return torch.zeros(16, 16, dtype=out_dtype)
     monkeypatch.setattr(torch, "_scaled_mm", scaled_mm)
     support.scaled_mm_error.cache_clear()
@@ -122,7 +122,10 @@ def test_scaled_mm_probe_passes_the_scales_of_the_scaling_asked_for(monkeypatch)
         assert support.scaled_mm_error(torch.device("cpu"), "tensorwise") is None
     finally:
         support.scaled_mm_error.cache_clear()
-    assert seen == [((16, 1), (1, 16), torch.float32), ((), (), torch.float32)]
+    e4m3, e5m2, f32 = torch.float8_e4m3fn, torch.float8_e5m2, torch.float32
+    # both first-operand formats the layer uses (forward E4M3, backward the gradient's), E4M3 second
+    assert seen == [(e4m3, e4m3, (16, 1), (1, 16), f32), (e5m2, e4m3, (16, 1), (1, 16), f32),
+                    (e4m3, e4m3, (), (), f32), (e5m2, e4m3, (), (), f32)]
 
 
 def test_plain_module_swaps_aligned_linears_only():

@@ -13,19 +13,23 @@ MIN_FP8_CAPABILITY = (8, 9)
 
 @functools.lru_cache(maxsize=None)
 def scaled_mm_error(device: torch.device, scaling: str) -> str | None:
-    """None when a 16 x 16 torch._scaled_mm with `scaling` ("tensorwise" or "rowwise") scales runs on
+    """None when 16 x 16 torch._scaled_mm calls with `scaling` ("tensorwise" or "rowwise") scales run on
     `device`, else what it raised. Support differs by build and card: torch 2.11's CPU kernel takes one
     scale per operand only (2.13's takes rows too); rowwise scales on CUDA need Hopper, or Ada with
     torch >= 2.7, and cuBLAS's own rowwise kernels on newer cards."""
     try:
-        a = torch.ones(16, 16, device=device).to(torch.float8_e4m3fn)
+        ones = torch.ones(16, 16, device=device)
+        b = ones.to(torch.float8_e4m3fn)
         if scaling == "rowwise":
             scale_a, scale_b = torch.ones(16, 1, device=device), torch.ones(1, 16, device=device)
         else:
             scale_a = scale_b = torch.tensor(1.0, device=device)
         # the rowwise CUDA kernel writes bf16 only (see gemm._scaled_mm_nt)
         out_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        torch._scaled_mm(a, a.t(), scale_a=scale_a, scale_b=scale_b, out_dtype=out_dtype)
+        # the first operand is E4M3 in forward and the gradient's format (E4M3 or E5M2) in backward:
+        # probe both, so a kernel without E5M2 x E4M3 fails here, not in the first backward
+        for a_dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+            torch._scaled_mm(ones.to(a_dtype), b.t(), scale_a=scale_a, scale_b=scale_b, out_dtype=out_dtype)
     except Exception as e:  # noqa: BLE001 - any failure means: this path does not run here
         return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:160]}"
     return None
