@@ -631,3 +631,34 @@ def test_a_zero_weight_and_zero_gradient_rows_give_exact_zeros(impl, scaling):
     _, dx, dw, _ = _run(impl, x, w, b, dy, "e5m2", scaling)
     assert torch.equal(dx[::3], torch.zeros_like(dx[::3])) and torch.isfinite(dx).all() and torch.isfinite(dw).all()
     assert (dx[1::3] != 0).any()
+
+
+@pytest.mark.parametrize("dtype", FP8)
+@pytest.mark.parametrize("rowwise", [True, False], ids=["rowwise", "tensorwise"])
+def test_a_given_scale_saturates_finite_values_but_never_an_inf(dtype, rowwise):
+    # With a caller's scale the overflow of a finite value saturates at ±FP8_MAX, but an inf input
+    # used to saturate too: a plausible finite payload in place of the overflow upstream. It is NaN,
+    # as NaN is, and the other elements keep the oracle's values.
+    fmax = torch.finfo(dtype).max
+    x = randn(6, 32, seed=92) * fmax
+    x[1, 2], x[3, 5], x[4, 7] = float("inf"), float("-inf"), float("nan")
+    scale = torch.full((6, 1), 0.25) if rowwise else torch.tensor(0.25)
+    q, _ = quantize(x, dtype, rowwise, scale=scale)
+    rq, _ = reference_quantize(x, dtype, rowwise, scale=scale)
+    bad = ~torch.isfinite(x)
+    assert torch.isnan(q.float()[bad]).all() and torch.isnan(rq[bad]).all()
+    assert torch.equal(q.double()[~bad], rq[~bad]) and torch.isfinite(q.float()[~bad]).all()
+    assert (q.float()[~bad].abs() == fmax).any()          # saturation did happen
+
+
+@pytest.mark.parametrize("bad_scale", [0.0, -1.0, float("inf"), float("nan")])
+def test_a_given_scale_that_is_not_finite_and_positive_gives_nan(bad_scale):
+    # t / inf is 0 and t / 0 saturates: either would be a finite payload with no meaning
+    x = randn(4, 32, seed=93)
+    for rowwise, scale in ((False, torch.tensor(bad_scale)), (True, torch.tensor([[1.0], [bad_scale], [1.0], [1.0]]))):
+        q, _ = quantize(x, E4M3, rowwise, scale=scale)
+        rq, _ = reference_quantize(x, E4M3, rowwise, scale=scale)
+        hit = torch.isnan(q.float()).all(dim=-1)
+        assert hit.tolist() == ([True] * 4 if not rowwise else [False, True, False, False])
+        assert torch.equal(torch.isnan(rq), torch.isnan(q.float()))
+        assert torch.equal(q.double()[~hit], rq[~hit])

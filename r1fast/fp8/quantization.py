@@ -68,6 +68,17 @@ def _fused_quantize(t, dtype, rowwise):
         return _quantize_impl(t, dtype, rowwise)
 
 
+def _quantize_with_scale(t: torch.Tensor, dtype: torch.dtype, scale: torch.Tensor) -> torch.Tensor:
+    # A caller's scale (e.g. from an amax history) may be too small: a finite value saturates at
+    # ±FP8_MAX. An inf must not (it would become a plausible finite payload), nor may anything pass
+    # through a scale that is not finite and positive (t / inf is 0): those give NaN, as a computed
+    # scale does. All of it elementwise, without reading the scale on the host.
+    fmax = fp8_max(dtype)
+    q = (t.float() / scale).clamp_(-fmax, fmax)
+    bad = torch.isinf(t) | ~(torch.isfinite(scale) & (scale > 0))
+    return q.masked_fill_(bad, float("nan")).to(dtype)
+
+
 def quantize(t: torch.Tensor, dtype: torch.dtype, rowwise: bool, scale: torch.Tensor | None = None):
     """(q, scale): `t` (2-D when rowwise) in the float8 `dtype`, and its fp32 dequantisation scale."""
     if dtype not in (torch.float8_e4m3fn, torch.float8_e5m2):
@@ -75,9 +86,7 @@ def quantize(t: torch.Tensor, dtype: torch.dtype, rowwise: bool, scale: torch.Te
     if rowwise and t.dim() != 2:
         raise ValueError(f"quantize: rowwise scaling needs a 2-D tensor, got shape {tuple(t.shape)}")
     if scale is not None:
-        # A caller's scale (e.g. from an amax history) may be too small: saturate, never overflow.
-        fmax = fp8_max(dtype)
-        return (t.detach().float() / scale).clamp_(-fmax, fmax).to(dtype), scale
+        return _quantize_with_scale(t.detach(), dtype, scale), scale
     if t.is_cuda and not _compile_failed and os.environ.get("R1FAST_FP8_COMPILE", "1") != "0":
         return _fused_quantize(t, dtype, rowwise)
     return _quantize_impl(t, dtype, rowwise)

@@ -36,13 +36,18 @@ def reference_quantize(t: torch.Tensor, dtype: torch.dtype, rowwise: bool, scale
     """(q as float64 values on the FP8 grid, fp32-valued float64 scale)."""
     _, _, fmax = FORMATS[dtype]
     t32 = t.detach().float().double()
-    if scale is None:
+    given = scale is not None
+    if not given:
         amax = t32.abs().amax(dim=-1, keepdim=True) if rowwise else t32.abs().amax()
         scale = (amax.clamp(min=AMAX_EPS) / fmax).float().double()
     else:
         scale = scale.double()
     quotient = (t32 / scale).float().double()
-    return round_to_fp8_grid(quotient, dtype), scale
+    q = round_to_fp8_grid(quotient, dtype)
+    if given:  # finite values saturate; an inf, or a scale not finite and positive, gives NaN
+        bad = torch.isinf(t32) | ~(torch.isfinite(scale) & (scale > 0))
+        q = torch.where(bad, torch.full_like(q, float("nan")), q)
+    return q, scale
 
 
 def reference_gemm_nt(a, a_dtype, b, b_dtype, rowwise: bool) -> torch.Tensor:
