@@ -205,15 +205,16 @@ def test_scaled_mm_path_float64_layer(scaling):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("scaling", ["rowwise", "tensorwise"])
-def test_scaled_mm_path_on_gpu_bf16(scaling):
+@pytest.mark.parametrize("grad_dtype", ["e5m2", "e4m3"])
+def test_scaled_mm_path_on_gpu_bf16(scaling, grad_dtype):
     from r1fast.fp8.support import cuda_fp8_support
 
     if not cuda_fp8_support()[0]:
         pytest.skip(cuda_fp8_support()[1])
     dev = "cuda"
     x, w, b, dy = (t.to(dev, torch.bfloat16) if t is not None else None for t in _inputs((300,), 256, 512, True))
-    got = _run("torch", x, w, b, dy, "e5m2", scaling)
-    want = _run("emulate", x, w, b, dy, "e5m2", scaling)
+    got = _run("torch", x, w, b, dy, grad_dtype, scaling)
+    want = _run("emulate", x, w, b, dy, grad_dtype, scaling)
     for g, e in zip(got, want):
         # bf16 outputs and a different summation order: agree to a few bf16 ulps of the output scale
         assert_close(g.float(), e.double(), torch.bfloat16, rtol=3e-2)
@@ -274,12 +275,16 @@ def test_compiled_quantizer_matches_reference_on_cpu():
     import r1fast.fp8.quantization as qmod
 
     x = (randn(40, 64, seed=50) * torch.exp(2 * randn(40, 1, seed=51))).to(torch.bfloat16)
-    for rowwise in (True, False):
-        for dtype in FP8:
-            q, s = qmod._fused_quantize(x, dtype, rowwise)
-            assert not qmod._compile_failed
-            rq, rs = reference_quantize(x, dtype, rowwise)
-            assert torch.equal(s.double(), rs) and torch.equal(q.double(), rq)
+    # x.t(): the weight-gradient GEMM quantises dy^T and x^T, views, and _scaled_mm needs its first
+    # operand row-major, so the compiled kernel must write q contiguous as eager mode does
+    for src in (x, x.t()):
+        for rowwise in (True, False):
+            for dtype in FP8:
+                q, s = qmod._fused_quantize(src, dtype, rowwise)
+                assert not qmod._compile_failed
+                rq, rs = reference_quantize(src, dtype, rowwise)
+                assert torch.equal(s.double(), rs) and torch.equal(q.double(), rq)
+                assert q.is_contiguous()
 
 
 def test_torch_path_on_a_device_without_scaled_mm_is_a_clear_error(monkeypatch):
