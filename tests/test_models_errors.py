@@ -101,7 +101,11 @@ def test_a_top_level_partial_rotary_factor_that_transformers_does_not_read_loads
     hf = ModelConfig(**TINY).to_hf_config(torch.float32)
     hf.pop("rope_parameters")
     hf.update(change)
-    ModelConfig.from_hf_config(hf)
+    saved = ModelConfig.from_hf_config(hf).to_hf_config()
+    # its save keeps the 1.0 that overrides the top-level 0.5 (carried through): without it, transformers read 0.5
+    # there and r1fast refused to load its own checkpoint
+    assert saved["partial_rotary_factor"] == 0.5 and saved["rope_parameters"]["partial_rotary_factor"] == 1.0
+    assert ModelConfig.from_hf_config(saved).to_hf_config() == saved
     for scaling in (hf.get("rope_scaling"), hf.get("rope_parameters")):
         if scaling:
             del scaling["partial_rotary_factor"]   # the top-level one is then the one read

@@ -302,6 +302,12 @@ class ModelConfig:
             out["sliding_window"] = self.sliding_window
         if self.architecture == "LlamaForCausalLM":
             out["mlp_bias"] = bool(self.mlp_bias)
+        if "partial_rotary_factor" in out:
+            # a top-level factor carried through `extra` loaded only because the rope dict said 1.0 over it
+            # (_check_full_rotary): the dicts written here must say so too, else transformers reads the top-level one
+            for key in ("rope_parameters", "rope_scaling"):
+                if out[key] is not None:
+                    out[key]["partial_rotary_factor"] = 1.0
         if dtype_name:
             out["torch_dtype"] = dtype_name
             out["dtype"] = dtype_name
