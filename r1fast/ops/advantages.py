@@ -11,7 +11,7 @@ import math
 import torch
 
 from r1fast import backends
-from r1fast.ops.checks import bool_mask, kind_of, require_tensors
+from r1fast.ops.checks import bool_mask, kind_of, readable, require_tensors
 from r1fast.reference import loss as reference
 
 ESTIMATORS = ("grpo", "rloo")
@@ -62,6 +62,7 @@ def group_advantages(rewards, group_size, *, estimator="grpo", scale_rewards="gr
         raise ValueError(f"group_advantages: eps must be a finite number >= 0, got {eps!r}")
     if mask is not None:
         mask = _check_mask(mask, rewards)
+    readable("group_advantages", rewards, "the check that rewards are finite")
     # the backends compute in float32: a float64 reward past its range would turn every advantage NaN
     finite = torch.isfinite(rewards.float()) if mask is None else torch.isfinite(rewards.float()) | ~mask
     if not bool(finite.all()):

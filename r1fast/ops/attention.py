@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from r1fast import _ext, backends
-from r1fast.ops.checks import one_device, require_tensors
+from r1fast.ops.checks import one_device, readable, require_tensors
 from r1fast.ops.shared_prefix import SharedPrefix, prefix_tile_rows
 from r1fast.reference import attention as reference
 
@@ -140,6 +140,7 @@ def _validate_decode(q, k_cache, v_cache, block_tables, context_lens, check_boun
     one_device(op, tensors.values())
     _check_contiguous(op, tensors)
     if check_bounds and q.shape[0]:
+        readable(op, q, "the bounds check of context_lens and block_tables (check_bounds=False skips it)")
         max_ctx = block_tables.shape[1] * k_cache.shape[1]
         lo, hi = int(context_lens.min()), int(context_lens.max())
         if lo < 1 or hi > max_ctx:
@@ -196,6 +197,7 @@ def _validate_prefill(q, k_cache, v_cache, context_slots, query_lens, context_le
                                        or c.device != q.device for c in cu_seqlens):
             raise ValueError(f"{op}: cu_seqlens must be two int32 [{n}] tensors on {q.device}")
     if check_bounds and context_slots.numel():
+        readable(op, q, "the bounds check of context_slots (check_bounds=False skips it)")
         # the reference would read slot -1 as the last one, the kernels outside the cache
         num_slots = k_cache.shape[0] * k_cache.shape[1]
         lo, hi = int(context_slots.min()), int(context_slots.max())
@@ -215,6 +217,7 @@ def default_num_splits(num_seqs: int, num_kv_heads: int, max_context: int, parti
 
 @backends.register("paged_decode_attention", "reference")
 def _decode_reference(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits, partition, shared=None):
+    readable("paged_decode_attention", q, "the reference backend (a loop over the context lengths)")
     return reference.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale)
 
 

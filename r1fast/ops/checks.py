@@ -28,6 +28,7 @@ def bool_mask(op: str, mask, like: torch.Tensor, like_name: str) -> torch.Tensor
         raise ValueError(f"{op}: mask shape {tuple(mask.shape)} != {like_name} shape {tuple(like.shape)}")
     if mask.device != like.device:
         raise ValueError(f"{op}: mask is on {mask.device}, {like_name} on {like.device}")
+    readable(op, mask, "the mask (the rows or tokens it keeps)")
     if mask.dtype == torch.bool:
         return mask
     if mask.is_complex() or not bool(((mask == 0) | (mask == 1)).all()):
@@ -38,3 +39,12 @@ def bool_mask(op: str, mask, like: torch.Tensor, like_name: str) -> torch.Tensor
 def kind_of(t) -> str:
     """What a refused argument is, for an error message: its dtype for a tensor, else its type's name."""
     return str(t.dtype) if isinstance(t, torch.Tensor) else type(t).__name__
+
+
+def readable(op: str, t: torch.Tensor, reads: str) -> None:
+    """A ValueError before `reads` (a bounds or finiteness check, a copy) reads the values of `t` (the op's
+    tensors share its device, one_device) when it lives on the meta device, which holds none: torch's own error,
+    'Tensor.item() cannot be called on meta tensors', named neither the op nor the check."""
+    if t.is_meta:
+        raise ValueError(f"{op}: the tensors are on the meta device, which holds shapes but no values, and {reads} "
+                         f"reads them: pass tensors on the CPU or a GPU")

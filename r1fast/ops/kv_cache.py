@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from r1fast import _ext, backends
-from r1fast.ops.checks import one_device, require_tensors
+from r1fast.ops.checks import one_device, readable, require_tensors
 from r1fast.reference import kv_cache as reference
 
 
@@ -44,6 +44,7 @@ def _validate(key, value, k_cache, v_cache, slot_mapping, check_slots: bool):
     if key.is_neg() or value.is_neg():  # a lazy negation: the memory does not hold the values
         raise ValueError("store_kv: key/value is a lazily negated view; pass .resolve_neg() of it")
     one_device("store_kv", tensors.values())
+    readable("store_kv", k_cache, "the copy into the cache")
     for name in ("key", "value"):
         t = tensors[name]
         if t.shape[0] > 0 and not (t[0].is_contiguous()):

@@ -20,7 +20,7 @@ import os
 import torch
 
 from r1fast import backends
-from r1fast.ops.checks import FLOATS, bool_mask, require_tensors
+from r1fast.ops.checks import FLOATS, bool_mask, readable, require_tensors
 from r1fast.reference import loss as reference
 
 # Extra-memory budget for one chunk's [chunk, V] fp32 tile. On the GPU the backward's bf16 d logits
@@ -66,6 +66,7 @@ def validate(hidden, weight, targets, temperature, op="grouped_logprob", check_t
         raise ValueError(f"{op}: temperature must be a finite number >= {MIN_TEMPERATURE} (logits / temperature "
                          f"must stay a finite float32), got {temperature!r}")
     if check_targets and targets.numel():
+        readable(op, targets, "the vocabulary bounds check of targets (check_targets=False skips it)")
         lo, hi = int(targets.min()), int(targets.max())
         if lo < 0 or hi >= weight.shape[0]:
             raise ValueError(f"{op}: targets must lie in [0, {weight.shape[0]}) (the vocabulary), got min {lo}, max {hi}")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from r1fast import backends
-from r1fast.ops.checks import kind_of, one_device
+from r1fast.ops.checks import kind_of, one_device, readable
 from r1fast.ops.logprob import refuse_double_backward
 from r1fast.ops.loss_options import LossOptions
 from r1fast.reference import loss as reference
@@ -87,6 +87,8 @@ def validate_loss_inputs(op, logp, old_logp, ref_logp, advantages, mask, sampler
     if advantages.shape != (B,):
         raise ValueError(f"{op}: advantages must be [B={B}], got shape {tuple(advantages.shape)}")
     one_device(op, (logp, old_logp, ref_logp, sampler_logp, entropy, mask, advantages, importance_weights))
+    if check_values:
+        readable(op, logp, "the value checks (NaN/inf, a 0/1 mask; check_values=False skips them)")
     # the value checks read the device once; only when one fails are they redone one by one, to name it
     bad = check_values and _any_bad_value(logp, old_logp, ref_logp, advantages, mask, sampler_logp, entropy,
                                           importance_weights)

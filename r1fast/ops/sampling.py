@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from r1fast import backends
-from r1fast.ops.checks import FLOATS, require_tensors
+from r1fast.ops.checks import FLOATS, readable, require_tensors
 
 # r1fast.rollout (sampler, SamplingParams) is imported inside the functions: the rollout package
 # imports r1fast.ops itself, and r1fast.ops must import without it.
@@ -41,6 +41,7 @@ def _validate(logits, params, u, check_inputs: bool):
     if u is None and not params.greedy:
         raise ValueError("sample_tokens: u (float64 uniforms [B]) is required unless temperature is 0 (greedy)")
     if check_inputs:
+        readable("sample_tokens", logits, "the check that each row has a distribution (check_inputs=False skips it)")
         # A row with a NaN or +inf (also logits / T above float32's range), or with every token at -inf,
         # has no distribution to draw from: the backends returned some token (token 0 on the torch path)
         # with a NaN log-prob. -inf alone is a masked token, and fine.
