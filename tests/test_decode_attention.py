@@ -182,6 +182,8 @@ def _set_slot(i, value):
     (lambda a: a.update(context_lens=["9", "5"]), TypeError, "context_lens must hold ints"),
     (lambda a: a.update(query_lens=8), TypeError, "query_lens must be a host list of ints"),
     (lambda a: a.update(scale="x"), TypeError, "scale must be a real number"),
+    (lambda a: a.update(scale=float("nan")), ValueError, "scale must be finite, got nan"),
+    (lambda a: a.update(scale=float("inf")), ValueError, "scale must be finite, got inf"),
 ])
 @pytest.mark.parametrize("backend", ["reference", "torch"])
 def test_prefill_bad_inputs_are_clear_errors(backend, mutate, error, match):
@@ -283,6 +285,9 @@ def test_decode_scale_of_the_wrong_type_is_a_clear_error():
     q, kc, vc, tables, ctx = make_case(2, 4, 2, 16, 8, [5, 9])
     with pytest.raises(TypeError, match="paged_decode_attention: scale must be a real number"):
         ops.paged_decode_attention(q, kc, vc, tables, ctx, scale="x")
+    for bad in (float("nan"), float("inf"), -float("inf")):  # every output would be NaN
+        with pytest.raises(ValueError, match="paged_decode_attention: scale must be finite"):
+            ops.paged_decode_attention(q, kc, vc, tables, ctx, scale=bad)
     with pytest.raises(ValueError, match="paged_decode_attention: head_dim must be >= 1"):
         ops.paged_decode_attention(q[..., :0], kc[..., :0], vc[..., :0], tables, ctx, backend="torch")
 

@@ -118,6 +118,8 @@ def _scale(op, scale, head_dim):
     # float() would take a string, or read a GPU tensor back (a host sync)
     if not isinstance(scale, numbers.Real):
         raise TypeError(f"{op}: scale must be a real number or None, got {type(scale).__name__}")
+    if not math.isfinite(scale):  # every score, and so every output, would be NaN
+        raise ValueError(f"{op}: scale must be finite, got {scale!r}")
     return float(scale)
 
 
