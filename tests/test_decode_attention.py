@@ -1,5 +1,7 @@
 """Paged decode and prefill attention: every backend against the float64 reference."""
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -156,6 +158,10 @@ def _as(dtype):
     return lambda a: a.update(**{k: a[k].to(dtype) for k in ("q", "k_cache", "v_cache")})
 
 
+def _cu(lens):
+    return torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32)
+
+
 def _set_slot(i, value):
     def mutate(a):
         a["context_slots"] = a["context_slots"].clone()
@@ -184,6 +190,13 @@ def _set_slot(i, value):
     (lambda a: a.update(scale="x"), TypeError, "scale must be a real number"),
     (lambda a: a.update(scale=float("nan")), ValueError, "scale must be finite, got nan"),
     (lambda a: a.update(scale=float("inf")), ValueError, "scale must be finite, got inf"),
+    # the varlen kernels (CUDA) read q and the keys at these bounds: other values read past them
+    (lambda a: a.update(cu_seqlens=(_cu(a["query_lens"]) + 1, _cu(a["context_lens"]))), ValueError,
+     "cu_seqlens cu_q must be the prefix sums"),
+    (lambda a: a.update(cu_seqlens=(_cu(a["query_lens"]), _cu(a["context_lens"]).flip(0))), ValueError,
+     "cu_seqlens cu_k must be the prefix sums"),
+    (lambda a: a.update(cu_seqlens=(_cu(a["query_lens"]), _cu(a["context_lens"]).repeat_interleave(2)[::2])),
+     ValueError, "cu_seqlens must be two int32 .* each contiguous"),
 ])
 @pytest.mark.parametrize("backend", ["reference", "torch"])
 def test_prefill_bad_inputs_are_clear_errors(backend, mutate, error, match):

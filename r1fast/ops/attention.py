@@ -196,8 +196,17 @@ def _validate_prefill(q, k_cache, v_cache, context_slots, query_lens, context_le
     if cu_seqlens is not None:
         n = len(query_lens) + 1
         if len(cu_seqlens) != 2 or any(not isinstance(c, torch.Tensor) or c.dtype != torch.int32 or c.shape != (n,)
-                                       or c.device != q.device for c in cu_seqlens):
-            raise ValueError(f"{op}: cu_seqlens must be two int32 [{n}] tensors on {q.device}")
+                                       or c.device != q.device or not c.is_contiguous() for c in cu_seqlens):
+            raise ValueError(f"{op}: cu_seqlens must be two int32 [{n}] tensors on {q.device}, each contiguous")
+        if check_bounds:
+            # the varlen kernels take them as the sequences' bounds in q and in the gathered keys: other values
+            # read past either (or another sequence's tokens)
+            readable(op, q, "the check of cu_seqlens against query_lens and context_lens (check_bounds=False skips it)")
+            for name, c, lens in (("cu_q", cu_seqlens[0], query_lens), ("cu_k", cu_seqlens[1], context_lens)):
+                want = list(itertools.accumulate(lens, initial=0))
+                if c.tolist() != want:
+                    raise ValueError(f"{op}: cu_seqlens {name} must be the prefix sums {want} of "
+                                     f"{'query_lens' if name == 'cu_q' else 'context_lens'}, got {c.tolist()}")
     if check_bounds and context_slots.numel():
         readable(op, q, "the bounds check of context_slots (check_bounds=False skips it)")
         # the reference would read slot -1 as the last one, the kernels outside the cache
