@@ -229,6 +229,9 @@ def test_default_chunk_bounds_the_logits_tile():
         (lambda a: a["targets"].__setitem__(2, 30), ValueError, "vocabulary"),
         (lambda a: a["targets"].__setitem__(0, -1), ValueError, "vocabulary"),
         (lambda a: a.update(weight=a["weight"][:, :8]), ValueError, "hidden size"),
+        # H = 0 on both: torch's "cannot reshape tensor of 0 elements into shape [-1, 0]" on every backend
+        (lambda a: a.update(hidden=a["hidden"][:, :0], weight=a["weight"][:, :0]), ValueError,
+         r"grouped_logprob: the hidden size H must be >= 1, got hidden \(5, 0\)"),
         (lambda a: a.update(weight=a["weight"].double()), TypeError, "dtype"),
         (lambda a: a.update(targets=a["targets"][:-1]), ValueError, "targets shape"),
         (lambda a: a.update(hidden=a["hidden"].long()), TypeError, "float"),

@@ -53,6 +53,9 @@ def validate(hidden, weight, targets, temperature, op="grouped_logprob", check_t
                          f"{tuple(hidden.shape[:-1])}")
     if weight.shape[0] < 1:
         raise ValueError(f"{op}: weight has an empty vocabulary")
+    if hidden.shape[-1] < 1:  # torch's "cannot reshape tensor of 0 elements" named neither the op nor the size
+        raise ValueError(f"{op}: the hidden size H must be >= 1, got hidden {tuple(hidden.shape)}, weight "
+                         f"{tuple(weight.shape)}")
     if len({hidden.device, weight.device, targets.device}) != 1:
         raise ValueError(f"{op}: hidden, weight, targets must be on one device, got "
                          f"{hidden.device}, {weight.device}, {targets.device}")
