@@ -169,6 +169,9 @@ def test_host_uniforms_at_the_first_position_past_the_table():
                                        (dict(min_p=2), "min_p"), (dict(max_tokens=0), "max_tokens"),
                                        (dict(stop_token_ids="ab"), "stop_token_ids"), (dict(stop_token_ids=5), "stop_token_ids"),
                                        (dict(seed=1.5), "seed"), (dict(temperature=1e-45), "temperature must be 0 .greedy."),
+                                       # stream keys fold 96 bits: 2**100 drew seed 0's samples, -1 those of 2**96 - 1
+                                       (dict(seed=2**100), "seed must fit in 64 bits"),
+                                       (dict(seed=-2**63 - 1), "seed must fit in 64 bits"),
                                        (dict(temperature=float("nan")), "temperature"),
                                        (dict(temperature=float("inf")), "temperature must be 0 .greedy. or a finite"),
                                        (dict(stop_token_ids=[1, 2.5]), "stop_token_ids"),
@@ -186,6 +189,7 @@ def test_sampling_params_take_numpy_ints_as_ints():
     assert (p.n, p.top_k, p.max_tokens, p.seed, p.stop_token_ids) == (3, 5, 7, 9, (1, 2))
     assert all(type(v) is int for v in (p.n, p.top_k, p.max_tokens, p.seed, *p.stop_token_ids))
     assert SamplingParams(stop_token_ids=(t for t in [5, 6])).stop_token_ids == (5, 6)  # a generator, read once
+    assert SamplingParams(seed=2**64 - 1).seed == 2**64 - 1 and SamplingParams(seed=-2**63).seed == -2**63
 
 
 @pytest.mark.parametrize("params", [dict(top_k=2), dict(top_k=1), dict(top_p=1e-9), dict(top_k=3, top_p=0.5)])

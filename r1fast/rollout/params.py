@@ -63,6 +63,9 @@ class SamplingParams:
             raise ValueError(f"SamplingParams: ignore_eos must be a bool, got {self.ignore_eos!r}")
         if self.seed is not None and not is_int(self.seed):
             raise ValueError(f"SamplingParams: seed must be an int or None, got {self.seed!r}")
+        # the random streams fold 96 bits of the seed (sampler.stream_key): seed 2**100 drew seed 0's samples
+        if self.seed is not None and not -2**63 <= self.seed < 2**64:
+            raise ValueError(f"SamplingParams: seed must fit in 64 bits ([-2**63, 2**64)), got {self.seed!r}")
 
     @property
     def greedy(self) -> bool:
