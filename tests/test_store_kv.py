@@ -149,6 +149,16 @@ def test_store_kv_rows_of_zero_elements_are_a_clear_error(backend):
         ops.store_kv(key, value, kc, vc, torch.tensor([0, 5, 9]), backend=backend)
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("blocks, block_size", [(0, 4), (5, 0)])
+def test_store_kv_into_a_cache_without_slots_is_a_clear_error_on_every_backend(backend, blocks, block_size):
+    # every slot skipped (-1): the reference and triton backends wrote nothing, the C++ twin raised its own error
+    key, value = randn(2, 2, 8, seed=84), randn(2, 2, 8, seed=85)
+    kc, vc = torch.zeros(blocks, block_size, 2, 8), torch.zeros(blocks, block_size, 2, 8)
+    with pytest.raises(ValueError, match=r"store_kv: the cache has no slots \(num_blocks \* block_size = 0\)"):
+        ops.store_kv(key, value, kc, vc, torch.tensor([-1, -1]), backend=backend)
+
+
 @pytest.mark.skipif(_ext.load() is None or not _ext.build_info()["with_cuda"] or torch.cuda.is_available(),
                     reason="needs a CUDA-built extension on a machine without a GPU")
 def test_cuda_build_imports_without_driver_and_says_so():

@@ -29,6 +29,9 @@ def _validate(key, value, k_cache, v_cache, slot_mapping, check_slots: bool):
     if key.shape[1] * key.shape[2] == 0:  # nothing to copy per token, and the kernels divide by the row size
         raise ValueError(f"store_kv: key has 0 elements per token row (num_kv_heads * head_dim), got shape "
                          f"{tuple(key.shape)}")
+    if k_cache.shape[0] * k_cache.shape[1] == 0:  # r1fast._C refuses it (the torch and cuda backends), the others took it
+        raise ValueError(f"store_kv: the cache has no slots (num_blocks * block_size = 0), got k_cache shape "
+                         f"{tuple(k_cache.shape)}")
     if slot_mapping.dim() != 1 or slot_mapping.shape[0] != key.shape[0]:
         raise ValueError(
             f"store_kv: slot_mapping must be [num_tokens={key.shape[0]}], got shape {tuple(slot_mapping.shape)}"
