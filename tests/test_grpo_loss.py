@@ -869,6 +869,28 @@ def test_row_stats_count_each_rows_clipped_tokens(device, path, opts):
                      torch.float32, name=side)
 
 
+def test_per_sequence_clip_fractions_checks_what_it_divides():
+    logp = -torch.rand(3, 4, generator=torch.Generator().manual_seed(5))
+    mask = torch.ones(3, 4, dtype=torch.bool)
+    adv = torch.tensor([1.0, -1.0, 0.5])
+    _, stats = ops.grpo_loss(logp, logp + 0.4, None, adv, mask, row_stats=True, epsilon=0.1)
+    opts = LossOptions(epsilon=0.1)
+    low, high = ops.per_sequence_clip_fractions(stats, mask.sum(-1), adv, opts)
+    torch.testing.assert_close(torch.stack([low, high]), torch.stack([stats["rows/clip_low"], stats["rows/clip_high"]])
+                               / 4, rtol=0, atol=0)
+    # counts [B, 1] broadcast into a [B, B] result, counts [1] into one count for every row, without a word
+    for counts in (mask.sum(-1)[:, None], mask.sum(-1)[:1]):
+        with pytest.raises(ValueError, match=r"per_sequence_clip_fractions: counts must have one value per sequence, "
+                                             r"shape \(3,\)"):
+            ops.per_sequence_clip_fractions(stats, counts, adv, opts)
+    with pytest.raises(ValueError, match="advantages must have one value per sequence"):
+        ops.per_sequence_clip_fractions(stats, mask.sum(-1), adv[:2], opts)
+    _, plain = ops.grpo_loss(logp, logp + 0.4, None, adv, mask)  # KeyError: 'rows/clip_low'
+    with pytest.raises(ValueError, match="stats has no rows/clip_low or rows/clip_high: call the loss op with "
+                                         "row_stats=True"):
+        ops.per_sequence_clip_fractions(plain, mask.sum(-1), adv, opts)
+
+
 @pytest.mark.parametrize("single_pass", [True, False])
 def test_fused_backward_scales_with_upstream_gradient(single_pass):
     d, hidden, weight, targets = _fused_case(seed=8)

@@ -243,7 +243,17 @@ def per_sequence_clip_fractions(stats: dict, counts, advantages, options: LossOp
     sequence without active tokens has ratio exp(0) = 1 in TRL, which clips only under cispo with
     epsilon_high < 1 (high, where its advantage is positive).
     """
+    op = "per_sequence_clip_fractions"
+    missing = [k for k in ("rows/clip_low", "rows/clip_high") if k not in stats]
+    if missing:
+        raise ValueError(f"{op}: stats has no {' or '.join(missing)}: call the loss op with row_stats=True")
+    rows = stats["rows/clip_low"].shape
     counts = torch.as_tensor(counts).float()
+    # the division broadcasts: counts [B, 1] made a [B, B] result, counts [1] one count for every sequence
+    for name, t in (("counts", counts), ("advantages", torch.as_tensor(advantages))):
+        if tuple(t.shape) != tuple(rows):
+            raise ValueError(f"{op}: {name} must have one value per sequence, shape {tuple(rows)} (as rows/clip_low), "
+                             f"got {tuple(t.shape)}")
     low, high = (stats[k].float() / counts for k in ("rows/clip_low", "rows/clip_high"))
     if options.importance_sampling_level != "sequence":
         return low, high
