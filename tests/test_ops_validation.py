@@ -95,3 +95,92 @@ def test_meta_tensors_still_run_where_no_value_is_read():
     tokens, _ = ops.sample_tokens(torch.zeros(2, 10, device=META), SamplingParams(temperature=0.7),
                                   torch.zeros(2, dtype=torch.float64, device=META), check_inputs=False)
     assert tokens.shape == (2,)
+
+
+def _neg_view(t):
+    """t's values in a tensor whose memory holds -t and whose neg bit negates it back: what the .imag of a
+    conjugated complex tensor is (e.g. sin taken from torch.polar(...).conj())."""
+    view = torch._neg_view(-t)
+    assert view.is_neg() and torch.equal(view, t)
+    return view
+
+
+def _rand(*shape, seed):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _rotary_inputs():
+    angles = _rand(3, 4, seed=1).repeat(1, 2)
+    return dict(q=_rand(3, 2, 8, seed=2), k=_rand(3, 1, 8, seed=3), cos=angles.cos(), sin=angles.sin())
+
+
+def _decode_inputs():
+    return dict(q=_rand(2, 2, 8, seed=4), k_cache=_rand(4, 2, 1, 8, seed=5), v_cache=_rand(4, 2, 1, 8, seed=6),
+                block_tables=torch.tensor([[0, 1], [2, 3]], dtype=torch.int32),
+                context_lens=torch.tensor([3, 4], dtype=torch.int32))
+
+
+def _loss_case():
+    logp = -_rand(2, 3, seed=7).abs()
+    return dict(logp=logp, old_logp=logp + 0.3 * _rand(2, 3, seed=8), ref_logp=logp + 0.1, advantages=_rand(2, seed=9),
+                mask=torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]]), entropy=_rand(2, 3, seed=10).abs())
+
+
+# op, its inputs, the float ones to hand over as neg views (each in turn), and how to call it
+NEG_CASES = [
+    ("rms_norm", lambda: dict(x=_rand(3, 16, seed=11), weight=_rand(16, seed=12)), ("x", "weight"),
+     lambda a, b: ops.rms_norm(a["x"], a["weight"], 1e-6, backend=b)),
+    ("add_rms_norm", lambda: dict(x=_rand(3, 16, seed=13), r=_rand(3, 16, seed=14), w=_rand(16, seed=15)),
+     ("x", "r", "w"), lambda a, b: ops.add_rms_norm(a["x"], a["r"], a["w"], 1e-6, backend=b)),
+    ("swiglu", lambda: dict(g=_rand(3, 16, seed=16), u=_rand(3, 16, seed=17)), ("g", "u"),
+     lambda a, b: ops.swiglu(a["g"], a["u"], backend=b)),
+    ("rotary", _rotary_inputs, ("q", "k", "cos", "sin"), lambda a, b: ops.rotary(**a, backend=b)),
+    ("paged_decode_attention", _decode_inputs, ("q", "k_cache", "v_cache"),
+     lambda a, b: ops.paged_decode_attention(**a, backend=b)),
+    ("grouped_logprob", lambda: dict(h=_rand(4, 8, seed=18), w=_rand(16, 8, seed=19)), ("h", "w"),
+     lambda a, b: ops.grouped_logprob(a["h"], a["w"], torch.tensor([1, 5, 9, 15]), backend=b)),
+    ("group_advantages", lambda: dict(r=_rand(4, seed=20)), ("r",), lambda a, b: ops.group_advantages(a["r"], 2, backend=b)),
+    ("grpo_loss", _loss_case, ("logp", "old_logp", "ref_logp", "advantages", "mask", "entropy"),
+     lambda a, b: ops.grpo_loss(a["logp"], a["old_logp"], a["ref_logp"], a["advantages"], a["mask"],
+                                entropy=a["entropy"], beta=0.1, entropy_coef=0.01, backend=b)),
+    ("fused_linear_grpo_loss", lambda: dict(h=_rand(2, 3, 8, seed=21), w=_rand(16, 8, seed=22), adv=_rand(2, seed=23)),
+     ("h", "w", "adv"), lambda a, b: ops.fused_linear_grpo_loss(a["h"], a["w"], torch.tensor([[1, 2, 3], [4, 5, 6]]),
+                                                               torch.ones(2, 3, dtype=torch.bool), a["adv"], backend=b)),
+    ("sample_tokens", lambda: dict(logits=_rand(3, 10, seed=24)), ("logits",),
+     lambda a, b: ops.sample_tokens(a["logits"], SamplingParams(temperature=0.7, min_p=0.05),
+                                    torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64), backend=b)),
+]
+
+
+def _flat(out):
+    if isinstance(out, dict):
+        return [v for k in sorted(out) for v in _flat(out[k])]
+    if isinstance(out, (tuple, list)):
+        return [v for x in out for v in _flat(x)]
+    return [out]
+
+
+@pytest.mark.parametrize("op, inputs, floats, call", NEG_CASES, ids=[c[0] for c in NEG_CASES])
+def test_lazily_negated_inputs_give_their_values_on_every_backend(op, inputs, floats, call):
+    # the Triton kernels read the memory, which holds a neg view's values unnegated: every result was
+    # silently wrong (the torch and reference backends read through torch and were right)
+    from r1fast import backends
+
+    for backend in backends.available({"fused_linear_grpo_loss": "grouped_logprob"}.get(op, op), "cpu"):
+        want = _flat(call(inputs(), backend))
+        for name in floats:
+            args = inputs()
+            args[name] = _neg_view(args[name])
+            for got, exp in zip(_flat(call(args, backend)), want):
+                torch.testing.assert_close(got, exp, rtol=1e-5, atol=1e-6, msg=f"{op} {backend} {name}")
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch", "triton"])
+def test_store_kv_refuses_a_lazily_negated_cache(backend):
+    # written in place: the C++ twin and the Triton kernel wrote the memory, which the view reads negated
+    key, value = _rand(2, 1, 8, seed=25), _rand(2, 1, 8, seed=26)
+    for which in ("k_cache", "v_cache"):
+        caches = {"k_cache": torch.zeros(2, 2, 1, 8), "v_cache": torch.zeros(2, 2, 1, 8)}
+        caches[which] = torch._neg_view(caches[which])
+        with pytest.raises(ValueError, match="store_kv: k_cache/v_cache is a lazily negated view"):
+            ops.store_kv(key, value, **caches, slot_mapping=torch.tensor([0, 3]), backend=backend)

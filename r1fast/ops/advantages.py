@@ -11,7 +11,7 @@ import math
 import torch
 
 from r1fast import backends
-from r1fast.ops.checks import bool_mask, kind_of, readable, require_tensors
+from r1fast.ops.checks import bool_mask, kind_of, readable, require_tensors, resolve_neg
 from r1fast.reference import loss as reference
 
 ESTIMATORS = ("grpo", "rloo")
@@ -71,7 +71,7 @@ def group_advantages(rewards, group_size, *, estimator="grpo", scale_rewards="gr
                          f"{bad} (pass mask=, False at the rows that have no reward, to leave them out)")
     _, fn = backends.resolve("group_advantages", rewards.device, backend)
     # rewards that require grad made the reference/torch advantages differentiable and triton's not
-    rewards = rewards.detach()
+    (rewards,) = resolve_neg(rewards.detach())
     return fn(rewards, group_size, estimator, scale_rewards, eps, mask).float()
 
 

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from r1fast import _ext, backends
-from r1fast.ops.checks import one_device, readable, require_tensors
+from r1fast.ops.checks import one_device, readable, require_tensors, resolve_neg
 from r1fast.ops.shared_prefix import SharedPrefix, prefix_tile_rows
 from r1fast.reference import attention as reference
 
@@ -321,6 +321,8 @@ def _decode_cuda_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
             if t.dtype != dtype or tuple(t.shape) != shape or t.device != q.device or not t.is_contiguous():
                 raise ValueError(f"paged_decode_attention: {name} must be a contiguous {dtype} {list(shape)} tensor "
                                  f"on {q.device}, got {t.dtype} {list(t.shape)} on {t.device}")
+    if any(t.is_neg() for t in (q, k_cache, v_cache)):  # the kernel reads the memory, which holds them unnegated
+        raise ValueError("paged_decode_attention: q/k_cache/v_cache is a lazily negated view; pass .resolve_neg() of it")
     ext = _ext.require()
     # Checked here, on real tensors: data_ptr() does not exist on the fake tensors of torch.compile.
     # The kernel's vector loads need 16-byte aligned bases.
@@ -394,6 +396,7 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, *, s
     name, fn = backends.resolve("paged_decode_attention", q.device, backend, dtype=q.dtype,
                                 accepts=lambda name: name != "cuda" or _cuda_shape_problem(q, k_cache) is None)
     _refuse_grad_without_backward(name, q, k_cache, v_cache)
+    q, k_cache, v_cache = resolve_neg(q, k_cache, v_cache)
     return fn(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits, partition, shared_prefix)
 
 

@@ -48,3 +48,10 @@ def readable(op: str, t: torch.Tensor, reads: str) -> None:
     if t.is_meta:
         raise ValueError(f"{op}: the tensors are on the meta device, which holds shapes but no values, and {reads} "
                          f"reads them: pass tensors on the CPU or a GPU")
+
+
+def resolve_neg(*tensors):
+    """Each tensor with its lazy negation applied: a negated copy of one carrying torch's neg bit (the .imag of a
+    conjugated complex tensor is such a view), the tensor itself otherwise (None and non-tensors pass). The
+    Triton and C++ kernels read the memory, which holds the values unnegated: their results were silently wrong."""
+    return tuple(t.resolve_neg() if isinstance(t, torch.Tensor) and t.is_neg() else t for t in tensors)

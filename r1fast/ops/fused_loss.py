@@ -29,7 +29,7 @@ import math
 import torch
 
 from r1fast import backends
-from r1fast.ops.checks import kind_of, readable
+from r1fast.ops.checks import kind_of, readable, resolve_neg
 from r1fast.ops.logprob import (accumulate_weight_grad, engine_for, grouped_logprob, refuse_double_backward,
                                 validate as validate_logprob)
 from r1fast.ops.loss import grpo_loss, loss_options_of, per_token_weights, validate_loss_inputs
@@ -536,6 +536,8 @@ def _fused_linear_grpo_loss(hidden, weight, targets, mask, advantages, *, old_lo
     if elsewhere:
         raise ValueError(f"{OP}: every tensor must be on hidden's device {hidden.device}; got {', '.join(elsewhere)}")
     readable(OP, hidden, "the plan of active tokens per row (from mask and cu_seqlens)")
+    hidden, weight, mask, advantages, old_logp, ref_logp, sampler_logp, importance_weights = resolve_neg(
+        hidden, weight, mask, advantages, old_logp, ref_logp, sampler_logp, importance_weights)
     wide = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     lay = _Layout(targets, mask, cu_seqlens, _bad_value_check(mask, old_logp, ref_logp, sampler_logp,
                                                               importance_weights, advantages, targets, wide))

@@ -46,6 +46,9 @@ def _validate(key, value, k_cache, v_cache, slot_mapping, check_slots: bool):
         )
     if key.is_neg() or value.is_neg():  # a lazy negation: the memory does not hold the values
         raise ValueError("store_kv: key/value is a lazily negated view; pass .resolve_neg() of it")
+    if k_cache.is_neg() or v_cache.is_neg():  # written in place: a resolved copy would take the writes
+        raise ValueError("store_kv: k_cache/v_cache is a lazily negated view, whose memory holds the values "
+                         "unnegated; the kernels write it directly: allocate the cache as a plain tensor")
     one_device("store_kv", tensors.values())
     readable("store_kv", k_cache, "the copy into the cache")
     for name in ("key", "value"):

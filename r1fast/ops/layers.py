@@ -30,7 +30,7 @@ import torch
 from torch.nn import functional as F
 
 from r1fast import backends
-from r1fast.ops.checks import FLOATS, require_tensors
+from r1fast.ops.checks import FLOATS, require_tensors, resolve_neg
 from r1fast.ops.logprob import refuse_double_backward
 from r1fast.reference import layers as reference
 
@@ -132,7 +132,7 @@ def rms_norm(x, weight, eps, *, backend=None):
     Llama/Qwen2/Qwen3 RMSNorm) computes it: normalise in fp32, round to x's dtype, multiply by weight."""
     _validate_rms_norm(x, weight, eps)
     _, fn = backends.resolve("rms_norm", x.device, backend)
-    return fn(x, weight, eps)
+    return fn(*resolve_neg(x, weight), eps)
 
 
 # ---------------------------------------------------------------- add_rms_norm
@@ -199,7 +199,7 @@ def add_rms_norm(x, residual, weight, eps, *, backend=None):
     sum takes torch's promoted dtype, and only equal dtypes run fused)."""
     _validate_add_rms_norm(x, residual, weight, eps)
     _, fn = backends.resolve("add_rms_norm", x.device, backend)
-    return fn(x, residual, weight, eps)
+    return fn(*resolve_neg(x, residual, weight), eps)
 
 
 # ---------------------------------------------------------------- swiglu
@@ -286,7 +286,7 @@ def swiglu(gate, up=None, *, backend=None):
     decoder's fused gate/up projection) -> [..., I]."""
     _validate_swiglu(gate, up)
     _, fn = backends.resolve("swiglu", gate.device, backend)
-    return fn(gate, up)
+    return fn(*resolve_neg(gate, up))
 
 
 # ---------------------------------------------------------------- rotary
@@ -372,4 +372,4 @@ def rotary(q, k, cos, sin, *, backend=None):
     the head dimension; r1fast.models.rotary builds them), as transformers' Llama/Qwen apply them."""
     _validate_rotary(q, k, cos, sin)
     _, fn = backends.resolve("rotary", q.device, backend)
-    return fn(q, k, cos, sin)
+    return fn(*resolve_neg(q, k, cos, sin))

@@ -20,7 +20,7 @@ import os
 import torch
 
 from r1fast import backends
-from r1fast.ops.checks import FLOATS, bool_mask, readable, require_tensors
+from r1fast.ops.checks import FLOATS, bool_mask, readable, require_tensors, resolve_neg
 from r1fast.reference import loss as reference
 
 # Extra-memory budget for one chunk's [chunk, V] fp32 tile. On the GPU the backward's bf16 d logits
@@ -358,6 +358,7 @@ def grouped_logprob(hidden, weight, targets, *, mask=None, temperature: float = 
             return out.new_zeros(targets.shape).masked_scatter(active, out)
         return tuple(x.new_zeros(targets.shape).masked_scatter(active, x) for x in out)  # masked hits: False
     _, fn = backends.resolve("grouped_logprob", hidden.device, backend, dtype=hidden.dtype)
+    hidden, weight = resolve_neg(hidden, weight)
     with backends.without_autocast(hidden.device), torch.no_grad() if forward_only else contextlib.nullcontext():
         if return_argmax_hit:
             return fn(hidden, weight, targets, temperature, return_entropy, chunk_size, return_hit=True)

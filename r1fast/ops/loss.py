@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from r1fast import backends
-from r1fast.ops.checks import kind_of, one_device, readable
+from r1fast.ops.checks import kind_of, one_device, readable, resolve_neg
 from r1fast.ops.logprob import refuse_double_backward
 from r1fast.ops.loss_options import LossOptions
 from r1fast.reference import loss as reference
@@ -226,6 +226,8 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, entropy=None, sampl
     iw = validate_loss_inputs("grpo_loss", logp, old_logp, ref_logp, advantages, mask, sampler_logp, entropy, opts,
                                check_values=check_values, importance_weights=importance_weights)
     _, fn = backends.resolve("grpo_loss", logp.device, backend, dtype=logp.dtype)
+    logp, old_logp, ref_logp, advantages, mask, entropy, sampler_logp, iw = resolve_neg(
+        logp, old_logp, ref_logp, advantages, mask, entropy, sampler_logp, iw)
     extra = {"row_stats": True} if row_stats else {}
     if iw is not None:
         extra["importance_weights"] = iw

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from r1fast import backends
-from r1fast.ops.checks import FLOATS, readable, require_tensors
+from r1fast.ops.checks import FLOATS, readable, require_tensors, resolve_neg
 
 # r1fast.rollout (sampler, SamplingParams) is imported inside the functions: the rollout package
 # imports r1fast.ops itself, and r1fast.ops must import without it.
@@ -134,6 +134,6 @@ def sample_tokens(logits, params, u=None, *, backend: str | None = None,
     """
     _validate(logits, params, u, check_inputs)
     # the reference/torch log-probs kept the logits' graph (alive as long as they were), triton's not
-    logits = logits.detach()
+    logits, u = resolve_neg(logits.detach(), u)
     _, fn = backends.resolve("sample_tokens", logits.device, backend)
     return fn(logits, params, u)
