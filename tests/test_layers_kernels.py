@@ -524,6 +524,9 @@ def _bad_swiglu(**kw):
     (_bad_add_rms(residual=torch.randn(3, 8, device="meta")), ValueError, "residual must match"),
     (_bad_add_rms(residual=None), TypeError, "residual must be a torch.Tensor"),
     (_bad_add_rms(weight=torch.randn(9)), ValueError, r"weight must be \[H=8\]"),
+    # x, weight and eps were checked under rms_norm's name, which the caller never called
+    (_bad_add_rms(weight=torch.randn(9)), ValueError, r"^add_rms_norm: weight must be \[H=8\]"),
+    (_bad_add_rms(eps=0.0), ValueError, "^add_rms_norm: eps must be a finite number > 0"),
     (_bad_rotary(q=torch.randn(3, 32)), ValueError, r"q and k must be \[T, heads, head_dim\]"),
     (_bad_rotary(k=torch.randn(4, 2, 8)), ValueError, "must have q's tokens and head_dim"),
     (_bad_rotary(q=torch.randn(3, 4, 7), k=torch.randn(3, 2, 7), cos=torch.randn(3, 7), sin=torch.randn(3, 7)),

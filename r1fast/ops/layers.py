@@ -41,18 +41,18 @@ def _check_tensor(op, name, t):
         raise ValueError(f"{op}: {name} must be a float tensor (fp16, bf16, fp32, fp64), got {t.dtype}")
 
 
-def _validate_rms_norm(x, weight, eps):
-    _check_tensor("rms_norm", "x", x)
-    _check_tensor("rms_norm", "weight", weight)
+def _validate_rms_norm(x, weight, eps, op="rms_norm"):
+    _check_tensor(op, "x", x)
+    _check_tensor(op, "weight", weight)
     if x.dim() < 1 or x.shape[-1] < 1:
-        raise ValueError(f"rms_norm: x must be [..., H] with H >= 1, got shape {tuple(x.shape)}")
+        raise ValueError(f"{op}: x must be [..., H] with H >= 1, got shape {tuple(x.shape)}")
     if weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
-        raise ValueError(f"rms_norm: weight must be [H={x.shape[-1]}] (x's last dimension), "
+        raise ValueError(f"{op}: weight must be [H={x.shape[-1]}] (x's last dimension), "
                          f"got shape {tuple(weight.shape)}")
     if x.device != weight.device:
-        raise ValueError(f"rms_norm: x and weight must be on one device, got {x.device} and {weight.device}")
+        raise ValueError(f"{op}: x and weight must be on one device, got {x.device} and {weight.device}")
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
-        raise ValueError(f"rms_norm: eps must be a finite number > 0, got {eps!r}")
+        raise ValueError(f"{op}: eps must be a finite number > 0, got {eps!r}")
 
 
 def _validate_swiglu(gate, up):
@@ -139,7 +139,7 @@ def rms_norm(x, weight, eps, *, backend=None):
 
 
 def _validate_add_rms_norm(x, residual, weight, eps):
-    _validate_rms_norm(x, weight, eps)
+    _validate_rms_norm(x, weight, eps, op="add_rms_norm")  # its errors named rms_norm, which the caller never called
     _check_tensor("add_rms_norm", "residual", residual)
     if residual.shape != x.shape or residual.device != x.device:
         raise ValueError(f"add_rms_norm: residual must match x's shape and device: got "
