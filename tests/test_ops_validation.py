@@ -184,3 +184,25 @@ def test_store_kv_refuses_a_lazily_negated_cache(backend):
         caches[which] = torch._neg_view(caches[which])
         with pytest.raises(ValueError, match="store_kv: k_cache/v_cache is a lazily negated view"):
             ops.store_kv(key, value, **caches, slot_mapping=torch.tensor([0, 3]), backend=backend)
+
+
+SPARSE_CASES = NEG_CASES + [
+    ("kl_penalty", lambda: dict(a=-_rand(2, 3, seed=27).abs(), b=-_rand(2, 3, seed=28).abs()), ("a", "b"),
+     lambda a, b: ops.kl_penalty(a["a"], a["b"])),
+    ("store_kv", lambda: dict(key=_rand(2, 1, 8, seed=29), value=_rand(2, 1, 8, seed=30)), ("key", "value"),
+     lambda a, b: ops.store_kv(a["key"], a["value"], torch.zeros(2, 2, 1, 8), torch.zeros(2, 2, 1, 8),
+                               torch.tensor([0, 3]), backend=b)),
+]
+
+
+@pytest.mark.parametrize("op, inputs, names, call", SPARSE_CASES, ids=[c[0] for c in SPARSE_CASES])
+def test_sparse_inputs_are_refused_naming_the_tensor(op, inputs, names, call):
+    # torch's "Could not run 'aten::ne.Scalar' with arguments from the 'SparseCPU' backend" (or "reshape is not
+    # implemented for sparse tensors") from deep inside named neither the op nor the argument
+    call(inputs(), "torch" if op != "kl_penalty" else None)
+    for name in names:
+        args = inputs()
+        args[name] = args[name].to_sparse()
+        with pytest.raises(TypeError, match=rf"^{op}: \w+ must be a dense \(strided\) tensor, got layout "
+                                            rf"torch.sparse_coo"):
+            call(args, "torch" if op != "kl_penalty" else None)

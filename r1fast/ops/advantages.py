@@ -11,7 +11,7 @@ import math
 import torch
 
 from r1fast import backends
-from r1fast.ops.checks import bool_mask, kind_of, readable, require_tensors, resolve_neg
+from r1fast.ops.checks import bool_mask, dense, kind_of, readable, require_tensors, resolve_neg
 from r1fast.reference import loss as reference
 
 ESTIMATORS = ("grpo", "rloo")
@@ -89,6 +89,7 @@ def kl_penalty(logp, ref_logp, kind="k3"):
     for name, t in (("logp", logp), ("ref_logp", ref_logp)):
         if not isinstance(t, torch.Tensor) or not t.is_floating_point():
             raise TypeError(f"kl_penalty: {name} must be a float tensor, got {kind_of(t)}")
+    dense("kl_penalty", logp=logp, ref_logp=ref_logp)
     if logp.shape != ref_logp.shape:
         raise ValueError(f"kl_penalty: logp shape {tuple(logp.shape)} != ref_logp shape {tuple(ref_logp.shape)}")
     if logp.device != ref_logp.device:

@@ -7,10 +7,21 @@ FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def require_tensors(op: str, **named) -> None:
-    """A TypeError naming the first of `named` that is not a tensor, before any is read as one."""
+    """A TypeError naming the first of `named` that is not a tensor, before any is read as one; then dense()."""
     for name, t in named.items():
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    dense(op, **named)
+
+
+def dense(op: str, **named) -> None:
+    """A TypeError naming the first tensor of `named` (None and non-tensors skipped) that is not dense (strided):
+    a sparse one failed deep inside with torch's "Could not run 'aten::...' with arguments from the 'SparseCPU'
+    backend" or "reshape is not implemented for sparse tensors"."""
+    for name, t in named.items():
+        if isinstance(t, torch.Tensor) and t.layout != torch.strided:
+            raise TypeError(f"{op}: {name} must be a dense (strided) tensor, got layout {t.layout}; pass "
+                            f"{name}.to_dense()")
 
 
 def one_device(op: str, tensors) -> None:

@@ -29,7 +29,7 @@ import math
 import torch
 
 from r1fast import backends
-from r1fast.ops.checks import kind_of, readable, resolve_neg
+from r1fast.ops.checks import dense, kind_of, readable, resolve_neg
 from r1fast.ops.logprob import (accumulate_weight_grad, engine_for, grouped_logprob, refuse_double_backward,
                                 validate as validate_logprob)
 from r1fast.ops.loss import grpo_loss, loss_options_of, per_token_weights, validate_loss_inputs
@@ -521,6 +521,8 @@ def _fused_linear_grpo_loss(hidden, weight, targets, mask, advantages, *, old_lo
         raise ValueError(f"{OP}: grad_scale must be a finite number > 0 (the loss scale), got {grad_scale!r}")
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"{OP}: mask must be a tensor")
+    dense(OP, mask=mask, advantages=advantages, old_logp=old_logp, ref_logp=ref_logp, sampler_logp=sampler_logp,
+          importance_weights=importance_weights, cu_seqlens=cu_seqlens)
     validate_logprob(hidden, weight, targets, opts.temperature, op=OP, check_targets=False)
     if mask.shape != targets.shape:
         raise ValueError(f"{OP}: mask shape {tuple(mask.shape)} != targets shape {tuple(targets.shape)}")

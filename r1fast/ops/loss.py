@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from r1fast import backends
-from r1fast.ops.checks import kind_of, one_device, readable, resolve_neg
+from r1fast.ops.checks import dense, kind_of, one_device, readable, resolve_neg
 from r1fast.ops.logprob import refuse_double_backward
 from r1fast.ops.loss_options import LossOptions
 from r1fast.reference import loss as reference
@@ -60,6 +60,8 @@ def per_token_weights(op, weights, shape):
 def validate_loss_inputs(op, logp, old_logp, ref_logp, advantages, mask, sampler_logp, entropy, opts,
                           check_values=True, importance_weights=None):
     """Raises on a bad input; returns importance_weights as a [B, T] view (None when not given)."""
+    dense(op, logp=logp, old_logp=old_logp, ref_logp=ref_logp, advantages=advantages, mask=mask,
+          sampler_logp=sampler_logp, entropy=entropy, importance_weights=importance_weights)
     if not isinstance(logp, torch.Tensor) or not logp.is_floating_point():
         raise TypeError(f"{op}: logp must be a float tensor, got {kind_of(logp)}")
     if logp.dim() != 2:
