@@ -1,5 +1,6 @@
 """GRPOTrainer end to end on a tiny model (CPU, seconds): it improves a simple reward, resume is
 bit-identical to an uninterrupted run, a NaN step is skipped and counted, KL runs with beta > 0."""
+import copy
 import dataclasses
 import json
 import math
@@ -1788,6 +1789,142 @@ def test_micro_batches_average_to_the_whole_batch_loss(tmp_path, loss_type):
     assert l1 != 0.0 and l4 == pytest.approx(l1, rel=1e-4, abs=1e-7) and g4 == pytest.approx(g1, rel=1e-3)
     for n, w in w1.items():
         torch.testing.assert_close(w4[n], w, rtol=1e-4, atol=1e-4, msg=lambda m: f"{n}: {m}")
+
+
+def _logps64(model, p_ids, c_ids, temperature):
+    """Each completion's token log-probs, one unpacked sequence at a time: logits -> log_softmax -> gather."""
+    out = []
+    for p, c in zip(p_ids, c_ids):
+        seq = torch.tensor(p + c)
+        h = model(seq, cu_seqlens=torch.tensor([0, len(seq)], dtype=torch.int32))
+        z = h[len(p) - 1:len(seq) - 1] @ model.lm_head_weight.T / temperature
+        out.append(z.log_softmax(-1).gather(1, torch.tensor(c)[:, None])[:, 0])
+    return out
+
+
+def _grpo_steps_float64(cfg, model, rollouts):
+    """GRPO's optimizer steps written from LOSS_SPEC and docs/training.md in float64, independently of the
+    trainer: (prompt ids, completion ids, sampler log-probs, rewards) per rollout -> the weights after its
+    num_iterations steps and each step's loss, grad_norm, lr and statistics. Micro-batches are aggregated as
+    TRL's: grpo / bnpo / dr_grpo normalise within each micro-batch and average them, dapo divides the
+    rollout's sum by its token count."""
+    ref_model, params = copy.deepcopy(model), dict(model.named_parameters())
+    moments = {n: (torch.zeros_like(p), torch.zeros_like(p)) for n, p in params.items()}
+    b1, b2, mb, M, W = cfg.adam_beta1, cfg.adam_beta2, cfg.per_device_train_batch_size, \
+        cfg.gradient_accumulation_steps, cfg.warmup_steps
+    eps_hi, T, step, logged = cfg.epsilon_high or cfg.epsilon, cfg.temperature, 0, []
+    for p_ids, c_ids, sampler, rewards in rollouts:
+        r = torch.tensor(rewards, dtype=torch.float64).view(-1, cfg.num_generations)
+        A = ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + 1e-4)).flatten()
+        with torch.no_grad():
+            rollout_logp, ref = _logps64(model, p_ids, c_ids, T), _logps64(ref_model, p_ids, c_ids, T)
+        for _ in range(cfg.num_iterations):
+            logp = _logps64(model, p_ids, c_ids, T)
+            per_tok, st = [], {k: [] for k in ("kl", "low", "high", "w")}
+            for i in range(len(c_ids)):
+                old = rollout_logp[i] if cfg.num_iterations > 1 else logp[i].detach()
+                lw = logp[i] - old   # GSPO: the row's mean log-ratio at every token
+                ratio = torch.exp(lw if cfg.importance_sampling_level == "token" else lw.mean().expand_as(lw))
+                L = -torch.minimum(ratio * A[i], ratio.clamp(1 - cfg.epsilon, 1 + eps_hi) * A[i])
+                d = old - torch.tensor(sampler[i], dtype=torch.float64)
+                w = torch.exp(d.sum() if cfg.tis_level == "sequence" else d).expand_as(L)
+                L = L * (w.clamp(max=cfg.tis_cap) if cfg.tis_mode == "truncate" else
+                         ((w >= 1 / cfg.tis_cap) & (w <= cfg.tis_cap)).double())
+                kl = torch.exp(ref[i] - logp[i]) - (ref[i] - logp[i]) - 1
+                per_tok.append(L + cfg.beta * kl)
+                for k, v in (("kl", kl), ("low", (ratio < 1 - cfg.epsilon) & (A[i] < 0)),
+                             ("high", (ratio > 1 + eps_hi) & (A[i] > 0)), ("w", w)):
+                    st[k].append(v.detach().double())
+            loss = 0.0
+            for rows in (range(j * mb, (j + 1) * mb) for j in range(M)):
+                total = sum(per_tok[i].sum() for i in rows)
+                loss = loss + {"grpo": lambda: sum(per_tok[i].mean() for i in rows) / mb / M,
+                               "bnpo": lambda: total / sum(len(c_ids[i]) for i in rows) / M,
+                               "dr_grpo": lambda: total / (mb * cfg.max_completion_length) / M,
+                               "dapo": lambda: total / sum(map(len, c_ids))}[cfg.loss_type]()
+            model.zero_grad()
+            loss.backward()
+            norm = float(torch.sqrt(sum((p.grad ** 2).sum() for p in params.values())))
+            clip = min(1.0, cfg.max_grad_norm / (norm + 1e-6))
+            # warmup step k at (k+1)/W of the rate, then the config's linear decay
+            lr = cfg.learning_rate * ((step + 1) / W if step < W else max(0.0, 1 - (step - W) / (cfg.max_steps - W)))
+            step += 1
+            with torch.no_grad():   # AdamW, decoupled decay on matrices only
+                for n, p in params.items():
+                    g, (m, v) = p.grad * clip, moments[n]
+                    p.mul_(1 - lr * cfg.weight_decay * (p.dim() >= 2))
+                    m.mul_(b1).add_((1 - b1) * g)
+                    v.mul_(b2).add_((1 - b2) * g * g)
+                    p.sub_(lr * (m / (1 - b1 ** step)) / ((v / (1 - b2 ** step)).sqrt() + cfg.adam_epsilon))
+            cat = {k: torch.cat(v) for k, v in st.items()}
+            logged.append({"loss": float(loss.detach()), "grad_norm": norm, "lr": lr, "kl": float(cat["kl"].mean()),
+                           "clip_ratio/low_mean": float(cat["low"].mean()),
+                           "clip_ratio/high_mean": float(cat["high"].mean()),
+                           "clip_ratio/region_mean": float((cat["low"] + cat["high"]).mean()),
+                           "clip_ratio/low_min": min(float(x.mean()) for x in st["low"]),
+                           "clip_ratio/high_max": max(float(x.mean()) for x in st["high"]),
+                           "is_weight/mean": float(cat["w"].mean()), "is_weight/max": float(cat["w"].max())})
+    return {n: p.detach() for n, p in params.items()}, logged
+
+
+@pytest.mark.parametrize("loss_type, beta, iterations, max_grad_norm, tis, is_level", [
+    ("grpo", 0.05, 2, 0.05, ("truncate", "sequence"), "token"), ("dapo", 0.05, 2, 0.05, ("mask", "token"), "token"),
+    ("dr_grpo", 0.0, 1, 0.05, ("truncate", "token"), "token"), ("bnpo", 0.0, 2, 10.0, ("mask", "sequence"), "token"),
+    ("grpo", 0.0, 1, 10.0, ("truncate", "sequence"), "token"), ("grpo", 0.0, 2, 0.05, ("mask", "token"), "sequence")])
+def test_grpo_steps_match_a_float64_computation_from_the_spec(tmp_path, loss_type, beta, iterations, max_grad_norm,
+                                                              tis, is_level):
+    """Two optimizer steps of GRPOTrainer (one rollout's two iterations, or two rollouts' one) on fixed
+    completions of unequal lengths and known rewards, against _grpo_steps_float64: the weights after them,
+    and the logged loss, grad_norm, lr, KL, clip and importance-weight statistics. The micro-batches hold
+    different token counts, the reference model is frozen, AdamW decays the matrices only, max_grad_norm
+    clips (or not), the warmup runs steps 1 and 2 at 1/3 and 2/3 of the rate; the sampler's log-probs weight
+    the loss (truncated IS, token or sequence level), and one case takes GSPO's sequence-level ratio."""
+    model, tok = tiny_model(seed=1)
+    cfg = GRPOConfig(learning_rate=0.05, per_device_train_batch_size=4, gradient_accumulation_steps=2,
+                     num_generations=4, max_steps=2, num_iterations=iterations, beta=beta, loss_type=loss_type,
+                     epsilon=0.1, epsilon_high=0.15, max_completion_length=8, max_grad_norm=max_grad_norm,
+                     weight_decay=0.1, warmup_steps=3, lr_scheduler_type="linear", adam_beta1=0.8, adam_beta2=0.95,
+                     adam_epsilon=1e-4, temperature=0.8, tis_mode=tis[0], tis_level=tis[1], tis_cap=1.3,
+                     importance_sampling_level=is_level, output_dir=str(tmp_path / "run"), progress_bar=False,
+                     log_completions=0)
+    model64 = copy.deepcopy(model).double()
+    gen = torch.Generator().manual_seed(5)
+    drawn = [([torch.randint(4, len(tok), (n,), generator=gen).tolist() for n in lengths],
+              torch.rand(8, generator=gen).tolist())
+             for lengths in ([1, 7, 3, 5, 2, 6, 8, 4], [5, 2, 8, 1, 4, 4, 6, 3])[:3 - iterations]]
+    rollouts = []   # what each rollout trained on: prompt ids, completion ids, sampler log-probs, rewards
+    tr = GRPOTrainer(model, [lambda prompts, completions, **kw: rollouts[-1][3]],
+                     [{"prompt": "ab"}, {"prompt": "cde"}], cfg, tokenizer=tok)
+    assert tr.share_prompts   # the packed layout with each prompt once per micro-batch is the one checked
+
+    def generate(rows, keys, n, temperature, seed):
+        c_ids, rewards = drawn[len(rollouts)]
+        p_ids = [p for p in tr._prompt_ids(rows, keys) for _ in range(n)]
+        noise = 0.15 if cfg.tis_level == "token" else 0.06   # a sequence's weight sums its tokens' noise
+        with torch.no_grad():   # the sampler's log-probs: near the policy's, some weights past tis_cap
+            sampler = [(lp + noise * torch.randn(lp.shape, generator=gen, dtype=torch.float64)).tolist()
+                       for lp in _logps64(model64, p_ids, c_ids, cfg.temperature)]
+        rollouts.append((p_ids, c_ids, sampler, rewards))
+        return p_ids, c_ids, sampler, ["stop"] * len(c_ids)
+
+    tr.generate = generate
+    got = [tr.step()["metrics"] for _ in drawn]
+    want_weights, want = _grpo_steps_float64(cfg, model64, rollouts)
+    # the weights moved by ~lr = 0.05; adam_epsilon 1e-4 keeps AdamW from blowing float32's rounding of a
+    # near-zero gradient up to a whole step
+    for n, p in tr.model.named_parameters():
+        torch.testing.assert_close(p.detach().double(), want_weights[n], rtol=0, atol=5e-5, msg=lambda m: f"{n}: {m}")
+    for m, steps in zip(got, (want[i:i + iterations] for i in range(0, 2, iterations))):
+        assert m["lr"] == pytest.approx(steps[-1]["lr"], rel=1e-12)
+        assert steps[0]["grad_norm"] > max_grad_norm if max_grad_norm < 1 else steps[0]["grad_norm"] < max_grad_norm
+        for k in ("loss", "grad_norm", "kl", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean",
+                  "is_weight/mean"):
+            if k != "kl" or beta:
+                assert m[k] == pytest.approx(sum(s[k] for s in steps) / iterations, rel=1e-5, abs=1e-6), k
+        for k, pick in (("clip_ratio/low_min", min), ("clip_ratio/high_max", max), ("is_weight/max", max)):
+            assert m[k] == pytest.approx(pick(s[k] for s in steps), rel=1e-5), k
+    if iterations == 2:   # the second pass moved off the rollout's policy: the clip is exercised
+        assert max(s["clip_ratio/region_mean"] for s in want) > 0.1
 
 
 @pytest.mark.parametrize("estimator, scale", [("grpo", "none"), ("grpo", "batch"), ("rloo", "group")])
