@@ -92,3 +92,29 @@ def test_a_finished_outputs_record_and_a_progress_files_fingerprint_are_read_as_
                               ("not json\n", None), ("[1]\n", None), ('{"rows": []}\n', None)):
         progress.write_text(text)
         assert sampling.progress_fingerprint(str(progress)) == fingerprint
+
+
+def test_the_weights_signature_sees_one_small_tensor_changed_between_its_pieces(tmp_path):
+    # a LoRA merged into a few projections changes small tensors only: the 32 evenly spaced pieces of a shard, 4 KiB
+    # each, fell on none of them (a third of a 0.5B model's shard or more), and --resume kept the earlier samples
+    from safetensors.torch import save_file
+
+    from r1fast.trainer import sampling
+
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    g = torch.Generator().manual_seed(0)
+    big = {name: torch.randn(384 << 10, generator=g) for name in ("a.weight", "c.weight")}   # 1.5 MiB each
+    small = torch.randn(1024, generator=g)   # 4 KiB, between them in the file
+    save_file({**big, "b.weight": small}, str(folder / "model.safetensors"))
+    data = (folder / "model.safetensors").read_bytes()
+    begin = data.index(small.numpy().tobytes())
+    size, piece, n = len(data), 4096, 32
+    read = [(i * (size - piece) // (n - 1), i * (size - piece) // (n - 1) + piece) for i in range(n)]
+    assert not any(start < begin + small.numel() * 4 and begin < end for start, end in read)   # between two pieces
+    before = sampling.weights_signature(str(folder))
+    save_file({**big, "b.weight": small + torch.randn(1024, generator=g)}, str(folder / "model.safetensors"))
+    assert sampling.weights_signature(str(folder)) != before
+    save_file({**big, "b.weight": small}, str(folder / "model.safetensors"))
+    assert sampling.weights_signature(str(folder)) == before
