@@ -466,7 +466,8 @@ def clear_run(run_dir: str):
         elif _r1fast_old(name) or _SAVE_TEMP_RE.match(name) \
                 or name.startswith("abandoned-checkpoint-") or name == "tensorboard":
             remove_folder(path)
-        elif name in ("metrics.jsonl", "completions.jsonl", "metrics.jsonl.tmp", "completions.jsonl.tmp"):
+        elif name in ("metrics.jsonl", "completions.jsonl", "metrics.jsonl.tmp", "completions.jsonl.tmp") \
+                or name == SET_ASIDE_JOURNAL and os.path.isfile(path):   # one remove_save_leftovers could not read
             os.remove(path)
     from r1fast.trainer.metrics import remove_stale_temps
 
