@@ -229,3 +229,18 @@ def test_a_resume_killed_while_setting_its_left_branch_aside_is_finished_by_the_
         assert not [name for name in os.listdir(run) if name.startswith(".")]
         if at >= renames[0]:   # once a checkpoint has moved, the one to resume is the resumed one
             assert ckpt.latest_checkpoint(run) == os.path.join(run, "checkpoint-4"), counted.ops[at - 1]
+
+
+def test_a_set_aside_journal_that_is_a_symlink_is_never_written_through(tmp_path):
+    # the journal was written through a symlink in its place (metrics.replacing writes where a link leads): a link
+    # planted as .r1fast-set-aside.json made a resume replace the file it led to, outside the run folder
+    run = str(tmp_path / "run")
+    _branch_folder(run)
+    outside = tmp_path / "notes.txt"
+    outside.write_text("the user's own file\n")
+    os.symlink(outside, os.path.join(run, ckpt.SET_ASIDE_JOURNAL))
+    with pytest.warns(UserWarning, match="cannot be read"):
+        ckpt.remove_save_leftovers(run)   # no journal in it: said and left, as an unreadable one
+    ckpt.leave_branch(run, os.path.join(run, "abandoned-checkpoint-4"))
+    assert outside.read_text() == "the user's own file\n"
+    assert _tags(run)["checkpoint-4"] == "resumed" and not os.path.lexists(os.path.join(run, ckpt.SET_ASIDE_JOURNAL))

@@ -224,10 +224,13 @@ def _keep_left_logs(run_dir: str, newer: list[tuple[str, str]]):
 def _journaled_renames(run_dir: str, moves: list[tuple[str, str]]):
     """Rename each (path, target) of run_dir in turn, the list first kept in SET_ASIDE_JOURNAL (synced) when there is
     more than one: a kill part way then leaves the journal, from which the next run finishes them."""
+    journal = os.path.join(run_dir, SET_ASIDE_JOURNAL)
     if len(moves) > 1:
         from r1fast.trainer.metrics import replacing
 
-        with replacing(os.path.join(run_dir, SET_ASIDE_JOURNAL)) as f:
+        if os.path.islink(journal):   # replacing writes where a link leads: the journal is the run folder's own
+            os.remove(journal)
+        with replacing(journal) as f:
             json.dump({"r1fast_set_aside": 1, "moves": [[os.path.basename(a), os.path.basename(b)] for a, b in moves]},
                       f)
         fsync_dir(run_dir)
@@ -235,7 +238,7 @@ def _journaled_renames(run_dir: str, moves: list[tuple[str, str]]):
         os.rename(path, target)
     if len(moves) > 1:
         fsync_dir(run_dir)   # the renames on disk before the journal that lists them goes
-        os.remove(os.path.join(run_dir, SET_ASIDE_JOURNAL))
+        os.remove(journal)
 
 
 def _finish_set_aside(run_dir: str):
