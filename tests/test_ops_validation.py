@@ -175,6 +175,17 @@ def test_lazily_negated_inputs_give_their_values_on_every_backend(op, inputs, fl
                 torch.testing.assert_close(got, exp, rtol=1e-5, atol=1e-6, msg=f"{op} {backend} {name}")
 
 
+@pytest.mark.parametrize("op, inputs, floats, call", NEG_CASES[:4], ids=[c[0] for c in NEG_CASES[:4]])
+def test_layer_ops_trace_into_one_compiled_graph(op, inputs, floats, call):
+    # the decoder's layer ops under torch.compile: asking each input for its neg bit (Tensor.is_neg()) is a
+    # graph break in dynamo, so fullgraph=True failed and a compiled model broke its graph at every one of them
+    torch._dynamo.reset()
+    args = inputs()
+    compiled = torch.compile(lambda a: call(a, "torch"), backend="eager", fullgraph=True)
+    for got, want in zip(_flat(compiled(args)), _flat(call(args, "torch"))):
+        torch.testing.assert_close(got, want, rtol=0, atol=0, msg=op)
+
+
 @pytest.mark.parametrize("backend", ["reference", "torch", "triton"])
 def test_store_kv_refuses_a_lazily_negated_cache(backend):
     # written in place: the C++ twin and the Triton kernel wrote the memory, which the view reads negated

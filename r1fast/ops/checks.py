@@ -64,5 +64,7 @@ def readable(op: str, t: torch.Tensor, reads: str) -> None:
 def resolve_neg(*tensors):
     """Each tensor with its lazy negation applied: a negated copy of one carrying torch's neg bit (the .imag of a
     conjugated complex tensor is such a view), the tensor itself otherwise (None and non-tensors pass). The
-    Triton and C++ kernels read the memory, which holds the values unnegated: their results were silently wrong."""
-    return tuple(t.resolve_neg() if isinstance(t, torch.Tensor) and t.is_neg() else t for t in tensors)
+    Triton and C++ kernels read the memory, which holds the values unnegated: their results were silently wrong.
+    Tensor.resolve_neg() returns the tensor itself when its bit is clear, and torch.compile traces it; asking
+    is_neg() first was a graph break (dynamo does not trace it) at every op of a compiled model."""
+    return tuple(t.resolve_neg() if isinstance(t, torch.Tensor) else t for t in tensors)
