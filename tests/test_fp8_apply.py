@@ -71,7 +71,7 @@ def test_torch_path_on_a_gpu_probes_the_scaling_asked_for(monkeypatch):
 
     monkeypatch.setattr(support, "cuda_fp8_support", lambda device=None: (True, "NVIDIA L4 (sm_89)"))
     monkeypatch.setattr(support, "scaled_mm_error",
-                        lambda device, scaling: "RuntimeError: rowwise scaling needs sm_90" if scaling == "rowwise"
+                        lambda device, scaling, *_: "RuntimeError: rowwise scaling needs sm_90" if scaling == "rowwise"
                         else None)
     ok, why = support.torch_path(torch.device("cuda"), "rowwise")
     assert not ok and "rowwise scales fails on NVIDIA L4 (sm_89): RuntimeError: rowwise scaling needs sm_90" in why
@@ -84,7 +84,7 @@ def test_torch_path_on_the_cpu_follows_what_its_scaled_mm_takes(monkeypatch):
     import r1fast.fp8.support as support
 
     takes = {"tensorwise"}
-    monkeypatch.setattr(support, "scaled_mm_error", lambda device, scaling: None if scaling in takes else "RuntimeError: no")
+    monkeypatch.setattr(support, "scaled_mm_error", lambda device, scaling, *_: None if scaling in takes else "RuntimeError: no")
     ok, why = support.torch_path(torch.device("cpu"), "rowwise")
     assert not ok and "takes tensorwise scales only, not rowwise" in why
     assert support.torch_path(torch.device("cpu"), "tensorwise")[0]
@@ -98,7 +98,7 @@ def test_cuda_fp8_support_needs_ada_or_later_and_probes_nothing_before(monkeypat
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "card")
-    monkeypatch.setattr(support, "scaled_mm_error", lambda device, scaling: pytest.fail("probed a card without FP8"))
+    monkeypatch.setattr(support, "scaled_mm_error", lambda device, scaling, *_: pytest.fail("probed a card without FP8"))
     for cap, ok in (((8, 0), False), ((8, 9), True), ((9, 0), True)):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=cap: c)
         assert support.cuda_fp8_support()[0] is ok, cap
@@ -126,6 +126,38 @@ def test_scaled_mm_probe_passes_the_scales_of_the_scaling_asked_for(monkeypatch)
     # both first-operand formats the layer uses (forward E4M3, backward the gradient's), E4M3 second
     assert seen == [(e4m3, e4m3, (16, 1), (1, 16), f32), (e5m2, e4m3, (16, 1), (1, 16), f32),
                     (e4m3, e4m3, (), (), f32), (e5m2, e4m3, (), (), f32)]
+
+
+def test_a_device_without_e5m2_operands_runs_layers_with_e4m3_gradients(monkeypatch):
+    """A _scaled_mm that refuses an E5M2 first operand: layers with E5M2 gradients (the default) fall back
+    at apply_fp8, but E4M3 gradients never use one, and those layers are converted and run."""
+    import r1fast.fp8.linear as fp8_linear_mod
+    import r1fast.fp8.support as support
+
+    e5m2 = torch.float8_e5m2
+
+    def scaled_mm(a, b, scale_a, scale_b, out_dtype, **kw):
+        if a.dtype == e5m2:
+            raise RuntimeError("Expected mat1 to be float8_e4m3fn")
+        return (a.float() @ b.float() * scale_a * scale_b).to(out_dtype)
+    monkeypatch.setattr(torch, "_scaled_mm", scaled_mm)
+    support.scaled_mm_error.cache_clear()
+    fp8_linear_mod._torch_path_on.cache_clear()
+    try:
+        model = Tiny()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Fp8FallbackWarning)
+            apply_fp8(model, "torch", grad_dtype="e4m3", scaling="tensorwise")
+        assert model.fp8_report.effective_mode == "torch" and sorted(model.fp8_report.converted) == ["down", "up"]
+        x = torch.randn(5, 32, requires_grad=True)
+        model.down(model.up(x)).sum().backward()   # forward and both backward GEMMs, no E5M2 operand
+        assert x.grad is not None and torch.isfinite(x.grad).all()
+        with pytest.warns(Fp8FallbackWarning, match="mode='torch' cannot run here"):
+            apply_fp8(Tiny(), "torch", grad_dtype="e5m2", scaling="tensorwise")
+        assert support.scaled_mm_error(torch.device("cpu"), "tensorwise", "e5m2").endswith("to be float8_e4m3fn")
+    finally:
+        support.scaled_mm_error.cache_clear()
+        fp8_linear_mod._torch_path_on.cache_clear()
 
 
 def test_plain_module_swaps_aligned_linears_only():
@@ -175,7 +207,7 @@ def test_nothing_to_convert_reports_off(mode):
 def test_fallback_warns_once_and_keeps_high_precision(monkeypatch):
     # A GPU without FP8: simulate the capability check failing for the torch path.
     monkeypatch.setattr(fp8_apply, "torch_path",
-                        lambda device, scaling="rowwise": (False, "NVIDIA A100 is sm_80; FP8 GEMMs need compute capability >= 8.9"))
+                        lambda device, scaling="rowwise", *_: (False, "NVIDIA A100 is sm_80; FP8 GEMMs need compute capability >= 8.9"))
     model = Tiny().to(torch.bfloat16)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -329,10 +361,10 @@ def test_auto_mode(monkeypatch):
     # on a CUDA device: TE when usable, else torch._scaled_mm when the card has FP8, else off
     cuda = torch.device("cuda")
     monkeypatch.setattr(fp8_apply, "te_module", lambda: None)
-    monkeypatch.setattr(fp8_apply, "torch_path", lambda device, scaling="rowwise": (True, "sm_90"))
+    monkeypatch.setattr(fp8_apply, "torch_path", lambda device, scaling="rowwise", *_: (True, "sm_90"))
     opts, why = fp8_apply._resolve_auto(make_options("auto", scaling="tensorwise"), cuda)
     assert (opts.mode, opts.scaling, why) == ("torch", "tensorwise", None)
-    monkeypatch.setattr(fp8_apply, "torch_path", lambda device, scaling="rowwise": (False, "A100 is sm_80"))
+    monkeypatch.setattr(fp8_apply, "torch_path", lambda device, scaling="rowwise", *_: (False, "A100 is sm_80"))
     opts, why = fp8_apply._resolve_auto(make_options("auto"), cuda)
     assert opts.mode == "off" and "sm_80" in why
     monkeypatch.setattr(fp8_apply, "te_module", lambda: object())

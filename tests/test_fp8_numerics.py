@@ -293,7 +293,7 @@ def test_torch_path_on_a_device_without_scaled_mm_is_a_clear_error(monkeypatch):
     from r1fast.fp8 import linear as fp8_linear_mod
 
     fp8_linear_mod._torch_path_on.cache_clear()
-    monkeypatch.setattr("r1fast.fp8.support.torch_path", lambda device, scaling="rowwise": (False, "no FP8 tensor cores here"))
+    monkeypatch.setattr("r1fast.fp8.support.torch_path", lambda device, scaling="rowwise", *_: (False, "no FP8 tensor cores here"))
     try:
         with pytest.raises(RuntimeError, match="impl='torch' cannot run on cpu: no FP8 tensor cores here"):
             fp8_linear_mod.fp8_linear(torch.randn(4, 32), torch.randn(16, 32), impl="torch")
@@ -458,7 +458,7 @@ def test_torch_path_check_asks_about_the_scaling_in_use(monkeypatch):
 
     fp8_linear_mod._torch_path_on.cache_clear()
     monkeypatch.setattr("r1fast.fp8.support.torch_path",
-                        lambda device, scaling="rowwise": (scaling == "tensorwise", f"no {scaling} scales"))
+                        lambda device, scaling="rowwise", *_: (scaling == "tensorwise", f"no {scaling} scales"))
     try:
         x, w = randn(4, 32, seed=73), randn(16, 32, seed=74)
         y = fp8_linear(x, w, impl="torch", scaling="tensorwise")
@@ -588,7 +588,7 @@ def test_scaled_mm_calls_keep_the_cuda_contract(monkeypatch, cuda_rules, scaling
     calls = []
     monkeypatch.setattr(torch, "_scaled_mm", _strict_scaled_mm(calls, cuda_rules))
     monkeypatch.setattr(gemm, "_follows_cuda_rules", lambda t: cuda_rules)
-    monkeypatch.setattr(lin, "_check_torch_path", lambda device, scaling: None)
+    monkeypatch.setattr(lin, "_check_torch_path", lambda device, scaling, *_: None)
     x, w, b, dy = _inputs((29,), 64, 32, True, seed=90)
     x, dy = x.to(act_dtype), dy.to(act_dtype)
     got = _run("torch", x, w, b, dy, grad_dtype, scaling)

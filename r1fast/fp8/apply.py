@@ -68,7 +68,7 @@ def _resolve_auto(opts: Fp8Options, device: torch.device) -> tuple[Fp8Options, s
         return make_options("off", grad_dtype=opts.grad_dtype), f"no FP8 speed-up on {device.type}"
     if te_module() is not None and te_recipe_support(opts.recipe or "current")[0]:
         return make_options("te", recipe=opts.recipe, grad_dtype=opts.grad_dtype), None
-    ok, why = torch_path(device, opts.scaling or "rowwise")
+    ok, why = torch_path(device, opts.scaling or "rowwise", opts.grad_dtype)
     if ok:
         return make_options("torch", grad_dtype=opts.grad_dtype, scaling=opts.scaling), None
     return make_options("off", grad_dtype=opts.grad_dtype), why
@@ -77,7 +77,7 @@ def _resolve_auto(opts: Fp8Options, device: torch.device) -> tuple[Fp8Options, s
 def _resolve_mode(opts: Fp8Options, device: torch.device) -> tuple[str, str | None]:
     """(mode to run, reason for falling back or None)."""
     if opts.mode == "torch":
-        ok, why = torch_path(device, opts.scaling)
+        ok, why = torch_path(device, opts.scaling, opts.grad_dtype)
         return ("torch", None) if ok else ("off", why)
     if opts.mode == "te":
         if te_module() is None:

@@ -125,7 +125,7 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
         raise ValueError(f"fp8_linear: impl='torch' (torch._scaled_mm) needs both weight dimensions to be multiples "
                          f"of 16, got {tuple(weight.shape)}; apply_fp8 keeps such layers in high precision")
     if impl == "torch":
-        _check_torch_path(x.device, scaling)
+        _check_torch_path(x.device, scaling, grad_dtype)
     # Like nn.Linear, the output takes the autocast dtype when autocast is on, else the input's dtype.
     dev = x.device.type
     out_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
@@ -133,16 +133,16 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
 
 
 @functools.lru_cache(maxsize=None)
-def _torch_path_on(device: torch.device, scaling: str) -> tuple[bool, str]:
+def _torch_path_on(device: torch.device, scaling: str, grad_dtype: str) -> tuple[bool, str]:
     from r1fast.fp8.support import torch_path
 
-    return torch_path(device, scaling)
+    return torch_path(device, scaling, grad_dtype)
 
 
-def _check_torch_path(device: torch.device, scaling: str):
+def _check_torch_path(device: torch.device, scaling: str, grad_dtype: str):
     """A model converted where _scaled_mm runs and then moved where it does not (e.g. to an A100)
     would fail deep inside _scaled_mm: name the cause instead (cached per device: no per-call cost)."""
-    ok, why = _torch_path_on(device, scaling)
+    ok, why = _torch_path_on(device, scaling, grad_dtype)
     if not ok:
         raise RuntimeError(f"fp8_linear: impl='torch' cannot run on {device}: {why}; convert the model where it "
                            f"will run (apply_fp8 falls back to high precision there) or use fp8='emulate'")

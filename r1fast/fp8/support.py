@@ -5,16 +5,17 @@ import functools
 
 import torch
 
-from r1fast.fp8.options import RECIPES
+from r1fast.fp8.options import FP8_DTYPES, RECIPES
 
 # FP8 tensor cores: Ada (sm_89) and Hopper (sm_90) onwards.
 MIN_FP8_CAPABILITY = (8, 9)
 
 
 @functools.lru_cache(maxsize=None)
-def scaled_mm_error(device: torch.device, scaling: str) -> str | None:
-    """None when 16 x 16 torch._scaled_mm calls with `scaling` ("tensorwise" or "rowwise") scales run on
-    `device`, else what it raised. Support differs by build and card: torch 2.11's CPU kernel takes one
+def scaled_mm_error(device: torch.device, scaling: str, grad_dtype: str = "e5m2") -> str | None:
+    """None when 16 x 16 torch._scaled_mm calls with `scaling` ("tensorwise" or "rowwise") scales, and the
+    operand formats of a layer whose gradients are `grad_dtype` ("e5m2" or "e4m3"), run on `device`, else
+    what it raised. Support differs by build and card: torch 2.11's CPU kernel takes one
     scale per operand only (2.13's takes rows too); rowwise scales on CUDA need Hopper, or Ada with
     torch >= 2.7, and cuBLAS's own rowwise kernels on newer cards."""
     try:
@@ -26,9 +27,9 @@ def scaled_mm_error(device: torch.device, scaling: str) -> str | None:
             scale_a = scale_b = torch.tensor(1.0, device=device)
         # the rowwise CUDA kernel writes bf16 only (see gemm._scaled_mm_nt)
         out_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        # the first operand is E4M3 in forward and the gradient's format (E4M3 or E5M2) in backward:
-        # probe both, so a kernel without E5M2 x E4M3 fails here, not in the first backward
-        for a_dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        # the first operand is E4M3 in forward and the gradient's format in backward: probe both, so a kernel
+        # without E5M2 x E4M3 fails here, not in the first backward (and refuses no layer with E4M3 gradients)
+        for a_dtype in dict.fromkeys((torch.float8_e4m3fn, FP8_DTYPES[grad_dtype])):
             torch._scaled_mm(ones.to(a_dtype), b.t(), scale_a=scale_a, scale_b=scale_b, out_dtype=out_dtype)
     except Exception as e:  # noqa: BLE001 - any failure means: this path does not run here
         return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:160]}"
@@ -46,25 +47,26 @@ def cuda_fp8_support(device: torch.device | None = None) -> tuple[bool, str]:
     return True, f"{name} (sm_{cap[0]}{cap[1]})"
 
 
-def torch_path(device: torch.device, scaling: str = "rowwise") -> tuple[bool, str]:
-    """Can the "torch" path (torch._scaled_mm) run on tensors living on `device` with `scaling` scales?"""
+def torch_path(device: torch.device, scaling: str = "rowwise", grad_dtype: str = "e5m2") -> tuple[bool, str]:
+    """Can the "torch" path (torch._scaled_mm) run on tensors living on `device` with `scaling` scales and
+    `grad_dtype` gradients?"""
     if not hasattr(torch, "_scaled_mm"):
         return False, f"torch {torch.__version__} has no torch._scaled_mm"
     if device.type == "cuda":
         ok, why = cuda_fp8_support(device)
         if not ok:
             return False, why
-        err = scaled_mm_error(device, scaling)
+        err = scaled_mm_error(device, scaling, grad_dtype)
         if err is not None:
             # Ada with an older torch takes tensorwise scales only: name the option that does run.
             hint = "; tensorwise scales run (scaling='tensorwise', fp8_scaling in a config)" \
-                if scaling != "tensorwise" and scaled_mm_error(device, "tensorwise") is None else ""
+                if scaling != "tensorwise" and scaled_mm_error(device, "tensorwise", grad_dtype) is None else ""
             return False, f"torch {torch.__version__}'s torch._scaled_mm with {scaling} scales fails on {why}: {err}{hint}"
         return True, f"torch._scaled_mm on {why}"
     if device.type == "cpu":
-        if scaled_mm_error(device, scaling) is None:
+        if scaled_mm_error(device, scaling, grad_dtype) is None:
             return True, "torch._scaled_mm on the CPU (a reference kernel: correct, not faster than bf16)"
-        if scaled_mm_error(device, "tensorwise") is None:
+        if scaled_mm_error(device, "tensorwise", grad_dtype) is None:
             return False, (f"torch {torch.__version__}'s CPU torch._scaled_mm takes tensorwise scales only, "
                            f"not {scaling} (scaling='tensorwise', fp8_scaling in a config, runs)")
         return False, f"torch {torch.__version__} has no CPU torch._scaled_mm"
