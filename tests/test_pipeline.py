@@ -2555,3 +2555,30 @@ def test_eval_stop_tokens_are_checked_before_a_stage_that_is_not_evaluated_train
     assert load_pipeline(spec, ["eval_stop_tokens=[<|user|>]"]).eval_stop_tokens == ["<|user|>"]
     spec.pop("eval_dataset")   # nothing evaluated: nothing to stop
     assert load_pipeline(spec, ["eval_stop_tokens=[</s>]"]).eval_stop_tokens == ["</s>"]
+
+
+def test_a_stopped_sample_stage_whose_model_was_retrained_since_starts_over(tmp_path, monkeypatch, capsys,
+                                                                           sigterm_guard):
+    # the sample stage's progress was keyed by its options, prompts and the pipeline's settings, not by the weights
+    # it samples: after the stage before it was trained again into the same checkpoint folder, --resume went on
+    # from the earlier weights' kept rows and mixed two models' samples in one output
+    from safetensors.torch import load_file, save_file
+
+    stopper = sigterm_on_call(tmp_path, monkeypatch, 1)
+    spec = tmp_path / "p.yaml"
+    spec.write_text(f"name: p\nmodel: builtin:micro\nprogress_bar: false\noutput_dir: {tmp_path / 'run'}\nstages:\n"
+                    "  - {name: s, type: sft, dataset: builtin:arithmetic, num_rows: 8,\n"
+                    "     config: {max_steps: 1, per_device_train_batch_size: 4}}\n"
+                    "  - {name: rs, type: sample, dataset: builtin:arithmetic, num_rows: 8,\n"
+                    "     config: {num_samples: 2, batch_prompts: 2, max_completion_length: 4, keep_truncated: true,\n"
+                    "              reward_funcs: ['stopper:f'], reward_thresholds: [0]}}\n")
+    assert main(["pipeline", str(spec)]) == 130
+    weights = tmp_path / "run" / "s" / "checkpoint-1" / "model.safetensors"
+    retrained = {k: v + 0.01 * torch.randn_like(v) for k, v in load_file(str(weights)).items()}
+    save_file(retrained, str(weights), metadata={"format": "pt"})
+    stopper.calls.clear()
+    stopper.STOP_AT = 0
+    capsys.readouterr()
+    assert main(["pipeline", str(spec), "--resume"]) == 0
+    assert "is for other options or prompts: it samples from its first prompt" in capsys.readouterr().err
+    assert stopper.calls == [4] * 4

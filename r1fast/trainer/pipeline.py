@@ -511,6 +511,10 @@ class PipelineRunner:
     def load_model(self, spec: str, seed: int):
         from r1fast.trainer.common import load_model_and_tokenizer
 
+        return load_model_and_tokenizer(self.model_folder(spec), device=self.device, dtype=self.p.dtype, seed=seed)
+
+    def model_folder(self, spec: str) -> str:
+        """The folder (or builtin:<size>) a model spec loads: "@stage" is that stage's checkpoint."""
         if spec.startswith("@"):
             path = self.state["stages"].get(spec[1:], {}).get("checkpoint")
             if not path:
@@ -518,7 +522,7 @@ class PipelineRunner:
             if not os.path.isdir(self._from_run(path)):
                 raise ValueError(f"model {spec!r}: that stage's checkpoint {self._from_run(path)} is gone ({_GONE})")
             spec = self._from_run(path)
-        return load_model_and_tokenizer(spec, device=self.device, dtype=self.p.dtype, seed=seed)
+        return spec
 
     def _in_run(self, path: str) -> str:
         """`path` as pipeline_state.json records it: relative to the run folder when inside it, so that
@@ -602,12 +606,17 @@ class PipelineRunner:
                              f"{n}.reward_thresholds{cut}, or sample more ({n}.num_samples, {n}.num_rows); "
                              f"--resume then samples {n!r} again")
 
-    def _sample_fingerprint(self, stage: Stage, rows: list[dict]) -> str:
-        """A sample stage's options, prompts and the pipeline's model, dtype, device and seed."""
-        from r1fast.trainer.sampling import sample_fingerprint
+    def _sample_fingerprint(self, stage: Stage, rows: list[dict], model_source: Optional[str]) -> str:
+        """A sample stage's options, prompts, the pipeline's model, dtype, device and seed, and the weights of the
+        model it samples (`model_source`, a folder: an earlier stage's checkpoint, trained again into the same
+        folder since its stopped run, or a local model retrained in place)."""
+        from r1fast.trainer.sampling import sample_fingerprint, weights_signature
 
-        return sample_fingerprint(_stage_options(stage), [r.get(stage.config.prompt_column) for r in rows],
-                                  self._settings())
+        settings = self._settings()
+        weights = weights_signature(model_source) if model_source else None
+        if weights is not None:   # builtin:<size> adds nothing: its fingerprint is as before
+            settings["weights"] = weights
+        return sample_fingerprint(_stage_options(stage), [r.get(stage.config.prompt_column) for r in rows], settings)
 
     def evaluate(self, model, tokenizer, seed: int) -> dict:
         from r1fast.trainer.evaluate import evaluate_accuracy
@@ -708,6 +717,7 @@ class PipelineRunner:
         self.save_state()  # the stage order, for `r1fast plot` while the first stage runs
         t_start = time.perf_counter()
         model = tokenizer = None
+        model_source: Optional[str] = None   # the folder (or builtin:<size>) whose weights `model` holds
         # what a stage without its own model loads when `model` is None: (spec, seed) of the last finished
         # stage's checkpoint, or of the model a finished sample stage sampled
         reload: Optional[tuple[str, int]] = None
@@ -736,6 +746,7 @@ class PipelineRunner:
                 model = tokenizer = None   # the earlier stages' model: freed before this stage's own loads
                 _free_memory()
                 model, tokenizer = self.load_model(stage.model, p.seed + i)
+                model_source = self.model_folder(stage.model)
             elif model is None:
                 # the model a stage let go of (an FP8 GRPO stage's, which the next stage reloads in high
                 # precision) is freed before this one loads, as where a stage loads its own model
@@ -745,8 +756,10 @@ class PipelineRunner:
                                      f"finished with, which is gone ({_GONE})")
                 if reload:
                     model, tokenizer = self.load_model(*reload)
+                    model_source = self.model_folder(reload[0])
                 elif p.model:
                     model, tokenizer = self.load_model(p.model, p.seed)
+                    model_source = p.model
                 else:
                     raise ConfigError(f"stage {stage.name!r}: no model (set the pipeline's 'model' or the stage's)")
             if stage.type != "sample" and stage.evaluate and self.eval_rows():
@@ -798,7 +811,7 @@ class PipelineRunner:
 
                 rows = self.stage_rows(stage, i, (cfg.prompt_column,))
                 progress_path = os.path.join(stage_dir, SAMPLE_PROGRESS)
-                log = SampleProgress(progress_path, self._sample_fingerprint(stage, rows))
+                log = SampleProgress(progress_path, self._sample_fingerprint(stage, rows, model_source))
                 earlier = log.load(f"stage {stage.name!r}") if resume else None
                 self._stop_if_requested(stage)
                 self._finishing = (f"finishing this batch of prompts of stage {stage.name!r} and keeping what it "
@@ -835,6 +848,7 @@ class PipelineRunner:
             record.update(step_end=step, wall_s=time.perf_counter() - t0, finished=True, options=_stage_options(stage))
             if "checkpoint" in record:
                 reload = self._from_run(record["checkpoint"]), p.seed + i
+                model_source = reload[0]   # the trained model in memory is the one saved there
                 if getattr(getattr(model, "fp8_report", None), "converted", None):
                     # a GRPO stage's FP8 layers must not carry into the next stage (its own fp8 option, or
                     # none for SFT, decides): it starts from the checkpoint in high precision, as on --resume
