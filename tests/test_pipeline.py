@@ -2582,3 +2582,27 @@ def test_a_stopped_sample_stage_whose_model_was_retrained_since_starts_over(tmp_
     assert main(["pipeline", str(spec), "--resume"]) == 0
     assert "is for other options or prompts: it samples from its first prompt" in capsys.readouterr().err
     assert stopper.calls == [4] * 4
+
+
+def test_resume_names_a_finished_stages_data_file_that_changed_on_disk(tmp_path, capsys):
+    # a finished stage's options are compared on --resume, but its dataset only by its path: rows edited in the
+    # same file were skipped without a word, the stage's results (and every stage after it) kept from the old rows
+    data = tmp_path / "rows.jsonl"
+    write = lambda terms: data.write_text("".join(json.dumps({"prompt": f"{a}+{b}=", "completion": f"{a + b}"}) + "\n"
+                                                  for a, b in terms))
+    write([(1, 2), (3, 4), (5, 6), (7, 8)])
+    spec = tmp_path / "p.yaml"
+    spec.write_text(f"name: p\nmodel: builtin:micro\nprogress_bar: false\noutput_dir: {tmp_path / 'run'}\nstages:\n"
+                    f"  - {{name: s, type: sft, dataset: {data}, config: {{max_steps: 1, per_device_train_batch_size: 4}}}}\n"
+                    "  - {name: t, type: sft, dataset: builtin:arithmetic, num_rows: 8,\n"
+                    "     config: {max_steps: 1, per_device_train_batch_size: 4}}\n")
+    assert main(["pipeline", str(spec)]) == 0
+    capsys.readouterr()
+    assert main(["pipeline", str(spec), "--resume"]) == 0
+    assert "differ" not in capsys.readouterr().err   # the same rows: nothing to say
+    write([(1, 2), (3, 4), (5, 6), (7, 9)])
+    assert main(["pipeline", str(spec), "--resume"]) == 0
+    err = capsys.readouterr().err
+    assert f"stage 's' finished in the earlier run, whose results are kept; its options given now differ (the rows " \
+           f"of dataset '{data}' changed since" in err
+    assert "stage 't'" not in err

@@ -606,6 +606,25 @@ class PipelineRunner:
                              f"{n}.reward_thresholds{cut}, or sample more ({n}.num_samples, {n}.num_rows); "
                              f"--resume then samples {n!r} again")
 
+    def _data_change_note(self, stage: Stage, index: int, done: dict) -> str:
+        """A finished stage's dataset file (or saved dataset) whose rows changed since the stage ran on them: its
+        options compared equal (the same path), and its results were kept without a word. "" when they are the
+        same, for builtin:<task> (drawn from the options) and "@stage" data, and for a state from before rows were
+        recorded."""
+        from r1fast.trainer.common import rows_fingerprint
+
+        was = done.get("rows_sha256")
+        if not was or stage.dataset.startswith(("builtin:", "@")):
+            return ""
+        if (done.get("options") or {}).get("dataset", stage.dataset) != stage.dataset:
+            return ""   # another path: _changed_options names it
+        try:
+            rows = self.stage_rows(stage, index, ())
+        except Exception:   # gone or unreadable: only what a later stage reads of it matters, and says so
+            return ""
+        now = rows_fingerprint(rows)
+        return "" if now == was else f"the rows of dataset {stage.dataset!r} changed since it ran: sha256 {was} -> {now}"
+
     def _sample_fingerprint(self, stage: Stage, rows: list[dict], model_source: Optional[str]) -> str:
         """A sample stage's options, prompts, the pipeline's model, dtype, device and seed, and the weights of the
         model it samples (`model_source`, a folder: an earlier stage's checkpoint, trained again into the same
@@ -686,6 +705,7 @@ class PipelineRunner:
 
     def _run(self, resume: bool) -> dict:
         from r1fast.trainer.checkpoints import latest_checkpoint, remove_save_leftovers
+        from r1fast.trainer.common import rows_fingerprint
 
         p = self.p
         if p.num_threads and self.device.type == "cpu":
@@ -727,7 +747,8 @@ class PipelineRunner:
             if done and done.get("finished"):
                 print(f"\n== stage {i + 1}/{len(p.stages)}: {stage.name} ({stage.type}): done in the earlier run, "
                       f"skipped ==", flush=True)
-                note = _changed_options(stage, done.get("options"))
+                note = ", ".join(n for n in (_changed_options(stage, done.get("options")),
+                                             self._data_change_note(stage, i, done)) if n)
                 if note:
                     print(f"r1fast: --resume: stage {stage.name!r} finished in the earlier run, whose results are kept; "
                           f"its options given now differ ({note}) and are not applied (overwrite_output_dir=true "
@@ -793,6 +814,7 @@ class PipelineRunner:
                 from r1fast.trainer.sft import SFTTrainer
 
                 rows = self.stage_rows(stage, i, (cfg.prompt_column, cfg.completion_column))
+                record["rows_sha256"] = rows_fingerprint(rows)
                 tr = SFTTrainer(model, tokenizer, rows, cfg, run_dir=stage_dir, stage_name=stage.name, step_offset=step)
                 step += self._train_stage(tr, stage, resume_stage, record)
             elif stage.type == "grpo":
@@ -803,6 +825,7 @@ class PipelineRunner:
                 eval_rows = self.stage_eval_rows(stage) if cfg.eval_steps else None
                 rows = self.stage_rows(stage, i, (cfg.prompt_column,),
                                        held_out=eval_rows if cfg.eval_dataset is not None else None)
+                record["rows_sha256"] = rows_fingerprint(rows)
                 tr = GRPOTrainer(model, cfg.reward_funcs, rows, cfg, tokenizer=tokenizer, eval_dataset=eval_rows,
                                  run_dir=stage_dir, stage_name=stage.name, step_offset=step, eval_at_ends=False)
                 step += self._train_stage(tr, stage, resume_stage, record)
@@ -810,6 +833,7 @@ class PipelineRunner:
                 from r1fast.trainer.sampling import SampleProgress, finish_samples, rejection_sample, summary
 
                 rows = self.stage_rows(stage, i, (cfg.prompt_column,))
+                record["rows_sha256"] = rows_fingerprint(rows)
                 progress_path = os.path.join(stage_dir, SAMPLE_PROGRESS)
                 log = SampleProgress(progress_path, self._sample_fingerprint(stage, rows, model_source))
                 earlier = log.load(f"stage {stage.name!r}") if resume else None
