@@ -2606,3 +2606,41 @@ def test_resume_names_a_finished_stages_data_file_that_changed_on_disk(tmp_path,
     assert f"stage 's' finished in the earlier run, whose results are kept; its options given now differ (the rows " \
            f"of dataset '{data}' changed since" in err
     assert "stage 't'" not in err
+
+
+def test_resume_names_a_local_model_retrained_in_place_since_the_earlier_run(tmp_path, capsys):
+    # the pipeline's model and a stage's own were compared by their folder's name: a model trained again into the
+    # same folder was taken on --resume without a word, the stages done having trained the earlier weights
+    from safetensors.torch import load_file, save_file
+
+    run_pipeline(str(one_sft_stage_spec(tmp_path)), [f"output_dir={tmp_path / 'm'}"])
+    for name in "ab":
+        shutil.copytree(tmp_path / "m" / "s" / "checkpoint-1", tmp_path / name)
+    spec = tmp_path / "two.yaml"
+    spec.write_text(f"name: p\nmodel: {tmp_path / 'a'}\nprogress_bar: false\noutput_dir: {tmp_path / 'run'}\nstages:\n"
+                    "  - {name: s, type: sft, dataset: builtin:arithmetic, num_rows: 8,\n"
+                    "     config: {max_steps: 1, per_device_train_batch_size: 4}}\n"
+                    f"  - {{name: t, type: sft, model: {tmp_path / 'b'}, dataset: builtin:arithmetic, num_rows: 8,\n"
+                    "     config: {max_steps: 1, per_device_train_batch_size: 4}}\n")
+    run_pipeline(str(spec))
+    capsys.readouterr()
+    run_pipeline(str(spec), resume=True)
+    err = capsys.readouterr().err
+    assert "changed" not in err and "differ" not in err
+
+    def retrain(folder):
+        weights = str(folder / "model.safetensors")
+        save_file({k: v + 0.01 * torch.randn_like(v) for k, v in load_file(weights).items()}, weights,
+                  metadata={"format": "pt"})
+
+    retrain(tmp_path / "a")
+    run_pipeline(str(spec), resume=True)
+    err = capsys.readouterr().err
+    assert "r1fast: --resume: the pipeline's model_weights" in err and "changed since the earlier run" in err
+    assert "stage 't'" not in err
+    retrain(tmp_path / "b")
+    run_pipeline(str(spec), resume=True)
+    err = capsys.readouterr().err
+    assert "the pipeline's" not in err
+    assert "stage 't' finished in the earlier run, whose results are kept; its options given now differ " \
+           "(model_weights " in err

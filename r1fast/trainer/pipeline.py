@@ -927,7 +927,8 @@ class PipelineRunner:
 
     def _settings(self) -> dict:
         """The pipeline keys every stage runs with (the held-out ones: _eval_settings), as the state records them."""
-        return {"model": self.p.model, "dtype": self.p.dtype, "device": str(self.device), "seed": self.p.seed}
+        return {"model": self.p.model, "dtype": self.p.dtype, "device": str(self.device), "seed": self.p.seed,
+                **_model_weights(self.p.model)}
 
     def _eval_settings(self) -> dict:
         """What a held-out accuracy depends on besides the model: the rows (dataset, size, seed) and
@@ -1000,8 +1001,19 @@ def _stage_options(stage: Stage) -> dict:
     # to_json_dict: a reward function given in Python by its module:qualname; str() of it holds its address, another
     # in every process, so a resumed sample stage's progress (keyed by these options) was always another sampling's
     options = {**{k: v for k, v in stage.config.to_json_dict().items() if not callable(v)},
-               "model": stage.model, "dataset": stage.dataset, "num_rows": stage.num_rows}
+               "model": stage.model, "dataset": stage.dataset, "num_rows": stage.num_rows, **_model_weights(stage.model)}
     return json.loads(json.dumps(options, default=str))
+
+
+def _model_weights(spec: Optional[str]) -> dict:
+    """{"model_weights": sampling.weights_signature} of a local model folder ({} for builtin:<size>, "@stage",
+    none): a model trained again into the same folder has the same name, which was all a resume compared."""
+    from r1fast.trainer.sampling import weights_signature
+
+    if not spec or spec.startswith(("@", "builtin:")):
+        return {}
+    weights = weights_signature(spec)
+    return {} if weights is None else {"model_weights": weights}
 
 
 def _changed_settings(recorded: Optional[dict], now: dict) -> str:
@@ -1022,7 +1034,8 @@ def _changed_options(stage: Stage, recorded: Optional[dict]) -> str:
         return ""
     now = _stage_options(stage)
     changed = [f"{k} {recorded.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(now) | set(recorded))
-               if now.get(k) != recorded.get(k) and k != "progress_bar"]
+               if now.get(k) != recorded.get(k) and k != "progress_bar"
+               and not (k == "model_weights" and k not in recorded)]   # recorded by an r1fast before it was
     return ", ".join(changed)
 
 
