@@ -3,6 +3,7 @@ can start fresh, resume skips finished stages, and the commands report bad input
 import copy
 import json
 import os
+import shlex
 import shutil
 import sys
 
@@ -1071,8 +1072,9 @@ def test_a_new_run_into_an_earlier_runs_folder_says_what_to_type(tmp_path, capsy
     msg = str(e.value)
     typed = f"r1fast pipeline {spec} output_dir={run}"
     assert f"{run} holds an earlier run (pipeline_state.json; finished stages: s)" in msg
-    for choice in ("--resume", "overwrite_output_dir=true", "output_dir=NEW_FOLDER"):
+    for choice in ("--resume", "overwrite_output_dir=true"):
         assert f"  {typed} {choice} " in msg
+    assert f"  r1fast pipeline {spec} output_dir=NEW_FOLDER " in msg   # the typed output_dir left out
     assert main(cmd + ["--resume"]) == 0
     (run / "s" / "notes.txt").write_text("mine")
     assert main(cmd + ["overwrite_output_dir=true"]) == 0
@@ -1086,6 +1088,22 @@ def test_a_new_run_into_an_earlier_runs_folder_says_what_to_type(tmp_path, capsy
     with pytest.raises(SystemExit, match=rf"(?s)holds an earlier run \(checkpoints checkpoint-1\).*"
                                          rf"  r1fast train {g} --resume +to continue it"):
         main(["train", str(g)])
+
+
+def test_the_commands_offered_for_an_earlier_runs_folder_set_output_dir_once(tmp_path):
+    # `r1fast train output_dir=runs/x` into a used folder offered `... output_dir=runs/x output_dir=NEW_FOLDER`
+    # (and `overwrite_output_dir=false overwrite_output_dir=true`): a command naming two folders
+    spec = one_sft_stage_spec(tmp_path)
+    run = tmp_path / "run"
+    assert main(["pipeline", str(spec), f"output_dir={run}"]) == 0
+    for typed in ([f"--output_dir={run}"], ["--output-dir", str(run)], [f"output_dir={run}"]):
+        with pytest.raises(SystemExit) as e:
+            main(["pipeline", str(spec), *typed, "overwrite_output_dir=false", "seed=1"])
+        lines = str(e.value).splitlines()[1:]
+        assert [shlex.split(line.strip().split("  ")[0])[3:] for line in lines] == [
+            [*typed, "overwrite_output_dir=false", "seed=1", "--resume"],
+            [*typed, "seed=1", "overwrite_output_dir=true"],
+            ["overwrite_output_dir=false", "seed=1", "output_dir=NEW_FOLDER"]]
 
 
 def test_pipeline_checks_every_stage_when_loaded(tmp_path):

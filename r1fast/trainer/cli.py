@@ -228,13 +228,35 @@ def _in_use_message(cmd: str, rest: list[str], e) -> str:
     """A new run refused for an earlier run in its folder, with the exact commands to type."""
     import shlex
 
-    again = shlex.join(["r1fast", cmd, *rest])
-    choices = [(f"{again} --resume", "to continue it"),
-               (f"{again} overwrite_output_dir=true", "to start over (deletes its checkpoints and metrics)"),
-               (f"{again} output_dir=NEW_FOLDER", "to keep it and write the new run elsewhere")]
+    def again(*keys: str) -> str:
+        # the typed command without its own setting of `keys`, which the choice sets again: a command holding
+        # `output_dir=runs/x output_dir=NEW_FOLDER` reads as if it wrote into both
+        return shlex.join(["r1fast", cmd, *_without_options(rest, keys)])
+
+    choices = [(f"{again()} --resume", "to continue it"),
+               (f"{again('overwrite_output_dir')} overwrite_output_dir=true",
+                "to start over (deletes its checkpoints and metrics)"),
+               (f"{again('output_dir')} output_dir=NEW_FOLDER", "to keep it and write the new run elsewhere")]
     width = max(len(c) for c, _ in choices)
     return (f"r1fast {cmd}: {e.run_dir} holds an earlier run ({e.holds}). Type\n"
             + "\n".join(f"  {c:<{width}}  {why}" for c, why in choices))
+
+
+def _without_options(rest: list[str], keys: tuple[str, ...]) -> list[str]:
+    """`rest` less the overrides that set one of `keys` (`key=v`, `--key=v`, `--key v`; `-` for `_` too)."""
+    def key_of(arg: str) -> str:
+        return arg.lstrip("-").split("=", 1)[0].replace("-", "_")
+
+    out, i = [], 0
+    while i < len(rest):
+        arg = rest[i]
+        if key_of(arg) in keys and (arg.startswith("--") or "=" in arg):
+            # `--key value`: its value is the next argument
+            i += 2 if arg.startswith("--") and "=" not in arg else 1
+            continue
+        out.append(arg)
+        i += 1
+    return out
 
 
 def _resume_pipeline(resume, overrides: list[str]) -> tuple[bool, list[str]]:
