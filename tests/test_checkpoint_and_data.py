@@ -1567,3 +1567,35 @@ def test_resuming_an_abandoned_checkpoint_sets_aside_the_other_branchs_checkpoin
         assert json.loads(open(os.path.join(path, ckpt.STATE_FILE)).read())["branch"] == "b"
     # a set-aside name with its .<pid> suffix reads as its step too
     assert ckpt.set_aside_newer(str(run), moved[0]) == [str(run / f"abandoned-checkpoint-3.{os.getpid()}")]
+
+
+def test_a_dataset_without_the_prompt_column_says_which_option_names_it(tmp_path, monkeypatch, capsys):
+    # "lacks column(s) ['prompt', 'completion']; it has ['question', 'reply']" said what was missing, not that
+    # prompt_column= / completion_column= read the data's own columns (GSM8K's prompts are under `question`)
+    from r1fast.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "q.jsonl").write_text('{"question": "1+2=", "reply": "<think>1+2=3</think><answer>3</answer>", '
+                                      '"answer": "3"}\n' * 8)
+    small = ["model_name_or_path=builtin:micro", "dataset=q.jsonl", "max_steps=1", "progress_bar=false"]
+    cases = [(["sft", *small], "SFT dataset", "prompt_column=<column> and completion_column=<column>"),
+             (["sft", *small, "prompt_column=question"], "SFT dataset", "completion_column=<column>"),
+             (["train", *small, "per_device_train_batch_size=4", "num_generations=4"], "train dataset",
+              "prompt_column=<column>"),
+             (["sample", "model_name_or_path=builtin:micro", "dataset=q.jsonl", "progress_bar=false"], "dataset",
+              "prompt_column=<column>")]
+    for argv, what, sets in cases:
+        with pytest.raises(SystemExit, match=rf"{what} \('q.jsonl'\) lacks .*; it has \['answer', 'question', "
+                                             rf"'reply'\]; set {re.escape(sets)} to read (another column|other "
+                                             rf"columns)$"):
+            main(argv)
+    # a pipeline stage's option is set as <stage>.<option>
+    spec = tmp_path / "p.yaml"
+    spec.write_text("name: p\nmodel: builtin:micro\nprogress_bar: false\nstages:\n  - name: cold\n    type: sft\n"
+                    "    dataset: q.jsonl\n    config: {max_steps: 1}\n")
+    with pytest.raises(SystemExit, match=r"stage 'cold': dataset \('q.jsonl'\) lacks column\(s\) \['prompt', "
+                                         r"'completion'\].*; set cold.prompt_column=<column> and "
+                                         r"cold.completion_column=<column> to read other columns$"):
+        main(["pipeline", str(spec)])
+    # and setting what it names reads the data
+    assert main(["sft", *small, "prompt_column=question", "completion_column=reply"]) == 0

@@ -22,8 +22,10 @@ EVAL_SPLITS = ("test", "validation", "eval")
 
 
 def load_rows(spec: str, *, split: Optional[str] = None, n_builtin: int = 1000, seed: int = 0,
-              required_columns: Sequence[str] = (), default_splits: Sequence[str] = TRAIN_SPLITS) -> list[dict]:
-    """A dataset as a list of row dicts (`required_columns` must all be present): FileRows, which also know the
+              required_columns: Sequence[str] = (), default_splits: Sequence[str] = TRAIN_SPLITS,
+              column_options: Optional[dict[str, str]] = None) -> list[dict]:
+    """A dataset as a list of row dicts (`required_columns` must all be present; `column_options` as
+    check_columns's `options`): FileRows, which also know the
     file and, for JSONL, each row's line, so that a bad row's error names them. `split` names a split of a folder
     saved from a DatasetDict; without it, the first of `default_splits` it has, else its first split. A .csv whose
     rows have a field more than its header is refused (pandas would read its columns shifted by one)."""
@@ -37,8 +39,18 @@ def load_rows(spec: str, *, split: Optional[str] = None, n_builtin: int = 1000, 
         raise ValueError(f"dataset {spec!r} is empty")
     if not isinstance(rows, FileRows):   # a JSONL file's rows know their lines already
         rows = FileRows(rows, spec)
-    check_columns(rows, required_columns, "dataset")
+    check_columns(rows, required_columns, "dataset", column_options)
     return rows
+
+
+def column_options_hint(missing: Sequence[str], options: Optional[dict[str, str]]) -> str:
+    """'; set prompt_column=<column> to read another column' for the missing columns an option names: a
+    dataset whose prompts are under `question` (GSM8K's) is read with prompt_column=question."""
+    named = [options[c] for c in missing if options and c in options]
+    if not named:
+        return ""
+    sets = " and ".join(f"{o}=<column>" for o in named)
+    return f"; set {sets} to read {'another column' if len(named) == 1 else 'other columns'}"
 
 
 class FileRows(list):
@@ -125,14 +137,17 @@ def split_conversations(rows: Sequence[dict], prompt_column: str, completion_col
     return FileRows(out, rows.source, rows.lines) if isinstance(rows, FileRows) else out
 
 
-def check_columns(rows: Sequence[dict], columns: Sequence[str], where: str = "dataset"):
+def check_columns(rows: Sequence[dict], columns: Sequence[str], where: str = "dataset",
+                  options: Optional[dict[str, str]] = None):
     """Every row has a value (not None) in every one of `columns`.
 
     All rows are checked, not just the first: a row with a hole would otherwise train on the text
-    "None" (SFT) or fail with a KeyError in the middle of a run."""
+    "None" (SFT) or fail with a KeyError in the middle of a run. `options`: column -> the option that
+    names it (`prompt_column`), for the error to say what to set."""
     missing = [c for c in columns if c not in rows[0]]
     if missing:
-        raise ValueError(f"{where}{source_name(rows)} lacks column(s) {missing}; it has {sorted(rows[0])}")
+        raise ValueError(f"{where}{source_name(rows)} lacks column(s) {missing}; it has {sorted(rows[0])}"
+                         f"{column_options_hint(missing, options)}")
     for i, row in enumerate(rows):
         holes = [c for c in columns if row.get(c) is None]
         if holes:

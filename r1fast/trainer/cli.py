@@ -383,7 +383,8 @@ def _cmd_sample(args):
     progress_file = sampling.progress_path(out)
     _check_sample_output(out, progress_file, resume, args.rest, cfg.dataset)
     # the data before the model: a wrong dataset is said before a large model has loaded
-    rows = load_rows(cfg.dataset, split=cfg.dataset_split, seed=cfg.seed, required_columns=(cfg.prompt_column,))
+    rows = load_rows(cfg.dataset, split=cfg.dataset_split, seed=cfg.seed, required_columns=(cfg.prompt_column,),
+                     column_options={cfg.prompt_column: "prompt_column"})
     # a misspelt answer_column too (rejection_sample found it once the model had loaded)
     check_answer_present(cfg.reward_funcs, rows, cfg.answer_column, "prompt dataset")
     options = {k: v for k, v in cfg.to_json_dict().items() if k != "output_file"}   # the output names the file

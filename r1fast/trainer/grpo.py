@@ -26,9 +26,9 @@ import torch
 
 from r1fast import _ext
 from r1fast._umask import save_safetensors
-from r1fast.data.loading import (EVAL_SPLITS, check_columns, check_prompts, decode_completion, encode_prompt,
-                                 prompt_limit, resolve_stop_tokens, row_name, source_name, stop_token_ids,
-                                 warn_cut_prompts, warn_unstopped_turn_end)
+from r1fast.data.loading import (EVAL_SPLITS, check_columns, check_prompts, column_options_hint, decode_completion,
+                                 encode_prompt, prompt_limit, resolve_stop_tokens, row_name, source_name,
+                                 stop_token_ids, warn_cut_prompts, warn_unstopped_turn_end)
 from r1fast.rewards import RewardSet
 from r1fast.trainer import checkpoints as ckpt
 from r1fast.trainer.loss_scale import saved_loss_scale
@@ -179,14 +179,15 @@ class GRPOTrainer:
                 self.cfg = cfg = dataclasses.replace(cfg, reward_funcs=list(reward_funcs))
         if cfg.prompt_column not in self.train_rows[0]:
             raise ValueError(f"train dataset{source_name(self.train_rows)} lacks the prompt column {cfg.prompt_column!r}; "
-                             f"it has {sorted(self.train_rows[0])}")
+                             f"it has {sorted(self.train_rows[0])}"
+                             f"{column_options_hint([cfg.prompt_column], {cfg.prompt_column: 'prompt_column'})}")
         check_columns(self.train_rows, (cfg.prompt_column,), "train dataset")
         check_prompts(self.train_rows, cfg.prompt_column, tokenizer, cfg.system_prompt, "train dataset",
                       cfg.chat_template_kwargs)
         check_answer_column(self.rewards.names, self.train_rows, cfg.answer_column, "train dataset")
         check_reward_keywords(self.train_rows, cfg.prompt_column, "train dataset")
         if self.eval_rows:   # evaluated during and after training: a bad row is an error now, not then
-            check_columns(self.eval_rows, (cfg.prompt_column,), "eval dataset")
+            check_columns(self.eval_rows, (cfg.prompt_column,), "eval dataset", {cfg.prompt_column: "prompt_column"})
             check_prompts(self.eval_rows, cfg.prompt_column, tokenizer, cfg.system_prompt, "eval dataset",
                           cfg.chat_template_kwargs)
             check_eval_answers(self.eval_rows, cfg.answer_column, "eval dataset rows")

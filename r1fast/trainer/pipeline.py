@@ -505,7 +505,10 @@ class PipelineRunner:
         if stage.type == "sft":
             rows = split_conversations(rows, stage.config.prompt_column, stage.config.completion_column,
                                        where=f"stage {stage.name!r}: dataset")
-        check_columns(rows, need, f"stage {stage.name!r}: dataset")
+        # the options that name the columns, as typed on the command line: cold_start.prompt_column=question
+        options = {getattr(stage.config, o): f"{stage.name}.{o}" for o in ("prompt_column", "completion_column")
+                   if hasattr(stage.config, o)}
+        check_columns(rows, need, f"stage {stage.name!r}: dataset", options)
         return rows
 
     def load_model(self, spec: str, seed: int):

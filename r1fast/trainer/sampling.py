@@ -47,7 +47,7 @@ def rejection_sample(model, tokenizer=None, rows=None, cfg: Optional[SampleConfi
                         split=cfg.dataset_split, seed=cfg.seed)
     model, tokenizer = model_from_argument(model, tokenizer, cfg)
     check_model_and_tokenizer(model, tokenizer, "rejection sampling")
-    check_columns(rows, (cfg.prompt_column,), "rejection sampling: dataset")
+    check_columns(rows, (cfg.prompt_column,), "rejection sampling: dataset", {cfg.prompt_column: "prompt_column"})
     rows = rows[:] if cfg.max_prompts < 0 else rows[:cfg.max_prompts]   # a slice: FileRows keep their lines
     check_prompts(rows, cfg.prompt_column, tokenizer, cfg.system_prompt, "rejection sampling: dataset",
                   cfg.chat_template_kwargs)

@@ -75,7 +75,8 @@ class SFTTrainer:
         model, tokenizer = model_from_argument(model, tokenizer, cfg)
         check_model_and_tokenizer(model, tokenizer, "SFTTrainer")
         rows = split_conversations(rows, cfg.prompt_column, cfg.completion_column)
-        check_columns(rows, (cfg.prompt_column, cfg.completion_column), "SFT dataset")
+        check_columns(rows, (cfg.prompt_column, cfg.completion_column), "SFT dataset",
+                      {cfg.prompt_column: "prompt_column", cfg.completion_column: "completion_column"})
         check_prompts(rows, cfg.prompt_column, tokenizer, cfg.system_prompt, "SFT dataset", cfg.chat_template_kwargs)
         self.model, self.tokenizer, self.device = model, tokenizer, model.device
         self.examples = []
