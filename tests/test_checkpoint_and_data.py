@@ -983,7 +983,7 @@ def test_grpo_resume_checks_its_own_state_and_removes_a_killed_saves_folders(tmp
     make(tmp_path, max_steps=2, save_steps=2).train()
     ck = tmp_path / "run" / "checkpoint-2"
     good = (ck / "trainer_state.json").read_text()
-    for edit, match in [(lambda s: s.pop("rollout_index"), "rollout_index is None"),
+    for edit, match in [(lambda s: s.pop("rollout_index"), "no 'rollout_index', which this trainer's checkpoints record"),
                         (lambda s: s.update(rollout_index=-1), "rollout_index is -1, not a whole number >= 0"),
                         (lambda s: s.update(nonfinite_skipped=2.5), "nonfinite_skipped is 2.5, not a whole number"),
                         (lambda s: s["data"].update(index=-1), r"data is \{'epoch': 0, 'index': -1\}, not a position"),
@@ -1599,3 +1599,22 @@ def test_a_dataset_without_the_prompt_column_says_which_option_names_it(tmp_path
         main(["pipeline", str(spec)])
     # and setting what it names reads the data
     assert main(["sft", *small, "prompt_column=question", "completion_column=reply"]) == 0
+
+
+def test_a_grpo_resume_from_an_sft_checkpoint_says_what_it_is_and_what_to_do(tmp_path, monkeypatch):
+    # said "trainer_state.json: rollout_index is None, not a whole number >= 0": true, but not that the checkpoint
+    # was SFT's, nor that its weights start a new GRPO run as model_name_or_path
+    from r1fast.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    common = ["model_name_or_path=builtin:micro", "dataset=builtin:arithmetic", "max_steps=1", "progress_bar=false"]
+    assert main(["sft", *common, "per_device_train_batch_size=4", "output_dir=sft"]) == 0
+    grpo = [*common, "per_device_train_batch_size=4", "num_generations=4", "max_completion_length=4",
+            "output_dir=grpo"]
+    with pytest.raises(SystemExit, match=r"checkpoint 'sft/checkpoint-1': trainer_state.json: no 'rollout_index', "
+                                         r"which this trainer's checkpoints record: the checkpoint is another "
+                                         r"trainer's \(an SFT checkpoint .*start a new run with model_name_or_path="):
+        main(["train", *grpo, "--resume", "sft/checkpoint-1"])
+    # as it says: the SFT checkpoint's weights start a GRPO run
+    assert main(["train", *[a for a in grpo if not a.startswith("model_name_or_path")],
+                 "model_name_or_path=sft/checkpoint-1"]) == 0

@@ -434,6 +434,12 @@ def resume_check(cursor: "DataCursor", counters: dict[str, Optional[int]]):
     a whole number >= 0, and the data position one of `cursor`'s dataset."""
     def check(state):
         for k, default in counters.items():
+            if k not in state and default is None:
+                # an SFT checkpoint given to a GRPO run's --resume said "rollout_index is None, not a whole number"
+                raise ValueError(f"no {k!r}, which this trainer's checkpoints record: the checkpoint is another "
+                                 f"trainer's (an SFT checkpoint given to a GRPO run's --resume?); to train on from its "
+                                 f"weights, start a new run with model_name_or_path=<the checkpoint folder> instead of "
+                                 f"--resume")
             v = state.get(k, default)
             if type(v) is not int or v < 0:
                 raise ValueError(f"{k} is {v!r:.80}, not a whole number >= 0")
