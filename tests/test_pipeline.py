@@ -3,6 +3,7 @@ can start fresh, resume skips finished stages, and the commands report bad input
 import copy
 import json
 import os
+import re
 import shlex
 import shutil
 import sys
@@ -1106,6 +1107,36 @@ def test_the_commands_offered_for_an_earlier_runs_folder_set_output_dir_once(tmp
             ["overwrite_output_dir=false", "seed=1", "output_dir=NEW_FOLDER"]]
 
 
+def test_a_pipeline_error_in_an_override_names_the_command_line_not_the_file(tmp_path):
+    # `r1fast train cold_start.max_stpes=1` said "/.../r1fast/configs/default.yaml: stage 'cold_start': unknown
+    # option 'max_stpes'", sending the reader to edit r1fast's own file for what they had typed
+    from r1fast.trainer.config import ConfigError
+
+    spec = str(one_sft_stage_spec(tmp_path))
+    for overrides, said in [(["s.max_stpes=1"], r"stage 's': unknown option 'max_stpes' for SFTConfig; did you mean "
+                                                r"max_steps"),
+                            (["s.max_steps=abc"], r"stage 's': option 'max_steps' expects int, got 'abc'"),
+                            (["s.max_length=1"], r"stage 's': option 'max_length' must be >= 2"),
+                            (["s.num_rows=0"], r"stage 's': num_rows must be >= 1; got 0"),
+                            (["s.evaluate=maybe"], r"stage 's': option 'evaluate' expects bool"),
+                            (["s.output_dir=x"], r"stage 's': option 'output_dir' is not read in a pipeline"),
+                            (["s.dtype=float16"], r"stage 's': dtype 'float16' differs from the pipeline's"),
+                            (["eval_sise=3"], r"unknown pipeline key\(s\) \['eval_sise'\]; for 'eval_sise', did you "
+                                              r"mean 'eval_size'"),
+                            (["eval_size=0"], r"eval_size must be >= 1; got 0"),
+                            (["seed=x"], r"option 'seed' expects int")]:
+        with pytest.raises(ConfigError, match=rf"^command line: {said}"):
+            load_pipeline(spec, overrides)
+    # the file's own errors still name the file, with or without overrides beside them
+    (tmp_path / "bad").mkdir()
+    bad = one_sft_stage_spec(tmp_path / "bad", top="eval_size: 0\n")
+    for overrides in ([], ["seed=3"]):
+        with pytest.raises(ConfigError, match=rf"^{re.escape(str(bad))}: eval_size must be >= 1"):
+            load_pipeline(str(bad), overrides)
+    # and an override that mends the file's value is taken, as before
+    assert load_pipeline(str(bad), ["eval_size=2"]).eval_size == 2
+
+
 def test_pipeline_checks_every_stage_when_loaded(tmp_path):
     """Errors a stage found only when it started, after the stages before it had trained."""
     from r1fast.trainer.config import ConfigError
@@ -1117,9 +1148,10 @@ def test_pipeline_checks_every_stage_when_loaded(tmp_path):
         with pytest.raises(ConfigError, match=match):
             load_pipeline(spec, overrides)
 
-    # validate()'s range errors now name the file and the stage
-    fails(r"^pipeline: stage 'rl': option 'beta' must be >= 0", overrides=["rl.beta=-1"])
-    with pytest.raises(ConfigError, match=r"^.*p\.yaml: stage 's': option 'max_length' must be >= 2"):
+    # validate()'s range errors now name the file (or the command line that set the option) and the stage
+    fails(r"^pipeline: stage 'rl': option 'beta' must be >= 0", lambda st: st[1]["config"].update(beta=-1))
+    fails(r"^command line: stage 'rl': option 'beta' must be >= 0", overrides=["rl.beta=-1"])
+    with pytest.raises(ConfigError, match=r"^command line: stage 's': option 'max_length' must be >= 2"):
         load_pipeline(str(one_sft_stage_spec(tmp_path)), ["s.max_length=1"])
     fails(r"stage 'rl': .*reward function 'acuracy'",
           lambda st: st[1]["config"].update(reward_funcs=["acuracy"]))

@@ -128,22 +128,28 @@ def load_pipeline(source: str | dict, overrides: Optional[list[str]] = None) -> 
     ov = parse_overrides(overrides or [])
     # "stage.key=value" sets a stage's option; other keys are pipeline keys
     stage_ov: dict[str, dict] = {}
+    top_ov: dict[str, Any] = {}
     for k, v in ov.items():
         if "." in k:
             st, key = k.split(".", 1)
             stage_ov.setdefault(st, {})[key] = v
         else:
-            data[k] = v
-    unknown = set(data) - TOP_KEYS
+            top_ov[k] = v
+    # an error in what the command line set names the command line, as a single run's does: it named the
+    # file, and `r1fast train cold_start.max_stpes=1` sent the reader to r1fast's own default.yaml
+    typed = "command line"
+    unknown = (set(data) | set(top_ov)) - TOP_KEYS
     if unknown:
-        raise ConfigError(f"{where}: unknown pipeline key(s) {sorted(unknown)}{_stage_option_hints(unknown, data)}; "
+        raise ConfigError(f"{where if unknown & set(data) else typed}: unknown pipeline key(s) {sorted(unknown)}"
+                          f"{_stage_option_hints(unknown, {**data, **top_ov})}; "
                           f"known: {sorted(TOP_KEYS)} (set a stage's option with <stage>.<option>=value)")
     stages_raw = data.pop("stages", None)
     if not isinstance(stages_raw, list) or not stages_raw:
         raise ConfigError(f"{where}: 'stages' must be a non-empty list")
     data.pop("description", None)
-    p = Pipeline(**_typed(Pipeline, data, where))
-    _validate(p, where)
+    src = typed if top_ov and _passes(lambda: _validate(Pipeline(**_typed(Pipeline, data, where)), where)) else where
+    p = Pipeline(**_typed(Pipeline, {**data, **top_ov}, src))
+    _validate(p, src)
     names = set()
     for i, raw in enumerate(stages_raw):
         if not isinstance(raw, dict):
@@ -163,32 +169,40 @@ def load_pipeline(source: str | dict, overrides: Optional[list[str]] = None) -> 
         if typ not in STAGE_TYPES:
             raise ConfigError(f"{where}: stage {name!r}: type must be one of {sorted(STAGE_TYPES)}; got {typ!r}")
         ov = stage_ov.pop(name, {})
+        typed_at = f"{typed}: stage {name!r}"
         # <stage>.model / dataset / num_rows / evaluate on the command line set the stage's own keys
-        own = {k: v for k, v in {**raw, **ov}.items() if k in STAGE_FIELDS}
-        fields = _typed(Stage, own, f"{where}: stage {name!r}")
+        own_ov = {k: v for k, v in ov.items() if k in STAGE_FIELDS}
+        fields = {**_typed(Stage, {k: v for k, v in raw.items() if k in STAGE_FIELDS and k not in own_ov},
+                           f"{where}: stage {name!r}"),
+                  **_typed(Stage, own_ov, typed_at)}
         if fields.get("num_rows", 1) < 1:
-            raise ConfigError(f"{where}: stage {name!r}: num_rows must be >= 1; got {fields['num_rows']}")
+            raise ConfigError(f"{typed_at if 'num_rows' in own_ov else f'{where}: stage {name!r}'}: "
+                              f"num_rows must be >= 1; got {fields['num_rows']}")
         if not fields.get("dataset"):   # found here, not once the stages before it have trained
             raise ConfigError(f"{where}: stage {name!r} needs a dataset (a path, builtin:<task> or \"@stage\")")
         if not isinstance(raw.get("config") or {}, dict):
             raise ConfigError(f"{where}: stage {name!r}: 'config' must be a mapping of {STAGE_TYPES[typ].__name__} "
                               f"options; got {raw['config']!r:.80}")
         conf = dict(raw.get("config") or {})
-        conf.update({k: v for k, v in ov.items() if k not in STAGE_FIELDS})
+        conf_ov = {k: v for k, v in ov.items() if k not in STAGE_FIELDS}
         at = f"{where}: stage {name!r}"
-        for key in conf:
+        for key in {**conf, **conf_ov}:
             if key in _SUPPLIED:
-                raise ConfigError(f"{at}: option {key!r} is not read in a pipeline; set "
+                raise ConfigError(f"{at if key in conf else typed_at}: option {key!r} is not read in a pipeline; set "
                                   f"{_SUPPLIED[key].format(stage=name)}")
         conf.setdefault("seed", p.seed + i)
         if typ == "grpo":
             for key in _EVAL_DEFAULTS:
                 conf.setdefault(key, getattr(p, key))
+        # an error the file's options alone do not have is the command line's
+        src = typed_at if conf_ov and _passes(lambda: STAGE_TYPES[typ].from_dict(conf, source=at)) else at
+        placed_at = typed_at if {"dtype", "device"} & set(conf_ov) else at
+        conf.update(conf_ov)
         try:
-            cfg = STAGE_TYPES[typ].from_dict(conf, source=at)
+            cfg = STAGE_TYPES[typ].from_dict(conf, source=src)
         except ConfigError as e:   # validate()'s range errors name the option but not the file or stage
-            raise (e if str(e).startswith(at) else ConfigError(f"{at}: {e}")) from None
-        _check_placement(p, conf, at)
+            raise (e if str(e).startswith(src) else ConfigError(f"{src}: {e}")) from None
+        _check_placement(p, conf, placed_at)
         p.stages.append(Stage(name=name, type=typ, config=cfg, **fields))
     if stage_ov:
         raise ConfigError(f"command line: no stage named {sorted(stage_ov)}; stages: {[s.name for s in p.stages]}")
@@ -196,6 +210,16 @@ def load_pipeline(source: str | dict, overrides: Optional[list[str]] = None) -> 
         raise ConfigError(f"{where}: no model for stage {p.stages[0].name!r}; set the pipeline's 'model' or the stage's")
     _check_stages(p, where)
     return p
+
+
+def _passes(check) -> bool:
+    """Whether `check()` runs without an error: the file's own options, to tell an error the command line's
+    overrides brought in (named "command line") from one of the file's (named by its path)."""
+    try:
+        check()
+    except Exception:   # whatever the file's options raise alone, the merged options' own check says it again
+        return False
+    return True
 
 
 def _stage_option_hints(unknown: set[str], data: dict) -> str:
