@@ -1618,3 +1618,21 @@ def test_a_grpo_resume_from_an_sft_checkpoint_says_what_it_is_and_what_to_do(tmp
     # as it says: the SFT checkpoint's weights start a GRPO run
     assert main(["train", *[a for a in grpo if not a.startswith("model_name_or_path")],
                  "model_name_or_path=sft/checkpoint-1"]) == 0
+
+
+def test_a_jsonl_line_left_open_names_its_own_end_not_column_1(tmp_path):
+    # json.loads read the line with its newline, so an object left open ('{"prompt": "1+1=", "answer": "2"') failed
+    # "at column 1" (of the line after it, which the message did not say): the reader looked at the line's start
+    from r1fast.data import load_rows
+
+    row = '{"prompt": "%d+1=", "answer": "%d"' % (random.randint(1, 9), random.randint(1, 9))
+    for end in ("\n", "\r\n"):
+        f = tmp_path / "open.jsonl"
+        f.write_bytes(('{"prompt": "1+1=", "answer": "2"}' + end + row + end).encode())
+        with pytest.raises(ValueError, match=rf"open.jsonl' line 2: not valid JSON \(Expecting ',' delimiter at "
+                                             rf"column {len(row) + 1}\)$"):
+            load_rows(str(f))
+    # a mistake inside the line is still named where it is
+    f.write_text('{"prompt": "1+1=" "answer": "2"}\n')
+    with pytest.raises(ValueError, match=r"line 1: not valid JSON \(Expecting ',' delimiter at column 19\)$"):
+        load_rows(str(f))

@@ -263,7 +263,8 @@ def read_json_objects(path: str, what: str, being_written: bool = False,
                 if not line.strip():
                     continue
                 try:
-                    row = json.loads(line)
+                    # without its line end: an object left open was "at column 1" of the line after it
+                    row = json.loads(line.rstrip("\r\n"))
                 except json.JSONDecodeError as e:   # e.g. a line cut short when a run was killed
                     if being_written and not line.endswith("\n"):
                         break
