@@ -596,3 +596,27 @@ def test_a_misspelt_keyword_in_python_gets_the_yaml_hint():
         GRPOConfig.from_dict({"lr": 1})
     cfg = GRPOConfig(learning_rate=2e-5)   # what copies and replacements build is unchanged
     assert copy.deepcopy(cfg) == cfg and dataclasses.replace(cfg, seed=5).seed == 5
+
+
+def test_a_word_yaml_reads_as_a_boolean_for_a_text_option_says_so_and_how_to_quote_it(tmp_path):
+    # `fp8=on` or `language: no` said "option 'fp8' expects str, got True": the user typed no True
+    for word, value in [("on", True), ("yes", True), ("no", False), ("true", True)]:
+        for source, load in [("command line", lambda: GRPOConfig().update(parse_overrides([f"language={word}"]),
+                                                                            source="command line")),
+                             ("c.yaml", lambda: GRPOConfig.from_yaml(_yaml(tmp_path, f"language: {word}\n")))]:
+            key = "language"
+            with pytest.raises(ConfigError, match=rf"{source}: option '{key}' expects str, got {value}: YAML reads an "
+                                                  rf"unquoted yes, no, on, off, true or false as a boolean; to give the "
+                                                  rf"word, quote it \(in a YAML file {key}: 'word', on the command line "
+                                                  rf"{key}=\"'word'\"\)$"):
+                load()
+    # quoted as it says, the word arrives as text (and is then checked as a value of its own)
+    assert GRPOConfig().update(parse_overrides(["language='no'"])).language == "no"
+    with pytest.raises(ConfigError, match=r"option 'fp8' must be one of .*got 'on'"):
+        GRPOConfig().update(parse_overrides(["fp8='on'"]))
+
+
+def _yaml(tmp_path, text: str) -> str:
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return str(path)

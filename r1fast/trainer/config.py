@@ -340,6 +340,10 @@ def coerce(key: str, value: Any, hint: Any, source: str, element: bool = False) 
     if hint is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
+        if isinstance(value, bool):   # `fp8=on`: "expects str, got True" did not say where the True came from
+            raise ConfigError(f"{source}: option {key!r} expects str, got {value!r}: YAML reads an unquoted yes, no, "
+                              f"on, off, true or false as a boolean; to give the word, quote it (in a YAML file "
+                              f"{key}: 'word', on the command line {key}=\"'word'\")")
         raise bad
     if origin in (list, tuple):
         if isinstance(value, str):
