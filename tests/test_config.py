@@ -620,3 +620,24 @@ def _yaml(tmp_path, text: str) -> str:
     path = tmp_path / "c.yaml"
     path.write_text(text)
     return str(path)
+
+
+def test_an_option_of_another_commands_config_names_that_config(tmp_path):
+    # `r1fast sft my_grpo.yaml` said "unknown option 'eval_dataset' for SFTConfig; did you mean dataset?", as if
+    # the file were misspelt, not written for `r1fast train`
+    grpo_only, sft_only, sample_only = "eval_dataset", "completion_column", "reward_thresholds"
+    for cls, key, owners in [(SFTConfig, grpo_only, "GRPOConfig option, for r1fast train"),
+                             (SampleConfig, grpo_only, "GRPOConfig option, for r1fast train"),
+                             (GRPOConfig, sft_only, "SFTConfig option, for r1fast sft"),
+                             (GRPOConfig, sample_only, "SampleConfig option, for r1fast sample"),
+                             (SampleConfig, "max_length", "SFTConfig option, for r1fast sft"),
+                             (SampleConfig, "beta", "GRPOConfig option, for r1fast train")]:
+        with pytest.raises(ConfigError, match=rf"^c.yaml: unknown option '{key}' for {cls.__name__}[^(]*\('{key}' is a "
+                                              rf"{owners}: a config written for another command or stage type\?\)$"):
+            cls.from_dict({key: "x"}, source="c.yaml")
+    # an option SFT and GRPO share is named by both; a misspelling of none of them gets no such note
+    with pytest.raises(ConfigError, match=r"'learning_rate' is a (GRPOConfig and SFTConfig|SFTConfig and GRPOConfig) "
+                                          r"option, for r1fast (train, r1fast sft|sft, r1fast train):"):
+        SampleConfig.from_dict({"learning_rate": 1e-5})
+    with pytest.raises(ConfigError, match=r"unknown option 'learnin_rate' for SFTConfig; did you mean learning_rate\?$"):
+        SFTConfig.from_dict({"learnin_rate": 1e-5})

@@ -81,6 +81,19 @@ def _did_you_mean(key: str, names: list[str]) -> str:
     return f"; did you mean {', '.join(close)}?" if close else ""
 
 
+def _other_config_hint(key: str, config_cls) -> str:
+    """For an unknown option that another command's config has (`r1fast sft grpo.yaml`: 'eval_dataset'), which
+    one: a config file given to the wrong command otherwise read as a misspelling."""
+    commands = {"GRPOConfig": "r1fast train", "SFTConfig": "r1fast sft", "SampleConfig": "r1fast sample"}
+    owners = [cls for cls in _Base.__subclasses__() + _TrainingConfig.__subclasses__()
+              if cls.__name__ in commands and cls is not config_cls and key in cls.field_names()]
+    if not owners:
+        return ""
+    names = " and ".join(c.__name__ for c in owners)
+    where = ", ".join(commands[c.__name__] for c in owners)
+    return f" ({key!r} is a {names} option, for {where}: a config written for another command or stage type?)"
+
+
 def resume_is_bare(resume) -> bool:
     """`--resume` without a path: the newest checkpoint of the run's own folder. Here, not in checkpoints.py
     (torch): the CLI's Ctrl-C note calls it, and after a Ctrl-C that interrupted torch's import, importing
@@ -153,7 +166,8 @@ class _Base:
         for key, value in data.items():
             key = str(key).replace("-", "_")
             if key not in names:
-                raise ConfigError(f"{source}: unknown option {key!r} for {type(self).__name__}{_did_you_mean(key, names)}")
+                raise ConfigError(f"{source}: unknown option {key!r} for {type(self).__name__}{_did_you_mean(key, names)}"
+                                  f"{_other_config_hint(key, type(self))}")
             setattr(new, key, coerce(key, self._from_bool(key, value), hints[key], source))
         new.validate()
         vars(self).update(vars(new))
