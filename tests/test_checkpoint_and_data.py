@@ -1636,3 +1636,27 @@ def test_a_jsonl_line_left_open_names_its_own_end_not_column_1(tmp_path):
     f.write_text('{"prompt": "1+1=" "answer": "2"}\n')
     with pytest.raises(ValueError, match=r"line 1: not valid JSON \(Expecting ',' delimiter at column 19\)$"):
         load_rows(str(f))
+
+
+def test_a_built_in_task_asked_for_too_many_rows_is_an_error_not_a_hang(tmp_path, monkeypatch):
+    # eval_size=1e9 with a builtin: eval_dataset drew rows until memory ran out, printing nothing
+    from r1fast.cli import main
+    from r1fast.data.tasks import MAX_BUILTIN_ROWS, builtin_rows
+    from r1fast.trainer.config import ConfigError
+    from r1fast.trainer.pipeline import load_pipeline
+
+    n = MAX_BUILTIN_ROWS + random.randint(1, 10**9)
+    with pytest.raises(ValueError, match=rf"built-in task 'builtin:arithmetic': {n} rows asked for \(a pipeline "
+                                         rf"stage's num_rows, or eval_size for an eval_dataset\); a built-in task "
+                                         rf"draws at most 1,000,000$"):
+        builtin_rows("builtin:arithmetic", n, 0)
+    assert len(builtin_rows("builtin:arithmetic?max_terms=3", 5, 0)) == 5
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match=rf"{n} rows asked for"):
+        main(["train", "model_name_or_path=builtin:micro", "dataset=builtin:arithmetic",
+              "eval_dataset=builtin:arithmetic", f"eval_size={n}", "max_steps=1"])
+    # a pipeline stage's num_rows is checked when the pipeline loads, before any stage trains
+    spec = {"name": "p", "model": "builtin:micro",
+            "stages": [{"name": "s", "type": "sft", "dataset": "builtin:arithmetic", "num_rows": n}]}
+    with pytest.raises(ConfigError, match=rf"stage 's': num_rows must be in \[1, 1,000,000\]; got {n}$"):
+        load_pipeline(spec)

@@ -1117,7 +1117,7 @@ def test_a_pipeline_error_in_an_override_names_the_command_line_not_the_file(tmp
                                                 r"max_steps"),
                             (["s.max_steps=abc"], r"stage 's': option 'max_steps' expects int, got 'abc'"),
                             (["s.max_length=1"], r"stage 's': option 'max_length' must be >= 2"),
-                            (["s.num_rows=0"], r"stage 's': num_rows must be >= 1; got 0"),
+                            (["s.num_rows=0"], r"stage 's': num_rows must be in \[1, 1,000,000\]; got 0"),
                             (["s.evaluate=maybe"], r"stage 's': option 'evaluate' expects bool"),
                             (["s.output_dir=x"], r"stage 's': option 'output_dir' is not read in a pipeline"),
                             (["s.dtype=float16"], r"stage 's': dtype 'float16' differs from the pipeline's"),
@@ -1709,7 +1709,7 @@ def test_pipeline_load_names_seeds_and_refuses_bad_stages(tmp_path):
         with pytest.raises(ConfigError, match=match):
             load_pipeline(spec)
 
-    fails(r"stage 'cold': num_rows must be >= 1; got 0", lambda s: s["stages"][0].update(num_rows=0))
+    fails(r"stage 'cold': num_rows must be in \[1, 1,000,000\]; got 0", lambda s: s["stages"][0].update(num_rows=0))
     fails(r"two stages are named 'cold'", lambda s: s["stages"][1].update(name="cold"))
     fails(r"no model for stage 'cold'", lambda s: s.pop("model"))
     fails(r"num_threads must be >= 1; got 0", lambda s: s.update(num_threads=0))

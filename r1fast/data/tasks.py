@@ -64,6 +64,11 @@ class ArithmeticTask:
 
 TASKS = {"arithmetic": ArithmeticTask}
 
+# The most rows one draw of a built-in task makes: each is a Python dict of a few hundred bytes, and a count
+# typed too large (eval_size=1e9) drew rows, silently, until memory ran out. The arithmetic task's default
+# parameters have under 60,000 distinct prompts, so a million rows is already mostly repeats.
+MAX_BUILTIN_ROWS = 1_000_000
+
 
 def _number(spec: str, key: str, raw: str) -> int | float:
     try:
@@ -89,6 +94,9 @@ def builtin_rows(spec: str, n: int, seed: int, **overrides) -> list[dict]:
             params[k] = _number(spec, k, v)
     if name not in TASKS:
         raise ValueError(f"unknown built-in task {name!r}; built-in tasks: {', '.join(TASKS)}")
+    if n > MAX_BUILTIN_ROWS:
+        raise ValueError(f"built-in task {spec!r}: {n} rows asked for (a pipeline stage's num_rows, or eval_size for "
+                         f"an eval_dataset); a built-in task draws at most {MAX_BUILTIN_ROWS:,}")
     params.update(overrides)
     _check_parameter_names(spec, TASKS[name], params)
     try:

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from r1fast.data.loading import hub_name_hint
+from r1fast.data.tasks import MAX_BUILTIN_ROWS
 from r1fast.models.checkpoint import missing_model_hint
 from r1fast.trainer.config import (
     DTYPES,
@@ -175,9 +176,9 @@ def load_pipeline(source: str | dict, overrides: Optional[list[str]] = None) -> 
         fields = {**_typed(Stage, {k: v for k, v in raw.items() if k in STAGE_FIELDS and k not in own_ov},
                            f"{where}: stage {name!r}"),
                   **_typed(Stage, own_ov, typed_at)}
-        if fields.get("num_rows", 1) < 1:
+        if not 1 <= fields.get("num_rows", 1) <= MAX_BUILTIN_ROWS:   # found now, not when the stage starts
             raise ConfigError(f"{typed_at if 'num_rows' in own_ov else f'{where}: stage {name!r}'}: "
-                              f"num_rows must be >= 1; got {fields['num_rows']}")
+                              f"num_rows must be in [1, {MAX_BUILTIN_ROWS:,}]; got {fields['num_rows']}")
         if not fields.get("dataset"):   # found here, not once the stages before it have trained
             raise ConfigError(f"{where}: stage {name!r} needs a dataset (a path, builtin:<task> or \"@stage\")")
         if not isinstance(raw.get("config") or {}, dict):
