@@ -2694,3 +2694,23 @@ def test_resume_names_a_local_model_retrained_in_place_since_the_earlier_run(tmp
     assert "the pipeline's" not in err
     assert "stage 't' finished in the earlier run, whose results are kept; its options given now differ " \
            "(model_weights " in err
+
+
+def test_an_override_that_mends_a_stage_options_warning_is_not_warned_about(tmp_path):
+    # load_pipeline checks a stage's file options alone to tell the command line's errors from the file's: that
+    # check must not warn of what the override mends (cispo with epsilon_high <= 1, set above 1 on the command line)
+    import warnings
+
+    spec = {"name": "p", "model": "builtin:micro",
+            "stages": [{"name": "rl", "type": "grpo", "dataset": "builtin:arithmetic",
+                        "config": {"loss_type": "cispo", "epsilon_high": 0.28}}]}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        p = load_pipeline(copy.deepcopy(spec), ["rl.epsilon_high=5"])
+    assert p.stages[0].config.epsilon_high == 5
+    assert not [w for w in caught if "cispo" in str(w.message)], [str(w.message) for w in caught]
+    # without the override the file's value is warned about, once
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        load_pipeline(copy.deepcopy(spec), ["rl.max_steps=2"])
+    assert len([w for w in caught if "cispo" in str(w.message)]) == 1
