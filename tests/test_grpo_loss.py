@@ -267,6 +267,26 @@ def test_grpo_loss_kernel_rows_longer_than_one_tile(device, opts):
         assert_close(stats[k], e_stats[k], torch.float32, name=f"stat {k}")
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("eps_low,eps_high", [(0.0, 0.25), (0.2, 0.0)], ids=["low-bound-1", "high-bound-1"])
+def test_ratio_exactly_on_a_clip_bound_takes_the_reference_gradient(device, backend, level, eps_low, eps_high):
+    # A ratio exactly on a clip bound: clamp passes its gradient there (inclusive bounds) and min() of the two
+    # equal terms splits it evenly, so the gradient is -A c1, not half of it. With a bound at 1 (epsilon 0 or
+    # epsilon_high 0), old == logp makes the ratio exactly 1 in any precision; other tokens stay random.
+    d = _batch(seed=41, tis=False)
+    on_bound = torch.rand(d["logp"].shape, generator=generator(42)) < 0.5
+    on_bound[0] = True  # one row entirely on the bound, for the sequence-level ratio
+    d["old"] = torch.where(on_bound, d["logp"], d["old"])
+    opts = dict(loss_type="grpo", importance_sampling_level=level, epsilon=eps_low, epsilon_high=eps_high)
+    e_loss, _, e_g = _grads(lambda x: _call_ops(x, torch.float64, "reference", opts), d)
+    loss, _, g = _grads(lambda x: _call_ops(x, torch.float32, backend, opts),
+                        {k: (v.float().to(device) if v is not None else None) for k, v in d.items()})
+    assert e_g["logp"][0][d["mask"][0] > 0].abs().min() > 0  # the row on the bound does get a gradient
+    assert_close(loss, e_loss, torch.float32, name="loss")
+    assert_close(g["logp"], e_g["logp"], torch.float32, name="grad logp")
+
+
 def test_stats_keys_and_values():
     d = _batch(seed=11)
     _, stats = ops.grpo_loss(d["logp"].float(), d["old"].float(), d["ref"].float(), d["adv"].float(), d["mask"],
