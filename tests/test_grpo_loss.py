@@ -287,6 +287,31 @@ def test_ratio_exactly_on_a_clip_bound_takes_the_reference_gradient(device, back
     assert_close(g["logp"], e_g["logp"], torch.float32, name="grad logp")
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("loss_type", ["grpo", "cispo"])
+def test_zero_advantage_rows_count_no_clipped_tokens(device, backend, loss_type):
+    # A group whose rewards are all equal gets advantage exactly 0 on every row. Its tokens are clipped
+    # neither low (that needs A < 0) nor high (A > 0), whatever their ratio; randn advantages are never 0,
+    # so the other tests cannot tell a kernel that counts A <= 0 as negative. Ratios here cross both bounds.
+    d = _batch(seed=43, tis=False)
+    d["adv"][0] = 0.0
+    d["adv"][3] = 0.0
+    d["mask"][0] = 1.0
+    d["mask"][3] = 1.0
+    opts = dict(loss_type=loss_type, epsilon_high=1.2 if loss_type == "cispo" else 0.25, row_stats=True)
+    e_loss, e_stats, e_g = _grads(lambda x: _call_ops(x, torch.float64, "reference", opts), d)
+    loss, stats, g = _grads(lambda x: _call_ops(x, torch.float32, backend, opts),
+                            {k: (v.float().to(device) if v is not None else None) for k, v in d.items()})
+    c1 = (d["logp"] - d["old"]).exp()
+    assert bool(((c1[0] < 0.8) | (c1[0] > 1.25)).any() and ((c1[3] < 0.8) | (c1[3] > 1.25)).any())
+    assert e_stats["rows/clip_low"][[0, 3]].sum() == 0 and e_stats["rows/clip_high"][[0, 3]].sum() == 0
+    assert_close(loss, e_loss, torch.float32, name="loss")
+    assert_close(g["logp"], e_g["logp"], torch.float32, name="grad logp")
+    assert set(stats) == set(e_stats)
+    for k in e_stats:
+        assert_close(stats[k], e_stats[k], torch.float32, name=f"stat {k}")
+
+
 def test_stats_keys_and_values():
     d = _batch(seed=11)
     _, stats = ops.grpo_loss(d["logp"].float(), d["old"].float(), d["ref"].float(), d["adv"].float(), d["mask"],
