@@ -312,6 +312,27 @@ def test_zero_advantage_rows_count_no_clipped_tokens(device, backend, loss_type)
         assert_close(stats[k], e_stats[k], torch.float32, name=f"stat {k}")
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("tis_level", ["token", "sequence"])
+def test_tis_mask_keeps_a_weight_exactly_on_its_bounds(device, backend, tis_level):
+    # tis_mode="mask" keeps 1 / tis_cap <= w <= tis_cap, both bounds included. At tis_cap 1 both bounds are 1,
+    # and sampler == old makes w exactly 1: those tokens (and the row made of them, at sequence level) are kept,
+    # every other one dropped. Random weights never land on a bound, so only this tells < from <=.
+    d = _batch(seed=47)
+    on_bound = torch.rand(d["logp"].shape, generator=generator(48)) < 0.5
+    on_bound[0] = True
+    d["sampler"] = torch.where(on_bound, d["old"], d["sampler"])
+    opts = dict(loss_type="grpo", tis_mode="mask", tis_cap=1.0, tis_level=tis_level)
+    e_loss, e_stats, e_g = _grads(lambda x: _call_ops(x, torch.float64, "reference", opts), d)
+    loss, stats, g = _grads(lambda x: _call_ops(x, torch.float32, backend, opts),
+                            {k: (v.float().to(device) if v is not None else None) for k, v in d.items()})
+    assert e_stats["is_weight/masked_frac"] < 1 and e_g["logp"][0].abs().sum() > 0  # row 0 is kept
+    assert_close(loss, e_loss, torch.float32, name="loss")
+    assert_close(g["logp"], e_g["logp"], torch.float32, name="grad logp")
+    for k in e_stats:
+        assert_close(stats[k], e_stats[k], torch.float32, name=f"stat {k}")
+
+
 def test_stats_keys_and_values():
     d = _batch(seed=11)
     _, stats = ops.grpo_loss(d["logp"].float(), d["old"].float(), d["ref"].float(), d["adv"].float(), d["mask"],
