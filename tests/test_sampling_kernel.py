@@ -262,6 +262,27 @@ def test_a_row_draws_the_same_alone_and_in_any_batch(impl, device, params):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+def test_min_p_one_keeps_exactly_the_tokens_tied_at_the_max(impl, device):
+    # min_p keeps p >= min_p * p_max, the bound included: at min_p = 1 exactly the tokens tied with the max
+    # stay (their exp(z - max) is exactly 1), in one block and across blocks. Random logits never sit on the
+    # bound, so only this tells >= from > in the kept-mass pass or the final scan.
+    tied = [[7, 9, 140, 290], [0, 299], [64]]
+    z = make_logits("normal", len(tied), V, 8, "cpu")
+    for b, ids in enumerate(tied):
+        z[b, ids] = 20.0
+    rows = [b for b in range(len(tied)) for _ in range(4)]
+    u = torch.tensor([0.0, 0.3, 0.55, U_LAST] * len(tied), dtype=torch.float64)
+    params = SamplingParams(temperature=0.8, min_p=1.0)
+    zz = z[rows].to(device)
+    want, _ = ops.sample_tokens(zz, params, u.to(device), backend="reference")
+    got, lp = _impls(device)[impl](zz, params, u.to(device))
+    # u in [i/k, (i+1)/k) takes the i-th of the k tied tokens, in vocabulary order
+    expect = [tied[b][int(float(x) * len(tied[b]))] for b, x in zip(rows, u)]
+    assert want.cpu().tolist() == expect and got.cpu().tolist() == expect, (impl, got.tolist())
+    assert_logprobs_ok(lp.cpu(), got.cpu(), zz.cpu(), params, impl)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_leading_blocks_of_masked_logits(impl, device):
     # whole blocks of -inf before the first finite logit (a vocabulary masked at its start): the running
     # max is -inf there, and exp(-inf - -inf) must not turn the sums and log-probs into NaN
