@@ -302,6 +302,23 @@ def test_leading_blocks_of_masked_logits(impl, device):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+def test_leading_masked_blocks_before_very_negative_logits(impl, device):
+    # A block of -inf logits is summed at a reference max of 0 (its running max is -inf); rescaling its
+    # (zero) sum to the row's max multiplies by exp((0 - max) / T), which overflows to inf when every finite
+    # logit is far below 0: the scale must be capped at 1, or 0 * inf turns the block sums into NaN.
+    # Softmax ignores the shift, so the draws are those of the unshifted row.
+    z = make_logits("normal", 4, V, 9, "cpu") - 300.0
+    z[:, :70] = -float("inf")
+    z[1, :200] = -float("inf")
+    z, u = z.to(device), make_u(4, 9, device)
+    for params in PARAMS[1:3]:  # min_p = 0: the only mode that rescales block sums
+        want, _ = ops.sample_tokens(z, params, u, backend="reference")
+        got, lp = _impls(device)[impl](z, params, u)
+        assert_tokens_ok(got.cpu(), want.cpu(), z.cpu(), params, u.cpu(), name=f"{impl} {params}")
+        assert_logprobs_ok(lp.cpu(), got.cpu(), z.cpu(), params, f"{impl} {params}")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_strided_logits_and_uniforms(impl, device):
     # a column slice of wider logits and every other uniform: rows are no longer contiguous
     wide = make_logits("normal", 4, V + 37, 4, device)
