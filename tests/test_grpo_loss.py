@@ -333,6 +333,25 @@ def test_tis_mask_keeps_a_weight_exactly_on_its_bounds(device, backend, tis_leve
         assert_close(stats[k], e_stats[k], torch.float32, name=f"stat {k}")
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_cispo_ratio_exactly_at_its_cap_is_not_counted_clipped(device, backend):
+    # cispo counts a token as clipped high where c1 > epsilon_high (and A > 0), strictly: a ratio exactly at
+    # the cap is not clipped. epsilon_high 1 with old == logp puts half the tokens there; the rest are random.
+    d = _batch(seed=53, tis=False)
+    d["adv"] = d["adv"].abs() + 0.1  # every row can clip high
+    on_cap = torch.rand(d["logp"].shape, generator=generator(54)) < 0.5
+    d["old"] = torch.where(on_cap, d["logp"], d["old"])
+    opts = dict(loss_type="cispo", epsilon_high=1.0, row_stats=True)
+    e_loss, e_stats, e_g = _grads(lambda x: _call_ops(x, torch.float64, "reference", opts), d)
+    loss, stats, g = _grads(lambda x: _call_ops(x, torch.float32, backend, opts),
+                            {k: (v.float().to(device) if v is not None else None) for k, v in d.items()})
+    assert 0 < e_stats["rows/clip_high"].sum() < (d["mask"] * ~on_cap).sum()
+    assert_close(loss, e_loss, torch.float32, name="loss")
+    assert_close(g["logp"], e_g["logp"], torch.float32, name="grad logp")
+    for k in e_stats:
+        assert_close(stats[k], e_stats[k], torch.float32, name=f"stat {k}")
+
+
 def test_stats_keys_and_values():
     d = _batch(seed=11)
     _, stats = ops.grpo_loss(d["logp"].float(), d["old"].float(), d["ref"].float(), d["adv"].float(), d["mask"],
