@@ -424,6 +424,13 @@ def start_fresh(run_dir: str, overwrite: bool):
     new run's by step number (deleting the new run's own) and `--resume` would pick the newest of
     either. So they are an error, or with `overwrite` deleted first."""
     ckpts = list_checkpoints(run_dir)
+    # an earlier run's last checkpoint as its killed save set it aside (never renamed back by r1fast): a new run
+    # would replace that run's metrics and take its checkpoint's name, where the user would rename it to resume
+    killed = [] if overwrite or not os.path.isdir(run_dir) else \
+        sorted(n for n in os.listdir(run_dir) if _may_be_killed_saves_old(run_dir, n))
+    if killed:
+        raise RunFolderInUse(run_dir, ", ".join(f"{n}, which may be {n.split('.old-')[0]} set aside by a killed save: "
+                                                f"rename it back to resume it" for n in killed))
     if not ckpts:
         return
     if not overwrite:
@@ -508,10 +515,22 @@ def remove_save_leftovers(run_dir: str):
                     remove_folder(path)
             elif hidden:
                 os.rename(path, base)
-            elif _pid_numbered(old) and _newest_step(run_dir) < int(step):
+            elif _may_be_killed_saves_old(run_dir, name):
                 _visible_old_note(path, base)
         elif _CKPT_RE.match(name) and os.path.islink(path):
             _clear_beside_linked(path)
+
+
+def _may_be_killed_saves_old(run_dir: str, name: str) -> bool:
+    """Whether run_dir's visible `name` (checkpoint-N.old-<digits>) may be checkpoint-N as a save of an earlier
+    r1fast set it aside before it was killed: its number a process id (not a date), complete, checkpoint-N gone and
+    no checkpoint of its step or newer, set aside or not."""
+    old = _OLD_CKPT_RE.match(name)
+    if not old or old.group(1) or not _pid_numbered(old):
+        return False
+    step = int(old.group(2))
+    return (not os.path.exists(os.path.join(run_dir, f"checkpoint-{step}"))
+            and os.path.isfile(os.path.join(run_dir, name, STATE_FILE)) and _newest_step(run_dir) < step)
 
 
 def _newest_step(run_dir: str) -> int:
