@@ -1660,3 +1660,19 @@ def test_a_built_in_task_asked_for_too_many_rows_is_an_error_not_a_hang(tmp_path
             "stages": [{"name": "s", "type": "sft", "dataset": "builtin:arithmetic", "num_rows": n}]}
     with pytest.raises(ConfigError, match=rf"stage 's': num_rows must be in \[1, 1,000,000\]; got {n}$"):
         load_pipeline(spec)
+
+
+def test_an_sft_resume_from_a_grpo_checkpoint_says_what_it_is_and_what_to_do(tmp_path, monkeypatch):
+    # was taken: the SFT run went on from the GRPO checkpoint's step, its progress "2/1 steps (200%)"
+    from r1fast.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    common = ["model_name_or_path=builtin:micro", "dataset=builtin:arithmetic", "max_steps=1", "progress_bar=false",
+              "per_device_train_batch_size=4"]
+    assert main(["train", *common, "num_generations=4", "max_completion_length=4", "output_dir=grpo"]) == 0
+    with pytest.raises(SystemExit, match=r"checkpoint 'grpo/checkpoint-1': trainer_state.json: 'rollout_index', "
+                                         r"which GRPO checkpoints record and this trainer's do not: the checkpoint is "
+                                         r"another trainer's \(a GRPO checkpoint .*start a new run with "
+                                         r"model_name_or_path="):
+        main(["sft", *common, "output_dir=sft", "--resume", "grpo/checkpoint-1"])
+    assert not os.path.exists("sft/checkpoint-1")

@@ -429,22 +429,33 @@ def gradient_holders(optimizer, model) -> list:
     return holders() if holders is not None else list(model.parameters())
 
 
-def resume_check(cursor: "DataCursor", counters: dict[str, Optional[int]]):
+def resume_check(cursor: "DataCursor", counters: dict[str, Optional[int]], others_keys: Optional[dict[str, str]] = None):
     """check= for checkpoints.load_checkpoint: each counter (name -> its value when absent; None: required)
-    a whole number >= 0, and the data position one of `cursor`'s dataset."""
+    a whole number >= 0, and the data position one of `cursor`'s dataset. `others_keys` (key -> the trainer
+    whose checkpoints alone record it) refuses another trainer's checkpoint, as a missing required counter does."""
     def check(state):
         for k, default in counters.items():
             if k not in state and default is None:
                 # an SFT checkpoint given to a GRPO run's --resume said "rollout_index is None, not a whole number"
-                raise ValueError(f"no {k!r}, which this trainer's checkpoints record: the checkpoint is another "
-                                 f"trainer's (an SFT checkpoint given to a GRPO run's --resume?); to train on from its "
-                                 f"weights, start a new run with model_name_or_path=<the checkpoint folder> instead of "
-                                 f"--resume")
+                raise another_trainers_checkpoint(f"no {k!r}, which this trainer's checkpoints record", "an SFT")
             v = state.get(k, default)
             if type(v) is not int or v < 0:
                 raise ValueError(f"{k} is {v!r:.80}, not a whole number >= 0")
+        for k, trainer in (others_keys or {}).items():
+            if k in state:
+                # a GRPO checkpoint given to SFT's --resume was taken, and its progress showed "2/1 steps (200%)"
+                raise another_trainers_checkpoint(f"{k!r}, which {trainer} checkpoints record and this trainer's "
+                                                  f"do not", f"a {trainer}")
         cursor.check_state(state.get("data"))
     return check
+
+
+def another_trainers_checkpoint(evidence: str, trainer: str) -> ValueError:
+    """The error of a --resume given another trainer's checkpoint, and what to do instead: its weights start a new
+    run. `trainer`: the guess at whose it is ("an SFT")."""
+    return ValueError(f"{evidence}: the checkpoint is another trainer's ({trainer} checkpoint given to this run's "
+                      f"--resume?); to train on from its weights, start a new run with "
+                      f"model_name_or_path=<the checkpoint folder> instead of --resume")
 
 
 def accumulating_gradients(optimizer):

@@ -183,7 +183,8 @@ class SFTTrainer:
 
     def load(self, path: str):
         state = ckpt.load_checkpoint(path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
-                                     check=resume_check(self.cursor, {"nonfinite_skipped": 0, "num_tokens": 0}))
+                                     check=resume_check(self.cursor, {"nonfinite_skipped": 0, "num_tokens": 0},
+                                                        others_keys={"rollout_index": "GRPO"}))
         self.global_step = state["global_step"]
         self.cursor.load_state(state["data"])
         self.nonfinite_skipped = state.get("nonfinite_skipped", 0)
