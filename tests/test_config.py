@@ -598,6 +598,17 @@ def test_a_misspelt_keyword_in_python_gets_the_yaml_hint():
     assert copy.deepcopy(cfg) == cfg and dataclasses.replace(cfg, seed=5).seed == 5
 
 
+def test_trls_boolean_scale_rewards_reads_as_trl_maps_it(tmp_path):
+    # `scale_rewards: false` (TRL: "none") said "option 'scale_rewards' expects str, got False"
+    for value, word in [("false", "none"), ("true", "group")]:
+        assert GRPOConfig.from_yaml(_yaml(tmp_path, f"scale_rewards: {value}\n")).scale_rewards == word
+        assert GRPOConfig().update(parse_overrides([f"scale_rewards={value}"])).scale_rewards == word
+    cfg = GRPOConfig(scale_rewards=False)
+    cfg.validate()  # as the trainer does
+    assert cfg.scale_rewards == "none"
+    assert GRPOConfig.from_dict({"scale_rewards": "batch"}).scale_rewards == "batch"
+
+
 def test_a_word_yaml_reads_as_a_boolean_for_a_text_option_says_so_and_how_to_quote_it(tmp_path):
     # `fp8=on` or `language: no` said "option 'fp8' expects str, got True": the user typed no True
     for word, value in [("on", True), ("yes", True), ("no", False), ("true", True)]:

@@ -113,6 +113,8 @@ class _Base:
     _BOOL_COUNTS: typing.ClassVar[dict[str, int]] = {}
     # str options whose "off" YAML reads as false (YAML 1.1: off/no/false are booleans)
     _OFF_WORDS: typing.ClassVar[tuple[str, ...]] = ()
+    # str options that TRL also takes as a bool: option -> (its word for false, its word for true)
+    _BOOL_WORDS: typing.ClassVar[dict[str, tuple[str, str]]] = {}
     # str options with a "none" choice that Python (r1fast.ops.LossOptions) or YAML's null spells as None
     _NONE_WORDS: typing.ClassVar[tuple[str, ...]] = ()
 
@@ -125,6 +127,8 @@ class _Base:
                 return self._BOOL_COUNTS[key] if value else 0
             if key in self._OFF_WORDS and not value:
                 return "off"
+            if key in self._BOOL_WORDS:
+                return self._BOOL_WORDS[key][value]
         return value
 
     def __new__(cls, *args, **kwargs):
@@ -671,6 +675,7 @@ class GRPOConfig(_TrainingConfig):
     log_completions: int = 2                 # sample completions written to the log per logging step
     _BOOL_COUNTS = {"log_completions": 2}    # TRL's log_completions is a bool
     _OFF_WORDS = ("fp8",)                      # `fp8: off` in YAML arrives as False
+    _BOOL_WORDS = {"scale_rewards": ("none", "group")}   # TRL's GRPOConfig: false -> "none", true -> "group"
     _NONE_WORDS = ("tis_mode",)                # LossOptions(tis_mode=None) is tis_mode "none"
     # precision (device, dtype: _TrainingConfig)
     fp8: str = "off"                         # off | emulate | torch | te | auto (docs/fp8.md)
