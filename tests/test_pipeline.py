@@ -950,8 +950,8 @@ def test_plot_leaves_the_callers_matplotlib_backend_and_figures_alone(tmp_path):
     matplotlib.use("svg")
     try:
         assert os.path.getsize(plot_run(str(tmp_path))) > 1000
-        with pytest.raises(FileNotFoundError):
-            plot_run(str(tmp_path), str(tmp_path / "no such folder" / "c.png"))
+        with pytest.raises(OSError):   # a save that fails: its folder is a file
+            plot_run(str(tmp_path), str(tmp_path / "metrics.jsonl" / "c.png"))
         assert (matplotlib.get_backend(), plt.get_fignums()) == ("svg", [])
     finally:
         matplotlib.use(old)
@@ -978,6 +978,16 @@ def test_plot_on_a_full_disk_keeps_the_last_image_and_names_the_file(tmp_path, m
     monkeypatch.undo()
     assert main(["plot", str(tmp_path), "--out", str(tmp_path / "c.svg")]) == 0   # the format still from the name
     assert b"<svg" in (tmp_path / "c.svg").read_bytes()[:500]
+
+
+def test_plot_makes_the_folders_of_out(tmp_path, monkeypatch, capsys):
+    # --out plots/run.png, plots/ not made yet, said "r1fast plot: [Errno 2] No such file or directory: 'plots/run.png'"
+    pytest.importorskip("matplotlib")
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "reward": 0.25}\n{"step": 2, "reward": 0.75}\n')
+    monkeypatch.chdir(tmp_path)
+    assert main(["plot", ".", "--out", "plots/a/run.png"]) == 0
+    assert (tmp_path / "plots" / "a" / "run.png").read_bytes()[:4] == b"\x89PNG"
+    assert "wrote plots/a/run.png" in capsys.readouterr().out
 
 
 def test_held_out_evaluation_takes_the_pipelines_system_prompt_and_format_pattern(tmp_path, monkeypatch):

@@ -62,6 +62,9 @@ def plot_run(run_dir: str, out: str | None = None) -> str:
     fig.suptitle(os.path.basename(os.path.abspath(run_dir)))
     fig.tight_layout()
     out = out or os.path.join(run_dir, "curves.png")
+    # its folders made, as output_dir's and r1fast sample's output_file's are: savefig makes none, and
+    # --out plots/run.png said a bare "[Errno 2] No such file or directory"
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     # through a temporary file: a full disk mid-write left a truncated image in place of the last good one
     # (and an error naming no file); the format from out's extension, as savefig(out) takes it
     with replacing(out, binary=True) as f:
