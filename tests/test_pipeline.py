@@ -657,6 +657,14 @@ def test_pipeline_resume_path_names_the_run_folder(tmp_path, monkeypatch):
         main(["train", str(spec), "--resume", str(elsewhere)])
 
 
+def test_a_pipeline_resume_from_a_missing_folder_says_it_is_missing(tmp_path, monkeypatch):
+    # said "not a pipeline run folder (no pipeline_state.json)", as if the folder were there
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match=rf"^r1fast train: --resume 'runs/typo': no such file or folder "
+                                         rf"\(from {re.escape(str(tmp_path))}\)$"):
+        main(["train", "--resume", "runs/typo"])
+
+
 def test_resume_without_an_earlier_run_says_it_starts_fresh(tmp_path, capsys):
     spec = one_sft_stage_spec(tmp_path)
     assert main(["pipeline", str(spec), f"output_dir={tmp_path / 'new'}", "--resume"]) == 0

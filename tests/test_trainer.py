@@ -2709,8 +2709,13 @@ def test_a_bare_resume_without_a_checkpoint_starts_the_run(tmp_path, capsys):
     assert make(tmp_path, **kw).train(resume=True)["global_step"] == 1
     assert f"r1fast: --resume: no checkpoint in {tmp_path / 'run'}; starting from the first step" in \
         capsys.readouterr().err
-    with pytest.raises(ValueError, match="neither a checkpoint folder"):   # a path named is still an error
+    # a path named is still an error, which says it does not exist (it said "neither a checkpoint folder nor a run
+    # folder holding checkpoint-<step> folders", as if the folder were there but wrong)
+    with pytest.raises(ValueError, match=rf"^--resume '{re.escape(str(tmp_path))}/missing': no such file or folder$"):
         make(tmp_path, "other", **kw).train(resume=str(tmp_path / "missing"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="neither a checkpoint folder"):   # there, but holding no checkpoint
+        make(tmp_path, "other", **kw).train(resume=str(tmp_path / "empty"))
 
 
 def test_a_chat_template_that_refuses_a_row_is_an_error_naming_it_before_training(tmp_path):

@@ -30,6 +30,7 @@ from safetensors.torch import load_file
 
 from r1fast._umask import apply_umask, save_safetensors
 from r1fast.models.checkpoint import fsync_files, remove_folder, write_target
+from r1fast.trainer.config import check_resume_path_exists
 from r1fast.trainer.config import resume_is_bare  # noqa: F401  (where it was; the CLI imports it without torch)
 
 _CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -109,6 +110,7 @@ def resolve_resume(resume: str | bool | None, run_dir: str) -> Optional[str]:
             raise ValueError(f"--resume: no checkpoint found under {run_dir!r}")
         return path
     resume = str(resume)
+    check_resume_path_exists(resume)
     if os.path.isfile(os.path.join(resume, STATE_FILE)):
         return resume
     path = latest_checkpoint(resume)

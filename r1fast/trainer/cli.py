@@ -18,7 +18,7 @@ import argparse
 import os
 import sys
 
-from r1fast.trainer.config import ConfigError, resolve_config_path, resume_is_bare
+from r1fast.trainer.config import ConfigError, check_resume_path_exists, resolve_config_path, resume_is_bare
 
 _RESUME = {"train": "--resume [PATH] continues from the newest checkpoint (or PATH: a checkpoint or run folder; "
                     "for a pipeline, its run folder).",
@@ -264,6 +264,7 @@ def _resume_pipeline(resume, overrides: list[str]) -> tuple[bool, list[str]]:
     ignored before, and a fresh run started in ./runs/<name>)."""
     if not isinstance(resume, str) or resume_is_bare(resume):
         return bool(resume), overrides
+    check_resume_path_exists(resume)
     if not os.path.isfile(os.path.join(resume, "pipeline_state.json")):
         raise ConfigError(f"--resume {resume!r}: not a pipeline run folder (no pipeline_state.json); "
                           f"give the folder holding it, or --resume alone for ./runs/<name>")

@@ -101,6 +101,14 @@ def resume_is_bare(resume) -> bool:
     return resume is True or resume in ("latest", "true", "True")
 
 
+def check_resume_path_exists(resume: str):
+    """`--resume PATH` names something that exists: a missing one said only that it was "neither a checkpoint
+    folder nor a run folder" (or "not a pipeline run folder"), as if the folder were there but wrong."""
+    if not os.path.lexists(resume):
+        where = "" if os.path.isabs(resume) else f" (from {os.getcwd()})"
+        raise ConfigError(f"--resume {resume!r}: no such file or folder{where}")
+
+
 class ConfigError(ValueError):
     """A configuration key or value that cannot be used; the message names it."""
 
