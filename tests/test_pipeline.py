@@ -2732,3 +2732,24 @@ def test_an_override_that_mends_a_stage_options_warning_is_not_warned_about(tmp_
         warnings.simplefilter("always")
         load_pipeline(copy.deepcopy(spec), ["rl.max_steps=2"])
     assert len([w for w in caught if "cispo" in str(w.message)]) == 1
+
+
+def test_an_override_of_a_key_the_file_also_gets_wrong_is_blamed_on_the_command_line(tmp_path):
+    # a key wrong in the file and set, wrong again, on the command line: the error shows the typed value but
+    # named the file, which holds another; an override beside a file error of another key named the file too
+    from r1fast.trainer.config import ConfigError
+
+    spec = tmp_path / "p.yaml"
+    spec.write_text("name: p\nmodel: builtin:micro\nseed: abc\nstages:\n"
+                    "  - {name: s, type: sft, dataset: builtin:arithmetic, num_rows: 8,\n"
+                    "     config: {max_steps: abc, per_device_train_batch_size: 4}}\n")
+    with pytest.raises(ConfigError, match=r"^command line: stage 's': option 'max_steps' expects int, got 'xyz'"):
+        load_pipeline(str(spec), ["seed=1", "s.max_steps=xyz"])
+    with pytest.raises(ConfigError, match=r"^command line: option 'seed' expects int, got 'zz'"):
+        load_pipeline(str(spec), ["seed=zz"])
+    # the file's own error, unchanged by the override beside it, still names the file
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(spec))}: stage 's': option 'max_steps' expects int, "
+                                          rf"got 'abc'"):
+        load_pipeline(str(spec), ["seed=1", "s.learning_rate=0.001"])
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(spec))}: option 'seed' expects int, got 'abc'"):
+        load_pipeline(str(spec), ["eval_size=3"])

@@ -148,7 +148,10 @@ def load_pipeline(source: str | dict, overrides: Optional[list[str]] = None) -> 
     if not isinstance(stages_raw, list) or not stages_raw:
         raise ConfigError(f"{where}: 'stages' must be a non-empty list")
     data.pop("description", None)
-    src = typed if top_ov and _passes(lambda: _validate(Pipeline(**_typed(Pipeline, data, where)), where)) else where
+    def pipeline_check(options: dict):
+        return lambda: _validate(Pipeline(**_typed(Pipeline, options, where)), where)
+
+    src = typed if top_ov and _brought_in(pipeline_check(data), pipeline_check({**data, **top_ov})) else where
     p = Pipeline(**_typed(Pipeline, {**data, **top_ov}, src))
     _validate(p, src)
     names = set()
@@ -196,7 +199,9 @@ def load_pipeline(source: str | dict, overrides: Optional[list[str]] = None) -> 
             for key in _EVAL_DEFAULTS:
                 conf.setdefault(key, getattr(p, key))
         # an error the file's options alone do not have is the command line's
-        src = typed_at if conf_ov and _passes(lambda: STAGE_TYPES[typ].from_dict(conf, source=at)) else at
+        src = typed_at if conf_ov and _brought_in(lambda: STAGE_TYPES[typ].from_dict(conf, source=at),
+                                                  lambda: STAGE_TYPES[typ].from_dict({**conf, **conf_ov}, source=at)) \
+            else at
         placed_at = typed_at if {"dtype", "device"} & set(conf_ov) else at
         conf.update(conf_ov)
         try:
@@ -213,19 +218,27 @@ def load_pipeline(source: str | dict, overrides: Optional[list[str]] = None) -> 
     return p
 
 
-def _passes(check) -> bool:
-    """Whether `check()` runs without an error: the file's own options, to tell an error the command line's
-    overrides brought in (named "command line") from one of the file's (named by its path)."""
+def _brought_in(own, merged) -> bool:
+    """Whether the command line's overrides brought in the error the merged options raise (`merged()`), to name
+    it "command line" rather than the file: the file's options alone (`own()`) pass, or raise another error. Not
+    only whether they pass: a key the file gets wrong and the command line sets, wrong again, showed the typed
+    value under the file's name, as did a wrong override beside a file error of another key."""
+    error = _error_text(merged)
+    return error is not None and _error_text(own) != error
+
+
+def _error_text(check) -> Optional[str]:
+    """The error `check()` raises, as text (None if it passes); silent: a warning of the file's options alone
+    (cispo's epsilon_high) may be one the override mends, and the merged options' own check warns as before."""
     import warnings
 
     try:
-        # silent: a warning of the file's options alone (cispo's epsilon_high) may be one the override mends
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             check()
-    except Exception:   # whatever the file's options raise alone, the merged options' own check says it again
-        return False
-    return True
+    except Exception as e:   # whatever they raise, the merged options' own check raises it again
+        return f"{type(e).__name__}: {e}"
+    return None
 
 
 def _stage_option_hints(unknown: set[str], data: dict) -> str:
