@@ -252,8 +252,8 @@ _MAX_HEADER_BYTES = 100 << 20
 
 
 def weights_signature(model_name_or_path: str) -> Optional[str]:
-    """What changes when a local model folder's weights change: its config.json, and of each weights file
-    (model*.safetensors) the size, pieces read at evenly spaced places and a piece of each tensor's values
+    """What changes when a local model folder's weights change: its config.json, and of each weights file the
+    loader reads (_weights_files) the size, pieces read at evenly spaced places and a piece of each tensor's values
     (_tensor_middles). A model retrained into the same folder has files of the same names and sizes (and the same
     safetensors header), so the pieces are of the tensors' values; a copy of the folder (cp without -p: new modification times) keeps the signature. None where it is no
     folder (builtin:<size>, seeded)."""
@@ -262,8 +262,8 @@ def weights_signature(model_name_or_path: str) -> Optional[str]:
     if not os.path.isdir(model_name_or_path):
         return None
     digest = hashlib.sha256()
-    names = sorted(n for n in os.listdir(model_name_or_path)
-                   if n == "config.json" or n.startswith("model") and n.endswith(".safetensors"))
+    names = ["config.json"] if os.path.isfile(os.path.join(model_name_or_path, "config.json")) else []
+    names = sorted(names + _weights_files(model_name_or_path))
     for name in names:
         path = os.path.join(model_name_or_path, name)
         with open(path, "rb") as f:
@@ -279,6 +279,19 @@ def weights_signature(model_name_or_path: str) -> Optional[str]:
                 f.seek(start)
                 digest.update(f.read(_TENSOR_PIECE_BYTES))
     return digest.hexdigest()
+
+
+def _weights_files(folder: str) -> list[str]:
+    """The names of the weights files the loader reads from `folder` (checkpoint._shard_files): model*.safetensors
+    alone missed a folder whose weights are consolidated.safetensors (no model.safetensors, no index), which kept its
+    signature when retrained in place. Where the loader would refuse the folder, its model*.safetensors (the load
+    then says why)."""
+    from r1fast.models.checkpoint import _shard_files
+
+    try:
+        return [os.path.basename(p) for p in _shard_files(folder)]
+    except (OSError, ValueError):
+        return [n for n in os.listdir(folder) if n.startswith("model") and n.endswith(".safetensors")]
 
 
 def _tensor_middles(f, size: int) -> list[int]:
