@@ -1676,3 +1676,21 @@ def test_an_sft_resume_from_a_grpo_checkpoint_says_what_it_is_and_what_to_do(tmp
                                          r"model_name_or_path="):
         main(["sft", *common, "output_dir=sft", "--resume", "grpo/checkpoint-1"])
     assert not os.path.exists("sft/checkpoint-1")
+
+
+def test_an_eval_dataset_without_the_prompt_column_does_not_offer_prompt_column(tmp_path, monkeypatch):
+    # said "set prompt_column=<column> to read another column": that option reads the train dataset's prompts too,
+    # which have the column, so following it broke training instead
+    from r1fast.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "q.jsonl").write_text('{"question": "1+2=", "answer": "3"}\n' * 4)
+    argv = ["train", "model_name_or_path=builtin:micro", "dataset=builtin:arithmetic", "eval_dataset=q.jsonl",
+            "eval_steps=1", "max_steps=1", "per_device_train_batch_size=4", "num_generations=4", "progress_bar=false"]
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    said = str(e.value)
+    assert re.search(r"eval dataset \('q.jsonl'\) lacks column\(s\) \['prompt'\]; it has \['answer', 'question'\]; "
+                     r"prompt_column also names the train dataset's prompt column, which it has: name the eval "
+                     r"dataset's prompt column 'prompt'$", said), said
+    assert "set prompt_column" not in said

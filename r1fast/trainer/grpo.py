@@ -187,7 +187,13 @@ class GRPOTrainer:
         check_answer_column(self.rewards.names, self.train_rows, cfg.answer_column, "train dataset")
         check_reward_keywords(self.train_rows, cfg.prompt_column, "train dataset")
         if self.eval_rows:   # evaluated during and after training: a bad row is an error now, not then
-            check_columns(self.eval_rows, (cfg.prompt_column,), "eval dataset", {cfg.prompt_column: "prompt_column"})
+            if cfg.prompt_column not in self.eval_rows[0]:
+                # not "set prompt_column=<column>": it names the train dataset's column too, which has it
+                raise ValueError(f"eval dataset{source_name(self.eval_rows)} lacks column(s) {[cfg.prompt_column]}; "
+                                 f"it has {sorted(self.eval_rows[0])}; prompt_column also names the train dataset's "
+                                 f"prompt column, which it has: name the eval dataset's prompt column "
+                                 f"{cfg.prompt_column!r}")
+            check_columns(self.eval_rows, (cfg.prompt_column,), "eval dataset")
             check_prompts(self.eval_rows, cfg.prompt_column, tokenizer, cfg.system_prompt, "eval dataset",
                           cfg.chat_template_kwargs)
             check_eval_answers(self.eval_rows, cfg.answer_column, "eval dataset rows")
