@@ -2753,3 +2753,18 @@ def test_an_override_of_a_key_the_file_also_gets_wrong_is_blamed_on_the_command_
         load_pipeline(str(spec), ["seed=1", "s.learning_rate=0.001"])
     with pytest.raises(ConfigError, match=rf"^{re.escape(str(spec))}: option 'seed' expects int, got 'abc'"):
         load_pipeline(str(spec), ["eval_size=3"])
+
+
+def test_a_stage_dataset_emptied_on_the_command_line_is_blamed_on_the_command_line(tmp_path):
+    # 's.dataset=null' typed: "<file>: stage 's' needs a dataset", though the file gives it one
+    from r1fast.trainer.config import ConfigError
+
+    spec = str(one_sft_stage_spec(tmp_path))
+    for typed in ("s.dataset=null", "s.dataset="):
+        with pytest.raises(ConfigError, match=r"^command line: stage 's' needs a dataset"):
+            load_pipeline(spec, [typed])
+    (tmp_path / "bare").mkdir()
+    bare = tmp_path / "bare" / "p.yaml"
+    bare.write_text("name: p\nmodel: builtin:micro\nstages:\n  - {name: s, type: sft, config: {max_steps: 1}}\n")
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(bare))}: stage 's' needs a dataset"):
+        load_pipeline(str(bare), ["s.num_rows=8"])

@@ -183,7 +183,8 @@ def load_pipeline(source: str | dict, overrides: Optional[list[str]] = None) -> 
             raise ConfigError(f"{typed_at if 'num_rows' in own_ov else f'{where}: stage {name!r}'}: "
                               f"num_rows must be in [1, {MAX_BUILTIN_ROWS:,}]; got {fields['num_rows']}")
         if not fields.get("dataset"):   # found here, not once the stages before it have trained
-            raise ConfigError(f"{where}: stage {name!r} needs a dataset (a path, builtin:<task> or \"@stage\")")
+            raise ConfigError(f"{typed if 'dataset' in own_ov else where}: stage {name!r} needs a dataset (a path, "
+                              f"builtin:<task> or \"@stage\")")
         if not isinstance(raw.get("config") or {}, dict):
             raise ConfigError(f"{where}: stage {name!r}: 'config' must be a mapping of {STAGE_TYPES[typ].__name__} "
                               f"options; got {raw['config']!r:.80}")
