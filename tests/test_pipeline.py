@@ -2768,3 +2768,19 @@ def test_a_stage_dataset_emptied_on_the_command_line_is_blamed_on_the_command_li
     bare.write_text("name: p\nmodel: builtin:micro\nstages:\n  - {name: s, type: sft, config: {max_steps: 1}}\n")
     with pytest.raises(ConfigError, match=rf"^{re.escape(str(bare))}: stage 's' needs a dataset"):
         load_pipeline(str(bare), ["s.num_rows=8"])
+
+
+def test_stages_and_description_set_on_the_command_line_are_read_as_before(tmp_path):
+    # once the command line's pipeline keys were kept apart from the file's (to name the command line in their
+    # errors), 'description=x' raised a bare KeyError('description') and 'stages=[]' was dropped without a word
+    # (stages=[1] an AttributeError): the command line's stages replace the file's, as they did
+    from r1fast.trainer.config import ConfigError
+
+    spec = str(one_sft_stage_spec(tmp_path))
+    assert [s.name for s in load_pipeline(spec, ["description=a run"]).stages] == ["s"]
+    with pytest.raises(ConfigError, match=r"^command line: 'stages' must be a non-empty list"):
+        load_pipeline(spec, ["stages=[]"])
+    with pytest.raises(ConfigError, match=r"stage 0 must be a mapping"):
+        load_pipeline(spec, ["stages=[1]"])
+    p = load_pipeline(spec, ["stages=[{name: t, type: sft, dataset: builtin:arithmetic, num_rows: 8}]"])
+    assert [(s.name, s.num_rows) for s in p.stages] == [("t", 8)]

@@ -144,10 +144,14 @@ def load_pipeline(source: str | dict, overrides: Optional[list[str]] = None) -> 
         raise ConfigError(f"{where if unknown & set(data) else typed}: unknown pipeline key(s) {sorted(unknown)}"
                           f"{_stage_option_hints(unknown, {**data, **top_ov})}; "
                           f"known: {sorted(TOP_KEYS)} (set a stage's option with <stage>.<option>=value)")
+    # the command line's stages replace the file's (kept apart with the other pipeline keys, they were dropped)
     stages_raw = data.pop("stages", None)
+    stages_at = typed if "stages" in top_ov else where
+    stages_raw = top_ov.pop("stages", stages_raw)
     if not isinstance(stages_raw, list) or not stages_raw:
-        raise ConfigError(f"{where}: 'stages' must be a non-empty list")
+        raise ConfigError(f"{stages_at}: 'stages' must be a non-empty list")
     data.pop("description", None)
+    top_ov.pop("description", None)   # a note, as in the file (Pipeline has no such field: a KeyError)
     def pipeline_check(options: dict):
         return lambda: _validate(Pipeline(**_typed(Pipeline, options, where)), where)
 
