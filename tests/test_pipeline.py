@@ -2784,3 +2784,31 @@ def test_stages_and_description_set_on_the_command_line_are_read_as_before(tmp_p
         load_pipeline(spec, ["stages=[1]"])
     p = load_pipeline(spec, ["stages=[{name: t, type: sft, dataset: builtin:arithmetic, num_rows: 8}]"])
     assert [(s.name, s.num_rows) for s in p.stages] == [("t", 8)]
+
+
+def test_a_sample_stages_progress_is_kept_when_only_a_model_it_does_not_sample_changes(tmp_path):
+    # the progress key held the pipeline's model_weights as well as the weights the stage samples: a stage sampling
+    # "@s" lost its kept rows on --resume when the pipeline's base model folder was retrained, or deleted to free disk
+    from r1fast.trainer.common import load_model_and_tokenizer
+    from r1fast.trainer.pipeline import PipelineRunner
+
+    def model_folder(path, seed):
+        model, tok = load_model_and_tokenizer("builtin:micro", device="cpu", seed=seed)
+        model.save_pretrained(str(path))
+        tok.save_pretrained(str(path))
+
+    model_folder(tmp_path / "base", seed=1)
+    model_folder(tmp_path / "sampled", seed=2)
+    spec = tmp_path / "p.yaml"
+    spec.write_text(f"name: p\nmodel: {tmp_path / 'base'}\noutput_dir: {tmp_path / 'run'}\nstages:\n"
+                    "  - {name: rs, type: sample, dataset: builtin:arithmetic, num_rows: 4,\n"
+                    "     config: {num_samples: 2, reward_funcs: [format], reward_thresholds: [0]}}\n")
+    runner = PipelineRunner(load_pipeline(str(spec)))
+    stage, rows = runner.p.stages[0], [{"prompt": "1+2="}, {"prompt": "3+4="}]
+    before = runner._sample_fingerprint(stage, rows, str(tmp_path / "sampled"))
+    model_folder(tmp_path / "base", seed=3)   # the base model retrained in place
+    assert runner._sample_fingerprint(stage, rows, str(tmp_path / "sampled")) == before
+    shutil.rmtree(tmp_path / "base")   # or deleted
+    assert runner._sample_fingerprint(stage, rows, str(tmp_path / "sampled")) == before
+    model_folder(tmp_path / "sampled", seed=4)   # the model it samples, retrained: another sampling
+    assert runner._sample_fingerprint(stage, rows, str(tmp_path / "sampled")) != before

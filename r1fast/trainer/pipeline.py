@@ -682,7 +682,9 @@ class PipelineRunner:
         folder since its stopped run, or a local model retrained in place)."""
         from r1fast.trainer.sampling import sample_fingerprint, weights_signature
 
-        settings = self._settings()
+        # not the pipeline's model_weights: its base model folder retrained, or deleted to free disk, changes no
+        # sample of a stage that samples another model, and the stage's own weights are `weights` below
+        settings = {k: v for k, v in self._settings().items() if k != "model_weights"}
         weights = weights_signature(model_source) if model_source else None
         if weights is not None:   # builtin:<size> adds nothing: its fingerprint is as before
             settings["weights"] = weights
