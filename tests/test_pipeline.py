@@ -2812,3 +2812,25 @@ def test_a_sample_stages_progress_is_kept_when_only_a_model_it_does_not_sample_c
     assert runner._sample_fingerprint(stage, rows, str(tmp_path / "sampled")) == before
     model_folder(tmp_path / "sampled", seed=4)   # the model it samples, retrained: another sampling
     assert runner._sample_fingerprint(stage, rows, str(tmp_path / "sampled")) != before
+
+
+def test_a_finished_stages_model_folder_deleted_since_is_not_a_changed_option(tmp_path):
+    # --resume said the stage's "options given now differ (model_weights '<sha>' -> None)" for a model folder deleted
+    # after the stage finished (to free disk): no option differs, and its results never read the folder again
+    from r1fast.trainer.common import load_model_and_tokenizer
+    from r1fast.trainer.pipeline import _changed_options, _stage_options
+
+    model, tok = load_model_and_tokenizer("builtin:micro", device="cpu", seed=1)
+    model.save_pretrained(str(tmp_path / "m"))
+    tok.save_pretrained(str(tmp_path / "m"))
+    spec = tmp_path / "p.yaml"
+    spec.write_text(f"name: p\nstages:\n  - {{name: s, type: sft, model: {tmp_path / 'm'}, dataset: builtin:arithmetic,"
+                    f" config: {{max_steps: 1}}}}\n")
+    stage = load_pipeline(str(spec)).stages[0]
+    recorded = _stage_options(stage)
+    assert "model_weights" in recorded
+    model2, _ = load_model_and_tokenizer("builtin:micro", device="cpu", seed=2)
+    model2.save_pretrained(str(tmp_path / "m"))   # retrained in place: still named
+    assert _changed_options(stage, recorded).startswith("model_weights ")
+    shutil.rmtree(tmp_path / "m")
+    assert _changed_options(stage, recorded) == ""

@@ -1088,7 +1088,9 @@ def _changed_options(stage: Stage, recorded: Optional[dict]) -> str:
     now = _stage_options(stage)
     changed = [f"{k} {recorded.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(now) | set(recorded))
                if now.get(k) != recorded.get(k) and k != "progress_bar"
-               and not (k == "model_weights" and k not in recorded)]   # recorded by an r1fast before it was
+               # model_weights: recorded by an r1fast before it was; or the folder is gone (deleted to free disk), no
+               # option given now differs, and the stage's results do not read it again
+               and not (k == "model_weights" and (k not in recorded or k not in now))]
     return ", ".join(changed)
 
 
