@@ -2834,3 +2834,17 @@ def test_a_finished_stages_model_folder_deleted_since_is_not_a_changed_option(tm
     assert _changed_options(stage, recorded).startswith("model_weights ")
     shutil.rmtree(tmp_path / "m")
     assert _changed_options(stage, recorded) == ""
+
+
+def test_unknown_pipeline_keys_of_the_file_and_the_command_line_are_named_where_each_is(tmp_path):
+    # an unknown key in the file and another typed: "<file>: unknown pipeline key(s) ['eval_sise', 'sed']" named
+    # the file for the typed one too, which the reader then looked for there in vain
+    from r1fast.trainer.config import ConfigError
+
+    spec = one_sft_stage_spec(tmp_path, top="eval_sise: 3\n")
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(spec))}: unknown pipeline key\(s\) \['eval_sise'\]; "):
+        load_pipeline(str(spec), ["sed=1"])
+    (tmp_path / "good").mkdir()
+    good = str(one_sft_stage_spec(tmp_path / "good"))
+    with pytest.raises(ConfigError, match=r"^command line: unknown pipeline key\(s\) \['sed'\]; "):
+        load_pipeline(good, ["sed=1"])

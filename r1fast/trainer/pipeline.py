@@ -139,11 +139,15 @@ def load_pipeline(source: str | dict, overrides: Optional[list[str]] = None) -> 
     # an error in what the command line set names the command line, as a single run's does: it named the
     # file, and `r1fast train cold_start.max_stpes=1` sent the reader to r1fast's own default.yaml
     typed = "command line"
-    unknown = (set(data) | set(top_ov)) - TOP_KEYS
-    if unknown:
-        raise ConfigError(f"{where if unknown & set(data) else typed}: unknown pipeline key(s) {sorted(unknown)}"
-                          f"{_stage_option_hints(unknown, {**data, **top_ov})}; "
-                          f"known: {sorted(TOP_KEYS)} (set a stage's option with <stage>.<option>=value)")
+    # the file's unknown keys first, naming the file; the command line's alone name the command line (one list
+    # of both under the file's name sent the reader to look there for what they had typed)
+    for given, at in ((data, where), (top_ov, typed)):
+        keys = set(given) - TOP_KEYS
+        if keys:
+            # the value as given there, the stages the file's
+            hints = _stage_option_hints(keys, {**given, "stages": data.get("stages")})
+            raise ConfigError(f"{at}: unknown pipeline key(s) {sorted(keys)}{hints}; "
+                              f"known: {sorted(TOP_KEYS)} (set a stage's option with <stage>.<option>=value)")
     # the command line's stages replace the file's (kept apart with the other pipeline keys, they were dropped)
     stages_raw = data.pop("stages", None)
     stages_at = typed if "stages" in top_ov else where
