@@ -208,6 +208,14 @@ def _call_ops(d, dtype, backend, opts):
                          sampler_logp=c(d["sampler"]), backend=backend, **opts)
 
 
+def _against_reference(d, opts, backend, device, call=_call_ops):
+    """(expected, got), each (loss, stats, grads): the float64 reference's and `backend`'s in fp32 on `device`."""
+    expected = _grads(lambda x: call(x, torch.float64, "reference", opts), d)
+    got = _grads(lambda x: call(x, torch.float32, backend, opts),
+                 {k: (v.float().to(device) if v is not None else None) for k, v in d.items()})
+    return expected, got
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo", "cispo"])
 @pytest.mark.parametrize("level", ["token", "sequence"])
@@ -227,9 +235,7 @@ def test_grpo_loss_matches_reference(device, backend, loss_type, level, beta):
         opts = dict(loss_type=loss_type, importance_sampling_level=level, beta=beta, delta=delta, tis_mode=tis,
                     kl_estimator=kl, tis_level=tis_level, tis_cap=1.2, entropy_coef=0.02,
                     epsilon_high=1.2 if loss_type == "cispo" else 0.25, use_bias_correction_kl=bias_kl)
-        e_loss, e_stats, e_g = _grads(lambda x: _call_ops(x, torch.float64, "reference", opts), d)
-        loss, stats, g = _grads(lambda x: _call_ops(x, torch.float32, backend, opts),
-                                {k: (v.float().to(device) if v is not None else None) for k, v in d.items()})
+        (e_loss, e_stats, e_g), (loss, stats, g) = _against_reference(d, opts, backend, device)
         tag = f"{opts}"
         assert loss.dtype == torch.float32
         assert_close(loss, e_loss, torch.float32, name=f"loss {tag}")
@@ -256,9 +262,7 @@ def test_grpo_loss_kernel_rows_longer_than_one_tile(device, opts):
     d["mask"][3] = (torch.arange(75) < 40).double()  # ends inside the second tile
     d["mask"][4] = (torch.arange(75) % 3 != 0).double()  # holes in every tile
     opts = dict(opts, tis_cap=opts.get("tis_cap", 1.2))
-    e_loss, e_stats, e_g = _grads(lambda x: _call_ops(x, torch.float64, "reference", opts), d)
-    loss, stats, g = _grads(lambda x: _call_ops(x, torch.float32, "triton", opts),
-                            {k: (v.float().to(device) if v is not None else None) for k, v in d.items()})
+    (e_loss, e_stats, e_g), (loss, stats, g) = _against_reference(d, opts, "triton", device)
     assert_close(loss, e_loss, torch.float32, name="loss")
     assert_close(g["logp"], e_g["logp"], torch.float32, name="grad logp")
     assert_close(g["ent"], e_g["ent"], torch.float32, name="grad entropy")
@@ -279,9 +283,7 @@ def test_ratio_exactly_on_a_clip_bound_takes_the_reference_gradient(device, back
     on_bound[0] = True  # one row entirely on the bound, for the sequence-level ratio
     d["old"] = torch.where(on_bound, d["logp"], d["old"])
     opts = dict(loss_type="grpo", importance_sampling_level=level, epsilon=eps_low, epsilon_high=eps_high)
-    e_loss, _, e_g = _grads(lambda x: _call_ops(x, torch.float64, "reference", opts), d)
-    loss, _, g = _grads(lambda x: _call_ops(x, torch.float32, backend, opts),
-                        {k: (v.float().to(device) if v is not None else None) for k, v in d.items()})
+    (e_loss, _, e_g), (loss, _, g) = _against_reference(d, opts, backend, device)
     assert e_g["logp"][0][d["mask"][0] > 0].abs().min() > 0  # the row on the bound does get a gradient
     assert_close(loss, e_loss, torch.float32, name="loss")
     assert_close(g["logp"], e_g["logp"], torch.float32, name="grad logp")
@@ -299,9 +301,7 @@ def test_zero_advantage_rows_count_no_clipped_tokens(device, backend, loss_type)
     d["mask"][0] = 1.0
     d["mask"][3] = 1.0
     opts = dict(loss_type=loss_type, epsilon_high=1.2 if loss_type == "cispo" else 0.25, row_stats=True)
-    e_loss, e_stats, e_g = _grads(lambda x: _call_ops(x, torch.float64, "reference", opts), d)
-    loss, stats, g = _grads(lambda x: _call_ops(x, torch.float32, backend, opts),
-                            {k: (v.float().to(device) if v is not None else None) for k, v in d.items()})
+    (e_loss, e_stats, e_g), (loss, stats, g) = _against_reference(d, opts, backend, device)
     c1 = (d["logp"] - d["old"]).exp()
     assert bool(((c1[0] < 0.8) | (c1[0] > 1.25)).any() and ((c1[3] < 0.8) | (c1[3] > 1.25)).any())
     assert e_stats["rows/clip_low"][[0, 3]].sum() == 0 and e_stats["rows/clip_high"][[0, 3]].sum() == 0
@@ -323,9 +323,7 @@ def test_tis_mask_keeps_a_weight_exactly_on_its_bounds(device, backend, tis_leve
     on_bound[0] = True
     d["sampler"] = torch.where(on_bound, d["old"], d["sampler"])
     opts = dict(loss_type="grpo", tis_mode="mask", tis_cap=1.0, tis_level=tis_level)
-    e_loss, e_stats, e_g = _grads(lambda x: _call_ops(x, torch.float64, "reference", opts), d)
-    loss, stats, g = _grads(lambda x: _call_ops(x, torch.float32, backend, opts),
-                            {k: (v.float().to(device) if v is not None else None) for k, v in d.items()})
+    (e_loss, e_stats, e_g), (loss, stats, g) = _against_reference(d, opts, backend, device)
     assert e_stats["is_weight/masked_frac"] < 1 and e_g["logp"][0].abs().sum() > 0  # row 0 is kept
     assert_close(loss, e_loss, torch.float32, name="loss")
     assert_close(g["logp"], e_g["logp"], torch.float32, name="grad logp")
@@ -342,9 +340,7 @@ def test_cispo_ratio_exactly_at_its_cap_is_not_counted_clipped(device, backend):
     on_cap = torch.rand(d["logp"].shape, generator=generator(54)) < 0.5
     d["old"] = torch.where(on_cap, d["logp"], d["old"])
     opts = dict(loss_type="cispo", epsilon_high=1.0, row_stats=True)
-    e_loss, e_stats, e_g = _grads(lambda x: _call_ops(x, torch.float64, "reference", opts), d)
-    loss, stats, g = _grads(lambda x: _call_ops(x, torch.float32, backend, opts),
-                            {k: (v.float().to(device) if v is not None else None) for k, v in d.items()})
+    (e_loss, e_stats, e_g), (loss, stats, g) = _against_reference(d, opts, backend, device)
     assert 0 < e_stats["rows/clip_high"].sum() < (d["mask"] * ~on_cap).sum()
     assert_close(loss, e_loss, torch.float32, name="loss")
     assert_close(g["logp"], e_g["logp"], torch.float32, name="grad logp")
@@ -1174,9 +1170,7 @@ def test_importance_weights_match_reference(device, backend, level, per_row):
         opts = dict(loss_type=loss_type, importance_sampling_level=level, beta=0.04, entropy_coef=0.02,
                     epsilon_high=1.2 if loss_type == "cispo" else 0.25, use_bias_correction_kl=i % 2 == 1,
                     delta=1.3 if i == 2 else None, max_completion_length=9)
-        e_loss, e_stats, e_g = _grads(lambda x: _call_ops_w(x, torch.float64, "reference", opts), d)
-        loss, stats, g = _grads(lambda x: _call_ops_w(x, torch.float32, backend, opts),
-                                {k: (v.float().to(device) if v is not None else None) for k, v in d.items()})
+        (e_loss, e_stats, e_g), (loss, stats, g) = _against_reference(d, opts, backend, device, call=_call_ops_w)
         tag = f"{opts}"
         assert_close(loss, e_loss, torch.float32, name=f"loss {tag}")
         assert_close(g["logp"], e_g["logp"], torch.float32, name=f"grad logp {tag}")
