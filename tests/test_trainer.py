@@ -3582,3 +3582,30 @@ def test_stop_handlers_put_the_default_back_where_the_handler_before_came_from_c
     finally:
         for s, h in before.items():
             signal.signal(s, h)
+
+
+def test_a_folder_refused_for_a_killed_saves_checkpoint_says_to_rename_it_before_resume(tmp_path):
+    # the refusal of a folder whose last checkpoint a killed save set aside (checkpoint-N.old-<pid>) offered
+    # "continue it with --resume", which found no checkpoint there, said it started from the first step and
+    # was refused again; the checkpoint is renamed back first, and overwrite_output_dir keeps it
+    import random
+
+    from r1fast.trainer.checkpoints import STATE_FILE, RunFolderInUse, start_fresh
+    from r1fast.trainer.cli import _in_use_message
+
+    run = tmp_path / "run"
+    step, pid = random.randint(2, 90), random.randint(100, 99999)
+    old = run / f"checkpoint-{step}.old-{pid}"
+    old.mkdir(parents=True)
+    (old / STATE_FILE).write_text("{}")
+    with pytest.raises(RunFolderInUse) as info:
+        start_fresh(str(run), False)
+    back = run / f"checkpoint-{step}"
+    assert f"rename {old} to {back}, then continue it with --resume" in str(info.value)
+    assert "; continue it with --resume" not in str(info.value)
+    msg = _in_use_message("train", ["g.yaml"], info.value)
+    assert f"  mv {old} {back} && r1fast train g.yaml --resume " in msg
+    assert f"(replaces its metrics; keeps {old.name})" in msg
+    assert "deletes its checkpoints" not in msg
+    start_fresh(str(run), True)
+    assert old.is_dir()

@@ -325,8 +325,18 @@ def _names_in(run_dir: str, resume_path: str) -> list[str]:
 class RunFolderInUse(ValueError):
     """A new run (not `--resume`) pointed at a folder holding an earlier run's checkpoints."""
 
-    def __init__(self, run_dir: str, holds: str):
-        self.run_dir, self.holds = run_dir, holds
+    def __init__(self, run_dir: str, holds: str, renames: tuple[tuple[str, str], ...] = ()):
+        # renames: (set-aside path, checkpoint path) of checkpoints a killed save set aside: --resume alone finds
+        # none of them (it said "no checkpoint; starting from the first step" and was refused again), and
+        # overwrite_output_dir keeps them
+        self.run_dir, self.holds, self.renames = run_dir, holds, renames
+        if renames:
+            moves = " and ".join(f"{a} to {b}" for a, b in renames)
+            kept = ", ".join(os.path.basename(a) for a, _ in renames)
+            super().__init__(f"{run_dir} holds an earlier run ({holds}); rename {moves}, then continue it with "
+                             f"--resume (resume=True), start over with overwrite_output_dir=true (replaces its metrics; "
+                             f"keeps {kept}), or give another output_dir")
+            return
         super().__init__(f"{run_dir} holds an earlier run ({holds}); continue it with --resume (resume=True), "
                          f"start over with overwrite_output_dir=true (deletes its checkpoints and metrics "
                          f"first), or give another output_dir")
@@ -431,8 +441,10 @@ def start_fresh(run_dir: str, overwrite: bool):
     killed = [] if overwrite or not os.path.isdir(run_dir) else \
         sorted(n for n in os.listdir(run_dir) if _may_be_killed_saves_old(run_dir, n))
     if killed:
-        raise RunFolderInUse(run_dir, ", ".join(f"{n}, which may be {n.split('.old-')[0]} set aside by a killed save: "
-                                                f"rename it back to resume it" for n in killed))
+        raise RunFolderInUse(run_dir, ", ".join(f"{n}, which may be {n.split('.old-')[0]} set aside by a killed save"
+                                                for n in killed),
+                             tuple((os.path.join(run_dir, n), os.path.join(run_dir, n.split(".old-")[0]))
+                                   for n in killed))
     if not ckpts:
         return
     if not overwrite:

@@ -233,9 +233,12 @@ def _in_use_message(cmd: str, rest: list[str], e) -> str:
         # `output_dir=runs/x output_dir=NEW_FOLDER` reads as if it wrote into both
         return shlex.join(["r1fast", cmd, *_without_options(rest, keys)])
 
-    choices = [(f"{again()} --resume", "to continue it"),
-               (f"{again('overwrite_output_dir')} overwrite_output_dir=true",
-                "to start over (deletes its checkpoints and metrics)"),
+    # a checkpoint a killed save set aside is renamed back first: --resume alone finds none and is refused again
+    moves = "".join(f"mv {shlex.quote(a)} {shlex.quote(b)} && " for a, b in getattr(e, "renames", ()))
+    over = (f"replaces its metrics; keeps {', '.join(os.path.basename(a) for a, _ in e.renames)}"
+            if getattr(e, "renames", ()) else "deletes its checkpoints and metrics")
+    choices = [(f"{moves}{again()} --resume", "to continue it"),
+               (f"{again('overwrite_output_dir')} overwrite_output_dir=true", f"to start over ({over})"),
                (f"{again('output_dir')} output_dir=NEW_FOLDER", "to keep it and write the new run elsewhere")]
     width = max(len(c) for c, _ in choices)
     return (f"r1fast {cmd}: {e.run_dir} holds an earlier run ({e.holds}). Type\n"
