@@ -2848,3 +2848,23 @@ def test_unknown_pipeline_keys_of_the_file_and_the_command_line_are_named_where_
     good = str(one_sft_stage_spec(tmp_path / "good"))
     with pytest.raises(ConfigError, match=r"^command line: unknown pipeline key\(s\) \['sed'\]; "):
         load_pipeline(good, ["sed=1"])
+
+
+def test_an_error_in_stages_given_on_the_command_line_names_the_command_line(tmp_path):
+    # stages=[...] typed on the command line replace the file's, but an error in them named the file
+    # ('<file>: stage 0 must be a mapping'), whose own stages are right
+    from r1fast.trainer.config import ConfigError
+
+    spec = str(one_sft_stage_spec(tmp_path))
+    with pytest.raises(ConfigError, match=r"^command line: stage 0 must be a mapping"):
+        load_pipeline(spec, ["stages=[1]"])
+    with pytest.raises(ConfigError, match=r"^command line: stage 't': type must be one of"):
+        load_pipeline(spec, ["stages=[{name: t, type: sfd, dataset: builtin:arithmetic}]"])
+    with pytest.raises(ConfigError, match=r"^command line: stage 't': option 'max_steps' expects int"):
+        load_pipeline(spec, ["stages=[{name: t, type: sft, dataset: builtin:arithmetic, config: {max_steps: x}}]"])
+    # the file's own stages still name the file
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: p\nmodel: builtin:micro\nstages:\n"
+                   "  - {name: s, type: sft, dataset: builtin:arithmetic, config: {max_steps: x}}\n")
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(bad))}: stage 's': option 'max_steps' expects int"):
+        load_pipeline(str(bad), [])

@@ -162,43 +162,44 @@ def load_pipeline(source: str | dict, overrides: Optional[list[str]] = None) -> 
     src = typed if top_ov and _brought_in(pipeline_check(data), pipeline_check({**data, **top_ov})) else where
     p = Pipeline(**_typed(Pipeline, {**data, **top_ov}, src))
     _validate(p, src)
+    # stages typed on the command line are its own: their errors name it, not the file whose stages they replace
     names = set()
     for i, raw in enumerate(stages_raw):
         if not isinstance(raw, dict):
-            raise ConfigError(f"{where}: stage {i} must be a mapping")
+            raise ConfigError(f"{stages_at}: stage {i} must be a mapping")
         bad = set(raw) - _STAGE_KEYS
         if bad:
-            raise ConfigError(f"{where}: stage {i}: unknown key(s) {sorted(bad)}; known: {sorted(_STAGE_KEYS)}")
+            raise ConfigError(f"{stages_at}: stage {i}: unknown key(s) {sorted(bad)}; known: {sorted(_STAGE_KEYS)}")
         name = raw.get("name") or f"stage{i}"
         if not isinstance(name, str) or name in (".", "..") or "/" in name or os.sep in name:
             # it names the stage's folder <run>/<name>/: '..' wrote (and overwrite_output_dir cleared) the run's parent
-            raise ConfigError(f"{where}: stage {i}: 'name' must be a folder name (the stage writes into "
+            raise ConfigError(f"{stages_at}: stage {i}: 'name' must be a folder name (the stage writes into "
                               f"<run>/<name>/); got {name!r}")
         if name in names:
-            raise ConfigError(f"{where}: two stages are named {name!r}")
+            raise ConfigError(f"{stages_at}: two stages are named {name!r}")
         names.add(name)
         typ = raw.get("type")
         if typ not in STAGE_TYPES:
-            raise ConfigError(f"{where}: stage {name!r}: type must be one of {sorted(STAGE_TYPES)}; got {typ!r}")
+            raise ConfigError(f"{stages_at}: stage {name!r}: type must be one of {sorted(STAGE_TYPES)}; got {typ!r}")
         ov = stage_ov.pop(name, {})
         typed_at = f"{typed}: stage {name!r}"
         # <stage>.model / dataset / num_rows / evaluate on the command line set the stage's own keys
         own_ov = {k: v for k, v in ov.items() if k in STAGE_FIELDS}
         fields = {**_typed(Stage, {k: v for k, v in raw.items() if k in STAGE_FIELDS and k not in own_ov},
-                           f"{where}: stage {name!r}"),
+                           f"{stages_at}: stage {name!r}"),
                   **_typed(Stage, own_ov, typed_at)}
         if not 1 <= fields.get("num_rows", 1) <= MAX_BUILTIN_ROWS:   # found now, not when the stage starts
-            raise ConfigError(f"{typed_at if 'num_rows' in own_ov else f'{where}: stage {name!r}'}: "
+            raise ConfigError(f"{typed_at if 'num_rows' in own_ov else f'{stages_at}: stage {name!r}'}: "
                               f"num_rows must be in [1, {MAX_BUILTIN_ROWS:,}]; got {fields['num_rows']}")
         if not fields.get("dataset"):   # found here, not once the stages before it have trained
-            raise ConfigError(f"{typed if 'dataset' in own_ov else where}: stage {name!r} needs a dataset (a path, "
+            raise ConfigError(f"{typed if 'dataset' in own_ov else stages_at}: stage {name!r} needs a dataset (a path, "
                               f"builtin:<task> or \"@stage\")")
         if not isinstance(raw.get("config") or {}, dict):
-            raise ConfigError(f"{where}: stage {name!r}: 'config' must be a mapping of {STAGE_TYPES[typ].__name__} "
+            raise ConfigError(f"{stages_at}: stage {name!r}: 'config' must be a mapping of {STAGE_TYPES[typ].__name__} "
                               f"options; got {raw['config']!r:.80}")
         conf = dict(raw.get("config") or {})
         conf_ov = {k: v for k, v in ov.items() if k not in STAGE_FIELDS}
-        at = f"{where}: stage {name!r}"
+        at = f"{stages_at}: stage {name!r}"
         for key in {**conf, **conf_ov}:
             if key in _SUPPLIED:
                 raise ConfigError(f"{at if key in conf else typed_at}: option {key!r} is not read in a pipeline; set "
