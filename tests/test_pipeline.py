@@ -2868,3 +2868,21 @@ def test_an_error_in_stages_given_on_the_command_line_names_the_command_line(tmp
                    "  - {name: s, type: sft, dataset: builtin:arithmetic, config: {max_steps: x}}\n")
     with pytest.raises(ConfigError, match=rf"^{re.escape(str(bad))}: stage 's': option 'max_steps' expects int"):
         load_pipeline(str(bad), [])
+
+
+def test_plot_out_naming_a_folder_or_under_a_file_says_so(tmp_path, monkeypatch):
+    # --out plots/ (a folder) said "[Errno 2] No such file or directory: 'plots/'", an existing folder "[Errno 21]
+    # Is a directory: '.plots.tmp-...'", and --out under a file (notes.txt/run.png) "[Errno 17] File exists"
+    pytest.importorskip("matplotlib")
+    from r1fast.trainer.plot import plot_run
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "reward": 0.25}\n{"step": 2, "reward": 0.75}\n')
+    (tmp_path / "kept").mkdir()
+    monkeypatch.chdir(tmp_path)
+    for folder in ("kept", "kept/", "new/"):
+        said = rf"^--out {re.escape(repr(folder))} is a folder; give the image's file path, as {folder.rstrip('/')}/"
+        with pytest.raises(IsADirectoryError, match=said + "curves.png"):
+            plot_run(".", folder)
+    with pytest.raises(NotADirectoryError, match=r"^--out 'metrics.jsonl/a/c.png': metrics.jsonl is a file, not a "):
+        plot_run(".", "metrics.jsonl/a/c.png")
+    assert sorted(os.listdir(tmp_path)) == ["kept", "metrics.jsonl"]

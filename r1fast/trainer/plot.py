@@ -22,6 +22,8 @@ def plot_run(run_dir: str, out: str | None = None) -> str:
     rows = run_metrics(run_dir)
     if not rows:
         raise ValueError(f"{run_dir}: metrics.jsonl is empty")
+    if out:
+        check_out_path(out)
     try:
         # a Figure of its own, not pyplot's: matplotlib.use("Agg") switched the caller's backend for the
         # rest of the process (a notebook's inline plots stopped showing), and a figure whose save failed
@@ -70,6 +72,20 @@ def plot_run(run_dir: str, out: str | None = None) -> str:
     with replacing(out, binary=True) as f:
         fig.savefig(f, format=os.path.splitext(out)[1][1:] or None, dpi=100)
     return out
+
+
+def check_out_path(out: str):
+    """`out` can be the image's file: a folder given there said "[Errno 2] No such file or directory: 'plots/'" (or,
+    made already, "Is a directory: '.plots.tmp-...'"), and a file on its way "[Errno 17] File exists", naming no
+    reason."""
+    if out.endswith(("/", os.sep)) or os.path.isdir(out):
+        raise IsADirectoryError(f"--out {out!r} is a folder; give the image's file path, as "
+                                f"{os.path.join(out.rstrip('/' + os.sep), 'curves.png')}")
+    parent = os.path.dirname(out)
+    while parent and not os.path.exists(parent):   # the nearest part of the path that is there
+        parent = os.path.dirname(parent)
+    if parent and not os.path.isdir(parent):
+        raise NotADirectoryError(f"--out {out!r}: {parent} is a file, not a folder")
 
 
 def reward_function_names(rows: list[dict]) -> list[str]:
