@@ -3609,3 +3609,16 @@ def test_a_folder_refused_for_a_killed_saves_checkpoint_says_to_rename_it_before
     assert "deletes its checkpoints" not in msg
     start_fresh(str(run), True)
     assert old.is_dir()
+
+
+def test_a_bare_resume_refused_for_a_killed_saves_checkpoint_does_not_say_it_starts(tmp_path, capsys):
+    # a bare --resume where the only checkpoint is one a killed save set aside printed "no checkpoint in <run>;
+    # starting from the first step", then refused the folder: it started nothing
+    from r1fast.trainer.checkpoints import STATE_FILE, RunFolderInUse
+
+    old = tmp_path / "run" / "checkpoint-3.old-4242"
+    old.mkdir(parents=True)
+    (old / STATE_FILE).write_text("{}")
+    with pytest.raises(RunFolderInUse, match="rename .*checkpoint-3.old-4242 to "):
+        make(tmp_path, max_steps=1, per_device_train_batch_size=8, num_generations=4).train(resume=True)
+    assert "starting from the first step" not in capsys.readouterr().err

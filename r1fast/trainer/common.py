@@ -723,8 +723,8 @@ def start_run(trainer, resume):
         resume = None   # refused below: saying it starts from the first step would be wrong
     elif no_checkpoint:
         # a job that always passes --resume (restarted after a preemption) starts the same way when the first
-        # launch was stopped before its first checkpoint, or had not run yet; as a pipeline's --resume does
-        print(f"r1fast: --resume: no checkpoint in {trainer.run_dir}; starting from the first step", file=sys.stderr)
+        # launch was stopped before its first checkpoint, or had not run yet; as a pipeline's --resume does.
+        # Said once start_fresh takes the folder: one it refuses (a killed save's checkpoint-N.old-<pid>) starts nothing
         resume = None
     if not resume and trainer.global_step > 0:
         # train() again after a failure (a reward function that raised, in a notebook) went on from the model and
@@ -736,6 +736,9 @@ def start_run(trainer, resume):
                          f"build a new trainer to start over")
     if not resume:
         ckpt.start_fresh(trainer.run_dir, cfg.overwrite_output_dir)
+        if no_checkpoint:
+            print(f"r1fast: --resume: no checkpoint in {trainer.run_dir}; starting from the first step",
+                  file=sys.stderr)
         # train() again after a failure within the first step (a reward function that raised at step 1): that step
         # had drawn its prompts, which the new start skipped, and counted its tokens; no optimizer step had run
         trainer.cursor = DataCursor(trainer.cursor.n, trainer.cursor.seed)
