@@ -3605,8 +3605,7 @@ def test_a_folder_refused_for_a_killed_saves_checkpoint_says_to_rename_it_before
     assert "; continue it with --resume" not in str(info.value)
     msg = _in_use_message("train", ["g.yaml"], info.value)
     assert f"  mv {old} {back} && r1fast train g.yaml --resume " in msg
-    assert f"(replaces its metrics; keeps {old.name})" in msg
-    assert "deletes its checkpoints" not in msg
+    assert f"(deletes its checkpoints and metrics; keeps {old.name})" in msg
     start_fresh(str(run), True)
     assert old.is_dir()
 
@@ -3622,3 +3621,27 @@ def test_a_bare_resume_refused_for_a_killed_saves_checkpoint_does_not_say_it_sta
     with pytest.raises(RunFolderInUse, match="rename .*checkpoint-3.old-4242 to "):
         make(tmp_path, max_steps=1, per_device_train_batch_size=8, num_generations=4).train(resume=True)
     assert "starting from the first step" not in capsys.readouterr().err
+
+
+def test_a_killed_saves_checkpoint_beside_earlier_ones_names_them_all_and_what_overwrite_deletes(tmp_path):
+    # a killed save of step N beside the run's earlier checkpoint-M (M < N, save_steps): the refusal named only
+    # checkpoint-N.old-<pid> and said overwrite_output_dir kept it and replaced the metrics, not that it deletes
+    # checkpoint-M
+    import random
+
+    from r1fast.trainer.checkpoints import STATE_FILE, RunFolderInUse, start_fresh
+    from r1fast.trainer.cli import _in_use_message
+
+    run = tmp_path / "run"
+    early, step = sorted(random.sample(range(1, 60), 2))
+    old = run / f"checkpoint-{step}.old-{random.randint(100, 99999)}"
+    for folder in (old, run / f"checkpoint-{early}"):
+        folder.mkdir(parents=True)
+        (folder / STATE_FILE).write_text("{}")
+    with pytest.raises(RunFolderInUse) as info:
+        start_fresh(str(run), False)
+    assert f"; checkpoints checkpoint-{early})" in str(info.value)
+    msg = _in_use_message("train", ["g.yaml"], info.value)
+    assert f"(deletes its checkpoints and metrics; keeps {old.name})" in msg
+    start_fresh(str(run), True)
+    assert sorted(os.listdir(run)) == [old.name]

@@ -334,8 +334,8 @@ class RunFolderInUse(ValueError):
             moves = " and ".join(f"{a} to {b}" for a, b in renames)
             kept = ", ".join(os.path.basename(a) for a, _ in renames)
             super().__init__(f"{run_dir} holds an earlier run ({holds}); rename {moves}, then continue it with "
-                             f"--resume (resume=True), start over with overwrite_output_dir=true (replaces its metrics; "
-                             f"keeps {kept}), or give another output_dir")
+                             f"--resume (resume=True), start over with overwrite_output_dir=true (deletes its "
+                             f"checkpoints and metrics; keeps {kept}), or give another output_dir")
             return
         super().__init__(f"{run_dir} holds an earlier run ({holds}); continue it with --resume (resume=True), "
                          f"start over with overwrite_output_dir=true (deletes its checkpoints and metrics "
@@ -441,8 +441,10 @@ def start_fresh(run_dir: str, overwrite: bool):
     killed = [] if overwrite or not os.path.isdir(run_dir) else \
         sorted(n for n in os.listdir(run_dir) if _may_be_killed_saves_old(run_dir, n))
     if killed:
+        # the run's earlier checkpoints too: overwrite_output_dir deletes them, keeping the set-aside ones
+        earlier = "; checkpoints " + ", ".join(os.path.basename(p) for _, p in ckpts) if ckpts else ""
         raise RunFolderInUse(run_dir, ", ".join(f"{n}, which may be {n.split('.old-')[0]} set aside by a killed save"
-                                                for n in killed),
+                                                for n in killed) + earlier,
                              tuple((os.path.join(run_dir, n), os.path.join(run_dir, n.split(".old-")[0]))
                                    for n in killed))
     if not ckpts:

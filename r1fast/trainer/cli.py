@@ -235,7 +235,7 @@ def _in_use_message(cmd: str, rest: list[str], e) -> str:
 
     # a checkpoint a killed save set aside is renamed back first: --resume alone finds none and is refused again
     moves = "".join(f"mv {shlex.quote(a)} {shlex.quote(b)} && " for a, b in getattr(e, "renames", ()))
-    over = (f"replaces its metrics; keeps {', '.join(os.path.basename(a) for a, _ in e.renames)}"
+    over = (f"deletes its checkpoints and metrics; keeps {', '.join(os.path.basename(a) for a, _ in e.renames)}"
             if getattr(e, "renames", ()) else "deletes its checkpoints and metrics")
     choices = [(f"{moves}{again()} --resume", "to continue it"),
                (f"{again('overwrite_output_dir')} overwrite_output_dir=true", f"to start over ({over})"),
