@@ -2886,3 +2886,16 @@ def test_plot_out_naming_a_folder_or_under_a_file_says_so(tmp_path, monkeypatch)
     with pytest.raises(NotADirectoryError, match=r"^--out 'metrics.jsonl/a/c.png': metrics.jsonl is a file, not a "):
         plot_run(".", "metrics.jsonl/a/c.png")
     assert sorted(os.listdir(tmp_path)) == ["kept", "metrics.jsonl"]
+
+
+def test_an_unknown_key_beside_stages_typed_on_the_command_line_hints_at_those_stages(tmp_path):
+    # 'stages=[{name: t, ...}] max_steps=3' offered "set it for one stage with s.max_steps=3", a stage of the file's
+    # that the typed stages replace (following it said "no stage named ['s']")
+    from r1fast.trainer.config import ConfigError
+
+    spec = str(one_sft_stage_spec(tmp_path))
+    with pytest.raises(ConfigError, match=r"^command line: unknown pipeline key\(s\) \['max_steps'\]; 'max_steps' is "
+                                          r"an option of stage t: set it for one stage with t.max_steps=3"):
+        load_pipeline(spec, ["stages=[{name: t, type: sft, dataset: builtin:arithmetic}]", "max_steps=3"])
+    with pytest.raises(ConfigError, match=r"set it for one stage with s.max_steps=3"):
+        load_pipeline(spec, ["max_steps=3"])

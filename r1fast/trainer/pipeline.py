@@ -144,8 +144,8 @@ def load_pipeline(source: str | dict, overrides: Optional[list[str]] = None) -> 
     for given, at in ((data, where), (top_ov, typed)):
         keys = set(given) - TOP_KEYS
         if keys:
-            # the value as given there, the stages the file's
-            hints = _stage_option_hints(keys, {**given, "stages": data.get("stages")})
+            # the value as given there, the stages the run will have: the command line's replace the file's
+            hints = _stage_option_hints(keys, {**given, "stages": top_ov.get("stages", data.get("stages"))})
             raise ConfigError(f"{at}: unknown pipeline key(s) {sorted(keys)}{hints}; "
                               f"known: {sorted(TOP_KEYS)} (set a stage's option with <stage>.<option>=value)")
     # the command line's stages replace the file's (kept apart with the other pipeline keys, they were dropped)
