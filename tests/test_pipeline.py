@@ -2899,3 +2899,17 @@ def test_an_unknown_key_beside_stages_typed_on_the_command_line_hints_at_those_s
         load_pipeline(spec, ["stages=[{name: t, type: sft, dataset: builtin:arithmetic}]", "max_steps=3"])
     with pytest.raises(ConfigError, match=r"set it for one stage with s.max_steps=3"):
         load_pipeline(spec, ["max_steps=3"])
+
+
+def test_overwrite_output_dir_starts_a_pipeline_over_beside_a_stages_killed_save(tmp_path):
+    # a stage's last checkpoint set aside by a killed save (checkpoint-N.old-<pid>): the pipeline's
+    # overwrite_output_dir=true cleared the run and kept it, then the stage's own start refused its folder (its
+    # config's overwrite_output_dir is never the pipeline's), telling to pass overwrite_output_dir=true
+    spec = one_sft_stage_spec(tmp_path)
+    run = tmp_path / "run"
+    cmd = ["pipeline", str(spec), f"output_dir={run}"]
+    assert main(cmd) == 0
+    old = run / "s" / "checkpoint-1.old-4321"
+    os.rename(run / "s" / "checkpoint-1", old)
+    assert main(cmd + ["overwrite_output_dir=true"]) == 0
+    assert (run / "s" / "checkpoint-1" / "trainer_state.json").is_file() and (old / "trainer_state.json").is_file()

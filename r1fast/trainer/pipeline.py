@@ -21,6 +21,7 @@ accuracy after each training stage; <run>/summary.json has the table printed at 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shlex
@@ -868,6 +869,11 @@ class PipelineRunner:
             cfg = stage.config
             if hasattr(cfg, "progress_bar"):
                 cfg.progress_bar = p.progress_bar and cfg.progress_bar
+            if not resume and p.overwrite_output_dir and hasattr(cfg, "overwrite_output_dir"):
+                # start_fresh cleared the stage's folder, keeping a checkpoint a killed save set aside there, which
+                # the stage's own start refused (its config's overwrite_output_dir is never set in a pipeline). A
+                # copy: the stage's recorded options are the ones given
+                cfg = dataclasses.replace(cfg, overwrite_output_dir=True)
             if stage.type == "sft":
                 from r1fast.trainer.sft import SFTTrainer
 
