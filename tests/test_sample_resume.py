@@ -123,12 +123,12 @@ def test_the_weights_signature_sees_one_small_tensor_changed_between_its_pieces(
 def test_the_weights_signature_reads_the_weights_files_the_loader_reads_whatever_their_names(tmp_path):
     # only model*.safetensors were read: a folder whose weights the loader reads from consolidated.safetensors (no
     # model.safetensors, no index) kept its signature when retrained in place, and --resume kept the earlier samples
-    from r1fast.models.checkpoint import _shard_files
+    from r1fast.models.checkpoint import shard_files
     from r1fast.trainer import sampling
 
     _model_folder(tmp_path / "m", seed=1)
     os.rename(tmp_path / "m" / "model.safetensors", tmp_path / "m" / "consolidated.safetensors")
-    assert [os.path.basename(p) for p in _shard_files(str(tmp_path / "m"))] == ["consolidated.safetensors"]
+    assert [os.path.basename(p) for p in shard_files(str(tmp_path / "m"))] == ["consolidated.safetensors"]
     before = sampling.weights_signature(str(tmp_path / "m"))
     _model_folder(tmp_path / "again", seed=2)   # retrained: the same names and sizes, other values
     os.replace(tmp_path / "again" / "model.safetensors", tmp_path / "m" / "consolidated.safetensors")

@@ -94,7 +94,7 @@ def from_pretrained(path, dtype=None, device=None, fp8="off"):
         raise FileNotFoundError(f"checkpoint folder {path!r} does not exist{missing_model_hint(path)}")
     fp8 = as_options(fp8)
     config = ModelConfig.from_hf_config(read_config_json(path))
-    shards = _shard_files(path)
+    shards = shard_files(path)
     _check_headers(path, config, shards)
     dtype = resolve_dtype(dtype) or config.dtype or _stored_dtype(shards[0]) or torch.float32
     device = torch.device(device) if device is not None else torch.device("cpu")
@@ -275,7 +275,7 @@ def _dtype_str(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
-def _shard_files(path: str) -> list[str]:
+def shard_files(path: str) -> list[str]:
     # model.safetensors first, as transformers reads them: a folder holding both it and an index of
     # shards (an old save beside a new one) must give the same model in r1fast and transformers
     single = os.path.join(path, SINGLE_NAME)

@@ -282,14 +282,14 @@ def weights_signature(model_name_or_path: str) -> Optional[str]:
 
 
 def _weights_files(folder: str) -> list[str]:
-    """The names of the weights files the loader reads from `folder` (checkpoint._shard_files): model*.safetensors
+    """The names of the weights files the loader reads from `folder` (checkpoint.shard_files): model*.safetensors
     alone missed a folder whose weights are consolidated.safetensors (no model.safetensors, no index), which kept its
     signature when retrained in place. Where the loader would refuse the folder, its model*.safetensors (the load
     then says why)."""
-    from r1fast.models.checkpoint import _shard_files
+    from r1fast.models.checkpoint import shard_files
 
     try:
-        return [os.path.basename(p) for p in _shard_files(folder)]
+        return [os.path.basename(p) for p in shard_files(folder)]
     except (OSError, ValueError):
         return [n for n in os.listdir(folder) if n.startswith("model") and n.endswith(".safetensors")]
 
