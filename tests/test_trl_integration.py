@@ -1070,9 +1070,17 @@ def test_matches_stock_trl_across_two_processes(tmp_path, model_dirs):
     out = {}
     for which in ("stock", "r1fast", "r1fast_generation"):
         out[which] = tmp_path / which
-        run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                              worker, which, str(model_dirs["untied"]), str(out[which]), "dapo"],
-                             env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+        for attempt in range(2):
+            run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                                  "2", worker, which, str(model_dirs["untied"]), str(out[which]), "dapo"],
+                                 env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                                 timeout=300)
+            # A rank sometimes aborts at exit, after training and saving ("terminate called without an active
+            # exception": a C++ thread torn down unjoined; r1fast starts none, gloo's process group has them), seen
+            # with r1fast_generation in 1 of 24 launches on a loaded 2-core machine and once in CI; the launcher then
+            # kills the other rank. That launch alone is run again, once.
+            if run.returncode == 0 or "terminate called without an active exception" not in run.stderr:
+                break
         assert run.returncode == 0, f"{which}: {run.stderr[-3000:]}"
     logs = {k: json.loads((v / "log.json").read_text()) for k, v in out.items()}
     assert len(logs["stock"]["loss"]) == 3
