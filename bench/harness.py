@@ -368,21 +368,24 @@ def _describe_device(device: torch.device) -> str:
 
 @functools.lru_cache(maxsize=None)
 def _git_commit() -> str:
-    """HEAD's short hash ('-dirty' when tracked files differ from it); where git cannot tell (the device tool
-    copies the working tree to the GPU machine without .git), $R1FAST_GIT_COMMIT as the caller gave it,
-    else 'unknown'."""
+    """$R1FAST_GIT_COMMIT when the caller names it, else HEAD's short hash ('-dirty' when tracked files
+    differ from it), else 'unknown'. The caller's name comes first: the device tool's copy of the tree
+    carried a .git of the session's first commit, and the 2026-11-30 H200 rows read '4ad7270-dirty'
+    for bb8a004."""
+    named = os.environ.get("R1FAST_GIT_COMMIT", "").strip()
+    if named:
+        return named
     here = Path(__file__).resolve().parent
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
-        # a tracked file changed since that commit (a working tree carried to a GPU machine): the rows
-        # did not measure the commit they name
+        # a tracked file changed since that commit: the rows did not measure the commit they name
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
                                capture_output=True, text=True, timeout=5).stdout.strip()
         if out.returncode == 0 and out.stdout.strip():
             return out.stdout.strip() + ("-dirty" if dirty else "")
     except Exception:  # noqa: BLE001 - no git on the machine
         pass
-    return os.environ.get("R1FAST_GIT_COMMIT", "").strip() or "unknown"
+    return "unknown"
 
 
 def _versions() -> dict[str, str]:

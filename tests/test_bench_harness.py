@@ -1510,9 +1510,14 @@ def test_git_commit_says_when_the_working_tree_differs_from_it(tmp_path, monkeyp
         calls.append(cmd[1])
         return subprocess.CompletedProcess(cmd, 0, stdout=out[cmd[1]])
     monkeypatch.setattr(harness.subprocess, "run", run)
+    monkeypatch.delenv("R1FAST_GIT_COMMIT", raising=False)
     harness._git_commit.cache_clear()
     try:
         assert harness._git_commit() == "abc1234-dirty"
+        # the device tool's copy carried a .git of an older commit: the caller's name wins
+        monkeypatch.setenv("R1FAST_GIT_COMMIT", "bb8a004")
+        harness._git_commit.cache_clear()
+        assert harness._git_commit() == "bb8a004"
     finally:
         harness._git_commit.cache_clear()
 
