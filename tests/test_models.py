@@ -171,6 +171,17 @@ def test_positions_and_shared_prefix_keys_reach_the_device_without_a_host_sync(d
     assert positions.device.type == index.device.type == cu_k.device.type == device
 
 
+def test_cu_seqlens_device_check_reads_an_unnamed_index_as_the_default():
+    """torch.device("cuda") != torch.device("cuda:0"): the check refused cu_seqlens made on "cuda" (whose
+    tensors say cuda:0) for input_ids named "cuda" on an H200; the same holds for "cpu" vs "cpu:0"."""
+    from r1fast.models.attention import check_cu_seqlens
+
+    cu = torch.tensor([0, 5, 8, 9], dtype=torch.int32)
+    assert check_cu_seqlens(cu, 9, torch.device("cpu", 0)).lengths == [5, 3, 1]
+    with pytest.raises(ValueError, match="cu_seqlens is on cpu but input_ids on meta"):
+        check_cu_seqlens(cu, 9, torch.device("meta"))
+
+
 def test_position_offsets_shift_rotary():
     # RoPE is relative: a uniform shift of the positions leaves the output unchanged, a gap does not.
     cfg = ModelConfig(**CONFIGS["qwen2-gqa2-untied"])
