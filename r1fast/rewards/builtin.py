@@ -119,7 +119,7 @@ def gold_text(g) -> Optional[str]:
 # for 5, not 15), and without math-verify every answer scored 0.
 def _gsm8k_final(g: str) -> Optional[str]:
     """The answer on a solution's last line when it is GSM8K's `#### answer`, else None. Read with string methods: a
-    regular expression's lazy answer before `\s*\Z` rescanned the rest of the line from each of its characters, 7 s
+    regular expression's lazy answer before `\\s*\\Z` rescanned the rest of the line from each of its characters, 7 s
     for a gold of "####x", 20k spaces, "y" (gold_text runs on every row of every step)."""
     text = g.rstrip()   # blank lines and spaces after the final line are no part of it
     last_line = text[text.rfind("\n") + 1:].lstrip(" \t")
