@@ -106,7 +106,8 @@ def test_add_rms_norm_fp16_sum_rounds_like_torch(device):
     def grads(fn, inputs):
         leaves = [t.detach().clone().requires_grad_() for t in inputs]
         out, s = fn(*leaves)
-        return (out, s, *torch.autograd.grad((out, s), leaves, (dy.to(out.dtype), ds.to(out.dtype))))
+        cots = (dy.to(out.device, out.dtype), ds.to(out.device, out.dtype))  # float64 CPU tensors: cast and move
+        return (out, s, *torch.autograd.grad((out, s), leaves, cots))
 
     expect = grads(lambda a, b, c: _add_rms_reference(a, b, c, 1e-6), (x, r, w))
     h = lambda t: t.half().to(device)  # noqa: E731
@@ -130,7 +131,8 @@ def test_add_rms_norm_mixed_dtypes_promote_like_torch(device):
                                   backend=backend)
         assert s.dtype == out.dtype == torch.float32
         assert torch.equal(s, r.float().to(device) + x.half().to(device))
-        assert_close(out, reference.rms_norm(s.double(), w, 1e-6), torch.float32, rtol=2e-5, atol=1e-6, name="out")
+        assert_close(out, reference.rms_norm(s.double(), w.to(device), 1e-6), torch.float32, rtol=2e-5, atol=1e-6,
+                     name="out")
     from r1fast.models import CausalLM, ModelConfig
 
     model = CausalLM(ModelConfig(architecture="Qwen2ForCausalLM", vocab_size=40, hidden_size=16, intermediate_size=32,
