@@ -31,10 +31,11 @@ from r1fast.kernels import logprob as logprob_kernels
 DIVISIBLE_INTS = ("H", "V", "stride_h", "stride_w", "stride_dl")
 
 
-def compile_for(jitfn, types: dict, constexprs: dict, arch: int, num_warps: int = 8, num_stages: int = 3):
+def compile_for(jitfn, types: dict, constexprs: dict, arch: int, num_warps: int = 8, num_stages: int = 3,
+                enable_fp_fusion: bool | None = None):
     """triton.compile `jitfn` for sm_<arch>; unnamed non-constexpr arguments are i32 scalars, unnamed
     constexprs with a default take it. Pointers and DIVISIBLE_INTS get the divisibility-by-16 hint
-    the JIT would give them."""
+    the JIT would give them. enable_fp_fusion: as a launch passes it (None: Triton's default)."""
     params = inspect.signature(jitfn.fn).parameters
     sig, consts, attrs = {}, {}, {}
     for i, (name, param) in enumerate(params.items()):
@@ -45,8 +46,10 @@ def compile_for(jitfn, types: dict, constexprs: dict, arch: int, num_warps: int 
             if sig[name].startswith("*") or name in DIVISIBLE_INTS:
                 attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn=jitfn, signature=sig, constexprs=consts, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                          options=dict(num_warps=num_warps, num_stages=num_stages))
+    options = dict(num_warps=num_warps, num_stages=num_stages)
+    if enable_fp_fusion is not None:
+        options["enable_fp_fusion"] = enable_fp_fusion
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
 
 
 def ptxas_usage(kernel, arch: int):
@@ -77,7 +80,8 @@ SHARED_LIMIT = {90: 232448, 80: 166912}
 
 def _compile(jitfn, types, constexprs, arch, cfg, report, name):
     k = compile_for(jitfn, types, dict(constexprs, **{n: v for n, v in cfg.items() if n.startswith("BLOCK")}), arch,
-                    num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+                    num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+                    enable_fp_fusion=cfg.get("enable_fp_fusion"))
     limit = SHARED_LIMIT.get(arch)
     if limit is not None and k.metadata.shared > limit:
         raise RuntimeError(f"{name}: {k.metadata.shared} bytes of shared memory > sm_{arch}'s {limit}")

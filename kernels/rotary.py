@@ -9,13 +9,25 @@ here it is one launch for both.
 
 Forward numerics (ROUND, 16-bit outputs): each product is rounded to the output dtype before the sum,
 and the sum once more, as torch's three bf16/fp16 operations do (a product of two 16-bit floats is
-exact in fp32, so the rounded product equals torch's). On CUDA the forward is meant to equal torch's
-bit for bit (a gpu-marked test checks it; not yet run on a GPU). fp32 outputs are computed in fp32,
-where the compiler may contract a product and the sum into an FMA: within an ulp of torch.
+exact in fp32, so the rounded product equals torch's; the fp32 sum of two 16-bit floats rounded to
+16 bits equals the exactly rounded sum). fp32 outputs: two fp32 products and their fp32 sum, each
+rounded, as torch's three fp32 operations are.
+
+Every launch compiles with FP fusion off (launch_config's enable_fp_fusion=False). With it on (the
+Triton <= 3.9 default), LLVM narrows the rounded products and the sum to mul.f16 / add.f16 (exact:
+the same roundings) and then contracts one product with the sum into fma.rn.f16, so that product
+is never rounded: on an H200 the bf16/fp16 forward differed from torch's in the last bit of some
+elements, while the interpreter (numpy: no FMA) agreed. Without fusion the PTX has only
+mul.rn / add.rn / sub.rn, and the forward (fp32 too) is meant to equal torch's eager CUDA result bit
+for bit (test_rotary_compiles_without_fma_contraction checks the PTX on the CPU; the bit-equality
+tests are not yet confirmed on a GPU). The cost is one more instruction per output element in a
+memory-bound kernel (not measured).
 
 Backward from (dq, dk), the transposed rotation (the angles' gradient is not needed: they come from
 positions), in fp32 and rounded once to the input dtype:
     dx1 = dy1 * c1 + dy2 * s2       dx2 = dy2 * c2 - dy1 * s1
+For fp32 those are torch's autograd operations and roundings (dy * cos, dy * sin, one add): bit-equal
+too. For 16-bit, torch rounds dy * cos and dy * sin to 16 bits first: not bit-equal, more accurate.
 
 Layout: last dimension contiguous; token and head strides are arguments. Grid (tokens, head blocks
 of q then of k): a program loads its token's cos/sin halves once and rotates BLOCK_H heads.
@@ -33,11 +45,13 @@ CPU_BLOCK_H = 2
 
 
 def launch_config(num_heads: int, half: int, device_type: str = "cuda") -> dict:
+    # enable_fp_fusion=False: no FMA contraction, so every product is rounded as torch's is (module
+    # docstring); the interpreter ignores the option
     block_d = triton.next_power_of_2(half)
     if device_type != "cuda":
-        return dict(BLOCK_H=CPU_BLOCK_H, BLOCK_D=block_d, num_warps=1, num_stages=1)
+        return dict(BLOCK_H=CPU_BLOCK_H, BLOCK_D=block_d, num_warps=1, num_stages=1, enable_fp_fusion=False)
     block_h = max(1, min(triton.next_power_of_2(num_heads), TILE // block_d))
-    return dict(BLOCK_H=block_h, BLOCK_D=block_d, num_warps=4, num_stages=1)
+    return dict(BLOCK_H=block_h, BLOCK_D=block_d, num_warps=4, num_stages=1, enable_fp_fusion=False)
 
 
 @triton.jit

@@ -444,6 +444,54 @@ def test_rotary_fp16_rounds_like_torch(device):
     assert torch.equal(got[0], lowp[0]) and torch.equal(got[1], lowp[1])
 
 
+def test_rotary_fp32_equals_torch_bit_for_bit(device):
+    """fp32: the kernel's two rounded products and rounded sum are torch's three operations, forward
+    and backward (dy * cos, dy * sin, one add): equal bit for bit, on the GPU too (FP fusion is off
+    there: an FMA would skip one product's rounding)."""
+    case = [x.float().to(device) for x in _rotary_case(9, 4, 2, 32, seed=98)]
+    want = _rotary_grads(lambda *a: ops.rotary(*a, backend="torch"), *case)
+    got = _rotary_grads(lambda *a: ops.rotary(*a, backend="triton"), *case)
+    for a, e, name in zip(got, want, ("q", "k", "dq", "dk")):
+        assert a.dtype == torch.float32
+        assert torch.equal(a, e), f"{name} differs from torch's"
+
+
+_ROTARY_PTX_SCRIPT = """
+import re
+from r1fast.kernels import rotary
+from r1fast.kernels.compile_check import compile_for
+for dt in ("bf16", "fp16", "fp32"):
+    types = {n: "*" + dt for n in ("q_ptr", "k_ptr", "qo_ptr", "ko_ptr", "cos_ptr", "sin_ptr")}
+    cfg = rotary.launch_config(12, 64, "cuda")  # Qwen2.5-1.5B: 12 q heads, head_dim 128
+    blocks = {n: v for n, v in cfg.items() if n.startswith("BLOCK")}
+    for backward in (False, True):
+        k = compile_for(rotary._rotary_kernel, types, dict(blocks, BACKWARD=backward, ROUND=dt != "fp32"), 90,
+                        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+                        enable_fp_fusion=cfg["enable_fp_fusion"])
+        ptx = k.asm["ptx"]
+        fma = sorted(set(re.findall(r"\\bfma\\.[a-z0-9.]+", ptx)))
+        assert not fma, f"{dt} backward={backward}: {fma} in the PTX"
+        assert re.search(r"\\bmul\\.rn\\.", ptx), f"{dt} backward={backward}: no mul.rn in the PTX"
+print("ok")
+"""
+
+
+def test_rotary_compiles_without_fma_contraction():
+    """What the interpreter cannot show (numpy never fuses): with Triton's default FP fusion the sm_90
+    build narrowed the rounded 16-bit products and sum to half ops and contracted one product with
+    the sum into fma.rn.f16, so the H200 forward differed from torch's in the last bit. The launch
+    configuration turns fusion off; the PTX it compiles to has no FMA. Real compiler, no GPU needed."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", _ROTARY_PTX_SCRIPT], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-3000:]
+
+
 def test_rotary_tables_with_gradient_and_mixed_dtypes(device):
     """Tables that require a gradient take the torch path (the kernel gives none to them); fp16 q/k
     with fp32 tables come out in fp32, as torch promotes."""
