@@ -10,7 +10,7 @@ kernel compiled for sm_90 first). What differs there: the GPU state, the host co
 worker's earlier tests. Each step below runs in a fresh interpreter and adds one piece of GPU state before the same
 three argument errors (decode_attention.cpp, block_manager.cpp, kv_cache.cpp); the first step that crashes names the
 piece, and a crash already in the first step points at the build itself. Needs about a minute; prints one line per step, and a
-native backtrace of the first crash where gdb is installed.
+native backtrace of the first crash where gdb or cuda-gdb is installed (the H200 image has cuda-gdb only).
 """
 from __future__ import annotations
 
@@ -90,9 +90,9 @@ def run_step(script: Path, timeout: float = 120) -> tuple[int, str]:
 
 
 def backtrace(script: Path) -> str:
-    gdb = shutil.which("gdb")
+    gdb = shutil.which("gdb") or shutil.which("cuda-gdb")   # cuda-gdb debugs host code too
     if gdb is None:
-        return "  (no gdb here: no native backtrace)"
+        return "  (no gdb or cuda-gdb here: no native backtrace)"
     r = subprocess.run([gdb, "-q", "-batch", "-ex", "run", "-ex", "bt 40", "--args", sys.executable, str(script)],
                        capture_output=True, text=True, timeout=300)
     lines = [ln for ln in r.stdout.splitlines() if ln.startswith("#") or "signal" in ln.lower()]
