@@ -45,13 +45,19 @@ def _config(hidden, load_z=False):
     return gpu_config(hidden.dtype, load_z) if hidden.device.type == "cuda" else CPU_CONFIG
 
 
+def _temperature(inv_temp: float) -> float:
+    """T back from the callers' 1/T (in float64: within an ulp of T there, the same float32 but for
+    ~1 in 2^29 values): the fp32 kernels divide by it."""
+    return 1.0 / inv_temp
+
+
 def _precision(dtype):
     # fp32 inputs must not silently drop to tf32 on the GPU (1e-3 error in the logits).
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
 @triton.jit
-def _logits_tile(h_ptr, w_ptr, rn, rv, n_ok, v_ok, H, stride_h, stride_w, inv_temp,
+def _logits_tile(h_ptr, w_ptr, rn, rv, n_ok, v_ok, H, stride_h, stride_w, inv_temp, temperature,
                  BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
                  PRECISION: tl.constexpr):
     z = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float32)
@@ -63,38 +69,47 @@ def _logits_tile(h_ptr, w_ptr, rn, rv, n_ok, v_ok, H, stride_h, stride_w, inv_te
         b = tl.load(w_ptr + rv[:, None].to(tl.int64) * stride_w + rh[None, :],
                     mask=v_ok[:, None] & h_ok[None, :], other=0.0)
         z = tl.dot(a, tl.trans(b), z, input_precision=PRECISION)
-    return z * inv_temp
+    if PRECISION == "ieee":
+        # fp32 inputs: z / T rounded once (the reference's division), and a division is never contracted.
+        # With z * inv_temp, LLVM/ptxas fuse the product into each later `z - lse`, `z - Σpz` as an FMA,
+        # so on CUDA the backward's p and entropy term saw the unrounded product while lse and the
+        # entropy came from rounded logits: grad_hidden 2.1x the fp32 reference's error at logits ~100,
+        # T=1.3 (H200). The interpreter rounds every product, so only the GPU showed it.
+        return tl.math.div_rn(z, temperature)
+    else:
+        # 16-bit inputs: that ulp of fp32 sits far below the inputs' own rounding; the multiply is cheaper
+        return z * inv_temp
 
 
 @triton.jit
-def _load_or_compute_logits(z_ptr, h_ptr, w_ptr, rn, rv, n_ok, v_ok, H, stride_h, stride_w, inv_temp,
+def _load_or_compute_logits(z_ptr, h_ptr, w_ptr, rn, rv, n_ok, v_ok, H, stride_h, stride_w, inv_temp, temperature,
                             BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
                             PRECISION: tl.constexpr, LOAD_Z: tl.constexpr, V):
     if LOAD_Z:  # fp32 logits (already / temperature) written by _logits_kernel, row stride V
         z = tl.load(z_ptr + rn[:, None].to(tl.int64) * V + rv[None, :], mask=n_ok[:, None] & v_ok[None, :],
                     other=0.0)
     else:
-        z = _logits_tile(h_ptr, w_ptr, rn, rv, n_ok, v_ok, H, stride_h, stride_w, inv_temp,
+        z = _logits_tile(h_ptr, w_ptr, rn, rv, n_ok, v_ok, H, stride_h, stride_w, inv_temp, temperature,
                          BLOCK_N, BLOCK_V, BLOCK_H, PRECISION)
     return z
 
 
 @triton.jit
-def _logits_kernel(h_ptr, w_ptr, z_ptr, N, V, H, stride_h, stride_w, inv_temp,
+def _logits_kernel(h_ptr, w_ptr, z_ptr, N, V, H, stride_h, stride_w, inv_temp, temperature,
                    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, PRECISION: tl.constexpr):
     """fp32 logits tile of one chunk of tokens, for the single-pass fused loss (kept, not recomputed)."""
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rv = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     n_ok = rn < N
     v_ok = rv < V
-    z = _logits_tile(h_ptr, w_ptr, rn, rv, n_ok, v_ok, H, stride_h, stride_w, inv_temp,
+    z = _logits_tile(h_ptr, w_ptr, rn, rv, n_ok, v_ok, H, stride_h, stride_w, inv_temp, temperature,
                      BLOCK_N, BLOCK_V, BLOCK_H, PRECISION)
     tl.store(z_ptr + rn[:, None].to(tl.int64) * V + rv[None, :], z, mask=n_ok[:, None] & v_ok[None, :])
 
 
 @triton.jit
 def _logprob_fwd_kernel(h_ptr, w_ptr, z_ptr, t_ptr, part_ptr, arg_ptr,
-                        N, V, H, stride_h, stride_w, inv_temp, v_per_split,
+                        N, V, H, stride_h, stride_w, inv_temp, temperature, v_per_split,
                         BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
                         WITH_ENTROPY: tl.constexpr, PRECISION: tl.constexpr, LOAD_Z: tl.constexpr,
                         WITH_ARGMAX: tl.constexpr = False):
@@ -120,7 +135,7 @@ def _logprob_fwd_kernel(h_ptr, w_ptr, z_ptr, t_ptr, part_ptr, arg_ptr,
         rv = v0 + tl.arange(0, BLOCK_V)
         v_ok = rv < v_hi
         z = _load_or_compute_logits(z_ptr, h_ptr, w_ptr, rn, rv, n_ok, v_ok, H, stride_h, stride_w, inv_temp,
-                                    BLOCK_N, BLOCK_V, BLOCK_H, PRECISION, LOAD_Z, V)
+                                    temperature, BLOCK_N, BLOCK_V, BLOCK_H, PRECISION, LOAD_Z, V)
         z_tgt += tl.sum(tl.where((rv[None, :] == tgt[:, None]) & v_ok[None, :], z, 0.0), 1)
         z = tl.where(v_ok[None, :], z, float("-inf"))
         tile_max = tl.max(z, 1)
@@ -147,7 +162,7 @@ def _logprob_fwd_kernel(h_ptr, w_ptr, z_ptr, t_ptr, part_ptr, arg_ptr,
 
 @triton.jit
 def _dlogits_kernel(h_ptr, w_ptr, z_ptr, t_ptr, lse_ptr, ent_ptr, g_logp_ptr, g_ent_ptr, dl_ptr,
-                    N, V, H, stride_h, stride_w, stride_dl, inv_temp,
+                    N, V, H, stride_h, stride_w, stride_dl, inv_temp, temperature,
                     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
                     WITH_ENTROPY: tl.constexpr, PRECISION: tl.constexpr, LOAD_Z: tl.constexpr):
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -155,7 +170,7 @@ def _dlogits_kernel(h_ptr, w_ptr, z_ptr, t_ptr, lse_ptr, ent_ptr, g_logp_ptr, g_
     n_ok = rn < N
     v_ok = rv < V
     z = _load_or_compute_logits(z_ptr, h_ptr, w_ptr, rn, rv, n_ok, v_ok, H, stride_h, stride_w, inv_temp,
-                                BLOCK_N, BLOCK_V, BLOCK_H, PRECISION, LOAD_Z, V)
+                                temperature, BLOCK_N, BLOCK_V, BLOCK_H, PRECISION, LOAD_Z, V)
     tgt = tl.load(t_ptr + rn, mask=n_ok, other=0)
     lse = tl.load(lse_ptr + rn, mask=n_ok, other=0.0)
     g = tl.load(g_logp_ptr + rn, mask=n_ok, other=0.0)
@@ -181,6 +196,7 @@ def logits(hidden, weight, inv_temp: float):
     grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(v, cfg["BLOCK_V"]))
     with on_device(hidden.device):  # Triton launches on the current device: make it hidden's
         _logits_kernel[grid](hidden, weight, z, n, v, h, hidden.stride(0), weight.stride(0), inv_temp,
+                             _temperature(inv_temp),
                              PRECISION=_precision(hidden.dtype), **cfg)
     return z
 
@@ -203,7 +219,8 @@ def logprob_forward(hidden, weight, targets, inv_temp: float, with_entropy: bool
     arg = poisoned(torch.empty(splits, n, dtype=torch.int32, device=hidden.device), -1) if with_hit else part
     with on_device(hidden.device):
         _logprob_fwd_kernel[(n_tiles, splits)](hidden, weight, part if z is None else z, targets, part, arg, n, v, h,
-                                               hidden.stride(0), weight.stride(0), inv_temp, v_per_split,
+                                               hidden.stride(0), weight.stride(0), inv_temp,
+                                               _temperature(inv_temp), v_per_split,
                                                WITH_ENTROPY=with_entropy, PRECISION=_precision(hidden.dtype),
                                                LOAD_Z=z is not None, WITH_ARGMAX=with_hit, **cfg)
     run_max, run_sum, run_pz, z_tgt = part.unbind(0)
@@ -252,6 +269,7 @@ def dlogits(hidden, weight, targets, lse, entropy, g_logp, g_ent, inv_temp: floa
     with on_device(hidden.device):
         _dlogits_kernel[grid](hidden, weight, lse if z is None else z, targets, lse,
                               entropy if with_entropy else lse, g_logp, g_ent if with_entropy else g_logp, out, n, v, h,
-                              hidden.stride(0), weight.stride(0), out.stride(0), inv_temp, WITH_ENTROPY=with_entropy,
+                              hidden.stride(0), weight.stride(0), out.stride(0), inv_temp, _temperature(inv_temp),
+                              WITH_ENTROPY=with_entropy,
                               PRECISION=_precision(hidden.dtype), LOAD_Z=z is not None, **cfg)
     return out

@@ -396,6 +396,52 @@ def test_kernels_compile_for_hopper_without_a_gpu():
         assert f"compiled: {family}" in out.stdout, out.stdout
 
 
+
+_FP32_TEMPERATURE_SCRIPT = """
+import re
+import torch
+from r1fast.kernels import compile_check as cc, logprob as lk
+types = {"h_ptr": "*fp32", "w_ptr": "*fp32", "dl_ptr": "*fp32", "t_ptr": "*i64", "inv_temp": "fp32",
+         "temperature": "fp32", "arg_ptr": "*i32"}
+types.update({n: "*fp32" for n in ("z_ptr", "part_ptr", "lse_ptr", "ent_ptr", "g_logp_ptr", "g_ent_ptr")})
+for kern in (lk._logprob_fwd_kernel, lk._dlogits_kernel):
+    k = cc.compile_for(kern, types, dict(WITH_ENTROPY=True, PRECISION="ieee", LOAD_Z=False,
+                       **{n: v for n, v in lk.gpu_config(torch.float32).items() if n.startswith("BLOCK")}), 90)
+    ptx = k.asm["ptx"]
+    names = [p.name for p in kern.params]
+    for name in ("inv_temp", "temperature"):
+        if name not in names:
+            continue
+        param = f"{kern.fn.__name__}_param_{names.index(name)}"
+        reg = re.search(r"ld\\.param\\.b32\\s+(%r\\d+), \\[" + param + r"\\]", ptx)
+        if reg is None:
+            continue
+        fused = re.findall(r"fma\\.rn\\.f32[^;]*" + re.escape(reg.group(1)) + r"\\b", ptx)
+        print(kern.fn.__name__, name, "fma", len(fused))
+print("ok")
+"""
+
+
+@pytest.mark.slow
+def test_fp32_logits_round_once_before_every_use_on_sm90():
+    # On the H200, test_grouped_logprob_matches_reference[N20H24V50T1.3-triton] (fp32, logits ~100,
+    # T=1.3) failed: grad_hidden 2.1x the fp32 reference's error. z * inv_temp was contracted into an
+    # FMA with each later `z - lse` / `z - Σpz` of the backward kernel, so p and the entropy term saw
+    # the unrounded product while lse and the entropy came from the rounded logits. The interpreter
+    # rounds every product and cannot show it; the real compiler's PTX can (no GPU needed).
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", _FP32_TEMPERATURE_SCRIPT], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-3000:]
+    rows = [line.split() for line in out.stdout.splitlines() if " fma " in line]
+    assert {r[0] for r in rows} == {"_logprob_fwd_kernel", "_dlogits_kernel"}, out.stdout
+    assert all(r[3] == "0" for r in rows), f"the temperature is fused into an FMA:\n{out.stdout}"
+
 def test_compile_check_refuses_an_unknown_option():
     # `--resource` (for --resources) was ignored: the run compiled everything and printed no resources;
     # --help compiled everything too.
