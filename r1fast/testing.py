@@ -107,3 +107,22 @@ def record_launch_devices(monkeypatch, module, kernel_names) -> list:
                 return run
         monkeypatch.setattr(module, name, _Launch())
     return seen
+
+
+class LiveTiles:
+    """Bytes of tracked tensors alive at once (CPU memory tests: no allocator statistics there).
+
+    `track(t)` counts t until its last Python reference goes (the chunk loops' [chunk, V] tiles have no
+    other owner), and `peak` is the most counted at any track() call, i.e. when a new tile appears."""
+
+    def __init__(self):
+        self.live, self.peak = {}, 0
+
+    def track(self, t: torch.Tensor) -> torch.Tensor:
+        import weakref
+
+        key = id(t)
+        self.live[key] = t.numel() * t.element_size()
+        weakref.finalize(t, self.live.pop, key, None)
+        self.peak = max(self.peak, sum(self.live.values()))
+        return t

@@ -881,6 +881,58 @@ def test_plan_chunks():
     assert plan_chunks(torch.tensor([0, 0]), 4, split_rows=False) == []
 
 
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_fused_single_pass_keeps_one_chunk_of_tiles(device, backend, monkeypatch):
+    """At most one chunk's fp32 logits and d logits are alive at once (docs/loss.md, Memory). On the H200
+    the fwd+bwd peaked at 2.01 GB at N=16k, V=152k (target: under 2 GB): each chunk's d logits stayed
+    alive while the next chunk formed its logits and d logits."""
+    from r1fast.ops import logprob as lp_mod
+    from r1fast.testing import LiveTiles
+
+    engine = lp_mod.engine_for(backend)
+    tiles = LiveTiles()
+    forward_keep, dlogits = engine.forward_keep, engine.dlogits
+
+    def tracked_forward_keep(*args):
+        z, *rest = forward_keep(*args)
+        return (tiles.track(z), *rest)
+
+    monkeypatch.setattr(engine, "forward_keep", tracked_forward_keep)
+    monkeypatch.setattr(engine, "dlogits", lambda *a, **k: tiles.track(dlogits(*a, **k)))
+    d, hidden, weight, targets = _fused_case(seed=41, b=6, t=5)
+    opts = dict(loss_type="dapo", beta=0.04)
+    e_loss, _, e_gh, e_gw = _fused_expected(d, hidden, weight, targets, LossOptions(**opts))
+    h, w = hidden.float().to(device).requires_grad_(), weight.float().to(device).requires_grad_()
+    f = lambda t: t.float().to(device)  # noqa: E731
+    chunk = 4
+    loss, _ = ops.fused_linear_grpo_loss(h, w, targets.to(device), f(d["mask"]), f(d["adv"]), old_logp=f(d["old"]),
+                                         ref_logp=f(d["ref"]), backend=backend, chunk_size=chunk, **opts)
+    gh, gw = torch.autograd.grad(loss, (h, w))
+    assert_close(loss, e_loss, torch.float32, name="loss")
+    assert_close(gh, e_gh, torch.float32, rtol=3e-5, atol=1e-6, name="grad_hidden")
+    assert_close(gw, e_gw, torch.float32, rtol=3e-5, atol=1e-6, name="grad_weight")
+    one_chunk = chunk * V * (4 + 4)  # fp32 logits + fp32 d logits (fp32 inputs)
+    assert 0 < tiles.peak <= one_chunk, f"{tiles.peak} bytes of [chunk, V] tiles alive at once, one chunk's {one_chunk}"
+
+
+@pytest.mark.parametrize("gemm", ["triton", "cublas"])
+def test_chunk_budgets_fit_the_gpu_memory_target(gemm, monkeypatch):
+    """The issue's size (N=16384, H=4096, V=151936, bf16): the gradients plus one chunk's tiles, as the chunk
+    sizing picks them, stay under 2 GB with room for the O(chunk) buffers (docs/loss.md, Memory); the GPU
+    tests measure the real peak."""
+    from r1fast.ops import fused_loss, logprob as lp_mod
+
+    monkeypatch.setenv("R1FAST_LOGITS_GEMM", gemm)
+    n, h, v, cuda = 16384, 4096, 151936, torch.device("cuda")
+    grads = v * h * 2 + n * h * 2
+    fused_tiles = fused_loss.single_pass_chunk(v, cuda) * v * (4 + 2)  # fp32 logits + bf16 d logits
+    per_logit = lp_mod.engine_for("triton").tile_bytes_per_logit(torch.bfloat16)
+    assert per_logit == (6 if gemm == "cublas" else 4)
+    logprob_tiles = lp_mod.default_chunk(n, v, cuda, per_logit) * v * (per_logit if gemm == "cublas" else 2)
+    for name, tiles in (("fused_linear_grpo_loss", fused_tiles), ("grouped_logprob", logprob_tiles)):
+        assert grads + tiles + 64e6 < 2e9, f"{name}: {(grads + tiles) / 1e9:.3f} GB before the small buffers"
+
 def test_fused_without_grad_and_all_masked():
     d, hidden, weight, targets = _fused_case(seed=6)
     args = dict(old_logp=d["old"].float(), ref_logp=d["ref"].float(), sampler_logp=d["sampler"].float(), beta=0.1)

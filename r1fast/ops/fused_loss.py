@@ -38,10 +38,20 @@ from r1fast.reference import loss as reference
 
 OP = "fused_linear_grpo_loss"
 # Single-pass budget for one chunk's vocabulary-wide buffers (fp32 logits + d logits in the input
-# dtype on the GPU; the torch engine also keeps a softmax temporary). With grad_weight in the
-# weight's dtype (1.24 GB at V=152k, H=4096) and grad_hidden (0.13 GB at N=16k), 448 MiB keeps the
-# whole fwd+bwd under 2 GB (1e9) of extra memory; it holds ~515 tokens at V = 151936 (a
-# sequence-level completion must fit, else the call takes the two-pass path).
+# dtype on the GPU; the torch engine also keeps a softmax temporary); it holds ~515 tokens at
+# V = 151936 (a sequence-level completion must fit, else the call takes the two-pass path).
+# The peak of a bf16 fwd+bwd at N=16384, H=4096, V=151936 (12.3k active tokens), over what the
+# caller already holds, comes while a chunk forms its d logits (docs/loss.md, Memory):
+#   grad_weight [V, H] bf16, summed in place chunk by chunk       1244.7 MB
+#   grad_hidden [N, H] bf16 (padding rows too: the op's output)     134.2 MB
+#   z: the chunk's fp32 logits [515, V] (cuBLAS or _logits_kernel)  313.0 MB
+#   dl: d loss / d logits [515, V] bf16, read by the two matmuls    156.5 MB
+#   the chunk's gathered hidden rows, d hidden rows, O(chunk) and O(B*T) vectors   ~7 MB
+# = 1.856 GB (1e9). Until the loop freed each dl before the next chunk, the previous chunk's dl
+# was alive too: 2.01 GB on the H200, over the 2 GB target. cuBLAS workspaces are allocated at
+# the first call and stay. A smaller budget trades memory for speed: every chunk reads and writes
+# all of grad_weight (2.5 GB) in its addmm, whose K is the chunk: ~K/2 FLOP per byte, so 515
+# is compute-bound on an H200 (ridge ~206) and below ~410 memory-bound.
 _SINGLE_PASS_BYTES = {"cuda": 448 << 20, "cpu": 64 << 20}
 _BYTES_PER_LOGIT = {"cuda": 6, "cpu": 16}
 
@@ -344,6 +354,9 @@ class _SinglePassRun:
                     grad_h.index_copy_(0, lay.idx[s:e], dl @ w)
                 if self.need_w:
                     accumulate_weight_grad(grad_w, dl, h_c)
+                # before the next chunk's logits: kept to the loop's next `dl =`, this chunk's d logits sat
+                # beside the next z and dl (one dl tile, 156 MB at V=152k, too many at the peak)
+                del dl
         totals = (lay.shape2d[0], starts[-1])
         if self.kernel_rows:
             from r1fast.kernels import grpo_loss as loss_kernel

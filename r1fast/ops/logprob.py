@@ -23,15 +23,18 @@ from r1fast import backends
 from r1fast.ops.checks import FLOATS, bool_mask, readable, require_tensors, resolve_neg
 from r1fast.reference import loss as reference
 
-# Extra-memory budget for one chunk's [chunk, V] fp32 tile. On the GPU the backward's bf16 d logits
-# tile is half of it: with grad_weight (V·H·2) and grad_hidden that keeps fwd+bwd under 2 GB of extra
-# memory at N=16k, H=4096, V=152k (~880-token chunks).
+# Extra-memory budget for the [chunk, V] tiles one chunk keeps alive at once (bytes per logit: the
+# engine's tile_bytes_per_logit). With grad_weight (V·H·2) and grad_hidden that keeps fwd+bwd under
+# 2 GB of extra memory at N=16k, H=4096, V=152k, bf16: the triton backend's backward holds only a
+# bf16 d logits tile (~880-token chunks, 268 MB: ~1.65 GB in all); under R1FAST_LOGITS_GEMM=cublas
+# it holds the fp32 logits beside it (~590-token chunks, 357 + 179 MB: ~1.92 GB). Sized for the
+# fp32 tile alone, the cublas backward's chunk held 805 MB (2.3 GB in all on the H200 bench).
 _CHUNK_BYTES = {"cpu": 64 << 20, "cuda": 512 << 20}
 
 
-def default_chunk(n: int, v: int, device: torch.device) -> int:
+def default_chunk(n: int, v: int, device: torch.device, bytes_per_logit: int = 4) -> int:
     budget = _CHUNK_BYTES.get(device.type, 64 << 20)
-    return max(1, min(n, budget // (4 * max(v, 1))))
+    return max(1, min(n, budget // (bytes_per_logit * max(v, 1))))
 
 
 def validate(hidden, weight, targets, temperature, op="grouped_logprob", check_targets=True):
@@ -80,6 +83,10 @@ def validate(hidden, weight, targets, temperature, op="grouped_logprob", check_t
 class _TorchEngine:
     # x * 1.0 == x exactly, so the temperature pass over a [chunk, V] tile is skipped at T = 1; the
     # remaining in-place updates and negated vectors give the same bits as the out-of-place forms.
+    @staticmethod
+    def tile_bytes_per_logit(dtype) -> int:
+        """Bytes per logit of the chunk tiles grouped_logprob's budget counts: the fp32 logits."""
+        return 4
     @staticmethod
     def _logits(h, w, inv_temp):
         acc = torch.float64 if h.dtype == torch.float64 else torch.float32
@@ -173,6 +180,13 @@ def cublas_logits(h, w, inv_temp):
 
 
 class _TritonEngine:
+    @staticmethod
+    def tile_bytes_per_logit(dtype) -> int:
+        """Bytes per logit alive at once for one chunk: the backward's d logits tile (in the input dtype,
+        at most fp32's 4; the default forward keeps no tile), and with R1FAST_LOGITS_GEMM=cublas the
+        fp32 logits tile torch.mm writes beside it."""
+        return 4 + dtype.itemsize if logits_gemm() == "cublas" else 4
+
     @staticmethod
     def forward(h, w, t, inv_temp, with_entropy, chunk, with_hit=False):
         from r1fast.kernels import logprob as kernel
@@ -274,6 +288,7 @@ class _GroupedLogprob(torch.autograd.Function):
                 torch.mm(dl, weight, out=grad_h[s:e])
             if need_w:
                 accumulate_weight_grad(grad_w, dl, hidden[s:e])
+            del dl  # kept to the next `dl =`, it sat beside the next chunk's logits and d logits
         return grad_h, grad_w, None, None, None, None, None, None
 
 
@@ -289,7 +304,7 @@ def _run(hidden, weight, targets, temperature, return_entropy, chunk, engine, re
     w = _contig_rows(weight)
     t = targets.reshape(-1).contiguous()
     inv_temp = 1.0 / float(temperature)
-    chunk = chunk or default_chunk(h.shape[0], w.shape[0], h.device)
+    chunk = chunk or default_chunk(h.shape[0], w.shape[0], h.device, engine.tile_bytes_per_logit(h.dtype))
     needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     if h.shape[0] == 0:
         # the dtype a non-empty call returns (fp64 stays fp64): an all-masked batch must not change it
