@@ -81,12 +81,13 @@ def validate(hidden, weight, targets, temperature, op="grouped_logprob", check_t
 # --- the two chunked engines: forward (lse, target logit, entropy) and d loss / d logits per chunk ----------
 
 class _TorchEngine:
-    # x * 1.0 == x exactly, so the temperature pass over a [chunk, V] tile is skipped at T = 1; the
-    # remaining in-place updates and negated vectors give the same bits as the out-of-place forms.
     @staticmethod
     def tile_bytes_per_logit(dtype) -> int:
         """Bytes per logit of the chunk tiles grouped_logprob's budget counts: the fp32 logits."""
         return 4
+
+    # x * 1.0 == x exactly, so the temperature pass over a [chunk, V] tile is skipped at T = 1; the
+    # remaining in-place updates and negated vectors give the same bits as the out-of-place forms.
     @staticmethod
     def _logits(h, w, inv_temp):
         acc = torch.float64 if h.dtype == torch.float64 else torch.float32
