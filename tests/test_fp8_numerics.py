@@ -287,6 +287,37 @@ def test_compiled_quantizer_matches_reference_on_cpu():
                 assert q.is_contiguous()
 
 
+def test_compiled_quantizer_stays_under_the_recompile_limit(monkeypatch):
+    # Every quantisation a linear layer makes in forward and backward (both formats, both scalings,
+    # row-major and transposed operands, ones that require grad, bf16 and fp32 layers) must run
+    # compiled: past Dynamo's recompile limit the rest silently ran eagerly (the H200 bench hit it
+    # within one layer's fwd+bwd). Dynamo's guards without Inductor's compile time: backend "eager".
+    import r1fast.fp8.quantization as qmod
+
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, dynamic=kw.get("dynamic"), backend="eager"))
+    monkeypatch.setattr(qmod, "_compiled", {})
+    monkeypatch.setattr(qmod, "_compile_failed", False)
+    monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)
+    torch._dynamo.reset()
+    try:
+        for layer_dtype in (torch.bfloat16, torch.float32):
+            x = (randn(48, 32, seed=70) * torch.exp(randn(48, 1, seed=71))).to(layer_dtype)
+            w = randn(64, 32, seed=72).to(layer_dtype)
+            dy = randn(48, 64, seed=73).to(layer_dtype)
+            operands = [(x.requires_grad_(), E4M3), (w.requires_grad_(), E4M3), (x.detach(), E4M3),
+                        (w.detach().t(), E4M3), (x.detach().t(), E4M3)]
+            operands += [(g, grad) for grad in FP8 for g in (dy, dy.t())]
+            for rowwise in (True, False):
+                for t, dtype in operands:
+                    q, s = qmod._fused_quantize(t, dtype, rowwise)
+                    assert not qmod._compile_failed, f"fell back to eager at {dtype}, rowwise={rowwise}"
+                    rq, rs = reference_quantize(t, dtype, rowwise)
+                    assert torch.equal(s.double(), rs) and torch.equal(q.double(), rq) and q.is_contiguous()
+    finally:
+        torch._dynamo.reset()  # no eager-backend entries left for later tests' compiled quantiser
+
+
 def test_torch_path_on_a_device_without_scaled_mm_is_a_clear_error(monkeypatch):
     """A model converted where _scaled_mm runs, then moved where it cannot (e.g. an A100): a clear
     error naming the device, not a failure inside _scaled_mm."""
@@ -370,7 +401,7 @@ def test_a_failed_compile_falls_back_to_eager_and_is_remembered(monkeypatch):
 
     def broken(*args):
         raise RuntimeError("no C compiler")
-    monkeypatch.setattr(qmod, "_compiled", broken)
+    monkeypatch.setattr(qmod, "_compiled", {(E5M2, True): broken, (E5M2, False): broken})
     monkeypatch.setattr(qmod, "_compile_failed", False)
     x = randn(8, 32, seed=64)
     for rowwise in (True, False):

@@ -25,6 +25,33 @@ def fp8_max(dtype: torch.dtype) -> float:
     return float(torch.finfo(dtype).max)
 
 
+def _divide_by_fp8_max(amax: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """fp32 max(amax, AMAX_EPS) / FP8_MAX, correctly rounded on every device.
+
+    The divisor is a tensor on amax's device, not a Python float: CUDA's eager division by a CPU
+    scalar multiplies by its fp32 reciprocal (ATen's div_true_kernel_cuda), and Inductor rewrites a
+    division by a constant the same way on GPUs; 1/448 and 1/57344 are inexact, so either gives a
+    scale one ulp off the spec's for many rows, and a bf16 input has many elements whose quotient
+    is an exact FP8 rounding tie, which that ulp then rounds the other way."""
+    return amax.float().clamp_min(AMAX_EPS) / _fp8_max_tensor(dtype, amax.device)
+
+
+def _fp8_max_tensor(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    # Made once per device (a fill per call would be one more kernel launch), but never cached from
+    # inside a CUDA graph capture: there the fill is recorded, not run, and the tensor would hold
+    # garbage for every later eager call.
+    key = (device, dtype)
+    if key in _FP8_MAX_TENSORS:
+        return _FP8_MAX_TENSORS[key]
+    t = torch.full((), fp8_max(dtype), dtype=torch.float32, device=device)
+    if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        _FP8_MAX_TENSORS[key] = t
+    return t
+
+
+_FP8_MAX_TENSORS: dict = {}
+
+
 def compute_scale(t: torch.Tensor, dtype: torch.dtype, rowwise: bool) -> torch.Tensor:
     """The dequantisation scale of `t` (fp32): shape (rows, 1) when rowwise, else a 0-d tensor."""
     # The inf-norm is max|t| in one read, without an |t| temporary; a max is exact in any dtype.
@@ -33,39 +60,94 @@ def compute_scale(t: torch.Tensor, dtype: torch.dtype, rowwise: bool) -> torch.T
         # No tokens (an empty batch, or the weight-gradient GEMM's reduction over zero tokens): the
         # inf-norm has no identity and would raise, where nn.Linear returns an empty / zero result.
         amax = t.new_zeros((*t.shape[:-1], 1) if rowwise else (), dtype=torch.float32)
-        return amax.clamp_min(AMAX_EPS) / fp8_max(dtype)
+        return _divide_by_fp8_max(amax, dtype)
     amax = torch.linalg.vector_norm(t, float("inf"), dim=-1, keepdim=True) if rowwise else \
         torch.linalg.vector_norm(t, float("inf"))
-    return amax.float().clamp_min(AMAX_EPS) / fp8_max(dtype)
+    return _divide_by_fp8_max(amax, dtype)
 
 
-def _quantize_impl(t: torch.Tensor, dtype: torch.dtype, rowwise: bool):
-    scale = compute_scale(t, dtype, rowwise)
+def _cast(t: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     # No clamp needed: |t| <= amax, so |t / scale| <= FP8_MAX up to one fp32 rounding, which the
     # round-to-nearest cast brings back to FP8_MAX (the next value up, 480 / 61440, is far away).
     # Row-major q even from a transposed view (the backward GEMMs quantise W^T, dy^T and x^T):
     # _scaled_mm wants it, and copying 1-byte values beats copying the 2-byte input first.
-    q = (t.detach().float() / scale).to(dtype).contiguous()
-    return q, scale
+    return (t.float() / scale).to(dtype).contiguous()
 
 
-_compiled = None
+def _quantize_impl(t: torch.Tensor, dtype: torch.dtype, rowwise: bool):
+    t = t.detach()
+    scale = compute_scale(t, dtype, rowwise)
+    return _cast(t, scale, dtype), scale
+
+
+# One function per FP8 format and scaling, so each has its own torch.compile cache: Dynamo guards on
+# every Python argument and on the input's dtype, layout and rank, and one function over (format,
+# scaling, row-major or transposed input, input dtype) ran past its recompile limit (8) within one
+# linear layer's forward and backward, after which every new case silently ran eagerly. Each of
+# these sees (input dtype) x (row-major, transposed) in a layer: 2 per model dtype.
+def _cast_e4m3_rowwise(t: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return _cast(t, scale, torch.float8_e4m3fn)
+
+
+def _cast_e4m3_tensorwise(t: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return _cast(t, scale, torch.float8_e4m3fn)
+
+
+def _cast_e5m2_rowwise(t: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return _cast(t, scale, torch.float8_e5m2)
+
+
+def _cast_e5m2_tensorwise(t: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return _cast(t, scale, torch.float8_e5m2)
+
+
+_CASTS = {(torch.float8_e4m3fn, True): _cast_e4m3_rowwise, (torch.float8_e4m3fn, False): _cast_e4m3_tensorwise,
+          (torch.float8_e5m2, True): _cast_e5m2_rowwise, (torch.float8_e5m2, False): _cast_e5m2_tensorwise}
+_compiled: dict = {}
 _compile_failed = False
 
 
+def _exact_division_options() -> dict | None:
+    """The Inductor option that makes its Triton code divide fp32 correctly rounded (div_rn), or
+    None where this torch has none. Triton's plain `x / y` is PTX div.full, an approximation: it
+    moves quotients that sit on an FP8 rounding tie (common with bf16 inputs) to the other side.
+    The option's name changed between torch releases, and Inductor rejects unknown names."""
+    from torch._inductor import config
+
+    if hasattr(getattr(config, "eager_numerics", None), "division_rounding"):
+        return {"eager_numerics.division_rounding": True}
+    if hasattr(config, "emulate_divison_rounding"):  # sic: the option's spelling in torch 2.10
+        return {"emulate_divison_rounding": True}
+    return None
+
+
+def _compiled_cast(dtype: torch.dtype, rowwise: bool):
+    key = (dtype, rowwise)
+    if key not in _compiled:
+        options = _exact_division_options()
+        # Without exact division a compiled cast would not be the spec's numbers: stay eager.
+        _compiled[key] = None if options is None else torch.compile(_CASTS[key], dynamic=True, options=options)
+    return _compiled[key]
+
+
 def _fused_quantize(t, dtype, rowwise):
-    """_quantize_impl as one fused kernel on CUDA (torch.compile): one read for the amax, one
-    read and a 1-byte write for the cast, instead of eager mode's fp32 temporaries."""
-    global _compiled, _compile_failed
-    if _compiled is None:
-        _compiled = torch.compile(_quantize_impl, dynamic=True)
+    """_quantize_impl with the cast as one compiled kernel on CUDA: the amax is torch's own
+    reduction (one read of t), the scale a few scalar-sized ops, and the compiled cast one read of
+    t and a 1-byte write, where eager mode writes and reads two fp32 temporaries and, for a
+    transposed input, copies the result once more."""
+    global _compile_failed
+    t = t.detach()  # requires_grad is part of Dynamo's guards; the quantiser never needs it
+    scale = compute_scale(t, dtype, rowwise)
+    cast = _compiled_cast(dtype, rowwise)
+    if cast is None:
+        return _cast(t, scale, dtype), scale
     try:
-        return _compiled(t, dtype, rowwise)
+        return cast(t, scale), scale
     except Exception as e:  # no working compiler toolchain: keep going, eagerly, and say so once
         _compile_failed = True
         warnings.warn(f"r1fast fp8: torch.compile of the FP8 quantiser failed ({type(e).__name__}: {e}); "
                       "using eager quantisation (slower). Set R1FAST_FP8_COMPILE=0 to skip the attempt.")
-        return _quantize_impl(t, dtype, rowwise)
+        return _cast(t, scale, dtype), scale
 
 
 def _quantize_with_scale(t: torch.Tensor, dtype: torch.dtype, scale: torch.Tensor) -> torch.Tensor:
