@@ -9,6 +9,10 @@ Two implementations with the same numerics:
 - "emulate": fp32 matmul of the dequantised values' fp8 payloads, scales applied after the sum
   (as the FP8 tensor cores do), on any device;
 - "torch": `torch._scaled_mm` (cuBLAS/CUTLASS FP8 on sm_89+; a reference kernel on the CPU).
+Except that the forward asks CUDA for fast accumulation (`fast_accum`): Hopper's FP8 tensor cores
+then keep fewer bits than fp32 in the running sum (the H200 run's forward differences fit an error
+of about 2^-12 of each output), which the emulation does not model; the backward GEMMs, whose sums
+feed the optimizer, accumulate in fp32 on both paths.
 """
 from __future__ import annotations
 
