@@ -96,7 +96,7 @@ class _Fp8LinearFunction(torch.autograd.Function):
             dw = fp8_gemm_nt(dy2.t(), grad_dtype, x2.t(), E4M3, rowwise=rowwise, out_dtype=weight.dtype, impl=impl)
             dw = _guard_double_backward(dw, dy2, x2)
         if has_bias and ctx.needs_input_grad[2]:
-            db = dy2.float().sum(0).to(bias_dtype)
+            db = dy2.sum(0, dtype=torch.float32).to(bias_dtype)  # fp32 sums, without an fp32 copy of dy
         return dx, dw, db, None, None, None, None
 
 
