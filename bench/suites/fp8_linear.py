@@ -6,7 +6,9 @@ decoder runs them (one GEMM of 2 x intermediate outputs). The floor is the GEMM 
 (2MKN forward, 6MKN forward+backward) at the measured FP8 rate for the FP8 rows and at the measured
 bf16 rate for the bf16 row (issue 6: "the GEMM FLOPs at the measured FP8 and bf16 rates"), so each
 row's % of floor says how close that path is to its own hardware ceiling, and the speed-up column
-says what FP8 buys; on the CPU (smoke) every row uses the fp32 rate.
+says what FP8 buys; on the CPU (smoke) every row uses the fp32 rate. On a GPU the
+fp8-scaled_mm-only rows time torch._scaled_mm alone on operands quantised beforehand: the gap
+between them and the r1fast FP8 rows is what quantising costs, the rest is the GEMMs'.
 """
 import torch
 import torch.nn.functional as F
@@ -59,6 +61,45 @@ def _ours(impl, scaling, shape, dtype, device, mode):
     return setup
 
 
+def _scaled_mm_only(scaling, shape, dtype, device, mode):
+    """torch._scaled_mm alone, on operands quantised once in setup: the GEMM time an FP8 row would
+    have if quantising were free, so (that row's time - this one's) is what r1fast's quantisation,
+    padding and casts cost. Three GEMMs in fwd_bwd, shaped and formatted as the "torch" path's
+    (dy in E5M2, fast accumulation in forward only)."""
+    def setup():
+        from r1fast.fp8.quantization import quantize
+        from r1fast.fp8.support import torch_path
+
+        ok, why = torch_path(device, scaling)
+        if not ok:
+            raise Skip(why)
+        rowwise = scaling == "rowwise"
+        e4m3, e5m2 = torch.float8_e4m3fn, torch.float8_e5m2
+        x, w, dy = _tensors(*shape, dtype, device, False)
+        # the NT operand pairs (A, B) of y = x @ W^T, dx = dy @ W, dW = dy^T @ x
+        pairs = [((x, e4m3), (w, e4m3), True)]
+        if mode != "fwd":
+            pairs += [((dy, e5m2), (w.t(), e4m3), False), ((dy.t(), e5m2), (x.t(), e4m3), False)]
+        calls = []
+        for (a, a_dtype), (b, b_dtype), fast in pairs:
+            qa, sa = quantize(a, a_dtype, rowwise)
+            qb, sb = quantize(b, b_dtype, rowwise)
+            if rowwise:  # the layouts _scaled_mm's rowwise kernel takes: (M, 1) and (1, N)
+                sa, sb = sa.reshape(-1, 1).contiguous(), sb.reshape(1, -1).contiguous()
+            calls.append((qa, qb.t(), sa, sb, fast and device.type == "cuda"))
+        out_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+
+        def run():
+            return [torch._scaled_mm(qa, qbt, scale_a=sa, scale_b=sb, out_dtype=out_dtype, use_fast_accum=fast)
+                    for qa, qbt, sa, sb, fast in calls]
+        try:
+            run()
+        except RuntimeError as e:
+            raise Skip(f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+        return run
+    return setup
+
+
 def _te(recipe, shape, dtype, device, mode):
     def setup():
         from r1fast.fp8.support import te_recipe_support
@@ -101,9 +142,12 @@ def cases(size, device):
                 impls.append(Impl("r1fast", "fp8-emulate", _ours("emulate", "rowwise", shape, dtype, device, mode)))
             # the table's speed-up column compares each peer with the fastest r1fast row
             impls += [Impl("r1fast", "fp8-torch-tensorwise", _ours("torch", "tensorwise", shape, dtype, device, mode)),
-                      Impl("r1fast", "fp8-torch-rowwise", _ours("torch", "rowwise", shape, dtype, device, mode)),
-                      Impl("torch", f"{str(dtype).removeprefix('torch.')}-linear", _dense(shape, dtype, device, mode),
-                           matmul_dtype=dense_floor)]
+                      Impl("r1fast", "fp8-torch-rowwise", _ours("torch", "rowwise", shape, dtype, device, mode))]
+            if device.type == "cuda":  # the GEMMs alone: what the rows above would take with free quantisation
+                impls += [Impl("torch", f"fp8-scaled_mm-only-{s}", _scaled_mm_only(s, shape, dtype, device, mode))
+                          for s in ("tensorwise", "rowwise")]
+            impls.append(Impl("torch", f"{str(dtype).removeprefix('torch.')}-linear", _dense(shape, dtype, device, mode),
+                              matmul_dtype=dense_floor))
             out.append(Case(f"{label} M={m} K={k} N={n}", mode, str(dtype).removeprefix("torch."), impls,
                             flops=2 * gemms * m * k * n, items=m, item_name="tokens", matmul_dtype=matmul_dtype))
     out.append(_step_case(size, device, dtype, matmul_dtype))
