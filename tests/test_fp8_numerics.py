@@ -293,11 +293,18 @@ def test_cuda_quantizer_matches_reference_exactly(dtype, rowwise):
 
 
 @pytest.mark.slow
-def test_compiled_quantizer_matches_reference_on_cpu():
+@pytest.mark.parametrize("division", ["fp32", "fp64"])
+def test_compiled_quantizer_matches_reference_on_cpu(monkeypatch, division):
     # The fused (torch.compile) quantiser that CUDA uses, compiled here by inductor's CPU backend
-    # (~20 s of compile): the same bits as the oracle.
+    # (~20 s of compile): the same bits as the oracle. "fp64": the casts of a torch whose Inductor
+    # has no exact fp32 division option.
     import r1fast.fp8.quantization as qmod
 
+    monkeypatch.setattr(qmod, "_compiled", {})
+    monkeypatch.setattr(qmod, "_divide_in_fp64", False)
+    if division == "fp64":
+        monkeypatch.setattr(qmod, "_exact_division_options", lambda: None)
+    torch._dynamo.reset()
     x = (randn(40, 64, seed=50) * torch.exp(2 * randn(40, 1, seed=51))).to(torch.bfloat16)
     # x.t(): the weight-gradient GEMM quantises dy^T and x^T, views, and _scaled_mm needs its first
     # operand row-major, so the compiled kernel must write q contiguous as eager mode does
@@ -309,6 +316,8 @@ def test_compiled_quantizer_matches_reference_on_cpu():
                 rq, rs = reference_quantize(src, dtype, rowwise)
                 assert torch.equal(s.double(), rs) and torch.equal(q.double(), rq)
                 assert q.is_contiguous()
+    assert qmod._divide_in_fp64 == (division == "fp64")
+    torch._dynamo.reset()  # no entries compiled under this test's settings for later tests
 
 
 def test_compiled_quantizer_stays_under_the_recompile_limit(monkeypatch):

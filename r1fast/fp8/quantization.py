@@ -86,19 +86,31 @@ def _quantize_impl(t: torch.Tensor, dtype: torch.dtype, rowwise: bool):
 # linear layer's forward and backward, after which every new case silently ran eagerly. Each of
 # these sees (input dtype) x (row-major, transposed) in a layer: 2 per model dtype.
 def _cast_e4m3_rowwise(t: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return _cast(t, scale, torch.float8_e4m3fn)
+    return _compiled_cast_body(t, scale, torch.float8_e4m3fn)
 
 
 def _cast_e4m3_tensorwise(t: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return _cast(t, scale, torch.float8_e4m3fn)
+    return _compiled_cast_body(t, scale, torch.float8_e4m3fn)
 
 
 def _cast_e5m2_rowwise(t: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return _cast(t, scale, torch.float8_e5m2)
+    return _compiled_cast_body(t, scale, torch.float8_e5m2)
 
 
 def _cast_e5m2_tensorwise(t: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return _cast(t, scale, torch.float8_e5m2)
+    return _compiled_cast_body(t, scale, torch.float8_e5m2)
+
+
+# Set where Inductor has no exact fp32 division (torch before 2.10): the compiled casts divide in fp64.
+_divide_in_fp64 = False
+
+
+def _compiled_cast_body(t: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    if _divide_in_fp64:
+        # The fp64 quotient rounded to fp32 is the correctly rounded fp32 quotient (53 >= 2 * 24 + 2),
+        # and Triton divides fp64 with div.rn.f64: exact, at some fp64 arithmetic per element.
+        return (t.double() / scale).float().to(dtype).contiguous()
+    return _cast(t, scale, dtype)
 
 
 _CASTS = {(torch.float8_e4m3fn, True): _cast_e4m3_rowwise, (torch.float8_e4m3fn, False): _cast_e4m3_tensorwise,
@@ -109,8 +121,8 @@ _compile_failed = False
 
 def _exact_division_options() -> dict | None:
     """The Inductor option that makes its Triton code divide fp32 correctly rounded (div_rn), or
-    None where this torch has none. Triton's plain `x / y` is PTX div.full, an approximation: it
-    moves quotients that sit on an FP8 rounding tie (common with bf16 inputs) to the other side.
+    None where this torch has none. Triton's plain fp32 `x / y` is PTX div.full, an approximation:
+    it moves quotients that sit on an FP8 rounding tie (common with bf16 inputs) to the other side.
     The option's name changed between torch releases, and Inductor rejects unknown names."""
     from torch._inductor import config
 
@@ -122,11 +134,12 @@ def _exact_division_options() -> dict | None:
 
 
 def _compiled_cast(dtype: torch.dtype, rowwise: bool):
+    global _divide_in_fp64
     key = (dtype, rowwise)
     if key not in _compiled:
         options = _exact_division_options()
-        # Without exact division a compiled cast would not be the spec's numbers: stay eager.
-        _compiled[key] = None if options is None else torch.compile(_CASTS[key], dynamic=True, options=options)
+        _divide_in_fp64 = options is None
+        _compiled[key] = torch.compile(_CASTS[key], dynamic=True, options=options)
     return _compiled[key]
 
 
@@ -139,8 +152,6 @@ def _fused_quantize(t, dtype, rowwise):
     t = t.detach()  # requires_grad is part of Dynamo's guards; the quantiser never needs it
     scale = compute_scale(t, dtype, rowwise)
     cast = _compiled_cast(dtype, rowwise)
-    if cast is None:
-        return _cast(t, scale, dtype), scale
     try:
         return cast(t, scale), scale
     except Exception as e:  # no working compiler toolchain: keep going, eagerly, and say so once
