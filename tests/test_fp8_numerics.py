@@ -306,6 +306,7 @@ def test_compiled_quantizer_matches_reference_on_cpu(monkeypatch, division):
         monkeypatch.setattr(qmod, "_exact_division_options", lambda: None)
     torch._dynamo.reset()
     x = (randn(40, 64, seed=50) * torch.exp(2 * randn(40, 1, seed=51))).to(torch.bfloat16)
+    x[3] = 0.0  # a zero row: the compiled scale's clamp to AMAX_EPS
     # x.t(): the weight-gradient GEMM quantises dy^T and x^T, views, and _scaled_mm needs its first
     # operand row-major, so the compiled kernel must write q contiguous as eager mode does
     for src in (x, x.t()):

@@ -84,37 +84,58 @@ def _quantize_impl(t: torch.Tensor, dtype: torch.dtype, rowwise: bool):
 # every Python argument and on the input's dtype, layout and rank, and one function over (format,
 # scaling, row-major or transposed input, input dtype) ran past its recompile limit (8) within one
 # linear layer's forward and backward, after which every new case silently ran eagerly. Each of
-# these sees (input dtype) x (row-major, transposed) in a layer: 2 per model dtype.
-def _cast_e4m3_rowwise(t: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return _compiled_cast_body(t, scale, torch.float8_e4m3fn)
+# these sees (input dtype) x (row-major, transposed) in a layer: 2 per model dtype. Rowwise, the
+# amax is compiled too (a row reduction, then the cast, without a round trip through eager ops);
+# tensorwise it is torch's own full reduction, passed in (an Inductor full reduction under
+# dynamic shapes is the suspect in the H200 run's 3.6-10x slower tensorwise forward).
+def _quantize_e4m3_rowwise(t: torch.Tensor, fmax: torch.Tensor):
+    return _compiled_rowwise(t, fmax, torch.float8_e4m3fn)
 
 
-def _cast_e4m3_tensorwise(t: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return _compiled_cast_body(t, scale, torch.float8_e4m3fn)
+def _quantize_e4m3_tensorwise(t: torch.Tensor, amax: torch.Tensor, fmax: torch.Tensor):
+    return _compiled_tensorwise(t, amax, fmax, torch.float8_e4m3fn)
 
 
-def _cast_e5m2_rowwise(t: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return _compiled_cast_body(t, scale, torch.float8_e5m2)
+def _quantize_e5m2_rowwise(t: torch.Tensor, fmax: torch.Tensor):
+    return _compiled_rowwise(t, fmax, torch.float8_e5m2)
 
 
-def _cast_e5m2_tensorwise(t: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return _compiled_cast_body(t, scale, torch.float8_e5m2)
+def _quantize_e5m2_tensorwise(t: torch.Tensor, amax: torch.Tensor, fmax: torch.Tensor):
+    return _compiled_tensorwise(t, amax, fmax, torch.float8_e5m2)
 
 
-# Set where Inductor has no exact fp32 division (torch before 2.10): the compiled casts divide in fp64.
+def _compiled_rowwise(t, fmax, dtype):
+    scale = _compiled_scale(torch.linalg.vector_norm(t, float("inf"), dim=-1, keepdim=True), fmax)
+    return _compiled_cast(t, scale, dtype), scale
+
+
+def _compiled_tensorwise(t, amax, fmax, dtype):
+    scale = _compiled_scale(amax, fmax)
+    return _compiled_cast(t, scale, dtype), scale
+
+
+# Set where Inductor has no exact fp32 division (torch before 2.10): the compiled code divides in fp64.
+# The fp64 quotient rounded to fp32 is the correctly rounded fp32 quotient (53 >= 2 * 24 + 2), and
+# Triton divides fp64 with div.rn.f64: exact, at some fp64 arithmetic per element.
 _divide_in_fp64 = False
 
 
-def _compiled_cast_body(t: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def _compiled_scale(amax, fmax):
+    # fmax is an input tensor, not a constant: Inductor turns x / constant into x * (1 / constant)
+    clamped = amax.float().clamp_min(AMAX_EPS)
+    return (clamped.double() / fmax).float() if _divide_in_fp64 else clamped / fmax
+
+
+def _compiled_cast(t, scale, dtype):
     if _divide_in_fp64:
-        # The fp64 quotient rounded to fp32 is the correctly rounded fp32 quotient (53 >= 2 * 24 + 2),
-        # and Triton divides fp64 with div.rn.f64: exact, at some fp64 arithmetic per element.
         return (t.double() / scale).float().to(dtype).contiguous()
     return _cast(t, scale, dtype)
 
 
-_CASTS = {(torch.float8_e4m3fn, True): _cast_e4m3_rowwise, (torch.float8_e4m3fn, False): _cast_e4m3_tensorwise,
-          (torch.float8_e5m2, True): _cast_e5m2_rowwise, (torch.float8_e5m2, False): _cast_e5m2_tensorwise}
+_QUANTIZERS = {(torch.float8_e4m3fn, True): _quantize_e4m3_rowwise,
+               (torch.float8_e4m3fn, False): _quantize_e4m3_tensorwise,
+               (torch.float8_e5m2, True): _quantize_e5m2_rowwise,
+               (torch.float8_e5m2, False): _quantize_e5m2_tensorwise}
 _compiled: dict = {}
 _compile_failed = False
 
@@ -133,32 +154,36 @@ def _exact_division_options() -> dict | None:
     return None
 
 
-def _compiled_cast(dtype: torch.dtype, rowwise: bool):
+def _compiled_quantizer(dtype: torch.dtype, rowwise: bool):
     global _divide_in_fp64
     key = (dtype, rowwise)
     if key not in _compiled:
         options = _exact_division_options()
         _divide_in_fp64 = options is None
-        _compiled[key] = torch.compile(_CASTS[key], dynamic=True, options=options)
+        _compiled[key] = torch.compile(_QUANTIZERS[key], dynamic=True, options=options)
     return _compiled[key]
 
 
 def _fused_quantize(t, dtype, rowwise):
-    """_quantize_impl with the cast as one compiled kernel on CUDA: the amax is torch's own
-    reduction (one read of t), the scale a few scalar-sized ops, and the compiled cast one read of
-    t and a 1-byte write, where eager mode writes and reads two fp32 temporaries and, for a
-    transposed input, copies the result once more."""
+    """_quantize_impl compiled for CUDA: rowwise one compiled call (row amax, scale, cast: two reads
+    of t and a 1-byte write, no eager op between); tensorwise torch's amax reduction (one read),
+    then one compiled call for the scale and the cast (one read, a 1-byte write). Eager mode writes
+    and reads two fp32 temporaries and, for a transposed input, copies the result once more."""
     global _compile_failed
     t = t.detach()  # requires_grad is part of Dynamo's guards; the quantiser never needs it
-    scale = compute_scale(t, dtype, rowwise)
-    cast = _compiled_cast(dtype, rowwise)
+    if t.numel() == 0:  # nothing to compile for, and a size-0 dimension would be one more version
+        return _quantize_impl(t, dtype, rowwise)
+    fmax = _fp8_max_tensor(dtype, t.device)
+    quantizer = _compiled_quantizer(dtype, rowwise)
     try:
-        return cast(t, scale), scale
+        if rowwise:
+            return quantizer(t, fmax)
+        return quantizer(t, torch.linalg.vector_norm(t, float("inf")), fmax)
     except Exception as e:  # no working compiler toolchain: keep going, eagerly, and say so once
         _compile_failed = True
         warnings.warn(f"r1fast fp8: torch.compile of the FP8 quantiser failed ({type(e).__name__}: {e}); "
                       "using eager quantisation (slower). Set R1FAST_FP8_COMPILE=0 to skip the attempt.")
-        return _cast(t, scale, dtype), scale
+        return _quantize_impl(t, dtype, rowwise)
 
 
 def _quantize_with_scale(t: torch.Tensor, dtype: torch.dtype, scale: torch.Tensor) -> torch.Tensor:
