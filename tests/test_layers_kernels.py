@@ -96,6 +96,22 @@ def test_add_rms_norm_matches_reference(device, poisoned_alloc, backend, shape, 
         assert_close(a, e, torch.float32, rtol=2e-5, atol=1e-6, name=f"{backend} {name}")
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_add_rms_norm_gradient_through_the_sum_alone(device, poisoned_alloc, backend):
+    """Only the sum reaches the loss (the norm's output is discarded): the Triton backward gets no
+    gradient for the norm (None, not zeros) and must still pass the sum's to x and the residual."""
+    x, w, _ = _rms_case((6, 40), seed=71)
+    r = randn(6, 40, dtype=torch.float64, seed=72)
+    ds = randn(6, 40, dtype=torch.float64, seed=73)
+    f = lambda t: t.float().to(device).requires_grad_()  # noqa: E731
+    xs, rs, ws = f(x), f(r), f(w)
+    _, s = ops.add_rms_norm(xs, rs, ws, 1e-6, backend=backend)
+    dx, dr, dw = torch.autograd.grad(s, (xs, rs, ws), ds.float().to(device), allow_unused=True)
+    assert_close(dx, ds, torch.float32, name=f"{backend} dx")
+    assert_close(dr, ds, torch.float32, name=f"{backend} dresidual")
+    assert dw is None or not dw.any()
+
+
 def test_add_rms_norm_fp16_sum_rounds_like_torch(device):
     """fp16 (the interpreter has no bf16): the sum is torch's x + r exactly; the norm and the
     gradients meet the low-precision rule against the float64 reference."""

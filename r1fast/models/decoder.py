@@ -29,13 +29,15 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(size))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, return_sum: bool = True):
         """norm(x); with a residual, (norm(residual + x), residual + x): the residual add before this
-        norm in the same kernel. ops.rms_norm / ops.add_rms_norm: transformers' expressions on the CPU
-        (torch backend, bit for bit), fused Triton on CUDA."""
+        norm in the same kernel (return_sum=False: the norm alone, for a sum nothing reads after it).
+        ops.rms_norm / ops.add_rms_norm: transformers' expressions on the CPU (torch backend, bit for
+        bit), fused Triton on CUDA."""
         if residual is None:
             return rms_norm(x, self.weight, self.eps)
-        return add_rms_norm(x, residual, self.weight, self.eps)
+        out = add_rms_norm(x, residual, self.weight, self.eps)
+        return out if return_sum else out[0]
 
 
 class Attention(nn.Module):
@@ -284,8 +286,12 @@ class CausalLM(nn.Module):
                 x, pending = checkpoint(layer, x, pending, cos, sin, packed, use_reentrant=False)
             else:
                 x, pending = layer(x, pending, cos, sin, packed, attn)
-        # the final norm stays a plain call (its output is the model's: forward hooks on it see a tensor)
-        return self.norm(x if pending is None else x + pending)
+        # the last layer's residual add runs inside the final norm's kernel too (it was a kernel of its own,
+        # a [T, H] read twice and written once per decode step); the norm returns the normed tensor
+        # alone, so forward hooks on it still see the model's output
+        if pending is None:
+            return self.norm(x)
+        return self.norm(pending, residual=x, return_sum=False)
 
     def _check_sliding_window(self, packed) -> None:
         """Full attention equals transformers' sliding layers only while no query has more keys than the

@@ -170,6 +170,8 @@ class _TritonAddRMSNorm(torch.autograd.Function):
                                            residual=_rows(residual))
         ctx.save_for_backward(s, w, rstd)
         ctx.x_shape = x.shape
+        # an output nothing reads gets None, not a zero-filled gradient: the model's final norm discards the sum
+        ctx.set_materialize_grads(False)
         return out.view(*x.shape[:-1], out.shape[-1]), s.view(x.shape)
 
     @staticmethod
@@ -178,6 +180,10 @@ class _TritonAddRMSNorm(torch.autograd.Function):
 
         refuse_double_backward("add_rms_norm (triton)")
         s, w, rstd = ctx.saved_tensors
+        if dy is None and ds is None:
+            return None, None, None, None
+        if dy is None:  # only the sum was read: the norm passes no gradient
+            dy = torch.zeros(ctx.x_shape, dtype=torch.promote_types(s.dtype, w.dtype), device=s.device)
         need_dx = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         dx, dw = kernel.rms_norm_bwd(_rows(dy), s, w, rstd, need_dx, ctx.needs_input_grad[2],
                                      ds=_rows(ds) if ds is not None else None)
