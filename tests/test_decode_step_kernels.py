@@ -25,7 +25,7 @@ _NO_KERNEL = {"empty", "empty_like", "empty_strided", "_unsafe_view", "lift_fres
 # The Triton path's step, in launch order ("triton:" = one Triton launch, else an aten op)
 STEP_INPUTS = ["index_select",   # the input tokens, gathered from the last step's samples on the device
                "embedding"]
-ROTARY_TABLES = ["_to_copy", "mul", "cat", "cos", "sin", "_to_copy", "_to_copy"]  # cos/sin [B, head_dim], once
+ROTARY_TABLES = ["index_select"]  # cos/sin [B, head_dim] for all layers: rows of the runner's table of positions
 LAYER = ["triton:_rmsnorm_fwd_kernel",     # input norm (with the last layer's residual add from layer 1 on)
          "addmm",                          # q/k/v: one GEMM (Qwen2's bias in it)
          "triton:_rotary_kernel",          # q and k in one launch
@@ -112,8 +112,9 @@ def _steady_decode_step(monkeypatch, decode_backend, triton_path):
 
 
 def test_a_decode_step_launches_the_pinned_kernels_on_the_triton_path(monkeypatch):
-    """11 launches a layer (2 of them attention), 2 + 7 before the layers, 1 after, and the head's GEMM
-    plus one sampling kernel. Before this test the last layer's residual add was a kernel of its own."""
+    """11 launches a layer (2 of them attention), 3 before the layers, 1 after, and the head's GEMM plus
+    one sampling kernel. Before this test the last layer's residual add was a kernel of its own, and the
+    cos/sin tables took 7 launches a step."""
     from r1fast import backends
 
     try:
@@ -132,5 +133,40 @@ def test_a_decode_step_on_the_cpu_path_runs_the_pinned_number_of_ops(monkeypatch
     count: the decoder's and runner's glue between the ops is the GPU's too."""
     monkeypatch.delenv("R1FAST_BACKEND", raising=False)
     forward, sample = _steady_decode_step(monkeypatch, None, triton_path=False)
-    assert len(forward) == 129, forward
+    assert len(forward) == 123, forward
     assert len(sample) == 43, sample
+
+
+@pytest.mark.parametrize("rope_scaling", [None, {"rope_type": "yarn", "factor": 4.0,
+                                                 "original_max_position_embeddings": 16}], ids=["default", "yarn"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_runners_rotary_table_equals_the_forwards_cos_and_sin(rope_scaling, dtype):
+    """The engine gathers cos/sin from a table of every position built once; each row must equal what the
+    forward computes for that position in a batch of any size (bit for bit: the same expressions, and on
+    a GPU the same elementwise kernels per element), attention scaling (YaRN) included."""
+    from r1fast.rollout.runner import rotary_rows, rotary_table
+
+    model = CausalLM(ModelConfig(**{**CFG, "rope_scaling": rope_scaling, "rope_theta": 1e4})).to(dtype)
+    table = rotary_table(model, 64)
+    assert table.shape == (64, 2, CFG["hidden_size"] // CFG["num_attention_heads"]) and table.dtype == dtype
+    g = torch.Generator().manual_seed(5)
+    for batch in (1, 3, 17, 40):
+        positions = torch.randint(0, 64, (batch,), generator=g)
+        cos, sin = rotary_rows(table, positions)
+        want_cos, want_sin = model.rotary.cos_sin(positions, dtype)
+        assert torch.equal(cos, want_cos) and torch.equal(sin, want_sin)
+    assert (table[:, 1] != 0).any() and (table[1:, 0] != 1).any()  # not a table of zero angles
+
+
+def test_a_decode_position_past_max_model_len_is_a_clear_error():
+    """The table holds max_model_len positions: a step past it (an engine bug) is an error naming it, not
+    an out-of-range gather (a device assert inside a CUDA graph)."""
+    import numpy as np
+
+    model = CausalLM(ModelConfig(**CFG)).eval()
+    engine = Engine(model, block_size=4, num_blocks=64, max_num_seqs=8, max_model_len=20)
+    engine.block_manager.allocate(0, list(range(8)))
+    ids = np.array([0], dtype=np.int64)
+    slots, _ = engine.block_manager.append_batch(ids, np.array([1], dtype=np.int32))
+    with pytest.raises(RuntimeError, match="position 20 is past max_model_len 20"):
+        engine.runner.decode(engine.block_manager, ids, np.array([20]), slots, last_tokens=np.array([1]))

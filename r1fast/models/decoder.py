@@ -278,7 +278,9 @@ class CausalLM(nn.Module):
             position_ids = positions_of(packed, device) if packed is not None else torch.arange(t, device=device)
 
         x = self.embed_tokens(input_ids)
-        cos, sin = self.rotary.cos_sin(position_ids, x.dtype)
+        # the rollout engine's contexts gather cos/sin from a table of every position (one kernel)
+        table_rows = getattr(attn, "cos_sin", None)
+        cos, sin = table_rows(position_ids) if table_rows is not None else self.rotary.cos_sin(position_ids, x.dtype)
         use_ckpt = self.gradient_checkpointing and attn is None and torch.is_grad_enabled()
         pending = None
         for layer in self.layers:

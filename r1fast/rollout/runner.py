@@ -28,10 +28,15 @@ log = logging.getLogger(__name__)
 class PrefillContext:
     """attend(): store the chunk's K/V, then causal attention over cached prefix + chunk."""
 
-    def __init__(self, kv, slots, context_slots, query_lens, context_lens, scale, store_backend=None, cu_seqlens=None):
+    def __init__(self, kv, slots, context_slots, query_lens, context_lens, scale, store_backend=None, cu_seqlens=None,
+                 rotary_table=None):
         self.kv, self.slots, self.context_slots = kv, slots, context_slots
         self.query_lens, self.context_lens, self.scale = query_lens, context_lens, scale
         self.store_backend, self.cu_seqlens = store_backend, cu_seqlens
+        self.rotary_table = rotary_table
+
+    def cos_sin(self, position_ids):
+        return rotary_rows(self.rotary_table, position_ids)
 
     def attend(self, layer: int, q, k, v):
         kc, vc = self.kv[layer, 0], self.kv[layer, 1]
@@ -45,10 +50,13 @@ class DecodeContext:
     """attend(): store the new token's K/V, then paged decode attention (no host sync: graph-safe)."""
 
     def __init__(self, kv, slots, block_tables, context_lens, scale, backend=None, store_backend=None,
-                 shared_prefix=None):
+                 shared_prefix=None, rotary_table=None):
         self.kv, self.slots, self.block_tables, self.context_lens = kv, slots, block_tables, context_lens
         self.scale, self.backend, self.store_backend = scale, backend, store_backend
-        self.shared_prefix = shared_prefix
+        self.shared_prefix, self.rotary_table = shared_prefix, rotary_table
+
+    def cos_sin(self, position_ids):
+        return rotary_rows(self.rotary_table, position_ids)
 
     def attend(self, layer: int, q, k, v):
         kc, vc = self.kv[layer, 0], self.kv[layer, 1]
@@ -56,6 +64,21 @@ class DecodeContext:
         return ops.paged_decode_attention(q.contiguous(), kc, vc, self.block_tables, self.context_lens,
                                           scale=self.scale, backend=self.backend, check_bounds=False,
                                           shared_prefix=self.shared_prefix)
+
+
+def rotary_table(model, num_positions: int) -> torch.Tensor:
+    """[num_positions, 2, head_dim]: the model's cos (row 0) and sin (row 1) at positions 0.. in its dtype,
+    computed once by the expressions a forward computes them with (model.rotary.cos_sin). A step then
+    gathers its rows in one kernel; computed per step they were seven (cast, multiply, cat, cos, sin,
+    two casts), each a launch in every decode step's graph."""
+    cos, sin = model.rotary.cos_sin(torch.arange(num_positions, device=model.device), model.dtype)
+    return torch.stack((cos, sin), dim=1)
+
+
+def rotary_rows(table: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin) [T, head_dim] of `position_ids` from a rotary_table(): views of one gathered tensor."""
+    rows = table.index_select(0, position_ids)
+    return rows[:, 0], rows[:, 1]
 
 
 _TORCH_INT = {np.dtype(np.int64): torch.int64, np.dtype(np.int32): torch.int32}
@@ -125,6 +148,7 @@ class ModelRunner:
         self._tiles = None
         self.kv = torch.zeros(cfg.num_hidden_layers, 2, num_blocks, block_size, self.num_kv_heads, self.head_dim,
                               device=self.device, dtype=self.dtype)
+        self.rotary_table = rotary_table(model, max_model_len)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, dict]] = {}
         if use_cuda_graphs and self.device.type == "cuda":
             self._capture_graphs(max_num_seqs)
@@ -154,9 +178,11 @@ class ModelRunner:
         slots = bm.slot_mapping(ids, np.asarray(starts, dtype=np.int64), np.asarray(ends, dtype=np.int64))
         context_slots = bm.slot_mapping(ids, np.zeros(len(ids), dtype=np.int64), np.asarray(ends, dtype=np.int64))
         query_lens = [e - s for s, e in zip(starts, ends)]
+        self._check_positions(max(ends) - 1)
         cu = tuple(self._h2d(np.concatenate(([0], np.cumsum(lens))), torch.int32) for lens in (query_lens, ends))
         ctx = PrefillContext(self.kv, self._h2d(slots, torch.long), self._h2d(context_slots, torch.long),
-                             query_lens, list(ends), self.scale, self.store_backend, cu_seqlens=cu)
+                             query_lens, list(ends), self.scale, self.store_backend, cu_seqlens=cu,
+                             rotary_table=self.rotary_table)
         last = self._h2d(np.cumsum(query_lens) - 1, torch.long)  # before the forward: a copy may wait for the stream
         hidden = self.model(self._h2d(input_ids, torch.long), self._h2d(positions, torch.long), attn=ctx)
         return hidden.index_select(0, last)
@@ -215,7 +241,7 @@ class ModelRunner:
     def _run_decode(self, t):
         shared = SharedPrefix(*(t[k] for k in SharedPrefix._fields)) if "row_start" in t else None
         ctx = DecodeContext(self.kv, t["slots"], t["block_tables"], t["context_lens"], self.scale,
-                            self.decode_backend, self.store_backend, shared)
+                            self.decode_backend, self.store_backend, shared, self.rotary_table)
         # FP8 layers decode in their parameters' precision: one-token GEMMs are too thin for FP8 to
         # pay, and the FP8 quantiser (torch.compile) and TE's scaling state do not belong in a graph.
         with fp8_disabled():
@@ -234,6 +260,8 @@ class ModelRunner:
             raise ValueError("ModelRunner.decode: pass exactly one of last_tokens and tokens_from")
         source, rows = tokens_from if tokens_from is not None else (None, None)
         b = len(seq_ids)
+        if b:
+            self._check_positions(int(np.max(positions)))
         bucket = next((s for s in sorted(self.graphs) if s >= b), None)
         ids = np.asarray(seq_ids, dtype=np.int64)
         if bucket is None:
@@ -253,6 +281,12 @@ class ModelRunner:
                 torch.index_select(source, 0, static["source_rows"][:b], out=static["input_ids"][:b])
             graph.replay()
         return static["hidden"][:b]
+
+    def _check_positions(self, highest: int):
+        """A position past the rotary table would be an out-of-range gather (a device assert on CUDA)."""
+        if highest >= self.rotary_table.shape[0]:
+            raise RuntimeError(f"ModelRunner: position {highest} is past max_model_len "
+                               f"{self.rotary_table.shape[0]} (engine bug: sequences end at max_model_len)")
 
     def _table_width(self, positions) -> int:
         """Block-table columns a decode step at these positions reads: its longest context's blocks (at
