@@ -169,6 +169,12 @@ def compile_all(arch: int = 90, full: bool = False, report=None):
                          arch, dict(BLOCK_N=decode_kernels.prefix_block_n(d_pad, fp32),
                                     num_warps=decode_kernels.num_warps_for(m_pad), num_stages=3), report,
                          f"_prefix_kernel {dt} group={group} dim={d}")
+        for splits in (2, 64):  # the split-K merge: all partitions in one pass, and 32 a pass
+            cfg = decode_kernels.merge_config(splits, 128)
+            _compile(decode_kernels._merge_kernel, {"out_ptr": f"*{dt}", "ml_ptr": "*fp32", "acc_ptr": "*fp32"},
+                     dict(D_PAD=cfg["D_PAD"], S_BLOCK=cfg["S_BLOCK"]), arch,
+                     dict(num_warps=cfg["num_warps"], num_stages=3), report,
+                     f"_merge_kernel {dt} splits={splits} dim=128")
         types = {"key_ptr": f"*{dt}", "value_ptr": f"*{dt}", "k_cache_ptr": f"*{dt}", "v_cache_ptr": f"*{dt}",
                  "slot_ptr": "*i64"}
         _compile(kv_kernels._store_kv_kernel, types, {}, arch, dict(BLOCK=1024, num_warps=4, num_stages=3), report,

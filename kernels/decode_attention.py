@@ -150,15 +150,51 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, cl_ptr, out_ptr, ml_ptr, acc_ptr
         tl.store(acc_ptr + part[:, None] * head_dim + d[None, :], acc, mask=hmask[:, None] & dmask[None, :])
 
 
+@triton.jit
+def _merge_kernel(out_ptr, ml_ptr, acc_ptr, num_splits, head_dim, D_PAD: tl.constexpr, S_BLOCK: tl.constexpr):
+    """One program = one (sequence, head): out = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s over
+    the non-empty partitions s (l_s > 0), M their largest max; S_BLOCK partitions at a time."""
+    row = tl.program_id(0).to(tl.int64)  # seq * num_heads + head
+    s = tl.arange(0, S_BLOCK)
+    d = tl.arange(0, D_PAD)
+    dmask = d < head_dim
+    base = row * num_splits
+    top = tl.full([S_BLOCK], float("-inf"), tl.float32)
+    for s0 in range(0, num_splits, S_BLOCK):
+        live = (s0 + s) < num_splits
+        m = tl.load(ml_ptr + (base + s0 + s) * 2, mask=live, other=float("-inf"))
+        l = tl.load(ml_ptr + (base + s0 + s) * 2 + 1, mask=live, other=0.0)
+        top = tl.maximum(top, tl.where(l > 0, m, float("-inf")))
+    mx = tl.max(top, axis=0)
+    num = tl.zeros([D_PAD], tl.float32)
+    den = tl.zeros([S_BLOCK], tl.float32)
+    for s0 in range(0, num_splits, S_BLOCK):
+        live = (s0 + s) < num_splits
+        m = tl.load(ml_ptr + (base + s0 + s) * 2, mask=live, other=float("-inf"))
+        l = tl.load(ml_ptr + (base + s0 + s) * 2 + 1, mask=live, other=0.0)
+        w = tl.exp(tl.where(l > 0, m, float("-inf")) - mx)  # 0 for an empty partition, whatever its max
+        a = tl.load(acc_ptr + (base + s0 + s)[:, None] * head_dim + d[None, :], mask=live[:, None] & dmask[None, :],
+                    other=0.0)
+        num += tl.sum(a * w[:, None], axis=0)
+        den += l * w
+    out = num / tl.sum(den, axis=0)
+    tl.store(out_ptr + row * head_dim + d, out.to(out_ptr.dtype.element_ty), mask=dmask)
+
+
+def merge_config(num_splits: int, head_dim: int) -> dict:
+    """The merge kernel's constexprs and warps: up to 32 partitions per step (all of them, in one
+    pass over acc, up to 32), 2 warps for a tile under 2048 floats, else 4 (96 registers on sm_90)."""
+    d_pad = max(16, triton.next_power_of_2(head_dim))
+    s_block = min(32, triton.next_power_of_2(num_splits))
+    return dict(D_PAD=d_pad, S_BLOCK=s_block, num_warps=4 if s_block * d_pad >= 2048 else 2)
+
+
 def merge_partitions(out, ml, acc):
-    """out[b, h] = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s over the non-empty partitions s."""
-    m, l = ml[..., 0], ml[..., 1]
-    live = l > 0
-    mx = torch.where(live, m, torch.full_like(m, float("-inf"))).amax(dim=-1, keepdim=True)
-    w = torch.where(live, torch.exp(m - mx), torch.zeros_like(m))
-    num = (acc * w[..., None]).sum(dim=2)
-    den = (l * w).sum(dim=-1, keepdim=True)
-    out.copy_((num / den).to(out.dtype))
+    """out[b, h] = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s over the non-empty partitions s:
+    ml [B, H, S, 2], acc [B, H, S, D] float32, out [B, H, D] contiguous. One launch, where the torch
+    form it replaces was about fourteen (each a few microseconds of host time and a pass over acc)."""
+    b, h, num_splits, head_dim = acc.shape
+    _merge_kernel[(b * h,)](out, ml, acc, num_splits, head_dim, **merge_config(num_splits, head_dim))
 
 
 def block_n_for(d_pad: int, fp32: bool) -> int:

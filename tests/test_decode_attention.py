@@ -81,6 +81,39 @@ def test_decode_split_k_matches_reference(device):
             assert_close(got, want, dtype=torch.float32, rtol=1e-5, name=f"{name} split-K x{splits}")
 
 
+def test_merge_partitions_matches_the_float64_formula_over_many_and_empty_partitions(device):
+    # The Triton merge reads the partitions 32 at a time: 37 spans two passes. Empty partitions
+    # (l = 0: past a short context) must weigh nothing whatever their max, and the largest max
+    # must come from a live one.
+    from r1fast.kernels.decode_attention import merge_partitions
+
+    b, h, s, d = 3, 4, 37, 24
+    m = randn(b, h, s, seed=11, device=device) * 4
+    l = randn(b, h, s, seed=12, device=device).abs() + 0.5
+    acc = randn(b, h, s, d, seed=13, device=device)
+    dead = torch.rand(b, h, s, generator=torch.Generator().manual_seed(14)).to(device) < 0.4
+    dead[..., 5] = False  # every (seq, head) keeps a live partition
+    l = l.masked_fill(dead, 0.0)
+    m = m.masked_fill(dead, 200.0)  # a stale max far above every live one (exp(m - 200) is 0 in fp32)
+    acc = acc.masked_fill(dead[..., None], 0.0)
+    ml = torch.stack([m, l], dim=-1).contiguous()
+    w = torch.where(l > 0, torch.exp(m.double() - m.double().masked_fill(l == 0, float("-inf")).amax(-1, True)), 0)
+    want = (acc.double() * w[..., None]).sum(2) / (l.double() * w).sum(-1, keepdim=True)
+    for dtype in (torch.float32, torch.bfloat16):
+        out = torch.empty(b, h, d, device=device, dtype=dtype)
+        merge_partitions(out, ml, acc)
+        assert_close(out, want, dtype=dtype, name=f"merge {dtype}")
+
+
+def test_decode_many_splits_match_reference(device):
+    # 41 partitions of one block each (two passes of the merge), most of them empty for the short rows
+    q, kc, vc, tables, ctx = make_case(3, 6, 2, 16, 8, [313, 9, 120], device=device)
+    want = expected(q, kc, vc, tables, ctx)
+    for name in decode_backends(torch.device(device)):
+        got = ops.paged_decode_attention(q, kc, vc, tables, ctx, num_splits=41, backend=name)
+        assert_close(got, want, dtype=torch.float32, rtol=1e-5, name=f"{name} split-K x41")
+
+
 def test_decode_fp16_within_lowp_rule(device):
     from r1fast.testing import assert_within_lowp_rule
 
@@ -829,6 +862,10 @@ for dt in ("bf16", "fp16", "fp32"):
                 FP32=dt == "fp32", SCALE_SCORES=True), 90, num_warps=4)
     compile_for(da._prefix_kernel, types, dict(GROUP=8, M_PAD=da.prefix_m_pad(8, 128, dt == "fp32"), D_PAD=128,
                 FP32=dt == "fp32", BLOCK_N=16, SCALE_SCORES=True), 90, num_warps=4)
+    for splits, d in ((2, 128), (64, 128), (5, 256)):  # the split-K merge: one pass, and 32 partitions a pass
+        cfg = da.merge_config(splits, d)
+        compile_for(da._merge_kernel, {"out_ptr": f"*{dt}", "ml_ptr": "*fp32", "acc_ptr": "*fp32"},
+                    dict(D_PAD=cfg["D_PAD"], S_BLOCK=cfg["S_BLOCK"]), 90, num_warps=cfg["num_warps"])
     types = {"key_ptr": f"*{dt}", "value_ptr": f"*{dt}", "k_cache_ptr": f"*{dt}", "v_cache_ptr": f"*{dt}",
              "slot_ptr": "*i64"}
     compile_for(kv._store_kv_kernel, types, dict(BLOCK=1024), 90, num_warps=4)
