@@ -114,6 +114,60 @@ def test_decode_many_splits_match_reference(device):
         assert_close(got, want, dtype=torch.float32, rtol=1e-5, name=f"{name} split-K x41")
 
 
+def test_triton_num_splits_fills_the_sms_with_partitions_of_at_least_256_tokens():
+    from r1fast.ops.attention import (MIN_PARTITION_TOKENS, RESIDENT_PROGRAMS_PER_SM, SPLIT_ROUNDS,
+                                      triton_num_splits)
+
+    # the H200 bench's shapes, 132 SMs (660 resident programs): enough (sequence, KV head) pairs -> 1
+    assert triton_num_splits(512, 2, 768, 132) == 1
+    assert triton_num_splits(128, 8, 2048, 132) == 1
+    assert triton_num_splits(330, 2, 32768, 132) == 1
+    # few pairs at long contexts: two rounds of 660 programs (1320 / 16 pairs -> 83; 1320 / 128 -> 11)
+    assert triton_num_splits(8, 2, 32768, 132) == 83
+    assert triton_num_splits(64, 2, 4096, 132) == 11
+    # ... but never partitions under 256 tokens: 4096 // 256 = 16, 768 // 256 = 3, a short context 1
+    assert triton_num_splits(1, 2, 32768, 132) == 128
+    assert triton_num_splits(8, 2, 768, 132) == 3
+    assert triton_num_splits(8, 2, 300, 132) == 1
+    assert triton_num_splits(0, 2, 4096, 132) == 16  # no rows: any cover will do, the launch is skipped
+    # fewer SMs, fewer splits: 16 SMs hold 80 programs
+    assert triton_num_splits(8, 2, 32768, 16) == 10
+    for seqs, kv, ctx, sms in itertools.product((1, 3, 8, 64, 200, 512), (1, 2, 8), (16, 300, 4096, 100_000),
+                                                (1, 16, 132)):
+        splits = triton_num_splits(seqs, kv, ctx, sms)
+        slots = sms * RESIDENT_PROGRAMS_PER_SM
+        assert splits >= 1 and (splits == 1 or ctx // splits >= MIN_PARTITION_TOKENS)
+        # short of the target only where the 256-token floor binds
+        assert seqs * kv >= slots or seqs * kv * splits >= SPLIT_ROUNDS * slots or \
+            splits == max(1, ctx // MIN_PARTITION_TOKENS)
+
+
+def test_decode_default_splits_are_the_backends_own(monkeypatch):
+    # triton: triton_num_splits from the device's SM count; cuda keeps default_num_splits
+    from r1fast.kernels import decode_attention as kernel
+    from r1fast.ops import attention
+
+    assert attention.sm_count(torch.device("cpu")) == attention.DEFAULT_NUM_SMS
+    assert attention.default_num_splits(2, 2, 1024) == 2  # the cuda backend's: 512-token partitions
+    seen = []
+    monkeypatch.setattr(kernel, "paged_decode_attention", lambda out, *a: seen.append(a[6:8]))
+    q, kc, vc, tables, ctx = make_case(2, 4, 2, 16, 16, [1000, 37])  # 64-block tables: 1024 tokens
+    # 4 pairs on 132 SMs: 1024 // 256 = 4 partitions; on 1 SM ceil(2 x 5 / 4) = 3, of 22 whole blocks
+    for sms, want in ((132, (4, 256)), (1, (3, 352))):
+        monkeypatch.setattr(attention, "sm_count", lambda device: sms)
+        ops.paged_decode_attention(q, kc, vc, tables, ctx, backend="triton")
+        assert seen.pop() == want, sms
+
+
+def test_decode_default_splits_match_reference(device):
+    # num_splits=None over a 1024-token table: the triton default splits it (4 partitions on the CPU)
+    q, kc, vc, tables, ctx = make_case(2, 4, 2, 16, 16, [1000, 37], device=device)
+    want = expected(q, kc, vc, tables, ctx)
+    for name in decode_backends(torch.device(device)):
+        got = ops.paged_decode_attention(q, kc, vc, tables, ctx, backend=name)
+        assert_close(got, want, dtype=torch.float32, rtol=1e-5, name=f"{name} default splits")
+
+
 def test_decode_fp16_within_lowp_rule(device):
     from r1fast.testing import assert_within_lowp_rule
 

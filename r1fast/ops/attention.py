@@ -219,11 +219,49 @@ def _validate_prefill(q, k_cache, v_cache, context_slots, query_lens, context_le
 
 
 def default_num_splits(num_seqs: int, num_kv_heads: int, max_context: int, partition_size: int = PARTITION_SIZE):
-    """Split the context only when (sequence, KV head) pairs alone would leave SMs idle."""
+    """The cuda backend's split count: the context is split only when (sequence, KV head) pairs alone
+    would leave SMs idle."""
     parts = max(1, math.ceil(max_context / partition_size))
     if parts == 1 or num_seqs * num_kv_heads >= 256:
         return 1
     return min(parts, 64)
+
+
+# The Triton kernel's split count (triton_num_splits). One program = one (sequence, KV head, split);
+# at head_dim 128 in bf16/fp16 (group <= 16, 32 tokens a step, 4 warps) it takes 96 registers a
+# thread on sm_90 (ptxas, Triton 3.9), so an SM holds 5 at once: RESIDENT_PROGRAMS_PER_SM.
+RESIDENT_PROGRAMS_PER_SM = 5
+SPLIT_ROUNDS = 2          # split until the programs fill every resident slot at least this many times
+MIN_PARTITION_TOKENS = 256  # 8 steps of the kernel's loop; the merge then adds <= 5% to the bytes read
+DEFAULT_NUM_SMS = 132     # an H100 / H200, for devices that do not say (the CPU's interpreter)
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (looked up once per device), else DEFAULT_NUM_SMS."""
+    if device.type != "cuda":
+        return DEFAULT_NUM_SMS
+    return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def triton_num_splits(num_seqs: int, num_kv_heads: int, max_context: int, num_sms: int) -> int:
+    """Context partitions (split-K) for the Triton decode kernel, from the sizes alone (no device sync).
+
+    With at least one program per resident slot (num_sms x RESIDENT_PROGRAMS_PER_SM) from the (sequence,
+    KV head) pairs alone, 1: every SM is busy, and splitting would only add the merge's bytes. Fewer
+    pairs (few sequences at long contexts: 8 sequences x 2 KV heads on 132 SMs would use 16 of them)
+    are split until there are SPLIT_ROUNDS programs per slot, keeping partitions of at least
+    MIN_PARTITION_TOKENS tokens (so a short context is not split into programs that only start and stop)."""
+    pairs = max(1, num_seqs * num_kv_heads)
+    slots = max(1, num_sms) * RESIDENT_PROGRAMS_PER_SM
+    if pairs >= slots:
+        return 1
+    most = max(1, max_context // MIN_PARTITION_TOKENS)
+    return max(1, min(most, -(-SPLIT_ROUNDS * slots // pairs)))
 
 
 @backends.register("paged_decode_attention", "reference")
@@ -368,7 +406,8 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, *, s
     """Attention of q [num_seqs, num_heads, head_dim] over each sequence's paged context -> [num_seqs, num_heads, head_dim].
 
     num_splits: equal context partitions (split-K) for the triton/cuda kernels; None picks one from
-    the shapes alone (about PARTITION_SIZE tokens each, no device sync). `check_bounds=False` skips the checks of
+    the shapes alone, no device sync (triton: triton_num_splits, from the device's SM count; cuda:
+    default_num_splits, about PARTITION_SIZE tokens each). `check_bounds=False` skips the checks of
     context_lens, block ids and the shared prefix's contents (host syncs); the engine uses it on tables it
     built itself. Unsafe otherwise: the GPU kernels do not check them again (a bad block id reads outside
     the cache, a context length < 1 leaves its row unwritten). shared_prefix: a SharedPrefix on q's device (find_shared_prefixes(...).to(device)).
@@ -379,7 +418,11 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, *, s
     scale = _scale("paged_decode_attention", scale, q.shape[-1])
     bs = k_cache.shape[1]
     max_ctx = block_tables.shape[1] * bs
-    if num_splits is None:
+    name, fn = backends.resolve("paged_decode_attention", q.device, backend, dtype=q.dtype,
+                                accepts=lambda name: name != "cuda" or _cuda_shape_problem(q, k_cache) is None)
+    if num_splits is None and name == "triton":
+        num_splits = triton_num_splits(q.shape[0], k_cache.shape[2], max_ctx, sm_count(q.device))
+    elif num_splits is None:
         num_splits = default_num_splits(q.shape[0], k_cache.shape[2], max_ctx, PARTITION_SIZE)
     if not isinstance(num_splits, int) or num_splits < 1:
         raise ValueError(f"paged_decode_attention: num_splits must be a positive int, got {num_splits!r}")
@@ -393,8 +436,6 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, *, s
     if k_cache.shape[2] > MAX_GRID_YZ:
         raise ValueError(f"paged_decode_attention: {k_cache.shape[2]} KV heads exceed the launch grid limit "
                          f"{MAX_GRID_YZ}")
-    name, fn = backends.resolve("paged_decode_attention", q.device, backend, dtype=q.dtype,
-                                accepts=lambda name: name != "cuda" or _cuda_shape_problem(q, k_cache) is None)
     _refuse_grad_without_backward(name, q, k_cache, v_cache)
     q, k_cache, v_cache = resolve_neg(q, k_cache, v_cache)
     return fn(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits, partition, shared_prefix)
