@@ -29,6 +29,25 @@ def _inputs(num_seqs, heads, kv_heads, dim, ctx, block_size, dtype, device):
     return q, kc, vc, tables, lens
 
 
+def _graphed(setup, device):
+    """An Impl setup whose timed callable replays one call captured in a CUDA graph, as the rollout
+    engine runs decode: the GPU's time without the host's (the Python wrapper, each launch), which
+    the plain rows also count where it outlasts the timer's L2 flush."""
+    def wrapped():
+        run = setup()
+        with torch.cuda.device(device):
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # compile and look everything up outside the capture
+                run()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                run()
+        return graph.replay
+    return wrapped
+
+
 def _r1fast(backend, shape, dtype, device):
     def setup():
         require_backend("paged_decode_attention", backend, device)
@@ -70,6 +89,9 @@ def _shared_case(shape, dtype, device):
     names = ("cuda", "triton") if gpu else ("triton",)
     impls = [Impl("r1fast", f"{name}+shared", _r1fast_shared(name, shape, dtype, device, True)) for name in names]
     impls += [Impl("r1fast", name, _r1fast_shared(name, shape, dtype, device, False)) for name in names]
+    if gpu:  # whether the tiles pay where the engine uses them: inside a CUDA graph
+        impls += [Impl("r1fast", f"triton{tag} (graph)", _graphed(_r1fast_shared("triton", shape, dtype, device, t),
+                                                                  device)) for tag, t in (("+shared", True), ("", False))]
     impls.append(Impl("torch", "gather+einsum" if gpu else "reference",
                       _r1fast_shared("torch" if gpu else "reference", shape, dtype, device, False)))
     return Case(f"shared prefix: {groups} groups x {samples} samples heads={heads}/{kv_heads} dim={dim} "
@@ -94,6 +116,8 @@ def cases(size, device):
         gpu = device.type == "cuda"
         impls = [Impl("r1fast", name, _r1fast(name, shape, dtype, device))
                  for name in (("cuda", "triton") if gpu else ("torch",))]
+        if gpu:
+            impls.append(Impl("r1fast", "triton (graph)", _graphed(_r1fast("triton", shape, dtype, device), device)))
         impls.append(Impl("torch", "gather+einsum", _r1fast("torch", shape, dtype, device)) if gpu else
                      Impl("torch", "reference", _r1fast("reference", shape, dtype, device)))
         out.append(Case(f"seqs={b} heads={h}/{hkv} dim={d} ctx={ctx}", "fwd", str(dtype).removeprefix("torch."),
