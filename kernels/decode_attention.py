@@ -1,8 +1,9 @@
 """Triton paged decode attention (layout and semantics: csrc/decode_attention.h).
 
-One program = one (sequence, KV head, context partition). It loads the whole query-head group of
-that KV head as one [G_PAD, D_PAD] tile, so each K/V row is read once for all of them (GQA), and
-walks the partition BLOCK_N tokens at a time with an online softmax. With more than one partition
+One program = one (sequence, KV head, context partition), KV heads adjacent in launch order. It
+loads the whole query-head group of that KV head as one [G_PAD, D_PAD] tile, so each K/V row is
+read once for all of them (GQA), and walks the partition BLOCK_N tokens at a time with an online
+softmax. With more than one partition
 (split-K) it writes unnormalised (max, sum, acc) partials that `merge_partitions` combines.
 
 Shared prefixes (cascade): the G samples of a GRPO group share their prompt's KV blocks. Read per
@@ -105,9 +106,12 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, cl_ptr, out_ptr, ml_ptr, acc_ptr
                    FP32: tl.constexpr, HAS_PREFIX: tl.constexpr, SCALE_SCORES: tl.constexpr = False):
     # int64 so every offset computed from seq (q, block table, workspaces) is 64-bit; cache offsets
     # are made 64-bit from the loaded block id below.
-    seq = tl.program_id(0).to(tl.int64)
-    kvh = tl.program_id(1)
-    split = tl.program_id(2)
+    # program 0 axis = seq * num_kv_heads + kvh: the KV heads of a token, adjacent in the cache, are
+    # read by programs launched together (see paged_decode_attention)
+    pair = tl.program_id(0)
+    seq = (pair // num_kv_heads).to(tl.int64)
+    kvh = pair % num_kv_heads
+    split = tl.program_id(1)
     ctx = tl.load(cl_ptr + seq)
     row_start = 0
     if HAS_PREFIX:
@@ -263,7 +267,10 @@ def paged_decode_attention(out, q, k_cache, v_cache, block_tables, context_lens,
     if shared is not None:
         row_start = shared.row_start
         pml, pacc = prefix_attention(q, k_cache, v_cache, block_tables, scale, shared)
-    grid = (num_seqs, num_kv_heads, num_splits)
+    # KV heads fastest: a token's K/V rows are [num_kv_heads, head_dim] in a row, so programs started
+    # together read the whole row (at 2 KV heads, the 512 bytes of a bf16 token row, not 256 of them
+    # with the other half read a launch round later)
+    grid = (num_seqs * num_kv_heads, num_splits)
     _decode_kernel[grid](q, k_cache, v_cache, block_tables, context_lens, out, ws_ml, ws_acc, row_start, pml, pacc,
                          num_heads, num_kv_heads, head_dim, k_cache.shape[1], block_tables.shape[1], num_splits,
                          partition_size, scale, GROUP=group, G_PAD=g_pad, D_PAD=d_pad, BLOCK_N=block_n,
