@@ -32,10 +32,11 @@ DIVISIBLE_INTS = ("H", "V", "stride_h", "stride_w", "stride_dl")
 
 
 def compile_for(jitfn, types: dict, constexprs: dict, arch: int, num_warps: int = 8, num_stages: int = 3,
-                enable_fp_fusion: bool | None = None):
+                enable_fp_fusion: bool | None = None, divisible: tuple = ()):
     """triton.compile `jitfn` for sm_<arch>; unnamed non-constexpr arguments are i32 scalars, unnamed
-    constexprs with a default take it. Pointers and DIVISIBLE_INTS get the divisibility-by-16 hint
-    the JIT would give them. enable_fp_fusion: as a launch passes it (None: Triton's default)."""
+    constexprs with a default take it. Pointers, DIVISIBLE_INTS and the `divisible` names get the
+    divisibility-by-16 hint the JIT would give them. enable_fp_fusion: as a launch passes it (None:
+    Triton's default)."""
     params = inspect.signature(jitfn.fn).parameters
     sig, consts, attrs = {}, {}, {}
     for i, (name, param) in enumerate(params.items()):
@@ -43,7 +44,7 @@ def compile_for(jitfn, types: dict, constexprs: dict, arch: int, num_warps: int 
             sig[name], consts[(i,)] = "constexpr", constexprs.get(name, param.default)
         else:
             sig[name] = types.get(name, "i32")
-            if sig[name].startswith("*") or name in DIVISIBLE_INTS:
+            if sig[name].startswith("*") or name in DIVISIBLE_INTS or name in divisible:
                 attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn=jitfn, signature=sig, constexprs=consts, attrs=attrs)
     options = dict(num_warps=num_warps, num_stages=num_stages)
@@ -78,10 +79,10 @@ def ptxas_usage(kernel, arch: int):
 SHARED_LIMIT = {90: 232448, 80: 166912}
 
 
-def _compile(jitfn, types, constexprs, arch, cfg, report, name):
+def _compile(jitfn, types, constexprs, arch, cfg, report, name, divisible=()):
     k = compile_for(jitfn, types, dict(constexprs, **{n: v for n, v in cfg.items() if n.startswith("BLOCK")}), arch,
                     num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-                    enable_fp_fusion=cfg.get("enable_fp_fusion"))
+                    enable_fp_fusion=cfg.get("enable_fp_fusion"), divisible=divisible)
     limit = SHARED_LIMIT.get(arch)
     if limit is not None and k.metadata.shared > limit:
         raise RuntimeError(f"{name}: {k.metadata.shared} bytes of shared memory > sm_{arch}'s {limit}")
@@ -160,9 +161,13 @@ def compile_all(arch: int = 90, full: bool = False, report=None):
             cfg = dict(BLOCK_N=decode_kernels.block_n_for(d_pad, fp32), num_warps=decode_kernels.num_warps_for(g_pad),
                        num_stages=3)
             for has_prefix in (False, True):
-                c = dict(GROUP=group, G_PAD=g_pad, D_PAD=d_pad, FP32=fp32, HAS_PREFIX=has_prefix)
+                # as launched over 16-token blocks: head_dim, block_size (and so partition_size) and a
+                # table width of whole 16s are marked divisible by the JIT
+                c = dict(GROUP=group, G_PAD=g_pad, D_PAD=d_pad, FP32=fp32, HAS_PREFIX=has_prefix,
+                         CARRY_BLOCKS=decode_kernels.carry_blocks(g_pad, d, 16, fp32))
                 _compile(decode_kernels._decode_kernel, types, c, arch, cfg, report,
-                         f"_decode_kernel {dt} group={group} dim={d}{' suffix' if has_prefix else ''}")
+                         f"_decode_kernel {dt} group={group} dim={d}{' suffix' if has_prefix else ''}",
+                         divisible=("head_dim", "block_size", "partition_size", "max_blocks"))
             if decode_kernels.prefix_tile_rows(group, d) >= 2:
                 m_pad = decode_kernels.prefix_m_pad(group, d, fp32)
                 _compile(decode_kernels._prefix_kernel, types, dict(GROUP=group, M_PAD=m_pad, D_PAD=d_pad, FP32=fp32),

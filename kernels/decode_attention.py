@@ -22,13 +22,28 @@ from r1fast.ops.shared_prefix import prefix_tile_rows
 
 @triton.jit
 def _attend_tokens(q, m, l, acc, k_ptr, v_ptr, table_ptr, start, end, kvh, num_kv_heads, head_dim, block_size,
-                   scale, d, dmask, BLOCK_N: tl.constexpr, FP32: tl.constexpr, SCALE_SCORES: tl.constexpr):
+                   scale, d, dmask, BLOCK_N: tl.constexpr, FP32: tl.constexpr, SCALE_SCORES: tl.constexpr,
+                   CARRY_BLOCKS: tl.constexpr = False):
     """Online softmax of the query tile q [M, D_PAD] (from `_scaled_query`) over tokens [start, end)
-    of one block table."""
+    of one block table.
+
+    CARRY_BLOCKS: each step's block ids are loaded one step ahead and carried in registers. When the
+    K/V addresses hang on a load of the same step, the pipeliner stages that load first and K/V only
+    one step ahead (one shared-memory buffer each, the whole memory latency waited for every step, on
+    sm_90 at num_stages 3); from a carried value K/V are loads of their own, two buffers deep. It costs
+    registers: the wrapper sets it for the narrow tiles only (see carry_blocks)."""
+    if CARRY_BLOCKS:
+        t = start + tl.arange(0, BLOCK_N)
+        blk_next = tl.load(table_ptr + t // block_size, mask=t < end, other=0)
     for t0 in range(start, end, BLOCK_N):
         t = t0 + tl.arange(0, BLOCK_N)
         tmask = t < end
-        blk = tl.load(table_ptr + t // block_size, mask=tmask, other=0).to(tl.int64)
+        if CARRY_BLOCKS:
+            blk = blk_next.to(tl.int64)
+            nxt = t + BLOCK_N
+            blk_next = tl.load(table_ptr + nxt // block_size, mask=nxt < end, other=0)
+        else:
+            blk = tl.load(table_ptr + t // block_size, mask=tmask, other=0).to(tl.int64)
         row = ((blk * block_size + t % block_size) * num_kv_heads + kvh) * head_dim
         kv_mask = tmask[:, None] & dmask[None, :]
         k = tl.load(k_ptr + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
@@ -103,7 +118,8 @@ def _prefix_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, tile_ptr, rows_ptr, prefix_ptr, 
 def _decode_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, cl_ptr, out_ptr, ml_ptr, acc_ptr, rs_ptr, pml_ptr, pacc_ptr,
                    num_heads, num_kv_heads, head_dim, block_size, max_blocks, num_splits, partition_size, scale,
                    GROUP: tl.constexpr, G_PAD: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-                   FP32: tl.constexpr, HAS_PREFIX: tl.constexpr, SCALE_SCORES: tl.constexpr = False):
+                   FP32: tl.constexpr, HAS_PREFIX: tl.constexpr, SCALE_SCORES: tl.constexpr = False,
+                   CARRY_BLOCKS: tl.constexpr = False):
     # int64 so every offset computed from seq (q, block table, workspaces) is 64-bit; cache offsets
     # are made 64-bit from the loaded block id below.
     # program 0 axis = seq * num_kv_heads + kvh: the KV heads of a token, adjacent in the cache, are
@@ -142,7 +158,8 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, cl_ptr, out_ptr, ml_ptr, acc_ptr
         l = tl.zeros([G_PAD], tl.float32)
         acc = tl.zeros([G_PAD, D_PAD], tl.float32)
     m, l, acc = _attend_tokens(q, m, l, acc, k_ptr, v_ptr, bt_ptr + seq * max_blocks, start, end, kvh,
-                               num_kv_heads, head_dim, block_size, scale, d, dmask, BLOCK_N, FP32, SCALE_SCORES)
+                               num_kv_heads, head_dim, block_size, scale, d, dmask, BLOCK_N, FP32, SCALE_SCORES,
+                               CARRY_BLOCKS)
 
     if num_splits == 1:
         out = acc / l[:, None]
@@ -205,6 +222,15 @@ def block_n_for(d_pad: int, fp32: bool) -> int:
     """Tokens per step of the context loop: 32 (16 for head_dim > 128, or fp32, whose tiles are
     twice the bytes: at 32, group 6 x head_dim 128 in fp32 spills ~6 KB per thread on sm_90)."""
     return 16 if d_pad > 128 or fp32 else 32
+
+
+def carry_blocks(g_pad: int, head_dim: int, block_size: int, fp32: bool) -> bool:
+    """Whether the decode kernel carries block ids a step ahead (_attend_tokens): in bf16/fp16 with up
+    to 16 query rows, and head_dim and block_size multiples of 16 (the JIT then marks them divisible,
+    which the pipeliner needs at all). There, on sm_90 (ptxas, Triton 3.9), K/V become two buffers deep
+    at 80 registers a thread (92 without; bf16, head_dim 128, 37.9 KB of shared memory: 6 programs per
+    SM) and nothing spills; at 32 or 64 rows, in fp32, or without the divisibility, it spills."""
+    return not fp32 and g_pad <= 16 and head_dim % 16 == 0 and block_size % 16 == 0
 
 
 def num_warps_for(g_pad: int) -> int:
@@ -275,6 +301,7 @@ def paged_decode_attention(out, q, k_cache, v_cache, block_tables, context_lens,
                          num_heads, num_kv_heads, head_dim, k_cache.shape[1], block_tables.shape[1], num_splits,
                          partition_size, scale, GROUP=group, G_PAD=g_pad, D_PAD=d_pad, BLOCK_N=block_n,
                          FP32=fp32, HAS_PREFIX=shared is not None, SCALE_SCORES=scale > 1.0,
+                         CARRY_BLOCKS=carry_blocks(g_pad, head_dim, k_cache.shape[1], fp32),
                          num_warps=num_warps_for(g_pad))
     if num_splits > 1:
         merge_partitions(out, ws_ml, ws_acc)

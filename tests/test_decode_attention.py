@@ -118,20 +118,21 @@ def test_triton_num_splits_fills_the_sms_with_partitions_of_at_least_256_tokens(
     from r1fast.ops.attention import (MIN_PARTITION_TOKENS, RESIDENT_PROGRAMS_PER_SM, SPLIT_ROUNDS,
                                       triton_num_splits)
 
-    # the H200 bench's shapes, 132 SMs (660 resident programs): enough (sequence, KV head) pairs -> 1
+    # the H200 bench's shapes, 132 SMs (792 resident programs): enough (sequence, KV head) pairs -> 1
     assert triton_num_splits(512, 2, 768, 132) == 1
     assert triton_num_splits(128, 8, 2048, 132) == 1
-    assert triton_num_splits(330, 2, 32768, 132) == 1
-    # few pairs at long contexts: two rounds of 660 programs (1320 / 16 pairs -> 83; 1320 / 128 -> 11)
-    assert triton_num_splits(8, 2, 32768, 132) == 83
-    assert triton_num_splits(64, 2, 4096, 132) == 11
+    assert triton_num_splits(396, 2, 32768, 132) == 1
+    assert triton_num_splits(395, 2, 32768, 132) == 3  # 790 pairs: ceil(1584 / 790)
+    # few pairs at long contexts: two rounds of 792 programs (1584 / 16 pairs -> 99; 1584 / 128 -> 13)
+    assert triton_num_splits(8, 2, 32768, 132) == 99
+    assert triton_num_splits(64, 2, 4096, 132) == 13
     # ... but never partitions under 256 tokens: 4096 // 256 = 16, 768 // 256 = 3, a short context 1
     assert triton_num_splits(1, 2, 32768, 132) == 128
     assert triton_num_splits(8, 2, 768, 132) == 3
     assert triton_num_splits(8, 2, 300, 132) == 1
     assert triton_num_splits(0, 2, 4096, 132) == 16  # no rows: any cover will do, the launch is skipped
-    # fewer SMs, fewer splits: 16 SMs hold 80 programs
-    assert triton_num_splits(8, 2, 32768, 16) == 10
+    # fewer SMs, fewer splits: 16 SMs hold 96 programs
+    assert triton_num_splits(8, 2, 32768, 16) == 12
     for seqs, kv, ctx, sms in itertools.product((1, 3, 8, 64, 200, 512), (1, 2, 8), (16, 300, 4096, 100_000),
                                                 (1, 16, 132)):
         splits = triton_num_splits(seqs, kv, ctx, sms)
@@ -152,7 +153,7 @@ def test_decode_default_splits_are_the_backends_own(monkeypatch):
     seen = []
     monkeypatch.setattr(kernel, "paged_decode_attention", lambda out, *a: seen.append(a[6:8]))
     q, kc, vc, tables, ctx = make_case(2, 4, 2, 16, 16, [1000, 37])  # 64-block tables: 1024 tokens
-    # 4 pairs on 132 SMs: 1024 // 256 = 4 partitions; on 1 SM ceil(2 x 5 / 4) = 3, of 22 whole blocks
+    # 4 pairs on 132 SMs: 1024 // 256 = 4 partitions; on 1 SM ceil(2 x 6 / 4) = 3, of 22 whole blocks
     for sms, want in ((132, (4, 256)), (1, (3, 352))):
         monkeypatch.setattr(attention, "sm_count", lambda device: sms)
         ops.paged_decode_attention(q, kc, vc, tables, ctx, backend="triton")
@@ -166,6 +167,30 @@ def test_decode_default_splits_match_reference(device):
     for name in decode_backends(torch.device(device)):
         got = ops.paged_decode_attention(q, kc, vc, tables, ctx, backend=name)
         assert_close(got, want, dtype=torch.float32, rtol=1e-5, name=f"{name} default splits")
+
+
+@pytest.mark.parametrize("carry", [True, False])
+def test_decode_block_ids_carried_a_step_ahead_match_reference(device, monkeypatch, carry):
+    # The kernel's two ways to find a step's blocks (carried from the step before, or loaded in the
+    # step; the wrapper picks by dtype and shape): contexts of 1 to 9 blocks, block sizes 8 and 16,
+    # GQA, split-K with empty partitions, and the shared-prefix path whose rows start past the prefix
+    from r1fast.kernels import decode_attention as kernel
+
+    monkeypatch.setattr(kernel, "carry_blocks", lambda *a: carry)
+    for bs in (8, 16):
+        q, kc, vc, tables, ctx = make_case(5, 6, 2, 16, bs, [1, 5, bs + 1, 70, 2 * bs], device=device)
+        want = expected(q, kc, vc, tables, ctx)
+        for splits in (1, 3):
+            got = ops.paged_decode_attention(q, kc, vc, tables, ctx, num_splits=splits, backend="triton")
+            assert_close(got, want, dtype=torch.float32, rtol=1e-5, name=f"carry={carry} bs={bs} x{splits}")
+    groups = [(3, [21, 29, 13, 40]), (0, [17])]
+    q, kc, vc, tables, ctx = make_shared_case(groups, 6, 2, 16, block_size=4, device=device)
+    want = expected(q, kc, vc, tables, ctx)
+    shared = find_shared(tables, ctx, q, kc).to(device)
+    for splits in (1, 3):
+        got = ops.paged_decode_attention(q, kc, vc, tables, ctx, num_splits=splits, backend="triton",
+                                         shared_prefix=shared)
+        assert_close(got, want, dtype=torch.float32, rtol=1e-5, name=f"carry={carry} shared x{splits}")
 
 
 def test_decode_fp16_within_lowp_rule(device):
@@ -954,6 +979,20 @@ for dt, group in (("bf16", 32), ("bf16", 64), ("fp16", 64), ("fp32", 32)):
     usage = ptxas_usage(k, 90)
     if usage is not None:
         assert usage[1] == 0, f"{dt} group {group}: {usage[1]} bytes spilled at {da.num_warps_for(g_pad)} warps"
+# block ids carried a step ahead, where the wrapper uses it: head_dim 128 and block_size 16 are
+# multiples of 16, which the JIT marks (and which the pipeliner needs)
+for dt, group in (("bf16", 6), ("fp16", 16)):
+    types = {"q_ptr": f"*{dt}", "k_ptr": f"*{dt}", "v_ptr": f"*{dt}", "bt_ptr": "*i32", "cl_ptr": "*i32",
+             "out_ptr": f"*{dt}", "ml_ptr": "*fp32", "acc_ptr": "*fp32", "rs_ptr": "*i32", "pml_ptr": "*fp32",
+             "pacc_ptr": "*fp32", "scale": "fp32"}
+    assert da.carry_blocks(16, 128, 16, False)
+    for has_prefix in (False, True):
+        k = compile_for(da._decode_kernel, types, dict(GROUP=group, G_PAD=16, D_PAD=128, FP32=False,
+                        HAS_PREFIX=has_prefix, BLOCK_N=32, CARRY_BLOCKS=True), 90, num_warps=4,
+                        divisible=("head_dim", "block_size", "partition_size", "max_blocks"))
+        usage = ptxas_usage(k, 90)
+        if usage is not None:
+            assert usage[1] == 0, f"{dt} group {group} carried block ids: {usage[1]} bytes spilled"
 # the shared-prefix kernel at Qwen2.5-1.5B's heads and a head_dim-256 model, in bf16 and fp32
 for dt, group, d in (("bf16", 6, 128), ("fp32", 6, 128), ("bf16", 8, 256), ("fp32", 8, 256)):
     types = {"q_ptr": f"*{dt}", "k_ptr": f"*{dt}", "v_ptr": f"*{dt}", "bt_ptr": "*i32", "tile_ptr": "*i32",

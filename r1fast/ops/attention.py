@@ -228,9 +228,9 @@ def default_num_splits(num_seqs: int, num_kv_heads: int, max_context: int, parti
 
 
 # The Triton kernel's split count (triton_num_splits). One program = one (sequence, KV head, split);
-# at head_dim 128 in bf16/fp16 (group <= 16, 32 tokens a step, 4 warps) it takes 96 registers a
-# thread on sm_90 (ptxas, Triton 3.9), so an SM holds 5 at once: RESIDENT_PROGRAMS_PER_SM.
-RESIDENT_PROGRAMS_PER_SM = 5
+# at head_dim 128 in bf16/fp16 (group <= 16, 32 tokens a step, 4 warps) it takes 80 registers a
+# thread and 37.9 KB of shared memory on sm_90 (ptxas, Triton 3.9), so an SM holds 6 at once.
+RESIDENT_PROGRAMS_PER_SM = 6
 SPLIT_ROUNDS = 2          # split until the programs fill every resident slot at least this many times
 MIN_PARTITION_TOKENS = 256  # 8 steps of the kernel's loop; the merge then adds <= 5% to the bytes read
 DEFAULT_NUM_SMS = 132     # an H100 / H200, for devices that do not say (the CPU's interpreter)
@@ -253,7 +253,7 @@ def triton_num_splits(num_seqs: int, num_kv_heads: int, max_context: int, num_sm
 
     With at least one program per resident slot (num_sms x RESIDENT_PROGRAMS_PER_SM) from the (sequence,
     KV head) pairs alone, 1: every SM is busy, and splitting would only add the merge's bytes. Fewer
-    pairs (few sequences at long contexts: 8 sequences x 2 KV heads on 132 SMs would use 16 of them)
+    pairs (few sequences at long contexts: 8 sequences x 2 KV heads on 132 SMs would use 16 SMs)
     are split until there are SPLIT_ROUNDS programs per slot, keeping partitions of at least
     MIN_PARTITION_TOKENS tokens (so a short context is not split into programs that only start and stop)."""
     pairs = max(1, num_seqs * num_kv_heads)
