@@ -170,10 +170,13 @@ def compile_all(arch: int = 90, full: bool = False, report=None):
                          divisible=("head_dim", "block_size", "partition_size", "max_blocks"))
             if decode_kernels.prefix_tile_rows(group, d) >= 2:
                 m_pad = decode_kernels.prefix_m_pad(group, d, fp32)
-                _compile(decode_kernels._prefix_kernel, types, dict(GROUP=group, M_PAD=m_pad, D_PAD=d_pad, FP32=fp32),
+                _compile(decode_kernels._prefix_kernel, types, dict(GROUP=group, M_PAD=m_pad, D_PAD=d_pad, FP32=fp32,
+                                                                    CARRY_BLOCKS=decode_kernels.prefix_carry_blocks(
+                                                                        d, 16, fp32)),
                          arch, dict(BLOCK_N=decode_kernels.prefix_block_n(d_pad, fp32),
                                     num_warps=decode_kernels.num_warps_for(m_pad), num_stages=3), report,
-                         f"_prefix_kernel {dt} group={group} dim={d}")
+                         f"_prefix_kernel {dt} group={group} dim={d}",
+                         divisible=("head_dim", "block_size", "max_blocks"))
         for splits in (2, 64):  # the split-K merge: all partitions in one pass, and 32 a pass
             cfg = decode_kernels.merge_config(splits, 128)
             _compile(decode_kernels._merge_kernel, {"out_ptr": f"*{dt}", "ml_ptr": "*fp32", "acc_ptr": "*fp32"},

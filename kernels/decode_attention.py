@@ -83,7 +83,7 @@ def _scaled_query(q, scale, k_ptr, SCALE_SCORES: tl.constexpr):
 def _prefix_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, tile_ptr, rows_ptr, prefix_ptr, pml_ptr, pacc_ptr,
                    num_heads, num_kv_heads, head_dim, block_size, max_blocks, scale,
                    GROUP: tl.constexpr, M_PAD: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-                   FP32: tl.constexpr, SCALE_SCORES: tl.constexpr = False):
+                   FP32: tl.constexpr, SCALE_SCORES: tl.constexpr = False, CARRY_BLOCKS: tl.constexpr = False):
     tile = tl.program_id(0)
     kvh = tl.program_id(1)
     first = tl.load(tile_ptr + tile)
@@ -107,7 +107,8 @@ def _prefix_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, tile_ptr, rows_ptr, prefix_ptr, 
         l = tl.zeros([M_PAD], tl.float32)
         acc = tl.zeros([M_PAD, D_PAD], tl.float32)
         m, l, acc = _attend_tokens(q, m, l, acc, k_ptr, v_ptr, bt_ptr + leader * max_blocks, 0, prefix, kvh,
-                                   num_kv_heads, head_dim, block_size, scale, d, dmask, BLOCK_N, FP32, SCALE_SCORES)
+                                   num_kv_heads, head_dim, block_size, scale, d, dmask, BLOCK_N, FP32, SCALE_SCORES,
+                                   CARRY_BLOCKS)
         part = row * num_heads + heads
         tl.store(pml_ptr + part * 2, m, mask=live)
         tl.store(pml_ptr + part * 2 + 1, l, mask=live)
@@ -233,6 +234,14 @@ def carry_blocks(g_pad: int, head_dim: int, block_size: int, fp32: bool) -> bool
     return not fp32 and g_pad <= 16 and head_dim % 16 == 0 and block_size % 16 == 0
 
 
+def prefix_carry_blocks(head_dim: int, block_size: int, fp32: bool) -> bool:
+    """carry_blocks for the prefix kernel (up to 64 query rows, 8 warps, one program per SM at most):
+    in bf16/fp16 up to head_dim 128, both multiples of 16, K/V become three buffers deep with two steps
+    in flight at 196 registers (ptxas, sm_90, group 6; without it two buffers, every copy waited for
+    at the top of each step); at head_dim 256 it spills 8 bytes."""
+    return not fp32 and head_dim <= 128 and head_dim % 16 == 0 and block_size % 16 == 0
+
+
 def num_warps_for(g_pad: int) -> int:
     """4 warps; 8 from 32 query heads per KV head (G_PAD >= 32), where 4 spill on sm_90 (ptxas,
     Triton 3.6 / 3.9: group 32 x head_dim 128 spills 160-900 bytes per thread, group 64 up to 12 KB
@@ -272,7 +281,8 @@ def prefix_attention(q, k_cache, v_cache, block_tables, scale, shared):
         q, k_cache, v_cache, block_tables, shared.tile_ptr, shared.tile_rows, shared.tile_prefix, pml, pacc,
         num_heads, num_kv_heads, head_dim, k_cache.shape[1], block_tables.shape[1], scale,
         GROUP=group, M_PAD=m_pad, D_PAD=d_pad, BLOCK_N=prefix_block_n(d_pad, fp32), FP32=fp32,
-        SCALE_SCORES=scale > 1.0, num_warps=num_warps_for(m_pad))
+        SCALE_SCORES=scale > 1.0, CARRY_BLOCKS=prefix_carry_blocks(head_dim, k_cache.shape[1], fp32),
+        num_warps=num_warps_for(m_pad))
     return pml, pacc
 
 

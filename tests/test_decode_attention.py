@@ -177,6 +177,7 @@ def test_decode_block_ids_carried_a_step_ahead_match_reference(device, monkeypat
     from r1fast.kernels import decode_attention as kernel
 
     monkeypatch.setattr(kernel, "carry_blocks", lambda *a: carry)
+    monkeypatch.setattr(kernel, "prefix_carry_blocks", lambda *a: carry)
     for bs in (8, 16):
         q, kc, vc, tables, ctx = make_case(5, 6, 2, 16, bs, [1, 5, bs + 1, 70, 2 * bs], device=device)
         want = expected(q, kc, vc, tables, ctx)
@@ -993,6 +994,18 @@ for dt, group in (("bf16", 6), ("fp16", 16)):
         usage = ptxas_usage(k, 90)
         if usage is not None:
             assert usage[1] == 0, f"{dt} group {group} carried block ids: {usage[1]} bytes spilled"
+# and in the prefix kernel (64 query rows), where prefix_carry_blocks sets it
+for dt, group in (("bf16", 6), ("fp16", 4)):
+    types = {"q_ptr": f"*{dt}", "k_ptr": f"*{dt}", "v_ptr": f"*{dt}", "bt_ptr": "*i32", "tile_ptr": "*i32",
+             "rows_ptr": "*i32", "prefix_ptr": "*i32", "pml_ptr": "*fp32", "pacc_ptr": "*fp32", "scale": "fp32"}
+    assert da.prefix_carry_blocks(128, 16, False)
+    m_pad = da.prefix_m_pad(group, 128)
+    k = compile_for(da._prefix_kernel, types, dict(GROUP=group, M_PAD=m_pad, D_PAD=128, FP32=False, CARRY_BLOCKS=True,
+                    BLOCK_N=da.prefix_block_n(128, False)), 90, num_warps=da.num_warps_for(m_pad),
+                    divisible=("head_dim", "block_size", "max_blocks"))
+    usage = ptxas_usage(k, 90)
+    if usage is not None:
+        assert usage[1] == 0, f"prefix kernel {dt} group {group} carried block ids: {usage[1]} bytes spilled"
 # the shared-prefix kernel at Qwen2.5-1.5B's heads and a head_dim-256 model, in bf16 and fp32
 for dt, group, d in (("bf16", 6, 128), ("fp32", 6, 128), ("bf16", 8, 256), ("fp32", 8, 256)):
     types = {"q_ptr": f"*{dt}", "k_ptr": f"*{dt}", "v_ptr": f"*{dt}", "bt_ptr": "*i32", "tile_ptr": "*i32",
