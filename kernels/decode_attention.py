@@ -3,8 +3,8 @@
 One program = one (sequence, KV head, context partition), KV heads adjacent in launch order. It
 loads the whole query-head group of that KV head as one [G_PAD, D_PAD] tile, so each K/V row is
 read once for all of them (GQA), and walks the partition BLOCK_N tokens at a time with an online
-softmax. With more than one partition
-(split-K) it writes unnormalised (max, sum, acc) partials that `merge_partitions` combines.
+softmax. With more than one partition (split-K) it writes unnormalised (max, sum, acc) partials
+that `merge_partitions` combines.
 
 Shared prefixes (cascade): the G samples of a GRPO group share their prompt's KV blocks. Read per
 sequence, those blocks cross HBM G times a step. `_prefix_kernel` reads them once per tile of
@@ -31,7 +31,7 @@ def _attend_tokens(q, m, l, acc, k_ptr, v_ptr, table_ptr, start, end, kvh, num_k
     K/V addresses hang on a load of the same step, the pipeliner stages that load first and K/V only
     one step ahead (one shared-memory buffer each, the whole memory latency waited for every step, on
     sm_90 at num_stages 3); from a carried value K/V are loads of their own, two buffers deep. It costs
-    registers: the wrapper sets it for the narrow tiles only (see carry_blocks)."""
+    registers: the wrappers set it where it does not spill (carry_blocks, prefix_carry_blocks)."""
     if CARRY_BLOCKS:
         t = start + tl.arange(0, BLOCK_N)
         blk_next = tl.load(table_ptr + t // block_size, mask=t < end, other=0)
