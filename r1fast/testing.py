@@ -37,7 +37,7 @@ def poison(t: torch.Tensor) -> torch.Tensor:
 
 
 def max_rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    a, e = actual.double(), expected.double()
+    a, e = actual.detach().double(), expected.detach().double()   # (a float() of a graph tensor warns)
     scale = e.abs().max().clamp_min(1e-30)
     return float((a - e).abs().max() / scale) if e.numel() else 0.0
 
