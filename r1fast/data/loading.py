@@ -647,6 +647,46 @@ def decode_completion(tokenizer, ids: Sequence[int], stop_ids: Sequence[int] = (
                             clean_up_tokenization_spaces=False)
 
 
+def decode_completions(tokenizer, completions: Sequence[Sequence[int]], stop_ids: Sequence[int] = ()) -> list[str]:
+    """[decode_completion(tokenizer, ids, stop_ids) for ids in completions], the same texts, decoded in one call
+    of the Rust tokenizer where that is what tokenizer.decode does (a transformers fast tokenizer whose decode no
+    subclass changes): it decodes the batch on every core, where a rollout's 512 completions of 512 tokens, one
+    tokenizer.decode each, took ~250 ms of one core (to_py_obj walking every id, then one Rust call per
+    completion) while the GPU waited for the rewards."""
+    batch = _batch_decoder(tokenizer)
+    if batch is None:
+        return [decode_completion(tokenizer, ids, stop_ids) for ids in completions]
+    stops = set(stop_ids)
+    drop = [t for t in (tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.bos_token_id) if t is not None]
+    kept = []
+    for ids in completions:
+        ids = list(ids)
+        if ids and ids[-1] in stops:
+            ids = ids[:-1]
+        if any(ids.count(t) for t in drop):   # rare (a bos or pad sampled mid-completion): list.count is C-fast
+            ids = [i for i in ids if i not in drop]
+        kept.append(ids)
+    return batch(kept, skip_special_tokens=False)
+
+
+def _batch_decoder(tokenizer):
+    """The Rust tokenizer's decode_batch when tokenizer.decode(ids, skip_special_tokens=False,
+    clean_up_tokenization_spaces=False) is exactly its decode of ids: a transformers fast tokenizer whose decode
+    and _decode are the library's own; else None (a slow or custom tokenizer decodes one completion at a time)."""
+    try:
+        from transformers import PreTrainedTokenizerFast
+    except ImportError:
+        return None
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    cls = type(tokenizer)
+    # a decode set on the instance (a wrapper, a test's stand-in) is what decode_completion would call
+    if not isinstance(tokenizer, PreTrainedTokenizerFast) or not hasattr(backend, "decode_batch") or any(
+            getattr(cls, name, None) is not getattr(PreTrainedTokenizerFast, name, None) or name in vars(tokenizer)
+            for name in ("decode", "_decode")):
+        return None
+    return backend.decode_batch
+
+
 def stop_token_ids(tokenizer, model_eos=None, extra: Sequence[int] = ()) -> list[int]:
     """The tokenizer's eos id(s); with model_eos (the model's eos ids, `CausalLM.eos_token_ids`: an id or a
     list, at which the rollout engine stops too) also those: every token a completion can end with.

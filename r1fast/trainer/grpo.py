@@ -26,7 +26,7 @@ import torch
 
 from r1fast import _ext
 from r1fast._umask import save_safetensors
-from r1fast.data.loading import (EVAL_SPLITS, check_columns, check_prompts, column_options_hint, decode_completion,
+from r1fast.data.loading import (EVAL_SPLITS, check_columns, check_prompts, column_options_hint, decode_completions,
                                  encode_prompt, prompt_limit, resolve_stop_tokens, row_name, source_name,
                                  stop_token_ids, warn_cut_prompts, warn_unstopped_turn_end)
 from r1fast.rewards import RewardSet
@@ -400,7 +400,7 @@ class GRPOTrainer:
         self.model.eval()
         p_ids, c_ids, c_logp, finish = self.generate(rows, keys, G, cfg.temperature, self._seed(0, self.rollout_index))
         t_rollout = time.perf_counter()
-        texts = [decode_completion(self.tokenizer, ids, self.end_ids) for ids in c_ids]
+        texts = decode_completions(self.tokenizer, c_ids, self.end_ids)
         table, totals = self.score(rows, G, texts, c_ids)
         adv = self._advantages(totals).to(self.device)
         t_rewards = time.perf_counter()
