@@ -20,7 +20,7 @@ import os
 import signal
 import time
 import warnings
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import torch
 
@@ -50,6 +50,7 @@ from r1fast.trainer.common import (  # noqa: F401  (NonFiniteLoss: also importab
     model_from_argument,
     host_tensor,
     pack,
+    PackedBatch,
     prompt_sharing_pays,
     reward_columns,
     reward_completions,
@@ -410,27 +411,15 @@ class GRPOTrainer:
         mb = cfg.per_device_train_batch_size
         micro = [list(range(i, min(i + mb, B))) for i in range(0, B, mb)]
         keep = [not (cfg.mask_truncated_completions and finish[i] == "length") for i in range(B)]
-        # one mask per micro-batch, made once for all iterations: one per completion was a device fill for each
-        # (512 launches a step at 64 x 8) and a cat per micro-batch and iteration
-        masks = [_token_mask([len(c_ids[i]) for i in idx], [keep[i] for i in idx], self.device) for idx in micro]
         # Counted on the host: summing the device masks would sync once per completion.
         num_items = float(sum(len(c_ids[i]) for i in range(B) if keep[i])) or 1.0
-        batches = [pack([p_ids[i] for i in idx], [c_ids[i] for i in idx], self.device, share_prompts=self.share_prompts)
-                   for idx in micro]
-        # each completion's trained tokens, for TRL's per-sequence clip fractions (clip_ratio/low_min, high_max)
-        active = [torch.tensor([float(len(c_ids[i])) if keep[i] else 0.0 for i in idx], device=self.device)
-                  for idx in micro]
-        sampler = []
-        for idx in micro:
-            if all(c_logp[i] is not None and len(c_logp[i]) == len(c_ids[i]) for i in idx):
-                sampler.append(host_tensor([x for i in idx for x in c_logp[i]], torch.float32, self.device))
-            else:
-                sampler.append(None)
+        inputs = _MicroBatches(micro, p_ids, c_ids, c_logp, keep, self.device, self.share_prompts)
         # max_steps counts optimizer steps: the last rollout stops there, as TRL's loop does
         iterations = max(1, min(cfg.num_iterations, self.total_steps - self.global_step))
         # one pass over the batch: the policy that sampled it is the one trained, old_logp = logp.detach() (LOSS_SPEC)
-        old = [self._forward_logp(self.model, b) if iterations > 1 else None for b in batches]
-        ref = [self._forward_logp(self.ref_model, b) if self.ref_model is not None else None for b in batches]
+        old = [self._forward_logp(self.model, inputs[j].batch) if iterations > 1 else None for j in range(len(micro))]
+        ref = [self._forward_logp(self.ref_model, inputs[j].batch) if self.ref_model is not None else None
+               for j in range(len(micro))]
         t_logp = time.perf_counter()
 
         opts = cfg.loss_options(num_items)
@@ -453,13 +442,13 @@ class GRPOTrainer:
             total_loss = torch.zeros((), dtype=torch.float32, device=self.device)
             stat_sums: dict[str, torch.Tensor] = {}
             with accumulating_gradients(self.optimizer):  # fp32 sums of the micro-batches' gradients
-                for j, (idx, b) in enumerate(zip(micro, batches)):
-                    mask = masks[j]
+                for j, idx in enumerate(micro):
+                    b, mask, active, sampler = inputs[j]
                     hidden = b.hidden(self.model)
                     try:
                         loss, stats = ops.fused_linear_grpo_loss(
                             hidden[b.select], self.model.lm_head_weight, b.targets, mask, adv[idx[0]:idx[-1] + 1],
-                            old_logp=old[j], ref_logp=ref[j], sampler_logp=sampler[j], cu_seqlens=b.completion_cu,
+                            old_logp=old[j], ref_logp=ref[j], sampler_logp=sampler, cu_seqlens=b.completion_cu,
                             options=opts, grad_scale=loss_scale, row_stats=True)
                     except ValueError as e:
                         if "non-finite" in str(e) or "NaN" in str(e):
@@ -473,7 +462,7 @@ class GRPOTrainer:
                     # is_weight's): weighted by its token count, so the step's are the whole rollout's and a
                     # micro-batch with no active token (mask_truncated_completions) adds no zeros
                     n = torch.as_tensor(stats.get("num_tokens", 1.0), dtype=torch.float32, device=self.device)
-                    stats.update(_clip_extremes(stats, active[j], adv[idx[0]:idx[-1] + 1], opts))
+                    stats.update(_clip_extremes(stats, active, adv[idx[0]:idx[-1] + 1], opts))
                     for k, v in stats.items():
                         v = torch.as_tensor(v, dtype=torch.float32, device=self.device).detach()
                         v = torch.where(torch.isfinite(v), v, 0.0)
@@ -698,6 +687,42 @@ class GRPOTrainer:
 
 # statistics combined over micro-batches and iterations by min / max (the rest are token means)
 _EXTREMES = {"is_weight/min": min, "is_weight/max": max, "clip_ratio/low_min": min, "clip_ratio/high_max": max}
+
+
+class _MicroBatch(NamedTuple):
+    batch: PackedBatch             # the packed prompt + completion tokens
+    mask: torch.Tensor             # [completion tokens] 1 where trained (_token_mask)
+    active: torch.Tensor           # [completions] each one's trained tokens, for TRL's per-sequence clip fractions
+    sampler: Optional[torch.Tensor]  # [completion tokens] the sampler's log-probs, None where any is missing
+
+
+class _MicroBatches:
+    """A rollout's training micro-batches on the device, each built when first used and kept for the later
+    iterations and passes. Built just before its first forward, a micro-batch's host work (packing ~16k token ids,
+    the sampler's log-probs: ~3 ms at 32 completions of 512 tokens) runs while the GPU still works on the
+    micro-batch before; built all at once after the rollout (~50 ms at 64 x 8 such completions), the GPU waited."""
+
+    def __init__(self, micro: list[list[int]], p_ids, c_ids, c_logp, keep: list[bool], device, share_prompts: bool):
+        self.micro, self.p_ids, self.c_ids, self.c_logp, self.keep = micro, p_ids, c_ids, c_logp, keep
+        self.device, self.share_prompts = device, share_prompts
+        self._built: list[Optional[_MicroBatch]] = [None] * len(micro)
+
+    def __getitem__(self, j: int) -> _MicroBatch:
+        if self._built[j] is None:
+            self._built[j] = self._build(self.micro[j])
+        return self._built[j]
+
+    def _build(self, idx: list[int]) -> _MicroBatch:
+        c_ids, c_logp, keep, device = self.c_ids, self.c_logp, self.keep, self.device
+        batch = pack([self.p_ids[i] for i in idx], [c_ids[i] for i in idx], device, share_prompts=self.share_prompts)
+        # one mask per micro-batch, made once for all iterations: one per completion was a device fill for each
+        # (512 launches a step at 64 x 8) and a cat per micro-batch and iteration
+        mask = _token_mask([len(c_ids[i]) for i in idx], [keep[i] for i in idx], device)
+        active = torch.tensor([float(len(c_ids[i])) if keep[i] else 0.0 for i in idx], device=device)
+        sampler = None
+        if all(c_logp[i] is not None and len(c_logp[i]) == len(c_ids[i]) for i in idx):
+            sampler = host_tensor([x for i in idx for x in c_logp[i]], torch.float32, device)
+        return _MicroBatch(batch, mask, active, sampler)
 
 
 def _token_mask(lengths: list[int], keep: list[bool], device) -> torch.Tensor:
