@@ -390,10 +390,56 @@ class GRPOTrainer:
         return ops.grouped_logprob(hidden[batch.select], model.lm_head_weight, batch.targets,
                                    temperature=self.cfg.temperature, forward_only=True, check_targets=False)
 
-    def step(self) -> dict[str, Any]:
-        """One rollout and its `num_iterations` optimizer steps; returns the step's metrics."""
+    def _loss_backward(self, inputs: "_MicroBatches", micro: list[list[int]], adv: torch.Tensor, old: list, ref: list,
+                       opts, scale: float, loss_scale: float) -> tuple[bool, float, dict[str, float]]:
+        """One pass of the fused loss and its backward over a rollout's micro-batches, the gradients summed as the
+        optimizer sums them (on top of those already there) -> (False if a micro-batch's loss was non-finite,
+        the pass's loss, its statistics' sums: token-weighted sums, num_tokens, min / max of the extremes)."""
         from r1fast import ops
 
+        finite = True
+        # Summed on the device and read once per iteration, not once per micro-batch and statistic:
+        # each read waits for everything queued before it (the forward's own input checks still read
+        # the device once per micro-batch)
+        total_loss = torch.zeros((), dtype=torch.float32, device=self.device)
+        stat_sums: dict[str, torch.Tensor] = {}
+        with accumulating_gradients(self.optimizer):  # fp32 sums of the micro-batches' gradients
+            for j, idx in enumerate(micro):
+                b, mask, active, sampler = inputs[j]
+                hidden = b.hidden(self.model)
+                try:
+                    loss, stats = ops.fused_linear_grpo_loss(
+                        hidden[b.select], self.model.lm_head_weight, b.targets, mask, adv[idx[0]:idx[-1] + 1],
+                        old_logp=old[j], ref_logp=ref[j], sampler_logp=sampler, cu_seqlens=b.completion_cu,
+                        options=opts, grad_scale=loss_scale, row_stats=True)
+                except ValueError as e:
+                    if "non-finite" in str(e) or "NaN" in str(e):
+                        finite = False
+                        break
+                    raise
+                # a non-finite loss (the op raises on one) would still be caught below: NaN gradients
+                (loss * (scale * loss_scale)).backward()
+                total_loss = total_loss + loss.detach().float() * scale
+                # the op's statistics are means over this micro-batch's active tokens (min / max for
+                # is_weight's): weighted by its token count, so the step's are the whole rollout's and a
+                # micro-batch with no active token (mask_truncated_completions) adds no zeros
+                n = torch.as_tensor(stats.get("num_tokens", 1.0), dtype=torch.float32, device=self.device)
+                stats.update(_clip_extremes(stats, active, adv[idx[0]:idx[-1] + 1], opts))
+                for k, v in stats.items():
+                    v = torch.as_tensor(v, dtype=torch.float32, device=self.device).detach()
+                    v = torch.where(torch.isfinite(v), v, 0.0)
+                    if k in _EXTREMES:
+                        pick, empty = (torch.minimum, math.inf) if _EXTREMES[k] is min else (torch.maximum, -math.inf)
+                        v = torch.where(n > 0, v, empty)
+                        stat_sums[k] = pick(stat_sums[k], v) if k in stat_sums else v
+                    else:
+                        stat_sums[k] = stat_sums.get(k, 0.0) + (v if k == "num_tokens" else v * n)
+        names = sorted(stat_sums)
+        total, *values = torch.stack([total_loss, *(stat_sums[k] for k in names)]).tolist()
+        return finite, total, dict(zip(names, values))
+
+    def step(self) -> dict[str, Any]:
+        """One rollout and its `num_iterations` optimizer steps; returns the step's metrics."""
         cfg, G = self.cfg, self.cfg.num_generations
         t0 = time.perf_counter()
         keys = self.cursor.take(cfg.prompts_per_rollout)
@@ -435,48 +481,10 @@ class GRPOTrainer:
             # float16: the backward runs on loss * S (an overflow halves S for the next iteration), the
             # fused loss forming its 16-bit gradients at S too
             loss_scale = 1.0 if self.loss_scale is None else self.loss_scale.scale
-            finite = True
-            # Summed on the device and read once per iteration, not once per micro-batch and statistic:
-            # each read waits for everything queued before it (the forward's own input checks still read
-            # the device once per micro-batch)
-            total_loss = torch.zeros((), dtype=torch.float32, device=self.device)
-            stat_sums: dict[str, torch.Tensor] = {}
-            with accumulating_gradients(self.optimizer):  # fp32 sums of the micro-batches' gradients
-                for j, idx in enumerate(micro):
-                    b, mask, active, sampler = inputs[j]
-                    hidden = b.hidden(self.model)
-                    try:
-                        loss, stats = ops.fused_linear_grpo_loss(
-                            hidden[b.select], self.model.lm_head_weight, b.targets, mask, adv[idx[0]:idx[-1] + 1],
-                            old_logp=old[j], ref_logp=ref[j], sampler_logp=sampler, cu_seqlens=b.completion_cu,
-                            options=opts, grad_scale=loss_scale, row_stats=True)
-                    except ValueError as e:
-                        if "non-finite" in str(e) or "NaN" in str(e):
-                            finite = False
-                            break
-                        raise
-                    # a non-finite loss (the op raises on one) would still be caught below: NaN gradients
-                    (loss * (scale * loss_scale)).backward()
-                    total_loss = total_loss + loss.detach().float() * scale
-                    # the op's statistics are means over this micro-batch's active tokens (min / max for
-                    # is_weight's): weighted by its token count, so the step's are the whole rollout's and a
-                    # micro-batch with no active token (mask_truncated_completions) adds no zeros
-                    n = torch.as_tensor(stats.get("num_tokens", 1.0), dtype=torch.float32, device=self.device)
-                    stats.update(_clip_extremes(stats, active, adv[idx[0]:idx[-1] + 1], opts))
-                    for k, v in stats.items():
-                        v = torch.as_tensor(v, dtype=torch.float32, device=self.device).detach()
-                        v = torch.where(torch.isfinite(v), v, 0.0)
-                        if k in _EXTREMES:
-                            pick, empty = (torch.minimum, math.inf) if _EXTREMES[k] is min else (torch.maximum, -math.inf)
-                            v = torch.where(n > 0, v, empty)
-                            stat_sums[k] = pick(stat_sums[k], v) if k in stat_sums else v
-                        else:
-                            stat_sums[k] = stat_sums.get(k, 0.0) + (v if k == "num_tokens" else v * n)
-            names = sorted(stat_sums)
-            total_loss, *values = torch.stack([total_loss, *(stat_sums[k] for k in names)]).tolist()
+            finite, total_loss, sums = self._loss_backward(inputs, micro, adv, old, ref, opts, scale, loss_scale)
             finite = finite and math.isfinite(total_loss)
-            tokens = max(dict(zip(names, values)).get("num_tokens", 1.0), 1.0)
-            for k, v in zip(names, values):
+            tokens = max(sums.get("num_tokens", 1.0), 1.0)
+            for k, v in sums.items():
                 if k in _EXTREMES:
                     v = v if math.isfinite(v) else 0.0   # no active token at all: 0, as the op says then
                     stats_acc[k] = _EXTREMES[k](stats_acc.get(k, v), v)
