@@ -1058,6 +1058,42 @@ def test_grpo_step_trains_both_trainers_in_micro_batches():
     assert calls == [2, 2]
 
 
+def test_grpo_step_phases_and_step_share_one_trainer_freed_before_trls():
+    """Each phase case built its own trainer (at GPU size a checkpoint made, saved and loaded, the engine started:
+    ~40 s apiece, which put the five phases past the suite's time box). The phases now come first and time one
+    trainer and rollout, r1fast's step case steps the same trainer, and it is gone before TRL's setup loads a
+    model of its own."""
+    import weakref
+
+    pytest.importorskip("trl")
+    pytest.importorskip("datasets")
+    from r1fast.bench.suites import grpo_step as gs
+
+    refs, alive_at_trl = [], []
+    make, checkpoint = gs._r1fast_trainer, gs._checkpoint
+
+    def recorded_trainer(*a):
+        tr = make(*a)
+        refs.append(weakref.ref(tr))
+        return tr
+
+    def checkpoint_or_skip(shape, dtype):
+        if refs:   # TRL's setup: r1fast's trainer was built before it
+            alive_at_trl.append([r() is not None for r in refs])
+            raise harness.Skip("TRL's step is not timed here")
+        return checkpoint(shape, dtype)
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(gs, "_r1fast_trainer", recorded_trainer)
+        m.setattr(gs, "_checkpoint", checkpoint_or_skip)
+        rows = harness.run_suite(harness.Suite("grpo_step", gs.cases), "smoke", torch.device("cpu"),
+                                 harness.Machine(torch.device("cpu"), "smoke"), _FixedTimer(1.0, 1.0, 1.0),
+                                 log=lambda *_: None)
+    timed = [r["case"].rsplit("phase=", 1)[-1] if "phase=" in r["case"] else "step"
+             for r in rows if r["metric"] == "time_ms"]
+    assert timed == ["rollout", "rewards", "logprobs", "loss+backward", "optimizer", "step"]
+    assert len(refs) == 1 and alive_at_trl == [[False]]
+
+
 def test_grpo_step_smoke_repeats_follow_the_budget():
     """The smoke cases fixed reps=5, so --budget changed nothing: on a shared 2-core CPU three runs put
     r1fast's step at 0.67x, 0.70x and 1.04x of TRL's. Now --budget decides (at least min_reps)."""

@@ -1,6 +1,6 @@
 """grpo_step: one whole GRPO step (rollout, rewards, log-probs, loss+backward, optimizer), r1fast's
 GRPOTrainer vs TRL's GRPOTrainer on the same model weights, batch and lengths, plus r1fast's step
-broken into its phases.
+broken into its phases (timed first, on one trainer and rollout that r1fast's step case then takes over).
 
 Both trainers sample `prompts × G` completions of exactly `new` tokens (the stop token is never
 sampled: a reward-free constant-length setup, so both do the same work), score them with the same
@@ -15,6 +15,10 @@ per_device_train_batch_size with gradient accumulation, one generation per step)
 micro-batch of all 512 completions would hold ~80 GB of TRL's bf16 logits.
 """
 from __future__ import annotations
+
+import gc
+import math
+from types import SimpleNamespace
 
 import torch
 
@@ -75,10 +79,53 @@ def _r1fast_trainer(shape, prompts, G, new, dtype, device, mb):
     return tr
 
 
-def _r1fast_step(*spec):
+class _SharedRun:
+    """One r1fast trainer and one rollout of it, for the phase cases and then the step case. Each phase case built
+    its own (a checkpoint made and saved, loaded, the engine started and warmed: ~40 s apiece at GPU size, which
+    put the phases past the suite's time box); they now time parts of one trainer, and the step case steps that
+    trainer and lets it go (release), so that TRL's step after it has the memory."""
+
+    def __init__(self, spec):
+        self.spec = spec
+        self._state: SimpleNamespace | None = None
+
+    def get(self) -> SimpleNamespace:
+        if self._state is None:
+            self._state = _rollout_state(*self.spec)
+        return self._state
+
+    def release(self) -> None:
+        self._state = None
+
+
+def _rollout_state(shape, prompts, G, new, dtype, device, mb) -> SimpleNamespace:
+    """A trainer, one rollout of its first `prompts` rows and what its step derives from it (rewards,
+    advantages, micro-batches, loss options), as GRPOTrainer.step computes them."""
+    from r1fast.data.loading import decode_completions
+    from r1fast.trainer.grpo import _MicroBatches
+
+    tr = _r1fast_trainer(shape, prompts, G, new, dtype, device, mb)
+    rows, keys = tr.train_rows[:prompts], list(range(prompts))
+    tr.model.eval()
+    p_ids, c_ids, c_logp, finish = tr.generate(rows, keys, G, tr.cfg.temperature, 0)   # starts the engine
+    tr.engine.reset_prefix_cache()   # as a step ends: the timed rollouts start without cached prompts
+    texts = decode_completions(tr.tokenizer, c_ids, tr.end_ids)
+    _, totals = tr.score(rows, G, texts, c_ids)
+    # the trainer's micro-batches (see _r1fast_trainer), as its step makes them (no completion masked)
+    micro = [list(range(i, min(i + mb, len(c_ids)))) for i in range(0, len(c_ids), mb)]
+    inputs = _MicroBatches(micro, p_ids, c_ids, c_logp, [True] * len(c_ids), tr.device, tr.share_prompts)
+    opts = tr.cfg.loss_options(float(sum(len(c) for c in c_ids)))
+    return SimpleNamespace(tr=tr, rows=rows, keys=keys, c_ids=c_ids, micro=micro, inputs=inputs,
+                           adv=tr._advantages(totals).to(tr.device), opts=opts,
+                           scale=1.0 if opts.loss_type in ("dapo", "cispo") else 1.0 / len(micro))
+
+
+def _r1fast_step(*spec, shared: _SharedRun | None = None):
     def setup():
-        tr = _r1fast_trainer(*spec)
-        tr.step()   # warm the engine
+        run = shared or _SharedRun(spec)
+        tr = run.get().tr
+        run.release()   # the timed step holds the trainer now, and frees it when the harness lets it go
+        tr.step()   # warm the engine and the training kernels (the phases before may not have run)
 
         def step():
             tr.step()
@@ -86,55 +133,61 @@ def _r1fast_step(*spec):
     return setup
 
 
-def _r1fast_phase(phase, shape, prompts, G, new, dtype, device, mb):
-    """One phase of r1fast's step on a fixed rollout, to show where a step's time goes."""
+def _r1fast_phase(phase, *spec, shared: _SharedRun | None = None):
+    """One phase of r1fast's step on a fixed rollout, to show where a step's time goes: each runs the
+    trainer's own code for it (num_iterations 1, beta 0: no old-policy or reference pass; "logprobs" times
+    the old-policy pass a step with num_iterations > 1 adds)."""
     def setup():
-        from r1fast import ops
-        from r1fast.data import decode_completion
-        from r1fast.trainer.common import grad_norm_and_clip, pack
+        from r1fast.data.loading import decode_completions
+        from r1fast.trainer.common import gradient_holders, step_if_finite, unscale_and_clip
 
-        tr = _r1fast_trainer(shape, prompts, G, new, dtype, device, mb)
-        rows, keys = tr.train_rows[:prompts], list(range(prompts))
-        p_ids, c_ids, c_logp, _ = tr.generate(rows, keys, G, 1.0, 0)
+        s = (shared or _SharedRun(spec)).get()
+        tr, G = s.tr, s.tr.cfg.num_generations
         if phase == "rollout":
-            def run():
-                tr.generate(rows, keys, G, 1.0, 0)
+            def rollout():
+                tr.model.eval()
+                tr.generate(s.rows, s.keys, G, tr.cfg.temperature, 0)
                 tr.engine.reset_prefix_cache()
-            return run
-        texts = [decode_completion(tr.tokenizer, c) for c in c_ids]
+            return rollout
         if phase == "rewards":
-            return lambda: tr.score(rows, G, texts, c_ids)
-        # the trainer's micro-batches (see _r1fast_trainer), as its step runs them
-        micro = [list(range(i, min(i + mb, len(c_ids)))) for i in range(0, len(c_ids), mb)]
-        batches = [pack([p_ids[i] for i in idx], [c_ids[i] for i in idx], tr.device, share_prompts=tr.share_prompts)
-                   for idx in micro]
+            def rewards():
+                texts = decode_completions(tr.tokenizer, s.c_ids, tr.end_ids)
+                _, totals = tr.score(s.rows, G, texts, s.c_ids)
+                return tr._advantages(totals).to(tr.device)
+            return rewards
         if phase == "logprobs":
-            return lambda: [tr._forward_logp(tr.model, b) for b in batches]
-        _, totals = tr.score(rows, G, texts, c_ids)
-        adv = tr._advantages(totals).to(tr.device)
-        opts = tr.cfg.loss_options(float(sum(len(c) for c in c_ids)))
+            return lambda: [tr._forward_logp(tr.model, s.inputs[j].batch) for j in range(len(s.micro))]
+        none = [None] * len(s.micro)
 
         def loss_backward():
+            tr.model.train()
             tr.optimizer.zero_grad(set_to_none=True)
-            for idx, b in zip(micro, batches):
-                mask = torch.ones(b.targets.shape[0], device=tr.device)
-                hidden = b.hidden(tr.model)
-                loss, _ = ops.fused_linear_grpo_loss(hidden[b.select], tr.model.lm_head_weight, b.targets, mask,
-                                                     adv[idx], cu_seqlens=b.completion_cu, options=opts)
-                loss.backward()
+            return tr._loss_backward(s.inputs, s.micro, s.adv, none, none, s.opts, s.scale, 1.0)
         if phase == "loss+backward":
             return loss_backward
         loss_backward()
+        # the pass's gradients, put back before each timed step: the optimizer drops them (fp32 master
+        # weights free their gradients after a step), and a step without them would time nothing
+        holders = gradient_holders(tr.optimizer, tr.model)
+        grads = [h.grad for h in holders]
 
         def optimizer():
-            grad_norm_and_clip(tr.model.parameters(), 1.0)
-            tr.optimizer.step()
+            for h, g in zip(holders, grads):
+                h.grad = g
+            norm = unscale_and_clip(tr)
+            step_if_finite(tr, math.isfinite(norm))
+            tr.scheduler.step()
         return optimizer
     return setup
 
 
-def _trl_step(shape, prompts, G, new, dtype, device, mb):
+def _trl_step(shape, prompts, G, new, dtype, device, mb, shared: _SharedRun | None = None):
     def setup():
+        if shared is not None:   # r1fast's trainer (in reference cycles) gone before TRL loads its own
+            shared.release()
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
         import datasets
         import trl
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -190,18 +243,23 @@ def cases(size, device):
     name = (f"Qwen2 h={shape['hidden_size']} L={shape['num_hidden_layers']} V={shape.get('vocab_size', 'chars')} "
             f"{prompts}x{G} new={new} micro={spec[-1]}")
     tokens = prompts * G * new
-    # setups already take one warm-up step; a GPU-size step takes seconds (TRL: minutes). A smoke step
-    # (~0.1-0.3 s) repeats as --budget says (at least 5): on a shared CPU 5 repeats alone moved the
-    # r1fast / TRL ratio by a third between runs
+    # a GPU-size step takes seconds (TRL: minutes), so fixed repeats there; a smoke step (~0.1-0.3 s) repeats
+    # as --budget says (at least 5): on a shared CPU 5 repeats alone moved the r1fast / TRL ratio by a third
+    # between runs. The step cases' setups take one warm-up step; a phase's first call warms it.
     reps = dict(warmup=0, reps=2) if size == "gpu" else dict(warmup=1)
+    phase_reps = dict(warmup=1, reps=2) if size == "gpu" else dict(warmup=1)
     # TRL's GPU-size step takes about a minute: its setup's step warms it, one timed step follows
     slow_peer = dict(reps=1) if size == "gpu" else {}
-    out = [Case(name, "step", dname, [Impl("r1fast", "engine+fused", _r1fast_step(*spec)),
-                                      Impl("trl", "hf-generate", _trl_step(*spec), requires=("trl", "datasets"),
-                                           **slow_peer)],
-                items=tokens, item_name="tokens", **reps)]
-    for phase in ("rollout", "rewards", "logprobs", "loss+backward", "optimizer"):
-        out.append(Case(f"{name} phase={phase}", "step", dname,
-                        [Impl("r1fast", "engine+fused", _r1fast_phase(phase, *spec))], items=tokens,
-                        item_name="tokens", **reps))
+    # the phases first, from one trainer and rollout, which the r1fast step then takes over and frees before
+    # TRL's step: the phases' ~40 s setup once, not five times, and never two trainers at once
+    shared = _SharedRun(spec)
+    out = [Case(f"{name} phase={phase}", "step", dname,
+                [Impl("r1fast", "engine+fused", _r1fast_phase(phase, *spec, shared=shared))], items=tokens,
+                item_name="tokens", **phase_reps)
+           for phase in ("rollout", "rewards", "logprobs", "loss+backward", "optimizer")]
+    out.append(Case(name, "step", dname,
+                    [Impl("r1fast", "engine+fused", _r1fast_step(*spec, shared=shared)),
+                     Impl("trl", "hf-generate", _trl_step(*spec, shared=shared), requires=("trl", "datasets"),
+                          **slow_peer)],
+                    items=tokens, item_name="tokens", **reps))
     return out
