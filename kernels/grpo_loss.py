@@ -25,8 +25,12 @@ LOSS_TYPE_IDS = {"grpo": 0, "bnpo": 1, "dr_grpo": 2, "dapo": 3, "cispo": 4}
 KL_IDS = {"k1": 1, "k2": 2, "k3": 3}
 TIS_IDS = {None: 0, "truncate": 1, "mask": 2}
 # Per-row statistic sums, columns of the [B, N_STATS] output.
-STATS = ("count", "kl", "entropy", "low", "high", "region", "w_sum", "w_min", "w_max", "masked")
+# "bad" (CHECK only): the row's count of values the op's value checks refuse (see the kernel).
+STATS = ("count", "kl", "entropy", "low", "high", "region", "w_sum", "w_min", "w_max", "masked", "bad")
 N_STATS = 16  # padded to a power of two
+# The columns that are sums over active tokens and become means over them: one division for all
+# (stats_from_rows), in the order of STATS.
+MEAN_COLS = slice(STATS.index("kl"), STATS.index("w_sum") + 1)
 
 
 @triton.jit
@@ -47,6 +51,12 @@ def _row_block(mask_ptr, logp_ptr, old_ptr, base, t0, T, BLOCK_T: tl.constexpr):
     lp = _load_active(logp_ptr, base, offs, ok, act)
     old = _load_active(old_ptr, base, offs, ok, act)
     return offs, ok, m, act, lp, old
+
+
+@triton.jit
+def _n_nonfinite(x):
+    """How many of x are NaN or inf (x is 0 at inactive lanes, _load_active)."""
+    return tl.sum(tl.where((x != x) | (tl.abs(x) == float("inf")), 1.0, 0.0), 0)
 
 
 @triton.jit
@@ -77,7 +87,8 @@ def _grpo_loss_kernel(logp_ptr, old_ptr, ref_ptr, smp_ptr, ent_ptr, mask_ptr, ad
                       LOSS_TYPE: tl.constexpr, SEQ_LEVEL: tl.constexpr, HAS_DELTA: tl.constexpr,
                       KL: tl.constexpr, USE_KL: tl.constexpr, TIS: tl.constexpr, TIS_SEQ: tl.constexpr,
                       HAS_SMP: tl.constexpr, HAS_ENT: tl.constexpr, BLOCK_T: tl.constexpr, N_STATS: tl.constexpr,
-                      HAS_ROW_CNT: tl.constexpr, KL_WEIGHTED: tl.constexpr, HAS_ISW: tl.constexpr):
+                      HAS_ROW_CNT: tl.constexpr, KL_WEIGHTED: tl.constexpr, HAS_ISW: tl.constexpr,
+                      CHECK: tl.constexpr):
     row = tl.program_id(0)
     base = row.to(tl.int64) * T
     adv = tl.load(adv_ptr + row)
@@ -125,8 +136,17 @@ def _grpo_loss_kernel(logp_ptr, old_ptr, ref_ptr, smp_ptr, ent_ptr, mask_ptr, ad
     s_masked = 0.0
     w_min = float("inf")
     w_max = float("-inf")
+    # CHECK: the value checks of ops.grpo_loss, counted in this pass instead of by ~35 torch ops and
+    # their passes over [B, T] before the launch: a NaN/inf advantage, a mask value other than 0/1, a
+    # NaN/inf at an active token (a valid mask's active tokens are m > 0 here and mask.bool() there),
+    # a negative importance weight at one. The op reads the batch's count once and, when it is not 0,
+    # redoes its checks one by one to name the problem (or to pass where this count errs on the safe side)
+    n_bad = tl.where((adv != adv) | (tl.abs(adv) == float("inf")), 1.0, 0.0)
     for t0 in range(0, T, BLOCK_T):
         offs, ok, m, act, lp, old = _row_block(mask_ptr, logp_ptr, old_ptr, base, t0, T, BLOCK_T)
+        if CHECK:
+            n_bad += tl.sum(tl.where(ok & (m != 0.0) & (m != 1.0), 1.0, 0.0), 0)
+            n_bad += _n_nonfinite(lp) + _n_nonfinite(old)
         if SEQ_LEVEL:
             c1 = tl.zeros([BLOCK_T], dtype=tl.float32) + seq_c1
         else:
@@ -165,6 +185,10 @@ def _grpo_loss_kernel(logp_ptr, old_ptr, ref_ptr, smp_ptr, ent_ptr, mask_ptr, ad
             # smp_ptr holds the sampler's log-probs (HAS_SMP: weight w = exp(old - smp), factor f from
             # the TIS mode) or the caller's weights (HAS_ISW: f = w as given); no gradient either way
             x = _load_active(smp_ptr, base, offs, ok, act)
+            if CHECK:
+                n_bad += _n_nonfinite(x)
+                if HAS_ISW:
+                    n_bad += tl.sum(tl.where(x < 0.0, 1.0, 0.0), 0)
             if HAS_ISW:
                 w = x
                 f = x
@@ -193,6 +217,8 @@ def _grpo_loss_kernel(logp_ptr, old_ptr, ref_ptr, smp_ptr, ent_ptr, mask_ptr, ad
             w_max = tl.maximum(w_max, tl.max(tl.where(act, w, float("-inf")), 0))
         if KL != 0:
             ref = _load_active(ref_ptr, base, offs, ok, act)
+            if CHECK:
+                n_bad += _n_nonfinite(ref)
             x = lp - ref
             if KL == 1:
                 kl = x
@@ -218,6 +244,8 @@ def _grpo_loss_kernel(logp_ptr, old_ptr, ref_ptr, smp_ptr, ent_ptr, mask_ptr, ad
             s_kl += tl.sum(tl.where(act, m * kl, 0.0), 0)
         if HAS_ENT:
             ent = _load_active(ent_ptr, base, offs, ok, act)
+            if CHECK:
+                n_bad += _n_nonfinite(ent)
             L -= entropy_coef * ent
             s_ent += tl.sum(m * ent, 0)
             tl.store(g_ent_ptr + base + offs, -entropy_coef * coef * m, mask=ok)
@@ -262,10 +290,12 @@ def _grpo_loss_kernel(logp_ptr, old_ptr, ref_ptr, smp_ptr, ent_ptr, mask_ptr, ad
     vals = tl.where(idx == 7, w_min, vals)
     vals = tl.where(idx == 8, w_max, vals)
     vals = tl.where(idx == 9, s_masked, vals)
+    if CHECK:
+        vals = tl.where(idx == 10, n_bad, vals)
     tl.store(stats_ptr + row * N_STATS + idx, vals)
 
 
-def grpo_loss_fwd(logp, old, ref, smp, ent, mask, adv, opts, totals=None, isw=None):
+def grpo_loss_fwd(logp, old, ref, smp, ent, mask, adv, opts, totals=None, isw=None, check=False):
     """(row_loss [B], grad_logp [B, T], grad_entropy [B, T] or None, row_stats [B, N_STATS]), fp32.
 
     `old` may be None (ratio 1: logp stands in); ref/smp/ent None when absent. `isw` [B, T]: the
@@ -273,6 +303,8 @@ def grpo_loss_fwd(logp, old, ref, smp, ent, mask, adv, opts, totals=None, isw=No
     tokens[, row_counts])`: these B rows are a slice of a batch with that many rows and active
     tokens, whose normalisers the aggregation uses (the fused single pass evaluates the loss chunk
     by chunk); `row_counts` [B] are the full rows' token counts when the slice cuts rows.
+    `check`: count each row's values that ops.grpo_loss's value checks refuse in row_stats' "bad" column
+    (0 there otherwise); see the kernel's CHECK.
     """
     b, t = logp.shape
     dev = logp.device
@@ -309,28 +341,32 @@ def grpo_loss_fwd(logp, old, ref, smp, ent, mask, adv, opts, totals=None, isw=No
             HAS_DELTA=opts.delta is not None and opts.loss_type != "cispo", KL=kl_id, USE_KL=opts.beta != 0.0,
             TIS=TIS_IDS[opts.tis_mode], TIS_SEQ=opts.tis_level == "sequence", HAS_SMP=smp is not None,
             HAS_ENT=ent is not None, BLOCK_T=block_t, N_STATS=N_STATS, HAS_ROW_CNT=row_cnt is not None,
-            KL_WEIGHTED=kl_id != 0 and opts.use_bias_correction_kl, HAS_ISW=isw is not None,
+            KL_WEIGHTED=kl_id != 0 and opts.use_bias_correction_kl, HAS_ISW=isw is not None, CHECK=check,
             num_warps=4 if dev.type == "cuda" else 1)
     return row_loss, g_logp, g_ent, stats
 
 
 def stats_from_rows(rows, has_ref: bool, has_ent: bool, has_smp: bool, tis_mode, has_isw: bool = False,
-                    row_stats: bool = False):
+                    row_stats: bool = False, tot=None):
     """The op's statistics dict from the kernel's per-row sums [B, N_STATS] (whole batch); with
-    `row_stats`, each row's clipped-token counts too (rows/clip_low, rows/clip_high [B])."""
+    `row_stats`, each row's clipped-token counts too (rows/clip_low, rows/clip_high [B]). `tot`: rows.sum(0)
+    when the caller has it already."""
     col = {name: i for i, name in enumerate(STATS)}
-    tot = rows.sum(0)
+    tot = rows.sum(0) if tot is None else tot
     n_tok = tot[col["count"]]
     denom = n_tok.clamp_min(1.0)
-    stats = {"clip_ratio/low_mean": tot[col["low"]] / denom, "clip_ratio/high_mean": tot[col["high"]] / denom,
-             "clip_ratio/region_mean": tot[col["region"]] / denom, "num_tokens": n_tok}
+    # every mean over active tokens in one launch (a 0-d division each was a launch each); the same
+    # elementwise division, so the same numbers
+    means = dict(zip(STATS[MEAN_COLS], tot[MEAN_COLS] / denom))
+    stats = {"clip_ratio/low_mean": means["low"], "clip_ratio/high_mean": means["high"],
+             "clip_ratio/region_mean": means["region"], "num_tokens": n_tok}
     if has_ref:
-        stats["kl"] = tot[col["kl"]] / denom
+        stats["kl"] = means["kl"]
     if has_ent:
-        stats["entropy"] = tot[col["entropy"]] / denom
+        stats["entropy"] = means["entropy"]
     if has_smp or has_isw:
         has = n_tok > 0
-        stats["is_weight/mean"] = tot[col["w_sum"]] / denom
+        stats["is_weight/mean"] = means["w_sum"]
         stats["is_weight/min"] = torch.where(has, rows[:, col["w_min"]].min(), 0.0)
         stats["is_weight/max"] = torch.where(has, rows[:, col["w_max"]].max(), 0.0)
         if has_smp and tis_mode == "mask":

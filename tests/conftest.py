@@ -185,3 +185,63 @@ def device_reads(monkeypatch):
             counting[0] = False
 
     return count
+
+
+# no device work of their own on a GPU: allocations (the caching allocator), and the read that
+# device_reads counts
+_NOT_LAUNCHES = ("empty", "empty_like", "empty_strided", "new_empty", "_local_scalar_dense")
+
+
+@pytest.fixture
+def device_launches(monkeypatch):
+    """A context manager that counts, while open, what a call would launch on a GPU: each torch op that is not
+    a view, an allocation or a read of a value (one or more kernels each on CUDA), by name, and each launch of
+    the Triton kernels named when opening it, as ("triton", name); what a kernel does under the interpreter is
+    not counted. Kernel outputs are not poisoned while open (a fill_ only under the interpreter).
+    Use: `with device_launches(module, "kernel_name", ...) as launches`."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from r1fast import backends
+
+    launches, counting = [], [False]
+
+    class CountLaunches(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            if counting[0] and not func.is_view and name not in _NOT_LAUNCHES:
+                launches.append(name)
+            return func(*args, **(kwargs or {}))
+
+    class Launcher:
+        def __init__(self, kernel, name):
+            self.kernel, self.name = kernel, name
+
+        def __getitem__(self, grid):
+            run = self.kernel[grid]
+
+            def launch(*args, **kwargs):
+                if counting[0]:
+                    launches.append(("triton", self.name))
+                was, counting[0] = counting[0], False
+                try:
+                    return run(*args, **kwargs)
+                finally:
+                    counting[0] = was
+            return launch
+
+    @contextlib.contextmanager
+    def count(module, *kernel_names):
+        for name in kernel_names:
+            monkeypatch.setattr(module, name, Launcher(getattr(module, name), name))
+        if hasattr(module, "poisoned"):
+            monkeypatch.setattr(module, "poisoned", lambda t, value=None: t)
+        monkeypatch.setattr(backends, "poisoned", lambda t, value=None: t)
+        launches.clear()
+        counting[0] = True
+        try:
+            with CountLaunches():
+                yield launches
+        finally:
+            counting[0] = False
+
+    return count

@@ -649,6 +649,86 @@ def test_unchecked_grpo_loss_with_weights_reads_no_device_value(weights, device_
         assert torch.allclose(stats["is_weight/min"].double(), torch.as_tensor(want_min).double(), rtol=1e-5)
 
 
+def _per_token_f32(seed):
+    """_batch's tensors as float32, the mask too (the dtype the triton kernel checks values of itself)."""
+    d = _batch(seed=seed)
+    return {k: v.float() for k, v in d.items()}
+
+
+@pytest.mark.parametrize("check_values", [True, False])
+def test_triton_grpo_loss_forward_backward_launches_few_kernels(device, check_values, device_launches, device_reads):
+    # the H200 bench's per-token case (1M tokens, dapo, beta) took 1.5 ms for ~5 us of memory traffic: ~45 torch
+    # ops (the value checks, a 0-d division per statistic, a zeros for the statistics' gradient) and a host read
+    # before the launch. The kernel now counts the bad values in its pass and the statistics divide at once
+    from r1fast.kernels import grpo_loss as kernel
+
+    d = {k: v.to(device) for k, v in _per_token_f32(seed=31).items()}
+    logp = d["logp"].clone().requires_grad_()
+    with device_reads() as reads, device_launches(kernel, "_grpo_loss_kernel") as launches:
+        loss, stats = ops.grpo_loss(logp, d["old"], d["ref"], d["adv"], d["mask"], backend="triton",
+                                    check_values=check_values, loss_type="dapo", beta=0.04, epsilon_high=0.28)
+        loss.backward()
+    torch_ops = [x for x in launches if not isinstance(x, tuple)]
+    assert launches.count(("triton", "_grpo_loss_kernel")) == 1, launches
+    # forward: the mask's token count and its clamp, the row losses' sum, the row statistics' sum, the
+    # statistics' clamped count and one division; backward: the seed (ones_like) and the scaling
+    assert len(torch_ops) <= 8, torch_ops
+    assert len(reads) == (1 if check_values else 0), reads  # the kernel's count of bad values, read once
+    want, _ = ops.grpo_loss(d["logp"], d["old"], d["ref"], d["adv"], d["mask"], backend="torch",
+                            loss_type="dapo", beta=0.04, epsilon_high=0.28)
+    assert_close(loss, want, torch.float32, name="loss")
+
+
+def _bad_value_cases():
+    def at(name, value, pos=(0, 0)):
+        return lambda a: a[name].__setitem__(pos, value)
+    return {
+        "logp nan": at("logp", float("nan")), "old inf": at("old_logp", float("inf")),
+        "ref -inf": at("ref_logp", float("-inf")), "entropy nan": at("entropy", float("nan")),
+        "sampler nan": lambda a: (a.update(importance_weights=None, sampler_logp=a["old_logp"] - 0.1),
+                                  at("sampler_logp", float("nan"))(a)),
+        "weight nan": at("importance_weights", float("nan")), "weight negative": at("importance_weights", -0.5),
+        "mask 2": at("mask", 2.0), "mask nan": at("mask", float("nan")), "mask -1 at padding": at("mask", -1.0, (1, 0)),
+        "int mask 2": lambda a: (a.update(mask=a["mask"].long()), at("mask", 2)(a)),
+        "bool mask and nan": lambda a: (a.update(mask=a["mask"] > 0), at("old_logp", float("nan"))(a)),
+        "half logp inf": lambda a: (a.update(logp=a["logp"].half()), at("logp", float("inf"))(a)),
+        "advantage nan": at("advantages", float("nan"), 1), "advantage inf": at("advantages", float("inf"), 3),
+        "no ref, mask 2": lambda a: (a.update(ref_logp=None), at("mask", 2.0)(a)),
+        "no ref, old nan": lambda a: (a.update(ref_logp=None), at("old_logp", float("nan"))(a)),
+        "two bad": lambda a: (at("ref_logp", float("nan"), (3, 0))(a), at("old_logp", float("inf"), (4, 0))(a)),
+        "nan at padding only": at("old_logp", float("nan"), (1, 0)),
+        "finite float64 past float32": lambda a: (a.update(old_logp=a["old_logp"].double()),
+                                                 at("old_logp", 1e300)(a)),
+    }
+
+
+@pytest.mark.parametrize("case", list(_bad_value_cases()))
+def test_triton_value_checks_refuse_what_the_torch_backends_do_with_the_same_message(device, case):
+    # the triton backend counts bad values in its kernel and redoes the checks only when that count is not 0:
+    # it must refuse exactly what the checks before the launch refuse, with the same message, the first
+    # problem in the same order, and accept what they accept (padding, a float64 value float32 cannot hold)
+    d = _per_token_f32(seed=32)
+    d["mask"][0, 0] = d["mask"][3, 0] = d["mask"][4, 0] = 1.0
+    args = dict(logp=d["logp"], old_logp=d["old"], ref_logp=d["ref"], advantages=d["adv"], mask=d["mask"],
+                entropy=d["ent"], importance_weights=d["ent"].clone(), sampler_logp=None)
+    _bad_value_cases()[case](args)
+
+    def outcome(backend):
+        a = {k: (v.clone().to(device) if isinstance(v, torch.Tensor) else v) for k, v in args.items()}
+        try:
+            loss, stats = ops.grpo_loss(**a, beta=0.04, entropy_coef=0.01, backend=backend)
+        except ValueError as e:
+            return str(e)
+        return loss, stats
+
+    want, got = outcome("torch"), outcome("triton")
+    if isinstance(want, str):
+        assert got == want
+        return
+    assert not isinstance(got, str), got
+    assert_close(got[0], want[0], torch.float32, name="loss")
+
+
 @pytest.mark.parametrize("backend", ["reference", "torch", "triton"])
 @pytest.mark.parametrize("level", ["token", "sequence"])
 def test_padding_gradient_is_zero_unless_the_rows_advantage_is_nan(backend, level):

@@ -58,8 +58,11 @@ def per_token_weights(op, weights, shape):
 
 
 def validate_loss_inputs(op, logp, old_logp, ref_logp, advantages, mask, sampler_logp, entropy, opts,
-                          check_values=True, importance_weights=None):
-    """Raises on a bad input; returns importance_weights as a [B, T] view (None when not given)."""
+                          check_values=True, importance_weights=None, defer_values=False):
+    """Raises on a bad input; returns importance_weights as a [B, T] view (None when not given).
+    `defer_values`: leave the value checks (check_values) to the caller, which runs check_loss_values when a
+    cheaper read of its own (the triton kernel's count) says one may fail; they are run here all the same
+    when the ref_logp check below would raise, which the old order put after the mask's."""
     dense(op, logp=logp, old_logp=old_logp, ref_logp=ref_logp, advantages=advantages, mask=mask,
           sampler_logp=sampler_logp, entropy=entropy, importance_weights=importance_weights)
     if not isinstance(logp, torch.Tensor) or not logp.is_floating_point():
@@ -91,16 +94,29 @@ def validate_loss_inputs(op, logp, old_logp, ref_logp, advantages, mask, sampler
     one_device(op, (logp, old_logp, ref_logp, sampler_logp, entropy, mask, advantages, importance_weights))
     if check_values:
         readable(op, logp, "the value checks (NaN/inf, a 0/1 mask; check_values=False skips them)")
-    # the value checks read the device once; only when one fails are they redone one by one, to name it
-    bad = check_values and _any_bad_value(logp, old_logp, ref_logp, advantages, mask, sampler_logp, entropy,
-                                          importance_weights)
+    no_ref = opts.beta != 0.0 and ref_logp is None
+    if check_values and (no_ref or not defer_values):
+        # the value checks read the device once; only when one fails are they redone one by one, to name it
+        check_loss_values(op, logp, old_logp, ref_logp, advantages, mask, sampler_logp, entropy, importance_weights,
+                          bad=_any_bad_value(logp, old_logp, ref_logp, advantages, mask, sampler_logp, entropy,
+                                             importance_weights), before_finite=no_ref and opts.beta)
+    if no_ref:
+        raise ValueError(f"{op}: beta={opts.beta} needs ref_logp (or set beta=0)")
+    return importance_weights
+
+
+def check_loss_values(op, logp, old_logp, ref_logp, advantages, mask, sampler_logp, entropy, importance_weights,
+                      bad=True, before_finite=None):
+    """The value checks of validate_loss_inputs, one by one, raising on the first that fails (nothing when `bad`,
+    a cheaper read's verdict, is False). `before_finite`: the beta whose missing ref_logp is refused after the
+    mask check and before the finiteness checks (validate_loss_inputs' order), None for none."""
     # integer masks too: every backend weights a token by its mask value, so a 2 would count it twice
     if bad and mask.dtype != torch.bool and not bool(((mask == 0) | (mask == 1)).all()):
         raise ValueError(f"{op}: mask must be bool or hold only 0 and 1")
-    if opts.beta != 0.0 and ref_logp is None:
-        raise ValueError(f"{op}: beta={opts.beta} needs ref_logp (or set beta=0)")
+    if before_finite:
+        raise ValueError(f"{op}: beta={before_finite} needs ref_logp (or set beta=0)")
     if not bad:
-        return importance_weights
+        return
     active = mask.bool()
     for name, t in (("logp", logp), ("old_logp", old_logp), ("ref_logp", ref_logp),
                     ("sampler_logp", sampler_logp), ("entropy", entropy), ("importance_weights", importance_weights)):
@@ -112,7 +128,16 @@ def validate_loss_inputs(op, logp, old_logp, ref_logp, advantages, mask, sampler
             raise ValueError(f"{op}: importance_weights has {int(neg.sum())} negative value(s) at active tokens "
                              f"(first at {neg.nonzero()[0].tolist()}); weights must be >= 0")
     _check_finite("advantages", advantages, torch.ones_like(advantages, dtype=torch.bool), op)
-    return importance_weights
+
+
+def kernel_checks_values(mask, importance_weights) -> bool:
+    """Whether the triton kernel's count of bad values (CHECK) can stand in for the value checks' read: it sees the
+    inputs as float32, which keeps a mask value off 0 and 1 and NaN/inf as they are (a finite float64 past float32
+    becomes inf, a false alarm the checks then clear), except a float64 or complex mask value that rounds to 0 or 1
+    and a float64 weight that rounds to -0.0: those keep the read before the launch."""
+    wide = (torch.float64, torch.complex64, torch.complex128, torch.complex32)
+    wide_weights = isinstance(importance_weights, torch.Tensor) and importance_weights.dtype == torch.float64
+    return isinstance(mask, torch.Tensor) and mask.dtype not in wide and not wide_weights
 
 
 def _policy_lanes(mask, advantages):
@@ -153,12 +178,14 @@ class _TritonGRPOLoss(torch.autograd.Function):
     """The kernel writes d loss / d logp and d loss / d entropy in the forward; backward scales them."""
 
     @staticmethod
-    def forward(ctx, logp, entropy, old_logp, ref_logp, sampler_logp, advantages, mask, opts, importance_weights):
+    def forward(ctx, logp, entropy, old_logp, ref_logp, sampler_logp, advantages, mask, opts, importance_weights,
+                check):
         from r1fast.kernels import grpo_loss as kernel
 
         row_loss, g_logp, g_ent, row_stats = kernel.grpo_loss_fwd(logp.detach(), old_logp, ref_logp, sampler_logp,
                                                                   None if entropy is None else entropy.detach(),
-                                                                  mask, advantages, opts, isw=importance_weights)
+                                                                  mask, advantages, opts, isw=importance_weights,
+                                                                  check=check)
         ctx.save_for_backward(g_logp, g_ent if g_ent is not None else g_logp)
         ctx.has_ent = g_ent is not None
         ctx.dtypes = (logp.dtype, None if entropy is None else entropy.dtype)
@@ -166,6 +193,9 @@ class _TritonGRPOLoss(torch.autograd.Function):
         # the saved gradients) for as long as they were kept
         row_stats = row_stats.detach()
         ctx.mark_non_differentiable(row_stats)
+        # the statistics' gradient is never used: unmaterialised, backward gets None for it instead of a zeros
+        # launch per call
+        ctx.set_materialize_grads(False)
         return row_loss.sum(), row_stats
 
     @staticmethod
@@ -173,23 +203,30 @@ class _TritonGRPOLoss(torch.autograd.Function):
         # the kernel's gradients are saved numbers with no graph: under create_graph=True a second
         # derivative built on them (a gradient penalty) would silently lose every term through the loss
         refuse_double_backward("grpo_loss")
+        if g_loss is None:  # unmaterialised: no gradient reached the loss
+            return (None,) * 10
         g_logp, g_ent = ctx.saved_tensors
         grad_logp = (g_logp * g_loss).to(ctx.dtypes[0])
         grad_ent = (g_ent * g_loss).to(ctx.dtypes[1]) if ctx.has_ent else None
-        return grad_logp, grad_ent, None, None, None, None, None, None, None
+        return grad_logp, grad_ent, None, None, None, None, None, None, None, None
 
 
 @backends.register("grpo_loss", "triton")
 def _grpo_loss_triton(logp, old_logp, ref_logp, advantages, mask, opts, entropy, sampler_logp,
-                      importance_weights=None, row_stats=False):
+                      importance_weights=None, row_stats=False, check_values=None):
+    """`check_values`: a callable running the op's value checks, called (to raise) when the kernel counted a
+    value they refuse; the count is read once, as the checks' own read was (None: not counted, no read)."""
     from r1fast.kernels import grpo_loss as kernel
 
     if logp.dtype == torch.float64:
         raise ValueError("grpo_loss: the triton backend computes in fp32; float64 inputs need backend='torch'")
     loss, rows = _TritonGRPOLoss.apply(logp, entropy, old_logp, ref_logp, sampler_logp, advantages, mask, opts,
-                                       importance_weights)
+                                       importance_weights, check_values is not None)
+    tot = rows.sum(0)
+    if check_values is not None and tot[kernel.STATS.index("bad")].item() != 0:  # a read, no launch
+        check_values()
     stats = kernel.stats_from_rows(rows, ref_logp is not None, entropy is not None, sampler_logp is not None,
-                                   opts.tis_mode, has_isw=importance_weights is not None, row_stats=row_stats)
+                                   opts.tis_mode, has_isw=importance_weights is not None, row_stats=row_stats, tot=tot)
     return loss, stats
 
 
@@ -225,14 +262,31 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, entropy=None, sampl
     if opts.entropy_coef != 0.0 and entropy is None:
         raise ValueError(f"grpo_loss: entropy_coef={opts.entropy_coef} needs entropy (the per-token entropy the "
                          f"bonus weights), or set entropy_coef=0")
+    # the triton kernel counts the values the checks refuse in its own pass: no torch op, no pass of
+    # its own and the one read after the launch, where the checks' read before it was ~35 launches
+    defer = check_values and kernel_checks_values(mask, importance_weights)
     iw = validate_loss_inputs("grpo_loss", logp, old_logp, ref_logp, advantages, mask, sampler_logp, entropy, opts,
-                               check_values=check_values, importance_weights=importance_weights)
-    _, fn = backends.resolve("grpo_loss", logp.device, backend, dtype=logp.dtype)
+                              check_values=check_values, importance_weights=importance_weights, defer_values=defer)
+    checked = (logp, old_logp, ref_logp, advantages, mask, sampler_logp, entropy, iw)  # as given, not resolve_neg's
+
+    def values_checked_here(bad=None):  # bad=None: read whether one fails first, as validate_loss_inputs does
+        check_loss_values("grpo_loss", *checked, bad=_any_bad_value(*checked) if bad is None else bad)
+
+    try:
+        name, fn = backends.resolve("grpo_loss", logp.device, backend, dtype=logp.dtype)
+    except ValueError:
+        if defer:  # a bad value was refused before the backend was looked up
+            values_checked_here()
+        raise
     logp, old_logp, ref_logp, advantages, mask, entropy, sampler_logp, iw = resolve_neg(
         logp, old_logp, ref_logp, advantages, mask, entropy, sampler_logp, iw)
     extra = {"row_stats": True} if row_stats else {}
     if iw is not None:
         extra["importance_weights"] = iw
+    if defer and name == "triton" and fn is _grpo_loss_triton:
+        extra["check_values"] = lambda: values_checked_here(bad=True)  # the kernel's count said one may fail
+    elif defer:
+        values_checked_here()
     return fn(logp, old_logp, ref_logp, advantages, mask, opts, entropy, sampler_logp, **extra)
 
 
