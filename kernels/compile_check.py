@@ -118,7 +118,8 @@ def compile_all(arch: int = 90, full: bool = False, report=None):
     for lt, seq, tis in variants:
         c = dict(LOSS_TYPE=lt, SEQ_LEVEL=seq, HAS_DELTA=True, KL=3, USE_KL=True, TIS=tis, TIS_SEQ=seq,
                  HAS_SMP=tis != 0, HAS_ENT=True, BLOCK_T=1024, N_STATS=grpo_kernels.N_STATS,
-                 HAS_ROW_CNT=not seq, KL_WEIGHTED=tis != 1, HAS_ISW=tis == 0 and (lt + seq) % 2 == 1, CHECK=True)
+                 HAS_ROW_CNT=not seq, KL_WEIGHTED=tis != 1, HAS_ISW=tis == 0 and (lt + seq) % 2 == 1, CHECK=True,
+                 ROW_SUMS=seq)  # grpo_loss.needs_row_sums: HAS_ROW_CNT = not seq, TIS_SEQ = seq
         _compile(grpo_kernels._grpo_loss_kernel, types, c, arch, dict(num_warps=4, num_stages=3), report,
                  f"_grpo_loss_kernel {lt}/{seq}/{tis}")
     done.append(f"grpo_loss kernel ({len(variants)} specialisations)")

@@ -88,7 +88,7 @@ def _grpo_loss_kernel(logp_ptr, old_ptr, ref_ptr, smp_ptr, ent_ptr, mask_ptr, ad
                       KL: tl.constexpr, USE_KL: tl.constexpr, TIS: tl.constexpr, TIS_SEQ: tl.constexpr,
                       HAS_SMP: tl.constexpr, HAS_ENT: tl.constexpr, BLOCK_T: tl.constexpr, N_STATS: tl.constexpr,
                       HAS_ROW_CNT: tl.constexpr, KL_WEIGHTED: tl.constexpr, HAS_ISW: tl.constexpr,
-                      CHECK: tl.constexpr):
+                      CHECK: tl.constexpr, ROW_SUMS: tl.constexpr):
     row = tl.program_id(0)
     base = row.to(tl.int64) * T
     adv = tl.load(adv_ptr + row)
@@ -97,17 +97,19 @@ def _grpo_loss_kernel(logp_ptr, old_ptr, ref_ptr, smp_ptr, ent_ptr, mask_ptr, ad
     a_neg = tl.where(adv < 0.0, 1.0, 0.0)
     pad_g = tl.where(adv != adv, float("nan"), 0.0)  # the gradient at the row's masked tokens
 
-    # pass 1: row sums
+    # pass 1: row sums, where pass 2 needs them (ROW_SUMS: grpo's token count, sequence-level ratios or
+    # weights); otherwise pass 2 counts the tokens itself, in the same order, and the row is read once
     cnt = 0.0
     sum_lr = 0.0
     sum_is = 0.0
-    for t0 in range(0, T, BLOCK_T):
-        offs, ok, m, act, lp, old = _row_block(mask_ptr, logp_ptr, old_ptr, base, t0, T, BLOCK_T)
-        cnt += tl.sum(m, 0)
-        sum_lr += tl.sum(m * (lp - old), 0)
-        if HAS_SMP:
-            smp = _load_active(smp_ptr, base, offs, ok, act)
-            sum_is += tl.sum(m * (old - smp), 0)
+    if ROW_SUMS:
+        for t0 in range(0, T, BLOCK_T):
+            offs, ok, m, act, lp, old = _row_block(mask_ptr, logp_ptr, old_ptr, base, t0, T, BLOCK_T)
+            cnt += tl.sum(m, 0)
+            sum_lr += tl.sum(m * (lp - old), 0)
+            if HAS_SMP:
+                smp = _load_active(smp_ptr, base, offs, ok, act)
+                sum_is += tl.sum(m * (old - smp), 0)
     cnt_c = tl.maximum(cnt, 1.0)
 
     # the row's weight in the aggregated loss
@@ -144,6 +146,8 @@ def _grpo_loss_kernel(logp_ptr, old_ptr, ref_ptr, smp_ptr, ent_ptr, mask_ptr, ad
     n_bad = tl.where((adv != adv) | (tl.abs(adv) == float("inf")), 1.0, 0.0)
     for t0 in range(0, T, BLOCK_T):
         offs, ok, m, act, lp, old = _row_block(mask_ptr, logp_ptr, old_ptr, base, t0, T, BLOCK_T)
+        if not ROW_SUMS:
+            cnt += tl.sum(m, 0)
         if CHECK:
             n_bad += tl.sum(tl.where(ok & (m != 0.0) & (m != 1.0), 1.0, 0.0), 0)
             n_bad += _n_nonfinite(lp) + _n_nonfinite(old)
@@ -295,6 +299,12 @@ def _grpo_loss_kernel(logp_ptr, old_ptr, ref_ptr, smp_ptr, ent_ptr, mask_ptr, ad
     tl.store(stats_ptr + row * N_STATS + idx, vals)
 
 
+def needs_row_sums(loss_type: str, has_row_cnt: bool, seq_level: bool, seq_tis: bool) -> bool:
+    """The kernel's ROW_SUMS: whether pass 2 needs the row's sums before it starts (grpo weighting the row by its
+    own token count, a sequence-level ratio, a sequence-level sampler weight); else pass 1 is left out."""
+    return (loss_type == "grpo" and not has_row_cnt) or seq_level or seq_tis
+
+
 def grpo_loss_fwd(logp, old, ref, smp, ent, mask, adv, opts, totals=None, isw=None, check=False):
     """(row_loss [B], grad_logp [B, T], grad_entropy [B, T] or None, row_stats [B, N_STATS]), fp32.
 
@@ -329,6 +339,7 @@ def grpo_loss_fwd(logp, old, ref, smp, ent, mask, adv, opts, totals=None, isw=No
     stats = poisoned(torch.empty(b, N_STATS, dtype=torch.float32, device=dev))
     block_t = min(1024 if dev.type == "cuda" else 32, triton.next_power_of_2(max(t, 1)))
     kl_id = KL_IDS[opts.kl_estimator] if ref is not None else 0
+    seq_level, tis_seq = opts.importance_sampling_level == "sequence", opts.tis_level == "sequence"
     with on_device(dev):  # Triton launches on the current device: make it the inputs'
         _grpo_loss_kernel[(b,)](
             logp_, old_, ref_ if ref_ is not None else logp_, smp_ if smp_ is not None else logp_,
@@ -337,11 +348,12 @@ def grpo_loss_fwd(logp, old, ref, smp, ent, mask, adv, opts, totals=None, isw=No
             row_loss, g_logp, g_ent if g_ent is not None else g_logp, stats,
             t, n_rows, float(opts.epsilon), float(opts.eps_high), float(opts.delta or 0.0), float(opts.beta),
             float(opts.tis_cap), float(opts.entropy_coef), float(opts.max_completion_length or 1),
-            LOSS_TYPE=LOSS_TYPE_IDS[opts.loss_type], SEQ_LEVEL=opts.importance_sampling_level == "sequence",
+            LOSS_TYPE=LOSS_TYPE_IDS[opts.loss_type], SEQ_LEVEL=seq_level,
             HAS_DELTA=opts.delta is not None and opts.loss_type != "cispo", KL=kl_id, USE_KL=opts.beta != 0.0,
-            TIS=TIS_IDS[opts.tis_mode], TIS_SEQ=opts.tis_level == "sequence", HAS_SMP=smp is not None,
+            TIS=TIS_IDS[opts.tis_mode], TIS_SEQ=tis_seq, HAS_SMP=smp is not None,
             HAS_ENT=ent is not None, BLOCK_T=block_t, N_STATS=N_STATS, HAS_ROW_CNT=row_cnt is not None,
             KL_WEIGHTED=kl_id != 0 and opts.use_bias_correction_kl, HAS_ISW=isw is not None, CHECK=check,
+            ROW_SUMS=needs_row_sums(opts.loss_type, row_cnt is not None, seq_level, smp is not None and tis_seq),
             num_warps=4 if dev.type == "cuda" else 1)
     return row_loss, g_logp, g_ent, stats
 
