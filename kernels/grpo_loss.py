@@ -54,9 +54,9 @@ def _row_block(mask_ptr, logp_ptr, old_ptr, base, t0, T, BLOCK_T: tl.constexpr):
 
 
 @triton.jit
-def _n_nonfinite(x):
-    """How many of x are NaN or inf (x is 0 at inactive lanes, _load_active)."""
-    return tl.sum(tl.where((x != x) | (tl.abs(x) == float("inf")), 1.0, 0.0), 0)
+def _nonfinite(x):
+    """Where x is NaN or inf (x is 0 at inactive lanes, _load_active)."""
+    return (x != x) | (tl.abs(x) == float("inf"))
 
 
 @triton.jit
@@ -149,8 +149,8 @@ def _grpo_loss_kernel(logp_ptr, old_ptr, ref_ptr, smp_ptr, ent_ptr, mask_ptr, ad
         if not ROW_SUMS:
             cnt += tl.sum(m, 0)
         if CHECK:
-            n_bad += tl.sum(tl.where(ok & (m != 0.0) & (m != 1.0), 1.0, 0.0), 0)
-            n_bad += _n_nonfinite(lp) + _n_nonfinite(old)
+            # the block's flags, or-ed per lane and counted once at its end: a reduction per check spilled
+            bad = (ok & (m != 0.0) & (m != 1.0)) | _nonfinite(lp) | _nonfinite(old)
         if SEQ_LEVEL:
             c1 = tl.zeros([BLOCK_T], dtype=tl.float32) + seq_c1
         else:
@@ -190,9 +190,9 @@ def _grpo_loss_kernel(logp_ptr, old_ptr, ref_ptr, smp_ptr, ent_ptr, mask_ptr, ad
             # the TIS mode) or the caller's weights (HAS_ISW: f = w as given); no gradient either way
             x = _load_active(smp_ptr, base, offs, ok, act)
             if CHECK:
-                n_bad += _n_nonfinite(x)
+                bad = bad | _nonfinite(x)
                 if HAS_ISW:
-                    n_bad += tl.sum(tl.where(x < 0.0, 1.0, 0.0), 0)
+                    bad = bad | (x < 0.0)
             if HAS_ISW:
                 w = x
                 f = x
@@ -222,7 +222,7 @@ def _grpo_loss_kernel(logp_ptr, old_ptr, ref_ptr, smp_ptr, ent_ptr, mask_ptr, ad
         if KL != 0:
             ref = _load_active(ref_ptr, base, offs, ok, act)
             if CHECK:
-                n_bad += _n_nonfinite(ref)
+                bad = bad | _nonfinite(ref)
             x = lp - ref
             if KL == 1:
                 kl = x
@@ -249,7 +249,7 @@ def _grpo_loss_kernel(logp_ptr, old_ptr, ref_ptr, smp_ptr, ent_ptr, mask_ptr, ad
         if HAS_ENT:
             ent = _load_active(ent_ptr, base, offs, ok, act)
             if CHECK:
-                n_bad += _n_nonfinite(ent)
+                bad = bad | _nonfinite(ent)
             L -= entropy_coef * ent
             s_ent += tl.sum(m * ent, 0)
             tl.store(g_ent_ptr + base + offs, -entropy_coef * coef * m, mask=ok)
@@ -269,6 +269,8 @@ def _grpo_loss_kernel(logp_ptr, old_ptr, ref_ptr, smp_ptr, ent_ptr, mask_ptr, ad
         s_low += tl.sum(m * low, 0)
         s_high += tl.sum(m * high, 0)
         s_reg += tl.sum(m * tl.maximum(low, high), 0)
+        if CHECK:
+            n_bad += tl.sum(tl.where(bad, 1.0, 0.0), 0)
 
     # pass 3: the row-mean log-ratio spreads its gradient evenly over the row's active tokens
     if SEQ_LEVEL:

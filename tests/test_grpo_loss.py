@@ -685,6 +685,7 @@ def _bad_value_cases():
     return {
         "logp nan": at("logp", float("nan")), "old inf": at("old_logp", float("inf")),
         "ref -inf": at("ref_logp", float("-inf")), "entropy nan": at("entropy", float("nan")),
+        "entropy inf": at("entropy", float("inf"), (2, 3)), "weight inf": at("importance_weights", float("inf"), (4, 0)),
         "sampler nan": lambda a: (a.update(importance_weights=None, sampler_logp=a["old_logp"] - 0.1),
                                   at("sampler_logp", float("nan"))(a)),
         "weight nan": at("importance_weights", float("nan")), "weight negative": at("importance_weights", -0.5),
