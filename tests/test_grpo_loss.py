@@ -730,6 +730,50 @@ def test_triton_value_checks_refuse_what_the_torch_backends_do_with_the_same_mes
     assert_close(got[0], want[0], torch.float32, name="loss")
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.int64, torch.float64])
+def test_value_checks_name_each_bad_value_in_every_dtype(dtype, mask_dtype):
+    # the checks' one read is now a sum of the inputs (non-finite where one of them is) rather than an isfinite
+    # per tensor: a bad value of any input, in any dtype, must still be refused and named
+    d = _per_token_f32(seed=33)
+    base = dict(logp=d["logp"].to(dtype), old_logp=d["old"].to(dtype), ref_logp=d["ref"].to(dtype),
+                advantages=d["adv"].to(dtype), mask=d["mask"].to(mask_dtype), entropy=d["ent"].to(dtype),
+                importance_weights=d["ent"].to(dtype) * 0.5)
+    base["mask"][2, 5] = 1  # an active token
+    ops.grpo_loss(**base, beta=0.04, entropy_coef=0.01, backend="torch")  # all valid: accepted
+    tiny = -1e-300 if dtype == torch.float64 else -1e-3
+    for name, value, match in [("logp", float("nan"), "logp has 1 NaN/inf"), ("old_logp", float("inf"), "old_logp"),
+                               ("ref_logp", float("-inf"), "ref_logp"), ("entropy", float("nan"), "entropy"),
+                               ("importance_weights", tiny, "negative"), ("importance_weights", float("inf"), "NaN"),
+                               ("mask", 3, "only 0 and 1")]:
+        if name == "mask" and mask_dtype == torch.bool:
+            continue
+        args = {k: v.clone() for k, v in base.items()}
+        args[name][2, 5] = value
+        with pytest.raises(ValueError, match=match):
+            ops.grpo_loss(**args, beta=0.04, entropy_coef=0.01, backend="torch")
+    args = {k: v.clone() for k, v in base.items()}
+    args["advantages"][4] = float("nan")
+    with pytest.raises(ValueError, match=r"advantages .* \(first at row 4\)"):
+        ops.grpo_loss(**args, beta=0.04, entropy_coef=0.01, backend="torch")
+
+
+def test_value_checks_cost_few_torch_ops(device_launches):
+    # the read of the value checks was an isfinite (four ops), an & and an any() per tensor: ~35 ops and passes
+    # over [B, T] on the torch backend (and the fused loss's error path); a sum of the inputs is ~15 here
+    from r1fast.kernels import grpo_loss as kernel
+
+    d = _per_token_f32(seed=34)
+    args = (d["logp"], d["old"], d["ref"], d["adv"], d["mask"])
+    counts = {}
+    for check_values in (True, False):
+        with device_launches(kernel) as launches:
+            ops.grpo_loss(*args, entropy=d["ent"], importance_weights=d["ent"], backend="torch",
+                          check_values=check_values, beta=0.04)
+        counts[check_values] = len(launches)
+    assert counts[True] - counts[False] <= 16, counts
+
+
 @pytest.mark.parametrize("backend", ["reference", "torch", "triton"])
 @pytest.mark.parametrize("level", ["token", "sequence"])
 def test_padding_gradient_is_zero_unless_the_rows_advantage_is_nan(backend, level):

@@ -7,6 +7,8 @@ The hidden-states entry point, fused_linear_grpo_loss, lives in r1fast.ops.fused
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from r1fast import backends
@@ -27,18 +29,24 @@ def _check_finite(name, t, active, op):
 
 
 def _any_bad_value(logp, old_logp, ref_logp, advantages, mask, sampler_logp, entropy, importance_weights) -> bool:
-    """Whether any value check of validate_loss_inputs fails (a mask value other than 0/1, a NaN/inf at an active
+    """Whether a value check of validate_loss_inputs may fail (a mask value other than 0/1, a NaN/inf at an active
     token or in the advantages, a negative importance weight), read from the device once: each check's own
-    read was a host sync, ~5 per loss call."""
+    read was a host sync, ~5 per loss call. May say True where every check passes (a sum that overflows, which
+    the checks then clear), never False where one fails. ~10 torch ops: an isfinite / any per tensor was ~35."""
     active = mask.bool()
-    bad = [] if mask.dtype == torch.bool else [((mask != 0) & (mask != 1)).any()]
-    for t in (logp, old_logp, ref_logp, sampler_logp, entropy, importance_weights):
+    # NaN/inf survive a sum (NaN + x, inf + -inf: NaN; inf + finite: inf), so the tensors' sum is non-finite at a
+    # token where one of them is; a weight's square root is NaN where it is negative (and -0.0 where it is -0.0)
+    acc = None
+    for t in (logp, old_logp, ref_logp, sampler_logp, entropy):
         if t is not None:
-            bad.append((~torch.isfinite(t.detach()) & active).any())
+            acc = t.detach() if acc is None else acc + t.detach()
     if importance_weights is not None:
-        bad.append(((importance_weights.detach() < 0) & active).any())
-    bad.append((~torch.isfinite(advantages)).any())
-    return bool(torch.stack(bad).any())
+        acc = acc + importance_weights.detach().sqrt()
+    wide = torch.float64 if acc.dtype == torch.float64 else torch.float32  # a 16-bit sum of many tokens overflows
+    total = torch.where(active, acc, 0.0).sum(dtype=wide) + advantages.sum(dtype=wide)
+    if mask.dtype != torch.bool:  # a mask value other than 0/1 differs from its own bool (NaN's is True)
+        total = torch.where((active != mask).any(), float("nan"), total)
+    return not math.isfinite(total.item())
 
 
 def per_token_weights(op, weights, shape):
