@@ -360,27 +360,31 @@ def grpo_loss_fwd(logp, old, ref, smp, ent, mask, adv, opts, totals=None, isw=No
     return row_loss, g_logp, g_ent, stats
 
 
+_COL = {name: i for i, name in enumerate(STATS)}
+_MEAN = {name: i for i, name in enumerate(STATS[MEAN_COLS])}  # a column's place in the means
+
+
 def stats_from_rows(rows, has_ref: bool, has_ent: bool, has_smp: bool, tis_mode, has_isw: bool = False,
                     row_stats: bool = False, tot=None):
     """The op's statistics dict from the kernel's per-row sums [B, N_STATS] (whole batch); with
     `row_stats`, each row's clipped-token counts too (rows/clip_low, rows/clip_high [B]). `tot`: rows.sum(0)
     when the caller has it already."""
-    col = {name: i for i, name in enumerate(STATS)}
+    col = _COL
     tot = rows.sum(0) if tot is None else tot
     n_tok = tot[col["count"]]
     denom = n_tok.clamp_min(1.0)
     # every mean over active tokens in one launch (a 0-d division each was a launch each); the same
     # elementwise division, so the same numbers
-    means = dict(zip(STATS[MEAN_COLS], tot[MEAN_COLS] / denom))
-    stats = {"clip_ratio/low_mean": means["low"], "clip_ratio/high_mean": means["high"],
-             "clip_ratio/region_mean": means["region"], "num_tokens": n_tok}
+    means = tot[MEAN_COLS] / denom
+    stats = {"clip_ratio/low_mean": means[_MEAN["low"]], "clip_ratio/high_mean": means[_MEAN["high"]],
+             "clip_ratio/region_mean": means[_MEAN["region"]], "num_tokens": n_tok}
     if has_ref:
-        stats["kl"] = means["kl"]
+        stats["kl"] = means[_MEAN["kl"]]
     if has_ent:
-        stats["entropy"] = means["entropy"]
+        stats["entropy"] = means[_MEAN["entropy"]]
     if has_smp or has_isw:
         has = n_tok > 0
-        stats["is_weight/mean"] = means["w_sum"]
+        stats["is_weight/mean"] = means[_MEAN["w_sum"]]
         stats["is_weight/min"] = torch.where(has, rows[:, col["w_min"]].min(), 0.0)
         stats["is_weight/max"] = torch.where(has, rows[:, col["w_max"]].max(), 0.0)
         if has_smp and tis_mode == "mask":
