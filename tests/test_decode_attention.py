@@ -144,7 +144,9 @@ def test_triton_num_splits_fills_the_sms_with_partitions_of_at_least_256_tokens(
 
 
 def test_decode_default_splits_are_the_backends_own(monkeypatch):
-    # triton: triton_num_splits from the device's SM count; cuda keeps default_num_splits
+    # triton: triton_num_splits from the device's SM count; cuda keeps default_num_splits. The backend is
+    # chosen by a stand-in for backends.resolve: on a machine with CUDA the tests run without
+    # TRITON_INTERPRET, where Triton takes no CPU tensors, and the cuda backend needs a GPU.
     from r1fast.kernels import decode_attention as kernel
     from r1fast.ops import attention
 
@@ -152,12 +154,17 @@ def test_decode_default_splits_are_the_backends_own(monkeypatch):
     assert attention.default_num_splits(2, 2, 1024) == 2  # the cuda backend's: 512-token partitions
     seen = []
     monkeypatch.setattr(kernel, "paged_decode_attention", lambda out, *a: seen.append(a[6:8]))
+    run = {"triton": backends.implementations("paged_decode_attention")["triton"],  # hands the kernel its splits
+           "cuda": lambda *a: seen.append(a[6:8])}
     q, kc, vc, tables, ctx = make_case(2, 4, 2, 16, 16, [1000, 37])  # 64-block tables: 1024 tokens
-    # 4 pairs on 132 SMs: 1024 // 256 = 4 partitions; on 1 SM ceil(2 x 6 / 4) = 3, of 22 whole blocks
-    for sms, want in ((132, (4, 256)), (1, (3, 352))):
+    # triton, 4 pairs on 132 SMs: 1024 // 256 = 4 partitions; on 1 SM ceil(2 x 6 / 4) = 3, of 22 whole blocks;
+    # cuda: 2 partitions of 512 on any SM count
+    for name, sms, want in (("triton", 132, (4, 256)), ("triton", 1, (3, 352)), ("cuda", 132, (2, 512)),
+                            ("cuda", 1, (2, 512))):
         monkeypatch.setattr(attention, "sm_count", lambda device: sms)
-        ops.paged_decode_attention(q, kc, vc, tables, ctx, backend="triton")
-        assert seen.pop() == want, sms
+        monkeypatch.setattr(backends, "resolve", lambda op, device, backend, **kw: (backend, run[backend]))
+        ops.paged_decode_attention(q, kc, vc, tables, ctx, backend=name)
+        assert seen.pop() == want, (name, sms)
 
 
 def test_decode_default_splits_match_reference(device):
