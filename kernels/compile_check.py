@@ -178,7 +178,7 @@ def compile_all(arch: int = 90, full: bool = False, report=None):
                                     num_warps=decode_kernels.num_warps_for(m_pad), num_stages=3), report,
                          f"_prefix_kernel {dt} group={group} dim={d}",
                          divisible=("head_dim", "block_size", "max_blocks"))
-        for splits in (2, 64):  # the split-K merge: all partitions in one pass, and 32 a pass
+        for splits in (2, 64):  # the split-K merge: its smallest tile and its largest (64 partitions a pass)
             cfg = decode_kernels.merge_config(splits, 128)
             _compile(decode_kernels._merge_kernel, {"out_ptr": f"*{dt}", "ml_ptr": "*fp32", "acc_ptr": "*fp32"},
                      dict(D_PAD=cfg["D_PAD"], S_BLOCK=cfg["S_BLOCK"]), arch,

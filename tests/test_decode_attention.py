@@ -949,7 +949,7 @@ for dt in ("bf16", "fp16", "fp32"):
                 FP32=dt == "fp32", SCALE_SCORES=True), 90, num_warps=4)
     compile_for(da._prefix_kernel, types, dict(GROUP=8, M_PAD=da.prefix_m_pad(8, 128, dt == "fp32"), D_PAD=128,
                 FP32=dt == "fp32", BLOCK_N=16, SCALE_SCORES=True), 90, num_warps=4)
-    for splits, d in ((2, 128), (64, 128), (5, 256)):  # the split-K merge: one pass, and 32 partitions a pass
+    for splits, d in ((2, 128), (64, 128), (5, 256)):  # the split-K merge: its smallest and largest tile (64 a pass)
         cfg = da.merge_config(splits, d)
         compile_for(da._merge_kernel, {"out_ptr": f"*{dt}", "ml_ptr": "*fp32", "acc_ptr": "*fp32"},
                     dict(D_PAD=cfg["D_PAD"], S_BLOCK=cfg["S_BLOCK"]), 90, num_warps=cfg["num_warps"])

@@ -232,7 +232,10 @@ def default_num_splits(num_seqs: int, num_kv_heads: int, max_context: int, parti
 # thread and 37.9 KB of shared memory on sm_90 (ptxas, Triton 3.9), so an SM holds 6 at once.
 RESIDENT_PROGRAMS_PER_SM = 6
 SPLIT_ROUNDS = 2          # split until the programs fill every resident slot at least this many times
-MIN_PARTITION_TOKENS = 256  # 8 steps of the kernel's loop; the merge then adds <= 5% to the bytes read
+# 8 steps of the kernel's loop. A partition's float32 partials (written, then read by the merge) are
+# 2 x group x (head_dim + 2) x 4 bytes against its 256 x 2 x head_dim x 2 bytes of bf16/fp16 K/V: about
+# 0.8% more bytes per query head of the group (4.8% at group 6, 12.7% at group 16; half that for fp32 K/V)
+MIN_PARTITION_TOKENS = 256
 DEFAULT_NUM_SMS = 132     # an H100 / H200, for devices that do not say (the CPU's interpreter)
 
 
