@@ -1041,6 +1041,37 @@ def test_fused_single_pass_keeps_one_chunk_of_tiles(device, backend, monkeypatch
     assert 0 < tiles.peak <= one_chunk, f"{tiles.peak} bytes of [chunk, V] tiles alive at once, one chunk's {one_chunk}"
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_fused_single_pass_without_grad_keeps_one_chunk_of_logits(device, backend, monkeypatch):
+    """Without gradients (no_grad: a loss for logging or evaluation) the single pass still keeps one chunk's
+    fp32 logits at a time: the grad branch freed each chunk's logits after its d logits, the no-grad one
+    left them bound to `z` until the next chunk's logits existed (two tiles, 626 MB at V=152k)."""
+    from r1fast.ops import logprob as lp_mod
+    from r1fast.testing import LiveTiles
+
+    engine = lp_mod.engine_for(backend)
+    tiles = LiveTiles()
+    forward_keep = engine.forward_keep
+
+    def tracked_forward_keep(*args):
+        z, *rest = forward_keep(*args)
+        return (tiles.track(z), *rest)
+
+    monkeypatch.setattr(engine, "forward_keep", tracked_forward_keep)
+    d, hidden, weight, targets = _fused_case(seed=42, b=6, t=5)
+    opts = dict(loss_type="dapo", beta=0.04)
+    e_loss = _fused_expected(d, hidden, weight, targets, LossOptions(**opts))[0]
+    f = lambda t: t.float().to(device)  # noqa: E731
+    chunk = 4
+    with torch.no_grad():
+        loss, _ = ops.fused_linear_grpo_loss(f(hidden), f(weight), targets.to(device), f(d["mask"]), f(d["adv"]),
+                                             old_logp=f(d["old"]), ref_logp=f(d["ref"]), backend=backend,
+                                             chunk_size=chunk, **opts)
+    assert_close(loss, e_loss, torch.float32, name="loss")
+    one_chunk = chunk * V * 4  # one chunk's fp32 logits
+    assert 0 < tiles.peak <= one_chunk, f"{tiles.peak} bytes of fp32 logits alive at once, one chunk's {one_chunk}"
+
+
 @pytest.mark.parametrize("gemm", ["triton", "cublas"])
 def test_chunk_budgets_fit_the_gpu_memory_target(gemm, monkeypatch):
     """The issue's size (N=16384, H=4096, V=151936, bf16): the gradients plus one chunk's tiles, as the chunk

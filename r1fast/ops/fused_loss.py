@@ -357,6 +357,10 @@ class _SinglePassRun:
                 # before the next chunk's logits: kept to the loop's next `dl =`, this chunk's d logits sat
                 # beside the next z and dl (one dl tile, 156 MB at V=152k, too many at the peak)
                 del dl
+            else:
+                # no gradients: the logits are done with too; kept to the next `z =`, two chunks' fp32
+                # logits would be alive at once (626 MB at V=152k)
+                del z
         totals = (lay.shape2d[0], starts[-1])
         if self.kernel_rows:
             from r1fast.kernels import grpo_loss as loss_kernel
