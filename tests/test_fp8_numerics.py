@@ -446,6 +446,26 @@ def test_a_failed_compile_falls_back_to_eager_and_is_remembered(monkeypatch):
     assert qmod._compile_failed   # quantize() takes the eager path from now on, without retrying
 
 
+def test_torch_compile_refusing_to_run_falls_back_to_eager_too(monkeypatch):
+    # torch.compile raises when called where Dynamo cannot run (a Python newer than the torch supports):
+    # the quantiser must fall back as for a failing compile, not raise from every FP8 layer.
+    import r1fast.fp8.quantization as qmod
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("torch.compile is not supported on this Python")
+    monkeypatch.setattr(torch, "compile", refuse)
+    monkeypatch.setattr(qmod, "_compiled", {})
+    monkeypatch.setattr(qmod, "_compile_failed", False)
+    x = randn(8, 32, seed=65)
+    for rowwise in (True, False):
+        monkeypatch.setattr(qmod, "_compile_failed", False)
+        with pytest.warns(UserWarning, match="torch.compile of the FP8 quantiser failed"):
+            q, s = qmod._fused_quantize(x, E4M3, rowwise)
+        rq, rs = reference_quantize(x, E4M3, rowwise)
+        assert s.shape == rs.shape and torch.equal(s.double(), rs) and torch.equal(q.double(), rq)
+        assert qmod._compile_failed
+
+
 def test_mixed_precision_layer_keeps_fp32_accuracy_in_the_master_gradients():
     # bf16 activations and gradients, an fp32 master weight, a float64 bias: dW is written in the
     # weight's dtype and db summed in fp32, so both match the float64 oracle to fp32 accuracy.

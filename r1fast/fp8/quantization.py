@@ -174,8 +174,10 @@ def _fused_quantize(t, dtype, rowwise):
     if t.numel() == 0:  # nothing to compile for, and a size-0 dimension would be one more version
         return _quantize_impl(t, dtype, rowwise)
     fmax = _fp8_max_tensor(dtype, t.device)
-    quantizer = _compiled_quantizer(dtype, rowwise)
     try:
+        # inside the try: torch.compile itself raises where Dynamo cannot run (e.g. a Python newer than
+        # this torch supports), and that too must fall back rather than fail every FP8 layer
+        quantizer = _compiled_quantizer(dtype, rowwise)
         if rowwise:
             return quantizer(t, fmax)
         return quantizer(t, torch.linalg.vector_norm(t, float("inf")), fmax)
