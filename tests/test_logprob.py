@@ -394,11 +394,10 @@ def test_gpu_target_size_memory(monkeypatch, gemm):
     with torch.no_grad():
         peak, lp = _peak_extra_bytes(lambda: ops.grouped_logprob(hidden, weight, targets, backend="triton",
                                                                  check_targets=False))
-    if gemm == "cublas":  # one chunk's fp32 logits at a time
-        assert peak < 512 * 2 ** 20 + 64e6, f"forward-only peak extra memory {peak / 1e6:.0f} MB"
-        return
-    assert peak < 64e6, f"forward-only peak extra memory {peak / 1e6:.0f} MB"
     assert bool(torch.isfinite(lp).all()) and bool((lp <= 0).all())
+    # under cublas one chunk's fp32 logits at a time (~590 tokens, 357 MB), else O(N) partials
+    bound = 512 * 2 ** 20 + 64e6 if gemm == "cublas" else 64e6
+    assert peak < bound, f"forward-only peak extra memory {peak / 1e6:.0f} MB"
 
 
 @pytest.mark.gpu
