@@ -83,7 +83,10 @@ def validate(hidden, weight, targets, temperature, op="grouped_logprob", check_t
 class _TorchEngine:
     @staticmethod
     def tile_bytes_per_logit(dtype) -> int:
-        """Bytes per logit of the chunk tiles grouped_logprob's budget counts: the fp32 logits."""
+        """Bytes per logit of the chunk tiles grouped_logprob's budget counts: the fp32 logits. Not all
+        this engine keeps: inside dlogits p, dz and the entropy term's operands are fp32 tiles too (six
+        beside each other with the entropy), so on a GPU its backward is not held to the 2 GB target
+        (the triton engine is)."""
         return 4
 
     # x * 1.0 == x exactly, so the temperature pass over a [chunk, V] tile is skipped at T = 1; the
