@@ -1,9 +1,10 @@
 """Triton per-token GRPO loss: loss, d loss / d logp, d loss / d entropy and the statistics in one launch.
 
-One program per completion (row). Pass 1 over the row's tokens gathers the row sums the
-objective needs (active-token count, Σ m·log_ratio for sequence-level ratios, Σ m·(old − sampler)
-for sequence-level truncated IS). Pass 2 computes every token's loss and its local gradient and
-the row's statistic sums; pass 3 (sequence-level ratios only) adds the gradient that flows through
+One program per completion (row). Pass 1 over the row's tokens (ROW_SUMS, needs_row_sums) gathers
+the row sums pass 2 needs before it starts: the active-token count grpo weights its row by, Σ m·log_ratio
+for sequence-level ratios, Σ m·(old − sampler) for sequence-level truncated IS; every other objective
+skips it and pass 2 counts the row's tokens itself. Pass 2 computes every token's loss and its local
+gradient and the row's statistic sums (with CHECK, also the values the op's checks refuse); pass 3 (sequence-level ratios only) adds the gradient that flows through
 the row-mean log-ratio to every active token (the clipped objective's and, with
 use_bias_correction_kl, the weighted KL's). The forward therefore writes the gradients as well
 (as Liger does): the autograd wrapper's backward only scales them by the incoming gradient.
