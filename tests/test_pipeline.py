@@ -2404,6 +2404,33 @@ def test_a_stage_whose_checkpoint_replacement_was_killed_resumes_from_it(tmp_pat
     assert (run / "metrics.jsonl").read_text() == logged   # nothing trained again
 
 
+def test_resume_refuses_a_stage_folder_with_a_killed_saves_old_checkpoint_before_saying_where_it_starts(
+        tmp_path, capsys, monkeypatch):
+    # a visible checkpoint-N.old-<pid> (an earlier r1fast's save killed replacing checkpoint-N): --resume printed
+    # "no earlier run ...; starting from the first stage" and "stage 's' ... starts from its first step", then the
+    # stage's trainer refused the folder, so the output said the run had started when it had not
+    import io
+
+    spec = one_sft_stage_spec(tmp_path)
+    run = tmp_path / "run"
+    run_pipeline(str(spec), [f"output_dir={run}"])
+    os.rename(run / "s" / "checkpoint-1", run / "s" / "checkpoint-1.old-9")
+    os.remove(run / "pipeline_state.json")
+    both = io.StringIO()   # stdout and stderr as the terminal shows them, in order
+    monkeypatch.setattr(sys, "stdout", both)
+    monkeypatch.setattr(sys, "stderr", both)
+    with pytest.raises(SystemExit) as refused:
+        main(["pipeline", str(spec), f"output_dir={run}", "--resume"])
+    print(refused.value.code, file=sys.stderr)
+    lines = [line for line in both.getvalue().splitlines() if line.strip() and "UserWarning" not in line
+             and not line.startswith("  ")]
+    assert lines[0].startswith(f"r1fast pipeline: {run / 's'} holds an earlier run (checkpoint-1.old-9, which may be "
+                               f"checkpoint-1 set aside by a killed save)"), lines
+    assert "first step" not in both.getvalue() and "starting from the first stage" not in both.getvalue()
+    assert "== stage" not in both.getvalue()
+    assert sorted(os.listdir(run / "s")) == [".r1fast.lock", "checkpoint-1.old-9", "metrics.jsonl"]   # nothing moved
+
+
 def test_resume_removes_the_temporary_files_of_writes_killed_mid_way(tmp_path):
     # a SIGKILL while pipeline_state.json, summary.json or curves.png (r1fast plot) was replaced left its .tmp
     # beside it for good: only a trainer's metrics .tmp was ever cleaned

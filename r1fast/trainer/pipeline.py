@@ -749,6 +749,21 @@ class PipelineRunner:
             print(f"\nr1fast: interrupted before stage {stage.name!r}", flush=True)
             raise KeyboardInterrupt   # the CLI says how to continue and exits with 130
 
+    def _refuse_killed_saves(self):
+        """--resume: a stage still to train whose folder holds no checkpoint but a visible checkpoint-N.old-<pid> (an
+        earlier r1fast's save killed replacing checkpoint-N) is refused by its trainer as an earlier run. Refused
+        here, before any word of where the run starts: it printed "starts from its first step" and then stopped."""
+        from r1fast.trainer.checkpoints import latest_checkpoint, remove_save_leftovers, start_fresh
+
+        for stage in self.p.stages:
+            done = self.state["stages"].get(stage.name)
+            stage_dir = os.path.join(self.run_dir, stage.name)
+            if stage.type == "sample" or (done and done.get("finished")) or not os.path.isdir(stage_dir):
+                continue
+            remove_save_leftovers(stage_dir)   # a hidden .checkpoint-N.old-<pid> is checkpoint-N again first
+            if latest_checkpoint(stage_dir) is None:
+                start_fresh(stage_dir, overwrite=False)   # deletes nothing: it holds no checkpoint
+
     def _train_stage(self, trainer, stage: Stage, resume_stage: bool, record: dict) -> int:
         """Run an SFT or GRPO stage's trainer (from its latest checkpoint when `resume_stage`) and note its
         checkpoint in `record`; its global steps. Stopped part way: the state is saved and KeyboardInterrupt
@@ -772,8 +787,12 @@ class PipelineRunner:
 
             torch.set_num_threads(p.num_threads)
         remove_save_leftovers(self.run_dir)   # the state's, summary's or curves' .tmp of a run killed as it wrote them
-        if resume and os.path.isfile(self.state_path):
+        earlier_run = resume and os.path.isfile(self.state_path)
+        if earlier_run:
             self.state = self._read_state()
+        if resume:
+            self._refuse_killed_saves()
+        if earlier_run:
             note = _changed_settings(self.state.get("settings"), self._settings())
             if note:
                 print(f"r1fast: --resume: the pipeline's {note} since the earlier run: the stages it finished keep "
