@@ -1742,6 +1742,32 @@ def test_pipeline_load_names_seeds_and_refuses_bad_stages(tmp_path):
                                                                          "model": "builtin:micro"}]})
 
 
+def test_num_rows_caps_only_a_builtin_tasks_draw(tmp_path):
+    # num_rows is the count of rows drawn from a builtin: task (docs/training.md); a file's rows are read whole.
+    # The built-in cap (1,000,000) refused a stage reading a file with a larger num_rows, which it never used
+    from r1fast.trainer.config import ConfigError
+    from r1fast.trainer.pipeline import PipelineRunner
+
+    data = tmp_path / "rows.jsonl"
+    prompts = [f"{i}+{i + 3}=" for i in range(6)]
+    data.write_text("".join(json.dumps({"prompt": p, "completion": "x", "answer": "0"}) + "\n" for p in prompts))
+    spec = tiny_pipeline(tmp_path)
+    spec["stages"][0].update(dataset=str(data), num_rows=2_000_000)
+    runner = PipelineRunner(load_pipeline(spec))
+    assert [r["prompt"] for r in runner.stage_rows(runner.p.stages[0], 0, ("prompt",))] == prompts
+    # set on the command line too
+    assert load_pipeline(tiny_pipeline(tmp_path), [f"cold.dataset={data}", "cold.num_rows=1000001"]).stages[0].num_rows \
+        == 1_000_001
+    spec = tiny_pipeline(tmp_path)
+    spec["stages"][0].update(num_rows=1_000_001)   # a builtin: task's draw is still capped
+    with pytest.raises(ConfigError, match=r"stage 'cold': num_rows must be in \[1, 1,000,000\]; got 1000001$"):
+        load_pipeline(spec)
+    spec = tiny_pipeline(tmp_path)
+    spec["stages"][0].update(dataset=str(data), num_rows=0)
+    with pytest.raises(ConfigError, match=r"stage 'cold': num_rows must be >= 1; got 0"):
+        load_pipeline(spec)
+
+
 def test_pipeline_rows_held_out_cut_and_per_stage(tmp_path):
     """Held-out rows are cut to eval_size (files too) and kept out of a builtin stage's training rows;
     each stage draws its own rows; "@stage" data that kept nothing is an error naming both stages."""

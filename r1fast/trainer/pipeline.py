@@ -189,9 +189,7 @@ def load_pipeline(source: str | dict, overrides: Optional[list[str]] = None) -> 
         fields = {**_typed(Stage, {k: v for k, v in raw.items() if k in STAGE_FIELDS and k not in own_ov},
                            f"{stages_at}: stage {name!r}"),
                   **_typed(Stage, own_ov, typed_at)}
-        if not 1 <= fields.get("num_rows", 1) <= MAX_BUILTIN_ROWS:   # found now, not when the stage starts
-            raise ConfigError(f"{typed_at if 'num_rows' in own_ov else f'{stages_at}: stage {name!r}'}: "
-                              f"num_rows must be in [1, {MAX_BUILTIN_ROWS:,}]; got {fields['num_rows']}")
+        _check_num_rows(fields, typed_at if "num_rows" in own_ov else f"{stages_at}: stage {name!r}")
         if not fields.get("dataset"):   # found here, not once the stages before it have trained
             raise ConfigError(f"{typed if 'dataset' in own_ov else stages_at}: stage {name!r} needs a dataset (a path, "
                               f"builtin:<task> or \"@stage\")")
@@ -227,6 +225,18 @@ def load_pipeline(source: str | dict, overrides: Optional[list[str]] = None) -> 
         raise ConfigError(f"{where}: no model for stage {p.stages[0].name!r}; set the pipeline's 'model' or the stage's")
     _check_stages(p, where)
     return p
+
+
+def _check_num_rows(fields: dict, where: str):
+    """num_rows, found now rather than when the stage starts. It is how many rows a builtin: task draws, capped
+    there; a file's or "@stage" rows are read whole, so the cap is not theirs (a file stage with a larger
+    num_rows was refused for a value it never reads)."""
+    n = fields.get("num_rows", 1)
+    if str(fields.get("dataset") or "").startswith("builtin:"):
+        if not 1 <= n <= MAX_BUILTIN_ROWS:
+            raise ConfigError(f"{where}: num_rows must be in [1, {MAX_BUILTIN_ROWS:,}]; got {n}")
+    elif n < 1:
+        raise ConfigError(f"{where}: num_rows must be >= 1; got {n}")
 
 
 def _brought_in(own, merged) -> bool:
