@@ -2457,6 +2457,46 @@ def test_resume_refuses_a_stage_folder_with_a_killed_saves_old_checkpoint_before
     assert sorted(os.listdir(run / "s")) == [".r1fast.lock", "checkpoint-1.old-9", "metrics.jsonl"]   # nothing moved
 
 
+def test_resume_reads_a_finished_stages_data_file_again_only_when_its_size_or_mtime_changed(tmp_path, monkeypatch,
+                                                                                             capsys):
+    # every --resume read and hashed each finished stage's data file again to see whether it changed since the
+    # stage ran: slow for a large file. The file's (path, size, mtime_ns) is now recorded with its rows' hash, and
+    # an unchanged file is not read; one edited in place to the same size is read again, as its mtime moved
+    from r1fast.trainer.pipeline import PipelineRunner
+
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{i}+{i + 2}=", "completion": f"<answer>{2 * i + 2}</answer>"})
+                            + "\n" for i in range(1, 9)))
+    spec = {"name": "d", "model": "builtin:micro", "progress_bar": False, "output_dir": str(tmp_path / "run"),
+            "stages": [{"name": "s", "type": "sft", "dataset": str(data),
+                        "config": {"max_steps": 1, "per_device_train_batch_size": 4}}]}
+    run_pipeline(spec)
+    reads = []
+    stage_rows = PipelineRunner.stage_rows
+    monkeypatch.setattr(PipelineRunner, "stage_rows", lambda self, *a, **k: reads.append(a[0].name)
+                        or stage_rows(self, *a, **k))
+    capsys.readouterr()
+    run_pipeline(spec, resume=True)
+    assert reads == [] and "changed since it ran" not in capsys.readouterr().err
+
+    before = os.stat(data)
+    os.utime(data, ns=(before.st_atime_ns, before.st_mtime_ns + 10**9))   # touched, rows the same: read once
+    run_pipeline(spec, resume=True)
+    run_pipeline(spec, resume=True)
+    assert reads == ["s"] and "changed since it ran" not in capsys.readouterr().err
+
+    edited = data.read_text().replace("1+3=", "1+4=")   # the same size
+    assert len(edited) == before.st_size
+    data.write_text(edited)
+    os.utime(data, ns=(before.st_atime_ns, before.st_mtime_ns + 2 * 10**9))
+    run_pipeline(spec, resume=True)
+    assert reads == ["s", "s"]
+    assert re.search(rf"stage 's' finished in the earlier run.*the rows of dataset '{re.escape(str(data))}' changed "
+                     rf"since it ran: sha256 [0-9a-f]{{16}} -> [0-9a-f]{{16}}", capsys.readouterr().err)
+    run_pipeline(spec, resume=True)   # still said: the rows the stage trained on are not these
+    assert reads == ["s", "s", "s"] and "changed since it ran" in capsys.readouterr().err
+
+
 def test_resume_removes_the_temporary_files_of_writes_killed_mid_way(tmp_path):
     # a SIGKILL while pipeline_state.json, summary.json or curves.png (r1fast plot) was replaced left its .tmp
     # beside it for good: only a trainer's metrics .tmp was ever cleaned

@@ -685,12 +685,20 @@ class PipelineRunner:
             return ""
         if (done.get("options") or {}).get("dataset", stage.dataset) != stage.dataset:
             return ""   # another path: _changed_options names it
+        files = _data_files_stat(stage.dataset)   # before the read: a file written during it is read again next time
+        if files is not None and done.get("rows_files") == files:
+            return ""   # the very files whose rows it hashed: not read again
         try:
             rows = self.stage_rows(stage, index, ())
         except Exception:   # gone or unreadable: only what a later stage reads of it matters, and says so
             return ""
         now = rows_fingerprint(rows)
-        return "" if now == was else f"the rows of dataset {stage.dataset!r} changed since it ran: sha256 {was} -> {now}"
+        if now != was:   # kept as it is: these are not the rows the stage trained on, said on every --resume
+            return f"the rows of dataset {stage.dataset!r} changed since it ran: sha256 {was} -> {now}"
+        if files is not None:   # touched or copied, the rows the same: this hash holds for these files now
+            done["rows_files"] = files
+            self.save_state()
+        return ""
 
     def _sample_fingerprint(self, stage: Stage, rows: list[dict], model_source: Optional[str]) -> str:
         """A sample stage's options, prompts, the pipeline's model, dtype, device and seed, and the weights of the
@@ -895,6 +903,11 @@ class PipelineRunner:
                 print(f"r1fast: --resume: stage {stage.name!r} has no checkpoint in {stage_dir}: it starts from "
                       f"its first step", flush=True)
             record: dict[str, Any] = {"type": stage.type, "step_start": step}
+            # the data's files as they are before the stage reads them: a later --resume reads them again only when
+            # these changed (_data_change_note)
+            data_files = None if stage.dataset.startswith(("builtin:", "@")) else _data_files_stat(stage.dataset)
+            if data_files is not None:
+                record["rows_files"] = data_files
             cfg = stage.config
             if hasattr(cfg, "progress_bar"):
                 cfg.progress_bar = p.progress_bar and cfg.progress_bar
@@ -1107,6 +1120,23 @@ def _model_weights(spec: Optional[str]) -> dict:
         return {}
     weights = weights_signature(spec)
     return {} if weights is None else {"model_weights": weights}
+
+
+def _data_files_stat(spec: str) -> Optional[list[list]]:
+    """[path, size, mtime_ns] of a dataset file, or of each file in a saved dataset's folder, recorded beside the
+    hash of the rows a stage read from them (rows_sha256): --resume reads and hashes a finished stage's data again
+    only when these changed, not on every resume (slow for a large file). An edit that keeps a file's size and its
+    modification time to the nanosecond goes unseen. None where the spec is no local path (a Hub name): read
+    every time."""
+    if not os.path.exists(spec):
+        return None
+    root = os.path.realpath(spec)
+    paths = [root] if os.path.isfile(root) else \
+        sorted(os.path.join(folder, name) for folder, _, names in os.walk(root) for name in names)
+    try:
+        return [[path, st.st_size, st.st_mtime_ns] for path, st in ((path, os.stat(path)) for path in paths)]
+    except OSError:   # a file gone while listed: read and hashed, as before
+        return None
 
 
 def _changed_settings(recorded: Optional[dict], now: dict) -> str:
