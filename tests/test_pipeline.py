@@ -2497,6 +2497,115 @@ def test_resume_reads_a_finished_stages_data_file_again_only_when_its_size_or_mt
     assert reads == ["s", "s", "s"] and "changed since it ran" in capsys.readouterr().err
 
 
+def _rerun_spec(tmp_path):
+    """tiny_pipeline without its held-out evaluation (the rerun tests check folders and state, not accuracy)."""
+    spec = tiny_pipeline(tmp_path)
+    spec.pop("eval_dataset")
+    return spec
+
+
+def _files_and_times(folder):
+    return {os.path.relpath(os.path.join(d, n), folder): os.stat(os.path.join(d, n)).st_mtime_ns
+            for d, _, names in os.walk(folder) for n in names if n != ".r1fast.lock"}
+
+
+def test_rerun_from_keeps_the_stages_before_it_and_runs_it_and_the_later_ones_afresh(tmp_path, capsys):
+    # a user who changed a later stage's options had to start the whole run over (overwrite_output_dir) or edit the
+    # run folder by hand: rerun_from=<stage> reuses the stages before it as --resume does and sets aside the rest
+    spec = _rerun_spec(tmp_path)
+    run = tmp_path / "run"
+    run_pipeline(spec)
+    kept_before = {name: _files_and_times(run / name) for name in ("cold", "rl")}
+    old_samples = (run / "rs" / "samples.jsonl").read_text()
+    old_state = json.loads((run / "pipeline_state.json").read_text())
+    assert len(old_samples.splitlines()) == 4   # one kept per prompt
+    capsys.readouterr()
+
+    summary = run_pipeline(spec, ["rerun_from=rs", "rs.num_rows=2"])
+    out = capsys.readouterr().out
+    pid = os.getpid()
+    assert (f"r1fast: rerun_from=rs: stages rs, student run afresh, the earlier stages as --resume keeps them; the "
+            f"earlier run's outputs are set aside: {run / 'rs'} is now {run / 'rs'}.old-{pid}; {run / 'student'} is "
+            f"now {run / 'student'}.old-{pid}") in out
+    assert "== stage 1/4: cold (sft): done in the earlier run, skipped ==" in out
+    assert "== stage 2/4: rl (grpo): done in the earlier run, skipped ==" in out
+    assert "== stage 3/4: rs (sample) ==" in out and "first step" not in out
+    # the stages before it: untouched, and their records as they were
+    assert {name: _files_and_times(run / name) for name in ("cold", "rl")} == kept_before
+    state = json.loads((run / "pipeline_state.json").read_text())
+    assert state["stages"]["cold"] == old_state["stages"]["cold"] and state["stages"]["rl"] == old_state["stages"]["rl"]
+    # the named stage and the later one: run again with the new option, the earlier run's outputs beside
+    assert len((run / "rs" / "samples.jsonl").read_text().splitlines()) == 2
+    assert state["stages"]["rs"]["options"]["num_rows"] == 2 and state["stages"]["student"]["finished"]
+    assert (run / f"rs.old-{pid}" / "samples.jsonl").read_text() == old_samples
+    assert sorted(n for n in os.listdir(run / f"student.old-{pid}") if n.startswith("checkpoint-")) == ["checkpoint-2"]
+    assert [s["steps"] for s in summary["stages"]] == [3, 2, 0, 2]
+    student_steps = [json.loads(line)["step"] for line in open(run / "metrics.jsonl")
+                     if json.loads(line).get("stage") == "student"]
+    assert student_steps and min(student_steps) > 5   # after rl's, as in the first run
+    assert not (run / ".r1fast-rerun.json").exists()
+
+    # the same command with --resume (a requeued job, the command a stopped rerun prints) continues that rerun
+    run_pipeline(spec, ["rerun_from=rs", "rs.num_rows=2"], resume=True)
+    out = capsys.readouterr().out
+    assert "set aside" not in out and "== stage 4/4: student (sft): done in the earlier run, skipped ==" in out
+    # without --resume, a new rerun: the earlier set-aside folders are kept, the new ones take the next free name
+    run_pipeline(spec, ["rerun_from=student"])
+    assert sorted(n for n in os.listdir(run) if ".old-" in n) == [f"rs.old-{pid}", f"student.old-{pid}",
+                                                                   f"student.old-{pid + 1}"]
+
+
+def test_rerun_from_errors_name_the_stages_and_the_missing_run(tmp_path, capsys):
+    from r1fast.trainer.config import ConfigError
+
+    spec = _rerun_spec(tmp_path)
+    with pytest.raises(ConfigError, match=r"^command line: rerun_from 'sft2' is not a stage of this pipeline; its "
+                                          r"stages: cold, rl, rs, student$"):
+        load_pipeline(spec, ["rerun_from=sft2"])
+    with pytest.raises(ConfigError, match=r"^pipeline: rerun_from 'RL' is not a stage"):
+        load_pipeline({**spec, "rerun_from": "RL"})
+    with pytest.raises(ConfigError, match=r"rerun_from=rl keeps the stages before 'rl' from the earlier run, and "
+                                          r"overwrite_output_dir=true deletes that run first: give one of them"):
+        load_pipeline(spec, ["rerun_from=rl", "overwrite_output_dir=true"])
+    run = tmp_path / "run"
+    with pytest.raises(ConfigError, match=rf"rerun_from=rl: {re.escape(str(run))} holds no earlier run of this "
+                                          rf"pipeline \(no pipeline_state.json\)"):
+        run_pipeline(spec, ["rerun_from=rl"])
+    assert not run.exists()   # nothing made
+    spec_file = tmp_path / "p.yaml"
+    spec_file.write_text(json.dumps(spec))
+    with pytest.raises(SystemExit, match="rerun_from 'nope' is not a stage of this pipeline; its stages: cold, rl"):
+        main(["pipeline", str(spec_file), "rerun_from=nope"])
+
+
+def test_a_rerun_killed_while_setting_the_earlier_outputs_aside_is_finished_by_the_next_run(tmp_path, monkeypatch):
+    # killed between its renames: the next run finishes them from the journal before reading the state, so no stage
+    # resumes from a folder half set aside
+    import r1fast.trainer.pipeline as pipeline
+
+    spec = _rerun_spec(tmp_path)
+    spec["stages"] = spec["stages"][2:]   # rs, then student on its samples
+    run = tmp_path / "run"
+    run_pipeline(spec)
+    move_aside = pipeline._move_aside
+
+    def killed_after_the_first(moves):
+        move_aside(moves[:1])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "_move_aside", killed_after_the_first)
+    with pytest.raises(KeyboardInterrupt):
+        run_pipeline(spec, ["rerun_from=rs"])
+    monkeypatch.setattr(pipeline, "_move_aside", move_aside)
+    assert (run / ".r1fast-rerun.json").exists() and (run / "student").is_dir() and not (run / "rs").exists()
+    summary = run_pipeline(spec, resume=True)
+    assert not (run / ".r1fast-rerun.json").exists()
+    pid = os.getpid()
+    assert sorted(n for n in os.listdir(run) if ".old-" in n) == [f"rs.old-{pid}", f"student.old-{pid}"]
+    assert [s["stage"] for s in summary["stages"]] == ["rs", "student"] and (run / "rs" / "samples.jsonl").exists()
+    assert json.loads((run / "pipeline_state.json").read_text())["rerun_from"] == "rs"
+
+
 def test_resume_removes_the_temporary_files_of_writes_killed_mid_way(tmp_path):
     # a SIGKILL while pipeline_state.json, summary.json or curves.png (r1fast plot) was replaced left its .tmp
     # beside it for good: only a trainer's metrics .tmp was ever cleaned

@@ -26,7 +26,9 @@ _RESUME = {"train": "--resume [PATH] continues from the newest checkpoint (or PA
            "sample": "--resume continues a run stopped or killed (it keeps what it sampled, batch by batch, in "
                      "OUTPUT_FILE.sample_progress.json), writing what one uninterrupted run writes.",
            "pipeline": "--resume [RUN_DIR] skips finished stages and resumes the unfinished one from its last "
-                       "checkpoint (RUN_DIR: default the pipeline's output_dir, else ./runs/<name>)."}
+                       "checkpoint (RUN_DIR: default the pipeline's output_dir, else ./runs/<name>). "
+                       "rerun_from=<stage> runs that stage and the later ones again, keeping the earlier ones as "
+                       "--resume does and setting their earlier outputs aside as <folder>.old-<n>."}
 _SYNTAX = "options: --key value | --key=value | key=value"
 _REQUIRED = {"model_name_or_path": " (required)", "dataset": " (required)"}
 

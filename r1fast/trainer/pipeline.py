@@ -16,7 +16,8 @@ A stage trains the previous stage's model unless it names its own `model` (a pat
 or "@stage" for that stage's result). "@stage" as a dataset is what a sample stage kept. Each stage
 writes into <run>/<stage>/; <run>/metrics.jsonl gathers every stage's metrics and the held-out
 accuracy after each training stage; <run>/summary.json has the table printed at the end.
-`--resume` skips finished stages and resumes the unfinished one from its last checkpoint.
+`--resume` skips finished stages and resumes the unfinished one from its last checkpoint; rerun_from=<stage> runs
+that stage and the later ones again, keeping the earlier ones as --resume does (their old outputs set aside).
 """
 from __future__ import annotations
 
@@ -58,7 +59,7 @@ DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(__file__)), "confi
 TOP_KEYS = {"name", "seed", "output_dir", "model", "device", "dtype", "eval_dataset", "eval_size",
              "eval_samples_per_prompt", "eval_temperature", "eval_max_tokens", "eval_system_prompt",
              "eval_format_pattern", "eval_chat_template_kwargs", "eval_stop_tokens", "stages", "progress_bar",
-             "description", "num_threads", "overwrite_output_dir"}
+             "description", "num_threads", "overwrite_output_dir", "rerun_from"}
 STAGE_FIELDS = ("model", "dataset", "num_rows", "evaluate")
 _STAGE_KEYS = {"name", "type", "config", *STAGE_FIELDS}
 # Config options a pipeline sets for its stages itself: in a stage's config they would be ignored.
@@ -77,6 +78,10 @@ STATE_FORMAT = 2
 # what a first Ctrl-C/SIGTERM outside a stage's evaluation or sampling (a trainer has its own handler) waits for
 _BETWEEN_STAGES = "stopping before the next stage trains or samples"
 # A GRPO stage's evaluations at its eval_steps default to the pipeline's held-out settings.
+# rerun_from's set-aside of the earlier run's outputs, in the run folder while its renames are done: {"r1fast_rerun": 1,
+# "stages": the stages whose records pipeline_state.json drops, "moves": [[path, path + ".old-<n>"], ...] (relative to
+# the run folder when inside it)}. A run killed part way leaves it, and the next run in the folder finishes it first.
+RERUN_JOURNAL = ".r1fast-rerun.json"
 _EVAL_DEFAULTS = ("eval_size", "eval_samples_per_prompt", "eval_temperature")
 
 
@@ -112,6 +117,9 @@ class Pipeline:
     progress_bar: bool = True
     num_threads: Optional[int] = None    # torch CPU threads (1 avoids stalls on a busy small CPU)
     overwrite_output_dir: bool = False   # a new run into a folder holding an earlier one: delete it first
+    # the stage the run folder's earlier run is run again from: the stages before it are kept as --resume keeps them,
+    # this one and those after it run afresh, their earlier outputs set aside (PipelineRunner._set_aside_for_rerun)
+    rerun_from: Optional[str] = None
     stages: list[Stage] = field(default_factory=list)
 
     @property
@@ -223,8 +231,24 @@ def load_pipeline(source: str | dict, overrides: Optional[list[str]] = None) -> 
         raise ConfigError(f"command line: no stage named {sorted(stage_ov)}; stages: {[s.name for s in p.stages]}")
     if not p.model and not p.stages[0].model:
         raise ConfigError(f"{where}: no model for stage {p.stages[0].name!r}; set the pipeline's 'model' or the stage's")
+    _check_rerun_from(p, typed if "rerun_from" in top_ov else where,
+                      typed if {"rerun_from", "overwrite_output_dir"} & set(top_ov) else where)
     _check_stages(p, where)
     return p
+
+
+def _check_rerun_from(p: Pipeline, where: str, both_where: Optional[str] = None):
+    """rerun_from names one of the stages, found before any stage runs; and keeps the stages before it, which
+    overwrite_output_dir would delete first (`both_where`: where the two were set, if not `where`)."""
+    if p.rerun_from is None:
+        return
+    names = [s.name for s in p.stages]
+    if p.rerun_from not in names:
+        raise ConfigError(f"{where}: rerun_from {p.rerun_from!r} is not a stage of this pipeline; its stages: "
+                          f"{', '.join(names)}")
+    if p.overwrite_output_dir:
+        raise ConfigError(f"{both_where or where}: rerun_from={p.rerun_from} keeps the stages before {p.rerun_from!r} from the "
+                          f"earlier run, and overwrite_output_dir=true deletes that run first: give one of them")
 
 
 def _check_num_rows(fields: dict, where: str):
@@ -490,6 +514,7 @@ class PipelineRunner:
         # set by the first Ctrl-C/SIGTERM outside a trainer's loop (whose own handler stops it at its step)
         self._stop_requested = False
         self._finishing = _BETWEEN_STAGES
+        self._resume_asked = False   # run(resume=...) as given (rerun_from sets resume itself)
 
     # -- helpers -----------------------------------------------------------------------------------
     def eval_rows(self) -> Optional[list[dict]]:
@@ -751,6 +776,15 @@ class PipelineRunner:
 
         import torch
 
+        if self.p.rerun_from is not None:
+            # found before own_run_folder makes the folder: there is no earlier run to keep the stages before it from
+            if not os.path.isfile(self.state_path):
+                raise ConfigError(f"rerun_from={self.p.rerun_from}: {self.run_dir} holds no earlier run of this "
+                                  f"pipeline (no pipeline_state.json) to keep the stages before {self.p.rerun_from!r} "
+                                  f"from; run the pipeline without rerun_from (or give the output_dir of that run)")
+            # with --resume, the rerun from that stage an earlier invocation set aside goes on (_rerun_stages)
+            self._resume_asked = resume
+            resume = True   # the stages before it are taken as --resume takes them
         # one run per folder at a time
         with own_run_folder(self.run_dir), stop_handlers(self, lambda: self._finishing):
             threads = torch.get_num_threads()
@@ -767,7 +801,7 @@ class PipelineRunner:
             print(f"\nr1fast: interrupted before stage {stage.name!r}", flush=True)
             raise KeyboardInterrupt   # the CLI says how to continue and exits with 130
 
-    def _refuse_killed_saves(self):
+    def _refuse_killed_saves(self, skip: list[str] = ()):
         """--resume: a stage still to train whose folder holds no checkpoint but a visible checkpoint-N.old-<pid> (an
         earlier r1fast's save killed replacing checkpoint-N) is refused by its trainer as an earlier run. Refused
         here, before any word of where the run starts: it printed "starts from its first step" and then stopped."""
@@ -776,11 +810,100 @@ class PipelineRunner:
         for stage in self.p.stages:
             done = self.state["stages"].get(stage.name)
             stage_dir = os.path.join(self.run_dir, stage.name)
-            if stage.type == "sample" or (done and done.get("finished")) or not os.path.isdir(stage_dir):
+            if stage.type == "sample" or (done and done.get("finished")) or not os.path.isdir(stage_dir) \
+                    or stage.name in skip:   # set aside for rerun_from: started afresh
                 continue
             remove_save_leftovers(stage_dir)   # a hidden .checkpoint-N.old-<pid> is checkpoint-N again first
             if latest_checkpoint(stage_dir) is None:
                 start_fresh(stage_dir, overwrite=False)   # deletes nothing: it holds no checkpoint
+
+    def _rerun_stages(self) -> list[str]:
+        """The stages rerun_from runs afresh: the one it names and every later one. [] without rerun_from, and with
+        --resume where the state says an earlier invocation set them aside for a rerun from that stage: that rerun,
+        stopped or finished, goes on as --resume goes on (the command a stopped rerun prints to continue it keeps
+        rerun_from, and a job restarted with the same command must not start the stages over again)."""
+        if self.p.rerun_from is None or (self._resume_asked and self.state.get("rerun_from") == self.p.rerun_from):
+            return []
+        names = [s.name for s in self.p.stages]
+        return names[names.index(self.p.rerun_from):]
+
+    def _set_aside_for_rerun(self, rerun: list[str]):
+        """rerun_from: the earlier run's outputs of the stages in `rerun` (their folders, and a sample stage's
+        output_file outside its folder) renamed to <path>.old-<n>, never deleted, and their records dropped from the
+        state, so that they run afresh. Journaled (RERUN_JOURNAL): a kill part way is finished by the next run."""
+        stages = {s.name: s for s in self.p.stages}
+        sources = []
+        for name in rerun:
+            sources.append(os.path.join(self.run_dir, name))
+            out = getattr(stages[name].config, "output_file", None)
+            if out:
+                sources.append(os.path.abspath(out))
+        moves, taken = [], set()
+        for src in sources:
+            inside_moved = any(os.path.commonpath([src, a]) == a for a, _ in moves)
+            if os.path.lexists(src) and not inside_moved and all(src != a for a, _ in moves):
+                target = self._free_old_name(src, taken)
+                taken.add(target)
+                moves.append((src, target))
+        journal = os.path.join(self.run_dir, RERUN_JOURNAL)
+        with replacing(journal) as f:
+            json.dump({"r1fast_rerun": 1, "stages": rerun,
+                       "moves": [[self._in_run(a), self._in_run(b)] for a, b in moves]}, f)
+        _sync_folder(self.run_dir)
+        _move_aside(moves)
+        for name in rerun:
+            self.state["stages"].pop(name, None)
+        self.state["rerun_from"] = rerun[0]   # what --resume with the same rerun_from continues
+        self.save_state()
+        self.write_metrics()   # the set-aside stages' lines out of <run>/metrics.jsonl
+        os.remove(journal)
+        said = "; ".join(f"{a} is now {b}" for a, b in moves) if moves else "none of them had written anything"
+        print(f"r1fast: rerun_from={self.p.rerun_from}: stage{'s' if len(rerun) > 1 else ''} {', '.join(rerun)} "
+              f"run{'' if len(rerun) > 1 else 's'} afresh, the earlier stages as --resume keeps them; the earlier "
+              f"run's outputs are set aside: {said}", flush=True)
+
+    def _free_old_name(self, path: str, taken: set[str]) -> str:
+        """<path>.old-<n> for the first n from the process id on that is free, and no stage's folder name."""
+        stage_folders = {os.path.join(self.run_dir, n) for n in [s.name for s in self.p.stages]
+                         + list(self.state.get("order") or [])}
+        n = os.getpid()
+        while True:
+            target = f"{path}.old-{n}"
+            if not os.path.lexists(target) and target not in taken and target not in stage_folders:
+                return target
+            n += 1
+
+    def _finish_rerun_set_aside(self):
+        """The set-aside of a rerun_from run killed part way (RERUN_JOURNAL): its renames done, its stages' records
+        dropped from pipeline_state.json, the journal removed. An unreadable journal is an error: the stages it
+        names may be half set aside, and resuming them could take an old checkpoint for the new run's."""
+        from r1fast.trainer.metrics import remove_stale_temps
+
+        path = os.path.join(self.run_dir, RERUN_JOURNAL)
+        remove_stale_temps(path)
+        if not os.path.isfile(path):
+            return
+        try:
+            with open(path, encoding="utf-8") as f:
+                journal = json.load(f)
+            stages, moves = journal["stages"], journal["moves"]
+            if not (isinstance(stages, list) and all(isinstance(n, str) for n in stages)):
+                raise ValueError("its stages are not a list of names")
+            if not all(_is_set_aside_move(m) for m in moves):
+                raise ValueError("its moves are not pairs of a path and that path + '.old-<n>'")
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{path}, the set-aside of a rerun_from run that was killed part way, cannot be read "
+                             f"({e}); look at what {self.run_dir} holds, then remove it") from None
+        _move_aside([(self._from_run(a), self._from_run(b)) for a, b in moves])
+        if os.path.isfile(self.state_path):
+            state = self._read_state()
+            for name in stages:
+                state["stages"].pop(name, None)
+            if stages:
+                state["rerun_from"] = stages[0]
+            with replacing(self.state_path) as f:
+                json.dump(state, f, indent=1)
+        os.remove(path)
 
     def _train_stage(self, trainer, stage: Stage, resume_stage: bool, record: dict) -> int:
         """Run an SFT or GRPO stage's trainer (from its latest checkpoint when `resume_stage`) and note its
@@ -805,11 +928,13 @@ class PipelineRunner:
 
             torch.set_num_threads(p.num_threads)
         remove_save_leftovers(self.run_dir)   # the state's, summary's or curves' .tmp of a run killed as it wrote them
+        self._finish_rerun_set_aside()   # one killed part way: the folders and the state as it meant them
         earlier_run = resume and os.path.isfile(self.state_path)
         if earlier_run:
             self.state = self._read_state()
+        rerun = self._rerun_stages()
         if resume:
-            self._refuse_killed_saves()
+            self._refuse_killed_saves(skip=rerun)
         if earlier_run:
             note = _changed_settings(self.state.get("settings"), self._settings())
             if note:
@@ -830,6 +955,8 @@ class PipelineRunner:
             from r1fast import _ext
 
             _ext.require(f"the rollout engine of stage {needs_rollout[0]!r}")
+        if rerun:   # once every check before the first stage has passed
+            self._set_aside_for_rerun(rerun)
         self.save_state()  # the stage order, for `r1fast plot` while the first stage runs
         t_start = time.perf_counter()
         model = tokenizer = None
@@ -899,7 +1026,7 @@ class PipelineRunner:
             resume_stage = bool(resume and latest_checkpoint(stage_dir))
             t0 = time.perf_counter()
             print(f"\n== stage {i + 1}/{len(p.stages)}: {stage.name} ({stage.type}) ==", flush=True)
-            if resume and not resume_stage and stage.type != "sample":
+            if resume and not resume_stage and stage.type != "sample" and stage.name not in rerun:
                 print(f"r1fast: --resume: stage {stage.name!r} has no checkpoint in {stage_dir}: it starts from "
                       f"its first step", flush=True)
             record: dict[str, Any] = {"type": stage.type, "step_start": step}
@@ -1164,6 +1291,33 @@ def _changed_options(stage: Stage, recorded: Optional[dict]) -> str:
     return ", ".join(changed)
 
 
+def _is_set_aside_move(move) -> bool:
+    """A move RERUN_JOURNAL may hold: [path, path + ".old-<n>"], a relative path within the run folder."""
+    import re
+
+    if not (isinstance(move, list) and len(move) == 2 and all(isinstance(p, str) and p for p in move)):
+        return False
+    src, target = move
+    within = os.path.isabs(src) or (os.path.normpath(src) == src and src.split(os.sep)[0] != os.pardir)
+    return within and re.fullmatch(re.escape(src) + r"\.old-\d+", target) is not None
+
+
+def _move_aside(moves: list[tuple[str, str]]):
+    """Each (path, target) renamed where the path is still there and the target free (a finished journal's moves
+    done again are skipped), then synced."""
+    for src, target in moves:
+        if os.path.lexists(src) and not os.path.lexists(target):
+            os.rename(src, target)
+    for folder in {os.path.dirname(t) for _, t in moves}:
+        _sync_folder(folder)
+
+
+def _sync_folder(folder: str):
+    from r1fast.trainer.checkpoints import fsync_dir
+
+    fsync_dir(folder)
+
+
 def _free_memory() -> None:
     """Give back what a finished stage's trainer or model held before the next one allocates. The name alone
     kept a trainer (its optimizer state, its rollout engine's KV pool) alive while the next stage's was built;
@@ -1188,5 +1342,6 @@ def run_pipeline(source: str | dict | Pipeline = DEFAULT_CONFIG, overrides: Opti
         raise TypeError("run_pipeline: overrides apply to a pipeline file or dict; set a Pipeline's fields instead "
                         "(or pass the overrides to load_pipeline)")
     _validate(source, "pipeline")
+    _check_rerun_from(source, "pipeline")
     _check_stages(source, "pipeline")
     return PipelineRunner(source).run(resume=resume)
