@@ -221,7 +221,8 @@ def test_trl_options_the_engine_cannot_honour_are_refused(tmp_path, option, valu
 
 
 @pytest.mark.parametrize("field,value", [("no_repeat_ngram_size", 2), ("suppress_tokens", [5]),
-                                         ("bad_words_ids", [[7]]), ("top_h", 0.5), ("guidance_scale", 2.0)])
+                                         ("bad_words_ids", [[7]]), ("top_h", 0.5), ("guidance_scale", 2.0),
+                                         ("prompt_lookup_num_tokens", 3)])
 def test_model_generation_config_the_engine_cannot_honour_is_refused(tmp_path, field, value):
     """transformers' generate applies these from the model's generation_config (TRL sets none of them)."""
     path = save_tiny_qwen2(tmp_path / "m", seed=0)
@@ -325,7 +326,9 @@ HF_GENERATION_EXTRA_VALUES = {
     "exponential_decay_length_penalty": (2, 1.1), "num_beams": 2, "diversity_penalty": 0.5, "penalty_alpha": 0.6,
     "top_h": 0.5, "guidance_scale": 2.0, "encoder_repetition_penalty": 1.3, "max_time": 5.0,
     "watermarking_config": transformers.generation.WatermarkingConfig(greenlist_ratio=0.25),
-    "dola_layers": "high", "stop_strings": ["</s>"], "token_healing": True, "num_return_sequences": 2}
+    "dola_layers": "high", "stop_strings": ["</s>"], "token_healing": True, "num_return_sequences": 2,
+    "constraints": [object()], "force_words_ids": [[7]], "prompt_lookup_num_tokens": 3, "assistant_early_exit": 1,
+    "use_mtp": True}
 
 
 def test_prompts_as_tensors_or_arrays_group_as_lists_do(hf_model):
@@ -354,6 +357,24 @@ def test_every_generation_config_field_the_engine_cannot_apply_is_refused():
         setattr(model.generation_config, name, value)
         problems = generation_problems(object(), model)
         assert len(problems) == 1 and f"generation_config.{name}=" in problems[0], (name, problems)
+
+
+def test_a_generation_config_field_the_drop_in_has_not_reviewed_is_refused(monkeypatch):
+    """A field a later transformers adds to GenerationConfig may change what generate samples: set away from its
+    default, it is named (on the model's generation_config at build time, on the trainer's at every generation)."""
+    from transformers import GenerationConfig
+
+    pytest.importorskip("trl")   # r1fast.integrations.trl subclasses trl.GRPOTrainer
+    from r1fast.integrations import trl as r1trl
+
+    monkeypatch.setattr(r1trl, "_generation_config_defaults",
+                        lambda: {**vars(GenerationConfig()), "future_sampler_knob": None})
+    model = torch.nn.Module()
+    model.generation_config = GenerationConfig()
+    assert r1trl.generation_problems(object(), model) == []
+    model.generation_config.future_sampler_knob = 0.5
+    (problem,) = r1trl.generation_problems(object(), model)
+    assert problem.startswith("the model's generation_config.future_sampler_knob=0.5: a generation option")
 
 
 @pytest.mark.parametrize("option", ["use_vllm", "use_transformers_continuous_batching"])
@@ -478,6 +499,8 @@ def test_engine_greedy_and_length_follow_the_generation_config_as_trls_generate_
     ("no_repeat_ngram_size", 2, "generation_config.no_repeat_ngram_size=2: the engine's sampler does not apply it"),
     ("max_new_tokens", None, "generation_config.max_new_tokens=None"),
     ("temperature", 0.0, "generation_config.temperature=0.0 with do_sample=True"),
+    ("prompt_lookup_num_tokens", 3, r"generation_config.prompt_lookup_num_tokens=3: .*assisted \(speculative\)"),
+    ("assistant_early_exit", 1, "generation_config.assistant_early_exit=1"),
 ])
 def test_generation_config_changes_the_engine_cannot_follow_are_refused_at_the_next_generation(
         tmp_path, field, value, message):

@@ -269,7 +269,55 @@ _HF_GENERATION_EXTRAS = {
     # DoLa decoding contrasts early layers' logits; stop strings and token healing need the tokenizer, which TRL does
     # not pass to generate (stock TRL fails on them); more return sequences than prompts break TRL's batch
     "dola_layers": (None,), "stop_strings": (None, []), "token_healing": (None, False),
-    "num_return_sequences": (None, 1)}
+    "num_return_sequences": (None, 1),
+    # constrained beam search forces words into the output
+    "constraints": (None, []), "force_words_ids": (None, []),
+    # these turn on assisted (speculative) decoding, which generate runs for one sequence at a time: stock TRL fails
+    # on a generation batch, and the engine, which has no draft, would sample plainly without saying so
+    "prompt_lookup_num_tokens": (None,), "assistant_early_exit": (None,), "use_mtp": (None, False)}
+
+# Why the fields above are refused, where "the engine's sampler does not apply it" does not say it.
+_HF_GENERATION_EXTRA_REASONS = dict.fromkeys(
+    ("prompt_lookup_num_tokens", "assistant_early_exit", "use_mtp"),
+    "assisted (speculative) decoding, which transformers' generate runs for one sequence at a time (stock TRL "
+    "fails on it); the engine has no draft model")
+
+# The other fields of transformers' GenerationConfig, reviewed: the engine follows the first line (or refuses their
+# values by name, see _generation_config_problems); the rest do not change what a decoder-only model under TRL's
+# generate call samples: the prompt is given (bos), max_new_tokens is always set (it wins over max_length), beam-search
+# options with num_beams refused above, caching and compilation, what generate returns besides the tokens, a
+# renormalisation that sampling ignores, an inf/nan filter that leaves a model's finite logits alone, and the knobs of
+# an assisted decoding that stays off (its triggers are refused above; an assistant model is never passed by TRL).
+_HF_GENERATION_REVIEWED = frozenset("""
+    do_sample temperature top_p top_k min_p max_new_tokens eos_token_id pad_token_id repetition_penalty
+    bos_token_id decoder_start_token_id max_length length_penalty early_stopping num_beam_groups low_memory
+    use_cache cache_implementation cache_config max_cache_len compile_config disable_compile prefill_chunk_size
+    continuous_batching_config output_attentions output_hidden_states output_scores output_logits
+    return_dict_in_generate renormalize_logits remove_invalid_values transformers_version is_assistant
+    num_assistant_tokens num_assistant_tokens_schedule assistant_confidence_threshold assistant_lookbehind
+    target_lookbehind max_matching_ngram_size assistant_ensemble_weight speculation_type
+""".split())
+
+
+@functools.cache
+def _generation_config_defaults() -> dict:
+    """The fields transformers' GenerationConfig declares (this release's), with their defaults."""
+    from transformers import GenerationConfig
+
+    return {name: value for name, value in vars(GenerationConfig()).items() if not name.startswith("_")}
+
+
+def _generation_extra_problem(where: str, name: str, value) -> str:
+    why = _HF_GENERATION_EXTRA_REASONS.get(name)
+    return f"{where}.{name}={value!r}: the engine's sampler does not apply it" + (f" ({why})" if why else "")
+
+
+def _unreviewed_generation_problems(where: str, option) -> list[str]:
+    """A field of this transformers' GenerationConfig that the drop-in (written for transformers 5.24) has not
+    reviewed, set away from its default: refused by name, since it may change what generate samples."""
+    return [f"{where}.{name}={option(name)!r}: a generation option the engine does not know; transformers' "
+            "generate may apply it" for name, default in _generation_config_defaults().items()
+            if name not in _HF_GENERATION_REVIEWED and name not in _HF_GENERATION_EXTRAS and option(name) != default]
 
 
 # transformers' generate fills an option TRL's generation_config leaves None from the model's generation_config, else
@@ -292,8 +340,11 @@ def generation_problems(args: Any, model: nn.Module | None = None) -> list[str]:
     for name, no_ops in _HF_GENERATION_EXTRAS.items() if gen is not None else ():
         value = getattr(gen, name, None)
         if value not in no_ops:
-            problems.append(f"the model's generation_config.{name}={value!r}: the engine's sampler does not "
-                            f"apply it (transformers' generate would)")
+            problems.append(_generation_extra_problem("the model's generation_config", name, value)
+                            + "; transformers' generate would")
+    if gen is not None:
+        problems += _unreviewed_generation_problems("the model's generation_config",
+                                                    lambda name: getattr(gen, name, None))
     for option, bad, why in (
         ("use_vllm", bool(getattr(args, "use_vllm", False)), "r1fast_generation replaces vLLM; pick one"),
         ("use_transformers_continuous_batching", bool(getattr(args, "use_transformers_continuous_batching", False)),
@@ -506,8 +557,9 @@ class GRPOTrainer(trl.GRPOTrainer):
         follow: a repetition penalty, a logits processor, a length given as max_length, a zero sampling
         temperature (which transformers' generate refuses)."""
         option = self._generation_option
-        problems = [f"generation_config.{name}={option(name)!r}: the engine's sampler does not apply it"
+        problems = [_generation_extra_problem("generation_config", name, option(name))
                     for name, no_ops in _HF_GENERATION_EXTRAS.items() if option(name) not in no_ops]
+        problems += _unreviewed_generation_problems("generation_config", option)
         if option("repetition_penalty") != 1.0:
             problems.append(f"generation_config.repetition_penalty={option('repetition_penalty')!r}: the engine's "
                             "sampler has no repetition penalty")
