@@ -553,12 +553,17 @@ def test_toy_tokenizer_pads_on_the_left():
     assert batch["input_ids"][0][0] == tokenizer.pad_token_id
 
 
-@pytest.mark.parametrize("case", ["replaced", "added", "pad_is_an_eos"])
+@pytest.mark.parametrize("case", ["replaced", "added", "pad_is_an_eos", "replaced_numpy", "added_array",
+                                  "pad_is_an_eos_numpy"])
 def test_engine_stops_at_the_generation_config_eos_a_callback_sets_as_trl_does(tmp_path, case):
     """A callback that sets trainer.generation_config.eos_token_id (a new stop token) changes where TRL's generate
     stops, while TRL still cuts at trainer.eos_token_ids and keeps the pads generate writes after a stop it does not
     cut at. The engine stopped at trainer.eos_token_ids only, so its completions ran past the new stop token.
-    Greedy, so the engine's tokens and transformers' are the same ones and stock TRL's path is the reference."""
+    Greedy, so the engine's tokens and transformers' are the same ones and stock TRL's path is the reference.
+    Token ids given as numpy integers (a scalar, an array) are taken as generate takes them: the engine's path used to
+    fail with a TypeError on a numpy scalar eos."""
+    import numpy as np
+
     trl = pytest.importorskip("trl")
     path = save_tiny_qwen2(tmp_path / "m", seed=0)
     trainer = _trainer(path, tmp_path / "run", max_completion_length=8)
@@ -574,12 +579,58 @@ def test_engine_stops_at_the_generation_config_eos_a_callback_sets_as_trl_does(t
     before, ours = both()
     assert ours == before
     stop = before[0][1]  # a token greedy decoding writes early in one completion
-    config.eos_token_id = {"replaced": [stop], "added": [*trainer.eos_token_ids, stop],
-                           "pad_is_an_eos": [stop]}[case]
-    if case == "pad_is_an_eos":
-        config.pad_token_id = trainer.eos_token_ids[0]
+    config.eos_token_id = {"replaced": [stop], "added": [*trainer.eos_token_ids, stop], "pad_is_an_eos": [stop],
+                           "replaced_numpy": np.int64(stop), "added_array": np.array([*trainer.eos_token_ids, stop]),
+                           "pad_is_an_eos_numpy": [np.int64(stop)]}[case]
+    if case.startswith("pad_is_an_eos"):
+        pad = trainer.eos_token_ids[0]
+        config.pad_token_id = pad if case == "pad_is_an_eos" else np.int64(pad)
     stock, ours = both()
     assert ours == stock
     assert stock != before  # the new stop token changed TRL's completions
     # TRL keeps the pads after a stop it does not cut at; it cuts at a pad that is one of its eos tokens
-    assert any(len(c) < 8 for c in stock) == (case == "pad_is_an_eos")
+    assert any(len(c) < 8 for c in stock) == case.startswith("pad_is_an_eos")
+
+
+def test_a_numpy_eos_on_the_model_and_a_numpy_length_are_taken_as_ints(tmp_path, monkeypatch):
+    """A model whose generation_config.eos_token_id is a numpy integer (a config built with numpy): TRL's __init__
+    failed on it with a TypeError ("argument of type 'numpy.int64' is not iterable"); the trainer now takes the same
+    stop tokens as with a Python int. A callback's numpy max_new_tokens was refused as "at least 1 token"."""
+    import numpy as np
+
+    path = save_tiny_qwen2(tmp_path / "m", seed=0)
+    eos = 7  # another stop token than the tokenizer's eos, which TRL adds in front
+    plain = _trainer(path, tmp_path / "plain", model_setup=lambda m: setattr(m.generation_config, "eos_token_id", eos))
+    trainer = _trainer(path, tmp_path / "numpy",
+                       model_setup=lambda m: setattr(m.generation_config, "eos_token_id", np.int64(eos)))
+    assert trainer.eos_token_ids == plain.eos_token_ids and eos in trainer.eos_token_ids
+    assert all(type(t) is int for t in trainer.eos_token_ids)
+    seen = spy_on_engine_params(monkeypatch)
+    trainer.generation_config.max_new_tokens = np.int64(4)
+    completions, _ = trainer._generate_single_turn([[5, 6, 7]] * 4, None, {}, 4)
+    (params,) = seen
+    assert params.max_tokens == 4 and set(params.stop_token_ids) == set(plain.eos_token_ids)
+    assert all(1 <= len(c) <= 4 for c in completions)
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("eos_token_id", 3.0, r"generation_config.eos_token_id must be integer token ids, got 3.0 \(float\)"),
+    ("eos_token_id", [2, True], r"generation_config.eos_token_id must be integer token ids, got True \(bool\)"),
+    ("eos_token_id", [2.5], r"generation_config.eos_token_id must be integer token ids, got 2.5"),
+    ("pad_token_id", 2.0, r"generation_config.pad_token_id must be integer token ids, got 2.0"),
+])
+def test_float_or_bool_token_ids_are_refused_by_name(tmp_path, field, value, message):
+    """int() made True token 1 and 2.5 token 2 without a word; a float or bool token id is now a ValueError naming
+    the field, on trainer.generation_config at the next generation, on the model's when the trainer is built."""
+    import numpy as np
+
+    path = save_tiny_qwen2(tmp_path / "m", seed=0)
+    trainer = _trainer(path, tmp_path / "run")
+    setattr(trainer.generation_config, field, value)
+    with pytest.raises(ValueError, match=message):
+        trainer._generate_single_turn([[5, 6, 7]] * 4, None, {}, 4)
+    if field == "eos_token_id":
+        with pytest.raises(ValueError, match="the model's " + message):
+            _trainer(path, tmp_path / "init", model_setup=lambda m: setattr(m.generation_config, field, value))
+    setattr(trainer.generation_config, field, np.array(value).astype(np.int64).tolist())  # the same ids, as ints
+    trainer._generate_single_turn([[5, 6, 7]] * 4, None, {}, 4)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import numbers
 import types
 from typing import Any
 
@@ -307,6 +308,42 @@ def _generation_config_defaults() -> dict:
     return {name: value for name, value in vars(GenerationConfig()).items() if not name.startswith("_")}
 
 
+def _token_id(value, field: str) -> int:
+    """A token id as transformers' generate takes it: a Python or numpy integer (a 0-d integer array or tensor too),
+    as an int. A bool or a float is refused by name: int() would make True token 1 and 3.7 token 3 without a word."""
+    if hasattr(value, "tolist"):  # numpy scalars and 0-d arrays / tensors: their Python value
+        value = value.tolist()
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return int(value)
+    raise ValueError(f"{field} must be integer token ids, got {value!r} ({type(value).__name__})")
+
+
+def _token_ids(value, field: str) -> list[int]:
+    """A token-id field that takes one id or several (eos_token_id: an int, a list, a tuple or an array of them, or
+    None) as a list of ints."""
+    if value is None:
+        return []
+    if hasattr(value, "tolist"):  # an array or a tensor: a (nested) list, or the Python scalar of a 0-d one
+        value = value.tolist()
+    if isinstance(value, (list, tuple)):
+        return [_token_id(token, field) for token in value]
+    return [_token_id(value, field)]
+
+
+def _normalise_model_eos(model) -> None:
+    """Make the model's generation_config.eos_token_id plain ints before TRL's __init__ reads it: TRL takes a scalar
+    that is not a Python int (np.int64 from a config built with numpy) for a list and fails with a TypeError inside,
+    and keeps floats and bools as token ids. The ids are unchanged, so generate stops where it did."""
+    config = getattr(model, "generation_config", None) if isinstance(model, nn.Module) else None
+    value = getattr(config, "eos_token_id", None)
+    if value is None:
+        return
+    ids = _token_ids(value, "the model's generation_config.eos_token_id")
+    if hasattr(value, "tolist"):
+        value = value.tolist()
+    config.eos_token_id = ids if isinstance(value, (list, tuple)) else ids[0]
+
+
 def _generation_extra_problem(where: str, name: str, value) -> str:
     why = _HF_GENERATION_EXTRA_REASONS.get(name)
     return f"{where}.{name}={value!r}: the engine's sampler does not apply it" + (f" ({why})" if why else "")
@@ -391,6 +428,7 @@ class GRPOTrainer(trl.GRPOTrainer):
                 "log-probs come from disabling the adapter): use trl.GRPOTrainer"
             )
         self.r1fast_backend = r1fast_backend
+        _normalise_model_eos(model)
         super().__init__(model, reward_funcs, args, *pos, **kw)
         self._refuse(unsupported_options(self.args))
         if self._is_vlm:
@@ -501,7 +539,7 @@ class GRPOTrainer(trl.GRPOTrainer):
         longest; TRL then keeps up to and including the first of trainer.eos_token_ids (fixed in its __init__). The
         two eos sets are the same unless a callback changed generation_config.eos_token_id (a new stop token, say):
         then a completion stopped at a token TRL does not cut at keeps the pads that follow it, as in TRL."""
-        trl_eos = set(self.eos_token_ids)
+        trl_eos = set(_token_ids(self.eos_token_ids, "trainer.eos_token_ids"))
         if set(self._generation_token_ids("eos_token_id")) == trl_eos:
             return completions  # each ends at its first eos, or has none: TRL's cut is the whole completion
         pad = self._generation_pad_id()
@@ -516,16 +554,13 @@ class GRPOTrainer(trl.GRPOTrainer):
 
     def _generation_token_ids(self, name: str) -> list[int]:
         """generation_config's eos_token_id (an int, a list or None) as generate reads it, as a list."""
-        value = self._generation_option(name)
-        if value is None:
-            return []
-        return [int(value)] if isinstance(value, int) else [int(token) for token in value]
+        return _token_ids(self._generation_option(name), f"generation_config.{name}")
 
     def _generation_pad_id(self) -> int | None:
         """The token generate fills finished sequences with: generation_config's pad_token_id, else its first eos."""
         pad = self._generation_option("pad_token_id")
         eos = self._generation_token_ids("eos_token_id")
-        return int(pad) if pad is not None else (eos[0] if eos else None)
+        return _token_id(pad, "generation_config.pad_token_id") if pad is not None else (eos[0] if eos else None)
 
     def _engine_sampling_params(self, n):
         """The engine's SamplingParams for what transformers' generate does with TRL's generation_config, read at
@@ -563,8 +598,15 @@ class GRPOTrainer(trl.GRPOTrainer):
         if option("repetition_penalty") != 1.0:
             problems.append(f"generation_config.repetition_penalty={option('repetition_penalty')!r}: the engine's "
                             "sampler has no repetition penalty")
+        for name, read in (("eos_token_id", _token_ids), ("pad_token_id", _token_id)):
+            value = option(name)
+            if value is not None:
+                try:
+                    read(value, f"generation_config.{name}")
+                except ValueError as e:
+                    problems.append(str(e))
         max_new_tokens = option("max_new_tokens")
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 1:
             problems.append(f"generation_config.max_new_tokens={max_new_tokens!r}: the engine needs a completion "
                             "length of at least 1 token")
         if option("do_sample") and not option("temperature") > 0:
