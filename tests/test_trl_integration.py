@@ -822,6 +822,34 @@ def test_r1fast_generation_must_be_a_bool(tmp_path, model_dirs, value):
                           r1fast_generation=value)
 
 
+@pytest.mark.parametrize("vllm_mode", ["colocate", "server"])
+def test_vllm_with_r1fast_generation_is_refused_before_vllm_is_imported(tmp_path, model_dirs, monkeypatch, vllm_mode):
+    """use_vllm=True with r1fast_generation=True, in either vllm_mode, is a ValueError naming use_vllm and saying
+    what to do, raised before TRL's __init__ (which would import vLLM, or fail on its absence); vllm_mode without
+    use_vllm does nothing in TRL and the engine generates."""
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_vllm(name, *args, **kwargs):
+        if name.split(".")[0] == "vllm":
+            raise AssertionError("the drop-in reached an import of vLLM")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_vllm)
+    tokenizer = AutoTokenizer.from_pretrained(model_dirs["untied"])
+
+    def build(**options):
+        return r1trl.GRPOTrainer(model=str(model_dirs["untied"]), reward_funcs=char_reward,
+                                 args=_config(tmp_path, **options), processing_class=tokenizer,
+                                 train_dataset=Dataset.from_dict({"prompt": PROMPTS}), r1fast_generation=True)
+
+    with pytest.raises(ValueError, match=r"use_vllm=True: r1fast_generation=True replaces vLLM's generation; pick one "
+                                         r"\(r1fast_generation=False generates with vLLM"):
+        build(use_vllm=True, vllm_mode=vllm_mode)
+    assert build(vllm_mode=vllm_mode).r1fast_rollout is not None
+
+
 def test_r1fast_generation_engine_keeps_to_the_models_sequence_length(tmp_path, model_dirs):
     # the drop-in read max_sequence_length from the transformers config (r1fast's ModelConfig has it, Qwen2Config
     # not): r1fast_generation=True failed in __init__ with AttributeError

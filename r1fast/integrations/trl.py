@@ -383,7 +383,10 @@ def generation_problems(args: Any, model: nn.Module | None = None) -> list[str]:
         problems += _unreviewed_generation_problems("the model's generation_config",
                                                     lambda name: getattr(gen, name, None))
     for option, bad, why in (
-        ("use_vllm", bool(getattr(args, "use_vllm", False)), "r1fast_generation replaces vLLM; pick one"),
+        # refused before TRL's __init__ would import vLLM, whatever vllm_mode (TRL ignores it without use_vllm)
+        ("use_vllm", bool(getattr(args, "use_vllm", False)),
+         "r1fast_generation=True replaces vLLM's generation; pick one (r1fast_generation=False generates with vLLM "
+         "and keeps r1fast's loss)"),
         ("use_transformers_continuous_batching", bool(getattr(args, "use_transformers_continuous_batching", False)),
          "r1fast_generation replaces transformers' generation; pick one"),
         ("repetition_penalty", getattr(args, "repetition_penalty", 1.0) != 1.0,
