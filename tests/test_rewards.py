@@ -131,6 +131,31 @@ def test_one_letter_in_both_cases_is_two_variables_to_math_verify():
     assert not answers_match("\\frac{GMm}{r^2}", "\\frac{GMM}{r^2}") and not answers_match("\\frac{mM}{m+M}", "\\frac{m}{2}")
 
 
+def test_a_run_of_letters_without_a_vowel_is_a_product_of_variables(with_math_verify):
+    # bare letters without a digit or an operator were words, compared case aside, and a run of four letters or more
+    # in math was no variables at all (math-verify lowercases every symbol): mgh scored 1 against the gold Mgh (another
+    # mass), GMMh against GMmh, $mgh$ against $Mgh$ and \\frac{GMMh}{r} against \\frac{GMmh}{r}, and each was one vote
+    import random
+
+    from r1fast.rewards.builtin import vote_key
+
+    consonants = "bcfghjklmnpqrsvwxzBCFGHJKLMNPQRSVWXZ"   # not d (dx: a differential) nor t (tr: a trace) to math-verify
+    letters = random.sample(consonants, 3)
+    flipped = [letters[0].swapcase()] + letters[1:]
+    product, other = "".join(letters), "".join(flipped)
+    for a, b in (("mgh", "Mgh"), ("GMMh", "GMmh"), ("$mgh$", "$Mgh$"), ("kT", "KT"), ("\\frac{GMMh}{r}", "\\frac{GMmh}{r}"),
+                 ("2GMmh", "2GMMh"), (product, other), (f"${product}$", f"${other}$"), (f"{product}k^2", f"{other}k^2")):
+        assert not answers_match(a, b) and not answers_match(b, a) and vote_key(a) != vote_key(b), (a, b)
+    # words (a vowel in them) keep their case aside, a product its full stop
+    for a, b in (("mgh", "mgh."), ("Yes", "yes"), ("Bob", "BOB"), ("odd", "Odd"), (product, product + ".")):
+        assert answers_match(a, b) and answers_match(b, a) and vote_key(a) == vote_key(b), (a, b)
+    if with_math_verify:   # the same product written in another order, bare or in math, and a unit written tight
+        shuffled = "".join(random.sample(letters, 3))
+        for a, b in (("GMmh", "GmMh"), ("mgh", "hgm"), ("\\frac{GMmh}{r}", "\\frac{hGmM}{r}"), ("$mgh$", "mgh"),
+                     (product, shuffled), ("760mmHg", "760")):
+            assert answers_match(a, b) and answers_match(b, a), (a, b)
+
+
 def test_a_base_numeral_s_letter_digits_keep_case_aside(monkeypatch):
     # a numeral's letter digits in a base past 10 were read as variables with their case: 1a_{16} and a5_{16} scored 0
     # against the gold 1A_{16} and A5_{16} (math-verify matched them) and were other cons@k votes

@@ -184,7 +184,14 @@ _MATH_SIGN_RE = re.compile(r"[0-9+\-*/^_=<>\\]")
 # the run was taken for a word. A run beside spaces only stays a word or a unit (5 cm, 5 \\text{ kg}), and the text of
 # \\text{…} and its kin is left out.
 _TIGHT = r"[0-9+\-*/^_=<>(){}\[\]]"
-_TIGHT_PRODUCT_RE = re.compile(rf"(?<={_TIGHT})[A-Za-z]{{2,3}}(?![A-Za-z])|(?<![A-Za-z\\])[A-Za-z]{{2,3}}(?={_TIGHT})")
+# A run of letters without a vowel (y counted as one) is no word but a product of variables, each letter with its case,
+# however long, bare or written tight: the answer mgh (bare, so taken for a word) scored 1 against the gold Mgh, GMMh
+# against GMmh, and \\frac{GMMh}{r} (four letters, a word to the rule above) against \\frac{GMmh}{r}. Not covered: a
+# product with a vowel in it beside spaces only (ab, xy), still words; and a bare acronym (BBC) is variables now.
+_CONSONANT = "[B-DF-HJ-NP-TV-XZb-df-hj-np-tv-xz]"
+_CONSONANT_PRODUCT_RE = re.compile(f"{_CONSONANT}{{2,}}")
+_PRODUCT = rf"(?:[A-Za-z]{{2,3}}|{_CONSONANT}{{4,}})"
+_TIGHT_PRODUCT_RE = re.compile(rf"(?<={_TIGHT}){_PRODUCT}(?![A-Za-z])|(?<![A-Za-z\\]){_PRODUCT}(?={_TIGHT})")
 _TEXT_PART_RE = re.compile(r"\\(?:text|textbf|textrm|mathrm|mbox|operatorname)\s*\{[^{}]*\}")
 # A numeral's digits in a base past 10 are no variables, so their case stays aside as math-verify's is (number theory's 1A_{16},
 # A5_{12}: a digit in the run, every letter a digit of that base): read as variables, 1a_{16} scored 0 against 1A_{16}.
@@ -209,6 +216,9 @@ def _variables(s: str) -> frozenset[str]:
     letters and Greek letters' LaTeX names, outside `\\text{…}` and its kin (words: the p.m. of 4\\text{ p.m.}); none for
     other answers (a choice letter, words, one `\\text{…}`)."""
     s = s.strip().rstrip(".").strip()
+    whole = _unwrapped(s)
+    if _CONSONANT_PRODUCT_RE.fullmatch(whole):   # mgh, $GMmh$: no word
+        return frozenset(whole)
     if not _MATH_SIGN_RE.search(s) or _TEXT_ANSWER_RE.fullmatch(s):
         return frozenset()
     millilitres = _GLUED_MILLILITRES_RE.fullmatch(s)
@@ -230,8 +240,9 @@ def _variables_differ_in_case(predicted: str, gold: str) -> bool:
     return bool(a) and a != b and {x.casefold() for x in a} == {x.casefold() for x in b}
 
 
-# Letters that stand in for a variable written in both cases (_with_cases_apart): not e or i (constants to math-verify).
-_STAND_IN_LETTERS = "qzjkvwyuhgbnmtpsrlfcxado"
+# Letters that stand in for a variable written in both cases (_with_cases_apart): not e or i (constants to math-verify),
+# the other vowels last, so that a product without a vowel (GMmh) stays one after renaming, which math-verify reads.
+_STAND_IN_LETTERS = "qzjkvwhgbnmtpsrlfcxdyuao"
 # A command's name, or a run of letters: a variable, or a product of two or three written tight (GMm), or a word
 _NAME_OR_RUN_RE = re.compile(r"\\[A-Za-z]+|[A-Za-z\u0391-\u03a9\u03b1-\u03c9]+")
 # Letters in a font of named sets or in text are no variables to rename: r\\in\\mathbb{R}'s R is the reals to math-verify
@@ -265,7 +276,7 @@ def _with_cases_apart(predicted: str, gold: str) -> Optional[tuple[str, str]]:
 
     def renamed(m: re.Match) -> str:
         name = m.group()
-        if name.startswith("\\") or len(name) > 3:
+        if name.startswith("\\") or (len(name) > 3 and not _CONSONANT_PRODUCT_RE.fullmatch(name)):
             return stand_in.get(name, name)
         return "".join(stand_in.get(ch, ch) for ch in name)
 
@@ -657,9 +668,9 @@ _UNIT_POWER = r"(?:\^\{?[0-9]\}?)?"                             # m^2, m^{3}
 # 10 \\mathrm{~N} (whose units math-verify drops) and against 2. It is read as text too, as `5 cm` is (its number),
 # and matches by either reading: as text alone, 20 m/s no longer matched 20m/s. Trade-off: `2 x` (spaced) is 2 too.
 _NUMBER_AND_UNIT_RE = re.compile(rf"{_UNIT_NUMBER}\s+[A-Za-z]{{1,3}}(?:\s*/\s*[A-Za-z]{{1,3}})?{_UNIT_POWER}")
-# A number with a common unit written against it (5cm, 12kg, 60km/h): the number, as `5 cm` is. Other letters against a
-# number are variables (2xy, 2ab+1).
-_NUMBER_GLUED_UNIT_RE = re.compile(rf"{_UNIT_NUMBER}(?:cm|mm|km|nm|kg|mg|ml|mL|ms|ns|min|hr|hrs|sec|mph|kph|rpm|mol|kJ|"
+# A number with a common unit written against it (5cm, 12kg, 60km/h, 760mmHg): the number, as `5 cm` is. Other letters
+# against a number are variables (2xy, 2ab+1).
+_NUMBER_GLUED_UNIT_RE = re.compile(rf"{_UNIT_NUMBER}(?:cm|mm|km|nm|kg|mg|ml|mL|ms|ns|min|hr|hrs|sec|mph|kph|rpm|mol|kJ|mmHg|"
                                    rf"kW|Hz|kHz|MHz|GHz|kPa|lb|lbs|oz|ft|yd|mi)(?:\s*/\s*(?:s|h|hr|min))?{_UNIT_POWER}")
 # A number of millilitres, written against it (250mL, 250ml/min): 250ml scored 0 against 250mL (the variables m, l and
 # m, L to _variables), though 1 against 250 mL and 250. Not with a power (2mL^2 is a product of variables, m*L^2).
@@ -676,15 +687,15 @@ def _without_full_stop(s: str) -> str:
 
 def _mv_readings(parse, s: str) -> list:
     """math-verify's readings of `s`, the empty ones left out: _mv_parse's, and a number with its unit as text too
-    (_NUMBER_AND_UNIT_RE), and bare text whose only runs of letters are products written tight (2xy, ab+1, F = ma) as
-    `$…$` too: read as prose only, 2xy was its 2 (0 against 2 x y), ba+1 nothing (0 against ab+1), ma nothing (0 against
-    F = ma), while 5cm stays 5 as well."""
+    (_NUMBER_AND_UNIT_RE), and bare text whose only runs of letters are products written tight (2xy, ab+1, F = ma), or
+    one product without a vowel (mgh), as `$…$` too: read as prose only, 2xy was its 2 (0 against 2 x y), ba+1 nothing
+    (0 against ab+1), ma nothing (0 against F = ma), hgm nothing (0 against mgh), while 5cm stays 5 as well."""
     readings = [_mv_parse(parse, s)]
     bare = _without_full_stop(s)
     if _NUMBER_AND_UNIT_RE.fullmatch(bare):
         readings.append(parse(s, parsing_timeout=None))
     elif ("\\" not in s and "$" not in s and _PROSE_RE.search(s)
-          and not _PROSE_RE.search(_TIGHT_PRODUCT_RE.sub(" ", s))):
+          and (_CONSONANT_PRODUCT_RE.fullmatch(bare) or not _PROSE_RE.search(_TIGHT_PRODUCT_RE.sub(" ", s)))):
         as_math = parse(f"${bare}$", parsing_timeout=None)
         # the prose reading only where the letters are a unit: read as prose, 2ab+1 and 2xy+1 were both 2 and matched
         # (as 2xy did the gold 2)
