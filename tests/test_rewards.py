@@ -156,6 +156,21 @@ def test_a_run_of_letters_without_a_vowel_is_a_product_of_variables(with_math_ve
             assert answers_match(a, b) and answers_match(b, a), (a, b)
 
 
+def test_a_one_letter_function_s_argument_keeps_its_case(with_math_verify):
+    # brackets were no sign of math, so P(A) was words, compared case aside: P(a) scored 1 against the gold P(A) (another
+    # event), f(X) against f(x), and each pair was one cons@k vote
+    import random
+
+    from r1fast.rewards.builtin import vote_key
+
+    name, arg = random.choice("PfgEhF"), random.choice("ABCXYZabcxyz")
+    for a, b in (("P(A)", "P(a)"), ("P(A|B)", "P(a|B)"), ("f(x)", "f(X)"), ("P(A)", "p(A)"), ("1-P(A)", "1-P(a)"),
+                 (f"{name}({arg})", f"{name}({arg.swapcase()})"), (f"{name}({arg})", f"{name.swapcase()}({arg})")):
+        assert not answers_match(a, b) and not answers_match(b, a) and vote_key(a) != vote_key(b), (a, b)
+    for a, b in (("P(A)", "P(A)."), (f"{name}({arg})", f" {name}({arg}) ")):
+        assert answers_match(a, b) and answers_match(b, a) and vote_key(a) == vote_key(b), (a, b)
+
+
 def test_a_base_numeral_s_letter_digits_keep_case_aside(monkeypatch):
     # a numeral's letter digits in a base past 10 were read as variables with their case: 1a_{16} and a5_{16} scored 0
     # against the gold 1A_{16} and A5_{16} (math-verify matched them) and were other cons@k votes

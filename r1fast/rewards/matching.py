@@ -178,7 +178,9 @@ tau upsilon phi chi psi omega""".split())
 # from a choice letter.
 # a LaTeX command's name, or a run of letters (Greek ones too: a chat model's Δ+1 and δ+1 scored 1 and were one vote)
 _NAME_OR_WORD_RE = re.compile(r"\\?[A-Za-z]+|[\u0391-\u03a9\u03b1-\u03c9]+")
-_MATH_SIGN_RE = re.compile(r"[0-9+\-*/^_=<>\\]")
+# A one-letter name applied to brackets (P(A), f(x)) is math too: as words, compared case aside, P(a) scored 1 against
+# P(A) and f(X) against f(x). A longer name (sin(x), Paris (France)) is no sign by itself.
+_MATH_SIGN_RE = re.compile(r"[0-9+\-*/^_=<>\\]|(?<![A-Za-z])[A-Za-z]\(")
 # Two or three letters written tight against a digit, an operator or a bracket are a product of variables (2xy, ab+1,
 # \\sqrt{xy}, \\frac{ab}{2}), each letter with its case: 2xy and 2XY, ab+1 and AB+1 each scored 1 and were one vote, as
 # the run was taken for a word. A run beside spaces only stays a word or a unit (5 cm, 5 \\text{ kg}), and the text of
