@@ -254,6 +254,27 @@ def test_millilitres_written_against_a_number_match_in_either_case_of_the_litre(
         assert not answers_match(a, b) and not answers_match(b, a), (a, b)
 
 
+def test_a_number_with_another_unit_is_another_answer(with_math_verify):
+    # both answers were read as their numbers alone, their units dropped: 250 mL scored 1 against the gold 250 L, 5 kg
+    # against 5 g (a prefix or none), 5 cm against 5 kg (another unit), in NuminaMath's \\mathrm{~L} too, and 7 mm
+    # (millimetres) against 7 Mm (megametres), words alike case aside
+    import random
+
+    n = random.choice([random.randrange(2, 10**4), random.randrange(1, 400) / 4])
+    prefix, other = random.sample(["k", "m", "M", "G", "c", "n"], 2)
+    base = random.choice(["m", "g", "s", "N", "J", "W", "Pa", "Hz", "V", "mol"])
+    for a, b in ((f"{n} mL", f"{n} L"), (f"{n} kg", f"{n} g"), (f"{n}kN", f"{n} N"), (f"{n} cm", f"{n} kg"),
+                 (f"{n} ms", f"{n} s"), (f"{n} mL", f"{n} \\mathrm{{~L}}"), (f"{n}\\text{{ mL}}", f"{n}\\text{{ L}}"),
+                 (f"{n} km/h", f"{n} m/h"), (f"{n}ml", f"{n} L"), (f"${n}\\,\\mathrm{{MHz}}$", f"{n} Hz"),
+                 (f"{n} mm", f"{n} Mm"), (f"{n} mg", f"{n} Mg"), (f"{n} {prefix}{base}", f"{n} {base}"),
+                 (f"{n} {prefix}{base}", f"{n} {other}{base}")):
+        assert not answers_match(a, b) and not answers_match(b, a), (a, b)
+    if with_math_verify:   # the same unit written otherwise, or a number alone against it, still match
+        for a, b in ((f"{n}ml", f"{n}mL"), (f"{n} mL", f"{n} \\mathrm{{~mL}}"), (f"{n} kg", f"{n}"), (f"{n} s", f"{n} sec"),
+                     (f"{n} km/h", f"{n}km/h"), (f"{n} {prefix}{base}", f"{n}\\text{{ {prefix}{base}}}")):
+            assert answers_match(a, b) and answers_match(b, a), (a, b)
+
+
 def test_answers_of_one_vote_match_without_math_verify(monkeypatch):
     # vote_key read words before the Unicode math that answers_match turns into LaTeX: √x and √X., a·b and A·B, were
     # one vote that answers_match (without math-verify) took for different answers

@@ -427,8 +427,9 @@ def answers_match(predicted: str, gold: str) -> bool:
     """Exact text match, then numeric match (1/2 == 0.5, 1,000 == 1000, 6.02 \\times 10^{23} == 6.02e23; a
     float-length decimal equals what it approximates to 1e-12; a percentage against a plain number is its number
     or its hundredth: 12.5\\% == 12.5 == 0.125), then math-verify when installed. Markdown around a whole answer is
-    not part of it (`**5**` is 5); a relation sign opening it is (`\\neq 5` is not 5; `\\le 5` is `≤ 5.0`), and so
-    is the case of a math answer's variables (`x+1` is not `X+1`; words and choice letters match case aside)."""
+    not part of it (`**5**` is 5); a relation sign opening it is (`\\neq 5` is not 5; `\\le 5` is `≤ 5.0`), so is an SI
+    unit against another (`250 mL` is not `250 L`; against a number alone it is its number), and so is the case of a
+    math answer's variables (`x+1` is not `X+1`; words and choice letters match case aside)."""
     predicted, gold = (_as_latex(_without_math_delimiters(_without_markdown(x))) for x in (predicted, gold))
     if _without_latex_spacing(predicted) == _without_latex_spacing(gold):
         return True
@@ -437,6 +438,8 @@ def answers_match(predicted: str, gold: str) -> bool:
         return False
     if predicted_sign is not None and _without_latex_spacing(predicted) == _without_latex_spacing(gold):
         return True
+    if _units_differ(predicted, gold):   # 250 mL is not 250 L, nor 7 mm 7 Mm (which are alike case aside)
+        return False
     if _same_words(predicted, gold):
         return True
     if _option_letter(predicted.strip()) and _is_letter(_text_words(gold)) or (
@@ -677,6 +680,68 @@ _NUMBER_GLUED_UNIT_RE = re.compile(rf"{_UNIT_NUMBER}(?:cm|mm|km|nm|kg|mg|ml|mL|m
 # A number of millilitres, written against it (250mL, 250ml/min): 250ml scored 0 against 250mL (the variables m, l and
 # m, L to _variables), though 1 against 250 mL and 250. Not with a power (2mL^2 is a product of variables, m*L^2).
 _GLUED_MILLILITRES_RE = re.compile(rf"{_UNIT_NUMBER}(m[lL])(?:\s*/\s*(?:s|h|hr|min))?")
+
+
+# SI units by symbol, and the prefixes written before them, for telling two answers' units apart (_quantity): math-verify
+# drops a unit, and a number with one was read as its number alone, so 250 mL scored 1 against 250 L, 5 kg against
+# 5 g and 5 cm against 5 kg. A unit not among them (sec, hrs, apples, °C) leaves the answers to the other readings.
+_UNIT_BASES = frozenset("m g s L l N J W Pa Hz V A Ω K C mol eV Wh cal bar min h".split())
+_UNIT_PREFIXES = frozenset("G M k h d c m μ µ u n p".split())
+_UNPREFIXED_BASES = frozenset(("min", "h"))
+_UNIT_WRAPPER_RE = re.compile(r"\\(?:mathrm|text|textrm|rm|mbox|operatorname)\s*\{([^{}]*)\}")
+_UNIT_SPACE_RE = re.compile(r"\s|~|\\[,;:! ]")
+_QUANTITY_RE = re.compile(rf"({_UNIT_NUMBER})((?:\s|~|\\[,;:! ])*)(.+)", re.DOTALL)
+_UNIT_TERM_RE = re.compile(r"([A-Za-zΩμµ]+)(?:\^\{?([+-]?[0-9])\}?)?")
+
+
+def _unit_symbol(symbol: str) -> Optional[str]:
+    """An SI unit's symbol as one spelling (µ and u: μ; a prefixed litre: L, as 250ml is 250mL), else None. A litre alone
+    keeps its case: 2 l (2 times l?) is not 2 L."""
+    if symbol in _UNIT_BASES:
+        return symbol
+    prefix, base = symbol[0], symbol[1:]
+    if prefix not in _UNIT_PREFIXES or base not in _UNIT_BASES or base in _UNPREFIXED_BASES:
+        return None
+    return ("μ" if prefix in "µu" else prefix) + ("L" if base == "l" else base)
+
+
+def _unit(text: str) -> Optional[tuple]:
+    """A unit written out (mL, km/h, m/s^2, kg \\cdot m^2 is none) as its symbols and powers, else None."""
+    parts = text.split("/")
+    if len(parts) > 2:
+        return None
+    unit = []
+    for part in parts:
+        m = _UNIT_TERM_RE.fullmatch(part)
+        symbol = m and _unit_symbol(m.group(1))
+        if symbol is None:
+            return None
+        unit.append((symbol, int(m.group(2) or 1)))
+    return tuple(unit)
+
+
+def _quantity(s: str) -> Optional[tuple[Fraction, tuple]]:
+    """A number and its SI unit (_UNIT_BASES): 250 mL, 250ml, 250 \\mathrm{~mL}, $250\\,\\text{mL}$ (its unit as
+    _unit reads it), else None. A power on letters written against a number is no unit (2mL^2: 2*m*L^2)."""
+    s = _unwrapped(_without_full_stop(s.strip()))
+    m = _QUANTITY_RE.fullmatch(s)
+    if m is None:
+        return None
+    number, space, text = m.groups()
+    value = _as_number(number)
+    wrapped = _UNIT_WRAPPER_RE.search(text)
+    if value is None or (not space and not wrapped and "^" in text):
+        return None
+    text = _UNIT_SPACE_RE.sub("", _UNIT_WRAPPER_RE.sub(r"\1", text.replace("\\mu", "μ").replace("\\Omega", "Ω")))
+    unit = _unit(text)
+    return None if unit is None else (value, unit)
+
+
+def _units_differ(predicted: str, gold: str) -> bool:
+    """Whether both answers are a number with an SI unit (_quantity), and their units differ."""
+    a = _quantity(predicted)
+    b = a and _quantity(gold)
+    return bool(b) and a[1] != b[1]
 
 
 def _without_full_stop(s: str) -> str:
