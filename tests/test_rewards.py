@@ -275,6 +275,25 @@ def test_a_number_with_another_unit_is_another_answer(with_math_verify):
             assert answers_match(a, b) and answers_match(b, a), (a, b)
 
 
+def test_one_quantity_written_otherwise_is_one_vote(monkeypatch):
+    # vote_key read a number with its unit as text: 250ml and 250mL were two cons@k votes (letters against a number keep
+    # their case, as variables') and 250 mL a third, though accuracy matched them; and without math-verify 250ml scored 0
+    # against 250mL, 5 μm against 5\\text{ μm}
+    import random
+
+    from r1fast.rewards.builtin import vote_key
+
+    monkeypatch.setitem(sys.modules, "math_verify", None)
+    n = random.choice([random.randrange(2, 10**4), random.randrange(1, 400) / 4])
+    for group in ((f"{n}ml", f"{n}mL", f"{n} mL", f"{n} ml", f"{n} \\mathrm{{~mL}}", f"${n}\\,\\text{{mL}}$", f"{n}mL.", f"**{n} mL**"),
+                  (f"{n} μm", f"{n}\\text{{ μm}}", f"{n} µm", f"{n}\\,\\mu\\mathrm{{m}}"), (f"{n} km/h", f"{n}km/h", f"{n} \\mathrm{{km/h}}"),
+                  (f"\\le {n} mL", f"≤ {n}ml")):
+        assert len({vote_key(a) for a in group}) == 1, group
+        assert all(answers_match(a, b) for a in group for b in group), group
+    differ = (f"{n} mL", f"{n} L", f"{n} l", f"{n} mm", f"{n} Mm", f"{n} m", f"{n}", f"{n + 1} mL", f"{n} km/h", f"\\le {n} mL")
+    assert len({vote_key(a) for a in differ}) == len(differ)
+
+
 def test_answers_of_one_vote_match_without_math_verify(monkeypatch):
     # vote_key read words before the Unicode math that answers_match turns into LaTeX: √x and √X., a·b and A·B, were
     # one vote that answers_match (without math-verify) took for different answers

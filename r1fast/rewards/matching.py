@@ -438,8 +438,9 @@ def answers_match(predicted: str, gold: str) -> bool:
         return False
     if predicted_sign is not None and _without_latex_spacing(predicted) == _without_latex_spacing(gold):
         return True
-    if _units_differ(predicted, gold):   # 250 mL is not 250 L, nor 7 mm 7 Mm (which are alike case aside)
-        return False
+    same_quantity = _same_quantity(predicted, gold)   # 250 mL is not 250 L, nor 7 mm 7 Mm (alike case aside)
+    if same_quantity is not None:
+        return same_quantity
     if _same_words(predicted, gold):
         return True
     if _option_letter(predicted.strip()) and _is_letter(_text_words(gold)) or (
@@ -511,6 +512,10 @@ def _vote_key_of_value(answer: str):
     number = _as_number(answer)
     if number is not None:
         return ("number", number)
+    # one number in one SI unit is one vote: 250ml, 250mL (which keep their case as variables would) and 250 mL were three
+    quantity = _quantity(_as_latex(_without_math_delimiters(answer)))
+    if quantity is not None:
+        return ("quantity", *quantity)
     # two percentages match by their numbers: 50%, 50\\% and $50\\%$ were three votes (a plain 50 or 0.5 stays apart:
     # a percentage matches both)
     percent = _percentage(_as_latex(_without_math_delimiters(answer)))
@@ -737,11 +742,17 @@ def _quantity(s: str) -> Optional[tuple[Fraction, tuple]]:
     return None if unit is None else (value, unit)
 
 
-def _units_differ(predicted: str, gold: str) -> bool:
-    """Whether both answers are a number with an SI unit (_quantity), and their units differ."""
+def _same_quantity(predicted: str, gold: str) -> Optional[bool]:
+    """Where both answers are a number with an SI unit (_quantity): False for other units, True for the same number in
+    the same unit (250ml and 250mL, without math-verify too: cons@k's vote_key takes them for one vote); else None, as
+    for two numbers in one unit that math-verify may take as equal (it rounds)."""
     a = _quantity(predicted)
     b = a and _quantity(gold)
-    return bool(b) and a[1] != b[1]
+    if not b:
+        return None
+    if a[1] != b[1]:
+        return False
+    return True if _same_number(a[0], b[0], predicted, gold) else None
 
 
 def _without_full_stop(s: str) -> str:
