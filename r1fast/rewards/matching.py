@@ -180,7 +180,8 @@ tau upsilon phi chi psi omega""".split())
 _NAME_OR_WORD_RE = re.compile(r"\\?[A-Za-z]+|[\u0391-\u03a9\u03b1-\u03c9]+")
 # A one-letter name applied to brackets (P(A), f(x)) is math too: as words, compared case aside, P(a) scored 1 against
 # P(A) and f(X) against f(x). A longer name (sin(x), Paris (France)) is no sign by itself.
-_MATH_SIGN_RE = re.compile(r"[0-9+\-*/^_=<>\\]|(?<![A-Za-z])[A-Za-z]\(")
+_MATH_SIGN_RE = re.compile(r"[0-9+\-*/^_=<>\\]")
+_ONE_LETTER_CALL_RE = re.compile(r"(?<![A-Za-z])[A-Za-z]\(")
 # Two or three letters written tight against a digit, an operator or a bracket are a product of variables (2xy, ab+1,
 # \\sqrt{xy}, \\frac{ab}{2}), each letter with its case: 2xy and 2XY, ab+1 and AB+1 each scored 1 and were one vote, as
 # the run was taken for a word. A run beside spaces only stays a word or a unit (5 cm, 5 \\text{ kg}), and the text of
@@ -218,11 +219,9 @@ def _variables(s: str) -> frozenset[str]:
     letters and Greek letters' LaTeX names, outside `\\text{…}` and its kin (words: the p.m. of 4\\text{ p.m.}); none for
     other answers (a choice letter, words, one `\\text{…}`)."""
     s = s.strip().rstrip(".").strip()
-    whole = _unwrapped(s)
-    if _CONSONANT_PRODUCT_RE.fullmatch(whole):   # mgh, $GMmh$: no word
-        return frozenset(whole)
-    if not _MATH_SIGN_RE.search(s) or _TEXT_ANSWER_RE.fullmatch(s):
-        return frozenset()
+    if not (_MATH_SIGN_RE.search(s) or "(" in s and _ONE_LETTER_CALL_RE.search(s)) or _TEXT_ANSWER_RE.fullmatch(s):
+        whole = _unwrapped(s) if _CONSONANT_PRODUCT_RE.search(s) else ""
+        return frozenset(whole) if _CONSONANT_PRODUCT_RE.fullmatch(whole) else frozenset()   # mgh, $GMmh$: no word
     millilitres = _GLUED_MILLILITRES_RE.fullmatch(s)
     if millilitres:   # mL and ml are one unit, the litre's symbol being L or l: the same letters to compare by case
         s = s[:millilitres.start(1)] + "ml" + s[millilitres.end(1):]
@@ -512,13 +511,14 @@ def _vote_key_of_value(answer: str):
     number = _as_number(answer)
     if number is not None:
         return ("number", number)
+    latex = _as_latex(_without_math_delimiters(answer))   # as answers_match reads it
     # one number in one SI unit is one vote: 250ml, 250mL (which keep their case as variables would) and 250 mL were three
-    quantity = _quantity(_as_latex(_without_math_delimiters(answer)))
+    quantity = _quantity(latex)
     if quantity is not None:
         return ("quantity", *quantity)
     # two percentages match by their numbers: 50%, 50\\% and $50\\%$ were three votes (a plain 50 or 0.5 stays apart:
     # a percentage matches both)
-    percent = _percentage(_as_latex(_without_math_delimiters(answer)))
+    percent = _percentage(latex)
     if percent is not None:
         return ("percent", percent)
     # `Yes`, `yes.` and `\\text{YES}` are one answer to answers_match (_same_words): as three votes, three wrong
@@ -528,7 +528,6 @@ def _vote_key_of_value(answer: str):
     if words:
         return ("text", words)
     # LaTeX spaced otherwise is one answer (answers_match), apart from words: without its space commands \\; b is b
-    latex = _as_latex(_without_math_delimiters(answer))
     return ("latex", _without_latex_spacing(latex)) if "\\" in latex else ("text", answer.strip())
 
 
@@ -696,6 +695,8 @@ _UNPREFIXED_BASES = frozenset(("min", "h"))
 _UNIT_WRAPPER_RE = re.compile(r"\\(?:mathrm|text|textrm|rm|mbox|operatorname)\s*\{([^{}]*)\}")
 _UNIT_SPACE_RE = re.compile(r"\s|~|\\[,;:! ]")
 _QUANTITY_RE = re.compile(rf"({_UNIT_NUMBER})((?:\s|~|\\[,;:! ])*)(.+)", re.DOTALL)
+# a digit, then spacing, then a unit's first letter, \\mu or \\Omega (after a \\mathrm{ or \\text{ and its spacing too)
+_QUANTITY_HINT_RE = re.compile(r"[0-9](?:\s|~|\\[,;:! ])*(?:\\[a-z]+\s*\{(?:\s|~)*)?(?:\\(?:mu|Omega)|[A-Za-zΩμµ])")
 _UNIT_TERM_RE = re.compile(r"([A-Za-zΩμµ]+)(?:\^\{?([+-]?[0-9])\}?)?")
 
 
@@ -728,18 +729,17 @@ def _unit(text: str) -> Optional[tuple]:
 def _quantity(s: str) -> Optional[tuple[Fraction, tuple]]:
     """A number and its SI unit (_UNIT_BASES): 250 mL, 250ml, 250 \\mathrm{~mL}, $250\\,\\text{mL}$ (its unit as
     _unit reads it), else None. A power on letters written against a number is no unit (2mL^2: 2*m*L^2)."""
-    s = _unwrapped(_without_full_stop(s.strip()))
-    m = _QUANTITY_RE.fullmatch(s)
+    if not _QUANTITY_HINT_RE.search(s):   # most answers: no letter after a number's digits
+        return None
+    m = _QUANTITY_RE.fullmatch(_unwrapped(_without_full_stop(s.strip())))
     if m is None:
         return None
     number, space, text = m.groups()
-    value = _as_number(number)
-    wrapped = _UNIT_WRAPPER_RE.search(text)
-    if value is None or (not space and not wrapped and "^" in text):
+    if not space and "^" in text and not _UNIT_WRAPPER_RE.search(text):
         return None
-    text = _UNIT_SPACE_RE.sub("", _UNIT_WRAPPER_RE.sub(r"\1", text.replace("\\mu", "μ").replace("\\Omega", "Ω")))
-    unit = _unit(text)
-    return None if unit is None else (value, unit)
+    unit = _unit(_UNIT_SPACE_RE.sub("", _UNIT_WRAPPER_RE.sub(r"\1", text.replace("\\mu", "μ").replace("\\Omega", "Ω"))))
+    value = None if unit is None else _as_number(number)
+    return None if value is None else (value, unit)
 
 
 def _same_quantity(predicted: str, gold: str) -> Optional[bool]:
