@@ -156,6 +156,21 @@ def test_a_run_of_letters_without_a_vowel_is_a_product_of_variables(with_math_ve
             assert answers_match(a, b) and answers_match(b, a), (a, b)
 
 
+def test_letters_without_a_vowel_typed_all_in_the_other_case_are_the_same_words(with_math_verify):
+    # since letters without a vowel are a product of variables, a multiple-select answer, an acronym or a Roman
+    # numeral typed all in the other case scored 0 (bcd against the gold BCD, xx against XX, bbc against BBC) and voted apart
+    import random
+
+    from r1fast.rewards.builtin import vote_key
+
+    letters = "".join(random.sample("BCDFGHJKLMNPQRSTVWXZ", 3))
+    for a, b in (("BCD", "bcd"), ("XX", "xx"), ("bbc", "BBC"), (letters, letters.lower()), (letters + ".", letters.lower())):
+        assert answers_match(a, b) and answers_match(b, a) and vote_key(a) == vote_key(b), (a, b)
+    # one letter in the other case, or some of them, is another product
+    for a, b in (("Mgh", "mgh"), ("MGh", "mgh"), ("kT", "KT"), (letters, letters[0] + letters[1:].lower()), ("$MGH$", "$mgh$")):
+        assert not answers_match(a, b) and not answers_match(b, a) and vote_key(a) != vote_key(b), (a, b)
+
+
 def test_a_one_letter_function_s_argument_keeps_its_case(with_math_verify):
     # brackets were no sign of math, so P(A) was words, compared case aside: P(a) scored 1 against the gold P(A) (another
     # event), f(X) against f(x), and each pair was one cons@k vote

@@ -155,7 +155,9 @@ def _text_words(s: str) -> Optional[str]:
     if "\\" in s or "$" in s:
         return None
     s = _choice_letter(s)
-    return s if _variables(s) else s.casefold()
+    # letters typed all in the other case are the same words (BCD = bcd, XX = xx: choices, an acronym, a Roman numeral),
+    # while some of them in it are another product (Mgh is not mgh)
+    return s if _variables(s) and not (s.isalpha() and (s.isupper() or s.islower())) else s.casefold()
 
 
 def _is_letter(words: Optional[str]) -> bool:
@@ -190,7 +192,8 @@ _TIGHT = r"[0-9+\-*/^_=<>(){}\[\]]"
 # A run of letters without a vowel (y counted as one) is no word but a product of variables, each letter with its case,
 # however long, bare or written tight: the answer mgh (bare, so taken for a word) scored 1 against the gold Mgh, GMMh
 # against GMmh, and \\frac{GMMh}{r} (four letters, a word to the rule above) against \\frac{GMmh}{r}. Not covered: a
-# product with a vowel in it beside spaces only (ab, xy), still words; and a bare acronym (BBC) is variables now.
+# product with a vowel in it beside spaces only (ab, xy), still words; bare letters typed all in the other case (BCD
+# and bcd) are the same words (_text_words).
 _CONSONANT = "[B-DF-HJ-NP-TV-XZb-df-hj-np-tv-xz]"
 _CONSONANT_PRODUCT_RE = re.compile(f"{_CONSONANT}{{2,}}")
 _PRODUCT = rf"(?:[A-Za-z]{{2,3}}|{_CONSONANT}{{4,}})"
