@@ -102,7 +102,7 @@ def _rollout_state(shape, prompts, G, new, dtype, device, mb) -> SimpleNamespace
     """A trainer, one rollout of its first `prompts` rows and what its step derives from it (rewards,
     advantages, micro-batches, loss options), as GRPOTrainer.step computes them."""
     from r1fast.data.loading import decode_completions
-    from r1fast.trainer.grpo import _MicroBatches
+    from r1fast.trainer.grpo import MicroBatches
 
     tr = _r1fast_trainer(shape, prompts, G, new, dtype, device, mb)
     rows, keys = tr.train_rows[:prompts], list(range(prompts))
@@ -113,7 +113,7 @@ def _rollout_state(shape, prompts, G, new, dtype, device, mb) -> SimpleNamespace
     _, totals = tr.score(rows, G, texts, c_ids)
     # the trainer's micro-batches (see _r1fast_trainer), as its step makes them (no completion masked)
     micro = [list(range(i, min(i + mb, len(c_ids)))) for i in range(0, len(c_ids), mb)]
-    inputs = _MicroBatches(micro, p_ids, c_ids, c_logp, [True] * len(c_ids), tr.device, tr.share_prompts)
+    inputs = MicroBatches(micro, p_ids, c_ids, c_logp, [True] * len(c_ids), tr.device, tr.share_prompts)
     opts = tr.cfg.loss_options(float(sum(len(c) for c in c_ids)))
     return SimpleNamespace(tr=tr, rows=rows, keys=keys, c_ids=c_ids, micro=micro, inputs=inputs,
                            adv=tr._advantages(totals).to(tr.device), opts=opts,

@@ -390,7 +390,7 @@ class GRPOTrainer:
         return ops.grouped_logprob(hidden[batch.select], model.lm_head_weight, batch.targets,
                                    temperature=self.cfg.temperature, forward_only=True, check_targets=False)
 
-    def _loss_backward(self, inputs: "_MicroBatches", micro: list[list[int]], adv: torch.Tensor, old: list, ref: list,
+    def _loss_backward(self, inputs: "MicroBatches", micro: list[list[int]], adv: torch.Tensor, old: list, ref: list,
                        opts, scale: float, loss_scale: float) -> tuple[bool, float, dict[str, float]]:
         """One pass of the fused loss and its backward over a rollout's micro-batches, the gradients summed as the
         optimizer sums them (on top of those already there) -> (False if a micro-batch's loss was non-finite,
@@ -459,7 +459,7 @@ class GRPOTrainer:
         keep = [not (cfg.mask_truncated_completions and finish[i] == "length") for i in range(B)]
         # Counted on the host: summing the device masks would sync once per completion.
         num_items = float(sum(len(c_ids[i]) for i in range(B) if keep[i])) or 1.0
-        inputs = _MicroBatches(micro, p_ids, c_ids, c_logp, keep, self.device, self.share_prompts)
+        inputs = MicroBatches(micro, p_ids, c_ids, c_logp, keep, self.device, self.share_prompts)
         # max_steps counts optimizer steps: the last rollout stops there, as TRL's loop does
         iterations = max(1, min(cfg.num_iterations, self.total_steps - self.global_step))
         # one pass over the batch: the policy that sampled it is the one trained, old_logp = logp.detach() (LOSS_SPEC)
@@ -704,7 +704,7 @@ class _MicroBatch(NamedTuple):
     sampler: Optional[torch.Tensor]  # [completion tokens] the sampler's log-probs, None where any is missing
 
 
-class _MicroBatches:
+class MicroBatches:
     """A rollout's training micro-batches on the device, each built when first used and kept for the later
     iterations and passes. Built just before its first forward, a micro-batch's host work (packing ~16k token ids,
     the sampler's log-probs: ~3 ms at 32 completions of 512 tokens) runs while the GPU still works on the
