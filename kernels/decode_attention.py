@@ -123,12 +123,13 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, cl_ptr, out_ptr, ml_ptr, acc_ptr
                    CARRY_BLOCKS: tl.constexpr = False):
     # int64 so every offset computed from seq (q, block table, workspaces) is 64-bit; cache offsets
     # are made 64-bit from the loaded block id below.
-    # program 0 axis = seq * num_kv_heads + kvh: the KV heads of a token, adjacent in the cache, are
-    # read by programs launched together (see paged_decode_attention)
-    pair = tl.program_id(0)
-    seq = (pair // num_kv_heads).to(tl.int64)
-    kvh = pair % num_kv_heads
-    split = tl.program_id(1)
+    # grid (KV head, sequence, split), KV heads fastest: the KV heads of a token, adjacent in the cache,
+    # are read by programs launched together (see paged_decode_attention). Read from program ids, not
+    # divided out of one flat axis: on Triton 3.6 the quotient and remainder held registers through the
+    # token loop, and with 64 query rows per KV head (head_dim not marked divisible by 16) it spilled.
+    kvh = tl.program_id(0)
+    seq = tl.program_id(1).to(tl.int64)
+    split = tl.program_id(2)
     ctx = tl.load(cl_ptr + seq)
     row_start = 0
     if HAS_PREFIX:
@@ -306,8 +307,9 @@ def paged_decode_attention(out, q, k_cache, v_cache, block_tables, context_lens,
         pml, pacc = prefix_attention(q, k_cache, v_cache, block_tables, scale, shared)
     # KV heads fastest: a token's K/V rows are [num_kv_heads, head_dim] in a row, so programs started
     # together read the whole row (at 2 KV heads, the 512 bytes of a bf16 token row, not 256 of them
-    # with the other half read a launch round later)
-    grid = (num_seqs * num_kv_heads, num_splits)
+    # with the other half read a launch round later). Sequences on grid axis y: at most 65535, CUDA's
+    # limit (r1fast.ops.paged_decode_attention refuses more for this backend).
+    grid = (num_kv_heads, num_seqs, num_splits)
     _decode_kernel[grid](q, k_cache, v_cache, block_tables, context_lens, out, ws_ml, ws_acc, row_start, pml, pacc,
                          num_heads, num_kv_heads, head_dim, k_cache.shape[1], block_tables.shape[1], num_splits,
                          partition_size, scale, GROUP=group, G_PAD=g_pad, D_PAD=d_pad, BLOCK_N=block_n,

@@ -488,6 +488,24 @@ def test_decode_split_count_beyond_the_grid_limit_is_a_clear_error():
         ops.paged_decode_attention(q, kc, vc, tables, ctx, num_splits=70_000, check_bounds=False, backend="torch")
 
 
+def test_decode_sequences_beyond_the_triton_grid_limit_are_a_clear_error_or_go_elsewhere():
+    # the triton kernel launches sequences on grid axis y, which CUDA caps at 65535: asked for by name it
+    # says so before any launch; chosen automatically, another backend takes them
+    from r1fast.ops.attention import MAX_GRID_YZ
+
+    n = MAX_GRID_YZ + 1
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(n, 2, 8, generator=g)
+    kc, vc = torch.randn(2, 4, 1, 8, generator=g), torch.randn(2, 4, 1, 8, generator=g)
+    tables = torch.randint(0, 2, (n, 1), generator=g, dtype=torch.int32)
+    ctx = torch.randint(1, 5, (n,), generator=g, dtype=torch.int32)
+    with pytest.raises(ValueError, match=f"{n} sequences exceed the triton kernel's launch grid limit"):
+        ops.paged_decode_attention(q, kc, vc, tables, ctx, check_bounds=False, backend="triton")
+    want = ops.paged_decode_attention(q[-3:], kc, vc, tables[-3:], ctx[-3:], backend="reference")
+    got = ops.paged_decode_attention(q, kc, vc, tables, ctx, check_bounds=False)
+    torch.testing.assert_close(got[-3:], want)
+
+
 # ----------------------------------------------------------------------------------------------
 # shared prefixes: the G samples of a group read their prompt's blocks once
 

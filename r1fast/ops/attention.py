@@ -37,7 +37,8 @@ from r1fast.ops.shared_prefix import SharedPrefix, prefix_tile_rows
 from r1fast.reference import attention as reference
 
 PARTITION_SIZE = 512  # tokens per split-K partition of the decode kernels
-MAX_GRID_YZ = 65535  # CUDA's limit on grid dims y and z: splits and KV heads are launched there
+# CUDA's limit on grid dims y and z: splits and KV heads launch there (cuda kernel), sequences and splits (triton)
+MAX_GRID_YZ = 65535
 _DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
@@ -403,6 +404,17 @@ def _decode_cuda(q, k_cache, v_cache, block_tables, context_lens, scale, num_spl
                            shared.row_start, pml, pacc)
 
 
+def _decode_shape_problem(backend: str, q, k_cache) -> str | None:
+    """Why `backend` cannot take these shapes, or None. The triton kernel launches sequences on grid
+    axis y (KV heads fastest on x, so a token's K/V row is read by programs started together)."""
+    if backend == "cuda":
+        return _cuda_shape_problem(q, k_cache)
+    if backend == "triton" and q.shape[0] > MAX_GRID_YZ:
+        return (f"{q.shape[0]} sequences exceed the triton kernel's launch grid limit {MAX_GRID_YZ}; "
+                "decode them in batches of at most that many")
+    return None
+
+
 def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, *, scale: float | None = None,
                            num_splits: int | None = None, backend: str | None = None, check_bounds: bool = True,
                            shared_prefix: SharedPrefix | None = None):
@@ -422,7 +434,10 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, *, s
     bs = k_cache.shape[1]
     max_ctx = block_tables.shape[1] * bs
     name, fn = backends.resolve("paged_decode_attention", q.device, backend, dtype=q.dtype,
-                                accepts=lambda name: name != "cuda" or _cuda_shape_problem(q, k_cache) is None)
+                                accepts=lambda name: _decode_shape_problem(name, q, k_cache) is None)
+    problem = _decode_shape_problem(name, q, k_cache)
+    if name == "triton" and problem is not None:  # asked for by name (the cuda op raises its own)
+        raise ValueError(f"paged_decode_attention: {problem}")
     if num_splits is None and name == "triton":
         num_splits = triton_num_splits(q.shape[0], k_cache.shape[2], max_ctx, sm_count(q.device))
     elif num_splits is None:
