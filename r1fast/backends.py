@@ -165,6 +165,15 @@ def ops() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def canonical_device(device: torch.device | str) -> torch.device:
+    """`device` with an unnamed index read as the default one: torch.device("cuda") != torch.device("cuda:0") in
+    torch, though a tensor made on "cuda" says cuda:0; a CPU has one device, whatever index is written."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu") if device.type == "cpu" else device
+
+
 def on_device(device: torch.device | str):
     """Make `device` current for a kernel launch (Triton launches on the current CUDA device, so a
     tensor on cuda:1 under cuda:0 would fault); a no-op on the CPU / under the interpreter."""

@@ -21,6 +21,7 @@ import dataclasses
 import torch
 from torch.nn import functional as F
 
+from r1fast.backends import canonical_device
 from r1fast.ops.attention import flash_attn_varlen, torch_varlen_attn, varlen_ready
 
 
@@ -111,18 +112,9 @@ def check_cu_seqlens_form(cu_seqlens: torch.Tensor, device: torch.device) -> Non
     if cu_seqlens.dtype not in (torch.int32, torch.int64) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
         raise ValueError(f"cu_seqlens must be a 1-D int32 or int64 tensor [B+1] with B >= 1, got dtype {cu_seqlens.dtype} "
                          f"shape {tuple(cu_seqlens.shape)}")
-    if not _same_device(cu_seqlens.device, torch.device(device)):
+    if canonical_device(cu_seqlens.device) != canonical_device(device):
+        # (compared as canonical devices: a check with `!=` refused cu_seqlens on cuda:0 for input_ids on "cuda")
         raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but input_ids on {device}")
-
-
-def _same_device(a: torch.device, b: torch.device) -> bool:
-    """Devices equal once an unnamed index is read as the default one: torch.device("cuda") != "cuda:0" in
-    torch, and a check written with `!=` refused cu_seqlens on cuda:0 for input_ids on "cuda" (seen on an H200)."""
-    def index(d: torch.device) -> int:
-        if d.index is not None:
-            return d.index
-        return torch.cuda.current_device() if d.type == "cuda" else 0
-    return a.type == b.type and index(a) == index(b)
 
 
 def check_cu_seqlens(cu_seqlens: torch.Tensor, num_tokens: int, device: torch.device,

@@ -11,6 +11,7 @@ import math
 
 import torch
 
+from r1fast.backends import canonical_device
 from r1fast.models.config import ModelConfig
 
 
@@ -96,9 +97,7 @@ class RotaryEmbedding:
         self._by_device: dict[torch.device, torch.Tensor] = {}
 
     def inv_freq(self, device: torch.device) -> torch.Tensor:
-        device = torch.device(device)
-        if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
+        device = canonical_device(device)
         t = self._by_device.get(device)
         if t is None:
             t = self._by_device[device] = self._inv_freq_cpu.to(device)
