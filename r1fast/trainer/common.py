@@ -168,6 +168,20 @@ def check_config_type(cfg, expected: type, who: str, instead: str):
     raise TypeError(message)
 
 
+def trainer_config_and_tokenizer(who: str, config_class: type, instead: str, *, config, args, tokenizer,
+                                 processing_class, trl_keywords: dict):
+    """A trainer's config and tokenizer arguments, each under r1fast's name or TRL's; TRL-only keywords
+    refused; the config defaulted, checked to be the trainer's own class (`instead`: what to build in place
+    of a foreign one) and validated. Returns (config, tokenizer)."""
+    config = trl_alias("config", config, "args", args, who)
+    tokenizer = trl_alias("tokenizer", tokenizer, "processing_class", processing_class, who)
+    refuse_trl_only_keywords(trl_keywords, who)
+    cfg = config or config_class()
+    check_config_type(cfg, config_class, who, instead)
+    cfg.validate()
+    return cfg, tokenizer
+
+
 def check_model_device(model, device: Optional[str]):
     """An explicit `device` option for a model passed in as an object must be where the model is: it is
     not moved, and the option would otherwise be ignored without a word."""

@@ -37,7 +37,6 @@ from r1fast.trainer.common import (  # noqa: F401  (NonFiniteLoss: also importab
     start_run,
     step_if_finite,
     check_answer_column,
-    check_config_type,
     dataset_rows,
     check_reward_keywords,
     DataCursor,
@@ -58,8 +57,7 @@ from r1fast.trainer.common import (  # noqa: F401  (NonFiniteLoss: also importab
     say_what_is_kept,
     unscale_and_clip,
     refuse_config_in_trl_place,
-    refuse_trl_only_keywords,
-    trl_alias,
+    trainer_config_and_tokenizer,
     warmup_steps_of,
 )
 from r1fast.trainer.config import ConfigError, GRPOConfig
@@ -130,15 +128,11 @@ class GRPOTrainer:
                                    "(model, reward_funcs, args, train_dataset)",
                                    "(model, reward_funcs, train_dataset, config)")
         # TRL's names for two of the arguments, so a TRL script's call ports as it is
-        config = trl_alias("config", config, "args", args, "GRPOTrainer")
-        tokenizer = trl_alias("tokenizer", tokenizer, "processing_class", processing_class, "GRPOTrainer")
-        refuse_trl_only_keywords(trl_keywords, "GRPOTrainer")
-        self.cfg = config or GRPOConfig()
-        check_config_type(self.cfg, GRPOConfig, "GRPOTrainer", instead=(
+        self.cfg, tokenizer = trainer_config_and_tokenizer("GRPOTrainer", GRPOConfig, instead=(
             "build r1fast.GRPOConfig from the options you set (TRL's names where the meaning is the same; "
             "docs/training.md lists the defaults that differ), or keep TRL's config and TRL's trainer with r1fast's "
-            "loss: from r1fast.integrations.trl import GRPOTrainer (docs/trl.md)"))
-        self.cfg.validate()
+            "loss: from r1fast.integrations.trl import GRPOTrainer (docs/trl.md)"),
+            config=config, args=args, tokenizer=tokenizer, processing_class=processing_class, trl_keywords=trl_keywords)
         cfg = self.cfg
         if hasattr(reward_funcs, "convert_tokens_to_ids"):   # a tokenizer is callable: it passed for a reward function
             raise TypeError("GRPOTrainer: reward_funcs is a tokenizer; GRPOTrainer's arguments are (model, reward_funcs, "

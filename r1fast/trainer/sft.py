@@ -17,7 +17,6 @@ from r1fast.trainer.common import (
     step_if_finite,
     DataCursor,
     accumulating_gradients,
-    check_config_type,
     check_model_and_tokenizer,
     dataset_rows,
     model_from_argument,
@@ -29,9 +28,8 @@ from r1fast.trainer.common import (
     pack,
     prompt_sharing_pays,
     refuse_config_in_trl_place,
-    refuse_trl_only_keywords,
     run_dir_for,
-    trl_alias,
+    trainer_config_and_tokenizer,
     unscale_and_clip,
     warmup_steps_of,
 )
@@ -61,14 +59,10 @@ class SFTTrainer:
                 raise TypeError("SFTTrainer: give the dataset once, as rows or as train_dataset")
             rows = train_dataset
         # TRL's names for two of the arguments, so a TRL script's call ports as it is
-        config = trl_alias("config", config, "args", args, "SFTTrainer")
-        tokenizer = trl_alias("tokenizer", tokenizer, "processing_class", processing_class, "SFTTrainer")
-        refuse_trl_only_keywords(trl_keywords, "SFTTrainer")
-        self.cfg = config or SFTConfig()
-        check_config_type(self.cfg, SFTConfig, "SFTTrainer", instead=(
+        self.cfg, tokenizer = trainer_config_and_tokenizer("SFTTrainer", SFTConfig, instead=(
             "build r1fast.trainer.SFTConfig from the options you set (TRL's names where the meaning is the same; "
-            "r1fast/trainer/config.py lists its fields)"))
-        self.cfg.validate()
+            "r1fast/trainer/config.py lists its fields)"),
+            config=config, args=args, tokenizer=tokenizer, processing_class=processing_class, trl_keywords=trl_keywords)
         cfg = self.cfg
         # the data before the model: a wrong path is said before a large model has loaded
         rows = dataset_rows(rows if rows is not None else cfg.dataset, "SFT", split=cfg.dataset_split, seed=cfg.seed)
