@@ -974,6 +974,61 @@ def test_shared_prefix_decode_matches_transformers(models, prompts, hf_greedy, o
         assert engine.last_stats["preemptions"] > 0
 
 
+def test_shared_prefix_attention_follows_the_start_up_timing_unless_forced(models, monkeypatch, caplog):
+    """Where the runner checks its kernels (a GPU; stood in for here), the default
+    shared_prefix_attention=None keeps the shared-prefix tiles only where the chosen backend's decode
+    step is timed 5% faster or more with them (at H200's 0.157 against 0.114 ms it was on, and slower);
+    True keeps them untimed wherever they pass the check, False never; other values are refused."""
+    import logging
+
+    from r1fast.rollout import runner as runner_module, self_check
+
+    skip_without_triton_on_cpu()
+    _, model = models
+    # a CPU engine keeps them wherever the backend reads them, untimed (no graphs there)
+    assert Engine(model, block_size=4, num_blocks=16, decode_backend="triton").runner.shared_prefix
+    monkeypatch.setattr(runner_module, "_checks_kernels", lambda device: True)
+    monkeypatch.setattr(self_check, "select_backends",
+                        lambda *args, **kwargs: {"paged_decode_attention": "triton", "store_kv": "torch"})
+    checked, timed, seconds = [], [], {}
+
+    def check(backend, *args):
+        checked.append(backend)
+        return seconds.get("correct", True)
+
+    def fake_seconds(backend, device, dtype, *shape, batch, group, shared_prefix):
+        timed.append((backend, batch, group, shared_prefix))
+        return seconds[shared_prefix]
+    monkeypatch.setattr(self_check, "shared_prefix_ok", check)
+    monkeypatch.setattr(self_check, "decode_seconds", fake_seconds)
+
+    def uses_tiles(**opts):
+        checked.clear()
+        timed.clear()
+        return Engine(model, block_size=4, num_blocks=16, max_num_seqs=24, **opts).runner.shared_prefix
+
+    for plain, shared, kept in ((100e-6, 90e-6, True), (100e-6, 96e-6, False), (114e-6, 157e-6, False)):
+        seconds.update({False: plain, True: shared})
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="r1fast.rollout.self_check"):
+            assert uses_tiles() is kept
+        assert checked == ["triton"] and timed == [("triton", 24, 8, False), ("triton", 24, 8, True)]
+        assert f"without shared prefix {plain * 1e6:.1f} us, with {shared * 1e6:.1f} us; " \
+            f"{'using it' if kept else 'decoding without it'}" in caplog.text
+    assert uses_tiles(shared_prefix_attention=True) and checked == ["triton"] and timed == []
+    assert not uses_tiles(shared_prefix_attention=False) and checked == [] and timed == []
+    assert not uses_tiles(decode_backend="torch") and timed == []  # a backend that ignores tiles is not timed
+    # a forced backend is not checked (as before) but still timed by default
+    seconds[True] = 50e-6
+    assert uses_tiles(decode_backend="triton") and checked == [] and len(timed) == 2
+    seconds["correct"] = False  # a path that fails its check is neither used nor timed, even when asked for
+    assert not uses_tiles() and timed == []
+    assert not uses_tiles(shared_prefix_attention=True)
+    for bad in ("auto", 1, 0):
+        with pytest.raises(TypeError, match=f"shared_prefix_attention must be None .*, True or False, got {bad!r}"):
+            Engine(model, block_size=4, num_blocks=16, shared_prefix_attention=bad)
+
+
 def skip_without_triton_on_cpu():
     """Tests that run the Triton backend on a CPU model: Triton takes CPU tensors only under
     TRITON_INTERPRET=1, which conftest sets on a machine without CUDA and not on a GPU machine."""

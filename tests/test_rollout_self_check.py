@@ -100,6 +100,9 @@ def test_gpu_kernels_pass_their_start_up_check(dtype):
                 assert shared_prefix_ok(name, "cuda", dtype, num_heads=12, num_kv_heads=2, head_dim=128)
                 seconds = decode_seconds(name, "cuda", dtype, 12, 2, 128, batch=64)
                 assert 0 < seconds < 0.01, f"{name}: {seconds} s per decode call"  # graph replay and events work
+                # the shared-prefix timing: its tiles captured in the graph too
+                seconds = decode_seconds(name, "cuda", dtype, 12, 2, 128, batch=64, group=8, shared_prefix=True)
+                assert 0 < seconds < 0.01, f"{name}+shared: {seconds} s per decode call"
     names = [b for b in ("cuda", "triton") if b in backends.available("paged_decode_attention", "cuda")]
     chosen = select_backends("cuda", dtype, num_heads=12, num_kv_heads=2, head_dim=128, timing_batch=64)
     assert chosen["paged_decode_attention"] in names
@@ -177,3 +180,89 @@ def test_the_cuda_decode_kernel_is_not_tried_on_shapes_it_cannot_take(monkeypatc
     with caplog.at_level(logging.WARNING):  # a shape it takes is tried (and this stand-in fails its check)
         select_backends("cpu", torch.float32, num_heads=6, num_kv_heads=2, head_dim=16)
     assert "paged_decode_attention: the cuda backend fails its start-up check" in caplog.text
+
+
+def test_the_shared_prefix_timing_case_has_groups_that_share_their_first_blocks():
+    """The GRPO-shaped case the shared-prefix path is timed on: runs of 8 rows hold the blocks of the
+    first half of their context in common and their own after, and the runner's tile finding finds
+    one tile per group in it (the last group short), each reading that half."""
+    import numpy as np
+
+    from r1fast.ops.shared_prefix import find_shared_prefixes
+    from r1fast.rollout import self_check
+
+    batch, context, width = 20, 100, 7  # 7 blocks of 16; the first 3 shared
+    q, k, v, tables, ctx = self_check._timing_case(batch, context, **SHAPES, group=8)
+    assert tables.shape == (batch, width) and ctx.tolist() == [context] * batch and q.shape == (batch, 6, 32)
+    for start in (0, 8, 16):
+        group = tables[start: start + 8]
+        assert (group[:, :3] == group[0, :3]).all()
+    assert len(set(tables[::8, :3].flatten().tolist())) == 3 * 3  # groups share nothing with each other
+    assert len(set(tables[:, 3:].flatten().tolist())) == batch * (width - 3)  # the rest is each row's own
+    assert int(tables.max()) < k.shape[0]
+    found = find_shared_prefixes(tables.numpy(), ctx.numpy(), 16, **SHAPES)
+    assert sorted(np.diff(found.tile_ptr).tolist()) == [4, 8, 8]  # tiles come in the order of their blocks' ids
+    assert [sorted(found.tile_rows[a:b].tolist()) for a, b in zip(found.tile_ptr, found.tile_ptr[1:])] == \
+        sorted([list(range(0, 8)), list(range(8, 16)), list(range(16, 20))], key=lambda r: int(tables[r[0], 2]))
+    assert found.tile_prefix.tolist() == [48] * 3 and found.row_start.tolist() == [48] * batch
+    padded = self_check._timing_tiles(tables, ctx, 16, **SHAPES)  # a graph step's buffers: 10 tiles, 7 empty
+    assert padded.tile_ptr.tolist()[:4] == found.tile_ptr.tolist() and padded.tile_ptr.tolist()[4:] == [20] * 7
+    assert padded.tile_prefix.tolist() == [48] * 3 + [0] * 7
+    # without groups (the backend timing's case) no row shares a block
+    plain = self_check._timing_case(batch, context, **SHAPES)[3]
+    assert find_shared_prefixes(plain.numpy(), ctx.numpy(), 16, **SHAPES) is None
+
+
+def test_the_shared_prefix_timing_passes_the_tiles_of_its_case(monkeypatch):
+    from r1fast.rollout import self_check
+
+    impls, seen = backends.implementations("paged_decode_attention"), []
+    real = impls["torch"]
+
+    def spy(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits, partition, shared_prefix):
+        seen.append((block_tables.clone(), context_lens.clone(), shared_prefix))
+        return real(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits, partition, shared_prefix)
+    monkeypatch.setitem(impls, "torch", spy)
+    for tiles in (False, True):
+        seen.clear()
+        self_check.decode_seconds("torch", "cpu", torch.float32, 6, 2, 32, batch=12, context=64, repeats=1,
+                                  group=8, shared_prefix=tiles)
+        tables, ctx, passed = seen[0]
+        assert (tables[1:8, :2] == tables[0, :2]).all() and ctx.tolist() == [64] * 12
+        if not tiles:
+            assert all(s is None for *_, s in seen)
+            continue
+        want = self_check._timing_tiles(tables, ctx, 16, 6, 2, 32)
+        assert [a.tolist() for a in passed] == [a.tolist() for a in want]
+        assert sorted(passed.tile_ptr.diff().tolist()[:2]) == [4, 8] and passed.tile_prefix.tolist()[:2] == [32, 32]
+
+
+@pytest.mark.parametrize("plain_us, shared_us, kept", [(100.0, 90.0, True), (100.0, 96.0, False),
+                                                       (114.0, 157.0, False)])
+def test_the_shared_prefix_path_is_kept_only_when_timed_faster(monkeypatch, caplog, plain_us, shared_us, kept):
+    from r1fast.rollout import self_check
+
+    timed = []
+
+    def fake_seconds(name, device, dtype, *shape, batch, group, shared_prefix):
+        timed.append((name, batch, group, shared_prefix))
+        return (shared_us if shared_prefix else plain_us) * 1e-6
+    monkeypatch.setattr(self_check, "decode_seconds", fake_seconds)
+    with caplog.at_level(logging.INFO, logger="r1fast.rollout.self_check"):
+        assert self_check.shared_prefix_pays("triton", "cpu", torch.float32, **SHAPES, batch=48) is kept
+    assert timed == [("triton", 48, 8, False), ("triton", 48, 8, True)]
+    assert f"without shared prefix {plain_us:.1f} us, with {shared_us:.1f} us; " \
+        f"{'using it' if kept else 'decoding without it'}" in caplog.text
+
+
+def test_a_failed_shared_prefix_timing_decodes_without_it(monkeypatch, caplog):
+    from r1fast.rollout import self_check
+
+    def fails(*args, shared_prefix, **kwargs):
+        if shared_prefix:
+            raise RuntimeError("out of memory")
+        return 1e-4
+    monkeypatch.setattr(self_check, "decode_seconds", fails)
+    with caplog.at_level(logging.WARNING):
+        assert not self_check.shared_prefix_pays("triton", "cpu", torch.float32, **SHAPES, batch=8)
+    assert "timing the triton backend's shared-prefix path on cpu failed (RuntimeError: out of memory)" in caplog.text

@@ -148,7 +148,7 @@ class Engine:
     def __init__(self, model, num_blocks: int | None = None, block_size: int = 16, memory_fraction: float = 0.5,
                  max_num_seqs: int = 256, max_num_batched_tokens: int = 8192, max_model_len: int | None = None,
                  enable_prefix_caching: bool = True, use_cuda_graphs: bool = True,
-                 decode_backend: str | None = None, shared_prefix_attention: bool = True,
+                 decode_backend: str | None = None, shared_prefix_attention: bool | None = None,
                  async_decode: bool = True, pool_tokens_per_seq: int | None = None):
         from r1fast.models import CausalLM
 
@@ -165,9 +165,12 @@ class Engine:
                 not 0 < memory_fraction <= 1:
             raise ValueError(f"Engine: memory_fraction must lie in (0, 1], got {memory_fraction!r}")
         for name, value in (("enable_prefix_caching", enable_prefix_caching), ("use_cuda_graphs", use_cuda_graphs),
-                            ("shared_prefix_attention", shared_prefix_attention), ("async_decode", async_decode)):
+                            ("async_decode", async_decode)):
             if not isinstance(value, bool):  # bool("no") is True: a string here would silently mean on
                 raise TypeError(f"Engine: {name} must be True or False, got {value!r}")
+        if shared_prefix_attention is not None and not isinstance(shared_prefix_attention, bool):
+            raise TypeError(f"Engine: shared_prefix_attention must be None (use it where it is faster on this card), "
+                            f"True or False, got {shared_prefix_attention!r}")
         self.model = model
         self.config = cfg
         if max_model_len is None:  # as long as the model's numbers equal transformers'

@@ -4,8 +4,9 @@ The cache is one tensor [num_layers, 2, num_blocks, block_size, num_kv_heads, he
 keys are kv[l, 0] and values kv[l, 1], each contiguous in the layout of ops.store_kv.
 
 Shared prefixes: the G samples of a group hold their prompt's blocks in common. With a triton or
-cuda decode backend each decode step passes ops.paged_decode_attention a SharedPrefix, so those
-blocks are read once per tile of samples, not once per sample. The tiles come from the block tables
+cuda decode backend each decode step can pass ops.paged_decode_attention a SharedPrefix, so those
+blocks are read once per tile of samples, not once per sample; by default only where that is timed
+faster on the card at start-up (self_check.shared_prefix_pays). The tiles come from the block tables
 (r1fast.ops.shared_prefix) and are kept while the running set is unchanged.
 """
 from __future__ import annotations
@@ -113,9 +114,16 @@ def lm_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return torch.mm(hidden.float(), weight.float().t())
 
 
+def _checks_kernels(device: torch.device) -> bool:
+    """Whether the runner checks and times its kernels on `device` at start-up: on a GPU, where they
+    run inside CUDA graphs and their speed differs by card (the CPU path runs neither)."""
+    return device.type == "cuda"
+
+
 class ModelRunner:
     def __init__(self, model, num_blocks: int, block_size: int, max_num_seqs: int, max_model_len: int,
-                 use_cuda_graphs: bool = True, decode_backend: str | None = None, shared_prefix: bool = True):
+                 use_cuda_graphs: bool = True, decode_backend: str | None = None,
+                 shared_prefix: bool | None = None):
         cfg = model.config
         self.model = model
         self.device, self.dtype = model.device, model.dtype
@@ -127,23 +135,14 @@ class ModelRunner:
         self.decode_backend, self.store_backend = decode_backend, None
         if decode_backend is not None:  # a misspelt or unusable backend: said now, not at the first decode step
             backends.resolve("paged_decode_attention", self.device, decode_backend)
-        if self.device.type == "cuda" and decode_backend is None:
+        if _checks_kernels(self.device) and decode_backend is None:
             # kernels that never ran on this card are checked against the reference before any graph holds them
             from r1fast.rollout.self_check import select_backends
 
             chosen = select_backends(self.device, self.dtype, cfg.num_attention_heads, self.num_kv_heads,
                                      self.head_dim, timing_batch=max_num_seqs)
             self.decode_backend, self.store_backend = chosen["paged_decode_attention"], chosen["store_kv"]
-        group = cfg.num_attention_heads // self.num_kv_heads
-        # only the triton and cuda kernels read shared blocks once (both through Triton's prefix kernel);
-        # the others would ignore the tiles
-        self.shared_prefix = bool(shared_prefix) and self.decode_backend in ("triton", "cuda") and \
-            backends.backend_available("triton", self.device)[0] and prefix_tile_rows(group, self.head_dim) >= 2
-        if self.shared_prefix and self.device.type == "cuda" and decode_backend is None:
-            from r1fast.rollout.self_check import shared_prefix_ok
-
-            self.shared_prefix = shared_prefix_ok(self.decode_backend, self.device, self.dtype,
-                                                  cfg.num_attention_heads, self.num_kv_heads, self.head_dim)
+        self.shared_prefix = self._use_shared_prefix(shared_prefix, decode_backend is None, max_num_seqs)
         self._tiles_of = None  # the running ids array the cached tiles were found for
         self._tiles = None
         self.kv = torch.zeros(cfg.num_hidden_layers, 2, num_blocks, block_size, self.num_kv_heads, self.head_dim,
@@ -152,6 +151,27 @@ class ModelRunner:
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, dict]] = {}
         if use_cuda_graphs and self.device.type == "cuda":
             self._capture_graphs(max_num_seqs)
+
+    def _use_shared_prefix(self, requested: bool | None, checked: bool, timing_batch: int) -> bool:
+        """Whether decode steps pass SharedPrefix tiles. requested: True, wherever the path runs (and, with
+        the backend chosen here, passes its start-up check); False, never; None, only where it is also
+        the faster on this card (timed at timing_batch rows; on the CPU, wherever it runs)."""
+        cfg = self.model.config
+        group = cfg.num_attention_heads // self.num_kv_heads
+        # only the triton and cuda kernels read shared blocks once (both through Triton's prefix kernel);
+        # the others would ignore the tiles
+        if requested is False or self.decode_backend not in ("triton", "cuda") or \
+                not backends.backend_available("triton", self.device)[0] or prefix_tile_rows(group, self.head_dim) < 2:
+            return False
+        if not _checks_kernels(self.device):
+            return True
+        from r1fast.rollout.self_check import shared_prefix_ok, shared_prefix_pays
+
+        shape = (cfg.num_attention_heads, self.num_kv_heads, self.head_dim)
+        if checked and not shared_prefix_ok(self.decode_backend, self.device, self.dtype, *shape):
+            return False
+        return requested is True or shared_prefix_pays(self.decode_backend, self.device, self.dtype, *shape,
+                                                       batch=timing_batch)
 
     @staticmethod
     def kv_bytes_per_block(cfg, block_size: int, dtype: torch.dtype) -> int:

@@ -9,8 +9,12 @@ warning naming the error. Where more than one decode backend agrees, each is tim
 of the rollout's batch (replayed from a CUDA graph, as the engine runs it) and the faster one is
 used: which of the CUDA and Triton kernels wins depends on the card and the head shapes. The
 shared-prefix path of the chosen decode backend is checked the same way (shared_prefix_ok); where
-it disagrees the engine decodes without it. The cost is a few small launches and two short graph
-replays per engine.
+it disagrees the engine decodes without it. Where it agrees it is timed too, unless the engine was
+told to use it (shared_prefix_attention=True): that backend's decode step with and without the
+shared-prefix tiles on a GRPO-shaped batch (groups of 8 rows sharing the first half of their
+context's blocks, the tiles built as the runner builds them; shared_prefix_pays), and it is kept only
+when at least 5% faster, since the plain kernel can find a group's shared blocks in L2 anyway. The
+cost is a few small launches and up to four short graph replays per engine.
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ import time
 import torch
 
 from r1fast import backends, ops
+from r1fast.ops.shared_prefix import SharedPrefix, find_shared_prefixes, pad_shared_prefix
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +65,6 @@ def _decode_error(backend: str, device, dtype, num_heads: int, num_kv_heads: int
 
 def _shared_prefix_error(backend: str, device, dtype, num_heads: int, num_kv_heads: int, head_dim: int) -> float:
     """Three samples sharing 2 blocks of a prompt and a lone row, through the shared-prefix tiles."""
-    from r1fast.ops.shared_prefix import find_shared_prefixes, pad_shared_prefix
-
     q, k, v, tables, ctx = _random_paged_case(2, [40, 47, 90, 33], num_heads, num_kv_heads, head_dim)
     shared = 2
     tables[1:3, :shared] = tables[0, :shared]
@@ -101,27 +104,65 @@ def _store_error(backend: str, device, dtype, num_kv_heads: int, head_dim: int) 
 
 # The K/V caches of the timing case take at most this much memory (the context shrinks to fit).
 _TIMING_BYTES = 256 << 20
+# GRPO's decode batch, for timing the shared-prefix path: the samples of one prompt, in groups of
+# this many adjacent rows (the rollout's G), share the first half of their context's blocks.
+_TIMING_GROUP = 8
+# The shared-prefix path is kept only when it beats the plain one by this fraction. It adds a launch
+# and a round trip of partial softmax states through memory, and where a group's rows run side by side
+# the plain kernel finds the shared blocks in L2 anyway: on an H200 at the rollout's shape the plain
+# Triton kernel was the faster (0.114 against 0.157 ms). A gain inside the timing's noise is not worth
+# a second kernel in every step's graph.
+_SHARED_PREFIX_MIN_GAIN = 0.05
+
+
+def _timing_case(batch: int, context: int, num_heads: int, num_kv_heads: int, head_dim: int, group: int = 1):
+    """(q, k_cache, v_cache, block_tables, context_lens) on the CPU in float32: `batch` sequences of
+    `context` tokens, their blocks of 16 slots drawn at random; with group > 1 each run of `group`
+    adjacent rows shares the blocks of the first half of its context, as a GRPO group's samples hold
+    their prompt's (at least one block)."""
+    block_size = 16
+    width = math.ceil(context / block_size)
+    g = torch.Generator(device="cpu").manual_seed(3)
+    k, v = (torch.randn(batch * width, block_size, num_kv_heads, head_dim, generator=g) for _ in range(2))
+    q = torch.randn(batch, num_heads, head_dim, generator=g)
+    tables = torch.randperm(batch * width, generator=g).reshape(batch, width).to(torch.int32)
+    if group > 1:
+        shared = max(1, width // 2)
+        lead = torch.arange(batch) // group * group  # each row's group's first row
+        tables[:, :shared] = tables[lead, :shared]
+    return q, k, v, tables, torch.full((batch,), context, dtype=torch.int32)
+
+
+def _timing_tiles(tables: torch.Tensor, context_lens: torch.Tensor, block_size: int, num_heads: int,
+                  num_kv_heads: int, head_dim: int) -> SharedPrefix:
+    """The SharedPrefix tiles of a timing case, as the runner builds a graph step's: found from the
+    tables, cut to the context lengths, laid out in the fixed-size buffers of a step of its rows."""
+    found = find_shared_prefixes(tables.numpy(), context_lens.numpy(), block_size, num_heads, num_kv_heads, head_dim)
+    return pad_shared_prefix(found, len(context_lens), len(context_lens))
 
 
 def decode_seconds(backend: str, device, dtype, num_heads: int, num_kv_heads: int, head_dim: int,
-                   batch: int = 64, context: int = 1024, repeats: int = 10) -> float:
+                   batch: int = 64, context: int = 1024, repeats: int = 10, group: int = 1,
+                   shared_prefix: bool = False) -> float:
     """Seconds per call of `backend`'s decode attention for `batch` sequences of `context` tokens (the
     best of three rounds). On a GPU the calls are replayed from a CUDA graph, as the engine runs them,
-    so Python's launch overhead (the same for every backend) does not hide the kernels' difference."""
+    so Python's launch overhead (the same for every backend) does not hide the kernels' difference.
+    group > 1: rows in groups of that many share the first half of their blocks (_timing_case);
+    shared_prefix: the calls are passed those groups' SharedPrefix tiles."""
     device, block_size = torch.device(device), 16
     token_bytes = 2 * num_kv_heads * head_dim * dtype.itemsize
     context = max(block_size, min(context, _TIMING_BYTES // (batch * token_bytes)))
-    width = math.ceil(context / block_size)
-    g = torch.Generator(device="cpu").manual_seed(3)
-    k, v = (torch.randn(batch * width, block_size, num_kv_heads, head_dim, generator=g).to(device, dtype)
-            for _ in range(2))
-    q = torch.randn(batch, num_heads, head_dim, generator=g).to(device, dtype)
-    tables = torch.randperm(batch * width, generator=g).reshape(batch, width).to(device, torch.int32)
-    ctx = torch.full((batch,), context, dtype=torch.int32, device=device)
+    q, k, v, tables, ctx = _timing_case(batch, context, num_heads, num_kv_heads, head_dim, group)
+    extra = {}
+    if shared_prefix:
+        tiles = _timing_tiles(tables, ctx, block_size, num_heads, num_kv_heads, head_dim)
+        extra["shared_prefix"] = tiles.to(device)
+    q, k, v = (x.to(device, dtype) for x in (q, k, v))
+    tables, ctx = tables.to(device), ctx.to(device)
 
     def step():
         for _ in range(repeats):
-            ops.paged_decode_attention(q, k, v, tables, ctx, backend=backend, check_bounds=False)
+            ops.paged_decode_attention(q, k, v, tables, ctx, backend=backend, check_bounds=False, **extra)
 
     if device.type != "cuda":
         step()  # warm-up: compiles
@@ -151,6 +192,26 @@ def decode_seconds(backend: str, device, dtype, num_heads: int, num_kv_heads: in
             best = min(best, begin.elapsed_time(end) / 1e3)
         del graph
     return best / repeats
+
+
+def shared_prefix_pays(backend: str, device, dtype, num_heads: int, num_kv_heads: int, head_dim: int,
+                       batch: int) -> bool:
+    """Whether `backend`'s decode attention is faster with the shared-prefix tiles than without, by
+    _SHARED_PREFIX_MIN_GAIN at least, on `batch` sequences in GRPO groups (decode_seconds with group
+    _TIMING_GROUP, the same case both ways); False if the timing fails."""
+    try:
+        plain, shared = (decode_seconds(backend, device, dtype, num_heads, num_kv_heads, head_dim, batch=batch,
+                                        group=_TIMING_GROUP, shared_prefix=tiles) for tiles in (False, True))
+    except Exception as e:  # noqa: BLE001 - the plain path was checked and needs no timing
+        log.warning("paged_decode_attention: timing the %s backend's shared-prefix path on %s failed (%s: %s); "
+                    "decoding without it", backend, device, type(e).__name__, e)
+        return False
+    pays = shared <= plain * (1 - _SHARED_PREFIX_MIN_GAIN)
+    log.info("paged_decode_attention (%s) on %s at batch %d in groups of %d sharing half their context: "
+             "without shared prefix %.1f us, with %.1f us; %s", backend, device, batch, _TIMING_GROUP,
+             plain * 1e6, shared * 1e6, "using it" if pays else
+             f"decoding without it (it must save {_SHARED_PREFIX_MIN_GAIN:.0%})")
+    return pays
 
 
 def _fastest(names: list[str], device, dtype, num_heads: int, num_kv_heads: int, head_dim: int,
