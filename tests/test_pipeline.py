@@ -2606,6 +2606,35 @@ def test_a_rerun_killed_while_setting_the_earlier_outputs_aside_is_finished_by_t
     assert json.loads((run / "pipeline_state.json").read_text())["rerun_from"] == "rs"
 
 
+def test_a_rerun_in_a_run_folder_another_process_holds_moves_nothing(tmp_path):
+    # a rerun beside a --resume of the same folder (or a second rerun) would interleave its renames with the other
+    # process's writes: it takes the run folder's lock before it sets anything aside, and a held one is an error
+    import fcntl
+
+    from r1fast.trainer.checkpoints import LOCK_FILE, RunFolderBusy
+
+    spec = _rerun_spec(tmp_path)
+    spec["stages"] = spec["stages"][2:]   # rs, then student on its samples
+    run = tmp_path / "run"
+    run_pipeline(spec)
+    before = _files_and_times(run)
+    listing = sorted(os.listdir(run))
+    # another descriptor on the lock file: to the code under test, another process
+    fd = os.open(run / LOCK_FILE, os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, b"4242", 0)
+        with pytest.raises(RunFolderBusy, match=rf"^{re.escape(str(run))} is in use by another r1fast run "
+                                                rf"\(process 4242\)"):
+            run_pipeline(spec, ["rerun_from=rs"])
+        with pytest.raises(RunFolderBusy, match=r"\(process 4242\)"):   # and a rerun's --resume
+            run_pipeline(spec, ["rerun_from=rs"], resume=True)
+    finally:
+        os.close(fd)
+    assert sorted(os.listdir(run)) == listing and _files_and_times(run) == before
+
+
 def test_resume_removes_the_temporary_files_of_writes_killed_mid_way(tmp_path):
     # a SIGKILL while pipeline_state.json, summary.json or curves.png (r1fast plot) was replaced left its .tmp
     # beside it for good: only a trainer's metrics .tmp was ever cleaned
