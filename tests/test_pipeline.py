@@ -2635,6 +2635,77 @@ def test_a_rerun_in_a_run_folder_another_process_holds_moves_nothing(tmp_path):
     assert sorted(os.listdir(run)) == listing and _files_and_times(run) == before
 
 
+def _pending(*stages):
+    return [{"stage": name, "type": typ, "status": "pending", "steps": 0, "held_out_accuracy": None, "format": None,
+             "wall_s": 0.0} for name, typ in stages]
+
+
+def test_a_rerun_reports_the_stages_it_set_aside_as_pending_until_each_runs_again(tmp_path, monkeypatch):
+    # summary.json kept the earlier run's figures of the stages a rerun had set aside until the whole rerun
+    # finished: a rerun that failed in its first stage left the old accuracy and samples beside the new state
+    import r1fast.trainer.sampling as sampling
+    from r1fast.trainer.pipeline import render_summary
+    from r1fast.trainer.sft import SFTTrainer
+
+    spec = tiny_pipeline(tmp_path)
+    spec["stages"] = spec["stages"][2:]   # rs, then student on its samples (evaluated)
+    run = tmp_path / "run"
+    run_pipeline(spec)
+    old = json.loads((run / "summary.json").read_text())["stages"]
+    assert old[0]["samples"]["prompts"] == 4 and old[1]["steps"] == 2 and old[1]["held_out_accuracy"] is not None
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("stopped in the test")
+
+    rerun = ["rerun_from=rs", "rs.num_rows=2"]
+    monkeypatch.setattr(sampling, "rejection_sample", failing)
+    with pytest.raises(RuntimeError, match="stopped in the test"):
+        run_pipeline(spec, rerun)
+    marked = json.loads((run / "summary.json").read_text())
+    assert marked["stages"] == _pending(("rs", "sample"), ("student", "sft"))
+    assert "\nstudent           sft     pending" in render_summary(marked)
+    monkeypatch.undo()
+    monkeypatch.setattr(SFTTrainer, "train", failing)
+    with pytest.raises(RuntimeError, match="stopped in the test"):
+        run_pipeline(spec, rerun, resume=True)   # the rerun goes on: rs runs, then student fails
+    rows = json.loads((run / "summary.json").read_text())["stages"]
+    assert rows[0]["samples"]["prompts"] == 2 and "status" not in rows[0]   # rs's new figures once it finished
+    assert rows[1:] == _pending(("student", "sft"))
+    monkeypatch.undo()
+    summary = run_pipeline(spec, rerun, resume=True)
+    assert json.loads((run / "summary.json").read_text()) == summary
+    assert [("status" in r, r["steps"]) for r in summary["stages"]] == [(False, 0), (False, 2)]
+    assert summary["stages"][1]["held_out_accuracy"] is not None
+
+
+def test_a_rerun_killed_before_it_marked_the_summary_is_marked_by_the_next_run(tmp_path, monkeypatch):
+    import r1fast.trainer.pipeline as pipeline
+    from r1fast.trainer.checkpoints import RunFolderInUse
+
+    spec = _rerun_spec(tmp_path)
+    spec["stages"] = spec["stages"][2:]   # rs, then student on its samples
+    run = tmp_path / "run"
+    run_pipeline(spec)
+    old = (run / "summary.json").read_text()
+
+    def killed(moves):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "_move_aside", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run_pipeline(spec, ["rerun_from=student"])
+    monkeypatch.undo()
+    assert (run / ".r1fast-rerun.json").exists()
+    rows = json.loads((run / "summary.json").read_text())["stages"]
+    assert rows[0] == json.loads(old)["stages"][0] and rows[1:] == _pending(("student", "sft"))
+    (run / "summary.json").write_text(old)   # as a run killed between its journal and the summary left it
+    with pytest.raises(RunFolderInUse):   # not --resume: the set-aside is finished, then the new run refused
+        run_pipeline(spec)
+    assert not (run / ".r1fast-rerun.json").exists()
+    rows = json.loads((run / "summary.json").read_text())["stages"]
+    assert rows[0] == json.loads(old)["stages"][0] and rows[1:] == _pending(("student", "sft"))
+
+
 def test_resume_removes_the_temporary_files_of_writes_killed_mid_way(tmp_path):
     # a SIGKILL while pipeline_state.json, summary.json or curves.png (r1fast plot) was replaced left its .tmp
     # beside it for good: only a trainer's metrics .tmp was ever cleaned

@@ -15,7 +15,8 @@ teacher → student distillation. `r1fast train` with no arguments runs configs/
 A stage trains the previous stage's model unless it names its own `model` (a path, builtin:<size>,
 or "@stage" for that stage's result). "@stage" as a dataset is what a sample stage kept. Each stage
 writes into <run>/<stage>/; <run>/metrics.jsonl gathers every stage's metrics and the held-out
-accuracy after each training stage; <run>/summary.json has the table printed at the end.
+accuracy after each training stage; <run>/summary.json has the table printed at the end (rewritten as each stage
+finishes, a stage not finished yet "pending").
 `--resume` skips finished stages and resumes the unfinished one from its last checkpoint; rerun_from=<stage> runs
 that stage and the later ones again, keeping the earlier ones as --resume does (their old outputs set aside).
 """
@@ -850,9 +851,12 @@ class PipelineRunner:
             json.dump({"r1fast_rerun": 1, "stages": rerun,
                        "moves": [[self._in_run(a), self._in_run(b)] for a, b in moves]}, f)
         _sync_folder(self.run_dir)
-        _move_aside(moves)
         for name in rerun:
             self.state["stages"].pop(name, None)
+        # the journal makes the set-aside certain (a run killed from here on finishes it): summary.json stops
+        # reporting the earlier run's figures of these stages now, not once they have run again
+        self.write_summary(0.0)
+        _move_aside(moves)
         self.state["rerun_from"] = rerun[0]   # what --resume with the same rerun_from continues
         self.save_state()
         self.write_metrics()   # the set-aside stages' lines out of <run>/metrics.jsonl
@@ -903,6 +907,7 @@ class PipelineRunner:
                 state["rerun_from"] = stages[0]
             with replacing(self.state_path) as f:
                 json.dump(state, f, indent=1)
+            self.write_summary(0.0, state)   # killed before it marked them pending: marked now
         os.remove(path)
 
     def _train_stage(self, trainer, stage: Stage, resume_stage: bool, record: dict) -> int:
@@ -1113,13 +1118,12 @@ class PipelineRunner:
             self.state["stages"][stage.name] = record
             self.save_state()
             self.write_metrics()
+            self.write_summary(time.perf_counter() - t_start)   # this stage's figures, the later ones pending
             self._finishing = _BETWEEN_STAGES
         # again at the end: a run killed between a stage's state and this file resumed with every stage done,
         # which wrote it no more (the last stage's metrics were missing for good)
         self.write_metrics()
-        summary = self.summary(time.perf_counter() - t_start)
-        with replacing(os.path.join(self.run_dir, "summary.json")) as f:
-            json.dump(summary, f, indent=1)
+        summary = self.write_summary(time.perf_counter() - t_start)
         print(render_summary(summary))
         return summary
 
@@ -1176,11 +1180,28 @@ class PipelineRunner:
                 "samples_per_prompt": self.p.eval_samples_per_prompt, "temperature": self.p.eval_temperature,
                 "max_tokens": self.p.eval_max_tokens, "seed": self.p.seed, **prompt_and_format}
 
-    def summary(self, wall_s: float) -> dict:
+    def write_summary(self, wall_s: float, state: Optional[dict] = None) -> dict:
+        """<run>/summary.json of `state` (the run's own by default), replaced whole (a kill mid-write keeps the last).
+        Written after each stage and when rerun_from sets stages aside, so it never shows a stage's earlier figures
+        once that stage is to run again."""
+        summary = self.summary(wall_s, state)
+        with replacing(os.path.join(self.run_dir, "summary.json")) as f:
+            json.dump(summary, f, indent=1)
+        return summary
+
+    def summary(self, wall_s: float, state: Optional[dict] = None) -> dict:
+        """The run's table: a row per stage of `state` (the run's own by default); a stage with no finished
+        record (not run yet, running, or set aside by rerun_from) is "status": "pending", with no figures."""
+        state = self.state if state is None else state
+        types = {s.name: s.type for s in self.p.stages}
         rows = []
         current = self._eval_settings()
-        for name in self.state["order"]:
-            st = self.state["stages"].get(name, {})
+        for name in state.get("order") or []:
+            st = state["stages"].get(name) or {}
+            if not st.get("finished"):
+                rows.append({"stage": name, "type": types.get(name, st.get("type")), "status": "pending", "steps": 0,
+                             "held_out_accuracy": None, "format": None, "wall_s": 0.0})
+                continue
             row = {"stage": name, "type": st.get("type"), "steps": st.get("step_end", 0) - st.get("step_start", 0),
                    "held_out_accuracy": (st.get("eval") or {}).get("eval/accuracy"),
                    "format": (st.get("eval") or {}).get("eval/format"), "wall_s": round(st.get("wall_s", 0.0), 1),
@@ -1206,6 +1227,9 @@ def render_summary(s: dict) -> str:
              f"{'stage':<18}{'type':<8}{'steps':>7}{'accuracy':>10}{'format':>8}"
              + "".join(f"{name:>10}" for name in k_columns) + f"{'time':>8}"]
     for r in s["stages"]:
+        if r.get("status") == "pending":   # a summary.json written while the run was under way
+            lines.append(f"{r['stage']:<18}{r['type'] or '-':<8}{'pending':>7}")
+            continue
         acc = "-" if r["held_out_accuracy"] is None else f"{r['held_out_accuracy']:.3f}"
         fmt = "-" if r["format"] is None else f"{r['format']:.3f}"
         by_k = "".join(f"{'-' if r.get(name) is None else format(r[name], '.3f'):>10}" for name in k_columns)
