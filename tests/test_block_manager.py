@@ -125,6 +125,19 @@ class ModelBlockManager:
 PREFIXES = ([1, 2, 3, 4, 5, 6, 7], [1, 2, 3, 4, 9, 9], [8, 8, 8, 8, 8, 8, 8, 8, 8])
 
 
+def _both(real_fn, model_fn):
+    """Run an op on the real manager and on the model; they must agree on the result or on raising ValueError."""
+    try:
+        want = model_fn()
+    except ValueError:
+        with pytest.raises(ValueError):
+            real_fn()
+        return None
+    got = real_fn()
+    assert got == want, (got, want)
+    return got
+
+
 class BlockManagerMachine(RuleBasedStateMachine):
     def __init__(self):
         super().__init__()
@@ -138,18 +151,6 @@ class BlockManagerMachine(RuleBasedStateMachine):
         self.next_id = 0
         self.configured = True
 
-    def _both(self, fn_real, fn_model):
-        """Run an op on both; they must agree on the result or on raising ValueError."""
-        try:
-            expected = fn_model()
-        except ValueError:
-            with pytest.raises(ValueError):
-                fn_real()
-            return None
-        got = fn_real()
-        assert got == expected, (got, expected)
-        return got
-
     @precondition(lambda self: self.configured)
     @rule(prefix=st.sampled_from(PREFIXES), cut=st.integers(1, 9), suffix=st.lists(st.integers(0, 5), max_size=4))
     def allocate(self, prefix, cut, suffix):
@@ -158,7 +159,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
         assert self.real.blocks_to_allocate(arr) == self.model.blocks_to_allocate(tokens)
         sid = self.next_id
         self.next_id += 1
-        self._both(lambda: self.real.allocate(sid, arr), lambda: self.model.allocate(sid, tokens))
+        _both(lambda: self.real.allocate(sid, arr), lambda: self.model.allocate(sid, tokens))
 
     def _pick(self, i):
         ids = sorted(self.model.seqs)
@@ -190,7 +191,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
             taken = None
         batch = self.real.blocks_to_append(np.asarray(every, dtype=np.int64))
         assert batch == taken if taken is not None else batch > self.real.num_free_blocks
-        self._both(lambda: tuple(self.real.append(sid, token)), lambda: self.model.append(sid, token))
+        _both(lambda: tuple(self.real.append(sid, token)), lambda: self.model.append(sid, token))
 
     @precondition(lambda self: self.configured and self.model.seqs)
     @rule(i=st.integers(0, 50), frac=st.floats(0, 1))
@@ -466,17 +467,6 @@ class _Fuzz:
         table = self.real.block_table(sid).tolist()
         return [table[p // self.bs] * self.bs + p % self.bs for p in range(len(self.seqs[sid]["tokens"]))]
 
-    def both(self, real_fn, model_fn):
-        try:
-            want = model_fn()
-        except ValueError:
-            with pytest.raises(ValueError):
-                real_fn()
-            return None
-        got = real_fn()
-        assert got == want, (got, want)
-        return got
-
     def pick(self, ready=None):
         ids = [s for s, v in self.seqs.items() if ready is None or (v["computed"] == len(v["tokens"])) == ready]
         return int(self.rng.choice(ids)) if ids else None
@@ -487,7 +477,7 @@ class _Fuzz:
             self.rng.integers(0, 4))).tolist()
         assert self.real.blocks_to_allocate(tokens) == self.model.blocks_to_allocate(tokens)
         sid, self.next_id = self.next_id, self.next_id + 1
-        cached = self.both(lambda: self.real.allocate(sid, tokens), lambda: self.model.allocate(sid, tokens))
+        cached = _both(lambda: self.real.allocate(sid, tokens), lambda: self.model.allocate(sid, tokens))
         if cached is None:
             return
         self.seqs[sid] = {"tokens": tokens, "computed": cached}
@@ -529,7 +519,7 @@ class _Fuzz:
             return
         token = int(self.rng.integers(0, 4))
         assert self.real.blocks_to_append(sid) == self.model.blocks_to_append(sid)
-        got = self.both(lambda: tuple(self.real.append(sid, token)), lambda: self.model.append(sid, token))
+        got = _both(lambda: tuple(self.real.append(sid, token)), lambda: self.model.append(sid, token))
         if got is not None:
             self._appended(sid, token, *got)
 
