@@ -348,52 +348,47 @@ def test_sample_gives_rewards_the_completion_ids_and_writes_any_column(tmp_path,
 
 
 def test_cli_names_a_path_it_cannot_write_in_one_line(tmp_path, monkeypatch):
+    def refuses(cmd, setting, match, dataset="builtin:arithmetic"):   # before the (missing) model loads
+        with pytest.raises(SystemExit, match=match):
+            main([cmd, "model_name_or_path=no_such_model", f"dataset={dataset}", setting])
+
     monkeypatch.chdir(tmp_path)
     (tmp_path / "afile").write_text("")
     for cmd in ("train", "sft"):   # said once the model had loaded, as "[Errno 20] Not a directory: 'afile/x'"
-        with pytest.raises(SystemExit, match=rf"^r1fast {cmd}: option 'output_dir' = 'afile/x': {tmp_path}/afile "
-                                             rf"is a file, not a folder; give another output_dir, the folder for"):
-            main([cmd, "model_name_or_path=no_such_model", "dataset=builtin:arithmetic", "output_dir=afile/x"])
+        refuses(cmd, "output_dir=afile/x", rf"^r1fast {cmd}: option 'output_dir' = 'afile/x': {tmp_path}/afile "
+                                           rf"is a file, not a folder; give another output_dir, the folder for")
         # "[Errno 17] File exists: 'afile'"
-        with pytest.raises(SystemExit, match=rf"^r1fast {cmd}: option 'output_dir' = 'afile': {tmp_path}/afile is a "
-                                             rf"file, not a folder; give"):
-            main([cmd, "model_name_or_path=no_such_model", "dataset=builtin:arithmetic", "output_dir=afile"])
+        refuses(cmd, "output_dir=afile", rf"^r1fast {cmd}: option 'output_dir' = 'afile': {tmp_path}/afile is a "
+                                         rf"file, not a folder; give")
     # sample found it only once every prompt was sampled, losing the rows; now before the model loads
-    with pytest.raises(SystemExit, match=r"^r1fast sample: output_file 'afile/x.jsonl': .*afile is a file, not a "
-                                         r"folder; give another output_file$"):
-        main(["sample", "model_name_or_path=no_such_model", "dataset=builtin:arithmetic", "output_file=afile/x.jsonl"])
+    refuses("sample", "output_file=afile/x.jsonl", r"^r1fast sample: output_file 'afile/x.jsonl': .*afile is a file, "
+                                                   r"not a folder; give another output_file$")
     (tmp_path / "adir").mkdir()   # found at the end too: "[Errno 21] Is a directory: 'adir.tmp' -> 'adir'"
-    with pytest.raises(SystemExit, match=r"^r1fast sample: output_file 'adir' is a folder; name the JSONL file "
-                                         r"to write \(e.g. 'adir/samples.jsonl'\)$"):
-        main(["sample", "model_name_or_path=no_such_model", "dataset=builtin:arithmetic", "output_file=adir"])
+    refuses("sample", "output_file=adir", r"^r1fast sample: output_file 'adir' is a folder; name the JSONL file "
+                                          r"to write \(e.g. 'adir/samples.jsonl'\)$")
     # a folder not made yet: the samples went to a hidden "new/.tmp" and the rename over "new/" failed at the end
-    with pytest.raises(SystemExit, match=r"^r1fast sample: output_file 'new/' is a folder; name the JSONL file"):
-        main(["sample", "model_name_or_path=no_such_model", "dataset=builtin:arithmetic", "output_file=new/"])
+    refuses("sample", "output_file=new/", r"^r1fast sample: output_file 'new/' is a folder; name the JSONL file")
     # the output replaced the prompts it was sampled from, without a word
     (tmp_path / "d.jsonl").write_text('{"prompt": "1+1", "answer": "2"}\n')
-    with pytest.raises(SystemExit, match=r"^r1fast sample: output_file './d.jsonl' is the dataset 'd.jsonl': writing "
-                                         r"the samples would replace it; give another output_file$"):
-        main(["sample", "model_name_or_path=no_such_model", "dataset=d.jsonl", "output_file=./d.jsonl"])
+    refuses("sample", "output_file=./d.jsonl", r"^r1fast sample: output_file './d.jsonl' is the dataset 'd.jsonl': "
+                                               r"writing the samples would replace it; give another output_file$",
+            dataset="d.jsonl")
     assert sorted(os.listdir(tmp_path)) == ["adir", "afile", "d.jsonl"]
     if hasattr(os, "mkfifo"):   # a pipe (as root, /dev/null) became a regular file once every prompt was sampled
         os.mkfifo(tmp_path / "pipe")
-        with pytest.raises(SystemExit, match=r"^r1fast sample: output_file 'pipe' is not a regular file \(a device, "
-                                             r"pipe or socket\).*name a JSONL file$"):
-            main(["sample", "model_name_or_path=no_such_model", "dataset=builtin:arithmetic", "output_file=pipe"])
+        refuses("sample", "output_file=pipe", r"^r1fast sample: output_file 'pipe' is not a regular file \(a device, "
+                                              r"pipe or socket\).*name a JSONL file$")
     # a symlink to nothing (a disk not mounted): "[Errno 17] File exists: 'moved'" once the model had loaded, or
     # (sample) once every prompt was sampled
     os.symlink("gone/run", tmp_path / "moved")
     for cmd in ("train", "sft"):
-        with pytest.raises(SystemExit, match=rf"^r1fast {cmd}: option 'output_dir' = 'moved/x': {tmp_path}/moved is a "
-                                             rf"symlink to 'gone/run', which does not exist \(make it, or mount"):
-            main([cmd, "model_name_or_path=no_such_model", "dataset=builtin:arithmetic", "output_dir=moved/x"])
-    with pytest.raises(SystemExit, match=r"^r1fast sample: output_file 'moved/x.jsonl': .*/moved is a symlink to "
-                                         r"'gone/run', which does not exist"):
-        main(["sample", "model_name_or_path=no_such_model", "dataset=builtin:arithmetic", "output_file=moved/x.jsonl"])
+        refuses(cmd, "output_dir=moved/x", rf"^r1fast {cmd}: option 'output_dir' = 'moved/x': {tmp_path}/moved is "
+                                           rf"a symlink to 'gone/run', which does not exist \(make it, or mount")
+    refuses("sample", "output_file=moved/x.jsonl", r"^r1fast sample: output_file 'moved/x.jsonl': .*/moved is a "
+                                                   r"symlink to 'gone/run', which does not exist")
     os.symlink("gone/out.jsonl", tmp_path / "out.jsonl")
-    with pytest.raises(SystemExit, match=r"^r1fast sample: output_file 'out.jsonl' is a symlink to 'gone/out.jsonl', "
-                                         r"whose folder does not exist"):
-        main(["sample", "model_name_or_path=no_such_model", "dataset=builtin:arithmetic", "output_file=out.jsonl"])
+    refuses("sample", "output_file=out.jsonl", r"^r1fast sample: output_file 'out.jsonl' is a symlink to "
+                                               r"'gone/out.jsonl', whose folder does not exist")
     assert not os.path.exists(tmp_path / "gone")
 
 
