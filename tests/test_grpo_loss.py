@@ -3,6 +3,7 @@ a scalar, token-by-token reading of LOSS_SPEC.md)."""
 import dataclasses
 import itertools
 import math
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -195,11 +196,31 @@ def test_reference_tis_actually_changes_the_loss():
     assert 0 < stats["clip_ratio/low_mean"] < 1 and 0 < stats["clip_ratio/high_mean"] < 1
 
 
+class _Run(NamedTuple):
+    """One grpo_loss call: its loss, statistics and the loss's gradients by input name."""
+    loss: torch.Tensor
+    stats: dict
+    grads: dict
+
+
 def _grads(fn, d, keys=("logp", "ent")):
     leaves = {k: d[k].clone().requires_grad_() for k in keys}
     loss, stats = fn({**d, **leaves})
-    grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
-    return loss.detach(), stats, dict(zip(keys, grads))
+    # zeros for an input the loss does not read (entropy at entropy_coef 0): the reference's gradient there is
+    # None, a kernel's may be written zeros, and both mean the same
+    grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True, materialize_grads=True)
+    return _Run(loss.detach(), stats, dict(zip(keys, grads)))
+
+
+def _assert_run_matches(got, expected, dtype=torch.float32, grad_dtype=None, rtol=None, tag=""):
+    """`got` against `expected` (both _Run): the loss and every statistic, the key set included, to `dtype`'s
+    tolerance, and every gradient to `grad_dtype`'s (the inputs' dtype; default `dtype`); `rtol` overrides."""
+    assert_close(got.loss, expected.loss, dtype, rtol=rtol, name=f"loss {tag}")
+    for k, want in expected.grads.items():
+        assert_close(got.grads[k], want, grad_dtype or dtype, rtol=rtol, name=f"grad {k} {tag}")
+    assert set(got.stats) == set(expected.stats)
+    for k, want in expected.stats.items():
+        assert_close(got.stats[k], want, dtype, rtol=rtol, name=f"stat {k} {tag}")
 
 
 def _call_ops(d, dtype, backend, opts):
@@ -209,7 +230,7 @@ def _call_ops(d, dtype, backend, opts):
 
 
 def _against_reference(d, opts, backend, device, call=_call_ops):
-    """(expected, got), each (loss, stats, grads): the float64 reference's and `backend`'s in fp32 on `device`."""
+    """(expected, got), each a _Run: the float64 reference's and `backend`'s in fp32 on `device`."""
     expected = _grads(lambda x: call(x, torch.float64, "reference", opts), d)
     got = _grads(lambda x: call(x, torch.float32, backend, opts),
                  {k: (v.float().to(device) if v is not None else None) for k, v in d.items()})
@@ -235,16 +256,10 @@ def test_grpo_loss_matches_reference(device, backend, loss_type, level, beta):
         opts = dict(loss_type=loss_type, importance_sampling_level=level, beta=beta, delta=delta, tis_mode=tis,
                     kl_estimator=kl, tis_level=tis_level, tis_cap=1.2, entropy_coef=0.02,
                     epsilon_high=1.2 if loss_type == "cispo" else 0.25, use_bias_correction_kl=bias_kl)
-        (e_loss, e_stats, e_g), (loss, stats, g) = _against_reference(d, opts, backend, device)
-        tag = f"{opts}"
-        assert loss.dtype == torch.float32
-        assert_close(loss, e_loss, torch.float32, name=f"loss {tag}")
-        assert_close(g["logp"], e_g["logp"], torch.float32, name=f"grad logp {tag}")
-        assert_close(g["ent"], e_g["ent"], torch.float32, name=f"grad entropy {tag}")
-        assert g["logp"][1].abs().sum() == 0  # the fully masked row gets no gradient
-        assert set(stats) == set(e_stats)
-        for k in e_stats:
-            assert_close(stats[k], e_stats[k], torch.float32, name=f"stat {k} {tag}")
+        expected, got = _against_reference(d, opts, backend, device)
+        assert got.loss.dtype == torch.float32
+        assert got.grads["logp"][1].abs().sum() == 0  # the fully masked row gets no gradient
+        _assert_run_matches(got, expected, tag=f"{opts}")
 
 
 @pytest.mark.parametrize("opts", [
@@ -262,13 +277,8 @@ def test_grpo_loss_kernel_rows_longer_than_one_tile(device, opts):
     d["mask"][3] = (torch.arange(75) < 40).double()  # ends inside the second tile
     d["mask"][4] = (torch.arange(75) % 3 != 0).double()  # holes in every tile
     opts = dict(opts, tis_cap=opts.get("tis_cap", 1.2))
-    (e_loss, e_stats, e_g), (loss, stats, g) = _against_reference(d, opts, "triton", device)
-    assert_close(loss, e_loss, torch.float32, name="loss")
-    assert_close(g["logp"], e_g["logp"], torch.float32, name="grad logp")
-    assert_close(g["ent"], e_g["ent"], torch.float32, name="grad entropy")
-    assert set(stats) == set(e_stats)
-    for k in e_stats:
-        assert_close(stats[k], e_stats[k], torch.float32, name=f"stat {k}")
+    expected, got = _against_reference(d, opts, "triton", device)
+    _assert_run_matches(got, expected)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -283,10 +293,9 @@ def test_ratio_exactly_on_a_clip_bound_takes_the_reference_gradient(device, back
     on_bound[0] = True  # one row entirely on the bound, for the sequence-level ratio
     d["old"] = torch.where(on_bound, d["logp"], d["old"])
     opts = dict(loss_type="grpo", importance_sampling_level=level, epsilon=eps_low, epsilon_high=eps_high)
-    (e_loss, _, e_g), (loss, _, g) = _against_reference(d, opts, backend, device)
-    assert e_g["logp"][0][d["mask"][0] > 0].abs().min() > 0  # the row on the bound does get a gradient
-    assert_close(loss, e_loss, torch.float32, name="loss")
-    assert_close(g["logp"], e_g["logp"], torch.float32, name="grad logp")
+    expected, got = _against_reference(d, opts, backend, device)
+    assert expected.grads["logp"][0][d["mask"][0] > 0].abs().min() > 0  # the row on the bound does get a gradient
+    _assert_run_matches(got, expected)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -301,15 +310,12 @@ def test_zero_advantage_rows_count_no_clipped_tokens(device, backend, loss_type)
     d["mask"][0] = 1.0
     d["mask"][3] = 1.0
     opts = dict(loss_type=loss_type, epsilon_high=1.2 if loss_type == "cispo" else 0.25, row_stats=True)
-    (e_loss, e_stats, e_g), (loss, stats, g) = _against_reference(d, opts, backend, device)
+    expected, got = _against_reference(d, opts, backend, device)
     c1 = (d["logp"] - d["old"]).exp()
     assert bool(((c1[0] < 0.8) | (c1[0] > 1.25)).any() and ((c1[3] < 0.8) | (c1[3] > 1.25)).any())
+    e_stats = expected.stats
     assert e_stats["rows/clip_low"][[0, 3]].sum() == 0 and e_stats["rows/clip_high"][[0, 3]].sum() == 0
-    assert_close(loss, e_loss, torch.float32, name="loss")
-    assert_close(g["logp"], e_g["logp"], torch.float32, name="grad logp")
-    assert set(stats) == set(e_stats)
-    for k in e_stats:
-        assert_close(stats[k], e_stats[k], torch.float32, name=f"stat {k}")
+    _assert_run_matches(got, expected)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -323,12 +329,9 @@ def test_tis_mask_keeps_a_weight_exactly_on_its_bounds(device, backend, tis_leve
     on_bound[0] = True
     d["sampler"] = torch.where(on_bound, d["old"], d["sampler"])
     opts = dict(loss_type="grpo", tis_mode="mask", tis_cap=1.0, tis_level=tis_level)
-    (e_loss, e_stats, e_g), (loss, stats, g) = _against_reference(d, opts, backend, device)
-    assert e_stats["is_weight/masked_frac"] < 1 and e_g["logp"][0].abs().sum() > 0  # row 0 is kept
-    assert_close(loss, e_loss, torch.float32, name="loss")
-    assert_close(g["logp"], e_g["logp"], torch.float32, name="grad logp")
-    for k in e_stats:
-        assert_close(stats[k], e_stats[k], torch.float32, name=f"stat {k}")
+    expected, got = _against_reference(d, opts, backend, device)
+    assert expected.stats["is_weight/masked_frac"] < 1 and expected.grads["logp"][0].abs().sum() > 0  # row 0 kept
+    _assert_run_matches(got, expected)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -340,12 +343,9 @@ def test_cispo_ratio_exactly_at_its_cap_is_not_counted_clipped(device, backend):
     on_cap = torch.rand(d["logp"].shape, generator=generator(54)) < 0.5
     d["old"] = torch.where(on_cap, d["logp"], d["old"])
     opts = dict(loss_type="cispo", epsilon_high=1.0, row_stats=True)
-    (e_loss, e_stats, e_g), (loss, stats, g) = _against_reference(d, opts, backend, device)
-    assert 0 < e_stats["rows/clip_high"].sum() < (d["mask"] * ~on_cap).sum()
-    assert_close(loss, e_loss, torch.float32, name="loss")
-    assert_close(g["logp"], e_g["logp"], torch.float32, name="grad logp")
-    for k in e_stats:
-        assert_close(stats[k], e_stats[k], torch.float32, name=f"stat {k}")
+    expected, got = _against_reference(d, opts, backend, device)
+    assert 0 < expected.stats["rows/clip_high"].sum() < (d["mask"] * ~on_cap).sum()
+    _assert_run_matches(got, expected)
 
 
 def test_stats_keys_and_values():
@@ -901,14 +901,15 @@ def _fused_case(seed, b=4, t=5):
     return d, hidden, weight, targets
 
 
-def _assert_fused_matches(loss, stats, grads, expected, dtype):
-    """The fused op's loss, statistics and (grad_hidden, grad_weight) against _fused_expected's."""
+def _assert_fused_matches(loss, stats, grads, expected, dtype, grad_rtol=None, tag=""):
+    """The fused op's loss, statistics and (grad_hidden, grad_weight) against _fused_expected's, to `dtype`'s
+    tolerance (`grad_rtol`, where given, for the gradients)."""
     e_loss, e_stats, e_gh, e_gw = expected
-    assert_close(loss, e_loss, dtype, name="loss")
-    assert_close(grads[0], e_gh, dtype, name="grad_hidden")
-    assert_close(grads[1], e_gw, dtype, name="grad_weight")
+    assert_close(loss, e_loss, dtype, name=f"loss {tag}")
+    assert_close(grads[0], e_gh, dtype, rtol=grad_rtol, name=f"grad_hidden {tag}")
+    assert_close(grads[1], e_gw, dtype, rtol=grad_rtol, name=f"grad_weight {tag}")
     for k in e_stats:
-        assert_close(stats[k], e_stats[k], dtype, name=k)
+        assert_close(stats[k], e_stats[k], dtype, name=f"{k} {tag}")
 
 
 def _fused_expected(d, hidden, weight, targets, opts, vocab=V):
@@ -953,8 +954,7 @@ def test_fused_linear_grpo_loss_matches_reference(device, backend, opts, path):
         pytest.skip("interpreter time: each triton case runs one rotating path")
     chunk, single = path
     d, hidden, weight, targets = _fused_case(seed=len(opts))
-    o = LossOptions(**opts)
-    e_loss, e_stats, e_gh, e_gw = _fused_expected(d, hidden, weight, targets, o)
+    expected = _fused_expected(d, hidden, weight, targets, LossOptions(**opts))
     h = hidden.float().to(device).requires_grad_()
     w = weight.float().to(device).requires_grad_()
     f = lambda t: t.float().to(device)  # noqa: E731
@@ -963,12 +963,8 @@ def test_fused_linear_grpo_loss_matches_reference(device, backend, opts, path):
                                              sampler_logp=f(d["sampler"]), backend=backend, chunk_size=chunk,
                                              single_pass=single, **opts)
     gh, gw = torch.autograd.grad(loss, (h, w))
-    assert_close(loss, e_loss, torch.float32, name="loss")
-    assert_close(gh, e_gh, torch.float32, rtol=3e-5, atol=1e-6, name="grad_hidden")
-    assert_close(gw, e_gw, torch.float32, rtol=3e-5, atol=1e-6, name="grad_weight")
     assert gh[1].abs().sum() == 0  # fully masked row
-    for k in e_stats:
-        assert_close(stats[k], e_stats[k], torch.float32, name=f"stat {k}")
+    _assert_fused_matches(loss, stats, (gh, gw), expected, torch.float32, grad_rtol=3e-5)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton", "triton+cublas"])
@@ -982,18 +978,13 @@ def test_fused_single_pass_cuts_long_completions(device, backend, bias_kl, monke
     opts = dict(loss_type="grpo", beta=0.05, tis_mode="truncate", tis_level="token", entropy_coef=0.02,
                 use_bias_correction_kl=bias_kl)
     d, hidden, weight, targets = _fused_case(seed=13)
-    e_loss, e_stats, e_gh, e_gw = _fused_expected(d, hidden, weight, targets, LossOptions(**opts))
+    expected = _fused_expected(d, hidden, weight, targets, LossOptions(**opts))
     h, w = hidden.float().to(device).requires_grad_(), weight.float().to(device).requires_grad_()
     f = lambda t: t.float().to(device)  # noqa: E731
     loss, stats = ops.fused_linear_grpo_loss(h, w, targets.to(device), d["mask"].to(device), f(d["adv"]),
                                              old_logp=f(d["old"]), ref_logp=f(d["ref"]), sampler_logp=f(d["sampler"]),
                                              backend=backend, chunk_size=2, **opts)
-    gh, gw = torch.autograd.grad(loss, (h, w))
-    assert_close(loss, e_loss, torch.float32, name="loss")
-    assert_close(gh, e_gh, torch.float32, rtol=3e-5, atol=1e-6, name="grad_hidden")
-    assert_close(gw, e_gw, torch.float32, rtol=3e-5, atol=1e-6, name="grad_weight")
-    for k in e_stats:
-        assert_close(stats[k], e_stats[k], torch.float32, name=f"stat {k}")
+    _assert_fused_matches(loss, stats, torch.autograd.grad(loss, (h, w)), expected, torch.float32, grad_rtol=3e-5)
 
 
 def test_plan_chunks():
@@ -1214,11 +1205,7 @@ def test_fused_packed_layout_equals_padded():
                                                  old_logp=d["old"].float(), ref_logp=d["ref"].float(),
                                                  sampler_logp=d["sampler"].float(), **opts)
     gd = torch.autograd.grad(loss_d, (hd, wd))
-    assert_close(loss_p, loss_d, torch.float32, name="loss")
-    assert_close(gp[0], gd[0][m], torch.float32, name="grad_hidden")
-    assert_close(gp[1], gd[1], torch.float32, name="grad_weight")
-    for k in stats_d:
-        assert_close(stats_p[k], stats_d[k], torch.float32, name=k)
+    _assert_fused_matches(loss_p, stats_p, gp, (loss_d, stats_d, gd[0][m], gd[1]), torch.float32)
 
 
 @pytest.mark.parametrize(
@@ -1378,15 +1365,10 @@ def test_importance_weights_match_reference(device, backend, level, per_row):
         opts = dict(loss_type=loss_type, importance_sampling_level=level, beta=0.04, entropy_coef=0.02,
                     epsilon_high=1.2 if loss_type == "cispo" else 0.25, use_bias_correction_kl=i % 2 == 1,
                     delta=1.3 if i == 2 else None, max_completion_length=9)
-        (e_loss, e_stats, e_g), (loss, stats, g) = _against_reference(d, opts, backend, device, call=_call_ops_w)
-        tag = f"{opts}"
-        assert_close(loss, e_loss, torch.float32, name=f"loss {tag}")
-        assert_close(g["logp"], e_g["logp"], torch.float32, name=f"grad logp {tag}")
-        assert_close(g["ent"], e_g["ent"], torch.float32, name=f"grad entropy {tag}")
-        assert torch.isfinite(g["logp"]).all() and g["logp"][1].abs().sum() == 0
-        assert set(stats) == set(e_stats) and "is_weight/mean" in stats and "is_weight/masked_frac" not in stats
-        for k in e_stats:
-            assert_close(stats[k], e_stats[k], torch.float32, name=f"stat {k} {tag}")
+        expected, got = _against_reference(d, opts, backend, device, call=_call_ops_w)
+        assert torch.isfinite(got.grads["logp"]).all() and got.grads["logp"][1].abs().sum() == 0
+        assert "is_weight/mean" in got.stats and "is_weight/masked_frac" not in got.stats
+        _assert_run_matches(got, expected, tag=f"{opts}")
 
 
 @pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo", "cispo"])
@@ -1455,7 +1437,7 @@ def test_fused_importance_weights_match_reference(device, backend, level, per_ro
                 entropy_coef=0.02, use_bias_correction_kl=per_row)
     d, hidden, weight, targets = _fused_case(seed=21 + per_row)
     d = _with_weights(d, _weights(5, b=4, t=5, per_row=per_row))
-    e_loss, e_stats, e_gh, e_gw = _fused_expected(d, hidden, weight, targets, LossOptions(**opts))
+    expected = _fused_expected(d, hidden, weight, targets, LossOptions(**opts))
     f = lambda t: t.float().to(device)  # noqa: E731
     # chunk 2 cuts rows (token level; sequence level: rows longer than 2 take the two-pass path), 3
     # holds whole rows where they fit, None is one chunk, and single_pass=False the two-pass
@@ -1481,13 +1463,9 @@ def test_fused_importance_weights_match_reference(device, backend, level, per_ro
                                                      backend=backend, chunk_size=chunk, single_pass=single, **opts)
             ghp, gw = torch.autograd.grad(loss, (hp, wt))
             gh = torch.zeros_like(h).index_put(m.to(device).nonzero(as_tuple=True), ghp)
-        tag = f"{layout} chunk={chunk} single={single}"
-        assert_close(loss, e_loss, torch.float32, name=f"loss {tag}")
-        assert_close(gh, e_gh, torch.float32, rtol=3e-5, atol=1e-6, name=f"grad_hidden {tag}")
-        assert_close(gw, e_gw, torch.float32, rtol=3e-5, atol=1e-6, name=f"grad_weight {tag}")
-        assert "is_weight/mean" in e_stats and "is_weight/masked_frac" not in stats
-        for k in e_stats:
-            assert_close(stats[k], e_stats[k], torch.float32, name=f"stat {k} {tag}")
+        assert "is_weight/mean" in expected[1] and "is_weight/masked_frac" not in stats
+        _assert_fused_matches(loss, stats, (gh, gw), expected, torch.float32, grad_rtol=3e-5,
+                              tag=f"{layout} chunk={chunk} single={single}")
 
 
 def test_fused_importance_weights_all_masked():
@@ -1678,15 +1656,11 @@ def test_grpo_loss_low_precision_inputs_reduce_in_fp32(backend, dtype):
     float64 reference on the same rounded inputs) and the gradients come back in the input dtype."""
     d = {k: (v.to(dtype).double() if v is not None and k != "mask" else v) for k, v in _batch(seed=14).items()}
     opts = dict(loss_type="grpo", beta=0.04, entropy_coef=0.05, tis_mode="mask", tis_level="token", tis_cap=1.2)
-    e_loss, e_stats, e_g = _grads(lambda x: _call_ops(x, torch.float64, "reference", opts), d)
-    loss, stats, g = _grads(lambda x: _call_ops(x, dtype, backend, opts),
-                            {k: (v.to(dtype) if v is not None and k != "mask" else v) for k, v in d.items()})
-    assert loss.dtype == torch.float32 and g["logp"].dtype == dtype and g["ent"].dtype == dtype
-    assert_close(loss, e_loss, torch.float32, name="loss")
-    assert_close(g["logp"], e_g["logp"], dtype, name="grad logp")
-    assert_close(g["ent"], e_g["ent"], dtype, name="grad entropy")
-    for k in e_stats:
-        assert_close(stats[k], e_stats[k], torch.float32, name=f"stat {k}")
+    expected = _grads(lambda x: _call_ops(x, torch.float64, "reference", opts), d)
+    got = _grads(lambda x: _call_ops(x, dtype, backend, opts),
+                 {k: (v.to(dtype) if v is not None and k != "mask" else v) for k, v in d.items()})
+    assert got.loss.dtype == torch.float32 and got.grads["logp"].dtype == dtype and got.grads["ent"].dtype == dtype
+    _assert_run_matches(got, expected, grad_dtype=dtype)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -1697,12 +1671,11 @@ def test_num_items_normalises_dapo_and_cispo(backend, loss_type):
                     epsilon_high=1.2 if loss_type == "cispo" else 0.28)
     expected = _scalar_loss(d, o)
     assert abs(expected - _scalar_loss(d, dataclasses.replace(o, num_items=None))) > 1e-3  # the option matters
-    e_loss, _, e_g = _grads(lambda x: _call_ops(x, torch.float64, "reference", {"options": o}), d)
-    assert abs(e_loss.item() - expected) <= 1e-12
-    loss, _, g = _grads(lambda x: _call_ops(x, torch.float32, backend, {"options": o}),
-                        {k: (v.float() if v is not None else None) for k, v in d.items()})
-    assert_close(loss, e_loss, torch.float32, name="loss")
-    assert_close(g["logp"], e_g["logp"], torch.float32, name="grad logp")
+    reference_run = _grads(lambda x: _call_ops(x, torch.float64, "reference", {"options": o}), d)
+    assert abs(reference_run.loss.item() - expected) <= 1e-12
+    got = _grads(lambda x: _call_ops(x, torch.float32, backend, {"options": o}),
+                 {k: (v.float() if v is not None else None) for k, v in d.items()})
+    _assert_run_matches(got, reference_run)
 
 
 @pytest.mark.parametrize("backend", ["reference", "torch", "triton"])
@@ -1792,13 +1765,10 @@ def test_gpu_grpo_loss_triton_large():
     d = _batch(seed=31, b=b, t=t)
     opts = dict(loss_type="grpo", importance_sampling_level="sequence", beta=0.04, delta=1.5, tis_mode="truncate",
                 entropy_coef=0.01)
-    e_loss, e_stats, e_g = _grads(lambda x: _call_ops(x, torch.float64, "reference", opts), d)
-    loss, stats, g = _grads(lambda x: _call_ops(x, torch.float32, "triton", opts),
-                            {k: (v.float().cuda() if v is not None else None) for k, v in d.items()})
-    assert_close(loss, e_loss, torch.float32, rtol=1e-4, name="loss")
-    assert_close(g["logp"], e_g["logp"], torch.float32, rtol=1e-4, name="grad logp")
-    for k in e_stats:
-        assert_close(stats[k], e_stats[k], torch.float32, rtol=1e-4, name=k)
+    expected = _grads(lambda x: _call_ops(x, torch.float64, "reference", opts), d)
+    got = _grads(lambda x: _call_ops(x, torch.float32, "triton", opts),
+                 {k: (v.float().cuda() if v is not None else None) for k, v in d.items()})
+    _assert_run_matches(got, expected, rtol=1e-4)
 
 
 def _assert_fp32_math_on_rounded_inputs(loss, grads, r_loss, r_grads):
