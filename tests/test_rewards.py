@@ -156,6 +156,26 @@ def test_a_run_of_letters_without_a_vowel_is_a_product_of_variables(with_math_ve
             assert answers_match(a, b) and answers_match(b, a), (a, b)
 
 
+def test_a_bare_run_of_letters_is_a_word_only_when_written_as_one(with_math_verify):
+    # the rule for one run of letters alone: a word (case aside) when it holds a vowel and is all lower case, all
+    # capitals or capitalised; else a product of variables with their case. A capital inside a run (mA: m*A) was taken
+    # for a word and scored 1 against ma, and in $...$ the product $ma$ scored 1 against $Ma$ (math-verify lowercases)
+    import random
+
+    from r1fast.rewards.builtin import vote_key
+
+    run = random.choice("bcdfgklmnprstvwxz") + random.choice("aeiou")
+    inner_capital = run[0] + run[1].upper()
+    for a, b in (("mA", "ma"), ("xY", "xy"), ("mA", "MA"), (inner_capital, run), (inner_capital, run.upper()),
+                 ("$ma$", "$Ma$"), (f"${run}$", f"${run.title()}$"), (f"\\boxed{{{run}}}", f"\\boxed{{{run.upper()}}}"),
+                 ("F=ma", "F=Ma"), (f"2{run}", f"2{run.title()}")):
+        assert not answers_match(a, b) and not answers_match(b, a) and vote_key(a) != vote_key(b), (a, b)
+    # written as a word, two letters alone are one: ma is Ma, as no is No; a longer run with a capital inside is a name
+    for a, b in (("ma", "Ma"), ("ma", "MA"), ("No", "no"), (run, run.title()), (run, run.upper() + "."), ("mA", "mA."),
+                 (inner_capital, inner_capital), ("$ma$", "$ma$"), ("McDonald", "MCDONALD"), ("iPhone", "iphone")):
+        assert answers_match(a, b) and answers_match(b, a) and vote_key(a) == vote_key(b), (a, b)
+
+
 def test_letters_without_a_vowel_typed_all_in_the_other_case_are_the_same_words(with_math_verify):
     # since letters without a vowel are a product of variables, a multiple-select answer, an acronym or a Roman
     # numeral typed all in the other case scored 0 (bcd against the gold BCD, xx against XX, bbc against BBC) and voted apart

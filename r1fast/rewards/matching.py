@@ -143,8 +143,10 @@ def _option_letter(s: str) -> Optional[str]:
 
 def _text_words(s: str) -> Optional[str]:
     """An answer's words, case aside, bare or in one `\\text{…}`; None for other LaTeX. Bare math with variables keeps
-    its case (_variables: x+1 is not X+1). A choice letter in brackets is the letter: (B), B) and \\text{(B)} matched B
-    only through math-verify (0 without it) and were each another cons@k vote than B."""
+    its case (_variables: x+1 is not X+1). One run of letters alone is a word when it holds a vowel and is written as
+    a word is, in lower case, in capitals or capitalised (ma = Ma = MA, as no = No), else a product of variables that
+    keeps its case (mgh is not Mgh, mA not ma; _bare_run_variables). A choice letter in brackets is the letter: (B), B)
+    and \\text{(B)} matched B only through math-verify (0 without it) and were each another cons@k vote than B."""
     s = s.strip().rstrip(".").strip()
     letter = _option_letter(s)
     if letter is not None:
@@ -191,11 +193,18 @@ _ONE_LETTER_CALL_RE = re.compile(r"(?<![A-Za-z])[A-Za-z]\(")
 _TIGHT = r"[0-9+\-*/^_=<>(){}\[\]]"
 # A run of letters without a vowel (y counted as one) is no word but a product of variables, each letter with its case,
 # however long, bare or written tight: the answer mgh (bare, so taken for a word) scored 1 against the gold Mgh, GMMh
-# against GMmh, and \\frac{GMMh}{r} (four letters, a word to the rule above) against \\frac{GMmh}{r}. Not covered: a
-# product with a vowel in it beside spaces only (ab, xy), still words; bare letters typed all in the other case (BCD
-# and bcd) are the same words (_text_words).
+# against GMmh, and \\frac{GMMh}{r} (four letters, a word to the rule above) against \\frac{GMmh}{r}. Bare letters
+# typed all in the other case (BCD and bcd) are the same words (_text_words).
 _CONSONANT = "[B-DF-HJ-NP-TV-XZb-df-hj-np-tv-xz]"
 _CONSONANT_PRODUCT_RE = re.compile(f"{_CONSONANT}{{2,}}")
+# The rule for an answer that is one run of letters and nothing else (_bare_run_variables). Bare, it is a word, its case
+# aside, when it holds a vowel and is written as a word is: all in lower case, all in capitals, or capitalised (ma, Ma
+# and MA are one answer, as no, No and NO are: two letters alone cannot be told from a word). Any other run is a product
+# of variables, each letter with its case: one without a vowel (mgh, kT), one of two or three letters with a capital
+# inside (mA, xY: m*A, which scored 1 against ma; a longer one is a name, McDonald, iPhone), and in math mode ($...$, \\(...\\), \\boxed{}, braces) one of two or three letters whatever it
+# holds, as written tight against an operator ($ma$ scored 1 against $Ma$, as F=ma does not against F=Ma).
+_LETTER_RUN_RE = re.compile(r"[A-Za-z]{2,}")
+_VOWELS = frozenset("aeiouyAEIOUY")
 _PRODUCT = rf"(?:[A-Za-z]{{2,3}}|{_CONSONANT}{{4,}})"
 _TIGHT_PRODUCT_RE = re.compile(rf"(?<={_TIGHT}){_PRODUCT}(?![A-Za-z])|(?<![A-Za-z\\]){_PRODUCT}(?={_TIGHT})")
 _TEXT_PART_RE = re.compile(r"\\(?:text|textbf|textrm|mathrm|mbox|operatorname)\s*\{[^{}]*\}")
@@ -217,14 +226,36 @@ def _without_numeral_digits(m: re.Match) -> str:
     return m.group()
 
 
+def _written_as_a_word(run: str) -> bool:
+    """Whether a run of letters holds a vowel and is in lower case, in capitals or capitalised (yes, YES, Yes), or is
+    longer than a product of two or three letters (McDonald, iPhone: a name's capitals)."""
+    return any(ch in _VOWELS for ch in run) and (run.islower() or run.isupper() or run.istitle() or len(run) > 3)
+
+
+def _bare_run_variables(s: str) -> frozenset[str]:
+    """The letters of an answer that is one run of letters, alone or in math mode's delimiters, where the run is a
+    product of variables (_LETTER_RUN_RE's rule: mgh, mA, $ma$); none where it is a word (ma, Yes) or is no such run."""
+    if s.isalpha():   # the cheap case first: most bare answers that reach here are words or prose
+        whole, in_math = s, False
+    elif s[:1] in ("$", "\\", "{"):
+        whole = _unwrapped(s)
+        in_math = whole != s
+    else:
+        return frozenset()
+    if not _LETTER_RUN_RE.fullmatch(whole):
+        return frozenset()
+    if _written_as_a_word(whole) and not (in_math and len(whole) <= 3):
+        return frozenset()
+    return frozenset(whole)
+
+
 def _variables(s: str) -> frozenset[str]:
     """The variables of an answer that is math (a digit, an operator or LaTeX in it), in their case: its lone Latin
     letters and Greek letters' LaTeX names, outside `\\text{…}` and its kin (words: the p.m. of 4\\text{ p.m.}); none for
     other answers (a choice letter, words, one `\\text{…}`)."""
     s = s.strip().rstrip(".").strip()
     if not (_MATH_SIGN_RE.search(s) or "(" in s and _ONE_LETTER_CALL_RE.search(s)) or _TEXT_ANSWER_RE.fullmatch(s):
-        whole = _unwrapped(s) if _CONSONANT_PRODUCT_RE.search(s) else ""
-        return frozenset(whole) if _CONSONANT_PRODUCT_RE.fullmatch(whole) else frozenset()   # mgh, $GMmh$: no word
+        return _bare_run_variables(s)
     millilitres = _GLUED_MILLILITRES_RE.fullmatch(s)
     if millilitres:   # mL and ml are one unit, the litre's symbol being L or l: the same letters to compare by case
         s = s[:millilitres.start(1)] + "ml" + s[millilitres.end(1):]
