@@ -183,11 +183,17 @@ def test_letters_without_a_vowel_typed_all_in_the_other_case_are_the_same_words(
 
     from r1fast.rewards.builtin import vote_key
 
-    letters = "".join(random.sample("BCDFGHJKLMNPQRSTVWXZ", 3))
-    for a, b in (("BCD", "bcd"), ("XX", "xx"), ("bbc", "BBC"), (letters, letters.lower()), (letters + ".", letters.lower())):
+    letters = "".join(random.sample("BCDFGHJ", 3))   # choice letters without a vowel (a multiple-select answer)
+    numeral = "".join(random.choices("XLCDM", k=3))
+    for a, b in (("BCD", "bcd"), ("XX", "xx"), ("bbc", "BBC"), (letters, letters.lower()), (letters + ".", letters.lower()),
+                 (numeral, numeral.lower())):
         assert answers_match(a, b) and answers_match(b, a) and vote_key(a) == vote_key(b), (a, b)
     # one letter in the other case, or some of them, is another product
     for a, b in (("Mgh", "mgh"), ("MGh", "mgh"), ("kT", "KT"), (letters, letters[0] + letters[1:].lower()), ("$MGH$", "$mgh$")):
+        assert not answers_match(a, b) and not answers_match(b, a) and vote_key(a) != vote_key(b), (a, b)
+    # and so are all of them, where the letters are neither choices nor a numeral's: mgh (m*g*h) scored 1 against MGH
+    product = random.choice("KNPQRSTWZ") + "".join(random.sample("BCDFGHJKLMNPQRSTVWXZ", 2))
+    for a, b in (("MGH", "mgh"), ("KMT", "kmt"), (product, product.lower()), (product + ".", product.lower())):
         assert not answers_match(a, b) and not answers_match(b, a) and vote_key(a) != vote_key(b), (a, b)
 
 

@@ -145,8 +145,9 @@ def _text_words(s: str) -> Optional[str]:
     """An answer's words, case aside, bare or in one `\\text{…}`; None for other LaTeX. Bare math with variables keeps
     its case (_variables: x+1 is not X+1). One run of letters alone is a word when it holds a vowel and is written as
     a word is, in lower case, in capitals or capitalised (ma = Ma = MA, as no = No), else a product of variables that
-    keeps its case (mgh is not Mgh, mA not ma; _bare_run_variables). A choice letter in brackets is the letter: (B), B)
-    and \\text{(B)} matched B only through math-verify (0 without it) and were each another cons@k vote than B."""
+    keeps its case (mgh is not Mgh nor MGH, mA not ma; _bare_run_variables), unless its letters are all choices or all
+    a Roman numeral's, in one case (BCD = bcd, XX = xx; _choices_or_numeral). A choice letter in brackets is the letter:
+    (B), B) and \\text{(B)} matched B only through math-verify (0 without it) and were each another cons@k vote than B."""
     s = s.strip().rstrip(".").strip()
     letter = _option_letter(s)
     if letter is not None:
@@ -157,9 +158,22 @@ def _text_words(s: str) -> Optional[str]:
     if "\\" in s or "$" in s:
         return None
     s = _choice_letter(s)
-    # letters typed all in the other case are the same words (BCD = bcd, XX = xx: choices, an acronym, a Roman numeral),
-    # while some of them in it are another product (Mgh is not mgh)
-    return s if _variables(s) and not (s.isalpha() and (s.isupper() or s.islower())) else s.casefold()
+    return s if _variables(s) and not _choices_or_numeral(s) else s.casefold()
+
+
+# Letters that are all choices (A to J) or all a Roman numeral's, typed all in one case, are a multiple-select answer or a
+# numeral whatever their case (BCD = bcd, XX = xx), not a product of variables; other letters without a vowel are one
+# (mgh is not MGH: m*g*h, which scored 1 against M*G*H as all letters in the other case did).
+_CHOICE_LETTERS = frozenset("ABCDEFGHIJ")
+_ROMAN_NUMERAL_LETTERS = frozenset("IVXLCDM")
+
+
+def _choices_or_numeral(s: str) -> bool:
+    """Whether `s` is letters of choices or of a Roman numeral, all in capitals or all in lower case (BCD, xx)."""
+    if not (s.isascii() and s.isalpha() and (s.isupper() or s.islower())):
+        return False
+    letters = set(s.upper())
+    return letters <= _CHOICE_LETTERS or letters <= _ROMAN_NUMERAL_LETTERS
 
 
 def _is_letter(words: Optional[str]) -> bool:
@@ -193,8 +207,8 @@ _ONE_LETTER_CALL_RE = re.compile(r"(?<![A-Za-z])[A-Za-z]\(")
 _TIGHT = r"[0-9+\-*/^_=<>(){}\[\]]"
 # A run of letters without a vowel (y counted as one) is no word but a product of variables, each letter with its case,
 # however long, bare or written tight: the answer mgh (bare, so taken for a word) scored 1 against the gold Mgh, GMMh
-# against GMmh, and \\frac{GMMh}{r} (four letters, a word to the rule above) against \\frac{GMmh}{r}. Bare letters
-# typed all in the other case (BCD and bcd) are the same words (_text_words).
+# against GMmh, and \\frac{GMMh}{r} (four letters, a word to the rule above) against \\frac{GMmh}{r}. Bare choice letters
+# or a Roman numeral's typed all in the other case (BCD and bcd, XX and xx) are the same answer (_choices_or_numeral).
 _CONSONANT = "[B-DF-HJ-NP-TV-XZb-df-hj-np-tv-xz]"
 _CONSONANT_PRODUCT_RE = re.compile(f"{_CONSONANT}{{2,}}")
 # The rule for an answer that is one run of letters and nothing else (_bare_run_variables). Bare, it is a word, its case
