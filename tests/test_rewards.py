@@ -316,6 +316,42 @@ def test_a_number_with_another_unit_is_another_answer(with_math_verify):
             assert answers_match(a, b) and answers_match(b, a), (a, b)
 
 
+def test_one_quantity_with_other_prefixes_is_one_answer(with_math_verify):
+    # two answers in one unit with other prefixes were other units: 0.5 L scored 0 against the gold 500 mL, 2 km against
+    # 2000 m, 5 mg against 0.005 g, and each was another cons@k vote
+    import random
+    from decimal import Decimal
+    from fractions import Fraction
+
+    from r1fast.rewards.builtin import vote_key
+
+    factors = {"k": Fraction(10**3), "M": Fraction(10**6), "G": Fraction(10**9), "c": Fraction(1, 100), "m": Fraction(1, 1000),
+               "μ": Fraction(1, 10**6), "n": Fraction(1, 10**9)}
+
+    def decimal(x: Fraction) -> str:   # the exact decimal (denominators are powers of ten)
+        return format(Decimal(x.numerator) / Decimal(x.denominator), "f")
+
+    n = Fraction(random.randrange(1, 4000), random.choice([1, 4]))
+    prefix, other = random.sample(sorted(factors), 2)
+    base, other_base = random.sample(["m", "g", "s", "N", "J", "W", "Pa", "Hz", "V", "mol", "L"], 2)
+    in_base, in_other = n * factors[prefix], n * factors[prefix] / factors[other]
+    same = ((f"{decimal(n)} {prefix}{base}", f"{decimal(in_base)} {base}"),
+            (f"{decimal(n)} {prefix}{base}", f"{decimal(in_other)} {other}{base}"),
+            ("0.5 L", "500 mL"), ("0.5 L", "500ml"), ("2 km", "2000 m"), ("5 mg", "0.005 g"), ("3 ms", "0.003 s"),
+            ("2 kJ", "2000 J"), ("5 m", "500 cm"), ("1 mol", "1000 mmol"), ("60 km/h", "60000 m/h"), ("2 cm^2", "0.0002 m^2"),
+            ("0.5 \\mathrm{~L}", "500 \\mathrm{~mL}"), ("5 \\mu m", "5000 nm"), ("5 um", "0.005 mm"))
+    for a, b in same:
+        assert answers_match(a, b) and answers_match(b, a) and vote_key(a) == vote_key(b), (a, b)
+    # another unit, another value, a unit that is no prefixed one (min, h, mol), or a litre written l alone stay apart
+    differ = ((f"{decimal(n)} {prefix}{base}", f"{decimal(in_base)} {other_base}"),
+              (f"{decimal(n)} {prefix}{base}", f"{decimal(2 * in_base)} {base}"),
+              (f"{decimal(n)} {prefix}{base}", f"{decimal(n)} {other}{base}"),
+              ("5 m", "5 s"), ("0.5 L", "600 mL"), ("5 mL", "5 L"), ("1 min", "60 s"), ("1 h", "3600 s"), ("1 min", "0.001 in"),
+              ("1 mol", "1 mmol"), ("5 mol", "5000 m"), ("60 km/h", "60000 m/s"), ("2 cm^2", "0.02 m^2"), ("1 kg", "1000 m"))
+    for a, b in differ:
+        assert not answers_match(a, b) and not answers_match(b, a) and vote_key(a) != vote_key(b), (a, b)
+
+
 def test_one_quantity_written_otherwise_is_one_vote(monkeypatch):
     # vote_key read a number with its unit as text: 250ml and 250mL were two cons@k votes (letters against a number keep
     # their case, as variables') and 250 mL a third, though accuracy matched them; and without math-verify 250ml scored 0

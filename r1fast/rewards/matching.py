@@ -475,8 +475,9 @@ def answers_match(predicted: str, gold: str) -> bool:
     float-length decimal equals what it approximates to 1e-12; a percentage against a plain number is its number
     or its hundredth: 12.5\\% == 12.5 == 0.125), then math-verify when installed. Markdown around a whole answer is
     not part of it (`**5**` is 5); a relation sign opening it is (`\\neq 5` is not 5; `\\le 5` is `≤ 5.0`), so is an SI
-    unit against another (`250 mL` is not `250 L`; against a number alone it is its number), and so is the case of a
-    math answer's variables (`x+1` is not `X+1`; words and choice letters match case aside)."""
+    unit against another (`250 mL` is not `250 L`, though `0.25 L` is: prefixes compare by value; against a number alone
+    it is its number), and so is the case of a math answer's variables (`x+1` is not `X+1`; words and choice letters
+    match case aside)."""
     predicted, gold = (_as_latex(_without_math_delimiters(_without_markdown(x))) for x in (predicted, gold))
     if _without_latex_spacing(predicted) == _without_latex_spacing(gold):
         return True
@@ -560,10 +561,10 @@ def _vote_key_of_value(answer: str):
     if number is not None:
         return ("number", number)
     latex = _as_latex(_without_math_delimiters(answer))   # as answers_match reads it
-    # one number in one SI unit is one vote: 250ml, 250mL (which keep their case as variables would) and 250 mL were three
+    # one quantity in one SI unit is one vote: 250ml, 250mL (which keep their case as variables would) and 250 mL were three
     quantity = _quantity(latex)
     if quantity is not None:
-        return ("quantity", *quantity)
+        return ("quantity", *_in_unprefixed_units(*quantity))   # 0.5 L and 500 mL too
     # two percentages match by their numbers: 50%, 50\\% and $50\\%$ were three votes (a plain 50 or 0.5 stays apart:
     # a percentage matches both)
     percent = _percentage(latex)
@@ -790,17 +791,39 @@ def _quantity(s: str) -> Optional[tuple[Fraction, tuple]]:
     return None if value is None else (value, unit)
 
 
+# What each prefix multiplies its unit by (μ for µ and u too: _unit_symbol writes them so)
+_PREFIX_FACTORS = {"G": Fraction(10**9), "M": Fraction(10**6), "k": Fraction(10**3), "h": Fraction(100), "d": Fraction(1, 10),
+                   "c": Fraction(1, 100), "m": Fraction(1, 10**3), "μ": Fraction(1, 10**6), "n": Fraction(1, 10**9),
+                   "p": Fraction(1, 10**12)}
+
+
+def _in_unprefixed_units(value: Fraction, unit: tuple) -> tuple[Fraction, tuple]:
+    """A quantity (_quantity) in its units without their prefixes: 500 mL is 1/2 L, 60 km/h 60000 m/h, 3 cm^2 3/10000 m^2.
+    A symbol that is a unit by itself keeps it (m, min, mol, Pa: no milli-inch, no peta-annum)."""
+    bare = []
+    for i, (symbol, power) in enumerate(unit):   # (numerator, denominator): _unit reads one term on each side of a /
+        if symbol not in _UNIT_BASES:
+            factor = _PREFIX_FACTORS[symbol[0]] ** power
+            value = value * factor if i == 0 else value / factor
+            symbol = symbol[1:]
+        bare.append((symbol, power))
+    return value, tuple(bare)
+
+
 def _same_quantity(predicted: str, gold: str) -> Optional[bool]:
     """Where both answers are a number with an SI unit (_quantity): False for other units, True for the same number in
-    the same unit (250ml and 250mL, without math-verify too: cons@k's vote_key takes them for one vote); else None, as
-    for two numbers in one unit that math-verify may take as equal (it rounds)."""
+    the same unit (250ml and 250mL, without math-verify too: cons@k's vote_key takes them for one vote), and in the same
+    unit with other prefixes by their values (0.5 L and 500 mL, 2 km and 2000 m; 5 mL and 5 L differ); else None, as
+    for two numbers in one unit written alike that math-verify may take as equal (it rounds)."""
     a = _quantity(predicted)
     b = a and _quantity(gold)
     if not b:
         return None
-    if a[1] != b[1]:
-        return False
-    return True if _same_number(a[0], b[0], predicted, gold) else None
+    if a[1] == b[1]:
+        return True if _same_number(a[0], b[0], predicted, gold) else None
+    (value_a, unit_a), (value_b, unit_b) = _in_unprefixed_units(*a), _in_unprefixed_units(*b)
+    # never None here: math-verify, which drops units, would take 5 mL for 5 L
+    return unit_a == unit_b and bool(_same_number(value_a, value_b, predicted, gold))
 
 
 def _without_full_stop(s: str) -> str:
