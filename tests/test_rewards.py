@@ -212,6 +212,24 @@ def test_a_one_letter_function_s_argument_keeps_its_case(with_math_verify):
         assert answers_match(a, b) and answers_match(b, a) and vote_key(a) == vote_key(b), (a, b)
 
 
+def test_spaces_inside_a_one_letter_call_do_not_matter(with_math_verify):
+    # P( C|A ) and P(C | A) scored 0 against the gold P(C|A) (with math-verify too, which reads none of them), and f( x )
+    # was another cons@k vote than f(x)
+    import random
+
+    from r1fast.rewards.builtin import vote_key
+
+    name, x, y = random.choice("PfgEh"), *random.sample("ABCXYZabcxyz", 2)
+    for a, b in (("P( C|A )", "P(C|A)"), ("P(C | A)", "P(C|A)"), ("$P( C|A )$", "$P(C|A)$"), ("1-P( A )", "1-P(A)"),
+                 ("P(A, B)", "P(A,B)"), (f"{name}( {x} | {y} )", f"{name}({x}|{y})"), (f"{name}( {x} )", f"{name}({x})"),
+                 (f"{name}({x} ,  {y})", f"{name}( {x}, {y} )")):
+        assert answers_match(a, b) and answers_match(b, a) and vote_key(a) == vote_key(b), (a, b)
+    # the case, the order and the arguments still count, as do spaces between digits
+    for a, b in (("P( C|A )", "P(c|A)"), ("P( C|A )", "P(A|C)"), ("P( C|A )", "P(C|B)"), (f"{name}( {x} )", f"{name}({y})"),
+                 (f"{name}( {x} )", f"{name}({x.swapcase()})"), (f"{name}( {x} | {y} )", f"{name}({y}|{x})"), ("f(2 3)", "f(23)")):
+        assert not answers_match(a, b) and not answers_match(b, a) and vote_key(a) != vote_key(b), (a, b)
+
+
 def test_a_base_numeral_s_letter_digits_keep_case_aside(monkeypatch):
     # a numeral's letter digits in a base past 10 were read as variables with their case: 1a_{16} and a5_{16} scored 0
     # against the gold 1A_{16} and A5_{16} (math-verify matched them) and were other cons@k votes

@@ -470,6 +470,32 @@ def _without_latex_spacing(s: str) -> str:
     return _SPACE_RUN_RE.sub(lambda m: m.group(1) + " " if m.group(1) else "", s).strip()
 
 
+# A one-letter function's or probability's call, its brackets holding no other brackets (P(C|A), f(x, y)): spaces in it
+# beside a bracket or a mark change nothing, as in math mode, yet the right answer P( C|A ) or P(C | A) scored 0 against
+# the gold P(C|A) (math-verify reads neither) and f( x ) was another cons@k vote than f(x). Spaces between two letters or
+# digits stay one space (f(2 3) is not f(23)).
+_ONE_LETTER_CALL_ARGS_RE = re.compile(r"(?<![A-Za-z\\])([A-Za-z]\()([^()]*)\)")
+_WHITESPACE_RUN_RE = re.compile(r"\s+")
+
+
+def _without_call_spacing(s: str) -> str:
+    """`s` with its one-letter calls' arguments spaced as one (P( C | A ) is P(C|A)); `s` itself without such a call."""
+    if "(" not in s:
+        return s
+
+    def args_unspaced(call: re.Match) -> str:
+        args = call.group(2)
+
+        def space(run: re.Match) -> str:
+            between_alnums = (0 < run.start() and args[run.start() - 1].isalnum()
+                              and run.end() < len(args) and args[run.end()].isalnum())
+            return " " if between_alnums else ""
+
+        return call.group(1) + _WHITESPACE_RUN_RE.sub(space, args) + ")"
+
+    return _ONE_LETTER_CALL_ARGS_RE.sub(args_unspaced, s)
+
+
 def answers_match(predicted: str, gold: str) -> bool:
     """Exact text match, then numeric match (1/2 == 0.5, 1,000 == 1000, 6.02 \\times 10^{23} == 6.02e23; a
     float-length decimal equals what it approximates to 1e-12; a percentage against a plain number is its number
@@ -478,7 +504,8 @@ def answers_match(predicted: str, gold: str) -> bool:
     unit against another (`250 mL` is not `250 L`, though `0.25 L` is: prefixes compare by value; against a number alone
     it is its number), and so is the case of a math answer's variables (`x+1` is not `X+1`; words and choice letters
     match case aside)."""
-    predicted, gold = (_as_latex(_without_math_delimiters(_without_markdown(x))) for x in (predicted, gold))
+    predicted, gold = (_without_call_spacing(_as_latex(_without_math_delimiters(_without_markdown(x))))
+                       for x in (predicted, gold))
     if _without_latex_spacing(predicted) == _without_latex_spacing(gold):
         return True
     (predicted_sign, predicted), (gold_sign, gold) = _leading_relation(predicted), _leading_relation(gold)
@@ -544,7 +571,7 @@ def vote_key(answer: str):
     per pair (tens to hundreds of ms each on junk answers): the same number (1/2, 0.5, 1,000, $5), else
     the same words, case and a final full stop aside, else the same text, ends stripped. Answers with one key
     match by `answers_match`."""
-    answer = _without_markdown(answer)
+    answer = _without_call_spacing(_without_markdown(answer))   # P( C|A ) is P(C|A), as answers_match reads it
     number = _as_number(answer)
     if number is not None:
         return ("number", number)
