@@ -400,6 +400,21 @@ def test_answers_of_one_vote_match_without_math_verify(monkeypatch):
     assert vote_key("Yes") == vote_key("yes.") and vote_key("√2") == vote_key("√2")
 
 
+def test_an_answer_in_math_delimiters_votes_with_itself_bare(with_math_verify):
+    # answers_match reads an answer without one \\(…\\) or \\[…\\] around it, vote_key read it with them: \\(yes\\) and
+    # yes, \\(x+1\\) and x+1, \\[5x\\] and 5x matched but were two cons@k votes
+    import random
+
+    from r1fast.rewards.builtin import vote_key
+
+    v = random.choice("abcxyz")
+    for a, b in (("\\(yes\\)", "yes"), ("\\(Yes\\)", "\\text{YES}"), ("\\(x+1\\)", "x+1."), ("\\[5x\\]", "5x"),
+                 (f"\\({v}^2+1\\)", f"{v}^2+1"), (f"\\[ 2{v} \\]", f"2{v}"), ("\\(P( C|A )\\)", "P(C|A)")):
+        assert answers_match(a, b) and answers_match(b, a) and vote_key(a) == vote_key(b), (a, b)
+    for a, b in (("\\(x+1\\)", "X+1"), (f"\\({v}^2+1\\)", f"{v.upper()}^2+1"), ("\\(yes\\)", "no"), ("\\(3\\)+1", "3")):
+        assert not answers_match(a, b) and not answers_match(b, a) and vote_key(a) != vote_key(b), (a, b)
+
+
 def test_a_bracketed_choice_letter_is_the_letter(monkeypatch):
     # (B), B), [B] and \\text{(B)} matched B only through math-verify (0 without it), and were each another cons@k vote
     from r1fast.rewards.builtin import vote_key

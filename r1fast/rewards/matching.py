@@ -599,12 +599,13 @@ def _vote_key_of_value(answer: str):
         return ("percent", percent)
     # `Yes`, `yes.` and `\\text{YES}` are one answer to answers_match (_same_words): as three votes, three wrong
     # samples lost cons@k to one right one. Read after its Unicode math, as answers_match reads it: √x and √X. were
-    # one vote, though without math-verify they do not match (\\sqrt{x} is LaTeX, not words)
-    words = _text_words(_as_latex(answer))
+    # one vote, though without math-verify they do not match (\\sqrt{x} is LaTeX, not words). Read without the \\(…\\) or
+    # \\[…\\] around it, as answers_match reads it: \\(yes\\) and yes, \\(x+1\\) and x+1 matched but were two votes
+    words = _text_words(latex)
     if words:
         return ("text", words)
     # LaTeX spaced otherwise is one answer (answers_match), apart from words: without its space commands \\; b is b
-    return ("latex", _without_latex_spacing(latex)) if "\\" in latex else ("text", answer.strip())
+    return ("latex", _without_latex_spacing(latex)) if "\\" in latex else ("text", latex.strip())
 
 
 # How deep an answer's brackets may nest, and how many scripts it may chain without braces (x^x^x), for math-verify to
