@@ -652,3 +652,22 @@ def test_an_option_of_another_commands_config_names_that_config(tmp_path):
         SampleConfig.from_dict({"learning_rate": 1e-5})
     with pytest.raises(ConfigError, match=r"unknown option 'learnin_rate' for SFTConfig; did you mean learning_rate\?$"):
         SFTConfig.from_dict({"learnin_rate": 1e-5})
+
+
+def test_a_range_or_choice_error_names_the_file_or_the_command_line(tmp_path):
+    """validate()'s checks named the option alone: `r1fast train c.yaml` said "option 'loss_type' must be one of ...;
+    got 'grp'" without saying the value was the file's, and a bad override read the same."""
+    path = _yaml(tmp_path, "loss_type: grp\n")
+    with pytest.raises(ConfigError, match=r"^.*c\.yaml: option 'loss_type' must be one of grpo, .*; got 'grp'$"):
+        GRPOConfig.from_yaml(path)
+    with pytest.raises(ConfigError, match=r"^.*c\.yaml: option 'max_steps' must be positive"):
+        SFTConfig.from_yaml(_yaml(tmp_path, "max_steps: -3\n"))
+    good = _yaml(tmp_path, "num_generations: 4\n")
+    with pytest.raises(ConfigError, match=r"^command line: option 'max_steps' must be positive, or -1 .*; got -7$"):
+        GRPOConfig.from_yaml(good, ["max_steps=-7"])
+    with pytest.raises(ConfigError, match=r"^command line: option 'num_samples' must be >= 1"):
+        SampleConfig().update(parse_overrides(["num_samples=0"]), source="command line")
+    # an error that already names its source is not named twice
+    with pytest.raises(ConfigError, match=r"^command line: reward_weights has 2 entries but reward_funcs has 1$"):
+        GRPOConfig().update(parse_overrides(["reward_funcs=[accuracy]", "reward_weights=[1, 2]"]),
+                            source="command line")

@@ -181,7 +181,14 @@ class _Base:
                 raise ConfigError(f"{source}: unknown option {key!r} for {type(self).__name__}{_did_you_mean(key, names)}"
                                   f"{_other_config_hint(key, type(self))}")
             setattr(new, key, coerce(key, self._from_bool(key, value), hints[key], source))
-        new.validate()
+        try:
+            new.validate()
+        except ConfigError as e:
+            # validate()'s range and choice checks name the option, not where its value came from: `r1fast train
+            # my.yaml loss_type=dapo` said "option 'loss_type' must be one of ...; got 'grp'" of the file's value
+            if str(e).startswith(f"{source}: "):
+                raise
+            raise ConfigError(f"{source}: {e}") from None
         vars(self).update(vars(new))
         return self
 
