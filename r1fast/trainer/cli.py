@@ -491,6 +491,10 @@ def _cmd_pipeline(args):
 def _cmd_plot(args):
     from r1fast.trainer.plot import plot_run
 
+    # a mistyped folder was "no metrics.jsonl in 'runs/defualt'", as if the folder were there and empty
+    if not os.path.exists(args.run_dir):
+        raise ConfigError(f"{args.run_dir!r} does not exist; give a run folder: the output_dir of r1fast train, sft "
+                          f"or pipeline (the embedded default's is runs/default)")
     path = plot_run(args.run_dir, args.out)
     print(f"wrote {path}")
     return 0
