@@ -177,6 +177,9 @@ def main(argv: list[str] | None = None) -> int:
         return _run(argv)
     try:
         code = _run(sys.argv[1:])
+        sys.stdout.flush()   # a reader gone before the last lines left is seen here, not at the interpreter's exit
+    except BrokenPipeError:
+        code = _stdout_reader_gone()
     except SystemExit as e:
         _exit_past_reward_calls(e.code)
         raise
@@ -196,6 +199,19 @@ def _run(argv: list[str]) -> int:
         parser.print_help()
         return 2
     return args.func(args) or 0
+
+
+def _stdout_reader_gone() -> int:
+    """`r1fast bench --table CSV | head`: the reader closed the pipe before the output ended, and the command died
+    with a BrokenPipeError traceback. It now ends quietly with the status a command killed by SIGPIPE has, as `cat`
+    does. Python flushes stdout once more at exit: pointing it at /dev/null keeps that flush from failing too."""
+    import os
+
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):   # stdout is not a file (replaced by a test, closed)
+        pass
+    return 128 + signal.SIGPIPE
 
 
 def _reward_calls_left_running() -> bool:

@@ -1,4 +1,8 @@
 """The `r1fast` command's own behaviour: what it says when it cannot do what was asked."""
+import os
+import subprocess
+import sys
+
 import pytest
 
 from r1fast.cli import main
@@ -12,3 +16,17 @@ def test_plot_of_a_folder_that_does_not_exist_says_so(tmp_path):
         main(["plot", str(missing)])
     with pytest.raises(SystemExit, match=r"^r1fast plot: no metrics.jsonl in"):   # there, but holding no run
         main(["plot", str(tmp_path)])
+
+
+def test_output_into_a_closed_pipe_ends_quietly(tmp_path):
+    """`r1fast bench --table CSV | head` ended in a BrokenPipeError traceback once head had its lines."""
+    csv = os.path.join(os.path.dirname(__file__), "..", "bench", "results", "nvidia-h200-2026-11-30.csv")
+    read_end, write_end = os.pipe()
+    os.close(read_end)   # the reader is gone before the command writes a line: every write fails
+    try:
+        done = subprocess.run([sys.executable, "-m", "r1fast", "bench", "--table", csv], stdout=write_end,
+                              stderr=subprocess.PIPE, text=True, timeout=300, env={**os.environ})
+    finally:
+        os.close(write_end)
+    assert "Traceback" not in done.stderr and "BrokenPipeError" not in done.stderr, done.stderr
+    assert done.returncode == 141
