@@ -67,10 +67,12 @@ def _cmd_bench(args):
     if args.table or args.plot:
         flag = "--table" if args.table else "--plot"
         # the newest by modification time: names begin with the card, so by name a cpu run never beats a gpu one
-        paths = [Path(p) for p in args.suites] or sorted(Path(args.out or "bench-results").glob("*.csv"),
-                                                         key=lambda p: p.stat().st_mtime)[-1:]
+        out = Path(args.out or "bench-results")
+        paths = [Path(p) for p in args.suites] or sorted(out.glob("*.csv"), key=lambda p: p.stat().st_mtime)[-1:]
         if not paths:
-            raise SystemExit(f"r1fast bench {flag}: no CSV given and none found under --out")
+            # "under --out" named an option the user had not given; the folder looked in, and how to fill it, say more
+            raise SystemExit(f"r1fast bench {flag}: no CSV given and none in {str(out)!r} (--out); give a results CSV, "
+                             f"or run r1fast bench first (it writes one there)")
         for p in paths:
             if not p.is_file():
                 raise SystemExit(f"r1fast bench {flag}: {p} is not a file")

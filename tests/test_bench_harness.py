@@ -1478,7 +1478,7 @@ def test_table_and_plot_name_a_bad_file_and_default_to_the_newest_csv(tmp_path, 
                          ("other.csv", "is not a bench results CSV")):
             with pytest.raises(SystemExit, match=why):
                 cli_main(["bench", flag, str(tmp_path / bad)])
-        with pytest.raises(SystemExit, match="none found under --out"):
+        with pytest.raises(SystemExit, match=r"no CSV given and none in .*none. \(--out\)"):
             cli_main(["bench", flag, "--out", str(tmp_path / "none")])
     runs = tmp_path / "runs"
     runs.mkdir()

@@ -30,3 +30,14 @@ def test_output_into_a_closed_pipe_ends_quietly(tmp_path):
         os.close(write_end)
     assert "Traceback" not in done.stderr and "BrokenPipeError" not in done.stderr, done.stderr
     assert done.returncode == 141
+
+
+def test_bench_table_without_results_names_the_folder_it_looked_in(tmp_path, monkeypatch):
+    # it said "none found under --out" when no --out was given
+    monkeypatch.chdir(tmp_path)
+    for flag in ("--table", "--plot"):
+        with pytest.raises(SystemExit, match=rf"^r1fast bench {flag}: no CSV given and none in 'bench-results' "
+                                             r"\(--out\); give a results CSV, or run r1fast bench first"):
+            main(["bench", flag])
+    with pytest.raises(SystemExit, match=r"none in '.*elsewhere' \(--out\)"):
+        main(["bench", "--table", "--out", str(tmp_path / "elsewhere")])
