@@ -41,3 +41,12 @@ def test_bench_table_without_results_names_the_folder_it_looked_in(tmp_path, mon
             main(["bench", flag])
     with pytest.raises(SystemExit, match=r"none in '.*elsewhere' \(--out\)"):
         main(["bench", "--table", "--out", str(tmp_path / "elsewhere")])
+
+
+def test_pipeline_without_a_config_names_the_pipelines_r1fast_ships():
+    # it said "r1fast pipeline: pipeline needs a config file (see r1fast/configs/r1_pipeline.yaml)", a path that
+    # exists in a checkout only
+    with pytest.raises(SystemExit, match=r"^r1fast pipeline: give a pipeline YAML \(its stages: see "
+                                         r"docs/training\.md\), or one r1fast ships, by name: default, distill, "
+                                         r"r1_pipeline; e\.g\. r1fast pipeline r1_pipeline$"):
+        main(["pipeline"])

@@ -482,10 +482,22 @@ def _cmd_pipeline(args):
 
     config, overrides, resume = _split(args.rest)
     if config is None:
-        raise ConfigError("pipeline needs a config file (see r1fast/configs/r1_pipeline.yaml)")
+        # it named r1fast/configs/r1_pipeline.yaml, a path that exists only in a checkout, and said "pipeline needs"
+        # after "r1fast pipeline: "; the shipped pipelines run by name from any directory
+        raise ConfigError(f"give a pipeline YAML (its stages: see docs/training.md), or one r1fast ships, by name: "
+                          f"{', '.join(_shipped_pipelines())}; e.g. r1fast pipeline r1_pipeline")
     resume, overrides = _resume_pipeline(resume, overrides)
     run_pipeline(config, overrides, resume=resume)
     return 0
+
+
+def _shipped_pipelines() -> list[str]:
+    """The names of the pipeline YAMLs in r1fast/configs (the others there are single runs' configs)."""
+    from r1fast.trainer.config import PACKAGED_CONFIGS
+    from r1fast.trainer.pipeline import is_pipeline_file
+
+    return sorted(name[:-5] for name in os.listdir(PACKAGED_CONFIGS)
+                  if name.endswith(".yaml") and is_pipeline_file(os.path.join(PACKAGED_CONFIGS, name)))
 
 
 def _cmd_plot(args):
