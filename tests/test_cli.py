@@ -50,3 +50,14 @@ def test_pipeline_without_a_config_names_the_pipelines_r1fast_ships():
                                          r"docs/training\.md\), or one r1fast ships, by name: default, distill, "
                                          r"r1_pipeline; e\.g\. r1fast pipeline r1_pipeline$"):
         main(["pipeline"])
+
+
+def test_plot_of_a_run_folders_metrics_file_names_the_folder_to_give(tmp_path):
+    # `r1fast plot runs/x/metrics.jsonl` said "[Errno 17] File exists: '.../metrics.jsonl'" (its curves.png went
+    # into RUN_DIR, a file)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    metrics.parent.mkdir()
+    metrics.write_text('{"step": 1, "loss": 2.0}\n')
+    with pytest.raises(SystemExit, match=rf"^r1fast plot: '{metrics}' is a file; give the run folder that holds it: "
+                                         rf"r1fast plot {metrics.parent}$"):
+        main(["plot", str(metrics)])

@@ -507,6 +507,9 @@ def _cmd_plot(args):
     if not os.path.exists(args.run_dir):
         raise ConfigError(f"{args.run_dir!r} does not exist; give a run folder: the output_dir of r1fast train, sft "
                           f"or pipeline (the embedded default's is runs/default)")
+    if os.path.isfile(args.run_dir):   # its metrics.jsonl: "[Errno 17] File exists", making RUN_DIR/curves.png's folder
+        raise ConfigError(f"{args.run_dir!r} is a file; give the run folder that holds it: "
+                          f"r1fast plot {os.path.dirname(args.run_dir) or '.'}")
     path = plot_run(args.run_dir, args.out)
     print(f"wrote {path}")
     return 0
