@@ -671,3 +671,24 @@ def test_a_range_or_choice_error_names_the_file_or_the_command_line(tmp_path):
     with pytest.raises(ConfigError, match=r"^command line: reward_weights has 2 entries but reward_funcs has 1$"):
         GRPOConfig().update(parse_overrides(["reward_funcs=[accuracy]", "reward_weights=[1, 2]"]),
                             source="command line")
+
+
+def test_an_override_mends_what_the_file_alone_gets_wrong_and_errors_name_who_made_them(tmp_path):
+    """The file was validated before the overrides applied: `r1fast train e.yaml num_generations=4` with
+    per_device_train_batch_size: 4 in e.yaml was refused for the default num_generations (8), although the two
+    together are valid and a pipeline stage takes the same file and override."""
+    path = _yaml(tmp_path, "per_device_train_batch_size: 4\nloss_type: grp\n")
+    cfg = GRPOConfig.from_yaml(path, ["num_generations=4", "--loss_type", "dr_grpo"])
+    assert (cfg.per_device_train_batch_size, cfg.num_generations, cfg.loss_type) == (4, 4, "dr_grpo")
+    # an error the file alone makes, left as it is, is the file's
+    with pytest.raises(ConfigError, match=r"^.*c\.yaml: option 'loss_type' must be one of .*; got 'grp'$"):
+        GRPOConfig.from_yaml(path, ["num_generations=4"])
+    # one the overrides bring in is the command line's, mended file error or not
+    for typed in (["num_generations=3", "loss_type=dr_grpo"], ["num_generations=4", "loss_type=dr_grpo",
+                                                              "engine_block_size=0"]):
+        with pytest.raises(ConfigError, match=r"^command line: "):
+            GRPOConfig.from_yaml(path, typed)
+    with pytest.raises(ConfigError, match=r"^command line: option 'max_steps' expects int, got 'x'$"):
+        GRPOConfig.from_yaml(path, ["num_generations=4", "loss_type=dapo", "max_steps=x"])
+    with pytest.raises(ConfigError, match=r"^command line: unknown option 'num_generation' for GRPOConfig"):
+        GRPOConfig.from_yaml(path, ["num_generation=4"])

@@ -164,10 +164,23 @@ class _Base:
     @classmethod
     def from_yaml(cls, path: str | os.PathLike, overrides: Optional[list[str]] = None):
         data = load_yaml(path)
-        cfg = cls.from_dict(data, source=str(path))
-        if overrides:
-            cfg.update(parse_overrides(overrides), source="command line")
-        return cfg
+        if not overrides:
+            return cls.from_dict(data, source=str(path))
+        typed = parse_overrides(overrides)
+        try:
+            return cls.from_dict(data, source=str(path)).update(typed, source="command line")
+        except ConfigError as error:
+            # Read one after the other, the file had to pass alone, so an override could not mend it: a file's
+            # per_device_train_batch_size: 4 with num_generations=4 typed was refused for the default 8 generations.
+            # The file and the command line are read together, as a pipeline reads a stage's options and overrides;
+            # the error is the file's where the file alone raises it, else the command line's.
+            merged = _config_error(lambda where: cls.from_dict({**data, **typed}, source=where))
+            if merged is None:
+                return cls.from_dict({**data, **typed}, source=str(path))
+            if merged == _config_error(lambda where: cls.from_dict(data, source=where)):
+                raise ConfigError(merged.replace(_SOURCE, str(path))) from None
+            raise (error if str(error).startswith("command line: ") else
+                   ConfigError(merged.replace(_SOURCE, "command line"))) from None
 
     def update(self, data: dict[str, Any], *, source: str = "config"):
         # Applied to a copy and taken over only once it validates: a caller that catches the error
@@ -218,6 +231,23 @@ class _Base:
                 setattr(self, name, value)
                 continue
             setattr(self, name, expand_home(name, coerce(name, value, hints[name], type(self).__name__)))
+
+
+_SOURCE = "\0source\0"   # stands for where a value came from while two reads' errors are compared
+
+
+def _config_error(build) -> Optional[str]:
+    """The ConfigError `build(_SOURCE)` raises, as text (None when it passes), its warnings kept quiet: a warning
+    of one read (cispo's epsilon_high) may be one the other mends, and the config kept warns as it is built."""
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            build(_SOURCE)
+    except ConfigError as e:
+        return str(e)
+    return None
 
 
 def _is_reward_set(value) -> bool:
