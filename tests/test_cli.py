@@ -61,3 +61,18 @@ def test_plot_of_a_run_folders_metrics_file_names_the_folder_to_give(tmp_path):
     with pytest.raises(SystemExit, match=rf"^r1fast plot: '{metrics}' is a file; give the run folder that holds it: "
                                          rf"r1fast plot {metrics.parent}$"):
         main(["plot", str(metrics)])
+
+
+def test_a_cuda_device_without_cuda_says_why_and_what_to_do(monkeypatch):
+    import re
+
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cpu_build = rf"torch {re.escape(torch.__version__)} is a CPU build; install a CUDA build of torch for the GPU"
+    for build, why in ((None, cpu_build), ("12.8", r"torch finds no GPU here \(r1fast info shows what it sees\)")):
+        monkeypatch.setattr(torch.version, "cuda", build)
+        with pytest.raises(SystemExit, match=rf"^r1fast train: device 'cuda' asked for but CUDA is not available: "
+                                             rf"{why}, or set device=cpu \(unset, the GPU is used when there is "
+                                             r"one\)$"):
+            main(["train", "model_name_or_path=builtin:micro", "dataset=builtin:arithmetic", "device=cuda"])

@@ -35,7 +35,11 @@ def resolve_device(name: Optional[str]) -> torch.device:
     except RuntimeError:   # torch's own message lists every device type; name the option instead
         raise ValueError(f"device {name!r} is not a torch device (cpu, cuda, cuda:0...)") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} asked for but CUDA is not available")
+        # what to do differs: a CPU build of torch (the README's install on a CPU) never sees a GPU
+        why = (f"torch {torch.__version__} is a CPU build; install a CUDA build of torch for the GPU"
+               if torch.version.cuda is None else "torch finds no GPU here (r1fast info shows what it sees)")
+        raise ValueError(f"device {name!r} asked for but CUDA is not available: {why}, or set device=cpu "
+                         f"(unset, the GPU is used when there is one)")
     return dev
 
 
