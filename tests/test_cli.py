@@ -76,3 +76,17 @@ def test_a_cuda_device_without_cuda_says_why_and_what_to_do(monkeypatch):
                                              rf"{why}, or set device=cpu \(unset, the GPU is used when there is "
                                              r"one\)$"):
             main(["train", "model_name_or_path=builtin:micro", "dataset=builtin:arithmetic", "device=cuda"])
+
+
+@pytest.mark.parametrize("command", ["sft", "train"])
+def test_a_mistyped_resume_path_is_said_alone(command, tmp_path, monkeypatch):
+    """`--resume PATH` that does not exist, in a run folder holding an earlier run's checkpoint: the error was
+    followed by "its checkpoints are kept; once that is fixed, continue with: ... --resume", as if this run had
+    stopped after writing them."""
+    monkeypatch.chdir(tmp_path)
+    checkpoint = tmp_path / "runs" / command.replace("train", "grpo") / "checkpoint-3"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "trainer_state.json").write_text("{}")
+    with pytest.raises(SystemExit) as stop:
+        main([command, "model_name_or_path=builtin:micro", "dataset=builtin:arithmetic", "--resume", "chekpoint-3"])
+    assert str(stop.value) == f"r1fast {command}: --resume 'chekpoint-3': no such file or folder (from {tmp_path})"

@@ -299,9 +299,18 @@ def _run_grpo(config: str | None, overrides: list[str], resume):
     from r1fast.trainer.grpo import GRPOTrainer
 
     cfg = _config_from(GRPOConfig, config, overrides, "a GRPO config")
+    _check_resume_path(resume)
     # given the model's name, the trainer reads the data before loading it (with cfg's device, dtype, seed and fp8):
     # a wrong dataset is said before a large model has loaded
     return _finish(GRPOTrainer(cfg.model_name_or_path, None, cfg.dataset, cfg).train(resume=resume))
+
+
+def _check_resume_path(resume):
+    """A `--resume PATH` that does not exist, said before the run takes its folder: found inside it, the error of a
+    mistyped path was followed by "its checkpoints are kept; once that is fixed, continue with: ... --resume" when
+    the folder held an earlier run's checkpoints, as if this run had written them and stopped."""
+    if isinstance(resume, str) and not resume_is_bare(resume):
+        check_resume_path_exists(resume)
 
 
 def _unset(cfg) -> str:
@@ -365,6 +374,7 @@ def _cmd_sft(args):
 
     cfg, resume = _config(SFTConfig, args.rest, "sft", lambda c: f" (JSONL/parquet/saved dataset with "
                                                               f"{c.prompt_column!r} and {c.completion_column!r} columns)")
+    _check_resume_path(resume)
     # the data before the model: a wrong dataset is said before a large model has loaded. SFTTrainer checks the
     # columns, after reading a `messages` column as prompt and completion
     rows = load_rows(cfg.dataset, split=cfg.dataset_split, seed=cfg.seed)
