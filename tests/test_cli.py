@@ -80,13 +80,17 @@ def test_a_cuda_device_without_cuda_says_why_and_what_to_do(monkeypatch):
 
 @pytest.mark.parametrize("command", ["sft", "train"])
 def test_a_mistyped_resume_path_is_said_alone(command, tmp_path, monkeypatch):
-    """`--resume PATH` that does not exist, in a run folder holding an earlier run's checkpoint: the error was
-    followed by "its checkpoints are kept; once that is fixed, continue with: ... --resume", as if this run had
-    stopped after writing them."""
+    """`--resume PATH` that does not exist (or holds no checkpoint), in a run folder holding an earlier run's
+    checkpoint: the error was followed by "its checkpoints are kept; once that is fixed, continue with: ...
+    --resume", as if this run had stopped after writing them."""
     monkeypatch.chdir(tmp_path)
     checkpoint = tmp_path / "runs" / command.replace("train", "grpo") / "checkpoint-3"
     checkpoint.mkdir(parents=True)
     (checkpoint / "trainer_state.json").write_text("{}")
-    with pytest.raises(SystemExit) as stop:
-        main([command, "model_name_or_path=builtin:micro", "dataset=builtin:arithmetic", "--resume", "chekpoint-3"])
-    assert str(stop.value) == f"r1fast {command}: --resume 'chekpoint-3': no such file or folder (from {tmp_path})"
+    (tmp_path / "empty").mkdir()
+    for path, why in (("chekpoint-3", f"no such file or folder (from {tmp_path})"),
+                      ("empty", "neither a checkpoint folder (with trainer_state.json) nor a run folder holding "
+                                "checkpoint-<step> folders")):
+        with pytest.raises(SystemExit) as stop:
+            main([command, "model_name_or_path=builtin:micro", "dataset=builtin:arithmetic", "--resume", path])
+        assert str(stop.value) == f"r1fast {command}: --resume {path!r}: {why}"

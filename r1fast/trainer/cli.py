@@ -306,11 +306,13 @@ def _run_grpo(config: str | None, overrides: list[str], resume):
 
 
 def _check_resume_path(resume):
-    """A `--resume PATH` that does not exist, said before the run takes its folder: found inside it, the error of a
-    mistyped path was followed by "its checkpoints are kept; once that is fixed, continue with: ... --resume" when
-    the folder held an earlier run's checkpoints, as if this run had written them and stopped."""
+    """A `--resume PATH` that does not exist or holds no checkpoint, said before the run takes its folder: found
+    inside it, the error of a mistyped path was followed by "its checkpoints are kept; once that is fixed, continue
+    with: ... --resume" when the folder held an earlier run's checkpoints, as if this run had written them."""
+    from r1fast.trainer.checkpoints import resolve_resume
+
     if isinstance(resume, str) and not resume_is_bare(resume):
-        check_resume_path_exists(resume)
+        resolve_resume(resume, run_dir="")   # a PATH is read on its own, not from the run's folder
 
 
 def _unset(cfg) -> str:
