@@ -2,7 +2,7 @@
 
 No [N, V] tensor ever; at most one [chunk, V] tile:
 - `_logprob_fwd_kernel` (grid: token tiles x vocabulary slices) walks its slice of the vocabulary
-  for its tokens and keeps a running max / sum-of-exp (and Σ p·z for the entropy; with WITH_ARGMAX
+  for its tokens and keeps a running max / sum-of-exp (and Σ p·(z - max) for the entropy; with WITH_ARGMAX
   the lowest id reaching the max), so it writes only those partials per slice (merged in torch into
   lse, target logit, entropy, target-is-argmax): O(N) memory.
 - `_dlogits_kernel` (grid: token tiles x vocab tiles, over one chunk of tokens) recomputes a logits
@@ -114,7 +114,7 @@ def _logprob_fwd_kernel(h_ptr, w_ptr, z_ptr, t_ptr, part_ptr, arg_ptr,
                         WITH_ENTROPY: tl.constexpr, PRECISION: tl.constexpr, LOAD_Z: tl.constexpr,
                         WITH_ARGMAX: tl.constexpr = False):
     # grid: (token tiles, vocabulary splits). Each program reduces its slice of the vocabulary and
-    # writes partial (max, Σexp, Σexp·z, target logit) rows of part [4, splits, N]; splitting V keeps
+    # writes partial (max m, Σexp(z - m), Σexp(z - m)·(z - m), target logit) rows of part [4, splits, N]; splitting V keeps
     # the GPU full when there are few token tiles. logprob_forward merges the splits.
     # WITH_ARGMAX also writes arg [splits, N] (int32): the lowest vocabulary id in the slice whose
     # logit is the slice's max, as torch.argmax breaks ties; the running max is already at hand.
@@ -125,7 +125,7 @@ def _logprob_fwd_kernel(h_ptr, w_ptr, z_ptr, t_ptr, part_ptr, arg_ptr,
     tgt = tl.load(t_ptr + rn, mask=n_ok, other=0)
     run_max = tl.full([BLOCK_N], float("-inf"), tl.float32)
     run_sum = tl.zeros([BLOCK_N], dtype=tl.float32)
-    run_pz = tl.zeros([BLOCK_N], dtype=tl.float32)
+    run_t = tl.zeros([BLOCK_N], dtype=tl.float32)
     z_tgt = tl.zeros([BLOCK_N], dtype=tl.float32)
     v_lo = split * v_per_split
     v_hi = tl.minimum(v_lo + v_per_split, V)
@@ -145,16 +145,21 @@ def _logprob_fwd_kernel(h_ptr, w_ptr, z_ptr, t_ptr, part_ptr, arg_ptr,
             run_arg = tl.where(tile_max > run_max, tile_arg, run_arg)
         new_max = tl.maximum(run_max, tile_max)
         alpha = tl.exp(run_max - new_max)
-        p = tl.exp(z - new_max[:, None])
-        run_sum = run_sum * alpha + tl.sum(p, 1)
+        d = z - new_max[:, None]
+        p = tl.exp(d)
         if WITH_ENTROPY:
-            run_pz = run_pz * alpha + tl.sum(p * tl.where(v_ok[None, :], z, 0.0), 1)
+            # Σ p·(z - m), taken about the running max m (moved to the new one: + (m_old - m_new)·Σp_old), never
+            # Σ p·z: that one is ~lse for a peaked row, and lse - Σ p·z kept no digit of a small entropy at |z| ~ 1e3.
+            # A slice that has seen nothing yet (sum 0, max -inf) adds nothing rather than 0·inf.
+            moved = tl.where(run_sum > 0.0, (run_max - new_max) * run_sum, 0.0)
+            run_t = (run_t + moved) * alpha + tl.sum(p * tl.where(v_ok[None, :], d, 0.0), 1)
+        run_sum = run_sum * alpha + tl.sum(p, 1)
         run_max = new_max
     plane = n_splits.to(tl.int64) * N
     row = part_ptr + split.to(tl.int64) * N + rn
     tl.store(row, run_max, mask=n_ok)
     tl.store(row + plane, run_sum, mask=n_ok)
-    tl.store(row + 2 * plane, run_pz, mask=n_ok)
+    tl.store(row + 2 * plane, run_t, mask=n_ok)
     tl.store(row + 3 * plane, z_tgt, mask=n_ok)
     if WITH_ARGMAX:
         tl.store(arg_ptr + split.to(tl.int64) * N + rn, run_arg, mask=n_ok)
@@ -174,14 +179,16 @@ def _dlogits_kernel(h_ptr, w_ptr, z_ptr, t_ptr, lse_ptr, ent_ptr, g_logp_ptr, g_
     tgt = tl.load(t_ptr + rn, mask=n_ok, other=0)
     lse = tl.load(lse_ptr + rn, mask=n_ok, other=0.0)
     g = tl.load(g_logp_ptr + rn, mask=n_ok, other=0.0)
-    p = tl.exp(z - lse[:, None])
+    log_p = z - lse[:, None]
+    p = tl.exp(log_p)
     # d logp / d z_j = [j == target] - p_j
     dz = g[:, None] * (tl.where(rv[None, :] == tgt[:, None], 1.0, 0.0) - p)
     if WITH_ENTROPY:
-        # d entropy / d z_j = -p_j (z_j - Σ_v p_v z_v), and Σ p z = lse - entropy
+        # d entropy / d z_j = -p_j (z_j - Σ_v p_v z_v) = -p_j (log p_j + entropy): z - (lse - entropy) rounded
+        # lse - entropy to |z|'s ulp first, which was all of z_j - Σ p z at a peaked row's max
         ent = tl.load(ent_ptr + rn, mask=n_ok, other=0.0)
         ge = tl.load(g_ent_ptr + rn, mask=n_ok, other=0.0)
-        dz += ge[:, None] * (-p * (z - (lse - ent)[:, None]))
+        dz += ge[:, None] * (-p * (log_p + ent[:, None]))
     dz = dz * inv_temp
     tl.store(dl_ptr + rn[:, None].to(tl.int64) * stride_dl + rv[None, :], dz.to(dl_ptr.dtype.element_ty),
              mask=n_ok[:, None] & v_ok[None, :])
@@ -223,14 +230,21 @@ def logprob_forward(hidden, weight, targets, inv_temp: float, with_entropy: bool
                                                _temperature(inv_temp), v_per_split,
                                                WITH_ENTROPY=with_entropy, PRECISION=_precision(hidden.dtype),
                                                LOAD_Z=z is not None, WITH_ARGMAX=with_hit, **cfg)
-    run_max, run_sum, run_pz, z_tgt = part.unbind(0)
+    run_max, run_sum, run_t, z_tgt = part.unbind(0)
     top = run_max.max(0).values
     scale = torch.exp(run_max - top)  # splits merge like online-softmax steps
     total = (run_sum * scale).sum(0)
     lse = top + torch.log(total)
-    ent = lse - (run_pz * scale).sum(0) / total if with_entropy else None
+    ent = _merged_entropy(run_max, run_sum, run_t, top, scale, total) if with_entropy else None
     hit = _merge_argmax(run_max, top, arg, v) == targets if with_hit else None
     return lse, z_tgt.sum(0), ent, hit
+
+
+def _merged_entropy(run_max, run_sum, run_t, top, scale, total):
+    """Entropy [N] = log s - t/s from the splits' partials, s = Σ exp(z - top) and t = Σ exp(z - top)·(z - top),
+    each split's t moved from its own max to the row's. No lse - Σ p·z: both are ~top on a peaked row."""
+    moved = torch.where(run_sum > 0, run_t + (run_max - top) * run_sum, 0.0)  # an empty split: not 0·inf
+    return torch.log(total) - (moved * scale).sum(0) / total
 
 
 def _merge_argmax(run_max, top, arg, v: int):

@@ -107,8 +107,8 @@ class _TorchEngine:
         hit = z.argmax(-1) == t if with_hit else None
         if not with_entropy:
             return lse, zt, None, hit
-        z.sub_(lse[:, None])  # z <- log p, in place: the chunk tile is the only big buffer
-        return lse, zt, -(z.exp().mul_(z).sum(-1)), hit
+        z.sub_(z.amax(-1, keepdim=True))  # z <- z - max, in place: the chunk tile is the only big buffer
+        return lse, zt, _entropy_about_max(z, z.exp()), hit
 
     @classmethod
     def forward(cls, h, w, t, inv_temp, with_entropy, chunk, with_hit=False):
@@ -137,22 +137,34 @@ class _TorchEngine:
         """(z, lse, target logit, entropy) of one chunk, keeping its [chunk, V] logits for dlogits(z=...)."""
         z = cls._logits(h, w, inv_temp)
         lse = torch.logsumexp(z, -1)
-        ent = lse - torch.softmax(z, -1).mul_(z).sum(-1)
-        return z, lse, z.gather(-1, t[:, None]).squeeze(-1), ent
+        d = z - z.amax(-1, keepdim=True)
+        return z, lse, z.gather(-1, t[:, None]).squeeze(-1), _entropy_about_max(d, d.exp())
 
     @classmethod
     def dlogits(cls, h, w, t, lse, ent, g_logp, g_ent, inv_temp, out_dtype, z=None):
         z = cls._logits(h, w, inv_temp) if z is None else z
-        p = torch.sub(z, lse[:, None]).exp_()
+        log_p = torch.sub(z, lse[:, None])
+        p = log_p.exp() if g_ent is not None else log_p.exp_()
         neg_g = g_logp.neg()[:, None]
         # (-p) * g == p * (-g) bit for bit; p itself is only needed again by the entropy term
         dz = p.mul_(neg_g) if g_ent is None and torch.result_type(p, neg_g) == p.dtype else p * neg_g
         dz.scatter_add_(1, t[:, None], g_logp[:, None].to(dz.dtype))
         if g_ent is not None:
-            dz -= g_ent[:, None] * p * (z - (lse - ent)[:, None])
+            # d entropy / d z = -p (z - Σ p z) = -p (log p + entropy); z - (lse - entropy) rounded lse - entropy to
+            # |z|'s ulp first, which was all of z - Σ p z at a peaked row's max
+            dz -= log_p.add_(ent[:, None]).mul_(p).mul_(g_ent[:, None])
         if inv_temp != 1.0:
             dz.mul_(inv_temp)
         return dz.to(out_dtype)
+
+
+def _entropy_about_max(d, e):
+    """Entropy [n] = log s - t/s of logits taken about their row max, d = z - max (<= 0), and e = exp(d):
+    s = Σ e, t = Σ e·d. lse - Σ softmax·z (or -Σ p·log p with log p = z - lse) cancels for a peaked row: both
+    terms are ~max, so fp32 kept an error of ~|z|'s ulp (3e-5 at |z| ~ 1e3) in an entropy that may be 1e-5.
+    e is overwritten."""
+    s = e.sum(-1)
+    return s.log() - e.mul_(d).sum(-1) / s
 
 
 LOGITS_GEMMS = ("triton", "cublas")
