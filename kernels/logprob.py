@@ -15,6 +15,8 @@ No [N, V] tensor ever; at most one [chunk, V] tile:
   recomputing it, so the fused loss costs 6·N·H·V FLOPs rather than 8.
 """
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -108,13 +110,20 @@ def _logits_kernel(h_ptr, w_ptr, z_ptr, N, V, H, stride_h, stride_w, inv_temp, t
 
 
 @triton.jit
+def _finite_or_zero(m):
+    # the shift the forward kernel's sums are taken about (_sum_shift: the same in torch, for the merge)
+    return tl.where(tl.abs(m) == float("inf"), 0.0, m)
+
+
+@triton.jit
 def _logprob_fwd_kernel(h_ptr, w_ptr, z_ptr, t_ptr, part_ptr, arg_ptr,
                         N, V, H, stride_h, stride_w, inv_temp, temperature, v_per_split,
                         BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
                         WITH_ENTROPY: tl.constexpr, PRECISION: tl.constexpr, LOAD_Z: tl.constexpr,
                         WITH_ARGMAX: tl.constexpr = False):
     # grid: (token tiles, vocabulary splits). Each program reduces its slice of the vocabulary and
-    # writes partial (max m, Σexp(z - m), Σexp(z - m)·(z - m), target logit) rows of part [4, splits, N]; splitting V keeps
+    # writes partial (max m, Σexp(z - m), Σexp(z - m)·(z - m), target logit) rows of part [4, splits, N]
+    # (m read as 0 in the sums where it is ±inf); splitting V keeps
     # the GPU full when there are few token tiles. logprob_forward merges the splits.
     # WITH_ARGMAX also writes arg [splits, N] (int32): the lowest vocabulary id in the slice whose
     # logit is the slice's max, as torch.argmax breaks ties; the running max is already at hand.
@@ -124,6 +133,7 @@ def _logprob_fwd_kernel(h_ptr, w_ptr, z_ptr, t_ptr, part_ptr, arg_ptr,
     n_ok = rn < N
     tgt = tl.load(t_ptr + rn, mask=n_ok, other=0)
     run_max = tl.full([BLOCK_N], float("-inf"), tl.float32)
+    run_shift = tl.zeros([BLOCK_N], dtype=tl.float32)  # _finite_or_zero(run_max): what run_sum, run_t are about
     run_sum = tl.zeros([BLOCK_N], dtype=tl.float32)
     run_t = tl.zeros([BLOCK_N], dtype=tl.float32)
     z_tgt = tl.zeros([BLOCK_N], dtype=tl.float32)
@@ -144,17 +154,22 @@ def _logprob_fwd_kernel(h_ptr, w_ptr, z_ptr, t_ptr, part_ptr, arg_ptr,
             tile_arg = tl.min(tl.where(z == tile_max[:, None], rv[None, :], V), 1)
             run_arg = tl.where(tile_max > run_max, tile_arg, run_arg)
         new_max = tl.maximum(run_max, tile_max)
-        alpha = tl.exp(run_max - new_max)
-        d = z - new_max[:, None]
+        # the sums are taken about `shift`: the max, or 0 where the max is ±inf (torch.logsumexp's rule), so a
+        # +inf logit gives Σexp = inf (lse +inf, finite targets' log p -inf) rather than exp(inf - inf) = NaN,
+        # and a tile of -inf logits adds 0. Per row only: the finite case is the plain running max.
+        shift = _finite_or_zero(new_max)
+        alpha = tl.where(run_max == float("-inf"), 0.0, tl.exp(run_shift - shift))
+        d = z - shift[:, None]
         p = tl.exp(d)
         if WITH_ENTROPY:
             # Σ p·(z - m), taken about the running max m (moved to the new one: + (m_old - m_new)·Σp_old), never
             # Σ p·z: that one is ~lse for a peaked row, and lse - Σ p·z kept no digit of a small entropy at |z| ~ 1e3.
             # A slice that has seen nothing yet (sum 0, max -inf) adds nothing rather than 0·inf.
-            moved = tl.where(run_sum > 0.0, (run_max - new_max) * run_sum, 0.0)
+            moved = tl.where(run_sum > 0.0, (run_shift - shift) * run_sum, 0.0)
             run_t = (run_t + moved) * alpha + tl.sum(p * tl.where(v_ok[None, :], d, 0.0), 1)
         run_sum = run_sum * alpha + tl.sum(p, 1)
         run_max = new_max
+        run_shift = shift
     plane = n_splits.to(tl.int64) * N
     row = part_ptr + split.to(tl.int64) * N + rn
     tl.store(row, run_max, mask=n_ok)
@@ -232,18 +247,27 @@ def logprob_forward(hidden, weight, targets, inv_temp: float, with_entropy: bool
                                                LOAD_Z=z is not None, WITH_ARGMAX=with_hit, **cfg)
     run_max, run_sum, run_t, z_tgt = part.unbind(0)
     top = run_max.max(0).values
-    scale = torch.exp(run_max - top)  # splits merge like online-softmax steps
+    # splits merge like online-softmax steps, about the shifts the kernel took (0 for an infinite max); a split
+    # of -inf logits (sum 0) weighs 0, not 0·exp(0 - top), which overflows for top < -88
+    shift, top_shift = _sum_shift(run_max), _sum_shift(top)
+    scale = torch.where(run_max == -math.inf, 0.0, torch.exp(shift - top_shift))
     total = (run_sum * scale).sum(0)
-    lse = top + torch.log(total)
-    ent = _merged_entropy(run_max, run_sum, run_t, top, scale, total) if with_entropy else None
+    lse = top_shift + torch.log(total)
+    ent = _merged_entropy(shift, run_sum, run_t, top_shift, scale, total) if with_entropy else None
     hit = _merge_argmax(run_max, top, arg, v) == targets if with_hit else None
     return lse, z_tgt.sum(0), ent, hit
 
 
-def _merged_entropy(run_max, run_sum, run_t, top, scale, total):
+def _sum_shift(m):
+    """The shift the forward kernel takes its sums about: the max, 0 where it is ±inf (as torch.logsumexp)."""
+    return torch.where(m.abs() == math.inf, 0.0, m)
+
+
+def _merged_entropy(shift, run_sum, run_t, top_shift, scale, total):
     """Entropy [N] = log s - t/s from the splits' partials, s = Σ exp(z - top) and t = Σ exp(z - top)·(z - top),
     each split's t moved from its own max to the row's. No lse - Σ p·z: both are ~top on a peaked row."""
-    moved = torch.where(run_sum > 0, run_t + (run_max - top) * run_sum, 0.0)  # an empty split: not 0·inf
+    # a split of -inf logits (sum 0) keeps its t as it is, not + 0·inf: NaN (the reference's 0·-inf in Σ p·z)
+    moved = torch.where(run_sum > 0, run_t + (shift - top_shift) * run_sum, run_t)
     return torch.log(total) - (moved * scale).sum(0) / total
 
 

@@ -315,7 +315,7 @@ def test_backward_tiles_stay_within_the_chunk_budget(device, monkeypatch, backen
         (lambda a: a.update(temperature=0.0), ValueError, "temperature"),
         (lambda a: a.update(temperature=float("inf")), ValueError, "finite number"),
         (lambda a: a.update(temperature=1e-320), ValueError, r"temperature must be a finite number >= 1e-05"),
-        # logits / T overflowed float32: -inf log-probs (torch, reference) or NaN (triton), no error
+        # logits / T overflowed float32: -inf log-probs (NaN on the triton backend before it followed torch), no error
         (lambda a: a.update(temperature=1e-38), ValueError, r"temperature must be a finite number >= 1e-05 \(logits"),
         (lambda a: a.update(chunk_size=0), ValueError, "chunk_size"),
         (lambda a: a.update(backend="nope"), ValueError, "not a backend"),
@@ -327,6 +327,53 @@ def test_bad_input_is_a_clear_error(mutate, err, match):
     mutate(args)
     with pytest.raises(err, match=match):
         ops.grouped_logprob(**args)
+
+
+def _with_infinite_logits(case, device):
+    """fp32 (hidden, weight, targets) whose logits hold ±inf somewhere, as `case` makes them."""
+    v = 75 if device.type == "cpu" else 300
+    hidden, weight, targets = _inputs(6, 16, v, seed=int(torch.randint(0, 1 << 20, ())))
+    hidden, weight = hidden.float(), weight.float()
+    targets[0], targets[1] = 7, v - 1  # a target on the infinite weight row, one past the -inf tile
+    if case in ("hidden +inf", "hidden -inf"):
+        hidden[1, 3] = float(case[-4:])  # row 1's logits: ±inf by the sign of weight[:, 3]
+    elif case in ("weight +inf", "weight -inf"):
+        weight[7, 2] = float(case[-4:])  # token 7's logit: ±inf by the sign of hidden[:, 2] (+inf: lse +inf)
+        hidden[:, 2] = hidden[:, 2].abs() * torch.tensor([1.0, 1, 1, -1, -1, -1])  # both signs, whatever the draw
+    elif case == "overflow":  # finite inputs, row 2's logits ±1e40: past fp32 the same ±inf
+        hidden[2] = 0.0
+        hidden[2, 0] = 1e30
+        weight[:, 0] *= 1e10
+    else:  # "-inf tile": a whole vocabulary tile (and, split in 3, a whole slice) of -inf logits, the rest finite
+        hidden = hidden.abs() + 0.1
+        weight[:v // 2 + 3, 0] = float("-inf")
+    return hidden, weight, targets
+
+
+@pytest.mark.parametrize("path", ["one-slice", "splits", "cublas"])
+@pytest.mark.parametrize("case", ["hidden +inf", "hidden -inf", "weight +inf", "weight -inf", "overflow", "-inf tile"])
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_infinite_logits_give_the_reference_results(device, monkeypatch, backend, case, path):
+    """log_softmax's semantics, as the fp32 reference computes them: a +inf logit makes lse +inf (a finite
+    target's log p -inf, an infinite one's NaN), -inf logits weigh 0 (a -inf target's log p -inf), and the
+    entropy of a row with any infinite logit is NaN (0·inf in Σ p·z). The triton forward gave NaN log-probs
+    for every row with a +inf logit (exp(inf - inf) in its sum) and for a tile of -inf logits."""
+    if backend not in backends.available("grouped_logprob", device):
+        pytest.skip(f"{backend} unavailable here")
+    if path != "one-slice" and backend == "torch":
+        pytest.skip("vocabulary splits and cuBLAS logits are the triton backend's")
+    if path == "splits":
+        from r1fast.kernels import logprob as kernel
+
+        monkeypatch.setattr(kernel, "FORCE_SPLITS", 3)
+    monkeypatch.setenv("R1FAST_LOGITS_GEMM", "cublas" if path == "cublas" else "triton")
+    hidden, weight, targets = _with_infinite_logits(case, device)
+    e_lp, e_ent = reference.logprob(hidden, weight, targets, 1.0, True)
+    assert not torch.isfinite(e_lp).all() and torch.isfinite(e_lp).any()  # the case is what it says
+    lp, ent = ops.grouped_logprob(hidden.to(device), weight.to(device), targets.to(device), return_entropy=True,
+                                  backend=backend, chunk_size=4)
+    torch.testing.assert_close(lp.cpu(), e_lp, rtol=2e-5, atol=1e-5, equal_nan=True, msg=lambda m: f"logp: {m}")
+    torch.testing.assert_close(ent.cpu(), e_ent, rtol=2e-5, atol=1e-5, equal_nan=True, msg=lambda m: f"entropy: {m}")
 
 
 def test_triton_rejects_float64():
