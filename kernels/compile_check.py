@@ -98,7 +98,8 @@ def compile_all(arch: int = 90, full: bool = False, report=None):
     for dt in ("bf16", "fp16", "fp32"):
         types = {"h_ptr": f"*{dt}", "w_ptr": f"*{dt}", "dl_ptr": f"*{dt}", "t_ptr": "*i64", "inv_temp": "fp32",
                  "temperature": "fp32", "arg_ptr": "*i32"}
-        types.update({n: "*fp32" for n in ("z_ptr", "part_ptr", "lse_ptr", "zt_ptr", "ent_ptr", "g_logp_ptr", "g_ent_ptr")})
+        types.update({n: "*fp32" for n in ("z_ptr", "part_ptr", "lse_ptr", "lse_lo_ptr", "zt_ptr", "ent_ptr", "g_logp_ptr",
+                                           "g_ent_ptr")})
         prec = "ieee" if dt == "fp32" else "tf32"
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dt]
         _compile(logprob_kernels._logits_kernel, types, dict(PRECISION=prec), arch,

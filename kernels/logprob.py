@@ -111,7 +111,7 @@ def _logits_kernel(h_ptr, w_ptr, z_ptr, N, V, H, stride_h, stride_w, inv_temp, t
 
 @triton.jit
 def _finite_or_zero(m):
-    # the shift the forward kernel's sums are taken about (_sum_shift: the same in torch, for the merge)
+    # the shift the forward kernel's sums are taken about (r1fast.ops.logprob.sum_shift: the same in torch)
     return tl.where(tl.abs(m) == float("inf"), 0.0, m)
 
 
@@ -181,7 +181,7 @@ def _logprob_fwd_kernel(h_ptr, w_ptr, z_ptr, t_ptr, part_ptr, arg_ptr,
 
 
 @triton.jit
-def _dlogits_kernel(h_ptr, w_ptr, z_ptr, t_ptr, lse_ptr, ent_ptr, g_logp_ptr, g_ent_ptr, dl_ptr,
+def _dlogits_kernel(h_ptr, w_ptr, z_ptr, t_ptr, lse_ptr, lse_lo_ptr, ent_ptr, g_logp_ptr, g_ent_ptr, dl_ptr,
                     N, V, H, stride_h, stride_w, stride_dl, inv_temp, temperature,
                     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
                     WITH_ENTROPY: tl.constexpr, PRECISION: tl.constexpr, LOAD_Z: tl.constexpr):
@@ -193,8 +193,11 @@ def _dlogits_kernel(h_ptr, w_ptr, z_ptr, t_ptr, lse_ptr, ent_ptr, g_logp_ptr, g_
                                 temperature, BLOCK_N, BLOCK_V, BLOCK_H, PRECISION, LOAD_Z, V)
     tgt = tl.load(t_ptr + rn, mask=n_ok, other=0)
     lse = tl.load(lse_ptr + rn, mask=n_ok, other=0.0)
+    lse_lo = tl.load(lse_lo_ptr + rn, mask=n_ok, other=0.0)
     g = tl.load(g_logp_ptr + rn, mask=n_ok, other=0.0)
-    log_p = z - lse[:, None]
+    # what rounding lse to fp32 dropped, taken off after z - lse (exact near the max): lse alone is up to half
+    # |z|'s ulp off, all of log p at a peaked row's max (r1fast.ops.logprob.lse_parts)
+    log_p = (z - lse[:, None]) - lse_lo[:, None]
     p = tl.exp(log_p)
     # d logp / d z_j = [j == target] - p_j
     dz = g[:, None] * (tl.where(rv[None, :] == tgt[:, None], 1.0, 0.0) - p)
@@ -224,9 +227,10 @@ def logits(hidden, weight, inv_temp: float):
 
 
 def logprob_forward(hidden, weight, targets, inv_temp: float, with_entropy: bool, z=None, with_hit: bool = False):
-    """(lse, target_logit, entropy-or-None, hit-or-None): fp32 [N] each, and with `with_hit` a bool [N]
-    saying whether each target is its row's argmax (lowest id on ties, as torch.argmax), found from the
-    running max the logsumexp keeps anyway. hidden [N, H] and weight [V, H] row-contiguous.
+    """(lse, target_logit, entropy-or-None, hit-or-None, lse residual): fp32 [N] each, and with `with_hit` a
+    bool [N] saying whether each target is its row's argmax (lowest id on ties, as torch.argmax), found from
+    the running max the logsumexp keeps anyway. The residual is what rounding lse to fp32 dropped
+    (r1fast.ops.logprob.lse_parts), for dlogits. hidden [N, H] and weight [V, H] row-contiguous.
 
     With `z` (fp32 [N, V] from `logits`), reads the logits instead of recomputing them.
     """
@@ -249,18 +253,15 @@ def logprob_forward(hidden, weight, targets, inv_temp: float, with_entropy: bool
     top = run_max.max(0).values
     # splits merge like online-softmax steps, about the shifts the kernel took (0 for an infinite max); a split
     # of -inf logits (sum 0) weighs 0, not 0·exp(0 - top), which overflows for top < -88
-    shift, top_shift = _sum_shift(run_max), _sum_shift(top)
+    from r1fast.ops.logprob import lse_parts, sum_shift
+
+    shift, top_shift = sum_shift(run_max), sum_shift(top)
     scale = torch.where(run_max == -math.inf, 0.0, torch.exp(shift - top_shift))
     total = (run_sum * scale).sum(0)
-    lse = top_shift + torch.log(total)
+    lse, lse_lo = lse_parts(top_shift, torch.log(total))
     ent = _merged_entropy(shift, run_sum, run_t, top_shift, scale, total) if with_entropy else None
     hit = _merge_argmax(run_max, top, arg, v) == targets if with_hit else None
-    return lse, z_tgt.sum(0), ent, hit
-
-
-def _sum_shift(m):
-    """The shift the forward kernel takes its sums about: the max, 0 where it is ±inf (as torch.logsumexp)."""
-    return torch.where(m.abs() == math.inf, 0.0, m)
+    return lse, z_tgt.sum(0), ent, hit, lse_lo
 
 
 def _merged_entropy(shift, run_sum, run_t, top_shift, scale, total):
@@ -293,10 +294,11 @@ def vocab_splits(n_tiles: int, v: int, block_v: int, device) -> int:
     return max(1, min(triton.cdiv(_TARGET_PROGRAMS, n_tiles), triton.cdiv(v, 8 * block_v)))
 
 
-def dlogits(hidden, weight, targets, lse, entropy, g_logp, g_ent, inv_temp: float, out_dtype, z=None):
+def dlogits(hidden, weight, targets, lse, entropy, g_logp, g_ent, inv_temp: float, out_dtype, z=None, lse_lo=None):
     """d loss / d raw logits [N, V] (temperature folded in) for one chunk of tokens, in out_dtype.
 
-    With `z` (fp32 [N, V] from `logits`), reads the logits instead of recomputing them.
+    With `z` (fp32 [N, V] from `logits`), reads the logits instead of recomputing them. `lse_lo`: the residual
+    logprob_forward returned beside lse (None: 0).
     """
     n, h = hidden.shape
     v = weight.shape[0]
@@ -306,6 +308,7 @@ def dlogits(hidden, weight, targets, lse, entropy, g_logp, g_ent, inv_temp: floa
     grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(v, cfg["BLOCK_V"]))
     with on_device(hidden.device):
         _dlogits_kernel[grid](hidden, weight, lse if z is None else z, targets, lse,
+                              torch.zeros_like(lse) if lse_lo is None else lse_lo,
                               entropy if with_entropy else lse, g_logp, g_ent if with_entropy else g_logp, out, n, v, h,
                               hidden.stride(0), weight.stride(0), out.stride(0), inv_temp, _temperature(inv_temp),
                               WITH_ENTROPY=with_entropy,

@@ -190,6 +190,46 @@ def test_entropy_of_peaked_rows_at_large_logits(device, monkeypatch, backend, pa
     assert rel < 1e-3, f"entropy of peaked rows at |z| ~ 1e3: max relative error {rel:.3g}"
 
 
+@pytest.mark.parametrize("path", ["grouped_logprob", "forward_keep", "splits"])
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_gradients_of_peaked_rows_at_large_logits(device, monkeypatch, backend, path):
+    """d logp and d entropy of peaked rows at |z| ~ 1e3, row by row against the float64 reference. The
+    backward formed p = exp(z - lse) with lse rounded to fp32, up to half |z|'s ulp (3e-5) off: all of
+    1 - p at the max, so grad_hidden rows were typically 6e-5 and up to 45% off (logp), 2-37% (entropy,
+    which also rounded lse - entropy); with the residual of that rounding taken off, ~3e-7 typically,
+    at most ~1e-3 (logp: fp32's 1 - p) and 1e-6 (entropy)."""
+    if backend not in backends.available("grouped_logprob", device):
+        pytest.skip(f"{backend} unavailable here")
+    if path == "splits":
+        if backend == "torch":
+            pytest.skip("the torch engine has no vocabulary splits")
+        from r1fast.kernels import logprob as kernel
+
+        monkeypatch.setattr(kernel, "FORCE_SPLITS", 3)
+    seed = int(torch.randint(0, 1 << 20, ()))
+    hidden, weight, targets = _peaked_inputs(24, 75, 12.0, seed=seed)
+    g = randn(24, dtype=torch.float64, seed=seed + 3)
+    for of, bound in (("logp", 1e-2), ("entropy", 1e-4)):
+        g_lp, g_ent = (g, torch.zeros_like(g)) if of == "logp" else (torch.zeros_like(g), g)
+        _, _, e_gh, _ = _expected(hidden.double(), weight.double(), targets, 1.0, True, g_lp, g_ent)
+        h, w, t = hidden.to(device), weight.to(device), targets.to(device)
+        if path == "forward_keep":  # the fused loss's single pass: kept logits, d logits from them
+            from r1fast.ops.logprob import engine_for
+
+            eng = engine_for(backend)
+            z, lse, _, ent, lse_lo = eng.forward_keep(h, w, t, 1.0)
+            dl = eng.dlogits(h, w, t, lse, ent, g_lp.float().to(device), g_ent.float().to(device), 1.0,
+                             torch.float32, z=z, lse_lo=lse_lo)
+            gh = dl @ w
+        else:
+            h.requires_grad_()
+            lp, ent = ops.grouped_logprob(h, w, t, return_entropy=True, backend=backend)
+            (gh,) = torch.autograd.grad((lp * g_lp.float().to(device)).sum() + (ent * g_ent.float().to(device)).sum(),
+                                        (h,))
+        rel = ((gh.double().cpu() - e_gh).norm(dim=1) / e_gh.norm(dim=1)).max().item()
+        assert rel < bound, f"d {of} / d hidden of peaked rows at |z| ~ 1e3: a row {rel:.3g} off"
+
+
 @pytest.mark.parametrize("chunk", [None, 5], ids=["one-chunk", "4-chunks"])
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
 def test_fp16_within_low_precision_rule(device, backend, chunk):
@@ -533,7 +573,7 @@ import torch
 from r1fast.kernels import compile_check as cc, logprob as lk
 types = {"h_ptr": "*fp32", "w_ptr": "*fp32", "dl_ptr": "*fp32", "t_ptr": "*i64", "inv_temp": "fp32",
          "temperature": "fp32", "arg_ptr": "*i32"}
-types.update({n: "*fp32" for n in ("z_ptr", "part_ptr", "lse_ptr", "ent_ptr", "g_logp_ptr", "g_ent_ptr")})
+types.update({n: "*fp32" for n in ("z_ptr", "part_ptr", "lse_ptr", "lse_lo_ptr", "ent_ptr", "g_logp_ptr", "g_ent_ptr")})
 for kern in (lk._logprob_fwd_kernel, lk._dlogits_kernel):
     k = cc.compile_for(kern, types, dict(WITH_ENTROPY=True, PRECISION="ieee", LOAD_Z=False,
                        **{n: v for n, v in lk.gpu_config(torch.float32).items() if n.startswith("BLOCK")}), 90)

@@ -304,7 +304,7 @@ class _SinglePassRun:
             r0, r1 = bisect.bisect_right(starts, s) - 1, bisect.bisect_right(starts, e - 1)
             totals = (lay.shape2d[0], starts[-1], row_counts[r0:r1])
             h_c, t_c = (h[s:e] if lay.all_active else h[lay.idx[s:e]]), self.t_act[s:e]
-            z, lse, zt, ent = eng.forward_keep(h_c, w, t_c, inv_temp)
+            z, lse, zt, ent, lse_lo = eng.forward_keep(h_c, w, t_c, inv_temp)
             rr, pp = lay.row[s:e] - r0, lay.pos[s:e]
             shape = (r1 - r0, lay.shape2d[1])
             lp2 = torch.zeros(shape, dtype=wide, device=h.device).index_put((rr, pp), (zt - lse).to(wide))
@@ -346,7 +346,7 @@ class _SinglePassRun:
                 if self.grad_scale != 1.0:  # fp32 factors: the 16-bit gradients are formed at the caller's loss scale
                     g_logp = g_logp * self.grad_scale
                     g_ent = None if g_ent is None else g_ent * self.grad_scale
-                dl = eng.dlogits(h_c, w, t_c, lse, ent, g_logp, g_ent, inv_temp, h.dtype, z=z)
+                dl = eng.dlogits(h_c, w, t_c, lse, ent, g_logp, g_ent, inv_temp, h.dtype, z=z, lse_lo=lse_lo)
                 del z
                 if self.need_h and lay.all_active:
                     torch.mm(dl, w, out=grad_h[s:e])

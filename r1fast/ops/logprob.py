@@ -7,9 +7,10 @@
 Backends: `reference` materialises [N, V] logits (float64-capable, the oracle); `torch` walks token
 chunks so extra memory is chunk x V (the CPU path); `triton` keeps only O(N) state in the forward
 and a chunk x V gradient tile in the backward (kernels/logprob.py). torch and triton share one
-autograd.Function: the forward saves hidden, weight, targets, lse and entropy (no logits), the
-backward recomputes each chunk's logits, forms d loss / d logits and multiplies it into
-grad_hidden and grad_weight (summed over chunks in place in the weight's dtype, deterministic).
+autograd.Function: the forward saves hidden, weight, targets, lse (with the residual its fp32
+rounding dropped) and entropy (no logits), the backward recomputes each chunk's logits, forms
+d loss / d logits and multiplies it into grad_hidden and grad_weight (summed over chunks in place
+in the weight's dtype, deterministic).
 """
 from __future__ import annotations
 
@@ -99,16 +100,15 @@ class _TorchEngine:
 
     @staticmethod
     def _reduce(z, t, with_entropy, with_hit):
-        """(lse, target logit, entropy or None, target-is-argmax or None) of one chunk's logits; z is
-        overwritten with log p."""
-        lse = torch.logsumexp(z, -1)
+        """(lse, target logit, entropy or None, target-is-argmax or None, lse residual) of one chunk's logits;
+        z is overwritten with z - its row max."""
         zt = z.gather(-1, t[:, None]).squeeze(-1)
-        # from z itself, before it turns into log p: z - lse can round two distinct logits into a tie
+        # from z itself, before it is shifted: z - max can round two distinct logits into a tie
         hit = z.argmax(-1) == t if with_hit else None
-        if not with_entropy:
-            return lse, zt, None, hit
-        z.sub_(z.amax(-1, keepdim=True))  # z <- z - max, in place: the chunk tile is the only big buffer
-        return lse, zt, _entropy_about_max(z, z.exp()), hit
+        shift = sum_shift(z.amax(-1))
+        z.sub_(shift[:, None])  # in place: the chunk tile is the only big buffer
+        lse, ent, lse_lo = _reduce_about_max(z, shift, with_entropy)
+        return lse, zt, ent, hit, lse_lo
 
     @classmethod
     def forward(cls, h, w, t, inv_temp, with_entropy, chunk, with_hit=False):
@@ -119,31 +119,36 @@ class _TorchEngine:
         acc = torch.float64 if h.dtype == torch.float64 else torch.float32
         lse = torch.empty(n, dtype=acc, device=h.device)
         zt = torch.empty_like(lse)
+        lse_lo = torch.empty_like(lse)
         ent = torch.empty_like(lse) if with_entropy else None
         hit = torch.empty(n, dtype=torch.bool, device=h.device) if with_hit else None
         for s in range(0, n, chunk):
-            lse_c, zt_c, ent_c, hit_c = cls._reduce(cls._logits(h[s:s + chunk], w, inv_temp), t[s:s + chunk],
-                                                    with_entropy, with_hit)
+            lse_c, zt_c, ent_c, hit_c, lo_c = cls._reduce(cls._logits(h[s:s + chunk], w, inv_temp), t[s:s + chunk],
+                                                          with_entropy, with_hit)
             lse[s:s + chunk] = lse_c
             zt[s:s + chunk] = zt_c
+            lse_lo[s:s + chunk] = lo_c
             if with_entropy:
                 ent[s:s + chunk] = ent_c
             if with_hit:
                 hit[s:s + chunk] = hit_c
-        return lse, zt, ent, hit
+        return lse, zt, ent, hit, lse_lo
 
     @classmethod
     def forward_keep(cls, h, w, t, inv_temp):
-        """(z, lse, target logit, entropy) of one chunk, keeping its [chunk, V] logits for dlogits(z=...)."""
+        """(z, lse, target logit, entropy, lse residual) of one chunk, keeping its [chunk, V] logits for
+        dlogits(z=...)."""
         z = cls._logits(h, w, inv_temp)
-        lse = torch.logsumexp(z, -1)
-        d = z - z.amax(-1, keepdim=True)
-        return z, lse, z.gather(-1, t[:, None]).squeeze(-1), _entropy_about_max(d, d.exp())
+        shift = sum_shift(z.amax(-1))
+        lse, ent, lse_lo = _reduce_about_max(z - shift[:, None], shift, True)
+        return z, lse, z.gather(-1, t[:, None]).squeeze(-1), ent, lse_lo
 
     @classmethod
-    def dlogits(cls, h, w, t, lse, ent, g_logp, g_ent, inv_temp, out_dtype, z=None):
+    def dlogits(cls, h, w, t, lse, ent, g_logp, g_ent, inv_temp, out_dtype, z=None, lse_lo=None):
         z = cls._logits(h, w, inv_temp) if z is None else z
         log_p = torch.sub(z, lse[:, None])
+        if lse_lo is not None:  # (z - lse) - residual: see lse_parts
+            log_p.sub_(lse_lo[:, None])
         p = log_p.exp() if g_ent is not None else log_p.exp_()
         neg_g = g_logp.neg()[:, None]
         # (-p) * g == p * (-g) bit for bit; p itself is only needed again by the entropy term
@@ -158,13 +163,33 @@ class _TorchEngine:
         return dz.to(out_dtype)
 
 
-def _entropy_about_max(d, e):
-    """Entropy [n] = log s - t/s of logits taken about their row max, d = z - max (<= 0), and e = exp(d):
-    s = Σ e, t = Σ e·d. lse - Σ softmax·z (or -Σ p·log p with log p = z - lse) cancels for a peaked row: both
-    terms are ~max, so fp32 kept an error of ~|z|'s ulp (3e-5 at |z| ~ 1e3) in an entropy that may be 1e-5.
-    e is overwritten."""
+def sum_shift(m):
+    """What the log-sum-exp sums are taken about: the row max m, 0 where m is ±inf (torch.logsumexp's rule, so
+    a +inf logit sums to inf rather than exp(inf - inf) = NaN)."""
+    return torch.where(m.abs() == math.inf, torch.zeros_like(m), m)
+
+
+def lse_parts(shift, log_s):
+    """(lse, residual): lse = shift + log s rounded, and the part of shift + log s that rounding dropped
+    (TwoSum, exact). lse alone is up to half |z|'s ulp off, which is all of log p at a peaked row's max
+    (~-Σ exp(z - max) there), so the backward forms log p = (z - lse) - residual. 0 where lse is not finite."""
+    lse = shift + log_s
+    b = lse - shift
+    residual = (shift - (lse - b)) + (log_s - b)
+    return lse, torch.where(torch.isfinite(lse), residual, torch.zeros_like(residual))
+
+
+def _reduce_about_max(d, shift, with_entropy):
+    """(lse, entropy or None, lse residual) [n] of logits z = d + shift, d [n, V] taken about the row max.
+
+    The entropy is log s - t/s, s = Σ exp(d), t = Σ exp(d)·d. lse - Σ softmax·z (or -Σ p·log p with
+    log p = z - lse) cancels for a peaked row: both terms are ~max, so fp32 kept an error of ~|z|'s ulp
+    (3e-5 at |z| ~ 1e3) in an entropy that may be 1e-5."""
+    e = d.exp()
     s = e.sum(-1)
-    return s.log() - e.mul_(d).sum(-1) / s
+    log_s = s.log()
+    lse, lse_lo = lse_parts(shift, log_s)
+    return lse, log_s - e.mul_(d).sum(-1) / s if with_entropy else None, lse_lo
 
 
 LOGITS_GEMMS = ("triton", "cublas")
@@ -212,25 +237,25 @@ class _TritonEngine:
         parts = [kernel.logprob_forward(h[s:s + chunk], w, t[s:s + chunk], inv_temp, with_entropy,
                                         z=cublas_logits(h[s:s + chunk], w, inv_temp), with_hit=with_hit)
                  for s in range(0, h.shape[0], chunk)]
-        lse, zt, ent, hit = (torch.cat(x) if x[0] is not None else None for x in zip(*parts))
-        return lse, zt, ent, hit
+        return tuple(torch.cat(x) if x[0] is not None else None for x in zip(*parts))
 
     @staticmethod
     def forward_keep(h, w, t, inv_temp):
         from r1fast.kernels import logprob as kernel
 
         z = kernel.logits(h, w, inv_temp) if logits_gemm() == "triton" else cublas_logits(h, w, inv_temp)
-        lse, zt, ent, _ = kernel.logprob_forward(h, w, t, inv_temp, True, z=z)
-        return z, lse, zt, ent
+        lse, zt, ent, _, lse_lo = kernel.logprob_forward(h, w, t, inv_temp, True, z=z)
+        return z, lse, zt, ent, lse_lo
 
     @staticmethod
-    def dlogits(h, w, t, lse, ent, g_logp, g_ent, inv_temp, out_dtype, z=None):
+    def dlogits(h, w, t, lse, ent, g_logp, g_ent, inv_temp, out_dtype, z=None, lse_lo=None):
         from r1fast.kernels import logprob as kernel
 
         if z is None and logits_gemm() == "cublas":
             z = cublas_logits(h, w, inv_temp)
         return kernel.dlogits(h, w, t, lse, ent, g_logp.float().contiguous(),
-                              None if g_ent is None else g_ent.float().contiguous(), inv_temp, out_dtype, z=z)
+                              None if g_ent is None else g_ent.float().contiguous(), inv_temp, out_dtype, z=z,
+                              lse_lo=lse_lo)
 
 
 def engine_for(backend: str):
@@ -266,9 +291,9 @@ class _GroupedLogprob(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, inv_temp, with_entropy, engine, chunk, with_hit):
         ctx.set_materialize_grads(False)  # an unused entropy output then costs nothing in the backward
-        lse, zt, ent, hit = engine.forward(hidden, weight, targets, inv_temp, with_entropy, chunk, with_hit)
+        lse, zt, ent, hit, lse_lo = engine.forward(hidden, weight, targets, inv_temp, with_entropy, chunk, with_hit)
         logp = zt - lse
-        ctx.save_for_backward(hidden, weight, targets, lse, ent if with_entropy else lse)
+        ctx.save_for_backward(hidden, weight, targets, lse, ent if with_entropy else lse, lse_lo)
         ctx.cfg = (inv_temp, with_entropy, engine, chunk)
         if with_hit:
             ctx.mark_non_differentiable(hit)
@@ -286,7 +311,7 @@ class _GroupedLogprob(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, saved, g_logp, g_ent):
-        hidden, weight, targets, lse, ent = saved
+        hidden, weight, targets, lse, ent, lse_lo = saved
         inv_temp, with_entropy, engine, chunk = ctx.cfg
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         n = hidden.shape[0]
@@ -299,7 +324,8 @@ class _GroupedLogprob(torch.autograd.Function):
         for s in range(0, n, chunk):
             e = s + chunk
             dl = engine.dlogits(hidden[s:e], weight, targets[s:e], lse[s:e], ent[s:e] if with_entropy else None,
-                                g_logp[s:e], None if g_ent is None else g_ent[s:e], inv_temp, hidden.dtype)
+                                g_logp[s:e], None if g_ent is None else g_ent[s:e], inv_temp, hidden.dtype,
+                                lse_lo=lse_lo[s:e])
             if need_h:
                 torch.mm(dl, weight, out=grad_h[s:e])
             if need_w:
@@ -331,7 +357,7 @@ def _run(hidden, weight, targets, temperature, return_entropy, chunk, engine, re
     if needs_grad:
         out = _GroupedLogprob.apply(h, w, t, inv_temp, return_entropy, engine, chunk, return_hit)
     else:  # forward only (old-policy / reference passes): nothing saved
-        lse, zt, ent, hit = engine.forward(h.detach(), w.detach(), t, inv_temp, return_entropy, chunk, return_hit)
+        lse, zt, ent, hit, _ = engine.forward(h.detach(), w.detach(), t, inv_temp, return_entropy, chunk, return_hit)
         out = _outputs(zt - lse, ent, hit)
     return _reshaped(out, lead)
 
