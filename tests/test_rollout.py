@@ -996,14 +996,15 @@ def test_shared_prefix_attention_follows_the_start_up_timing_unless_forced(model
     monkeypatch.setattr(runner_module, "_checks_kernels", lambda device: True)
     monkeypatch.setattr(self_check, "select_backends",
                         lambda *args, **kwargs: {"paged_decode_attention": "triton", "store_kv": "torch"})
-    checked, timed, seconds = [], [], {}
+    checked, timed, seconds, contexts = [], [], {}, []
 
     def check(backend, *args):
         checked.append(backend)
         return seconds.get("correct", True)
 
-    def fake_seconds(backend, device, dtype, *shape, batch, group, shared_prefix):
+    def fake_seconds(backend, device, dtype, *shape, batch, group, shared_prefix, context=1024):
         timed.append((backend, batch, group, shared_prefix))
+        contexts.append(context)
         return seconds[shared_prefix]
     monkeypatch.setattr(self_check, "shared_prefix_ok", check)
     monkeypatch.setattr(self_check, "decode_seconds", fake_seconds)
@@ -1027,6 +1028,11 @@ def test_shared_prefix_attention_follows_the_start_up_timing_unless_forced(model
     # a forced backend is not checked (as before) but still timed by default
     seconds[True] = 50e-6
     assert uses_tiles(decode_backend="triton") and checked == [] and len(timed) == 2
+    # timed on sequences no longer than the engine's longest (under the timing's usual 1024 tokens)
+    longest = Engine(model, block_size=4, num_blocks=16, decode_backend="torch").max_model_len
+    assert longest < 1024 and contexts and set(contexts) == {longest}
+    contexts.clear()
+    assert uses_tiles(max_model_len=40) and contexts == [40, 40]
     seconds["correct"] = False  # a path that fails its check is neither used nor timed, even when asked for
     assert not uses_tiles() and timed == []
     assert not uses_tiles(shared_prefix_attention=True)

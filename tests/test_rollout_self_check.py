@@ -244,7 +244,7 @@ def test_the_shared_prefix_path_is_kept_only_when_timed_faster(monkeypatch, capl
 
     timed = []
 
-    def fake_seconds(name, device, dtype, *shape, batch, group, shared_prefix):
+    def fake_seconds(name, device, dtype, *shape, batch, group, shared_prefix, context):
         timed.append((name, batch, group, shared_prefix))
         return (shared_us if shared_prefix else plain_us) * 1e-6
     monkeypatch.setattr(self_check, "decode_seconds", fake_seconds)
@@ -266,3 +266,23 @@ def test_a_failed_shared_prefix_timing_decodes_without_it(monkeypatch, caplog):
     with caplog.at_level(logging.WARNING):
         assert not self_check.shared_prefix_pays("triton", "cpu", torch.float32, **SHAPES, batch=8)
     assert "timing the triton backend's shared-prefix path on cpu failed (RuntimeError: out of memory)" in caplog.text
+
+
+def test_the_shared_prefix_path_is_timed_no_longer_than_the_engine_decodes(monkeypatch, caplog):
+    """The shared-prefix timing's contexts are the engine's longest (max_context) where that is under the
+    usual 1024 tokens: the default pipeline decodes 80-token sequences (32-token prompts), and a verdict
+    from 1024-token contexts, half of them shared, said nothing of those."""
+    from r1fast.rollout import self_check
+
+    contexts = []
+
+    def fake_seconds(name, device, dtype, *shape, batch, group, shared_prefix, context):
+        contexts.append(context)
+        return 1e-4
+    monkeypatch.setattr(self_check, "decode_seconds", fake_seconds)
+    for max_context, want in ((80, 80), (1024, 1024), (32768, 1024), (None, 1024)):
+        contexts.clear()
+        with caplog.at_level(logging.INFO, logger="r1fast.rollout.self_check"):
+            self_check.shared_prefix_pays("triton", "cpu", torch.float32, **SHAPES, batch=48, max_context=max_context)
+        assert contexts == [want, want]
+        assert f"at batch 48, contexts of up to {want} tokens, in groups of 8" in caplog.text

@@ -12,9 +12,10 @@ shared-prefix path of the chosen decode backend is checked the same way (shared_
 it disagrees the engine decodes without it. Where it agrees it is timed too, unless the engine was
 told to use it (shared_prefix_attention=True): that backend's decode step with and without the
 shared-prefix tiles on a GRPO-shaped batch (groups of 8 rows sharing the first half of their
-context's blocks, the tiles built as the runner builds them; shared_prefix_pays), and it is kept only
-when at least 5% faster, since the plain kernel can find a group's shared blocks in L2 anyway. The
-cost is a few small launches and up to four short graph replays per engine.
+context's blocks, contexts no longer than the engine's max_model_len, the tiles built as the runner
+builds them; shared_prefix_pays), and it is kept only when at least 5% faster, since the plain
+kernel can find a group's shared blocks in L2 anyway. The cost is a few small launches and up to
+four short graph replays per engine.
 """
 from __future__ import annotations
 
@@ -104,6 +105,8 @@ def _store_error(backend: str, device, dtype, num_kv_heads: int, head_dim: int) 
 
 # The K/V caches of the timing case take at most this much memory (the context shrinks to fit).
 _TIMING_BYTES = 256 << 20
+# The timing case's context length, unless memory or (shared-prefix timing) the engine's max_model_len cuts it.
+_TIMING_CONTEXT = 1024
 # GRPO's decode batch, for timing the shared-prefix path: the samples of one prompt, in groups of
 # this many adjacent rows (the rollout's G), share the first half of their context's blocks.
 _TIMING_GROUP = 8
@@ -142,7 +145,7 @@ def _timing_tiles(tables: torch.Tensor, context_lens: torch.Tensor, block_size: 
 
 
 def decode_seconds(backend: str, device, dtype, num_heads: int, num_kv_heads: int, head_dim: int,
-                   batch: int = 64, context: int = 1024, repeats: int = 10, group: int = 1,
+                   batch: int = 64, context: int = _TIMING_CONTEXT, repeats: int = 10, group: int = 1,
                    shared_prefix: bool = False) -> float:
     """Seconds per call of `backend`'s decode attention for `batch` sequences of `context` tokens (the
     best of three rounds). On a GPU the calls are replayed from a CUDA graph, as the engine runs them,
@@ -195,20 +198,25 @@ def decode_seconds(backend: str, device, dtype, num_heads: int, num_kv_heads: in
 
 
 def shared_prefix_pays(backend: str, device, dtype, num_heads: int, num_kv_heads: int, head_dim: int,
-                       batch: int) -> bool:
+                       batch: int, max_context: int | None = None) -> bool:
     """Whether `backend`'s decode attention is faster with the shared-prefix tiles than without, by
     _SHARED_PREFIX_MIN_GAIN at least, on `batch` sequences in GRPO groups (decode_seconds with group
-    _TIMING_GROUP, the same case both ways); False if the timing fails."""
+    _TIMING_GROUP, the same case both ways); False if the timing fails. max_context: the engine's
+    longest sequence (max_model_len), which caps the timing's context: the saving grows with the shared
+    length, and a verdict at 1024 tokens says nothing of an engine whose sequences end at 80."""
+    context = _TIMING_CONTEXT if max_context is None else min(_TIMING_CONTEXT, max_context)
     try:
         plain, shared = (decode_seconds(backend, device, dtype, num_heads, num_kv_heads, head_dim, batch=batch,
-                                        group=_TIMING_GROUP, shared_prefix=tiles) for tiles in (False, True))
+                                        group=_TIMING_GROUP, shared_prefix=tiles, context=context)
+                         for tiles in (False, True))
     except Exception as e:  # noqa: BLE001 - the plain path was checked and needs no timing
         log.warning("paged_decode_attention: timing the %s backend's shared-prefix path on %s failed (%s: %s); "
                     "decoding without it", backend, device, type(e).__name__, e)
         return False
     pays = shared <= plain * (1 - _SHARED_PREFIX_MIN_GAIN)
-    log.info("paged_decode_attention (%s) on %s at batch %d in groups of %d sharing half their context: "
-             "without shared prefix %.1f us, with %.1f us; %s", backend, device, batch, _TIMING_GROUP,
+    log.info("paged_decode_attention (%s) on %s at batch %d, contexts of up to %d tokens, in groups of %d sharing "
+             "half of them: without shared prefix %.1f us, with %.1f us; %s", backend, device, batch, context,
+             _TIMING_GROUP,
              plain * 1e6, shared * 1e6, "using it" if pays else
              f"decoding without it (it must save {_SHARED_PREFIX_MIN_GAIN:.0%})")
     return pays
