@@ -1,7 +1,8 @@
 """The permissions a plain open() (a folder: os.mkdir()) gives under the user's umask, for what r1fast
 writes another way: safetensors (0.8) writes a private 0600 temp file and renames it, and
 tempfile.mkdtemp makes a 0700 folder. On a shared cluster that hid a run's checkpoints from colleagues
-whom the user's umask lets read them."""
+whom the user's umask lets read them. And fsync_dir, which every such write ends with, here where
+r1fast.trainer.metrics and r1fast.models.checkpoint both reach it without the other's imports (torch)."""
 from __future__ import annotations
 
 import os
@@ -52,3 +53,17 @@ def apply_rewrite_mode(tmp: str, path: str) -> None:
     except FileNotFoundError:
         mode = 0o666 & ~current_umask()
     os.chmod(tmp, mode)
+
+
+def fsync_dir(path: str):
+    """A folder's entries (a rename, a new file's name) on disk; where the file system cannot, nothing."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

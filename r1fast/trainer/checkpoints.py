@@ -28,7 +28,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from r1fast._umask import apply_umask, save_safetensors
+from r1fast._umask import apply_umask, fsync_dir, save_safetensors
 from r1fast.models.checkpoint import fsync_files, remove_folder, write_target
 from r1fast.trainer.config import check_resume_path_exists
 from r1fast.trainer.config import resume_is_bare  # noqa: F401  (where it was; the CLI imports it without torch)
@@ -1016,16 +1016,3 @@ def _write_json(path: str, obj):
         f.flush()
         os.fsync(f.fileno())
 
-
-def fsync_dir(path: str):
-    """A folder's entries (a rename, a new file's name) on disk; where the file system cannot, nothing."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
