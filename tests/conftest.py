@@ -245,3 +245,65 @@ def device_launches(monkeypatch):
             counting[0] = False
 
     return count
+
+
+class DiskOps(list):
+    """The file-system steps of the code under test, in order: ("fsync", path) of a file or a folder,
+    ("rename", src, dst) for os.rename and os.replace, ("remove", path), ("rmtree", path); paths resolved."""
+
+    def synced_between(self, first: int, last: int, folder) -> bool:
+        """Whether `folder` was fsynced after step `first` and before step `last`."""
+        folder = os.path.realpath(folder)
+        return any(op == ("fsync", folder) for op in self[first + 1:last])
+
+    def at(self, op) -> int:
+        """Where `op` (its paths as the test knows them: a tmp_path) was taken."""
+        return self.index(tuple(os.path.realpath(p) if i else p for i, p in enumerate(op)))
+
+    def renamed_to(self, path, before: int) -> int:
+        """Where the last rename onto `path` before step `before` was taken."""
+        path = os.path.realpath(path)
+        return max(i for i, op in enumerate(self[:before]) if op[0] == "rename" and op[2] == path)
+
+
+@pytest.fixture
+def disk_ops(monkeypatch):
+    """The order of the durability steps a write takes (DiskOps): a crash or power loss keeps only what was
+    fsynced, so a step that must reach the disk before another needs an fsync of its folder between them."""
+    import shutil
+
+    ops = DiskOps()
+    real = {name: getattr(os, name) for name in ("fsync", "rename", "replace", "remove", "unlink")}
+    real_rmtree = shutil.rmtree
+
+    def fsync(fd):
+        ops.append(("fsync", os.path.realpath(os.readlink(f"/proc/self/fd/{fd}"))))
+        return real["fsync"](fd)
+
+    def renamer(name):
+        def rename(src, dst, *args, **kwargs):
+            if not args and not kwargs:   # rename(src, dst, src_dir_fd=...) is no call of r1fast's
+                ops.append(("rename", os.path.realpath(src), os.path.realpath(dst)))
+            return real[name](src, dst, *args, **kwargs)
+        return rename
+
+    def remover(name):
+        def remove(path, *args, **kwargs):
+            if kwargs.get("dir_fd") is None:   # rmtree's own unlinks inside a folder it deletes (recorded whole)
+                ops.append(("remove", os.path.realpath(path)))
+            return real[name](path, *args, **kwargs)
+        return remove
+
+    def rmtree(path, *args, **kwargs):
+        ops.append(("rmtree", os.path.realpath(path)))
+        return real_rmtree(path, *args, **kwargs)
+
+    if not os.path.isdir("/proc/self/fd"):
+        pytest.skip("names a descriptor's file by /proc/self/fd (Linux)")
+    monkeypatch.setattr(os, "fsync", fsync)
+    for name in ("rename", "replace"):
+        monkeypatch.setattr(os, name, renamer(name))
+    for name in ("remove", "unlink"):
+        monkeypatch.setattr(os, name, remover(name))
+    monkeypatch.setattr(shutil, "rmtree", rmtree)
+    return ops

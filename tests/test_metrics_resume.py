@@ -45,3 +45,38 @@ def test_tensorboard_shows_the_branch_resumed_as_metrics_jsonl_does(tmp_path):
     _log(run, (6,), lambda s: 4.6, resume_step=5, resumed_from=None)
     assert _tensorboard_points(run) == {**expected, 6: 4.6}
     assert json.loads(open(os.path.join(run, "metrics.jsonl")).readlines()[-1])["loss"] == 4.6
+
+
+def test_a_replaced_file_and_its_rename_are_on_disk_before_replacing_returns(tmp_path, disk_ops):
+    # the rename was left to the file system's own time: a caller's next step (the rerun journal removed after the
+    # pipeline state, the sampling progress removed after the output) could reach the disk first, and a power loss
+    # then kept the old file with nothing left to say it was stale
+    import random
+
+    from r1fast.trainer.metrics import replacing
+
+    path = tmp_path / "state.json"
+    path.write_text("the old state\n")
+    text = json.dumps({"rows": [random.random() for _ in range(5)]})
+    with replacing(str(path)) as f:
+        f.write(text)
+    assert path.read_text() == text
+    renames = [i for i, op in enumerate(disk_ops) if op[0] == "rename"]
+    assert len(renames) == 1 and disk_ops[renames[0]][2] == os.path.realpath(path)
+    temporary = disk_ops[renames[0]][1]
+    assert os.path.dirname(temporary) == os.path.realpath(tmp_path) and not os.path.exists(temporary)
+    assert disk_ops[:renames[0]] == [("fsync", temporary)]   # the new bytes first
+    assert disk_ops[renames[0] + 1:] == [("fsync", os.path.realpath(tmp_path))]   # then the rename
+
+
+def test_a_failed_replacing_write_leaves_the_old_file_and_no_temporary_file(tmp_path, disk_ops):
+    from r1fast.trainer.metrics import replacing
+
+    path = tmp_path / "summary.json"
+    path.write_text("the old summary\n")
+    with pytest.raises(OSError, match=r"No space left on device: '.*summary\.json'"):
+        with replacing(str(path)) as f:
+            f.write("half of the new")
+            raise OSError(28, "No space left on device")   # as write() raises on a full disk: no file name
+    assert path.read_text() == "the old summary\n" and os.listdir(tmp_path) == ["summary.json"]
+    assert not [op for op in disk_ops if op[0] == "rename"]

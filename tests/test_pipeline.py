@@ -2701,6 +2701,59 @@ def test_a_rerun_killed_before_it_marked_the_summary_is_marked_by_the_next_run(t
     assert rows[0] == json.loads(old)["stages"][0] and rows[1:] == _pending(("student", "sft"))
 
 
+def _rerun_runner(tmp_path):
+    """A PipelineRunner of _rerun_spec with rerun_from=rs, its run folder as a finished run left it (every stage
+    recorded, a metrics line of its own each), without running a stage."""
+    from r1fast.trainer.pipeline import STATE_FORMAT, PipelineRunner
+
+    runner = PipelineRunner(load_pipeline(_rerun_spec(tmp_path), ["rerun_from=rs"]))
+    names = ["cold", "rl", "rs", "student"]
+    for step, name in enumerate(names, 1):
+        os.makedirs(os.path.join(runner.run_dir, name))
+        with open(os.path.join(runner.run_dir, name, "metrics.jsonl"), "w", encoding="utf-8") as f:
+            f.write(json.dumps({"step": step, "stage": name, "loss": torch.rand(()).item()}) + "\n")
+    runner.state = {"format": STATE_FORMAT, "order": names,
+                    "stages": {n: {"finished": True, "steps": 1, "step_end": step} for step, n in enumerate(names, 1)}}
+    runner.save_state()
+    return runner
+
+
+def _on_disk_before_the_journal_goes(disk_ops, run_dir: str, names) -> list[str]:
+    """The files the rerun's set-aside replaced whose rename a power loss could lose once the journal (which
+    finishes the set-aside on the next run) is removed: no fsync of the run folder between the two."""
+    from r1fast.trainer.pipeline import RERUN_JOURNAL
+
+    gone = disk_ops.at(("remove", os.path.join(run_dir, RERUN_JOURNAL)))
+    return [name for name in names
+            if not disk_ops.synced_between(disk_ops.renamed_to(os.path.join(run_dir, name), gone), gone, run_dir)]
+
+
+def test_a_reruns_new_state_is_on_disk_before_the_journal_that_finishes_it_is_removed(tmp_path, disk_ops):
+    # pipeline_state.json (without the set-aside stages) was renamed into place and the journal removed at once: a
+    # power loss could keep the removal and not the rename, and the next run found the old state, which names those
+    # stages finished, beside their folders set aside, and no journal to finish the set-aside from
+    from r1fast.trainer.pipeline import RERUN_JOURNAL
+
+    runner = _rerun_runner(tmp_path)
+    disk_ops.clear()
+    runner._set_aside_for_rerun(["rs", "student"])
+    state = json.loads(open(runner.state_path).read())
+    assert sorted(state["stages"]) == ["cold", "rl"] and state["rerun_from"] == "rs"
+    assert not os.path.exists(os.path.join(runner.run_dir, RERUN_JOURNAL))
+    replaced = ("pipeline_state.json", "summary.json", "metrics.jsonl")
+    assert _on_disk_before_the_journal_goes(disk_ops, runner.run_dir, replaced) == []
+
+    # and the next run's finishing of a set-aside killed part way, as it removes the journal
+    runner = _rerun_runner(tmp_path / "killed")
+    with open(os.path.join(runner.run_dir, RERUN_JOURNAL), "w", encoding="utf-8") as f:
+        json.dump({"r1fast_rerun": 1, "stages": ["student"], "moves": [["student", f"student.old-{os.getpid()}"]]}, f)
+    disk_ops.clear()
+    runner._finish_rerun_set_aside()
+    assert sorted(json.loads(open(runner.state_path).read())["stages"]) == ["cold", "rl", "rs"]
+    assert os.path.isdir(os.path.join(runner.run_dir, f"student.old-{os.getpid()}"))
+    assert _on_disk_before_the_journal_goes(disk_ops, runner.run_dir, replaced[:2]) == []
+
+
 def test_resume_removes_the_temporary_files_of_writes_killed_mid_way(tmp_path):
     # a SIGKILL while pipeline_state.json, summary.json or curves.png (r1fast plot) was replaced left its .tmp
     # beside it for good: only a trainer's metrics .tmp was ever cleaned

@@ -138,3 +138,20 @@ def test_the_weights_signature_reads_the_weights_files_the_loader_reads_whatever
     kept = sampling.weights_signature(str(tmp_path / "ckpt"))
     (tmp_path / "ckpt" / "optimizer.safetensors").write_bytes(os.urandom(64))
     assert sampling.weights_signature(str(tmp_path / "ckpt")) == kept
+
+
+def test_a_finished_samplings_output_and_record_are_on_disk_before_its_progress_is_removed(tmp_path, disk_ops):
+    # the output and its record were renamed into place and the progress file removed at once: a power loss could
+    # keep the removal and not the renames, and the next --resume found neither the output nor what was sampled
+    import random
+
+    from r1fast.trainer import sampling
+
+    out, progress = tmp_path / "out" / "kept.jsonl", tmp_path / "kept.progress.jsonl"
+    progress.write_text('{"r1fast_sample_progress": 2, "fingerprint": "f"}\n')
+    kept = [{"prompt": f"{i}+1=", "completion": str(random.randint(0, 99))} for i in range(3)]
+    sampling.finish_samples(kept, str(out), str(progress), {"fingerprint": "f", "stats": {"kept": 3}, "options": {}})
+    assert [json.loads(line) for line in out.read_text().splitlines()] == kept and not progress.exists()
+    gone = disk_ops.at(("remove", progress))
+    for written in (out, sampling.stats_path(str(out))):
+        assert disk_ops.synced_between(disk_ops.renamed_to(written, gone), gone, out.parent), written

@@ -12,7 +12,7 @@ import shutil
 import tempfile
 from typing import Any, Optional
 
-from r1fast._umask import apply_rewrite_mode
+from r1fast._umask import apply_rewrite_mode, fsync_dir
 
 # Keys that change between otherwise identical runs (wall clock); resume comparisons skip them.
 TIMING_KEYS = ("time_s", "tokens_per_s", "step_time_s", "elapsed_s")
@@ -184,10 +184,11 @@ def writing(path: str):
 @contextlib.contextmanager
 def replacing(path: str, binary: bool = False):
     """A text (or `binary`) file open on a temporary file beside `path` (temp_pattern), synced and renamed over
-    `path` once written: a crash or a failed write (named by `writing`) leaves `path` as it was. The temporary
-    name is this process's own, so a user's `<path>.tmp` is never overwritten and renamed away, and two
-    writers of one path never share one; a temporary file a killed writer of `path` left is deleted here
-    (remove_stale_temps). `path` keeps its mode, as open(path, "w") keeps it, and a symlink stays one."""
+    `path` once written, and the folder synced: a crash or a failed write (named by `writing`) leaves `path` as it
+    was, and once this returns the new file is what a power loss leaves. The temporary name is this process's own,
+    so a user's `<path>.tmp` is never overwritten and renamed away, and two writers of one path never share one; a
+    temporary file a killed writer of `path` left is deleted here (remove_stale_temps). `path` keeps its mode, as
+    open(path, "w") keeps it, and a symlink stays one."""
     refuse_special_file(path)   # through a link too: /dev/stdout on a pipe leads to no path realpath can name
     if os.path.islink(path):   # written where it leads, as open(path, "w") writes (models.checkpoint.write_target)
         path = os.path.realpath(path)
@@ -211,6 +212,9 @@ def replacing(path: str, binary: bool = False):
                 f.flush()
                 os.fsync(f.fileno())   # or a crash soon after the rename can leave an empty file
         os.replace(tmp, path)
+        # the rename itself on disk before this returns: a caller's next step (a journal removed, a progress file
+        # deleted, a checkpoint pruned) that reached the disk first left, after a power loss, the old file beside it
+        fsync_dir(folder or ".")
     except BaseException:
         with contextlib.suppress(OSError):
             os.remove(tmp)
