@@ -256,9 +256,9 @@ class DiskOps(list):
         folder = os.path.realpath(folder)
         return any(op == ("fsync", folder) for op in self[first + 1:last])
 
-    def at(self, op) -> int:
-        """Where `op` (its paths as the test knows them: a tmp_path) was taken."""
-        return self.index(tuple(os.path.realpath(p) if i else p for i, p in enumerate(op)))
+    def at(self, op, after: int = -1) -> int:
+        """Where `op` (its paths as the test knows them: a tmp_path) was first taken after step `after`."""
+        return self.index(tuple(os.path.realpath(p) if i else p for i, p in enumerate(op)), after + 1)
 
     def renamed_to(self, path, before: int) -> int:
         """Where the last rename onto `path` before step `before` was taken."""

@@ -244,3 +244,24 @@ def test_a_set_aside_journal_that_is_a_symlink_is_never_written_through(tmp_path
     ckpt.leave_branch(run, os.path.join(run, "abandoned-checkpoint-4"))
     assert outside.read_text() == "the user's own file\n"
     assert _tags(run)["checkpoint-4"] == "resumed" and not os.path.lexists(os.path.join(run, ckpt.SET_ASIDE_JOURNAL))
+
+
+@pytest.mark.parametrize("delete", ["prune", "clear_run"])
+def test_a_checkpoint_is_renamed_out_of_sight_on_disk_before_its_deletion_starts(tmp_path, disk_ops, delete):
+    # _delete_checkpoint renames checkpoint-N to a temporary name so that a kill part way through the deletion leaves
+    # no checkpoint that looks complete; but the rename was not synced before rmtree began: a power loss could keep
+    # some of the deletion's unlinks and not the rename, and checkpoint-N came back with files missing
+    run = str(tmp_path / "run")
+    _log(run, 1)
+    _save(run, 1, None)
+    disk_ops.clear()
+    if delete == "prune":
+        _log(run, 2)
+        _save(run, 2, 1)
+    else:
+        ckpt.clear_run(run)
+    moved = [i for i, op in enumerate(disk_ops) if op[0] == "rename" and op[1] == os.path.join(run, "checkpoint-1")]
+    assert len(moved) == 1
+    doomed = disk_ops[moved[0]][2]
+    assert os.path.basename(doomed).startswith(".tmp-checkpoint-1-deleting-") and not os.path.exists(doomed)
+    assert disk_ops.synced_between(moved[0], disk_ops.at(("rmtree", doomed), after=moved[0]), run)

@@ -850,6 +850,10 @@ def _delete_checkpoint(path: str):
         os.rename(path, doomed)
     except OSError:
         doomed = path   # not renamable (gone already, a read-only folder): deleted where it is, as before
+    else:
+        # the rename on disk before the deletion starts: after a power loss that kept some of rmtree's unlinks and
+        # not the rename, checkpoint-N was back with files missing
+        fsync_dir(folder)
     remove_folder(doomed)
 
 
