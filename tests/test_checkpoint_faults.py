@@ -265,3 +265,21 @@ def test_a_checkpoint_is_renamed_out_of_sight_on_disk_before_its_deletion_starts
     doomed = disk_ops[moved[0]][2]
     assert os.path.basename(doomed).startswith(".tmp-checkpoint-1-deleting-") and not os.path.exists(doomed)
     assert disk_ops.synced_between(moved[0], disk_ops.at(("rmtree", doomed), after=moved[0]), run)
+
+
+def test_a_replaced_checkpoint_is_deleted_only_once_the_new_one_is_in_on_disk(tmp_path, disk_ops):
+    # a save of a step whose checkpoint is there (a resume that saves its step again) set the old folder aside,
+    # renamed the new one in and deleted the old before syncing the run folder: a power loss could keep part of the
+    # deletion and not the renames, and checkpoint-N was the old folder with files missing
+    run = str(tmp_path / "run")
+    _log(run, 3)
+    _save(run, 3, None)
+    disk_ops.clear()
+    _save(run, 3, None)
+    final = os.path.join(run, "checkpoint-3")
+    into_place = [i for i, op in enumerate(disk_ops) if op[0] == "rename" and op[2] == final]
+    aside = [op[2] for op in disk_ops if op[0] == "rename" and op[1] == final]
+    assert len(into_place) == 1 and len(aside) == 1 and not os.path.exists(aside[0])
+    assert os.path.basename(disk_ops[into_place[0]][1]).startswith(".tmp-checkpoint-3-")
+    assert disk_ops.synced_between(into_place[0], disk_ops.at(("rmtree", aside[0])), run)
+    assert _problems_of(final) == []

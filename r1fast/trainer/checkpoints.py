@@ -814,16 +814,18 @@ def save_checkpoint(run_dir: str, step: int, *, model, optimizer=None, scheduler
         # on disk before the rename makes the checkpoint the newest (and pruning deletes older ones): after a
         # power loss or kernel crash, an optimizer.safetensors still in the page cache could read back empty
         fsync_files(tmp)
+        old = None
         if os.path.exists(final):
             # a hidden name: "<name>.old-<digits>" may be the user's own copy (checkpoint-3.old-20261129), in the run
             # folder or beside a link's target, which remove_save_leftovers deleted as this run's replaced checkpoint
             old = os.path.join(os.path.dirname(final), f".{os.path.basename(final)}.old-{os.getpid()}")
             os.rename(final, old)
-            os.rename(tmp, final)
-            remove_folder(old)
-        else:
-            os.rename(tmp, final)
+        os.rename(tmp, final)
+        # the renames on disk before the replaced checkpoint's deletion starts: a power loss that kept some of its
+        # unlinks and not the renames left checkpoint-N as the old folder with files missing
         fsync_dir(os.path.dirname(final))
+        if old is not None:
+            remove_folder(old)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, (OSError, SafetensorError)):
