@@ -177,6 +177,33 @@ def test_a_model_save_stopped_between_its_renames_keeps_or_names_the_previous_mo
         from_pretrained(str(out))
 
 
+
+def test_a_saved_model_is_on_disk_when_save_pretrained_returns_and_the_one_it_replaced_is_deleted_after(tmp_path,
+                                                                                                      disk_ops):
+    # save_pretrained never synced the folder it renamed into: a power loss after it returned could lose the saved
+    # model, and, saving over one, keep some of the previous model's deletion and not the renames, so that the path
+    # named the previous model with files missing
+    from r1fast.models import from_pretrained
+
+    model = _model(build_char_tokenizer())
+    model.reset_parameters(seed=7)
+    out = tmp_path / "exported"
+    for save in ("new", "over the first"):
+        disk_ops.clear()
+        model.save_pretrained(str(out))
+        into_place = [i for i, op in enumerate(disk_ops) if op[0] == "rename" and op[2] == str(out)]
+        assert len(into_place) == 1, save
+        assert os.path.basename(disk_ops[into_place[0]][1]).startswith(".exported.tmp-")
+        if save == "new":
+            assert disk_ops.synced_between(into_place[0], len(disk_ops), tmp_path), save
+        else:
+            old = [op[2] for op in disk_ops if op[0] == "rename" and op[1] == str(out)]
+            assert len(old) == 1 and not os.path.exists(old[0])
+            assert disk_ops.synced_between(into_place[0], disk_ops.at(("rmtree", old[0])), tmp_path), save
+    loaded = from_pretrained(str(out))
+    assert all(torch.equal(p, q) for p, q in zip(loaded.parameters(), model.parameters()))
+    assert os.listdir(tmp_path) == ["exported"]
+
 @pytest.mark.parametrize("stop", ["after_the_second_rename", "in_the_old_folders_deletion"])
 def test_a_model_save_stopped_once_the_new_folder_is_in_keeps_it(tmp_path, monkeypatch, stop):
     # a Ctrl-C that came once the new folder was renamed in: the rollback renamed the previous one back onto it,

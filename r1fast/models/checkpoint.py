@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from r1fast._umask import apply_umask, save_safetensors
+from r1fast._umask import apply_umask, fsync_dir, save_safetensors
 from r1fast.models.config import ModelConfig, is_lfs_pointer, read_config_json, resolve_dtype
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -450,6 +450,7 @@ def _swap_in(tmp: str, path: str) -> None:
     apply_umask(tmp)  # mkdtemp makes it private (0700); a fixed 0755 ignored the user's umask
     if not os.path.exists(path):
         os.rename(tmp, path)
+        fsync_dir(os.path.dirname(path))   # the saved folder's name on disk when the save returns
         return
     old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-", dir=os.path.dirname(path))
     os.rmdir(old)
@@ -469,6 +470,9 @@ def _remove_replaced(old: str) -> None:
     """Delete the model a save replaced. A Ctrl-C during it (the long part, for a large model) would leave it
     half deleted under its hidden name, beside a save that is done: the deletion is finished first. A folder that
     was a symlink loses the link only (remove_folder)."""
+    # the renames that replaced it on disk first: a power loss that kept some of the deletion's unlinks and not the
+    # renames left the save's path naming the previous model with files missing
+    fsync_dir(os.path.dirname(old))
     try:
         remove_folder(old)
     except BaseException:
