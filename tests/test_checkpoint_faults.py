@@ -283,3 +283,18 @@ def test_a_replaced_checkpoint_is_deleted_only_once_the_new_one_is_in_on_disk(tm
     assert os.path.basename(disk_ops[into_place[0]][1]).startswith(".tmp-checkpoint-3-")
     assert disk_ops.synced_between(into_place[0], disk_ops.at(("rmtree", aside[0])), run)
     assert _problems_of(final) == []
+
+
+def test_a_new_checkpoints_folder_is_synced_with_its_files_before_it_is_renamed_in(tmp_path, disk_ops):
+    # fsync_files synced each file of the temporary folder but not the folder: the files' names are its entries,
+    # which a file's fsync does not promise to write, so the checkpoint renamed into place could come back after a
+    # power loss with files missing
+    run = str(tmp_path / "run")
+    _log(run, 1)
+    final = _save(run, 1, None)
+    into_place = [i for i, op in enumerate(disk_ops) if op[0] == "rename" and op[2] == final]
+    assert len(into_place) == 1
+    tmp = disk_ops[into_place[0]][1]
+    synced = [op[1] for op in disk_ops[:into_place[0]] if op[0] == "fsync"]
+    assert {os.path.join(tmp, name) for name in os.listdir(final)} <= set(synced)
+    assert tmp in synced and synced.index(tmp) > max(synced.index(os.path.join(tmp, n)) for n in os.listdir(final))

@@ -438,12 +438,14 @@ def write_target(path: str) -> str:
 
 
 def fsync_files(folder: str) -> None:
-    """The files of `folder` on disk before it is renamed into place (a rename can reach the disk first)."""
+    """The files of `folder` on disk before it is renamed into place (a rename can reach the disk first), and their
+    names: the folder's own entries, which a file's fsync does not promise to write."""
     for entry in os.listdir(folder):
         p = os.path.join(folder, entry)
         if os.path.isfile(p):
             with open(p, "rb") as f:
                 os.fsync(f.fileno())
+    fsync_dir(folder)
 
 
 def _swap_in(tmp: str, path: str) -> None:
