@@ -623,7 +623,9 @@ def write_results(rows: list[dict], out_dir: Path, device: torch.device, meta: d
                 continue
         paths = out_dir / f"{name}.csv", out_dir / f"{name}.json"
     csv_path, json_path = paths
-    # Written beside and renamed over: a run killed mid-write (a time box) leaves the previous whole file.
+    # Written beside and renamed over: a run killed mid-write (a time box) leaves the previous whole file. Synced
+    # before the rename, and the folder after: a power loss or node failure could otherwise keep the rename and not
+    # the rows, an empty file in place of every row measured so far
     tmp = csv_path.with_name(csv_path.name + ".tmp")
     try:
         with open(tmp, "w", newline="") as f:
@@ -631,10 +633,18 @@ def write_results(rows: list[dict], out_dir: Path, device: torch.device, meta: d
             w.writeheader()
             for r in rows:
                 w.writerow({k: r.get(k) for k in COLUMNS})
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, csv_path)
         tmp = json_path.with_name(json_path.name + ".tmp")
-        tmp.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1, default=str))
+        with open(tmp, "w") as f:
+            f.write(json.dumps({"meta": meta, "rows": rows}, indent=1, default=str))
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, json_path)
+        from r1fast._umask import fsync_dir
+
+        fsync_dir(str(csv_path.parent))
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise ResultsNotWritten(f"cannot write the results to {tmp.with_suffix('')}: {e}") from e

@@ -1,5 +1,6 @@
 import csv
 import math
+import os
 import re
 import sys
 
@@ -1601,6 +1602,20 @@ def test_results_write_stopped_by_ctrl_c_or_sigterm_leaves_no_tmp_file(tmp_path,
         assert not list(tmp_path.glob("*.tmp")), suffix
     assert [r["case"] for r in harness.read_csv(paths[0])] == ["c"]
 
+
+
+def test_results_are_on_disk_before_their_rename_and_the_renames_before_write_results_returns(tmp_path, disk_ops):
+    # the .tmp files were renamed over the results unsynced: a power loss or node failure during a long run could
+    # keep the rename and not the rows, an empty file in place of every row measured so far
+    row = dict(suite="s", case="c", provider="r1fast", backend="b", mode="fwd", dtype="float32", metric="time_ms",
+               p50=float(torch.rand(())), pct_of_floor=50.0, device="cpu")
+    paths = harness.write_results([row], tmp_path, torch.device("cpu"), {})
+    for path in paths:
+        moved = disk_ops.renamed_to(path, len(disk_ops))
+        assert disk_ops[moved][1] == os.path.realpath(str(path) + ".tmp")
+        assert ("fsync", disk_ops[moved][1]) in disk_ops[:moved], path
+        assert disk_ops.synced_between(moved, len(disk_ops), tmp_path), path
+    assert [float(r["p50"]) for r in harness.read_csv(paths[0])] == [row["p50"]]
 
 def test_threads_sets_torchs_cpu_threads_for_the_run_and_records_them(tmp_path, monkeypatch):
     """On a small shared CPU torch's default threads (one per core) wait for each other in every small op:
