@@ -30,7 +30,7 @@ import torch
 
 from r1fast import backends
 from r1fast.ops.checks import dense, kind_of, readable, resolve_neg
-from r1fast.ops.logprob import (accumulate_weight_grad, engine_for, grouped_logprob, refuse_double_backward,
+from r1fast.ops.logprob import (accumulate_weight_grad, engine_for, grouped_logprob, log_prob, refuse_double_backward,
                                 validate as validate_logprob)
 from r1fast.ops.loss import grpo_loss, loss_options_of, per_token_weights, validate_loss_inputs
 from r1fast.ops.loss_options import LossOptions
@@ -307,7 +307,8 @@ class _SinglePassRun:
             z, lse, zt, ent, lse_lo = eng.forward_keep(h_c, w, t_c, inv_temp)
             rr, pp = lay.row[s:e] - r0, lay.pos[s:e]
             shape = (r1 - r0, lay.shape2d[1])
-            lp2 = torch.zeros(shape, dtype=wide, device=h.device).index_put((rr, pp), (zt - lse).to(wide))
+            lp = log_prob(zt, lse, lse_lo).to(wide)
+            lp2 = torch.zeros(shape, dtype=wide, device=h.device).index_put((rr, pp), lp)
             en2 = torch.zeros(shape, dtype=wide, device=h.device).index_put((rr, pp), ent.to(wide))
             m2 = torch.zeros(shape, dtype=wide, device=h.device).index_put((rr, pp), torch.ones_like(lse, dtype=wide))
             want_grad = self.need_h or self.need_w

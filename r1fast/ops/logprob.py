@@ -172,11 +172,20 @@ def sum_shift(m):
 def lse_parts(shift, log_s):
     """(lse, residual): lse = shift + log s rounded, and the part of shift + log s that rounding dropped
     (TwoSum, exact). lse alone is up to half |z|'s ulp off, which is all of log p at a peaked row's max
-    (~-Σ exp(z - max) there), so the backward forms log p = (z - lse) - residual. 0 where lse is not finite."""
+    (~-Σ exp(z - max) there), so the backward and log_prob form log p = (z - lse) - residual. 0 where lse is
+    not finite."""
     lse = shift + log_s
     b = lse - shift
     residual = (shift - (lse - b)) + (log_s - b)
     return lse, torch.where(torch.isfinite(lse), residual, torch.zeros_like(residual))
+
+
+def log_prob(zt, lse, lse_lo):
+    """log p of the target from its logit zt, lse and lse's residual (lse_parts): zt - lse is exact when zt is
+    near lse (Sterbenz), so the residual's digits survive; zt - lse alone is up to half |z|'s ulp off, all of
+    log p for a peaked row's argmax (~-Σ exp(z - max) there). Per row: the forward's log-prob output in every
+    path (grad, no-grad, the fused loss's single pass) is this one expression, so they agree bit for bit."""
+    return (zt - lse) - lse_lo
 
 
 def _reduce_about_max(d, shift, with_entropy):
@@ -292,7 +301,7 @@ class _GroupedLogprob(torch.autograd.Function):
     def forward(ctx, hidden, weight, targets, inv_temp, with_entropy, engine, chunk, with_hit):
         ctx.set_materialize_grads(False)  # an unused entropy output then costs nothing in the backward
         lse, zt, ent, hit, lse_lo = engine.forward(hidden, weight, targets, inv_temp, with_entropy, chunk, with_hit)
-        logp = zt - lse
+        logp = log_prob(zt, lse, lse_lo)
         ctx.save_for_backward(hidden, weight, targets, lse, ent if with_entropy else lse, lse_lo)
         ctx.cfg = (inv_temp, with_entropy, engine, chunk)
         if with_hit:
@@ -357,8 +366,9 @@ def _run(hidden, weight, targets, temperature, return_entropy, chunk, engine, re
     if needs_grad:
         out = _GroupedLogprob.apply(h, w, t, inv_temp, return_entropy, engine, chunk, return_hit)
     else:  # forward only (old-policy / reference passes): nothing saved
-        lse, zt, ent, hit, _ = engine.forward(h.detach(), w.detach(), t, inv_temp, return_entropy, chunk, return_hit)
-        out = _outputs(zt - lse, ent, hit)
+        lse, zt, ent, hit, lse_lo = engine.forward(h.detach(), w.detach(), t, inv_temp, return_entropy, chunk,
+                                                   return_hit)
+        out = _outputs(log_prob(zt, lse, lse_lo), ent, hit)
     return _reshaped(out, lead)
 
 

@@ -20,7 +20,11 @@ def logprob(hidden, weight, targets, temperature=1.0, return_entropy=False, dtyp
     dtype = dtype or (torch.float64 if hidden.dtype == torch.float64 else torch.float32)
     z = (hidden.to(dtype) @ weight.to(dtype).T) / temperature
     lse = torch.logsumexp(z, dim=-1)
-    logp = z.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1) - lse
+    # log p about the row max m (0 where m is ±inf, as logsumexp): z_t - lse rounds lse to |z|'s ulp first, which
+    # in fp32 is all of log p at a peaked row's argmax; (z_t - m) - log Σ exp(z - m) keeps it
+    m = z.detach().amax(-1, keepdim=True)
+    d = z - torch.where(m.abs() == math.inf, 0.0, m)
+    logp = d.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1) - torch.logsumexp(d, dim=-1)
     outs = [logp]
     if return_entropy:
         p = torch.softmax(z, dim=-1)
