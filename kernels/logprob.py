@@ -184,17 +184,53 @@ def _logprob_fwd_kernel(h_ptr, w_ptr, z_ptr, t_ptr, part_ptr, arg_ptr,
 def _dlogits_kernel(h_ptr, w_ptr, z_ptr, t_ptr, lse_ptr, lse_lo_ptr, ent_ptr, g_logp_ptr, g_ent_ptr, dl_ptr,
                     N, V, H, stride_h, stride_w, stride_dl, inv_temp, temperature,
                     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-                    WITH_ENTROPY: tl.constexpr, PRECISION: tl.constexpr, LOAD_Z: tl.constexpr):
+                    WITH_ENTROPY: tl.constexpr, PRECISION: tl.constexpr, LOAD_Z: tl.constexpr,
+                    Z_PARTS: tl.constexpr = 2):
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    rv = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     n_ok = rn < N
-    v_ok = rv < V
-    z = _load_or_compute_logits(z_ptr, h_ptr, w_ptr, rn, rv, n_ok, v_ok, H, stride_h, stride_w, inv_temp,
-                                temperature, BLOCK_N, BLOCK_V, BLOCK_H, PRECISION, LOAD_Z, V)
+    if LOAD_Z:
+        # the stored logits tile is read and written in Z_PARTS column parts, each stored before the next is read.
+        # Whole, every thread kept its 32 results until its last load (no store may move above a load it may
+        # alias), and ptxas staggered the loads to fit: 114 registers bf16 / 126 fp32 (ptxas -v sm_90a, Triton
+        # 3.6); in 2 parts 56 / 72. The same expression per logit, so the same numbers.
+        tgt, lse, lse_lo, g, ent, ge = _dlogits_rows(t_ptr, lse_ptr, lse_lo_ptr, g_logp_ptr, ent_ptr, g_ent_ptr, rn,
+                                                     n_ok, WITH_ENTROPY)
+        for part in tl.static_range(Z_PARTS):
+            rv = tl.program_id(1) * BLOCK_V + part * (BLOCK_V // Z_PARTS) + tl.arange(0, BLOCK_V // Z_PARTS)
+            v_ok = rv < V
+            z = tl.load(z_ptr + rn[:, None].to(tl.int64) * V + rv[None, :], mask=n_ok[:, None] & v_ok[None, :],
+                        other=0.0)
+            _dlogits_store(z, rn, rv, n_ok, v_ok, tgt, lse, lse_lo, g, ent, ge, dl_ptr, stride_dl, inv_temp,
+                           WITH_ENTROPY)
+    else:
+        rv = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+        v_ok = rv < V
+        z = _logits_tile(h_ptr, w_ptr, rn, rv, n_ok, v_ok, H, stride_h, stride_w, inv_temp, temperature,
+                         BLOCK_N, BLOCK_V, BLOCK_H, PRECISION)
+        tgt, lse, lse_lo, g, ent, ge = _dlogits_rows(t_ptr, lse_ptr, lse_lo_ptr, g_logp_ptr, ent_ptr, g_ent_ptr, rn,
+                                                     n_ok, WITH_ENTROPY)
+        _dlogits_store(z, rn, rv, n_ok, v_ok, tgt, lse, lse_lo, g, ent, ge, dl_ptr, stride_dl, inv_temp,
+                       WITH_ENTROPY)
+
+
+@triton.jit
+def _dlogits_rows(t_ptr, lse_ptr, lse_lo_ptr, g_logp_ptr, ent_ptr, g_ent_ptr, rn, n_ok, WITH_ENTROPY: tl.constexpr):
     tgt = tl.load(t_ptr + rn, mask=n_ok, other=0)
     lse = tl.load(lse_ptr + rn, mask=n_ok, other=0.0)
     lse_lo = tl.load(lse_lo_ptr + rn, mask=n_ok, other=0.0)
     g = tl.load(g_logp_ptr + rn, mask=n_ok, other=0.0)
+    if WITH_ENTROPY:
+        ent = tl.load(ent_ptr + rn, mask=n_ok, other=0.0)
+        ge = tl.load(g_ent_ptr + rn, mask=n_ok, other=0.0)
+    else:  # not read
+        ent = lse
+        ge = g
+    return tgt, lse, lse_lo, g, ent, ge
+
+
+@triton.jit
+def _dlogits_store(z, rn, rv, n_ok, v_ok, tgt, lse, lse_lo, g, ent, ge, dl_ptr, stride_dl, inv_temp,
+                   WITH_ENTROPY: tl.constexpr):
     # what rounding lse to fp32 dropped, taken off after z - lse (exact near the max): lse alone is up to half
     # |z|'s ulp off, all of log p at a peaked row's max (r1fast.ops.logprob.lse_parts)
     log_p = (z - lse[:, None]) - lse_lo[:, None]
@@ -204,8 +240,6 @@ def _dlogits_kernel(h_ptr, w_ptr, z_ptr, t_ptr, lse_ptr, lse_lo_ptr, ent_ptr, g_
     if WITH_ENTROPY:
         # d entropy / d z_j = -p_j (z_j - Σ_v p_v z_v) = -p_j (log p_j + entropy): z - (lse - entropy) rounded
         # lse - entropy to |z|'s ulp first, which was all of z_j - Σ p z at a peaked row's max
-        ent = tl.load(ent_ptr + rn, mask=n_ok, other=0.0)
-        ge = tl.load(g_ent_ptr + rn, mask=n_ok, other=0.0)
         dz += ge[:, None] * (-p * (log_p + ent[:, None]))
     dz = dz * inv_temp
     tl.store(dl_ptr + rn[:, None].to(tl.int64) * stride_dl + rv[None, :], dz.to(dl_ptr.dtype.element_ty),
