@@ -1,4 +1,6 @@
 """Checks shared by every public op (r1fast.ops.checks), run against each op in turn."""
+import re
+
 import pytest
 import torch
 
@@ -217,3 +219,43 @@ def test_sparse_inputs_are_refused_naming_the_tensor(op, inputs, names, call):
         with pytest.raises(TypeError, match=rf"^{op}: \w+ must be a dense \(strided\) tensor, got layout "
                                             rf"torch.sparse_coo"):
             call(args, "torch" if op != "kl_penalty" else None)
+
+
+# (op, flag) -> the op's call with that keyword; each flag's default first runs as is
+FLAG_CASES = {
+    ("grouped_logprob", "return_entropy"): lambda **kw: _logprob(torch.device("cpu"), **kw),
+    ("grouped_logprob", "return_argmax_hit"): lambda **kw: _logprob(torch.device("cpu"), **kw),
+    ("grouped_logprob", "forward_only"): lambda **kw: _logprob(torch.device("cpu"), **kw),
+    ("grouped_logprob", "check_targets"): lambda **kw: _logprob(torch.device("cpu"), **kw),
+    ("grpo_loss", "check_values"): lambda **kw: ops.grpo_loss(*_loss_inputs("cpu"), backend="torch", **kw),
+    ("grpo_loss", "row_stats"): lambda **kw: ops.grpo_loss(*_loss_inputs("cpu"), backend="torch", **kw),
+    ("fused_linear_grpo_loss", "single_pass"): lambda **kw: ops.fused_linear_grpo_loss(
+        torch.zeros(2, 3, 8), torch.zeros(16, 8), torch.zeros(2, 3, dtype=torch.long), torch.ones(2, 3, dtype=torch.bool),
+        torch.ones(2), backend="torch", **kw),
+    ("fused_linear_grpo_loss", "row_stats"): lambda **kw: ops.fused_linear_grpo_loss(
+        torch.zeros(2, 3, 8), torch.zeros(16, 8), torch.zeros(2, 3, dtype=torch.long), torch.ones(2, 3, dtype=torch.bool),
+        torch.ones(2), backend="torch", **kw),
+    ("paged_decode_attention", "check_bounds"): lambda **kw: ops.paged_decode_attention(
+        torch.zeros(2, 2, 8), torch.zeros(4, 2, 1, 8), torch.zeros(4, 2, 1, 8),
+        torch.tensor([[0, 1], [2, 3]], dtype=torch.int32), torch.tensor([3, 2], dtype=torch.int32), backend="torch", **kw),
+    ("paged_prefill_attention", "check_bounds"): lambda **kw: ops.paged_prefill_attention(
+        torch.zeros(3, 2, 8), torch.zeros(4, 2, 1, 8), torch.zeros(4, 2, 1, 8), torch.arange(3), [3], [3],
+        backend="torch", **kw),
+    ("store_kv", "check_slots"): lambda **kw: ops.store_kv(
+        torch.zeros(2, 1, 8), torch.zeros(2, 1, 8), torch.zeros(4, 2, 1, 8), torch.zeros(4, 2, 1, 8),
+        torch.tensor([0, 3]), **kw),
+    ("sample_tokens", "check_inputs"): lambda **kw: ops.sample_tokens(
+        torch.zeros(2, 10), SamplingParams(temperature=0.7), torch.full((2,), 0.5, dtype=torch.float64),
+        backend="torch", **kw),
+}
+
+
+@pytest.mark.parametrize("op, flag", list(FLAG_CASES), ids=[f"{op}-{flag}" for op, flag in FLAG_CASES])
+@pytest.mark.parametrize("value", ["no", "False", 0, 1, None, torch.tensor(True)], ids=repr)
+def test_a_flag_that_is_not_true_or_false_is_refused_naming_it(op, flag, value):
+    # Read as truthy, the string 'no' (or 'False') turned a flag on: grouped_logprob(return_entropy='no') returned
+    # (logp, entropy) where the caller unpacked one tensor, store_kv(check_slots='') skipped the bounds check
+    FLAG_CASES[op, flag](**{flag: True})
+    FLAG_CASES[op, flag](**{flag: False})
+    with pytest.raises(TypeError, match=rf"^{op}: {flag} must be True or False, got {re.escape(repr(value))}$"):
+        FLAG_CASES[op, flag](**{flag: value})

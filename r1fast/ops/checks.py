@@ -14,6 +14,15 @@ def require_tensors(op: str, **named) -> None:
     dense(op, **named)
 
 
+def flags(op: str, **named) -> None:
+    """A TypeError naming the first of `named` that is not True or False. Read as truthy, the string 'no' turned
+    a flag on (grouped_logprob(return_entropy='no') returned a tuple, store_kv(check_slots='') skipped the bounds
+    check), and a 0-d tensor was a host sync per call."""
+    for name, value in named.items():
+        if not isinstance(value, bool):
+            raise TypeError(f"{op}: {name} must be True or False, got {value!r}")
+
+
 def dense(op: str, **named) -> None:
     """A TypeError naming the first tensor of `named` (None and non-tensors skipped) that is not dense (strided):
     a sparse one failed deep inside with torch's "Could not run 'aten::...' with arguments from the 'SparseCPU'

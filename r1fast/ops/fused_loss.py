@@ -29,7 +29,7 @@ import math
 import torch
 
 from r1fast import backends
-from r1fast.ops.checks import dense, kind_of, readable, resolve_neg
+from r1fast.ops.checks import dense, flags, kind_of, readable, resolve_neg
 from r1fast.ops.logprob import (accumulate_weight_grad, engine_for, grouped_logprob, log_prob, refuse_double_backward,
                                 validate as validate_logprob)
 from r1fast.ops.loss import grpo_loss, loss_options_of, per_token_weights, validate_loss_inputs
@@ -533,6 +533,7 @@ def fused_linear_grpo_loss(hidden, weight, targets, mask, advantages, *, old_log
 def _fused_linear_grpo_loss(hidden, weight, targets, mask, advantages, *, old_logp, ref_logp, sampler_logp,
                             importance_weights, cu_seqlens, options, backend, chunk_size, single_pass, row_stats,
                             grad_scale, **loss_options):
+    flags(OP, single_pass=single_pass, row_stats=row_stats)
     opts = loss_options_of(options, loss_options)
     if isinstance(grad_scale, bool) or not isinstance(grad_scale, (int, float)) or \
             not 0 < grad_scale < float("inf"):

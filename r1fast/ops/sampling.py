@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from r1fast import backends
-from r1fast.ops.checks import FLOATS, readable, require_tensors, resolve_neg
+from r1fast.ops.checks import FLOATS, flags, readable, require_tensors, resolve_neg
 
 # r1fast.rollout (sampler, SamplingParams) is imported inside the functions: the rollout package
 # imports r1fast.ops itself, and r1fast.ops must import without it.
@@ -132,6 +132,7 @@ def sample_tokens(logits, params, u=None, *, backend: str | None = None,
     passes it for uniforms it hashed itself, and reads a NaN log-prob as a broken model.
     The log-probs carry no gradient, on every backend (logits that require grad are read detached).
     """
+    flags("sample_tokens", check_inputs=check_inputs)
     _validate(logits, params, u, check_inputs)
     # the reference/torch log-probs kept the logits' graph (alive as long as they were), triton's not
     logits, u = resolve_neg(logits.detach(), u)
