@@ -1196,6 +1196,39 @@ def test_per_sequence_clip_fractions_checks_what_it_divides():
         ops.per_sequence_clip_fractions(plain, mask.sum(-1), adv, opts)
 
 
+def test_per_sequence_clip_fractions_names_an_argument_of_the_wrong_kind():
+    g = torch.Generator().manual_seed(41)
+    logp = -torch.rand(4, 5, generator=g)
+    mask = torch.rand(4, 5, generator=g) > 0.3
+    adv = torch.randn(4, generator=g)
+    old = logp + 0.5 * torch.randn(4, 5, generator=g)
+    seq = LossOptions(epsilon=0.1, importance_sampling_level="sequence")
+    _, stats = ops.grpo_loss(logp, old, None, adv, mask, row_stats=True, options=seq)
+    counts = mask.sum(-1)
+    want = ops.per_sequence_clip_fractions(stats, counts, adv, seq)
+    # host lists are taken as the tensors they hold, at both levels (a list of advantages failed at sequence level
+    # with "'>' not supported between instances of 'list' and 'int'")
+    got = ops.per_sequence_clip_fractions(stats, counts.tolist(), adv.tolist(), seq)
+    torch.testing.assert_close(torch.stack(got), torch.stack(want), rtol=0, atol=0)
+    # each was an AttributeError, or torch's "Could not infer dtype of NoneType", naming neither op nor argument
+    refusals = [
+        ((stats, counts, adv, None), TypeError, "options must be a LossOptions, got NoneType"),
+        ((stats, counts, adv, "token"), TypeError, "options must be a LossOptions, got str"),
+        ((None, counts, adv, seq), TypeError, "stats must be the loss op's stats dict, got NoneType"),
+        ({**stats, "rows/clip_low": 2}, TypeError, r"stats\['rows/clip_low'\] must be a tensor, got int"),
+        ((stats, None, adv, seq), TypeError, "counts must be a tensor or a sequence of numbers, got NoneType"),
+        ((stats, "ab", adv, seq), TypeError, "counts must be a tensor or a sequence of numbers, got str"),
+        ((stats, counts, None, seq), TypeError, "advantages must be a tensor or a sequence of numbers, got NoneType"),
+        ((stats, counts.to("meta"), adv, seq), ValueError, r"counts is on meta, the stats' rows on cpu"),
+        ((stats, counts, torch.complex(adv, adv), seq), TypeError, "advantages must hold real numbers, got torch.complex64"),
+    ]
+    for args, error, message in refusals:
+        if isinstance(args, dict):
+            args = (args, counts, adv, seq)
+        with pytest.raises(error, match=f"^per_sequence_clip_fractions: {message}"):
+            ops.per_sequence_clip_fractions(*args)
+
+
 @pytest.mark.parametrize("single_pass", [True, False])
 def test_fused_backward_scales_with_upstream_gradient(single_pass):
     d, hidden, weight, targets = _fused_case(seed=8)

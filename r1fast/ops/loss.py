@@ -8,6 +8,7 @@ The hidden-states entry point, fused_linear_grpo_loss, lives in r1fast.ops.fused
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import torch
 
@@ -311,16 +312,18 @@ def per_sequence_clip_fractions(stats: dict, counts, advantages, options: LossOp
     epsilon_high < 1 (high, where its advantage is positive).
     """
     op = "per_sequence_clip_fractions"
+    if not isinstance(options, LossOptions):
+        raise TypeError(f"{op}: options must be a LossOptions, got {type(options).__name__}")
+    if not isinstance(stats, Mapping):
+        raise TypeError(f"{op}: stats must be the loss op's stats dict, got {type(stats).__name__}")
     missing = [k for k in ("rows/clip_low", "rows/clip_high") if k not in stats]
     if missing:
         raise ValueError(f"{op}: stats has no {' or '.join(missing)}: call the loss op with row_stats=True")
-    rows = stats["rows/clip_low"].shape
-    counts = torch.as_tensor(counts).float()
-    # the division broadcasts: counts [B, 1] made a [B, B] result, counts [1] one count for every sequence
-    for name, t in (("counts", counts), ("advantages", torch.as_tensor(advantages))):
-        if tuple(t.shape) != tuple(rows):
-            raise ValueError(f"{op}: {name} must have one value per sequence, shape {tuple(rows)} (as rows/clip_low), "
-                             f"got {tuple(t.shape)}")
+    for key in ("rows/clip_low", "rows/clip_high"):
+        if not isinstance(stats[key], torch.Tensor):
+            raise TypeError(f"{op}: stats[{key!r}] must be a tensor, got {type(stats[key]).__name__}")
+    counts = _per_sequence(op, "counts", counts, stats["rows/clip_low"]).float()
+    advantages = _per_sequence(op, "advantages", advantages, stats["rows/clip_low"])
     low, high = (stats[k].float() / counts for k in ("rows/clip_low", "rows/clip_high"))
     if options.importance_sampling_level != "sequence":
         return low, high
@@ -328,3 +331,26 @@ def per_sequence_clip_fractions(stats: dict, counts, advantages, options: LossOp
     ratio_one_clips_high = options.loss_type == "cispo" and 1.0 > options.eps_high
     empty_high = (advantages > 0).float() * float(ratio_one_clips_high)
     return torch.where(empty, 0.0, low), torch.where(empty, empty_high, high)
+
+
+def _per_sequence(op, name, values, rows):
+    """`values` (a tensor, or a host sequence of numbers) as a tensor on the device of `rows` (the loss op's per-row
+    counts), after checking it holds one real number per sequence: torch.as_tensor's own errors ("Could not infer
+    dtype of NoneType") named neither the op nor the argument, and a host list of advantages failed at sequence
+    level only, where they are compared with 0."""
+    if not isinstance(values, torch.Tensor):
+        try:
+            values = torch.as_tensor(values, device=rows.device)
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError(f"{op}: {name} must be a tensor or a sequence of numbers, got {type(values).__name__}") \
+                from None
+    dense(op, **{name: values})
+    if values.is_complex():
+        raise TypeError(f"{op}: {name} must hold real numbers, got {values.dtype}")
+    # the division broadcasts: counts [B, 1] made a [B, B] result, counts [1] one count for every sequence
+    if tuple(values.shape) != tuple(rows.shape):
+        raise ValueError(f"{op}: {name} must have one value per sequence, shape {tuple(rows.shape)} (as rows/clip_low), "
+                         f"got {tuple(values.shape)}")
+    if values.device != rows.device:
+        raise ValueError(f"{op}: {name} is on {values.device}, the stats' rows on {rows.device}")
+    return values
