@@ -1,6 +1,7 @@
 """Paged decode and prefill attention: every backend against the float64 reference."""
 
 import itertools
+import re
 
 import numpy as np
 import pytest
@@ -477,6 +478,18 @@ def test_decode_cuda_op_checks_the_shared_prefix_tensors_it_passes_as_pointers(b
         acc = torch.zeros(3, 8, 128, device=dev)[..., ::2]
     with pytest.raises(ValueError, match=match):
         torch.ops.r1fast.paged_decode_attention_cuda(q, kc, vc, tables, ctx, 0.125, 1, 64, rs, ml, acc)
+
+
+@pytest.mark.parametrize("num_splits", [True, False, 0, 1.0, "2"], ids=repr)
+def test_decode_split_count_that_is_not_a_positive_int_is_refused(num_splits):
+    # True was taken as one split (False refused as 0), where chunk_size=True and group_size=True are refused
+    q, kc, vc, tables, ctx = make_case(2, 4, 2, 16, 8, [5, 9], seed=23)
+    torch.testing.assert_close(ops.paged_decode_attention(q, kc, vc, tables, ctx, num_splits=1, backend="torch"),
+                               ops.paged_decode_attention(q.double(), kc.double(), vc.double(), tables, ctx,
+                                                          backend="reference").float())
+    with pytest.raises(ValueError, match=rf"^paged_decode_attention: num_splits must be a positive int, got "
+                                         rf"{re.escape(repr(num_splits))}$"):
+        ops.paged_decode_attention(q, kc, vc, tables, ctx, num_splits=num_splits, backend="torch")
 
 
 def test_decode_split_count_beyond_the_grid_limit_is_a_clear_error():

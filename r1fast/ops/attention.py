@@ -443,7 +443,7 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, *, s
         num_splits = triton_num_splits(q.shape[0], k_cache.shape[2], max_ctx, sm_count(q.device))
     elif num_splits is None:
         num_splits = default_num_splits(q.shape[0], k_cache.shape[2], max_ctx, PARTITION_SIZE)
-    if not isinstance(num_splits, int) or num_splits < 1:
+    if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 1:
         raise ValueError(f"paged_decode_attention: num_splits must be a positive int, got {num_splits!r}")
     # equal partitions of whole blocks covering the longest possible context
     partition = -(-max_ctx // num_splits)
