@@ -125,7 +125,7 @@ def resolve(op: str, device: torch.device | str, backend: str | None = None, *,
             requested = None  # this op has no such implementation: the override is not about it
     if requested is not None:
         if requested not in BACKENDS:
-            raise ValueError(f"{source}{requested!r} is not a backend; backends are {', '.join(BACKENDS)}")
+            raise ValueError(f"{op}: {source}{requested!r} is not a backend; backends are {', '.join(BACKENDS)}")
         ok, why = (True, "") if requested in impls else (False, f"{op} has no {requested} implementation")
         if ok:
             ok, why = backend_available(requested, device)

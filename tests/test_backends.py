@@ -34,6 +34,21 @@ def test_unknown_backend_lists_choices(monkeypatch):
         backends.resolve("store_kv", "cpu")
 
 
+def test_unknown_backend_names_the_op_it_was_asked_of(monkeypatch):
+    # "backend='TORCH' is not a backend" named neither the op nor, under R1FAST_BACKEND or an Engine's
+    # decode_backend, where the name was given
+    from r1fast import ops
+
+    x, w = torch.randn(3, 8, generator=torch.Generator().manual_seed(9)), torch.rand(8) + 0.5
+    torch.testing.assert_close(ops.rms_norm(x, w, 1e-6, backend="torch"), ops.rms_norm(x, w, 1e-6, backend="reference"))
+    with pytest.raises(ValueError, match=r"^rms_norm: backend='TORCH' is not a backend; backends are reference, "
+                                         r"torch, triton, cuda$"):
+        ops.rms_norm(x, w, 1e-6, backend="TORCH")
+    monkeypatch.setenv("R1FAST_BACKEND", "fastest")
+    with pytest.raises(ValueError, match=r"^swiglu: R1FAST_BACKEND='fastest' is not a backend"):
+        ops.swiglu(x, x)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-only check")
 def test_unavailable_backend_says_why_and_lists_available():
     with pytest.raises(ValueError, match=r"backend 'cuda'.*needs CUDA tensors|backend 'cuda'.*without CUDA|not built"):
