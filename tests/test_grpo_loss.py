@@ -1196,6 +1196,25 @@ def test_per_sequence_clip_fractions_checks_what_it_divides():
         ops.per_sequence_clip_fractions(plain, mask.sum(-1), adv, opts)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-only check: the cuda backend is unavailable on the CPU")
+@pytest.mark.parametrize("backend, why", [("cuda", "grouped_logprob has no cuda implementation"),
+                                          ("fastest", "'fastest' is not a backend")])
+def test_fused_backend_it_cannot_use_is_refused_naming_the_fused_op(backend, why):
+    # the refusal was grouped_logprob's own ("grouped_logprob: backend 'cuda' ... is unavailable"), naming an op
+    # the caller never called
+    g = torch.Generator().manual_seed(43)
+    hidden, weight = torch.randn(2, 3, 8, generator=g), torch.randn(13, 8, generator=g)
+    targets, mask = torch.randint(0, 13, (2, 3), generator=g), torch.rand(2, 3, generator=g) > 0.3
+    adv = torch.randn(2, generator=g)
+    loss, _ = ops.fused_linear_grpo_loss(hidden, weight, targets, mask, adv, backend="torch")
+    want, _ = ops.fused_linear_grpo_loss(hidden.double(), weight.double(), targets, mask, adv.double(),
+                                         backend="reference")
+    torch.testing.assert_close(loss.double(), want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=rf"^fused_linear_grpo_loss: backend= picks its log-prob engine, which "
+                                         rf"refused it: grouped_logprob: .*{why}"):
+        ops.fused_linear_grpo_loss(hidden, weight, targets, mask, adv, backend=backend)
+
+
 def test_per_sequence_clip_fractions_names_an_argument_of_the_wrong_kind():
     g = torch.Generator().manual_seed(41)
     logp = -torch.rand(4, 5, generator=g)

@@ -573,7 +573,10 @@ def _fused_linear_grpo_loss(hidden, weight, targets, mask, advantages, *, old_lo
         if lo < 0 or hi >= weight.shape[0]:
             raise ValueError(f"{OP}: targets at active tokens must lie in [0, {weight.shape[0]}) (the vocabulary), "
                              f"got min {lo}, max {hi}")
-    lb, _ = backends.resolve("grouped_logprob", hidden.device, backend, dtype=hidden.dtype)
+    try:
+        lb, _ = backends.resolve("grouped_logprob", hidden.device, backend, dtype=hidden.dtype)
+    except ValueError as e:  # its message names grouped_logprob alone, an op the caller never called
+        raise ValueError(f"{OP}: backend= picks its log-prob engine, which refused it: {e}") from None
     if lb == "triton" and hidden.dtype == torch.float64:
         raise ValueError(f"{OP}: the triton backend takes fp16/bf16/fp32 inputs, got float64 "
                          f"(use backend='torch' or 'reference')")
