@@ -259,3 +259,23 @@ def test_a_flag_that_is_not_true_or_false_is_refused_naming_it(op, flag, value):
     FLAG_CASES[op, flag](**{flag: False})
     with pytest.raises(TypeError, match=rf"^{op}: {flag} must be True or False, got {re.escape(repr(value))}$"):
         FLAG_CASES[op, flag](**{flag: value})
+
+
+def test_the_cuda_kernels_custom_ops_refuse_cpu_tensors_naming_the_op():
+    # torch.ops.r1fast.*_cuda are reachable by name; handed CPU tensors that pass every other check, they failed in
+    # torch.cuda.device() with "Expected a cuda device, but got: cpu", naming neither the op nor the tensors
+    g = torch.Generator().manual_seed(47)
+    key, value = torch.randn(2, 1, 8, generator=g), torch.randn(2, 1, 8, generator=g)
+    k_cache, v_cache = torch.zeros(4, 2, 1, 8), torch.zeros(4, 2, 1, 8)
+    with pytest.raises(ValueError, match=r"^store_kv: the cuda kernel \(torch.ops.r1fast.store_kv_cuda\) takes CUDA "
+                                         r"tensors, got tensors on cpu"):
+        torch.ops.r1fast.store_kv_cuda(key, value, k_cache, v_cache, torch.tensor([0, 5]))
+    assert not k_cache.any() and not v_cache.any()
+    q = torch.randn(2, 2, 8, generator=g)
+    tables, lens = torch.tensor([[0, 1], [2, 3]], dtype=torch.int32), torch.tensor([3, 2], dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"^paged_decode_attention: the cuda kernel "
+                                         r"\(torch.ops.r1fast.paged_decode_attention_cuda\) takes CUDA tensors"):
+        torch.ops.r1fast.paged_decode_attention_cuda(q, k_cache, v_cache, tables, lens, 0.3, 1, 4)
+    # the same tensors through the public ops pick a CPU backend
+    ops.store_kv(key, value, k_cache, v_cache, torch.tensor([0, 5]))
+    torch.testing.assert_close(k_cache.view(8, 1, 8)[[0, 5]], key, rtol=0, atol=0)

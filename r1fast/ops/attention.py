@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from r1fast import _ext, backends
-from r1fast.ops.checks import flags, one_device, readable, require_tensors, resolve_neg
+from r1fast.ops.checks import cuda_tensors, flags, one_device, readable, require_tensors, resolve_neg
 from r1fast.ops.shared_prefix import SharedPrefix, prefix_tile_rows
 from r1fast.reference import attention as reference
 
@@ -365,6 +365,7 @@ def _decode_cuda_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                                  f"on {q.device}, got {t.dtype} {list(t.shape)} on {t.device}")
     if any(t.is_neg() for t in (q, k_cache, v_cache)):  # the kernel reads the memory, which holds them unnegated
         raise ValueError("paged_decode_attention: q/k_cache/v_cache is a lazily negated view; pass .resolve_neg() of it")
+    cuda_tensors("paged_decode_attention", q.device)
     ext = _ext.require()
     # Checked here, on real tensors: data_ptr() does not exist on the fake tensors of torch.compile.
     # The kernel's vector loads need 16-byte aligned bases.

@@ -23,6 +23,15 @@ def flags(op: str, **named) -> None:
             raise TypeError(f"{op}: {name} must be True or False, got {value!r}")
 
 
+def cuda_tensors(op: str, device: torch.device) -> None:
+    """A ValueError naming the op when its r1fast._C CUDA kernel (reachable as torch.ops.r1fast.<op>_cuda) is
+    handed tensors on another device: torch.cuda.device() refused them with "Expected a cuda device, but got:
+    cpu", naming neither the op nor the tensors."""
+    if device.type != "cuda":
+        raise ValueError(f"{op}: the cuda kernel (torch.ops.r1fast.{op}_cuda) takes CUDA tensors, got tensors on "
+                         f"{device}; call r1fast.ops.{op}, which picks a backend for them")
+
+
 def dense(op: str, **named) -> None:
     """A TypeError naming the first tensor of `named` (None and non-tensors skipped) that is not dense (strided):
     a sparse one failed deep inside with torch's "Could not run 'aten::...' with arguments from the 'SparseCPU'

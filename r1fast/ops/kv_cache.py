@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from r1fast import _ext, backends
-from r1fast.ops.checks import flags, one_device, readable, require_tensors
+from r1fast.ops.checks import cuda_tensors, flags, one_device, readable, require_tensors
 from r1fast.reference import kv_cache as reference
 
 
@@ -109,6 +109,7 @@ def _store_kv_cuda_op(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Ten
     # reachable as torch.ops.r1fast.store_kv_cuda: nothing reaches the pointers unchecked (slot values
     # too: the kernel skips an out-of-range slot)
     _validate(key, value, k_cache, v_cache, slot_mapping, check_slots=False)
+    cuda_tensors("store_kv", k_cache.device)
     ext = _ext.require()
     row, ks, vs = _row_and_strides(key, value)
     # The extension launches on the current device with the stream given: both must be the cache's.
