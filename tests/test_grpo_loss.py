@@ -1642,6 +1642,23 @@ def test_importance_weights_need_only_be_valid_at_active_tokens(backend):
 # --- option bounds, every backend's input checks, the triton backward (gaps a mutation pass found) ---------
 
 
+def test_loss_options_take_numpy_scalars_as_the_floats_they_hold():
+    # np.float32(0.25) was refused as "epsilon must be a finite float32 number (|x| <= 3.4e38)"
+    np = pytest.importorskip("numpy")
+    given = dict(epsilon=np.float32(0.25), beta=np.float32(0.05), tis_cap=np.int64(2), temperature=np.float16(0.7))
+    opts = LossOptions(**given)
+    assert all(type(getattr(opts, k)) is float and getattr(opts, k) == float(v) for k, v in given.items())
+    d = _batch(seed=11)
+    args = (d["logp"].float(), d["old"].float(), d["ref"].float(), d["adv"].float(), d["mask"])
+    got, _ = ops.grpo_loss(*args, sampler_logp=d["sampler"].float(), options=opts, backend="torch")
+    want, _ = ops.grpo_loss(*args, sampler_logp=d["sampler"].float(), backend="torch",
+                            **{k: float(v) for k, v in given.items()})
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    for bad in (np.float32("nan"), np.float64(-0.1)):
+        with pytest.raises(ValueError, match="LossOptions.epsilon must be"):
+            LossOptions(epsilon=bad)
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(delta=1.0), r"delta must be > 1\.0"),                 # delta=1 would cap every ratio at 1
     (dict(tis_cap=0.5), r"tis_cap must be >= 1\.0"),            # an empty [1/cap, cap] masks every token

@@ -16,6 +16,7 @@ well), and r1fast's own trainer keeps it unless asked. The TRL drop-in passes TR
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from dataclasses import dataclass, fields
 
 _FLOAT32_MAX = 3.4028234663852886e38
@@ -53,6 +54,11 @@ class LossOptions:
             v = getattr(self, name)
             if v is None and allow_none:
                 return
+            # a numpy scalar (np.float32(0.2)) as the Python float it holds: refused as "must be a finite
+            # float32 number", it was one
+            if isinstance(v, numbers.Real) and not isinstance(v, (bool, int, float)):
+                v = float(v)
+                object.__setattr__(self, name, v)
             # the kernels take these as float32 scalars
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not abs(v) <= _FLOAT32_MAX:
                 raise ValueError(f"LossOptions.{name} must be a finite float32 number (|x| <= 3.4e38), got {v!r}")
