@@ -286,3 +286,34 @@ def test_the_shared_prefix_path_is_timed_no_longer_than_the_engine_decodes(monke
             self_check.shared_prefix_pays("triton", "cpu", torch.float32, **SHAPES, batch=48, max_context=max_context)
         assert contexts == [want, want]
         assert f"at batch 48, contexts of up to {want} tokens, in groups of 8" in caplog.text
+
+
+def test_decode_timing_rotates_through_caches_that_outgrow_l2(monkeypatch):
+    """Replayed on one K/V cache, a small timing case sat in L2 from its second call on, where a real
+    step's layers each read their own cache: the calls now rotate through copies of the K/V (the same
+    values, distinct memory) until twice the L2 lies between two reads of one, within _TIMING_BYTES."""
+    from r1fast.rollout import self_check
+
+    impls, seen, first = backends.implementations("paged_decode_attention"), [], []
+    real = impls["torch"]
+
+    def spy(q, k_cache, v_cache, *rest):
+        seen.append((k_cache.data_ptr(), v_cache.data_ptr()))
+        first.extend([] if first else (k_cache.clone(), v_cache.clone()))
+        assert torch.equal(k_cache, first[0]) and torch.equal(v_cache, first[1])  # copies: the same values
+        return real(q, k_cache, v_cache, *rest)
+    monkeypatch.setitem(impls, "torch", spy)
+    copy_bytes = 2 * 3 * 3 * 16 * 2 * 32 * 4  # K and V of 3 rows of 3 blocks, fp32
+    monkeypatch.setattr(self_check, "_l2_bytes", lambda device: 100_000)
+    self_check.decode_seconds("torch", "cpu", torch.float32, 6, 2, 32, batch=3, context=40, repeats=2)
+    # 1 + ceil(2 * 100000 / 73728) = 4 copies, each read once a round (4 calls, not 2), in turn
+    assert len(seen) == 4 * 4 and len(set(seen)) == 4 and len({k for k, _ in seen} | {v for _, v in seen}) == 8
+    assert seen[:4] == seen[4:8] == seen[12:]
+    seen.clear()
+    monkeypatch.setattr(self_check, "_TIMING_BYTES", 3 * copy_bytes)  # room for three copies only
+    self_check.decode_seconds("torch", "cpu", torch.float32, 6, 2, 32, batch=3, context=40, repeats=2)
+    assert len(set(seen)) == 3 and len(seen) == 4 * 3
+    seen.clear()  # no L2 to outgrow (off a GPU): one cache, `repeats` calls, as before
+    monkeypatch.setattr(self_check, "_l2_bytes", lambda device: 0)
+    self_check.decode_seconds("torch", "cpu", torch.float32, 6, 2, 32, batch=3, context=40, repeats=2)
+    assert len(set(seen)) == 1 and len(seen) == 4 * 2

@@ -103,8 +103,13 @@ def _store_error(backend: str, device, dtype, num_kv_heads: int, head_dim: int) 
                for a, b in zip(got, want))
 
 
-# The K/V caches of the timing case take at most this much memory (the context shrinks to fit).
+# The K/V caches of a timing, all its copies together (_cold_copies), take at most this much memory: the
+# context shrinks until one copy fits, and there are no more copies than fit.
 _TIMING_BYTES = 256 << 20
+# The L2 a timing's calls must not find their K/V in, where the card does not say its own (torch's
+# L2_cache_size): GH100's full 60 MB (H100 and H200 enable 50 MB of it). A real step's layers each read
+# their own cache, so the same layer's blocks come round again only after every other layer's.
+_L2_BYTES = 60 << 20
 # The timing case's context length, unless memory or (shared-prefix timing) the engine's max_model_len cuts it.
 _TIMING_CONTEXT = 1024
 # GRPO's decode batch, for timing the shared-prefix path: the samples of one prompt, in groups of
@@ -144,12 +149,32 @@ def _timing_tiles(tables: torch.Tensor, context_lens: torch.Tensor, block_size: 
     return pad_shared_prefix(found, len(context_lens), len(context_lens))
 
 
+def _l2_bytes(device: torch.device) -> int:
+    """The L2 the timing's K/V copies must outgrow: the card's, off a GPU none (no copies there)."""
+    if device.type != "cuda":
+        return 0
+    return getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or _L2_BYTES
+
+
+def _cold_copies(copy_bytes: int, l2_bytes: int) -> int:
+    """How many copies of a timing case's K/V the calls rotate through so that each call reads its K/V
+    from memory, not from L2, as a real decode step's layers do: enough that twice the L2 passes
+    between two reads of one copy (an LRU-like cache keeps none of a cyclic scan twice its size), no
+    more than _TIMING_BYTES hold (at least one). Replayed on one cache, a small case (64 rows of 80
+    tokens: 5 MB) sat in L2 from the second call on and timed a kernel that reads L2, not HBM."""
+    wanted = 1 + -(-2 * l2_bytes // copy_bytes)
+    return max(1, min(wanted, _TIMING_BYTES // copy_bytes))
+
+
 def decode_seconds(backend: str, device, dtype, num_heads: int, num_kv_heads: int, head_dim: int,
                    batch: int = 64, context: int = _TIMING_CONTEXT, repeats: int = 10, group: int = 1,
                    shared_prefix: bool = False) -> float:
     """Seconds per call of `backend`'s decode attention for `batch` sequences of `context` tokens (the
     best of three rounds). On a GPU the calls are replayed from a CUDA graph, as the engine runs them,
     so Python's launch overhead (the same for every backend) does not hide the kernels' difference.
+    Each round makes at least `repeats` calls, rotating through distinct copies of the K/V caches
+    (_cold_copies: as many as it takes to outgrow the card's L2, like a step's layers), so that no
+    call finds its K/V in L2 from the call before.
     group > 1: rows in groups of that many share the first half of their blocks (_timing_case);
     shared_prefix: the calls are passed those groups' SharedPrefix tiles."""
     device, block_size = torch.device(device), 16
@@ -162,10 +187,14 @@ def decode_seconds(backend: str, device, dtype, num_heads: int, num_kv_heads: in
         extra["shared_prefix"] = tiles.to(device)
     q, k, v = (x.to(device, dtype) for x in (q, k, v))
     tables, ctx = tables.to(device), ctx.to(device)
+    copies = _cold_copies(2 * k.numel() * k.element_size(), _l2_bytes(device))
+    caches = [(k, v)] + [(k.clone(), v.clone()) for _ in range(copies - 1)]  # the same values, elsewhere
+    calls = max(repeats, copies)
 
     def step():
-        for _ in range(repeats):
-            ops.paged_decode_attention(q, k, v, tables, ctx, backend=backend, check_bounds=False, **extra)
+        for i in range(calls):
+            kc, vc = caches[i % copies]
+            ops.paged_decode_attention(q, kc, vc, tables, ctx, backend=backend, check_bounds=False, **extra)
 
     if device.type != "cuda":
         step()  # warm-up: compiles
@@ -174,7 +203,7 @@ def decode_seconds(backend: str, device, dtype, num_heads: int, num_kv_heads: in
             start = time.perf_counter()
             step()
             best = min(best, time.perf_counter() - start)
-        return best / repeats
+        return best / calls
     with torch.cuda.device(device):
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -194,7 +223,7 @@ def decode_seconds(backend: str, device, dtype, num_heads: int, num_kv_heads: in
             end.synchronize()
             best = min(best, begin.elapsed_time(end) / 1e3)
         del graph
-    return best / repeats
+    return best / calls
 
 
 def shared_prefix_pays(backend: str, device, dtype, num_heads: int, num_kv_heads: int, head_dim: int,
