@@ -996,15 +996,16 @@ def test_shared_prefix_attention_follows_the_start_up_timing_unless_forced(model
     monkeypatch.setattr(runner_module, "_checks_kernels", lambda device: True)
     monkeypatch.setattr(self_check, "select_backends",
                         lambda *args, **kwargs: {"paged_decode_attention": "triton", "store_kv": "torch"})
-    checked, timed, seconds, contexts = [], [], {}, []
+    checked, timed, seconds, contexts, graphs = [], [], {}, [], []
 
     def check(backend, *args):
         checked.append(backend)
         return seconds.get("correct", True)
 
-    def fake_seconds(backend, device, dtype, *shape, batch, group, shared_prefix, context=1024):
+    def fake_seconds(backend, device, dtype, *shape, batch, group, shared_prefix, context=1024, graph=True):
         timed.append((backend, batch, group, shared_prefix))
         contexts.append(context)
+        graphs.append(graph)
         return seconds[shared_prefix]
     monkeypatch.setattr(self_check, "shared_prefix_ok", check)
     monkeypatch.setattr(self_check, "decode_seconds", fake_seconds)
@@ -1033,6 +1034,10 @@ def test_shared_prefix_attention_follows_the_start_up_timing_unless_forced(model
     assert longest < 1024 and contexts and set(contexts) == {longest}
     contexts.clear()
     assert uses_tiles(max_model_len=40) and contexts == [40, 40]
+    # timed as the engine will decode: graph replays, or eager launches without graphs
+    assert set(graphs) == {True}
+    graphs.clear()
+    assert uses_tiles(use_cuda_graphs=False) and graphs == [False, False]
     seconds["correct"] = False  # a path that fails its check is neither used nor timed, even when asked for
     assert not uses_tiles() and timed == []
     assert not uses_tiles(shared_prefix_attention=True)

@@ -112,10 +112,11 @@ def test_the_faster_of_two_correct_decode_backends_is_chosen(monkeypatch, caplog
     from r1fast.rollout import self_check
 
     times = {"triton": 3e-5, "torch": 2e-5, "reference": 9e-5}
-    timed = []
+    timed, graphs = [], []
 
-    def fake_seconds(name, device, dtype, *shape, batch):
+    def fake_seconds(name, device, dtype, *shape, batch, graph):
         timed.append((name, batch))
+        graphs.append(graph)
         return times[name]
     monkeypatch.setattr(self_check, "decode_seconds", fake_seconds)
     cands = {"paged_decode_attention": ["triton", "torch", "reference"], "store_kv": ["torch"]}
@@ -127,6 +128,10 @@ def test_the_faster_of_two_correct_decode_backends_is_chosen(monkeypatch, caplog
     times["triton"] = 2e-5  # a tie keeps the preferred (earlier) one
     assert select_backends("cpu", torch.float32, **SHAPES, candidates=cands,
                            timing_batch=48)["paged_decode_attention"] == "triton"
+    assert set(graphs) == {True}  # timed as graph replays unless told the engine decodes eagerly
+    graphs.clear()
+    select_backends("cpu", torch.float32, **SHAPES, candidates=cands, timing_batch=48, graph=False)
+    assert graphs == [False] * 3
     timed.clear()  # without timing_batch: the first correct one, nothing timed
     assert select_backends("cpu", torch.float32, **SHAPES, candidates=cands)["paged_decode_attention"] == "triton"
     assert timed == []
@@ -235,6 +240,13 @@ def test_the_shared_prefix_timing_passes_the_tiles_of_its_case(monkeypatch):
         want = self_check._timing_tiles(tables, ctx, 16, 6, 2, 32)
         assert [a.tolist() for a in passed] == [a.tolist() for a in want]
         assert sorted(passed.tile_ptr.diff().tolist()[:2]) == [4, 8] and passed.tile_prefix.tolist()[:2] == [32, 32]
+        # timed for an eager engine: the tiles as found (2), as its steps pass them, not a graph's buffers (6)
+        seen.clear()
+        self_check.decode_seconds("torch", "cpu", torch.float32, 6, 2, 32, batch=12, context=64, repeats=1,
+                                  group=8, shared_prefix=True, graph=False)
+        eager = seen[0][2]
+        assert len(eager.tile_prefix) == 2 and [a.tolist() for a in eager] == \
+            [a.tolist() for a in self_check._timing_tiles(tables, ctx, 16, 6, 2, 32, graph=False)]
 
 
 @pytest.mark.parametrize("plain_us, shared_us, kept", [(100.0, 90.0, True), (100.0, 96.0, False),
@@ -244,13 +256,16 @@ def test_the_shared_prefix_path_is_kept_only_when_timed_faster(monkeypatch, capl
 
     timed = []
 
-    def fake_seconds(name, device, dtype, *shape, batch, group, shared_prefix, context):
-        timed.append((name, batch, group, shared_prefix))
+    def fake_seconds(name, device, dtype, *shape, batch, group, shared_prefix, context, graph):
+        timed.append((name, batch, group, shared_prefix, graph))
         return (shared_us if shared_prefix else plain_us) * 1e-6
     monkeypatch.setattr(self_check, "decode_seconds", fake_seconds)
     with caplog.at_level(logging.INFO, logger="r1fast.rollout.self_check"):
         assert self_check.shared_prefix_pays("triton", "cpu", torch.float32, **SHAPES, batch=48) is kept
-    assert timed == [("triton", 48, 8, False), ("triton", 48, 8, True)]
+    assert timed == [("triton", 48, 8, False, True), ("triton", 48, 8, True, True)]
+    timed.clear()  # an engine that decodes eagerly: eager launches timed
+    self_check.shared_prefix_pays("triton", "cpu", torch.float32, **SHAPES, batch=48, graph=False)
+    assert timed == [("triton", 48, 8, False, False), ("triton", 48, 8, True, False)]
     assert f"without shared prefix {plain_us:.1f} us, with {shared_us:.1f} us; " \
         f"{'using it' if kept else 'decoding without it'}" in caplog.text
 
@@ -276,7 +291,7 @@ def test_the_shared_prefix_path_is_timed_no_longer_than_the_engine_decodes(monke
 
     contexts = []
 
-    def fake_seconds(name, device, dtype, *shape, batch, group, shared_prefix, context):
+    def fake_seconds(name, device, dtype, *shape, batch, group, shared_prefix, context, graph):
         contexts.append(context)
         return 1e-4
     monkeypatch.setattr(self_check, "decode_seconds", fake_seconds)

@@ -140,10 +140,10 @@ class ModelRunner:
             from r1fast.rollout.self_check import select_backends
 
             chosen = select_backends(self.device, self.dtype, cfg.num_attention_heads, self.num_kv_heads,
-                                     self.head_dim, timing_batch=max_num_seqs)
+                                     self.head_dim, timing_batch=max_num_seqs, graph=use_cuda_graphs)
             self.decode_backend, self.store_backend = chosen["paged_decode_attention"], chosen["store_kv"]
         self.shared_prefix = self._use_shared_prefix(shared_prefix, decode_backend is None, max_num_seqs,
-                                                     max_model_len)
+                                                     max_model_len, use_cuda_graphs)
         self._tiles_of = None  # the running ids array the cached tiles were found for
         self._tiles = None
         self.kv = torch.zeros(cfg.num_hidden_layers, 2, num_blocks, block_size, self.num_kv_heads, self.head_dim,
@@ -153,11 +153,12 @@ class ModelRunner:
         if use_cuda_graphs and self.device.type == "cuda":
             self._capture_graphs(max_num_seqs)
 
-    def _use_shared_prefix(self, requested: bool | None, checked: bool, timing_batch: int, max_model_len: int) -> bool:
+    def _use_shared_prefix(self, requested: bool | None, checked: bool, timing_batch: int, max_model_len: int,
+                           graph: bool = True) -> bool:
         """Whether decode steps pass SharedPrefix tiles. requested: True, wherever the path runs (and, with
         the backend chosen here, passes its start-up check); False, never; None, only where it is also
-        the faster on this card (timed at timing_batch rows of at most max_model_len tokens; on the CPU,
-        wherever it runs)."""
+        the faster on this card (timed at timing_batch rows of at most max_model_len tokens, as graph
+        replays or eager launches as the engine will run them; on the CPU, wherever it runs)."""
         cfg = self.model.config
         group = cfg.num_attention_heads // self.num_kv_heads
         # only the triton and cuda kernels read shared blocks once (both through Triton's prefix kernel);
@@ -173,7 +174,7 @@ class ModelRunner:
         if checked and not shared_prefix_ok(self.decode_backend, self.device, self.dtype, *shape):
             return False
         return requested is True or shared_prefix_pays(self.decode_backend, self.device, self.dtype, *shape,
-                                                       batch=timing_batch, max_context=max_model_len)
+                                                       batch=timing_batch, max_context=max_model_len, graph=graph)
 
     @staticmethod
     def kv_bytes_per_block(cfg, block_size: int, dtype: torch.dtype) -> int:

@@ -142,11 +142,11 @@ def _timing_case(batch: int, context: int, num_heads: int, num_kv_heads: int, he
 
 
 def _timing_tiles(tables: torch.Tensor, context_lens: torch.Tensor, block_size: int, num_heads: int,
-                  num_kv_heads: int, head_dim: int) -> SharedPrefix:
-    """The SharedPrefix tiles of a timing case, as the runner builds a graph step's: found from the
-    tables, cut to the context lengths, laid out in the fixed-size buffers of a step of its rows."""
+                  num_kv_heads: int, head_dim: int, graph: bool = True) -> SharedPrefix:
+    """The SharedPrefix tiles of a timing case, as the runner builds a step's: found from the tables,
+    cut to the context lengths; for a graph step laid out in the fixed-size buffers of its rows."""
     found = find_shared_prefixes(tables.numpy(), context_lens.numpy(), block_size, num_heads, num_kv_heads, head_dim)
-    return pad_shared_prefix(found, len(context_lens), len(context_lens))
+    return pad_shared_prefix(found, len(context_lens), len(context_lens)) if graph else found
 
 
 def _l2_bytes(device: torch.device) -> int:
@@ -168,10 +168,12 @@ def _cold_copies(copy_bytes: int, l2_bytes: int) -> int:
 
 def decode_seconds(backend: str, device, dtype, num_heads: int, num_kv_heads: int, head_dim: int,
                    batch: int = 64, context: int = _TIMING_CONTEXT, repeats: int = 10, group: int = 1,
-                   shared_prefix: bool = False) -> float:
+                   shared_prefix: bool = False, graph: bool = True) -> float:
     """Seconds per call of `backend`'s decode attention for `batch` sequences of `context` tokens (the
     best of three rounds). On a GPU the calls are replayed from a CUDA graph, as the engine runs them,
-    so Python's launch overhead (the same for every backend) does not hide the kernels' difference.
+    so Python's launch overhead (the same for every backend) does not hide the kernels' difference;
+    with graph=False (an engine that decodes eagerly: use_cuda_graphs=False) they are launched one by
+    one, as that engine's steps launch them, and the launches count (the shared-prefix path's are two).
     Each round makes at least `repeats` calls, rotating through distinct copies of the K/V caches
     (_cold_copies: as many as it takes to outgrow the card's L2, like a step's layers), so that no
     call finds its K/V in L2 from the call before.
@@ -183,7 +185,7 @@ def decode_seconds(backend: str, device, dtype, num_heads: int, num_kv_heads: in
     q, k, v, tables, ctx = _timing_case(batch, context, num_heads, num_kv_heads, head_dim, group)
     extra = {}
     if shared_prefix:
-        tiles = _timing_tiles(tables, ctx, block_size, num_heads, num_kv_heads, head_dim)
+        tiles = _timing_tiles(tables, ctx, block_size, num_heads, num_kv_heads, head_dim, graph)
         extra["shared_prefix"] = tiles.to(device)
     q, k, v = (x.to(device, dtype) for x in (q, k, v))
     tables, ctx = tables.to(device), ctx.to(device)
@@ -210,33 +212,37 @@ def decode_seconds(backend: str, device, dtype, num_heads: int, num_kv_heads: in
         with torch.cuda.stream(side):
             step()  # warm-up outside the capture: compiles and autotunes
         torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            step()
-        graph.replay()
+        run = step
+        if graph:
+            captured = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(captured):
+                step()
+            run = captured.replay
+        run()
         begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         best = math.inf
         for _ in range(3):
             begin.record()
-            graph.replay()
+            run()
             end.record()
             end.synchronize()
             best = min(best, begin.elapsed_time(end) / 1e3)
-        del graph
+        run = captured = None
     return best / calls
 
 
 def shared_prefix_pays(backend: str, device, dtype, num_heads: int, num_kv_heads: int, head_dim: int,
-                       batch: int, max_context: int | None = None) -> bool:
+                       batch: int, max_context: int | None = None, graph: bool = True) -> bool:
     """Whether `backend`'s decode attention is faster with the shared-prefix tiles than without, by
     _SHARED_PREFIX_MIN_GAIN at least, on `batch` sequences in GRPO groups (decode_seconds with group
     _TIMING_GROUP, the same case both ways); False if the timing fails. max_context: the engine's
     longest sequence (max_model_len), which caps the timing's context: the saving grows with the shared
-    length, and a verdict at 1024 tokens says nothing of an engine whose sequences end at 80."""
+    length, and a verdict at 1024 tokens says nothing of an engine whose sequences end at 80. graph: whether
+    the engine replays its steps from CUDA graphs (decode_seconds)."""
     context = _TIMING_CONTEXT if max_context is None else min(_TIMING_CONTEXT, max_context)
     try:
         plain, shared = (decode_seconds(backend, device, dtype, num_heads, num_kv_heads, head_dim, batch=batch,
-                                        group=_TIMING_GROUP, shared_prefix=tiles, context=context)
+                                        group=_TIMING_GROUP, shared_prefix=tiles, context=context, graph=graph)
                          for tiles in (False, True))
     except Exception as e:  # noqa: BLE001 - the plain path was checked and needs no timing
         log.warning("paged_decode_attention: timing the %s backend's shared-prefix path on %s failed (%s: %s); "
@@ -252,10 +258,10 @@ def shared_prefix_pays(backend: str, device, dtype, num_heads: int, num_kv_heads
 
 
 def _fastest(names: list[str], device, dtype, num_heads: int, num_kv_heads: int, head_dim: int,
-             batch: int) -> str:
+             batch: int, graph: bool = True) -> str:
     """The fastest decode backend of `names` (all correct here); the first of them if timing fails."""
     try:
-        seconds = {n: decode_seconds(n, device, dtype, num_heads, num_kv_heads, head_dim, batch=batch)
+        seconds = {n: decode_seconds(n, device, dtype, num_heads, num_kv_heads, head_dim, batch=batch, graph=graph)
                    for n in names}
     except Exception as e:  # noqa: BLE001 - the kernels were checked: only the choice between them is lost
         log.warning("paged_decode_attention: timing %s on %s failed (%s: %s); using %s",
@@ -268,12 +274,12 @@ def _fastest(names: list[str], device, dtype, num_heads: int, num_kv_heads: int,
 
 
 def select_backends(device, dtype, num_heads: int, num_kv_heads: int, head_dim: int,
-                    candidates: dict[str, list[str]] | None = None, timing_batch: int | None = None
-                    ) -> dict[str, str]:
+                    candidates: dict[str, list[str]] | None = None, timing_batch: int | None = None,
+                    graph: bool = True) -> dict[str, str]:
     """{op: backend} for paged_decode_attention and store_kv on `device`: of the candidates (default: the
     usable ones that take these shapes, cuda before triton) that match the reference here, the first,
-    or, for decode attention with `timing_batch` given, the fastest at that batch; "torch" when none
-    matches."""
+    or, for decode attention with `timing_batch` given, the fastest at that batch (graph: timed as
+    replays of a CUDA graph, or launched eagerly); "torch" when none matches."""
     device = torch.device(device)
     checks = {
         "paged_decode_attention": lambda b: _decode_error(b, device, dtype, num_heads, num_kv_heads, head_dim),
@@ -299,7 +305,7 @@ def select_backends(device, dtype, num_heads: int, num_kv_heads: int, head_dim: 
                 log.warning("%s: the %s backend disagrees with the reference on %s (relative error %.2e); not "
                             "using it", op, name, device, err)
         if len(correct) > 1:
-            chosen[op] = _fastest(correct, device, dtype, num_heads, num_kv_heads, head_dim, timing_batch)
+            chosen[op] = _fastest(correct, device, dtype, num_heads, num_kv_heads, head_dim, timing_batch, graph)
         else:
             chosen[op] = correct[0] if correct else "torch"
     return chosen
