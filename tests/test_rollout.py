@@ -994,8 +994,8 @@ def test_shared_prefix_attention_follows_the_start_up_timing_unless_forced(model
     # a CPU engine keeps them wherever the backend reads them, untimed (no graphs there)
     assert Engine(model, block_size=4, num_blocks=16, decode_backend="triton").runner.shared_prefix
     monkeypatch.setattr(runner_module, "_checks_kernels", lambda device: True)
-    monkeypatch.setattr(self_check, "select_backends",
-                        lambda *args, **kwargs: {"paged_decode_attention": "triton", "store_kv": "torch"})
+    correct = {"paged_decode_attention": ["triton"], "store_kv": ["torch"]}
+    monkeypatch.setattr(self_check, "correct_backends", lambda op, *args, **kwargs: correct[op])
     checked, timed, seconds, contexts, graphs = [], [], {}, [], []
 
     def check(backend, *args):
@@ -1021,8 +1021,8 @@ def test_shared_prefix_attention_follows_the_start_up_timing_unless_forced(model
         with caplog.at_level(logging.INFO, logger="r1fast.rollout.self_check"):
             assert uses_tiles() is kept
         assert checked == ["triton"] and timed == [("triton", 24, 8, False), ("triton", 24, 8, True)]
-        assert f"without shared prefix {plain * 1e6:.1f} us, with {shared * 1e6:.1f} us; " \
-            f"{'using it' if kept else 'decoding without it'}" in caplog.text
+        assert f"triton {plain * 1e6:.1f} us, triton+tiles {shared * 1e6:.1f} us; " \
+            f"using {'triton+tiles' if kept else 'triton'}" in caplog.text
     assert uses_tiles(shared_prefix_attention=True) and checked == ["triton"] and timed == []
     assert not uses_tiles(shared_prefix_attention=False) and checked == [] and timed == []
     assert not uses_tiles(decode_backend="torch") and timed == []  # a backend that ignores tiles is not timed
@@ -1041,6 +1041,15 @@ def test_shared_prefix_attention_follows_the_start_up_timing_unless_forced(model
     seconds["correct"] = False  # a path that fails its check is neither used nor timed, even when asked for
     assert not uses_tiles() and timed == []
     assert not uses_tiles(shared_prefix_attention=True)
+    # two correct backends: the pair is chosen together, cuda+tiles over the triton that beats plain cuda
+    seconds["correct"] = True
+    correct["paged_decode_attention"] = ["cuda", "triton"]
+    pair_us = {("cuda", False): 100e-6, ("cuda", True): 80e-6, ("triton", False): 90e-6, ("triton", True): 88e-6}
+    monkeypatch.setattr(self_check, "decode_seconds",
+                        lambda backend, *args, shared_prefix, **kwargs: pair_us[backend, shared_prefix])
+    checked.clear()
+    runner = Engine(model, block_size=4, num_blocks=16, max_num_seqs=24).runner
+    assert (runner.decode_backend, runner.shared_prefix) == ("cuda", True) and checked == ["cuda", "triton"]
     for bad in ("auto", 1, 0):
         with pytest.raises(TypeError, match=f"shared_prefix_attention must be None .*, True or False, got {bad!r}"):
             Engine(model, block_size=4, num_blocks=16, shared_prefix_attention=bad)

@@ -114,7 +114,8 @@ def test_the_faster_of_two_correct_decode_backends_is_chosen(monkeypatch, caplog
     times = {"triton": 3e-5, "torch": 2e-5, "reference": 9e-5}
     timed, graphs = [], []
 
-    def fake_seconds(name, device, dtype, *shape, batch, graph):
+    def fake_seconds(name, device, dtype, *shape, batch, graph, group, shared_prefix, context):
+        assert (group, shared_prefix, context) == (1, False, 1024)  # no tiles in this race
         timed.append((name, batch))
         graphs.append(graph)
         return times[name]
@@ -147,7 +148,8 @@ def test_a_failed_timing_keeps_the_preferred_backend(monkeypatch, caplog):
         chosen = select_backends("cpu", torch.float32, **SHAPES, timing_batch=8,
                                  candidates={"paged_decode_attention": ["torch", "reference"], "store_kv": ["torch"]})
     assert chosen["paged_decode_attention"] == "torch"
-    assert "timing torch and reference on cpu failed (RuntimeError: operation not permitted" in caplog.text
+    assert "timing torch on cpu failed (RuntimeError: operation not permitted" in caplog.text
+    assert "timing reference on cpu failed" in caplog.text and "no decode timing ran on cpu; using torch" in caplog.text
 
 
 def test_decode_timing_runs_the_backend_at_the_asked_shape(monkeypatch):
@@ -261,13 +263,13 @@ def test_the_shared_prefix_path_is_kept_only_when_timed_faster(monkeypatch, capl
         return (shared_us if shared_prefix else plain_us) * 1e-6
     monkeypatch.setattr(self_check, "decode_seconds", fake_seconds)
     with caplog.at_level(logging.INFO, logger="r1fast.rollout.self_check"):
-        assert self_check.shared_prefix_pays("triton", "cpu", torch.float32, **SHAPES, batch=48) is kept
+        assert self_check.choose_decode({"triton": None}, "cpu", torch.float32, **SHAPES, batch=48) == ("triton", kept)
     assert timed == [("triton", 48, 8, False, True), ("triton", 48, 8, True, True)]
     timed.clear()  # an engine that decodes eagerly: eager launches timed
-    self_check.shared_prefix_pays("triton", "cpu", torch.float32, **SHAPES, batch=48, graph=False)
+    self_check.choose_decode({"triton": None}, "cpu", torch.float32, **SHAPES, batch=48, graph=False)
     assert timed == [("triton", 48, 8, False, False), ("triton", 48, 8, True, False)]
-    assert f"without shared prefix {plain_us:.1f} us, with {shared_us:.1f} us; " \
-        f"{'using it' if kept else 'decoding without it'}" in caplog.text
+    assert f"triton {plain_us:.1f} us, triton+tiles {shared_us:.1f} us; " \
+        f"using {'triton+tiles' if kept else 'triton'} (tiles only where they save 5%)" in caplog.text
 
 
 def test_a_failed_shared_prefix_timing_decodes_without_it(monkeypatch, caplog):
@@ -279,8 +281,8 @@ def test_a_failed_shared_prefix_timing_decodes_without_it(monkeypatch, caplog):
         return 1e-4
     monkeypatch.setattr(self_check, "decode_seconds", fails)
     with caplog.at_level(logging.WARNING):
-        assert not self_check.shared_prefix_pays("triton", "cpu", torch.float32, **SHAPES, batch=8)
-    assert "timing the triton backend's shared-prefix path on cpu failed (RuntimeError: out of memory)" in caplog.text
+        assert self_check.choose_decode({"triton": None}, "cpu", torch.float32, **SHAPES, batch=8) == ("triton", False)
+    assert "timing triton+tiles on cpu failed (RuntimeError: out of memory)" in caplog.text
 
 
 def test_the_shared_prefix_path_is_timed_no_longer_than_the_engine_decodes(monkeypatch, caplog):
@@ -298,7 +300,8 @@ def test_the_shared_prefix_path_is_timed_no_longer_than_the_engine_decodes(monke
     for max_context, want in ((80, 80), (1024, 1024), (32768, 1024), (None, 1024)):
         contexts.clear()
         with caplog.at_level(logging.INFO, logger="r1fast.rollout.self_check"):
-            self_check.shared_prefix_pays("triton", "cpu", torch.float32, **SHAPES, batch=48, max_context=max_context)
+            self_check.choose_decode({"triton": None}, "cpu", torch.float32, **SHAPES, batch=48,
+                                     max_context=max_context)
         assert contexts == [want, want]
         assert f"at batch 48, contexts of up to {want} tokens, in groups of 8" in caplog.text
 
@@ -332,3 +335,37 @@ def test_decode_timing_rotates_through_caches_that_outgrow_l2(monkeypatch):
     monkeypatch.setattr(self_check, "_l2_bytes", lambda device: 0)
     self_check.decode_seconds("torch", "cpu", torch.float32, 6, 2, 32, batch=3, context=40, repeats=2)
     assert len(set(seen)) == 1 and len(seen) == 4 * 2
+
+
+@pytest.mark.parametrize("us, tiles, want, runs", [
+    # cuda+tiles beats a triton that is faster than plain cuda: timing the tiles for the winner of the
+    # plain race alone (triton) would have missed it
+    (dict(cuda=100.0, cuda_t=80.0, triton=90.0, triton_t=88.0), dict(cuda=None, triton=None), ("cuda", True), 4),
+    # cuda+tiles is the fastest pair but saves under 5% on plain cuda: cuda counts plain, and triton wins
+    (dict(cuda=100.0, cuda_t=96.0, triton=98.0, triton_t=99.0), dict(cuda=None, triton=None), ("triton", False), 4),
+    (dict(cuda=100.0, cuda_t=94.0, triton=98.0, triton_t=90.0), dict(cuda=None, triton=None), ("triton", True), 4),
+    # tiles forced on (shared_prefix_attention=True): only the tile runs; off for cuda: only its plain run
+    (dict(cuda=100.0, cuda_t=80.0, triton=90.0, triton_t=85.0), dict(cuda=True, triton=True), ("cuda", True), 2),
+    (dict(cuda=100.0, cuda_t=80.0, triton=90.0, triton_t=85.0), dict(cuda=False, triton=None), ("triton", True), 3),
+    (dict(cuda=90.0, cuda_t=80.0, triton=90.0, triton_t=95.0), dict(cuda=False, triton=False), ("cuda", False), 2),
+    # one backend whose tiles are settled: nothing to time
+    (dict(cuda=90.0, cuda_t=80.0, triton=90.0, triton_t=95.0), dict(triton=False), ("triton", False), 0),
+    (dict(cuda=90.0, cuda_t=80.0, triton=90.0, triton_t=95.0), dict(cuda=True), ("cuda", True), 0)])
+def test_the_decode_backend_and_tiles_are_chosen_as_the_fastest_pair(monkeypatch, caplog, us, tiles, want, runs):
+    from r1fast.rollout import self_check
+
+    timed = []
+
+    def fake_seconds(name, device, dtype, *shape, batch, group, shared_prefix, context, graph):
+        timed.append((name, shared_prefix, group, context))
+        return us[name + ("_t" if shared_prefix else "")] * 1e-6
+    monkeypatch.setattr(self_check, "decode_seconds", fake_seconds)
+    with caplog.at_level(logging.INFO, logger="r1fast.rollout.self_check"):
+        assert self_check.choose_decode(tiles, "cuda", torch.bfloat16, **SHAPES, batch=64, max_context=300) == want
+    assert len(timed) == runs and len(set(timed)) == runs
+    # one case for the whole race: GRPO groups where any tiles are timed, at the engine's longest context
+    grouped = any(t is not False for t in tiles.values())
+    assert {(g, c) for _, _, g, c in timed} <= {(8 if grouped else 1, 300)}
+    assert all(t is tiles[n] for n, t, *_ in timed if tiles[n] is not None)  # a settled backend: its mode only
+    if runs:
+        assert f"using {want[0]}{'+tiles' if want[1] else ''}" in caplog.text

@@ -6,7 +6,7 @@ keys are kv[l, 0] and values kv[l, 1], each contiguous in the layout of ops.stor
 Shared prefixes: the G samples of a group hold their prompt's blocks in common. With a triton or
 cuda decode backend each decode step can pass ops.paged_decode_attention a SharedPrefix, so those
 blocks are read once per tile of samples, not once per sample; by default only where that is timed
-faster on the card at start-up (self_check.shared_prefix_pays). The tiles come from the block tables
+faster on the card at start-up (self_check.choose_decode). The tiles come from the block tables
 (r1fast.ops.shared_prefix) and are kept while the running set is unchanged.
 """
 from __future__ import annotations
@@ -135,15 +135,8 @@ class ModelRunner:
         self.decode_backend, self.store_backend = decode_backend, None
         if decode_backend is not None:  # a misspelt or unusable backend: said now, not at the first decode step
             backends.resolve("paged_decode_attention", self.device, decode_backend)
-        if _checks_kernels(self.device) and decode_backend is None:
-            # kernels that never ran on this card are checked against the reference before any graph holds them
-            from r1fast.rollout.self_check import select_backends
-
-            chosen = select_backends(self.device, self.dtype, cfg.num_attention_heads, self.num_kv_heads,
-                                     self.head_dim, timing_batch=max_num_seqs, graph=use_cuda_graphs)
-            self.decode_backend, self.store_backend = chosen["paged_decode_attention"], chosen["store_kv"]
-        self.shared_prefix = self._use_shared_prefix(shared_prefix, decode_backend is None, max_num_seqs,
-                                                     max_model_len, use_cuda_graphs)
+        self.shared_prefix = self._choose_decode(shared_prefix, decode_backend is None, max_num_seqs,
+                                                 max_model_len, use_cuda_graphs)
         self._tiles_of = None  # the running ids array the cached tiles were found for
         self._tiles = None
         self.kv = torch.zeros(cfg.num_hidden_layers, 2, num_blocks, block_size, self.num_kv_heads, self.head_dim,
@@ -153,28 +146,45 @@ class ModelRunner:
         if use_cuda_graphs and self.device.type == "cuda":
             self._capture_graphs(max_num_seqs)
 
-    def _use_shared_prefix(self, requested: bool | None, checked: bool, timing_batch: int, max_model_len: int,
-                           graph: bool = True) -> bool:
-        """Whether decode steps pass SharedPrefix tiles. requested: True, wherever the path runs (and, with
-        the backend chosen here, passes its start-up check); False, never; None, only where it is also
-        the faster on this card (timed at timing_batch rows of at most max_model_len tokens, as graph
-        replays or eager launches as the engine will run them; on the CPU, wherever it runs)."""
-        cfg = self.model.config
-        group = cfg.num_attention_heads // self.num_kv_heads
-        # only the triton and cuda kernels read shared blocks once (both through Triton's prefix kernel);
-        # the others would ignore the tiles
-        if requested is False or self.decode_backend not in ("triton", "cuda") or \
-                not backends.backend_available("triton", self.device)[0] or prefix_tile_rows(group, self.head_dim) < 2:
-            return False
-        if not _checks_kernels(self.device):
-            return True
-        from r1fast.rollout.self_check import shared_prefix_ok, shared_prefix_pays
+    def _reads_tiles(self, backend: str | None, requested: bool | None) -> bool:
+        """Whether decode steps through `backend` can pass SharedPrefix tiles (unless turned off): only the
+        triton and cuda kernels read shared blocks once (both through Triton's prefix kernel); the others
+        would ignore the tiles."""
+        group = self.model.config.num_attention_heads // self.num_kv_heads
+        return requested is not False and backend in ("triton", "cuda") and \
+            backends.backend_available("triton", self.device)[0] and prefix_tile_rows(group, self.head_dim) >= 2
 
+    def _choose_decode(self, requested: bool | None, pick_backend: bool, timing_batch: int, max_model_len: int,
+                       graph: bool = True) -> bool:
+        """Picks the decode and KV-write backends where the runner checks its kernels (a GPU) and was not
+        given decode_backend, and returns whether decode steps pass SharedPrefix tiles. requested: True,
+        wherever the path runs (and, with the backend chosen here, passes its start-up check); False,
+        never; None, only where it is also the faster on this card. The backend and the tiles are chosen
+        together (self_check.choose_decode: each correct backend timed with and without them at
+        timing_batch rows of at most max_model_len tokens, as graph replays or eager launches as the
+        engine will run them). On the CPU the tiles are used wherever the backend reads them, untimed."""
+        if not _checks_kernels(self.device):
+            return self._reads_tiles(self.decode_backend, requested)
+        from r1fast.rollout import self_check
+
+        cfg = self.model.config
         shape = (cfg.num_attention_heads, self.num_kv_heads, self.head_dim)
-        if checked and not shared_prefix_ok(self.decode_backend, self.device, self.dtype, *shape):
-            return False
-        return requested is True or shared_prefix_pays(self.decode_backend, self.device, self.dtype, *shape,
-                                                       batch=timing_batch, max_context=max_model_len, graph=graph)
+        names = [self.decode_backend]
+        if pick_backend:
+            # kernels that never ran on this card are checked against the reference before any graph holds them
+            names = self_check.correct_backends("paged_decode_attention", self.device, self.dtype, *shape,
+                                                every=True) or ["torch"]
+            self.store_backend = (self_check.correct_backends("store_kv", self.device, self.dtype, *shape)
+                                  or ["torch"])[0]
+        tiles = {}
+        for name in names:
+            usable = self._reads_tiles(name, requested) and \
+                (not pick_backend or self_check.shared_prefix_ok(name, self.device, self.dtype, *shape))
+            tiles[name] = usable and (True if requested else None)
+        self.decode_backend, uses_tiles = self_check.choose_decode(tiles, self.device, self.dtype, *shape,
+                                                                   batch=timing_batch, max_context=max_model_len,
+                                                                   graph=graph)
+        return uses_tiles
 
     @staticmethod
     def kv_bytes_per_block(cfg, block_size: int, dtype: torch.dtype) -> int:

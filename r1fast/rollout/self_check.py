@@ -5,17 +5,17 @@ backends (CUDA C++, then Triton) inside CUDA graphs, where a wrong number would 
 the rewards drift. So before capturing its graphs the engine runs each candidate once on a small
 random case in the model's shapes and dtype (several context lengths, one and several splits)
 against the float64 reference, and uses the first that agrees; one that does not is skipped with a
-warning naming the error. Where more than one decode backend agrees, each is timed on a decode step
-of the rollout's batch (replayed from a CUDA graph, as the engine runs it) and the faster one is
-used: which of the CUDA and Triton kernels wins depends on the card and the head shapes. The
-shared-prefix path of the chosen decode backend is checked the same way (shared_prefix_ok); where
-it disagrees the engine decodes without it. Where it agrees it is timed too, unless the engine was
-told to use it (shared_prefix_attention=True): that backend's decode step with and without the
-shared-prefix tiles on a GRPO-shaped batch (groups of 8 rows sharing the first half of their
-context's blocks, contexts no longer than the engine's max_model_len, the tiles built as the runner
-builds them; shared_prefix_pays), and it is kept only when at least 5% faster, since the plain
-kernel can find a group's shared blocks in L2 anyway. The cost is a few small launches and up to
-four short graph replays per engine.
+warning naming the error. The shared-prefix path of each decode backend that agrees is checked the
+same way (shared_prefix_ok); where it disagrees that backend decodes without it. Then the engine
+chooses its decode backend and whether it reads the shared-prefix tiles together (choose_decode):
+each backend that agrees is timed on a decode step of the rollout's batch without the tiles and, unless
+the engine was told otherwise (shared_prefix_attention), with them, on a GRPO-shaped batch (groups of 8
+rows sharing the first half of their context's blocks, contexts no longer than the engine's
+max_model_len, the tiles built as the runner builds them, the calls replayed from a CUDA graph as the
+engine runs them); a backend keeps its tiles only when they make it at least 5% faster (the plain
+kernel can find a group's shared blocks in L2 anyway), and the fastest backend in its better mode is
+used: which of the CUDA and Triton kernels wins, and whether the tiles pay, depend on the card and the
+head shapes. The cost is a few small launches and up to four short timings per engine.
 """
 from __future__ import annotations
 
@@ -231,46 +231,90 @@ def decode_seconds(backend: str, device, dtype, num_heads: int, num_kv_heads: in
     return best / calls
 
 
-def shared_prefix_pays(backend: str, device, dtype, num_heads: int, num_kv_heads: int, head_dim: int,
-                       batch: int, max_context: int | None = None, graph: bool = True) -> bool:
-    """Whether `backend`'s decode attention is faster with the shared-prefix tiles than without, by
-    _SHARED_PREFIX_MIN_GAIN at least, on `batch` sequences in GRPO groups (decode_seconds with group
-    _TIMING_GROUP, the same case both ways); False if the timing fails. max_context: the engine's
-    longest sequence (max_model_len), which caps the timing's context: the saving grows with the shared
-    length, and a verdict at 1024 tokens says nothing of an engine whose sequences end at 80. graph: whether
-    the engine replays its steps from CUDA graphs (decode_seconds)."""
+def _label(backend: str, tiles: bool) -> str:
+    return f"{backend}+tiles" if tiles else backend
+
+
+def choose_decode(tiles: dict[str, bool | None], device, dtype, num_heads: int, num_kv_heads: int, head_dim: int,
+                  batch: int, max_context: int | None = None, graph: bool = True) -> tuple[str, bool]:
+    """(decode backend, whether it reads SharedPrefix tiles) for an engine of `batch` rows: of the
+    backends of `tiles`, in order of preference, each correct here, mapped to True (tiles on, untimed),
+    False (tiles off) or None (tiles on only where they pay). Each backend is timed without tiles unless
+    they are forced, and with them unless they are off, so at most two timings per backend (four with
+    cuda and triton: the start-up cost every Engine pays, and evaluate() builds one each time); one
+    backend whose tiles are settled is not timed at all. A backend with tiles None keeps them only where
+    they beat its own plain time by _SHARED_PREFIX_MIN_GAIN; then the fastest backend, each in its
+    better mode, wins (a tie keeps the preferred one). Choosing the backend without tiles first and
+    timing the tiles for it alone missed e.g. cuda+tiles beating a triton that is faster than plain cuda.
+
+    The timings share one case (decode_seconds): `batch` rows of min(1024, max_context) tokens (the
+    saving the tiles bring grows with the shared length: a verdict at 1024 tokens says nothing of an
+    engine whose sequences end at 80), in GRPO groups of _TIMING_GROUP rows that share the first half
+    of their blocks where any tiles are timed; graph: as CUDA graph replays or eager launches. A timing
+    that fails leaves its pair out; when all fail, the first backend (tiles only if forced)."""
+    names = list(tiles)
+    runs = [(n, t) for n in names for t in (False, True) if tiles[n] is None or tiles[n] is t]
+    if len(runs) == 1:
+        return runs[0]
+    grouped = any(t for _, t in runs)
     context = _TIMING_CONTEXT if max_context is None else min(_TIMING_CONTEXT, max_context)
-    try:
-        plain, shared = (decode_seconds(backend, device, dtype, num_heads, num_kv_heads, head_dim, batch=batch,
-                                        group=_TIMING_GROUP, shared_prefix=tiles, context=context, graph=graph)
-                         for tiles in (False, True))
-    except Exception as e:  # noqa: BLE001 - the plain path was checked and needs no timing
-        log.warning("paged_decode_attention: timing the %s backend's shared-prefix path on %s failed (%s: %s); "
-                    "decoding without it", backend, device, type(e).__name__, e)
-        return False
-    pays = shared <= plain * (1 - _SHARED_PREFIX_MIN_GAIN)
-    log.info("paged_decode_attention (%s) on %s at batch %d, contexts of up to %d tokens, in groups of %d sharing "
-             "half of them: without shared prefix %.1f us, with %.1f us; %s", backend, device, batch, context,
-             _TIMING_GROUP,
-             plain * 1e6, shared * 1e6, "using it" if pays else
-             f"decoding without it (it must save {_SHARED_PREFIX_MIN_GAIN:.0%})")
-    return pays
-
-
-def _fastest(names: list[str], device, dtype, num_heads: int, num_kv_heads: int, head_dim: int,
-             batch: int, graph: bool = True) -> str:
-    """The fastest decode backend of `names` (all correct here); the first of them if timing fails."""
-    try:
-        seconds = {n: decode_seconds(n, device, dtype, num_heads, num_kv_heads, head_dim, batch=batch, graph=graph)
-                   for n in names}
-    except Exception as e:  # noqa: BLE001 - the kernels were checked: only the choice between them is lost
-        log.warning("paged_decode_attention: timing %s on %s failed (%s: %s); using %s",
-                    " and ".join(names), device, type(e).__name__, e, names[0])
-        return names[0]
-    best = min(names, key=seconds.__getitem__)  # min keeps the earlier (preferred) one on a tie
-    log.info("paged_decode_attention on %s at batch %d: %s; using %s", device, batch,
-             ", ".join(f"{n} {s * 1e6:.1f} us" for n, s in seconds.items()), best)
+    seconds = {}
+    for n, t in runs:
+        try:
+            seconds[n, t] = decode_seconds(n, device, dtype, num_heads, num_kv_heads, head_dim, batch=batch,
+                                           group=_TIMING_GROUP if grouped else 1, shared_prefix=t, context=context,
+                                           graph=graph)
+        except Exception as e:  # noqa: BLE001 - the kernels were checked: only this pair's place in the choice is lost
+            log.warning("paged_decode_attention: timing %s on %s failed (%s: %s); leaving it out of the choice",
+                        _label(n, t), device, type(e).__name__, e)
+    best_of = []
+    for n in names:
+        plain, shared = seconds.get((n, False)), seconds.get((n, True))
+        if shared is not None and (plain is None or shared <= plain * (1 - _SHARED_PREFIX_MIN_GAIN)):
+            best_of.append((n, True))
+        elif plain is not None:
+            best_of.append((n, False))
+    if not best_of:
+        n = names[0]
+        log.warning("paged_decode_attention: no decode timing ran on %s; using %s", device, _label(n, tiles[n] is True))
+        return n, tiles[n] is True
+    best = min(best_of, key=seconds.__getitem__)  # min keeps the earlier (preferred) one on a tie
+    groups = f", in groups of {min(_TIMING_GROUP, batch)} sharing half of them" if grouped else ""
+    rule = f" (tiles only where they save {_SHARED_PREFIX_MIN_GAIN:.0%})" if None in tiles.values() else ""
+    log.info("paged_decode_attention on %s at batch %d, contexts of up to %d tokens%s: %s; using %s%s", device,
+             batch, context, groups, ", ".join(f"{_label(*r)} {s * 1e6:.1f} us" for r, s in seconds.items()),
+             _label(*best), rule)
     return best
+
+
+def correct_backends(op: str, device, dtype, num_heads: int, num_kv_heads: int, head_dim: int,
+                     names: list[str] | None = None, every: bool = False) -> list[str]:
+    """The backends of `names` (default: the usable ones that take these shapes, cuda before triton)
+    whose `op` ("paged_decode_attention" or "store_kv") matches the reference on `device`: the first
+    only, or with every=True all of them; each one that disagrees or fails is named in a warning."""
+    device = torch.device(device)
+    error_of = {
+        "paged_decode_attention": lambda b: _decode_error(b, device, dtype, num_heads, num_kv_heads, head_dim),
+        "store_kv": lambda b: _store_error(b, device, dtype, num_kv_heads, head_dim),
+    }[op]
+    names = names or [b for b in ("cuda", "triton") if b in backends.available(op, device)
+                      and _takes_shapes(op, b, dtype, num_heads, num_kv_heads, head_dim)]
+    correct = []
+    for name in names:
+        try:
+            err = error_of(name)
+        except Exception as e:  # noqa: BLE001 - a kernel that cannot run here is skipped the same way
+            log.warning("%s: the %s backend fails its start-up check on %s (%s: %s); not using it",
+                        op, name, device, type(e).__name__, e)
+            continue
+        if err <= _TOLERANCE.get(dtype, 1e-4):
+            correct.append(name)
+            if not every:
+                break
+        else:
+            log.warning("%s: the %s backend disagrees with the reference on %s (relative error %.2e); not "
+                        "using it", op, name, device, err)
+    return correct
 
 
 def select_backends(device, dtype, num_heads: int, num_kv_heads: int, head_dim: int,
@@ -278,34 +322,17 @@ def select_backends(device, dtype, num_heads: int, num_kv_heads: int, head_dim: 
                     graph: bool = True) -> dict[str, str]:
     """{op: backend} for paged_decode_attention and store_kv on `device`: of the candidates (default: the
     usable ones that take these shapes, cuda before triton) that match the reference here, the first,
-    or, for decode attention with `timing_batch` given, the fastest at that batch (graph: timed as
-    replays of a CUDA graph, or launched eagerly); "torch" when none matches."""
-    device = torch.device(device)
-    checks = {
-        "paged_decode_attention": lambda b: _decode_error(b, device, dtype, num_heads, num_kv_heads, head_dim),
-        "store_kv": lambda b: _store_error(b, device, dtype, num_kv_heads, head_dim),
-    }
+    or, for decode attention with `timing_batch` given, the fastest at that batch without shared-prefix
+    tiles (choose_decode; graph: timed as replays of a CUDA graph, or launched eagerly); "torch" when
+    none matches. (The engine chooses its decode backend and tiles together: ModelRunner.)"""
     chosen = {}
-    for op, error_of in checks.items():
-        names = (candidates or {}).get(op) or [b for b in ("cuda", "triton") if b in backends.available(op, device)
-                                               and _takes_shapes(op, b, dtype, num_heads, num_kv_heads, head_dim)]
-        correct = []
-        for name in names:
-            try:
-                err = error_of(name)
-            except Exception as e:  # noqa: BLE001 - a kernel that cannot run here is skipped the same way
-                log.warning("%s: the %s backend fails its start-up check on %s (%s: %s); not using it",
-                            op, name, device, type(e).__name__, e)
-                continue
-            if err <= _TOLERANCE.get(dtype, 1e-4):
-                correct.append(name)
-                if op != "paged_decode_attention" or timing_batch is None:
-                    break
-            else:
-                log.warning("%s: the %s backend disagrees with the reference on %s (relative error %.2e); not "
-                            "using it", op, name, device, err)
+    for op in ("paged_decode_attention", "store_kv"):
+        race = op == "paged_decode_attention" and timing_batch is not None
+        correct = correct_backends(op, device, dtype, num_heads, num_kv_heads, head_dim,
+                                   (candidates or {}).get(op), every=race)
         if len(correct) > 1:
-            chosen[op] = _fastest(correct, device, dtype, num_heads, num_kv_heads, head_dim, timing_batch, graph)
+            chosen[op] = choose_decode(dict.fromkeys(correct, False), device, dtype, num_heads, num_kv_heads,
+                                       head_dim, timing_batch, graph=graph)[0]
         else:
             chosen[op] = correct[0] if correct else "torch"
     return chosen
