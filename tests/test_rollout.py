@@ -1050,6 +1050,14 @@ def test_shared_prefix_attention_follows_the_start_up_timing_unless_forced(model
     checked.clear()
     runner = Engine(model, block_size=4, num_blocks=16, max_num_seqs=24).runner
     assert (runner.decode_backend, runner.shared_prefix) == ("cuda", True) and checked == ["cuda", "triton"]
+    # an engine of one row can hold no tile: no shared-prefix check or timing, tiles off even when asked for;
+    # its two backends are raced plain (group 1)
+    monkeypatch.setattr(self_check, "decode_seconds", fake_seconds)
+    for opts in ({}, dict(shared_prefix_attention=True)):
+        checked.clear()
+        timed.clear()
+        assert not Engine(model, block_size=4, num_blocks=16, max_num_seqs=1, **opts).runner.shared_prefix
+        assert checked == [] and timed == [("cuda", 1, 1, False), ("triton", 1, 1, False)]
     for bad in ("auto", 1, 0):
         with pytest.raises(TypeError, match=f"shared_prefix_attention must be None .*, True or False, got {bad!r}"):
             Engine(model, block_size=4, num_blocks=16, shared_prefix_attention=bad)

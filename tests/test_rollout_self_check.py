@@ -369,3 +369,18 @@ def test_the_decode_backend_and_tiles_are_chosen_as_the_fastest_pair(monkeypatch
     assert all(t is tiles[n] for n, t, *_ in timed if tiles[n] is not None)  # a settled backend: its mode only
     if runs:
         assert f"using {want[0]}{'+tiles' if want[1] else ''}" in caplog.text
+
+
+@pytest.mark.parametrize("batch, words", [(48, "in groups of 8 sharing"),
+                                          (12, "in groups of 8 (the last of 4) sharing"),
+                                          (4, "in one group of 4 sharing"), (8, "in one group of 8 sharing")])
+def test_the_shared_prefix_timing_names_its_groups_as_the_case_makes_them(monkeypatch, caplog, batch, words):
+    """Below 8 rows the timing case is one group of them all: the log said "in groups of 8"."""
+    from r1fast.rollout import self_check
+
+    monkeypatch.setattr(self_check, "decode_seconds", lambda *args, shared_prefix, **kwargs: 1e-4)
+    with caplog.at_level(logging.INFO, logger="r1fast.rollout.self_check"):
+        self_check.choose_decode({"triton": None}, "cpu", torch.float32, **SHAPES, batch=batch)
+    assert f"at batch {batch}, contexts of up to 1024 tokens, {words} half of them:" in caplog.text
+    leads = self_check._timing_case(batch, 32, **SHAPES, group=8)[3][:, 0]  # each row's first (shared) block
+    assert [len(set(leads[i: i + 8].tolist())) for i in range(0, batch, 8)] == [1] * -(-batch // 8)

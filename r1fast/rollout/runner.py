@@ -146,12 +146,13 @@ class ModelRunner:
         if use_cuda_graphs and self.device.type == "cuda":
             self._capture_graphs(max_num_seqs)
 
-    def _reads_tiles(self, backend: str | None, requested: bool | None) -> bool:
+    def _reads_tiles(self, backend: str | None, requested: bool | None, max_num_seqs: int) -> bool:
         """Whether decode steps through `backend` can pass SharedPrefix tiles (unless turned off): only the
         triton and cuda kernels read shared blocks once (both through Triton's prefix kernel); the others
-        would ignore the tiles."""
+        would ignore the tiles. A tile holds two rows or more, so an engine of one row has none: the
+        tiles would only add an empty prefix launch to each step's graph (and a timing to the start-up)."""
         group = self.model.config.num_attention_heads // self.num_kv_heads
-        return requested is not False and backend in ("triton", "cuda") and \
+        return requested is not False and max_num_seqs >= 2 and backend in ("triton", "cuda") and \
             backends.backend_available("triton", self.device)[0] and prefix_tile_rows(group, self.head_dim) >= 2
 
     def _choose_decode(self, requested: bool | None, pick_backend: bool, timing_batch: int, max_model_len: int,
@@ -164,7 +165,7 @@ class ModelRunner:
         timing_batch rows of at most max_model_len tokens, as graph replays or eager launches as the
         engine will run them). On the CPU the tiles are used wherever the backend reads them, untimed."""
         if not _checks_kernels(self.device):
-            return self._reads_tiles(self.decode_backend, requested)
+            return self._reads_tiles(self.decode_backend, requested, timing_batch)
         from r1fast.rollout import self_check
 
         cfg = self.model.config
@@ -178,7 +179,7 @@ class ModelRunner:
                                   or ["torch"])[0]
         tiles = {}
         for name in names:
-            usable = self._reads_tiles(name, requested) and \
+            usable = self._reads_tiles(name, requested, timing_batch) and \
                 (not pick_backend or self_check.shared_prefix_ok(name, self.device, self.dtype, *shape))
             tiles[name] = usable and (True if requested else None)
         self.decode_backend, uses_tiles = self_check.choose_decode(tiles, self.device, self.dtype, *shape,

@@ -235,6 +235,14 @@ def _label(backend: str, tiles: bool) -> str:
     return f"{backend}+tiles" if tiles else backend
 
 
+def _grouping(batch: int) -> str:
+    """How _timing_case groups `batch` rows, in words: runs of _TIMING_GROUP, the last one shorter."""
+    if batch <= _TIMING_GROUP:
+        return f"in one group of {batch}"
+    last = batch % _TIMING_GROUP
+    return f"in groups of {_TIMING_GROUP}" + (f" (the last of {last})" if last else "")
+
+
 def choose_decode(tiles: dict[str, bool | None], device, dtype, num_heads: int, num_kv_heads: int, head_dim: int,
                   batch: int, max_context: int | None = None, graph: bool = True) -> tuple[str, bool]:
     """(decode backend, whether it reads SharedPrefix tiles) for an engine of `batch` rows: of the
@@ -279,7 +287,7 @@ def choose_decode(tiles: dict[str, bool | None], device, dtype, num_heads: int, 
         log.warning("paged_decode_attention: no decode timing ran on %s; using %s", device, _label(n, tiles[n] is True))
         return n, tiles[n] is True
     best = min(best_of, key=seconds.__getitem__)  # min keeps the earlier (preferred) one on a tie
-    groups = f", in groups of {min(_TIMING_GROUP, batch)} sharing half of them" if grouped else ""
+    groups = f", {_grouping(batch)} sharing half of them" if grouped else ""
     rule = f" (tiles only where they save {_SHARED_PREFIX_MIN_GAIN:.0%})" if None in tiles.values() else ""
     log.info("paged_decode_attention on %s at batch %d, contexts of up to %d tokens%s: %s; using %s%s", device,
              batch, context, groups, ", ".join(f"{_label(*r)} {s * 1e6:.1f} us" for r, s in seconds.items()),
