@@ -88,7 +88,10 @@ def device_lost(device: torch.device) -> str | None:
 @dataclasses.dataclass
 class Impl:
     provider: str                      # "r1fast" or a peer's name
-    backend: str                       # reference | torch | triton | cuda | a peer's own label
+    # reference | torch | triton | cuda | a peer's own label. A setup may add what it found out to its rows'
+    # backend: the callable it returns carries backend_detail (a str), and the rows say
+    # "<backend> (<backend_detail>)", e.g. the decode path a rollout engine chose at start-up.
+    backend: str
     setup: Callable[[], Callable[[], object]]   # builds inputs, returns the zero-argument callable to time
     requires: tuple[str, ...] = ()     # importable modules this impl needs
     # Override the case's warmup / reps for this impl (a slow peer: warmup=0, reps=1 times one call).
@@ -454,6 +457,9 @@ def run_suite(s: Suite, size: str, device: torch.device, machine: Machine, timer
             held, dirs_before = _allocated(device), len(_TEMP_DIRS)
             try:
                 fn = impl.setup()
+                detail = getattr(fn, "backend_detail", None)
+                if detail:
+                    base["backend"] = f"{impl.backend} ({detail})"
                 timing = timer(fn, warmup=impl.warmup if impl.warmup is not None else case.warmup,
                                reps=impl.reps if impl.reps is not None else case.reps)
             except Skip as e:

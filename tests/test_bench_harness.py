@@ -1093,6 +1093,11 @@ def test_grpo_step_phases_and_step_share_one_trainer_freed_before_trls():
              for r in rows if r["metric"] == "time_ms"]
     assert timed == ["rollout", "rewards", "logprobs", "loss+backward", "optimizer", "step"]
     assert len(refs) == 1 and alive_at_trl == [[False]]
+    # the rows that run the engine name its decode path (decode_path), the others not
+    backend = {r["case"].rsplit("phase=", 1)[-1] if "phase=" in r["case"] else "step": r["backend"]
+               for r in rows if r["metric"] == "time_ms"}
+    assert backend["rollout"] == backend["step"] and backend["rollout"].startswith("engine+fused (decode ")
+    assert backend["rewards"] == backend["optimizer"] == "engine+fused"
 
 
 def test_grpo_step_smoke_repeats_follow_the_budget():
@@ -1768,3 +1773,49 @@ def test_gpu_check_builds_in_the_tree_where_site_packages_is_not_writable(tmp_pa
     assert pythonpath.split(":")[0] == str(repo) and (kernels, bench) == ("../kernels", "../bench")
     assert (tmp_path / "bench_args").exists() and "BUILD FAILED" not in p.stdout and p.returncode == 0, p.stdout[-800:]
     assert not (repo / "r1fast" / "kernels").is_symlink()   # the links go at exit
+
+
+def test_a_setup_can_add_what_it_found_to_its_rows_backend(tmp_path):
+    """The engine's decode path is chosen at start-up, inside the impl's setup, after the Impl was named: a
+    setup's callable with backend_detail puts it in the rows' backend, so the CSV says what ran."""
+    def noted():
+        def run():
+            return None
+        run.backend_detail = "decode cuda+tiles"
+        return run
+    case = harness.Case("c", "step", "float32", [harness.Impl("r1fast", "engine", noted),
+                                                 harness.Impl("r1fast", "plain", lambda: (lambda: None))])
+    rows = harness.run_suite(harness.Suite("t", lambda size, device: [case]), "smoke", torch.device("cpu"),
+                             harness.Machine(torch.device("cpu"), "smoke"), _FixedTimer(1.0, 1.0, 1.0),
+                             log=lambda *_: None)
+    assert [r["backend"] for r in rows if r["metric"] == "time_ms"] == ["engine (decode cuda+tiles)", "plain"]
+    csv_path, _ = harness.write_results(rows, tmp_path, torch.device("cpu"), {})
+    assert {r["backend"] for r in harness.read_csv(csv_path)} == {"engine (decode cuda+tiles)", "plain"}
+
+
+def test_rollout_rows_name_the_decode_path_the_engine_chose(monkeypatch):
+    """The rollout suite's engine rows say which decode backend the engine runs and whether it passes the
+    shared-prefix tiles (on a GPU both are timed at start-up, per card and shape)."""
+    from r1fast.bench.suites import rollout
+    from r1fast.rollout import Engine
+
+    cpu = torch.device("cpu")
+    real, engines = rollout.decode_path, []
+    monkeypatch.setattr(rollout, "decode_path", lambda engine: engines.append(engine) or real(engine))
+    step = rollout._r1fast_decode_step(rollout.TINY, 4, 32, torch.float32, cpu)()
+    generate = rollout._r1fast_generate(rollout.TINY, (2, 2, 8, 4), torch.float32, cpu)()
+    assert len(engines) == 2 and engines[1] is next(iter(rollout._engines.values()))
+    assert [step.backend_detail, generate.backend_detail] == [real(e) for e in engines]
+    assert all(isinstance(e, Engine) for e in engines)
+    decode_path = real
+    # what decode_path says: the backend the runner decodes with, "+tiles" where it passes them
+    model = rollout._model(rollout.TINY, torch.float32, cpu)
+    for backend, tiles in (("torch", False), ("triton", True), ("triton", False)):
+        try:
+            e = Engine(model, block_size=16, decode_backend=backend, shared_prefix_attention=tiles)
+        except ValueError:   # triton on CPU tensors needs TRITON_INTERPRET=1
+            continue
+        assert decode_path(e) == f"decode {backend}" + ("+tiles" if tiles else "")
+    e = Engine(model, block_size=16)   # no backend named: the one the op's default resolves to
+    from r1fast import backends
+    assert decode_path(e) == "decode " + backends.resolve("paged_decode_attention", cpu, dtype=torch.float32)[0]

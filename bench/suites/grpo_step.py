@@ -24,6 +24,7 @@ import torch
 
 from r1fast.bench import harness
 from r1fast.bench.harness import Case, Impl, Skip, suite
+from r1fast.bench.suites.rollout import decode_path
 
 # 4096 positions, not 32768: the rollout engine's max_model_len (and with it its KV pool) defaults to this,
 # and the step's sequences (short prompts, 512 new tokens) are far shorter
@@ -129,6 +130,7 @@ def _r1fast_step(*spec, shared: _SharedRun | None = None):
 
         def step():
             tr.step()
+        step.backend_detail = decode_path(tr.engine)
         return step
     return setup
 
@@ -148,6 +150,7 @@ def _r1fast_phase(phase, *spec, shared: _SharedRun | None = None):
                 tr.model.eval()
                 tr.generate(s.rows, s.keys, G, tr.cfg.temperature, 0)
                 tr.engine.reset_prefix_cache()
+            rollout.backend_detail = decode_path(tr.engine)   # (_rollout_state started the engine)
             return rollout
         if phase == "rewards":
             def rewards():

@@ -12,6 +12,10 @@ Cases:
   unless they hide it. No floor: items = decode steps.
 - "decode step": one engine decode step (batch of B sequences at context C: embedding -> layers ->
   logits -> sampling), as the engine runs it (CUDA graphs on GPU). Floor: weight bytes + KV bytes.
+
+Each engine row's backend names the decode attention the engine chose at start-up (decode_path), e.g.
+"engine (decode triton+tiles)": on a GPU that choice is timed per card and shape, and a row's time
+means little without it.
 """
 import math
 
@@ -49,6 +53,22 @@ def _kv_bytes_per_token(cfg, dtype):
     return cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * cfg.head_dim * (torch.finfo(dtype).bits // 8)
 
 
+def decode_path(engine) -> str:
+    """The decode attention `engine` runs, for a row's backend_detail: "decode <backend>", "+tiles" where
+    its steps pass the shared-prefix tiles (the start-up's choice on a GPU; the default backend elsewhere)."""
+    from r1fast import backends
+
+    runner = engine.runner
+    name = runner.decode_backend or backends.resolve("paged_decode_attention", runner.device, dtype=runner.dtype)[0]
+    return f"decode {name}" + ("+tiles" if runner.shared_prefix else "")
+
+
+def _noting_decode_path(run, engine):
+    """`run` with the engine's decode path as its backend_detail (the harness adds it to the rows' backend)."""
+    run.backend_detail = decode_path(engine)
+    return run
+
+
 _engines = {}  # the step-by-step impl reuses the engine (model, KV pool, graphs) of the default one
 
 
@@ -70,7 +90,7 @@ def _r1fast_generate(cfg_kwargs, shape, dtype, device, async_decode=True):
         def run():
             engine.async_decode = async_decode
             return engine.generate(prompts, params)
-        return run
+        return _noting_decode_path(run, engine)
     return setup
 
 
@@ -132,7 +152,7 @@ def _r1fast_decode_step(cfg_kwargs, batch, ctx, dtype, device):
             # the step's uniforms as the engine makes them: hashed on the host, one copy
             u = torch.from_numpy(host_uniforms(keys, pos)).to(device, non_blocking=True)
             return ops.sample_tokens(lm_logits(hidden, model.lm_head_weight), params, u, check_inputs=False)
-        return step
+        return _noting_decode_path(step, engine)
     return setup
 
 
