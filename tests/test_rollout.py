@@ -1058,6 +1058,23 @@ def test_shared_prefix_attention_follows_the_start_up_timing_unless_forced(model
         timed.clear()
         assert not Engine(model, block_size=4, num_blocks=16, max_num_seqs=1, **opts).runner.shared_prefix
         assert checked == [] and timed == [("cuda", 1, 1, False), ("triton", 1, 1, False)]
+    # a failed capture (here: no pinned memory on a CPU) leaves eager decoding: the choice, timed for graph
+    # replays, is made again timed eagerly; the tiles paid only as replays
+    correct["paged_decode_attention"] = ["triton"]
+    modes = []
+
+    def by_mode(backend, *args, shared_prefix, graph, **kwargs):
+        modes.append((shared_prefix, graph))
+        return (50e-6 if graph else 120e-6) if shared_prefix else 100e-6
+    monkeypatch.setattr(self_check, "decode_seconds", by_mode)
+    monkeypatch.setattr(runner_module, "_captures_graphs", lambda device: True)
+    with caplog.at_level(logging.WARNING):
+        runner = Engine(model, block_size=4, num_blocks=16, max_num_seqs=24).runner
+    assert runner.graphs == {} and "CUDA graph capture failed" in caplog.text
+    assert modes == [(False, True), (True, True), (False, False), (True, False)] and not runner.shared_prefix
+    modes.clear()
+    assert not Engine(model, block_size=4, num_blocks=16, max_num_seqs=24, use_cuda_graphs=False).runner.shared_prefix
+    assert modes == [(False, False), (True, False)]  # no capture asked for: timed eagerly once
     for bad in ("auto", 1, 0):
         with pytest.raises(TypeError, match=f"shared_prefix_attention must be None .*, True or False, got {bad!r}"):
             Engine(model, block_size=4, num_blocks=16, shared_prefix_attention=bad)

@@ -120,6 +120,11 @@ def _checks_kernels(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
+def _captures_graphs(device: torch.device) -> bool:
+    """Whether the runner captures its decode steps in CUDA graphs on `device` (if asked to)."""
+    return device.type == "cuda"
+
+
 class ModelRunner:
     def __init__(self, model, num_blocks: int, block_size: int, max_num_seqs: int, max_model_len: int,
                  use_cuda_graphs: bool = True, decode_backend: str | None = None,
@@ -135,16 +140,21 @@ class ModelRunner:
         self.decode_backend, self.store_backend = decode_backend, None
         if decode_backend is not None:  # a misspelt or unusable backend: said now, not at the first decode step
             backends.resolve("paged_decode_attention", self.device, decode_backend)
-        self.shared_prefix = self._choose_decode(shared_prefix, decode_backend is None, max_num_seqs,
-                                                 max_model_len, use_cuda_graphs)
+        choice = (shared_prefix, decode_backend is None, max_num_seqs, max_model_len)
+        self.shared_prefix = self._choose_decode(*choice, graph=use_cuda_graphs)
         self._tiles_of = None  # the running ids array the cached tiles were found for
         self._tiles = None
         self.kv = torch.zeros(cfg.num_hidden_layers, 2, num_blocks, block_size, self.num_kv_heads, self.head_dim,
                               device=self.device, dtype=self.dtype)
         self.rotary_table = rotary_table(model, max_model_len)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, dict]] = {}
-        if use_cuda_graphs and self.device.type == "cuda":
+        if use_cuda_graphs and _captures_graphs(self.device):
             self._capture_graphs(max_num_seqs)
+            if not self.graphs and _checks_kernels(self.device):
+                # the steps run eagerly after all: the start-up's choice was timed for graph replays, where
+                # launches cost nothing; it is made again as the steps will run (no staging depends on it)
+                log.warning("choosing the decode attention again for eager decoding")
+                self.shared_prefix = self._choose_decode(*choice, graph=False)
 
     def _reads_tiles(self, backend: str | None, requested: bool | None, max_num_seqs: int) -> bool:
         """Whether decode steps through `backend` can pass SharedPrefix tiles (unless turned off): only the
