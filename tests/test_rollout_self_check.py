@@ -312,6 +312,10 @@ def test_decode_timing_rotates_through_caches_that_outgrow_l2(monkeypatch):
     values, distinct memory) until twice the L2 lies between two reads of one, within _TIMING_BYTES."""
     from r1fast.rollout import self_check
 
+    # 64 rows of 80 tokens (5 MB): 21 copies; 256 MiB: one. A case far smaller than the L2 (80 kB against 50 MB) is latency-bound: at most _MAX_COPIES copies
+    assert self_check._cold_copies(80 << 10, 50 << 20) == self_check._MAX_COPIES == 128
+    assert self_check._cold_copies(5 << 20, 50 << 20) == 21 and self_check._cold_copies(256 << 20, 50 << 20) == 1
+
     impls, seen, first = backends.implementations("paged_decode_attention"), [], []
     real = impls["torch"]
 

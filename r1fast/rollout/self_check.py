@@ -110,6 +110,10 @@ _TIMING_BYTES = 256 << 20
 # L2_cache_size): GH100's full 60 MB (H100 and H200 enable 50 MB of it). A real step's layers each read
 # their own cache, so the same layer's blocks come round again only after every other layer's.
 _L2_BYTES = 60 << 20
+# At most this many copies (and so calls a round): a case so small that this many copies fit in L2 (under
+# 0.8 MB a copy: a few rows of a few blocks) is bound by launch latency, not by where its bytes come
+# from, and thousands of calls a round would make each start-up timing take seconds.
+_MAX_COPIES = 128
 # The timing case's context length, unless memory or (shared-prefix timing) the engine's max_model_len cuts it.
 _TIMING_CONTEXT = 1024
 # GRPO's decode batch, for timing the shared-prefix path: the samples of one prompt, in groups of
@@ -160,10 +164,10 @@ def _cold_copies(copy_bytes: int, l2_bytes: int) -> int:
     """How many copies of a timing case's K/V the calls rotate through so that each call reads its K/V
     from memory, not from L2, as a real decode step's layers do: enough that twice the L2 passes
     between two reads of one copy (an LRU-like cache keeps none of a cyclic scan twice its size), no
-    more than _TIMING_BYTES hold (at least one). Replayed on one cache, a small case (64 rows of 80
-    tokens: 5 MB) sat in L2 from the second call on and timed a kernel that reads L2, not HBM."""
+    more than _TIMING_BYTES hold nor _MAX_COPIES (at least one). Replayed on one cache, a small case
+    (64 rows of 80 tokens: 5 MB) sat in L2 from the second call on and timed a kernel reading L2, not HBM."""
     wanted = 1 + -(-2 * l2_bytes // copy_bytes)
-    return max(1, min(wanted, _TIMING_BYTES // copy_bytes))
+    return max(1, min(wanted, _TIMING_BYTES // copy_bytes, _MAX_COPIES))
 
 
 def decode_seconds(backend: str, device, dtype, num_heads: int, num_kv_heads: int, head_dim: int,
