@@ -12,9 +12,10 @@ each backend that agrees is timed on a decode step of the rollout's batch withou
 the engine was told otherwise (shared_prefix_attention), with them, on a GRPO-shaped batch (groups of 8
 rows sharing the first half of their context's blocks, contexts no longer than the engine's
 max_model_len, the tiles built as the runner builds them, the calls replayed from a CUDA graph as the
-engine runs them); a backend keeps its tiles only when they make it at least 5% faster (the plain
-kernel can find a group's shared blocks in L2 anyway), and the fastest backend in its better mode is
-used: which of the CUDA and Triton kernels wins, and whether the tiles pay, depend on the card and the
+engine runs them, or launched one by one for an engine that decodes eagerly, rotating through copies of
+the K/V that outgrow the card's L2); a backend keeps its tiles only when they make it at least 5%
+faster (the plain kernel can find a group's shared blocks in L2 anyway), and the fastest backend in
+its better mode is used: which of the CUDA and Triton kernels wins, and whether the tiles pay, depend on the card and the
 head shapes. The cost is a few small launches and up to four short timings per engine.
 """
 from __future__ import annotations
