@@ -1,0 +1,122 @@
+"""The passes over memory one FP8 linear makes, counted: a pass added by a change shows here.
+
+The "torch" path's minimum, per layer and step (rowwise or tensorwise): forward quantises x and W
+and runs one GEMM; backward quantises dy twice (per token for the input gradient, per output feature
+for the weight gradient: two sets of values, not one layout of the same), W^T and x^T along the
+dimension their GEMMs reduce (other scales than forward's), and runs two GEMMs. Everything else is
+a view, except padding the weight-gradient operands' token dimension to a multiple of 16
+(_scaled_mm's rule) and the bias's add and sum. On CUDA each quantiser call is one compiled
+function; here it is one entry of the list, its insides counted apart (the eager fallback).
+"""
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import r1fast.fp8.gemm as gemm
+import r1fast.fp8.linear as lin
+from r1fast.fp8 import fp8_linear
+
+E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
+# ops that make no pass over memory: views and aliases
+VIEWS = {"view", "_unsafe_view", "t", "transpose", "unsqueeze", "squeeze", "expand", "detach", "alias",
+         "as_strided", "permute", "slice", "select", "_reshape_alias", "reshape"}
+
+
+def _tensors(tree):
+    if isinstance(tree, torch.Tensor):
+        yield tree
+    elif isinstance(tree, (list, tuple)):
+        for t in tree:
+            yield from _tensors(t)
+    elif isinstance(tree, dict):
+        yield from _tensors(list(tree.values()))
+
+
+class _Recorder(TorchDispatchMode):
+    """Names every aten op run while it is on and `muted` is zero that touches a tensor of more than
+    `small` elements: views left out, and the work on vectors (scales, a bias and its gradient)."""
+
+    def __init__(self, small=0):
+        super().__init__()
+        self.ops, self.muted, self.small = [], 0, small
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        largest = max((t.numel() for t in _tensors((args, kwargs, out))), default=0)
+        if not self.muted and name not in VIEWS and largest > self.small:
+            self.ops.append((name, out))
+        return out
+
+
+def _layer_ops(monkeypatch, m, scaling, bias, grad_dtype="e5m2"):
+    """(forward ops, backward ops) of one torch-path fp8_linear at M=m, K=64, N=32 in bf16: a quantiser
+    call is ("quantize", format, its input's shape, whether that input is a transposed view)."""
+    rec = _Recorder(small=64)  # no vector here is longer than K = 64; every matrix is longer
+    real_quantize, real_mm = gemm.quantize, torch._scaled_mm
+
+    def counted_quantize(t, dtype, rowwise, scale=None):
+        rec.muted += 1
+        try:
+            return real_quantize(t, dtype, rowwise, scale)
+        finally:
+            rec.muted -= 1
+            rec.ops.append((("quantize", dtype, tuple(t.shape), not t.is_contiguous()), None))
+
+    def counted_mm(a, b, **kw):  # the CPU kernel where this torch has one for the scaling, else its result's shape
+        rec.muted += 1
+        try:
+            out = real_mm(a, b, **kw) if torch_path_ok else torch.zeros(a.shape[0], b.shape[1], dtype=kw["out_dtype"])
+        finally:
+            rec.muted -= 1
+        rec.ops.append((("_scaled_mm", a.dtype, b.dtype, (a.shape[0], a.shape[1], b.shape[1])), None))
+        return out
+
+    from r1fast.fp8.support import torch_path
+    torch_path_ok = torch_path(torch.device("cpu"), scaling)[0]
+    monkeypatch.setattr(gemm, "quantize", counted_quantize)
+    monkeypatch.setattr(torch, "_scaled_mm", counted_mm)
+    monkeypatch.setattr(lin, "_check_torch_path", lambda *_: None)
+    g = torch.Generator().manual_seed(m)
+    x = torch.randn(m, 64, generator=g).bfloat16().requires_grad_()
+    w = (torch.randn(32, 64, generator=g) / 8).bfloat16().requires_grad_()
+    b = torch.randn(32, generator=g).bfloat16().requires_grad_() if bias else None
+    dy = torch.randn(m, 32, generator=g).bfloat16()
+    with rec:
+        y = fp8_linear(x, w, b, impl="torch", scaling=scaling, grad_dtype=grad_dtype)
+        n_fwd = len(rec.ops)
+        y.backward(dy)
+    names = [name for name, _ in rec.ops]
+    return names[:n_fwd], names[n_fwd:]
+
+
+def _minimum(m, m_padded):
+    fwd = [("quantize", E4M3, (m, 64), False),          # x, a scale per token
+           ("quantize", E4M3, (32, 64), False),         # W, a scale per output feature
+           ("_scaled_mm", E4M3, E4M3, (m, 64, 32))]
+    bwd = [("quantize", E5M2, (m, 32), False),          # dy, a scale per token
+           ("quantize", E4M3, (64, 32), True),          # W^T, a scale per input feature
+           ("_scaled_mm", E5M2, E4M3, (m, 32, 64)),     # dx = dy @ W
+           ("quantize", E5M2, (32, m), True),           # dy^T, a scale per output feature
+           ("quantize", E4M3, (64, m), True),           # x^T, a scale per input feature
+           *(["constant_pad_nd"] * 2 if m_padded != m else []),
+           ("_scaled_mm", E5M2, E4M3, (32, m_padded, 64))]   # dW = dy^T @ x
+    return fwd, bwd
+
+
+@pytest.mark.parametrize("scaling", ["rowwise", "tensorwise"])
+def test_a_layer_makes_the_minimum_of_passes(monkeypatch, scaling):
+    # six quantiser calls and three GEMMs, not one copy, cast or transpose besides
+    assert _layer_ops(monkeypatch, 48, scaling, bias=False) == _minimum(48, 48)
+
+
+def test_an_unaligned_token_count_adds_only_the_two_pads(monkeypatch):
+    # 29 tokens: the weight-gradient GEMM reduces over them, so its quantised operands get zero columns up to 32
+    assert _layer_ops(monkeypatch, 29, "rowwise", bias=False) == _minimum(29, 32)
+
+
+def test_a_bias_adds_one_pass_in_each_direction(monkeypatch):
+    fwd, bwd = _layer_ops(monkeypatch, 48, "rowwise", bias=True)
+    want_fwd, want_bwd = _minimum(48, 48)
+    assert fwd == want_fwd + ["add"]                     # y + bias, after the GEMM's rounding (the emulation's numerics)
+    assert bwd == want_bwd + ["sum"]                     # dbias: fp32 sums of dy over tokens
