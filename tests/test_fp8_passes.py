@@ -15,6 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import r1fast.fp8.gemm as gemm
 import r1fast.fp8.linear as lin
 from r1fast.fp8 import fp8_linear
+from r1fast.fp8.quantization import quantize
 
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 # ops that make no pass over memory: views and aliases
@@ -120,3 +121,25 @@ def test_a_bias_adds_one_pass_in_each_direction(monkeypatch):
     want_fwd, want_bwd = _minimum(48, 48)
     assert fwd == want_fwd + ["add"]                     # y + bias, after the GEMM's rounding (the emulation's numerics)
     assert bwd == want_bwd + ["sum"]                     # dbias: fp32 sums of dy over tokens
+
+
+# ---------------------------------------------------------------- the eager quantiser (CPU, and CUDA without a compiler)
+
+
+@pytest.mark.parametrize("src", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("rowwise", [True, False], ids=["rowwise", "tensorwise"])
+def test_the_eager_quantiser_makes_one_fp32_temporary_and_writes_q_row_major(src, transposed, rowwise):
+    g = torch.Generator().manual_seed(3)
+    t = torch.randn(48, 80, generator=g).to(src)
+    t = t.t() if transposed else t
+    rec = _Recorder()
+    with rec:
+        q, scale = quantize(t, E4M3, rowwise)
+    full = [(name, out.dtype) for name, out in rec.ops if isinstance(out, torch.Tensor) and out.numel() == t.numel()]
+    # the amax reads t once more and makes only (rows, 1) or a 0-d tensor
+    widen = [("_to_copy", torch.float32)] if src != torch.float32 else []
+    assert full == widen + [("div_" if widen else "div", torch.float32), ("_to_copy", E4M3)]
+    assert q.is_contiguous()
+    want = (t.float() / scale).to(E4M3).contiguous()  # the same values as the spec's formula, bit for bit
+    assert torch.equal(q.view(torch.uint8), want.view(torch.uint8))

@@ -69,9 +69,12 @@ def compute_scale(t: torch.Tensor, dtype: torch.dtype, rowwise: bool) -> torch.T
 def _cast(t: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     # No clamp needed: |t| <= amax, so |t / scale| <= FP8_MAX up to one fp32 rounding, which the
     # round-to-nearest cast brings back to FP8_MAX (the next value up, 480 / 61440, is far away).
-    # Row-major q even from a transposed view (the backward GEMMs quantise W^T, dy^T and x^T):
-    # _scaled_mm wants it, and copying 1-byte values beats copying the 2-byte input first.
-    return (t.float() / scale).to(dtype).contiguous()
+    # Row-major q even from a transposed view (the backward GEMMs quantise W^T, dy^T and x^T), as
+    # _scaled_mm wants it. Eagerly: one fp32 temporary (a narrower t is widened by a copy, divided in
+    # place), and the cast writes q row-major itself. `(t.float() / scale).to(dtype).contiguous()`
+    # held two fp32 temporaries of a bf16 t and copied a transposed q once more: the same values.
+    q = t / scale if t.dtype == torch.float32 else t.to(torch.float32).div_(scale)
+    return q.to(dtype, memory_format=torch.contiguous_format)
 
 
 def _quantize_impl(t: torch.Tensor, dtype: torch.dtype, rowwise: bool):
@@ -127,9 +130,11 @@ def _compiled_scale(amax, fmax):
 
 
 def _compiled_cast(t, scale, dtype):
+    # Inductor fuses this into one kernel (one read of t, a row-major 1-byte write): written out
+    # of place, as Dynamo traces it best, rather than through the eager _cast's in-place division.
     if _divide_in_fp64:
         return (t.double() / scale).float().to(dtype).contiguous()
-    return _cast(t, scale, dtype)
+    return (t.float() / scale).to(dtype).contiguous()
 
 
 _QUANTIZERS = {(torch.float8_e4m3fn, True): _quantize_e4m3_rowwise,
@@ -168,7 +173,7 @@ def _fused_quantize(t, dtype, rowwise):
     """_quantize_impl compiled for CUDA: rowwise one compiled call (row amax, scale, cast: two reads
     of t and a 1-byte write, no eager op between); tensorwise torch's amax reduction (one read),
     then one compiled call for the scale and the cast (one read, a 1-byte write). Eager mode writes
-    and reads two fp32 temporaries and, for a transposed input, copies the result once more."""
+    and reads one fp32 temporary the size of t (a narrower t's widened copy, divided in place)."""
     global _compile_failed
     t = t.detach()  # requires_grad is part of Dynamo's guards; the quantiser never needs it
     if t.numel() == 0:  # nothing to compile for, and a size-0 dimension would be one more version
