@@ -4,9 +4,10 @@ The "torch" path's minimum, per layer and step (rowwise or tensorwise): forward 
 and runs one GEMM; backward quantises dy twice (per token for the input gradient, per output feature
 for the weight gradient: two sets of values, not one layout of the same), W^T and x^T along the
 dimension their GEMMs reduce (other scales than forward's), and runs two GEMMs. Everything else is
-a view, except padding the weight-gradient operands' token dimension to a multiple of 16
-(_scaled_mm's rule) and the bias's add and sum. On CUDA each quantiser call is one compiled
-function; here it is one entry of the list, its insides counted apart (the eager fallback).
+a view, except the bias's add and sum: the zero columns _scaled_mm needs in the weight-gradient
+operands when the token count is not a multiple of 16 are written by the quantiser's own kernel. On
+CUDA each quantiser call is one compiled function; here it is one entry of the list, its insides
+counted apart (the eager fallback; the compiled one's kernels below).
 """
 import pytest
 import torch
@@ -56,10 +57,10 @@ def _layer_ops(monkeypatch, m, scaling, bias, grad_dtype="e5m2"):
     rec = _Recorder(small=64)  # no vector here is longer than K = 64; every matrix is longer
     real_quantize, real_mm = gemm.quantize, torch._scaled_mm
 
-    def counted_quantize(t, dtype, rowwise, scale=None):
+    def counted_quantize(t, dtype, rowwise, scale=None, **kw):
         rec.muted += 1
         try:
-            return real_quantize(t, dtype, rowwise, scale)
+            return real_quantize(t, dtype, rowwise, scale, **kw)
         finally:
             rec.muted -= 1
             rec.ops.append((("quantize", dtype, tuple(t.shape), not t.is_contiguous()), None))
@@ -100,7 +101,6 @@ def _minimum(m, m_padded):
            ("_scaled_mm", E5M2, E4M3, (m, 32, 64)),     # dx = dy @ W
            ("quantize", E5M2, (32, m), True),           # dy^T, a scale per output feature
            ("quantize", E4M3, (64, m), True),           # x^T, a scale per input feature
-           *(["constant_pad_nd"] * 2 if m_padded != m else []),
            ("_scaled_mm", E5M2, E4M3, (32, m_padded, 64))]   # dW = dy^T @ x
     return fwd, bwd
 
@@ -111,9 +111,11 @@ def test_a_layer_makes_the_minimum_of_passes(monkeypatch, scaling):
     assert _layer_ops(monkeypatch, 48, scaling, bias=False) == _minimum(48, 48)
 
 
-def test_an_unaligned_token_count_adds_only_the_two_pads(monkeypatch):
-    # 29 tokens: the weight-gradient GEMM reduces over them, so its quantised operands get zero columns up to 32
-    assert _layer_ops(monkeypatch, 29, "rowwise", bias=False) == _minimum(29, 32)
+@pytest.mark.parametrize("scaling", ["rowwise", "tensorwise"])
+def test_an_unaligned_token_count_adds_no_pass(monkeypatch, scaling):
+    # 29 tokens: the weight-gradient GEMM reduces over them, so its quantised operands come with zero
+    # columns up to 32, from the quantiser itself (it padded with two more 1-byte copies)
+    assert _layer_ops(monkeypatch, 29, scaling, bias=False) == _minimum(29, 32)
 
 
 def test_a_bias_adds_one_pass_in_each_direction(monkeypatch):
@@ -143,3 +145,76 @@ def test_the_eager_quantiser_makes_one_fp32_temporary_and_writes_q_row_major(src
     assert q.is_contiguous()
     want = (t.float() / scale).to(E4M3).contiguous()  # the same values as the spec's formula, bit for bit
     assert torch.equal(q.view(torch.uint8), want.view(torch.uint8))
+
+
+# ---------------------------------------------------------------- the compiled quantiser's padding
+
+
+def _skewed(m, k, seed):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(m, k, generator=g) * torch.exp(2 * torch.randn(m, 1, generator=g))).to(torch.bfloat16)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("division", ["fp32", "fp64"])
+def test_the_compiled_quantiser_pads_in_its_own_kernel(monkeypatch, division):
+    # The torch.compile'd quantiser CUDA runs, compiled by Inductor's CPU backend (~40 s): an unaligned
+    # operand comes back zero-padded to a multiple of 16 with the bits of the reference's q padded, and
+    # the padding is fused into the cast (as many kernels as the same quantisation unpadded)
+    import r1fast.fp8.quantization as qmod
+    from r1fast.fp8.reference import reference_quantize
+    from torch._inductor import metrics
+
+    monkeypatch.setattr(qmod, "_compiled", {})
+    monkeypatch.setattr(qmod, "_divide_in_fp64", False)
+    if division == "fp64":
+        monkeypatch.setattr(qmod, "_exact_division_options", lambda: None)
+    torch._dynamo.reset()
+    x = _skewed(45, 64, seed=11)
+    x[3] = 0.0  # the zero-scale clamp, now in an operand's column
+    try:
+        for rowwise in (True, False):
+            kernels = {}
+            for pad in (False, True):
+                metrics.reset()
+                q, s = qmod._fused_quantize(x.t(), E4M3, rowwise, pad)   # x^T of the weight-gradient GEMM, 45 tokens
+                kernels[pad] = metrics.generated_kernel_count
+                assert not qmod._compile_failed
+                rq, rs = reference_quantize(x.t(), E4M3, rowwise)
+                want = rq.to(E4M3)
+                assert tuple(q.shape) == ((64, 48) if pad else (64, 45)) and q.is_contiguous()
+                assert torch.equal(q.view(torch.uint8), qmod.pad_last_to_16(want).view(torch.uint8) if pad
+                                   else want.view(torch.uint8))
+                assert torch.equal(s.double(), rs)
+            assert kernels[True] == kernels[False] > 0, kernels
+    finally:
+        torch._dynamo.reset()
+
+
+def test_the_padded_quantisers_stay_under_the_recompile_limit(monkeypatch):
+    # A training run's token counts vary step to step: the padded quantisers (only ever given an unaligned
+    # last dimension) must not recompile per count, nor push the unpadded ones past Dynamo's limit.
+    # Dynamo's guards without Inductor's compile time: backend "eager".
+    import r1fast.fp8.quantization as qmod
+    from r1fast.fp8.reference import reference_quantize
+
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, dynamic=kw.get("dynamic"), backend="eager"))
+    monkeypatch.setattr(qmod, "_compiled", {})
+    monkeypatch.setattr(qmod, "_compile_failed", False)
+    torch._dynamo.reset()
+    try:
+        # config.patch, not monkeypatch: monkeypatch's undo leaves the config module without the option
+        with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+            for layer_dtype in (torch.bfloat16, torch.float32):
+                for m in (29, 48, 45, 100, 64, 33, 1, 17):
+                    x, dy = _skewed(m, 32, seed=m).to(layer_dtype), _skewed(m, 64, seed=m + 1).to(layer_dtype)
+                    for rowwise in (True, False):
+                        for t, dtype in ((x, E4M3), (x.t(), E4M3), (dy, E5M2), (dy.t(), E5M2)):
+                            q, s = qmod._fused_quantize(t, dtype, rowwise, pad=True)
+                            assert not qmod._compile_failed, f"fell back to eager at m={m}, {dtype}, rowwise={rowwise}"
+                            rq, rs = reference_quantize(t, dtype, rowwise)
+                            assert torch.equal(s.double(), rs)
+                            assert torch.equal(q.view(torch.uint8), qmod.pad_last_to_16(rq.to(dtype)).view(torch.uint8))
+    finally:
+        torch._dynamo.reset()

@@ -17,22 +17,10 @@ feed the optimizer, accumulate in fp32 on both paths.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from r1fast.fp8.quantization import quantize
 
 IMPLS = ("emulate", "torch")
-
-
-def _pad_last_to_16(q: torch.Tensor) -> torch.Tensor:
-    """q (FP8 payloads) with zero columns up to a multiple of 16, which _scaled_mm needs in the reduced
-    dimension. Zero bytes are +0.0 in both formats, so the sums are unchanged; padded after quantising
-    (the amax ignores zeros), this copies 1 byte per element where padding the high-precision operand
-    copied 2 and then quantised the copy: in the weight-gradient GEMM, whose reduced dimension is the
-    token count, that was a pass over all of dy."""
-    rem = q.shape[-1] % 16
-    # through uint8: a constant pad of the float8 dtypes themselves is not implemented on every device
-    return q if rem == 0 else F.pad(q.view(torch.uint8), (0, 16 - rem)).view(q.dtype)
 
 
 def fp8_gemm_nt(a: torch.Tensor, a_dtype: torch.dtype, b: torch.Tensor, b_dtype: torch.dtype, *,
@@ -64,9 +52,11 @@ def _follows_cuda_rules(t: torch.Tensor) -> bool:
 
 def _scaled_mm_nt(a, a_dtype, b, b_dtype, *, rowwise, out_dtype, fast_accum):
     cuda = _follows_cuda_rules(a)
-    qa, sa = quantize(a, a_dtype, rowwise)
-    qb, sb = quantize(b, b_dtype, rowwise)
-    qa, qb = _pad_last_to_16(qa), _pad_last_to_16(qb)
+    # The reduced dimension zero-padded to a multiple of 16, as _scaled_mm needs: in the weight-gradient
+    # GEMM it is the token count. The compiled quantiser writes the padding with q (padding the
+    # high-precision operand first was a pass over all of dy; padding q afterwards a 1-byte one).
+    qa, sa = quantize(a, a_dtype, rowwise, pad_to_16=True)
+    qb, sb = quantize(b, b_dtype, rowwise, pad_to_16=True)
     # _scaled_mm writes fp32/bf16/fp16 only (a float64 layer would fail inside it): cast afterwards.
     mm_dtype = out_dtype if out_dtype in (torch.float32, torch.bfloat16, torch.float16) else torch.float32
     if rowwise:

@@ -16,6 +16,7 @@ import os
 import warnings
 
 import torch
+import torch.nn.functional as F
 
 # Guards the all-zero row (its scale is then tiny and q is zero, not NaN).
 AMAX_EPS = 1e-12
@@ -77,10 +78,20 @@ def _cast(t: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Ten
     return q.to(dtype, memory_format=torch.contiguous_format)
 
 
-def _quantize_impl(t: torch.Tensor, dtype: torch.dtype, rowwise: bool):
+def pad_last_to_16(q: torch.Tensor) -> torch.Tensor:
+    """q (FP8 payloads) with zero columns up to a multiple of 16, which _scaled_mm needs in the reduced
+    dimension. Zero bytes are +0.0 in both formats, so the sums are unchanged, and the amax ignores
+    zeros: padding q gives the values quantising the padded tensor would."""
+    rem = q.shape[-1] % 16
+    # through uint8: a constant pad of the float8 dtypes themselves is not implemented on every device
+    return q if rem == 0 else F.pad(q.view(torch.uint8), (0, 16 - rem)).view(q.dtype)
+
+
+def _quantize_impl(t: torch.Tensor, dtype: torch.dtype, rowwise: bool, pad: bool = False):
     t = t.detach()
     scale = compute_scale(t, dtype, rowwise)
-    return _cast(t, scale, dtype), scale
+    q = _cast(t, scale, dtype)
+    return (pad_last_to_16(q) if pad else q), scale
 
 
 # One function per FP8 format and scaling, so each has its own torch.compile cache: Dynamo guards on
@@ -90,7 +101,10 @@ def _quantize_impl(t: torch.Tensor, dtype: torch.dtype, rowwise: bool):
 # these sees (input dtype) x (row-major, transposed) in a layer: 2 per model dtype. Rowwise, the
 # amax is compiled too (a row reduction, then the cast, without a round trip through eager ops);
 # tensorwise it is torch's own full reduction, passed in (an Inductor full reduction under
-# dynamic shapes is the suspect in the H200 run's 3.6-10x slower tensorwise forward).
+# dynamic shapes is the suspect in the H200 run's 3.6-10x slower tensorwise forward). The "_padded"
+# ones serve only inputs whose last dimension is not a multiple of 16 (the weight-gradient GEMM's
+# operands, whose reduced dimension is the token count): their cast writes the zero columns
+# _scaled_mm needs in the same kernel, where padding q afterwards read and wrote it once more.
 def _quantize_e4m3_rowwise(t: torch.Tensor, fmax: torch.Tensor):
     return _compiled_rowwise(t, fmax, torch.float8_e4m3fn)
 
@@ -107,14 +121,30 @@ def _quantize_e5m2_tensorwise(t: torch.Tensor, amax: torch.Tensor, fmax: torch.T
     return _compiled_tensorwise(t, amax, fmax, torch.float8_e5m2)
 
 
-def _compiled_rowwise(t, fmax, dtype):
+def _quantize_e4m3_rowwise_padded(t: torch.Tensor, fmax: torch.Tensor):
+    return _compiled_rowwise(t, fmax, torch.float8_e4m3fn, pad=True)
+
+
+def _quantize_e4m3_tensorwise_padded(t: torch.Tensor, amax: torch.Tensor, fmax: torch.Tensor):
+    return _compiled_tensorwise(t, amax, fmax, torch.float8_e4m3fn, pad=True)
+
+
+def _quantize_e5m2_rowwise_padded(t: torch.Tensor, fmax: torch.Tensor):
+    return _compiled_rowwise(t, fmax, torch.float8_e5m2, pad=True)
+
+
+def _quantize_e5m2_tensorwise_padded(t: torch.Tensor, amax: torch.Tensor, fmax: torch.Tensor):
+    return _compiled_tensorwise(t, amax, fmax, torch.float8_e5m2, pad=True)
+
+
+def _compiled_rowwise(t, fmax, dtype, pad=False):
     scale = _compiled_scale(torch.linalg.vector_norm(t, float("inf"), dim=-1, keepdim=True), fmax)
-    return _compiled_cast(t, scale, dtype), scale
+    return _compiled_cast(t, scale, dtype, pad), scale
 
 
-def _compiled_tensorwise(t, amax, fmax, dtype):
+def _compiled_tensorwise(t, amax, fmax, dtype, pad=False):
     scale = _compiled_scale(amax, fmax)
-    return _compiled_cast(t, scale, dtype), scale
+    return _compiled_cast(t, scale, dtype, pad), scale
 
 
 # Set where Inductor has no exact fp32 division (torch before 2.10): the compiled code divides in fp64.
@@ -129,18 +159,23 @@ def _compiled_scale(amax, fmax):
     return (clamped.double() / fmax).float() if _divide_in_fp64 else clamped / fmax
 
 
-def _compiled_cast(t, scale, dtype):
+def _compiled_cast(t, scale, dtype, pad=False):
     # Inductor fuses this into one kernel (one read of t, a row-major 1-byte write): written out
     # of place, as Dynamo traces it best, rather than through the eager _cast's in-place division.
-    if _divide_in_fp64:
-        return (t.double() / scale).float().to(dtype).contiguous()
-    return (t.float() / scale).to(dtype).contiguous()
+    quotient = (t.double() / scale).float() if _divide_in_fp64 else t.float() / scale
+    if pad:  # zeros cast to +0.0, the bytes pad_last_to_16 writes
+        quotient = F.pad(quotient, (0, (16 - t.shape[-1] % 16) % 16))
+    return quotient.to(dtype).contiguous()
 
 
 _QUANTIZERS = {(torch.float8_e4m3fn, True): _quantize_e4m3_rowwise,
                (torch.float8_e4m3fn, False): _quantize_e4m3_tensorwise,
                (torch.float8_e5m2, True): _quantize_e5m2_rowwise,
-               (torch.float8_e5m2, False): _quantize_e5m2_tensorwise}
+               (torch.float8_e5m2, False): _quantize_e5m2_tensorwise,
+               (torch.float8_e4m3fn, True, "padded"): _quantize_e4m3_rowwise_padded,
+               (torch.float8_e4m3fn, False, "padded"): _quantize_e4m3_tensorwise_padded,
+               (torch.float8_e5m2, True, "padded"): _quantize_e5m2_rowwise_padded,
+               (torch.float8_e5m2, False, "padded"): _quantize_e5m2_tensorwise_padded}
 _compiled: dict = {}
 _compile_failed = False
 
@@ -159,9 +194,9 @@ def _exact_division_options() -> dict | None:
     return None
 
 
-def _compiled_quantizer(dtype: torch.dtype, rowwise: bool):
+def _compiled_quantizer(dtype: torch.dtype, rowwise: bool, pad: bool = False):
     global _divide_in_fp64
-    key = (dtype, rowwise)
+    key = (dtype, rowwise, "padded") if pad else (dtype, rowwise)
     if key not in _compiled:
         options = _exact_division_options()
         _divide_in_fp64 = options is None
@@ -169,7 +204,7 @@ def _compiled_quantizer(dtype: torch.dtype, rowwise: bool):
     return _compiled[key]
 
 
-def _fused_quantize(t, dtype, rowwise):
+def _fused_quantize(t, dtype, rowwise, pad=False):
     """_quantize_impl compiled for CUDA: rowwise one compiled call (row amax, scale, cast: two reads
     of t and a 1-byte write, no eager op between); tensorwise torch's amax reduction (one read),
     then one compiled call for the scale and the cast (one read, a 1-byte write). Eager mode writes
@@ -177,12 +212,13 @@ def _fused_quantize(t, dtype, rowwise):
     global _compile_failed
     t = t.detach()  # requires_grad is part of Dynamo's guards; the quantiser never needs it
     if t.numel() == 0:  # nothing to compile for, and a size-0 dimension would be one more version
-        return _quantize_impl(t, dtype, rowwise)
+        return _quantize_impl(t, dtype, rowwise, pad)
+    pad = pad and t.shape[-1] % 16 != 0  # the padded quantisers see only inputs that need it
     fmax = _fp8_max_tensor(dtype, t.device)
     try:
         # inside the try: torch.compile itself raises where Dynamo cannot run (e.g. a Python newer than
         # this torch supports), and that too must fall back rather than fail every FP8 layer
-        quantizer = _compiled_quantizer(dtype, rowwise)
+        quantizer = _compiled_quantizer(dtype, rowwise, pad)
         if rowwise:
             return quantizer(t, fmax)
         return quantizer(t, torch.linalg.vector_norm(t, float("inf")), fmax)
@@ -190,7 +226,7 @@ def _fused_quantize(t, dtype, rowwise):
         _compile_failed = True
         warnings.warn(f"r1fast fp8: torch.compile of the FP8 quantiser failed ({type(e).__name__}: {e}); "
                       "using eager quantisation (slower). Set R1FAST_FP8_COMPILE=0 to skip the attempt.")
-        return _quantize_impl(t, dtype, rowwise)
+        return _quantize_impl(t, dtype, rowwise, pad)
 
 
 def _quantize_with_scale(t: torch.Tensor, dtype: torch.dtype, scale: torch.Tensor) -> torch.Tensor:
@@ -204,17 +240,21 @@ def _quantize_with_scale(t: torch.Tensor, dtype: torch.dtype, scale: torch.Tenso
     return q.masked_fill_(bad, float("nan")).to(dtype)
 
 
-def quantize(t: torch.Tensor, dtype: torch.dtype, rowwise: bool, scale: torch.Tensor | None = None):
-    """(q, scale): `t` (2-D when rowwise) in the float8 `dtype`, and its fp32 dequantisation scale."""
+def quantize(t: torch.Tensor, dtype: torch.dtype, rowwise: bool, scale: torch.Tensor | None = None, *,
+             pad_to_16: bool = False):
+    """(q, scale): `t` (2-D when rowwise) in the float8 `dtype`, and its fp32 dequantisation scale.
+    pad_to_16: q's last dimension zero-padded to a multiple of 16 (pad_last_to_16), as _scaled_mm
+    needs in the dimension it reduces; the scale is t's."""
     if dtype not in (torch.float8_e4m3fn, torch.float8_e5m2):
         raise TypeError(f"quantize: dtype must be torch.float8_e4m3fn or torch.float8_e5m2, got {dtype}")
     if rowwise and t.dim() != 2:
         raise ValueError(f"quantize: rowwise scaling needs a 2-D tensor, got shape {tuple(t.shape)}")
     if scale is not None:
-        return _quantize_with_scale(t.detach(), dtype, scale), scale
+        q = _quantize_with_scale(t.detach(), dtype, scale)
+        return (pad_last_to_16(q) if pad_to_16 else q), scale
     if t.is_cuda and not _compile_failed and os.environ.get("R1FAST_FP8_COMPILE", "1") != "0":
-        return _fused_quantize(t, dtype, rowwise)
-    return _quantize_impl(t, dtype, rowwise)
+        return _fused_quantize(t, dtype, rowwise, pad_to_16)
+    return _quantize_impl(t, dtype, rowwise, pad_to_16)
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
