@@ -332,22 +332,23 @@ def test_compiled_quantizer_stays_under_the_recompile_limit(monkeypatch):
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, dynamic=kw.get("dynamic"), backend="eager"))
     monkeypatch.setattr(qmod, "_compiled", {})
     monkeypatch.setattr(qmod, "_compile_failed", False)
-    monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)
     torch._dynamo.reset()
     try:
-        for layer_dtype in (torch.bfloat16, torch.float32):
-            x = (randn(48, 32, seed=70) * torch.exp(randn(48, 1, seed=71))).to(layer_dtype)
-            w = randn(64, 32, seed=72).to(layer_dtype)
-            dy = randn(48, 64, seed=73).to(layer_dtype)
-            operands = [(x.requires_grad_(), E4M3), (w.requires_grad_(), E4M3), (x.detach(), E4M3),
-                        (w.detach().t(), E4M3), (x.detach().t(), E4M3)]
-            operands += [(g, grad) for grad in FP8 for g in (dy, dy.t())]
-            for rowwise in (True, False):
-                for t, dtype in operands:
-                    q, s = qmod._fused_quantize(t, dtype, rowwise)
-                    assert not qmod._compile_failed, f"fell back to eager at {dtype}, rowwise={rowwise}"
-                    rq, rs = reference_quantize(t, dtype, rowwise)
-                    assert torch.equal(s.double(), rs) and torch.equal(q.double(), rq) and q.is_contiguous()
+        # config.patch, not monkeypatch: monkeypatch's undo left the config module without the option
+        with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+            for layer_dtype in (torch.bfloat16, torch.float32):
+                x = (randn(48, 32, seed=70) * torch.exp(randn(48, 1, seed=71))).to(layer_dtype)
+                w = randn(64, 32, seed=72).to(layer_dtype)
+                dy = randn(48, 64, seed=73).to(layer_dtype)
+                operands = [(x.requires_grad_(), E4M3), (w.requires_grad_(), E4M3), (x.detach(), E4M3),
+                            (w.detach().t(), E4M3), (x.detach().t(), E4M3)]
+                operands += [(g, grad) for grad in FP8 for g in (dy, dy.t())]
+                for rowwise in (True, False):
+                    for t, dtype in operands:
+                        q, s = qmod._fused_quantize(t, dtype, rowwise)
+                        assert not qmod._compile_failed, f"fell back to eager at {dtype}, rowwise={rowwise}"
+                        rq, rs = reference_quantize(t, dtype, rowwise)
+                        assert torch.equal(s.double(), rs) and torch.equal(q.double(), rq) and q.is_contiguous()
     finally:
         torch._dynamo.reset()  # no eager-backend entries left for later tests' compiled quantiser
 
