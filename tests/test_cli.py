@@ -94,3 +94,22 @@ def test_a_mistyped_resume_path_is_said_alone(command, tmp_path, monkeypatch):
         with pytest.raises(SystemExit) as stop:
             main([command, "model_name_or_path=builtin:micro", "dataset=builtin:arithmetic", "--resume", path])
         assert str(stop.value) == f"r1fast {command}: --resume {path!r}: {why}"
+
+
+def test_train_warns_once_of_the_config_it_runs(tmp_path, monkeypatch):
+    """`r1fast train e.yaml epsilon_high=0.5`, loss_type: cispo in e.yaml: the cispo warning was printed for the
+    file's 0.2 (which the override replaced), then for 0.5 once as the config was read and again as the trainer
+    checked it."""
+    import torch
+    import warnings
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)   # the run stops once the trainer has its config
+    path = tmp_path / "e.yaml"
+    path.write_text("loss_type: cispo\nmodel_name_or_path: builtin:micro\ndataset: builtin:arithmetic\n"
+                    "device: cuda\n")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(SystemExit, match="device 'cuda' asked for but CUDA is not available"):
+            main(["train", str(path), "epsilon_high=0.5"])
+    assert [str(w.message).split(" (")[0] for w in caught if "cispo" in str(w.message)] == \
+        ["loss_type 'cispo' caps the importance ratio at epsilon_high = 0.5"]

@@ -692,3 +692,29 @@ def test_an_override_mends_what_the_file_alone_gets_wrong_and_errors_name_who_ma
         GRPOConfig.from_yaml(path, ["num_generations=4", "loss_type=dapo", "max_steps=x"])
     with pytest.raises(ConfigError, match=r"^command line: unknown option 'num_generation' for GRPOConfig"):
         GRPOConfig.from_yaml(path, ["num_generation=4"])
+
+
+def _cispo_caps(caught) -> list[str]:
+    return [str(w.message).split(" (an absolute cap")[0] for w in caught if "loss_type 'cispo' caps" in str(w.message)]
+
+
+def test_a_config_warns_of_its_final_values_once(tmp_path):
+    """`r1fast train e.yaml epsilon_high=5` with loss_type: cispo in e.yaml warned of the file's epsilon_high 0.2
+    that the override mended; and a config read with a warning warned again when the trainer validated it."""
+    from r1fast.trainer.common import trainer_config_and_tokenizer
+
+    path = _yaml(tmp_path, "loss_type: cispo\nper_device_train_batch_size: 4\nnum_generations: 4\n")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        mended = GRPOConfig.from_yaml(path, ["epsilon_high=5"])
+        cfg = GRPOConfig.from_yaml(path, ["epsilon_high=0.5"])
+        assert _cispo_caps(caught) == ["loss_type 'cispo' caps the importance ratio at epsilon_high = 0.5"]
+        trainer_config_and_tokenizer("GRPOTrainer", GRPOConfig, "", config=cfg, args=None, tokenizer=None,
+                                     processing_class=None, trl_keywords={})
+        cfg.update({"learning_rate": 2e-6})
+        assert len(_cispo_caps(caught)) == 1
+        cfg.epsilon_high = 0.25   # a value changed since is warned of
+        cfg.validate()
+        mended.validate()
+    assert _cispo_caps(caught)[1:] == ["loss_type 'cispo' caps the importance ratio at epsilon_high = 0.25"]
+    assert mended.epsilon_high == 5.0

@@ -167,20 +167,19 @@ class _Base:
         if not overrides:
             return cls.from_dict(data, source=str(path))
         typed = parse_overrides(overrides)
-        try:
-            return cls.from_dict(data, source=str(path)).update(typed, source="command line")
-        except ConfigError as error:
-            # Read one after the other, the file had to pass alone, so an override could not mend it: a file's
-            # per_device_train_batch_size: 4 with num_generations=4 typed was refused for the default 8 generations.
-            # The file and the command line are read together, as a pipeline reads a stage's options and overrides;
-            # the error is the file's where the file alone raises it, else the command line's.
-            merged = _config_error(lambda where: cls.from_dict({**data, **typed}, source=where))
-            if merged is None:
-                return cls.from_dict({**data, **typed}, source=str(path))
-            if merged == _config_error(lambda where: cls.from_dict(data, source=where)):
-                raise ConfigError(merged.replace(_SOURCE, str(path))) from None
-            raise (error if str(error).startswith("command line: ") else
-                   ConfigError(merged.replace(_SOURCE, "command line"))) from None
+        # The file and the command line are read together, as a pipeline reads a stage's options and overrides:
+        # read one after the other, the file had to pass alone, so an override could not mend it (a file's
+        # per_device_train_batch_size: 4 with num_generations=4 typed was refused for the default 8 generations),
+        # and the file's values alone were warned of (cispo's epsilon_high) when an override had mended them.
+        merged = _config_error(lambda where: cls.from_dict({**data, **typed}, source=where))
+        if merged is None:
+            return cls.from_dict({**data, **typed}, source=str(path))   # the one read that warns
+        # the error is the file's where the file alone raises it, else the command line's
+        if merged == _config_error(lambda where: cls.from_dict(data, source=where)):
+            raise ConfigError(merged.replace(_SOURCE, str(path))) from None
+        in_turn = _config_error(lambda where: cls.from_dict(data, source=where).update(typed, source="command line"))
+        raise ConfigError(in_turn if in_turn is not None and in_turn.startswith("command line: ") else
+                          merged.replace(_SOURCE, "command line")) from None
 
     def update(self, data: dict[str, Any], *, source: str = "config"):
         # Applied to a copy and taken over only once it validates: a caller that catches the error
@@ -216,6 +215,17 @@ class _Base:
         """to_dict() as a checkpoint records it: a reward function passed as a Python callable is written
         as its "module:function" name (json.dump failed on the function object, at the run's first save)."""
         return {k: _recorded_names(v) if isinstance(v, list) else v for k, v in self.to_dict().items()}
+
+    def _advise(self, advice: list[str]):
+        """Warns of each piece of `advice` (a valid value that is likely a mistake) once per config: read from a
+        file, then validated again by the trainer, a config's warning was printed twice (from two call sites,
+        which Python's once-per-place filter tells apart). Advice on values changed since is given."""
+        given = vars(self).get("_advice_given", frozenset())
+        for text in advice:
+            if text not in given:
+                warnings.warn(text, UserWarning, stacklevel=3)   # where validate() was called
+        # a new set, not the old one added to: update()'s trial copy (copy.copy) shares the attribute
+        self._advice_given = given | frozenset(advice)
 
     def validate(self):
         """Checks every value; subclasses add their range checks after this one. A config built in
@@ -756,7 +766,7 @@ class GRPOConfig(_TrainingConfig):
             msg = re.sub(r"LossOptions\.(\w+)", r"option '\1'", str(e))
             raise ConfigError(f"{msg} (loss_type {self.loss_type!r})") from None
 
-    def _warn_tis_ignores_truncation(self):
+    def _tis_truncation_advice(self) -> list[str]:
         """The engine's log-probs are of the full softmax(logits / T) (docs/rollout.md), so the TIS weight
         exp(old_logp - sampler_logp) sees only engine-vs-trainer numeric drift, never the truncation:
         the tokens come from the truncated distribution and nothing reweights that."""
@@ -764,12 +774,22 @@ class GRPOConfig(_TrainingConfig):
                                                               ("top_p", self.top_p, self.top_p >= 1),
                                                               ("min_p", self.min_p, self.min_p <= 0)) if not off]
         if self.tis_mode == "none" or not filters:
-            return
-        warnings.warn(f"tis_mode {self.tis_mode!r} with {', '.join(filters)}: the truncated-IS weights "
-                      f"exp(old_logp - sampler_logp) compare log-probs of the full softmax(logits / temperature) "
-                      f"(the engine's log-probs are taken before filtering), so they correct engine/trainer "
-                      f"numeric drift only, not the bias of sampling from the {', '.join(filters)} distribution "
-                      f"(TRL with vLLM's processed log-probs weights by it); see docs/rollout.md", stacklevel=3)
+            return []
+        return [f"tis_mode {self.tis_mode!r} with {', '.join(filters)}: the truncated-IS weights "
+                f"exp(old_logp - sampler_logp) compare log-probs of the full softmax(logits / temperature) "
+                f"(the engine's log-probs are taken before filtering), so they correct engine/trainer "
+                f"numeric drift only, not the bias of sampling from the {', '.join(filters)} distribution "
+                f"(TRL with vLLM's processed log-probs weights by it); see docs/rollout.md"]
+
+    def _cispo_cap_advice(self) -> list[str]:
+        # cispo's weight is min(ratio, epsilon_high), an absolute cap, not 1 + epsilon: at the default 0.2
+        # every token's weight is ~0.2 (TRL takes the same default and recommends 5.0)
+        cap = self.epsilon if self.epsilon_high is None else self.epsilon_high
+        if self.loss_type != "cispo" or cap > 1:
+            return []
+        return [f"loss_type 'cispo' caps the importance ratio at epsilon_high = {cap} (an absolute cap, "
+                f"not 1 + epsilon), which scales every token's update by about {cap}; set epsilon_high "
+                f"above 1 (e.g. 5.0)"]
 
     def validate(self):
         super().validate()
@@ -803,14 +823,6 @@ class GRPOConfig(_TrainingConfig):
         _check(self.max_prompt_length >= 1, "option 'max_prompt_length' must be >= 1")
         _check(self.tis_cap > 1, f"option 'tis_cap' must be > 1; got {self.tis_cap}")
         self.loss_options()
-        cap = self.epsilon if self.epsilon_high is None else self.epsilon_high
-        if self.loss_type == "cispo" and cap <= 1:
-            # cispo's weight is min(ratio, epsilon_high), an absolute cap, not 1 + epsilon: at the default 0.2
-            # every token's weight is ~0.2 (TRL takes the same default and recommends 5.0)
-            warnings.warn(f"loss_type 'cispo' caps the importance ratio at epsilon_high = {cap} (an absolute cap, "
-                          f"not 1 + epsilon), which scales every token's update by about {cap}; set epsilon_high "
-                          f"above 1 (e.g. 5.0)", stacklevel=2)
-        self._warn_tis_ignores_truncation()
         _check(self.eval_samples_per_prompt >= 1 and self.eval_size >= 0, "eval_size >= 0 and eval_samples_per_prompt >= 1 required")
         _check(self.eval_size >= 1 or not str(self.eval_dataset).startswith("builtin:"),
                "option 'eval_size' 0 means every row of an eval_dataset file; a builtin: eval set is generated, "
@@ -826,6 +838,7 @@ class GRPOConfig(_TrainingConfig):
         check_template_kwargs("chat_template_kwargs", self.chat_template_kwargs)
         _check_rewards(self.reward_funcs, self.length_penalty_target)
         _check_reward_timeout(self.reward_timeout)
+        self._advise(self._cispo_cap_advice() + self._tis_truncation_advice())   # once every check has passed
 
     def update(self, data: dict[str, Any], *, source: str = "config"):
         # Weights read with the functions (a file, the command line, a pipeline) must match them here. Not in

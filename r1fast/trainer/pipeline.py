@@ -23,7 +23,7 @@ that stage and the later ones again, keeping the earlier ones as --resume does (
 from __future__ import annotations
 
 import contextlib
-import dataclasses
+import copy
 import json
 import os
 import shlex
@@ -1046,8 +1046,10 @@ class PipelineRunner:
             if not resume and p.overwrite_output_dir and hasattr(cfg, "overwrite_output_dir"):
                 # start_fresh cleared the stage's folder, keeping a checkpoint a killed save set aside there, which
                 # the stage's own start refused (its config's overwrite_output_dir is never set in a pipeline). A
-                # copy: the stage's recorded options are the ones given
-                cfg = dataclasses.replace(cfg, overwrite_output_dir=True)
+                # copy: the stage's recorded options are the ones given; copy.copy, not dataclasses.replace, which
+                # builds a new config that warns again of what loading the pipeline warned of
+                cfg = copy.copy(cfg)
+                cfg.overwrite_output_dir = True
             if stage.type == "sft":
                 from r1fast.trainer.sft import SFTTrainer
 
