@@ -65,7 +65,8 @@ def _cmd_bench(args):
         # alone it was ignored: `r1fast bench --short` ran every suite (minutes) instead of printing a table
         raise SystemExit("r1fast bench: --short goes with --table: r1fast bench --table --short [CSV ...]")
     if args.table or args.plot:
-        flag = "--table" if args.table else "--plot"
+        # both given: the table, then the plot, of the same CSVs (--plot was ignored without a word)
+        flag = " ".join(f for f, on in (("--table", args.table), ("--plot", args.plot)) if on)
         # the newest by modification time: names begin with the card, so by name a cpu run never beats a gpu one
         out = Path(args.out or "bench-results")
         paths = [Path(p) for p in args.suites] or sorted(out.glob("*.csv"), key=lambda p: p.stat().st_mtime)[-1:]
@@ -76,19 +77,22 @@ def _cmd_bench(args):
         for p in paths:
             if not p.is_file():
                 raise SystemExit(f"r1fast bench {flag}: {p} is not a file")
-        try:
-            if args.table:
+        if args.table:
+            try:
                 for p in paths:
                     table = harness.format_short_table if args.short else harness.format_table
                     print(table(harness.read_csv(p), harness.read_skipped(p)))
-            else:
+            except ValueError as e:
+                raise SystemExit(f"r1fast bench --table: {e}") from None
+        if args.plot:
+            try:
                 print(f"wrote {harness.plot(paths, paths[-1].with_suffix('.png'))}")
-        except ModuleNotFoundError as e:
-            if e.name != "matplotlib":
-                raise
-            raise SystemExit("r1fast bench --plot needs matplotlib: pip install matplotlib") from None
-        except ValueError as e:
-            raise SystemExit(f"r1fast bench {flag}: {e}") from None
+            except ModuleNotFoundError as e:
+                if e.name != "matplotlib":
+                    raise
+                raise SystemExit("r1fast bench --plot needs matplotlib: pip install matplotlib") from None
+            except ValueError as e:
+                raise SystemExit(f"r1fast bench --plot: {e}") from None
         return
     _show_engine_start_up()
     failed = []
@@ -154,7 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a suite starts no more implementations after this many seconds (the rest are "
                             "reported as skipped), so one slow suite cannot take a time-boxed run's time")
     bench.add_argument("--list", action="store_true", help="list suites and exit")
-    bench.add_argument("--plot", action="store_true", help="draw a PNG from result CSVs (default: the newest)")
+    bench.add_argument("--plot", action="store_true", help="draw a PNG from result CSVs (default: the newest), beside "
+                                                           "the last; with --table, after the table")
     bench.add_argument("--table", action="store_true",
                        help="print the summary table of result CSVs (default: the newest) and exit")
     bench.add_argument("--short", action="store_true",

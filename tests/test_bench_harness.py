@@ -170,6 +170,21 @@ def test_bench_table_and_plot_errors_are_one_line(tmp_path, monkeypatch):
         cli_main(["bench", "--plot", str(timed)])
 
 
+def test_bench_table_and_plot_together_do_both(tmp_path, capsys):
+    """`r1fast bench --table --plot` printed the table and drew nothing, without a word."""
+    import shutil
+
+    pytest.importorskip("matplotlib")
+    results = os.path.join(os.path.dirname(__file__), "..", "bench", "results", "nvidia-h200-2026-11-30.csv")
+    csv_path = tmp_path / "h200.csv"   # copied: the PNG is written beside the CSV
+    shutil.copy(results, csv_path)
+    assert cli_main(["bench", "--table", "--plot", str(csv_path)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(harness.format_table(harness.read_csv(csv_path), harness.read_skipped(csv_path)))
+    assert out.endswith(f"wrote {tmp_path / 'h200.png'}\n")
+    assert (tmp_path / "h200.png").stat().st_size > 1000
+
+
 def test_every_suite_runs_at_smoke_size(tmp_path):
     # Keeps the suites from rotting: each must time r1fast and at least one peer on this machine.
     log = []
