@@ -6,7 +6,18 @@ import hashlib
 import importlib.util
 from pathlib import Path
 
-_NOT_BUILT = "r1fast._C is not built: install the package with `pip install -e .` (needs cmake, ninja, pybind11)"
+_NOT_BUILT = "r1fast._C is not built"   # how not_built_message begins (r1fast info tells it from other problems)
+
+
+def not_built_message(root: Path) -> str:
+    """What to do when no _C is there, `root` being the folder above the r1fast package. pip's build fetches
+    CMake, Ninja and pybind11 (pyproject.toml's build requirements); it cannot fetch what CMake needs from the
+    machine: a C++17 compiler and Python's C headers (CMakeLists.txt's find_package(Python Development.Module)).
+    nvcc is optional: without it the build is CPU-only."""
+    where = f"in {root}" if (root / "setup.py").is_file() else "in r1fast's source checkout"
+    return (f"{_NOT_BUILT}: run `pip install -e .` {where} to build it. That needs a C++17 compiler "
+            f"(g++ or clang++) and Python's C headers (python3-dev on Debian/Ubuntu) on this machine; pip fetches "
+            f"CMake, Ninja and pybind11 itself, and the CUDA kernels are compiled too where nvcc is found")
 
 
 # What CMake compiles (csrc/*.cpp, and csrc/*.cu in a CUDA build) and what they may include: MANIFEST.in ships
@@ -48,7 +59,7 @@ def _import():
         spec = importlib.util.find_spec("r1fast._C")  # None for another Python's build, hence the glob
         present = [spec.origin] if spec is not None else [str(p) for p in sorted(here.glob("_C*.so"))]
         if not present:
-            return None, _NOT_BUILT
+            return None, not_built_message(here.parent)
         # a _C for another Python, or one that does not load here (a libstdc++ older than the build's):
         # "not built" hid the loader's reason
         return None, (f"r1fast._C does not import ({e}; found {', '.join(present)}): rebuild it for this "

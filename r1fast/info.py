@@ -30,8 +30,9 @@ def collect() -> dict:
     info["gpus"] = gpus or ["none"]
     build = _ext.build_info()
     if not build["built"]:
-        info["r1fast._C"] = ("NOT BUILT (pip install -e . builds it)" if build["problem"] == _ext._NOT_BUILT
-                             else f"UNUSABLE: {build['problem']}")
+        problem = build["problem"]
+        info["r1fast._C"] = (f"NOT BUILT{problem[len(_ext._NOT_BUILT):]}" if problem.startswith(_ext._NOT_BUILT)
+                             else f"UNUSABLE: {problem}")
     elif build["with_cuda"]:
         info["r1fast._C"] = f"built with CUDA {build['cuda_version']} for archs {build['cuda_archs']}"
     else:

@@ -181,6 +181,27 @@ def test_a_stale_extension_is_named_not_used(fresh_ext, monkeypatch):
     assert "out of date" in info.collect()["r1fast._C"]
 
 
+def test_a_missing_extension_says_what_its_build_needs_that_pip_cannot_fetch(fresh_ext, monkeypatch, tmp_path):
+    """It said "install the package with `pip install -e .` (needs cmake, ninja, pybind11)", three tools pip's
+    build fetches itself, and not what it cannot: a C++ compiler and Python's headers."""
+    import r1fast
+    from r1fast import info
+
+    checkout = tmp_path / "checkout"   # a source checkout whose r1fast/ holds no _C
+    (checkout / "r1fast").mkdir(parents=True)
+    (checkout / "setup.py").write_text("")
+    monkeypatch.delattr(r1fast, "_C", raising=False)
+    monkeypatch.setitem(sys.modules, "r1fast._C", None)   # `from r1fast import _C` raises ImportError
+    monkeypatch.setattr(fresh_ext, "__file__", str(checkout / "r1fast" / "_ext.py"))
+    needs = (f"run `pip install -e .` in {checkout} to build it. That needs a C++17 compiler (g++ or clang++) and "
+             f"Python's C headers (python3-dev on Debian/Ubuntu) on this machine; pip fetches CMake, Ninja and "
+             f"pybind11 itself, and the CUDA kernels are compiled too where nvcc is found")
+    with pytest.raises(fresh_ext.ExtensionUnavailable) as raised:
+        fresh_ext.require("the rollout engine")
+    assert str(raised.value) == f"r1fast._C is not built: {needs} (the rollout engine needs it)"
+    assert info.collect()["r1fast._C"] == f"NOT BUILT: {needs}"
+
+
 def test_the_built_extension_matches_its_sources(fresh_ext):
     want = fresh_ext.sources_digest(ROOT)
     try:
