@@ -1,7 +1,8 @@
 """`r1fast train | sft | sample | pipeline | plot`: added to the `r1fast` command by r1fast.cli.
 
     r1fast train                              the embedded default (configs/default.yaml), CPU, minutes
-    r1fast train run.yaml --max_steps 50      GRPO from a GRPOConfig YAML (or a pipeline YAML), overridden
+    r1fast train run.yaml --max_steps 50      GRPO from a GRPOConfig YAML, overridden
+    r1fast train r1_pipeline rl1.max_steps=50 a pipeline YAML, one stage's option overridden
     r1fast train model_name_or_path=M dataset=D max_steps=50    GRPO from the command line alone
     r1fast train --resume                     continue the newest checkpoint of that run
     r1fast sft sft.yaml model_name_or_path=builtin:tiny dataset=data.jsonl
