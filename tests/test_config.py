@@ -1,6 +1,8 @@
 """GRPOConfig / SFTConfig / pipelines: YAML loading, command-line overrides, clear errors."""
 import copy
 import dataclasses
+import json
+import re
 import warnings
 
 import pytest
@@ -718,3 +720,22 @@ def test_a_config_warns_of_its_final_values_once(tmp_path):
         mended.validate()
     assert _cispo_caps(caught)[1:] == ["loss_type 'cispo' caps the importance ratio at epsilon_high = 0.25"]
     assert mended.epsilon_high == 5.0
+
+
+def test_a_dataset_given_as_the_config_is_named_as_such(tmp_path):
+    """`r1fast train data.jsonl` read the data as YAML: "not valid YAML: expected '<document start>'", or for one
+    JSON line "unknown option 'question' for GRPOConfig", a .csv "expected a mapping at the top level, got str"."""
+    rows = [{"prompt": "1+1=", "answer": "2"}, {"prompt": "2+2=", "answer": "4"}]
+    files = {"d.jsonl": "".join(json.dumps(r) + "\n" for r in rows), "one.jsonl": json.dumps(rows[0]) + "\n",
+             "d.csv": "prompt,answer\n1+1=,2\n", "d.JSON": json.dumps(rows)}
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+        for cls in (GRPOConfig, SFTConfig, SampleConfig):
+            with pytest.raises(ConfigError, match=rf"^{re.escape(str(tmp_path / name))} is a dataset, not a config "
+                                                  rf"YAML: give it as dataset=\S+{re.escape(name)} \(with "
+                                                  rf"model_name_or_path=\.\.\.\), after the config if there is one$"):
+                cls.from_yaml(tmp_path / name)
+        with pytest.raises(ConfigError, match="is a dataset, not a config YAML"):
+            load_pipeline(str(tmp_path / name))
+    (tmp_path / "c.json").write_text(json.dumps({"learning_rate": 2e-6}))   # a config written as JSON still reads
+    assert GRPOConfig.from_yaml(tmp_path / "c.json").learning_rate == 2e-6

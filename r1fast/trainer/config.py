@@ -309,6 +309,8 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
     import yaml
 
     path = resolve_config_path(path)
+    if path.lower().endswith(_DATA_SUFFIXES):   # read as YAML: "not valid YAML: expected '<document start>'"
+        raise _dataset_as_config(path)
     with open(path, encoding="utf-8") as f:
         try:
             data = yaml.safe_load(f)
@@ -319,9 +321,22 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
                               f"{e.start}); save the config as UTF-8") from None
     if data is None:
         return {}
+    if isinstance(data, list) and path.lower().endswith(".json"):   # a JSON dataset: a list of rows
+        raise _dataset_as_config(path)
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
     return data
+
+
+# the data files r1fast.data reads that are never a config (a .json one may be either: a mapping is a config)
+_DATA_SUFFIXES = (".jsonl", ".parquet", ".csv")
+
+
+def _dataset_as_config(path: str) -> ConfigError:
+    """`r1fast train data.jsonl`: a dataset given where the config goes was read as YAML, and the error spoke of
+    YAML documents, a top-level str, or (one JSON line) its columns as unknown options."""
+    return ConfigError(f"{path} is a dataset, not a config YAML: give it as dataset={shlex.quote(path)} (with "
+                       f"model_name_or_path=...), after the config if there is one")
 
 
 _OVERRIDE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*=")  # key=value, or stage.key=value in a pipeline
