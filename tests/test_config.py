@@ -739,3 +739,24 @@ def test_a_dataset_given_as_the_config_is_named_as_such(tmp_path):
             load_pipeline(str(tmp_path / name))
     (tmp_path / "c.json").write_text(json.dumps({"learning_rate": 2e-6}))   # a config written as JSON still reads
     assert GRPOConfig.from_yaml(tmp_path / "c.json").learning_rate == 2e-6
+
+
+def test_an_option_given_twice_in_a_yaml_file_is_refused_naming_both_lines(tmp_path):
+    # YAML keeps the last of two equal keys: `max_steps: 5` high in a file and `max_steps: 500` further down trained
+    # 500 steps without a word (and a pipeline stage's `config: {max_steps: 1, max_steps: 2}` likewise)
+    path = _yaml(tmp_path, "learning_rate: 1.0e-4\nmax_steps: 5\nbeta: 0.0\nmax_steps: 500\n")
+    with pytest.raises(ConfigError, match=rf"^{path} line 4: key 'max_steps' is given twice \(first on line 2\); "
+                                          rf"YAML would keep only the last: remove one$"):
+        GRPOConfig.from_yaml(path)
+    pipeline = _yaml(tmp_path, "model: builtin:tiny\nstages:\n  - name: a\n    type: sft\n"
+                               "    dataset: builtin:arithmetic\n    config: {max_steps: 1, max_steps: 2}\n")
+    with pytest.raises(ConfigError, match=rf"^{pipeline} line 6: key 'max_steps' is given twice \(first on line 6\)"):
+        load_pipeline(pipeline)
+    # equal keys in different mappings, and a merge key's entries overridden, are no repetition
+    ok = _yaml(tmp_path, "base: &b {max_steps: 3, beta: 0.1}\nstages:\n  - {name: a, type: sft, dataset: builtin:arithmetic,"
+                         " config: {max_steps: 1}}\n  - {name: b, type: grpo, dataset: builtin:arithmetic,"
+                         " config: {<<: *b, max_steps: 2}}\n")
+    from r1fast.trainer.config import load_yaml
+    data = load_yaml(ok)
+    assert data["stages"][1]["config"] == {"max_steps": 2, "beta": 0.1}
+    assert data["stages"][0]["config"] == {"max_steps": 1}

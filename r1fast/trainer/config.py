@@ -305,6 +305,35 @@ def resolve_config_path(path: str | os.PathLike) -> str:
     raise ConfigError(f"config file {path!r} does not exist (r1fast's own configs: {shipped})")
 
 
+class _RepeatedKey(Exception):
+    def __init__(self, key, line: int, first_line: int):
+        super().__init__(key, line, first_line)
+        self.key, self.line, self.first_line = key, line, first_line
+
+
+def _unique_key_loader():
+    """yaml.SafeLoader refusing a key given twice in one mapping: YAML keeps the last, so a `max_steps: 5` high in a
+    file and a `max_steps: 500` lower down trained 500 steps without a word. A merge key's (<<: *base) entries
+    are meant to be overridden and are left out."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            if isinstance(node, yaml.MappingNode):
+                first: dict = {}
+                for key_node, _ in node.value:
+                    if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+                        continue
+                    key = self.construct_object(key_node, deep=True)
+                    line = key_node.start_mark.line + 1
+                    if key in first:
+                        raise _RepeatedKey(key, line, first[key])
+                    first[key] = line
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeyLoader
+
+
 def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
     import yaml
 
@@ -313,9 +342,12 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
         raise _dataset_as_config(path)
     with open(path, encoding="utf-8") as f:
         try:
-            data = yaml.safe_load(f)
+            data = yaml.load(f, Loader=_unique_key_loader())
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        except _RepeatedKey as e:
+            raise ConfigError(f"{path} line {e.line}: key {e.key!r} is given twice (first on line {e.first_line}); "
+                              f"YAML would keep only the last: remove one") from None
         except UnicodeDecodeError as e:  # decoding happens as yaml reads, and its error names no file
             raise ConfigError(f"{path}: not UTF-8 text (byte {e.object[e.start:e.start + 1]!r} at offset "
                               f"{e.start}); save the config as UTF-8") from None
