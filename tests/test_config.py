@@ -760,3 +760,33 @@ def test_an_option_given_twice_in_a_yaml_file_is_refused_naming_both_lines(tmp_p
     data = load_yaml(ok)
     assert data["stages"][1]["config"] == {"max_steps": 2, "beta": 0.1}
     assert data["stages"][0]["config"] == {"max_steps": 1}
+
+
+@pytest.mark.parametrize("cls, key, typed", [
+    (GRPOConfig, "system_prompt", "12:30"),      # YAML 1.1 read it as sexagesimal 750
+    (GRPOConfig, "run_name", "007"),             # as 7
+    (GRPOConfig, "run_name", "0123"),            # as octal 83
+    (GRPOConfig, "run_name", "2024-05-01"),      # as a date, refused: "expects str, got datetime.date(2024, 5, 1)"
+    (GRPOConfig, "dataset_split", "1.10"),       # as 1.1
+    (SampleConfig, "output_file", "1e3"),        # as 1000.0
+    (SampleConfig, "output_file", "0x1F"),       # as 31
+    (SFTConfig, "run_name", "1_000"),            # as 1000
+])
+def test_a_command_line_value_for_a_text_option_is_the_text_typed(cls, key, typed):
+    cfg = cls().update(parse_overrides([f"{key}={typed}"]), source="command line")
+    assert getattr(cfg, key) == typed
+    assert cls().update(parse_overrides([f"--{key}", typed])).to_dict()[key] == typed
+
+
+def test_a_command_line_number_is_still_a_number_of_the_options_type():
+    cfg = GRPOConfig().update(parse_overrides(["max_steps=1_000", "learning_rate=1e-3", "logging_steps=0x10", "beta=.5"]))
+    assert (cfg.max_steps, cfg.learning_rate, cfg.logging_steps, cfg.beta) == (1000, 1e-3, 16, 0.5)
+    assert type(cfg.max_steps) is int and type(cfg.logging_steps) is int and type(cfg.learning_rate) is float
+    # a date where a number belongs is named as typed
+    with pytest.raises(ConfigError, match=r"option 'max_steps' expects int, got '2024-05-01'$"):
+        GRPOConfig().update(parse_overrides(["max_steps=2024-05-01"]), source="command line")
+
+
+def test_a_pipelines_command_line_text_is_the_text_typed():
+    p = load_pipeline(DEFAULT_CONFIG, ["name=007", "cold_start.run_name=0123"])
+    assert p.name == "007" and p.stages[0].config.run_name == "0123"

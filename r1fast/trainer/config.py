@@ -407,9 +407,32 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
                 value = float(value)
             except ValueError:
                 pass
-        out[key.replace("-", "_")] = value
+        out[key.replace("-", "_")] = _keep_text(value, raw)
         i += 1
     return out
+
+
+class _IntAsTyped(int):
+    """A command-line number with the text it was typed as, `text`, for an option that takes text."""
+
+
+class _FloatAsTyped(float):
+    """As _IntAsTyped, for a float."""
+
+
+def _keep_text(value, raw: str):
+    """A command-line value YAML read as a number keeps its text: the option's type, known only to coerce, says
+    which is meant (system_prompt=12:30 was the sexagesimal 750, run_name=007 was '7', output_file=1e3 '1000.0').
+    A date or time (run_name=2024-05-01) is the text itself: no option takes one."""
+    import datetime
+
+    if isinstance(value, (datetime.date, datetime.datetime)):
+        return raw
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return value
+    typed = _IntAsTyped(value) if isinstance(value, int) else _FloatAsTyped(value)
+    typed.text = raw
+    return typed
 
 
 def coerce(key: str, value: Any, hint: Any, source: str, element: bool = False) -> Any:
@@ -438,7 +461,7 @@ def coerce(key: str, value: Any, hint: Any, source: str, element: bool = False) 
         if isinstance(value, bool):
             raise bad
         if isinstance(value, int):
-            return value
+            return int(value)
         if isinstance(value, float) and value.is_integer():
             return int(value)
         if isinstance(value, str):
@@ -459,7 +482,7 @@ def coerce(key: str, value: Any, hint: Any, source: str, element: bool = False) 
         return number
     if hint is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
+            return getattr(value, "text", None) or str(value)
         if isinstance(value, bool):   # `fp8=on`: "expects str, got True" did not say where the True came from
             raise ConfigError(f"{source}: option {key!r} expects str, got {value!r}: YAML reads an unquoted yes, no, "
                               f"on, off, true or false as a boolean; to give the word, quote it (in a YAML file "
