@@ -790,3 +790,20 @@ def test_a_command_line_number_is_still_a_number_of_the_options_type():
 def test_a_pipelines_command_line_text_is_the_text_typed():
     p = load_pipeline(DEFAULT_CONFIG, ["name=007", "cold_start.run_name=0123"])
     assert p.name == "007" and p.stages[0].config.run_name == "0123"
+
+
+@pytest.mark.parametrize("cls", [GRPOConfig, SampleConfig])
+def test_an_unknown_language_for_the_language_reward_is_refused_at_load(cls):
+    # accepted at load, it failed when the trainer or the sampler built its rewards (in a pipeline, once the
+    # stages before had trained)
+    with pytest.raises(ConfigError, match=r"^option 'language': unknown language 'english' for reward "
+                                          r"'language'; known: .*\ben\b.*\bzh\b"):
+        cls.from_dict({"reward_funcs": ["accuracy", "language"], "language": "english"}, source="F.yaml")
+    assert cls.from_dict({"reward_funcs": ["language"], "language": "zh"}).language == "zh"
+    # with no language reward, the option is not read
+    assert cls.from_dict({"reward_funcs": ["accuracy"], "language": "english"}).language == "english"
+
+
+def test_a_pipeline_stage_with_an_unknown_language_is_refused_before_any_stage_runs():
+    with pytest.raises(ConfigError, match=r"stage 'grpo': option 'language': unknown language 'xx'"):
+        load_pipeline(DEFAULT_CONFIG, ["grpo.reward_funcs=[accuracy,language]", "grpo.language=xx"])

@@ -20,6 +20,7 @@ _LANGUAGE_SCRIPTS = {
     "ko": ("HANGUL", "HALFWIDTH HANGUL"), "ru": ("CYRILLIC",), "ar": ("ARABIC",), "el": ("GREEK",),
     "he": ("HEBREW",),
 }
+LANGUAGES = tuple(sorted(_LANGUAGE_SCRIPTS))   # the codes make_language_reward takes
 
 
 def _in_script(ch: str, prefixes: tuple[str, ...]) -> bool:

@@ -541,11 +541,13 @@ def check_device(value: Optional[str]):
                           f"got {value!r}") from None
 
 
-def _check_rewards(names: list[str], length_target: Optional[int], length_option: bool = True):
+def _check_rewards(names: list[str], length_target: Optional[int], length_option: bool = True, language: str = "en"):
     """Reward names resolve now (a built-in, an importable module:function, an existing file.py:function),
     so a typo fails at load, not when the stage that uses it starts. A file is only run when used.
-    `length_option`: whether the config has length_penalty_target, which reward 'length' needs."""
+    `length_option`: whether the config has length_penalty_target, which reward 'length' needs; `language`: the
+    option reward 'language' reads."""
     from r1fast.rewards.combine import BUILTIN_NAMES, load_function
+    from r1fast.rewards.language import LANGUAGES
 
     _check(len(names) >= 1, "option 'reward_funcs' needs at least one reward function")
     for name in names:
@@ -565,6 +567,8 @@ def _check_rewards(names: list[str], length_target: Optional[int], length_option
            "length_penalty_target) is not available to rejection sampling, which has no such option: leave it out")
     _check("length" not in names or (length_target or 0) >= 1,
            "reward 'length' needs option 'length_penalty_target' (a token count >= 1)")
+    _check("language" not in names or language in LANGUAGES,
+           f"option 'language': unknown language {language!r} for reward 'language'; known: {', '.join(LANGUAGES)}")
 
 
 def _check_reward_timeout(value: Optional[float]):
@@ -906,7 +910,7 @@ class GRPOConfig(_TrainingConfig):
         _check(self.log_completions >= 0, f"option 'log_completions' must be >= 0; got {self.log_completions}")
         check_regex("format_pattern", self.format_pattern)
         check_template_kwargs("chat_template_kwargs", self.chat_template_kwargs)
-        _check_rewards(self.reward_funcs, self.length_penalty_target)
+        _check_rewards(self.reward_funcs, self.length_penalty_target, language=self.language)
         _check_reward_timeout(self.reward_timeout)
         self._advise(self._cispo_cap_advice() + self._tis_truncation_advice())   # once every check has passed
 
@@ -1012,7 +1016,7 @@ class SampleConfig(_Base):
         check_device(self.device)
         check_regex("format_pattern", self.format_pattern)
         check_template_kwargs("chat_template_kwargs", self.chat_template_kwargs)
-        _check_rewards(self.reward_funcs, None, length_option=False)
+        _check_rewards(self.reward_funcs, None, length_option=False, language=self.language)
         _check_reward_timeout(self.reward_timeout)
         if self.reward_thresholds is not None:
             _check(len(self.reward_thresholds) == len(self.reward_funcs),
