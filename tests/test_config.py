@@ -807,3 +807,12 @@ def test_an_unknown_language_for_the_language_reward_is_refused_at_load(cls):
 def test_a_pipeline_stage_with_an_unknown_language_is_refused_before_any_stage_runs():
     with pytest.raises(ConfigError, match=r"stage 'grpo': option 'language': unknown language 'xx'"):
         load_pipeline(DEFAULT_CONFIG, ["grpo.reward_funcs=[accuracy,language]", "grpo.language=xx"])
+
+
+
+@pytest.mark.parametrize("kind", [["sft"], {"sft": 1}])
+def test_a_stage_type_that_is_a_list_or_mapping_is_refused_naming_it(kind):
+    # it was "TypeError: unhashable type: 'list'", a traceback from the CLI
+    with pytest.raises(ConfigError, match=r"stage 'a': type must be one of \['grpo', 'sample', 'sft'\]; got "
+                                          + re.escape(repr(kind))):
+        load_pipeline({"model": "builtin:tiny", "stages": [{"name": "a", "type": kind, "dataset": "builtin:arithmetic"}]})

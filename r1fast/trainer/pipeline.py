@@ -189,7 +189,7 @@ def load_pipeline(source: str | dict, overrides: Optional[list[str]] = None) -> 
             raise ConfigError(f"{stages_at}: two stages are named {name!r}")
         names.add(name)
         typ = raw.get("type")
-        if typ not in STAGE_TYPES:
+        if not isinstance(typ, str) or typ not in STAGE_TYPES:   # a list or mapping: "unhashable type", a traceback
             raise ConfigError(f"{stages_at}: stage {name!r}: type must be one of {sorted(STAGE_TYPES)}; got {typ!r}")
         ov = stage_ov.pop(name, {})
         typed_at = f"{typed}: stage {name!r}"
