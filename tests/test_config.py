@@ -816,3 +816,26 @@ def test_a_stage_type_that_is_a_list_or_mapping_is_refused_naming_it(kind):
     with pytest.raises(ConfigError, match=r"stage 'a': type must be one of \['grpo', 'sample', 'sft'\]; got "
                                           + re.escape(repr(kind))):
         load_pipeline({"model": "builtin:tiny", "stages": [{"name": "a", "type": kind, "dataset": "builtin:arithmetic"}]})
+
+
+@pytest.mark.parametrize("stage, match", [
+    ({"config": 0}, r"stage 'a': 'config' must be a mapping of SFTConfig options; got 0"),
+    ({"config": False}, r"stage 'a': 'config' must be a mapping of SFTConfig options; got False"),
+    ({"config": ""}, r"stage 'a': 'config' must be a mapping of SFTConfig options; got ''"),
+    ({"name": ""}, r"stage 0: 'name' must be a folder name .*; got ''"),
+    ({"name": 0}, r"stage 0: 'name' must be a folder name .*; got 0"),
+    ({"name": False}, r"stage 0: 'name' must be a folder name .*; got False"),
+])
+def test_a_stage_name_or_config_that_looks_empty_is_refused_not_taken_as_absent(stage, match):
+    # config: 0 (or false, '') trained on the defaults and name: 0 named the stage 'stage0', without a word
+    raw = {"name": "a", "type": "sft", "dataset": "builtin:arithmetic", **stage}
+    with pytest.raises(ConfigError, match=match):
+        load_pipeline({"model": "builtin:tiny", "stages": [raw]})
+
+
+def test_a_stage_name_or_config_left_out_or_null_keeps_its_default():
+    for key in ("config", "name"):
+        for stage in ({key: None}, {}):
+            raw = {**({} if key == "name" else {"name": "a"}), "type": "sft", "dataset": "builtin:arithmetic", **stage}
+            s = load_pipeline({"model": "builtin:tiny", "stages": [raw]}).stages[0]
+            assert s.name == ("stage0" if key == "name" else "a") and s.config.max_steps == SFTConfig().max_steps

@@ -180,8 +180,9 @@ def load_pipeline(source: str | dict, overrides: Optional[list[str]] = None) -> 
         bad = set(raw) - _STAGE_KEYS
         if bad:
             raise ConfigError(f"{stages_at}: stage {i}: unknown key(s) {sorted(bad)}; known: {sorted(_STAGE_KEYS)}")
-        name = raw.get("name") or f"stage{i}"
-        if not isinstance(name, str) or name in (".", "..") or "/" in name or os.sep in name:
+        # absent or null: a default; anything else given is checked (`name: 0` or `config: false` was taken as absent)
+        name = f"stage{i}" if raw.get("name") is None else raw["name"]
+        if not isinstance(name, str) or name in ("", ".", "..") or "/" in name or os.sep in name:
             # it names the stage's folder <run>/<name>/: '..' wrote (and overwrite_output_dir cleared) the run's parent
             raise ConfigError(f"{stages_at}: stage {i}: 'name' must be a folder name (the stage writes into "
                               f"<run>/<name>/); got {name!r}")
@@ -202,7 +203,7 @@ def load_pipeline(source: str | dict, overrides: Optional[list[str]] = None) -> 
         if not fields.get("dataset"):   # found here, not once the stages before it have trained
             raise ConfigError(f"{typed if 'dataset' in own_ov else stages_at}: stage {name!r} needs a dataset (a path, "
                               f"builtin:<task> or \"@stage\")")
-        if not isinstance(raw.get("config") or {}, dict):
+        if not isinstance({} if raw.get("config") is None else raw["config"], dict):
             raise ConfigError(f"{stages_at}: stage {name!r}: 'config' must be a mapping of {STAGE_TYPES[typ].__name__} "
                               f"options; got {raw['config']!r:.80}")
         conf = dict(raw.get("config") or {})
