@@ -839,3 +839,15 @@ def test_a_stage_name_or_config_left_out_or_null_keeps_its_default():
             raw = {**({} if key == "name" else {"name": "a"}), "type": "sft", "dataset": "builtin:arithmetic", **stage}
             s = load_pipeline({"model": "builtin:tiny", "stages": [raw]}).stages[0]
             assert s.name == ("stage0" if key == "name" else "a") and s.config.max_steps == SFTConfig().max_steps
+
+
+@pytest.mark.parametrize("seed", [-1, 2**32 - 1, 2**60])
+def test_the_pipelines_seed_is_checked_as_its_own_key(seed):
+    # -1 and 2**32 - 1 were refused as stage 'cold_start' / 'grpo''s option 'seed' (stage i runs with seed + i), blamed
+    # on the file; with every stage's own seed set, any seed loaded, and 2**60 then failed at the first held-out
+    # evaluation, once a stage had trained ("Overflow when unpacking long long" from seed * 1000 + 7)
+    for extra in ([], ["cold_start.seed=0", "grpo.seed=1"]):
+        with pytest.raises(ConfigError, match=rf"^command line: seed must be in \[0, 2\*\*32 - 2\] \(stage i runs with "
+                                              rf"seed \+ i; this pipeline has 2 stages\); got {seed}$"):
+            load_pipeline(DEFAULT_CONFIG, [f"seed={seed}", *extra])
+    assert load_pipeline(DEFAULT_CONFIG, [f"seed={2**32 - 2}"]).stages[1].config.seed == 2**32 - 1

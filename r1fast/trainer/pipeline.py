@@ -167,11 +167,11 @@ def load_pipeline(source: str | dict, overrides: Optional[list[str]] = None) -> 
     data.pop("description", None)
     top_ov.pop("description", None)   # a note, as in the file (Pipeline has no such field: a KeyError)
     def pipeline_check(options: dict):
-        return lambda: _validate(Pipeline(**_typed(Pipeline, options, where)), where)
+        return lambda: _validate(Pipeline(**_typed(Pipeline, options, where)), where, len(stages_raw))
 
     src = typed if top_ov and _brought_in(pipeline_check(data), pipeline_check({**data, **top_ov})) else where
     p = Pipeline(**_typed(Pipeline, {**data, **top_ov}, src))
-    _validate(p, src)
+    _validate(p, src, len(stages_raw))
     # stages typed on the command line are its own: their errors name it, not the file whose stages they replace
     names = set()
     for i, raw in enumerate(stages_raw):
@@ -464,12 +464,17 @@ def _typed(cls, data: dict, where: str) -> dict:
     return {k: expand_home(k, coerce(k, v, hints[k], where)) for k, v in data.items()}
 
 
-def _validate(p: Pipeline, where: str):
+def _validate(p: Pipeline, where: str, num_stages: int = 1):
     def check(ok: bool, msg: str):
         if not ok:
             raise ConfigError(f"{where}: {msg}")
 
     check(bool(p.name.strip()), "name must not be empty (it names the run folder runs/<name>)")
+    # as a stage's seed (config._check_seed), for the last stage's too; and checked even where every stage sets
+    # its own: the held-out rows and evaluations are drawn with seeds made from it (seed * 1000 + 7 overflowed)
+    check(0 <= p.seed <= 2**32 - num_stages, f"seed must be in [0, 2**32 - {num_stages}] (stage i runs with seed + i; "
+                                             f"this pipeline has {num_stages} stage{'s' if num_stages > 1 else ''}); "
+                                             f"got {p.seed}")
     check(p.dtype in DTYPES, f"dtype must be one of {', '.join(DTYPES)}; got {p.dtype!r}")
     check_device(p.device)
     check(p.eval_size >= 1, f"eval_size must be >= 1; got {p.eval_size}")
@@ -1368,7 +1373,7 @@ def run_pipeline(source: str | dict | Pipeline = DEFAULT_CONFIG, overrides: Opti
     if overrides:
         raise TypeError("run_pipeline: overrides apply to a pipeline file or dict; set a Pipeline's fields instead "
                         "(or pass the overrides to load_pipeline)")
-    _validate(source, "pipeline")
+    _validate(source, "pipeline", max(1, len(source.stages)))
     _check_rerun_from(source, "pipeline")
     _check_stages(source, "pipeline")
     return PipelineRunner(source).run(resume=resume)
