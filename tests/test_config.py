@@ -851,3 +851,16 @@ def test_the_pipelines_seed_is_checked_as_its_own_key(seed):
                                               rf"seed \+ i; this pipeline has 2 stages\); got {seed}$"):
             load_pipeline(DEFAULT_CONFIG, [f"seed={seed}", *extra])
     assert load_pipeline(DEFAULT_CONFIG, [f"seed={2**32 - 2}"]).stages[1].config.seed == 2**32 - 1
+
+
+@pytest.mark.parametrize("num_blocks", [None, 1])
+def test_a_kv_block_larger_than_the_memory_is_refused_naming_block_size(num_blocks):
+    # engine_block_size=1000000000 was accepted and the engine then failed allocating the pool: a RuntimeError
+    # traceback from torch's allocator ("DefaultCPUAllocator: can't allocate memory"), after the model had loaded
+    from r1fast.rollout import Engine
+
+    model, _ = load_model_and_tokenizer("builtin:micro", device="cpu")
+    with pytest.raises(ValueError, match=r"^Engine: a KV pool of 1 block of block_size 1000000000 tokens takes "
+                                         r"[\d,]+ bytes, more than the [\d,]+ bytes of memory on cpu; lower "
+                                         r"block_size"):
+        Engine(model, num_blocks=num_blocks, block_size=10**9, max_num_seqs=2, max_model_len=16)

@@ -189,10 +189,12 @@ class Engine:
         self.max_num_batched_tokens = max_num_batched_tokens
         if pool_tokens_per_seq is not None:
             pool_tokens_per_seq = _positive_int("pool_tokens_per_seq", pool_tokens_per_seq)
+        given = num_blocks is not None
         if num_blocks is None:
             num_blocks = self._blocks_from_memory(memory_fraction, min(pool_tokens_per_seq or self.max_model_len,
                                                                       self.max_model_len))
         num_blocks = _positive_int("num_blocks", num_blocks)
+        self._check_pool_fits(num_blocks, given)
         ext = _ext.require()
         self.block_manager = ext.BlockManager(num_blocks, block_size, bool(enable_prefix_caching))
         self.runner = ModelRunner(model, num_blocks, block_size, max_num_seqs, self.max_model_len,
@@ -214,6 +216,20 @@ class Engine:
         # frees every sequence the manager holds (another thread's call then failed on unknown sequence ids)
         self._generate_lock = threading.Lock()
         self._weights_seen = self._weights_signature()
+
+    def _check_pool_fits(self, num_blocks: int, given: bool):
+        """A pool larger than the device's whole memory (block_size=10**9) failed in torch's allocator, a RuntimeError
+        traceback. The whole memory, not what is free now: a pool refused here could never be allocated."""
+        pool = num_blocks * ModelRunner.kv_bytes_per_block(self.config, self.block_size, self.model.dtype)
+        device = self.model.device
+        if device.type == "cuda":
+            memory = torch.cuda.mem_get_info(device)[1]
+        else:
+            memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        if pool > memory:
+            raise ValueError(f"Engine: a KV pool of {num_blocks} block{'s' if num_blocks != 1 else ''} of block_size "
+                             f"{self.block_size} tokens takes {pool:,} bytes, more than the {memory:,} bytes of memory "
+                             f"on {device}; lower block_size{' or num_blocks' if given else ''}")
 
     def _blocks_from_memory(self, fraction: float, tokens_per_seq: int) -> int:
         per_block = ModelRunner.kv_bytes_per_block(self.config, self.block_size, self.model.dtype)
