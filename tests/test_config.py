@@ -864,3 +864,17 @@ def test_a_kv_block_larger_than_the_memory_is_refused_naming_block_size(num_bloc
                                          r"[\d,]+ bytes, more than the [\d,]+ bytes of memory on cpu; lower "
                                          r"block_size"):
         Engine(model, num_blocks=num_blocks, block_size=10**9, max_num_seqs=2, max_model_len=16)
+
+
+def test_a_yaml_files_value_for_a_text_option_is_the_text_written(tmp_path):
+    # YAML 1.1 read system_prompt: 12:30 as the sexagesimal 750, run_name: 007 as 7, 0123 as octal 83; as on the
+    # command line, a text option now takes the text; number options get plain numbers
+    path = _yaml(tmp_path, "system_prompt: 12:30\nrun_name: '0123'\noutput_dir: 007\ndataset_split: 1.10\n"
+                           "max_steps: 1_000\nlearning_rate: 1.0e-4\nreward_weights: [1, 0.5]\n"
+                           "reward_funcs: [accuracy, format]\n")
+    cfg = GRPOConfig.from_yaml(path)
+    assert (cfg.system_prompt, cfg.run_name, cfg.output_dir, cfg.dataset_split) == ("12:30", "0123", "007", "1.10")
+    assert (cfg.max_steps, cfg.learning_rate, cfg.reward_weights) == (1000, 1e-4, [1.0, 0.5])
+    assert type(cfg.max_steps) is int and type(cfg.learning_rate) is float
+    assert all(type(w) is float for w in cfg.reward_weights)
+    assert GRPOConfig.from_yaml(_yaml(tmp_path, "run_name: 2024-05-01\n")).run_name == "2024-05-01"

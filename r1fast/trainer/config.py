@@ -314,7 +314,7 @@ class _RepeatedKey(Exception):
 def _unique_key_loader():
     """yaml.SafeLoader refusing a key given twice in one mapping: YAML keeps the last, so a `max_steps: 5` high in a
     file and a `max_steps: 500` lower down trained 500 steps without a word. A merge key's (<<: *base) entries
-    are meant to be overridden and are left out."""
+    are meant to be overridden and are left out. Numbers and dates keep their text (_keep_text)."""
     import yaml
 
     class UniqueKeyLoader(yaml.SafeLoader):
@@ -331,6 +331,13 @@ def _unique_key_loader():
                     first[key] = line
             return super().construct_mapping(node, deep=deep)
 
+    # a number or date keeps the text it was written as, for a text option (system_prompt: 12:30 was 750): as on
+    # the command line (_keep_text)
+    for tag, construct in (("int", yaml.SafeLoader.construct_yaml_int), ("float", yaml.SafeLoader.construct_yaml_float),
+                           ("timestamp", yaml.SafeLoader.construct_yaml_timestamp)):
+        UniqueKeyLoader.add_constructor(f"tag:yaml.org,2002:{tag}",
+                                        lambda loader, node, construct=construct: _keep_text(construct(loader, node),
+                                                                                             node.value))
     return UniqueKeyLoader
 
 
@@ -421,7 +428,7 @@ class _FloatAsTyped(float):
 
 
 def _keep_text(value, raw: str):
-    """A command-line value YAML read as a number keeps its text: the option's type, known only to coerce, says
+    """A value YAML read as a number keeps its text: the option's type, known only to coerce, says
     which is meant (system_prompt=12:30 was the sexagesimal 750, run_name=007 was '7', output_file=1e3 '1000.0').
     A date or time (run_name=2024-05-01) is the text itself: no option takes one."""
     import datetime
