@@ -878,3 +878,18 @@ def test_a_yaml_files_value_for_a_text_option_is_the_text_written(tmp_path):
     assert type(cfg.max_steps) is int and type(cfg.learning_rate) is float
     assert all(type(w) is float for w in cfg.reward_weights)
     assert GRPOConfig.from_yaml(_yaml(tmp_path, "run_name: 2024-05-01\n")).run_name == "2024-05-01"
+
+
+@pytest.mark.parametrize("cls, key, real", [
+    (GRPOConfig, "model", "model_name_or_path"),            # was "did you mean tis_mode, delta?"
+    (SFTConfig, "model", "model_name_or_path"),
+    (SampleConfig, "model", "model_name_or_path"),
+    (GRPOConfig, "batch_size", "per_device_train_batch_size"),   # was "did you mean eval_size?"
+    (SFTConfig, "epochs", "num_train_epochs"),               # no hint
+    (GRPOConfig, "kl_coef", "beta"),                         # no hint
+    (SampleConfig, "n", "num_samples"),                      # no hint
+    (GRPOConfig, "lr", "learning_rate"),
+])
+def test_another_librarys_name_for_an_option_suggests_this_ones(cls, key, real):
+    with pytest.raises(ConfigError, match=rf"unknown option '{key}' for {cls.__name__}; did you mean {real}\?$"):
+        cls.from_dict({key: 1})

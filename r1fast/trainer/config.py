@@ -60,8 +60,9 @@ def _same_function(a, b) -> bool:
     return a is b or (inspect.ismethod(a) and inspect.ismethod(b) and a == b)
 
 
-# names other libraries use for an option, which no close match finds
-_OTHER_NAMES = {"lr": "learning_rate"}
+# names other libraries (or the words users reach for) give an option, which no close match finds
+_OTHER_NAMES = {"lr": "learning_rate", "model": "model_name_or_path", "batch_size": "per_device_train_batch_size",
+                "epochs": "num_train_epochs", "kl_coef": "beta", "n": "num_samples"}
 
 
 # TRL options with no field of that name, and what a TRL config moved here says instead
