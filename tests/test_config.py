@@ -893,3 +893,22 @@ def test_a_yaml_files_value_for_a_text_option_is_the_text_written(tmp_path):
 def test_another_librarys_name_for_an_option_suggests_this_ones(cls, key, real):
     with pytest.raises(ConfigError, match=rf"unknown option '{key}' for {cls.__name__}; did you mean {real}\?$"):
         cls.from_dict({key: 1})
+
+
+@pytest.mark.parametrize("override, where, key, own", [
+    ("grpo.modle=builtin:tiny", "command line", "modle", "model"),      # was "did you mean tis_mode?"
+    ("grpo.num_row=3", "command line", "num_row", "num_rows"),          # no hint
+    ("grpo.evaluat=false", "command line", "evaluat", "evaluate"),      # was "did you mean eval_dataset?"
+])
+def test_a_misspelt_stage_key_suggests_the_stages_own_key(override, where, key, own):
+    with pytest.raises(ConfigError, match=rf"^{where}: stage 'grpo': unknown option '{key}' for GRPOConfig; did you "
+                                          rf"mean the stage's own key '{own}' \(beside 'config:' in a pipeline file, "
+                                          rf"grpo\.{own}=\.\.\. on the command line\)\?$"):
+        load_pipeline(DEFAULT_CONFIG, [override])
+
+
+def test_a_stage_key_written_inside_a_stages_config_says_where_it_goes():
+    raw = {"name": "a", "type": "sft", "dataset": "builtin:arithmetic", "config": {"model": "builtin:tiny"}}
+    with pytest.raises(ConfigError, match=r"^pipeline: stage 'a': unknown option 'model' for SFTConfig; did you mean "
+                                          r"the stage's own key 'model'"):
+        load_pipeline({"model": "builtin:tiny", "stages": [raw]})

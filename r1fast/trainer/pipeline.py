@@ -213,6 +213,7 @@ def load_pipeline(source: str | dict, overrides: Optional[list[str]] = None) -> 
             if key in _SUPPLIED:
                 raise ConfigError(f"{at if key in conf else typed_at}: option {key!r} is not read in a pipeline; set "
                                   f"{_SUPPLIED[key].format(stage=name)}")
+            _check_not_a_stage_key(key, STAGE_TYPES[typ], name, at if key in conf else typed_at)
         conf.setdefault("seed", p.seed + i)
         if typ == "grpo":
             for key in _EVAL_DEFAULTS:
@@ -251,6 +252,18 @@ def _check_rerun_from(p: Pipeline, where: str, both_where: Optional[str] = None)
     if p.overwrite_output_dir:
         raise ConfigError(f"{both_where or where}: rerun_from={p.rerun_from} keeps the stages before {p.rerun_from!r} from the "
                           f"earlier run, and overwrite_output_dir=true deletes that run first: give one of them")
+
+
+def _check_not_a_stage_key(key: str, config_cls, stage: str, where: str):
+    """An unknown option close to one of the stage's own keys (model, dataset, num_rows, evaluate) is that key
+    misspelt, or written inside 'config:': the config's own close matches sent `grpo.modle=...` to tis_mode."""
+    import difflib
+
+    fields = config_cls.field_names()
+    own = difflib.get_close_matches(key, [*STAGE_FIELDS, *fields], n=1)   # closer to a stage key than to an option
+    if own and own[0] in STAGE_FIELDS and key not in fields:
+        raise ConfigError(f"{where}: unknown option {key!r} for {config_cls.__name__}; did you mean the stage's own key "
+                          f"{own[0]!r} (beside 'config:' in a pipeline file, {stage}.{own[0]}=... on the command line)?")
 
 
 def _check_num_rows(fields: dict, where: str):
