@@ -912,3 +912,17 @@ def test_a_stage_key_written_inside_a_stages_config_says_where_it_goes():
     with pytest.raises(ConfigError, match=r"^pipeline: stage 'a': unknown option 'model' for SFTConfig; did you mean "
                                           r"the stage's own key 'model'"):
         load_pipeline({"model": "builtin:tiny", "stages": [raw]})
+
+
+def test_an_engine_too_narrow_for_the_held_out_samples_is_refused_at_load():
+    # refused only by GRPOTrainer, once the model had loaded (in a pipeline, once the stages before had trained)
+    narrow = {"engine_max_num_seqs": 2, "num_generations": 2, "per_device_train_batch_size": 2,
+              "eval_samples_per_prompt": 4}
+    with pytest.raises(ConfigError, match=r"^option 'engine_max_num_seqs' = 2 is below eval_samples_per_prompt = 4: a "
+                                          r"held-out prompt's samples are decoded together"):
+        GRPOConfig.from_dict({**narrow, "eval_dataset": "builtin:arithmetic"})
+    assert GRPOConfig.from_dict(narrow).eval_samples_per_prompt == 4   # no eval_dataset: nothing is evaluated
+    with pytest.raises(ConfigError, match=r"stage 'grpo': option 'engine_max_num_seqs' = 8 is below "
+                                          r"eval_samples_per_prompt = 16"):
+        load_pipeline(DEFAULT_CONFIG, ["grpo.engine_max_num_seqs=8", "grpo.eval_dataset=builtin:arithmetic",
+                                       "grpo.eval_steps=10", "eval_samples_per_prompt=16"])

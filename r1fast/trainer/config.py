@@ -897,6 +897,10 @@ class GRPOConfig(_TrainingConfig):
         _check(self.engine_max_num_seqs is None or self.engine_max_num_seqs >= self.num_generations,
                f"option 'engine_max_num_seqs' must be >= num_generations = {self.num_generations} (a group is "
                f"decoded together); got {self.engine_max_num_seqs}")
+        # GRPOTrainer checks it for held-out rows given in Python; an eval_dataset is known now, before the model loads
+        _check(self.eval_dataset is None or self.rollout_max_num_seqs >= self.eval_samples_per_prompt,
+               f"option 'engine_max_num_seqs' = {self.engine_max_num_seqs} is below eval_samples_per_prompt = "
+               f"{self.eval_samples_per_prompt}: a held-out prompt's samples are decoded together")
         _check_temperature("temperature", self.temperature, greedy_ok=False)
         _check(0 < self.top_p <= 1, f"option 'top_p' must be in (0, 1]; got {self.top_p}")
         _check(self.top_k >= -1, f"option 'top_k' must be -1 or 0 (off) or >= 1; got {self.top_k}")
