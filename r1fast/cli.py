@@ -182,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     if argv is not None:   # called from Python (a test, a script): the caller's process, not this command's
         return _run(argv)
+    _warn_as_a_command()
     try:
         code = _run(sys.argv[1:])
         sys.stdout.flush()   # a reader gone before the last lines left is seen here, not at the interpreter's exit
@@ -197,6 +198,23 @@ def main(argv: list[str] | None = None) -> int:
         raise
     _exit_past_reward_calls(code)
     return code
+
+
+def _warn_as_a_command():
+    """r1fast's own warnings as one line, `r1fast: warning: <message>`: Python's format put the source file and line
+    that raised it, then that line of code (`/…/r1fast/trainer/config.py:197: UserWarning: …` and `new.validate()`),
+    in front of a command-line user who wrote neither. Other libraries' warnings keep Python's format."""
+    import os
+    import warnings
+
+    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    python_format = warnings.formatwarning
+
+    def formatwarning(message, category, filename, lineno, line=None):
+        if os.path.abspath(filename).startswith(package):
+            return f"r1fast: warning: {message}\n"
+        return python_format(message, category, filename, lineno, line)
+    warnings.formatwarning = formatwarning
 
 
 def _run(argv: list[str]) -> int:

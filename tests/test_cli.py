@@ -113,3 +113,27 @@ def test_train_warns_once_of_the_config_it_runs(tmp_path, monkeypatch):
             main(["train", str(path), "epsilon_high=0.5"])
     assert [str(w.message).split(" (")[0] for w in caught if "cispo" in str(w.message)] == \
         ["loss_type 'cispo' caps the importance ratio at epsilon_high = 0.5"]
+
+
+def test_the_command_prints_its_own_warnings_as_one_line(tmp_path, monkeypatch):
+    """From the command, a config warning came as `/…/r1fast/trainer/config.py:197: UserWarning: …` and then the line
+    of r1fast's code that raised it: a file and a line the user never wrote. Others' warnings keep Python's format."""
+    import warnings
+
+    import r1fast.cli
+
+    path = tmp_path / "e.yaml"
+    path.write_text("loss_type: cispo\nmodel_name_or_path: builtin:micro\ndataset: builtin:arithmetic\n"
+                    "device: cuda\n")
+    code = ("import sys, torch; torch.cuda.is_available = lambda: False; from r1fast.cli import main; "
+            "sys.argv = ['r1fast', 'train', sys.argv[1], 'epsilon_high=0.5']; main()")
+    done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ})
+    assert "device 'cuda' asked for but CUDA is not available" in done.stderr, done.stderr
+    assert "r1fast: warning: loss_type 'cispo' caps the importance ratio at epsilon_high = 0.5" in \
+        [line.split(" (")[0] for line in done.stderr.splitlines()], done.stderr
+    assert "UserWarning" not in done.stderr, done.stderr
+    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)   # undone after the test
+    r1fast.cli._warn_as_a_command()
+    assert warnings.formatwarning("from elsewhere", UserWarning, "/elsewhere/lib.py", 7, "") == \
+        "/elsewhere/lib.py:7: UserWarning: from elsewhere\n"
