@@ -796,7 +796,7 @@ def test_a_pipelines_command_line_text_is_the_text_typed():
 def test_an_unknown_language_for_the_language_reward_is_refused_at_load(cls):
     # accepted at load, it failed when the trainer or the sampler built its rewards (in a pipeline, once the
     # stages before had trained)
-    with pytest.raises(ConfigError, match=r"^option 'language': unknown language 'english' for reward "
+    with pytest.raises(ConfigError, match=r"^F\.yaml: option 'language': unknown language 'english' for reward "
                                           r"'language'; known: .*\ben\b.*\bzh\b"):
         cls.from_dict({"reward_funcs": ["accuracy", "language"], "language": "english"}, source="F.yaml")
     assert cls.from_dict({"reward_funcs": ["language"], "language": "zh"}).language == "zh"
@@ -918,7 +918,7 @@ def test_an_engine_too_narrow_for_the_held_out_samples_is_refused_at_load():
     # refused only by GRPOTrainer, once the model had loaded (in a pipeline, once the stages before had trained)
     narrow = {"engine_max_num_seqs": 2, "num_generations": 2, "per_device_train_batch_size": 2,
               "eval_samples_per_prompt": 4}
-    with pytest.raises(ConfigError, match=r"^option 'engine_max_num_seqs' = 2 is below eval_samples_per_prompt = 4: a "
+    with pytest.raises(ConfigError, match=r"^config: option 'engine_max_num_seqs' = 2 is below eval_samples_per_prompt = 4: a "
                                           r"held-out prompt's samples are decoded together"):
         GRPOConfig.from_dict({**narrow, "eval_dataset": "builtin:arithmetic"})
     assert GRPOConfig.from_dict(narrow).eval_samples_per_prompt == 4   # no eval_dataset: nothing is evaluated

@@ -355,10 +355,10 @@ def test_cli_names_a_path_it_cannot_write_in_one_line(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "afile").write_text("")
     for cmd in ("train", "sft"):   # said once the model had loaded, as "[Errno 20] Not a directory: 'afile/x'"
-        refuses(cmd, "output_dir=afile/x", rf"^r1fast {cmd}: option 'output_dir' = 'afile/x': {tmp_path}/afile "
+        refuses(cmd, "output_dir=afile/x", rf"^r1fast {cmd}: command line: option 'output_dir' = 'afile/x': {tmp_path}/afile "
                                            rf"is a file, not a folder; give another output_dir, the folder for")
         # "[Errno 17] File exists: 'afile'"
-        refuses(cmd, "output_dir=afile", rf"^r1fast {cmd}: option 'output_dir' = 'afile': {tmp_path}/afile is a "
+        refuses(cmd, "output_dir=afile", rf"^r1fast {cmd}: command line: option 'output_dir' = 'afile': {tmp_path}/afile is a "
                                          rf"file, not a folder; give")
     # sample found it only once every prompt was sampled, losing the rows; now before the model loads
     refuses("sample", "output_file=afile/x.jsonl", r"^r1fast sample: output_file 'afile/x.jsonl': .*afile is a file, "
@@ -382,7 +382,7 @@ def test_cli_names_a_path_it_cannot_write_in_one_line(tmp_path, monkeypatch):
     # (sample) once every prompt was sampled
     os.symlink("gone/run", tmp_path / "moved")
     for cmd in ("train", "sft"):
-        refuses(cmd, "output_dir=moved/x", rf"^r1fast {cmd}: option 'output_dir' = 'moved/x': {tmp_path}/moved is "
+        refuses(cmd, "output_dir=moved/x", rf"^r1fast {cmd}: command line: option 'output_dir' = 'moved/x': {tmp_path}/moved is "
                                            rf"a symlink to 'gone/run', which does not exist \(make it, or mount")
     refuses("sample", "output_file=moved/x.jsonl", r"^r1fast sample: output_file 'moved/x.jsonl': .*/moved is a "
                                                    r"symlink to 'gone/run', which does not exist")
