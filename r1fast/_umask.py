@@ -56,9 +56,10 @@ def apply_rewrite_mode(tmp: str, path: str) -> None:
 
 
 def fsync_dir(path: str):
-    """A folder's entries (a rename, a new file's name) on disk; where the file system cannot, nothing."""
+    """A folder's entries (a rename, a new file's name) on disk; where the file system cannot, nothing. `path` ""
+    is the working folder, as os.path.dirname names it for a bare name: opening "" failed, and nothing was synced."""
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(path or ".", os.O_RDONLY)
     except OSError:
         return
     try:

@@ -298,3 +298,21 @@ def test_a_new_checkpoints_folder_is_synced_with_its_files_before_it_is_renamed_
     synced = [op[1] for op in disk_ops[:into_place[0]] if op[0] == "fsync"]
     assert {os.path.join(tmp, name) for name in os.listdir(final)} <= set(synced)
     assert tmp in synced and synced.index(tmp) > max(synced.index(os.path.join(tmp, n)) for n in os.listdir(final))
+
+
+def test_a_checkpoint_of_an_output_dir_given_as_dot_is_renamed_out_of_sight_on_disk_before_its_deletion(
+        tmp_path, monkeypatch, disk_ops):
+    # output_dir="." (the run in the working folder): _delete_checkpoint split "./checkpoint-1", normalised, into the
+    # folder "" and the name, and fsync_dir("") failed to open "" and synced nothing, saying nothing
+    monkeypatch.chdir(tmp_path)
+    _log(".", 1)
+    _save(".", 1, None)
+    _log(".", 2)
+    disk_ops.clear()
+    _save(".", 2, 1)
+    moved = [i for i, op in enumerate(disk_ops) if op[0] == "rename" and op[1] == str(tmp_path / "checkpoint-1")]
+    assert len(moved) == 1
+    doomed = disk_ops[moved[0]][2]
+    assert os.path.basename(doomed).startswith(".tmp-checkpoint-1-deleting-") and not os.path.exists(doomed)
+    assert disk_ops.synced_between(moved[0], disk_ops.at(("rmtree", doomed), after=moved[0]), tmp_path)
+    assert sorted(n for n in os.listdir(tmp_path) if n.startswith("checkpoint-")) == ["checkpoint-2"]
