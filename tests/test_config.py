@@ -563,6 +563,7 @@ def test_a_stopped_sampling_continues_under_another_reward_timeout():
             sample_fingerprint(before, ["1"], {})
     assert sample_fingerprint(SampleConfig(num_samples=8).to_dict(), ["1"], {}) != sample_fingerprint(before, ["1"], {})
 
+
 def test_tis_mode_off_is_none_or_the_string_none_in_both_config_and_loss_options():
     # GRPOConfig took only "none" ("option 'tis_mode' expects str, got None") and LossOptions only None
     # ("LossOptions.tis_mode must be one of ('truncate', 'mask', None), got 'none'") for the same setting
@@ -735,7 +736,7 @@ def test_a_dataset_given_as_the_config_is_named_as_such(tmp_path):
                                                   rf"YAML: give it as dataset=\S+{re.escape(name)} \(with "
                                                   rf"model_name_or_path=\.\.\.\), after the config if there is one$"):
                 cls.from_yaml(tmp_path / name)
-        with pytest.raises(ConfigError, match="is a dataset, not a config YAML"):
+        with pytest.raises(ConfigError, match="is a dataset, not a pipeline YAML"):
             load_pipeline(str(tmp_path / name))
     (tmp_path / "c.json").write_text(json.dumps({"learning_rate": 2e-6}))   # a config written as JSON still reads
     assert GRPOConfig.from_yaml(tmp_path / "c.json").learning_rate == 2e-6
@@ -926,3 +927,20 @@ def test_an_engine_too_narrow_for_the_held_out_samples_is_refused_at_load():
                                           r"eval_samples_per_prompt = 16"):
         load_pipeline(DEFAULT_CONFIG, ["grpo.engine_max_num_seqs=8", "grpo.eval_dataset=builtin:arithmetic",
                                        "grpo.eval_steps=10", "eval_samples_per_prompt=16"])
+
+
+def test_a_dataset_given_as_a_pipeline_says_how_a_pipeline_takes_one(tmp_path):
+    """`r1fast pipeline data.jsonl` said "give it as dataset=PATH (with model_name_or_path=...)", a single run's
+    advice: a pipeline refuses dataset= ("unknown pipeline key(s) ['dataset']"); its stages take <stage>.dataset."""
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"prompt": "1+1=", "answer": "2"}) + "\n")
+    with pytest.raises(ConfigError) as refused:
+        load_pipeline(str(data))
+    message = str(refused.value)
+    assert message.startswith(f"{data} is a dataset, not a pipeline YAML: ") and "<stage>.dataset=" in message
+    # the example it gives runs as given
+    pipeline, override = re.search(r"e\.g\. r1fast pipeline (\S+) (\S+)\)$", message).groups()
+    stage, value = override.split(".dataset=")
+    loaded = {s.name: s for s in load_pipeline(pipeline, [override]).stages}
+    assert value == str(data) and loaded[stage].dataset == str(data)
+    assert "give it as dataset=" not in message

@@ -372,11 +372,19 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
 _DATA_SUFFIXES = (".jsonl", ".parquet", ".csv")
 
 
+class DatasetAsConfig(ConfigError):
+    """A dataset file given where a config goes (`path`); a pipeline says how its stages take one instead."""
+
+    def __init__(self, path: str):
+        super().__init__(f"{path} is a dataset, not a config YAML: give it as dataset={shlex.quote(path)} (with "
+                         f"model_name_or_path=...), after the config if there is one")
+        self.path = path
+
+
 def _dataset_as_config(path: str) -> ConfigError:
     """`r1fast train data.jsonl`: a dataset given where the config goes was read as YAML, and the error spoke of
     YAML documents, a top-level str, or (one JSON line) its columns as unknown options."""
-    return ConfigError(f"{path} is a dataset, not a config YAML: give it as dataset={shlex.quote(path)} (with "
-                       f"model_name_or_path=...), after the config if there is one")
+    return DatasetAsConfig(path)
 
 
 _OVERRIDE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*=")  # key=value, or stage.key=value in a pipeline

@@ -38,6 +38,7 @@ from r1fast.models.checkpoint import missing_model_hint
 from r1fast.trainer.config import (
     DTYPES,
     ConfigError,
+    DatasetAsConfig,
     GRPOConfig,
     SampleConfig,
     SFTConfig,
@@ -133,8 +134,18 @@ def is_pipeline_file(path: str) -> bool:
     return "stages" in load_yaml(path)
 
 
+def _load_pipeline_yaml(path) -> dict:
+    try:
+        return load_yaml(path)
+    except DatasetAsConfig as e:
+        # load_yaml's advice is a single run's (dataset=PATH), a key a pipeline refuses: its stages take datasets
+        data = shlex.quote(e.path)
+        raise ConfigError(f"{e.path} is a dataset, not a pipeline YAML: give it to a stage, after the pipeline, as "
+                          f"<stage>.dataset={data} (e.g. r1fast pipeline default grpo.dataset={data})") from None
+
+
 def load_pipeline(source: str | dict, overrides: Optional[list[str]] = None) -> Pipeline:
-    data = load_yaml(source) if isinstance(source, (str, os.PathLike)) else dict(source)
+    data = _load_pipeline_yaml(source) if isinstance(source, (str, os.PathLike)) else dict(source)
     where = str(source) if isinstance(source, (str, os.PathLike)) else "pipeline"
     ov = parse_overrides(overrides or [])
     # "stage.key=value" sets a stage's option; other keys are pipeline keys
