@@ -184,10 +184,13 @@ def main(argv: list[str] | None = None) -> int:
         return _run(argv)
     _warn_as_a_command()
     try:
-        code = _run(sys.argv[1:])
-        sys.stdout.flush()   # a reader gone before the last lines left is seen here, not at the interpreter's exit
-    except BrokenPipeError:
-        code = _stdout_reader_gone()
+        try:
+            code = _run(sys.argv[1:])
+            sys.stdout.flush()   # a reader gone before the last lines left is seen here, not at the interpreter's exit
+        except BrokenPipeError:
+            if not _stdout_reader_is_gone():
+                raise   # a pipe of the command's own (a reward worker's, a judge server's): a real error
+            code = _stdout_reader_gone()
     except SystemExit as e:
         _exit_past_reward_calls(e.code)
         raise
@@ -224,6 +227,26 @@ def _run(argv: list[str]) -> int:
         parser.print_help()
         return 2
     return args.func(args) or 0
+
+
+def _stdout_reader_is_gone() -> bool:
+    """Whether stdout is a pipe or socket whose reader has closed it (poll reports an error or a hang-up on it).
+    A BrokenPipeError from any other pipe the command writes to is an error to show, not a `| head` that had its
+    lines; where poll cannot tell (no select.poll), it is shown too."""
+    import os
+    import select
+    import stat
+
+    try:
+        fd = sys.stdout.fileno()
+        mode = os.fstat(fd).st_mode
+        if not (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)):
+            return False
+        poller = select.poll()
+        poller.register(fd, select.POLLOUT)
+        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+    except (OSError, ValueError, AttributeError):   # stdout closed or not a file (replaced), or no select.poll
+        return False
 
 
 def _stdout_reader_gone() -> int:

@@ -32,6 +32,23 @@ def test_output_into_a_closed_pipe_ends_quietly(tmp_path):
     assert done.returncode == 141
 
 
+def test_a_broken_pipe_of_the_commands_own_is_not_taken_for_stdouts_reader_gone():
+    """A BrokenPipeError from a pipe of the command's own (a reward worker or judge server gone) while stdout's
+    reader is still there ended the run with status 141 and not a word, as if `| head` had closed stdout."""
+    command = ("import sys\n"
+               "import r1fast.cli as cli\n"
+               "def run(argv):\n"
+               "    print('step 1', flush=True)\n"
+               "    raise BrokenPipeError(32, 'Broken pipe (the reward server)')\n"
+               "cli._run = run\n"
+               "sys.argv = ['r1fast', 'info']\n"
+               "sys.exit(cli.main())\n")
+    done = subprocess.run([sys.executable, "-c", command], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          timeout=300, env={**os.environ})
+    assert done.stdout == "step 1\n"
+    assert "BrokenPipeError: [Errno 32] Broken pipe (the reward server)" in done.stderr, done.stderr
+    assert done.returncode == 1
+
 def test_bench_table_without_results_names_the_folder_it_looked_in(tmp_path, monkeypatch):
     # it said "none found under --out" when no --out was given
     monkeypatch.chdir(tmp_path)
