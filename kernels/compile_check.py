@@ -110,6 +110,10 @@ def compile_all(arch: int = 90, full: bool = False, report=None):
             c = dict(WITH_ENTROPY=True, PRECISION=prec, LOAD_Z=load_z, WITH_ARGMAX=True)
             for kern in (logprob_kernels._logprob_fwd_kernel, logprob_kernels._dlogits_kernel):
                 _compile(kern, types, c, arch, cfg, report, f"{kern.fn.__name__} {dt} LOAD_Z={load_z}")
+            unfused = logprob_kernels.dlogits_config(cfg, dtype, load_z, 1 / 0.7)
+            if unfused is not cfg:   # the launch at a temperature other than 1, FP fusion off
+                _compile(logprob_kernels._dlogits_kernel, types, c, arch, unfused, report,
+                         f"_dlogits_kernel {dt} LOAD_Z={load_z} T!=1")
         done.append(f"logprob kernels {dt}")
     types = {n: "*fp32" for n in ("logp_ptr", "old_ptr", "ref_ptr", "smp_ptr", "ent_ptr", "mask_ptr", "adv_ptr",
                                   "denom_ptr", "row_cnt_ptr", "row_loss_ptr", "g_logp_ptr", "g_ent_ptr", "stats_ptr")}

@@ -47,6 +47,18 @@ def _config(hidden, load_z=False):
     return gpu_config(hidden.dtype, load_z) if hidden.device.type == "cuda" else CPU_CONFIG
 
 
+def dlogits_config(cfg: dict, dtype, load_z: bool, inv_temp: float) -> dict:
+    """_dlogits_kernel's launch config: `cfg`, with FP fusion off where it recomputes 16-bit logits at a temperature
+    other than 1. There _logits_tile returns z * (1/T), and LLVM/ptxas contract that product into the next `z - lse`
+    as one FMA: the backward's log p saw the unrounded product while the forward's lse (whose kernel selects between
+    the product and the sum, which no FMA spans) came from rounded logits, half an ulp of z apart, as large as the
+    whole of 1 - p at a peaked row's max. Elsewhere the product is exact (T = 1), rounded by a division (fp32) or
+    stored (LOAD_Z), and the kernel keeps its FMAs."""
+    if load_z or dtype == torch.float32 or inv_temp == 1.0:
+        return cfg
+    return dict(cfg, enable_fp_fusion=False)
+
+
 def _temperature(inv_temp: float) -> float:
     """T back from the callers' 1/T (in float64: within an ulp of T there, the same float32 but for
     ~1 in 2^29 values): the fp32 kernels divide by it."""
@@ -336,7 +348,7 @@ def dlogits(hidden, weight, targets, lse, entropy, g_logp, g_ent, inv_temp: floa
     """
     n, h = hidden.shape
     v = weight.shape[0]
-    cfg = _config(hidden, load_z=z is not None)
+    cfg = dlogits_config(_config(hidden, load_z=z is not None), hidden.dtype, z is not None, inv_temp)
     out = poisoned(torch.empty(n, v, dtype=out_dtype, device=hidden.device))
     with_entropy = g_ent is not None
     grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(v, cfg["BLOCK_V"]))

@@ -605,50 +605,95 @@ def test_kernels_compile_for_hopper_without_a_gpu():
 
 
 
-_FP32_TEMPERATURE_SCRIPT = """
+_TEMPERATURE_FMA_SCRIPT = """
 import re
 import torch
 from r1fast.kernels import compile_check as cc, logprob as lk
-types = {"h_ptr": "*fp32", "w_ptr": "*fp32", "dl_ptr": "*fp32", "t_ptr": "*i64", "inv_temp": "fp32",
-         "temperature": "fp32", "arg_ptr": "*i32"}
-types.update({n: "*fp32" for n in ("z_ptr", "part_ptr", "lse_ptr", "lse_lo_ptr", "ent_ptr", "g_logp_ptr", "g_ent_ptr")})
-for kern in (lk._logprob_fwd_kernel, lk._dlogits_kernel):
-    k = cc.compile_for(kern, types, dict(WITH_ENTROPY=True, PRECISION="ieee", LOAD_Z=False,
-                       **{n: v for n, v in lk.gpu_config(torch.float32).items() if n.startswith("BLOCK")}), 90)
+def fused_temperature(kern, dt, cfg, precision):
+    types = {"h_ptr": f"*{dt}", "w_ptr": f"*{dt}", "dl_ptr": f"*{dt}", "t_ptr": "*i64", "inv_temp": "fp32",
+             "temperature": "fp32", "arg_ptr": "*i32"}
+    types.update({n: "*fp32" for n in ("z_ptr", "part_ptr", "lse_ptr", "lse_lo_ptr", "ent_ptr", "g_logp_ptr",
+                                       "g_ent_ptr")})
+    k = cc.compile_for(kern, types, dict(WITH_ENTROPY=True, PRECISION=precision, LOAD_Z=False,
+                       **{n: v for n, v in cfg.items() if n.startswith("BLOCK")}), 90,
+                       num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+                       enable_fp_fusion=cfg.get("enable_fp_fusion"))
     ptx = k.asm["ptx"]
     names = [p.name for p in kern.params]
+    count = 0
     for name in ("inv_temp", "temperature"):
-        if name not in names:
-            continue
         param = f"{kern.fn.__name__}_param_{names.index(name)}"
         reg = re.search(r"ld\\.param\\.b32\\s+(%r\\d+), \\[" + param + r"\\]", ptx)
-        if reg is None:
-            continue
-        fused = re.findall(r"fma\\.rn\\.f32[^;]*" + re.escape(reg.group(1)) + r"\\b", ptx)
-        print(kern.fn.__name__, name, "fma", len(fused))
+        if reg is not None:
+            count += len(re.findall(r"fma\\.rn\\.f32[^;]*" + re.escape(reg.group(1)) + r"\\b", ptx))
+    return count
+fp32 = lk.gpu_config(torch.float32)
+for kern in (lk._logprob_fwd_kernel, lk._dlogits_kernel):
+    print(kern.fn.__name__, "fp32", "fma", fused_temperature(kern, "fp32", fp32, "ieee"))
+bf16 = lk.gpu_config(torch.bfloat16)
+print("_dlogits_kernel", "bf16-T!=1", "fma", fused_temperature(lk._dlogits_kernel, "bf16",
+      lk.dlogits_config(bf16, torch.bfloat16, False, 1 / 0.7), "tf32"))
+print("control", "bf16-fusion-on", fused_temperature(lk._dlogits_kernel, "bf16", bf16, "tf32"))
 print("ok")
 """
 
 
 @pytest.mark.slow
-def test_fp32_logits_round_once_before_every_use_on_sm90():
+def test_logits_round_once_before_every_use_on_sm90():
     # On the H200, test_grouped_logprob_matches_reference[N20H24V50T1.3-triton] (fp32, logits ~100,
     # T=1.3) failed: grad_hidden 2.1x the fp32 reference's error. z * inv_temp was contracted into an
     # FMA with each later `z - lse` / `z - Σpz` of the backward kernel, so p and the entropy term saw
     # the unrounded product while lse and the entropy came from the rounded logits. The interpreter
-    # rounds every product and cannot show it; the real compiler's PTX can (no GPU needed).
+    # rounds every product and cannot show it; the real compiler's PTX can (no GPU needed). fp32 divides
+    # (div_rn); 16-bit inputs at T != 1 launch the backward with FP fusion off (dlogits_config): the control
+    # row shows the contraction that launch avoids.
     import os
     import subprocess
     import sys
 
     pytest.importorskip("triton.backends.nvidia")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-c", _FP32_TEMPERATURE_SCRIPT], env=env, capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-c", _TEMPERATURE_FMA_SCRIPT], env=env, capture_output=True, text=True,
                          timeout=600)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-3000:]
     rows = [line.split() for line in out.stdout.splitlines() if " fma " in line]
-    assert {r[0] for r in rows} == {"_logprob_fwd_kernel", "_dlogits_kernel"}, out.stdout
+    assert [(r[0], r[1]) for r in rows] == [("_logprob_fwd_kernel", "fp32"), ("_dlogits_kernel", "fp32"),
+                                            ("_dlogits_kernel", "bf16-T!=1")], out.stdout
     assert all(r[3] == "0" for r in rows), f"the temperature is fused into an FMA:\n{out.stdout}"
+    control = [line.split() for line in out.stdout.splitlines() if line.startswith("control")]
+    assert control and int(control[0][2]) > 0, out.stdout
+
+
+def test_dlogits_launches_16_bit_recompute_at_a_temperature_without_fp_fusion():
+    """What test_logits_round_once_before_every_use_on_sm90 checks in the PTX, at the launch: fusion off only
+    where 16-bit logits are recomputed at T != 1 (fp32 divides; stored logits and T = 1 are exact as they are)."""
+    from r1fast.kernels import logprob as lk
+
+    cfg = dict(lk.CPU_CONFIG)
+    assert lk.dlogits_config(cfg, torch.bfloat16, False, 1 / 0.7) == dict(cfg, enable_fp_fusion=False)
+    assert lk.dlogits_config(cfg, torch.float16, False, 2.0) == dict(cfg, enable_fp_fusion=False)
+    for args in ((torch.bfloat16, False, 1.0), (torch.float32, False, 1 / 0.7), (torch.bfloat16, True, 1 / 0.7)):
+        assert lk.dlogits_config(cfg, *args) is cfg
+    seen = {}
+
+    class Recorder:
+        def __getitem__(self, grid):
+            return lambda *a, **kw: seen.update(kw)
+
+    real = lk._dlogits_kernel
+    lk._dlogits_kernel = Recorder()
+    try:
+        n, h, v = 5, 16, 40
+        hidden, weight = randn(n, h).half(), randn(v, h, seed=1).half()
+        ones = torch.zeros(n)
+        lk.dlogits(hidden, weight, torch.zeros(n, dtype=torch.long), ones, None, ones, None, 1 / 0.7, torch.float16)
+        assert seen.get("enable_fp_fusion") is False
+        seen.clear()
+        lk.dlogits(hidden, weight, torch.zeros(n, dtype=torch.long), ones, None, ones, None, 1.0, torch.float16)
+        assert "enable_fp_fusion" not in seen and seen["LOAD_Z"] is False
+    finally:
+        lk._dlogits_kernel = real
+
 
 def test_compile_check_refuses_an_unknown_option():
     # `--resource` (for --resources) was ignored: the run compiled everything and printed no resources;
