@@ -1,6 +1,7 @@
 """Checks shared by every public op (r1fast.ops.checks), run against each op in turn."""
 import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -259,6 +260,30 @@ def test_a_flag_that_is_not_true_or_false_is_refused_naming_it(op, flag, value):
     FLAG_CASES[op, flag](**{flag: False})
     with pytest.raises(TypeError, match=rf"^{op}: {flag} must be True or False, got {re.escape(repr(value))}$"):
         FLAG_CASES[op, flag](**{flag: value})
+
+
+def _same_result(a, b):
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, (tuple, list)):
+        return type(a) is type(b) and len(a) == len(b) and all(map(_same_result, a, b))
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same_result(a[k], b[k]) for k in a)
+    return a == b
+
+
+@pytest.mark.parametrize("op, flag", list(FLAG_CASES), ids=[f"{op}-{flag}" for op, flag in FLAG_CASES])
+def test_a_numpy_bool_flag_acts_as_the_bool_it_holds(op, flag):
+    # a flag read off a numpy array (np.True_) was refused as "must be True or False, got np.True_"
+    for value in (True, False):
+        assert _same_result(FLAG_CASES[op, flag](**{flag: np.bool_(value)}), FLAG_CASES[op, flag](**{flag: value}))
+
+
+def test_flags_hands_back_plain_bools():
+    from r1fast.ops.checks import flags
+
+    got = flags("op", a=np.True_, b=np.False_, c=True)
+    assert got == (True, False, True) and all(type(v) is bool for v in got)
 
 
 def test_the_cuda_kernels_custom_ops_refuse_cpu_tensors_naming_the_op():

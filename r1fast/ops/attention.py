@@ -428,7 +428,7 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, *, s
     built itself. Unsafe otherwise: the GPU kernels do not check them again (a bad block id reads outside
     the cache, a context length < 1 leaves its row unwritten). shared_prefix: a SharedPrefix on q's device (find_shared_prefixes(...).to(device)).
     """
-    flags("paged_decode_attention", check_bounds=check_bounds)
+    check_bounds, = flags("paged_decode_attention", check_bounds=check_bounds)
     _validate_decode(q, k_cache, v_cache, block_tables, context_lens, check_bounds)
     if shared_prefix is not None:
         _validate_shared(shared_prefix, q, block_tables, context_lens, k_cache, check_bounds)
@@ -637,7 +637,7 @@ def paged_prefill_attention(q, k_cache, v_cache, context_slots, query_lens, cont
     range check of context_slots (a host sync); the engine uses it on the slots it built itself. Unsafe
     otherwise: a slot outside the cache is then read as is (the last slot for -1, or an indexing error).
     """
-    flags("paged_prefill_attention", check_bounds=check_bounds)
+    check_bounds, = flags("paged_prefill_attention", check_bounds=check_bounds)
     query_lens, context_lens = _validate_prefill(q, k_cache, v_cache, context_slots, query_lens, context_lens,
                                                  cu_seqlens, check_bounds)
     scale = _scale("paged_prefill_attention", scale, q.shape[-1])

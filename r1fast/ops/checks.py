@@ -1,6 +1,7 @@
 """Input checks shared by the ops."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -14,13 +15,15 @@ def require_tensors(op: str, **named) -> None:
     dense(op, **named)
 
 
-def flags(op: str, **named) -> None:
-    """A TypeError naming the first of `named` that is not True or False. Read as truthy, the string 'no' turned
-    a flag on (grouped_logprob(return_entropy='no') returned a tuple, store_kv(check_slots='') skipped the bounds
-    check), and a 0-d tensor was a host sync per call."""
+def flags(op: str, **named) -> tuple[bool, ...]:
+    """`named`'s values as plain bools, in order; a TypeError naming the first that is not True or False. Read as
+    truthy, the string 'no' turned a flag on (grouped_logprob(return_entropy='no') returned a tuple,
+    store_kv(check_slots='') skipped the bounds check), and a 0-d tensor was a host sync per call. A numpy bool
+    (np.True_, e.g. a flag read off an array) is unambiguous and comes back as the bool it holds."""
     for name, value in named.items():
-        if not isinstance(value, bool):
+        if not isinstance(value, (bool, np.bool_)):
             raise TypeError(f"{op}: {name} must be True or False, got {value!r}")
+    return tuple(bool(value) for value in named.values())
 
 
 def cuda_tensors(op: str, device: torch.device) -> None:

@@ -533,7 +533,7 @@ def fused_linear_grpo_loss(hidden, weight, targets, mask, advantages, *, old_log
 def _fused_linear_grpo_loss(hidden, weight, targets, mask, advantages, *, old_logp, ref_logp, sampler_logp,
                             importance_weights, cu_seqlens, options, backend, chunk_size, single_pass, row_stats,
                             grad_scale, **loss_options):
-    flags(OP, single_pass=single_pass, row_stats=row_stats)
+    single_pass, row_stats = flags(OP, single_pass=single_pass, row_stats=row_stats)
     opts = loss_options_of(options, loss_options)
     if isinstance(grad_scale, bool) or not isinstance(grad_scale, (int, float)) or \
             not 0 < grad_scale < float("inf"):

@@ -151,7 +151,7 @@ def store_kv(key, value, k_cache, v_cache, slot_mapping, *, backend: str | None 
     block_size) is then skipped like -1 (nothing written) by the CUDA and Triton kernels; the C++ CPU
     twin still raises, and so does the reference's indexing on a slot past the cache.
     """
-    flags("store_kv", check_slots=check_slots)
+    check_slots, = flags("store_kv", check_slots=check_slots)
     _validate(key, value, k_cache, v_cache, slot_mapping, check_slots)
     _refuse_grad(key, value, k_cache, v_cache)
     _, fn = backends.resolve("store_kv", k_cache.device, backend)

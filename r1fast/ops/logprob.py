@@ -413,8 +413,9 @@ def grouped_logprob(hidden, weight, targets, *, mask=None, temperature: float = 
     passes. `chunk_size` caps the tokens whose [chunk, V] logits tile exists at once (default: a
     memory budget per device). `check_targets=False` skips the vocabulary bounds check (one device sync).
     """
-    flags("grouped_logprob", return_entropy=return_entropy, return_argmax_hit=return_argmax_hit,
-          forward_only=forward_only, check_targets=check_targets)
+    return_entropy, return_argmax_hit, forward_only, check_targets = flags(
+        "grouped_logprob", return_entropy=return_entropy, return_argmax_hit=return_argmax_hit,
+        forward_only=forward_only, check_targets=check_targets)
     validate(hidden, weight, targets, temperature, check_targets=check_targets and mask is None)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"grouped_logprob: chunk_size must be a positive int, got {chunk_size!r}")

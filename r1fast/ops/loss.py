@@ -266,7 +266,7 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, entropy=None, sampl
     holding only 0/1): they sync the host, which CUDA graphs and torch.compile cannot take; a NaN
     input then shows as a NaN loss. Shapes, dtypes and devices are always checked.
     """
-    flags("grpo_loss", check_values=check_values, row_stats=row_stats)
+    check_values, row_stats = flags("grpo_loss", check_values=check_values, row_stats=row_stats)
     opts = loss_options_of(options, loss_options)
     # here, not in validate_loss_inputs: fused_linear_grpo_loss forms the entropy itself
     if opts.entropy_coef != 0.0 and entropy is None:

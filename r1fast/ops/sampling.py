@@ -132,7 +132,7 @@ def sample_tokens(logits, params, u=None, *, backend: str | None = None,
     passes it for uniforms it hashed itself, and reads a NaN log-prob as a broken model.
     The log-probs carry no gradient, on every backend (logits that require grad are read detached).
     """
-    flags("sample_tokens", check_inputs=check_inputs)
+    check_inputs, = flags("sample_tokens", check_inputs=check_inputs)
     _validate(logits, params, u, check_inputs)
     # the reference/torch log-probs kept the logits' graph (alive as long as they were), triton's not
     logits, u = resolve_neg(logits.detach(), u)
