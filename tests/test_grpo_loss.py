@@ -1659,6 +1659,31 @@ def test_loss_options_take_numpy_scalars_as_the_floats_they_hold():
             LossOptions(epsilon=bad)
 
 
+def test_loss_options_store_every_numpy_scalar_as_a_plain_python_number():
+    # np.float64 (a float subclass) was kept as np.float64, np.int64(256) for max_completion_length was refused as
+    # "must be a positive int", and np.True_ for use_bias_correction_kl as "must be a bool"
+    np = pytest.importorskip("numpy")
+    given = dict(epsilon=np.float64(0.3), delta=np.float64(2.5), max_completion_length=np.int64(7),
+                 use_bias_correction_kl=np.True_, beta=np.float64(0.04))
+    want_types = dict(epsilon=float, delta=float, max_completion_length=int, use_bias_correction_kl=bool, beta=float)
+    opts = LossOptions(loss_type="dr_grpo", **given)
+    for k, v in given.items():
+        assert type(getattr(opts, k)) is want_types[k] and getattr(opts, k) == want_types[k](v), k
+    d = _batch(seed=12)
+    args = (d["logp"].float(), d["old"].float(), d["ref"].float(), d["adv"].float(), d["mask"])
+    got, _ = ops.grpo_loss(*args, options=opts, backend="torch")
+    want, _ = ops.grpo_loss(*args, loss_type="dr_grpo", backend="torch",
+                            **{k: want_types[k](v) for k, v in given.items()})
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    for name, bad, match in (("beta", np.True_, "beta must be a finite float32"),
+                             ("max_completion_length", np.float64(7.0), "max_completion_length must be a positive int"),
+                             ("max_completion_length", np.True_, "max_completion_length must be a positive int"),
+                             ("max_completion_length", np.int64(0), "max_completion_length must be a positive int"),
+                             ("use_bias_correction_kl", np.int64(1), "use_bias_correction_kl must be a bool")):
+        with pytest.raises(ValueError, match=match):
+            LossOptions(**{name: bad})
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(delta=1.0), r"delta must be > 1\.0"),                 # delta=1 would cap every ratio at 1
     (dict(tis_cap=0.5), r"tis_cap must be >= 1\.0"),            # an empty [1/cap, cap] masks every token

@@ -19,6 +19,8 @@ import dataclasses
 import numbers
 from dataclasses import dataclass, fields
 
+import numpy as np
+
 _FLOAT32_MAX = 3.4028234663852886e38
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo")
@@ -55,8 +57,8 @@ class LossOptions:
             if v is None and allow_none:
                 return
             # a numpy scalar (np.float32(0.2)) as the Python float it holds: refused as "must be a finite
-            # float32 number", it was one
-            if isinstance(v, numbers.Real) and not isinstance(v, (bool, int, float)):
+            # float32 number", it was one; np.float64, a float subclass, is stored as a plain float too
+            if isinstance(v, numbers.Real) and not isinstance(v, bool) and type(v) not in (int, float):
                 v = float(v)
                 object.__setattr__(self, name, v)
             # the kernels take these as float32 scalars
@@ -80,13 +82,16 @@ class LossOptions:
         num("tis_cap", 1.0)
         num("entropy_coef")
         num("num_items", 0.0, lo_open=True, allow_none=True)
+        # numpy scalars (np.True_, np.int64(512), read off an array or a config) as the Python values they hold
+        if isinstance(self.use_bias_correction_kl, np.bool_):
+            object.__setattr__(self, "use_bias_correction_kl", bool(self.use_bias_correction_kl))
         if not isinstance(self.use_bias_correction_kl, bool):
             raise ValueError(f"LossOptions.use_bias_correction_kl must be a bool, got {self.use_bias_correction_kl!r}")
-        if self.max_completion_length is not None and (
-            isinstance(self.max_completion_length, bool) or not isinstance(self.max_completion_length, int)
-            or self.max_completion_length < 1
-        ):
-            raise ValueError(f"LossOptions.max_completion_length must be a positive int, got {self.max_completion_length!r}")
+        length = self.max_completion_length
+        if length is not None and (isinstance(length, bool) or not isinstance(length, numbers.Integral) or length < 1):
+            raise ValueError(f"LossOptions.max_completion_length must be a positive int, got {length!r}")
+        if length is not None and type(length) is not int:
+            object.__setattr__(self, "max_completion_length", int(length))
         for name, allowed in (("loss_type", LOSS_TYPES), ("importance_sampling_level", IS_LEVELS),
                               ("kl_estimator", KL_ESTIMATORS), ("tis_mode", TIS_MODES), ("tis_level", TIS_LEVELS)):
             if getattr(self, name) not in allowed:
