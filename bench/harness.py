@@ -629,9 +629,12 @@ def write_results(rows: list[dict], out_dir: Path, device: torch.device, meta: d
                 continue
         paths = out_dir / f"{name}.csv", out_dir / f"{name}.json"
     csv_path, json_path = paths
+    from r1fast._umask import fsync_dir, fsync_file
+
     # Written beside and renamed over: a run killed mid-write (a time box) leaves the previous whole file. Synced
     # before the rename, and the folder after: a power loss or node failure could otherwise keep the rename and not
-    # the rows, an empty file in place of every row measured so far
+    # the rows, an empty file in place of every row measured so far. Synced where the file system can: one that
+    # refuses a file's fsync (EINVAL, ENOTSUP: some FUSE and overlay mounts) stopped the run with ResultsNotWritten
     tmp = csv_path.with_name(csv_path.name + ".tmp")
     try:
         with open(tmp, "w", newline="") as f:
@@ -640,16 +643,14 @@ def write_results(rows: list[dict], out_dir: Path, device: torch.device, meta: d
             for r in rows:
                 w.writerow({k: r.get(k) for k in COLUMNS})
             f.flush()
-            os.fsync(f.fileno())
+            fsync_file(f.fileno())
         os.replace(tmp, csv_path)
         tmp = json_path.with_name(json_path.name + ".tmp")
         with open(tmp, "w") as f:
             f.write(json.dumps({"meta": meta, "rows": rows}, indent=1, default=str))
             f.flush()
-            os.fsync(f.fileno())
+            fsync_file(f.fileno())
         os.replace(tmp, json_path)
-        from r1fast._umask import fsync_dir
-
         fsync_dir(str(csv_path.parent))
     except OSError as e:
         tmp.unlink(missing_ok=True)

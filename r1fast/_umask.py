@@ -5,6 +5,7 @@ whom the user's umask lets read them. And fsync_dir, which every such write ends
 r1fast.trainer.metrics and r1fast.models.checkpoint both reach it without the other's imports (torch)."""
 from __future__ import annotations
 
+import errno
 import os
 
 
@@ -53,6 +54,19 @@ def apply_rewrite_mode(tmp: str, path: str) -> None:
     except FileNotFoundError:
         mode = 0o666 & ~current_umask()
     os.chmod(tmp, mode)
+
+
+# what some FUSE and overlay file systems answer a file's fsync with: they cannot, and nothing is wrong
+FSYNC_UNSUPPORTED = frozenset({errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP})
+
+
+def fsync_file(fd: int) -> None:
+    """os.fsync(fd), where the file system can; its other errors (EIO, a full disk) raise as they are."""
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno not in FSYNC_UNSUPPORTED:
+            raise
 
 
 def fsync_dir(path: str):

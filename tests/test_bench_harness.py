@@ -1,4 +1,5 @@
 import csv
+import errno
 import math
 import os
 import re
@@ -1636,6 +1637,34 @@ def test_results_are_on_disk_before_their_rename_and_the_renames_before_write_re
         assert ("fsync", disk_ops[moved][1]) in disk_ops[:moved], path
         assert disk_ops.synced_between(moved, len(disk_ops), tmp_path), path
     assert [float(r["p50"]) for r in harness.read_csv(paths[0])] == [row["p50"]]
+
+@pytest.mark.parametrize("code, written", [(errno.EINVAL, True), (errno.ENOTSUP, True), (errno.EIO, False)],
+                         ids=["EINVAL", "ENOTSUP", "EIO"])
+def test_results_are_written_where_the_file_system_refuses_a_files_fsync(tmp_path, monkeypatch, code, written):
+    # some FUSE and overlay file systems answer a file's fsync with EINVAL or ENOTSUP: the bench run stopped with
+    # ResultsNotWritten, where the folder's fsync (fsync_dir) let it pass. Any other error still stops it.
+    import stat
+
+    row = dict(suite="s", case="c", provider="r1fast", backend="b", mode="fwd", dtype="float32", metric="time_ms",
+               p50=float(torch.rand(())), pct_of_floor=50.0, device="cpu")
+    real_fsync, refused = os.fsync, []
+
+    def fsync(fd):
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            refused.append(fd)
+            raise OSError(code, os.strerror(code))
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    if not written:
+        with pytest.raises(harness.ResultsNotWritten, match=rf"\[Errno {code}\]"):
+            harness.write_results([row], tmp_path, torch.device("cpu"), {})
+        assert not list(tmp_path.glob("*.tmp"))
+        return
+    paths = harness.write_results([row], tmp_path, torch.device("cpu"), {})
+    assert len(refused) == 2 and not list(tmp_path.glob("*.tmp"))
+    assert [float(r["p50"]) for r in harness.read_csv(paths[0])] == [row["p50"]]
+
 
 def test_threads_sets_torchs_cpu_threads_for_the_run_and_records_them(tmp_path, monkeypatch):
     """On a small shared CPU torch's default threads (one per core) wait for each other in every small op:
