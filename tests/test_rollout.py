@@ -680,6 +680,21 @@ def test_a_pool_sized_from_memory_stops_at_the_block_managers_limit(models, monk
     assert Engine._blocks_from_memory(sizing, 0.5, 64) == 4 * 64 + 1 and not caplog.text
 
 
+def test_engine_refuses_max_num_seqs_past_what_any_pool_can_run(models):
+    # Engine(max_num_seqs=2**40) was accepted; on CUDA its pinned step buffers are sized by it and failed inside
+    # torch's allocator. Each decoding sequence writes into a block of its own, and no pool holds more than the
+    # block manager's limit of blocks, so no more sequences than that can ever run at once
+    from r1fast import _ext
+
+    _, model = models
+    limit = _ext.require().BlockManager.max_num_blocks
+    for seats in (limit + 1, 2**40):
+        with pytest.raises(ValueError, match=rf"^Engine: max_num_seqs={seats} exceeds {limit}, the most blocks a KV "
+                                             rf"pool holds; each running sequence"):
+            Engine(model, block_size=4, num_blocks=8, max_num_seqs=seats)
+    assert Engine(model, block_size=4, num_blocks=8, max_num_seqs=limit, use_cuda_graphs=False).max_num_seqs == limit
+
+
 def test_a_pool_of_exactly_one_sequences_kv_is_accepted(models):
     # 10 prompt + 7 new tokens: the 17th token is sampled and never stored, so 16 slots (4 blocks) suffice
     _, model = models

@@ -161,6 +161,14 @@ class Engine:
         cfg = model.config
         block_size, max_num_seqs = _positive_int("block_size", block_size), _positive_int("max_num_seqs", max_num_seqs)
         max_num_batched_tokens = _positive_int("max_num_batched_tokens", max_num_batched_tokens)
+        # a decoding sequence writes into a block of its own (a shared partial block is copied on write), so no pool
+        # runs more sequences than BlockManager's limit of blocks; max_num_seqs=2**40 sized the step buffers and
+        # failed inside torch's allocator. Not bounded by this pool's num_blocks: the default 256 seats outnumber a
+        # small pool, whose scheduler runs what fits and queues the rest
+        most_blocks = _ext.require().BlockManager.max_num_blocks
+        if max_num_seqs > most_blocks:
+            raise ValueError(f"Engine: max_num_seqs={max_num_seqs} exceeds {most_blocks}, the most blocks a KV pool "
+                             f"holds; each running sequence needs a block of its own, so no more can run at once")
         if isinstance(memory_fraction, bool) or not isinstance(memory_fraction, numbers.Real) or \
                 not 0 < memory_fraction <= 1:
             raise ValueError(f"Engine: memory_fraction must lie in (0, 1], got {memory_fraction!r}")
