@@ -316,3 +316,34 @@ def test_a_checkpoint_of_an_output_dir_given_as_dot_is_renamed_out_of_sight_on_d
     assert os.path.basename(doomed).startswith(".tmp-checkpoint-1-deleting-") and not os.path.exists(doomed)
     assert disk_ops.synced_between(moved[0], disk_ops.at(("rmtree", doomed), after=moved[0]), tmp_path)
     assert sorted(n for n in os.listdir(tmp_path) if n.startswith("checkpoint-")) == ["checkpoint-2"]
+
+
+@pytest.mark.parametrize("refusal", [errno.EINVAL, errno.ENOTSUP])
+def test_a_file_system_that_refuses_fsync_still_gets_its_checkpoints_metrics_and_samples(tmp_path, monkeypatch,
+                                                                                         refusal):
+    # Some FUSE and overlay file systems refuse fsync (EINVAL, ENOTSUP). fsync_dir and the bench's results took that
+    # as "not durable here", but a checkpoint save, a metrics file's replacement and rejection sampling's progress
+    # lines failed on it: a run on such a disk crashed at its first save. An I/O error still stops it.
+    from r1fast.trainer.metrics import replacing
+    from r1fast.trainer.sampling import SampleProgress
+
+    real = os.fsync
+
+    def fsync(fd):
+        if not os.path.isdir(f"/proc/self/fd/{fd}"):
+            raise OSError(refusal, os.strerror(refusal))
+        return real(fd)
+    monkeypatch.setattr(os, "fsync", fsync)
+    run = str(tmp_path / "run")
+    _log(run, 1)
+    final = _save(run, 1, None)
+    assert _problems_of(final) == []
+    with replacing(os.path.join(run, "summary.json")) as f:
+        f.write("{}")
+    assert open(os.path.join(run, "summary.json")).read() == "{}"
+    progress = SampleProgress(str(tmp_path / "kept.jsonl.progress"), "fp")
+    progress.append([{"prompt": "1+1", "completion": "2"}], {"next_prompt": 1})
+    assert "1+1" in open(tmp_path / "kept.jsonl.progress").read()
+    monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
+    with pytest.raises(OSError, match="I/O error"):
+        _save(run, 2, None)

@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from r1fast._umask import apply_umask, fsync_dir, save_safetensors
+from r1fast._umask import apply_umask, fsync_dir, fsync_file, save_safetensors
 from r1fast.models.config import ModelConfig, is_lfs_pointer, read_config_json, resolve_dtype
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -444,7 +444,7 @@ def fsync_files(folder: str) -> None:
         p = os.path.join(folder, entry)
         if os.path.isfile(p):
             with open(p, "rb") as f:
-                os.fsync(f.fileno())
+                fsync_file(f.fileno())
     fsync_dir(folder)
 
 

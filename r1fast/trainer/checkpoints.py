@@ -28,7 +28,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from r1fast._umask import apply_umask, fsync_dir, save_safetensors
+from r1fast._umask import apply_umask, fsync_dir, fsync_file, save_safetensors
 from r1fast.models.checkpoint import fsync_files, remove_folder, write_target
 from r1fast.trainer.config import check_resume_path_exists
 from r1fast.trainer.config import resume_is_bare  # noqa: F401  (where it was; the CLI imports it without torch)
@@ -1020,5 +1020,5 @@ def _write_json(path: str, obj):
     with open(path, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=1)
         f.flush()
-        os.fsync(f.fileno())
+        fsync_file(f.fileno())
 

@@ -12,7 +12,7 @@ import shutil
 import tempfile
 from typing import Any, Optional
 
-from r1fast._umask import apply_rewrite_mode, fsync_dir
+from r1fast._umask import apply_rewrite_mode, fsync_dir, fsync_file
 
 # Keys that change between otherwise identical runs (wall clock); resume comparisons skip them.
 TIMING_KEYS = ("time_s", "tokens_per_s", "step_time_s", "elapsed_s")
@@ -210,7 +210,7 @@ def replacing(path: str, binary: bool = False):
                 apply_rewrite_mode(tmp, path)
                 yield f
                 f.flush()
-                os.fsync(f.fileno())   # or a crash soon after the rename can leave an empty file
+                fsync_file(f.fileno())   # or a crash soon after the rename can leave an empty file
         os.replace(tmp, path)
         # the rename itself on disk before this returns: a caller's next step (a journal removed, a progress file
         # deleted, a checkpoint pruned) that reached the disk first left, after a power loss, the old file beside it

@@ -10,6 +10,7 @@ import os
 import sys
 from typing import Any, Callable, Optional, Sequence
 
+from r1fast._umask import fsync_dir, fsync_file
 from r1fast.data.loading import (check_columns, check_prompts, continues_answer, decode_completion, encode_prompts,
                                  prefilled_think, resolve_stop_tokens, stop_token_ids, warn_unstopped_turn_end)
 from r1fast.rewards import RewardSet
@@ -335,10 +336,8 @@ class SampleProgress:
         with writing(self.path), open(self.path, "a" if self._continues else "w", encoding="utf-8") as f:
             f.write("".join(line + "\n" for line in lines))
             f.flush()
-            os.fsync(f.fileno())   # on disk before the next batch: a node failure keeps it too
+            fsync_file(f.fileno())   # on disk before the next batch: a node failure keeps it too
         if not self._continues:
-            from r1fast.trainer.checkpoints import fsync_dir
-
             fsync_dir(folder)     # the new file's name too
             self._continues = True
 
