@@ -1,6 +1,8 @@
 """FP8 numerics: quantisation against a float64 oracle built without the float8 dtypes, the FP8
 linear's forward and backward against that oracle, signal-to-noise floors, and the torch._scaled_mm
 path against the emulation."""
+import contextlib
+
 import pytest
 import torch
 
@@ -321,11 +323,11 @@ def test_compiled_quantizer_matches_reference_on_cpu(monkeypatch, division):
     torch._dynamo.reset()  # no entries compiled under this test's settings for later tests
 
 
-def test_compiled_quantizer_stays_under_the_recompile_limit(monkeypatch):
-    # Every quantisation a linear layer makes in forward and backward (both formats, both scalings,
-    # row-major and transposed operands, ones that require grad, bf16 and fp32 layers) must run
-    # compiled: past Dynamo's recompile limit the rest silently ran eagerly (the H200 bench hit it
-    # within one layer's fwd+bwd). Dynamo's guards without Inductor's compile time: backend "eager".
+@contextlib.contextmanager
+def quantiser_under_dynamo_only(monkeypatch):
+    """The compiled quantiser (module r1fast.fp8.quantization, yielded) with no entry compiled yet, traced
+    by Dynamo with backend "eager": its guards and recompiles without Inductor's compile time. Hitting
+    Dynamo's recompile limit raises, where it silently ran the rest eagerly."""
     import r1fast.fp8.quantization as qmod
 
     real_compile = torch.compile
@@ -336,21 +338,30 @@ def test_compiled_quantizer_stays_under_the_recompile_limit(monkeypatch):
     try:
         # config.patch, not monkeypatch: monkeypatch's undo left the config module without the option
         with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
-            for layer_dtype in (torch.bfloat16, torch.float32):
-                x = (randn(48, 32, seed=70) * torch.exp(randn(48, 1, seed=71))).to(layer_dtype)
-                w = randn(64, 32, seed=72).to(layer_dtype)
-                dy = randn(48, 64, seed=73).to(layer_dtype)
-                operands = [(x.requires_grad_(), E4M3), (w.requires_grad_(), E4M3), (x.detach(), E4M3),
-                            (w.detach().t(), E4M3), (x.detach().t(), E4M3)]
-                operands += [(g, grad) for grad in FP8 for g in (dy, dy.t())]
-                for rowwise in (True, False):
-                    for t, dtype in operands:
-                        q, s = qmod._fused_quantize(t, dtype, rowwise)
-                        assert not qmod._compile_failed, f"fell back to eager at {dtype}, rowwise={rowwise}"
-                        rq, rs = reference_quantize(t, dtype, rowwise)
-                        assert torch.equal(s.double(), rs) and torch.equal(q.double(), rq) and q.is_contiguous()
+            yield qmod
     finally:
         torch._dynamo.reset()  # no eager-backend entries left for later tests' compiled quantiser
+
+
+def test_compiled_quantizer_stays_under_the_recompile_limit(monkeypatch):
+    # Every quantisation a linear layer makes in forward and backward (both formats, both scalings,
+    # row-major and transposed operands, ones that require grad, bf16 and fp32 layers) must run
+    # compiled: past Dynamo's recompile limit the rest silently ran eagerly (the H200 bench hit it
+    # within one layer's fwd+bwd).
+    with quantiser_under_dynamo_only(monkeypatch) as qmod:
+        for layer_dtype in (torch.bfloat16, torch.float32):
+            x = (randn(48, 32, seed=70) * torch.exp(randn(48, 1, seed=71))).to(layer_dtype)
+            w = randn(64, 32, seed=72).to(layer_dtype)
+            dy = randn(48, 64, seed=73).to(layer_dtype)
+            operands = [(x.requires_grad_(), E4M3), (w.requires_grad_(), E4M3), (x.detach(), E4M3),
+                        (w.detach().t(), E4M3), (x.detach().t(), E4M3)]
+            operands += [(g, grad) for grad in FP8 for g in (dy, dy.t())]
+            for rowwise in (True, False):
+                for t, dtype in operands:
+                    q, s = qmod._fused_quantize(t, dtype, rowwise)
+                    assert not qmod._compile_failed, f"fell back to eager at {dtype}, rowwise={rowwise}"
+                    rq, rs = reference_quantize(t, dtype, rowwise)
+                    assert torch.equal(s.double(), rs) and torch.equal(q.double(), rq) and q.is_contiguous()
 
 
 def test_torch_path_on_a_device_without_scaled_mm_is_a_clear_error(monkeypatch):

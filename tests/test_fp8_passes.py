@@ -194,27 +194,17 @@ def test_the_compiled_quantiser_pads_in_its_own_kernel(monkeypatch, division):
 def test_the_padded_quantisers_stay_under_the_recompile_limit(monkeypatch):
     # A training run's token counts vary step to step: the padded quantisers (only ever given an unaligned
     # last dimension) must not recompile per count, nor push the unpadded ones past Dynamo's limit.
-    # Dynamo's guards without Inductor's compile time: backend "eager".
-    import r1fast.fp8.quantization as qmod
     from r1fast.fp8.reference import reference_quantize
+    from test_fp8_numerics import quantiser_under_dynamo_only
 
-    real_compile = torch.compile
-    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, dynamic=kw.get("dynamic"), backend="eager"))
-    monkeypatch.setattr(qmod, "_compiled", {})
-    monkeypatch.setattr(qmod, "_compile_failed", False)
-    torch._dynamo.reset()
-    try:
-        # config.patch, not monkeypatch: monkeypatch's undo leaves the config module without the option
-        with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
-            for layer_dtype in (torch.bfloat16, torch.float32):
-                for m in (29, 48, 45, 100, 64, 33, 1, 17):
-                    x, dy = _skewed(m, 32, seed=m).to(layer_dtype), _skewed(m, 64, seed=m + 1).to(layer_dtype)
-                    for rowwise in (True, False):
-                        for t, dtype in ((x, E4M3), (x.t(), E4M3), (dy, E5M2), (dy.t(), E5M2)):
-                            q, s = qmod._fused_quantize(t, dtype, rowwise, pad=True)
-                            assert not qmod._compile_failed, f"fell back to eager at m={m}, {dtype}, rowwise={rowwise}"
-                            rq, rs = reference_quantize(t, dtype, rowwise)
-                            assert torch.equal(s.double(), rs)
-                            assert torch.equal(q.view(torch.uint8), qmod.pad_last_to_16(rq.to(dtype)).view(torch.uint8))
-    finally:
-        torch._dynamo.reset()
+    with quantiser_under_dynamo_only(monkeypatch) as qmod:
+        for layer_dtype in (torch.bfloat16, torch.float32):
+            for m in (29, 48, 45, 100, 64, 33, 1, 17):
+                x, dy = _skewed(m, 32, seed=m).to(layer_dtype), _skewed(m, 64, seed=m + 1).to(layer_dtype)
+                for rowwise in (True, False):
+                    for t, dtype in ((x, E4M3), (x.t(), E4M3), (dy, E5M2), (dy.t(), E5M2)):
+                        q, s = qmod._fused_quantize(t, dtype, rowwise, pad=True)
+                        assert not qmod._compile_failed, f"fell back to eager at m={m}, {dtype}, rowwise={rowwise}"
+                        rq, rs = reference_quantize(t, dtype, rowwise)
+                        assert torch.equal(s.double(), rs)
+                        assert torch.equal(q.view(torch.uint8), qmod.pad_last_to_16(rq.to(dtype)).view(torch.uint8))
