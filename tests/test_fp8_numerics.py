@@ -294,12 +294,12 @@ def test_cuda_quantizer_matches_reference_exactly(dtype, rowwise):
     assert torch.equal(s.cpu().double(), rs) and torch.equal(q.cpu().double(), rq)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("division", ["fp32", "fp64"])
-def test_compiled_quantizer_matches_reference_on_cpu(monkeypatch, division):
-    # The fused (torch.compile) quantiser that CUDA uses, compiled here by inductor's CPU backend
-    # (~20 s of compile): the same bits as the oracle. "fp64": the casts of a torch whose Inductor
-    # has no exact fp32 division option.
+@contextlib.contextmanager
+def quantiser_under_inductor(monkeypatch, division):
+    """The compiled quantiser (module r1fast.fp8.quantization, yielded) with no entry compiled yet, as
+    Inductor compiles it: "fp32" where Inductor has exact fp32 division, "fp64" as where it has not
+    (the casts to float64 around the division). Dynamo is reset afterwards, so no entry compiled
+    under these settings is left for later tests."""
     import r1fast.fp8.quantization as qmod
 
     monkeypatch.setattr(qmod, "_compiled", {})
@@ -307,20 +307,32 @@ def test_compiled_quantizer_matches_reference_on_cpu(monkeypatch, division):
     if division == "fp64":
         monkeypatch.setattr(qmod, "_exact_division_options", lambda: None)
     torch._dynamo.reset()
+    try:
+        yield qmod
+    finally:
+        torch._dynamo.reset()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("division", ["fp32", "fp64"])
+def test_compiled_quantizer_matches_reference_on_cpu(monkeypatch, division):
+    # The fused (torch.compile) quantiser that CUDA uses, compiled here by inductor's CPU backend
+    # (~20 s of compile): the same bits as the oracle. "fp64": the casts of a torch whose Inductor
+    # has no exact fp32 division option.
     x = (randn(40, 64, seed=50) * torch.exp(2 * randn(40, 1, seed=51))).to(torch.bfloat16)
     x[3] = 0.0  # a zero row: the compiled scale's clamp to AMAX_EPS
-    # x.t(): the weight-gradient GEMM quantises dy^T and x^T, views, and _scaled_mm needs its first
-    # operand row-major, so the compiled kernel must write q contiguous as eager mode does
-    for src in (x, x.t()):
-        for rowwise in (True, False):
-            for dtype in FP8:
-                q, s = qmod._fused_quantize(src, dtype, rowwise)
-                assert not qmod._compile_failed
-                rq, rs = reference_quantize(src, dtype, rowwise)
-                assert torch.equal(s.double(), rs) and torch.equal(q.double(), rq)
-                assert q.is_contiguous()
-    assert qmod._divide_in_fp64 == (division == "fp64")
-    torch._dynamo.reset()  # no entries compiled under this test's settings for later tests
+    with quantiser_under_inductor(monkeypatch, division) as qmod:
+        # x.t(): the weight-gradient GEMM quantises dy^T and x^T, views, and _scaled_mm needs its first
+        # operand row-major, so the compiled kernel must write q contiguous as eager mode does
+        for src in (x, x.t()):
+            for rowwise in (True, False):
+                for dtype in FP8:
+                    q, s = qmod._fused_quantize(src, dtype, rowwise)
+                    assert not qmod._compile_failed
+                    rq, rs = reference_quantize(src, dtype, rowwise)
+                    assert torch.equal(s.double(), rs) and torch.equal(q.double(), rq)
+                    assert q.is_contiguous()
+        assert qmod._divide_in_fp64 == (division == "fp64")
 
 
 @contextlib.contextmanager

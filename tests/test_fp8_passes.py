@@ -161,18 +161,13 @@ def test_the_compiled_quantiser_pads_in_its_own_kernel(monkeypatch, division):
     # The torch.compile'd quantiser CUDA runs, compiled by Inductor's CPU backend (~40 s): an unaligned
     # operand comes back zero-padded to a multiple of 16 with the bits of the reference's q padded, and
     # the padding is fused into the cast (as many kernels as the same quantisation unpadded)
-    import r1fast.fp8.quantization as qmod
     from r1fast.fp8.reference import reference_quantize
+    from test_fp8_numerics import quantiser_under_inductor
     from torch._inductor import metrics
 
-    monkeypatch.setattr(qmod, "_compiled", {})
-    monkeypatch.setattr(qmod, "_divide_in_fp64", False)
-    if division == "fp64":
-        monkeypatch.setattr(qmod, "_exact_division_options", lambda: None)
-    torch._dynamo.reset()
     x = _skewed(45, 64, seed=11)
     x[3] = 0.0  # the zero-scale clamp, now in an operand's column
-    try:
+    with quantiser_under_inductor(monkeypatch, division) as qmod:
         for rowwise in (True, False):
             kernels = {}
             for pad in (False, True):
@@ -187,8 +182,6 @@ def test_the_compiled_quantiser_pads_in_its_own_kernel(monkeypatch, division):
                                    else want.view(torch.uint8))
                 assert torch.equal(s.double(), rs)
             assert kernels[True] == kernels[False] > 0, kernels
-    finally:
-        torch._dynamo.reset()
 
 
 def test_the_padded_quantisers_stay_under_the_recompile_limit(monkeypatch):
