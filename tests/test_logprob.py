@@ -163,11 +163,9 @@ def _peaked_inputs(n, v, gap, seed):
     return hidden.float(), weight.float(), torch.randint(0, v, (n,), generator=g)
 
 
-@pytest.mark.parametrize("path", ["grouped_logprob", "forward_keep", "splits"])
-@pytest.mark.parametrize("backend", FAST_BACKENDS)
-def test_entropy_of_peaked_rows_at_large_logits(device, monkeypatch, backend, path):
-    """Entropies ~1e-3..4e-2 at |z| ~ 1e3: lse - Σ p·z (or -Σ p·log p with log p = z - lse) kept an error of
-    |z|'s ulp, up to 1.5% (torch; 13% in forward_keep) and 27% (triton) of them; taken about the row max, 1e-4."""
+def _peaked_path(device, monkeypatch, backend, path):
+    """The peaked-rows tests' set-up: skips a backend this machine lacks, and "splits" on the torch engine
+    (it has none); "splits" forces triton's vocabulary split into 3 parts."""
     if backend not in backends.available("grouped_logprob", device):
         pytest.skip(f"{backend} unavailable here")
     if path == "splits":
@@ -176,6 +174,14 @@ def test_entropy_of_peaked_rows_at_large_logits(device, monkeypatch, backend, pa
         from r1fast.kernels import logprob as kernel
 
         monkeypatch.setattr(kernel, "FORCE_SPLITS", 3)
+
+
+@pytest.mark.parametrize("path", ["grouped_logprob", "forward_keep", "splits"])
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_entropy_of_peaked_rows_at_large_logits(device, monkeypatch, backend, path):
+    """Entropies ~1e-3..4e-2 at |z| ~ 1e3: lse - Σ p·z (or -Σ p·log p with log p = z - lse) kept an error of
+    |z|'s ulp, up to 1.5% (torch; 13% in forward_keep) and 27% (triton) of them; taken about the row max, 1e-4."""
+    _peaked_path(device, monkeypatch, backend, path)
     hidden, weight, targets = _peaked_inputs(24, 75, 12.0, seed=int(torch.randint(0, 1 << 20, ())))
     _, e_ent = reference.logprob(hidden.double(), weight.double(), targets, 1.0, True)
     assert 1e-4 < e_ent.min() and e_ent.max() < 0.3  # peaked: the regime the test is about
@@ -203,16 +209,9 @@ def test_logp_of_peaked_argmax_at_large_logits(device, monkeypatch, backend, pat
     rounded lse to |z|'s ulp first: at least 2e-3 of log p off in the worst row; with lse's residual taken
     off, fp32's log s ~ 1 is left (< 3e-5, 40 seeds). Every path that outputs log p: the autograd forward,
     the no-grad (old-policy) pass, the fused loss's kept-logits pass and triton's vocabulary splits."""
-    if backend not in backends.available("grouped_logprob", device):
-        pytest.skip(f"{backend} unavailable here")
     if backend == "reference" and path in ("forward_keep", "splits"):
         pytest.skip("the reference has neither kept logits nor vocabulary splits")
-    if path == "splits":
-        if backend == "torch":
-            pytest.skip("the torch engine has no vocabulary splits")
-        from r1fast.kernels import logprob as kernel
-
-        monkeypatch.setattr(kernel, "FORCE_SPLITS", 3)
+    _peaked_path(device, monkeypatch, backend, path)
     hidden, weight, targets = _peaked_argmax_inputs(int(torch.randint(0, 1 << 20, ())))
     e_lp = reference.logprob(hidden.double(), weight.double(), targets, 1.0)
     h, w, t = hidden.to(device), weight.to(device), targets.to(device)
@@ -236,14 +235,7 @@ def test_gradients_of_peaked_rows_at_large_logits(device, monkeypatch, backend, 
     1 - p at the max, so grad_hidden rows were typically 6e-5 and up to 45% off (logp), 2-37% (entropy,
     which also rounded lse - entropy); with the residual of that rounding taken off, ~3e-7 typically,
     at most ~1e-3 (logp: fp32's 1 - p) and 1e-6 (entropy)."""
-    if backend not in backends.available("grouped_logprob", device):
-        pytest.skip(f"{backend} unavailable here")
-    if path == "splits":
-        if backend == "torch":
-            pytest.skip("the torch engine has no vocabulary splits")
-        from r1fast.kernels import logprob as kernel
-
-        monkeypatch.setattr(kernel, "FORCE_SPLITS", 3)
+    _peaked_path(device, monkeypatch, backend, path)
     seed = int(torch.randint(0, 1 << 20, ()))
     hidden, weight, targets = _peaked_inputs(24, 75, 12.0, seed=seed)
     g = randn(24, dtype=torch.float64, seed=seed + 3)
