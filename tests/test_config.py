@@ -2,6 +2,7 @@
 import copy
 import dataclasses
 import json
+import os
 import re
 import warnings
 
@@ -944,3 +945,32 @@ def test_a_dataset_given_as_a_pipeline_says_how_a_pipeline_takes_one(tmp_path):
     loaded = {s.name: s for s in load_pipeline(pipeline, [override]).stages}
     assert value == str(data) and loaded[stage].dataset == str(data)
     assert "give it as dataset=" not in message
+
+
+@pytest.mark.parametrize("run_name", ["..", "../x", "a/b", "/tmp/elsewhere", "."])
+def test_a_run_name_that_is_no_folder_name_is_refused_where_it_names_the_run_folder(run_name, tmp_path, monkeypatch):
+    # with output_dir unset the run writes into runs/<run_name>: '..' wrote into the working directory itself (which
+    # overwrite_output_dir then cleared), '../x' and '/tmp/elsewhere' outside runs/, as the stage names were before
+    from r1fast.trainer.common import run_dir_for
+    from r1fast.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=rf"option 'run_name' = {re.escape(repr(run_name))}: .*runs/<run_name>.*"
+                                          r"give output_dir"):
+        run_dir_for(None, run_name, "grpo")
+    # said before the model loads, naming the option
+    with pytest.raises(SystemExit, match=r"r1fast sft: .*option 'run_name'.*give output_dir"):
+        main(["sft", "model_name_or_path=builtin:micro", "dataset=builtin:arithmetic", f"run_name={run_name}"])
+    assert not os.path.exists(tmp_path / "runs")
+    # with output_dir given it names the run only (its wandb name), and a pipeline's stage writes into <run>/<stage>
+    assert run_dir_for(str(tmp_path / "out"), run_name, "grpo") == str(tmp_path / "out")
+    assert load_pipeline(DEFAULT_CONFIG, [f"grpo.run_name={run_name}"]).stages[1].config.run_name == run_name
+
+
+def test_a_plain_run_name_names_the_folder_under_runs(tmp_path, monkeypatch):
+    from r1fast.trainer.common import run_dir_for
+
+    monkeypatch.chdir(tmp_path)
+    assert run_dir_for(None, "my-run.v2", "grpo") == os.path.join(str(tmp_path), "runs", "my-run.v2")
+    assert run_dir_for(None, None, "sft") == os.path.join(str(tmp_path), "runs", "sft")
+    assert run_dir_for(None, "", "sft") == os.path.join(str(tmp_path), "runs", "sft")

@@ -350,7 +350,7 @@ def _config(config_cls, rest: list[str], command: str, dataset_hint=lambda cfg: 
 
 
 def _config_from(config_cls, config: str | None, overrides: list[str], who: str, dataset_hint=lambda cfg: ""):
-    from r1fast.trainer.config import parse_overrides
+    from r1fast.trainer.config import check_run_name, parse_overrides
     from r1fast.trainer.pipeline import is_pipeline_file
 
     if config and is_pipeline_file(config):   # its keys were refused one by one: "unknown option 'name'"
@@ -360,6 +360,8 @@ def _config_from(config_cls, config: str | None, overrides: list[str], who: str,
         parse_overrides(overrides), source="command line")
     if cfg.model_name_or_path is None or cfg.dataset is None:
         raise ConfigError(f"{who} needs model_name_or_path and dataset{_unset(cfg)}{dataset_hint(cfg)}")
+    # before the model loads (SFT's) and its trainer takes the folder; r1fast sample has no run_name
+    check_run_name(getattr(cfg, "run_name", None), getattr(cfg, "output_dir", None))
     return cfg
 
 

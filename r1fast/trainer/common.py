@@ -44,8 +44,11 @@ def resolve_device(name: Optional[str]) -> torch.device:
 
 
 def run_dir_for(output_dir: Optional[str], run_name: Optional[str], default_name: str) -> str:
+    from r1fast.trainer.config import check_run_name
+
     if output_dir:
         return output_dir
+    check_run_name(run_name, output_dir)
     return os.path.join(os.getcwd(), "runs", run_name or default_name)
 
 

@@ -733,6 +733,22 @@ def folder_obstacle(folder: str) -> Optional[str]:
     return None
 
 
+def is_folder_name(name) -> bool:
+    """A name that makes one folder inside another (a stage's <run>/<name>, a run's runs/<run_name>): not empty, '.'
+    or '..', and without a path separator (an absolute path has one)."""
+    return isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and os.sep not in name
+
+
+def check_run_name(run_name: Optional[str], output_dir: Optional[str]):
+    """run_name names the run's folder runs/<run_name> where output_dir is unset (common.run_dir_for): '..' was the
+    working directory itself (which overwrite_output_dir cleared), '../x', 'a/b' or an absolute path a folder outside
+    runs/. Given output_dir, run_name names the run only (its wandb name), and any text does."""
+    if not output_dir and run_name and not is_folder_name(run_name):
+        raise ConfigError(f"option 'run_name' = {run_name!r}: with output_dir unset the run writes into "
+                          f"runs/<run_name>/, so run_name must be a folder name (not '.' or '..', no '/'); to write "
+                          f"the run elsewhere, give output_dir=PATH")
+
+
 def check_run_folder(output_dir: Optional[str], option: str = "option 'output_dir'"):
     """An output_dir that cannot be made or written (a file, under a file or a symlink to nothing): found before the
     model loads (a large one takes minutes), not as "[Errno 17] File exists" when the run began."""

@@ -48,6 +48,7 @@ from r1fast.trainer.config import (
     coerce,
     check_run_folder,
     expand_home,
+    is_folder_name,
     load_yaml,
     parse_overrides,
 )
@@ -193,7 +194,7 @@ def load_pipeline(source: str | dict, overrides: Optional[list[str]] = None) -> 
             raise ConfigError(f"{stages_at}: stage {i}: unknown key(s) {sorted(bad)}; known: {sorted(_STAGE_KEYS)}")
         # absent or null: a default; anything else given is checked (`name: 0` or `config: false` was taken as absent)
         name = f"stage{i}" if raw.get("name") is None else raw["name"]
-        if not isinstance(name, str) or name in ("", ".", "..") or "/" in name or os.sep in name:
+        if not is_folder_name(name):
             # it names the stage's folder <run>/<name>/: '..' wrote (and overwrite_output_dir cleared) the run's parent
             raise ConfigError(f"{stages_at}: stage {i}: 'name' must be a folder name (the stage writes into "
                               f"<run>/<name>/); got {name!r}")
