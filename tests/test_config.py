@@ -974,3 +974,15 @@ def test_a_plain_run_name_names_the_folder_under_runs(tmp_path, monkeypatch):
     assert run_dir_for(None, "my-run.v2", "grpo") == os.path.join(str(tmp_path), "runs", "my-run.v2")
     assert run_dir_for(None, None, "sft") == os.path.join(str(tmp_path), "runs", "sft")
     assert run_dir_for(None, "", "sft") == os.path.join(str(tmp_path), "runs", "sft")
+
+
+def test_a_misspelt_stage_in_an_override_is_shown_the_close_stage_name():
+    # `grop.max_steps=5` listed the stages but, unlike a misspelt option, suggested none
+    with pytest.raises(ConfigError, match=r"command line: no stage named \['grop'\]; did you mean 'grpo' "
+                                          r"\(grpo\.max_steps=\.\.\.\)\?; stages: \['cold_start', 'grpo'\]"):
+        load_pipeline(DEFAULT_CONFIG, ["grop.max_steps=5"])
+    with pytest.raises(ConfigError, match=r"no stage named \['cold_strat', 'zzz'\]; did you mean 'cold_start' "
+                                          r"\(cold_start\.num_rows=\.\.\.\)\?; stages: "):
+        load_pipeline(DEFAULT_CONFIG, ["zzz.max_steps=5", "cold_strat.num_rows=10"])
+    with pytest.raises(ConfigError, match=r"no stage named \['zzz'\]; stages: \['cold_start', 'grpo'\]$"):
+        load_pipeline(DEFAULT_CONFIG, ["zzz.max_steps=5"])

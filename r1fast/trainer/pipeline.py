@@ -243,13 +243,27 @@ def load_pipeline(source: str | dict, overrides: Optional[list[str]] = None) -> 
         _check_placement(p, conf, placed_at)
         p.stages.append(Stage(name=name, type=typ, config=cfg, **fields))
     if stage_ov:
-        raise ConfigError(f"command line: no stage named {sorted(stage_ov)}; stages: {[s.name for s in p.stages]}")
+        names = [s.name for s in p.stages]
+        raise ConfigError(f"command line: no stage named {sorted(stage_ov)}{_close_stages(stage_ov, names)}; "
+                          f"stages: {names}")
     if not p.model and not p.stages[0].model:
         raise ConfigError(f"{where}: no model for stage {p.stages[0].name!r}; set the pipeline's 'model' or the stage's")
     _check_rerun_from(p, typed if "rerun_from" in top_ov else where,
                       typed if {"rerun_from", "overwrite_output_dir"} & set(top_ov) else where)
     _check_stages(p, where)
     return p
+
+
+def _close_stages(unknown: dict[str, dict], names: list[str]) -> str:
+    """"; did you mean 'grpo' (grpo.max_steps=...)?" for each overridden stage not in `names` that is close to one
+    of them (a misspelt option is shown its close one; a misspelt stage was shown only the list)."""
+    import difflib
+
+    hints = []
+    for stage in sorted(unknown):
+        if close := difflib.get_close_matches(stage, names, n=1):
+            hints.append(f"; did you mean {close[0]!r} ({close[0]}.{next(iter(unknown[stage]))}=...)?")
+    return "".join(hints)
 
 
 def _check_rerun_from(p: Pipeline, where: str, both_where: Optional[str] = None):
