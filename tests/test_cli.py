@@ -69,6 +69,18 @@ def test_pipeline_without_a_config_names_the_pipelines_r1fast_ships():
         main(["pipeline"])
 
 
+def test_the_pipeline_example_names_a_pipeline_r1fast_ships(tmp_path, monkeypatch):
+    # the example was written out as r1_pipeline beside a list read from r1fast/configs: a rename made it a lie
+    from r1fast.trainer import config
+
+    for name in ("default", "mine"):
+        (tmp_path / f"{name}.yaml").write_text("model: builtin:micro\nstages:\n  - {type: sft, dataset: d.jsonl}\n")
+    (tmp_path / "single.yaml").write_text("model_name_or_path: builtin:micro\n")
+    monkeypatch.setattr(config, "PACKAGED_CONFIGS", str(tmp_path))
+    with pytest.raises(SystemExit, match=r"by name: default, mine; e\.g\. r1fast pipeline default$"):
+        main(["pipeline"])
+
+
 def test_plot_of_a_run_folders_metrics_file_names_the_folder_to_give(tmp_path):
     # `r1fast plot runs/x/metrics.jsonl` said "[Errno 17] File exists: '.../metrics.jsonl'" (its curves.png went
     # into RUN_DIR, a file)

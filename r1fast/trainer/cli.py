@@ -499,8 +499,11 @@ def _cmd_pipeline(args):
     if config is None:
         # it named r1fast/configs/r1_pipeline.yaml, a path that exists only in a checkout, and said "pipeline needs"
         # after "r1fast pipeline: "; the shipped pipelines run by name from any directory
+        shipped = _shipped_pipelines()
+        # the example is one of the names listed (written out, it outlived a rename): the full R1 run where shipped
+        example = "r1_pipeline" if "r1_pipeline" in shipped else shipped[0]
         raise ConfigError(f"give a pipeline YAML (its stages: see docs/training.md), or one r1fast ships, by name: "
-                          f"{', '.join(_shipped_pipelines())}; e.g. r1fast pipeline r1_pipeline")
+                          f"{', '.join(shipped)}; e.g. r1fast pipeline {example}")
     resume, overrides = _resume_pipeline(resume, overrides)
     run_pipeline(config, overrides, resume=resume)
     return 0
