@@ -986,3 +986,13 @@ def test_a_misspelt_stage_in_an_override_is_shown_the_close_stage_name():
         load_pipeline(DEFAULT_CONFIG, ["zzz.max_steps=5", "cold_strat.num_rows=10"])
     with pytest.raises(ConfigError, match=r"no stage named \['zzz'\]; stages: \['cold_start', 'grpo'\]$"):
         load_pipeline(DEFAULT_CONFIG, ["zzz.max_steps=5"])
+
+
+@pytest.mark.parametrize("name", ["..", "../x", "a/b", "/tmp/elsewhere", "."])
+def test_a_pipeline_name_that_is_no_folder_name_is_refused_where_it_names_the_run_folder(name, tmp_path):
+    # with output_dir unset a pipeline writes into runs/<name>: name=.. was the working directory itself
+    with pytest.raises(ConfigError, match=rf"command line: name = {re.escape(repr(name))}: .*runs/<name>.*"
+                                          r"give output_dir"):
+        load_pipeline(DEFAULT_CONFIG, [f"name={name}"])
+    # given output_dir, the name is the run's title only
+    assert load_pipeline(DEFAULT_CONFIG, [f"name={name}", f"output_dir={tmp_path / 'out'}"]).name == name

@@ -509,6 +509,11 @@ def _validate(p: Pipeline, where: str, num_stages: int = 1):
             raise ConfigError(f"{where}: {msg}")
 
     check(bool(p.name.strip()), "name must not be empty (it names the run folder runs/<name>)")
+    # as a single run's run_name (config.check_run_name): '..' was the working directory itself, 'a/b' or an absolute
+    # path a folder outside runs/
+    check(bool(p.output_dir) or is_folder_name(p.name),
+          f"name = {p.name!r}: with output_dir unset the run writes into runs/<name>/, so name must be a folder name "
+          f"(not '.' or '..', no '/'); to write the run elsewhere, give output_dir=PATH")
     # as a stage's seed (config._check_seed), for the last stage's too; and checked even where every stage sets
     # its own: the held-out rows and evaluations are drawn with seeds made from it (seed * 1000 + 7 overflowed)
     check(0 <= p.seed <= 2**32 - num_stages, f"seed must be in [0, 2**32 - {num_stages}] (stage i runs with seed + i; "
