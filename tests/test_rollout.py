@@ -1083,10 +1083,12 @@ def test_shared_prefix_attention_follows_the_start_up_timing_unless_forced(model
         return (50e-6 if graph else 120e-6) if shared_prefix else 100e-6
     monkeypatch.setattr(self_check, "decode_seconds", by_mode)
     monkeypatch.setattr(runner_module, "_captures_graphs", lambda device: True)
+    checked.clear()
     with caplog.at_level(logging.WARNING):
         runner = Engine(model, block_size=4, num_blocks=16, max_num_seqs=24).runner
     assert runner.graphs == {} and "CUDA graph capture failed" in caplog.text
     assert modes == [(False, True), (True, True), (False, False), (True, False)] and not runner.shared_prefix
+    assert checked == ["triton"]  # timed again, not checked again
     modes.clear()
     assert not Engine(model, block_size=4, num_blocks=16, max_num_seqs=24, use_cuda_graphs=False).runner.shared_prefix
     assert modes == [(False, False), (True, False)]  # no capture asked for: timed eagerly once

@@ -140,8 +140,12 @@ class ModelRunner:
         self.decode_backend, self.store_backend = decode_backend, None
         if decode_backend is not None:  # a misspelt or unusable backend: said now, not at the first decode step
             backends.resolve("paged_decode_attention", self.device, decode_backend)
-        choice = (shared_prefix, decode_backend is None, max_num_seqs, max_model_len)
-        self.shared_prefix = self._choose_decode(*choice, graph=use_cuda_graphs)
+        candidates = None  # {decode backend: tiles} that passed the start-up checks (a GPU only)
+        if _checks_kernels(self.device):
+            candidates = self._decode_candidates(shared_prefix, decode_backend is None, max_num_seqs)
+            self.shared_prefix = self._choose_decode(candidates, max_num_seqs, max_model_len, graph=use_cuda_graphs)
+        else:  # the CPU: the tiles wherever the backend reads them, untimed
+            self.shared_prefix = self._reads_tiles(self.decode_backend, shared_prefix, max_num_seqs)
         self._tiles_of = None  # the running ids array the cached tiles were found for
         self._tiles = None
         self.kv = torch.zeros(cfg.num_hidden_layers, 2, num_blocks, block_size, self.num_kv_heads, self.head_dim,
@@ -152,9 +156,10 @@ class ModelRunner:
             self._capture_graphs(max_num_seqs)
             if not self.graphs and _checks_kernels(self.device):
                 # the steps run eagerly after all: the start-up's choice was timed for graph replays, where
-                # launches cost nothing; it is made again as the steps will run (no staging depends on it)
+                # launches cost nothing; it is made again as the steps will run (no staging depends on it), from
+                # the backends and tiles already checked
                 log.warning("choosing the decode attention again for eager decoding")
-                self.shared_prefix = self._choose_decode(*choice, graph=False)
+                self.shared_prefix = self._choose_decode(candidates, max_num_seqs, max_model_len, graph=False)
 
     def _reads_tiles(self, backend: str | None, requested: bool | None, max_num_seqs: int) -> bool:
         """Whether decode steps through `backend` can pass SharedPrefix tiles (unless turned off): only the
@@ -165,34 +170,42 @@ class ModelRunner:
         return requested is not False and max_num_seqs >= 2 and backend in ("triton", "cuda") and \
             backends.backend_available("triton", self.device)[0] and prefix_tile_rows(group, self.head_dim) >= 2
 
-    def _choose_decode(self, requested: bool | None, pick_backend: bool, timing_batch: int, max_model_len: int,
-                       graph: bool = True) -> bool:
-        """Picks the decode and KV-write backends where the runner checks its kernels (a GPU) and was not
-        given decode_backend, and returns whether decode steps pass SharedPrefix tiles. requested: True,
-        wherever the path runs (and, with the backend chosen here, passes its start-up check); False,
-        never; None, only where it is also the faster on this card. The backend and the tiles are chosen
-        together (self_check.choose_decode: each correct backend timed with and without them at
-        timing_batch rows of at most max_model_len tokens, as graph replays or eager launches as the
-        engine will run them). On the CPU the tiles are used wherever the backend reads them, untimed."""
-        if not _checks_kernels(self.device):
-            return self._reads_tiles(self.decode_backend, requested, timing_batch)
+    def _decode_candidates(self, requested: bool | None, pick_backend: bool, max_num_seqs: int
+                           ) -> dict[str, bool | None]:
+        """{decode backend: tiles} for self_check.choose_decode, on a device where the runner checks its
+        kernels (a GPU). Without decode_backend given (pick_backend), the decode and KV-write backends that
+        match the reference here (kernels that never ran on this card are checked before any graph holds
+        them; the KV-write backend is set here), each decode backend's shared-prefix path checked too.
+        requested: True, tiles wherever the path runs and passes its check (untimed); False, never; None,
+        only where they are also the faster on this card (timed: None)."""
         from r1fast.rollout import self_check
 
         cfg = self.model.config
         shape = (cfg.num_attention_heads, self.num_kv_heads, self.head_dim)
         names = [self.decode_backend]
         if pick_backend:
-            # kernels that never ran on this card are checked against the reference before any graph holds them
             names = self_check.correct_backends("paged_decode_attention", self.device, self.dtype, *shape,
                                                 every=True) or ["torch"]
             self.store_backend = (self_check.correct_backends("store_kv", self.device, self.dtype, *shape)
                                   or ["torch"])[0]
         tiles = {}
         for name in names:
-            usable = self._reads_tiles(name, requested, timing_batch) and \
+            usable = self._reads_tiles(name, requested, max_num_seqs) and \
                 (not pick_backend or self_check.shared_prefix_ok(name, self.device, self.dtype, *shape))
             tiles[name] = usable and (True if requested else None)
-        self.decode_backend, uses_tiles = self_check.choose_decode(tiles, self.device, self.dtype, *shape,
+        return tiles
+
+    def _choose_decode(self, candidates: dict[str, bool | None], timing_batch: int, max_model_len: int,
+                       graph: bool = True) -> bool:
+        """Sets the decode backend of `candidates` (_decode_candidates) and returns whether decode steps pass
+        SharedPrefix tiles: the backend and the tiles are chosen together (self_check.choose_decode: each
+        backend timed with and without them at timing_batch rows of at most max_model_len tokens, as graph
+        replays or eager launches as the engine will run them)."""
+        from r1fast.rollout import self_check
+
+        cfg = self.model.config
+        shape = (cfg.num_attention_heads, self.num_kv_heads, self.head_dim)
+        self.decode_backend, uses_tiles = self_check.choose_decode(candidates, self.device, self.dtype, *shape,
                                                                    batch=timing_batch, max_context=max_model_len,
                                                                    graph=graph)
         return uses_tiles
