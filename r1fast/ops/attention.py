@@ -437,8 +437,8 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, *, s
     max_ctx = block_tables.shape[1] * bs
     name, fn = backends.resolve("paged_decode_attention", q.device, backend, dtype=q.dtype,
                                 accepts=lambda name: _decode_shape_problem(name, q, k_cache) is None)
-    problem = _decode_shape_problem(name, q, k_cache)
-    if name == "triton" and problem is not None:  # asked for by name (the cuda op raises its own)
+    # asked for by name, so past `accepts`; only triton is checked here (the cuda op raises its own)
+    if name == "triton" and (problem := _decode_shape_problem(name, q, k_cache)) is not None:
         raise ValueError(f"paged_decode_attention: {problem}")
     if num_splits is None and name == "triton":
         num_splits = triton_num_splits(q.shape[0], k_cache.shape[2], max_ctx, sm_count(q.device))
