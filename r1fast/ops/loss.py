@@ -283,7 +283,7 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, entropy=None, sampl
         check_loss_values("grpo_loss", *checked, bad=_any_bad_value(*checked) if bad is None else bad)
 
     try:
-        name, fn = backends.resolve("grpo_loss", logp.device, backend, dtype=logp.dtype)
+        _, fn = backends.resolve("grpo_loss", logp.device, backend, dtype=logp.dtype)
     except ValueError:
         if defer:  # a bad value was refused before the backend was looked up
             values_checked_here()
@@ -293,7 +293,7 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, entropy=None, sampl
     extra = {"row_stats": True} if row_stats else {}
     if iw is not None:
         extra["importance_weights"] = iw
-    if defer and name == "triton" and fn is _grpo_loss_triton:
+    if defer and fn is _grpo_loss_triton:
         extra["check_values"] = lambda: values_checked_here(bad=True)  # the kernel's count said one may fail
     elif defer:
         values_checked_here()
