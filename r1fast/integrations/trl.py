@@ -338,9 +338,9 @@ def _normalise_model_eos(model) -> None:
     value = getattr(config, "eos_token_id", None)
     if value is None:
         return
-    ids = _token_ids(value, "the model's generation_config.eos_token_id")
-    if hasattr(value, "tolist"):
+    if hasattr(value, "tolist"):  # an array or a tensor: read once, as _token_ids would
         value = value.tolist()
+    ids = _token_ids(value, "the model's generation_config.eos_token_id")
     config.eos_token_id = ids if isinstance(value, (list, tuple)) else ids[0]
 
 
