@@ -64,8 +64,9 @@ def group_advantages(rewards, group_size, *, estimator="grpo", scale_rewards="gr
         mask = _check_mask(mask, rewards)
     readable("group_advantages", rewards, "the check that rewards are finite")
     # the backends compute in float32: a float64 reward past its range would turn every advantage NaN
-    if not _sum_is_finite(rewards.float(), mask):
-        finite = torch.isfinite(rewards.float()) if mask is None else torch.isfinite(rewards.float()) | ~mask
+    as_fp32 = rewards.float()
+    if not _sum_is_finite(as_fp32, mask):
+        finite = torch.isfinite(as_fp32) if mask is None else torch.isfinite(as_fp32) | ~mask
         if not bool(finite.all()):
             bad = (~finite).nonzero().flatten().tolist()[:8]
             raise ValueError(f"group_advantages: rewards contain NaN/inf (or values beyond float32's range) at "
