@@ -249,7 +249,7 @@ def sm_count(device: torch.device) -> int:
     """Streaming multiprocessors of a CUDA device (looked up once per device), else DEFAULT_NUM_SMS."""
     if device.type != "cuda":
         return DEFAULT_NUM_SMS
-    return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return _cuda_sm_count(backends.canonical_device(device).index)
 
 
 def triton_num_splits(num_seqs: int, num_kv_heads: int, max_context: int, num_sms: int) -> int:
