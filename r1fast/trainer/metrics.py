@@ -214,7 +214,7 @@ def replacing(path: str, binary: bool = False):
         os.replace(tmp, path)
         # the rename itself on disk before this returns: a caller's next step (a journal removed, a progress file
         # deleted, a checkpoint pruned) that reached the disk first left, after a power loss, the old file beside it
-        fsync_dir(folder or ".")
+        fsync_dir(folder)
     except BaseException:
         with contextlib.suppress(OSError):
             os.remove(tmp)

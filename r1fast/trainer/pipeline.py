@@ -32,6 +32,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from r1fast._umask import fsync_dir
 from r1fast.data.loading import hub_name_hint
 from r1fast.data.tasks import MAX_BUILTIN_ROWS
 from r1fast.models.checkpoint import missing_model_hint
@@ -900,7 +901,6 @@ class PipelineRunner:
         with replacing(journal) as f:
             json.dump({"r1fast_rerun": 1, "stages": rerun,
                        "moves": [[self._in_run(a), self._in_run(b)] for a, b in moves]}, f)
-        _sync_folder(self.run_dir)
         for name in rerun:
             self.state["stages"].pop(name, None)
         # the journal makes the set-aside certain (a run killed from here on finishes it): summary.json stops
@@ -1385,13 +1385,7 @@ def _move_aside(moves: list[tuple[str, str]]):
         if os.path.lexists(src) and not os.path.lexists(target):
             os.rename(src, target)
     for folder in {os.path.dirname(t) for _, t in moves}:
-        _sync_folder(folder)
-
-
-def _sync_folder(folder: str):
-    from r1fast.trainer.checkpoints import fsync_dir
-
-    fsync_dir(folder)
+        fsync_dir(folder)
 
 
 def _free_memory() -> None:
