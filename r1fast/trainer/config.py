@@ -347,7 +347,7 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
 
     path = resolve_config_path(path)
     if path.lower().endswith(_DATA_SUFFIXES):   # read as YAML: "not valid YAML: expected '<document start>'"
-        raise _dataset_as_config(path)
+        raise DatasetAsConfig(path)
     with open(path, encoding="utf-8") as f:
         try:
             data = yaml.load(f, Loader=_unique_key_loader())
@@ -362,7 +362,7 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
     if data is None:
         return {}
     if isinstance(data, list) and path.lower().endswith(".json"):   # a JSON dataset: a list of rows
-        raise _dataset_as_config(path)
+        raise DatasetAsConfig(path)
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
     return data
@@ -373,18 +373,14 @@ _DATA_SUFFIXES = (".jsonl", ".parquet", ".csv")
 
 
 class DatasetAsConfig(ConfigError):
-    """A dataset file given where a config goes (`path`); a pipeline says how its stages take one instead."""
+    """A dataset file given where a config goes (`path`); a pipeline says how its stages take one instead.
+    `r1fast train data.jsonl`: read as YAML, the error spoke of YAML documents, a top-level str, or (one JSON
+    line) its columns as unknown options."""
 
     def __init__(self, path: str):
         super().__init__(f"{path} is a dataset, not a config YAML: give it as dataset={shlex.quote(path)} (with "
                          f"model_name_or_path=...), after the config if there is one")
         self.path = path
-
-
-def _dataset_as_config(path: str) -> ConfigError:
-    """`r1fast train data.jsonl`: a dataset given where the config goes was read as YAML, and the error spoke of
-    YAML documents, a top-level str, or (one JSON line) its columns as unknown options."""
-    return DatasetAsConfig(path)
 
 
 _OVERRIDE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*=")  # key=value, or stage.key=value in a pipeline
