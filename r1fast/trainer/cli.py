@@ -511,11 +511,11 @@ def _cmd_pipeline(args):
 
 def _shipped_pipelines() -> list[str]:
     """The names of the pipeline YAMLs in r1fast/configs (the others there are single runs' configs)."""
-    from r1fast.trainer.config import PACKAGED_CONFIGS
+    from r1fast.trainer.config import PACKAGED_CONFIGS, packaged_config_names
     from r1fast.trainer.pipeline import is_pipeline_file
 
-    return sorted(name[:-5] for name in os.listdir(PACKAGED_CONFIGS)
-                  if name.endswith(".yaml") and is_pipeline_file(os.path.join(PACKAGED_CONFIGS, name)))
+    return [name for name in packaged_config_names()
+            if is_pipeline_file(os.path.join(PACKAGED_CONFIGS, name + ".yaml"))]
 
 
 def _cmd_plot(args):

@@ -290,6 +290,11 @@ def expand_home(name: str, value):
 PACKAGED_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 
+def packaged_config_names() -> list[str]:
+    """The names (without .yaml) of the configs r1fast ships, which resolve_config_path finds from any directory."""
+    return sorted(f[:-5] for f in os.listdir(PACKAGED_CONFIGS) if f.endswith(".yaml"))
+
+
 def resolve_config_path(path: str | os.PathLike) -> str:
     """`path`, or where it does not exist, the config r1fast ships under that file name
     (`r1_pipeline`, `r1_pipeline.yaml` or `r1fast/configs/r1_pipeline.yaml` from any directory)."""
@@ -302,7 +307,7 @@ def resolve_config_path(path: str | os.PathLike) -> str:
         return packaged
     if os.path.isdir(path):  # it exists, so "does not exist" would send the user looking in the wrong place
         raise ConfigError(f"config file {path!r} is a directory, not a YAML file")
-    shipped = ", ".join(sorted(f[:-5] for f in os.listdir(PACKAGED_CONFIGS) if f.endswith(".yaml")))
+    shipped = ", ".join(packaged_config_names())
     raise ConfigError(f"config file {path!r} does not exist (r1fast's own configs: {shipped})")
 
 
