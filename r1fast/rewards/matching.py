@@ -767,13 +767,18 @@ _GLUED_MILLILITRES_RE = re.compile(rf"{_UNIT_NUMBER}(m[lL])(?:\s*/\s*(?:s|h|hr|m
 # drops a unit, and a number with one was read as its number alone, so 250 mL scored 1 against 250 L, 5 kg against
 # 5 g and 5 cm against 5 kg. A unit not among them (sec, hrs, apples, °C) leaves the answers to the other readings.
 _UNIT_BASES = frozenset("m g s L l N J W Pa Hz V A Ω K C mol eV Wh cal bar min h".split())
-_UNIT_PREFIXES = frozenset("G M k h d c m μ µ u n p".split())
+# What each prefix multiplies its unit by (μ for µ and u too: _unit_symbol writes them so)
+_PREFIX_FACTORS = {"G": Fraction(10**9), "M": Fraction(10**6), "k": Fraction(10**3), "h": Fraction(100), "d": Fraction(1, 10),
+                   "c": Fraction(1, 100), "m": Fraction(1, 10**3), "μ": Fraction(1, 10**6), "n": Fraction(1, 10**9),
+                   "p": Fraction(1, 10**12)}
+_UNIT_PREFIXES = frozenset(_PREFIX_FACTORS) | {"µ", "u"}
 _UNPREFIXED_BASES = frozenset(("min", "h"))
 _UNIT_WRAPPER_RE = re.compile(r"\\(?:mathrm|text|textrm|rm|mbox|operatorname)\s*\{([^{}]*)\}")
-_UNIT_SPACE_RE = re.compile(r"\s|~|\\[,;:! ]")
-_QUANTITY_RE = re.compile(rf"({_UNIT_NUMBER})((?:\s|~|\\[,;:! ])*)(.+)", re.DOTALL)
+# a number, its spacing (_LATEX_SPACE_RE: spaces, ~ and LaTeX's space commands), and what follows it
+_QUANTITY_RE = re.compile(rf"({_UNIT_NUMBER})({_LATEX_SPACE_RE.pattern})(.+)", re.DOTALL)
 # a digit, then spacing, then a unit's first letter, \\mu or \\Omega (after a \\mathrm{ or \\text{ and its spacing too)
-_QUANTITY_HINT_RE = re.compile(r"[0-9](?:\s|~|\\[,;:! ])*(?:\\[a-z]+\s*\{(?:\s|~)*)?(?:\\(?:mu|Omega)|[A-Za-zΩμµ])")
+_QUANTITY_HINT_RE = re.compile(r"[0-9]" + _LATEX_SPACE_RE.pattern
+                               + r"(?:\\[a-z]+\s*\{(?:\s|~)*)?(?:\\(?:mu|Omega)|[A-Za-zΩμµ])")
 _UNIT_TERM_RE = re.compile(r"([A-Za-zΩμµ]+)(?:\^\{?([+-]?[0-9])\}?)?")
 
 
@@ -814,15 +819,9 @@ def _quantity(s: str) -> Optional[tuple[Fraction, tuple]]:
     number, space, text = m.groups()
     if not space and "^" in text and not _UNIT_WRAPPER_RE.search(text):
         return None
-    unit = _unit(_UNIT_SPACE_RE.sub("", _UNIT_WRAPPER_RE.sub(r"\1", text.replace("\\mu", "μ").replace("\\Omega", "Ω"))))
+    unit = _unit(_LATEX_SPACE_RE.sub("", _UNIT_WRAPPER_RE.sub(r"\1", text.replace("\\mu", "μ").replace("\\Omega", "Ω"))))
     value = None if unit is None else _as_number(number)
     return None if value is None else (value, unit)
-
-
-# What each prefix multiplies its unit by (μ for µ and u too: _unit_symbol writes them so)
-_PREFIX_FACTORS = {"G": Fraction(10**9), "M": Fraction(10**6), "k": Fraction(10**3), "h": Fraction(100), "d": Fraction(1, 10),
-                   "c": Fraction(1, 100), "m": Fraction(1, 10**3), "μ": Fraction(1, 10**6), "n": Fraction(1, 10**9),
-                   "p": Fraction(1, 10**12)}
 
 
 def _in_unprefixed_units(value: Fraction, unit: tuple) -> tuple[Fraction, tuple]:
