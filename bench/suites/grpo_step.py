@@ -103,7 +103,7 @@ def _rollout_state(shape, prompts, G, new, dtype, device, mb) -> SimpleNamespace
     """A trainer, one rollout of its first `prompts` rows and what its step derives from it (rewards,
     advantages, micro-batches, loss options), as GRPOTrainer.step computes them."""
     from r1fast.data.loading import decode_completions
-    from r1fast.trainer.grpo import MicroBatches
+    from r1fast.trainer.grpo import MicroBatches, accumulation_scale, micro_batch_indices
 
     tr = _r1fast_trainer(shape, prompts, G, new, dtype, device, mb)
     rows, keys = tr.train_rows[:prompts], list(range(prompts))
@@ -113,12 +113,12 @@ def _rollout_state(shape, prompts, G, new, dtype, device, mb) -> SimpleNamespace
     texts = decode_completions(tr.tokenizer, c_ids, tr.end_ids)
     _, totals = tr.score(rows, G, texts, c_ids)
     # the trainer's micro-batches (see _r1fast_trainer), as its step makes them (no completion masked)
-    micro = [list(range(i, min(i + mb, len(c_ids)))) for i in range(0, len(c_ids), mb)]
+    micro = micro_batch_indices(len(c_ids), mb)
     inputs = MicroBatches(micro, p_ids, c_ids, c_logp, [True] * len(c_ids), tr.device, tr.share_prompts)
     opts = tr.cfg.loss_options(float(sum(len(c) for c in c_ids)))
     return SimpleNamespace(tr=tr, rows=rows, keys=keys, c_ids=c_ids, micro=micro, inputs=inputs,
                            adv=tr._advantages(totals).to(tr.device), opts=opts,
-                           scale=1.0 if opts.loss_type in ("dapo", "cispo") else 1.0 / len(micro))
+                           scale=accumulation_scale(opts.loss_type, len(micro)))
 
 
 def _r1fast_step(*spec, shared: _SharedRun | None = None):

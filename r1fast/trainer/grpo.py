@@ -449,7 +449,7 @@ class GRPOTrainer:
         B = len(c_ids)
         self.num_tokens += sum(len(p) + len(c) for p, c in zip(p_ids, c_ids))
         mb = cfg.per_device_train_batch_size
-        micro = [list(range(i, min(i + mb, B))) for i in range(0, B, mb)]
+        micro = micro_batch_indices(B, mb)
         keep = [not (cfg.mask_truncated_completions and finish[i] == "length") for i in range(B)]
         # Counted on the host: summing the device masks would sync once per completion.
         num_items = float(sum(len(c_ids[i]) for i in range(B) if keep[i])) or 1.0
@@ -463,9 +463,7 @@ class GRPOTrainer:
         t_logp = time.perf_counter()
 
         opts = cfg.loss_options(num_items)
-        # Loss types normalised per micro-batch are averaged over the accumulation steps; dapo/cispo
-        # already divide by the whole generation batch's token count.
-        scale = 1.0 if opts.loss_type in ("dapo", "cispo") else 1.0 / len(micro)
+        scale = accumulation_scale(opts.loss_type, len(micro))
         self.model.train()
         stats_acc: dict[str, float] = {}
         losses, grad_norms, t_loss, t_opt = [], [], 0.0, 0.0
@@ -689,6 +687,17 @@ class GRPOTrainer:
 
 # statistics combined over micro-batches and iterations by min / max (the rest are token means)
 _EXTREMES = {"is_weight/min": min, "is_weight/max": max, "clip_ratio/low_min": min, "clip_ratio/high_max": max}
+
+
+def micro_batch_indices(num_completions: int, size: int) -> list[list[int]]:
+    """A rollout's completions 0..num_completions-1 in micro-batches of `size`, in order (the last may be short)."""
+    return [list(range(i, min(i + size, num_completions))) for i in range(0, num_completions, size)]
+
+
+def accumulation_scale(loss_type: str, num_micro: int) -> float:
+    """What each micro-batch's loss is multiplied by: loss types normalised per micro-batch are averaged over the
+    accumulation steps; dapo and cispo already divide by the whole generation batch's token count."""
+    return 1.0 if loss_type in ("dapo", "cispo") else 1.0 / num_micro
 
 
 class _MicroBatch(NamedTuple):
