@@ -1037,6 +1037,21 @@ def test_scientific_notation_is_a_number(with_math_verify):
         assert _accuracy("1.5e-3", "\\frac{3}{2000}") == _accuracy("\\frac{3}{2000}", "1.5e-3") == 1.0
 
 
+def test_scientific_notation_with_a_star_is_a_number(with_math_verify):
+    # a `*` before 10^ was no times sign to the number reader: 6.6*10^{-27} went to math-verify, which rounds, and scored
+    # 1 against 7.7*10^{-27} and against 6.6e-26; 1.9*10^-2 (10^{-}2 to math-verify) scored 0 against 1.9e-2
+    import random
+
+    from r1fast.rewards.builtin import vote_key
+
+    m, e = random.randrange(11, 99) / 10, random.randrange(-40, -3)
+    for a, b in ((f"{m}*10^{{{e}}}", f"{m}e{e}"), (f"{m}*10^{e}", f"{m} \\times 10^{{{e}}}"), (f"{m} * 10^{e}", f"{m}e{e}")):
+        assert _accuracy(a, b) == _accuracy(b, a) == 1.0 and vote_key(a) == vote_key(b), (a, b)
+    for a, b in ((f"{m}*10^{{{e}}}", f"{m}*10^{{{e + 1}}}"), (f"{m}*10^{{{e}}}", f"{round(m + 1.1, 1)}*10^{{{e}}}"),
+                 (f"-{m}*10^{e}", f"{m}e{e}"), (f"{m}*10^{{{e}}}", f"{m}e{e + 1}")):
+        assert _accuracy(a, b) == _accuracy(b, a) == 0.0, (a, b)
+
+
 def test_a_percentage_is_its_number_or_its_hundredth(with_math_verify):
     # math-verify takes 50\\% for 50 and for 0.5, but a fraction of a percent for its hundredth only: the right answer
     # 12.5\\% scored 0 against the gold 12.5 (and without math-verify 50% against 50 too)

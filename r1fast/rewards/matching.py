@@ -38,8 +38,10 @@ _NUMBER_RE = re.compile(rf"([+-]?)\s*({_MANTISSA})(?:[eE]([+-]?[0-9]{{1,3}}))?")
 # Scientific notation as LaTeX writes it (6.02 \times 10^{23}, 1.6 \cdot 10^{-19}): a number, as 6.02e23 is. Given to
 # math-verify, -1.6 \times 10^{-19} equalled 1.6 \times 10^{-19} (it rounds floats to 6 decimal places). An exponent
 # without braces is read whole, as plain text means it and math-verify reads it (10^23, 10^-19): -1.6 × 10^-19 and
-# 1.7 × 10^-19 scored 1 against 1.6 \times 10^{-19}.
-_SCIENTIFIC_RE = re.compile(rf"([+-]?)\s*({_MANTISSA})\s*(?:\\times|\\cdot|\u00d7)\s*10\s*\^\s*"
+# 1.7 × 10^-19 scored 1 against 1.6 \times 10^{-19}. A `*` is a times sign too, as plain text writes it: 6.6*10^{-27}
+# scored 1 against 7.7*10^{-27} and 6.6e-26, and 1.9*10^-2 (10^{-}2 to math-verify) 0 against 1.9e-2.
+_TIMES_TEN = r"\s*(?:\\times|\\cdot|\u00d7|\*)\s*10\s*\^\s*"
+_SCIENTIFIC_RE = re.compile(rf"([+-]?)\s*({_MANTISSA}){_TIMES_TEN}"
                             r"(?:\{\s*([+-]?)\s*([0-9]{1,3})\s*\}|([+-]?[0-9]{1,3}))")
 # The denominator's sign and its spaces are one optional group: `\s*([+-]?)\s*` split a run of spaces between its
 # two \s* in every way, quadratic on "1/" and 20k spaces (12 s, on the main thread, no deadline).
