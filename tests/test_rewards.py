@@ -370,6 +370,30 @@ def test_one_quantity_with_other_prefixes_is_one_answer(with_math_verify):
         assert not answers_match(a, b) and not answers_match(b, a) and vote_key(a) != vote_key(b), (a, b)
 
 
+def test_a_quantity_s_number_is_compared_exactly(with_math_verify):
+    # a number with a unit went to math-verify, which drops the unit and rounds: -1.6 \\times 10^{-19} \\mathrm{C} scored 1
+    # against 1.6 \\times 10^{-19} \\mathrm{C}, 7.7 \\times 10^{-27} kg against 6.6 \\times 10^{-27} kg, 6.6 \\times 10^{-27} J
+    # against 6.6 \\times 10^{-27} kJ and 70.2400001 m against 70.24 m, while 1.6e-19 C scored 0 against 1.6 \\times 10^{-19} C
+    import random
+
+    from r1fast.rewards.builtin import vote_key
+
+    m, e, u = random.randrange(11, 99) / 10, random.randrange(-35, -15), random.choice(["C", "g", "J", "m/s"])
+    d = random.randrange(1000, 10**4) / 100
+    gold = f"{m} \\times 10^{{{e}}} \\text{{ {u}}}"
+    for a in (f"{m}e{e} \\text{{ {u}}}", f"{m}\\cdot10^{e}\\,\\mathrm{{{u}}}", f"${m}*10^{{{e}}}\\ \\mathrm{{{u}}}$", f"{m} × 10^{e} {u}",
+              f"{m}e{e}", f"{m} \\times 10^{{{e}}}"):
+        assert _accuracy(a, gold) == _accuracy(gold, a) == 1.0, (a, gold)
+    assert vote_key(f"{m}e{e} {u}") == vote_key(gold)
+    for a in (f"-{m} \\times 10^{{{e}}} \\text{{ {u}}}", f"{round(m + 1.1, 1)} \\times 10^{{{e}}} \\text{{ {u}}}",
+              f"{m} \\times 10^{{{e + 1}}} \\text{{ {u}}}", f"{m} \\times 10^{{{e}}} \\text{{ k{u}}}", f"{round(m + 1.1, 1)}e{e}"):
+        assert _accuracy(a, gold) == _accuracy(gold, a) == 0.0, (a, gold)
+    for a, b in ((f"{d}00001 m", f"{d} m"), (f"{d}00001\\,\\mathrm{{kg}}", f"{d} \\text{{ kg}}"), (f"{d}00001", f"{d} m"),
+                 (f"-{d} m", f"{d} m")):
+        assert _accuracy(a, b) == _accuracy(b, a) == 0.0, (a, b)
+    assert _accuracy(f"{d}0 m", f"{d}") == _accuracy(f"{d} m", f"{d}0 \\mathrm{{~m}}") == 1.0
+
+
 def test_one_quantity_written_otherwise_is_one_vote(monkeypatch):
     # vote_key read a number with its unit as text: 250ml and 250mL were two cons@k votes (letters against a number keep
     # their case, as variables') and 250 mL a third, though accuracy matched them; and without math-verify 250ml scored 0

@@ -776,10 +776,14 @@ _PREFIX_FACTORS = {"G": Fraction(10**9), "M": Fraction(10**6), "k": Fraction(10*
 _UNIT_PREFIXES = frozenset(_PREFIX_FACTORS) | {"µ", "u"}
 _UNPREFIXED_BASES = frozenset(("min", "h"))
 _UNIT_WRAPPER_RE = re.compile(r"\\(?:mathrm|text|textrm|rm|mbox|operatorname)\s*\{([^{}]*)\}")
-# a number, its spacing (_LATEX_SPACE_RE: spaces, ~ and LaTeX's space commands), and what follows it
-_QUANTITY_RE = re.compile(rf"({_UNIT_NUMBER})({_LATEX_SPACE_RE.pattern})(.+)", re.DOTALL)
-# a digit, then spacing, then a unit's first letter, \\mu or \\Omega (after a \\mathrm{ or \\text{ and its spacing too)
-_QUANTITY_HINT_RE = re.compile(r"[0-9]" + _LATEX_SPACE_RE.pattern
+# a number (in scientific notation too: 1.6 \\times 10^{-19}, 1.6e-19, _SCIENTIFIC_RE's), its spacing (_LATEX_SPACE_RE:
+# spaces, ~ and LaTeX's space commands), and what follows it. Read as a number alone, 1.6 \\times 10^{-19} \\mathrm{C} went
+# to math-verify, which drops the unit and rounds: -1.6 \\times 10^{-19} \\mathrm{C} scored 1 against it (and 1.6e-19 C 0).
+_QUANTITY_EXPONENT = rf"(?:[eE][+-]?[0-9]{{1,3}}|{_TIMES_TEN}(?:\{{\s*[+-]?\s*[0-9]{{1,3}}\s*\}}|[+-]?[0-9]{{1,3}}))"
+_QUANTITY_RE = re.compile(rf"({_UNIT_NUMBER}{_QUANTITY_EXPONENT}?)({_LATEX_SPACE_RE.pattern})(.+)", re.DOTALL)
+# a digit (or a brace closing an exponent), then spacing, then a unit's first letter, \\mu or \\Omega (after a \\mathrm{ or
+# \\text{ and its spacing too)
+_QUANTITY_HINT_RE = re.compile(r"[0-9]\}?" + _LATEX_SPACE_RE.pattern
                                + r"(?:\\[a-z]+\s*\{(?:\s|~)*)?(?:\\(?:mu|Omega)|[A-Za-zΩμµ])")
 _UNIT_TERM_RE = re.compile(r"([A-Za-zΩμµ]+)(?:\^\{?([+-]?[0-9])\}?)?")
 
@@ -840,16 +844,18 @@ def _in_unprefixed_units(value: Fraction, unit: tuple) -> tuple[Fraction, tuple]
 
 
 def _same_quantity(predicted: str, gold: str) -> Optional[bool]:
-    """Where both answers are a number with an SI unit (_quantity): False for other units, True for the same number in
-    the same unit (250ml and 250mL, without math-verify too: cons@k's vote_key takes them for one vote), and in the same
-    unit with other prefixes by their values (0.5 L and 500 mL, 2 km and 2000 m; 5 mL and 5 L differ); else None, as
-    for two numbers in one unit written alike that math-verify may take as equal (it rounds)."""
-    a = _quantity(predicted)
-    b = a and _quantity(gold)
-    if not b:
-        return None
+    """Where both answers are a number with an SI unit (_quantity): False for other units, the same number for the same
+    unit (250ml and 250mL, without math-verify too: cons@k's vote_key takes them for one vote), and in the same unit with
+    other prefixes by their values (0.5 L and 500 mL, 2 km and 2000 m; 5 mL and 5 L differ). Where one is such a quantity
+    and the other a plain number (_as_number): the quantity's number against it (2 L and 2). Else None. The numbers
+    compare as plain numbers do (_same_number), never by math-verify, which drops the units and rounds: 70.2400001 m
+    scored 1 against 70.24 m (70.2400001 against 70.24 scores 0), and 7.7 \\times 10^{-27} against 6.6 \\times 10^{-27} kg."""
+    a, b = _quantity(predicted), _quantity(gold)
+    if not (a and b):
+        number = _as_number(gold if a else predicted) if (a or b) else None
+        return None if number is None else bool(_same_number((a or b)[0], number, predicted, gold))
     if a[1] == b[1]:
-        return True if _same_number(a[0], b[0], predicted, gold) else None
+        return bool(_same_number(a[0], b[0], predicted, gold))
     (value_a, unit_a), (value_b, unit_b) = _in_unprefixed_units(*a), _in_unprefixed_units(*b)
     # never None here: math-verify, which drops units, would take 5 mL for 5 L
     return unit_a == unit_b and bool(_same_number(value_a, value_b, predicted, gold))
