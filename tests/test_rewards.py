@@ -1661,6 +1661,26 @@ def test_looking_for_a_mixed_number_is_linear_in_a_junk_answer(monkeypatch):
     assert given[1:] == [("-\\frac{11}{4}", "x"), ("1000", "y")]
 
 
+def test_a_mixed_number_too_long_to_write_out_scores_0_without_raising(monkeypatch):
+    # a mixed number is given to math-verify as its value, written out: one of two 2200-digit parts has more digits than
+    # Python writes an int with (4300), and the ValueError left the accuracy reward, a RewardError that stopped training
+    import random
+    import types
+
+    from r1fast.rewards import matching
+
+    given = []
+    monkeypatch.setitem(sys.modules, "math_verify", types.ModuleType("math_verify"))
+    monkeypatch.setattr(matching, "_math_verify_match", lambda p, g: given.append((p, g)) or False)
+    whole, part = (str(random.randrange(10**2199, 10**2200)) for _ in range(2))
+    junk = f"{whole} {part}/{part}1"
+    for gold in ("\\frac{1}{2}", "x+1"):
+        assert _accuracy(junk, gold) == 0.0 and _accuracy(f"-{junk}", gold) == 0.0
+    assert given == []
+    answers_match(f"{whole} 1/2", "x")   # a long one Python can write is still given as its value
+    assert given == [(f"\\frac{{{2 * int(whole) + 1}}}{{2}}", "x")]
+
+
 def test_junk_nested_past_any_answer_is_not_given_to_math_verify(monkeypatch):
     # `{` x200, `(` x200, `[` x200, x^x^x... x100: math-verify's parser ran each to the 3 s limit, once per completion
     # of a step (a collapsed policy varies its junk, so the time-out memory saw each once)

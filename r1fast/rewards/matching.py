@@ -545,27 +545,32 @@ def answers_match(predicted: str, gold: str) -> bool:
     cases_apart = _with_cases_apart(predicted, gold)   # x and X in one answer: math-verify would read both as x
     if cases_apart is None:
         return False
-    predicted, gold = cases_apart
-    return _math_verify_match(_as_math_verify_number(predicted, a), _as_math_verify_number(gold, b))
+    predicted, gold = _as_math_verify_number(cases_apart[0], a), _as_math_verify_number(cases_apart[1], b)
+    return predicted is not None and gold is not None and _math_verify_match(predicted, gold)
 
 
 _EXPONENT_RE = re.compile(r"(?<=[0-9.])[eE]([+-]?[0-9]{1,3})(?![0-9])")
 
 
-def _as_math_verify_number(s: str, value: Optional[Fraction]) -> str:
+def _as_math_verify_number(s: str, value: Optional[Fraction]) -> Optional[str]:
     """`s` for math-verify: a number read through a separator or as a mixed number (`_as_number`) is given as its
     value, which math-verify cannot misread: it read `1 000` and `1\\,000` as 1*000 and `1\u00a0005` as 5, so
     against a gold 1 000 any expression worth 0 scored 1 (a plain number was already compared by value). A number's
     exponent is given as LaTeX: math-verify read `6.02e23` as 6.02*e*23, and `6.02 \\times 10^{23}` against it scored 0
-    (as the exact value, it differed from 6.02 * 10**23 in floating point)."""
+    (as the exact value, it differed from 6.02 * 10**23 in floating point). None for a value too long to write out
+    (more digits than Python's int-to-text limit, 4300 by default: a mixed number of two 2200-digit parts), which
+    raised ValueError out of the reward function and stopped training."""
     if value is None:
         return s
     if not (_GROUP_SEP_RE.search(s) or _HOLDS_MIXED_RE.search(s)):
         return _EXPONENT_RE.sub(r" \\times 10^{\1}", s)
     sign, value = ("-" if value < 0 else ""), abs(value)
-    if value.denominator == 1:
-        return f"{sign}{value.numerator}"
-    return f"{sign}\\frac{{{value.numerator}}}{{{value.denominator}}}"
+    try:
+        if value.denominator == 1:
+            return f"{sign}{value.numerator}"
+        return f"{sign}\\frac{{{value.numerator}}}{{{value.denominator}}}"
+    except ValueError:
+        return None
 
 
 def vote_key(answer: str):
