@@ -1076,6 +1076,25 @@ def test_scientific_notation_with_a_star_is_a_number(with_math_verify):
         assert _accuracy(a, b) == _accuracy(b, a) == 0.0, (a, b)
 
 
+def test_math_verify_s_rounding_does_not_make_small_numbers_equal():
+    # math-verify rounds a float to 6 decimal places and chops tiny differences: every two numbers below a millionth were
+    # one answer to it, so given to it (x = ..., brackets, a unit it drops) a wrong sign or mantissa scored 1
+    pytest.importorskip("math_verify")
+    import random
+
+    m, e = random.randrange(11, 99) / 10, random.randrange(-40, -20)
+    other = round(m + random.choice([-1, 1]) * 0.5, 1)
+    value = f"{m} \\times 10^{{{e}}}"
+    for a, b in ((f"x = -{value}", value), (f"x = {other} \\times 10^{{{e}}}", f"{m}e{e}"), (f"({value})", f"{other}e{e}"),
+                 (f"{value} \\text{{ J·s}}", f"-{value} \\text{{ J·s}}"), (f"{value} \\text{{ apples}}", f"{m}e{e + 1} \\text{{ apples}}"),
+                 ("0.00000066 apples", "0.00000077 apples"), (f"\\frac{{1}}{{{m * 10}}} \\cdot 10^{{{e}}}", f"\\frac{{1}}{{{other * 10}}} \\cdot 10^{{{e}}}")):
+        assert _accuracy(a, b) == _accuracy(b, a) == 0.0, (a, b)
+    # the same numbers still match, and so do math-verify's own roundings of larger ones
+    for a, b in ((f"x = {value}", f"{m}e{e}"), (f"({value})", value), (f"{value} \\text{{ J·s}}", f"{m}\\cdot10^{{{e}}}\\,\\text{{J·s}}"),
+                 ("0.785398", "\\frac{\\pi}{4}"), ("0.333333", "\\frac{1}{3}"), ("x = 0.5", "0.5000001"), ("50\\%", "\\frac{1}{2}")):
+        assert _accuracy(a, b) == _accuracy(b, a) == 1.0, (a, b)
+
+
 def test_a_percentage_is_its_number_or_its_hundredth(with_math_verify):
     # math-verify takes 50\\% for 50 and for 0.5, but a fraction of a percent for its hundredth only: the right answer
     # 12.5\\% scored 0 against the gold 12.5 (and without math-verify 50% against 50 too)

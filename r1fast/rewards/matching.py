@@ -686,13 +686,46 @@ def _math_verify_verdict(predicted: str, gold: str) -> bool:
         gold_readings, pred_readings = _mv_readings(parse, gold), _mv_readings(parse, predicted)
         if any(_holds_huge_power(parsed) for parsed in gold_readings + pred_readings):
             return False
-        return any(verify(g, p, timeout_seconds=None) for g in gold_readings for p in pred_readings)
+        percent = "%" in predicted or "%" in gold   # 50\\% is 50 to math-verify, its value 1/2
+        return any(verify(g, p, timeout_seconds=None) and (percent or not _values_far_apart(g, p))
+                   for g in gold_readings for p in pred_readings)
 
     _quiet_math_verify_timeout_notice()
     try:
         return call_with_deadline(check, MATH_VERIFY_TIMEOUT_S)
     except Exception:
         return False  # math-verify failing to parse a model's answer means the answer is not verifiable
+
+
+# math-verify compares a float with a number rounded to 6 decimal places, and two expressions by whether their difference
+# evaluates to 0 with tiny values chopped: both absolutely, so any two numbers below a millionth were one answer to it.
+# Given to it (x = ..., (...), a unit outside _UNIT_BASES: 6.6 \\times 10^{-34} \\text{ J·s}), -6.6 \\times 10^{-34} and
+# 7.7 \\times 10^{-34} scored 1 against 6.6 \\times 10^{-34}, and 0.00000066 apples against 0.00000077 apples. Two numbers
+# further apart than this share of the larger are two answers, whatever it says; at or above 0.001 its rounding is
+# within it, so only the verdicts on smaller numbers change.
+_MAX_RELATIVE_GAP = 1e-3
+
+
+def _values_far_apart(gold_parsed, pred_parsed) -> bool:
+    """Whether two of math-verify's readings are real numbers (or `x = number`) further apart than _MAX_RELATIVE_GAP of
+    the larger; False where either is something else (an expression with variables, a set, a tuple, a complex number)."""
+    a, b = _real_value(gold_parsed), _real_value(pred_parsed)
+    if a is None or b is None:
+        return False
+    return bool(abs(a - b) > _MAX_RELATIVE_GAP * max(abs(a), abs(b)))
+
+
+def _real_value(parsed):
+    """The value of a reading that is a constant (or a symbol equated to one), to 30 digits; None for anything else."""
+    from sympy import Basic, Eq, Symbol
+
+    expr = parsed[0] if parsed else None
+    if isinstance(expr, Eq) and isinstance(expr.lhs, Symbol):
+        expr = expr.rhs
+    if not isinstance(expr, Basic) or not expr.is_number:
+        return None
+    value = expr.evalf(30)
+    return value if value.is_real and value.is_finite else None
 
 
 # A constant power worth more bits than this is not computed (2^20 bits: about 315,000 digits).
