@@ -1095,6 +1095,22 @@ def test_math_verify_s_rounding_does_not_make_small_numbers_equal():
         assert _accuracy(a, b) == _accuracy(b, a) == 1.0, (a, b)
 
 
+def test_e_notation_opening_a_longer_answer_is_a_number_to_math_verify():
+    # math-verify read 6.63e-34 as 6.63*e - 34: a number in e notation before a unit r1fast does not read, or after x =,
+    # scored 0 against the same number written with \\times 10^
+    pytest.importorskip("math_verify")
+    import random
+
+    m, e = random.randrange(11, 99) / 10, random.randrange(-40, 40)
+    value, other = f"{m} \\times 10^{{{e}}}", f"{round(m + 0.7, 1)} \\times 10^{{{e}}}"
+    for a, b in ((f"{m}e{e} \\text{{ J·s}}", f"{value} \\text{{ J·s}}"), (f"x = {m}e{e}", value), (f"{m}E{e}\\,\\text{{kg m/s}}", value)):
+        assert _accuracy(a, b) == _accuracy(b, a) == 1.0, (a, b)
+    for a, b in ((f"{m}e{e} \\text{{ J·s}}", f"{other} \\text{{ J·s}}"), (f"x = {m}e{e}", other), (f"x = {m}e{e}", f"-{value}")):
+        assert _accuracy(a, b) == _accuracy(b, a) == 0.0, (a, b)
+    # elsewhere it may be Euler's e, and is read as math-verify reads it
+    assert _accuracy("e^{2e-1}", "e^{-1+2e}") == _accuracy("3e+2x", "2x+3e") == 1.0
+
+
 def test_a_percentage_is_its_number_or_its_hundredth(with_math_verify):
     # math-verify takes 50\\% for 50 and for 0.5, but a fraction of a percent for its hundredth only: the right answer
     # 12.5\\% scored 0 against the gold 12.5 (and without math-verify 50% against 50 too)

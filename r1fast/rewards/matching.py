@@ -550,6 +550,11 @@ def answers_match(predicted: str, gold: str) -> bool:
 
 
 _EXPONENT_RE = re.compile(r"(?<=[0-9.])[eE]([+-]?[0-9]{1,3})(?![0-9])")
+# A number in e notation that opens a longer answer, alone or after `x =`, before a space or a LaTeX command (its unit, or
+# words: 6.63e-34 \\text{ J·s}, x = 1.5e-3 \\text{ m}). Given as it was, math-verify read 6.63e-34 as 6.63*e - 34, and the
+# right answer scored 0 against 6.63 \\times 10^{-34} \\text{ J·s} and x = 1.5 \\times 10^{-3}. Elsewhere (in brackets, an
+# exponent, before a letter: e^{2e-1}, 3e+2x) it may be Euler's e, and is left to math-verify.
+_LEADING_EXPONENT_RE = re.compile(r"\A(\s*(?:[A-Za-z]\s*=\s*)?[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+))[eE]([+-]?[0-9]{1,3})(?=\Z|\s|\\)")
 
 
 def _as_math_verify_number(s: str, value: Optional[Fraction]) -> Optional[str]:
@@ -561,7 +566,7 @@ def _as_math_verify_number(s: str, value: Optional[Fraction]) -> Optional[str]:
     (more digits than Python's int-to-text limit, 4300 by default: a mixed number of two 2200-digit parts), which
     raised ValueError out of the reward function and stopped training."""
     if value is None:
-        return s
+        return _LEADING_EXPONENT_RE.sub(r"\1 \\times 10^{\2}", s)
     if not (_GROUP_SEP_RE.search(s) or _HOLDS_MIXED_RE.search(s)):
         return _EXPONENT_RE.sub(r" \\times 10^{\1}", s)
     sign, value = ("-" if value < 0 else ""), abs(value)
