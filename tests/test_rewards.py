@@ -982,6 +982,20 @@ def test_golds_that_are_floats_lists_or_missing(with_math_verify):
     assert [_accuracy(a, ["3", "5"]) for a in ("3", "5", "4")] == [1.0, 1.0, 0.0]
 
 
+def test_a_long_whole_number_is_exact(with_math_verify):
+    # a run of 12 digits or more was taken for a float written out and compared to 1e-12: a count of 13 digits or more
+    # scored 1 one off, and 20! = 2432902008176640000 matched 2432902008176000000
+    import random
+
+    n = random.randrange(10**12, 10**20)
+    for wrong in (n + 1, n - 1, n + random.randrange(2, 1000), n // 1000 * 1000 + (1 if n % 1000 == 0 else 0)):
+        for gold in (str(n), n, f"{n:,}"):
+            assert _accuracy(str(wrong), gold) == 0.0 and _accuracy(f"{wrong:,}", gold) == 0.0, (wrong, gold)
+    assert _accuracy(str(n), n) == _accuracy(f"{n:,}", str(n)) == _accuracy(f"{n}.0", str(n)) == 1.0
+    # a float written out, or a decimal with a float's worth of digits, still stands for what it approximates
+    assert _accuracy("1/3", f"{1 / 3!r}") == _accuracy("1.0000000000001", "1") == _accuracy("1", 1.0000000000000002) == 1.0
+
+
 def test_without_math_verify_a_latex_comparison_warns_once(monkeypatch):
     from r1fast.rewards import matching
 

@@ -105,14 +105,20 @@ def _as_number(s: str) -> Optional[Fraction]:
     return None
 
 
-_LONG_DECIMAL_RE = re.compile(r"[0-9]{12,}")
+_DECIMAL_DIGITS_RE = re.compile(r"([0-9]*)\.?([0-9]*)")
 _FLOAT_REL_TOL = Fraction(1, 10**12)
 
 
 def _float_repr(s: str) -> bool:
     """A decimal with a float's worth of digits (0.3333333333333333: a float gold written out by JSON,
-    parquet or CSV), which stands for a value it can only approximate."""
-    return bool(_LONG_DECIMAL_RE.search(s.replace(".", "")))
+    parquet or CSV), which stands for a value it can only approximate. Its digits after the point, trailing zeros
+    aside, are part of it: a whole number is exact, however long (a float column writes one below 2^53 exactly, as
+    12345678901234.0), and a count of 13 digits or more scored 1 one off (1234567890124 against 1234567890123)."""
+    for m in _DECIMAL_DIGITS_RE.finditer(s):
+        whole, fraction = m.group(1), m.group(2).rstrip("0")
+        if fraction and len(whole) + len(fraction) >= 12:
+            return True
+    return False
 
 
 # A whole answer that is text in LaTeX: MATH's `\\text{Evelyn}`, `\\text{odd}`, `\\textbf{no}` (in `$…$` or not).
