@@ -996,6 +996,22 @@ def test_a_long_whole_number_is_exact(with_math_verify):
     assert _accuracy("1/3", f"{1 / 3!r}") == _accuracy("1.0000000000001", "1") == _accuracy("1", 1.0000000000000002) == 1.0
 
 
+def test_a_float32_gold_is_the_number_it_prints_as(with_math_verify):
+    # a float32 column (parquet, `datasets` Value("float32"), a numpy or torch format) reaches the reward as a double:
+    # 0.1 was 0.10000000149011612, which the answer 0.1 did not match (to 1e-12)
+    import random
+
+    import numpy as np
+    import torch
+
+    d = round(random.uniform(-1000, 1000), random.randrange(1, 4)) or 0.5
+    x = np.float32(d)
+    for gold in (float(x), x, np.array([x]), torch.tensor(d), [float(x)]):
+        assert _accuracy(str(d), gold) == 1.0, (d, gold)
+        assert _accuracy(str(round(d + 0.01, 3)), gold) == _accuracy(str(-d), gold) == 0.0, (d, gold)
+    assert _accuracy("1e20", float(np.float32(1e20))) == _accuracy("0.1", 0.1) == 1.0
+
+
 def test_without_math_verify_a_latex_comparison_warns_once(monkeypatch):
     from r1fast.rewards import matching
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import numbers
 import re
+import struct
 from typing import Any, Optional, Sequence
 
 # vote_key is read from here by the evaluation's cons@k
@@ -109,9 +110,29 @@ def gold_text(g) -> Optional[str]:
     one the answer "nan"."""
     if g is None or (isinstance(g, float) and math.isnan(g)):
         return None
-    g = str(g)
+    g = _low_precision_float_text(g) if isinstance(g, float) else str(g)
     g = extract_answer(g) or _gsm8k_final(g) or g
     return g if g.strip() else None
+
+
+def _low_precision_float_text(x: float) -> str:
+    """A float gold as text; a float32 value (a parquet or `datasets` float32 column, read as Python floats, or a numpy
+    or torch one, read by tolist) with the fewest digits that read back as it, as numpy prints it: written out as a
+    double, float32's 0.1 was 0.10000000149011612, which the answer 0.1 did not match (to 1e-12). A float with no more
+    digits than a float32 holds (9: 0.5, 100.0), or that no float32 holds (0.1, 1/3), is written as str does."""
+    text = repr(x)
+    if not math.isfinite(x) or len(text.split("e")[0].replace("-", "").replace(".", "").strip("0")) <= 9:
+        return str(x)
+    try:
+        if struct.unpack("f", struct.pack("f", x))[0] != x:
+            return text
+        for digits in range(1, 10):
+            short = f"{x:.{digits}g}"
+            if struct.unpack("f", struct.pack("f", float(short)))[0] == x:
+                return short
+    except OverflowError:   # a rounding past float32's largest
+        pass
+    return text
 
 
 # GSM8K's `answer` column is a worked solution whose last line is `#### 72`. Read whole, the answer was
