@@ -161,6 +161,30 @@ def test_configs_transformers_would_read_otherwise_are_refused():
     assert not ModelConfig.from_hf_config({**QWEN25_15B_INSTRUCT, "mlp_bias": True}).mlp_bias
 
 
+@pytest.mark.parametrize("rope", [
+    {"rope_type": "yarn", "factor": 4.0},
+    {"rope_type": "yarn", "factor": None, "original_max_position_embeddings": 8192},
+    {"type": "yarn", "factor": None, "beta_fast": 8},
+    {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0},
+], ids=["yarn-no-original", "yarn-null-factor", "yarn-neither", "llama3-no-original"])
+def test_agreeing_rope_scaling_and_rope_parameters_with_fallbacks_load(rope):
+    # The same yarn/llama3 dict under both keys, relying on transformers' fallbacks (original length from
+    # max_position_embeddings, a null yarn factor from max / original): both keys say the same, transformers loads
+    # it, and it was refused as "lacks key(s)" while the two were compared before the fallbacks were filled in.
+    raw = {**QWEN25_15B_INSTRUCT, "rope_scaling": dict(rope), "rope_parameters": {**rope, "rope_theta": 1e6}}
+    cfg = ModelConfig.from_hf_config(raw)
+    assert cfg == ModelConfig.from_hf_config({**QWEN25_15B_INSTRUCT, "rope_scaling": dict(rope)})
+    theirs = transformers.Qwen2Config.from_dict({k: v for k, v in raw.items() if k != "model_type"})
+    module = ROTARY["qwen2"](theirs)
+    positions = torch.tensor([0, 1, 100, 8191, 32767, 100000])
+    ref_cos, ref_sin = module(torch.zeros(1, dtype=torch.float32), positions[None])
+    cos, sin = RotaryEmbedding(cfg).cos_sin(positions, torch.float32)
+    assert torch.equal(cos, ref_cos[0]) and torch.equal(sin, ref_sin[0])
+    # a real disagreement is still refused once the fallbacks are filled in
+    with pytest.raises(ValueError, match="rope_scaling .* and rope_parameters .* disagree"):
+        ModelConfig.from_hf_config({**raw, "rope_parameters": {**rope, "rope_theta": 1e6, "factor": 2.0}})
+
+
 @pytest.mark.parametrize("base", [QWEN25_15B_INSTRUCT, QWEN3_06B], ids=["qwen2", "qwen3"])
 def test_sliding_layers_named_in_layer_types_set_the_window(base):
     # transformers takes each layer's attention from layer_types (which it saves) before max_window_layers;

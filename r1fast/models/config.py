@@ -233,7 +233,7 @@ class ModelConfig:
         _check_positive_number("rope_theta", rope_theta)
         rope_scaling = hf.get("rope_scaling") or rope_params
         _check_full_rotary(hf)
-        _check_rope_agrees(hf, rope_theta, defaults["rope_theta"])
+        _check_rope_agrees(hf, rope_theta, defaults)
         rope_scaling = _fill_rope_lengths(rope_scaling, hf, defaults)
         # transformers reads dtype, and torch_dtype (the older key) where dtype is absent or null
         dtype_name = hf["dtype"] if hf.get("dtype") is not None else hf.get("torch_dtype")
@@ -488,7 +488,7 @@ def _rope_theta_of(hf: dict, default_theta):
     return rope.get("rope_theta", hf.get("rope_theta", default_theta))
 
 
-def _check_rope_agrees(hf: dict, rope_theta, default_theta) -> None:
+def _check_rope_agrees(hf: dict, rope_theta, defaults: dict) -> None:
     """transformers 5 reads rope_scaling, when present, in place of rope_parameters (its rope_theta, else the
     top-level one), where transformers 4 read the top-level rope_theta beside it. A config.json whose rope_scaling
     says otherwise than the rope_parameters it replaces, or whose rope_scaling rope_theta differs from the top-level
@@ -504,13 +504,16 @@ def _check_rope_agrees(hf: dict, rope_theta, default_theta) -> None:
                              f"top-level rope_theta {top} (transformers 5 reads the first, 4.x the second); keep one")
     if not isinstance(params, dict):
         return
-    replaced = params.get("rope_theta", top if top is not None else default_theta)
+    replaced = params.get("rope_theta", top if top is not None else defaults["rope_theta"])
     _check_positive_number("rope_parameters rope_theta", replaced)
     if float(replaced) != float(rope_theta):
         raise ValueError(f"config.json's rope settings disagree: rope_parameters' rope_theta is {replaced} but "
                          f"transformers would read {rope_theta} (rope_scaling replaces rope_parameters there); put "
                          f"the same rope_theta in rope_scaling, or keep only one of rope_scaling / rope_parameters")
-    if _normalize_rope_scaling(scaling) != _normalize_rope_scaling(params):
+    # compared as transformers reads each, its fallbacks filled in: a yarn/llama3 dict without
+    # original_max_position_embeddings (or with a null yarn factor) is complete there, and both say the same
+    if _normalize_rope_scaling(_fill_rope_lengths(scaling, hf, defaults)) != \
+            _normalize_rope_scaling(_fill_rope_lengths(params, hf, defaults)):
         raise ValueError(f"config.json's rope_scaling {scaling} and rope_parameters {params} disagree; keep one")
 
 
