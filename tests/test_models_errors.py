@@ -90,6 +90,28 @@ def test_bad_config_values(change, message):
         ModelConfig.from_hf_config(hf)
 
 
+@pytest.mark.parametrize("rope", [{"rope_type": "linear", "factor": 2.0, "partial_rotary_factor": 0.5},
+                                  {"rope_type": "default", "partial_rotary_factor": 0.25}])
+def test_a_partial_rotary_factor_given_to_model_config_is_refused(rope):
+    # ModelConfig(...) took it and rotated every dimension, while its saved config.json (rope_parameters) told
+    # transformers to rotate part of each head: a checkpoint that loads there as another model
+    with pytest.raises(ValueError, match=f"rope_scaling partial_rotary_factor={rope['partial_rotary_factor']} is not "
+                                         r"supported \(only full rotary\)"):
+        ModelConfig(**{**TINY, "rope_scaling": rope})
+
+
+def test_rope_scaling_and_rope_parameters_differing_only_by_a_full_partial_rotary_factor_agree():
+    # transformers reads partial_rotary_factor 1.0 as no factor; the two dicts were refused as disagreeing
+    hf = ModelConfig(**TINY).to_hf_config(torch.float32)
+    hf["rope_scaling"] = {"rope_type": "linear", "factor": 2.0}
+    hf["rope_parameters"] = {"rope_type": "linear", "factor": 2.0, "rope_theta": hf["rope_theta"],
+                             "partial_rotary_factor": 1.0}
+    assert ModelConfig.from_hf_config(hf).rope_scaling == {"rope_type": "linear", "factor": 2.0}
+    hf["rope_parameters"]["partial_rotary_factor"] = 0.5   # what transformers 5 would not read: still refused
+    with pytest.raises(ValueError, match="partial_rotary_factor=0.5 is not supported"):
+        ModelConfig.from_hf_config(hf)
+
+
 @pytest.mark.parametrize("change", [
     {"partial_rotary_factor": 0.5, "rope_parameters": {"rope_type": "default", "rope_theta": 1e4,
                                                        "partial_rotary_factor": 1.0}},

@@ -591,6 +591,13 @@ def _normalize_rope_scaling(scaling) -> dict | None:
     scaling.pop("rope_theta", None)  # kept in ModelConfig.rope_theta
     rope_type = scaling.pop("rope_type", None) or scaling.pop("type", None) or "default"
     scaling.pop("type", None)
+    # r1fast rotates every dimension: a partial factor here would be saved (rope_parameters) for transformers to
+    # rotate part of each head, a different model; 1.0 says nothing, so that it compares equal to an absent one
+    partial = scaling.pop("partial_rotary_factor", None)
+    if partial is not None:
+        _check_positive_number("rope_scaling partial_rotary_factor", partial)
+        if partial != 1.0:
+            raise ValueError(f"rope_scaling partial_rotary_factor={partial} is not supported (only full rotary)")
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise ValueError(f"unsupported rope type {rope_type!r}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
     if rope_type == "default":
