@@ -555,6 +555,18 @@ def test_char_tokenizer_roundtrip_and_save(tmp_path):
         build_char_tokenizer(vocab_size=10)
 
 
+def test_a_tokenizer_loaded_from_a_folder_saves_the_config_it_was_loaded_from(tmp_path):
+    # transformers keeps how it loaded a tokenizer (is_local, local_files_only) among its options: a pipeline stage
+    # resumed after Ctrl-C, its tokenizer loaded from the previous stage's checkpoint, wrote them into its
+    # checkpoints' tokenizer_config.json, which the uninterrupted run's (its tokenizer in memory) lacked
+    from r1fast.models import load_tokenizer
+
+    build_char_tokenizer().save_pretrained(tmp_path / "first")
+    load_tokenizer(str(tmp_path / "first")).save_pretrained(tmp_path / "again")
+    written = [json.loads((tmp_path / name / "tokenizer_config.json").read_text()) for name in ("first", "again")]
+    assert written[1] == written[0] and "bos_token" in written[0]
+
+
 def test_arithmetic_task_is_consistent_and_seeded():
     rows = ArithmeticTask(teacher_noise=0.0).rows(50, seed=1)
     assert rows == ArithmeticTask().rows(50, seed=1)

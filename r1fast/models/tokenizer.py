@@ -41,6 +41,12 @@ def load_tokenizer(path):
                          f"tokenizers version, and tokenizer_config.json consistent with it?): "
                          f"{type(e).__name__}: {e}") from e
     _check_vocabulary(path, files, type(tokenizer))
+    # how it was loaded, which transformers keeps among the tokenizer's options and so writes into the
+    # tokenizer_config.json of every checkpoint saved with it: a pipeline stage resumed after a stop loads its
+    # tokenizer from the previous stage's checkpoint, where the uninterrupted run had it in memory, and its
+    # checkpoints differed from that run's by these two keys
+    for loading_option in ("is_local", "local_files_only"):
+        tokenizer.init_kwargs.pop(loading_option, None)
     return tokenizer
 
 
