@@ -2410,6 +2410,36 @@ def test_sigterm_in_the_evaluation_between_stages_stops_before_the_next(tmp_path
     assert "cold (sft): done in the earlier run, skipped" in capsys.readouterr().out
 
 
+def test_sigterm_in_a_stages_final_save_stops_before_the_next_stage(tmp_path, monkeypatch, capsys, sigterm_guard):
+    # a stop the trainer's handler took in the stage's last checkpoint save (after its last step) was the trainer's
+    # alone: the stage returned as finished and the pipeline ran every later stage, as if nothing had been asked
+    import signal
+
+    from r1fast.trainer.sft import SFTTrainer
+
+    spec = tmp_path / "p.yaml"
+    spec.write_text("name: p\nmodel: builtin:micro\nprogress_bar: false\nstages:\n" + "".join(
+        f"  - {{name: {name}, type: sft, dataset: builtin:arithmetic, num_rows: 8,\n"
+        f"     config: {{max_steps: 1, per_device_train_batch_size: 4}}}}\n" for name in ("a", "b")))
+    save = SFTTrainer.save
+
+    def sigterm_in_stage_a_save(self):
+        if self.stage == "a":
+            signal.raise_signal(signal.SIGTERM)
+        return save(self)
+
+    monkeypatch.setattr(SFTTrainer, "save", sigterm_in_stage_a_save)
+    run = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        run_pipeline(str(spec), [f"output_dir={run}"])
+    assert "interrupted before stage 'b'" in capsys.readouterr().out
+    state = json.loads((run / "pipeline_state.json").read_text())
+    assert list(state["stages"]) == ["a"] and state["stages"]["a"]["finished"] and not (run / "b").exists()
+    monkeypatch.setattr(SFTTrainer, "save", save)
+    summary = run_pipeline(str(spec), [f"output_dir={run}"], resume=True)
+    assert [s["stage"] for s in summary["stages"]] == ["a", "b"]
+
+
 def test_a_stage_whose_checkpoint_replacement_was_killed_resumes_from_it(tmp_path, capsys):
     # killed in a save that replaced the stage's last checkpoint, between its two renames: the complete
     # .checkpoint-N.old-<pid> was not seen, the stage started over, and its trainer (which puts the old one
