@@ -2440,6 +2440,33 @@ def test_sigterm_in_a_stages_final_save_stops_before_the_next_stage(tmp_path, mo
     assert [s["stage"] for s in summary["stages"]] == ["a", "b"]
 
 
+def test_sigterm_while_a_stages_trainer_starts_stops_it_at_its_first_step(tmp_path, monkeypatch, capsys, sigterm_guard):
+    # a stop the pipeline's handler took while a stage's trainer was starting (loading its checkpoint, before the
+    # trainer's own handler) was the pipeline's alone: the stage trained all its steps before the run stopped
+    import signal
+
+    from r1fast.trainer import sft
+
+    spec = tmp_path / "p.yaml"
+    spec.write_text("name: p\nmodel: builtin:micro\nprogress_bar: false\nstages:\n"
+                    "  - {name: a, type: sft, dataset: builtin:arithmetic, num_rows: 8,\n"
+                    "     config: {max_steps: 3, per_device_train_batch_size: 4, logging_steps: 1}}\n")
+    start_run = sft.start_run
+
+    def sigterm_as_it_starts(trainer, resume):
+        signal.raise_signal(signal.SIGTERM)
+        return start_run(trainer, resume)
+
+    monkeypatch.setattr(sft, "start_run", sigterm_as_it_starts)
+    run = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        run_pipeline(str(spec), [f"output_dir={run}"])
+    assert "interrupted at step 1" in capsys.readouterr().out
+    assert sorted(os.listdir(run / "a")) == [".r1fast.lock", "checkpoint-1", "metrics.jsonl"]
+    monkeypatch.setattr(sft, "start_run", start_run)
+    assert run_pipeline(str(spec), [f"output_dir={run}"], resume=True)["stages"][0]["steps"] == 3
+
+
 def test_a_stage_whose_checkpoint_replacement_was_killed_resumes_from_it(tmp_path, capsys):
     # killed in a save that replaced the stage's last checkpoint, between its two renames: the complete
     # .checkpoint-N.old-<pid> was not seen, the stage started over, and its trainer (which puts the old one

@@ -763,11 +763,18 @@ _STOP_SIGNALS = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}  # SIGTERM:
 _PYTHON_DEFAULT = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
 
 
+# the objects whose stop_handlers are open, outermost first: a pipeline's, then its running stage's trainer's
+_STOPPABLE: list = []
+
+
 @contextlib.contextmanager
 def stop_handlers(trainer, finishing: Callable[[], str] = lambda: "finishing this step and writing a checkpoint"):
     """While open, the first Ctrl-C or SIGTERM sets trainer._stop_requested: finish the current step, write a
     checkpoint, stop (`finishing` says what is finished: a pipeline's own handler, between its stages, finishes
-    other work). Second: stop at once. The handlers before are put back on exit."""
+    other work). Second: stop at once. The handlers before are put back on exit. Opened inside another's (a
+    pipeline's stage trainer), a stop is both's: one the pipeline took while the trainer was starting (loading its
+    checkpoint) stops the trainer at its first step, and one the trainer took after its last (in its final save)
+    stops the pipeline before the next stage; each went unseen by the other, and the run trained on."""
     import threading
 
     if threading.current_thread() is not threading.main_thread():   # only the main thread may set handlers
@@ -777,16 +784,21 @@ def stop_handlers(trainer, finishing: Callable[[], str] = lambda: "finishing thi
     def handler(signum, frame):
         if trainer._stop_requested:
             raise KeyboardInterrupt
-        trainer._stop_requested = True
+        for stoppable in (*_STOPPABLE, trainer):
+            stoppable._stop_requested = True
         name = _STOP_SIGNALS[signum]
         print(f"\nr1fast: {name}: {finishing()} ({name} again to abort)", flush=True)
 
     previous = {sig: signal.getsignal(sig) for sig in _STOP_SIGNALS}
     for sig in _STOP_SIGNALS:
         signal.signal(sig, handler)
+    if any(getattr(outer, "_stop_requested", False) for outer in _STOPPABLE):
+        trainer._stop_requested = True
+    _STOPPABLE.append(trainer)
     try:
         yield
     finally:
+        _STOPPABLE.pop()   # this one: opened last, closed first
         for sig, before in previous.items():
             # None: a handler installed from C, which Python cannot put back; Python's own then, since leaving
             # ours would keep turning signals into stop requests of a trainer whose run has ended

@@ -969,10 +969,6 @@ class PipelineRunner:
         if res.get("interrupted"):
             self.save_state()
             raise KeyboardInterrupt
-        if trainer._stop_requested:
-            # a stop the trainer's own handler took after its last step (in its final save): the stage is done,
-            # and the run stops before the next one (_stop_if_requested), where it went on through every later stage
-            self._stop_requested = True
         record["checkpoint"] = self._in_run(res["checkpoint"])
         record["nonfinite_skipped"] = res["nonfinite_skipped"]
         return trainer.global_step
