@@ -602,6 +602,19 @@ def test_bad_requests_raise_clear_errors(models, prompts):
     assert engine.generate([], SamplingParams()) == []
 
 
+def test_an_integer_temperature_past_int64_samples_as_its_float_does(models, prompts):
+    # SamplingParams took temperature=2**70 (a finite number >= 1e-5) and generate() then failed in the
+    # sampler's division with "OverflowError: int too big to convert"
+    _, model = models
+    engine = Engine(model, block_size=4, num_blocks=16)
+    params = dict(n=2, max_tokens=4, seed=3)
+    got = engine.generate([prompts[1]], SamplingParams(temperature=2**70, **params))
+    assert got == engine.generate([prompts[1]], SamplingParams(temperature=float(2**70), **params))
+    assert SamplingParams(temperature=2**70).temperature == float(2**70)
+    with pytest.raises(ValueError, match="temperature must be 0 .greedy. or a finite number"):
+        SamplingParams(temperature=10**400)   # past float's range
+
+
 @pytest.mark.parametrize("backend", ["torch", "reference"])
 def test_a_near_tie_that_rounding_reorders_draws_the_same_token(backend):
     """With top-k/top-p the draw walked the kept tokens in rank order: two tokens whose logits differ by

@@ -40,6 +40,15 @@ class SamplingParams:
             if is_int(getattr(self, name)):
                 object.__setattr__(self, name, int(getattr(self, name)))
 
+        # Python floats: an int past int64 (temperature=2**70) passed the checks below and then failed in the
+        # sampler's division, "OverflowError: int too big to convert"; one past float's range is not finite
+        for name in ("temperature", "top_p", "min_p"):
+            if is_num(getattr(self, name)):
+                try:
+                    object.__setattr__(self, name, float(getattr(self, name)))
+                except OverflowError:
+                    object.__setattr__(self, name, float("inf"))
+
         if not is_int(self.n) or self.n < 1:
             raise ValueError(f"SamplingParams: n must be an int >= 1, got {self.n!r}")
         if not is_num(self.temperature) or not (self.temperature == 0 or MIN_TEMPERATURE <= self.temperature < float("inf")):
