@@ -192,6 +192,25 @@ def test_sampling_params_take_numpy_ints_as_ints():
     assert SamplingParams(seed=2**64 - 1).seed == 2**64 - 1 and SamplingParams(seed=-2**63).seed == -2**63
 
 
+def test_sampling_params_take_any_real_number_as_a_float():
+    # a Fraction passed the checks and then failed inside every sampling backend with a bare TypeError
+    from fractions import Fraction
+
+    from r1fast import ops
+
+    p = SamplingParams(temperature=Fraction(1, 2), top_p=Fraction(3, 4), min_p=np.float16(0.5))
+    assert (p.temperature, p.top_p, p.min_p) == (0.5, 0.75, 0.5)
+    assert all(type(v) is float for v in (p.temperature, p.top_p, p.min_p))
+    with pytest.raises(ValueError, match="temperature must be 0"):
+        SamplingParams(temperature=10**400)  # past float's range: refused, not an OverflowError
+    z = torch.randn(3, 20, generator=torch.Generator().manual_seed(0))
+    u = torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)
+    want = ops.sample_tokens(z, SamplingParams(temperature=0.5, top_p=0.75, min_p=0.5), u, backend="reference")
+    for backend in ("reference", "torch"):
+        got = ops.sample_tokens(z, p, u, backend=backend)
+        assert torch.equal(got[0], want[0]) and torch.allclose(got[1], want[1])
+
+
 @pytest.mark.parametrize("params", [dict(top_k=2), dict(top_k=1), dict(top_p=1e-9), dict(top_k=3, top_p=0.5)])
 def test_tied_probabilities_keep_vocabulary_order_under_top_k_and_top_p(params):
     # topk and an unstable sort ordered ties arbitrarily: top_k=1 on a tied maximum was not greedy's

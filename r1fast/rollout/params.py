@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
 from typing import Sequence
 
@@ -36,9 +37,20 @@ class SamplingParams:
         def is_num(x):
             return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
+        def as_float(x):  # an int past float's range (10**400) is out of every range checked below
+            try:
+                return float(x)
+            except OverflowError:
+                return math.inf if x > 0 else -math.inf
+
         for name in ("n", "top_k", "max_tokens", "seed"):  # numpy ints as plain ints (hashing, C++ calls)
             if is_int(getattr(self, name)):
                 object.__setattr__(self, name, int(getattr(self, name)))
+        # other real numbers as plain floats: a Fraction passed these checks, then every backend failed on
+        # `logits / temperature` with a bare TypeError (the Triton one took a Fraction min_p)
+        for name in ("temperature", "top_p", "min_p"):
+            if is_num(getattr(self, name)):
+                object.__setattr__(self, name, as_float(getattr(self, name)))
 
         # Python floats: an int past int64 (temperature=2**70) passed the checks below and then failed in the
         # sampler's division, "OverflowError: int too big to convert"; one past float's range is not finite
