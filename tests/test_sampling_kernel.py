@@ -167,6 +167,22 @@ def test_greedy_takes_the_first_of_tied_maxima(impl, device):
     assert_logprobs_ok(lp.cpu(), got.cpu(), z, SamplingParams(temperature=0), impl)
 
 
+@pytest.mark.parametrize("backend", ["reference", "torch", "triton"])
+def test_greedy_on_float64_logits_takes_the_float64_argmax(backend, device):
+    # the Triton kernel read float64 logits as fp32, where maxima a few 1e-12 apart tie: it took the
+    # first of them, the other backends the larger one
+    if backend not in backends.available("sample_tokens", device):
+        pytest.skip(f"{backend} unavailable")
+    z = make_logits("normal", 3, V, 9, "cpu").double()
+    z[0, 10], z[0, 200] = 20.0, 20.0 + 1e-12   # the larger one later, in another block
+    z[1, 5], z[1, 6] = 20.0 + 1e-12, 20.0      # the larger one first
+    z[2, 100], z[2, 299] = 20.0, 20.0 + 4e-15  # one float64 ulp apart, the last entry larger
+    assert z.float()[0, 10] == z.float()[0, 200] and z[2, 100] < z[2, 299]  # tied in fp32, not in float64
+    got, lp = ops.sample_tokens(z.to(device), SamplingParams(temperature=0), backend=backend)
+    assert got.tolist() == [200, 5, 299]
+    assert_logprobs_ok(lp.cpu(), got.cpu(), z, SamplingParams(temperature=0), backend)
+
+
 def _min_p_trap(device):
     """Rows whose kept tokens (p >= 0.5 p_max) are a few scattered ones; every other token sits just
     below the threshold and together they hold most of the mass: a cumulative sum that rounds past

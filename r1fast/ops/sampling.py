@@ -13,7 +13,7 @@ backends:
     reference  float64 torch, materialises everything (the test oracle)
     torch      r1fast.rollout.sampler.sample (fp32; the CPU path, bit for bit what the engine did)
     triton     kernels/sampling.py for temperature / min-p / greedy (one or two passes over the
-               row); params with top-k or top-p go to the torch backend
+               row); params with top-k or top-p, and float64 logits, go to the torch backend
 Backends agree up to float rounding at the edges of a token's CDF interval: a u whose target lies
 within rounding of the boundary between two tokens may pick either.
 """
@@ -115,7 +115,9 @@ def _sample_torch(logits, params, u):
 
 @backends.register("sample_tokens", "triton")
 def _sample_triton(logits, params, u):
-    if _uses_sort(params, logits.shape[1]):
+    # float64 logits too: the kernel reads fp32, where two maxima a rounding step apart tie and greedy
+    # took the first of them, not the float64 argmax the other backends take
+    if _uses_sort(params, logits.shape[1]) or logits.dtype == torch.float64:
         return _sample_torch(logits, params, u)
     from r1fast.kernels import sampling as kernel
 
