@@ -46,20 +46,12 @@ class SamplingParams:
         for name in ("n", "top_k", "max_tokens", "seed"):  # numpy ints as plain ints (hashing, C++ calls)
             if is_int(getattr(self, name)):
                 object.__setattr__(self, name, int(getattr(self, name)))
-        # other real numbers as plain floats: a Fraction passed these checks, then every backend failed on
-        # `logits / temperature` with a bare TypeError (the Triton one took a Fraction min_p)
+        # other real numbers as plain floats: a Fraction passed the checks below, then every backend failed on
+        # `logits / temperature` with a bare TypeError (the Triton one took a Fraction min_p), and an int past
+        # int64 (temperature=2**70) failed in the sampler's division, "OverflowError: int too big to convert"
         for name in ("temperature", "top_p", "min_p"):
             if is_num(getattr(self, name)):
                 object.__setattr__(self, name, as_float(getattr(self, name)))
-
-        # Python floats: an int past int64 (temperature=2**70) passed the checks below and then failed in the
-        # sampler's division, "OverflowError: int too big to convert"; one past float's range is not finite
-        for name in ("temperature", "top_p", "min_p"):
-            if is_num(getattr(self, name)):
-                try:
-                    object.__setattr__(self, name, float(getattr(self, name)))
-                except OverflowError:
-                    object.__setattr__(self, name, float("inf"))
 
         if not is_int(self.n) or self.n < 1:
             raise ValueError(f"SamplingParams: n must be an int >= 1, got {self.n!r}")
