@@ -67,6 +67,29 @@ def _metrics(path):
     return [{k: v for k, v in r.items() if k not in TIMING_KEYS and not k.startswith("time/")} for r in rows]
 
 
+def test_a_reward_drawing_from_the_global_generators_gives_the_same_numbers_in_two_runs_of_one_seed(tmp_path):
+    import random
+
+    import numpy as np
+
+    def noisy(prompts, completions, **kw):   # a user's reward with noise from Python's, numpy's and torch's globals
+        return [random.random() + float(np.random.rand()) + float(torch.rand(())) for _ in completions]
+
+    rewards = []
+    for name in ("a", "bb"):
+        model, tok = tiny_model()
+        cfg = GRPOConfig(learning_rate=3e-2, per_device_train_batch_size=32, num_generations=8, max_steps=2,
+                         max_completion_length=6, output_dir=str(tmp_path / name), progress_bar=False, seed=3,
+                         logging_steps=1)
+        random.seed(len(name))   # the caller's generators in other states before each run
+        np.random.seed(len(name))
+        torch.manual_seed(len(name))
+        tr = GRPOTrainer(model, [noisy], ROWS, cfg, tokenizer=tok)
+        tr.train()
+        rewards.append([h["reward"] for h in tr.history])
+    assert rewards[0] == rewards[1]
+
+
 def test_resume_is_bit_identical(tmp_path):
     kw = dict(max_steps=6, save_steps=2, learning_rate=3e-3, num_iterations=2, gradient_accumulation_steps=2,
               per_device_train_batch_size=8, lr_scheduler_type="cosine", warmup_steps=2, beta=0.05, weight_decay=0.1)

@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import os
+import random
 import re
 import sys
 import warnings
@@ -727,6 +728,16 @@ def option_change_note(state, new_config: dict, step: int, data_sha256: Optional
             f"checkpoint's)")
 
 
+def seed_global_generators(seed: int) -> None:
+    """Python's `random`, numpy's and torch's global generators from the run's seed, as a fresh run starts (as
+    transformers' set_seed does for TRL's trainers). r1fast's own draws take their seeds from the config, but a
+    user's reward function or dataset code drawing from `random` or numpy gave other numbers in two runs of one
+    seed, though a resume puts those generators back as the checkpoint saved them."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)   # every CUDA device's too
+
+
 def start_run(trainer, resume):
     """Resume `trainer` from a checkpoint when asked, then open its metrics log and progress bar.
 
@@ -764,6 +775,7 @@ def start_run(trainer, resume):
         # had drawn its prompts, which the new start skipped, and counted its tokens; no optimizer step had run
         trainer.cursor = DataCursor(trainer.cursor.n, trainer.cursor.seed)
         trainer.num_tokens = 0
+        seed_global_generators(cfg.seed)
     resume_path = ckpt.resolve_resume(resume, trainer.run_dir)
     if resume_path:
         ckpt.resume_into(trainer.run_dir, resume_path, cfg.overwrite_output_dir)
