@@ -713,29 +713,125 @@ def _math_verify_verdict(predicted: str, gold: str) -> bool:
 # Given to it (x = ..., (...), a unit outside _UNIT_BASES: 6.6 \\times 10^{-34} \\text{ J·s}), -6.6 \\times 10^{-34} and
 # 7.7 \\times 10^{-34} scored 1 against 6.6 \\times 10^{-34}, and 0.00000066 apples against 0.00000077 apples. Two numbers
 # further apart than this share of the larger are two answers, whatever it says; at or above 0.001 its rounding is
-# within it, so only the verdicts on smaller numbers change.
+# within it, so only the verdicts on smaller numbers change. So are two tuples, sets, intervals, matrices, relations or
+# sums holding such numbers in the same place (_far_apart): (1, 6.6 \\times 10^{-27}) scored 1 against
+# (1, 7.7 \\times 10^{-27}), x + 6.6 \\times 10^{-27} against x + 7.7 \\times 10^{-27}.
 _MAX_RELATIVE_GAP = 1e-3
+# how deep _far_apart follows structures within structures (a set of tuples is 2)
+_MAX_GUARD_DEPTH = 4
 
 
 def _values_far_apart(gold_parsed, pred_parsed) -> bool:
-    """Whether two of math-verify's readings are real numbers (or `x = number`) further apart than _MAX_RELATIVE_GAP of
-    the larger; False where either is something else (an expression with variables, a set, a tuple, a complex number)."""
-    a, b = _real_value(gold_parsed), _real_value(pred_parsed)
-    if a is None or b is None:
+    """Whether two of math-verify's readings hold two real numbers (or `x = number`) further apart than
+    _MAX_RELATIVE_GAP of the larger, alone or in the same place of one structure (_far_apart)."""
+    return _far_apart(gold_parsed[0] if gold_parsed else None, pred_parsed[0] if pred_parsed else None)
+
+
+def _far_apart(a, b, depth: int = 0) -> bool:
+    """Whether `a` and `b`, two sympy readings, differ by a number further apart than _MAX_RELATIVE_GAP where their
+    structure is clear: two real constants; two tuples, intervals or matrices of one size, element by element (an
+    interval is its ends); two sets of one size (or a set and a value), by an element of one with no element of the
+    other near it, whatever their order; two relations of one kind, side by side and sides swapped (a < b is b > a);
+    two sums or products with the same terms, coefficient by coefficient (x + 6.6e-27 against x + 7.7e-27). False
+    where it is unclear (other shapes, other terms): math-verify's verdict stands there."""
+    a, b = _assigned_value(a), _assigned_value(b)
+    x, y = _real_value(a), _real_value(b)
+    if x is not None and y is not None:
+        return bool(abs(x - y) > _MAX_RELATIVE_GAP * max(abs(x), abs(y)))
+    if depth >= _MAX_GUARD_DEPTH:
         return False
-    return bool(abs(a - b) > _MAX_RELATIVE_GAP * max(abs(a), abs(b)))
+    members_a, members_b = _members(a), _members(b)
+    if members_a is not None or members_b is not None:
+        (ordered_a, items_a), (ordered_b, items_b) = members_a or (False, [a]), members_b or (False, [b])
+        if len(items_a) != len(items_b):
+            return False
+        if ordered_a and ordered_b:
+            return any(_far_apart(u, v, depth + 1) for u, v in zip(items_a, items_b))
+        return (any(all(_far_apart(u, v, depth + 1) for v in items_b) for u in items_a)
+                or any(all(_far_apart(u, v, depth + 1) for u in items_a) for v in items_b))
+    from sympy import Basic
+    from sympy.core.relational import Relational
+
+    if isinstance(a, Relational) and isinstance(b, Relational):
+        # a relation matches one of its kind side by side, and b > a matches a < b (and a = b b = a): each way that
+        # lines them up with one side the same must part them by the other
+        verdicts = [_other_sides_far(a.lhs, a.rhs, *sides) for op, sides in
+                    ((b.rel_op, (b.lhs, b.rhs)), (b.reversed.rel_op, (b.rhs, b.lhs))) if op == a.rel_op]
+        return any(v is not None for v in verdicts) and all(v is not False for v in verdicts)
+    if isinstance(a, Basic) and isinstance(b, Basic) and (a.is_Add or a.is_Mul) and (b.is_Add or b.is_Mul):
+        coefficients_a, coefficients_b = _coefficients(a), _coefficients(b)
+        if coefficients_a.keys() != coefficients_b.keys():
+            return False
+        # terms that are not independent (sin^2 x + cos^2 x + 1 is 2 sin^2 x + 2 cos^2 x) may differ by coefficient
+        # and be one value: that is left to sympy
+        return (any(_far_apart(coefficients_a[term], coefficients_b[term], depth + 1) for term in coefficients_a)
+                and not _simplifies_to_zero(a - b))
+    return False
+
+
+def _coefficients(expr) -> dict:
+    """A sum's (or a product's) terms without their numbers, each with its number: x^2 + 1.6 \\times 10^{-28} is
+    {x^2: 1, 1: 1.6e-28} (its 10^{-28} is a number, not a term), 2i + 3 (the imaginary unit) {i: 2, 1: 3}."""
+    from sympy import I
+
+    symbols = expr.free_symbols or {I}
+    out: dict = {}
+    for term in expr.args if expr.is_Add else (expr,):
+        number, rest = term.as_independent(*symbols, as_Add=False)
+        out[rest] = out.get(rest, 0) + number
+    return out
+
+
+def _other_sides_far(lhs_a, rhs_a, lhs_b, rhs_b) -> Optional[bool]:
+    """For two relations lined up (lhs_a with lhs_b): whether, one side being the same, the other sides are real numbers
+    far apart (x < 6.6e-27 and x < 7.7e-27 hold apart); None where no side is the same or the others are not numbers
+    (x + y = 2x + 2y is 2x + 2y = 4x + 4y)."""
+    for same, other_a, other_b in ((lhs_a == lhs_b, rhs_a, rhs_b), (rhs_a == rhs_b, lhs_a, lhs_b)):
+        x, y = (_real_value(other_a), _real_value(other_b)) if same else (None, None)
+        if x is not None and y is not None:
+            return bool(abs(x - y) > _MAX_RELATIVE_GAP * max(abs(x), abs(y)))
+    return None
+
+
+def _simplifies_to_zero(expr) -> bool:
+    from sympy import simplify
+
+    try:
+        return bool(simplify(expr).is_zero)
+    except Exception:   # sympy failing on an odd expression: no sign that they are one value
+        return False
+
+
+def _assigned_value(expr):
+    """The value of `x = value` (a symbol equated to it), else `expr`: math-verify compares such an answer by its value."""
+    from sympy import Eq, Symbol
+
+    return expr.rhs if isinstance(expr, Eq) and isinstance(expr.lhs, Symbol) else expr
+
+
+def _members(expr):
+    """(whether their order counts, the members) of a tuple, an interval (its ends), a matrix (its shape, then its
+    entries), a set or a union; None for anything else."""
+    from sympy import FiniteSet, Interval, MatrixBase, Tuple, Union
+
+    if isinstance(expr, Tuple):
+        return True, list(expr.args)
+    if isinstance(expr, Interval):
+        return True, [expr.start, expr.end]
+    if isinstance(expr, MatrixBase):
+        return True, [*expr.shape, *expr]
+    if isinstance(expr, (FiniteSet, Union)):
+        return False, list(expr.args)
+    return None
 
 
 def _real_value(parsed):
-    """The value of a reading that is a constant (or a symbol equated to one), to 30 digits; None for anything else."""
-    from sympy import Basic, Eq, Symbol
+    """The value of an expression that is a real constant, to 30 digits; None for anything else."""
+    from sympy import Basic
 
-    expr = parsed[0] if parsed else None
-    if isinstance(expr, Eq) and isinstance(expr.lhs, Symbol):
-        expr = expr.rhs
-    if not isinstance(expr, Basic) or not expr.is_number:
+    if not isinstance(parsed, Basic) or not parsed.is_number:
         return None
-    value = expr.evalf(30)
+    value = parsed.evalf(30)
     return value if value.is_real and value.is_finite else None
 
 

@@ -1,0 +1,47 @@
+"""Answer matching's guard against math-verify's rounding of tiny numbers, inside structures; percentages against
+LaTeX; 16-bit float golds."""
+import random
+
+import pytest
+
+from r1fast.rewards import accuracy_reward, answers_match
+
+
+def _accuracy(answer, gold):
+    return accuracy_reward(["p"], [f"<think>x</think><answer>{answer}</answer>"], answer=[gold])[0]
+
+
+def _tiny_pair():
+    """Two numbers below a millionth, further apart than 0.1%, as LaTeX: math-verify takes them for one."""
+    m, e = random.randrange(11, 99) / 10, random.randrange(-40, -8)
+    other = round(m + random.choice([-1, 1]) * random.randrange(2, 9) / 10, 1)
+    return f"{m} \\times 10^{{{e}}}", f"{other} \\times 10^{{{e}}}", f"{m}e{e}"
+
+
+def test_tiny_numbers_apart_in_a_structure_are_different_answers():
+    # math-verify rounds numbers to 6 places and chops tiny differences: (1, 6.6 \\times 10^{-27}) scored 1 against
+    # (1, 7.7 \\times 10^{-27}), and so did sets, intervals, matrices, inequalities and sums holding them
+    pytest.importorskip("math_verify")
+    value, other, _ = _tiny_pair()
+    k = random.randrange(2, 9)
+    shapes = [lambda v: f"({k}, {v})", lambda v: f"\\{{{v}, {k}\\}}", lambda v: f"[{v}, {k}]", lambda v: f"({v}, {k}]",
+              lambda v: f"x + {v}", lambda v: f"x^2 - {k}x + {v}", lambda v: f"y \\le {v}", lambda v: f"x = {v}, y = {k}",
+              lambda v: f"\\begin{{pmatrix}} {v} \\\\ {k} \\end{{pmatrix}}", lambda v: f"\\{{({k}, {v}), (1, 2)\\}}"]
+    for shape in shapes:
+        a, b = shape(value), shape(other)
+        assert not answers_match(a, b) and not answers_match(b, a), (a, b)
+        assert answers_match(a, shape(value)), a
+
+
+def test_the_guard_in_a_structure_keeps_right_matches():
+    # the same numbers written otherwise, math-verify's own rounding of larger ones, a set in another order, a relation
+    # turned round, and expressions that are one value though their coefficients differ
+    pytest.importorskip("math_verify")
+    value, _, _ = _tiny_pair()
+    k = random.randrange(2, 9)
+    for a, b in ((f"({k}, {value})", f"({k}, {value})"), (f"\\{{{value}, {k}\\}}", f"\\{{{k}, {value}\\}}"),
+                 (f"({k}, 0.333333)", f"({k}, \\frac{{1}}{{3}})"), (f"\\{{0.5, {k}\\}}", f"\\{{{k}, \\frac{{1}}{{2}}\\}}"),
+                 ("x + \\frac{1}{4}", "x + 0.25"), (f"{value} > y", f"y < {value}"),
+                 ("x + y = 2x + 2y", "2x + 2y = 4x + 4y"), ("\\sin^2 x + \\cos^2 x + 1", "2\\sin^2 x + 2\\cos^2 x"),
+                 (f"[0.785398, {k}]", f"[\\frac{{\\pi}}{{4}}, {k}]")):
+        assert answers_match(a, b) and answers_match(b, a), (a, b)
