@@ -45,3 +45,31 @@ def test_the_guard_in_a_structure_keeps_right_matches():
                  ("x + y = 2x + 2y", "2x + 2y = 4x + 4y"), ("\\sin^2 x + \\cos^2 x + 1", "2\\sin^2 x + 2\\cos^2 x"),
                  (f"[0.785398, {k}]", f"[\\frac{{\\pi}}{{4}}, {k}]")):
         assert answers_match(a, b) and answers_match(b, a), (a, b)
+
+
+def test_a_percentage_against_latex_is_its_number_or_its_hundredth(with_math_verify):
+    # against a plain number a percentage was its number or its hundredth, against a LaTeX fraction whatever math-verify
+    # made of it: 0.00002\\% matched \\frac{1}{10^7} (its rounding, which the guard was off for with a % sign); and a thin
+    # space before the sign (siunitx's 25\\,\\%) made it no percentage: 0 against 0.25, though 1 against 25
+    p = random.randrange(1, 99)
+    for space in ("\\,", "~", "\\;", " "):
+        assert _accuracy(f"{p}{space}\\%", str(p / 100)) == _accuracy(f"{p}{space}\\%", str(p)) == 1.0, space
+        assert _accuracy(f"{p + 1}{space}\\%", str(p / 100)) == 0.0, space
+    if not with_math_verify:
+        return
+    for a, b in ((f"{p}\\%", f"\\frac{{{p}}}{{100}}"), (f"{p}\\%", f"\\frac{{{p}}}{{1}}"), ("33.333333\\%", "\\frac{1}{3}"),
+                 (f"{p}\\,\\%", f"\\frac{{{p}}}{{100}}"), ("0.0001\\%", "\\frac{1}{10^{6}}")):
+        assert _accuracy(a, b) == _accuracy(b, a) == 1.0, (a, b)
+    for a, b in ((f"{p + 1}\\%", f"\\frac{{{p}}}{{100}}"), ("0.00002\\%", "\\frac{1}{10^{7}}"), ("0.0002\\%", "\\frac{1}{10^{6}}")):
+        assert _accuracy(a, b) == _accuracy(b, a) == 0.0, (a, b)
+
+
+@pytest.fixture(params=[True, False], ids=["math_verify", "no_math_verify"])
+def with_math_verify(request, monkeypatch):
+    import sys
+
+    if request.param:
+        pytest.importorskip("math_verify")
+    else:
+        monkeypatch.setitem(sys.modules, "math_verify", None)
+    return request.param

@@ -459,8 +459,20 @@ def _percentage(s: str) -> Optional[Fraction]:
     s = _unwrapped(_without_full_stop(s))
     if not s.endswith("%"):
         return None
-    s = s[:-1]
-    return _as_number(s[:-1] if s.endswith("\\") else s)
+    s = _without_trailing_latex_spacing(s[:-2] if s.endswith("\\%") else s[:-1])
+    return _as_number(s)
+
+
+def _without_trailing_latex_spacing(s: str) -> str:
+    """`s` without the spaces, ~ and LaTeX space commands it ends with: the thin space of 25\\,\\% (as siunitx sets a
+    percentage), which read as no percentage scored 0 against 0.25, though 1 against 25."""
+    while True:
+        if s.endswith(("\\,", "\\;", "\\:", "\\!", "\\ ")):
+            s = s[:-2]
+        elif s.endswith("~") or s[-1:].isspace():
+            s = s[:-1]
+        else:
+            return s
 
 
 # LaTeX's spacing, which math mode ignores: its space commands, \\left and \\right, and spaces, but the one that ends a
@@ -506,8 +518,9 @@ def _without_call_spacing(s: str) -> str:
 
 def answers_match(predicted: str, gold: str) -> bool:
     """Exact text match, then numeric match (1/2 == 0.5, 1,000 == 1000, 6.02 \\times 10^{23} == 6.02e23; a
-    float-length decimal equals what it approximates to 1e-12; a percentage against a plain number is its number
-    or its hundredth: 12.5\\% == 12.5 == 0.125), then math-verify when installed. Markdown around a whole answer is
+    float-length decimal equals what it approximates to 1e-12; a percentage against a plain number, or through math-verify
+    against a LaTeX one, is its number or its hundredth: 12.5\\% == 12.5 == 0.125 == \\frac{1}{8}), then math-verify
+    when installed. Markdown around a whole answer is
     not part of it (`**5**` is 5); a relation sign opening it is (`\\neq 5` is not 5; `\\le 5` is `≤ 5.0`), so is an SI
     unit against another (`250 mL` is not `250 L`, though `0.25 L` is: prefixes compare by value; against a number alone
     it is its number), and so is the case of a math answer's variables (`x+1` is not `X+1`; words and choice letters
@@ -552,7 +565,36 @@ def answers_match(predicted: str, gold: str) -> bool:
     if cases_apart is None:
         return False
     predicted, gold = _as_math_verify_number(cases_apart[0], a), _as_math_verify_number(cases_apart[1], b)
-    return predicted is not None and gold is not None and _math_verify_match(predicted, gold)
+    if predicted is None or gold is None:
+        return False
+    # a percentage against math (a LaTeX fraction, an expression) is its number or its hundredth, as against a plain
+    # number: given with its % sign, math-verify took 0.00002\\% for 10^{-7} (its rounding: _values_far_apart)
+    return any(_math_verify_match(p, g) for p in _percentage_readings(predicted, percent_a)
+               for g in _percentage_readings(gold, percent_b))
+
+
+def _percentage_readings(s: str, percent: Optional[Fraction]) -> list[str]:
+    """`s` itself where it is no percentage (percent None); else its number and its hundredth, as decimals where they are
+    (math-verify compares a decimal to 6 places: 33.333333\\% is 1/3) and as fractions where not."""
+    if percent is None:
+        return [s]
+    return [text for text in (_exact_text(percent), _exact_text(percent / 100)) if text is not None]
+
+
+def _exact_text(value: Fraction) -> Optional[str]:
+    """`value` as a decimal where it is one (1/8: 0.125), else as \\frac{}{}; None past Python's int-to-text limit."""
+    sign, value = ("-" if value < 0 else ""), abs(value)
+    denominator, places = value.denominator, 0
+    while denominator % 10 == 0 or denominator % 2 == 0 or denominator % 5 == 0:
+        denominator //= 10 if denominator % 10 == 0 else (2 if denominator % 2 == 0 else 5)
+        places += 1
+    try:
+        if denominator != 1:
+            return f"{sign}\\frac{{{value.numerator}}}{{{value.denominator}}}"
+        digits = str(value.numerator * 10**places // value.denominator).rjust(places + 1, "0")
+        return sign + (digits[:-places] + "." + digits[-places:] if places else digits)
+    except ValueError:
+        return None
 
 
 _EXPONENT_RE = re.compile(r"(?<=[0-9.])[eE]([+-]?[0-9]{1,3})(?![0-9])")
