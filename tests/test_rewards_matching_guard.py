@@ -73,3 +73,34 @@ def with_math_verify(request, monkeypatch):
     else:
         monkeypatch.setitem(sys.modules, "math_verify", None)
     return request.param
+
+
+def test_a_float16_gold_is_the_number_it_prints_as(with_math_verify):
+    # a float16 column reaches the reward as a double: 0.1 was 0.0999755859375, which the answer 0.1 did not match;
+    # float32's rule wrote it as 0.09997559
+    import numpy as np
+    import torch
+
+    def digits(x):
+        return len(repr(x).split("e")[0].replace("-", "").replace(".", "").strip("0"))
+
+    # the number it prints as (0.123 is 0.1229 in float16), one whose double has more digits than a float32 holds (a
+    # shorter one, 3.140625 for 3.14, cannot be told from an exact gold such as 201/64, and stays as it is)
+    d = 0.5
+    while digits(float(np.float16(d))) <= 9:
+        d = float(str(np.float16(round(random.uniform(0.01, 0.99), random.randrange(1, 4)))))
+    x = np.float16(d)
+    for gold in (float(x), x, np.array([x]), torch.tensor(d, dtype=torch.float16), [float(x)]):
+        assert _accuracy(str(d), gold) == 1.0, (d, gold)
+        assert _accuracy(str(round(d + 0.01, 3)), gold) == _accuracy(str(-d), gold) == 0.0, (d, gold)
+    # with its dtype known (a numpy or torch format) any float16 or bfloat16 value is, and so is the value itself
+    big = round(random.uniform(1, 1000), 1)
+    for dtype, printed in ((np.float16, str(np.float16(big))), (torch.bfloat16, None)):
+        gold = np.array([big], dtype=dtype) if printed else torch.tensor([big], dtype=dtype)
+        # bfloat16: the fewest digits that torch reads back as the value
+        printed = printed or next(t for t in (f"{gold.item():.{n}g}" for n in range(1, 9))
+                                  if torch.tensor([float(t)], dtype=dtype).item() == gold.item())
+        exact = float(gold.tolist()[0])
+        assert _accuracy(printed, gold) == _accuracy(repr(exact), gold) == 1.0, (printed, exact, gold)
+        assert _accuracy(str(round(exact + 7, 1)), gold) == 0.0, (exact, gold)
+    assert _accuracy("0.15625", np.array([0.15625], dtype=np.float16)) == _accuracy("0.1", torch.tensor(0.1).bfloat16()) == 1.0

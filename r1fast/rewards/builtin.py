@@ -96,43 +96,85 @@ def _per_row(name: str, column, n: int) -> Sequence:
 
 def row_golds(g) -> list[str]:
     """One row's reference answers from one column's value (a list: any of them); [] when it holds none."""
+    half = None
     if hasattr(g, "tolist") and not isinstance(g, str):
         # a Dataset formatted for numpy or torch (set_format) holds arrays and tensors: read as text, a list of
         # accepted answers was "['3' '5']" and a number "tensor(0.5000)", which no answer matched
+        half = _HALF_FLOATS.get(str(getattr(g, "dtype", "")))
         g = g.tolist()
-    golds = [gold_text(x) for x in (g if isinstance(g, (list, tuple)) else [g])]
-    return [x for x in golds if x is not None]
+    values = g if isinstance(g, (list, tuple)) else [g]
+    golds = [gold_text(x, half) for x in values]
+    if half:   # the value itself too: float16's 0.15625 (5/32) prints as 0.1562, which 5/32 does not match
+        golds += [gold_text(x) for x in values]
+    return list(dict.fromkeys(x for x in golds if x is not None))
 
 
-def gold_text(g) -> Optional[str]:
+def gold_text(g, half: Optional[str] = None) -> Optional[str]:
     """The reference answer to compare with (a solution's <answer>/\\boxed{} part, or the N of GSM8K's
     final `#### N` line), or None when there is none: an empty gold rewarded an empty answer, and a NaN
-    one the answer "nan"."""
+    one the answer "nan". `half` names the 16-bit float type ("float16", "bfloat16") a float came from, where known
+    (a numpy array's or torch tensor's dtype): it is written as that type prints it."""
     if g is None or (isinstance(g, float) and math.isnan(g)):
         return None
-    g = _low_precision_float_text(g) if isinstance(g, float) else str(g)
+    if isinstance(g, float):
+        g = (half and _shortest_text(g, _HALF_ROUNDERS[half])) or _low_precision_float_text(g)
+    else:
+        g = str(g)
     g = extract_answer(g) or _gsm8k_final(g) or g
     return g if g.strip() else None
 
 
 def _low_precision_float_text(x: float) -> str:
-    """A float gold as text; a float32 value (a parquet or `datasets` float32 column, read as Python floats, or a numpy
-    or torch one, read by tolist) with the fewest digits that read back as it, as numpy prints it: written out as a
-    double, float32's 0.1 was 0.10000000149011612, which the answer 0.1 did not match (to 1e-12). A float with no more
-    digits than a float32 holds (9: 0.5, 100.0), or that no float32 holds (0.1, 1/3), is written as str does."""
+    """A float gold as text; a float32 or float16 value (a parquet or `datasets` float32 or float16 column, read as Python
+    floats, or a numpy or torch one, read by tolist) with the fewest digits that read back as it, as numpy prints it:
+    written out as a double, float32's 0.1 was 0.10000000149011612 and float16's 0.0999755859375, which the answer 0.1
+    did not match (to 1e-12). A value both types hold is read as the one that prints it shorter (float16's 0.1 is also a
+    float32, 0.09997559). A float with no more digits than a float32 holds (9: 0.5, 100.0, float16's 3.140625 for 3.14,
+    which cannot be told from an exact 201/64), or that neither type holds (0.1, 1/3), is written as str does."""
     text = repr(x)
     if not math.isfinite(x) or len(text.split("e")[0].replace("-", "").replace(".", "").strip("0")) <= 9:
         return str(x)
+    readings = [_shortest_text(x, round_to) for round_to in (_as_float16, _as_float32)]
+    readings = [r for r in readings if r is not None]
+    return min(readings, key=len) if readings else text
+
+
+def _shortest_text(x: float, round_to) -> Optional[str]:
+    """x with the fewest significant digits (up to 9) that `round_to` (a float type's rounding) reads back as x; None where
+    that type does not hold x."""
     try:
-        if struct.unpack("f", struct.pack("f", x))[0] != x:
-            return text
-        for digits in range(1, 10):
-            short = f"{x:.{digits}g}"
-            if struct.unpack("f", struct.pack("f", float(short)))[0] == x:
+        if round_to(x) != x:
+            return None
+    except OverflowError:   # past the type's largest
+        return None
+    for digits in range(1, 10):
+        short = f"{x:.{digits}g}"
+        try:
+            if round_to(float(short)) == x:
                 return short
-    except OverflowError:   # a rounding past float32's largest
-        pass
-    return text
+        except OverflowError:   # a rounding past the type's largest (65504 to 7e+04 in float16)
+            pass
+    return None
+
+
+def _as_float32(x: float) -> float:
+    return struct.unpack("f", struct.pack("f", x))[0]
+
+
+def _as_float16(x: float) -> float:
+    return struct.unpack("e", struct.pack("e", x))[0]
+
+
+def _as_bfloat16(x: float) -> float:
+    """x rounded to bfloat16 (float32's upper 16 bits, to nearest, ties to even), as torch rounds it."""
+    bits = struct.unpack("I", struct.pack("f", x))[0]
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return struct.unpack("f", struct.pack("I", bits))[0]
+
+
+# a numpy or torch dtype's name -> the 16-bit float type its values are
+_HALF_FLOATS = {"float16": "float16", "torch.float16": "float16", "bfloat16": "bfloat16", "torch.bfloat16": "bfloat16"}
+_HALF_ROUNDERS = {"float16": _as_float16, "bfloat16": _as_bfloat16}
 
 
 # GSM8K's `answer` column is a worked solution whose last line is `#### 72`. Read whole, the answer was
