@@ -2266,3 +2266,17 @@ def test_language_reward_reads_common_chinese_latex_as_math():
     lines = ["向量\\overrightarrow{AB}与\\overrightarrow{AC}垂直", "所以 a \\leqslant b，且 c \\geqslant 0", "设\\odot O 的半径为2",
              "所以 AB \\bot CD", "弧\\widehat{AB}的长", "则 \\big( x+1 \\big)^2 \\Longrightarrow x=1"]
     assert zh(None, [f"<think>{t}</think>" for t in lines]) == [1.0] * len(lines)
+
+
+def test_reward_set_names_a_weight_that_is_no_number():
+    # None, a word or an int past float's range raised float()'s bare error, naming neither the weights nor the function;
+    # a string of weights was read a character per weight ("12": 1 and 2)
+    import random
+
+    for w in (None, "abc", 10**400, [1.0], float("nan")):
+        with pytest.raises(ValueError, match=r"reward weights must be finite numbers; got .* for 'format_2'"):
+            RewardSet(["format", "format"], weights=[random.choice([1.0, 2, True]), w])
+    with pytest.raises(ValueError, match="reward weights must be a list of numbers, one per reward function; got '12'"):
+        RewardSet(["format", "format"], weights="12")
+    w = random.uniform(-5, 5)
+    assert RewardSet(["format", "format"], weights=[w, "0.5"]).weights == [w, 0.5]

@@ -206,12 +206,12 @@ class RewardSet:
         self.funcs = [f for _, f in resolved]
         if weights is None:
             weights = [1.0] * len(self.funcs)
+        if isinstance(weights, (str, bytes)) or not hasattr(weights, "__len__"):
+            # a string was read a character per weight: "12" weighed two functions 1 and 2
+            raise ValueError(f"reward weights must be a list of numbers, one per reward function; got {weights!r:.80}")
         if len(weights) != len(self.funcs):
             raise ValueError(f"{len(weights)} reward weights for {len(self.funcs)} reward functions")
-        self.weights = [float(w) for w in weights]
-        bad = [(n, w) for n, w in zip(self.names, self.weights) if not math.isfinite(w)]
-        if bad:   # a NaN weight made every row's total NaN: advantage 0 everywhere, nothing learnt, no error
-            raise ValueError(f"reward weights must be finite numbers; got {bad[0][1]} for {bad[0][0]!r}")
+        self.weights = [_weight(n, w) for n, w in zip(self.names, weights)]
 
     def __len__(self):
         return len(self.funcs)
@@ -287,6 +287,19 @@ class RewardSet:
                                   f"(prompt {_snippet(prompts[i])}); rewards must be finite numbers or None")
             out.append(float(v))
         return out
+
+
+def _weight(name: str, w) -> float:
+    """A reward function's weight as a float. A NaN weight made every row's total NaN (advantage 0 everywhere, nothing
+    learnt, no error); None, a word or an int past float's range raised float()'s bare TypeError, ValueError or
+    OverflowError, naming neither the weights nor the function."""
+    try:
+        value = float(w)
+    except (TypeError, ValueError, OverflowError):
+        value = math.nan
+    if not math.isfinite(value):
+        raise ValueError(f"reward weights must be finite numbers; got {w!r:.80} for {name!r}")
+    return value
 
 
 def _one_per_row(n: int) -> str:
