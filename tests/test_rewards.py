@@ -2280,3 +2280,18 @@ def test_reward_set_names_a_weight_that_is_no_number():
         RewardSet(["format", "format"], weights="12")
     w = random.uniform(-5, 5)
     assert RewardSet(["format", "format"], weights=[w, "0.5"]).weights == [w, 0.5]
+
+
+def test_length_penalty_of_a_numpy_or_fraction_target_is_the_float_formula():
+    # a numpy float32 target computed the penalty in float32 and returned numpy floats, a Fraction one Fractions
+    import random
+    from fractions import Fraction
+
+    import numpy as np
+
+    t = random.randrange(10, 200) + 0.5
+    n = random.randrange(int(t) + 1, int(2 * t))
+    want = -(n - t) / t
+    for target in (np.float32(t), Fraction(t), np.float64(t)):
+        got = make_length_penalty(target)(["p", "p"], ["x" * n, "x" * (int(t) - 1)])
+        assert got == [want, 0.0] and all(type(v) is float for v in got), (target, got, want)

@@ -225,6 +225,9 @@ def make_length_penalty(target: int):
     # first batch with "'<' not supported"
     if isinstance(target, bool) or not isinstance(target, numbers.Real) or not 1 <= target < math.inf:
         raise ValueError(f"length penalty: target must be a positive length (a finite number >= 1); got {target!r}")
+    # as a Python int or float: a numpy float32 target computed the penalty in float32 (off by up to 1e-7) and returned
+    # numpy floats, a Fraction one Fractions
+    target = int(target) if isinstance(target, numbers.Integral) else float(target)
 
     def length_penalty(prompts, completions, completion_ids=None, **_) -> list[float]:
         lengths = ([len(ids) for ids in completion_ids] if completion_ids is not None
