@@ -3,6 +3,7 @@
 time limit) and the key of a majority vote (`vote_key`). The reward functions are in builtin.py."""
 from __future__ import annotations
 
+import bisect
 import functools
 import math
 import re
@@ -759,8 +760,10 @@ def _math_verify_verdict(predicted: str, gold: str) -> bool:
 # sums holding such numbers in the same place (_far_apart): (1, 6.6 \\times 10^{-27}) scored 1 against
 # (1, 7.7 \\times 10^{-27}), x + 6.6 \\times 10^{-27} against x + 7.7 \\times 10^{-27}.
 _MAX_RELATIVE_GAP = 1e-3
-# how deep _far_apart follows structures within structures (a set of tuples is 2)
+# how deep _far_apart follows structures within structures (a set of tuples is 2), and the most members of a set whose
+# members are not all numbers it compares each against each (a set of numbers is sorted: _unmatched_value)
 _MAX_GUARD_DEPTH = 4
+_MAX_UNORDERED_PAIRS = 40
 
 
 def _values_far_apart(gold_parsed, pred_parsed) -> bool:
@@ -789,6 +792,11 @@ def _far_apart(a, b, depth: int = 0) -> bool:
             return False
         if ordered_a and ordered_b:
             return any(_far_apart(u, v, depth + 1) for u, v in zip(items_a, items_b))
+        values_a, values_b = _real_values(items_a), _real_values(items_b)
+        if values_a is not None and values_b is not None:   # sets of numbers: sorted, each looked up once
+            return _unmatched_value(values_a, values_b) or _unmatched_value(values_b, values_a)
+        if len(items_a) > _MAX_UNORDERED_PAIRS:   # each against each: left to math-verify past this size
+            return False
         return (any(all(_far_apart(u, v, depth + 1) for v in items_b) for u in items_a)
                 or any(all(_far_apart(u, v, depth + 1) for u in items_a) for v in items_b))
     from sympy import Basic
@@ -842,6 +850,28 @@ def _simplifies_to_zero(expr) -> bool:
         return bool(simplify(expr).is_zero)
     except Exception:   # sympy failing on an odd expression: no sign that they are one value
         return False
+
+
+def _real_values(items: list) -> Optional[list]:
+    """The values of members that are all real constants (or `x = constant`), else None."""
+    values = []
+    for item in items:
+        value = _real_value(_assigned_value(item))
+        if value is None:
+            return None
+        values.append(value)
+    return values
+
+
+def _unmatched_value(values: list, others: list) -> bool:
+    """Whether one of `values` has none of `others` within _MAX_RELATIVE_GAP of the larger. The values near x form one
+    run around it in sorted order, so its neighbours there (the largest below it, the smallest above) tell."""
+    others = sorted(others)
+    for x in values:
+        i = bisect.bisect_left(others, x)
+        if not any(abs(x - y) <= _MAX_RELATIVE_GAP * max(abs(x), abs(y)) for y in others[max(i - 1, 0):i + 1]):
+            return True
+    return False
 
 
 def _assigned_value(expr):
