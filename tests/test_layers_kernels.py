@@ -844,3 +844,20 @@ def test_rms_norm_triton_rounds_before_the_weight_on_rows_walked_in_blocks(devic
     xn = out / w2
     assert torch.equal(xn, xn.half().float())
     assert_close(out, reference.rms_norm(x.double(), w2.double(), 1e-6), torch.float16, name="out")
+
+
+
+def test_swiglu_triton_one_token_of_width_one_with_any_strides(device):
+    """One token of intermediate width 1 taken with a step (strides (2, 2)): is_contiguous() holds, as
+    it ignores the strides of size-1 dimensions, so the tensor reached the kernel as it was, whose row
+    stride then differed from up's (1) and the op refused valid input ("gate and up need ... one row
+    stride"). Forward and backward against silu(g) * u."""
+    g = randn(1, 2, seed=181, device=device)[:, 1::2].requires_grad_()
+    u = randn(1, 1, seed=182, device=device).requires_grad_()
+    assert g.stride() == (2, 2) and g.is_contiguous()
+    dy = randn(1, 1, seed=183, device=device)
+    out = ops.swiglu(g, u, backend="triton")
+    dg, du = torch.autograd.grad(out, (g, u), dy)
+    e_out, e_dg, e_du = _grads(reference.swiglu, (g.detach().double(), u.detach().double()), dy.double())
+    for a, e, name in ((out, e_out, "out"), (dg, e_dg, "d_gate"), (du, e_du, "d_up")):
+        assert_close(a, e, torch.float32, rtol=2e-5, atol=1e-6, name=name)

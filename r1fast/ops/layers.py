@@ -75,9 +75,14 @@ def _validate_swiglu(gate, up):
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
-    """t as contiguous rows [R, last dim] (a view when it already is)."""
+    """t as contiguous rows [R, last dim] with strides (last dim, 1) (a view when it already is)."""
     t2 = t.reshape(-1, t.shape[-1])
-    return t2 if t2.is_contiguous() else t2.contiguous()
+    if not t2.is_contiguous():
+        return t2.contiguous()
+    # is_contiguous() ignores the stride of a size-1 dimension, which may be anything (one token of
+    # width 1 sliced with a step): the swiglu kernel compares gate's and up's strides, so give the
+    # view the strides its layout has (the same elements)
+    return t2 if t2.stride() == (t2.shape[1], 1) else t2.as_strided(t2.shape, (t2.shape[1], 1))
 
 
 # ---------------------------------------------------------------- rms_norm
