@@ -70,10 +70,11 @@ def _attend_tokens(q, m, l, acc, k_ptr, v_ptr, table_ptr, start, end, kvh, num_k
 
 @triton.jit
 def _scaled_query(q, scale, k_ptr, SCALE_SCORES: tl.constexpr):
-    """q in the dot's dtype, times the scale when it is at most 1 (the product cannot overflow). A
-    larger scale would take q·scale past fp16's 65504 (inf, then NaN scores): q stays unscaled and
-    `_attend_tokens` scales the fp32 scores instead, at a multiply per score (at group 64 that spills
-    on sm_90 with Triton 3.6, so the usual scale keeps the multiply out of the loop)."""
+    """q in the dot's dtype, times the scale when its magnitude is at most 1 (the product cannot
+    overflow). A larger one (negative too: -2 doubles |q| as 2 does) would take q·scale past fp16's
+    65504 (inf, then NaN scores): q stays unscaled and `_attend_tokens` scales the fp32 scores
+    instead, at a multiply per score (at group 64 that spills on sm_90 with Triton 3.6, so the usual
+    scale keeps the multiply out of the loop)."""
     if not SCALE_SCORES:
         q = q.to(tl.float32) * scale
     return q.to(k_ptr.dtype.element_ty)
@@ -221,6 +222,12 @@ def merge_partitions(out, ml, acc):
     _merge_kernel[(b * h,)](out, ml, acc, num_splits, head_dim, **merge_config(num_splits, head_dim))
 
 
+def scales_scores(scale: float) -> bool:
+    """Whether the kernels multiply the fp32 scores by the scale rather than q (_scaled_query): for
+    |scale| > 1, whose product with a large fp16 q overflows, of either sign."""
+    return abs(scale) > 1.0
+
+
 def block_n_for(d_pad: int, fp32: bool) -> int:
     """Tokens per step of the context loop: 32 (16 for head_dim > 128, or fp32, whose tiles are
     twice the bytes: at 32, group 6 x head_dim 128 in fp32 spills ~6 KB per thread on sm_90)."""
@@ -283,7 +290,7 @@ def prefix_attention(q, k_cache, v_cache, block_tables, scale, shared):
         q, k_cache, v_cache, block_tables, shared.tile_ptr, shared.tile_rows, shared.tile_prefix, pml, pacc,
         num_heads, num_kv_heads, head_dim, k_cache.shape[1], block_tables.shape[1], scale,
         GROUP=group, M_PAD=m_pad, D_PAD=d_pad, BLOCK_N=prefix_block_n(d_pad, fp32), FP32=fp32,
-        SCALE_SCORES=scale > 1.0, CARRY_BLOCKS=prefix_carry_blocks(head_dim, k_cache.shape[1], fp32),
+        SCALE_SCORES=scales_scores(scale), CARRY_BLOCKS=prefix_carry_blocks(head_dim, k_cache.shape[1], fp32),
         num_warps=num_warps_for(m_pad))
     return pml, pacc
 
@@ -313,7 +320,7 @@ def paged_decode_attention(out, q, k_cache, v_cache, block_tables, context_lens,
     _decode_kernel[grid](q, k_cache, v_cache, block_tables, context_lens, out, ws_ml, ws_acc, row_start, pml, pacc,
                          num_heads, num_kv_heads, head_dim, k_cache.shape[1], block_tables.shape[1], num_splits,
                          partition_size, scale, GROUP=group, G_PAD=g_pad, D_PAD=d_pad, BLOCK_N=block_n,
-                         FP32=fp32, HAS_PREFIX=shared is not None, SCALE_SCORES=scale > 1.0,
+                         FP32=fp32, HAS_PREFIX=shared is not None, SCALE_SCORES=scales_scores(scale),
                          CARRY_BLOCKS=carry_blocks(g_pad, head_dim, k_cache.shape[1], fp32),
                          num_warps=num_warps_for(g_pad))
     if num_splits > 1:

@@ -654,13 +654,14 @@ def test_decode_with_shared_prefix_matches_reference(device, heads, kv_heads, he
         assert_close(got, want[:1], dtype=torch.float32, rtol=1e-5, name=f"{name} zero tiles")
 
 
-def test_decode_fp16_with_a_scale_above_one_stays_finite(device):
+@pytest.mark.parametrize("scale", [3000.0, -3000.0])
+def test_decode_fp16_with_a_scale_above_one_stays_finite(device, scale):
     # q*scale rounded to fp16 overflowed to inf (then NaN) in the Triton kernels; the scale now
-    # multiplies the fp32 scores. Plain decode and the shared-prefix path, against float64.
+    # multiplies the fp32 scores. Plain decode and the shared-prefix path, against float64. A negative
+    # scale of magnitude > 1 overflows as well (it still took the q * scale path).
     groups = [(2, [21, 19, 23]), (0, [9])]
     q, kc, vc, tables, ctx = make_shared_case(groups, 4, 2, 16, dtype=torch.float16, device=device)
     q = (q.float() * 30).half()  # |q| up to ~100: q * 3000 is past 65504
-    scale = 3000.0
     want = ref.paged_decode_attention(q.double().cpu(), kc.double().cpu(), vc.double().cpu(),
                                       tables.cpu().clamp_min(0), ctx.cpu(), scale=scale)
     shared = find_shared(tables, ctx, q, kc).to(device)
