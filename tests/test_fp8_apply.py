@@ -187,6 +187,22 @@ def test_plain_module_swaps_aligned_linears_only():
         apply_fp8(model, "emulate")
 
 
+def test_multihead_attention_out_proj_is_kept_since_its_forward_never_runs():
+    # nn.MultiheadAttention hands out_proj's weight to F.multi_head_attention_forward itself: an Fp8Linear
+    # there was listed as converted while the attention output projection ran in high precision.
+    torch.manual_seed(0)
+    model = nn.Module()
+    model.attn = nn.MultiheadAttention(32, 2)
+    model.mlp = nn.Linear(32, 32)
+    q = torch.randn(5, 2, 32)
+    ref = model.attn(q, q, q)[0]
+    apply_fp8(model, "emulate")
+    rep = model.fp8_report
+    assert rep.converted == ["mlp"] and isinstance(model.mlp, Fp8Linear)
+    assert not isinstance(model.attn.out_proj, Fp8Linear) and "MultiheadAttention" in rep.kept["attn.out_proj"]
+    assert torch.equal(model.attn(q, q, q)[0], ref)   # what the report says: this layer is not in FP8
+
+
 def test_off_changes_nothing_and_root_linear_is_returned():
     model = Tiny()
     assert apply_fp8(model, "off") is model and model.fp8_report.effective_mode == "off"

@@ -62,6 +62,15 @@ def _candidates(model: nn.Module) -> list[tuple[str, nn.Linear]]:
             and id(m.weight) not in embedding_weights]
 
 
+def _weight_only_linears(model: nn.Module) -> dict[str, str]:
+    """Linears whose forward never runs, by name, with the reason: nn.MultiheadAttention passes its
+    out_proj's weight and bias to F.multi_head_attention_forward itself, so an FP8 out_proj would be
+    reported converted while it computes in high precision."""
+    return {(f"{name}." if name else "") + "out_proj":
+            "nn.MultiheadAttention computes with out_proj's weight itself (its forward never runs)"
+            for name, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)}
+
+
 def _resolve_auto(opts: Fp8Options, device: torch.device) -> tuple[Fp8Options, str | None]:
     """The concrete options "auto" stands for on `device`, and why FP8 is off if it is."""
     if device.type != "cuda":
@@ -125,9 +134,12 @@ def apply_fp8(model: nn.Module, mode: str | Fp8Options, recipe: str | None = Non
         return _attach(model, report)
 
     layers = []
+    weight_only = _weight_only_linears(model)
     for name, lin in _candidates(model):
         label = name or "<root>"
-        if lin.in_features % ALIGN or lin.out_features % ALIGN:
+        if name in weight_only:
+            report.kept[label] = weight_only[name]
+        elif lin.in_features % ALIGN or lin.out_features % ALIGN:
             report.kept[label] = f"{lin.out_features}x{lin.in_features} is not a multiple of {ALIGN}"
         elif lin.weight.device.type == "meta":
             report.kept[label] = "weights on the meta device"
