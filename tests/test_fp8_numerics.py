@@ -91,6 +91,21 @@ def test_quantize_rejects_bad_arguments():
         quantize(randn(2, 4, 4), E4M3, rowwise=True)
 
 
+def test_a_given_scale_of_the_wrong_shape_is_a_clear_error():
+    # A rowwise scale of shape (rows,) divided a square tensor column by column: silently wrong payloads.
+    x = randn(4, 4, seed=94)
+    for rowwise, scale in ((True, torch.full((4,), 0.5)), (True, torch.full((1, 4), 0.5)), (True, torch.full((3, 1), 0.5)),
+                           (False, torch.full((4, 1), 0.5)), (True, torch.full((4, 4), 0.5)),
+                           (False, torch.full((1, 1, 1), 0.5))):   # would have given q a third dimension
+        with pytest.raises(ValueError, match="scale"):
+            quantize(x, E4M3, rowwise, scale=scale)
+    with pytest.raises(TypeError, match="scale"):
+        quantize(x, E4M3, False, scale=0.5)
+    for rowwise, scale in ((True, torch.full((4, 1), 0.5)), (False, torch.tensor(0.5)), (False, torch.full((1,), 0.5))):
+        q, _ = quantize(x, E4M3, rowwise, scale=scale)
+        assert torch.equal(q.double(), reference_quantize(x, E4M3, rowwise, scale=scale.reshape(-1, 1))[0])
+
+
 # ---------------------------------------------------------------- the linear layer
 
 

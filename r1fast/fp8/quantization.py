@@ -240,6 +240,18 @@ def _quantize_with_scale(t: torch.Tensor, dtype: torch.dtype, scale: torch.Tenso
     return q.masked_fill_(bad, float("nan")).to(dtype)
 
 
+def _check_given_scale(t: torch.Tensor, scale, rowwise: bool) -> None:
+    # The division broadcasts: a rowwise scale of shape (rows,) or (1, cols) divided a square t column
+    # by column, silently. One scale per row is (rows, 1); one per tensor is a single element.
+    if not isinstance(scale, torch.Tensor):
+        raise TypeError(f"quantize: scale must be a tensor (fp32 dequantisation scale), got {type(scale).__name__}")
+    if rowwise and tuple(scale.shape) != (t.shape[0], 1):
+        raise ValueError(f"quantize: a rowwise scale must have shape ({t.shape[0]}, 1) for a tensor of shape "
+                         f"{tuple(t.shape)}, got {tuple(scale.shape)}")
+    if not rowwise and (scale.numel() != 1 or scale.dim() > t.dim()):
+        raise ValueError(f"quantize: a tensorwise scale must have one element, got shape {tuple(scale.shape)}")
+
+
 def quantize(t: torch.Tensor, dtype: torch.dtype, rowwise: bool, scale: torch.Tensor | None = None, *,
              pad_to_16: bool = False):
     """(q, scale): `t` (2-D when rowwise) in the float8 `dtype`, and its fp32 dequantisation scale.
@@ -250,6 +262,7 @@ def quantize(t: torch.Tensor, dtype: torch.dtype, rowwise: bool, scale: torch.Te
     if rowwise and t.dim() != 2:
         raise ValueError(f"quantize: rowwise scaling needs a 2-D tensor, got shape {tuple(t.shape)}")
     if scale is not None:
+        _check_given_scale(t, scale, rowwise)
         q = _quantize_with_scale(t.detach(), dtype, scale)
         return (pad_last_to_16(q) if pad_to_16 else q), scale
     if t.is_cuda and not _compile_failed and os.environ.get("R1FAST_FP8_COMPILE", "1") != "0":
