@@ -106,6 +106,18 @@ def test_a_given_scale_of_the_wrong_shape_is_a_clear_error():
         assert torch.equal(q.double(), reference_quantize(x, E4M3, rowwise, scale=scale.reshape(-1, 1))[0])
 
 
+@pytest.mark.parametrize("rowwise", [True, False], ids=["rowwise", "tensorwise"])
+def test_q_is_row_major_with_a_given_scale_too(rowwise):
+    # _scaled_mm takes its first operand row-major: a computed scale's q was, a given scale's q kept the
+    # layout of a transposed input (also with pad_to_16 when no padding was needed).
+    x = randn(32, 16, seed=95).t()
+    scale = torch.full((16, 1), 0.01) if rowwise else torch.tensor(0.01)
+    for pad in (False, True):
+        q, _ = quantize(x, E4M3, rowwise, scale=scale, pad_to_16=pad)
+        assert q.is_contiguous() and q.shape == (16, 32)
+        assert torch.equal(q.double(), reference_quantize(x, E4M3, rowwise, scale=scale)[0])
+
+
 # ---------------------------------------------------------------- the linear layer
 
 

@@ -237,7 +237,8 @@ def _quantize_with_scale(t: torch.Tensor, dtype: torch.dtype, scale: torch.Tenso
     fmax = fp8_max(dtype)
     q = (t.float() / scale).clamp_(-fmax, fmax)
     bad = torch.isinf(t) | ~(torch.isfinite(scale) & (scale > 0))
-    return q.masked_fill_(bad, float("nan")).to(dtype)
+    # row-major, as the computed-scale path writes q (_cast) and _scaled_mm takes it
+    return q.masked_fill_(bad, float("nan")).to(dtype, memory_format=torch.contiguous_format)
 
 
 def _check_given_scale(t: torch.Tensor, scale, rowwise: bool) -> None:
