@@ -203,6 +203,33 @@ def test_multihead_attention_out_proj_is_kept_since_its_forward_never_runs():
     assert torch.equal(model.attn(q, q, q)[0], ref)   # what the report says: this layer is not in FP8
 
 
+@pytest.mark.parametrize("how", ["parametrizations.weight_norm", "weight_norm hook", "spectral_norm"])
+def test_a_linear_with_a_computed_weight_is_kept(how):
+    # Fp8Linear holds the layer's weight Parameter; a parametrized (or hook-computed) weight is no
+    # Parameter: the layer kept a stale computed tensor, the parametrization's parameters left the model
+    # and its state_dict, and a second backward failed. Such a layer stays in high precision.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 32))
+    if how == "parametrizations.weight_norm":
+        nn.utils.parametrizations.weight_norm(model[0])
+    elif how == "spectral_norm":
+        nn.utils.parametrizations.spectral_norm(model[0])
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)   # torch deprecates the hook-based weight_norm
+            nn.utils.weight_norm(model[0])
+    params = list(model.parameters())
+    keys = list(model.state_dict())
+    apply_fp8(model, "emulate")
+    assert model.fp8_report.converted == ["1"] and "computed" in model.fp8_report.kept["0"]
+    assert not isinstance(model[0], Fp8Linear) and isinstance(model[1], Fp8Linear)
+    assert list(model.parameters()) == params and list(model.state_dict()) == keys
+    x = torch.randn(4, 32)
+    for _ in range(2):
+        model(x).sum().backward()
+    assert all(p.grad is not None for p in params)
+
+
 def test_off_changes_nothing_and_root_linear_is_returned():
     model = Tiny()
     assert apply_fp8(model, "off") is model and model.fp8_report.effective_mode == "off"

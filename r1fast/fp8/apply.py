@@ -71,6 +71,14 @@ def _weight_only_linears(model: nn.Module) -> dict[str, str]:
             for name, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)}
 
 
+def _computed_tensors(lin: nn.Linear) -> list[str]:
+    """Which of the layer's weight and bias are computed (torch.nn.utils.parametrize, or the hook-based
+    weight_norm) rather than held as its own Parameters: an Fp8Linear holds the Parameters themselves, so
+    it would keep one stale computed tensor and drop the parameters it is computed from."""
+    names = ["weight"] + (["bias"] if lin.bias is not None else [])
+    return [n for n in names if not isinstance(lin._parameters.get(n), nn.Parameter)]
+
+
 def _resolve_auto(opts: Fp8Options, device: torch.device) -> tuple[Fp8Options, str | None]:
     """The concrete options "auto" stands for on `device`, and why FP8 is off if it is."""
     if device.type != "cuda":
@@ -139,6 +147,9 @@ def apply_fp8(model: nn.Module, mode: str | Fp8Options, recipe: str | None = Non
         label = name or "<root>"
         if name in weight_only:
             report.kept[label] = weight_only[name]
+        elif _computed_tensors(lin):
+            report.kept[label] = (f"its {' and '.join(_computed_tensors(lin))} is computed (a parametrization or "
+                                  "hook), not a Parameter an FP8 layer can hold")
         elif lin.in_features % ALIGN or lin.out_features % ALIGN:
             report.kept[label] = f"{lin.out_features}x{lin.in_features} is not a multiple of {ALIGN}"
         elif lin.weight.device.type == "meta":
