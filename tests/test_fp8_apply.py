@@ -230,6 +230,16 @@ def test_a_linear_with_a_computed_weight_is_kept(how):
     assert all(p.grad is not None for p in params)
 
 
+def test_an_uninitialized_lazy_linear_is_kept():
+    # nn.LazyLinear has in_features 0 until its first forward: 0 passed the multiple-of-16 test, and the
+    # converted layer failed on its first call with an uninitialized-parameter error.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.LazyLinear(32), nn.Linear(32, 16))
+    apply_fp8(model, "emulate")
+    assert model.fp8_report.converted == ["1"] and "lazy" in model.fp8_report.kept["0"]
+    assert model(torch.randn(3, 48)).shape == (3, 16) and model[0].in_features == 48
+
+
 def test_off_changes_nothing_and_root_linear_is_returned():
     model = Tiny()
     assert apply_fp8(model, "off") is model and model.fp8_report.effective_mode == "off"

@@ -147,6 +147,8 @@ def apply_fp8(model: nn.Module, mode: str | Fp8Options, recipe: str | None = Non
         label = name or "<root>"
         if name in weight_only:
             report.kept[label] = weight_only[name]
+        elif nn.parameter.is_lazy(lin.weight):  # nn.LazyLinear before its first forward: in_features is 0
+            report.kept[label] = "uninitialized (lazy) parameters; run one forward before apply_fp8"
         elif _computed_tensors(lin):
             report.kept[label] = (f"its {' and '.join(_computed_tensors(lin))} is computed (a parametrization or "
                                   "hook), not a Parameter an FP8 layer can hold")
