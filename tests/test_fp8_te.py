@@ -141,6 +141,16 @@ def test_te_linear_copies_dtype_requires_grad_and_training_mode(fake_te):
     assert fp8_te.te_linear_from(nn.Linear(32, 16).train(), "current", "e5m2").training
 
 
+def test_te_linear_keeps_a_frozen_bias_frozen(fake_te):
+    # Only the weight's requires_grad was copied: a frozen bias came back trainable, and the trainer's
+    # optimizer (built from the parameters that require grad) then trained it.
+    lin = nn.Linear(32, 16)
+    lin.bias.requires_grad_(False)
+    te_lin = fp8_te.te_linear_from(lin, "current", "e5m2")
+    assert te_lin.weight.requires_grad and not te_lin.bias.requires_grad
+    assert torch.equal(te_lin.bias, lin.bias)
+
+
 def test_delayed_recipe_keeps_a_short_max_amax_history(fake_te):
     _, Format = fake_te
     r = fp8_te.make_recipe("delayed", "e5m2")

@@ -79,6 +79,8 @@ def te_linear_from(linear: nn.Linear, recipe: str, grad_dtype: str) -> nn.Module
         if linear.bias is not None:
             new.bias.copy_(linear.bias)
     new.weight.requires_grad_(w.requires_grad)
+    if linear.bias is not None:  # a frozen bias stays frozen, as a frozen weight does
+        new.bias.requires_grad_(linear.bias.requires_grad)
     new._fp8_recipe = make_recipe(recipe, grad_dtype)
     new.fp8_recipe_name = recipe
     new.train(linear.training)
