@@ -240,6 +240,25 @@ def test_an_uninitialized_lazy_linear_is_kept():
     assert model(torch.randn(3, 48)).shape == (3, 16) and model[0].in_features == 48
 
 
+def test_hooks_on_a_converted_layer_keep_running():
+    # The FP8 layer replaced the module and with it the hooks a user had registered on it (e.g. to record
+    # activations): they stopped firing without a word.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 16))
+    seen = []
+    pre = model[0].register_forward_pre_hook(lambda m, args: seen.append(("pre", type(m).__name__)))
+    model[0].register_forward_hook(lambda m, args, out: seen.append(("fwd", tuple(out.shape))))
+    model[2].register_full_backward_hook(lambda m, gin, gout: seen.append(("bwd", tuple(gout[0].shape))))
+    apply_fp8(model, "emulate")
+    assert model.fp8_report.converted == ["0", "2"]
+    model(torch.randn(3, 32)).sum().backward()
+    assert seen == [("pre", "Fp8Linear"), ("fwd", (3, 32)), ("bwd", (3, 16))]
+    pre.remove()                                   # the user's handle still removes its hook
+    seen.clear()
+    model(torch.randn(3, 32))
+    assert seen == [("fwd", (3, 32))]
+
+
 def test_off_changes_nothing_and_root_linear_is_returned():
     model = Tiny()
     assert apply_fp8(model, "off") is model and model.fp8_report.effective_mode == "off"

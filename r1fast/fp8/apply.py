@@ -108,6 +108,25 @@ def _resolve_mode(opts: Fp8Options, device: torch.device) -> tuple[str, str | No
     return opts.mode, None
 
 
+# nn.Module's own hook registries in this torch (_forward_hooks, _backward_hooks, _state_dict_hooks, ...)
+_MODULE_HOOK_ATTRS = tuple(name for name in vars(nn.Module()) if "hook" in name)
+
+
+def _carry_hooks(old: nn.Module, new: nn.Module) -> None:
+    """Give `new` the hooks registered on `old` (forward, backward, state-dict): the same dicts, so the
+    user's handles still remove them. The FP8 layer takes the linear's place; its hooks (e.g. recording
+    activations) would otherwise stop firing without a word."""
+    for name in _MODULE_HOOK_ATTRS:
+        theirs, ours = getattr(old, name, None), getattr(new, name, None)
+        if theirs is None or (isinstance(theirs, dict) and not theirs):
+            continue  # (_is_full_backward_hook is a bool: False, the old-style hooks' flag, is carried too)
+        if ours and isinstance(ours, dict):
+            # the new layer registered hooks of its own (a Transformer Engine layer may): keep those, add the user's
+            ours.update(theirs)
+        else:
+            setattr(new, name, theirs)
+
+
 def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, attr = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
@@ -192,6 +211,7 @@ def apply_fp8(model: nn.Module, mode: str | Fp8Options, recipe: str | None = Non
 
     for name, lin in layers:
         new = convert(lin)
+        _carry_hooks(lin, new)
         if not name:  # the model is itself a linear layer
             model = new
         else:
