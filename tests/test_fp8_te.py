@@ -227,3 +227,51 @@ def test_te_recipe_support_without_probes_trusts_the_fp8_gpu_for_per_tensor_reci
 def test_te_recipe_support_needs_cuda(fake_te, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert support.te_recipe_support("current") == (False, "Transformer Engine FP8 needs a CUDA device")
+
+
+class _BrokenTeFinder:
+    """Finds transformer_engine and fails to load it, as an installed TE does without its CUDA libraries."""
+
+    def find_spec(self, name, path=None, target=None):
+        import importlib.machinery
+
+        if name.split(".")[0] != "transformer_engine":
+            return None
+        return importlib.machinery.ModuleSpec(name, self, is_package=True)
+
+    def create_module(self, spec):
+        return None
+
+    def exec_module(self, module):
+        raise OSError("libcudnn.so.9: cannot open shared object file")
+
+
+def test_a_te_that_fails_to_import_is_not_called_missing(monkeypatch):
+    # te_module() turned every import failure into None, and the reason read "transformer_engine is not
+    # installed (pip install ...)": `r1fast info` said so beside the installed TE's version, and the
+    # fallback warning sent the user to reinstall rather than to the library that failed to load.
+    for name in [n for n in sys.modules if n.split(".")[0] == "transformer_engine"]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setattr(sys, "meta_path", [_BrokenTeFinder(), *sys.meta_path])
+    support.te_module.cache_clear()
+    try:
+        assert support.te_module() is None
+        ok, why = support.te_recipe_support("current")
+        assert not ok and "not installed" not in why
+        assert "failed to import" in why and "libcudnn.so.9" in why and "OSError" in why
+        model = nn.Sequential(nn.Linear(32, 32))
+        with pytest.warns(fp8_apply.Fp8FallbackWarning, match="libcudnn"):
+            apply_fp8(model, "te")
+    finally:
+        support.te_module.cache_clear()
+
+
+def test_a_missing_te_is_called_missing(monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformer_engine", None)   # import raises ModuleNotFoundError
+    support.te_module.cache_clear()
+    try:
+        assert support.te_module() is None
+        assert support.te_recipe_support("current") == (
+            False, "transformer_engine is not installed (pip install transformer_engine[pytorch])")
+    finally:
+        support.te_module.cache_clear()

@@ -73,13 +73,25 @@ def torch_path(device: torch.device, scaling: str = "rowwise", grad_dtype: str =
     return False, f"torch._scaled_mm is not used on {device.type}"
 
 
+_TE_MISSING = "transformer_engine is not installed (pip install transformer_engine[pytorch])"
+_te_import_error: str | None = None   # why te_module() is None: missing, or what the failed import raised
+
+
 @functools.lru_cache(maxsize=None)
 def te_module():
     """transformer_engine.pytorch, or None when Transformer Engine is not installed or fails to load."""
+    global _te_import_error
     try:
         import transformer_engine.pytorch as te  # noqa: F401
-    except Exception:
+    except Exception as e:
+        # An installed TE often fails to load (a missing CUDA/cuDNN library, a torch it was not built for):
+        # saying "not installed" then sent the user to pip instead of to the library that failed.
+        missing = isinstance(e, ModuleNotFoundError) and (e.name or "").split(".")[0] == "transformer_engine"
+        first_line = (str(e).strip().splitlines() or [""])[0][:200]
+        _te_import_error = _TE_MISSING if missing else \
+            f"transformer_engine is installed but failed to import ({type(e).__name__}: {first_line})"
         return None
+    _te_import_error = None
     return te
 
 
@@ -107,7 +119,7 @@ def te_recipe_support(recipe: str) -> tuple[bool, str]:
     """Is Transformer Engine usable with `recipe` on the current CUDA device?"""
     te = te_module()
     if te is None:
-        return False, "transformer_engine is not installed (pip install transformer_engine[pytorch])"
+        return False, _te_import_error or _TE_MISSING
     if not torch.cuda.is_available():
         return False, "Transformer Engine FP8 needs a CUDA device"
     ok, why = cuda_fp8_support()
