@@ -160,11 +160,21 @@ def read_metrics(run_dir: str, being_written: bool = False) -> list[dict]:
         raise ValueError(f"no metrics.jsonl in {run_dir!r}")
     from r1fast.data.loading import read_json_objects
 
-    rows = read_json_objects(path, path, being_written)
-    for n, row in enumerate(rows, 1):
-        if not isinstance(row.get("step"), (int, float)):
-            raise ValueError(f"{path}: record {n} has no numeric 'step'")
+    lines: list[int] = []
+    rows = read_json_objects(path, path, being_written, lines)
+    for n, (row, line) in enumerate(zip(rows, lines), 1):
+        if not is_step(row.get("step")):
+            # true, NaN and Infinity passed as steps: r1fast plot drew a point at x = NaN, or at 1
+            raise ValueError(f"{path}: record {n} has no numeric 'step' (line {line}: {row.get('step')!r:.40}; a "
+                             f"step is a finite number)")
     return rows
+
+
+def is_step(step) -> bool:
+    """Whether a metrics line's `step` is one: a finite number, not a bool (JSON's true is no step)."""
+    if isinstance(step, bool) or not isinstance(step, (int, float)):
+        return False
+    return isinstance(step, int) or math.isfinite(step)   # an int past float's range is still a whole number
 
 
 @contextlib.contextmanager
@@ -327,7 +337,11 @@ def _truncate_after(path: str, step: int, source: Optional[str] = None):
         if not isinstance(row, dict):
             raise ValueError(f"{source} line {n}: not a JSON object ({_short_line(line)}); remove that line (or "
                              f"the file) to resume")
-        if row.get("step", 0) <= step:
+        line_step = row.get("step", 0)
+        if not is_step(line_step):   # a string step was a TypeError traceback ("'<=' not supported")
+            raise ValueError(f"{source} line {n}: 'step' is {line_step!r:.40}, not a number; remove that line (or "
+                             f"the file) to resume")
+        if line_step <= step:
             keep.append(line)
     if not keep and not os.path.exists(path):
         return   # a log this run never wrote (SFT's completions.jsonl) is not made
