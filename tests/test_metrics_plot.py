@@ -1,6 +1,7 @@
 """What a user reads of a run's metrics.jsonl: read_metrics, the resume's cut of the log, and `r1fast plot`'s
 curves, checked against the file's own values."""
 import json
+import math
 import random
 
 import pytest
@@ -37,3 +38,70 @@ def test_a_resume_names_a_metrics_line_whose_step_is_not_a_number(tmp_path, step
     (tmp_path / "metrics.jsonl").write_text(text)
     MetricsLogger(str(tmp_path), resume_step=2).close()
     assert read_metrics(str(tmp_path)) == rows[:2]
+
+
+def _plotted(monkeypatch, run_dir) -> dict[str, dict[str, list[tuple[float, float]]]]:
+    """{panel title: {line label: [(x, y), ...]}} as r1fast plot drew them, read back from the figure's Line2D."""
+    import matplotlib.figure
+
+    from r1fast.trainer.plot import plot_run
+
+    figures = []
+    save = matplotlib.figure.Figure.savefig
+
+    def keep(fig, *args, **kwargs):
+        figures.append(fig)
+        return save(fig, *args, **kwargs)
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", keep)
+    plot_run(str(run_dir))
+    return {ax.get_title(): {line.get_label(): [(float(x), float(y)) for x, y in zip(line.get_xdata(), line.get_ydata())]
+                             for line in ax.get_lines()} for ax in figures[0].axes if ax.get_title()}
+
+
+def test_plot_leaves_null_nan_and_infinite_values_out_of_its_curves(tmp_path, monkeypatch):
+    # an infinite loss, logged as 1e308 (JSON has no inf), was drawn there: every other point of the panel lay
+    # flat on 0; a NaN or Infinity a hand-written file holds was drawn too
+    pytest.importorskip("matplotlib")
+    rng = random.Random(7)
+    special = [None, float("nan"), float("inf"), -float("inf")]
+    rows, expected = [], {"grpo: loss": [], "grpo: kl": []}
+    for step in range(1, 41):
+        row = {"step": step, "stage": "grpo"}
+        for key in ("loss", "kl"):
+            value = rng.choice(special) if rng.random() < 0.3 else rng.uniform(-3, 3)
+            row[key] = value
+            if value is not None and math.isfinite(value):
+                expected[f"grpo: {key}"].append((step, value))
+        rows.append(row)
+    logger = MetricsLogger(str(tmp_path))   # as a run writes them: inf as +-1e308, NaN as null
+    for row in rows:
+        logger.log(row["step"], row["stage"], {k: v for k, v in row.items() if k not in ("step", "stage")})
+    logger.close()
+    assert any(r.get("loss") in (1e308, -1e308) for r in read_metrics(str(tmp_path)))
+    drawn = _plotted(monkeypatch, tmp_path)
+    assert drawn["loss"] == {"grpo: loss": expected["grpo: loss"]}
+    assert drawn["KL to reference"] == {"grpo: kl": expected["grpo: kl"]}
+    # NaN and Infinity written by another tool (Python's json writes them) are gaps too
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    drawn = _plotted(monkeypatch, tmp_path)
+    assert drawn["loss"] == {"grpo: loss": expected["grpo: loss"]}
+
+
+@pytest.mark.parametrize("line, error", [
+    ('{"step": 2, "stage": "grpo", "loss": "0.5"}', r"step 2 has 'loss' = '0.5', not a number"),
+    ('{"step": 2, "stage": "grpo", "reward": true}', r"step 2 has 'reward' = True, not a number"),
+    ('{"step": 2, "stage": "grpo", "kl": {"a": 1}}', r"step 2 has 'kl' = \{'a': 1\}, not a number"),
+    ('{"step": 2, "stage": "grpo", "eval/accuracy": [0.5]}', r"step 2 has 'eval/accuracy' = \[0.5\], not a number"),
+    ('{"step": 2, "stage": null, "loss": 0.5}', r"step 2 has 'stage' = None, not a stage name"),
+    ('{"step": 2, "stage": 3, "loss": 0.5}', r"step 2 has 'stage' = 3, not a stage name"),
+])
+def test_plot_names_a_value_it_cannot_draw(tmp_path, line, error):
+    # a string was drawn as a category of the y axis (the curve's values silently wrong), true as 1, a dict or a
+    # null stage was a TypeError traceback
+    pytest.importorskip("matplotlib")
+    from r1fast.cli import main
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "stage": "grpo", "loss": 1.0, "reward": 0.1, "kl": 0.0}\n'
+                                            + line + "\n")
+    with pytest.raises(SystemExit, match=error):
+        main(["plot", str(tmp_path)])

@@ -285,11 +285,15 @@ def _writer_gone(pid: int, tmp: str) -> bool:
     return False
 
 
+# how the log writes an infinite value (JSON has none; json.dumps wrote `Infinity`, which is no JSON), its sign kept
+LOGGED_INFINITY = 1e308
+
+
 def plain_number(v):
     if hasattr(v, "item"):
         v = v.item()
     if isinstance(v, float) and not math.isfinite(v):
-        return None if math.isnan(v) else (1e308 if v > 0 else -1e308)
+        return None if math.isnan(v) else (LOGGED_INFINITY if v > 0 else -LOGGED_INFINITY)
     return v
 
 

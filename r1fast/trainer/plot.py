@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import os
 
-from r1fast.trainer.metrics import k_sample_names, read_metrics, replacing
+from r1fast.trainer.metrics import LOGGED_INFINITY, k_sample_names, read_metrics, replacing
 
 PANELS = [
     ("reward", ["reward"]),   # and each reward function's mean the run logged (reward_function_names)
@@ -41,18 +41,18 @@ def plot_run(run_dir: str, out: str | None = None) -> str:
         drawn = False
         for key in keys:
             if key.startswith("eval/"):   # one line across stages: the accuracy after each stage
-                pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+                pts = curve_points(rows, key, run_dir)
                 if pts:
-                    xs, ys = zip(*pts)
+                    xs, ys = zip(*((r["step"], y) for r, y in pts))
                     ax.plot(xs, ys, marker="o", label=key)
-                    for x, y, r in zip(xs, ys, [r for r in rows if r.get(key) is not None]):
-                        ax.annotate(f"{r.get('stage', '')} {y:.2f}", (x, y), fontsize=7)
+                    for x, y, r in zip(xs, ys, (r for r, _ in pts)):
+                        ax.annotate(f"{stage_of(r, run_dir)} {y:.2f}", (x, y), fontsize=7)
                     drawn = True
                 continue
-            for stage in sorted({r.get("stage", "") for r in rows}):
-                pts = [(r["step"], r[key]) for r in rows if r.get("stage", "") == stage and r.get(key) is not None]
+            for stage in sorted({stage_of(r, run_dir) for r in rows}):
+                pts = curve_points([r for r in rows if stage_of(r, run_dir) == stage], key, run_dir)
                 if pts:
-                    xs, ys = zip(*pts)
+                    xs, ys = zip(*((r["step"], y) for r, y in pts))
                     ax.plot(xs, ys, marker="o" if len(pts) < 20 else None, label=f"{stage}: {key}")
                     drawn = True
         ax.set_title(title)
@@ -86,6 +86,34 @@ def check_out_path(out: str):
         parent = os.path.dirname(parent)
     if parent and not os.path.isdir(parent):
         raise NotADirectoryError(f"--out {out!r}: {parent} is a file, not a folder")
+
+
+def curve_points(rows: list[dict], key: str, run_dir: str) -> list[tuple[dict, float]]:
+    """(row, value) of the rows whose `key` has a value to draw: a finite number. null (a NaN), NaN, an infinity and
+    the +-1e308 the log writes for one (LOGGED_INFINITY) are left out, a gap in the curve: a logged inf loss drawn at
+    1e308 flattened the rest of its panel onto 0. Any other value (a string, true, a list) is an error naming it: a
+    string was drawn as a category on the y axis, a dict was a TypeError."""
+    points = []
+    for row in rows:
+        value = row.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{run_dir}: the metrics line of step {row['step']} has {key!r} = {value!r:.40}, "
+                             f"not a number")
+        if abs(value) < LOGGED_INFINITY:   # False for NaN too
+            points.append((row, value))
+    return points
+
+
+def stage_of(row: dict, run_dir: str) -> str:
+    """A metrics line's stage ('' without one). One that is not a name (null, a number) is an error naming its
+    step: sorting the stages failed with "'<' not supported between instances of 'NoneType' and 'str'"."""
+    stage = row.get("stage", "")
+    if not isinstance(stage, str):
+        raise ValueError(f"{run_dir}: the metrics line of step {row['step']} has 'stage' = {stage!r:.40}, not a "
+                         f"stage name (a string)")
+    return stage
 
 
 def reward_function_names(rows: list[dict]) -> list[str]:
