@@ -105,3 +105,39 @@ def test_plot_names_a_value_it_cannot_draw(tmp_path, line, error):
                                             + line + "\n")
     with pytest.raises(SystemExit, match=error):
         main(["plot", str(tmp_path)])
+
+
+@pytest.mark.parametrize("state, error", [
+    ("{", r"pipeline_state.json is not valid JSON \(Expecting"),
+    ("[1]", "pipeline_state.json is not a pipeline state"),
+    ('{"order": "rl", "stages": {}}', "pipeline_state.json is not a pipeline state"),
+    ('{"order": ["rl"], "stages": []}', "pipeline_state.json is not a pipeline state"),
+    ('{"order": [["rl"]], "stages": {}}', "pipeline_state.json is not a pipeline state"),
+    ('{"order": ["rl"], "stages": {"rl": 3}}', "pipeline_state.json is not a pipeline state"),
+])
+def test_plot_names_a_damaged_pipeline_state(tmp_path, state, error):
+    # json's message named no file, a list was an AttributeError traceback, an "order" string was read a character
+    # per stage: "no metrics logged yet", the stage's logged lines never read
+    from r1fast.cli import main
+
+    (tmp_path / "rl").mkdir()
+    (tmp_path / "rl" / "metrics.jsonl").write_text('{"step": 1, "stage": "rl", "loss": 1.0}\n')
+    (tmp_path / "pipeline_state.json").write_text(state)
+    with pytest.raises(SystemExit, match=error):
+        main(["plot", str(tmp_path)])
+
+
+def test_plot_of_a_pipeline_draws_the_finished_stages_then_the_running_ones_lines(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    rng = random.Random(3)
+    done = [{"step": s, "stage": "sft", "loss": rng.random()} for s in range(1, 6)]
+    running = [{"step": s, "stage": "rl", "loss": rng.random(), "reward": rng.random()} for s in range(6, 9)]
+    _write(tmp_path / "metrics.jsonl", done)
+    (tmp_path / "rl").mkdir()
+    _write(tmp_path / "rl" / "metrics.jsonl", running)
+    (tmp_path / "pipeline_state.json").write_text(json.dumps(
+        {"format": 2, "order": ["sft", "rl"], "stages": {"sft": {"finished": True}, "rl": {"finished": False}}}))
+    drawn = _plotted(monkeypatch, tmp_path)
+    assert drawn["loss"] == {"rl: loss": [(r["step"], r["loss"]) for r in running],
+                             "sft: loss": [(r["step"], r["loss"]) for r in done]}
+    assert drawn["reward"] == {"rl: reward": [(r["step"], r["reward"]) for r in running]}

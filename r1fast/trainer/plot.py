@@ -132,13 +132,29 @@ def run_metrics(run_dir: str) -> list[dict]:
     state_path = os.path.join(run_dir, "pipeline_state.json")
     if not os.path.isfile(state_path):
         return read_metrics(run_dir, being_written=True)
-    with open(state_path, encoding="utf-8") as f:
-        state = json.load(f)
     rows = read_metrics(run_dir, being_written=True) if os.path.isfile(os.path.join(run_dir, "metrics.jsonl")) else []
-    for name in state.get("order", []):
+    for name, finished in pipeline_stages(state_path):
         stage_metrics = os.path.join(run_dir, name, "metrics.jsonl")
-        if not state.get("stages", {}).get(name, {}).get("finished") and os.path.isfile(stage_metrics):
+        if not finished and os.path.isfile(stage_metrics):
             rows += read_metrics(stage_metrics, being_written=True)
     if not rows:
         raise ValueError(f"no metrics logged yet in {run_dir!r}")
     return rows
+
+
+def pipeline_stages(state_path: str) -> list[tuple[str, bool]]:
+    """(name, finished) of each stage of a pipeline_state.json, in the pipeline's order. A file that is not one
+    is an error naming it: json's own message named no file, a list there was an AttributeError traceback, and an
+    "order" string was read a character per stage (nothing plotted, "no metrics logged yet")."""
+    try:
+        with open(state_path, encoding="utf-8") as f:
+            state = json.load(f)
+    except (ValueError, RecursionError) as e:
+        raise ValueError(f"{state_path} is not valid JSON ({e})") from None
+    order = state.get("order", []) if isinstance(state, dict) else None
+    stages = state.get("stages", {}) if isinstance(state, dict) else None
+    if not isinstance(order, list) or not all(isinstance(name, str) for name in order) or not isinstance(stages, dict) \
+            or not all(isinstance(stages.get(name, {}), dict) for name in order):
+        raise ValueError(f"{state_path} is not a pipeline state (an 'order' list of stage names and a 'stages' object "
+                         f"of their records)")
+    return [(name, bool(stages.get(name, {}).get("finished"))) for name in order]
