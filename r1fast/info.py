@@ -10,9 +10,23 @@ def _version(module: str) -> str | None:
     if importlib.util.find_spec(module) is None:
         return None
     try:
-        return getattr(importlib.import_module(module), "__version__", "installed")
+        imported = importlib.import_module(module)
     except Exception as e:  # importable on paper but broken: say so rather than crash
         return f"broken ({type(e).__name__}: {e})"
+    return getattr(imported, "__version__", None) or _distribution_version(module) or "installed"
+
+
+def _distribution_version(module: str) -> str | None:
+    """The version of the installed distribution that provides `module`: liger_kernel and math_verify have no
+    __version__, and info said only "installed" for them."""
+    import importlib.metadata as metadata
+
+    for dist in metadata.packages_distributions().get(module, []):
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return None
 
 
 def collect() -> dict:
