@@ -55,7 +55,7 @@ def _plotted(monkeypatch, run_dir) -> dict[str, dict[str, list[tuple[float, floa
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig", keep)
     plot_run(str(run_dir))
     return {ax.get_title(): {line.get_label(): [(float(x), float(y)) for x, y in zip(line.get_xdata(), line.get_ydata())]
-                             for line in ax.get_lines()} for ax in figures[0].axes if ax.get_title()}
+                             for line in ax.get_lines()} for ax in figures[0].axes if ax.get_title()}, figures[0]
 
 
 def test_plot_leaves_null_nan_and_infinite_values_out_of_its_curves(tmp_path, monkeypatch):
@@ -78,12 +78,12 @@ def test_plot_leaves_null_nan_and_infinite_values_out_of_its_curves(tmp_path, mo
         logger.log(row["step"], row["stage"], {k: v for k, v in row.items() if k not in ("step", "stage")})
     logger.close()
     assert any(r.get("loss") in (1e308, -1e308) for r in read_metrics(str(tmp_path)))
-    drawn = _plotted(monkeypatch, tmp_path)
+    drawn, _ = _plotted(monkeypatch, tmp_path)
     assert drawn["loss"] == {"grpo: loss": expected["grpo: loss"]}
     assert drawn["KL to reference"] == {"grpo: kl": expected["grpo: kl"]}
     # NaN and Infinity written by another tool (Python's json writes them) are gaps too
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    drawn = _plotted(monkeypatch, tmp_path)
+    drawn, _ = _plotted(monkeypatch, tmp_path)
     assert drawn["loss"] == {"grpo: loss": expected["grpo: loss"]}
 
 
@@ -137,7 +137,31 @@ def test_plot_of_a_pipeline_draws_the_finished_stages_then_the_running_ones_line
     _write(tmp_path / "rl" / "metrics.jsonl", running)
     (tmp_path / "pipeline_state.json").write_text(json.dumps(
         {"format": 2, "order": ["sft", "rl"], "stages": {"sft": {"finished": True}, "rl": {"finished": False}}}))
-    drawn = _plotted(monkeypatch, tmp_path)
+    drawn, _ = _plotted(monkeypatch, tmp_path)
     assert drawn["loss"] == {"rl: loss": [(r["step"], r["loss"]) for r in running],
                              "sft: loss": [(r["step"], r["loss"]) for r in done]}
     assert drawn["reward"] == {"rl: reward": [(r["step"], r["reward"]) for r in running]}
+
+
+def test_the_held_out_panel_labels_each_stages_last_evaluation(tmp_path, monkeypatch):
+    # every evaluation was labelled "<stage> <value>": a GRPO run evaluated every eval_steps steps drew a pile of
+    # overlapping labels; the evaluation after each stage (a pipeline's) is what the labels are for
+    pytest.importorskip("matplotlib")
+    rng = random.Random(11)
+    rows, step = [], 0
+    for stage in ("cold_start", "rl", "rl2"):
+        for _ in range(rng.randint(1, 6)):
+            step += rng.randint(1, 20)
+            rows.append({"step": step, "stage": stage, "loss": rng.random()})
+            if rng.random() < 0.7:
+                rows.append({"step": step, "stage": stage, "eval/accuracy": rng.random(), "eval/pass@4": rng.random(),
+                             "eval/cons@4": rng.random()})
+    _write(tmp_path / "metrics.jsonl", rows)
+    drawn, fig = _plotted(monkeypatch, tmp_path)
+    evals = [r for r in rows if "eval/accuracy" in r]
+    last = [r for i, r in enumerate(evals) if i + 1 == len(evals) or evals[i + 1]["stage"] != r["stage"]]
+    panel = next(ax for ax in fig.axes if ax.get_title() == "held-out accuracy")
+    labels = sorted((t.get_text(), tuple(map(float, t.xy))) for t in panel.texts)
+    assert labels == sorted((f"{r['stage']} {r[key]:.2f}", (r["step"], r[key]))
+                            for key in ("eval/accuracy", "eval/pass@4", "eval/cons@4") for r in last)
+    assert drawn["held-out accuracy"]["eval/accuracy"] == [(r["step"], r["eval/accuracy"]) for r in evals]

@@ -45,8 +45,8 @@ def plot_run(run_dir: str, out: str | None = None) -> str:
                 if pts:
                     xs, ys = zip(*((r["step"], y) for r, y in pts))
                     ax.plot(xs, ys, marker="o", label=key)
-                    for x, y, r in zip(xs, ys, (r for r, _ in pts)):
-                        ax.annotate(f"{stage_of(r, run_dir)} {y:.2f}", (x, y), fontsize=7)
+                    for row, y in stage_ends(pts, run_dir):
+                        ax.annotate(f"{stage_of(row, run_dir)} {y:.2f}", (row["step"], y), fontsize=7)
                     drawn = True
                 continue
             for stage in sorted({stage_of(r, run_dir) for r in rows}):
@@ -104,6 +104,13 @@ def curve_points(rows: list[dict], key: str, run_dir: str) -> list[tuple[dict, f
         if abs(value) < LOGGED_INFINITY:   # False for NaN too
             points.append((row, value))
     return points
+
+
+def stage_ends(points: list[tuple[dict, float]], run_dir: str) -> list[tuple[dict, float]]:
+    """The last of each stage's points (the evaluation after it), the ones the held-out panel labels: every point
+    was labelled, and a GRPO run evaluated every eval_steps steps drew a pile of overlapping labels."""
+    return [(row, y) for i, (row, y) in enumerate(points)
+            if i + 1 == len(points) or stage_of(points[i + 1][0], run_dir) != stage_of(row, run_dir)]
 
 
 def stage_of(row: dict, run_dir: str) -> str:
