@@ -83,3 +83,26 @@ def test_held_out_scores_match_an_independent_count_on_random_sample_sets():
         assert out.keys() == expected.keys()
         for key, value in expected.items():
             assert out[key] == pytest.approx(value, abs=1e-12), (key, k, golds, groups)
+
+
+@pytest.mark.parametrize("name, value", [("samples_per_prompt", 0), ("samples_per_prompt", 2.0),
+                                         ("samples_per_prompt", True), ("max_tokens", 0), ("max_tokens", "8")])
+def test_evaluate_accuracy_names_its_own_bad_count(name, value):
+    # "SamplingParams: n must be an int >= 1, got 0" named an argument the caller never passed, after loading the model
+    from r1fast.trainer.evaluate import evaluate_accuracy
+
+    rows = [{"prompt": "1+2=", "answer": "3"}]
+    with pytest.raises(ValueError, match=rf"evaluation: {name} must be a whole number >= 1; got {value!r}"):
+        evaluate_accuracy("builtin:tiny", None, rows, **{name: value})
+
+
+def test_pass_at_k_names_counts_that_are_not_whole_numbers():
+    import numpy as np
+
+    rng = random.Random(5)
+    n = rng.randint(4, 40)
+    c, k = rng.randint(0, n), rng.randint(1, n)
+    assert pass_at_k(np.int64(n), np.int64(c), np.int64(k)) == pass_at_k(n, c, k)
+    for args in ((float(n), c, k), (n, float(c), k), (n, c, True)):
+        with pytest.raises(ValueError, match="pass@k needs whole numbers n, c and k"):
+            pass_at_k(*args)

@@ -4,6 +4,7 @@ the same samples also give pass@k (any of the k correct) and cons@k (R1's majori
 from __future__ import annotations
 
 import math
+import numbers
 from types import SimpleNamespace
 from typing import Optional, Sequence
 
@@ -49,6 +50,12 @@ def evaluate_accuracy(model, tokenizer, rows, *, samples_per_prompt: int = 1, te
 
     if isinstance(rows, list) and not rows:
         raise ValueError("evaluation: no held-out rows")
+    # checked before the model loads, by their own names: the sampler's "SamplingParams: n must be an int >= 1"
+    # named neither, and came after a model name had been loaded
+    for name, value in (("samples_per_prompt", samples_per_prompt), ("max_tokens", max_tokens)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise ValueError(f"evaluation: {name} must be a whole number >= 1; got {value!r:.40}")
+    samples_per_prompt, max_tokens = int(samples_per_prompt), int(max_tokens)   # numpy's as Python's
     # a name is loaded as rejection_sample and the trainers load it (a name, or a model without its tokenizer,
     # failed deep in the prompt encoding with "'NoneType' object is not callable")
     model, tokenizer = model_from_argument(model, tokenizer, SimpleNamespace(device=None, dtype="float32", seed=seed))
@@ -126,6 +133,9 @@ def score_completions(prompts: Sequence, texts: Sequence[str], answers: Sequence
 def pass_at_k(n: int, c: int, k: int) -> float:
     """The unbiased pass@k estimate from n samples of which c are correct (Chen et al., 2021): the chance
     that k of them drawn without replacement hold at least one correct, 1 - C(n-c, k) / C(n, k)."""
+    # math.comb's own "'float' object cannot be interpreted as an integer" named none of them
+    if any(isinstance(x, bool) or not isinstance(x, numbers.Integral) for x in (n, c, k)):
+        raise ValueError(f"pass@k needs whole numbers n, c and k; got n={n!r:.20}, c={c!r:.20}, k={k!r:.20}")
     if not 0 <= c <= n or not 1 <= k <= n:
         raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n; got n={n}, c={c}, k={k}")
     return 1.0 - math.comb(n - c, k) / math.comb(n, k)
