@@ -165,3 +165,18 @@ def test_the_held_out_panel_labels_each_stages_last_evaluation(tmp_path, monkeyp
     assert labels == sorted((f"{r['stage']} {r[key]:.2f}", (r["step"], r[key]))
                             for key in ("eval/accuracy", "eval/pass@4", "eval/cons@4") for r in last)
     assert drawn["held-out accuracy"]["eval/accuracy"] == [(r["step"], r["eval/accuracy"]) for r in evals]
+
+
+def test_the_held_out_panel_draws_pass_and_cons_at_each_k_written_out(tmp_path, monkeypatch):
+    # a key of that form without a number (a hand-made file's eval/pass@k) stopped the plot with "invalid literal for
+    # int() with base 10: 'k'"
+    pytest.importorskip("matplotlib")
+    rng = random.Random(13)
+    ks = sorted(rng.sample(range(2, 40), 2))
+    rows = [{"step": s, "stage": "grpo", "eval/accuracy": rng.random(), "eval/pass@k": rng.random(),
+             **{f"eval/{name}@{k}": rng.random() for k in ks for name in ("cons", "pass")}} for s in (1, 2, 3)]
+    _write(tmp_path / "metrics.jsonl", rows)
+    drawn, _ = _plotted(monkeypatch, tmp_path)
+    names = ["eval/accuracy"] + [f"eval/{name}@{k}" for k in ks for name in ("pass", "cons")]
+    assert list(drawn["held-out accuracy"]) == names
+    assert drawn["held-out accuracy"] == {name: [(r["step"], r[name]) for r in rows] for name in names}

@@ -356,5 +356,8 @@ def _truncate_after(path: str, step: int, source: Optional[str] = None):
 def k_sample_names(rows: list[dict], prefix: str = "") -> list[str]:
     """The pass@k and cons@k names among rows' keys (`prefix`: "eval/" for logged metrics, "" for a
     summary's stage rows), by k then pass before cons (k is in the name: the samples per prompt)."""
-    names = {name for r in rows for name in r if name.startswith((prefix + "pass@", prefix + "cons@"))}
+    # k written out in digits: another name of that form (a hand-made file's eval/pass@k) stopped r1fast plot with
+    # "invalid literal for int() with base 10: 'k'"
+    pattern = re.compile(rf"{re.escape(prefix)}(?:pass|cons)@[0-9]+")
+    names = {name for r in rows for name in r if pattern.fullmatch(name)}
     return sorted(names, key=lambda name: (int(name.split("@")[1]), name.startswith(prefix + "cons@")))
