@@ -22,8 +22,13 @@ def test_read_metrics_refuses_a_step_that_is_not_a_finite_number(tmp_path, step)
                                             + f'{{"step": {step}, "loss": 0.5}}\n')
     with pytest.raises(ValueError, match=r"record 3 has no numeric 'step' \(line 4: "):
         read_metrics(str(tmp_path))
-    _write(tmp_path / "metrics.jsonl", good + [{"step": 10 ** 400, "loss": 0.5}])   # a whole number, however large
-    assert [r["step"] for r in read_metrics(str(tmp_path))] == [1, 2, 10 ** 400]
+    # an int past float's range (drawn, an OverflowError traceback)
+    _write(tmp_path / "metrics.jsonl", good + [{"step": 10 ** 400, "loss": 0.5}])
+    with pytest.raises(ValueError, match=r"record 3 has no numeric 'step' \(line 3: 1000"):
+        read_metrics(str(tmp_path))
+    big = rng.randrange(2 ** 60)
+    _write(tmp_path / "metrics.jsonl", good + [{"step": big, "loss": 0.5}])
+    assert [r["step"] for r in read_metrics(str(tmp_path))] == [1, 2, big]
 
 
 @pytest.mark.parametrize("step", ['"3"', "[3]", "true", "NaN"])

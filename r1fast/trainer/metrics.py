@@ -19,6 +19,8 @@ TIMING_KEYS = ("time_s", "tokens_per_s", "step_time_s", "elapsed_s")
 # The run's logs, of which every checkpoint keeps a copy (copy_logs): a resume starts them from the resumed
 # checkpoint's own history, whichever branch of the run it is on
 RUN_LOGS = ("metrics.jsonl", "completions.jsonl")
+# how the log writes an infinite value (JSON has none; json.dumps wrote `Infinity`, which is no JSON), its sign kept
+LOGGED_INFINITY = 1e308
 
 
 class MetricsLogger:
@@ -174,7 +176,7 @@ def is_step(step) -> bool:
     """Whether a metrics line's `step` is one: a finite number, not a bool (JSON's true is no step)."""
     if isinstance(step, bool) or not isinstance(step, (int, float)):
         return False
-    return isinstance(step, int) or math.isfinite(step)   # an int past float's range is still a whole number
+    return abs(step) < LOGGED_INFINITY   # NaN and inf too; an int past float's range was an OverflowError in the plot
 
 
 @contextlib.contextmanager
@@ -283,10 +285,6 @@ def _writer_gone(pid: int, tmp: str) -> bool:
     except OverflowError:
         return False   # past any pid: a name like ours, not a temp of ours
     return False
-
-
-# how the log writes an infinite value (JSON has none; json.dumps wrote `Infinity`, which is no JSON), its sign kept
-LOGGED_INFINITY = 1e308
 
 
 def plain_number(v):
