@@ -148,9 +148,9 @@ def test_plot_of_a_pipeline_draws_the_finished_stages_then_the_running_ones_line
     assert drawn["reward"] == {"rl: reward": [(r["step"], r["reward"]) for r in running]}
 
 
-def test_the_held_out_panel_labels_each_stages_last_evaluation(tmp_path, monkeypatch):
+def test_the_held_out_panel_labels_each_stages_first_and_last_evaluation(tmp_path, monkeypatch):
     # every evaluation was labelled "<stage> <value>": a GRPO run evaluated every eval_steps steps drew a pile of
-    # overlapping labels; the evaluation after each stage (a pipeline's) is what the labels are for
+    # overlapping labels; a run's initial and final evaluation, a pipeline's after each stage, are what they are for
     pytest.importorskip("matplotlib")
     rng = random.Random(11)
     rows, step = [], 0
@@ -164,7 +164,9 @@ def test_the_held_out_panel_labels_each_stages_last_evaluation(tmp_path, monkeyp
     _write(tmp_path / "metrics.jsonl", rows)
     drawn, fig = _plotted(monkeypatch, tmp_path)
     evals = [r for r in rows if "eval/accuracy" in r]
-    last = [r for i, r in enumerate(evals) if i + 1 == len(evals) or evals[i + 1]["stage"] != r["stage"]]
+    last = [r for i, r in enumerate(evals) if i in (0, len(evals) - 1) or evals[i + 1]["stage"] != r["stage"]
+            or evals[i - 1]["stage"] != r["stage"]]
+    assert len(last) < len(evals)   # some evaluation between a stage's first and last
     panel = next(ax for ax in fig.axes if ax.get_title() == "held-out accuracy")
     labels = sorted((t.get_text(), tuple(map(float, t.xy))) for t in panel.texts)
     assert labels == sorted((f"{r['stage']} {r[key]:.2f}", (r["step"], r[key]))

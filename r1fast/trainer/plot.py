@@ -107,10 +107,12 @@ def curve_points(rows: list[dict], key: str, run_dir: str) -> list[tuple[dict, f
 
 
 def stage_ends(points: list[tuple[dict, float]], run_dir: str) -> list[tuple[dict, float]]:
-    """The last of each stage's points (the evaluation after it), the ones the held-out panel labels: every point
-    was labelled, and a GRPO run evaluated every eval_steps steps drew a pile of overlapping labels."""
-    return [(row, y) for i, (row, y) in enumerate(points)
-            if i + 1 == len(points) or stage_of(points[i + 1][0], run_dir) != stage_of(row, run_dir)]
+    """The first and the last of each stage's points, the ones the held-out panel labels (a GRPO run's initial and
+    final evaluation, a pipeline's after each stage): every point was labelled, and a run evaluated every eval_steps
+    steps drew a pile of overlapping labels."""
+    stages = [stage_of(row, run_dir) for row, _ in points]
+    return [point for i, point in enumerate(points)
+            if i in (0, len(points) - 1) or stages[i - 1] != stages[i] or stages[i + 1] != stages[i]]
 
 
 def stage_of(row: dict, run_dir: str) -> str:
