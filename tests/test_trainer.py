@@ -3717,3 +3717,21 @@ def test_a_killed_saves_checkpoint_beside_earlier_ones_names_them_all_and_what_o
     assert f"(deletes its checkpoints and metrics; keeps {old.name})" in msg
     start_fresh(str(run), True)
     assert sorted(os.listdir(run)) == [old.name]
+
+
+def test_a_logging_window_reads_the_logged_infinity_back_as_inf():
+    # the window keeps each rollout's metrics as the log writes them (an inf as +-1e308, JSON for the checkpoint):
+    # averaged as numbers, one inf loss among finite ones logged 3.3e307 and an inf with a -inf 0
+    import random
+
+    from r1fast.trainer.grpo import window_metrics
+    from r1fast.trainer.metrics import plain_number
+
+    finite = [random.uniform(-5, 5) for _ in range(2)]
+    rows = [{"loss": plain_number(v), "completion_length_max": plain_number(v)} for v in [math.inf, *finite]]
+    out = window_metrics(rows)
+    assert out["loss"] == math.inf and out["completion_length_max"] == math.inf
+    rows = [{"loss": plain_number(v), "clip_ratio/low_min": plain_number(v)} for v in [math.inf, finite[0], -math.inf]]
+    out = window_metrics(rows)
+    assert math.isnan(out["loss"]) and out["clip_ratio/low_min"] == -math.inf
+    assert window_metrics([{"loss": v} for v in finite])["loss"] == sum(finite) / 2

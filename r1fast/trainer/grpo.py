@@ -62,7 +62,7 @@ from r1fast.trainer.common import (  # noqa: F401  (NonFiniteLoss: also importab
 )
 from r1fast.trainer.config import ConfigError, GRPOConfig
 from r1fast.trainer.evaluate import check_eval_answers
-from r1fast.trainer.metrics import plain_number
+from r1fast.trainer.metrics import LOGGED_INFINITY, plain_number
 
 
 def _eval_source(cfg, eval_dataset, eval_at_ends: bool) -> str:
@@ -835,15 +835,23 @@ def window_metrics(window: Sequence[dict]) -> dict[str, Any]:
     keys = list(dict.fromkeys(k for row in window for k in row))
     out: dict[str, Any] = {}
     for k in keys:
-        values = [row[k] for row in window if k in row]
-        finite = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+        # the window holds an inf as the log's +-1e308 (plain_number: a checkpoint's JSON has no inf); read back as
+        # inf, a window [inf, 1, 1] is inf (it was 3.3e307) and [inf, 2, -inf] NaN (it was 0)
+        values = [_unlogged_infinity(row[k]) for row in window if k in row]
+        numbers = [float(v) for v in values if v is not None and not math.isnan(float(v))]
         if k in _WINDOW_LAST:
             out[k] = values[-1]
         elif k in _WINDOW_MAX + _WINDOW_MIN:
-            out[k] = (max if k in _WINDOW_MAX else min)(finite) if finite else float("nan")
+            out[k] = (max if k in _WINDOW_MAX else min)(numbers) if numbers else float("nan")
         else:
             out[k] = _nanmean(values)
     return out
+
+
+def _unlogged_infinity(v):
+    if isinstance(v, (int, float)) and not isinstance(v, bool) and abs(v) >= LOGGED_INFINITY:
+        return math.copysign(math.inf, v)
+    return v
 
 
 def _nanmean(xs) -> float:
