@@ -859,7 +859,7 @@ def _delete_checkpoint(path: str):
     remove_folder(doomed)
 
 
-def load_checkpoint(path: str, *, model, optimizer=None, scheduler=None, restore_rng: bool = True,
+def load_checkpoint(path: str, *, model, optimizer=None, scheduler=None,
                     check: Optional[Callable[[dict], None]] = None) -> dict:
     """Load weights (in place), optimizer, scheduler and RNG from `path`; return the trainer state.
 
@@ -875,7 +875,7 @@ def load_checkpoint(path: str, *, model, optimizer=None, scheduler=None, restore
         raise ValueError(f"checkpoint {path!r}: {STATE_FILE} is not valid JSON ({e}); "
                          f"resume from an earlier checkpoint") from None
     opt_tensors = _read_tensors(path, "optimizer.safetensors") if optimizer is not None else None
-    rng_tensors = _read_tensors(path, "rng.safetensors") if restore_rng else None
+    rng_tensors = _read_tensors(path, "rng.safetensors")
     with _naming(path, STATE_FILE):
         sched_sd = _check_state(path, state, scheduler)
         if check is not None:
@@ -887,10 +887,9 @@ def load_checkpoint(path: str, *, model, optimizer=None, scheduler=None, restore
             if "optimizer" not in state:
                 raise _BadState(f"{STATE_FILE} has no optimizer state")
             opt_sd = _optimizer_state_dict(optimizer, opt_tensors, state["optimizer"])
-        if restore_rng:
-            if "rng" not in state:
-                raise _BadState(f"{STATE_FILE} has no RNG state")
-            _rng_states(rng_tensors, state["rng"])
+        if "rng" not in state:
+            raise _BadState(f"{STATE_FILE} has no RNG state")
+        _rng_states(rng_tensors, state["rng"])
     load_weights(model, path)
     if optimizer is not None:
         with _naming(path, f"the optimizer state (optimizer.safetensors, {STATE_FILE} 'optimizer')"):
@@ -898,9 +897,8 @@ def load_checkpoint(path: str, *, model, optimizer=None, scheduler=None, restore
     if sched_sd is not None:
         with _naming(path, f"{STATE_FILE} 'scheduler'"):
             scheduler.load_state_dict(sched_sd)
-    if restore_rng:
-        with _naming(path, f"the RNG state (rng.safetensors, {STATE_FILE} 'rng')"):
-            set_rng_state(rng_tensors, state["rng"])
+    with _naming(path, f"the RNG state (rng.safetensors, {STATE_FILE} 'rng')"):
+        set_rng_state(rng_tensors, state["rng"])
     return state
 
 
