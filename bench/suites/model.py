@@ -27,14 +27,13 @@ def _cotangent(tokens, hidden, dtype, device):
     return (torch.randn(tokens, hidden, generator=g) * 1e-2).to(device=device, dtype=dtype)
 
 
-def _r1fast(cfg_kwargs, lengths, dtype, device, checkpointing=False):
+def _r1fast(cfg_kwargs, lengths, dtype, device):
     def setup():
         from r1fast.models import CausalLM, ModelConfig
 
         cfg = ModelConfig(**cfg_kwargs)
         with torch.device(device):
             model = CausalLM(cfg).to(dtype)
-        model.gradient_checkpointing = checkpointing
         ids, cu, _ = _batch(lengths, cfg.vocab_size, device)
         dy = _cotangent(ids.numel(), cfg.hidden_size, dtype, device)
 
