@@ -31,12 +31,8 @@ def qwen2_config(*, tokenizer, vocab_size: int | None = None, hidden_size: int =
 
 
 def save_tiny_qwen2(path: str | Path, *, seed: int = 0, tie_word_embeddings: bool = False,
-                    head_scale: float | None = None, **config_overrides) -> Path:
-    """Write a random tiny Qwen2 model and its char tokenizer to `path`; returns the path.
-
-    `head_scale` multiplies the initial lm_head weight (default 20 untied, 4 tied: a tied head
-    also scales the embeddings, and too large a scale makes the sampler repeat one token).
-    """
+                    **config_overrides) -> Path:
+    """Write a random tiny Qwen2 model and its char tokenizer to `path`; returns the path."""
     import torch
     from transformers import Qwen2ForCausalLM
 
@@ -46,9 +42,10 @@ def save_tiny_qwen2(path: str | Path, *, seed: int = 0, tie_word_embeddings: boo
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(config)
     # Random init gives near-uniform next-token distributions; larger output weights give the
-    # sampler and the loss something to work with (distinct probabilities, non-trivial ratios).
+    # sampler and the loss something to work with (distinct probabilities, non-trivial ratios). A tied
+    # head also scales the embeddings, and too large a scale makes the sampler repeat one token: 4, not 20.
     with torch.no_grad():
-        model.lm_head.weight.mul_(head_scale or (4.0 if tie_word_embeddings else 20.0))
+        model.lm_head.weight.mul_(4.0 if tie_word_embeddings else 20.0)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
