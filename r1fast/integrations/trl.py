@@ -543,7 +543,7 @@ class GRPOTrainer(trl.GRPOTrainer):
         two eos sets are the same unless a callback changed generation_config.eos_token_id (a new stop token, say):
         then a completion stopped at a token TRL does not cut at keeps the pads that follow it, as in TRL."""
         trl_eos = set(_token_ids(self.eos_token_ids, "trainer.eos_token_ids"))
-        if set(self._generation_token_ids("eos_token_id")) == trl_eos:
+        if set(self._generation_eos_ids()) == trl_eos:
             return completions  # each ends at its first eos, or has none: TRL's cut is the whole completion
         pad = self._generation_pad_id()
         longest = max(map(len, completions), default=0)
@@ -555,14 +555,14 @@ class GRPOTrainer(trl.GRPOTrainer):
             cut.append(tokens[:end])
         return cut
 
-    def _generation_token_ids(self, name: str) -> list[int]:
+    def _generation_eos_ids(self) -> list[int]:
         """generation_config's eos_token_id (an int, a list or None) as generate reads it, as a list."""
-        return _token_ids(self._generation_option(name), f"generation_config.{name}")
+        return _token_ids(self._generation_option("eos_token_id"), "generation_config.eos_token_id")
 
     def _generation_pad_id(self) -> int | None:
         """The token generate fills finished sequences with: generation_config's pad_token_id, else its first eos."""
         pad = self._generation_option("pad_token_id")
-        eos = self._generation_token_ids("eos_token_id")
+        eos = self._generation_eos_ids()
         return _token_id(pad, "generation_config.pad_token_id") if pad is not None else (eos[0] if eos else None)
 
     def _engine_sampling_params(self, n):
@@ -582,7 +582,7 @@ class GRPOTrainer(trl.GRPOTrainer):
         # the seed from torch's generator: TRL's seed makes runs repeat
         # stops where generate stops: generation_config's eos tokens (a callback may change them), which need not be
         # TRL's eos_token_ids, the ones _as_trl_cuts cuts at
-        common = dict(n=n, max_tokens=option("max_new_tokens"), stop_token_ids=self._generation_token_ids("eos_token_id"),
+        common = dict(n=n, max_tokens=option("max_new_tokens"), stop_token_ids=self._generation_eos_ids(),
                       ignore_eos=True, seed=int(torch.randint(0, 2**62, ())))
         if not option("do_sample"):
             return SamplingParams(temperature=0, **common)  # greedy: generate ignores the sampling options
