@@ -505,8 +505,7 @@ class GRPOTrainer:
             "reward": _nanmean(totals),
             "reward_std": _nanstd(totals),
             "frac_reward_zero_std": _frac_zero_std(totals, G),
-            **{f"rewards/{n}": _nanmean([x if x is not None else float("nan") for x in t])
-               for n, t in zip(self.rewards.names, table)},
+            **{f"rewards/{n}": _nanmean(t) for n, t in zip(self.rewards.names, table)},
             # TRL's rewards/<fn>/std: how much each function tells the completions apart (its unscored rows left out)
             **{f"rewards/{n}/std": _nanstd(t) for n, t in zip(self.rewards.names, table)},
             "completion_length": float(lengths.mean()),
@@ -838,7 +837,7 @@ def window_metrics(window: Sequence[dict]) -> dict[str, Any]:
         # the window holds an inf as the log's +-1e308 (plain_number: a checkpoint's JSON has no inf); read back as
         # inf, a window [inf, 1, 1] is inf (it was 3.3e307) and [inf, 2, -inf] NaN (it was 0)
         values = [_unlogged_infinity(row[k]) for row in window if k in row]
-        numbers = [float(v) for v in values if v is not None and not math.isnan(float(v))]
+        numbers = _scored(values)
         if k in _WINDOW_LAST:
             out[k] = values[-1]
         elif k in _WINDOW_MAX + _WINDOW_MIN:
@@ -854,13 +853,18 @@ def _unlogged_infinity(v):
     return v
 
 
+def _scored(xs) -> list[float]:
+    """xs as floats, without the rows that have no value (None, or NaN: a reward function's unscored row)."""
+    return [float(x) for x in xs if x is not None and not math.isnan(float(x))]
+
+
 def _nanmean(xs) -> float:
-    vals = [float(x) for x in xs if x is not None and not math.isnan(float(x))]
+    vals = _scored(xs)
     return sum(vals) / len(vals) if vals else float("nan")
 
 
 def _nanstd(xs) -> float:
-    vals = [float(x) for x in xs if x is not None and not math.isnan(float(x))]
+    vals = _scored(xs)
     if len(vals) < 2:
         return 0.0
     m = sum(vals) / len(vals)
@@ -870,8 +874,7 @@ def _nanstd(xs) -> float:
 def _frac_zero_std(totals, G) -> float:
     """Share of the groups whose (scored) rewards are all equal: their advantages are 0. Not `std == 0`:
     the float mean of G copies of 0.1 or 0.7 is not always that value to the last bit (TRL: isclose)."""
-    groups = [[float(x) for x in totals[i:i + G] if x is not None and not math.isnan(float(x))]
-              for i in range(0, len(totals), G)]
+    groups = [_scored(totals[i:i + G]) for i in range(0, len(totals), G)]
     return sum(1 for g in groups if len(set(g)) < 2) / max(len(groups), 1)
 
 
