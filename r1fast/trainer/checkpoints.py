@@ -30,8 +30,7 @@ from safetensors.torch import load_file
 
 from r1fast._umask import apply_umask, fsync_dir, fsync_file, save_safetensors
 from r1fast.models.checkpoint import fsync_files, remove_folder, write_target
-from r1fast.trainer.config import check_resume_path_exists
-from r1fast.trainer.config import resume_is_bare  # noqa: F401  (where it was; the CLI imports it without torch)
+from r1fast.trainer.config import check_resume_path_exists, resume_is_bare  # there: the CLI imports it without torch
 
 _CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
 # save_checkpoint's temporary folder, and the ones save_pretrained makes beside it (".<its name>.tmp-...",
