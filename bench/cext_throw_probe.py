@@ -84,8 +84,8 @@ STEPS = [
 ]
 
 
-def run_step(script: Path, timeout: float = 120) -> tuple[int, str]:
-    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=timeout)
+def run_step(script: Path) -> tuple[int, str]:
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     return r.returncode, (r.stdout + r.stderr)
 
 

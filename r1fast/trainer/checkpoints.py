@@ -952,9 +952,9 @@ def _naming(path: str, what: str):
         raise ValueError(f"checkpoint {path!r}: cannot load {what} ({type(e).__name__}: {e})") from e
 
 
-def _short(v: Any, limit: int = 60) -> str:
+def _short(v: Any) -> str:
     r = repr(v)
-    return r if len(r) <= limit else r[:limit] + "..."
+    return r if len(r) <= 60 else r[:60] + "..."
 
 
 def _some(keys) -> str:

@@ -890,9 +890,9 @@ def _terminated_lengths(c_ids, finish) -> dict[str, float]:
             "completions/max_terminated_length": float(max(lengths))}
 
 
-def _short(prompt, n: int = 200) -> str:
+def _short(prompt) -> str:
     s = prompt if isinstance(prompt, str) else str(prompt[-1].get("content", prompt)) if isinstance(prompt, list) else str(prompt)
-    return s if len(s) <= n else s[:n] + "…"
+    return s if len(s) <= 200 else s[:200] + "…"
 
 
 def _apply_config_to_model(model, cfg: GRPOConfig) -> None:
