@@ -196,14 +196,18 @@ class GRPOTrainer:
                 raise ConfigError(f"option 'engine_max_num_seqs' = {cfg.engine_max_num_seqs} is below "
                                   f"eval_samples_per_prompt = {cfg.eval_samples_per_prompt}: a held-out prompt's "
                                   f"samples are decoded together")
-        if self.eval_rows and not str(cfg.dataset).startswith("builtin:"):
+        # the training rows' source as given: the train_dataset argument (a path or builtin:<task> too), else
+        # cfg.dataset
+        train_source = train_dataset if train_dataset is not None else cfg.dataset
+        train_builtin = isinstance(train_source, str) and train_source.startswith("builtin:")
+        if self.eval_rows and not train_builtin:
             seen = {str(r.get(cfg.prompt_column)) for r in self.train_rows}
             if all(str(r.get(cfg.prompt_column)) in seen for r in self.eval_rows):
                 source = _eval_source(cfg, eval_dataset, eval_at_ends)
                 warnings.warn(f"r1fast: every eval prompt is also a training prompt ({source}): the 'held-out' "
                               f"accuracy is measured on training rows; give held-out data or eval_dataset_split",
                               stacklevel=2)
-        if self.eval_rows and train_dataset is None and str(cfg.dataset).startswith("builtin:"):
+        if self.eval_rows and train_builtin:
             # two draws of a built-in task share prompts: keep the held-out ones out of training (as
             # the pipeline does), so the accuracy reported on them is truly held out
             seen = {str(r.get(cfg.prompt_column)) for r in self.eval_rows}

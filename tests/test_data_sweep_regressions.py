@@ -1,0 +1,30 @@
+"""Regressions found by a randomized differential sweep of dataset loading, prompts and reward columns
+against an independent reader (json, pyarrow) and transformers' own apply_chat_template."""
+import pytest
+
+from r1fast.data import build_char_tokenizer
+from r1fast.models import CausalLM, ModelConfig
+from r1fast.trainer import GRPOConfig, GRPOTrainer
+
+
+def _tiny_model():
+    tok = build_char_tokenizer()
+    cfg = ModelConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, max_position_embeddings=64, eos_token_id=tok.eos_token_id,
+                      bos_token_id=tok.bos_token_id)
+    model = CausalLM(cfg)
+    model.reset_parameters(seed=0)
+    return model, tok
+
+
+@pytest.mark.parametrize("seed", [0, 7])
+def test_builtin_train_dataset_given_as_an_argument_leaves_out_the_held_out_prompts(tmp_path, seed):
+    # GRPOTrainer(model, rewards, "builtin:arithmetic", cfg) with a built-in eval_dataset: the held-out prompts
+    # were kept out of training only when the task came from cfg.dataset, so ~9% of them were trained on
+    model, tok = _tiny_model()
+    cfg = GRPOConfig(eval_dataset="builtin:arithmetic", eval_size=200, seed=seed, per_device_train_batch_size=8,
+                     num_generations=4, output_dir=str(tmp_path / "e"), progress_bar=False)
+    tr = GRPOTrainer(model, ["format"], "builtin:arithmetic", cfg, tokenizer=tok)
+    held = {r["prompt"] for r in tr.eval_rows}
+    assert len(held) > 100 and not held & {r["prompt"] for r in tr.train_rows}
+    assert 900 < len(tr.train_rows) < 1000   # the draw less its held-out prompts, not an empty or whole one
