@@ -28,3 +28,18 @@ def test_builtin_train_dataset_given_as_an_argument_leaves_out_the_held_out_prom
     held = {r["prompt"] for r in tr.eval_rows}
     assert len(held) > 100 and not held & {r["prompt"] for r in tr.train_rows}
     assert 900 < len(tr.train_rows) < 1000   # the draw less its held-out prompts, not an empty or whole one
+
+
+def test_a_file_without_an_extension_is_named_by_its_own_name_not_the_path_after_a_dot(tmp_path):
+    # the extension was the whole path's last dot onward: "./my.data/prompts" was "unknown file type .data/prompts"
+    from r1fast.data import load_rows
+
+    folder = tmp_path / "my.data"
+    folder.mkdir()
+    (folder / "prompts").write_text('{"prompt": "1+1="}\n')
+    with pytest.raises(ValueError, match=r"prompts': a file without an extension \(use \.jsonl, \.json, \.parquet "
+                                         r"or \.csv\)$"):
+        load_rows(str(folder / "prompts"))
+    (folder / "prompts.TXT").write_text("x")
+    with pytest.raises(ValueError, match=r"unknown file type \.txt \("):
+        load_rows(str(folder / "prompts.TXT"))

@@ -180,13 +180,16 @@ def _load_hf(path: str, split: Optional[str], default_splits: Sequence[str] = TR
     if not os.path.exists(path):
         raise ValueError(f"dataset {path!r} does not exist (give a .jsonl/.json/.parquet/.csv file, a folder "
                          f"saved with datasets' save_to_disk, or builtin:arithmetic{hub_name_hint(path)})")
-    ext = path.rsplit(".", 1)[-1].lower() if not os.path.isdir(path) else None
+    # the file name's extension: the whole path's last dot read "./data/prompts" as the file type "/data/prompts"
+    name = os.path.basename(path)
+    ext = (name.rsplit(".", 1)[-1].lower() if "." in name else "") if not os.path.isdir(path) else None
     if ext is not None:  # a file has one set of rows
         _no_splits(path, split)
     if ext == "jsonl":  # read directly: no `datasets` needed
         return _read_jsonl(path)
     if ext is not None and ext not in _BUILDERS:
-        raise ValueError(f"dataset {path!r}: unknown file type .{ext} (use .jsonl, .json, .parquet or .csv)")
+        what = f"unknown file type .{ext}" if ext else "a file without an extension"
+        raise ValueError(f"dataset {path!r}: {what} (use .jsonl, .json, .parquet or .csv)")
     try:
         import datasets
     except ImportError:
