@@ -1,5 +1,7 @@
 """Regressions found by a randomized differential sweep of dataset loading, prompts and reward columns
 against an independent reader (json, pyarrow) and transformers' own apply_chat_template."""
+import re
+
 import pytest
 
 from r1fast.data import build_char_tokenizer
@@ -43,3 +45,25 @@ def test_a_file_without_an_extension_is_named_by_its_own_name_not_the_path_after
     (folder / "prompts.TXT").write_text("x")
     with pytest.raises(ValueError, match=r"unknown file type \.txt \("):
         load_rows(str(folder / "prompts.TXT"))
+
+
+@pytest.mark.parametrize("name, content", [
+    ("e.json", ""), ("e.csv", ""), ("e.parquet", ""), ("e.jsonl", ""),   # 0 bytes
+    ("a.json", "[]"), ("h.csv", "prompt,answer\n"), ("z.parquet", None),   # no rows
+])
+def test_an_empty_file_is_said_to_be_empty_not_the_parsers_error(tmp_path, name, content):
+    # datasets' errors were passed on: "cannot read it as .json: StopIteration", ".parquet: ArrowInvalid: BatchSize
+    # must be greater than 0, got 0", ".csv: ValueError: Instruction "train" corresponds to no data!"
+    pytest.importorskip("datasets")
+    from r1fast.data import load_rows
+
+    path = tmp_path / name
+    if content is None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.table({"prompt": pa.array([], pa.string()), "answer": pa.array([], pa.int64())}), path)
+    else:
+        path.write_text(content)
+    with pytest.raises(ValueError, match=rf"^dataset '{re.escape(str(path))}' is empty( \(a .*\))?$"):
+        load_rows(str(path))

@@ -209,13 +209,33 @@ def _load_hf(path: str, split: Optional[str], default_splits: Sequence[str] = TR
             _no_splits(path, split)
     else:
         builder = _BUILDERS[ext]
+        if os.path.getsize(path) == 0:   # datasets' own word for it was "StopIteration" (.json) or an Arrow error
+            raise ValueError(f"dataset {path!r} is empty (a file of 0 bytes)")
+        if _parquet_without_rows(path, ext):   # datasets failed on it with "BatchSize must be greater than 0"
+            raise ValueError(f"dataset {path!r} is empty (a parquet file of 0 rows)")
         try:
             ds = datasets.load_dataset(builder, data_files=path, split="train")
         except Exception as e:   # datasets wraps the parser's error; its innermost cause says what is wrong
-            raise ValueError(f"dataset {path!r}: cannot read it as .{ext}: {_root_cause(e)}") from None
+            cause = _root_cause(e)
+            if "corresponds to no data" in cause:   # a .json of [], a .csv of its header alone: no rows to split
+                raise ValueError(f"dataset {path!r} is empty (a .{ext} file without rows)") from None
+            raise ValueError(f"dataset {path!r}: cannot read it as .{ext}: {cause}") from None
         if ext == "csv":
             _refuse_shifted_csv(path, ds.column_names)
     return dataset_as_rows(ds)
+
+
+def _parquet_without_rows(path: str, ext: str) -> bool:
+    """A .parquet file whose footer says it holds no rows (False for any other file, or one pyarrow cannot read:
+    datasets then says why)."""
+    if ext != "parquet":
+        return False
+    try:
+        import pyarrow.parquet as pq
+
+        return pq.read_metadata(path).num_rows == 0
+    except Exception:
+        return False
 
 
 def _refuse_shifted_csv(path: str, columns: Sequence[str]):
