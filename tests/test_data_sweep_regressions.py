@@ -67,3 +67,25 @@ def test_an_empty_file_is_said_to_be_empty_not_the_parsers_error(tmp_path, name,
         path.write_text(content)
     with pytest.raises(ValueError, match=rf"^dataset '{re.escape(str(path))}' is empty( \(a .*\))?$"):
         load_rows(str(path))
+
+
+def test_a_saved_dataset_without_rows_is_named_and_a_dataset_dicts_other_splits_still_read(tmp_path):
+    # datasets.load_from_disk raises an IndexError from inside datasets for a Dataset saved with 0 rows, and for a
+    # DatasetDict holding one, even to read another split: a filter that kept no test rows made the train split
+    # unreadable
+    datasets = pytest.importorskip("datasets")
+    from r1fast.data import load_rows
+
+    datasets.Dataset.from_dict({"prompt": [], "answer": []}).save_to_disk(str(tmp_path / "empty"))
+    with pytest.raises(ValueError, match=r"^dataset '.*empty' is empty$"):
+        load_rows(str(tmp_path / "empty"))
+    rows = [{"prompt": f"{i}+1=", "answer": str(i + 1)} for i in range(5)]
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows),
+                          "test": datasets.Dataset.from_dict({"prompt": [], "answer": []})}).save_to_disk(
+        str(tmp_path / "dd"))
+    assert load_rows(str(tmp_path / "dd")) == rows
+    assert load_rows(str(tmp_path / "dd"), split="train") == rows
+    with pytest.raises(ValueError, match=r"^dataset '.*dd': its split 'test' has no rows$"):
+        load_rows(str(tmp_path / "dd"), split="test")
+    with pytest.raises(ValueError, match=r"has no split 'validation'; splits: \['train', 'test'\]$"):
+        load_rows(str(tmp_path / "dd"), split="validation")

@@ -196,17 +196,9 @@ def _load_hf(path: str, split: Optional[str], default_splits: Sequence[str] = TR
         raise ValueError(f"dataset {path!r}: reading {'a saved dataset folder' if ext is None else '.' + ext} "
                          f"needs the `datasets` package (pip install datasets), or give a .jsonl file") from None
     if ext is None:
-        try:
-            ds = datasets.load_from_disk(path)
-        except FileNotFoundError as e:
-            raise ValueError(f"dataset folder {path!r} was not written by datasets' save_to_disk: {e}") from None
-        if isinstance(ds, datasets.DatasetDict):
-            split = split or next((s for s in default_splits if s in ds), next(iter(ds)))
-            if split not in ds:
-                raise ValueError(f"dataset {path!r} has no split {split!r}; splits: {list(ds)}")
-            ds = ds[split]
-        else:
-            _no_splits(path, split)
+        ds = _load_saved(datasets, path, split, default_splits)
+        if ds is None:
+            return []   # load_rows names the empty dataset
     else:
         builder = _BUILDERS[ext]
         if os.path.getsize(path) == 0:   # datasets' own word for it was "StopIteration" (.json) or an Arrow error
@@ -223,6 +215,43 @@ def _load_hf(path: str, split: Optional[str], default_splits: Sequence[str] = TR
         if ext == "csv":
             _refuse_shifted_csv(path, ds.column_names)
     return dataset_as_rows(ds)
+
+
+def _load_saved(datasets, path: str, split: Optional[str], default_splits: Sequence[str]):
+    """The Dataset of a folder written by save_to_disk, or of the chosen split of a saved DatasetDict, each split
+    read alone: datasets cannot open a Dataset saved with no rows (it wrote no data file, and an IndexError came
+    from inside datasets), nor so a DatasetDict holding one, even to read another of its splits. None for no rows."""
+    from datasets import config
+
+    dict_file = os.path.join(path, config.DATASETDICT_JSON_FILENAME)
+    if not os.path.isfile(os.path.join(path, config.DATASET_STATE_JSON_FILENAME)) and os.path.isfile(dict_file):
+        with open(dict_file, encoding="utf-8") as f:
+            splits = list(json.load(f).get("splits", []))
+        if not splits:
+            return None
+        split = split or next((s for s in default_splits if s in splits), splits[0])
+        if split not in splits:
+            raise ValueError(f"dataset {path!r} has no split {split!r}; splits: {splits}")
+        ds = _load_saved_dataset(datasets, os.path.join(path, split), path)
+        if ds is None:
+            raise ValueError(f"dataset {path!r}: its split {split!r} has no rows")
+        return ds
+    _no_splits(path, split)
+    return _load_saved_dataset(datasets, path, path)
+
+
+def _load_saved_dataset(datasets, folder: str, path: str):
+    """datasets.load_from_disk(folder), or None for a Dataset saved with no rows (its state lists no data files)."""
+    try:
+        with open(os.path.join(folder, datasets.config.DATASET_STATE_JSON_FILENAME), encoding="utf-8") as f:
+            if json.load(f).get("_data_files") == []:
+                return None
+    except (OSError, ValueError, AttributeError):   # no state file (not a saved Dataset): load_from_disk says so
+        pass
+    try:
+        return datasets.load_from_disk(folder)
+    except FileNotFoundError as e:
+        raise ValueError(f"dataset folder {path!r} was not written by datasets' save_to_disk: {e}") from None
 
 
 def _parquet_without_rows(path: str, ext: str) -> bool:
