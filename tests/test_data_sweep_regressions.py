@@ -89,3 +89,22 @@ def test_a_saved_dataset_without_rows_is_named_and_a_dataset_dicts_other_splits_
         load_rows(str(tmp_path / "dd"), split="test")
     with pytest.raises(ValueError, match=r"has no split 'validation'; splits: \['train', 'test'\]$"):
         load_rows(str(tmp_path / "dd"), split="validation")
+
+
+@pytest.mark.parametrize("text, said", [
+    ('[{"prompt": "1+1="}, 5]', r": element 1 of its JSON array: expected a JSON object, got int$"),
+    ('[{"prompt": "1+1="}, {"prompt": "2+2="}, ["3+3="]]', r": element 2 of its JSON array: expected a JSON object, "
+                                                           r"got list$"),
+    ('{"prompt": "1+1="}\n\n5\n', r" line 3: expected a JSON object, got int$"),
+    ('"1+1="', r": expected a JSON array of objects \(one per row\), or JSON lines, got str$"),
+])
+def test_a_json_file_whose_row_is_not_an_object_names_that_row(tmp_path, text, said):
+    # datasets' errors were passed on: "JSON parse error: Column() changed from object to string in row 0" (the
+    # wrong row), "Trailing data at position 15", "DataFrame constructor not properly called!"
+    pytest.importorskip("datasets")
+    from r1fast.data import load_rows
+
+    path = tmp_path / "d.json"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=rf"^dataset '{re.escape(str(path))}'" + said):
+        load_rows(str(path))

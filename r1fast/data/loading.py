@@ -211,6 +211,9 @@ def _load_hf(path: str, split: Optional[str], default_splits: Sequence[str] = TR
             cause = _root_cause(e)
             if "corresponds to no data" in cause:   # a .json of [], a .csv of its header alone: no rows to split
                 raise ValueError(f"dataset {path!r} is empty (a .{ext} file without rows)") from None
+            problem = _json_file_problem(path) if ext == "json" else None
+            if problem:
+                raise ValueError(problem) from None
             raise ValueError(f"dataset {path!r}: cannot read it as .{ext}: {cause}") from None
         if ext == "csv":
             _refuse_shifted_csv(path, ds.column_names)
@@ -252,6 +255,34 @@ def _load_saved_dataset(datasets, folder: str, path: str):
         return datasets.load_from_disk(folder)
     except FileNotFoundError as e:
         raise ValueError(f"dataset folder {path!r} was not written by datasets' save_to_disk: {e}") from None
+
+
+def _json_file_problem(path: str) -> Optional[str]:
+    """What is wrong with a .json file datasets could not read, found by Python's json: an array element or a JSON
+    line that is not an object of columns, by its index or line (datasets said "JSON parse error: Column() changed
+    from object to string in row 0" for [{...}, 5], "Trailing data" for JSON lines, "DataFrame constructor not
+    properly called!" for a lone string); None when json finds nothing wrong."""
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            value = json.load(f)
+    except OSError:
+        return None
+    except (ValueError, RecursionError):   # not one JSON value: read as JSON lines, each an object
+        try:
+            read_json_objects(path, f"dataset {path!r}")
+        except ValueError as e:
+            return str(e)
+        return None
+    if isinstance(value, list):
+        bad = next((i for i, v in enumerate(value) if not isinstance(v, dict)), None)
+        if bad is not None:
+            return (f"dataset {path!r}: element {bad} of its JSON array: expected a JSON object, got "
+                    f"{type(value[bad]).__name__}")
+        return None
+    if not isinstance(value, dict):
+        return (f"dataset {path!r}: expected a JSON array of objects (one per row), or JSON lines, got "
+                f"{type(value).__name__}")
+    return None
 
 
 def _parquet_without_rows(path: str, ext: str) -> bool:
