@@ -108,3 +108,23 @@ def test_a_json_file_whose_row_is_not_an_object_names_that_row(tmp_path, text, s
     path.write_text(text)
     with pytest.raises(ValueError, match=rf"^dataset '{re.escape(str(path))}'" + said):
         load_rows(str(path))
+
+
+def test_a_lone_surrogate_in_a_prompt_or_completion_is_an_error_naming_its_row_before_training(tmp_path):
+    # JSON's "\ud83d" (an emoji cut in two) reads as a lone surrogate, which tokenizers cannot encode: check_prompts
+    # passed it, and the first rollout to draw the row failed with tokenizers' "TextEncodeInput must be Union[...]"
+    # TypeError (SFT's encoding too), naming no row
+    from r1fast.trainer import SFTConfig, SFTTrainer
+
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "1+1=", "completion": "2", "answer": "2"}\n\n'
+                    '{"prompt": "2+2= \\ud83d", "completion": "4", "answer": "4"}\n')
+    model, tok = _tiny_model()
+    cfg = GRPOConfig(dataset=str(data), per_device_train_batch_size=4, num_generations=2,
+                     output_dir=str(tmp_path / "g"), progress_bar=False)
+    with pytest.raises(ValueError, match=r"^train dataset: row 1 \('.*d.jsonl' line 3\): a prompt holds '\\ud83d' at "
+                                         r"character 5, half of a UTF-16 surrogate pair"):
+        GRPOTrainer(model, ["format"], None, cfg, tokenizer=tok)
+    rows = [{"prompt": "1+1=", "completion": "2"}, {"prompt": "3+3=", "completion": "6\udc00"}]
+    with pytest.raises(ValueError, match=r"^SFT dataset: row 1: a completion holds '\\udc00' at character 1"):
+        SFTTrainer(model, tok, rows, SFTConfig(output_dir=str(tmp_path / "s"), progress_bar=False))

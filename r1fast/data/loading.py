@@ -429,7 +429,21 @@ def prompt_messages(prompt: Any, system_prompt: Optional[str]) -> list[dict]:
         raise ValueError(f"a prompt must be a string or a list of {{'role', 'content'}} messages; got {prompt!r:.80}")
     if system_prompt and not any(m["role"] == "system" for m in msgs):
         msgs = [{"role": "system", "content": system_prompt}] + msgs
+    for m in msgs:
+        check_encodable(m["content"], "a prompt")
     return msgs
+
+
+def check_encodable(text: str, what: str):
+    """A lone surrogate ("\\ud83d": half of a UTF-16 pair, as JSON escapes an emoji cut in two) is no text a tokenizer
+    encodes: tokenizers failed with "TextEncodeInput must be Union[TextInputSequence, ...]", a TypeError from a GRPO
+    run's first rollout to draw the row (check_prompts had passed it) or from SFT's encoding, naming no row."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{what} holds {text[e.start]!r} at character {e.start}, half of a UTF-16 surrogate pair "
+                         f"(a character cut in two), which is not text a tokenizer can encode; mend or drop the "
+                         f"row") from None
 
 
 def continues_answer(prompt: Any) -> bool:
@@ -676,6 +690,7 @@ def encode_completion(tokenizer, completion: Any, prefilled: str = "") -> list[i
         raise ValueError(f"a completion must be a string or a list of {{'role', 'content'}} messages with string "
                          f"content; got {completion!r:.80}")
     completion = _after_prefill(str(completion), prefilled)
+    check_encodable(completion, "a completion")
     ids = tokenizer(completion, add_special_tokens=False).input_ids
     _warn_unknown(tokenizer, completion, ids)
     if tokenizer.eos_token_id is not None:
