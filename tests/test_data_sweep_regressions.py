@@ -1,5 +1,7 @@
 """Regressions found by a randomized differential sweep of dataset loading, prompts and reward columns
 against an independent reader (json, pyarrow) and transformers' own apply_chat_template."""
+import json
+import os
 import re
 
 import pytest
@@ -128,3 +130,35 @@ def test_a_lone_surrogate_in_a_prompt_or_completion_is_an_error_naming_its_row_b
     rows = [{"prompt": "1+1=", "completion": "2"}, {"prompt": "3+3=", "completion": "6\udc00"}]
     with pytest.raises(ValueError, match=r"^SFT dataset: row 1: a completion holds '\\udc00' at character 1"):
         SFTTrainer(model, tok, rows, SFTConfig(output_dir=str(tmp_path / "s"), progress_bar=False))
+
+
+@pytest.mark.parametrize("ext", ["json", "csv", "parquet"])
+def test_a_file_rewritten_with_its_old_mtime_is_read_afresh_not_from_datasets_cache(tmp_path, ext):
+    # datasets caches a local file's rows under its path and mtime alone: a file rewritten with its old mtime (cp -p,
+    # rsync -t, two writes within the filesystem's mtime resolution) gave the old prompts and answers, silently
+    pytest.importorskip("datasets")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from r1fast.data import load_rows
+
+    path = tmp_path / f"d.{ext}"
+
+    def write(rows):
+        if ext == "json":
+            path.write_text(json.dumps(rows))
+        elif ext == "csv":
+            path.write_text("prompt,answer\n" + "".join(f"{r['prompt']},{r['answer']}\n" for r in rows))
+        else:
+            pq.write_table(pa.Table.from_pylist(rows), path)
+
+    first = [{"prompt": f"{a}+{a}=", "answer": str(2 * a)} for a in range(1, 4)]
+    write(first)
+    stamp = os.stat(path)
+    assert [r["prompt"] for r in load_rows(str(path))] == [r["prompt"] for r in first]
+    second = [{"prompt": f"{a}*{a}=", "answer": str(a * a)} for a in range(5, 8)]
+    write(second)
+    os.utime(path, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+    got = load_rows(str(path))
+    assert [r["prompt"] for r in got] == [r["prompt"] for r in second]
+    assert [str(r["answer"]) for r in got] == [r["answer"] for r in second]

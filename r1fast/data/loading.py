@@ -205,8 +205,20 @@ def _load_hf(path: str, split: Optional[str], default_splits: Sequence[str] = TR
             raise ValueError(f"dataset {path!r} is empty (a file of 0 bytes)")
         if _parquet_without_rows(path, ext):   # datasets failed on it with "BatchSize must be greater than 0"
             raise ValueError(f"dataset {path!r} is empty (a parquet file of 0 rows)")
+        return _read_file(datasets, path, ext, builder)
+    return dataset_as_rows(ds)
+
+
+def _read_file(datasets, path: str, ext: str, builder: str) -> list[dict]:
+    """A .json/.csv/.parquet file's rows, read by datasets into a cache folder of this call's own, removed after.
+    datasets' shared cache of a local file is keyed by its path and mtime alone, so a file rewritten within its
+    mtime's resolution (or given its old mtime back: cp -p, rsync -t) gave its old rows, and a rebuild forced there
+    could remove the cache that another run reading the same file was about to open."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="r1fast-data-", ignore_cleanup_errors=True) as cache:
         try:
-            ds = datasets.load_dataset(builder, data_files=path, split="train")
+            ds = datasets.load_dataset(builder, data_files=path, split="train", cache_dir=cache)
         except Exception as e:   # datasets wraps the parser's error; its innermost cause says what is wrong
             cause = _root_cause(e)
             if "corresponds to no data" in cause:   # a .json of [], a .csv of its header alone: no rows to split
@@ -217,7 +229,7 @@ def _load_hf(path: str, split: Optional[str], default_splits: Sequence[str] = TR
             raise ValueError(f"dataset {path!r}: cannot read it as .{ext}: {cause}") from None
         if ext == "csv":
             _refuse_shifted_csv(path, ds.column_names)
-    return dataset_as_rows(ds)
+        return dataset_as_rows(ds)   # read whole while its cache is there
 
 
 def _load_saved(datasets, path: str, split: Optional[str], default_splits: Sequence[str]):
