@@ -162,3 +162,21 @@ def test_a_file_rewritten_with_its_old_mtime_is_read_afresh_not_from_datasets_ca
     got = load_rows(str(path))
     assert [r["prompt"] for r in got] == [r["prompt"] for r in second]
     assert [str(r["answer"]) for r in got] == [r["answer"] for r in second]
+
+
+def test_a_nan_completion_or_prompt_is_a_row_without_a_value_not_the_text_nan(tmp_path):
+    # rows from a pandas DataFrame (to_dict("records")) hold NaN for a missing cell: SFT trained on the text "nan" as
+    # the completion, and a NaN prompt was "a prompt must be a string ...; got nan" rather than a missing value
+    import numpy as np
+
+    from r1fast.data import check_columns
+    from r1fast.trainer import SFTConfig, SFTTrainer
+
+    model, tok = _tiny_model()
+    rows = [{"prompt": "1+1=", "completion": "2"}, {"prompt": "2+2=", "completion": "4"},
+            {"prompt": "3+3=", "completion": float("nan")}]
+    with pytest.raises(ValueError, match=r"^SFT dataset: row 2 has no value for column\(s\) \['completion'\]$"):
+        SFTTrainer(model, tok, rows, SFTConfig(output_dir=str(tmp_path / "s"), progress_bar=False))
+    with pytest.raises(ValueError, match=r"^train dataset: row 1 has no value for column\(s\) \['prompt'\]$"):
+        check_columns([{"prompt": "1+1="}, {"prompt": np.float64("nan")}], ("prompt",), "train dataset")
+    check_columns([{"prompt": "1+1=", "completion": 0.0}], ("prompt", "completion"))   # a number is a value

@@ -139,19 +139,25 @@ def split_conversations(rows: Sequence[dict], prompt_column: str, completion_col
 
 def check_columns(rows: Sequence[dict], columns: Sequence[str], where: str = "dataset",
                   options: Optional[dict[str, str]] = None):
-    """Every row has a value (not None) in every one of `columns`.
+    """Every row has a value (not None, not a float NaN) in every one of `columns`.
 
     All rows are checked, not just the first: a row with a hole would otherwise train on the text
-    "None" (SFT) or fail with a KeyError in the middle of a run. `options`: column -> the option that
+    "None" (SFT) or fail with a KeyError in the middle of a run. NaN is pandas' hole (rows from
+    DataFrame.to_dict("records")), which SFT trained on as the text "nan". `options`: column -> the option that
     names it (`prompt_column`), for the error to say what to set."""
     missing = [c for c in columns if c not in rows[0]]
     if missing:
         raise ValueError(f"{where}{source_name(rows)} lacks column(s) {missing}; it has {sorted(rows[0])}"
                          f"{column_options_hint(missing, options)}")
     for i, row in enumerate(rows):
-        holes = [c for c in columns if row.get(c) is None]
+        holes = [c for c in columns if _no_value(row.get(c))]
         if holes:
             raise ValueError(f"{where}: {row_name(rows, i)} has no value for column(s) {holes}")
+
+
+def _no_value(value) -> bool:
+    """None, or a float NaN (numpy's too): a missing cell."""
+    return value is None or (isinstance(value, float) and value != value)
 
 
 _BUILDERS = {"json": "json", "parquet": "parquet", "csv": "csv"}  # file type -> datasets' loader
