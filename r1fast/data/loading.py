@@ -711,7 +711,9 @@ def encode_completion(tokenizer, completion: Any, prefilled: str = "") -> list[i
     check_encodable(completion, "a completion")
     ids = tokenizer(completion, add_special_tokens=False).input_ids
     _warn_unknown(tokenizer, completion, ids)
-    if tokenizer.eos_token_id is not None:
+    # a completion written with its EOS (data from another tool) gets no second one, as TRL appends it only where
+    # it is missing: a second trains writing EOS after EOS and counts in the loss's token mean
+    if tokenizer.eos_token_id is not None and ids[-1:] != [tokenizer.eos_token_id]:
         ids = ids + [tokenizer.eos_token_id]
     return ids
 
