@@ -1,5 +1,7 @@
 """SFT defects found by a randomized differential sweep of SFTTrainer against an independent float64
 training loop: what each example trains on, and bad rows refused with an error naming them."""
+import pytest
+
 from r1fast.data import build_char_tokenizer
 from r1fast.models import CausalLM, ModelConfig
 from r1fast.trainer import SFTConfig, SFTTrainer
@@ -28,3 +30,16 @@ def test_a_completion_that_already_ends_with_eos_trains_one_eos_as_trl_does(tmp_
     tr = trainer(rows, tok, tmp_path)
     want = tok("7", add_special_tokens=False).input_ids + [tok.eos_token_id]
     assert tr.examples[0][1] == want and tr.examples[1][1] == want
+
+
+def test_a_completion_list_of_plain_strings_is_refused_naming_the_row(tmp_path):
+    # ["a", "b"] is no message list; its last string alone was trained on, the rest dropped without a word
+    rows = [{"prompt": "1", "completion": "2"}, {"prompt": "12", "completion": ["34", "56"]}]
+    with pytest.raises(ValueError, match=r"row 1: a completion must be a string or a list of"):
+        trainer(rows, tmp_path=tmp_path)
+    mixed = [{"prompt": "1", "completion": ["34", {"role": "assistant", "content": "56"}]}]
+    with pytest.raises(ValueError, match=r"row 0: a completion must be a string or a list of"):
+        trainer(mixed, tmp_path=tmp_path)
+    # a list of messages still trains on its last one
+    ok = trainer([{"prompt": "1", "completion": [{"role": "assistant", "content": "56"}]}], tmp_path=tmp_path)
+    assert ok.examples[0][1][:-1] == build_char_tokenizer()("56", add_special_tokens=False).input_ids

@@ -697,7 +697,8 @@ def encode_completion(tokenizer, completion: Any, prefilled: str = "") -> list[i
     prefilled: what the prompt's generation prompt already opened (`prefilled_think`: R1-Distill's
     "<think>\n"); a completion that opens it again (the assistant's whole turn, as a `messages` row or a
     sample of such a model holds it) starts after it instead, so the block is not opened twice."""
-    if isinstance(completion, list) and completion:
+    # only a list of messages stands for its last one: of ["a", "b"], "b" alone would be trained on
+    if isinstance(completion, list) and completion and all(isinstance(m, dict) for m in completion):
         completion = completion[-1]
     if isinstance(completion, dict) and completion.get("role", "assistant") != "assistant":
         # a conversation ending on the user's turn (or swapped columns) would train the model to write the user's text
