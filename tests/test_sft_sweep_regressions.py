@@ -43,3 +43,15 @@ def test_a_completion_list_of_plain_strings_is_refused_naming_the_row(tmp_path):
     # a list of messages still trains on its last one
     ok = trainer([{"prompt": "1", "completion": [{"role": "assistant", "content": "56"}]}], tmp_path=tmp_path)
     assert ok.examples[0][1][:-1] == build_char_tokenizer()("56", add_special_tokens=False).input_ids
+
+
+def test_an_empty_completion_without_an_eos_token_is_refused_naming_the_row(tmp_path):
+    # with no EOS to train on, an empty completion has no token: the first step failed with pack's
+    # "every prompt and completion needs at least one token", naming no row, after the model had loaded
+    tok = build_char_tokenizer()
+    tok.eos_token = None
+    assert tok.eos_token_id is None
+    rows = [{"prompt": "1", "completion": "2"}, {"prompt": "12", "completion": ""}]
+    with pytest.raises(ValueError, match=r"SFT dataset: row 1: the completion is empty"):
+        trainer(rows, tok, tmp_path)
+    trainer(rows[:1], tok, tmp_path).step()   # a non-empty one still trains

@@ -84,6 +84,8 @@ class SFTTrainer:
                                   chat_template_kwargs=cfg.chat_template_kwargs)
                 c = encode_completion(tokenizer, r[cfg.completion_column],
                                       "" if continues_answer(r[cfg.prompt_column]) else prefilled)
+                if not c:   # no EOS to train on either: said here, not by the first step's packing
+                    raise ValueError("the completion is empty and the tokenizer has no EOS token: nothing to train on")
             except ValueError as e:
                 raise ValueError(f"SFT dataset: {row_name(rows, i)}: {e}") from None
             # trim the prompt's start to keep the completion whole; a completion of the limit or more
