@@ -55,3 +55,22 @@ def test_an_empty_completion_without_an_eos_token_is_refused_naming_the_row(tmp_
     with pytest.raises(ValueError, match=r"SFT dataset: row 1: the completion is empty"):
         trainer(rows, tok, tmp_path)
     trainer(rows[:1], tok, tmp_path).step()   # a non-empty one still trains
+
+
+def test_examples_cut_to_max_length_are_said_naming_the_first_and_the_lost_eos(tmp_path):
+    # an example past max_length (or the model's positions) lost its prompt's start, or its completion's end and
+    # EOS (teaching the model not to stop), without a word; GRPO says so of the prompts it cuts
+    rows = [{"prompt": "12", "completion": "7"}, {"prompt": "0123456789", "completion": "abc"},
+            {"prompt": "9", "completion": "x" * 20}, {"prompt": "3", "completion": "4"}]
+    with pytest.warns(UserWarning, match=r"SFT dataset: 2 of 4 examples are longer than the 12 tokens an example "
+                                         r"keeps \(max_length\): row 1 has 1[0-9] tokens.*1 of them loses the end "
+                                         r"of its completion and its EOS"):
+        tr = trainer(rows, tmp_path=tmp_path, max_length=12)
+    assert [len(p) + len(c) for p, c in tr.examples][1:3] == [12, 12]
+    with pytest.warns(UserWarning, match=r"1 of 2 examples are longer than the 64 tokens an example keeps "
+                                         r"\(the model's positions\): row 1"):
+        trainer([rows[0], {"prompt": "1", "completion": "y" * 70}], tmp_path=tmp_path)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")   # nothing cut, nothing said
+        trainer([rows[0], rows[3]], tmp_path=tmp_path, max_length=12)

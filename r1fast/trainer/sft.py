@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from typing import Any, Optional
 
 
@@ -78,6 +79,7 @@ class SFTTrainer:
         # never generates there, and rotary positions past them are an extrapolation
         limit = min(cfg.max_length, model.config.max_sequence_length)
         prefilled = prefilled_think(tokenizer, cfg.chat_template_kwargs)   # R1-Distill's template opens <think> in the prompt
+        cut = []   # (row, tokens, whether the completion loses its end) of the examples past the limit
         for i, r in enumerate(rows):
             try:
                 p = encode_prompt(tokenizer, r[cfg.prompt_column], cfg.system_prompt,
@@ -91,9 +93,12 @@ class SFTTrainer:
             # trim the prompt's start to keep the completion whole; a completion of the limit or more
             # keeps one prompt token and loses its end (its EOS with it)
             if len(p) + len(c) > limit:
+                cut.append((i, len(p) + len(c), len(c) >= limit))
                 p = p[-max(1, limit - len(c)):]
                 c = c[:limit - len(p)]
             self.examples.append((p, c))
+        if cut:
+            _warn_cut_examples(rows, cut, limit, "max_length" if limit == cfg.max_length else "the model's positions")
         self.run_dir = run_dir or run_dir_for(cfg.output_dir, cfg.run_name, "sft")
         self.stage, self.step_offset = stage_name, step_offset
         self.optimizer = make_optimizer(model, cfg)
@@ -227,6 +232,19 @@ class SFTTrainer:
                 print(f"\nr1fast: interrupted at step {self.global_step}; resumable checkpoint: {path}")
         return {"checkpoint": path, "global_step": self.global_step, "run_dir": self.run_dir,
                 "interrupted": interrupted, "nonfinite_skipped": self.nonfinite_skipped}
+
+
+def _warn_cut_examples(rows, cut: list[tuple[int, int, bool]], limit: int, what: str):
+    """Say that examples were cut to `limit` tokens (naming the first), and how many lost their completion's end
+    with its EOS: such an example teaches the model to go on where it should stop."""
+    first, length, _ = cut[0]
+    lost_eos = sum(1 for _, _, completion_cut in cut if completion_cut)
+    eos = (f"; {lost_eos} of them loses the end of its completion and its EOS, teaching the model not to stop"
+           if lost_eos else "")
+    remedy = "raise max_length if the model has the positions, or " if what == "max_length" else ""
+    warnings.warn(f"SFT dataset: {len(cut)} of {len(rows)} examples are longer than the {limit} tokens an example "
+                  f"keeps ({what}): {row_name(rows, first)} has {length} tokens. Their prompts lose their start{eos}; "
+                  f"{remedy}shorten them", stacklevel=3)
 
 
 def _mean(xs: list[float]) -> float:
