@@ -1,5 +1,7 @@
 """SFT defects found by a randomized differential sweep of SFTTrainer against an independent float64
 training loop: what each example trains on, and bad rows refused with an error naming them."""
+import math
+
 import pytest
 
 from r1fast.data import build_char_tokenizer
@@ -74,3 +76,107 @@ def test_examples_cut_to_max_length_are_said_naming_the_first_and_the_lost_eos(t
     with warnings.catch_warnings():
         warnings.simplefilter("error")   # nothing cut, nothing said
         trainer([rows[0], rows[3]], tmp_path=tmp_path, max_length=12)
+
+
+def _reference_nll(model, examples, hits):
+    """Summed NLL of the completions (float64 logits of the plain unpacked forward), argmax hits counted."""
+    import torch
+
+    nll = torch.zeros((), dtype=torch.float64)
+    for p, c in examples:
+        logits = model.logits(model(torch.tensor(p + c))).double()[len(p) - 1:-1]
+        hits.append(int((logits.argmax(-1) == torch.tensor(c)).sum()))
+        nll = nll - torch.log_softmax(logits, -1).gather(1, torch.tensor(c)[:, None]).sum()
+    return nll
+
+
+def _rate_factor(step, kind, total, warmup):
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return {"constant": 1.0, "linear": max(0.0, 1 - progress), "cosine": 0.5 * (1 + math.cos(math.pi * progress))}[kind]
+
+
+@pytest.mark.parametrize("case", [
+    dict(per_device_train_batch_size=2, gradient_accumulation_steps=2, num_train_epochs=2.0, lr_scheduler_type="cosine",
+         warmup_steps=2, max_grad_norm=0.3, weight_decay=0.1, max_length=14, share_prompts=True),
+    dict(per_device_train_batch_size=3, gradient_accumulation_steps=1, max_steps=4, lr_scheduler_type="linear",
+         warmup_ratio=0.5, max_grad_norm=0.0, weight_decay=0.0, max_length=1024, share_prompts=False),
+    dict(per_device_train_batch_size=1, gradient_accumulation_steps=3, num_train_epochs=1.0,
+         lr_scheduler_type="constant", max_grad_norm=100.0, weight_decay=0.2, max_length=9, share_prompts=True),
+])
+def test_sft_steps_match_an_independent_float64_loop(tmp_path, case):
+    """Several steps of SFTTrainer on a float64 model against a loop written here: rows of very different
+    lengths (some cut to max_length, prompts shared), the seeded shuffle that fills an epoch's last step from
+    the next, the loss over the completion tokens of all micro-batches, the clipped gradients, AdamW with
+    decay on matrices only, the warmed-up schedule; the weights after each step, and the logged metrics."""
+    import copy
+    import random
+    import warnings
+
+    import torch
+
+    rng = random.Random(len(str(case)))
+    text = lambda lo, hi: "".join(rng.choice("0123456789+-=xyz") for _ in range(rng.randint(lo, hi)))  # noqa: E731
+    prompts = [text(1, 9) for _ in range(3)]
+    rows = [{"prompt": rng.choice(prompts), "completion": text(0, 14)} for _ in range(7)]
+    rows.append({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"},
+                              {"role": "user", "content": text(1, 3)}, {"role": "assistant", "content": text(1, 4)}]})
+    rows = [r if "messages" not in r else {"prompt": r["messages"][:-1], "completion": r["messages"][-1]} for r in rows]
+    tok = build_char_tokenizer()
+    model = tiny(tok).double()
+    ref = copy.deepcopy(model)
+    cfg = SFTConfig(learning_rate=2e-2, seed=5, progress_bar=False, output_dir=str(tmp_path), **case)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # the examples cut to max_length
+        tr = SFTTrainer(model, tok, rows, cfg)
+
+    def encoded(r):
+        msgs = [{"role": "user", "content": r["prompt"]}] if isinstance(r["prompt"], str) else r["prompt"]
+        p = tok(tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True), add_special_tokens=False)
+        c = r["completion"]["content"] if isinstance(r["completion"], dict) else r["completion"]
+        p, c = p.input_ids, tok(c, add_special_tokens=False).input_ids + [tok.eos_token_id]
+        limit = min(cfg.max_length, 64)
+        if len(p) + len(c) > limit:
+            p = p[-max(1, limit - len(c)):]
+            c = c[:limit - len(p)]
+        return p, c
+
+    examples = [encoded(r) for r in rows]
+    assert [tuple(e) for e in tr.examples] == examples
+    per = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
+    total = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * len(rows) / per)
+    warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * total)
+    order = [i for epoch in range(4) for i in torch.randperm(
+        len(rows), generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch)).tolist()]
+    params = list(ref.parameters())
+    moments = [(torch.zeros_like(p), torch.zeros_like(p)) for p in params]
+    grads = []
+    tr.optimizer.register_step_pre_hook(lambda opt, a, k: grads.append([p.grad.clone() for p in model.parameters()]))
+    assert tr.total_steps == total
+    for step in range(total):
+        got = tr.step()
+        batch = [examples[i] for i in order[step * per:(step + 1) * per]]
+        n_tokens, hits = sum(len(c) for _, c in batch), []
+        ref.zero_grad(set_to_none=True)
+        loss = _reference_nll(ref, batch, hits) / n_tokens
+        loss.backward()
+        norm = float(torch.sqrt(sum((p.grad ** 2).sum() for p in params)))
+        scale = min(1.0, cfg.max_grad_norm / (norm + 1e-6)) if cfg.max_grad_norm > 0 else 1.0
+        lr = cfg.learning_rate * _rate_factor(step, cfg.lr_scheduler_type, total, warmup)
+        assert got["loss"] == pytest.approx(float(loss.detach()), rel=1e-6) and got["grad_norm"] == pytest.approx(norm, rel=1e-5)
+        assert got["lr"] == pytest.approx(lr, rel=1e-12) and got["mean_token_accuracy"] == sum(hits) / n_tokens
+        assert got["epoch"] == pytest.approx((step + 1) * per / len(rows))
+        for g, p in zip(grads[-1], params):
+            torch.testing.assert_close(g, p.grad * scale, rtol=0, atol=1e-5 * max(norm, 1e-3))
+        # AdamW on the trainer's own gradients (its log-prob runs in fp32), so the weights must agree to float64
+        with torch.no_grad():
+            for g, p, (m, v) in zip(grads[-1], params, moments):
+                p.mul_(1 - lr * cfg.weight_decay if p.dim() >= 2 else 1.0)
+                m.mul_(cfg.adam_beta1).add_(g, alpha=1 - cfg.adam_beta1)
+                v.mul_(cfg.adam_beta2).addcmul_(g, g, value=1 - cfg.adam_beta2)
+                denom = (v.sqrt() / math.sqrt(1 - cfg.adam_beta2 ** (step + 1))).add_(cfg.adam_epsilon)
+                p.addcdiv_(m, denom, value=-lr / (1 - cfg.adam_beta1 ** (step + 1)))
+            for (name, a), b in zip(model.named_parameters(), params):
+                torch.testing.assert_close(a, b, rtol=0, atol=1e-12, msg=lambda m: f"step {step} {name}: {m}")
+                b.copy_(a)
