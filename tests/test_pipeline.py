@@ -2401,7 +2401,7 @@ def test_sigterm_in_the_evaluation_between_stages_stops_before_the_next(tmp_path
         run_pipeline(spec)
     out = capsys.readouterr().out
     assert "SIGTERM: finishing the held-out evaluation after stage 'cold'" in out
-    assert "interrupted before stage 'rs'" in out
+    assert "interrupted before stage 'rs'" in out and "== stage 2/2" not in out   # rs never started
     state = json.loads((tmp_path / "run" / "pipeline_state.json").read_text())
     assert list(state["stages"]) == ["cold"] and "eval/accuracy" in state["stages"]["cold"]["eval"]
     monkeypatch.setattr(PipelineRunner, "evaluate", evaluate)
@@ -2438,6 +2438,44 @@ def test_sigterm_in_a_stages_final_save_stops_before_the_next_stage(tmp_path, mo
     monkeypatch.setattr(SFTTrainer, "save", save)
     summary = run_pipeline(str(spec), [f"output_dir={run}"], resume=True)
     assert [s["stage"] for s in summary["stages"]] == ["a", "b"]
+
+
+@pytest.mark.parametrize("second", ["sft", "sample"])
+def test_a_stop_while_the_next_stage_loads_prints_no_header_of_that_stage(tmp_path, monkeypatch, capsys, sigterm_guard,
+                                                                         second):
+    # a stop while the next stage loaded its data printed that stage's `== stage 2/2: b (...) ==` header and then
+    # `interrupted before stage 'b'`: the header of a stage that never started. Its header now comes once it starts
+    import signal
+
+    from r1fast.trainer.pipeline import PipelineRunner
+
+    config = ("{max_steps: 1, per_device_train_batch_size: 4}" if second == "sft" else
+              "{num_samples: 2, max_completion_length: 4, reward_funcs: [format], reward_thresholds: [0.0], "
+              "keep_truncated: true}")
+    spec = tmp_path / "p.yaml"
+    spec.write_text("name: p\nmodel: builtin:micro\nprogress_bar: false\nstages:\n"
+                    "  - {name: a, type: sft, dataset: builtin:arithmetic, num_rows: 8,\n"
+                    "     config: {max_steps: 1, per_device_train_batch_size: 4}}\n"
+                    f"  - {{name: b, type: {second}, dataset: builtin:arithmetic, num_rows: 4,\n"
+                    f"     config: {config}}}\n")
+    stage_rows = PipelineRunner.stage_rows
+
+    def sigterm_as_b_loads(self, stage, *a, **kw):
+        if stage.name == "b":
+            signal.raise_signal(signal.SIGTERM)
+        return stage_rows(self, stage, *a, **kw)
+
+    monkeypatch.setattr(PipelineRunner, "stage_rows", sigterm_as_b_loads)
+    run = tmp_path / "run"
+    assert main(["pipeline", str(spec), f"output_dir={run}"]) == 130
+    out = capsys.readouterr().out
+    assert "== stage 1/2: a (sft) ==" in out and "interrupted before stage 'b'" in out
+    assert "== stage 2/2" not in out
+    monkeypatch.setattr(PipelineRunner, "stage_rows", stage_rows)
+    assert main(["pipeline", str(spec), f"output_dir={run}", "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert "== stage 1/2: a (sft): done in the earlier run, skipped ==" in out
+    assert f"== stage 2/2: b ({second}) ==" in out
 
 
 def test_sigterm_while_a_stages_trainer_starts_stops_it_at_its_first_step(tmp_path, monkeypatch, capsys, sigterm_guard):

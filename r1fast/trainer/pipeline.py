@@ -960,11 +960,20 @@ class PipelineRunner:
             self.write_summary(0.0, state)   # killed before it marked them pending: marked now
         os.remove(path)
 
-    def _train_stage(self, trainer, stage: Stage, resume_stage: bool, record: dict) -> int:
+    def _start_stage(self, stage: Stage, opening: list[str]):
+        """`stage` starts: a stop asked for before now ends the run here (_stop_if_requested), and the stage's
+        header (`opening`) is printed only past that point. Printed before its data and trainer were loaded, a stop
+        meanwhile showed `== stage ...` and then `interrupted before stage ...`: the header of a stage that never ran.
+        A stop from here on is the stage's own (its trainer stops at its first step, a sampling after a batch)."""
+        self._stop_if_requested(stage)
+        for line in opening:
+            print(line, flush=True)
+
+    def _train_stage(self, trainer, stage: Stage, resume_stage: bool, record: dict, opening: list[str]) -> int:
         """Run an SFT or GRPO stage's trainer (from its latest checkpoint when `resume_stage`) and note its
         checkpoint in `record`; its global steps. Stopped part way: the state is saved and KeyboardInterrupt
         raised, as for a stop between stages."""
-        self._stop_if_requested(stage)
+        self._start_stage(stage, opening)
         res = trainer.train(resume=True if resume_stage else None)
         if res.get("interrupted"):
             self.save_state()
@@ -1080,10 +1089,11 @@ class PipelineRunner:
                 remove_save_leftovers(stage_dir)
             resume_stage = bool(resume and latest_checkpoint(stage_dir))
             t0 = time.perf_counter()
-            print(f"\n== stage {i + 1}/{len(p.stages)}: {stage.name} ({stage.type}) ==", flush=True)
+            # printed once the stage starts (_start_stage), past the last point a stop ends the run before it
+            opening = [f"\n== stage {i + 1}/{len(p.stages)}: {stage.name} ({stage.type}) =="]
             if resume and not resume_stage and stage.type != "sample" and stage.name not in rerun:
-                print(f"r1fast: --resume: stage {stage.name!r} has no checkpoint in {stage_dir}: it starts from "
-                      f"its first step", flush=True)
+                opening.append(f"r1fast: --resume: stage {stage.name!r} has no checkpoint in {stage_dir}: it starts "
+                               f"from its first step")
             record: dict[str, Any] = {"type": stage.type, "step_start": step}
             # the data's files as they are before the stage reads them: a later --resume reads them again only when
             # these changed (_data_change_note)
@@ -1106,7 +1116,7 @@ class PipelineRunner:
                 rows = self.stage_rows(stage, i, (cfg.prompt_column, cfg.completion_column))
                 record["rows_sha256"] = rows_fingerprint(rows)
                 tr = SFTTrainer(model, tokenizer, rows, cfg, run_dir=stage_dir, stage_name=stage.name, step_offset=step)
-                step += self._train_stage(tr, stage, resume_stage, record)
+                step += self._train_stage(tr, stage, resume_stage, record, opening)
             elif stage.type == "grpo":
                 from r1fast.trainer.grpo import GRPOTrainer
 
@@ -1118,7 +1128,7 @@ class PipelineRunner:
                 record["rows_sha256"] = rows_fingerprint(rows)
                 tr = GRPOTrainer(model, cfg.reward_funcs, rows, cfg, tokenizer=tokenizer, eval_dataset=eval_rows,
                                  run_dir=stage_dir, stage_name=stage.name, step_offset=step, eval_at_ends=False)
-                step += self._train_stage(tr, stage, resume_stage, record)
+                step += self._train_stage(tr, stage, resume_stage, record, opening)
             else:
                 from r1fast.trainer.sampling import SampleProgress, finish_samples, rejection_sample, summary
 
@@ -1126,8 +1136,8 @@ class PipelineRunner:
                 record["rows_sha256"] = rows_fingerprint(rows)
                 progress_path = os.path.join(stage_dir, SAMPLE_PROGRESS)
                 log = SampleProgress(progress_path, self._sample_fingerprint(stage, rows, model_source))
-                earlier = log.load(f"stage {stage.name!r}") if resume else None
-                self._stop_if_requested(stage)
+                self._start_stage(stage, opening)
+                earlier = log.load(f"stage {stage.name!r}") if resume else None   # says where it continues
                 self._finishing = (f"finishing this batch of prompts of stage {stage.name!r} and keeping what it "
                                    f"sampled so far")
                 try:
