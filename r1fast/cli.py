@@ -182,25 +182,86 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     if argv is not None:   # called from Python (a test, a script): the caller's process, not this command's
         return _run(argv)
+    _stop_signals_end_the_command()
     _warn_as_a_command()
     try:
         try:
-            code = _run(sys.argv[1:])
+            try:
+                code = _run(sys.argv[1:])
+            except KeyboardInterrupt:   # one no command caught (in the imports, `r1fast bench`): a line, no traceback
+                command_is_stopping()
+                print("r1fast: stopped", file=sys.stderr)
+                code = 130
             sys.stdout.flush()   # a reader gone before the last lines left is seen here, not at the interpreter's exit
         except BrokenPipeError:
             if not _stdout_reader_is_gone():
                 raise   # a pipe of the command's own (a reward worker's, a judge server's): a real error
             code = _stdout_reader_gone()
     except SystemExit as e:
+        _ignore_stop_signals()
         _exit_past_reward_calls(e.code)
         raise
-    except BaseException as e:   # a traceback, or a Ctrl-C no command caught: ends as Python ends it, not in an abort
+    except BaseException as e:   # a traceback: ends as Python ends it, not in an abort
+        _ignore_stop_signals()
         if _reward_calls_left_running():
             sys.excepthook(type(e), e, e.__traceback__)
             _exit_past_reward_calls(130 if isinstance(e, KeyboardInterrupt) else 1)
         raise
+    _ignore_stop_signals()
+    _forget_a_caught_keyboard_interrupt()
     _exit_past_reward_calls(code)
     return code
+
+
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_stopping = False   # the command is ending on a stop: a further Ctrl-C or SIGTERM has nothing left to stop
+
+
+def _stop_signals_end_the_command():
+    """The command's own Ctrl-C and SIGTERM handler, under the trainers' (whose stop_handlers put it back when they
+    close): one raises KeyboardInterrupt, which the training commands turn into their `stopped; continue with ...`
+    line and status 130. Python's own handlers ended the command in other ways: a SIGTERM before a trainer's loop
+    (loading the model) killed it without a word, and a Ctrl-C after the command had printed that line (a second
+    press, while the interpreter shut down) raised a KeyboardInterrupt past it, or killed it by SIGINT, in either
+    case without its status 130. Once a stop is under way, further ones are ignored (command_is_stopping)."""
+    def stop(signum, frame):
+        if _stopping:
+            return
+        command_is_stopping()
+        raise _Stop
+    for sig in _STOP_SIGNALS:
+        signal.signal(sig, stop)
+
+
+class _Stop(KeyboardInterrupt):
+    """What the command's handler raises: caught as a KeyboardInterrupt. A subclass, as CPython marks a process to
+    die by SIGINT at its exit when a KeyboardInterrupt itself (not a subclass) leaves code run by exec or eval of a
+    string (a dataclass's or namedtuple's generated methods, made all through torch's import), caught or not: under
+    `python -m r1fast`, a single Ctrl-C while the command started ended it so, after its stopped line."""
+
+
+def _forget_a_caught_keyboard_interrupt():
+    """That mark, left by a KeyboardInterrupt another handler raised (a trainer's second Ctrl-C, in a kernel's
+    launcher that Triton builds by exec): CPython clears it as it starts running code from a string, so an empty
+    one clears it. The command's status is its own: a caught KeyboardInterrupt never makes it a death by SIGINT."""
+    exec("")
+
+
+def command_is_stopping():
+    """Said by the code that ends the command on a stop (r1fast.trainer.cli's `stopped` line): from here on a
+    Ctrl-C or SIGTERM is ignored where the command's handler is the one set. Nothing changes in a process that
+    called main(argv) (a test, a script): its handlers are its own."""
+    global _stopping
+    _stopping = True
+
+
+def _ignore_stop_signals():
+    """The command has ended (its status is known): a Ctrl-C or SIGTERM while the interpreter shuts down would end
+    the process with another status. SIG_IGN, as the interpreter's shutdown puts Python handlers back to the
+    default before its end (a signal then killed the process) but leaves an ignored signal ignored."""
+    command_is_stopping()   # a signal still pending runs our handler as signal.signal changes it: it must not raise
+    for sig in _STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def _warn_as_a_command():

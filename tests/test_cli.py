@@ -166,3 +166,65 @@ def test_the_command_prints_its_own_warnings_as_one_line(tmp_path, monkeypatch):
     r1fast.cli._warn_as_a_command()
     assert warnings.formatwarning("from elsewhere", UserWarning, "/elsewhere/lib.py", 7, "") == \
         "/elsewhere/lib.py:7: UserWarning: from elsewhere\n"
+
+
+# `python -m stopped_command FIRST SECOND WHEN ARGS...`: `r1fast ARGS` in a process of its own, stopped by real
+# signals: the first while the model loads, before the trainer's loop; the second (or "none") as the `stopped` line
+# is written or as the process exits (WHEN: "line" or "exit")
+_STOPPED_COMMAND = r'''
+import atexit, os, signal, sys
+from r1fast import cli
+from r1fast.trainer import common
+
+first, second, second_at = sys.argv[1:4]
+del sys.argv[1:4]
+load = common.load_model_and_tokenizer
+
+def load_then_stop(*a, **kw):
+    # from code run by exec of a string, as torch's import runs a dataclass's generated methods
+    exec(f"os.kill(os.getpid(), signal.{first})")
+    return load(*a, **kw)
+
+common.load_model_and_tokenizer = load_then_stop
+
+class SecondStopAfterTheLine:
+    def __init__(self, stream):
+        self.stream = stream
+    def write(self, text):
+        n = self.stream.write(text)
+        if "stopped; continue with" in text and second_at == "line":
+            self.stream.flush()
+            os.kill(os.getpid(), getattr(signal, second))
+        return n
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+sys.stderr = SecondStopAfterTheLine(sys.stderr)
+if second_at == "exit":
+    atexit.register(lambda: os.kill(os.getpid(), getattr(signal, second)))
+sys.argv[0] = "r1fast"
+sys.exit(cli.main())
+'''
+
+
+@pytest.mark.parametrize("first, second, second_at", [("SIGINT", "none", "none"), ("SIGTERM", "none", "none"),
+                                                      ("SIGINT", "SIGINT", "line"), ("SIGINT", "SIGTERM", "line"),
+                                                      ("SIGINT", "SIGTERM", "exit")])
+def test_a_stop_while_a_training_command_starts_ends_it_with_its_line_and_status_130(tmp_path, first, second,
+                                                                                       second_at):
+    # a Ctrl-C while torch's import ran a dataclass's generated code printed the `stopped; continue with ...` line,
+    # and then `python -m r1fast` died by SIGINT; a SIGTERM before the trainer's loop (the model loading) killed the
+    # command without a word; a second Ctrl-C or SIGTERM after that line raised a KeyboardInterrupt traceback past
+    # it or killed the process by its signal, while the interpreter shut down too. The shell saw 130 or 143 from a
+    # process killed by a signal, not the command's status 130. Each now ends with that line and exits with 130
+    run = tmp_path / "run"
+    (tmp_path / "stopped_command.py").write_text(_STOPPED_COMMAND)
+    args = ["sft", "model_name_or_path=builtin:micro", "dataset=builtin:arithmetic", f"output_dir={run}",
+            "max_steps=1"]
+    done = subprocess.run([sys.executable, "-m", "stopped_command", first, second, second_at, *args], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300, env={**os.environ})
+    assert done.returncode == 130, (done.returncode, done.stderr)
+    assert "Traceback" not in done.stderr, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert lines[-1] == f"r1fast sft: stopped; continue with: r1fast {' '.join(args)} --resume", done.stderr
+    assert main([*args, "--resume"]) == 0 and os.path.isdir(run / "checkpoint-1")

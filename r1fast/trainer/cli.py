@@ -147,6 +147,9 @@ def _guarded(cmd: str, func, resumable: bool = True):
         try:
             return func(args)
         except KeyboardInterrupt:
+            from r1fast.cli import command_is_stopping
+
+            command_is_stopping()   # a second Ctrl-C or SIGTERM now must not cut short the exit this line announces
             hint = f"; continue with: {_resume_command(cmd, args.rest)}" if resumable else ""
             print(f"r1fast {cmd}: stopped{hint}", file=sys.stderr)
             return 130
