@@ -223,14 +223,42 @@ def _stop_signals_end_the_command():
     line and status 130. Python's own handlers ended the command in other ways: a SIGTERM before a trainer's loop
     (loading the model) killed it without a word, and a Ctrl-C after the command had printed that line (a second
     press, while the interpreter shut down) raised a KeyboardInterrupt past it, or killed it by SIGINT, in either
-    case without its status 130. Once a stop is under way, further ones are ignored (command_is_stopping)."""
+    case without its status 130. Once the command ends on a stop (command_is_stopping), further ones are ignored;
+    until then each raises: a KeyboardInterrupt some library swallows (a bare `except:`, a __del__ it interrupted)
+    must not leave the next Ctrl-C without effect."""
+    global _stopping
+    _stopping = False   # a stop an earlier main(argv) call of this process ended on is not this command's
+
     def stop(signum, frame):
         if _stopping:
             return
-        command_is_stopping()
+        if _in_an_import(frame):
+            _send_again_soon(signum)
+            return
         raise _Stop
     for sig in _STOP_SIGNALS:
         signal.signal(sig, stop)
+
+
+def _in_an_import(frame) -> bool:
+    """Whether the signal came while a module was being imported. A KeyboardInterrupt raised there is not safe to
+    raise: torch's import swallowed some (the command went on, half-imported: `module 'numpy' has no attribute
+    ...`, a RecursionError in torch._dynamo), and one raised inside its C++ start-up aborted the process."""
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib._bootstrap"):
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _send_again_soon(signum: int):
+    """The signal, sent to this process again in 50 ms (from a timer thread), until it comes outside an import."""
+    import os
+    import threading
+
+    again = threading.Timer(0.05, os.kill, (os.getpid(), signum))
+    again.daemon = True
+    again.start()
 
 
 class _Stop(KeyboardInterrupt):

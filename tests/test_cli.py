@@ -168,21 +168,28 @@ def test_the_command_prints_its_own_warnings_as_one_line(tmp_path, monkeypatch):
         "/elsewhere/lib.py:7: UserWarning: from elsewhere\n"
 
 
-# `python -m stopped_command FIRST SECOND WHEN ARGS...`: `r1fast ARGS` in a process of its own, stopped by real
-# signals: the first while the model loads, before the trainer's loop; the second (or "none") as the `stopped` line
-# is written or as the process exits (WHEN: "line" or "exit")
+# `python -m stopped_command FIRST WHERE SECOND WHEN ARGS...`: `r1fast ARGS` in a process of its own, stopped by
+# real signals: the first as the model loads, before the trainer's loop (WHERE: in code run by exec, or in an
+# import); the second (or "none") as the `stopped` line is written or as the process exits (WHEN: "line", "exit")
 _STOPPED_COMMAND = r'''
 import atexit, os, signal, sys
 from r1fast import cli
 from r1fast.trainer import common
 
-first, second, second_at = sys.argv[1:4]
-del sys.argv[1:4]
+first, where, second, second_at = sys.argv[1:5]
+del sys.argv[1:5]
 load = common.load_model_and_tokenizer
 
 def load_then_stop(*a, **kw):
-    # from code run by exec of a string, as torch's import runs a dataclass's generated methods
-    exec(f"os.kill(os.getpid(), signal.{first})")
+    if where == "exec":   # in code run by exec of a string, as torch's import runs a dataclass's generated methods
+        exec(f"os.kill(os.getpid(), signal.{first})")
+    else:   # in an import that swallows what it raises, as parts of torch's did
+        import importlib
+        with open("swallows_a_stop.py", "w") as f:
+            f.write(f"import os, signal\ntry:\n    os.kill(os.getpid(), signal.{first})\n    sum(range(9))\n"
+                    f"except BaseException:\n    pass\n")
+        importlib.invalidate_caches()
+        import swallows_a_stop
     return load(*a, **kw)
 
 common.load_model_and_tokenizer = load_then_stop
@@ -207,13 +214,14 @@ sys.exit(cli.main())
 '''
 
 
-@pytest.mark.parametrize("first, second, second_at", [("SIGINT", "none", "none"), ("SIGTERM", "none", "none"),
-                                                      ("SIGINT", "SIGINT", "line"), ("SIGINT", "SIGTERM", "line"),
-                                                      ("SIGINT", "SIGTERM", "exit")])
-def test_a_stop_while_a_training_command_starts_ends_it_with_its_line_and_status_130(tmp_path, first, second,
+@pytest.mark.parametrize("first, where, second, second_at", [
+    ("SIGINT", "exec", "none", "none"), ("SIGINT", "import", "none", "none"), ("SIGTERM", "exec", "none", "none"),
+    ("SIGINT", "exec", "SIGINT", "line"), ("SIGINT", "exec", "SIGTERM", "exit")])
+def test_a_stop_while_a_training_command_starts_ends_it_with_its_line_and_status_130(tmp_path, first, where, second,
                                                                                        second_at):
     # a Ctrl-C while torch's import ran a dataclass's generated code printed the `stopped; continue with ...` line,
-    # and then `python -m r1fast` died by SIGINT; a SIGTERM before the trainer's loop (the model loading) killed the
+    # and then `python -m r1fast` died by SIGINT; one in an import that swallowed it went unseen (torch's went on
+    # half-imported, and failed later); a SIGTERM before the trainer's loop (the model loading) killed the
     # command without a word; a second Ctrl-C or SIGTERM after that line raised a KeyboardInterrupt traceback past
     # it or killed the process by its signal, while the interpreter shut down too. The shell saw 130 or 143 from a
     # process killed by a signal, not the command's status 130. Each now ends with that line and exits with 130
@@ -221,8 +229,8 @@ def test_a_stop_while_a_training_command_starts_ends_it_with_its_line_and_status
     (tmp_path / "stopped_command.py").write_text(_STOPPED_COMMAND)
     args = ["sft", "model_name_or_path=builtin:micro", "dataset=builtin:arithmetic", f"output_dir={run}",
             "max_steps=1"]
-    done = subprocess.run([sys.executable, "-m", "stopped_command", first, second, second_at, *args], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=300, env={**os.environ})
+    done = subprocess.run([sys.executable, "-m", "stopped_command", first, where, second, second_at, *args],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300, env={**os.environ})
     assert done.returncode == 130, (done.returncode, done.stderr)
     assert "Traceback" not in done.stderr, done.stderr
     lines = done.stderr.strip().splitlines()
