@@ -232,18 +232,19 @@ def _stop_signals_end_the_command():
     def stop(signum, frame):
         if _stopping:
             return
-        if _in_an_import(frame):
-            _send_again_soon(signum)
+        if in_an_import(frame):
+            send_again_soon(signum)
             return
         raise _Stop
     for sig in _STOP_SIGNALS:
         signal.signal(sig, stop)
 
 
-def _in_an_import(frame) -> bool:
+def in_an_import(frame) -> bool:
     """Whether the signal came while a module was being imported. A KeyboardInterrupt raised there is not safe to
     raise: torch's import swallowed some (the command went on, half-imported: `module 'numpy' has no attribute
-    ...`, a RecursionError in torch._dynamo), and one raised inside its C++ start-up aborted the process."""
+    ...`, a RecursionError in torch._dynamo), and one raised inside its C++ start-up (or Triton's) aborted the
+    process. The trainers' stop handlers defer their abort (a second stop) so too."""
     while frame is not None:
         if frame.f_code.co_filename.startswith("<frozen importlib._bootstrap"):
             return True
@@ -251,7 +252,7 @@ def _in_an_import(frame) -> bool:
     return False
 
 
-def _send_again_soon(signum: int):
+def send_again_soon(signum: int):
     """The signal, sent to this process again in 50 ms (from a timer thread), until it comes outside an import."""
     import os
     import threading

@@ -347,3 +347,33 @@ def test_a_file_system_that_refuses_fsync_still_gets_its_checkpoints_metrics_and
     monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
     with pytest.raises(OSError, match="I/O error"):
         _save(run, 2, None)
+
+
+def test_an_abort_that_comes_during_an_import_is_raised_once_the_import_is_done(tmp_path, monkeypatch, sigterm_guard):
+    # a second Ctrl-C or SIGTERM (the abort) raised its KeyboardInterrupt inside whatever import was running: in
+    # Triton's C++ start-up (a lazy import as a pipeline stage built its optimizer) it aborted the process
+    # (`terminate called after throwing an instance of 'nanobind::python_error'`), and an import that swallowed it
+    # left the run going. It is now raised once the import is done
+    import sys
+    import time
+    import types
+
+    from r1fast.trainer.grpo import stop_handlers
+
+    (tmp_path / "swallows_an_abort.py").write_text(
+        "import os, signal\ntry:\n    os.kill(os.getpid(), signal.SIGTERM)\n    sum(range(9))\n"
+        "except BaseException:\n    pass\nimported = True\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "swallows_an_abort", raising=False)
+    trainer = types.SimpleNamespace(_stop_requested=True)   # a first stop was taken: the next one aborts
+    waited = 0
+    with pytest.raises(KeyboardInterrupt):
+        with stop_handlers(trainer):
+            import swallows_an_abort
+
+            assert swallows_an_abort.imported   # not cut short
+            while waited < 500:   # the abort comes 50 ms after the import, and ends this wait
+                time.sleep(0.01)
+                waited += 1
+    assert waited < 500
+    sys.modules.pop("swallows_an_abort", None)

@@ -780,12 +780,17 @@ def stop_handlers(trainer, finishing: Callable[[], str] = lambda: "finishing thi
     stops the pipeline before the next stage; each went unseen by the other, and the run trained on."""
     import threading
 
+    from r1fast.cli import in_an_import, send_again_soon
+
     if threading.current_thread() is not threading.main_thread():   # only the main thread may set handlers
         yield
         return
 
     def handler(signum, frame):
         if trainer._stop_requested:
+            if in_an_import(frame):   # raised there it aborted the process (Triton's start-up) or was swallowed
+                send_again_soon(signum)
+                return
             raise KeyboardInterrupt
         for stoppable in (*_STOPPABLE, trainer):
             stoppable._stop_requested = True
