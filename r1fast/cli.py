@@ -235,6 +235,9 @@ def _stop_signals_end_the_command():
         if in_an_import(frame):
             send_again_soon(signum)
             return
+        # raised inside a __del__ or while Python reports an error nobody can catch (sys.unraisablehook), it is
+        # printed and dropped: sent again in a second unless the command has by then ended on it
+        send_again_soon(signum, delay=1.0, unless_stopping=True)
         raise _Stop
     for sig in _STOP_SIGNALS:
         signal.signal(sig, stop)
@@ -252,12 +255,17 @@ def in_an_import(frame) -> bool:
     return False
 
 
-def send_again_soon(signum: int):
-    """The signal, sent to this process again in 50 ms (from a timer thread), until it comes outside an import."""
+def send_again_soon(signum: int, delay: float = 0.05, unless_stopping: bool = False):
+    """The signal, sent to this process again in `delay` seconds (from a timer thread): until it comes outside an
+    import; `unless_stopping`: unless the command has ended on a stop by then (command_is_stopping)."""
     import os
     import threading
 
-    again = threading.Timer(0.05, os.kill, (os.getpid(), signum))
+    def send():
+        if not (unless_stopping and _stopping):
+            os.kill(os.getpid(), signum)
+
+    again = threading.Timer(delay, send)
     again.daemon = True
     again.start()
 
