@@ -129,6 +129,16 @@ def sigterm_guard():
     signal.signal(signal.SIGTERM, previous)
 
 
+@pytest.fixture(params=[True, False], ids=["math_verify", "no_math_verify"])
+def with_math_verify(request, monkeypatch):
+    """The test twice: with math-verify, and with its import failing (the rewards' numeric fallback alone)."""
+    if request.param:
+        pytest.importorskip("math_verify")
+    else:
+        monkeypatch.setitem(sys.modules, "math_verify", None)
+    return request.param
+
+
 @pytest.fixture
 def umask_027():
     """The process umask 027 (group may read, others nothing) for the test, then the old one again."""

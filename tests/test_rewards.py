@@ -958,16 +958,6 @@ def test_math_verify_reads_latex_whole_and_prose_as_text(answer, gold, expected)
     assert _accuracy(answer, gold) == expected
 
 
-@pytest.fixture(params=[True, False])
-def with_math_verify(request, monkeypatch):
-    """The test twice: with math-verify, and with its import failing (the numeric fallback alone)."""
-    if request.param:
-        pytest.importorskip("math_verify")
-    else:
-        monkeypatch.setitem(sys.modules, "math_verify", None)
-    return request.param
-
-
 def test_golds_that_are_floats_lists_or_missing(with_math_verify):
     # a float gold written out by a numeric column equals the ratio it approximates
     assert _accuracy("1/3", 0.3333333333333333) == 1.0

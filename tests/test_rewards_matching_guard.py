@@ -64,17 +64,6 @@ def test_a_percentage_against_latex_is_its_number_or_its_hundredth(with_math_ver
         assert _accuracy(a, b) == _accuracy(b, a) == 0.0, (a, b)
 
 
-@pytest.fixture(params=[True, False], ids=["math_verify", "no_math_verify"])
-def with_math_verify(request, monkeypatch):
-    import sys
-
-    if request.param:
-        pytest.importorskip("math_verify")
-    else:
-        monkeypatch.setitem(sys.modules, "math_verify", None)
-    return request.param
-
-
 def test_a_float16_gold_is_the_number_it_prints_as(with_math_verify):
     # a float16 column reaches the reward as a double: 0.1 was 0.0999755859375, which the answer 0.1 did not match;
     # float32's rule wrote it as 0.09997559
