@@ -583,17 +583,29 @@ def _percentage_readings(s: str, percent: Optional[Fraction]) -> list[str]:
 
 
 def _exact_text(value: Fraction) -> Optional[str]:
-    """`value` as a decimal where it is one (1/8: 0.125), else as \\frac{}{}; None past Python's int-to-text limit."""
-    sign, value = ("-" if value < 0 else ""), abs(value)
+    """`value` as a decimal where it is one (1/8: 0.125), else as \\frac{}{} (_value_text); None past Python's
+    int-to-text limit."""
     denominator, places = value.denominator, 0
     while denominator % 10 == 0 or denominator % 2 == 0 or denominator % 5 == 0:
         denominator //= 10 if denominator % 10 == 0 else (2 if denominator % 2 == 0 else 5)
         places += 1
+    if denominator != 1 or places == 0:
+        return _value_text(value)
+    sign, value = ("-" if value < 0 else ""), abs(value)
     try:
-        if denominator != 1:
-            return f"{sign}\\frac{{{value.numerator}}}{{{value.denominator}}}"
         digits = str(value.numerator * 10**places // value.denominator).rjust(places + 1, "0")
-        return sign + (digits[:-places] + "." + digits[-places:] if places else digits)
+    except ValueError:
+        return None
+    return sign + digits[:-places] + "." + digits[-places:]
+
+
+def _value_text(value: Fraction) -> Optional[str]:
+    """`value` as a whole number or \\frac{}{}; None past Python's int-to-text limit (4300 digits by default)."""
+    sign, value = ("-" if value < 0 else ""), abs(value)
+    try:
+        if value.denominator == 1:
+            return f"{sign}{value.numerator}"
+        return f"{sign}\\frac{{{value.numerator}}}{{{value.denominator}}}"
     except ValueError:
         return None
 
@@ -618,13 +630,7 @@ def _as_math_verify_number(s: str, value: Optional[Fraction]) -> Optional[str]:
         return _LEADING_EXPONENT_RE.sub(r"\1 \\times 10^{\2}", s)
     if not (_GROUP_SEP_RE.search(s) or _HOLDS_MIXED_RE.search(s)):
         return _EXPONENT_RE.sub(r" \\times 10^{\1}", s)
-    sign, value = ("-" if value < 0 else ""), abs(value)
-    try:
-        if value.denominator == 1:
-            return f"{sign}{value.numerator}"
-        return f"{sign}\\frac{{{value.numerator}}}{{{value.denominator}}}"
-    except ValueError:
-        return None
+    return _value_text(value)
 
 
 def vote_key(answer: str):
