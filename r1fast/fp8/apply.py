@@ -168,8 +168,8 @@ def apply_fp8(model: nn.Module, mode: str | Fp8Options, recipe: str | None = Non
             report.kept[label] = weight_only[name]
         elif nn.parameter.is_lazy(lin.weight):  # nn.LazyLinear before its first forward: in_features is 0
             report.kept[label] = "uninitialized (lazy) parameters; run one forward before apply_fp8"
-        elif _computed_tensors(lin):
-            report.kept[label] = (f"its {' and '.join(_computed_tensors(lin))} is computed (a parametrization or "
+        elif computed := _computed_tensors(lin):
+            report.kept[label] = (f"its {' and '.join(computed)} is computed (a parametrization or "
                                   "hook), not a Parameter an FP8 layer can hold")
         elif lin.in_features % ALIGN or lin.out_features % ALIGN:
             report.kept[label] = f"{lin.out_features}x{lin.in_features} is not a multiple of {ALIGN}"

@@ -62,7 +62,7 @@ from r1fast.trainer.common import (  # noqa: F401  (NonFiniteLoss: also importab
 )
 from r1fast.trainer.config import ConfigError, GRPOConfig
 from r1fast.trainer.evaluate import check_eval_answers
-from r1fast.trainer.metrics import LOGGED_INFINITY, plain_number
+from r1fast.trainer.metrics import plain_number, unlogged_number
 
 
 def _eval_source(cfg, eval_dataset, eval_at_ends: bool) -> str:
@@ -845,7 +845,7 @@ def window_metrics(window: Sequence[dict]) -> dict[str, Any]:
     for k in keys:
         # the window holds an inf as the log's +-1e308 (plain_number: a checkpoint's JSON has no inf); read back as
         # inf, a window [inf, 1, 1] is inf (it was 3.3e307) and [inf, 2, -inf] NaN (it was 0)
-        values = [_unlogged_infinity(row[k]) for row in window if k in row]
+        values = [unlogged_number(row[k]) for row in window if k in row]
         numbers = _scored(values)
         if k in _WINDOW_LAST:
             out[k] = values[-1]
@@ -854,12 +854,6 @@ def window_metrics(window: Sequence[dict]) -> dict[str, Any]:
         else:
             out[k] = _nanmean(values)
     return out
-
-
-def _unlogged_infinity(v):
-    if isinstance(v, (int, float)) and not isinstance(v, bool) and abs(v) >= LOGGED_INFINITY:
-        return math.copysign(math.inf, v)
-    return v
 
 
 def _scored(xs) -> list[float]:

@@ -295,6 +295,13 @@ def plain_number(v):
     return v
 
 
+def unlogged_number(v):
+    """plain_number's inverse for an infinity: the log's +-LOGGED_INFINITY read back as +-inf."""
+    if isinstance(v, (int, float)) and not isinstance(v, bool) and abs(v) >= LOGGED_INFINITY:
+        return math.copysign(math.inf, v)
+    return v
+
+
 def _short_line(line: str, limit: int = 40) -> str:
     r = repr(line.rstrip("\n"))
     return r if len(r) <= limit else r[:limit] + "..."
