@@ -235,12 +235,25 @@ def _stop_signals_end_the_command():
         if in_an_import(frame):
             send_again_soon(signum)
             return
-        # raised inside a __del__ or while Python reports an error nobody can catch (sys.unraisablehook), it is
-        # printed and dropped: sent again in a second unless the command has by then ended on it
+        # swallowed by a bare `except:` somewhere, it is sent again in a second unless the command has by then
+        # ended on it; dropped by Python (raised in a __del__), at once, by the hook below
         send_again_soon(signum, delay=1.0, unless_stopping=True)
-        raise _Stop
+        raise _Stop(signum)
     for sig in _STOP_SIGNALS:
         signal.signal(sig, stop)
+    previous_hook = sys.unraisablehook
+
+    def send_a_dropped_stop_again(unraisable):
+        """What a __del__ (a weakref callback, a finalizer) raises, Python reports as `Exception ignored in ...`
+        and drops: a stop raised there left the command running, until the sending again above a second later
+        (the command had often finished by then). Sent again now, from a timer: raised here, it would be dropped
+        again."""
+        if isinstance(unraisable.exc_value, _Stop):
+            if not _stopping:
+                send_again_soon(unraisable.exc_value.signum)
+            return
+        previous_hook(unraisable)
+    sys.unraisablehook = send_a_dropped_stop_again
 
 
 def in_an_import(frame) -> bool:
@@ -275,6 +288,10 @@ class _Stop(KeyboardInterrupt):
     die by SIGINT at its exit when a KeyboardInterrupt itself (not a subclass) leaves code run by exec or eval of a
     string (a dataclass's or namedtuple's generated methods, made all through torch's import), caught or not: under
     `python -m r1fast`, a single Ctrl-C while the command started ended it so, after its stopped line."""
+
+    def __init__(self, signum: int):
+        super().__init__()
+        self.signum = signum   # sent again if Python drops it (send_a_dropped_stop_again)
 
 
 def _forget_a_caught_keyboard_interrupt():

@@ -222,7 +222,8 @@ sys.exit(cli.main())
 
 @pytest.mark.parametrize("first, where, second, second_at", [
     ("SIGINT", "exec", "none", "none"), ("SIGINT", "import", "none", "none"), ("SIGTERM", "exec", "none", "none"),
-    ("SIGINT", "exec", "SIGINT", "line"), ("SIGINT", "exec", "SIGTERM", "exit"), ("SIGTERM", "del", "none", "none")])
+    ("SIGINT", "exec", "SIGINT", "line"), ("SIGINT", "exec", "SIGTERM", "exit"), ("SIGTERM", "del", "none", "none"),
+    ("SIGINT", "del", "none", "none")])
 def test_a_stop_while_a_training_command_starts_ends_it_with_its_line_and_status_130(tmp_path, first, where, second,
                                                                                        second_at):
     # a Ctrl-C while torch's import ran a dataclass's generated code printed the `stopped; continue with ...` line,
@@ -233,13 +234,14 @@ def test_a_stop_while_a_training_command_starts_ends_it_with_its_line_and_status
     # process killed by a signal, not the command's status 130. Each now ends with that line and exits with 130
     run = tmp_path / "run"
     (tmp_path / "stopped_command.py").write_text(_STOPPED_COMMAND)
-    # 3 steps: a stop sent again after an import lands in the loop, not in the final save (which ends the run whole)
+    # 20 steps: a stop sent again after an import or a __del__ (50 ms later) lands in the loop, not after the final
+    # save (which ends the run whole); 3 were done in those 50 ms on a fast machine
     args = ["sft", "model_name_or_path=builtin:micro", "dataset=builtin:arithmetic", f"output_dir={run}",
-            "max_steps=3"]
+            "max_steps=20"]
     done = subprocess.run([sys.executable, "-m", "stopped_command", first, where, second, second_at, *args],
                           cwd=tmp_path, capture_output=True, text=True, timeout=300, env={**os.environ})
     assert done.returncode == 130, (done.returncode, done.stderr)
-    assert "Traceback" not in done.stderr or where == "del", done.stderr   # Python's report of what __del__ raised
+    assert "Traceback" not in done.stderr and "Exception ignored" not in done.stderr, done.stderr
     lines = done.stderr.strip().splitlines()
     assert lines[-1] == f"r1fast sft: stopped; continue with: r1fast {' '.join(args)} --resume", done.stderr
-    assert main([*args, "--resume"]) == 0 and os.path.isdir(run / "checkpoint-3")
+    assert main([*args, "--resume"]) == 0 and os.path.isdir(run / "checkpoint-20")
