@@ -28,11 +28,13 @@ def load_rows(spec: str, *, split: Optional[str] = None, n_builtin: int = 1000, 
     check_columns's `options`): FileRows, which also know the
     file and, for JSONL, each row's line, so that a bad row's error names them. `split` names a split of a folder
     saved from a DatasetDict; without it, the first of `default_splits` it has, else its first split. A .csv whose
-    rows have a field more than its header is refused (pandas would read its columns shifted by one)."""
+    rows have a field more than its header is refused (pandas would read its columns shifted by one).
+    A builtin:<task> read as a held-out set (`default_splits` EVAL_SPLITS, as every evaluation reads its rows) draws
+    `n_builtin` different prompts: a prompt drawn twice counted twice in the accuracy."""
     if not isinstance(spec, str) or not spec:
         raise ValueError(f"dataset must be a path or builtin:<task>; got {spec!r}")
     if spec.startswith("builtin:"):
-        rows = builtin_rows(spec, n_builtin, seed)
+        rows = builtin_rows(spec, n_builtin, seed, distinct=tuple(default_splits) == EVAL_SPLITS)
     else:
         rows = _load_hf(spec, split, default_splits)
     if not rows:

@@ -39,10 +39,17 @@ class ArithmeticTask:
             raise ValueError(f"arithmetic task: answer_noise must be in [0, 1); got {self.answer_noise}")
 
     def row(self, rng: random.Random) -> dict:
-        n = rng.randint(self.min_terms, self.max_terms)
+        return self._row(*self._operands(rng, rng.randint(self.min_terms, self.max_terms)), rng)
+
+    def _operands(self, rng: random.Random, n: int) -> tuple[list[int], list[str]]:
+        """The `n` terms of a prompt and the n - 1 signs between them."""
         terms = [rng.randint(1, self.max_operand) for _ in range(n)]
         ops = [rng.choice("+-") for _ in range(n - 1)]
-        prompt = str(terms[0]) + "".join(o + str(t) for o, t in zip(ops, terms[1:])) + "="
+        return terms, ops
+
+    def _row(self, terms: list[int], ops: list[str], rng: random.Random) -> dict:
+        """The row of a prompt of these terms and signs: its exact answer, and the teacher's chain (noise from rng)."""
+        prompt = _prompt(terms, ops)
         exact = terms[0]
         shown = terms[0]
         steps = []
@@ -60,6 +67,43 @@ class ArithmeticTask:
     def rows(self, n: int, seed: int) -> list[dict]:
         rng = random.Random(seed)
         return [self.row(rng) for _ in range(n)]
+
+    def prompts_of(self, n_terms: int, cap: int) -> int:
+        """How many different prompts have `n_terms` terms (each term one of max_operand, each sign one of two), or
+        `cap` if more: max_terms=10**6 is a number of a million digits, not worth computing to compare."""
+        if n_terms - 1 >= cap.bit_length():   # the signs alone make more
+            return cap
+        return min(cap, self.max_operand ** n_terms * 2 ** (n_terms - 1))
+
+    def distinct_rows(self, n: int, seed: int) -> list[dict]:
+        """n rows of n different prompts, as a held-out set is: `rows` repeated a few (3 of 128 three-term
+        prompts at the default run's seed), which counted twice in its accuracy. Each row's count of terms is
+        drawn as `rows` draws it, and a prompt drawn before is drawn again with that count, so the counts (the
+        difficulty) are distributed as in `rows`, and the rows are `rows`' own up to its first repeat. Only a
+        count whose prompts are all taken is drawn again (a few prompts, many rows asked for)."""
+        room = {k: self.prompts_of(k, n) for k in range(self.min_terms, self.max_terms + 1)}   # prompts by count
+        if n > sum(room.values()):
+            raise ValueError(f"{n} different prompts asked for, but its parameters make only {sum(room.values())}")
+        rng = random.Random(seed)
+        seen: set[str] = set()
+        out = []
+        while len(out) < n:
+            k = rng.randint(self.min_terms, self.max_terms)
+            if room[k] == 0:   # all of its prompts are taken
+                continue
+            while True:
+                terms, ops = self._operands(rng, k)
+                prompt = _prompt(terms, ops)
+                if prompt not in seen:
+                    break
+            seen.add(prompt)
+            room[k] -= 1
+            out.append(self._row(terms, ops, rng))
+        return out
+
+
+def _prompt(terms: list[int], ops: list[str]) -> str:
+    return str(terms[0]) + "".join(o + str(t) for o, t in zip(ops, terms[1:])) + "="
 
 
 TASKS = {"arithmetic": ArithmeticTask}
@@ -81,8 +125,9 @@ def _number(spec: str, key: str, raw: str) -> int | float:
         raise ValueError(f"built-in task {spec!r}: parameter {key!r} must be a number; got {raw!r}") from None
 
 
-def builtin_rows(spec: str, n: int, seed: int, **overrides) -> list[dict]:
-    """`builtin:arithmetic` (optionally `builtin:arithmetic?max_terms=5&teacher_noise=0.2`) → rows."""
+def builtin_rows(spec: str, n: int, seed: int, *, distinct: bool = False, **overrides) -> list[dict]:
+    """`builtin:arithmetic` (optionally `builtin:arithmetic?max_terms=5&teacher_noise=0.2`) → rows.
+    distinct: n different prompts (a held-out set's), an error naming the task when it has fewer."""
     name = spec.split(":", 1)[1] if spec.startswith("builtin:") else spec
     params: dict = {}
     if "?" in name:
@@ -103,7 +148,13 @@ def builtin_rows(spec: str, n: int, seed: int, **overrides) -> list[dict]:
         task = TASKS[name](**params)
     except TypeError as e:
         raise ValueError(f"built-in task {name!r}: {e}") from None
-    return task.rows(n, seed)
+    if not distinct:
+        return task.rows(n, seed)
+    try:
+        return task.distinct_rows(n, seed)
+    except ValueError as e:
+        raise ValueError(f"built-in task {spec!r} as a held-out set: {e}; lower eval_size, or raise max_terms or "
+                         f"max_operand") from None
 
 
 def _check_parameter_names(spec: str, task_cls, params: dict):
