@@ -180,3 +180,36 @@ def test_a_nan_completion_or_prompt_is_a_row_without_a_value_not_the_text_nan(tm
     with pytest.raises(ValueError, match=r"^train dataset: row 1 has no value for column\(s\) \['prompt'\]$"):
         check_columns([{"prompt": "1+1="}, {"prompt": np.float64("nan")}], ("prompt",), "train dataset")
     check_columns([{"prompt": "1+1=", "completion": 0.0}], ("prompt", "completion"))   # a number is a value
+
+
+# pandas' default missing-value texts (its STR_NA_VALUES), each a literal answer a question can have
+_NA_TEXTS = ["None", "NA", "nan", "NaN", "null", "NULL", "N/A", "n/a", "#N/A", "<NA>", "-nan", "1.#QNAN"]
+
+
+def test_a_csv_answer_that_reads_none_or_na_is_that_text_and_only_an_empty_cell_is_missing(tmp_path):
+    # pandas read the texts "None", "NA", "nan", ... as missing: a question whose answer is "None" had no answer in a
+    # .csv file, and the same row in .jsonl / .json / .parquet had the answer "None". Now every format agrees: a JSON or
+    # parquet null, or an empty .csv cell, is missing; a text is the text.
+    import csv
+
+    pytest.importorskip("datasets")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from r1fast.data import check_columns, load_rows
+
+    texts = _NA_TEXTS + ["5", "x"]
+    want = [{"prompt": f"q{i}", "answer": t} for i, t in enumerate(texts)] + [{"prompt": "q-empty", "answer": None}]
+    with open(tmp_path / "d.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["prompt", "answer"])
+        w.writerows([r["prompt"], "" if r["answer"] is None else r["answer"]] for r in want)
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in want))
+    (tmp_path / "d.json").write_text(json.dumps(want))
+    pq.write_table(pa.Table.from_pylist(want), tmp_path / "d.parquet")
+    for name in ("d.csv", "d.jsonl", "d.json", "d.parquet"):
+        assert list(load_rows(str(tmp_path / name))) == want, name
+        with pytest.raises(ValueError, match=rf"^dataset: row {len(texts)} \(of .*{name}'\) has no value for column"
+                                             r"\(s\) \['answer'\]$" if name != "d.jsonl" else
+                           rf"^dataset: row {len(texts)} \(.*d.jsonl' line {len(want)}\) has no value"):
+            check_columns(load_rows(str(tmp_path / name)), ("answer",))

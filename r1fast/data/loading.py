@@ -217,6 +217,12 @@ def _load_hf(path: str, split: Optional[str], default_splits: Sequence[str] = TR
     return dataset_as_rows(ds)
 
 
+# A .csv cell is missing when it is empty, as a JSON null or a parquet null is: pandas' default also read the
+# texts "None", "NA", "nan", "null", "N/A" (and a dozen more) as missing, so a question whose answer is "None" was a
+# row without an answer (an error, or left out of the accuracy), where the same row in JSON had the answer "None".
+CSV_MISSING = {"keep_default_na": False, "na_values": [""]}
+
+
 def _read_file(datasets, path: str, ext: str, builder: str) -> list[dict]:
     """A .json/.csv/.parquet file's rows, read by datasets into a cache folder of this call's own, removed after.
     datasets' shared cache of a local file is keyed by its path and mtime alone, so a file rewritten within its
@@ -226,7 +232,8 @@ def _read_file(datasets, path: str, ext: str, builder: str) -> list[dict]:
 
     with tempfile.TemporaryDirectory(prefix="r1fast-data-", ignore_cleanup_errors=True) as cache:
         try:
-            ds = datasets.load_dataset(builder, data_files=path, split="train", cache_dir=cache)
+            ds = datasets.load_dataset(builder, data_files=path, split="train", cache_dir=cache,
+                                       **(CSV_MISSING if ext == "csv" else {}))
         except Exception as e:   # datasets wraps the parser's error; its innermost cause says what is wrong
             cause = _root_cause(e)
             if "corresponds to no data" in cause:   # a .json of [], a .csv of its header alone: no rows to split
