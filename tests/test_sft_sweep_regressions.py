@@ -180,3 +180,28 @@ def test_sft_steps_match_an_independent_float64_loop(tmp_path, case):
             for (name, a), b in zip(model.named_parameters(), params):
                 torch.testing.assert_close(a, b, rtol=0, atol=1e-12, msg=lambda m: f"step {step} {name}: {m}")
                 b.copy_(a)
+
+
+def test_a_boolean_completion_is_refused_naming_its_row_and_column_and_a_number_trains_on_its_digits(tmp_path):
+    # a JSON `true` completion trained on Python's "True", a text the file never held (bytes on their repr
+    # "b'7'"); a prompt that is not text was already refused. A number is still its digits (a .csv column of them).
+    import json
+
+    import numpy as np
+
+    tok = build_char_tokenizer()
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"prompt": "1", "reply": "2"}\n\n{"prompt": "2", "reply": true}\n')
+    with pytest.raises(ValueError, match=r"^SFT dataset: row 1 \('.*d.jsonl' line 3\): a completion must be text "
+                                         r"\(or a number\); got the boolean True, whose text the data does not say "
+                                         r".*\(column 'reply'\)$"):
+        trainer(str(path), tok, tmp_path / "r", completion_column="reply")
+    for bad, shown in ((np.bool_(False), "the boolean False"), (b"7", "a bytes \\(b'7'\\)")):
+        with pytest.raises(ValueError, match=rf"^SFT dataset: row 0: a completion must be text \(or a number\); "
+                                             rf"got {shown}"):
+            trainer([{"prompt": "1", "completion": bad}], tok, tmp_path / "b")
+    numbers = [7, -12, 2.5, np.int64(40), json.loads("1e2")]
+    tr = trainer([{"prompt": "1", "completion": n} for n in numbers], tok, tmp_path / "n")
+    texts = ["7", "-12", "2.5", "40", "100.0"]
+    assert [c for _, c in tr.examples] == [tok(t, add_special_tokens=False).input_ids + [tok.eos_token_id]
+                                           for t in texts]

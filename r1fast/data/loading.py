@@ -6,6 +6,7 @@ messages, and the tokenizer's chat template (when it has one) is applied to it.
 """
 from __future__ import annotations
 
+import decimal
 import json
 import os
 import numbers
@@ -700,8 +701,8 @@ def encode_prompts(tokenizer, rows: Sequence[dict], column: str, system_prompt: 
 
 def encode_completion(tokenizer, completion: Any, prefilled: str = "") -> list[int]:
     """Token ids of a target completion, ending with the end-of-sequence token. A completion is text
-    (a number from a CSV column is its text), or an assistant message (a dict, or a list of them whose
-    last one is the completion) with string content.
+    (a number from a CSV column is its text; a boolean is refused, _completion_text), or an assistant message (a
+    dict, or a list of them whose last one is the completion) with string content.
 
     prefilled: what the prompt's generation prompt already opened (`prefilled_think`: R1-Distill's
     "<think>\n"); a completion that opens it again (the assistant's whole turn, as a `messages` row or a
@@ -717,7 +718,7 @@ def encode_completion(tokenizer, completion: Any, prefilled: str = "") -> list[i
     elif isinstance(completion, (list, dict, tuple)):   # its repr would be trained on, "[{'type': 'text', ..."
         raise ValueError(f"a completion must be a string or a list of {{'role', 'content'}} messages with string "
                          f"content; got {completion!r:.80}")
-    completion = _after_prefill(str(completion), prefilled)
+    completion = _after_prefill(_completion_text(completion), prefilled)
     check_encodable(completion, "a completion")
     ids = tokenizer(completion, add_special_tokens=False).input_ids
     _warn_unknown(tokenizer, completion, ids)
@@ -726,6 +727,23 @@ def encode_completion(tokenizer, completion: Any, prefilled: str = "") -> list[i
     if tokenizer.eos_token_id is not None and ids[-1:] != [tokenizer.eos_token_id]:
         ids = ids + [tokenizer.eos_token_id]
     return ids
+
+
+def _completion_text(completion: Any) -> str:
+    """A completion's text: a string as it is, a number as its digits (a .csv column of numbers, a JSON number).
+    A boolean is refused, as a prompt that is not text is: it trained on Python's "True", which a JSON `true` does
+    not spell, nor a .csv's `true` or `TRUE` (pandas reads a column of such cells as booleans), so no text of it is
+    surely the data's. Bytes (a parquet binary column) and other objects trained on their repr, "b'...'"."""
+    if isinstance(completion, str):
+        return completion
+    if isinstance(completion, (numbers.Real, decimal.Decimal)) and not isinstance(completion, bool):
+        return str(completion)
+    if type(completion).__name__ in ("bool", "bool_"):   # numpy's bool_ (a Dataset formatted for numpy) too
+        raise ValueError(f"a completion must be text (or a number); got the boolean {completion}, whose text the "
+                         f"data does not say (JSON true, a .csv's True or TRUE): write it as a string, in JSON in "
+                         f"quotes (\"true\"); a .csv column of True/False cells is read as booleans, so use .jsonl")
+    raise ValueError(f"a completion must be text (or a number); got a {type(completion).__name__} "
+                     f"({completion!r:.40}): write it as a string")
 
 
 def _after_prefill(text: str, prefilled: str) -> str:

@@ -84,12 +84,15 @@ class SFTTrainer:
             try:
                 p = encode_prompt(tokenizer, r[cfg.prompt_column], cfg.system_prompt,
                                   chat_template_kwargs=cfg.chat_template_kwargs)
+            except ValueError as e:
+                raise ValueError(f"SFT dataset: {row_name(rows, i)}: {e}") from None
+            try:
                 c = encode_completion(tokenizer, r[cfg.completion_column],
                                       "" if continues_answer(r[cfg.prompt_column]) else prefilled)
                 if not c:   # no EOS to train on either: said here, not by the first step's packing
                     raise ValueError("the completion is empty and the tokenizer has no EOS token: nothing to train on")
-            except ValueError as e:
-                raise ValueError(f"SFT dataset: {row_name(rows, i)}: {e}") from None
+            except ValueError as e:   # its column named: completion_column may be another than the user thinks
+                raise ValueError(f"SFT dataset: {row_name(rows, i)}: {e} (column {cfg.completion_column!r})") from None
             # trim the prompt's start to keep the completion whole; a completion of the limit or more
             # keeps one prompt token and loses its end (its EOS with it)
             if len(p) + len(c) > limit:
