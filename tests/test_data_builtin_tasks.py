@@ -49,6 +49,8 @@ def test_a_held_out_builtin_draw_has_different_prompts_and_is_its_plain_draw_up_
     first_repeat = next(i for i, r in enumerate(plain) if r["prompt"] in {q["prompt"] for q in plain[:i]})
     assert list(held[:first_repeat]) == plain[:first_repeat]   # the same rows until the plain draw repeats
     assert list(load_rows(spec, n_builtin=128, seed=seed, default_splits=EVAL_SPLITS)) == list(held)
+    # a smaller held-out set of the seed is the larger's start (evaluate_accuracy's 64 prompts, a GRPO run's eval_size)
+    assert list(load_rows(spec, n_builtin=64, seed=seed, default_splits=EVAL_SPLITS)) == list(held[:64])
     assert list(load_rows(spec, n_builtin=128, seed=seed)) == plain   # a training draw is as it was
 
 
@@ -67,8 +69,11 @@ def test_a_held_out_draw_of_every_prompt_is_all_of_them_and_one_more_is_refused(
     spec = "builtin:arithmetic?min_terms=2&max_terms=3&max_operand=2"
     every = {f"{a}{o}{b}=" for a, o, b in itertools.product("12", "+-", "12")}
     every |= {f"{a}{o}{b}{p}{c}=" for a, o, b, p, c in itertools.product("12", "+-", "12", "+-", "12")}
-    rows = builtin_rows(spec, len(every), seed=random.randrange(2**32), distinct=True)
+    seed = random.randrange(2**32)
+    rows = builtin_rows(spec, len(every), seed, distinct=True)
     assert len(every) == 40 and sorted(r["prompt"] for r in rows) == sorted(every)
+    for n in (5, 9, 33):   # a smaller set is its start, though this one drew every 2-term prompt
+        assert builtin_rows(spec, n, seed, distinct=True) == rows[:n]
     with pytest.raises(ValueError, match=r"^built-in task '.*max_operand=2' as a held-out set: 41 different prompts "
                                          r"asked for, but its parameters make only 40; lower eval_size"):
         builtin_rows(spec, 41, 0, distinct=True)
