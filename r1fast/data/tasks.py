@@ -80,7 +80,8 @@ class ArithmeticTask:
         prompts at the default run's seed), which counted twice in its accuracy. Each row's count of terms is
         drawn as `rows` draws it, and a prompt drawn before is drawn again with that count, so the counts (the
         difficulty) are distributed as in `rows`, and the rows are `rows`' own up to its first repeat. Only a
-        count whose prompts are all taken is drawn again (a few prompts, many rows asked for)."""
+        count whose prompts are all taken is drawn again (a few prompts, many rows asked for). Fewer rows of the
+        seed are the first of more (a count holds no more than n's room, and so is not full, in the first n rows)."""
         room = {k: self.prompts_of(k, n) for k in range(self.min_terms, self.max_terms + 1)}   # prompts by count
         if n > sum(room.values()):
             raise ValueError(f"{n} different prompts asked for, but its parameters make only {sum(room.values())}")
