@@ -1171,10 +1171,11 @@ def test_grpo_logs_trls_cumulative_num_tokens_and_epoch(tmp_path, monkeypatch):
 
 
 def test_grpo_logs_trls_per_sequence_clip_extremes(tmp_path, monkeypatch):
-    """TRL's clip_ratio/low_min and high_max (r1fast's TRL drop-in logs them; its trainer did not): the least
-    share of a sequence's trained tokens clipped low and the largest clipped high, over the sequences of every
-    micro-batch and iteration of a rollout; a logged line's min / max over its rollouts. Checked against plain
-    full-logits ratios, and by hand for a sequence without trained tokens (a masked truncated one): left out."""
+    """TRL's clip_ratio/low_min and high_max (r1fast's TRL drop-in logs them; its trainer did not): each loss call
+    (a micro-batch of one iteration) takes the least share of a sequence's trained tokens clipped low and the largest
+    clipped high over its sequences, and a rollout's value is the mean of its calls', a logged line the mean of
+    its rollouts' (TRL averages every call it logs). Checked against plain full-logits ratios, and by hand for a
+    sequence without trained tokens (a masked truncated one): left out, and a micro-batch of none has none."""
     from r1fast.trainer.grpo import _clip_extremes
     from r1fast import ops
 
@@ -1188,17 +1189,21 @@ def test_grpo_logs_trls_per_sequence_clip_extremes(tmp_path, monkeypatch):
     monkeypatch.setattr(ops, "fused_linear_grpo_loss", recorded)
 
     def extremes():   # each sequence's clipped fractions, from ratios of the whole [tokens, vocab] logits
-        lows, highs = [], []
+        lows, highs = [], []   # each call's extremes
         for hidden, weight, targets, mask, adv, old, cu, opts in calls:
             logp = torch.log_softmax(hidden @ weight.T / opts.temperature, -1).gather(1, targets[:, None]).squeeze(1)
             ratio = torch.exp(logp - (logp if old is None else old))
+            low, high = [], []
             for s, (a, b) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
                 m, n = mask[a:b], float(mask[a:b].sum())
                 if n:
-                    lows.append(float((((ratio[a:b] < 1 - opts.epsilon) & (adv[s] < 0)) * m).sum()) / n)
-                    highs.append(float((((ratio[a:b] > 1 + opts.eps_high) & (adv[s] > 0)) * m).sum()) / n)
+                    low.append(float((((ratio[a:b] < 1 - opts.epsilon) & (adv[s] < 0)) * m).sum()) / n)
+                    high.append(float((((ratio[a:b] > 1 + opts.eps_high) & (adv[s] > 0)) * m).sum()) / n)
+            lows.append(min(low))
+            highs.append(max(high))
+        assert len(lows) == 8   # 4 micro-batches, 2 iterations
         calls.clear()
-        return min(lows), max(highs)
+        return sum(lows) / len(lows), sum(highs) / len(highs)
 
     want, step = [], tr.step
 
@@ -1212,12 +1217,16 @@ def test_grpo_logs_trls_per_sequence_clip_extremes(tmp_path, monkeypatch):
     assert len(got) == 2 and all(g == pytest.approx(w, abs=1e-6) for g, w in zip(got, want))
     assert max(high for _, high in got) > 0   # the second iterations' ratios clip
     [line] = _metrics(tmp_path / "clip" / "metrics.jsonl")
-    assert (line["clip_ratio/low_min"], line["clip_ratio/high_max"]) == (min(g[0] for g in got), max(g[1] for g in got))
+    assert (line["clip_ratio/low_min"], line["clip_ratio/high_max"]) == \
+        pytest.approx((sum(g[0] for g in got) / 2, sum(g[1] for g in got) / 2), rel=1e-12)
     # 2 of 4 tokens clipped low, 1 high; an empty sequence; 1 of 2 low: low fractions 1/2, -, 1/2, high 1/4, -, 0
     stats = {"rows/clip_low": torch.tensor([2.0, 0.0, 1.0]), "rows/clip_high": torch.tensor([1.0, 0.0, 0.0])}
     out = _clip_extremes(stats, torch.tensor([4.0, 0.0, 2.0]), torch.tensor([1.0, 1.0, -1.0]), tr.cfg.loss_options())
     assert {k: float(v) for k, v in out.items()} == {"clip_ratio/low_min": 0.5, "clip_ratio/high_max": 0.25}
     assert not stats   # the per-row counts are not step statistics
+    stats = {"rows/clip_low": torch.tensor([0.0, 0.0]), "rows/clip_high": torch.tensor([0.0, 0.0])}
+    out = _clip_extremes(stats, torch.tensor([0.0, 0.0]), torch.tensor([1.0, -1.0]), tr.cfg.loss_options())
+    assert all(v.isnan() for v in out.values())   # no sequence with trained tokens: none (TRL's nanmin), not inf
 
 
 def test_grpo_logs_trls_per_function_reward_std(tmp_path, monkeypatch):
@@ -1933,8 +1942,11 @@ def _grpo_steps_float64(cfg, model, rollouts):
                            "clip_ratio/low_mean": float(cat["low"].mean()),
                            "clip_ratio/high_mean": float(cat["high"].mean()),
                            "clip_ratio/region_mean": float((cat["low"] + cat["high"]).mean()),
-                           "clip_ratio/low_min": min(float(x.mean()) for x in st["low"]),
-                           "clip_ratio/high_max": max(float(x.mean()) for x in st["high"]),
+                           # TRL's: each micro-batch's extreme over its sequences, averaged
+                           "clip_ratio/low_min": sum(min(float(st["low"][i].mean()) for i in range(j * mb, (j + 1) * mb))
+                                                     for j in range(M)) / M,
+                           "clip_ratio/high_max": sum(max(float(st["high"][i].mean()) for i in range(j * mb, (j + 1) * mb))
+                                                      for j in range(M)) / M,
                            "is_weight/mean": float(cat["w"].mean()), "is_weight/max": float(cat["w"].max())})
     return {n: p.detach() for n, p in params.items()}, logged
 
@@ -1990,10 +2002,10 @@ def test_grpo_steps_match_a_float64_computation_from_the_spec(tmp_path, loss_typ
         assert m["lr"] == pytest.approx(steps[-1]["lr"], rel=1e-12)
         assert steps[0]["grad_norm"] > max_grad_norm if max_grad_norm < 1 else steps[0]["grad_norm"] < max_grad_norm
         for k in ("loss", "grad_norm", "kl", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean",
-                  "is_weight/mean"):
+                  "is_weight/mean", "clip_ratio/low_min", "clip_ratio/high_max"):
             if k != "kl" or beta:
                 assert m[k] == pytest.approx(sum(s[k] for s in steps) / iterations, rel=1e-5, abs=1e-6), k
-        for k, pick in (("clip_ratio/low_min", min), ("clip_ratio/high_max", max), ("is_weight/max", max)):
+        for k, pick in (("is_weight/max", max),):
             assert m[k] == pytest.approx(pick(s[k] for s in steps), rel=1e-5), k
     if iterations == 2:   # the second pass moved off the rollout's policy: the clip is exercised
         assert max(s["clip_ratio/region_mean"] for s in want) > 0.1
@@ -3731,7 +3743,7 @@ def test_a_logging_window_reads_the_logged_infinity_back_as_inf():
     rows = [{"loss": plain_number(v), "completion_length_max": plain_number(v)} for v in [math.inf, *finite]]
     out = window_metrics(rows)
     assert out["loss"] == math.inf and out["completion_length_max"] == math.inf
-    rows = [{"loss": plain_number(v), "clip_ratio/low_min": plain_number(v)} for v in [math.inf, finite[0], -math.inf]]
+    rows = [{"loss": plain_number(v), "is_weight/min": plain_number(v)} for v in [math.inf, finite[0], -math.inf]]
     out = window_metrics(rows)
-    assert math.isnan(out["loss"]) and out["clip_ratio/low_min"] == -math.inf
+    assert math.isnan(out["loss"]) and out["is_weight/min"] == -math.inf
     assert window_metrics([{"loss": v} for v in finite])["loss"] == sum(finite) / 2

@@ -422,7 +422,10 @@ class GRPOTrainer:
                 # is_weight's): weighted by its token count, so the step's are the whole rollout's and a
                 # micro-batch with no active token (mask_truncated_completions) adds no zeros
                 n = torch.as_tensor(stats.get("num_tokens", 1.0), dtype=torch.float32, device=self.device)
-                stats.update(_clip_extremes(stats, active, adv[idx[0]:idx[-1] + 1], opts))
+                for k, v in _clip_extremes(stats, active, adv[idx[0]:idx[-1] + 1], opts).items():
+                    has = ~v.isnan()   # NaN: no sequence of the micro-batch has trained tokens (TRL's nanmin)
+                    stat_sums[k] = stat_sums.get(k, 0.0) + torch.where(has, v, 0.0)
+                    stat_sums[_count_of(k)] = stat_sums.get(_count_of(k), 0.0) + has.float()
                 for k, v in stats.items():
                     v = torch.as_tensor(v, dtype=torch.float32, device=self.device).detach()
                     v = torch.where(torch.isfinite(v), v, 0.0)
@@ -470,6 +473,7 @@ class GRPOTrainer:
         scale = accumulation_scale(opts.loss_type, len(micro))
         self.model.train()
         stats_acc: dict[str, float] = {}
+        micro_sums: dict[str, float] = {}   # _MICRO_BATCH_MEANS' sums and counts over the passes
         losses, grad_norms, t_loss, t_opt = [], [], 0.0, 0.0
         for _ in range(iterations):
             ta = time.perf_counter()
@@ -481,7 +485,9 @@ class GRPOTrainer:
             finite = finite and math.isfinite(total_loss)
             tokens = max(sums.get("num_tokens", 1.0), 1.0)
             for k, v in sums.items():
-                if k in _EXTREMES:
+                if k in _MICRO_BATCH_MEANS or k in map(_count_of, _MICRO_BATCH_MEANS):
+                    micro_sums[k] = micro_sums.get(k, 0.0) + v
+                elif k in _EXTREMES:
                     v = v if math.isfinite(v) else 0.0   # no active token at all: 0, as the op says then
                     stats_acc[k] = _EXTREMES[k](stats_acc.get(k, v), v)
                 else:
@@ -496,6 +502,10 @@ class GRPOTrainer:
             grad_norms.append(gn)
             t_loss += tb - ta
             t_opt += time.perf_counter() - tb
+        for k in _MICRO_BATCH_MEANS:
+            if k in micro_sums:   # NaN (logged null) where no micro-batch had a sequence with trained tokens
+                count = micro_sums[_count_of(k)]
+                stats_acc[k] = micro_sums[k] / count if count else float("nan")
         self.optimizer.zero_grad(set_to_none=True)
         self.engine.reset_prefix_cache()
         self.rollout_index += 1
@@ -688,8 +698,13 @@ class GRPOTrainer:
         return result
 
 
-# statistics combined over micro-batches and iterations by min / max (the rest are token means)
-_EXTREMES = {"is_weight/min": min, "is_weight/max": max, "clip_ratio/low_min": min, "clip_ratio/high_max": max}
+# statistics combined over micro-batches and iterations by min / max (the rest are token means, but for
+# _MICRO_BATCH_MEANS)
+_EXTREMES = {"is_weight/min": min, "is_weight/max": max}
+# TRL's clip_ratio/low_min and high_max: each loss call (a micro-batch of one pass) logs the extreme over its
+# sequences, and a logged line is the mean of those calls that have one. A min over the passes, as r1fast took,
+# was 0 whenever num_iterations > 1: the first pass trains on the policy that sampled, where nothing clips
+_MICRO_BATCH_MEANS = ("clip_ratio/low_min", "clip_ratio/high_max")
 
 
 def micro_batch_indices(num_completions: int, size: int) -> list[list[int]]:
@@ -746,19 +761,27 @@ def _token_mask(lengths: list[int], keep: list[bool], device) -> torch.Tensor:
     return torch.cat([torch.full((n,), 1.0 if k else 0.0) for n, k in zip(lengths, keep)]).to(device)
 
 
+def _count_of(name: str) -> str:
+    """The key under which _loss_backward counts the micro-batches that have a value of `name` (_MICRO_BATCH_MEANS)."""
+    return name + "#count"
+
+
 def _clip_extremes(stats: dict, active: torch.Tensor, advantages: torch.Tensor, opts) -> dict[str, torch.Tensor]:
     """TRL's clip_ratio/low_min and high_max of one micro-batch, taking the op's per-row counts out of `stats`:
     the extremes over its sequences of each one's clipped fraction (ops.per_sequence_clip_fractions, as
     r1fast's TRL drop-in logs them), a sequence without trained tokens left out at token level (at sequence
-    level it counts as unclipped, TRL's ratio 1). cispo has none (TRL logs its cispo_clip_ratio alone)."""
+    level it counts as unclipped, TRL's ratio 1); NaN where no sequence is left (TRL's nanmin / nanmax).
+    cispo has none (TRL logs its cispo_clip_ratio alone)."""
     from r1fast import ops
 
     rows = {k: stats.pop(k) for k in ("rows/clip_low", "rows/clip_high")}
     if opts.loss_type == "cispo":
         return {}
     low, high = ops.per_sequence_clip_fractions(rows, active, advantages, opts)
-    return {"clip_ratio/low_min": torch.where(low.isnan(), math.inf, low).min(),
-            "clip_ratio/high_max": torch.where(high.isnan(), -math.inf, high).max()}
+    low_min = torch.where(low.isnan(), math.inf, low).min()
+    high_max = torch.where(high.isnan(), -math.inf, high).max()
+    return {"clip_ratio/low_min": torch.where(low.isnan().all(), math.nan, low_min),
+            "clip_ratio/high_max": torch.where(high.isnan().all(), math.nan, high_max)}
 
 
 _STOP_SIGNALS = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}  # SIGTERM: a scheduler's job end, `kill`
@@ -832,8 +855,8 @@ def stoppable_run(trainer, logger, pbar):
 
 # how a logged line combines its window's rollouts (any other metric: their mean, as TRL logs them)
 _WINDOW_LAST = ("lr", "nonfinite_skipped", "loss_scale", "num_tokens", "epoch")   # rates, scales and running totals
-_WINDOW_MAX = ("completion_length_max", "completions/max_terminated_length", "is_weight/max", "clip_ratio/high_max")
-_WINDOW_MIN = ("completion_length_min", "completions/min_terminated_length", "is_weight/min", "clip_ratio/low_min")
+_WINDOW_MAX = ("completion_length_max", "completions/max_terminated_length", "is_weight/max")
+_WINDOW_MIN = ("completion_length_min", "completions/min_terminated_length", "is_weight/min")
 
 
 def window_metrics(window: Sequence[dict]) -> dict[str, Any]:
