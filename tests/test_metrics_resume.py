@@ -80,3 +80,53 @@ def test_a_failed_replacing_write_leaves_the_old_file_and_no_temporary_file(tmp_
             raise OSError(28, "No space left on device")   # as write() raises on a full disk: no file name
     assert path.read_text() == "the old summary\n" and os.listdir(tmp_path) == ["summary.json"]
     assert not [op for op in disk_ops if op[0] == "rename"]
+
+
+def test_tensorboard_and_wandb_get_an_infinite_metric_as_inf(tmp_path, monkeypatch):
+    # the log writes an infinity as +-1e308 (JSON has none); the trackers were handed that number, which W&B keeps
+    # as it is (TensorBoard's float32 made it inf by chance), both as it was logged and as a resume logs it again
+    import math
+    import random
+    import sys
+    import types
+
+    pytest.importorskip("tensorboard")   # torch.utils.tensorboard needs it
+    import torch.utils.tensorboard as tensorboard
+
+    scalars, logged = [], []
+
+    class Writer:
+        def __init__(self, folder, purge_step=None):
+            pass
+
+        def add_scalar(self, tag, value, step):
+            scalars.append((tag, value, step))
+
+        def flush(self):
+            pass
+
+        def close(self):
+            pass
+
+    run_obj = types.SimpleNamespace(log=lambda values, step: logged.append((step, values)), finish=lambda: None)
+    monkeypatch.setattr(tensorboard, "SummaryWriter", Writer)
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=lambda **kw: run_obj))
+    run = str(tmp_path / "run")
+    finite = random.uniform(-5, 5)
+    logger = MetricsLogger(run, ["tensorboard", "wandb"])
+    for step, loss in enumerate([math.inf, -math.inf, finite], 1):
+        logger.log(step, "grpo", {"loss": loss, "kl": math.nan})
+    os.makedirs(os.path.join(run, "checkpoint-1"))
+    shutil.copy(os.path.join(run, "metrics.jsonl"), os.path.join(run, "checkpoint-1"))
+    logger.close()
+    assert [json.loads(line)["loss"] for line in open(os.path.join(run, "metrics.jsonl"))] == [1e308, -1e308, finite]
+    want = [("grpo/loss", math.inf, 1), ("grpo/loss", -math.inf, 2), ("grpo/loss", finite, 3)]
+    assert scalars == want   # the NaN kl (null in the log) is no point
+    assert logged == [(step, {"grpo/loss": v}) for _, v, step in want]
+    # resumed at step 3 on a history whose steps 2, 3 differ: TensorBoard is given them again from that history
+    with open(os.path.join(run, "checkpoint-1", "metrics.jsonl"), "w") as f:
+        f.writelines(json.dumps({"step": step, "stage": "grpo", "loss": v, "kl": None}) + "\n"
+                     for step, v in ((1, 1e308), (2, 1e308), (3, -1e308)))
+    scalars.clear()
+    MetricsLogger(run, ["tensorboard"], resume_step=3, resumed_from=os.path.join(run, "checkpoint-1")).close()
+    assert scalars == [("grpo/loss", math.inf, 2), ("grpo/loss", -math.inf, 3)]

@@ -112,8 +112,11 @@ class MetricsLogger:
 
 
 def _numeric(row: dict) -> dict:
-    """A metrics row's values TensorBoard and W&B take: its numbers, but its step."""
-    return {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}
+    """A metrics row's values TensorBoard and W&B take: its numbers, but its step, an infinity as itself. The row
+    holds it as the log's +-LOGGED_INFINITY (plain_number), which W&B kept as 1e308; both take inf (TensorBoard
+    draws it at the plot's edge, W&B writes it as Infinity). A NaN is the log's null: no value, left out, as
+    transformers' TensorBoard and W&B callbacks leave out TRL's None."""
+    return {k: unlogged_number(v) for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}
 
 
 def _branch_point(run_log: str, history: Optional[str], resume_step: int) -> tuple[int, list[dict]]:
