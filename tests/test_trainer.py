@@ -2464,6 +2464,9 @@ def test_frac_reward_zero_std_counts_groups_of_equal_rewards(tmp_path):
     assert _frac_zero_std([0.1] * 3 + [0.0, 1.0, 1.0], 3) == 0.5
     assert _frac_zero_std([0.7] * 8, 8) == 1.0
     assert _frac_zero_std([0.2, float("nan"), 0.2, 0.2, 0.0, 1.0, 0.0, 1.0], 4) == 0.5
+    # TRL's: a group of fewer than two scored rewards has no std (NaN), so it is no zero-std group; r1fast counted it
+    assert _frac_zero_std([None, 0.5, 0.3, 0.3, float("nan"), None], 2) == 1 / 3
+    assert _frac_zero_std([0.3, 0.3 + 1e-9, 0.0, 1.0], 2) == 0.5   # isclose(std, 0): within 1e-8
     model, tok = tiny_model()
     cfg = GRPOConfig(learning_rate=3e-2, per_device_train_batch_size=8, num_generations=8, max_steps=1,
                      max_completion_length=6, output_dir=str(tmp_path / "z"), progress_bar=False, seed=3)
@@ -2482,7 +2485,8 @@ def test_reward_and_reward_std_metrics_are_the_sample_mean_and_std_of_the_scored
     scored = [0.25, 1.5, -0.75, 2.0]
     assert _nanmean(totals) == pytest.approx(statistics.fmean(scored), rel=1e-12)
     assert _nanstd(totals) == pytest.approx(statistics.stdev(scored), rel=1e-12)
-    assert _nanstd([0.5, None]) == 0.0 and _nanstd([]) == 0.0  # fewer than two scored rows: no spread
+    # fewer than two scored rows: no std, NaN as TRL's nanstd (it was 0, which a logged line's mean took in)
+    assert all(math.isnan(_nanstd(xs)) for xs in ([0.5, None], [], [float("nan"), 1.0]))
     assert _nanmean([None, float("nan")]) != _nanmean([None, float("nan")])  # nothing scored: NaN
 
 

@@ -890,18 +890,21 @@ def _nanmean(xs) -> float:
 
 
 def _nanstd(xs) -> float:
+    """The sample (Bessel-corrected) std of the scored values; NaN (logged null) for fewer than two, as TRL's
+    nanstd: 0 there pulled a logged line's mean over its rollouts down where TRL's leaves the rollout out."""
     vals = _scored(xs)
     if len(vals) < 2:
-        return 0.0
+        return float("nan")
     m = sum(vals) / len(vals)
     return math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1))
 
 
 def _frac_zero_std(totals, G) -> float:
-    """Share of the groups whose (scored) rewards are all equal: their advantages are 0. Not `std == 0`:
-    the float mean of G copies of 0.1 or 0.7 is not always that value to the last bit (TRL: isclose)."""
-    groups = [_scored(totals[i:i + G]) for i in range(0, len(totals), G)]
-    return sum(1 for g in groups if len(set(g)) < 2) / max(len(groups), 1)
+    """TRL's share of the groups whose scored rewards have std 0 (torch.isclose: within 1e-8; the float mean of
+    G copies of 0.1 or 0.7 is not always that value to the last bit). A group of fewer than two scored rewards
+    has no std (TRL's nanstd is NaN there), so it is not counted, though its advantages are 0 too."""
+    groups = [totals[i:i + G] for i in range(0, len(totals), G)]
+    return sum(1 for g in groups if _nanstd(g) <= 1e-8) / max(len(groups), 1)
 
 
 def _terminated_lengths(c_ids, finish) -> dict[str, float]:
