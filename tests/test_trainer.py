@@ -1229,6 +1229,44 @@ def test_grpo_logs_trls_per_sequence_clip_extremes(tmp_path, monkeypatch):
     assert all(v.isnan() for v in out.values())   # no sequence with trained tokens: none (TRL's nanmin), not inf
 
 
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_cispo_logs_trls_cispo_clip_ratio(tmp_path, monkeypatch, level):
+    """Under cispo TRL logs cispo_clip_ratio, the share of trained tokens (at sequence level: of sequences) whose
+    ratio passes epsilon_high with a positive advantage, and no clip_ratio/* (whose high_mean counts ratios past
+    1 + epsilon_high elsewhere); r1fast logged clip_ratio/low_mean (always 0), high_mean and region_mean.
+    Checked against plain full-logits ratios of each loss call, token- (sequence-) weighted over a pass."""
+    from r1fast import ops
+
+    tr = make(tmp_path, "cispo", max_steps=2, num_iterations=2, per_device_train_batch_size=8,
+              gradient_accumulation_steps=4, loss_type="cispo", epsilon=2.0, epsilon_high=1.001,
+              importance_sampling_level=level, learning_rate=5e-2)
+    calls, fused = [], ops.fused_linear_grpo_loss
+
+    def recorded(hidden, weight, targets, mask, adv, *, old_logp, cu_seqlens, options, **kw):
+        calls.append((hidden.detach(), weight.detach().clone(), targets, mask, adv, old_logp, cu_seqlens, options))
+        return fused(hidden, weight, targets, mask, adv, old_logp=old_logp, cu_seqlens=cu_seqlens, options=options, **kw)
+    monkeypatch.setattr(ops, "fused_linear_grpo_loss", recorded)
+    out = tr.step()["metrics"]
+    passes = [calls[:4], calls[4:]]
+    shares = []
+    for calls_of_pass in passes:
+        clipped = units = 0.0
+        for hidden, weight, targets, mask, adv, old, cu, opts in calls_of_pass:
+            logp = torch.log_softmax(hidden @ weight.T / opts.temperature, -1).gather(1, targets[:, None]).squeeze(1)
+            log_ratio = logp - (logp if old is None else old)
+            for i, (a, b) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
+                if level == "sequence":   # one ratio: the mean log-ratio
+                    clipped += float(float(log_ratio[a:b].mean().exp()) > opts.eps_high and adv[i] > 0)
+                    units += 1
+                else:
+                    clipped += float(((log_ratio[a:b].exp() > opts.eps_high) & (adv[i] > 0)).sum())
+                    units += b - a
+        shares.append(clipped / units)
+    assert shares[1] > 0   # the second pass's ratios pass the cap
+    assert out["cispo_clip_ratio"] == pytest.approx(sum(shares) / 2, abs=1e-6)
+    assert not [k for k in out if k.startswith("clip_ratio/")]
+
+
 def test_grpo_logs_trls_per_function_reward_std(tmp_path, monkeypatch):
     # TRL logs rewards/<fn>/std beside each function's mean; r1fast logged the mean only
     tr = make(tmp_path, "std", max_steps=1)
@@ -1938,6 +1976,8 @@ def _grpo_steps_float64(cfg, model, rollouts):
                     v.mul_(b2).add_((1 - b2) * g * g)
                     p.sub_(lr * (m / (1 - b1 ** step)) / ((v / (1 - b2 ** step)).sqrt() + cfg.adam_epsilon))
             cat = {k: torch.cat(v) for k, v in st.items()}
+            if cfg.importance_sampling_level == "sequence":   # TRL's: shares of sequences (one ratio each)
+                cat.update({k: torch.stack([x[0] for x in st[k]]) for k in ("low", "high")})
             logged.append({"loss": float(loss.detach()), "grad_norm": norm, "lr": lr, "kl": float(cat["kl"].mean()),
                            "clip_ratio/low_mean": float(cat["low"].mean()),
                            "clip_ratio/high_mean": float(cat["high"].mean()),

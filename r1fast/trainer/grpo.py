@@ -392,7 +392,8 @@ class GRPOTrainer:
                        opts, scale: float, loss_scale: float) -> tuple[bool, float, dict[str, float]]:
         """One pass of the fused loss and its backward over a rollout's micro-batches, the gradients summed as the
         optimizer sums them (on top of those already there) -> (False if a micro-batch's loss was non-finite,
-        the pass's loss, its statistics' sums: token-weighted sums, num_tokens, min / max of the extremes)."""
+        the pass's loss, its statistics' sums: token-weighted sums, num_tokens, min / max of the extremes; at
+        sequence level the clip means' counts of sequences, and under _SEQUENCES the pass's sequences)."""
         from r1fast import ops
 
         finite = True
@@ -401,6 +402,7 @@ class GRPOTrainer:
         # the device once per micro-batch)
         total_loss = torch.zeros((), dtype=torch.float32, device=self.device)
         stat_sums: dict[str, torch.Tensor] = {}
+        sequences = 0   # at sequence level: the pass's sequences, which the clip means count
         with accumulating_gradients(self.optimizer):  # fp32 sums of the micro-batches' gradients
             for j, idx in enumerate(micro):
                 b, mask, active, sampler = inputs[j]
@@ -422,6 +424,11 @@ class GRPOTrainer:
                 # is_weight's): weighted by its token count, so the step's are the whole rollout's and a
                 # micro-batch with no active token (mask_truncated_completions) adds no zeros
                 n = torch.as_tensor(stats.get("num_tokens", 1.0), dtype=torch.float32, device=self.device)
+                if opts.importance_sampling_level == "sequence":   # shares of sequences, not of tokens
+                    for k, v in _sequence_clip_counts(stats, active, adv[idx[0]:idx[-1] + 1], opts).items():
+                        stats.pop(k, None)   # the op's token means
+                        stat_sums[k] = stat_sums.get(k, 0.0) + v
+                    sequences += len(idx)
                 for k, v in _clip_extremes(stats, active, adv[idx[0]:idx[-1] + 1], opts).items():
                     has = ~v.isnan()   # NaN: no sequence of the micro-batch has trained tokens (TRL's nanmin)
                     stat_sums[k] = stat_sums.get(k, 0.0) + torch.where(has, v, 0.0)
@@ -437,7 +444,7 @@ class GRPOTrainer:
                         stat_sums[k] = stat_sums.get(k, 0.0) + (v if k == "num_tokens" else v * n)
         names = sorted(stat_sums)
         total, *values = torch.stack([total_loss, *(stat_sums[k] for k in names)]).tolist()
-        return finite, total, dict(zip(names, values))
+        return finite, total, {**dict(zip(names, values)), **({_SEQUENCES: float(sequences)} if sequences else {})}
 
     def step(self) -> dict[str, Any]:
         """One rollout and its `num_iterations` optimizer steps; returns the step's metrics."""
@@ -484,8 +491,11 @@ class GRPOTrainer:
             finite, total_loss, sums = self._loss_backward(inputs, micro, adv, old, ref, opts, scale, loss_scale)
             finite = finite and math.isfinite(total_loss)
             tokens = max(sums.get("num_tokens", 1.0), 1.0)
+            sequences = sums.pop(_SEQUENCES, None)   # set at sequence level: the clip means count sequences
             for k, v in sums.items():
-                if k in _MICRO_BATCH_MEANS or k in map(_count_of, _MICRO_BATCH_MEANS):
+                if sequences is not None and k in _CLIP_MEANS:
+                    stats_acc[k] = stats_acc.get(k, 0.0) + v / sequences / iterations
+                elif k in _MICRO_BATCH_MEANS or k in map(_count_of, _MICRO_BATCH_MEANS):
                     micro_sums[k] = micro_sums.get(k, 0.0) + v
                 elif k in _EXTREMES:
                     v = v if math.isfinite(v) else 0.0   # no active token at all: 0, as the op says then
@@ -506,6 +516,10 @@ class GRPOTrainer:
             if k in micro_sums:   # NaN (logged null) where no micro-batch had a sequence with trained tokens
                 count = micro_sums[_count_of(k)]
                 stats_acc[k] = micro_sums[k] / count if count else float("nan")
+        if opts.loss_type == "cispo":   # TRL's name for cispo's one clip share (c1 > epsilon_high with A > 0)
+            stats_acc["cispo_clip_ratio"] = stats_acc.pop("clip_ratio/high_mean")
+            for k in _CLIP_MEANS:
+                stats_acc.pop(k, None)
         self.optimizer.zero_grad(set_to_none=True)
         self.engine.reset_prefix_cache()
         self.rollout_index += 1
@@ -759,6 +773,24 @@ def _token_mask(lengths: list[int], keep: list[bool], device) -> torch.Tensor:
     if all(keep):
         return torch.ones(sum(lengths), device=device)
     return torch.cat([torch.full((n,), 1.0 if k else 0.0) for n, k in zip(lengths, keep)]).to(device)
+
+
+# TRL's clip shares: of the trained tokens at token level; at sequence level (one ratio per sequence) of the
+# sequences, as TRL's means of its (B, 1) flags, a sequence without trained tokens counted (ratio 1). Under
+# cispo TRL logs its cispo_clip_ratio alone
+_CLIP_MEANS = ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean")
+_SEQUENCES = "#sequences"   # _loss_backward's count of a pass's sequences, at sequence level
+
+
+def _sequence_clip_counts(stats: dict, active: torch.Tensor, advantages: torch.Tensor, opts) -> dict[str, torch.Tensor]:
+    """At sequence level, the counts of one micro-batch's sequences clipped low, high and either, from the op's
+    per-row counts in `stats` (left there for _clip_extremes)."""
+    from r1fast import ops
+
+    rows = {k: stats[k] for k in ("rows/clip_low", "rows/clip_high")}
+    low, high = ops.per_sequence_clip_fractions(rows, active, advantages, opts)   # 0 or 1 each
+    return {"clip_ratio/low_mean": low.sum(), "clip_ratio/high_mean": high.sum(),
+            "clip_ratio/region_mean": (low + high).clamp(max=1.0).sum()}
 
 
 def _count_of(name: str) -> str:
