@@ -461,6 +461,7 @@ class _Fuzz:
         self.kv = _KVShadow(nb * bs)
         self.bases = [self.rng.integers(0, 4, size=12).tolist() for _ in range(3)]
         self.seqs = {}  # id -> {"tokens": the true tokens, "computed": positions whose KV is written}
+        self.preempted = {}  # id -> the true tokens of a preempted sequence, which the engine re-allocates later
         self.next_id = 0
 
     def slots(self, sid):
@@ -533,7 +534,7 @@ class _Fuzz:
             victim = ids.pop()
             self.real.preempt(victim)
             self.model.free(victim)
-            del self.seqs[victim]
+            self.preempted[victim] = self.seqs.pop(victim)["tokens"]
         tokens = self.rng.integers(0, 4, size=len(ids)).tolist()
         unknown = bool(self.rng.random() < 0.5)
         sim = copy.deepcopy(self.model)
@@ -555,9 +556,27 @@ class _Fuzz:
     def op_free(self):
         sid = self.pick()
         if sid is not None:
-            (self.real.preempt if self.rng.random() < 0.5 else self.real.free)(sid)
+            preempt = self.rng.random() < 0.5
+            (self.real.preempt if preempt else self.real.free)(sid)
             self.model.free(sid)
-            del self.seqs[sid]
+            tokens = self.seqs.pop(sid)["tokens"]
+            if preempt:
+                self.preempted[sid] = tokens
+
+    def op_resume(self):
+        """A preempted sequence comes back under its own id with every token it had (prompt and decoded, now all
+        known): its leading full blocks may be prefix-cache hits, its own freed blocks among them."""
+        if not self.preempted:
+            return
+        sid = int(self.rng.choice(sorted(self.preempted)))
+        tokens = self.preempted[sid]
+        assert self.real.blocks_to_allocate(tokens) == self.model.blocks_to_allocate(tokens)
+        cached = _both(lambda: self.real.allocate(sid, tokens), lambda: self.model.allocate(sid, tokens))
+        if cached is None:  # no room yet: it stays preempted
+            return
+        del self.preempted[sid]
+        self.seqs[sid] = {"tokens": list(tokens), "computed": cached}
+        self.kv.check(self.slots(sid), tokens, cached, fresh=True)
 
     def op_reset(self):
         self.real.reset_prefix_cache()
@@ -565,7 +584,7 @@ class _Fuzz:
         self.kv.epoch += 1
 
     OPS = (("op_allocate", 4), ("op_compute", 4), ("op_fork", 1), ("op_append", 3), ("op_decode_step", 2),
-           ("op_free", 2), ("op_reset", 0.3))
+           ("op_free", 2), ("op_resume", 1.5), ("op_reset", 0.3))
 
     def check(self):
         self.real.check_invariants()
