@@ -509,6 +509,16 @@ def test_unknown_decode_backend_is_refused_when_the_engine_is_built(models):
         Engine(model, block_size=4, num_blocks=8, decode_backend="trition")
 
 
+def test_a_decode_backend_without_a_path_for_the_models_dtype_is_refused_when_the_engine_is_built(models):
+    # the Triton decode kernel has no float64 path: the engine was built, prefilled, then failed at the first
+    # decode step
+    fp64 = from_pretrained_copy(models[1], "cpu", torch.float64)
+    with pytest.raises(ValueError, match="decode_backend='triton'.*float64"):
+        Engine(fp64, block_size=4, num_blocks=8, decode_backend="triton")
+    engine = Engine(fp64, block_size=4, num_blocks=8, decode_backend="torch")
+    assert len(engine.generate([[1, 2, 3]], SamplingParams(temperature=0, max_tokens=3))[0].completions[0].token_ids) == 3
+
+
 def test_a_model_other_than_r1fasts_is_refused_when_the_engine_is_built(tmp_path):
     # a transformers Llama/Qwen3 has a config with every field the engine read, and was accepted; its
     # forward then took the positions for an attention mask and failed deep inside transformers

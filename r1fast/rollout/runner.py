@@ -139,7 +139,12 @@ class ModelRunner:
         self.scale = 1.0 / math.sqrt(self.head_dim)
         self.decode_backend, self.store_backend = decode_backend, None
         if decode_backend is not None:  # a misspelt or unusable backend: said now, not at the first decode step
-            backends.resolve("paged_decode_attention", self.device, decode_backend)
+            # with the model's dtype: a backend without a path for it (triton with fp64 weights, or bf16 under
+            # the Triton interpreter) was accepted here and failed at the first decode step, after the prefill
+            try:
+                backends.resolve("paged_decode_attention", self.device, decode_backend, dtype=self.dtype)
+            except ValueError as e:
+                raise ValueError(f"Engine: decode_backend={decode_backend!r} cannot decode this model: {e}") from None
         candidates = None  # {decode backend: tiles} that passed the start-up checks (a GPU only)
         if _checks_kernels(self.device):
             candidates = self._decode_candidates(shared_prefix, decode_backend is None, max_num_seqs)
