@@ -175,6 +175,11 @@ def test_host_uniforms_at_the_first_position_past_the_table():
                                        (dict(temperature=float("nan")), "temperature"),
                                        (dict(temperature=float("inf")), "temperature must be 0 .greedy. or a finite"),
                                        (dict(stop_token_ids=[1, 2.5]), "stop_token_ids"),
+                                       # 0-d: a bare "iteration over a 0-d tensor" named no argument
+                                       (dict(stop_token_ids=torch.tensor(3)), "stop_token_ids must be a 1-D"),
+                                       (dict(stop_token_ids=np.array(3)), "stop_token_ids must be a 1-D"),
+                                       (dict(stop_token_ids=torch.tensor([1.0, 2.0])), "stop_token_ids"),
+                                       (dict(stop_token_ids=torch.tensor([True])), "stop_token_ids"),
                                        (dict(ignore_eos="no"), "ignore_eos must be a bool")])
 def test_bad_sampling_params_raise(bad, match):
     with pytest.raises(ValueError, match=match):
@@ -189,6 +194,8 @@ def test_sampling_params_take_numpy_ints_as_ints():
     assert (p.n, p.top_k, p.max_tokens, p.seed, p.stop_token_ids) == (3, 5, 7, 9, (1, 2))
     assert all(type(v) is int for v in (p.n, p.top_k, p.max_tokens, p.seed, *p.stop_token_ids))
     assert SamplingParams(stop_token_ids=(t for t in [5, 6])).stop_token_ids == (5, 6)  # a generator, read once
+    # an int tensor, as prompts may be (its elements are 0-d tensors, which were refused as not ints)
+    assert SamplingParams(stop_token_ids=torch.tensor([3, 4])).stop_token_ids == (3, 4)
     assert SamplingParams(seed=2**64 - 1).seed == 2**64 - 1 and SamplingParams(seed=-2**63).seed == -2**63
 
 

@@ -66,9 +66,18 @@ class SamplingParams:
             raise ValueError(f"SamplingParams: min_p must lie in [0, 1], got {self.min_p!r}")
         if not is_int(self.max_tokens) or self.max_tokens < 1:
             raise ValueError(f"SamplingParams: max_tokens must be an int >= 1, got {self.max_tokens!r}")
-        if isinstance(self.stop_token_ids, (str, bytes)) or not hasattr(self.stop_token_ids, "__iter__"):
+        stops = self.stop_token_ids
+        if hasattr(stops, "ndim") and hasattr(stops, "tolist"):
+            # a numpy array or tensor as its Python numbers: a 0-d one failed in tuple() with a bare "iteration over
+            # a 0-d tensor", and a tensor's elements (0-d tensors, not ints) were refused although prompts take
+            # tensors
+            if stops.ndim != 1:
+                raise ValueError(f"SamplingParams: stop_token_ids must be a 1-D sequence of ints, got an array of "
+                                 f"{stops.ndim} dimensions")
+            stops = stops.tolist()
+        if isinstance(stops, (str, bytes)) or not hasattr(stops, "__iter__"):
             raise ValueError(f"SamplingParams: stop_token_ids must be a sequence of ints, got {self.stop_token_ids!r}")
-        stops = tuple(self.stop_token_ids)  # once: a generator would be used up by the check below
+        stops = tuple(stops)  # once: a generator would be used up by the check below
         if not all(is_int(t) for t in stops):
             raise ValueError(f"SamplingParams: stop_token_ids must be a sequence of ints, got {stops!r}")
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in stops))
