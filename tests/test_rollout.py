@@ -609,6 +609,8 @@ def test_bad_requests_raise_clear_errors(models, prompts):
     assert len(out[0].completions[0].token_ids) == 61 and tiny.block_manager.num_free_blocks == tiny.num_blocks
     with pytest.raises(TypeError, match="async_decode must be True or False, got 'no'"):
         Engine(model, block_size=4, num_blocks=16, async_decode="no")
+    with pytest.raises(TypeError, match="progress must be True or False, got 'no'"):  # was taken as on
+        engine.generate([[1]], SamplingParams(), progress="no")
     assert engine.generate([], SamplingParams()) == []
 
 

@@ -358,6 +358,8 @@ class Engine:
     @torch.no_grad()
     def generate(self, prompt_token_ids, params: SamplingParams | None = None, progress: bool = False):
         params = SamplingParams() if params is None else params
+        if not isinstance(progress, bool):  # bool("no") is True: a string here would show a bar (as Engine's flags)
+            raise TypeError(f"generate: progress must be True or False, got {progress!r}")
         prompts = self._validate(prompt_token_ids, params)
         if not prompts:  # no step runs: the stats say so (they kept the previous call's)
             self.last_stats = dict.fromkeys(("prefill", "decode", "discarded_tokens", "preemptions",
