@@ -149,6 +149,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
         self.real = BlockManager(num_blocks, block_size, pc)
         self.model = ModelBlockManager(num_blocks, block_size, pc)
         self.next_id = 0
+        self.preempted = {}  # id -> tokens of a preempted sequence, until it is resumed
         self.configured = True
 
     @precondition(lambda self: self.configured)
@@ -205,8 +206,22 @@ class BlockManagerMachine(RuleBasedStateMachine):
     @rule(i=st.integers(0, 50), preempt=st.booleans())
     def free(self, i, preempt):
         sid = self._pick(i)
+        tokens = self.model.seqs[sid]["tokens"]
         (self.real.preempt if preempt else self.real.free)(sid)
         self.model.free(sid)
+        if preempt:
+            self.preempted[sid] = tokens
+
+    @precondition(lambda self: self.configured and self.preempted)
+    @rule(i=st.integers(0, 50))
+    def resume(self, i):
+        """A preempted sequence re-allocated under its own id with every token it had (recompute)."""
+        sid = sorted(self.preempted)[i % len(self.preempted)]
+        tokens = self.preempted[sid]
+        arr = np.array(tokens, dtype=np.int32)
+        assert self.real.blocks_to_allocate(arr) == self.model.blocks_to_allocate(tokens)
+        if _both(lambda: self.real.allocate(sid, arr), lambda: self.model.allocate(sid, tokens)) is not None:
+            del self.preempted[sid]
 
     @precondition(lambda self: self.configured)
     @rule()
