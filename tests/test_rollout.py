@@ -854,6 +854,43 @@ def test_decode_steps_run_with_fp8_layers_disabled(models, monkeypatch):
     assert decode and not any(decode)
 
 
+def test_float64_greedy_under_random_engine_settings_equals_transformers_with_its_logprobs(models):
+    """A float64 model (no other engine test decodes one) under random pools (down to one sequence's blocks),
+    block sizes, chunk budgets, seats, max_model_len, stops and n: every completion is transformers' greedy
+    continuation cut at its first stop or limit, with that finish reason, and its logprobs are
+    log_softmax(logits)[token] of the float64 model (the engine's are fp32 values of fp32 logits)."""
+    import numpy as np
+
+    hf, model = models
+    hf64, model64 = from_pretrained_copy(hf, "cpu", torch.float64), from_pretrained_copy(model, "cpu", torch.float64)
+    rng = np.random.default_rng(5)
+    for _ in range(6):
+        block_size, max_model_len = int(rng.choice([1, 3, 4, 8])), int(rng.integers(8, 40))
+        prompts = [rng.integers(0, CFG["vocab_size"], size=int(rng.integers(1, min(14, max_model_len)))).tolist()
+                   for _ in range(int(rng.integers(1, 4)))]
+        n, max_tokens = int(rng.integers(1, 4)), int(rng.integers(1, 16))
+        stops = rng.integers(0, CFG["vocab_size"], size=int(rng.integers(0, 3))).tolist()
+        need = max(math.ceil((min(len(p) + max_tokens, max_model_len) - 1) / block_size) for p in prompts)
+        engine = Engine(model64, block_size=block_size, num_blocks=max(need, 1) + int(rng.integers(0, 3)),
+                        max_num_seqs=n + int(rng.integers(0, 4)), max_num_batched_tokens=int(rng.integers(1, 20)),
+                        max_model_len=max_model_len, enable_prefix_caching=bool(rng.random() < 0.7),
+                        async_decode=bool(rng.random() < 0.5))
+        results = engine.generate(prompts, SamplingParams(n=n, temperature=0, max_tokens=max_tokens,
+                                                          stop_token_ids=stops))
+        for p, res in zip(prompts, results):
+            limit = min(max_tokens, max_model_len - len(p))
+            want = _hf_greedy(hf64, p, limit)
+            hit = next((i for i, t in enumerate(want) if t in stops), None)
+            cut = limit if hit is None else hit + 1
+            with torch.no_grad():
+                logp = torch.log_softmax(hf64(torch.tensor([p + want[:cut]])).logits[0], -1)
+            want_logprobs = [logp[len(p) - 1 + i, t].item() for i, t in enumerate(want[:cut])]
+            for c in res.completions:
+                assert (c.token_ids, c.finish_reason) == (want[:cut], "length" if hit is None else "stop")
+                assert c.logprobs == pytest.approx(want_logprobs, abs=1e-5)
+        assert engine.block_manager.num_free_blocks == engine.num_blocks
+
+
 def test_random_limits_and_stops_equal_the_free_run_cut_at_the_first_stop(models):
     """The Running rows' bookkeeping under stress: random stop tokens, max_tokens, max_model_len, pool,
     batch-token budget and seats; every completion is the stop-free, limit-free one cut at its first
