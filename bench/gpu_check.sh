@@ -5,7 +5,7 @@
 #   device run:  bash bench/gpu_check.sh      (carry [".whl"] when peers' wheels travel, see bench/README.md)
 #
 # $OUT receives at most 7 files (the device tool returns 8): build.log, info.txt, tests.log,
-# bench.log, the results CSV + JSON (rewritten after every case, so a stage cut short still returns
+# bench.log, the results CSV + JSON (rewritten after every implementation, so a stage cut short still returns
 # what it measured) and profile.txt (the top kernels of a decode step and of the fused loss).
 # Commit the CSV as bench/results/<card>-<date>.csv.
 #
@@ -195,8 +195,8 @@ stage "bench, every suite at $size size"
 # (decode_attention, rollout), #6 (fp8_linear), #7 (trl, then grpo_step: minutes, TRL's step alone about
 # one, so a first window seldom reaches them and a second runs them, see the header); then the suites no
 # open issue asks for: the cheap ones, then layers (eight torch.compile peers: a minute or more of
-# compiling). A suite the time box cuts off loses only its unfinished cases and the suites after it: the
-# results files are rewritten after every case. Suites not named here (new ones) run last; a name in
+# compiling). A suite the time box cuts off loses only its unfinished implementations and the suites after it: the
+# results files are rewritten after every implementation. Suites not named here (new ones) run last; a name in
 # SUITES that is not a suite is reported and left out.
 order=${SUITES:-"logprob grpo_loss decode_attention rollout fp8_linear trl grpo_step sampling kv_cache model layers"}
 known=$(timeout -k 5 30 python3 -m r1fast.cli bench --list 2>/dev/null | awk '$1 ~ /^[a-z0-9_]+$/ {print $1}')

@@ -424,8 +424,8 @@ def _missing_dependency(impl: Impl, e: BaseException) -> bool:
 def run_suite(s: Suite, size: str, device: torch.device, machine: Machine, timer: Timer, log=print,
               on_case: Callable[[list[dict]], object] | None = None, box_s: float | None = None,
               skipped: list[dict] | None = None) -> list[dict]:
-    """Time every impl of every case of `s`; `on_case(rows so far)` after each case (main() rewrites
-    the results files there, so a run killed by a time box keeps every case it finished). With `box_s`,
+    """Time every impl of every case of `s`; `on_case(rows so far)` after each impl that measured (main()
+    rewrites the results files there, so a run killed by a time box keeps every impl it finished). With `box_s`,
     no impl starts once the suite has run that many seconds (the one running finishes): the impls left
     are reported as skipped, so one slow suite cannot take a time-boxed run's time from the next ones.
     Each skipped impl is logged and, with `skipped`, appended to it (suite, case, mode, provider, backend,
@@ -504,8 +504,10 @@ def run_suite(s: Suite, size: str, device: torch.device, machine: Machine, timer
             if math.isfinite(mem):
                 rows.append(dict(base, metric="peak_mem_mb", p50=mem, p20=mem, p80=mem, floor=float("nan"),
                                  pct_of_floor=float("nan")))
-        if on_case is not None and rows:
-            on_case(rows)
+            # after each impl, not each case: a GPU-size grpo_step case is r1fast's step (a minute) then TRL's
+            # (two or more); a time box that killed the run inside TRL's lost r1fast's row with it
+            if on_case is not None:
+                on_case(rows)
     return rows
 
 
@@ -790,7 +792,7 @@ def _main(suite_names, size, out_dir, device, budget_s, min_reps, log, append_to
         except OSError as e:
             raise ValueError(f"--out {out}: cannot make the results directory ({e})") from None
 
-    def save(all_rows):  # rewritten after every case, so a run cut short by a timeout keeps what it measured
+    def save(all_rows):  # rewritten after every impl, so a run cut short by a timeout keeps what it measured
         nonlocal paths
         if all_rows:  # an appended run keeps the earlier run's meta (its rows' floors used its measured rates)
             meta = dict(_meta(dev, size, machine), skipped=skipped)

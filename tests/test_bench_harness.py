@@ -475,6 +475,26 @@ def test_results_are_written_after_every_case_so_a_killed_run_keeps_them(tmp_pat
     assert not list(tmp_path.glob("*.tmp"))
 
 
+def test_results_are_written_after_every_impl_so_a_kill_inside_a_peer_keeps_r1fasts_row(tmp_path, monkeypatch):
+    """A GPU-size grpo_step case is r1fast's step, then TRL's (minutes): the time box that killed the run inside
+    TRL's lost r1fast's row of the same case, saved only when the case ended."""
+    class Killed(BaseException):  # like the SIGTERM of `timeout`: no `except Exception` stops it
+        pass
+
+    def killed():
+        raise Killed
+
+    step = harness.Case("step", "step", "float32", [harness.Impl("r1fast", "engine", lambda: (lambda: None)),
+                                                    harness.Impl("trl", "hf-generate", killed)])
+    monkeypatch.setitem(harness._SUITES, "fake_step", harness.Suite("fake_step", lambda size, device: [step]))
+    monkeypatch.setattr(harness, "load_suites", lambda: dict(harness._SUITES))
+    with pytest.raises(Killed):
+        harness.main(["fake_step"], out_dir=str(tmp_path), budget_s=0.0, min_reps=1, log=lambda *_: None)
+    (csv_path,) = tmp_path.glob("*.csv")
+    assert {(r["provider"], r["metric"]) for r in harness.read_csv(csv_path)} == {("r1fast", "time_ms")}
+    assert not list(tmp_path.glob("*.tmp"))
+
+
 def test_a_kernel_fault_stops_the_run_and_a_fresh_run_appends_the_suites_left(tmp_path, monkeypatch):
     """A faulted kernel leaves the CUDA context unusable for the rest of the process (the error is
     sticky): the run stops, keeps what it measured and names the suites left, which a new process
