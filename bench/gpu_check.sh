@@ -30,7 +30,8 @@ mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd) || { echo "gpu_check: cannot make OUT
 cd "$(dirname "$0")/.."
 t0=$(date +%s)
 stage() { echo "== [$(( $(date +%s) - t0 ))s] $*"; }
-export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16}
+# PYTHONFAULTHANDLER: a process that crashes (a segfault in a kernel launch or in r1fast._C) prints where
+export PYTHONUNBUFFERED=1 PYTHONFAULTHANDLER=1 MAX_JOBS=${MAX_JOBS:-16}
 ENDS_BY=${ENDS_BY:-480}
 # checked before the build: a typo found after it would end the window with nothing measured (bash's
 # arithmetic stops the script at '2m'); read as decimal: bash reads a leading 0 as octal, and 090 failed
@@ -221,20 +222,37 @@ else
     --suite-box "${SUITE_BOX:-60}" >"$OUT/bench.log" 2>&1
   rc=$?
   # Exit 3: a kernel fault left the process's CUDA context unusable (the error is sticky). The suites
-  # not run yet go on in a fresh process, their rows added to the same results files.
-  [ $rc = 3 ] && failed="$failed bench(cuda-fault)"
-  while [ $rc = 3 ]; do
-    rest=$(sed -n 's/^r1fast bench: suites not run: *//p' "$OUT/bench.log" | tail -1)
+  # not run yet go on in a fresh process, their rows added to the same results files. So they do after a
+  # crash (killed by a signal: a segfault or abort in a kernel launch or in r1fast._C, as an argument
+  # error thrown inside _C did on the first GPU run; 137 is timeout's KILL at the box): the suites after
+  # the one that was running when it died, that one left out (run again, it would likely crash again).
+  running=$suites; noted=""   # noted: the last process's exit is named in $failed already
+  while :; do
+    if [ $rc = 3 ]; then
+      rest=$(sed -n 's/^r1fast bench: suites not run: *//p' "$OUT/bench.log" | tail -1)
+      why="a kernel fault lost the CUDA context"
+      case $failed in *"bench(cuda-fault)"*) ;; *) failed="$failed bench(cuda-fault)";; esac; noted=1
+    elif [ $rc -gt 128 ] && [ $rc != 137 ]; then
+      # the suite that was running: the last one this process started (none: it died before its first)
+      crashed=$(sed -n 's/^\[bench\] \([a-z0-9_]*\) (.*/\1/p' "$OUT/bench.log" | tail -1)
+      grep -qx "$crashed" <<<"$(printf '%s\n' $running)" || break
+      rest=$(echo $(printf '%s\n' $running | awk -v c="$crashed" 'after {print} $0 == c {after = 1}'))
+      why="the bench process died (signal $(( rc - 128 ))) in suite $crashed"
+      failed="$failed bench(crash:$crashed)"; noted=1
+      echo "$why: the results files keep what it measured before"
+    else
+      break
+    fi
     csv=$(ls -t "$OUT"/*.csv 2>/dev/null | head -1)
     box=$(( bench_end - $(date +%s) ))
     [ -n "$rest" ] && [ "$box" -ge 30 ] || break
-    echo "a kernel fault lost the CUDA context: going on with $rest in a fresh process (${box}s left)"
+    echo "$why: going on with $rest in a fresh process (${box}s left)"
     timeout -k 10 $box python3 -m r1fast.cli bench $rest --size $size --out "$OUT" --budget 0.5 \
       --suite-box "${SUITE_BOX:-60}" ${csv:+--append "$csv"} >>"$OUT/bench.log" 2>&1
-    rc=$?
+    rc=$?; running=$rest; noted=""
   done
   echo "bench exit $rc$([ $rc = 124 ] && echo ' (time box: the suites after the last one done did not run)')"
-  [ $rc = 0 ] || [ $rc = 3 ] || failed="$failed bench($rc)"
+  [ $rc = 0 ] || [ -n "$noted" ] || failed="$failed bench($rc)"
   # each suite's time and every failure (the skipped implementations end the table, one line per reason:
   # here, a skip line per case and peer pushed later suites' FAILED lines past the 40)
   grep -E "FAILED|done in|engine start-up" "$OUT/bench.log" | head -40 | cut -c1-300   # (whole lines: bench.log)

@@ -822,6 +822,34 @@ def test_gpu_check_goes_on_in_a_fresh_process_after_a_kernel_fault(tmp_path):
     assert "stages that failed or were cut: bench(cuda-fault)" in p.stdout and p.returncode == 1, p.stdout[-800:]
 
 
+@pytest.mark.parametrize("started", [True, False])
+def test_gpu_check_goes_on_after_a_bench_process_that_crashed(tmp_path, started):
+    """A segfault in the bench (an argument error thrown inside r1fast._C crashed a pytest worker on the first
+    GPU run) ended the bench stage: the suites after the one that crashed never ran. They now go on in a fresh
+    process, appended to the same results files, without the one that crashed; a process that died before its
+    first suite is not run again."""
+    import pathlib
+
+    env = dict(_fake_gpu_machine(tmp_path, 0), SUITES="logprob rollout sampling kv_cache")
+    stub = pathlib.Path(env["PATH"].split(":")[0]) / "python3"
+    begun = 'echo "[bench] logprob (gpu, H200)"; echo "[bench] logprob done in 1.0s"; echo "[bench] rollout (gpu, H200)"'
+    crash = (f'  *"r1fast.cli bench"*"--append"*) echo "$*" > "{tmp_path}/bench_args2"; exit 0;;\n'
+             f'  *"r1fast.cli bench"*) echo "$*" > "{tmp_path}/bench_args"; echo x > "$OUT/card.csv"; '
+             f'{begun if started else ":"}; kill -SEGV $$;;\n  *"never"*)')
+    stub.write_text(stub.read_text().replace('  *"r1fast.cli bench"*)', crash, 1))
+    p = _run_gpu_check(tmp_path, env)
+    last = p.stdout.rstrip().splitlines()[-1]
+    assert p.returncode == 1, p.stdout[-800:]
+    if not started:
+        assert not (tmp_path / "bench_args2").exists() and "bench(139)" in last, p.stdout[-800:]
+        return
+    again = (tmp_path / "bench_args2").read_text().split()
+    assert again[again.index("bench") + 1:again.index("--size")] == ["sampling", "kv_cache"], again
+    assert again[again.index("--append") + 1] == str(tmp_path / "out" / "card.csv")
+    assert "died (signal 11) in suite rollout" in p.stdout, p.stdout[-800:]
+    assert "bench(crash:rollout);" in last and "bench(139)" not in last, last
+
+
 def test_gpu_check_without_a_gpu_says_so_and_dry_runs_the_bench_at_smoke_size(tmp_path):
     """With no card the bench asked for --size gpu (refused at once), the profile failed and no table came: the
     script's own logic went unexercised. It now says NO GPU, runs the bench at smoke size, skips the profile."""
