@@ -20,9 +20,11 @@ import math
 import os
 import pkgutil
 import platform
+import shlex
 import shutil
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -852,6 +854,11 @@ def _earlier_run(csv_path: str) -> tuple[tuple[Path, Path], list[dict], dict]:
 
 
 def _meta(dev: torch.device, size: str, machine: Machine) -> dict:
+    """The run's card, versions and command for the JSON: a results file copied into bench/results/ said
+    which torch, Triton and commit measured it, not the Python, the CUDA torch was built with, or the command
+    (the suites, --size, --budget, --suite-box) that the commit message had to repeat by hand."""
     return dict(device=_describe_device(dev), size=size, cpu_threads=torch.get_num_threads(), **_versions(),
+                python=platform.python_version(), cuda=torch.version.cuda or "none",
+                command=shlex.join(sys.orig_argv),
                 matmul_tflops={k: v / 1e12 for k, v in machine._rates.items()},
                 copy_gb_s=(machine._bandwidth or float("nan")) / 1e9)

@@ -1343,6 +1343,34 @@ def test_results_files_hold_every_column_of_every_row(tmp_path):
     assert json.loads(json_path.read_text()) == {"meta": {"size": "smoke"}, "rows": [row]}
 
 
+def test_results_json_records_the_card_versions_and_the_command_that_ran(tmp_path, monkeypatch):
+    """A results file committed to bench/results/ must say what measured it: the commit message repeated the
+    command and the Python / CUDA versions by hand, and the JSON had neither."""
+    import json
+    import platform
+    import sys
+
+    fine = harness.Case("c", "fwd", "float32", [harness.Impl("r1fast", "x", lambda: (lambda: None))])
+    monkeypatch.setitem(harness._SUITES, "fake_meta", harness.Suite("fake_meta", lambda size, device: [fine]))
+    monkeypatch.setattr(harness, "load_suites", lambda: dict(harness._SUITES))
+    argv = ["python3", "-m", "r1fast.cli", "bench", "fake_meta", "--suite-box", "60", "--out", "a dir"]
+    monkeypatch.setattr(sys, "orig_argv", argv)
+    monkeypatch.setenv("R1FAST_GIT_COMMIT", "abc1234")
+    harness._git_commit.cache_clear()
+    try:
+        harness.main(["fake_meta"], out_dir=str(tmp_path), budget_s=0.0, min_reps=1, log=lambda *_: None)
+    finally:
+        harness._git_commit.cache_clear()
+    (json_path,) = tmp_path.glob("*.json")
+    meta = json.loads(json_path.read_text())["meta"]
+    assert meta["command"] == "python3 -m r1fast.cli bench fake_meta --suite-box 60 --out 'a dir'"
+    assert meta["python"] == platform.python_version() and meta["cuda"] == (torch.version.cuda or "none")
+    assert meta["torch"] == torch.__version__ and meta["git_commit"] == "abc1234"
+    assert meta["device"].startswith("cpu ") and meta["size"] == "smoke"
+    (row,) = [r for r in json.loads(json_path.read_text())["rows"] if r["metric"] == "time_ms"]
+    assert row["timestamp"][:4].isdigit() and row["device"] == meta["device"]
+
+
 def test_with_env_restores_a_variable_that_was_set(monkeypatch):
     import os
 
