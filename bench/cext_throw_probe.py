@@ -1,6 +1,8 @@
 """Which process state makes an argument error raised inside r1fast._C crash instead of raising ValueError.
 
-    python -m r1fast.bench.cext_throw_probe [--pytest]   (or python bench/cext_throw_probe.py from the repository root)
+    python bench/cext_throw_probe.py [--pytest]   (from the repository root; or python -m r1fast.bench.cext_throw_probe
+                                                   where r1fast is installed: after a gpu_check.sh that ran r1fast from
+                                                   the tree, r1fast.bench is not importable, the file is)
 
 On the first GPU run (H200, Python 3.12, pybind11 3.1.0, nvcc 13.0) an xdist worker died with a segmentation
 fault at test_decode_extension_checks_the_split_cover_before_any_launch's first raw _C.decode_attention_cuda call,
@@ -15,6 +17,7 @@ native backtrace of the first crash where gdb or cuda-gdb is installed (the H200
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import subprocess
 import sys
@@ -84,8 +87,20 @@ STEPS = [
 ]
 
 
+def checkout_env() -> dict[str, str]:
+    """The environment for the steps and gdb: this file's checkout first on PYTHONPATH. Each step is a script in
+    a temp folder, where `import r1fast` finds only an installed r1fast; where gpu_check.sh ran r1fast from the
+    tree (no pip install: a site-packages this user cannot write), every step failed with ModuleNotFoundError,
+    the window's minute spent and nothing learnt. An editable install maps r1fast to the same checkout."""
+    env = dict(os.environ)
+    repo = Path(__file__).resolve().parents[1]   # bench/.. (r1fast/bench is a link to ../bench in a tree run)
+    if (repo / "r1fast" / "__init__.py").is_file():
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(repo), env.get("PYTHONPATH")) if p)
+    return env
+
+
 def run_step(script: Path) -> tuple[int, str]:
-    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=checkout_env())
     return r.returncode, (r.stdout + r.stderr)
 
 
@@ -94,7 +109,7 @@ def backtrace(script: Path) -> str:
     if gdb is None:
         return "  (no gdb or cuda-gdb here: no native backtrace)"
     r = subprocess.run([gdb, "-q", "-batch", "-ex", "run", "-ex", "bt 40", "--args", sys.executable, str(script)],
-                       capture_output=True, text=True, timeout=300)
+                       capture_output=True, text=True, timeout=300, env=checkout_env())
     lines = [ln for ln in r.stdout.splitlines() if ln.startswith("#") or "signal" in ln.lower()]
     return "\n".join("  " + ln for ln in lines[-45:])
 
@@ -124,7 +139,8 @@ def main(argv=None) -> int:
                 print(backtrace(first_crash), flush=True)
     if opts.pytest:
         r = subprocess.run([sys.executable, "-X", "faulthandler", "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                            "-p", "no:xdist", "tests/test_decode_attention.py"], capture_output=True, text=True)
+                            "-p", "no:xdist", "tests/test_decode_attention.py"], capture_output=True, text=True,
+                           env=checkout_env())
         verdict = "ok" if r.returncode == 0 else f"exit {r.returncode}"
         print(f"[{verdict}] pytest tests/test_decode_attention.py, one process", flush=True)
         print("\n".join((r.stdout + r.stderr).rstrip().splitlines()[-15:]), flush=True)

@@ -1939,3 +1939,24 @@ def test_rollout_rows_name_the_decode_path_the_engine_chose(monkeypatch):
     e = Engine(model, block_size=16)   # no backend named: the one the op's default resolves to
     from r1fast import backends
     assert decode_path(e) == "decode " + backends.resolve("paged_decode_attention", cpu, dtype=torch.float32)[0]
+
+
+def test_cext_throw_probe_steps_import_this_checkouts_r1fast_without_an_install(tmp_path, monkeypatch):
+    """Each probe step is a script in a temp folder: it found r1fast only where r1fast was installed, so after a
+    gpu_check.sh that ran r1fast from the tree every step failed with ModuleNotFoundError. The steps now have the
+    checkout on PYTHONPATH. A python without site-packages (-S) stands in for a machine without the install."""
+    import pathlib
+    import sys
+
+    from r1fast.bench import cext_throw_probe
+
+    bare = tmp_path / "python-without-site"
+    bare.write_text(f"#!/bin/sh\nexec {sys.executable} -S \"$@\"\n")
+    bare.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(bare))
+    monkeypatch.delenv("PYTHONPATH", raising=False)
+    step = tmp_path / "step.py"
+    step.write_text("import r1fast\nprint(r1fast.__file__)\n")
+    rc, out = cext_throw_probe.run_step(step)
+    checkout = pathlib.Path(__file__).resolve().parents[1]
+    assert rc == 0 and pathlib.Path(out.strip()).resolve() == checkout / "r1fast" / "__init__.py", out
