@@ -11,8 +11,9 @@ from the same tools on a machine without a GPU (Python 3.12, torch 2.11+cu130 an
 kernel compiled for sm_90 first). What differs there: the GPU state, the host compiler (g++ 12.2 here) and the
 worker's earlier tests. Each step below runs in a fresh interpreter and adds one piece of GPU state before the same
 three argument errors (decode_attention.cpp, block_manager.cpp, kv_cache.cpp); the first step that crashes names the
-piece, and a crash already in the first step points at the build itself. Needs about a minute; prints one line per step, and a
-native backtrace of the first crash where gdb or cuda-gdb is installed (the H200 image has cuda-gdb only).
+piece, and a crash already in the first step points at the build itself. Needs about a minute, at most --box seconds
+(100); prints one line per step, and a native backtrace of the first crash where gdb or cuda-gdb is installed (the
+H200 image has cuda-gdb only).
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import time
 from pathlib import Path
 
 # The three argument errors, each thrown as r1fast::InvalidArgument by a different source file of _C.
@@ -74,6 +76,9 @@ torch.cuda.synchronize()
 print("  a Triton kernel ran:", float(x.sum()), flush=True)
 """
 
+# a step, the backtrace or --pytest with less of the probe's box left than this is not started
+MIN_STEP_S = 10
+
 # (name, code run before the three errors); each step's state includes the previous ones' where it says so
 STEPS = [
     ("bare: _C only, torch not imported", LOAD_C),
@@ -99,17 +104,21 @@ def checkout_env() -> dict[str, str]:
     return env
 
 
-def run_step(script: Path) -> tuple[int, str]:
-    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=checkout_env())
+def run_step(script: Path, timeout: float = 120) -> tuple[int, str]:
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=timeout,
+                       env=checkout_env())
     return r.returncode, (r.stdout + r.stderr)
 
 
-def backtrace(script: Path) -> str:
+def backtrace(script: Path, timeout: float = 300) -> str:
     gdb = shutil.which("gdb") or shutil.which("cuda-gdb")   # cuda-gdb debugs host code too
     if gdb is None:
         return "  (no gdb or cuda-gdb here: no native backtrace)"
-    r = subprocess.run([gdb, "-q", "-batch", "-ex", "run", "-ex", "bt 40", "--args", sys.executable, str(script)],
-                       capture_output=True, text=True, timeout=300, env=checkout_env())
+    try:
+        r = subprocess.run([gdb, "-q", "-batch", "-ex", "run", "-ex", "bt 40", "--args", sys.executable, str(script)],
+                           capture_output=True, text=True, timeout=timeout, env=checkout_env())
+    except subprocess.TimeoutExpired:
+        return f"  ({Path(gdb).name} gave no backtrace inside {timeout:.0f} s)"
     lines = [ln for ln in r.stdout.splitlines() if ln.startswith("#") or "signal" in ln.lower()]
     return "\n".join("  " + ln for ln in lines[-45:])
 
@@ -117,16 +126,28 @@ def backtrace(script: Path) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--pytest", action="store_true",
-                    help="then run tests/test_decode_attention.py in one plain pytest process (no xdist), a minute or more")
+                    help="then run tests/test_decode_attention.py in one plain pytest process (no xdist), a minute or "
+                         "more: raise --box for it")
+    ap.add_argument("--box", type=float, default=100, metavar="SECONDS",
+                    help="the probe's whole time (default 100): each step, the backtrace and --pytest get what is "
+                         "left, and what cannot start is named (a hung step took 120 s and gdb 300, past the device "
+                         "call's time)")
     opts = ap.parse_args(argv)
+    if not opts.box > 0:
+        ap.error(f"--box is seconds > 0, got {opts.box}")
+    end = time.monotonic() + opts.box
     first_crash = None
     with tempfile.TemporaryDirectory(prefix="cext_throw_probe.") as folder:
         for i, (name, setup) in enumerate(STEPS):
+            left = end - time.monotonic()
+            if left < MIN_STEP_S:
+                print(f"[not run] {name}: past the probe's {opts.box:g} s box (--box)", flush=True)
+                continue
             # a file, not `python -c`: Triton's @jit reads its kernel's source from the file
             script = Path(folder) / f"step{i}.py"
             script.write_text(setup + textwrap.dedent(RAISE_THREE))
             try:
-                rc, out = run_step(script)
+                rc, out = run_step(script, timeout=min(120, left))
             except subprocess.TimeoutExpired:
                 print(f"[hung] {name}", flush=True)
                 continue
@@ -135,12 +156,21 @@ def main(argv=None) -> int:
             print("\n".join(out.rstrip().splitlines()[-8 if rc else -4:]), flush=True)
             if rc < 0 and first_crash is None:
                 first_crash = script
+                left = end - time.monotonic()
                 print("native backtrace of the first crash:", flush=True)
-                print(backtrace(first_crash), flush=True)
-    if opts.pytest:
-        r = subprocess.run([sys.executable, "-X", "faulthandler", "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                            "-p", "no:xdist", "tests/test_decode_attention.py"], capture_output=True, text=True,
-                           env=checkout_env())
+                print(backtrace(first_crash, timeout=min(300, left)) if left >= MIN_STEP_S else
+                      f"  (not taken: past the probe's {opts.box:g} s box)", flush=True)
+    left = end - time.monotonic()
+    if opts.pytest and left < MIN_STEP_S:
+        print(f"[not run] pytest tests/test_decode_attention.py: past the probe's {opts.box:g} s box", flush=True)
+    elif opts.pytest:
+        try:
+            r = subprocess.run([sys.executable, "-X", "faulthandler", "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                                "-p", "no:xdist", "tests/test_decode_attention.py"], capture_output=True, text=True,
+                               env=checkout_env(), timeout=left)
+        except subprocess.TimeoutExpired:
+            print(f"[hung] pytest tests/test_decode_attention.py: past the probe's {opts.box:g} s box", flush=True)
+            return 1 if first_crash is not None else 0
         verdict = "ok" if r.returncode == 0 else f"exit {r.returncode}"
         print(f"[{verdict}] pytest tests/test_decode_attention.py, one process", flush=True)
         print("\n".join((r.stdout + r.stderr).rstrip().splitlines()[-15:]), flush=True)

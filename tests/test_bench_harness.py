@@ -1960,3 +1960,32 @@ def test_cext_throw_probe_steps_import_this_checkouts_r1fast_without_an_install(
     rc, out = cext_throw_probe.run_step(step)
     checkout = pathlib.Path(__file__).resolve().parents[1]
     assert rc == 0 and pathlib.Path(out.strip()).resolve() == checkout / "r1fast" / "__init__.py", out
+
+
+def test_cext_throw_probe_keeps_to_its_box_and_names_the_steps_it_did_not_start(monkeypatch, capsys):
+    """The probe runs after gpu_check.sh in one device call: a hung step took 120 s and gdb 300, so one hang or
+    crash could run the call past its time. Each step now gets what is left of --box, and the rest are named."""
+    from r1fast.bench import cext_throw_probe as probe
+
+    clock, timeouts = [0.0], []
+
+    def step(script, timeout):
+        timeouts.append(timeout)
+        clock[0] += 40.0   # each step takes 40 s
+        return (-11, "Segmentation fault") if len(timeouts) == 1 else (0, "ok")
+
+    def backtrace(script, timeout):
+        timeouts.append(("gdb", timeout))
+        return "  #0 somewhere"
+
+    monkeypatch.setattr(probe.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(probe, "run_step", step)
+    monkeypatch.setattr(probe, "backtrace", backtrace)
+    assert probe.main(["--box", "100"]) == 1   # the first step crashed
+    out = capsys.readouterr().out
+    # steps start at 0, 40 and 80 s with 100, 60 and 20 s left (the backtrace at 40 s, with 60 left)
+    assert timeouts == [100, ("gdb", 60), 60, 20], timeouts
+    names = [name for name, _ in probe.STEPS]
+    assert out.count("[not run] ") == len(names) - 3 and f"[not run] {names[3]}: past the probe's 100 s box" in out
+    with pytest.raises(SystemExit):
+        probe.main(["--box", "0"])
