@@ -850,6 +850,28 @@ def test_gpu_check_goes_on_after_a_bench_process_that_crashed(tmp_path, started)
     assert "bench(crash:rollout);" in last and "bench(139)" not in last, last
 
 
+def test_gpu_check_takes_the_suites_from_bench_suites_when_bench_list_gives_none(tmp_path):
+    """`r1fast bench --list` has 30 s: past it (a cold import) every suite read as unknown and the bench ran
+    nothing. The suites are then bench/suites/'s modules."""
+    import pathlib
+    import subprocess
+
+    env = dict(_fake_gpu_machine(tmp_path, 0), SUITES="rollout nosuch logprob")
+    stub = pathlib.Path(env["PATH"].split(":")[0]) / "python3"
+    stub.write_text(stub.read_text().replace('  *"bench --list"*)', '  *"bench --list"*) exit 124;;\n  *never*)', 1))
+    script = _gpu_check_in_a_bare_tree(tmp_path)
+    suites_dir = script.parent / "suites"
+    suites_dir.mkdir()
+    for name in ("__init__", "logprob", "rollout", "sampling"):
+        (suites_dir / f"{name}.py").write_text("")
+    (tmp_path / "out").mkdir()
+    p = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=60)
+    args = (tmp_path / "bench_args").read_text()
+    assert args.split("bench ")[1].split(" --size")[0].split() == ["rollout", "logprob"], p.stdout[-800:]
+    assert "taking bench/suites/'s modules: logprob rollout sampling" in p.stdout
+    assert "unknown suite 'nosuch': left out" in p.stdout
+
+
 def test_gpu_check_without_a_gpu_says_so_and_dry_runs_the_bench_at_smoke_size(tmp_path):
     """With no card the bench asked for --size gpu (refused at once), the profile failed and no table came: the
     script's own logic went unexercised. It now says NO GPU, runs the bench at smoke size, skips the profile."""
