@@ -236,9 +236,10 @@ def _stop_signals_end_the_command():
             send_again_soon(signum)
             return
         # swallowed by a bare `except:` somewhere, it is sent again in a second unless the command has by then
-        # ended on it; dropped by Python (raised in a __del__), at once, by the hook below
-        send_again_soon(signum, delay=1.0, unless_stopping=True)
-        raise _Stop(signum)
+        # ended on it; dropped by Python (raised in a __del__), at once, by the hook below, instead
+        stop = _Stop(signum)
+        stop.sent_again_later = send_again_soon(signum, delay=1.0, unless_stopping=True)
+        raise stop
     for sig in _STOP_SIGNALS:
         signal.signal(sig, stop)
     previous_hook = sys.unraisablehook
@@ -247,10 +248,14 @@ def _stop_signals_end_the_command():
         """What a __del__ (a weakref callback, a finalizer) raises, Python reports as `Exception ignored in ...`
         and drops: a stop raised there left the command running, until the sending again above a second later
         (the command had often finished by then). Sent again now, from a timer: raised here, it would be dropped
-        again."""
+        again. Once only: the second's sending again is called off, as a stop sent twice is a first stop (the
+        trainer's: finish the step) and then an abort, which cut short the step and its checkpoint."""
         if isinstance(unraisable.exc_value, _Stop):
+            stop = unraisable.exc_value
+            if stop.sent_again_later is not None:
+                stop.sent_again_later.cancel()
             if not _stopping:
-                send_again_soon(unraisable.exc_value.signum)
+                send_again_soon(stop.signum)
             return
         previous_hook(unraisable)
     sys.unraisablehook = send_a_dropped_stop_again
@@ -269,8 +274,9 @@ def in_an_import(frame) -> bool:
 
 
 def send_again_soon(signum: int, delay: float = 0.05, unless_stopping: bool = False):
-    """The signal, sent to this process again in `delay` seconds (from a timer thread): until it comes outside an
-    import; `unless_stopping`: unless the command has ended on a stop by then (command_is_stopping)."""
+    """The signal, sent to this process again in `delay` seconds (from a timer thread, returned: its cancel() calls
+    it off): until it comes outside an import; `unless_stopping`: unless the command has ended on a stop by then
+    (command_is_stopping)."""
     import os
     import threading
 
@@ -281,6 +287,7 @@ def send_again_soon(signum: int, delay: float = 0.05, unless_stopping: bool = Fa
     again = threading.Timer(delay, send)
     again.daemon = True
     again.start()
+    return again
 
 
 class _Stop(KeyboardInterrupt):
@@ -292,6 +299,7 @@ class _Stop(KeyboardInterrupt):
     def __init__(self, signum: int):
         super().__init__()
         self.signum = signum   # sent again if Python drops it (send_a_dropped_stop_again)
+        self.sent_again_later = None   # the timer that sends it again in a second, in case something swallows it
 
 
 def _forget_a_caught_keyboard_interrupt():

@@ -245,3 +245,26 @@ def test_a_stop_while_a_training_command_starts_ends_it_with_its_line_and_status
     lines = done.stderr.strip().splitlines()
     assert lines[-1] == f"r1fast sft: stopped; continue with: r1fast {' '.join(args)} --resume", done.stderr
     assert main([*args, "--resume"]) == 0 and os.path.isdir(run / "checkpoint-20")
+
+
+def test_a_stop_python_dropped_in_a_del_is_sent_again_once():
+    """A Ctrl-C or SIGTERM raised in a __del__ (Python drops it) was sent again twice: at once by the unraisable
+    hook, and a second later by the sending again meant for a stop something swallowed. The trainer took the
+    first as its stop (finish the step, write a checkpoint) and the second as an abort, which cut that short."""
+    code = ("import os, signal, sys, time\n"
+            "from r1fast import cli\n"
+            "cli._stop_signals_end_the_command()\n"
+            "commands_handler = signal.getsignal(signal.SIGINT)\n"
+            "received = []\n"
+            "signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))\n"
+            "class StoppedInItsDel:\n"
+            "    def __del__(self):\n"
+            "        commands_handler(signal.SIGINT, sys._getframe())   # a Ctrl-C that lands in this __del__\n"
+            "StoppedInItsDel()\n"
+            "for _ in range(200):   # past the second after which a swallowed stop is sent again\n"
+            "    time.sleep(0.01)\n"
+            "print(len(received))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ})
+    assert done.returncode == 0 and "Exception ignored" not in done.stderr, done.stderr
+    assert done.stdout == "1\n", done.stderr
