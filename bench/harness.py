@@ -430,6 +430,7 @@ def run_suite(s: Suite, size: str, device: torch.device, machine: Machine, timer
     rewrites the results files there, so a run killed by a time box keeps every impl it finished). With `box_s`,
     no impl starts once the suite has run that many seconds (the one running finishes): the impls left
     are reported as skipped, so one slow suite cannot take a time-boxed run's time from the next ones.
+    The suite's first impl always starts, however long building its cases took.
     Each skipped impl is logged and, with `skipped`, appended to it (suite, case, mode, provider, backend,
     why): the table names the peers that did not run, not only the log. So is each impl that failed, with
     why 'FAILED <exception type>' and `error`, the first line of its message."""
@@ -444,11 +445,15 @@ def run_suite(s: Suite, size: str, device: torch.device, machine: Machine, timer
     dev = _describe_device(device)
     rows: list[dict] = []
     started = time.perf_counter()
+    first = True
     for case in s.cases(size, device):
         for impl in case.impls:
-            if box_s is not None and time.perf_counter() - started >= box_s:
+            # never the first: a box spent on building the cases (or a pause of a busy machine) left a suite
+            # that measured nothing
+            if box_s is not None and not first and time.perf_counter() - started >= box_s:
                 skip(case, impl, f"past the suite's {box_s:g} s time box (--suite-box)")
                 continue
+            first = False
             floor = machine.floor_ms(case, impl.matmul_dtype)
             base = dict(suite=s.name, case=case.name, provider=impl.provider, backend=impl.backend, mode=case.mode,
                         size=size, dtype=case.dtype, device=dev, timestamp=stamp, **versions)

@@ -296,7 +296,11 @@ def test_a_suite_past_its_box_starts_no_more_impls_and_says_so(tmp_path):
         return lambda: None
     cases = [harness.Case(f"c{i}", "fwd", "float32",
                           [harness.Impl("r1fast", "x", slow), harness.Impl("peer", "y", slow)]) for i in range(2)]
-    harness._SUITES["boxed_t"] = harness.Suite("boxed_t", lambda size, device: cases)
+
+    def slow_cases(size, device):   # building them takes the box: the first impl still runs (it measured nothing)
+        _time.sleep(0.05)
+        return cases
+    harness._SUITES["boxed_t"] = harness.Suite("boxed_t", slow_cases)
     log = []
     try:
         rows = harness.main(["boxed_t"], out_dir=str(tmp_path), device="cpu", budget_s=0.0, min_reps=1,
@@ -305,7 +309,7 @@ def test_a_suite_past_its_box_starts_no_more_impls_and_says_so(tmp_path):
             harness.main(["boxed_t"], out_dir=str(tmp_path), device="cpu", suite_box_s=0)
     finally:
         del harness._SUITES["boxed_t"]
-    # the first impl runs (the box is checked before an impl starts), the three after it are skipped
+    # the first impl runs (the box is checked before each impl after it), the three after it are skipped
     assert {(r["case"], r["provider"]) for r in rows} == {("c0", "r1fast")}
     skipped = [line for line in log if line.startswith("  skip") and "past the suite's 0.01 s time box" in line]
     assert len(skipped) == 3 and "skip boxed_t/c1 fwd peer/y" in skipped[-1], log
