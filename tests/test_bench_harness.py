@@ -667,12 +667,16 @@ def test_grpo_loss_liger_triton_mapping_refuses_what_liger_cannot_compute():
 
 
 def _fake_gpu_machine(tmp_path, bench_rc):
-    """A PATH where nvidia-smi and python3 are stubs that record what gpu_check.sh asks of them."""
+    """A PATH where nvidia-smi and python3 are stubs that record what gpu_check.sh asks of them, and where the
+    script's clock (date +%s) stands still: its boxes are then exact, however long the machine takes between two
+    readings (one a second boundary fell between gave TESTS_BOX=1 a box of 0 s: its pytest did not run)."""
     import os
+    import shutil
 
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "nvidia-smi").write_text("#!/bin/bash\necho 9.0\n")
+    (bin_dir / "date").write_text(f'#!/bin/bash\n[ "$*" = "+%s" ] && echo 1800000000 || exec {shutil.which("date")} "$@"\n')
     (bin_dir / "python3").write_text(f"""#!/bin/bash
 case "$*" in
   *"bench --list"*) printf '%s  desc\\n' decode_attention fp8_linear grpo_loss grpo_step kv_cache layers logprob \\
@@ -980,13 +984,13 @@ def test_gpu_check_profile_box_0_gives_the_profiles_time_to_the_bench(tmp_path):
     assert profiled and default.returncode == 0, default.stdout[-800:]
     p, box, profiled = run("zero", PROFILE_BOX="0")
     assert not profiled and "profile skipped: PROFILE_BOX=0" in p.stdout and p.returncode == 0, p.stdout[-800:]
-    assert 74 <= box - default_box <= 76, (box, default_box)   # (a second may pass between the two runs' clocks)
+    assert box - default_box == 75, (box, default_box)
     p, box, profiled = run("bad", PROFILE_BOX="1m")
     assert p.returncode == 1 and "PROFILE_BOX is whole seconds" in p.stdout and box is None, p.stdout[-800:]
     # a leading zero is decimal: bash's arithmetic read 090 as octal, and its error after the build and the
     # tests ended the script with no bench, no table and no last line
     p, box, profiled = run("leading_zero", PROFILE_BOX="090")
-    assert profiled and p.returncode == 0 and box is not None and 14 <= default_box - box <= 16, p.stdout[-800:]
+    assert profiled and p.returncode == 0 and box is not None and default_box - box == 15, p.stdout[-800:]
 
 
 def test_gpu_check_refuses_box_settings_that_are_not_whole_seconds_before_the_build(tmp_path):
@@ -1004,7 +1008,7 @@ def test_gpu_check_refuses_box_settings_that_are_not_whole_seconds_before_the_bu
     env.pop("SKIP_TESTS")
     p = _run_gpu_check(tmp_path / "octal", env)
     tests_log = (tmp_path / "octal" / "out" / "tests.log").read_text()
-    assert p.returncode == 0 and ("(90s)" in tests_log or "(89s)" in tests_log), (p.stdout[-800:], tests_log)
+    assert p.returncode == 0 and "(90s)" in tests_log, (p.stdout[-800:], tests_log)
 
 def test_gpu_check_skips_the_profile_when_the_time_box_is_spent(tmp_path):
     """The profile's 75 s ran whatever the earlier stages left: after a slow build and tests (the bench
