@@ -247,7 +247,7 @@ def _stop_signals_end_the_command():
     def send_a_dropped_stop_again(unraisable):
         """What a __del__ (a weakref callback, a finalizer) raises, Python reports as `Exception ignored in ...`
         and drops: a stop raised there left the command running, until the sending again above a second later
-        (the command had often finished by then). Sent again now, from a timer: raised here, it would be dropped
+        (the command had often finished by then), and a trainer's abort (a second Ctrl-C) left its run going. Sent again now, from a timer: raised here, it would be dropped
         again. Once only: the second's sending again is called off, as a stop sent twice is a first stop (the
         trainer's: finish the step) and then an abort, which cut short the step and its checkpoint."""
         if isinstance(unraisable.exc_value, _Stop):
@@ -291,7 +291,8 @@ def send_again_soon(signum: int, delay: float = 0.05, unless_stopping: bool = Fa
 
 
 class _Stop(KeyboardInterrupt):
-    """What the command's handler raises: caught as a KeyboardInterrupt. A subclass, as CPython marks a process to
+    """What the command's handler raises, and a trainer's stop handler for an abort (r1fast.trainer.grpo's
+    stop_handlers): caught as a KeyboardInterrupt. A subclass, as CPython marks a process to
     die by SIGINT at its exit when a KeyboardInterrupt itself (not a subclass) leaves code run by exec or eval of a
     string (a dataclass's or namedtuple's generated methods, made all through torch's import), caught or not: under
     `python -m r1fast`, a single Ctrl-C while the command started ended it so, after its stopped line."""

@@ -268,3 +268,29 @@ def test_a_stop_python_dropped_in_a_del_is_sent_again_once():
                           env={**os.environ})
     assert done.returncode == 0 and "Exception ignored" not in done.stderr, done.stderr
     assert done.stdout == "1\n", done.stderr
+
+
+def test_an_abort_python_dropped_in_a_del_is_sent_again():
+    """A second Ctrl-C (the abort) that a trainer's stop handler raised in a __del__ was dropped by Python with an
+    `Exception ignored in` traceback, and the run went on until a third."""
+    code = ("import os, signal, sys, time, types\n"
+            "from r1fast import cli\n"
+            "from r1fast.trainer.grpo import stop_handlers\n"
+            "cli._stop_signals_end_the_command()\n"
+            "class AbortedInItsDel:\n"
+            "    def __del__(self):\n"
+            "        os.kill(os.getpid(), signal.SIGINT)\n"
+            "        sum(range(9))   # the handler runs here, inside the __del__\n"
+            "trainer = types.SimpleNamespace(_stop_requested=True)   # a first stop was taken: the next one aborts\n"
+            "try:\n"
+            "    with stop_handlers(trainer):\n"
+            "        AbortedInItsDel()\n"
+            "        for _ in range(500):   # the abort is sent again 50 ms later, and ends this wait\n"
+            "            time.sleep(0.01)\n"
+            "    print('went on')\n"
+            "except KeyboardInterrupt:\n"
+            "    print('aborted')\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ})
+    assert done.returncode == 0 and "Exception ignored" not in done.stderr, done.stderr
+    assert done.stdout == "aborted\n", done.stderr
