@@ -1472,6 +1472,35 @@ def test_reward_timeout_bounds_an_async_function_that_blocks_its_loop_or_waits_o
     assert RewardSet([quick, waits_on_a_thread], timeout=5).score(["p"], ["a"], {}) == [[0.25], [1.0]]
 
 
+def test_a_reward_loop_that_a_busy_machine_pauses_still_reports_its_function_as_cancelled(monkeypatch):
+    # the wait for the loop's thread ended half a second past reward_timeout: a loop thread paused longer than that
+    # (a busy machine) had the function it cancelled reported as one that "blocked its event loop"
+    import asyncio
+    import threading
+    import time
+
+    real_wait = asyncio.wait
+
+    async def paused_after_its_wait(*args, **kwargs):
+        done = await real_wait(*args, **kwargs)
+        time.sleep(1.0)   # the loop's thread not scheduled for a second once its own limit has passed
+        return done
+
+    monkeypatch.setattr(asyncio, "wait", paused_after_its_wait)
+    release = threading.Event()
+
+    async def waits_on_a_thread(prompts, completions, **kw):
+        await asyncio.to_thread(release.wait, 30)
+        return [1.0] * len(completions)
+
+    try:
+        with pytest.raises(RewardError, match=r"'waits_on_a_thread' did not return within reward_timeout = 0.2 s on a "
+                                              r"batch of 1 completions \(it was cancelled\)"):
+            RewardSet([waits_on_a_thread], timeout=0.2).score(["p"], ["a"], {})
+    finally:
+        release.set()
+
+
 def test_a_reward_that_needs_the_main_thread_says_reward_timeout_moved_it_off_it():
     # with reward_timeout each call runs on a worker thread: a function's own signal.alarm limit (math-verify's
     # defaults), asyncio.get_event_loop() or a sqlite3 connection opened on the main thread worked without the option

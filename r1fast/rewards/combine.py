@@ -416,16 +416,38 @@ def _await_all_bounded(awaitables: list, timeout: float) -> list:
         except BaseException as e:   # returned as gather(return_exceptions=True) returns it
             outcomes[i] = e
 
-    async def gather():
-        await asyncio.gather(*(bounded(i, a) for i, a in enumerate(awaitables)))
+    decided = threading.Event()   # every function has returned, raised or been cancelled: `outcomes` are final
+    loop_thread: list[int] = []
 
-    # the loop's own limit ends a function that yields to it; this one ends the wait for one that does not. Its
-    # margin lets a loop thread that a busy machine schedules late still cancel and report its function as cancelled
+    async def gather():
+        loop_thread.append(threading.get_ident())
+        await asyncio.gather(*(bounded(i, a) for i, a in enumerate(awaitables)))
+        decided.set()
+
+    # the loop's own limit ends a function that yields to it; this one ends the wait for one that does not
     try:
         _invoke(asyncio.run, {"main": gather()}, timeout + 0.5)
     except _OutOfTime:
-        pass
+        _wait_for_a_late_loop(decided, loop_thread, {a.cr_code for a in awaitables if inspect.iscoroutine(a)})
     return list(outcomes)
+
+
+def _wait_for_a_late_loop(decided: threading.Event, loop_thread: list[int], functions: set, most_s: float = 10.0):
+    """The loop has not said how its functions ended by the wait's end: it is either blocked by one of them (its
+    thread runs that function's code) or only scheduled late by a busy machine. That one is waited for (up to
+    `most_s` more seconds), so a function it cancelled is reported as cancelled, not as one that blocked its loop
+    (a fixed half-second margin gave that wrong fate to a loop thread paused longer)."""
+    import time
+
+    give_up = time.monotonic() + most_s
+    while not decided.wait(0.05) and time.monotonic() < give_up:
+        if not loop_thread:   # the loop has not started yet: it runs no function
+            continue
+        frame = sys._current_frames().get(loop_thread[0])
+        while frame is not None and frame.f_code not in functions:
+            frame = frame.f_back
+        if frame is not None or loop_thread[0] not in sys._current_frames():   # in a function, or gone
+            return
 
 
 def _raised(name, fn, e, prompts, completions, columns, extra, timeout=None) -> RewardError:
