@@ -247,8 +247,8 @@ def _stop_signals_end_the_command():
     def send_a_dropped_stop_again(unraisable):
         """What a __del__ (a weakref callback, a finalizer) raises, Python reports as `Exception ignored in ...`
         and drops: a stop raised there left the command running, until the sending again above a second later
-        (the command had often finished by then), and a trainer's abort (a second Ctrl-C) left its run going. Sent again now, from a timer: raised here, it would be dropped
-        again. Once only: the second's sending again is called off, as a stop sent twice is a first stop (the
+        (the command had often finished by then), and a trainer's abort (a second Ctrl-C) left its run going. Sent
+        again now, from a timer: raised here, it would be dropped again. Once only: the second's sending again is called off, as a stop sent twice is a first stop (the
         trainer's: finish the step) and then an abort, which cut short the step and its checkpoint."""
         if isinstance(unraisable.exc_value, _Stop):
             stop = unraisable.exc_value
