@@ -996,3 +996,15 @@ def test_a_pipeline_name_that_is_no_folder_name_is_refused_where_it_names_the_ru
         load_pipeline(DEFAULT_CONFIG, [f"name={name}"])
     # given output_dir, the name is the run's title only
     assert load_pipeline(DEFAULT_CONFIG, [f"name={name}", f"output_dir={tmp_path / 'out'}"]).name == name
+
+
+@pytest.mark.parametrize("text, kind", [("3\n", "int"), ("2.5\n", "float"), ("true\n", "bool"), ("- a\n", "list"),
+                                        ("hello\n", "str")])
+def test_a_yaml_file_that_is_no_mapping_names_the_type_it_holds(tmp_path, text, kind):
+    # a number read with its text kept was named by r1fast's own class: "got _IntAsTyped"
+    path = _yaml(tmp_path, text)
+    with pytest.raises(ConfigError, match=rf"^{re.escape(path)}: expected a mapping at the top level, got {kind}$"):
+        GRPOConfig.from_yaml(path)
+    with pytest.raises(ConfigError, match=rf"^{re.escape(path)}: expected a mapping at the top level, got {kind}$"):
+        load_pipeline(path)
+

@@ -369,7 +369,9 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
     if isinstance(data, list) and path.lower().endswith(".json"):   # a JSON dataset: a list of rows
         raise DatasetAsConfig(path)
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+        # a number keeps its text in a type of r1fast's own (_keep_text), whose name meant nothing to the reader
+        kind = next(c.__name__ for c in type(data).__mro__ if not c.__name__.startswith("_"))
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {kind}")
     return data
 
 
