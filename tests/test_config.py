@@ -1008,3 +1008,17 @@ def test_a_yaml_file_that_is_no_mapping_names_the_type_it_holds(tmp_path, text, 
     with pytest.raises(ConfigError, match=rf"^{re.escape(path)}: expected a mapping at the top level, got {kind}$"):
         load_pipeline(path)
 
+
+@pytest.mark.parametrize("where, spec", [
+    ("top", {1: 2}), ("top", {None: 2, "bogus": 1}),
+    ("stage", {"stages": [{"name": "a", "type": "sft", "dataset": "builtin:arithmetic", 1: 2, "x": 3}]}),
+    ("config", {"stages": [{"name": "a", "type": "sft", "dataset": "builtin:arithmetic", "config": {1: 2}}]}),
+])
+def test_a_pipeline_key_that_is_a_number_or_null_is_named_as_unknown(where, spec):
+    # YAML reads `1: 2` or `~: 2` as a number or null key; the hints' difflib (and sorting it beside names) raised
+    # "TypeError: '_IntAsTyped' object is not iterable", a traceback from the CLI
+    data = {"model": "builtin:micro", "stages": [{"name": "a", "type": "sft", "dataset": "builtin:arithmetic"}], **spec}
+    match = {"top": r"^pipeline: unknown pipeline key\(s\) \[", "stage": r"^pipeline: stage 0: unknown key\(s\) \[",
+             "config": r"^pipeline: stage 'a': unknown option '1' for SFTConfig"}[where]
+    with pytest.raises(ConfigError, match=match):
+        load_pipeline(data)

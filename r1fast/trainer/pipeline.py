@@ -169,7 +169,7 @@ def load_pipeline(source: str | dict, overrides: Optional[list[str]] = None) -> 
         if keys:
             # the value as given there, the stages the run will have: the command line's replace the file's
             hints = _stage_option_hints(keys, {**given, "stages": top_ov.get("stages", data.get("stages"))})
-            raise ConfigError(f"{at}: unknown pipeline key(s) {sorted(keys)}{hints}; "
+            raise ConfigError(f"{at}: unknown pipeline key(s) {sorted(keys, key=str)}{hints}; "
                               f"known: {sorted(TOP_KEYS)} (set a stage's option with <stage>.<option>=value)")
     # the command line's stages replace the file's (kept apart with the other pipeline keys, they were dropped)
     stages_raw = data.pop("stages", None)
@@ -192,7 +192,7 @@ def load_pipeline(source: str | dict, overrides: Optional[list[str]] = None) -> 
             raise ConfigError(f"{stages_at}: stage {i} must be a mapping")
         bad = set(raw) - _STAGE_KEYS
         if bad:
-            raise ConfigError(f"{stages_at}: stage {i}: unknown key(s) {sorted(bad)}; known: {sorted(_STAGE_KEYS)}")
+            raise ConfigError(f"{stages_at}: stage {i}: unknown key(s) {sorted(bad, key=str)}; known: {sorted(_STAGE_KEYS)}")
         # absent or null: a default; anything else given is checked (`name: 0` or `config: false` was taken as absent)
         name = f"stage{i}" if raw.get("name") is None else raw["name"]
         if not is_folder_name(name):
@@ -287,7 +287,8 @@ def _check_not_a_stage_key(key: str, config_cls, stage: str, where: str):
     import difflib
 
     fields = config_cls.field_names()
-    own = difflib.get_close_matches(key, [*STAGE_FIELDS, *fields], n=1)   # closer to a stage key than to an option
+    # str(): a YAML key may be a number (`1: 2`), which difflib cannot compare (a TypeError traceback)
+    own = difflib.get_close_matches(str(key), [*STAGE_FIELDS, *fields], n=1)   # closer to a stage key than to an option
     if own and own[0] in STAGE_FIELDS and key not in fields:
         raise ConfigError(f"{where}: unknown option {key!r} for {config_cls.__name__}; did you mean the stage's own key "
                           f"{own[0]!r} (beside 'config:' in a pipeline file, {stage}.{own[0]}=... on the command line)?")
@@ -336,7 +337,7 @@ def _stage_option_hints(unknown: set[str], data: dict) -> str:
     stages = [(raw.get("name") or f"stage{i}", raw.get("type")) for i, raw in enumerate(data.get("stages") or [])
               if isinstance(raw, dict)]
     hints = []
-    for key in sorted(unknown):
+    for key in sorted(unknown, key=str):   # a YAML key may be a number or null (`1: 2`)
         owners = [name for name, typ in stages if typ in STAGE_TYPES and key in STAGE_TYPES[typ].field_names()]
         if owners:
             # as an override reads it back; default=str: YAML's own types (run_name: 2024-05-01 is a date) were a
@@ -348,7 +349,7 @@ def _stage_option_hints(unknown: set[str], data: dict) -> str:
                 if twin in TOP_KEYS else ""
             hints.append(f"{key!r} is an option of stage{'s' if len(owners) > 1 else ''} {', '.join(owners)}: "
                          f"set it for one stage with {sets}{also}")
-        elif close := difflib.get_close_matches(key, sorted(TOP_KEYS), n=1):
+        elif close := difflib.get_close_matches(str(key), sorted(TOP_KEYS), n=1):
             hints.append(f"for {key!r}, did you mean {close[0]!r}")
     return "".join(f"; {h}" for h in hints)
 
