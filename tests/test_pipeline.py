@@ -3215,6 +3215,43 @@ def test_a_stage_dataset_emptied_on_the_command_line_is_blamed_on_the_command_li
         load_pipeline(str(bare), ["s.num_rows=8"])
 
 
+def test_a_model_dataset_or_reference_typed_on_the_command_line_is_blamed_on_the_command_line(tmp_path):
+    # the checks made once every stage is read (datasets, models, "@stage" references, stop tokens, output files)
+    # named the file for what was typed: `r1fast train grpo.dataset=typo.jsonl` sent the reader to r1fast's own
+    # default.yaml to find the missing file
+    from r1fast.trainer.config import ConfigError
+
+    spec = tmp_path / "p.yaml"
+    spec.write_text("name: p\nmodel: builtin:micro\neval_dataset: builtin:arithmetic\nprogress_bar: false\nstages:\n"
+                    "  - {name: s, type: sft, dataset: builtin:arithmetic, config: {max_steps: 1}}\n"
+                    "  - {name: rs, type: sample, dataset: builtin:arithmetic, config: {num_samples: 1}}\n"
+                    "  - {name: t, type: sft, dataset: '@rs', config: {max_steps: 1}}\n")
+    gone = str(tmp_path / "gone.jsonl")
+    for typed, said in [([f"s.dataset={gone}"], r"stage 's': dataset: '.*gone.jsonl' does not exist"),
+                        (["s.dataset=builtin:nope"], r"stage 's': dataset: unknown built-in task 'nope'"),
+                        (["s.model=builtin:huge"], r"stage 's': model: unknown built-in model 'builtin:huge'"),
+                        (["model=builtin:huge"], r"model: unknown built-in model 'builtin:huge'"),
+                        ([f"eval_dataset={gone}"], r"eval_dataset: '.*gone.jsonl' does not exist"),
+                        (["t.dataset=@nope"], r"stage 't' refers to unknown stage '@nope'"),
+                        (["t.dataset=@s"], r"stage 't': dataset '@s' is a sft stage"),
+                        (["t.model=@rs"], r"stage 't': model '@rs' is a sample stage"),
+                        (["t.prompt_column=q"], r"stage 't': dataset '@rs' holds its prompts in column 'prompt'"),
+                        (["rs.prompt_column=q"], r"stage 't': dataset '@rs' holds its prompts in column 'q'"),
+                        (["rs.stop_tokens=[two tokens]"], r"stage 'rs': option 'rs.stop_tokens': 'two tokens' must be"),
+                        (["eval_stop_tokens=[two tokens]"], r"the held-out evaluation after stage 's': option "
+                                                            r"'eval_stop_tokens'"),
+                        ([f"rs.output_file={tmp_path}"], r"stage 'rs': output_file '.*' is a folder"),
+                        ([f"stages=[{{name: a, type: sft, dataset: {gone}}}]"], r"stage 'a': dataset: '.*' does not"),
+                        (["model=null"], r"no model for stage 's'")]:
+        with pytest.raises(ConfigError, match=rf"^command line: {said}"):
+            load_pipeline(str(spec), typed)
+    # the file's own errors still name the file, beside an override of something else
+    spec.write_text(spec.read_text().replace("dataset: builtin:arithmetic, config: {max_steps: 1}",
+                                             f"dataset: {gone}, config: {{max_steps: 1}}"))
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(spec))}: stage 's': dataset: '.*gone.jsonl' does not"):
+        load_pipeline(str(spec), ["t.max_steps=2", "rs.num_samples=2"])
+
+
 def test_stages_and_description_set_on_the_command_line_are_read_as_before(tmp_path):
     # once the command line's pipeline keys were kept apart from the file's (to name the command line in their
     # errors), 'description=x' raised a bare KeyError('description') and 'stages=[]' was dropped without a word

@@ -187,6 +187,9 @@ def load_pipeline(source: str | dict, overrides: Optional[list[str]] = None) -> 
     _validate(p, src, len(stages_raw))
     # stages typed on the command line are its own: their errors name it, not the file whose stages they replace
     names = set()
+    # the keys the command line set, for the checks of the whole pipeline below (_check_stages): None -> the pipeline's
+    # keys, a stage's name -> its own keys and options ("*": all of them, the stages being typed there)
+    typed_keys: dict[Optional[str], set] = {None: set(top_ov)}
     for i, raw in enumerate(stages_raw):
         if not isinstance(raw, dict):
             raise ConfigError(f"{stages_at}: stage {i} must be a mapping")
@@ -206,6 +209,7 @@ def load_pipeline(source: str | dict, overrides: Optional[list[str]] = None) -> 
         if not isinstance(typ, str) or typ not in STAGE_TYPES:   # a list or mapping: "unhashable type", a traceback
             raise ConfigError(f"{stages_at}: stage {name!r}: type must be one of {sorted(STAGE_TYPES)}; got {typ!r}")
         ov = stage_ov.pop(name, {})
+        typed_keys[name] = {"*"} if stages_at == typed else set(ov)
         typed_at = f"{typed}: stage {name!r}"
         # <stage>.model / dataset / num_rows / evaluate on the command line set the stage's own keys
         own_ov = {k: v for k, v in ov.items() if k in STAGE_FIELDS}
@@ -248,11 +252,22 @@ def load_pipeline(source: str | dict, overrides: Optional[list[str]] = None) -> 
         raise ConfigError(f"command line: no stage named {sorted(stage_ov)}{_close_stages(stage_ov, names)}; "
                           f"stages: {names}")
     if not p.model and not p.stages[0].model:
-        raise ConfigError(f"{where}: no model for stage {p.stages[0].name!r}; set the pipeline's 'model' or the stage's")
+        first = p.stages[0].name
+        emptied = {_set_at(where, typed_keys, None, "model"), _set_at(where, typed_keys, first, "model")} - {where}
+        raise ConfigError(f"{emptied.pop() if emptied else where}: no model for stage {first!r}; set the pipeline's "
+                          f"'model' or the stage's")
     _check_rerun_from(p, typed if "rerun_from" in top_ov else where,
                       typed if {"rerun_from", "overwrite_output_dir"} & set(top_ov) else where)
-    _check_stages(p, where)
+    _check_stages(p, where, typed_keys)
     return p
+
+
+def _set_at(where: str, typed_keys: Optional[dict], stage: Optional[str], *keys: str) -> str:
+    """Where a value checked after loading was set: "command line" when it set one of `keys` of `stage` (None: the
+    pipeline's own keys), else `where` (the file). `r1fast train grpo.dataset=typo.jsonl` named r1fast's own
+    default.yaml as the place of the missing file."""
+    given = (typed_keys or {}).get(stage) or set()
+    return "command line" if "*" in given or given & set(keys) else where
 
 
 def _close_stages(unknown: dict[str, dict], names: list[str]) -> str:
@@ -354,10 +369,11 @@ def _stage_option_hints(unknown: set[str], data: dict) -> str:
     return "".join(f"; {h}" for h in hints)
 
 
-def _check_stages(p: Pipeline, where: str):
+def _check_stages(p: Pipeline, where: str, typed_keys: Optional[dict[Optional[str], set]] = None):
     """What a stage would otherwise find wrong only when it starts, after the stages before it have
     trained: its "@stage" references, models and datasets (its config's validate() has checked its
-    options, reward functions included)."""
+    options, reward functions included). `typed_keys`: what the command line set (see _set_at), named as
+    the place of an error in it."""
     names = {s.name for s in p.stages}
     earlier: dict[str, str] = {}   # stage name -> type, of the stages before this one
     written: set[str] = set()      # files that earlier sample stages write
@@ -365,13 +381,16 @@ def _check_stages(p: Pipeline, where: str):
     rewritten: dict[str, str] = {}  # sample stage -> the later sample stage that writes its output_file again
     # (path, what) of the data read before a sample stage writes its output_file, which must not replace them
     read: list[tuple[Any, str]] = [(p.eval_dataset, "the pipeline's eval_dataset")]
-    _check_dataset(p.eval_dataset, f"{where}: eval_dataset", written)
-    _check_model(p.model, f"{where}: model")
+    _check_dataset(p.eval_dataset, f"{_set_at(where, typed_keys, None, 'eval_dataset')}: eval_dataset", written)
+    _check_model(p.model, f"{_set_at(where, typed_keys, None, 'model')}: model")
     for s in p.stages:
-        at = f"{where}: stage {s.name!r}"
+        def stage_at(*keys: str) -> str:
+            return f"{_set_at(where, typed_keys, s.name, *keys)}: stage {s.name!r}"
+
         for ref, role in ((s.model, "model"), (s.dataset, "dataset")):
             if not (isinstance(ref, str) and ref.startswith("@")):
                 continue
+            at = stage_at(role)
             src = ref[1:]
             if src not in names:
                 raise ConfigError(f"{at} refers to unknown stage {ref!r}")
@@ -389,13 +408,17 @@ def _check_stages(p: Pipeline, where: str):
                                   f"would then train on that stage's samples; read '@{rewritten[src]}', or give "
                                   f"one of them another output_file")
             if role == "dataset":
+                at = stage_at("dataset", "prompt_column", "completion_column")
+                if _set_at(where, typed_keys, src, "prompt_column") != where:   # the source stage's, typed
+                    at = f"command line: stage {s.name!r}"
                 _check_sample_columns(s, samplers[src], at, ref)
         if not str(s.model or "").startswith("@"):
-            _check_model(s.model, f"{at}: model")
+            _check_model(s.model, f"{stage_at('model')}: model")
         if not s.dataset.startswith("@"):
-            _check_dataset(s.dataset, f"{at}: dataset", written)
+            _check_dataset(s.dataset, f"{stage_at('dataset')}: dataset", written)
         cfg = s.config
         if s.type == "grpo":
+            at = stage_at("eval_dataset", "eval_steps")
             if cfg.eval_dataset is not None and not cfg.eval_steps:
                 raise ConfigError(f"{at}: eval_dataset is used at eval_steps, which is 0; set eval_steps (the "
                                   f"pipeline's own eval_dataset is evaluated after every training stage)")
@@ -407,7 +430,7 @@ def _check_stages(p: Pipeline, where: str):
             made = {os.path.realpath(f) for f in written}
             users = [(spec, what) for spec, what in read
                      if not (isinstance(spec, str) and os.path.realpath(spec) in made)]
-            check_output_file(cfg.output_file, f"{at}: output_file",
+            check_output_file(cfg.output_file, f"{stage_at('output_file', 'dataset')}: output_file",
                               read=users + [(s.dataset, f"the dataset of stage {s.name!r}")])
             written.add(os.path.abspath(cfg.output_file))
             rewritten.update((name, s.name) for name, other in samplers.items() if other.output_file
@@ -418,10 +441,10 @@ def _check_stages(p: Pipeline, where: str):
         if s.type == "sample":
             samplers[s.name] = cfg
         earlier[s.name] = s.type
-    _check_stop_tokens(p, where)
+    _check_stop_tokens(p, where, typed_keys)
 
 
-def _check_stop_tokens(p: Pipeline, where: str):
+def _check_stop_tokens(p: Pipeline, where: str, typed_keys: Optional[dict[Optional[str], set]] = None):
     """Each stage's stop_tokens, and the pipeline's eval_stop_tokens for each stage evaluated after, against
     the tokenizer its model will have (a folder's, or the built-in one; tokenizers only, no model loads): a
     text that is not one token failed only when its stage started (eval_stop_tokens: the first evaluated
@@ -436,10 +459,11 @@ def _check_stop_tokens(p: Pipeline, where: str):
             spec = specs.get(s.model[1:]) if s.model.startswith("@") else s.model
         specs[s.name] = spec
         evaluated = s.type != "sample" and s.evaluate and p.eval_dataset is not None
-        checks = [(getattr(s.config, "stop_tokens", None), f"{s.name}.stop_tokens", f"stage {s.name!r}"),
+        checks = [(getattr(s.config, "stop_tokens", None), f"{s.name}.stop_tokens", f"stage {s.name!r}",
+                   _set_at(where, typed_keys, s.name, "stop_tokens")),
                   (p.eval_stop_tokens if evaluated else None, "eval_stop_tokens",
-                   f"the held-out evaluation after stage {s.name!r}")]
-        for stops, option, what in checks:
+                   f"the held-out evaluation after stage {s.name!r}", _set_at(where, typed_keys, None, "eval_stop_tokens"))]
+        for stops, option, what, set_at in checks:
             if not stops or spec is None:
                 continue
             if spec not in tokenizers:
@@ -447,7 +471,7 @@ def _check_stop_tokens(p: Pipeline, where: str):
             try:
                 resolve_stop_tokens(tokenizers[spec], stops, option)
             except ValueError as e:
-                raise ConfigError(f"{where}: {what}: {e}") from None
+                raise ConfigError(f"{set_at}: {what}: {e}") from None
 
 
 def _check_sample_columns(stage, source_cfg, where: str, ref: str):
