@@ -235,6 +235,23 @@ def test_a_stage_cannot_move_off_the_pipelines_device_or_dtype(override):
     load_pipeline(DEFAULT_CONFIG, ["grpo.dtype=float32", "grpo.device=cpu", "device=cpu"])
 
 
+def test_a_stages_cuda_on_a_machine_without_one_and_a_bad_pipeline_device_name_where_they_were_set(monkeypatch):
+    # a stage's cuda where the pipeline runs on the cpu was resolved, raising "device 'cuda' asked for but CUDA is not
+    # available" with no stage or file named; a pipeline device torch cannot parse named no file or command line
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match=r"^command line: stage 'grpo': device 'cuda' differs from the pipeline's "
+                                          r"\(cpu\); set the pipeline's device instead$"):
+        load_pipeline(DEFAULT_CONFIG, ["grpo.device=cuda"])
+    with pytest.raises(ConfigError, match=r"^command line: option 'device' must be a torch device"):
+        load_pipeline(DEFAULT_CONFIG, ["device=tpu"])
+    spec = {"model": "builtin:micro", "device": "tpu",
+            "stages": [{"name": "a", "type": "sft", "dataset": "builtin:arithmetic"}]}
+    with pytest.raises(ConfigError, match=r"^pipeline: option 'device' must be a torch device"):
+        load_pipeline(spec)
+
+
 def test_a_later_stage_without_a_dataset_is_refused_at_load():
     # It used to fail only when that stage began, after the stages before it had trained.
     spec = {"model": "builtin:micro", "stages": [{"name": "a", "type": "sft", "dataset": "builtin:arithmetic"},

@@ -546,7 +546,6 @@ def _validate(p: Pipeline, where: str, num_stages: int = 1):
                                              f"this pipeline has {num_stages} stage{'s' if num_stages > 1 else ''}); "
                                              f"got {p.seed}")
     check(p.dtype in DTYPES, f"dtype must be one of {', '.join(DTYPES)}; got {p.dtype!r}")
-    check_device(p.device)
     check(p.eval_size >= 1, f"eval_size must be >= 1; got {p.eval_size}")
     check(p.eval_samples_per_prompt >= 1, f"eval_samples_per_prompt must be >= 1; got {p.eval_samples_per_prompt}")
     check(p.eval_temperature >= 0, f"eval_temperature must be >= 0 (0 = greedy); got {p.eval_temperature}")
@@ -554,6 +553,10 @@ def _validate(p: Pipeline, where: str, num_stages: int = 1):
     try:
         check_regex("eval_format_pattern", p.eval_format_pattern)
         check_template_kwargs("eval_chat_template_kwargs", p.eval_chat_template_kwargs)
+    except ConfigError as e:
+        check(False, str(e))
+    try:
+        check_device(p.device)   # its error named the option, but not the file or the command line that set it
     except ConfigError as e:
         check(False, str(e))
     check(p.num_threads is None or p.num_threads >= 1, f"num_threads must be >= 1; got {p.num_threads}")
@@ -571,8 +574,12 @@ def _check_placement(p: Pipeline, conf: dict, where: str):
         raise ConfigError(f"{where}: dtype {conf['dtype']!r} differs from the pipeline's {p.dtype!r}; "
                           f"set the pipeline's dtype instead")
     if conf.get("device") is not None:
+        import torch
+
         here = resolve_device(p.device)
-        if resolve_device(str(conf["device"])).type != here.type:
+        # parsed, not resolved: a stage's cuda on a machine without one is this same difference, and resolving it
+        # raised "CUDA is not available" naming neither the stage nor the file
+        if torch.device(str(conf["device"])).type != here.type:
             raise ConfigError(f"{where}: device {conf['device']!r} differs from the pipeline's ({here}); "
                               f"set the pipeline's device instead")
 
