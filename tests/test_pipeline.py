@@ -73,6 +73,25 @@ def test_sample_stage_that_keeps_nothing_fails_unfinished_and_resumes_with_new_t
 
 
 
+def test_a_finished_sample_stage_that_kept_nothing_read_by_a_stage_added_since_says_to_rerun_it(tmp_path):
+    # kept nothing with no stage reading it, rs finished; a reader added since failed with "kept no samples (lower its
+    # thresholds or sample more)", but --resume keeps a finished stage's results whatever its thresholds say now
+    spec = tiny_pipeline(tmp_path)
+    spec.pop("eval_dataset")
+    spec["stages"] = spec["stages"][2:]
+    spec["stages"][0]["num_rows"] = 2
+    spec["stages"][0]["config"].update(reward_thresholds=[1.5], num_samples=1, max_completion_length=4)
+    spec["stages"][1]["config"]["max_steps"] = 1
+    run_pipeline({**spec, "stages": spec["stages"][:1]})
+    spec["stages"][0]["config"]["reward_thresholds"] = [0.0]
+    with pytest.raises(ValueError, match=r"^stage 'student': stage 'rs' kept no samples in the earlier run \(kept 0 of "
+                                         r"2 samples from 2 prompts .*\); .*sample it again with rerun_from=rs, "
+                                         r"lowering rs.reward_thresholds"):
+        run_pipeline(spec, resume=True)
+    summary = run_pipeline({**spec, "rerun_from": "rs"})   # as it says
+    assert [(s["stage"], s.get("samples", {}).get("kept")) for s in summary["stages"]] == [("rs", 2), ("student", None)]
+
+
 def test_sample_stage_that_keeps_nothing_for_a_stage_reading_its_output_file_fails_unfinished(tmp_path):
     # the same as "@rs" with the later stage's dataset the path of rs's output_file: rs was recorded finished with
     # an empty file, 'student' failed with "dataset ... is empty", and --resume with lower thresholds skipped rs

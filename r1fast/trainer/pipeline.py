@@ -663,8 +663,15 @@ class PipelineRunner:
                 self.samples[src] = read_json_objects(path, path)
             rows = self.samples[src]
             if not rows:
-                raise ValueError(f"stage {stage.name!r}: stage {src!r} kept no samples (lower its thresholds or "
-                                 f"sample more)")
+                # read back from a finished stage (one sampled now that keeps nothing for a reader fails itself:
+                # _refuse_empty_samples), whose new thresholds --resume does not apply: rerun_from samples it again
+                stats = self.state["stages"].get(src, {}).get("sample_stats")
+                whole = isinstance(stats, dict) and {"kept", "samples", "prompts", "pass_rate"} <= set(stats)
+                said = f" ({sample_summary(stats)})" if whole else ""
+                raise ValueError(f"stage {stage.name!r}: stage {src!r} kept no samples in the earlier run{said}; it "
+                                 f"finished there, and --resume keeps a finished stage's results: sample it again with "
+                                 f"rerun_from={src}, lowering {src}.reward_thresholds or sampling more "
+                                 f"({src}.num_samples, {src}.num_rows)")
         else:
             rows = load_rows(stage.dataset, split=getattr(stage.config, "dataset_split", None),
                              n_builtin=stage.num_rows, seed=self.p.seed * 100 + index + 1)
