@@ -135,6 +135,21 @@ def test_a_stage_name_that_is_no_folder_name_or_a_config_that_is_no_mapping_is_a
         load_pipeline(spec)
 
 
+@pytest.mark.parametrize("name", ["metrics.jsonl", "summary.json", "pipeline_state.json", ".r1fast.lock"])
+def test_a_stage_named_as_a_file_of_the_run_folder_is_refused_when_loaded(tmp_path, name):
+    # its folder <run>/<name> took the place of the run's own file: "IsADirectoryError: ... -> <run>/metrics.jsonl"
+    # once the stage had trained, or "FileExistsError" before it started
+    from r1fast.trainer.checkpoints import LOCK_FILE
+    from r1fast.trainer.pipeline import RUN_FOLDER_FILES
+
+    assert LOCK_FILE in RUN_FOLDER_FILES
+    spec = tiny_pipeline(tmp_path)
+    spec["stages"][0]["name"] = name
+    with pytest.raises(ValueError, match=rf"^pipeline: stage 0: 'name' {re.escape(repr(name))} is a file the run keeps "
+                                         rf"in its folder"):
+        load_pipeline(spec)
+
+
 def test_cli_errors_are_clear(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit, match="does not exist"):

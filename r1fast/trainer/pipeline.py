@@ -87,6 +87,10 @@ _BETWEEN_STAGES = "stopping before the next stage trains or samples"
 # the run folder when inside it)}. A run killed part way leaves it, and the next run in the folder finishes it first.
 RERUN_JOURNAL = ".r1fast-rerun.json"
 _EVAL_DEFAULTS = ("eval_size", "eval_samples_per_prompt", "eval_temperature")
+# The files a pipeline run keeps in its folder beside the stages' folders (`r1fast plot`'s curves.png; the lock is
+# checkpoints.LOCK_FILE, named here to keep torch out of loading a pipeline): no stage may be named as one of them
+RUN_FOLDER_FILES = ("pipeline_state.json", "summary.json", "metrics.jsonl", "curves.png", ".r1fast.lock",
+                    RERUN_JOURNAL)
 
 
 @dataclass
@@ -202,6 +206,10 @@ def load_pipeline(source: str | dict, overrides: Optional[list[str]] = None) -> 
             # it names the stage's folder <run>/<name>/: '..' wrote (and overwrite_output_dir cleared) the run's parent
             raise ConfigError(f"{stages_at}: stage {i}: 'name' must be a folder name (the stage writes into "
                               f"<run>/<name>/); got {name!r}")
+        if name in RUN_FOLDER_FILES:
+            # its folder took the file's place: the run failed once the stage had trained ("Is a directory")
+            raise ConfigError(f"{stages_at}: stage {i}: 'name' {name!r} is a file the run keeps in its folder beside "
+                              f"the stages' folders; name the stage otherwise")
         if name in names:
             raise ConfigError(f"{stages_at}: two stages are named {name!r}")
         names.add(name)
