@@ -3029,6 +3029,40 @@ def test_run_pipeline_runs_the_pipeline_load_pipeline_returned(tmp_path):
     assert [(s["stage"], s["steps"]) for s in summary["stages"]] == [("cold", 1)]
 
 
+@pytest.mark.parametrize("edit, said", [
+    (lambda p: setattr(p.stages[1], "name", ".."), r"stage 1: 'name' must be a folder name .*; got '\.\.'"),
+    (lambda p: setattr(p.stages[1], "name", "cold"), r"two stages are named 'cold'"),
+    (lambda p: setattr(p.stages[1], "name", "summary.json"), r"stage 1: 'name' 'summary.json' is a file the run keeps"),
+    (lambda p: setattr(p.stages[1], "type", "grpo"), r"stage 'two': a grpo stage's config is a GRPOConfig; got SFTConfig"),
+    (lambda p: setattr(p.stages[1], "type", "rlhf"), r"stage 'two': type must be one of"),
+    (lambda p: setattr(p.stages[1], "dataset", None), r"stage 'two' needs a dataset"),
+    (lambda p: setattr(p.stages[1], "num_rows", 0), r"stage 'two': num_rows must be in \[1, 1,000,000\]; got 0"),
+    (lambda p: setattr(p.stages[1].config, "max_steps", -5), r"stage 'two': option 'max_steps' must be positive"),
+    (lambda p: setattr(p.stages[1].config, "overwrite_output_dir", True),
+     r"stage 'two': option 'overwrite_output_dir' is not read in a pipeline"),
+    (lambda p: setattr(p, "stages", []), r"'stages' must be a non-empty list"),
+])
+def test_run_pipeline_checks_the_stages_of_a_pipeline_edited_in_python_before_any_trains(tmp_path, edit, said):
+    # what load_pipeline refuses of a stage was not checked again: '..' trained into the run folder's parent, two
+    # stages of one name into one folder, and the others failed (AttributeError, FileExistsError, the trainer's
+    # error) or ran nothing once the stages before had trained
+    from r1fast.trainer import sft
+    from r1fast.trainer.config import ConfigError
+
+    spec = {"name": "t", "output_dir": str(tmp_path / "run"), "model": "builtin:micro", "progress_bar": False,
+            "stages": [{"name": n, "type": "sft", "dataset": "builtin:arithmetic", "num_rows": 4,
+                        "config": {"max_steps": 1, "per_device_train_batch_size": 2}} for n in ("cold", "two")]}
+    p = load_pipeline(spec)
+    edit(p)
+    trained = []
+    init = sft.SFTTrainer.__init__
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(sft.SFTTrainer, "__init__", lambda self, *a, **k: trained.append(1) or init(self, *a, **k))
+        with pytest.raises(ConfigError, match=rf"^pipeline: {said}"):
+            run_pipeline(p)
+    assert not trained and not os.path.exists(tmp_path / "run")
+
+
 def test_cli_says_how_to_resume_a_sample_stage_that_failed_after_a_batch(tmp_path, monkeypatch):
     # a pipeline's sample stage whose reward function raised on its second batch of prompts kept the first in
     # sample_progress.json, which --resume goes on from, but the error said nothing of it (no checkpoint)

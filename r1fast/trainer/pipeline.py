@@ -202,20 +202,9 @@ def load_pipeline(source: str | dict, overrides: Optional[list[str]] = None) -> 
             raise ConfigError(f"{stages_at}: stage {i}: unknown key(s) {sorted(bad, key=str)}; known: {sorted(_STAGE_KEYS)}")
         # absent or null: a default; anything else given is checked (`name: 0` or `config: false` was taken as absent)
         name = f"stage{i}" if raw.get("name") is None else raw["name"]
-        if not is_folder_name(name):
-            # it names the stage's folder <run>/<name>/: '..' wrote (and overwrite_output_dir cleared) the run's parent
-            raise ConfigError(f"{stages_at}: stage {i}: 'name' must be a folder name (the stage writes into "
-                              f"<run>/<name>/); got {name!r}")
-        if name in RUN_FOLDER_FILES:
-            # its folder took the file's place: the run failed once the stage had trained ("Is a directory")
-            raise ConfigError(f"{stages_at}: stage {i}: 'name' {name!r} is a file the run keeps in its folder beside "
-                              f"the stages' folders; name the stage otherwise")
-        if name in names:
-            raise ConfigError(f"{stages_at}: two stages are named {name!r}")
-        names.add(name)
+        _check_stage_name(name, i, names, stages_at)
         typ = raw.get("type")
-        if not isinstance(typ, str) or typ not in STAGE_TYPES:   # a list or mapping: "unhashable type", a traceback
-            raise ConfigError(f"{stages_at}: stage {name!r}: type must be one of {sorted(STAGE_TYPES)}; got {typ!r}")
+        _check_stage_type(typ, name, stages_at)
         ov = stage_ov.pop(name, {})
         typed_keys[name] = {"*"} if stages_at == typed else set(ov)
         typed_at = f"{typed}: stage {name!r}"
@@ -276,6 +265,61 @@ def _set_at(where: str, typed_keys: Optional[dict], stage: Optional[str], *keys:
     default.yaml as the place of the missing file."""
     given = (typed_keys or {}).get(stage) or set()
     return "command line" if "*" in given or given & set(keys) else where
+
+
+def _check_stage_name(name, index: int, names: set, where: str):
+    """A stage's name names its folder <run>/<name>/: one folder, none of the run folder's files, and no other
+    stage's (`names`, to which it is added)."""
+    if not is_folder_name(name):
+        # '..' wrote (and overwrite_output_dir cleared) the run's parent
+        raise ConfigError(f"{where}: stage {index}: 'name' must be a folder name (the stage writes into "
+                          f"<run>/<name>/); got {name!r}")
+    if name in RUN_FOLDER_FILES:
+        # its folder took the file's place: the run failed once the stage had trained ("Is a directory")
+        raise ConfigError(f"{where}: stage {index}: 'name' {name!r} is a file the run keeps in its folder beside "
+                          f"the stages' folders; name the stage otherwise")
+    if name in names:
+        raise ConfigError(f"{where}: two stages are named {name!r}")
+    names.add(name)
+
+
+def _check_stage_type(typ, name: str, where: str):
+    if not isinstance(typ, str) or typ not in STAGE_TYPES:   # a list or mapping: "unhashable type", a traceback
+        raise ConfigError(f"{where}: stage {name!r}: type must be one of {sorted(STAGE_TYPES)}; got {typ!r}")
+
+
+def _check_stage_list(p: Pipeline, where: str):
+    """What load_pipeline checks of each stage as it reads one, again for a Pipeline edited in Python since
+    (run_pipeline(p)): a stage renamed '..' trained into the run folder's parent and two of one name into one
+    folder; a type without its config, no dataset or an option set out of range failed with an AttributeError or
+    the trainer's error once the stages before it had trained."""
+    if not p.stages:
+        raise ConfigError(f"{where}: 'stages' must be a non-empty list")
+    names: set = set()
+    for i, stage in enumerate(p.stages):
+        _check_stage_name(stage.name, i, names, where)
+        _check_stage_type(stage.type, stage.name, where)
+        at = f"{where}: stage {stage.name!r}"
+        # the types a file's values are read as (num_rows "8" is 8), as validate() does for the options
+        for key, value in _typed(Stage, {key: getattr(stage, key) for key in STAGE_FIELDS}, at).items():
+            setattr(stage, key, value)
+        config_cls = STAGE_TYPES[stage.type]
+        if not isinstance(stage.config, config_cls):
+            raise ConfigError(f"{at}: a {stage.type} stage's config is a {config_cls.__name__}; got "
+                              f"{type(stage.config).__name__}")
+        if not isinstance(stage.dataset, str) or not stage.dataset:
+            raise ConfigError(f"{at} needs a dataset (a path, builtin:<task> or \"@stage\"); got {stage.dataset!r}")
+        _check_num_rows({"num_rows": stage.num_rows, "dataset": stage.dataset}, at)
+        for key, place in _SUPPLIED.items():   # set on the config in Python: ignored, or (overwrite) clearing the stage
+            if getattr(stage.config, key, None) not in (None, False):
+                raise ConfigError(f"{at}: option {key!r} is not read in a pipeline; set "
+                                  f"{place.format(stage=stage.name)}")
+        try:
+            stage.config.validate()
+        except ConfigError as e:   # validate()'s range errors name the option but not the stage
+            raise ConfigError(f"{at}: {e}") from None
+    if not p.model and not p.stages[0].model:
+        raise ConfigError(f"{where}: no model for stage {p.stages[0].name!r}; set the pipeline's 'model' or the stage's")
 
 
 def _close_stages(unknown: dict[str, dict], names: list[str]) -> str:
@@ -1469,6 +1513,7 @@ def run_pipeline(source: str | dict | Pipeline = DEFAULT_CONFIG, overrides: Opti
         raise TypeError("run_pipeline: overrides apply to a pipeline file or dict; set a Pipeline's fields instead "
                         "(or pass the overrides to load_pipeline)")
     _validate(source, "pipeline", max(1, len(source.stages)))
+    _check_stage_list(source, "pipeline")
     _check_rerun_from(source, "pipeline")
     _check_stages(source, "pipeline")
     return PipelineRunner(source).run(resume=resume)
