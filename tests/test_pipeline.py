@@ -1246,6 +1246,26 @@ def test_stage_options_the_pipeline_supplies_are_refused(tmp_path, key, where):
     assert (p.stages[1].dataset, p.stages[1].model) == ("builtin:arithmetic?max_terms=3", "@cold")
 
 
+@pytest.mark.parametrize("key", ["output-dir", "model-name-or-path", "overwrite-output-dir"])
+def test_a_stage_option_spelt_with_dashes_is_checked_as_the_option_it_is(tmp_path, key):
+    # the config reads "output-dir" as output_dir, but the pipeline's checks took the key as written: the options a
+    # pipeline sets itself slipped through (ignored, or overwrite_output_dir handed to the stage's trainer), and a GRPO
+    # stage's own eval-size was replaced by the pipeline's eval_size
+    spec = tiny_pipeline(tmp_path)
+    spec["stages"][1]["config"][key] = True if key.startswith("overwrite") else "x"
+    with pytest.raises(ValueError, match=rf"^pipeline: stage 'rl': option '{key.replace('-', '_')}' is not read in a "
+                                         rf"pipeline"):
+        load_pipeline(spec)
+    spec = tiny_pipeline(tmp_path)
+    spec["stages"][1]["config"].pop("max_steps")
+    spec["stages"][1]["config"].update({"eval-size": 3, "max-steps": 5})
+    rl = load_pipeline(spec).stages[1].config
+    assert (rl.eval_size, rl.max_steps) == (3, 5)
+    spec["stages"][1]["config"]["max_steps"] = 6
+    with pytest.raises(ValueError, match=r"stage 'rl': options 'max-steps' and 'max_steps' are one option"):
+        load_pipeline(spec)
+
+
 def test_a_grpo_stage_evaluates_at_its_eval_steps(tmp_path, monkeypatch):
     # The pipeline gave a GRPO stage no eval rows, so its eval_steps did nothing, and a stage's own
     # eval_dataset prompts were not kept out of its training data.

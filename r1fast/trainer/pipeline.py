@@ -220,9 +220,9 @@ def load_pipeline(source: str | dict, overrides: Optional[list[str]] = None) -> 
         if not isinstance({} if raw.get("config") is None else raw["config"], dict):
             raise ConfigError(f"{stages_at}: stage {name!r}: 'config' must be a mapping of {STAGE_TYPES[typ].__name__} "
                               f"options; got {raw['config']!r:.80}")
-        conf = dict(raw.get("config") or {})
-        conf_ov = {k: v for k, v in ov.items() if k not in STAGE_FIELDS}
         at = f"{stages_at}: stage {name!r}"
+        conf = _option_names(raw.get("config") or {}, at)
+        conf_ov = {k: v for k, v in ov.items() if k not in STAGE_FIELDS}
         for key in {**conf, **conf_ov}:
             if key in _SUPPLIED:
                 raise ConfigError(f"{at if key in conf else typed_at}: option {key!r} is not read in a pipeline; set "
@@ -265,6 +265,21 @@ def _set_at(where: str, typed_keys: Optional[dict], stage: Optional[str], *keys:
     default.yaml as the place of the missing file."""
     given = (typed_keys or {}).get(stage) or set()
     return "command line" if "*" in given or given & set(keys) else where
+
+
+def _option_names(options: dict, where: str) -> dict:
+    """A stage's config options under the names the config reads them by (update(): "output-dir" is output_dir),
+    for the checks made here: `output-dir: x` slipped past the refusal of options a pipeline sets itself (ignored, and
+    `overwrite-output-dir: true` handed to the stage's trainer), and a GRPO stage's `eval-size: 8` was replaced by the
+    pipeline's eval_size set beside it. Two spellings of one option are refused: one would be dropped."""
+    named: dict = {}
+    spelt: dict = {}
+    for key, value in options.items():
+        option = key.replace("-", "_") if isinstance(key, str) else key
+        if option in named:
+            raise ConfigError(f"{where}: options {spelt[option]!r} and {key!r} are one option, {option!r}: give it once")
+        named[option], spelt[option] = value, key
+    return named
 
 
 def _check_stage_name(name, index: int, names: set, where: str):
