@@ -1266,6 +1266,19 @@ def test_a_stage_option_spelt_with_dashes_is_checked_as_the_option_it_is(tmp_pat
         load_pipeline(spec)
 
 
+def test_an_eval_dataset_naming_a_stage_says_stage_rows_are_a_stages_dataset(tmp_path):
+    # it said "'@rs' does not exist (a .jsonl/... file, builtin:<task>, or "@stage" for a sample stage's rows)",
+    # offering the form it had just refused
+    for edit, where in [(lambda s: s.update(eval_dataset="@rs"), "pipeline: eval_dataset"),
+                        (lambda s: s["stages"][1]["config"].update(eval_dataset="@rs", eval_steps=1),
+                         "pipeline: stage 'rl': eval_dataset")]:
+        spec = tiny_pipeline(tmp_path)
+        edit(spec)
+        with pytest.raises(ValueError, match=rf"^{where}: '@rs': \"@stage\" names the rows a sample stage kept as a "
+                                             rf"stage's dataset, not as an eval_dataset \(a .jsonl"):
+            load_pipeline(spec)
+
+
 def test_a_grpo_stage_evaluates_at_its_eval_steps(tmp_path, monkeypatch):
     # The pipeline gave a GRPO stage no eval rows, so its eval_steps did nothing, and a stage's own
     # eval_dataset prompts were not kept out of its training data.

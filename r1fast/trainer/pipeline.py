@@ -575,6 +575,11 @@ def _check_dataset(spec: Optional[str], where: str, written: set[str]):
 
     if spec is None:
         return
+    if spec.startswith("@"):   # only an eval_dataset comes here so: a stage's "@stage" dataset is checked as one
+        # "does not exist (..., or "@stage" for a sample stage's rows)" offered the very form it refused
+        raise ConfigError(f"{where}: {spec!r}: \"@stage\" names the rows a sample stage kept as a stage's dataset, "
+                          f"not as an eval_dataset (a .jsonl/.json/.parquet/.csv file, a folder saved with datasets' "
+                          f"save_to_disk, or builtin:<task>)")
     if spec.startswith("builtin:"):
         try:
             builtin_rows(spec, 1, 0)   # the task's name and parameters
