@@ -1039,3 +1039,12 @@ def test_a_pipeline_key_that_is_a_number_or_null_is_named_as_unknown(where, spec
              "config": r"^pipeline: stage 'a': unknown option '1' for SFTConfig"}[where]
     with pytest.raises(ConfigError, match=match):
         load_pipeline(data)
+
+
+@pytest.mark.parametrize("stages", [5, [{"name": "a", "type": ["sft"], "dataset": "builtin:arithmetic"}],
+                                    [{"name": "a", "type": {"sft": 1}, "dataset": "builtin:arithmetic"}]])
+def test_an_unknown_pipeline_key_beside_stages_that_are_no_list_or_of_no_type_is_named(stages):
+    # the hint that names the stages an unknown key is an option of read the stages before they were checked:
+    # `stages: 5` or a stage's `type: [sft]` beside `max_steps: 3` raised a TypeError
+    with pytest.raises(ConfigError, match=r"^pipeline: unknown pipeline key\(s\) \['max_steps'\]"):
+        load_pipeline({"model": "builtin:micro", "max_steps": 3, "stages": stages})

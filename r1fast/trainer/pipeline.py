@@ -416,11 +416,14 @@ def _stage_option_hints(unknown: set[str], data: dict) -> str:
     run takes it), the `<stage>.<key>=value` overrides that set it; for another, a close pipeline key."""
     import difflib
 
-    stages = [(raw.get("name") or f"stage{i}", raw.get("type")) for i, raw in enumerate(data.get("stages") or [])
-              if isinstance(raw, dict)]
+    # the stages as given, before they are checked: `stages: 5` or a stage's `type: [sft]` (unhashable) raised a
+    # TypeError here in place of the error this hint goes with
+    given = data.get("stages") if isinstance(data.get("stages"), list) else []
+    stages = [(raw.get("name") or f"stage{i}", raw.get("type")) for i, raw in enumerate(given) if isinstance(raw, dict)]
     hints = []
     for key in sorted(unknown, key=str):   # a YAML key may be a number or null (`1: 2`)
-        owners = [name for name, typ in stages if typ in STAGE_TYPES and key in STAGE_TYPES[typ].field_names()]
+        owners = [name for name, typ in stages if isinstance(typ, str) and typ in STAGE_TYPES
+                  and key in STAGE_TYPES[typ].field_names()]
         if owners:
             # as an override reads it back; default=str: YAML's own types (run_name: 2024-05-01 is a date) were a
             # TypeError in place of this error
