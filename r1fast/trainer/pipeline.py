@@ -199,7 +199,8 @@ def load_pipeline(source: str | dict, overrides: Optional[list[str]] = None) -> 
             raise ConfigError(f"{stages_at}: stage {i} must be a mapping")
         bad = set(raw) - _STAGE_KEYS
         if bad:
-            raise ConfigError(f"{stages_at}: stage {i}: unknown key(s) {sorted(bad, key=str)}; known: {sorted(_STAGE_KEYS)}")
+            raise ConfigError(f"{stages_at}: stage {i}: unknown key(s) {sorted(bad, key=str)}; "
+                              f"known: {sorted(_STAGE_KEYS)}")
         # absent or null: a default; anything else given is checked (`name: 0` or `config: false` was taken as absent)
         name = f"stage{i}" if raw.get("name") is None else raw["name"]
         _check_stage_name(name, i, names, stages_at)
@@ -277,7 +278,8 @@ def _option_names(options: dict, where: str) -> dict:
     for key, value in options.items():
         option = key.replace("-", "_") if isinstance(key, str) else key
         if option in named:
-            raise ConfigError(f"{where}: options {spelt[option]!r} and {key!r} are one option, {option!r}: give it once")
+            raise ConfigError(f"{where}: options {spelt[option]!r} and {key!r} are one option, {option!r}: "
+                              f"give it once")
         named[option], spelt[option] = value, key
     return named
 
@@ -334,7 +336,8 @@ def _check_stage_list(p: Pipeline, where: str):
         except ConfigError as e:   # validate()'s range errors name the option but not the stage
             raise ConfigError(f"{at}: {e}") from None
     if not p.model and not p.stages[0].model:
-        raise ConfigError(f"{where}: no model for stage {p.stages[0].name!r}; set the pipeline's 'model' or the stage's")
+        raise ConfigError(f"{where}: no model for stage {p.stages[0].name!r}; set the pipeline's 'model' or the "
+                          f"stage's")
 
 
 def _close_stages(unknown: dict[str, dict], names: list[str]) -> str:
@@ -532,7 +535,8 @@ def _check_stop_tokens(p: Pipeline, where: str, typed_keys: Optional[dict[Option
         checks = [(getattr(s.config, "stop_tokens", None), f"{s.name}.stop_tokens", f"stage {s.name!r}",
                    _set_at(where, typed_keys, s.name, "stop_tokens")),
                   (p.eval_stop_tokens if evaluated else None, "eval_stop_tokens",
-                   f"the held-out evaluation after stage {s.name!r}", _set_at(where, typed_keys, None, "eval_stop_tokens"))]
+                   f"the held-out evaluation after stage {s.name!r}",
+                   _set_at(where, typed_keys, None, "eval_stop_tokens"))]
         for stops, option, what, set_at in checks:
             if not stops or spec is None:
                 continue
