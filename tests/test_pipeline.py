@@ -73,6 +73,23 @@ def test_sample_stage_that_keeps_nothing_fails_unfinished_and_resumes_with_new_t
 
 
 
+def test_sample_stage_that_keeps_nothing_for_a_grpo_stage_evaluating_on_its_file_fails_unfinished(tmp_path):
+    # rs was recorded finished with an empty file, and the GRPO stage evaluating on it failed with "dataset
+    # '<file>' is empty", naming no stage, on every --resume
+    spec = tiny_pipeline(tmp_path)
+    spec.pop("eval_dataset")
+    rs, rl = spec["stages"][2], spec["stages"][1]
+    kept = str(tmp_path / "kept.jsonl")
+    rs["num_rows"] = 2
+    rs["config"].update(reward_thresholds=[1.5], num_samples=1, max_completion_length=4, output_file=kept)
+    rl["config"].update(eval_dataset=kept, eval_steps=1, max_steps=1)
+    spec["stages"] = [rs, rl]
+    with pytest.raises(ValueError, match=r"^stage 'rs' kept 0 of 2 samples .*, and stage 'rl' evaluates on them: "
+                                         r"lower rs.reward_thresholds"):
+        run_pipeline(spec)
+    assert "rs" not in json.load(open(tmp_path / "run" / "pipeline_state.json"))["stages"]
+
+
 def test_a_finished_sample_stage_that_kept_nothing_read_by_a_stage_added_since_says_to_rerun_it(tmp_path):
     # kept nothing with no stage reading it, rs finished; a reader added since failed with "kept no samples (lower its
     # thresholds or sample more)", but --resume keeps a finished stage's results whatever its thresholds say now

@@ -859,12 +859,17 @@ class PipelineRunner:
         names = {f"@{stage.name}"}
         if stage.config.output_file:
             names.add(os.path.abspath(stage.config.output_file))
-        readers = [s.name for s in self.p.stages
-                   if s.dataset and (s.dataset in names or os.path.abspath(s.dataset) in names)]
+        def reads(spec) -> bool:
+            return bool(spec) and (spec in names or os.path.abspath(spec) in names)
+
+        # a GRPO stage evaluating at its eval_steps on the file reads it too: "dataset '<file>' is empty", naming no
+        # stage, once this stage was recorded finished
+        readers = [(s.name, "trains on them") for s in self.p.stages if reads(s.dataset)] + \
+            [(s.name, "evaluates on them") for s in self.p.stages if reads(getattr(s.config, "eval_dataset", None))]
         if readers:
             n = stage.name
             cut = f", raise {n}.max_completion_length or set {n}.keep_truncated=true" if stats.get("truncated") else ""
-            raise ValueError(f"stage {n!r} {summary(stats)}, and stage {readers[0]!r} trains on them: lower "
+            raise ValueError(f"stage {n!r} {summary(stats)}, and stage {readers[0][0]!r} {readers[0][1]}: lower "
                              f"{n}.reward_thresholds{cut}, or sample more ({n}.num_samples, {n}.num_rows); "
                              f"--resume then samples {n!r} again")
 
