@@ -102,6 +102,7 @@ def _train(trainer_cls, model_dir, out_dir, trainer_kwargs=None, reward_funcs=ch
         "metrics": logs,
         "weights": {k: v.detach().clone() for k, v in trainer.model.state_dict().items()},
         "initial": initial,
+        "history": list(trainer.state.log_history),
     }
 
 
@@ -1205,3 +1206,40 @@ def test_loss_follows_trainer_attributes_changed_mid_training_as_trl_does(tmp_pa
     logps = [t._get_per_token_logps_and_entropies(t.model, ids, attention, inputs["completion_ids"].size(1))[0]
              for t in trainers]
     torch.testing.assert_close(logps[1], logps[0], rtol=1e-5, atol=1e-6)
+
+
+def test_evaluation_and_dropout_match_stock_trl(tmp_path, model_dirs):
+    """TRL's evaluation loop (its own generations with num_generations_eval, a loss without the accumulation
+    scaling, eval_* metrics) and a model with attention dropout, which TRL leaves on by default
+    (disable_dropout=False), so that both trainers must draw the same dropout masks in the same order in every
+    forward (old-policy, reference and loss passes): every logged number, train and eval, is TRL's."""
+    model_dir = _save_eos_prone(save_tiny_qwen2(tmp_path / "dropout", seed=3, attention_dropout=0.2),
+                                tmp_path / "dropout_eos")
+    overrides = dict(loss_type="bnpo", beta=0.04, num_iterations=2, gradient_accumulation_steps=2, max_steps=2,
+                     eval_strategy="steps", eval_steps=1, per_device_eval_batch_size=4, num_generations_eval=2)
+    eval_dataset = {"eval_dataset": Dataset.from_dict({"prompt": PROMPTS[:4]})}
+    stock = _train(trl.GRPOTrainer, model_dir, tmp_path / "stock", eval_dataset, **overrides)
+    fast = _train(r1trl.GRPOTrainer, model_dir, tmp_path / "r1fast", eval_dataset, **overrides)
+    # one training generation (num_iterations=2), and two evaluations of 4 prompts x 2 generations in batches of 4
+    assert len(stock["completions"]) == len(fast["completions"]) == 5
+    for a, b in zip(stock["completions"], fast["completions"]):
+        assert torch.equal(a, b), "stock and r1fast runs generated different completions"
+    # 2 steps x 2 accumulated micro-steps (the second step's the generation batch's second iteration), and 2 x 2
+    # eval batches
+    assert len(stock["losses"]) == len(fast["losses"]) == 8
+    torch.testing.assert_close(fast["losses"], stock["losses"], rtol=1e-4, atol=1e-6)
+    for name, w in stock["weights"].items():
+        torch.testing.assert_close(fast["weights"][name], w, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+    def numbers(history):
+        return [{k: v for k, v in h.items() if isinstance(v, float) and "runtime" not in k and "per_second" not in k
+                 and "time" not in k} for h in history]
+
+    want, got = numbers(stock["history"]), numbers(fast["history"])
+    assert [h.keys() for h in got] == [h.keys() for h in want]
+    assert sum("eval_loss" in h for h in want) == 2 and sum("eval_kl" in h for h in want) == 2
+    for g, w in zip(got, want):
+        for name in w:
+            torch.testing.assert_close(torch.tensor(g[name], dtype=torch.float64),
+                                       torch.tensor(w[name], dtype=torch.float64), rtol=1e-4, atol=1e-6,
+                                       equal_nan=True, msg=lambda m: f"{name}: {m}")
