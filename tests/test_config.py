@@ -1048,3 +1048,34 @@ def test_an_unknown_pipeline_key_beside_stages_that_are_no_list_or_of_no_type_is
     # `stages: 5` or a stage's `type: [sft]` beside `max_steps: 3` raised a TypeError
     with pytest.raises(ConfigError, match=r"^pipeline: unknown pipeline key\(s\) \['max_steps'\]"):
         load_pipeline({"model": "builtin:micro", "max_steps": 3, "stages": stages})
+
+
+@pytest.mark.parametrize("cls", [GRPOConfig, SFTConfig])
+def test_two_spellings_of_one_option_are_refused_naming_both_and_where(tmp_path, cls):
+    # the later spelling was kept and the other dropped without a word
+    p = tmp_path / "c.yaml"
+    p.write_text("max-steps: 5\nmax_steps: 7\n")
+    with pytest.raises(ConfigError, match=re.escape(f"{p}: 'max-steps' and 'max_steps' are one option, "
+                                                    f"'max_steps': give it once")):
+        cls.from_yaml(p)
+    with pytest.raises(ConfigError, match=re.escape("config: 'max_steps' and 'max-steps' are one option")):
+        cls.from_dict({"max_steps": 5, "max-steps": 7})
+    one = tmp_path / "one.yaml"
+    one.write_text("learning_rate: 1.0e-5\n")
+    for typed, first, second in ((["max-steps=3", "--max_steps", "4"], "max-steps", "max_steps"),
+                                 (["--max_steps=4", "--max-steps=3"], "max_steps", "max-steps")):
+        with pytest.raises(ConfigError, match=re.escape(f"command line: {first!r} and {second!r} are one option")):
+            cls.from_yaml(one, typed)
+    with pytest.raises(ConfigError, match=re.escape("command line: 'grpo.max-steps' and 'grpo.max_steps' are one")):
+        parse_overrides(["grpo.max-steps=3", "grpo.max_steps=4"])
+
+
+@pytest.mark.parametrize("cls", [GRPOConfig, SFTConfig])
+def test_an_override_in_either_spelling_replaces_the_files_option(tmp_path, cls):
+    for infile, typed in (("max_steps", "max-steps"), ("max-steps", "max_steps"), ("max-steps", "max-steps")):
+        p = tmp_path / "c.yaml"
+        p.write_text(f"{infile}: 5\nlearning_rate: 2.0e-5\n")
+        cfg = cls.from_yaml(p, [f"{typed}=3"])
+        assert cfg.max_steps == 3 and cfg.learning_rate == 2e-5
+    # the same spelling twice on the command line: the later one, as a script appending to a command expects
+    assert cls.from_yaml(p, ["max_steps=3", "--max_steps", "9"]).max_steps == 9

@@ -164,7 +164,9 @@ class _Base:
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike, overrides: Optional[list[str]] = None):
-        data = load_yaml(path)
+        # the file's keys as the config reads them, so that an override spelt the other way (the file's
+        # max-steps, the command line's max_steps=3) replaces the file's value, not stands beside it
+        data = option_names(load_yaml(path), str(path))
         if not overrides:
             return cls.from_dict(data, source=str(path))
         typed = parse_overrides(overrides)
@@ -188,8 +190,7 @@ class _Base:
         new = copy.copy(self)
         hints = typing.get_type_hints(type(self))
         names = self.field_names()
-        for key, value in data.items():
-            key = str(key).replace("-", "_")
+        for key, value in option_names(data, source).items():
             if key not in names:
                 raise ConfigError(f"{source}: unknown option {key!r} for {type(self).__name__}{_did_you_mean(key, names)}"
                                   f"{_other_config_hint(key, type(self))}")
@@ -390,6 +391,19 @@ class DatasetAsConfig(ConfigError):
         self.path = path
 
 
+def option_names(data: dict, source: str) -> dict:
+    """data under the names a config reads its options by ("max-steps" is max_steps). Two spellings of one option
+    are refused: the later one was kept and the other dropped without a word."""
+    named: dict = {}
+    spelt: dict = {}
+    for key, value in data.items():
+        option = str(key).replace("-", "_")
+        if option in named:
+            raise ConfigError(f"{source}: {spelt[option]!r} and {key!r} are one option, {option!r}: give it once")
+        named[option], spelt[option] = value, key
+    return named
+
+
 _OVERRIDE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*=")  # key=value, or stage.key=value in a pipeline
 
 
@@ -398,6 +412,7 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
     import yaml
 
     out: dict[str, Any] = {}
+    spelt: dict[str, str] = {}   # the key as typed, by the name it is read as
     i = 0
     while i < len(args):
         a = args[i]
@@ -426,7 +441,14 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
                 value = float(value)
             except ValueError:
                 pass
-        out[key.replace("-", "_")] = _keep_text(value, raw)
+        option = key.replace("-", "_")
+        # the same spelling twice is a later override of an earlier one (a script adding to a command);
+        # two spellings of one option are as in a file, refused: which was meant is not known
+        if spelt.get(option, key) != key:
+            raise ConfigError(f"command line: {spelt[option]!r} and {key!r} are one option, {option!r}: "
+                              f"give it once")
+        spelt[option] = key
+        out[option] = _keep_text(value, raw)
         i += 1
     return out
 
