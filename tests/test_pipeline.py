@@ -3514,3 +3514,26 @@ def test_overwrite_output_dir_starts_a_pipeline_over_beside_a_stages_killed_save
     os.rename(run / "s" / "checkpoint-1", old)
     assert main(cmd + ["overwrite_output_dir=true"]) == 0
     assert (run / "s" / "checkpoint-1" / "trainer_state.json").is_file() and (old / "trainer_state.json").is_file()
+
+
+def test_a_single_run_config_given_to_r1fast_pipeline_names_the_command_it_is_for(tmp_path):
+    from r1fast.trainer.config import ConfigError
+
+    # its options were listed as a dozen unknown pipeline keys
+    with pytest.raises(SystemExit, match=r"grpo_example.yaml has no 'stages': this is a single-run config, not a "
+                                         r"pipeline; use `r1fast train \S*grpo_example.yaml`$"):
+        main(["pipeline", "grpo_example"])
+    sft = tmp_path / "sft.yaml"
+    sft.write_text("max-length: 64\nlearning_rate: 1.0e-4\n")
+    with pytest.raises(ConfigError, match=re.escape(f"use `r1fast sft {sft}`")):
+        load_pipeline(str(sft))
+    both = tmp_path / "both.yaml"
+    both.write_text("learning_rate: 1.0e-4\nnum_generations: 4\nmax_length: 64\n")   # a GRPO and an SFT option
+    with pytest.raises(ConfigError, match=re.escape(f"single-run config, not a pipeline; use `r1fast train {both}` "
+                                                    f"(or `r1fast sft {both}`)")):
+        load_pipeline(str(both))
+    # keys of no config at all: the unknown keys are named, as before
+    other = tmp_path / "other.yaml"
+    other.write_text("colour: red\n")
+    with pytest.raises(ConfigError, match=r"unknown pipeline key\(s\) \['colour'\]"):
+        load_pipeline(str(other))

@@ -170,6 +170,8 @@ def load_pipeline(source: str | dict, overrides: Optional[list[str]] = None) -> 
     # of both under the file's name sent the reader to look there for what they had typed)
     for given, at in ((data, where), (top_ov, typed)):
         keys = set(given) - TOP_KEYS
+        if keys and given is data and "stages" not in data and isinstance(source, (str, os.PathLike)):
+            _refuse_single_run_config(keys, where)
         if keys:
             # the value as given there, the stages the run will have: the command line's replace the file's
             hints = _stage_option_hints(keys, {**given, "stages": top_ov.get("stages", data.get("stages"))})
@@ -266,6 +268,23 @@ def _set_at(where: str, typed_keys: Optional[dict], stage: Optional[str], *keys:
     default.yaml as the place of the missing file."""
     given = (typed_keys or {}).get(stage) or set()
     return "command line" if "*" in given or given & set(keys) else where
+
+
+_SINGLE_RUN_COMMANDS = (("r1fast train", GRPOConfig), ("r1fast sft", SFTConfig), ("r1fast sample", SampleConfig))
+
+
+def _refuse_single_run_config(keys: set, where: str):
+    """A file with no stages whose keys are a single run's options (`r1fast pipeline grpo_example.yaml`) is a single
+    run's config given to the wrong command: its options were listed, one by one, as unknown pipeline keys."""
+    options = {str(k).replace("-", "_") for k in keys}
+    fits = [command for command, cls in _SINGLE_RUN_COMMANDS if options <= set(cls.field_names())]
+    if fits:
+        use = " or ".join(f"`{command} {where}`" for command in fits)
+    elif options & {name for _, cls in _SINGLE_RUN_COMMANDS for name in cls.field_names()}:
+        use = f"`r1fast train {where}` (or `r1fast sft {where}`)"
+    else:
+        return   # not a config at all: the unknown keys are the news
+    raise ConfigError(f"{where} has no 'stages': this is a single-run config, not a pipeline; use {use}")
 
 
 def _option_names(options: dict, where: str) -> dict:
