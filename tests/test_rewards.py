@@ -2317,3 +2317,22 @@ def test_length_penalty_of_a_numpy_or_fraction_target_is_the_float_formula():
     for target in (np.float32(t), Fraction(t), np.float64(t)):
         got = make_length_penalty(target)(["p", "p"], ["x" * n, "x" * (int(t) - 1)])
         assert got == [want, 0.0] and all(type(v) is float for v in got), (target, got, want)
+
+
+def test_a_boolean_reference_answer_is_refused_naming_its_row_and_column():
+    # compared as Python's "True": a completion answering "true", as a JSON true spells it, scored 0
+    np = pytest.importorskip("numpy")
+    said = "holds the boolean True, not an answer whose text the data says"
+    with pytest.raises(ValueError, match=f"^accuracy reward: row 1: column 'answer' {said}"):
+        accuracy_reward(["p"] * 3, [GOOD] * 3, answer=["5", True, "7"])
+    with pytest.raises(ValueError, match="^accuracy reward: row 0: column 'solution' holds the boolean False"):
+        accuracy_reward(["p", "p"], [GOOD, GOOD], answer=[None, "5"], solution=[False, None])
+    with pytest.raises(ValueError, match="^accuracy reward: row 0: column 'answer' holds the boolean True"):
+        accuracy_reward(["p"], [GOOD], answer=[np.array([True])])   # a Dataset formatted for numpy
+    with pytest.raises(ValueError, match="^accuracy reward: row 0: column 'answer' holds the boolean False"):
+        accuracy_reward(["p"], [GOOD], answer=[["5", np.bool_(False)]])   # one of the accepted answers
+    # through a run's RewardSet, the row is named with its prompt and completion
+    with pytest.raises(RewardError, match=r"row 1: column 'answer' holds the boolean True.*on row 1 \(prompt"):
+        RewardSet(["accuracy"]).score(["p", "q"], [GOOD, GOOD], {"answer": ["5", True]})
+    # numbers and text still score as before
+    assert accuracy_reward(["p"] * 3, [GOOD] * 3, answer=[5, 5.0, "true"]) == [1.0, 1.0, 0.0]

@@ -73,8 +73,9 @@ def accuracy_reward(prompts, completions, answer=None, solution=None, **_) -> li
     n = len(completions)
     answers, solutions = _per_row("answer", answer, n), _per_row("solution", solution, n)
     out: list[Optional[float]] = []
-    for c, a, s in zip(completions, answers, solutions):
-        golds = row_golds(a) or row_golds(s)
+    for row, (c, a, s) in enumerate(zip(completions, answers, solutions)):
+        golds = row_golds(a, f"accuracy reward: row {row}: column 'answer'") or \
+            row_golds(s, f"accuracy reward: row {row}: column 'solution'")
         if not golds:  # no reference to check against (None, NaN, empty): left out, not a reward for ""
             out.append(None)
             continue
@@ -94,8 +95,9 @@ def _per_row(name: str, column, n: int) -> Sequence:
     return column
 
 
-def row_golds(g) -> list[str]:
-    """One row's reference answers from one column's value (a list: any of them); [] when it holds none."""
+def row_golds(g, where: str = "a reference answer") -> list[str]:
+    """One row's reference answers from one column's value (a list: any of them); [] when it holds none.
+    `where` names the row and column in the error for a boolean."""
     half = None
     if hasattr(g, "tolist") and not isinstance(g, str):
         # a Dataset formatted for numpy or torch (set_format) holds arrays and tensors: read as text, a list of
@@ -103,10 +105,22 @@ def row_golds(g) -> list[str]:
         half = _HALF_FLOATS.get(str(getattr(g, "dtype", "")))
         g = g.tolist()
     values = g if isinstance(g, (list, tuple)) else [g]
+    _refuse_booleans(values, where)
     golds = [gold_text(x, half) for x in values]
     if half:   # the value itself too: float16's 0.15625 (5/32) prints as 0.1562, which 5/32 does not match
         golds += [gold_text(x) for x in values]
     return list(dict.fromkeys(x for x in golds if x is not None))
+
+
+def _refuse_booleans(values, where: str):
+    """A boolean reference is refused, as an SFT completion that is one is (data/loading.py): it was compared as
+    Python's "True", which neither a JSON `true` spells nor a .csv's `true` or `TRUE` (pandas reads a column of such
+    cells as booleans), so an answer written as the data wrote it scored 0 and no text of it is surely the data's."""
+    for x in values:
+        if type(x).__name__ in ("bool", "bool_"):   # numpy's bool_ (a Dataset formatted for numpy) too
+            raise ValueError(f"{where} holds the boolean {x}, not an answer whose text the data says (JSON true, a "
+                             f".csv's True or TRUE): write it as a string, in JSON in quotes (\"true\"); a .csv column "
+                             f"of True/False cells is read as booleans, so use .jsonl")
 
 
 def gold_text(g, half: Optional[str] = None) -> Optional[str]:
