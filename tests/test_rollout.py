@@ -1339,3 +1339,18 @@ def test_graph_steps_copy_only_the_table_columns_they_read(models, prompts, deco
         assert nbytes == runner._tables_offset[bucket] + bucket * width * np.dtype(np.int32).itemsize
     assert min(width for _, _, width, _, _ in uploads) < runner.max_blocks_per_seq
     assert any(stale for *_, stale in uploads)  # stale block ids sat past the copied columns
+
+
+def test_an_unseeded_generate_leaves_the_callers_torch_random_stream_alone(models, prompts):
+    # its seed was drawn with torch.randint: a user's torch.rand after the call gave other numbers
+    _, model = models
+    engine = Engine(model, block_size=4, num_blocks=32)
+    torch.manual_seed(1234)
+    want = torch.rand(5)
+    torch.manual_seed(1234)
+    engine.generate([prompts[1], prompts[2]], SamplingParams(n=2, temperature=1.0, max_tokens=4, ignore_eos=True))
+    assert torch.equal(torch.rand(5), want)
+    # still a fresh seed per call: two unseeded calls on one prompt draw other samples (16 tokens, 2 of each)
+    params = SamplingParams(n=2, temperature=1.0, max_tokens=8, ignore_eos=True)
+    draws = {tuple(c.token_ids) for _ in range(2) for c in engine.generate([prompts[2]], params)[0].completions}
+    assert len(draws) > 2

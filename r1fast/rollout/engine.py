@@ -27,6 +27,7 @@ import logging
 import math
 import numbers
 import os
+import secrets
 import threading
 
 import numpy as np
@@ -365,7 +366,9 @@ class Engine:
             self.last_stats = dict.fromkeys(("prefill", "decode", "discarded_tokens", "preemptions",
                                              "cached_tokens"), 0)
             return []
-        seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, ()).item())
+        # an unseeded call's seed comes from the OS: drawn with torch.randint, it advanced the caller's torch random
+        # stream (a user's own torch.rand after a generate call gave other numbers than without it)
+        seed = params.seed if params.seed is not None else secrets.randbits(62)
         key_of = self._keys(prompts, seed)
         # a table over the vocabulary (stop ids are checked in range, sampled ones are): a step's stop check is
         # one lookup, where np.isin cost 20-50 us per step at any batch size

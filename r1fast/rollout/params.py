@@ -17,7 +17,8 @@ class SamplingParams:
     temperature 0 is greedy (else at least MIN_TEMPERATURE). top_k -1 (or 0) keeps every token; top_p in (0, 1]; min_p in [0, 1]
     keeps tokens whose probability is at least min_p times the most likely one's. Generation of a
     completion stops at a stop token (stop_token_ids, plus the model's eos ids unless ignore_eos),
-    after max_tokens tokens, or at the engine's max_model_len. seed=None draws a fresh seed per call.
+    after max_tokens tokens, or at the engine's max_model_len. seed=None draws a fresh seed per call from the OS
+    (torch's random state is neither read nor advanced: torch.manual_seed does not repeat such samples).
     """
 
     n: int = 1
