@@ -2641,6 +2641,7 @@ def test_resume_reads_a_finished_stages_data_file_again_only_when_its_size_or_mt
     data = tmp_path / "rows.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"{i}+{i + 2}=", "completion": f"<answer>{2 * i + 2}</answer>"})
                             + "\n" for i in range(1, 9)))
+    _age(data)   # written a minute ago: one written as the stage started is read again (the test below)
     spec = {"name": "d", "model": "builtin:micro", "progress_bar": False, "output_dir": str(tmp_path / "run"),
             "stages": [{"name": "s", "type": "sft", "dataset": str(data),
                         "config": {"max_steps": 1, "per_device_train_batch_size": 4}}]}
@@ -2669,6 +2670,45 @@ def test_resume_reads_a_finished_stages_data_file_again_only_when_its_size_or_mt
                      rf"since it ran: sha256 [0-9a-f]{{16}} -> [0-9a-f]{{16}}", capsys.readouterr().err)
     run_pipeline(spec, resume=True)   # still said: the rows the stage trained on are not these
     assert reads == ["s", "s", "s"] and "changed since it ran" in capsys.readouterr().err
+
+
+def _age(path, seconds: int = 60):
+    st = os.stat(path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns - seconds * 10**9))
+
+
+def test_resume_reads_again_a_data_file_modified_within_a_timestamp_tick_of_the_stage_start(tmp_path, monkeypatch,
+                                                                                          capsys):
+    # a file written as the stage started and rewritten to the same size within the filesystem's timestamp tick kept
+    # its (size, mtime_ns): --resume took it as the file the stage read, and its changed rows went unsaid
+    from r1fast.trainer.pipeline import PipelineRunner
+
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{i}+{i + 3}=", "completion": f"<answer>{2 * i + 3}</answer>"})
+                            + "\n" for i in range(1, 9)))
+    spec = {"name": "d", "model": "builtin:micro", "progress_bar": False, "output_dir": str(tmp_path / "run"),
+            "stages": [{"name": "s", "type": "sft", "dataset": str(data),
+                        "config": {"max_steps": 1, "per_device_train_batch_size": 4}}]}
+    run_pipeline(spec)
+    before = os.stat(data)
+    edited = data.read_text().replace("1+4=", "1+5=")
+    assert len(edited) == before.st_size
+    data.write_text(edited)
+    os.utime(data, ns=(before.st_atime_ns, before.st_mtime_ns))   # the same tick: the same size and mtime
+    reads = []
+    stage_rows = PipelineRunner.stage_rows
+    monkeypatch.setattr(PipelineRunner, "stage_rows", lambda self, *a, **k: reads.append(a[0].name)
+                        or stage_rows(self, *a, **k))
+    capsys.readouterr()
+    run_pipeline(spec, resume=True)
+    assert reads == ["s"]
+    assert re.search(rf"the rows of dataset '{re.escape(str(data))}' changed since it ran", capsys.readouterr().err)
+    # put back and settled (older than a tick when looked at again): read once more, recorded, then left alone
+    data.write_text(edited.replace("1+5=", "1+4="))
+    _age(data)
+    run_pipeline(spec, resume=True)
+    run_pipeline(spec, resume=True)
+    assert reads == ["s", "s"] and "changed since it ran" not in capsys.readouterr().err
 
 
 def _rerun_spec(tmp_path):

@@ -904,8 +904,8 @@ class PipelineRunner:
             return ""
         if (done.get("options") or {}).get("dataset", stage.dataset) != stage.dataset:
             return ""   # another path: _changed_options names it
-        files = _data_files_stat(stage.dataset)   # before the read: a file written during it is read again next time
-        if files is not None and done.get("rows_files") == files:
+        files = _data_files_record(stage.dataset)   # before the read: a file written during it is read again next time
+        if _same_settled_files(done, files):
             return ""   # the very files whose rows it hashed: not read again
         try:
             rows = self.stage_rows(stage, index, ())
@@ -914,8 +914,8 @@ class PipelineRunner:
         now = rows_fingerprint(rows)
         if now != was:   # kept as it is: these are not the rows the stage trained on, said on every --resume
             return f"the rows of dataset {stage.dataset!r} changed since it ran: sha256 {was} -> {now}"
-        if files is not None:   # touched or copied, the rows the same: this hash holds for these files now
-            done["rows_files"] = files
+        if files:   # touched or copied, the rows the same: this hash holds for these files now
+            done.update(files)
             self.save_state()
         return ""
 
@@ -1239,9 +1239,8 @@ class PipelineRunner:
             record: dict[str, Any] = {"type": stage.type, "step_start": step}
             # the data's files as they are before the stage reads them: a later --resume reads them again only when
             # these changed (_data_change_note)
-            data_files = None if stage.dataset.startswith(("builtin:", "@")) else _data_files_stat(stage.dataset)
-            if data_files is not None:
-                record["rows_files"] = data_files
+            if not stage.dataset.startswith(("builtin:", "@")):
+                record.update(_data_files_record(stage.dataset))
             cfg = stage.config
             if hasattr(cfg, "progress_bar"):
                 cfg.progress_bar = p.progress_bar and cfg.progress_bar
@@ -1477,12 +1476,38 @@ def _model_weights(spec: Optional[str]) -> dict:
     return {} if weights is None else {"model_weights": weights}
 
 
+# How far a file's modification time must lie before the moment it was looked at for an unchanged (size, mtime) to
+# say its content is unchanged: a filesystem stamps a write with a coarse clock (ext4 about 4 ms, NFS and HFS+ 1 s,
+# FAT 2 s), so a same-size rewrite within one tick of the look kept the mtime that was recorded.
+_MTIME_TICK_NS = 3 * 10**9
+
+
+def _data_files_record(spec: str) -> dict:
+    """{"rows_files": _data_files_stat(spec), "rows_files_at": when they were looked at (time_ns)}, recorded beside
+    the hash of the rows read from them; {} where spec is no local path."""
+    at = time.time_ns()   # before the stat: a file written after this moment is written after the stat
+    files = _data_files_stat(spec)
+    return {} if files is None else {"rows_files": files, "rows_files_at": at}
+
+
+def _same_settled_files(done: dict, now: dict) -> bool:
+    """Whether the files recorded in `done` are the files `now` lists, each already older than a timestamp tick when
+    it was recorded. A file modified just before it was looked at (a dataset written as the stage started) may be
+    rewritten to the same size within the same tick, unseen by its (size, mtime): it is read and hashed again, and
+    recorded anew once it has settled. A state from before the moment was recorded is read again once."""
+    recorded, at = done.get("rows_files"), done.get("rows_files_at")
+    if not now or recorded != now["rows_files"] or not isinstance(at, int):
+        return False
+    return all(mtime < at - _MTIME_TICK_NS for _, _, mtime in recorded)
+
+
 def _data_files_stat(spec: str) -> Optional[list[list]]:
     """[path, size, mtime_ns] of a dataset file, or of each file in a saved dataset's folder, recorded beside the
     hash of the rows a stage read from them (rows_sha256): --resume reads and hashes a finished stage's data again
-    only when these changed, not on every resume (slow for a large file). An edit that keeps a file's size and its
-    modification time to the nanosecond goes unseen. None where the spec is no local path (a Hub name): read
-    every time."""
+    only when these changed, not on every resume (slow for a large file; hashing the bytes instead costs about
+    0.6 s a GB). An edit that keeps a file's size and its modification time to the nanosecond goes unseen, unless
+    the file was modified within a timestamp tick of being looked at (_same_settled_files). None where the spec is no
+    local path (a Hub name): read every time."""
     if not os.path.exists(spec):
         return None
     root = os.path.realpath(spec)
