@@ -237,7 +237,7 @@ def _stop_signals_end_the_command():
             return
         # swallowed by a bare `except:` somewhere, it is sent again in a second unless the command has by then
         # ended on it; dropped by Python (raised in a __del__), at once, by the hook below, instead
-        stop = _Stop(signum)
+        stop = StopRequested(signum)
         stop.sent_again_later = send_again_soon(signum, delay=1.0, unless_stopping=True)
         raise stop
     for sig in _STOP_SIGNALS:
@@ -250,7 +250,7 @@ def _stop_signals_end_the_command():
         (the command had often finished by then), and a trainer's abort (a second Ctrl-C) left its run going. Sent
         again now, from a timer: raised here, it would be dropped again. Once only: the second's sending again is called off, as a stop sent twice is a first stop (the
         trainer's: finish the step) and then an abort, which cut short the step and its checkpoint."""
-        if isinstance(unraisable.exc_value, _Stop):
+        if isinstance(unraisable.exc_value, StopRequested):
             stop = unraisable.exc_value
             if stop.sent_again_later is not None:
                 stop.sent_again_later.cancel()
@@ -290,7 +290,7 @@ def send_again_soon(signum: int, delay: float = 0.05, unless_stopping: bool = Fa
     return again
 
 
-class _Stop(KeyboardInterrupt):
+class StopRequested(KeyboardInterrupt):
     """What the command's handler raises, and a trainer's stop handler for an abort (r1fast.trainer.grpo's
     stop_handlers): caught as a KeyboardInterrupt. A subclass, as CPython marks a process to
     die by SIGINT at its exit when a KeyboardInterrupt itself (not a subclass) leaves code run by exec or eval of a

@@ -835,7 +835,7 @@ def stop_handlers(trainer, finishing: Callable[[], str] = lambda: "finishing thi
     stops the pipeline before the next stage; each went unseen by the other, and the run trained on."""
     import threading
 
-    from r1fast.cli import _Stop, in_an_import, send_again_soon
+    from r1fast.cli import StopRequested, in_an_import, send_again_soon
 
     if threading.current_thread() is not threading.main_thread():   # only the main thread may set handlers
         yield
@@ -848,7 +848,7 @@ def stop_handlers(trainer, finishing: Callable[[], str] = lambda: "finishing thi
                 return
             # the command's kind of KeyboardInterrupt: raised in a __del__, Python drops it ("Exception ignored")
             # and the abort went unseen; the command's hook sends that kind again
-            raise _Stop(signum)
+            raise StopRequested(signum)
         for stoppable in (*_STOPPABLE, trainer):
             stoppable._stop_requested = True
         name = _STOP_SIGNALS[signum]
