@@ -1176,7 +1176,7 @@ def test_grpo_logs_trls_per_sequence_clip_extremes(tmp_path, monkeypatch):
     clipped high over its sequences, and a rollout's value is the mean of its calls', a logged line the mean of
     its rollouts' (TRL averages every call it logs). Checked against plain full-logits ratios, and by hand for a
     sequence without trained tokens (a masked truncated one): left out, and a micro-batch of none has none."""
-    from r1fast.trainer.grpo import _clip_extremes
+    from r1fast.trainer.grpo import _clip_statistics
     from r1fast import ops
 
     tr = make(tmp_path, "clip", max_steps=4, num_iterations=2, per_device_train_batch_size=8, epsilon=0.01,
@@ -1221,11 +1221,11 @@ def test_grpo_logs_trls_per_sequence_clip_extremes(tmp_path, monkeypatch):
         pytest.approx((sum(g[0] for g in got) / 2, sum(g[1] for g in got) / 2), rel=1e-12)
     # 2 of 4 tokens clipped low, 1 high; an empty sequence; 1 of 2 low: low fractions 1/2, -, 1/2, high 1/4, -, 0
     stats = {"rows/clip_low": torch.tensor([2.0, 0.0, 1.0]), "rows/clip_high": torch.tensor([1.0, 0.0, 0.0])}
-    out = _clip_extremes(stats, torch.tensor([4.0, 0.0, 2.0]), torch.tensor([1.0, 1.0, -1.0]), tr.cfg.loss_options())
+    out = _clip_statistics(stats, torch.tensor([4.0, 0.0, 2.0]), torch.tensor([1.0, 1.0, -1.0]), tr.cfg.loss_options())
     assert {k: float(v) for k, v in out.items()} == {"clip_ratio/low_min": 0.5, "clip_ratio/high_max": 0.25}
     assert not stats   # the per-row counts are not step statistics
     stats = {"rows/clip_low": torch.tensor([0.0, 0.0]), "rows/clip_high": torch.tensor([0.0, 0.0])}
-    out = _clip_extremes(stats, torch.tensor([0.0, 0.0]), torch.tensor([1.0, -1.0]), tr.cfg.loss_options())
+    out = _clip_statistics(stats, torch.tensor([0.0, 0.0]), torch.tensor([1.0, -1.0]), tr.cfg.loss_options())
     assert all(v.isnan() for v in out.values())   # no sequence with trained tokens: none (TRL's nanmin), not inf
 
 

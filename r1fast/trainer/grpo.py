@@ -424,12 +424,13 @@ class GRPOTrainer:
                 # is_weight's): weighted by its token count, so the step's are the whole rollout's and a
                 # micro-batch with no active token (mask_truncated_completions) adds no zeros
                 n = torch.as_tensor(stats.get("num_tokens", 1.0), dtype=torch.float32, device=self.device)
+                clips = _clip_statistics(stats, active, adv[idx[0]:idx[-1] + 1], opts)
                 if opts.importance_sampling_level == "sequence":   # shares of sequences, not of tokens
-                    for k, v in _sequence_clip_counts(stats, active, adv[idx[0]:idx[-1] + 1], opts).items():
+                    for k in _CLIP_MEANS:
                         stats.pop(k, None)   # the op's token means
-                        stat_sums[k] = stat_sums.get(k, 0.0) + v
+                        stat_sums[k] = stat_sums.get(k, 0.0) + clips.pop(k)
                     sequences += len(idx)
-                for k, v in _clip_extremes(stats, active, adv[idx[0]:idx[-1] + 1], opts).items():
+                for k, v in clips.items():
                     has = ~v.isnan()   # NaN: no sequence of the micro-batch has trained tokens (TRL's nanmin)
                     stat_sums[k] = stat_sums.get(k, 0.0) + torch.where(has, v, 0.0)
                     stat_sums[_count_of(k)] = stat_sums.get(_count_of(k), 0.0) + has.float()
@@ -782,38 +783,35 @@ _CLIP_MEANS = ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region
 _SEQUENCES = "#sequences"   # _loss_backward's count of a pass's sequences, at sequence level
 
 
-def _sequence_clip_counts(stats: dict, active: torch.Tensor, advantages: torch.Tensor, opts) -> dict[str, torch.Tensor]:
-    """At sequence level, the counts of one micro-batch's sequences clipped low, high and either, from the op's
-    per-row counts in `stats` (left there for _clip_extremes)."""
-    from r1fast import ops
-
-    rows = {k: stats[k] for k in ("rows/clip_low", "rows/clip_high")}
-    low, high = ops.per_sequence_clip_fractions(rows, active, advantages, opts)   # 0 or 1 each
-    return {"clip_ratio/low_mean": low.sum(), "clip_ratio/high_mean": high.sum(),
-            "clip_ratio/region_mean": (low + high).clamp(max=1.0).sum()}
-
-
 def _count_of(name: str) -> str:
     """The key under which _loss_backward counts the micro-batches that have a value of `name` (_MICRO_BATCH_MEANS)."""
     return name + "#count"
 
 
-def _clip_extremes(stats: dict, active: torch.Tensor, advantages: torch.Tensor, opts) -> dict[str, torch.Tensor]:
-    """TRL's clip_ratio/low_min and high_max of one micro-batch, taking the op's per-row counts out of `stats`:
-    the extremes over its sequences of each one's clipped fraction (ops.per_sequence_clip_fractions, as
-    r1fast's TRL drop-in logs them), a sequence without trained tokens left out at token level (at sequence
-    level it counts as unclipped, TRL's ratio 1); NaN where no sequence is left (TRL's nanmin / nanmax).
-    cispo has none (TRL logs its cispo_clip_ratio alone)."""
+def _clip_statistics(stats: dict, active: torch.Tensor, advantages: torch.Tensor, opts) -> dict[str, torch.Tensor]:
+    """One micro-batch's clip statistics from the op's per-row counts, taken out of `stats`: TRL's
+    clip_ratio/low_min and high_max, the extremes over its sequences of each one's clipped fraction
+    (ops.per_sequence_clip_fractions, as r1fast's TRL drop-in logs them), a sequence without trained tokens left out
+    at token level (at sequence level it counts as unclipped, TRL's ratio 1), NaN where no sequence is left (TRL's
+    nanmin / nanmax), none under cispo (TRL logs its cispo_clip_ratio alone); and at sequence level the counts of
+    its sequences clipped low, high and either (_CLIP_MEANS)."""
     from r1fast import ops
 
     rows = {k: stats.pop(k) for k in ("rows/clip_low", "rows/clip_high")}
-    if opts.loss_type == "cispo":
+    sequence_level = opts.importance_sampling_level == "sequence"
+    if opts.loss_type == "cispo" and not sequence_level:
         return {}
     low, high = ops.per_sequence_clip_fractions(rows, active, advantages, opts)
-    low_min = torch.where(low.isnan(), math.inf, low).min()
-    high_max = torch.where(high.isnan(), -math.inf, high).max()
-    return {"clip_ratio/low_min": torch.where(low.isnan().all(), math.nan, low_min),
-            "clip_ratio/high_max": torch.where(high.isnan().all(), math.nan, high_max)}
+    out = {}
+    if sequence_level:   # 0 or 1 each
+        out = {"clip_ratio/low_mean": low.sum(), "clip_ratio/high_mean": high.sum(),
+               "clip_ratio/region_mean": (low + high).clamp(max=1.0).sum()}
+    if opts.loss_type != "cispo":
+        low_min = torch.where(low.isnan(), math.inf, low).min()
+        high_max = torch.where(high.isnan(), -math.inf, high).max()
+        out["clip_ratio/low_min"] = torch.where(low.isnan().all(), math.nan, low_min)
+        out["clip_ratio/high_max"] = torch.where(high.isnan().all(), math.nan, high_max)
+    return out
 
 
 _STOP_SIGNALS = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}  # SIGTERM: a scheduler's job end, `kill`
