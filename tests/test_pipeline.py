@@ -1279,7 +1279,7 @@ def test_a_stage_option_spelt_with_dashes_is_checked_as_the_option_it_is(tmp_pat
     rl = load_pipeline(spec).stages[1].config
     assert (rl.eval_size, rl.max_steps) == (3, 5)
     spec["stages"][1]["config"]["max_steps"] = 6
-    with pytest.raises(ValueError, match=r"stage 'rl': options 'max-steps' and 'max_steps' are one option"):
+    with pytest.raises(ValueError, match=r"stage 'rl': 'max-steps' and 'max_steps' are one option, 'max_steps'"):
         load_pipeline(spec)
 
 

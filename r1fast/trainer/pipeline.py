@@ -51,6 +51,7 @@ from r1fast.trainer.config import (
     expand_home,
     is_folder_name,
     load_yaml,
+    option_names,
     parse_overrides,
 )
 from r1fast.trainer.evaluate import check_eval_answers, describe_eval, k_sample_scores
@@ -224,7 +225,9 @@ def load_pipeline(source: str | dict, overrides: Optional[list[str]] = None) -> 
             raise ConfigError(f"{stages_at}: stage {name!r}: 'config' must be a mapping of {STAGE_TYPES[typ].__name__} "
                               f"options; got {raw['config']!r:.80}")
         at = f"{stages_at}: stage {name!r}"
-        conf = _option_names(raw.get("config") or {}, at)
+        # under the names the config reads them by: `output-dir: x` slipped past the refusal of options a pipeline
+        # sets itself, and a GRPO stage's `eval-size: 8` was replaced by the pipeline's eval_size set beside it
+        conf = option_names(raw.get("config") or {}, at)
         conf_ov = {k: v for k, v in ov.items() if k not in STAGE_FIELDS}
         for key in {**conf, **conf_ov}:
             if key in _SUPPLIED:
@@ -285,22 +288,6 @@ def _refuse_single_run_config(keys: set, where: str):
     else:
         return   # not a config at all: the unknown keys are the news
     raise ConfigError(f"{where} has no 'stages': this is a single-run config, not a pipeline; use {use}")
-
-
-def _option_names(options: dict, where: str) -> dict:
-    """A stage's config options under the names the config reads them by (update(): "output-dir" is output_dir),
-    for the checks made here: `output-dir: x` slipped past the refusal of options a pipeline sets itself (ignored, and
-    `overwrite-output-dir: true` handed to the stage's trainer), and a GRPO stage's `eval-size: 8` was replaced by the
-    pipeline's eval_size set beside it. Two spellings of one option are refused: one would be dropped."""
-    named: dict = {}
-    spelt: dict = {}
-    for key, value in options.items():
-        option = key.replace("-", "_") if isinstance(key, str) else key
-        if option in named:
-            raise ConfigError(f"{where}: options {spelt[option]!r} and {key!r} are one option, {option!r}: "
-                              f"give it once")
-        named[option], spelt[option] = value, key
-    return named
 
 
 def _check_stage_name(name, index: int, names: set, where: str):
