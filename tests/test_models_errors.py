@@ -325,6 +325,10 @@ def test_config_implying_more_layers_than_stored_is_refused_before_building(tmp_
     # a PEFT adapter folder with the base's config.json beside it
     (lambda k: "base_model.model." + k.replace(".weight", ".lora_A.weight"),
      r"holds no layers \(its keys, e.g. 'base_model.model.lm_head.lora_A.weight', are a PEFT/LoRA adapter's"),
+    # a state dict saved from a wrapped model: DDP/FSDP's and torch.compile's prefixes before transformers' names
+    (lambda k: "module." + k, r"holds no layers \(its keys, e.g. 'module.model.layers.0.input_layernorm.weight', "
+                              r"carry the prefix 'module.' before transformers' names"),
+    (lambda k: "_orig_mod." + k, r"holds no layers \(its keys, .* carry the prefix '_orig_mod.'"),
 ])
 def test_weights_in_another_layout_are_named(tmp_path, rename, message):
     # both read "num_hidden_layers=2 but ... holds no layers", as if the file were empty or truncated

@@ -242,6 +242,12 @@ def _foreign_layout_hint(keys) -> str:
     if adapter is not None:
         return (f" (its keys, e.g. {adapter!r}, are a PEFT/LoRA adapter's, not a model's: merge the adapter into "
                 f"its base model, e.g. with peft's merge_and_unload(), and load the merged model)")
+    prefixed = next((k for k in keys if _PREFIXED_LAYER_KEY.match(k)), None)
+    if prefixed is not None:
+        prefix = _PREFIXED_LAYER_KEY.match(prefixed).group(1)
+        return (f" (its keys, e.g. {prefixed!r}, carry the prefix {prefix!r} before transformers' names: the state "
+                f"dict of a wrapped model, such as DDP/FSDP's 'module.' or torch.compile's '_orig_mod.'; save the "
+                f"unwrapped model, or drop the prefix from every key)")
     bare = next((k for k in keys if _BARE_LAYER_KEY.match(k)), None)
     if bare is not None:
         return (f" (its keys, e.g. {bare!r}, lack the 'model.' prefix: a save of the base model, e.g. AutoModel or "
@@ -250,6 +256,8 @@ def _foreign_layout_hint(keys) -> str:
 
 
 _BARE_LAYER_KEY = re.compile(r"^layers\.\d+\.")
+# transformers' layout behind a wrapper's prefix: 'module.model.layers.0.', '_orig_mod.model.layers.0.'
+_PREFIXED_LAYER_KEY = re.compile(r"^(.+?\.)model\.layers\.\d+\.")
 
 
 def _check_tied(path: str, embed: torch.Tensor, head: torch.Tensor) -> None:
