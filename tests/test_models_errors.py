@@ -155,6 +155,12 @@ def test_bad_config_files(tmp_path):
     for local in ("./nowhere", "../nowhere"):   # relative local paths, not Hub names: no Hub hint
         with pytest.raises(FileNotFoundError, match=r"does not exist$"):
             from_pretrained(local)
+    # a file of the checkpoint given for its folder read "does not exist", of a path that is there
+    from r1fast.models import load_tokenizer
+    for load, what in ((from_pretrained, "checkpoint"), (load_tokenizer, "tokenizer")):
+        with pytest.raises(NotADirectoryError, match=rf"^{what} '[^']*config.json' is a file, not a folder: give the "
+                                                     rf"folder that holds the checkpoint's files \('{tmp_path}' for"):
+            load(tmp_path / "config.json")
     # a Hub name is not fetched: the error says how to make it a local folder
     with pytest.raises(FileNotFoundError, match=r"does not exist; r1fast loads local folders only: .*Hub model.*"
                                                 r"snapshot_download\('Qwen/Qwen2\.5-0\.5B-Instruct'"):

@@ -72,6 +72,13 @@ def builtin_model_hint(path: str) -> str:
             f"evaluate_accuracy), or load a checkpoint folder a run wrote (runs/<run>/checkpoint-<step>)")
 
 
+def file_not_folder(path: str, what: str) -> str:
+    """The error for a loader given a file (config.json, model.safetensors...) where it reads a folder: "does not
+    exist" was wrong about a path that is there."""
+    return (f"{what} {path!r} is a file, not a folder: give the folder that holds the checkpoint's files "
+            f"({os.path.dirname(os.path.abspath(path))!r} for this one)")
+
+
 def missing_model_hint(path: str) -> str:
     """What to say of a model folder that is not there: a save_pretrained stopped between its renames, a Hub id,
     a builtin: name. from_pretrained and the trainers' loaders (a model name, a pipeline's model) say the same."""
@@ -90,6 +97,8 @@ def from_pretrained(path, dtype=None, device=None, fp8="off"):
     from r1fast.models.decoder import CausalLM
 
     path = os.fspath(path)
+    if os.path.isfile(path):
+        raise NotADirectoryError(file_not_folder(path, "checkpoint"))
     if not os.path.isdir(path):
         raise FileNotFoundError(f"checkpoint folder {path!r} does not exist{missing_model_hint(path)}")
     fp8 = as_options(fp8)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 
-from r1fast.models.checkpoint import builtin_model_hint
+from r1fast.models.checkpoint import builtin_model_hint, file_not_folder
 from r1fast.models.config import adapter_folder_hint, read_json_object
 
 # The JSON files AutoTokenizer reads; transformers reports a broken one with no file name, or as an
@@ -17,6 +17,8 @@ _VOCABULARY_KEYS = ("vocab_file", "merges_file")
 
 def load_tokenizer(path):
     path = os.fspath(path)
+    if os.path.isfile(path):
+        raise NotADirectoryError(file_not_folder(path, "tokenizer"))
     if not os.path.isdir(path):
         raise FileNotFoundError(f"tokenizer folder {path!r} does not exist{builtin_model_hint(path)}")
     files = set(os.listdir(path))
