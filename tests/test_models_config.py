@@ -1,4 +1,6 @@
 """ModelConfig from real-world config.json files, and rotary tables against transformers' at full size."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -91,6 +93,16 @@ def test_config_survives_transformers_round_trip(name):
                   "rope_scaling", "tie_word_embeddings", "attention_bias", "qk_norm", "eos_token_id",
                   "sliding_window", "max_position_embeddings"):
         assert getattr(again, field) == getattr(cfg, field), field
+
+
+@pytest.mark.parametrize("name", list(REAL))
+def test_a_transformers_config_object_reads_as_its_config_json(name):
+    # AutoConfig.from_pretrained(folder) was refused: "from_hf_config takes a dict or a path, got Qwen2Config"
+    hf = transformers.AutoConfig.for_model(REAL[name]["model_type"],
+                                           **{k: v for k, v in REAL[name].items() if k != "model_type"})
+    got, expected = ModelConfig.from_hf_config(hf), ModelConfig.from_hf_config(REAL[name])
+    assert dataclasses.replace(got, extra={}) == dataclasses.replace(expected, extra={})
+    assert got.sliding_window == expected.sliding_window
 
 
 @pytest.mark.parametrize("name", list(REAL))

@@ -184,9 +184,12 @@ class ModelConfig:
     # -- Hugging Face config.json ----------------------------------------------------------------
     @classmethod
     def from_hf_config(cls, config: dict | str | os.PathLike) -> "ModelConfig":
-        """From a config.json dict, a config.json path, or a checkpoint folder holding one."""
+        """From a config.json dict, a config.json path, a checkpoint folder holding one, or a transformers config
+        (AutoConfig.from_pretrained(folder)), read as the dict it saves."""
         if isinstance(config, (str, os.PathLike)):
             config = read_config_json(config)
+        if _is_transformers_config(config):
+            config = config.to_dict()
         if not isinstance(config, dict):
             raise TypeError(f"from_hf_config takes a dict or a path, got {type(config).__name__}")
         try:
@@ -312,6 +315,12 @@ class ModelConfig:
             out["torch_dtype"] = dtype_name
             out["dtype"] = dtype_name
         return out
+
+
+def _is_transformers_config(config) -> bool:
+    """A transformers PretrainedConfig (found by its module: transformers is not imported for it): refused as "not a
+    dict" before, though its to_dict() is the config.json it writes."""
+    return type(config).__module__.startswith("transformers.") and callable(getattr(config, "to_dict", None))
 
 
 def read_config_json(path: str | os.PathLike) -> dict:
