@@ -264,6 +264,21 @@ def test_bad_save_arguments(tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(ValueError, match="not a folder"):
         model.save_pretrained(tmp_path / "file")
+    # not an r1fast model: "'DistributedDataParallel' object has no attribute 'hf_tensors'"
+    from r1fast.models import save_pretrained
+
+    class Wrapper(torch.nn.Module):   # DDP/FSDP-style: the model under .module
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+    with pytest.raises(TypeError, match=r"saves an r1fast CausalLM, got Wrapper; save the model it wraps: "
+                                        r"save_pretrained\(model.module, path\)"):
+        save_pretrained(Wrapper(model), tmp_path / "y")
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**{k: v for k, v in TINY.items() if k != "architecture"}))
+    with pytest.raises(TypeError, match=r"got Qwen2ForCausalLM; a transformers model saves itself"):
+        save_pretrained(hf, tmp_path / "y")
+    assert not (tmp_path / "y").exists()
 
 
 def test_forward_input_errors():

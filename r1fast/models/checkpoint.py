@@ -390,6 +390,7 @@ def save_pretrained(model, path, max_shard_size="5GB") -> None:
     swapped in by rename; an interrupted save leaves the old checkpoint intact. A `path` that is a symlink
     is saved into the folder it leads to (the link stays).
     """
+    _check_saveable(model)
     limit = parse_size(max_shard_size)
     path = write_target(os.path.abspath(os.fspath(path)))
     parent = os.path.dirname(path)
@@ -445,6 +446,20 @@ def save_pretrained(model, path, max_shard_size="5GB") -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _check_saveable(model) -> None:
+    """An r1fast CausalLM (hf_tensors: its tensors under transformers' names); anything else failed with
+    "'Qwen2ForCausalLM' object has no attribute 'hf_tensors'"."""
+    if callable(getattr(model, "hf_tensors", None)):
+        return
+    kind = type(model)
+    hint = ""
+    if kind.__module__.startswith("transformers."):
+        hint = "; a transformers model saves itself: model.save_pretrained(path)"
+    elif callable(getattr(getattr(model, "module", None), "hf_tensors", None)):
+        hint = "; save the model it wraps: save_pretrained(model.module, path)"
+    raise TypeError(f"save_pretrained saves an r1fast CausalLM, got {kind.__name__}{hint}")
 
 
 def write_target(path: str) -> str:
