@@ -179,9 +179,16 @@ def test_missing_tensor(ckpt):
         from_pretrained(ckpt)
 
 
-def test_unexpected_tensor(ckpt):
-    _rewrite_shard(ckpt, "model.norm.weight", lambda t: t.update({"model.layers.7.mlp.up_proj.weight": torch.ones(2)}))
-    with pytest.raises(ValueError, match="unexpected tensor 'model.layers.7.mlp.up_proj.weight'"):
+@pytest.mark.parametrize("key, message", [
+    # all three read "for a Qwen2ForCausalLM with this config (is config.json from another model?)"
+    ("model.layers.7.mlp.up_proj.weight", "config.json's num_hidden_layers is 2 but the checkpoint holds layer 7"),
+    ("v_head.summary.weight", r"not a tensor of a Qwen2ForCausalLM \(its keys start with 'model.' or 'lm_head.'\), "
+                              r"e.g. a value head"),
+    ("model.layers.1.self_attn.o_proj.bias", r"for a Qwen2ForCausalLM with this config \(is config.json from"),
+])
+def test_unexpected_tensor(ckpt, key, message):
+    _rewrite_shard(ckpt, "model.norm.weight", lambda t: t.update({key: torch.ones(2)}))
+    with pytest.raises(ValueError, match=rf"model-\d+-of-\d+.safetensors: unexpected tensor '{key}'[: ].*{message}"):
         from_pretrained(ckpt)
 
 

@@ -135,8 +135,7 @@ def from_pretrained(path, dtype=None, device=None, fp8="off"):
                 _check_tied(path, tensor, expected[_EMBED_KEY])
             param = expected.get(key)
             if param is None:
-                raise ValueError(f"{shard}: unexpected tensor {key!r} for a {config.architecture} with this "
-                                 f"config (is config.json from another model?)")
+                raise ValueError(f"{shard}: unexpected tensor {key!r}{_why_unexpected(key, config)}")
             if key in loaded:
                 raise ValueError(f"{shard}: tensor {key!r} appears in more than one file")
             _check_tensor(shard, key, tensor, param)
@@ -156,6 +155,20 @@ def from_pretrained(path, dtype=None, device=None, fp8="off"):
         model = apply_fp8(model, fp8) or model
     model.generation_config_json = _read_generation_config(path)
     return model
+
+
+def _why_unexpected(key: str, config: ModelConfig) -> str:
+    """What a tensor the model has no place for says about the checkpoint: "is config.json from another model?" was
+    all it said, of a value head saved with the model and of layers past num_hidden_layers alike."""
+    if not key.startswith(("model.", "lm_head.")):
+        return (f": not a tensor of a {config.architecture} (its keys start with 'model.' or 'lm_head.'), e.g. a value "
+                f"head saved with the model (TRL's v_head.*); r1fast loads the model's tensors only, so save the "
+                f"model without it")
+    layer = _LAYER_KEY.match(key)
+    if layer and int(layer.group(1)) >= config.num_hidden_layers:
+        return (f": config.json's num_hidden_layers is {config.num_hidden_layers} but the checkpoint holds layer "
+                f"{layer.group(1)} (is config.json from another model?)")
+    return f" for a {config.architecture} with this config (is config.json from another model?)"
 
 
 def _read_generation_config(path: str) -> Optional[dict]:
