@@ -726,10 +726,10 @@ def test_a_csv_whose_rows_have_a_field_more_than_its_header_is_refused(tmp_path)
     with pytest.raises(ValueError, match=r"d.csv' line 2: more fields than the 2 of its header \['prompt', 'answer'\]"):
         load_rows(str(f))
     f.write_text('prompt,answer\n"What is 1,000+1?",1001\n')
-    assert load_rows(str(f)) == [{"prompt": "What is 1,000+1?", "answer": 1001}]
+    assert load_rows(str(f)) == [{"prompt": "What is 1,000+1?", "answer": "1001"}]   # a cell is its text
     # a column of that name the file has (a pandas index written out) is the file's own, not a shift: read
     f.write_text('__index_level_0__,prompt,answer\n7,"What is 1,000+1?",1001\n')
-    assert load_rows(str(f)) == [{"__index_level_0__": 7, "prompt": "What is 1,000+1?", "answer": 1001}]
+    assert load_rows(str(f)) == [{"__index_level_0__": "7", "prompt": "What is 1,000+1?", "answer": "1001"}]
 
 
 def test_builtin_task_parameter_errors_name_the_parameter():

@@ -213,3 +213,39 @@ def test_a_csv_answer_that_reads_none_or_na_is_that_text_and_only_an_empty_cell_
                                              r"\(s\) \['answer'\]$" if name != "d.jsonl" else
                            rf"^dataset: row {len(texts)} \(.*d.jsonl' line {len(want)}\) has no value"):
             check_columns(load_rows(str(tmp_path / name)), ("answer",))
+
+
+def test_a_csv_cell_is_its_text_in_a_column_of_numbers_with_an_empty_cell_too(tmp_path):
+    # pandas typed each .csv column by its cells: a column of whole numbers with an empty cell was read as floats, so
+    # the gold "3" was "3.0" and an SFT completion trained on "3.0"; 2 beside 2.5 was "2.0", 007 was 7, True a boolean
+    # (refused as a gold). The same rows in .jsonl (strings) / .json / .parquet kept their text; every format agrees now.
+    import csv
+    import random
+
+    pytest.importorskip("datasets")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from r1fast.data import load_rows
+
+    rng = random.Random(11)
+    whole = [str(rng.randrange(1, 10**6)) for _ in range(4)]
+    # each column of cells pandas would type: whole numbers, decimals, booleans
+    texts = {"prompt": [str(rng.randrange(1, 100)), "", str(rng.randrange(1, 100)), "0" + whole[0], "8"],
+             "answer": [whole[1], "", whole[2], "007", f"{rng.randrange(1, 99)}.5"],
+             "completion": [whole[3], "", "2", "2.50", "-0"],
+             "solution": ["True", "", "FALSE", "true", "False"]}
+    want = [{c: (texts[c][i] or None) for c in texts} for i in range(5)]
+    with open(tmp_path / "d.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(list(texts))
+        w.writerows([r[c] or "" for c in texts] for r in want)
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in want))
+    (tmp_path / "d.json").write_text(json.dumps(want))
+    pq.write_table(pa.Table.from_pylist(want), tmp_path / "d.parquet")
+    for name in ("d.csv", "d.jsonl", "d.json", "d.parquet"):
+        assert list(load_rows(str(tmp_path / name))) == want, name
+    # pandas typed each block of 10,000 rows alone: a column of numbers whose row 10,001 is a word failed to read
+    (tmp_path / "long.csv").write_text("prompt,answer\n" + "".join(f"q{i},{i}\n" for i in range(10_000)) + "q,x\n")
+    rows = load_rows(str(tmp_path / "long.csv"))
+    assert (rows[0]["answer"], rows[9_999]["answer"], rows[-1]["answer"]) == ("0", "9999", "x")

@@ -184,7 +184,7 @@ def test_sft_steps_match_an_independent_float64_loop(tmp_path, case):
 
 def test_a_boolean_completion_is_refused_naming_its_row_and_column_and_a_number_trains_on_its_digits(tmp_path):
     # a JSON `true` completion trained on Python's "True", a text the file never held (bytes on their repr
-    # "b'7'"); a prompt that is not text was already refused. A number is still its digits (a .csv column of them).
+    # "b'7'"); a prompt that is not text was already refused. A number is still its digits (a JSON number).
     import json
 
     import numpy as np

@@ -224,6 +224,19 @@ def _load_hf(path: str, split: Optional[str], default_splits: Sequence[str] = TR
 CSV_MISSING = {"keep_default_na": False, "na_values": [""]}
 
 
+def csv_as_text(path: str) -> dict:
+    """read_csv's `converters` that keep every cell of the .csv at `path` as its text, as a JSON string is kept: pandas
+    typed each column by its cells, so a column of 3, (empty), 5 was read as floats and its gold "3" became "3.0"
+    (an SFT completion trained on "3.0"), 2 beside 2.5 became "2.0", 007 became 7, and True/False cells were booleans;
+    and it typed each block of 10,000 rows alone, so a column of numbers whose row 10,001 is a word failed to read.
+    One converter per field of the header, and one more for a row with a field more (_refuse_shifted_csv names it)."""
+    import csv
+
+    with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
+        header = next(csv.reader(f), [])
+    return {"converters": {i: str for i in range(len(header) + 1)}}
+
+
 def _read_file(datasets, path: str, ext: str, builder: str) -> list[dict]:
     """A .json/.csv/.parquet file's rows, read by datasets into a cache folder of this call's own, removed after.
     datasets' shared cache of a local file is keyed by its path and mtime alone, so a file rewritten within its
@@ -234,7 +247,7 @@ def _read_file(datasets, path: str, ext: str, builder: str) -> list[dict]:
     with tempfile.TemporaryDirectory(prefix="r1fast-data-", ignore_cleanup_errors=True) as cache:
         try:
             ds = datasets.load_dataset(builder, data_files=path, split="train", cache_dir=cache,
-                                       **(CSV_MISSING if ext == "csv" else {}))
+                                       **({**CSV_MISSING, **csv_as_text(path)} if ext == "csv" else {}))
         except Exception as e:   # datasets wraps the parser's error; its innermost cause says what is wrong
             cause = _root_cause(e)
             if "corresponds to no data" in cause:   # a .json of [], a .csv of its header alone: no rows to split
@@ -701,7 +714,7 @@ def encode_prompts(tokenizer, rows: Sequence[dict], column: str, system_prompt: 
 
 def encode_completion(tokenizer, completion: Any, prefilled: str = "") -> list[int]:
     """Token ids of a target completion, ending with the end-of-sequence token. A completion is text
-    (a number from a CSV column is its text; a boolean is refused, _completion_text), or an assistant message (a
+    (a number is its digits; a boolean is refused, _completion_text), or an assistant message (a
     dict, or a list of them whose last one is the completion) with string content.
 
     prefilled: what the prompt's generation prompt already opened (`prefilled_think`: R1-Distill's
@@ -730,18 +743,18 @@ def encode_completion(tokenizer, completion: Any, prefilled: str = "") -> list[i
 
 
 def _completion_text(completion: Any) -> str:
-    """A completion's text: a string as it is, a number as its digits (a .csv column of numbers, a JSON number).
+    """A completion's text: a string as it is, a number as its digits (a JSON or parquet number).
     A boolean is refused, as a prompt that is not text is: it trained on Python's "True", which a JSON `true` does
-    not spell, nor a .csv's `true` or `TRUE` (pandas reads a column of such cells as booleans), so no text of it is
-    surely the data's. Bytes (a parquet binary column) and other objects trained on their repr, "b'...'"."""
+    not spell, so no text of it is surely the data's. Bytes (a parquet binary column) and other objects trained on
+    their repr, "b'...'"."""
     if isinstance(completion, str):
         return completion
     if isinstance(completion, (numbers.Real, decimal.Decimal)) and not isinstance(completion, bool):
         return str(completion)
     if type(completion).__name__ in ("bool", "bool_"):   # numpy's bool_ (a Dataset formatted for numpy) too
         raise ValueError(f"a completion must be text (or a number); got the boolean {completion}, whose text the "
-                         f"data does not say (JSON true, a .csv's True or TRUE): write it as a string, in JSON in "
-                         f"quotes (\"true\"); a .csv column of True/False cells is read as booleans, so use .jsonl")
+                         f"data does not say (JSON true, a parquet boolean): write it as a string, in JSON in "
+                         f"quotes (\"true\")")
     raise ValueError(f"a completion must be text (or a number); got a {type(completion).__name__} "
                      f"({completion!r:.40}): write it as a string")
 

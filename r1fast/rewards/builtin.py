@@ -114,13 +114,12 @@ def row_golds(g, where: str = "a reference answer") -> list[str]:
 
 def _refuse_booleans(values, where: str):
     """A boolean reference is refused, as an SFT completion that is one is (data/loading.py): it was compared as
-    Python's "True", which neither a JSON `true` spells nor a .csv's `true` or `TRUE` (pandas reads a column of such
-    cells as booleans), so an answer written as the data wrote it scored 0 and no text of it is surely the data's."""
+    Python's "True", which a JSON `true` does not spell, so an answer written as the data wrote it scored 0 and no
+    text of it is surely the data's."""
     for x in values:
         if type(x).__name__ in ("bool", "bool_"):   # numpy's bool_ (a Dataset formatted for numpy) too
             raise ValueError(f"{where} holds the boolean {x}, not an answer whose text the data says (JSON true, a "
-                             f".csv's True or TRUE): write it as a string, in JSON in quotes (\"true\"); a .csv column "
-                             f"of True/False cells is read as booleans, so use .jsonl")
+                             f"parquet boolean): write it as a string, in JSON in quotes (\"true\")")
 
 
 def gold_text(g, half: Optional[str] = None) -> Optional[str]:
