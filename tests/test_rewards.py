@@ -1688,6 +1688,33 @@ def test_an_evaluation_scores_a_row_without_an_answer_against_its_solution():
         check_eval_answers([{"answer": None, "solution": None}], "answer", "rows")
 
 
+def test_a_held_out_rows_boolean_answer_is_refused_naming_its_row_line_and_column(tmp_path):
+    # a held-out set's boolean gold was "a reference answer holds the boolean True" (no row, line or column) when in
+    # the first row with an answer, and otherwise the accuracy reward's error after sampling, its "row" a sample's
+    # index; a training set's bad row is named with its file line and column, and so is this one now
+    import json
+    import random
+
+    from r1fast.data import load_rows
+    from r1fast.trainer.evaluate import check_eval_answers
+
+    n = random.randrange(3, 9)
+    bad = random.randrange(n)
+    rows = [{"prompt": f"{i}+1=", "answer": str(i + 1)} for i in range(n)]
+    rows[bad]["answer"] = random.choice([True, False])
+    path = tmp_path / "held.jsonl"
+    path.write_text("\n" + "".join(json.dumps(r) + "\n" for r in rows))   # a blank first line: row i is line i + 2
+    with pytest.raises(ValueError, match=rf"^eval dataset rows: row {bad} \('.*held.jsonl' line {bad + 2}\): column "
+                                         rf"'answer' holds the boolean {rows[bad]['answer']}, not an answer"):
+        check_eval_answers(load_rows(str(path)), "answer", "eval dataset rows")
+    # a row read by its solution, its answer missing: the solution's column is named
+    rows[bad] = {"prompt": "q", "answer": None, "solution": False}
+    with pytest.raises(ValueError, match=rf"^rows: row {bad}: column 'solution' holds the boolean False"):
+        check_eval_answers(rows, "answer", "rows")
+    rows[bad]["solution"] = "\\boxed{4}"
+    check_eval_answers(rows, "answer", "rows")
+
+
 def test_a_math_verify_check_that_ran_out_of_time_is_tried_again_later(monkeypatch):
     # a time-out was cached as a verdict: a right answer whose check ran out of time once (a busy machine)
     # scored 0 each time it came again

@@ -8,7 +8,7 @@ import numbers
 from types import SimpleNamespace
 from typing import Optional, Sequence
 
-from r1fast.data.loading import (decode_completion, encode_prompts, prompt_limit, resolve_stop_tokens,
+from r1fast.data.loading import (decode_completion, encode_prompts, prompt_limit, resolve_stop_tokens, row_name,
                                  stop_token_ids, warn_unstopped_turn_end)
 from r1fast.trainer.common import (assistant_turn, check_model_and_tokenizer, check_prompt_room, dataset_rows,
                                    gold_column, model_from_argument)
@@ -17,13 +17,20 @@ from r1fast.trainer.common import (assistant_turn, check_model_and_tokenizer, ch
 def check_eval_answers(rows: Sequence[dict], answer_column: str, where: str):
     """eval/accuracy needs reference answers: a missing column, or rows whose answers are all missing or
     empty (each is left out), is an error naming `where`, not an accuracy of 0.0 that measured nothing. A row
-    is scored against its `solution` where its answer is missing, as the accuracy reward reads it."""
+    is scored against its `solution` where its answer is missing, as the accuracy reward reads it. Every row is read,
+    so a row's boolean answer is an error naming its row, file line and column before any sampling (as a training
+    set's bad row is named), not "a reference answer holds the boolean True" for the first row, or the accuracy
+    reward's error after sampling, naming a sample's index as the row."""
     from r1fast.rewards.builtin import row_golds
 
     column = gold_column(rows, answer_column)
     if column not in rows[0]:
         raise ValueError(f"{where} lack the answer column {column!r}; they have {sorted(rows[0])}")
-    if not any(row_golds(r.get(answer_column)) or row_golds(r.get("solution")) for r in rows):
+    # read as the accuracy reward reads a row: its solution only where its answer holds none
+    found = [row_golds(r.get(answer_column), f"{where}: {row_name(rows, i)}: column {answer_column!r}") or
+             row_golds(r.get("solution"), f"{where}: {row_name(rows, i)}: column 'solution'")
+             for i, r in enumerate(rows)]
+    if not any(found):
         raise ValueError(f"{where}: no row has a reference answer in column {column!r} (all missing or "
                          f"empty): there is no accuracy to measure")
 
