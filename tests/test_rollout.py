@@ -705,6 +705,35 @@ def test_a_pool_sized_from_memory_stops_at_the_block_managers_limit(models, monk
     assert Engine._blocks_from_memory(sizing, 0.5, 64) == 4 * 64 + 1 and not caplog.text
 
 
+def test_engine_refuses_a_max_model_len_without_room_for_a_prompt_and_a_new_token(models):
+    # Engine(max_model_len=1) was taken, and generate() then refused every prompt (one token or more: "a prompt must
+    # leave room for at least one new token"); 2, a prompt token and one new token, is the least an engine runs
+    import random
+
+    from r1fast.models import CausalLM
+
+    _, model = models
+    positions = model.config.max_position_embeddings
+    for bad in (1, 0, -random.randrange(1, 100), 2.0, True):
+        with pytest.raises(ValueError, match=rf"^Engine: max_model_len must be an int >= 2 \(a prompt token and one "
+                                             rf"new token\), got {bad!r}$"):
+            Engine(model, block_size=4, num_blocks=8, max_model_len=bad)
+    with pytest.raises(ValueError, match=rf"^Engine: max_model_len {positions + 1} exceeds the model's "
+                                         rf"max_position_embeddings {positions}$"):
+        Engine(model, block_size=4, num_blocks=8, max_model_len=positions + 1)
+    one = CausalLM(ModelConfig(**{**CFG, "max_position_embeddings": 1}))
+    with pytest.raises(ValueError, match=r"^Engine: the model runs sequences of 1 token .*below the least an engine "
+                                         r"runs, 2$"):
+        Engine(one, block_size=4, num_blocks=8)
+    # the least: a one-token prompt gets its one token, as the greedy reference's first
+    prompt = [random.randrange(CFG["vocab_size"])]
+    want = Engine(model, block_size=4, num_blocks=8).generate([prompt], SamplingParams(temperature=0, max_tokens=1))
+    got = Engine(model, block_size=3, num_blocks=1, max_model_len=2).generate(
+        [prompt], SamplingParams(temperature=0, max_tokens=random.randrange(2, 9)))
+    assert got[0].completions[0].token_ids == want[0].completions[0].token_ids
+    assert got[0].completions[0].finish_reason == "length"
+
+
 def test_engine_refuses_max_num_seqs_past_what_any_pool_can_run(models):
     # Engine(max_num_seqs=2**40) was accepted; on CUDA its pinned step buffers are sized by it and failed inside
     # torch's allocator. Each decoding sequence writes into a block of its own, and no pool holds more than the

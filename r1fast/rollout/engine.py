@@ -101,6 +101,27 @@ def _positive_int(name, value) -> int:
     return int(value)
 
 
+# a prompt token and one generated token: the shortest sequence generate() can run
+MIN_MODEL_LEN = 2
+
+
+def _model_len(max_model_len, cfg) -> int:
+    """max_model_len as a Python int, the model's own (as long as its numbers equal transformers') when None. Below
+    MIN_MODEL_LEN it is refused: max_model_len=1 was taken, and then every prompt (one token or more) was refused
+    by generate(), which needs room for a new token after it."""
+    if max_model_len is None:
+        if cfg.max_sequence_length < MIN_MODEL_LEN:
+            raise ValueError(f"Engine: the model runs sequences of {cfg.max_sequence_length} token (config.json's "
+                             f"max_position_embeddings, or its sliding_window): no room for a prompt token and a new "
+                             f"one, so its max_model_len is below the least an engine runs, {MIN_MODEL_LEN}")
+        max_model_len = cfg.max_sequence_length
+    if isinstance(max_model_len, bool) or not isinstance(max_model_len, numbers.Integral) or \
+            max_model_len < MIN_MODEL_LEN:
+        raise ValueError(f"Engine: max_model_len must be an int >= {MIN_MODEL_LEN} (a prompt token and one new "
+                         f"token), got {max_model_len!r}")
+    return int(max_model_len)
+
+
 def _prompt_ids(i: int, prompt, vocab: int) -> list[int]:
     """Prompt i as a new list of Python ints in [0, vocab). The checks are one pass over the element types
     and one numpy conversion (a long prompt costs no Python loop per token); a bad token is then looked up
@@ -182,9 +203,7 @@ class Engine:
                             f"True or False, got {shared_prefix_attention!r}")
         self.model = model
         self.config = cfg
-        if max_model_len is None:  # as long as the model's numbers equal transformers'
-            max_model_len = cfg.max_sequence_length
-        self.max_model_len = _positive_int("max_model_len", max_model_len)
+        self.max_model_len = _model_len(max_model_len, cfg)
         if self.max_model_len > cfg.max_position_embeddings:
             raise ValueError(f"Engine: max_model_len {self.max_model_len} exceeds the model's "
                              f"max_position_embeddings {cfg.max_position_embeddings}")
