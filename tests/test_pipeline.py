@@ -3132,6 +3132,7 @@ def test_run_pipeline_runs_the_pipeline_load_pipeline_returned(tmp_path):
     (lambda p: setattr(p.stages[1].config, "overwrite_output_dir", True),
      r"stage 'two': option 'overwrite_output_dir' is not read in a pipeline"),
     (lambda p: setattr(p, "stages", []), r"'stages' must be a non-empty list"),
+    (lambda p: setattr(p, "model", None), r"no model for stage 'cold'; set the pipeline's 'model' or the stage's$"),
 ])
 def test_run_pipeline_checks_the_stages_of_a_pipeline_edited_in_python_before_any_trains(tmp_path, edit, said):
     # what load_pipeline refuses of a stage was not checked again: '..' trained into the run folder's parent, two

@@ -254,11 +254,9 @@ def load_pipeline(source: str | dict, overrides: Optional[list[str]] = None) -> 
         names = [s.name for s in p.stages]
         raise ConfigError(f"command line: no stage named {sorted(stage_ov)}{_close_stages(stage_ov, names)}; "
                           f"stages: {names}")
-    if not p.model and not p.stages[0].model:
-        first = p.stages[0].name
-        emptied = {_set_at(where, typed_keys, None, "model"), _set_at(where, typed_keys, first, "model")} - {where}
-        raise ConfigError(f"{emptied.pop() if emptied else where}: no model for stage {first!r}; set the pipeline's "
-                          f"'model' or the stage's")
+    # the command line, where it emptied the pipeline's or the first stage's model (model=null)
+    emptied = {_set_at(where, typed_keys, None, "model"), _set_at(where, typed_keys, p.stages[0].name, "model")} - {where}
+    _check_first_model(p, emptied.pop() if emptied else where)
     _check_rerun_from(p, typed if "rerun_from" in top_ov else where,
                       typed if {"rerun_from", "overwrite_output_dir"} & set(top_ov) else where)
     _check_stages(p, where, typed_keys)
@@ -341,6 +339,12 @@ def _check_stage_list(p: Pipeline, where: str):
             stage.config.validate()
         except ConfigError as e:   # validate()'s range errors name the option but not the stage
             raise ConfigError(f"{at}: {e}") from None
+    _check_first_model(p, where)
+
+
+def _check_first_model(p: Pipeline, where: str):
+    """The first stage has a model to train or sample: its own, else the pipeline's (each later stage without
+    one takes the model the stage before it finished with)."""
     if not p.model and not p.stages[0].model:
         raise ConfigError(f"{where}: no model for stage {p.stages[0].name!r}; set the pipeline's 'model' or the "
                           f"stage's")
