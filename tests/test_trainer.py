@@ -2596,7 +2596,7 @@ def test_sft_trains_on_a_completion_message_content_never_on_its_repr():
     want = encode_completion(tok, "<answer>7</answer>")
     assert encode_completion(tok, {"role": "assistant", "content": "<answer>7</answer>"}) == want
     assert encode_completion(tok, [{"role": "assistant", "content": "<answer>7</answer>"}]) == want
-    assert encode_completion(tok, 7) == encode_completion(tok, "7")   # a number from a CSV column
+    assert encode_completion(tok, 7) == encode_completion(tok, "7")   # a number from a JSON column
     parts = [{"role": "assistant", "content": [{"type": "text", "text": "<answer>7</answer>"}]}]
     rows = [{"prompt": "1", "completion": "7"}, {"prompt": "2", "completion": parts}]
     with pytest.raises(ValueError, match=r"SFT dataset: row 1: a completion must be a string or a list of"):

@@ -749,14 +749,20 @@ def _completion_text(completion: Any) -> str:
     their repr, "b'...'"."""
     if isinstance(completion, str):
         return completion
-    if isinstance(completion, (numbers.Real, decimal.Decimal)) and not isinstance(completion, bool):
+    refuse_boolean(completion, "a completion must be text (or a number); got")
+    if isinstance(completion, (numbers.Real, decimal.Decimal)):
         return str(completion)
-    if type(completion).__name__ in ("bool", "bool_"):   # numpy's bool_ (a Dataset formatted for numpy) too
-        raise ValueError(f"a completion must be text (or a number); got the boolean {completion}, whose text the "
-                         f"data does not say (JSON true, a parquet boolean): write it as a string, in JSON in "
-                         f"quotes (\"true\")")
     raise ValueError(f"a completion must be text (or a number); got a {type(completion).__name__} "
                      f"({completion!r:.40}): write it as a string")
+
+
+def refuse_boolean(value, said: str, why: str = "whose text the data does not say"):
+    """A ValueError for a boolean `value` (Python's, or numpy's bool_ of a Dataset formatted for numpy) where text is
+    read, an SFT completion or a reference answer: "<said> the boolean True, <why> (...): write it as a string". Its
+    text would be Python's "True", which a JSON `true` does not spell."""
+    if type(value).__name__ in ("bool", "bool_"):
+        raise ValueError(f"{said} the boolean {value}, {why} (JSON true, a parquet boolean): write it as a string, "
+                         f"in JSON in quotes (\"true\")")
 
 
 def _after_prefill(text: str, prefilled: str) -> str:

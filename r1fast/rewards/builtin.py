@@ -12,6 +12,7 @@ import re
 import struct
 from typing import Any, Optional, Sequence
 
+from r1fast.data.loading import refuse_boolean
 # vote_key is read from here by the evaluation's cons@k
 from r1fast.rewards.matching import last_boxed, answers_match, vote_key  # noqa: F401
 
@@ -117,9 +118,7 @@ def _refuse_booleans(values, where: str):
     Python's "True", which a JSON `true` does not spell, so an answer written as the data wrote it scored 0 and no
     text of it is surely the data's."""
     for x in values:
-        if type(x).__name__ in ("bool", "bool_"):   # numpy's bool_ (a Dataset formatted for numpy) too
-            raise ValueError(f"{where} holds the boolean {x}, not an answer whose text the data says (JSON true, a "
-                             f"parquet boolean): write it as a string, in JSON in quotes (\"true\")")
+        refuse_boolean(x, f"{where} holds", "not an answer whose text the data says")
 
 
 def gold_text(g, half: Optional[str] = None) -> Optional[str]:
