@@ -1141,6 +1141,30 @@ def test_a_percentage_is_its_number_or_its_hundredth(with_math_verify):
         assert _accuracy(a, b) == _accuracy(b, a) == 0.0, (a, b)
 
 
+def test_a_percentage_written_with_latex_is_its_number_or_its_hundredth():
+    # math-verify reads 33\\frac{1}{3}\\% as 33 and \\frac{1}{2}\\% as nothing: 12\\frac{1}{2}\\% scored 1 against the gold
+    # 12 and 2\\sqrt{2}\\% against 2, while the right 33\\frac{1}{3}\\% scored 0 against \\frac{1}{3} and 33\\frac{1}{3}
+    # (without math-verify LaTeX answers score 0)
+    pytest.importorskip("math_verify")
+    import random
+    from fractions import Fraction
+
+    whole, den = random.randrange(2, 90), random.choice([3, 7, 9, 11])
+    num = random.randrange(1, den)
+    mixed = f"{whole}\\frac{{{num}}}{{{den}}}"
+    value = whole + Fraction(num, den)
+    for a, b in ((f"{mixed}\\%", mixed), (f"{mixed}\\%", f"\\frac{{{value.numerator}}}{{{value.denominator}}}"),
+                 (f"{mixed}\\%", f"\\frac{{{(value / 100).numerator}}}{{{(value / 100).denominator}}}"),
+                 (f"${mixed}\\%$.", f"\\frac{{{value.numerator}}}{{{value.denominator}}}\\%"),
+                 (f"\\frac{{{value.numerator}}}{{{value.denominator}}}\\%", f"{(value / 100).numerator}/{(value / 100).denominator}"),
+                 ("12\\frac{1}{2}\\%", "12.5\\%"), ("12\\frac{1}{2}\\%", "0.125")):
+        assert _accuracy(a, b) == _accuracy(b, a) == 1.0, (a, b)
+    # not its whole part, nor one percentage's number against the other's hundredth
+    for a, b in ((f"{mixed}\\%", str(whole)), ("2\\sqrt{2}\\%", "2"), ("\\frac{1}{2}\\%", "50\\%"),
+                 (f"{mixed}\\%", f"{whole + 1}\\frac{{{num}}}{{{den}}}")):
+        assert _accuracy(a, b) == _accuracy(b, a) == 0.0, (a, b)
+
+
 def test_a_huge_power_off_the_main_thread_is_refused_not_computed():
     # sympy computed 2^{10^{100}} with one int pow holding the GIL: off the main thread (where math-verify
     # has no time limit) the reward call, and every other thread of the process, never came back

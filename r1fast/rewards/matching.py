@@ -457,11 +457,32 @@ def _percentage(s: str) -> Optional[Fraction]:
     else None. Against a plain number it is both that number and its hundredth, as math-verify takes 50\\% for 50 and 0.5; but
     it does so for whole numbers only, and the right answer 12.5\\% scored 0 against the gold 12.5. A sentence's full stop or
     comma after it is no part of it (`12.5%.` and `$12.5\\%$.` scored 0 against 12.5)."""
+    body = _percent_body(s)
+    return _as_number(body) if body is not None else None
+
+
+def _percent_body(s: str) -> Optional[str]:
+    """What comes before the percent sign of an answer that ends with one (12.5 of 12.5\\%, $12.5\\%$.), else None."""
     s = _unwrapped(_without_full_stop(s))
     if not s.endswith("%"):
         return None
-    s = _without_trailing_latex_spacing(s[:-2] if s.endswith("\\%") else s[:-1])
-    return _as_number(s)
+    return _without_trailing_latex_spacing(s[:-2] if s.endswith("\\%") else s[:-1])
+
+
+_LATEX_COMMAND_RE = re.compile(r"\\[A-Za-z]+")
+_LATIN_LETTER_RE = re.compile(r"[A-Za-z]")
+
+
+def _latex_percent_number(s: str) -> Optional[str]:
+    """The number of a percentage written with LaTeX, as its text (33\\frac{1}{3} of 33\\frac{1}{3}\\%, 2\\sqrt{2} of
+    2\\sqrt{2}\\%: no letter outside its commands), else None (a plain number's percentage is _percentage's). math-verify
+    misreads such a percentage, 33\\frac{1}{3}\\% as 33 and \\frac{1}{2}\\% as nothing: 12\\frac{1}{2}\\% scored 1 against
+    the gold 12 and 2\\sqrt{2}\\% against 2, and the right 33\\frac{1}{3}\\% 0 against \\frac{1}{3} and 33\\frac{1}{3}."""
+    body = _percent_body(s)
+    if not body or "\\" not in body or _as_number(body) is not None or \
+            _LATIN_LETTER_RE.search(_LATEX_COMMAND_RE.sub("", body)):
+        return None
+    return body.strip()
 
 
 def _without_trailing_latex_spacing(s: str) -> str:
@@ -570,16 +591,23 @@ def answers_match(predicted: str, gold: str) -> bool:
         return False
     # a percentage against math (a LaTeX fraction, an expression) is its number or its hundredth, as against a plain
     # number: given with its % sign, math-verify took 0.00002\\% for 10^{-7} (its rounding: _values_far_apart)
-    return any(_math_verify_match(p, g) for p in _percentage_readings(predicted, percent_a)
-               for g in _percentage_readings(gold, percent_b))
+    predicted_readings, gold_readings = _percentage_readings(predicted, percent_a), _percentage_readings(gold, percent_b)
+    if len(predicted_readings) > 1 and len(gold_readings) > 1:
+        # two percentages: their numbers, not one's number against the other's hundredth (\\frac{1}{2}\\% is not 50\\%)
+        predicted_readings, gold_readings = predicted_readings[:1], gold_readings[:1]
+    return any(_math_verify_match(p, g) for p in predicted_readings for g in gold_readings)
 
 
 def _percentage_readings(s: str, percent: Optional[Fraction]) -> list[str]:
-    """`s` itself where it is no percentage (percent None); else its number and its hundredth, as decimals where they are
-    (math-verify compares a decimal to 6 places: 33.333333\\% is 1/3) and as fractions where not."""
+    """`s` itself where it is no percentage (percent None, and no LaTeX one: _latex_percent_number); else its number and
+    its hundredth, as decimals where they are (math-verify compares a decimal to 6 places: 33.333333\\% is 1/3) and as
+    fractions where not; a LaTeX percentage's as LaTeX (33\\frac{1}{3} and \\frac{33\\frac{1}{3}}{100})."""
     if percent is None:
-        return [s]
-    return [text for text in (_exact_text(percent), _exact_text(percent / 100)) if text is not None]
+        number = _latex_percent_number(s)
+        return [s] if number is None else [number, f"\\frac{{{number}}}{{100}}"]
+    number, hundredth = _exact_text(percent), _exact_text(percent / 100)
+    # both or neither: the first reading is its number (a number past Python's int-to-text limit has no text)
+    return [number, hundredth] if number is not None and hundredth is not None else []
 
 
 def _exact_text(value: Fraction) -> Optional[str]:
