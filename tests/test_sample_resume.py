@@ -1,6 +1,8 @@
 """`r1fast sample --resume`: what it takes as the same sampling (its fingerprint) and how it reads its progress."""
 import json
 import os
+import random
+import re
 
 import torch
 
@@ -155,3 +157,28 @@ def test_a_finished_samplings_output_and_record_are_on_disk_before_its_progress_
     gone = disk_ops.at(("remove", progress))
     for written in (out, sampling.stats_path(str(out))):
         assert disk_ops.synced_between(disk_ops.renamed_to(written, gone), gone, out.parent), written
+
+
+def test_a_run_folder_given_as_the_model_names_its_newest_checkpoint_or_that_it_has_none(tmp_path, monkeypatch):
+    # `model_name_or_path=runs/sft` (the run, not one of its checkpoints) said "no tokenizer files (...) in
+    # 'runs/sft'", as if the run had been saved without its tokenizer
+    import pytest
+
+    monkeypatch.chdir(tmp_path)
+    steps = sorted(random.sample(range(1, 200), 3))
+    for step in steps:
+        _model_folder(tmp_path / "runs" / "sft" / f"checkpoint-{step}", seed=step)
+    (tmp_path / "runs" / "sft" / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    with pytest.raises(SystemExit, match=re.escape(f"give one of its checkpoints, e.g. its newest, "
+                                                   f"{os.path.join('runs', 'sft', f'checkpoint-{steps[-1]}')}")):
+        main(_sample_args("runs/sft", "kept.jsonl"))
+    (tmp_path / "runs" / "grpo").mkdir()
+    (tmp_path / "runs" / "grpo" / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    with pytest.raises(SystemExit, match="runs/grpo is a training run's folder that holds no checkpoint yet"):
+        main(_sample_args("runs/grpo", "kept.jsonl"))
+    # a pipeline's run folder: its stages' checkpoints, one folder down
+    os.rename(tmp_path / "runs" / "sft", tmp_path / "runs" / "grpo" / "sft")
+    with pytest.raises(SystemExit, match=re.escape(f"is a pipeline's run folder: give one of its stages' checkpoints, "
+                                                   f"e.g. the newest, runs/grpo/sft/checkpoint-{steps[-1]}")):
+        main(_sample_args("runs/grpo", "kept.jsonl"))
+    assert not os.path.exists("kept.jsonl")

@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import os
+import re
 from typing import Any
 
 import torch
@@ -329,8 +330,54 @@ def read_config_json(path: str | os.PathLike) -> dict:
         path = os.path.join(path, "config.json")
     if not os.path.isfile(path):
         folder = os.path.dirname(path)
-        raise FileNotFoundError(f"no config.json at {path}{_cache_hint(folder) or adapter_folder_hint(folder)}")
+        raise FileNotFoundError(f"no config.json at {path}{not_a_model_folder_hint(folder)}")
     return read_json_object(path)
+
+
+def not_a_model_folder_hint(folder: str) -> str:
+    """What the folder given for a model is instead, where it is something r1fast knows (a Hugging Face cache entry,
+    a PEFT adapter, a training run's folder), else ""."""
+    return _cache_hint(folder) or adapter_folder_hint(folder) or run_folder_hint(folder)
+
+
+# the names a run folder's checkpoints have (r1fast.trainer.checkpoints' _CKPT_RE), and what a run writes in its folder
+# before its first checkpoint
+_CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
+_RUN_FILES = ("metrics.jsonl", "completions.jsonl", "pipeline_state.json", ".r1fast.lock")
+
+
+def run_folder_hint(folder: str) -> str:
+    """A training run's folder (runs/grpo, or a pipeline's runs/default) holds the model in its checkpoint-<step>
+    folders, not itself: "no tokenizer files in 'runs/grpo'" read as a run saved without its tokenizer. Names the
+    newest checkpoint to give instead, or says the run has saved none yet."""
+    def checkpoints(run: str) -> list[tuple[int, str]]:
+        found = []
+        for name in _listing(run):
+            m = _CHECKPOINT_NAME.match(name)
+            if m and os.path.isfile(os.path.join(run, name, "config.json")):
+                found.append((int(m.group(1)), os.path.join(run, name)))
+        return found
+
+    own = checkpoints(folder)
+    if own:
+        return f" ({folder} is a training run's folder: give one of its checkpoints, e.g. its newest, {max(own)[1]})"
+    # a pipeline's: each stage trains in a folder of its own; the newest stage's newest checkpoint is the latest
+    stages = [max(found)[1] for found in map(checkpoints, (os.path.join(folder, n) for n in _listing(folder))) if found]
+    if stages:
+        newest = max(stages, key=lambda path: os.path.getmtime(os.path.join(path, "config.json")))
+        return (f" ({folder} is a pipeline's run folder: give one of its stages' checkpoints, e.g. the newest, "
+                f"{newest})")
+    if any(os.path.exists(os.path.join(folder, name)) for name in _RUN_FILES):
+        return (f" ({folder} is a training run's folder that holds no checkpoint yet: a run saves one every "
+                f"save_steps steps, and at its end)")
+    return ""
+
+
+def _listing(folder: str) -> list[str]:
+    try:
+        return sorted(os.listdir(folder))
+    except OSError:   # not a folder, or not readable: nothing to say of it
+        return []
 
 
 def adapter_folder_hint(folder: str) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 
 from r1fast.models.checkpoint import builtin_model_hint, file_not_folder
-from r1fast.models.config import adapter_folder_hint, read_json_object
+from r1fast.models.config import not_a_model_folder_hint, read_json_object
 
 # The JSON files AutoTokenizer reads; transformers reports a broken one with no file name, or as an
 # unrelated TypeError/KeyError deep inside, so each is read here first.
@@ -24,7 +24,7 @@ def load_tokenizer(path):
     files = set(os.listdir(path))
     if not files & {"tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json"}:
         raise FileNotFoundError(f"no tokenizer files (tokenizer.json, tokenizer_config.json, ...) in {path!r}"
-                                f"{adapter_folder_hint(path)}")
+                                f"{not_a_model_folder_hint(path)}")
     for name in _JSON_FILES:
         if name in files:
             read_json_object(os.path.join(path, name))
