@@ -2,6 +2,7 @@
 curves, checked against the file's own values."""
 import json
 import math
+import os
 import random
 
 import pytest
@@ -187,3 +188,24 @@ def test_the_held_out_panel_draws_pass_and_cons_at_each_k_written_out(tmp_path, 
     names = ["eval/accuracy"] + [f"eval/{name}@{k}" for k in ks for name in ("pass", "cons")]
     assert list(drawn["held-out accuracy"]) == names
     assert drawn["held-out accuracy"] == {name: [(r["step"], r[name]) for r in rows] for name in names}
+
+
+def test_plot_reads_a_leading_tilde_as_the_home_folder(tmp_path, monkeypatch):
+    # the shell leaves the ~ of `--out=~/plots/run.png` as typed: r1fast plot made a folder named "~" in the working
+    # directory, and a quoted '~/runs/grpo' "does not exist"
+    from r1fast.cli import main
+
+    home, work = tmp_path / "home", tmp_path / "work"
+    run = home / "runs" / "grpo"
+    run.mkdir(parents=True)
+    work.mkdir()
+    rng = random.Random(7)
+    _write(run / "metrics.jsonl", [{"step": s, "stage": "grpo", "reward": rng.random()} for s in (1, 2, 3)])
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    name = f"run{rng.randrange(1000)}.png"
+    assert main(["plot", str(run), f"--out=~/plots/{name}"]) == 0
+    assert (home / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert os.listdir(work) == []
+    assert main(["plot", "~/runs/grpo"]) == 0
+    assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -524,6 +524,10 @@ def _shipped_pipelines() -> list[str]:
 def _cmd_plot(args):
     from r1fast.trainer.plot import plot_run
 
+    # a leading ~ is the home folder, as in the options that name a path (config.PATH_OPTIONS): the shell leaves the
+    # one of `--out=~/plots/run.png` as typed, and r1fast plot made a folder named "~" in the working directory
+    args.run_dir = os.path.expanduser(args.run_dir)
+    args.out = args.out and os.path.expanduser(args.out)
     # a mistyped folder was "no metrics.jsonl in 'runs/defualt'", as if the folder were there and empty
     if not os.path.exists(args.run_dir):
         raise ConfigError(f"{args.run_dir!r} does not exist; give a run folder: the output_dir of r1fast train, sft "
