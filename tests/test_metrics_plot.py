@@ -209,3 +209,19 @@ def test_plot_reads_a_leading_tilde_as_the_home_folder(tmp_path, monkeypatch):
     assert os.listdir(work) == []
     assert main(["plot", "~/runs/grpo"]) == 0
     assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_refuses_an_image_format_it_cannot_write_before_drawing_or_making_folders(tmp_path, monkeypatch):
+    # --out plots/run.v2 was drawn whole, its folder made, then "Format 'v2' is not supported", naming no option
+    from r1fast.cli import main
+
+    rng = random.Random(11)
+    _write(tmp_path / "metrics.jsonl", [{"step": s, "stage": "grpo", "reward": rng.random()} for s in (1, 2)])
+    monkeypatch.chdir(tmp_path)
+    ext = "".join(rng.choice("qwxz") for _ in range(3))
+    with pytest.raises(SystemExit, match=rf"--out 'plots/run\.{ext}': matplotlib writes no \.{ext} image; end the "
+                                         rf"name with one of .*\.png.*\.svg"):
+        main(["plot", ".", f"--out=plots/run.{ext}"])
+    assert not os.path.exists("plots")
+    assert main(["plot", ".", "--out=plots/run.SVG"]) == 0   # the extension's case is matplotlib's to ignore
+    assert open("plots/run.SVG").read(200).lstrip().startswith("<?xml")

@@ -32,6 +32,8 @@ def plot_run(run_dir: str, out: str | None = None) -> str:
     except ImportError:
         raise SystemExit("r1fast plot needs matplotlib: pip install matplotlib") from None
     fig = matplotlib.figure.Figure(figsize=(14, 7))
+    if out:
+        check_image_format(out, fig.canvas.get_supported_filetypes())
     axes = fig.subplots(2, 3)
     for ax, (title, keys) in zip(axes.flat, PANELS):
         if "eval/accuracy" in keys:
@@ -86,6 +88,15 @@ def check_out_path(out: str):
         parent = os.path.dirname(parent)
     if parent and not os.path.isdir(parent):
         raise NotADirectoryError(f"--out {out!r}: {parent} is a file, not a folder")
+
+
+def check_image_format(out: str, formats: dict[str, str]):
+    """`out`'s extension names a format matplotlib writes (none: PNG). `--out runs/a.v2` was drawn whole, its folders
+    made, and then refused with "Format 'v2' is not supported", naming no option."""
+    ext = os.path.splitext(out)[1][1:]
+    if ext and ext.lower() not in formats:
+        raise ValueError(f"--out {out!r}: matplotlib writes no .{ext} image; end the name with one of "
+                         f"{', '.join('.' + f for f in sorted(formats))} (.png for a PNG)")
 
 
 def curve_points(rows: list[dict], key: str, run_dir: str) -> list[tuple[dict, float]]:
