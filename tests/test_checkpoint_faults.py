@@ -377,3 +377,31 @@ def test_an_abort_that_comes_during_an_import_is_raised_once_the_import_is_done(
                 waited += 1
     assert waited < 500
     sys.modules.pop("swallows_an_abort", None)
+
+
+@pytest.mark.parametrize("saved, visible", [(2, 1), (12, 12), (8, 3)])
+def test_cuda_generator_states_go_to_the_devices_of_their_index_and_those_not_visible_are_left(monkeypatch, saved,
+                                                                                               visible):
+    # a checkpoint of a node with more GPUs visible than the resuming one's was refused ("cannot load the RNG state
+    # (IndexError: tuple index out of range)"), and from 11 devices on torch_cuda_10 (sorted as text before
+    # torch_cuda_2) was set on device 2
+    gen = torch.Generator().manual_seed(saved * 100 + visible)
+    states = {f"torch_cuda_{i}": torch.randint(0, 256, (16,), dtype=torch.uint8, generator=gen) for i in range(saved)}
+    cpu = torch.get_rng_state()
+    _, meta = ckpt.rng_state()
+    set_on: dict[int, torch.Tensor] = {}
+
+    def set_rng_state(state, device="cuda"):
+        index = device if isinstance(device, int) else torch.device(device).index
+        if index >= visible:   # torch.cuda.default_generators[index], once CUDA is initialised
+            raise IndexError("tuple index out of range")
+        set_on[index] = state.clone()
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", set_rng_state)
+    monkeypatch.setattr(torch.cuda.random, "set_rng_state", set_rng_state)
+    ckpt.set_rng_state({"torch_cpu": cpu, **states}, meta)
+    assert sorted(set_on) == list(range(min(saved, visible)))
+    for index, state in set_on.items():
+        assert torch.equal(state, states[f"torch_cuda_{index}"])

@@ -634,11 +634,23 @@ def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]):
     py, np_state = _rng_states(tensors, meta)
     torch.set_rng_state(tensors["torch_cpu"])
     if torch.cuda.is_available():
-        states = [tensors[k] for k in sorted(k for k in tensors if k.startswith("torch_cuda_"))]
-        if states:
-            torch.cuda.set_rng_state_all(states)
+        _set_cuda_rng_states(tensors)
     random.setstate(py)
     np.random.set_state(np_state)
+
+
+def _set_cuda_rng_states(tensors: dict[str, torch.Tensor]):
+    """Each visible CUDA device's generator from the state saved for its index (rng_state's torch_cuda_<index>).
+    A checkpoint written where more devices were visible (an 8-GPU node's, resumed on a 1-GPU one or under a
+    narrower CUDA_VISIBLE_DEVICES) holds states of devices not here: torch's set_rng_state_all refused the resume
+    ("cannot load the RNG state (IndexError: tuple index out of range)"); they are left, as the run trains on one
+    device. By the index as a number: sorted as text, torch_cuda_10 came before torch_cuda_2, and from 11 devices
+    on each state from the third went to another device than the one it was saved from."""
+    count = torch.cuda.device_count()
+    for key, state in tensors.items():
+        m = re.fullmatch(r"torch_cuda_(\d+)", key)
+        if m and int(m.group(1)) < count:
+            torch.cuda.set_rng_state(state, int(m.group(1)))
 
 
 # -- optimizer ---------------------------------------------------------------------------------
