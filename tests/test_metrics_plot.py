@@ -225,3 +225,18 @@ def test_plot_refuses_an_image_format_it_cannot_write_before_drawing_or_making_f
     assert not os.path.exists("plots")
     assert main(["plot", ".", "--out=plots/run.SVG"]) == 0   # the extension's case is matplotlib's to ignore
     assert open("plots/run.SVG").read(200).lstrip().startswith("<?xml")
+
+
+def test_the_step_axis_of_a_short_run_marks_whole_steps_only(tmp_path, monkeypatch):
+    # a run of 3 logged steps had its step axis marked 1.00, 1.25, 1.50 ... 3.00
+    pytest.importorskip("matplotlib")
+    rng = random.Random(5)
+    last = rng.randrange(2, 6)
+    _write(tmp_path / "metrics.jsonl", [{"step": s, "stage": "grpo", "reward": rng.random(), "loss": rng.random()}
+                                        for s in range(1, last + 1)])
+    drawn, figure = _plotted(monkeypatch, tmp_path)
+    assert [x for x, _ in drawn["loss"]["grpo: loss"]] == list(range(1, last + 1))
+    for ax in figure.axes:
+        if ax.get_lines():
+            ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+            assert len(ticks) >= 2 and all(float(t).is_integer() for t in ticks), (ax.get_title(), ticks)

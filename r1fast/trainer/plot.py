@@ -29,6 +29,7 @@ def plot_run(run_dir: str, out: str | None = None) -> str:
         # rest of the process (a notebook's inline plots stopped showing), and a figure whose save failed
         # stayed open in pyplot
         import matplotlib.figure
+        import matplotlib.ticker
     except ImportError:
         raise SystemExit("r1fast plot needs matplotlib: pip install matplotlib") from None
     fig = matplotlib.figure.Figure(figsize=(14, 7))
@@ -59,6 +60,8 @@ def plot_run(run_dir: str, out: str | None = None) -> str:
                     drawn = True
         ax.set_title(title)
         ax.set_xlabel("step")
+        # steps are whole numbers: a short run's axis read 1.00, 1.25, 1.50 ... 3.00
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         if drawn:
             ax.legend(fontsize=7)
         else:
