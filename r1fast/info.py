@@ -48,7 +48,8 @@ def collect() -> dict:
         info["r1fast._C"] = (f"NOT BUILT{problem[len(_ext._NOT_BUILT):]}" if problem.startswith(_ext._NOT_BUILT)
                              else f"UNUSABLE: {problem}")
     elif build["with_cuda"]:
-        info["r1fast._C"] = f"built with CUDA {build['cuda_version']} for archs {build['cuda_archs']}"
+        info["r1fast._C"] = (f"built with CUDA {build['cuda_version']} for archs {build['cuda_archs']}"
+                             + _cuda_runtime_note(build["cuda_version"]))
     else:
         info["r1fast._C"] = "built CPU-only (no nvcc at build time, or R1FAST_CUDA=0)"
     info["optional"] = {name: _version(mod) or "not installed" for name, mod in [
@@ -62,6 +63,46 @@ def collect() -> dict:
     except ImportError:
         pass
     return info
+
+
+def _cuda_runtime_note(cuda_version: str) -> str:
+    """Why the extension's CUDA kernels cannot run where torch runs on a GPU, else "". Its CUDA runtime is linked in
+    statically and can need a newer driver than torch's: the ops then run another backend, and the cuda backend's
+    error sent the user here ("`r1fast info` shows both"), where the _C line read as a working build."""
+    import torch
+
+    from r1fast import _ext
+
+    if not torch.cuda.is_available():
+        return ""
+    try:
+        count = _ext.load().cuda_device_count()
+    except RuntimeError as e:
+        why = str(e)
+    else:
+        if count > 0:
+            return ""
+        why = "its CUDA runtime sees no device"
+    driver = _nvidia_driver_version()
+    here = f", {driver}" if driver else ""
+    return (f"; its CUDA kernels cannot run here ({why}; CUDA {cuda_version} may need a newer driver than this "
+            f"one{here}): the ops run their other backends; rebuild r1fast._C with the CUDA torch uses "
+            f"({torch.version.cuda}), or update the driver")
+
+
+def _nvidia_driver_version() -> str | None:
+    """The loaded NVIDIA kernel module's version (Linux), or None where it cannot be read."""
+    try:
+        with open("/proc/driver/nvidia/version", encoding="utf-8", errors="replace") as f:
+            line = f.readline()
+    except OSError:
+        return None
+    # "NVRM version: NVIDIA UNIX x86_64 Kernel Module  550.54.15  Tue Mar ...", or "... Open Kernel Module for x86_64
+    # 560.35.03  Release Build ..."
+    import re
+
+    m = re.search(r"Kernel Module.*?\s(\d+\.\d+(?:\.\d+)*)(?:\s|$)", line)
+    return m.group(1) if m else None
 
 
 def _op_backends(device) -> dict:
