@@ -405,3 +405,25 @@ def test_cuda_generator_states_go_to_the_devices_of_their_index_and_those_not_vi
     assert sorted(set_on) == list(range(min(saved, visible)))
     for index, state in set_on.items():
         assert torch.equal(state, states[f"torch_cuda_{index}"])
+
+
+@pytest.mark.parametrize("field, value", [("hidden_size", 24), ("num_hidden_layers", 2), ("intermediate_size", 48),
+                                          ("num_key_value_heads", 1)])
+def test_a_checkpoint_of_another_models_shape_is_refused_naming_what_differs(tmp_path, field, value):
+    # another model_name_or_path of the same parameter count was refused by its first mismatched tensor ("'0.exp_avg'
+    # has shape (106, 16), parameter 0 is (106, 24)"), and of another count as an r1fast before fused q/k/v
+    path = _save(str(tmp_path / "run"), 3, keep=None)
+    shape = dict(vocab_size=len(_TOK), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                 num_attention_heads=2, max_position_embeddings=32)
+    other = CausalLM(ModelConfig(**{**shape, field: value}))
+    saved = _trained(3)[0].config
+    before = [p.detach().clone() for p in other.parameters()]
+    with pytest.raises(ValueError, match=rf"checkpoint '.*checkpoint-3' is of another model than this run's: its "
+                                         rf"config.json has {field} {getattr(saved, field) or 2} \(the model's: "
+                                         rf"{value}\)(, head_dim \d+ \(the model's: \d+\))?; resume with the model it "
+                                         rf"was trained from"):
+        ckpt.load_checkpoint(path, model=other, optimizer=torch.optim.AdamW(other.parameters(), lr=1e-3))
+    assert all(torch.equal(a, b) for a, b in zip(before, other.parameters()))
+    same = CausalLM(ModelConfig(**shape))   # the same shapes load
+    ckpt.load_checkpoint(path, model=same, optimizer=torch.optim.AdamW(same.parameters(), lr=1e-3))
+    assert all(torch.equal(a, b) for a, b in zip(same.parameters(), _trained(3)[0].parameters()))

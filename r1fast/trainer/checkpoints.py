@@ -885,6 +885,7 @@ def load_checkpoint(path: str, *, model, optimizer=None, scheduler=None,
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"checkpoint {path!r}: {STATE_FILE} is not valid JSON ({e}); "
                          f"resume from an earlier checkpoint") from None
+    _check_same_model(path, model)
     opt_tensors = _read_tensors(path, "optimizer.safetensors") if optimizer is not None else None
     rng_tensors = _read_tensors(path, "rng.safetensors")
     with _naming(path, STATE_FILE):
@@ -911,6 +912,43 @@ def load_checkpoint(path: str, *, model, optimizer=None, scheduler=None,
     with _naming(path, f"the RNG state (rng.safetensors, {STATE_FILE} 'rng')"):
         set_rng_state(rng_tensors, state["rng"])
     return state
+
+
+# the ModelConfig fields that give a model's parameters their shapes (None in num_key_value_heads and head_dim: the
+# value they default to)
+_SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                 "num_key_value_heads", "head_dim")
+
+
+def _shape_of(config) -> dict[str, Any]:
+    shape = {name: getattr(config, name, None) for name in _SHAPE_FIELDS}
+    shape["num_key_value_heads"] = shape["num_key_value_heads"] or shape["num_attention_heads"]
+    if not shape["head_dim"] and shape["hidden_size"] and shape["num_attention_heads"]:
+        shape["head_dim"] = shape["hidden_size"] // shape["num_attention_heads"]
+    return shape
+
+
+def _check_same_model(path: str, model):
+    """The checkpoint's config.json gives the run's model's shapes: a checkpoint of another model (resumed with
+    another model_name_or_path) was refused by its first mismatched tensor ("'0.exp_avg' has shape (106, 32),
+    parameter 0 is (106, 48)"), or by its parameter count as a checkpoint of an r1fast before fused q/k/v. A
+    config.json that is missing or unreadable is left to the weights' loading to name."""
+    from r1fast.models import ModelConfig
+
+    live = getattr(model, "config", None)
+    if not isinstance(live, ModelConfig) or not os.path.isfile(os.path.join(path, "config.json")):
+        return
+    try:
+        saved = ModelConfig.from_hf_config(path)
+    except Exception:   # its own error, with the file's name, comes from load_weights
+        return
+    mine, theirs = _shape_of(live), _shape_of(saved)
+    differ = [f"{name} {theirs[name]} (the model's: {mine[name]})" for name in _SHAPE_FIELDS
+              if theirs[name] != mine[name]]
+    if differ:
+        raise ValueError(f"checkpoint {path!r} is of another model than this run's: its config.json has "
+                         f"{', '.join(differ)}; resume with the model it was trained from (model_name_or_path), or "
+                         f"start a new run from its weights (model_name_or_path=<the checkpoint folder>)")
 
 
 def _read_tensors(path: str, name: str) -> dict[str, torch.Tensor]:
