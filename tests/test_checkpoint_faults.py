@@ -5,6 +5,7 @@ import builtins
 import contextlib
 import errno
 import os
+import re
 import shutil
 
 import pytest
@@ -427,3 +428,26 @@ def test_a_checkpoint_of_another_models_shape_is_refused_naming_what_differs(tmp
     same = CausalLM(ModelConfig(**shape))   # the same shapes load
     ckpt.load_checkpoint(path, model=same, optimizer=torch.optim.AdamW(same.parameters(), lr=1e-3))
     assert all(torch.equal(a, b) for a, b in zip(same.parameters(), _trained(3)[0].parameters()))
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS])
+def test_a_save_that_cannot_make_its_temporary_folder_names_the_checkpoint(tmp_path, monkeypatch, code):
+    # a full disk or a file system remounted read-only mid-run: the error named only the temporary folder's random
+    # name ("[Errno 28] No space left on device: 'run/.tmp-checkpoint-3-k2j3ab'")
+    import tempfile
+
+    run = str(tmp_path / "run")
+    _save(run, 2, keep=None)
+    real = tempfile.mkdtemp
+
+    def full(prefix=None, dir=None, **kw):
+        name = os.path.join(dir, prefix + "k2j3ab")
+        raise OSError(code, os.strerror(code), name)
+
+    monkeypatch.setattr(tempfile, "mkdtemp", full)
+    with pytest.raises(OSError, match=rf"cannot write checkpoint {re.escape(os.path.join(run, 'checkpoint-3'))}: "
+                                      rf"\[Errno {code}\] {re.escape(os.strerror(code))}"):
+        _save(run, 3, keep=1)
+    monkeypatch.setattr(tempfile, "mkdtemp", real)
+    assert [step for step, _ in ckpt.list_checkpoints(run)] == [2]   # the earlier one kept: nothing pruned
+    assert _problems_of(os.path.join(run, "checkpoint-2")) == []

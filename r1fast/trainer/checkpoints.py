@@ -797,8 +797,11 @@ def save_checkpoint(run_dir: str, step: int, *, model, optimizer=None, scheduler
     # beside a link's target, out of the run folder, another run's saves may write too: the temporary folder is
     # named after that target, which is this run's alone, so that remove_save_leftovers can tell its own there
     prefix = f".tmp-checkpoint-{step}-" if final == named else f".{os.path.basename(final)}.tmp-"
-    tmp = tempfile.mkdtemp(prefix=prefix, dir=os.path.dirname(final))
+    tmp = None
     try:
+        # in the try: a full disk or a file system remounted read-only mid-run failed here with an error naming only
+        # the temporary folder's random name ('runs/a/.tmp-checkpoint-40-k2j3ab'), not the checkpoint
+        tmp = tempfile.mkdtemp(prefix=prefix, dir=os.path.dirname(final))
         apply_umask(tmp)   # mkdtemp's folder is private (0700)
         model.save_pretrained(tmp)
         if tokenizer is not None:
@@ -838,7 +841,8 @@ def save_checkpoint(run_dir: str, step: int, *, model, optimizer=None, scheduler
         if old is not None:
             remove_folder(old)
     except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, (OSError, SafetensorError)):
             # a full disk: safetensors' own SafetensorError was a traceback from the CLI, and an OSError
             # from write() names no file
