@@ -575,5 +575,6 @@ def add_commands(subparsers):
     plot_help = "PNG curves (reward, accuracy, KL, length, entropy, loss) of a run"
     plot = subparsers.add_parser("plot", help=plot_help, description=plot_help + " (a single run's or a pipeline's)")
     plot.add_argument("run_dir", help="a run folder holding metrics.jsonl")
-    plot.add_argument("--out", default=None, help="PNG path (default RUN_DIR/curves.png)")
+    plot.add_argument("--out", default=None, help="image path, its extension the format: .png, .svg, .pdf, ... "
+                                                     "(default RUN_DIR/curves.png)")
     plot.set_defaults(func=_guarded("plot", _cmd_plot, resumable=False))
