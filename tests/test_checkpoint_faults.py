@@ -5,6 +5,7 @@ import builtins
 import contextlib
 import errno
 import os
+import random
 import re
 import shutil
 
@@ -451,3 +452,31 @@ def test_a_save_that_cannot_make_its_temporary_folder_names_the_checkpoint(tmp_p
     monkeypatch.setattr(tempfile, "mkdtemp", real)
     assert [step for step, _ in ckpt.list_checkpoints(run)] == [2]   # the earlier one kept: nothing pruned
     assert _problems_of(os.path.join(run, "checkpoint-2")) == []
+
+
+@pytest.mark.parametrize("damage, error", [
+    (lambda c: os.truncate(os.path.join(c, "optimizer.safetensors"), 1000), r"cannot read optimizer.safetensors"),
+    (lambda c: os.remove(os.path.join(c, "rng.safetensors")), r"lacks rng.safetensors"),
+    (lambda c: os.truncate(os.path.join(c, "model.safetensors"), 3000), r"model.safetensors"),
+    (lambda c: os.remove(os.path.join(c, "model.safetensors")), r"lacks the model weights"),
+    (lambda c: open(os.path.join(c, "trainer_state.json"), "w").write("{"), r"trainer_state.json is not valid JSON"),
+])
+def test_a_damaged_checkpoint_names_the_earlier_one_to_resume_from(tmp_path, damage, error):
+    # "resume from an earlier checkpoint" (or nothing) left the user to find which, and a bare --resume, which the
+    # CLI suggested, took the damaged one again
+    run = str(tmp_path / "run")
+    steps = sorted(random.Random(str(error)).sample(range(1, 50), 3))
+    for step in steps:
+        _save(run, step, keep=None)
+    newest, earlier = (os.path.join(run, f"checkpoint-{s}") for s in (steps[-1], steps[-2]))
+    damage(newest)
+    model, opt = _trained(steps[-1])
+    with pytest.raises(ValueError, match=rf"{error}.*; resume from an earlier checkpoint: --resume "
+                                         rf"{re.escape(earlier)} \(the steps after it are set aside\)"):
+        ckpt.load_checkpoint(newest, model=model, optimizer=opt)
+    for step in steps[1:]:
+        ckpt._delete_checkpoint(os.path.join(run, f"checkpoint-{step}"))
+    oldest = os.path.join(run, f"checkpoint-{steps[0]}")
+    damage(oldest)
+    with pytest.raises(ValueError, match=rf"{error}.*; there is no earlier checkpoint beside it to resume from"):
+        ckpt.load_checkpoint(oldest, model=model, optimizer=opt)

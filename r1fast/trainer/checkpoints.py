@@ -888,7 +888,7 @@ def load_checkpoint(path: str, *, model, optimizer=None, scheduler=None,
             state = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"checkpoint {path!r}: {STATE_FILE} is not valid JSON ({e}); "
-                         f"resume from an earlier checkpoint") from None
+                         f"{_resume_earlier(path)}") from None
     _check_same_model(path, model)
     opt_tensors = _read_tensors(path, "optimizer.safetensors") if optimizer is not None else None
     rng_tensors = _read_tensors(path, "rng.safetensors")
@@ -960,11 +960,24 @@ def _read_tensors(path: str, name: str) -> dict[str, torch.Tensor]:
     SafetensorError, not a ValueError, for a truncated file)."""
     file = os.path.join(path, name)
     if not os.path.isfile(file):
-        raise ValueError(f"checkpoint {path!r} lacks {name}")
+        raise ValueError(f"checkpoint {path!r} lacks {name}; {_resume_earlier(path)}")
     try:
         return load_file(file)
     except Exception as e:
-        raise ValueError(f"checkpoint {path!r}: cannot read {name} (truncated or damaged?): {e}") from None
+        raise ValueError(f"checkpoint {path!r}: cannot read {name} (truncated or damaged?): {e}; "
+                         f"{_resume_earlier(path)}") from None
+
+
+def _resume_earlier(path: str) -> str:
+    """What to do about a damaged or incomplete checkpoint: resume from the newest one before it in its folder,
+    named (a bare --resume takes the damaged one again, and "resume from an earlier checkpoint" left the user to
+    find the flag's form and the folder's other checkpoints), or, where there is none, that there is none."""
+    step = _checkpoint_step(path)
+    earlier = [p for s, p in list_checkpoints(os.path.dirname(os.path.normpath(path)))
+               if step is not None and s < step[0]]
+    if earlier:
+        return f"resume from an earlier checkpoint: --resume {earlier[-1]} (the steps after it are set aside)"
+    return "there is no earlier checkpoint beside it to resume from"
 
 
 def load_weights(model, path: str):
@@ -976,8 +989,12 @@ def load_weights(model, path: str):
     # Checked here: from_pretrained falls back to any *.safetensors in the folder, and a training
     # checkpoint also holds optimizer.safetensors and rng.safetensors.
     if not any(os.path.isfile(os.path.join(path, f)) for f in (SINGLE_NAME, INDEX_NAME)):
-        raise ValueError(f"checkpoint {path!r} lacks the model weights ({SINGLE_NAME} or {INDEX_NAME})")
-    loaded = from_pretrained(path, dtype=model.dtype, device="cpu")
+        raise ValueError(f"checkpoint {path!r} lacks the model weights ({SINGLE_NAME} or {INDEX_NAME}); "
+                         f"{_resume_earlier(path)}")
+    try:
+        loaded = from_pretrained(path, dtype=model.dtype, device="cpu")
+    except (ValueError, OSError) as e:   # a damaged weights file or config.json: the loader's error names it
+        raise ValueError(f"checkpoint {path!r}: {e}; {_resume_earlier(path)}") from None
     src = dict(loaded.named_parameters())
     with torch.no_grad():
         for name, p in model.named_parameters():
