@@ -480,3 +480,18 @@ def test_a_damaged_checkpoint_names_the_earlier_one_to_resume_from(tmp_path, dam
     damage(oldest)
     with pytest.raises(ValueError, match=rf"{error}.*; there is no earlier checkpoint beside it to resume from"):
         ckpt.load_checkpoint(oldest, model=model, optimizer=opt)
+
+
+def test_a_damaged_checkpoint_of_a_pipelines_stage_says_how_the_pipeline_resumes_from_the_earlier_one(tmp_path):
+    # the pipeline's --resume takes its run folder: "--resume <stage>/checkpoint-2" was refused as no pipeline folder
+    stage = str(tmp_path / "p" / "rl")
+    for step in (2, 5):
+        _save(stage, step, keep=None)
+    (tmp_path / "p" / "pipeline_state.json").write_text('{"order": ["rl"], "stages": {}}')
+    newest = os.path.join(stage, "checkpoint-5")
+    os.truncate(os.path.join(newest, "optimizer.safetensors"), 100)
+    model, opt = _trained(5)
+    with pytest.raises(ValueError, match=rf"resume from an earlier checkpoint: move {re.escape(newest)} out of the run "
+                                         rf"folder and --resume again, which continues the stage from "
+                                         rf"{re.escape(os.path.join(stage, 'checkpoint-2'))}$"):
+        ckpt.load_checkpoint(newest, model=model, optimizer=opt)

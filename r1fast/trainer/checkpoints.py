@@ -973,11 +973,15 @@ def _resume_earlier(path: str) -> str:
     named (a bare --resume takes the damaged one again, and "resume from an earlier checkpoint" left the user to
     find the flag's form and the folder's other checkpoints), or, where there is none, that there is none."""
     step = _checkpoint_step(path)
-    earlier = [p for s, p in list_checkpoints(os.path.dirname(os.path.normpath(path)))
-               if step is not None and s < step[0]]
-    if earlier:
-        return f"resume from an earlier checkpoint: --resume {earlier[-1]} (the steps after it are set aside)"
-    return "there is no earlier checkpoint beside it to resume from"
+    folder = os.path.dirname(os.path.normpath(path))
+    earlier = [p for s, p in list_checkpoints(folder) if step is not None and s < step[0]]
+    if not earlier:
+        return "there is no earlier checkpoint beside it to resume from"
+    if os.path.isfile(os.path.join(os.path.dirname(folder), "pipeline_state.json")):
+        # a pipeline's stage: the pipeline's --resume takes its run folder, not a checkpoint
+        return (f"resume from an earlier checkpoint: move {path} out of the run folder and --resume again, which "
+                f"continues the stage from {earlier[-1]}")
+    return f"resume from an earlier checkpoint: --resume {earlier[-1]} (the steps after it are set aside)"
 
 
 def load_weights(model, path: str):
