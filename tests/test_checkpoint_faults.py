@@ -495,3 +495,22 @@ def test_a_damaged_checkpoint_of_a_pipelines_stage_says_how_the_pipeline_resumes
                                          rf"folder and --resume again, which continues the stage from "
                                          rf"{re.escape(os.path.join(stage, 'checkpoint-2'))}$"):
         ckpt.load_checkpoint(newest, model=model, optimizer=opt)
+
+
+def test_the_cli_adds_no_bare_resume_to_a_damaged_checkpoints_named_remedy(tmp_path, capsys):
+    # a bare --resume takes the damaged checkpoint again: the line "once that is fixed, continue with: ... --resume"
+    # under the error's own "--resume <earlier checkpoint>" sent the user round in a circle
+    from r1fast.cli import main
+
+    run = tmp_path / "g"
+    args = ["train", "model_name_or_path=builtin:micro", "dataset=builtin:arithmetic", "save_steps=1",
+            f"output_dir={run}", "progress_bar=false", "eval_steps=0", "num_generations=2",
+            "per_device_train_batch_size=2", "max_completion_length=8"]
+    assert main(args + ["max_steps=2"]) in (0, None)
+    victim = random.choice(["optimizer.safetensors", "rng.safetensors", "model.safetensors"])
+    os.truncate(run / "checkpoint-2" / victim, 100)
+    with pytest.raises(SystemExit) as exit_:
+        main(args + ["max_steps=3", "--resume"])
+    message = str(exit_.value.code)
+    assert "cannot read" in message and victim in message and f"--resume {run / 'checkpoint-1'}" in message, message
+    assert "continue with" not in message, message

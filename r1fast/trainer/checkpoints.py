@@ -346,6 +346,17 @@ class OutputDirHoldsAnotherRun(ValueError):
     those are not this run's to go on from, so the CLI adds no "continue with --resume"."""
 
 
+class DamagedCheckpoint(ValueError):
+    """A checkpoint that cannot be resumed from (a file missing, truncated or not what it should be); its message
+    ends with what to do (_resume_earlier). `bare_resume_continues`: whether a bare --resume goes on once that is
+    done (a pipeline's, after moving the damaged stage checkpoint out); a single run's bare --resume takes the
+    damaged checkpoint again, so the CLI adds no "continue with --resume" to it."""
+
+    def __init__(self, path: str, problem: str):
+        remedy, self.bare_resume_continues = _resume_earlier(path)
+        super().__init__(f"{problem}; {remedy}")
+
+
 class RunFolderBusy(ValueError):
     """Another live process is training in the same run folder."""
 
@@ -887,8 +898,7 @@ def load_checkpoint(path: str, *, model, optimizer=None, scheduler=None,
         with open(state_path, encoding="utf-8") as f:
             state = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"checkpoint {path!r}: {STATE_FILE} is not valid JSON ({e}); "
-                         f"{_resume_earlier(path)}") from None
+        raise DamagedCheckpoint(path, f"checkpoint {path!r}: {STATE_FILE} is not valid JSON ({e})") from None
     _check_same_model(path, model)
     opt_tensors = _read_tensors(path, "optimizer.safetensors") if optimizer is not None else None
     rng_tensors = _read_tensors(path, "rng.safetensors")
@@ -960,28 +970,28 @@ def _read_tensors(path: str, name: str) -> dict[str, torch.Tensor]:
     SafetensorError, not a ValueError, for a truncated file)."""
     file = os.path.join(path, name)
     if not os.path.isfile(file):
-        raise ValueError(f"checkpoint {path!r} lacks {name}; {_resume_earlier(path)}")
+        raise DamagedCheckpoint(path, f"checkpoint {path!r} lacks {name}")
     try:
         return load_file(file)
     except Exception as e:
-        raise ValueError(f"checkpoint {path!r}: cannot read {name} (truncated or damaged?): {e}; "
-                         f"{_resume_earlier(path)}") from None
+        raise DamagedCheckpoint(path, f"checkpoint {path!r}: cannot read {name} (truncated or damaged?): {e}") from None
 
 
-def _resume_earlier(path: str) -> str:
+def _resume_earlier(path: str) -> tuple[str, bool]:
     """What to do about a damaged or incomplete checkpoint: resume from the newest one before it in its folder,
     named (a bare --resume takes the damaged one again, and "resume from an earlier checkpoint" left the user to
-    find the flag's form and the folder's other checkpoints), or, where there is none, that there is none."""
+    find the flag's form and the folder's other checkpoints), or, where there is none, that there is none.
+    → (those words, whether a bare --resume goes on after them)."""
     step = _checkpoint_step(path)
     folder = os.path.dirname(os.path.normpath(path))
     earlier = [p for s, p in list_checkpoints(folder) if step is not None and s < step[0]]
     if not earlier:
-        return "there is no earlier checkpoint beside it to resume from"
+        return "there is no earlier checkpoint beside it to resume from", False
     if os.path.isfile(os.path.join(os.path.dirname(folder), "pipeline_state.json")):
         # a pipeline's stage: the pipeline's --resume takes its run folder, not a checkpoint
         return (f"resume from an earlier checkpoint: move {path} out of the run folder and --resume again, which "
-                f"continues the stage from {earlier[-1]}")
-    return f"resume from an earlier checkpoint: --resume {earlier[-1]} (the steps after it are set aside)"
+                f"continues the stage from {earlier[-1]}", True)
+    return f"resume from an earlier checkpoint: --resume {earlier[-1]} (the steps after it are set aside)", False
 
 
 def load_weights(model, path: str):
@@ -993,12 +1003,11 @@ def load_weights(model, path: str):
     # Checked here: from_pretrained falls back to any *.safetensors in the folder, and a training
     # checkpoint also holds optimizer.safetensors and rng.safetensors.
     if not any(os.path.isfile(os.path.join(path, f)) for f in (SINGLE_NAME, INDEX_NAME)):
-        raise ValueError(f"checkpoint {path!r} lacks the model weights ({SINGLE_NAME} or {INDEX_NAME}); "
-                         f"{_resume_earlier(path)}")
+        raise DamagedCheckpoint(path, f"checkpoint {path!r} lacks the model weights ({SINGLE_NAME} or {INDEX_NAME})")
     try:
         loaded = from_pretrained(path, dtype=model.dtype, device="cpu")
     except (ValueError, OSError) as e:   # a damaged weights file or config.json: the loader's error names it
-        raise ValueError(f"checkpoint {path!r}: {e}; {_resume_earlier(path)}") from None
+        raise DamagedCheckpoint(path, f"checkpoint {path!r}: {e}") from None
     src = dict(loaded.named_parameters())
     with torch.no_grad():
         for name, p in model.named_parameters():

@@ -154,11 +154,13 @@ def _guarded(cmd: str, func, resumable: bool = True):
             print(f"r1fast {cmd}: stopped{hint}", file=sys.stderr)
             return 130
         except _user_errors() as e:
-            from r1fast.trainer.checkpoints import OutputDirHoldsAnotherRun, RunFolderInUse
+            from r1fast.trainer.checkpoints import DamagedCheckpoint, OutputDirHoldsAnotherRun, RunFolderInUse
 
             if isinstance(e, RunFolderInUse):
                 raise SystemExit(_in_use_message(cmd, args.rest, e)) from None
             if isinstance(e, OutputDirHoldsAnotherRun):   # its checkpoints are another run's: no --resume hint
+                raise SystemExit(f"r1fast {cmd}: {e}") from None
+            if isinstance(e, DamagedCheckpoint) and not e.bare_resume_continues:   # its message says which --resume
                 raise SystemExit(f"r1fast {cmd}: {e}") from None
             kept = _left_progress(getattr(e, "r1fast_run_folders", [])) if resumable else None
             if kept:
