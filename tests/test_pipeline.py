@@ -1403,6 +1403,23 @@ def scripted(monkeypatch, script):
     return model, tok
 
 
+@pytest.mark.parametrize("setting", [True, False])
+def test_rejection_sampling_shows_its_progress_bar_as_its_config_says(monkeypatch, setting):
+    # progress defaulted to True: SampleConfig(progress_bar=False) still drew a bar from Python
+    import r1fast.progress
+    from r1fast.trainer.config import SampleConfig
+    from r1fast.trainer.sampling import rejection_sample
+
+    bars, real = [], r1fast.progress.progress
+    monkeypatch.setattr(r1fast.progress, "progress", lambda *a, **kw: bars.append(a) or real(*a, **kw))
+    model, tok = scripted(monkeypatch, {"2+2": ["<think>w</think><answer>4</answer>"] * 2})
+    cfg = SampleConfig(num_samples=2, progress_bar=setting)
+    kept, _ = rejection_sample(model, tok, [{"prompt": "2+2", "answer": "4"}], cfg)
+    assert len(kept) == 1 and len(bars) == int(setting), bars
+    rejection_sample(model, tok, [{"prompt": "2+2", "answer": "4"}], cfg, progress=not setting)   # the argument wins
+    assert len(bars) == 1, bars
+
+
 def test_rejection_sampling_keeps_correct_well_formed_distinct_samples_up_to_keep_per_prompt(monkeypatch):
     from r1fast.trainer.config import SampleConfig
     from r1fast.trainer.sampling import rejection_sample

@@ -21,7 +21,8 @@ from r1fast.trainer.config import ConfigError, SampleConfig, folder_obstacle
 from r1fast.trainer.metrics import replacing, writing
 
 
-def rejection_sample(model, tokenizer=None, rows=None, cfg: Optional[SampleConfig] = None, *, progress: bool = True,
+def rejection_sample(model, tokenizer=None, rows=None, cfg: Optional[SampleConfig] = None, *,
+                     progress: Optional[bool] = None,
                      should_stop: Optional[Callable[[], bool]] = None,
                      resume_from: Optional[dict] = None,
                      on_batch: Optional[Callable[[list[dict], dict], None]] = None,
@@ -34,13 +35,15 @@ def rejection_sample(model, tokenizer=None, rows=None, cfg: Optional[SampleConfi
     one would.
     As the trainers: `model` may be a name (loaded with cfg's device, dtype and seed, its tokenizer with it) and
     `rows` a list of dicts, a datasets.Dataset, a path / builtin:<task>, or None (cfg.dataset). `stop_option`:
-    the option that gave cfg.stop_tokens, named by the errors and warnings (a pipeline's `<stage>.stop_tokens`)."""
+    the option that gave cfg.stop_tokens, named by the errors and warnings (a pipeline's `<stage>.stop_tokens`).
+    `progress`: whether to show a progress bar; None follows cfg.progress_bar."""
     from r1fast.rollout import Engine, SamplingParams
 
     cfg = SampleConfig() if cfg is None else cfg
     if not isinstance(cfg, SampleConfig):
         raise TypeError(f"rejection sampling: cfg must be a SampleConfig, got {type(cfg).__name__}")
     cfg.validate()
+    progress = cfg.progress_bar if progress is None else progress
     if isinstance(rows, list) and not rows:
         raise ValueError("rejection sampling: the prompt dataset is empty")
     # the data before the model: a wrong path is said before a large model has loaded
