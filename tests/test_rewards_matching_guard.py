@@ -95,6 +95,22 @@ def test_a_float16_gold_is_the_number_it_prints_as(with_math_verify):
     assert _accuracy("0.15625", np.array([0.15625], dtype=np.float16)) == _accuracy("0.1", torch.tensor(0.1).bfloat16()) == 1.0
 
 
+def test_a_16_bit_gold_with_its_dtype_matches_its_exact_value_of_any_length(with_math_verify):
+    # the exact value was accepted only where it has at most 9 digits: float16's 3.6 is 3.599609375 (10), which scored
+    # 0 against its own gold, as did every float16 value in (-4, 4) off a 9-digit grid and small bfloat16 values
+    # (test_a_float16_gold_is_the_number_it_prints_as drew such a gold in about 1 run in 300)
+    import numpy as np
+    import torch
+
+    for gold in (np.array([3.6], dtype=np.float16), torch.tensor([-1.1], dtype=torch.float16), np.float16(0.3),
+                 torch.tensor([1e-4], dtype=torch.bfloat16), torch.tensor(3.7, dtype=torch.bfloat16)):
+        exact = float(gold.tolist()[0] if gold.ndim else gold.tolist())
+        assert _accuracy(repr(exact), gold) == 1.0, (exact, gold)
+        # not any number near it: the next float16 up, and the value a millionth off
+        up = float(np.nextafter(np.float16(exact), np.float16(np.inf)))
+        assert _accuracy(repr(up), gold) == _accuracy(repr(exact * (1 + 1e-6)), gold) == 0.0, (exact, gold)
+
+
 def test_a_set_of_numbers_is_looked_up_sorted_as_each_against_each_would():
     # each member against each made a right answer of 120 numbers run out of math-verify's 3 s (score 0): a set of
     # numbers is sorted and each member looked up once; the verdict is the one each against each gives

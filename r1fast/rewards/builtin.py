@@ -110,6 +110,9 @@ def row_golds(g, where: str = "a reference answer") -> list[str]:
     golds = [gold_text(x, half) for x in values]
     if half:   # the value itself too: float16's 0.15625 (5/32) prints as 0.1562, which 5/32 does not match
         golds += [gold_text(x) for x in values]
+        # written out whole: gold_text writes a value of more than 9 digits (float16's 3.599609375 for 3.6) as its
+        # shortest reading again, so the exact value scored 0 below 4 in float16 and at small bfloat16 values
+        golds += [repr(x) for x in values if isinstance(x, float) and math.isfinite(x)]
     return list(dict.fromkeys(x for x in golds if x is not None))
 
 
