@@ -964,3 +964,37 @@ def test_rope_variants_from_config_json_match_transformers_logits(tmp_path, name
     with torch.no_grad():
         expected = ref(input_ids=ids[None]).logits[0]
         assert max_rel_err(model.logits(model(ids)), expected) <= RTOL
+
+
+# config.json keys set to null, which r1fast reads as transformers' defaults and transformers 5 refuses
+# ("Field 'max_window_layers' expected int, got NoneType"): a checkpoint r1fast saves from such a source must hold
+# the values r1fast used, or transformers refuses the save too
+NULL_KEYS = {
+    "qwen2": {"use_sliding_window": None, "max_window_layers": None, "attention_dropout": None, "use_cache": None,
+              "initializer_range": None},
+    "qwen3": {"head_dim": None, "attention_bias": None, "use_sliding_window": None, "max_window_layers": None},
+    "llama": {"mlp_bias": None, "attention_bias": None, "use_cache": None, "initializer_range": None},
+    "mistral": {"attention_dropout": None, "use_cache": None},
+}
+
+
+@pytest.mark.parametrize("family", list(NULL_KEYS))
+def test_a_checkpoint_saved_from_a_config_with_null_keys_loads_in_transformers(tmp_path, family):
+    src = tmp_path / "src"
+    ref = hf_model(ModelConfig.from_hf_config(RAW_BASE[family]), seed=3)
+    ref.save_pretrained(src)
+    (src / "config.json").write_text(json.dumps({**RAW_BASE[family], **NULL_KEYS[family]}))
+    with pytest.raises(Exception, match="NoneType"):  # the source itself is transformers' to refuse
+        transformers.AutoConfig.from_pretrained(src)
+    model = from_pretrained(src)
+    model.save_pretrained(tmp_path / "saved")
+    saved = json.loads((tmp_path / "saved" / "config.json").read_text())
+    assert not [k for k in NULL_KEYS[family] if k in saved and saved[k] is None]
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "saved", attn_implementation="eager",
+                                                              dtype=torch.float32).eval()
+    ids, cu = packed_batch(model.config.vocab_size)
+    with torch.no_grad():
+        expected = ref_logits_per_sequence(ref, ids, cu)
+        assert max_rel_err(ref_logits_per_sequence(again, ids, cu), expected) <= RTOL
+        assert max_rel_err(model.logits(model(ids, cu_seqlens=cu)), expected) <= RTOL
+    assert ModelConfig.from_hf_config(saved).to_hf_config() == saved  # saved again, the same

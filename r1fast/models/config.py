@@ -268,8 +268,8 @@ class ModelConfig:
             bos_token_id=hf.get("bos_token_id", defaults["bos_token_id"]),
             eos_token_id=hf.get("eos_token_id", defaults["eos_token_id"]),
             torch_dtype=dtype_name,
-            initializer_range=hf.get("initializer_range", 0.02),
-            extra={k: v for k, v in hf.items() if k not in _OWN_KEYS},
+            initializer_range=_flag(hf, "initializer_range", 0.02),
+            extra={k: _NULL_READ_AS.get(k) if v is None else v for k, v in hf.items() if k not in _OWN_KEYS},
         )
 
     def to_hf_config(self, dtype: torch.dtype | None = None) -> dict[str, Any]:
@@ -464,6 +464,11 @@ def _warn_about_custom_code(arch: str, hf: dict) -> None:
 
 _QWEN_MAX_WINDOW_LAYERS = 28  # transformers' Qwen2Config/Qwen3Config defaults
 _QWEN_SLIDING_WINDOW = 4096
+# Keys of `extra` a config.json may set to null, which r1fast reads (as transformers 4 did) as the value here and
+# transformers 5 refuses ("Field 'max_window_layers' expected int, got NoneType"): kept as the value read, so that
+# a checkpoint saved from such a file loads in transformers. Other nulls stay as they are (null is a value there).
+_NULL_READ_AS = {"use_sliding_window": False, "max_window_layers": _QWEN_MAX_WINDOW_LAYERS, "attention_dropout": 0.0,
+                 "use_cache": True}
 
 
 def _sliding_window_of(arch: str, hf: dict) -> int | None:
