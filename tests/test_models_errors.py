@@ -253,6 +253,42 @@ def test_missing_shard_and_bad_index(ckpt):
         from_pretrained(ckpt)
 
 
+def _name_shards(ck, rename):
+    index = _index(ck)
+    index["weight_map"] = {k: rename(i, v) for i, (k, v) in enumerate(index["weight_map"].items())}
+    (ck / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+def test_index_entries_naming_shards_by_a_path_inside_the_folder_load(ckpt):
+    # "./model-00001-of-00003.safetensors" loads in transformers (it joins the entry to the folder) and was refused
+    # as a bad shard file name; "./a" beside "a" is one file, read once
+    model = from_pretrained(ckpt)
+    expected = dict(model.named_parameters())
+    _name_shards(ckpt, lambda i, name: f"./{name}" if i % 2 else name)
+    assert any(v.startswith("./") for v in _index(ckpt)["weight_map"].values())
+    for name, p in from_pretrained(ckpt).named_parameters():
+        assert torch.equal(p, expected[name]), name
+    transformers = pytest.importorskip("transformers")
+    ref = transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).state_dict()
+    for key, tensor in model.hf_tensors().items():
+        assert torch.equal(ref[key], tensor), key
+    # shards in a subfolder of the checkpoint, named by it
+    (ckpt / "shards").mkdir()
+    for f in os.listdir(ckpt):
+        if f.startswith("model-"):
+            os.rename(ckpt / f, ckpt / "shards" / f)
+    _name_shards(ckpt, lambda i, name: f"shards/{os.path.basename(name)}")
+    for name, p in from_pretrained(ckpt).named_parameters():
+        assert torch.equal(p, expected[name]), name
+
+
+@pytest.mark.parametrize("outside", ["../ck/{}", "shards/../../ck/{}", "{folder}/{}", "", ".", "./"])
+def test_index_entries_naming_a_file_outside_the_folder_are_refused(ckpt, outside):
+    _name_shards(ckpt, lambda i, name: outside.format(os.path.basename(name), folder=ckpt))
+    with pytest.raises(ValueError, match=r"model.safetensors.index.json: bad shard file name"):
+        from_pretrained(ckpt)
+
+
 def test_pickled_weights_refused(tmp_path):
     CausalLM(ModelConfig(**TINY)).save_pretrained(tmp_path)
     os.remove(tmp_path / "model.safetensors")

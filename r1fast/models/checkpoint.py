@@ -322,8 +322,7 @@ def shard_files(path: str) -> list[str]:
             raise ValueError(f"{index} is not a valid safetensors index ({e})") from e
         files = []
         for name in weight_map.values():
-            if not isinstance(name, str) or os.path.basename(name) != name:
-                raise ValueError(f"{index}: bad shard file name {name!r}")
+            name = _shard_name(index, name)
             if name not in files:
                 files.append(name)
         paths = [os.path.join(path, f) for f in files]
@@ -345,6 +344,20 @@ def shard_files(path: str) -> list[str]:
     trainer = sorted(f for f in os.listdir(path) if f in _TRAINER_FILES)
     held = f" (it holds only a training checkpoint's {', '.join(trainer)}, not the model)" if trainer else ""
     raise FileNotFoundError(f"no *.safetensors weights in {path!r}{held}")
+
+
+def _shard_name(index: str, name) -> str:
+    """A weight_map entry as the path inside the folder it names: transformers joins the entry to the folder as it
+    stands, so "./model-00001-of-00002.safetensors" (some exporters write it) loads there and was refused here.
+    Normalised, so that "./a" and "a" are one shard, read once. An entry that leaves the folder (../, an absolute
+    path) is refused: the index would read weights from elsewhere."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{index}: bad shard file name {name!r} (each weight_map value names a .safetensors file)")
+    normal = os.path.normpath(name)
+    if os.path.isabs(name) or normal in (os.curdir, os.pardir) or normal.startswith(os.pardir + os.sep):
+        raise ValueError(f"{index}: bad shard file name {name!r}: a shard must be a file inside the checkpoint "
+                         f"folder, named relative to it")
+    return normal
 
 
 def _open(shard: str):

@@ -293,7 +293,7 @@ def _weights_files(folder: str) -> list[str]:
     from r1fast.models.checkpoint import shard_files
 
     try:
-        return [os.path.basename(p) for p in shard_files(folder)]
+        return [os.path.relpath(p, folder) for p in shard_files(folder)]  # an index may name a subfolder's
     except (OSError, ValueError):
         return [n for n in os.listdir(folder) if n.startswith("model") and n.endswith(".safetensors")]
 
