@@ -289,6 +289,25 @@ def test_index_entries_naming_a_file_outside_the_folder_are_refused(ckpt, outsid
         from_pretrained(ckpt)
 
 
+def test_a_weights_file_that_is_a_folder_is_named(tmp_path, ckpt):
+    # safetensors said only "No such device (os error 19)"
+    CausalLM(ModelConfig(**TINY)).save_pretrained(tmp_path / "one")
+    weights = tmp_path / "one" / "model.safetensors"
+    os.rename(weights, tmp_path / "w")
+    weights.mkdir()
+    with pytest.raises(IsADirectoryError, match=rf"^{weights} is a folder, not a safetensors weights file; put"):
+        from_pretrained(tmp_path / "one")
+    os.rename(tmp_path / "w", weights / "model.safetensors")
+    with pytest.raises(IsADirectoryError, match=r"model.safetensors is a folder.*\(it holds model.safetensors: was "
+                                                r"the file copied into a folder of its name\?\)"):
+        from_pretrained(tmp_path / "one")
+    shard = _shard_of(ckpt, "model.norm.weight")  # a shard the index names
+    os.remove(shard)
+    shard.mkdir()
+    with pytest.raises(IsADirectoryError, match=rf"^{shard} is a folder, not a safetensors weights file"):
+        from_pretrained(ckpt)
+
+
 def test_pickled_weights_refused(tmp_path):
     CausalLM(ModelConfig(**TINY)).save_pretrained(tmp_path)
     os.remove(tmp_path / "model.safetensors")

@@ -326,6 +326,7 @@ def shard_files(path: str) -> list[str]:
             if name not in files:
                 files.append(name)
         paths = [os.path.join(path, f) for f in files]
+        _refuse_folders(paths)
         absent = [f for f, p in zip(files, paths) if not os.path.isfile(p)]
         if absent:
             raise FileNotFoundError(f"checkpoint {path!r} is incomplete: shard(s) {absent} named in {INDEX_NAME} "
@@ -335,7 +336,9 @@ def shard_files(path: str) -> list[str]:
     # a checkpoint-N lacking model.safetensors failed with "model.safetensors.index.json holds no layers"
     others = sorted(f for f in os.listdir(path) if f.endswith(".safetensors") and f not in _TRAINER_FILES)
     if others:
-        return [os.path.join(path, f) for f in others]
+        paths = [os.path.join(path, f) for f in others]
+        _refuse_folders(paths)
+        return paths
     pickled = sorted(f for f in os.listdir(path) if f.endswith((".bin", ".pt", ".pth", ".ckpt")))
     if pickled:
         raise ValueError(f"checkpoint {path!r} has only pickled weights ({pickled[0]}...); r1fast loads "
@@ -344,6 +347,18 @@ def shard_files(path: str) -> list[str]:
     trainer = sorted(f for f in os.listdir(path) if f in _TRAINER_FILES)
     held = f" (it holds only a training checkpoint's {', '.join(trainer)}, not the model)" if trainer else ""
     raise FileNotFoundError(f"no *.safetensors weights in {path!r}{held}")
+
+
+def _refuse_folders(paths: list[str]) -> None:
+    """A weights file that is a folder (model.safetensors made a directory by a copy or download into it) failed
+    when read with safetensors' "No such device (os error 19)", naming no cause."""
+    for p in paths:
+        if os.path.isdir(p):
+            inside = sorted(f for f in os.listdir(p) if f.endswith(".safetensors"))
+            held = (f" (it holds {', '.join(inside[:3])}: was the file copied into a folder of its name?)"
+                    if inside else "")
+            raise IsADirectoryError(f"{p} is a folder, not a safetensors weights file{held}; put the weights file "
+                                    f"itself at that path")
 
 
 def _shard_name(index: str, name) -> str:
