@@ -1,6 +1,7 @@
 """r1fast.models: bad configs, checkpoints and inputs are clear errors naming the problem."""
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -546,3 +547,140 @@ def test_broken_tokenizer_files_are_named(tmp_path, file, data, message):
         load_tokenizer(tmp_path / "tok")
     if "cannot be loaded" in message:
         assert isinstance(info.value.__cause__, KeyError)
+
+
+# -- tokenizers transformers 5 rebuilds into another one -------------------------------------------------------------
+PROBE = "1+1=2 hello\nWorld"
+
+
+def _tokenizer_folder(folder, core, tokenizer_class, model_type=None, **special):
+    from transformers import PreTrainedTokenizerFast
+
+    PreTrainedTokenizerFast(tokenizer_object=core, **special).save_pretrained(folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "tokenizer_class": tokenizer_class}))
+    if model_type is not None:
+        (folder / "config.json").write_text(json.dumps({"model_type": model_type}))
+    return folder
+
+
+def _as_stored(folder):
+    """What tokenizer.json itself encodes PROBE to (the tokenizers library, as transformers 4 read it)."""
+    tokenizers = pytest.importorskip("tokenizers")
+    return tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json")).encode(PROBE, add_special_tokens=False).ids
+
+
+def _char_level(seed):
+    """A WordLevel tokenizer over single characters (as r1fast's built-in one), ids shuffled by `seed`."""
+    tokenizers = pytest.importorskip("tokenizers")
+    import random
+    import string
+
+    chars = list(string.ascii_letters + string.digits + string.punctuation + " \n")
+    random.Random(seed).shuffle(chars)
+    core = tokenizers.Tokenizer(tokenizers.models.WordLevel({"<unk>": 0, **{c: i + 1 for i, c in enumerate(chars)}},
+                                                            unk_token="<unk>"))
+    core.pre_tokenizer = tokenizers.pre_tokenizers.Split(tokenizers.Regex(r"[\s\S]"), behavior="isolated")
+    core.decoder = tokenizers.decoders.Fuse()
+    return core
+
+
+def _metaspace_bpe():
+    """A BPE over "▁"-marked words without byte-level pre-tokenization, as Llama 2's tokenizer.json is."""
+    tokenizers = pytest.importorskip("tokenizers")
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{i:02X}>": 3 + i for i in range(256)}}
+    for c in "▁abcdefghijklmnopqrstuvwxyzW0123456789+=\n":
+        vocab.setdefault(c, len(vocab))
+    merges = [("▁", "h"), ("▁h", "e"), ("l", "l"), ("▁he", "ll"), ("▁hell", "o")]
+    vocab.update({a + b: len(vocab) + i for i, (a, b) in enumerate(merges)})
+    core = tokenizers.Tokenizer(tokenizers.models.BPE(vocab=vocab, merges=merges, byte_fallback=True, fuse_unk=True,
+                                                      unk_token="<unk>"))
+    core.normalizer = tokenizers.normalizers.Sequence([tokenizers.normalizers.Prepend("▁"),
+                                                       tokenizers.normalizers.Replace(" ", "▁")])
+    decoders = tokenizers.decoders
+    core.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                      decoders.Strip(" ", 1, 0)])
+    return core
+
+
+@pytest.mark.parametrize("tokenizer_class, model", [
+    ("Qwen2Tokenizer", "BPE"), ("LlamaTokenizerFast", "BPE"), ("GPT2TokenizerFast", "BPE"),
+    ("BertTokenizerFast", "WordPiece")])
+def test_a_tokenizer_class_that_rebuilds_tokenizer_json_into_another_tokenizer_is_refused(tmp_path, tokenizer_class,
+                                                                                         model):
+    # transformers 5 keeps only tokenizer.json's vocabulary and builds the named class's own pipeline around it:
+    # a character-level tokenizer loaded as Qwen2Tokenizer dropped the spaces, as BertTokenizer added [CLS]/[SEP]
+    folder = _tokenizer_folder(tmp_path / "tok", _char_level(seed=5), tokenizer_class, unk_token="<unk>")
+    with pytest.raises(ValueError, match=rf"transformers loads it as {tokenizer_class.removesuffix('Fast')}, which "
+                                         rf"does not tokenize as its tokenizer.json does \(it holds a {model} model, "
+                                         rf"tokenizer.json a WordLevel one .*Set \"tokenizer_class\": "
+                                         rf"\"PreTrainedTokenizerFast\" in {folder / 'tokenizer_config.json'}"):
+        load_tokenizer(folder)
+    # the remedy it names
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "tokenizer_class": "PreTrainedTokenizerFast"}))
+    assert load_tokenizer(folder)(PROBE, add_special_tokens=False)["input_ids"] == _as_stored(folder)
+
+
+def test_a_tokenizer_rebuilt_to_encode_text_to_nothing_is_refused(tmp_path):
+    tokenizers = pytest.importorskip("tokenizers")
+    core = tokenizers.Tokenizer(tokenizers.models.WordLevel({"<unk>": 0, "hi": 1}, unk_token="<unk>"))
+    folder = _tokenizer_folder(tmp_path / "tok", core, "Qwen2Tokenizer", unk_token="<unk>")
+    with pytest.raises(ValueError, match=r"loads it as Qwen2Tokenizer, which does not tokenize as its tokenizer.json "
+                                         r"does \(it holds a BPE model, tokenizer.json a WordLevel one \('1\+1=2 "
+                                         r"hello\\nWorld' encodes to \[\]\)\)"):
+        load_tokenizer(folder)
+
+
+def test_a_bpe_tokenizer_rebuilt_with_another_pre_tokenizer_is_refused_and_an_equivalent_one_loads(tmp_path):
+    # same model type and vocabulary, but Qwen2Tokenizer's byte-level pipeline: other ids
+    stored = _as_stored(_tokenizer_folder(tmp_path / "llama", _metaspace_bpe(), "LlamaTokenizerFast",
+                                          unk_token="<unk>", bos_token="<s>", eos_token="</s>"))
+    # LlamaTokenizer's own pipeline (Metaspace) tokenizes as this tokenizer.json does: loaded as before
+    assert load_tokenizer(tmp_path / "llama")(PROBE, add_special_tokens=False)["input_ids"] == stored
+    folder = _tokenizer_folder(tmp_path / "qwen", _metaspace_bpe(), "Qwen2Tokenizer", unk_token="<unk>")
+    with pytest.raises(ValueError, match=rf"loads it as Qwen2Tokenizer, which does not tokenize as its tokenizer.json "
+                                         rf"does \('1\+1=2 hello\\nWorld' encodes to \[[\d, ]+\], by tokenizer.json "
+                                         rf"to {re.escape(str(stored))}\)"):
+        load_tokenizer(folder)
+
+
+def test_a_byte_level_bpe_named_qwen2tokenizer_loads_as_stored(tmp_path):
+    tokenizers = pytest.importorskip("tokenizers")
+    byte_level = tokenizers.pre_tokenizers.ByteLevel
+    vocab = {c: i for i, c in enumerate(sorted(byte_level.alphabet()))}
+    merges = [("h", "e"), ("l", "l"), ("he", "ll"), ("hell", "o"), ("Ġ", "hello"), ("W", "o")]
+    vocab.update({a + b: len(vocab) + i for i, (a, b) in enumerate(merges)})
+    core = tokenizers.Tokenizer(tokenizers.models.BPE(vocab=vocab, merges=merges))
+    core.pre_tokenizer = byte_level(add_prefix_space=False)
+    core.decoder = tokenizers.decoders.ByteLevel()
+    folder = _tokenizer_folder(tmp_path / "tok", core, "Qwen2Tokenizer", unk_token="<unk>")
+    loaded = load_tokenizer(folder)
+    assert type(loaded).__name__ == "Qwen2Tokenizer"
+    assert loaded(PROBE, add_special_tokens=False)["input_ids"] == _as_stored(folder)
+
+
+def test_a_tokenizer_that_transformers_rebuilds_for_its_model_type_names_the_way_out(tmp_path):
+    # beside a config.json of model_type qwen2, transformers 5 takes Qwen2Tokenizer whatever tokenizer_config.json
+    # names: the tokenizer_class remedy would not help
+    folder = _tokenizer_folder(tmp_path / "tok", _char_level(seed=9), "PreTrainedTokenizerFast", model_type="qwen2",
+                               unk_token="<unk>")
+    with pytest.raises(ValueError, match=r"transformers 5 takes Qwen2Tokenizer for config.json's model_type 'qwen2', "
+                                         r"whatever tokenizer_config.json names.*tokenizer=transformers."
+                                         r"PreTrainedTokenizerFast.from_pretrained\("):
+        load_tokenizer(folder)
+    from transformers import PreTrainedTokenizerFast
+
+    given = PreTrainedTokenizerFast.from_pretrained(folder)
+    assert given(PROBE, add_special_tokens=False)["input_ids"] == _as_stored(folder)
+
+
+def test_a_tokenizer_json_that_encodes_text_to_nothing_is_refused(tmp_path):
+    # no class rebuilt it: its own vocabulary covers none of the text, and a BPE without an unknown token drops it
+    tokenizers = pytest.importorskip("tokenizers")
+    core = tokenizers.Tokenizer(tokenizers.models.BPE(vocab={"<pad>": 0, "é": 1}, merges=[]))
+    folder = _tokenizer_folder(tmp_path / "tok", core, "PreTrainedTokenizerFast", pad_token="<pad>")
+    assert _as_stored(folder) == []
+    with pytest.raises(ValueError, match=r"\(loaded as TokenizersBackend\) encodes '1\+1=2 hello\\nWorld' to no "
+                                         r"tokens: are its files this model's tokenizer\?"):
+        load_tokenizer(folder)

@@ -25,9 +25,7 @@ def load_tokenizer(path):
     if not files & {"tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json"}:
         raise FileNotFoundError(f"no tokenizer files (tokenizer.json, tokenizer_config.json, ...) in {path!r}"
                                 f"{not_a_model_folder_hint(path)}")
-    for name in _JSON_FILES:
-        if name in files:
-            read_json_object(os.path.join(path, name))
+    stored = {name: read_json_object(os.path.join(path, name)) for name in _JSON_FILES if name in files}
     # Checked before and after loading: with neither tokenizer.json nor its class's vocabulary files,
     # transformers either fails with an unrelated message (install sentencepiece, `vocab` and `merges`
     # must both be filenames) or returns a tokenizer of only the special tokens, which encodes text to [].
@@ -43,6 +41,7 @@ def load_tokenizer(path):
                          f"tokenizers version, and tokenizer_config.json consistent with it?): "
                          f"{type(e).__name__}: {e}") from e
     _check_vocabulary(path, files, type(tokenizer))
+    _check_reads_as_stored(path, files, tokenizer, stored.get("tokenizer.json"))
     # how it was loaded, which transformers keeps among the tokenizer's options and so writes into the
     # tokenizer_config.json of every checkpoint saved with it: a pipeline stage resumed after a stop loads its
     # tokenizer from the previous stage's checkpoint, where the uninterrupted run had it in memory, and its
@@ -76,3 +75,104 @@ def _check_vocabulary(path: str, files: set[str], tokenizer_class) -> None:
         raise FileNotFoundError(f"tokenizer folder {path!r} has no vocabulary: it lacks tokenizer.json and "
                                 f"{' and '.join(missing)}, which {tokenizer_class.__name__} reads without it; "
                                 f"copy the tokenizer files from the original checkpoint")
+
+
+# Text any tokenizer r1fast trains with splits into tokens: digits, operators, a space, words, a newline.
+_PROBE = "1+1=2 hello\nWorld"
+
+
+def _check_reads_as_stored(path: str, files: set[str], tokenizer, stored: dict | None) -> None:
+    """Refuse a tokenizer transformers 5 rebuilt into another one. A class with its own pipeline (Qwen2Tokenizer,
+    LlamaTokenizer, BertTokenizer...) takes only the vocabulary from tokenizer.json and puts its own normalizer,
+    pre-tokenizer and model around it, where transformers 4 read tokenizer.json as it is: named in
+    tokenizer_config.json over a tokenizer.json that is not that class's (a WordLevel or non-byte-level BPE one), the
+    ids change, or text encodes to []. Checked on one short text against tokenizer.json's own pipeline run over the
+    loaded model, which costs no second reading of the vocabulary."""
+    try:
+        ids = tokenizer(_PROBE, add_special_tokens=False)["input_ids"]
+    except Exception:  # e.g. a WordLevel vocabulary without an unknown token: it fails so on any text it lacks
+        return
+    _check_as_stored(path, files, tokenizer, stored, ids)
+    if not ids:  # as its files say: they are not a tokenizer for text
+        raise ValueError(f"tokenizer folder {path!r} (loaded as {type(tokenizer).__name__}) encodes {_PROBE!r} to no "
+                         f"tokens: are its files this model's tokenizer? Copy them (tokenizer.json, "
+                         f"tokenizer_config.json...) from the original checkpoint")
+
+
+def _check_as_stored(path: str, files: set[str], tokenizer, stored: dict | None, ids: list[int]) -> None:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    model = stored.get("model") if stored is not None else None
+    if backend is None or not isinstance(model, dict):
+        return
+    kind, loaded = model.get("type"), type(backend.model).__name__
+    if kind is not None and kind != loaded:
+        raise ValueError(_not_as_stored(path, files, tokenizer, f"it holds a {loaded} model, tokenizer.json a {kind} "
+                                                                f"one ({_PROBE!r} encodes to {ids})"))
+    vocab = model.get("vocab")
+    size = backend.get_vocab_size(with_added_tokens=False)
+    if isinstance(vocab, (dict, list)) and len(vocab) != size:
+        raise ValueError(_not_as_stored(path, files, tokenizer, f"its vocabulary holds {size} tokens, tokenizer.json's "
+                                                                f"{len(vocab)}"))
+    pipeline = _stored_pipeline(stored)
+    if pipeline is None:
+        return
+    # both pipelines over the one model loaded (so no second reading of the vocabulary), added tokens aside: the
+    # rebuilt classes keep those
+    got = [i for _, i in _through(backend, backend.model)]
+    want = [_stored_id(vocab, token, i) for token, i in _through(pipeline, backend.model)]
+    if got != want:
+        raise ValueError(_not_as_stored(path, files, tokenizer, f"{_PROBE!r} encodes to {got}, by tokenizer.json to "
+                                                                f"{want}"))
+
+
+def _through(pipeline, model) -> list[tuple[str, int]]:
+    """The probe's (token, id) pairs through `pipeline`'s normalizer and pre-tokenizer and `model`."""
+    text = pipeline.normalizer.normalize_str(_PROBE) if pipeline.normalizer is not None else _PROBE
+    pieces = [p for p, _ in pipeline.pre_tokenizer.pre_tokenize_str(text)] if pipeline.pre_tokenizer else [text]
+    return [(t.value, t.id) for piece in pieces for t in model.tokenize(piece)]
+
+
+def _stored_id(vocab, token: str, loaded_id: int):
+    """The id tokenizer.json's vocabulary gives `token` (a token it lacks keeps the loaded id: an added token)."""
+    if isinstance(vocab, dict):
+        return vocab.get(token, loaded_id)
+    if isinstance(vocab, list):  # Unigram: [piece, score] pairs, the id the position
+        def piece(i):
+            return vocab[i][0] if isinstance(vocab[i], list) and vocab[i] else None
+
+        if 0 <= loaded_id < len(vocab) and piece(loaded_id) == token:
+            return loaded_id
+        return next((i for i in range(len(vocab)) if piece(i) == token), loaded_id)
+    return loaded_id
+
+
+def _stored_pipeline(stored: dict):
+    """tokenizer.json's pipeline with an empty vocabulary (as transformers reads it for the same purpose): its
+    model is not used. None where the tokenizers library does not read it so."""
+    import json
+
+    from tokenizers import Tokenizer
+
+    shell = {**stored, "model": {"type": "BPE", "vocab": {}, "merges": []}, "added_tokens": []}
+    try:
+        return Tokenizer.from_str(json.dumps(shell))
+    except Exception:  # a format this tokenizers version reads differently: transformers has loaded it already
+        return None
+
+
+def _not_as_stored(path: str, files: set[str], tokenizer, what: str) -> str:
+    loaded = type(tokenizer).__name__
+    configured = _configured_class(path, files)
+    head = f"tokenizer folder {path!r}: transformers loads it as {loaded}, which does not tokenize as "
+    if configured is type(tokenizer):
+        return (f"{head}its tokenizer.json does ({what}): {loaded} is the class tokenizer_config.json names, and "
+                f"transformers 5 rebuilds it with its own pipeline around tokenizer.json's vocabulary. Set "
+                f"\"tokenizer_class\": \"PreTrainedTokenizerFast\" in {os.path.join(path, 'tokenizer_config.json')}, "
+                f"which reads tokenizer.json as it is (as transformers 4 did)")
+    model_type = None
+    if "config.json" in files:
+        model_type = read_json_object(os.path.join(path, "config.json")).get("model_type")
+    return (f"{head}its tokenizer.json does ({what}): transformers 5 takes {loaded} for config.json's model_type "
+            f"{model_type!r}, whatever tokenizer_config.json names, and rebuilds it with its own pipeline around "
+            f"tokenizer.json's vocabulary. Give the trainer the tokenizer as tokenizer.json defines it: "
+            f"tokenizer=transformers.PreTrainedTokenizerFast.from_pretrained({path!r})")
