@@ -2387,3 +2387,27 @@ def test_a_boolean_reference_answer_is_refused_naming_its_row_and_column():
         RewardSet(["accuracy"]).score(["p", "q"], [GOOD, GOOD], {"answer": ["5", True]})
     # numbers and text still score as before
     assert accuracy_reward(["p"] * 3, [GOOD] * 3, answer=[5, 5.0, "true"]) == [1.0, 1.0, 0.0]
+
+
+def test_a_minus_sign_written_just_before_a_box_is_the_answer_s(with_math_verify):
+    import random
+
+    from r1fast.rewards.builtin import vote_key
+
+    n = random.randint(2, 10**6)
+    for text in (f"-\\boxed{{{n}}}", f"so $x = -\\boxed{{{n}}}$.", f"$x = - \\boxed{{{n}}}$", f"(\u2212\\boxed{{{n}}})",
+                 f"is -\\boxed{{{n:,}}}", f"$-\\boxed{{\\frac{{{n}}}{{1}}}}$"):
+        if "frac" in text and not with_math_verify:
+            continue
+        # extracted from the text, or an answer that holds it (read by math-verify unless it is the signed box alone)
+        in_answer = with_math_verify or text.startswith("-")
+        for completion in (text, f"<answer>{text}</answer>") if in_answer else (text,):
+            assert accuracy_reward([""], [completion], answer=[f"-{n}"]) == [1.0], completion
+            assert accuracy_reward([""], [completion], answer=[str(n)]) == [0.0], completion
+        assert vote_key(f"-\\boxed{{{n}}}") == vote_key(f"-{n}")
+    # not the answer's sign: a bullet or a dash before a spaced box, a difference, a sum in the box, a box in a box
+    for text, value in ((f"- \\boxed{{{n}}}", n), (f"Answer - \\boxed{{{n}}}", n), (f"$-$ \\boxed{{{n}}}", n),
+                        (f"{n + 1} -\\boxed{{{n}}}", n), (f"x = \\boxed{{{n}}}", n), (f"answer: \\boxed{{{n}}}", n),
+                        (f"$-\\boxed{{x+{n}}}$", f"x+{n}")):
+        assert accuracy_reward([""], [text], answer=[str(value)]) == [1.0], text
+    assert extract_answer(f"-\\boxed{{1, {n}}}") == f"1, {n}"

@@ -19,18 +19,92 @@ _BOXED_TOKEN_RE = re.compile(r"\\boxed\s*\{|\{|\}")
 
 
 def last_boxed(text: str) -> Optional[str]:
-    """The content of the \\boxed{…} that closes last, braces matched (`\\boxed{\\frac{1}{2}}`), in one pass."""
-    stack: list[tuple[bool, int]] = []
+    """The content of the \\boxed{…} that closes last, braces matched (`\\boxed{\\frac{1}{2}}`), in one pass, with a
+    minus sign written just before the box (`x = -\\boxed{5}`: _minus_before_box) as its first character."""
+    span = _last_boxed_span(text)
+    if span is None:
+        return None
+    box_start, start, end = span
+    content = text[start:end]
+    return "-" + content.strip() if _minus_before_box(text, box_start, content) is not None else content
+
+
+def _last_boxed_span(text: str) -> Optional[tuple[int, int, int]]:
+    """Where the \\boxed{…} that closes last starts, and where its content starts and ends; None without one."""
+    # (where a box's `\\boxed` starts, else -1 for a plain `{`; where its content starts)
+    stack: list[tuple[int, int]] = []
     last = None
     for m in _BOXED_TOKEN_RE.finditer(text):
         if m.group() == "}":
             if stack:
-                is_box, start = stack.pop()
-                if is_box:
-                    last = text[start:m.start()]
+                box_start, start = stack.pop()
+                if box_start >= 0:
+                    last = (box_start, start, m.start())
         else:
-            stack.append((m.group() != "{", m.end()))
+            stack.append((m.start() if m.group() != "{" else -1, m.end()))
     return last
+
+
+# A minus sign written before a box rather than in it: math-verify, and the extraction, read the box alone, so
+# `x = -\boxed{5}` and `$-\boxed{5}$` scored 1 against the gold 5 and 0 against -5. Written against the box it is the
+# answer's sign, unless it follows a number or a closing bracket (`10 -\boxed{5}`, a difference whose box holds its
+# value); spaced from the box only after `=`, `$` or an opening bracket (`x = - \boxed{5}`): `- \boxed{5}` opening a
+# line is a list's bullet and `Answer - \boxed{5}` (or `$-$ \boxed{5}`) a dash. The box must hold one term (no sign,
+# sum, list, relation or words outside its brackets): -\boxed{x+1} is not -x+1, and is left as it was.
+_MINUS_SIGNS = "-\u2212"
+_OPERAND_END = frozenset("0123456789)]}.")
+_SIGN_OPENERS = frozenset("=$([{")
+# a LaTeX argument, or a bracket that holds no list (`(x+1)^2` is one term, `(1, 2)` a tuple)
+_NESTED_GROUP_RE = re.compile(r"\{[^{}]*\}|\([^(),;]*\)|\[[^\[\],;]*\]")
+_THOUSANDS_COMMA_RE = re.compile(r"(?<=[0-9]),(?=[0-9]{3}(?![0-9]))")
+_OUTER_OPERATOR_RE = re.compile(r"[-+=,;:<>|$\u2212\u2264\u2265\u2260\u2012-\u2015\ufe63\uff0d]"
+                                r"|\\(?:pm|mp|cup|cap|setminus|n?eq|le|ge|leq|geq|lt|gt|ne|neq|approx|in|to|cdots|ldots|dots"
+                                r"|quad|qquad|text|mathrm|textbf)(?![A-Za-z])")
+
+
+def _minus_before_box(text: str, box_start: int, content: str) -> Optional[int]:
+    """Where the minus sign that belongs to the box at `box_start` is written, else None (see _MINUS_SIGNS)."""
+    j = box_start
+    while j > 0 and text[j - 1] in " \t":
+        j -= 1
+    if j == 0 or text[j - 1] not in _MINUS_SIGNS or not _one_term(content):
+        return None
+    sign = j - 1
+    k = sign
+    while k > 0 and text[k - 1] in " \t":
+        k -= 1
+    before = text[k - 1] if k > 0 else ""
+    if j < box_start:   # spaced from the box
+        return sign if before in _SIGN_OPENERS else None
+    return None if before in _OPERAND_END else sign
+
+
+def _one_term(content: str) -> bool:
+    """Whether a box's content is one term: no sign opening it, no operator, list or relation outside its brackets."""
+    s = _THOUSANDS_COMMA_RE.sub("", content.strip())   # -\\boxed{1,000} is -1000
+    if "boxed" in s:   # a box in the box: left as it was
+        return False
+    for _ in range(_MAX_NESTING):
+        flat = _NESTED_GROUP_RE.sub("", s)
+        if flat == s:
+            break
+        s = flat
+    return bool(content.strip()) and not _OUTER_OPERATOR_RE.search(s)
+
+
+def _with_sign_in_last_box(s: str) -> str:
+    """`s` with a minus sign written just before its last box moved into it (`-\\boxed{5}` is `\\boxed{-5}`), as
+    last_boxed reads it; `s` itself otherwise."""
+    if "boxed" not in s:
+        return s
+    span = _last_boxed_span(s)
+    if span is None:
+        return s
+    box_start, start, end = span
+    sign = _minus_before_box(s, box_start, s[start:end])
+    if sign is None:
+        return s
+    return s[:sign] + s[box_start:start] + "-" + s[start:end].strip() + s[end:]
 
 
 # A thousands group never starts a number with 0: 0,125 (a decimal comma, or a list) is not 125.
@@ -547,8 +621,8 @@ def answers_match(predicted: str, gold: str) -> bool:
     unit against another (`250 mL` is not `250 L`, though `0.25 L` is: prefixes compare by value; against a number alone
     it is its number), and so is the case of a math answer's variables (`x+1` is not `X+1`; words and choice letters
     match case aside)."""
-    predicted, gold = (_without_call_spacing(_as_latex(_without_math_delimiters(_without_markdown(x))))
-                       for x in (predicted, gold))
+    predicted, gold = (_without_call_spacing(_as_latex(_without_math_delimiters(
+        _with_sign_in_last_box(_without_markdown(x))))) for x in (predicted, gold))
     if _without_latex_spacing(predicted) == _without_latex_spacing(gold):
         return True
     (predicted_sign, predicted), (gold_sign, gold) = _leading_relation(predicted), _leading_relation(gold)
@@ -666,7 +740,8 @@ def vote_key(answer: str):
     per pair (tens to hundreds of ms each on junk answers): the same number (1/2, 0.5, 1,000, $5), else
     the same words, case and a final full stop aside, else the same text, ends stripped. Answers with one key
     match by `answers_match`."""
-    answer = _without_call_spacing(_without_markdown(answer))   # P( C|A ) is P(C|A), as answers_match reads it
+    # P( C|A ) is P(C|A), and -\\boxed{5} is -5, as answers_match reads them
+    answer = _without_call_spacing(_with_sign_in_last_box(_without_markdown(answer)))
     number = _as_number(answer)
     if number is not None:
         return ("number", number)
