@@ -2411,3 +2411,28 @@ def test_a_minus_sign_written_just_before_a_box_is_the_answer_s(with_math_verify
                         (f"$-\\boxed{{x+{n}}}$", f"x+{n}")):
         assert accuracy_reward([""], [text], answer=[str(value)]) == [1.0], text
     assert extract_answer(f"-\\boxed{{1, {n}}}") == f"1, {n}"
+
+
+@pytest.mark.parametrize("dash", ["\u2013", "\u2012", "\ufe63", "\uff0d", "\u2212"])
+def test_a_dash_written_where_a_minus_sign_goes_is_one(dash, with_math_verify):
+    import random
+
+    from r1fast.rewards.builtin import vote_key
+
+    n, m = random.randint(2, 10**6), random.randint(2, 10**6)
+    for answer, gold in ((f"{dash}{n}", f"-{n}"), (f"{dash}{n:,}", f"-{n}"), (f"\\boxed{{{dash}{n}}}", f"-{n}"),
+                         (f"{dash}{n}\\%", f"-{n}\\%"), (f"{dash}\\boxed{{{n}}}", f"-{n}")):
+        assert accuracy_reward([""], [f"<answer>{answer}</answer>"], answer=[gold]) == [1.0], answer
+        assert accuracy_reward([""], [f"<answer>{answer}</answer>"], answer=[str(n)]) == [0.0], answer
+        assert vote_key(answer) == vote_key(gold)
+    assert vote_key(f"x = {dash}{n}") == vote_key(f"x = -{n}")
+    if with_math_verify:
+        for answer, gold in ((f"x = {dash}{n}", f"-{n}"), (f"({dash}1, {n})", f"(-1, {n})"),
+                             (f"{dash}\\frac{{1}}{{{n}}}", f"-\\frac{{1}}{{{n}}}"), (f"{dash}x+{n}", f"-x+{n}")):
+            assert answers_match(answer, gold), answer
+    if dash != "\u2212":   # between two numbers a dash is a range: neither a difference nor a negative second number
+        for answer in (f"{m}{dash}{n}", f"{m} {dash} {n}", f"{m} {dash}{n}"):
+            assert not answers_match(answer, str(m - n)), answer
+            assert not answers_match(answer, f"{m}, -{n}"), answer
+    for prose_dash in ("\u2014", "\u2010"):   # an em dash or a hyphen is no minus sign
+        assert not answers_match(f"{prose_dash}{n}", f"-{n}")

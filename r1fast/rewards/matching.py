@@ -18,6 +18,26 @@ from r1fast.rewards.deadline import OutOfTime, call_with_deadline
 _BOXED_TOKEN_RE = re.compile(r"\\boxed\s*\{|\{|\}")
 
 
+# Dashes that stand for a minus sign before a number in a model's or a dataset's answer: the en dash (a word processor's or
+# a typeset page's minus, –5), the figure dash, and the small and fullwidth hyphen-minus (Chinese text's －5). None was
+# read as a minus: –5 scored 0 against -5 (and `x = –5`, `(–1, 2)` against theirs). Each is a minus only where a sign
+# goes, opening the answer or after a bracket, `=`, a comma, `$` or an operator, and before a number, a LaTeX command or
+# one letter (–x+1): between two numbers it is a range (3–5 is neither 3 and -5 nor -2) and stays, and before a word a
+# dash. The em dash and the hyphen U+2010 are prose's, and stay. The minus sign U+2212 is one anywhere, as math-verify
+# reads it: `x = −5` matched `x = -5` but was another cons@k vote.
+_SIGN_DASHES = "\u2012\u2013\ufe63\uff0d"
+_DASH_AS_MINUS_RE = re.compile(rf"(\A|[(\[{{=,$:;<>+*/^])(\s*)[{_SIGN_DASHES}]"
+                               r"(?=\s*(?:[0-9.\\]|[A-Za-z](?![A-Za-z])))")
+
+
+def _with_minus_signs(s: str) -> str:
+    """`s` with its minus signs (U+2212), and the dashes written where a minus sign goes (_SIGN_DASHES), as `-`."""
+    s = s.replace("\u2212", "-")
+    if not any(dash in s for dash in _SIGN_DASHES):
+        return s
+    return _DASH_AS_MINUS_RE.sub(r"\1\2-", s)
+
+
 def last_boxed(text: str) -> Optional[str]:
     """The content of the \\boxed{…} that closes last, braces matched (`\\boxed{\\frac{1}{2}}`), in one pass, with a
     minus sign written just before the box (`x = -\\boxed{5}`: _minus_before_box) as its first character."""
@@ -51,7 +71,7 @@ def _last_boxed_span(text: str) -> Optional[tuple[int, int, int]]:
 # value); spaced from the box only after `=`, `$` or an opening bracket (`x = - \boxed{5}`): `- \boxed{5}` opening a
 # line is a list's bullet and `Answer - \boxed{5}` (or `$-$ \boxed{5}`) a dash. The box must hold one term (no sign,
 # sum, list, relation or words outside its brackets): -\boxed{x+1} is not -x+1, and is left as it was.
-_MINUS_SIGNS = "-\u2212"
+_MINUS_SIGNS = "-\u2212" + _SIGN_DASHES
 _OPERAND_END = frozenset("0123456789)]}.")
 _SIGN_OPENERS = frozenset("=$([{")
 # a LaTeX argument, or a bracket that holds no list (`(x+1)^2` is one term, `(1, 2)` a tuple)
@@ -154,7 +174,7 @@ def _as_number(s: str) -> Optional[Fraction]:
     mixed number (2 3/4, a proper fraction after the whole); a comma only as a thousands separator (1,000 but
     not 1,5, a list to math-verify), as are LaTeX's and a space's (1\\,000, 1 000: _GROUP_SEP_RE).
     `$…$`, `\\(…\\)`, `\\[…\\]`, `\\boxed{…}` and `{…}` around it, and a dollar sign before it, are removed."""
-    s = _unwrapped(s.strip().replace("\u2212", "-"))
+    s = _unwrapped(_with_minus_signs(s.strip()))
     s = s.rstrip(".,").strip()   # a sentence's full stop or comma
     s = _MONEY_RE.sub(r"\1", s)   # "$18", "-\\$5": GSM8K answers; math-verify reads them as the number too
     try:
@@ -622,7 +642,7 @@ def answers_match(predicted: str, gold: str) -> bool:
     it is its number), and so is the case of a math answer's variables (`x+1` is not `X+1`; words and choice letters
     match case aside)."""
     predicted, gold = (_without_call_spacing(_as_latex(_without_math_delimiters(
-        _with_sign_in_last_box(_without_markdown(x))))) for x in (predicted, gold))
+        _with_sign_in_last_box(_with_minus_signs(_without_markdown(x)))))) for x in (predicted, gold))
     if _without_latex_spacing(predicted) == _without_latex_spacing(gold):
         return True
     (predicted_sign, predicted), (gold_sign, gold) = _leading_relation(predicted), _leading_relation(gold)
@@ -741,7 +761,7 @@ def vote_key(answer: str):
     the same words, case and a final full stop aside, else the same text, ends stripped. Answers with one key
     match by `answers_match`."""
     # P( C|A ) is P(C|A), and -\\boxed{5} is -5, as answers_match reads them
-    answer = _without_call_spacing(_with_sign_in_last_box(_without_markdown(answer)))
+    answer = _without_call_spacing(_with_sign_in_last_box(_with_minus_signs(_without_markdown(answer))))
     number = _as_number(answer)
     if number is not None:
         return ("number", number)
