@@ -2436,3 +2436,27 @@ def test_a_dash_written_where_a_minus_sign_goes_is_one(dash, with_math_verify):
             assert not answers_match(answer, f"{m}, -{n}"), answer
     for prose_dash in ("\u2014", "\u2010"):   # an em dash or a hyphen is no minus sign
         assert not answers_match(f"{prose_dash}{n}", f"-{n}")
+
+
+def test_a_full_stop_inside_the_box_around_latex_is_no_part_of_the_answer(with_math_verify):
+    import random
+
+    from r1fast.rewards.builtin import vote_key
+
+    p, q = random.randint(1, 999), random.randint(1000, 9999)
+    r = random.randint(1, 99)
+    for stop in (".", ",", " ."):
+        # a percentage is read without math-verify too
+        assert accuracy_reward([""], [f"so \\boxed{{{r}.5\\%{stop}}}"], answer=[f"{r}.5"]) == [1.0]
+        assert accuracy_reward([""], [f"<answer>\\boxed{{{r}\\%{stop}}}</answer>"], answer=[f"{r / 100}"]) == [1.0]
+        assert vote_key(f"\\boxed{{{r}\\%{stop}}}") == vote_key(f"{r}\\%")
+        assert vote_key(f"\\boxed{{\\frac{{{p}}}{{{q}}}{stop}}}") == vote_key(f"\\boxed{{\\frac{{{p}}}{{{q}}}}}")
+        if not with_math_verify:
+            continue
+        for answer in (f"\\boxed{{\\frac{{{p}}}{{{q}}}{stop}}}", f"$\\frac{{{p}}}{{{q}}}{stop}$", f"\\(\\frac{{{p}}}{{{q}}}{stop}\\)",
+                       f"$\\boxed{{\\frac{{{p}}}{{{q}}}{stop}}}$"):
+            for gold in (f"{p}/{q}", f"\\frac{{{p}}}{{{q}}}"):
+                assert accuracy_reward([""], [f"<answer>{answer}</answer>"], answer=[gold]) == [1.0], (answer, gold)
+            assert accuracy_reward([""], [f"<answer>{answer}</answer>"], answer=[f"{p + 1}/{q}"]) == [0.0], answer
+    # an ellipsis stays part of it
+    assert not answers_match(f"\\boxed{{{p}, {q}, \\ldots}}", f"{p}, {q}")

@@ -557,7 +557,7 @@ def _percentage(s: str) -> Optional[Fraction]:
 
 def _percent_body(s: str) -> Optional[str]:
     """What comes before the percent sign of an answer that ends with one (12.5 of 12.5\\%, $12.5\\%$.), else None."""
-    s = _unwrapped(_without_full_stop(s))
+    s = _without_full_stop(_unwrapped(_without_full_stop(s))).rstrip()   # \\boxed{12.5\\%}. and \\boxed{12.5\\%.}
     if not s.endswith("%"):
         return None
     return _without_trailing_latex_spacing(s[:-2] if s.endswith("\\%") else s[:-1])
@@ -795,7 +795,8 @@ def _vote_key_of_value(answer: str):
     if words:
         return ("text", words)
     # LaTeX spaced otherwise is one answer (answers_match), apart from words: without its space commands \\; b is b
-    return ("latex", _without_latex_spacing(latex)) if "\\" in latex else ("text", latex.strip())
+    # and so is one with a full stop inside its box: \\boxed{\\frac{1}{2}.} and \\boxed{\\frac{1}{2}}
+    return ("latex", _without_latex_spacing(_without_enclosed_full_stop(latex))) if "\\" in latex else ("text", latex.strip())
 
 
 # How deep an answer's brackets may nest, and how many scripts it may chain without braces (x^x^x), for math-verify to
@@ -1215,11 +1216,23 @@ def _without_full_stop(s: str) -> str:
     return s[:-1] if s.endswith((".", ",")) and not s.endswith(("..", "\\,")) else s
 
 
+# A sentence's full stop or comma inside the box or `$…$` that closes an answer (\\boxed{\\frac{1}{2}.}, $\\sqrt{2}.$):
+# math-verify parsed it to `\\frac{1}{2}.`, text, and the right answer scored 0 against 0.5 (\\boxed{5}. and \\boxed{5.}
+# were read: a number's full stop is dropped by _as_number). An ellipsis stays, and so does LaTeX's `\\,`.
+_ENCLOSED_FULL_STOP_RE = re.compile(r"(?<![.\\])[.,]\s*((?:\}|\$|\\\)|\\\])(?:\s*(?:\}|\$|\\\)|\\\]))*)\s*\Z")
+
+
+def _without_enclosed_full_stop(s: str) -> str:
+    """`s` without a full stop or comma just inside the brackets or `$` it closes with (\\boxed{\\frac{1}{2}.})."""
+    return _ENCLOSED_FULL_STOP_RE.sub(r"\1", s) if s.rstrip().endswith(("}", "$", "\\)", "\\]")) else s
+
+
 def _mv_readings(parse, s: str) -> list:
     """math-verify's readings of `s`, the empty ones left out: _mv_parse's, and a number with its unit as text too
     (_NUMBER_AND_UNIT_RE), and bare text whose only runs of letters are products written tight (2xy, ab+1, F = ma), or
     one product without a vowel (mgh), as `$…$` too: read as prose only, 2xy was its 2 (0 against 2 x y), ba+1 nothing
     (0 against ab+1), ma nothing (0 against F = ma), hgm nothing (0 against mgh), while 5cm stays 5 as well."""
+    s = _without_enclosed_full_stop(s)
     readings = [_mv_parse(parse, s)]
     bare = _without_full_stop(s)
     if _NUMBER_AND_UNIT_RE.fullmatch(bare):
