@@ -2460,3 +2460,21 @@ def test_a_full_stop_inside_the_box_around_latex_is_no_part_of_the_answer(with_m
             assert accuracy_reward([""], [f"<answer>{answer}</answer>"], answer=[f"{p + 1}/{q}"]) == [0.0], answer
     # an ellipsis stays part of it
     assert not answers_match(f"\\boxed{{{p}, {q}, \\ldots}}", f"{p}, {q}")
+
+
+def test_a_list_of_numbers_with_thousands_commas_is_those_numbers(with_math_verify):
+    import random
+
+    from r1fast.rewards.builtin import vote_key
+
+    a, b, c = random.randint(1000, 10**9), random.randint(1000, 10**9), random.randint(0, 99)
+    for answer, gold in ((f"{a:,}, {b:,}", f"{a}, {b}"), (f"\\boxed{{{a:,}, {c}}}", f"{a}, {c}"),
+                         (f"({c}, -{b:,})", f"({c}, -{b})"), (f"[{a:,}.5, {b:,}]", f"[{a}.5, {b}]")):
+        assert accuracy_reward([""], [f"<answer>{answer}</answer>"], answer=[gold]) == [1.0], answer
+        assert accuracy_reward([""], [f"<answer>{gold}</answer>"], answer=[answer]) == [1.0], answer
+        assert vote_key(answer) == vote_key(gold)
+        assert not answers_match(answer, gold.replace(str(a if str(a) in gold else b), str(a + b)))
+    # not one reading: an item of three digits may be a group of the number before it, and commas without spaces
+    three = random.randint(100, 999)
+    for answer, gold in ((f"{a:,}, {three}", f"{a}, {three}"), (f"{a:,},{b:,}", f"{a}, {b}")):
+        assert not answers_match(answer, gold) and vote_key(answer) != vote_key(gold), answer

@@ -169,6 +169,31 @@ def _unwrapped(s: str) -> str:
     return s
 
 
+# A list of numbers that writes them with thousands commas (1,000, 2,000): math-verify split it at every comma, 1, 000, 2 and
+# 000, and the right answer scored 0 against 1000, 2000. It is read as a list of those numbers where that is the only
+# reading: items parted by a comma and a space, each a number whose commas, if any, are followed by exactly three digits
+# and none, a space; an item of exactly three digits after the first one could be a group of the number before it written
+# with a stray space (1,234, 567) and leaves the list as it is, as does a comma between numbers without a space (1,000,2,000).
+_LIST_NUMBER = r"[+-]?(?:[1-9][0-9]{0,2}(?:,[0-9]{3})+|0|[1-9][0-9]*)(?:\.[0-9]+)?"
+_THOUSANDS_LIST_RE = re.compile(rf"([(\[]?)\s*({_LIST_NUMBER}(?:,\s+{_LIST_NUMBER})+)\s*([)\]]?)")
+_LIST_ITEM_SEP_RE = re.compile(r",\s+")
+_THREE_DIGITS_RE = re.compile(r"[0-9]{3}")
+
+
+def _without_list_thousands_commas(s: str) -> str:
+    """A list of numbers written with thousands commas (`1,000, 2,000`, `\\boxed{(1,000, 25)}`) without them
+    (`1000, 2000`, `(1000, 25)`); `s` itself otherwise (see _THOUSANDS_LIST_RE)."""
+    if ", " not in s and ",\t" not in s and ",\n" not in s:
+        return s
+    m = _THOUSANDS_LIST_RE.fullmatch(_unwrapped(s))
+    if m is None or bool(m.group(1)) != bool(m.group(3)):
+        return s
+    items = _LIST_ITEM_SEP_RE.split(m.group(2))
+    if not any("," in item for item in items) or any(_THREE_DIGITS_RE.fullmatch(item) for item in items[1:]):
+        return s
+    return m.group(1) + ", ".join(item.replace(",", "") for item in items) + m.group(3)
+
+
 def _as_number(s: str) -> Optional[Fraction]:
     """A plain number: an integer, a decimal (optionally with a short exponent), a ratio of integers, or a
     mixed number (2 3/4, a proper fraction after the whole); a comma only as a thousands separator (1,000 but
@@ -643,6 +668,7 @@ def answers_match(predicted: str, gold: str) -> bool:
     match case aside)."""
     predicted, gold = (_without_call_spacing(_as_latex(_without_math_delimiters(
         _with_sign_in_last_box(_with_minus_signs(_without_markdown(x)))))) for x in (predicted, gold))
+    predicted, gold = _without_list_thousands_commas(predicted), _without_list_thousands_commas(gold)
     if _without_latex_spacing(predicted) == _without_latex_spacing(gold):
         return True
     (predicted_sign, predicted), (gold_sign, gold) = _leading_relation(predicted), _leading_relation(gold)
@@ -762,6 +788,7 @@ def vote_key(answer: str):
     match by `answers_match`."""
     # P( C|A ) is P(C|A), and -\\boxed{5} is -5, as answers_match reads them
     answer = _without_call_spacing(_with_sign_in_last_box(_with_minus_signs(_without_markdown(answer))))
+    answer = _without_list_thousands_commas(answer)   # 1,000, 2,000 is 1000, 2000
     number = _as_number(answer)
     if number is not None:
         return ("number", number)
