@@ -82,47 +82,57 @@ _PROBE = "1+1=2 hello\nWorld"
 
 
 def _check_reads_as_stored(path: str, files: set[str], tokenizer, stored: dict | None) -> None:
-    """Refuse a tokenizer transformers 5 rebuilt into another one. A class with its own pipeline (Qwen2Tokenizer,
+    """Say when transformers 5 rebuilt the tokenizer into another one. A class with its own pipeline (Qwen2Tokenizer,
     LlamaTokenizer, BertTokenizer...) takes only the vocabulary from tokenizer.json and puts its own normalizer,
     pre-tokenizer and model around it, where transformers 4 read tokenizer.json as it is: named in
     tokenizer_config.json over a tokenizer.json that is not that class's (a WordLevel or non-byte-level BPE one), the
     ids change, or text encodes to []. Checked on one short text against tokenizer.json's own pipeline run over the
-    loaded model, which costs no second reading of the vocabulary."""
+    loaded model, which costs no second reading of the vocabulary. A tokenizer that encodes the text to nothing is
+    refused; one that encodes it otherwise is a warning, not an error: the check reads transformers' rebuilding from
+    outside, and had it misjudged a real checkpoint's tokenizer, a refusal would leave a command-line user no way on
+    (where config.json's model_type picks the class, only Python can give another tokenizer)."""
+    import warnings
+
     try:
         ids = tokenizer(_PROBE, add_special_tokens=False)["input_ids"]
     except Exception:  # e.g. a WordLevel vocabulary without an unknown token: it fails so on any text it lacks
         return
-    _check_as_stored(path, files, tokenizer, stored, ids)
-    if not ids:  # as its files say: they are not a tokenizer for text
+    problem = _not_as_stored_problem(path, files, tokenizer, stored, ids)
+    if problem and ids:
+        warnings.warn(f"r1fast: {problem}; r1fast goes on with the tokenizer as transformers loaded it", stacklevel=3)
+    elif problem:
+        raise ValueError(problem)
+    elif not ids:  # as its files say: they are not a tokenizer for text
         raise ValueError(f"tokenizer folder {path!r} (loaded as {type(tokenizer).__name__}) encodes {_PROBE!r} to no "
                          f"tokens: are its files this model's tokenizer? Copy them (tokenizer.json, "
                          f"tokenizer_config.json...) from the original checkpoint")
 
 
-def _check_as_stored(path: str, files: set[str], tokenizer, stored: dict | None, ids: list[int]) -> None:
+def _not_as_stored_problem(path: str, files: set[str], tokenizer, stored: dict | None, ids: list[int]) -> str | None:
+    """How the loaded tokenizer does not tokenize as tokenizer.json does, in words, or None."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     model = stored.get("model") if stored is not None else None
     if backend is None or not isinstance(model, dict):
-        return
+        return None
     kind, loaded = model.get("type"), type(backend.model).__name__
     if kind is not None and kind != loaded:
-        raise ValueError(_not_as_stored(path, files, tokenizer, f"it holds a {loaded} model, tokenizer.json a {kind} "
-                                                                f"one ({_PROBE!r} encodes to {ids})"))
+        return _not_as_stored(path, files, tokenizer, f"it holds a {loaded} model, tokenizer.json a {kind} one "
+                                                      f"({_PROBE!r} encodes to {ids})")
     vocab = model.get("vocab")
     size = backend.get_vocab_size(with_added_tokens=False)
     if isinstance(vocab, (dict, list)) and len(vocab) != size:
-        raise ValueError(_not_as_stored(path, files, tokenizer, f"its vocabulary holds {size} tokens, tokenizer.json's "
-                                                                f"{len(vocab)}"))
+        return _not_as_stored(path, files, tokenizer, f"its vocabulary holds {size} tokens, tokenizer.json's "
+                                                      f"{len(vocab)}")
     pipeline = _stored_pipeline(stored)
     if pipeline is None:
-        return
+        return None
     # both pipelines over the one model loaded (so no second reading of the vocabulary), added tokens aside: the
     # rebuilt classes keep those
     got = [i for _, i in _through(backend, backend.model)]
     want = [_stored_id(vocab, token, i) for token, i in _through(pipeline, backend.model)]
     if got != want:
-        raise ValueError(_not_as_stored(path, files, tokenizer, f"{_PROBE!r} encodes to {got}, by tokenizer.json to "
-                                                                f"{want}"))
+        return _not_as_stored(path, files, tokenizer, f"{_PROBE!r} encodes to {got}, by tokenizer.json to {want}")
+    return None
 
 
 def _through(pipeline, model) -> list[tuple[str, int]]:
