@@ -648,6 +648,29 @@ def test_a_word_yaml_reads_as_a_boolean_for_a_text_option_says_so_and_how_to_quo
         GRPOConfig().update(parse_overrides(["fp8='on'"]))
 
 
+@pytest.mark.parametrize("typed, read, kind", [
+    ("-", [None], "a lone -, a value starting with '- ' or one in [brackets] as a list"),
+    ("- a", ["a"], "a lone -, a value starting with '- ' or one in [brackets] as a list"),
+    ("[a]", ["a"], "a lone -, a value starting with '- ' or one in [brackets] as a list"),
+    ("{}", {}, "a value in {braces}, one holding ': ' or a lone ? as a mapping"),
+    ("Note: be brief", {"Note": "be brief"}, "a value in {braces}, one holding ': ' or a lone ? as a mapping"),
+])
+def test_a_text_option_given_what_yaml_reads_as_a_list_or_mapping_says_so_and_how_to_quote_it(typed, read, kind):
+    # `r1fast sample dataset=-` said "option 'dataset' expects str, got [None]": the user typed no list. As a boolean
+    # word is (`language=no`), such a value is refused with the quoting that gives the text
+    for key in ("dataset", "output_file", "system_prompt", "prompt_column"):
+        with pytest.raises(ConfigError) as e:
+            SampleConfig().update(parse_overrides([f"{key}={typed}"]), source="command line")
+        assert str(e.value) == (f"command line: option {key!r} expects str, got {read!r}: YAML reads {kind}; to give "
+                                f"the text, quote it (in a YAML file {key}: '{typed}', on the command line "
+                                f"{key}=\"'{typed}'\")")
+        # quoted as it says, the text arrives
+        assert getattr(SampleConfig().update(parse_overrides([f"{key}='{typed}'"])), key) == typed
+    # a list option still takes the list
+    assert SampleConfig().update(parse_overrides(["stop_tokens=[a]"])).stop_tokens == ["a"]
+    assert SampleConfig().update(parse_overrides(["chat_template_kwargs={}"])).chat_template_kwargs == {}
+
+
 def _yaml(tmp_path, text: str) -> str:
     path = tmp_path / "c.yaml"
     path.write_text(text)

@@ -469,11 +469,37 @@ def _keep_text(value, raw: str):
 
     if isinstance(value, (datetime.date, datetime.datetime)):
         return raw
+    if type(value) in (list, dict):   # for a text option's error, which says how to quote what was typed
+        typed = _ListAsTyped(value) if isinstance(value, list) else _DictAsTyped(value)
+        typed.text = raw
+        return typed
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return value
     typed = _IntAsTyped(value) if isinstance(value, int) else _FloatAsTyped(value)
     typed.text = raw
     return typed
+
+
+class _ListAsTyped(list):
+    """A command-line value YAML read as a list, with the text it was typed as, `text` (for a text option's error)."""
+
+
+class _DictAsTyped(dict):
+    """As _ListAsTyped, for a mapping."""
+
+
+def _yaml_collection(value) -> str:
+    """What YAML reads as a list or a mapping (`value`'s kind), said where a text option is given one."""
+    if isinstance(value, list):
+        return "YAML reads a lone -, a value starting with '- ' or one in [brackets] as a list"
+    return "YAML reads a value in {braces}, one holding ': ' or a lone ? as a mapping"
+
+
+def _quoted_advice(key: str, typed: Optional[str]) -> str:
+    """How to quote `typed` (the text given, where known) for option `key`, in a YAML file and on the command line;
+    a placeholder where the text is unknown or holds a quote or a character the shell reads inside double quotes."""
+    text = typed if typed and not set(typed) & set("'\"\\$`!") else "text"
+    return f"in a YAML file {key}: '{text}', on the command line {key}=\"'{text}'\""
 
 
 def coerce(key: str, value: Any, hint: Any, source: str, element: bool = False) -> Any:
@@ -528,6 +554,10 @@ def coerce(key: str, value: Any, hint: Any, source: str, element: bool = False) 
             raise ConfigError(f"{source}: option {key!r} expects str, got {value!r}: YAML reads an unquoted yes, no, "
                               f"on, off, true or false as a boolean; to give the word, quote it (in a YAML file "
                               f"{key}: 'word', on the command line {key}=\"'word'\")")
+        if isinstance(value, (list, dict)) and not element:
+            # `dataset=-` said "expects str, got [None]": YAML's list of one empty item, which the user never typed
+            raise ConfigError(f"{source}: option {key!r} expects str, got {value!r}: {_yaml_collection(value)}; "
+                              f"to give the text, quote it ({_quoted_advice(key, getattr(value, 'text', None))})")
         raise bad
     if origin in (list, tuple):
         if isinstance(value, str):
