@@ -671,6 +671,32 @@ def test_a_text_option_given_what_yaml_reads_as_a_list_or_mapping_says_so_and_ho
     assert SampleConfig().update(parse_overrides(["chat_template_kwargs={}"])).chat_template_kwargs == {}
 
 
+@pytest.mark.parametrize("cls, key", [
+    (SampleConfig, "output_file"), (SampleConfig, "dataset"), (SampleConfig, "model_name_or_path"),
+    (SampleConfig, "dataset_split"), (SampleConfig, "prompt_column"), (SampleConfig, "answer_column"),
+    (SampleConfig, "format_pattern"), (SampleConfig, "language"), (GRPOConfig, "output_dir"),
+    (GRPOConfig, "run_name"), (GRPOConfig, "eval_dataset"), (GRPOConfig, "eval_dataset_split"),
+    (SFTConfig, "completion_column"),
+])
+def test_an_empty_value_for_an_option_that_names_something_is_refused_naming_it(tmp_path, cls, key):
+    # `r1fast sample output_file=` wrote to the default runs/sample/samples.jsonl, `dataset_split=` read the default
+    # split, `format_pattern=` checked the default format: the empty value was taken as none, without a word
+    for load, source in [(lambda: cls().update(parse_overrides([f"{key}="]), source="command line"), "command line"),
+                         (lambda: cls.from_yaml(_yaml(tmp_path, f"{key}: ''\n")), str(tmp_path / "c.yaml")),
+                         (lambda: cls(**{key: ""}).validate(), cls.__name__)]:
+        with pytest.raises(ConfigError, match=rf"^{re.escape(source)}: option '{key}' is empty, which names nothing; "
+                                              rf"give "):
+            load()
+    # null, as YAML's empty value, still unsets an option that may be unset
+    if key in ("output_file", "dataset", "dataset_split", "format_pattern", "eval_dataset", "run_name"):
+        assert getattr(cls().update(parse_overrides([f"{key}=null"])), key) is None
+
+
+def test_an_empty_value_where_it_means_none_is_still_taken():
+    cfg = GRPOConfig().update(parse_overrides(["system_prompt=", "stop_tokens=", "report_to="]))
+    assert (cfg.system_prompt, cfg.stop_tokens, cfg.report_to) == ("", [], [])
+
+
 def _yaml(tmp_path, text: str) -> str:
     path = tmp_path / "c.yaml"
     path.write_text(text)

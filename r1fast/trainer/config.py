@@ -283,6 +283,19 @@ def _reward_set_in_config(config_name: str, fields) -> ConfigError:
 PATH_OPTIONS = ("output_dir", "model_name_or_path", "model", "dataset", "eval_dataset", "output_file")
 
 
+# text options that name something (a file, a column, a split, a pattern), so that an empty value names nothing:
+# refused, with what to give. An empty system_prompt is no system prompt, empty stop_tokens or report_to none.
+NAMES_SOMETHING = {
+    "output_dir": "a folder",
+    "model_name_or_path": "a model folder or builtin:<size>", "model": "a model folder or builtin:<size>",
+    "dataset": "a path or builtin:<task>", "eval_dataset": "a path or builtin:<task>",
+    "output_file": "the JSONL file to write",
+    "dataset_split": "a split's name", "eval_dataset_split": "a split's name",
+    "prompt_column": "a column's name", "answer_column": "a column's name", "completion_column": "a column's name",
+    "run_name": "a folder name", "format_pattern": "a regular expression", "language": "a language code",
+}
+
+
 def expand_home(name: str, value):
     return os.path.expanduser(value) if name in PATH_OPTIONS and isinstance(value, str) and \
         value.startswith("~") else value
@@ -548,6 +561,10 @@ def coerce(key: str, value: Any, hint: Any, source: str, element: bool = False) 
             raise ConfigError(f"{source}: option {key!r} must be a finite number, got {value!r}")
         return number
     if hint is str:
+        if value == "" and not element and key in NAMES_SOMETHING:
+            # `output_file=` wrote to the default runs/sample/samples.jsonl, `dataset_split=` read the default split,
+            # `format_pattern=` checked the default format: an empty value was taken as no value, without a word
+            raise ConfigError(f"{source}: option {key!r} is empty, which names nothing; give {NAMES_SOMETHING[key]}")
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return getattr(value, "text", None) or str(value)
         if isinstance(value, bool):   # `fp8=on`: "expects str, got True" did not say where the True came from
