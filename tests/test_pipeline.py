@@ -90,6 +90,30 @@ def test_sample_stage_that_keeps_nothing_for_a_grpo_stage_evaluating_on_its_file
     assert "rs" not in json.load(open(tmp_path / "run" / "pipeline_state.json"))["stages"]
 
 
+def test_a_sample_stage_that_kept_nothing_as_the_models_positions_cut_its_samples_is_not_told_to_raise_the_length(
+        tmp_path):
+    # every sample cut where prompt and completion reached the model's positions: "raise rs.max_completion_length"
+    # (and the summary's "cut at max_completion_length") sent the user to an option that changes nothing
+    from r1fast.trainer.pipeline import PipelineRunner
+
+    spec = tiny_pipeline(tmp_path)
+    spec["stages"] = spec["stages"][2:]
+    runner = PipelineRunner(load_pipeline(spec))
+    stage = runner.p.stages[0]
+    stats = {"prompts": 2, "samples": 4, "truncated": 3, "passed": 0, "pass_rate": 0.0, "kept": 0, "prompts_kept": 0}
+    with pytest.raises(ValueError) as by_positions:
+        runner._refuse_empty_samples(stage, [], {**stats, "truncated_by_positions": 3, "positions": 128})
+    assert "(pass rate 0.000; 3 cut where prompt and completion reached the model's 128 positions)" in \
+        str(by_positions.value)
+    assert "lower rs.reward_thresholds, set rs.keep_truncated=true, or sample more" in str(by_positions.value)
+    assert "max_completion_length" not in str(by_positions.value)
+    with pytest.raises(ValueError) as mixed:   # one cut at max_completion_length: raising it may let that one end
+        runner._refuse_empty_samples(stage, [], {**stats, "truncated_by_positions": 2, "positions": 128})
+    assert "3 cut: 1 at max_completion_length, 2 where prompt and completion reached the model's 128 positions" in \
+        str(mixed.value)
+    assert "lower rs.reward_thresholds, raise rs.max_completion_length or set rs.keep_truncated=true" in str(mixed.value)
+
+
 def test_a_finished_sample_stage_that_kept_nothing_read_by_a_stage_added_since_says_to_rerun_it(tmp_path):
     # kept nothing with no stage reading it, rs finished; a reader added since failed with "kept no samples (lower its
     # thresholds or sample more)", but --resume keeps a finished stage's results whatever its thresholds say now

@@ -182,3 +182,35 @@ def test_a_run_folder_given_as_the_model_names_its_newest_checkpoint_or_that_it_
                                                    f"e.g. the newest, runs/grpo/sft/checkpoint-{steps[-1]}")):
         main(_sample_args("runs/grpo", "kept.jsonl"))
     assert not os.path.exists("kept.jsonl")
+
+
+def test_the_summary_says_the_models_positions_cut_samples_that_max_completion_length_did_not(tmp_path, monkeypatch,
+                                                                                               capsys):
+    # builtin:micro has 128 positions: a prompt of ~116 tokens leaves its samples 12, whatever max_completion_length
+    # says, yet the summary said "N cut at max_completion_length", sending the user to raise it in vain
+    monkeypatch.chdir(tmp_path)
+    long_prompt, short_prompt = "What is " + "1+" * 50 + "1?", "What is 2+3?"
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in (long_prompt, short_prompt)))
+    base = ["sample", "model_name_or_path=builtin:micro", "dataset=p.jsonl", "num_samples=4", "keep_truncated=true",
+            "reward_thresholds=[0]", "reward_funcs=[format]", "progress_bar=false", "device=cpu"]
+
+    def sample(max_completion_length: int, output_file: str) -> tuple[str, dict]:
+        assert main([*base, f"max_completion_length={max_completion_length}", f"output_file={output_file}"]) == 0
+        line = capsys.readouterr().out.strip().splitlines()[-1]
+        return line, json.loads((tmp_path / f"{output_file}.sample_stats.json").read_text())["stats"]
+
+    # the long prompt's samples reach the positions, the short one's stop at 20 tokens
+    line, stats = sample(20, "mixed.jsonl")
+    cut, by_positions = stats["truncated"], stats["truncated_by_positions"]
+    assert stats["positions"] == 128 and 0 < by_positions < cut
+    assert f"; {cut} cut: {cut - by_positions} at max_completion_length, {by_positions} where prompt and completion " \
+           f"reached the model's 128 positions)" in line
+    # past the positions for every prompt: max_completion_length cuts none
+    line, stats = sample(200, "all.jsonl")
+    assert stats["truncated"] == stats["truncated_by_positions"] > 0
+    assert f"; {stats['truncated']} cut where prompt and completion reached the model's 128 positions)" in line
+    assert "max_completion_length" not in line
+    # within the positions: as before, and the statistics as an earlier r1fast wrote them
+    line, stats = sample(4, "short.jsonl")
+    assert "truncated_by_positions" not in stats and "positions" not in stats
+    assert f"; {stats['truncated']} cut at max_completion_length)" in line

@@ -1099,7 +1099,7 @@ class SampleConfig(_Base):
     reward_thresholds: Optional[list[float]] = None   # per reward function; default: each must be >= 1.0
     reward_timeout: Optional[float] = None            # as GRPOConfig's
     keep_per_prompt: int = 1
-    keep_truncated: bool = False   # keep samples cut at max_completion_length (no stop token) if they pass
+    keep_truncated: bool = False   # keep samples cut (no stop token: max_completion_length, the model's positions)
     format_pattern: Optional[str] = None
     language: str = "en"
     seed: int = 42

@@ -878,7 +878,9 @@ class PipelineRunner:
             [(s.name, "evaluates on them") for s in self.p.stages if reads(getattr(s.config, "eval_dataset", None))]
         if readers:
             n = stage.name
-            cut = f", raise {n}.max_completion_length or set {n}.keep_truncated=true" if stats.get("truncated") else ""
+            at_limit = stats.get("truncated", 0) - stats.get("truncated_by_positions", 0)   # raising it lets them end
+            cut = (f", raise {n}.max_completion_length or set {n}.keep_truncated=true" if at_limit else
+                   f", set {n}.keep_truncated=true" if stats.get("truncated") else "")
             raise ValueError(f"stage {n!r} {summary(stats)}, and stage {readers[0][0]!r} {readers[0][1]}: lower "
                              f"{n}.reward_thresholds{cut}, or sample more ({n}.num_samples, {n}.num_rows); "
                              f"--resume then samples {n!r} again")

@@ -77,6 +77,9 @@ def rejection_sample(model, tokenizer=None, rows=None, cfg: Optional[SampleConfi
     kept: list[dict] = list(resume_from["rows"]) if resume_from else []
     done = resume_from["stats"] if resume_from else {}
     n_total, n_pass, n_cut = done.get("samples", 0), done.get("passed", 0), done.get("truncated", 0)
+    # of them, those the model's positions cut before max_completion_length (prompt + completion reached them)
+    n_cut_by_positions = done.get("truncated_by_positions", 0)
+    positions = model.config.max_sequence_length
     prompts_with_any = done.get("prompts_kept", 0)
     first = resume_from["next_prompt"] if resume_from else 0
     stopped_at = None
@@ -93,13 +96,16 @@ def rejection_sample(model, tokenizer=None, rows=None, cfg: Optional[SampleConfi
                                 max_tokens=cfg.max_completion_length, stop_token_ids=stops,
                                 seed=(cfg.seed * 1_000_003 + start) % (2**31 - 1))
         results = engine.generate(prompt_ids[start:start + len(chunk)], params)
-        texts, ids, owners, cut = [], [], [], []
+        texts, ids, owners, cut, by_positions = [], [], [], [], []
         for i, res in enumerate(results):
             for comp in res.completions:
                 texts.append(decode_completion(tokenizer, comp.token_ids, ends))
                 ids.append(list(comp.token_ids))
                 owners.append(i)
                 cut.append(comp.finish_reason == "length")
+                # the engine ends a sequence at max_model_len: before max_completion_length, the model's positions
+                reached = len(prompt_ids[start + i]) + len(comp.token_ids) >= max_model_len
+                by_positions.append(cut[-1] and reached and len(comp.token_ids) < cfg.max_completion_length)
         prompts = [chunk[i][cfg.prompt_column] for i in owners]
         columns = reward_columns(chunk, owners, cfg.prompt_column, cfg.answer_column)
         # the same arguments as in GRPO: a reward function written for `r1fast train` works here
@@ -109,6 +115,7 @@ def rejection_sample(model, tokenizer=None, rows=None, cfg: Optional[SampleConfi
         for j, text in enumerate(texts):
             n_total += 1
             n_cut += cut[j]
+            n_cut_by_positions += by_positions[j]
             # SFT appends eos to a completion: one cut at max_completion_length would teach stopping mid-thought
             if cut[j] and not cfg.keep_truncated:
                 continue
@@ -128,8 +135,8 @@ def rejection_sample(model, tokenizer=None, rows=None, cfg: Optional[SampleConfi
         batch = [row for i in sorted(per_prompt) for row in per_prompt[i]]
         kept.extend(batch)
         if on_batch is not None:
-            on_batch(batch, {**_statistics(len(rows), n_total, n_cut, n_pass, len(kept), prompts_with_any),
-                             "next_prompt": start + len(chunk)})
+            on_batch(batch, {**_statistics(len(rows), n_total, (n_cut, n_cut_by_positions, positions), n_pass,
+                                           len(kept), prompts_with_any), "next_prompt": start + len(chunk)})
         if bar is not None:
             bar.set_postfix(pass_rate=f"{n_pass / max(n_total, 1):.2f}", kept=len(kept))
             bar.update(len(chunk))
@@ -138,22 +145,40 @@ def rejection_sample(model, tokenizer=None, rows=None, cfg: Optional[SampleConfi
             break
     if bar is not None:
         bar.close()
-    stats = _statistics(len(rows), n_total, n_cut, n_pass, len(kept), prompts_with_any)
+    stats = _statistics(len(rows), n_total, (n_cut, n_cut_by_positions, positions), n_pass, len(kept), prompts_with_any)
     if stopped_at is not None:
         stats["next_prompt"] = stopped_at
     return kept, stats
 
 
-def _statistics(prompts: int, samples: int, truncated: int, passed: int, kept: int, prompts_kept: int) -> dict:
-    return {"prompts": prompts, "samples": samples, "truncated": truncated, "passed": passed,
-            "pass_rate": passed / max(samples, 1), "kept": kept, "prompts_kept": prompts_kept}
+def _statistics(prompts: int, samples: int, cut: tuple[int, int, int], passed: int, kept: int,
+                prompts_kept: int) -> dict:
+    """`cut`: (samples cut without a stop token, those of them the model's positions cut, the model's positions)."""
+    truncated, by_positions, positions = cut
+    stats = {"prompts": prompts, "samples": samples, "truncated": truncated, "passed": passed,
+             "pass_rate": passed / max(samples, 1), "kept": kept, "prompts_kept": prompts_kept}
+    if by_positions:   # only then: the statistics of every other sampling stay as an earlier r1fast wrote them
+        stats.update(truncated_by_positions=by_positions, positions=positions)
+    return stats
 
 
 def summary(stats: dict) -> str:
     """One line for the console from rejection_sample's statistics."""
     cut = stats.get("truncated")   # none in a pipeline_state.json of an r1fast before keep_truncated
     return (f"kept {stats['kept']} of {stats['samples']} samples from {stats['prompts']} prompts (pass rate "
-            f"{stats['pass_rate']:.3f}" + (f"; {cut} cut at max_completion_length" if cut else "") + ")")
+            f"{stats['pass_rate']:.3f}" + (f"; {_cut_where(stats)}" if cut else "") + ")")
+
+
+def _cut_where(stats: dict) -> str:
+    """"N cut at max_completion_length", or what cut them where the model's positions (max_position_embeddings, or
+    a smaller sliding window) ended some first: "cut at max_completion_length" sent the user to raise it in vain."""
+    cut, by_positions = stats["truncated"], stats.get("truncated_by_positions", 0)
+    at_positions = f"where prompt and completion reached the model's {stats.get('positions')} positions"
+    if not by_positions:
+        return f"{cut} cut at max_completion_length"
+    if by_positions == cut:
+        return f"{cut} cut {at_positions}"
+    return f"{cut} cut: {cut - by_positions} at max_completion_length, {by_positions} {at_positions}"
 
 
 def _json_value(value):
