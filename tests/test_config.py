@@ -697,6 +697,21 @@ def test_an_empty_value_where_it_means_none_is_still_taken():
     assert (cfg.system_prompt, cfg.stop_tokens, cfg.report_to) == ("", [], [])
 
 
+@pytest.mark.parametrize("typed, comment, read", [("#2.jsonl", "#2.jsonl", None), ("run 2 #b.jsonl", "#b.jsonl", "run 2"),
+                                                  ("[a] #c", "#c", ["a"])])
+def test_a_command_line_value_holding_what_yaml_reads_as_a_comment_is_refused_with_the_quoting(typed, comment, read):
+    # `output_file='#2.jsonl'` was null, and wrote to the default runs/sample/samples.jsonl; `run 2 #b.jsonl` lost its
+    # end: the shell passes a # only when it was quoted, so it was meant as text
+    with pytest.raises(ConfigError) as e:
+        SampleConfig().update(parse_overrides([f"output_file={typed}"]), source="command line")
+    assert str(e.value) == (f"command line: output_file={typed}: YAML reads {comment!r} as a comment and drops it (the "
+                            f"value read is {read!r}); to give it as text, quote it (in a YAML file output_file: "
+                            f"'{typed}', on the command line output_file=\"'{typed}'\"), or leave the comment out")
+    assert SampleConfig().update(parse_overrides([f"output_file='{typed}'"])).output_file == typed
+    # a # inside a word starts no comment, and stays
+    assert SampleConfig().update(parse_overrides(["output_file=run#2.jsonl"])).output_file == "run#2.jsonl"
+
+
 def _yaml(tmp_path, text: str) -> str:
     path = tmp_path / "c.yaml"
     path.write_text(text)

@@ -447,8 +447,15 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
             raise ConfigError(f"command line: cannot read {a!r}; write --key value or key=value")
         try:
             value = yaml.safe_load(raw) if raw != "" else ""
+            comment = _yaml_comment(raw)
         except yaml.YAMLError:
-            value = raw
+            value, comment = raw, ""
+        if comment:
+            # `output_file='#2.jsonl'` was null (the default file), `system_prompt='Be brief #1'` lost its '#1': the
+            # shell passes a # only when the user quoted it, so it is meant as text, never as a YAML comment
+            raise ConfigError(f"command line: {key}={raw}: YAML reads {comment!r} as a comment and drops it (the value "
+                              f"read is {value!r}); to give it as text, quote it ({_quoted_advice(key, raw)}), or leave "
+                              f"the comment out")
         if isinstance(value, str):   # YAML 1.1 reads "1e-3" as a string
             try:
                 value = float(value)
@@ -464,6 +471,15 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
         out[option] = _keep_text(value, raw)
         i += 1
     return out
+
+
+def _yaml_comment(raw: str) -> str:
+    """The comment YAML drops from the end of `raw` (" #..." after the value, or all of "#..."), else ""."""
+    import yaml
+
+    ends = [t.end_mark.index for t in yaml.scan(raw) if not isinstance(t, yaml.StreamEndToken)]
+    rest = raw[max(ends, default=0):].strip()
+    return rest if rest.startswith("#") else ""
 
 
 class _IntAsTyped(int):
