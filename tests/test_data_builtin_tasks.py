@@ -54,6 +54,37 @@ def test_a_held_out_builtin_draw_has_different_prompts_and_is_its_plain_draw_up_
     assert list(load_rows(spec, n_builtin=128, seed=seed)) == plain   # a training draw is as it was
 
 
+def test_a_split_named_for_a_builtin_task_is_refused_as_for_a_single_file(tmp_path):
+    # `r1fast sample dataset=builtin:arithmetic dataset_split=test` sampled the training draw without a word, while a
+    # .jsonl file's dataset_split=test was an error
+    from r1fast.cli import main
+    from r1fast.trainer.config import GRPOConfig
+
+    spec = "builtin:arithmetic?min_terms=3&max_terms=3"
+    for split in ("test", "validation"):
+        with pytest.raises(ValueError, match=rf"^dataset '{re.escape(spec)}' is generated and has no splits, so split "
+                                             rf"'{split}' cannot be taken from it; leave the split out"):
+            load_rows(spec, split=split, n_builtin=8, seed=0)
+    assert list(load_rows(spec, split="train", n_builtin=8, seed=0)) == builtin_rows(spec, 8, 0)
+    with pytest.raises(ValueError, match="is generated and has no splits"):   # a held-out read too
+        load_rows(spec, split="test", n_builtin=8, seed=0, default_splits=EVAL_SPLITS)
+    with pytest.raises(SystemExit, match="r1fast sample: dataset .* is generated and has no splits"):
+        main(["sample", "model_name_or_path=builtin:micro", f"dataset={spec}", "dataset_split=test",
+              f"output_file={tmp_path / 'o.jsonl'}", "progress_bar=false"])
+    assert not (tmp_path / "o.jsonl").exists()
+    assert GRPOConfig(eval_dataset=spec, eval_dataset_split="test").eval_dataset_split == "test"   # found at the read
+    # a pipeline's stage says so as the pipeline loads, not once the stages before it have trained
+    from r1fast.trainer.config import ConfigError
+    from r1fast.trainer.pipeline import load_pipeline
+
+    with pytest.raises(ConfigError, match=r"^command line: stage 'grpo': dataset: dataset 'builtin:.*' is generated "
+                                          r"and has no splits, so split 'test'"):
+        load_pipeline(DEFAULT_YAML, [f"output_dir={tmp_path}", "grpo.dataset_split=test"])
+    with pytest.raises(ConfigError, match=r"eval_dataset: dataset 'builtin:arithmetic' is generated and has no splits"):
+        load_pipeline(DEFAULT_YAML, [f"output_dir={tmp_path}", "grpo.eval_dataset=builtin:arithmetic",
+                                     "grpo.eval_steps=1", "grpo.eval_dataset_split=validation"])
+
+
 def test_a_held_out_draw_keeps_the_tasks_spread_of_term_counts():
     # a repeated prompt is drawn again with its own count of terms: redrawing the whole row would favour the
     # counts with more prompts (here 2 terms have 18 prompts, 4 terms 648), so the held-out set would be harder

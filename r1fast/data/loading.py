@@ -35,6 +35,9 @@ def load_rows(spec: str, *, split: Optional[str] = None, n_builtin: int = 1000, 
     if not isinstance(spec, str) or not spec:
         raise ValueError(f"dataset must be a path or builtin:<task>; got {spec!r}")
     if spec.startswith("builtin:"):
+        if split not in (None, "train"):   # as a file's (_no_splits): `dataset_split=test` drew training prompts
+            raise ValueError(f"dataset {spec!r} is generated and has no splits, so split {split!r} cannot be taken "
+                             f"from it; leave the split out (a builtin: eval_dataset draws held-out prompts of its own)")
         rows = builtin_rows(spec, n_builtin, seed, distinct=tuple(default_splits) == EVAL_SPLITS)
     else:
         rows = _load_hf(spec, split, default_splits)

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from r1fast._umask import fsync_dir
-from r1fast.data.loading import hub_name_hint
+from r1fast.data.loading import hub_name_hint, load_rows
 from r1fast.data.tasks import MAX_BUILTIN_ROWS
 from r1fast.models.checkpoint import missing_model_hint
 from r1fast.trainer.config import (
@@ -499,6 +499,8 @@ def _check_stages(p: Pipeline, where: str, typed_keys: Optional[dict[Optional[st
             _check_model(s.model, f"{stage_at('model')}: model")
         if not s.dataset.startswith("@"):
             _check_dataset(s.dataset, f"{stage_at('dataset')}: dataset", written)
+            _check_builtin_split(s.dataset, getattr(s.config, "dataset_split", None),
+                                 f"{stage_at('dataset', 'dataset_split')}: dataset")
         cfg = s.config
         if s.type == "grpo":
             at = stage_at("eval_dataset", "eval_steps")
@@ -506,6 +508,8 @@ def _check_stages(p: Pipeline, where: str, typed_keys: Optional[dict[Optional[st
                 raise ConfigError(f"{at}: eval_dataset is used at eval_steps, which is 0; set eval_steps (the "
                                   f"pipeline's own eval_dataset is evaluated after every training stage)")
             _check_dataset(cfg.eval_dataset, f"{at}: eval_dataset", written)
+            _check_builtin_split(cfg.eval_dataset, cfg.eval_dataset_split,
+                                 f"{stage_at('eval_dataset', 'eval_dataset_split')}: eval_dataset")
         if s.type == "sample" and cfg.output_file:
             # an earlier stage's data file (its cold-start SFT rows) was replaced by the samples without a word;
             # an earlier sample stage's file is the pipeline's own, which a later round may write again (refused
@@ -585,6 +589,16 @@ def _check_model(spec: Optional[str], where: str):
     elif not os.path.isdir(spec):
         raise ConfigError(f"{where}: {spec!r} is not a folder (give a local Hugging Face checkpoint or builtin:tiny"
                           f"{missing_model_hint(spec)})")
+
+
+def _check_builtin_split(spec: Optional[str], split: Optional[str], where: str):
+    """A split named for a builtin: task, which load_rows refuses: said as the pipeline loads, not once the stages
+    before it have run."""
+    if spec is not None and spec.startswith("builtin:") and split not in (None, "train"):
+        try:
+            load_rows(spec, split=split, n_builtin=1)
+        except ValueError as e:
+            raise ConfigError(f"{where}: {e}") from None
 
 
 def _check_dataset(spec: Optional[str], where: str, written: set[str]):
