@@ -712,6 +712,22 @@ def test_a_command_line_value_holding_what_yaml_reads_as_a_comment_is_refused_wi
     assert SampleConfig().update(parse_overrides(["output_file=run#2.jsonl"])).output_file == "run#2.jsonl"
 
 
+def test_a_null_typed_for_an_option_that_cannot_be_null_says_to_leave_the_option_out(tmp_path):
+    # `prompt_column=~` said "(an empty YAML value is null): drop the line to keep its default": nothing was empty, and
+    # the command line has no line to drop
+    for typed in ("~", "null"):
+        with pytest.raises(ConfigError, match=r"^command line: option 'prompt_column' expects str and cannot be null "
+                                              r"\(YAML reads ~ and null as null\): leave the option out to keep its "
+                                              r"default$"):
+            SampleConfig().update(parse_overrides([f"prompt_column={typed}"]), source="command line")
+    with pytest.raises(ConfigError, match=r"^command line: stage 'grpo': option 'max_steps' expects int and cannot be "
+                                          r"null \(YAML reads ~ and null as null\): leave the option out"):
+        load_pipeline(DEFAULT_CONFIG, ["grpo.max_steps=null"])
+    with pytest.raises(ConfigError, match=r"c\.yaml: option 'prompt_column' expects str and cannot be null \(an empty "
+                                          r"YAML value is null\): drop the line to keep its default$"):
+        SampleConfig.from_yaml(_yaml(tmp_path, "prompt_column:\n"))
+
+
 def _yaml(tmp_path, text: str) -> str:
     path = tmp_path / "c.yaml"
     path.write_text(text)

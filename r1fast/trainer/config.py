@@ -544,8 +544,10 @@ def coerce(key: str, value: Any, hint: Any, source: str, element: bool = False) 
     takes_no_none = hint in (bool, int, float, str, dict) or origin in (list, tuple, dict)
     if value is None and not element and takes_no_none:
         # `min_p:` left empty or `min_p: null`, meant as "no value": the option has no such value
-        raise ConfigError(f"{source}: option {key!r} expects {getattr(hint, '__name__', hint)} and cannot be null "
-                          f"(an empty YAML value is null): drop the line to keep its default")
+        # typed (`prompt_column=~`), there is no empty YAML value and no line to drop
+        how = ("(YAML reads ~ and null as null): leave the option out to keep its default"
+               if source.startswith("command line") else "(an empty YAML value is null): drop the line to keep its default")
+        raise ConfigError(f"{source}: option {key!r} expects {getattr(hint, '__name__', hint)} and cannot be null {how}")
     bad = ConfigError(f"{source}: option {key!r} expects {getattr(hint, '__name__', hint)}, got {value!r}")
     if hint is bool:
         if isinstance(value, bool):
