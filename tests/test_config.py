@@ -666,6 +666,10 @@ def test_a_text_option_given_what_yaml_reads_as_a_list_or_mapping_says_so_and_ho
                                 f"{key}=\"'{typed}'\")")
         # quoted as it says, the text arrives
         assert getattr(SampleConfig().update(parse_overrides([f"{key}='{typed}'"])), key) == typed
+    # a pipeline's stage option: the quoting as typed
+    with pytest.raises(ConfigError, match=re.escape(f"(in a YAML file dataset: '{typed}', on the command line "
+                                                    f"grpo.dataset=\"'{typed}'\")")):
+        load_pipeline(DEFAULT_CONFIG, [f"grpo.dataset={typed}"])
     # a list option still takes the list
     assert SampleConfig().update(parse_overrides(["stop_tokens=[a]"])).stop_tokens == ["a"]
     assert SampleConfig().update(parse_overrides(["chat_template_kwargs={}"])).chat_template_kwargs == {}

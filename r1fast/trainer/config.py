@@ -469,6 +469,8 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
                               f"give it once")
         spelt[option] = key
         out[option] = _keep_text(value, raw)
+        if isinstance(out[option], (_ListAsTyped, _DictAsTyped)):
+            out[option].key = option   # a pipeline's `grpo.dataset`, for the quoting its error shows
         i += 1
     return out
 
@@ -525,10 +527,11 @@ def _yaml_collection(value) -> str:
 
 
 def _quoted_advice(key: str, typed: Optional[str]) -> str:
-    """How to quote `typed` (the text given, where known) for option `key`, in a YAML file and on the command line;
-    a placeholder where the text is unknown or holds a quote or a character the shell reads inside double quotes."""
+    """How to quote `typed` (the text given, where known) for option `key` (as typed: a pipeline's `grpo.dataset`),
+    in a YAML file and on the command line; a placeholder where the text is unknown or holds a quote or a character
+    the shell reads inside double quotes."""
     text = typed if typed and not set(typed) & set("'\"\\$`!") else "text"
-    return f"in a YAML file {key}: '{text}', on the command line {key}=\"'{text}'\""
+    return f"in a YAML file {key.rpartition('.')[2]}: '{text}', on the command line {key}=\"'{text}'\""
 
 
 def coerce(key: str, value: Any, hint: Any, source: str, element: bool = False) -> Any:
@@ -592,7 +595,7 @@ def coerce(key: str, value: Any, hint: Any, source: str, element: bool = False) 
         if isinstance(value, (list, dict)) and not element:
             # `dataset=-` said "expects str, got [None]": YAML's list of one empty item, which the user never typed
             raise ConfigError(f"{source}: option {key!r} expects str, got {value!r}: {_yaml_collection(value)}; "
-                              f"to give the text, quote it ({_quoted_advice(key, getattr(value, 'text', None))})")
+                              f"to give the text, quote it ({_quoted_advice(getattr(value, 'key', key), getattr(value, 'text', None))})")
         raise bad
     if origin in (list, tuple):
         if isinstance(value, str):
