@@ -90,61 +90,65 @@ def rejection_sample(model, tokenizer=None, rows=None, cfg: Optional[SampleConfi
 
         # the prompts sampled before a resume as the start, not as done now: they made the rate and time left wrong
         bar = progress_bar(len(rows), "sample", unit="prompts", initial=first)
-    for start in range(first, len(rows), cfg.batch_prompts):
-        chunk = rows[start:start + cfg.batch_prompts]
-        params = SamplingParams(n=cfg.num_samples, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-                                max_tokens=cfg.max_completion_length, stop_token_ids=stops,
-                                seed=(cfg.seed * 1_000_003 + start) % (2**31 - 1))
-        results = engine.generate(prompt_ids[start:start + len(chunk)], params)
-        texts, ids, owners, cut, by_positions = [], [], [], [], []
-        for i, res in enumerate(results):
-            for comp in res.completions:
-                texts.append(decode_completion(tokenizer, comp.token_ids, ends))
-                ids.append(list(comp.token_ids))
-                owners.append(i)
-                cut.append(comp.finish_reason == "length")
-                # the engine ends a sequence at max_model_len: before max_completion_length, the model's positions
-                reached = len(prompt_ids[start + i]) + len(comp.token_ids) >= max_model_len
-                by_positions.append(cut[-1] and reached and len(comp.token_ids) < cfg.max_completion_length)
-        prompts = [chunk[i][cfg.prompt_column] for i in owners]
-        columns = reward_columns(chunk, owners, cfg.prompt_column, cfg.answer_column)
-        # the same arguments as in GRPO: a reward function written for `r1fast train` works here
-        table = rewards.score(prompts, reward_completions(prompts, texts), columns, completion_ids=ids)
-        per_prompt: dict[int, list[dict]] = {}
-        seen: dict[int, set] = {}
-        for j, text in enumerate(texts):
-            n_total += 1
-            n_cut += cut[j]
-            n_cut_by_positions += by_positions[j]
-            # SFT appends eos to a completion: one cut at max_completion_length would teach stopping mid-thought
-            if cut[j] and not cfg.keep_truncated:
-                continue
-            values = [t[j] for t in table]
-            if not all(v is None or v >= th for v, th in zip(values, thresholds)):
-                continue
-            n_pass += 1
-            i = owners[j]
-            if text in seen.setdefault(i, set()) or len(per_prompt.get(i, [])) >= cfg.keep_per_prompt:
-                continue
-            seen[i].add(text)
-            row = {k: v for k, v in chunk[i].items() if k != "completion"}
-            row["completion"] = ("" if continues_answer(chunk[i][cfg.prompt_column]) else opening) + text
-            row["rewards"] = dict(zip(rewards.names, values))
-            per_prompt.setdefault(i, []).append(row)
-        prompts_with_any += len(per_prompt)
-        batch = [row for i in sorted(per_prompt) for row in per_prompt[i]]
-        kept.extend(batch)
-        if on_batch is not None:
-            on_batch(batch, {**_statistics(len(rows), n_total, (n_cut, n_cut_by_positions, positions), n_pass,
-                                           len(kept), prompts_with_any), "next_prompt": start + len(chunk)})
+    # closed however the loop ends: a Ctrl-C or a failing reward function left a log without the line saying
+    # where sampling stopped, and a terminal's bar unfinished, the traceback written on after it
+    try:
+        for start in range(first, len(rows), cfg.batch_prompts):
+            chunk = rows[start:start + cfg.batch_prompts]
+            params = SamplingParams(n=cfg.num_samples, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+                                    max_tokens=cfg.max_completion_length, stop_token_ids=stops,
+                                    seed=(cfg.seed * 1_000_003 + start) % (2**31 - 1))
+            results = engine.generate(prompt_ids[start:start + len(chunk)], params)
+            texts, ids, owners, cut, by_positions = [], [], [], [], []
+            for i, res in enumerate(results):
+                for comp in res.completions:
+                    texts.append(decode_completion(tokenizer, comp.token_ids, ends))
+                    ids.append(list(comp.token_ids))
+                    owners.append(i)
+                    cut.append(comp.finish_reason == "length")
+                    # the engine ends a sequence at max_model_len: before max_completion_length, the model's positions
+                    reached = len(prompt_ids[start + i]) + len(comp.token_ids) >= max_model_len
+                    by_positions.append(cut[-1] and reached and len(comp.token_ids) < cfg.max_completion_length)
+            prompts = [chunk[i][cfg.prompt_column] for i in owners]
+            columns = reward_columns(chunk, owners, cfg.prompt_column, cfg.answer_column)
+            # the same arguments as in GRPO: a reward function written for `r1fast train` works here
+            table = rewards.score(prompts, reward_completions(prompts, texts), columns, completion_ids=ids)
+            per_prompt: dict[int, list[dict]] = {}
+            seen: dict[int, set] = {}
+            for j, text in enumerate(texts):
+                n_total += 1
+                n_cut += cut[j]
+                n_cut_by_positions += by_positions[j]
+                # SFT appends eos to a completion: one cut at max_completion_length would teach stopping mid-thought
+                if cut[j] and not cfg.keep_truncated:
+                    continue
+                values = [t[j] for t in table]
+                if not all(v is None or v >= th for v, th in zip(values, thresholds)):
+                    continue
+                n_pass += 1
+                i = owners[j]
+                if text in seen.setdefault(i, set()) or len(per_prompt.get(i, [])) >= cfg.keep_per_prompt:
+                    continue
+                seen[i].add(text)
+                row = {k: v for k, v in chunk[i].items() if k != "completion"}
+                row["completion"] = ("" if continues_answer(chunk[i][cfg.prompt_column]) else opening) + text
+                row["rewards"] = dict(zip(rewards.names, values))
+                per_prompt.setdefault(i, []).append(row)
+            prompts_with_any += len(per_prompt)
+            batch = [row for i in sorted(per_prompt) for row in per_prompt[i]]
+            kept.extend(batch)
+            if on_batch is not None:
+                on_batch(batch, {**_statistics(len(rows), n_total, (n_cut, n_cut_by_positions, positions), n_pass,
+                                               len(kept), prompts_with_any), "next_prompt": start + len(chunk)})
+            if bar is not None:
+                bar.set_postfix(pass_rate=f"{n_pass / max(n_total, 1):.2f}", kept=len(kept))
+                bar.update(len(chunk))
+            if should_stop is not None and should_stop() and start + len(chunk) < len(rows):
+                stopped_at = start + len(chunk)
+                break
+    finally:
         if bar is not None:
-            bar.set_postfix(pass_rate=f"{n_pass / max(n_total, 1):.2f}", kept=len(kept))
-            bar.update(len(chunk))
-        if should_stop is not None and should_stop() and start + len(chunk) < len(rows):
-            stopped_at = start + len(chunk)
-            break
-    if bar is not None:
-        bar.close()
+            bar.close()
     stats = _statistics(len(rows), n_total, (n_cut, n_cut_by_positions, positions), n_pass, len(kept), prompts_with_any)
     if stopped_at is not None:
         stats["next_prompt"] = stopped_at
