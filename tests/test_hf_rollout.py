@@ -634,3 +634,14 @@ def test_float_or_bool_token_ids_are_refused_by_name(tmp_path, field, value, mes
             _trainer(path, tmp_path / "init", model_setup=lambda m: setattr(m.generation_config, field, value))
     setattr(trainer.generation_config, field, np.array(value).astype(np.int64).tolist())  # the same ids, as ints
     trainer._generate_single_turn([[5, 6, 7]] * 4, None, {}, 4)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", torch.int64, torch.float8_e4m3fn, torch.complex64])
+def test_a_dtype_the_engine_cannot_decode_in_is_refused_by_name(hf_model, dtype):
+    # int64 was taken: the weights were cast to zeros and the first generate() failed in rms_norm, naming
+    # neither HFRollout nor dtype; a string failed in torch.empty
+    with pytest.raises(ValueError, match=r"HFRollout: dtype=.* is not one the engine decodes in"):
+        HFRollout(hf_model, dtype=dtype, block_size=4, num_blocks=64)
+    rollout = HFRollout(hf_model, dtype=torch.float64, block_size=4, num_blocks=64)   # the float dtypes still are
+    params = SamplingParams(n=1, temperature=0, max_tokens=3, ignore_eos=True)
+    assert rollout.generate([PROMPTS[0]], params) == [_hf_greedy(hf_model, PROMPTS[0], 3)]

@@ -56,6 +56,19 @@ def _check_is_transformers_class(hf_model: nn.Module, architecture: str) -> None
                          f"not reproduce: load the model without trust_remote_code, or generate without r1fast")
 
 
+# the dtypes r1fast's decoder computes in (its norms refuse any other, at the first generate)
+DECODE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check_decode_dtype(dtype) -> None:
+    """`dtype=` given to HFRollout: a string, an integer or fp8 dtype failed at the first generate() after the
+    weights were cast (an int64 copy of the weights is all zeros), with an error of torch.empty or rms_norm
+    that named neither HFRollout nor its `dtype`."""
+    if dtype is not None and dtype not in DECODE_DTYPES:
+        raise ValueError(f"HFRollout: dtype={dtype!r} is not one the engine decodes in; pass one of "
+                         f"{', '.join(map(str, DECODE_DTYPES))}, or None for the model parameters' own")
+
+
 def _without_compile_wrapper(model: nn.Module) -> nn.Module:
     """The module a torch.compile wrapper (OptimizedModule, its parameters named _orig_mod.*) wraps: the wrapper
     computes what that module computes, so the engine decodes it and aliases its tensors."""
@@ -68,6 +81,7 @@ def _without_compile_wrapper(model: nn.Module) -> nn.Module:
 
 class HFRollout:
     def __init__(self, hf_model: nn.Module, dtype: torch.dtype | None = None, **engine_kwargs):
+        _check_decode_dtype(dtype)
         hf_model = _without_compile_wrapper(hf_model)
         config = getattr(hf_model, "config", None)
         if config is None or not hasattr(config, "to_dict"):
