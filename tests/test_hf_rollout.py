@@ -645,3 +645,15 @@ def test_a_dtype_the_engine_cannot_decode_in_is_refused_by_name(hf_model, dtype)
     rollout = HFRollout(hf_model, dtype=torch.float64, block_size=4, num_blocks=64)   # the float dtypes still are
     params = SamplingParams(n=1, temperature=0, max_tokens=3, ignore_eos=True)
     assert rollout.generate([PROMPTS[0]], params) == [_hf_greedy(hf_model, PROMPTS[0], 3)]
+
+
+def test_a_prompt_not_wrapped_in_a_list_and_params_not_sampling_params_are_named(hf_model):
+    # one prompt passed as the batch failed with "'int' object is not iterable", a dict of sampling options
+    # with "'dict' object has no attribute 'n'"
+    rollout = HFRollout(hf_model, block_size=4, num_blocks=64)
+    params = SamplingParams(n=1, temperature=0, max_tokens=3, ignore_eos=True)
+    with pytest.raises(TypeError, match="generate: prompt 0 must be a list of ints, got int"):
+        rollout.generate(PROMPTS[1], params)
+    with pytest.raises(TypeError, match="params must be an r1fast.rollout.SamplingParams, got dict"):
+        rollout.generate([PROMPTS[1]], {"n": 1, "max_tokens": 3})
+    assert rollout.generate([tuple(PROMPTS[1])], params) == [_hf_greedy(hf_model, PROMPTS[1], 3)]

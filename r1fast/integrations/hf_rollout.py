@@ -22,6 +22,7 @@ TRL's GRPOTrainer uses it through `r1fast.integrations.trl.GRPOTrainer(..., r1fa
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -77,6 +78,15 @@ def _without_compile_wrapper(model: nn.Module) -> nn.Module:
     while isinstance(model, OptimizedModule):
         model = model._orig_mod
     return model
+
+
+def _as_list(prompt):
+    """A prompt as a list, for comparing prompts; what is not a sequence (one token id: a single prompt passed
+    unwrapped) is left for the engine, whose error names the prompt. list() of it failed with "'int' object is
+    not iterable"."""
+    if hasattr(prompt, "tolist"):
+        prompt = prompt.tolist()
+    return list(prompt) if isinstance(prompt, Iterable) else prompt
 
 
 class HFRollout:
@@ -146,10 +156,13 @@ class HFRollout:
         """Completion token ids, one list per prompt in `prompt_ids` and per sample: prompts that come in
         runs of params.n identical ones (as a GRPO batch lists each prompt once per sample) are
         prefilled once and forked; otherwise each prompt gets one sample."""
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"HFRollout.generate: params must be an r1fast.rollout.SamplingParams, got "
+                            f"{type(params).__name__}")
         n = params.n
         # as lists: comparing two tensors (or numpy arrays) with == below is elementwise, and all() of that
         # failed with "Boolean value of Tensor with more than one value is ambiguous"
-        prompt_ids = [p.tolist() if hasattr(p, "tolist") else list(p) for p in prompt_ids]
+        prompt_ids = [_as_list(p) for p in prompt_ids]
         grouped = len(prompt_ids) % n == 0 and all(
             prompt_ids[i] == prompt_ids[i - i % n] for i in range(len(prompt_ids)))
         if grouped:
