@@ -657,3 +657,17 @@ def test_a_prompt_not_wrapped_in_a_list_and_params_not_sampling_params_are_named
     with pytest.raises(TypeError, match="params must be an r1fast.rollout.SamplingParams, got dict"):
         rollout.generate([PROMPTS[1]], {"n": 1, "max_tokens": 3})
     assert rollout.generate([tuple(PROMPTS[1])], params) == [_hf_greedy(hf_model, PROMPTS[1], 3)]
+
+
+def test_toy_config_refuses_a_vocabulary_smaller_than_its_tokenizer():
+    # vocab_size=0 was read as "the tokenizer's size" and a smaller one was taken: a model that cannot embed
+    # the tokenizer's last ids, failing with an IndexError at the first prompt that holds one
+    from r1fast.integrations.toy import char_tokenizer, qwen2_config
+
+    tok = char_tokenizer()
+    size = len(tok) + int(torch.randint(1, 64, ()).item())
+    assert qwen2_config(tokenizer=tok).vocab_size == len(tok)
+    assert qwen2_config(tokenizer=tok, vocab_size=size).vocab_size == size
+    for small in (0, len(tok) - 1):
+        with pytest.raises(ValueError, match=f"vocab_size={small} is smaller than the tokenizer's {len(tok)}"):
+            qwen2_config(tokenizer=tok, vocab_size=small)

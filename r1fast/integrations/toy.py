@@ -22,8 +22,12 @@ def qwen2_config(*, tokenizer, vocab_size: int | None = None, hidden_size: int =
     """A tiny Qwen2Config over `tokenizer` (a larger `vocab_size` pads the vocabulary, as real models do)."""
     from transformers import Qwen2Config
 
+    if vocab_size is not None and vocab_size < len(tokenizer):
+        # an embedding without rows for some of the tokenizer's ids: an IndexError at the first prompt holding one
+        raise ValueError(f"qwen2_config: vocab_size={vocab_size} is smaller than the tokenizer's {len(tokenizer)} "
+                         f"tokens; leave it None for the tokenizer's size, or pad with a larger one")
     return Qwen2Config(
-        vocab_size=vocab_size or len(tokenizer), hidden_size=hidden_size, num_hidden_layers=layers, num_attention_heads=heads,
+        vocab_size=len(tokenizer) if vocab_size is None else vocab_size, hidden_size=hidden_size, num_hidden_layers=layers, num_attention_heads=heads,
         num_key_value_heads=kv_heads, intermediate_size=intermediate_size, max_position_embeddings=512,
         tie_word_embeddings=tie_word_embeddings, pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id, **extra,
