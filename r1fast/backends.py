@@ -134,12 +134,15 @@ def resolve(op: str, device: torch.device | str, backend: str | None = None, *,
                 f"{op}: backend {requested!r} ({source}{requested}) is unavailable on {device.type}: {why}; "
                 f"available: {', '.join(available(op, device)) or 'none'}"
             )
+        # asked for by the environment, the error names it: the call itself passed no backend, and the default
+        # would have passed over this one
+        by_env = "" if source == "backend=" else f", or unset R1FAST_BACKEND={requested}"
         if not takes_dtype(op, requested, dtype):  # else the kernel would run at fp32 precision without a word
             raise ValueError(f"{op}: the {requested} backend takes fp16/bf16/fp32 inputs, got {dtype} "
-                             f"(use backend='torch' or 'reference')")
+                             f"(use backend='torch' or 'reference'{by_env})")
         if requested == "triton" and device.type == "cpu" and dtype == torch.bfloat16 and op in _INTERPRETER_BF16_DOT_OPS:
             raise ValueError(f"{op}: the Triton interpreter (TRITON_INTERPRET=1) computes bfloat16 matrix products "
-                             f"wrongly; on the CPU use float32 or float16 inputs, or backend='torch'")
+                             f"wrongly; on the CPU use float32 or float16 inputs, or backend='torch'{by_env}")
         return requested, impls[requested]
     b = default(op, device, lambda name: takes_dtype(op, name, dtype) and (accepts is None or accepts(name)))
     if b is None:

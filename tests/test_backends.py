@@ -241,3 +241,18 @@ def test_an_extension_that_is_built_but_does_not_load_says_why(tmp_path):
     lines = out.stdout.splitlines()
     assert len(lines) == 3 and all("GLIBCXX_3.4.99" in line for line in lines), out.stdout
     assert "does not import" in lines[0] and "UNUSABLE" in lines[2] and "not built" not in out.stdout
+
+
+def test_inputs_the_environments_backend_cannot_take_name_the_environment(monkeypatch):
+    # R1FAST_BACKEND=triton with float64 (or, interpreted, bfloat16) inputs was refused with the advice to pass
+    # backend='torch', as if the call had asked for triton: the setting that did was not named
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    for dtype, op in ((torch.float64, "grpo_loss"), (torch.bfloat16, "grouped_logprob")):
+        with pytest.raises(ValueError, match=rf"^{op}: .*backend='torch'") as asked:
+            backends.resolve(op, "cpu", "triton", dtype=dtype)
+        assert "R1FAST_BACKEND" not in str(asked.value)
+        monkeypatch.setenv("R1FAST_BACKEND", "triton")
+        with pytest.raises(ValueError, match=rf"^{op}: .*, or unset R1FAST_BACKEND=triton\)?$"):
+            backends.resolve(op, "cpu", dtype=dtype)
+        monkeypatch.delenv("R1FAST_BACKEND")
