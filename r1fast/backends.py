@@ -99,6 +99,16 @@ def backend_available(backend: str, device: torch.device) -> tuple[bool, str]:
     return False, f"unknown backend {backend!r}"
 
 
+def check_environment() -> None:
+    """A ValueError where R1FAST_BACKEND names no backend. Each op call says so too, but only once the model has
+    loaded (minutes, for a large one): the trainers ask this first. Whether the backend runs here is each op's
+    question (an op without it keeps its default), so only the name is checked."""
+    value = os.environ.get("R1FAST_BACKEND") or None
+    if value is not None and value not in BACKENDS:
+        raise ValueError(f"R1FAST_BACKEND={value!r} is not a backend; backends are {', '.join(BACKENDS)} "
+                         f"(unset it for each op's fastest)")
+
+
 def implementations(op: str) -> dict[str, Callable]:
     if op not in _REGISTRY:
         raise KeyError(f"no op named {op!r} is registered; ops: {sorted(_REGISTRY)}")

@@ -256,3 +256,16 @@ def test_inputs_the_environments_backend_cannot_take_name_the_environment(monkey
         with pytest.raises(ValueError, match=rf"^{op}: .*, or unset R1FAST_BACKEND=triton\)?$"):
             backends.resolve(op, "cpu", dtype=dtype)
         monkeypatch.delenv("R1FAST_BACKEND")
+
+
+@pytest.mark.parametrize("value", ["Triton", " torch", "cpu"])
+def test_a_misspelt_environment_backend_is_said_before_a_model_loads(monkeypatch, value):
+    # it was said at the first op call, after the weights had loaded (minutes, for a large model)
+    from r1fast.trainer.common import load_model_and_tokenizer
+
+    monkeypatch.setenv("R1FAST_BACKEND", value)
+    with pytest.raises(ValueError, match=rf"^R1FAST_BACKEND={value!r} is not a backend; backends are reference, "
+                                         r"torch, triton, cuda"):
+        load_model_and_tokenizer("builtin:tiny", device=torch.device("cpu"))
+    monkeypatch.setenv("R1FAST_BACKEND", "reference")   # a backend name: the ops decide whether it runs
+    backends.check_environment()

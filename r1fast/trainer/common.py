@@ -74,6 +74,9 @@ def load_model_and_tokenizer(spec: Optional[str], *, device, dtype: str = "float
 
     if spec is None:
         raise ValueError("model_name_or_path is required (a local Hugging Face folder or builtin:tiny)")
+    from r1fast import backends
+
+    backends.check_environment()   # a misspelt R1FAST_BACKEND is said before the weights load, not at the first op
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     if spec.startswith("builtin:"):
         size = spec.split(":", 1)[1]
