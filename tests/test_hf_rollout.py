@@ -671,3 +671,22 @@ def test_toy_config_refuses_a_vocabulary_smaller_than_its_tokenizer():
     for small in (0, len(tok) - 1):
         with pytest.raises(ValueError, match=f"vocab_size={small} is smaller than the tokenizer's {len(tok)}"):
             qwen2_config(tokenizer=tok, vocab_size=small)
+
+
+def test_sync_refuses_parameters_replaced_rather_than_updated_in_place(hf_model):
+    # sync() copied from, and the engine aliased, the tensors the model held when the rollout was made: after
+    # load_state_dict(..., assign=True) it went on generating with the old weights without a word
+    import copy
+
+    model = copy.deepcopy(hf_model)
+    rollout = HFRollout(model, block_size=4, num_blocks=64)
+    g = torch.Generator().manual_seed(int(torch.randint(0, 1000, ()).item()))
+    model.load_state_dict({k: v + 0.3 * torch.randn(v.shape, generator=g) for k, v in model.state_dict().items()})
+    rollout.sync()   # updated in place: read
+    params = SamplingParams(n=1, temperature=0, max_tokens=4, ignore_eos=True)
+    assert rollout.generate([PROMPTS[1]], params) == [_hf_greedy(model, PROMPTS[1], 4)]
+    state = {k: torch.nn.Parameter(v + 0.3 * torch.randn(v.shape, generator=g)) for k, v in model.state_dict().items()}
+    model.load_state_dict(state, assign=True)
+    with pytest.raises(ValueError, match=r"HFRollout: the transformers model's model\.embed_tokens\.weight.* were "
+                                         r"replaced, not updated in place"):
+        rollout.sync()

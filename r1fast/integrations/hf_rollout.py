@@ -102,6 +102,8 @@ class HFRollout:
             raise ValueError(f"r1fast's rollout engine cannot run {type(hf_model).__name__}: {e}") from e
         _check_is_transformers_class(hf_model, cfg.architecture)
         hf = dict(hf_model.named_parameters())
+        # what the engine reads: sync() checks the model still holds these very tensors
+        self._hf_model, self._hf_params = hf_model, dict(hf)
         devices = {p.device for p in hf.values()}
         if len(devices) != 1:
             raise ValueError(f"HFRollout needs the model on one device, found {sorted(map(str, devices))} "
@@ -145,12 +147,23 @@ class HFRollout:
     @torch.no_grad()
     def sync(self, reset_cache: bool = True):
         """Copies the transformers weights into the fused (and recast) parameters; call after every
-        weight update, before generating."""
+        weight update, before generating. A parameter replaced rather than updated in place (load_state_dict with
+        assign=True, a resized embedding) is an error: the engine would go on reading the tensor it replaced."""
+        self._check_same_parameters()
         for buf, sources in self._copies:
             for rows, src in sources:
                 (buf if rows is None else buf[rows]).copy_(src)
         if reset_cache:
             self.engine.reset_prefix_cache()
+
+    def _check_same_parameters(self):
+        current = dict(self._hf_model.named_parameters())
+        replaced = [key for key, tensor in self._hf_params.items() if current.get(key) is not tensor]
+        if replaced:
+            raise ValueError(f"HFRollout: the transformers model's {', '.join(replaced[:4])}"
+                             f"{' ...' if len(replaced) > 4 else ''} ({len(replaced)} parameters) were replaced, not "
+                             f"updated in place, since the rollout was made (load_state_dict(assign=True), a resized "
+                             f"embedding): it would generate with the old ones; make a new HFRollout")
 
     def generate(self, prompt_ids: list[list[int]], params: SamplingParams) -> list[list[int]]:
         """Completion token ids, one list per prompt in `prompt_ids` and per sample: prompts that come in
