@@ -2,18 +2,7 @@
 import pytest
 import torch
 
-from r1fast.data import build_char_tokenizer
-from r1fast.models import CausalLM, ModelConfig
-
-
-def _tiny_model():
-    tok = build_char_tokenizer()
-    cfg = ModelConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                      num_attention_heads=2, max_position_embeddings=64, eos_token_id=tok.eos_token_id,
-                      bos_token_id=tok.bos_token_id)
-    model = CausalLM(cfg)
-    model.reset_parameters(seed=int(torch.randint(0, 1000, ()).item()))
-    return model, tok
+from test_trainer import tiny_model
 
 
 def test_rejection_sampling_stopped_by_ctrl_c_still_says_where_it_stopped(capsys):
@@ -29,7 +18,7 @@ def test_rejection_sampling_stopped_by_ctrl_c_still_says_where_it_stopped(capsys
             raise KeyboardInterrupt
         return [1.0] * len(completions)
 
-    model, tok = _tiny_model()
+    model, tok = tiny_model(seed=int(torch.randint(0, 1000, ()).item()))
     rows = [{"prompt": f"{i}+1=", "answer": str(i + 1)} for i in range(6)]
     cfg = SampleConfig(reward_funcs=[interrupted_on_the_second_batch], num_samples=2, batch_prompts=2,
                        max_completion_length=3, keep_truncated=True)
