@@ -258,6 +258,26 @@ def test_unavailable_backend_refused(tmp_path, model_dirs):
                           r1fast_backend="cuda" if not torch.cuda.is_available() else "no-such-backend")
 
 
+@pytest.mark.parametrize("name", ["cuda", "Triton", "torch "])
+def test_a_misspelt_backend_names_r1fast_backend_before_anything_loads(tmp_path, name):
+    """The error names the drop-in's own argument and its choices, not the resolver's `backend=`; and comes before
+    TRL loads the model (this path holds none)."""
+    with pytest.raises(ValueError, match=rf"r1fast_backend={name!r} is not one of the drop-in's backends: "
+                                         r"use 'reference', 'torch', 'triton', or None"):
+        r1trl.GRPOTrainer(model=str(tmp_path / "never-loaded"), reward_funcs=char_reward, args=_config(tmp_path),
+                          r1fast_backend=name)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a device the triton backend cannot run on")
+def test_a_backend_that_cannot_run_here_names_r1fast_backend(tmp_path, model_dirs, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # without it, Triton cannot run on the CPU
+    tokenizer = AutoTokenizer.from_pretrained(model_dirs["untied"])
+    with pytest.raises(ValueError, match=r"r1fast_backend='triton' cannot run on cpu: .*TRITON_INTERPRET=1"):
+        r1trl.GRPOTrainer(model=str(model_dirs["untied"]), reward_funcs=char_reward, args=_config(tmp_path),
+                          train_dataset=Dataset.from_dict({"prompt": PROMPTS}), processing_class=tokenizer,
+                          r1fast_backend="triton")
+
+
 def test_per_token_logps_match_trl(tmp_path, model_dirs):
     """The old/ref log-prob hook returns TRL's numbers (zeros at padding) and entropies."""
     tokenizer = AutoTokenizer.from_pretrained(model_dirs["untied"])

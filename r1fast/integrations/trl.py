@@ -399,6 +399,16 @@ def generation_problems(args: Any, model: nn.Module | None = None) -> list[str]:
     return problems
 
 
+def _check_backend_name(r1fast_backend) -> None:
+    """A ValueError, before TRL loads the model, for an r1fast_backend that names no log-prob engine: the resolver's
+    own error would speak of `backend=`, an argument this trainer does not have."""
+    choices = [b for b in backends.BACKENDS if b in backends.implementations("grouped_logprob")]
+    if r1fast_backend is not None and r1fast_backend not in choices:
+        raise ValueError(f"r1fast_backend={r1fast_backend!r} is not one of the drop-in's backends: use "
+                         f"{', '.join(map(repr, choices))}, or None for the fastest on the model's device "
+                         f"(or R1FAST_BACKEND's)")
+
+
 class GRPOTrainer(trl.GRPOTrainer):
     """TRL's GRPOTrainer with r1fast's fused log-prob and GRPO loss kernels.
 
@@ -430,6 +440,7 @@ class GRPOTrainer(trl.GRPOTrainer):
                 "peft_config / PEFT models are not supported by r1fast's TRL integration yet (the reference "
                 "log-probs come from disabling the adapter): use trl.GRPOTrainer"
             )
+        _check_backend_name(r1fast_backend)
         self.r1fast_backend = r1fast_backend
         _normalise_model_eos(model)
         super().__init__(model, reward_funcs, args, *pos, **kw)
@@ -447,7 +458,13 @@ class GRPOTrainer(trl.GRPOTrainer):
                 "use trl.GRPOTrainer or DDP"
             )
         # Resolve now so a backend that cannot run here (or a bad R1FAST_BACKEND) fails at construction.
-        backends.resolve("grouped_logprob", self.accelerator.device, r1fast_backend)
+        try:
+            backends.resolve("grouped_logprob", self.accelerator.device, r1fast_backend)
+        except ValueError as e:
+            if r1fast_backend is None:
+                raise  # R1FAST_BACKEND's error names the variable itself
+            device = self.accelerator.device
+            raise ValueError(f"r1fast_backend={r1fast_backend!r} cannot run on {device}: {e}") from None
         for what, m in (("model", self.model), ("ref_model", self.ref_model)):
             if m is None:
                 continue
