@@ -4,6 +4,7 @@ kill (nothing after it runs), and the run folder is then checked as a resume fin
 import builtins
 import contextlib
 import errno
+import json
 import os
 import random
 import re
@@ -454,8 +455,32 @@ def test_a_save_that_cannot_make_its_temporary_folder_names_the_checkpoint(tmp_p
     assert _problems_of(os.path.join(run, "checkpoint-2")) == []
 
 
+def _edit_tensors(folder: str, name: str, edit):
+    file = os.path.join(folder, name)
+    safetensors.torch.save_file(edit(safetensors.torch.load_file(file)), file)
+
+
+def _edit_state(folder: str, edit):
+    file = os.path.join(folder, ckpt.STATE_FILE)
+    with open(file, encoding="utf-8") as f:
+        state = json.load(f)
+    edit(state)
+    with open(file, "w", encoding="utf-8") as f:
+        json.dump(state, f)
+
+
 @pytest.mark.parametrize("damage, error", [
     (lambda c: os.truncate(os.path.join(c, "optimizer.safetensors"), 1000), r"cannot read optimizer.safetensors"),
+    # files that read but hold what r1fast never writes: damaged, as a cut-short one
+    (lambda c: _edit_tensors(c, "rng.safetensors", lambda t: {**t, "torch_cpu": t["torch_cpu"][:100].contiguous()}),
+     r"rng.safetensors: 'torch_cpu' is not a torch generator state"),
+    (lambda c: _edit_tensors(c, "optimizer.safetensors", lambda t: {k: v for k, v in t.items() if k[:2] != "1."}),
+     r"optimizer.safetensors lacks '1.exp_avg', '1.exp_avg_sq', '1.step', which trainer_state.json's "
+     r"optimizer.state_keys lists \(the optimizer state is incomplete\)"),
+    (lambda c: _edit_state(c, lambda s: s["rng"].update(python=[3, [1, 2], None])),
+     r"trainer_state.json: rng.python is not a Python random state"),
+    (lambda c: _edit_state(c, lambda s: s["optimizer"]["param_groups"][0]["params"].__setitem__(1, 0)),
+     r"trainer_state.json: optimizer.param_groups name a parameter index twice"),
     (lambda c: os.remove(os.path.join(c, "rng.safetensors")), r"lacks rng.safetensors"),
     (lambda c: os.truncate(os.path.join(c, "model.safetensors"), 3000), r"model.safetensors"),
     (lambda c: os.remove(os.path.join(c, "model.safetensors")), r"lacks the model weights"),
@@ -480,6 +505,21 @@ def test_a_damaged_checkpoint_names_the_earlier_one_to_resume_from(tmp_path, dam
     damage(oldest)
     with pytest.raises(ValueError, match=rf"{error}.*; there is no earlier checkpoint beside it to resume from"):
         ckpt.load_checkpoint(oldest, model=model, optimizer=opt)
+
+
+def test_a_checkpoint_of_another_optimizer_setup_is_not_called_damaged(tmp_path):
+    # its earlier checkpoints were written with the same setup: "resume from an earlier checkpoint" would send the
+    # user to one refused alike, so the error keeps its own remedy (resume with the weight_decay it was written with)
+    run = str(tmp_path / "run")
+    for step in (2, 5):
+        _save(run, step, keep=None)
+    model, _ = _trained(5)
+    params = list(model.parameters())
+    two_groups = torch.optim.AdamW([{"params": [p for p in params if p.dim() > 1]},
+                                    {"params": [p for p in params if p.dim() <= 1], "weight_decay": 0.0}], lr=1e-3)
+    with pytest.raises(ValueError, match=r"param_groups hold \[\d+\] parameters, this optimizer's \[\d+, \d+\]") as e:
+        ckpt.load_checkpoint(os.path.join(run, "checkpoint-5"), model=model, optimizer=two_groups)
+    assert not isinstance(e.value, ckpt.DamagedCheckpoint) and "earlier checkpoint" not in str(e.value)
 
 
 def test_a_damaged_checkpoint_of_a_pipelines_stage_says_how_the_pipeline_resumes_from_the_earlier_one(tmp_path):

@@ -619,25 +619,25 @@ def _rng_states(tensors: dict[str, torch.Tensor], meta: Any) -> tuple:
     """The Python and numpy states to set, each first set on a generator of its own, so that a damaged
     one is an error naming it before any of the run's generators has changed."""
     if "torch_cpu" not in tensors:
-        raise _BadState(f"rng.safetensors lacks 'torch_cpu' (it holds {sorted(tensors)})")
+        raise _DamagedState(f"rng.safetensors lacks 'torch_cpu' (it holds {sorted(tensors)})")
     try:
         torch.Generator().set_state(tensors["torch_cpu"])
     except Exception as e:
-        raise _BadState(f"rng.safetensors: 'torch_cpu' is not a torch generator state ({e})") from e
+        raise _DamagedState(f"rng.safetensors: 'torch_cpu' is not a torch generator state ({e})") from e
     if not isinstance(meta, dict):
-        raise _BadState(f"{STATE_FILE}: rng is {_short(meta)}, not an object")
+        raise _DamagedState(f"{STATE_FILE}: rng is {_short(meta)}, not an object")
     try:
         v, state, gauss = meta["python"]
         py = (v, tuple(state), gauss)
         random.Random().setstate(py)
     except Exception as e:
-        raise _BadState(f"{STATE_FILE}: rng.python is not a Python random state ({type(e).__name__}: {e})") from e
+        raise _DamagedState(f"{STATE_FILE}: rng.python is not a Python random state ({type(e).__name__}: {e})") from e
     try:
         name, keys, pos, has_gauss, cached = meta["numpy"]
         np_state = (name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached)
         np.random.RandomState().set_state(np_state)
     except Exception as e:
-        raise _BadState(f"{STATE_FILE}: rng.numpy is not a numpy random state ({type(e).__name__}: {e})") from e
+        raise _DamagedState(f"{STATE_FILE}: rng.numpy is not a numpy random state ({type(e).__name__}: {e})") from e
     return py, np_state
 
 
@@ -702,8 +702,8 @@ def _optimizer_state_dict(opt: torch.optim.Optimizer, tensors: dict[str, torch.T
     groups = meta.get("param_groups") if isinstance(meta, dict) else None
     if not isinstance(groups, list) or not all(isinstance(g, dict) and isinstance(g.get("params"), list)
                                                and all(type(i) is int for i in g["params"]) for g in groups):
-        raise _BadState(f"{where}.param_groups is {_short(groups)}, not a list of groups each with its "
-                        f"'params' indices")
+        raise _DamagedState(f"{where}.param_groups is {_short(groups)}, not a list of groups each with its "
+                            f"'params' indices")
     n_params = sum(len(g["params"]) for g in opt.param_groups)
     n_saved = sum(len(g["params"]) for g in groups)
     if n_params != n_saved:
@@ -730,39 +730,39 @@ def _optimizer_state_dict(opt: torch.optim.Optimizer, tensors: dict[str, torch.T
             saved["betas"] = tuple(saved["betas"])
         params.update((i, (p, saved)) for i, p in zip(saved["params"], live["params"]))
     if len(params) != n_saved:
-        raise _BadState(f"{where}.param_groups name a parameter index twice")
+        raise _DamagedState(f"{where}.param_groups name a parameter index twice")
 
     state: dict[int, dict[str, Any]] = {}
 
     def add(key: str, value, file: str):
         idx, dot, name = key.partition(".")
         if not (dot and name and idx.isascii() and idx.isdigit() and int(idx) in params):
-            raise _BadState(f"{file}: {key!r} is not '<parameter index>.<name>' for one of this optimizer's "
-                            f"{n_params} parameters")
+            raise _DamagedState(f"{file}: {key!r} is not '<parameter index>.<name>' for one of this optimizer's "
+                                f"{n_params} parameters")
         state.setdefault(int(idx), {})[name] = value
 
     for key, v in tensors.items():
         add(key, v, "optimizer.safetensors")
     scalars = meta.get("scalars", {})
     if not isinstance(scalars, dict):
-        raise _BadState(f"{where}.scalars is {_short(scalars)}, not an object")
+        raise _DamagedState(f"{where}.scalars is {_short(scalars)}, not an object")
     for key, v in scalars.items():
         if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise _BadState(f"{where}.scalars: {key!r} is {_short(v)}, not a number")
+            raise _DamagedState(f"{where}.scalars: {key!r} is {_short(v)}, not a number")
         add(key, v, f"{where}.scalars")
 
     listed = meta.get("state_keys")
     if listed is not None:   # None: written before r1fast recorded it, so only each entry is checked below
         if not isinstance(listed, dict) or not all(isinstance(v, list) for v in listed.values()):
-            raise _BadState(f"{where}.state_keys is {_short(listed)}, not an object of name lists")
+            raise _DamagedState(f"{where}.state_keys is {_short(listed)}, not an object of name lists")
         want = {f"{i}.{n}" for i, names in listed.items() for n in names}
         have = {f"{i}.{n}" for i, s in state.items() for n in s}
         if want - have:
-            raise _BadState(f"optimizer.safetensors lacks {_some(want - have)}, which {STATE_FILE}'s optimizer.state_keys lists "
-                            f"(the optimizer state is incomplete: resume from an earlier checkpoint)")
+            raise _DamagedState(f"optimizer.safetensors lacks {_some(want - have)}, which {STATE_FILE}'s "
+                                f"optimizer.state_keys lists (the optimizer state is incomplete)")
         if have - want:
-            raise _BadState(f"optimizer.safetensors holds {_some(have - want)}, which {STATE_FILE}'s optimizer.state_keys "
-                            f"does not list")
+            raise _DamagedState(f"optimizer.safetensors holds {_some(have - want)}, which {STATE_FILE}'s "
+                                f"optimizer.state_keys does not list")
 
     if not isinstance(opt, (torch.optim.Adam, torch.optim.AdamW)):
         return {"state": state, "param_groups": groups}
@@ -779,15 +779,15 @@ def _optimizer_state_dict(opt: torch.optim.Optimizer, tensors: dict[str, torch.T
                 continue   # a scalar step (older torch), checked above
             key = f"'{i}.{name}'"
             if not v.is_floating_point():
-                raise _BadState(f"optimizer.safetensors: {key} is {v.dtype}, not a floating-point tensor")
+                raise _DamagedState(f"optimizer.safetensors: {key} is {v.dtype}, not a floating-point tensor")
             if name == "step":
                 if v.dim() != 0:
-                    raise _BadState(f"optimizer.safetensors: {key} has shape {tuple(v.shape)}, not a single count")
+                    raise _DamagedState(f"optimizer.safetensors: {key} has shape {tuple(v.shape)}, not a single count")
             elif v.shape != p.shape:
                 raise _BadState(f"optimizer.safetensors: {key} has shape {tuple(v.shape)}, parameter {i} is "
                                 f"{tuple(p.shape)}")
             elif name == "master" and v.dtype != torch.float32:
-                raise _BadState(f"optimizer.safetensors: {key} is {v.dtype}, an fp32 master copy is torch.float32")
+                raise _DamagedState(f"optimizer.safetensors: {key} is {v.dtype}, an fp32 master copy is torch.float32")
         if "master" in s and not keep_master:
             del s["master"]   # fp32 master weights of a run that had them: this optimizer keeps none
     return {"state": {i: s for i, s in state.items() if s}, "param_groups": groups}
@@ -911,10 +911,10 @@ def load_checkpoint(path: str, *, model, optimizer=None, scheduler=None,
                 raise _BadState(f"{STATE_FILE}: {e}") from None
         if optimizer is not None:
             if "optimizer" not in state:
-                raise _BadState(f"{STATE_FILE} has no optimizer state")
+                raise _DamagedState(f"{STATE_FILE} has no optimizer state")
             opt_sd = _optimizer_state_dict(optimizer, opt_tensors, state["optimizer"])
         if "rng" not in state:
-            raise _BadState(f"{STATE_FILE} has no RNG state")
+            raise _DamagedState(f"{STATE_FILE} has no RNG state")
         _rng_states(rng_tensors, state["rng"])
     load_weights(model, path)
     if optimizer is not None:
@@ -1024,12 +1024,23 @@ class _BadState(ValueError):
     (load_checkpoint puts the checkpoint's path before it)."""
 
 
+class _DamagedState(_BadState):
+    """Content r1fast never writes (a state that is not one, a value of the wrong kind, files that disagree): the
+    checkpoint is damaged or incomplete, so load_checkpoint makes it a DamagedCheckpoint, which names the earlier
+    checkpoint to resume from. A plain _BadState is a checkpoint of another setup (model, optimizer, weight_decay,
+    r1fast version, folder name), a value that may be either (a param_groups or scheduler entry of another kind or
+    length than this run's), or one its caller refused: an earlier checkpoint of the same run would be refused alike,
+    so its message says what to do instead."""
+
+
 @contextlib.contextmanager
 def _naming(path: str, what: str):
     """Errors inside become a ValueError naming the checkpoint and `what`: torch, random and numpy fail
     on a damaged state with errors that name neither."""
     try:
         yield
+    except _DamagedState as e:
+        raise DamagedCheckpoint(path, f"checkpoint {path!r}: {e}") from e.__cause__
     except _BadState as e:
         raise ValueError(f"checkpoint {path!r}: {e}") from e.__cause__
     except Exception as e:
@@ -1069,14 +1080,14 @@ def _check_state(path: str, state: Any, scheduler) -> Optional[dict]:
     """The parts of trainer_state.json that every checkpoint has; returns the scheduler's state_dict to load."""
     fmt = state.get("format", 1) if isinstance(state, dict) else 1
     if type(fmt) is not int or fmt < 1:
-        raise _BadState(f"{STATE_FILE}: format is {_short(fmt)}, not a format r1fast wrote")
+        raise _DamagedState(f"{STATE_FILE}: format is {_short(fmt)}, not a format r1fast wrote")
     if fmt > CHECKPOINT_FORMAT:
         raise _BadState(f"{STATE_FILE} has format {fmt}, written by a newer r1fast than this one (which reads up to "
                         f"{CHECKPOINT_FORMAT}): resume with that r1fast, or start a new run from its model weights "
                         f"(model_name_or_path=<the checkpoint folder>)")
     step = state.get("global_step") if isinstance(state, dict) else None
     if type(step) is not int or step < 0:
-        raise _BadState(f"{STATE_FILE}: global_step is {_short(step)}, not a step count (a whole number >= 0)")
+        raise _DamagedState(f"{STATE_FILE}: global_step is {_short(step)}, not a step count (a whole number >= 0)")
     m = _CKPT_RE.match(os.path.basename(os.path.normpath(path)).removeprefix("abandoned-"))
     if m and int(m.group(1)) != step:   # save_checkpoint names the folder after the step
         raise _BadState(f"{STATE_FILE}: global_step is {step}, but the checkpoint was saved as "
@@ -1085,14 +1096,14 @@ def _check_state(path: str, state: Any, scheduler) -> Optional[dict]:
         return None
     saved = state["scheduler"]
     if not isinstance(saved, dict):
-        raise _BadState(f"{STATE_FILE}: scheduler is {_short(saved)}, not an object")
+        raise _DamagedState(f"{STATE_FILE}: scheduler is {_short(saved)}, not an object")
     sd = scheduler.state_dict()
     for k, v in saved.items():
         if k in sd and k != "lr_lambdas":
             _check_like(v, sd[k], f"{STATE_FILE}: scheduler.{k}")
     for k in ("last_epoch", "_step_count"):
         if k in saved and (type(saved[k]) is not int or saved[k] < 0):
-            raise _BadState(f"{STATE_FILE}: scheduler.{k} is {_short(saved[k])}, not a whole number >= 0")
+            raise _DamagedState(f"{STATE_FILE}: scheduler.{k} is {_short(saved[k])}, not a whole number >= 0")
     sd.update((k, v) for k, v in saved.items() if k != "lr_lambdas")
     return sd
 
