@@ -12,7 +12,7 @@ import time
 from typing import Optional
 
 
-def progress(total: int, desc: str, *, initial: int = 0, unit: str = "it", stream=None):
+def progress(total: Optional[int], desc: str, *, initial: int = 0, unit: str = "it", stream=None):
     """tqdm's bar where it can redraw (a terminal, a notebook), else a LineProgress; same methods used
     here: update(n), set_postfix(**values), close()."""
     stream = sys.stderr if stream is None else stream
@@ -31,7 +31,7 @@ def _clock(seconds: float) -> str:
 
 
 class LineProgress:
-    def __init__(self, total: int, desc: str, *, initial: int = 0, unit: str = "it", stream=None,
+    def __init__(self, total: Optional[int], desc: str, *, initial: int = 0, unit: str = "it", stream=None,
                  interval: float = 30.0):
         self.total, self.desc, self.unit, self.interval = total, desc, unit, interval
         self.stream = sys.stderr if stream is None else stream
@@ -56,7 +56,10 @@ class LineProgress:
         self._printed_n = self.n
         elapsed = now - self._start
         done = self.n - self._start_n
-        parts = [f"{self.desc}: {self.n}/{self.total} {self.unit}"]
+        if self.total is None:   # an unknown total (as tqdm takes it): the count alone, not "5/None"
+            parts = [f"{self.desc}: {self.n} {self.unit}"]
+        else:
+            parts = [f"{self.desc}: {self.n}/{self.total} {self.unit}"]
         if self.total:
             parts[0] += f" ({100 * self.n / self.total:.0f}%)"
         parts.append(f"{_clock(elapsed)} elapsed")

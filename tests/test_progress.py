@@ -1,7 +1,11 @@
 """The progress of long loops as a log shows it (r1fast.progress off a terminal)."""
+import io
+import random
+
 import pytest
 import torch
 
+from r1fast import progress
 from test_trainer import tiny_model
 
 
@@ -26,3 +30,17 @@ def test_rejection_sampling_stopped_by_ctrl_c_still_says_where_it_stopped(capsys
         rejection_sample(model, tok, rows, cfg, progress=True)
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("sample:")]
     assert len(lines) == 1 and lines[0].startswith("sample: 2/6 prompts (33%)"), lines
+
+
+def test_an_unknown_total_prints_the_count_and_rate_alone(monkeypatch):
+    # LineProgress(total=None), as tqdm takes a loop of unknown length, printed "gen: 5/None it"
+    rng = random.Random()
+    count, seconds = rng.randint(2, 500), rng.randint(1, 50)
+    clock = [1000.0]
+    monkeypatch.setattr(progress.time, "monotonic", lambda: clock[0])
+    out = io.StringIO()
+    bar = progress.LineProgress(None, "gen", unit="prompts", stream=out, interval=3600.0)
+    clock[0] += seconds
+    bar.update(count)
+    bar.close()
+    assert out.getvalue() == f"gen: {count} prompts, 00:{seconds:02d} elapsed, {count / seconds:.3g} prompts/s\n"
