@@ -268,6 +268,13 @@ def test_a_misspelt_backend_names_r1fast_backend_before_anything_loads(tmp_path,
                           r1fast_backend=name)
 
 
+def test_a_misspelt_r1fast_backend_variable_is_named_before_anything_loads(tmp_path, monkeypatch):
+    # it was said once TRL had loaded the model (minutes, for a large one); this path holds none
+    monkeypatch.setenv("R1FAST_BACKEND", "Triton")
+    with pytest.raises(ValueError, match=r"R1FAST_BACKEND='Triton' is not a backend"):
+        r1trl.GRPOTrainer(model=str(tmp_path / "never-loaded"), reward_funcs=char_reward, args=_config(tmp_path))
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a device the triton backend cannot run on")
 def test_a_backend_that_cannot_run_here_names_r1fast_backend(tmp_path, model_dirs, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # without it, Triton cannot run on the CPU

@@ -441,6 +441,8 @@ class GRPOTrainer(trl.GRPOTrainer):
                 "log-probs come from disabling the adapter): use trl.GRPOTrainer"
             )
         _check_backend_name(r1fast_backend)
+        if r1fast_backend is None:
+            backends.check_environment()   # a misspelt R1FAST_BACKEND, said before TRL loads the model
         self.r1fast_backend = r1fast_backend
         _normalise_model_eos(model)
         super().__init__(model, reward_funcs, args, *pos, **kw)
