@@ -340,9 +340,9 @@ def not_a_model_folder_hint(folder: str) -> str:
     return _cache_hint(folder) or adapter_folder_hint(folder) or run_folder_hint(folder)
 
 
-# the names a run folder's checkpoints have (r1fast.trainer.checkpoints' _CKPT_RE), and what a run writes in its folder
-# before its first checkpoint
-_CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
+# the names a run folder's checkpoints have (r1fast.trainer.checkpoints saves and lists them by it), and what a run
+# writes in its folder before its first checkpoint
+CHECKPOINT_NAME_RE = re.compile(r"^checkpoint-(\d+)$")
 _RUN_FILES = ("metrics.jsonl", "completions.jsonl", "pipeline_state.json", ".r1fast.lock")
 
 
@@ -353,7 +353,7 @@ def run_folder_hint(folder: str) -> str:
     def checkpoints(run: str) -> list[tuple[int, str]]:
         found = []
         for name in _listing(run):
-            m = _CHECKPOINT_NAME.match(name)
+            m = CHECKPOINT_NAME_RE.match(name)
             if m and os.path.isfile(os.path.join(run, name, "config.json")):
                 found.append((int(m.group(1)), os.path.join(run, name)))
         return found

@@ -30,9 +30,9 @@ from safetensors.torch import load_file
 
 from r1fast._umask import apply_umask, fsync_dir, fsync_file, save_safetensors
 from r1fast.models.checkpoint import fsync_files, remove_folder, write_target
+from r1fast.models.config import CHECKPOINT_NAME_RE as _CKPT_RE   # the model loaders' hints name checkpoints by it too
 from r1fast.trainer.config import check_resume_path_exists, resume_is_bare  # there: the CLI imports it without torch
 
-_CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
 # save_checkpoint's temporary folder, and the ones save_pretrained makes beside it (".<its name>.tmp-...",
 # ".<its name>.old-..."): a save killed mid-way leaves any of them behind; and a pruned checkpoint's folder
 # while it is deleted (_delete_checkpoint's ".tmp-checkpoint-<step>-deleting-<pid>")
