@@ -550,7 +550,7 @@ def test_broken_tokenizer_files_are_named(tmp_path, file, data, message):
 
 
 # -- tokenizers transformers 5 rebuilds into another one -------------------------------------------------------------
-PROBE = "1+1=2 hello\nWorld"
+PROBE = "12+345=357 hello\nWorld"
 
 
 def _tokenizer_folder(folder, core, tokenizer_class, model_type=None, **special):
@@ -603,76 +603,128 @@ def _metaspace_bpe():
     return core
 
 
+READ_AS_STORED = r"; r1fast reads tokenizer.json as it is \(PreTrainedTokenizerFast, as transformers 4 did\)"
+
+
+def _ids(tokenizer):
+    return tokenizer(PROBE, add_special_tokens=False)["input_ids"]
+
+
 @pytest.mark.parametrize("tokenizer_class, model", [
     ("Qwen2Tokenizer", "BPE"), ("LlamaTokenizerFast", "BPE"), ("GPT2TokenizerFast", "BPE"),
     ("BertTokenizerFast", "WordPiece")])
-def test_a_tokenizer_class_that_rebuilds_tokenizer_json_into_another_tokenizer_is_named(tmp_path, tokenizer_class,
-                                                                                         model):
+def test_a_tokenizer_class_that_rebuilds_tokenizer_json_into_another_tokenizer_is_read_as_stored(tmp_path,
+                                                                                                  tokenizer_class,
+                                                                                                  model):
     # transformers 5 keeps only tokenizer.json's vocabulary and builds the named class's own pipeline around it:
     # a character-level tokenizer loaded as Qwen2Tokenizer dropped the spaces, as BertTokenizer added [CLS]/[SEP]
     folder = _tokenizer_folder(tmp_path / "tok", _char_level(seed=5), tokenizer_class, unk_token="<unk>")
-    with pytest.warns(UserWarning, match=rf"transformers loads it as {tokenizer_class.removesuffix('Fast')}, which "
-                                         rf"does not tokenize as its tokenizer.json does \(it holds a {model} model, "
-                                         rf"tokenizer.json a WordLevel one .*Set \"tokenizer_class\": "
-                                         rf"\"PreTrainedTokenizerFast\" in {folder / 'tokenizer_config.json'}"):
-        load_tokenizer(folder)
-    # the remedy it names
-    config = json.loads((folder / "tokenizer_config.json").read_text())
-    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "tokenizer_class": "PreTrainedTokenizerFast"}))
-    assert load_tokenizer(folder)(PROBE, add_special_tokens=False)["input_ids"] == _as_stored(folder)
+    loaded = tokenizer_class.removesuffix("Fast")
+    with pytest.warns(UserWarning, match=rf"transformers loads it as {loaded}, which does not tokenize as its "
+                                         rf"tokenizer.json does \(it holds a {model} model, tokenizer.json a WordLevel "
+                                         rf"one .*: {loaded} is the class tokenizer_config.json names.*{READ_AS_STORED}"):
+        tok = load_tokenizer(folder)
+    assert type(tok).__name__ == "TokenizersBackend"
+    assert _ids(tok) == _as_stored(folder)
+    assert tok.unk_token == "<unk>"
 
 
-def test_a_tokenizer_rebuilt_to_encode_text_to_nothing_is_refused(tmp_path):
+def test_a_tokenizer_rebuilt_to_encode_text_to_nothing_is_read_as_stored(tmp_path):
     tokenizers = pytest.importorskip("tokenizers")
     core = tokenizers.Tokenizer(tokenizers.models.WordLevel({"<unk>": 0, "hi": 1}, unk_token="<unk>"))
     folder = _tokenizer_folder(tmp_path / "tok", core, "Qwen2Tokenizer", unk_token="<unk>")
-    with pytest.raises(ValueError, match=r"loads it as Qwen2Tokenizer, which does not tokenize as its tokenizer.json "
-                                         r"does \(it holds a BPE model, tokenizer.json a WordLevel one \('1\+1=2 "
-                                         r"hello\\nWorld' encodes to \[\]\)\)"):
+    with pytest.warns(UserWarning, match=r"loads it as Qwen2Tokenizer, which does not tokenize as its tokenizer.json "
+                                         r"does \(it holds a BPE model, tokenizer.json a WordLevel one \('12\+345=357 "
+                                         r"hello\\nWorld' encodes to \[\]\)\)" + f".*{READ_AS_STORED}"):
+        tok = load_tokenizer(folder)
+    assert _ids(tok) == _as_stored(folder) == [0]
+
+
+def test_a_rebuilt_tokenizer_that_tokenizer_json_read_as_stored_does_not_mend_is_kept_or_refused(tmp_path,
+                                                                                                 monkeypatch):
+    # were transformers' plain reading of tokenizer.json to fail too, r1fast keeps what AutoTokenizer gave, and says
+    # so; encoding text to nothing, it is refused
+    from transformers import PreTrainedTokenizerFast
+
+    loads = PreTrainedTokenizerFast.from_pretrained.__func__
+
+    def fails_as_itself(cls, *args, **kwargs):  # the classes AutoTokenizer picks inherit it: those still load
+        if cls is PreTrainedTokenizerFast:
+            raise OSError("unreadable")
+        return loads(cls, *args, **kwargs)
+
+    monkeypatch.setattr(PreTrainedTokenizerFast, "from_pretrained", classmethod(fails_as_itself))
+    folder = _tokenizer_folder(tmp_path / "chars", _char_level(seed=3), "Qwen2Tokenizer", unk_token="<unk>")
+    with pytest.warns(UserWarning, match=r"loads it as Qwen2Tokenizer, which does not tokenize as its tokenizer.json "
+                                         r"does .*read as it is \(PreTrainedTokenizerFast\), tokenizer.json does not "
+                                         r"tokenize so either; r1fast goes on with the tokenizer as transformers "
+                                         r"loaded it"):
+        tok = load_tokenizer(folder)
+    assert type(tok).__name__ == "Qwen2Tokenizer"
+    tokenizers = pytest.importorskip("tokenizers")
+    core = tokenizers.Tokenizer(tokenizers.models.WordLevel({"<unk>": 0, "hi": 1}, unk_token="<unk>"))
+    folder = _tokenizer_folder(tmp_path / "unk", core, "Qwen2Tokenizer", unk_token="<unk>")
+    with pytest.raises(ValueError, match=r"encodes to \[\]\)\).*tokenizer.json does not tokenize so either: are its "
+                                         r"files this model's tokenizer\?"):
         load_tokenizer(folder)
 
 
-def test_a_bpe_tokenizer_rebuilt_with_another_pre_tokenizer_is_named_and_an_equivalent_one_loads(tmp_path):
+def test_a_bpe_tokenizer_rebuilt_with_another_pre_tokenizer_is_read_as_stored_and_an_equivalent_one_kept(tmp_path):
     # same model type and vocabulary, but Qwen2Tokenizer's byte-level pipeline: other ids
     stored = _as_stored(_tokenizer_folder(tmp_path / "llama", _metaspace_bpe(), "LlamaTokenizerFast",
                                           unk_token="<unk>", bos_token="<s>", eos_token="</s>"))
     # LlamaTokenizer's own pipeline (Metaspace) tokenizes as this tokenizer.json does: loaded as before
-    assert load_tokenizer(tmp_path / "llama")(PROBE, add_special_tokens=False)["input_ids"] == stored
+    llama = load_tokenizer(tmp_path / "llama")
+    assert type(llama).__name__ == "LlamaTokenizer" and _ids(llama) == stored
     folder = _tokenizer_folder(tmp_path / "qwen", _metaspace_bpe(), "Qwen2Tokenizer", unk_token="<unk>")
     with pytest.warns(UserWarning, match=rf"loads it as Qwen2Tokenizer, which does not tokenize as its tokenizer.json "
-                                         rf"does \('1\+1=2 hello\\nWorld' encodes to \[[\d, ]+\], by tokenizer.json "
-                                         rf"to {re.escape(str(stored))}\)"):
-        load_tokenizer(folder)
+                                         rf"does \('12\+345=357 hello\\nWorld' encodes to \[[\d, ]+\], by "
+                                         rf"tokenizer.json to {re.escape(str(stored))}\).*{READ_AS_STORED}"):
+        assert _ids(load_tokenizer(folder)) == stored
 
 
-def test_a_byte_level_bpe_named_qwen2tokenizer_loads_as_stored(tmp_path):
+def _byte_level_bpe(digits_in_threes: bool):
+    """A byte-level BPE (as Qwen2's and DeepSeek's tokenizer.json are) whose pre-tokenizer takes digits one at a time
+    (as Qwen2's does) or up to three at a time (as DeepSeek-V3's does), with merges that join digits."""
     tokenizers = pytest.importorskip("tokenizers")
     byte_level = tokenizers.pre_tokenizers.ByteLevel
     vocab = {c: i for i, c in enumerate(sorted(byte_level.alphabet()))}
-    merges = [("h", "e"), ("l", "l"), ("he", "ll"), ("hell", "o"), ("Ġ", "hello"), ("W", "o")]
+    merges = [("h", "e"), ("l", "l"), ("he", "ll"), ("hell", "o"), ("Ġ", "hello"), ("W", "o"), ("3", "4"),
+              ("34", "5"), ("3", "5"), ("35", "7"), ("1", "2")]
     vocab.update({a + b: len(vocab) + i for i, (a, b) in enumerate(merges)})
     core = tokenizers.Tokenizer(tokenizers.models.BPE(vocab=vocab, merges=merges))
-    core.pre_tokenizer = byte_level(add_prefix_space=False)
+    digits = tokenizers.Regex(r"\p{N}{1,3}" if digits_in_threes else r"\p{N}")
+    core.pre_tokenizer = tokenizers.pre_tokenizers.Sequence([
+        tokenizers.pre_tokenizers.Split(digits, behavior="isolated"), byte_level(add_prefix_space=False)])
     core.decoder = tokenizers.decoders.ByteLevel()
-    folder = _tokenizer_folder(tmp_path / "tok", core, "Qwen2Tokenizer", unk_token="<unk>")
+    return core
+
+
+def test_a_byte_level_bpe_named_qwen2tokenizer_loads_as_stored(tmp_path):
+    folder = _tokenizer_folder(tmp_path / "tok", _byte_level_bpe(digits_in_threes=False), "Qwen2Tokenizer",
+                               unk_token="<unk>")
     loaded = load_tokenizer(folder)
     assert type(loaded).__name__ == "Qwen2Tokenizer"
-    assert loaded(PROBE, add_special_tokens=False)["input_ids"] == _as_stored(folder)
+    assert _ids(loaded) == _as_stored(folder)
 
 
-def test_a_tokenizer_that_transformers_rebuilds_for_its_model_type_names_the_way_out(tmp_path):
+def test_a_tokenizer_that_groups_digits_otherwise_than_its_model_types_class_is_read_as_stored(tmp_path):
     # beside a config.json of model_type qwen2, transformers 5 takes Qwen2Tokenizer whatever tokenizer_config.json
-    # names: the tokenizer_class remedy would not help
-    folder = _tokenizer_folder(tmp_path / "tok", _char_level(seed=9), "PreTrainedTokenizerFast", model_type="qwen2",
-                               unk_token="<unk>")
+    # names, and Qwen2's pre-tokenizer takes digits one at a time: a tokenizer.json grouping them in threes (as
+    # DeepSeek-V3's does) lost its number tokens ("345" became "3", "4", "5"), which no command-line option could mend
+    folder = _tokenizer_folder(tmp_path / "tok", _byte_level_bpe(digits_in_threes=True), "LlamaTokenizerFast",
+                               model_type="qwen2", eos_token="<eos>")
+    stored = _as_stored(folder)
     with pytest.warns(UserWarning, match=r"transformers 5 takes Qwen2Tokenizer for config.json's model_type 'qwen2', "
-                                         r"whatever tokenizer_config.json names.*tokenizer=transformers."
-                                         r"PreTrainedTokenizerFast.from_pretrained\("):
-        load_tokenizer(folder)
-    from transformers import PreTrainedTokenizerFast
-
-    given = PreTrainedTokenizerFast.from_pretrained(folder)
-    assert given(PROBE, add_special_tokens=False)["input_ids"] == _as_stored(folder)
+                                         r"whatever tokenizer_config.json names.*" + READ_AS_STORED):
+        tok = load_tokenizer(folder)
+    assert _ids(tok) == stored and len(stored) < len(PROBE) - 4  # "12", "345", "357" each one token
+    assert tok.eos_token == "<eos>"
+    # a checkpoint saved with it loads the same way again (a pipeline's next stage, a resumed run)
+    tok.save_pretrained(tmp_path / "saved")
+    (tmp_path / "saved" / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
+    with pytest.warns(UserWarning, match=READ_AS_STORED):
+        assert _ids(load_tokenizer(tmp_path / "saved")) == stored
 
 
 def test_a_tokenizer_json_that_encodes_text_to_nothing_is_refused(tmp_path):
@@ -681,6 +733,6 @@ def test_a_tokenizer_json_that_encodes_text_to_nothing_is_refused(tmp_path):
     core = tokenizers.Tokenizer(tokenizers.models.BPE(vocab={"<pad>": 0, "é": 1}, merges=[]))
     folder = _tokenizer_folder(tmp_path / "tok", core, "PreTrainedTokenizerFast", pad_token="<pad>")
     assert _as_stored(folder) == []
-    with pytest.raises(ValueError, match=r"\(loaded as TokenizersBackend\) encodes '1\+1=2 hello\\nWorld' to no "
+    with pytest.raises(ValueError, match=r"\(loaded as TokenizersBackend\) encodes '12\+345=357 hello\\nWorld' to no "
                                          r"tokens: are its files this model's tokenizer\?"):
         load_tokenizer(folder)

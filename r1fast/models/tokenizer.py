@@ -41,7 +41,7 @@ def load_tokenizer(path):
                          f"tokenizers version, and tokenizer_config.json consistent with it?): "
                          f"{type(e).__name__}: {e}") from e
     _check_vocabulary(path, files, type(tokenizer))
-    _check_reads_as_stored(path, files, tokenizer, stored.get("tokenizer.json"))
+    tokenizer = _as_stored_tokenizer(path, files, tokenizer, stored.get("tokenizer.json"))
     # how it was loaded, which transformers keeps among the tokenizer's options and so writes into the
     # tokenizer_config.json of every checkpoint saved with it: a pipeline stage resumed after a stop loads its
     # tokenizer from the previous stage's checkpoint, where the uninterrupted run had it in memory, and its
@@ -77,38 +77,72 @@ def _check_vocabulary(path: str, files: set[str], tokenizer_class) -> None:
                                 f"copy the tokenizer files from the original checkpoint")
 
 
-# Text any tokenizer r1fast trains with splits into tokens: digits, operators, a space, words, a newline.
-_PROBE = "1+1=2 hello\nWorld"
+# Text any tokenizer r1fast trains with splits into tokens: numbers of one and of several digits (pre-tokenizers differ
+# in how they group digits), operators, a space, words, a newline.
+_PROBE = "12+345=357 hello\nWorld"
 
 
-def _check_reads_as_stored(path: str, files: set[str], tokenizer, stored: dict | None) -> None:
-    """Say when transformers 5 rebuilt the tokenizer into another one. A class with its own pipeline (Qwen2Tokenizer,
-    LlamaTokenizer, BertTokenizer...) takes only the vocabulary from tokenizer.json and puts its own normalizer,
-    pre-tokenizer and model around it, where transformers 4 read tokenizer.json as it is: named in
-    tokenizer_config.json over a tokenizer.json that is not that class's (a WordLevel or non-byte-level BPE one), the
-    ids change, or text encodes to []. Checked on one short text against tokenizer.json's own pipeline run over the
-    loaded model, which costs no second reading of the vocabulary. A tokenizer that encodes the text to nothing is
-    refused; one that encodes it otherwise is a warning, not an error: the check reads transformers' rebuilding from
-    outside, and had it misjudged a real checkpoint's tokenizer, a refusal would leave a command-line user no way on
-    (where config.json's model_type picks the class, only Python can give another tokenizer)."""
+def _as_stored_tokenizer(path: str, files: set[str], tokenizer, stored: dict | None):
+    """The tokenizer to train with: the one transformers loaded, unless it tokenizes otherwise than tokenizer.json.
+
+    A class with its own pipeline (Qwen2Tokenizer, LlamaTokenizer, BertTokenizer...) takes only the vocabulary from
+    tokenizer.json in transformers 5 and puts its own normalizer, pre-tokenizer and model around it, where
+    transformers 4 read tokenizer.json as it is: named in tokenizer_config.json, or picked by config.json's
+    model_type, over a tokenizer.json that is not that class's (a WordLevel one, one that groups digits otherwise),
+    the ids change, or text encodes to []. Checked on one short text against tokenizer.json's own pipeline run over
+    the loaded model, which costs no second reading of the vocabulary. Where they differ, tokenizer.json is read as
+    it is (PreTrainedTokenizerFast, with tokenizer_config.json's special tokens and chat template): the checkpoint's
+    own tokenizer, which a command-line user could not otherwise choose. Said in a warning, since transformers'
+    AutoTokenizer gives other ids for the same folder."""
     import warnings
 
-    try:
-        ids = tokenizer(_PROBE, add_special_tokens=False)["input_ids"]
-    except Exception:  # e.g. a WordLevel vocabulary without an unknown token: it fails so on any text it lacks
-        return
-    problem = _not_as_stored_problem(path, files, tokenizer, stored, ids)
-    if problem and ids:
-        warnings.warn(f"r1fast: {problem}; r1fast goes on with the tokenizer as transformers loaded it", stacklevel=3)
-    elif problem:
-        raise ValueError(problem)
-    elif not ids:  # as its files say: they are not a tokenizer for text
-        raise ValueError(f"tokenizer folder {path!r} (loaded as {type(tokenizer).__name__}) encodes {_PROBE!r} to no "
-                         f"tokens: are its files this model's tokenizer? Copy them (tokenizer.json, "
+    ids = _probe_ids(tokenizer)
+    if ids is None:  # e.g. a WordLevel vocabulary without an unknown token: it fails so on any text it lacks
+        return tokenizer
+    problem = _not_as_stored_problem(tokenizer, stored, ids)
+    if problem is None:
+        if not ids:  # as its files say: they are not a tokenizer for text
+            raise ValueError(f"tokenizer folder {path!r} (loaded as {type(tokenizer).__name__}) encodes {_PROBE!r} "
+                             f"to no tokens: are its files this model's tokenizer? Copy them (tokenizer.json, "
+                             f"tokenizer_config.json...) from the original checkpoint")
+        return tokenizer
+    head = (f"tokenizer folder {path!r}: transformers loads it as {type(tokenizer).__name__}, which does not tokenize "
+            f"as its tokenizer.json does ({problem})")
+    as_stored = _read_as_stored(path, stored)
+    why = _why_rebuilt(path, files, tokenizer)
+    if as_stored is not None:
+        warnings.warn(f"r1fast: {head}: {why}; r1fast reads tokenizer.json as it is (PreTrainedTokenizerFast, as "
+                      f"transformers 4 did)", stacklevel=3)
+        return as_stored
+    neither = "; read as it is (PreTrainedTokenizerFast), tokenizer.json does not tokenize so either"
+    if not ids:
+        raise ValueError(f"{head}: {why}{neither}: are its files this model's tokenizer? Copy them (tokenizer.json, "
                          f"tokenizer_config.json...) from the original checkpoint")
+    warnings.warn(f"r1fast: {head}: {why}{neither}; r1fast goes on with the tokenizer as transformers loaded it",
+                  stacklevel=3)
+    return tokenizer
 
 
-def _not_as_stored_problem(path: str, files: set[str], tokenizer, stored: dict | None, ids: list[int]) -> str | None:
+def _probe_ids(tokenizer) -> list[int] | None:
+    try:
+        return tokenizer(_PROBE, add_special_tokens=False)["input_ids"]
+    except Exception:
+        return None
+
+
+def _read_as_stored(path: str, stored: dict):
+    """tokenizer.json read as it is, if it then tokenizes as tokenizer.json does; else None."""
+    from transformers import PreTrainedTokenizerFast
+
+    try:
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    except Exception:  # the class transformers picked has loaded: the caller keeps it
+        return None
+    ids = _probe_ids(tokenizer)
+    return tokenizer if ids and _not_as_stored_problem(tokenizer, stored, ids) is None else None
+
+
+def _not_as_stored_problem(tokenizer, stored: dict | None, ids: list[int]) -> str | None:
     """How the loaded tokenizer does not tokenize as tokenizer.json does, in words, or None."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     model = stored.get("model") if stored is not None else None
@@ -116,13 +150,11 @@ def _not_as_stored_problem(path: str, files: set[str], tokenizer, stored: dict |
         return None
     kind, loaded = model.get("type"), type(backend.model).__name__
     if kind is not None and kind != loaded:
-        return _not_as_stored(path, files, tokenizer, f"it holds a {loaded} model, tokenizer.json a {kind} one "
-                                                      f"({_PROBE!r} encodes to {ids})")
+        return f"it holds a {loaded} model, tokenizer.json a {kind} one ({_PROBE!r} encodes to {ids})"
     vocab = model.get("vocab")
     size = backend.get_vocab_size(with_added_tokens=False)
     if isinstance(vocab, (dict, list)) and len(vocab) != size:
-        return _not_as_stored(path, files, tokenizer, f"its vocabulary holds {size} tokens, tokenizer.json's "
-                                                      f"{len(vocab)}")
+        return f"its vocabulary holds {size} tokens, tokenizer.json's {len(vocab)}"
     pipeline = _stored_pipeline(stored)
     if pipeline is None:
         return None
@@ -131,7 +163,7 @@ def _not_as_stored_problem(path: str, files: set[str], tokenizer, stored: dict |
     got = [i for _, i in _through(backend, backend.model)]
     want = [_stored_id(vocab, token, i) for token, i in _through(pipeline, backend.model)]
     if got != want:
-        return _not_as_stored(path, files, tokenizer, f"{_PROBE!r} encodes to {got}, by tokenizer.json to {want}")
+        return f"{_PROBE!r} encodes to {got}, by tokenizer.json to {want}"
     return None
 
 
@@ -170,19 +202,13 @@ def _stored_pipeline(stored: dict):
         return None
 
 
-def _not_as_stored(path: str, files: set[str], tokenizer, what: str) -> str:
+def _why_rebuilt(path: str, files: set[str], tokenizer) -> str:
     loaded = type(tokenizer).__name__
-    configured = _configured_class(path, files)
-    head = f"tokenizer folder {path!r}: transformers loads it as {loaded}, which does not tokenize as "
-    if configured is type(tokenizer):
-        return (f"{head}its tokenizer.json does ({what}): {loaded} is the class tokenizer_config.json names, and "
-                f"transformers 5 rebuilds it with its own pipeline around tokenizer.json's vocabulary. Set "
-                f"\"tokenizer_class\": \"PreTrainedTokenizerFast\" in {os.path.join(path, 'tokenizer_config.json')}, "
-                f"which reads tokenizer.json as it is (as transformers 4 did)")
+    if _configured_class(path, files) is type(tokenizer):
+        return (f"{loaded} is the class tokenizer_config.json names, and transformers 5 rebuilds it with its own "
+                f"pipeline around tokenizer.json's vocabulary")
     model_type = None
     if "config.json" in files:
         model_type = read_json_object(os.path.join(path, "config.json")).get("model_type")
-    return (f"{head}its tokenizer.json does ({what}): transformers 5 takes {loaded} for config.json's model_type "
-            f"{model_type!r}, whatever tokenizer_config.json names, and rebuilds it with its own pipeline around "
-            f"tokenizer.json's vocabulary. Give the trainer the tokenizer as tokenizer.json defines it: "
-            f"tokenizer=transformers.PreTrainedTokenizerFast.from_pretrained({path!r})")
+    return (f"transformers 5 takes {loaded} for config.json's model_type {model_type!r}, whatever "
+            f"tokenizer_config.json names, and rebuilds it with its own pipeline around tokenizer.json's vocabulary")
