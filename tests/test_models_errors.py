@@ -736,3 +736,18 @@ def test_a_tokenizer_json_that_encodes_text_to_nothing_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"\(loaded as TokenizersBackend\) encodes '12\+345=357 hello\\nWorld' to no "
                                          r"tokens: are its files this model's tokenizer\?"):
         load_tokenizer(folder)
+
+
+def test_a_toy_qwen2_folder_reloads_its_character_tokenizer_as_saved(tmp_path):
+    # r1fast's character tokenizer beside a qwen2 config.json (the toy model of the TRL examples and benchmarks): loaded
+    # by r1fast, transformers 5 rebuilt it as Qwen2Tokenizer, whose byte-level pipeline has no token for a space or a
+    # newline, and they were silently dropped from every prompt
+    from r1fast.integrations.toy import char_tokenizer, save_tiny_qwen2
+
+    folder = save_tiny_qwen2(tmp_path / "toy", layers=1)
+    text = "<think>\n12 + 345 = 357\n</think> Answer: 357"
+    with pytest.warns(UserWarning, match=READ_AS_STORED):
+        reloaded = load_tokenizer(folder)
+    want = char_tokenizer()(text)["input_ids"]
+    assert reloaded(text)["input_ids"] == want
+    assert reloaded.decode(want) == text and reloaded.chat_template == char_tokenizer().chat_template
