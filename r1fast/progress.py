@@ -17,7 +17,9 @@ def progress(total: Optional[int], desc: str, *, initial: int = 0, unit: str = "
     here: update(n), set_postfix(**values), close()."""
     stream = sys.stderr if stream is None else stream
     interactive = "ipykernel" in sys.modules or getattr(stream, "isatty", lambda: False)()
-    if interactive:
+    # a loop of no items (nothing left to sample) gets the plain line "0/0": tqdm takes a total of 0 for an unknown
+    # one and drew "0prompts [00:00, ?prompts/s]", a rate of nothing and no sign the loop was empty
+    if interactive and total != 0:
         from tqdm.auto import tqdm
 
         return tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True, file=stream)

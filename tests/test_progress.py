@@ -44,3 +44,19 @@ def test_an_unknown_total_prints_the_count_and_rate_alone(monkeypatch):
     bar.update(count)
     bar.close()
     assert out.getvalue() == f"gen: {count} prompts, 00:{seconds:02d} elapsed, {count / seconds:.3g} prompts/s\n"
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+@pytest.mark.parametrize("stream", [io.StringIO, _Terminal], ids=["log", "terminal"])
+def test_a_loop_of_no_items_says_0_of_0_on_a_terminal_and_in_a_log(stream, monkeypatch):
+    # on a terminal tqdm read the total 0 as an unknown one: "sample: 0prompts [00:00, ?prompts/s]"
+    monkeypatch.setattr(progress.time, "monotonic", lambda: 1000.0)
+    unit = random.choice(["prompts", "steps", "seq"])
+    out = stream()
+    bar = progress.progress(0, "sample", unit=unit, stream=out)
+    bar.close()
+    assert out.getvalue() == f"sample: 0/0 {unit}, 00:00 elapsed\n"
