@@ -64,9 +64,13 @@ def _sft_epilog() -> str:
 def _sample_epilog() -> str:
     from r1fast.trainer.config import SampleConfig
 
-    return _options_help(SampleConfig, {**_REQUIRED, "output_file": "=runs/sample/samples.jsonl",
-                                        "reward_thresholds": "=[1.0 per reward]"},
-                         "SFT, rejection sampling, pipelines")
+    return (_options_help(SampleConfig, {**_REQUIRED, "output_file": "=runs/sample/samples.jsonl",
+                                         "reward_thresholds": "=[1.0 per reward]"},
+                          "SFT, rejection sampling, pipelines") + "\n\n"
+            "dataset=- reads the prompts from standard input: JSON lines, as a .jsonl dataset holds them (one object a "
+            "line with the prompt_column, and the answer_column for the accuracy reward), e.g. r1fast sample "
+            "model_name_or_path=M dataset=- output_file=kept.jsonl < prompts.jsonl, or jq -c "
+            "'{prompt: .question, answer}' data.jsonl | r1fast sample ... dataset=- (in a YAML file: dataset: '-').")
 
 
 def _pipeline_epilog() -> str:
@@ -404,13 +408,16 @@ def _cmd_sample(args):
     from r1fast.trainer.config import SampleConfig
     from r1fast.trainer.grpo import stop_handlers
 
-    cfg, resume = _config(SampleConfig, args.rest, "sample")
+    cfg, resume = _config(SampleConfig, _stdin_dataset_as_text(args.rest), "sample")
     out = cfg.output_file or os.path.join("runs", "sample", "samples.jsonl")
     progress_file = sampling.progress_path(out)
     _check_sample_output(out, progress_file, resume, args.rest, cfg.dataset)
     # the data before the model: a wrong dataset is said before a large model has loaded
-    rows = load_rows(cfg.dataset, split=cfg.dataset_split, seed=cfg.seed, required_columns=(cfg.prompt_column,),
-                     column_options={cfg.prompt_column: "prompt_column"})
+    if cfg.dataset == STDIN_DATASET:
+        rows = _stdin_rows(cfg.prompt_column, cfg.dataset_split)
+    else:
+        rows = load_rows(cfg.dataset, split=cfg.dataset_split, seed=cfg.seed, required_columns=(cfg.prompt_column,),
+                         column_options={cfg.prompt_column: "prompt_column"})
     # a misspelt answer_column too (rejection_sample found it once the model had loaded)
     check_answer_present(cfg.reward_funcs, rows, cfg.answer_column, "prompt dataset")
     options = {k: v for k, v in cfg.to_json_dict().items() if k != "output_file"}   # the output names the file
@@ -443,11 +450,71 @@ def _cmd_sample(args):
             raise
     if "next_prompt" in stats:   # stopped after a batch of prompts, which log.append kept
         print(f"\nr1fast: {log.stopped(kept, stats, 'sampling')}", flush=True)
+        if cfg.dataset == STDIN_DATASET:   # other prompts piped in are another sampling, which starts over
+            print("r1fast: its prompts came from standard input: pipe the same ones to the command below", flush=True)
         raise KeyboardInterrupt   # _guarded says how to continue
     sampling.finish_samples(kept, out, progress_file,
                             record={"fingerprint": fingerprint, "stats": stats, "options": cfg.to_json_dict()})
     print(f"{sampling.summary(stats)} → {out} (statistics in {sampling.stats_path(out)})")
     return 0
+
+
+# dataset=- : `r1fast sample` reads its prompts from standard input, as Unix tools read a file named "-"
+STDIN_DATASET = "-"
+_STDIN_SOURCE = "<stdin>"   # what a bad row's error names as its file: "row 2 ('<stdin>' line 3)"
+_STDIN_EXAMPLE = ("e.g. r1fast sample model_name_or_path=M dataset=- output_file=kept.jsonl < prompts.jsonl, or "
+                  "jq -c '{prompt: .question, answer}' data.jsonl | r1fast sample ... dataset=-")
+
+
+def _stdin_dataset_as_text(rest: list[str]) -> list[str]:
+    """`rest` with a `dataset=-` (`--dataset=-`, `--dataset -`) quoted: the overrides are YAML, which reads a lone -
+    as a list ([None]), and dataset: [None] was refused as no text."""
+    out = list(rest)
+    for i, arg in enumerate(out):
+        if arg in ("dataset=-", "--dataset=-"):
+            out[i] = arg[:-1] + "'-'"
+        elif arg == "-" and i > 0 and out[i - 1] == "--dataset":
+            out[i] = "'-'"
+    return out
+
+
+def _stdin_rows(prompt_column: str, split) -> list[dict]:
+    """dataset=- : the prompts piped to the command, JSON lines as a .jsonl dataset holds them, read (and refused)
+    as load_rows reads one; each row knows its line, which a bad row's error names."""
+    import tempfile
+
+    from r1fast.data.loading import FileRows, check_columns, read_json_objects, same_columns
+
+    what = f"dataset {STDIN_DATASET!r} (standard input)"
+    if split not in (None, "train"):   # as a file's: one set of rows
+        raise ConfigError(f"{what} has no splits, so dataset_split {split!r} cannot be taken from it; leave it out")
+    stdin = sys.stdin
+    if stdin is None or stdin.closed:
+        raise ConfigError(f"{what}: this command has no standard input (it was closed); pipe the prompts to it, "
+                          f"{_STDIN_EXAMPLE}")
+    if stdin.isatty():   # nothing piped: reading would wait for the user to type JSON lines and Ctrl-D
+        raise ConfigError(f"{what} is the terminal: nothing was piped in. Pipe the prompts to it, one JSON object a "
+                          f"line with its {prompt_column!r}, {_STDIN_EXAMPLE}")
+    data = stdin.buffer.read() if hasattr(stdin, "buffer") else stdin.read().encode("utf-8")
+    if not data.strip():
+        held = "blank lines alone" if data else "0 bytes"
+        raise ConfigError(f"{what} is empty: no prompt was piped in ({held}); pipe one JSON object a line with its "
+                          f"{prompt_column!r}, {_STDIN_EXAMPLE}")
+    # read_json_objects reads a file (and reads it again to find a line that is not UTF-8): the same rows, the same
+    # errors as a .jsonl dataset's
+    fd, path = tempfile.mkstemp(suffix=".jsonl", prefix="r1fast-stdin-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        lines: list[int] = []
+        rows = read_json_objects(path, what, lines=lines)
+    finally:
+        os.remove(path)
+    if not rows:   # a byte-order mark and blank lines alone (utf-8-sig skips the mark)
+        raise ConfigError(f"{what} holds no JSON object; pipe one a line with its {prompt_column!r}")
+    rows = FileRows(same_columns(rows), _STDIN_SOURCE, lines)
+    check_columns(rows, (prompt_column,), "dataset", {prompt_column: "prompt_column"})
+    return rows
 
 
 def _sample_already_complete(out: str, progress_file: str, fingerprint: str) -> bool:
