@@ -1,5 +1,7 @@
 """The `r1fast` command's own behaviour: what it says when it cannot do what was asked."""
+import json
 import os
+import random
 import subprocess
 import sys
 
@@ -294,3 +296,58 @@ def test_an_abort_python_dropped_in_a_del_is_sent_again():
                           env={**os.environ})
     assert done.returncode == 0 and "Exception ignored" not in done.stderr, done.stderr
     assert done.stdout == "aborted\n", done.stderr
+
+
+def _prompts_file(path, answers: list) -> list[dict]:
+    rows = [{"prompt": f"What is {i}+{i + 1}?", "answer": a} for i, a in enumerate(answers)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return rows
+
+
+def test_sample_leaves_out_the_samples_no_reward_scored_and_says_how_many(tmp_path, monkeypatch, capsys):
+    # with reward_funcs=[accuracy], a prompt without an answer got None for each sample, which passed every
+    # threshold: its samples were kept, and counted in the pass rate, as if correct
+    monkeypatch.chdir(tmp_path)
+    rng = random.Random()
+    n, samples = rng.randint(3, 6), rng.randint(2, 3)
+    unanswered = set(rng.sample(range(n), rng.randint(1, n - 1)))
+    answers = [None if i in unanswered else str(2 * i + 1) for i in range(n)]
+    _prompts_file(tmp_path / "p.jsonl", answers)
+    args = ["sample", "model_name_or_path=builtin:micro", "dataset=p.jsonl", f"num_samples={samples}",
+            "max_completion_length=4", "keep_truncated=true", "reward_funcs=[accuracy]", "progress_bar=false",
+            "device=cpu", "output_file=kept.jsonl"]
+    have = "has" if len(unanswered) == 1 else "have"
+    with pytest.warns(UserWarning, match=rf"^{len(unanswered)} of the {n} prompts of the prompt dataset {have} no "
+                                         rf"reference answer in column 'answer' \(the first: row {min(unanswered)} "
+                                         rf"\('p.jsonl' line {min(unanswered) + 1}\)\): reward 'accuracy' cannot score "
+                                         r"their samples, which are left out: no other reward scores them$"):
+        assert main(args) == 0
+    kept = [json.loads(line) for line in (tmp_path / "kept.jsonl").read_text().splitlines()]
+    assert all(r["answer"] is not None and r["rewards"]["accuracy"] == 1.0 for r in kept), kept
+    stats = json.loads((tmp_path / "kept.jsonl.sample_stats.json").read_text())["stats"]
+    assert stats["unscored"] == samples * len(unanswered) and stats["passed"] == len(kept)
+    assert f"; {samples * len(unanswered)} left out unscored: no reward function could score them)" in \
+        capsys.readouterr().out
+
+
+def test_sample_refuses_an_answer_column_without_answers_before_the_model_loads(tmp_path, monkeypatch):
+    # an answer column null in every prompt kept every sample (accuracy alone: pass rate 1.000) or judged them all
+    # by format alone, where a dataset without the column was refused
+    from r1fast.trainer import common
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(common, "load_model_and_tokenizer", lambda *a, **kw: pytest.fail("the model was loaded"))
+    rng = random.Random()
+    n = rng.randint(2, 5)
+    base = ["sample", "model_name_or_path=builtin:micro", "dataset=p.jsonl", "device=cpu", "output_file=kept.jsonl"]
+    said = (r"^r1fast sample: reward 'accuracy' has no reference answer to check samples against: column 'answer' "
+            r"\(option 'answer_column'\) is empty \(null\) in all {} prompts of the prompt dataset \('p.jsonl'\); give "
+            r"the answers, set answer_column to the column that holds them, or leave accuracy out of reward_funcs$")
+    _prompts_file(tmp_path / "p.jsonl", [rng.choice([None, "", []]) for _ in range(n)])
+    for funcs in ("[accuracy]", "[accuracy,format]"):
+        with pytest.raises(SystemExit, match=said.format(n)):
+            main([*base, f"reward_funcs={funcs}"])
+    # the prompts max_prompts takes hold none, the later ones do
+    _prompts_file(tmp_path / "p.jsonl", [None] * n + ["7"])
+    with pytest.raises(SystemExit, match=said.format(n)):
+        main([*base, f"max_prompts={n}"])

@@ -420,6 +420,9 @@ def _cmd_sample(args):
                          column_options={cfg.prompt_column: "prompt_column"})
     # a misspelt answer_column too (rejection_sample found it once the model had loaded)
     check_answer_present(cfg.reward_funcs, rows, cfg.answer_column, "prompt dataset")
+    # and a column holding no answer (every row null): its samples were kept unchecked
+    sampling.check_answers_given(cfg.reward_funcs, rows if cfg.max_prompts < 0 else rows[:cfg.max_prompts],
+                                 cfg.answer_column, "prompt dataset")
     options = {k: v for k, v in cfg.to_json_dict().items() if k != "output_file"}   # the output names the file
     settings = {"device": str(resolve_device(cfg.device))}
     # the model's weights, not only its folder's name: a --resume after the model was retrained into the same folder

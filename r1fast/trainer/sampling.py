@@ -58,6 +58,7 @@ def rejection_sample(model, tokenizer=None, rows=None, cfg: Optional[SampleConfi
     rewards = RewardSet(cfg.reward_funcs, format_pattern=cfg.format_pattern, language=cfg.language,
                         timeout=cfg.reward_timeout)
     check_answer_column(rewards.names, rows, cfg.answer_column, "prompt dataset")
+    warn_unanswered_prompts(rewards.names, rows, cfg.answer_column, "prompt dataset")
     check_reward_keywords(rows, cfg.prompt_column, "prompt dataset")
     thresholds = cfg.reward_thresholds or [1.0] * len(rewards)
     prompt_ids = encode_prompts(tokenizer, rows, cfg.prompt_column, cfg.system_prompt,
@@ -79,6 +80,8 @@ def rejection_sample(model, tokenizer=None, rows=None, cfg: Optional[SampleConfi
     n_total, n_pass, n_cut = done.get("samples", 0), done.get("passed", 0), done.get("truncated", 0)
     # of them, those the model's positions cut before max_completion_length (prompt + completion reached them)
     n_cut_by_positions = done.get("truncated_by_positions", 0)
+    # samples no reward function scored (accuracy's None for a row without an answer, and no other reward): left out
+    n_unscored = done.get("unscored", 0)
     positions = model.config.max_sequence_length
     prompts_with_any = done.get("prompts_kept", 0)
     first = resume_from["next_prompt"] if resume_from else 0
@@ -123,6 +126,12 @@ def rejection_sample(model, tokenizer=None, rows=None, cfg: Optional[SampleConfi
                 if cut[j] and not cfg.keep_truncated:
                     continue
                 values = [t[j] for t in table]
+                if all(v is None for v in values):
+                    # no reward says it is right: taken as passing every threshold, it was kept and counted in the pass
+                    # rate as if correct
+                    n_unscored += 1
+                    continue
+                # a reward that cannot score it (None) is left out of its check: judged by the others, as documented
                 if not all(v is None or v >= th for v, th in zip(values, thresholds)):
                     continue
                 n_pass += 1
@@ -139,7 +148,8 @@ def rejection_sample(model, tokenizer=None, rows=None, cfg: Optional[SampleConfi
             kept.extend(batch)
             if on_batch is not None:
                 on_batch(batch, {**_statistics(len(rows), n_total, (n_cut, n_cut_by_positions, positions), n_pass,
-                                               len(kept), prompts_with_any), "next_prompt": start + len(chunk)})
+                                               len(kept), prompts_with_any, n_unscored),
+                                   "next_prompt": start + len(chunk)})
             if bar is not None:
                 bar.set_postfix(pass_rate=f"{n_pass / max(n_total, 1):.2f}", kept=len(kept))
                 bar.update(len(chunk))
@@ -149,28 +159,82 @@ def rejection_sample(model, tokenizer=None, rows=None, cfg: Optional[SampleConfi
     finally:
         if bar is not None:
             bar.close()
-    stats = _statistics(len(rows), n_total, (n_cut, n_cut_by_positions, positions), n_pass, len(kept), prompts_with_any)
+    stats = _statistics(len(rows), n_total, (n_cut, n_cut_by_positions, positions), n_pass, len(kept), prompts_with_any,
+                        n_unscored)
     if stopped_at is not None:
         stats["next_prompt"] = stopped_at
     return kept, stats
 
 
 def _statistics(prompts: int, samples: int, cut: tuple[int, int, int], passed: int, kept: int,
-                prompts_kept: int) -> dict:
-    """`cut`: (samples cut without a stop token, those of them the model's positions cut, the model's positions)."""
+                prompts_kept: int, unscored: int = 0) -> dict:
+    """`cut`: (samples cut without a stop token, those of them the model's positions cut, the model's positions).
+    `unscored`: samples left out as no reward function scored them."""
     truncated, by_positions, positions = cut
     stats = {"prompts": prompts, "samples": samples, "truncated": truncated, "passed": passed,
              "pass_rate": passed / max(samples, 1), "kept": kept, "prompts_kept": prompts_kept}
     if by_positions:   # only then: the statistics of every other sampling stay as an earlier r1fast wrote them
         stats.update(truncated_by_positions=by_positions, positions=positions)
+    if unscored:   # likewise
+        stats["unscored"] = unscored
     return stats
 
 
 def summary(stats: dict) -> str:
     """One line for the console from rejection_sample's statistics."""
     cut = stats.get("truncated")   # none in a pipeline_state.json of an r1fast before keep_truncated
+    unscored = stats.get("unscored")
     return (f"kept {stats['kept']} of {stats['samples']} samples from {stats['prompts']} prompts (pass rate "
-            f"{stats['pass_rate']:.3f}" + (f"; {_cut_where(stats)}" if cut else "") + ")")
+            f"{stats['pass_rate']:.3f}" + (f"; {_cut_where(stats)}" if cut else "")
+            + (f"; {unscored} left out unscored: no reward function could score them" if unscored else "") + ")")
+
+
+def unanswered_prompts(reward_names: Sequence[str], rows: Sequence[dict], answer_column: str) -> list[int]:
+    """The rows the accuracy reward finds no reference answer in (None, NaN, empty: it scores their samples None),
+    read as it reads them: `answer_column`, else `solution`; none when accuracy is not among the rewards."""
+    from r1fast.data.loading import row_name
+    from r1fast.rewards.builtin import row_golds
+
+    if "accuracy" not in reward_names:
+        return []
+    return [i for i, row in enumerate(rows)
+            if not (row_golds(row.get(answer_column), f"{row_name(rows, i)}: column {answer_column!r}")
+                    or row_golds(row.get("solution"), f"{row_name(rows, i)}: column 'solution'"))]
+
+
+def check_answers_given(reward_names: Sequence[str], rows: Sequence[dict], answer_column: str, where: str):
+    """A dataset whose answer column holds no answer at all (every row null or empty) is refused, as one without
+    the column is (check_answer_column): every sample was kept on the other rewards alone, or, with accuracy alone,
+    every sample as if correct (pass rate 1.000)."""
+    from r1fast.data.loading import source_name
+
+    missing = unanswered_prompts(reward_names, rows, answer_column)
+    if rows and len(missing) == len(rows):
+        either = " or 'solution'" if answer_column == "answer" and "solution" in rows[0] else ""
+        raise ValueError(f"reward 'accuracy' has no reference answer to check samples against: column "
+                         f"{answer_column!r} (option 'answer_column'){either} is empty (null) in all {len(rows)} "
+                         f"prompts of the {where}{source_name(rows)}; give the answers, set answer_column to the "
+                         f"column that holds them, or leave accuracy out of reward_funcs")
+
+
+def warn_unanswered_prompts(reward_names: Sequence[str], rows: Sequence[dict], answer_column: str, where: str):
+    """check_answers_given, and a warning for some rows without an answer: their samples are judged by the other
+    rewards alone (or, with accuracy alone, left out), which the output's `rewards` showed only as a null."""
+    import warnings
+
+    from r1fast.data.loading import row_name
+
+    check_answers_given(reward_names, rows, answer_column, where)
+    missing = unanswered_prompts(reward_names, rows, answer_column)
+    if not missing:
+        return
+    others = [name for name in reward_names if name != "accuracy"]
+    fate = (f"are judged by the other rewards alone ({', '.join(others)}): drop those rows to keep verified answers "
+            f"only" if others else "are left out: no other reward scores them")
+    have = "has" if len(missing) == 1 else "have"
+    warnings.warn(f"{len(missing)} of the {len(rows)} prompts of the {where} {have} no reference answer in column "
+                  f"{answer_column!r} (the first: {row_name(rows, missing[0])}): reward 'accuracy' cannot score their "
+                  f"samples, which {fate}", stacklevel=3)
 
 
 def _cut_where(stats: dict) -> str:
