@@ -409,8 +409,17 @@ def _stored_dtype(shard: str) -> torch.dtype | None:
 
 # -- saving --------------------------------------------------------------------------------------
 _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
-_OWN_FILE = re.compile(r"^(config\.json|model\.safetensors|model\.safetensors\.index\.json|"
-                       r"model-\d+-of-\d+\.safetensors)$")
+# Weight files of any earlier save in the folder (r1fast's, transformers' safetensors or pickled ones, their shards,
+# index and variants such as model.fp16.safetensors). A save over the folder does not carry them over: beside the
+# new weights, a loader could read them instead (transformers' use_safetensors=False or variant= reads a stale
+# pytorch_model.bin or model.fp16.safetensors, an old index names old shards). Dropped rather than refused: the save
+# replaces config.json, so they no longer describe the folder's model, and trainers save into one folder again and
+# again. They go with the replaced folder, so a save that fails part way leaves them, as it leaves the old model.
+# Only these names: a tokenizer, generation config, training_args.bin or a user's own files are carried over.
+_WEIGHT_FILE = re.compile(r"^(?:model(?:\.\w+)?(?:\.safetensors|-\d+-of-\d+\.safetensors)|"
+                          r"model\.safetensors\.index(?:\.\w+)?\.json|"
+                          r"pytorch_model(?:\.\w+)?(?:\.bin|-\d+-of-\d+\.bin)|"
+                          r"pytorch_model\.bin\.index(?:\.\w+)?\.json)$")
 
 
 def parse_size(size) -> int:
@@ -428,8 +437,9 @@ def save_pretrained(model, path, max_shard_size="5GB") -> None:
 
     Atomic for the folder's model files: everything is written to a temporary sibling folder, other
     files already in `path` (tokenizer, generation config...) are carried over, then the folder is
-    swapped in by rename; an interrupted save leaves the old checkpoint intact. A `path` that is a symlink
-    is saved into the folder it leads to (the link stays).
+    swapped in by rename; an interrupted save leaves the old checkpoint intact. Weights an earlier save left
+    in `path` (model*.safetensors, pytorch_model*.bin, their shards and index) are not carried over: the folder
+    holds the new weights only. A `path` that is a symlink is saved into the folder it leads to (the link stays).
     """
     _check_saveable(model)
     limit = parse_size(max_shard_size)
@@ -475,7 +485,8 @@ def save_pretrained(model, path, max_shard_size="5GB") -> None:
                 json.dump(generation, f, indent=2)
         if os.path.isdir(path):
             for entry in os.listdir(path):
-                if _OWN_FILE.match(entry) or (generation is not None and entry == GENERATION_CONFIG_NAME):
+                if entry == "config.json" or _WEIGHT_FILE.match(entry) or \
+                        (generation is not None and entry == GENERATION_CONFIG_NAME):
                     continue
                 src, dst = os.path.join(path, entry), os.path.join(tmp, entry)
                 if os.path.isdir(src):
