@@ -3,7 +3,11 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.machinery
 import importlib.util
+import platform
+import re
+import sys
 from pathlib import Path
 
 _NOT_BUILT = "r1fast._C is not built"   # how not_built_message begins (r1fast info tells it from other problems)
@@ -18,6 +22,45 @@ def not_built_message(root: Path) -> str:
     return (f"{_NOT_BUILT}: run `pip install -e .` {where} to build it. That needs a C++17 compiler "
             f"(g++ or clang++) and Python's C headers (python3-dev on Debian/Ubuntu) on this machine; pip fetches "
             f"CMake, Ninja and pybind11 itself, and the CUDA kernels are compiled too where nvcc is found")
+
+
+# the tag Python's build puts in an extension's name: _C.cpython-312-x86_64-linux-gnu.so, _C.cpython-313t-... (free
+# threaded), _C.pypy310-pp73-x86_64-linux-gnu.so
+_BUILD_TAG = re.compile(r"^_C\.(?:cpython-(\d)(\d+)([a-z]*)|pypy(\d)(\d+)-pp\d+)-(.+)\.so$")
+
+
+def built_for(so: Path) -> str:
+    """The Python an extension file was built for, read from its name ("CPython 3.12 on x86_64-linux-gnu")."""
+    m = _BUILD_TAG.match(so.name)
+    if m is None:
+        return "a Python its name does not say"
+    cp_major, cp_minor, flags, pypy_major, pypy_minor, machine = m.groups()
+    if cp_major:
+        kind = " free-threaded" if "t" in flags else ""
+        return f"CPython {cp_major}.{cp_minor}{kind} on {machine}"
+    return f"PyPy (Python {pypy_major}.{pypy_minor}) on {machine}"
+
+
+def other_python_message(found: list[Path], root: Path) -> str:
+    """A _C whose name this Python's import does not take: built by another Python's pip (or a CMake build given
+    another Python_EXECUTABLE), e.g. after the venv was remade on a newer Python. Python's own "cannot import name
+    '_C'" says nothing of it. _C holds no torch code (pybind11 only), so another torch needs no rebuild; only the
+    Python counts. The remedy names this interpreter, since a `pip` on PATH may well be the other Python's."""
+    files = "; ".join(f"{so} (built for {built_for(so)})" for so in found)
+    threads = " free-threaded" if _free_threaded() else ""
+    this = f"{platform.python_implementation()} {platform.python_version()}{threads} ({sys.executable})"
+    wants = importlib.machinery.EXTENSION_SUFFIXES[0]
+    where = f"in {root}" if (root / "setup.py").is_file() else "in r1fast's source checkout"
+    return (f"r1fast._C is built for another Python: found {files}, but this is {this}, which imports "
+            f"_C{wants}; rebuild it for this Python with `{sys.executable} -m pip install "
+            f"-e .` {where} (a CMake build: -DPython_EXECUTABLE={sys.executable}), or run r1fast with the Python "
+            f"it was built for")
+
+
+def _free_threaded() -> bool:
+    import sysconfig
+
+    return bool(sysconfig.get_config_var("Py_GIL_DISABLED"))
 
 
 # What CMake compiles (csrc/*.cpp, and csrc/*.cu in a CUDA build) and what they may include: MANIFEST.in ships
@@ -57,12 +100,13 @@ def _import():
         from r1fast import _C
     except ImportError as e:
         spec = importlib.util.find_spec("r1fast._C")  # None for another Python's build, hence the glob
-        present = [spec.origin] if spec is not None else [str(p) for p in sorted(here.glob("_C*.so"))]
-        if not present:
-            return None, not_built_message(here.parent)
-        # a _C for another Python, or one that does not load here (a libstdc++ older than the build's):
-        # "not built" hid the loader's reason
-        return None, (f"r1fast._C does not import ({e}; found {', '.join(present)}): rebuild it for this "
+        if spec is None:
+            others = sorted(here.glob("_C*.so"))
+            if not others:
+                return None, not_built_message(here.parent)
+            return None, other_python_message(others, here.parent)
+        # one that does not load here (a libstdc++ older than the build's): "not built" hid the loader's reason
+        return None, (f"r1fast._C does not import ({e}; found {spec.origin}): rebuild it for this "
                       f"Python with `pip install -e .`")
     want = sources_digest(here.parent)
     got = _C.build_info().get("sources_digest", "")

@@ -1,5 +1,10 @@
 """`r1fast info`: what it says of this installation is what is installed."""
+import importlib.machinery
+import platform
 import random
+import sys
+
+import pytest
 
 from r1fast import info
 
@@ -78,3 +83,63 @@ def test_info_reads_the_nvidia_drivers_version_of_either_kernel_module(tmp_path,
     assert info._nvidia_driver_version() is None
     proc.unlink()
     assert info._nvidia_driver_version() is None
+
+
+@pytest.fixture
+def checkout_without_a_c_for_this_python(tmp_path, monkeypatch):
+    """A source checkout whose r1fast/ holds no _C this Python imports; _ext reads that folder."""
+    import r1fast
+    from r1fast import _ext
+
+    checkout = tmp_path / "checkout"
+    (checkout / "r1fast").mkdir(parents=True)
+    (checkout / "setup.py").write_text("")
+    monkeypatch.delattr(r1fast, "_C", raising=False)
+    monkeypatch.setitem(sys.modules, "r1fast._C", None)   # `from r1fast import _C` raises ImportError, no spec
+    monkeypatch.setattr(_ext, "__file__", str(checkout / "r1fast" / "_ext.py"))
+    _ext._import.cache_clear()
+    yield checkout / "r1fast"
+    _ext._import.cache_clear()
+
+
+def test_an_extension_built_for_another_python_names_that_python_and_the_rebuild(checkout_without_a_c_for_this_python):
+    # a _C.cpython-312-...so in a Python 3.11 venv (remade on another Python, or built by another Python's pip)
+    # read "r1fast._C does not import (cannot import name '_C' from 'r1fast' (...); found ...): rebuild it for this
+    # Python with `pip install -e .`": neither the Python it was built for nor this one, and a `pip` that may be
+    # the other Python's
+    from r1fast import _ext
+
+    folder = checkout_without_a_c_for_this_python
+    platform_tag = importlib.machinery.EXTENSION_SUFFIXES[0].split("-", 1)[1][:-len(".so")]   # x86_64-linux-gnu
+    minor = random.choice([m for m in range(8, 16) if m != sys.version_info.minor])
+    other = folder / f"_C.cpython-3{minor}-{platform_tag}.so"
+    other.write_bytes(b"\x7fELF not loaded")
+    with pytest.raises(_ext.ExtensionUnavailable) as raised:
+        _ext.require("the rollout engine")
+    message = str(raised.value)
+    wants = "_C" + importlib.machinery.EXTENSION_SUFFIXES[0]
+    assert message.startswith(f"r1fast._C is built for another Python: found {other} (built for CPython 3.{minor} "
+                              f"on {platform_tag}), but this is CPython {platform.python_version()} "
+                              f"({sys.executable}), which imports {wants}"), message
+    assert f"rebuild it for this Python with `{sys.executable} -m pip install -e .` in {folder.parent}" in message
+    assert message.endswith("(the rollout engine needs it)")
+    assert info.collect()["r1fast._C"] == f"UNUSABLE: {_ext.problem()}"
+    (folder / "_C.cpython-313t-aarch64-linux-gnu.so").write_bytes(b"")   # every file found is named
+    _ext._import.cache_clear()
+    assert "_C.cpython-313t-aarch64-linux-gnu.so (built for CPython 3.13 free-threaded on aarch64-linux-gnu)" in \
+        _ext.problem()
+
+
+@pytest.mark.parametrize("name,python", [
+    ("_C.cpython-312-x86_64-linux-gnu.so", "CPython 3.12 on x86_64-linux-gnu"),
+    ("_C.cpython-310-darwin.so", "CPython 3.10 on darwin"),
+    ("_C.cpython-314t-x86_64-linux-gnu.so", "CPython 3.14 free-threaded on x86_64-linux-gnu"),
+    ("_C.pypy310-pp73-x86_64-linux-gnu.so", "PyPy (Python 3.10) on x86_64-linux-gnu"),
+    ("_C.backup.so", "a Python its name does not say"),
+])
+def test_an_extensions_name_says_the_python_it_was_built_for(name, python):
+    from pathlib import Path
+
+    from r1fast import _ext
+
+    assert _ext.built_for(Path("/x") / name) == python
