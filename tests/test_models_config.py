@@ -428,12 +428,33 @@ def test_flags_and_token_ids_that_are_well_typed_are_read():
     ({"torch_dtype": "bfloat16", "dtype": None}, torch.bfloat16),   # null dtype: the older key is read
     ({"torch_dtype": "bfloat16", "dtype": "float16"}, torch.float16),
     ({"torch_dtype": None, "dtype": None}, None),
+    # transformers reads the name as an attribute of torch: these were refused as "not one of [...]"
+    ({"torch_dtype": "half"}, torch.float16),
+    ({"dtype": "float", "torch_dtype": "bfloat16"}, torch.float32),
+    ({"dtype": "double"}, torch.float64),
 ])
 def test_checkpoint_dtype_is_read_as_transformers_reads_it(keys, expected):
     # the dtype from_pretrained(dtype=None) loads in, as transformers' dtype="auto" does
     raw = {**QWEN3_06B, **keys}
     assert ModelConfig.from_hf_config(raw).dtype == expected
     assert transformers.Qwen3Config.from_dict({k: v for k, v in raw.items() if k != "model_type"}).dtype == expected
+
+
+@pytest.mark.parametrize("keys, why", [
+    # the key as written (it said torch_dtype of a config holding dtype alone), and the name to write instead
+    ({"dtype": "bf16"}, "dtype 'bf16' is not one of {}: use 'bfloat16', the name transformers reads"),
+    ({"dtype": None, "torch_dtype": "torch.float16"},
+     "torch_dtype 'torch.float16' is not one of {}: use 'float16', the name transformers reads"),
+    ({"dtype": "float8_e4m3fn"}, "dtype 'float8_e4m3fn' is not one of {}: r1fast does not load float8_e4m3fn weights "
+                                 "(a quantized checkpoint? load its bf16 or fp32 original)"),
+    ({"dtype": "float8"}, "dtype 'float8' is not one of {}: not a torch dtype name"),
+    ({"dtype": "__class__"}, "dtype '__class__' is not one of {}: not a torch dtype name"),
+])
+def test_an_unknown_checkpoint_dtype_names_its_key_and_what_to_write(keys, why):
+    raw = {k: v for k, v in QWEN3_06B.items() if k != "torch_dtype"}
+    with pytest.raises(ValueError) as raised:
+        ModelConfig.from_hf_config({**raw, **keys})
+    assert str(raised.value) == "config.json: " + why.format(['bfloat16', 'float16', 'float32', 'float64'])
 
 
 def test_attention_dropout_is_not_applied_and_says_so(caplog):

@@ -239,12 +239,7 @@ class ModelConfig:
         _check_full_rotary(hf)
         _check_rope_agrees(hf, rope_theta, defaults)
         rope_scaling = _fill_rope_lengths(rope_scaling, hf, defaults)
-        # transformers reads dtype, and torch_dtype (the older key) where dtype is absent or null
-        dtype_name = hf["dtype"] if hf.get("dtype") is not None else hf.get("torch_dtype")
-        if dtype_name is not None and not isinstance(dtype_name, str):
-            raise ValueError(f"dtype/torch_dtype must be a dtype name like 'bfloat16', got {dtype_name!r}")
-        if dtype_name in ("auto",):
-            dtype_name = None
+        dtype_name = _checkpoint_dtype_name(hf)
         head_dim = hf.get("head_dim", defaults.get("head_dim"))
         return cls(
             architecture=arch,
@@ -702,6 +697,31 @@ def _check_positive_number(name: str, value, zero_ok: bool = False) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or \
             not (value >= 0 if zero_ok else value > 0):
         raise ValueError(f"{name} must be a {'non-negative' if zero_ok else 'positive'} finite number, got {value!r}")
+
+
+def _checkpoint_dtype_name(hf: dict) -> str | None:
+    """config.json's dtype as a name in _FLOAT_DTYPES, or None. transformers reads dtype, and torch_dtype (the older
+    key) where dtype is absent or null, as an attribute of torch: "half", "float" and "double" load there and are read
+    alike here (they were refused). An error names the key the value came from (it said torch_dtype of a config
+    holding only dtype) and what to write instead."""
+    key = "dtype" if hf.get("dtype") is not None else "torch_dtype"
+    name = hf.get(key)
+    if name is None or name == "auto":
+        return None
+    if not isinstance(name, str):
+        raise ValueError(f"dtype/torch_dtype must be a dtype name like 'bfloat16', got {name!r}")
+    dtype = getattr(torch, name, None) if name.isidentifier() else None
+    if isinstance(dtype, torch.dtype) and dtype in _FLOAT_DTYPES.values():
+        return _dtype_name(dtype)
+    if isinstance(dtype, torch.dtype):
+        why = f"r1fast does not load {name} weights (a quantized checkpoint? load its bf16 or fp32 original)"
+    else:
+        try:
+            meant = resolve_dtype(name)   # "bf16", "torch.float16": names transformers does not read either
+        except ValueError:
+            meant = None
+        why = f"use {_dtype_name(meant)!r}, the name transformers reads" if meant else "not a torch dtype name"
+    raise ValueError(f"{key} {name!r} is not one of {sorted(_FLOAT_DTYPES)}: {why}")
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
