@@ -478,6 +478,9 @@ def _refuse_building(monkeypatch):
 @pytest.mark.parametrize("damage, message", [
     (lambda t: t.pop("model.embed_tokens.weight"), r"incomplete: missing \['model.embed_tokens.weight'\]"),
     (lambda t: t.pop("model.layers.1.mlp.up_proj.weight"), r"incomplete: missing \['model.layers.1.mlp.up_proj"),
+    # said after every tensor was read, and not that a tied model's export stores no head
+    (lambda t: t.pop("lm_head.weight"), r"incomplete: missing \['lm_head.weight'\], and .*config.json does not tie the "
+                                        r"word embeddings .*set \"tie_word_embeddings\": true there"),
     (lambda t: t.update({"lm_head.weight": torch.randn(31, 16)}),
      r"'lm_head.weight' has shape \(31, 16\), but .*config.json implies \(32, 16\)"),
 ])

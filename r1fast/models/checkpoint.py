@@ -238,6 +238,12 @@ def _check_headers(path: str, config: ModelConfig, shards: list[str]) -> None:
     embed_keys = [_EMBED_KEY, "lm_head.weight"] if config.tie_word_embeddings else [_EMBED_KEY]
     if not any(k in shapes for k in embed_keys):
         raise ValueError(f"checkpoint {path!r} is incomplete: missing [{_EMBED_KEY!r}]")
+    if not config.tie_word_embeddings and "lm_head.weight" not in shapes:
+        # a tied model's export (its head is the embedding, stored once) under a config.json that lost the flag or
+        # came from an untied sibling: said only after every tensor was read, and without the likely cause
+        raise ValueError(f"checkpoint {path!r} is incomplete: missing ['lm_head.weight'], and {cfg_file} does not "
+                         f"tie the word embeddings (tie_word_embeddings is false or absent); if this model's head is "
+                         f"its embedding matrix, set \"tie_word_embeddings\": true there")
     todo = [(_EMBED_KEY, embed), ("lm_head.weight", embed)]
     todo += [(k.replace(".0.", f".{i}.", 1), shape) for i in range(n) for k, shape in expected.items()]
     missing = []
