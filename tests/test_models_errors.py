@@ -174,8 +174,18 @@ def test_bad_config_files(tmp_path):
             load("builtin:tiny")
 
 
-def test_missing_tensor(ckpt):
+def _refuse_reading_tensors(monkeypatch):
+    import r1fast.models.checkpoint as checkpoint
+
+    def read(shard):
+        raise AssertionError(f"{shard}'s tensors were read before the stored keys were checked")
+    monkeypatch.setattr(checkpoint, "_iter_tensors", read)
+
+
+def test_missing_tensor(ckpt, monkeypatch):
+    # said from the headers: it was said only once every tensor had been read (minutes, for a large model)
     _rewrite_shard(ckpt, "model.norm.weight", lambda t: t.pop("model.norm.weight"))
+    _refuse_reading_tensors(monkeypatch)
     with pytest.raises(ValueError, match=r"incomplete: missing \['model.norm.weight'\]"):
         from_pretrained(ckpt)
 
@@ -187,8 +197,9 @@ def test_missing_tensor(ckpt):
                               r"e.g. a value head"),
     ("model.layers.1.self_attn.o_proj.bias", r"for a Qwen2ForCausalLM with this config \(is config.json from"),
 ])
-def test_unexpected_tensor(ckpt, key, message):
+def test_unexpected_tensor(ckpt, key, message, monkeypatch):
     _rewrite_shard(ckpt, "model.norm.weight", lambda t: t.update({key: torch.ones(2)}))
+    _refuse_reading_tensors(monkeypatch)   # said from the headers, as a missing tensor is
     with pytest.raises(ValueError, match=rf"model-\d+-of-\d+.safetensors: unexpected tensor '{key}'[: ].*{message}"):
         from_pretrained(ckpt)
 

@@ -104,12 +104,13 @@ def from_pretrained(path, dtype=None, device=None, fp8="off"):
     fp8 = as_options(fp8)
     config = ModelConfig.from_hf_config(read_config_json(path))
     shards = shard_files(path)
-    _check_headers(path, config, shards)
+    stored = _check_headers(path, config, shards)
     dtype = resolve_dtype(dtype) or config.dtype or _stored_dtype(shards[0]) or torch.float32
     device = torch.device(device) if device is not None else torch.device("cpu")
 
     with torch.device("meta"):
         model = CausalLM(config)
+    _check_stored_keys(path, config, stored, model.hf_tensors())
     model = model.to(dtype).to_empty(device=device)
     expected = model.hf_tensors()  # views: the fused q/k/v and gate/up projections fill row by row
     tied = config.tie_word_embeddings
@@ -210,9 +211,9 @@ _SHAPE_KEYS = {"embed_tokens": "vocab_size, hidden_size", "q_proj": "num_attenti
                "up_proj": "intermediate_size, hidden_size", "down_proj": "hidden_size, intermediate_size"}
 
 
-def _check_headers(path: str, config: ModelConfig, shards: list[str]) -> None:
+def _check_headers(path: str, config: ModelConfig, shards: list[str]) -> dict[str, tuple[tuple[int, ...], str]]:
     """The stored keys and shapes (safetensors headers only, no tensor data) against config.json, before
-    anything is built or allocated from it."""
+    anything is built or allocated from it. Returns each stored key's (shape, first file holding it)."""
     shapes: dict[str, tuple[tuple[int, ...], str]] = {}
     for shard in shards:
         with _open(shard) as f:
@@ -257,6 +258,22 @@ def _check_headers(path: str, config: ModelConfig, shards: list[str]) -> None:
             names = _SHAPE_KEYS[key.split(".")[-2]] if key != "lm_head.weight" else _SHAPE_KEYS["embed_tokens"]
             raise ValueError(f"{shard}: tensor {key!r} has shape {got}, but {cfg_file} implies {want} "
                              f"({names}); is config.json from another model?")
+    if missing:
+        more = f" and {len(missing) - 8} more" if len(missing) > 8 else ""
+        raise ValueError(f"checkpoint {path!r} is incomplete: missing {missing[:8]}{more}")
+    return shapes
+
+
+def _check_stored_keys(path: str, config: ModelConfig, stored: dict, expected: dict) -> None:
+    """The stored keys (from the headers) against the model's own, before it is allocated: a tensor it has no place
+    for, or a norm or bias not stored, was found only as the tensors were read, after every file before it (minutes
+    for a large model). The loading loop keeps its own checks for what the headers cannot say."""
+    tied = config.tie_word_embeddings
+    for key, (_, shard) in stored.items():
+        if key not in expected and not _IGNORED_KEY.match(key) and not (tied and key == "lm_head.weight"):
+            raise ValueError(f"{shard}: unexpected tensor {key!r}{_why_unexpected(key, config)}")
+    held = set(stored) | ({_EMBED_KEY} if tied and "lm_head.weight" in stored else set())
+    missing = sorted(set(expected) - held)
     if missing:
         more = f" and {len(missing) - 8} more" if len(missing) > 8 else ""
         raise ValueError(f"checkpoint {path!r} is incomplete: missing {missing[:8]}{more}")
