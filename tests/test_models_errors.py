@@ -204,6 +204,19 @@ def test_unexpected_tensor(ckpt, key, message, monkeypatch):
         from_pretrained(ckpt)
 
 
+def test_a_tensor_stored_in_two_shards_names_both_before_any_tensor_is_read(ckpt, monkeypatch):
+    first = _shard_of(ckpt, "model.embed_tokens.weight")
+    last = ckpt / sorted(set(_index(ckpt)["weight_map"].values()))[-1]
+    assert first != last
+    tensors = load_file(last)
+    tensors["model.embed_tokens.weight"] = torch.randn(32, 16)
+    save_file(tensors, last, metadata={"format": "pt"})
+    _refuse_reading_tensors(monkeypatch)   # it was said once the first file's tensors were in memory
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(last))}: tensor 'model.embed_tokens.weight' appears in "
+                                         rf"more than one file \(also in {first.name}\); .*remove the stale copy$"):
+        from_pretrained(ckpt)
+
+
 def test_misshaped_tensor(ckpt):
     key = "model.layers.1.self_attn.k_proj.weight"
     _rewrite_shard(ckpt, key, lambda t: t.update({key: torch.randn(16, 16)}))

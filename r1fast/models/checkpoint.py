@@ -218,6 +218,12 @@ def _check_headers(path: str, config: ModelConfig, shards: list[str]) -> dict[st
     for shard in shards:
         with _open(shard) as f:
             for key in f.keys():
+                if key in shapes and not _IGNORED_KEY.match(key):
+                    # two values for one tensor (transformers takes the last read): was said once the first file's
+                    # tensors were in memory, without naming the other file
+                    raise ValueError(f"{shard}: tensor {key!r} appears in more than one file (also in "
+                                     f"{os.path.basename(shapes[key][1])}); which one is the model's is not known, "
+                                     f"so the checkpoint is refused: remove the stale copy")
                 try:
                     shapes.setdefault(key, (tuple(f.get_slice(key).get_shape()), shard))
                 except Exception as e:
