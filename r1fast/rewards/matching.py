@@ -82,21 +82,50 @@ _OUTER_OPERATOR_RE = re.compile(r"[-+=,;:<>|$\u2212\u2264\u2265\u2260\u2012-\u20
                                 r"|quad|qquad|text|mathrm|textbf)(?![A-Za-z])")
 
 
-def _minus_before_box(text: str, box_start: int, content: str) -> Optional[int]:
-    """Where the minus sign that belongs to the box at `box_start` is written, else None (see _MINUS_SIGNS)."""
-    j = box_start
-    while j > 0 and text[j - 1] in " \t":
-        j -= 1
+def _minus_before_box(text: str, box_start: int, content: str) -> Optional[tuple[int, int]]:
+    """Where the minus sign that belongs to the box at `box_start` is written, and where what follows it and is kept
+    starts (the box, or the math delimiter that opens before it: _math_opener_before), else None (see _MINUS_SIGNS)."""
+    j = _before_spaces(text, box_start)
+    opener = _math_opener_before(text, j)
+    kept = box_start if opener is None else opener
+    j = _before_spaces(text, kept)
     if j == 0 or text[j - 1] not in _MINUS_SIGNS or not _one_term(content):
         return None
     sign = j - 1
-    k = sign
-    while k > 0 and text[k - 1] in " \t":
-        k -= 1
+    k = _before_spaces(text, sign)
     before = text[k - 1] if k > 0 else ""
-    if j < box_start:   # spaced from the box
-        return sign if before in _SIGN_OPENERS else None
-    return None if before in _OPERAND_END else sign
+    if j < kept:   # spaced from the box
+        return (sign, kept) if before in _SIGN_OPENERS else None
+    if opener is not None and (before == "$" or text[max(k - 2, 0):k] in ("\\)", "\\]")):
+        return None   # a sign between two math spans ($x$-$\boxed{5}$): as likely a difference or a hyphen
+    return None if before in _OPERAND_END else (sign, kept)
+
+
+def _before_spaces(text: str, i: int) -> int:
+    """Where the spaces and tabs that end text[:i] start."""
+    while i > 0 and text[i - 1] in " \t":
+        i -= 1
+    return i
+
+
+# A minus sign written outside the math that opens just before a box (`x is -$\boxed{5}$`, `-\(\boxed{5}\)`) is the
+# box's too: read as the box alone, it scored 1 against 5 and 0 against -5, while `$-\boxed{5}$` scored 1 against -5.
+# A `$` opens math where the unescaped `$` before it are paired (one that closes math is no opener: `$3 -$ $\boxed{5}$`,
+# whose minus is in the span before).
+_UNESCAPED_DOLLAR_RE = re.compile(r"(?<!\\)\$")
+
+
+def _math_opener_before(text: str, j: int) -> Optional[int]:
+    """Where a math delimiter (`$`, `$$`, `\\(`, `\\[`) that opens math and ends at `j` starts, else None."""
+    if text[max(j - 2, 0):j] in ("\\(", "\\["):
+        i = j - 1
+        while i > 0 and text[i - 1] == "\\":
+            i -= 1
+        return j - 2 if (j - 1 - i) % 2 == 1 else None   # `\\(` is a line break, then a bracket
+    if j == 0 or text[j - 1] != "$" or (j > 1 and text[j - 2] == "\\"):
+        return None
+    start = j - 2 if j > 1 and text[j - 2] == "$" else j - 1
+    return start if len(_UNESCAPED_DOLLAR_RE.findall(text, 0, start)) % 2 == 0 else None
 
 
 def _one_term(content: str) -> bool:
@@ -121,10 +150,11 @@ def _with_sign_in_last_box(s: str) -> str:
     if span is None:
         return s
     box_start, start, end = span
-    sign = _minus_before_box(s, box_start, s[start:end])
-    if sign is None:
+    found = _minus_before_box(s, box_start, s[start:end])
+    if found is None:
         return s
-    return s[:sign] + s[box_start:start] + "-" + s[start:end].strip() + s[end:]
+    sign, kept = found
+    return s[:sign] + s[kept:start] + "-" + s[start:end].strip() + s[end:]
 
 
 # A thousands group never starts a number with 0: 0,125 (a decimal comma, or a list) is not 125.
