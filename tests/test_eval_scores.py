@@ -25,7 +25,8 @@ def test_pass_at_k_is_the_share_of_k_subsets_holding_a_correct_sample():
 
 def _sample(rng, value):
     """(completion text, the final answer it gives as a number or None): the forms the accuracy reward reads alike
-    (8, 8.0, 8/1, 16/2, \\boxed{8}), no answer, and an answer left inside the reasoning (not the final one)."""
+    (8, 8.0, 8/1, 16/2, \\frac{16}{2}, $\\dfrac{8}{1}$, \\boxed{8}), no answer, and an answer left inside the
+    reasoning (not the final one)."""
     kind = rng.random()
     if kind < 0.15:
         return "<think>no answer</think>", None
@@ -35,7 +36,8 @@ def _sample(rng, value):
         return f"<think>a</think>\\boxed{{{value}}}", value
     if kind < 0.35:
         return f"<think>a</think><answer>{rng.randint(0, 9)}</answer> <answer>{value}</answer>", value
-    form = rng.choice([str(value), f"{value}.0", f"{value}/1", f"{2 * value}/2"])
+    form = rng.choice([str(value), f"{value}.0", f"{value}/1", f"{2 * value}/2", f"\\frac{{{2 * value}}}{{2}}",
+                       f"$\\dfrac{{{value}}}{{1}}$", f"\\boxed{{{value}.}}"])
     return f"<think>a</think><answer>{form}</answer>", value
 
 
@@ -106,3 +108,29 @@ def test_pass_at_k_names_counts_that_are_not_whole_numbers():
     for args in ((float(n), c, k), (n, float(c), k), (n, c, True)):
         with pytest.raises(ValueError, match="pass@k needs whole numbers n, c and k"):
             pass_at_k(*args)
+
+
+@pytest.mark.parametrize("math_verify", [True, False], ids=["math_verify", "no_math_verify"])
+def test_cons_at_k_counts_one_number_written_otherwise_as_one_vote(math_verify, monkeypatch):
+    # the wrong answer 1/2 written three ways (\frac{1}{2}, 0.5, 1/2) was three votes of one, and the two right samples
+    # won the vote: cons@5 1.0 where the majority answer was wrong
+    import sys
+
+    from r1fast.trainer.evaluate import majority_index
+
+    if not math_verify:
+        monkeypatch.setitem(sys.modules, "math_verify", None)
+    rng = random.Random()
+    p, q = rng.randint(1, 99), rng.choice([2, 4, 5, 8, 20, 25])
+    gold = str(rng.randint(100, 999))
+    right = [f"<think>a</think><answer>{gold}</answer>"] * 2
+    same = [f"\\boxed{{\\frac{{{p}}}{{{q}}}}}", f"\\boxed{{{p / q}}}", f"\\boxed{{\\dfrac{{{2 * p}}}{{{2 * q}}}}}",
+            f"<answer>{p}/{q}</answer>"]
+    texts = right + [f"<think>b</think>{t}" for t in rng.sample(same, 3)]
+    out, _ = score_completions(["q"] * 5, texts, [gold] * 5, 5)
+    assert out["eval/cons@5"] == 0.0
+    assert majority_index(texts, [True, True, False, False, False]) == 2
+    # three different wrong answers: the two right samples win
+    differ = [f"\\boxed{{\\frac{{{p}}}{{{q}}}}}", f"\\boxed{{\\frac{{{p + 1}}}{{{q}}}}}", f"\\boxed{{{(p + 2) / q}}}"]
+    out, _ = score_completions(["q"] * 5, right + differ, [gold] * 5, 5)
+    assert out["eval/cons@5"] == 1.0

@@ -1008,12 +1008,13 @@ def test_without_math_verify_a_latex_comparison_warns_once(monkeypatch):
     monkeypatch.setitem(sys.modules, "math_verify", None)
     monkeypatch.setattr(matching, "_WARNED_NO_MATH_VERIFY", False)
     with pytest.warns(UserWarning, match="math-verify is not installed, so LaTeX answers are compared as text"):
-        assert _accuracy(r"\frac{1}{2}", "0.5") == 0.0
+        assert _accuracy(r"\sqrt{4}", "2") == 0.0
     import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert _accuracy(r"\frac{1}{3}", "0.5") == 0.0  # once
+        assert _accuracy(r"\sqrt{9}", "3") == 0.0  # once
+        assert _accuracy(r"\frac{1}{2}", "0.5") == 1.0   # a fraction of numerals is read as its value
 
 
 def test_reward_returns_that_would_be_misread_are_errors():
@@ -1748,7 +1749,7 @@ def test_a_math_verify_check_that_ran_out_of_time_is_tried_again_later(monkeypat
     from r1fast.rewards import matching
 
     n = random.randrange(10**6, 10**7)   # fresh: no cached verdict
-    pred, gold = "\\frac{1}{2}", f"\\dfrac{{{n}}}{{{2 * n}}}"
+    pred, gold = "\\sqrt{4}", f"\\dfrac{{{2 * n}}}{{{n}}}"   # not numbers to _as_number or _latex_number
     monkeypatch.setattr(matching, "MATH_VERIFY_TIMEOUT_S", 1e-4)
     assert not answers_match(pred, gold)   # ran out of time
     monkeypatch.setattr(matching, "MATH_VERIFY_TIMEOUT_S", 3.0)

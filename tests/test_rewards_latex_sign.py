@@ -1,7 +1,7 @@
 """A minus sign written outside the math delimiters around a final box, and other answer forms a math grader meets."""
 import random
 
-from r1fast.rewards import accuracy_reward, extract_answer
+from r1fast.rewards import accuracy_reward, answers_match, extract_answer
 from r1fast.rewards.builtin import vote_key
 
 
@@ -30,3 +30,32 @@ def test_a_dash_outside_the_math_around_a_box_that_is_no_sign_is_left_alone(with
         assert accuracy_reward([""], [text], answer=[str(n)]) == [1.0], text
     # a box of more than one term keeps its sign outside
     assert extract_answer(f"-$\\boxed{{x+{n}}}$") == f"x+{n}"
+
+
+def test_one_number_written_in_latex_or_plain_is_one_vote(with_math_verify):
+    # \frac{1}{2}, \dfrac{1}{2}, 0.5 and 1/2 matched (through math-verify) but were four cons@k votes; without
+    # math-verify \frac{1}{2} scored 0 against 0.5
+    p, q = random.randint(1, 999), random.choice([2, 4, 5, 8, 16, 20, 25, 40, 125])
+    d = random.randint(501, 998)   # above any p/q: no value of the groups below is another's
+    for group in ((f"\\frac{{{p}}}{{{q}}}", f"\\dfrac{{{p}}}{{{q}}}", f"\\tfrac{{{p}}}{{{q}}}", f"{p}/{q}", repr(p / q),
+                   f"\\frac{{{3 * p}}}{{{3 * q}}}", f"$\\frac{{{p}}}{{{q}}}$",
+                   f"\\displaystyle\\frac{{{p}}}{{{q}}}", f"\\frac{{{p}}}{{{q}}}."),
+                  (f"-\\frac{{{p}}}{{{q}}}", f"\\frac{{-{p}}}{{{q}}}", f"\\frac{{{p}}}{{-{q}}}", f"-{p}/{q}"),
+                  (f"{d}^\\circ", f"{d}^{{\\circ}}", f"{d}\u00b0", str(d)), ("\\frac12", "\\dfrac{1}{2}", "0.5"),
+                  (f"{p}\\!{d:03}", f"{p}{d:03}"),
+                  (f"x = \\frac{{{p}}}{{{q}}}", f"x={p}/{q}", f"x = {p / q}", f"$x = \\dfrac{{{p}}}{{{q}}}$"),
+                  (f"\\dfrac{{\\sqrt{{{p}}}}}{{{q}}}", f"\\frac{{\\sqrt{{{p}}}}}{{{q}}}")):
+        assert len({vote_key(a) for a in group}) == 1, group
+        assert all(answers_match(a, b) for a in group for b in group), group
+    # answers that differ stay apart: another value, another variable, a variable's case, a mixed number, a bare value
+    # against a variable given it (5 matches x = 5 and y = 5, which do not match each other)
+    differ = (f"\\frac{{{p}}}{{{q}}}", f"\\frac{{{p + 1}}}{{{q}}}", f"-\\frac{{{p}}}{{{q}}}",
+              f"x = \\frac{{{p}}}{{{q}}}",
+              f"y = \\frac{{{p}}}{{{q}}}", f"X = \\frac{{{p}}}{{{q}}}", f"x = \\frac{{{p}}}{{{q + 1}}}",
+              f"\\frac{{\\sqrt{{{p}}}}}{{{q}}}", f"{d}^\\circ", f"{d + 1}", f"2\\frac{{1}}{{{q + 1}}}")
+    assert len({vote_key(a) for a in differ}) == len(differ)
+    for a, b in ((f"\\frac{{{p}}}{{{q}}}", f"\\frac{{{p + 1}}}{{{q}}}"), (f"x = {p}", f"y = {p}"),
+                 (f"x = {p}", f"X = {p}"),
+                 (f"{d}^\\circ", f"{d + 1}"), (f"\\frac{{{p}}}{{0}}", "0")):
+        assert not answers_match(a, b) and not answers_match(b, a), (a, b)
+    assert vote_key(f"\\frac{{{p}}}{{0}}") != vote_key("0")

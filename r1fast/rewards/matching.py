@@ -255,6 +255,60 @@ def _as_number(s: str) -> Optional[Fraction]:
     return None
 
 
+# A number LaTeX writes: a fraction of two numerals (\frac{1}{2}, \dfrac12, -\tfrac{3}{4}, \frac{-3}{4}), or a number
+# spaced or marked in degrees as LaTeX writes it (1\!000, 30^\circ). math-verify reads each as its value, so \frac{1}{2}
+# matched 0.5 and 1/2, yet cons@k's vote_key read it as LaTeX text: \frac{1}{2}, \dfrac{1}{2}, 0.5 and 1/2 were four
+# votes, and three samples of one wrong answer written three ways lost to two right ones. Without math-verify
+# \frac{1}{2} scored 0 against 0.5. A numerator with a thousands comma is none (math-verify reads \frac{1,000}{2} as a
+# list), nor is a mixed number (2\frac{3}{4}).
+_NUMERAL = r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)"
+_LATEX_FRACTION_RE = re.compile(rf"([+-]?)\\[dt]?frac(?:\{{({_NUMERAL})\}}|([0-9]))(?:\{{({_NUMERAL})\}}|([0-9]))")
+_DEGREES_RE = re.compile(r"(?:\^\{\\circ\}|\^\\circ|\u00b0)\Z")
+
+
+def _latex_number(s: str) -> Optional[Fraction]:
+    """The value of a number written in LaTeX (see _LATEX_FRACTION_RE), else None; a plain number is _as_number's."""
+    if "\\" not in s and "\u00b0" not in s:
+        return None
+    s = _unwrapped(_without_latex_spacing(_without_enclosed_full_stop(_without_full_stop(s))))
+    s = _DEGREES_RE.sub("", s)
+    value = _as_number(s)
+    if value is not None:
+        return value
+    m = _LATEX_FRACTION_RE.fullmatch(s)
+    if m is None:
+        return None
+    try:
+        value = Fraction(m.group(2) or m.group(3)) / Fraction(m.group(4) or m.group(5))
+    except (ValueError, ZeroDivisionError):   # \frac{1}{0}, or more digits than int() reads
+        return None
+    return -value if m.group(1) == "-" else value
+
+
+def _number_value(s: str) -> Optional[Fraction]:
+    """The value of a plain number (_as_number) or one written in LaTeX (_latex_number), else None."""
+    value = _as_number(s)
+    return value if value is not None else _latex_number(s)
+
+
+# One variable given a number (x = 5, x=\frac{1}{2}, \theta = 30^\circ), a form final answers often take: math-verify
+# compares it by its value, so x = 5 matched x=5.0 and x = \frac{1}{2} x = 0.5, yet each was another cons@k vote (the
+# text as written). The variable keeps its case, as in answers_match (X = 5 is not x = 5), and x = 5 stays apart
+# from y = 5, which answers_match tells apart, and so from 5 alone.
+_ASSIGNMENT_RE = re.compile(r"([A-Za-z]|\\[A-Za-z]+)\s*=\s*(.+)", re.DOTALL)
+
+
+def _assigned_number(s: str) -> Optional[tuple[str, Fraction]]:
+    """(the variable, the number) of an answer that gives one variable a number (_ASSIGNMENT_RE), else None."""
+    if "=" not in s:
+        return None
+    m = _ASSIGNMENT_RE.fullmatch(_unwrapped(_without_latex_spacing(_without_full_stop(s))))
+    if m is None or (len(m.group(1)) > 1 and m.group(1)[1:] not in _GREEK_NAMES):
+        return None
+    value = _number_value(m.group(2))
+    return None if value is None else (m.group(1), value)
+
+
 _DECIMAL_DIGITS_RE = re.compile(r"([0-9]*)\.?([0-9]*)")
 _FLOAT_REL_TOL = Fraction(1, 10**12)
 
@@ -651,13 +705,18 @@ def _without_trailing_latex_spacing(s: str) -> str:
 # parses neither (x=\\frac{\\pi}{3}+k\\pi,k\\in\\mathbb{Z}; \\{x|x>1\\}) or misreads one (2\\pi r h is 2*pi*r to it), scored 0.
 _LATEX_SPACE_COMMAND_RE = re.compile(r"\\[,;:! ]|~|\\q?quad(?![A-Za-z])|\\(?:left|right)(?![A-Za-z])")
 _SPACE_RUN_RE = re.compile(r"(\\[A-Za-z]+)\s+(?=[A-Za-z])|\s+")
+# Display and text style change a formula's size, not its value: \dfrac{\sqrt{3}}{2} and \frac{\sqrt{3}}{2} matched (by
+# math-verify) but were two cons@k votes, as were \displaystyle\frac{\pi}{2} and \frac{\pi}{2}.
+_STYLE_COMMAND_RE = re.compile(r"\\(?:displaystyle|textstyle)(?![A-Za-z])")
+_STYLED_FRACTION_RE = re.compile(r"\\[dt]frac(?![A-Za-z])")
 
 
 def _without_latex_spacing(s: str) -> str:
-    """LaTeX `s` without the spacing math mode ignores; other text stripped only."""
+    """LaTeX `s` without the spacing and the style math mode ignores (\\dfrac and \\tfrac are \\frac); other text
+    stripped only."""
     if "\\" not in s:
         return s.strip()
-    s = _LATEX_SPACE_COMMAND_RE.sub(" ", s)
+    s = _STYLED_FRACTION_RE.sub(r"\\frac", _STYLE_COMMAND_RE.sub(" ", _LATEX_SPACE_COMMAND_RE.sub(" ", s)))
     return _SPACE_RUN_RE.sub(lambda m: m.group(1) + " " if m.group(1) else "", s).strip()
 
 
@@ -724,6 +783,8 @@ def answers_match(predicted: str, gold: str) -> bool:
         return _same_number(percent_a, b, predicted, gold) or _same_number(percent_a / 100, b, predicted, gold)
     if percent_b is not None and a is not None:
         return _same_number(a, percent_b, predicted, gold) or _same_number(a, percent_b / 100, predicted, gold)
+    if _same_latex_value(predicted, gold, a, b):   # \\frac{1}{2} and 0.5, x = 5 and x=5.0: one vote_key, so one answer
+        return True
     if _variables_differ_in_case(predicted, gold):   # which math-verify does not tell apart
         return False
     try:
@@ -811,11 +872,26 @@ def _as_math_verify_number(s: str, value: Optional[Fraction]) -> Optional[str]:
     return _value_text(value)
 
 
+def _same_latex_value(predicted: str, gold: str, a: Optional[Fraction], b: Optional[Fraction]) -> bool:
+    """Whether two answers are the same number, one or both written in LaTeX (_latex_number; a and b: their values as
+    plain numbers, where they are), or give one variable the same number (_assigned_number). Only a yes is final: a
+    no is left to math-verify, which compares a decimal to 6 places (\\frac{1}{3} and 0.333333)."""
+    a = a if a is not None else _latex_number(predicted)
+    b = b if b is not None else _latex_number(gold)
+    if a is not None and b is not None:
+        return a == b
+    if "=" in predicted and "=" in gold:
+        assigned_a, assigned_b = _assigned_number(predicted), _assigned_number(gold)
+        return assigned_a is not None and assigned_a == assigned_b
+    return False
+
+
 def vote_key(answer: str):
     """A key under which answers are the same vote in a majority vote (cons@k) without a math-verify call
-    per pair (tens to hundreds of ms each on junk answers): the same number (1/2, 0.5, 1,000, $5), else
-    the same words, case and a final full stop aside, else the same text, ends stripped. Answers with one key
-    match by `answers_match`."""
+    per pair (tens to hundreds of ms each on junk answers): the same number (1/2, 0.5, 1,000, $5,
+    \\frac{1}{2}, 30^\\circ), or one variable given the same number (x = 5, x=5.0; not 5 alone, which y = 5 matches
+    too), else the same words, case and a final full stop aside, else the same text, ends stripped (LaTeX's spacing
+    and style aside). Answers with one key match by `answers_match`."""
     # P( C|A ) is P(C|A), and -\\boxed{5} is -5, as answers_match reads them
     answer = _without_call_spacing(_with_sign_in_last_box(_with_minus_signs(_without_markdown(answer))))
     answer = _without_list_thousands_commas(answer)   # 1,000, 2,000 is 1000, 2000
@@ -835,6 +911,14 @@ def _vote_key_of_value(answer: str):
     if number is not None:
         return ("number", number)
     latex = _as_latex(_without_math_delimiters(answer))   # as answers_match reads it
+    # a number in LaTeX is its value (\\frac{1}{2} is 0.5, 30^\\circ is 30), and one variable given a number is that
+    # variable and value (x = 5 is x=5.0), as answers_match compares them (_same_latex_value)
+    number = _latex_number(latex)
+    if number is not None:
+        return ("number", number)
+    assigned = _assigned_number(latex)
+    if assigned is not None:
+        return ("assigned", *assigned)
     # one quantity in one SI unit is one vote: 250ml, 250mL (which keep their case as variables would) and 250 mL were three
     quantity = _quantity(latex)
     if quantity is not None:
@@ -1148,7 +1232,7 @@ def _warn_without_math_verify(predicted: str, gold: str):
         import warnings
 
         warnings.warn("r1fast accuracy reward: math-verify is not installed, so LaTeX answers are compared as text "
-                      "and plain numbers only (\\frac{1}{2} against 0.5 scores 0); pip install math-verify",
+                      "and plain numbers only (\\sqrt{4} against 2 scores 0); pip install math-verify",
                       stacklevel=3)
 
 

@@ -154,10 +154,12 @@ def majority_index(texts: Sequence[str], correct: Sequence[bool]) -> int:
 
     A sample's answer is its final answer as the accuracy reward extracts it. The correct answers are one
     vote: each matched the reference by the reward's `answers_match`. A wrong answer votes with the wrong
-    answers of the same `vote_key` (the same number: 0.5 and 1/2; the same words: Yes and yes.; else the same
-    text), so no math-verify call is added to the evaluation; wrong answers equal only to math-verify (x+1, 1+x)
-    vote apart. The largest vote wins; among equally large ones, the one whose first sample came first. The index
-    is that vote's first sample. A sample without an answer never wins unless no sample has one (then sample 0)."""
+    answers of the same `vote_key` (the same number, plain or in LaTeX: 0.5, 1/2, \\frac{1}{2} and \\dfrac{2}{4};
+    one variable given the same number: x = 5 and x=5.0; the same words: Yes and yes.; else the same text, LaTeX's
+    spacing and style aside), so no math-verify call is added to the evaluation; wrong answers equal only to
+    math-verify (x+1, 1+x) vote apart. The largest vote wins; among equally large ones, the one whose first sample
+    came first. The index is that vote's first sample. A sample without an answer never wins unless no sample has one
+    (then sample 0)."""
     from r1fast.rewards.builtin import completion_text, extract_answer, final_part, vote_key
 
     votes: dict = {}   # vote -> [its first sample, its count]
