@@ -1,5 +1,6 @@
 """A minus sign written outside the math delimiters around a final box, and other answer forms a math grader meets."""
 import random
+from fractions import Fraction
 
 from r1fast.rewards import accuracy_reward, answers_match, extract_answer
 from r1fast.rewards.builtin import vote_key
@@ -59,3 +60,21 @@ def test_one_number_written_in_latex_or_plain_is_one_vote(with_math_verify):
                  (f"{d}^\\circ", f"{d + 1}"), (f"\\frac{{{p}}}{{0}}", "0")):
         assert not answers_match(a, b) and not answers_match(b, a), (a, b)
     assert vote_key(f"\\frac{{{p}}}{{0}}") != vote_key("0")
+
+
+def test_a_repeating_decimal_is_the_fraction_it_equals(with_math_verify):
+    # math-verify read 0.\overline{3} as 0: it scored 1 against the gold 0 and against 0.\overline{4}, 0 against 1/3
+    whole, fixed, period = random.randint(0, 99), random.randint(0, 9), random.randint(1, 8)
+    q = 10 * (10 ** len(str(period)) - 1)   # one fixed digit, then the period
+    value = Fraction(whole * q + int(f"{fixed}{period}") - fixed, q)
+    written = f"{whole}.{fixed}\\overline{{{period}}}"
+    for gold in (f"\\frac{{{value.numerator}}}{{{value.denominator}}}", f"{value.numerator}/{value.denominator}",
+                 f"{whole}.{fixed}{period}\\overline{{{period}{period}}}"):
+        assert accuracy_reward([""], [f"so \\boxed{{{written}}}"], answer=[gold]) == [1.0], (written, gold)
+        assert vote_key(written) == vote_key(gold), (written, gold)
+    negative = f"-{value.numerator}/{value.denominator}"
+    assert accuracy_reward([""], [f"so \\boxed{{-{written}}}"], answer=[negative]) == [1.0]
+    for other in (str(whole), f"{whole}.{fixed}", f"{whole}.{fixed}{period}",
+                  f"{whole}.{fixed}\\overline{{{period + 1}}}", f"{value.numerator + 1}/{value.denominator}"):
+        assert accuracy_reward([""], [f"so \\boxed{{{written}}}"], answer=[other]) == [0.0], (written, other)
+        assert accuracy_reward([""], [f"so \\boxed{{{other}}}"], answer=[written]) == [0.0], (written, other)

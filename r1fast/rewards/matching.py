@@ -616,6 +616,31 @@ def _as_latex(s: str) -> str:
     return "".join(_UNICODE_SYMBOLS.get(ch, ch) for ch in s).strip()
 
 
+# A repeating decimal (0.\overline{3}, 0.1\overline{6}, 1.\overline{142857}): math-verify read 0.\overline{3} as 0, so
+# it scored 1 against the gold 0 and against 0.\overline{4}, and 0 against \frac{1}{3}; each is written as the fraction
+# it equals for every reading after. A run of digits past _MAX_REPEATING_DIGITS is left as written (its fraction's text
+# would outgrow Python's int-to-text limit).
+_REPEATING_DECIMAL_RE = re.compile(r"(?<![0-9.])([0-9]*)\.([0-9]*)\\overline\s*\{\s*([0-9]+)\s*\}")
+_MAX_REPEATING_DIGITS = 100
+
+
+def _with_repeating_decimals_as_fractions(s: str) -> str:
+    """`s` with each repeating decimal (_REPEATING_DECIMAL_RE) written as \\frac{p}{q}, a whole number as itself."""
+    if "\\overline" not in s:
+        return s
+
+    def as_fraction(m: re.Match) -> str:
+        whole, fixed, repeating = m.groups()
+        if len(whole) + len(fixed) + len(repeating) > _MAX_REPEATING_DIGITS:
+            return m.group()
+        # 0.1\overline{6}: (16 - 1) / 90, the digits up to one period less those before it, over 9s then 0s
+        value = Fraction(int(whole or "0")) + Fraction(int(fixed + repeating) - int(fixed or "0"),
+                                                       (10 ** len(repeating) - 1) * 10 ** len(fixed))
+        return _value_text(value) if value.denominator == 1 else "\\frac{%d}{%d}" % (value.numerator, value.denominator)
+
+    return _REPEATING_DECIMAL_RE.sub(as_fraction, s)
+
+
 # A relation sign that opens an answer (≠5, \\neq 5, \\leq 5, < 5, \\ngeq 5, \\not< 5, \\ll 5): math-verify drops it and reads
 # the number alone, so `\\neq 5` and `\\geq 5` scored 1 against the gold 5. `=` is none: `=5` and `x = 5` state the value,
 # nor are \\approx, \\to or \\Rightarrow (≈ 5, → 5 give the value too).
@@ -755,8 +780,8 @@ def answers_match(predicted: str, gold: str) -> bool:
     unit against another (`250 mL` is not `250 L`, though `0.25 L` is: prefixes compare by value; against a number alone
     it is its number), and so is the case of a math answer's variables (`x+1` is not `X+1`; words and choice letters
     match case aside)."""
-    predicted, gold = (_without_call_spacing(_as_latex(_without_math_delimiters(
-        _with_sign_in_last_box(_with_minus_signs(_without_markdown(x)))))) for x in (predicted, gold))
+    predicted, gold = (_without_call_spacing(_as_latex(_without_math_delimiters(_with_sign_in_last_box(
+        _with_repeating_decimals_as_fractions(_with_minus_signs(_without_markdown(x))))))) for x in (predicted, gold))
     predicted, gold = _without_list_thousands_commas(predicted), _without_list_thousands_commas(gold)
     if _without_latex_spacing(predicted) == _without_latex_spacing(gold):
         return True
@@ -893,7 +918,8 @@ def vote_key(answer: str):
     too), else the same words, case and a final full stop aside, else the same text, ends stripped (LaTeX's spacing
     and style aside). Answers with one key match by `answers_match`."""
     # P( C|A ) is P(C|A), and -\\boxed{5} is -5, as answers_match reads them
-    answer = _without_call_spacing(_with_sign_in_last_box(_with_minus_signs(_without_markdown(answer))))
+    answer = _without_call_spacing(_with_sign_in_last_box(_with_repeating_decimals_as_fractions(
+        _with_minus_signs(_without_markdown(answer)))))   # and 0.\\overline{3} is \\frac{1}{3}
     answer = _without_list_thousands_commas(answer)   # 1,000, 2,000 is 1000, 2000
     number = _as_number(answer)
     if number is not None:
