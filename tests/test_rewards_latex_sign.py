@@ -78,3 +78,22 @@ def test_a_repeating_decimal_is_the_fraction_it_equals(with_math_verify):
                   f"{whole}.{fixed}\\overline{{{period + 1}}}", f"{value.numerator + 1}/{value.denominator}"):
         assert accuracy_reward([""], [f"so \\boxed{{{written}}}"], answer=[other]) == [0.0], (written, other)
         assert accuracy_reward([""], [f"so \\boxed{{{other}}}"], answer=[written]) == [0.0], (written, other)
+
+
+def test_an_answer_that_is_text_starting_with_a_number_is_that_number_and_its_words(with_math_verify):
+    # as text math-verify found no number in \text{5 cm}: it scored 0 against 5 and 5\text{ cm}
+    n = random.randint(2, 10**5)
+    for written in (f"\\text{{{n} cm}}", f"\\mbox{{{n} cm}}", f"$\\text{{{n} cm}}$", f"\\textrm{{ {n} cm }}"):
+        for gold in (str(n), f"{n}\\text{{ cm}}", f"{n} cm", f"{n / 100} m"):
+            assert accuracy_reward([""], [f"so \\boxed{{{written}}}"], answer=[gold]) == [1.0], (written, gold)
+            assert accuracy_reward([""], [f"<answer>{gold}</answer>"], answer=[written]) == [1.0], (written, gold)
+        for gold in (str(n + 1), f"{n} mm", f"{n} kg"):
+            assert accuracy_reward([""], [f"so \\boxed{{{written}}}"], answer=[gold]) == [0.0], (written, gold)
+        assert vote_key(written) == vote_key(f"{n} cm")
+    assert vote_key(f"\\text{{{n}}}") == vote_key(str(n)) == vote_key(f"\\text{{{n}.0}}")
+    assert vote_key(f"\\text{{-{n}}}") == vote_key(f"-{n}")
+    if with_math_verify:   # prose after a number is read by math-verify
+        assert accuracy_reward([""], [f"\\boxed{{\\text{{{n} apples}}}}"], answer=[str(n)]) == [1.0]
+        assert accuracy_reward([""], [f"\\boxed{{\\text{{{n} apples}}}}"], answer=[str(n + 1)]) == [0.0]
+    # words stay words: a choice, a name
+    assert answers_match("\\text{(B)}", "B") and not answers_match("\\text{(B)}", "C")

@@ -641,6 +641,21 @@ def _with_repeating_decimals_as_fractions(s: str) -> str:
     return _REPEATING_DECIMAL_RE.sub(as_fraction, s)
 
 
+# A whole answer written as text that starts with a number (\text{5 cm}, \mbox{12 inches}, \boxed{\text{2 apples}}): as
+# text math-verify found no number in it, so it scored 0 against 5, 5\text{ cm} and 12, and a cons@k vote of its own. It
+# is read without the command, as `5 cm` (a number and its unit) is.
+_TEXT_NUMBER_ANSWER_RE = re.compile(r"\\(?:text|textrm|textnormal|mbox|mathrm)\s*\{\s*([+-]?\.?[0-9][^{}\\$]*)\}")
+
+
+def _without_text_around_a_number(s: str) -> str:
+    """The text of an answer that is all one `\\text{…}` (or its kin) starting with a number, `$…$` or a box around it
+    too (_TEXT_NUMBER_ANSWER_RE); `s` itself otherwise."""
+    if "{" not in s:
+        return s
+    m = _TEXT_NUMBER_ANSWER_RE.fullmatch(_unwrapped(s))
+    return m.group(1).strip() if m else s
+
+
 # A relation sign that opens an answer (≠5, \\neq 5, \\leq 5, < 5, \\ngeq 5, \\not< 5, \\ll 5): math-verify drops it and reads
 # the number alone, so `\\neq 5` and `\\geq 5` scored 1 against the gold 5. `=` is none: `=5` and `x = 5` state the value,
 # nor are \\approx, \\to or \\Rightarrow (≈ 5, → 5 give the value too).
@@ -780,8 +795,9 @@ def answers_match(predicted: str, gold: str) -> bool:
     unit against another (`250 mL` is not `250 L`, though `0.25 L` is: prefixes compare by value; against a number alone
     it is its number), and so is the case of a math answer's variables (`x+1` is not `X+1`; words and choice letters
     match case aside)."""
-    predicted, gold = (_without_call_spacing(_as_latex(_without_math_delimiters(_with_sign_in_last_box(
-        _with_repeating_decimals_as_fractions(_with_minus_signs(_without_markdown(x))))))) for x in (predicted, gold))
+    predicted, gold = (_without_call_spacing(_without_text_around_a_number(_as_latex(_without_math_delimiters(
+        _with_sign_in_last_box(_with_repeating_decimals_as_fractions(_with_minus_signs(_without_markdown(x))))))))
+        for x in (predicted, gold))
     predicted, gold = _without_list_thousands_commas(predicted), _without_list_thousands_commas(gold)
     if _without_latex_spacing(predicted) == _without_latex_spacing(gold):
         return True
@@ -936,10 +952,10 @@ def _vote_key_of_value(answer: str):
     number = _as_number(answer)
     if number is not None:
         return ("number", number)
-    latex = _as_latex(_without_math_delimiters(answer))   # as answers_match reads it
+    latex = _without_text_around_a_number(_as_latex(_without_math_delimiters(answer)))   # as answers_match reads it
     # a number in LaTeX is its value (\\frac{1}{2} is 0.5, 30^\\circ is 30), and one variable given a number is that
     # variable and value (x = 5 is x=5.0), as answers_match compares them (_same_latex_value)
-    number = _latex_number(latex)
+    number = _number_value(latex)
     if number is not None:
         return ("number", number)
     assigned = _assigned_number(latex)
