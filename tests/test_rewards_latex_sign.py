@@ -97,3 +97,16 @@ def test_an_answer_that_is_text_starting_with_a_number_is_that_number_and_its_wo
         assert accuracy_reward([""], [f"\\boxed{{\\text{{{n} apples}}}}"], answer=[str(n + 1)]) == [0.0]
     # words stay words: a choice, a name
     assert answers_match("\\text{(B)}", "B") and not answers_match("\\text{(B)}", "C")
+
+
+def test_a_variable_given_a_number_matches_that_number(with_math_verify):
+    # math-verify compares x = 5 by its value; without it \boxed{x = 5} scored 0 against 5
+    n, p, q = random.randint(2, 10**6), random.randint(1, 99), random.choice([2, 4, 5, 8])
+    for answer, gold in ((f"x = {n}", str(n)), (f"\\boxed{{x={n}}}", f"{n}.0"),
+                         (f"k = \\frac{{{p}}}{{{q}}}", repr(p / q)), (f"\\theta = {n}^\\circ", str(n)),
+                         (f"$y = -{n}$", f"-{n}")):
+        assert accuracy_reward([""], [f"so \\boxed{{{answer}}}"], answer=[gold]) == [1.0], (answer, gold)
+        assert accuracy_reward([""], [f"so \\boxed{{{gold}}}"], answer=[answer]) == [1.0], (answer, gold)
+    for answer, gold in ((f"x = {n}", str(n + 1)), (f"x = {n}", f"y = {n}"), (f"X = {n}", f"x = {n}"),
+                         (f"x = {n}, y = {n}", str(n)), (f"x = -{n}", str(n))):
+        assert accuracy_reward([""], [f"so \\boxed{{{answer}}}"], answer=[gold]) == [0.0], (answer, gold)

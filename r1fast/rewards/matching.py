@@ -915,16 +915,19 @@ def _as_math_verify_number(s: str, value: Optional[Fraction]) -> Optional[str]:
 
 def _same_latex_value(predicted: str, gold: str, a: Optional[Fraction], b: Optional[Fraction]) -> bool:
     """Whether two answers are the same number, one or both written in LaTeX (_latex_number; a and b: their values as
-    plain numbers, where they are), or give one variable the same number (_assigned_number). Only a yes is final: a
-    no is left to math-verify, which compares a decimal to 6 places (\\frac{1}{3} and 0.333333)."""
+    plain numbers, where they are), or give one variable the same number (_assigned_number), or one gives a variable the
+    number the other is (x = 5 and 5, as math-verify compares them: without it they scored 0). Only a yes is final: a no
+    is left to math-verify, which compares a decimal to 6 places (\\frac{1}{3} and 0.333333)."""
     a = a if a is not None else _latex_number(predicted)
     b = b if b is not None else _latex_number(gold)
     if a is not None and b is not None:
         return a == b
-    if "=" in predicted and "=" in gold:
-        assigned_a, assigned_b = _assigned_number(predicted), _assigned_number(gold)
-        return assigned_a is not None and assigned_a == assigned_b
-    return False
+    if "=" not in predicted and "=" not in gold:
+        return False
+    assigned_a, assigned_b = _assigned_number(predicted), _assigned_number(gold)
+    if assigned_a is not None and assigned_b is not None:
+        return assigned_a == assigned_b
+    return (assigned_a is not None and assigned_a[1] == b) or (assigned_b is not None and assigned_b[1] == a)
 
 
 def vote_key(answer: str):
