@@ -110,3 +110,22 @@ def test_a_variable_given_a_number_matches_that_number(with_math_verify):
     for answer, gold in ((f"x = {n}", str(n + 1)), (f"x = {n}", f"y = {n}"), (f"X = {n}", f"x = {n}"),
                          (f"x = {n}, y = {n}", str(n)), (f"x = -{n}", str(n))):
         assert accuracy_reward([""], [f"so \\boxed{{{answer}}}"], answer=[gold]) == [0.0], (answer, gold)
+
+
+def test_a_temperature_is_its_number_on_its_scale(with_math_verify):
+    # math-verify dropped \text{C} and read a bare C as a variable: 30^\circ\text{C} scored 1 against 30^\circ\text{F},
+    # and 30^{\circ}C 0 against 30 and against 30^{\circ}\mathrm{C}
+    n = random.randint(-273, 5000)
+    celsius = (f"{n}^{{\\circ}}C", f"{n}^\\circ C", f"{n}^{{\\circ}}\\mathrm{{C}}", f"{n}^\\circ\\text{{ C}}",
+               f"{n} °C",
+               f"{n}\u2103", f"${n}\\,^{{\\circ}}\\mathrm{{~C}}$", f"{n}\\degree C")
+    for a in celsius:
+        for b in celsius + (str(n), f"{n}^\\circ", f"{n}.0"):
+            assert accuracy_reward([""], [f"so \\boxed{{{a}}}"], answer=[b]) == [1.0], (a, b)
+            assert accuracy_reward([""], [f"so \\boxed{{{b}}}"], answer=[a]) == [1.0], (a, b)
+        assert vote_key(a) == vote_key(celsius[0]), a
+        for other in (f"{n}^\\circ F", f"{n}^{{\\circ}}\\text{{F}}", f"{n}\u2109", f"{n} °K", f"{n + 1}^\\circ C",
+                      str(n + 1)):
+            assert accuracy_reward([""], [f"so \\boxed{{{a}}}"], answer=[other]) == [0.0], (a, other)
+            assert accuracy_reward([""], [f"so \\boxed{{{other}}}"], answer=[a]) == [0.0], (a, other)
+            assert vote_key(a) != vote_key(other), (a, other)

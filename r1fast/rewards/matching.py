@@ -806,6 +806,9 @@ def answers_match(predicted: str, gold: str) -> bool:
         return False
     if predicted_sign is not None and _without_latex_spacing(predicted) == _without_latex_spacing(gold):
         return True
+    same_temperature = _same_temperature(predicted, gold)   # 30°C is not 30°F
+    if same_temperature is not None:
+        return same_temperature
     same_quantity = _same_quantity(predicted, gold)   # 250 mL is not 250 L, nor 7 mm 7 Mm (alike case aside)
     if same_quantity is not None:
         return same_quantity
@@ -964,6 +967,9 @@ def _vote_key_of_value(answer: str):
     assigned = _assigned_number(latex)
     if assigned is not None:
         return ("assigned", *assigned)
+    temperature = _temperature(latex)   # 30^\\circ C, 30°C and 30^{\\circ}\\text{C}
+    if temperature is not None:
+        return ("temperature", *temperature)
     # one quantity in one SI unit is one vote: 250ml, 250mL (which keep their case as variables would) and 250 mL were three
     quantity = _quantity(latex)
     if quantity is not None:
@@ -1300,7 +1306,8 @@ _GLUED_MILLILITRES_RE = re.compile(rf"{_UNIT_NUMBER}(m[lL])(?:\s*/\s*(?:s|h|hr|m
 
 # SI units by symbol, and the prefixes written before them, for telling two answers' units apart (_quantity): math-verify
 # drops a unit, and a number with one was read as its number alone, so 250 mL scored 1 against 250 L, 5 kg against
-# 5 g and 5 cm against 5 kg. A unit not among them (sec, hrs, apples, °C) leaves the answers to the other readings.
+# 5 g and 5 cm against 5 kg. A unit not among them (sec, hrs, apples) leaves the answers to the other readings (°C:
+# _temperature).
 _UNIT_BASES = frozenset("m g s L l N J W Pa Hz V A Ω K C mol eV Wh cal bar min h".split())
 # What each prefix multiplies its unit by (μ for µ and u too: _unit_symbol writes them so)
 _PREFIX_FACTORS = {"G": Fraction(10**9), "M": Fraction(10**6), "k": Fraction(10**3), "h": Fraction(100), "d": Fraction(1, 10),
@@ -1392,6 +1399,40 @@ def _same_quantity(predicted: str, gold: str) -> Optional[bool]:
     (value_a, unit_a), (value_b, unit_b) = _in_unprefixed_units(*a), _in_unprefixed_units(*b)
     # never None here: math-verify, which drops units, would take 5 mL for 5 L
     return unit_a == unit_b and bool(_same_number(value_a, value_b, predicted, gold))
+
+
+# A temperature: a number, a degree mark (^\circ, ^{\circ}, °, \degree) and a scale (C, F, K, bare or in \text{} and its
+# kin; ℃ and ℉ too). math-verify drops a unit in \text{} and reads a bare C as a variable, so 30^\circ\text{C}
+# scored 1 against 30^\circ\text{F}, and 30^{\circ}C and 30^\circ C 0 against 30 and 30^{\circ}\mathrm{C}. Two
+# temperatures are the same scale and number; one against a number (30, 30^\circ) is its number, as a quantity's is
+# (_same_quantity).
+_TEMPERATURE_RE = re.compile(rf"({_UNIT_NUMBER})\s?(?:\{{\}})?(?:\^\{{?\\circ\}}?|\u00b0|\\degree(?![A-Za-z]))"
+                             r"\s?([CFK])")
+_SCALE_SIGNS = {"\u2103": "\u00b0C", "\u2109": "\u00b0F"}
+
+
+def _temperature(s: str) -> Optional[tuple[Fraction, str]]:
+    """(the number, the scale: C, F or K) of an answer that is a temperature (_TEMPERATURE_RE), else None."""
+    if not ("circ" in s or "\u00b0" in s or "degree" in s or "\u2103" in s or "\u2109" in s):
+        return None
+    for sign, written in _SCALE_SIGNS.items():
+        s = s.replace(sign, written)
+    s = _UNIT_WRAPPER_RE.sub(r"\1", _unwrapped(_without_latex_spacing(_without_full_stop(s))))
+    m = _TEMPERATURE_RE.fullmatch(_without_latex_spacing(s))
+    value = m and _as_number(m.group(1))
+    return None if value is None else (value, m.group(2))
+
+
+def _same_temperature(predicted: str, gold: str) -> Optional[bool]:
+    """Where both answers are temperatures (_temperature): the same scale and number. Where one is and the other a
+    number, plain or in LaTeX (30, 30^\\circ, \\frac{61}{2}): its number against that. Else None."""
+    a, b = _temperature(predicted), _temperature(gold)
+    if a and b:
+        return a[1] == b[1] and bool(_same_number(a[0], b[0], predicted, gold))
+    if not (a or b):
+        return None
+    number = _number_value(gold if a else predicted)
+    return None if number is None else bool(_same_number((a or b)[0], number, predicted, gold))
 
 
 def _without_full_stop(s: str) -> str:
