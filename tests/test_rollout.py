@@ -1383,3 +1383,17 @@ def test_an_unseeded_generate_leaves_the_callers_torch_random_stream_alone(model
     params = SamplingParams(n=2, temperature=1.0, max_tokens=8, ignore_eos=True)
     draws = {tuple(c.token_ids) for _ in range(2) for c in engine.generate([prompts[2]], params)[0].completions}
     assert len(draws) > 2
+
+
+@pytest.mark.parametrize("autocast_dtype", [torch.bfloat16, torch.float16])
+def test_generate_under_an_enclosing_autocast_samples_as_without_it(models, prompts, autocast_dtype):
+    # a training step wrapped in torch.autocast ran the engine's projections in bf16/fp16 against an fp32 KV
+    # cache: the first prefill failed in store_kv ("must share a float dtype")
+    _, model = models
+    engine = Engine(model, block_size=4, num_blocks=32)
+    params = SamplingParams(n=2, temperature=1.0, max_tokens=5, seed=21, ignore_eos=True)
+    want = engine.generate(prompts[:3], params)
+    with torch.autocast("cpu", dtype=autocast_dtype):
+        got = engine.generate(prompts[:3], params)
+    assert [[(c.token_ids, c.logprobs) for c in r.completions] for r in got] == \
+        [[(c.token_ids, c.logprobs) for c in r.completions] for r in want]

@@ -33,7 +33,7 @@ import threading
 import numpy as np
 import torch
 
-from r1fast import _ext, ops
+from r1fast import _ext, backends, ops
 from r1fast.progress import progress as progress_bar
 from r1fast.rollout import sampler
 from r1fast.rollout.params import Completion, RequestOutput, SamplingParams
@@ -393,7 +393,10 @@ class Engine:
         # one lookup, where np.isin cost 20-50 us per step at any batch size
         is_stop = np.zeros(self.config.vocab_size, dtype=bool)
         is_stop[list(set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_ids))] = True
-        with self._generate_lock:
+        # autocast off: under an enclosing torch.autocast (a training step's) the projections ran in bf16/fp16 while
+        # the KV cache holds the model's dtype, and the first prefill failed in store_kv ("must share a float dtype");
+        # the engine's numbers are the model's dtype with fp32 logits (docs/rollout.md), whatever the caller's context
+        with self._generate_lock, backends.without_autocast(self.model.device):
             self._check_weights()
             return self._generate(prompts, params, key_of, is_stop, progress)
 
