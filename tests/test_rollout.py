@@ -532,6 +532,25 @@ def test_a_model_other_than_r1fasts_is_refused_when_the_engine_is_built(tmp_path
         Engine(hf, num_blocks=8)
     with pytest.raises(TypeError, match="got builtins.object"):
         Engine(object())
+    with pytest.raises(TypeError, match=r"OptimizedModule; load a Hugging Face folder"):  # compiled transformers
+        Engine(torch.compile(hf), num_blocks=8)
+
+
+def test_a_wrapped_r1fast_model_is_refused_with_the_module_to_pass(models):
+    # a compiled (or DDP-wrapped) CausalLM was told to load a checkpoint or use HFRollout, neither of which its
+    # caller needs: the message names the wrapped module instead
+    _, model = models
+
+    class DataParallelLike(torch.nn.Module):
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+    for wrapped, path in ((torch.compile(model), "_orig_mod"), (DataParallelLike(model), "module"),
+                          (torch.compile(DataParallelLike(model)), "_orig_mod.module")):
+        with pytest.raises(TypeError, match=rf"a wrapper around one; pass the wrapped module, model\.{path} "):
+            Engine(wrapped, num_blocks=8)
+    assert Engine(torch.compile(model)._orig_mod, block_size=4, num_blocks=8).model is model
 
 
 def test_bad_token_ids_are_named_by_prompt_position_and_value(models):

@@ -101,6 +101,25 @@ def _positive_int(name, value) -> int:
     return int(value)
 
 
+# where wrappers keep the module they wrap: torch.compile's OptimizedModule, DDP's and FSDP's
+_WRAPPED_MODULE_ATTRS = ("_orig_mod", "module")
+
+
+def _wrapped_causal_lm(model, causal_lm: type) -> str | None:
+    """The attribute path (e.g. "_orig_mod", "module._orig_mod") under which a wrapper such as torch.compile's or
+    DDP's holds a `causal_lm`, or None when `model` wraps none."""
+    path, inner = [], model
+    for _ in range(4):  # wrappers of wrappers (compiled DDP), never a long chain
+        attr = next((a for a in _WRAPPED_MODULE_ATTRS if isinstance(getattr(inner, a, None), torch.nn.Module)), None)
+        if attr is None:
+            return None
+        path.append(attr)
+        inner = getattr(inner, attr)
+        if isinstance(inner, causal_lm):
+            return ".".join(path)
+    return None
+
+
 # a prompt token and one generated token: the shortest sequence generate() can run
 MIN_MODEL_LEN = 2
 
@@ -177,9 +196,15 @@ class Engine:
         if not isinstance(model, CausalLM):
             # a transformers model has a config with the same fields but another forward: it failed
             # deep inside transformers at the first prefill
-            raise TypeError(f"Engine: model must be an r1fast.models.CausalLM, got {type(model).__module__}."
-                            f"{type(model).__name__}; load a Hugging Face folder with r1fast.models.from_pretrained"
-                            f"(path), or wrap a transformers model with r1fast.integrations.hf_rollout.HFRollout")
+            got = f"{type(model).__module__}.{type(model).__name__}"
+            inner = _wrapped_causal_lm(model, CausalLM)
+            if inner is not None:  # the remedy below (a checkpoint, HFRollout) is not this caller's
+                raise TypeError(f"Engine: model must be an r1fast.models.CausalLM, got {got}, a wrapper around one; "
+                                f"pass the wrapped module, model.{inner} (the engine runs its own forward and reads "
+                                f"that module's weights in place)")
+            raise TypeError(f"Engine: model must be an r1fast.models.CausalLM, got {got}; load a Hugging Face folder "
+                            f"with r1fast.models.from_pretrained(path), or wrap a transformers model with "
+                            f"r1fast.integrations.hf_rollout.HFRollout")
         cfg = model.config
         block_size, max_num_seqs = _positive_int("block_size", block_size), _positive_int("max_num_seqs", max_num_seqs)
         max_num_batched_tokens = _positive_int("max_num_batched_tokens", max_num_batched_tokens)
