@@ -1416,3 +1416,19 @@ def test_generate_under_an_enclosing_autocast_samples_as_without_it(models, prom
         got = engine.generate(prompts[:3], params)
     assert [[(c.token_ids, c.logprobs) for c in r.completions] for r in got] == \
         [[(c.token_ids, c.logprobs) for c in r.completions] for r in want]
+
+
+def test_decode_graphs_are_captured_with_the_callers_autocast_off(models, monkeypatch):
+    # an Engine built inside torch.autocast captured its CUDA graphs under it: every decode step replayed its
+    # bf16/fp16 matmuls (generate() turns autocast off, a replayed graph keeps what it captured). On the CPU no
+    # graph is captured: the capture is stood in for, and sees whether autocast is on
+    from r1fast.rollout import runner as runner_module
+
+    _, model = models
+    seen = []
+    monkeypatch.setattr(runner_module, "_captures_graphs", lambda device: True)
+    monkeypatch.setattr(runner_module.ModelRunner, "_capture_graphs",
+                        lambda self, max_num_seqs: seen.append(torch.is_autocast_enabled("cpu")))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        Engine(model, block_size=4, num_blocks=8)
+    assert seen == [False]

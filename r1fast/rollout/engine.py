@@ -250,9 +250,12 @@ class Engine:
         self._check_pool_fits(num_blocks, given)
         ext = _ext.require()
         self.block_manager = ext.BlockManager(num_blocks, block_size, bool(enable_prefix_caching))
-        self.runner = ModelRunner(model, num_blocks, block_size, max_num_seqs, self.max_model_len,
-                                  use_cuda_graphs=use_cuda_graphs, decode_backend=decode_backend,
-                                  shared_prefix=shared_prefix_attention)
+        # autocast off, as in generate(): the CUDA graphs captured here replay in every decode step, and captured
+        # under an enclosing torch.autocast they would keep its bf16/fp16 matmuls (or fail and decode eagerly)
+        with backends.without_autocast(model.device):
+            self.runner = ModelRunner(model, num_blocks, block_size, max_num_seqs, self.max_model_len,
+                                      use_cuda_graphs=use_cuda_graphs, decode_backend=decode_backend,
+                                      shared_prefix=shared_prefix_attention)
         self.eos_ids = set(model.eos_token_ids)
         self.async_decode = async_decode
         self._uniforms = sampler.HostUniforms(self.max_model_len + 1)
