@@ -1432,3 +1432,21 @@ def test_decode_graphs_are_captured_with_the_callers_autocast_off(models, monkey
     with torch.autocast("cpu", dtype=torch.bfloat16):
         Engine(model, block_size=4, num_blocks=8)
     assert seen == [False]
+
+
+def test_a_model_on_the_meta_device_is_refused_naming_its_parameters():
+    # a model built under torch.device("meta") (weights not loaded yet) failed in the weights' checksum with a bare
+    # "Cannot copy out of meta tensor; no data!"
+    from r1fast.models import CausalLM
+
+    with torch.device("meta"):
+        model = CausalLM(ModelConfig(**CFG))
+    with pytest.raises(ValueError, match=r"parameters \(embed_tokens\.weight and \d+ more\) are on the meta device.*"
+                                         r"load its weights first"):
+        Engine(model, block_size=4, num_blocks=8)
+    model.to_empty(device="cpu")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape) * 0.3)
+    assert len(Engine(model, block_size=4, num_blocks=8).generate([[1, 2]], SamplingParams(max_tokens=2, seed=0))[0]
+               .completions[0].token_ids) == 2

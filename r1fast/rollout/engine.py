@@ -205,6 +205,13 @@ class Engine:
             raise TypeError(f"Engine: model must be an r1fast.models.CausalLM, got {got}; load a Hugging Face folder "
                             f"with r1fast.models.from_pretrained(path), or wrap a transformers model with "
                             f"r1fast.integrations.hf_rollout.HFRollout")
+        meta = [name for name, p in model.named_parameters() if p.is_meta]
+        if meta:  # the weights' checksum failed first, with a bare "Cannot copy out of meta tensor; no data!"
+            more = f" and {len(meta) - 1} more" if len(meta) > 1 else ""
+            raise ValueError(f"Engine: the model's parameters ({meta[0]}{more}) are on the meta device, which holds no "
+                             f"weights (shapes only: a model built under torch.device('meta')); load its weights "
+                             f"first (r1fast.models.from_pretrained(path), or model.to_empty(device=...) and "
+                             f"load_state_dict)")
         cfg = model.config
         block_size, max_num_seqs = _positive_int("block_size", block_size), _positive_int("max_num_seqs", max_num_seqs)
         max_num_batched_tokens = _positive_int("max_num_batched_tokens", max_num_batched_tokens)
