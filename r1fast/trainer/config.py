@@ -450,6 +450,10 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
             comment = _yaml_comment(raw)
         except yaml.YAMLError:
             value, comment = raw, ""
+        markup = _yaml_markup(raw)
+        if markup:
+            raise ConfigError(f"command line: {key}={raw}: YAML reads {markup}; to give it as text, quote it "
+                              f"({_quoted_advice(key, raw)})")
         if comment:
             # `output_file='#2.jsonl'` was null (the default file), `system_prompt='Be brief #1'` lost its '#1': the
             # shell passes a # only when the user quoted it, so it is meant as text, never as a YAML comment
@@ -473,6 +477,48 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
             out[option].key = option   # a pipeline's `grpo.dataset`, for the quoting its error shows
         i += 1
     return out
+
+
+def _yaml_markup(raw: str) -> str:
+    """What YAML reads in `raw` as markup that is neither text nor a list or mapping (an anchor, an alias, a tag, an
+    empty block scalar, a document marker), said with what to do instead; else "". Such a value was read as YAML
+    makes of it without a word: `run_name='&a x'` named the run 'x', `run_name='&a'` or `run_name=---` left it unset,
+    `system_prompt='|'` was empty and `run_name='!!int 5'` the text '!!int 5'. None has a use in one value (an
+    alias has no anchor to refer to, a block no lines), and the shell passes & | > ! only quoted: the text was meant.
+    A value YAML cannot begin to read (a leading @ or `, reserved; a %, a directive, which needs a document after
+    it) is the text as typed, as before."""
+    import yaml
+
+    try:
+        tokens = list(yaml.scan(raw))
+    except yaml.YAMLError:
+        return ""
+    for t in tokens:
+        text = raw[t.start_mark.index:t.end_mark.index]
+        if isinstance(t, yaml.AnchorToken):
+            return f"{text!r} as an anchor, a label that it drops, keeping what follows ({_read_as(raw)})"
+        if isinstance(t, yaml.AliasToken):
+            return f"{text!r} as an alias, a reference to a value labelled &{t.value} elsewhere in a YAML file"
+        if isinstance(t, yaml.TagToken):
+            return (f"{text!r} as a tag, the type to read what follows it as, which an option's own type decides "
+                    f"here: leave the tag out")
+        if isinstance(t, yaml.ScalarToken) and t.style in ("|", ">") and "\n" not in raw:
+            return f"{text!r} as the start of a block of text on the lines below, which a value has none of " \
+                   f"({_read_as(raw)})"
+        if isinstance(t, (yaml.DocumentStartToken, yaml.DocumentEndToken)):
+            return (f"{text!r} as the {'start' if isinstance(t, yaml.DocumentStartToken) else 'end'} of a YAML "
+                    f"document ({_read_as(raw)})")
+    return ""
+
+
+def _read_as(raw: str) -> str:
+    """"the value read is ...": what YAML makes of `raw`, or that it reads none."""
+    import yaml
+
+    try:
+        return f"the value read is {yaml.safe_load(raw)!r}"
+    except yaml.YAMLError:
+        return "it reads no value"
 
 
 def _yaml_comment(raw: str) -> str:

@@ -1,0 +1,72 @@
+"""Values as the command line and config files give them: the YAML a value may hold that no option means."""
+import re
+
+import pytest
+
+from r1fast.trainer.config import ConfigError, GRPOConfig, SampleConfig, parse_overrides
+from r1fast.trainer.pipeline import DEFAULT_CONFIG, load_pipeline
+
+
+def _typed(key: str, typed: str, cls=GRPOConfig):
+    return cls().update(parse_overrides([f"{key}={typed}"]), source="command line")
+
+
+@pytest.mark.parametrize("typed, markup", [
+    ("&a x", "'&a' as an anchor, a label that it drops, keeping what follows (the value read is 'x')"),
+    ("&a", "'&a' as an anchor, a label that it drops, keeping what follows (the value read is None)"),
+    ("*a", "'*a' as an alias, a reference to a value labelled &a elsewhere in a YAML file"),
+    ("|", "'|' as the start of a block of text on the lines below, which a value has none of (the value read is '')"),
+    (">-", "'>-' as the start of a block of text on the lines below, which a value has none of (the value read is "
+           "'')"),
+    ("---", "'---' as the start of a YAML document (the value read is None)"),
+    ("--- x", "'---' as the start of a YAML document (the value read is 'x')"),
+    ("...", "'...' as the end of a YAML document (it reads no value)"),
+])
+def test_yaml_anchors_aliases_blocks_and_document_markers_on_the_command_line_are_refused_with_the_quoting(typed,
+                                                                                                        markup):
+    # `run_name='&a x'` named the run 'x', `run_name='&a'` and `run_name=---` left it unset, `system_prompt='|'` was
+    # empty: YAML's reading of markup the user typed as text, taken without a word
+    for key in ("run_name", "system_prompt"):
+        with pytest.raises(ConfigError) as e:
+            _typed(key, typed)
+        assert str(e.value) == (f"command line: {key}={typed}: YAML reads {markup}; to give it as text, quote it (in a "
+                                f"YAML file {key}: '{typed}', on the command line {key}=\"'{typed}'\")")
+        # quoted as it says, the text arrives
+        assert getattr(_typed(key, f"'{typed}'"), key) == typed
+    # an option of another type is refused alike, not read as what YAML made of it (max_steps='&a 5' was 5)
+    with pytest.raises(ConfigError, match=r"^command line: max_steps=&a 5: YAML reads '&a' as an anchor"):
+        _typed("max_steps", "&a 5")
+    # a pipeline's stage option: the quoting names the key as typed
+    with pytest.raises(ConfigError, match=re.escape(f"on the command line grpo.run_name=\"'{typed}'\")")):
+        load_pipeline(DEFAULT_CONFIG, [f"grpo.run_name={typed}"])
+
+
+@pytest.mark.parametrize("typed, tag", [("!!str 5", "!!str"), ("!!int 5", "!!int"), ("!foo x", "!foo"), ("!", "!"),
+                                        ("!!binary aGk=", "!!binary"), ("!!python/name:os.system", "!!python/name:os.system")])
+def test_a_yaml_tag_on_the_command_line_is_refused_saying_to_leave_it_out(typed, tag):
+    # `run_name='!!int 5'` named the run '!!int 5', `max_steps='!!str 5'` read 5 all the same, `run_name=!` left it
+    # unset and `run_name='!!binary aGk='` said "expects str, got b'hi'": an option's type says how its value is read
+    for key in ("run_name", "max_steps", "learning_rate"):
+        with pytest.raises(ConfigError) as e:
+            _typed(key, typed)
+        # the text holds a !, which the shell reads inside double quotes: the quoting shows a placeholder
+        assert str(e.value) == (f"command line: {key}={typed}: YAML reads {tag!r} as a tag, the type to read what "
+                                f"follows it as, which an option's own type decides here: leave the tag out; to give "
+                                f"it as text, quote it (in a YAML file {key}: 'text', on the command line "
+                                f"{key}=\"'text'\")")
+    # left out, the option's type reads the value
+    assert _typed("run_name", "5").run_name == "5" and _typed("max_steps", "5").max_steps == 5
+    assert _typed("run_name", f"'{typed}'").run_name == typed
+
+
+@pytest.mark.parametrize("typed", ["@home", "`x", "%x", "%YAML 1.1", "@", "a &b", "x *a", "a|b", "|x", "a !b", "x ---"])
+def test_text_yaml_reads_no_markup_in_arrives_as_typed(typed):
+    # a leading @ or ` (reserved) or % (a directive, which needs a document after it) gives YAML nothing to read, and
+    # &, *, |, ! inside a value are text: none is refused
+    assert _typed("run_name", typed).run_name == typed
+    assert _typed("system_prompt", typed, SampleConfig).system_prompt == typed
+
+
+def test_a_block_scalar_with_its_lines_is_still_read_as_yaml_reads_it():
+    # a value holding newlines gives the block its lines: YAML was used on purpose
+    assert _typed("system_prompt", "|\n  Be brief.\n  Show the steps.\n").system_prompt == "Be brief.\nShow the steps.\n"
