@@ -927,7 +927,7 @@ def test_a_stage_type_that_is_a_list_or_mapping_is_refused_naming_it(kind):
     ({"config": ""}, r"stage 'a': 'config' must be a mapping of SFTConfig options; got ''"),
     ({"name": ""}, r"stage 0: 'name' must be a folder name .*; got ''"),
     ({"name": 0}, r"stage 0: 'name' must be a folder name .*; got 0"),
-    ({"name": False}, r"stage 0: 'name' must be a folder name .*; got False"),
+    ({"name": False}, r"stage 0: 'name' is the boolean False: YAML reads an unquoted yes, no, on, off, true or false"),
 ])
 def test_a_stage_name_or_config_that_looks_empty_is_refused_not_taken_as_absent(stage, match):
     # config: 0 (or false, '') trained on the defaults and name: 0 named the stage 'stage0', without a word

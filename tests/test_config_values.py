@@ -70,3 +70,17 @@ def test_text_yaml_reads_no_markup_in_arrives_as_typed(typed):
 def test_a_block_scalar_with_its_lines_is_still_read_as_yaml_reads_it():
     # a value holding newlines gives the block its lines: YAML was used on purpose
     assert _typed("system_prompt", "|\n  Be brief.\n  Show the steps.\n").system_prompt == "Be brief.\nShow the steps.\n"
+
+
+def test_the_quoting_a_text_options_error_shows_spells_the_key_as_typed(tmp_path):
+    # `run-name=yes` was told to write run_name="'word'": the key as typed is the one to write again
+    path = tmp_path / "c.yaml"
+    path.write_text("max_steps: 3\n")
+    for load in (lambda o: GRPOConfig().update(parse_overrides(o), source="command line"),
+                 lambda o: GRPOConfig.from_yaml(path, o)):
+        with pytest.raises(ConfigError, match=re.escape("quote it (in a YAML file run-name: 'word', on the command "
+                                                        "line run-name=\"'word'\")")):
+            load(["run-name=yes"])
+        with pytest.raises(ConfigError, match=re.escape("quote it (in a YAML file output-dir: '[a]', on the command "
+                                                        "line output-dir=\"'[a]'\")")):
+            load(["output-dir=[a]"])

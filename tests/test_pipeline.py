@@ -191,6 +191,52 @@ def test_a_stage_named_as_a_file_of_the_run_folder_is_refused_when_loaded(tmp_pa
         load_pipeline(spec)
 
 
+
+@pytest.mark.parametrize("typed, key, as_typed", [
+    ("grpo.fp8=on", "fp8", "grpo.fp8"), ("grpo.run_name=yes", "run_name", "grpo.run_name"),
+    ("grpo.run-name=no", "run_name", "grpo.run-name"), ("cold_start.model=off", "model", "cold_start.model"),
+    ("rl.dataset=true", "dataset", "rl.dataset"), ("eval_dataset=on", "eval_dataset", "eval_dataset"),
+])
+def test_a_boolean_word_for_a_stage_setting_is_quoted_as_the_command_line_sets_it(typed, key, as_typed):
+    # `grpo.fp8=on` was told to write fp8="'word'", an option the pipeline does not have (and `grpo.model=no`
+    # model="'word'", the pipeline's own model); `grpo.run-name=no` was shown run_name
+    from r1fast.trainer.pipeline import DEFAULT_CONFIG
+
+    stage = as_typed.partition(".")[0] if "." in as_typed else None
+    at = f"command line: stage {stage!r}" if stage else "command line"
+    word = typed.partition("=")[2]
+    with pytest.raises(ValueError) as e:
+        load_pipeline(DEFAULT_CONFIG if stage != "rl" else _pipeline_with_stages(), [typed])
+    assert str(e.value) == (f"{at}: option {key!r} expects str, got {word in ('on', 'yes', 'true')}: YAML reads an "
+                            f"unquoted yes, no, on, off, true or false as a boolean; to give the word, quote it (in a "
+                            f"YAML file {as_typed.rpartition('.')[2]}: 'word', on the command line {as_typed}=\"'word'\")")
+
+
+def _pipeline_with_stages():
+    return {"model": "builtin:tiny", "stages": [{"name": "rl", "type": "grpo", "dataset": "builtin:arithmetic"}]}
+
+
+def test_a_boolean_word_in_a_stage_of_a_pipeline_file_is_quoted_with_the_stages_key(tmp_path):
+    # the file's own stage settings: the command-line form named there sets that stage's key, not the pipeline's
+    path = tmp_path / "p.yaml"
+    for stage, key in [("{name: rl, type: grpo, model: no, dataset: builtin:arithmetic}", "model"),
+                       ("{name: rl, type: grpo, dataset: builtin:arithmetic, config: {language: no}}", "language")]:
+        path.write_text(f"model: builtin:tiny\nstages:\n  - {stage}\n")
+        with pytest.raises(ValueError, match=re.escape(f"{path}: stage 'rl': option {key!r} expects str, got False: YAML "
+                                                       f"reads an unquoted yes, no, on, off, true or false as a boolean; "
+                                                       f"to give the word, quote it (in a YAML file {key}: 'word', on the "
+                                                       f"command line rl.{key}=\"'word'\")")):
+            load_pipeline(str(path))
+    # a stage named with such a word: "'name' must be a folder name; got True", a name the user never wrote
+    path.write_text("model: builtin:tiny\nstages:\n  - {name: on, type: grpo, dataset: builtin:arithmetic}\n")
+    with pytest.raises(ValueError, match=re.escape(f"{path}: stage 0: 'name' is the boolean True: YAML reads an unquoted "
+                                                   f"yes, no, on, off, true or false as a boolean; to name the stage with "
+                                                   f"the word, quote it (name: 'word')")):
+        load_pipeline(str(path))
+    path.write_text("model: builtin:tiny\nstages:\n  - {name: 'on', type: grpo, dataset: builtin:arithmetic}\n")
+    assert load_pipeline(str(path)).stages[0].name == "on"
+
+
 def test_cli_errors_are_clear(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit, match="does not exist"):

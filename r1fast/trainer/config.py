@@ -155,11 +155,11 @@ class _Base:
         return [f.name for f in dataclasses.fields(cls)]
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], *, source: str = "config"):
+    def from_dict(cls, data: dict[str, Any], *, source: str = "config", typed_keys: Optional[dict[str, str]] = None):
         if not isinstance(data, dict):
             raise ConfigError(f"{source}: expected a mapping of option names to values, got {type(data).__name__}")
         cfg = cls()
-        cfg.update(data, source=source)
+        cfg.update(data, source=source, typed_keys=typed_keys)
         return cfg
 
     @classmethod
@@ -174,7 +174,8 @@ class _Base:
         # read one after the other, the file had to pass alone, so an override could not mend it (a file's
         # per_device_train_batch_size: 4 with num_generations=4 typed was refused for the default 8 generations),
         # and the file's values alone were warned of (cispo's epsilon_high) when an override had mended them.
-        merged = _config_error(lambda where: cls.from_dict({**data, **typed}, source=where))
+        merged = _config_error(lambda where: cls.from_dict({**data, **typed}, source=where,
+                                                           typed_keys=typed.typed_keys))
         if merged is None:
             return cls.from_dict({**data, **typed}, source=str(path))   # the one read that warns
         # the error is the file's where the file alone raises it, else the command line's
@@ -184,9 +185,12 @@ class _Base:
         raise ConfigError(in_turn if in_turn is not None and in_turn.startswith("command line: ") else
                           merged.replace(_SOURCE, "command line")) from None
 
-    def update(self, data: dict[str, Any], *, source: str = "config"):
+    def update(self, data: dict[str, Any], *, source: str = "config", typed_keys: Optional[dict[str, str]] = None):
+        """Sets the options `data` gives. `typed_keys`: option -> the key that sets it on the command line (a pipeline
+        stage's `grpo.run-name`), for the quoting an error shows; parse_overrides' mapping carries its own."""
         # Applied to a copy and taken over only once it validates: a caller that catches the error
         # (an interactive session, a sweep trying overrides) keeps a config that is still valid.
+        typed_keys = typed_keys or getattr(data, "typed_keys", {})
         new = copy.copy(self)
         hints = typing.get_type_hints(type(self))
         names = self.field_names()
@@ -194,7 +198,7 @@ class _Base:
             if key not in names:
                 raise ConfigError(f"{source}: unknown option {key!r} for {type(self).__name__}{_did_you_mean(key, names)}"
                                   f"{_other_config_hint(key, type(self))}")
-            setattr(new, key, coerce(key, self._from_bool(key, value), hints[key], source))
+            setattr(new, key, coerce(key, self._from_bool(key, value), hints[key], source, typed=typed_keys.get(key)))
         try:
             new.validate()
         except ConfigError as e:
@@ -420,12 +424,21 @@ def option_names(data: dict, source: str) -> dict:
 _OVERRIDE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*=")  # key=value, or stage.key=value in a pipeline
 
 
-def parse_overrides(args: list[str]) -> dict[str, Any]:
+class Overrides(dict):
+    """parse_overrides' {option: value}, with `typed_keys`: {option: the key as typed} (`grpo.run-name` is read as
+    grpo.run_name), which an error's quoting shows."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.typed_keys: dict[str, str] = {}
+
+
+def parse_overrides(args: list[str]) -> Overrides:
     """`--key value`, `--key=value` and `key=value` → {key: value} (values parsed as YAML scalars)."""
     import yaml
 
-    out: dict[str, Any] = {}
-    spelt: dict[str, str] = {}   # the key as typed, by the name it is read as
+    out = Overrides()
+    spelt = out.typed_keys   # the key as typed, by the name it is read as
     i = 0
     while i < len(args):
         a = args[i]
@@ -473,8 +486,6 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
                               f"give it once")
         spelt[option] = key
         out[option] = _keep_text(value, raw)
-        if isinstance(out[option], (_ListAsTyped, _DictAsTyped)):
-            out[option].key = option   # a pipeline's `grpo.dataset`, for the quoting its error shows
         i += 1
     return out
 
@@ -572,16 +583,17 @@ def _yaml_collection(value) -> str:
     return "YAML reads a value in {braces}, one holding ': ' or a lone ? as a mapping"
 
 
-def _quoted_advice(key: str, typed: Optional[str]) -> str:
+def _quoted_advice(key: str, typed: Optional[str], placeholder: str = "text") -> str:
     """How to quote `typed` (the text given, where known) for option `key` (as typed: a pipeline's `grpo.dataset`),
-    in a YAML file and on the command line; a placeholder where the text is unknown or holds a quote or a character
+    in a YAML file and on the command line; `placeholder` where the text is unknown or holds a quote or a character
     the shell reads inside double quotes."""
-    text = typed if typed and not set(typed) & set("'\"\\$`!") else "text"
+    text = typed if typed and not set(typed) & set("'\"\\$`!") else placeholder
     return f"in a YAML file {key.rpartition('.')[2]}: '{text}', on the command line {key}=\"'{text}'\""
 
 
-def coerce(key: str, value: Any, hint: Any, source: str, element: bool = False) -> Any:
-    """value as the option's type hint says; element: value is one entry of the option's list."""
+def coerce(key: str, value: Any, hint: Any, source: str, element: bool = False, typed: Optional[str] = None) -> Any:
+    """value as the option's type hint says; element: value is one entry of the option's list; `typed`: the key that
+    sets the option on the command line (a pipeline stage's `grpo.run-name`; default `key`), for an error's quoting."""
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if origin is typing.Union:
@@ -589,7 +601,7 @@ def coerce(key: str, value: Any, hint: Any, source: str, element: bool = False) 
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
             if type(None) in args:
                 return None
-        return coerce(key, value, inner[0], source, element)
+        return coerce(key, value, inner[0], source, element, typed)
     takes_no_none = hint in (bool, int, float, str, dict) or origin in (list, tuple, dict)
     if value is None and not element and takes_no_none:
         # `min_p:` left empty or `min_p: null`, meant as "no value": the option has no such value
@@ -636,12 +648,12 @@ def coerce(key: str, value: Any, hint: Any, source: str, element: bool = False) 
             return getattr(value, "text", None) or str(value)
         if isinstance(value, bool):   # `fp8=on`: "expects str, got True" did not say where the True came from
             raise ConfigError(f"{source}: option {key!r} expects str, got {value!r}: YAML reads an unquoted yes, no, "
-                              f"on, off, true or false as a boolean; to give the word, quote it (in a YAML file "
-                              f"{key}: 'word', on the command line {key}=\"'word'\")")
+                              f"on, off, true or false as a boolean; to give the word, quote it "
+                              f"({_quoted_advice(typed or key, None, 'word')})")
         if isinstance(value, (list, dict)) and not element:
             # `dataset=-` said "expects str, got [None]": YAML's list of one empty item, which the user never typed
             raise ConfigError(f"{source}: option {key!r} expects str, got {value!r}: {_yaml_collection(value)}; "
-                              f"to give the text, quote it ({_quoted_advice(getattr(value, 'key', key), getattr(value, 'text', None))})")
+                              f"to give the text, quote it ({_quoted_advice(typed or key, getattr(value, 'text', None))})")
         raise bad
     if origin in (list, tuple):
         if isinstance(value, str):
@@ -1089,12 +1101,12 @@ class GRPOConfig(_TrainingConfig):
         _check_reward_timeout(self.reward_timeout)
         self._advise(self._cispo_cap_advice() + self._tis_truncation_advice())   # once every check has passed
 
-    def update(self, data: dict[str, Any], *, source: str = "config"):
+    def update(self, data: dict[str, Any], *, source: str = "config", typed_keys: Optional[dict[str, str]] = None):
         # Weights read with the functions (a file, the command line, a pipeline) must match them here. Not in
         # validate(): in Python, GRPOConfig(reward_weights=[...]) may weigh functions given to GRPOTrainer,
         # which checks them against those (TRL's GRPOConfig takes weights for the trainer's functions too).
         before = dict(vars(self))
-        super().update(data, source=source)
+        super().update(data, source=source, typed_keys=typed_keys)
         if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_funcs):
             msg = f"{source}: reward_weights has {len(self.reward_weights)} entries but reward_funcs has " \
                   f"{len(self.reward_funcs)}"

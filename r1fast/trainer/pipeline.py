@@ -157,11 +157,13 @@ def load_pipeline(source: str | dict, overrides: Optional[list[str]] = None) -> 
     ov = parse_overrides(overrides or [])
     # "stage.key=value" sets a stage's option; other keys are pipeline keys
     stage_ov: dict[str, dict] = {}
+    stage_typed: dict[str, dict[str, str]] = {}   # stage -> its options' keys as typed (`grpo.run-name`)
     top_ov: dict[str, Any] = {}
     for k, v in ov.items():
         if "." in k:
             st, key = k.split(".", 1)
             stage_ov.setdefault(st, {})[key] = v
+            stage_typed.setdefault(st, {})[key] = ov.typed_keys[k]
         else:
             top_ov[k] = v
     # an error in what the command line set names the command line, as a single run's does: it named the
@@ -212,11 +214,15 @@ def load_pipeline(source: str | dict, overrides: Optional[list[str]] = None) -> 
         ov = stage_ov.pop(name, {})
         typed_keys[name] = {"*"} if stages_at == typed else set(ov)
         typed_at = f"{typed}: stage {name!r}"
+        # a stage's key or option as the command line sets it, which an error's quoting shows: `grpo.model=no` was
+        # told to write model="'word'", which sets the pipeline's model
+        as_typed = {key: f"{name}.{key}" for key in [*STAGE_FIELDS, *STAGE_TYPES[typ].field_names()]}
+        as_typed.update(stage_typed.get(name, {}))
         # <stage>.model / dataset / num_rows / evaluate on the command line set the stage's own keys
         own_ov = {k: v for k, v in ov.items() if k in STAGE_FIELDS}
         fields = {**_typed(Stage, {k: v for k, v in raw.items() if k in STAGE_FIELDS and k not in own_ov},
-                           f"{stages_at}: stage {name!r}"),
-                  **_typed(Stage, own_ov, typed_at)}
+                           f"{stages_at}: stage {name!r}", as_typed),
+                  **_typed(Stage, own_ov, typed_at, as_typed)}
         _check_num_rows(fields, typed_at if "num_rows" in own_ov else f"{stages_at}: stage {name!r}")
         if not fields.get("dataset"):   # found here, not once the stages before it have trained
             raise ConfigError(f"{typed if 'dataset' in own_ov else stages_at}: stage {name!r} needs a dataset (a path, "
@@ -239,13 +245,13 @@ def load_pipeline(source: str | dict, overrides: Optional[list[str]] = None) -> 
             for key in _EVAL_DEFAULTS:
                 conf.setdefault(key, getattr(p, key))
         # an error the file's options alone do not have is the command line's
-        src = typed_at if conf_ov and _brought_in(lambda: STAGE_TYPES[typ].from_dict(conf, source=at),
-                                                  lambda: STAGE_TYPES[typ].from_dict({**conf, **conf_ov}, source=at)) \
-            else at
+        src = typed_at if conf_ov and _brought_in(
+            lambda: STAGE_TYPES[typ].from_dict(conf, source=at, typed_keys=as_typed),
+            lambda: STAGE_TYPES[typ].from_dict({**conf, **conf_ov}, source=at, typed_keys=as_typed)) else at
         placed_at = typed_at if {"dtype", "device"} & set(conf_ov) else at
         conf.update(conf_ov)
         try:
-            cfg = STAGE_TYPES[typ].from_dict(conf, source=src)
+            cfg = STAGE_TYPES[typ].from_dict(conf, source=src, typed_keys=as_typed)
         except ConfigError as e:   # validate()'s range errors name the option but not the file or stage
             raise (e if str(e).startswith(src) else ConfigError(f"{src}: {e}")) from None
         _check_placement(p, conf, placed_at)
@@ -291,6 +297,9 @@ def _refuse_single_run_config(keys: set, where: str):
 def _check_stage_name(name, index: int, names: set, where: str):
     """A stage's name names its folder <run>/<name>/: one folder, none of the run folder's files, and no other
     stage's (`names`, to which it is added)."""
+    if isinstance(name, bool):   # `name: on` said "must be a folder name; got True", a name the user never wrote
+        raise ConfigError(f"{where}: stage {index}: 'name' is the boolean {name}: YAML reads an unquoted yes, no, on, "
+                          f"off, true or false as a boolean; to name the stage with the word, quote it (name: 'word')")
     if not is_folder_name(name):
         # '..' wrote (and overwrite_output_dir cleared) the run's parent
         raise ConfigError(f"{where}: stage {index}: 'name' must be a folder name (the stage writes into "
@@ -622,14 +631,15 @@ def _check_dataset(spec: Optional[str], where: str, written: set[str]):
                           f"{hub_name_hint(spec)})")
 
 
-def _typed(cls, data: dict, where: str) -> dict:
+def _typed(cls, data: dict, where: str, typed_keys: Optional[dict[str, str]] = None) -> dict:
     """`data`'s values coerced to `cls`'s field types (a YAML or command-line string like "4" or
     "false" becomes the int or bool), or a ConfigError naming the key; a wrong type would otherwise
-    surface as a TypeError deep inside a stage, after the earlier stages had trained."""
+    surface as a TypeError deep inside a stage, after the earlier stages had trained. `typed_keys`: key -> the
+    key that sets it on the command line (a stage's `grpo.model`), for the quoting an error shows."""
     import typing
 
     hints = typing.get_type_hints(cls)
-    return {k: expand_home(k, coerce(k, v, hints[k], where)) for k, v in data.items()}
+    return {k: expand_home(k, coerce(k, v, hints[k], where, typed=(typed_keys or {}).get(k))) for k, v in data.items()}
 
 
 def _validate(p: Pipeline, where: str, num_stages: int = 1):
