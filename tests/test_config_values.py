@@ -84,3 +84,24 @@ def test_the_quoting_a_text_options_error_shows_spells_the_key_as_typed(tmp_path
         with pytest.raises(ConfigError, match=re.escape("quote it (in a YAML file output-dir: '[a]', on the command "
                                                         "line output-dir=\"'[a]'\")")):
             load(["output-dir=[a]"])
+
+
+def test_a_whole_number_written_with_an_exponent_is_read_in_a_file_as_on_the_command_line(tmp_path):
+    # YAML 1.1 reads 1e3 (no dot) as text: a file's `max_steps: 1e3` was "expects int, got '1e3'", where the command
+    # line's max_steps=1e3 was 1000
+    import random
+
+    n = random.randint(2, 9)
+    path = tmp_path / "c.yaml"
+    path.write_text(f"max_steps: {n}e3\nwarmup_steps: {n}.5e1\n")
+    cfg = GRPOConfig.from_yaml(path)
+    assert (cfg.max_steps, cfg.warmup_steps) == (n * 1000, n * 10 + 5)
+    assert _typed("max_steps", f"{n}e3").max_steps == n * 1000
+    path.write_text(f"model: builtin:tiny\nstages:\n  - {{name: a, type: sft, dataset: builtin:arithmetic, "
+                    f"num_rows: {n}e2}}\n")
+    assert load_pipeline(str(path)).stages[0].num_rows == n * 100
+    # what is no whole number is still refused, naming the text
+    for text in (f"{n}.5e0", "1e400", "nan"):
+        path.write_text(f"max_steps: {text}\n")
+        with pytest.raises(ConfigError, match=rf"c\.yaml: option 'max_steps' expects int, got '{re.escape(text)}'$"):
+            GRPOConfig.from_yaml(path)

@@ -624,10 +624,7 @@ def coerce(key: str, value: Any, hint: Any, source: str, element: bool = False, 
         if isinstance(value, float) and value.is_integer():
             return int(value)
         if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                raise bad from None
+            return _int_text(value, bad)
         raise bad
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
@@ -669,6 +666,23 @@ def coerce(key: str, value: Any, hint: Any, source: str, element: bool = False, 
                               f"command line {key}='{{name: value}}'), got {value!r:.80}")
         return dict(value)
     return value
+
+
+def _int_text(text: str, bad: ConfigError) -> int:
+    """The whole number `text` writes, or `bad`. YAML 1.1 reads an exponent without a dot (1e3) as text, which the
+    command line reads as the number (YAML reads it as text there too, then float() does): a file's `max_steps: 1e3`
+    was refused as "expects int, got '1e3'" where `max_steps=1e3` typed was 1000."""
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        number = float(text)
+    except ValueError:
+        raise bad from None
+    if not number.is_integer():   # inf and nan are not
+        raise bad
+    return int(number)
 
 
 # options whose entries are token texts: a number there is a token id or a typo, never the digits' text
