@@ -237,6 +237,21 @@ def test_a_boolean_word_in_a_stage_of_a_pipeline_file_is_quoted_with_the_stages_
     assert load_pipeline(str(path)).stages[0].name == "on"
 
 
+
+@pytest.mark.parametrize("name", ["cold-start", "v1.5", "a-b.c-d"])
+def test_a_stage_named_with_a_dash_or_a_dot_is_set_from_the_command_line(name):
+    # `cold-start.max_steps=3` was "no stage named ['cold_start']; did you mean 'cold-start'
+    # (cold-start.max_steps=...)?", the very override typed (the stage's - read as _, as an option's is), and
+    # `v1.5.max_steps=3` "no stage named ['v1']"
+    import random
+
+    n = random.randint(2, 50)
+    spec = {"model": "builtin:tiny", "stages": [{"name": name, "type": "sft", "dataset": "builtin:arithmetic"}]}
+    for typed in (f"{name}.max_steps={n}", f"{name}.max-steps={n}"):
+        assert load_pipeline(copy.deepcopy(spec), [typed]).stages[0].config.max_steps == n
+    assert load_pipeline(copy.deepcopy(spec), [f"{name}.num-rows={n}"]).stages[0].num_rows == n
+
+
 def test_cli_errors_are_clear(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit, match="does not exist"):

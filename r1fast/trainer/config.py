@@ -478,7 +478,11 @@ def parse_overrides(args: list[str]) -> Overrides:
                 value = float(value)
             except ValueError:
                 pass
-        option = key.replace("-", "_")
+        # a pipeline's `stage.option`: the stage's name is its own (`cold-start.max-steps` read as stage 'cold_start'
+        # was "no stage named ['cold_start']; did you mean 'cold-start' (cold-start.max_steps=...)?"), the option's is
+        # read with - as _
+        stage, dot, name = key.rpartition(".")
+        option = stage + dot + name.replace("-", "_")
         # the same spelling twice is a later override of an earlier one (a script adding to a command);
         # two spellings of one option are as in a file, refused: which was meant is not known
         if spelt.get(option, key) != key:

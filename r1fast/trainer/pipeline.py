@@ -161,7 +161,7 @@ def load_pipeline(source: str | dict, overrides: Optional[list[str]] = None) -> 
     top_ov: dict[str, Any] = {}
     for k, v in ov.items():
         if "." in k:
-            st, key = k.split(".", 1)
+            st, key = k.rsplit(".", 1)   # options have no dot; a stage's name may (v1.5)
             stage_ov.setdefault(st, {})[key] = v
             stage_typed.setdefault(st, {})[key] = ov.typed_keys[k]
         else:
