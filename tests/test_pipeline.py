@@ -252,6 +252,29 @@ def test_a_stage_named_with_a_dash_or_a_dot_is_set_from_the_command_line(name):
     assert load_pipeline(copy.deepcopy(spec), [f"{name}.num-rows={n}"]).stages[0].num_rows == n
 
 
+
+def test_a_stages_type_name_or_config_given_as_an_option_says_where_it_goes():
+    # `grpo.type=sft` (or a config's `type: sft`) was "unknown option 'type' for GRPOConfig; did you mean dtype?"
+    from r1fast.trainer.pipeline import DEFAULT_CONFIG
+
+    for key in ("type", "name"):
+        with pytest.raises(ValueError, match=re.escape(f"command line: stage 'grpo': unknown option {key!r} for "
+                                                       f"GRPOConfig; {key!r} is the stage's own key, set in the pipeline "
+                                                       f"file (the command line sets a stage's options and its model, "
+                                                       f"dataset, num_rows, evaluate)")):
+            load_pipeline(DEFAULT_CONFIG, [f"grpo.{key}=sft"])
+        spec = {"model": "builtin:tiny", "stages": [{"name": "a", "type": "sft", "dataset": "builtin:arithmetic",
+                                                     "config": {key: "grpo"}}]}
+        with pytest.raises(ValueError, match=re.escape(f"pipeline: stage 'a': unknown option {key!r} for SFTConfig; "
+                                                       f"{key!r} is the stage's own key: write it beside 'config:', not "
+                                                       f"inside it")):
+            load_pipeline(spec)
+    with pytest.raises(ValueError, match=re.escape("command line: stage 'grpo': unknown option 'config' for GRPOConfig; "
+                                                   "'config' holds the stage's options in a pipeline file; on the "
+                                                   "command line set each, grpo.<option>=...")):
+        load_pipeline(DEFAULT_CONFIG, ["grpo.config={max_steps: 3}"])
+
+
 def test_cli_errors_are_clear(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit, match="does not exist"):

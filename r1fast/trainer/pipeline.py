@@ -239,7 +239,7 @@ def load_pipeline(source: str | dict, overrides: Optional[list[str]] = None) -> 
             if key in _SUPPLIED:
                 raise ConfigError(f"{at if key in conf else typed_at}: option {key!r} is not read in a pipeline; set "
                                   f"{_SUPPLIED[key].format(stage=name)}")
-            _check_not_a_stage_key(key, STAGE_TYPES[typ], name, at if key in conf else typed_at)
+            _check_not_a_stage_key(key, STAGE_TYPES[typ], name, at if key in conf else typed_at, typed=key not in conf)
         conf.setdefault("seed", p.seed + i)
         if typ == "grpo":
             for key in _EVAL_DEFAULTS:
@@ -385,12 +385,24 @@ def _check_rerun_from(p: Pipeline, where: str, both_where: Optional[str] = None)
                           f"earlier run, and overwrite_output_dir=true deletes that run first: give one of them")
 
 
-def _check_not_a_stage_key(key: str, config_cls, stage: str, where: str):
+def _check_not_a_stage_key(key: str, config_cls, stage: str, where: str, typed: bool = False):
     """An unknown option close to one of the stage's own keys (model, dataset, num_rows, evaluate) is that key
-    misspelt, or written inside 'config:': the config's own close matches sent `grpo.modle=...` to tis_mode."""
+    misspelt, or written inside 'config:': the config's own close matches sent `grpo.modle=...` to tis_mode.
+    `typed`: the key was set on the command line (<stage>.<key>=...)."""
     import difflib
 
     fields = config_cls.field_names()
+    if key in _STAGE_KEYS - set(STAGE_FIELDS) and key not in fields:
+        # `grpo.type=sft` or a config's `type: sft` was "unknown option 'type' for GRPOConfig; did you mean dtype?"
+        if not typed:
+            how = f"{key!r} is the stage's own key: write it beside 'config:', not inside it"
+        elif key == "config":
+            how = (f"'config' holds the stage's options in a pipeline file; on the command line set each, "
+                   f"{stage}.<option>=...")
+        else:
+            how = (f"{key!r} is the stage's own key, set in the pipeline file (the command line sets a stage's options "
+                   f"and its {', '.join(STAGE_FIELDS)})")
+        raise ConfigError(f"{where}: unknown option {key!r} for {config_cls.__name__}; {how}")
     # str(): a YAML key may be a number (`1: 2`), which difflib cannot compare (a TypeError traceback)
     own = difflib.get_close_matches(str(key), [*STAGE_FIELDS, *fields], n=1)   # closer to a stage key than to an option
     if own and own[0] in STAGE_FIELDS and key not in fields:
