@@ -42,7 +42,8 @@ def test_yaml_anchors_aliases_blocks_and_document_markers_on_the_command_line_ar
 
 
 @pytest.mark.parametrize("typed, tag", [("!!str 5", "!!str"), ("!!int 5", "!!int"), ("!foo x", "!foo"), ("!", "!"),
-                                        ("!!binary aGk=", "!!binary"), ("!!python/name:os.system", "!!python/name:os.system")])
+                                        ("!!binary aGk=", "!!binary"),
+                                        ("!!python/name:os.system", "!!python/name:os.system")])
 def test_a_yaml_tag_on_the_command_line_is_refused_saying_to_leave_it_out(typed, tag):
     # `run_name='!!int 5'` named the run '!!int 5', `max_steps='!!str 5'` read 5 all the same, `run_name=!` left it
     # unset and `run_name='!!binary aGk='` said "expects str, got b'hi'": an option's type says how its value is read
@@ -69,7 +70,8 @@ def test_text_yaml_reads_no_markup_in_arrives_as_typed(typed):
 
 def test_a_block_scalar_with_its_lines_is_still_read_as_yaml_reads_it():
     # a value holding newlines gives the block its lines: YAML was used on purpose
-    assert _typed("system_prompt", "|\n  Be brief.\n  Show the steps.\n").system_prompt == "Be brief.\nShow the steps.\n"
+    prompt = _typed("system_prompt", "|\n  Be brief.\n  Show the steps.\n").system_prompt
+    assert prompt == "Be brief.\nShow the steps.\n"
 
 
 def test_the_quoting_a_text_options_error_shows_spells_the_key_as_typed(tmp_path):

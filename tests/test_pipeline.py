@@ -207,9 +207,10 @@ def test_a_boolean_word_for_a_stage_setting_is_quoted_as_the_command_line_sets_i
     word = typed.partition("=")[2]
     with pytest.raises(ValueError) as e:
         load_pipeline(DEFAULT_CONFIG if stage != "rl" else _pipeline_with_stages(), [typed])
+    in_file = as_typed.rpartition(".")[2]
     assert str(e.value) == (f"{at}: option {key!r} expects str, got {word in ('on', 'yes', 'true')}: YAML reads an "
                             f"unquoted yes, no, on, off, true or false as a boolean; to give the word, quote it (in a "
-                            f"YAML file {as_typed.rpartition('.')[2]}: 'word', on the command line {as_typed}=\"'word'\")")
+                            f"YAML file {in_file}: 'word', on the command line {as_typed}=\"'word'\")")
 
 
 def _pipeline_with_stages():
@@ -222,20 +223,19 @@ def test_a_boolean_word_in_a_stage_of_a_pipeline_file_is_quoted_with_the_stages_
     for stage, key in [("{name: rl, type: grpo, model: no, dataset: builtin:arithmetic}", "model"),
                        ("{name: rl, type: grpo, dataset: builtin:arithmetic, config: {language: no}}", "language")]:
         path.write_text(f"model: builtin:tiny\nstages:\n  - {stage}\n")
-        with pytest.raises(ValueError, match=re.escape(f"{path}: stage 'rl': option {key!r} expects str, got False: YAML "
-                                                       f"reads an unquoted yes, no, on, off, true or false as a boolean; "
-                                                       f"to give the word, quote it (in a YAML file {key}: 'word', on the "
-                                                       f"command line rl.{key}=\"'word'\")")):
+        said = (f"{path}: stage 'rl': option {key!r} expects str, got False: YAML reads an unquoted yes, no, on, off, "
+                f"true or false as a boolean; to give the word, quote it (in a YAML file {key}: 'word', on the command "
+                f"line rl.{key}=\"'word'\")")
+        with pytest.raises(ValueError, match=re.escape(said)):
             load_pipeline(str(path))
     # a stage named with such a word: "'name' must be a folder name; got True", a name the user never wrote
     path.write_text("model: builtin:tiny\nstages:\n  - {name: on, type: grpo, dataset: builtin:arithmetic}\n")
-    with pytest.raises(ValueError, match=re.escape(f"{path}: stage 0: 'name' is the boolean True: YAML reads an unquoted "
-                                                   f"yes, no, on, off, true or false as a boolean; to name the stage with "
-                                                   f"the word, quote it (name: 'word')")):
+    said = (f"{path}: stage 0: 'name' is the boolean True: YAML reads an unquoted yes, no, on, off, true or false as a "
+            f"boolean; to name the stage with the word, quote it (name: 'word')")
+    with pytest.raises(ValueError, match=re.escape(said)):
         load_pipeline(str(path))
     path.write_text("model: builtin:tiny\nstages:\n  - {name: 'on', type: grpo, dataset: builtin:arithmetic}\n")
     assert load_pipeline(str(path)).stages[0].name == "on"
-
 
 
 @pytest.mark.parametrize("name", ["cold-start", "v1.5", "a-b.c-d"])
@@ -258,20 +258,20 @@ def test_a_stages_type_name_or_config_given_as_an_option_says_where_it_goes():
     from r1fast.trainer.pipeline import DEFAULT_CONFIG
 
     for key in ("type", "name"):
-        with pytest.raises(ValueError, match=re.escape(f"command line: stage 'grpo': unknown option {key!r} for "
-                                                       f"GRPOConfig; {key!r} is the stage's own key, set in the pipeline "
-                                                       f"file (the command line sets a stage's options and its model, "
-                                                       f"dataset, num_rows, evaluate)")):
+        said = (f"command line: stage 'grpo': unknown option {key!r} for GRPOConfig; {key!r} is the stage's own key, "
+                f"set in the pipeline file (the command line sets a stage's options and its model, dataset, num_rows, "
+                f"evaluate)")
+        with pytest.raises(ValueError, match=re.escape(said)):
             load_pipeline(DEFAULT_CONFIG, [f"grpo.{key}=sft"])
         spec = {"model": "builtin:tiny", "stages": [{"name": "a", "type": "sft", "dataset": "builtin:arithmetic",
                                                      "config": {key: "grpo"}}]}
-        with pytest.raises(ValueError, match=re.escape(f"pipeline: stage 'a': unknown option {key!r} for SFTConfig; "
-                                                       f"{key!r} is the stage's own key: write it beside 'config:', not "
-                                                       f"inside it")):
+        said = (f"pipeline: stage 'a': unknown option {key!r} for SFTConfig; {key!r} is the stage's own key: write it "
+                f"beside 'config:', not inside it")
+        with pytest.raises(ValueError, match=re.escape(said)):
             load_pipeline(spec)
-    with pytest.raises(ValueError, match=re.escape("command line: stage 'grpo': unknown option 'config' for GRPOConfig; "
-                                                   "'config' holds the stage's options in a pipeline file; on the "
-                                                   "command line set each, grpo.<option>=...")):
+    said = ("command line: stage 'grpo': unknown option 'config' for GRPOConfig; 'config' holds the stage's options "
+            "in a pipeline file; on the command line set each, grpo.<option>=...")
+    with pytest.raises(ValueError, match=re.escape(said)):
         load_pipeline(DEFAULT_CONFIG, ["grpo.config={max_steps: 3}"])
 
 

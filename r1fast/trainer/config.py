@@ -654,7 +654,8 @@ def coerce(key: str, value: Any, hint: Any, source: str, element: bool = False, 
         if isinstance(value, (list, dict)) and not element:
             # `dataset=-` said "expects str, got [None]": YAML's list of one empty item, which the user never typed
             raise ConfigError(f"{source}: option {key!r} expects str, got {value!r}: {_yaml_collection(value)}; "
-                              f"to give the text, quote it ({_quoted_advice(typed or key, getattr(value, 'text', None))})")
+                              f"to give the text, quote it "
+                              f"({_quoted_advice(typed or key, getattr(value, 'text', None))})")
         raise bad
     if origin in (list, tuple):
         if isinstance(value, str):
