@@ -107,3 +107,26 @@ def test_a_whole_number_written_with_an_exponent_is_read_in_a_file_as_on_the_com
         path.write_text(f"max_steps: {text}\n")
         with pytest.raises(ConfigError, match=rf"c\.yaml: option 'max_steps' expects int, got '{re.escape(text)}'$"):
             GRPOConfig.from_yaml(path)
+
+
+def test_a_number_yaml_reads_as_octal_for_its_leading_0_is_refused_with_both_readings(tmp_path):
+    # YAML 1.1 reads 0123 as the octal 83: `seed: 0123` trained with seed 83, `save_steps: 0100` saved every 64 steps
+    import random
+
+    n = random.randint(1, 7) * 10 + random.randint(0, 7)   # two octal digits: the two readings differ
+    octal = int(str(n), 8)
+    path = tmp_path / "c.yaml"
+    for key in ("seed", "save_steps", "learning_rate"):
+        said = (f"option {key!r}: YAML reads 0{n}, a number with a leading 0, as the octal {octal}; write {n} (or "
+                f"{octal}) without the leading 0")
+        path.write_text(f"{key}: 0{n}\n")
+        with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))}: {re.escape(said)}$"):
+            GRPOConfig.from_yaml(path)
+        with pytest.raises(ConfigError, match=rf"^command line: {re.escape(said)}$"):
+            _typed(key, f"0{n}")
+    with pytest.raises(ConfigError, match=r"^command line: stage 'a': option 'num_rows': YAML reads 0100, a number "):
+        stage = {"name": "a", "type": "sft", "dataset": "builtin:arithmetic"}
+        load_pipeline({"model": "builtin:tiny", "stages": [stage]}, ["a.num_rows=0100"])
+    # where the two readings agree, or the option takes text, the number stands
+    assert (_typed("max_steps", "007").max_steps, _typed("seed", "00").seed) == (7, 0)
+    assert _typed("run_name", f"0{n}").run_name == f"0{n}" and _typed("max_steps", "0x10").max_steps == 16

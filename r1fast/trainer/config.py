@@ -620,6 +620,8 @@ def coerce(key: str, value: Any, hint: Any, source: str, element: bool = False, 
         if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
             return value.lower() in ("true", "yes", "1")
         raise bad
+    if hint in (int, float):
+        _refuse_octal(key, value, source)
     if hint is int:
         if isinstance(value, bool):
             raise bad
@@ -671,6 +673,19 @@ def coerce(key: str, value: Any, hint: Any, source: str, element: bool = False, 
                               f"command line {key}='{{name: value}}'), got {value!r:.80}")
         return dict(value)
     return value
+
+
+def _refuse_octal(key: str, value, source: str):
+    """YAML 1.1 reads a whole number with a leading 0 as octal: `seed: 0123` was 83, `save_steps: 0100` 64, in a file
+    or typed, without a word (YAML 1.2 and Python read no octal so). The number kept its text (_keep_text): said
+    where the two readings differ, with both."""
+    text = getattr(value, "text", None)
+    if not (isinstance(value, int) and text and re.fullmatch(r"[-+]?0[0-7_]+", text.strip())):
+        return
+    decimal = int(text.replace("_", ""), 10)
+    if decimal != value:
+        raise ConfigError(f"{source}: option {key!r}: YAML reads {text.strip()}, a number with a leading 0, as the "
+                          f"octal {int(value)}; write {decimal} (or {int(value)}) without the leading 0")
 
 
 def _int_text(text: str, bad: ConfigError) -> int:
