@@ -275,6 +275,20 @@ def test_a_stages_type_name_or_config_given_as_an_option_says_where_it_goes():
         load_pipeline(DEFAULT_CONFIG, ["grpo.config={max_steps: 3}"])
 
 
+
+def test_a_stage_named_with_a_number_in_a_pipeline_file_is_named_as_written(tmp_path):
+    # `name: 2024` was "'name' must be a folder name ...; got 2024", `name: 0100` "got 64" (YAML's octal)
+    import random
+
+    n = random.randint(1000, 9999)
+    path = tmp_path / "p.yaml"
+    path.write_text(f"model: builtin:tiny\nstages:\n  - {{name: {n}, type: sft, dataset: builtin:arithmetic}}\n"
+                    f"  - {{name: 0100, type: sft, model: '@{n}', dataset: builtin:arithmetic}}\n")
+    p = load_pipeline(str(path), [f"{n}.max_steps=3", "rerun_from=0100"])
+    assert [s.name for s in p.stages] == [str(n), "0100"] and p.stages[0].config.max_steps == 3
+    assert p.rerun_from == "0100"
+
+
 def test_cli_errors_are_clear(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit, match="does not exist"):

@@ -207,7 +207,7 @@ def load_pipeline(source: str | dict, overrides: Optional[list[str]] = None) -> 
             raise ConfigError(f"{stages_at}: stage {i}: unknown key(s) {sorted(bad, key=str)}; "
                               f"known: {sorted(_STAGE_KEYS)}")
         # absent or null: a default; anything else given is checked (`name: 0` or `config: false` was taken as absent)
-        name = f"stage{i}" if raw.get("name") is None else raw["name"]
+        name = f"stage{i}" if raw.get("name") is None else _as_written(raw["name"])
         _check_stage_name(name, i, names, stages_at)
         typ = raw.get("type")
         _check_stage_type(typ, name, stages_at)
@@ -292,6 +292,14 @@ def _refuse_single_run_config(keys: set, where: str):
     else:
         return   # not a config at all: the unknown keys are the news
     raise ConfigError(f"{where} has no 'stages': this is a single-run config, not a pipeline; use {use}")
+
+
+def _as_written(name):
+    """A stage's name as the YAML file wrote it: a number keeps its text there (config._keep_text), which names the
+    folder (`name: 2024` was "'name' must be a folder name; got 2024", `name: 0100` "got 64")."""
+    if isinstance(name, (int, float)) and not isinstance(name, bool) and isinstance(getattr(name, "text", None), str):
+        return name.text
+    return name
 
 
 def _check_stage_name(name, index: int, names: set, where: str):
